@@ -1,0 +1,78 @@
+//! Broker configuration: built-in defaults, optionally a TOML file, then flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything the broker needs to run. `Config::default()` is the zero-config broker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Data directory: sled store, certificate, blobs.
+    pub data_dir: PathBuf,
+    /// PEM certificate chain; with `key`, replaces the generated self-signed one.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Anyone may register (`true`) or only operators add users (`false`).
+    pub registration_open: bool,
+    /// argon2id memory cost in KiB (OWASP: 19 MiB).
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations.
+    pub argon2_iterations: u32,
+    /// sled page cache in bytes.
+    pub store_cache_bytes: u64,
+    /// QUIC idle timeout: an abrupt disconnect is noticed within this.
+    pub idle_timeout_ms: u64,
+    /// A conversation actor with no traffic for this long stops (and restarts on use).
+    pub conversation_idle_ms: u64,
+    /// Most concurrent client connections; beyond this new ones are refused.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            data_dir: PathBuf::from("switchboard-data"),
+            cert: None,
+            key: None,
+            registration_open: true,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            store_cache_bytes: 256 * 1024 * 1024,
+            idle_timeout_ms: 30_000,
+            conversation_idle_ms: 60_000,
+            max_connections: 100_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; absent keys keep their defaults.
+    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)?;
+        Ok(toml::from_str(&text)?)
+    }
+
+    /// A configuration for tests and embedded use: ephemeral port, given dir, cheap
+    /// argon2 and a small cache.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            argon2_memory_kib: 256,
+            argon2_iterations: 1,
+            store_cache_bytes: 16 * 1024 * 1024,
+            ..Config::default()
+        }
+    }
+
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}

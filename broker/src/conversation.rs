@@ -1,0 +1,683 @@
+//! The conversation actor: one per active conversation. It owns seq assignment, the
+//! membership cache and the order of fan-out. `ConvCore` holds the rules (who may do
+//! what, what an action writes) with no I/O; the actor performs the writes, waits for
+//! the group commit and only then acknowledges and fans out, in seq order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_TEXT_BYTES};
+use switchboard_protocol::{
+    Body, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, Member, Page, Reply,
+    Role, Seq, ServerFrame, UserId, encode_frame,
+};
+use switchboard_storage::Txn;
+
+use crate::Shared;
+use crate::reply::{Responder, internal};
+
+/// Who is asking.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    /// User.
+    pub user: UserId,
+    /// Device.
+    pub device: DeviceId,
+    /// Session (excluded from the fan-out of its own writes: it gets the ack).
+    pub session: u64,
+}
+
+/// A change to the log.
+#[derive(Clone, Debug)]
+pub enum Command {
+    /// New text message.
+    Send { client_id: ClientMsgId, text: String },
+    /// Replace my message's text.
+    Edit { client_id: ClientMsgId, target: Seq, text: String },
+    /// Tombstone my message.
+    Delete { client_id: ClientMsgId, target: Seq },
+    /// Add users (group, owner/admin).
+    Add { users: Vec<UserId>, role: Role },
+    /// Remove a member (group, owner/admin).
+    Remove { user: UserId },
+    /// Leave (group).
+    Leave,
+}
+
+impl Command {
+    fn client_id(&self) -> Option<&ClientMsgId> {
+        match self {
+            Command::Send { client_id, .. } | Command::Edit { client_id, .. } | Command::Delete { client_id, .. } => {
+                Some(client_id)
+            }
+            _ => None,
+        }
+    }
+
+    fn target(&self) -> Option<Seq> {
+        match self {
+            Command::Edit { target, .. } | Command::Delete { target, .. } => Some(*target),
+            _ => None,
+        }
+    }
+}
+
+/// What a command writes, decided before any I/O.
+#[derive(Debug, PartialEq)]
+pub struct Plan {
+    /// The new log entry.
+    pub entry: Entry,
+    /// The edited or tombstoned target, rewritten in place.
+    pub replace: Option<Entry>,
+    /// Membership changes (`None` removes).
+    pub members: Vec<(UserId, Option<Role>)>,
+    /// Who hears of it: members before and after the change.
+    pub recipients: Vec<UserId>,
+}
+
+/// The rules of one conversation, without I/O.
+#[derive(Debug)]
+pub struct ConvCore {
+    /// Id.
+    pub id: ConvId,
+    /// Direct or group.
+    pub kind: ConversationKind,
+    /// Members and roles.
+    pub members: HashMap<UserId, Role>,
+    /// Newest assigned seq (applied, maybe not yet durable).
+    pub last_seq: Seq,
+}
+
+fn err(code: ErrorCode, msg: &str) -> ErrorBody {
+    ErrorBody::new(code, msg)
+}
+
+impl ConvCore {
+    /// The caller's role, or `FORBIDDEN` for a non-member.
+    pub fn role(&self, user: UserId) -> Result<Role, ErrorBody> {
+        self.members.get(&user).copied().ok_or_else(|| err(ErrorCode::FORBIDDEN, "not a member of this conversation"))
+    }
+
+    /// Validates `cmd` by `caller` and decides what it writes. `target` is the stored
+    /// entry an edit or delete refers to, looked up by the caller of this function.
+    pub fn plan(&self, caller: Caller, cmd: Command, target: Option<Entry>, now_ms: u64) -> Result<Plan, ErrorBody> {
+        let role = self.role(caller.user)?;
+        let seq = self.last_seq + 1;
+        let client_id = cmd.client_id().copied().unwrap_or_default();
+        let mut members = Vec::new();
+        let mut replace = None;
+        let body = match cmd {
+            Command::Send { text, .. } => {
+                check_text(&text)?;
+                Body::Text { text, edited: false }
+            }
+            Command::Edit { target: t, text, .. } => {
+                check_text(&text)?;
+                let mut stored = own_text(target, caller.user, t)?;
+                stored.body = Body::Text { text: text.clone(), edited: true };
+                replace = Some(stored);
+                Body::Edit { target: t, text }
+            }
+            Command::Delete { target: t, .. } => {
+                let mut stored = own_text(target, caller.user, t)?;
+                stored.body = Body::Tombstone;
+                replace = Some(stored);
+                Body::Delete { target: t }
+            }
+            Command::Add { users, role: new_role } => {
+                self.group_admin(role)?;
+                if new_role == Role::Owner {
+                    return Err(err(ErrorCode::INVALID, "a group has one owner"));
+                }
+                let mut added: Vec<(UserId, Role)> = Vec::new();
+                for u in users {
+                    if !self.members.contains_key(&u) && !added.iter().any(|(a, _)| *a == u) {
+                        added.push((u, new_role));
+                    }
+                }
+                if added.is_empty() {
+                    return Err(err(ErrorCode::CONFLICT, "already members"));
+                }
+                if self.members.len() + added.len() > MAX_GROUP_MEMBERS as usize {
+                    return Err(err(ErrorCode::INVALID, "group member limit reached"));
+                }
+                members.extend(added.iter().map(|&(u, r)| (u, Some(r))));
+                Body::MembersAdded { members: added }
+            }
+            Command::Remove { user } => {
+                self.group_admin(role)?;
+                let target_role =
+                    self.members.get(&user).copied().ok_or_else(|| err(ErrorCode::NOT_FOUND, "not a member"))?;
+                if user == caller.user {
+                    return Err(err(ErrorCode::INVALID, "use leave to leave"));
+                }
+                if target_role <= role {
+                    return Err(err(ErrorCode::FORBIDDEN, "cannot remove a member of equal or higher role"));
+                }
+                members.push((user, None));
+                Body::MemberRemoved { user }
+            }
+            Command::Leave => {
+                if self.kind != ConversationKind::Group {
+                    return Err(err(ErrorCode::INVALID, "cannot leave a direct conversation"));
+                }
+                if role == Role::Owner && self.members.len() > 1 {
+                    return Err(err(ErrorCode::FORBIDDEN, "the owner cannot leave while others remain"));
+                }
+                members.push((caller.user, None));
+                Body::MemberLeft
+            }
+        };
+        let mut recipients: Vec<UserId> = self.members.keys().copied().collect();
+        recipients.extend(members.iter().filter(|(_, r)| r.is_some()).map(|(u, _)| *u));
+        let entry = Entry {
+            conv: self.id,
+            seq,
+            sender: caller.user,
+            sender_device: caller.device,
+            client_id,
+            at_ms: now_ms,
+            body,
+        };
+        Ok(Plan { entry, replace, members, recipients })
+    }
+
+    /// Records a planned (and written) change.
+    pub fn apply(&mut self, plan: &Plan) {
+        self.last_seq = plan.entry.seq;
+        for &(user, role) in &plan.members {
+            match role {
+                Some(r) => self.members.insert(user, r),
+                None => self.members.remove(&user),
+            };
+        }
+    }
+
+    fn group_admin(&self, role: Role) -> Result<(), ErrorBody> {
+        if self.kind != ConversationKind::Group {
+            return Err(err(ErrorCode::INVALID, "direct conversations have fixed members"));
+        }
+        if role > Role::Admin {
+            return Err(err(ErrorCode::FORBIDDEN, "only the owner or an admin may change members"));
+        }
+        Ok(())
+    }
+}
+
+fn check_text(text: &str) -> Result<(), ErrorBody> {
+    if text.is_empty() || text.len() > MAX_TEXT_BYTES as usize {
+        return Err(err(ErrorCode::INVALID, "text must be 1..=max_text_bytes bytes"));
+    }
+    Ok(())
+}
+
+fn own_text(target: Option<Entry>, user: UserId, seq: Seq) -> Result<Entry, ErrorBody> {
+    let stored = target.ok_or_else(|| err(ErrorCode::NOT_FOUND, &format!("no entry {seq}")))?;
+    if stored.sender != user {
+        return Err(err(ErrorCode::FORBIDDEN, "only the sender may edit or delete a message"));
+    }
+    match stored.body {
+        Body::Text { .. } => Ok(stored),
+        Body::Tombstone => Err(err(ErrorCode::NOT_FOUND, "message was deleted")),
+        _ => Err(err(ErrorCode::INVALID, "only text messages can be edited or deleted")),
+    }
+}
+
+/// Messages to a conversation actor.
+pub enum ConvMsg {
+    /// A client request (counted against the mailbox bound).
+    Request(Caller, ConvRequest, Responder),
+    /// Writes up to `seq` are durable (`ok`), or the commit failed.
+    Durable { seq: Seq, ok: bool },
+    /// Periodic idle check.
+    Tick,
+}
+
+/// What a client asks of a conversation.
+pub enum ConvRequest {
+    /// Append to the log.
+    Write(Command),
+    /// Read a page.
+    History { page: Page, limit: u16 },
+    /// List members.
+    Members,
+}
+
+/// An acknowledgement or fan-out waiting for its write to become durable.
+struct Pending {
+    seq: Seq,
+    fanout: Option<(Bytes, Vec<UserId>, u64)>,
+    reply: Option<(Responder, Reply)>,
+}
+
+/// Actor state.
+pub struct ConvState {
+    core: ConvCore,
+    durable_seq: Seq,
+    pending: VecDeque<Pending>,
+    depth: Arc<AtomicUsize>,
+    last_activity: Instant,
+    /// A commit failed: refuse writes until restarted from the store.
+    poisoned: bool,
+}
+
+/// The conversation actor.
+pub struct Conversation {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Actor for Conversation {
+    type Msg = ConvMsg;
+    type State = ConvState;
+    type Arguments = (ConvId, Arc<AtomicUsize>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ConvMsg>,
+        (id, depth): Self::Arguments,
+    ) -> Result<ConvState, ActorProcessingErr> {
+        let store = &self.shared.store;
+        let record = store.conversation(id)?.ok_or("conversation vanished")?;
+        // Whatever a predecessor applied but did not see durable is made durable now,
+        // so every entry this actor serves is durable.
+        store.barrier()?.await?;
+        let last_seq = store.last_seq(id)?;
+        let members = store.members(id)?.into_iter().collect();
+        let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
+        myself.send_interval(tick, || ConvMsg::Tick);
+        Ok(ConvState {
+            core: ConvCore { id, kind: record.kind, members, last_seq },
+            durable_seq: last_seq,
+            pending: VecDeque::new(),
+            depth,
+            last_activity: Instant::now(),
+            poisoned: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ConvMsg>,
+        msg: ConvMsg,
+        state: &mut ConvState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ConvMsg::Request(caller, req, reply) => {
+                state.depth.fetch_sub(1, Ordering::AcqRel);
+                state.last_activity = Instant::now();
+                match req {
+                    ConvRequest::Write(cmd) => self.write(&myself, state, caller, cmd, reply),
+                    ConvRequest::History { page, limit } => self.history(state, caller, page, limit, reply),
+                    ConvRequest::Members => self.members(state, caller, reply),
+                }
+            }
+            ConvMsg::Durable { seq, ok } => self.durable(&myself, state, seq, ok),
+            ConvMsg::Tick => {
+                let idle = Duration::from_millis(self.shared.config.conversation_idle_ms);
+                if state.pending.is_empty()
+                    && state.last_activity.elapsed() >= idle
+                    && self.shared.convs.retire(state.core.id, myself.get_id())
+                {
+                    myself.stop(Some("idle".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Conversation {
+    fn write(&self, myself: &ActorRef<ConvMsg>, state: &mut ConvState, caller: Caller, cmd: Command, reply: Responder) {
+        if state.poisoned {
+            return reply.fail(ErrorCode::INTERNAL, "storage failure; retry");
+        }
+        let store = &self.shared.store;
+        let id = state.core.id;
+        if let Err(e) = state.core.role(caller.user) {
+            return reply.send(Err(e));
+        }
+        if let Some(client_id) = cmd.client_id() {
+            match store.dedupe(id, caller.user, client_id) {
+                Ok(Some(seq)) => {
+                    let ack = Reply::Appended { seq, duplicate: true };
+                    if seq <= state.durable_seq {
+                        return reply.send(Ok(ack));
+                    }
+                    state.pending.push_back(Pending { seq, fanout: None, reply: Some((reply, ack)) });
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => return reply.send(Err(internal(e))),
+            }
+        }
+        let target = match cmd.target() {
+            Some(t) if t <= state.durable_seq => match store.entry(id, t) {
+                Ok(e) => e,
+                Err(e) => return reply.send(Err(internal(e))),
+            },
+            _ => None,
+        };
+        let plan = match state.core.plan(caller, cmd, target, crate::now_ms()) {
+            Ok(p) => p,
+            Err(e) => return reply.send(Err(e)),
+        };
+        let mut txn = Txn::new();
+        let dedupe = (plan.entry.client_id != ClientMsgId::default()).then_some((caller.user, &plan.entry.client_id));
+        txn.append(&plan.entry, dedupe);
+        if let Some(r) = &plan.replace {
+            txn.replace(r);
+        }
+        for &(user, role) in &plan.members {
+            txn.set_member(id, user, role);
+        }
+        let seq = plan.entry.seq;
+        let frame = match encode_frame(&ServerFrame::Event(Event::Entry(plan.entry.clone()))) {
+            Ok(f) => f,
+            Err(e) => return reply.send(Err(internal(e))),
+        };
+        let me = myself.clone();
+        if let Err(e) = store.commit_then(txn, move |r| {
+            let _ = me.cast(ConvMsg::Durable { seq, ok: r.is_ok() });
+        }) {
+            return reply.send(Err(internal(e)));
+        }
+        state.core.apply(&plan);
+        state.pending.push_back(Pending {
+            seq,
+            fanout: Some((frame, plan.recipients, caller.session)),
+            reply: Some((reply, Reply::Appended { seq, duplicate: false })),
+        });
+    }
+
+    fn durable(&self, myself: &ActorRef<ConvMsg>, state: &mut ConvState, seq: Seq, ok: bool) {
+        if !ok {
+            // The write may or may not survive; nothing after the last good commit is
+            // acknowledged. Clients retry with the same ids; a fresh actor reloads.
+            state.poisoned = true;
+            for p in state.pending.drain(..) {
+                if let Some((reply, _)) = p.reply {
+                    reply.fail(ErrorCode::INTERNAL, "storage failure; retry");
+                }
+            }
+            self.shared.convs.retire_now(state.core.id, myself.get_id());
+            myself.stop(Some("commit failed".into()));
+            return;
+        }
+        state.durable_seq = state.durable_seq.max(seq);
+        while state.pending.front().is_some_and(|p| p.seq <= state.durable_seq) {
+            let Some(p) = state.pending.pop_front() else { break };
+            if let Some((frame, recipients, skip)) = p.fanout {
+                self.shared.online.deliver(&recipients, &frame, skip);
+            }
+            if let Some((reply, ack)) = p.reply {
+                reply.send(Ok(ack));
+            }
+        }
+    }
+
+    fn history(&self, state: &ConvState, caller: Caller, page: Page, limit: u16, reply: Responder) {
+        if let Err(e) = state.core.role(caller.user) {
+            return reply.send(Err(e));
+        }
+        let store = self.shared.store.clone();
+        let (id, last) = (state.core.id, state.durable_seq);
+        let limit = usize::from(limit).clamp(1, HISTORY_PAGE_MAX as usize);
+        tokio::task::spawn_blocking(move || {
+            let entries = match page {
+                Page::Latest => store.entries(id, 1, last, limit, true).map(reversed),
+                Page::Before(s) => store.entries(id, 1, s.saturating_sub(1).min(last), limit, true).map(reversed),
+                Page::After(s) => store.entries(id, s.saturating_add(1), last, limit, false),
+            };
+            reply.send(entries.map(|entries| Reply::History { entries, last_seq: last }).map_err(internal));
+        });
+    }
+
+    fn members(&self, state: &ConvState, caller: Caller, reply: Responder) {
+        if let Err(e) = state.core.role(caller.user) {
+            return reply.send(Err(e));
+        }
+        let store = self.shared.store.clone();
+        let members: Vec<(UserId, Role)> = state.core.members.iter().map(|(u, r)| (*u, *r)).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(members.len());
+            for (user_id, role) in members {
+                match store.user(user_id) {
+                    Ok(Some(u)) => out.push(Member { user_id, name: u.name, role }),
+                    Ok(None) => {}
+                    Err(e) => return reply.send(Err(internal(e))),
+                }
+            }
+            out.sort_by_key(|m| m.user_id);
+            reply.send(Ok(Reply::Members(out)));
+        });
+    }
+}
+
+fn reversed(mut v: Vec<Entry>) -> Vec<Entry> {
+    v.reverse();
+    v
+}
+
+/// Maps conversation ids to live actors, spawning on demand. The per-actor `depth`
+/// counts messages sent but not yet handled: it bounds the mailbox, and an idle actor
+/// retires only when it is zero under the map lock, so no request is ever cast into a
+/// stopping actor.
+#[derive(Default)]
+pub struct ConvDirectory {
+    map: std::sync::Mutex<HashMap<ConvId, Slot>>,
+    spawn_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone)]
+struct Slot {
+    actor: ActorRef<ConvMsg>,
+    depth: Arc<AtomicUsize>,
+}
+
+impl ConvDirectory {
+    /// Delivers a request to the conversation's actor, starting it if needed. Answers
+    /// `NOT_FOUND` for no such conversation and `OVERLOADED` for a full mailbox.
+    pub async fn request(
+        &self,
+        shared: &Arc<Shared>,
+        conv: ConvId,
+        caller: Caller,
+        req: ConvRequest,
+        reply: Responder,
+    ) {
+        let mut msg = ConvMsg::Request(caller, req, reply);
+        for _ in 0..3 {
+            let slot = {
+                let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+                map.get(&conv).cloned().map(|slot| {
+                    let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= crate::limits::CONVERSATION_MAILBOX_MAX;
+                    (slot, over)
+                })
+            };
+            match slot {
+                Some((slot, true)) => {
+                    slot.depth.fetch_sub(1, Ordering::AcqRel);
+                    if let ConvMsg::Request(_, _, reply) = msg {
+                        reply.fail(ErrorCode::OVERLOADED, "conversation is overloaded; retry");
+                    }
+                    return;
+                }
+                Some((slot, false)) => match slot.actor.cast(msg) {
+                    Ok(()) => return,
+                    Err(ractor::MessagingErr::SendErr(back)) => {
+                        // The actor died (a crash): forget it and start a fresh one.
+                        slot.depth.fetch_sub(1, Ordering::AcqRel);
+                        self.retire_now(conv, slot.actor.get_id());
+                        msg = back;
+                    }
+                    Err(_) => return,
+                },
+                None => {
+                    if let Err(e) = self.spawn(shared, conv).await {
+                        if let ConvMsg::Request(_, _, reply) = msg {
+                            reply.send(Err(e));
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        if let ConvMsg::Request(_, _, reply) = msg {
+            reply.fail(ErrorCode::INTERNAL, "conversation unavailable");
+        }
+    }
+
+    async fn spawn(&self, shared: &Arc<Shared>, conv: ConvId) -> Result<(), ErrorBody> {
+        let _guard = self.spawn_lock.lock().await;
+        if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv) {
+            return Ok(());
+        }
+        match shared.store.conversation(conv) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(err(ErrorCode::NOT_FOUND, "no such conversation")),
+            Err(e) => return Err(internal(e)),
+        }
+        let depth = Arc::new(AtomicUsize::new(0));
+        let (actor, _) = Actor::spawn(None, Conversation { shared: shared.clone() }, (conv, depth.clone()))
+            .await
+            .map_err(internal)?;
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, Slot { actor, depth });
+        Ok(())
+    }
+
+    /// Removes the actor if it is still the registered one and nothing is queued for it.
+    fn retire(&self, conv: ConvId, actor: ractor::ActorId) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&conv) {
+            Some(slot) if slot.actor.get_id() == actor && slot.depth.load(Ordering::Acquire) == 0 => {
+                map.remove(&conv);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes the actor if it is still the registered one, queued requests or not.
+    fn retire_now(&self, conv: ConvId, actor: ractor::ActorId) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&conv).is_some_and(|slot| slot.actor.get_id() == actor) {
+            map.remove(&conv);
+        }
+    }
+
+    /// Number of live conversation actors.
+    pub fn live(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Stops every actor (shutdown).
+    pub fn stop_all(&self) {
+        for (_, slot) in self.map.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            slot.actor.stop(Some("shutdown".into()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(kind: ConversationKind, members: &[(UserId, Role)]) -> ConvCore {
+        ConvCore { id: 7, kind, members: members.iter().copied().collect(), last_seq: 3 }
+    }
+
+    fn caller(user: UserId) -> Caller {
+        Caller { user, device: 1, session: 1 }
+    }
+
+    fn text_entry(seq: Seq, sender: UserId) -> Entry {
+        Entry {
+            conv: 7,
+            seq,
+            sender,
+            sender_device: 1,
+            client_id: [0; 16],
+            at_ms: 0,
+            body: Body::Text { text: "hi".into(), edited: false },
+        }
+    }
+
+    fn send(text: &str) -> Command {
+        Command::Send { client_id: [1; 16], text: text.into() }
+    }
+
+    #[test]
+    fn permission_table() {
+        let group = core(ConversationKind::Group, &[(1, Role::Owner), (2, Role::Admin), (3, Role::Member)]);
+        let check = |who: UserId, cmd: Command, target: Option<Entry>, want: Result<Seq, ErrorCode>| {
+            let got = group.plan(caller(who), cmd.clone(), target, 0).map(|p| p.entry.seq).map_err(|e| e.code);
+            assert_eq!(got, want, "{who} {cmd:?}");
+        };
+        check(3, send("hello"), None, Ok(4));
+        check(9, send("hello"), None, Err(ErrorCode::FORBIDDEN));
+        check(3, send(""), None, Err(ErrorCode::INVALID));
+        check(3, send(&"x".repeat(MAX_TEXT_BYTES as usize + 1)), None, Err(ErrorCode::INVALID));
+        check(3, Command::Add { users: vec![4], role: Role::Member }, None, Err(ErrorCode::FORBIDDEN));
+        check(2, Command::Add { users: vec![4], role: Role::Member }, None, Ok(4));
+        check(2, Command::Add { users: vec![3], role: Role::Member }, None, Err(ErrorCode::CONFLICT));
+        check(1, Command::Add { users: vec![4], role: Role::Owner }, None, Err(ErrorCode::INVALID));
+        check(2, Command::Remove { user: 3 }, None, Ok(4));
+        check(2, Command::Remove { user: 1 }, None, Err(ErrorCode::FORBIDDEN));
+        check(3, Command::Remove { user: 2 }, None, Err(ErrorCode::FORBIDDEN));
+        check(1, Command::Remove { user: 9 }, None, Err(ErrorCode::NOT_FOUND));
+        check(1, Command::Leave, None, Err(ErrorCode::FORBIDDEN));
+        check(3, Command::Leave, None, Ok(4));
+        let edit = |target| Command::Edit { client_id: [2; 16], target, text: "new".into() };
+        check(3, edit(2), Some(text_entry(2, 3)), Ok(4));
+        check(2, edit(2), Some(text_entry(2, 3)), Err(ErrorCode::FORBIDDEN));
+        check(3, edit(2), None, Err(ErrorCode::NOT_FOUND));
+        let mut dead = text_entry(2, 3);
+        dead.body = Body::Tombstone;
+        check(3, Command::Delete { client_id: [3; 16], target: 2 }, Some(dead), Err(ErrorCode::NOT_FOUND));
+
+        let direct = core(ConversationKind::Direct, &[(1, Role::Member), (2, Role::Member)]);
+        assert_eq!(direct.plan(caller(1), Command::Leave, None, 0).map_err(|e| e.code).err(), Some(ErrorCode::INVALID));
+        assert_eq!(
+            direct
+                .plan(caller(1), Command::Add { users: vec![3], role: Role::Member }, None, 0)
+                .map_err(|e| e.code)
+                .err(),
+            Some(ErrorCode::INVALID)
+        );
+    }
+
+    #[test]
+    fn membership_changes_reach_old_and_new_members() {
+        let mut group = core(ConversationKind::Group, &[(1, Role::Owner), (2, Role::Member)]);
+        let plan = group.plan(caller(1), Command::Add { users: vec![3, 3, 4], role: Role::Member }, None, 0).unwrap();
+        let mut r = plan.recipients.clone();
+        r.sort();
+        assert_eq!(r, vec![1, 2, 3, 4]);
+        group.apply(&plan);
+        assert_eq!(group.last_seq, 4);
+        let plan = group.plan(caller(1), Command::Remove { user: 2 }, None, 0).unwrap();
+        assert!(plan.recipients.contains(&2), "the removed member hears of it");
+        group.apply(&plan);
+        assert!(!group.members.contains_key(&2));
+        assert_eq!(group.plan(caller(2), send("hi"), None, 0).map_err(|e| e.code).err(), Some(ErrorCode::FORBIDDEN));
+    }
+
+    #[test]
+    fn edit_rewrites_target() {
+        let group = core(ConversationKind::Group, &[(1, Role::Owner)]);
+        let plan = group
+            .plan(
+                caller(1),
+                Command::Edit { client_id: [5; 16], target: 2, text: "v2".into() },
+                Some(text_entry(2, 1)),
+                0,
+            )
+            .unwrap();
+        assert_eq!(plan.replace.unwrap().body, Body::Text { text: "v2".into(), edited: true });
+        assert_eq!(plan.entry.body, Body::Edit { target: 2, text: "v2".into() });
+    }
+}

@@ -1,0 +1,152 @@
+//! The Switchboard broker: QUIC transport, device authentication, and the actors that
+//! own sessions, users and conversations. `Broker::start` runs one on a tokio runtime;
+//! the `switchboard` binary is a thin command line over it.
+
+pub mod auth;
+pub mod config;
+pub mod conversation;
+pub mod limits;
+pub mod online;
+pub mod outbound;
+pub mod reply;
+pub mod session;
+pub mod tls;
+pub mod user;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use switchboard_protocol::ErrorCode;
+use switchboard_storage::{Store, StoreConfig};
+
+pub use config::Config;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// State every actor and task of one broker shares.
+pub struct Shared {
+    /// Configuration in force.
+    pub config: Config,
+    /// The store.
+    pub store: Arc<Store>,
+    /// Accounts and device proof.
+    pub auth: auth::Auth,
+    /// Fan-out index of connected sessions.
+    pub online: Arc<online::Online>,
+    /// Live user actors.
+    pub users: user::UserDirectory,
+    /// Live conversation actors.
+    pub convs: conversation::ConvDirectory,
+    /// Session id source.
+    pub next_session_id: AtomicU64,
+    /// Connections being served.
+    pub connections: AtomicUsize,
+}
+
+/// Opens the data directory's store with the configured cache.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let mut store_config = StoreConfig::new(config.data_dir.join("store"));
+    store_config.cache_capacity_bytes = config.store_cache_bytes;
+    let store = Store::open(&store_config)
+        .with_context(|| format!("opening store in {} (is another broker using it?)", config.data_dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// A running broker.
+pub struct Broker {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    accept: tokio::task::JoinHandle<()>,
+    /// Address the broker listens on (the real port when configured with port 0).
+    pub local_addr: SocketAddr,
+    /// Path of the certificate clients should trust.
+    pub cert_path: PathBuf,
+    /// SHA-256 fingerprint of the certificate, hex.
+    pub fingerprint: String,
+}
+
+impl Broker {
+    /// Opens the store, loads or generates the certificate, binds and starts accepting.
+    pub async fn start(config: Config) -> anyhow::Result<Broker> {
+        let store = open_store(&config)?;
+        let identity = tls::load_or_generate(&config)?;
+        let server_config = tls::server_config(&identity, &config)?;
+        let socket = tls::bind_udp(config.listen)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let local_addr = endpoint.local_addr()?;
+        let online = Arc::new(online::Online::default());
+        let auth = auth::Auth::new(
+            store.clone(),
+            config.argon2_memory_kib,
+            config.argon2_iterations,
+            config.registration_open,
+        )?;
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            auth,
+            users: user::UserDirectory::new(online.clone()),
+            online,
+            convs: conversation::ConvDirectory::default(),
+            next_session_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+        });
+        let accept = tokio::spawn(accept_loop(shared.clone(), endpoint.clone()));
+        tracing::info!(addr = %local_addr, "listening");
+        Ok(Broker {
+            shared,
+            endpoint,
+            accept,
+            local_addr,
+            cert_path: identity.cert_path,
+            fingerprint: identity.fingerprint,
+        })
+    }
+
+    /// The shared state (for embedding and tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting, closes every connection with `GOING_AWAY`, waits briefly for
+    /// them to go, stops the actors and flushes the store.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.accept.abort();
+        self.endpoint.set_server_config(None);
+        self.shared.online.close_all(ErrorCode::GOING_AWAY);
+        self.endpoint.close(ErrorCode::GOING_AWAY.0.into(), b"broker shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        self.shared.convs.stop_all();
+        self.shared.store.close()?;
+        tracing::info!("stopped; store flushed");
+        Ok(())
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        if shared.connections.load(Ordering::Relaxed) >= shared.config.max_connections {
+            incoming.refuse();
+            continue;
+        }
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            session::serve(shared.clone(), incoming).await;
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}

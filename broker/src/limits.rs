@@ -1,0 +1,30 @@
+//! The broker's own bounds (the protocol's are in `switchboard_protocol::limits`). Each
+//! queue or map a client can grow is capped here, with the reason for its size.
+
+/// Frames queued for one device before it counts as a slow consumer. At 256-byte
+/// events this is ~1 MiB; a device this far behind catches up faster by reconnecting.
+pub const OUTBOUND_MAX_FRAMES: usize = 4096;
+/// Bytes queued for one device before it counts as a slow consumer. A few full
+/// history pages fit; an unread torrent of events does not.
+pub const OUTBOUND_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Messages waiting in one conversation actor's mailbox. Senders beyond this get
+/// `OVERLOADED` instead of growing the mailbox (ractor mailboxes are unbounded).
+pub const CONVERSATION_MAILBOX_MAX: usize = 16 * 1024;
+/// Concurrent argon2 computations: each takes `argon2_memory_kib` of memory and a core
+/// for tens of milliseconds; more than the cores only queues work and memory.
+pub const ARGON2_CONCURRENCY: usize = 2;
+/// Distinct keys (accounts, addresses) whose failed logins are tracked at once.
+pub const AUTH_FAILURE_KEYS_MAX: usize = 65_536;
+/// Failed logins per account per window before further attempts are refused.
+pub const AUTH_FAILURES_PER_ACCOUNT: u32 = 10;
+/// Failed logins per source address per window.
+pub const AUTH_FAILURES_PER_ADDRESS: u32 = 30;
+/// Window for the failure counts.
+pub const AUTH_FAILURE_WINDOW_MS: u64 = 60_000;
+/// Minimum password length at registration.
+pub const MIN_PASSWORD_BYTES: usize = 8;
+/// Largest frame the broker reads in one QUIC chunk read.
+pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+// Outbound must be able to hold at least one maximum-size server frame.
+const _: () = assert!(OUTBOUND_MAX_BYTES >= switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize * 2);

@@ -1,0 +1,93 @@
+//! Who is online: user id to that user's connected sessions. Conversation actors read
+//! it to fan an event out directly into each device's outbound queue, with no actor hop
+//! per recipient; User actors are the only writers (`add` and `remove` commute, so an
+//! old and a new actor of one user never undo each other's work).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use switchboard_protocol::{DeviceId, UserId};
+
+use crate::outbound::Outbound;
+
+/// One connected device.
+#[derive(Clone)]
+pub struct SessionHandle {
+    /// Unique per connection for the broker's lifetime.
+    pub id: u64,
+    /// Authenticated device.
+    pub device: DeviceId,
+    /// Its outbound queue.
+    pub out: Arc<Outbound>,
+}
+
+const SHARDS: usize = 16;
+
+/// Sharded map so fan-out readers on both cores rarely touch the same lock.
+pub struct Online {
+    shards: Vec<RwLock<HashMap<UserId, Arc<[SessionHandle]>>>>,
+}
+
+impl Default for Online {
+    fn default() -> Self {
+        Online { shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect() }
+    }
+}
+
+impl Online {
+    fn shard(&self, user: UserId) -> &RwLock<HashMap<UserId, Arc<[SessionHandle]>>> {
+        &self.shards[(user as usize) % SHARDS]
+    }
+
+    /// Adds a session of `user`.
+    pub fn add(&self, user: UserId, session: SessionHandle) {
+        let mut map = self.shard(user).write().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<SessionHandle> = map.get(&user).map(|l| l.to_vec()).unwrap_or_default();
+        list.push(session);
+        map.insert(user, list.into());
+    }
+
+    /// Removes session `id` of `user` (no-op if absent).
+    pub fn remove(&self, user: UserId, id: u64) {
+        let mut map = self.shard(user).write().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = map.get(&user) else { return };
+        let kept: Vec<SessionHandle> = list.iter().filter(|s| s.id != id).cloned().collect();
+        if kept.is_empty() {
+            map.remove(&user);
+        } else {
+            map.insert(user, kept.into());
+        }
+    }
+
+    /// The sessions of `user` now.
+    pub fn sessions(&self, user: UserId) -> Option<Arc<[SessionHandle]>> {
+        self.shard(user).read().unwrap_or_else(|p| p.into_inner()).get(&user).cloned()
+    }
+
+    /// Queues `frame` on every session of every user in `users` except session `skip`.
+    /// A full queue disconnects that device only. Returns the number of queued copies.
+    pub fn deliver(&self, users: &[UserId], frame: &Bytes, skip: u64) -> usize {
+        let mut delivered = 0;
+        for &user in users {
+            let Some(sessions) = self.sessions(user) else { continue };
+            for s in sessions.iter().filter(|s| s.id != skip) {
+                if s.out.push(frame.clone()).is_ok() {
+                    delivered += 1;
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Closes every session with `code` (shutdown).
+    pub fn close_all(&self, code: switchboard_protocol::ErrorCode) {
+        for shard in &self.shards {
+            for list in shard.read().unwrap_or_else(|p| p.into_inner()).values() {
+                for s in list.iter() {
+                    s.out.close(code);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Answering a request: the responder travels with the request to whichever actor or
+//! task handles it, and holds the session's in-flight permit until the answer is queued.
+
+use std::sync::Arc;
+
+use switchboard_protocol::{ErrorBody, ErrorCode, Reply, ServerFrame, encode_frame};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::outbound::Outbound;
+
+/// Sends exactly one response for one request.
+pub struct Responder {
+    id: u32,
+    out: Arc<Outbound>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Responder {
+    pub(crate) fn new(id: u32, out: Arc<Outbound>, permit: OwnedSemaphorePermit) -> Self {
+        Responder { id, out, _permit: permit }
+    }
+
+    /// Queues the response and releases the in-flight slot.
+    pub fn send(self, result: Result<Reply, ErrorBody>) {
+        let frame = encode_frame(&ServerFrame::Response { id: self.id, result }).or_else(|e| {
+            tracing::error!(error = %e, "response did not encode");
+            let err = Err(ErrorBody::new(ErrorCode::INTERNAL, "response did not encode"));
+            encode_frame(&ServerFrame::Response { id: self.id, result: err })
+        });
+        if let Ok(frame) = frame {
+            // A closed queue means the connection is going away; nothing else to do.
+            let _ = self.out.push(frame);
+        }
+    }
+
+    /// Shorthand for an error response.
+    pub fn fail(self, code: ErrorCode, message: impl Into<String>) {
+        self.send(Err(ErrorBody::new(code, message)));
+    }
+}
+
+/// Maps a storage failure to the wire, logging it.
+pub fn internal(e: impl std::fmt::Display) -> ErrorBody {
+    tracing::error!(error = %e, "internal error");
+    ErrorBody::new(ErrorCode::INTERNAL, "internal error")
+}

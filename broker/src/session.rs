@@ -1,0 +1,453 @@
+//! One connection: handshake and device proof under a deadline and a 4 KiB frame
+//! limit, then the session actor, a reader that feeds it and a writer that drains the
+//! outbound queue. A bad frame closes this connection only, with a stable code.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use switchboard_protocol::limits::{
+    AUTH_DEADLINE_MS, HISTORY_PAGE_MAX, LIST_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_GROUP_MEMBERS,
+    MAX_INFLIGHT_REQUESTS, MAX_SERVER_FRAME_BYTES, MAX_TEXT_BYTES, MAX_USERS_PER_REQUEST, PREAUTH_MAX_FRAME_BYTES,
+};
+use switchboard_protocol::{
+    Body, ClientFrame, ClientHello, ConvId, ConversationKind, ConversationSummary, DeviceId, DeviceInfo, Entry,
+    ErrorBody, ErrorCode, Event, FrameDecoder, Limits, NewConversation, Reply, Request, RequestBody, Role, ServerFrame,
+    ServerHello, UserId, decode, encode_frame,
+};
+use switchboard_storage::ConversationRecord;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::Shared;
+use crate::auth::check_label;
+use crate::conversation::{Caller, Command, ConvRequest};
+use crate::limits::{OUTBOUND_MAX_BYTES, OUTBOUND_MAX_FRAMES, READ_CHUNK_BYTES};
+use crate::online::SessionHandle;
+use crate::outbound::Outbound;
+use crate::reply::{Responder, internal};
+
+/// The limits this broker announces.
+pub fn announced_limits() -> Limits {
+    Limits {
+        max_client_frame_bytes: MAX_CLIENT_FRAME_BYTES,
+        max_server_frame_bytes: MAX_SERVER_FRAME_BYTES,
+        preauth_max_frame_bytes: PREAUTH_MAX_FRAME_BYTES,
+        max_text_bytes: MAX_TEXT_BYTES,
+        max_inflight_requests: MAX_INFLIGHT_REQUESTS,
+        history_page_max: HISTORY_PAGE_MAX,
+        max_group_members: MAX_GROUP_MEMBERS,
+        auth_deadline_ms: AUTH_DEADLINE_MS,
+    }
+}
+
+/// Why a connection ends: a stable code and a short reason for the peer.
+struct Close(ErrorCode, String);
+
+impl From<ErrorBody> for Close {
+    fn from(e: ErrorBody) -> Self {
+        Close(e.code, e.message)
+    }
+}
+
+fn close(conn: &quinn::Connection, Close(code, reason): Close) {
+    conn.close(code.0.into(), reason.as_bytes());
+}
+
+/// Runs one incoming connection to its end.
+pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let deadline = Duration::from_millis(u64::from(AUTH_DEADLINE_MS));
+    let authed = match tokio::time::timeout(deadline, handshake(&shared, &conn)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(c)) => return close(&conn, c),
+        Err(_) => return close(&conn, Close(ErrorCode::TIMEOUT, "authentication deadline passed".into())),
+    };
+    run(shared, conn, authed).await;
+}
+
+struct Authed {
+    user: UserId,
+    device: DeviceId,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+async fn handshake(shared: &Shared, conn: &quinn::Connection) -> Result<Authed, Close> {
+    let gone = |e: quinn::ConnectionError| Close(ErrorCode::NO_ERROR, e.to_string());
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(gone)?;
+    let mut decoder = FrameDecoder::new(PREAUTH_MAX_FRAME_BYTES);
+
+    let hello: ClientHello = read_msg(&mut recv, &mut decoder).await?;
+    if hello.magic != switchboard_protocol::MAGIC {
+        return Err(Close(ErrorCode::BAD_FRAME, "not a switchboard client".into()));
+    }
+    if hello.version != switchboard_protocol::PROTOCOL_VERSION {
+        let msg = format!(
+            "version {} unsupported; this broker speaks {}",
+            hello.version,
+            switchboard_protocol::PROTOCOL_VERSION
+        );
+        return Err(Close(ErrorCode::UNSUPPORTED_VERSION, msg));
+    }
+    let mut nonce = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| Close(ErrorCode::INTERNAL, "no randomness".into()))?;
+    let server_hello = ServerHello {
+        version: switchboard_protocol::PROTOCOL_VERSION,
+        nonce,
+        limits: announced_limits(),
+        server_time_ms: crate::now_ms(),
+    };
+    write_msg(&mut send, &server_hello).await?;
+
+    let mut exporter = [0u8; 32];
+    conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"")
+        .map_err(|_| Close(ErrorCode::INTERNAL, "keying material export failed".into()))?;
+    let transcript = switchboard_protocol::auth_transcript(&nonce, &exporter);
+
+    let ClientFrame::Request(Request { id, body }) = read_msg(&mut recv, &mut decoder).await?;
+    let from: IpAddr = conn.remote_address().ip();
+    let (user, device) = match body {
+        RequestBody::Register(e) => shared.auth.register(&e, &transcript).await?,
+        RequestBody::Login(e) => shared.auth.login(&e, &transcript, from).await?,
+        RequestBody::Authenticate { user, device_id, signature } => {
+            (shared.auth.authenticate(&user, device_id, &signature, &transcript, from)?, device_id)
+        }
+        _ => return Err(Close(ErrorCode::NOT_AUTHENTICATED, "authenticate first".into())),
+    };
+    write_msg(&mut send, &ServerFrame::Response { id, result: Ok(Reply::Authed { user_id: user, device_id: device }) })
+        .await?;
+    Ok(Authed { user, device, send, recv, decoder })
+}
+
+async fn write_msg<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), Close> {
+    let frame = encode_frame(msg).map_err(|e| Close(ErrorCode::INTERNAL, e.to_string()))?;
+    send.write_all(&frame).await.map_err(|e| Close(ErrorCode::NO_ERROR, e.to_string()))
+}
+
+async fn read_msg<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<T, Close> {
+    let body = read_frame(recv, decoder).await?;
+    decode(&body).map_err(|e| Close(e.code(), e.to_string()))
+}
+
+/// Reads until one whole frame is buffered. End of stream is a normal close.
+async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> Result<Bytes, Close> {
+    loop {
+        if let Some(frame) = decoder.next_frame().map_err(|e| Close(e.code(), e.to_string()))? {
+            return Ok(frame);
+        }
+        match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) => return Err(Close(ErrorCode::NO_ERROR, "control stream finished".into())),
+            Err(e) => return Err(Close(ErrorCode::NO_ERROR, e.to_string())),
+        }
+    }
+}
+
+async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
+    let Authed { user, device, send, mut recv, mut decoder } = authed;
+    let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
+    let out = Arc::new(Outbound::new(OUTBOUND_MAX_FRAMES, OUTBOUND_MAX_BYTES));
+    let handle = SessionHandle { id: session, device, out: out.clone() };
+    if let Err(e) = shared.users.attach(user, handle).await {
+        tracing::error!(error = %e, "user actor failed");
+        return close(&conn, Close(ErrorCode::INTERNAL, "internal error".into()));
+    }
+    tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
+    let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
+    let caller = Caller { user, device, session };
+    let actor = Actor::spawn(None, Session { shared: shared.clone(), caller, out: out.clone() }, ()).await;
+    match actor {
+        Ok((actor, _)) => {
+            decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
+            let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
+            let end = read_loop(&mut recv, &mut decoder, &permits, &actor).await;
+            if end.0 != ErrorCode::NO_ERROR {
+                tracing::debug!(session, code = %end.0, reason = %end.1, "closing connection");
+                close(&conn, end);
+            }
+            actor.stop(None);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "session actor failed");
+            close(&conn, Close(ErrorCode::INTERNAL, "internal error".into()));
+        }
+    }
+    out.close(ErrorCode::NO_ERROR);
+    let _ = writer.await;
+    shared.users.detach(user, session).await;
+    tracing::debug!(session, "session ended");
+}
+
+async fn read_loop(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+    permits: &Arc<Semaphore>,
+    actor: &ActorRef<SessionMsg>,
+) -> Close {
+    loop {
+        let body = match read_frame(recv, decoder).await {
+            Ok(b) => b,
+            Err(c) => return c,
+        };
+        let req = match decode::<ClientFrame>(&body) {
+            Ok(ClientFrame::Request(r)) => r,
+            Err(e) => return Close(e.code(), e.to_string()),
+        };
+        // At the in-flight cap this waits, so the client is slowed by flow control.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return Close(ErrorCode::INTERNAL, "internal error".into());
+        };
+        if actor.cast(SessionMsg::Request(req, permit)).is_err() {
+            return Close(ErrorCode::INTERNAL, "internal error".into());
+        }
+    }
+}
+
+async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, out: Arc<Outbound>) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        match out.drain(&mut batch).await {
+            None => {
+                if send.write_all_chunks(&mut batch).await.is_err() {
+                    return;
+                }
+                batch.clear();
+            }
+            Some(ErrorCode::NO_ERROR) => {
+                let _ = send.finish();
+                return;
+            }
+            Some(code) => {
+                conn.close(code.0.into(), code.name().as_bytes());
+                return;
+            }
+        }
+    }
+}
+
+/// Messages to a session actor.
+pub enum SessionMsg {
+    /// A decoded request with its in-flight slot.
+    Request(Request, OwnedSemaphorePermit),
+}
+
+/// The session actor: dispatches one device's requests without blocking on them.
+/// Conversation work goes to conversation actors; catalog work (create, list, devices)
+/// runs on tasks, so a slow request never holds up the next one.
+struct Session {
+    shared: Arc<Shared>,
+    caller: Caller,
+    out: Arc<Outbound>,
+}
+
+impl Actor for Session {
+    type Msg = SessionMsg;
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, _myself: ActorRef<SessionMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        let SessionMsg::Request(Request { id, body }, permit) = msg;
+        let reply = Responder::new(id, self.out.clone(), permit);
+        let (shared, caller) = (self.shared.clone(), self.caller);
+        let conv_request = match body {
+            RequestBody::Ping => {
+                reply.send(Ok(Reply::Pong { server_time_ms: crate::now_ms() }));
+                return Ok(());
+            }
+            RequestBody::Register(_) | RequestBody::Login(_) | RequestBody::Authenticate { .. } => {
+                reply.fail(ErrorCode::INVALID, "already authenticated");
+                return Ok(());
+            }
+            RequestBody::Send { conv, client_id, text } => {
+                (conv, ConvRequest::Write(Command::Send { client_id, text }))
+            }
+            RequestBody::Edit { conv, client_id, target, text } => {
+                (conv, ConvRequest::Write(Command::Edit { client_id, target, text }))
+            }
+            RequestBody::Delete { conv, client_id, target } => {
+                (conv, ConvRequest::Write(Command::Delete { client_id, target }))
+            }
+            RequestBody::History { conv, page, limit } => (conv, ConvRequest::History { page, limit }),
+            RequestBody::Members { conv } => (conv, ConvRequest::Members),
+            RequestBody::RemoveMember { conv, user } => (conv, ConvRequest::Write(Command::Remove { user })),
+            RequestBody::Leave { conv } => (conv, ConvRequest::Write(Command::Leave)),
+            RequestBody::AddMembers { conv, users, role } => {
+                tokio::spawn(async move {
+                    match resolve_users(&shared, &users) {
+                        Ok(users) => {
+                            let req = ConvRequest::Write(Command::Add { users, role });
+                            shared.convs.request(&shared, conv, caller, req, reply).await
+                        }
+                        Err(e) => reply.send(Err(e)),
+                    }
+                });
+                return Ok(());
+            }
+            RequestBody::CreateConversation(new) => {
+                tokio::spawn(async move { reply.send(create_conversation(&shared, caller, new).await) });
+                return Ok(());
+            }
+            RequestBody::ListConversations { after } => {
+                tokio::task::spawn_blocking(move || reply.send(list_conversations(&shared, caller.user, after)));
+                return Ok(());
+            }
+            RequestBody::ListDevices => {
+                tokio::task::spawn_blocking(move || reply.send(list_devices(&shared, caller)));
+                return Ok(());
+            }
+            RequestBody::RevokeDevice { device_id } => {
+                tokio::spawn(async move { reply.send(revoke_device(&shared, caller.user, device_id).await) });
+                return Ok(());
+            }
+        };
+        let (conv, req) = conv_request;
+        shared.convs.request(&shared, conv, caller, req, reply).await;
+        Ok(())
+    }
+}
+
+fn resolve_users(shared: &Shared, names: &[String]) -> Result<Vec<UserId>, ErrorBody> {
+    if names.len() > MAX_USERS_PER_REQUEST as usize {
+        return Err(ErrorBody::new(ErrorCode::INVALID, "too many users in one request"));
+    }
+    names
+        .iter()
+        .map(|n| match shared.store.user_by_name(n) {
+            Ok(Some((id, _))) => Ok(id),
+            Ok(None) => Err(ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {n:?}"))),
+            Err(e) => Err(internal(e)),
+        })
+        .collect()
+}
+
+async fn create_conversation(shared: &Shared, caller: Caller, new: NewConversation) -> Result<Reply, ErrorBody> {
+    let me = caller.user;
+    let (kind, title, members, pair) = match new {
+        NewConversation::Direct { peer } => {
+            let peer = resolve_users(shared, &[peer])?[0];
+            if peer == me {
+                return Err(ErrorBody::new(ErrorCode::INVALID, "a direct conversation needs another user"));
+            }
+            (ConversationKind::Direct, String::new(), vec![(me, Role::Member), (peer, Role::Member)], Some((me, peer)))
+        }
+        NewConversation::Group { title, members } => {
+            check_label(&title)?;
+            let mut all = vec![(me, Role::Owner)];
+            for id in resolve_users(shared, &members)? {
+                if !all.iter().any(|(u, _)| *u == id) {
+                    all.push((id, Role::Member));
+                }
+            }
+            if all.len() > MAX_GROUP_MEMBERS as usize {
+                return Err(ErrorBody::new(ErrorCode::INVALID, "group member limit reached"));
+            }
+            (ConversationKind::Group, title, all, None)
+        }
+    };
+    let record = ConversationRecord { kind, title: title.clone(), created_ms: crate::now_ms() };
+    let mut first = None;
+    let (conv, created, durable) = shared
+        .store
+        .create_conversation(&record, &members, pair, |conv| {
+            let entry = Entry {
+                conv,
+                seq: 1,
+                sender: me,
+                sender_device: caller.device,
+                client_id: [0; 16],
+                at_ms: record.created_ms,
+                body: Body::Created { kind, title, members: members.clone() },
+            };
+            first = Some(entry.clone());
+            entry
+        })
+        .map_err(internal)?;
+    durable.await.map_err(internal)?;
+    if let (true, Some(entry)) = (created, first) {
+        let frame = encode_frame(&ServerFrame::Event(Event::Entry(entry))).map_err(internal)?;
+        let users: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
+        shared.online.deliver(&users, &frame, caller.session);
+    }
+    summary(shared, me, conv)?.map(Reply::Conversation).ok_or_else(|| internal("conversation vanished"))
+}
+
+fn summary(shared: &Shared, me: UserId, conv: ConvId) -> Result<Option<ConversationSummary>, ErrorBody> {
+    let store = &shared.store;
+    let Some(record) = store.conversation(conv).map_err(internal)? else { return Ok(None) };
+    let members = store.members(conv).map_err(internal)?;
+    let Some(my_role) = members.iter().find(|(u, _)| *u == me).map(|(_, r)| *r) else { return Ok(None) };
+    let title = match record.kind {
+        ConversationKind::Group => record.title,
+        ConversationKind::Direct => match members.iter().find(|(u, _)| *u != me) {
+            Some((peer, _)) => store.user(*peer).map_err(internal)?.map(|u| u.name).unwrap_or_default(),
+            None => String::new(),
+        },
+    };
+    Ok(Some(ConversationSummary {
+        id: conv,
+        kind: record.kind,
+        title,
+        last_seq: store.last_seq(conv).map_err(internal)?,
+        member_count: members.len() as u32,
+        my_role,
+    }))
+}
+
+fn list_conversations(shared: &Shared, me: UserId, after: Option<ConvId>) -> Result<Reply, ErrorBody> {
+    let page = LIST_PAGE_MAX as usize;
+    let ids = shared.store.user_conversations(me, after, page + 1).map_err(internal)?;
+    let more = ids.len() > page;
+    let mut items = Vec::with_capacity(ids.len().min(page));
+    for conv in ids.into_iter().take(page) {
+        if let Some(s) = summary(shared, me, conv)? {
+            items.push(s);
+        }
+    }
+    Ok(Reply::Conversations { items, more })
+}
+
+fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, ErrorBody> {
+    let devices = shared.store.devices(caller.user).map_err(internal)?;
+    Ok(Reply::Devices(
+        devices
+            .into_iter()
+            .map(|(id, d)| DeviceInfo {
+                device_id: id,
+                name: d.name,
+                enrolled_ms: d.enrolled_ms,
+                current: id == caller.device,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_device(shared: &Shared, user: UserId, device: DeviceId) -> Result<Reply, ErrorBody> {
+    let durable = shared.store.remove_device(user, device).map_err(internal)?;
+    let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };
+    durable.await.map_err(internal)?;
+    shared.users.revoke(user, device).await;
+    Ok(Reply::Done)
+}

@@ -1,0 +1,135 @@
+//! TLS and QUIC endpoint set-up: certificate (operator-supplied or generated on first
+//! start), rustls with the ring provider only, and every quinn knob set explicitly.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+use crate::config::Config;
+
+/// The certificate the broker serves, and where it came from.
+pub struct Identity {
+    /// Certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Path of the leaf certificate PEM (clients pass it as `--ca`).
+    pub cert_path: PathBuf,
+    /// SHA-256 of the leaf certificate DER, lowercase hex (clients pass it as `--pin`).
+    pub fingerprint: String,
+}
+
+/// Loads the configured certificate, or the generated one in the data dir, generating
+/// it on first start.
+pub fn load_or_generate(config: &Config) -> anyhow::Result<Identity> {
+    let (cert_path, key_path) = match (&config.cert, &config.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        (None, None) => {
+            let c = config.data_dir.join("cert.pem");
+            let k = config.data_dir.join("key.pem");
+            if !c.exists() || !k.exists() {
+                generate(&c, &k)?;
+            }
+            (c, k)
+        }
+        _ => anyhow::bail!("--cert and --key go together"),
+    };
+    let chain = CertificateDer::pem_file_iter(&cert_path)
+        .with_context(|| format!("reading {}", cert_path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", cert_path.display()))?;
+    let leaf = chain.first().with_context(|| format!("no certificate in {}", cert_path.display()))?;
+    let fingerprint = fingerprint(leaf);
+    let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
+    Ok(Identity { chain, key, cert_path, fingerprint })
+}
+
+/// SHA-256 of a certificate's DER, lowercase hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert.as_ref()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn generate(cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let certified = rcgen::generate_simple_self_signed(names).context("generating certificate")?;
+    if let Some(dir) = cert_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_private(key_path, certified.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(cert_path, certified.cert.pem())?;
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Builds the QUIC server config. 0-RTT is refused: rustls' `max_early_data_size`
+/// stays 0, so no request can arrive before the handshake completes (and none could
+/// be replayed).
+pub fn server_config(identity: &Identity, config: &Config) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![switchboard_protocol::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(transport(config)));
+    // Mobile devices change addresses; QUIC path validation keeps that safe.
+    server.migration(true);
+    server.max_incoming(config.max_connections.min(1 << 16));
+    Ok(server)
+}
+
+/// The transport knobs, each chosen rather than inherited.
+fn transport(config: &Config) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // One control stream plus a few file transfers at a time.
+    t.max_concurrent_bidi_streams(8u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Per-stream window: a full client frame (64 KiB) several times over.
+    t.stream_receive_window((256u32 * 1024).into());
+    // quinn's default connection window is unbounded: cap what one client can make us buffer.
+    t.receive_window((1024u32 * 1024).into());
+    // Bytes we buffer unacknowledged toward one client; outbound queue caps the rest.
+    t.send_window(2 * 1024 * 1024);
+    t.send_fairness(true);
+    let idle = quinn::IdleTimeout::try_from(config.idle_timeout())
+        .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000)));
+    t.max_idle_timeout(Some(idle));
+    // Clients keep the connection alive; the broker only detects silence.
+    t.keep_alive_interval(None);
+    // Datagrams are reserved for typing signals; small buffer.
+    t.datagram_receive_buffer_size(Some(64 * 1024));
+    t.datagram_send_buffer_size(64 * 1024);
+    t
+}
+
+/// Binds the UDP socket with 4 MiB buffers: with the kernel's default 208 KiB,
+/// loopback QUIC drops packets under bursts and handshakes stall for a retransmit.
+pub fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    const BUFFER_BYTES: usize = 4 * 1024 * 1024;
+    // Best effort: the kernel clamps to rmem_max/wmem_max.
+    let _ = socket.set_recv_buffer_size(BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(BUFFER_BYTES);
+    socket.bind(&addr.into()).with_context(|| format!("binding UDP {addr}"))?;
+    Ok(socket.into())
+}

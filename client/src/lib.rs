@@ -1,0 +1,548 @@
+//! Switchboard client library: connect over QUIC, enroll or prove a device, then make
+//! requests (pipelined on one control stream) and receive events as a `Stream`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), switchboard_client::ClientError> {
+//! use switchboard_client::{Connector, Trust};
+//! let connector = Connector::new("127.0.0.1:4433".parse().unwrap(), "localhost", Trust::Pin("ab12…".into()))?;
+//! let (client, identity) = connector.register("alice", "correct horse", "laptop").await?;
+//! let conv = client.create_group("team", &["bob".into()]).await?;
+//! client.send(conv.id, "hello").await?;
+//! # Ok(()) }
+//! ```
+
+mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use ed25519_dalek::{Signer, SigningKey};
+use serde::{Deserialize, Serialize};
+use switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES;
+use switchboard_protocol::{
+    ClientFrame, ClientHello, ClientMsgId, ConvId, ConversationSummary, DeviceId, DeviceInfo, Enroll, Entry, ErrorBody,
+    ErrorCode, Event, FrameDecoder, Limits, Member, NewConversation, Page, Reply, Request, RequestBody, Role, Seq,
+    ServerFrame, ServerHello, UserId, decode, encode_frame,
+};
+use tokio::sync::{mpsc, oneshot};
+
+pub use switchboard_protocol as protocol;
+pub use tls::Trust;
+
+/// Events buffered for the application before the client stops reading the stream
+/// (and the broker, seeing its queue fill, disconnects a consumer that never reads).
+pub const EVENT_BUFFER: usize = 4096;
+
+/// Client failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker answered the request with an error.
+    #[error("{0}")]
+    Server(ErrorBody),
+    /// The connection is closed; `code` is the broker's close code if it gave one.
+    #[error("connection closed: {reason} ({code:?})")]
+    Closed {
+        /// Close code.
+        code: Option<ErrorCode>,
+        /// Close reason.
+        reason: String,
+    },
+    /// Could not connect (address, TLS, trust).
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The broker sent something this client does not understand.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The stable error code, if the failure carries one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server(e) => Some(e.code),
+            ClientError::Closed { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(c) => ClientError::Closed {
+                code: u16::try_from(c.error_code.into_inner()).ok().map(ErrorCode),
+                reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            },
+            other => ClientError::Closed { code: None, reason: other.to_string() },
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// What a device needs to authenticate later: keep it secret (it holds the key).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Identity {
+    /// Account name.
+    pub user: String,
+    /// Account id.
+    pub user_id: UserId,
+    /// This device's id.
+    pub device_id: DeviceId,
+    /// Ed25519 secret key, hex.
+    pub secret_key: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("user", &self.user).field("device_id", &self.device_id).finish_non_exhaustive()
+    }
+}
+
+/// A configured QUIC endpoint pointing at one broker; many connections can share it.
+#[derive(Clone)]
+pub struct Connector {
+    endpoint: quinn::Endpoint,
+    server: SocketAddr,
+    server_name: String,
+}
+
+impl Connector {
+    /// An endpoint bound to an ephemeral local port, trusting the broker per `trust`.
+    pub fn new(server: SocketAddr, server_name: &str, trust: Trust) -> Result<Self> {
+        let endpoint = tls::endpoint(server, trust).map_err(|e| ClientError::Connect(e.to_string()))?;
+        Ok(Connector { endpoint, server, server_name: server_name.to_owned() })
+    }
+
+    /// Creates an account and enrolls a new device key.
+    pub async fn register(&self, user: &str, password: &str, device_name: &str) -> Result<(Client, Identity)> {
+        self.enroll(user, password, device_name, true).await
+    }
+
+    /// Enrolls a new device key into an existing account.
+    pub async fn login(&self, user: &str, password: &str, device_name: &str) -> Result<(Client, Identity)> {
+        self.enroll(user, password, device_name, false).await
+    }
+
+    /// Connects as an enrolled device.
+    pub async fn connect(&self, identity: &Identity) -> Result<Client> {
+        let key = signing_key(&identity.secret_key)?;
+        let (conn, mut stream, transcript) = self.open().await?;
+        let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
+        let body = RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
+        let (user_id, device_id) = stream.authenticate(&conn, body).await?;
+        Ok(Client::start(conn, stream, user_id, device_id))
+    }
+
+    async fn enroll(
+        &self,
+        user: &str,
+        password: &str,
+        device_name: &str,
+        register: bool,
+    ) -> Result<(Client, Identity)> {
+        let mut secret = [0u8; 32];
+        random(&mut secret);
+        let key = SigningKey::from_bytes(&secret);
+        let (conn, mut stream, transcript) = self.open().await?;
+        let enroll = Enroll {
+            user: user.to_owned(),
+            password: password.to_owned(),
+            device_name: device_name.to_owned(),
+            public_key: Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+            signature: Bytes::copy_from_slice(&key.sign(&transcript).to_bytes()),
+        };
+        let body = if register { RequestBody::Register(enroll) } else { RequestBody::Login(enroll) };
+        let (user_id, device_id) = stream.authenticate(&conn, body).await?;
+        let identity = Identity { user: user.to_owned(), user_id, device_id, secret_key: hex(&secret) };
+        Ok((Client::start(conn, stream, user_id, device_id), identity))
+    }
+
+    /// Connects, exchanges hellos and returns the transcript to sign.
+    async fn open(&self) -> Result<(quinn::Connection, Control, Vec<u8>)> {
+        let connecting =
+            self.endpoint.connect(self.server, &self.server_name).map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = connecting.await.map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (send, recv) = conn.open_bi().await?;
+        let mut stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), limits: None };
+        let hello = ClientHello {
+            magic: switchboard_protocol::MAGIC,
+            version: switchboard_protocol::PROTOCOL_VERSION,
+            agent: concat!("switchboard-client/", env!("CARGO_PKG_VERSION")).into(),
+        };
+        stream.write(&conn, &hello).await?;
+        let server: ServerHello = stream.read(&conn).await?;
+        let mut exporter = [0u8; 32];
+        conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"")
+            .map_err(|_| ClientError::Protocol("keying material export failed".into()))?;
+        let transcript = switchboard_protocol::auth_transcript(&server.nonce, &exporter);
+        stream.limits = Some(server.limits);
+        Ok((conn, stream, transcript))
+    }
+
+    /// The underlying endpoint (to close it when done with all clients).
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+}
+
+/// The control stream before it is handed to the reader task.
+struct Control {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    limits: Option<Limits>,
+}
+
+impl Control {
+    async fn write<T: Serialize>(&mut self, conn: &quinn::Connection, msg: &T) -> Result<()> {
+        let frame = encode_frame(msg).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match self.send.write_all(&frame).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(closed(conn).await),
+        }
+    }
+
+    async fn read<T: serde::de::DeserializeOwned>(&mut self, conn: &quinn::Connection) -> Result<T> {
+        loop {
+            if let Some(body) = self.decoder.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
+                return decode(&body).map_err(|e| ClientError::Protocol(e.to_string()));
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
+                Ok(None) | Err(_) => return Err(closed(conn).await),
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, conn: &quinn::Connection, body: RequestBody) -> Result<(UserId, DeviceId)> {
+        self.write(conn, &ClientFrame::Request(Request { id: 0, body })).await?;
+        match self.read(conn).await? {
+            ServerFrame::Response { result: Ok(Reply::Authed { user_id, device_id }), .. } => Ok((user_id, device_id)),
+            ServerFrame::Response { result: Err(e), .. } => Err(ClientError::Server(e)),
+            other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+/// The close reason once the connection has failed.
+async fn closed(conn: &quinn::Connection) -> ClientError {
+    conn.closed().await.into()
+}
+
+type Waiters = Mutex<HashMap<u32, oneshot::Sender<Result<Reply, ErrorBody>>>>;
+
+/// An authenticated connection. Cheap to share by reference across tasks: requests
+/// are pipelined, each waits only for its own response.
+pub struct Client {
+    conn: quinn::Connection,
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    waiters: Arc<Waiters>,
+    next_id: AtomicU32,
+    events: Mutex<Option<mpsc::Receiver<Event>>>,
+    events_taken: Arc<AtomicBool>,
+    /// My user id.
+    pub user_id: UserId,
+    /// This device's id.
+    pub device_id: DeviceId,
+    /// The broker's announced limits.
+    pub limits: Limits,
+}
+
+impl Client {
+    fn start(conn: quinn::Connection, stream: Control, user_id: UserId, device_id: DeviceId) -> Client {
+        let Control { send, recv, decoder, limits } = stream;
+        let waiters: Arc<Waiters> = Arc::default();
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let events_taken = Arc::new(AtomicBool::new(false));
+        tokio::spawn(read_loop(conn.clone(), recv, decoder, waiters.clone(), tx, events_taken.clone()));
+        Client {
+            conn,
+            send: tokio::sync::Mutex::new(send),
+            waiters,
+            next_id: AtomicU32::new(1),
+            events: Mutex::new(Some(rx)),
+            events_taken,
+            user_id,
+            device_id,
+            limits: limits.expect("open() sets the limits from the server hello before start"),
+        }
+    }
+
+    /// Takes the event stream (once; later calls return `None`). Events are buffered up
+    /// to `EVENT_BUFFER`; past that the client stops reading, and a broker whose queue
+    /// for this device fills disconnects it with `SLOW_CONSUMER`.
+    pub fn events(&self) -> Option<Events> {
+        self.events_taken.store(true, Ordering::Release);
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take().map(|rx| Events { rx })
+    }
+
+    /// Sends a request and waits for its response.
+    pub async fn request(&self, body: RequestBody) -> Result<Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&ClientFrame::Request(Request { id, body }))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        let written = self.send.lock().await.write_all(&frame).await;
+        if written.is_err() {
+            self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            return Err(closed(&self.conn).await);
+        }
+        match rx.await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(ClientError::Server(e)),
+            Err(_) => Err(closed(&self.conn).await),
+        }
+    }
+
+    /// Round trip to the broker; returns its clock.
+    pub async fn ping(&self) -> Result<u64> {
+        match self.request(RequestBody::Ping).await? {
+            Reply::Pong { server_time_ms } => Ok(server_time_ms),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The direct conversation with `peer` (created if needed).
+    pub async fn create_direct(&self, peer: &str) -> Result<ConversationSummary> {
+        self.conversation(NewConversation::Direct { peer: peer.to_owned() }).await
+    }
+
+    /// A new group owned by me.
+    pub async fn create_group(&self, title: &str, members: &[String]) -> Result<ConversationSummary> {
+        self.conversation(NewConversation::Group { title: title.to_owned(), members: members.to_vec() }).await
+    }
+
+    async fn conversation(&self, new: NewConversation) -> Result<ConversationSummary> {
+        match self.request(RequestBody::CreateConversation(new)).await? {
+            Reply::Conversation(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// All my conversations (follows pages).
+    pub async fn conversations(&self) -> Result<Vec<ConversationSummary>> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            match self.request(RequestBody::ListConversations { after }).await? {
+                Reply::Conversations { items, more } => {
+                    after = items.last().map(|c| c.id);
+                    all.extend(items);
+                    if !more || after.is_none() {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// Members of a conversation.
+    pub async fn members(&self, conv: ConvId) -> Result<Vec<Member>> {
+        match self.request(RequestBody::Members { conv }).await? {
+            Reply::Members(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Adds users to a group; returns the seq of the membership entry.
+    pub async fn add_members(&self, conv: ConvId, users: &[String], role: Role) -> Result<Seq> {
+        self.appended(RequestBody::AddMembers { conv, users: users.to_vec(), role }).await.map(|(s, _)| s)
+    }
+
+    /// Removes a member from a group.
+    pub async fn remove_member(&self, conv: ConvId, user: UserId) -> Result<Seq> {
+        self.appended(RequestBody::RemoveMember { conv, user }).await.map(|(s, _)| s)
+    }
+
+    /// Leaves a group.
+    pub async fn leave(&self, conv: ConvId) -> Result<Seq> {
+        self.appended(RequestBody::Leave { conv }).await.map(|(s, _)| s)
+    }
+
+    /// Sends a text with a fresh idempotency key; returns its seq once durable.
+    pub async fn send(&self, conv: ConvId, text: &str) -> Result<Seq> {
+        self.send_with_id(conv, new_client_id(), text).await.map(|(s, _)| s)
+    }
+
+    /// Sends with a given idempotency key: resending the same key returns the original
+    /// seq and `true`.
+    pub async fn send_with_id(&self, conv: ConvId, client_id: ClientMsgId, text: &str) -> Result<(Seq, bool)> {
+        self.appended(RequestBody::Send { conv, client_id, text: text.to_owned() }).await
+    }
+
+    /// Replaces the text of my message `target`.
+    pub async fn edit(&self, conv: ConvId, target: Seq, text: &str) -> Result<Seq> {
+        let body = RequestBody::Edit { conv, client_id: new_client_id(), target, text: text.to_owned() };
+        self.appended(body).await.map(|(s, _)| s)
+    }
+
+    /// Deletes my message `target`.
+    pub async fn delete(&self, conv: ConvId, target: Seq) -> Result<Seq> {
+        self.appended(RequestBody::Delete { conv, client_id: new_client_id(), target }).await.map(|(s, _)| s)
+    }
+
+    async fn appended(&self, body: RequestBody) -> Result<(Seq, bool)> {
+        match self.request(body).await? {
+            Reply::Appended { seq, duplicate } => Ok((seq, duplicate)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A page of history, ascending; also returns the newest durable seq.
+    pub async fn history(&self, conv: ConvId, page: Page, limit: u16) -> Result<(Vec<Entry>, Seq)> {
+        match self.request(RequestBody::History { conv, page, limit }).await? {
+            Reply::History { entries, last_seq } => Ok((entries, last_seq)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// My devices.
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        match self.request(RequestBody::ListDevices).await? {
+            Reply::Devices(d) => Ok(d),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Revokes one of my devices (closing its connections).
+    pub async fn revoke_device(&self, device_id: DeviceId) -> Result<()> {
+        match self.request(RequestBody::RevokeDevice { device_id }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits until the connection is closed and returns why.
+    pub async fn closed(&self) -> ClientError {
+        closed(&self.conn).await
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+
+    /// The QUIC connection (for tests and diagnostics).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+}
+
+async fn read_loop(
+    conn: quinn::Connection,
+    mut recv: quinn::RecvStream,
+    mut decoder: FrameDecoder,
+    waiters: Arc<Waiters>,
+    events: mpsc::Sender<Event>,
+    events_taken: Arc<AtomicBool>,
+) {
+    'read: loop {
+        loop {
+            let body = match decoder.next_frame() {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    conn.close(e.code().0.into(), b"bad frame from broker");
+                    break 'read;
+                }
+            };
+            match decode::<ServerFrame>(&body) {
+                Ok(ServerFrame::Response { id, result }) => {
+                    if let Some(tx) = waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Ok(ServerFrame::Event(event)) => {
+                    if events_taken.load(Ordering::Acquire) {
+                        // Waiting here is the backpressure: the broker sees a slow reader.
+                        let _ = events.send(event).await;
+                    } else {
+                        // Nobody listens (yet): keep what fits, never block responses.
+                        let _ = events.try_send(event);
+                    }
+                }
+                Err(e) => {
+                    conn.close(e.code().0.into(), b"bad frame from broker");
+                    break 'read;
+                }
+            }
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    // Dropping the waiters fails every outstanding request with the close reason.
+    waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+/// The event stream of one client.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the connection is closed.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_core::Stream for Events {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+fn unexpected(reply: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+/// A fresh random idempotency key.
+pub fn new_client_id() -> ClientMsgId {
+    let mut id = [0u8; 16];
+    random(&mut id);
+    id
+}
+
+fn random(out: &mut [u8]) {
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), out).expect("the OS random source is available");
+}
+
+fn signing_key(hex_key: &str) -> Result<SigningKey> {
+    let bytes =
+        unhex(hex_key).ok_or_else(|| ClientError::Connect("identity secret key is not 64 hex digits".into()))?;
+    let key: [u8; 32] =
+        bytes.try_into().map_err(|_| ClientError::Connect("identity secret key is not 32 bytes".into()))?;
+    Ok(SigningKey::from_bytes(&key))
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses hex (either case); `None` if malformed.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}

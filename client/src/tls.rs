@@ -1,0 +1,133 @@
+//! Trust and the client-side QUIC endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// How the client decides to trust the broker's certificate.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// Certificates (PEM file) to use as roots, e.g. the broker's generated cert.pem.
+    CaFile(PathBuf),
+    /// Certificates (DER) to use as roots.
+    Roots(Vec<CertificateDer<'static>>),
+    /// Accept exactly the certificate whose SHA-256 (hex) is this.
+    Pin(String),
+}
+
+pub(crate) fn endpoint(server: SocketAddr, trust: Trust) -> anyhow::Result<quinn::Endpoint> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut tls = match trust {
+        Trust::CaFile(path) => {
+            let certs = CertificateDer::pem_file_iter(&path)?.collect::<Result<Vec<_>, _>>()?;
+            builder.with_root_certificates(roots(certs)?).with_no_client_auth()
+        }
+        Trust::Roots(certs) => builder.with_root_certificates(roots(certs)?).with_no_client_auth(),
+        Trust::Pin(hex) => {
+            let pin = crate::unhex(&hex.replace(':', ""))
+                .filter(|p| p.len() == 32)
+                .ok_or_else(|| anyhow::anyhow!("--pin must be a SHA-256 in hex"))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
+                .with_no_client_auth()
+        }
+    };
+    tls.alpn_protocols = vec![switchboard_protocol::ALPN.to_vec()];
+    // 0-RTT would let a replayed request change state; the broker refuses it anyway.
+    tls.enable_early_data = false;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(0u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    // A history page is up to 1 MiB: room for two in flight.
+    transport.stream_receive_window((2u32 * 1024 * 1024).into());
+    transport.receive_window((4u32 * 1024 * 1024).into());
+    transport.send_window(1024 * 1024);
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))));
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    config.transport_config(Arc::new(transport));
+
+    let local: SocketAddr = if server.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
+    let socket = bind_udp(local)?;
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+fn roots(certs: Vec<CertificateDer<'static>>) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert)?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "no certificate to trust");
+    Ok(roots)
+}
+
+/// 4 MiB socket buffers: the kernel default drops loopback bursts (see DEPENDENCIES.md).
+fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(4 * 1024 * 1024);
+    let _ = socket.set_send_buffer_size(4 * 1024 * 1024);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Trusts exactly one certificate by its SHA-256, still checking the handshake
+/// signatures so the peer must hold that certificate's key.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: Vec<u8>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
+        if digest.as_ref() == self.pin.as_slice() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,89 @@
+//! Stable numeric error codes. They appear in `ErrorBody::code` of a failed response and
+//! as the QUIC application error code when the broker closes a connection. Codes are
+//! never renumbered; a client must treat an unknown code as a generic failure.
+
+use serde::{Deserialize, Serialize};
+
+/// A stable error code. A newtype rather than an enum so an older client still decodes
+/// codes a newer broker adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorCode(pub u16);
+
+macro_rules! codes {
+    ($($(#[doc = $doc:literal])* $name:ident = $value:literal,)*) => {
+        impl ErrorCode {
+            $($(#[doc = $doc])* pub const $name: ErrorCode = ErrorCode($value);)*
+
+            /// Every defined code, in numeric order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name,)*];
+
+            /// The code's stable name, or `UNKNOWN` for a code this version does not know.
+            pub fn name(self) -> &'static str {
+                match self.0 {
+                    $($value => stringify!($name),)*
+                    _ => "UNKNOWN",
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    /// Connection closed without error (client or broker done).
+    NO_ERROR = 0,
+    /// A frame could not be decoded: garbage bytes, unknown request, bad varint.
+    BAD_FRAME = 1,
+    /// A frame declared a length above the announced limit.
+    FRAME_TOO_LARGE = 2,
+    /// The client's hello names a protocol version the broker does not speak.
+    UNSUPPORTED_VERSION = 3,
+    /// A request other than register/login/authenticate came before authentication.
+    NOT_AUTHENTICATED = 4,
+    /// Wrong user, password, device or signature. Deliberately does not say which.
+    AUTH_FAILED = 5,
+    /// Too many attempts; try again later.
+    RATE_LIMITED = 6,
+    /// The caller may not do this (not a member, not the sender, not an admin).
+    FORBIDDEN = 7,
+    /// No such conversation, user, message or device.
+    NOT_FOUND = 8,
+    /// The name is taken, or the entity already exists in a conflicting form.
+    CONFLICT = 9,
+    /// A field is out of range or malformed (too long, empty, not UTF-8, bad key).
+    INVALID = 10,
+    /// Registration is closed on this broker.
+    REGISTRATION_CLOSED = 11,
+    /// The device did not read its events fast enough; reconnect and catch up.
+    SLOW_CONSUMER = 12,
+    /// The broker is over a capacity bound; retry with backoff.
+    OVERLOADED = 13,
+    /// The device was revoked.
+    DEVICE_REVOKED = 14,
+    /// Authentication did not complete in time.
+    TIMEOUT = 15,
+    /// The broker is shutting down; reconnect later.
+    GOING_AWAY = 16,
+    /// An internal error (storage failure). Nothing unacknowledged can be assumed done.
+    INTERNAL = 17,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}({})", self.name(), self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_dense_and_named() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(code.0 as usize, i);
+            assert_ne!(code.name(), "UNKNOWN");
+        }
+        assert_eq!(ErrorCode(999).name(), "UNKNOWN");
+    }
+}

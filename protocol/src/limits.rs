@@ -1,0 +1,41 @@
+//! Every bound the protocol announces, with the reason for its value. The broker sends
+//! the ones a client must respect in `ServerHello::limits`.
+
+/// Largest frame a client may send once authenticated: a request is small; the largest
+/// is a text message (`MAX_TEXT_BYTES`) plus ids, so 64 KiB leaves ample headroom.
+pub const MAX_CLIENT_FRAME_BYTES: u32 = 64 * 1024;
+/// Largest frame the broker sends: a full history page of maximum-size messages.
+pub const MAX_SERVER_FRAME_BYTES: u32 = 1024 * 1024;
+/// Before authentication a peer is unknown: nothing it sends may be larger than this.
+pub const PREAUTH_MAX_FRAME_BYTES: u32 = 4 * 1024;
+/// Largest message text in bytes (UTF-8). Chat text, not files: files have streams.
+pub const MAX_TEXT_BYTES: u32 = 4 * 1024;
+/// Longest user, device or conversation title name in bytes.
+pub const MAX_NAME_BYTES: u32 = 64;
+/// Longest password in bytes; argon2 cost grows with input only slightly, but a bound
+/// keeps pre-auth frames tiny.
+pub const MAX_PASSWORD_BYTES: u32 = 256;
+/// Requests a session may have outstanding; the broker stops reading beyond this,
+/// so a pipelining client is slowed by QUIC flow control, never buffered without end.
+pub const MAX_INFLIGHT_REQUESTS: u32 = 64;
+/// Most entries in one history page.
+pub const HISTORY_PAGE_MAX: u32 = 200;
+/// Most members of one group conversation: bounds fan-out work per message and the
+/// size of the member list reply.
+pub const MAX_GROUP_MEMBERS: u32 = 1000;
+/// Most users named in one create or add request.
+pub const MAX_USERS_PER_REQUEST: u32 = 256;
+/// Most conversations in one list page.
+pub const LIST_PAGE_MAX: u32 = 200;
+/// Time a new connection has to complete hello and authentication.
+pub const AUTH_DEADLINE_MS: u32 = 2_000;
+
+// A full history page of maximum-size texts must fit in one server frame, with room
+// for per-entry ids and headers (at most 128 bytes each).
+const _: () = assert!(HISTORY_PAGE_MAX * (MAX_TEXT_BYTES + 128) <= MAX_SERVER_FRAME_BYTES);
+// A maximum-size send must fit in one client frame.
+const _: () = assert!(MAX_TEXT_BYTES + 256 <= MAX_CLIENT_FRAME_BYTES);
+// The member list reply must fit in one server frame (id, role and name per member).
+const _: () = assert!(MAX_GROUP_MEMBERS * (MAX_NAME_BYTES + 16) <= MAX_SERVER_FRAME_BYTES);
+// Pre-auth frames carry a name, a password, a device name, a key and a signature.
+const _: () = assert!(2 * MAX_NAME_BYTES + MAX_PASSWORD_BYTES + 128 <= PREAUTH_MAX_FRAME_BYTES);

@@ -1,0 +1,106 @@
+//! Group commit. Exactly one thread flushes sled (sled 0.34 hangs when several tasks
+//! flush at once) and then fdatasyncs sled's data file, because sled's flush uses
+//! `sync_file_range`, which does not flush the disk's write cache.
+//!
+//! A writer applies its batch first and then enqueues a waiter. The thread takes every
+//! waiter queued so far, flushes once and syncs once, then completes them all in queue
+//! order. A waiter is therefore completed only by a flush that began after its write
+//! was applied, and all writers that arrive during one fsync share the next one.
+//!
+//! The queue is bounded by the callers: every waiter belongs to an in-flight request,
+//! and each session caps those.
+
+use std::fs::File;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use crate::StoreError;
+
+type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+pub(crate) struct Committer {
+    tx: Mutex<Option<mpsc::Sender<Done>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Committer {
+    pub(crate) fn start(db: sled::Db, data_file: PathBuf) -> Result<Committer, StoreError> {
+        // Open once up front: a missing data file is a startup error, not a per-batch one.
+        let file =
+            File::open(&data_file).map_err(|e| StoreError::NotDurable(format!("{}: {e}", data_file.display())))?;
+        let (tx, rx) = mpsc::channel::<Done>();
+        let thread = std::thread::Builder::new()
+            .name("sb-committer".into())
+            .spawn(move || run(db, file, rx))
+            .map_err(|e| StoreError::NotDurable(e.to_string()))?;
+        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+    }
+
+    pub(crate) fn notify(&self, done: Done) -> Result<(), StoreError> {
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(tx) => tx.send(done).map_err(|_| StoreError::Closed),
+            None => Err(StoreError::Closed),
+        }
+    }
+
+    pub(crate) fn wait(&self) -> Result<Durable, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.notify(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))?;
+        Ok(Durable(rx))
+    }
+
+    /// Completes every queued waiter, then ends the thread.
+    pub(crate) fn stop(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(handle) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Done>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| file.sync_data().map_err(|e| e.to_string()));
+        if let Err(e) = &result {
+            tracing::error!(error = %e, waiters = batch.len(), "group commit failed; writes not acknowledged");
+        }
+        for done in batch {
+            done(result.clone().map_err(StoreError::NotDurable));
+        }
+    }
+}
+
+/// fdatasyncs one file.
+pub(crate) fn sync_file(path: &Path) -> std::io::Result<()> {
+    File::open(path)?.sync_data()
+}
+
+/// Resolves once the writes applied before it was created are durable.
+#[must_use = "a write is not durable until this resolves"]
+pub struct Durable(oneshot::Receiver<Result<(), StoreError>>);
+
+impl Future for Durable {
+    type Output = Result<(), StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}

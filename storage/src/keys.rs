@@ -1,0 +1,86 @@
+//! Key encoding. One sled tree; the first byte says what a key is; integers are
+//! big-endian so a prefix scan returns them in numeric order.
+
+use switchboard_protocol::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
+
+const COUNTER: u8 = 0x00;
+const USER: u8 = 0x01;
+const USER_NAME: u8 = 0x02;
+const DEVICE: u8 = 0x03;
+const CONVERSATION: u8 = 0x04;
+const LAST_SEQ: u8 = 0x05;
+const MEMBER: u8 = 0x06;
+const USER_CONV: u8 = 0x07;
+const ENTRY: u8 = 0x08;
+const DEDUPE: u8 = 0x09;
+const DIRECT: u8 = 0x0a;
+
+/// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
+pub struct Key(Vec<u8>);
+
+impl AsRef<[u8]> for Key {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Key {
+    fn with(tag: u8, parts: &[&[u8]]) -> Key {
+        let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+        k.push(tag);
+        for p in parts {
+            k.extend_from_slice(p);
+        }
+        Key(k)
+    }
+
+    pub fn counter(which: u8) -> Key {
+        Key::with(COUNTER, &[&[which]])
+    }
+    pub fn user(id: UserId) -> Key {
+        Key::with(USER, &[&id.to_be_bytes()])
+    }
+    pub fn user_name(name: &str) -> Key {
+        Key::with(USER_NAME, &[name.as_bytes()])
+    }
+    pub fn device(user: UserId, device: DeviceId) -> Key {
+        Key::with(DEVICE, &[&user.to_be_bytes(), &device.to_be_bytes()])
+    }
+    pub fn devices_of(user: UserId) -> Key {
+        Key::with(DEVICE, &[&user.to_be_bytes()])
+    }
+    pub fn conversation(id: ConvId) -> Key {
+        Key::with(CONVERSATION, &[&id.to_be_bytes()])
+    }
+    pub fn last_seq(id: ConvId) -> Key {
+        Key::with(LAST_SEQ, &[&id.to_be_bytes()])
+    }
+    pub fn member(conv: ConvId, user: UserId) -> Key {
+        Key::with(MEMBER, &[&conv.to_be_bytes(), &user.to_be_bytes()])
+    }
+    pub fn members_of(conv: ConvId) -> Key {
+        Key::with(MEMBER, &[&conv.to_be_bytes()])
+    }
+    pub fn user_conv(user: UserId, conv: ConvId) -> Key {
+        Key::with(USER_CONV, &[&user.to_be_bytes(), &conv.to_be_bytes()])
+    }
+    pub fn user_conv_end(user: UserId) -> Key {
+        Key::with(USER_CONV, &[&user.to_be_bytes(), &u64::MAX.to_be_bytes(), &[0xff]])
+    }
+    pub fn entry(conv: ConvId, seq: Seq) -> Key {
+        Key::with(ENTRY, &[&conv.to_be_bytes(), &seq.to_be_bytes()])
+    }
+    pub fn dedupe(conv: ConvId, user: UserId, client_id: &ClientMsgId) -> Key {
+        Key::with(DEDUPE, &[&conv.to_be_bytes(), &user.to_be_bytes(), client_id])
+    }
+    /// The pair in canonical order, so (a, b) and (b, a) are one key.
+    pub fn direct(a: UserId, b: UserId) -> Key {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        Key::with(DIRECT, &[&lo.to_be_bytes(), &hi.to_be_bytes()])
+    }
+}
+
+/// Reads a big-endian u64 from exactly 8 bytes.
+pub fn u64_from(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}

@@ -1,0 +1,94 @@
+//! Messaging end to end: real broker, real QUIC, real sled.
+
+#![allow(clippy::unwrap_used)]
+
+use switchboard_protocol::{Body, ErrorCode, Page, Role};
+use switchboard_tests::{TestBroker, next_entry, no_event};
+
+#[tokio::test]
+async fn every_device_of_every_member_sees_every_message() {
+    let tb = TestBroker::start().await;
+    let (alice1, _) = tb.register("alice").await;
+    let (bob1, _) = tb.register("bob").await;
+    let (alice2, _) = tb.login("alice").await;
+    let (bob2, _) = tb.login("bob").await;
+    let (alice3, _) = tb.login("alice").await;
+    let mut streams: Vec<_> = [&alice1, &alice2, &alice3, &bob1, &bob2].iter().map(|c| c.events().unwrap()).collect();
+
+    let conv = alice1.create_group("team", &["bob".into()]).await.unwrap();
+    assert_eq!(conv.member_count, 2);
+    assert_eq!(conv.my_role, Role::Owner);
+    // Everyone except the creating session hears of the creation (seq 1).
+    for s in streams.iter_mut().skip(1) {
+        let e = next_entry(s).await;
+        assert_eq!(e.seq, 1);
+        assert!(matches!(e.body, Body::Created { .. }));
+    }
+
+    let senders = [&alice1, &bob2, &alice3, &bob1, &alice2];
+    for (i, sender) in senders.iter().enumerate() {
+        let seq = sender.send(conv.id, &format!("message {i}")).await.unwrap();
+        assert_eq!(seq, i as u64 + 2, "gapless seqs after the creation entry");
+    }
+    for (d, stream) in streams.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        // Each device receives every message except the ones it sent itself.
+        let expected: Vec<u64> = (0..5u64).filter(|i| senders_index(d) != *i as usize).map(|i| i + 2).collect();
+        for _ in 0..expected.len() {
+            seen.push(next_entry(stream).await.seq);
+        }
+        assert_eq!(seen, expected, "device {d}");
+        no_event(stream, 100).await;
+    }
+
+    // History shows all, in order.
+    let (entries, last) = bob1.history(conv.id, Page::Latest, 50).await.unwrap();
+    assert_eq!(last, 6);
+    assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+}
+
+/// Position of stream `d` in the senders array (streams are alice1, alice2, alice3, bob1, bob2).
+fn senders_index(d: usize) -> usize {
+    // senders = [alice1, bob2, alice3, bob1, alice2]
+    [0, 4, 2, 3, 1][d]
+}
+
+#[tokio::test]
+async fn resent_client_id_yields_same_seq_and_one_entry() {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let mut bob_events = bob.events().unwrap();
+    let conv = alice.create_direct("bob").await.unwrap();
+    assert_eq!(next_entry(&mut bob_events).await.seq, 1);
+    let id = switchboard_client::new_client_id();
+    let (seq, dup) = alice.send_with_id(conv.id, id, "once").await.unwrap();
+    assert!(!dup);
+    let (again, dup) = alice.send_with_id(conv.id, id, "once").await.unwrap();
+    assert_eq!((again, dup), (seq, true));
+    assert_eq!(next_entry(&mut bob_events).await.seq, seq);
+    no_event(&mut bob_events, 200).await;
+    let (entries, _) = bob.history(conv.id, Page::Latest, 50).await.unwrap();
+    assert_eq!(entries.len(), 2, "creation + one message");
+    // The same pair gets the same direct conversation.
+    assert_eq!(bob.create_direct("alice").await.unwrap().id, conv.id);
+}
+
+#[tokio::test]
+async fn non_members_are_forbidden() {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (_bob, _) = tb.register("bob").await;
+    let (eve, _) = tb.register("eve").await;
+    let conv = alice.create_group("private", &["bob".into()]).await.unwrap();
+    let forbidden = |r: Result<_, switchboard_client::ClientError>| {
+        assert_eq!(r.err().and_then(|e| e.code()), Some(ErrorCode::FORBIDDEN))
+    };
+    forbidden(eve.send(conv.id, "let me in").await.map(|_| ()));
+    forbidden(eve.history(conv.id, Page::Latest, 10).await.map(|_| ()));
+    forbidden(eve.members(conv.id).await.map(|_| ()));
+    forbidden(eve.add_members(conv.id, &["eve".into()], Role::Member).await.map(|_| ()));
+    assert!(eve.conversations().await.unwrap().is_empty());
+    let missing = eve.send(999, "nowhere").await.unwrap_err();
+    assert_eq!(missing.code(), Some(ErrorCode::NOT_FOUND));
+}
