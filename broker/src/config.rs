@@ -32,6 +32,10 @@ pub struct Config {
     pub conversation_idle_ms: u64,
     /// Most concurrent client connections; beyond this new ones are refused.
     pub max_connections: usize,
+    /// Frames queued for one device before it is disconnected as a slow consumer.
+    pub outbound_max_frames: usize,
+    /// Bytes queued for one device before it is disconnected as a slow consumer.
+    pub outbound_max_bytes: usize,
 }
 
 impl Default for Config {
@@ -48,6 +52,8 @@ impl Default for Config {
             idle_timeout_ms: 30_000,
             conversation_idle_ms: 60_000,
             max_connections: 100_000,
+            outbound_max_frames: crate::limits::OUTBOUND_MAX_FRAMES,
+            outbound_max_bytes: crate::limits::OUTBOUND_MAX_BYTES,
         }
     }
 }

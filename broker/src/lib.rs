@@ -130,7 +130,16 @@ impl Broker {
         self.endpoint.close(ErrorCode::GOING_AWAY.0.into(), b"broker shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
         self.shared.convs.stop_all();
+        // Actors and session tasks hold the shared state; once they are gone nothing can
+        // write, and dropping the last reference releases the store's file lock.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.shared.store.close()?;
+        if Arc::strong_count(&self.shared) > 1 {
+            tracing::warn!("tasks still hold the broker state after shutdown");
+        }
         tracing::info!("stopped; store flushed");
         Ok(())
     }

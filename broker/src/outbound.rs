@@ -14,6 +14,9 @@ use tokio::sync::Notify;
 pub struct Outbound {
     queue: Mutex<Queue>,
     wake: Notify,
+    /// Signalled when the queue is closed with an error: the writer may be blocked on
+    /// a peer that does not read, and must abandon that write.
+    abort: Notify,
     max_frames: usize,
     max_bytes: usize,
 }
@@ -35,6 +38,7 @@ impl Outbound {
         Outbound {
             queue: Mutex::new(Queue { frames: VecDeque::new(), bytes: 0, closed: None }),
             wake: Notify::new(),
+            abort: Notify::new(),
             max_frames,
             max_bytes,
         }
@@ -53,6 +57,7 @@ impl Outbound {
             q.bytes = 0;
             drop(q);
             self.wake.notify_one();
+            self.abort.notify_one();
             return Err(Closed(ErrorCode::SLOW_CONSUMER));
         }
         q.bytes += frame.len();
@@ -74,6 +79,20 @@ impl Outbound {
         }
         drop(q);
         self.wake.notify_one();
+        if code != ErrorCode::NO_ERROR {
+            self.abort.notify_one();
+        }
+    }
+
+    /// Resolves once the queue is closed with an error code (not `NO_ERROR`).
+    pub async fn aborted(&self) -> ErrorCode {
+        loop {
+            let notified = self.abort.notified();
+            if let Some(code) = self.closed().filter(|c| *c != ErrorCode::NO_ERROR) {
+                return code;
+            }
+            notified.await;
+        }
     }
 
     /// Whether the queue was closed, and why.

@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::Shared;
 use crate::auth::check_label;
 use crate::conversation::{Caller, Command, ConvRequest};
-use crate::limits::{OUTBOUND_MAX_BYTES, OUTBOUND_MAX_FRAMES, READ_CHUNK_BYTES};
+use crate::limits::READ_CHUNK_BYTES;
 use crate::online::SessionHandle;
 use crate::outbound::Outbound;
 use crate::reply::{Responder, internal};
@@ -160,7 +160,7 @@ async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) ->
 async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
     let Authed { user, device, send, mut recv, mut decoder } = authed;
     let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
-    let out = Arc::new(Outbound::new(OUTBOUND_MAX_FRAMES, OUTBOUND_MAX_BYTES));
+    let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
     let handle = SessionHandle { id: session, device, out: out.clone() };
     if let Err(e) = shared.users.attach(user, handle).await {
         tracing::error!(error = %e, "user actor failed");
@@ -222,8 +222,17 @@ async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, out: A
     loop {
         match out.drain(&mut batch).await {
             None => {
-                if send.write_all_chunks(&mut batch).await.is_err() {
-                    return;
+                tokio::select! {
+                    written = send.write_all_chunks(&mut batch) => {
+                        if written.is_err() {
+                            return;
+                        }
+                    }
+                    // A peer that stopped reading blocks the write: do not wait for it.
+                    code = out.aborted() => {
+                        conn.close(code.0.into(), code.name().as_bytes());
+                        return;
+                    }
                 }
                 batch.clear();
             }

@@ -140,6 +140,18 @@ impl Connector {
         Ok(Client::start(conn, stream, user_id, device_id))
     }
 
+    /// Authenticates as `identity` and returns the bare control stream instead of a
+    /// `Client`: for tools that speak the protocol themselves (tests, fuzzers, probes).
+    pub async fn connect_raw(&self, identity: &Identity) -> Result<RawSession> {
+        let key = signing_key(&identity.secret_key)?;
+        let (conn, mut stream, transcript) = self.open().await?;
+        let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
+        let body = RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
+        stream.authenticate(&conn, body).await?;
+        let Control { send, recv, decoder, .. } = stream;
+        Ok(RawSession { conn, send, recv, decoder })
+    }
+
     async fn enroll(
         &self,
         user: &str,
@@ -190,6 +202,18 @@ impl Connector {
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint
     }
+}
+
+/// An authenticated connection with its control stream, unmanaged.
+pub struct RawSession {
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// Control stream, client to broker.
+    pub send: quinn::SendStream,
+    /// Control stream, broker to client.
+    pub recv: quinn::RecvStream,
+    /// Holds any bytes read past the authentication response.
+    pub decoder: FrameDecoder,
 }
 
 /// The control stream before it is handed to the reader task.

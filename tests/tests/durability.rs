@@ -1,0 +1,96 @@
+//! What is acknowledged survives a restart; seqs stay gapless; edits, deletes, paging.
+
+#![allow(clippy::unwrap_used)]
+
+use switchboard_protocol::{Body, Page};
+use switchboard_tests::{TestBroker, next_entry};
+
+#[tokio::test]
+async fn acknowledged_messages_survive_restart_with_gapless_seqs() {
+    let mut tb = TestBroker::start().await;
+    let (alice, alice_id) = tb.register("alice").await;
+    let (_bob, bob_id) = tb.register("bob").await;
+    let conv = alice.create_group("persist", &["bob".into()]).await.unwrap().id;
+    let id = switchboard_client::new_client_id();
+    let (first, _) = alice.send_with_id(conv, id, "first").await.unwrap();
+    let mut acked = vec![first];
+    for i in 0..50 {
+        acked.push(alice.send(conv, &format!("m{i}")).await.unwrap());
+    }
+    drop(alice);
+    tb.restart().await;
+
+    let bob = tb.connector().connect(&bob_id).await.unwrap();
+    let (entries, last) = bob.history(conv, Page::After(0), 200).await.unwrap();
+    let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=52).collect::<Vec<_>>(), "gapless from 1");
+    assert_eq!(last, 52);
+    for seq in &acked {
+        assert!(seqs.contains(seq));
+    }
+    // Exactly-once holds across the restart: the first id still maps to its seq.
+    let alice = tb.connector().connect(&alice_id).await.unwrap();
+    assert_eq!(alice.send_with_id(conv, id, "first").await.unwrap(), (first, true));
+    assert_eq!(alice.send(conv, "after restart").await.unwrap(), 53);
+    assert_eq!(alice.conversations().await.unwrap()[0].last_seq, 53);
+}
+
+#[tokio::test]
+async fn edit_delete_and_paging() {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let mut bob_events = bob.events().unwrap();
+    let conv = alice.create_direct("bob").await.unwrap().id;
+    next_entry(&mut bob_events).await;
+    for i in 0..30 {
+        alice.send(conv, &format!("m{i}")).await.unwrap();
+    }
+    for _ in 0..30 {
+        next_entry(&mut bob_events).await;
+    }
+    let edit_seq = alice.edit(conv, 2, "m0 fixed").await.unwrap();
+    let e = next_entry(&mut bob_events).await;
+    assert_eq!((e.seq, e.body), (edit_seq, Body::Edit { target: 2, text: "m0 fixed".into() }));
+    let del_seq = alice.delete(conv, 3).await.unwrap();
+    assert_eq!(next_entry(&mut bob_events).await.body, Body::Delete { target: 3 });
+    // Only the sender may edit; deleted messages stay deleted.
+    assert_eq!(bob.edit(conv, 4, "hijack").await.unwrap_err().code(), Some(switchboard_protocol::ErrorCode::FORBIDDEN));
+    assert_eq!(
+        alice.edit(conv, 3, "undelete").await.unwrap_err().code(),
+        Some(switchboard_protocol::ErrorCode::NOT_FOUND)
+    );
+
+    let (page, last) = bob.history(conv, Page::Latest, 10).await.unwrap();
+    assert_eq!(last, del_seq);
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), (last - 9..=last).collect::<Vec<_>>());
+    let (older, _) = bob.history(conv, Page::Before(page[0].seq), 10).await.unwrap();
+    assert_eq!(older.last().unwrap().seq, page[0].seq - 1);
+    let (start, _) = bob.history(conv, Page::After(0), 3).await.unwrap();
+    assert_eq!(start[1].body, Body::Text { text: "m0 fixed".into(), edited: true });
+    assert_eq!(start[2].body, Body::Tombstone);
+}
+
+#[tokio::test]
+async fn membership_changes_are_ordered_entries() {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let (carol, _) = tb.register("carol").await;
+    let mut carol_events = carol.events().unwrap();
+    let conv = alice.create_group("club", &["bob".into()]).await.unwrap().id;
+    alice.send(conv, "before carol").await.unwrap();
+    let added = alice.add_members(conv, &["carol".into()], switchboard_protocol::Role::Member).await.unwrap();
+    let e = next_entry(&mut carol_events).await;
+    assert_eq!(e.seq, added, "the new member hears of her own addition first");
+    let sent = bob.send(conv, "welcome carol").await.unwrap();
+    assert_eq!(next_entry(&mut carol_events).await.seq, sent);
+    let removed = alice.remove_member(conv, carol.user_id).await.unwrap();
+    let e = next_entry(&mut carol_events).await;
+    assert_eq!((e.seq, e.body), (removed, Body::MemberRemoved { user: carol.user_id }));
+    assert_eq!(carol.send(conv, "hello?").await.unwrap_err().code(), Some(switchboard_protocol::ErrorCode::FORBIDDEN));
+    assert!(carol.conversations().await.unwrap().is_empty());
+    let left = bob.leave(conv).await.unwrap();
+    assert_eq!(left, removed + 1);
+    assert_eq!(alice.members(conv).await.unwrap().len(), 1);
+}

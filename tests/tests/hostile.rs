@@ -1,0 +1,149 @@
+//! Bad input ends only the offending connection, with a stable code; others keep going.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use switchboard_client::{Client, ClientError, RawSession};
+use switchboard_protocol::frame::write_varint;
+use switchboard_protocol::{ErrorCode, encode_frame};
+use switchboard_tests::{TestBroker, next_entry};
+
+/// Waits for the broker to close `raw` and returns its close code.
+async fn close_code(raw: &RawSession) -> Option<ErrorCode> {
+    let err =
+        tokio::time::timeout(Duration::from_secs(10), raw.conn.closed()).await.expect("broker closes the connection");
+    ClientError::from(err).code()
+}
+
+/// A chat between two healthy clients still works.
+async fn still_chatting(tb: &TestBroker, alice: &Client, bob_events: &mut switchboard_client::Events, conv: u64) {
+    let seq = alice.send(conv, "still here").await.unwrap();
+    assert_eq!(next_entry(bob_events).await.seq, seq);
+    let _ = tb;
+}
+
+async fn setup() -> (TestBroker, Client, Client, switchboard_client::Events, u64, switchboard_client::Identity) {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let (_mallory, mallory_id) = tb.register("mallory").await;
+    let mut bob_events = bob.events().unwrap();
+    let conv = alice.create_group("g", &["bob".into(), "mallory".into()]).await.unwrap().id;
+    next_entry(&mut bob_events).await;
+    (tb, alice, bob, bob_events, conv, mallory_id)
+}
+
+#[tokio::test]
+async fn garbage_bytes_close_only_that_connection() {
+    let (tb, alice, _bob, mut bob_events, conv, mallory) = setup().await;
+    let mut raw = tb.connector().connect_raw(&mallory).await.unwrap();
+    raw.send.write_all(&[0x05, 0xff, 0xfe, 0xfd, 0xfc, 0xfb]).await.unwrap();
+    assert_eq!(close_code(&raw).await, Some(ErrorCode::BAD_FRAME));
+    still_chatting(&tb, &alice, &mut bob_events, conv).await;
+}
+
+#[tokio::test]
+async fn oversized_frame_is_refused_before_its_body() {
+    let (tb, alice, _bob, mut bob_events, conv, mallory) = setup().await;
+    let mut raw = tb.connector().connect_raw(&mallory).await.unwrap();
+    let mut prefix = [0u8; 5];
+    let n = write_varint(512 * 1024 * 1024, &mut prefix);
+    // Only the prefix is sent: the broker must not wait for (or allocate) 512 MiB.
+    raw.send.write_all(&prefix[..n]).await.unwrap();
+    assert_eq!(close_code(&raw).await, Some(ErrorCode::FRAME_TOO_LARGE));
+    still_chatting(&tb, &alice, &mut bob_events, conv).await;
+}
+
+#[tokio::test]
+async fn unknown_request_closes_with_bad_frame() {
+    let (tb, alice, _bob, mut bob_events, conv, mallory) = setup().await;
+    let mut raw = tb.connector().connect_raw(&mallory).await.unwrap();
+    // ClientFrame::Request (0), id 1, request tag 200: no such request.
+    let body = [0x00, 0x01, 0xc8, 0x01];
+    let mut frame = vec![body.len() as u8];
+    frame.extend_from_slice(&body);
+    raw.send.write_all(&frame).await.unwrap();
+    assert_eq!(close_code(&raw).await, Some(ErrorCode::BAD_FRAME));
+    still_chatting(&tb, &alice, &mut bob_events, conv).await;
+}
+
+#[tokio::test]
+async fn silent_connection_hits_the_auth_deadline() {
+    let tb = TestBroker::start().await;
+    let connector = tb.connector();
+    let addr = tb.broker.as_ref().unwrap().local_addr;
+    let conn = connector.endpoint().connect(addr, "localhost").unwrap().await.unwrap();
+    let (_send, _recv) = conn.open_bi().await.unwrap();
+    // Say nothing: the stream is not even visible to the broker until it carries data,
+    // so the deadline covers that too.
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
+    assert_eq!(ClientError::from(err).code(), Some(ErrorCode::TIMEOUT));
+}
+
+#[tokio::test]
+async fn preauth_frames_are_capped_at_4_kib() {
+    let tb = TestBroker::start().await;
+    let connector = tb.connector();
+    let addr = tb.broker.as_ref().unwrap().local_addr;
+    let conn = connector.endpoint().connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version: 1, agent: "x".repeat(5000) };
+    send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
+    assert_eq!(ClientError::from(err).code(), Some(ErrorCode::FRAME_TOO_LARGE));
+}
+
+#[tokio::test]
+async fn wrong_version_is_refused() {
+    let tb = TestBroker::start().await;
+    let connector = tb.connector();
+    let addr = tb.broker.as_ref().unwrap().local_addr;
+    let conn = connector.endpoint().connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version: 99, agent: "future".into() };
+    send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
+    assert_eq!(ClientError::from(err).code(), Some(ErrorCode::UNSUPPORTED_VERSION));
+}
+
+#[tokio::test]
+async fn a_device_that_stops_reading_is_cut_off_as_slow_consumer() {
+    let tb = TestBroker::start_with(|c| {
+        c.outbound_max_frames = 256;
+        c.outbound_max_bytes = 512 * 1024;
+    })
+    .await;
+    let alice = std::sync::Arc::new(tb.register("alice").await.0);
+    let (bob, _) = tb.register("bob").await;
+    let (_s, sloth) = tb.register("sloth").await;
+    let mut bob_events = bob.events().unwrap();
+    let conv = alice.create_group("g", &["bob".into(), "sloth".into()]).await.unwrap().id;
+    next_entry(&mut bob_events).await;
+    // Authenticated, then never reads its stream again.
+    let raw = tb.connector().connect_raw(&sloth).await.unwrap();
+    let text = "x".repeat(4000);
+    let mut sent = 0u64;
+    let mut code = None;
+    while sent < 5000 && code.is_none() {
+        // Pipelined sends: 32 at a time.
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (alice, text) = (alice.clone(), text.clone());
+            batch.spawn(async move { alice.send(conv, &text).await });
+        }
+        for r in batch.join_all().await {
+            r.unwrap();
+            sent += 1;
+        }
+        for _ in 0..32 {
+            next_entry(&mut bob_events).await;
+        }
+        if let Some(reason) = raw.conn.close_reason() {
+            code = ClientError::from(reason).code();
+        }
+    }
+    assert_eq!(code, Some(ErrorCode::SLOW_CONSUMER), "after {sent} messages");
+    // Bob, who reads, got every one of them and is still connected.
+    still_chatting(&tb, &alice, &mut bob_events, conv).await;
+}
