@@ -1,1 +1,155 @@
+//! `switchboard-load`: realistic chat workloads against a Switchboard broker, with
+//! open-loop sending (latency from the scheduled send time, so no coordinated
+//! omission), HdrHistogram percentiles, a loss/duplicate/order check of every delivery,
+//! and the broker's CPU and memory next to the harness's own.
+//!
+//! A scenario is one file under `scenario/`: it enrolls users, creates conversations,
+//! says who sends where, and hands over to `run::run_messages`.
 
+pub mod checker;
+pub mod load;
+pub mod payload;
+pub mod plot;
+pub mod report;
+pub mod resources;
+pub mod run;
+pub mod scenario;
+pub mod stats;
+pub mod target;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Flags every scenario takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Common {
+    /// Measured sending time, e.g. `10s`, `2m`, `500ms`.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    pub duration: Duration,
+    /// Message size in bytes (at least 16: the payload carries its send time).
+    #[arg(long, default_value_t = 256, global = true)]
+    pub size: usize,
+    /// Write every figure as JSON to this file.
+    #[arg(long, global = true)]
+    pub json: Option<PathBuf>,
+    /// Draw latency and throughput over time into this PNG.
+    #[arg(long, global = true)]
+    pub plot: Option<PathBuf>,
+    /// Raise the rate step by step until p99 passes `--ramp-p99-ms` or errors appear.
+    #[arg(long, global = true)]
+    pub ramp: bool,
+    /// The p99 bound for `--ramp`.
+    #[arg(long, default_value_t = 50.0, global = true)]
+    pub ramp_p99_ms: f64,
+    /// Length of one ramp step.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
+    pub ramp_step: Duration,
+    /// Rate multiplier between ramp steps.
+    #[arg(long, default_value_t = 1.25, global = true)]
+    pub ramp_factor: f64,
+    /// Use a running broker at this address instead of starting one.
+    #[arg(long, requires = "trust", global = true)]
+    pub target: Option<SocketAddr>,
+    /// Certificate to trust for `--target`.
+    #[arg(long, group = "trust", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Certificate SHA-256 to trust for `--target`.
+    #[arg(long, group = "trust", global = true)]
+    pub pin: Option<String>,
+    /// Sample this broker process's CPU and memory (with `--target`).
+    #[arg(long, global = true)]
+    pub broker_pid: Option<u32>,
+    /// Run the broker inside the harness process instead of as a child process.
+    #[arg(long, global = true)]
+    pub in_process: bool,
+    /// The command line, for the report.
+    #[arg(skip)]
+    pub command: String,
+    /// Show a live progress line.
+    #[arg(skip)]
+    pub progress: bool,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Common {
+            duration: Duration::from_secs(10),
+            size: 256,
+            json: None,
+            plot: None,
+            ramp: false,
+            ramp_p99_ms: 50.0,
+            ramp_step: Duration::from_secs(5),
+            ramp_factor: 1.25,
+            target: None,
+            ca: None,
+            pin: None,
+            broker_pid: None,
+            in_process: false,
+            command: String::new(),
+            progress: false,
+        }
+    }
+}
+
+impl Common {
+    /// An upper bound on the run's length in seconds (for per-second buffers).
+    pub fn max_seconds(&self) -> usize {
+        let ramp = if self.ramp { 40 * self.ramp_step.as_secs() as usize + 60 } else { 0 };
+        self.duration.as_secs() as usize + ramp + 120
+    }
+
+    /// Resolves the broker to test: `--target`, in-process, or a child process.
+    pub async fn target(&self) -> anyhow::Result<target::Target> {
+        if let Some(addr) = self.target {
+            let trust = match (&self.ca, &self.pin) {
+                (Some(ca), _) => switchboard_client::Trust::CaFile(ca.clone()),
+                (None, Some(pin)) => switchboard_client::Trust::Pin(pin.clone()),
+                (None, None) => anyhow::bail!("--target needs --ca or --pin"),
+            };
+            return Ok(target::Target::remote(addr, trust, self.broker_pid));
+        }
+        if self.in_process { target::Target::in_process().await } else { target::Target::child().await }
+    }
+}
+
+/// Parses `10s`, `1.5s`, `250ms`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let value: f64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?} (ms, s, m, h)")),
+    };
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!("not a duration: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A short tag so user names of repeated runs against one broker never clash.
+pub fn run_tag() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mixed = nanos ^ (u64::from(std::process::id()) << 24);
+    format!("l{:06x}", scenario::SplitMix(mixed).next_u64() & 0xff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("10y").is_err());
+    }
+}

@@ -1,1 +1,66 @@
-fn main() {}
+//! `switchboard-load SCENARIO [flags]`: see `--help`.
+
+use clap::{Parser, Subcommand};
+use switchboard_loadtest::{Common, plot, scenario, target};
+
+#[derive(Parser)]
+#[command(name = "switchboard-load", version, about = "Load harness for the Switchboard broker")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// One conversation, many members: fan-out throughput and latency.
+    Fanout(scenario::fanout::Args),
+    /// Many users in direct conversations.
+    Direct(scenario::direct::Args),
+    /// A community of groups of mixed sizes.
+    Groups(scenario::groups::Args),
+    /// Connect and authenticate as fast as allowed; memory per connection.
+    Storm(scenario::storm::Args),
+    /// A steady mix for a long time; latency and memory drift.
+    Soak(scenario::soak::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(target::CHILD_COMMAND) {
+        let dir = args.get(2).ok_or_else(|| anyhow::anyhow!("usage: {} DATA_DIR", target::CHILD_COMMAND))?;
+        return target::run_child(dir.into());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut common = cli.common;
+    common.command = args.join(" ");
+    common.progress = true;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sb-load").build()?;
+    let report = runtime.block_on(async {
+        match &cli.scenario {
+            Scenario::Fanout(a) => scenario::fanout::run(&common, a).await,
+            Scenario::Direct(a) => scenario::direct::run(&common, a).await,
+            Scenario::Groups(a) => scenario::groups::run(&common, a).await,
+            Scenario::Storm(a) => scenario::storm::run(&common, a).await,
+            Scenario::Soak(a) => scenario::soak::run(&common, a).await,
+        }
+    })?;
+    println!("{}", report.table());
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        println!("json: {}", path.display());
+    }
+    if let Some(path) = &common.plot {
+        plot::write_png(&report, path)?;
+        println!("plot: {}", path.display());
+    }
+    if !report.passed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! Harness connections. Each simulated device is a raw authenticated session: one task
+//! reads it (deliveries and acks are measured right there, no hop to another task) and,
+//! for senders, one task writes requests on an open-loop schedule without waiting for
+//! answers, so a slow broker shows up as latency, not as a slower offered load.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use switchboard_client::{Connector, Identity, RawSession};
+use switchboard_protocol::{
+    Body, ClientFrame, ConvId, Event, FrameDecoder, Reply, Request, RequestBody, ServerFrame, decode, encode_frame,
+};
+use tokio::sync::watch;
+
+use crate::checker::{Acked, Tracker};
+use crate::payload;
+use crate::stats::{BATCH, Clock, Stats};
+use crate::target::Target;
+
+/// Concurrent enrollments / connects during set-up.
+const SETUP_CONCURRENCY: usize = 64;
+/// Connections per client endpoint (one UDP socket and driver task each).
+const CONNECTIONS_PER_ENDPOINT: usize = 128;
+/// Endpoints at most.
+const MAX_ENDPOINTS: usize = 16;
+
+/// Enrolled users and the endpoints to reach the broker.
+pub struct Population {
+    /// One identity per simulated device.
+    pub users: Vec<Identity>,
+    connectors: Vec<Connector>,
+}
+
+impl Population {
+    /// Registers `count` users named `{tag}u{i}` (the tag keeps runs apart on a shared broker).
+    pub async fn enroll(target: &Target, tag: &str, count: usize) -> anyhow::Result<Population> {
+        let endpoints = count.div_ceil(CONNECTIONS_PER_ENDPOINT).clamp(1, MAX_ENDPOINTS);
+        let connectors = (0..endpoints).map(|_| target.connector()).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut users = Vec::with_capacity(count);
+        for chunk_start in (0..count).step_by(SETUP_CONCURRENCY) {
+            let mut set = tokio::task::JoinSet::new();
+            for i in chunk_start..(chunk_start + SETUP_CONCURRENCY).min(count) {
+                let connector = connectors[i % endpoints].clone();
+                let name = format!("{tag}u{i}");
+                set.spawn(async move {
+                    let (client, identity) = connector.register(&name, "load-test-password", "load").await?;
+                    client.close();
+                    anyhow::Ok((i, identity))
+                });
+            }
+            let mut chunk: Vec<(usize, Identity)> =
+                set.join_all().await.into_iter().collect::<anyhow::Result<_>>().context("enrolling users")?;
+            chunk.sort_by_key(|(i, _)| *i);
+            users.extend(chunk.into_iter().map(|(_, id)| id));
+        }
+        Ok(Population { users, connectors })
+    }
+
+    /// Name of user `i`.
+    pub fn name(&self, i: usize) -> &str {
+        &self.users[i].user
+    }
+
+    /// The endpoint user `i` connects through.
+    pub fn connector(&self, i: usize) -> &Connector {
+        &self.connectors[i % self.connectors.len()]
+    }
+
+    /// Authenticates user `i` as a high-level client (for set-up requests).
+    pub async fn client(&self, i: usize) -> anyhow::Result<switchboard_client::Client> {
+        Ok(self.connector(i).connect(&self.users[i]).await?)
+    }
+
+    /// Authenticates every user in `range` as a raw session, `SETUP_CONCURRENCY` at a time.
+    pub async fn connect_raw(&self, range: std::ops::Range<usize>) -> anyhow::Result<Vec<RawSession>> {
+        let mut out = Vec::with_capacity(range.len());
+        let ids: Vec<usize> = range.collect();
+        for chunk in ids.chunks(SETUP_CONCURRENCY) {
+            let mut set = tokio::task::JoinSet::new();
+            for &i in chunk {
+                let connector = self.connector(i).clone();
+                let identity = self.users[i].clone();
+                set.spawn(async move { anyhow::Ok((i, connector.connect_raw(&identity).await?)) });
+            }
+            let mut got: Vec<(usize, RawSession)> = set.join_all().await.into_iter().collect::<anyhow::Result<_>>()?;
+            got.sort_by_key(|(i, _)| *i);
+            out.extend(got.into_iter().map(|(_, s)| s));
+        }
+        Ok(out)
+    }
+}
+
+/// Creates a group owned by user `owner` with the given members; returns its id.
+pub async fn create_group(pop: &Population, owner: usize, members: &[usize], title: &str) -> anyhow::Result<ConvId> {
+    let client = pop.client(owner).await?;
+    let names: Vec<String> = members.iter().filter(|&&m| m != owner).map(|&m| pop.name(m).to_owned()).collect();
+    let mut chunks = names.chunks(switchboard_protocol::limits::MAX_USERS_PER_REQUEST as usize);
+    let conv = client.create_group(title, chunks.next().unwrap_or_default()).await?.id;
+    for chunk in chunks {
+        client.add_members(conv, chunk, switchboard_protocol::Role::Member).await?;
+    }
+    client.close();
+    Ok(conv)
+}
+
+/// Creates the direct conversation between users `a` and `b`.
+pub async fn create_direct(pop: &Population, a: usize, b: usize) -> anyhow::Result<ConvId> {
+    let client = pop.client(a).await?;
+    let conv = client.create_direct(pop.name(b)).await?.id;
+    client.close();
+    Ok(conv)
+}
+
+/// What one sender sends in one phase: `count` messages, evenly spaced from `start_ns`,
+/// each to a conversation picked from `convs` by its index.
+#[derive(Debug)]
+pub struct SendPlan {
+    /// Conversations to send into.
+    pub convs: Vec<ConvId>,
+    /// First scheduled send, harness clock.
+    pub start_ns: u64,
+    /// Spacing.
+    pub interval_ns: u64,
+    /// Messages in the phase.
+    pub count: u32,
+    /// Message size in bytes.
+    pub size: usize,
+}
+
+/// Request ids carry the phase in their top byte, so a reader maps an ack back to its
+/// plan (and so its schedule and conversation) without shared per-message state.
+const PHASE_SHIFT: u32 = 24;
+
+impl SendPlan {
+    fn sched_ns(&self, i: u32) -> u64 {
+        self.start_ns + u64::from(i) * self.interval_ns
+    }
+
+    fn conv(&self, i: u32) -> ConvId {
+        // A multiplicative hash spreads consecutive messages over the conversations.
+        self.convs[(i.wrapping_mul(2_654_435_761) as usize) % self.convs.len()]
+    }
+}
+
+/// Plans of one sender, by phase.
+pub type Plans = Arc<RwLock<Vec<Arc<SendPlan>>>>;
+
+/// What a reader hands back at the end.
+pub struct ReaderOut {
+    /// Deliveries seen.
+    pub tracker: Tracker,
+    /// Messages this session sent that were acknowledged.
+    pub acked: Vec<Acked>,
+}
+
+/// A running harness session.
+pub struct LoadSession {
+    /// Control stream towards the broker (taken by a writer during a phase).
+    pub send: Option<quinn::SendStream>,
+    /// This session's plans.
+    pub plans: Plans,
+    reader: tokio::task::JoinHandle<ReaderOut>,
+    conn: quinn::Connection,
+}
+
+impl LoadSession {
+    /// Starts the reader of session `index`.
+    pub fn start(index: usize, raw: RawSession, stats: Arc<Stats>, clock: Clock, stop: watch::Receiver<bool>) -> Self {
+        let RawSession { conn, send, recv, decoder } = raw;
+        let plans: Plans = Arc::default();
+        let reader = tokio::spawn(read_loop(index, recv, decoder, stats, clock, plans.clone(), stop));
+        LoadSession { send: Some(send), plans, reader, conn }
+    }
+
+    /// Waits for the reader to finish (after stop) and closes the connection.
+    pub async fn finish(self) -> anyhow::Result<ReaderOut> {
+        let out = self.reader.await?;
+        self.conn.close(0u32.into(), b"done");
+        Ok(out)
+    }
+}
+
+async fn read_loop(
+    index: usize,
+    mut recv: quinn::RecvStream,
+    mut decoder: FrameDecoder,
+    stats: Arc<Stats>,
+    clock: Clock,
+    plans: Plans,
+    mut stop: watch::Receiver<bool>,
+) -> ReaderOut {
+    let mut out = ReaderOut { tracker: Tracker::default(), acked: Vec::new() };
+    let mut deliveries: Vec<(u64, u64)> = Vec::with_capacity(BATCH);
+    let mut acks: Vec<u64> = Vec::with_capacity(BATCH);
+    let mut flush = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        while let Ok(Some(body)) = decoder.next_frame() {
+            let now = clock.now_ns();
+            match decode::<ServerFrame>(&body) {
+                Ok(ServerFrame::Event(Event::Entry(e))) => {
+                    if let Body::Text { text, .. } = &e.body
+                        && let Some(sched) = payload::sched_ns(text)
+                    {
+                        deliveries.push((sched, now.saturating_sub(sched) / 1000));
+                        out.tracker.observe(e.conv, e.seq);
+                    }
+                }
+                Ok(ServerFrame::Response { id, result: Ok(Reply::Appended { seq, .. }) }) => {
+                    let plan =
+                        plans.read().unwrap_or_else(|p| p.into_inner()).get((id >> PHASE_SHIFT) as usize).cloned();
+                    if let Some(plan) = plan {
+                        let i = id & ((1 << PHASE_SHIFT) - 1);
+                        acks.push(now.saturating_sub(plan.sched_ns(i)) / 1000);
+                        out.acked.push(Acked { conv: plan.conv(i), seq, sender: index });
+                    }
+                }
+                Ok(ServerFrame::Response { result: Err(e), .. }) => {
+                    tracing::warn!(error = %e, "request failed");
+                    stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable frame");
+                    stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            if deliveries.len() >= BATCH {
+                stats.deliveries(&mut deliveries);
+            }
+            if acks.len() >= BATCH {
+                stats.acks(&mut acks);
+            }
+        }
+        tokio::select! {
+            chunk = recv.read_chunk(64 * 1024, true) => match chunk {
+                Ok(Some(c)) => decoder.push(&c.bytes),
+                _ => break,
+            },
+            _ = flush.tick() => {
+                stats.deliveries(&mut deliveries);
+                stats.acks(&mut acks);
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    stats.deliveries(&mut deliveries);
+    stats.acks(&mut acks);
+    out
+}
+
+/// Writes one phase of a plan on an open-loop schedule; returns the stream for the next.
+pub async fn write_phase(
+    mut send: quinn::SendStream,
+    plan: Arc<SendPlan>,
+    phase: u32,
+    sender_index: usize,
+    stats: Arc<Stats>,
+    clock: Clock,
+) -> quinn::SendStream {
+    let mut text = String::with_capacity(plan.size);
+    let mut frames: Vec<bytes::Bytes> = Vec::with_capacity(16);
+    let mut i = 0u32;
+    while i < plan.count {
+        let due = plan.sched_ns(i);
+        if clock.now_ns() < due {
+            tokio::time::sleep_until(clock.instant(due)).await;
+        }
+        // Everything due by now goes out in one write (behind schedule: all at once).
+        let now = clock.now_ns();
+        while i < plan.count && plan.sched_ns(i) <= now && frames.len() < 64 {
+            let sched = plan.sched_ns(i);
+            payload::fill(&mut text, sched, plan.size);
+            let mut client_id = [0u8; 16];
+            client_id[..8].copy_from_slice(&(sender_index as u64).to_be_bytes());
+            client_id[8..12].copy_from_slice(&phase.to_be_bytes());
+            client_id[12..].copy_from_slice(&i.to_be_bytes());
+            let body = RequestBody::Send { conv: plan.conv(i), client_id, text: text.clone() };
+            let request = ClientFrame::Request(Request { id: (phase << PHASE_SHIFT) | i, body });
+            if let Ok(frame) = encode_frame(&request) {
+                frames.push(frame);
+            }
+            stats.sent(sched);
+            i += 1;
+        }
+        if send.write_all_chunks(&mut frames).await.is_err() {
+            break;
+        }
+        frames.clear();
+    }
+    send
+}
+
+/// Which sessions belong to which conversation (for the loss check).
+pub type Membership = HashMap<ConvId, Vec<usize>>;

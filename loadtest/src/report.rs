@@ -1,0 +1,231 @@
+//! What a run measured, in one serialisable structure: printed as a table, written as
+//! JSON (`--json`) and drawn as a PNG (`--plot`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Latency percentiles in milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Maximum.
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    /// From a histogram of microseconds.
+    pub fn from_us(h: &hdrhistogram::Histogram<u64>) -> Self {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Percentiles {
+            count: h.len(),
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: h.max() as f64 / 1000.0,
+        }
+    }
+}
+
+/// One sampling interval of the run (one second by default).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Interval {
+    /// Seconds since the start of the measured phase (end of the interval).
+    pub t_s: f64,
+    /// Messages sent in the interval, per second.
+    pub sent_per_s: f64,
+    /// Messages delivered in the interval, per second.
+    pub delivered_per_s: f64,
+    /// Median send-to-receive latency of deliveries in the interval.
+    pub p50_ms: f64,
+    /// 99th percentile of the same.
+    pub p99_ms: f64,
+    /// Broker CPU, percent of one core.
+    pub broker_cpu_pct: f64,
+    /// Broker resident memory, MiB.
+    pub broker_rss_mib: f64,
+    /// Harness CPU, percent of one core.
+    pub harness_cpu_pct: f64,
+}
+
+/// CPU and memory of one process over the run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Resources {
+    /// Mean CPU, percent of one core (200 = both cores of this machine).
+    pub cpu_pct_mean: f64,
+    /// Peak one-second CPU.
+    pub cpu_pct_max: f64,
+    /// Resident memory at the start of the measured phase, MiB.
+    pub rss_mib_start: f64,
+    /// Peak resident memory, MiB.
+    pub rss_mib_peak: f64,
+    /// Resident memory at the end, MiB.
+    pub rss_mib_end: f64,
+}
+
+/// One step of a `--ramp` run.
+#[derive(Clone, Debug, Serialize)]
+pub struct RampStep {
+    /// Offered send rate, messages/s.
+    pub offered_rate: f64,
+    /// Achieved deliveries/s.
+    pub delivered_per_s: f64,
+    /// p99 latency of the step.
+    pub p99_ms: f64,
+    /// The step met the bound with no errors or loss.
+    pub ok: bool,
+}
+
+/// One pass/fail check of the run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// It held.
+    pub ok: bool,
+    /// Figures behind it.
+    pub detail: String,
+}
+
+/// Everything a run measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// The command line that produced it.
+    pub command: String,
+    /// Scenario parameters.
+    pub params: BTreeMap<String, String>,
+    /// Measured phase length, seconds.
+    pub duration_s: f64,
+    /// Messages the harness sent.
+    pub sent: u64,
+    /// Messages the broker acknowledged (durable).
+    pub acked: u64,
+    /// Requests that failed with an error.
+    pub errors: u64,
+    /// Deliveries received.
+    pub delivered: u64,
+    /// Acknowledged messages some member never received.
+    pub lost: u64,
+    /// Deliveries received more than once.
+    pub duplicated: u64,
+    /// Deliveries that arrived after a higher seq of the same conversation.
+    pub out_of_order: u64,
+    /// Acknowledged messages per second.
+    pub acked_per_s: f64,
+    /// Deliveries per second.
+    pub delivered_per_s: f64,
+    /// Scheduled send to delivery at a member (no coordinated omission).
+    pub latency: Percentiles,
+    /// Scheduled send to durable acknowledgement.
+    pub ack_latency: Percentiles,
+    /// Per-interval figures.
+    pub timeline: Vec<Interval>,
+    /// Broker process, if measured.
+    pub broker: Option<Resources>,
+    /// This harness process.
+    pub harness: Resources,
+    /// Scenario-specific figures (e.g. handshakes/s, memory per connection).
+    pub extra: BTreeMap<String, f64>,
+    /// Ramp steps, with `--ramp`.
+    pub ramp: Vec<RampStep>,
+    /// Pass/fail checks; the run fails if any fails.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// All checks held.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+
+    /// Adds a check.
+    pub fn check(&mut self, name: &str, ok: bool, detail: String) {
+        self.checks.push(Check { name: name.into(), ok, detail });
+    }
+
+    /// The standard delivery checks: nothing lost, duplicated, reordered or failed.
+    pub fn delivery_checks(&mut self) {
+        let (lost, dup, ooo, errors) = (self.lost, self.duplicated, self.out_of_order, self.errors);
+        self.check("no acknowledged message lost", lost == 0, format!("{lost} lost"));
+        self.check("no duplicate delivery", dup == 0, format!("{dup} duplicated"));
+        self.check("per-conversation order", ooo == 0, format!("{ooo} out of order"));
+        self.check("no request errors", errors == 0, format!("{errors} errors"));
+    }
+
+    /// A human-readable summary table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "scenario      {}", self.scenario);
+        for (k, v) in &self.params {
+            let _ = writeln!(s, "  {k:<12}{v}");
+        }
+        let _ = writeln!(s, "duration      {:.1} s", self.duration_s);
+        let _ = writeln!(s, "sent          {}   acked {}   errors {}", self.sent, self.acked, self.errors);
+        let _ = writeln!(
+            s,
+            "delivered     {}   lost {}   duplicated {}   out of order {}",
+            self.delivered, self.lost, self.duplicated, self.out_of_order
+        );
+        let _ = writeln!(
+            s,
+            "throughput    {:.0} acked msgs/s   {:.0} deliveries/s",
+            self.acked_per_s, self.delivered_per_s
+        );
+        let row = |name: &str, p: &Percentiles| {
+            format!(
+                "{name:<14}p50 {:>8.2}  p90 {:>8.2}  p99 {:>8.2}  p99.9 {:>8.2}  max {:>8.2} ms  (n={})\n",
+                p.p50_ms, p.p90_ms, p.p99_ms, p.p999_ms, p.max_ms, p.count
+            )
+        };
+        if self.latency.count > 0 {
+            s.push_str(&row("delivery", &self.latency));
+        }
+        if self.ack_latency.count > 0 {
+            s.push_str(&row("ack", &self.ack_latency));
+        }
+        if let Some(b) = &self.broker {
+            let _ = writeln!(
+                s,
+                "broker        cpu mean {:.0}% max {:.0}%   rss start {:.1} MiB peak {:.1} MiB end {:.1} MiB",
+                b.cpu_pct_mean, b.cpu_pct_max, b.rss_mib_start, b.rss_mib_peak, b.rss_mib_end
+            );
+        }
+        let h = &self.harness;
+        let _ = writeln!(
+            s,
+            "harness       cpu mean {:.0}% max {:.0}%   rss peak {:.1} MiB",
+            h.cpu_pct_mean, h.cpu_pct_max, h.rss_mib_peak
+        );
+        for (k, v) in &self.extra {
+            let _ = writeln!(s, "{k:<28}{v:.2}");
+        }
+        if !self.ramp.is_empty() {
+            let _ = writeln!(s, "ramp          offered/s  delivered/s   p99 ms   ok");
+            for r in &self.ramp {
+                let _ = writeln!(
+                    s,
+                    "              {:>9.0}  {:>11.0}  {:>7.2}   {}",
+                    r.offered_rate, r.delivered_per_s, r.p99_ms, r.ok
+                );
+            }
+        }
+        for c in &self.checks {
+            let _ = writeln!(s, "[{}] {} ({})", if c.ok { "pass" } else { "FAIL" }, c.name, c.detail);
+        }
+        let _ = writeln!(s, "result        {}", if self.passed() { "PASS" } else { "FAIL" });
+        s
+    }
+}

@@ -1,0 +1,106 @@
+//! CPU and memory of a process, read from /proc: the broker (child or `--broker-pid`)
+//! and the harness itself, so a report says which one was the bottleneck.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::report::Resources;
+
+/// One reading.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    /// Seconds since the sampler started.
+    pub t_s: f64,
+    /// CPU over the last interval, percent of one core.
+    pub cpu_pct: f64,
+    /// Resident memory, MiB.
+    pub rss_mib: f64,
+}
+
+/// Clock ticks per second for /proc/*/stat times (USER_HZ: 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+/// Total user+system CPU seconds of `pid` ("self" for this process).
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_S)
+}
+
+/// Resident memory of `pid` in MiB.
+pub fn rss_mib(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Samples a process every `period` until dropped.
+pub struct Sampler {
+    samples: Arc<Mutex<Vec<Sample>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    /// Starts sampling `pid` ("self" for this process).
+    pub fn start(pid: String, period: Duration) -> Sampler {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let out = samples.clone();
+        let task = tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let mut last_cpu = cpu_seconds(&pid).unwrap_or(0.0);
+            let mut last_t = start;
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (Some(cpu), Some(rss)) = (cpu_seconds(&pid), rss_mib(&pid)) else { break };
+                let now = std::time::Instant::now();
+                let dt = now.duration_since(last_t).as_secs_f64().max(1e-3);
+                let sample = Sample {
+                    t_s: now.duration_since(start).as_secs_f64(),
+                    cpu_pct: (cpu - last_cpu) / dt * 100.0,
+                    rss_mib: rss,
+                };
+                (last_cpu, last_t) = (cpu, now);
+                out.lock().unwrap_or_else(|p| p.into_inner()).push(sample);
+            }
+        });
+        Sampler { samples, task }
+    }
+
+    /// Readings so far.
+    pub fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Summary of the readings from `from_s` on.
+    pub fn summary(&self, from_s: f64) -> Resources {
+        summarize(&self.samples().into_iter().filter(|s| s.t_s >= from_s).collect::<Vec<_>>())
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Mean and peak of a series of samples.
+pub fn summarize(samples: &[Sample]) -> Resources {
+    if samples.is_empty() {
+        return Resources::default();
+    }
+    let n = samples.len() as f64;
+    Resources {
+        cpu_pct_mean: samples.iter().map(|s| s.cpu_pct).sum::<f64>() / n,
+        cpu_pct_max: samples.iter().map(|s| s.cpu_pct).fold(0.0, f64::max),
+        rss_mib_start: samples[0].rss_mib,
+        rss_mib_peak: samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max),
+        rss_mib_end: samples[samples.len() - 1].rss_mib,
+    }
+}

@@ -1,0 +1,298 @@
+//! Running message load: phases of open-loop sending over already-connected sessions,
+//! draining, ramping, and turning what was collected into a `Report`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use switchboard_protocol::ConvId;
+use tokio::sync::watch;
+
+use crate::Common;
+use crate::checker::{Acked, Tracker, verdict};
+use crate::load::{LoadSession, Membership, Population, SendPlan, write_phase};
+use crate::report::{Interval, Percentiles, RampStep, Report};
+use crate::resources::Sampler;
+use crate::stats::{Clock, Stats};
+use crate::target::Target;
+
+/// Connected sessions plus everything measured about them.
+pub struct MessageLoad {
+    sessions: Vec<LoadSession>,
+    membership: Membership,
+    stats: Arc<Stats>,
+    clock: Clock,
+    stop: watch::Sender<bool>,
+    broker: Option<Sampler>,
+    harness: Sampler,
+    phases: u32,
+    progress: Option<tokio::task::JoinHandle<()>>,
+    measured_from_s: f64,
+}
+
+impl MessageLoad {
+    /// Connects every user of `pop` as a raw session and starts reading.
+    pub async fn start(
+        target: &Target,
+        pop: &Population,
+        membership: Membership,
+        common: &Common,
+    ) -> anyhow::Result<Self> {
+        let clock = Clock::default();
+        let raws = pop.connect_raw(0..pop.users.len()).await?;
+        let stats = Arc::new(Stats::new(clock.now_ns(), common.max_seconds()));
+        let (stop, stop_rx) = watch::channel(false);
+        let sessions = raws
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| LoadSession::start(i, raw, stats.clone(), clock, stop_rx.clone()))
+            .collect();
+        let period = Duration::from_secs(1);
+        let broker = target.pid.map(|pid| Sampler::start(pid.to_string(), period));
+        let harness = Sampler::start("self".into(), period);
+        let progress = common.progress.then(|| tokio::spawn(progress(stats.clone())));
+        Ok(MessageLoad {
+            sessions,
+            membership,
+            stats,
+            clock,
+            stop,
+            broker,
+            harness,
+            phases: 0,
+            progress,
+            measured_from_s: 0.0,
+        })
+    }
+
+    /// Sends for `duration` at `rate` messages/s in total, spread evenly over `senders`
+    /// (session index and the conversations it sends into). Returns the phase's
+    /// window in whole seconds of the run.
+    pub async fn phase(
+        &mut self,
+        senders: &[(usize, Vec<ConvId>)],
+        rate: f64,
+        duration: Duration,
+        size: usize,
+    ) -> (usize, usize) {
+        let phase = self.phases;
+        self.phases += 1;
+        let n = senders.len().max(1) as f64;
+        let interval_ns = ((n / rate.max(1e-3)) * 1e9) as u64;
+        let start_ns = self.clock.now_ns() + 200_000_000;
+        let count = (duration.as_nanos() as u64 / interval_ns.max(1)).min(u64::from(u32::MAX >> 8)) as u32;
+        let mut writers = tokio::task::JoinSet::new();
+        for (k, (session, convs)) in senders.iter().enumerate() {
+            let plan = Arc::new(SendPlan {
+                convs: convs.clone(),
+                start_ns: start_ns + interval_ns * k as u64 / senders.len() as u64,
+                interval_ns,
+                count,
+                size,
+            });
+            let s = &mut self.sessions[*session];
+            s.plans.write().unwrap_or_else(|p| p.into_inner()).push(plan.clone());
+            let Some(send) = s.send.take() else { continue };
+            let (stats, clock, session) = (self.stats.clone(), self.clock, *session);
+            writers.spawn(async move { (session, write_phase(send, plan, phase, session, stats, clock).await) });
+        }
+        while let Some(done) = writers.join_next().await {
+            if let Ok((session, send)) = done {
+                self.sessions[session].send = Some(send);
+            }
+        }
+        let from = self.stats.second_of(start_ns);
+        (from, from + duration.as_secs().max(1) as usize)
+    }
+
+    /// Marks the start of the measured phase for resource summaries (after set-up).
+    pub fn mark_measured(&mut self) {
+        self.measured_from_s = self.clock.now_ns() as f64 / 1e9;
+    }
+
+    /// Waits until every sent message is acknowledged and deliveries stop arriving
+    /// (at most `limit`).
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut last = u64::MAX;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let acked =
+                self.stats.acked_total.load(Ordering::Relaxed) + self.stats.errors_total.load(Ordering::Relaxed);
+            let delivered = self.stats.delivered_total.load(Ordering::Relaxed);
+            if acked >= self.stats.sent_total.load(Ordering::Relaxed) && delivered == last {
+                return;
+            }
+            last = delivered;
+        }
+    }
+
+    /// Latency and throughput of one phase window (call after `drain`).
+    pub fn window(&self, (from, to): (usize, usize)) -> (Percentiles, f64) {
+        let (h, n) = self.stats.window(from, to);
+        (Percentiles::from_us(&h), n as f64 / (to - from).max(1) as f64)
+    }
+
+    /// Errors so far.
+    pub fn errors(&self) -> u64 {
+        self.stats.errors_total.load(Ordering::Relaxed)
+    }
+
+    /// Runs `--ramp`: raises the rate by `common.ramp_factor` per step until p99 passes
+    /// the bound or errors appear. Returns the steps.
+    pub async fn ramp(&mut self, senders: &[(usize, Vec<ConvId>)], start_rate: f64, common: &Common) -> Vec<RampStep> {
+        let mut steps = Vec::new();
+        let mut rate = start_rate;
+        for _ in 0..40 {
+            let errors_before = self.errors();
+            let window = self.phase(senders, rate, common.ramp_step, common.size).await;
+            self.drain(Duration::from_secs(5)).await;
+            let (p, delivered_per_s) = self.window(window);
+            let ok = p.p99_ms <= common.ramp_p99_ms && self.errors() == errors_before;
+            steps.push(RampStep { offered_rate: rate, delivered_per_s, p99_ms: p.p99_ms, ok });
+            if !ok {
+                break;
+            }
+            rate *= common.ramp_factor;
+        }
+        steps
+    }
+
+    /// Stops the readers, checks deliveries and assembles the report.
+    pub async fn finish(
+        mut self,
+        scenario: &str,
+        params: BTreeMap<String, String>,
+        measured_s: f64,
+        common: &Common,
+    ) -> anyhow::Result<Report> {
+        self.drain(Duration::from_secs(10)).await;
+        let _ = self.stop.send(true);
+        if let Some(p) = self.progress.take() {
+            p.abort();
+        }
+        let mut trackers: Vec<Tracker> = Vec::with_capacity(self.sessions.len());
+        let mut acked: Vec<Acked> = Vec::new();
+        for s in self.sessions {
+            let out = s.finish().await?;
+            trackers.push(out.tracker);
+            acked.extend(out.acked);
+        }
+        let v = verdict(&trackers, &acked, &self.membership);
+        let (latency, ack_latency) = self.stats.totals();
+        let seconds = self.stats.seconds_seen();
+        let broker_samples = self.broker.as_ref().map(Sampler::samples).unwrap_or_default();
+        let harness_samples = self.harness.samples();
+        let timeline: Vec<Interval> = (0..seconds)
+            .map(|s| {
+                let (h, n) = self.stats.window(s, s + 1);
+                let p = Percentiles::from_us(&h);
+                Interval {
+                    t_s: (s + 1) as f64,
+                    sent_per_s: self.stats.sent_in(s) as f64,
+                    delivered_per_s: n as f64,
+                    p50_ms: p.p50_ms,
+                    p99_ms: p.p99_ms,
+                    broker_cpu_pct: broker_samples.get(s).or(broker_samples.last()).map_or(0.0, |x| x.cpu_pct),
+                    broker_rss_mib: broker_samples.get(s).or(broker_samples.last()).map_or(0.0, |x| x.rss_mib),
+                    harness_cpu_pct: harness_samples.get(s).or(harness_samples.last()).map_or(0.0, |x| x.cpu_pct),
+                }
+            })
+            .collect();
+        let duration_s = measured_s.max(1e-3);
+        let sent = self.stats.sent_total.load(Ordering::Relaxed);
+        let mut report = Report {
+            scenario: scenario.into(),
+            command: common.command.clone(),
+            params,
+            duration_s,
+            sent,
+            acked: acked.len() as u64,
+            errors: self.stats.errors_total.load(Ordering::Relaxed),
+            delivered: v.delivered,
+            lost: v.lost,
+            duplicated: v.duplicated,
+            out_of_order: v.out_of_order,
+            acked_per_s: acked.len() as f64 / duration_s,
+            delivered_per_s: v.delivered as f64 / duration_s,
+            latency: Percentiles::from_us(&latency),
+            ack_latency: Percentiles::from_us(&ack_latency),
+            timeline,
+            broker: self.broker.as_ref().map(|b| b.summary(self.measured_from_s)),
+            harness: self.harness.summary(self.measured_from_s),
+            ..Report::default()
+        };
+        report.check(
+            "every sent message acknowledged",
+            report.acked + report.errors >= sent,
+            format!("{} of {sent}", report.acked),
+        );
+        Ok(report)
+    }
+}
+
+async fn progress(stats: Arc<Stats>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    let start = std::time::Instant::now();
+    let mut last = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let delivered = stats.delivered_total.load(Ordering::Relaxed);
+        bar.set_message(format!(
+            "{:>6.1}s  sent {}  acked {}  delivered {} ({:.0}/s)  errors {}",
+            start.elapsed().as_secs_f64(),
+            stats.sent_total.load(Ordering::Relaxed),
+            stats.acked_total.load(Ordering::Relaxed),
+            delivered,
+            (delivered - last) as f64 * 2.0,
+            stats.errors_total.load(Ordering::Relaxed),
+        ));
+        bar.tick();
+        last = delivered;
+    }
+}
+
+/// Finishes a message scenario the same way for all: normal run or ramp, then report.
+pub async fn run_messages(
+    mut load: MessageLoad,
+    senders: Vec<(usize, Vec<ConvId>)>,
+    rate: f64,
+    scenario: &str,
+    mut params: BTreeMap<String, String>,
+    common: &Common,
+) -> anyhow::Result<Report> {
+    load.mark_measured();
+    let ramp = if common.ramp {
+        load.ramp(&senders, rate, common).await
+    } else {
+        load.phase(&senders, rate, common.duration, common.size).await;
+        Vec::new()
+    };
+    params.insert("size".into(), format!("{} B", common.size));
+    let measured_s =
+        if common.ramp { ramp.len() as f64 * common.ramp_step.as_secs_f64() } else { common.duration.as_secs_f64() };
+    let mut report = load.finish(scenario, params, measured_s, common).await?;
+    if common.ramp {
+        // The last step is the one that broke the bound: only dup/order must hold there.
+        report.check("no duplicate delivery", report.duplicated == 0, format!("{} duplicated", report.duplicated));
+        report.check(
+            "per-conversation order",
+            report.out_of_order == 0,
+            format!("{} out of order", report.out_of_order),
+        );
+        let best = ramp
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| (s.offered_rate, s.delivered_per_s))
+            .fold((0.0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+        report.extra.insert("ramp_max_sustained_rate_msgs_per_s".into(), best.0);
+        report.extra.insert("ramp_max_sustained_deliveries_per_s".into(), best.1);
+        report.check("ramp found a sustainable rate", best.1 > 0.0, format!("{:.0} deliveries/s", best.1));
+        report.ramp = ramp;
+    } else {
+        report.delivery_checks();
+    }
+    Ok(report)
+}

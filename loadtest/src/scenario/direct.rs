@@ -1,0 +1,41 @@
+//! `direct`: U users in U/2 direct conversations, each user sending at r messages/s:
+//! many small conversations, the one-to-one chat load.
+
+use crate::load::{Population, create_direct};
+use crate::report::Report;
+use crate::run::{MessageLoad, run_messages};
+use crate::scenario::params;
+use crate::{Common, run_tag};
+
+/// `direct` flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Users (rounded up to even), each one connected device.
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    /// Messages per second per user.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+}
+
+/// Runs the scenario.
+pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
+    let users = args.users.max(2).next_multiple_of(2);
+    let target = common.target().await?;
+    let pop = Population::enroll(&target, &run_tag(), users).await?;
+    let mut membership = crate::load::Membership::new();
+    let mut senders = Vec::with_capacity(users);
+    for pair in (0..users).step_by(2) {
+        let conv = create_direct(&pop, pair, pair + 1).await?;
+        membership.insert(conv, vec![pair, pair + 1]);
+        senders.push((pair, vec![conv]));
+        senders.push((pair + 1, vec![conv]));
+    }
+    let load = MessageLoad::start(&target, &pop, membership, common).await?;
+    let total = args.rate * users as f64;
+    let p =
+        params([("users", users.to_string()), ("rate", format!("{} msg/s per user ({total:.0} total)", args.rate))]);
+    let report = run_messages(load, senders, total, "direct", p, common).await;
+    target.stop().await?;
+    report
+}

@@ -1,0 +1,108 @@
+//! `storm`: C enrolled devices connect and authenticate as fast as the broker allows.
+//! Reports time until all are connected, authenticated connections per second, connect
+//! latency, and the broker's memory per idle connection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::load::Population;
+use crate::report::{Percentiles, Report};
+use crate::resources::{Sampler, rss_mib};
+use crate::scenario::params;
+use crate::{Common, run_tag};
+
+/// `storm` flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Devices that connect.
+    #[arg(long, default_value_t = 2000)]
+    pub clients: usize,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Seconds to hold the connections idle before measuring memory.
+    #[arg(long, default_value_t = 3)]
+    pub hold_s: u64,
+}
+
+/// Runs the scenario.
+pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
+    let target = common.target().await?;
+    let pop = Arc::new(Population::enroll(&target, &run_tag(), args.clients).await?);
+    let pid = target.pid.map_or_else(|| "self".to_owned(), |p| p.to_string());
+    let broker = target.pid.map(|p| Sampler::start(p.to_string(), Duration::from_secs(1)));
+    let harness = Sampler::start("self".into(), Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = rss_mib(&pid).unwrap_or(0.0);
+
+    let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..args.clients {
+        let (pop, slots) = (pop.clone(), slots.clone());
+        set.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let t = Instant::now();
+            let raw = pop.connector(i).connect_raw(&pop.users[i]).await;
+            (t.elapsed(), raw)
+        });
+    }
+    let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut sessions = Vec::with_capacity(args.clients);
+    let mut errors = 0u64;
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok((t, Ok(raw))) => {
+                let _ = latency.record((t.as_micros() as u64).max(1));
+                sessions.push(raw);
+            }
+            Ok((_, Err(e))) => {
+                errors += 1;
+                tracing::warn!(error = %e, "connect failed");
+            }
+            Err(e) => {
+                errors += 1;
+                tracing::warn!(error = %e, "connect task failed");
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(args.hold_s)).await;
+    let rss_after = rss_mib(&pid).unwrap_or(0.0);
+    let connected = sessions.len();
+    for s in &sessions {
+        s.conn.close(0u32.into(), b"done");
+    }
+    drop(sessions);
+
+    let mut report = Report {
+        scenario: "storm".into(),
+        command: common.command.clone(),
+        params: params([
+            ("clients", args.clients.to_string()),
+            ("concurrency", args.concurrency.to_string()),
+            (
+                "broker",
+                if target.pid.is_some() { "own process".into() } else { "in this process (memory shared)".into() },
+            ),
+        ]),
+        duration_s: elapsed,
+        errors,
+        latency: Percentiles::from_us(&latency),
+        broker: broker.as_ref().map(|b| b.summary(0.0)),
+        harness: harness.summary(0.0),
+        ..Report::default()
+    };
+    let per_conn_kib = (rss_after - rss_before) * 1024.0 / connected.max(1) as f64;
+    report.extra.insert("connected".into(), connected as f64);
+    report.extra.insert("seconds_to_all_connected".into(), elapsed);
+    report.extra.insert("authenticated_connections_per_s".into(), connected as f64 / elapsed.max(1e-9));
+    report.extra.insert("broker_rss_before_mib".into(), rss_before);
+    report.extra.insert("broker_rss_connected_mib".into(), rss_after);
+    report.extra.insert("broker_kib_per_idle_connection".into(), per_conn_kib);
+    report.check("every device connected", connected == args.clients, format!("{connected} of {}", args.clients));
+    target.stop().await?;
+    Ok(report)
+}

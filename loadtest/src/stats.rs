@@ -1,0 +1,163 @@
+//! Latency and throughput collection. Readers buffer samples locally and hand them
+//! over in batches, so the hot path is a `Vec::push`; the collector keeps one
+//! histogram per second (for the timeline and ramp steps) and one for the whole run.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+/// Latencies above this are clamped (a minute: anything slower is a failure anyway).
+const MAX_LATENCY_US: u64 = 60_000_000;
+/// Samples a reader buffers before handing them over.
+pub const BATCH: usize = 256;
+/// Seconds of timeline kept (longer runs fold into the last bucket).
+const MAX_SECONDS: usize = 24 * 3600;
+
+/// Monotonic nanoseconds since the harness started.
+#[derive(Clone, Copy)]
+pub struct Clock(Instant);
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock(Instant::now())
+    }
+}
+
+impl Clock {
+    /// Nanoseconds since the clock was made.
+    pub fn now_ns(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+
+    /// The tokio instant of a clock reading.
+    pub fn instant(&self, ns: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.0 + std::time::Duration::from_nanos(ns))
+    }
+}
+
+fn histogram(sigfig: u8) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, sigfig).expect("constant histogram bounds are valid")
+}
+
+/// One second of the run.
+pub struct Second {
+    /// Delivery latencies of messages scheduled in this second.
+    pub latency: Histogram<u64>,
+    /// Deliveries of messages scheduled in this second.
+    pub delivered: u64,
+}
+
+/// Everything readers and writers report.
+pub struct Stats {
+    /// Run start on the harness clock; seconds count from here.
+    pub start_ns: u64,
+    inner: Mutex<Inner>,
+    /// Messages written, by second of their schedule.
+    sent: Vec<AtomicU64>,
+    /// Totals for the live progress line.
+    pub sent_total: AtomicU64,
+    /// Deliveries so far.
+    pub delivered_total: AtomicU64,
+    /// Acknowledgements so far.
+    pub acked_total: AtomicU64,
+    /// Failed requests so far.
+    pub errors_total: AtomicU64,
+}
+
+struct Inner {
+    latency: Histogram<u64>,
+    ack_latency: Histogram<u64>,
+    seconds: Vec<Second>,
+}
+
+impl Stats {
+    /// A collector for a run starting at `start_ns` and lasting about `seconds`.
+    pub fn new(start_ns: u64, seconds: usize) -> Self {
+        let seconds = seconds.clamp(1, MAX_SECONDS);
+        Stats {
+            start_ns,
+            inner: Mutex::new(Inner { latency: histogram(3), ack_latency: histogram(3), seconds: Vec::new() }),
+            sent: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            sent_total: AtomicU64::new(0),
+            delivered_total: AtomicU64::new(0),
+            acked_total: AtomicU64::new(0),
+            errors_total: AtomicU64::new(0),
+        }
+    }
+
+    /// The second (from start) a schedule time falls in.
+    pub fn second_of(&self, ns: u64) -> usize {
+        (ns.saturating_sub(self.start_ns) / 1_000_000_000) as usize
+    }
+
+    /// Counts a sent message.
+    pub fn sent(&self, sched_ns: u64) {
+        let s = self.second_of(sched_ns).min(self.sent.len() - 1);
+        self.sent[s].fetch_add(1, Ordering::Relaxed);
+        self.sent_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages sent in second `s`.
+    pub fn sent_in(&self, s: usize) -> u64 {
+        self.sent.get(s).map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+
+    /// Takes a reader's batch of (schedule ns, latency µs) delivery samples.
+    pub fn deliveries(&self, batch: &mut Vec<(u64, u64)>) {
+        if batch.is_empty() {
+            return;
+        }
+        self.delivered_total.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for &(sched, us) in batch.iter() {
+            let us = us.clamp(1, MAX_LATENCY_US);
+            let _ = inner.latency.record(us);
+            let s = self.second_of(sched).min(MAX_SECONDS - 1);
+            while inner.seconds.len() <= s {
+                inner.seconds.push(Second { latency: histogram(2), delivered: 0 });
+            }
+            let second = &mut inner.seconds[s];
+            let _ = second.latency.record(us);
+            second.delivered += 1;
+        }
+        batch.clear();
+    }
+
+    /// Takes a writer-side batch of acknowledgement latencies (µs).
+    pub fn acks(&self, batch: &mut Vec<u64>) {
+        if batch.is_empty() {
+            return;
+        }
+        self.acked_total.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for &us in batch.iter() {
+            let _ = inner.ack_latency.record(us.clamp(1, MAX_LATENCY_US));
+        }
+        batch.clear();
+    }
+
+    /// Whole-run delivery and ack latency histograms.
+    pub fn totals(&self) -> (Histogram<u64>, Histogram<u64>) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (inner.latency.clone(), inner.ack_latency.clone())
+    }
+
+    /// Merged histogram and delivery count of seconds `from..to`.
+    pub fn window(&self, from: usize, to: usize) -> (Histogram<u64>, u64) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = histogram(2);
+        let mut n = 0;
+        for s in inner.seconds.iter().take(to).skip(from) {
+            let _ = h.add(&s.latency);
+            n += s.delivered;
+        }
+        (h, n)
+    }
+
+    /// Seconds with any data.
+    pub fn seconds_seen(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).seconds.len()
+    }
+}

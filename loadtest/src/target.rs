@@ -1,0 +1,132 @@
+//! The broker under test: a child process started from this very binary (default, so
+//! its CPU and memory are measured apart from the harness), a broker inside this
+//! process (tests), or a running one given by address.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::Context;
+use switchboard_broker::{Broker, Config};
+use switchboard_client::{Connector, Trust};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Hidden subcommand that runs the embedded broker child.
+pub const CHILD_COMMAND: &str = "__broker";
+
+/// Where the broker is.
+pub struct Target {
+    /// UDP address.
+    pub addr: SocketAddr,
+    /// How to trust it.
+    pub trust: Trust,
+    /// TLS server name.
+    pub server_name: String,
+    /// Its process id, when known (for resource sampling).
+    pub pid: Option<u32>,
+    /// Owned broker, stopped with the target.
+    owned: Owned,
+}
+
+enum Owned {
+    None,
+    Child(tokio::process::Child, tempfile::TempDir),
+    InProcess(Box<Broker>, tempfile::TempDir),
+}
+
+/// The broker configuration the harness embeds: ephemeral port, cheap argon2 (the
+/// harness enrolls thousands of users; password hashing is not what it measures).
+pub fn embedded_config(data_dir: PathBuf) -> Config {
+    let mut config = Config::ephemeral(data_dir);
+    config.store_cache_bytes = 256 * 1024 * 1024;
+    config
+}
+
+impl Target {
+    /// Starts `current_exe() __broker` with a temp data dir and waits for its address.
+    pub async fn child() -> anyhow::Result<Target> {
+        let dir = tempfile::tempdir()?;
+        let exe = std::env::current_exe()?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg(CHILD_COMMAND)
+            .arg(dir.path().join("data"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the embedded broker")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut addr, mut cert) = (None, None);
+        while addr.is_none() || cert.is_none() {
+            let line = lines.next_line().await?.context("embedded broker exited before listening")?;
+            if let Some(a) = line.strip_prefix("addr=") {
+                addr = Some(a.parse::<SocketAddr>()?);
+            } else if let Some(c) = line.strip_prefix("cert=") {
+                cert = Some(PathBuf::from(c));
+            }
+        }
+        let (addr, cert) = (addr.context("addr")?, cert.context("cert")?);
+        let pid = child.id();
+        Ok(Target {
+            addr,
+            trust: Trust::CaFile(cert),
+            server_name: "localhost".into(),
+            pid,
+            owned: Owned::Child(child, dir),
+        })
+    }
+
+    /// Starts a broker inside this process (for tests; CPU is then shared with the harness).
+    pub async fn in_process() -> anyhow::Result<Target> {
+        let dir = tempfile::tempdir()?;
+        let broker = Broker::start(embedded_config(dir.path().join("data"))).await?;
+        Ok(Target {
+            addr: broker.local_addr,
+            trust: Trust::CaFile(broker.cert_path.clone()),
+            server_name: "localhost".into(),
+            pid: None,
+            owned: Owned::InProcess(Box::new(broker), dir),
+        })
+    }
+
+    /// A running broker.
+    pub fn remote(addr: SocketAddr, trust: Trust, pid: Option<u32>) -> Target {
+        Target { addr, trust, server_name: "localhost".into(), pid, owned: Owned::None }
+    }
+
+    /// A new client endpoint for this broker.
+    pub fn connector(&self) -> anyhow::Result<Connector> {
+        Ok(Connector::new(self.addr, &self.server_name, self.trust.clone())?)
+    }
+
+    /// Stops an owned broker (closing stdin asks the child to shut down cleanly).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        match self.owned {
+            Owned::None => Ok(()),
+            Owned::Child(mut child, _dir) => {
+                drop(child.stdin.take());
+                match tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await {
+                    Ok(status) => anyhow::ensure!(status?.success(), "embedded broker exited with an error"),
+                    Err(_) => child.kill().await?,
+                }
+                Ok(())
+            }
+            Owned::InProcess(broker, _dir) => broker.shutdown().await,
+        }
+    }
+}
+
+/// Body of the hidden `__broker DATA_DIR` subcommand: run until stdin closes.
+pub fn run_child(data_dir: PathBuf) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sb-broker").build()?;
+    runtime.block_on(async move {
+        let broker = Broker::start(embedded_config(data_dir)).await?;
+        println!("addr={}", broker.local_addr);
+        println!("cert={}", broker.cert_path.display());
+        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(_)) = stdin.next_line().await {}
+        broker.shutdown().await
+    })
+}
