@@ -1,5 +1,5 @@
 //! One connection: handshake and device proof under a deadline and a 4 KiB frame
-//! limit, then the session actor, a reader that feeds it and a writer that drains the
+//! limit, then the session (which reads and dispatches requests) and a writer that drains the
 //! outbound queue. A bad frame closes this connection only, with a stable code.
 
 use std::net::IpAddr;
@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::limits::{
     AUTH_DEADLINE_MS, HISTORY_PAGE_MAX, LIST_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_GROUP_MEMBERS,
     MAX_INFLIGHT_REQUESTS, MAX_SERVER_FRAME_BYTES, MAX_TEXT_BYTES, MAX_USERS_PER_REQUEST, PREAUTH_MAX_FRAME_BYTES,
@@ -66,7 +65,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     let deadline = Duration::from_millis(u64::from(AUTH_DEADLINE_MS));
-    let authed = match tokio::time::timeout(deadline, handshake(&shared, &conn)).await {
+    // Boxed: the handshake's state is large and short-lived; inline it would stay in
+    // every connection's task allocation for the connection's whole life.
+    let authed = match tokio::time::timeout(deadline, Box::pin(handshake(&shared, &conn))).await {
         Ok(Ok(a)) => a,
         Ok(Err(c)) => return close(&conn, c),
         Err(_) => return close(&conn, Close(ErrorCode::TIMEOUT, "authentication deadline passed".into())),
@@ -168,23 +169,13 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
     }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
     let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
-    let caller = Caller { user, device, session };
-    let actor = Actor::spawn(None, Session { shared: shared.clone(), caller, out: out.clone() }, ()).await;
-    match actor {
-        Ok((actor, _)) => {
-            decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
-            let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
-            let end = read_loop(&mut recv, &mut decoder, &permits, &actor).await;
-            if end.0 != ErrorCode::NO_ERROR {
-                tracing::debug!(session, code = %end.0, reason = %end.1, "closing connection");
-                close(&conn, end);
-            }
-            actor.stop(None);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "session actor failed");
-            close(&conn, Close(ErrorCode::INTERNAL, "internal error".into()));
-        }
+    let session_state = Session { shared: shared.clone(), caller: Caller { user, device, session }, out: out.clone() };
+    decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
+    let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
+    let end = read_loop(&mut recv, &mut decoder, &permits, &session_state).await;
+    if end.0 != ErrorCode::NO_ERROR {
+        tracing::debug!(session, code = %end.0, reason = %end.1, "closing connection");
+        close(&conn, end);
     }
     out.close(ErrorCode::NO_ERROR);
     let _ = writer.await;
@@ -196,7 +187,7 @@ async fn read_loop(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
     permits: &Arc<Semaphore>,
-    actor: &ActorRef<SessionMsg>,
+    session: &Session,
 ) -> Close {
     loop {
         let body = match read_frame(recv, decoder).await {
@@ -211,14 +202,13 @@ async fn read_loop(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return Close(ErrorCode::INTERNAL, "internal error".into());
         };
-        if actor.cast(SessionMsg::Request(req, permit)).is_err() {
-            return Close(ErrorCode::INTERNAL, "internal error".into());
-        }
+        session.dispatch(req, permit).await;
     }
 }
 
 async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, out: Arc<Outbound>) {
-    let mut batch = Vec::with_capacity(64);
+    // Grows to the largest burst drained at once; idle connections keep none.
+    let mut batch = Vec::new();
     loop {
         match out.drain(&mut batch).await {
             None => {
@@ -248,47 +238,33 @@ async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, out: A
     }
 }
 
-/// Messages to a session actor.
-pub enum SessionMsg {
-    /// A decoded request with its in-flight slot.
-    Request(Request, OwnedSemaphorePermit),
-}
-
-/// The session actor: dispatches one device's requests without blocking on them.
-/// Conversation work goes to conversation actors; catalog work (create, list, devices)
-/// runs on tasks, so a slow request never holds up the next one.
+/// The session: one per connection, it owns the device's identity and outbound queue
+/// and handles that device's requests one at a time, in order, like an actor whose
+/// mailbox is the control stream (bounded by the in-flight permits). It never waits on
+/// a request's outcome: conversation work goes to conversation actors and catalog work
+/// (create, list, devices) to tasks, so a slow request never holds up the next one.
+///
+/// It is deliberately not a ractor actor: every ractor actor costs about 6 KB (four
+/// unbounded channels and a task), which per connection would break the broker's memory
+/// budget of 40 KB per idle connection, and a ractor mailbox would add a hop per request.
 struct Session {
     shared: Arc<Shared>,
     caller: Caller,
     out: Arc<Outbound>,
 }
 
-impl Actor for Session {
-    type Msg = SessionMsg;
-    type State = ();
-    type Arguments = ();
-
-    async fn pre_start(&self, _myself: ActorRef<SessionMsg>, _: ()) -> Result<(), ActorProcessingErr> {
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<SessionMsg>,
-        msg: SessionMsg,
-        _: &mut (),
-    ) -> Result<(), ActorProcessingErr> {
-        let SessionMsg::Request(Request { id, body }, permit) = msg;
+impl Session {
+    async fn dispatch(&self, Request { id, body }: Request, permit: OwnedSemaphorePermit) {
         let reply = Responder::new(id, self.out.clone(), permit);
         let (shared, caller) = (self.shared.clone(), self.caller);
         let conv_request = match body {
             RequestBody::Ping => {
                 reply.send(Ok(Reply::Pong { server_time_ms: crate::now_ms() }));
-                return Ok(());
+                return;
             }
             RequestBody::Register(_) | RequestBody::Login(_) | RequestBody::Authenticate { .. } => {
                 reply.fail(ErrorCode::INVALID, "already authenticated");
-                return Ok(());
+                return;
             }
             RequestBody::Send { conv, client_id, text } => {
                 (conv, ConvRequest::Write(Command::Send { client_id, text }))
@@ -313,28 +289,27 @@ impl Actor for Session {
                         Err(e) => reply.send(Err(e)),
                     }
                 });
-                return Ok(());
+                return;
             }
             RequestBody::CreateConversation(new) => {
                 tokio::spawn(async move { reply.send(create_conversation(&shared, caller, new).await) });
-                return Ok(());
+                return;
             }
             RequestBody::ListConversations { after } => {
                 tokio::task::spawn_blocking(move || reply.send(list_conversations(&shared, caller.user, after)));
-                return Ok(());
+                return;
             }
             RequestBody::ListDevices => {
                 tokio::task::spawn_blocking(move || reply.send(list_devices(&shared, caller)));
-                return Ok(());
+                return;
             }
             RequestBody::RevokeDevice { device_id } => {
                 tokio::spawn(async move { reply.send(revoke_device(&shared, caller.user, device_id).await) });
-                return Ok(());
+                return;
             }
         };
         let (conv, req) = conv_request;
         shared.convs.request(&shared, conv, caller, req, reply).await;
-        Ok(())
     }
 }
 

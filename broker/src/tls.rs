@@ -100,8 +100,9 @@ pub fn server_config(identity: &Identity, config: &Config) -> anyhow::Result<qui
 /// The transport knobs, each chosen rather than inherited.
 fn transport(config: &Config) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // One control stream plus a few file transfers at a time.
-    t.max_concurrent_bidi_streams(8u32.into());
+    // One control stream plus a few file transfers at a time. quinn allocates state for
+    // every stream the peer may open up front, so this is also per-connection memory.
+    t.max_concurrent_bidi_streams(4u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Per-stream window: a full client frame (64 KiB) several times over.
     t.stream_receive_window((256u32 * 1024).into());
@@ -115,9 +116,9 @@ fn transport(config: &Config) -> quinn::TransportConfig {
     t.max_idle_timeout(Some(idle));
     // Clients keep the connection alive; the broker only detects silence.
     t.keep_alive_interval(None);
-    // Datagrams are reserved for typing signals; small buffer.
-    t.datagram_receive_buffer_size(Some(64 * 1024));
-    t.datagram_send_buffer_size(64 * 1024);
+    // Datagrams are reserved for typing signals and not used yet: off.
+    t.datagram_receive_buffer_size(None);
+    t.datagram_send_buffer_size(0);
     t
 }
 
