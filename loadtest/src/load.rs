@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use anyhow::Context;
 use switchboard_client::{Connector, Identity, RawSession};
@@ -113,6 +112,22 @@ pub async fn create_direct(pop: &Population, a: usize, b: usize) -> anyhow::Resu
     Ok(conv)
 }
 
+/// Creates the direct conversations of `pairs`, `SETUP_CONCURRENCY` at a time.
+pub async fn create_directs(pop: &std::sync::Arc<Population>, pairs: &[(usize, usize)]) -> anyhow::Result<Vec<ConvId>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(SETUP_CONCURRENCY) {
+        let mut set = tokio::task::JoinSet::new();
+        for (k, &(a, b)) in chunk.iter().enumerate() {
+            let pop = pop.clone();
+            set.spawn(async move { anyhow::Ok((k, create_direct(&pop, a, b).await?)) });
+        }
+        let mut got: Vec<(usize, ConvId)> = set.join_all().await.into_iter().collect::<anyhow::Result<_>>()?;
+        got.sort_by_key(|(k, _)| *k);
+        out.extend(got.into_iter().map(|(_, c)| c));
+    }
+    Ok(out)
+}
+
 /// What one sender sends in one phase: `count` messages, evenly spaced from `start_ns`,
 /// each to a conversation picked from `convs` by its index.
 #[derive(Debug)]
@@ -144,6 +159,9 @@ impl SendPlan {
     }
 }
 
+/// Value of the control channel that stops readers; any other change asks them to flush.
+pub const STOP: u64 = u64::MAX;
+
 /// Plans of one sender, by phase.
 pub type Plans = Arc<RwLock<Vec<Arc<SendPlan>>>>;
 
@@ -167,7 +185,7 @@ pub struct LoadSession {
 
 impl LoadSession {
     /// Starts the reader of session `index`.
-    pub fn start(index: usize, raw: RawSession, stats: Arc<Stats>, clock: Clock, stop: watch::Receiver<bool>) -> Self {
+    pub fn start(index: usize, raw: RawSession, stats: Arc<Stats>, clock: Clock, stop: watch::Receiver<u64>) -> Self {
         let RawSession { conn, send, recv, decoder } = raw;
         let plans: Plans = Arc::default();
         let reader = tokio::spawn(read_loop(index, recv, decoder, stats, clock, plans.clone(), stop));
@@ -189,12 +207,15 @@ async fn read_loop(
     stats: Arc<Stats>,
     clock: Clock,
     plans: Plans,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<u64>,
 ) -> ReaderOut {
     let mut out = ReaderOut { tracker: Tracker::default(), acked: Vec::new() };
     let mut deliveries: Vec<(u64, u64)> = Vec::with_capacity(BATCH);
     let mut acks: Vec<u64> = Vec::with_capacity(BATCH);
-    let mut flush = tokio::time::interval(Duration::from_millis(100));
+    // Batches are handed over when full or, after a read, when older than this; no
+    // per-reader timer (10,000 readers ticking would cost the harness more than the reads).
+    const FLUSH_NS: u64 = 100_000_000;
+    let mut flushed_ns = clock.now_ns();
     loop {
         while let Ok(Some(body)) = decoder.next_frame() {
             let now = clock.now_ns();
@@ -226,11 +247,10 @@ async fn read_loop(
                     stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
-            if deliveries.len() >= BATCH {
+            if deliveries.len() >= BATCH || acks.len() >= BATCH || now.saturating_sub(flushed_ns) > FLUSH_NS {
                 stats.deliveries(&mut deliveries);
-            }
-            if acks.len() >= BATCH {
                 stats.acks(&mut acks);
+                flushed_ns = now;
             }
         }
         tokio::select! {
@@ -238,11 +258,14 @@ async fn read_loop(
                 Ok(Some(c)) => decoder.push(&c.bytes),
                 _ => break,
             },
-            _ = flush.tick() => {
+            changed = stop.changed() => {
+                // A change asks for a flush (drain polls totals); `STOP` ends the reader.
                 stats.deliveries(&mut deliveries);
                 stats.acks(&mut acks);
+                if changed.is_err() || *stop.borrow_and_update() == STOP {
+                    break;
+                }
             }
-            _ = stop.changed() => break,
         }
     }
     stats.deliveries(&mut deliveries);

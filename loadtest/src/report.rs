@@ -127,8 +127,11 @@ pub struct Report {
     pub acked_per_s: f64,
     /// Deliveries per second.
     pub delivered_per_s: f64,
-    /// Scheduled send to delivery at a member (no coordinated omission).
+    /// Scheduled send to delivery at a member (no coordinated omission); for `storm`,
+    /// connect to authenticated (see `latency_label`).
     pub latency: Percentiles,
+    /// What `latency` measures: "delivery" or "connect".
+    pub latency_label: String,
     /// Scheduled send to durable acknowledgement.
     pub ack_latency: Percentiles,
     /// Per-interval figures.
@@ -191,7 +194,8 @@ impl Report {
             )
         };
         if self.latency.count > 0 {
-            s.push_str(&row("delivery", &self.latency));
+            let label = if self.latency_label.is_empty() { "delivery" } else { self.latency_label.as_str() };
+            s.push_str(&row(label, &self.latency));
         }
         if self.ack_latency.count > 0 {
             s.push_str(&row("ack", &self.ack_latency));
@@ -210,7 +214,7 @@ impl Report {
             h.cpu_pct_mean, h.cpu_pct_max, h.rss_mib_peak
         );
         for (k, v) in &self.extra {
-            let _ = writeln!(s, "{k:<28}{v:.2}");
+            let _ = writeln!(s, "{k:<40}{v:>12.2}");
         }
         if !self.ramp.is_empty() {
             let _ = writeln!(s, "ramp          offered/s  delivered/s   p99 ms   ok");

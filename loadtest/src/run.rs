@@ -23,7 +23,7 @@ pub struct MessageLoad {
     membership: Membership,
     stats: Arc<Stats>,
     clock: Clock,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<u64>,
     broker: Option<Sampler>,
     harness: Sampler,
     phases: u32,
@@ -42,7 +42,7 @@ impl MessageLoad {
         let clock = Clock::default();
         let raws = pop.connect_raw(0..pop.users.len()).await?;
         let stats = Arc::new(Stats::new(clock.now_ns(), common.max_seconds()));
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(0u64);
         let sessions = raws
             .into_iter()
             .enumerate()
@@ -117,6 +117,8 @@ impl MessageLoad {
         let deadline = tokio::time::Instant::now() + limit;
         let mut last = u64::MAX;
         while tokio::time::Instant::now() < deadline {
+            // Ask readers to hand over what they buffered, then look at the totals.
+            self.stop.send_modify(|v| *v = (*v + 1) % crate::load::STOP);
             tokio::time::sleep(Duration::from_millis(250)).await;
             let acked =
                 self.stats.acked_total.load(Ordering::Relaxed) + self.stats.errors_total.load(Ordering::Relaxed);
@@ -168,7 +170,7 @@ impl MessageLoad {
         common: &Common,
     ) -> anyhow::Result<Report> {
         self.drain(Duration::from_secs(10)).await;
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(crate::load::STOP);
         if let Some(p) = self.progress.take() {
             p.abort();
         }

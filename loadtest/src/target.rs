@@ -96,6 +96,11 @@ impl Target {
         Target { addr, trust, server_name: "localhost".into(), pid, owned: Owned::None }
     }
 
+    /// The broker runs inside this process.
+    pub fn is_in_process(&self) -> bool {
+        matches!(self.owned, Owned::InProcess(..))
+    }
+
     /// A new client endpoint for this broker.
     pub fn connector(&self) -> anyhow::Result<Connector> {
         Ok(Connector::new(self.addr, &self.server_name, self.trust.clone())?)
@@ -120,6 +125,10 @@ impl Target {
 
 /// Body of the hidden `__broker DATA_DIR` subcommand: run until stdin closes.
 pub fn run_child(data_dir: PathBuf) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sb-broker").build()?;
     runtime.block_on(async move {
         let broker = Broker::start(embedded_config(data_dir)).await?;

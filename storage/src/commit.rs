@@ -25,6 +25,9 @@ use crate::StoreError;
 
 type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+/// A commit slower than this is logged: acknowledgements waited on it.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 pub(crate) struct Committer {
     tx: Mutex<Option<mpsc::Sender<Done>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -78,7 +81,19 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Done>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| file.sync_data().map_err(|e| e.to_string()));
+        let started = std::time::Instant::now();
+        let flushed = db.flush().map_err(|e| e.to_string());
+        let flush_time = started.elapsed();
+        let result = flushed.and_then(|_| file.sync_data().map_err(|e| e.to_string()));
+        let total = started.elapsed();
+        if total > SLOW_COMMIT {
+            tracing::warn!(
+                flush_ms = flush_time.as_millis() as u64,
+                total_ms = total.as_millis() as u64,
+                waiters = batch.len(),
+                "slow group commit"
+            );
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, waiters = batch.len(), "group commit failed; writes not acknowledged");
         }

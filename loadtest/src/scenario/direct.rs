@@ -1,7 +1,7 @@
 //! `direct`: U users in U/2 direct conversations, each user sending at r messages/s:
 //! many small conversations, the one-to-one chat load.
 
-use crate::load::{Population, create_direct};
+use crate::load::{Population, create_directs};
 use crate::report::Report;
 use crate::run::{MessageLoad, run_messages};
 use crate::scenario::params;
@@ -22,11 +22,12 @@ pub struct Args {
 pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
     let users = args.users.max(2).next_multiple_of(2);
     let target = common.target().await?;
-    let pop = Population::enroll(&target, &run_tag(), users).await?;
+    let pop = std::sync::Arc::new(Population::enroll(&target, &run_tag(), users).await?);
+    let pairs: Vec<(usize, usize)> = (0..users).step_by(2).map(|p| (p, p + 1)).collect();
+    let convs = create_directs(&pop, &pairs).await?;
     let mut membership = crate::load::Membership::new();
     let mut senders = Vec::with_capacity(users);
-    for pair in (0..users).step_by(2) {
-        let conv = create_direct(&pop, pair, pair + 1).await?;
+    for (&(pair, _), &conv) in pairs.iter().zip(&convs) {
         membership.insert(conv, vec![pair, pair + 1]);
         senders.push((pair, vec![conv]));
         senders.push((pair + 1, vec![conv]));

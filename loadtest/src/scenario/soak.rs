@@ -1,7 +1,7 @@
 //! `soak`: a steady mix for a long time: one busy group plus many direct pairs. The
 //! report adds drift: p99 latency and broker memory at the end against the start.
 
-use crate::load::{Membership, Population, create_direct, create_group};
+use crate::load::{Membership, Population, create_directs, create_group};
 use crate::report::Report;
 use crate::run::{MessageLoad, run_messages};
 use crate::scenario::params;
@@ -26,7 +26,7 @@ pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
     let direct = args.direct_users.next_multiple_of(2);
     let users = args.group_members + direct;
     let target = common.target().await?;
-    let pop = Population::enroll(&target, &run_tag(), users).await?;
+    let pop = std::sync::Arc::new(Population::enroll(&target, &run_tag(), users).await?);
     let group: Vec<usize> = (0..args.group_members).collect();
     let mut membership = Membership::new();
     let mut senders = Vec::new();
@@ -35,8 +35,9 @@ pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
         senders.extend(group.iter().map(|&m| (m, vec![conv])));
         membership.insert(conv, group);
     }
-    for pair in (args.group_members..users).step_by(2) {
-        let conv = create_direct(&pop, pair, pair + 1).await?;
+    let pairs: Vec<(usize, usize)> = (args.group_members..users).step_by(2).map(|p| (p, p + 1)).collect();
+    let convs = create_directs(&pop, &pairs).await?;
+    for (&(pair, _), &conv) in pairs.iter().zip(&convs) {
         membership.insert(conv, vec![pair, pair + 1]);
         senders.push((pair, vec![conv]));
         senders.push((pair + 1, vec![conv]));

@@ -31,11 +31,18 @@ pub struct Args {
 pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
     let target = common.target().await?;
     let pop = Arc::new(Population::enroll(&target, &run_tag(), args.clients).await?);
-    let pid = target.pid.map_or_else(|| "self".to_owned(), |p| p.to_string());
+    // Memory is measured on the broker's own process; in-process it includes the
+    // harness's client side, and a remote broker without --broker-pid is not measured.
+    let pid = match (target.pid, target.is_in_process()) {
+        (Some(p), _) => Some(p.to_string()),
+        (None, true) => Some("self".to_owned()),
+        (None, false) => None,
+    };
+    let rss = |pid: &Option<String>| pid.as_deref().and_then(rss_mib).unwrap_or(0.0);
     let broker = target.pid.map(|p| Sampler::start(p.to_string(), Duration::from_secs(1)));
     let harness = Sampler::start("self".into(), Duration::from_secs(1));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_before = rss_mib(&pid).unwrap_or(0.0);
+    let rss_before = rss(&pid);
 
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let start = Instant::now();
@@ -70,7 +77,7 @@ pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(args.hold_s)).await;
-    let rss_after = rss_mib(&pid).unwrap_or(0.0);
+    let rss_after = rss(&pid);
     let connected = sessions.len();
     for s in &sessions {
         s.conn.close(0u32.into(), b"done");
@@ -91,17 +98,26 @@ pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
         duration_s: elapsed,
         errors,
         latency: Percentiles::from_us(&latency),
+        latency_label: "connect".into(),
         broker: broker.as_ref().map(|b| b.summary(0.0)),
         harness: harness.summary(0.0),
         ..Report::default()
     };
     let per_conn_kib = (rss_after - rss_before) * 1024.0 / connected.max(1) as f64;
+    match (target.pid, target.is_in_process()) {
+        (Some(_), _) => {
+            report.extra.insert("broker_kib_per_idle_connection".into(), per_conn_kib);
+            report.extra.insert("broker_rss_before_mib".into(), rss_before);
+            report.extra.insert("broker_rss_connected_mib".into(), rss_after);
+        }
+        (None, true) => {
+            report.extra.insert("process_kib_per_connection_incl_harness".into(), per_conn_kib);
+        }
+        (None, false) => {}
+    }
     report.extra.insert("connected".into(), connected as f64);
     report.extra.insert("seconds_to_all_connected".into(), elapsed);
     report.extra.insert("authenticated_connections_per_s".into(), connected as f64 / elapsed.max(1e-9));
-    report.extra.insert("broker_rss_before_mib".into(), rss_before);
-    report.extra.insert("broker_rss_connected_mib".into(), rss_after);
-    report.extra.insert("broker_kib_per_idle_connection".into(), per_conn_kib);
     report.check("every device connected", connected == args.clients, format!("{connected} of {}", args.clients));
     target.stop().await?;
     Ok(report)
