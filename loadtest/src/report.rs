@@ -176,17 +176,21 @@ impl Report {
             let _ = writeln!(s, "  {k:<12}{v}");
         }
         let _ = writeln!(s, "duration      {:.1} s", self.duration_s);
-        let _ = writeln!(s, "sent          {}   acked {}   errors {}", self.sent, self.acked, self.errors);
-        let _ = writeln!(
-            s,
-            "delivered     {}   lost {}   duplicated {}   out of order {}",
-            self.delivered, self.lost, self.duplicated, self.out_of_order
-        );
-        let _ = writeln!(
-            s,
-            "throughput    {:.0} acked msgs/s   {:.0} deliveries/s",
-            self.acked_per_s, self.delivered_per_s
-        );
+        if self.sent > 0 || self.delivered > 0 {
+            let _ = writeln!(s, "sent          {}   acked {}   errors {}", self.sent, self.acked, self.errors);
+            let _ = writeln!(
+                s,
+                "delivered     {}   lost {}   duplicated {}   out of order {}",
+                self.delivered, self.lost, self.duplicated, self.out_of_order
+            );
+            let _ = writeln!(
+                s,
+                "throughput    {:.0} acked msgs/s   {:.0} deliveries/s",
+                self.acked_per_s, self.delivered_per_s
+            );
+        } else {
+            let _ = writeln!(s, "errors        {}", self.errors);
+        }
         let row = |name: &str, p: &Percentiles| {
             format!(
                 "{name:<14}p50 {:>8.2}  p90 {:>8.2}  p99 {:>8.2}  p99.9 {:>8.2}  max {:>8.2} ms  (n={})\n",
@@ -213,6 +217,18 @@ impl Report {
             "harness       cpu mean {:.0}% max {:.0}%   rss peak {:.1} MiB",
             h.cpu_pct_mean, h.cpu_pct_max, h.rss_mib_peak
         );
+        if let Some(b) = &self.broker {
+            let total = b.cpu_pct_mean + h.cpu_pct_mean;
+            if total > 0.0 {
+                let _ = writeln!(
+                    s,
+                    "cpu share     broker {:.0}%  harness {:.0}%  (of {:.0}% used; this machine has 200%)",
+                    b.cpu_pct_mean / total * 100.0,
+                    h.cpu_pct_mean / total * 100.0,
+                    total
+                );
+            }
+        }
         for (k, v) in &self.extra {
             let _ = writeln!(s, "{k:<40}{v:>12.2}");
         }
