@@ -19,8 +19,13 @@ struct Running {
 }
 
 fn start(dir: &Path) -> Running {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, extra: &[&str]) -> Running {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
         .current_dir(dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -125,6 +130,41 @@ async fn sigkill_loses_no_acknowledged_message() {
         assert!(seen.contains(seq), "acknowledged seq {seq} was lost");
     }
     let mut broker = broker;
+    signal(&broker.child, "-TERM");
+    assert!(broker.child.wait().unwrap().success());
+}
+
+#[tokio::test]
+async fn operators_add_users_when_registration_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["user", "add", "carol"])
+        .current_dir(dir.path())
+        .env("SWITCHBOARD_PASSWORD", "correct horse battery")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The same name twice is refused with a non-zero exit.
+    let again = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["user", "add", "carol"])
+        .current_dir(dir.path())
+        .env("SWITCHBOARD_PASSWORD", "correct horse battery")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!again.success());
+
+    let mut broker = start_with(dir.path(), &["--closed-registration"]);
+    let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let refused = connector.register("mallory", "correct horse battery", "x").await.err().unwrap();
+    assert_eq!(refused.code(), Some(switchboard_protocol::ErrorCode::REGISTRATION_CLOSED));
+    let (carol, _) = connector.login("carol", "correct horse battery", "laptop").await.unwrap();
+    assert_eq!(carol.devices().await.unwrap().len(), 1);
+    drop(carol);
     signal(&broker.child, "-TERM");
     assert!(broker.child.wait().unwrap().success());
 }

@@ -94,3 +94,26 @@ async fn membership_changes_are_ordered_entries() {
     assert_eq!(left, removed + 1);
     assert_eq!(alice.members(conv).await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn idle_conversation_actor_stops_and_restarts_on_use() {
+    let tb = TestBroker::start_with(|c| c.conversation_idle_ms = 100).await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let mut bob_events = bob.events().unwrap();
+    let conv = alice.create_direct("bob").await.unwrap().id;
+    next_entry(&mut bob_events).await;
+    assert_eq!(alice.send(conv, "before").await.unwrap(), 2);
+    let shared = tb.broker.as_ref().unwrap().shared().clone();
+    assert_eq!(shared.convs.live(), 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shared.convs.live() > 0 {
+        assert!(std::time::Instant::now() < deadline, "idle conversation actor never stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A fresh actor picks up where the old one left off.
+    assert_eq!(alice.send(conv, "after").await.unwrap(), 3);
+    assert_eq!(next_entry(&mut bob_events).await.seq, 2);
+    assert_eq!(next_entry(&mut bob_events).await.seq, 3);
+    assert_eq!(shared.convs.live(), 1);
+}
