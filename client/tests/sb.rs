@@ -57,6 +57,7 @@ async fn register_create_send_history_and_tail() {
     assert!(line["text"].as_str().unwrap().starts_with("hello "));
     assert!(sent.contains(&line["seq"].as_u64().unwrap()));
     tail.kill().unwrap();
+    let _ = tail.wait();
 
     let history = sb(&bob, &broker, &["history", &id]);
     let texts: Vec<&str> = history.iter().filter_map(|e| e["text"].as_str()).collect();
