@@ -1,5 +1,7 @@
 //! Answering a request: the responder travels with the request to whichever actor or
 //! task handles it, and holds the session's in-flight permit until the answer is queued.
+//! Every request gets exactly one answer: a responder dropped unanswered (its handler
+//! failed or its actor crashed) answers `INTERNAL`, so no client waits forever.
 
 use std::sync::Arc;
 
@@ -11,17 +13,28 @@ use crate::outbound::Outbound;
 /// Sends exactly one response for one request.
 pub struct Responder {
     id: u32,
-    out: Arc<Outbound>,
+    /// `None` once answered.
+    out: Option<Arc<Outbound>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Responder {
     pub(crate) fn new(id: u32, out: Arc<Outbound>, permit: OwnedSemaphorePermit) -> Self {
-        Responder { id, out, _permit: permit }
+        Responder { id, out: Some(out), _permit: permit }
     }
 
     /// Queues the response and releases the in-flight slot.
-    pub fn send(self, result: Result<Reply, ErrorBody>) {
+    pub fn send(mut self, result: Result<Reply, ErrorBody>) {
+        self.answer(result);
+    }
+
+    /// Shorthand for an error response.
+    pub fn fail(self, code: ErrorCode, message: impl Into<String>) {
+        self.send(Err(ErrorBody::new(code, message)));
+    }
+
+    fn answer(&mut self, result: Result<Reply, ErrorBody>) {
+        let Some(out) = self.out.take() else { return };
         let frame = encode_frame(&ServerFrame::Response { id: self.id, result }).or_else(|e| {
             tracing::error!(error = %e, "response did not encode");
             let err = Err(ErrorBody::new(ErrorCode::INTERNAL, "response did not encode"));
@@ -29,13 +42,17 @@ impl Responder {
         });
         if let Ok(frame) = frame {
             // A closed queue means the connection is going away; nothing else to do.
-            let _ = self.out.push(frame);
+            let _ = out.push(frame);
         }
     }
+}
 
-    /// Shorthand for an error response.
-    pub fn fail(self, code: ErrorCode, message: impl Into<String>) {
-        self.send(Err(ErrorBody::new(code, message)));
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            tracing::warn!(id = self.id, "request dropped unanswered");
+            self.answer(Err(ErrorBody::new(ErrorCode::INTERNAL, "request was not completed; retry")));
+        }
     }
 }
 

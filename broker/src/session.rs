@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_protocol::limits::{
-    AUTH_DEADLINE_MS, HISTORY_PAGE_MAX, LIST_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_GROUP_MEMBERS,
-    MAX_INFLIGHT_REQUESTS, MAX_SERVER_FRAME_BYTES, MAX_TEXT_BYTES, MAX_USERS_PER_REQUEST, PREAUTH_MAX_FRAME_BYTES,
+    AUTH_DEADLINE_MS, LIST_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_GROUP_MEMBERS, MAX_INFLIGHT_REQUESTS,
+    MAX_USERS_PER_REQUEST, PREAUTH_MAX_FRAME_BYTES,
 };
 use switchboard_protocol::{
     Body, ClientFrame, ClientHello, ConvId, ConversationKind, ConversationSummary, DeviceId, DeviceInfo, Entry,
@@ -27,20 +27,6 @@ use crate::limits::READ_CHUNK_BYTES;
 use crate::online::SessionHandle;
 use crate::outbound::Outbound;
 use crate::reply::{Responder, internal};
-
-/// The limits this broker announces.
-pub fn announced_limits() -> Limits {
-    Limits {
-        max_client_frame_bytes: MAX_CLIENT_FRAME_BYTES,
-        max_server_frame_bytes: MAX_SERVER_FRAME_BYTES,
-        preauth_max_frame_bytes: PREAUTH_MAX_FRAME_BYTES,
-        max_text_bytes: MAX_TEXT_BYTES,
-        max_inflight_requests: MAX_INFLIGHT_REQUESTS,
-        history_page_max: HISTORY_PAGE_MAX,
-        max_group_members: MAX_GROUP_MEMBERS,
-        auth_deadline_ms: AUTH_DEADLINE_MS,
-    }
-}
 
 /// Why a connection ends: a stable code and a short reason for the peer.
 struct Close(ErrorCode, String);
@@ -106,7 +92,7 @@ async fn handshake(shared: &Shared, conn: &quinn::Connection) -> Result<Authed, 
     let server_hello = ServerHello {
         version: switchboard_protocol::PROTOCOL_VERSION,
         nonce,
-        limits: announced_limits(),
+        limits: Limits::current(),
         server_time_ms: crate::now_ms(),
     };
     write_msg(&mut send, &server_hello).await?;

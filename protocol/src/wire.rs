@@ -65,6 +65,23 @@ pub struct Limits {
     pub auth_deadline_ms: u32,
 }
 
+impl Limits {
+    /// The limits of this protocol version (`crate::limits`), as a broker announces them.
+    pub fn current() -> Limits {
+        use crate::limits::*;
+        Limits {
+            max_client_frame_bytes: MAX_CLIENT_FRAME_BYTES,
+            max_server_frame_bytes: MAX_SERVER_FRAME_BYTES,
+            preauth_max_frame_bytes: PREAUTH_MAX_FRAME_BYTES,
+            max_text_bytes: MAX_TEXT_BYTES,
+            max_inflight_requests: MAX_INFLIGHT_REQUESTS,
+            history_page_max: HISTORY_PAGE_MAX,
+            max_group_members: MAX_GROUP_MEMBERS,
+            auth_deadline_ms: AUTH_DEADLINE_MS,
+        }
+    }
+}
+
 /// A frame from client to broker after the hello.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientFrame {
@@ -445,10 +462,7 @@ pub enum Event {
 mod tests {
     use super::*;
     use crate::frame::{FrameDecoder, decode, encode_frame};
-    use crate::limits::{
-        AUTH_DEADLINE_MS, HISTORY_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_GROUP_MEMBERS, MAX_INFLIGHT_REQUESTS,
-        MAX_SERVER_FRAME_BYTES, MAX_TEXT_BYTES, PREAUTH_MAX_FRAME_BYTES,
-    };
+    use crate::limits::{MAX_CLIENT_FRAME_BYTES, MAX_SERVER_FRAME_BYTES};
     use proptest::prelude::*;
 
     /// The protocol document whose test vectors this module keeps true.
@@ -572,16 +586,7 @@ mod tests {
             "server_hello" => Fixture::ServerHello(ServerHello {
                 version: crate::PROTOCOL_VERSION,
                 nonce: [7; 32],
-                limits: Limits {
-                    max_client_frame_bytes: MAX_CLIENT_FRAME_BYTES,
-                    max_server_frame_bytes: MAX_SERVER_FRAME_BYTES,
-                    preauth_max_frame_bytes: PREAUTH_MAX_FRAME_BYTES,
-                    max_text_bytes: MAX_TEXT_BYTES,
-                    max_inflight_requests: MAX_INFLIGHT_REQUESTS,
-                    history_page_max: HISTORY_PAGE_MAX,
-                    max_group_members: MAX_GROUP_MEMBERS,
-                    auth_deadline_ms: AUTH_DEADLINE_MS,
-                },
+                limits: Limits::current(),
                 server_time_ms: T,
             }),
             "request_register" => req(0, RequestBody::Register(enroll())),
