@@ -361,3 +361,121 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T>
 fn corrupt(key: &[u8], detail: &str) -> StoreError {
     StoreError::Corrupt { key: key.iter().map(|b| format!("{b:02x}")).collect(), detail: detail.to_owned() }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use switchboard_protocol::{Body, ConversationKind};
+
+    fn open(dir: &Path) -> Store {
+        let mut config = StoreConfig::new(dir.join("db"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        Store::open(&config).unwrap()
+    }
+
+    fn text(conv: ConvId, seq: Seq, sender: UserId) -> Entry {
+        Entry {
+            conv,
+            seq,
+            sender,
+            sender_device: 1,
+            client_id: [seq as u8; 16],
+            at_ms: 0,
+            body: Body::Text { text: format!("m{seq}"), edited: false },
+        }
+    }
+
+    #[tokio::test]
+    async fn committed_entries_survive_reopen_with_dedupe_and_last_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            for seq in 1..=5 {
+                let mut txn = Txn::new();
+                let entry = text(9, seq, 3);
+                txn.append(&entry, Some((3, &entry.client_id)));
+                store.commit(txn).unwrap().await.unwrap();
+            }
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(store.last_seq(9).unwrap(), 5);
+        assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), Some(4));
+        assert_eq!(store.dedupe(9, 4, &[4; 16]).unwrap(), None, "dedupe keys are per sender");
+        let all = store.entries(9, 1, 5, 10, false).unwrap();
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        let newest = store.entries(9, 1, 5, 2, true).unwrap();
+        assert_eq!(newest.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 4]);
+        assert!(store.entries(9, 6, 5, 10, false).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn callbacks_complete_in_commit_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for seq in 1..=200 {
+            let mut txn = Txn::new();
+            txn.append(&text(1, seq, 1), None);
+            let tx = tx.clone();
+            store.commit_then(txn, move |r| tx.send((seq, r.is_ok())).unwrap()).unwrap();
+        }
+        for want in 1..=200 {
+            assert_eq!(rx.recv().await.unwrap(), (want, true));
+        }
+    }
+
+    #[tokio::test]
+    async fn names_and_direct_pairs_are_unique_and_ids_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob);
+        {
+            let store = open(dir.path());
+            let (a, d) = store.create_user("alice", "hash", 0).unwrap();
+            d.await.unwrap();
+            assert!(matches!(store.create_user("alice", "other", 0), Err(StoreError::Conflict)));
+            let (b, d) = store.create_user("bob", "hash", 0).unwrap();
+            d.await.unwrap();
+            (alice, bob) = (a, b);
+            let record = ConversationRecord { kind: ConversationKind::Direct, title: String::new(), created_ms: 0 };
+            let members = [(alice, Role::Member), (bob, Role::Member)];
+            let (c1, created, d) =
+                store.create_conversation(&record, &members, Some((alice, bob)), |c| text(c, 1, alice)).unwrap();
+            d.await.unwrap();
+            assert!(created);
+            let (c2, created, d) =
+                store.create_conversation(&record, &members, Some((bob, alice)), |c| text(c, 1, bob)).unwrap();
+            d.await.unwrap();
+            assert_eq!((c2, created), (c1, false), "one direct conversation per pair, either order");
+            assert_eq!(store.user_conversations(alice, None, 10).unwrap(), vec![c1]);
+            assert_eq!(store.last_seq(c1).unwrap(), 1);
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        let (carol, d) = store.create_user("carol", "hash", 0).unwrap();
+        d.await.unwrap();
+        assert!(carol > alice.max(bob), "ids keep increasing across restarts");
+        assert_eq!(store.user_by_name("bob").unwrap().map(|(id, _)| id), Some(bob));
+    }
+
+    #[tokio::test]
+    async fn membership_index_follows_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut txn = Txn::new();
+        for conv in [5, 7, 9] {
+            txn.set_member(conv, 1, Some(Role::Member));
+        }
+        txn.set_member(7, 2, Some(Role::Admin));
+        store.commit(txn).unwrap().await.unwrap();
+        assert_eq!(store.user_conversations(1, None, 10).unwrap(), vec![5, 7, 9]);
+        assert_eq!(store.user_conversations(1, Some(5), 1).unwrap(), vec![7]);
+        let mut txn = Txn::new();
+        txn.set_member(7, 1, None);
+        store.commit(txn).unwrap().await.unwrap();
+        assert_eq!(store.user_conversations(1, None, 10).unwrap(), vec![5, 9]);
+        assert_eq!(store.members(7).unwrap(), vec![(2, Role::Admin)]);
+    }
+}

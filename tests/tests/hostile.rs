@@ -147,3 +147,49 @@ async fn a_device_that_stops_reading_is_cut_off_as_slow_consumer() {
     // Bob, who reads, got every one of them and is still connected.
     still_chatting(&tb, &alice, &mut bob_events, conv).await;
 }
+
+#[tokio::test]
+async fn zero_rtt_is_refused() {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let tb = TestBroker::start().await;
+    let broker = tb.broker.as_ref().unwrap();
+    // A client that would like 0-RTT: session resumption plus early data enabled.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&broker.cert_path).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![switchboard_protocol::ALPN.to_vec()];
+    tls.enable_early_data = true;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+
+    // First connection: full handshake, the client stores a session ticket.
+    let first = endpoint.connect(broker.local_addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = first.open_bi().await.unwrap();
+    let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version: 1, agent: "0rtt".into() };
+    send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let _ = recv.read(&mut buf).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.close(0u32.into(), b"");
+
+    // Second connection: the broker never accepts early data, so 0-RTT is not offered.
+    let connecting = endpoint.connect(broker.local_addr, "localhost").unwrap();
+    match connecting.into_0rtt() {
+        Err(connecting) => {
+            connecting.await.unwrap();
+        }
+        Ok((conn, accepted)) => {
+            // If a ticket allowed sending early, the broker must reject the early data.
+            assert!(!accepted.await, "broker accepted 0-RTT data");
+            drop(conn);
+        }
+    }
+}
