@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 
 use crate::limits::{
     ARGON2_CONCURRENCY, AUTH_FAILURE_KEYS_MAX, AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_PER_ACCOUNT,
-    AUTH_FAILURES_PER_ADDRESS, MIN_PASSWORD_BYTES,
+    AUTH_FAILURES_PER_ADDRESS, MAX_DEVICES_PER_USER, MIN_PASSWORD_BYTES,
 };
 use crate::reply::internal;
 
@@ -148,6 +148,9 @@ impl Auth {
 
     async fn enroll(&self, user: UserId, device_name: &str, key: [u8; 32]) -> Result<DeviceId, ErrorBody> {
         check_label(device_name)?;
+        if self.store.devices(user).map_err(internal)?.len() >= MAX_DEVICES_PER_USER {
+            return Err(fail(ErrorCode::FORBIDDEN, "device limit reached; revoke a device first"));
+        }
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: crate::now_ms() };
         let (device, durable) = self.store.add_device(user, &record).map_err(internal)?;
         durable.await.map_err(internal)?;

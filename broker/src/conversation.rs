@@ -569,6 +569,15 @@ impl ConvDirectory {
         }
     }
 
+    /// Kills a conversation's actor the way a crash would: no clean stop, queued
+    /// messages and pending acknowledgements dropped (each pending request is answered
+    /// `INTERNAL`; clients retry with the same ids). The next request starts a fresh
+    /// actor from the store. For fault-injection tests and operators.
+    pub fn kill(&self, conv: ConvId) -> bool {
+        let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).cloned();
+        slot.map(|s| s.actor.kill()).is_some()
+    }
+
     /// Number of live conversation actors.
     pub fn live(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()

@@ -21,6 +21,9 @@ pub const AUTH_FAILURES_PER_ACCOUNT: u32 = 10;
 pub const AUTH_FAILURES_PER_ADDRESS: u32 = 30;
 /// Window for the failure counts.
 pub const AUTH_FAILURE_WINDOW_MS: u64 = 60_000;
+/// Devices one account may have enrolled; each login enrolls one, so without a bound
+/// a password holder could grow the store without end. Revoke one to enroll another.
+pub const MAX_DEVICES_PER_USER: usize = 32;
 /// Minimum password length at registration.
 pub const MIN_PASSWORD_BYTES: usize = 8;
 /// Largest frame the broker reads in one QUIC chunk read.

@@ -165,6 +165,8 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
     }
     out.close(ErrorCode::NO_ERROR);
     let _ = writer.await;
+    // The control stream is gone: so is the session (a no-op if already closed).
+    conn.close(ErrorCode::NO_ERROR.0.into(), b"session ended");
     shared.users.detach(user, session).await;
     tracing::debug!(session, "session ended");
 }

@@ -120,9 +120,4 @@ impl UserDirectory {
             let _ = actor.cast(UserMsg::Revoke(device));
         }
     }
-
-    /// Number of users online.
-    pub async fn online_users(&self) -> usize {
-        self.map.lock().await.len()
-    }
 }

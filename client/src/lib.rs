@@ -454,11 +454,6 @@ impl Client {
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
     }
-
-    /// The QUIC connection (for tests and diagnostics).
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.conn
-    }
 }
 
 impl Drop for Client {

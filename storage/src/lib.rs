@@ -10,7 +10,7 @@ mod commit;
 mod keys;
 mod records;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use switchboard_protocol::{ClientMsgId, ConvId, DeviceId, Entry, Role, Seq, UserId};
@@ -97,11 +97,6 @@ impl Store {
             .open()?;
         let committer = Committer::start(db.clone(), config.path.join("db"))?;
         Ok(Store { db, committer, catalog: Mutex::new(()), path: config.path.clone() })
-    }
-
-    /// Where the database lives.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Applies `txn` atomically and returns a future that resolves once it is durable.
@@ -364,6 +359,7 @@ fn corrupt(key: &[u8], detail: &str) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
     use std::sync::Arc;
 
     use super::*;

@@ -117,3 +117,61 @@ async fn idle_conversation_actor_stops_and_restarts_on_use() {
     assert_eq!(next_entry(&mut bob_events).await.seq, 3);
     assert_eq!(shared.convs.live(), 1);
 }
+
+#[tokio::test]
+async fn a_crashed_conversation_actor_loses_nothing_and_ids_stay_exactly_once() {
+    use std::sync::Arc;
+    let tb = TestBroker::start().await;
+    let alice = Arc::new(tb.register("alice").await.0);
+    let (bob, _) = tb.register("bob").await;
+    let conv = alice.create_group("crashy", &["bob".into()]).await.unwrap().id;
+    let shared = tb.broker.as_ref().unwrap().shared().clone();
+    assert_eq!(alice.send(conv, "warm up").await.unwrap(), 2);
+
+    // 1,000 pipelined sends with known ids; the actor is killed while they are in flight.
+    let ids: Vec<[u8; 16]> = (0..1000).map(|_| switchboard_client::new_client_id()).collect();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut sends = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (alice, id, done) = (alice.clone(), *id, done.clone());
+        sends.spawn(async move {
+            let r = alice.send_with_id(conv, id, &format!("m{i}")).await;
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (i, r)
+        });
+    }
+    // Kill once the first acks are back: the rest are queued, applied or awaiting fsync.
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 50 {
+        tokio::task::yield_now().await;
+    }
+    assert!(shared.convs.kill(conv), "the conversation actor was live");
+    let mut seqs = vec![0u64; ids.len()];
+    let mut failed = Vec::new();
+    for (i, r) in sends.join_all().await {
+        match r {
+            Ok((seq, _)) => seqs[i] = seq,
+            Err(e) => {
+                assert_eq!(e.code(), Some(switchboard_protocol::ErrorCode::INTERNAL), "{e}");
+                failed.push(i);
+            }
+        }
+    }
+    assert!(!failed.is_empty() && failed.len() < ids.len(), "the kill landed mid-stream ({} failed)", failed.len());
+    // Retrying the failed ones with the same ids: each gets exactly one seq.
+    for i in failed {
+        seqs[i] = alice.send_with_id(conv, ids[i], &format!("m{i}")).await.unwrap().0;
+    }
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "every id has its own seq");
+    let mut seen = Vec::new();
+    loop {
+        let (page, _) = bob.history(conv, Page::After(seen.last().copied().unwrap_or(0)), 200).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        seen.extend(page.iter().map(|e| e.seq));
+    }
+    assert_eq!(seen, (1..=1002).collect::<Vec<_>>(), "gapless: creation, warm-up and exactly one entry per id");
+}

@@ -92,3 +92,28 @@ async fn non_members_are_forbidden() {
     let missing = eve.send(999, "nowhere").await.unwrap_err();
     assert_eq!(missing.code(), Some(ErrorCode::NOT_FOUND));
 }
+
+#[tokio::test]
+async fn hundreds_of_pipelined_requests_are_all_answered_in_order() {
+    use std::sync::Arc;
+    let tb = TestBroker::start().await;
+    let alice = Arc::new(tb.register("alice").await.0);
+    let (bob, _) = tb.register("bob").await;
+    let mut bob_events = bob.events().unwrap();
+    let conv = alice.create_direct("bob").await.unwrap().id;
+    next_entry(&mut bob_events).await;
+    // Far more than the 64 in flight the broker allows: the rest wait, none fail.
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let alice = alice.clone();
+        sends.spawn(async move { alice.send(conv, &format!("m{i}")).await.unwrap() });
+    }
+    let mut seqs = sends.join_all().await;
+    seqs.sort();
+    assert_eq!(seqs, (2..302).collect::<Vec<_>>());
+    let mut received = Vec::new();
+    for _ in 0..300 {
+        received.push(next_entry(&mut bob_events).await.seq);
+    }
+    assert_eq!(received, (2..302).collect::<Vec<_>>(), "delivered once each, in seq order");
+}
