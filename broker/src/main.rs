@@ -113,12 +113,7 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 async fn user_add(config: Config, name: &str) -> anyhow::Result<()> {
     let password = match std::env::var("SWITCHBOARD_PASSWORD") {
         Ok(p) => p,
-        Err(_) => {
-            eprint!("password for {name}: ");
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line)?;
-            line.trim_end_matches(['\r', '\n']).to_owned()
-        }
+        Err(_) => rpassword::prompt_password(format!("password for {name}: "))?,
     };
     let store = switchboard_broker::open_store(&config)?;
     let auth =

@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use switchboard_client::{Client, Connector, Identity, Trust, hex};
-use switchboard_protocol::{Body, ConvId, ConversationSummary, Entry, Event, Page, Role, Seq, UserId};
+use switchboard_protocol::{
+    Body, ConvId, ConversationKind, ConversationSummary, Entry, Event, Page, Role, Seq, UserId,
+};
 
 #[derive(Parser)]
 #[command(name = "sb", version, about = "Switchboard command line client")]
@@ -119,10 +121,23 @@ struct State {
     identity: Option<Identity>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(run(cli))
+    let json = cli.json;
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    if let Err(e) = result {
+        let code = e.downcast_ref::<switchboard_client::ClientError>().and_then(|c| c.code());
+        if json {
+            let (name, number) = code.map_or(("ERROR", None), |c| (c.name(), Some(c.0)));
+            println!("{}", json!({"error": name, "code": number, "message": format!("{e:#}")}));
+        }
+        eprintln!("sb: {e:#}");
+        std::process::exit(1);
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -307,6 +322,7 @@ fn describe(body: &Body) -> (&'static str, String) {
         Body::Tombstone => ("tombstone", "(deleted)".into()),
         Body::Edit { target, text } => ("edit", format!("edited #{target}: {text}")),
         Body::Delete { target } => ("delete", format!("deleted #{target}")),
+        Body::Created { kind: ConversationKind::Direct, .. } => ("created", "started the conversation".into()),
         Body::Created { title, members, .. } => {
             ("created", format!("created {title:?} with {} members", members.len()))
         }
@@ -394,12 +410,7 @@ fn password(name: &str, confirm: bool) -> anyhow::Result<String> {
     if let Ok(p) = std::env::var("SWITCHBOARD_PASSWORD") {
         return Ok(p);
     }
-    let read = |prompt: &str| -> anyhow::Result<String> {
-        eprint!("{prompt}");
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line)?;
-        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
-    };
+    let read = |prompt: &str| -> anyhow::Result<String> { Ok(rpassword::prompt_password(prompt)?) };
     let p = read(&format!("password for {name}: "))?;
     if confirm && read("again: ")? != p {
         bail!("passwords differ");
