@@ -24,7 +24,9 @@ use crate::reply::internal;
 pub struct Auth {
     store: Arc<Store>,
     argon: argon2::Argon2<'static>,
-    argon_slots: Semaphore,
+    /// Held by the blocking hash itself, so a cancelled login cannot leave more hashes
+    /// running than there are slots.
+    argon_slots: Arc<Semaphore>,
     failures: FailureLimiter,
     registration_open: bool,
 }
@@ -41,7 +43,7 @@ impl Auth {
         Ok(Auth {
             store,
             argon: argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params),
-            argon_slots: Semaphore::new(ARGON2_CONCURRENCY),
+            argon_slots: Arc::new(Semaphore::new(ARGON2_CONCURRENCY)),
             failures: FailureLimiter::default(),
             registration_open,
         })
@@ -49,20 +51,24 @@ impl Auth {
 
     /// Hashes a password (CPU-heavy: runs on the blocking pool, bounded).
     pub async fn hash_password(&self, password: &str) -> Result<String, ErrorBody> {
-        let _slot = self.argon_slots.acquire().await.map_err(internal)?;
+        let slot = self.argon_slots.clone().acquire_owned().await.map_err(internal)?;
         let argon = self.argon.clone();
         let password = password.to_owned();
-        tokio::task::spawn_blocking(move || argon.hash_password(password.as_bytes()).map(|h| h.to_string()))
-            .await
-            .map_err(internal)?
-            .map_err(internal)
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            argon.hash_password(password.as_bytes()).map(|h| h.to_string())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)
     }
 
     async fn verify_password(&self, password: &str, phc: &str) -> Result<bool, ErrorBody> {
-        let _slot = self.argon_slots.acquire().await.map_err(internal)?;
+        let slot = self.argon_slots.clone().acquire_owned().await.map_err(internal)?;
         let argon = self.argon.clone();
         let (password, phc) = (password.to_owned(), phc.to_owned());
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let parsed = PasswordHash::new(&phc).map_err(internal)?;
             Ok(argon.verify_password(password.as_bytes(), &parsed).is_ok())
         })
@@ -77,6 +83,8 @@ impl Auth {
         }
         check_user_name(&req.user)?;
         check_password(&req.password)?;
+        // Everything that can be refused is checked before the account is created.
+        check_label(&req.device_name)?;
         let key = verify_enrollment(req, transcript)?;
         let hash = self.hash_password(&req.password).await?;
         let (user, durable) = match self.store.create_user(&req.user, &hash, crate::now_ms()) {
@@ -91,16 +99,25 @@ impl Auth {
 
     /// Checks the password and enrolls the device that signed `transcript`.
     pub async fn login(&self, req: &Enroll, transcript: &[u8], from: IpAddr) -> Result<(UserId, DeviceId), ErrorBody> {
+        let address = [LimitKey::Address(from)];
+        if check_user_name(&req.user).is_err() || req.password.len() > MAX_PASSWORD_BYTES as usize {
+            // Not a name that can exist: never a key in the table, which stays small.
+            self.failures.check(&address)?;
+            self.failures.record(&address);
+            return Err(fail(ErrorCode::AUTH_FAILED, "wrong user name or password"));
+        }
+        check_label(&req.device_name)?;
         let keys = [LimitKey::Account(req.user.clone()), LimitKey::Address(from)];
         self.failures.check(&keys)?;
         let key = verify_enrollment(req, transcript)?;
+        // Counted before the (slow) check so concurrent guesses cannot all pass the
+        // limit at once; refunded when the password is right.
+        self.failures.record(&keys);
         let user = match self.store.user_by_name(&req.user).map_err(internal)? {
             Some((id, record)) if self.verify_password(&req.password, &record.password_hash).await? => id,
-            _ => {
-                self.failures.record(&keys);
-                return Err(fail(ErrorCode::AUTH_FAILED, "wrong user name or password"));
-            }
+            _ => return Err(fail(ErrorCode::AUTH_FAILED, "wrong user name or password")),
         };
+        self.failures.refund(&keys);
         let device = self.enroll(user, &req.device_name, key).await?;
         Ok((user, device))
     }
@@ -148,11 +165,14 @@ impl Auth {
 
     async fn enroll(&self, user: UserId, device_name: &str, key: [u8; 32]) -> Result<DeviceId, ErrorBody> {
         check_label(device_name)?;
-        if self.store.devices(user).map_err(internal)?.len() >= MAX_DEVICES_PER_USER {
-            return Err(fail(ErrorCode::FORBIDDEN, "device limit reached; revoke a device first"));
-        }
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: crate::now_ms() };
-        let (device, durable) = self.store.add_device(user, &record).map_err(internal)?;
+        let (device, durable) = match self.store.add_device(user, &record, MAX_DEVICES_PER_USER) {
+            Ok(v) => v,
+            Err(StoreError::LimitReached) => {
+                return Err(fail(ErrorCode::FORBIDDEN, "device limit reached; revoke a device first"));
+            }
+            Err(e) => return Err(internal(e)),
+        };
         durable.await.map_err(internal)?;
         Ok(device)
     }
@@ -229,6 +249,16 @@ impl FailureLimiter {
             }
         }
         Ok(())
+    }
+
+    /// Takes back one counted attempt per key (the attempt turned out to be right).
+    fn refund(&self, keys: &[LimitKey]) {
+        let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            if let Some(slot) = map.get_mut(key) {
+                slot.1 = slot.1.saturating_sub(1);
+            }
+        }
     }
 
     fn record(&self, keys: &[LimitKey]) {

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -260,9 +260,22 @@ pub struct ConvState {
     durable_seq: Seq,
     pending: VecDeque<Pending>,
     depth: Arc<AtomicUsize>,
+    /// Highest seq fanned out (shared with the directory, so a successor of a crashed
+    /// actor knows which durable entries were never pushed to online devices).
+    published: Arc<AtomicU64>,
     last_activity: Instant,
     /// A commit failed: refuse writes until restarted from the store.
     poisoned: bool,
+}
+
+/// What a conversation actor starts from.
+pub struct ConvArgs {
+    id: ConvId,
+    depth: Arc<AtomicUsize>,
+    published: Arc<AtomicU64>,
+    /// Set when replacing an actor that died: entries after this seq may never have
+    /// been fanned out.
+    resume_after: Option<Seq>,
 }
 
 /// The conversation actor.
@@ -273,20 +286,27 @@ pub struct Conversation {
 impl Actor for Conversation {
     type Msg = ConvMsg;
     type State = ConvState;
-    type Arguments = (ConvId, Arc<AtomicUsize>);
+    type Arguments = ConvArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<ConvMsg>,
-        (id, depth): Self::Arguments,
-    ) -> Result<ConvState, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<ConvMsg>, args: ConvArgs) -> Result<ConvState, ActorProcessingErr> {
+        let ConvArgs { id, depth, published, resume_after } = args;
         let store = &self.shared.store;
         let record = store.conversation(id)?.ok_or("conversation vanished")?;
         // Whatever a predecessor applied but did not see durable is made durable now,
         // so every entry this actor serves is durable.
         store.barrier()?.await?;
         let last_seq = store.last_seq(id)?;
-        let members = store.members(id)?.into_iter().collect();
+        let members: HashMap<UserId, Role> = store.members(id)?.into_iter().collect();
+        if let Some(after) = resume_after {
+            // The predecessor died between making entries durable (or applying them) and
+            // pushing them: push them now, once, in order.
+            for entry in store.entries(id, after.saturating_add(1), last_seq, usize::MAX, false)? {
+                let recipients = recipients_of(&entry, &members);
+                let frame = encode_frame(&ServerFrame::Event(Event::Entry(entry)))?;
+                self.shared.online.deliver(&recipients, &frame, 0);
+            }
+        }
+        published.store(last_seq, Ordering::Release);
         let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
         myself.send_interval(tick, || ConvMsg::Tick);
         Ok(ConvState {
@@ -294,6 +314,7 @@ impl Actor for Conversation {
             durable_seq: last_seq,
             pending: VecDeque::new(),
             depth,
+            published,
             last_activity: Instant::now(),
             poisoned: false,
         })
@@ -383,6 +404,11 @@ impl Conversation {
         if let Err(e) = store.commit_then(txn, move |r| {
             let _ = me.cast(ConvMsg::Durable { seq, ok: r.is_ok() });
         }) {
+            // The batch may have been applied without a durability promise: this actor's
+            // view of the log can no longer be trusted. A successor reloads from the store
+            // (pending requests are answered INTERNAL as the state drops).
+            state.poisoned = true;
+            myself.stop(Some("commit failed".into()));
             return reply.send(Err(internal(e)));
         }
         state.core.apply(&plan);
@@ -403,7 +429,7 @@ impl Conversation {
                     reply.fail(ErrorCode::INTERNAL, "storage failure; retry");
                 }
             }
-            self.shared.convs.retire_now(state.core.id, myself.get_id());
+            // The next request finds this actor gone and starts a successor from the store.
             myself.stop(Some("commit failed".into()));
             return;
         }
@@ -412,6 +438,7 @@ impl Conversation {
             let Some(p) = state.pending.pop_front() else { break };
             if let Some((frame, recipients, skip)) = p.fanout {
                 self.shared.online.deliver(&recipients, &frame, skip);
+                state.published.fetch_max(p.seq, Ordering::AcqRel);
             }
             if let Some((reply, ack)) = p.reply {
                 reply.send(Ok(ack));
@@ -457,6 +484,19 @@ impl Conversation {
     }
 }
 
+/// Who hears of a stored entry: today's members, plus a user the entry removed.
+fn recipients_of(entry: &Entry, members: &HashMap<UserId, Role>) -> Vec<UserId> {
+    let mut users: Vec<UserId> = members.keys().copied().collect();
+    match &entry.body {
+        Body::MemberRemoved { user } => users.push(*user),
+        Body::MemberLeft => users.push(entry.sender),
+        _ => {}
+    }
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
 fn reversed(mut v: Vec<Entry>) -> Vec<Entry> {
     v.reverse();
     v
@@ -465,22 +505,37 @@ fn reversed(mut v: Vec<Entry>) -> Vec<Entry> {
 /// Maps conversation ids to live actors, spawning on demand. The per-actor `depth`
 /// counts messages sent but not yet handled: it bounds the mailbox, and an idle actor
 /// retires only when it is zero under the map lock, so no request is ever cast into a
-/// stopping actor.
-#[derive(Default)]
+/// stopping actor. An actor that died (crash, failed commit) stays in the map until the
+/// next request replaces it with a successor that resumes its fan-out.
 pub struct ConvDirectory {
     map: std::sync::Mutex<HashMap<ConvId, Slot>>,
-    spawn_lock: tokio::sync::Mutex<()>,
+    /// Serialises starting an actor per conversation (sharded: a start waits for a
+    /// store barrier, and must not hold up unrelated conversations).
+    spawn_locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+const SPAWN_SHARDS: usize = 64;
+
+impl Default for ConvDirectory {
+    fn default() -> Self {
+        ConvDirectory {
+            map: std::sync::Mutex::new(HashMap::new()),
+            spawn_locks: (0..SPAWN_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
 }
 
 #[derive(Clone)]
 struct Slot {
     actor: ActorRef<ConvMsg>,
     depth: Arc<AtomicUsize>,
+    published: Arc<AtomicU64>,
 }
 
 impl ConvDirectory {
     /// Delivers a request to the conversation's actor, starting it if needed. Answers
-    /// `NOT_FOUND` for no such conversation and `OVERLOADED` for a full mailbox.
+    /// `NOT_FOUND` for no such conversation, `FORBIDDEN` to a non-member when no actor
+    /// is running (strangers never start actors), `OVERLOADED` for a full mailbox.
     pub async fn request(
         &self,
         shared: &Arc<Shared>,
@@ -490,6 +545,7 @@ impl ConvDirectory {
         reply: Responder,
     ) {
         let mut msg = ConvMsg::Request(caller, req, reply);
+        let mut dead = None;
         for _ in 0..3 {
             let slot = {
                 let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -509,21 +565,20 @@ impl ConvDirectory {
                 Some((slot, false)) => match slot.actor.cast(msg) {
                     Ok(()) => return,
                     Err(ractor::MessagingErr::SendErr(back)) => {
-                        // The actor died (a crash): forget it and start a fresh one.
+                        // The actor died: replace it below.
                         slot.depth.fetch_sub(1, Ordering::AcqRel);
-                        self.retire_now(conv, slot.actor.get_id());
+                        dead = Some(slot.actor.get_id());
                         msg = back;
                     }
                     Err(_) => return,
                 },
-                None => {
-                    if let Err(e) = self.spawn(shared, conv).await {
-                        if let ConvMsg::Request(_, _, reply) = msg {
-                            reply.send(Err(e));
-                        }
-                        return;
-                    }
+                None => {}
+            }
+            if let Err(e) = self.spawn(shared, conv, caller.user, dead.take()).await {
+                if let ConvMsg::Request(_, _, reply) = msg {
+                    reply.send(Err(e));
                 }
+                return;
             }
         }
         if let ConvMsg::Request(_, _, reply) = msg {
@@ -531,21 +586,43 @@ impl ConvDirectory {
         }
     }
 
-    async fn spawn(&self, shared: &Arc<Shared>, conv: ConvId) -> Result<(), ErrorBody> {
-        let _guard = self.spawn_lock.lock().await;
-        if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv) {
-            return Ok(());
-        }
-        match shared.store.conversation(conv) {
+    /// Starts an actor for `conv` unless a live one is registered; `dead` names an actor
+    /// found dead, whose fan-out watermark the successor resumes from.
+    async fn spawn(
+        &self,
+        shared: &Arc<Shared>,
+        conv: ConvId,
+        user: UserId,
+        dead: Option<ractor::ActorId>,
+    ) -> Result<(), ErrorBody> {
+        let _guard = self.spawn_locks[(conv as usize) % SPAWN_SHARDS].lock().await;
+        let resume_after = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&conv) {
+                Some(slot) if Some(slot.actor.get_id()) == dead => {
+                    let published = slot.published.load(Ordering::Acquire);
+                    map.remove(&conv);
+                    Some(published)
+                }
+                // Someone else already started one.
+                Some(_) => return Ok(()),
+                None => None,
+            }
+        };
+        let store = &shared.store;
+        match store.conversation(conv) {
             Ok(Some(_)) => {}
             Ok(None) => return Err(err(ErrorCode::NOT_FOUND, "no such conversation")),
             Err(e) => return Err(internal(e)),
         }
+        if resume_after.is_none() && store.member(conv, user).map_err(internal)?.is_none() {
+            return Err(err(ErrorCode::FORBIDDEN, "not a member of this conversation"));
+        }
         let depth = Arc::new(AtomicUsize::new(0));
-        let (actor, _) = Actor::spawn(None, Conversation { shared: shared.clone() }, (conv, depth.clone()))
-            .await
-            .map_err(internal)?;
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, Slot { actor, depth });
+        let published = Arc::new(AtomicU64::new(0));
+        let args = ConvArgs { id: conv, depth: depth.clone(), published: published.clone(), resume_after };
+        let (actor, _) = Actor::spawn(None, Conversation { shared: shared.clone() }, args).await.map_err(internal)?;
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, Slot { actor, depth, published });
         Ok(())
     }
 
@@ -561,21 +638,20 @@ impl ConvDirectory {
         }
     }
 
-    /// Removes the actor if it is still the registered one, queued requests or not.
-    fn retire_now(&self, conv: ConvId, actor: ractor::ActorId) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&conv).is_some_and(|slot| slot.actor.get_id() == actor) {
-            map.remove(&conv);
-        }
-    }
-
     /// Kills a conversation's actor the way a crash would: no clean stop, queued
     /// messages and pending acknowledgements dropped (each pending request is answered
-    /// `INTERNAL`; clients retry with the same ids). The next request starts a fresh
-    /// actor from the store. For fault-injection tests and operators.
+    /// `INTERNAL`; clients retry with the same ids). The next request starts a successor
+    /// that pushes whatever the dead actor made durable but never fanned out. For
+    /// fault-injection tests and operators.
     pub fn kill(&self, conv: ConvId) -> bool {
         let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).cloned();
         slot.map(|s| s.actor.kill()).is_some()
+    }
+
+    /// The newest seq of `conv` that online devices have been sent, if its actor is
+    /// registered (never ahead of what is durable).
+    pub fn published(&self, conv: ConvId) -> Option<Seq> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).map(|s| s.published.load(Ordering::Acquire))
     }
 
     /// Number of live conversation actors.

@@ -24,6 +24,10 @@ pub const AUTH_FAILURE_WINDOW_MS: u64 = 60_000;
 /// Devices one account may have enrolled; each login enrolls one, so without a bound
 /// a password holder could grow the store without end. Revoke one to enroll another.
 pub const MAX_DEVICES_PER_USER: usize = 32;
+/// Connections one user may have at once (devices may reconnect before their old
+/// connection times out, hence twice the device limit). Bounds one user's share of the
+/// broker and the fan-out work per event for that user.
+pub const MAX_SESSIONS_PER_USER: usize = 2 * MAX_DEVICES_PER_USER;
 /// Minimum password length at registration.
 pub const MIN_PASSWORD_BYTES: usize = 8;
 /// Largest frame the broker reads in one QUIC chunk read.

@@ -28,6 +28,9 @@ use crate::online::SessionHandle;
 use crate::outbound::Outbound;
 use crate::reply::{Responder, internal};
 
+/// How long a finished session may take to send what is still queued.
+const WRITER_DRAIN: Duration = Duration::from_secs(5);
+
 /// Why a connection ends: a stable code and a short reason for the peer.
 struct Close(ErrorCode, String);
 
@@ -51,12 +54,19 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     let deadline = Duration::from_millis(u64::from(AUTH_DEADLINE_MS));
-    // Boxed: the handshake's state is large and short-lived; inline it would stay in
-    // every connection's task allocation for the connection's whole life.
-    let authed = match tokio::time::timeout(deadline, Box::pin(handshake(&shared, &conn))).await {
-        Ok(Ok(a)) => a,
+    // The deadline covers what the peer controls: hello and the auth request. Checking
+    // the request (argon2, durable enrollment) is not cut off half way, so a slow check
+    // never leaves an enrolled device its owner was never told about.
+    let hello = match tokio::time::timeout(deadline, Box::pin(handshake(&conn))).await {
+        Ok(Ok(h)) => h,
         Ok(Err(c)) => return close(&conn, c),
         Err(_) => return close(&conn, Close(ErrorCode::TIMEOUT, "authentication deadline passed".into())),
+    };
+    // Boxed: the auth state is large and short-lived; inline it would stay in every
+    // connection's task allocation for the connection's whole life.
+    let authed = match Box::pin(authenticate(&shared, &conn, hello)).await {
+        Ok(a) => a,
+        Err(c) => return close(&conn, c),
     };
     run(shared, conn, authed).await;
 }
@@ -69,7 +79,16 @@ struct Authed {
     decoder: FrameDecoder,
 }
 
-async fn handshake(shared: &Shared, conn: &quinn::Connection) -> Result<Authed, Close> {
+/// A connection that said hello and sent its auth request.
+struct Hello {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    transcript: Vec<u8>,
+    request: Request,
+}
+
+async fn handshake(conn: &quinn::Connection) -> Result<Hello, Close> {
     let gone = |e: quinn::ConnectionError| Close(ErrorCode::NO_ERROR, e.to_string());
     let (mut send, mut recv) = conn.accept_bi().await.map_err(gone)?;
     let mut decoder = FrameDecoder::new(PREAUTH_MAX_FRAME_BYTES);
@@ -102,7 +121,12 @@ async fn handshake(shared: &Shared, conn: &quinn::Connection) -> Result<Authed, 
         .map_err(|_| Close(ErrorCode::INTERNAL, "keying material export failed".into()))?;
     let transcript = switchboard_protocol::auth_transcript(&nonce, &exporter);
 
-    let ClientFrame::Request(Request { id, body }) = read_msg(&mut recv, &mut decoder).await?;
+    let ClientFrame::Request(request) = read_msg(&mut recv, &mut decoder).await?;
+    Ok(Hello { send, recv, decoder, transcript, request })
+}
+
+async fn authenticate(shared: &Shared, conn: &quinn::Connection, hello: Hello) -> Result<Authed, Close> {
+    let Hello { mut send, recv, decoder, transcript, request: Request { id, body } } = hello;
     let from: IpAddr = conn.remote_address().ip();
     let (user, device) = match body {
         RequestBody::Register(e) => shared.auth.register(&e, &transcript).await?,
@@ -150,8 +174,13 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
     let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
     let handle = SessionHandle { id: session, device, out: out.clone() };
     if let Err(e) = shared.users.attach(user, handle).await {
-        tracing::error!(error = %e, "user actor failed");
-        return close(&conn, Close(ErrorCode::INTERNAL, "internal error".into()));
+        return close(&conn, e.into());
+    }
+    // A revoke that ran between the signature check and the attach found no session
+    // to close: look again now that the session is visible to revokes.
+    if !matches!(shared.store.device(user, device), Ok(Some(_))) {
+        shared.users.detach(user, session).await;
+        return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into()));
     }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
     let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
@@ -164,7 +193,12 @@ async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
         close(&conn, end);
     }
     out.close(ErrorCode::NO_ERROR);
-    let _ = writer.await;
+    // The writer sends what is queued, unless the peer stopped reading: then it is
+    // aborted rather than left blocked forever.
+    let mut writer = writer;
+    if tokio::time::timeout(WRITER_DRAIN, &mut writer).await.is_err() {
+        writer.abort();
+    }
     // The control stream is gone: so is the session (a no-op if already closed).
     conn.close(ErrorCode::NO_ERROR.0.into(), b"session ended");
     shared.users.detach(user, session).await;
@@ -382,7 +416,12 @@ fn summary(shared: &Shared, me: UserId, conv: ConvId) -> Result<Option<Conversat
         id: conv,
         kind: record.kind,
         title,
-        last_seq: store.last_seq(conv).map_err(internal)?,
+        // A live actor may have applied entries that are not durable yet: show only what
+        // devices could have been sent.
+        last_seq: match shared.convs.published(conv) {
+            Some(seq) => seq,
+            None => store.last_seq(conv).map_err(internal)?,
+        },
         member_count: members.len() as u32,
         my_role,
     }))

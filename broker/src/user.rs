@@ -1,12 +1,15 @@
-//! The user actor: one per user with at least one online device. It owns that user's
-//! sessions (and will own the presence aggregate across them); it publishes them in
-//! `Online` for fan-out and closes a device's connections when it is revoked.
+//! The user actor and its directory. One actor per user with at least one online
+//! device; the directory also keeps the `Online` fan-out index in step with attach and
+//! detach.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use switchboard_protocol::{DeviceId, ErrorCode, UserId};
+use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
+
+use crate::limits::MAX_SESSIONS_PER_USER;
+use crate::reply::internal;
 
 use crate::online::{Online, SessionHandle};
 
@@ -21,9 +24,7 @@ pub enum UserMsg {
 }
 
 /// The user actor.
-pub struct User {
-    online: Arc<Online>,
-}
+pub struct User;
 
 /// Actor state.
 pub struct UserState {
@@ -47,26 +48,14 @@ impl Actor for User {
         state: &mut UserState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            UserMsg::Attach(session) => {
-                self.online.add(state.user, session.clone());
-                state.sessions.push(session);
-            }
-            UserMsg::Detach(id) => {
-                self.online.remove(state.user, id);
-                state.sessions.retain(|s| s.id != id);
-            }
+            UserMsg::Attach(session) => state.sessions.push(session),
+            UserMsg::Detach(id) => state.sessions.retain(|s| s.id != id),
             UserMsg::Revoke(device) => {
+                tracing::debug!(user = state.user, device, "closing a revoked device's connections");
                 for s in state.sessions.iter().filter(|s| s.device == device) {
                     s.out.close(ErrorCode::DEVICE_REVOKED);
                 }
             }
-        }
-        Ok(())
-    }
-
-    async fn post_stop(&self, _myself: ActorRef<UserMsg>, state: &mut UserState) -> Result<(), ActorProcessingErr> {
-        for s in &state.sessions {
-            self.online.remove(state.user, s.id);
         }
         Ok(())
     }
@@ -86,18 +75,24 @@ impl UserDirectory {
         UserDirectory { map: tokio::sync::Mutex::new(HashMap::new()), online }
     }
 
-    /// Registers a connected session.
-    pub async fn attach(&self, user: UserId, session: SessionHandle) -> anyhow::Result<()> {
+    /// Registers a connected session; refuses one beyond `MAX_SESSIONS_PER_USER`.
+    pub async fn attach(&self, user: UserId, session: SessionHandle) -> Result<(), ErrorBody> {
         let mut map = self.map.lock().await;
+        if map.get(&user).is_some_and(|(_, count)| *count >= MAX_SESSIONS_PER_USER) {
+            return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many connections for this user"));
+        }
         let entry = match map.remove(&user) {
             Some(e) => e,
             None => {
-                let (actor, _) = Actor::spawn(None, User { online: self.online.clone() }, user).await?;
+                let (actor, _) = Actor::spawn(None, User, user).await.map_err(internal)?;
                 (actor, 0)
             }
         };
         let (actor, count) = entry;
-        actor.cast(UserMsg::Attach(session))?;
+        self.online.add(user, session.clone());
+        if actor.cast(UserMsg::Attach(session)).is_err() {
+            tracing::error!(user, "user actor is gone");
+        }
         map.insert(user, (actor, count + 1));
         Ok(())
     }
@@ -105,6 +100,7 @@ impl UserDirectory {
     /// Unregisters a session; the last one stops the user's actor.
     pub async fn detach(&self, user: UserId, session: u64) {
         let mut map = self.map.lock().await;
+        self.online.remove(user, session);
         let Some((actor, count)) = map.remove(&user) else { return };
         let _ = actor.cast(UserMsg::Detach(session));
         if count > 1 {

@@ -260,13 +260,19 @@ async fn closed(conn: &quinn::Connection) -> ClientError {
     conn.closed().await.into()
 }
 
-type Waiters = Mutex<HashMap<u32, oneshot::Sender<Result<Reply, ErrorBody>>>>;
+/// Outstanding requests; `None` once the reader has ended, so a request made after
+/// that fails at once instead of waiting for an answer that cannot come.
+type Waiters = Mutex<Option<HashMap<u32, oneshot::Sender<Result<Reply, ErrorBody>>>>>;
+
+/// Encoded requests waiting for the writer task. A request is handed over whole, so
+/// cancelling a request (say, by a timeout) can never leave half a frame on the stream.
+const WRITE_QUEUE: usize = 256;
 
 /// An authenticated connection. Cheap to share by reference across tasks: requests
 /// are pipelined, each waits only for its own response.
 pub struct Client {
     conn: quinn::Connection,
-    send: tokio::sync::Mutex<quinn::SendStream>,
+    writes: mpsc::Sender<bytes::Bytes>,
     waiters: Arc<Waiters>,
     next_id: AtomicU32,
     events: Mutex<Option<mpsc::Receiver<Event>>>,
@@ -282,13 +288,15 @@ pub struct Client {
 impl Client {
     fn start(conn: quinn::Connection, stream: Control, user_id: UserId, device_id: DeviceId) -> Client {
         let Control { send, recv, decoder, limits } = stream;
-        let waiters: Arc<Waiters> = Arc::default();
+        let waiters: Arc<Waiters> = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let events_taken = Arc::new(AtomicBool::new(false));
         tokio::spawn(read_loop(conn.clone(), recv, decoder, waiters.clone(), tx, events_taken.clone()));
+        let (writes, queued) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(write_loop(send, queued));
         Client {
             conn,
-            send: tokio::sync::Mutex::new(send),
+            writes,
             waiters,
             next_id: AtomicU32::new(1),
             events: Mutex::new(Some(rx)),
@@ -300,8 +308,10 @@ impl Client {
     }
 
     /// Takes the event stream (once; later calls return `None`). Events are buffered up
-    /// to `EVENT_BUFFER`; past that the client stops reading, and a broker whose queue
-    /// for this device fills disconnects it with `SLOW_CONSUMER`.
+    /// to `EVENT_BUFFER`. An application that lets the buffer fill is a slow consumer:
+    /// the client closes the connection with `SLOW_CONSUMER` (the application reconnects
+    /// and catches up) rather than stall responses behind unread events. Events that
+    /// arrive before this is first called are kept while they fit, then dropped.
     pub fn events(&self) -> Option<Events> {
         self.events_taken.store(true, Ordering::Release);
         self.events.lock().unwrap_or_else(|p| p.into_inner()).take().map(|rx| Events { rx })
@@ -313,10 +323,20 @@ impl Client {
         let frame = encode_frame(&ClientFrame::Request(Request { id, body }))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        let written = self.send.lock().await.write_all(&frame).await;
-        if written.is_err() {
-            self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let registered = match self.waiters.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(waiters) => {
+                waiters.insert(id, tx);
+                true
+            }
+            None => false,
+        };
+        if !registered {
+            return Err(closed(&self.conn).await);
+        }
+        if self.writes.send(frame).await.is_err() {
+            if let Some(waiters) = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                waiters.remove(&id);
+            }
             return Err(closed(&self.conn).await);
         }
         match rx.await {
@@ -482,17 +502,17 @@ async fn read_loop(
             };
             match decode::<ServerFrame>(&body) {
                 Ok(ServerFrame::Response { id, result }) => {
-                    if let Some(tx) = waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
+                    let waiter = waiters.lock().unwrap_or_else(|p| p.into_inner()).as_mut().and_then(|w| w.remove(&id));
+                    if let Some(tx) = waiter {
                         let _ = tx.send(result);
                     }
                 }
                 Ok(ServerFrame::Event(event)) => {
-                    if events_taken.load(Ordering::Acquire) {
-                        // Waiting here is the backpressure: the broker sees a slow reader.
-                        let _ = events.send(event).await;
-                    } else {
-                        // Nobody listens (yet): keep what fits, never block responses.
-                        let _ = events.try_send(event);
+                    // Never wait here: responses would queue behind unread events.
+                    let full = matches!(events.try_send(event), Err(mpsc::error::TrySendError::Full(_)));
+                    if full && events_taken.load(Ordering::Acquire) {
+                        conn.close(ErrorCode::SLOW_CONSUMER.0.into(), b"client event buffer full");
+                        break 'read;
                     }
                 }
                 Err(e) => {
@@ -506,8 +526,21 @@ async fn read_loop(
             Ok(None) | Err(_) => break,
         }
     }
-    // Dropping the waiters fails every outstanding request with the close reason.
-    waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    // Dropping the waiters fails every outstanding request with the close reason, and
+    // `None` fails every later one at once.
+    waiters.lock().unwrap_or_else(|p| p.into_inner()).take();
+}
+
+async fn write_loop(mut send: quinn::SendStream, mut queued: mpsc::Receiver<bytes::Bytes>) {
+    let mut batch = Vec::new();
+    while queued.recv_many(&mut batch, 64).await > 0 {
+        if send.write_all_chunks(&mut batch).await.is_err() {
+            break;
+        }
+        batch.clear();
+    }
+    // All `Client` handles are gone (or the stream failed): finish cleanly.
+    let _ = send.finish();
 }
 
 /// The event stream of one client.

@@ -78,29 +78,42 @@ impl Drop for Committer {
 }
 
 fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Done>) {
+    // Fail-stop: after one failed flush or fsync nothing is reported durable again. On
+    // Linux a failed fsync may already have dropped the dirty pages it could not write,
+    // so retrying and later succeeding would acknowledge writes that are gone.
+    let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let started = std::time::Instant::now();
-        let flushed = db.flush().map_err(|e| e.to_string());
-        let flush_time = started.elapsed();
-        let result = flushed.and_then(|_| file.sync_data().map_err(|e| e.to_string()));
-        let total = started.elapsed();
-        if total > SLOW_COMMIT {
-            tracing::warn!(
-                flush_ms = flush_time.as_millis() as u64,
-                total_ms = total.as_millis() as u64,
-                waiters = batch.len(),
-                "slow group commit"
-            );
-        }
-        if let Err(e) = &result {
-            tracing::error!(error = %e, waiters = batch.len(), "group commit failed; writes not acknowledged");
+        let result = match &failed {
+            Some(e) => Err(e.clone()),
+            None => commit_once(&db, &file, batch.len()),
+        };
+        if let (Err(e), None) = (&result, &failed) {
+            tracing::error!(error = %e, waiters = batch.len(), "group commit failed; the store refuses writes until restarted");
+            failed = Some(format!("store failed earlier ({e}); restart the broker"));
         }
         for done in batch {
             done(result.clone().map_err(StoreError::NotDurable));
         }
     }
+}
+
+fn commit_once(db: &sled::Db, file: &File, waiters: usize) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    db.flush().map_err(|e| e.to_string())?;
+    let flush_time = started.elapsed();
+    file.sync_data().map_err(|e| e.to_string())?;
+    let total = started.elapsed();
+    if total > SLOW_COMMIT {
+        tracing::warn!(
+            flush_ms = flush_time.as_millis() as u64,
+            total_ms = total.as_millis() as u64,
+            waiters,
+            "slow group commit"
+        );
+    }
+    Ok(())
 }
 
 /// fdatasyncs one file.

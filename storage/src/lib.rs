@@ -44,6 +44,9 @@ pub enum StoreError {
     /// A unique name is already taken.
     #[error("already exists")]
     Conflict,
+    /// A per-owner limit (e.g. devices per user) is reached.
+    #[error("limit reached")]
+    LimitReached,
 }
 
 /// Result alias.
@@ -155,9 +158,13 @@ impl Store {
         self.get(Key::user(id))
     }
 
-    /// Enrolls a device key for `user`.
-    pub fn add_device(&self, user: UserId, record: &DeviceRecord) -> Result<(DeviceId, Durable)> {
+    /// Enrolls a device key for `user`, unless it already has `max_devices`
+    /// (`LimitReached`); the count and the insert are one atomic step.
+    pub fn add_device(&self, user: UserId, record: &DeviceRecord, max_devices: usize) -> Result<(DeviceId, Durable)> {
         let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        if self.db.scan_prefix(Key::devices_of(user)).take(max_devices).count() >= max_devices {
+            return Err(StoreError::LimitReached);
+        }
         let id = self.next_id(Counter::Device)?;
         let mut txn = Txn::new();
         txn.set_counter(Counter::Device, id);
@@ -245,6 +252,11 @@ impl Store {
             out.push((user, decode(&k, &v)?));
         }
         Ok(out)
+    }
+
+    /// `user`'s role in a conversation, if a member.
+    pub fn member(&self, conv: ConvId, user: UserId) -> Result<Option<Role>> {
+        self.get(Key::member(conv, user))
     }
 
     /// Conversations `user` belongs to, ascending, strictly after `after`, at most `limit`.

@@ -124,6 +124,7 @@ async fn a_crashed_conversation_actor_loses_nothing_and_ids_stay_exactly_once() 
     let tb = TestBroker::start().await;
     let alice = Arc::new(tb.register("alice").await.0);
     let (bob, _) = tb.register("bob").await;
+    let mut bob_events = bob.events().unwrap();
     let conv = alice.create_group("crashy", &["bob".into()]).await.unwrap().id;
     let shared = tb.broker.as_ref().unwrap().shared().clone();
     assert_eq!(alice.send(conv, "warm up").await.unwrap(), 2);
@@ -174,4 +175,12 @@ async fn a_crashed_conversation_actor_loses_nothing_and_ids_stay_exactly_once() 
         seen.extend(page.iter().map(|e| e.seq));
     }
     assert_eq!(seen, (1..=1002).collect::<Vec<_>>(), "gapless: creation, warm-up and exactly one entry per id");
+    // Bob, online throughout, saw every entry live exactly once and in order: what the
+    // dead actor made durable but never pushed, its successor pushed.
+    let mut live = Vec::new();
+    for _ in 0..1002 {
+        live.push(next_entry(&mut bob_events).await.seq);
+    }
+    assert_eq!(live, (1..=1002).collect::<Vec<_>>());
+    switchboard_tests::no_event(&mut bob_events, 200).await;
 }
