@@ -292,9 +292,13 @@ impl Actor for Conversation {
         let ConvArgs { id, depth, published, resume_after } = args;
         let store = &self.shared.store;
         let record = store.conversation(id)?.ok_or("conversation vanished")?;
-        // Whatever a predecessor applied but did not see durable is made durable now,
-        // so every entry this actor serves is durable.
-        store.barrier()?.await?;
+        // A predecessor that died may have applied entries it never saw durable: make
+        // them durable before serving them. (A predecessor that retired idle had nothing
+        // pending, and `Broker::start` made everything recovered durable.) Skipping the
+        // barrier otherwise keeps a burst of first messages from waiting on fsyncs.
+        if resume_after.is_some() {
+            store.barrier()?.await?;
+        }
         let last_seq = store.last_seq(id)?;
         let members: HashMap<UserId, Role> = store.members(id)?.into_iter().collect();
         if let Some(after) = resume_after {

@@ -77,6 +77,9 @@ impl Broker {
     /// Opens the store, loads or generates the certificate, binds and starts accepting.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
         let store = open_store(&config)?;
+        // Whatever survived a crash in sled's file is made durable before anything is
+        // served, so conversation actors never serve an entry that could still vanish.
+        store.barrier()?.await?;
         let identity = tls::load_or_generate(&config)?;
         let server_config = tls::server_config(&identity, &config)?;
         let socket = tls::bind_udp(config.listen)?;

@@ -232,6 +232,12 @@ impl Report {
         for (k, v) in &self.extra {
             let _ = writeln!(s, "{k:<40}{v:>12.2}");
         }
+        if self.extra.get("udp_receive_buffer_drops").is_some_and(|d| *d > 0.0) {
+            let _ = writeln!(
+                s,
+                "note          the kernel dropped UDP datagrams (socket receive buffer full): each costs a QUIC\n              retransmission timeout, so the tail latency above includes this machine's overload"
+            );
+        }
         if !self.ramp.is_empty() {
             let _ = writeln!(s, "ramp          offered/s  delivered/s   p99 ms   ok");
             for r in &self.ramp {

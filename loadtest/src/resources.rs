@@ -104,3 +104,15 @@ pub fn summarize(samples: &[Sample]) -> Resources {
         rss_mib_end: samples[samples.len() - 1].rss_mib,
     }
 }
+
+/// Datagrams the kernel dropped because a UDP socket's receive buffer was full, over
+/// the whole machine (`RcvbufErrors` in /proc/net/snmp). On loopback each drop costs a
+/// QUIC retransmission timeout, so a run with drops shows latency spikes that are the
+/// machine's, not the broker's logic: the report says so.
+pub fn udp_receive_drops() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (header, values) = (lines.next()?, lines.next()?);
+    let column = header.split_whitespace().position(|h| h == "RcvbufErrors")?;
+    values.split_whitespace().nth(column)?.parse().ok()
+}

@@ -28,6 +28,7 @@ pub struct MessageLoad {
     harness: Sampler,
     phases: u32,
     progress: Option<tokio::task::JoinHandle<()>>,
+    udp_drops_at_start: Option<u64>,
     measured_from_s: f64,
 }
 
@@ -63,6 +64,7 @@ impl MessageLoad {
             phases: 0,
             progress,
             measured_from_s: 0.0,
+            udp_drops_at_start: None,
         })
     }
 
@@ -109,6 +111,7 @@ impl MessageLoad {
     /// Marks the start of the measured phase for resource summaries (after set-up).
     pub fn mark_measured(&mut self) {
         self.measured_from_s = self.clock.now_ns() as f64 / 1e9;
+        self.udp_drops_at_start = crate::resources::udp_receive_drops();
     }
 
     /// Waits until every sent message is acknowledged and deliveries stop arriving
@@ -225,6 +228,9 @@ impl MessageLoad {
             harness: self.harness.summary(self.measured_from_s),
             ..Report::default()
         };
+        if let (Some(start), Some(end)) = (self.udp_drops_at_start, crate::resources::udp_receive_drops()) {
+            report.extra.insert("udp_receive_buffer_drops".into(), end.saturating_sub(start) as f64);
+        }
         report.check(
             "every sent message acknowledged",
             report.acked + report.errors >= sent,
