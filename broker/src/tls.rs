@@ -100,9 +100,11 @@ pub fn server_config(identity: &Identity, config: &Config) -> anyhow::Result<qui
 /// The transport knobs, each chosen rather than inherited.
 fn transport(config: &Config) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // One control stream plus a few file transfers at a time. quinn allocates state for
-    // every stream the peer may open up front, so this is also per-connection memory.
-    t.max_concurrent_bidi_streams(4u32.into());
+    // The control stream only. quinn allocates state up front for every stream the peer
+    // may open, so each allowed stream is per-connection memory; file transfers will
+    // raise the limit on their connection (`Connection::set_max_concurrent_bi_streams`)
+    // when they start, instead of every idle connection paying for them.
+    t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Per-stream window: a full client frame (64 KiB) several times over.
     t.stream_receive_window((256u32 * 1024).into());
