@@ -36,6 +36,10 @@ pub struct Config {
     pub outbound_max_frames: usize,
     /// Bytes queued for one device before it is disconnected as a slow consumer.
     pub outbound_max_bytes: usize,
+    /// UDP sockets sharing the listen port (SO_REUSEPORT), each with its own QUIC
+    /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC
+    /// connection migration (see `tls::bind_udp`).
+    pub udp_sockets: usize,
 }
 
 impl Default for Config {
@@ -54,6 +58,7 @@ impl Default for Config {
             max_connections: 100_000,
             outbound_max_frames: crate::limits::OUTBOUND_MAX_FRAMES,
             outbound_max_bytes: crate::limits::OUTBOUND_MAX_BYTES,
+            udp_sockets: 1,
         }
     }
 }

@@ -63,8 +63,8 @@ pub fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
 /// A running broker.
 pub struct Broker {
     shared: Arc<Shared>,
-    endpoint: quinn::Endpoint,
-    accept: tokio::task::JoinHandle<()>,
+    endpoints: Vec<quinn::Endpoint>,
+    accept: Vec<tokio::task::JoinHandle<()>>,
     /// Address the broker listens on (the real port when configured with port 0).
     pub local_addr: SocketAddr,
     /// Path of the certificate clients should trust.
@@ -82,14 +82,19 @@ impl Broker {
         store.barrier()?.await?;
         let identity = tls::load_or_generate(&config)?;
         let server_config = tls::server_config(&identity, &config)?;
-        let socket = tls::bind_udp(config.listen)?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
-        let local_addr = endpoint.local_addr()?;
+        let sockets = tls::bind_udp(config.listen, config.udp_sockets)?;
+        let endpoints = sockets
+            .into_iter()
+            .map(|socket| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config.clone()),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let local_addr = endpoints[0].local_addr()?;
         let online = Arc::new(online::Online::default());
         let auth = auth::Auth::new(
             store.clone(),
@@ -107,11 +112,11 @@ impl Broker {
             next_session_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
         });
-        let accept = tokio::spawn(accept_loop(shared.clone(), endpoint.clone()));
+        let accept = endpoints.iter().map(|e| tokio::spawn(accept_loop(shared.clone(), e.clone()))).collect();
         tracing::info!(addr = %local_addr, "listening");
         Ok(Broker {
             shared,
-            endpoint,
+            endpoints,
             accept,
             local_addr,
             cert_path: identity.cert_path,
@@ -127,11 +132,22 @@ impl Broker {
     /// Stops accepting, closes every connection with `GOING_AWAY`, waits briefly for
     /// them to go, stops the actors and flushes the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.accept.abort();
-        self.endpoint.set_server_config(None);
+        for task in &self.accept {
+            task.abort();
+        }
+        for endpoint in &self.endpoints {
+            endpoint.set_server_config(None);
+        }
         self.shared.online.close_all(ErrorCode::GOING_AWAY);
-        self.endpoint.close(ErrorCode::GOING_AWAY.0.into(), b"broker shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        for endpoint in &self.endpoints {
+            endpoint.close(ErrorCode::GOING_AWAY.0.into(), b"broker shutting down");
+        }
+        let idle = async {
+            for endpoint in &self.endpoints {
+                endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), idle).await;
         self.shared.convs.stop_all();
         // Actors and session tasks hold the shared state; once they are gone nothing can
         // write, and dropping the last reference releases the store's file lock.

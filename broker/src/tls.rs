@@ -124,15 +124,31 @@ fn transport(config: &Config) -> quinn::TransportConfig {
     t
 }
 
-/// Binds the UDP socket with 4 MiB buffers: with the kernel's default 208 KiB,
-/// loopback QUIC drops packets under bursts and handshakes stall for a retransmit.
-pub fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+/// Binds `count` UDP sockets on one address with 4 MiB buffers each: with the kernel's
+/// default 208 KiB, loopback QUIC drops packets under bursts and handshakes stall for a
+/// retransmit. With `count > 1` the sockets share the port through SO_REUSEPORT; the
+/// kernel spreads peers over them by address, so each socket (and its quinn endpoint
+/// task) carries a share of the load. The price: a peer whose address changes (NAT
+/// rebinding, a network switch) may land on a socket whose endpoint does not know its
+/// connection, and must reconnect; with `count == 1` QUIC migration keeps working.
+pub fn bind_udp(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net::UdpSocket>> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     const BUFFER_BYTES: usize = 4 * 1024 * 1024;
-    // Best effort: the kernel clamps to rmem_max/wmem_max.
-    let _ = socket.set_recv_buffer_size(BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(BUFFER_BYTES);
-    socket.bind(&addr.into()).with_context(|| format!("binding UDP {addr}"))?;
-    Ok(socket.into())
+    let mut sockets = Vec::with_capacity(count.max(1));
+    let mut bind_to = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        // Best effort: the kernel clamps to rmem_max/wmem_max.
+        let _ = socket.set_recv_buffer_size(BUFFER_BYTES);
+        let _ = socket.set_send_buffer_size(BUFFER_BYTES);
+        if count > 1 {
+            socket.set_reuse_port(true)?;
+        }
+        socket.bind(&bind_to.into()).with_context(|| format!("binding UDP {bind_to}"))?;
+        let socket: std::net::UdpSocket = socket.into();
+        // Port 0 picks a port once; the others join it.
+        bind_to = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
 }

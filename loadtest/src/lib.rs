@@ -63,6 +63,9 @@ pub struct Common {
     /// Run the broker inside the harness process instead of as a child process.
     #[arg(long, global = true)]
     pub in_process: bool,
+    /// UDP sockets the embedded broker listens on (its `udp_sockets` setting).
+    #[arg(long, default_value_t = 1, global = true)]
+    pub broker_udp_sockets: usize,
     /// The command line, for the report.
     #[arg(skip)]
     pub command: String,
@@ -87,6 +90,7 @@ impl Default for Common {
             pin: None,
             broker_pid: None,
             in_process: false,
+            broker_udp_sockets: 1,
             command: String::new(),
             progress: false,
         }
@@ -110,7 +114,11 @@ impl Common {
             };
             return Ok(target::Target::remote(addr, trust, self.broker_pid));
         }
-        if self.in_process { target::Target::in_process().await } else { target::Target::child().await }
+        if self.in_process {
+            target::Target::in_process(self.broker_udp_sockets).await
+        } else {
+            target::Target::child(self.broker_udp_sockets).await
+        }
     }
 }
 

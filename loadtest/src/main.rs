@@ -29,8 +29,10 @@ enum Scenario {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(target::CHILD_COMMAND) {
-        let dir = args.get(2).ok_or_else(|| anyhow::anyhow!("usage: {} DATA_DIR", target::CHILD_COMMAND))?;
-        return target::run_child(dir.into());
+        let dir =
+            args.get(2).ok_or_else(|| anyhow::anyhow!("usage: {} DATA_DIR [UDP_SOCKETS]", target::CHILD_COMMAND))?;
+        let sockets = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1);
+        return target::run_child(dir.into(), sockets);
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))

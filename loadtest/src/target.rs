@@ -36,20 +36,22 @@ enum Owned {
 
 /// The broker configuration the harness embeds: ephemeral port, cheap argon2 (the
 /// harness enrolls thousands of users; password hashing is not what it measures).
-pub fn embedded_config(data_dir: PathBuf) -> Config {
+pub fn embedded_config(data_dir: PathBuf, udp_sockets: usize) -> Config {
     let mut config = Config::ephemeral(data_dir);
     config.store_cache_bytes = 256 * 1024 * 1024;
+    config.udp_sockets = udp_sockets.max(1);
     config
 }
 
 impl Target {
     /// Starts `current_exe() __broker` with a temp data dir and waits for its address.
-    pub async fn child() -> anyhow::Result<Target> {
+    pub async fn child(udp_sockets: usize) -> anyhow::Result<Target> {
         let dir = tempfile::tempdir()?;
         let exe = std::env::current_exe()?;
         let mut child = tokio::process::Command::new(exe)
             .arg(CHILD_COMMAND)
             .arg(dir.path().join("data"))
+            .arg(udp_sockets.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -79,9 +81,9 @@ impl Target {
     }
 
     /// Starts a broker inside this process (for tests; CPU is then shared with the harness).
-    pub async fn in_process() -> anyhow::Result<Target> {
+    pub async fn in_process(udp_sockets: usize) -> anyhow::Result<Target> {
         let dir = tempfile::tempdir()?;
-        let broker = Broker::start(embedded_config(dir.path().join("data"))).await?;
+        let broker = Broker::start(embedded_config(dir.path().join("data"), udp_sockets)).await?;
         Ok(Target {
             addr: broker.local_addr,
             trust: Trust::CaFile(broker.cert_path.clone()),
@@ -123,15 +125,15 @@ impl Target {
     }
 }
 
-/// Body of the hidden `__broker DATA_DIR` subcommand: run until stdin closes.
-pub fn run_child(data_dir: PathBuf) -> anyhow::Result<()> {
+/// Body of the hidden `__broker DATA_DIR UDP_SOCKETS` subcommand: run until stdin closes.
+pub fn run_child(data_dir: PathBuf, udp_sockets: usize) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sb-broker").build()?;
     runtime.block_on(async move {
-        let broker = Broker::start(embedded_config(data_dir)).await?;
+        let broker = Broker::start(embedded_config(data_dir, udp_sockets)).await?;
         println!("addr={}", broker.local_addr);
         println!("cert={}", broker.cert_path.display());
         let mut stdin = BufReader::new(tokio::io::stdin()).lines();

@@ -117,3 +117,22 @@ async fn hundreds_of_pipelined_requests_are_all_answered_in_order() {
     }
     assert_eq!(received, (2..302).collect::<Vec<_>>(), "delivered once each, in seq order");
 }
+
+#[tokio::test]
+async fn a_broker_on_several_udp_sockets_serves_clients_on_each() {
+    let tb = TestBroker::start_with(|c| c.udp_sockets = 3).await;
+    let (alice, _) = tb.register("alice").await;
+    let mut others = Vec::new();
+    for i in 0..6 {
+        // Each connector is its own UDP socket: the kernel spreads them over the broker's.
+        others.push(tb.register(&format!("u{i}")).await.0);
+    }
+    let names: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
+    let mut streams: Vec<_> = others.iter().map(|c| c.events().unwrap()).collect();
+    let conv = alice.create_group("spread", &names).await.unwrap().id;
+    let seq = alice.send(conv, "to everyone").await.unwrap();
+    for s in streams.iter_mut() {
+        assert_eq!(next_entry(s).await.seq, 1);
+        assert_eq!(next_entry(s).await.seq, seq);
+    }
+}
