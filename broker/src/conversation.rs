@@ -610,6 +610,9 @@ impl ConvDirectory {
                 }
                 // Someone else already started one.
                 Some(_) => return Ok(()),
+                None if map.len() >= crate::limits::MAX_LIVE_CONVERSATIONS => {
+                    return Err(err(ErrorCode::OVERLOADED, "too many active conversations; retry later"));
+                }
                 None => None,
             }
         };

@@ -10,6 +10,10 @@ pub const OUTBOUND_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Messages waiting in one conversation actor's mailbox. Senders beyond this get
 /// `OVERLOADED` instead of growing the mailbox (ractor mailboxes are unbounded).
 pub const CONVERSATION_MAILBOX_MAX: usize = 16 * 1024;
+/// Conversation actors alive at once (~7 KB each plus state: ~2 GB at the cap). Idle
+/// ones retire after `conversation_idle_ms`; at the cap, a request that would start
+/// another gets `OVERLOADED` rather than growing memory without bound.
+pub const MAX_LIVE_CONVERSATIONS: usize = 250_000;
 /// Concurrent argon2 computations: each takes `argon2_memory_kib` of memory and a core
 /// for tens of milliseconds; more than the cores only queues work and memory.
 pub const ARGON2_CONCURRENCY: usize = 2;
