@@ -166,21 +166,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state.identity.map(|i| i.user)
             )
         }
-        Command::Register { name } => {
-            let password = password(&name, true)?;
-            let (_client, identity) = connector.register(&name, &password, &device_name()).await?;
-            out.line(json!({"event": "registered", "user": name, "user_id": identity.user_id, "device_id": identity.device_id}), || {
-                format!("registered {name} (user {}, device {})", identity.user_id, identity.device_id)
-            });
-            state.identity = Some(identity);
-            save_state(&home, &state)?;
-        }
-        Command::Login { name } => {
-            let password = password(&name, false)?;
-            let (_client, identity) = connector.login(&name, &password, &device_name()).await?;
-            out.line(json!({"event": "logged_in", "user": name, "user_id": identity.user_id, "device_id": identity.device_id}), || {
-                format!("logged in as {name} (user {}, new device {})", identity.user_id, identity.device_id)
-            });
+        command @ (Command::Register { .. } | Command::Login { .. }) => {
+            let (register, name) = match command {
+                Command::Register { name } => (true, name),
+                Command::Login { name } => (false, name),
+                _ => unreachable!("matched above"),
+            };
+            let password = password(&name, register)?;
+            let (_client, identity) = if register {
+                connector.register(&name, &password, &device_name()).await?
+            } else {
+                connector.login(&name, &password, &device_name()).await?
+            };
+            let (event, verb) = if register { ("registered", "registered") } else { ("logged_in", "logged in as") };
+            out.line(
+                json!({"event": event, "user": name, "user_id": identity.user_id, "device_id": identity.device_id}),
+                || format!("{verb} {name} (user {}, device {})", identity.user_id, identity.device_id),
+            );
             state.identity = Some(identity);
             save_state(&home, &state)?;
         }

@@ -72,6 +72,14 @@ async fn register_create_send_history_and_tail() {
     assert_eq!(devices.len(), 1);
     assert_eq!(devices[0]["current"], true);
 
+    // A second device of alice's logs in with the password and sees the same history.
+    let laptop = dir.path().join("alice-laptop");
+    let login = sb(&laptop, &broker, &["login", "alice"]);
+    assert_eq!(login[0]["event"], "logged_in");
+    assert_ne!(login[0]["device_id"], reg[0]["device_id"]);
+    assert_eq!(sb(&laptop, &broker, &["history", &id]).len(), history.len());
+    assert_eq!(sb(&alice, &broker, &["devices"]).len(), 2);
+
     // Errors are reported with a non-zero exit.
     let out = Command::new(env!("CARGO_BIN_EXE_sb"))
         .env("SWITCHBOARD_HOME", dir.path().join("nobody"))

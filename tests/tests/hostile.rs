@@ -9,11 +9,23 @@ use switchboard_protocol::frame::write_varint;
 use switchboard_protocol::{ErrorCode, encode_frame};
 use switchboard_tests::{TestBroker, next_entry};
 
+/// A bare QUIC connection to the broker with the control stream opened: no hello yet.
+async fn bare(tb: &TestBroker) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let addr = tb.broker.as_ref().unwrap().local_addr;
+    let conn = tb.connector().endpoint().connect(addr, "localhost").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (conn, send, recv)
+}
+
+/// Waits for the broker to close `conn` and returns its close code.
+async fn closed_with(conn: &quinn::Connection) -> Option<ErrorCode> {
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("broker closes the connection");
+    ClientError::from(err).code()
+}
+
 /// Waits for the broker to close `raw` and returns its close code.
 async fn close_code(raw: &RawSession) -> Option<ErrorCode> {
-    let err =
-        tokio::time::timeout(Duration::from_secs(10), raw.conn.closed()).await.expect("broker closes the connection");
-    ClientError::from(err).code()
+    closed_with(&raw.conn).await
 }
 
 /// A chat between two healthy clients still works.
@@ -71,40 +83,28 @@ async fn unknown_request_closes_with_bad_frame() {
 #[tokio::test]
 async fn silent_connection_hits_the_auth_deadline() {
     let tb = TestBroker::start().await;
-    let connector = tb.connector();
-    let addr = tb.broker.as_ref().unwrap().local_addr;
-    let conn = connector.endpoint().connect(addr, "localhost").unwrap().await.unwrap();
-    let (_send, _recv) = conn.open_bi().await.unwrap();
+    let (conn, _send, _recv) = bare(&tb).await;
     // Say nothing: the stream is not even visible to the broker until it carries data,
     // so the deadline covers that too.
-    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
-    assert_eq!(ClientError::from(err).code(), Some(ErrorCode::TIMEOUT));
+    assert_eq!(closed_with(&conn).await, Some(ErrorCode::TIMEOUT));
 }
 
 #[tokio::test]
 async fn preauth_frames_are_capped_at_4_kib() {
     let tb = TestBroker::start().await;
-    let connector = tb.connector();
-    let addr = tb.broker.as_ref().unwrap().local_addr;
-    let conn = connector.endpoint().connect(addr, "localhost").unwrap().await.unwrap();
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let (conn, mut send, _recv) = bare(&tb).await;
     let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version: 1, agent: "x".repeat(5000) };
     send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
-    assert_eq!(ClientError::from(err).code(), Some(ErrorCode::FRAME_TOO_LARGE));
+    assert_eq!(closed_with(&conn).await, Some(ErrorCode::FRAME_TOO_LARGE));
 }
 
 #[tokio::test]
 async fn wrong_version_is_refused() {
     let tb = TestBroker::start().await;
-    let connector = tb.connector();
-    let addr = tb.broker.as_ref().unwrap().local_addr;
-    let conn = connector.endpoint().connect(addr, "localhost").unwrap().await.unwrap();
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let (conn, mut send, _recv) = bare(&tb).await;
     let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version: 99, agent: "future".into() };
     send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.unwrap();
-    assert_eq!(ClientError::from(err).code(), Some(ErrorCode::UNSUPPORTED_VERSION));
+    assert_eq!(closed_with(&conn).await, Some(ErrorCode::UNSUPPORTED_VERSION));
 }
 
 #[tokio::test]
