@@ -76,7 +76,7 @@ pub struct Plan {
     /// Membership changes (`None` removes).
     pub members: Vec<(UserId, Option<Role>)>,
     /// Who hears of it: members before and after the change.
-    pub recipients: Vec<UserId>,
+    pub recipients: Arc<[UserId]>,
 }
 
 /// The rules of one conversation, without I/O.
@@ -90,6 +90,9 @@ pub struct ConvCore {
     pub members: HashMap<UserId, Role>,
     /// Newest assigned seq (applied, maybe not yet durable).
     pub last_seq: Seq,
+    /// The members as a shared list: every message's fan-out reuses it instead of
+    /// collecting the member map per message. Rebuilt when membership changes.
+    audience: Arc<[UserId]>,
 }
 
 fn err(code: ErrorCode, msg: &str) -> ErrorBody {
@@ -97,6 +100,12 @@ fn err(code: ErrorCode, msg: &str) -> ErrorBody {
 }
 
 impl ConvCore {
+    /// A conversation's rules over its current members.
+    pub fn new(id: ConvId, kind: ConversationKind, members: HashMap<UserId, Role>, last_seq: Seq) -> Self {
+        let audience = members.keys().copied().collect();
+        ConvCore { id, kind, members, last_seq, audience }
+    }
+
     /// The caller's role, or `FORBIDDEN` for a non-member.
     pub fn role(&self, user: UserId) -> Result<Role, ErrorBody> {
         self.members.get(&user).copied().ok_or_else(|| err(ErrorCode::FORBIDDEN, "not a member of this conversation"))
@@ -172,8 +181,13 @@ impl ConvCore {
                 Body::MemberLeft
             }
         };
-        let mut recipients: Vec<UserId> = self.members.keys().copied().collect();
-        recipients.extend(members.iter().filter(|(_, r)| r.is_some()).map(|(u, _)| *u));
+        let recipients = if members.is_empty() {
+            self.audience.clone()
+        } else {
+            let mut all: Vec<UserId> = self.audience.to_vec();
+            all.extend(members.iter().filter(|(_, r)| r.is_some()).map(|(u, _)| *u));
+            all.into()
+        };
         let entry = Entry {
             conv: self.id,
             seq,
@@ -194,6 +208,9 @@ impl ConvCore {
                 Some(r) => self.members.insert(user, r),
                 None => self.members.remove(&user),
             };
+        }
+        if !plan.members.is_empty() {
+            self.audience = self.members.keys().copied().collect();
         }
     }
 
@@ -250,7 +267,7 @@ pub enum ConvRequest {
 /// An acknowledgement or fan-out waiting for its write to become durable.
 struct Pending {
     seq: Seq,
-    fanout: Option<(Bytes, Vec<UserId>, u64)>,
+    fanout: Option<(Bytes, Arc<[UserId]>, u64)>,
     reply: Option<(Responder, Reply)>,
 }
 
@@ -314,7 +331,7 @@ impl Actor for Conversation {
         let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
         myself.send_interval(tick, || ConvMsg::Tick);
         Ok(ConvState {
-            core: ConvCore { id, kind: record.kind, members, last_seq },
+            core: ConvCore::new(id, record.kind, members, last_seq),
             durable_seq: last_seq,
             pending: VecDeque::new(),
             depth,
@@ -679,7 +696,7 @@ mod tests {
     use super::*;
 
     fn core(kind: ConversationKind, members: &[(UserId, Role)]) -> ConvCore {
-        ConvCore { id: 7, kind, members: members.iter().copied().collect(), last_seq: 3 }
+        ConvCore::new(7, kind, members.iter().copied().collect(), 3)
     }
 
     fn caller(user: UserId) -> Caller {
@@ -746,7 +763,7 @@ mod tests {
     fn membership_changes_reach_old_and_new_members() {
         let mut group = core(ConversationKind::Group, &[(1, Role::Owner), (2, Role::Member)]);
         let plan = group.plan(caller(1), Command::Add { users: vec![3, 3, 4], role: Role::Member }, None, 0).unwrap();
-        let mut r = plan.recipients.clone();
+        let mut r = plan.recipients.to_vec();
         r.sort();
         assert_eq!(r, vec![1, 2, 3, 4]);
         group.apply(&plan);
