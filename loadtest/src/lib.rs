@@ -27,8 +27,9 @@ pub struct Common {
     /// Measured sending time, e.g. `10s`, `2m`, `500ms`.
     #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
     pub duration: Duration,
-    /// Message size in bytes (at least 16: the payload carries its send time).
-    #[arg(long, default_value_t = 256, global = true)]
+    /// Message size in bytes: at least 16 (the payload carries its send time), at most
+    /// the broker's text limit.
+    #[arg(long, default_value_t = 256, global = true, value_parser = parse_size)]
     pub size: usize,
     /// Write every figure as JSON to this file.
     #[arg(long, global = true)]
@@ -75,25 +76,15 @@ pub struct Common {
 }
 
 impl Default for Common {
+    /// The command line's defaults, taken from the flag definitions themselves so the
+    /// two can never disagree.
     fn default() -> Self {
-        Common {
-            duration: Duration::from_secs(10),
-            size: 256,
-            json: None,
-            plot: None,
-            ramp: false,
-            ramp_p99_ms: 50.0,
-            ramp_step: Duration::from_secs(5),
-            ramp_factor: 1.25,
-            target: None,
-            ca: None,
-            pin: None,
-            broker_pid: None,
-            in_process: false,
-            broker_udp_sockets: 1,
-            command: String::new(),
-            progress: false,
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            common: Common,
         }
+        <Defaults as clap::Parser>::parse_from(["switchboard-load"]).common
     }
 }
 
@@ -119,6 +110,16 @@ impl Common {
         } else {
             target::Target::child(self.broker_udp_sockets).await
         }
+    }
+}
+
+/// Parses a message size within `payload::MIN_SIZE..=MAX_TEXT_BYTES`: anything else
+/// would only measure refused sends.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let max = switchboard_protocol::limits::MAX_TEXT_BYTES as usize;
+    match s.trim().parse::<usize>() {
+        Ok(n) if (payload::MIN_SIZE..=max).contains(&n) => Ok(n),
+        _ => Err(format!("size must be {}..={max} bytes", payload::MIN_SIZE)),
     }
 }
 
@@ -159,5 +160,14 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("10y").is_err());
+    }
+
+    #[test]
+    fn defaults_and_sizes() {
+        let common = Common::default();
+        assert_eq!((common.duration, common.size, common.ramp_p99_ms), (Duration::from_secs(10), 256, 50.0));
+        assert_eq!(parse_size("16"), Ok(16));
+        assert!(parse_size("15").is_err());
+        assert!(parse_size("5000").is_err());
     }
 }
