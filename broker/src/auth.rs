@@ -84,7 +84,6 @@ impl Auth {
         check_user_name(&req.user)?;
         check_password(&req.password)?;
         // Everything that can be refused is checked before the account is created.
-        check_label(&req.device_name)?;
         let key = verify_enrollment(req, transcript)?;
         let hash = self.hash_password(&req.password).await?;
         let (user, durable) = match self.store.create_user(&req.user, &hash, crate::now_ms()) {
@@ -106,7 +105,6 @@ impl Auth {
             self.failures.record(&address);
             return Err(fail(ErrorCode::AUTH_FAILED, "wrong user name or password"));
         }
-        check_label(&req.device_name)?;
         let keys = [LimitKey::Account(req.user.clone()), LimitKey::Address(from)];
         self.failures.check(&keys)?;
         let key = verify_enrollment(req, transcript)?;
@@ -163,8 +161,8 @@ impl Auth {
         }
     }
 
+    /// Stores a device whose request `verify_enrollment` accepted.
     async fn enroll(&self, user: UserId, device_name: &str, key: [u8; 32]) -> Result<DeviceId, ErrorBody> {
-        check_label(device_name)?;
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: crate::now_ms() };
         let (device, durable) = match self.store.add_device(user, &record, MAX_DEVICES_PER_USER) {
             Ok(v) => v,
@@ -178,7 +176,10 @@ impl Auth {
     }
 }
 
+/// Checks everything about an enrollment request that needs no account: the device
+/// name, the key and its signature over this connection's transcript.
 fn verify_enrollment(req: &Enroll, transcript: &[u8]) -> Result<[u8; 32], ErrorBody> {
+    check_label(&req.device_name)?;
     let key: [u8; 32] =
         req.public_key.as_ref().try_into().map_err(|_| fail(ErrorCode::INVALID, "public key must be 32 bytes"))?;
     let verifying =

@@ -137,26 +137,20 @@ async fn sigkill_loses_no_acknowledged_message() {
 #[tokio::test]
 async fn operators_add_users_when_registration_is_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["user", "add", "carol"])
-        .current_dir(dir.path())
-        .env("SWITCHBOARD_PASSWORD", "correct horse battery")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let user_add = |name: &str| {
+        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["user", "add", name])
+            .current_dir(dir.path())
+            .env("SWITCHBOARD_PASSWORD", "correct horse battery")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert!(user_add("carol").success());
     // The same name twice is refused with a non-zero exit.
-    let again = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["user", "add", "carol"])
-        .current_dir(dir.path())
-        .env("SWITCHBOARD_PASSWORD", "correct horse battery")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!again.success());
+    assert!(!user_add("carol").success());
 
     let mut broker = start_with(dir.path(), &["--closed-registration"]);
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();

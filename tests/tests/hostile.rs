@@ -46,38 +46,33 @@ async fn setup() -> (TestBroker, Client, Client, switchboard_client::Events, u64
     (tb, alice, bob, bob_events, conv, mallory_id)
 }
 
-#[tokio::test]
-async fn garbage_bytes_close_only_that_connection() {
+/// An authenticated peer writes `bytes`: the broker closes that connection with
+/// `expected`, and two other clients go on chatting.
+async fn check_hostile(bytes: &[u8], expected: ErrorCode) {
     let (tb, alice, _bob, mut bob_events, conv, mallory) = setup().await;
     let mut raw = tb.connector().connect_raw(&mallory).await.unwrap();
-    raw.send.write_all(&[0x05, 0xff, 0xfe, 0xfd, 0xfc, 0xfb]).await.unwrap();
-    assert_eq!(close_code(&raw).await, Some(ErrorCode::BAD_FRAME));
+    raw.send.write_all(bytes).await.unwrap();
+    assert_eq!(close_code(&raw).await, Some(expected), "{bytes:02x?}");
     still_chatting(&tb, &alice, &mut bob_events, conv).await;
+}
+
+#[tokio::test]
+async fn garbage_bytes_close_only_that_connection() {
+    check_hostile(&[0x05, 0xff, 0xfe, 0xfd, 0xfc, 0xfb], ErrorCode::BAD_FRAME).await;
 }
 
 #[tokio::test]
 async fn oversized_frame_is_refused_before_its_body() {
-    let (tb, alice, _bob, mut bob_events, conv, mallory) = setup().await;
-    let mut raw = tb.connector().connect_raw(&mallory).await.unwrap();
     let mut prefix = [0u8; 5];
     let n = write_varint(512 * 1024 * 1024, &mut prefix);
     // Only the prefix is sent: the broker must not wait for (or allocate) 512 MiB.
-    raw.send.write_all(&prefix[..n]).await.unwrap();
-    assert_eq!(close_code(&raw).await, Some(ErrorCode::FRAME_TOO_LARGE));
-    still_chatting(&tb, &alice, &mut bob_events, conv).await;
+    check_hostile(&prefix[..n], ErrorCode::FRAME_TOO_LARGE).await;
 }
 
 #[tokio::test]
 async fn unknown_request_closes_with_bad_frame() {
-    let (tb, alice, _bob, mut bob_events, conv, mallory) = setup().await;
-    let mut raw = tb.connector().connect_raw(&mallory).await.unwrap();
-    // ClientFrame::Request (0), id 1, request tag 200: no such request.
-    let body = [0x00, 0x01, 0xc8, 0x01];
-    let mut frame = vec![body.len() as u8];
-    frame.extend_from_slice(&body);
-    raw.send.write_all(&frame).await.unwrap();
-    assert_eq!(close_code(&raw).await, Some(ErrorCode::BAD_FRAME));
-    still_chatting(&tb, &alice, &mut bob_events, conv).await;
+    // Length 4; ClientFrame::Request (0), id 1, request tag 200: no such request.
+    check_hostile(&[0x04, 0x00, 0x01, 0xc8, 0x01], ErrorCode::BAD_FRAME).await;
 }
 
 #[tokio::test]
