@@ -114,7 +114,9 @@ impl Stats {
         for &(sched, us) in batch.iter() {
             let us = us.clamp(1, MAX_LATENCY_US);
             let _ = inner.latency.record(us);
-            let s = self.second_of(sched).min(MAX_SECONDS - 1);
+            // Same bound as the sent counters: a payload claiming a far-off schedule
+            // (another writer in a shared conversation) cannot allocate a day of buckets.
+            let s = self.second_of(sched).min(self.sent.len() - 1);
             while inner.seconds.len() <= s {
                 inner.seconds.push(Second { latency: histogram(2), delivered: 0 });
             }
