@@ -15,7 +15,7 @@ use switchboard_protocol::{
     Body, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, Member, Page, Reply,
     Role, Seq, ServerFrame, UserId, encode_frame,
 };
-use switchboard_storage::Txn;
+use switchboard_storage::{StoreError, Txn};
 
 use crate::Shared;
 use crate::reply::{Responder, internal};
@@ -316,7 +316,7 @@ impl Actor for Conversation {
         if resume_after.is_some() {
             store.barrier()?.await?;
         }
-        let last_seq = store.last_seq(id)?;
+        let last_seq = store.recover_last_seq(id)?;
         let members: HashMap<UserId, Role> = store.members(id)?.into_iter().collect();
         if let Some(after) = resume_after {
             // The predecessor died between making entries durable (or applying them) and
@@ -407,24 +407,31 @@ impl Conversation {
             Ok(p) => p,
             Err(e) => return reply.send(Err(e)),
         };
-        let mut txn = Txn::new();
         let dedupe = (plan.entry.client_id != ClientMsgId::default()).then_some((caller.user, &plan.entry.client_id));
-        txn.append(&plan.entry, dedupe);
-        if let Some(r) = &plan.replace {
-            txn.replace(r);
-        }
-        for &(user, role) in &plan.members {
-            txn.set_member(id, user, role);
-        }
         let seq = plan.entry.seq;
         let frame = match encode_frame(&ServerFrame::Event(Event::Entry(plan.entry.clone()))) {
             Ok(f) => f,
             Err(e) => return reply.send(Err(internal(e))),
         };
         let me = myself.clone();
-        if let Err(e) = store.commit_then(txn, move |r| {
+        let durable = move |r: Result<(), StoreError>| {
             let _ = me.cast(ConvMsg::Durable { seq, ok: r.is_ok() });
-        }) {
+        };
+        let written = if plan.replace.is_none() && plan.members.is_empty() {
+            // The common case, a new message: single-key writes, no sled batch.
+            store.append_then(&plan.entry, dedupe, durable)
+        } else {
+            let mut txn = Txn::new();
+            txn.append(&plan.entry, dedupe);
+            if let Some(r) = &plan.replace {
+                txn.replace(r);
+            }
+            for &(user, role) in &plan.members {
+                txn.set_member(id, user, role);
+            }
+            store.commit_then(txn, durable)
+        };
+        if let Err(e) = written {
             // The batch may have been applied without a durability promise: this actor's
             // view of the log can no longer be trusted. A successor reloads from the store
             // (pending requests are answered INTERNAL as the state drops).

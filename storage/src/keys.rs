@@ -8,7 +8,7 @@ const USER: u8 = 0x01;
 const USER_NAME: u8 = 0x02;
 const DEVICE: u8 = 0x03;
 const CONVERSATION: u8 = 0x04;
-const LAST_SEQ: u8 = 0x05;
+// 0x05 held a conversation's last seq; it is now derived from its newest entry.
 const MEMBER: u8 = 0x06;
 const USER_CONV: u8 = 0x07;
 const ENTRY: u8 = 0x08;
@@ -51,9 +51,6 @@ impl Key {
     }
     pub fn conversation(id: ConvId) -> Key {
         Key::with(CONVERSATION, &[&id.to_be_bytes()])
-    }
-    pub fn last_seq(id: ConvId) -> Key {
-        Key::with(LAST_SEQ, &[&id.to_be_bytes()])
     }
     pub fn member(conv: ConvId, user: UserId) -> Key {
         Key::with(MEMBER, &[&conv.to_be_bytes(), &user.to_be_bytes()])
