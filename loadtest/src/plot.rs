@@ -256,13 +256,16 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> anyhow::Result<()> {
     steps.sort_by(|a, b| a.offered_rate.total_cmp(&b.offered_rate));
     let ok = steps.iter().filter(|s| s.ok).count();
     let best = steps.iter().filter(|s| s.ok).map(|s| s.offered_rate).reduce(f64::max);
-    let title = match best {
-        Some(b) => format!("Ramp: {} steps, {ok} ok, highest ok {}/s", steps.len(), si(b)),
-        None => format!("Ramp: {} steps, none ok", steps.len()),
+    let best_deliveries = steps.iter().filter(|s| s.ok).map(|s| s.delivered_per_s).reduce(f64::max);
+    let title = match (best, best_deliveries) {
+        (Some(b), Some(d)) => {
+            format!("Ramp: {} steps, {ok} ok, highest ok {} msgs/s = {} deliveries/s", steps.len(), si(b), si(d))
+        }
+        _ => format!("Ramp: {} steps, none ok", steps.len()),
     };
     let keys = [
         Key::line("delivered/s", C_GREEN),
-        Key::dashed("delivered = offered", C_GREY),
+        Key::dashed("offered deliveries/s", C_GREY),
         Key::line("p99 ms (right axis)", C_ORANGE),
         Key::dot("step failed", C_RED),
     ];
@@ -274,7 +277,9 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> anyhow::Result<()> {
         steps.iter().map(|s| (s.offered_rate, s.delivered_per_s)).filter(|p| p.1.is_finite()).collect();
     let p99: Vec<(f64, f64)> = steps.iter().map(|s| (s.offered_rate, s.p99_ms)).filter(|p| p.1.is_finite()).collect();
     let x_top = top(steps.iter().map(|s| s.offered_rate), 10.0);
-    let y_top = top(steps.iter().map(|s| s.offered_rate).chain(delivered.iter().map(|p| p.1)), 10.0);
+    let offered: Vec<(f64, f64)> =
+        steps.iter().map(|s| (s.offered_rate, s.offered_deliveries_per_s)).filter(|p| p.1.is_finite()).collect();
+    let y_top = top(offered.iter().chain(&delivered).map(|p| p.1), 10.0);
     let p99_top = top(p99.iter().map(|p| p.1), 1.0);
 
     let mut chart = chart_builder(&rest, true)
@@ -283,7 +288,7 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> anyhow::Result<()> {
     chart
         .configure_mesh()
         .x_desc("offered rate (messages / s)")
-        .y_desc("delivered (messages / s)")
+        .y_desc("deliveries / s")
         .x_labels(12)
         .y_labels(6)
         .label_style((FONT, 13))
@@ -302,8 +307,7 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> anyhow::Result<()> {
         .y_label_formatter(&fmt_plain)
         .draw()?;
 
-    let ideal = x_top.min(y_top);
-    chart.draw_series(DashedLineSeries::new([(0.0, 0.0), (ideal, ideal)], 8, 5, C_GREY.stroke_width(2)))?;
+    chart.draw_series(DashedLineSeries::new(offered.iter().copied(), 8, 5, C_GREY.stroke_width(2)))?;
     chart.draw_series(LineSeries::new(delivered.iter().copied(), C_GREEN.stroke_width(2)))?;
     chart.draw_series(
         steps

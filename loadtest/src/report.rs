@@ -79,6 +79,8 @@ pub struct Resources {
 pub struct RampStep {
     /// Offered send rate, messages/s.
     pub offered_rate: f64,
+    /// Deliveries/s the offered rate should produce (messages/s times recipients).
+    pub offered_deliveries_per_s: f64,
     /// Achieved deliveries/s.
     pub delivered_per_s: f64,
     /// p99 latency of the step.
@@ -239,12 +241,12 @@ impl Report {
             );
         }
         if !self.ramp.is_empty() {
-            let _ = writeln!(s, "ramp          offered/s  delivered/s   p99 ms   ok");
+            let _ = writeln!(s, "ramp          offered msgs/s  offered deliveries/s  delivered/s   p99 ms   ok");
             for r in &self.ramp {
                 let _ = writeln!(
                     s,
-                    "              {:>9.0}  {:>11.0}  {:>7.2}   {}",
-                    r.offered_rate, r.delivered_per_s, r.p99_ms, r.ok
+                    "              {:>14.0}  {:>20.0}  {:>11.0}  {:>7.2}   {}",
+                    r.offered_rate, r.offered_deliveries_per_s, r.delivered_per_s, r.p99_ms, r.ok
                 );
             }
         }

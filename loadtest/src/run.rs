@@ -69,8 +69,8 @@ impl MessageLoad {
     }
 
     /// Sends for `duration` at `rate` messages/s in total, spread evenly over `senders`
-    /// (session index and the conversations it sends into). Returns the phase's
-    /// window in whole seconds of the run.
+    /// (session index and the conversations it sends into), starting on a whole second.
+    /// Returns the phase's window in whole seconds of the run.
     pub async fn phase(
         &mut self,
         senders: &[(usize, Vec<ConvId>)],
@@ -82,7 +82,10 @@ impl MessageLoad {
         self.phases += 1;
         let n = senders.len().max(1) as f64;
         let interval_ns = ((n / rate.max(1e-3)) * 1e9) as u64;
-        let start_ns = self.clock.now_ns() + 200_000_000;
+        // Start on a whole second of the run, so the phase's window of whole seconds holds
+        // exactly its messages (a ramp step's delivered/s is not diluted by a partial second).
+        let earliest = (self.clock.now_ns() + 200_000_000).saturating_sub(self.stats.start_ns);
+        let start_ns = self.stats.start_ns + earliest.div_ceil(1_000_000_000) * 1_000_000_000;
         let count = (duration.as_nanos() as u64 / interval_ns.max(1)).min(u64::from(u32::MAX >> 8)) as u32;
         let mut writers = tokio::task::JoinSet::new();
         for (k, (session, convs)) in senders.iter().enumerate() {
@@ -149,19 +152,39 @@ impl MessageLoad {
     pub async fn ramp(&mut self, senders: &[(usize, Vec<ConvId>)], start_rate: f64, common: &Common) -> Vec<RampStep> {
         let mut steps = Vec::new();
         let mut rate = start_rate;
+        let per_message = self.deliveries_per_message(senders);
         for _ in 0..40 {
             let errors_before = self.errors();
             let window = self.phase(senders, rate, common.ramp_step, common.size).await;
             self.drain(Duration::from_secs(5)).await;
             let (p, delivered_per_s) = self.window(window);
             let ok = p.p99_ms <= common.ramp_p99_ms && self.errors() == errors_before;
-            steps.push(RampStep { offered_rate: rate, delivered_per_s, p99_ms: p.p99_ms, ok });
+            steps.push(RampStep {
+                offered_rate: rate,
+                offered_deliveries_per_s: rate * per_message,
+                delivered_per_s,
+                p99_ms: p.p99_ms,
+                ok,
+            });
             if !ok {
                 break;
             }
             rate *= common.ramp_factor;
         }
         steps
+    }
+
+    /// Deliveries one message makes on average: every member session of its
+    /// conversation but the sender's. Each sender spreads its messages evenly over its
+    /// conversations, and every sender sends at the same rate.
+    fn deliveries_per_message(&self, senders: &[(usize, Vec<ConvId>)]) -> f64 {
+        let recipients = |conv: &ConvId| self.membership.get(conv).map_or(0, |m| m.len().saturating_sub(1)) as f64;
+        let per_sender: Vec<f64> = senders
+            .iter()
+            .filter(|(_, convs)| !convs.is_empty())
+            .map(|(_, convs)| convs.iter().map(recipients).sum::<f64>() / convs.len() as f64)
+            .collect();
+        per_sender.iter().sum::<f64>() / per_sender.len().max(1) as f64
     }
 
     /// Stops the readers, checks deliveries and assembles the report.
@@ -279,6 +302,14 @@ pub async fn run_messages(
         Vec::new()
     };
     params.insert("size".into(), format!("{} B", common.size));
+    if common.ramp {
+        // The scenario's rate is only the first step's.
+        params.remove("offered");
+        if let Some(first) = params.remove("rate") {
+            let step = common.ramp_step.as_secs_f64();
+            params.insert("rate".into(), format!("ramp from {first}, x{} every {step} s", common.ramp_factor));
+        }
+    }
     let measured_s =
         if common.ramp { ramp.len() as f64 * common.ramp_step.as_secs_f64() } else { common.duration.as_secs_f64() };
     let mut report = load.finish(scenario, params, measured_s, common).await?;

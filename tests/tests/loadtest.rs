@@ -74,6 +74,11 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
     let report = scenario::fanout::run(&common, &args).await.unwrap();
     assert!(report.ramp.len() >= 2, "{}", report.table());
     assert!(report.ramp[0].ok, "{}", report.table());
+    // Three recipients per message; a step that kept up delivered all it offered (each
+    // step starts on a whole second, so its window holds exactly its messages).
+    let first = &report.ramp[0];
+    assert_eq!(first.offered_deliveries_per_s, first.offered_rate * 3.0);
+    assert_eq!(first.delivered_per_s, first.offered_deliveries_per_s, "{}", report.table());
     assert!(!report.ramp.last().unwrap().ok, "the ramp stops at the first step over the bound");
     assert!(report.extra["ramp_max_sustained_deliveries_per_s"] > 0.0);
 }

@@ -58,7 +58,7 @@ pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
 /// Compares the first and last tenth of the timeline.
 pub fn add_drift(report: &mut Report) {
     let active: Vec<_> = report.timeline.iter().filter(|i| i.sent_per_s > 0.0).cloned().collect();
-    if active.len() < 4 {
+    if active.len() < 2 {
         return;
     }
     let tenth = (active.len() / 10).max(1);
