@@ -17,7 +17,7 @@ use switchboard_protocol::{
     ErrorBody, ErrorCode, Event, FrameDecoder, Limits, NewConversation, Reply, Request, RequestBody, Role, ServerFrame,
     ServerHello, UserId, decode, encode_frame,
 };
-use switchboard_storage::ConversationRecord;
+use switchboard_storage::{ConversationRecord, Durable};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::Shared;
@@ -314,7 +314,7 @@ impl Session {
                 return;
             }
             RequestBody::CreateConversation(new) => {
-                tokio::spawn(async move { reply.send(create_conversation(&shared, caller, new).await) });
+                tokio::spawn(async move { reply.send(create_conversation(shared, caller, new).await) });
                 return;
             }
             RequestBody::ListConversations { after } => {
@@ -349,7 +349,35 @@ fn resolve_users(shared: &Shared, names: &[String]) -> Result<Vec<UserId>, Error
         .collect()
 }
 
-async fn create_conversation(shared: &Shared, caller: Caller, new: NewConversation) -> Result<Reply, ErrorBody> {
+/// Creates a conversation. The store work (a catalog lock and a sled batch, which waits
+/// for any flush in progress) runs on the blocking pool, never on a runtime thread.
+async fn create_conversation(shared: Arc<Shared>, caller: Caller, new: NewConversation) -> Result<Reply, ErrorBody> {
+    let writer = shared.clone();
+    let (conv, first, durable) =
+        tokio::task::spawn_blocking(move || write_conversation(&writer, caller, new)).await.map_err(internal)??;
+    durable.await.map_err(internal)?;
+    if let Some(entry) = first {
+        let users: Vec<UserId> = match &entry.body {
+            Body::Created { members, .. } => members.iter().map(|(u, _)| *u).collect(),
+            _ => Vec::new(),
+        };
+        let frame = encode_frame(&ServerFrame::Event(Event::Entry(entry))).map_err(internal)?;
+        shared.online.deliver(&users, &frame, caller.session);
+    }
+    tokio::task::spawn_blocking(move || summary(&shared, caller.user, conv))
+        .await
+        .map_err(internal)??
+        .map(Reply::Conversation)
+        .ok_or_else(|| internal("conversation vanished"))
+}
+
+/// Writes a new conversation; returns its id, its first entry if it was created now
+/// (not an existing direct pair), and the durability of the write.
+fn write_conversation(
+    shared: &Shared,
+    caller: Caller,
+    new: NewConversation,
+) -> Result<(ConvId, Option<Entry>, Durable), ErrorBody> {
     let me = caller.user;
     let (kind, title, members, pair) = match new {
         NewConversation::Direct { peer } => {
@@ -391,13 +419,7 @@ async fn create_conversation(shared: &Shared, caller: Caller, new: NewConversati
             entry
         })
         .map_err(internal)?;
-    durable.await.map_err(internal)?;
-    if let (true, Some(entry)) = (created, first) {
-        let frame = encode_frame(&ServerFrame::Event(Event::Entry(entry))).map_err(internal)?;
-        let users: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
-        shared.online.deliver(&users, &frame, caller.session);
-    }
-    summary(shared, me, conv)?.map(Reply::Conversation).ok_or_else(|| internal("conversation vanished"))
+    Ok((conv, first.filter(|_| created), durable))
 }
 
 fn summary(shared: &Shared, me: UserId, conv: ConvId) -> Result<Option<ConversationSummary>, ErrorBody> {
@@ -456,7 +478,12 @@ fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, ErrorBody> {
 }
 
 async fn revoke_device(shared: &Shared, user: UserId, device: DeviceId) -> Result<Reply, ErrorBody> {
-    let durable = shared.store.remove_device(user, device).map_err(internal)?;
+    // A sled batch: on the blocking pool (see `create_conversation`).
+    let store = shared.store.clone();
+    let durable = tokio::task::spawn_blocking(move || store.remove_device(user, device))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
     let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };
     durable.await.map_err(internal)?;
     shared.users.revoke(user, device).await;
