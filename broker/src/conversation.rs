@@ -602,7 +602,9 @@ impl ConvDirectory {
                 },
                 None => {}
             }
-            if let Err(e) = self.spawn(shared, conv, caller.user, dead.take()).await {
+            // Boxed: starting an actor is rare, and its future inline would be carried by
+            // every session's task for its whole life (about 3 KB per connection).
+            if let Err(e) = Box::pin(self.spawn(shared, conv, caller.user, dead.take())).await {
                 if let ConvMsg::Request(_, _, reply) = msg {
                     reply.send(Err(e));
                 }

@@ -1,5 +1,6 @@
 //! The real `switchboard` binary: zero-config start, clean stop on SIGTERM, and no
-//! acknowledged message lost when the process is killed outright.
+//! acknowledged message lost (nor any retried one stored twice) when the process is
+//! killed outright.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use switchboard_client::{Connector, Trust};
-use switchboard_protocol::Page;
+use switchboard_protocol::{Body, Page};
 
 struct Running {
     child: Child,
@@ -80,7 +81,7 @@ async fn zero_config_start_and_clean_sigterm() {
 }
 
 #[tokio::test]
-async fn sigkill_loses_no_acknowledged_message() {
+async fn sigkill_loses_no_acknowledged_message_and_retries_stay_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = start(dir.path());
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
@@ -88,19 +89,27 @@ async fn sigkill_loses_no_acknowledged_message() {
     connector.register("bob", "correct horse battery", "phone").await.unwrap();
     let conv = alice.create_group("crash", &["bob".into()]).await.unwrap().id;
     let alice = std::sync::Arc::new(alice);
-    // Pipelined senders; the broker is killed while they are running.
+    let client_id = |t: u64, i: u64| {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&t.to_be_bytes());
+        id[8..].copy_from_slice(&i.to_be_bytes());
+        id
+    };
+    // Pipelined senders; the broker is killed while they are running. Each keeps what
+    // was acknowledged and the one request the kill left unanswered.
     let mut tasks = tokio::task::JoinSet::new();
-    for t in 0..8 {
+    for t in 0..8u64 {
         let alice = alice.clone();
         tasks.spawn(async move {
             let mut acked = Vec::new();
             for i in 0..10_000 {
-                match alice.send(conv, &format!("t{t} m{i}")).await {
-                    Ok(seq) => acked.push(seq),
-                    Err(_) => break,
+                let text = format!("t{t} m{i}");
+                match alice.send_with_id(conv, client_id(t, i), &text).await {
+                    Ok((seq, _)) => acked.push(seq),
+                    Err(_) => return (acked, Some((client_id(t, i), text))),
                 }
             }
-            acked
+            (acked, None)
         });
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -109,12 +118,20 @@ async fn sigkill_loses_no_acknowledged_message() {
     // Requests in flight at the kill are unacknowledged: stop waiting for them.
     tokio::time::sleep(Duration::from_millis(200)).await;
     alice.close();
-    let acked: Vec<u64> = tasks.join_all().await.into_iter().flatten().collect();
+    let (acked, unanswered): (Vec<Vec<u64>>, Vec<_>) = tasks.join_all().await.into_iter().unzip();
+    let acked: Vec<u64> = acked.into_iter().flatten().collect();
     assert!(acked.len() > 50, "the broker was killed mid-stream after {} acks", acked.len());
 
     let broker = start(dir.path());
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
     let alice = connector.connect(&alice_id).await.unwrap();
+    // A client retries what went unanswered with the same ids: whether or not the write
+    // survived the crash, each ends up stored exactly once.
+    let mut retried = Vec::new();
+    for (id, text) in unanswered.into_iter().flatten() {
+        let (seq, _) = alice.send_with_id(conv, id, &text).await.unwrap();
+        retried.push((seq, text));
+    }
     let mut seen = Vec::new();
     let mut after = 0;
     loop {
@@ -123,11 +140,26 @@ async fn sigkill_loses_no_acknowledged_message() {
             break;
         }
         after = page.last().unwrap().seq;
-        seen.extend(page.into_iter().map(|e| e.seq));
+        seen.extend(page.into_iter().map(|e| match e.body {
+            Body::Text { text, .. } => (e.seq, text),
+            _ => (e.seq, String::new()),
+        }));
     }
-    assert_eq!(seen, (1..=seen.len() as u64).collect::<Vec<_>>(), "seqs stay gapless after a crash");
+    let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=seen.len() as u64).collect::<Vec<_>>(), "seqs stay gapless after a crash");
     for seq in &acked {
-        assert!(seen.contains(seq), "acknowledged seq {seq} was lost");
+        assert!(seqs.contains(seq), "acknowledged seq {seq} was lost");
+    }
+    let mut texts: Vec<&str> = seen.iter().map(|(_, t)| t.as_str()).filter(|t| !t.is_empty()).collect();
+    texts.sort_unstable();
+    let stored = texts.len();
+    texts.dedup();
+    assert_eq!(texts.len(), stored, "a message was stored twice");
+    for (seq, text) in &retried {
+        assert!(
+            seen.contains(&(*seq, text.clone())),
+            "the retry of {text:?} answered seq {seq}, which holds another entry"
+        );
     }
     let mut broker = broker;
     signal(&broker.child, "-TERM");
