@@ -86,12 +86,7 @@ impl Auth {
         // Everything that can be refused is checked before the account is created.
         let key = verify_enrollment(req, transcript)?;
         let hash = self.hash_password(&req.password).await?;
-        let (user, durable) = match self.store.create_user(&req.user, &hash, crate::now_ms()) {
-            Ok(v) => v,
-            Err(StoreError::Conflict) => return Err(fail(ErrorCode::CONFLICT, "user name is taken")),
-            Err(e) => return Err(internal(e)),
-        };
-        durable.await.map_err(internal)?;
+        let user = self.create_user(&req.user, hash).await?;
         let device = self.enroll(user, &req.device_name, key).await?;
         Ok((user, device))
     }
@@ -151,20 +146,28 @@ impl Auth {
         check_user_name(name)?;
         check_password(password)?;
         let hash = self.hash_password(password).await?;
-        match self.store.create_user(name, &hash, crate::now_ms()) {
-            Ok((id, durable)) => {
-                durable.await.map_err(internal)?;
-                Ok(id)
-            }
-            Err(StoreError::Conflict) => Err(fail(ErrorCode::CONFLICT, "user name is taken")),
-            Err(e) => Err(internal(e)),
-        }
+        self.create_user(name, hash).await
+    }
+
+    /// Stores a new account; `CONFLICT` if the name is taken. Durable when it returns.
+    async fn create_user(&self, name: &str, hash: String) -> Result<UserId, ErrorBody> {
+        let name = name.to_owned();
+        let created = crate::catalog_write(&self.store, move |s| s.create_user(&name, &hash, crate::now_ms())).await?;
+        let (user, durable) = match created {
+            Ok(v) => v,
+            Err(StoreError::Conflict) => return Err(fail(ErrorCode::CONFLICT, "user name is taken")),
+            Err(e) => return Err(internal(e)),
+        };
+        durable.await.map_err(internal)?;
+        Ok(user)
     }
 
     /// Stores a device whose request `verify_enrollment` accepted.
     async fn enroll(&self, user: UserId, device_name: &str, key: [u8; 32]) -> Result<DeviceId, ErrorBody> {
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: crate::now_ms() };
-        let (device, durable) = match self.store.add_device(user, &record, MAX_DEVICES_PER_USER) {
+        let added =
+            crate::catalog_write(&self.store, move |s| s.add_device(user, &record, MAX_DEVICES_PER_USER)).await?;
+        let (device, durable) = match added {
             Ok(v) => v,
             Err(StoreError::LimitReached) => {
                 return Err(fail(ErrorCode::FORBIDDEN, "device limit reached; revoke a device first"));

@@ -15,7 +15,6 @@ use switchboard_protocol::{
     Body, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, Member, Page, Reply,
     Role, Seq, ServerFrame, UserId, encode_frame,
 };
-use switchboard_storage::{StoreError, Txn};
 
 use crate::Shared;
 use crate::reply::{Responder, internal};
@@ -69,10 +68,9 @@ impl Command {
 /// What a command writes, decided before any I/O.
 #[derive(Debug, PartialEq)]
 pub struct Plan {
-    /// The new log entry.
+    /// The new log entry. The store derives the rest of the write from it (the edited
+    /// or tombstoned target, member keys, the idempotency key).
     pub entry: Entry,
-    /// The edited or tombstoned target, rewritten in place.
-    pub replace: Option<Entry>,
     /// Membership changes (`None` removes).
     pub members: Vec<(UserId, Option<Role>)>,
     /// Who hears of it: members before and after the change.
@@ -118,7 +116,6 @@ impl ConvCore {
         let seq = self.last_seq + 1;
         let client_id = cmd.client_id().copied().unwrap_or_default();
         let mut members = Vec::new();
-        let mut replace = None;
         let body = match cmd {
             Command::Send { text, .. } => {
                 check_text(&text)?;
@@ -126,15 +123,11 @@ impl ConvCore {
             }
             Command::Edit { target: t, text, .. } => {
                 check_text(&text)?;
-                let mut stored = own_text(target, caller.user, t)?;
-                stored.body = Body::Text { text: text.clone(), edited: true };
-                replace = Some(stored);
+                own_text(target, caller.user, t)?;
                 Body::Edit { target: t, text }
             }
             Command::Delete { target: t, .. } => {
-                let mut stored = own_text(target, caller.user, t)?;
-                stored.body = Body::Tombstone;
-                replace = Some(stored);
+                own_text(target, caller.user, t)?;
                 Body::Delete { target: t }
             }
             Command::Add { users, role: new_role } => {
@@ -197,7 +190,7 @@ impl ConvCore {
             at_ms: now_ms,
             body,
         };
-        Ok(Plan { entry, replace, members, recipients })
+        Ok(Plan { entry, members, recipients })
     }
 
     /// Records a planned (and written) change.
@@ -232,13 +225,14 @@ fn check_text(text: &str) -> Result<(), ErrorBody> {
     Ok(())
 }
 
-fn own_text(target: Option<Entry>, user: UserId, seq: Seq) -> Result<Entry, ErrorBody> {
+/// Checks that `target` is a live text message of `user`'s.
+fn own_text(target: Option<Entry>, user: UserId, seq: Seq) -> Result<(), ErrorBody> {
     let stored = target.ok_or_else(|| err(ErrorCode::NOT_FOUND, &format!("no entry {seq}")))?;
     if stored.sender != user {
         return Err(err(ErrorCode::FORBIDDEN, "only the sender may edit or delete a message"));
     }
     match stored.body {
-        Body::Text { .. } => Ok(stored),
+        Body::Text { .. } => Ok(()),
         Body::Tombstone => Err(err(ErrorCode::NOT_FOUND, "message was deleted")),
         _ => Err(err(ErrorCode::INVALID, "only text messages can be edited or deleted")),
     }
@@ -316,7 +310,7 @@ impl Actor for Conversation {
         if resume_after.is_some() {
             store.barrier()?.await?;
         }
-        let last_seq = store.recover_last_seq(id)?;
+        let last_seq = store.last_seq(id)?;
         let members: HashMap<UserId, Role> = store.members(id)?.into_iter().collect();
         if let Some(after) = resume_after {
             // The predecessor died between making entries durable (or applying them) and
@@ -407,30 +401,17 @@ impl Conversation {
             Ok(p) => p,
             Err(e) => return reply.send(Err(e)),
         };
-        let dedupe = (plan.entry.client_id != ClientMsgId::default()).then_some((caller.user, &plan.entry.client_id));
         let seq = plan.entry.seq;
         let frame = match encode_frame(&ServerFrame::Event(Event::Entry(plan.entry.clone()))) {
             Ok(f) => f,
             Err(e) => return reply.send(Err(internal(e))),
         };
         let me = myself.clone();
-        let durable = move |r: Result<(), StoreError>| {
+        // The store derives the entry's other writes (idempotency key, edited target,
+        // member keys) from the entry itself; see `Store::append_then`.
+        let written = store.append_then(&plan.entry, move |r| {
             let _ = me.cast(ConvMsg::Durable { seq, ok: r.is_ok() });
-        };
-        let written = if plan.replace.is_none() && plan.members.is_empty() {
-            // The common case, a new message: single-key writes, no sled batch.
-            store.append_then(&plan.entry, dedupe, durable)
-        } else {
-            let mut txn = Txn::new();
-            txn.append(&plan.entry, dedupe);
-            if let Some(r) = &plan.replace {
-                txn.replace(r);
-            }
-            for &(user, role) in &plan.members {
-                txn.set_member(id, user, role);
-            }
-            store.commit_then(txn, durable)
-        };
+        });
         if let Err(e) = written {
             // The batch may have been applied without a durability promise: this actor's
             // view of the log can no longer be trusted. A successor reloads from the store
@@ -648,6 +629,9 @@ impl ConvDirectory {
             Ok(None) => return Err(err(ErrorCode::NOT_FOUND, "no such conversation")),
             Err(e) => return Err(internal(e)),
         }
+        // A crash may have cut the newest entry's writes short (a member added, say):
+        // finish them before asking who is a member, and before the actor loads anything.
+        store.repair_newest_entry(conv).map_err(internal)?;
         if resume_after.is_none() && store.member(conv, user).map_err(internal)?.is_none() {
             return Err(err(ErrorCode::FORBIDDEN, "not a member of this conversation"));
         }
@@ -785,7 +769,7 @@ mod tests {
     }
 
     #[test]
-    fn edit_rewrites_target() {
+    fn edit_checks_its_target() {
         let group = core(ConversationKind::Group, &[(1, Role::Owner)]);
         let plan = group
             .plan(
@@ -795,7 +779,15 @@ mod tests {
                 0,
             )
             .unwrap();
-        assert_eq!(plan.replace.unwrap().body, Body::Text { text: "v2".into(), edited: true });
         assert_eq!(plan.entry.body, Body::Edit { target: 2, text: "v2".into() });
+        let refused = |target: Option<Entry>| {
+            let edit = Command::Edit { client_id: [6; 16], target: 2, text: "v3".into() };
+            group.plan(caller(1), edit, target, 0).err().map(|e| e.code)
+        };
+        assert_eq!(refused(None), Some(ErrorCode::NOT_FOUND));
+        let mut deleted = text_entry(2, 1);
+        deleted.body = Body::Tombstone;
+        assert_eq!(refused(Some(deleted)), Some(ErrorCode::NOT_FOUND));
+        assert_eq!(refused(Some(text_entry(2, 9))), Some(ErrorCode::FORBIDDEN), "only the sender edits");
     }
 }

@@ -30,6 +30,17 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Runs a catalog write (a sled batch) on the blocking pool. A batch waits for any
+/// flush in progress and holds up every other store access meanwhile, so it must never
+/// occupy a runtime thread (see `Store::append_then`).
+pub(crate) async fn catalog_write<T: Send + 'static>(
+    store: &Arc<Store>,
+    write: impl FnOnce(&Store) -> T + Send + 'static,
+) -> Result<T, switchboard_protocol::ErrorBody> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || write(&store)).await.map_err(reply::internal)
+}
+
 /// State every actor and task of one broker shares.
 pub struct Shared {
     /// Configuration in force.

@@ -349,12 +349,12 @@ fn resolve_users(shared: &Shared, names: &[String]) -> Result<Vec<UserId>, Error
         .collect()
 }
 
-/// Creates a conversation. The store work (a catalog lock and a sled batch, which waits
-/// for any flush in progress) runs on the blocking pool, never on a runtime thread.
+/// Creates a conversation. The store work (a catalog lock and a sled batch) runs on the
+/// blocking pool, never on a runtime thread.
 async fn create_conversation(shared: Arc<Shared>, caller: Caller, new: NewConversation) -> Result<Reply, ErrorBody> {
     let writer = shared.clone();
     let (conv, first, durable) =
-        tokio::task::spawn_blocking(move || write_conversation(&writer, caller, new)).await.map_err(internal)??;
+        crate::catalog_write(&shared.store, move |_| write_conversation(&writer, caller, new)).await??;
     durable.await.map_err(internal)?;
     if let Some(entry) = first {
         let users: Vec<UserId> = match &entry.body {
@@ -478,12 +478,8 @@ fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, ErrorBody> {
 }
 
 async fn revoke_device(shared: &Shared, user: UserId, device: DeviceId) -> Result<Reply, ErrorBody> {
-    // A sled batch: on the blocking pool (see `create_conversation`).
-    let store = shared.store.clone();
-    let durable = tokio::task::spawn_blocking(move || store.remove_device(user, device))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let durable =
+        crate::catalog_write(&shared.store, move |s| s.remove_device(user, device)).await?.map_err(internal)?;
     let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };
     durable.await.map_err(internal)?;
     shared.users.revoke(user, device).await;

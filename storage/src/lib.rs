@@ -1,15 +1,15 @@
 //! Switchboard's store: one sled tree with prefixed big-endian keys, and a group
 //! committer that makes writes durable before anyone acknowledges them.
 //!
-//! Only this crate touches sled. Every multi-key invariant (conversation + members +
-//! index, an edit with the entry it rewrites) is written as one atomic sled batch (`Txn`),
-//! and a write is reported durable only after a sled flush *and* an fdatasync of sled's
-//! data file that both began after the write was applied (see `commit`).
+//! Only this crate touches sled. A write is reported durable only after a sled flush
+//! *and* an fdatasync of sled's data file that both began after the write was applied
+//! (see `commit.rs`).
 //!
-//! The hot path, a plain message, is not a batch: see `append_then`. sled 0.34 makes
-//! every `apply_batch` take a process-wide exclusive lock that waits for any flush in
-//! progress, and seal and write its log buffer twice (a `pwrite` and a
-//! `sync_file_range` each); single-key inserts do neither.
+//! Conversation entries (messages, edits, deletes, membership changes) are written entry
+//! first, then what the entry implies, as single-key writes: see `append_then` for why
+//! that is crash-safe and why it is not a sled batch. Catalog changes (users, devices,
+//! a new conversation with its members, counters and direct-pair index) are one atomic
+//! sled batch each (`Txn`), run off the runtime's threads.
 
 mod commit;
 mod keys;
@@ -18,7 +18,7 @@ mod records;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use switchboard_protocol::{ClientMsgId, ConvId, DeviceId, Entry, Role, Seq, UserId};
+use switchboard_protocol::{Body, ClientMsgId, ConvId, DeviceId, Entry, Role, Seq, UserId};
 
 pub use commit::Durable;
 pub use records::{ConversationRecord, DeviceRecord, UserRecord};
@@ -107,37 +107,76 @@ impl Store {
         Ok(Store { db, committer, catalog: Mutex::new(()), path: config.path.clone() })
     }
 
-    /// Applies `txn` atomically and returns a future that resolves once it is durable.
-    pub fn commit(&self, txn: Txn) -> Result<Durable> {
+    /// Applies a catalog `txn` atomically and returns a future that resolves once it is
+    /// durable. A sled batch waits for any flush in progress and holds up every other
+    /// store access meanwhile: callers run it off the runtime's threads, and the message
+    /// path never uses one (see `append_then`).
+    fn commit(&self, txn: Txn) -> Result<Durable> {
         self.db.apply_batch(txn.batch)?;
         self.committer.wait()
     }
 
-    /// Applies `txn` atomically and calls `done` from the committer thread once it is
-    /// durable (or failed to become so). Calls happen in commit order, so an actor that
-    /// forwards them to itself receives them in order. `done` must be quick.
-    pub fn commit_then(&self, txn: Txn, done: impl FnOnce(Result<(), StoreError>) + Send + 'static) -> Result<()> {
-        self.db.apply_batch(txn.batch)?;
+    /// Appends a conversation entry, then writes what it implies for other keys, and
+    /// calls `done` from the committer thread once it is durable (or failed to become
+    /// so). Calls happen in append order, so an actor that forwards them to itself
+    /// receives them in order; `done` must be quick. What it implies is derived from the entry alone:
+    /// its idempotency key `(sender, client_id)`, the rewritten target of an edit or
+    /// delete, the member keys of a membership change.
+    ///
+    /// These are single-key writes, not a sled batch: sled 0.34's `apply_batch` takes a
+    /// process-wide exclusive lock that waits for any flush in progress (stalling every
+    /// thread that touches the store) and writes its log buffer twice. Single writes are
+    /// safe because sled recovers a prefix of its log and the entry is written first:
+    /// after a crash only a conversation's newest entry can lack some of its effects,
+    /// and `repair_newest_entry` writes them again. The caller appends one entry at a time
+    /// per conversation (the next append starts after this one returned).
+    pub fn append_then(&self, entry: &Entry, done: impl FnOnce(Result<(), StoreError>) + Send + 'static) -> Result<()> {
+        self.db.insert(Key::entry(entry.conv, entry.seq), encode(entry))?;
+        self.write_effects(entry, false)?;
         self.committer.notify(Box::new(done))
     }
 
-    /// Appends a plain entry (nothing else changes with it) and calls `done` like
-    /// `commit_then`. The entry and then its idempotency key are two single-key writes,
-    /// not a batch. That is safe because sled recovers a prefix of its log: after a
-    /// crash the idempotency key exists only if its entry does, and only a
-    /// conversation's newest entry can have lost its key, which `recover_last_seq`
-    /// restores. The conversation's last seq is not stored; it is its newest entry.
-    pub fn append_then(
-        &self,
-        entry: &Entry,
-        dedupe: Option<(UserId, &ClientMsgId)>,
-        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
-    ) -> Result<()> {
-        self.db.insert(Key::entry(entry.conv, entry.seq), encode(entry))?;
-        if let Some((user, client_id)) = dedupe {
-            self.db.insert(Key::dedupe(entry.conv, user, client_id), &entry.seq.to_be_bytes()[..])?;
+    /// Writes the keys `entry` implies (see `append_then`). With `repair`, each is read
+    /// first and written only if it differs, and a repair is logged.
+    fn write_effects(&self, entry: &Entry, repair: bool) -> Result<()> {
+        let conv = entry.conv;
+        let set = |key: Key, value: Option<Vec<u8>>| -> Result<()> {
+            if repair {
+                if self.db.get(&key)?.as_deref() == value.as_deref() {
+                    return Ok(());
+                }
+                tracing::warn!(conv, seq = entry.seq, "restored a write of the newest entry lost in a crash");
+            }
+            match value {
+                Some(v) => self.db.insert(key, v)?,
+                None => self.db.remove(key)?,
+            };
+            Ok(())
+        };
+        let member = |user: UserId, role: Option<Role>| -> Result<()> {
+            set(Key::member(conv, user), role.map(|r| encode(&r)))?;
+            set(Key::user_conv(user, conv), role.map(|_| Vec::new()))
+        };
+        if entry.client_id != ClientMsgId::default() {
+            set(Key::dedupe(conv, entry.sender, &entry.client_id), Some(entry.seq.to_be_bytes().to_vec()))?;
         }
-        self.committer.notify(Box::new(done))
+        let rewrite = |target: Seq, body: Body| -> Result<()> {
+            let key = Key::entry(conv, target);
+            let Some(mut stored) = self.get::<Entry>(Key::entry(conv, target))? else {
+                return Err(corrupt(key.as_ref(), "an edit or delete names a missing entry"));
+            };
+            stored.body = body;
+            set(key, Some(encode(&stored)))
+        };
+        match &entry.body {
+            Body::Edit { target, text } => rewrite(*target, Body::Text { text: text.clone(), edited: true }),
+            Body::Delete { target } => rewrite(*target, Body::Tombstone),
+            Body::MembersAdded { members } => members.iter().try_for_each(|&(user, role)| member(user, Some(role))),
+            Body::MemberRemoved { user } => member(*user, None),
+            Body::MemberLeft => member(entry.sender, None),
+            // Text and tombstones imply nothing more; a creation is one atomic batch.
+            Body::Text { .. } | Body::Tombstone | Body::Created { .. } => Ok(()),
+        }
     }
 
     /// Resolves once everything applied so far is durable.
@@ -253,7 +292,7 @@ impl Store {
             txn.set_member(id, user, Some(role));
         }
         let entry = first_entry(id);
-        txn.append(&entry, None);
+        txn.put(Key::entry(entry.conv, entry.seq), &entry);
         Ok((id, true, self.commit(txn)?))
     }
 
@@ -267,20 +306,14 @@ impl Store {
         Ok(self.newest_entry(id)?.map_or(0, |e| e.seq))
     }
 
-    /// Newest seq of a conversation, first restoring the idempotency key of its newest
-    /// entry if a crash fell between the two writes of `append_then`. Call before
-    /// accepting new writes to the conversation (and after `Broker::start`'s barrier, so
-    /// what it reads is durable).
-    pub fn recover_last_seq(&self, id: ConvId) -> Result<Seq> {
-        let Some(entry) = self.newest_entry(id)? else { return Ok(0) };
-        if entry.client_id != ClientMsgId::default() {
-            let key = Key::dedupe(id, entry.sender, &entry.client_id);
-            if self.db.get(&key)?.is_none() {
-                tracing::warn!(conv = id, seq = entry.seq, "restored the idempotency key of the newest entry");
-                self.db.insert(key, &entry.seq.to_be_bytes()[..])?;
-            }
+    /// Writes again whatever of a conversation's newest entry's effects a crash lost
+    /// (see `append_then`). Call before asking who its members are or accepting writes
+    /// to it; a no-op (a few reads) when nothing was lost.
+    pub fn repair_newest_entry(&self, id: ConvId) -> Result<()> {
+        match self.newest_entry(id)? {
+            Some(entry) => self.write_effects(&entry, true),
+            None => Ok(()),
         }
-        Ok(entry.seq)
     }
 
     fn newest_entry(&self, id: ConvId) -> Result<Option<Entry>> {
@@ -360,34 +393,20 @@ impl Store {
     }
 }
 
-/// A set of writes applied atomically by `Store::commit`.
+/// A set of catalog writes applied atomically by `Store::commit`.
 #[derive(Default)]
-pub struct Txn {
+struct Txn {
     batch: sled::Batch,
 }
 
 impl Txn {
     /// An empty transaction.
-    pub fn new() -> Self {
+    fn new() -> Self {
         Txn::default()
     }
 
-    /// Writes `entry` at its seq and, with `dedupe`, records its idempotency key for
-    /// `(sender, client_id)`.
-    pub fn append(&mut self, entry: &Entry, dedupe: Option<(UserId, &ClientMsgId)>) {
-        self.put(Key::entry(entry.conv, entry.seq), entry);
-        if let Some((user, client_id)) = dedupe {
-            self.batch.insert(Key::dedupe(entry.conv, user, client_id).as_ref(), &entry.seq.to_be_bytes()[..]);
-        }
-    }
-
-    /// Rewrites an existing entry in place (edit or tombstone of its body).
-    pub fn replace(&mut self, entry: &Entry) {
-        self.put(Key::entry(entry.conv, entry.seq), entry);
-    }
-
     /// Sets (`Some`) or removes (`None`) a membership, keeping the user's index in step.
-    pub fn set_member(&mut self, conv: ConvId, user: UserId, role: Option<Role>) {
+    fn set_member(&mut self, conv: ConvId, user: UserId, role: Option<Role>) {
         match role {
             Some(role) => {
                 self.put(Key::member(conv, user), &role);
@@ -427,7 +446,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use switchboard_protocol::{Body, ConversationKind};
+    use switchboard_protocol::ConversationKind;
 
     fn open(dir: &Path) -> Store {
         let mut config = StoreConfig::new(dir.join("db"));
@@ -453,10 +472,7 @@ mod tests {
         {
             let store = open(dir.path());
             for seq in 1..=5 {
-                let mut txn = Txn::new();
-                let entry = text(9, seq, 3);
-                txn.append(&entry, Some((3, &entry.client_id)));
-                store.commit(txn).unwrap().await.unwrap();
+                append(&store, text(9, seq, 3)).await;
             }
             store.close().unwrap();
         }
@@ -471,28 +487,66 @@ mod tests {
         assert!(store.entries(9, 6, 5, 10, false).unwrap().is_empty());
     }
 
+    async fn append(store: &Store, entry: Entry) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.append_then(&entry, move |r| tx.send(r).unwrap()).unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    fn with_body(mut entry: Entry, body: Body) -> Entry {
+        entry.body = body;
+        entry
+    }
+
     #[tokio::test]
-    async fn appends_survive_reopen_and_a_lost_idempotency_key_is_restored() {
+    async fn appends_write_what_each_entry_implies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        append(&store, text(9, 1, 3)).await;
+        append(&store, with_body(text(9, 2, 3), Body::Edit { target: 1, text: "v2".into() })).await;
+        assert_eq!(store.entry(9, 1).unwrap().unwrap().body, Body::Text { text: "v2".into(), edited: true });
+        append(&store, with_body(text(9, 3, 3), Body::MembersAdded { members: vec![(4, Role::Admin)] })).await;
+        assert_eq!(store.members(9).unwrap(), vec![(4, Role::Admin)]);
+        assert_eq!(store.user_conversations(4, None, 10).unwrap(), vec![9]);
+        append(&store, with_body(text(9, 4, 4), Body::MemberLeft)).await;
+        assert!(store.members(9).unwrap().is_empty());
+        assert!(store.user_conversations(4, None, 10).unwrap().is_empty());
+        append(&store, with_body(text(9, 5, 3), Body::Delete { target: 1 })).await;
+        assert_eq!(store.entry(9, 1).unwrap().unwrap().body, Body::Tombstone);
+        assert_eq!(store.dedupe(9, 3, &[2; 16]).unwrap(), Some(2));
+        assert_eq!(store.dedupe(9, 4, &[2; 16]).unwrap(), None, "idempotency keys are per sender");
+        assert_eq!(store.last_seq(9).unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_an_entry_and_its_effects_is_repaired() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = open(dir.path());
-            for seq in 1..=5 {
-                let entry = text(9, seq, 3);
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                store.append_then(&entry, Some((3, &entry.client_id)), move |r| tx.send(r).unwrap()).unwrap();
-                rx.await.unwrap().unwrap();
+            for seq in 1..=3 {
+                append(&store, text(9, seq, 3)).await;
             }
-            // A crash between append_then's two writes: the newest entry without its key.
-            store.db.insert(Key::entry(9, 6), encode(&text(9, 6, 3))).unwrap();
+            // The crash left the newest entry without its other writes.
+            let added = with_body(text(9, 4, 3), Body::MembersAdded { members: vec![(5, Role::Member)] });
+            store.db.insert(Key::entry(9, 4), encode(&added)).unwrap();
+            append(&store, text(8, 1, 3)).await;
+            let delete = with_body(text(8, 2, 3), Body::Delete { target: 1 });
+            store.db.insert(Key::entry(8, 2), encode(&delete)).unwrap();
             store.close().unwrap();
         }
         let store = open(dir.path());
-        assert_eq!(store.last_seq(9).unwrap(), 6);
-        assert_eq!(store.dedupe(9, 3, &[6; 16]).unwrap(), None);
-        assert_eq!(store.recover_last_seq(9).unwrap(), 6);
-        assert_eq!(store.dedupe(9, 3, &[6; 16]).unwrap(), Some(6), "a retry of seq 6 finds it");
+        assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), None);
+        assert!(store.members(9).unwrap().is_empty());
+        store.repair_newest_entry(9).unwrap();
+        assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), Some(4), "a retry of seq 4 finds it");
+        assert_eq!(store.members(9).unwrap(), vec![(5, Role::Member)]);
+        assert_eq!(store.user_conversations(5, None, 10).unwrap(), vec![9]);
+        store.repair_newest_entry(8).unwrap();
+        assert_eq!(store.entry(8, 1).unwrap().unwrap().body, Body::Tombstone);
         assert_eq!(store.dedupe(9, 3, &[2; 16]).unwrap(), Some(2));
-        assert_eq!(store.recover_last_seq(10).unwrap(), 0, "an empty conversation");
+        store.repair_newest_entry(10).unwrap();
+        assert_eq!(store.last_seq(10).unwrap(), 0, "an empty conversation");
+        assert_eq!(store.last_seq(9).unwrap(), 4);
     }
 
     #[tokio::test]
@@ -501,10 +555,8 @@ mod tests {
         let store = Arc::new(open(dir.path()));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for seq in 1..=200 {
-            let mut txn = Txn::new();
-            txn.append(&text(1, seq, 1), None);
             let tx = tx.clone();
-            store.commit_then(txn, move |r| tx.send((seq, r.is_ok())).unwrap()).unwrap();
+            store.append_then(&text(1, seq, 1), move |r| tx.send((seq, r.is_ok())).unwrap()).unwrap();
         }
         for want in 1..=200 {
             assert_eq!(rx.recv().await.unwrap(), (want, true));
