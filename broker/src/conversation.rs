@@ -413,9 +413,10 @@ impl Conversation {
             let _ = me.cast(ConvMsg::Durable { seq, ok: r.is_ok() });
         });
         if let Err(e) = written {
-            // The batch may have been applied without a durability promise: this actor's
-            // view of the log can no longer be trusted. A successor reloads from the store
-            // (pending requests are answered INTERNAL as the state drops).
+            // The entry (and some of its effects) may have been written without a
+            // durability promise: this actor's view of the log can no longer be trusted. A
+            // successor repairs the newest entry and reloads from the store (pending
+            // requests are answered INTERNAL as the state drops).
             state.poisoned = true;
             myself.stop(Some("commit failed".into()));
             return reply.send(Err(internal(e)));

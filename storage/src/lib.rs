@@ -119,9 +119,9 @@ impl Store {
     /// Appends a conversation entry, then writes what it implies for other keys, and
     /// calls `done` from the committer thread once it is durable (or failed to become
     /// so). Calls happen in append order, so an actor that forwards them to itself
-    /// receives them in order; `done` must be quick. What it implies is derived from the entry alone:
-    /// its idempotency key `(sender, client_id)`, the rewritten target of an edit or
-    /// delete, the member keys of a membership change.
+    /// receives them in order; `done` must be quick. What the entry implies is derived
+    /// from it alone: its idempotency key `(sender, client_id)`, the rewritten target of
+    /// an edit or delete, the member keys of a membership change.
     ///
     /// These are single-key writes, not a sled batch: sled 0.34's `apply_batch` takes a
     /// process-wide exclusive lock that waits for any flush in progress (stalling every
@@ -162,7 +162,7 @@ impl Store {
         }
         let rewrite = |target: Seq, body: Body| -> Result<()> {
             let key = Key::entry(conv, target);
-            let Some(mut stored) = self.get::<Entry>(Key::entry(conv, target))? else {
+            let Some(mut stored) = self.entry(conv, target)? else {
                 return Err(corrupt(key.as_ref(), "an edit or delete names a missing entry"));
             };
             stored.body = body;
