@@ -30,6 +30,7 @@ pub struct MessageLoad {
     progress: Option<tokio::task::JoinHandle<()>>,
     udp_drops_at_start: Option<u64>,
     measured_from_s: f64,
+    broker_where: &'static str,
 }
 
 impl MessageLoad {
@@ -65,6 +66,7 @@ impl MessageLoad {
             progress,
             measured_from_s: 0.0,
             udp_drops_at_start: None,
+            broker_where: target.describe(),
         })
     }
 
@@ -191,7 +193,7 @@ impl MessageLoad {
     pub async fn finish(
         mut self,
         scenario: &str,
-        params: BTreeMap<String, String>,
+        mut params: BTreeMap<String, String>,
         measured_s: f64,
         common: &Common,
     ) -> anyhow::Result<Report> {
@@ -230,6 +232,7 @@ impl MessageLoad {
             .collect();
         let duration_s = measured_s.max(1e-3);
         let sent = self.stats.sent_total.load(Ordering::Relaxed);
+        params.insert("broker".into(), self.broker_where.into());
         let mut report = Report {
             scenario: scenario.into(),
             command: common.command.clone(),

@@ -103,6 +103,15 @@ impl Target {
         matches!(self.owned, Owned::InProcess(..))
     }
 
+    /// Where the broker runs and whether its resources are measured, for the report.
+    pub fn describe(&self) -> &'static str {
+        match (&self.owned, self.pid) {
+            (Owned::InProcess(..), _) => "in this process: the harness figures include it",
+            (_, Some(_)) => "own process, measured",
+            (_, None) => "remote, not measured (give --broker-pid)",
+        }
+    }
+
     /// A new client endpoint for this broker.
     pub fn connector(&self) -> anyhow::Result<Connector> {
         Ok(Connector::new(self.addr, &self.server_name, self.trust.clone())?)

@@ -90,10 +90,7 @@ pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
         params: params([
             ("clients", args.clients.to_string()),
             ("concurrency", args.concurrency.to_string()),
-            (
-                "broker",
-                if target.pid.is_some() { "own process".into() } else { "in this process (memory shared)".into() },
-            ),
+            ("broker", target.describe().into()),
         ]),
         duration_s: elapsed,
         errors,
