@@ -32,6 +32,17 @@ pub const MAX_DEVICES_PER_USER: usize = 32;
 /// connection times out, hence twice the device limit). Bounds one user's share of the
 /// broker and the fan-out work per event for that user.
 pub const MAX_SESSIONS_PER_USER: usize = 2 * MAX_DEVICES_PER_USER;
+/// Conversations one user may create in a burst, and the rate the allowance refills at
+/// (per second). Creating one is a catalog write (a sled batch, which holds up every
+/// other store access while it waits for a flush) and adds to the store for good, so a
+/// client looping on it must not slow everyone else down or fill the disk at line rate.
+pub const CONVERSATION_CREATE_BURST: f64 = 20.0;
+/// See `CONVERSATION_CREATE_BURST`.
+pub const CONVERSATION_CREATE_PER_S: f64 = 1.0;
+/// Users whose creation allowance is tracked at once (a bucket is dropped once it has
+/// refilled, 20 s after the user's last creation). Beyond it, creations are refused with
+/// `RATE_LIMITED` until buckets refill: ~64 bytes each, so ~4 MiB at the cap.
+pub const CREATION_BUCKETS_MAX: usize = 65_536;
 /// Minimum password length at registration.
 pub const MIN_PASSWORD_BYTES: usize = 8;
 /// Largest frame the broker reads in one QUIC chunk read.

@@ -352,6 +352,7 @@ fn resolve_users(shared: &Shared, names: &[String]) -> Result<Vec<UserId>, Error
 /// Creates a conversation. The store work (a catalog lock and a sled batch) runs on the
 /// blocking pool, never on a runtime thread.
 async fn create_conversation(shared: Arc<Shared>, caller: Caller, new: NewConversation) -> Result<Reply, ErrorBody> {
+    shared.users.allow_creation(caller.user)?;
     let writer = shared.clone();
     let (conv, first, durable) =
         crate::catalog_write(&shared.store, move |_| write_conversation(&writer, caller, new)).await??;

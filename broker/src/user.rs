@@ -4,11 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
 
-use crate::limits::MAX_SESSIONS_PER_USER;
+use crate::limits::{
+    CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, MAX_SESSIONS_PER_USER,
+};
 use crate::reply::internal;
 
 use crate::online::{Online, SessionHandle};
@@ -61,39 +64,53 @@ impl Actor for User {
     }
 }
 
+/// An online user's entry: its actor and how many sessions it has.
+struct Live {
+    actor: ActorRef<UserMsg>,
+    sessions: usize,
+}
+
 /// Live user actors with their session counts. Counting under the directory lock means
 /// the last detach stops the actor and a later attach starts a fresh one, with no
 /// message ever sent to a stopping actor.
 pub struct UserDirectory {
-    map: tokio::sync::Mutex<HashMap<UserId, (ActorRef<UserMsg>, usize)>>,
+    map: tokio::sync::Mutex<HashMap<UserId, Live>>,
     online: Arc<Online>,
+    /// Conversation-creation allowances of users who created recently, online or not
+    /// (so reconnecting does not refill one). A full bucket is dropped when the map is
+    /// pruned; at most `CREATION_BUCKETS_MAX`.
+    creations: std::sync::Mutex<HashMap<UserId, TokenBucket>>,
 }
 
 impl UserDirectory {
     /// An empty directory publishing into `online`.
     pub fn new(online: Arc<Online>) -> Self {
-        UserDirectory { map: tokio::sync::Mutex::new(HashMap::new()), online }
+        UserDirectory {
+            map: tokio::sync::Mutex::new(HashMap::new()),
+            online,
+            creations: std::sync::Mutex::new(HashMap::new()),
+        }
     }
 
     /// Registers a connected session; refuses one beyond `MAX_SESSIONS_PER_USER`.
     pub async fn attach(&self, user: UserId, session: SessionHandle) -> Result<(), ErrorBody> {
         let mut map = self.map.lock().await;
-        if map.get(&user).is_some_and(|(_, count)| *count >= MAX_SESSIONS_PER_USER) {
+        if map.get(&user).is_some_and(|live| live.sessions >= MAX_SESSIONS_PER_USER) {
             return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many connections for this user"));
         }
-        let entry = match map.remove(&user) {
-            Some(e) => e,
+        let mut live = match map.remove(&user) {
+            Some(live) => live,
             None => {
                 let (actor, _) = Actor::spawn(None, User, user).await.map_err(internal)?;
-                (actor, 0)
+                Live { actor, sessions: 0 }
             }
         };
-        let (actor, count) = entry;
         self.online.add(user, session.clone());
-        if actor.cast(UserMsg::Attach(session)).is_err() {
+        if live.actor.cast(UserMsg::Attach(session)).is_err() {
             tracing::error!(user, "user actor is gone");
         }
-        map.insert(user, (actor, count + 1));
+        live.sessions += 1;
+        map.insert(user, live);
         Ok(())
     }
 
@@ -101,19 +118,93 @@ impl UserDirectory {
     pub async fn detach(&self, user: UserId, session: u64) {
         let mut map = self.map.lock().await;
         self.online.remove(user, session);
-        let Some((actor, count)) = map.remove(&user) else { return };
-        let _ = actor.cast(UserMsg::Detach(session));
-        if count > 1 {
-            map.insert(user, (actor, count - 1));
+        let Some(mut live) = map.remove(&user) else { return };
+        let _ = live.actor.cast(UserMsg::Detach(session));
+        if live.sessions > 1 {
+            live.sessions -= 1;
+            map.insert(user, live);
         } else {
-            actor.stop(None);
+            live.actor.stop(None);
         }
     }
 
     /// Closes the live connections of a revoked device.
     pub async fn revoke(&self, user: UserId, device: DeviceId) {
-        if let Some((actor, _)) = self.map.lock().await.get(&user) {
-            let _ = actor.cast(UserMsg::Revoke(device));
+        if let Some(live) = self.map.lock().await.get(&user) {
+            let _ = live.actor.cast(UserMsg::Revoke(device));
         }
+    }
+
+    /// Takes one conversation creation from `user`'s allowance, or says `RATE_LIMITED`.
+    /// The allowance is shared by all of the user's connections and outlives them.
+    pub fn allow_creation(&self, user: UserId) -> Result<(), ErrorBody> {
+        let (now, rate, burst) = (Instant::now(), CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST);
+        let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
+        let mut buckets = self.creations.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= CREATION_BUCKETS_MAX && !buckets.contains_key(&user) {
+            // A full bucket is the same as none.
+            buckets.retain(|_, b| !b.is_full(now, rate, burst));
+            if buckets.len() >= CREATION_BUCKETS_MAX {
+                return limited("too many users are creating conversations; retry in a second");
+            }
+        }
+        let bucket = buckets.entry(user).or_insert(TokenBucket { tokens: burst, at: now });
+        if bucket.take(now, rate, burst) {
+            Ok(())
+        } else {
+            limited("creating conversations too fast; retry in a second")
+        }
+    }
+}
+
+/// A token bucket: `burst` tokens at most, refilled at a steady rate.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn tokens_at(&self, now: Instant, per_s: f64, burst: f64) -> f64 {
+        (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_s).min(burst)
+    }
+
+    fn is_full(&self, now: Instant, per_s: f64, burst: f64) -> bool {
+        self.tokens_at(now, per_s, burst) >= burst
+    }
+
+    /// Refills for the time since the last call, then takes a token if there is one.
+    fn take(&mut self, now: Instant, per_s: f64, burst: f64) -> bool {
+        self.tokens = self.tokens_at(now, per_s, burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket { tokens: 3.0, at: start };
+        assert!((0..3).all(|_| bucket.take(start, 1.0, 3.0)));
+        assert!(!bucket.take(start, 1.0, 3.0), "the burst is spent");
+        assert!(!bucket.take(start + Duration::from_millis(900), 1.0, 3.0));
+        assert!(bucket.take(start + Duration::from_millis(1000), 1.0, 3.0), "a second refills one");
+        // A long pause refills to the burst, no further.
+        let later = start + Duration::from_secs(3600);
+        assert!((0..3).all(|_| bucket.take(later, 1.0, 3.0)));
+        assert!(!bucket.take(later, 1.0, 3.0));
+        assert!(!bucket.is_full(later, 1.0, 3.0));
+        assert!(bucket.is_full(later + Duration::from_secs(3), 1.0, 3.0));
     }
 }

@@ -91,12 +91,31 @@ impl Population {
     }
 }
 
+/// Runs a conversation creation, waiting out `RATE_LIMITED`: the broker allows each
+/// user 20 creations in a burst, then one a second, and a scenario may ask for more.
+async fn creating<T, F>(mut create: impl FnMut() -> F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Result<T, switchboard_client::ClientError>>,
+{
+    const ATTEMPTS: u32 = 600;
+    for _ in 0..ATTEMPTS {
+        match create().await {
+            Err(e) if e.code() == Some(switchboard_protocol::ErrorCode::RATE_LIMITED) => {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+    anyhow::bail!("conversation creation still rate limited after {ATTEMPTS} attempts")
+}
+
 /// Creates a group owned by user `owner` with the given members; returns its id.
 pub async fn create_group(pop: &Population, owner: usize, members: &[usize], title: &str) -> anyhow::Result<ConvId> {
     let client = pop.client(owner).await?;
     let names: Vec<String> = members.iter().filter(|&&m| m != owner).map(|&m| pop.name(m).to_owned()).collect();
     let mut chunks = names.chunks(switchboard_protocol::limits::MAX_USERS_PER_REQUEST as usize);
-    let conv = client.create_group(title, chunks.next().unwrap_or_default()).await?.id;
+    let first = chunks.next().unwrap_or_default();
+    let conv = creating(|| client.create_group(title, first)).await?.id;
     for chunk in chunks {
         client.add_members(conv, chunk, switchboard_protocol::Role::Member).await?;
     }
@@ -107,7 +126,7 @@ pub async fn create_group(pop: &Population, owner: usize, members: &[usize], tit
 /// Creates the direct conversation between users `a` and `b`.
 pub async fn create_direct(pop: &Population, a: usize, b: usize) -> anyhow::Result<ConvId> {
     let client = pop.client(a).await?;
-    let conv = client.create_direct(pop.name(b)).await?.id;
+    let conv = creating(|| client.create_direct(pop.name(b))).await?.id;
     client.close();
     Ok(conv)
 }

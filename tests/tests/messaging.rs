@@ -136,3 +136,37 @@ async fn a_broker_on_several_udp_sockets_serves_clients_on_each() {
         assert_eq!(next_entry(s).await.seq, seq);
     }
 }
+
+#[tokio::test]
+async fn creating_conversations_in_a_loop_is_rate_limited_per_user() {
+    let tb = TestBroker::start().await;
+    let (alice, alice_id) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    // 60 back to back: the first 20 (the burst) always pass; refilling 40 more would take
+    // 40 s at one a second, so some are refused however slow this machine is.
+    let mut created = 0;
+    let mut refused = 0;
+    for i in 0..60 {
+        match alice.create_group(&format!("g{i}"), &["bob".into()]).await {
+            Ok(_) => created += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(created >= 20, "the burst is allowed ({created} created)");
+    assert!(refused > 0, "a loop is refused ({created} created)");
+    assert_eq!(alice.conversations().await.unwrap().len(), created, "a refused creation leaves nothing behind");
+    // Reconnecting does not refill the allowance (5 more would need 5 s of refill).
+    alice.close();
+    let alice = tb.connector().connect(&alice_id).await.unwrap();
+    let mut again = Vec::new();
+    for i in 0..5 {
+        again.push(alice.create_group(&format!("again {i}"), &["bob".into()]).await.err().and_then(|e| e.code()));
+    }
+    assert!(again.contains(&Some(ErrorCode::RATE_LIMITED)), "{again:?}");
+    // The allowance is per user: bob is unaffected, and alice can still message.
+    let conv = bob.create_group("bob's", &["alice".into()]).await.unwrap().id;
+    alice.send(conv, "still here").await.unwrap();
+}
