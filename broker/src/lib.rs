@@ -30,13 +30,17 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs a catalog write (a sled batch) on the blocking pool. A batch waits for any
-/// flush in progress and holds up every other store access meanwhile, so it must never
-/// occupy a runtime thread (see `Store::append_then`).
+/// Runs a catalog write on the blocking pool: it takes the store's catalog lock and
+/// waits for the committer thread to apply its sled batch, so it must not occupy a
+/// runtime thread. At most `CATALOG_WRITERS` run at once (they serialise on the catalog
+/// lock anyway); the rest wait here without a thread, which keeps a burst of
+/// registrations from growing the blocking pool (and its threads' malloc arenas).
 pub(crate) async fn catalog_write<T: Send + 'static>(
     store: &Arc<Store>,
     write: impl FnOnce(&Store) -> T + Send + 'static,
 ) -> Result<T, switchboard_protocol::ErrorBody> {
+    static WRITERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(limits::CATALOG_WRITERS);
+    let _permit = WRITERS.acquire().await.map_err(reply::internal)?;
     let store = store.clone();
     tokio::task::spawn_blocking(move || write(&store)).await.map_err(reply::internal)
 }
@@ -88,6 +92,17 @@ impl Broker {
     /// Opens the store, loads or generates the certificate, binds and starts accepting.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
         let store = open_store(&config)?;
+        if !store.opened_clean() {
+            // A crash may have cut a conversation's newest entry short; finish it before
+            // anyone lists conversations or members.
+            let started = std::time::Instant::now();
+            let checked = store.repair_all()?;
+            tracing::info!(
+                conversations = checked,
+                ms = started.elapsed().as_millis() as u64,
+                "checked after an unclean stop"
+            );
+        }
         // Whatever survived a crash in sled's file is made durable before anything is
         // served, so conversation actors never serve an entry that could still vanish.
         store.barrier()?.await?;
@@ -166,9 +181,13 @@ impl Broker {
         while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.shared.store.close()?;
         if Arc::strong_count(&self.shared) > 1 {
+            // Something may still write: close without vouching for the store, so the
+            // next start checks it.
             tracing::warn!("tasks still hold the broker state after shutdown");
+            self.shared.store.close()?;
+        } else {
+            self.shared.store.close_clean()?;
         }
         tracing::info!("stopped; store flushed");
         Ok(())

@@ -39,10 +39,14 @@ pub const MAX_SESSIONS_PER_USER: usize = 2 * MAX_DEVICES_PER_USER;
 pub const CONVERSATION_CREATE_BURST: f64 = 20.0;
 /// See `CONVERSATION_CREATE_BURST`.
 pub const CONVERSATION_CREATE_PER_S: f64 = 1.0;
-/// Users whose creation allowance is tracked at once (a bucket is dropped once it has
-/// refilled, 20 s after the user's last creation). Beyond it, creations are refused with
-/// `RATE_LIMITED` until buckets refill: ~64 bytes each, so ~4 MiB at the cap.
+/// Users whose creation allowance is tracked at once. At the cap, buckets that have
+/// refilled (20 s after their user's last creation) are dropped, at most once a second;
+/// if none has, new users' creations get `RATE_LIMITED`. ~64 bytes each, ~4 MiB at most.
 pub const CREATION_BUCKETS_MAX: usize = 65_536;
+/// Catalog writes (registrations, enrollments, revocations, new conversations) running
+/// at once on the blocking pool. They serialise on the store's catalog lock, so more
+/// would only park threads.
+pub const CATALOG_WRITERS: usize = 2;
 /// Minimum password length at registration.
 pub const MIN_PASSWORD_BYTES: usize = 8;
 /// Largest frame the broker reads in one QUIC chunk read.

@@ -119,7 +119,13 @@ async fn user_add(config: Config, name: &str) -> anyhow::Result<()> {
     let auth =
         switchboard_broker::auth::Auth::new(store.clone(), config.argon2_memory_kib, config.argon2_iterations, true)?;
     let id = auth.add_user(name, &password).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    store.close()?;
+    // Vouch for the store only if it was vouched for when opened (else the broker's
+    // next start must still check it).
+    if store.opened_clean() {
+        store.close_clean()?
+    } else {
+        store.close()?
+    }
     println!("created user {name} (id {id})");
     Ok(())
 }

@@ -354,8 +354,13 @@ fn resolve_users(shared: &Shared, names: &[String]) -> Result<Vec<UserId>, Error
 async fn create_conversation(shared: Arc<Shared>, caller: Caller, new: NewConversation) -> Result<Reply, ErrorBody> {
     shared.users.allow_creation(caller.user)?;
     let writer = shared.clone();
-    let (conv, first, durable) =
-        crate::catalog_write(&shared.store, move |_| write_conversation(&writer, caller, new)).await??;
+    let written = crate::catalog_write(&shared.store, move |_| write_conversation(&writer, caller, new)).await;
+    // Only a conversation actually written counts: a refused request, or opening an
+    // existing direct conversation, gives the allowance back.
+    if !matches!(&written, Ok(Ok((_, Some(_), _)))) {
+        shared.users.refund_creation(caller.user);
+    }
+    let (conv, first, durable) = written??;
     durable.await.map_err(internal)?;
     if let Some(entry) = first {
         let users: Vec<UserId> = match &entry.body {

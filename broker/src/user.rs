@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
@@ -77,9 +77,11 @@ pub struct UserDirectory {
     map: tokio::sync::Mutex<HashMap<UserId, Live>>,
     online: Arc<Online>,
     /// Conversation-creation allowances of users who created recently, online or not
-    /// (so reconnecting does not refill one). A full bucket is dropped when the map is
-    /// pruned; at most `CREATION_BUCKETS_MAX`.
+    /// (so reconnecting does not refill one). At most `CREATION_BUCKETS_MAX`; when it is
+    /// full, refilled buckets are dropped (see `allow_creation`).
     creations: std::sync::Mutex<HashMap<UserId, TokenBucket>>,
+    /// When `creations` was last pruned.
+    creations_pruned: std::sync::Mutex<Option<Instant>>,
 }
 
 impl UserDirectory {
@@ -89,6 +91,7 @@ impl UserDirectory {
             map: tokio::sync::Mutex::new(HashMap::new()),
             online,
             creations: std::sync::Mutex::new(HashMap::new()),
+            creations_pruned: std::sync::Mutex::new(None),
         }
     }
 
@@ -142,8 +145,13 @@ impl UserDirectory {
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
         let mut buckets = self.creations.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= CREATION_BUCKETS_MAX && !buckets.contains_key(&user) {
-            // A full bucket is the same as none.
-            buckets.retain(|_, b| !b.is_full(now, rate, burst));
+            // A full bucket is the same as none. Pruning walks the whole map, so at most
+            // once a second; until then, and if nothing was full, new users wait.
+            let mut pruned = self.creations_pruned.lock().unwrap_or_else(|p| p.into_inner());
+            if pruned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
+                *pruned = Some(now);
+                buckets.retain(|_, b| !b.is_full(now, rate, burst));
+            }
             if buckets.len() >= CREATION_BUCKETS_MAX {
                 return limited("too many users are creating conversations; retry in a second");
             }
@@ -153,6 +161,14 @@ impl UserDirectory {
             Ok(())
         } else {
             limited("creating conversations too fast; retry in a second")
+        }
+    }
+
+    /// Gives back a creation `allow_creation` granted but nothing was created for.
+    pub fn refund_creation(&self, user: UserId) {
+        let mut buckets = self.creations.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bucket) = buckets.get_mut(&user) {
+            bucket.tokens = (bucket.tokens + 1.0).min(CONVERSATION_CREATE_BURST);
         }
     }
 }
@@ -188,8 +204,6 @@ impl TokenBucket {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]

@@ -43,8 +43,9 @@ pub struct Common {
     /// The p99 bound for `--ramp`.
     #[arg(long, default_value_t = 50.0, global = true)]
     pub ramp_p99_ms: f64,
-    /// Length of one ramp step.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
+    /// Length of one ramp step, in whole seconds (a step's figures are read from whole
+    /// seconds of the run).
+    #[arg(long, default_value = "5s", value_parser = parse_whole_seconds, global = true)]
     pub ramp_step: Duration,
     /// Rate multiplier between ramp steps.
     #[arg(long, default_value_t = 1.25, global = true)]
@@ -91,7 +92,8 @@ impl Default for Common {
 impl Common {
     /// An upper bound on the run's length in seconds (for per-second buffers).
     pub fn max_seconds(&self) -> usize {
-        let ramp = if self.ramp { 40 * self.ramp_step.as_secs() as usize + 60 } else { 0 };
+        // Per step: the step, up to 1.2 s to start on a whole second, up to 5 s of drain.
+        let ramp = if self.ramp { 40 * (self.ramp_step.as_secs() as usize + 7) + 60 } else { 0 };
         self.duration.as_secs() as usize + ramp + 120
     }
 
@@ -121,6 +123,15 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         Ok(n) if (payload::MIN_SIZE..=max).contains(&n) => Ok(n),
         _ => Err(format!("size must be {}..={max} bytes", payload::MIN_SIZE)),
     }
+}
+
+/// Parses a duration (as `parse_duration`) that is a whole number of seconds, at least 1.
+pub fn parse_whole_seconds(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 || d.is_zero() {
+        return Err(format!("{s:?} is not a whole number of seconds (at least 1s)"));
+    }
+    Ok(d)
 }
 
 /// Parses `10s`, `1.5s`, `250ms`, `2m`, `1h`; a bare number is seconds.
@@ -160,6 +171,10 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("10y").is_err());
+        assert_eq!(parse_whole_seconds("5s"), Ok(Duration::from_secs(5)));
+        assert!(parse_whole_seconds("1.5s").is_err());
+        assert!(parse_whole_seconds("500ms").is_err());
+        assert!(parse_whole_seconds("0s").is_err());
     }
 
     #[test]

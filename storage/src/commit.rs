@@ -2,13 +2,19 @@
 //! flush at once) and then fdatasyncs sled's data file, because sled's flush uses
 //! `sync_file_range`, which does not flush the disk's write cache.
 //!
-//! A writer applies its batch first and then enqueues a waiter. The thread takes every
+//! A writer applies its writes first and then enqueues a waiter. The thread takes every
 //! waiter queued so far, flushes once and syncs once, then completes them all in queue
 //! order. A waiter is therefore completed only by a flush that began after its write
 //! was applied, and all writers that arrive during one fsync share the next one.
 //!
+//! Sled batches (catalog changes) are the exception: they are queued here and applied by
+//! this thread, between flushes. sled's `apply_batch` takes a process-wide exclusive
+//! lock that `flush` holds shared while it waits for the disk; a batch applied anywhere
+//! else waits out the flush in progress, and every store access queues behind it,
+//! runtime threads included. Here no flush is ever in progress when a batch is applied.
+//!
 //! The queue is bounded by the callers: every waiter belongs to an in-flight request,
-//! and each session caps those.
+//! and each session caps those; batch writers are few (see the broker's `catalog_write`).
 
 use std::fs::File;
 use std::future::Future;
@@ -25,11 +31,19 @@ use crate::StoreError;
 
 type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+/// What the committer thread is asked to do.
+enum Job {
+    /// Complete `Done` once everything applied before it is durable.
+    Wait(Done),
+    /// Apply a batch (between flushes), say so on `applied`, then complete like `Wait`.
+    Apply(sled::Batch, mpsc::SyncSender<Result<(), StoreError>>, Done),
+}
+
 /// A commit slower than this is logged: acknowledgements waited on it.
 const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub(crate) struct Committer {
-    tx: Mutex<Option<mpsc::Sender<Done>>>,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -38,7 +52,7 @@ impl Committer {
         // Open once up front: a missing data file is a startup error, not a per-batch one.
         let file =
             File::open(&data_file).map_err(|e| StoreError::NotDurable(format!("{}: {e}", data_file.display())))?;
-        let (tx, rx) = mpsc::channel::<Done>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("sb-committer".into())
             .spawn(move || run(db, file, rx))
@@ -47,9 +61,26 @@ impl Committer {
     }
 
     pub(crate) fn notify(&self, done: Done) -> Result<(), StoreError> {
+        self.send(Job::Wait(done))
+    }
+
+    /// Has the committer thread apply `batch` between flushes; returns once it is
+    /// applied (blocking: call off the async runtime), with a future for its durability.
+    pub(crate) fn apply(&self, batch: sled::Batch) -> Result<Durable, StoreError> {
+        let (applied_tx, applied_rx) = mpsc::sync_channel(1);
+        let (durable_tx, durable_rx) = oneshot::channel();
+        let done: Done = Box::new(move |r| {
+            let _ = durable_tx.send(r);
+        });
+        self.send(Job::Apply(batch, applied_tx, done))?;
+        applied_rx.recv().map_err(|_| StoreError::Closed)??;
+        Ok(Durable(durable_rx))
+    }
+
+    fn send(&self, job: Job) -> Result<(), StoreError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
-            Some(tx) => tx.send(done).map_err(|_| StoreError::Closed),
+            Some(tx) => tx.send(job).map_err(|_| StoreError::Closed),
             None => Err(StoreError::Closed),
         }
     }
@@ -77,23 +108,43 @@ impl Drop for Committer {
     }
 }
 
-fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Done>) {
+fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>) {
     // Fail-stop: after one failed flush or fsync nothing is reported durable again. On
     // Linux a failed fsync may already have dropped the dirty pages it could not write,
     // so retrying and later succeeding would acknowledge writes that are gone.
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
+        let mut waiters = Vec::new();
+        for job in std::iter::once(first).chain(rx.try_iter()) {
+            match job {
+                Job::Wait(done) => waiters.push(done),
+                Job::Apply(batch, applied, done) => {
+                    // No flush is in progress on this thread: the batch's exclusive
+                    // lock waits only for readers already inside sled.
+                    let r = match &failed {
+                        Some(e) => Err(StoreError::NotDurable(e.clone())),
+                        None => db.apply_batch(batch).map_err(StoreError::from),
+                    };
+                    let ok = r.is_ok();
+                    let _ = applied.send(r);
+                    if ok {
+                        waiters.push(done);
+                    }
+                }
+            }
+        }
+        if waiters.is_empty() {
+            continue;
+        }
         let result = match &failed {
             Some(e) => Err(e.clone()),
-            None => commit_once(&db, &file, batch.len()),
+            None => commit_once(&db, &file, waiters.len()),
         };
         if let (Err(e), None) = (&result, &failed) {
-            tracing::error!(error = %e, waiters = batch.len(), "group commit failed; the store refuses writes until restarted");
+            tracing::error!(error = %e, waiters = waiters.len(), "group commit failed; the store refuses writes until restarted");
             failed = Some(format!("store failed earlier ({e}); restart the broker"));
         }
-        for done in batch {
+        for done in waiters {
             done(result.clone().map_err(StoreError::NotDurable));
         }
     }

@@ -14,6 +14,7 @@ const USER_CONV: u8 = 0x07;
 const ENTRY: u8 = 0x08;
 const DEDUPE: u8 = 0x09;
 const DIRECT: u8 = 0x0a;
+const CLEAN_SHUTDOWN: u8 = 0x0b;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -69,6 +70,14 @@ impl Key {
     }
     pub fn dedupe(conv: ConvId, user: UserId, client_id: &ClientMsgId) -> Key {
         Key::with(DEDUPE, &[&conv.to_be_bytes(), &user.to_be_bytes(), client_id])
+    }
+    /// Present only while the store is closed after a clean shutdown.
+    pub fn clean_shutdown() -> Key {
+        Key::with(CLEAN_SHUTDOWN, &[])
+    }
+    /// Every conversation record starts with this.
+    pub fn conversations() -> Key {
+        Key::with(CONVERSATION, &[])
     }
     /// The pair in canonical order, so (a, b) and (b, a) are one key.
     pub fn direct(a: UserId, b: UserId) -> Key {

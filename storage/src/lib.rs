@@ -90,6 +90,8 @@ pub struct Store {
     /// never goes backwards, and makes name and direct-pair checks atomic.
     catalog: Mutex<()>,
     path: PathBuf,
+    /// The previous run closed the store with `close_clean`.
+    opened_clean: bool,
 }
 
 impl Store {
@@ -103,17 +105,41 @@ impl Store {
             .flush_every_ms(None)
             .mode(sled::Mode::HighThroughput)
             .open()?;
+        // The marker goes first: any later write that survives a crash implies its
+        // removal survived too (sled recovers a prefix of its log).
+        let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
         let committer = Committer::start(db.clone(), config.path.join("db"))?;
-        Ok(Store { db, committer, catalog: Mutex::new(()), path: config.path.clone() })
+        Ok(Store { db, committer, catalog: Mutex::new(()), path: config.path.clone(), opened_clean })
+    }
+
+    /// Whether the last run ended with `close_clean`. If not, a crash may have cut a
+    /// conversation's newest entry short: see `repair_all`.
+    pub fn opened_clean(&self) -> bool {
+        self.opened_clean
+    }
+
+    /// Repairs the newest entry of every conversation (`repair_newest_entry`), so that
+    /// indexes read without a conversation actor (a user's conversation list, member
+    /// lists) agree with the log. One reverse range read per conversation; call at start
+    /// after an unclean stop. Returns the number of conversations checked.
+    pub fn repair_all(&self) -> Result<usize> {
+        let mut checked = 0;
+        for item in self.db.scan_prefix(Key::conversations()) {
+            let (k, _) = item?;
+            let id = keys::u64_from(&k[1..]).ok_or_else(|| corrupt(&k, "conversation key"))?;
+            self.repair_newest_entry(id)?;
+            checked += 1;
+        }
+        Ok(checked)
     }
 
     /// Applies a catalog `txn` atomically and returns a future that resolves once it is
-    /// durable. A sled batch waits for any flush in progress and holds up every other
-    /// store access meanwhile: callers run it off the runtime's threads, and the message
-    /// path never uses one (see `append_then`).
+    /// durable. The committer thread applies it between flushes (see `commit.rs`), so it
+    /// never holds up other store access for a flush; this blocks until it is applied,
+    /// so callers run it off the async runtime. The message path never uses a batch
+    /// (see `append_then`).
     fn commit(&self, txn: Txn) -> Result<Durable> {
-        self.db.apply_batch(txn.batch)?;
-        self.committer.wait()
+        self.committer.apply(txn.batch)
     }
 
     /// Appends a conversation entry, then writes what it implies for other keys, and
@@ -182,6 +208,14 @@ impl Store {
     /// Resolves once everything applied so far is durable.
     pub fn barrier(&self) -> Result<Durable> {
         self.committer.wait()
+    }
+
+    /// Like `close`, and records that the store was closed cleanly, so the next open
+    /// skips `repair_all`. Call only when nothing else can write any more.
+    pub fn close_clean(&self) -> Result<()> {
+        self.committer.stop();
+        self.db.insert(Key::clean_shutdown(), &[][..])?;
+        self.close()
     }
 
     /// Flushes synchronously and stops the committer. Later commits fail with `Closed`.
@@ -535,8 +569,11 @@ mod tests {
             store.close().unwrap();
         }
         let store = open(dir.path());
+        assert!(!store.opened_clean(), "closed without close_clean");
         assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), None);
         assert!(store.members(9).unwrap().is_empty());
+        assert!(store.user_conversations(5, None, 10).unwrap().is_empty());
+        // No conversation records were made here: repair each by hand.
         store.repair_newest_entry(9).unwrap();
         assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), Some(4), "a retry of seq 4 finds it");
         assert_eq!(store.members(9).unwrap(), vec![(5, Role::Member)]);
@@ -547,6 +584,35 @@ mod tests {
         store.repair_newest_entry(10).unwrap();
         assert_eq!(store.last_seq(10).unwrap(), 0, "an empty conversation");
         assert_eq!(store.last_seq(9).unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_clean_close_is_remembered_once_and_repair_all_checks_every_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 0 };
+        {
+            let store = open(dir.path());
+            assert!(!store.opened_clean(), "a new store");
+            let (conv, _, d) =
+                store.create_conversation(&record, &[(1, Role::Owner)], None, |c| text(c, 1, 1)).unwrap();
+            d.await.unwrap();
+            // A crash cut the newest entry short: its member keys are missing.
+            let added = with_body(text(conv, 2, 1), Body::MembersAdded { members: vec![(2, Role::Member)] });
+            store.db.insert(Key::entry(conv, 2), encode(&added)).unwrap();
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert!(!store.opened_clean());
+        assert!(store.user_conversations(2, None, 10).unwrap().is_empty());
+        assert_eq!(store.repair_all().unwrap(), 1);
+        assert_eq!(store.user_conversations(2, None, 10).unwrap().len(), 1, "user 2 now finds the group");
+        store.close_clean().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert!(store.opened_clean());
+        store.close().unwrap();
+        drop(store);
+        assert!(!open(dir.path()).opened_clean(), "the marker is used up by the open that reads it");
     }
 
     #[tokio::test]

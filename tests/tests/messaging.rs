@@ -169,4 +169,9 @@ async fn creating_conversations_in_a_loop_is_rate_limited_per_user() {
     // The allowance is per user: bob is unaffected, and alice can still message.
     let conv = bob.create_group("bob's", &["alice".into()]).await.unwrap().id;
     alice.send(conv, "still here").await.unwrap();
+    // Opening an existing direct conversation creates nothing and costs nothing.
+    let direct = bob.create_direct("alice").await.unwrap().id;
+    for _ in 0..40 {
+        assert_eq!(bob.create_direct("alice").await.unwrap().id, direct);
+    }
 }
