@@ -30,19 +30,44 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs a catalog write on the blocking pool: it takes the store's catalog lock and
-/// waits for the committer thread to apply its sled batch, so it must not occupy a
-/// runtime thread. At most `CATALOG_WRITERS` run at once (they serialise on the catalog
-/// lock anyway); the rest wait here without a thread, which keeps a burst of
-/// registrations from growing the blocking pool (and its threads' malloc arenas).
+/// Runs a catalog write on the catalog thread. A catalog write takes the store's
+/// catalog lock and waits for the committer thread to apply its sled batch, so it must
+/// not occupy a runtime thread; and catalog writes serialise on that lock anyway, so one
+/// thread runs them all, in order. (On the blocking pool, a burst of registrations
+/// spread sled's allocations over many threads' malloc arenas, and the broker kept
+/// hundreds of MiB of freed memory after the burst.) At most `CATALOG_QUEUE` wait for
+/// the thread; the rest wait here, without a thread or a queue slot.
 pub(crate) async fn catalog_write<T: Send + 'static>(
     store: &Arc<Store>,
     write: impl FnOnce(&Store) -> T + Send + 'static,
 ) -> Result<T, switchboard_protocol::ErrorBody> {
-    static WRITERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(limits::CATALOG_WRITERS);
-    let _permit = WRITERS.acquire().await.map_err(reply::internal)?;
+    type Job = Box<dyn FnOnce() + Send>;
+    static QUEUE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(limits::CATALOG_QUEUE);
+    static THREAD: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
+    let _slot = QUEUE.acquire().await.map_err(reply::internal)?;
+    let thread = THREAD.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new().name("sb-catalog".into()).spawn(move || {
+            for job in rx {
+                // A panicking write answers its caller INTERNAL (its reply is dropped)
+                // and must not take the thread, and every later write, down with it.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    tracing::error!("a catalog write panicked");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the catalog thread");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let store = store.clone();
-    tokio::task::spawn_blocking(move || write(&store)).await.map_err(reply::internal)
+    let job: Job = Box::new(move || {
+        let _ = done_tx.send(write(&store));
+    });
+    thread.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(reply::internal)?;
+    done_rx.await.map_err(reply::internal)
 }
 
 /// State every actor and task of one broker shares.

@@ -43,10 +43,9 @@ pub const CONVERSATION_CREATE_PER_S: f64 = 1.0;
 /// refilled (20 s after their user's last creation) are dropped, at most once a second;
 /// if none has, new users' creations get `RATE_LIMITED`. ~64 bytes each, ~4 MiB at most.
 pub const CREATION_BUCKETS_MAX: usize = 65_536;
-/// Catalog writes (registrations, enrollments, revocations, new conversations) running
-/// at once on the blocking pool. They serialise on the store's catalog lock, so more
-/// would only park threads.
-pub const CATALOG_WRITERS: usize = 2;
+/// Catalog writes (registrations, enrollments, revocations, new conversations) queued
+/// for the catalog thread at once; more wait for a slot without holding anything.
+pub const CATALOG_QUEUE: usize = 64;
 /// Minimum password length at registration.
 pub const MIN_PASSWORD_BYTES: usize = 8;
 /// Largest frame the broker reads in one QUIC chunk read.
