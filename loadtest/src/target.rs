@@ -9,7 +9,7 @@ use std::process::Stdio;
 use anyhow::Context;
 use switchboard_broker::{Broker, Config};
 use switchboard_client::{Connector, Trust};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// Hidden subcommand that runs the embedded broker child.
 pub const CHILD_COMMAND: &str = "__broker";
@@ -145,8 +145,10 @@ pub fn run_child(data_dir: PathBuf, udp_sockets: usize) -> anyhow::Result<()> {
         let broker = Broker::start(embedded_config(data_dir, udp_sockets)).await?;
         println!("addr={}", broker.local_addr);
         println!("cert={}", broker.cert_path.display());
-        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-        while let Ok(Some(_)) = stdin.next_line().await {}
+        // Whatever arrives is discarded through a fixed buffer; end of input stops.
+        let mut stdin = tokio::io::stdin();
+        let mut sink = [0u8; 4096];
+        while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
         broker.shutdown().await
     })
 }
