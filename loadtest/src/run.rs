@@ -214,7 +214,10 @@ impl MessageLoad {
         let seconds = self.stats.seconds_seen();
         let broker_samples = self.broker.as_ref().map(Sampler::samples).unwrap_or_default();
         let harness_samples = self.harness.samples();
-        let timeline: Vec<Interval> = (0..seconds)
+        // Phases start on a whole second: seconds before the first send hold nothing
+        // and would only drag the plotted means and lines to zero.
+        let first = (0..seconds).find(|&s| self.stats.sent_in(s) > 0).unwrap_or(0);
+        let timeline: Vec<Interval> = (first..seconds)
             .map(|s| {
                 let (h, n) = self.stats.window(s, s + 1);
                 let p = Percentiles::from_us(&h);

@@ -9,7 +9,7 @@
 //! first, then what the entry implies, as single-key writes: see `append_then` for why
 //! that is crash-safe and why it is not a sled batch. Catalog changes (users, devices,
 //! a new conversation with its members, counters and direct-pair index) are one atomic
-//! sled batch each (`Txn`), run off the runtime's threads.
+//! sled batch each (`Txn`), applied by the committer thread between flushes.
 
 mod commit;
 mod keys;
