@@ -340,9 +340,9 @@ impl Store {
         Ok(self.newest_entry(id)?.map_or(0, |e| e.seq))
     }
 
-    /// Writes again whatever of a conversation's newest entry's effects a crash lost
-    /// (see `append_then`). Call before asking who its members are or accepting writes
-    /// to it; a no-op (a few reads) when nothing was lost.
+    /// Writes again whatever of a conversation's newest entry's effects a crash, or a
+    /// writer that failed half way, lost (see `append_then`). Call before asking who its
+    /// members are or accepting writes to it; a no-op (a few reads) when nothing was lost.
     pub fn repair_newest_entry(&self, id: ConvId) -> Result<()> {
         match self.newest_entry(id)? {
             Some(entry) => self.write_effects(&entry, true),
