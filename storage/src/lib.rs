@@ -335,9 +335,20 @@ impl Store {
         self.get(Key::conversation(id))
     }
 
-    /// Newest seq of a conversation (0 if none): the seq of its newest entry.
+    /// Newest seq of a conversation (0 if none): read from its newest entry's key,
+    /// without decoding the entry.
     pub fn last_seq(&self, id: ConvId) -> Result<Seq> {
-        Ok(self.newest_entry(id)?.map_or(0, |e| e.seq))
+        match self.entry_range(id).next_back() {
+            Some(item) => {
+                let (k, _) = item?;
+                keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "entry key"))
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn entry_range(&self, id: ConvId) -> sled::Iter {
+        self.db.range(Key::entry(id, 0).as_ref()..=Key::entry(id, Seq::MAX).as_ref())
     }
 
     /// Writes again whatever of a conversation's newest entry's effects a crash, or a
@@ -351,7 +362,7 @@ impl Store {
     }
 
     fn newest_entry(&self, id: ConvId) -> Result<Option<Entry>> {
-        match self.db.range(Key::entry(id, 0).as_ref()..=Key::entry(id, Seq::MAX).as_ref()).next_back() {
+        match self.entry_range(id).next_back() {
             Some(item) => {
                 let (k, v) = item?;
                 Ok(Some(decode(&k, &v)?))
