@@ -76,23 +76,23 @@ struct Live {
 pub struct UserDirectory {
     map: tokio::sync::Mutex<HashMap<UserId, Live>>,
     online: Arc<Online>,
-    /// Conversation-creation allowances of users who created recently, online or not
-    /// (so reconnecting does not refill one). At most `CREATION_BUCKETS_MAX`; when it is
-    /// full, refilled buckets are dropped (see `allow_creation`).
-    creations: std::sync::Mutex<HashMap<UserId, TokenBucket>>,
-    /// When `creations` was last pruned.
-    creations_pruned: std::sync::Mutex<Option<Instant>>,
+    creations: std::sync::Mutex<Creations>,
+}
+
+/// Conversation-creation allowances of users who created recently, online or not (so
+/// reconnecting does not refill one). At most `CREATION_BUCKETS_MAX`; when it is full,
+/// refilled buckets are dropped (see `allow_creation`).
+#[derive(Default)]
+struct Creations {
+    buckets: HashMap<UserId, TokenBucket>,
+    /// When `buckets` was last pruned.
+    pruned: Option<Instant>,
 }
 
 impl UserDirectory {
     /// An empty directory publishing into `online`.
     pub fn new(online: Arc<Online>) -> Self {
-        UserDirectory {
-            map: tokio::sync::Mutex::new(HashMap::new()),
-            online,
-            creations: std::sync::Mutex::new(HashMap::new()),
-            creations_pruned: std::sync::Mutex::new(None),
-        }
+        UserDirectory { map: tokio::sync::Mutex::new(HashMap::new()), online, creations: std::sync::Mutex::default() }
     }
 
     /// Registers a connected session; refuses one beyond `MAX_SESSIONS_PER_USER`.
@@ -143,11 +143,11 @@ impl UserDirectory {
     pub fn allow_creation(&self, user: UserId) -> Result<(), ErrorBody> {
         let (now, rate, burst) = (Instant::now(), CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST);
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
-        let mut buckets = self.creations.lock().unwrap_or_else(|p| p.into_inner());
+        let mut creations = self.creations.lock().unwrap_or_else(|p| p.into_inner());
+        let Creations { buckets, pruned } = &mut *creations;
         if buckets.len() >= CREATION_BUCKETS_MAX && !buckets.contains_key(&user) {
             // A full bucket is the same as none. Pruning walks the whole map, so at most
             // once a second; until then, and if nothing was full, new users wait.
-            let mut pruned = self.creations_pruned.lock().unwrap_or_else(|p| p.into_inner());
             if pruned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
                 *pruned = Some(now);
                 buckets.retain(|_, b| !b.is_full(now, rate, burst));
@@ -166,8 +166,8 @@ impl UserDirectory {
 
     /// Gives back a creation `allow_creation` granted but nothing was created for.
     pub fn refund_creation(&self, user: UserId) {
-        let mut buckets = self.creations.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(bucket) = buckets.get_mut(&user) {
+        let mut creations = self.creations.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bucket) = creations.buckets.get_mut(&user) {
             bucket.tokens = (bucket.tokens + 1.0).min(CONVERSATION_CREATE_BURST);
         }
     }
