@@ -152,7 +152,8 @@ impl Auth {
     /// Stores a new account; `CONFLICT` if the name is taken. Durable when it returns.
     async fn create_user(&self, name: &str, hash: String) -> Result<UserId, ErrorBody> {
         let name = name.to_owned();
-        let created = crate::catalog_write(&self.store, move |s| s.create_user(&name, &hash, crate::now_ms())).await?;
+        let created =
+            crate::catalog::catalog_write(&self.store, move |s| s.create_user(&name, &hash, crate::now_ms())).await?;
         let (user, durable) = match created {
             Ok(v) => v,
             Err(StoreError::Conflict) => return Err(fail(ErrorCode::CONFLICT, "user name is taken")),
@@ -166,7 +167,8 @@ impl Auth {
     async fn enroll(&self, user: UserId, device_name: &str, key: [u8; 32]) -> Result<DeviceId, ErrorBody> {
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: crate::now_ms() };
         let added =
-            crate::catalog_write(&self.store, move |s| s.add_device(user, &record, MAX_DEVICES_PER_USER)).await?;
+            crate::catalog::catalog_write(&self.store, move |s| s.add_device(user, &record, MAX_DEVICES_PER_USER))
+                .await?;
         let (device, durable) = match added {
             Ok(v) => v,
             Err(StoreError::LimitReached) => {

@@ -3,20 +3,21 @@
 //! the `switchboard` binary is a thin command line over it.
 
 pub mod auth;
+pub mod catalog;
 pub mod config;
+mod connection;
 pub mod conversation;
+pub mod fanout;
 pub mod limits;
-pub mod online;
 pub mod outbound;
 pub mod reply;
-pub mod session;
 pub mod tls;
 pub mod user;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,44 +31,40 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs a catalog write on the catalog thread. A catalog write takes the store's
-/// catalog lock and waits for the committer thread to apply its sled batch, so it must
-/// not occupy a runtime thread; and catalog writes serialise on that lock anyway, so one
-/// thread runs them all, in order. (On the blocking pool, a burst of registrations
-/// spread sled's allocations over many threads' malloc arenas, and the broker kept
-/// hundreds of MiB of freed memory after the burst.) At most `CATALOG_QUEUE` wait for
-/// the thread; the rest wait here, without a thread or a queue slot.
-pub(crate) async fn catalog_write<T: Send + 'static>(
-    store: &Arc<Store>,
-    write: impl FnOnce(&Store) -> T + Send + 'static,
-) -> Result<T, switchboard_protocol::ErrorBody> {
-    type Job = Box<dyn FnOnce() + Send>;
-    static QUEUE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(limits::CATALOG_QUEUE);
-    static THREAD: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
-    let _slot = QUEUE.acquire().await.map_err(reply::internal)?;
-    let thread = THREAD.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let spawned = std::thread::Builder::new().name("sb-catalog".into()).spawn(move || {
-            for job in rx {
-                // A panicking write answers its caller INTERNAL (its reply is dropped)
-                // and must not take the thread, and every later write, down with it.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                    tracing::error!("a catalog write panicked");
-                }
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the catalog thread");
+/// Whether this broker may still vouch for durability. After one failed flush or
+/// fdatasync it may not (on Linux a failed fsync can drop the pages it could not write,
+/// so a later success proves nothing; PostgreSQL panics on it since 2018): every
+/// connection is closed with `INTERNAL`, no new one is accepted, nothing is acknowledged
+/// again, and the `switchboard` binary exits non-zero so recovery runs on the next start.
+pub struct Health {
+    failed: tokio::sync::watch::Sender<bool>,
+    online: Arc<fanout::Online>,
+}
+
+impl Health {
+    fn new(online: Arc<fanout::Online>) -> Self {
+        Health { failed: tokio::sync::watch::Sender::new(false), online }
+    }
+
+    /// Marks durability lost (idempotent) and closes every connection.
+    pub fn fail(&self, why: &str) {
+        if self.failed.send_replace(true) {
+            return;
         }
-        std::sync::Mutex::new(tx)
-    });
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let store = store.clone();
-    let job: Job = Box::new(move || {
-        let _ = done_tx.send(write(&store));
-    });
-    thread.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(reply::internal)?;
-    done_rx.await.map_err(reply::internal)
+        tracing::error!(why, "durability lost: closing every connection; restart the broker to recover");
+        self.online.close_all(ErrorCode::INTERNAL);
+    }
+
+    /// Whether durability was lost.
+    pub fn is_failed(&self) -> bool {
+        *self.failed.borrow()
+    }
+
+    /// Resolves once durability is lost.
+    pub async fn wait_failed(&self) {
+        let mut rx = self.failed.subscribe();
+        let _ = rx.wait_for(|failed| *failed).await;
+    }
 }
 
 /// State every actor and task of one broker shares.
@@ -79,7 +76,7 @@ pub struct Shared {
     /// Accounts and device proof.
     pub auth: auth::Auth,
     /// Fan-out index of connected sessions.
-    pub online: Arc<online::Online>,
+    pub online: Arc<fanout::Online>,
     /// Live user actors.
     pub users: user::UserDirectory,
     /// Live conversation actors.
@@ -88,6 +85,8 @@ pub struct Shared {
     pub next_session_id: AtomicU64,
     /// Connections being served.
     pub connections: AtomicUsize,
+    /// Set once durability is lost.
+    pub health: Arc<Health>,
 }
 
 /// Opens the data directory's store with the configured cache.
@@ -146,7 +145,10 @@ impl Broker {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let local_addr = endpoints[0].local_addr()?;
-        let online = Arc::new(online::Online::default());
+        let online = Arc::new(fanout::Online::default());
+        let health = Arc::new(Health::new(online.clone()));
+        let hook_health = health.clone();
+        store.on_failure(Box::new(move |e| hook_health.fail(e)));
         let auth = auth::Auth::new(
             store.clone(),
             config.argon2_memory_kib,
@@ -162,8 +164,10 @@ impl Broker {
             convs: conversation::ConvDirectory::default(),
             next_session_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            health,
         });
-        let accept = endpoints.iter().map(|e| tokio::spawn(accept_loop(shared.clone(), e.clone()))).collect();
+        let accept =
+            endpoints.iter().map(|e| tokio::spawn(connection::accept_loop(shared.clone(), e.clone()))).collect();
         tracing::info!(addr = %local_addr, "listening");
         Ok(Broker {
             shared,
@@ -173,6 +177,11 @@ impl Broker {
             cert_path: identity.cert_path,
             fingerprint: identity.fingerprint,
         })
+    }
+
+    /// Resolves once the broker lost durability and stopped serving (see `Health`).
+    pub async fn failed(&self) {
+        self.shared.health.wait_failed().await
     }
 
     /// The shared state (for embedding and tests).
@@ -216,20 +225,5 @@ impl Broker {
         }
         tracing::info!("stopped; store flushed");
         Ok(())
-    }
-}
-
-async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
-    while let Some(incoming) = endpoint.accept().await {
-        if shared.connections.load(Ordering::Relaxed) >= shared.config.max_connections {
-            incoming.refuse();
-            continue;
-        }
-        shared.connections.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            session::serve(shared.clone(), incoming).await;
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
-        });
     }
 }

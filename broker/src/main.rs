@@ -95,7 +95,15 @@ async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     println!("certificate: {}", broker.cert_path.display());
     println!("certificate sha256: {}", broker.fingerprint);
     println!("registration: {}", if config.registration_open { "open" } else { "closed" });
-    wait_for_signal().await?;
+    tokio::select! {
+        r = wait_for_signal() => r?,
+        () = broker.failed() => {
+            // Nothing may be acknowledged as durable again in this process: exit, and let
+            // the next start recover from what is on disk (an unclean stop).
+            eprintln!("switchboard: storage failure (a flush or fdatasync failed); exiting");
+            std::process::exit(1);
+        }
+    }
     println!("shutting down");
     broker.shutdown().await
 }

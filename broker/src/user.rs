@@ -14,7 +14,7 @@ use crate::limits::{
 };
 use crate::reply::internal;
 
-use crate::online::{Online, SessionHandle};
+use crate::fanout::{Online, SessionHandle};
 
 /// Messages to a user actor.
 pub enum UserMsg {

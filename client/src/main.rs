@@ -334,6 +334,7 @@ fn describe(body: &Body) -> (&'static str, String) {
         ),
         Body::MemberRemoved { user } => ("member_removed", format!("removed {user}")),
         Body::MemberLeft => ("member_left", "left".into()),
+        Body::Redacted { target } => ("redacted", format!("(edit of deleted #{target})")),
     }
 }
 

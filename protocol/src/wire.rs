@@ -449,6 +449,12 @@ pub enum Body {
     },
     /// `sender` left.
     MemberLeft,
+    /// An edit of `target` whose text is gone: the message it edited was deleted, and a
+    /// delete removes every version of a message's text (the edits' included).
+    Redacted {
+        /// The deleted message this edit had changed.
+        target: Seq,
+    },
 }
 
 /// Pushed to a device without a request. Tags are positions: append only.

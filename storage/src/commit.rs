@@ -20,8 +20,9 @@ use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
@@ -42,22 +43,59 @@ enum Job {
 /// A commit slower than this is logged: acknowledgements waited on it.
 const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Called once, on the committer thread, with the error of the first failed commit.
+pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Generations of index writes (see `Store::read_durable`): begun, finished applying,
+/// and covered by a completed commit.
+#[derive(Default)]
+pub(crate) struct IndexGen {
+    pub(crate) started: AtomicU64,
+    pub(crate) finished: AtomicU64,
+    pub(crate) durable: AtomicU64,
+}
+
+/// What the committer thread shares with the store's callers.
+#[derive(Default)]
+struct Health {
+    /// Set by the first failed commit, never cleared.
+    failed: AtomicBool,
+    /// Fail the next commit (fault injection).
+    inject: AtomicBool,
+    hook: OnceLock<FailureHook>,
+}
+
 pub(crate) struct Committer {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    health: Arc<Health>,
 }
 
 impl Committer {
-    pub(crate) fn start(db: sled::Db, data_file: PathBuf) -> Result<Committer, StoreError> {
+    pub(crate) fn start(db: sled::Db, data_file: PathBuf, index_gen: Arc<IndexGen>) -> Result<Committer, StoreError> {
         // Open once up front: a missing data file is a startup error, not a per-batch one.
         let file =
             File::open(&data_file).map_err(|e| StoreError::NotDurable(format!("{}: {e}", data_file.display())))?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let health = Arc::new(Health::default());
+        let thread_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("sb-committer".into())
-            .spawn(move || run(db, file, rx))
+            .spawn(move || run(db, file, rx, &thread_health, &index_gen))
             .map_err(|e| StoreError::NotDurable(e.to_string()))?;
-        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), health })
+    }
+
+    pub(crate) fn on_failure(&self, hook: FailureHook) {
+        let _ = self.health.hook.set(hook);
+    }
+
+    pub(crate) fn inject_failure(&self) {
+        self.health.inject.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.health.failed.load(Ordering::SeqCst)
     }
 
     pub(crate) fn notify(&self, done: Done) -> Result<(), StoreError> {
@@ -108,7 +146,7 @@ impl Drop for Committer {
     }
 }
 
-fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>) {
+fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, index_gen: &IndexGen) {
     // Fail-stop: after one failed flush or fsync nothing is reported durable again. On
     // Linux a failed fsync may already have dropped the dirty pages it could not write,
     // so retrying and later succeeding would acknowledge writes that are gone.
@@ -136,13 +174,25 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>) {
         if waiters.is_empty() {
             continue;
         }
+        // Index writes finished before the flush begins are covered by it, unless one is
+        // still being applied (then this commit vouches for none of the newer ones).
+        let finished = index_gen.finished.load(Ordering::SeqCst);
+        let covered = (index_gen.started.load(Ordering::SeqCst) == finished).then_some(finished);
         let result = match &failed {
             Some(e) => Err(e.clone()),
+            None if health.inject.swap(false, Ordering::SeqCst) => Err("injected commit failure".to_owned()),
             None => commit_once(&db, &file, waiters.len()),
         };
         if let (Err(e), None) = (&result, &failed) {
             tracing::error!(error = %e, waiters = waiters.len(), "group commit failed; the store refuses writes until restarted");
             failed = Some(format!("store failed earlier ({e}); restart the broker"));
+            health.failed.store(true, Ordering::SeqCst);
+            if let Some(hook) = health.hook.get() {
+                hook(e);
+            }
+        }
+        if let (Ok(()), Some(g)) = (&result, covered) {
+            index_gen.durable.fetch_max(g, Ordering::SeqCst);
         }
         for done in waiters {
             done(result.clone().map_err(StoreError::NotDurable));

@@ -15,6 +15,7 @@ const ENTRY: u8 = 0x08;
 const DEDUPE: u8 = 0x09;
 const DIRECT: u8 = 0x0a;
 const CLEAN_SHUTDOWN: u8 = 0x0b;
+const EDIT_OF: u8 = 0x0c;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -70,6 +71,15 @@ impl Key {
     }
     pub fn dedupe(conv: ConvId, user: UserId, client_id: &ClientMsgId) -> Key {
         Key::with(DEDUPE, &[&conv.to_be_bytes(), &user.to_be_bytes(), client_id])
+    }
+    /// Marks entry `edit` as an edit of `target`, so a delete of `target` finds every
+    /// version of its text.
+    pub fn edit_of(conv: ConvId, target: Seq, edit: Seq) -> Key {
+        Key::with(EDIT_OF, &[&conv.to_be_bytes(), &target.to_be_bytes(), &edit.to_be_bytes()])
+    }
+    /// Every edit of `target`.
+    pub fn edits_of(conv: ConvId, target: Seq) -> Key {
+        Key::with(EDIT_OF, &[&conv.to_be_bytes(), &target.to_be_bytes()])
     }
     /// Present only while the store is closed after a clean shutdown.
     pub fn clean_shutdown() -> Key {

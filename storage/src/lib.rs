@@ -16,14 +16,15 @@ mod keys;
 mod records;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use switchboard_protocol::{Body, ClientMsgId, ConvId, DeviceId, Entry, Role, Seq, UserId};
 
-pub use commit::Durable;
+pub use commit::{Durable, FailureHook};
 pub use records::{ConversationRecord, DeviceRecord, UserRecord};
 
-use commit::Committer;
+use commit::{Committer, IndexGen};
 use keys::Key;
 
 /// Storage failures.
@@ -92,6 +93,8 @@ pub struct Store {
     path: PathBuf,
     /// The previous run closed the store with `close_clean`.
     opened_clean: bool,
+    /// Index writes begun, finished and made durable (see `read_durable`).
+    index_gen: Arc<IndexGen>,
 }
 
 impl Store {
@@ -108,8 +111,27 @@ impl Store {
         // The marker goes first: any later write that survives a crash implies its
         // removal survived too (sled recovers a prefix of its log).
         let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
-        let committer = Committer::start(db.clone(), config.path.join("db"))?;
-        Ok(Store { db, committer, catalog: Mutex::new(()), path: config.path.clone(), opened_clean })
+        let index_gen = Arc::new(IndexGen::default());
+        let committer = Committer::start(db.clone(), config.path.join("db"), index_gen.clone())?;
+        Ok(Store { db, committer, catalog: Mutex::new(()), path: config.path.clone(), opened_clean, index_gen })
+    }
+
+    /// Calls `hook` once, from the committer thread, when a flush or fdatasync first
+    /// fails. From then on nothing is reported durable again (see `commit.rs`); a broker
+    /// should stop serving and exit so that recovery runs on the next start.
+    pub fn on_failure(&self, hook: FailureHook) {
+        self.committer.on_failure(hook);
+    }
+
+    /// Makes the next group commit fail as if fdatasync had returned an error. For
+    /// fault-injection tests of the fail-stop path.
+    pub fn inject_commit_failure(&self) {
+        self.committer.inject_failure();
+    }
+
+    /// Whether a commit has failed: nothing is durable from then on.
+    pub fn failed(&self) -> bool {
+        self.committer.failed()
     }
 
     /// Whether the last run ended with `close_clean`. If not, a crash may have cut a
@@ -139,7 +161,7 @@ impl Store {
     /// so callers run it off the async runtime. The message path never uses a batch
     /// (see `append_then`).
     fn commit(&self, txn: Txn) -> Result<Durable> {
-        self.committer.apply(txn.batch)
+        self.index_write(|| self.committer.apply(txn.batch))
     }
 
     /// Appends a conversation entry, then writes what it implies for other keys, and
@@ -195,13 +217,76 @@ impl Store {
             set(key, Some(encode(&stored)))
         };
         match &entry.body {
-            Body::Edit { target, text } => rewrite(*target, Body::Text { text: text.clone(), edited: true }),
-            Body::Delete { target } => rewrite(*target, Body::Tombstone),
-            Body::MembersAdded { members } => members.iter().try_for_each(|&(user, role)| member(user, Some(role))),
-            Body::MemberRemoved { user } => member(*user, None),
-            Body::MemberLeft => member(entry.sender, None),
+            Body::Edit { target, text } => {
+                set(Key::edit_of(conv, *target, entry.seq), Some(Vec::new()))?;
+                rewrite(*target, Body::Text { text: text.clone(), edited: true })
+            }
+            Body::Delete { target } => {
+                // Every version of the text goes: the message's and each edit's.
+                for item in self.db.scan_prefix(Key::edits_of(conv, *target)) {
+                    let (k, _) = item?;
+                    let edit = keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "edit key"))?;
+                    rewrite(edit, Body::Redacted { target: *target })?;
+                }
+                rewrite(*target, Body::Tombstone)
+            }
+            Body::MembersAdded { members } => {
+                self.index_write(|| members.iter().try_for_each(|&(user, role)| member(user, Some(role))))
+            }
+            Body::MemberRemoved { user } => self.index_write(|| member(*user, None)),
+            Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
             // Text and tombstones imply nothing more; a creation is one atomic batch.
-            Body::Text { .. } | Body::Tombstone | Body::Created { .. } => Ok(()),
+            Body::Text { .. } | Body::Tombstone | Body::Created { .. } | Body::Redacted { .. } => Ok(()),
+        }
+    }
+
+    /// Runs a write of keys read outside any conversation actor (catalog records, member
+    /// and user-conversation indexes), counted so `read_durable` can tell whether what it
+    /// read may not be durable yet.
+    fn index_write<T>(&self, write: impl FnOnce() -> Result<T>) -> Result<T> {
+        /// Counts the write finished even if it panics, so readers never wait forever.
+        struct Finished<'a>(&'a std::sync::atomic::AtomicU64);
+        impl Drop for Finished<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.index_gen.started.fetch_add(1, Ordering::SeqCst);
+        let _finished = Finished(&self.index_gen.finished);
+        write()
+    }
+
+    /// Runs `read` over the catalog and membership indexes so that it sees only durable
+    /// writes: it waits until every index write begun so far is durable, reads, and reads
+    /// again if another index write began meanwhile (a seqlock over the committer's
+    /// durable generation). Readers outside conversation actors use this, so nobody is
+    /// shown a conversation, member or account a crash could still take back (and a
+    /// conversation id shown is never reused). Costs a group commit only when an index
+    /// write is not yet durable.
+    pub async fn read_durable<T>(&self, read: impl Fn(&Store) -> Result<T>) -> Result<T> {
+        let mut attempts = 0;
+        loop {
+            let started = self.index_gen.started.load(Ordering::SeqCst);
+            if self.index_gen.finished.load(Ordering::SeqCst) != started {
+                // A write is being applied right now (a catalog batch waits for the
+                // committer thread between flushes): let it finish.
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                continue;
+            }
+            if self.index_gen.durable.load(Ordering::SeqCst) < started {
+                self.barrier()?.await?;
+            }
+            let value = read(self)?;
+            if self.index_gen.started.load(Ordering::SeqCst) == started {
+                return Ok(value);
+            }
+            attempts += 1;
+            if attempts > 64 {
+                // Index writes without pause for this long: serve from the last barrier
+                // rather than starve (each retry waited one group commit).
+                tracing::warn!("read_durable gave up waiting for a quiet moment");
+                return Ok(value);
+            }
         }
     }
 

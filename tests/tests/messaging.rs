@@ -89,8 +89,14 @@ async fn non_members_are_forbidden() {
     forbidden(eve.members(conv.id).await.map(|_| ()));
     forbidden(eve.add_members(conv.id, &["eve".into()], Role::Member).await.map(|_| ()));
     assert!(eve.conversations().await.unwrap().is_empty());
+    // A stranger cannot tell a conversation that exists from one that does not: the
+    // same code and the same message (PROTOCOL.md, "Conversations").
     let missing = eve.send(999, "nowhere").await.unwrap_err();
-    assert_eq!(missing.code(), Some(ErrorCode::NOT_FOUND));
+    let existing = eve.send(conv.id, "somewhere").await.unwrap_err();
+    assert_eq!(missing.code(), Some(ErrorCode::FORBIDDEN));
+    assert_eq!(missing.to_string(), existing.to_string());
+    let missing = eve.history(999, Page::Latest, 10).await.unwrap_err();
+    assert_eq!(missing.code(), Some(ErrorCode::FORBIDDEN));
 }
 
 #[tokio::test]

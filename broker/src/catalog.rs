@@ -1,0 +1,229 @@
+//! Catalog requests: accounts' devices, creating and listing conversations. Catalog
+//! writes take the store's catalog lock and a sled batch, so they run on one catalog
+//! thread (`catalog_write`), never on a runtime thread.
+
+use std::sync::Arc;
+
+use switchboard_protocol::limits::{LIST_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_USERS_PER_REQUEST};
+use switchboard_protocol::{
+    Body, ConvId, ConversationKind, ConversationSummary, DeviceId, DeviceInfo, Entry, ErrorBody, ErrorCode,
+    NewConversation, Reply, Role, UserId,
+};
+use switchboard_storage::{ConversationRecord, Durable, Result as StoreResult, Store};
+
+use crate::Shared;
+use crate::auth::check_label;
+use crate::conversation::Caller;
+use crate::limits;
+use crate::reply::internal;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs a catalog write on the catalog thread. A catalog write takes the store's
+/// catalog lock and waits for the committer thread to apply its sled batch, so it must
+/// not occupy a runtime thread; and catalog writes serialise on that lock anyway, so one
+/// thread runs them all, in order. (On the blocking pool, a burst of registrations
+/// spread sled's allocations over many threads' malloc arenas, and the broker kept
+/// hundreds of MiB of freed memory after the burst.) At most `CATALOG_QUEUE` wait for
+/// the thread; the rest wait here, without a thread or a queue slot.
+pub(crate) async fn catalog_write<T: Send + 'static>(
+    store: &Arc<Store>,
+    write: impl FnOnce(&Store) -> T + Send + 'static,
+) -> Result<T, switchboard_protocol::ErrorBody> {
+    type Job = Box<dyn FnOnce() + Send>;
+    static QUEUE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(limits::CATALOG_QUEUE);
+    static THREAD: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
+    let _slot = QUEUE.acquire().await.map_err(internal)?;
+    let thread = THREAD.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new().name("sb-catalog".into()).spawn(move || {
+            for job in rx {
+                // A panicking write answers its caller INTERNAL (its reply is dropped)
+                // and must not take the thread, and every later write, down with it.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    tracing::error!("a catalog write panicked");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the catalog thread");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let store = store.clone();
+    let job: Job = Box::new(move || {
+        let _ = done_tx.send(write(&store));
+    });
+    thread.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(internal)?;
+    done_rx.await.map_err(internal)
+}
+
+/// Resolves user names to ids; `NOT_FOUND` names the first unknown one.
+pub(crate) fn resolve_users(shared: &Shared, names: &[String]) -> Result<Vec<UserId>, ErrorBody> {
+    if names.len() > MAX_USERS_PER_REQUEST as usize {
+        return Err(ErrorBody::new(ErrorCode::INVALID, "too many users in one request"));
+    }
+    names
+        .iter()
+        .map(|n| match shared.store.user_by_name(n) {
+            Ok(Some((id, _))) => Ok(id),
+            Ok(None) => Err(ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {n:?}"))),
+            Err(e) => Err(internal(e)),
+        })
+        .collect()
+}
+
+/// Creates a conversation. The store work (a catalog lock and a sled batch) runs on the
+/// catalog thread, never on a runtime thread.
+pub(crate) async fn create_conversation(
+    shared: Arc<Shared>,
+    caller: Caller,
+    new: NewConversation,
+) -> Result<Reply, ErrorBody> {
+    shared.users.allow_creation(caller.user)?;
+    let writer = shared.clone();
+    let written = catalog_write(&shared.store, move |_| write_conversation(&writer, caller, new)).await;
+    // Only a conversation actually written counts: a refused request, or opening an
+    // existing direct conversation, gives the allowance back.
+    if !matches!(&written, Ok(Ok((_, true, _)))) {
+        shared.users.refund_creation(caller.user);
+    }
+    let (conv, created, durable) = written??;
+    durable.await.map_err(internal)?;
+    if created {
+        // The conversation's first actor delivers seq 1, so no later entry can reach a
+        // member before it.
+        shared.convs.start_created(&shared, conv).await?;
+    }
+    let me = caller.user;
+    shared
+        .store
+        .read_durable(|store| summary(store, &shared, me, conv))
+        .await
+        .map_err(internal)?
+        .map(Reply::Conversation)
+        .ok_or_else(|| internal("conversation vanished"))
+}
+
+/// Writes a new conversation; returns its id, whether it was created now (not an
+/// existing direct pair), and the durability of the write.
+fn write_conversation(
+    shared: &Shared,
+    caller: Caller,
+    new: NewConversation,
+) -> Result<(ConvId, bool, Durable), ErrorBody> {
+    let me = caller.user;
+    let (kind, title, members, pair) = match new {
+        NewConversation::Direct { peer } => {
+            let peer = resolve_users(shared, &[peer])?[0];
+            if peer == me {
+                return Err(ErrorBody::new(ErrorCode::INVALID, "a direct conversation needs another user"));
+            }
+            (ConversationKind::Direct, String::new(), vec![(me, Role::Member), (peer, Role::Member)], Some((me, peer)))
+        }
+        NewConversation::Group { title, members } => {
+            check_label(&title)?;
+            let mut all = vec![(me, Role::Owner)];
+            for id in resolve_users(shared, &members)? {
+                if !all.iter().any(|(u, _)| *u == id) {
+                    all.push((id, Role::Member));
+                }
+            }
+            if all.len() > MAX_GROUP_MEMBERS as usize {
+                return Err(ErrorBody::new(ErrorCode::INVALID, "group member limit reached"));
+            }
+            (ConversationKind::Group, title, all, None)
+        }
+    };
+    let record = ConversationRecord { kind, title: title.clone(), created_ms: crate::now_ms() };
+    let (conv, created, durable) = shared
+        .store
+        .create_conversation(&record, &members, pair, |conv| {
+            // Before the creation is visible: whichever actor of it starts first
+            // delivers seq 1.
+            shared.convs.created(conv, caller.session);
+            Entry {
+                conv,
+                seq: 1,
+                sender: me,
+                sender_device: caller.device,
+                client_id: [0; 16],
+                at_ms: record.created_ms,
+                body: Body::Created { kind, title, members: members.clone() },
+            }
+        })
+        .map_err(internal)?;
+    Ok((conv, created, durable))
+}
+
+/// `me`'s view of a conversation, or `None` if `me` is not a member. Run it under
+/// `Store::read_durable`: it reads catalog records and member keys.
+fn summary(store: &Store, shared: &Shared, me: UserId, conv: ConvId) -> StoreResult<Option<ConversationSummary>> {
+    let Some(record) = store.conversation(conv)? else { return Ok(None) };
+    let members = store.members(conv)?;
+    let Some(my_role) = members.iter().find(|(u, _)| *u == me).map(|(_, r)| *r) else { return Ok(None) };
+    let title = match record.kind {
+        ConversationKind::Group => record.title,
+        ConversationKind::Direct => match members.iter().find(|(u, _)| *u != me) {
+            Some((peer, _)) => store.user(*peer)?.map(|u| u.name).unwrap_or_default(),
+            None => String::new(),
+        },
+    };
+    Ok(Some(ConversationSummary {
+        id: conv,
+        kind: record.kind,
+        title,
+        // A live actor may have applied entries that are not durable yet: show only what
+        // devices could have been sent.
+        last_seq: match shared.convs.published(conv) {
+            Some(seq) => seq,
+            None => store.last_seq(conv)?,
+        },
+        member_count: members.len() as u32,
+        my_role,
+    }))
+}
+
+/// A page of `me`'s conversations, durable state only.
+pub(crate) async fn list_conversations(shared: &Shared, me: UserId, after: Option<ConvId>) -> Result<Reply, ErrorBody> {
+    let page = LIST_PAGE_MAX as usize;
+    let list = |store: &Store| {
+        let ids = store.user_conversations(me, after, page + 1)?;
+        let more = ids.len() > page;
+        let mut items = Vec::with_capacity(ids.len().min(page));
+        for conv in ids.into_iter().take(page) {
+            if let Some(s) = summary(store, shared, me, conv)? {
+                items.push(s);
+            }
+        }
+        Ok(Reply::Conversations { items, more })
+    };
+    shared.store.read_durable(list).await.map_err(internal)
+}
+
+pub(crate) fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, ErrorBody> {
+    let devices = shared.store.devices(caller.user).map_err(internal)?;
+    Ok(Reply::Devices(
+        devices
+            .into_iter()
+            .map(|(id, d)| DeviceInfo {
+                device_id: id,
+                name: d.name,
+                enrolled_ms: d.enrolled_ms,
+                current: id == caller.device,
+            })
+            .collect(),
+    ))
+}
+
+pub(crate) async fn revoke_device(shared: &Shared, user: UserId, device: DeviceId) -> Result<Reply, ErrorBody> {
+    let durable = catalog_write(&shared.store, move |s| s.remove_device(user, device)).await?.map_err(internal)?;
+    let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };
+    durable.await.map_err(internal)?;
+    shared.users.revoke(user, device).await;
+    Ok(Reply::Done)
+}

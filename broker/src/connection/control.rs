@@ -1,0 +1,156 @@
+//! The control stream after authentication: the session reads requests in order and
+//! routes each, typed, to the one place that handles it (a conversation actor, the
+//! catalog, the user directory), never waiting on the outcome.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use switchboard_protocol::limits::{MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS};
+use switchboard_protocol::{ClientFrame, ErrorCode, FrameDecoder, Reply, Request, RequestBody, decode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::handshake::Authed;
+use super::writer::write_loop;
+use super::{Close, close, read_frame};
+use crate::Shared;
+use crate::catalog;
+use crate::conversation::{Caller, Command, Read};
+use crate::fanout::SessionHandle;
+use crate::outbound::Outbound;
+use crate::reply::Responder;
+
+/// How long a finished session may take to send what is still queued.
+const WRITER_DRAIN: Duration = Duration::from_secs(5);
+
+pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
+    let Authed { user, device, send, mut recv, mut decoder } = authed;
+    let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
+    let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
+    let handle = SessionHandle { id: session, device, out: out.clone() };
+    if let Err(e) = shared.users.attach(user, handle).await {
+        return close(&conn, e.into());
+    }
+    // A revoke that ran between the signature check and the attach found no session
+    // to close: look again now that the session is visible to revokes.
+    if !matches!(shared.store.device(user, device), Ok(Some(_))) {
+        shared.users.detach(user, session).await;
+        return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into()));
+    }
+    tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
+    let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
+    let session_state = Session { shared: shared.clone(), caller: Caller { user, device, session }, out: out.clone() };
+    decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
+    let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
+    let end = read_loop(&mut recv, &mut decoder, &permits, &session_state).await;
+    if end.0 != ErrorCode::NO_ERROR {
+        tracing::debug!(session, code = %end.0, reason = %end.1, "closing connection");
+        close(&conn, end);
+    }
+    out.close(ErrorCode::NO_ERROR);
+    // The writer sends what is queued, unless the peer stopped reading: then it is
+    // aborted rather than left blocked forever.
+    let mut writer = writer;
+    if tokio::time::timeout(WRITER_DRAIN, &mut writer).await.is_err() {
+        writer.abort();
+    }
+    // The control stream is gone: so is the session (a no-op if already closed).
+    conn.close(ErrorCode::NO_ERROR.0.into(), b"session ended");
+    shared.users.detach(user, session).await;
+    tracing::debug!(session, "session ended");
+}
+
+async fn read_loop(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+    permits: &Arc<Semaphore>,
+    session: &Session,
+) -> Close {
+    loop {
+        let body = match read_frame(recv, decoder).await {
+            Ok(b) => b,
+            Err(c) => return c,
+        };
+        let req = match decode::<ClientFrame>(&body) {
+            Ok(ClientFrame::Request(r)) => r,
+            Err(e) => return Close(e.code(), e.to_string()),
+        };
+        // At the in-flight cap this waits, so the client is slowed by flow control.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return Close(ErrorCode::INTERNAL, "internal error".into());
+        };
+        session.dispatch(req, permit).await;
+    }
+}
+
+/// The session: one per connection, it owns the device's identity and outbound queue
+/// and handles that device's requests one at a time, in order, like an actor whose
+/// mailbox is the control stream (bounded by the in-flight permits). It never waits on
+/// a request's outcome: conversation work goes to conversation actors and catalog work
+/// (create, list, devices) to tasks, so a slow request never holds up the next one.
+///
+/// It is deliberately not a ractor actor: every ractor actor costs about 6 KB (four
+/// unbounded channels and a task), which per connection would break the broker's memory
+/// budget of 40 KB per idle connection, and a ractor mailbox would add a hop per request.
+struct Session {
+    shared: Arc<Shared>,
+    caller: Caller,
+    out: Arc<Outbound>,
+}
+
+impl Session {
+    /// Routes one request to the one place that handles it. Conversation requests are
+    /// handed to the conversation's actor before this returns, so one session's requests
+    /// about one conversation take effect in the order sent; catalog requests run on
+    /// tasks, so a slow one never holds up the next request.
+    async fn dispatch(&self, Request { id, body }: Request, permit: OwnedSemaphorePermit) {
+        let reply = Responder::new(id, self.out.clone(), permit);
+        let (shared, caller) = (&self.shared, self.caller);
+        let convs = &shared.convs;
+        match body {
+            RequestBody::Ping => reply.send(Ok(Reply::Pong { server_time_ms: crate::now_ms() })),
+            RequestBody::Register(_) | RequestBody::Login(_) | RequestBody::Authenticate { .. } => {
+                reply.fail(ErrorCode::INVALID, "already authenticated")
+            }
+            RequestBody::Send { conv, client_id, text } => {
+                convs.write(shared, conv, caller, Command::Send { client_id, text }, reply).await
+            }
+            RequestBody::Edit { conv, client_id, target, text } => {
+                convs.write(shared, conv, caller, Command::Edit { client_id, target, text }, reply).await
+            }
+            RequestBody::Delete { conv, client_id, target } => {
+                convs.write(shared, conv, caller, Command::Delete { client_id, target }, reply).await
+            }
+            RequestBody::RemoveMember { conv, user } => {
+                convs.write(shared, conv, caller, Command::Remove { user }, reply).await
+            }
+            RequestBody::Leave { conv } => convs.write(shared, conv, caller, Command::Leave, reply).await,
+            // Names are resolved here, in order (a few index reads), not on a task: a
+            // pipelined add then send must reach the conversation in that order.
+            RequestBody::AddMembers { conv, users, role } => match catalog::resolve_users(shared, &users) {
+                Ok(users) => convs.write(shared, conv, caller, Command::Add { users, role }, reply).await,
+                Err(e) => reply.send(Err(e)),
+            },
+            RequestBody::History { conv, page, limit } => {
+                convs.read(shared, conv, caller, Read::History { page, limit }, reply).await
+            }
+            RequestBody::Members { conv } => convs.read(shared, conv, caller, Read::Members, reply).await,
+            RequestBody::CreateConversation(new) => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(catalog::create_conversation(shared, caller, new).await) });
+            }
+            RequestBody::ListConversations { after } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(catalog::list_conversations(&shared, caller.user, after).await) });
+            }
+            RequestBody::ListDevices => {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || reply.send(catalog::list_devices(&shared, caller)));
+            }
+            RequestBody::RevokeDevice { device_id } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(catalog::revoke_device(&shared, caller.user, device_id).await) });
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! The writer: one task per connection drains the device's outbound queue onto the
+//! control stream, several frames per write.
+
+use std::sync::Arc;
+
+use switchboard_protocol::ErrorCode;
+
+use crate::outbound::Outbound;
+
+/// Drains `out` onto `send` until the queue closes; a queue closed with an error code
+/// (slow consumer, revoked, going away) closes the connection with that code.
+pub(super) async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, out: Arc<Outbound>) {
+    // Grows to the largest burst drained at once; idle connections keep none.
+    let mut batch = Vec::new();
+    loop {
+        match out.drain(&mut batch).await {
+            None => {
+                tokio::select! {
+                    written = send.write_all_chunks(&mut batch) => {
+                        if written.is_err() {
+                            return;
+                        }
+                    }
+                    // A peer that stopped reading blocks the write: do not wait for it.
+                    code = out.aborted() => {
+                        conn.close(code.0.into(), code.name().as_bytes());
+                        return;
+                    }
+                }
+                batch.clear();
+            }
+            Some(ErrorCode::NO_ERROR) => {
+                let _ = send.finish();
+                return;
+            }
+            Some(code) => {
+                conn.close(code.0.into(), code.name().as_bytes());
+                return;
+            }
+        }
+    }
+}

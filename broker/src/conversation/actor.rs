@@ -1,0 +1,197 @@
+//! The conversation actor: a thin driver of `ConversationState`. It feeds the state its
+//! inputs (requests, durability callbacks, ticks) and performs the effects it returns,
+//! in order: appends go to the store, replies to the requester's outbound queue,
+//! deliveries through `fanout`, and a fatal storage failure to the broker's health.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use switchboard_protocol::{ConvId, Event, Seq, ServerFrame, encode_frame};
+use switchboard_storage::{Store, StoreError};
+
+use super::state::{Caller, Command, ConversationState, Effect, Log, Read};
+use crate::Shared;
+use crate::reply::Responder;
+
+/// Messages to a conversation actor.
+pub enum ConvMsg {
+    /// A write (counted against the mailbox bound).
+    Write(Caller, Command, Responder),
+    /// A read (counted against the mailbox bound).
+    Read(Caller, Read, Responder),
+    /// Writes up to `seq` are durable (`ok`), or the commit failed.
+    Durable {
+        /// Newest seq the commit covered.
+        seq: Seq,
+        /// Whether it became durable.
+        ok: bool,
+    },
+    /// Periodic idle check.
+    Tick,
+}
+
+impl ConvMsg {
+    /// The request's responder, for refusing a message that was never delivered.
+    pub(crate) fn into_responder(self) -> Option<Responder> {
+        match self {
+            ConvMsg::Write(_, _, r) | ConvMsg::Read(_, _, r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// What a conversation actor starts from.
+pub struct ConvArgs {
+    pub(super) id: ConvId,
+    pub(super) depth: Arc<AtomicUsize>,
+    pub(super) published: Arc<AtomicU64>,
+    /// Entries after this seq may never have been delivered (a predecessor died, or the
+    /// conversation was just created): deliver them before serving anything.
+    pub(super) replay_after: Option<Seq>,
+    /// Session the replayed entries skip (the creator's, which gets the conversation as
+    /// its answer), or 0.
+    pub(super) replay_except: u64,
+}
+
+/// Actor state: the rules, and the counters the directory reads.
+pub struct ConvActorState {
+    state: ConversationState<Responder>,
+    depth: Arc<AtomicUsize>,
+    /// Highest seq delivered, shared with the directory so a successor of a crashed
+    /// actor knows which durable entries were never pushed to online devices.
+    published: Arc<AtomicU64>,
+}
+
+/// The conversation actor.
+pub struct Conversation {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// The store as the state's log.
+struct StoreLog<'a>(&'a Store);
+
+impl Log for StoreLog<'_> {
+    type Error = StoreError;
+    fn dedupe(&self, conv: ConvId, sender: u64, client_id: &[u8; 16]) -> Result<Option<Seq>, StoreError> {
+        self.0.dedupe(conv, sender, client_id)
+    }
+    fn entry(&self, conv: ConvId, seq: Seq) -> Result<Option<switchboard_protocol::Entry>, StoreError> {
+        self.0.entry(conv, seq)
+    }
+    fn entries(
+        &self,
+        conv: ConvId,
+        from: Seq,
+        to: Seq,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<switchboard_protocol::Entry>, StoreError> {
+        self.0.entries(conv, from, to, limit, newest_first)
+    }
+    fn user_name(&self, user: u64) -> Result<Option<String>, StoreError> {
+        Ok(self.0.user(user)?.map(|u| u.name))
+    }
+}
+
+impl Actor for Conversation {
+    type Msg = ConvMsg;
+    type State = ConvActorState;
+    type Arguments = ConvArgs;
+
+    async fn pre_start(&self, myself: ActorRef<ConvMsg>, args: ConvArgs) -> Result<ConvActorState, ActorProcessingErr> {
+        let ConvArgs { id, depth, published, replay_after, replay_except } = args;
+        let store = &self.shared.store;
+        let record = store.conversation(id)?.ok_or("conversation vanished")?;
+        // A predecessor that died may have applied entries it never saw durable (and a
+        // creation may still be on its way to disk): make them durable before serving
+        // them. An actor that retired idle had nothing pending, and `Broker::start` made
+        // everything recovered durable, so a plain start skips this barrier.
+        if replay_after.is_some() {
+            store.barrier()?.await?;
+        }
+        let last_seq = store.last_seq(id)?;
+        let members = store.members(id)?.into_iter().collect();
+        let replay = match replay_after {
+            Some(after) => store.entries(id, after.saturating_add(1), last_seq, usize::MAX, false)?,
+            None => Vec::new(),
+        };
+        let (state, effects) =
+            ConversationState::recover(id, record.kind, members, last_seq, (replay, replay_except), crate::now_ms());
+        let mut state = ConvActorState { state, depth, published };
+        self.perform(&myself, &mut state, effects);
+        let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
+        myself.send_interval(tick, || ConvMsg::Tick);
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ConvMsg>,
+        msg: ConvMsg,
+        state: &mut ConvActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let log = StoreLog(&self.shared.store);
+        let effects = match msg {
+            ConvMsg::Write(caller, cmd, reply) => {
+                state.depth.fetch_sub(1, Ordering::AcqRel);
+                state.state.handle_write(&log, caller, cmd, reply, crate::now_ms())
+            }
+            ConvMsg::Read(caller, read, reply) => {
+                state.depth.fetch_sub(1, Ordering::AcqRel);
+                vec![state.state.handle_read(&log, caller, read, reply, crate::now_ms())]
+            }
+            ConvMsg::Durable { seq, ok: true } => state.state.handle_durable(seq),
+            ConvMsg::Durable { ok: false, .. } => state.state.handle_failure(),
+            ConvMsg::Tick => {
+                let idle = self.shared.config.conversation_idle_ms;
+                if state.state.handle_tick(crate::now_ms(), idle)
+                    && self.shared.convs.retire(state.state.id(), myself.get_id())
+                {
+                    myself.stop(Some("idle".into()));
+                }
+                Vec::new()
+            }
+        };
+        self.perform(&myself, state, effects);
+        Ok(())
+    }
+}
+
+impl Conversation {
+    fn perform(&self, myself: &ActorRef<ConvMsg>, state: &mut ConvActorState, effects: Vec<Effect<Responder>>) {
+        let mut queue = VecDeque::from(effects);
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Append(entry) => {
+                    let (me, seq) = (myself.clone(), entry.seq);
+                    // The store derives the entry's other writes (idempotency key, edited
+                    // target, member keys) from the entry itself; see `Store::append_then`.
+                    let written = self.shared.store.append_then(&entry, move |r| {
+                        let _ = me.cast(ConvMsg::Durable { seq, ok: r.is_ok() });
+                    });
+                    if let Err(e) = written {
+                        tracing::error!(conv = entry.conv, seq, error = %e, "append failed");
+                        queue.extend(state.state.handle_failure());
+                    }
+                }
+                Effect::Reply(reply, result) => reply.send(result),
+                Effect::Deliver { entry, audience, except } => {
+                    match encode_frame(&ServerFrame::Event(Event::Entry(entry))) {
+                        Ok(frame) => {
+                            self.shared.online.deliver(&audience, &frame, except);
+                        }
+                        Err(e) => tracing::error!(error = %e, "an entry did not encode"),
+                    }
+                }
+                Effect::Fatal => {
+                    self.shared.health.fail("a conversation write did not become durable");
+                    myself.stop(Some("storage failure".into()));
+                }
+            }
+        }
+        state.published.store(state.state.published_seq(), Ordering::Release);
+    }
+}

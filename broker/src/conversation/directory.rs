@@ -1,0 +1,230 @@
+//! Maps conversation ids to live actors, spawning on demand. The per-actor `depth`
+//! counts messages sent but not yet handled: it bounds the mailbox, and an idle actor
+//! retires only when it is zero under the map lock, so no request is ever cast into a
+//! stopping actor. An actor that died (a panic, `kill`) stays in the map until the next
+//! request replaces it with a successor that resumes its fan-out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use ractor::{Actor, ActorRef};
+use switchboard_protocol::{ConvId, ErrorBody, ErrorCode, Seq};
+
+use super::actor::{ConvArgs, ConvMsg, Conversation};
+use super::state::{Caller, Command, Read, not_a_member};
+use crate::Shared;
+use crate::limits::{CONVERSATION_MAILBOX_MAX, MAX_LIVE_CONVERSATIONS};
+use crate::reply::{Responder, internal};
+
+/// Live conversation actors.
+pub struct ConvDirectory {
+    map: std::sync::Mutex<HashMap<ConvId, Slot>>,
+    /// Conversations created but whose first entry no actor has delivered yet, with the
+    /// creator's session (which gets the conversation as its answer instead). The first
+    /// actor started for one delivers seq 1 before anything else, so every entry of a
+    /// conversation is delivered by its one owner, in seq order. Bounded by the creation
+    /// rate limit; an entry left behind is taken by the next start of that conversation.
+    fresh: std::sync::Mutex<HashMap<ConvId, u64>>,
+    /// Serialises starting an actor per conversation (sharded: a start may wait for a
+    /// store barrier, and must not hold up unrelated conversations).
+    spawn_locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+const SPAWN_SHARDS: usize = 64;
+
+impl Default for ConvDirectory {
+    fn default() -> Self {
+        ConvDirectory {
+            map: std::sync::Mutex::new(HashMap::new()),
+            fresh: std::sync::Mutex::new(HashMap::new()),
+            spawn_locks: (0..SPAWN_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Slot {
+    actor: ActorRef<ConvMsg>,
+    depth: Arc<AtomicUsize>,
+    published: Arc<AtomicU64>,
+}
+
+impl ConvDirectory {
+    /// A write to `conv`. Taken in the order called: a session awaits this before its
+    /// next request, so one session's writes to one conversation apply in order.
+    pub async fn write(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, cmd: Command, reply: Responder) {
+        self.request(shared, conv, caller, ConvMsg::Write(caller, cmd, reply)).await
+    }
+
+    /// A read of `conv`'s durable state.
+    pub async fn read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
+        self.request(shared, conv, caller, ConvMsg::Read(caller, read, reply)).await
+    }
+
+    /// Delivers a request to the conversation's actor, starting it if needed. Answers
+    /// `FORBIDDEN` to a non-member and for no such conversation alike (strangers learn
+    /// nothing and never start actors), `OVERLOADED` for a full mailbox or too many live
+    /// actors, `INTERNAL` once the store has failed.
+    async fn request(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, mut msg: ConvMsg) {
+        let mut dead = None;
+        for _ in 0..3 {
+            let slot = {
+                let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+                map.get(&conv).cloned().map(|slot| {
+                    let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= CONVERSATION_MAILBOX_MAX;
+                    (slot, over)
+                })
+            };
+            match slot {
+                Some((slot, true)) => {
+                    slot.depth.fetch_sub(1, Ordering::AcqRel);
+                    return refuse(msg, ErrorBody::new(ErrorCode::OVERLOADED, "conversation is overloaded; retry"));
+                }
+                Some((slot, false)) => match slot.actor.cast(msg) {
+                    Ok(()) => return,
+                    Err(ractor::MessagingErr::SendErr(back)) => {
+                        // The actor died: replace it below.
+                        slot.depth.fetch_sub(1, Ordering::AcqRel);
+                        dead = Some(slot.actor.get_id());
+                        msg = back;
+                    }
+                    Err(_) => return,
+                },
+                None => {}
+            }
+            let resend = match &msg {
+                ConvMsg::Write(_, cmd, _) => cmd.client_id().copied(),
+                _ => None,
+            };
+            // Boxed: starting an actor is rare, and its future inline would be carried by
+            // every session's task for its whole life (about 3 KB per connection).
+            if let Err(e) = Box::pin(self.spawn(shared, conv, Some((caller, resend)), dead.take())).await {
+                return refuse(msg, e);
+            }
+        }
+        refuse(msg, ErrorBody::new(ErrorCode::INTERNAL, "conversation unavailable"))
+    }
+
+    /// Records that `conv` was just created by `session`: its first entry is delivered
+    /// by the conversation's first actor (`started_created` starts it). Call before the
+    /// creation is visible to anyone else.
+    pub fn created(&self, conv: ConvId, session: u64) {
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, session);
+    }
+
+    /// Starts the actor of a conversation `created` named, which delivers seq 1.
+    pub async fn start_created(&self, shared: &Arc<Shared>, conv: ConvId) -> Result<(), ErrorBody> {
+        Box::pin(self.spawn(shared, conv, None, None)).await
+    }
+
+    /// Starts an actor for `conv` unless a live one is registered. `asker` is the caller
+    /// that needs it and the client id of its write, if any: a stranger starts nothing,
+    /// but a resend by a former member does (it is answered its original seq). `dead`
+    /// names an actor found dead, whose fan-out watermark the successor resumes from.
+    async fn spawn(
+        &self,
+        shared: &Arc<Shared>,
+        conv: ConvId,
+        asker: Option<(Caller, Option<[u8; 16]>)>,
+        dead: Option<ractor::ActorId>,
+    ) -> Result<(), ErrorBody> {
+        if shared.health.is_failed() {
+            return Err(ErrorBody::new(ErrorCode::INTERNAL, "storage failure"));
+        }
+        let _guard = self.spawn_locks[(conv as usize) % SPAWN_SHARDS].lock().await;
+        let mut replay_after = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&conv) {
+                Some(slot) if Some(slot.actor.get_id()) == dead => {
+                    let published = slot.published.load(Ordering::Acquire);
+                    map.remove(&conv);
+                    Some(published)
+                }
+                // Someone else already started one.
+                Some(_) => return Ok(()),
+                None if map.len() >= MAX_LIVE_CONVERSATIONS => {
+                    return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many active conversations; retry later"));
+                }
+                None => None,
+            }
+        };
+        let store = &shared.store;
+        if store.conversation(conv).map_err(internal)?.is_none() {
+            return Err(not_a_member());
+        }
+        if replay_after.is_some() {
+            // An actor that died (a panic) may have left its newest entry's writes short:
+            // finish them before the successor loads anything. A crash of the whole broker
+            // is covered by `Store::repair_all` at start, and an actor that retired idle
+            // had finished its writes, so nothing else needs this.
+            store.repair_newest_entry(conv).map_err(internal)?;
+        } else if let Some((caller, resend)) = asker {
+            let member = store.member(conv, caller.user).map_err(internal)?.is_some();
+            let applied = match resend {
+                Some(id) if !member => store.dedupe(conv, caller.user, &id).map_err(internal)?.is_some(),
+                _ => false,
+            };
+            if !member && !applied {
+                return Err(not_a_member());
+            }
+        }
+        let mut replay_except = 0;
+        if let Some(creator) = self.fresh.lock().unwrap_or_else(|p| p.into_inner()).remove(&conv) {
+            (replay_after, replay_except) = (Some(0), creator);
+        }
+        let depth = Arc::new(AtomicUsize::new(0));
+        let published = Arc::new(AtomicU64::new(0));
+        let args =
+            ConvArgs { id: conv, depth: depth.clone(), published: published.clone(), replay_after, replay_except };
+        let (actor, _) = Actor::spawn(None, Conversation { shared: shared.clone() }, args).await.map_err(internal)?;
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, Slot { actor, depth, published });
+        Ok(())
+    }
+
+    /// Removes the actor if it is still the registered one and nothing is queued for it.
+    pub(super) fn retire(&self, conv: ConvId, actor: ractor::ActorId) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&conv) {
+            Some(slot) if slot.actor.get_id() == actor && slot.depth.load(Ordering::Acquire) == 0 => {
+                map.remove(&conv);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Kills a conversation's actor the way a crash would: no clean stop, queued
+    /// messages and pending acknowledgements dropped (each pending request is answered
+    /// `INTERNAL`; clients retry with the same ids). The next request starts a successor
+    /// that pushes whatever the dead actor made durable but never fanned out. For
+    /// fault-injection tests and operators.
+    pub fn kill(&self, conv: ConvId) -> bool {
+        let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).cloned();
+        slot.map(|s| s.actor.kill()).is_some()
+    }
+
+    /// The newest seq of `conv` that online devices have been sent, if its actor is
+    /// registered (never ahead of what is durable).
+    pub fn published(&self, conv: ConvId) -> Option<Seq> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).map(|s| s.published.load(Ordering::Acquire))
+    }
+
+    /// Number of live conversation actors.
+    pub fn live(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Stops every actor (shutdown).
+    pub fn stop_all(&self) {
+        for (_, slot) in self.map.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            slot.actor.stop(Some("shutdown".into()));
+        }
+    }
+}
+
+fn refuse(msg: ConvMsg, error: ErrorBody) {
+    if let Some(reply) = msg.into_responder() {
+        reply.send(Err(error));
+    }
+}

@@ -1,0 +1,495 @@
+//! A deterministic harness for `ConversationState`, in the spirit of quinn-proto's
+//! `Pair`: an in-memory log that mirrors what the store derives from each entry, a
+//! virtual clock, group commits on demand, and crash switches (the actor alone, or the
+//! whole broker losing everything not yet durable). No ractor, tokio or sled: each case
+//! runs in microseconds.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use switchboard_protocol::{
+    Body, ClientMsgId, ConvId, ConversationKind, Entry, ErrorBody, ErrorCode, Page, Reply, Role, Seq, UserId,
+};
+
+use super::state::{Caller, Command, ConversationState, Effect, Log, Read};
+
+const CONV: ConvId = 7;
+
+/// The log's contents: what the store keeps for one conversation.
+#[derive(Clone, Default)]
+struct Contents {
+    entries: BTreeMap<Seq, Entry>,
+    dedupe: HashMap<(UserId, ClientMsgId), Seq>,
+    /// (target, edit) pairs.
+    edits: BTreeSet<(Seq, Seq)>,
+    members: HashMap<UserId, Role>,
+}
+
+/// An in-memory log: every append is visible at once; `durable` is what survives a
+/// crash of the broker.
+#[derive(Default)]
+pub struct MemLog {
+    now: Contents,
+    durable: Contents,
+}
+
+impl MemLog {
+    /// Applies an entry and what it implies, like `Store::append_then`.
+    fn append(&mut self, entry: &Entry) {
+        let c = &mut self.now;
+        if entry.client_id != ClientMsgId::default() {
+            c.dedupe.insert((entry.sender, entry.client_id), entry.seq);
+        }
+        let rewrite = |c: &mut Contents, seq: Seq, body: Body| {
+            if let Some(e) = c.entries.get_mut(&seq) {
+                e.body = body;
+            }
+        };
+        match &entry.body {
+            Body::Edit { target, text } => {
+                c.edits.insert((*target, entry.seq));
+                rewrite(c, *target, Body::Text { text: text.clone(), edited: true });
+            }
+            Body::Delete { target } => {
+                let edits: Vec<Seq> = c.edits.range((*target, 0)..=(*target, Seq::MAX)).map(|(_, e)| *e).collect();
+                for e in edits {
+                    rewrite(c, e, Body::Redacted { target: *target });
+                }
+                rewrite(c, *target, Body::Tombstone);
+            }
+            Body::MembersAdded { members } | Body::Created { members, .. } => c.members.extend(members.iter().copied()),
+            Body::MemberRemoved { user } => {
+                c.members.remove(user);
+            }
+            Body::MemberLeft => {
+                c.members.remove(&entry.sender);
+            }
+            _ => {}
+        }
+        c.entries.insert(entry.seq, entry.clone());
+    }
+
+    fn last_seq(&self) -> Seq {
+        self.now.entries.keys().next_back().copied().unwrap_or(0)
+    }
+}
+
+impl Log for MemLog {
+    type Error = std::convert::Infallible;
+    fn dedupe(&self, _: ConvId, sender: UserId, client_id: &ClientMsgId) -> Result<Option<Seq>, Self::Error> {
+        Ok(self.now.dedupe.get(&(sender, *client_id)).copied())
+    }
+    fn entry(&self, _: ConvId, seq: Seq) -> Result<Option<Entry>, Self::Error> {
+        Ok(self.now.entries.get(&seq).cloned())
+    }
+    fn entries(&self, _: ConvId, from: Seq, to: Seq, limit: usize, newest: bool) -> Result<Vec<Entry>, Self::Error> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let range = self.now.entries.range(from..=to).map(|(_, e)| e.clone());
+        Ok(if newest { range.rev().take(limit).collect() } else { range.take(limit).collect() })
+    }
+    fn user_name(&self, user: UserId) -> Result<Option<String>, Self::Error> {
+        Ok(Some(format!("user{user}")))
+    }
+}
+
+/// One delivery: the entry's seq, the users it went to, the session it skipped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delivery {
+    pub seq: Seq,
+    pub body: Body,
+    pub audience: Vec<UserId>,
+    pub except: u64,
+}
+
+/// The state, its log and what came out of it.
+pub struct Harness {
+    pub log: MemLog,
+    pub state: ConversationState<u32>,
+    kind: ConversationKind,
+    pub now_ms: u64,
+    /// Answers by request number, in the order given.
+    pub replies: Vec<(u32, Result<Reply, ErrorBody>)>,
+    pub deliveries: Vec<Delivery>,
+    pub fatal: bool,
+    next: u32,
+}
+
+pub fn caller(user: UserId) -> Caller {
+    Caller { user, device: user * 10, session: user * 100 }
+}
+
+impl Harness {
+    /// A conversation created by its first member, durable and delivered.
+    pub fn new(kind: ConversationKind, members: &[(UserId, Role)]) -> Harness {
+        let mut log = MemLog::default();
+        let created = Entry {
+            conv: CONV,
+            seq: 1,
+            sender: members[0].0,
+            sender_device: 1,
+            client_id: [0; 16],
+            at_ms: 0,
+            body: Body::Created { kind, title: "t".into(), members: members.to_vec() },
+        };
+        log.append(&created);
+        log.durable = log.now.clone();
+        let (state, _) = ConversationState::recover(CONV, kind, log.now.members.clone(), 1, (Vec::new(), 0), 0);
+        Harness { log, state, kind, now_ms: 0, replies: Vec::new(), deliveries: Vec::new(), fatal: false, next: 0 }
+    }
+
+    pub fn write(&mut self, user: UserId, cmd: Command) -> u32 {
+        self.next += 1;
+        let effects = self.state.handle_write(&self.log, caller(user), cmd, self.next, self.now_ms);
+        self.perform(effects);
+        self.next
+    }
+
+    pub fn read(&mut self, user: UserId, read: Read) -> Result<Reply, ErrorBody> {
+        self.next += 1;
+        let effect = self.state.handle_read(&self.log, caller(user), read, self.next, self.now_ms);
+        self.perform(vec![effect]);
+        self.reply(self.next).expect("reads are answered at once").clone()
+    }
+
+    pub fn send(&mut self, user: UserId, id: u8, text: &str) -> u32 {
+        self.write(user, Command::Send { client_id: [id; 16], text: text.into() })
+    }
+
+    /// A group commit: everything appended so far becomes durable.
+    pub fn commit(&mut self) {
+        self.log.durable = self.log.now.clone();
+        let effects = self.state.handle_durable(self.log.last_seq());
+        self.perform(effects);
+    }
+
+    /// A group commit that fails (fdatasync returned an error).
+    pub fn fail_commit(&mut self) {
+        let effects = self.state.handle_failure();
+        self.perform(effects);
+    }
+
+    /// The actor dies (a panic) after its last effect; the store is intact. Its
+    /// successor is started as the directory does: after a barrier, replaying from the
+    /// dead actor's published watermark.
+    pub fn crash_actor(&mut self) {
+        let published = self.state.published_seq();
+        self.log.durable = self.log.now.clone();
+        self.restart(Some(published));
+    }
+
+    /// The broker dies: what was not durable is gone; the next start replays nothing
+    /// (no device is connected to a starting broker).
+    pub fn crash_broker(&mut self) {
+        self.log.now = self.log.durable.clone();
+        self.restart(None);
+    }
+
+    fn restart(&mut self, replay_after: Option<Seq>) {
+        let last = self.log.last_seq();
+        let replay = match replay_after {
+            Some(after) => self.log.entries(CONV, after + 1, last, usize::MAX, false).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let (state, effects) =
+            ConversationState::recover(CONV, self.kind, self.log.now.members.clone(), last, (replay, 0), self.now_ms);
+        self.state = state;
+        self.perform(effects);
+    }
+
+    fn perform(&mut self, effects: Vec<Effect<u32>>) {
+        for effect in effects {
+            match effect {
+                Effect::Append(entry) => self.log.append(&entry),
+                Effect::Reply(id, result) => self.replies.push((id, result)),
+                Effect::Deliver { entry, audience, except } => {
+                    let mut audience = audience.to_vec();
+                    audience.sort_unstable();
+                    self.deliveries.push(Delivery { seq: entry.seq, body: entry.body, audience, except });
+                }
+                Effect::Fatal => self.fatal = true,
+            }
+        }
+    }
+
+    pub fn reply(&self, id: u32) -> Option<&Result<Reply, ErrorBody>> {
+        self.replies.iter().find(|(i, _)| *i == id).map(|(_, r)| r)
+    }
+
+    /// The seq request `id` was acknowledged with, or its error code.
+    pub fn ack(&self, id: u32) -> Option<Result<(Seq, bool), ErrorCode>> {
+        self.reply(id).map(|r| match r {
+            Ok(Reply::Appended { seq, duplicate }) => Ok((*seq, *duplicate)),
+            Ok(other) => panic!("not an ack: {other:?}"),
+            Err(e) => Err(e.code),
+        })
+    }
+
+    pub fn history(&mut self, user: UserId) -> Vec<(Seq, Body)> {
+        match self.read(user, Read::History { page: Page::After(0), limit: 200 }) {
+            Ok(Reply::History { entries, .. }) => entries.into_iter().map(|e| (e.seq, e.body)).collect(),
+            other => panic!("history: {other:?}"),
+        }
+    }
+
+    pub fn delivered_seqs(&self) -> Vec<Seq> {
+        self.deliveries.iter().map(|d| d.seq).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OWNER: UserId = 1;
+    const BOB: UserId = 2;
+    const CAROL: UserId = 3;
+
+    fn group() -> Harness {
+        Harness::new(ConversationKind::Group, &[(OWNER, Role::Owner), (BOB, Role::Member)])
+    }
+
+    fn text(t: &str) -> Body {
+        Body::Text { text: t.into(), edited: false }
+    }
+
+    #[test]
+    fn acks_and_deliveries_wait_for_durability_and_keep_seq_order() {
+        let mut h = group();
+        let a = h.send(BOB, 1, "a");
+        let b = h.send(OWNER, 2, "b");
+        assert_eq!(h.ack(a), None, "nothing is acknowledged before it is durable");
+        assert!(h.deliveries.is_empty(), "nothing is delivered before it is durable");
+        h.commit();
+        assert_eq!((h.ack(a), h.ack(b)), (Some(Ok((2, false))), Some(Ok((3, false)))));
+        assert_eq!(h.delivered_seqs(), vec![2, 3]);
+        assert_eq!(h.deliveries[0].except, caller(BOB).session, "the sender's session gets the ack instead");
+        let order: Vec<u32> = h.replies.iter().map(|(id, _)| *id).collect();
+        assert_eq!(order, vec![a, b], "answered in seq order, not sorted after the fact");
+    }
+
+    #[test]
+    fn a_resend_answers_its_original_seq_even_after_the_sender_was_removed() {
+        let mut h = group();
+        let first = h.send(BOB, 9, "landed");
+        h.commit();
+        assert_eq!(h.ack(first), Some(Ok((2, false))));
+        h.crash_broker();
+        let removed = h.write(OWNER, Command::Remove { user: BOB });
+        h.commit();
+        assert_eq!(h.ack(removed), Some(Ok((3, false))));
+        let resend = h.send(BOB, 9, "landed");
+        assert_eq!(h.ack(resend), Some(Ok((2, true))), "the idempotency key is checked before membership");
+        let fresh = h.send(BOB, 10, "new");
+        assert_eq!(h.ack(fresh), Some(Err(ErrorCode::FORBIDDEN)));
+    }
+
+    #[test]
+    fn a_resend_of_a_pending_write_waits_for_the_original() {
+        let mut h = group();
+        let first = h.send(BOB, 9, "x");
+        let again = h.send(BOB, 9, "x");
+        assert_eq!((h.ack(first), h.ack(again)), (None, None));
+        h.commit();
+        assert_eq!((h.ack(first), h.ack(again)), (Some(Ok((2, false))), Some(Ok((2, true)))));
+        assert_eq!(h.delivered_seqs(), vec![2], "delivered once");
+    }
+
+    #[test]
+    fn pipelined_membership_changes_take_effect_in_order() {
+        let mut h = group();
+        let add = h.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Member });
+        let hi = h.send(OWNER, 1, "hi");
+        let remove = h.write(OWNER, Command::Remove { user: CAROL });
+        h.commit();
+        assert_eq!(h.ack(add), Some(Ok((2, false))));
+        assert_eq!(h.ack(hi), Some(Ok((3, false))));
+        assert_eq!(h.ack(remove), Some(Ok((4, false))), "the remove sees the add before it");
+        assert!(h.deliveries[1].audience.contains(&CAROL), "carol gets the message sent after her addition");
+        assert!(h.deliveries[2].audience.contains(&CAROL), "and hears of her removal");
+    }
+
+    #[test]
+    fn reads_serve_durable_state_only() {
+        let mut h = group();
+        h.send(BOB, 1, "draft");
+        h.commit();
+        h.write(BOB, Command::Edit { client_id: [2; 16], target: 2, text: "secret".into() });
+        h.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Member });
+        h.send(BOB, 3, "pending");
+        assert_eq!(h.history(OWNER), vec![(1, h.log.now.entries[&1].body.clone()), (2, text("draft"))]);
+        let Ok(Reply::Members(members)) = h.read(OWNER, Read::Members) else { panic!() };
+        assert_eq!(members.iter().map(|m| m.user_id).collect::<Vec<_>>(), vec![OWNER, BOB]);
+        assert!(h.read(CAROL, Read::Members).is_err(), "carol is not a member until her addition is durable");
+        h.commit();
+        let after = h.history(OWNER);
+        assert_eq!(after[1], (2, Body::Text { text: "secret".into(), edited: true }));
+        assert_eq!(after.len(), 5);
+        assert!(h.read(CAROL, Read::Members).is_ok());
+    }
+
+    #[test]
+    fn two_pending_rewrites_of_one_message_settle_one_at_a_time() {
+        let mut h = group();
+        h.send(BOB, 1, "v1");
+        h.commit();
+        h.write(BOB, Command::Edit { client_id: [2; 16], target: 2, text: "v2".into() });
+        // The second rewrite is planned against the applied view (v2 is live), but a
+        // reader still sees v1.
+        h.write(BOB, Command::Delete { client_id: [3; 16], target: 2 });
+        assert_eq!(h.history(BOB)[1], (2, text("v1")));
+        h.commit();
+        assert_eq!(h.history(BOB)[1], (2, Body::Tombstone));
+    }
+
+    #[test]
+    fn a_delete_leaves_no_version_of_the_text() {
+        let mut h = group();
+        h.send(BOB, 1, "draft");
+        h.commit();
+        h.write(BOB, Command::Edit { client_id: [2; 16], target: 2, text: "my password is hunter2".into() });
+        h.commit();
+        h.write(BOB, Command::Delete { client_id: [3; 16], target: 2 });
+        h.commit();
+        let history = h.history(OWNER);
+        assert!(!format!("{history:?}").contains("hunter2"), "{history:?}");
+        assert_eq!(history[1], (2, Body::Tombstone));
+        assert_eq!(history[2], (3, Body::Redacted { target: 2 }));
+    }
+
+    #[test]
+    fn a_successor_replays_each_undelivered_entry_to_the_members_as_of_that_entry() {
+        let mut h = group();
+        h.send(OWNER, 1, "before carol");
+        h.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Member });
+        h.send(OWNER, 2, "with carol");
+        h.write(OWNER, Command::Remove { user: BOB });
+        h.send(OWNER, 3, "without bob");
+        // The actor dies after applying, before any of it became durable or delivered.
+        h.crash_actor();
+        let got: Vec<(Seq, Vec<UserId>)> = h.deliveries.iter().map(|d| (d.seq, d.audience.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, vec![OWNER, BOB]),
+                (3, vec![OWNER, BOB, CAROL]),
+                (4, vec![OWNER, BOB, CAROL]),
+                (5, vec![OWNER, BOB, CAROL]),
+                (6, vec![OWNER, CAROL]),
+            ]
+        );
+        assert!(h.replies.is_empty(), "the dead actor's requests are answered INTERNAL by their responders");
+    }
+
+    #[test]
+    fn the_first_actor_of_a_new_conversation_delivers_seq_1_before_anything_else() {
+        let h = Harness::new(ConversationKind::Group, &[(OWNER, Role::Owner), (BOB, Role::Member)]);
+        let created = h.log.now.entries[&1].clone();
+        let (mut state, effects) = ConversationState::<u32>::recover(
+            CONV,
+            ConversationKind::Group,
+            h.log.now.members.clone(),
+            1,
+            (vec![created], caller(OWNER).session),
+            0,
+        );
+        let first = match &effects[..] {
+            [Effect::Deliver { entry, audience, except }] => (entry.seq, audience.len(), *except),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(first, (1, 2, caller(OWNER).session));
+        assert_eq!(state.published_seq(), 1);
+        let effects =
+            state.handle_write(&h.log, caller(BOB), Command::Send { client_id: [1; 16], text: "x".into() }, 1, 0);
+        assert!(matches!(&effects[..], [Effect::Append(e)] if e.seq == 2));
+    }
+
+    #[test]
+    fn after_a_failed_commit_nothing_is_acknowledged_again() {
+        let mut h = group();
+        let lost = h.send(BOB, 1, "maybe");
+        h.fail_commit();
+        assert!(h.fatal, "a failed commit is fatal");
+        assert_eq!(h.ack(lost), Some(Err(ErrorCode::INTERNAL)));
+        // The entry is in the log (applied, never durable); a resend must not be
+        // answered as a duplicate of it.
+        let resend = h.send(BOB, 1, "maybe");
+        assert_eq!(h.ack(resend), Some(Err(ErrorCode::INTERNAL)));
+        h.commit();
+        assert!(h.deliveries.is_empty(), "nothing is delivered after the failure");
+        assert!(h.read(OWNER, Read::Members).is_err());
+    }
+
+    #[test]
+    fn a_broker_crash_loses_only_what_was_never_acknowledged() {
+        let mut h = group();
+        let kept = h.send(BOB, 1, "kept");
+        h.commit();
+        let lost = h.send(BOB, 2, "lost");
+        h.crash_broker();
+        assert_eq!(h.ack(kept), Some(Ok((2, false))));
+        assert_eq!(h.ack(lost), None);
+        let retry = h.send(BOB, 2, "lost");
+        h.commit();
+        assert_eq!(h.ack(retry), Some(Ok((3, false))), "the retry takes the next seq: no gap");
+        assert_eq!(h.history(OWNER).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn an_idle_conversation_retires_only_with_nothing_pending() {
+        let mut h = group();
+        h.send(BOB, 1, "x");
+        h.now_ms = 60_000;
+        assert!(!h.state.handle_tick(h.now_ms, 1_000), "a pending write keeps it alive");
+        h.commit();
+        assert!(h.state.handle_tick(h.now_ms, 1_000));
+        h.send(BOB, 2, "y");
+        h.commit();
+        assert!(!h.state.handle_tick(h.now_ms + 999, 1_000), "activity resets the idle clock");
+    }
+
+    #[test]
+    fn permission_table() {
+        let mut h =
+            Harness::new(ConversationKind::Group, &[(OWNER, Role::Owner), (BOB, Role::Admin), (CAROL, Role::Member)]);
+        let mut check = |who: UserId, cmd: Command, want: Result<(), ErrorCode>| {
+            let id = h.write(who, cmd.clone());
+            h.commit();
+            let got = h.ack(id).expect("answered").map(|_| ());
+            assert_eq!(got, want, "{who} {cmd:?}");
+        };
+        let send = |id: u8, t: &str| Command::Send { client_id: [id; 16], text: t.into() };
+        check(CAROL, send(1, "hello"), Ok(()));
+        check(9, send(2, "hello"), Err(ErrorCode::FORBIDDEN));
+        check(CAROL, send(3, ""), Err(ErrorCode::INVALID));
+        check(
+            CAROL,
+            send(4, &"x".repeat(switchboard_protocol::limits::MAX_TEXT_BYTES as usize + 1)),
+            Err(ErrorCode::INVALID),
+        );
+        check(CAROL, Command::Add { users: vec![4], role: Role::Member }, Err(ErrorCode::FORBIDDEN));
+        check(BOB, Command::Add { users: vec![4], role: Role::Member }, Ok(()));
+        check(BOB, Command::Add { users: vec![CAROL], role: Role::Member }, Err(ErrorCode::CONFLICT));
+        check(OWNER, Command::Add { users: vec![5], role: Role::Owner }, Err(ErrorCode::INVALID));
+        check(BOB, Command::Remove { user: OWNER }, Err(ErrorCode::FORBIDDEN));
+        check(CAROL, Command::Remove { user: BOB }, Err(ErrorCode::FORBIDDEN));
+        check(OWNER, Command::Remove { user: 9 }, Err(ErrorCode::NOT_FOUND));
+        check(OWNER, Command::Leave, Err(ErrorCode::FORBIDDEN));
+        check(BOB, Command::Remove { user: 4 }, Ok(()));
+        // Carol's message is seq 2.
+        check(BOB, Command::Edit { client_id: [5; 16], target: 2, text: "n".into() }, Err(ErrorCode::FORBIDDEN));
+        check(CAROL, Command::Edit { client_id: [6; 16], target: 99, text: "n".into() }, Err(ErrorCode::NOT_FOUND));
+        check(CAROL, Command::Edit { client_id: [7; 16], target: 1, text: "n".into() }, Err(ErrorCode::FORBIDDEN));
+        check(CAROL, Command::Delete { client_id: [8; 16], target: 2 }, Ok(()));
+        check(CAROL, Command::Delete { client_id: [9; 16], target: 2 }, Err(ErrorCode::NOT_FOUND));
+        check(CAROL, Command::Leave, Ok(()));
+
+        let mut direct = Harness::new(ConversationKind::Direct, &[(OWNER, Role::Member), (BOB, Role::Member)]);
+        let leave = direct.write(OWNER, Command::Leave);
+        let add = direct.write(OWNER, Command::Add { users: vec![3], role: Role::Member });
+        assert_eq!(
+            (direct.ack(leave), direct.ack(add)),
+            (Some(Err(ErrorCode::INVALID)), Some(Err(ErrorCode::INVALID)))
+        );
+    }
+}

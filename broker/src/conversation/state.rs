@@ -1,0 +1,622 @@
+//! `ConversationState`: every rule and ordering of one conversation, with no I/O, no
+//! clock and no actor. Inputs arrive through `handle_*` methods; each returns the
+//! effects the driver must perform, in order (write this entry, answer this request,
+//! deliver this entry to these users). The conversation actor is one driver; the
+//! deterministic harness in `harness.rs` is another, with an in-memory log, a virtual
+//! clock and a crash switch.
+//!
+//! The rules it keeps:
+//! - seqs are assigned here only, gapless, one append at a time;
+//! - an acknowledgement and a delivery happen only once the entry is durable, in seq
+//!   order; a request answered from an earlier entry (a resend) waits for that entry;
+//! - a resend of an applied client id answers its original seq before any permission
+//!   check, so a sender removed since can still learn that its message landed;
+//! - reads (history, members) serve durable state only: entries up to the durable seq,
+//!   and the pre-image of any message a not-yet-durable edit or delete rewrote;
+//! - each entry goes to the members before and after it (so the removed hear of their
+//!   removal and the added of their addition), including entries replayed by the
+//!   successor of an actor that died;
+//! - after a failed write or commit nothing is acknowledged again (`Effect::Fatal`).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_TEXT_BYTES};
+use switchboard_protocol::{
+    Body, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Member, Page, Reply, Role, Seq,
+    UserId,
+};
+
+/// Who is asking.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    /// User.
+    pub user: UserId,
+    /// Device.
+    pub device: DeviceId,
+    /// Session (excluded from the fan-out of its own writes: it gets the ack).
+    pub session: u64,
+}
+
+/// A change to the log.
+#[derive(Clone, Debug)]
+pub enum Command {
+    /// New text message.
+    Send {
+        /// Idempotency key.
+        client_id: ClientMsgId,
+        /// Text.
+        text: String,
+    },
+    /// Replace my message's text.
+    Edit {
+        /// Idempotency key.
+        client_id: ClientMsgId,
+        /// Edited message.
+        target: Seq,
+        /// New text.
+        text: String,
+    },
+    /// Tombstone my message (and redact its edits).
+    Delete {
+        /// Idempotency key.
+        client_id: ClientMsgId,
+        /// Deleted message.
+        target: Seq,
+    },
+    /// Add users (group, owner/admin).
+    Add {
+        /// Users to add.
+        users: Vec<UserId>,
+        /// Their role (never owner).
+        role: Role,
+    },
+    /// Remove a member (group, owner/admin).
+    Remove {
+        /// Member to remove.
+        user: UserId,
+    },
+    /// Leave (group).
+    Leave,
+}
+
+impl Command {
+    pub(crate) fn client_id(&self) -> Option<&ClientMsgId> {
+        match self {
+            Command::Send { client_id, .. } | Command::Edit { client_id, .. } | Command::Delete { client_id, .. } => {
+                Some(client_id)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A read of durable state.
+#[derive(Clone, Copy, Debug)]
+pub enum Read {
+    /// A page of the log.
+    History {
+        /// Which page.
+        page: Page,
+        /// At most this many entries (capped at `HISTORY_PAGE_MAX`).
+        limit: u16,
+    },
+    /// The members with their names and roles.
+    Members,
+}
+
+/// Membership changes an entry makes (`None` removes).
+type MemberChanges = Vec<(UserId, Option<Role>)>;
+
+/// What the state reads from the log: the store for the actor, an in-memory log for the
+/// harness. Reads see every entry appended so far, durable or not; the state decides
+/// what of it may be served.
+pub trait Log {
+    /// A read failure (reported to the client as `INTERNAL`).
+    type Error: std::fmt::Display;
+    /// The seq an earlier entry of `sender` with this client id got.
+    fn dedupe(&self, conv: ConvId, sender: UserId, client_id: &ClientMsgId) -> Result<Option<Seq>, Self::Error>;
+    /// One entry, as rewritten by later edits and deletes.
+    fn entry(&self, conv: ConvId, seq: Seq) -> Result<Option<Entry>, Self::Error>;
+    /// Entries with `from <= seq <= to`, at most `limit`, newest first if asked.
+    fn entries(
+        &self,
+        conv: ConvId,
+        from: Seq,
+        to: Seq,
+        limit: usize,
+        newest_first: bool,
+    ) -> Result<Vec<Entry>, Self::Error>;
+    /// A user's name, if the account exists.
+    fn user_name(&self, user: UserId) -> Result<Option<String>, Self::Error>;
+}
+
+/// What the driver must do, in the order given. `R` is the driver's way to answer one
+/// request (the actor's `Responder`, the harness's request number).
+#[derive(Debug)]
+pub enum Effect<R> {
+    /// Write the entry and what it implies to the log now, before the next input, then
+    /// call `handle_durable(seq)` once it is durable or `handle_failure` if it is not.
+    Append(Entry),
+    /// Answer a request.
+    Reply(R, Result<Reply, ErrorBody>),
+    /// Push a durable entry to the online devices of `audience`, except session `except`.
+    Deliver {
+        /// The entry, as durable.
+        entry: Entry,
+        /// Users to reach.
+        audience: Arc<[UserId]>,
+        /// Session that gets the entry as its acknowledgement instead (0: none).
+        except: u64,
+    },
+    /// Durability is lost: this process must acknowledge and serve nothing more.
+    Fatal,
+}
+
+/// Something waiting for the durable seq to reach `seq`.
+#[derive(Debug)]
+struct Pending<R> {
+    seq: Seq,
+    /// The entry this conversation appended at `seq` (absent for a resend's answer).
+    entry: Option<Appended>,
+    reply: Option<(R, Reply)>,
+}
+
+#[derive(Debug)]
+struct Appended {
+    entry: Entry,
+    audience: Arc<[UserId]>,
+    except: u64,
+    members: MemberChanges,
+}
+
+/// A message rewritten by an edit or delete that is not durable yet: what readers see
+/// until it is, and how many such rewrites are pending.
+#[derive(Debug)]
+struct Overlay {
+    body: Body,
+    pending: u32,
+}
+
+/// The rules of one conversation and the order of its effects.
+#[derive(Debug)]
+pub struct ConversationState<R> {
+    id: ConvId,
+    kind: ConversationKind,
+    /// Members as of the newest applied entry: who may write next.
+    members: HashMap<UserId, Role>,
+    /// The same as a shared list: every message's fan-out reuses it.
+    audience: Arc<[UserId]>,
+    /// Members as of the durable seq: what readers are shown.
+    durable_members: HashMap<UserId, Role>,
+    applied_seq: Seq,
+    durable_seq: Seq,
+    published_seq: Seq,
+    pending: VecDeque<Pending<R>>,
+    overlay: HashMap<Seq, Overlay>,
+    failed: bool,
+    last_activity_ms: u64,
+}
+
+fn err(code: ErrorCode, msg: &str) -> ErrorBody {
+    ErrorBody::new(code, msg)
+}
+
+fn internal(e: impl std::fmt::Display) -> ErrorBody {
+    tracing::error!(error = %e, "conversation log read failed");
+    ErrorBody::new(ErrorCode::INTERNAL, "internal error")
+}
+
+/// The refusal a non-member gets, the same whether or not the conversation exists.
+pub fn not_a_member() -> ErrorBody {
+    err(ErrorCode::FORBIDDEN, "not a member of this conversation, or no such conversation")
+}
+
+impl<R> ConversationState<R> {
+    /// A conversation whose log is durable up to `last_seq`, with `members` as of it.
+    /// `replay` holds the durable entries after the last one a predecessor delivered
+    /// (none unless the predecessor died or the conversation is new), and the session
+    /// they skip: their deliveries, each to the members as of that entry, are the first
+    /// effects.
+    pub fn recover(
+        id: ConvId,
+        kind: ConversationKind,
+        members: HashMap<UserId, Role>,
+        last_seq: Seq,
+        (replay, except): (Vec<Entry>, u64),
+        now_ms: u64,
+    ) -> (Self, Vec<Effect<R>>) {
+        let audiences = replay_audiences(&members, &replay);
+        let effects = replay
+            .into_iter()
+            .zip(audiences)
+            .map(|(entry, audience)| Effect::Deliver { entry, audience: audience.into(), except })
+            .collect();
+        let state = ConversationState {
+            id,
+            kind,
+            audience: members.keys().copied().collect(),
+            durable_members: members.clone(),
+            members,
+            applied_seq: last_seq,
+            durable_seq: last_seq,
+            published_seq: last_seq,
+            pending: VecDeque::new(),
+            overlay: HashMap::new(),
+            failed: false,
+            last_activity_ms: now_ms,
+        };
+        (state, effects)
+    }
+
+    /// The conversation's id.
+    pub fn id(&self) -> ConvId {
+        self.id
+    }
+
+    /// Newest seq delivered to online devices (never ahead of the durable seq).
+    pub fn published_seq(&self) -> Seq {
+        self.published_seq
+    }
+
+    /// Newest durable seq.
+    pub fn durable_seq(&self) -> Seq {
+        self.durable_seq
+    }
+
+    /// Whether `user` is a member as of the durable seq.
+    pub fn is_member(&self, user: UserId) -> bool {
+        self.durable_members.contains_key(&user)
+    }
+
+    /// A write: answered from the idempotency key if it was applied before, else checked
+    /// and appended. Effects: at most one `Append`, or an immediate `Reply`.
+    pub fn handle_write(
+        &mut self,
+        log: &impl Log,
+        caller: Caller,
+        cmd: Command,
+        reply: R,
+        now_ms: u64,
+    ) -> Vec<Effect<R>> {
+        self.last_activity_ms = now_ms;
+        if self.failed {
+            return vec![Effect::Reply(reply, Err(err(ErrorCode::INTERNAL, "storage failure")))];
+        }
+        // The idempotency key first: a resend's answer never depends on what changed
+        // since the original (the sender may have been removed, the target deleted).
+        if let Some(client_id) = cmd.client_id() {
+            match log.dedupe(self.id, caller.user, client_id) {
+                Ok(Some(seq)) => {
+                    let ack = Reply::Appended { seq, duplicate: true };
+                    if seq <= self.durable_seq {
+                        return vec![Effect::Reply(reply, Ok(ack))];
+                    }
+                    self.pending.push_back(Pending { seq, entry: None, reply: Some((reply, ack)) });
+                    return Vec::new();
+                }
+                Ok(None) => {}
+                Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
+            }
+        }
+        let target = match &cmd {
+            Command::Edit { target, .. } | Command::Delete { target, .. } if *target <= self.applied_seq => {
+                match log.entry(self.id, *target) {
+                    Ok(e) => e,
+                    Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
+                }
+            }
+            _ => None,
+        };
+        let (entry, members) = match self.plan(caller, cmd, target.as_ref(), now_ms) {
+            Ok(p) => p,
+            Err(e) => return vec![Effect::Reply(reply, Err(e))],
+        };
+        let seq = entry.seq;
+        let audience = if members.is_empty() {
+            self.audience.clone()
+        } else {
+            let mut all: BTreeSet<UserId> = self.audience.iter().copied().collect();
+            all.extend(members.iter().map(|(u, _)| *u));
+            all.into_iter().collect()
+        };
+        if let (Some(stored), Some(t)) = (target, rewrite_target(&entry.body)) {
+            self.overlay.entry(t).and_modify(|o| o.pending += 1).or_insert(Overlay { body: stored.body, pending: 1 });
+        }
+        self.applied_seq = seq;
+        if !members.is_empty() {
+            apply_members(&mut self.members, &members);
+            self.audience = self.members.keys().copied().collect();
+        }
+        self.pending.push_back(Pending {
+            seq,
+            entry: Some(Appended { entry: entry.clone(), audience, except: caller.session, members }),
+            reply: Some((reply, Reply::Appended { seq, duplicate: false })),
+        });
+        vec![Effect::Append(entry)]
+    }
+
+    /// A read of durable state, answered at once.
+    pub fn handle_read(&mut self, log: &impl Log, caller: Caller, read: Read, reply: R, now_ms: u64) -> Effect<R> {
+        self.last_activity_ms = now_ms;
+        let result = if self.failed {
+            Err(err(ErrorCode::INTERNAL, "storage failure"))
+        } else if !self.is_member(caller.user) {
+            Err(not_a_member())
+        } else {
+            match read {
+                Read::History { page, limit } => self.history(log, page, limit),
+                Read::Members => self.member_list(log),
+            }
+        };
+        Effect::Reply(reply, result)
+    }
+
+    /// Everything appended up to `seq` is durable: acknowledge and deliver it, in order.
+    pub fn handle_durable(&mut self, seq: Seq) -> Vec<Effect<R>> {
+        if self.failed {
+            return Vec::new();
+        }
+        self.durable_seq = self.durable_seq.max(seq.min(self.applied_seq));
+        let mut effects = Vec::new();
+        while self.pending.front().is_some_and(|p| p.seq <= self.durable_seq) {
+            let Some(p) = self.pending.pop_front() else { break };
+            if let Some(Appended { entry, audience, except, members }) = p.entry {
+                apply_members(&mut self.durable_members, &members);
+                if let Some(t) = rewrite_target(&entry.body) {
+                    self.settle_overlay(t, &entry.body);
+                }
+                self.published_seq = entry.seq;
+                effects.push(Effect::Deliver { entry, audience, except });
+            }
+            if let Some((reply, ack)) = p.reply {
+                effects.push(Effect::Reply(reply, Ok(ack)));
+            }
+        }
+        effects
+    }
+
+    /// A write or commit failed: whatever is pending may or may not survive, so nothing
+    /// is acknowledged again; every waiting request is answered `INTERNAL`, then `Fatal`.
+    pub fn handle_failure(&mut self) -> Vec<Effect<R>> {
+        self.failed = true;
+        let mut effects: Vec<Effect<R>> = self
+            .pending
+            .drain(..)
+            .filter_map(|p| p.reply)
+            .map(|(reply, _)| Effect::Reply(reply, Err(err(ErrorCode::INTERNAL, "storage failure; retry"))))
+            .collect();
+        effects.push(Effect::Fatal);
+        effects
+    }
+
+    /// Whether the conversation has been idle for `idle_ms` with nothing pending, so
+    /// its actor may retire (a successor reloads it from the log).
+    pub fn handle_tick(&self, now_ms: u64, idle_ms: u64) -> bool {
+        self.pending.is_empty() && now_ms.saturating_sub(self.last_activity_ms) >= idle_ms
+    }
+
+    fn history(&self, log: &impl Log, page: Page, limit: u16) -> Result<Reply, ErrorBody> {
+        let last = self.durable_seq;
+        let limit = usize::from(limit).clamp(1, HISTORY_PAGE_MAX as usize);
+        let mut entries = match page {
+            Page::Latest => log.entries(self.id, 1, last, limit, true).map(reversed),
+            Page::Before(s) => log.entries(self.id, 1, s.saturating_sub(1).min(last), limit, true).map(reversed),
+            Page::After(s) => log.entries(self.id, s.saturating_add(1), last, limit, false),
+        }
+        .map_err(internal)?;
+        for e in &mut entries {
+            if let Some(o) = self.overlay.get(&e.seq) {
+                e.body = o.body.clone();
+            }
+        }
+        Ok(Reply::History { entries, last_seq: last })
+    }
+
+    fn member_list(&self, log: &impl Log) -> Result<Reply, ErrorBody> {
+        let mut out = Vec::with_capacity(self.durable_members.len());
+        for (&user_id, &role) in &self.durable_members {
+            if let Some(name) = log.user_name(user_id).map_err(internal)? {
+                out.push(Member { user_id, name, role });
+            }
+        }
+        out.sort_by_key(|m| m.user_id);
+        Ok(Reply::Members(out))
+    }
+
+    /// A rewrite of `target` became durable: readers now see its result, or the next
+    /// pending rewrite's pre-image.
+    fn settle_overlay(&mut self, target: Seq, body: &Body) {
+        let Some(o) = self.overlay.get_mut(&target) else { return };
+        if o.pending > 1 {
+            o.pending -= 1;
+            o.body = rewritten(body);
+        } else {
+            self.overlay.remove(&target);
+        }
+    }
+
+    /// Validates `cmd` by `caller` and decides the entry it writes and the membership
+    /// changes it makes. `target` is the stored entry an edit or delete names.
+    fn plan(
+        &self,
+        caller: Caller,
+        cmd: Command,
+        target: Option<&Entry>,
+        now_ms: u64,
+    ) -> Result<(Entry, MemberChanges), ErrorBody> {
+        let role = self.members.get(&caller.user).copied().ok_or_else(not_a_member)?;
+        let client_id = cmd.client_id().copied().unwrap_or_default();
+        let mut members = Vec::new();
+        let body = match cmd {
+            Command::Send { text, .. } => {
+                check_text(&text)?;
+                Body::Text { text, edited: false }
+            }
+            Command::Edit { target: t, text, .. } => {
+                check_text(&text)?;
+                own_text(target, caller.user, t)?;
+                Body::Edit { target: t, text }
+            }
+            Command::Delete { target: t, .. } => {
+                own_text(target, caller.user, t)?;
+                Body::Delete { target: t }
+            }
+            Command::Add { users, role: new_role } => {
+                self.group_admin(role)?;
+                if new_role == Role::Owner {
+                    return Err(err(ErrorCode::INVALID, "a group has one owner"));
+                }
+                let mut added: Vec<(UserId, Role)> = Vec::new();
+                for u in users {
+                    if !self.members.contains_key(&u) && !added.iter().any(|(a, _)| *a == u) {
+                        added.push((u, new_role));
+                    }
+                }
+                if added.is_empty() {
+                    return Err(err(ErrorCode::CONFLICT, "already members"));
+                }
+                if self.members.len() + added.len() > MAX_GROUP_MEMBERS as usize {
+                    return Err(err(ErrorCode::INVALID, "group member limit reached"));
+                }
+                members.extend(added.iter().map(|&(u, r)| (u, Some(r))));
+                Body::MembersAdded { members: added }
+            }
+            Command::Remove { user } => {
+                self.group_admin(role)?;
+                let target_role =
+                    self.members.get(&user).copied().ok_or_else(|| err(ErrorCode::NOT_FOUND, "not a member"))?;
+                if user == caller.user {
+                    return Err(err(ErrorCode::INVALID, "use leave to leave"));
+                }
+                if target_role <= role {
+                    return Err(err(ErrorCode::FORBIDDEN, "cannot remove a member of equal or higher role"));
+                }
+                members.push((user, None));
+                Body::MemberRemoved { user }
+            }
+            Command::Leave => {
+                if self.kind != ConversationKind::Group {
+                    return Err(err(ErrorCode::INVALID, "cannot leave a direct conversation"));
+                }
+                if role == Role::Owner && self.members.len() > 1 {
+                    return Err(err(ErrorCode::FORBIDDEN, "the owner cannot leave while others remain"));
+                }
+                members.push((caller.user, None));
+                Body::MemberLeft
+            }
+        };
+        let entry = Entry {
+            conv: self.id,
+            seq: self.applied_seq + 1,
+            sender: caller.user,
+            sender_device: caller.device,
+            client_id,
+            at_ms: now_ms,
+            body,
+        };
+        Ok((entry, members))
+    }
+
+    fn group_admin(&self, role: Role) -> Result<(), ErrorBody> {
+        if self.kind != ConversationKind::Group {
+            return Err(err(ErrorCode::INVALID, "direct conversations have fixed members"));
+        }
+        if role > Role::Admin {
+            return Err(err(ErrorCode::FORBIDDEN, "only the owner or an admin may change members"));
+        }
+        Ok(())
+    }
+}
+
+/// For each entry (durable, in seq order, ending at the newest), the users it goes to:
+/// the members just before it and just after it. `members_now` are the members after
+/// the last entry; earlier membership is found by undoing the entries newest first.
+pub fn replay_audiences(members_now: &HashMap<UserId, Role>, entries: &[Entry]) -> Vec<Vec<UserId>> {
+    let mut members: BTreeSet<UserId> = members_now.keys().copied().collect();
+    for e in entries.iter().rev() {
+        match &e.body {
+            Body::MembersAdded { members: added } => added.iter().for_each(|(u, _)| {
+                members.remove(u);
+            }),
+            Body::Created { .. } => members.clear(),
+            Body::MemberRemoved { user } => {
+                members.insert(*user);
+            }
+            Body::MemberLeft => {
+                members.insert(e.sender);
+            }
+            _ => {}
+        }
+    }
+    entries
+        .iter()
+        .map(|e| {
+            let mut audience = members.clone();
+            match &e.body {
+                Body::MembersAdded { members: added } | Body::Created { members: added, .. } => {
+                    members.extend(added.iter().map(|(u, _)| *u));
+                    audience.extend(added.iter().map(|(u, _)| *u));
+                }
+                Body::MemberRemoved { user } => {
+                    members.remove(user);
+                }
+                Body::MemberLeft => {
+                    members.remove(&e.sender);
+                }
+                _ => {}
+            }
+            audience.into_iter().collect()
+        })
+        .collect()
+}
+
+fn apply_members(members: &mut HashMap<UserId, Role>, changes: &[(UserId, Option<Role>)]) {
+    for &(user, role) in changes {
+        match role {
+            Some(r) => members.insert(user, r),
+            None => members.remove(&user),
+        };
+    }
+}
+
+/// The message an edit or delete rewrites.
+fn rewrite_target(body: &Body) -> Option<Seq> {
+    match body {
+        Body::Edit { target, .. } | Body::Delete { target } => Some(*target),
+        _ => None,
+    }
+}
+
+/// What a rewrite leaves its target as.
+fn rewritten(body: &Body) -> Body {
+    match body {
+        Body::Edit { text, .. } => Body::Text { text: text.clone(), edited: true },
+        _ => Body::Tombstone,
+    }
+}
+
+fn check_text(text: &str) -> Result<(), ErrorBody> {
+    if text.is_empty() || text.len() > MAX_TEXT_BYTES as usize {
+        return Err(err(ErrorCode::INVALID, "text must be 1..=max_text_bytes bytes"));
+    }
+    Ok(())
+}
+
+/// Checks that `target` is a live text message of `user`'s.
+fn own_text(target: Option<&Entry>, user: UserId, seq: Seq) -> Result<(), ErrorBody> {
+    let stored = target.ok_or_else(|| err(ErrorCode::NOT_FOUND, &format!("no entry {seq}")))?;
+    if stored.sender != user {
+        return Err(err(ErrorCode::FORBIDDEN, "only the sender may edit or delete a message"));
+    }
+    match stored.body {
+        Body::Text { .. } => Ok(()),
+        Body::Tombstone => Err(err(ErrorCode::NOT_FOUND, "message was deleted")),
+        _ => Err(err(ErrorCode::INVALID, "only text messages can be edited or deleted")),
+    }
+}
+
+fn reversed(mut v: Vec<Entry>) -> Vec<Entry> {
+    v.reverse();
+    v
+}
