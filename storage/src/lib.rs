@@ -13,13 +13,15 @@
 
 mod commit;
 mod keys;
+mod log;
+mod members;
 mod records;
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+
 use std::sync::{Arc, Mutex};
 
-use switchboard_protocol::{Body, ClientMsgId, ConvId, DeviceId, Entry, Role, Seq, UserId};
+use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
 pub use commit::{Durable, FailureHook};
 pub use records::{ConversationRecord, DeviceRecord, UserRecord};
@@ -140,21 +142,6 @@ impl Store {
         self.opened_clean
     }
 
-    /// Repairs the newest entry of every conversation (`repair_newest_entry`), so that
-    /// indexes read without a conversation actor (a user's conversation list, member
-    /// lists) agree with the log. One reverse range read per conversation; call at start
-    /// after an unclean stop. Returns the number of conversations checked.
-    pub fn repair_all(&self) -> Result<usize> {
-        let mut checked = 0;
-        for item in self.db.scan_prefix(Key::conversations()) {
-            let (k, _) = item?;
-            let id = keys::u64_from(&k[1..]).ok_or_else(|| corrupt(&k, "conversation key"))?;
-            self.repair_newest_entry(id)?;
-            checked += 1;
-        }
-        Ok(checked)
-    }
-
     /// Applies a catalog `txn` atomically and returns a future that resolves once it is
     /// durable. The committer thread applies it between flushes (see `commit.rs`), so it
     /// never holds up other store access for a flush; this blocks until it is applied,
@@ -162,132 +149,6 @@ impl Store {
     /// (see `append_then`).
     fn commit(&self, txn: Txn) -> Result<Durable> {
         self.index_write(|| self.committer.apply(txn.batch))
-    }
-
-    /// Appends a conversation entry, then writes what it implies for other keys, and
-    /// calls `done` from the committer thread once it is durable (or failed to become
-    /// so). Calls happen in append order, so an actor that forwards them to itself
-    /// receives them in order; `done` must be quick. What the entry implies is derived
-    /// from it alone: its idempotency key `(sender, client_id)`, the rewritten target of
-    /// an edit or delete, the member keys of a membership change.
-    ///
-    /// These are single-key writes, not a sled batch: sled 0.34's `apply_batch` takes a
-    /// process-wide exclusive lock that waits for any flush in progress (stalling every
-    /// thread that touches the store) and writes its log buffer twice. Single writes are
-    /// safe because sled recovers a prefix of its log and the entry is written first:
-    /// after a crash only a conversation's newest entry can lack some of its effects,
-    /// and `repair_newest_entry` writes them again. The caller appends one entry at a time
-    /// per conversation (the next append starts after this one returned).
-    pub fn append_then(&self, entry: &Entry, done: impl FnOnce(Result<(), StoreError>) + Send + 'static) -> Result<()> {
-        self.db.insert(Key::entry(entry.conv, entry.seq), encode(entry))?;
-        self.write_effects(entry, false)?;
-        self.committer.notify(Box::new(done))
-    }
-
-    /// Writes the keys `entry` implies (see `append_then`). With `repair`, each is read
-    /// first and written only if it differs, and a repair is logged.
-    fn write_effects(&self, entry: &Entry, repair: bool) -> Result<()> {
-        let conv = entry.conv;
-        let set = |key: Key, value: Option<Vec<u8>>| -> Result<()> {
-            if repair {
-                if self.db.get(&key)?.as_deref() == value.as_deref() {
-                    return Ok(());
-                }
-                tracing::warn!(conv, seq = entry.seq, "restored a write of the newest entry lost in a crash");
-            }
-            match value {
-                Some(v) => self.db.insert(key, v)?,
-                None => self.db.remove(key)?,
-            };
-            Ok(())
-        };
-        let member = |user: UserId, role: Option<Role>| -> Result<()> {
-            set(Key::member(conv, user), role.map(|r| encode(&r)))?;
-            set(Key::user_conv(user, conv), role.map(|_| Vec::new()))
-        };
-        if entry.client_id != ClientMsgId::default() {
-            set(Key::dedupe(conv, entry.sender, &entry.client_id), Some(entry.seq.to_be_bytes().to_vec()))?;
-        }
-        let rewrite = |target: Seq, body: Body| -> Result<()> {
-            let key = Key::entry(conv, target);
-            let Some(mut stored) = self.entry(conv, target)? else {
-                return Err(corrupt(key.as_ref(), "an edit or delete names a missing entry"));
-            };
-            stored.body = body;
-            set(key, Some(encode(&stored)))
-        };
-        match &entry.body {
-            Body::Edit { target, text } => {
-                set(Key::edit_of(conv, *target, entry.seq), Some(Vec::new()))?;
-                rewrite(*target, Body::Text { text: text.clone(), edited: true })
-            }
-            Body::Delete { target } => {
-                // Every version of the text goes: the message's and each edit's.
-                for item in self.db.scan_prefix(Key::edits_of(conv, *target)) {
-                    let (k, _) = item?;
-                    let edit = keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "edit key"))?;
-                    rewrite(edit, Body::Redacted { target: *target })?;
-                }
-                rewrite(*target, Body::Tombstone)
-            }
-            Body::MembersAdded { members } => {
-                self.index_write(|| members.iter().try_for_each(|&(user, role)| member(user, Some(role))))
-            }
-            Body::MemberRemoved { user } => self.index_write(|| member(*user, None)),
-            Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
-            // Text and tombstones imply nothing more; a creation is one atomic batch.
-            Body::Text { .. } | Body::Tombstone | Body::Created { .. } | Body::Redacted { .. } => Ok(()),
-        }
-    }
-
-    /// Runs a write of keys read outside any conversation actor (catalog records, member
-    /// and user-conversation indexes), counted so `read_durable` can tell whether what it
-    /// read may not be durable yet.
-    fn index_write<T>(&self, write: impl FnOnce() -> Result<T>) -> Result<T> {
-        /// Counts the write finished even if it panics, so readers never wait forever.
-        struct Finished<'a>(&'a std::sync::atomic::AtomicU64);
-        impl Drop for Finished<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        self.index_gen.started.fetch_add(1, Ordering::SeqCst);
-        let _finished = Finished(&self.index_gen.finished);
-        write()
-    }
-
-    /// Runs `read` over the catalog and membership indexes so that it sees only durable
-    /// writes: it waits until every index write begun so far is durable, reads, and reads
-    /// again if another index write began meanwhile (a seqlock over the committer's
-    /// durable generation). Readers outside conversation actors use this, so nobody is
-    /// shown a conversation, member or account a crash could still take back (and a
-    /// conversation id shown is never reused). Costs a group commit only when an index
-    /// write is not yet durable.
-    pub async fn read_durable<T>(&self, read: impl Fn(&Store) -> Result<T>) -> Result<T> {
-        let mut attempts = 0;
-        loop {
-            let started = self.index_gen.started.load(Ordering::SeqCst);
-            if self.index_gen.finished.load(Ordering::SeqCst) != started {
-                // A write is being applied right now (a catalog batch waits for the
-                // committer thread between flushes): let it finish.
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                continue;
-            }
-            if self.index_gen.durable.load(Ordering::SeqCst) < started {
-                self.barrier()?.await?;
-            }
-            let value = read(self)?;
-            if self.index_gen.started.load(Ordering::SeqCst) == started {
-                return Ok(value);
-            }
-            attempts += 1;
-            if attempts > 64 {
-                // Index writes without pause for this long: serve from the last barrier
-                // rather than starve (each retry waited one group commit).
-                tracing::warn!("read_durable gave up waiting for a quiet moment");
-                return Ok(value);
-            }
-        }
     }
 
     /// Resolves once everything applied so far is durable.
@@ -420,96 +281,6 @@ impl Store {
         self.get(Key::conversation(id))
     }
 
-    /// Newest seq of a conversation (0 if none): read from its newest entry's key,
-    /// without decoding the entry.
-    pub fn last_seq(&self, id: ConvId) -> Result<Seq> {
-        match self.entry_range(id).next_back() {
-            Some(item) => {
-                let (k, _) = item?;
-                keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "entry key"))
-            }
-            None => Ok(0),
-        }
-    }
-
-    fn entry_range(&self, id: ConvId) -> sled::Iter {
-        self.db.range(Key::entry(id, 0).as_ref()..=Key::entry(id, Seq::MAX).as_ref())
-    }
-
-    /// Writes again whatever of a conversation's newest entry's effects a crash, or a
-    /// writer that failed half way, lost (see `append_then`). Call before asking who its
-    /// members are or accepting writes to it; a no-op (a few reads) when nothing was lost.
-    pub fn repair_newest_entry(&self, id: ConvId) -> Result<()> {
-        match self.newest_entry(id)? {
-            Some(entry) => self.write_effects(&entry, true),
-            None => Ok(()),
-        }
-    }
-
-    fn newest_entry(&self, id: ConvId) -> Result<Option<Entry>> {
-        match self.entry_range(id).next_back() {
-            Some(item) => {
-                let (k, v) = item?;
-                Ok(Some(decode(&k, &v)?))
-            }
-            None => Ok(None),
-        }
-    }
-
-    /// Members of a conversation, by user id.
-    pub fn members(&self, id: ConvId) -> Result<Vec<(UserId, Role)>> {
-        let mut out = Vec::new();
-        for item in self.db.scan_prefix(Key::members_of(id)) {
-            let (k, v) = item?;
-            let user = keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "member key"))?;
-            out.push((user, decode(&k, &v)?));
-        }
-        Ok(out)
-    }
-
-    /// `user`'s role in a conversation, if a member.
-    pub fn member(&self, conv: ConvId, user: UserId) -> Result<Option<Role>> {
-        self.get(Key::member(conv, user))
-    }
-
-    /// Conversations `user` belongs to, ascending, strictly after `after`, at most `limit`.
-    pub fn user_conversations(&self, user: UserId, after: Option<ConvId>, limit: usize) -> Result<Vec<ConvId>> {
-        let start = Key::user_conv(user, after.map_or(0, |a| a.saturating_add(1)));
-        let end = Key::user_conv_end(user);
-        let mut out = Vec::new();
-        for item in self.db.range(start.as_ref()..end.as_ref()).take(limit) {
-            let (k, _) = item?;
-            out.push(keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "user conv key"))?);
-        }
-        Ok(out)
-    }
-
-    /// The seq an earlier entry with this idempotency key got, if any.
-    pub fn dedupe(&self, conv: ConvId, user: UserId, client_id: &ClientMsgId) -> Result<Option<Seq>> {
-        Ok(self.db.get(Key::dedupe(conv, user, client_id))?.and_then(|v| keys::u64_from(&v)))
-    }
-
-    /// One entry.
-    pub fn entry(&self, conv: ConvId, seq: Seq) -> Result<Option<Entry>> {
-        self.get(Key::entry(conv, seq))
-    }
-
-    /// Entries with `from <= seq <= to`, ascending if `!newest_first`, at most `limit`.
-    pub fn entries(&self, conv: ConvId, from: Seq, to: Seq, limit: usize, newest_first: bool) -> Result<Vec<Entry>> {
-        if from > to {
-            return Ok(Vec::new());
-        }
-        let range = self.db.range(Key::entry(conv, from).as_ref()..=Key::entry(conv, to).as_ref());
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-            if newest_first { Box::new(range.rev()) } else { Box::new(range) };
-        let mut out = Vec::with_capacity(limit.min(256));
-        for item in iter.take(limit) {
-            let (k, v) = item?;
-            out.push(decode(&k, &v)?);
-        }
-        Ok(out)
-    }
-
     fn next_id(&self, counter: Counter) -> Result<u64> {
         let current = self.db.get(Key::counter(counter as u8))?.and_then(|v| keys::u64_from(&v)).unwrap_or(0);
         Ok(current + 1)
@@ -576,7 +347,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use switchboard_protocol::ConversationKind;
+    use switchboard_protocol::{Body, ConversationKind, Seq};
 
     fn open(dir: &Path) -> Store {
         let mut config = StoreConfig::new(dir.join("db"));
@@ -680,6 +451,35 @@ mod tests {
         store.repair_newest_entry(10).unwrap();
         assert_eq!(store.last_seq(10).unwrap(), 0, "an empty conversation");
         assert_eq!(store.last_seq(9).unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_delete_redacts_every_edit_and_a_torn_delete_is_finished_by_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            append(&store, text(9, 1, 3)).await;
+            append(&store, with_body(text(9, 2, 3), Body::Edit { target: 1, text: "secret one".into() })).await;
+            append(&store, with_body(text(9, 3, 3), Body::Edit { target: 1, text: "secret two".into() })).await;
+            append(&store, text(9, 4, 3)).await;
+            append(&store, with_body(text(9, 5, 3), Body::Edit { target: 4, text: "kept".into() })).await;
+            // The crash left the delete without any of its effects.
+            let delete = with_body(text(9, 6, 3), Body::Delete { target: 1 });
+            store.db.insert(Key::entry(9, 6), encode(&delete)).unwrap();
+            assert!(format!("{:?}", store.entries(9, 1, 6, 10, false).unwrap()).contains("secret"));
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        store.repair_newest_entry(9).unwrap();
+        let bodies: Vec<Body> = store.entries(9, 1, 6, 10, false).unwrap().into_iter().map(|e| e.body).collect();
+        assert_eq!(bodies[0], Body::Tombstone);
+        assert_eq!(bodies[1], Body::Redacted { target: 1 });
+        assert_eq!(bodies[2], Body::Redacted { target: 1 });
+        assert_eq!(bodies[3], Body::Text { text: "kept".into(), edited: true }, "other messages' edits stay");
+        assert_eq!(bodies[4], Body::Edit { target: 4, text: "kept".into() });
+        // The same through a normal append.
+        append(&store, with_body(text(9, 7, 3), Body::Delete { target: 4 })).await;
+        assert_eq!(store.entry(9, 5).unwrap().unwrap().body, Body::Redacted { target: 4 });
     }
 
     #[tokio::test]

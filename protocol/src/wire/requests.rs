@@ -1,0 +1,164 @@
+//! Client to broker after the hello: requests, each answered exactly once.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{ClientMsgId, ConvId, DeviceId, Role, Seq, UserId};
+
+/// A frame from client to broker after the hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// A request expecting exactly one response with the same id.
+    Request(Request),
+}
+
+/// A client request. Ids are chosen by the client and echoed in the response; they
+/// need only be unique among the client's outstanding requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Echoed in the response.
+    pub id: u32,
+    /// What is asked.
+    pub body: RequestBody,
+}
+
+/// What a request asks. Tags are positions: append only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Create an account and enroll this device. Pre-auth only.
+    Register(Enroll),
+    /// Enroll this device into an existing account with its password. Pre-auth only.
+    Login(Enroll),
+    /// Prove an enrolled device on this connection. Pre-auth only.
+    Authenticate {
+        /// Account name.
+        user: String,
+        /// Device id returned at enrollment.
+        device_id: DeviceId,
+        /// Ed25519 signature over `auth_transcript(nonce, exporter)`, 64 bytes.
+        signature: Bytes,
+    },
+    /// Liveness check; replies `Pong`.
+    Ping,
+    /// Create a direct or group conversation.
+    CreateConversation(NewConversation),
+    /// List my conversations by ascending id, after `after` if given.
+    ListConversations {
+        /// Exclusive lower bound on the id.
+        after: Option<ConvId>,
+    },
+    /// Members of a conversation I belong to.
+    Members {
+        /// Conversation.
+        conv: ConvId,
+    },
+    /// Add users to a group (owner or admin only).
+    AddMembers {
+        /// Conversation.
+        conv: ConvId,
+        /// User names to add.
+        users: Vec<String>,
+        /// Role given to them (never `Owner`).
+        role: Role,
+    },
+    /// Remove a member from a group (owner or admin; nobody removes the owner).
+    RemoveMember {
+        /// Conversation.
+        conv: ConvId,
+        /// Member to remove.
+        user: UserId,
+    },
+    /// Leave a group.
+    Leave {
+        /// Conversation.
+        conv: ConvId,
+    },
+    /// Send a text message.
+    Send {
+        /// Conversation.
+        conv: ConvId,
+        /// Idempotency key: resending it returns the original seq.
+        client_id: ClientMsgId,
+        /// UTF-8 text, 1..=`max_text_bytes`.
+        text: String,
+    },
+    /// Replace the text of my message `target`.
+    Edit {
+        /// Conversation.
+        conv: ConvId,
+        /// Idempotency key of the edit itself.
+        client_id: ClientMsgId,
+        /// Seq of the message to edit.
+        target: Seq,
+        /// New text.
+        text: String,
+    },
+    /// Tombstone my message `target`.
+    Delete {
+        /// Conversation.
+        conv: ConvId,
+        /// Idempotency key of the delete itself.
+        client_id: ClientMsgId,
+        /// Seq of the message to delete.
+        target: Seq,
+    },
+    /// A page of the conversation log.
+    History {
+        /// Conversation.
+        conv: ConvId,
+        /// Which page.
+        page: Page,
+        /// At most this many entries (capped at `history_page_max`).
+        limit: u16,
+    },
+    /// My enrolled devices.
+    ListDevices,
+    /// Revoke one of my devices; its live connection is closed.
+    RevokeDevice {
+        /// Device to revoke.
+        device_id: DeviceId,
+    },
+}
+
+/// Enrollment of a new device key, with the account password.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enroll {
+    /// Account name: 1..=64 bytes of `[a-z0-9_.-]`.
+    pub user: String,
+    /// Account password.
+    pub password: String,
+    /// Human label for the device.
+    pub device_name: String,
+    /// Ed25519 public key, 32 bytes.
+    pub public_key: Bytes,
+    /// Signature by that key over `auth_transcript(nonce, exporter)`, 64 bytes.
+    pub signature: Bytes,
+}
+
+/// What kind of conversation to create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NewConversation {
+    /// The one direct conversation with `peer` (returned if it exists already).
+    Direct {
+        /// The other user's name.
+        peer: String,
+    },
+    /// A new group; the creator becomes its owner.
+    Group {
+        /// Title, at most `MAX_NAME_BYTES`.
+        title: String,
+        /// Other members' names.
+        members: Vec<String>,
+    },
+}
+
+/// Which slice of the log a history request wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Page {
+    /// The newest entries.
+    Latest,
+    /// Entries with seq strictly below this one, newest first cut, returned ascending.
+    Before(Seq),
+    /// Entries with seq strictly above this one, ascending.
+    After(Seq),
+}

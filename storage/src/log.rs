@@ -1,0 +1,163 @@
+//! The conversation log: entries by `(conversation, seq)`, what each entry implies for
+//! other keys (idempotency key, rewritten edit and delete targets, the edit index,
+//! member keys), and the crash repair of a conversation's newest entry.
+
+use switchboard_protocol::{Body, ClientMsgId, ConvId, Entry, Role, Seq, UserId};
+
+use crate::keys::{self, Key};
+use crate::{Result, Store, StoreError, corrupt, decode, encode};
+
+impl Store {
+    /// Repairs the newest entry of every conversation (`repair_newest_entry`), so that
+    /// indexes read without a conversation actor (a user's conversation list, member
+    /// lists) agree with the log. One reverse range read per conversation; call at start
+    /// after an unclean stop. Returns the number of conversations checked.
+    pub fn repair_all(&self) -> Result<usize> {
+        let mut checked = 0;
+        for item in self.db.scan_prefix(Key::conversations()) {
+            let (k, _) = item?;
+            let id = keys::u64_from(&k[1..]).ok_or_else(|| corrupt(&k, "conversation key"))?;
+            self.repair_newest_entry(id)?;
+            checked += 1;
+        }
+        Ok(checked)
+    }
+
+    /// Appends a conversation entry, then writes what it implies for other keys, and
+    /// calls `done` from the committer thread once it is durable (or failed to become
+    /// so). Calls happen in append order, so an actor that forwards them to itself
+    /// receives them in order; `done` must be quick. What the entry implies is derived
+    /// from it alone: its idempotency key `(sender, client_id)`, the rewritten target of
+    /// an edit or delete, the member keys of a membership change.
+    ///
+    /// These are single-key writes, not a sled batch: sled 0.34's `apply_batch` takes a
+    /// process-wide exclusive lock that waits for any flush in progress (stalling every
+    /// thread that touches the store) and writes its log buffer twice. Single writes are
+    /// safe because sled recovers a prefix of its log and the entry is written first:
+    /// after a crash only a conversation's newest entry can lack some of its effects,
+    /// and `repair_newest_entry` writes them again. The caller appends one entry at a time
+    /// per conversation (the next append starts after this one returned).
+    pub fn append_then(&self, entry: &Entry, done: impl FnOnce(Result<(), StoreError>) + Send + 'static) -> Result<()> {
+        self.db.insert(Key::entry(entry.conv, entry.seq), encode(entry))?;
+        self.write_effects(entry, false)?;
+        self.committer.notify(Box::new(done))
+    }
+
+    /// Writes the keys `entry` implies (see `append_then`). With `repair`, each is read
+    /// first and written only if it differs, and a repair is logged.
+    pub(crate) fn write_effects(&self, entry: &Entry, repair: bool) -> Result<()> {
+        let conv = entry.conv;
+        let set = |key: Key, value: Option<Vec<u8>>| -> Result<()> {
+            if repair {
+                if self.db.get(&key)?.as_deref() == value.as_deref() {
+                    return Ok(());
+                }
+                tracing::warn!(conv, seq = entry.seq, "restored a write of the newest entry lost in a crash");
+            }
+            match value {
+                Some(v) => self.db.insert(key, v)?,
+                None => self.db.remove(key)?,
+            };
+            Ok(())
+        };
+        let member = |user: UserId, role: Option<Role>| -> Result<()> {
+            set(Key::member(conv, user), role.map(|r| encode(&r)))?;
+            set(Key::user_conv(user, conv), role.map(|_| Vec::new()))
+        };
+        if entry.client_id != ClientMsgId::default() {
+            set(Key::dedupe(conv, entry.sender, &entry.client_id), Some(entry.seq.to_be_bytes().to_vec()))?;
+        }
+        let rewrite = |target: Seq, body: Body| -> Result<()> {
+            let key = Key::entry(conv, target);
+            let Some(mut stored) = self.entry(conv, target)? else {
+                return Err(corrupt(key.as_ref(), "an edit or delete names a missing entry"));
+            };
+            stored.body = body;
+            set(key, Some(encode(&stored)))
+        };
+        match &entry.body {
+            Body::Edit { target, text } => {
+                set(Key::edit_of(conv, *target, entry.seq), Some(Vec::new()))?;
+                rewrite(*target, Body::Text { text: text.clone(), edited: true })
+            }
+            Body::Delete { target } => {
+                // Every version of the text goes: the message's and each edit's.
+                for item in self.db.scan_prefix(Key::edits_of(conv, *target)) {
+                    let (k, _) = item?;
+                    let edit = keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "edit key"))?;
+                    rewrite(edit, Body::Redacted { target: *target })?;
+                }
+                rewrite(*target, Body::Tombstone)
+            }
+            Body::MembersAdded { members } => {
+                self.index_write(|| members.iter().try_for_each(|&(user, role)| member(user, Some(role))))
+            }
+            Body::MemberRemoved { user } => self.index_write(|| member(*user, None)),
+            Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
+            // Text and tombstones imply nothing more; a creation is one atomic batch.
+            Body::Text { .. } | Body::Tombstone | Body::Created { .. } | Body::Redacted { .. } => Ok(()),
+        }
+    }
+
+    /// Newest seq of a conversation (0 if none): read from its newest entry's key,
+    /// without decoding the entry.
+    pub fn last_seq(&self, id: ConvId) -> Result<Seq> {
+        match self.entry_range(id).next_back() {
+            Some(item) => {
+                let (k, _) = item?;
+                keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "entry key"))
+            }
+            None => Ok(0),
+        }
+    }
+
+    pub(crate) fn entry_range(&self, id: ConvId) -> sled::Iter {
+        self.db.range(Key::entry(id, 0).as_ref()..=Key::entry(id, Seq::MAX).as_ref())
+    }
+
+    /// Writes again whatever of a conversation's newest entry's effects a crash, or a
+    /// writer that failed half way, lost (see `append_then`). Call before asking who its
+    /// members are or accepting writes to it; a no-op (a few reads) when nothing was lost.
+    pub fn repair_newest_entry(&self, id: ConvId) -> Result<()> {
+        match self.newest_entry(id)? {
+            Some(entry) => self.write_effects(&entry, true),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn newest_entry(&self, id: ConvId) -> Result<Option<Entry>> {
+        match self.entry_range(id).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some(decode(&k, &v)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The seq an earlier entry with this idempotency key got, if any.
+    pub fn dedupe(&self, conv: ConvId, user: UserId, client_id: &ClientMsgId) -> Result<Option<Seq>> {
+        Ok(self.db.get(Key::dedupe(conv, user, client_id))?.and_then(|v| keys::u64_from(&v)))
+    }
+
+    /// One entry.
+    pub fn entry(&self, conv: ConvId, seq: Seq) -> Result<Option<Entry>> {
+        self.get(Key::entry(conv, seq))
+    }
+
+    /// Entries with `from <= seq <= to`, ascending if `!newest_first`, at most `limit`.
+    pub fn entries(&self, conv: ConvId, from: Seq, to: Seq, limit: usize, newest_first: bool) -> Result<Vec<Entry>> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let range = self.db.range(Key::entry(conv, from).as_ref()..=Key::entry(conv, to).as_ref());
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            if newest_first { Box::new(range.rev()) } else { Box::new(range) };
+        let mut out = Vec::with_capacity(limit.min(256));
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,117 @@
+//! Conversation rules found broken by attacking the broker (issue 7, part B), end to end:
+//! real broker, real QUIC, real sled. The same rules are tested on the pure state type in
+//! `broker/src/conversation/harness.rs`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use switchboard_client::new_client_id;
+use switchboard_protocol::{Body, ErrorCode, Page, Role};
+use switchboard_tests::{TestBroker, next_entry};
+
+/// Send "draft", edit it to a secret, delete it: no version of the text is served, to
+/// members now or after a restart.
+#[tokio::test]
+async fn a_deleted_message_leaves_no_text_in_its_edits() {
+    let mut tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, bob_id) = tb.register("bob").await;
+    let conv = alice.create_group("g", &["bob".into()]).await.unwrap();
+    let draft = alice.send(conv.id, "draft").await.unwrap();
+    let edit = alice.edit(conv.id, draft, "my password is hunter2").await.unwrap();
+    alice.delete(conv.id, draft).await.unwrap();
+    let check = |entries: Vec<switchboard_protocol::Entry>| {
+        assert!(!format!("{entries:?}").contains("hunter2"), "{entries:?}");
+        assert!(!format!("{entries:?}").contains("draft"), "{entries:?}");
+        let body = |seq| entries.iter().find(|e| e.seq == seq).map(|e| e.body.clone());
+        assert_eq!(body(draft), Some(Body::Tombstone));
+        assert_eq!(body(edit), Some(Body::Redacted { target: draft }));
+    };
+    check(bob.history(conv.id, Page::Latest, 50).await.unwrap().0);
+    tb.restart().await;
+    let bob = tb.connector().connect(&bob_id).await.unwrap();
+    check(bob.history(conv.id, Page::After(0), 50).await.unwrap().0);
+}
+
+/// AddMembers then Send, pipelined on one connection: carol is a member before "hi",
+/// so she receives it; AddMembers then RemoveMember, pipelined: both apply in order.
+#[tokio::test]
+async fn one_sessions_writes_take_effect_in_the_order_sent() {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    tb.register("bob").await;
+    let (carol, carol_id) = tb.register("carol").await;
+    let (_dave, dave_id) = tb.register("dave").await;
+    let mut carol_events = carol.events().unwrap();
+    let conv = alice.create_group("g", &["bob".into()]).await.unwrap();
+    let (carol_name, dave_name) = (["carol".to_string()], ["dave".to_string()]);
+    for round in 0..20 {
+        let text = format!("hi {round}");
+        let (added, sent) =
+            tokio::join!(alice.add_members(conv.id, &carol_name, Role::Member), alice.send(conv.id, &text));
+        let (added, sent) = (added.unwrap(), sent.unwrap());
+        assert_eq!(sent, added + 1, "the send is applied after the add it follows");
+        assert!(matches!(next_entry(&mut carol_events).await.body, Body::MembersAdded { .. }));
+        let got = next_entry(&mut carol_events).await;
+        assert_eq!((got.seq, got.body), (sent, Body::Text { text, edited: false }));
+        alice.remove_member(conv.id, carol_id.user_id).await.unwrap();
+        assert!(matches!(next_entry(&mut carol_events).await.body, Body::MemberRemoved { .. }));
+    }
+    for _ in 0..20 {
+        let (added, removed) = tokio::join!(
+            alice.add_members(conv.id, &dave_name, Role::Member),
+            alice.remove_member(conv.id, dave_id.user_id)
+        );
+        assert_eq!(removed.unwrap(), added.unwrap() + 1, "the remove sees the add before it");
+    }
+    let members = alice.members(conv.id).await.unwrap();
+    assert!(!members.iter().any(|m| m.name == "dave"), "dave was removed last");
+}
+
+/// A sender whose message landed, removed before it resends, is told the original seq
+/// (exactly-once needs an answer to every resend), by a live actor and after a restart.
+#[tokio::test]
+async fn a_removed_sender_learns_that_its_message_landed() {
+    let mut tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, bob_id) = tb.register("bob").await;
+    let conv = alice.create_group("g", &["bob".into()]).await.unwrap();
+    let id = new_client_id();
+    let (seq, dup) = bob.send_with_id(conv.id, id, "landed").await.unwrap();
+    assert!(!dup);
+    alice.remove_member(conv.id, bob_id.user_id).await.unwrap();
+    assert_eq!(bob.send_with_id(conv.id, id, "landed").await.unwrap(), (seq, true));
+    let other = bob.send_with_id(conv.id, new_client_id(), "new").await.unwrap_err();
+    assert_eq!(other.code(), Some(ErrorCode::FORBIDDEN), "a new message is still refused");
+    // After a restart no actor is live: the resend starts one for a former member.
+    tb.restart().await;
+    let bob = tb.connector().connect(&bob_id).await.unwrap();
+    assert_eq!(bob.send_with_id(conv.id, id, "landed").await.unwrap(), (seq, true));
+    let history = bob.history(conv.id, Page::Latest, 10).await.unwrap_err();
+    assert_eq!(history.code(), Some(ErrorCode::FORBIDDEN), "the resend grants no reading");
+}
+
+/// After a failed fdatasync the broker acknowledges nothing again: the write that failed
+/// is answered INTERNAL or its connection closes, every connection is closed, new ones
+/// are refused, and a resend of the same client id is never answered as a duplicate.
+#[tokio::test]
+async fn after_a_failed_fsync_nothing_is_acknowledged_again() {
+    let tb = TestBroker::start().await;
+    let (alice, alice_id) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let conv = alice.create_group("g", &["bob".into()]).await.unwrap();
+    alice.send(conv.id, "before").await.unwrap();
+    let broker = tb.broker.as_ref().unwrap();
+    broker.shared().store.inject_commit_failure();
+    let id = new_client_id();
+    match alice.send_with_id(conv.id, id, "never durable").await {
+        Ok(ack) => panic!("acknowledged after a failed commit: {ack:?}"),
+        Err(e) => assert!(matches!(e.code(), Some(ErrorCode::INTERNAL) | None), "{e}"),
+    }
+    tokio::time::timeout(Duration::from_secs(10), broker.failed()).await.expect("the broker reports the failure");
+    let closed = tokio::time::timeout(Duration::from_secs(10), bob.closed()).await.unwrap();
+    assert_eq!(closed.code(), Some(ErrorCode::INTERNAL), "every connection is closed");
+    let again = tokio::time::timeout(Duration::from_secs(10), tb.connector().connect(&alice_id)).await.unwrap();
+    assert!(again.is_err(), "no new connection is served");
+}
