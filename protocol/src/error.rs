@@ -32,7 +32,8 @@ macro_rules! codes {
 codes! {
     /// Connection closed without error (client or broker done).
     NO_ERROR = 0,
-    /// A frame could not be decoded: garbage bytes, unknown request, bad varint.
+    /// A frame could not be decoded: garbage bytes, unknown request, bad varint, a
+    /// string that is not UTF-8.
     BAD_FRAME = 1,
     /// A frame declared a length above the announced limit.
     FRAME_TOO_LARGE = 2,
@@ -50,7 +51,8 @@ codes! {
     NOT_FOUND = 8,
     /// The name is taken, or the entity already exists in a conflicting form.
     CONFLICT = 9,
-    /// A field is out of range or malformed (too long, empty, not UTF-8, bad key).
+    /// A decoded field is out of range or malformed (too long, empty, bad characters,
+    /// bad key). Invalid UTF-8 never decodes: that is `BAD_FRAME`.
     INVALID = 10,
     /// Registration is closed on this broker.
     REGISTRATION_CLOSED = 11,
@@ -77,6 +79,28 @@ impl std::fmt::Display for ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The protocol document whose error-code table this module keeps true.
+    const DOC: &str = include_str!("../../docs/PROTOCOL.md");
+
+    /// Section 9's table lists exactly `ErrorCode::ALL`: every code once, by number and
+    /// name, in numeric order, and no code the enum lacks.
+    #[test]
+    fn documented_codes_match() {
+        let (_, section) = DOC.split_once("\n## 9. Error codes\n").expect("PROTOCOL.md has section 9");
+        let section = section.split_once("\n## ").map_or(section, |(s, _)| s);
+        let documented: Vec<(u16, &str)> = section
+            .lines()
+            .filter_map(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                let code = cells.get(1)?.parse().ok()?;
+                let name = cells.get(2).and_then(|c| c.strip_prefix('`')?.strip_suffix('`'));
+                Some((code, name.unwrap_or_else(|| panic!("row of code {code} has no `NAME`: {line:?}"))))
+            })
+            .collect();
+        let expected: Vec<(u16, &str)> = ErrorCode::ALL.iter().map(|c| (c.0, c.name())).collect();
+        assert_eq!(documented, expected, "PROTOCOL.md section 9 must list exactly ErrorCode::ALL, in order");
+    }
 
     #[test]
     fn codes_are_dense_and_named() {

@@ -202,6 +202,69 @@ mod tests {
         check(&[0x80, 0x80, 0x80, 0x80, 0x80], Err(FrameError::BadPrefix));
     }
 
+    /// Receivers accept varints padded with continuation bytes (not the shortest form)
+    /// up to their type's longest encoding, in the prefix and inside bodies alike, and
+    /// reject longer or wider ones with `BAD_FRAME`. PROTOCOL.md section 2 documents it.
+    #[test]
+    fn non_minimal_varints() {
+        let unhex = |s: &str| -> Vec<u8> { s.split(' ').map(|b| u8::from_str_radix(b, 16).unwrap()).collect() };
+
+        // The length prefix: at most 5 bytes, padding allowed.
+        let prefix = |hex: &str, want: Result<Option<(u64, usize)>, FrameError>| {
+            assert_eq!(read_varint(&unhex(hex)), want, "prefix {hex}");
+        };
+        prefix("80 00", Ok(Some((0, 2))));
+        prefix("83 80 80 80 00", Ok(Some((3, 5))));
+        prefix("83 80 80 80 80 00", Err(FrameError::BadPrefix));
+        let mut dec = FrameDecoder::new(64);
+        dec.push(&unhex("83 80 00 00 01 03"));
+        let body = dec.next_frame().unwrap().expect("a padded prefix still frames the body");
+        assert_eq!(decode::<ClientFrame>(&body), Ok(ping(1)));
+
+        // Varints inside a postcard body.
+        let check = |hex: &str, want: Result<ClientFrame, crate::ErrorCode>| {
+            assert_eq!(decode::<ClientFrame>(&unhex(hex)).map_err(|e| e.code()), want, "body {hex}");
+        };
+        let bad = Err(crate::ErrorCode::BAD_FRAME);
+        let req = |id, body| Ok(ClientFrame::Request(Request { id, body }));
+        check("00 01 03", Ok(ping(1)));
+        // Enum variant indexes (u32): ClientFrame::Request, RequestBody::Ping.
+        check("80 00 01 03", Ok(ping(1)));
+        check("00 01 83 80 80 80 00", Ok(ping(1)));
+        check("00 01 83 80 80 80 80 00", bad.clone());
+        // u32 (the request id): up to 5 bytes, the last at most 0f.
+        check("00 81 00 03", Ok(ping(1)));
+        check("00 81 80 80 80 00 03", Ok(ping(1)));
+        check("00 ff ff ff ff 0f 03", Ok(ping(u32::MAX)));
+        check("00 81 80 80 80 80 00 03", bad.clone());
+        check("00 80 80 80 80 10 03", bad.clone());
+        // u64 (RevokeDevice's device_id): up to 10 bytes, the last at most 01.
+        let revoke = |device_id| req(1, RequestBody::RevokeDevice { device_id });
+        check("00 01 0f 84 80 80 80 80 80 80 80 80 00", revoke(4));
+        check("00 01 0f ff ff ff ff ff ff ff ff ff 01", revoke(u64::MAX));
+        check("00 01 0f 84 80 80 80 80 80 80 80 80 80 00", bad.clone());
+        check("00 01 0f 80 80 80 80 80 80 80 80 80 02", bad.clone());
+        // u16 (History's limit): up to 3 bytes, the last at most 03.
+        let history = |limit| req(1, RequestBody::History { conv: 42, page: crate::wire::Page::Latest, limit });
+        check("00 01 0d 2a 00 b2 80 00", history(50));
+        check("00 01 0d 2a 00 ff ff 03", history(u16::MAX));
+        check("00 01 0d 2a 00 b2 80 80 00", bad.clone());
+        check("00 01 0d 2a 00 80 80 04", bad.clone());
+        // String lengths (usize, so 10 bytes on a 64-bit host).
+        let direct = |peer: &str| {
+            req(1, RequestBody::CreateConversation(crate::wire::NewConversation::Direct { peer: peer.into() }))
+        };
+        check("00 01 04 00 83 00 62 6f 62", direct("bob"));
+        if cfg!(target_pointer_width = "64") {
+            check("00 01 04 00 83 80 80 80 80 80 80 80 80 00 62 6f 62", direct("bob"));
+            check("00 01 04 00 83 80 80 80 80 80 80 80 80 80 00 62 6f 62", bad.clone());
+        }
+        // Not a varint matter, but pinned here too: invalid UTF-8 in a string fails the
+        // decode (`BAD_FRAME`, never `INVALID`), valid UTF-8 of the same length does not.
+        check("00 01 04 00 02 c3 a9", direct("\u{e9}"));
+        check("00 01 04 00 02 c3 28", bad);
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {

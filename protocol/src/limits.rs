@@ -27,7 +27,8 @@ pub const MAX_GROUP_MEMBERS: u32 = 1000;
 pub const MAX_USERS_PER_REQUEST: u32 = 256;
 /// Most conversations in one list page.
 pub const LIST_PAGE_MAX: u32 = 200;
-/// Time a new connection has to complete hello and authentication.
+/// Time a new connection has, from the end of its QUIC handshake, to send its hello and
+/// its whole auth request. Checking the request is not cut off by it.
 pub const AUTH_DEADLINE_MS: u32 = 2_000;
 
 // A full history page of maximum-size texts must fit in one server frame, with room

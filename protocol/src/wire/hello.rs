@@ -9,7 +9,8 @@ pub struct ClientHello {
     pub magic: [u8; 4],
     /// Protocol version the client speaks.
     pub version: u16,
-    /// Free-form client name and version, for logs (at most `MAX_NAME_BYTES`).
+    /// Free-form client name and version, for logs: at most `MAX_NAME_BYTES`, a longer
+    /// one closes the connection with `INVALID`.
     pub agent: String,
 }
 
@@ -44,7 +45,7 @@ pub struct Limits {
     pub history_page_max: u32,
     /// Most members in a group.
     pub max_group_members: u32,
-    /// Time allowed for hello plus authentication.
+    /// Time from the end of the QUIC handshake until the auth request has been read.
     pub auth_deadline_ms: u32,
 }
 
