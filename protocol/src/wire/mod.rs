@@ -102,6 +102,7 @@ mod tests {
         "event_entry_members_added",
         "event_entry_member_removed",
         "event_entry_member_left",
+        "entry_redacted",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -259,6 +260,7 @@ mod tests {
             "event_entry_members_added" => event(9, Body::MembersAdded { members: vec![(4, Role::Admin)] }),
             "event_entry_member_removed" => event(10, Body::MemberRemoved { user: 4 }),
             "event_entry_member_left" => event(11, Body::MemberLeft),
+            "entry_redacted" => event(7, Body::Redacted { target: 6 }),
             _ => return None,
         })
     }
