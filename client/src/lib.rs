@@ -38,14 +38,19 @@ pub use tls::Trust;
 /// (and the broker, seeing its queue fill, disconnects a consumer that never reads).
 pub const EVENT_BUFFER: usize = 4096;
 
-/// Client failures.
+/// Client failures. A failure with a broker code displays as `NAME (number): message`
+/// (`CONFLICT (9): user name is taken`), the same for a refused request and for a
+/// connection the broker closed, so every caller can print it as it is.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The broker answered the request with an error.
-    #[error("{0}")]
+    #[error("{}", coded(.0.code, &.0.message))]
     Server(ErrorBody),
     /// The connection is closed; `code` is the broker's close code if it gave one.
-    #[error("connection closed: {reason} ({code:?})")]
+    #[error("{}", match code {
+        Some(code) => coded(*code, reason),
+        None => format!("connection closed: {reason}"),
+    })]
     Closed {
         /// Close code.
         code: Option<ErrorCode>,
@@ -68,6 +73,15 @@ impl ClientError {
             ClientError::Closed { code, .. } => *code,
             _ => None,
         }
+    }
+}
+
+/// `NAME (number): message`; the message is left out when the broker gave none.
+fn coded(code: ErrorCode, message: &str) -> String {
+    if message.is_empty() {
+        format!("{} ({})", code.name(), code.0)
+    } else {
+        format!("{} ({}): {message}", code.name(), code.0)
     }
 }
 

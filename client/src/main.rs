@@ -1,10 +1,26 @@
 //! `sb`: the Switchboard command line client.
 //!
 //! State (the device key and how to reach the broker) lives in `$SWITCHBOARD_HOME`
-//! (default `~/.config/switchboard`) as `state.json`, readable only by its owner.
-//! With `--json` every command prints one JSON object per line.
+//! (default `~/.config/switchboard`) as `state.json`, readable only by its owner. Many
+//! `sb` processes may share one home: the file is replaced atomically, only when it
+//! changes, under the lock file `state.lock`.
+//!
+//! With `--json` every command prints one JSON object per line, with text exactly as
+//! the broker sent it. A failure prints `{"error": {"code": 9, "name": "CONFLICT",
+//! "message": "user name is taken"}}` (`code` and `name` are `null` for a failure of
+//! `sb`'s own) and exits non-zero.
+//!
+//! Human output is for a terminal, and most of what it shows was written by other
+//! users. So that no message, title or name can move the cursor, erase or forge lines,
+//! retitle the window or reorder text, every line is printed through
+//! `terminal_safe`: control characters (C0, DEL, C1), Unicode direction controls
+//! (U+200E, U+200F, U+061C, U+202A–U+202E, U+2066–U+2069) and the line and paragraph
+//! separators (U+2028, U+2029) are shown as Rust escapes such as `\u{1b}`, and a
+//! backslash as `\\`, so the escaped form cannot be mistaken for text that was sent.
+//! Failures print to stderr as `error: CONFLICT (9): user name is taken`.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +28,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use switchboard_client::{Client, Connector, Identity, Trust, hex};
+use switchboard_client::{Client, ClientError, Connector, Identity, Trust, hex};
 use switchboard_protocol::{
     Body, ConvId, ConversationKind, ConversationSummary, Entry, Event, Page, Role, Seq, UserId,
 };
@@ -20,6 +36,18 @@ use switchboard_protocol::{
 #[derive(Parser)]
 #[command(name = "sb", version, about = "Switchboard command line client")]
 struct Cli {
+    #[command(flatten)]
+    broker: BrokerFlags,
+    /// Print one JSON object per line.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How to reach the broker. Flags win over the saved state and are remembered.
+#[derive(clap::Args)]
+struct BrokerFlags {
     /// Broker address (host:port).
     #[arg(long, global = true, env = "SWITCHBOARD_SERVER")]
     server: Option<String>,
@@ -29,11 +57,22 @@ struct Cli {
     /// Trust exactly the certificate with this SHA-256 (hex, as the broker prints it).
     #[arg(long, global = true, env = "SWITCHBOARD_PIN")]
     pin: Option<String>,
-    /// Print one JSON object per line.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
+}
+
+impl BrokerFlags {
+    fn apply(&self, state: &mut State) {
+        if self.server.is_some() {
+            state.server = self.server.clone();
+        }
+        if let Some(ca) = &self.ca {
+            state.ca = Some(std::path::absolute(ca).unwrap_or_else(|_| ca.clone()));
+            state.pin = None;
+        }
+        if self.pin.is_some() {
+            state.pin = self.pin.clone();
+            state.ca = None;
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -130,66 +169,66 @@ fn main() {
         .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(run(cli)));
     if let Err(e) = result {
-        let code = e.downcast_ref::<switchboard_client::ClientError>().and_then(|c| c.code());
         if json {
-            let (name, number) = code.map_or(("ERROR", None), |c| (c.name(), Some(c.0)));
-            println!("{}", json!({"error": name, "code": number, "message": format!("{e:#}")}));
+            println!("{}", json!({ "error": error_json(&e) }));
         }
-        eprintln!("sb: {e:#}");
+        // Broker messages are untrusted text too.
+        eprintln!("error: {}", terminal_safe(&format!("{e:#}")));
         std::process::exit(1);
     }
+}
+
+/// The `error` object of a JSON error line: the broker's code, its name and the
+/// broker's own message, or `null` code and name for a failure of sb's own.
+fn error_json(e: &anyhow::Error) -> serde_json::Value {
+    let (code, message) = match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Server(body)) => (body.code, &body.message),
+        Some(ClientError::Closed { code: Some(code), reason }) => (*code, reason),
+        _ => return json!({"code": null, "name": null, "message": format!("{e:#}")}),
+    };
+    json!({"code": code.0, "name": code.name(), "message": message})
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let home = home_dir()?;
     let mut state = load_state(&home)?;
-    // Flags win and are remembered for the next command.
-    if cli.server.is_some() {
-        state.server = cli.server.clone();
-    }
-    if cli.ca.is_some() {
-        state.ca = cli.ca.clone().map(|p| std::path::absolute(&p).unwrap_or(p));
-        state.pin = None;
-    }
-    if cli.pin.is_some() {
-        state.pin = cli.pin.clone();
-        state.ca = None;
-    }
+    cli.broker.apply(&mut state);
     let out = Out { json: cli.json };
     let connector = connector(&state).await?;
     match cli.command {
-        Command::Register { name } | Command::Login { name }
-            if state.identity.as_ref().is_some_and(|i| i.user != name) =>
-        {
-            bail!(
-                "this home already holds a device of {:?}; use another SWITCHBOARD_HOME",
-                state.identity.map(|i| i.user)
-            )
-        }
         command @ (Command::Register { .. } | Command::Login { .. }) => {
             let (register, name) = match command {
                 Command::Register { name } => (true, name),
                 Command::Login { name } => (false, name),
                 _ => unreachable!("matched above"),
             };
+            same_user(&state, &name)?;
             let password = password(&name, register)?;
             let (_client, identity) = if register {
                 connector.register(&name, &password, &device_name()).await?
             } else {
                 connector.login(&name, &password, &device_name()).await?
             };
+            update_state(&home, |s| {
+                // Another sb in this home may have enrolled meanwhile.
+                same_user(s, &name)?;
+                cli.broker.apply(s);
+                s.identity = Some(identity.clone());
+                Ok(())
+            })?;
             let (event, verb) = if register { ("registered", "registered") } else { ("logged_in", "logged in as") };
             out.line(
                 json!({"event": event, "user": name, "user_id": identity.user_id, "device_id": identity.device_id}),
                 || format!("{verb} {name} (user {}, device {})", identity.user_id, identity.device_id),
             );
-            state.identity = Some(identity);
-            save_state(&home, &state)?;
         }
         command => {
             let identity =
                 state.identity.as_ref().context("no device here yet: run `sb register NAME` or `sb login NAME`")?;
-            save_state(&home, &state)?;
+            update_state(&home, |s| {
+                cli.broker.apply(s);
+                Ok(())
+            })?;
             let client = connector.connect(identity).await?;
             authed(&client, &out, command).await?;
         }
@@ -254,7 +293,8 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
                             let name = names.of(client, e.conv, e.sender).await;
                             out.entry(&e, &name);
                         }
-                        None => bail!("connection closed: {}", client.closed().await),
+                        // Keep the close code: the caller prints it (in JSON too).
+                        None => return Err(client.closed().await.into()),
                     },
                     _ = tokio::signal::ctrl_c() => break,
                 }
@@ -284,11 +324,13 @@ struct Out {
 }
 
 impl Out {
+    /// Every line goes through here. Human lines are made terminal-safe whole, so a
+    /// field added later cannot forget it.
     fn line(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
         if self.json {
             println!("{value}");
         } else {
-            println!("{}", human());
+            println!("{}", terminal_safe(&human()));
         }
     }
 
@@ -326,7 +368,7 @@ fn describe(body: &Body) -> (&'static str, String) {
         Body::Delete { target } => ("delete", format!("deleted #{target}")),
         Body::Created { kind: ConversationKind::Direct, .. } => ("created", "started the conversation".into()),
         Body::Created { title, members, .. } => {
-            ("created", format!("created {title:?} with {} members", members.len()))
+            ("created", format!("created \"{title}\" with {} members", members.len()))
         }
         Body::MembersAdded { members } => (
             "members_added",
@@ -336,6 +378,27 @@ fn describe(body: &Body) -> (&'static str, String) {
         Body::MemberLeft => ("member_left", "left".into()),
         Body::Redacted { target } => ("redacted", format!("(edit of deleted #{target})")),
     }
+}
+
+/// `text` with everything that could drive or reorder a terminal written as a Rust
+/// escape (`\u{1b}`), and `\` as `\\` so an escape cannot be forged by sending one.
+fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if is_terminal_unsafe(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Controls (C0, DEL, C1), direction controls, and line and paragraph separators.
+fn is_terminal_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{61c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 /// User names per conversation, fetched once per conversation.
@@ -382,6 +445,36 @@ fn home_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".config").join("switchboard"))
 }
 
+/// Refuses to enroll `name` into a home that holds another user's device.
+fn same_user(state: &State, name: &str) -> anyhow::Result<()> {
+    match &state.identity {
+        Some(i) if i.user != name => {
+            bail!("this home already holds a device of {:?}; use another SWITCHBOARD_HOME", i.user)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Applies `change` to the saved state and writes it back if that changed anything.
+/// Most commands change nothing, so they neither lock nor write; a change is made under
+/// `state.lock` to a fresh read, so concurrent `sb` processes lose no update.
+fn update_state(home: &Path, change: impl Fn(&mut State) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let changed = |state: &mut State| -> anyhow::Result<bool> {
+        let before = serde_json::to_vec(state)?;
+        change(state)?;
+        Ok(serde_json::to_vec(state)? != before)
+    };
+    if !changed(&mut load_state(home)?)? {
+        return Ok(());
+    }
+    let _lock = lock_state(home)?;
+    let mut state = load_state(home)?;
+    if changed(&mut state)? {
+        write_state(home, &state)?;
+    }
+    Ok(())
+}
+
 fn load_state(home: &Path) -> anyhow::Result<State> {
     let path = home.join("state.json");
     match std::fs::read(&path) {
@@ -391,22 +484,54 @@ fn load_state(home: &Path) -> anyhow::Result<State> {
     }
 }
 
-fn save_state(home: &Path, state: &State) -> anyhow::Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(home)?;
-    let tmp = home.join("state.json.tmp");
+/// The exclusive lock on this home's state, held until the file is dropped.
+fn lock_state(home: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    let path = home.join("state.lock");
+    let file = owner_only().write(true).create(true).truncate(false).open(&path);
+    let file = file.with_context(|| format!("opening {}", path.display()))?;
+    file.lock().with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
+/// Replaces `state.json` so that a reader sees the old file or the new one, whole.
+fn write_state(home: &Path, state: &State) -> anyhow::Result<()> {
+    let path = home.join("state.json");
+    // A name per process: with a shared one, a writer could rename another's half file.
+    let tmp = home.join(format!("state.json.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        // A leftover of a dead process with our pid; `create_new` then sets the mode.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = owner_only().write(true).create_new(true).open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(state)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        // The rename itself is durable once the directory is.
+        #[cfg(unix)]
+        std::fs::File::open(home)?.sync_all()?;
+        Ok(())
+    };
+    write()
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Options for files only the owner may read: the state holds the device's secret key.
+fn owner_only() -> std::fs::OpenOptions {
+    // Only unix sets a mode.
+    #[cfg_attr(not(unix), allow(unused_mut))]
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(state)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, home.join("state.json"))?;
-    Ok(())
+    opts
 }
 
 fn password(name: &str, confirm: bool) -> anyhow::Result<String> {
@@ -425,4 +550,28 @@ fn device_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
     let name = if host.is_empty() { "sb".to_owned() } else { format!("sb@{host}") };
     name.chars().filter(|c| !c.is_control()).take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_safe_escapes_what_could_drive_a_terminal() {
+        let check = |input: &str, expected: &str| assert_eq!(terminal_safe(input), expected, "{input:?}");
+        check("plain text, ünïcode ✓ 日本", "plain text, ünïcode ✓ 日本");
+        check("erase\x1b[2K\rforged\n", r"erase\u{1b}[2K\u{d}forged\u{a}");
+        check("title\x1b]0;pwned\x07", r"title\u{1b}]0;pwned\u{7}");
+        check("tab\tnul\0del\x7f", r"tab\u{9}nul\u{0}del\u{7f}");
+        check("c1 \u{80} \u{9b}2J \u{9f}", r"c1 \u{80} \u{9b}2J \u{9f}");
+        check(
+            "\u{202a}\u{202e}\u{2066}\u{2069}\u{200e}\u{200f}\u{61c}",
+            r"\u{202a}\u{202e}\u{2066}\u{2069}\u{200e}\u{200f}\u{61c}",
+        );
+        check("line\u{2028}para\u{2029}", r"line\u{2028}para\u{2029}");
+        // A sent backslash cannot pass for an escape.
+        check(r"\u{1b}", r"\\u{1b}");
+        // Neighbours of the escaped ranges are printable and stay.
+        check("\u{a0}\u{2027}\u{202f}\u{2065}\u{206a}", "\u{a0}\u{2027}\u{202f}\u{2065}\u{206a}");
+    }
 }
