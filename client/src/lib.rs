@@ -130,7 +130,7 @@ pub struct Connector {
 impl Connector {
     /// An endpoint bound to an ephemeral local port, trusting the broker per `trust`.
     pub fn new(server: SocketAddr, server_name: &str, trust: Trust) -> Result<Self> {
-        let endpoint = tls::endpoint(server, trust).map_err(|e| ClientError::Connect(e.to_string()))?;
+        let endpoint = tls::endpoint(server, trust)?;
         Ok(Connector { endpoint, server, server_name: server_name.to_owned() })
     }
 

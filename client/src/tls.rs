@@ -10,6 +10,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use crate::ClientError;
+
 /// How the client decides to trust the broker's certificate.
 #[derive(Clone, Debug)]
 pub enum Trust {
@@ -21,20 +23,23 @@ pub enum Trust {
     Pin(String),
 }
 
-pub(crate) fn endpoint(server: SocketAddr, trust: Trust) -> anyhow::Result<quinn::Endpoint> {
+pub(crate) fn endpoint(server: SocketAddr, trust: Trust) -> Result<quinn::Endpoint, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?;
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(connect)?;
     let mut tls = match trust {
         Trust::CaFile(path) => {
-            let certs = CertificateDer::pem_file_iter(&path)?.collect::<Result<Vec<_>, _>>()?;
+            let read = |e: rustls::pki_types::pem::Error| connect(format!("{}: {e}", path.display()));
+            let certs =
+                CertificateDer::pem_file_iter(&path).map_err(read)?.collect::<Result<Vec<_>, _>>().map_err(read)?;
             builder.with_root_certificates(roots(certs)?).with_no_client_auth()
         }
         Trust::Roots(certs) => builder.with_root_certificates(roots(certs)?).with_no_client_auth(),
         Trust::Pin(hex) => {
             let pin = crate::unhex(&hex.replace(':', ""))
                 .filter(|p| p.len() == 32)
-                .ok_or_else(|| anyhow::anyhow!("--pin must be a SHA-256 in hex"))?;
+                .ok_or_else(|| connect("--pin must be a SHA-256 in hex"))?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
@@ -44,7 +49,7 @@ pub(crate) fn endpoint(server: SocketAddr, trust: Trust) -> anyhow::Result<quinn
     tls.alpn_protocols = vec![switchboard_protocol::ALPN.to_vec()];
     // 0-RTT would let a replayed request change state; the broker refuses it anyway.
     tls.enable_early_data = false;
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(connect)?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(0u32.into());
@@ -57,25 +62,36 @@ pub(crate) fn endpoint(server: SocketAddr, trust: Trust) -> anyhow::Result<quinn
     transport.keep_alive_interval(Some(Duration::from_secs(10)));
     config.transport_config(Arc::new(transport));
 
-    let local: SocketAddr = if server.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
-    let socket = bind_udp(local)?;
+    let local = if server.is_ipv6() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    };
+    let socket = bind_udp(local).map_err(connect)?;
     let mut endpoint =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))?;
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+            .map_err(connect)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
 
-fn roots(certs: Vec<CertificateDer<'static>>) -> anyhow::Result<rustls::RootCertStore> {
+fn roots(certs: Vec<CertificateDer<'static>>) -> Result<rustls::RootCertStore, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs {
-        roots.add(cert)?;
+        roots.add(cert).map_err(connect)?;
     }
-    anyhow::ensure!(!roots.is_empty(), "no certificate to trust");
+    if roots.is_empty() {
+        return Err(connect("no certificate to trust"));
+    }
     Ok(roots)
 }
 
+fn connect(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Connect(e.to_string())
+}
+
 /// 4 MiB socket buffers: the kernel default drops loopback bursts (see DEPENDENCIES.md).
-fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     let _ = socket.set_recv_buffer_size(4 * 1024 * 1024);

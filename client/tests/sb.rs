@@ -252,8 +252,8 @@ async fn errors_show_code_name_and_message() {
     check(
         "alice",
         &["send", "424242", "hi"],
-        "NOT_FOUND (8): no such conversation",
-        serde_json::json!({"code": 8, "name": "NOT_FOUND", "message": "no such conversation"}),
+        "FORBIDDEN (7): not a member of this conversation, or no such conversation",
+        serde_json::json!({"code": 7, "name": "FORBIDDEN", "message": "not a member of this conversation, or no such conversation"}),
     );
     // A local failure has no code.
     check(
