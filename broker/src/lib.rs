@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod config;
 mod connection;
 pub mod conversation;
+pub mod error;
 pub mod fanout;
 pub mod limits;
 pub mod outbound;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use switchboard_protocol::{ErrorBody, ErrorCode, Reply, ServerFrame, encode_frame};
 use tokio::sync::OwnedSemaphorePermit;
 
+pub use crate::error::internal;
 use crate::outbound::Outbound;
 
 /// Sends exactly one response for one request.
@@ -54,10 +55,4 @@ impl Drop for Responder {
             self.answer(Err(ErrorBody::new(ErrorCode::INTERNAL, "request was not completed; retry")));
         }
     }
-}
-
-/// Maps a storage failure to the wire, logging it.
-pub fn internal(e: impl std::fmt::Display) -> ErrorBody {
-    tracing::error!(error = %e, "internal error");
-    ErrorBody::new(ErrorCode::INTERNAL, "internal error")
 }

@@ -37,6 +37,11 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         shared.users.detach(user, session).await;
         return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into()));
     }
+    // Likewise a storage failure that closed every session just before this attach.
+    if shared.health.is_failed() {
+        shared.users.detach(user, session).await;
+        return close(&conn, Close(ErrorCode::INTERNAL, "storage failure".into()));
+    }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
     let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
     let session_state = Session { shared: shared.clone(), caller: Caller { user, device, session }, out: out.clone() };

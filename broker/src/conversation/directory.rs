@@ -67,6 +67,11 @@ impl ConvDirectory {
     /// nothing and never start actors), `OVERLOADED` for a full mailbox or too many live
     /// actors, `INTERNAL` once the store has failed.
     async fn request(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, mut msg: ConvMsg) {
+        if shared.health.is_failed() {
+            // Even a live actor whose own writes all succeeded may not serve reads or
+            // acknowledge anything once durability is lost.
+            return refuse(msg, ErrorBody::new(ErrorCode::INTERNAL, "storage failure"));
+        }
         let mut dead = None;
         for _ in 0..3 {
             let slot = {
@@ -129,9 +134,6 @@ impl ConvDirectory {
         asker: Option<(Caller, Option<[u8; 16]>)>,
         dead: Option<ractor::ActorId>,
     ) -> Result<(), ErrorBody> {
-        if shared.health.is_failed() {
-            return Err(ErrorBody::new(ErrorCode::INTERNAL, "storage failure"));
-        }
         let _guard = self.spawn_locks[(conv as usize) % SPAWN_SHARDS].lock().await;
         let mut replay_after = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());

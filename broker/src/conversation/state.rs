@@ -27,6 +27,8 @@ use switchboard_protocol::{
     UserId,
 };
 
+use crate::error::internal;
+
 /// Who is asking.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -200,11 +202,6 @@ pub struct ConversationState<R> {
 
 fn err(code: ErrorCode, msg: &str) -> ErrorBody {
     ErrorBody::new(code, msg)
-}
-
-fn internal(e: impl std::fmt::Display) -> ErrorBody {
-    tracing::error!(error = %e, "conversation log read failed");
-    ErrorBody::new(ErrorCode::INTERNAL, "internal error")
 }
 
 /// The refusal a non-member gets, the same whether or not the conversation exists.
