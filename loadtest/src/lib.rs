@@ -1,12 +1,13 @@
 //! `switchboard-load`: realistic chat workloads against a Switchboard broker, with
 //! open-loop sending (latency from the scheduled send time, so no coordinated
 //! omission), HdrHistogram percentiles, a loss/duplicate/order check of every delivery,
-//! and the broker's CPU and memory next to the harness's own.
+//! and the broker's CPU and memory next to the harness's own, also per message.
 //!
 //! A scenario is one file under `scenario/`: it enrolls users, creates conversations,
 //! says who sends where, and hands over to `run::run_messages`.
 
 pub mod checker;
+pub mod cost;
 pub mod load;
 pub mod payload;
 pub mod plot;

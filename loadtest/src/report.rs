@@ -74,6 +74,53 @@ pub struct Resources {
     pub rss_mib_end: f64,
 }
 
+/// What one process spent per message over the measured phase (see `cost.rs`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Cost {
+    /// CPU time per acknowledged message, µs.
+    pub cpu_us_per_ack: f64,
+    /// CPU time per delivery, µs (`None` without deliveries).
+    pub cpu_us_per_delivery: Option<f64>,
+    /// Context switches of all its threads per acknowledged message.
+    pub ctx_switches_per_ack: f64,
+    /// Of which voluntary: the thread blocked (I/O, a lock, waiting for work).
+    pub voluntary_ctx_switches_per_ack: f64,
+    /// Of which involuntary: the thread was preempted.
+    pub involuntary_ctx_switches_per_ack: f64,
+    /// Threads that exited inside the window; their switches are missing from the above.
+    pub threads_exited: u64,
+}
+
+/// The broker's and the harness's cost per message. `None` where not measured: the
+/// broker is remote without `--broker-pid` or runs inside the harness (whose figures
+/// then include it), or nothing was acknowledged.
+#[derive(Clone, Debug, Default)]
+pub struct Costs {
+    /// The broker process.
+    pub broker: Option<Cost>,
+    /// This harness process.
+    pub harness: Option<Cost>,
+}
+
+/// Written flat into the report, each name prefixed with its process
+/// (`broker_cpu_us_per_ack`), `null` where not measured.
+impl Serialize for Costs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        for (process, cost) in [("broker", &self.broker), ("harness", &self.harness)] {
+            let mut entry = |name: &str, value: Option<f64>| map.serialize_entry(&format!("{process}_{name}"), &value);
+            entry("cpu_us_per_ack", cost.as_ref().map(|c| c.cpu_us_per_ack))?;
+            entry("cpu_us_per_delivery", cost.as_ref().and_then(|c| c.cpu_us_per_delivery))?;
+            entry("ctx_switches_per_ack", cost.as_ref().map(|c| c.ctx_switches_per_ack))?;
+            entry("voluntary_ctx_switches_per_ack", cost.as_ref().map(|c| c.voluntary_ctx_switches_per_ack))?;
+            entry("involuntary_ctx_switches_per_ack", cost.as_ref().map(|c| c.involuntary_ctx_switches_per_ack))?;
+            map.serialize_entry(&format!("{process}_threads_exited"), &cost.as_ref().map(|c| c.threads_exited))?;
+        }
+        map.end()
+    }
+}
+
 /// One step of a `--ramp` run.
 #[derive(Clone, Debug, Serialize)]
 pub struct RampStep {
@@ -142,6 +189,9 @@ pub struct Report {
     pub broker: Option<Resources>,
     /// This harness process.
     pub harness: Resources,
+    /// CPU time and context switches per message, broker and harness.
+    #[serde(flatten)]
+    pub cost: Costs,
     /// Scenario-specific figures (e.g. handshakes/s, memory per connection).
     pub extra: BTreeMap<String, f64>,
     /// Ramp steps, with `--ramp`.
@@ -206,6 +256,13 @@ impl Report {
         if self.ack_latency.count > 0 {
             s.push_str(&row("ack", &self.ack_latency));
         }
+        if self.acked == 0 {
+            let _ = writeln!(s, "cost          not measured (no acknowledged messages)");
+        } else {
+            for (label, cost) in [("cost broker", &self.cost.broker), ("cost harness", &self.cost.harness)] {
+                let _ = writeln!(s, "{label:<14}{}", cost_line(cost.as_ref()));
+            }
+        }
         if let Some(b) = &self.broker {
             let _ = writeln!(
                 s,
@@ -255,5 +312,45 @@ impl Report {
         }
         let _ = writeln!(s, "result        {}", if self.passed() { "PASS" } else { "FAIL" });
         s
+    }
+}
+
+/// One process's cost per message, for the table.
+fn cost_line(cost: Option<&Cost>) -> String {
+    let Some(c) = cost else { return "not measured".into() };
+    let per_delivery = c.cpu_us_per_delivery.map_or("-".into(), |us| format!("{us:.2}"));
+    let mut line = format!(
+        "cpu {:.1} µs/ack  {per_delivery} µs/delivery   ctx switches {:.2}/ack (voluntary {:.2}, involuntary {:.2})",
+        c.cpu_us_per_ack, c.ctx_switches_per_ack, c.voluntary_ctx_switches_per_ack, c.involuntary_ctx_switches_per_ack
+    );
+    if c.threads_exited > 0 {
+        let _ = write!(line, "; {} threads exited, their switches are missing", c.threads_exited);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_are_flat_json_with_null_where_not_measured() {
+        let harness = Cost { cpu_us_per_ack: 12.5, cpu_us_per_delivery: Some(1.25), ..Cost::default() };
+        let report = Report { cost: Costs { broker: None, harness: Some(harness) }, ..Report::default() };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["harness_cpu_us_per_ack"], 12.5);
+        assert_eq!(json["harness_cpu_us_per_delivery"], 1.25);
+        assert_eq!(json["harness_threads_exited"], 0);
+        for name in [
+            "cpu_us_per_ack",
+            "cpu_us_per_delivery",
+            "ctx_switches_per_ack",
+            "voluntary_ctx_switches_per_ack",
+            "involuntary_ctx_switches_per_ack",
+            "threads_exited",
+        ] {
+            let key = format!("broker_{name}");
+            assert!(json.get(&key).is_some_and(serde_json::Value::is_null), "{key} missing or not null");
+        }
     }
 }

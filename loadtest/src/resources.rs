@@ -18,17 +18,31 @@ pub struct Sample {
 }
 
 /// Clock ticks per second for /proc/*/stat times (USER_HZ: 100 on Linux).
-const TICKS_PER_S: f64 = 100.0;
+pub const TICKS_PER_S: f64 = 100.0;
 
 /// Total user+system CPU seconds of `pid` ("self" for this process).
 pub fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces; fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_S)
+    let ticks = cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    Some(ticks as f64 / TICKS_PER_S)
+}
+
+/// User+system CPU clock ticks from the text of /proc/PID/stat: the whole process,
+/// threads that have exited included.
+pub fn cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may contain spaces and ')'; fields resume after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// (voluntary, involuntary) context switches from the text of a /proc status file.
+/// They are per thread: /proc/PID/status holds only the main thread's, so a process's
+/// total is the sum over /proc/PID/task/*/status.
+pub fn context_switches(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name))?.trim().parse::<u64>().ok();
+    Some((field("voluntary_ctxt_switches:")?, field("nonvoluntary_ctxt_switches:")?))
 }
 
 /// Resident memory of `pid` in MiB.
@@ -115,4 +129,31 @@ pub fn udp_receive_drops() -> Option<u64> {
     let (header, values) = (lines.next()?, lines.next()?);
     let column = header.split_whitespace().position(|h| h == "RcvbufErrors")?;
     values.split_whitespace().nth(column)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_from_stat() {
+        // utime 1234 and stime 56 are fields 14 and 15; the command name may hold
+        // spaces and parentheses.
+        let check = |stat: &str, expected: Option<u64>| assert_eq!(cpu_ticks(stat), expected, "{stat:?}");
+        let tail = "S 1 4590 4590 0 -1 4194560 1510 0 0 0 1234 56 0 0 20 0 15 0 99 1000 2000";
+        check(&format!("4590 (switchboard-lo) {tail}"), Some(1290));
+        check(&format!("4590 (sb (x) y) {tail}"), Some(1290));
+        check("4590 (sb) S 1 2 3", None);
+        check("4590 sb S 1", None);
+        check("", None);
+    }
+
+    #[test]
+    fn context_switches_from_status() {
+        let status = "Name:\tsb-broker\nState:\tS (sleeping)\nThreads:\t15\n\
+                      voluntary_ctxt_switches:\t8123\nnonvoluntary_ctxt_switches:\t47\n";
+        assert_eq!(context_switches(status), Some((8123, 47)));
+        assert_eq!(context_switches("Name:\tx\nvoluntary_ctxt_switches:\t1\n"), None, "involuntary missing");
+        assert_eq!(context_switches("voluntary_ctxt_switches:\tmany\nnonvoluntary_ctxt_switches:\t1\n"), None);
+    }
 }

@@ -11,8 +11,9 @@ use tokio::sync::watch;
 
 use crate::Common;
 use crate::checker::{Acked, Tracker, verdict};
+use crate::cost::{Usage, per_message};
 use crate::load::{LoadSession, Membership, Population, SendPlan, write_phase};
-use crate::report::{Interval, Percentiles, RampStep, Report};
+use crate::report::{Costs, Interval, Percentiles, RampStep, Report};
 use crate::resources::Sampler;
 use crate::stats::{Clock, Stats};
 use crate::target::Target;
@@ -26,6 +27,9 @@ pub struct MessageLoad {
     stop: watch::Sender<u64>,
     broker: Option<Sampler>,
     harness: Sampler,
+    broker_pid: Option<String>,
+    /// Broker and harness counters at the start of the measured phase, for `Costs`.
+    usage_at_start: (Option<Usage>, Option<Usage>),
     phases: u32,
     progress: Option<tokio::task::JoinHandle<()>>,
     udp_drops_at_start: Option<u64>,
@@ -51,7 +55,8 @@ impl MessageLoad {
             .map(|(i, raw)| LoadSession::start(i, raw, stats.clone(), clock, stop_rx.clone()))
             .collect();
         let period = Duration::from_secs(1);
-        let broker = target.pid.map(|pid| Sampler::start(pid.to_string(), period));
+        let broker_pid = target.pid.map(|pid| pid.to_string());
+        let broker = broker_pid.clone().map(|pid| Sampler::start(pid, period));
         let harness = Sampler::start("self".into(), period);
         let progress = common.progress.then(|| tokio::spawn(progress(stats.clone())));
         Ok(MessageLoad {
@@ -62,6 +67,8 @@ impl MessageLoad {
             stop,
             broker,
             harness,
+            broker_pid,
+            usage_at_start: (None, None),
             phases: 0,
             progress,
             measured_from_s: 0.0,
@@ -117,6 +124,12 @@ impl MessageLoad {
     pub fn mark_measured(&mut self) {
         self.measured_from_s = self.clock.now_ns() as f64 / 1e9;
         self.udp_drops_at_start = crate::resources::udp_receive_drops();
+        self.usage_at_start = self.usage();
+    }
+
+    /// Broker and harness counters now; the broker's only when it is its own process.
+    fn usage(&self) -> (Option<Usage>, Option<Usage>) {
+        (self.broker_pid.as_deref().and_then(Usage::read), Usage::read("self"))
     }
 
     /// Waits until every sent message is acknowledged and deliveries stop arriving
@@ -198,6 +211,8 @@ impl MessageLoad {
         common: &Common,
     ) -> anyhow::Result<Report> {
         self.drain(Duration::from_secs(10)).await;
+        // The measured phase ends here: closing the sessions is not a message's cost.
+        let usage_at_end = self.usage();
         let _ = self.stop.send(crate::load::STOP);
         if let Some(p) = self.progress.take() {
             p.abort();
@@ -210,6 +225,14 @@ impl MessageLoad {
             acked.extend(out.acked);
         }
         let v = verdict(&trackers, &acked, &self.membership);
+        let cost = |start: &Option<Usage>, end: &Option<Usage>| match (start, end) {
+            (Some(start), Some(end)) => per_message(start, end, acked.len() as u64, v.delivered),
+            _ => None,
+        };
+        let costs = Costs {
+            broker: cost(&self.usage_at_start.0, &usage_at_end.0),
+            harness: cost(&self.usage_at_start.1, &usage_at_end.1),
+        };
         let (latency, ack_latency) = self.stats.totals();
         let seconds = self.stats.seconds_seen();
         let broker_samples = self.broker.as_ref().map(Sampler::samples).unwrap_or_default();
@@ -255,6 +278,7 @@ impl MessageLoad {
             timeline,
             broker: self.broker.as_ref().map(|b| b.summary(self.measured_from_s)),
             harness: self.harness.summary(self.measured_from_s),
+            cost: costs,
             ..Report::default()
         };
         if let (Some(start), Some(end)) = (self.udp_drops_at_start, crate::resources::udp_receive_drops()) {

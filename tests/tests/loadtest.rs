@@ -5,13 +5,14 @@
 
 use std::time::Duration;
 
-use switchboard_loadtest::{Common, scenario};
+use switchboard_loadtest::report::{Cost, Report};
+use switchboard_loadtest::{Common, scenario, target};
 
 fn small() -> Common {
     Common { duration: Duration::from_secs(2), in_process: true, size: 64, ..Common::default() }
 }
 
-fn assert_passed(report: &switchboard_loadtest::report::Report) {
+fn assert_passed(report: &Report) {
     assert!(report.passed(), "{}", report.table());
 }
 
@@ -23,6 +24,42 @@ async fn fanout_small() {
     assert!(report.acked >= 90, "{}", report.table());
     assert_eq!(report.delivered, report.acked * 7, "each message reaches the 7 other members");
     assert!(report.latency.count > 0 && report.latency.p99_ms > 0.0);
+    // The broker runs inside the harness: its cost is the harness's, not a figure of its own.
+    assert!(report.cost.broker.is_none(), "{}", report.table());
+    assert!(report.table().contains("cost broker   not measured"), "{}", report.table());
+    assert_cost_measured(report.cost.harness.as_ref(), &report);
+}
+
+/// A broker with a process id of its own (`--target` with `--broker-pid`, here this test
+/// process, so the figures also hold the harness's work) has its cost per message measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_per_message_of_a_broker_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = switchboard_broker::Broker::start(target::embedded_config(dir.path().join("data"), 1)).await.unwrap();
+    let common = Common {
+        in_process: false,
+        target: Some(broker.local_addr),
+        ca: Some(broker.cert_path.clone()),
+        broker_pid: Some(std::process::id()),
+        ..small()
+    };
+    let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
+    let report = scenario::fanout::run(&common, &args).await.unwrap();
+    assert_passed(&report);
+    assert_cost_measured(report.cost.broker.as_ref(), &report);
+    assert_cost_measured(report.cost.harness.as_ref(), &report);
+    broker.shutdown().await.unwrap();
+}
+
+fn assert_cost_measured(cost: Option<&Cost>, report: &Report) {
+    let table = report.table();
+    let cost = cost.unwrap_or_else(|| panic!("cost not measured\n{table}"));
+    assert!(cost.cpu_us_per_ack > 0.0, "{table}");
+    assert!(cost.cpu_us_per_delivery.is_some_and(|us| us > 0.0), "{table}");
+    // Worker threads park when idle, so some switches are voluntary.
+    assert!(cost.voluntary_ctx_switches_per_ack > 0.0, "{table}");
+    let sum = cost.voluntary_ctx_switches_per_ack + cost.involuntary_ctx_switches_per_ack;
+    assert!((cost.ctx_switches_per_ack - sum).abs() < 1e-9, "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +122,7 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
 
 #[test]
 fn plot_and_json_render() {
-    let mut report = switchboard_loadtest::report::Report { scenario: "x".into(), ..Default::default() };
+    let mut report = Report { scenario: "x".into(), ..Default::default() };
     report.timeline.push(switchboard_loadtest::report::Interval { t_s: 1.0, p99_ms: 2.0, ..Default::default() });
     let dir = tempfile::tempdir().unwrap();
     switchboard_loadtest::plot::write_png(&report, &dir.path().join("p.png")).unwrap();
