@@ -97,16 +97,29 @@ pub(crate) async fn create_conversation(
     if created {
         // The conversation's first actor delivers seq 1, so no later entry can reach a
         // member before it.
-        shared.convs.start_created(&shared, conv).await?;
+        if let Err(e) = shared.convs.start_created(&shared, conv).await {
+            // The conversation exists and is durable: say so. Its first entry is
+            // delivered by whichever actor of it starts next (the record stays).
+            tracing::warn!(conv, code = %e.code, "the new conversation's actor did not start");
+        }
     }
-    let me = caller.user;
-    shared
-        .store
-        .read_durable(|store| summary(store, &shared, me, conv))
-        .await
-        .map_err(internal)?
-        .map(Reply::Conversation)
-        .ok_or_else(|| internal("conversation vanished"))
+    let summary = durable_read(&shared, move |shared| summary(shared, caller.user, conv)).await?;
+    summary.map(Reply::Conversation).ok_or_else(|| internal("conversation vanished"))
+}
+
+/// Runs a read of the catalog and membership indexes on the blocking pool (a page of
+/// summaries reads many keys), then serves it only once all it saw is durable
+/// (`Store::index_barrier`).
+async fn durable_read<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    read: impl FnOnce(&Shared) -> StoreResult<T> + Send + 'static,
+) -> Result<T, ErrorBody> {
+    let reader = shared.clone();
+    let value = tokio::task::spawn_blocking(move || read(&reader)).await.map_err(internal)?.map_err(internal)?;
+    if let Some(barrier) = shared.store.index_barrier().map_err(internal)? {
+        barrier.await.map_err(internal)?;
+    }
+    Ok(value)
 }
 
 /// Writes a new conversation; returns its id, whether it was created now (not an
@@ -160,15 +173,15 @@ fn write_conversation(
     Ok((conv, created, durable))
 }
 
-/// `me`'s view of a conversation, or `None` if `me` is not a member. Run it under
-/// `Store::read_durable`: it reads catalog records and member keys.
-fn summary(store: &Store, shared: &Shared, me: UserId, conv: ConvId) -> StoreResult<Option<ConversationSummary>> {
+/// `me`'s view of a conversation, or `None` if `me` is not a member. Read it through
+/// `durable_read`: it reads catalog records and member keys.
+fn summary(shared: &Shared, me: UserId, conv: ConvId) -> StoreResult<Option<ConversationSummary>> {
+    let store = &shared.store;
     let Some(record) = store.conversation(conv)? else { return Ok(None) };
-    let members = store.members(conv)?;
-    let Some(my_role) = members.iter().find(|(u, _)| *u == me).map(|(_, r)| *r) else { return Ok(None) };
+    let Some(my_role) = store.member(conv, me)? else { return Ok(None) };
     let title = match record.kind {
         ConversationKind::Group => record.title,
-        ConversationKind::Direct => match members.iter().find(|(u, _)| *u != me) {
+        ConversationKind::Direct => match store.members(conv)?.iter().find(|(u, _)| *u != me) {
             Some((peer, _)) => store.user(*peer)?.map(|u| u.name).unwrap_or_default(),
             None => String::new(),
         },
@@ -183,26 +196,30 @@ fn summary(store: &Store, shared: &Shared, me: UserId, conv: ConvId) -> StoreRes
             Some(seq) => seq,
             None => store.last_seq(conv)?,
         },
-        member_count: members.len() as u32,
+        member_count: store.member_count(conv)? as u32,
         my_role,
     }))
 }
 
 /// A page of `me`'s conversations, durable state only.
-pub(crate) async fn list_conversations(shared: &Shared, me: UserId, after: Option<ConvId>) -> Result<Reply, ErrorBody> {
+pub(crate) async fn list_conversations(
+    shared: &Arc<Shared>,
+    me: UserId,
+    after: Option<ConvId>,
+) -> Result<Reply, ErrorBody> {
     let page = LIST_PAGE_MAX as usize;
-    let list = |store: &Store| {
-        let ids = store.user_conversations(me, after, page + 1)?;
+    durable_read(shared, move |shared| {
+        let ids = shared.store.user_conversations(me, after, page + 1)?;
         let more = ids.len() > page;
         let mut items = Vec::with_capacity(ids.len().min(page));
         for conv in ids.into_iter().take(page) {
-            if let Some(s) = summary(store, shared, me, conv)? {
+            if let Some(s) = summary(shared, me, conv)? {
                 items.push(s);
             }
         }
         Ok(Reply::Conversations { items, more })
-    };
-    shared.store.read_durable(list).await.map_err(internal)
+    })
+    .await
 }
 
 pub(crate) fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, ErrorBody> {

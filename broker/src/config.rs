@@ -40,6 +40,12 @@ pub struct Config {
     /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC
     /// connection migration (see `tls::bind_udp`).
     pub udp_sockets: usize,
+    /// Requests waiting in one conversation actor's mailbox before more get
+    /// `OVERLOADED` (default `limits::CONVERSATION_MAILBOX_MAX`).
+    pub conversation_mailbox_max: usize,
+    /// Conversation actors alive at once before a request that would start another gets
+    /// `OVERLOADED` (default `limits::MAX_LIVE_CONVERSATIONS`).
+    pub max_live_conversations: usize,
 }
 
 impl Default for Config {
@@ -59,6 +65,8 @@ impl Default for Config {
             outbound_max_frames: crate::limits::OUTBOUND_MAX_FRAMES,
             outbound_max_bytes: crate::limits::OUTBOUND_MAX_BYTES,
             udp_sockets: 1,
+            conversation_mailbox_max: crate::limits::CONVERSATION_MAILBOX_MAX,
+            max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
         }
     }
 }

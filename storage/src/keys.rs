@@ -16,6 +16,7 @@ const DEDUPE: u8 = 0x09;
 const DIRECT: u8 = 0x0a;
 const CLEAN_SHUTDOWN: u8 = 0x0b;
 const EDIT_OF: u8 = 0x0c;
+const FORMAT: u8 = 0x0d;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -80,6 +81,14 @@ impl Key {
     /// Every edit of `target`.
     pub fn edits_of(conv: ConvId, target: Seq) -> Key {
         Key::with(EDIT_OF, &[&conv.to_be_bytes(), &target.to_be_bytes()])
+    }
+    /// The data format version (u32, big-endian); absent before version 2.
+    pub fn format() -> Key {
+        Key::with(FORMAT, &[])
+    }
+    /// Every conversation entry starts with this.
+    pub fn entries() -> Key {
+        Key::with(ENTRY, &[])
     }
     /// Present only while the store is closed after a clean shutdown.
     pub fn clean_shutdown() -> Key {

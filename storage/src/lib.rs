@@ -115,7 +115,11 @@ impl Store {
         let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
         let index_gen = Arc::new(IndexGen::default());
         let committer = Committer::start(db.clone(), config.path.join("db"), index_gen.clone())?;
-        Ok(Store { db, committer, catalog: Mutex::new(()), path: config.path.clone(), opened_clean, index_gen })
+        let store =
+            Store { db, committer, catalog: Mutex::new(()), path: config.path.clone(), opened_clean, index_gen };
+        // Made durable by the caller's first barrier, like crash repair.
+        store.upgrade_to_format_2()?;
+        Ok(store)
     }
 
     /// Calls `hook` once, from the committer thread, when a flush or fdatasync first
@@ -480,6 +484,36 @@ mod tests {
         // The same through a normal append.
         append(&store, with_body(text(9, 7, 3), Body::Delete { target: 4 })).await;
         assert_eq!(store.entry(9, 5).unwrap().unwrap().body, Body::Redacted { target: 4 });
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_from_before_format_2_gets_its_deleted_edits_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            append(&store, text(9, 1, 3)).await;
+            append(&store, with_body(text(9, 2, 3), Body::Edit { target: 1, text: "old secret".into() })).await;
+            append(&store, text(9, 3, 3)).await;
+            append(&store, with_body(text(9, 4, 3), Body::Edit { target: 3, text: "later".into() })).await;
+            // What a format-1 broker wrote: no edit index, no format key, and a delete
+            // that tombstoned its target only.
+            for key in [Key::edit_of(9, 1, 2), Key::edit_of(9, 3, 4), Key::format()] {
+                store.db.remove(key).unwrap();
+            }
+            let delete = with_body(text(9, 5, 3), Body::Delete { target: 1 });
+            store.db.insert(Key::entry(9, 5), encode(&delete)).unwrap();
+            let mut target = store.entry(9, 1).unwrap().unwrap();
+            target.body = Body::Tombstone;
+            store.db.insert(Key::entry(9, 1), encode(&target)).unwrap();
+            assert_eq!(store.entry(9, 2).unwrap().unwrap().body, Body::Edit { target: 1, text: "old secret".into() });
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(store.entry(9, 2).unwrap().unwrap().body, Body::Redacted { target: 1 });
+        assert_eq!(store.edits_of(9, 3).unwrap(), vec![4], "old edits are indexed");
+        // A later delete of an old edited message finds its edits.
+        append(&store, with_body(text(9, 6, 3), Body::Delete { target: 3 })).await;
+        assert_eq!(store.entry(9, 4).unwrap().unwrap().body, Body::Redacted { target: 3 });
     }
 
     #[tokio::test]

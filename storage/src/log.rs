@@ -82,9 +82,7 @@ impl Store {
             }
             Body::Delete { target } => {
                 // Every version of the text goes: the message's and each edit's.
-                for item in self.db.scan_prefix(Key::edits_of(conv, *target)) {
-                    let (k, _) = item?;
-                    let edit = keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "edit key"))?;
+                for edit in self.edits_of(conv, *target)? {
                     rewrite(edit, Body::Redacted { target: *target })?;
                 }
                 rewrite(*target, Body::Tombstone)
@@ -140,6 +138,16 @@ impl Store {
         Ok(self.db.get(Key::dedupe(conv, user, client_id))?.and_then(|v| keys::u64_from(&v)))
     }
 
+    /// Seqs of the `Edit` entries of `target`, ascending.
+    pub fn edits_of(&self, conv: ConvId, target: Seq) -> Result<Vec<Seq>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(Key::edits_of(conv, target)) {
+            let (k, _) = item?;
+            out.push(keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "edit key"))?);
+        }
+        Ok(out)
+    }
+
     /// One entry.
     pub fn entry(&self, conv: ConvId, seq: Seq) -> Result<Option<Entry>> {
         self.get(Key::entry(conv, seq))
@@ -159,5 +167,43 @@ impl Store {
             out.push(decode(&k, &v)?);
         }
         Ok(out)
+    }
+
+    /// Brings a data dir written before format 2 up to date: every `Edit` gets its
+    /// `edit_of` key, and the edits of messages deleted before then are redacted, so a
+    /// delete removes every version of a message's text in old data too. Runs once (the
+    /// format key is written after everything else, so a crash midway runs it again);
+    /// one pass over the log.
+    pub(crate) fn upgrade_to_format_2(&self) -> Result<()> {
+        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 2)) {
+            return Ok(());
+        }
+        let mut deletes = Vec::new();
+        let mut indexed = 0usize;
+        for item in self.db.scan_prefix(Key::entries()) {
+            let (k, v) = item?;
+            let entry: Entry = decode(&k, &v)?;
+            match entry.body {
+                Body::Edit { target, .. } => {
+                    self.db.insert(Key::edit_of(entry.conv, target, entry.seq), &[][..])?;
+                    indexed += 1;
+                }
+                Body::Delete { target } => deletes.push((entry.conv, target)),
+                _ => {}
+            }
+        }
+        for (conv, target) in deletes {
+            for edit in self.edits_of(conv, target)? {
+                if let Some(mut stored) = self.entry(conv, edit)? {
+                    stored.body = Body::Redacted { target };
+                    self.db.insert(Key::entry(conv, edit), encode(&stored))?;
+                }
+            }
+        }
+        self.db.insert(Key::format(), &2u64.to_be_bytes()[..])?;
+        if indexed > 0 {
+            tracing::info!(edits = indexed, "indexed edits for format 2");
+        }
+        Ok(())
     }
 }

@@ -1,13 +1,13 @@
 //! Membership and the indexes read outside conversation actors: a conversation's member
-//! keys, a user's conversation index, and `read_durable`, which serves them (and the
-//! catalog) durable state only.
+//! keys, a user's conversation index, and `index_barrier`, which makes readers of them
+//! (and of the catalog) serve durable state only.
 
 use std::sync::atomic::Ordering;
 
 use switchboard_protocol::{ConvId, Role, UserId};
 
 use crate::keys::{self, Key};
-use crate::{Result, Store, corrupt, decode};
+use crate::{Durable, Result, Store, corrupt, decode};
 
 impl Store {
     /// Runs a write of keys read outside any conversation actor (catalog records, member
@@ -26,38 +26,29 @@ impl Store {
         write()
     }
 
-    /// Runs `read` over the catalog and membership indexes so that it sees only durable
-    /// writes: it waits until every index write begun so far is durable, reads, and reads
-    /// again if another index write began meanwhile (a seqlock over the committer's
-    /// durable generation). Readers outside conversation actors use this, so nobody is
-    /// shown a conversation, member or account a crash could still take back (and a
-    /// conversation id shown is never reused). Costs a group commit only when an index
-    /// write is not yet durable.
-    pub async fn read_durable<T>(&self, read: impl Fn(&Store) -> Result<T>) -> Result<T> {
-        let mut attempts = 0;
-        loop {
-            let started = self.index_gen.started.load(Ordering::SeqCst);
-            if self.index_gen.finished.load(Ordering::SeqCst) != started {
-                // A write is being applied right now (a catalog batch waits for the
-                // committer thread between flushes): let it finish.
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                continue;
-            }
-            if self.index_gen.durable.load(Ordering::SeqCst) < started {
-                self.barrier()?.await?;
-            }
-            let value = read(self)?;
-            if self.index_gen.started.load(Ordering::SeqCst) == started {
-                return Ok(value);
-            }
-            attempts += 1;
-            if attempts > 64 {
-                // Index writes without pause for this long: serve from the last barrier
-                // rather than starve (each retry waited one group commit).
-                tracing::warn!("read_durable gave up waiting for a quiet moment");
-                return Ok(value);
-            }
+    /// Call right after reading the catalog or membership indexes (a conversation list,
+    /// a summary): `None` if everything read is durable, else a barrier to await before
+    /// serving it. Whatever the read saw was applied before this call, so a commit that
+    /// begins after it covers all of it; and when every index write begun so far is
+    /// already covered by a finished commit, nothing needs to wait. So nobody is shown a
+    /// conversation, member or account that a crash could still take back (and a
+    /// conversation id shown is never reused), at the cost of at most one group commit.
+    pub fn index_barrier(&self) -> Result<Option<Durable>> {
+        let started = self.index_gen.started.load(Ordering::SeqCst);
+        if self.index_gen.durable.load(Ordering::SeqCst) >= started {
+            return Ok(None);
         }
+        Ok(Some(self.barrier()?))
+    }
+
+    /// Counts a conversation's members (keys only, nothing decoded).
+    pub fn member_count(&self, id: ConvId) -> Result<usize> {
+        let mut n = 0;
+        for item in self.db.scan_prefix(Key::members_of(id)) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Members of a conversation, by user id.

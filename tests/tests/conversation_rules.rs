@@ -93,8 +93,10 @@ async fn a_removed_sender_learns_that_its_message_landed() {
 }
 
 /// After a failed fdatasync the broker acknowledges nothing again: the write that failed
-/// is answered INTERNAL or its connection closes, every connection is closed, new ones
-/// are refused, and a resend of the same client id is never answered as a duplicate.
+/// is answered INTERNAL or its connection closes, every connection is closed and new ones
+/// are refused, so a resend of the same client id cannot be answered as a duplicate of
+/// the never-durable entry (the harness test `after_a_failed_commit_nothing_is_
+/// acknowledged_again` checks the state machine refuses it too).
 #[tokio::test]
 async fn after_a_failed_fsync_nothing_is_acknowledged_again() {
     let tb = TestBroker::start().await;

@@ -94,6 +94,9 @@ impl Log for StoreLog<'_> {
     fn user_name(&self, user: u64) -> Result<Option<String>, StoreError> {
         Ok(self.0.user(user)?.map(|u| u.name))
     }
+    fn edits_of(&self, conv: ConvId, target: Seq) -> Result<Vec<Seq>, StoreError> {
+        self.0.edits_of(conv, target)
+    }
 }
 
 impl Actor for Conversation {
@@ -120,6 +123,10 @@ impl Actor for Conversation {
         };
         let (state, effects) =
             ConversationState::recover(id, record.kind, members, last_seq, (replay, replay_except), crate::now_ms());
+        if replay_after.is_none() {
+            // Everything in the log was delivered by predecessors.
+            published.store(last_seq, Ordering::Release);
+        }
         let mut state = ConvActorState { state, depth, published };
         self.perform(&myself, &mut state, effects);
         let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
@@ -179,12 +186,16 @@ impl Conversation {
                 }
                 Effect::Reply(reply, result) => reply.send(result),
                 Effect::Deliver { entry, audience, except } => {
+                    let seq = entry.seq;
                     match encode_frame(&ServerFrame::Event(Event::Entry(entry))) {
                         Ok(frame) => {
                             self.shared.online.deliver(&audience, &frame, except);
                         }
                         Err(e) => tracing::error!(error = %e, "an entry did not encode"),
                     }
+                    // At once, not after the batch: a successor of an actor that panics
+                    // midway must not deliver this entry again.
+                    state.published.store(seq, Ordering::Release);
                 }
                 Effect::Fatal => {
                     self.shared.health.fail("a conversation write did not become durable");
@@ -192,6 +203,5 @@ impl Conversation {
                 }
             }
         }
-        state.published.store(state.state.published_seq(), Ordering::Release);
     }
 }

@@ -10,25 +10,38 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::{ConvId, ErrorBody, ErrorCode, Seq};
+use switchboard_storage::Store;
 
 use super::actor::{ConvArgs, ConvMsg, Conversation};
 use super::state::{Caller, Command, Read, not_a_member};
 use crate::Shared;
-use crate::limits::{CONVERSATION_MAILBOX_MAX, MAX_LIVE_CONVERSATIONS};
 use crate::reply::{Responder, internal};
 
 /// Live conversation actors.
 pub struct ConvDirectory {
     map: std::sync::Mutex<HashMap<ConvId, Slot>>,
-    /// Conversations created but whose first entry no actor has delivered yet, with the
-    /// creator's session (which gets the conversation as its answer instead). The first
-    /// actor started for one delivers seq 1 before anything else, so every entry of a
-    /// conversation is delivered by its one owner, in seq order. Bounded by the creation
-    /// rate limit; an entry left behind is taken by the next start of that conversation.
-    fresh: std::sync::Mutex<HashMap<ConvId, u64>>,
+    /// Conversations whose next actor must first deliver the durable entries after a
+    /// seq: one created but whose first entry no actor has delivered yet (after 0,
+    /// skipping the creator's session, which gets the conversation as its answer), or
+    /// one whose actor died (after its published watermark). The first actor started for
+    /// it takes the record, and puts it back if it fails to start, so every entry of a
+    /// conversation is delivered once, by its one owner, in seq order. Bounded by the
+    /// creation rate limit and the live-actor cap.
+    replay: std::sync::Mutex<HashMap<ConvId, Replay>>,
     /// Serialises starting an actor per conversation (sharded: a start may wait for a
     /// store barrier, and must not hold up unrelated conversations).
     spawn_locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+/// Where a conversation's next actor resumes delivery.
+#[derive(Clone, Copy, Debug)]
+struct Replay {
+    /// Entries after this seq may never have been delivered.
+    after: Seq,
+    /// Session the replayed entries skip (0: none).
+    except: u64,
+    /// The predecessor died mid-write: repair the newest entry first.
+    repair: bool,
 }
 
 const SPAWN_SHARDS: usize = 64;
@@ -37,7 +50,7 @@ impl Default for ConvDirectory {
     fn default() -> Self {
         ConvDirectory {
             map: std::sync::Mutex::new(HashMap::new()),
-            fresh: std::sync::Mutex::new(HashMap::new()),
+            replay: std::sync::Mutex::new(HashMap::new()),
             spawn_locks: (0..SPAWN_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
@@ -63,21 +76,27 @@ impl ConvDirectory {
     }
 
     /// Delivers a request to the conversation's actor, starting it if needed. Answers
-    /// `FORBIDDEN` to a non-member and for no such conversation alike (strangers learn
-    /// nothing and never start actors), `OVERLOADED` for a full mailbox or too many live
-    /// actors, `INTERNAL` once the store has failed.
+    /// `FORBIDDEN` to a non-member and for no such conversation alike, before anything
+    /// else (strangers learn nothing, never start or wake actors and never take mailbox
+    /// room); `OVERLOADED` for a full mailbox or too many live actors; `INTERNAL` once
+    /// the store has failed.
     async fn request(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, mut msg: ConvMsg) {
         if shared.health.is_failed() {
             // Even a live actor whose own writes all succeeded may not serve reads or
             // acknowledge anything once durability is lost.
             return refuse(msg, ErrorBody::new(ErrorCode::INTERNAL, "storage failure"));
         }
+        match admits(&shared.store, conv, caller, &msg) {
+            Ok(true) => {}
+            Ok(false) => return refuse(msg, not_a_member()),
+            Err(e) => return refuse(msg, e),
+        }
         let mut dead = None;
         for _ in 0..3 {
             let slot = {
                 let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
                 map.get(&conv).cloned().map(|slot| {
-                    let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= CONVERSATION_MAILBOX_MAX;
+                    let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= shared.config.conversation_mailbox_max;
                     (slot, over)
                 })
             };
@@ -94,17 +113,16 @@ impl ConvDirectory {
                         dead = Some(slot.actor.get_id());
                         msg = back;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        slot.depth.fetch_sub(1, Ordering::AcqRel);
+                        return;
+                    }
                 },
                 None => {}
             }
-            let resend = match &msg {
-                ConvMsg::Write(_, cmd, _) => cmd.client_id().copied(),
-                _ => None,
-            };
             // Boxed: starting an actor is rare, and its future inline would be carried by
             // every session's task for its whole life (about 3 KB per connection).
-            if let Err(e) = Box::pin(self.spawn(shared, conv, Some((caller, resend)), dead.take())).await {
+            if let Err(e) = Box::pin(self.spawn(shared, conv, dead.take())).await {
                 return refuse(msg, e);
             }
         }
@@ -112,75 +130,70 @@ impl ConvDirectory {
     }
 
     /// Records that `conv` was just created by `session`: its first entry is delivered
-    /// by the conversation's first actor (`started_created` starts it). Call before the
+    /// by the conversation's first actor (`start_created` starts it). Call before the
     /// creation is visible to anyone else.
     pub fn created(&self, conv: ConvId, session: u64) {
-        self.fresh.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, session);
+        let replay = Replay { after: 0, except: session, repair: false };
+        self.replay.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, replay);
     }
 
     /// Starts the actor of a conversation `created` named, which delivers seq 1.
     pub async fn start_created(&self, shared: &Arc<Shared>, conv: ConvId) -> Result<(), ErrorBody> {
-        Box::pin(self.spawn(shared, conv, None, None)).await
+        Box::pin(self.spawn(shared, conv, None)).await
     }
 
-    /// Starts an actor for `conv` unless a live one is registered. `asker` is the caller
-    /// that needs it and the client id of its write, if any: a stranger starts nothing,
-    /// but a resend by a former member does (it is answered its original seq). `dead`
-    /// names an actor found dead, whose fan-out watermark the successor resumes from.
-    async fn spawn(
-        &self,
-        shared: &Arc<Shared>,
-        conv: ConvId,
-        asker: Option<(Caller, Option<[u8; 16]>)>,
-        dead: Option<ractor::ActorId>,
-    ) -> Result<(), ErrorBody> {
+    /// Starts an actor for `conv` unless a live one is registered (the caller checked
+    /// who may ask). `dead` names an actor found dead: its successor resumes delivery
+    /// from the dead actor's published watermark.
+    async fn spawn(&self, shared: &Arc<Shared>, conv: ConvId, dead: Option<ractor::ActorId>) -> Result<(), ErrorBody> {
         let _guard = self.spawn_locks[(conv as usize) % SPAWN_SHARDS].lock().await;
-        let mut replay_after = {
+        {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(&conv) {
                 Some(slot) if Some(slot.actor.get_id()) == dead => {
-                    let published = slot.published.load(Ordering::Acquire);
+                    let after = slot.published.load(Ordering::Acquire);
                     map.remove(&conv);
-                    Some(published)
+                    // Kept until a successor is registered, whatever fails on the way.
+                    let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+                    let record = replay.entry(conv).or_insert(Replay { after, except: 0, repair: true });
+                    record.after = record.after.min(after);
+                    record.repair = true;
                 }
                 // Someone else already started one.
                 Some(_) => return Ok(()),
-                None if map.len() >= MAX_LIVE_CONVERSATIONS => {
+                None if map.len() >= shared.config.max_live_conversations => {
                     return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many active conversations; retry later"));
                 }
-                None => None,
+                None => {}
             }
-        };
+        }
         let store = &shared.store;
         if store.conversation(conv).map_err(internal)?.is_none() {
             return Err(not_a_member());
         }
-        if replay_after.is_some() {
+        let replay = self.replay.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).copied();
+        if replay.is_some_and(|r| r.repair) {
             // An actor that died (a panic) may have left its newest entry's writes short:
             // finish them before the successor loads anything. A crash of the whole broker
             // is covered by `Store::repair_all` at start, and an actor that retired idle
             // had finished its writes, so nothing else needs this.
             store.repair_newest_entry(conv).map_err(internal)?;
-        } else if let Some((caller, resend)) = asker {
-            let member = store.member(conv, caller.user).map_err(internal)?.is_some();
-            let applied = match resend {
-                Some(id) if !member => store.dedupe(conv, caller.user, &id).map_err(internal)?.is_some(),
-                _ => false,
-            };
-            if !member && !applied {
-                return Err(not_a_member());
-            }
-        }
-        let mut replay_except = 0;
-        if let Some(creator) = self.fresh.lock().unwrap_or_else(|p| p.into_inner()).remove(&conv) {
-            (replay_after, replay_except) = (Some(0), creator);
         }
         let depth = Arc::new(AtomicUsize::new(0));
-        let published = Arc::new(AtomicU64::new(0));
-        let args =
-            ConvArgs { id: conv, depth: depth.clone(), published: published.clone(), replay_after, replay_except };
+        let published = Arc::new(AtomicU64::new(replay.map_or(0, |r| r.after)));
+        let args = ConvArgs {
+            id: conv,
+            depth: depth.clone(),
+            published: published.clone(),
+            replay_after: replay.map(|r| r.after),
+            replay_except: replay.map_or(0, |r| r.except),
+        };
         let (actor, _) = Actor::spawn(None, Conversation { shared: shared.clone() }, args).await.map_err(internal)?;
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, Slot { actor, depth, published });
+        // Registered and the replay record dropped together: a reader of `published`
+        // sees one or the other.
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(conv, Slot { actor, depth, published });
+        self.replay.lock().unwrap_or_else(|p| p.into_inner()).remove(&conv);
         Ok(())
     }
 
@@ -206,10 +219,14 @@ impl ConvDirectory {
         slot.map(|s| s.actor.kill()).is_some()
     }
 
-    /// The newest seq of `conv` that online devices have been sent, if its actor is
-    /// registered (never ahead of what is durable).
+    /// The newest seq of `conv` that online devices have been sent, if an actor is
+    /// registered or about to resume it (never ahead of what is durable).
     pub fn published(&self, conv: ConvId) -> Option<Seq> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).map(|s| s.published.load(Ordering::Acquire))
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&conv) {
+            Some(slot) => Some(slot.published.load(Ordering::Acquire)),
+            None => self.replay.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).map(|r| r.after),
+        }
     }
 
     /// Number of live conversation actors.
@@ -228,5 +245,21 @@ impl ConvDirectory {
 fn refuse(msg: ConvMsg, error: ErrorBody) {
     if let Some(reply) = msg.into_responder() {
         reply.send(Err(error));
+    }
+}
+
+/// Whether `caller` may send `msg` to `conv`: a member (as far as the store knows, which
+/// may be ahead of the durable state; the actor checks again), or a former member
+/// resending a write that was applied (it is answered its original seq).
+fn admits(store: &Store, conv: ConvId, caller: Caller, msg: &ConvMsg) -> Result<bool, ErrorBody> {
+    if store.member(conv, caller.user).map_err(internal)?.is_some() {
+        return Ok(true);
+    }
+    match msg {
+        ConvMsg::Write(_, cmd, _) => match cmd.client_id() {
+            Some(id) => Ok(store.dedupe(conv, caller.user, id).map_err(internal)?.is_some()),
+            None => Ok(false),
+        },
+        _ => Ok(false),
     }
 }

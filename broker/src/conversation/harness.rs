@@ -30,6 +30,8 @@ struct Contents {
 pub struct MemLog {
     now: Contents,
     durable: Contents,
+    /// The contents after each append not yet durable, for a commit of a prefix.
+    after: Vec<(Seq, Contents)>,
 }
 
 impl MemLog {
@@ -66,6 +68,15 @@ impl MemLog {
             _ => {}
         }
         c.entries.insert(entry.seq, entry.clone());
+        self.after.push((entry.seq, self.now.clone()));
+    }
+
+    /// Everything appended up to `seq` becomes durable.
+    fn make_durable(&mut self, seq: Seq) {
+        if let Some(i) = self.after.iter().rposition(|(s, _)| *s <= seq) {
+            self.durable = self.after[i].1.clone();
+            self.after.drain(..=i);
+        }
     }
 
     fn last_seq(&self) -> Seq {
@@ -90,6 +101,9 @@ impl Log for MemLog {
     }
     fn user_name(&self, user: UserId) -> Result<Option<String>, Self::Error> {
         Ok(Some(format!("user{user}")))
+    }
+    fn edits_of(&self, _: ConvId, target: Seq) -> Result<Vec<Seq>, Self::Error> {
+        Ok(self.now.edits.range((target, 0)..=(target, Seq::MAX)).map(|(_, e)| *e).collect())
     }
 }
 
@@ -158,8 +172,13 @@ impl Harness {
 
     /// A group commit: everything appended so far becomes durable.
     pub fn commit(&mut self) {
-        self.log.durable = self.log.now.clone();
-        let effects = self.state.handle_durable(self.log.last_seq());
+        self.commit_to(self.log.last_seq());
+    }
+
+    /// A group commit that covers the appends up to `seq` only.
+    pub fn commit_to(&mut self, seq: Seq) {
+        self.log.make_durable(seq);
+        let effects = self.state.handle_durable(seq);
         self.perform(effects);
     }
 
@@ -174,7 +193,7 @@ impl Harness {
     /// dead actor's published watermark.
     pub fn crash_actor(&mut self) {
         let published = self.state.published_seq();
-        self.log.durable = self.log.now.clone();
+        self.log.make_durable(Seq::MAX);
         self.restart(Some(published));
     }
 
@@ -182,6 +201,7 @@ impl Harness {
     /// (no device is connected to a starting broker).
     pub fn crash_broker(&mut self) {
         self.log.now = self.log.durable.clone();
+        self.log.after.clear();
         self.restart(None);
     }
 
@@ -338,8 +358,39 @@ mod tests {
         // reader still sees v1.
         h.write(BOB, Command::Delete { client_id: [3; 16], target: 2 });
         assert_eq!(h.history(BOB)[1], (2, text("v1")));
+        h.commit_to(3);
+        assert_eq!(h.history(BOB)[1], (2, Body::Text { text: "v2".into(), edited: true }), "the edit alone is durable");
+        assert_eq!(h.history(BOB).len(), 3, "the delete (seq 4) is not served yet");
         h.commit();
         assert_eq!(h.history(BOB)[1], (2, Body::Tombstone));
+        assert_eq!(h.history(BOB)[2], (3, Body::Redacted { target: 2 }));
+    }
+
+    #[test]
+    fn a_pending_deletes_redactions_are_not_served_before_it_is_durable() {
+        let mut h = group();
+        h.send(BOB, 1, "v1");
+        h.commit();
+        h.write(BOB, Command::Edit { client_id: [2; 16], target: 2, text: "v2".into() });
+        h.commit();
+        h.write(BOB, Command::Delete { client_id: [3; 16], target: 2 });
+        assert_eq!(h.log.now.entries[&3].body, Body::Redacted { target: 2 }, "the log already holds the redaction");
+        let served = h.history(OWNER);
+        assert_eq!(served[1], (2, Body::Text { text: "v2".into(), edited: true }));
+        assert_eq!(served[2], (3, Body::Edit { target: 2, text: "v2".into() }), "a crash could still undo the delete");
+        h.commit();
+        let served = h.history(OWNER);
+        assert_eq!((served[1].1.clone(), served[2].1.clone()), (Body::Tombstone, Body::Redacted { target: 2 }));
+    }
+
+    #[test]
+    fn strangers_are_refused_before_any_read_and_do_not_keep_it_awake() {
+        let mut h = group();
+        h.now_ms = 10_000;
+        let edit = h.write(9, Command::Edit { client_id: [1; 16], target: 1, text: "x".into() });
+        assert_eq!(h.ack(edit), Some(Err(ErrorCode::FORBIDDEN)));
+        assert!(h.read(9, Read::Members).is_err());
+        assert!(h.state.handle_tick(10_000, 10_000), "a stranger's requests are not activity");
     }
 
     #[test]
@@ -378,11 +429,13 @@ mod tests {
                 (6, vec![OWNER, CAROL]),
             ]
         );
-        assert!(h.replies.is_empty(), "the dead actor's requests are answered INTERNAL by their responders");
+        // (The dead actor's waiting requests are answered INTERNAL by their dropped
+        // responders in the real actor; here they were simply never answered.)
+        assert!(h.replies.is_empty(), "nothing was acknowledged: none of it was durable before the crash");
     }
 
     #[test]
-    fn the_first_actor_of_a_new_conversation_delivers_seq_1_before_anything_else() {
+    fn recovering_with_a_replayed_creation_delivers_seq_1_before_any_write() {
         let h = Harness::new(ConversationKind::Group, &[(OWNER, Role::Owner), (BOB, Role::Member)]);
         let created = h.log.now.entries[&1].clone();
         let (mut state, effects) = ConversationState::<u32>::recover(

@@ -131,6 +131,8 @@ pub trait Log {
     ) -> Result<Vec<Entry>, Self::Error>;
     /// A user's name, if the account exists.
     fn user_name(&self, user: UserId) -> Result<Option<String>, Self::Error>;
+    /// Seqs of the `Edit` entries whose target is `target`, ascending.
+    fn edits_of(&self, conv: ConvId, target: Seq) -> Result<Vec<Seq>, Self::Error>;
 }
 
 /// What the driver must do, in the order given. `R` is the driver's way to answer one
@@ -170,6 +172,9 @@ struct Appended {
     audience: Arc<[UserId]>,
     except: u64,
     members: MemberChanges,
+    /// Entries it rewrites and what each becomes (an edit's or delete's target; a
+    /// delete's redacted edits).
+    rewrites: Vec<(Seq, Body)>,
 }
 
 /// A message rewritten by an edit or delete that is not durable yet: what readers see
@@ -276,7 +281,6 @@ impl<R> ConversationState<R> {
         reply: R,
         now_ms: u64,
     ) -> Vec<Effect<R>> {
-        self.last_activity_ms = now_ms;
         if self.failed {
             return vec![Effect::Reply(reply, Err(err(ErrorCode::INTERNAL, "storage failure")))];
         }
@@ -285,6 +289,7 @@ impl<R> ConversationState<R> {
         if let Some(client_id) = cmd.client_id() {
             match log.dedupe(self.id, caller.user, client_id) {
                 Ok(Some(seq)) => {
+                    self.last_activity_ms = now_ms;
                     let ack = Reply::Appended { seq, duplicate: true };
                     if seq <= self.durable_seq {
                         return vec![Effect::Reply(reply, Ok(ack))];
@@ -296,6 +301,12 @@ impl<R> ConversationState<R> {
                 Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
             }
         }
+        // Strangers are refused before anything is read for them, and do not keep the
+        // conversation awake.
+        if !self.members.contains_key(&caller.user) {
+            return vec![Effect::Reply(reply, Err(not_a_member()))];
+        }
+        self.last_activity_ms = now_ms;
         let target = match &cmd {
             Command::Edit { target, .. } | Command::Delete { target, .. } if *target <= self.applied_seq => {
                 match log.entry(self.id, *target) {
@@ -317,9 +328,32 @@ impl<R> ConversationState<R> {
             all.extend(members.iter().map(|(u, _)| *u));
             all.into_iter().collect()
         };
+        // What the entry rewrites, with each pre-image kept for readers until it is
+        // durable: the target of an edit or delete, and a deleted message's edits.
+        let mut rewrites = Vec::new();
         if let (Some(stored), Some(t)) = (target, rewrite_target(&entry.body)) {
-            self.overlay.entry(t).and_modify(|o| o.pending += 1).or_insert(Overlay { body: stored.body, pending: 1 });
+            if matches!(entry.body, Body::Delete { .. }) {
+                let edits = match log.edits_of(self.id, t) {
+                    Ok(edits) => edits,
+                    Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
+                };
+                for edit in edits {
+                    match log.entry(self.id, edit) {
+                        Ok(Some(e)) => rewrites.push((edit, e.body, Body::Redacted { target: t })),
+                        Ok(None) => {}
+                        Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
+                    }
+                }
+            }
+            rewrites.push((t, stored.body, rewritten(&entry.body)));
         }
+        for (seq, before, _) in &rewrites {
+            self.overlay
+                .entry(*seq)
+                .and_modify(|o| o.pending += 1)
+                .or_insert_with(|| Overlay { body: before.clone(), pending: 1 });
+        }
+        let rewrites = rewrites.into_iter().map(|(seq, _, after)| (seq, after)).collect();
         self.applied_seq = seq;
         if !members.is_empty() {
             apply_members(&mut self.members, &members);
@@ -327,7 +361,7 @@ impl<R> ConversationState<R> {
         }
         self.pending.push_back(Pending {
             seq,
-            entry: Some(Appended { entry: entry.clone(), audience, except: caller.session, members }),
+            entry: Some(Appended { entry: entry.clone(), audience, except: caller.session, members, rewrites }),
             reply: Some((reply, Reply::Appended { seq, duplicate: false })),
         });
         vec![Effect::Append(entry)]
@@ -335,12 +369,12 @@ impl<R> ConversationState<R> {
 
     /// A read of durable state, answered at once.
     pub fn handle_read(&mut self, log: &impl Log, caller: Caller, read: Read, reply: R, now_ms: u64) -> Effect<R> {
-        self.last_activity_ms = now_ms;
         let result = if self.failed {
             Err(err(ErrorCode::INTERNAL, "storage failure"))
         } else if !self.is_member(caller.user) {
             Err(not_a_member())
         } else {
+            self.last_activity_ms = now_ms;
             match read {
                 Read::History { page, limit } => self.history(log, page, limit),
                 Read::Members => self.member_list(log),
@@ -358,10 +392,10 @@ impl<R> ConversationState<R> {
         let mut effects = Vec::new();
         while self.pending.front().is_some_and(|p| p.seq <= self.durable_seq) {
             let Some(p) = self.pending.pop_front() else { break };
-            if let Some(Appended { entry, audience, except, members }) = p.entry {
+            if let Some(Appended { entry, audience, except, members, rewrites }) = p.entry {
                 apply_members(&mut self.durable_members, &members);
-                if let Some(t) = rewrite_target(&entry.body) {
-                    self.settle_overlay(t, &entry.body);
+                for (seq, after) in rewrites {
+                    self.settle_overlay(seq, after);
                 }
                 self.published_seq = entry.seq;
                 effects.push(Effect::Deliver { entry, audience, except });
@@ -421,15 +455,15 @@ impl<R> ConversationState<R> {
         Ok(Reply::Members(out))
     }
 
-    /// A rewrite of `target` became durable: readers now see its result, or the next
-    /// pending rewrite's pre-image.
-    fn settle_overlay(&mut self, target: Seq, body: &Body) {
-        let Some(o) = self.overlay.get_mut(&target) else { return };
+    /// A rewrite of entry `seq` became durable: readers now see its result (`after`),
+    /// which is the next pending rewrite's pre-image, or the stored entry itself.
+    fn settle_overlay(&mut self, seq: Seq, after: Body) {
+        let Some(o) = self.overlay.get_mut(&seq) else { return };
         if o.pending > 1 {
             o.pending -= 1;
-            o.body = rewritten(body);
+            o.body = after;
         } else {
-            self.overlay.remove(&target);
+            self.overlay.remove(&seq);
         }
     }
 
