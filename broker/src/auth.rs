@@ -2,120 +2,167 @@
 //! only to enroll a device key. Every connection then proves the device by signing
 //! `auth_transcript(nonce, exporter)`: the nonce is fresh per connection and the TLS
 //! exporter value is unique to the session, so no bearer secret exists to steal.
+//!
+//! What a peer can make the broker do before it is authenticated is bounded here:
+//! - Every request is checked cheaply (shape, name taken, registration open, the
+//!   device's signature, the allowances below) before any password is hashed.
+//! - Password hashing runs `ARGON2_CONCURRENCY` at a time with a short queue; a request
+//!   beyond the queue is refused at once with `OVERLOADED` (`Argon2Pool`). The caller
+//!   drops the future when the peer goes away, which takes it out of the queue.
+//! - Password failures are counted per account and per source address; device
+//!   signatures are counted apart, per source address only (`FailureLimiter`). A device
+//!   that proves its key is never refused because others guessed the account's password.
+//! - Registrations are limited per source address (a token bucket, `RegistrationLimiter`).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use switchboard_protocol::limits::{MAX_NAME_BYTES, MAX_PASSWORD_BYTES};
 use switchboard_protocol::{DeviceId, Enroll, ErrorBody, ErrorCode, UserId};
-use switchboard_storage::{DeviceRecord, Store, StoreError};
-use tokio::sync::Semaphore;
+use switchboard_storage::{DeviceRecord, Replace, Store, StoreError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::Config;
 use crate::limits::{
     ARGON2_CONCURRENCY, AUTH_FAILURE_KEYS_MAX, AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_PER_ACCOUNT,
-    AUTH_FAILURES_PER_ADDRESS, MAX_DEVICES_PER_USER, MIN_PASSWORD_BYTES,
+    AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS, MAX_DEVICES_PER_USER, MIN_PASSWORD_BYTES,
+    REGISTRATION_BUCKETS_MAX,
 };
 use crate::reply::internal;
+use crate::user::TokenBucket;
 
 /// Authentication service shared by all connections.
 pub struct Auth {
     store: Arc<Store>,
-    argon: argon2::Argon2<'static>,
-    /// Held by the blocking hash itself, so a cancelled login cannot leave more hashes
-    /// running than there are slots.
-    argon_slots: Arc<Semaphore>,
-    failures: FailureLimiter,
+    argon: Argon2Pool,
+    /// Wrong passwords, per account and per source address.
+    passwords: FailureLimiter,
+    /// Bad device signatures, per source address only.
+    signatures: FailureLimiter,
+    registrations: RegistrationLimiter,
     registration_open: bool,
+    unconfirmed_device_grace_ms: u64,
+}
+
+/// A registration that passed every check: the device key it enrolls and the password
+/// hash to store. Nothing is written yet.
+pub struct Registration {
+    /// The device's verified Ed25519 public key.
+    pub key: [u8; 32],
+    /// argon2id PHC string of the password.
+    pub hash: String,
 }
 
 fn fail(code: ErrorCode, msg: &str) -> ErrorBody {
     ErrorBody::new(code, msg)
 }
 
+fn wrong_password() -> ErrorBody {
+    fail(ErrorCode::AUTH_FAILED, "wrong user name or password")
+}
+
 impl Auth {
-    /// An auth service over `store` with the given argon2id cost.
-    pub fn new(store: Arc<Store>, memory_kib: u32, iterations: u32, registration_open: bool) -> anyhow::Result<Self> {
-        let params =
-            argon2::Params::new(memory_kib, iterations, 1, None).map_err(|e| anyhow::anyhow!("argon2 params: {e}"))?;
+    /// An auth service over `store` with `config`'s argon2id cost and allowances.
+    pub fn new(store: Arc<Store>, config: &Config) -> anyhow::Result<Self> {
+        let params = argon2::Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
+            .map_err(|e| anyhow::anyhow!("argon2 params: {e}"))?;
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         Ok(Auth {
             store,
-            argon: argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params),
-            argon_slots: Arc::new(Semaphore::new(ARGON2_CONCURRENCY)),
-            failures: FailureLimiter::default(),
-            registration_open,
+            argon: Argon2Pool::new(argon, config.argon2_queue),
+            passwords: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS),
+            signatures: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, BAD_SIGNATURES_PER_ADDRESS),
+            registrations: RegistrationLimiter::new(
+                config.registration_burst_per_address,
+                config.registration_interval_ms,
+                REGISTRATION_BUCKETS_MAX,
+            ),
+            registration_open: config.registration_open,
+            unconfirmed_device_grace_ms: config.unconfirmed_device_grace_ms,
         })
     }
 
-    /// Hashes a password (CPU-heavy: runs on the blocking pool, bounded).
-    pub async fn hash_password(&self, password: &str) -> Result<String, ErrorBody> {
-        let slot = self.argon_slots.clone().acquire_owned().await.map_err(internal)?;
-        let argon = self.argon.clone();
-        let password = password.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            argon.hash_password(password.as_bytes()).map(|h| h.to_string())
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)
-    }
-
-    async fn verify_password(&self, password: &str, phc: &str) -> Result<bool, ErrorBody> {
-        let slot = self.argon_slots.clone().acquire_owned().await.map_err(internal)?;
-        let argon = self.argon.clone();
-        let (password, phc) = (password.to_owned(), phc.to_owned());
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            let parsed = PasswordHash::new(&phc).map_err(internal)?;
-            Ok(argon.verify_password(password.as_bytes(), &parsed).is_ok())
-        })
-        .await
-        .map_err(internal)?
-    }
-
-    /// Creates an account and enrolls the device that signed `transcript`.
-    pub async fn register(&self, req: &Enroll, transcript: &[u8]) -> Result<(UserId, DeviceId), ErrorBody> {
+    /// Checks a registration from `from` and hashes its password. The cheap refusals
+    /// come first, in this order: registration closed (`REGISTRATION_CLOSED`), a bad
+    /// name or password (`INVALID`), a taken name (`CONFLICT`), a bad device name, key or
+    /// signature (`INVALID`, `AUTH_FAILED`); then a full password queue (`OVERLOADED`)
+    /// and the address's registration allowance (`RATE_LIMITED`); only then the hash.
+    pub async fn check_register(
+        &self,
+        req: &Enroll,
+        transcript: &[u8],
+        from: IpAddr,
+    ) -> Result<Registration, ErrorBody> {
         if !self.registration_open {
             return Err(fail(ErrorCode::REGISTRATION_CLOSED, "registration is closed on this broker"));
         }
         check_user_name(&req.user)?;
         check_password(&req.password)?;
-        // Everything that can be refused is checked before the account is created.
+        if self.store.user_by_name(&req.user).map_err(internal)?.is_some() {
+            return Err(fail(ErrorCode::CONFLICT, "user name is taken"));
+        }
         let key = verify_enrollment(req, transcript)?;
-        let hash = self.hash_password(&req.password).await?;
-        let user = self.create_user(&req.user, hash).await?;
-        let device = self.enroll(user, &req.device_name, key).await?;
-        Ok((user, device))
+        let turn = self.argon.turn()?;
+        self.registrations.take(source(from), Instant::now())?;
+        let password = req.password.clone();
+        let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
+        Ok(Registration { key, hash: hash.await?.map_err(internal)? })
     }
 
-    /// Checks the password and enrolls the device that signed `transcript`.
-    pub async fn login(&self, req: &Enroll, transcript: &[u8], from: IpAddr) -> Result<(UserId, DeviceId), ErrorBody> {
-        let address = [LimitKey::Address(from)];
-        if check_user_name(&req.user).is_err() || req.password.len() > MAX_PASSWORD_BYTES as usize {
-            // Not a name that can exist: never a key in the table, which stays small.
-            self.failures.check(&address)?;
-            self.failures.record(&address);
-            return Err(fail(ErrorCode::AUTH_FAILED, "wrong user name or password"));
-        }
-        let keys = [LimitKey::Account(req.user.clone()), LimitKey::Address(from)];
-        self.failures.check(&keys)?;
+    /// Checks a password login from `from`: returns the account and the verified device
+    /// key to enroll. Failures count against the source address, and against the account
+    /// if it exists (names that do not exist never become keys, so the table holds real
+    /// accounts and addresses only).
+    pub async fn check_login(
+        &self,
+        req: &Enroll,
+        transcript: &[u8],
+        from: IpAddr,
+    ) -> Result<(UserId, [u8; 32]), ErrorBody> {
+        let now = crate::now_ms();
+        let address = [LimitKey::Address(source(from))];
+        self.passwords.check(&address, now)?;
+        let user = if check_user_name(&req.user).is_ok() && req.password.len() <= MAX_PASSWORD_BYTES as usize {
+            self.store.user_by_name(&req.user).map_err(internal)?
+        } else {
+            None
+        };
+        let Some((user, record)) = user else {
+            self.passwords.record(&address, now)?;
+            return Err(wrong_password());
+        };
         let key = verify_enrollment(req, transcript)?;
+        let keys = [LimitKey::Account(user), LimitKey::Address(source(from))];
+        self.passwords.check(&keys, now)?;
+        let turn = self.argon.turn()?;
         // Counted before the (slow) check so concurrent guesses cannot all pass the
         // limit at once; refunded when the password is right.
-        self.failures.record(&keys);
-        let user = match self.store.user_by_name(&req.user).map_err(internal)? {
-            Some((id, record)) if self.verify_password(&req.password, &record.password_hash).await? => id,
-            _ => return Err(fail(ErrorCode::AUTH_FAILED, "wrong user name or password")),
-        };
-        self.failures.refund(&keys);
-        let device = self.enroll(user, &req.device_name, key).await?;
-        Ok((user, device))
+        self.passwords.record(&keys, now)?;
+        let (password, phc) = (req.password.clone(), record.password_hash);
+        let right = self.argon.run(turn, move |argon| {
+            let parsed = PasswordHash::new(&phc).map_err(internal)?;
+            Ok::<_, ErrorBody>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
+        });
+        if !right.await?? {
+            return Err(wrong_password());
+        }
+        self.passwords.refund(&keys);
+        Ok((user, key))
     }
 
     /// Verifies an enrolled device's signature over `transcript`.
+    ///
+    /// Device proof is limited per source address only, by its own count of bad
+    /// signatures: a valid signature always succeeds unless that address has used up
+    /// its bad-signature budget (`BAD_SIGNATURES_PER_ADDRESS` a window). Wrong
+    /// passwords, for the account or from the address, never count here. A user name
+    /// that cannot exist is `AUTH_FAILED`, counted against the address like any bad
+    /// signature, and never looked up or kept.
     pub fn authenticate(
         &self,
         user_name: &str,
@@ -124,33 +171,55 @@ impl Auth {
         transcript: &[u8],
         from: IpAddr,
     ) -> Result<UserId, ErrorBody> {
-        let keys = [LimitKey::Account(user_name.to_owned()), LimitKey::Address(from)];
-        self.failures.check(&keys)?;
-        let found = match self.store.user_by_name(user_name).map_err(internal)? {
-            Some((user, _)) => self.store.device(user, device).map_err(internal)?.map(|d| (user, d)),
-            None => None,
+        let now = crate::now_ms();
+        let address = [LimitKey::Address(source(from))];
+        self.signatures.check(&address, now)?;
+        let found = match check_user_name(user_name) {
+            Ok(()) => match self.store.user_by_name(user_name).map_err(internal)? {
+                Some((user, _)) => self.store.device(user, device).map_err(internal)?.map(|d| (user, d)),
+                None => None,
+            },
+            Err(_) => None,
         };
         let verified = found.and_then(|(user, d)| {
             let key = VerifyingKey::from_bytes(&d.public_key).ok()?;
             let sig = Signature::from_slice(signature).ok()?;
             key.verify(transcript, &sig).ok().map(|_| user)
         });
-        verified.ok_or_else(|| {
-            self.failures.record(&keys);
-            fail(ErrorCode::AUTH_FAILED, "unknown device or bad signature")
-        })
+        match verified {
+            Some(user) => Ok(user),
+            None => {
+                self.signatures.record(&address, now)?;
+                Err(fail(ErrorCode::AUTH_FAILED, "unknown device or bad signature"))
+            }
+        }
+    }
+
+    /// Records that `device` authenticated after its enrollment (so it never gives way
+    /// to a new enrollment). Durable when it returns; a no-op read when confirmed already.
+    pub async fn confirm(&self, user: UserId, device: DeviceId) -> Result<(), ErrorBody> {
+        if !self.store.device_unconfirmed(user, device).map_err(internal)? {
+            return Ok(());
+        }
+        let confirmed = crate::catalog::catalog_write(&self.store, move |s| s.confirm_device(user, device)).await?;
+        if let Some(durable) = confirmed.map_err(internal)? {
+            durable.await.map_err(internal)?;
+        }
+        Ok(())
     }
 
     /// Operator path: creates a user without a device (`switchboard user add`).
     pub async fn add_user(&self, name: &str, password: &str) -> Result<UserId, ErrorBody> {
         check_user_name(name)?;
         check_password(password)?;
-        let hash = self.hash_password(password).await?;
-        self.create_user(name, hash).await
+        let turn = self.argon.turn()?;
+        let password = password.to_owned();
+        let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
+        self.create_user(name, hash.await?.map_err(internal)?).await
     }
 
     /// Stores a new account; `CONFLICT` if the name is taken. Durable when it returns.
-    async fn create_user(&self, name: &str, hash: String) -> Result<UserId, ErrorBody> {
+    pub async fn create_user(&self, name: &str, hash: String) -> Result<UserId, ErrorBody> {
         let name = name.to_owned();
         let created =
             crate::catalog::catalog_write(&self.store, move |s| s.create_user(&name, &hash, crate::now_ms())).await?;
@@ -163,13 +232,26 @@ impl Auth {
         Ok(user)
     }
 
-    /// Stores a device whose request `verify_enrollment` accepted.
-    async fn enroll(&self, user: UserId, device_name: &str, key: [u8; 32]) -> Result<DeviceId, ErrorBody> {
-        let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: crate::now_ms() };
-        let added =
-            crate::catalog::catalog_write(&self.store, move |s| s.add_device(user, &record, MAX_DEVICES_PER_USER))
-                .await?;
-        let (device, durable) = match added {
+    /// Stores a device whose request `check_register` or `check_login` accepted,
+    /// unconfirmed. At `MAX_DEVICES_PER_USER`, the oldest unconfirmed device enrolled
+    /// more than `unconfirmed_device_grace_ms` ago and not in `in_use` gives way (its
+    /// id is returned second; its connections, if any, must be closed); if there is
+    /// none, `FORBIDDEN`. Durable when it returns.
+    pub async fn enroll(
+        &self,
+        user: UserId,
+        device_name: &str,
+        key: [u8; 32],
+        in_use: Vec<DeviceId>,
+    ) -> Result<(DeviceId, Option<DeviceId>), ErrorBody> {
+        let now = crate::now_ms();
+        let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: now };
+        let enrolled_before_ms = now.saturating_sub(self.unconfirmed_device_grace_ms);
+        let added = crate::catalog::catalog_write(&self.store, move |s| {
+            s.add_device(user, &record, MAX_DEVICES_PER_USER, &Replace { enrolled_before_ms, in_use: &in_use })
+        })
+        .await?;
+        let (device, replaced, durable) = match added {
             Ok(v) => v,
             Err(StoreError::LimitReached) => {
                 return Err(fail(ErrorCode::FORBIDDEN, "device limit reached; revoke a device first"));
@@ -177,7 +259,10 @@ impl Auth {
             Err(e) => return Err(internal(e)),
         };
         durable.await.map_err(internal)?;
-        Ok(device)
+        if let Some(old) = replaced {
+            tracing::info!(user, device = old, "an enrollment replaced a device that never authenticated");
+        }
+        Ok((device, replaced))
     }
 }
 
@@ -210,85 +295,365 @@ fn check_password(password: &str) -> Result<(), ErrorBody> {
     Ok(())
 }
 
-/// Device names and titles: 1..=64 bytes, no control characters.
+/// The one rule for every human-readable label (device names, group titles): 1 to 64
+/// bytes (`MAX_NAME_BYTES`) that show what they say. `INVALID` if it holds
+/// - a control character, or a line or paragraph separator (U+2028, U+2029);
+/// - a bidirectional control (U+061C, U+200E, U+200F, U+202A–U+202E, U+2066–U+2069),
+///   which can reorder what follows it: `pay\u{202E}fdp.exe` displays as `payexe.pdf`;
+/// - any other format character (Unicode category Cf: zero-width space, word joiner,
+///   soft hyphen, byte order mark, tag characters, ...) or a character that displays
+///   as nothing (Hangul fillers, the braille blank, the combining grapheme joiner);
+/// - a zero-width joiner or non-joiner (U+200D, U+200C) anywhere but between two
+///   visible characters (where emoji sequences and Persian words need them), or a
+///   variation selector anywhere but right after a visible character;
+/// - a noncharacter (U+FDD0–U+FDEF, U+xFFFE, U+xFFFF);
+/// - no visible character at all (nothing left once spaces and invisible characters
+///   are trimmed).
+///
+/// Every script (right-to-left ones included), combining marks, emoji and spaces
+/// between words are fine. Emoji tag sequences (subdivision flags) are refused with
+/// the tag characters.
 pub fn check_label(label: &str) -> Result<(), ErrorBody> {
-    if label.is_empty() || label.len() > MAX_NAME_BYTES as usize || label.chars().any(char::is_control) {
-        return Err(fail(ErrorCode::INVALID, "names are 1-64 bytes without control characters"));
+    let refuse = || {
+        Err(fail(
+            ErrorCode::INVALID,
+            "labels are 1-64 bytes of visible text: no control, format, direction or invisible characters",
+        ))
+    };
+    if label.is_empty() || label.len() > MAX_NAME_BYTES as usize {
+        return refuse();
     }
-    Ok(())
+    let glyphs: Vec<Glyph> = label.chars().map(Glyph::of).collect();
+    let mut visible = false;
+    for (i, g) in glyphs.iter().enumerate() {
+        let before = i.checked_sub(1).map(|j| glyphs[j]);
+        let after = glyphs.get(i + 1).copied();
+        let ok = match g {
+            Glyph::Visible => {
+                visible = true;
+                true
+            }
+            Glyph::Space => true,
+            Glyph::Hidden => false,
+            Glyph::Joiner => matches!(before, Some(Glyph::Visible | Glyph::Selector)) && after == Some(Glyph::Visible),
+            Glyph::Selector => before == Some(Glyph::Visible),
+        };
+        if !ok {
+            return refuse();
+        }
+    }
+    if visible { Ok(()) } else { refuse() }
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum LimitKey {
-    Account(String),
-    Address(IpAddr),
+/// How a character shows in a label (see `check_label`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Glyph {
+    Visible,
+    Space,
+    /// U+200C, U+200D.
+    Joiner,
+    /// Variation selectors: they change the look of the character before them.
+    Selector,
+    /// Never allowed in a label.
+    Hidden,
 }
 
-impl LimitKey {
-    fn max_failures(&self) -> u32 {
-        match self {
-            LimitKey::Account(_) => AUTH_FAILURES_PER_ACCOUNT,
-            LimitKey::Address(_) => AUTH_FAILURES_PER_ADDRESS,
+/// Format characters (Unicode 15 category Cf), separators, and characters that display
+/// as nothing. Joiners and variation selectors are classified apart.
+const HIDDEN: &[(u32, u32)] = &[
+    (0x00AD, 0x00AD),   // soft hyphen
+    (0x034F, 0x034F),   // combining grapheme joiner
+    (0x0600, 0x0605),   // Arabic number signs
+    (0x061C, 0x061C),   // Arabic letter mark
+    (0x06DD, 0x06DD),   // Arabic end of ayah
+    (0x070F, 0x070F),   // Syriac abbreviation mark
+    (0x0890, 0x0891),   // Arabic pound and piastre marks above
+    (0x08E2, 0x08E2),   // Arabic disputed end of ayah
+    (0x115F, 0x1160),   // Hangul choseong and jungseong fillers
+    (0x17B4, 0x17B5),   // Khmer inherent vowels
+    (0x180B, 0x180F),   // Mongolian variation selectors and vowel separator
+    (0x200B, 0x200B),   // zero-width space
+    (0x200E, 0x200F),   // left-to-right and right-to-left marks
+    (0x2028, 0x202E),   // line and paragraph separators, embeddings and overrides
+    (0x2060, 0x206F),   // word joiner, invisible operators, isolates, deprecated formats
+    (0x2800, 0x2800),   // braille pattern blank
+    (0x3164, 0x3164),   // Hangul filler
+    (0xFEFF, 0xFEFF),   // zero-width no-break space (byte order mark)
+    (0xFFA0, 0xFFA0),   // halfwidth Hangul filler
+    (0xFFF9, 0xFFFB),   // interlinear annotation controls
+    (0x110BD, 0x110BD), // Kaithi number sign
+    (0x110CD, 0x110CD), // Kaithi number sign above
+    (0x13430, 0x1343F), // Egyptian hieroglyph format controls
+    (0x1BCA0, 0x1BCA3), // shorthand format controls
+    (0x1D173, 0x1D17A), // musical symbol format controls
+    (0xE0000, 0xE007F), // tags
+];
+
+impl Glyph {
+    fn of(c: char) -> Glyph {
+        let u = u32::from(c);
+        let noncharacter = (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE;
+        match u {
+            0x200C | 0x200D => Glyph::Joiner,
+            0xFE00..=0xFE0F | 0xE0100..=0xE01EF => Glyph::Selector,
+            _ if c.is_control() || noncharacter || HIDDEN.iter().any(|&(lo, hi)| (lo..=hi).contains(&u)) => {
+                Glyph::Hidden
+            }
+            _ if c.is_whitespace() => Glyph::Space,
+            _ => Glyph::Visible,
         }
     }
 }
 
-/// Counts failed authentications per account and per address in fixed windows.
-/// Successful logins cost nothing, so a storm of valid devices is never slowed. The
-/// map is bounded: expired windows are dropped when it is full, and if it is still
-/// full a new key is not tracked (and logged) rather than growing memory.
-#[derive(Default)]
+/// The part of a source address one party controls, which limits are kept by: an IPv4
+/// address, or the /64 network of an IPv6 one (a single host commonly holds a whole
+/// /64, so counting its addresses one by one would give it 2^64 budgets). An
+/// IPv4-mapped IPv6 address counts as its IPv4 address.
+pub fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// argon2id work: at most `ARGON2_CONCURRENCY` hashes run at once (each on the blocking
+/// pool, holding its memory and a core) and at most `queue` requests wait for a turn;
+/// one more is refused at once with `OVERLOADED`. A waiter whose future is dropped (its
+/// connection closed) leaves the queue; a hash already running finishes, holding its
+/// slot, so abandoned work never exceeds the slots.
+struct Argon2Pool {
+    argon: argon2::Argon2<'static>,
+    slots: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    queue: usize,
+}
+
+/// A turn in the pool: a slot now, or a place in the queue.
+enum Turn {
+    Now(OwnedSemaphorePermit),
+    Queued(Waiting),
+}
+
+/// A place in the queue, given back when dropped.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Argon2Pool {
+    fn new(argon: argon2::Argon2<'static>, queue: usize) -> Self {
+        Argon2Pool {
+            argon,
+            slots: Arc::new(Semaphore::new(ARGON2_CONCURRENCY)),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            queue,
+        }
+    }
+
+    /// A turn, or `OVERLOADED` if every slot is busy and the queue is full.
+    fn turn(&self) -> Result<Turn, ErrorBody> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Ok(Turn::Now(slot));
+        }
+        self.waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w < self.queue).then_some(w + 1))
+            .map_err(|_| fail(ErrorCode::OVERLOADED, "too many password checks in progress; retry shortly"))?;
+        Ok(Turn::Queued(Waiting(self.waiting.clone())))
+    }
+
+    /// Waits for `turn`'s slot, then runs `job` on the blocking pool holding it.
+    async fn run<T: Send + 'static>(
+        &self,
+        turn: Turn,
+        job: impl FnOnce(&argon2::Argon2<'static>) -> T + Send + 'static,
+    ) -> Result<T, ErrorBody> {
+        let slot = match turn {
+            Turn::Now(slot) => slot,
+            Turn::Queued(waiting) => {
+                let slot = self.slots.clone().acquire_owned().await.map_err(internal)?;
+                drop(waiting);
+                slot
+            }
+        };
+        let argon = self.argon.clone();
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            job(&argon)
+        })
+        .await
+        .map_err(internal)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum LimitKey {
+    /// An existing account, by id: a name that does not exist is never a key.
+    Account(UserId),
+    /// A source address (see `source`).
+    Address(IpAddr),
+}
+
+/// Counts failures per key in fixed windows. Successes cost nothing, so a storm of
+/// valid devices is never slowed. At most `capacity` keys: when a failure needs a new
+/// key and the table is full even after dropping expired windows (at most once a
+/// second), the attempt is refused with `RATE_LIMITED` instead of going uncounted.
+/// A live window is never evicted, so filling the table cannot lift a limit.
 struct FailureLimiter {
-    windows: Mutex<HashMap<LimitKey, (u64, u32)>>,
+    capacity: usize,
+    per_account: u32,
+    per_address: u32,
+    table: Mutex<FailureTable>,
+}
+
+#[derive(Default)]
+struct FailureTable {
+    windows: HashMap<LimitKey, Window>,
+    /// When expired windows were last dropped (ms since the epoch).
+    pruned_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    start_ms: u64,
+    count: u32,
+}
+
+impl Window {
+    fn live(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.start_ms) < AUTH_FAILURE_WINDOW_MS
+    }
+}
+
+fn too_many() -> ErrorBody {
+    fail(ErrorCode::RATE_LIMITED, "too many failed attempts; try again later")
 }
 
 impl FailureLimiter {
-    fn check(&self, keys: &[LimitKey]) -> Result<(), ErrorBody> {
-        let now = crate::now_ms();
-        let map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+    fn new(capacity: usize, per_account: u32, per_address: u32) -> Self {
+        FailureLimiter { capacity, per_account, per_address, table: Mutex::default() }
+    }
+
+    fn max_failures(&self, key: &LimitKey) -> u32 {
+        match key {
+            LimitKey::Account(_) => self.per_account,
+            LimitKey::Address(_) => self.per_address,
+        }
+    }
+
+    /// `RATE_LIMITED` if any key has used up its failures in its current window.
+    fn check(&self, keys: &[LimitKey], now_ms: u64) -> Result<(), ErrorBody> {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         for key in keys {
-            if let Some(&(start, count)) = map.get(key)
-                && now.saturating_sub(start) < AUTH_FAILURE_WINDOW_MS
-                && count >= key.max_failures()
+            if let Some(w) = table.windows.get(key)
+                && w.live(now_ms)
+                && w.count >= self.max_failures(key)
             {
-                return Err(fail(ErrorCode::RATE_LIMITED, "too many failed attempts; try again later"));
+                return Err(too_many());
             }
         }
         Ok(())
     }
 
-    /// Takes back one counted attempt per key (the attempt turned out to be right).
-    fn refund(&self, keys: &[LimitKey]) {
-        let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+    /// Counts one failure against every key, or none and `RATE_LIMITED` if a key is
+    /// new and the table has no room for it.
+    fn record(&self, keys: &[LimitKey], now_ms: u64) -> Result<(), ErrorBody> {
+        let mut guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let table = &mut *guard;
+        let new = |t: &FailureTable| keys.iter().filter(|k| !t.windows.contains_key(k)).count();
+        if table.windows.len() + new(table) > self.capacity {
+            if table.pruned_ms.is_none_or(|at| now_ms.saturating_sub(at) >= 1000) {
+                table.pruned_ms = Some(now_ms);
+                table.windows.retain(|_, w| w.live(now_ms));
+                if table.windows.len() + new(table) > self.capacity {
+                    tracing::warn!(
+                        keys = table.windows.len(),
+                        "auth failure table full; refusing attempts it cannot count"
+                    );
+                }
+            }
+            if table.windows.len() + new(table) > self.capacity {
+                return Err(too_many());
+            }
+        }
         for key in keys {
-            if let Some(slot) = map.get_mut(key) {
-                slot.1 = slot.1.saturating_sub(1);
+            let w = table.windows.entry(*key).or_insert(Window { start_ms: now_ms, count: 0 });
+            if !w.live(now_ms) {
+                *w = Window { start_ms: now_ms, count: 0 };
+            }
+            w.count = w.count.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// Takes back one counted failure per key (the attempt turned out to be right).
+    fn refund(&self, keys: &[LimitKey]) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            if let Some(w) = table.windows.get_mut(key) {
+                w.count = w.count.saturating_sub(1);
             }
         }
     }
+}
 
-    fn record(&self, keys: &[LimitKey]) {
-        let now = crate::now_ms();
-        let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        for key in keys {
-            if map.len() >= AUTH_FAILURE_KEYS_MAX && !map.contains_key(key) {
-                map.retain(|_, (start, _)| now.saturating_sub(*start) < AUTH_FAILURE_WINDOW_MS);
-                if map.len() >= AUTH_FAILURE_KEYS_MAX {
-                    tracing::warn!("auth failure table full; not tracking a new key");
-                    continue;
-                }
-            }
-            let slot = map.entry(key.clone()).or_insert((now, 0));
-            if now.saturating_sub(slot.0) >= AUTH_FAILURE_WINDOW_MS {
-                *slot = (now, 0);
-            }
-            slot.1 += 1;
+/// Registrations per source address: a token bucket each, `burst` then one every
+/// `interval_ms`. At most `capacity` addresses; at the cap, refilled buckets (the same
+/// as none) are dropped at most once a second, and if none has refilled a new
+/// address's registration is refused with `RATE_LIMITED`.
+struct RegistrationLimiter {
+    burst: f64,
+    per_s: f64,
+    capacity: usize,
+    table: Mutex<Buckets>,
+}
+
+#[derive(Default)]
+struct Buckets {
+    buckets: HashMap<IpAddr, TokenBucket>,
+    pruned: Option<Instant>,
+}
+
+impl RegistrationLimiter {
+    fn new(burst: u32, interval_ms: u64, capacity: usize) -> Self {
+        RegistrationLimiter {
+            burst: f64::from(burst),
+            per_s: 1000.0 / interval_ms.max(1) as f64,
+            capacity,
+            table: Mutex::default(),
         }
+    }
+
+    fn take(&self, from: IpAddr, now: Instant) -> Result<(), ErrorBody> {
+        let limited = || Err(fail(ErrorCode::RATE_LIMITED, "too many registrations from this address; try later"));
+        let mut guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let Buckets { buckets, pruned } = &mut *guard;
+        if buckets.len() >= self.capacity && !buckets.contains_key(&from) {
+            if pruned.is_none_or(|at| now.saturating_duration_since(at).as_secs() >= 1) {
+                *pruned = Some(now);
+                buckets.retain(|_, b| !b.is_full(now, self.per_s, self.burst));
+            }
+            if buckets.len() >= self.capacity {
+                return limited();
+            }
+        }
+        let bucket = buckets.entry(from).or_insert_with(|| TokenBucket::full(self.burst, now));
+        if bucket.take(now, self.per_s, self.burst) { Ok(()) } else { limited() }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -301,21 +666,194 @@ mod tests {
         }
     }
 
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    fn password_limiter(capacity: usize) -> FailureLimiter {
+        FailureLimiter::new(capacity, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS)
+    }
+
     #[test]
     fn failures_limit_per_account_and_expire_by_window() {
-        let limiter = FailureLimiter::default();
-        let keys = [LimitKey::Account("a".into()), LimitKey::Address(IpAddr::from([127, 0, 0, 1]))];
+        let limiter = password_limiter(16);
+        let keys = [LimitKey::Account(1), LimitKey::Address(ip(1))];
         for _ in 0..AUTH_FAILURES_PER_ACCOUNT {
-            assert!(limiter.check(&keys).is_ok());
-            limiter.record(&keys);
+            assert!(limiter.check(&keys, 1000).is_ok());
+            limiter.record(&keys, 1000).unwrap();
         }
-        assert_eq!(limiter.check(&keys).unwrap_err().code, ErrorCode::RATE_LIMITED);
+        assert_eq!(limiter.check(&keys, 1000).unwrap_err().code, ErrorCode::RATE_LIMITED);
         // Another account from the same address is still allowed (address limit is higher).
-        assert!(
-            limiter.check(&[LimitKey::Account("b".into()), LimitKey::Address(IpAddr::from([127, 0, 0, 1]))]).is_ok()
-        );
+        assert!(limiter.check(&[LimitKey::Account(2), LimitKey::Address(ip(1))], 1000).is_ok());
         // An expired window no longer counts.
-        limiter.windows.lock().unwrap().values_mut().for_each(|w| w.0 = 0);
-        assert!(limiter.check(&keys).is_ok());
+        assert!(limiter.check(&keys, 1000 + AUTH_FAILURE_WINDOW_MS).is_ok());
+    }
+
+    #[test]
+    fn a_full_failure_table_refuses_what_it_cannot_count_and_keeps_every_limit() {
+        let limiter = password_limiter(4);
+        let target = [LimitKey::Account(1), LimitKey::Address(ip(1))];
+        for _ in 0..AUTH_FAILURES_PER_ACCOUNT {
+            limiter.record(&target, 0).unwrap();
+        }
+        // Two more keys fill the table.
+        limiter.record(&[LimitKey::Address(ip(2)), LimitKey::Address(ip(3))], 0).unwrap();
+        // A guess from a new address at the targeted account: refused, not uncounted.
+        let fresh = [LimitKey::Account(1), LimitKey::Address(ip(4))];
+        assert_eq!(limiter.record(&fresh, 10).unwrap_err().code, ErrorCode::RATE_LIMITED);
+        assert_eq!(limiter.check(&fresh, 10).unwrap_err().code, ErrorCode::RATE_LIMITED, "still limited");
+        // New addresses trying many other names cannot push the target out.
+        for a in 5..50 {
+            assert!(limiter.record(&[LimitKey::Address(ip(a))], 20).is_err());
+        }
+        assert_eq!(limiter.check(&target, 30).unwrap_err().code, ErrorCode::RATE_LIMITED);
+        // Keys already tracked keep counting.
+        limiter.record(&[LimitKey::Address(ip(2))], 40).unwrap();
+        // Once the windows expire there is room again.
+        let later = AUTH_FAILURE_WINDOW_MS + 100;
+        limiter.record(&fresh, later).unwrap();
+        assert!(limiter.check(&target, later).is_ok());
+    }
+
+    #[test]
+    fn sources_group_ipv6_by_network() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        assert_ne!(source(a), source(other));
+        assert_eq!(source("::ffff:10.0.0.1".parse().unwrap()), IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(source(ip(9)), ip(9));
+    }
+
+    #[test]
+    fn registrations_take_a_burst_per_address_then_the_rate() {
+        let limiter = RegistrationLimiter::new(2, 1000, 2);
+        let start = Instant::now();
+        assert!(limiter.take(ip(1), start).is_ok());
+        assert!(limiter.take(ip(1), start).is_ok());
+        assert_eq!(limiter.take(ip(1), start).unwrap_err().code, ErrorCode::RATE_LIMITED);
+        assert!(limiter.take(ip(2), start).is_ok(), "another address has its own allowance");
+        // The table is full: a third address waits until an allowance has refilled.
+        assert!(limiter.take(ip(3), start).is_err());
+        let later = start + Duration::from_secs(2);
+        assert!(limiter.take(ip(1), later).is_ok(), "refilled");
+        assert!(limiter.take(ip(3), later + Duration::from_secs(2)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_password_queue_is_bounded_and_its_waiters_can_leave() {
+        let params = argon2::Params::new(8, 1, 1, None).unwrap();
+        let pool = Argon2Pool::new(argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params), 2);
+        let running: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| pool.turn().unwrap()).collect();
+        assert!(running.iter().all(|t| matches!(t, Turn::Now(_))));
+        let queued = [pool.turn().unwrap(), pool.turn().unwrap()];
+        assert_eq!(pool.turn().err().unwrap().code, ErrorCode::OVERLOADED);
+        // A waiter that gives up makes room.
+        let [first, second] = queued;
+        drop(first);
+        let third = pool.turn().unwrap();
+        drop(running);
+        // The queued ones run once slots free up.
+        assert_eq!(pool.run(second, |_| 1).await.unwrap(), 1);
+        assert_eq!(pool.run(third, |_| 2).await.unwrap(), 2);
+        assert!(matches!(pool.turn().unwrap(), Turn::Now(_)));
+    }
+
+    #[tokio::test]
+    async fn names_that_cannot_exist_never_become_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::ephemeral(dir.path());
+        config.registration_open = true;
+        let store = crate::open_store(&config).unwrap();
+        let auth = Auth::new(store, &config).unwrap();
+        let long = "x".repeat(4000);
+        for name in [long.as_str(), "nobody", "Bad Name"] {
+            let e = auth.authenticate(name, 1, &[0; 64], b"t", ip(1)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::AUTH_FAILED);
+        }
+        let keys: Vec<LimitKey> = auth.signatures.table.lock().unwrap().windows.keys().copied().collect();
+        assert_eq!(keys, vec![LimitKey::Address(ip(1))], "only the address is counted");
+        assert!(auth.passwords.table.lock().unwrap().windows.is_empty(), "signatures never count as passwords");
+    }
+
+    #[test]
+    fn labels() {
+        #[track_caller]
+        fn check(label: &str, ok: bool) {
+            let points: Vec<String> = label.chars().map(|c| format!("U+{:04X}", u32::from(c))).collect();
+            assert_eq!(check_label(label).is_ok(), ok, "{label:?} ({})", points.join(" "));
+        }
+        for good in [
+            "laptop",
+            "Alice's phone",
+            "a b",
+            "équipe",
+            "团队",
+            "Ђорђе",
+            "עברית",
+            "مرحبا",
+            "می\u{200C}خواهم",
+            "👩\u{200D}💻 dev",
+            "🏳\u{FE0F}\u{200D}🌈",
+            "👍🏽",
+            "x\u{0301}",
+            &"x".repeat(64),
+        ] {
+            check(good, true);
+        }
+        for bad in [
+            "",
+            &"x".repeat(65),
+            "\t",
+            "a\nb",
+            "a\u{7f}",
+            "pay\u{202E}fdp.exe",
+            "\u{202A}x",
+            "\u{202B}x",
+            "x\u{202C}",
+            "\u{202D}x",
+            "\u{2066}x",
+            "x\u{2067}",
+            "\u{2068}x",
+            "x\u{2069}",
+            "\u{200E}x",
+            "x\u{200F}",
+            "a\u{061C}b",
+            "a\u{2028}b",
+            "a\u{2029}b",
+            " ",
+            "   ",
+            "\u{3000}",
+            "\u{A0}",
+            "\u{200B}",
+            "a\u{200B}b",
+            "\u{FEFF}x",
+            "x\u{AD}y",
+            "a\u{2060}b",
+            "a\u{2061}b",
+            "\u{200D}",
+            " \u{200D} ",
+            "\u{200D}x",
+            "x\u{200D}",
+            "x\u{200C}",
+            "a \u{200D}b",
+            "\u{FE0F}",
+            " \u{FE0F}",
+            "\u{3164}",
+            "a\u{3164}b",
+            "\u{115F}",
+            "\u{FFA0}",
+            "\u{2800}",
+            "a\u{034F}b",
+            "\u{180E}",
+            "x\u{E0041}",
+            "\u{E0001}",
+            "a\u{FFF9}b",
+            "\u{FDD0}",
+            "a\u{FFFF}",
+        ] {
+            check(bad, false);
+        }
     }
 }

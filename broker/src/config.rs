@@ -24,14 +24,30 @@ pub struct Config {
     pub argon2_memory_kib: u32,
     /// argon2id iterations.
     pub argon2_iterations: u32,
+    /// Password checks that may wait for a hashing slot; beyond this they are refused
+    /// with `OVERLOADED` (see `limits::ARGON2_QUEUE`).
+    pub argon2_queue: usize,
+    /// Registrations one source address (an IPv6 /64) may make in a burst.
+    pub registration_burst_per_address: u32,
+    /// After the burst, one more registration per address every this many ms.
+    pub registration_interval_ms: u64,
+    /// At the device limit, an enrollment replaces the oldest device that never
+    /// authenticated on a later connection and was enrolled longer ago than this.
+    pub unconfirmed_device_grace_ms: u64,
     /// sled page cache in bytes.
     pub store_cache_bytes: u64,
     /// QUIC idle timeout: an abrupt disconnect is noticed within this.
     pub idle_timeout_ms: u64,
     /// A conversation actor with no traffic for this long stops (and restarts on use).
     pub conversation_idle_ms: u64,
-    /// Most concurrent client connections; beyond this new ones are refused.
+    /// Most authenticated connections at once; beyond this new ones are refused.
     pub max_connections: usize,
+    /// Most connections not yet authenticated (QUIC handshake, hello, auth request) at
+    /// once, counted apart from `max_connections`; past half of it new addresses must
+    /// answer a QUIC Retry (see `limits::MAX_UNAUTHENTICATED_CONNECTIONS`).
+    pub max_unauthenticated_connections: usize,
+    /// Time a QUIC handshake may take before the attempt is dropped.
+    pub quic_handshake_timeout_ms: u64,
     /// Frames queued for one device before it is disconnected as a slow consumer.
     pub outbound_max_frames: usize,
     /// Bytes queued for one device before it is disconnected as a slow consumer.
@@ -58,10 +74,16 @@ impl Default for Config {
             registration_open: true,
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
+            argon2_queue: crate::limits::ARGON2_QUEUE,
+            registration_burst_per_address: crate::limits::REGISTRATION_BURST_PER_ADDRESS,
+            registration_interval_ms: crate::limits::REGISTRATION_INTERVAL_MS,
+            unconfirmed_device_grace_ms: crate::limits::UNCONFIRMED_DEVICE_GRACE_MS,
             store_cache_bytes: 256 * 1024 * 1024,
             idle_timeout_ms: 30_000,
             conversation_idle_ms: 60_000,
             max_connections: 100_000,
+            max_unauthenticated_connections: crate::limits::MAX_UNAUTHENTICATED_CONNECTIONS,
+            quic_handshake_timeout_ms: crate::limits::QUIC_HANDSHAKE_TIMEOUT_MS,
             outbound_max_frames: crate::limits::OUTBOUND_MAX_FRAMES,
             outbound_max_bytes: crate::limits::OUTBOUND_MAX_BYTES,
             udp_sockets: 1,
@@ -79,13 +101,17 @@ impl Config {
     }
 
     /// A configuration for tests and embedded use: ephemeral port, given dir, cheap
-    /// argon2 and a small cache.
+    /// argon2 and a small cache. A test harness enrolls many users from one address at
+    /// once, so the password queue and the per-address registration allowance are
+    /// effectively unbounded here; tests of those bounds set them.
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
             argon2_memory_kib: 256,
             argon2_iterations: 1,
+            argon2_queue: 1 << 16,
+            registration_burst_per_address: u32::MAX,
             store_cache_bytes: 16 * 1024 * 1024,
             ..Config::default()
         }
@@ -93,5 +119,9 @@ impl Config {
 
     pub(crate) fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    pub(crate) fn quic_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.quic_handshake_timeout_ms)
     }
 }

@@ -18,7 +18,7 @@ pub mod user;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -84,8 +84,8 @@ pub struct Shared {
     pub convs: conversation::ConvDirectory,
     /// Session id source.
     pub next_session_id: AtomicU64,
-    /// Connections being served.
-    pub connections: AtomicUsize,
+    /// Connection places: unauthenticated and authenticated, counted apart.
+    pub(crate) admission: connection::Admission,
     /// Set once durability is lost.
     pub health: Arc<Health>,
 }
@@ -117,7 +117,8 @@ impl Broker {
     /// Opens the store, loads or generates the certificate, binds and starts accepting.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
         let store = open_store(&config)?;
-        if !store.opened_clean() {
+        // A store created just now had no previous run to check.
+        if !store.opened_clean() && !store.created() {
             // A crash may have cut a conversation's newest entry short; finish it before
             // anyone lists conversations or members.
             let started = std::time::Instant::now();
@@ -150,12 +151,8 @@ impl Broker {
         let health = Arc::new(Health::new(online.clone()));
         let hook_health = health.clone();
         store.on_failure(Box::new(move |e| hook_health.fail(e)));
-        let auth = auth::Auth::new(
-            store.clone(),
-            config.argon2_memory_kib,
-            config.argon2_iterations,
-            config.registration_open,
-        )?;
+        let auth = auth::Auth::new(store.clone(), &config)?;
+        let admission = connection::Admission::new(&config);
         let shared = Arc::new(Shared {
             config,
             store,
@@ -164,7 +161,7 @@ impl Broker {
             online,
             convs: conversation::ConvDirectory::default(),
             next_session_id: AtomicU64::new(1),
-            connections: AtomicUsize::new(0),
+            admission,
             health,
         });
         let accept =

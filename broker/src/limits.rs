@@ -17,20 +17,72 @@ pub const MAX_LIVE_CONVERSATIONS: usize = 250_000;
 /// Concurrent argon2 computations: each takes `argon2_memory_kib` of memory and a core
 /// for tens of milliseconds; more than the cores only queues work and memory.
 pub const ARGON2_CONCURRENCY: usize = 2;
-/// Distinct keys (accounts, addresses) whose failed logins are tracked at once.
+/// Password checks that may wait for one of the `ARGON2_CONCURRENCY` slots (the default
+/// of `Config::argon2_queue`). A request beyond them is refused at once with `OVERLOADED`
+/// (a capacity bound: retry with backoff), which closes its connection during the
+/// handshake: so no burst of password requests can queue work for minutes, and a valid
+/// login waits for a few hashes at most. Only password requests that pass every cheap
+/// check (name, shape, signature, name not taken, allowances) get this far.
+pub const ARGON2_QUEUE: usize = 2 * ARGON2_CONCURRENCY;
+/// Distinct keys (accounts, source addresses) whose failures are tracked at once, per
+/// table (passwords, device signatures). When a table is full even after dropping
+/// expired windows, an attempt that would need a new key is refused with
+/// `RATE_LIMITED`: a full table fails closed, and no live window is ever evicted, so
+/// filling the table cannot lift a limit an account or address has reached.
 pub const AUTH_FAILURE_KEYS_MAX: usize = 65_536;
-/// Failed logins per account per window before further attempts are refused.
+/// Wrong passwords per account per window before password attempts on it are refused.
+/// Device signatures never consult this count: guessing a password cannot lock out the
+/// account's enrolled devices.
 pub const AUTH_FAILURES_PER_ACCOUNT: u32 = 10;
-/// Failed logins per source address per window.
+/// Failed password attempts per source address per window (any account, named or not).
 pub const AUTH_FAILURES_PER_ADDRESS: u32 = 30;
+/// Bad device signatures (unknown user or device, wrong key) per source address per
+/// window. A signature cannot be guessed; this bounds the lookups one address can make
+/// the broker do, and is generous so a revoked device retrying does not shut out other
+/// devices behind the same address.
+pub const BAD_SIGNATURES_PER_ADDRESS: u32 = 300;
 /// Window for the failure counts.
 pub const AUTH_FAILURE_WINDOW_MS: u64 = 60_000;
+/// Registrations one source address may make in a burst (default of
+/// `Config::registration_burst_per_address`); then one per `REGISTRATION_INTERVAL_MS`.
+/// Each costs an argon2 hash and adds an account for good.
+pub const REGISTRATION_BURST_PER_ADDRESS: u32 = 10;
+/// See `REGISTRATION_BURST_PER_ADDRESS` (default of `Config::registration_interval_ms`).
+pub const REGISTRATION_INTERVAL_MS: u64 = 60_000;
+/// Source addresses whose registration allowance is tracked at once. At the cap,
+/// refilled allowances are dropped (at most once a second); if none has refilled, new
+/// addresses' registrations get `RATE_LIMITED`. ~64 bytes each.
+pub const REGISTRATION_BUCKETS_MAX: usize = 65_536;
+/// Connections not yet authenticated (QUIC handshake, hello, auth request and its
+/// checks) at once, by default (`Config::max_unauthenticated_connections`). Counted
+/// apart from authenticated sessions (`Config::max_connections`), so connections that
+/// never finish their handshake cannot take the places of users. Each holds ~82 KB.
+pub const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 1024;
+/// Once half of the unauthenticated bound is taken, a new connection must prove its
+/// address (a QUIC Retry round trip) and one source address may hold at most this many
+/// unauthenticated connections; below half, neither applies (a Retry costs every client
+/// a round trip).
+pub const UNAUTHENTICATED_PER_ADDRESS: usize = 64;
+/// Time a QUIC handshake may take, from its first packet, by default
+/// (`Config::quic_handshake_timeout_ms`). A loss-free handshake takes one or two round
+/// trips; this leaves room for several lost flights on a poor link, and frees the place
+/// of a peer that never finishes long before the idle timeout would.
+pub const QUIC_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// A device enrolled by `Register` or `Login` is unconfirmed until it authenticates
+/// on a later connection (proof that its owner learned its id). At the device limit,
+/// an enrollment replaces the oldest unconfirmed device enrolled longer ago than this
+/// (default of `Config::unconfirmed_device_grace_ms`) and not connected, so enrollments
+/// whose answer was lost cannot lock an account out for good, while a device enrolled
+/// moments ago (whose owner may be about to reconnect) is kept.
+pub const UNCONFIRMED_DEVICE_GRACE_MS: u64 = 10 * 60_000;
 /// Devices one account may have enrolled; each login enrolls one, so without a bound
 /// a password holder could grow the store without end. Revoke one to enroll another.
 pub const MAX_DEVICES_PER_USER: usize = 32;
 /// Connections one user may have at once (devices may reconnect before their old
 /// connection times out, hence twice the device limit). Bounds one user's share of the
-/// broker and the fan-out work per event for that user.
+/// broker and the fan-out work per event for that user. Checked during the handshake,
+/// before `Authed` is sent or a device enrolled: one more is refused with `OVERLOADED`,
+/// which closes it like every handshake failure.
 pub const MAX_SESSIONS_PER_USER: usize = 2 * MAX_DEVICES_PER_USER;
 /// Conversations one user may create in a burst, and the rate the allowance refills at
 /// (per second). Creating one is a catalog write (a sled batch, which holds up every
@@ -50,6 +102,11 @@ pub const CATALOG_QUEUE: usize = 64;
 pub const MIN_PASSWORD_BYTES: usize = 8;
 /// Largest frame the broker reads in one QUIC chunk read.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+// A user's connections must fit the devices it may have, each reconnecting once.
+const _: () = assert!(MAX_SESSIONS_PER_USER >= MAX_DEVICES_PER_USER);
+// Under load one address must not be able to hold every unauthenticated place.
+const _: () = assert!(UNAUTHENTICATED_PER_ADDRESS * 2 <= MAX_UNAUTHENTICATED_CONNECTIONS);
 
 // Outbound must be able to hold at least one maximum-size server frame.
 const _: () = assert!(OUTBOUND_MAX_BYTES >= switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize * 2);

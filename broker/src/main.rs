@@ -1,11 +1,14 @@
 //! `switchboard`: run the broker (`serve`, the default) or administer its data dir.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchboard_broker::{Broker, Config};
+use switchboard_storage::Store;
 
 #[derive(Parser)]
 #[command(name = "switchboard", version, about = "Switchboard realtime messaging broker")]
@@ -47,6 +50,28 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Manage a user's devices (the broker must not be running on the same data dir).
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// List a user's devices, one a line: id, enrollment time (UTC), whether it has
+    /// authenticated since its enrollment (`confirmed`) or not (`unconfirmed`), name.
+    List {
+        /// Account name.
+        user: String,
+    },
+    /// Revoke one device: it can no longer authenticate.
+    Revoke {
+        /// Account name.
+        user: String,
+        /// Device id, as `device list` prints it.
+        device: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -59,8 +84,12 @@ enum UserCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Logs go to stderr (stdout carries the broker's address and certificate for
+    // scripts), with colour only when a person is watching.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let mut config = match &cli.config {
@@ -75,6 +104,10 @@ fn main() -> anyhow::Result<()> {
         None => runtime.block_on(serve(config, cli.serve)),
         Some(Command::Serve(args)) => runtime.block_on(serve(config, args)),
         Some(Command::User { command: UserCommand::Add { name } }) => runtime.block_on(user_add(config, &name)),
+        Some(Command::Device { command: DeviceCommand::List { user } }) => device_list(&config, &user),
+        Some(Command::Device { command: DeviceCommand::Revoke { user, device } }) => {
+            runtime.block_on(device_revoke(&config, &user, device))
+        }
     }
 }
 
@@ -89,6 +122,7 @@ async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     if args.closed_registration {
         config.registration_open = false;
     }
+    let stop = signals()?;
     let broker = Broker::start(config.clone()).await?;
     println!("switchboard listening on {}", broker.local_addr);
     println!("data directory: {}", config.data_dir.display());
@@ -96,7 +130,7 @@ async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     println!("certificate sha256: {}", broker.fingerprint);
     println!("registration: {}", if config.registration_open { "open" } else { "closed" });
     tokio::select! {
-        r = wait_for_signal() => r?,
+        () = stop => {}
         () = broker.failed() => {
             // Nothing may be acknowledged as durable again in this process: exit, and let
             // the next start recover from what is on disk (an unclean stop).
@@ -108,14 +142,18 @@ async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     broker.shutdown().await
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Listens for SIGINT and SIGTERM from now on (so a signal sent as soon as the broker
+/// says it is listening is not lost), and resolves on the first.
+fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 async fn user_add(config: Config, name: &str) -> anyhow::Result<()> {
@@ -124,16 +162,86 @@ async fn user_add(config: Config, name: &str) -> anyhow::Result<()> {
         Err(_) => rpassword::prompt_password(format!("password for {name}: "))?,
     };
     let store = switchboard_broker::open_store(&config)?;
-    let auth =
-        switchboard_broker::auth::Auth::new(store.clone(), config.argon2_memory_kib, config.argon2_iterations, true)?;
-    let id = auth.add_user(name, &password).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    // Vouch for the store only if it was vouched for when opened (else the broker's
-    // next start must still check it).
-    if store.opened_clean() {
+    let auth = switchboard_broker::auth::Auth::new(store.clone(), &config)?;
+    let added = auth.add_user(name, &password).await.map_err(|e| anyhow::anyhow!("{e}"));
+    close_admin_store(&store)?;
+    println!("created user {name} (id {})", added?);
+    Ok(())
+}
+
+fn device_list(config: &Config, user: &str) -> anyhow::Result<()> {
+    let store = switchboard_broker::open_store(config)?;
+    let listed = list_devices(&store, user);
+    close_admin_store(&store)?;
+    for line in listed? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn list_devices(store: &Store, user: &str) -> anyhow::Result<Vec<String>> {
+    let (id, _) = store.user_by_name(user)?.with_context(|| format!("no user {user:?}"))?;
+    let unconfirmed = store.unconfirmed_devices(id)?;
+    let devices = store.devices(id)?;
+    Ok(devices
+        .into_iter()
+        .map(|(device, d)| {
+            let state = if unconfirmed.contains(&device) { "unconfirmed" } else { "confirmed" };
+            format!("{device}\t{}\t{state}\t{:?}", utc(d.enrolled_ms), d.name)
+        })
+        .collect())
+}
+
+async fn device_revoke(config: &Config, user: &str, device: u64) -> anyhow::Result<()> {
+    let store = switchboard_broker::open_store(config)?;
+    let revoked = revoke_device(&store, user, device).await;
+    close_admin_store(&store)?;
+    revoked?;
+    println!("revoked device {device} of {user}");
+    Ok(())
+}
+
+async fn revoke_device(store: &Store, user: &str, device: u64) -> anyhow::Result<()> {
+    let (id, _) = store.user_by_name(user)?.with_context(|| format!("no user {user:?}"))?;
+    let removed = store.remove_device(id, device)?.with_context(|| format!("{user} has no device {device}"))?;
+    removed.await?;
+    Ok(())
+}
+
+/// Closes a store an operator command opened. It is vouched for (no check at the next
+/// start) only if it was when opened, or this command created it.
+fn close_admin_store(store: &Arc<Store>) -> anyhow::Result<()> {
+    if store.opened_clean() || store.created() {
         store.close_clean()?
     } else {
         store.close()?
     }
-    println!("created user {name} (id {id})");
     Ok(())
+}
+
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc(1_700_000_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
 }

@@ -93,7 +93,15 @@ pub fn server_config(identity: &Identity, config: &Config) -> anyhow::Result<qui
     server.transport_config(Arc::new(transport(config)));
     // Mobile devices change addresses; QUIC path validation keeps that safe.
     server.migration(true);
-    server.max_incoming(config.max_connections.min(1 << 16));
+    // Connection attempts waiting for the accept loop to decide (it decides at once);
+    // each may buffer a few datagrams (a client's first flight) meanwhile.
+    let pending = config.max_unauthenticated_connections.clamp(1, 1 << 16);
+    server.max_incoming(pending);
+    server.incoming_buffer_size(64 * 1024);
+    server.incoming_buffer_size_total((pending as u64 * 64 * 1024).min(64 << 20));
+    // A Retry token (asked for under load, see `connection::Admission`) must come back
+    // within a few round trips; a short life limits replaying it from elsewhere.
+    server.retry_token_lifetime(std::time::Duration::from_secs(15));
     Ok(server)
 }
 

@@ -75,8 +75,31 @@ struct Live {
 /// message ever sent to a stopping actor.
 pub struct UserDirectory {
     map: tokio::sync::Mutex<HashMap<UserId, Live>>,
+    /// Places taken by handshakes that have not attached yet (see `reserve`).
+    reserved: Arc<std::sync::Mutex<HashMap<UserId, usize>>>,
     online: Arc<Online>,
     creations: std::sync::Mutex<Creations>,
+}
+
+/// A place among a user's sessions, taken during the handshake before `Authed` is sent
+/// (and before a login enrolls anything), so a connection beyond
+/// `MAX_SESSIONS_PER_USER` is refused as a handshake failure, never after it was told
+/// it is authenticated. `attach` turns it into a session; dropped, it is given back.
+pub struct Reservation {
+    user: UserId,
+    reserved: Arc<std::sync::Mutex<HashMap<UserId, usize>>>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = reserved.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                reserved.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// Conversation-creation allowances of users who created recently, online or not (so
@@ -92,11 +115,32 @@ struct Creations {
 impl UserDirectory {
     /// An empty directory publishing into `online`.
     pub fn new(online: Arc<Online>) -> Self {
-        UserDirectory { map: tokio::sync::Mutex::new(HashMap::new()), online, creations: std::sync::Mutex::default() }
+        UserDirectory {
+            map: tokio::sync::Mutex::new(HashMap::new()),
+            reserved: Arc::default(),
+            online,
+            creations: std::sync::Mutex::default(),
+        }
     }
 
-    /// Registers a connected session; refuses one beyond `MAX_SESSIONS_PER_USER`.
-    pub async fn attach(&self, user: UserId, session: SessionHandle) -> Result<(), ErrorBody> {
+    /// Takes a place among `user`'s sessions for a connection in its handshake, or
+    /// `OVERLOADED` if its sessions and the places already taken reach
+    /// `MAX_SESSIONS_PER_USER`.
+    pub async fn reserve(&self, user: UserId) -> Result<Reservation, ErrorBody> {
+        let map = self.map.lock().await;
+        let sessions = map.get(&user).map_or(0, |live| live.sessions);
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = reserved.get(&user).copied().unwrap_or(0);
+        if sessions + taken >= MAX_SESSIONS_PER_USER {
+            return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many connections for this user"));
+        }
+        reserved.insert(user, taken + 1);
+        Ok(Reservation { user, reserved: self.reserved.clone() })
+    }
+
+    /// Registers a connected session in the place `reserve` took for it.
+    pub async fn attach(&self, place: Reservation, session: SessionHandle) -> Result<(), ErrorBody> {
+        let user = place.user;
         let mut map = self.map.lock().await;
         if map.get(&user).is_some_and(|live| live.sessions >= MAX_SESSIONS_PER_USER) {
             return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many connections for this user"));
@@ -114,6 +158,8 @@ impl UserDirectory {
         }
         live.sessions += 1;
         map.insert(user, live);
+        // Given back under the map lock: the session now counts instead.
+        drop(place);
         Ok(())
     }
 
@@ -175,22 +221,27 @@ impl UserDirectory {
 
 /// A token bucket: `burst` tokens at most, refilled at a steady rate.
 #[derive(Debug)]
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     tokens: f64,
     at: Instant,
 }
 
 impl TokenBucket {
+    /// A bucket holding its whole burst.
+    pub(crate) fn full(burst: f64, now: Instant) -> Self {
+        TokenBucket { tokens: burst, at: now }
+    }
+
     fn tokens_at(&self, now: Instant, per_s: f64, burst: f64) -> f64 {
         (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_s).min(burst)
     }
 
-    fn is_full(&self, now: Instant, per_s: f64, burst: f64) -> bool {
+    pub(crate) fn is_full(&self, now: Instant, per_s: f64, burst: f64) -> bool {
         self.tokens_at(now, per_s, burst) >= burst
     }
 
     /// Refills for the time since the last call, then takes a token if there is one.
-    fn take(&mut self, now: Instant, per_s: f64, burst: f64) -> bool {
+    pub(crate) fn take(&mut self, now: Instant, per_s: f64, burst: f64) -> bool {
         self.tokens = self.tokens_at(now, per_s, burst);
         self.at = now;
         if self.tokens >= 1.0 {
@@ -220,5 +271,20 @@ mod tests {
         assert!(!bucket.take(later, 1.0, 3.0));
         assert!(!bucket.is_full(later, 1.0, 3.0));
         assert!(bucket.is_full(later + Duration::from_secs(3), 1.0, 3.0));
+    }
+
+    #[tokio::test]
+    async fn a_users_places_are_reserved_before_authed_and_given_back() {
+        let users = UserDirectory::new(Arc::default());
+        let mut places: Vec<Reservation> = Vec::new();
+        for _ in 0..MAX_SESSIONS_PER_USER {
+            places.push(users.reserve(7).await.unwrap());
+        }
+        assert_eq!(users.reserve(7).await.err().unwrap().code, ErrorCode::OVERLOADED);
+        assert!(users.reserve(8).await.is_ok(), "another user has its own places");
+        places.pop();
+        let again = users.reserve(7).await.unwrap();
+        drop((places, again));
+        assert!(users.reserved.lock().unwrap().is_empty());
     }
 }

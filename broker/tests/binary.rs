@@ -194,3 +194,114 @@ async fn operators_add_users_when_registration_is_closed() {
     signal(&broker.child, "-TERM");
     assert!(broker.child.wait().unwrap().success());
 }
+
+/// Runs `switchboard ARGS` on `dir` to its end, password from the environment.
+fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args)
+        .current_dir(dir)
+        .env("SWITCHBOARD_PASSWORD", "correct horse battery")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Device ids `switchboard device list USER` prints, one per line, first column.
+fn listed_devices(dir: &Path, user: &str) -> Vec<u64> {
+    let out = run(dir, &["device", "list", user]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines().map(|l| l.split_whitespace().next().unwrap().parse().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn operators_list_and_revoke_devices_while_the_broker_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(dir.path(), &["user", "add", "carol"]).status.success());
+    let mut broker = start(dir.path());
+    let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let (laptop, laptop_id) = connector.login("carol", "correct horse battery", "laptop").await.unwrap();
+    let (phone, phone_id) = connector.login("carol", "correct horse battery", "phone").await.unwrap();
+    drop((laptop, phone));
+    signal(&broker.child, "-TERM");
+    assert!(broker.child.wait().unwrap().success());
+
+    assert_eq!(listed_devices(dir.path(), "carol"), vec![laptop_id.device_id, phone_id.device_id]);
+    let phone = phone_id.device_id.to_string();
+    assert!(run(dir.path(), &["device", "revoke", "carol", &phone]).status.success());
+    assert!(!run(dir.path(), &["device", "revoke", "carol", &phone]).status.success(), "revoked twice");
+    assert!(!run(dir.path(), &["device", "list", "nobody"]).status.success(), "an unknown user");
+    assert_eq!(listed_devices(dir.path(), "carol"), vec![laptop_id.device_id]);
+
+    let mut broker = start(dir.path());
+    let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let refused = connector.connect(&phone_id).await.err().unwrap();
+    assert_eq!(refused.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED));
+    connector.connect(&laptop_id).await.unwrap().ping().await.unwrap();
+    signal(&broker.child, "-TERM");
+    assert!(broker.child.wait().unwrap().success());
+}
+
+/// Starts the broker with `RUST_LOG=info`, stops it with SIGTERM and returns what it
+/// wrote to stdout and to stderr (both piped, so neither is a terminal).
+fn logs_of_one_run(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        stderr.read_to_end(&mut all).unwrap();
+        all
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut out = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the broker exited before listening");
+        out.extend_from_slice(line.as_bytes());
+        if line.contains("certificate sha256: ") {
+            break;
+        }
+    }
+    signal(&child, "-TERM");
+    stdout.read_to_end(&mut out).unwrap();
+    assert!(child.wait().unwrap().success());
+    (out, err.join().unwrap())
+}
+
+#[test]
+fn logs_are_plain_text_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = logs_of_one_run(dir.path());
+    assert!(!out.contains(&0x1b) && !err.contains(&0x1b), "colour codes in piped output");
+    let err = String::from_utf8(err).unwrap();
+    assert!(err.contains("listening"), "log lines go to stderr: {err:?}");
+    assert!(!String::from_utf8(out).unwrap().contains(" INFO "), "log lines stay off stdout");
+}
+
+#[test]
+fn a_new_data_dir_is_not_reported_as_an_unclean_stop() {
+    // A brand-new data dir, and one that `user add` created.
+    for user_add_first in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        if user_add_first {
+            assert!(run(dir.path(), &["user", "add", "carol"]).status.success());
+        }
+        let (out, err) = logs_of_one_run(dir.path());
+        let all = String::from_utf8_lossy(&[out, err].concat()).into_owned();
+        assert!(!all.contains("unclean"), "user add first: {user_add_first}: {all}");
+    }
+    // A second start after a clean stop is clean too.
+    let dir = tempfile::tempdir().unwrap();
+    logs_of_one_run(dir.path());
+    let (out, err) = logs_of_one_run(dir.path());
+    assert!(!String::from_utf8_lossy(&[out, err].concat()).contains("unclean"));
+}

@@ -17,6 +17,7 @@ const DIRECT: u8 = 0x0a;
 const CLEAN_SHUTDOWN: u8 = 0x0b;
 const EDIT_OF: u8 = 0x0c;
 const FORMAT: u8 = 0x0d;
+const UNCONFIRMED: u8 = 0x0e;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -51,6 +52,13 @@ impl Key {
     }
     pub fn devices_of(user: UserId) -> Key {
         Key::with(DEVICE, &[&user.to_be_bytes()])
+    }
+    /// Present while a device has not authenticated since its enrollment.
+    pub fn unconfirmed(user: UserId, device: DeviceId) -> Key {
+        Key::with(UNCONFIRMED, &[&user.to_be_bytes(), &device.to_be_bytes()])
+    }
+    pub fn unconfirmed_of(user: UserId) -> Key {
+        Key::with(UNCONFIRMED, &[&user.to_be_bytes()])
     }
     pub fn conversation(id: ConvId) -> Key {
         Key::with(CONVERSATION, &[&id.to_be_bytes()])

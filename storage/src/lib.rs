@@ -95,6 +95,8 @@ pub struct Store {
     path: PathBuf,
     /// The previous run closed the store with `close_clean`.
     opened_clean: bool,
+    /// This open created the store: there was no previous run.
+    created: bool,
     /// Index writes begun, finished and made durable (see `read_durable`).
     index_gen: Arc<IndexGen>,
 }
@@ -102,6 +104,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database and starts the group committer.
     pub fn open(config: &StoreConfig) -> Result<Store> {
+        let created = !config.path.exists();
         let db = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_capacity_bytes)
@@ -115,8 +118,15 @@ impl Store {
         let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
         let index_gen = Arc::new(IndexGen::default());
         let committer = Committer::start(db.clone(), config.path.join("db"), index_gen.clone())?;
-        let store =
-            Store { db, committer, catalog: Mutex::new(()), path: config.path.clone(), opened_clean, index_gen };
+        let store = Store {
+            db,
+            committer,
+            catalog: Mutex::new(()),
+            path: config.path.clone(),
+            opened_clean,
+            created,
+            index_gen,
+        };
         // Made durable by the caller's first barrier, like crash repair.
         store.upgrade_to_format_2()?;
         Ok(store)
@@ -144,6 +154,12 @@ impl Store {
     /// conversation's newest entry short: see `repair_all`.
     pub fn opened_clean(&self) -> bool {
         self.opened_clean
+    }
+
+    /// Whether this open created the store (its directory did not exist): there was no
+    /// previous run, so nothing to check even though `opened_clean` is false.
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// Applies a catalog `txn` atomically and returns a future that resolves once it is
@@ -205,18 +221,73 @@ impl Store {
         self.get(Key::user(id))
     }
 
-    /// Enrolls a device key for `user`, unless it already has `max_devices`
-    /// (`LimitReached`); the count and the insert are one atomic step.
-    pub fn add_device(&self, user: UserId, record: &DeviceRecord, max_devices: usize) -> Result<(DeviceId, Durable)> {
+    /// Enrolls a device key for `user`, unconfirmed (see `confirm_device`). If `user`
+    /// already has `max_devices`, the oldest unconfirmed device enrolled before
+    /// `replace.enrolled_before_ms` and not in `replace.in_use` is removed in the same
+    /// atomic batch (its id is returned second); if there is none, `LimitReached`. The
+    /// count, the choice and the writes are one step under the catalog lock.
+    pub fn add_device(
+        &self,
+        user: UserId,
+        record: &DeviceRecord,
+        max_devices: usize,
+        replace: &Replace<'_>,
+    ) -> Result<(DeviceId, Option<DeviceId>, Durable)> {
         let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let mut txn = Txn::new();
+        let mut replaced = None;
         if self.db.scan_prefix(Key::devices_of(user)).take(max_devices).count() >= max_devices {
-            return Err(StoreError::LimitReached);
+            // Device ids only grow, so the first match is the oldest.
+            for id in self.unconfirmed_devices(user)? {
+                if replace.in_use.contains(&id) {
+                    continue;
+                }
+                match self.device(user, id)? {
+                    Some(d) if d.enrolled_ms < replace.enrolled_before_ms => {
+                        replaced = Some(id);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let Some(old) = replaced else { return Err(StoreError::LimitReached) };
+            txn.batch.remove(Key::device(user, old).as_ref());
+            txn.batch.remove(Key::unconfirmed(user, old).as_ref());
         }
         let id = self.next_id(Counter::Device)?;
-        let mut txn = Txn::new();
         txn.set_counter(Counter::Device, id);
         txn.put(Key::device(user, id), record);
-        Ok((id, self.commit(txn)?))
+        txn.batch.insert(Key::unconfirmed(user, id).as_ref(), &[][..]);
+        Ok((id, replaced, self.commit(txn)?))
+    }
+
+    /// Records that a device authenticated after its enrollment, so it is never
+    /// replaced (`add_device`). `None` if there was nothing to record (confirmed
+    /// already, enrolled before confirmation existed, or gone).
+    pub fn confirm_device(&self, user: UserId, device: DeviceId) -> Result<Option<Durable>> {
+        let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let key = Key::unconfirmed(user, device);
+        if !self.db.contains_key(&key)? {
+            return Ok(None);
+        }
+        let mut txn = Txn::new();
+        txn.batch.remove(key.as_ref());
+        Ok(Some(self.commit(txn)?))
+    }
+
+    /// Whether a device has not authenticated since its enrollment.
+    pub fn device_unconfirmed(&self, user: UserId, device: DeviceId) -> Result<bool> {
+        Ok(self.db.contains_key(Key::unconfirmed(user, device))?)
+    }
+
+    /// A user's unconfirmed devices, oldest first.
+    pub fn unconfirmed_devices(&self, user: UserId) -> Result<Vec<DeviceId>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(Key::unconfirmed_of(user)) {
+            let (k, _) = item?;
+            out.push(keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "unconfirmed key"))?);
+        }
+        Ok(out)
     }
 
     /// One device of a user.
@@ -235,14 +306,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes a device; `false` if it did not exist.
+    /// Removes a device; `None` if it did not exist.
     pub fn remove_device(&self, user: UserId, device: DeviceId) -> Result<Option<Durable>> {
+        let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         let key = Key::device(user, device);
         if !self.db.contains_key(&key)? {
             return Ok(None);
         }
         let mut txn = Txn::new();
         txn.batch.remove(key.as_ref());
+        txn.batch.remove(Key::unconfirmed(user, device).as_ref());
         Ok(Some(self.commit(txn)?))
     }
 
@@ -296,6 +369,15 @@ impl Store {
             None => Ok(None),
         }
     }
+}
+
+/// What an enrollment at the device limit may replace (`Store::add_device`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Replace<'a> {
+    /// Only unconfirmed devices enrolled strictly before this time (ms since the epoch).
+    pub enrolled_before_ms: u64,
+    /// Devices connected now, never replaced.
+    pub in_use: &'a [DeviceId],
 }
 
 /// A set of catalog writes applied atomically by `Store::commit`.
@@ -609,5 +691,42 @@ mod tests {
         store.commit(txn).unwrap().await.unwrap();
         assert_eq!(store.user_conversations(1, None, 10).unwrap(), vec![5, 9]);
         assert_eq!(store.members(7).unwrap(), vec![(2, Role::Admin)]);
+    }
+
+    #[tokio::test]
+    async fn unconfirmed_devices_give_way_at_the_limit_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        assert!(store.created(), "a new store");
+        let record = |enrolled_ms| DeviceRecord { name: "d".into(), public_key: [1; 32], enrolled_ms };
+        let nothing = Replace::default();
+        let mut ids = Vec::new();
+        for ms in 1..=3 {
+            let (id, replaced, d) = store.add_device(7, &record(ms), 3, &nothing).unwrap();
+            d.await.unwrap();
+            assert_eq!(replaced, None);
+            ids.push(id);
+        }
+        assert_eq!(store.unconfirmed_devices(7).unwrap(), ids, "every enrollment starts unconfirmed");
+        assert!(matches!(store.add_device(7, &record(4), 3, &nothing), Err(StoreError::LimitReached)));
+        store.confirm_device(7, ids[0]).unwrap().unwrap().await.unwrap();
+        assert!(store.confirm_device(7, ids[0]).unwrap().is_none(), "confirmed once");
+        assert!(!store.device_unconfirmed(7, ids[0]).unwrap());
+        // Too recent to give way: the oldest unconfirmed was enrolled at 2.
+        let recent = Replace { enrolled_before_ms: 2, in_use: &[] };
+        assert!(matches!(store.add_device(7, &record(4), 3, &recent), Err(StoreError::LimitReached)));
+        // The oldest unconfirmed device is connected: the next one gives way.
+        let replace = Replace { enrolled_before_ms: 10, in_use: &[ids[1]] };
+        let (new, replaced, d) = store.add_device(7, &record(5), 3, &replace).unwrap();
+        d.await.unwrap();
+        assert_eq!(replaced, Some(ids[2]));
+        let left: Vec<DeviceId> = store.devices(7).unwrap().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(left, vec![ids[0], ids[1], new]);
+        assert_eq!(store.unconfirmed_devices(7).unwrap(), vec![ids[1], new]);
+        store.remove_device(7, ids[1]).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.unconfirmed_devices(7).unwrap(), vec![new], "a removed device leaves no marker");
+        store.close().unwrap();
+        drop(store);
+        assert!(!open(dir.path()).created());
     }
 }

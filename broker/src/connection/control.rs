@@ -24,11 +24,11 @@ use crate::reply::Responder;
 const WRITER_DRAIN: Duration = Duration::from_secs(5);
 
 pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
-    let Authed { user, device, send, mut recv, mut decoder } = authed;
+    let Authed { user, device, place, send, mut recv, mut decoder } = authed;
     let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
     let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
     let handle = SessionHandle { id: session, device, out: out.clone() };
-    if let Err(e) = shared.users.attach(user, handle).await {
+    if let Err(e) = shared.users.attach(place, handle).await {
         return close(&conn, e.into());
     }
     // A revoke that ran between the signature check and the attach found no session

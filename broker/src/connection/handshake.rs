@@ -1,21 +1,30 @@
 //! The handshake on the control stream: the client's hello, the server's hello with a
 //! fresh nonce, then exactly one auth request (register, login or a device signature)
 //! under a 4 KiB frame limit. The connection's deadline is applied by the caller.
+//!
+//! Every refusal comes before `Authed` is sent and before anything is stored that the
+//! client would have to learn of: a session place (`max_connections`) and a place among
+//! the user's sessions are taken once the request is verified and before a login
+//! enrolls its device, so a refusal for capacity (`OVERLOADED`) closes the connection
+//! like every handshake failure and leaves nothing behind.
 
 use std::net::IpAddr;
 
-use switchboard_protocol::limits::PREAUTH_MAX_FRAME_BYTES;
+use switchboard_protocol::limits::{MAX_NAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
     ClientFrame, ClientHello, DeviceId, ErrorCode, FrameDecoder, Limits, Reply, Request, RequestBody, ServerFrame,
     ServerHello, UserId,
 };
 
-use super::{Close, read_msg, write_msg};
+use super::{Close, Session, Unauthenticated, read_msg, write_msg};
 use crate::Shared;
+use crate::user::Reservation;
 
 pub(super) struct Authed {
     pub(super) user: UserId,
     pub(super) device: DeviceId,
+    /// The place among the user's sessions, for `UserDirectory::attach`.
+    pub(super) place: Reservation,
     pub(super) send: quinn::SendStream,
     pub(super) recv: quinn::RecvStream,
     pub(super) decoder: FrameDecoder,
@@ -47,6 +56,9 @@ pub(super) async fn hello(conn: &quinn::Connection) -> Result<Hello, Close> {
         );
         return Err(Close(ErrorCode::UNSUPPORTED_VERSION, msg));
     }
+    if hello.agent.len() > MAX_NAME_BYTES as usize {
+        return Err(Close(ErrorCode::INVALID, "agent is longer than 64 bytes".into()));
+    }
     let mut nonce = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
         .map_err(|_| Close(ErrorCode::INTERNAL, "no randomness".into()))?;
@@ -67,18 +79,49 @@ pub(super) async fn hello(conn: &quinn::Connection) -> Result<Hello, Close> {
     Ok(Hello { send, recv, decoder, transcript, request })
 }
 
-pub(super) async fn authenticate(shared: &Shared, conn: &quinn::Connection, hello: Hello) -> Result<Authed, Close> {
+/// Serves the auth request. On success the connection holds a session place (returned)
+/// instead of its unauthenticated one.
+pub(super) async fn authenticate(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    hello: Hello,
+    unauthenticated: Unauthenticated,
+) -> Result<(Authed, Session), Close> {
     let Hello { mut send, recv, decoder, transcript, request: Request { id, body } } = hello;
     let from: IpAddr = conn.remote_address().ip();
-    let (user, device) = match body {
-        RequestBody::Register(e) => shared.auth.register(&e, &transcript).await?,
-        RequestBody::Login(e) => shared.auth.login(&e, &transcript, from).await?,
+    let auth = &shared.auth;
+    let (user, device, place, session) = match body {
+        RequestBody::Register(e) => {
+            let checked = auth.check_register(&e, &transcript, from).await?;
+            let session = shared.admission.promote(unauthenticated)?;
+            let user = auth.create_user(&e.user, checked.hash).await?;
+            let place = shared.users.reserve(user).await?;
+            let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new()).await?;
+            (user, device, place, session)
+        }
+        RequestBody::Login(e) => {
+            let (user, key) = auth.check_login(&e, &transcript, from).await?;
+            let session = shared.admission.promote(unauthenticated)?;
+            let place = shared.users.reserve(user).await?;
+            let in_use = shared.online.sessions(user).map(|s| s.iter().map(|s| s.device).collect()).unwrap_or_default();
+            let (device, replaced) = auth.enroll(user, &e.device_name, key, in_use).await?;
+            if let Some(old) = replaced {
+                // Connected devices are never replaced; one that connected meanwhile
+                // finds its device gone when it attaches.
+                shared.users.revoke(user, old).await;
+            }
+            (user, device, place, session)
+        }
         RequestBody::Authenticate { user, device_id, signature } => {
-            (shared.auth.authenticate(&user, device_id, &signature, &transcript, from)?, device_id)
+            let user = auth.authenticate(&user, device_id, &signature, &transcript, from)?;
+            let session = shared.admission.promote(unauthenticated)?;
+            let place = shared.users.reserve(user).await?;
+            auth.confirm(user, device_id).await?;
+            (user, device_id, place, session)
         }
         _ => return Err(Close(ErrorCode::NOT_AUTHENTICATED, "authenticate first".into())),
     };
     write_msg(&mut send, &ServerFrame::Response { id, result: Ok(Reply::Authed { user_id: user, device_id: device }) })
         .await?;
-    Ok(Authed { user, device, send, recv, decoder })
+    Ok((Authed { user, device, place, send, recv, decoder }, session))
 }

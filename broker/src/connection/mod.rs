@@ -1,22 +1,30 @@
-//! One connection's I/O: the accept loop, the QUIC and device handshake under a
-//! deadline (`handshake.rs`), the control stream's read loop with one typed route per
+//! One connection's I/O: the accept loop, the QUIC and device handshake under
+//! deadlines (`handshake.rs`), the control stream's read loop with one typed route per
 //! request (`control.rs`) and the writer that drains the outbound queue (`writer.rs`).
 //! A bad frame closes this connection only, with a stable code. Who gets which event is
 //! not decided here: see `fanout.rs` and the actors.
+//!
+//! Connections are admitted in two stages (`Admission`): until it is authenticated a
+//! connection holds one of `max_unauthenticated_connections` places, and only then one of
+//! `max_connections` session places, so peers that never finish a handshake cannot take
+//! the places of users. Under load new addresses must answer a QUIC Retry first.
 
 mod control;
 mod handshake;
 mod writer;
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_protocol::{ErrorBody, ErrorCode, FrameDecoder, decode, encode_frame};
 
 use crate::Shared;
-use crate::limits::READ_CHUNK_BYTES;
+use crate::config::Config;
+use crate::limits::{READ_CHUNK_BYTES, UNAUTHENTICATED_PER_ADDRESS};
 use switchboard_protocol::limits::AUTH_DEADLINE_MS;
 
 /// Why a connection ends: a stable code and a short reason for the peer.
@@ -32,47 +40,169 @@ fn close(conn: &quinn::Connection, Close(code, reason): Close) {
     conn.close(code.0.into(), reason.as_bytes());
 }
 
-/// Accepts connections until the endpoint closes, up to `max_connections` at once.
+/// Accepts connections until the endpoint closes, as `Admission` allows.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        if shared.connections.load(Ordering::Relaxed) >= shared.config.max_connections || shared.health.is_failed() {
+        if shared.health.is_failed() {
             incoming.refuse();
             continue;
         }
-        shared.connections.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            serve(shared.clone(), incoming).await;
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
-        });
+        let from = incoming.remote_address().ip();
+        match shared.admission.judge(from, incoming.remote_address_validated()) {
+            Verdict::Refuse => incoming.refuse(),
+            Verdict::Retry => {
+                // Unvalidated means a retry is allowed (quinn guarantees it); refuse if not.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+            }
+            Verdict::Admit(place) => {
+                tokio::spawn(serve(shared.clone(), incoming, place));
+            }
+        }
     }
 }
 
 /// Runs one incoming connection to its end.
-async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenticated) {
+    // Dropping an attempt that missed its deadline closes it.
+    let conn = match tokio::time::timeout(shared.config.quic_handshake_timeout(), incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("QUIC handshake deadline passed");
             return;
         }
     };
     let deadline = Duration::from_millis(u64::from(AUTH_DEADLINE_MS));
     // The deadline covers what the peer controls: hello and the auth request. Checking
-    // the request (argon2, durable enrollment) is not cut off half way, so a slow check
+    // the request (argon2, durable enrollment) is not cut off by it, so a slow check
     // never leaves an enrolled device its owner was never told about.
     let hello = match tokio::time::timeout(deadline, Box::pin(handshake::hello(&conn))).await {
         Ok(Ok(h)) => h,
         Ok(Err(c)) => return close(&conn, c),
         Err(_) => return close(&conn, Close(ErrorCode::TIMEOUT, "authentication deadline passed".into())),
     };
+    // A peer that goes away abandons its request: waiting for a password-hashing turn
+    // stops with it (a hash already running finishes, holding only its slot).
     // Boxed: the auth state is large and short-lived; inline it would stay in every
     // connection's task allocation for the connection's whole life.
-    let authed = match Box::pin(handshake::authenticate(&shared, &conn, hello)).await {
+    let authed = tokio::select! {
+        biased;
+        _ = conn.closed() => return,
+        authed = Box::pin(handshake::authenticate(&shared, &conn, hello, place)) => authed,
+    };
+    let (authed, _session) = match authed {
         Ok(a) => a,
         Err(c) => return close(&conn, c),
     };
     control::run(shared, conn, authed).await;
+}
+
+/// What to do with a new connection attempt.
+pub(crate) enum Verdict {
+    /// Serve it, holding this place until it is authenticated or gone.
+    Admit(Unauthenticated),
+    /// Ask it to prove its address with a QUIC Retry (it comes back validated).
+    Retry,
+    /// Refuse it.
+    Refuse,
+}
+
+/// Connection places. Connections not yet authenticated (QUIC handshake, hello, auth
+/// request and its checks) and authenticated sessions are counted apart, each with its
+/// own bound, so connections that never finish their handshake take no session's place.
+/// Once half of the unauthenticated places are taken ("under load"), a connection from
+/// an address that has not proved it receives our packets is asked to (QUIC Retry), and
+/// one source address (an IPv6 /64) may hold at most `UNAUTHENTICATED_PER_ADDRESS`.
+pub(crate) struct Admission {
+    max_sessions: usize,
+    max_unauthenticated: usize,
+    sessions: Arc<AtomicUsize>,
+    unauthenticated: Arc<Mutex<Pending>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// A place for a connection not yet authenticated; given back when dropped.
+pub(crate) struct Unauthenticated {
+    source: IpAddr,
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.total -= 1;
+        if let Some(n) = pending.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                pending.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// A session's place among `max_connections`; given back when dropped.
+pub(crate) struct Session(Arc<AtomicUsize>);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Admission {
+    pub(crate) fn new(config: &Config) -> Self {
+        Admission {
+            max_sessions: config.max_connections,
+            max_unauthenticated: config.max_unauthenticated_connections,
+            sessions: Arc::default(),
+            unauthenticated: Arc::default(),
+        }
+    }
+
+    /// Decides about a connection attempt from `from`; `validated` = the peer proved it
+    /// receives packets sent to its address (it answered a Retry, or used a token).
+    pub(crate) fn judge(&self, from: IpAddr, validated: bool) -> Verdict {
+        // No session place would be free for it anyway.
+        if self.sessions.load(Ordering::SeqCst) >= self.max_sessions {
+            return Verdict::Refuse;
+        }
+        let source = crate::auth::source(from);
+        let mut pending = self.unauthenticated.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.total >= self.max_unauthenticated {
+            return Verdict::Refuse;
+        }
+        if pending.total * 2 >= self.max_unauthenticated {
+            if !validated {
+                return Verdict::Retry;
+            }
+            if pending.by_source.get(&source).copied().unwrap_or(0) >= UNAUTHENTICATED_PER_ADDRESS {
+                return Verdict::Refuse;
+            }
+        }
+        pending.total += 1;
+        *pending.by_source.entry(source).or_insert(0) += 1;
+        Verdict::Admit(Unauthenticated { source, pending: self.unauthenticated.clone() })
+    }
+
+    /// Moves an authenticated connection from its unauthenticated place to a session
+    /// place, or `OVERLOADED` if `max_connections` sessions are being served.
+    pub(crate) fn promote(&self, place: Unauthenticated) -> Result<Session, ErrorBody> {
+        self.sessions
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_sessions).then_some(n + 1))
+            .map_err(|_| ErrorBody::new(ErrorCode::OVERLOADED, "the broker is at its connection limit"))?;
+        drop(place);
+        Ok(Session(self.sessions.clone()))
+    }
 }
 
 async fn write_msg<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), Close> {
@@ -99,5 +229,71 @@ async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) ->
             Ok(None) => return Err(Close(ErrorCode::NO_ERROR, "control stream finished".into())),
             Err(e) => return Err(Close(ErrorCode::NO_ERROR, e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(max_sessions: usize, max_unauthenticated: usize) -> Admission {
+        let mut config = Config::ephemeral("unused");
+        config.max_connections = max_sessions;
+        config.max_unauthenticated_connections = max_unauthenticated;
+        Admission::new(&config)
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    fn admitted(v: Verdict) -> Unauthenticated {
+        match v {
+            Verdict::Admit(place) => place,
+            Verdict::Retry => panic!("asked to retry"),
+            Verdict::Refuse => panic!("refused"),
+        }
+    }
+
+    #[test]
+    fn handshakes_and_sessions_have_their_own_places() {
+        let a = admission(2, 4);
+        // Two unauthenticated places are free for anyone; then only for validated peers.
+        let p1 = admitted(a.judge(ip(1), false));
+        let p2 = admitted(a.judge(ip(2), false));
+        assert!(matches!(a.judge(ip(3), false), Verdict::Retry));
+        let p3 = admitted(a.judge(ip(3), true));
+        let p4 = admitted(a.judge(ip(4), true));
+        assert!(matches!(a.judge(ip(5), true), Verdict::Refuse), "every unauthenticated place is taken");
+        // Authenticated, they move to session places and free theirs.
+        let s1 = a.promote(p1).unwrap();
+        let s2 = a.promote(p2).unwrap();
+        assert_eq!(a.promote(p3).err().unwrap().code, ErrorCode::OVERLOADED);
+        assert!(matches!(a.judge(ip(5), true), Verdict::Refuse), "no session place would be free");
+        drop(s1);
+        let p5 = admitted(a.judge(ip(5), true));
+        drop((s2, p4, p5));
+        assert_eq!(a.sessions.load(Ordering::SeqCst), 0);
+        assert_eq!(a.unauthenticated.lock().unwrap().total, 0);
+        assert!(a.unauthenticated.lock().unwrap().by_source.is_empty());
+    }
+
+    #[test]
+    fn under_load_one_address_holds_a_bounded_share() {
+        let a = admission(10_000, 4 * UNAUTHENTICATED_PER_ADDRESS);
+        let mut places: Vec<Unauthenticated> =
+            (0..UNAUTHENTICATED_PER_ADDRESS).map(|_| admitted(a.judge(ip(1), false))).collect();
+        places.extend((0..UNAUTHENTICATED_PER_ADDRESS).map(|_| admitted(a.judge(ip(2), false))));
+        // Half full: validated addresses only, and only up to their share.
+        assert!(matches!(a.judge(ip(1), true), Verdict::Refuse));
+        let other = admitted(a.judge(ip(3), true));
+        // IPv6 addresses of one /64 are one source.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mine: Vec<Unauthenticated> = (0..UNAUTHENTICATED_PER_ADDRESS)
+            .map(|i| admitted(a.judge(v6(&format!("2001:db8::{:x}", i + 1)), true)))
+            .collect();
+        assert!(matches!(a.judge(v6("2001:db8::ffff:1"), true), Verdict::Refuse));
+        drop((places, other, mine));
+        assert_eq!(a.unauthenticated.lock().unwrap().total, 0);
     }
 }

@@ -1,0 +1,417 @@
+//! What one peer can make the broker do to everyone else: guessing a password never locks
+//! enrolled devices out, work before authentication is bounded and dropped with its
+//! connection, handshakes that never finish take nobody's place, an account cannot lock
+//! itself out with devices it never learned of, and labels cannot hide or reverse text.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::{Signer, SigningKey};
+use switchboard_client::{ClientError, Connector};
+use switchboard_protocol::limits::{AUTH_DEADLINE_MS, MAX_NAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
+use switchboard_protocol::{
+    ClientFrame, ClientHello, Enroll, ErrorCode, FrameDecoder, Request, RequestBody, ServerHello, decode, encode_frame,
+};
+use switchboard_tests::TestBroker;
+
+/// Generous bound on anything the broker should do promptly (nothing here should hang).
+const WAIT: Duration = Duration::from_secs(10);
+
+fn addr(tb: &TestBroker) -> SocketAddr {
+    tb.broker.as_ref().unwrap().local_addr
+}
+
+/// The code the broker closed `conn` with.
+async fn closed_with(conn: &quinn::Connection) -> Option<ErrorCode> {
+    let err = tokio::time::timeout(WAIT, conn.closed()).await.expect("the broker closes the connection");
+    ClientError::from(err).code()
+}
+
+/// A QUIC connection with its control stream open and nothing sent on it yet.
+struct Raw {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+async fn bare(connector: &Connector, to: SocketAddr) -> Raw {
+    let conn = connector.endpoint().connect(to, "localhost").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    Raw { conn, send, recv, decoder: FrameDecoder::new(1 << 20) }
+}
+
+impl Raw {
+    /// The next whole frame, or `None` once the stream or connection ends.
+    async fn read(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().unwrap() {
+                return Some(frame);
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Says hello as `agent`; returns the transcript a device signs, or `None` if the
+    /// broker answered with something other than its hello.
+    async fn hello(&mut self, agent: &str) -> Option<Vec<u8>> {
+        let hello = ClientHello { magic: switchboard_protocol::MAGIC, version: 1, agent: agent.into() };
+        self.send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
+        let server: ServerHello = decode(&self.read().await?).ok()?;
+        let mut exporter = [0u8; 32];
+        self.conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"").unwrap();
+        Some(switchboard_protocol::auth_transcript(&server.nonce, &exporter))
+    }
+}
+
+/// An enrollment signed by the key `seed` over `transcript`.
+fn enroll(transcript: &[u8], user: &str, password: &str, seed: u8) -> Enroll {
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    Enroll {
+        user: user.into(),
+        password: password.into(),
+        device_name: "d".into(),
+        public_key: Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+        signature: Bytes::copy_from_slice(&key.sign(transcript).to_bytes()),
+    }
+}
+
+/// Opens a connection, sends `body` as its auth request once the broker has it, and
+/// hangs up without waiting for an answer.
+async fn ask_and_hang_up(connector: &Connector, to: SocketAddr, body: impl FnOnce(&[u8]) -> RequestBody) {
+    let mut raw = bare(connector, to).await;
+    let Some(transcript) = raw.hello("hang-up").await else { return };
+    let request = ClientFrame::Request(Request { id: 0, body: body(&transcript) });
+    raw.send.write_all(&encode_frame(&request).unwrap()).await.unwrap();
+    let _ = raw.send.finish();
+    // The broker has acknowledged the request (it holds it) before the peer goes.
+    let _ = tokio::time::timeout(WAIT, raw.send.stopped()).await;
+    raw.conn.close(0u32.into(), b"gone");
+}
+
+/// A QUIC handshake that never completes: a relay hands the broker the client's first
+/// datagram (its Initial) and drops everything else the client sends, while the broker's
+/// packets do reach the client. Returns once the broker has answered.
+async fn stalled_handshake(connector: &Connector, broker: SocketAddr) {
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let connecting = connector.endpoint().connect(relay.local_addr().unwrap(), "localhost").unwrap();
+    let (answered, on_answer) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut answered = Some(answered);
+        let (mut buf, mut client, mut forwarded) = (vec![0u8; 64 * 1024], None, false);
+        while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+            if from == broker {
+                if let Some(a) = answered.take() {
+                    let _ = a.send(());
+                }
+                if let Some(client) = client {
+                    let _ = relay.send_to(&buf[..n], client).await;
+                }
+            } else {
+                client = Some(from);
+                if !forwarded {
+                    forwarded = true;
+                    let _ = relay.send_to(&buf[..n], broker).await;
+                }
+            }
+        }
+    });
+    // The client keeps trying (retransmitting) until its own idle timeout.
+    tokio::spawn(async move {
+        if let Ok(conn) = connecting.await {
+            conn.closed().await;
+        }
+    });
+    tokio::time::timeout(WAIT, on_answer).await.expect("the broker answers an Initial").unwrap();
+}
+
+// ---- 1. guessing passwords never locks enrolled devices out ----
+
+#[tokio::test]
+async fn wrong_passwords_never_lock_out_enrolled_devices() {
+    let tb = TestBroker::start().await;
+    let (_laptop, laptop) = tb.register("alice").await;
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        codes.push(tb.connector().login("alice", "not the password", "d").await.err().unwrap().code().unwrap());
+    }
+    assert_eq!(codes.last(), Some(&ErrorCode::RATE_LIMITED), "guessing is still limited: {codes:?}");
+    // Guesses at made-up names use up this address's password allowance too.
+    for i in 0..25 {
+        codes.push(tb.connector().login(&format!("nobody{i}"), "guess", "d").await.err().unwrap().code().unwrap());
+    }
+    assert_eq!(codes.last(), Some(&ErrorCode::RATE_LIMITED), "guessing from this address is limited: {codes:?}");
+    // The device proves its key, from that same address: no one's guesses stop it.
+    let again = tb.connector().connect(&laptop).await;
+    assert!(again.is_ok(), "an enrolled device was refused: {:?}", again.err());
+    // Signing in with a name that cannot exist fails like any unknown device.
+    let mut ghost = laptop.clone();
+    ghost.user = "x".repeat(3000);
+    assert_eq!(tb.connector().connect(&ghost).await.err().unwrap().code(), Some(ErrorCode::AUTH_FAILED));
+    tb.connector().connect(&laptop).await.unwrap().ping().await.unwrap();
+}
+
+// ---- 2. work before authentication is bounded ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_that_hang_up_do_not_delay_a_login() {
+    let tb = TestBroker::start_with(|c| {
+        // Production cost: each hash takes real time.
+        c.argon2_memory_kib = 19 * 1024;
+        c.argon2_iterations = 2;
+        c.argon2_queue = 4;
+        c.registration_burst_per_address = 10;
+    })
+    .await;
+    tb.register("alice").await;
+    let (connector, to, password) = (tb.connector(), addr(&tb), tb.password);
+    // 300 registrations of a taken name, then 300 of fresh names, each hanging up at once.
+    for fresh in [false, true] {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..300u32 {
+            let connector = connector.clone();
+            set.spawn(async move {
+                let name = if fresh { format!("fresh{i}") } else { "alice".to_owned() };
+                ask_and_hang_up(&connector, to, |t| RequestBody::Register(enroll(t, &name, password, 7))).await;
+            });
+        }
+        tokio::time::timeout(WAIT * 6, set.join_all()).await.unwrap();
+        let login = tokio::time::timeout(Duration::from_millis(u64::from(AUTH_DEADLINE_MS)), tb.login("alice")).await;
+        assert!(login.is_ok(), "a valid login waited behind abandoned work (fresh names: {fresh})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_work_is_dropped_with_its_connection() {
+    // No queue bound and no registration allowance to hide behind (the test defaults):
+    // only dropping the work of peers that left keeps the login prompt.
+    let tb = TestBroker::start_with(|c| {
+        c.argon2_memory_kib = 19 * 1024;
+        c.argon2_iterations = 2;
+    })
+    .await;
+    tb.register("alice").await;
+    let (connector, to, password) = (tb.connector(), addr(&tb), tb.password);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..300u32 {
+        let connector = connector.clone();
+        set.spawn(async move {
+            let name = format!("gone{i}");
+            ask_and_hang_up(&connector, to, |t| RequestBody::Register(enroll(t, &name, password, 7))).await;
+        });
+    }
+    tokio::time::timeout(WAIT * 6, set.join_all()).await.unwrap();
+    let login = tokio::time::timeout(Duration::from_millis(u64::from(AUTH_DEADLINE_MS)), tb.login("alice")).await;
+    assert!(login.is_ok(), "a valid login waited behind the work of peers that had left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_password_queue_answers_overloaded() {
+    let tb = TestBroker::start_with(|c| {
+        // Each hash takes long enough for every login below to arrive while two run.
+        c.argon2_memory_kib = 64 * 1024;
+        c.argon2_iterations = 4;
+        c.argon2_queue = 2;
+    })
+    .await;
+    tb.register("alice").await;
+    let connector = tb.connector();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (connector, password) = (connector.clone(), tb.password);
+        set.spawn(async move { connector.login("alice", password, "phone").await.map(|_| ()) });
+    }
+    let results = tokio::time::timeout(WAIT * 3, set.join_all()).await.unwrap();
+    let codes: Vec<Option<ErrorCode>> = results.iter().map(|r| r.as_ref().err().and_then(|e| e.code())).collect();
+    assert!(codes.contains(&Some(ErrorCode::OVERLOADED)), "nothing was refused: {codes:?}");
+    assert!(codes.contains(&None), "nothing got through: {codes:?}");
+    assert!(codes.iter().all(|c| matches!(c, None | Some(ErrorCode::OVERLOADED))), "{codes:?}");
+}
+
+#[tokio::test]
+async fn registrations_are_limited_per_address() {
+    let tb = TestBroker::start_with(|c| {
+        c.registration_burst_per_address = 3;
+        c.registration_interval_ms = 3_600_000;
+    })
+    .await;
+    for name in ["a1", "a2", "a3"] {
+        tb.register(name).await;
+    }
+    let refused = tb.connector().register("a4", tb.password, "d").await.err().unwrap();
+    assert_eq!(refused.code(), Some(ErrorCode::RATE_LIMITED));
+    // Refusals that cost nothing are answered as before and spend no allowance.
+    let taken = tb.connector().register("a1", tb.password, "d").await.err().unwrap();
+    assert_eq!(taken.code(), Some(ErrorCode::CONFLICT));
+    // Logging in is not registering.
+    tb.login("a1").await;
+}
+
+// ---- 3. handshakes that never finish take nobody's place ----
+
+#[tokio::test]
+async fn unfinished_handshakes_do_not_take_the_slots_of_clients() {
+    let tb = TestBroker::start_with(|c| c.max_connections = 10).await;
+    let (connector, to) = (tb.connector(), addr(&tb));
+    for _ in 0..10 {
+        stalled_handshake(&connector, to).await;
+    }
+    // And ten that finish QUIC but never say hello.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        if let Ok(c) = connector.endpoint().connect(to, "localhost").unwrap().await {
+            silent.push(c);
+        }
+    }
+    // Ten real clients still fit.
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let registered = tokio::time::timeout(WAIT, tb.connector().register(&format!("u{i}"), tb.password, "d")).await;
+        match registered.unwrap() {
+            Ok((client, _)) => clients.push(client),
+            Err(e) => panic!("client {i} was refused while handshakes were pending: {e}"),
+        }
+    }
+    for c in &clients {
+        c.ping().await.unwrap();
+    }
+    // The bound on sessions still holds.
+    assert!(tb.connector().register("u10", tb.password, "d").await.is_err());
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_completes_gives_up_its_place_at_its_deadline() {
+    // One place for connections in their handshake, taken by a peer that never finishes.
+    // (The broker cannot tell that peer it gave up: until the peer proves its address,
+    // QUIC lets the broker send it only three times what it sent.)
+    let tb = TestBroker::start_with(|c| c.max_unauthenticated_connections = 1).await;
+    stalled_handshake(&tb.connector(), addr(&tb)).await;
+    assert!(tb.connector().register("alice", tb.password, "d").await.is_err(), "the only place is taken");
+    // The idle timeout is 30 s; the handshake deadline (5 s) frees the place well before.
+    let joined = tokio::time::timeout(WAIT, async {
+        loop {
+            match tb.connector().register("alice", tb.password, "d").await {
+                Ok((client, _)) => return client,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    joined.await.expect("the unfinished handshake kept its place").ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn under_load_unvalidated_handshakes_are_asked_to_retry() {
+    // Past half of this bound every new address must prove itself with a QUIC Retry:
+    // stalls that cannot (the relay drops their second Initial) hold nothing.
+    let tb = TestBroker::start_with(|c| c.max_unauthenticated_connections = 4).await;
+    let (connector, to) = (tb.connector(), addr(&tb));
+    for _ in 0..8 {
+        stalled_handshake(&connector, to).await;
+    }
+    let (client, _) = tokio::time::timeout(WAIT, tb.connector().register("alice", tb.password, "d"))
+        .await
+        .unwrap()
+        .expect("a client that answers the Retry gets in");
+    client.ping().await.unwrap();
+}
+
+// ---- 4. unconfirmed enrollments ----
+
+#[tokio::test]
+async fn enrollments_never_confirmed_give_way_at_the_device_limit() {
+    let tb = TestBroker::start_with(|c| c.unconfirmed_device_grace_ms = 0).await;
+    let (_first, laptop) = tb.register("alice").await;
+    // The laptop comes back with its key: confirmed.
+    let laptop_client = tb.connector().connect(&laptop).await.unwrap();
+    // 31 logins whose answers were lost (the clients never use their devices).
+    let mut lost = Vec::new();
+    for _ in 0..31 {
+        lost.push(tb.login("alice").await.1.device_id);
+    }
+    assert_eq!(laptop_client.devices().await.unwrap().len(), 32);
+    let (_phone, phone) = tb.login("alice").await;
+    let devices: Vec<u64> = laptop_client.devices().await.unwrap().iter().map(|d| d.device_id).collect();
+    assert_eq!(devices.len(), 32, "{devices:?}");
+    assert!(devices.contains(&laptop.device_id) && devices.contains(&phone.device_id));
+    assert!(!devices.contains(&lost[0]), "the oldest unconfirmed enrollment gave way");
+}
+
+#[tokio::test]
+async fn recent_unconfirmed_enrollments_still_count() {
+    let tb = TestBroker::start().await;
+    let (laptop, _) = tb.register("alice").await;
+    for _ in 0..31 {
+        tb.login("alice").await;
+    }
+    let refused = tb.connector().login("alice", tb.password, "d").await.err().unwrap();
+    assert_eq!(refused.code(), Some(ErrorCode::FORBIDDEN));
+    assert_eq!(laptop.devices().await.unwrap().len(), 32);
+}
+
+// ---- 5. labels ----
+
+#[tokio::test]
+async fn labels_that_hide_or_reverse_text_are_invalid() {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    for title in ["pay\u{202E}fdp.exe", "\u{2066}team", "a\u{2028}b", " \u{200B} ", "\u{3164}"] {
+        let e = alice.create_group(title, &[]).await.err().unwrap();
+        assert_eq!(e.code(), Some(ErrorCode::INVALID), "{title:?}");
+    }
+    let e = tb.connector().login("alice", tb.password, "phone\u{202E}").await.err().unwrap();
+    assert_eq!(e.code(), Some(ErrorCode::INVALID));
+    // Ordinary text in any script, emoji sequences included, is fine.
+    alice.create_group("équipe 团队 👩‍💻", &[]).await.unwrap();
+}
+
+// ---- 6. a user's connection beyond the bound ----
+
+#[tokio::test]
+async fn a_users_connection_beyond_the_bound_is_refused_in_the_handshake() {
+    let tb = TestBroker::start().await;
+    let (first, laptop) = tb.register("alice").await;
+    let mut clients = vec![first];
+    for _ in 1..64 {
+        clients.push(tb.connector().connect(&laptop).await.unwrap());
+    }
+    match tb.connector().connect(&laptop).await {
+        Ok(c) => panic!("the 65th connection was authenticated, then closed with {:?}", c.closed().await.code()),
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}"),
+    }
+    // A login refused for the same reason enrolls nothing.
+    let refused = tb.connector().login("alice", tb.password, "phone").await.err().unwrap();
+    assert_eq!(refused.code(), Some(ErrorCode::OVERLOADED));
+    assert_eq!(clients[0].devices().await.unwrap().len(), 1, "the refused login left a device behind");
+    drop(clients.pop());
+    let again = tokio::time::timeout(WAIT, async {
+        loop {
+            match tb.connector().connect(&laptop).await {
+                Ok(c) => return c,
+                // The dropped connection's session may take a moment to end.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    again.await.unwrap().ping().await.unwrap();
+}
+
+// ---- 7. the agent's length ----
+
+#[tokio::test]
+async fn an_agent_longer_than_a_name_is_invalid() {
+    let tb = TestBroker::start().await;
+    let (connector, to) = (tb.connector(), addr(&tb));
+    let mut fits = bare(&connector, to).await;
+    assert!(fits.hello(&"a".repeat(MAX_NAME_BYTES as usize)).await.is_some());
+    let mut long = bare(&connector, to).await;
+    let agent = "a".repeat(MAX_NAME_BYTES as usize + 1);
+    assert!((agent.len() as u32) < PREAUTH_MAX_FRAME_BYTES);
+    assert!(long.hello(&agent).await.is_none(), "the broker answered a hello with a long agent");
+    assert_eq!(closed_with(&long.conn).await, Some(ErrorCode::INVALID));
+}
