@@ -115,11 +115,11 @@ async fn human_output_neutralises_control_characters() {
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
-    // Titles may not hold C0/C1 controls, but direction controls and separators pass.
-    let title = "plans\u{202e}fdp.exe\u{2028}x";
-    let conv = sb(&alice, &broker, &["conv", "create", "--title", title, "bob"]);
+    // Labels (titles, device and user names) refuse every such character at the broker;
+    // message text carries anything, so it is the text that must be neutralised here.
+    let conv = sb(&alice, &broker, &["conv", "create", "--title", "plans", "bob"]);
     let id = conv[0]["conv"].as_u64().unwrap().to_string();
-    let hostile = "hello\x1b[2K\r\x1b[1Aalice: wire the money now\x1b]0;pwned\x07 \u{9b}2J \u{2066}\\";
+    let hostile = "hello\x1b[2K\r\x1b[1Aalice: wire the money now\x1b]0;pwned\x07 \u{9b}2J \u{2066}\\ pay\u{202e}fdp.exe\u{2028}x";
     sb(&alice, &broker, &["send", &id, hostile]);
 
     let history = sb_output(&bob, &broker, &["history", &id]);
@@ -129,14 +129,12 @@ async fn human_output_neutralises_control_characters() {
     let shown = String::from_utf8(history.stdout).unwrap() + &String::from_utf8(list.stdout).unwrap();
     let unsafe_chars: Vec<char> = shown.chars().filter(|&c| c != '\n' && is_terminal_unsafe(c)).collect();
     assert!(unsafe_chars.is_empty(), "raw controls {unsafe_chars:?} reached the terminal in {shown:?}");
-    let escaped = r"hello\u{1b}[2K\u{d}\u{1b}[1Aalice: wire the money now\u{1b}]0;pwned\u{7} \u{9b}2J \u{2066}\\";
+    let escaped = r"hello\u{1b}[2K\u{d}\u{1b}[1Aalice: wire the money now\u{1b}]0;pwned\u{7} \u{9b}2J \u{2066}\\ pay\u{202e}fdp.exe\u{2028}x";
     assert!(shown.contains(escaped), "{shown:?}");
-    assert!(shown.contains(r"plans\u{202e}fdp.exe\u{2028}x"), "{shown:?}");
 
     // JSON keeps the exact text (serde_json escapes what needs escaping).
     let json = sb(&bob, &broker, &["history", &id]);
     assert_eq!(json.last().unwrap()["text"], hostile);
-    assert_eq!(sb(&bob, &broker, &["conv", "list"])[0]["title"], title);
 }
 
 fn is_terminal_unsafe(c: char) -> bool {
