@@ -68,9 +68,9 @@ fn wrong_password() -> ErrorBody {
 
 impl Auth {
     /// An auth service over `store` with `config`'s argon2id cost and allowances.
-    pub fn new(store: Arc<Store>, config: &Config) -> anyhow::Result<Self> {
+    pub fn new(store: Arc<Store>, config: &Config) -> crate::error::Result<Self> {
         let params = argon2::Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
-            .map_err(|e| anyhow::anyhow!("argon2 params: {e}"))?;
+            .map_err(|e| crate::Error::Config(format!("argon2 parameters: {e}")))?;
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         Ok(Auth {
             store,

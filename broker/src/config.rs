@@ -95,9 +95,9 @@ impl Default for Config {
 
 impl Config {
     /// Reads a TOML file; absent keys keep their defaults.
-    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)?;
-        Ok(toml::from_str(&text)?)
+    pub fn from_toml_file(path: &std::path::Path) -> crate::error::Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(crate::Error::io(format!("reading {}", path.display())))?;
+        toml::from_str(&text).map_err(|e| crate::Error::Config(format!("{}: {e}", path.display())))
     }
 
     /// A configuration for tests and embedded use: ephemeral port, given dir, cheap

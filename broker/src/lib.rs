@@ -21,11 +21,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use anyhow::Context;
 use switchboard_protocol::ErrorCode;
 use switchboard_storage::{Store, StoreConfig};
 
 pub use config::Config;
+pub use error::{Error, Result};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -91,12 +91,13 @@ pub struct Shared {
 }
 
 /// Opens the data directory's store with the configured cache.
-pub fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+pub fn open_store(config: &Config) -> Result<Arc<Store>> {
+    std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
     let mut store_config = StoreConfig::new(config.data_dir.join("store"));
     store_config.cache_capacity_bytes = config.store_cache_bytes;
-    let store = Store::open(&store_config)
-        .with_context(|| format!("opening store in {} (is another broker using it?)", config.data_dir.display()))?;
+    let store = Store::open(&store_config).map_err(|e| {
+        Error::Config(format!("opening the store in {} (is another broker using it?): {e}", config.data_dir.display()))
+    })?;
     Ok(Arc::new(store))
 }
 
@@ -115,7 +116,7 @@ pub struct Broker {
 
 impl Broker {
     /// Opens the store, loads or generates the certificate, binds and starts accepting.
-    pub async fn start(config: Config) -> anyhow::Result<Broker> {
+    pub async fn start(config: Config) -> Result<Broker> {
         let store = open_store(&config)?;
         // A store created just now had no previous run to check.
         if !store.opened_clean() && !store.created() {
@@ -145,8 +146,9 @@ impl Broker {
                     Arc::new(quinn::TokioRuntime),
                 )
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let local_addr = endpoints[0].local_addr()?;
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Error::io("starting a QUIC endpoint"))?;
+        let local_addr = endpoints[0].local_addr().map_err(Error::io("reading the listen address"))?;
         let online = Arc::new(fanout::Online::default());
         let health = Arc::new(Health::new(online.clone()));
         let hook_health = health.clone();
@@ -189,7 +191,7 @@ impl Broker {
 
     /// Stops accepting, closes every connection with `GOING_AWAY`, waits briefly for
     /// them to go, stops the actors and flushes the store.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> Result<()> {
         for task in &self.accept {
             task.abort();
         }

@@ -139,7 +139,7 @@ async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     println!("shutting down");
-    broker.shutdown().await
+    Ok(broker.shutdown().await?)
 }
 
 /// Listens for SIGINT and SIGTERM from now on (so a signal sent as soon as the broker

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::config::Config;
+use crate::error::{Error, Result};
 
 /// The certificate the broker serves, and where it came from.
 pub struct Identity {
@@ -24,7 +24,7 @@ pub struct Identity {
 
 /// Loads the configured certificate, or the generated one in the data dir, generating
 /// it on first start.
-pub fn load_or_generate(config: &Config) -> anyhow::Result<Identity> {
+pub fn load_or_generate(config: &Config) -> Result<Identity> {
     let (cert_path, key_path) = match (&config.cert, &config.key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         (None, None) => {
@@ -35,15 +35,18 @@ pub fn load_or_generate(config: &Config) -> anyhow::Result<Identity> {
             }
             (c, k)
         }
-        _ => anyhow::bail!("--cert and --key go together"),
+        _ => return Err(Error::Config("--cert and --key go together".into())),
     };
+    fn pem(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> Error + '_ {
+        move |e| Error::Tls(format!("{}: {e}", path.display()))
+    }
     let chain = CertificateDer::pem_file_iter(&cert_path)
-        .with_context(|| format!("reading {}", cert_path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing {}", cert_path.display()))?;
-    let leaf = chain.first().with_context(|| format!("no certificate in {}", cert_path.display()))?;
+        .map_err(pem(&cert_path))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(pem(&cert_path))?;
+    let leaf = chain.first().ok_or_else(|| Error::Tls(format!("no certificate in {}", cert_path.display())))?;
     let fingerprint = fingerprint(leaf);
-    let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(pem(&key_path))?;
     Ok(Identity { chain, key, cert_path, fingerprint })
 }
 
@@ -52,14 +55,16 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     ring::digest::digest(&ring::digest::SHA256, cert.as_ref()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn generate(cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
+fn generate(cert_path: &Path, key_path: &Path) -> Result<()> {
     let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let certified = rcgen::generate_simple_self_signed(names).context("generating certificate")?;
+    let certified =
+        rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(format!("generating certificate: {e}")))?;
     if let Some(dir) = cert_path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     }
-    write_private(key_path, certified.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(cert_path, certified.cert.pem())?;
+    write_private(key_path, certified.signing_key.serialize_pem().as_bytes())
+        .map_err(Error::io(format!("writing {}", key_path.display())))?;
+    std::fs::write(cert_path, certified.cert.pem()).map_err(Error::io(format!("writing {}", cert_path.display())))?;
     Ok(())
 }
 
@@ -80,15 +85,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Builds the QUIC server config. 0-RTT is refused: rustls' `max_early_data_size`
 /// stays 0, so no request can arrive before the handshake completes (and none could
 /// be replayed).
-pub fn server_config(identity: &Identity, config: &Config) -> anyhow::Result<quinn::ServerConfig> {
+pub fn server_config(identity: &Identity, config: &Config) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(Error::tls)?
         .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(Error::tls)?;
     tls.alpn_protocols = vec![switchboard_protocol::ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(Error::tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport(config)));
     // Mobile devices change addresses; QUIC path validation keeps that safe.
@@ -139,23 +146,24 @@ fn transport(config: &Config) -> quinn::TransportConfig {
 /// task) carries a share of the load. The price: a peer whose address changes (NAT
 /// rebinding, a network switch) may land on a socket whose endpoint does not know its
 /// connection, and must reconnect; with `count == 1` QUIC migration keeps working.
-pub fn bind_udp(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<std::net::UdpSocket>> {
+pub fn bind_udp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>> {
     use socket2::{Domain, Protocol, Socket, Type};
     const BUFFER_BYTES: usize = 4 * 1024 * 1024;
     let mut sockets = Vec::with_capacity(count.max(1));
     let mut bind_to = addr;
     for _ in 0..count.max(1) {
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(Error::io("opening a UDP socket"))?;
         // Best effort: the kernel clamps to rmem_max/wmem_max.
         let _ = socket.set_recv_buffer_size(BUFFER_BYTES);
         let _ = socket.set_send_buffer_size(BUFFER_BYTES);
         if count > 1 {
-            socket.set_reuse_port(true)?;
+            socket.set_reuse_port(true).map_err(Error::io("setting SO_REUSEPORT"))?;
         }
-        socket.bind(&bind_to.into()).with_context(|| format!("binding UDP {bind_to}"))?;
+        socket.bind(&bind_to.into()).map_err(Error::io(format!("binding UDP {bind_to}")))?;
         let socket: std::net::UdpSocket = socket.into();
         // Port 0 picks a port once; the others join it.
-        bind_to = socket.local_addr()?;
+        bind_to = socket.local_addr().map_err(Error::io("reading the bound address"))?;
         sockets.push(socket);
     }
     Ok(sockets)

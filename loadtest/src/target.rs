@@ -129,7 +129,7 @@ impl Target {
                 }
                 Ok(())
             }
-            Owned::InProcess(broker, _dir) => broker.shutdown().await,
+            Owned::InProcess(broker, _dir) => Ok(broker.shutdown().await?),
         }
     }
 }
@@ -149,6 +149,6 @@ pub fn run_child(data_dir: PathBuf, udp_sockets: usize) -> anyhow::Result<()> {
         let mut stdin = tokio::io::stdin();
         let mut sink = [0u8; 4096];
         while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
-        broker.shutdown().await
+        Ok(broker.shutdown().await?)
     })
 }
