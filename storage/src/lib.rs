@@ -666,17 +666,21 @@ mod tests {
         }
         let store = open(dir.path());
         assert!(!store.opened_clean(), "closed without close_clean");
+        // Every key checked below is one only the repair writes: absent now.
         assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), None);
         assert!(store.members(9).unwrap().is_empty());
         assert!(store.user_conversations(5, None, 10).unwrap().is_empty());
+        assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), None);
+        assert!(matches!(store.entry(8, 1).unwrap().unwrap().body, Body::Text { .. }));
         // No conversation records were made here: repair each by hand.
         store.repair_newest_entry(9).unwrap();
         assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), Some(4), "a retry of seq 4 finds it");
         assert_eq!(store.members(9).unwrap(), vec![(5, Role::Member)]);
         assert_eq!(store.user_conversations(5, None, 10).unwrap(), vec![9]);
+        assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), None, "repairing one conversation leaves the others");
         store.repair_newest_entry(8).unwrap();
         assert_eq!(store.entry(8, 1).unwrap().unwrap().body, Body::Tombstone);
-        assert_eq!(store.dedupe(9, 3, &[2; 16]).unwrap(), Some(2));
+        assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), Some(2), "a retry of the delete finds it");
         store.repair_newest_entry(10).unwrap();
         assert_eq!(store.last_seq(10).unwrap(), 0, "an empty conversation");
         assert_eq!(store.last_seq(9).unwrap(), 4);
@@ -775,5 +779,55 @@ mod tests {
         store.commit(txn).unwrap().await.unwrap();
         assert_eq!(store.user_conversations(1, None, 10).unwrap(), vec![5, 9]);
         assert_eq!(store.members(7).unwrap(), vec![(2, Role::Admin)]);
+    }
+    /// Set for the child process of `what_a_durable_future_vouches_for_survives_an_abort`.
+    const CRASH_DIR: &str = "SWITCHBOARD_STORAGE_CRASH_DIR";
+
+    #[test]
+    #[ignore = "the child process of what_a_durable_future_vouches_for_survives_an_abort"]
+    fn crash_child() {
+        let dir = PathBuf::from(std::env::var(CRASH_DIR).expect("run by its parent test"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = open(&dir);
+            // A catalog batch (applied by the committer) and conversation entries, each
+            // waited on until reported durable.
+            let (user, durable) = store.create_user("alice", "hash", 0).unwrap();
+            durable.await.unwrap();
+            for seq in 1..=20 {
+                append(&store, text(9, seq, user)).await;
+            }
+            println!("durable: user {user}");
+        });
+        // A crash: no destructor, no flush, no clean-shutdown marker.
+        std::process::abort();
+    }
+
+    /// What a `Durable` future or an `append_then` callback reported durable is still
+    /// there after the process dies at once. (An abort keeps the OS page cache, so this
+    /// checks that a flush wrote it out before the report, not the fdatasync after.)
+    #[test]
+    fn what_a_durable_future_vouches_for_survives_an_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(CRASH_DIR, dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "the child aborts: {stdout}");
+        let user: UserId = stdout
+            .lines()
+            .find_map(|l| l.split("durable: user ").nth(1))
+            .unwrap_or_else(|| panic!("the child reached its crash: {stdout}"))
+            .parse()
+            .unwrap();
+        let store = open(dir.path());
+        assert!(!store.opened_clean());
+        assert_eq!(store.user_by_name("alice").unwrap().map(|(id, _)| id), Some(user));
+        assert_eq!(store.last_seq(9).unwrap(), 20);
+        for seq in 1..=20 {
+            assert_eq!(store.dedupe(9, user, &[seq as u8; 16]).unwrap(), Some(seq), "seq {seq}");
+        }
     }
 }

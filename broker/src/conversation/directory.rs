@@ -14,7 +14,6 @@ use switchboard_protocol::{ConvId, ErrorBody, ErrorCode, Seq};
 use super::actor::{ConvArgs, ConvMsg, Conversation};
 use super::state::{Caller, Command, Read, not_a_member};
 use crate::Shared;
-use crate::limits::{CONVERSATION_MAILBOX_MAX, MAX_LIVE_CONVERSATIONS};
 use crate::reply::{Responder, internal};
 
 /// Live conversation actors.
@@ -68,11 +67,12 @@ impl ConvDirectory {
     /// actors, `INTERNAL` once the store has failed.
     async fn request(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, mut msg: ConvMsg) {
         let mut dead = None;
+        let mailbox_max = shared.config.conversation_mailbox_max;
         for _ in 0..3 {
             let slot = {
                 let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
                 map.get(&conv).cloned().map(|slot| {
-                    let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= CONVERSATION_MAILBOX_MAX;
+                    let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= mailbox_max;
                     (slot, over)
                 })
             };
@@ -143,7 +143,7 @@ impl ConvDirectory {
                 }
                 // Someone else already started one.
                 Some(_) => return Ok(()),
-                None if map.len() >= MAX_LIVE_CONVERSATIONS => {
+                None if map.len() >= shared.config.max_live_conversations => {
                     return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many active conversations; retry later"));
                 }
                 None => None,
