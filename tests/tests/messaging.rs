@@ -242,3 +242,15 @@ async fn creating_conversations_in_a_loop_is_rate_limited_per_user() {
     })
     .await
 }
+
+/// `no_event` passes only for a stream that is open and quiet: an ended stream
+/// delivers no events either, and must fail it.
+#[tokio::test]
+#[should_panic(expected = "the event stream closed")]
+async fn no_event_fails_on_a_closed_stream() {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let mut events = alice.events().unwrap();
+    alice.close();
+    no_event(&mut events, 5_000).await;
+}
