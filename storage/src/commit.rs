@@ -278,23 +278,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (db, committer) = start(dir.path());
         // Commit 1 pauses as it begins, until the test lets it go on.
-        let (started_tx, started) = channel();
-        let (go, paused) = channel::<()>();
-        let paused = Mutex::new(paused);
-        committer
-            .health
-            .commit_started
-            .set(Box::new(move |n| {
-                started_tx.send(n).unwrap();
-                if n == 1 {
-                    paused.lock().unwrap().recv_timeout(WAIT).unwrap();
-                }
-            }))
-            .unwrap_or_else(|_| panic!("hook set twice"));
+        let (go, started) = pause_first_commit(&committer);
 
         db.insert("first", "1").unwrap();
         let first = waiter(&committer);
         assert_eq!(started.recv_timeout(WAIT).unwrap(), 1, "commit 1 began with the first waiter");
+        // Its flush and fdatasync have not run: the waiter is not completed.
+        assert!(first.recv_timeout(Duration::from_millis(200)).is_err(), "completed before its commit ran");
         // Commit 1 is under way (its flush has not begun): this write and its waiter
         // arrive too late for it.
         db.insert("second", "2").unwrap();
@@ -309,18 +299,38 @@ mod tests {
         assert!(commits.iter().all(|&c| c >= 3) && commits.windows(2).all(|w| w[0] <= w[1]), "{commits:?}");
     }
 
+    /// Pauses commit 1 as it begins until the returned sender is used; reports each
+    /// commit's number as it begins.
+    fn pause_first_commit(committer: &Committer) -> (std::sync::mpsc::Sender<()>, Receiver<u64>) {
+        let (started_tx, started) = channel();
+        let (go, paused) = channel::<()>();
+        let paused = Mutex::new(paused);
+        let hook = Box::new(move |n| {
+            started_tx.send(n).unwrap();
+            if n == 1 {
+                paused.lock().unwrap().recv_timeout(WAIT).unwrap();
+            }
+        });
+        committer.health.commit_started.set(hook).unwrap_or_else(|_| panic!("hook set twice"));
+        (go, started)
+    }
+
     #[test]
-    fn a_batch_is_applied_between_commits_and_completed_by_the_next() {
+    fn a_batch_is_applied_at_once_and_reported_durable_only_after_the_next_commit() {
         let dir = tempfile::tempdir().unwrap();
         let (db, committer) = start(dir.path());
+        let (go, started) = pause_first_commit(&committer);
         let mut batch = sled::Batch::default();
         batch.insert("catalog", "x");
-        let durable = committer.apply(batch).unwrap();
+        let mut durable = committer.apply(batch).unwrap();
         // `apply` returns once applied: readers see it before it is durable.
         assert_eq!(db.get("catalog").unwrap().as_deref(), Some(&b"x"[..]));
+        assert_eq!(started.recv_timeout(WAIT).unwrap(), 1);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async { tokio::time::timeout(WAIT, durable).await.unwrap().unwrap() });
-        assert!(committer.health.commits.load(Ordering::SeqCst) >= 1, "resolved without a commit");
+        let early = rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), &mut durable).await });
+        assert!(early.is_err(), "reported durable before its commit ran");
+        go.send(()).unwrap();
+        rt.block_on(async { tokio::time::timeout(WAIT, durable).await }).unwrap().unwrap();
     }
 
     #[test]
