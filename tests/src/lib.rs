@@ -94,7 +94,7 @@ impl TestBroker {
     /// Shuts the broker down cleanly.
     pub async fn stop(&mut self) {
         if let Some(b) = self.broker.take() {
-            within(STEP_DEADLINE, "broker shutdown", b.shutdown()).await.unwrap();
+            within(STEP_DEADLINE * 3, "broker shutdown", b.shutdown()).await.unwrap();
         }
     }
 
