@@ -52,16 +52,16 @@ pub struct Config {
     pub outbound_max_frames: usize,
     /// Bytes queued for one device before it is disconnected as a slow consumer.
     pub outbound_max_bytes: usize,
+    /// Requests waiting in one conversation actor's mailbox; beyond this a request to
+    /// that conversation is answered `OVERLOADED` (default `CONVERSATION_MAILBOX_MAX`).
+    pub conversation_mailbox_max: usize,
+    /// Conversation actors alive at once; a request that would start another is
+    /// answered `OVERLOADED` (default `MAX_LIVE_CONVERSATIONS`).
+    pub max_live_conversations: usize,
     /// UDP sockets sharing the listen port (SO_REUSEPORT), each with its own QUIC
     /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC
     /// connection migration (see `tls::bind_udp`).
     pub udp_sockets: usize,
-    /// Requests waiting in one conversation actor's mailbox before more get
-    /// `OVERLOADED` (default `limits::CONVERSATION_MAILBOX_MAX`).
-    pub conversation_mailbox_max: usize,
-    /// Conversation actors alive at once before a request that would start another gets
-    /// `OVERLOADED` (default `limits::MAX_LIVE_CONVERSATIONS`).
-    pub max_live_conversations: usize,
 }
 
 impl Default for Config {
@@ -86,9 +86,9 @@ impl Default for Config {
             quic_handshake_timeout_ms: crate::limits::QUIC_HANDSHAKE_TIMEOUT_MS,
             outbound_max_frames: crate::limits::OUTBOUND_MAX_FRAMES,
             outbound_max_bytes: crate::limits::OUTBOUND_MAX_BYTES,
-            udp_sockets: 1,
             conversation_mailbox_max: crate::limits::CONVERSATION_MAILBOX_MAX,
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
+            udp_sockets: 1,
         }
     }
 }

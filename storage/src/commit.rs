@@ -63,6 +63,13 @@ struct Health {
     /// Fail the next commit (fault injection).
     inject: AtomicBool,
     hook: OnceLock<FailureHook>,
+    /// Commits begun so far (tests read it to tell which commit completed a waiter).
+    #[cfg(test)]
+    commits: AtomicU64,
+    /// Called on the committer thread as each commit begins, after its waiters were
+    /// taken and before the flush, with the commit's number (tests pause it there).
+    #[cfg(test)]
+    commit_started: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 pub(crate) struct Committer {
@@ -178,6 +185,13 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, index
         // still being applied (then this commit vouches for none of the newer ones).
         let finished = index_gen.finished.load(Ordering::SeqCst);
         let covered = (index_gen.started.load(Ordering::SeqCst) == finished).then_some(finished);
+        #[cfg(test)]
+        {
+            let n = health.commits.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some(hook) = health.commit_started.get() {
+                hook(n);
+            }
+        }
         let result = match &failed {
             Some(e) => Err(e.clone()),
             None if health.inject.swap(false, Ordering::SeqCst) => Err("injected commit failure".to_owned()),
@@ -231,5 +245,117 @@ impl Future for Durable {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, channel};
+    use std::time::Duration;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A committer over a fresh sled database in `dir`, set up as `Store::open` does.
+    fn start(dir: &Path) -> (sled::Db, Committer) {
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open().unwrap();
+        let committer = Committer::start(db.clone(), dir.join("db"), Arc::new(IndexGen::default())).unwrap();
+        (db, committer)
+    }
+
+    /// A waiter that reports, when completed, its result and which commit completed it.
+    fn waiter(committer: &Committer) -> Receiver<(bool, u64)> {
+        let (tx, rx) = channel();
+        let health = committer.health.clone();
+        let done: Done = Box::new(move |r| tx.send((r.is_ok(), health.commits.load(Ordering::SeqCst))).unwrap());
+        committer.notify(done).unwrap();
+        rx
+    }
+
+    #[test]
+    fn a_waiter_queued_during_a_commit_is_completed_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, committer) = start(dir.path());
+        // Commit 1 pauses as it begins, until the test lets it go on.
+        let (go, started) = pause_first_commit(&committer);
+
+        db.insert("first", "1").unwrap();
+        let first = waiter(&committer);
+        assert_eq!(started.recv_timeout(WAIT).unwrap(), 1, "commit 1 began with the first waiter");
+        // Its flush and fdatasync have not run: the waiter is not completed.
+        assert!(first.recv_timeout(Duration::from_millis(200)).is_err(), "completed before its commit ran");
+        // Commit 1 is under way (its flush has not begun): this write and its waiter
+        // arrive too late for it.
+        db.insert("second", "2").unwrap();
+        let second = waiter(&committer);
+        go.send(()).unwrap();
+        assert_eq!(first.recv_timeout(WAIT).unwrap(), (true, 1));
+        assert_eq!(second.recv_timeout(WAIT).unwrap(), (true, 2), "completed by a commit that began after its write");
+        assert_eq!(started.recv_timeout(WAIT).unwrap(), 2);
+        // Waiters queued together share one commit.
+        let together: Vec<_> = (0..10).map(|_| waiter(&committer)).collect();
+        let commits: Vec<u64> = together.iter().map(|w| w.recv_timeout(WAIT).unwrap().1).collect();
+        assert!(commits.iter().all(|&c| c >= 3) && commits.windows(2).all(|w| w[0] <= w[1]), "{commits:?}");
+    }
+
+    /// Pauses commit 1 as it begins until the returned sender is used; reports each
+    /// commit's number as it begins.
+    fn pause_first_commit(committer: &Committer) -> (std::sync::mpsc::Sender<()>, Receiver<u64>) {
+        let (started_tx, started) = channel();
+        let (go, paused) = channel::<()>();
+        let paused = Mutex::new(paused);
+        let hook = Box::new(move |n| {
+            started_tx.send(n).unwrap();
+            if n == 1 {
+                paused.lock().unwrap().recv_timeout(WAIT).unwrap();
+            }
+        });
+        committer.health.commit_started.set(hook).unwrap_or_else(|_| panic!("hook set twice"));
+        (go, started)
+    }
+
+    #[test]
+    fn a_batch_is_applied_at_once_and_reported_durable_only_after_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, committer) = start(dir.path());
+        let (go, started) = pause_first_commit(&committer);
+        let mut batch = sled::Batch::default();
+        batch.insert("catalog", "x");
+        let mut durable = committer.apply(batch).unwrap();
+        // `apply` returns once applied: readers see it before it is durable.
+        assert_eq!(db.get("catalog").unwrap().as_deref(), Some(&b"x"[..]));
+        assert_eq!(started.recv_timeout(WAIT).unwrap(), 1);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let early = rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), &mut durable).await });
+        assert!(early.is_err(), "reported durable before its commit ran");
+        go.send(()).unwrap();
+        rt.block_on(async { tokio::time::timeout(WAIT, durable).await }).unwrap().unwrap();
+    }
+
+    #[test]
+    fn after_a_failed_commit_every_later_waiter_and_batch_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, committer) = start(dir.path());
+        let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = failures.clone();
+        committer.on_failure(Box::new(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert!(waiter(&committer).recv_timeout(WAIT).unwrap().0, "a healthy commit succeeds");
+        committer.inject_failure();
+        db.insert("k", "v").unwrap();
+        assert!(!waiter(&committer).recv_timeout(WAIT).unwrap().0, "the injected failure");
+        assert!(committer.failed());
+        // The injection is spent; these fail because the store is fail-stop.
+        for _ in 0..3 {
+            db.insert("k", "v").unwrap();
+            assert!(!waiter(&committer).recv_timeout(WAIT).unwrap().0, "a commit after a failure succeeded");
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert("catalog", "x");
+        assert!(committer.apply(batch).is_err(), "a batch after a failure was applied");
+        assert_eq!(db.get("catalog").unwrap(), None);
+        assert_eq!(failures.load(Ordering::SeqCst), 1, "the failure hook runs once");
     }
 }

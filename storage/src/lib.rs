@@ -523,17 +523,21 @@ mod tests {
         }
         let store = open(dir.path());
         assert!(!store.opened_clean(), "closed without close_clean");
+        // Every key checked below is one only the repair writes: absent now.
         assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), None);
         assert!(store.members(9).unwrap().is_empty());
         assert!(store.user_conversations(5, None, 10).unwrap().is_empty());
+        assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), None);
+        assert!(matches!(store.entry(8, 1).unwrap().unwrap().body, Body::Text { .. }));
         // No conversation records were made here: repair each by hand.
         store.repair_newest_entry(9).unwrap();
         assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), Some(4), "a retry of seq 4 finds it");
         assert_eq!(store.members(9).unwrap(), vec![(5, Role::Member)]);
         assert_eq!(store.user_conversations(5, None, 10).unwrap(), vec![9]);
+        assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), None, "repairing one conversation leaves the others");
         store.repair_newest_entry(8).unwrap();
         assert_eq!(store.entry(8, 1).unwrap().unwrap().body, Body::Tombstone);
-        assert_eq!(store.dedupe(9, 3, &[2; 16]).unwrap(), Some(2));
+        assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), Some(2), "a retry of the delete finds it");
         store.repair_newest_entry(10).unwrap();
         assert_eq!(store.last_seq(10).unwrap(), 0, "an empty conversation");
         assert_eq!(store.last_seq(9).unwrap(), 4);

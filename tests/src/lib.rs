@@ -1,14 +1,44 @@
 //! Helpers for the end-to-end tests: a real broker on 127.0.0.1:0 with a temp data dir,
-//! and clients that trust its generated certificate. Nothing here mocks our stack.
+//! clients that trust its generated certificate, and a raw pre-authentication
+//! connection for speaking the protocol by hand. Nothing here mocks our stack.
+//!
+//! Every wait here has a deadline, so a broker that never answers fails the test
+//! instead of hanging it; tests wrap their whole body in `within` for the same reason.
 
 #![allow(clippy::unwrap_used)]
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_broker::{Broker, Config};
-use switchboard_client::{Client, Connector, Events, Identity, Trust};
-use switchboard_protocol::{Entry, Event};
+use bytes::Bytes;
+use ed25519_dalek::{Signer, SigningKey};
+use switchboard_broker::{Broker, Config, Shared};
+use switchboard_client::{Client, ClientError, Connector, Events, Identity, Trust};
+use switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES;
+use switchboard_protocol::{
+    ClientFrame, ClientHello, Entry, ErrorCode, Event, FrameDecoder, Request, RequestBody, ServerFrame, ServerHello,
+    decode, encode_frame,
+};
+
+/// How long a whole end-to-end test may take before it counts as hung.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(120);
+/// How long one step (an answer, an event, a close) may take.
+pub const STEP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs `fut`, failing with `what` if it takes longer than `limit`.
+pub async fn within<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
+    }
+}
+
+/// Runs a whole test body under `TEST_DEADLINE`.
+pub async fn bounded<F: Future>(fut: F) -> F::Output {
+    within(TEST_DEADLINE, "the test", fut).await
+}
 
 /// A broker and the temp dir it lives in.
 pub struct TestBroker {
@@ -31,13 +61,18 @@ impl TestBroker {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::ephemeral(dir.path().join("data"));
         adjust(&mut config);
-        let broker = Broker::start(config).await.unwrap();
+        let broker = within(STEP_DEADLINE, "broker start", Broker::start(config)).await.unwrap();
         TestBroker { broker: Some(broker), dir, password: "correct horse battery" }
     }
 
     /// The data dir.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The broker's shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        self.broker.as_ref().unwrap().shared()
     }
 
     /// A connector trusting the broker's certificate file.
@@ -48,18 +83,18 @@ impl TestBroker {
 
     /// Registers `name` and returns its first device.
     pub async fn register(&self, name: &str) -> (Client, Identity) {
-        self.connector().register(name, self.password, "test-device").await.unwrap()
+        within(STEP_DEADLINE, "register", self.connector().register(name, self.password, "test-device")).await.unwrap()
     }
 
     /// Enrolls another device of `name`.
     pub async fn login(&self, name: &str) -> (Client, Identity) {
-        self.connector().login(name, self.password, "another-device").await.unwrap()
+        within(STEP_DEADLINE, "login", self.connector().login(name, self.password, "another-device")).await.unwrap()
     }
 
     /// Shuts the broker down cleanly.
     pub async fn stop(&mut self) {
         if let Some(b) = self.broker.take() {
-            b.shutdown().await.unwrap();
+            within(STEP_DEADLINE * 3, "broker shutdown", b.shutdown()).await.unwrap();
         }
     }
 
@@ -67,21 +102,160 @@ impl TestBroker {
     pub async fn restart(&mut self) {
         self.stop().await;
         let config = Config::ephemeral(self.data_dir());
-        self.broker = Some(Broker::start(config).await.unwrap());
+        self.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+    }
+
+    /// A fresh QUIC connection with the hellos exchanged and nothing else sent.
+    pub async fn preauth(&self) -> PreAuth {
+        within(STEP_DEADLINE, "hello exchange", PreAuth::open(self)).await
     }
 }
 
 /// Waits up to 10 s for the next entry event.
 pub async fn next_entry(events: &mut Events) -> Entry {
-    match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+    match tokio::time::timeout(STEP_DEADLINE, events.next()).await {
         Ok(Some(Event::Entry(e))) => e,
         other => panic!("expected an entry event, got {other:?}"),
     }
 }
 
-/// Asserts no event arrives within `ms`.
+/// Asserts that no event arrives within `ms` and that the stream is still open: a
+/// closed stream delivers no events either, and must not pass for a quiet one.
 pub async fn no_event(events: &mut Events, ms: u64) {
-    if let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(ms), events.next()).await {
-        panic!("unexpected event {e:?}");
+    match tokio::time::timeout(Duration::from_millis(ms), events.next()).await {
+        Err(_) => {}
+        Ok(Some(e)) => panic!("unexpected event {e:?}"),
+        Ok(None) => panic!("the event stream closed while it was expected to stay quiet"),
+    }
+}
+
+/// Asserts that the event stream ends (after any events still buffered) and that the
+/// broker closed the client's connection with `code`.
+pub async fn events_end_with(events: &mut Events, client: &Client, code: ErrorCode) {
+    within(STEP_DEADLINE, "end of the event stream", async {
+        while let Some(e) = events.next().await {
+            let _ = e;
+        }
+    })
+    .await;
+    assert_eq!(close_code(client).await, Some(code));
+}
+
+/// Waits for `client`'s connection to close and returns the broker's close code.
+pub async fn close_code(client: &Client) -> Option<ErrorCode> {
+    within(STEP_DEADLINE, "connection close", client.closed()).await.code()
+}
+
+/// Waits for the broker to close `conn` and returns its close code.
+pub async fn closed_with(conn: &quinn::Connection) -> Option<ErrorCode> {
+    ClientError::from(within(STEP_DEADLINE, "connection close", conn.closed()).await).code()
+}
+
+/// Signs `transcript` with `identity`'s device key, as a device proves itself.
+pub fn sign(identity: &Identity, transcript: &[u8]) -> Bytes {
+    let secret: [u8; 32] = switchboard_client::unhex(&identity.secret_key).unwrap().try_into().unwrap();
+    Bytes::copy_from_slice(&SigningKey::from_bytes(&secret).sign(transcript).to_bytes())
+}
+
+/// An `Authenticate` request for `identity`, signed over `transcript`.
+pub fn authenticate(identity: &Identity, transcript: &[u8]) -> RequestBody {
+    RequestBody::Authenticate {
+        user: identity.user.clone(),
+        device_id: identity.device_id,
+        signature: sign(identity, transcript),
+    }
+}
+
+/// One encoded request frame.
+pub fn request_frame(id: u32, body: RequestBody) -> Bytes {
+    encode_frame(&ClientFrame::Request(Request { id, body })).unwrap()
+}
+
+/// A connection that has exchanged hellos and may send anything next: the protocol
+/// spoken by hand, for requests a well-behaved client never sends.
+pub struct PreAuth {
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// Control stream, client to broker.
+    pub send: quinn::SendStream,
+    /// Control stream, broker to client.
+    pub recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    /// The broker's hello.
+    pub hello: ServerHello,
+    /// What a device must sign on this connection: `auth_transcript(nonce, exporter)`.
+    pub transcript: Vec<u8>,
+    /// This connection's TLS exporter value.
+    pub exporter: [u8; 32],
+}
+
+impl PreAuth {
+    async fn open(tb: &TestBroker) -> PreAuth {
+        let addr = tb.broker.as_ref().unwrap().local_addr;
+        let conn = tb.connector().endpoint().connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let hello = ClientHello { magic: *b"SWBD", version: 1, agent: "switchboard-tests".into() };
+        send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
+        let (mut recv, mut decoder) = (recv, FrameDecoder::new(MAX_SERVER_FRAME_BYTES));
+        let hello: ServerHello = decode(&read_frame(&mut recv, &mut decoder).await.expect("a server hello")).unwrap();
+        let mut exporter = [0u8; 32];
+        conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"").unwrap();
+        let transcript = switchboard_protocol::auth_transcript(&hello.nonce, &exporter);
+        PreAuth { conn, send, recv, decoder, hello, transcript, exporter }
+    }
+
+    /// Writes raw bytes on the control stream (several frames may go in one write).
+    /// A write the broker refuses because it already closed is not an error here: the
+    /// close code says what happened.
+    pub async fn write(&mut self, bytes: &[u8]) {
+        let _ = within(STEP_DEADLINE, "control stream write", self.send.write_all(bytes)).await;
+    }
+
+    /// Sends one request.
+    pub async fn request(&mut self, id: u32, body: RequestBody) {
+        self.write(&request_frame(id, body)).await;
+    }
+
+    /// The next frame from the broker, or the close code if the connection closes first.
+    pub async fn next(&mut self) -> Result<ServerFrame, Option<ErrorCode>> {
+        match read_frame(&mut self.recv, &mut self.decoder).await {
+            Some(body) => Ok(decode(&body).unwrap()),
+            None => Err(closed_with(&self.conn).await),
+        }
+    }
+
+    /// Asserts the broker closes the connection with `code` without answering anything.
+    pub async fn refused_with(&mut self, code: ErrorCode) {
+        match self.next().await {
+            Err(got) => assert_eq!(got, Some(code), "close code"),
+            Ok(frame) => panic!("expected a close with {code}, got {frame:?}"),
+        }
+    }
+}
+
+/// The next whole frame body from `recv`, or `None` once the stream or connection ends.
+/// Fails the test if nothing arrives within `STEP_DEADLINE`.
+pub async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> Option<Bytes> {
+    loop {
+        if let Some(body) = decoder.next_frame().unwrap() {
+            return Some(body);
+        }
+        match within(STEP_DEADLINE, "a frame from the broker", recv.read_chunk(64 * 1024, true)).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+/// The next response on an authenticated raw session: `(id, result)`.
+pub async fn next_response(
+    raw: &mut switchboard_client::RawSession,
+) -> (u32, Result<switchboard_protocol::Reply, switchboard_protocol::ErrorBody>) {
+    loop {
+        let body = read_frame(&mut raw.recv, &mut raw.decoder).await.expect("the session is still open");
+        match decode::<ServerFrame>(&body).unwrap() {
+            ServerFrame::Response { id, result } => return (id, result),
+            ServerFrame::Event(_) => continue,
+        }
     }
 }

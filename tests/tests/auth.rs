@@ -4,72 +4,132 @@
 
 use std::time::Duration;
 
-use switchboard_protocol::ErrorCode;
-use switchboard_tests::TestBroker;
+use switchboard_protocol::{ErrorCode, Reply, RequestBody, ServerFrame, auth_transcript};
+use switchboard_tests::{PreAuth, TestBroker, authenticate, bounded};
 
 #[tokio::test]
 async fn revoked_device_is_disconnected_and_cannot_return() {
-    let tb = TestBroker::start().await;
-    let (laptop, laptop_id) = tb.register("alice").await;
-    let (phone, phone_id) = tb.login("alice").await;
-    let devices = laptop.devices().await.unwrap();
-    assert_eq!(devices.len(), 2);
-    assert!(devices.iter().any(|d| d.device_id == laptop_id.device_id && d.current));
-    laptop.revoke_device(phone_id.device_id).await.unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(10), phone.closed()).await.unwrap();
-    assert_eq!(closed.code(), Some(ErrorCode::DEVICE_REVOKED));
-    let again = tb.connector().connect(&phone_id).await.err().unwrap();
-    assert_eq!(again.code(), Some(ErrorCode::AUTH_FAILED));
-    // The other device is unaffected, and can reconnect.
-    laptop.ping().await.unwrap();
-    tb.connector().connect(&laptop_id).await.unwrap().ping().await.unwrap();
-    assert_eq!(laptop.devices().await.unwrap().len(), 1);
-    // Another user's device cannot be revoked.
-    let (bob, _) = tb.register("bob").await;
-    assert_eq!(bob.revoke_device(laptop_id.device_id).await.unwrap_err().code(), Some(ErrorCode::NOT_FOUND));
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, laptop_id) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        let devices = laptop.devices().await.unwrap();
+        assert_eq!(devices.len(), 2);
+        assert!(devices.iter().any(|d| d.device_id == laptop_id.device_id && d.current));
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), phone.closed()).await.unwrap();
+        assert_eq!(closed.code(), Some(ErrorCode::DEVICE_REVOKED));
+        let again = tb.connector().connect(&phone_id).await.err().unwrap();
+        assert_eq!(again.code(), Some(ErrorCode::AUTH_FAILED));
+        // The other device is unaffected, and can reconnect.
+        laptop.ping().await.unwrap();
+        tb.connector().connect(&laptop_id).await.unwrap().ping().await.unwrap();
+        assert_eq!(laptop.devices().await.unwrap().len(), 1);
+        // Another user's device cannot be revoked.
+        let (bob, _) = tb.register("bob").await;
+        assert_eq!(bob.revoke_device(laptop_id.device_id).await.unwrap_err().code(), Some(ErrorCode::NOT_FOUND));
+    })
+    .await
 }
 
 #[tokio::test]
 async fn registration_rules() {
-    let tb = TestBroker::start().await;
-    tb.register("alice").await;
-    let taken = tb.connector().register("alice", tb.password, "d").await.err().unwrap();
-    assert_eq!(taken.code(), Some(ErrorCode::CONFLICT));
-    let bad_name = tb.connector().register("Alice Smith", tb.password, "d").await.err().unwrap();
-    assert_eq!(bad_name.code(), Some(ErrorCode::INVALID));
-    let short = tb.connector().register("carol", "short", "d").await.err().unwrap();
-    assert_eq!(short.code(), Some(ErrorCode::INVALID));
+    bounded(async {
+        let tb = TestBroker::start().await;
+        tb.register("alice").await;
+        let taken = tb.connector().register("alice", tb.password, "d").await.err().unwrap();
+        assert_eq!(taken.code(), Some(ErrorCode::CONFLICT));
+        let bad_name = tb.connector().register("Alice Smith", tb.password, "d").await.err().unwrap();
+        assert_eq!(bad_name.code(), Some(ErrorCode::INVALID));
+        let short = tb.connector().register("carol", "short", "d").await.err().unwrap();
+        assert_eq!(short.code(), Some(ErrorCode::INVALID));
 
-    let closed = TestBroker::start_with(|c| c.registration_open = false).await;
-    let refused = closed.connector().register("dave", closed.password, "d").await.err().unwrap();
-    assert_eq!(refused.code(), Some(ErrorCode::REGISTRATION_CLOSED));
+        let closed = TestBroker::start_with(|c| c.registration_open = false).await;
+        let refused = closed.connector().register("dave", closed.password, "d").await.err().unwrap();
+        assert_eq!(refused.code(), Some(ErrorCode::REGISTRATION_CLOSED));
+    })
+    .await
 }
 
 #[tokio::test]
 async fn failed_logins_are_rate_limited() {
-    let tb = TestBroker::start().await;
-    tb.register("alice").await;
-    let mut codes = Vec::new();
-    for _ in 0..12 {
-        let e = tb.connector().login("alice", "wrong password", "d").await.err().unwrap();
-        codes.push(e.code().unwrap());
-    }
-    assert!(codes[..10].iter().all(|c| *c == ErrorCode::AUTH_FAILED), "{codes:?}");
-    assert!(codes[10..].iter().all(|c| *c == ErrorCode::RATE_LIMITED), "{codes:?}");
-    // Even the right password is refused while the account is limited.
-    let e = tb.connector().login("alice", tb.password, "d").await.err().unwrap();
-    assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED));
-    // A different account is not affected.
-    tb.register("bob").await;
-    tb.login("bob").await;
+    bounded(async {
+        let tb = TestBroker::start().await;
+        tb.register("alice").await;
+        let mut codes = Vec::new();
+        for _ in 0..12 {
+            let e = tb.connector().login("alice", "wrong password", "d").await.err().unwrap();
+            codes.push(e.code().unwrap());
+        }
+        assert!(codes[..10].iter().all(|c| *c == ErrorCode::AUTH_FAILED), "{codes:?}");
+        assert!(codes[10..].iter().all(|c| *c == ErrorCode::RATE_LIMITED), "{codes:?}");
+        // Even the right password is refused while the account is limited.
+        let e = tb.connector().login("alice", tb.password, "d").await.err().unwrap();
+        assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED));
+        // A different account is not affected.
+        tb.register("bob").await;
+        tb.login("bob").await;
+    })
+    .await
 }
 
 #[tokio::test]
-async fn signature_from_another_connection_does_not_verify() {
-    // Authenticating requires the key: an identity with the right ids but another key fails.
-    let tb = TestBroker::start().await;
-    let (_c, mut id) = tb.register("alice").await;
-    id.secret_key = "11".repeat(32);
-    let e = tb.connector().connect(&id).await.err().unwrap();
-    assert_eq!(e.code(), Some(ErrorCode::AUTH_FAILED));
+async fn a_key_other_than_the_devices_does_not_verify() {
+    bounded(async {
+        // An identity with the right ids but another key fails.
+        let tb = TestBroker::start().await;
+        let (_c, mut id) = tb.register("alice").await;
+        id.secret_key = "11".repeat(32);
+        let e = tb.connector().connect(&id).await.err().unwrap();
+        assert_eq!(e.code(), Some(ErrorCode::AUTH_FAILED));
+    })
+    .await
+}
+
+/// PROTOCOL.md section 4: the device signs `auth_transcript(nonce, exporter)` of its own
+/// connection, so its signature cannot be relayed to or replayed on another one. A
+/// signature the device made for connection A is sent on a connection B: refused. So is
+/// one over B's nonce with A's TLS exporter (what a relay that terminates TLS could
+/// obtain: it proves the exporter binding) and one over A's nonce with B's exporter (it
+/// proves the nonce binding). The signature made for A still works on A.
+/// Builds the proof sent on a connection B from what B's hello gave.
+type SignedFor<'a> = Box<dyn Fn(&PreAuth) -> RequestBody + 'a>;
+
+#[tokio::test]
+async fn a_signature_made_for_another_connection_does_not_verify() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_c, alice) = tb.register("alice").await;
+        let mut a = tb.preauth().await;
+        let made_for_a = authenticate(&alice, &a.transcript);
+        let (a_nonce, a_exporter) = (a.hello.nonce, a.exporter);
+        let relayed: [(&str, SignedFor); 3] = [
+            ("A's signature on B", Box::new(|_| made_for_a.clone())),
+            (
+                "B's nonce with A's exporter",
+                Box::new(|b| authenticate(&alice, &auth_transcript(&b.hello.nonce, &a_exporter))),
+            ),
+            (
+                "A's nonce with B's exporter",
+                Box::new(|b| authenticate(&alice, &auth_transcript(&a_nonce, &b.exporter))),
+            ),
+        ];
+        for (what, signed) in &relayed {
+            let mut b = tb.preauth().await;
+            assert_ne!(a_nonce, b.hello.nonce);
+            assert_ne!(a_exporter, b.exporter);
+            b.request(0, signed(&b)).await;
+            match b.next().await {
+                Err(code) => assert_eq!(code, Some(ErrorCode::AUTH_FAILED), "{what}"),
+                Ok(frame) => panic!("{what}: accepted ({frame:?})"),
+            }
+        }
+        // On the connection it was made for, the same signature proves the device.
+        a.request(0, made_for_a.clone()).await;
+        assert!(
+            matches!(a.next().await, Ok(ServerFrame::Response { id: 0, result: Ok(Reply::Authed { .. }) })),
+            "the signature was valid for A"
+        );
+    })
+    .await
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use switchboard_loadtest::report::{Cost, Report};
 use switchboard_loadtest::{Common, scenario, target};
+use switchboard_tests::bounded;
 
 fn small() -> Common {
     Common { duration: Duration::from_secs(2), in_process: true, size: 64, ..Common::default() }
@@ -18,37 +19,44 @@ fn assert_passed(report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_small() {
-    let args = scenario::fanout::Args { members: 8, senders: 2, rate: 50.0 };
-    let report = scenario::fanout::run(&small(), &args).await.unwrap();
-    assert_passed(&report);
-    assert!(report.acked >= 90, "{}", report.table());
-    assert_eq!(report.delivered, report.acked * 7, "each message reaches the 7 other members");
-    assert!(report.latency.count > 0 && report.latency.p99_ms > 0.0);
-    // The broker runs inside the harness: its cost is the harness's, not a figure of its own.
-    assert!(report.cost.broker.is_none(), "{}", report.table());
-    assert!(report.table().contains("cost broker   not measured"), "{}", report.table());
-    assert_cost_measured(report.cost.harness.as_ref(), &report);
+    bounded(async {
+        let args = scenario::fanout::Args { members: 8, senders: 2, rate: 50.0 };
+        let report = scenario::fanout::run(&small(), &args).await.unwrap();
+        assert_passed(&report);
+        assert!(report.acked >= 90, "{}", report.table());
+        assert_eq!(report.delivered, report.acked * 7, "each message reaches the 7 other members");
+        assert!(report.latency.count > 0 && report.latency.p99_ms > 0.0);
+        // The broker runs inside the harness: its cost is the harness's, not a figure of its own.
+        assert!(report.cost.broker.is_none(), "{}", report.table());
+        assert!(report.table().contains("cost broker   not measured"), "{}", report.table());
+        assert_cost_measured(report.cost.harness.as_ref(), &report);
+    })
+    .await
 }
 
 /// A broker with a process id of its own (`--target` with `--broker-pid`, here this test
 /// process, so the figures also hold the harness's work) has its cost per message measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cost_per_message_of_a_broker_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = switchboard_broker::Broker::start(target::embedded_config(dir.path().join("data"), 1)).await.unwrap();
-    let common = Common {
-        in_process: false,
-        target: Some(broker.local_addr),
-        ca: Some(broker.cert_path.clone()),
-        broker_pid: Some(std::process::id()),
-        ..small()
-    };
-    let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
-    let report = scenario::fanout::run(&common, &args).await.unwrap();
-    assert_passed(&report);
-    assert_cost_measured(report.cost.broker.as_ref(), &report);
-    assert_cost_measured(report.cost.harness.as_ref(), &report);
-    broker.shutdown().await.unwrap();
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = target::embedded_config(dir.path().join("data"), 1);
+        let broker = switchboard_broker::Broker::start(config).await.unwrap();
+        let common = Common {
+            in_process: false,
+            target: Some(broker.local_addr),
+            ca: Some(broker.cert_path.clone()),
+            broker_pid: Some(std::process::id()),
+            ..small()
+        };
+        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
+        let report = scenario::fanout::run(&common, &args).await.unwrap();
+        assert_passed(&report);
+        assert_cost_measured(report.cost.broker.as_ref(), &report);
+        assert_cost_measured(report.cost.harness.as_ref(), &report);
+        broker.shutdown().await.unwrap();
+    })
+    .await
 }
 
 fn assert_cost_measured(cost: Option<&Cost>, report: &Report) {
@@ -64,60 +72,86 @@ fn assert_cost_measured(cost: Option<&Cost>, report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_small() {
-    let args = scenario::direct::Args { users: 10, rate: 5.0 };
-    let report = scenario::direct::run(&small(), &args).await.unwrap();
-    assert_passed(&report);
-    assert_eq!(report.delivered, report.acked, "each direct message reaches the one peer");
+    bounded(async {
+        let args = scenario::direct::Args { users: 10, rate: 5.0 };
+        let report = scenario::direct::run(&small(), &args).await.unwrap();
+        assert_passed(&report);
+        assert_eq!(report.delivered, report.acked, "each direct message reaches the one peer");
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_small() {
-    let args = scenario::groups::Args { users: 20, groups: 6, sizes: "2:50,5:50".into(), rate: 2.0, seed: 7 };
-    let report = scenario::groups::run(&small(), &args).await.unwrap();
-    assert_passed(&report);
-    assert!(report.delivered > 0);
+    bounded(async {
+        let args = scenario::groups::Args { users: 20, groups: 6, sizes: "2:50,5:50".into(), rate: 2.0, seed: 7 };
+        let report = scenario::groups::run(&small(), &args).await.unwrap();
+        assert_passed(&report);
+        assert!(report.delivered > 0);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_small() {
-    let args = scenario::storm::Args { clients: 20, concurrency: 8, hold_s: 0 };
-    let report = scenario::storm::run(&small(), &args).await.unwrap();
-    assert_passed(&report);
-    assert_eq!(report.extra["connected"], 20.0);
-    assert!(report.extra["authenticated_connections_per_s"] > 0.0);
+    bounded(async {
+        let args = scenario::storm::Args { clients: 20, concurrency: 8, hold_s: 0 };
+        let report = scenario::storm::run(&small(), &args).await.unwrap();
+        assert_passed(&report);
+        assert_eq!(report.extra["connected"], 20.0);
+        assert!(report.extra["authenticated_connections_per_s"] > 0.0);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_small() {
-    let args = scenario::soak::Args { group_members: 4, direct_users: 4, rate: 4.0 };
-    let mut common = small();
-    common.duration = Duration::from_secs(3);
-    let report = scenario::soak::run(&common, &args).await.unwrap();
-    assert_passed(&report);
-    assert!(report.extra.contains_key("drift_p99_last_ms"), "{:?}", report.extra);
+    bounded(async {
+        let args = scenario::soak::Args { group_members: 4, direct_users: 4, rate: 4.0 };
+        let mut common = small();
+        common.duration = Duration::from_secs(3);
+        let report = scenario::soak::run(&common, &args).await.unwrap();
+        assert_passed(&report);
+        assert!(report.extra.contains_key("drift_p99_last_ms"), "{:?}", report.extra);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ramp_finds_a_ceiling_and_reports_steps() {
-    let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
-    let common = Common {
-        ramp: true,
-        ramp_step: Duration::from_secs(1),
-        ramp_factor: 4.0,
-        // Generous: met at 20 msg/s even on a loaded machine, missed once the rate is absurd.
-        ramp_p99_ms: 200.0,
-        ..small()
-    };
-    let report = scenario::fanout::run(&common, &args).await.unwrap();
-    assert!(report.ramp.len() >= 2, "{}", report.table());
-    assert!(report.ramp[0].ok, "{}", report.table());
-    // Three recipients per message; a step that kept up delivered all it offered (each
-    // step starts on a whole second, so its window holds exactly its messages).
-    let first = &report.ramp[0];
-    assert_eq!(first.offered_deliveries_per_s, first.offered_rate * 3.0);
-    assert_eq!(first.delivered_per_s, first.offered_deliveries_per_s, "{}", report.table());
-    assert!(!report.ramp.last().unwrap().ok, "the ramp stops at the first step over the bound");
-    assert!(report.extra["ramp_max_sustained_deliveries_per_s"] > 0.0);
+    bounded(async {
+        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
+        let common = Common {
+            ramp: true,
+            ramp_step: Duration::from_secs(1),
+            ramp_factor: 4.0,
+            // Generous: met at 20 msg/s even on a loaded machine, missed once the rate is absurd.
+            ramp_p99_ms: 200.0,
+            ..small()
+        };
+        let report = scenario::fanout::run(&common, &args).await.unwrap();
+        let table = report.table();
+        // The run's own checks: no duplicate or reordered delivery, every message
+        // answered, a sustainable rate found.
+        assert_passed(&report);
+        assert!(report.ramp.len() >= 2, "{table}");
+        let (last, kept_up) = report.ramp.split_last().unwrap();
+        assert!(!last.ok, "the ramp stops at the first step over the bound: {table}");
+        assert!(kept_up.iter().all(|s| s.ok), "it stops at the first: {table}");
+        for (i, step) in kept_up.iter().enumerate() {
+            // Each step offers `ramp_factor` times the last, three recipients per message;
+            // a step that kept up delivered all it offered (each step starts on a whole
+            // second, so its window holds exactly its messages).
+            assert_eq!(step.offered_rate, 20.0 * 4f64.powi(i as i32), "{table}");
+            assert_eq!(step.offered_deliveries_per_s, step.offered_rate * 3.0, "{table}");
+            assert_eq!(step.delivered_per_s, step.offered_deliveries_per_s, "{table}");
+        }
+        // The result is the fastest step that kept up.
+        let best = kept_up.last().unwrap();
+        assert_eq!(report.extra["ramp_max_sustained_rate_msgs_per_s"], best.offered_rate, "{table}");
+        assert_eq!(report.extra["ramp_max_sustained_deliveries_per_s"], best.delivered_per_s, "{table}");
+    })
+    .await
 }
 
 #[test]

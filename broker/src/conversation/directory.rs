@@ -92,11 +92,12 @@ impl ConvDirectory {
             Err(e) => return refuse(msg, e),
         }
         let mut dead = None;
+        let mailbox_max = shared.config.conversation_mailbox_max;
         for _ in 0..3 {
             let slot = {
                 let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
                 map.get(&conv).cloned().map(|slot| {
-                    let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= shared.config.conversation_mailbox_max;
+                    let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= mailbox_max;
                     (slot, over)
                 })
             };

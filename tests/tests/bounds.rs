@@ -1,0 +1,354 @@
+//! Every bound a client can push against, pushed to it: each answers with its
+//! documented code (PROTOCOL.md sections 4, 5.1, 6, 8 and 9; `broker/src/limits.rs`).
+//! Bounds too large to reach in a test are lowered through `Config`; the others are
+//! reached at their real values.
+//!
+//! Several tests rely on `#[tokio::test]`'s single-threaded runtime: the broker's tasks
+//! and actors run on the test's one thread, so a session that dispatches pipelined
+//! requests without yielding does so before any conversation actor runs. That makes
+//! "the actor has not answered yet" a fact rather than a race.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_broker::limits::{
+    AUTH_FAILURES_PER_ADDRESS, CREATION_BUCKETS_MAX, MAX_DEVICES_PER_USER, MAX_SESSIONS_PER_USER,
+};
+use switchboard_client::RawSession;
+use switchboard_protocol::limits::{MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS};
+use switchboard_protocol::{ErrorCode, Page, Reply, RequestBody};
+use switchboard_tests::{
+    STEP_DEADLINE, TestBroker, bounded, close_code, closed_with, next_response, request_frame, within,
+};
+
+/// The code a connection beyond `MAX_SESSIONS_PER_USER` is closed with. Named once
+/// here: if the broker's choice changes, this is the line to change.
+const SESSIONS_PER_USER_REFUSAL: ErrorCode = ErrorCode::OVERLOADED;
+
+/// Writes `frames` in one write, then collects one response per request, in arrival
+/// order.
+async fn pipeline(
+    raw: &mut RawSession,
+    frames: &[Bytes],
+) -> Vec<(u32, Result<Reply, switchboard_protocol::ErrorBody>)> {
+    let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+    within(STEP_DEADLINE, "pipelined write", raw.send.write_all(&bytes)).await.unwrap();
+    let mut answers = Vec::with_capacity(frames.len());
+    for _ in frames {
+        answers.push(next_response(raw).await);
+    }
+    answers
+}
+
+/// Polls `ready` every 20 ms until it holds, failing after `STEP_DEADLINE`.
+async fn eventually(what: &str, mut ready: impl FnMut() -> bool) {
+    within(STEP_DEADLINE, what, async {
+        while !ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// PROTOCOL.md section 6: at 64 outstanding requests the broker stops reading. The 64
+/// requests are history reads the conversation actor answers; behind them comes a ping,
+/// which the session answers itself the moment it reads it. With 63 outstanding the
+/// ping is read at once and answered before every read; with 64 it is read only once a
+/// read has been answered, so its answer comes after at least one of theirs. (The QUIC
+/// flow-control stall that follows is not observed here: 65 small frames fit the
+/// stream window.)
+#[tokio::test]
+async fn a_65th_request_is_not_read_until_one_of_64_is_answered() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let conv = alice.create_group("busy", &[]).await.unwrap().id;
+        alice.send(conv, "something to read").await.unwrap();
+        let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        let max = MAX_INFLIGHT_REQUESTS;
+        for outstanding in [max - 1, max] {
+            let mut frames: Vec<Bytes> = (1..=outstanding)
+                .map(|id| request_frame(id, RequestBody::History { conv, page: Page::Latest, limit: 1 }))
+                .collect();
+            const PING: u32 = 1000;
+            frames.push(request_frame(PING, RequestBody::Ping));
+            let order: Vec<u32> = pipeline(&mut raw, &frames).await.into_iter().map(|(id, _)| id).collect();
+            let ping_at = order.iter().position(|&id| id == PING).unwrap();
+            if outstanding < max {
+                assert_eq!(ping_at, 0, "with {outstanding} outstanding the ping is read at once: {order:?}");
+            } else {
+                assert!(ping_at >= 1, "with {outstanding} outstanding the ping was read before any answer: {order:?}");
+            }
+        }
+    })
+    .await
+}
+
+/// `Config::conversation_mailbox_max` (default `CONVERSATION_MAILBOX_MAX`): requests
+/// beyond it are answered `OVERLOADED` and take no effect; up to it, all are served.
+#[tokio::test]
+async fn a_full_conversation_mailbox_answers_overloaded() {
+    bounded(async {
+        const MAILBOX: usize = 4;
+        let tb = TestBroker::start_with(|c| c.conversation_mailbox_max = MAILBOX).await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let conv = alice.create_group("crowded", &[]).await.unwrap().id;
+        let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        let send = |id: u32| {
+            let client_id = [id as u8; 16];
+            (client_id, request_frame(id, RequestBody::Send { conv, client_id, text: format!("m{id}") }))
+        };
+        // As many as the mailbox holds: all served.
+        let frames: Vec<Bytes> = (1..=MAILBOX as u32).map(|id| send(id).1).collect();
+        for (id, answer) in pipeline(&mut raw, &frames).await {
+            assert!(matches!(answer, Ok(Reply::Appended { .. })), "request {id}: {answer:?}");
+        }
+        // Four times as many, pipelined before the actor runs: the rest are refused.
+        let ids: Vec<u32> = (100..100 + 4 * MAILBOX as u32).collect();
+        let frames: Vec<Bytes> = ids.iter().map(|&id| send(id).1).collect();
+        let mut refused = Vec::new();
+        let mut served = 0;
+        for (id, answer) in pipeline(&mut raw, &frames).await {
+            match answer {
+                Ok(Reply::Appended { .. }) => served += 1,
+                Err(e) if e.code == ErrorCode::OVERLOADED => refused.push(id),
+                other => panic!("request {id}: {other:?}"),
+            }
+        }
+        assert!(!refused.is_empty(), "{} pipelined requests into a mailbox of {MAILBOX}: none refused", ids.len());
+        // Nothing refused took effect: the log holds the creation and what was served,
+        // and each refused message, sent again with its id, is new.
+        let (entries, _) = alice.history(conv, Page::After(0), 200).await.unwrap();
+        assert_eq!(entries.len(), 1 + MAILBOX + served);
+        for id in refused {
+            let (client_id, _) = send(id);
+            let (_, duplicate) = alice.send_with_id(conv, client_id, "again").await.unwrap();
+            assert!(!duplicate, "refused request {id} had been applied");
+        }
+    })
+    .await
+}
+
+/// `Config::max_live_conversations` (default `MAX_LIVE_CONVERSATIONS`): at the cap, a
+/// request that would start another conversation actor is answered `OVERLOADED`; once
+/// an actor retires, the same request is served.
+#[tokio::test]
+async fn at_the_live_conversation_cap_starting_another_is_overloaded() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_conversations = 1;
+            c.conversation_idle_ms = 1000;
+        })
+        .await;
+        let shared = tb.shared().clone();
+        let (alice, _) = tb.register("alice").await;
+        let first = alice.create_group("first", &[]).await.unwrap().id;
+        eventually("the first actor retiring", || shared.convs.live() == 0).await;
+        let second = alice.create_group("second", &[]).await.unwrap().id;
+        assert_eq!(shared.convs.live(), 1);
+        let e = alice.send(first, "wake up").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}");
+        alice.send(second, "the live one serves").await.unwrap();
+        eventually("the second actor retiring", || shared.convs.live() == 0).await;
+        alice.send(first, "wake up").await.unwrap();
+        let (entries, _) = alice.history(first, Page::After(0), 10).await.unwrap();
+        assert_eq!(entries.len(), 2, "the refused send took no effect: {entries:?}");
+    })
+    .await
+}
+
+/// `MAX_SESSIONS_PER_USER` (64) connections of one user at once; the next is closed
+/// with `SESSIONS_PER_USER_REFUSAL` right after authenticating, and once one of the 64
+/// goes, a new one is served.
+#[tokio::test]
+async fn connections_per_user_are_capped() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let connector = tb.connector();
+        let (first, alice) = tb.register("alice").await;
+        let mut sessions = vec![first];
+        while sessions.len() < MAX_SESSIONS_PER_USER {
+            let client = within(STEP_DEADLINE, "connect", connector.connect(&alice)).await.unwrap();
+            // Answered only once the session is attached.
+            client.ping().await.unwrap();
+            sessions.push(client);
+        }
+        // Refused once authenticated: the close may overtake the `Authed` answer.
+        let refused = match within(STEP_DEADLINE, "connect", connector.connect(&alice)).await {
+            Ok(extra) => close_code(&extra).await,
+            Err(e) => e.code(),
+        };
+        assert_eq!(refused, Some(SESSIONS_PER_USER_REFUSAL));
+        // Another user is not affected.
+        tb.register("bob").await.0.ping().await.unwrap();
+        sessions.pop().unwrap().close();
+        within(STEP_DEADLINE, "a connection after one closed", async {
+            loop {
+                // Until the closed session is detached, a new one is refused like the
+                // extra one (which may surface as a failed connect).
+                if let Ok(client) = connector.connect(&alice).await
+                    && client.ping().await.is_ok()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+/// PROTOCOL.md section 5.1: at most 32 enrolled devices per account; a further
+/// enrollment fails with `FORBIDDEN` until a device is revoked.
+#[tokio::test]
+async fn a_33rd_device_is_forbidden_until_one_is_revoked() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let mut last = None;
+        for _ in 1..MAX_DEVICES_PER_USER {
+            last = Some(tb.login("alice").await.1);
+        }
+        assert_eq!(alice.devices().await.unwrap().len(), MAX_DEVICES_PER_USER);
+        let e = within(STEP_DEADLINE, "login", tb.connector().login("alice", tb.password, "one too many"))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), Some(ErrorCode::FORBIDDEN), "{e}");
+        assert_eq!(alice.devices().await.unwrap().len(), MAX_DEVICES_PER_USER);
+        alice.revoke_device(last.unwrap().device_id).await.unwrap();
+        tb.login("alice").await.0.ping().await.unwrap();
+    })
+    .await
+}
+
+/// `Config::max_connections`: beyond it, new connections are refused at the QUIC
+/// handshake (`CONNECTION_REFUSED`); once one closes, a new one is accepted.
+#[tokio::test]
+async fn connections_beyond_max_connections_are_refused() {
+    bounded(async {
+        const MAX: usize = 3;
+        let tb = TestBroker::start_with(|c| c.max_connections = MAX).await;
+        let mut open = Vec::new();
+        for _ in 0..MAX {
+            open.push(tb.preauth().await);
+        }
+        let addr = tb.broker.as_ref().unwrap().local_addr;
+        let endpoint = tb.connector().endpoint().clone();
+        let refused = within(STEP_DEADLINE, "refused connect", endpoint.connect(addr, "localhost").unwrap())
+            .await
+            .expect_err("a connection beyond max_connections is refused");
+        assert!(
+            matches!(&refused, quinn::ConnectionError::ConnectionClosed(c)
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+            "{refused:?}"
+        );
+        open.pop().unwrap().conn.close(0u32.into(), b"done");
+        within(STEP_DEADLINE, "a connection after one closed", async {
+            while endpoint.connect(addr, "localhost").unwrap().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+/// PROTOCOL.md section 4: failed logins are limited per source address too. Failures
+/// spread over many accounts (one each, far below the per-account limit) exhaust the
+/// address: the next attempt, for an account with no failures, is `RATE_LIMITED`, and
+/// so is a correct login from that address.
+#[tokio::test]
+async fn failed_logins_are_rate_limited_per_address() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let connector = tb.connector();
+        for i in 0..AUTH_FAILURES_PER_ADDRESS {
+            let e = within(STEP_DEADLINE, "login", connector.login(&format!("ghost{i}"), "wrong password", "d"))
+                .await
+                .err()
+                .unwrap();
+            assert_eq!(e.code(), Some(ErrorCode::AUTH_FAILED), "attempt {i}: {e}");
+        }
+        let fresh = within(STEP_DEADLINE, "login", connector.login("ghost-new", "wrong password", "d")).await;
+        assert_eq!(fresh.err().unwrap().code(), Some(ErrorCode::RATE_LIMITED));
+        let right = within(STEP_DEADLINE, "login", connector.login("alice", tb.password, "d")).await;
+        assert_eq!(right.err().unwrap().code(), Some(ErrorCode::RATE_LIMITED));
+        let device = within(STEP_DEADLINE, "connect", connector.connect(&alice_id)).await;
+        assert_eq!(device.err().unwrap().code(), Some(ErrorCode::RATE_LIMITED));
+        // A session that was already open is not affected.
+        alice.ping().await.unwrap();
+    })
+    .await
+}
+
+/// `CREATION_BUCKETS_MAX`: creation allowances are tracked for at most 65,536 users.
+/// When the table is full of allowances still refilling, a user not in it is
+/// `RATE_LIMITED`, users in it keep theirs, and once allowances have refilled they are
+/// dropped and the new user is served. The table is filled through the user
+/// directory's own `allow_creation` (65,536 accounts would take minutes to register);
+/// the refusal is observed on the wire.
+#[tokio::test]
+async fn the_creation_allowance_table_is_capped() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let users = &tb.shared().users;
+        // Ids far above any the store hands out.
+        let synthetic = 1u64 << 40;
+        for user in synthetic..synthetic + CREATION_BUCKETS_MAX as u64 {
+            users.allow_creation(user).unwrap();
+        }
+        let e = alice.create_group("g", &[]).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED), "{e}");
+        users.allow_creation(synthetic).unwrap();
+        // A taken allowance refills in a second; refilled ones are dropped (at most once
+        // a second), which makes room.
+        within(STEP_DEADLINE, "room in the allowance table", async {
+            while alice.create_group("g", &[]).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+/// PROTOCOL.md section 2: once authenticated, a frame body of 64 KiB is read (this one
+/// is refused per request for its text), and a 64 KiB + 1 one closes the connection
+/// with `FRAME_TOO_LARGE`.
+#[tokio::test]
+async fn a_frame_of_64_kib_plus_one_after_auth_is_too_large() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        let max = MAX_CLIENT_FRAME_BYTES as usize;
+        let answers = pipeline(&mut raw, &[send_with_body_len(conv, max)]).await;
+        assert!(matches!(&answers[0].1, Err(e) if e.code == ErrorCode::INVALID), "{answers:?}");
+        within(STEP_DEADLINE, "write", raw.send.write_all(&send_with_body_len(conv, max + 1))).await.unwrap();
+        assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::FRAME_TOO_LARGE));
+        alice.ping().await.unwrap();
+    })
+    .await
+}
+
+/// A `Send` frame whose body is exactly `len` bytes.
+fn send_with_body_len(conv: u64, len: usize) -> Bytes {
+    let mut text_len = len - 64;
+    loop {
+        let text = "x".repeat(text_len);
+        let frame = request_frame(1, RequestBody::Send { conv, client_id: [9; 16], text });
+        // A body of 16 KiB to 2 MiB has a 3-byte length prefix.
+        let body = frame.len() - 3;
+        if body == len {
+            return frame;
+        }
+        text_len = text_len + len - body;
+    }
+}
