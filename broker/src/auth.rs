@@ -47,6 +47,10 @@ pub struct Auth {
     registrations: RegistrationLimiter,
     registration_open: bool,
     unconfirmed_device_grace_ms: u64,
+    /// A hash of no one's password, verified for a login naming an account that does not
+    /// exist: that login costs the same argon2 work as a wrong password, so its timing
+    /// does not tell whether the account exists.
+    decoy_phc: String,
 }
 
 /// A registration that passed every check: the device key it enrolls and the password
@@ -72,7 +76,12 @@ impl Auth {
         let params = argon2::Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
             .map_err(|e| crate::Error::Config(format!("argon2 parameters: {e}")))?;
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let decoy_phc = argon
+            .hash_password(b"switchboard decoy: no account has this password")
+            .map_err(|e| crate::Error::Config(format!("argon2: {e}")))?
+            .to_string();
         Ok(Auth {
+            decoy_phc,
             store,
             argon: Argon2Pool::new(argon, config.argon2_queue),
             passwords: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS),
@@ -134,6 +143,19 @@ impl Auth {
         };
         let Some((user, record)) = user else {
             self.passwords.record(&address, now)?;
+            if check_user_name(&req.user).is_ok() {
+                // The same checks and work as for an account that exists (see `decoy_phc`).
+                verify_enrollment(req, transcript)?;
+                let turn = self.argon.turn()?;
+                let (password, phc) = (req.password.clone(), self.decoy_phc.clone());
+                self.argon
+                    .run(turn, move |argon| {
+                        if let Ok(parsed) = PasswordHash::new(&phc) {
+                            let _ = argon.verify_password(password.as_bytes(), &parsed);
+                        }
+                    })
+                    .await?;
+            }
             return Err(wrong_password());
         };
         let key = verify_enrollment(req, transcript)?;

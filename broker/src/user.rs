@@ -178,7 +178,16 @@ impl UserDirectory {
     }
 
     /// Closes the live connections of a revoked device.
+    ///
+    /// Their outbound queues are closed before this returns (through the `Online` index,
+    /// not a message to the user actor), so a revocation answered `Done` has already cut
+    /// the device off: nothing more reaches it and its connection is closing.
     pub async fn revoke(&self, user: UserId, device: DeviceId) {
+        if let Some(sessions) = self.online.sessions(user) {
+            for s in sessions.iter().filter(|s| s.device == device) {
+                s.out.close(ErrorCode::DEVICE_REVOKED);
+            }
+        }
         if let Some(live) = self.map.lock().await.get(&user) {
             let _ = live.actor.cast(UserMsg::Revoke(device));
         }

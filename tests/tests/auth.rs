@@ -133,3 +133,21 @@ async fn a_signature_made_for_another_connection_does_not_verify() {
     })
     .await
 }
+
+/// A revocation answered `Done` has already cut the device off: its next request is not
+/// served (the device's queue is closed before the answer, not by a later message).
+#[tokio::test]
+async fn a_revoked_device_is_cut_off_before_the_revocation_is_answered() {
+    switchboard_tests::bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        for round in 0..10 {
+            let (phone, phone_id) = tb.login("alice").await;
+            phone.ping().await.unwrap();
+            laptop.revoke_device(phone_id.device_id).await.unwrap();
+            let after = phone.ping().await;
+            assert!(after.is_err(), "round {round}: the revoked device was still served: {after:?}");
+        }
+    })
+    .await
+}
