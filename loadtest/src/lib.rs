@@ -8,6 +8,7 @@
 
 pub mod checker;
 pub mod cost;
+pub mod error;
 pub mod load;
 pub mod payload;
 pub mod plot;
@@ -21,6 +22,8 @@ pub mod target;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub use error::{Error, Result};
 
 /// Flags every scenario takes.
 #[derive(clap::Args, Clone, Debug)]
@@ -99,12 +102,12 @@ impl Common {
     }
 
     /// Resolves the broker to test: `--target`, in-process, or a child process.
-    pub async fn target(&self) -> anyhow::Result<target::Target> {
+    pub async fn target(&self) -> Result<target::Target> {
         if let Some(addr) = self.target {
             let trust = match (&self.ca, &self.pin) {
                 (Some(ca), _) => switchboard_client::Trust::CaFile(ca.clone()),
                 (None, Some(pin)) => switchboard_client::Trust::Pin(pin.clone()),
-                (None, None) => anyhow::bail!("--target needs --ca or --pin"),
+                (None, None) => return Err(Error::InvalidArgs("--target needs --ca or --pin".into())),
             };
             return Ok(target::Target::remote(addr, trust, self.broker_pid));
         }
@@ -118,7 +121,7 @@ impl Common {
 
 /// Parses a message size within `payload::MIN_SIZE..=MAX_TEXT_BYTES`: anything else
 /// would only measure refused sends.
-pub fn parse_size(s: &str) -> Result<usize, String> {
+pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
     let max = switchboard_protocol::limits::MAX_TEXT_BYTES as usize;
     match s.trim().parse::<usize>() {
         Ok(n) if (payload::MIN_SIZE..=max).contains(&n) => Ok(n),
@@ -127,7 +130,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 /// Parses a duration (as `parse_duration`) that is a whole number of seconds, at least 1.
-pub fn parse_whole_seconds(s: &str) -> Result<Duration, String> {
+pub fn parse_whole_seconds(s: &str) -> std::result::Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.subsec_nanos() != 0 || d.is_zero() {
         return Err(format!("{s:?} is not a whole number of seconds (at least 1s)"));
@@ -136,7 +139,7 @@ pub fn parse_whole_seconds(s: &str) -> Result<Duration, String> {
 }
 
 /// Parses `10s`, `1.5s`, `250ms`, `2m`, `1h`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map_or((s, "s"), |i| (&s[..i], &s[i..]));
     let value: f64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;

@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use anyhow::Context;
-use switchboard_client::{Connector, Identity, RawSession};
+use switchboard_client::{ClientError, Connector, Identity, RawSession};
 use switchboard_protocol::{
     Body, ClientFrame, ConvId, Event, FrameDecoder, Reply, Request, RequestBody, ServerFrame, decode, encode_frame,
 };
 use tokio::sync::watch;
 
 use crate::checker::{Acked, Tracker};
+use crate::error::{Error, Result};
 use crate::payload;
 use crate::stats::{BATCH, Clock, Stats};
 use crate::target::Target;
@@ -34,9 +34,9 @@ pub struct Population {
 
 impl Population {
     /// Registers `count` users named `{tag}u{i}` (the tag keeps runs apart on a shared broker).
-    pub async fn enroll(target: &Target, tag: &str, count: usize) -> anyhow::Result<Population> {
+    pub async fn enroll(target: &Target, tag: &str, count: usize) -> Result<Population> {
         let endpoints = count.div_ceil(CONNECTIONS_PER_ENDPOINT).clamp(1, MAX_ENDPOINTS);
-        let connectors = (0..endpoints).map(|_| target.connector()).collect::<anyhow::Result<Vec<_>>>()?;
+        let connectors = (0..endpoints).map(|_| target.connector()).collect::<Result<Vec<_>>>()?;
         let mut users = Vec::with_capacity(count);
         for chunk_start in (0..count).step_by(SETUP_CONCURRENCY) {
             let mut set = tokio::task::JoinSet::new();
@@ -46,11 +46,11 @@ impl Population {
                 set.spawn(async move {
                     let (client, identity) = connector.register(&name, "load-test-password", "load").await?;
                     client.close();
-                    anyhow::Ok((i, identity))
+                    Ok((i, identity))
                 });
             }
             let mut chunk: Vec<(usize, Identity)> =
-                set.join_all().await.into_iter().collect::<anyhow::Result<_>>().context("enrolling users")?;
+                set.join_all().await.into_iter().collect::<Result<_, ClientError>>().map_err(Error::Enroll)?;
             chunk.sort_by_key(|(i, _)| *i);
             users.extend(chunk.into_iter().map(|(_, id)| id));
         }
@@ -68,12 +68,12 @@ impl Population {
     }
 
     /// Authenticates user `i` as a high-level client (for set-up requests).
-    pub async fn client(&self, i: usize) -> anyhow::Result<switchboard_client::Client> {
+    pub async fn client(&self, i: usize) -> Result<switchboard_client::Client> {
         Ok(self.connector(i).connect(&self.users[i]).await?)
     }
 
     /// Authenticates every user in `range` as a raw session, `SETUP_CONCURRENCY` at a time.
-    pub async fn connect_raw(&self, range: std::ops::Range<usize>) -> anyhow::Result<Vec<RawSession>> {
+    pub async fn connect_raw(&self, range: std::ops::Range<usize>) -> Result<Vec<RawSession>> {
         let mut out = Vec::with_capacity(range.len());
         let ids: Vec<usize> = range.collect();
         for chunk in ids.chunks(SETUP_CONCURRENCY) {
@@ -81,9 +81,9 @@ impl Population {
             for &i in chunk {
                 let connector = self.connector(i).clone();
                 let identity = self.users[i].clone();
-                set.spawn(async move { anyhow::Ok((i, connector.connect_raw(&identity).await?)) });
+                set.spawn(async move { Ok::<_, Error>((i, connector.connect_raw(&identity).await?)) });
             }
-            let mut got: Vec<(usize, RawSession)> = set.join_all().await.into_iter().collect::<anyhow::Result<_>>()?;
+            let mut got: Vec<(usize, RawSession)> = set.join_all().await.into_iter().collect::<Result<_>>()?;
             got.sort_by_key(|(i, _)| *i);
             out.extend(got.into_iter().map(|(_, s)| s));
         }
@@ -93,9 +93,9 @@ impl Population {
 
 /// Runs a conversation creation, waiting out `RATE_LIMITED`: the broker allows each
 /// user 20 creations in a burst, then one a second, and a scenario may ask for more.
-async fn creating<T, F>(mut create: impl FnMut() -> F) -> anyhow::Result<T>
+async fn creating<T, F>(mut create: impl FnMut() -> F) -> Result<T>
 where
-    F: std::future::Future<Output = Result<T, switchboard_client::ClientError>>,
+    F: std::future::Future<Output = std::result::Result<T, ClientError>>,
 {
     const ATTEMPTS: u32 = 600;
     for _ in 0..ATTEMPTS {
@@ -106,11 +106,11 @@ where
             other => return Ok(other?),
         }
     }
-    anyhow::bail!("conversation creation still rate limited after {ATTEMPTS} attempts")
+    Err(Error::RateLimited { attempts: ATTEMPTS })
 }
 
 /// Creates a group owned by user `owner` with the given members; returns its id.
-pub async fn create_group(pop: &Population, owner: usize, members: &[usize], title: &str) -> anyhow::Result<ConvId> {
+pub async fn create_group(pop: &Population, owner: usize, members: &[usize], title: &str) -> Result<ConvId> {
     let client = pop.client(owner).await?;
     let names: Vec<String> = members.iter().filter(|&&m| m != owner).map(|&m| pop.name(m).to_owned()).collect();
     let mut chunks = names.chunks(switchboard_protocol::limits::MAX_USERS_PER_REQUEST as usize);
@@ -124,7 +124,7 @@ pub async fn create_group(pop: &Population, owner: usize, members: &[usize], tit
 }
 
 /// Creates the direct conversation between users `a` and `b`.
-pub async fn create_direct(pop: &Population, a: usize, b: usize) -> anyhow::Result<ConvId> {
+pub async fn create_direct(pop: &Population, a: usize, b: usize) -> Result<ConvId> {
     let client = pop.client(a).await?;
     let conv = creating(|| client.create_direct(pop.name(b))).await?.id;
     client.close();
@@ -132,15 +132,15 @@ pub async fn create_direct(pop: &Population, a: usize, b: usize) -> anyhow::Resu
 }
 
 /// Creates the direct conversations of `pairs`, `SETUP_CONCURRENCY` at a time.
-pub async fn create_directs(pop: &std::sync::Arc<Population>, pairs: &[(usize, usize)]) -> anyhow::Result<Vec<ConvId>> {
+pub async fn create_directs(pop: &std::sync::Arc<Population>, pairs: &[(usize, usize)]) -> Result<Vec<ConvId>> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(SETUP_CONCURRENCY) {
         let mut set = tokio::task::JoinSet::new();
         for (k, &(a, b)) in chunk.iter().enumerate() {
             let pop = pop.clone();
-            set.spawn(async move { anyhow::Ok((k, create_direct(&pop, a, b).await?)) });
+            set.spawn(async move { Ok((k, create_direct(&pop, a, b).await?)) });
         }
-        let mut got: Vec<(usize, ConvId)> = set.join_all().await.into_iter().collect::<anyhow::Result<_>>()?;
+        let mut got: Vec<(usize, ConvId)> = set.join_all().await.into_iter().collect::<Result<_>>()?;
         got.sort_by_key(|(k, _)| *k);
         out.extend(got.into_iter().map(|(_, c)| c));
     }
@@ -212,7 +212,7 @@ impl LoadSession {
     }
 
     /// Waits for the reader to finish (after stop) and closes the connection.
-    pub async fn finish(self) -> anyhow::Result<ReaderOut> {
+    pub async fn finish(self) -> Result<ReaderOut> {
         let out = self.reader.await?;
         self.conn.close(0u32.into(), b"done");
         Ok(out)

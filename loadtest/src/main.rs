@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         let dir =
             args.get(2).ok_or_else(|| anyhow::anyhow!("usage: {} DATA_DIR [UDP_SOCKETS]", target::CHILD_COMMAND))?;
         let sockets = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1);
-        return target::run_child(dir.into(), sockets);
+        return Ok(target::run_child(dir.into(), sockets)?);
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))

@@ -10,13 +10,13 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{Context as _, anyhow, bail};
 use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use crate::error::{Error, Result};
 use crate::report::{Interval, RampStep, Report};
 
 /// Image size in pixels.
@@ -52,10 +52,10 @@ type Area<'p> = DrawingArea<BitMapBackend<'p>, Shift>;
 type Xy = Cartesian2d<RangedCoordf64, RangedCoordf64>;
 
 /// Renders `report` to a PNG at `path` (written whole or not at all, whatever the extension).
-pub fn write_png(report: &Report, path: &Path) -> anyhow::Result<()> {
+pub fn write_png(report: &Report, path: &Path) -> Result<()> {
     ensure_font()?;
     let Some(name) = path.file_name() else {
-        bail!("plot path {} has no file name", path.display());
+        return Err(Error::Plot(format!("plot path {} has no file name", path.display())));
     };
     // The encoder picks the format from the extension, so draw to a `.png` sibling and
     // rename it into place: the target never holds a half-written image.
@@ -63,22 +63,22 @@ pub fn write_png(report: &Report, path: &Path) -> anyhow::Result<()> {
     partial.push(".partial.png");
     let partial: PathBuf = path.with_file_name(partial);
     let result = draw(report, &partial).and_then(|()| {
-        std::fs::rename(&partial, path).with_context(|| format!("renaming {} into place", partial.display()))
+        std::fs::rename(&partial, path).map_err(Error::io(format!("renaming {} into place", partial.display())))
     });
     if result.is_err() {
         // The backend saves on drop even after a failed draw; do not leave that behind.
         let _ = std::fs::remove_file(&partial);
     }
-    result.with_context(|| format!("writing plot {}", path.display()))
+    result.map_err(|e| Error::WritingPlot { path: path.to_path_buf(), source: Box::new(e) })
 }
 
 /// Registers the font with plotters once per process.
-fn ensure_font() -> anyhow::Result<()> {
-    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
-    REGISTERED.get_or_init(register_font).clone().map_err(|e| anyhow!(e))
+fn ensure_font() -> Result<()> {
+    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    REGISTERED.get_or_init(register_font).clone().map_err(Error::Plot)
 }
 
-fn register_font() -> Result<(), String> {
+fn register_font() -> std::result::Result<(), String> {
     let mut problems = Vec::new();
     for path in FONT_PATHS {
         match std::fs::read(path) {
@@ -97,7 +97,7 @@ fn register_font() -> Result<(), String> {
     Err(format!("no font for the plot; tried {} (install fonts-dejavu-core or fonts-liberation)", problems.join("; ")))
 }
 
-fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
+fn draw(report: &Report, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
     let failed: Vec<String> =
@@ -111,7 +111,7 @@ fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     } else {
         let panels = body.split_evenly((3, 1));
         let [latency, middle, resources] = panels.as_slice() else {
-            bail!("internal error: split_evenly((3, 1)) gave {} panels", panels.len());
+            return Err(Error::Plot(format!("internal error: split_evenly((3, 1)) gave {} panels", panels.len())));
         };
         latency_panel(latency, report)?;
         if report.ramp.is_empty() {
@@ -129,7 +129,7 @@ fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
 // Header
 // ---------------------------------------------------------------------------------------
 
-fn draw_header(area: &Area<'_>, report: &Report, failed: &[String]) -> anyhow::Result<()> {
+fn draw_header(area: &Area<'_>, report: &Report, failed: &[String]) -> Result<()> {
     let (w, _) = area.dim_in_pixel();
     let w = w as i32;
     let left = MARGIN + 4;
@@ -209,7 +209,7 @@ fn header_bottom(area: &Area<'_>) -> i32 {
 // Panels
 // ---------------------------------------------------------------------------------------
 
-fn latency_panel(area: &Area<'_>, report: &Report) -> anyhow::Result<()> {
+fn latency_panel(area: &Area<'_>, report: &Report) -> Result<()> {
     let tl = &report.timeline;
     let p50 = series(tl, |i| i.p50_ms);
     let p99 = series(tl, |i| i.p99_ms);
@@ -230,7 +230,7 @@ fn latency_panel(area: &Area<'_>, report: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn throughput_panel(area: &Area<'_>, report: &Report) -> anyhow::Result<()> {
+fn throughput_panel(area: &Area<'_>, report: &Report) -> Result<()> {
     let tl = &report.timeline;
     let delivered = series(tl, |i| i.delivered_per_s);
     let sent = series(tl, |i| i.sent_per_s);
@@ -251,7 +251,7 @@ fn throughput_panel(area: &Area<'_>, report: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> anyhow::Result<()> {
+fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> Result<()> {
     let mut steps: Vec<&RampStep> = ramp.iter().filter(|s| s.offered_rate.is_finite()).collect();
     steps.sort_by(|a, b| a.offered_rate.total_cmp(&b.offered_rate));
     let ok = steps.iter().filter(|s| s.ok).count();
@@ -325,7 +325,7 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn resource_panel(area: &Area<'_>, report: &Report) -> anyhow::Result<()> {
+fn resource_panel(area: &Area<'_>, report: &Report) -> Result<()> {
     let tl = &report.timeline;
     let broker_known = report.broker.is_some() || tl.iter().any(|i| i.broker_cpu_pct != 0.0 || i.broker_rss_mib != 0.0);
     let harness = series(tl, |i| i.harness_cpu_pct);
@@ -399,7 +399,7 @@ impl Key {
 }
 
 /// Draws the panel title and its legend in one row; returns the area below.
-fn heading<'p>(area: &Area<'p>, title: &str, keys: &[Key]) -> anyhow::Result<Area<'p>> {
+fn heading<'p>(area: &Area<'p>, title: &str, keys: &[Key]) -> Result<Area<'p>> {
     let (head, rest) = area.split_vertically(HEADING_H);
     let y = HEADING_H as i32 / 2 + 2;
     let title_style = (FONT, 17).into_font().color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
@@ -445,7 +445,7 @@ fn mesh(
     x_desc: &str,
     y_desc: &str,
     y_fmt: &dyn Fn(&f64) -> String,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc(x_desc)
@@ -467,14 +467,14 @@ fn draw_line(
     chart: &mut ChartContext<'_, BitMapBackend<'_>, Xy>,
     points: &[(f64, f64)],
     colour: RGBColor,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let marker = if points.len() <= 90 { 3 } else { 0 };
     chart.draw_series(LineSeries::new(points.iter().copied(), colour.filled().stroke_width(2)).point_size(marker))?;
     Ok(())
 }
 
 /// A framed placeholder for a panel (or the whole body) with nothing to draw.
-fn no_samples(area: &Area<'_>, message: &str) -> anyhow::Result<()> {
+fn no_samples(area: &Area<'_>, message: &str) -> Result<()> {
     let (w, h) = area.dim_in_pixel();
     let (w, h) = (w as i32, h as i32);
     let (x0, x1) = (PLOT_LEFT, (w - MARGIN - Y_LABEL_W).max(PLOT_LEFT + 1));
@@ -513,7 +513,7 @@ fn mean_of(points: &[(f64, f64)]) -> f64 {
 }
 
 /// `text`, cut with an ellipsis to fit `max_w` pixels.
-fn fit(area: &Area<'_>, text: &str, style: &TextStyle<'_>, max_w: u32) -> anyhow::Result<String> {
+fn fit(area: &Area<'_>, text: &str, style: &TextStyle<'_>, max_w: u32) -> Result<String> {
     if area.estimate_text_size(text, style)?.0 <= max_w {
         return Ok(text.to_string());
     }

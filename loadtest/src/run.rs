@@ -44,7 +44,7 @@ impl MessageLoad {
         pop: &Population,
         membership: Membership,
         common: &Common,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::Result<Self> {
         let clock = Clock::default();
         let raws = pop.connect_raw(0..pop.users.len()).await?;
         let stats = Arc::new(Stats::new(clock.now_ns(), common.max_seconds()));
@@ -209,7 +209,7 @@ impl MessageLoad {
         mut params: BTreeMap<String, String>,
         measured_s: f64,
         common: &Common,
-    ) -> anyhow::Result<Report> {
+    ) -> crate::Result<Report> {
         self.drain(Duration::from_secs(10)).await;
         // The measured phase ends here: closing the sessions is not a message's cost.
         let usage_at_end = self.usage();
@@ -323,7 +323,7 @@ pub async fn run_messages(
     scenario: &str,
     mut params: BTreeMap<String, String>,
     common: &Common,
-) -> anyhow::Result<Report> {
+) -> crate::Result<Report> {
     load.mark_measured();
     let ramp = if common.ramp {
         load.ramp(&senders, rate, common).await

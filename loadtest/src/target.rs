@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use anyhow::Context;
 use switchboard_broker::{Broker, Config};
 use switchboard_client::{Connector, Trust};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+use crate::error::{Error, Result};
 
 /// Hidden subcommand that runs the embedded broker child.
 pub const CHILD_COMMAND: &str = "__broker";
@@ -45,9 +46,9 @@ pub fn embedded_config(data_dir: PathBuf, udp_sockets: usize) -> Config {
 
 impl Target {
     /// Starts `current_exe() __broker` with a temp data dir and waits for its address.
-    pub async fn child(udp_sockets: usize) -> anyhow::Result<Target> {
-        let dir = tempfile::tempdir()?;
-        let exe = std::env::current_exe()?;
+    pub async fn child(udp_sockets: usize) -> Result<Target> {
+        let dir = tempfile::tempdir().map_err(Error::io("creating the broker's temp dir"))?;
+        let exe = std::env::current_exe().map_err(Error::io("finding the harness executable"))?;
         let mut child = tokio::process::Command::new(exe)
             .arg(CHILD_COMMAND)
             .arg(dir.path().join("data"))
@@ -57,19 +58,24 @@ impl Target {
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .context("starting the embedded broker")?;
-        let stdout = child.stdout.take().context("child stdout")?;
+            .map_err(Error::io("starting the embedded broker"))?;
+        let stdout = child.stdout.take().ok_or_else(|| Error::Child("child stdout".into()))?;
         let mut lines = BufReader::new(stdout).lines();
         let (mut addr, mut cert) = (None, None);
         while addr.is_none() || cert.is_none() {
-            let line = lines.next_line().await?.context("embedded broker exited before listening")?;
+            let line = lines
+                .next_line()
+                .await
+                .map_err(Error::io("reading the embedded broker's output"))?
+                .ok_or_else(|| Error::Child("embedded broker exited before listening".into()))?;
             if let Some(a) = line.strip_prefix("addr=") {
-                addr = Some(a.parse::<SocketAddr>()?);
+                addr = Some(a.parse::<SocketAddr>().map_err(|e| Error::Child(e.to_string()))?);
             } else if let Some(c) = line.strip_prefix("cert=") {
                 cert = Some(PathBuf::from(c));
             }
         }
-        let (addr, cert) = (addr.context("addr")?, cert.context("cert")?);
+        let addr = addr.ok_or_else(|| Error::Child("addr".into()))?;
+        let cert = cert.ok_or_else(|| Error::Child("cert".into()))?;
         let pid = child.id();
         Ok(Target {
             addr,
@@ -81,8 +87,8 @@ impl Target {
     }
 
     /// Starts a broker inside this process (for tests; CPU is then shared with the harness).
-    pub async fn in_process(udp_sockets: usize) -> anyhow::Result<Target> {
-        let dir = tempfile::tempdir()?;
+    pub async fn in_process(udp_sockets: usize) -> Result<Target> {
+        let dir = tempfile::tempdir().map_err(Error::io("creating the broker's temp dir"))?;
         let broker = Broker::start(embedded_config(dir.path().join("data"), udp_sockets)).await?;
         Ok(Target {
             addr: broker.local_addr,
@@ -113,19 +119,24 @@ impl Target {
     }
 
     /// A new client endpoint for this broker.
-    pub fn connector(&self) -> anyhow::Result<Connector> {
+    pub fn connector(&self) -> Result<Connector> {
         Ok(Connector::new(self.addr, &self.server_name, self.trust.clone())?)
     }
 
     /// Stops an owned broker (closing stdin asks the child to shut down cleanly).
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub async fn stop(self) -> Result<()> {
         match self.owned {
             Owned::None => Ok(()),
             Owned::Child(mut child, _dir) => {
                 drop(child.stdin.take());
                 match tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await {
-                    Ok(status) => anyhow::ensure!(status?.success(), "embedded broker exited with an error"),
-                    Err(_) => child.kill().await?,
+                    Ok(status) => {
+                        let status = status.map_err(Error::io("waiting for the embedded broker"))?;
+                        if !status.success() {
+                            return Err(Error::Child("embedded broker exited with an error".into()));
+                        }
+                    }
+                    Err(_) => child.kill().await.map_err(Error::io("killing the embedded broker"))?,
                 }
                 Ok(())
             }
@@ -135,12 +146,16 @@ impl Target {
 }
 
 /// Body of the hidden `__broker DATA_DIR UDP_SOCKETS` subcommand: run until stdin closes.
-pub fn run_child(data_dir: PathBuf, udp_sockets: usize) -> anyhow::Result<()> {
+pub fn run_child(data_dir: PathBuf, udp_sockets: usize) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sb-broker").build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sb-broker")
+        .build()
+        .map_err(Error::io("starting the broker runtime"))?;
     runtime.block_on(async move {
         let broker = Broker::start(embedded_config(data_dir, udp_sockets)).await?;
         println!("addr={}", broker.local_addr);

@@ -19,7 +19,7 @@ pub struct Args {
 }
 
 /// Runs the scenario.
-pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
+pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     let users = args.users.max(2).next_multiple_of(2);
     let target = common.target().await?;
     let pop = std::sync::Arc::new(Population::enroll(&target, &run_tag(), users).await?);

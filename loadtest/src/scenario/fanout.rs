@@ -1,6 +1,7 @@
 //! `fanout`: M members in one group, S of them sending at R messages/s in total. Every
 //! message reaches M-1 devices: the classic chat-room fan-out.
 
+use crate::Error;
 use crate::load::{Population, create_group};
 use crate::report::Report;
 use crate::run::{MessageLoad, run_messages};
@@ -22,11 +23,10 @@ pub struct Args {
 }
 
 /// Runs the scenario.
-pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
-    anyhow::ensure!(
-        args.members >= 2 && args.senders >= 1 && args.senders <= args.members,
-        "need 2+ members and 1..=members senders"
-    );
+pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
+    if !(args.members >= 2 && args.senders >= 1 && args.senders <= args.members) {
+        return Err(Error::InvalidArgs("need 2+ members and 1..=members senders".into()));
+    }
     let target = common.target().await?;
     let pop = Population::enroll(&target, &run_tag(), args.members).await?;
     let all: Vec<usize> = (0..args.members).collect();

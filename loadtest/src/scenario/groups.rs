@@ -7,6 +7,7 @@ use crate::report::Report;
 use crate::run::{MessageLoad, run_messages};
 use crate::scenario::{SplitMix, params};
 use crate::{Common, run_tag};
+use crate::{Error, Result};
 
 /// `groups` flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -29,23 +30,29 @@ pub struct Args {
 }
 
 /// Parses `size:weight,...`.
-pub fn parse_sizes(s: &str) -> anyhow::Result<Vec<(usize, u32)>> {
+pub fn parse_sizes(s: &str) -> Result<Vec<(usize, u32)>> {
+    let invalid = |e: std::num::ParseIntError| Error::InvalidArgs(e.to_string());
     let sizes = s
         .split(',')
         .map(|pair| {
-            let (size, weight) =
-                pair.split_once(':').ok_or_else(|| anyhow::anyhow!("expected size:weight, got {pair:?}"))?;
-            Ok((size.trim().parse()?, weight.trim().parse()?))
+            let (size, weight) = pair
+                .split_once(':')
+                .ok_or_else(|| Error::InvalidArgs(format!("expected size:weight, got {pair:?}")))?;
+            Ok((size.trim().parse().map_err(invalid)?, weight.trim().parse().map_err(invalid)?))
         })
-        .collect::<anyhow::Result<Vec<(usize, u32)>>>()?;
-    anyhow::ensure!(sizes.iter().all(|&(s, w)| s >= 2 && w > 0), "sizes must be 2 or more, weights positive");
+        .collect::<Result<Vec<(usize, u32)>>>()?;
+    if !sizes.iter().all(|&(s, w)| s >= 2 && w > 0) {
+        return Err(Error::InvalidArgs("sizes must be 2 or more, weights positive".into()));
+    }
     Ok(sizes)
 }
 
 /// Runs the scenario.
-pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
+pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     let sizes = parse_sizes(&args.sizes)?;
-    anyhow::ensure!(sizes.iter().all(|&(s, _)| s <= args.users), "a group is larger than --users");
+    if !sizes.iter().all(|&(s, _)| s <= args.users) {
+        return Err(Error::InvalidArgs("a group is larger than --users".into()));
+    }
     let total_weight: u32 = sizes.iter().map(|&(_, w)| w).sum();
     let target = common.target().await?;
     let pop = Population::enroll(&target, &run_tag(), args.users).await?;

@@ -22,7 +22,7 @@ pub struct Args {
 }
 
 /// Runs the scenario.
-pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
+pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     let direct = args.direct_users.next_multiple_of(2);
     let users = args.group_members + direct;
     let target = common.target().await?;

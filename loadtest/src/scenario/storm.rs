@@ -28,7 +28,7 @@ pub struct Args {
 }
 
 /// Runs the scenario.
-pub async fn run(common: &Common, args: &Args) -> anyhow::Result<Report> {
+pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     let target = common.target().await?;
     let pop = Arc::new(Population::enroll(&target, &run_tag(), args.clients).await?);
     // Memory is measured on the broker's own process; in-process it includes the

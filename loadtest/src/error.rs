@@ -1,0 +1,77 @@
+//! The harness library's one error type. Each variant says what failed; its message is
+//! what the `switchboard-load` binary prints, with the wrapped error as its cause.
+
+use std::path::PathBuf;
+
+use switchboard_client::ClientError;
+
+/// Why a load run could not set up, run, stop or report.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A client could not connect, authenticate or have a set-up request answered.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Registering the simulated users failed.
+    #[error("enrolling users")]
+    Enroll(#[source] ClientError),
+    /// Creating a conversation was still rate limited after every retry.
+    #[error("conversation creation still rate limited after {attempts} attempts")]
+    RateLimited {
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The in-process broker could not start, serve or stop.
+    #[error(transparent)]
+    Broker(#[from] switchboard_broker::Error),
+    /// A file, process or runtime operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done, e.g. "starting the embedded broker".
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The child broker process did not announce its address or exited with an error.
+    #[error("{0}")]
+    Child(String),
+    /// A harness task panicked or was cancelled.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+    /// A latency histogram could not be created.
+    #[error(transparent)]
+    Histogram(#[from] hdrhistogram::CreationError),
+    /// The plot could not be drawn: no font, no file name, or a plotters failure.
+    #[error("{0}")]
+    Plot(String),
+    /// Writing the plot to its file failed (the cause says why).
+    #[error("writing plot {}", path.display())]
+    WritingPlot {
+        /// The plot's path.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The arguments are malformed or inconsistent.
+    #[error("{0}")]
+    InvalidArgs(String),
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}
+
+/// plotters errors are generic over the backend; only their message is kept.
+impl<E: std::error::Error + Send + Sync> From<plotters::drawing::DrawingAreaErrorKind<E>> for Error {
+    fn from(e: plotters::drawing::DrawingAreaErrorKind<E>) -> Self {
+        Error::Plot(e.to_string())
+    }
+}
