@@ -25,9 +25,10 @@ use ed25519_dalek::{Signer, SigningKey};
 use serde::{Deserialize, Serialize};
 use switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES;
 use switchboard_protocol::{
-    ClientFrame, ClientHello, ClientMsgId, ConvId, ConversationSummary, DeviceId, DeviceInfo, Enroll, Entry, ErrorBody,
-    ErrorCode, Event, FrameDecoder, Limits, Member, NewConversation, Page, Reply, Request, RequestBody, Role, Seq,
-    ServerFrame, ServerHello, UserId, decode, encode_frame,
+    CatchUpPage, ClientFrame, ClientHello, ClientMsgId, ConvId, ConversationState, ConversationSummary, DeviceId,
+    DeviceInfo, Enroll, Entry, ErrorBody, ErrorCode, Event, FrameDecoder, Limits, Member, NewConversation, Page,
+    PresenceInfo, Receipt, Reply, Request, RequestBody, Role, Seq, ServerFrame, ServerHello, Settings, Signal, UserId,
+    decode, encode_frame,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -476,6 +477,90 @@ impl Client {
         match self.request(RequestBody::RevokeDevice { device_id }).await? {
             Reply::Done => Ok(()),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reports that this device holds every entry up to each seq (`(conv, seq)` pairs,
+    /// at most `MAX_MARKS_PER_REQUEST`). Lower values than stored are ignored.
+    pub async fn mark_delivered(&self, marks: &[(ConvId, Seq)]) -> Result<()> {
+        match self.request(RequestBody::MarkDelivered { marks: marks.to_vec() }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Marks `conv` read up to `seq`; returns my watermarks once durable.
+    pub async fn mark_read(&self, conv: ConvId, seq: Seq) -> Result<Receipt> {
+        match self.request(RequestBody::MarkRead { conv, seq }).await? {
+            Reply::Receipt(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every member's receipts in `conv`, by user id.
+    pub async fn receipts(&self, conv: ConvId) -> Result<Vec<Receipt>> {
+        match self.request(RequestBody::Receipts { conv }).await? {
+            Reply::Receipts(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// All my conversations with unread counts and my watermarks (follows pages).
+    pub async fn conversation_states(&self) -> Result<Vec<ConversationState>> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            match self.request(RequestBody::ConversationStates { after }).await? {
+                Reply::ConversationStates { items, more } => {
+                    after = items.last().map(|c| c.summary.id);
+                    all.extend(items);
+                    if !more || after.is_none() {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// One catch-up page of `conv` after seq `after`.
+    pub async fn catch_up(&self, conv: ConvId, after: Seq, limit: u16) -> Result<CatchUpPage> {
+        match self.request(RequestBody::CatchUp { conv, after, limit }).await? {
+            Reply::CatchUp(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Marks this device away (`true`) or back (`false`).
+    pub async fn set_away(&self, away: bool) -> Result<()> {
+        match self.request(RequestBody::SetPresence { away }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Presence of `users` (empty: everyone who shares a conversation with me).
+    pub async fn presence(&self, users: &[UserId]) -> Result<Vec<PresenceInfo>> {
+        match self.request(RequestBody::Presence { users: users.to_vec() }).await? {
+            Reply::Presence(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// My settings, replaced first by `set` if given.
+    pub async fn settings(&self, set: Option<Settings>) -> Result<Settings> {
+        match self.request(RequestBody::Settings { set }).await? {
+            Reply::Settings(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends an ephemeral signal on the control stream (no response).
+    pub async fn signal(&self, signal: Signal) -> Result<()> {
+        let frame = encode_frame(&ClientFrame::Signal(signal)).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match self.writes.send(frame).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(closed(&self.conn).await),
         }
     }
 

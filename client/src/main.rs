@@ -293,6 +293,8 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
                             let name = names.of(client, e.conv, e.sender).await;
                             out.entry(&e, &name);
                         }
+                        // TODO(issue 8): receipts, presence and typing, readably.
+                        Some(_) => {}
                         // Keep the close code: the caller prints it (in JSON too).
                         None => return Err(client.closed().await.into()),
                     },

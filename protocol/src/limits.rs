@@ -27,6 +27,20 @@ pub const MAX_GROUP_MEMBERS: u32 = 1000;
 pub const MAX_USERS_PER_REQUEST: u32 = 256;
 /// Most conversations in one list page.
 pub const LIST_PAGE_MAX: u32 = 200;
+/// Most `(conv, seq)` pairs in one `MarkDelivered`.
+pub const MAX_MARKS_PER_REQUEST: u32 = 256;
+/// Most entries in one catch-up page.
+pub const CATCH_UP_PAGE_MAX: u32 = 1000;
+/// A catch-up page stops adding entries once their encoded size passes this (it always
+/// holds at least one), so a page of maximum-size texts still fits a server frame with
+/// every member's receipts.
+pub const CATCH_UP_PAGE_BYTES: u32 = 768 * 1024;
+/// Most users in one presence reply.
+pub const PRESENCE_MAX: u32 = 256;
+/// Default time after which a typing indicator without refresh ends, ms.
+pub const TYPING_TTL_MS: u32 = 6_000;
+/// Largest datagram payload either side sends (a typing signal or event is ~20 bytes).
+pub const MAX_DATAGRAM_BYTES: u32 = 256;
 /// Time a new connection has, from the end of its QUIC handshake, to send its hello and
 /// its whole auth request. Checking the request is not cut off by it.
 pub const AUTH_DEADLINE_MS: u32 = 2_000;
@@ -34,6 +48,11 @@ pub const AUTH_DEADLINE_MS: u32 = 2_000;
 // A full history page of maximum-size texts must fit in one server frame, with room
 // for per-entry ids and headers (at most 128 bytes each).
 const _: () = assert!(HISTORY_PAGE_MAX * (MAX_TEXT_BYTES + 128) <= MAX_SERVER_FRAME_BYTES);
+// A catch-up page (entries past the byte budget by at most one maximum-size entry) plus
+// every member's receipts must fit in one server frame.
+const _: () = assert!(CATCH_UP_PAGE_BYTES + MAX_TEXT_BYTES + 128 + MAX_GROUP_MEMBERS * 40 <= MAX_SERVER_FRAME_BYTES);
+// A presence reply must fit in one server frame.
+const _: () = assert!(PRESENCE_MAX * (MAX_NAME_BYTES + 32) <= MAX_SERVER_FRAME_BYTES);
 // A maximum-size send must fit in one client frame.
 const _: () = assert!(MAX_TEXT_BYTES + 256 <= MAX_CLIENT_FRAME_BYTES);
 // The member list reply must fit in one server frame (id, role and name per member).

@@ -36,6 +36,14 @@ enum Kind {
     History,
     ListDevices,
     RevokeDevice,
+    MarkDelivered,
+    MarkRead,
+    Receipts,
+    ConversationStates,
+    CatchUp,
+    SetPresence,
+    Presence,
+    Settings,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -58,6 +66,14 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::History { .. } => Kind::History,
         RequestBody::ListDevices => Kind::ListDevices,
         RequestBody::RevokeDevice { .. } => Kind::RevokeDevice,
+        RequestBody::MarkDelivered { .. } => Kind::MarkDelivered,
+        RequestBody::MarkRead { .. } => Kind::MarkRead,
+        RequestBody::Receipts { .. } => Kind::Receipts,
+        RequestBody::ConversationStates { .. } => Kind::ConversationStates,
+        RequestBody::CatchUp { .. } => Kind::CatchUp,
+        RequestBody::SetPresence { .. } => Kind::SetPresence,
+        RequestBody::Presence { .. } => Kind::Presence,
+        RequestBody::Settings { .. } => Kind::Settings,
     }
 }
 
@@ -123,6 +139,16 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     (Kind::History,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
     (Kind::ListDevices,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
     (Kind::RevokeDevice,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    // Marks are batched over conversations: a stranger's are dropped, not refused.
+    (Kind::MarkDelivered,      Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    (Kind::MarkRead,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
+    (Kind::Receipts,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
+    (Kind::ConversationStates, Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
+    (Kind::CatchUp,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
+    (Kind::SetPresence,        Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    // Presence of users who share no conversation with the caller is left out.
+    (Kind::Presence,           Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
+    (Kind::Settings,           Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -228,6 +254,17 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::RevokeDevice => {
             RequestBody::RevokeDevice { device_id: if real { w.alice_id.device_id } else { MISSING_DEVICE } }
         }
+        Kind::MarkDelivered => RequestBody::MarkDelivered { marks: vec![(conv, w.message)] },
+        Kind::MarkRead => RequestBody::MarkRead { conv, seq: w.message },
+        Kind::Receipts => RequestBody::Receipts { conv },
+        Kind::ConversationStates => RequestBody::ConversationStates { after: None },
+        Kind::CatchUp => RequestBody::CatchUp { conv, after: 0, limit: 100 },
+        Kind::SetPresence => RequestBody::SetPresence { away: true },
+        // alice shares conversations with bob, carol with bob; nobody with eve.
+        Kind::Presence => RequestBody::Presence { users: vec![w.alice.user_id, w.carol, w.bob.user_id] },
+        Kind::Settings => {
+            RequestBody::Settings { set: Some(switchboard_protocol::Settings { read_receipts_private: true }) }
+        }
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -250,12 +287,13 @@ fn enroll(user: &str, transcript: &[u8]) -> Enroll {
 async fn snapshot(w: &World) -> String {
     let a = &w.alice;
     format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
         a.history(w.group, Page::After(0), 200).await.unwrap(),
         a.members(w.group).await.unwrap(),
         a.members(w.spare).await.unwrap(),
         a.conversations().await.unwrap(),
         a.devices().await.unwrap(),
+        a.request(RequestBody::Receipts { conv: w.group }).await.unwrap(),
     )
 }
 
@@ -337,6 +375,17 @@ fn blind(w: &World, who: Who, reply: &Reply, what: &str) {
         Reply::Conversations { items, .. } => {
             assert!(items.iter().all(|c| !hidden.contains(&c.id)), "{what}: lists {items:?}");
         }
+        Reply::ConversationStates { items, .. } => {
+            assert!(items.iter().all(|c| !hidden.contains(&c.summary.id)), "{what}: lists {items:?}");
+        }
+        Reply::Presence(users) => {
+            // eve shares nothing; bob shares groups with alice and carol (not himself).
+            let visible: Vec<UserId> = match who {
+                Who::Member => vec![w.alice.user_id, w.carol],
+                _ => Vec::new(),
+            };
+            assert!(users.iter().all(|p| visible.contains(&p.user)), "{what}: shows {users:?}");
+        }
         Reply::Devices(devices) => {
             let mine: Vec<DeviceId> = w.devices.iter().filter(|(u, _)| *u == me).map(|(_, d)| *d).collect();
             assert!(devices.iter().all(|d| mine.contains(&d.device_id)), "{what}: lists {devices:?}");
@@ -354,7 +403,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 16] = [
+    const ALL: [Kind; 24] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -371,6 +420,14 @@ fn every_request_kind_has_one_row() {
         Kind::History,
         Kind::ListDevices,
         Kind::RevokeDevice,
+        Kind::MarkDelivered,
+        Kind::MarkRead,
+        Kind::Receipts,
+        Kind::ConversationStates,
+        Kind::CatchUp,
+        Kind::SetPresence,
+        Kind::Presence,
+        Kind::Settings,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

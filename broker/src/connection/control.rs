@@ -78,6 +78,10 @@ async fn read_loop(
         };
         let req = match decode::<ClientFrame>(&body) {
             Ok(ClientFrame::Request(r)) => r,
+            Ok(ClientFrame::Signal(signal)) => {
+                session.signal(signal);
+                continue;
+            }
             Err(e) => return Close(e.code(), e.to_string()),
         };
         // At the in-flight cap this waits, so the client is slowed by flow control.
@@ -156,6 +160,21 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(catalog::revoke_device(&shared, caller.user, device_id).await) });
             }
+            // TODO(issue 8): each of these gets its route in this session's work.
+            RequestBody::MarkDelivered { .. }
+            | RequestBody::MarkRead { .. }
+            | RequestBody::Receipts { .. }
+            | RequestBody::ConversationStates { .. }
+            | RequestBody::CatchUp { .. }
+            | RequestBody::SetPresence { .. }
+            | RequestBody::Presence { .. }
+            | RequestBody::Settings { .. } => reply.fail(ErrorCode::INVALID, "not supported yet"),
         }
+    }
+
+    /// An ephemeral signal from the control stream or a datagram.
+    fn signal(&self, signal: switchboard_protocol::Signal) {
+        // TODO(issue 8): typing.
+        let _ = signal;
     }
 }

@@ -75,7 +75,9 @@ pub(super) async fn hello(conn: &quinn::Connection) -> Result<Hello, Close> {
         .map_err(|_| Close(ErrorCode::INTERNAL, "keying material export failed".into()))?;
     let transcript = switchboard_protocol::auth_transcript(&nonce, &exporter);
 
-    let ClientFrame::Request(request) = read_msg(&mut recv, &mut decoder).await?;
+    let ClientFrame::Request(request) = read_msg(&mut recv, &mut decoder).await? else {
+        return Err(Close(ErrorCode::NOT_AUTHENTICATED, "authenticate first".into()));
+    };
     Ok(Hello { send, recv, decoder, transcript, request })
 }
 

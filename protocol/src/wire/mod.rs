@@ -9,14 +9,18 @@
 mod entries;
 mod hello;
 mod ids;
+mod presence;
 mod replies;
 mod requests;
+mod sync;
 
 pub use entries::*;
 pub use hello::*;
 pub use ids::*;
+pub use presence::*;
 pub use replies::*;
 pub use requests::*;
+pub use sync::*;
 
 #[cfg(test)]
 mod tests {
@@ -103,6 +107,24 @@ mod tests {
         "event_entry_member_removed",
         "event_entry_member_left",
         "entry_redacted",
+        "request_mark_delivered",
+        "request_mark_read",
+        "request_receipts",
+        "request_conversation_states",
+        "request_catch_up",
+        "request_set_presence",
+        "request_presence",
+        "request_settings",
+        "signal_typing",
+        "response_receipt",
+        "response_receipts",
+        "response_conversation_states",
+        "response_catch_up",
+        "response_presence",
+        "response_settings",
+        "event_receipt",
+        "event_presence",
+        "event_typing",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -126,6 +148,10 @@ mod tests {
 
     fn event(seq: Seq, body: Body) -> Fixture {
         Fixture::Server(ServerFrame::Event(Event::Entry(entry(seq, body))))
+    }
+
+    fn receipt(user: UserId, delivered_up_to: Seq, read_up_to: Option<Seq>) -> Receipt {
+        Receipt { conv: CONV, user, delivered_up_to, read_up_to }
     }
 
     fn enroll() -> Enroll {
@@ -261,6 +287,66 @@ mod tests {
             "event_entry_member_removed" => event(10, Body::MemberRemoved { user: 4 }),
             "event_entry_member_left" => event(11, Body::MemberLeft),
             "entry_redacted" => event(7, Body::Redacted { target: 6 }),
+            "request_mark_delivered" => req(17, RequestBody::MarkDelivered { marks: vec![(CONV, 7), (301, 12)] }),
+            "request_mark_read" => req(18, RequestBody::MarkRead { conv: CONV, seq: 7 }),
+            "request_receipts" => req(19, RequestBody::Receipts { conv: CONV }),
+            "request_conversation_states" => req(20, RequestBody::ConversationStates { after: None }),
+            "request_catch_up" => req(21, RequestBody::CatchUp { conv: CONV, after: 17, limit: 500 }),
+            "request_set_presence" => req(22, RequestBody::SetPresence { away: true }),
+            "request_presence" => req(23, RequestBody::Presence { users: vec![2, 3] }),
+            "request_settings" => {
+                req(24, RequestBody::Settings { set: Some(Settings { read_receipts_private: true }) })
+            }
+            "signal_typing" => Fixture::Client(ClientFrame::Signal(Signal::Typing { conv: CONV, typing: true })),
+            "response_receipt" => ok(18, Reply::Receipt(receipt(1, 7, Some(7)))),
+            "response_receipts" => ok(19, Reply::Receipts(vec![receipt(1, 7, Some(7)), receipt(2, 9, None)])),
+            "response_conversation_states" => ok(
+                20,
+                Reply::ConversationStates {
+                    items: vec![ConversationState {
+                        summary: ConversationSummary {
+                            id: 301,
+                            kind: ConversationKind::Direct,
+                            title: "bob".into(),
+                            last_seq: 12,
+                            member_count: 2,
+                            my_role: Role::Member,
+                        },
+                        unread: 3,
+                        delivered_up_to: 12,
+                        read_up_to: 9,
+                    }],
+                    more: false,
+                },
+            ),
+            "response_catch_up" => ok(
+                21,
+                Reply::CatchUp(CatchUpPage {
+                    conv: CONV,
+                    entries: vec![entry(18, Body::Text { text: "hi".into(), edited: false })],
+                    last_seq: 18,
+                    complete: true,
+                    receipts: vec![receipt(2, 18, Some(17))],
+                }),
+            ),
+            "response_presence" => ok(
+                23,
+                Reply::Presence(vec![PresenceInfo {
+                    user: 2,
+                    name: "bob".into(),
+                    state: PresenceState::Away,
+                    last_seen_ms: T,
+                }]),
+            ),
+            "response_settings" => ok(24, Reply::Settings(Settings { read_receipts_private: true })),
+            "event_receipt" => Fixture::Server(ServerFrame::Event(Event::Receipt(receipt(2, 9, Some(8))))),
+            "event_presence" => Fixture::Server(ServerFrame::Event(Event::Presence(PresenceInfo {
+                user: 3,
+                name: "carol".into(),
+                state: PresenceState::Offline,
+                last_seen_ms: T,
+            }))),
+            "event_typing" => Fixture::Server(ServerFrame::Event(Event::Typing { conv: CONV, user: 2, typing: true })),
             _ => return None,
         })
     }

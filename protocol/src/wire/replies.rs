@@ -2,7 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConvId, ConversationKind, DeviceId, Entry, Role, Seq, UserId};
+use super::{
+    CatchUpPage, ConvId, ConversationKind, ConversationState, DeviceId, Entry, PresenceInfo, Receipt, Role, Seq,
+    Settings, UserId,
+};
 use crate::ErrorCode;
 
 /// A frame from broker to client after the hello.
@@ -87,6 +90,23 @@ pub enum Reply {
     Devices(Vec<DeviceInfo>),
     /// Done, nothing to return.
     Done,
+    /// My receipt watermarks in one conversation (answer to `MarkRead`).
+    Receipt(Receipt),
+    /// Every member's receipts in a conversation, by user id.
+    Receipts(Vec<Receipt>),
+    /// A page of my conversations with unread counts.
+    ConversationStates {
+        /// Ascending by id.
+        items: Vec<ConversationState>,
+        /// More exist after the last one.
+        more: bool,
+    },
+    /// A catch-up page.
+    CatchUp(CatchUpPage),
+    /// Presence of the users asked about that share a conversation with me, by id.
+    Presence(Vec<PresenceInfo>),
+    /// My settings.
+    Settings(Settings),
 }
 
 /// A conversation as listed.
@@ -135,4 +155,19 @@ pub struct DeviceInfo {
 pub enum Event {
     /// A new entry in one of my conversations, delivered once durable.
     Entry(Entry),
+    /// A member's receipt watermarks moved (durable; coalesced, the latest wins).
+    Receipt(Receipt),
+    /// A user who shares a conversation with me changed presence (coalesced per user).
+    Presence(PresenceInfo),
+    /// A member started or stopped typing. Sent as a QUIC datagram holding this one frame
+    /// when the device enabled datagrams, else on the control stream.
+    /// Ephemeral: a device that misses one sees typing end by `typing_ttl_ms` anyway.
+    Typing {
+        /// Conversation.
+        conv: ConvId,
+        /// Who.
+        user: UserId,
+        /// Started or stopped.
+        typing: bool,
+    },
 }

@@ -3,13 +3,15 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientMsgId, ConvId, DeviceId, Role, Seq, UserId};
+use super::{ClientMsgId, ConvId, DeviceId, Role, Seq, Settings, Signal, UserId};
 
 /// A frame from client to broker after the hello.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientFrame {
     /// A request expecting exactly one response with the same id.
     Request(Request),
+    /// An ephemeral signal (typing): no response. Authenticated connections only.
+    Signal(Signal),
 }
 
 /// A client request. Ids are chosen by the client and echoed in the response; they
@@ -117,6 +119,59 @@ pub enum RequestBody {
     RevokeDevice {
         /// Device to revoke.
         device_id: DeviceId,
+    },
+    /// This device holds every entry up to each seq: one `(conv, seq)` per conversation,
+    /// at most `MAX_MARKS_PER_REQUEST`. A value at or below the stored watermark is
+    /// ignored (never an error); one above the conversation's newest seq is clamped.
+    /// Replies `Done` once accepted; the watermark is durable with the next group commit.
+    MarkDelivered {
+        /// `(conversation, highest seq held with no gap below it)` pairs.
+        marks: Vec<(ConvId, Seq)>,
+    },
+    /// I have read `conv` up to `seq` (implies delivered). Replies `Receipt` with my new
+    /// watermarks once they are durable; a lower `seq` leaves them as they are.
+    MarkRead {
+        /// Conversation.
+        conv: ConvId,
+        /// Newest seq read.
+        seq: Seq,
+    },
+    /// Every member's receipt watermarks in a conversation I belong to.
+    Receipts {
+        /// Conversation.
+        conv: ConvId,
+    },
+    /// A page of my conversations with unread counts and my watermarks, by ascending id.
+    ConversationStates {
+        /// Exclusive lower bound on the id.
+        after: Option<ConvId>,
+    },
+    /// Catch-up: entries of `conv` after `after`, up to `limit` (capped at
+    /// `CATCH_UP_PAGE_MAX` and by `CATCH_UP_PAGE_BYTES`), with receipts once complete.
+    CatchUp {
+        /// Conversation.
+        conv: ConvId,
+        /// Seq the device holds everything up to (0: nothing).
+        after: Seq,
+        /// At most this many entries.
+        limit: u16,
+    },
+    /// This device is away (`true`) or back (`false`). A new connection starts online.
+    SetPresence {
+        /// Away or not.
+        away: bool,
+    },
+    /// Presence of users who share a conversation with me, at most `PRESENCE_MAX`;
+    /// an empty list asks for all of them (the first `PRESENCE_MAX` by id). Other users
+    /// are left out of the reply, as unknown ones are.
+    Presence {
+        /// Users asked about.
+        users: Vec<UserId>,
+    },
+    /// Reads my settings, replacing them first if `set` is given.
+    Settings {
+        /// New settings, or `None` to only read them.
+        set: Option<Settings>,
     },
 }
 
