@@ -144,6 +144,9 @@ impl Session {
                 convs.read(shared, conv, caller, Read::History { page, limit }, reply).await
             }
             RequestBody::Members { conv } => convs.read(shared, conv, caller, Read::Members, reply).await,
+            RequestBody::CatchUp { conv, after, limit } => {
+                convs.read(shared, conv, caller, Read::CatchUp { after, limit }, reply).await
+            }
             RequestBody::CreateConversation(new) => {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(catalog::create_conversation(shared, caller, new).await) });
@@ -160,15 +163,25 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(catalog::revoke_device(&shared, caller.user, device_id).await) });
             }
+            // Handed to each conversation's actor before the next request is read, so a
+            // later MarkRead or read of one of them sees these marks.
+            RequestBody::MarkDelivered { marks } => reply.send(convs.mark_delivered(shared, caller, marks).await),
+            RequestBody::MarkRead { conv, seq } => convs.mark_read(shared, conv, caller, seq, reply).await,
+            RequestBody::Receipts { conv } => convs.read(shared, conv, caller, Read::Receipts, reply).await,
+            RequestBody::ConversationStates { after } => {
+                let shared = shared.clone();
+                tokio::spawn(
+                    async move { reply.send(catalog::conversation_states(&shared, caller.user, after).await) },
+                );
+            }
+            RequestBody::Settings { set } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(catalog::settings(&shared, caller.user, set).await) });
+            }
             // TODO(issue 8): each of these gets its route in this session's work.
-            RequestBody::MarkDelivered { .. }
-            | RequestBody::MarkRead { .. }
-            | RequestBody::Receipts { .. }
-            | RequestBody::ConversationStates { .. }
-            | RequestBody::CatchUp { .. }
-            | RequestBody::SetPresence { .. }
-            | RequestBody::Presence { .. }
-            | RequestBody::Settings { .. } => reply.fail(ErrorCode::INVALID, "not supported yet"),
+            RequestBody::SetPresence { .. } | RequestBody::Presence { .. } => {
+                reply.fail(ErrorCode::INVALID, "not supported yet")
+            }
         }
     }
 
