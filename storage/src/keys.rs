@@ -18,6 +18,7 @@ const CLEAN_SHUTDOWN: u8 = 0x0b;
 const EDIT_OF: u8 = 0x0c;
 const FORMAT: u8 = 0x0d;
 const UNCONFIRMED: u8 = 0x0e;
+const LAST_SEEN: u8 = 0x13;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -105,6 +106,10 @@ impl Key {
     /// Every conversation record starts with this.
     pub fn conversations() -> Key {
         Key::with(CONVERSATION, &[])
+    }
+    /// When a user was last online or away (ms since the epoch, big-endian u64).
+    pub fn last_seen(user: UserId) -> Key {
+        Key::with(LAST_SEEN, &[&user.to_be_bytes()])
     }
     /// The pair in canonical order, so (a, b) and (b, a) are one key.
     pub fn direct(a: UserId, b: UserId) -> Key {
