@@ -22,6 +22,7 @@ const RECEIPT: u8 = 0x0f;
 const SETTINGS: u8 = 0x10;
 const TEXT_COUNT: u8 = 0x11;
 const SENDER_COUNT: u8 = 0x12;
+const LAST_SEEN: u8 = 0x13;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -127,6 +128,10 @@ impl Key {
     /// Every conversation record starts with this.
     pub fn conversations() -> Key {
         Key::with(CONVERSATION, &[])
+    }
+    /// When a user was last online or away (ms since the epoch, big-endian u64).
+    pub fn last_seen(user: UserId) -> Key {
+        Key::with(LAST_SEEN, &[&user.to_be_bytes()])
     }
     /// The pair in canonical order, so (a, b) and (b, a) are one key.
     pub fn direct(a: UserId, b: UserId) -> Key {

@@ -15,6 +15,7 @@ mod commit;
 mod keys;
 mod log;
 mod members;
+mod presence;
 mod receipts;
 mod records;
 

@@ -209,6 +209,8 @@ impl Conversation {
                 Effect::Reply(reply, result) => reply.send(result),
                 Effect::Deliver { entry, audience, except } => {
                     let seq = entry.seq;
+                    self.shared.typing.entry_delivered(&entry);
+                    self.shared.presence.entry_delivered(&entry, &audience);
                     match encode_frame(&ServerFrame::Event(Event::Entry(entry))) {
                         Ok(frame) => {
                             self.shared.online.deliver(&audience, &frame, except);
