@@ -232,17 +232,17 @@ impl Harness {
         self.write(user, Command::Send { client_id: [id; 16], text: text.into() })
     }
 
-    /// A group commit: everything appended so far becomes durable.
+    /// A group commit: everything written so far (entries and receipts) becomes durable.
     pub fn commit(&mut self) {
         self.commit_to(self.log.last_seq());
+        self.commit_receipts();
     }
 
-    /// A group commit that covers the appends up to `seq` only.
+    /// A group commit that covers the appends up to `seq` only (and no receipt write).
     pub fn commit_to(&mut self, seq: Seq) {
         self.log.make_durable(seq);
         let effects = self.state.handle_durable(seq);
         self.perform(effects);
-        self.commit_receipts();
     }
 
     /// A group commit that covers the receipt write in flight (and none of the entries).
@@ -840,6 +840,20 @@ mod tests {
         let Ok(Reply::CatchUp(page)) = h.read(OWNER, Read::CatchUp { after: 2, limit: 100 }) else { panic!() };
         assert!(page.complete);
         assert_eq!(page.receipts.len(), 3);
+    }
+
+    #[test]
+    fn a_read_answered_after_its_reader_was_removed_still_shows_its_watermarks() {
+        let mut h = chatty();
+        let read = h.mark(CAROL, Mark::Read(4));
+        h.write(OWNER, Command::Remove { user: CAROL });
+        h.commit_to(7);
+        assert_eq!(h.receipt_answer(read), None, "the receipt write is not durable yet");
+        h.commit_receipts();
+        assert_eq!(h.receipt_answer(read), Some(Ok((4, Some(4)))));
+        assert!(receipt_events(&h).is_empty(), "a removed member's watermarks are not pushed");
+        assert_eq!(h.receipts(OWNER).iter().map(|r| r.0).collect::<Vec<_>>(), vec![OWNER, BOB]);
+        assert_eq!(h.state.receipt_entries(), 2, "and not held once written");
     }
 
     #[test]

@@ -486,6 +486,8 @@ impl<R> ConversationState<R> {
             return self.handle_failure();
         }
         let (written, answers) = self.receipts.written();
+        // Answered with the durable values, taken before a removed member's are dropped.
+        let answers: Vec<(R, Receipt)> = answers.into_iter().map(|(r, user)| (r, self.own_receipt(user))).collect();
         let mut effects = Vec::new();
         for (user, _) in written {
             if !self.durable_members.contains_key(&user) {
@@ -504,8 +506,8 @@ impl<R> ConversationState<R> {
                     .push(Effect::Notify { event: Event::Receipt(own), audience: self.audience_of_durable().into() });
             }
         }
-        for (r, user) in answers {
-            effects.push(Effect::Reply(r, Ok(Reply::Receipt(self.own_receipt(user)))));
+        for (r, receipt) in answers {
+            effects.push(Effect::Reply(r, Ok(Reply::Receipt(receipt))));
         }
         effects.extend(self.receipts.next_write().map(Effect::WriteReceipts));
         effects
