@@ -116,6 +116,11 @@ pub const PRESENCE_CONTACTS_MAX: usize = 4096;
 /// Most conversations read to build one user's contact set (each one member scan);
 /// bounds the store work per build. Conversations past it (by id) are not looked at.
 pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 1024;
+/// Most member keys read to build one user's contact set, over all its conversations:
+/// without it, 1024 groups sharing the same 999 members (anyone can add anyone) cost
+/// about a million reads per build without reaching `PRESENCE_CONTACTS_MAX`. 16,384
+/// reads take a few ms; members past it are not looked at.
+pub const PRESENCE_MEMBERS_SCANNED: usize = 16_384;
 /// Conversations one user may be shown typing in at once; a start beyond it is dropped.
 pub const TYPING_PER_USER_MAX: usize = 16;
 /// Typing indicators alive at once in the whole broker (~100 bytes each); a start

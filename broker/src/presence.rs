@@ -28,7 +28,7 @@ use switchboard_storage::Store;
 use tokio::sync::Notify;
 
 use crate::fanout::Online;
-use crate::limits::{PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED};
+use crate::limits::{PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED};
 use crate::reply::internal;
 
 /// One presence change to push to the user's online contacts.
@@ -402,8 +402,9 @@ impl Presence {
     }
 
     /// `user`'s contacts: cached, or read from the user's conversation index and each
-    /// conversation's members (at most `PRESENCE_CONVERSATIONS_SCANNED` conversations and
-    /// `PRESENCE_CONTACTS_MAX` contacts, the first found kept). Cached only while the user
+    /// conversation's members (at most `PRESENCE_CONVERSATIONS_SCANNED` conversations,
+    /// `PRESENCE_MEMBERS_SCANNED` member keys and `PRESENCE_CONTACTS_MAX` contacts, the
+    /// first found kept). Cached only while the user
     /// has a presence entry and no membership change raced the reads.
     fn contacts_of(&self, user: UserId) -> switchboard_storage::Result<Arc<Contacts>> {
         let epoch = {
@@ -414,8 +415,13 @@ impl Presence {
             cache.epoch
         };
         let mut found = BTreeSet::new();
+        let mut scanned = 0usize;
         'convs: for conv in self.store.user_conversations(user, None, PRESENCE_CONVERSATIONS_SCANNED)? {
             for (member, _) in self.store.members(conv)? {
+                scanned += 1;
+                if scanned > PRESENCE_MEMBERS_SCANNED {
+                    break 'convs;
+                }
                 if member != user {
                     found.insert(member);
                     if found.len() >= PRESENCE_CONTACTS_MAX {

@@ -57,7 +57,19 @@ pub enum StoreError {
     /// A per-owner limit (e.g. devices per user) is reached.
     #[error("limit reached")]
     LimitReached,
+    /// The data dir was written by a newer broker, in a format this one does not know:
+    /// writing to it would leave out indexes the newer one relies on.
+    #[error("the data dir has format {found}; this broker supports up to {FORMAT} (a newer broker wrote it)")]
+    NewerFormat {
+        /// Format found in the data dir.
+        found: u64,
+    },
 }
+
+/// The data dir format this build writes: 2 added the edit index and redaction, 3 the
+/// message counts behind unread counts. Opening a newer one fails with `NewerFormat`
+/// (rolling a data dir back to an older broker is not supported).
+pub const FORMAT: u64 = 3;
 
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -129,6 +141,11 @@ impl Store {
             created,
             index_gen,
         };
+        if let Some(found) = store.db.get(Key::format())?.and_then(|v| keys::u64_from(&v))
+            && found > FORMAT
+        {
+            return Err(StoreError::NewerFormat { found });
+        }
         // Made durable by the caller's first barrier, like crash repair.
         store.upgrade_to_format_2()?;
         store.upgrade_to_format_3()?;
@@ -632,6 +649,24 @@ mod tests {
         store.close().unwrap();
         drop(store);
         assert!(!open(dir.path()).opened_clean(), "the marker is used up by the open that reads it");
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_of_a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            append(&store, text(9, 1, 3)).await;
+            store.db.insert(Key::format(), &(FORMAT + 1).to_be_bytes()[..]).unwrap();
+            store.close().unwrap();
+        }
+        let mut config = StoreConfig::new(dir.path().join("db"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        match Store::open(&config) {
+            Err(StoreError::NewerFormat { found }) => assert_eq!(found, FORMAT + 1),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a newer data dir was opened"),
+        }
     }
 
     #[tokio::test]

@@ -221,26 +221,43 @@ async fn private_read_receipts_are_hidden_from_others_and_shown_to_own_devices()
         assert!(phone.settings(None).await.unwrap().read_receipts_private, "settings are per user");
         let mut alice_events = alice.events().unwrap();
         let mut phone_events = phone.events().unwrap();
-        let mine = bob.mark_read(conv, seq).await.unwrap();
-        assert_eq!(mine.read_up_to, Some(seq), "my own answer shows it");
+        bob.mark_delivered(&[(conv, seq)]).await.unwrap();
         let seen_by_alice = next_receipt(&mut alice_events).await;
         assert_eq!(
             (seen_by_alice.user, seen_by_alice.delivered_up_to, seen_by_alice.read_up_to),
-            (bob.user_id, seq, None)
+            (bob.user_id, seq, None),
+            "others see delivery, never the read mark"
         );
-        let seen_by_phone = next_receipt(&mut phone_events).await;
-        assert_eq!(seen_by_phone.read_up_to, Some(seq), "bob's other device sees it");
+        let mine = bob.mark_read(conv, seq).await.unwrap();
+        assert_eq!(mine.read_up_to, Some(seq), "my own answer shows it");
+        loop {
+            let seen_by_phone = next_receipt(&mut phone_events).await;
+            if seen_by_phone.read_up_to == Some(seq) {
+                break;
+            }
+            assert_eq!(seen_by_phone.read_up_to, Some(0), "bob's other device sees his read mark");
+        }
+        // alice is told nothing when bob reads: the next receipt she sees is the next delivery.
+        let later = alice.send(conv, "again").await.unwrap();
+        bob.mark_read(conv, later).await.unwrap();
+        bob.mark_delivered(&[(conv, later)]).await.unwrap();
+        let next = next_receipt(&mut alice_events).await;
+        assert_eq!(
+            (next.user, next.delivered_up_to, next.read_up_to),
+            (bob.user_id, later, None),
+            "a private read is neither pushed nor visible in the delivered mark"
+        );
         let listed = alice.receipts(conv).await.unwrap();
         assert_eq!(listed.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, None);
         let own = phone.receipts(conv).await.unwrap();
-        assert_eq!(own.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(seq));
+        assert_eq!(own.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(later));
         let page = alice.catch_up(conv, 0, 100).await.unwrap();
         assert!(page.complete);
         assert_eq!(page.receipts, listed, "catch-up shows receipts as Receipts does");
         // Public again: shown.
         bob.settings(Some(Settings { read_receipts_private: false })).await.unwrap();
         let listed = alice.receipts(conv).await.unwrap();
-        assert_eq!(listed.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(seq));
+        assert_eq!(listed.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(later));
     })
     .await
 }

@@ -796,16 +796,28 @@ mod tests {
     fn private_read_receipts_are_shown_to_their_owner_only() {
         let mut h = chatty();
         h.log.private.insert(BOB);
+        h.mark(BOB, Mark::Delivered(2));
+        h.commit_receipts();
+        h.notices.clear();
         let read = h.mark(BOB, Mark::Read(4));
         h.commit_receipts();
-        assert_eq!(h.receipt_answer(read), Some(Ok((4, Some(4)))), "bob's own answer shows it");
+        assert_eq!(h.receipt_answer(read), Some(Ok((2, Some(4)))), "bob's own answer shows it");
         assert_eq!(
             receipt_events(&h),
-            vec![(BOB, 4, Some(4), vec![BOB]), (BOB, 4, None, vec![OWNER, CAROL]),],
-            "two pushes: bob's devices see his read mark, the others only delivery"
+            vec![(BOB, 2, Some(4), vec![BOB])],
+            "bob's devices see his read mark; the others hear nothing when only it moved, \
+             and a private read does not raise delivery, which they would see"
         );
-        assert_eq!(h.receipts(OWNER)[1], (BOB, 4, None));
-        assert_eq!(h.receipts(BOB)[1], (BOB, 4, Some(4)));
+        assert_eq!(h.receipts(OWNER)[1], (BOB, 2, None));
+        assert_eq!(h.receipts(BOB)[1], (BOB, 2, Some(4)));
+        h.notices.clear();
+        h.mark(BOB, Mark::Delivered(4));
+        h.commit_receipts();
+        assert_eq!(
+            receipt_events(&h),
+            vec![(BOB, 4, Some(4), vec![BOB]), (BOB, 4, None, vec![OWNER, CAROL])],
+            "delivery reaches the others, the read mark still only bob"
+        );
         let Ok(Reply::CatchUp(page)) = h.read(CAROL, Read::CatchUp { after: 0, limit: 100 }) else { panic!() };
         assert!(page.complete);
         assert_eq!(page.receipts.iter().find(|r| r.user == BOB).map(|r| r.read_up_to), Some(None));

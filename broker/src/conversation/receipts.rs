@@ -2,8 +2,10 @@
 //! `ConversationState` (which checks membership and turns its outputs into effects).
 //!
 //! The rules it keeps:
-//! - watermarks only grow (a lower report is ignored) and reading implies delivery; the
-//!   caller clamps reports to the durable seq;
+//! - watermarks only grow (a lower report is ignored); the caller clamps reports to the
+//!   durable seq and decides whether a read also raises delivery (it does unless the
+//!   reader keeps read receipts private: then delivery moves only by delivery reports,
+//!   so others cannot read the read mark off the delivered one);
 //! - what is shown is durable: each member's `durable` value changes only when a write
 //!   covering it completed;
 //! - at most one write is in flight; changes made meanwhile wait for the next one, and
@@ -24,7 +26,8 @@ use switchboard_protocol::{Seq, UserId};
 pub struct Marks {
     /// Highest seq one of the member's devices holds with no gap below it.
     pub delivered_up_to: Seq,
-    /// Highest seq the member marked read (never above `delivered_up_to`).
+    /// Highest seq the member marked read (above `delivered_up_to` only for a member who
+    /// keeps read receipts private).
     pub read_up_to: Seq,
 }
 
@@ -46,8 +49,11 @@ struct Entry {
     current: Marks,
 }
 
-/// Members' watermarks to write (or just written), each member once.
+/// Members' watermarks to write, each member once.
 pub type Batch = Vec<(UserId, Marks)>;
+
+/// A completed write: each member's watermarks as shown before it and after it.
+pub type Written = Vec<(UserId, Marks, Marks)>;
 
 /// Receipt watermarks of one conversation's members. `R` answers a `MarkRead`.
 #[derive(Debug)]
@@ -126,16 +132,19 @@ impl<R> ReceiptBook<R> {
         Some(batch)
     }
 
-    /// The write in flight is durable: returns what it wrote (now shown) and the
-    /// answers that waited for it, each with its user.
-    pub fn written(&mut self) -> (Batch, Vec<(R, UserId)>) {
+    /// The write in flight is durable: returns what it changed (each member's shown
+    /// watermarks before and after) and the answers that waited for it, with their users.
+    pub fn written(&mut self) -> (Written, Vec<(R, UserId)>) {
         let batch = self.writing.take().unwrap_or_default();
-        for (user, marks) in &batch {
-            if let Some(e) = self.entries.get_mut(user) {
-                e.durable = e.durable.max(*marks);
+        let mut changed = Vec::with_capacity(batch.len());
+        for (user, marks) in batch {
+            if let Some(e) = self.entries.get_mut(&user) {
+                let before = e.durable;
+                e.durable = e.durable.max(marks);
+                changed.push((user, before, e.durable));
             }
         }
-        (batch, std::mem::take(&mut self.answers_writing))
+        (changed, std::mem::take(&mut self.answers_writing))
     }
 
     /// Drops a user's entry (a removed member) unless something of it is pending; `true`

@@ -461,6 +461,11 @@ impl<R> ConversationState<R> {
         }
         let marks = match mark {
             Mark::Delivered(seq) => Marks { delivered_up_to: seq.min(self.durable_seq), read_up_to: 0 },
+            // Reading implies delivery, except for a reader who keeps read receipts
+            // private: others would read the read mark off a delivered mark it raised.
+            Mark::Read(seq) if self.private(log, caller.user) => {
+                Marks { delivered_up_to: 0, read_up_to: seq.min(self.durable_seq) }
+            }
             Mark::Read(seq) => {
                 let seq = seq.min(self.durable_seq);
                 Marks { delivered_up_to: seq, read_up_to: seq }
@@ -489,7 +494,7 @@ impl<R> ConversationState<R> {
         // Answered with the durable values, taken before a removed member's are dropped.
         let answers: Vec<(R, Receipt)> = answers.into_iter().map(|(r, user)| (r, self.own_receipt(user))).collect();
         let mut effects = Vec::new();
-        for (user, _) in written {
+        for (user, before, after) in written {
             if !self.durable_members.contains_key(&user) {
                 // Removed meanwhile: its watermarks are no longer shown.
                 self.receipts.forget(user);
@@ -499,8 +504,12 @@ impl<R> ConversationState<R> {
             if self.private(log, user) {
                 let others: Arc<[UserId]> = self.audience_of_durable().into_iter().filter(|u| *u != user).collect();
                 effects.push(Effect::Notify { event: Event::Receipt(own.clone()), audience: Arc::from([user]) });
-                let hidden = Receipt { read_up_to: None, ..own };
-                effects.push(Effect::Notify { event: Event::Receipt(hidden), audience: others });
+                // Others hear of delivery only: a push when just the read mark moved would
+                // tell them when the user read.
+                if after.delivered_up_to != before.delivered_up_to {
+                    let hidden = Receipt { read_up_to: None, ..own };
+                    effects.push(Effect::Notify { event: Event::Receipt(hidden), audience: others });
+                }
             } else {
                 effects
                     .push(Effect::Notify { event: Event::Receipt(own), audience: self.audience_of_durable().into() });
