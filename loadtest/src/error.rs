@@ -53,6 +53,17 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The NATS server of `fanout --against` could not be reached or used.
+    #[error("NATS server {url}: {what}")]
+    Nats {
+        /// The server's URL.
+        url: String,
+        /// What failed, with the client's message.
+        what: String,
+    },
+    /// The broker's store could not be opened or read after the run (`catchup`).
+    #[error("reading the broker's store: {0}")]
+    Store(String),
     /// The arguments are malformed or inconsistent.
     #[error("{0}")]
     InvalidArgs(String),

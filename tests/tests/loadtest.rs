@@ -20,7 +20,7 @@ fn assert_passed(report: &Report) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_small() {
     bounded(async {
-        let args = scenario::fanout::Args { members: 8, senders: 2, rate: 50.0 };
+        let args = scenario::fanout::Args { members: 8, senders: 2, rate: 50.0, ..Default::default() };
         let report = scenario::fanout::run(&small(), &args).await.unwrap();
         assert_passed(&report);
         assert!(report.acked >= 90, "{}", report.table());
@@ -49,7 +49,7 @@ async fn cost_per_message_of_a_broker_process() {
             broker_pid: Some(std::process::id()),
             ..small()
         };
-        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
+        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, ..Default::default() };
         let report = scenario::fanout::run(&common, &args).await.unwrap();
         assert_passed(&report);
         assert_cost_measured(report.cost.broker.as_ref(), &report);
@@ -120,7 +120,7 @@ async fn soak_small() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ramp_finds_a_ceiling_and_reports_steps() {
     bounded(async {
-        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
+        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, ..Default::default() };
         let common = Common {
             ramp: true,
             ramp_step: Duration::from_secs(1),
@@ -150,6 +150,47 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
         let best = kept_up.last().unwrap();
         assert_eq!(report.extra["ramp_max_sustained_rate_msgs_per_s"], best.offered_rate, "{table}");
         assert_eq!(report.extra["ramp_max_sustained_deliveries_per_s"], best.delivered_per_s, "{table}");
+    })
+    .await
+}
+
+/// `--against` needs a payload that can carry sender and number: refused before anything
+/// starts (no broker, no NATS server needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_nats_needs_room_for_the_message_number() {
+    bounded(async {
+        let args = scenario::fanout::Args {
+            members: 4,
+            senders: 1,
+            rate: 20.0,
+            against: Some("nats://127.0.0.1:4222".into()),
+            nats_pid: None,
+        };
+        let common = Common { size: 27, ..small() };
+        let err = scenario::fanout::run(&common, &args).await.unwrap_err();
+        assert!(matches!(err, switchboard_loadtest::Error::InvalidArgs(_)), "{err}");
+        assert!(err.to_string().contains("at least 28"), "{err}");
+        let args = scenario::fanout::Args { against: None, nats_pid: Some(1), ..args };
+        let err = scenario::fanout::run(&small(), &args).await.unwrap_err();
+        assert!(err.to_string().contains("--nats-pid needs --against"), "{err}");
+    })
+    .await
+}
+
+/// A NATS server that cannot be reached fails the run at once, before the Switchboard
+/// half spends its duration (here a port nothing listens on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_an_unreachable_nats_server_fails_first() {
+    bounded(async {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("nats://127.0.0.1:{port}");
+        let args =
+            scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, against: Some(url.clone()), nats_pid: None };
+        let common = Common { duration: Duration::from_secs(60), ..small() };
+        let started = std::time::Instant::now();
+        let err = scenario::fanout::run(&common, &args).await.unwrap_err();
+        assert!(matches!(&err, switchboard_loadtest::Error::Nats { url: u, .. } if *u == url), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30), "failed before the 60 s run: {:?}", started.elapsed());
     })
     .await
 }
