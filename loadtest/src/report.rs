@@ -357,6 +357,11 @@ impl Report {
         line("server cpu µs/delivery", per_delivery(self), per_delivery(other));
         let peak = |r: &Report| r.broker.as_ref().map(|b| b.rss_mib_peak);
         line("server rss peak MiB", peak(self), peak(other));
+        // With --ramp the whole-run figures mix steps; the ceiling is the comparison.
+        let ceiling = |r: &Report| r.extra.get("ramp_max_sustained_deliveries_per_s").copied();
+        if ceiling(self).is_some() || ceiling(other).is_some() {
+            line("ramp max sustained deliv./s", ceiling(self), ceiling(other));
+        }
         s
     }
 }
@@ -410,6 +415,7 @@ mod tests {
         assert_eq!(cells("lost (message, member) pairs"), "0.00 3.00 0.00", "{table}");
         assert_eq!(cells("server cpu mean % of a core"), "- - 40.00", "{table}");
         assert!(table.contains("against       fanout (nats) (nats://127.0.0.1:4222)"), "{table}");
+        assert!(!table.contains("ramp max sustained"), "no ramp, no ceiling row: {table}");
         let json = serde_json::to_value(&ours).unwrap();
         assert_eq!(json["against"]["lost"], 3, "the other run is in the JSON in full");
     }
