@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use switchboard_protocol::{Body, ConvId, Seq};
-use tokio::sync::Semaphore;
 
 use crate::load::{Population, create_group};
 use crate::payload;
@@ -158,25 +157,20 @@ async fn fill(
     size: usize,
 ) -> Result<u64> {
     let client = Arc::new(pop.client(writer).await?);
-    let slots = Arc::new(Semaphore::new(window));
     let mut set = tokio::task::JoinSet::new();
     let mut text = String::new();
     payload::fill(&mut text, 0, size);
     let text: Arc<str> = text.into();
     let mut acked = 0u64;
     for i in 0..messages {
-        let permit =
-            slots.clone().acquire_owned().await.map_err(|_| Error::InvalidArgs("fill window closed".into()))?;
-        let (client, text, conv) = (client.clone(), text.clone(), convs[(i % convs.len() as u64) as usize]);
-        set.spawn(async move {
-            let r = client.send(conv, &text).await;
-            drop(permit);
-            r
-        });
-        while let Some(done) = set.try_join_next() {
-            done??;
-            acked += 1;
+        while set.len() >= window {
+            if let Some(done) = set.join_next().await {
+                done??;
+                acked += 1;
+            }
         }
+        let (client, text, conv) = (client.clone(), text.clone(), convs[(i % convs.len() as u64) as usize]);
+        set.spawn(async move { client.send(conv, &text).await });
     }
     while let Some(done) = set.join_next().await {
         done??;
@@ -213,7 +207,7 @@ async fn catch_up(
             return Ok(caught);
         }
         if got.entries.is_empty() {
-            return Err(Error::InvalidArgs(format!("conversation {conv}: an empty page that is not complete")));
+            return Err(Error::Protocol(format!("conversation {conv}: a catch-up page with no entry is not complete")));
         }
     }
 }
