@@ -115,7 +115,9 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     let side = move |done: tokio::sync::watch::Receiver<bool>| toggle(actors, ctx, done);
     let run = run_messages_alongside(load, message_senders, args.rate, "presence", p, common, side).await;
     target.stop().await?;
-    let (mut report, ()) = run?;
+    // The actors' control streams come back from the side task and close only here:
+    // a finished stream ends its session, which would lose the last deliveries.
+    let (mut report, _streams) = run?;
     let others = |actor: UserId| (0..users.len()).filter(|&i| users[i] != actor).collect::<Vec<_>>();
     if args.flappers > 0 {
         add_outcome(
@@ -158,8 +160,9 @@ struct Side {
 }
 
 /// Toggles each actor every `interval` (actors staggered over it) until `done`, then
-/// waits for the last changes to reach every member.
-async fn toggle(mut actors: Vec<Actor>, side: Side, mut done: tokio::sync::watch::Receiver<bool>) {
+/// waits for the last changes to reach every member. Returns the actors (with their
+/// control streams, which must stay open until the run's deliveries are read).
+async fn toggle(mut actors: Vec<Actor>, side: Side, mut done: tokio::sync::watch::Receiver<bool>) -> Vec<Actor> {
     let mut id = SIDE_REQUEST_IDS;
     let mut tick = tokio::time::interval(side.interval / actors.len().max(1) as u32);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,4 +198,5 @@ async fn toggle(mut actors: Vec<Actor>, side: Side, mut done: tokio::sync::watch
     let others = move |actor: UserId| (0..users.len()).filter(|&i| users[i] != actor).collect::<Vec<_>>();
     side.presence.settle(&others, SETTLE).await;
     side.typing.settle(&others, SETTLE).await;
+    actors
 }

@@ -87,7 +87,9 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     let message_senders = (0..args.senders).map(|s| (s, vec![conv])).collect();
     let run = run_messages_alongside(load, message_senders, args.rate, "receipts", p, common, side).await;
     target.stop().await?;
-    let (mut report, ()) = run?;
+    // The readers' control streams come back from the side task and close only here:
+    // a finished stream ends its session, which would lose the last deliveries.
+    let (mut report, _streams) = run?;
     let outcome = changes.outcome(|_| (0..args.senders).collect());
     add_outcome(&mut report, &outcome, "read marks", "every read mark reached every sender");
     Ok(report)
@@ -103,7 +105,9 @@ struct Reader {
 }
 
 /// Every `interval`, each reader (staggered over the interval) marks read up to the
-/// newest message it holds, if newer than its last mark, until `done`.
+/// newest message it holds, if newer than its last mark, until `done`. Returns the
+/// readers (with their control streams, which must stay open until the run's
+/// deliveries are read).
 async fn mark_reads(
     mut readers: Vec<Reader>,
     conv: switchboard_protocol::ConvId,
@@ -112,7 +116,7 @@ async fn mark_reads(
     clock: crate::stats::Clock,
     stats: Arc<crate::stats::Stats>,
     mut done: tokio::sync::watch::Receiver<bool>,
-) {
+) -> Vec<Reader> {
     let mut marked = vec![0u64; readers.len()];
     let mut id = SIDE_REQUEST_IDS;
     let step = interval / readers.len().max(1) as u32;
@@ -142,6 +146,7 @@ async fn mark_reads(
         }
     }
     changes.settle(|_| (0..observers).collect(), SETTLE).await;
+    readers
 }
 
 /// How long, after the last change, its events may take to reach every observer
