@@ -1,4 +1,5 @@
-//! Catalog requests: accounts' devices, creating and listing conversations. Catalog
+//! Catalog requests: accounts' devices, creating and listing conversations (with unread
+//! counts: `conversation_states`), settings. Catalog
 //! writes take the store's catalog lock and a sled batch, so they run on one catalog
 //! thread (`catalog_write`), never on a runtime thread.
 
@@ -6,8 +7,8 @@ use std::sync::Arc;
 
 use switchboard_protocol::limits::{LIST_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_USERS_PER_REQUEST};
 use switchboard_protocol::{
-    Body, ConvId, ConversationKind, ConversationSummary, DeviceId, DeviceInfo, Entry, ErrorBody, ErrorCode,
-    NewConversation, Reply, Role, UserId,
+    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, DeviceId, DeviceInfo, Entry, ErrorBody,
+    ErrorCode, NewConversation, Reply, Role, Settings, UserId,
 };
 use switchboard_storage::{ConversationRecord, Durable, Result as StoreResult, Store};
 
@@ -220,6 +221,47 @@ pub(crate) async fn list_conversations(
         Ok(Reply::Conversations { items, more })
     })
     .await
+}
+
+/// A page of `me`'s conversations with unread counts and `me`'s watermarks, durable
+/// state only: `last_seq` as in `summary`, and the watermarks read from the store. A
+/// stored watermark may be a write whose commit has not finished; rather than ask each
+/// conversation's actor (up to a page of actors woken, a message and an answer each),
+/// the page waits for one group commit when any receipt, settings or index write may
+/// not be durable yet (`durable_read`: receipt writes count as index writes), which
+/// costs at most one commit and never shows a value a crash could take back. The
+/// unread count is read from the message-count index up to `last_seq`, whose keys are
+/// written with each message before it is durable.
+pub(crate) async fn conversation_states(
+    shared: &Arc<Shared>,
+    me: UserId,
+    after: Option<ConvId>,
+) -> Result<Reply, ErrorBody> {
+    let page = LIST_PAGE_MAX as usize;
+    durable_read(shared, move |shared| {
+        let store = &shared.store;
+        let ids = store.user_conversations(me, after, page + 1)?;
+        let more = ids.len() > page;
+        let mut items = Vec::with_capacity(ids.len().min(page));
+        for conv in ids.into_iter().take(page) {
+            let Some(summary) = summary(shared, me, conv)? else { continue };
+            let last = summary.last_seq;
+            let marks = store.receipt(conv, me)?.unwrap_or_default();
+            let (delivered_up_to, read_up_to) = (marks.delivered_up_to.min(last), marks.read_up_to.min(last));
+            let unread = store.unread(conv, me, read_up_to, last)?;
+            items.push(ConversationState { summary, unread, delivered_up_to, read_up_to });
+        }
+        Ok(Reply::ConversationStates { items, more })
+    })
+    .await
+}
+
+/// `user`'s settings, replaced first by `set` (answered once durable).
+pub(crate) async fn settings(shared: &Arc<Shared>, user: UserId, set: Option<Settings>) -> Result<Reply, ErrorBody> {
+    if let Some(new) = set {
+        shared.store.set_settings(user, &new).map_err(internal)?.await.map_err(internal)?;
+    }
+    durable_read(shared, move |shared| shared.store.settings(user)).await.map(Reply::Settings)
 }
 
 pub(crate) fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, ErrorBody> {

@@ -36,8 +36,15 @@ pub struct Config {
     pub unconfirmed_device_grace_ms: u64,
     /// sled page cache in bytes.
     pub store_cache_bytes: u64,
-    /// QUIC idle timeout: an abrupt disconnect is noticed within this.
+    /// QUIC idle timeout: an abrupt disconnect is noticed within this (the effective
+    /// timeout is the smaller of this and the client's). The broker sends a keep-alive
+    /// after a third of it without traffic, so clients stay connected however short it is.
     pub idle_timeout_ms: u64,
+    /// At most one presence push per user per this many ms (latest state wins, a trailing
+    /// push follows); see `limits::PRESENCE_COALESCE_MS`.
+    pub presence_coalesce_ms: u64,
+    /// A typing indicator not repeated for this long ends, with a pushed "stopped".
+    pub typing_ttl_ms: u64,
     /// A conversation actor with no traffic for this long stops (and restarts on use).
     pub conversation_idle_ms: u64,
     /// Most authenticated connections at once; beyond this new ones are refused.
@@ -80,6 +87,8 @@ impl Default for Config {
             unconfirmed_device_grace_ms: crate::limits::UNCONFIRMED_DEVICE_GRACE_MS,
             store_cache_bytes: 256 * 1024 * 1024,
             idle_timeout_ms: 30_000,
+            presence_coalesce_ms: crate::limits::PRESENCE_COALESCE_MS,
+            typing_ttl_ms: u64::from(switchboard_protocol::limits::TYPING_TTL_MS),
             conversation_idle_ms: 60_000,
             max_connections: 100_000,
             max_unauthenticated_connections: crate::limits::MAX_UNAUTHENTICATED_CONNECTIONS,

@@ -20,6 +20,8 @@ pub struct SessionHandle {
     pub device: DeviceId,
     /// Its outbound queue.
     pub out: Arc<Outbound>,
+    /// Its connection, for ephemeral events sent as QUIC datagrams.
+    pub conn: quinn::Connection,
 }
 
 const SHARDS: usize = 16;
@@ -73,6 +75,26 @@ impl Online {
             let Some(sessions) = self.sessions(user) else { continue };
             for s in sessions.iter().filter(|s| s.id != skip) {
                 if s.out.push(frame.clone()).is_ok() {
+                    delivered += 1;
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Sends an ephemeral event frame (typing) to every session of every user in
+    /// `users`: as one QUIC datagram where the device enabled datagrams and the frame
+    /// fits, else queued like any event. A datagram may be lost, and one that finds quinn's
+    /// send buffer full pushes out the oldest queued one; the receiver's indicator then
+    /// ends by its timeout. Returns the number of copies sent or queued.
+    pub fn deliver_ephemeral(&self, users: &[UserId], frame: &Bytes) -> usize {
+        let mut delivered = 0;
+        for &user in users {
+            let Some(sessions) = self.sessions(user) else { continue };
+            for s in sessions.iter() {
+                let fits = s.conn.max_datagram_size().is_some_and(|max| max >= frame.len());
+                let sent = if fits { s.conn.send_datagram(frame.clone()).is_ok() } else { false };
+                if sent || s.out.push(frame.clone()).is_ok() {
                     delivered += 1;
                 }
             }

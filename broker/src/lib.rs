@@ -11,8 +11,10 @@ pub mod error;
 pub mod fanout;
 pub mod limits;
 pub mod outbound;
+pub mod presence;
 pub mod reply;
 pub mod tls;
+pub mod typing;
 pub mod user;
 
 use std::net::SocketAddr;
@@ -82,6 +84,10 @@ pub struct Shared {
     pub users: user::UserDirectory,
     /// Live conversation actors.
     pub convs: conversation::ConvDirectory,
+    /// Presence of connected users, pushed to their contacts.
+    pub presence: Arc<presence::Presence>,
+    /// Typing indicators.
+    pub typing: Arc<typing::Typing>,
     /// Session id source.
     pub next_session_id: AtomicU64,
     /// Connection places: unauthenticated and authenticated, counted apart.
@@ -155,9 +161,13 @@ impl Broker {
         store.on_failure(Box::new(move |e| hook_health.fail(e)));
         let auth = auth::Auth::new(store.clone(), &config)?;
         let admission = connection::Admission::new(&config);
+        let presence = presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms);
+        let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms);
         let shared = Arc::new(Shared {
             config,
             store,
+            presence,
+            typing,
             auth,
             users: user::UserDirectory::new(online.clone()),
             online,

@@ -103,6 +103,37 @@ pub const MIN_PASSWORD_BYTES: usize = 8;
 /// Largest frame the broker reads in one QUIC chunk read.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 
+/// Default of `Config::presence_coalesce_ms`: at most one presence push per user per this
+/// many ms (the latest state wins; a trailing push follows a suppressed change), so a
+/// device that flaps costs each observer at most four events a second.
+pub const PRESENCE_COALESCE_MS: u64 = 250;
+/// Most contacts (users who share a conversation) kept for one user's presence. Past it
+/// the contacts found first (by ascending conversation id) are kept and the rest neither
+/// receive that user's presence pushes nor see that user in a `Presence` reply. 8 bytes
+/// each: at most 32 KiB per online user; a user can be added to groups by anyone, so the
+/// set must not grow with what others do.
+pub const PRESENCE_CONTACTS_MAX: usize = 4096;
+/// Most conversations read to build one user's contact set (each one member scan);
+/// bounds the store work per build. Conversations past it (by id) are not looked at.
+pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 1024;
+/// Conversations one user may be shown typing in at once; a start beyond it is dropped.
+pub const TYPING_PER_USER_MAX: usize = 16;
+/// Typing indicators alive at once in the whole broker (~100 bytes each); a start
+/// beyond it is dropped until some expire.
+pub const TYPING_ENTRIES_MAX: usize = 65_536;
+/// Typing signals one session may send in a burst, and per second after it; signals
+/// beyond are dropped. A start or stop fans out to up to `MAX_GROUP_MEMBERS` devices'
+/// users, so this (with "only changes are pushed") bounds what one session amplifies.
+pub const TYPING_SIGNAL_BURST: f64 = 8.0;
+/// See `TYPING_SIGNAL_BURST`.
+pub const TYPING_SIGNALS_PER_S: f64 = 2.0;
+/// Datagram bytes quinn may hold for one connection, each way. A typing datagram is
+/// ~10 bytes (+ ~40 of quinn's bookkeeping), so this holds a burst of dozens; when full
+/// the oldest is dropped (typing is ephemeral). quinn allocates these queues lazily, so
+/// an idle connection pays nothing for them. Larger than `MAX_DATAGRAM_BYTES` so that an
+/// oversized datagram is dropped by the broker rather than closing the connection.
+pub const DATAGRAM_BUFFER_BYTES: usize = 4096;
+
 // A user's connections must fit the devices it may have, each reconnecting once.
 const _: () = assert!(MAX_SESSIONS_PER_USER >= MAX_DEVICES_PER_USER);
 // Under load one address must not be able to hold every unauthenticated place.
@@ -110,3 +141,5 @@ const _: () = assert!(UNAUTHENTICATED_PER_ADDRESS * 2 <= MAX_UNAUTHENTICATED_CON
 
 // Outbound must be able to hold at least one maximum-size server frame.
 const _: () = assert!(OUTBOUND_MAX_BYTES >= switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize * 2);
+// A datagram of the largest allowed size fits quinn's buffer with its bookkeeping.
+const _: () = assert!(DATAGRAM_BUFFER_BYTES >= 4 * switchboard_protocol::limits::MAX_DATAGRAM_BYTES as usize);

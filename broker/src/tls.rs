@@ -9,6 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::limits::DATAGRAM_BUFFER_BYTES;
 
 /// The certificate the broker serves, and where it came from.
 pub struct Identity {
@@ -131,11 +132,22 @@ fn transport(config: &Config) -> quinn::TransportConfig {
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout())
         .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000)));
     t.max_idle_timeout(Some(idle));
-    // Clients keep the connection alive; the broker only detects silence.
-    t.keep_alive_interval(None);
-    // Datagrams are reserved for typing signals and not used yet: off.
-    t.datagram_receive_buffer_size(None);
-    t.datagram_send_buffer_size(0);
+    // The effective idle timeout is the smaller of ours and the client's, and neither
+    // side can read the other's (quinn does not expose it, and the hello does not carry
+    // it), so a client cannot time its keep-alives to a short broker timeout. The broker
+    // therefore sends a PING after a third of its timeout without receiving anything; a
+    // live client's ACK keeps both ends open. quinn re-arms this timer on every packet
+    // received, so a client that keeps alive itself (ours does, every 10 s) or talks
+    // costs no extra packets, and a dead one still times out exactly `idle_timeout_ms`
+    // after its last packet: the idle timer restarts only on receipt.
+    let keep_alive = (config.idle_timeout_ms > 0).then(|| config.idle_timeout() / 3);
+    t.keep_alive_interval(keep_alive);
+    // Datagrams carry typing signals and events (PROTOCOL.md section 11). quinn queues
+    // them lazily, so these bounds cost an idle connection nothing (see
+    // `limits::DATAGRAM_BUFFER_BYTES`). A peer's datagram above `MAX_DATAGRAM_BYTES` but
+    // within this buffer is dropped by the session rather than closing the connection.
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER_BYTES));
+    t.datagram_send_buffer_size(DATAGRAM_BUFFER_BYTES);
     t
 }
 

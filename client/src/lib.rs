@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use ed25519_dalek::{Signer, SigningKey};
 use serde::{Deserialize, Serialize};
-use switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES;
+use switchboard_protocol::limits::{MAX_DATAGRAM_BYTES, MAX_SERVER_FRAME_BYTES};
 use switchboard_protocol::{
     CatchUpPage, ClientFrame, ClientHello, ClientMsgId, ConvId, ConversationState, ConversationSummary, DeviceId,
     DeviceInfo, Enroll, Entry, ErrorBody, ErrorCode, Event, FrameDecoder, Limits, Member, NewConversation, Page,
@@ -33,7 +33,7 @@ use switchboard_protocol::{
 use tokio::sync::{mpsc, oneshot};
 
 pub use switchboard_protocol as protocol;
-pub use tls::Trust;
+pub use tls::{TransportOptions, Trust};
 
 /// Events buffered for the application before the client stops reading the stream
 /// (and the broker, seeing its queue fill, disconnects a consumer that never reads).
@@ -131,7 +131,18 @@ pub struct Connector {
 impl Connector {
     /// An endpoint bound to an ephemeral local port, trusting the broker per `trust`.
     pub fn new(server: SocketAddr, server_name: &str, trust: Trust) -> Result<Self> {
-        let endpoint = tls::endpoint(server, trust)?;
+        Self::with_transport(server, server_name, trust, &TransportOptions::default())
+    }
+
+    /// Like `new`, with chosen QUIC transport options (datagrams, idle timeout,
+    /// keep-alive).
+    pub fn with_transport(
+        server: SocketAddr,
+        server_name: &str,
+        trust: Trust,
+        options: &TransportOptions,
+    ) -> Result<Self> {
+        let endpoint = tls::endpoint(server, trust, options)?;
         Ok(Connector { endpoint, server, server_name: server_name.to_owned() })
     }
 
@@ -306,6 +317,7 @@ impl Client {
         let waiters: Arc<Waiters> = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let events_taken = Arc::new(AtomicBool::new(false));
+        tokio::spawn(datagram_loop(conn.clone(), tx.clone()));
         tokio::spawn(read_loop(conn.clone(), recv, decoder, waiters.clone(), tx, events_taken.clone()));
         let (writes, queued) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_loop(send, queued));
@@ -564,6 +576,27 @@ impl Client {
         }
     }
 
+    /// Says I started (`true`) or stopped typing in `conv`; repeat `true` at least every
+    /// `typing_ttl_ms / 2` (3 s by default) while typing. Sent as a QUIC datagram when the
+    /// connection has them (both ends enabled datagrams), else as `Client::signal` on the
+    /// control stream. No answer: a datagram may be lost, and the broker drops signals
+    /// for conversations I am not in and beyond its per-connection rate.
+    pub async fn typing(&self, conv: ConvId, typing: bool) -> Result<()> {
+        let signal = Signal::Typing { conv, typing };
+        let frame =
+            encode_frame(&ClientFrame::Signal(signal.clone())).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if self.conn.max_datagram_size().is_some_and(|max| max >= frame.len()) && self.conn.send_datagram(frame).is_ok()
+        {
+            return Ok(());
+        }
+        self.signal(signal).await
+    }
+
+    /// The QUIC connection (statistics, round-trip time, datagram support).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
     /// Waits until the connection is closed and returns why.
     pub async fn closed(&self) -> ClientError {
         closed(&self.conn).await
@@ -628,6 +661,27 @@ async fn read_loop(
     // Dropping the waiters fails every outstanding request with the close reason, and
     // `None` fails every later one at once.
     waiters.lock().unwrap_or_else(|p| p.into_inner()).take();
+}
+
+/// Delivers events that arrive as QUIC datagrams (typing) into the event channel, until
+/// the connection closes. A datagram holds one whole frame, length prefix included;
+/// anything else is ignored. Never waits: when the application's buffer is full a
+/// datagram event is dropped (it is ephemeral, and ends by its timeout anyway).
+async fn datagram_loop(conn: quinn::Connection, events: mpsc::Sender<Event>) {
+    while let Ok(datagram) = conn.read_datagram().await {
+        if datagram.len() > MAX_DATAGRAM_BYTES as usize {
+            continue;
+        }
+        let mut decoder = FrameDecoder::new(MAX_DATAGRAM_BYTES);
+        decoder.push(&datagram);
+        let Ok(Some(body)) = decoder.next_frame() else { continue };
+        if decoder.buffered() != 0 {
+            continue;
+        }
+        if let Ok(ServerFrame::Event(event)) = decode::<ServerFrame>(&body) {
+            let _ = events.try_send(event);
+        }
+    }
 }
 
 async fn write_loop(mut send: quinn::SendStream, mut queued: mpsc::Receiver<bytes::Bytes>) {

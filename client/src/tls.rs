@@ -23,7 +23,37 @@ pub enum Trust {
     Pin(String),
 }
 
-pub(crate) fn endpoint(server: SocketAddr, trust: Trust) -> Result<quinn::Endpoint, ClientError> {
+/// Datagram bytes quinn may queue for one connection, each way: dozens of typing
+/// datagrams (~10 bytes each plus bookkeeping); the oldest is dropped when full. quinn
+/// allocates the queues lazily, so an idle connection pays nothing for them.
+const DATAGRAM_BUFFER_BYTES: usize = 4096;
+
+/// QUIC transport choices of a `Connector`.
+#[derive(Clone, Debug)]
+pub struct TransportOptions {
+    /// Enable QUIC datagrams (typing signals and events travel as datagrams when both
+    /// ends enabled them, else on the control stream). Default `true`.
+    pub datagrams: bool,
+    /// Our idle timeout; the connection's is the smaller of this and the broker's.
+    /// Default 30 s.
+    pub idle_timeout: Duration,
+    /// Send a keep-alive after this long without traffic; keep it under half of the
+    /// idle timeout. Default 10 s. (The broker also keeps alive at a third of its own
+    /// timeout, so a broker configured shorter than this still keeps us connected.)
+    pub keep_alive: Duration,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions { datagrams: true, idle_timeout: Duration::from_secs(30), keep_alive: Duration::from_secs(10) }
+    }
+}
+
+pub(crate) fn endpoint(
+    server: SocketAddr,
+    trust: Trust,
+    options: &TransportOptions,
+) -> Result<quinn::Endpoint, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -58,8 +88,16 @@ pub(crate) fn endpoint(server: SocketAddr, trust: Trust) -> Result<quinn::Endpoi
     transport.stream_receive_window((2u32 * 1024 * 1024).into());
     transport.receive_window((4u32 * 1024 * 1024).into());
     transport.send_window(1024 * 1024);
-    transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))));
-    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    let idle = quinn::IdleTimeout::try_from(options.idle_timeout).map_err(connect)?;
+    transport.max_idle_timeout(Some(idle));
+    transport.keep_alive_interval(Some(options.keep_alive));
+    if options.datagrams {
+        transport.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER_BYTES));
+        transport.datagram_send_buffer_size(DATAGRAM_BUFFER_BYTES);
+    } else {
+        transport.datagram_receive_buffer_size(None);
+        transport.datagram_send_buffer_size(0);
+    }
     config.transport_config(Arc::new(transport));
 
     let local = if server.is_ipv6() {

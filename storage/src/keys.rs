@@ -18,6 +18,11 @@ const CLEAN_SHUTDOWN: u8 = 0x0b;
 const EDIT_OF: u8 = 0x0c;
 const FORMAT: u8 = 0x0d;
 const UNCONFIRMED: u8 = 0x0e;
+const RECEIPT: u8 = 0x0f;
+const SETTINGS: u8 = 0x10;
+const TEXT_COUNT: u8 = 0x11;
+const SENDER_COUNT: u8 = 0x12;
+const LAST_SEEN: u8 = 0x13;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -90,6 +95,24 @@ impl Key {
     pub fn edits_of(conv: ConvId, target: Seq) -> Key {
         Key::with(EDIT_OF, &[&conv.to_be_bytes(), &target.to_be_bytes()])
     }
+    /// A member's receipt watermarks in a conversation.
+    pub fn receipt(conv: ConvId, user: UserId) -> Key {
+        Key::with(RECEIPT, &[&conv.to_be_bytes(), &user.to_be_bytes()])
+    }
+    /// A user's settings.
+    pub fn settings(user: UserId) -> Key {
+        Key::with(SETTINGS, &[&user.to_be_bytes()])
+    }
+    /// The number of text messages in `conv` up to and including `seq`, present for each
+    /// text message's seq.
+    pub fn text_count(conv: ConvId, seq: Seq) -> Key {
+        Key::with(TEXT_COUNT, &[&conv.to_be_bytes(), &seq.to_be_bytes()])
+    }
+    /// The number of text messages `sender` wrote in `conv` up to and including `seq`,
+    /// present for each of them.
+    pub fn sender_count(conv: ConvId, sender: UserId, seq: Seq) -> Key {
+        Key::with(SENDER_COUNT, &[&conv.to_be_bytes(), &sender.to_be_bytes(), &seq.to_be_bytes()])
+    }
     /// The data format version (u32, big-endian); absent before version 2.
     pub fn format() -> Key {
         Key::with(FORMAT, &[])
@@ -105,6 +128,10 @@ impl Key {
     /// Every conversation record starts with this.
     pub fn conversations() -> Key {
         Key::with(CONVERSATION, &[])
+    }
+    /// When a user was last online or away (ms since the epoch, big-endian u64).
+    pub fn last_seen(user: UserId) -> Key {
+        Key::with(LAST_SEEN, &[&user.to_be_bytes()])
     }
     /// The pair in canonical order, so (a, b) and (b, a) are one key.
     pub fn direct(a: UserId, b: UserId) -> Key {

@@ -15,6 +15,8 @@ mod commit;
 mod keys;
 mod log;
 mod members;
+mod presence;
+mod receipts;
 mod records;
 
 use std::path::PathBuf;
@@ -24,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
 pub use commit::{Durable, FailureHook};
-pub use records::{ConversationRecord, DeviceRecord, UserRecord};
+pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
 
 use commit::{Committer, IndexGen};
 use keys::Key;
@@ -129,6 +131,7 @@ impl Store {
         };
         // Made durable by the caller's first barrier, like crash repair.
         store.upgrade_to_format_2()?;
+        store.upgrade_to_format_3()?;
         Ok(store)
     }
 

@@ -1,6 +1,7 @@
 //! The conversation log: entries by `(conversation, seq)`, what each entry implies for
 //! other keys (idempotency key, rewritten edit and delete targets, the edit index,
-//! member keys), and the crash repair of a conversation's newest entry.
+//! member keys, the message counts), and the crash repair of a conversation's newest
+//! entry.
 
 use switchboard_protocol::{Body, ClientMsgId, ConvId, Entry, Role, Seq, UserId};
 
@@ -28,7 +29,8 @@ impl Store {
     /// so). Calls happen in append order, so an actor that forwards them to itself
     /// receives them in order; `done` must be quick. What the entry implies is derived
     /// from it alone: its idempotency key `(sender, client_id)`, the rewritten target of
-    /// an edit or delete, the member keys of a membership change.
+    /// an edit or delete, the member keys of a membership change, and for a text message
+    /// its running counts (the counts before it plus one, so a repair writes the same).
     ///
     /// These are single-key writes, not a sled batch: sled 0.34's `apply_batch` takes a
     /// process-wide exclusive lock that waits for any flush in progress (stalling every
@@ -92,8 +94,14 @@ impl Store {
             }
             Body::MemberRemoved { user } => self.index_write(|| member(*user, None)),
             Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
-            // Text and tombstones imply nothing more; a creation is one atomic batch.
-            Body::Text { .. } | Body::Tombstone | Body::Created { .. } | Body::Redacted { .. } => Ok(()),
+            // A message moves the running counts that unread counts are read from.
+            Body::Text { .. } => {
+                let (total, mine) = self.counts_before(conv, entry.sender, entry.seq)?;
+                set(Key::text_count(conv, entry.seq), Some((total + 1).to_be_bytes().to_vec()))?;
+                set(Key::sender_count(conv, entry.sender, entry.seq), Some((mine + 1).to_be_bytes().to_vec()))
+            }
+            // Tombstones imply nothing more; a creation is one atomic batch.
+            Body::Tombstone | Body::Created { .. } | Body::Redacted { .. } => Ok(()),
         }
     }
 

@@ -35,3 +35,12 @@ pub struct ConversationRecord {
     /// Creation time, ms since the Unix epoch.
     pub created_ms: u64,
 }
+
+/// A member's receipt watermarks in one conversation (see `Store::write_receipts`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptRecord {
+    /// Highest seq one of the member's devices holds with no gap below it.
+    pub delivered_up_to: u64,
+    /// Highest seq the member marked read (never above `delivered_up_to`).
+    pub read_up_to: u64,
+}

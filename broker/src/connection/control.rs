@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use switchboard_protocol::limits::{MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS};
-use switchboard_protocol::{ClientFrame, ErrorCode, FrameDecoder, Reply, Request, RequestBody, decode};
+use switchboard_protocol::{ClientFrame, ErrorCode, FrameDecoder, Reply, Request, RequestBody, Signal, decode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::Authed;
@@ -17,8 +17,10 @@ use crate::Shared;
 use crate::catalog;
 use crate::conversation::{Caller, Command, Read};
 use crate::fanout::SessionHandle;
+use crate::limits::{TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S};
 use crate::outbound::Outbound;
 use crate::reply::Responder;
+use crate::user::TokenBucket;
 
 /// How long a finished session may take to send what is still queued.
 const WRITER_DRAIN: Duration = Duration::from_secs(5);
@@ -27,7 +29,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     let Authed { user, device, place, send, mut recv, mut decoder } = authed;
     let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
     let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
-    let handle = SessionHandle { id: session, device, out: out.clone() };
+    let handle = SessionHandle { id: session, device, out: out.clone(), conn: conn.clone() };
     if let Err(e) = shared.users.attach(place, handle).await {
         return close(&conn, e.into());
     }
@@ -43,11 +45,14 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         return close(&conn, Close(ErrorCode::INTERNAL, "storage failure".into()));
     }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
+    shared.presence.attach(user, session);
     let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
-    let session_state = Session { shared: shared.clone(), caller: Caller { user, device, session }, out: out.clone() };
+    let signals = std::sync::Mutex::new(TokenBucket::full(TYPING_SIGNAL_BURST, std::time::Instant::now()));
+    let session_state =
+        Session { shared: shared.clone(), caller: Caller { user, device, session }, out: out.clone(), signals };
     decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
-    let end = read_loop(&mut recv, &mut decoder, &permits, &session_state).await;
+    let end = read_loop(&conn, &mut recv, &mut decoder, &permits, &session_state).await;
     if end.0 != ErrorCode::NO_ERROR {
         tracing::debug!(session, code = %end.0, reason = %end.1, "closing connection");
         close(&conn, end);
@@ -62,19 +67,37 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     // The control stream is gone: so is the session (a no-op if already closed).
     conn.close(ErrorCode::NO_ERROR.0.into(), b"session ended");
     shared.users.detach(user, session).await;
+    shared.presence.detach(user, session);
+    shared.typing.session_ended(user, session);
     tracing::debug!(session, "session ended");
 }
 
+/// Reads the control stream and, between its frames, the connection's datagrams.
 async fn read_loop(
+    conn: &quinn::Connection,
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
     permits: &Arc<Semaphore>,
     session: &Session,
 ) -> Close {
+    // Off once the connection reports datagrams unusable (closed, or not negotiated).
+    let mut datagrams = true;
     loop {
-        let body = match read_frame(recv, decoder).await {
-            Ok(b) => b,
-            Err(c) => return c,
+        // Both are cancel-safe: `read_frame` keeps partial frames in `decoder`, and a
+        // datagram not yet returned stays queued in quinn.
+        let body = tokio::select! {
+            biased;
+            frame = read_frame(recv, decoder) => match frame {
+                Ok(b) => b,
+                Err(c) => return c,
+            },
+            datagram = conn.read_datagram(), if datagrams => {
+                match datagram {
+                    Ok(datagram) => session.datagram(&datagram),
+                    Err(_) => datagrams = false,
+                }
+                continue;
+            }
         };
         let req = match decode::<ClientFrame>(&body) {
             Ok(ClientFrame::Request(r)) => r,
@@ -105,6 +128,8 @@ struct Session {
     shared: Arc<Shared>,
     caller: Caller,
     out: Arc<Outbound>,
+    /// Typing signals allowed (shared by the stream and datagrams).
+    signals: std::sync::Mutex<TokenBucket>,
 }
 
 impl Session {
@@ -144,6 +169,9 @@ impl Session {
                 convs.read(shared, conv, caller, Read::History { page, limit }, reply).await
             }
             RequestBody::Members { conv } => convs.read(shared, conv, caller, Read::Members, reply).await,
+            RequestBody::CatchUp { conv, after, limit } => {
+                convs.read(shared, conv, caller, Read::CatchUp { after, limit }, reply).await
+            }
             RequestBody::CreateConversation(new) => {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(catalog::create_conversation(shared, caller, new).await) });
@@ -160,21 +188,51 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(catalog::revoke_device(&shared, caller.user, device_id).await) });
             }
-            // TODO(issue 8): each of these gets its route in this session's work.
-            RequestBody::MarkDelivered { .. }
-            | RequestBody::MarkRead { .. }
-            | RequestBody::Receipts { .. }
-            | RequestBody::ConversationStates { .. }
-            | RequestBody::CatchUp { .. }
-            | RequestBody::SetPresence { .. }
-            | RequestBody::Presence { .. }
-            | RequestBody::Settings { .. } => reply.fail(ErrorCode::INVALID, "not supported yet"),
+            // Handed to each conversation's actor before the next request is read, so a
+            // later MarkRead or read of one of them sees these marks.
+            RequestBody::MarkDelivered { marks } => reply.send(convs.mark_delivered(shared, caller, marks).await),
+            RequestBody::MarkRead { conv, seq } => convs.mark_read(shared, conv, caller, seq, reply).await,
+            RequestBody::Receipts { conv } => convs.read(shared, conv, caller, Read::Receipts, reply).await,
+            RequestBody::ConversationStates { after } => {
+                let shared = shared.clone();
+                tokio::spawn(
+                    async move { reply.send(catalog::conversation_states(&shared, caller.user, after).await) },
+                );
+            }
+            RequestBody::Settings { set } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(catalog::settings(&shared, caller.user, set).await) });
+            }
+            RequestBody::SetPresence { away } => {
+                shared.presence.set_away(caller.user, caller.session, away);
+                reply.send(Ok(Reply::Done))
+            }
+            RequestBody::Presence { users } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(shared.presence.query(caller.user, users).await) });
+            }
         }
     }
 
-    /// An ephemeral signal from the control stream or a datagram.
-    fn signal(&self, signal: switchboard_protocol::Signal) {
-        // TODO(issue 8): typing.
-        let _ = signal;
+    /// An ephemeral signal from the control stream or a datagram. Beyond the session's
+    /// allowance (`TYPING_SIGNAL_BURST`, then `TYPING_SIGNALS_PER_S`) it is dropped;
+    /// signals have no answer, so nothing is said.
+    fn signal(&self, signal: Signal) {
+        let allowed = self.signals.lock().unwrap_or_else(|p| p.into_inner()).take(
+            std::time::Instant::now(),
+            TYPING_SIGNALS_PER_S,
+            TYPING_SIGNAL_BURST,
+        );
+        if allowed {
+            self.shared.typing.signal(self.caller.user, self.caller.session, signal);
+        }
+    }
+
+    /// A QUIC datagram: a signal if it is one whole signal frame, else dropped with the
+    /// connection kept (see `typing::signal_from_datagram`).
+    fn datagram(&self, datagram: &[u8]) {
+        if let Some(signal) = crate::typing::signal_from_datagram(datagram) {
+            self.signal(signal);
+        }
     }
 }

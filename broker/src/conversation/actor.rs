@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::{ConvId, Event, Seq, ServerFrame, encode_frame};
-use switchboard_storage::{Store, StoreError};
+use switchboard_storage::{ReceiptRecord, Store, StoreError};
 
-use super::state::{Caller, Command, ConversationState, Effect, Log, Read};
+use super::receipts::Marks;
+use super::state::{Caller, Command, ConversationState, Effect, Log, Mark, Read};
 use crate::Shared;
 use crate::reply::Responder;
 
@@ -29,6 +30,14 @@ pub enum ConvMsg {
         /// Whether it became durable.
         ok: bool,
     },
+    /// A receipt report (counted against the mailbox bound); a `MarkRead` carries its
+    /// responder, a `MarkDelivered` none.
+    Mark(Caller, Mark, Option<Responder>),
+    /// The receipt write in flight is durable (`ok`), or its commit failed.
+    ReceiptsDurable {
+        /// Whether it became durable.
+        ok: bool,
+    },
     /// Periodic idle check.
     Tick,
 }
@@ -38,6 +47,7 @@ impl ConvMsg {
     pub(crate) fn into_responder(self) -> Option<Responder> {
         match self {
             ConvMsg::Write(_, _, r) | ConvMsg::Read(_, _, r) => Some(r),
+            ConvMsg::Mark(_, _, r) => r,
             _ => None,
         }
     }
@@ -97,6 +107,13 @@ impl Log for StoreLog<'_> {
     fn edits_of(&self, conv: ConvId, target: Seq) -> Result<Vec<Seq>, StoreError> {
         self.0.edits_of(conv, target)
     }
+    fn receipt(&self, conv: ConvId, user: u64) -> Result<Option<Marks>, StoreError> {
+        let stored = self.0.receipt(conv, user)?;
+        Ok(stored.map(|r| Marks { delivered_up_to: r.delivered_up_to, read_up_to: r.read_up_to }))
+    }
+    fn receipts_private(&self, user: u64) -> Result<bool, StoreError> {
+        Ok(self.0.settings(user)?.read_receipts_private)
+    }
 }
 
 impl Actor for Conversation {
@@ -150,8 +167,13 @@ impl Actor for Conversation {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
                 vec![state.state.handle_read(&log, caller, read, reply, crate::now_ms())]
             }
+            ConvMsg::Mark(caller, mark, reply) => {
+                state.depth.fetch_sub(1, Ordering::AcqRel);
+                state.state.handle_mark(&log, caller, mark, reply, crate::now_ms())
+            }
             ConvMsg::Durable { seq, ok: true } => state.state.handle_durable(seq),
             ConvMsg::Durable { ok: false, .. } => state.state.handle_failure(),
+            ConvMsg::ReceiptsDurable { ok } => state.state.handle_receipts_durable(&log, ok),
             ConvMsg::Tick => {
                 let idle = self.shared.config.conversation_idle_ms;
                 if state.state.handle_tick(crate::now_ms(), idle)
@@ -187,6 +209,8 @@ impl Conversation {
                 Effect::Reply(reply, result) => reply.send(result),
                 Effect::Deliver { entry, audience, except } => {
                     let seq = entry.seq;
+                    self.shared.typing.entry_delivered(&entry);
+                    self.shared.presence.entry_delivered(&entry, &audience);
                     match encode_frame(&ServerFrame::Event(Event::Entry(entry))) {
                         Ok(frame) => {
                             self.shared.online.deliver(&audience, &frame, except);
@@ -197,6 +221,29 @@ impl Conversation {
                     // midway must not deliver this entry again.
                     state.published.store(seq, Ordering::Release);
                 }
+                Effect::WriteReceipts(marks) => {
+                    let me = myself.clone();
+                    let records: Vec<(u64, ReceiptRecord)> = marks
+                        .into_iter()
+                        .map(|(user, m)| {
+                            (user, ReceiptRecord { delivered_up_to: m.delivered_up_to, read_up_to: m.read_up_to })
+                        })
+                        .collect();
+                    // Joins the next group commit; no fsync of its own.
+                    let written = self.shared.store.write_receipts(state.state.id(), &records, move |r| {
+                        let _ = me.cast(ConvMsg::ReceiptsDurable { ok: r.is_ok() });
+                    });
+                    if let Err(e) = written {
+                        tracing::error!(conv = state.state.id(), error = %e, "receipt write failed");
+                        queue.extend(state.state.handle_failure());
+                    }
+                }
+                Effect::Notify { event, audience } => match encode_frame(&ServerFrame::Event(event)) {
+                    Ok(frame) => {
+                        self.shared.online.deliver(&audience, &frame, 0);
+                    }
+                    Err(e) => tracing::error!(error = %e, "an event did not encode"),
+                },
                 Effect::Fatal => {
                     self.shared.health.fail("a conversation write did not become durable");
                     myself.stop(Some("storage failure".into()));

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ractor::{Actor, ActorRef};
-use switchboard_protocol::{ConvId, ErrorBody, ErrorCode, Seq};
+use switchboard_protocol::limits::MAX_MARKS_PER_REQUEST;
+use switchboard_protocol::{ConvId, ErrorBody, ErrorCode, Reply, Seq};
 use switchboard_storage::Store;
 
 use super::actor::{ConvArgs, ConvMsg, Conversation};
-use super::state::{Caller, Command, Read, not_a_member};
+use super::state::{Caller, Command, Mark, Read, not_a_member};
 use crate::Shared;
 use crate::reply::{Responder, internal};
 
@@ -75,21 +76,75 @@ impl ConvDirectory {
         self.request(shared, conv, caller, ConvMsg::Read(caller, read, reply)).await
     }
 
-    /// Delivers a request to the conversation's actor, starting it if needed. Answers
-    /// `FORBIDDEN` to a non-member and for no such conversation alike, before anything
-    /// else (strangers learn nothing, never start or wake actors and never take mailbox
-    /// room); `OVERLOADED` for a full mailbox or too many live actors; `INTERNAL` once
-    /// the store has failed.
-    async fn request(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, mut msg: ConvMsg) {
+    /// A `MarkRead` (with its responder) of `conv`.
+    pub async fn mark_read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, seq: Seq, reply: Responder) {
+        self.request(shared, conv, caller, ConvMsg::Mark(caller, Mark::Read(seq), Some(reply))).await
+    }
+
+    /// A `MarkDelivered`: hands each `(conv, seq)` to its conversation's actor, in the
+    /// order given (one conversation's highest mark only). Marks for conversations
+    /// `caller` is not a member of, or that do not exist, are dropped without a word (and
+    /// start no actor). `Done` once every other mark is handed over; `OVERLOADED` (retry:
+    /// marks are idempotent) if any could not be, `INTERNAL` once the store has failed.
+    pub async fn mark_delivered(
+        &self,
+        shared: &Arc<Shared>,
+        caller: Caller,
+        mut marks: Vec<(ConvId, Seq)>,
+    ) -> Result<Reply, ErrorBody> {
+        if marks.len() > MAX_MARKS_PER_REQUEST as usize {
+            return Err(ErrorBody::new(ErrorCode::INVALID, "too many marks in one request"));
+        }
+        // Highest seq first per conversation, so the dedup below keeps it.
+        marks.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        marks.dedup_by_key(|m| m.0);
+        let mut refused = None;
+        for (conv, seq) in marks {
+            let msg = ConvMsg::Mark(caller, Mark::Delivered(seq), None);
+            match self.hand(shared, conv, caller, msg).await {
+                Ok(()) => {}
+                // A stranger's mark (or one for no conversation) is dropped.
+                Err((_, e)) if e.code == ErrorCode::FORBIDDEN => {}
+                Err((_, e)) => {
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        match refused {
+            None => Ok(Reply::Done),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Delivers a request to the conversation's actor (see `hand`), or answers its
+    /// refusal.
+    async fn request(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, msg: ConvMsg) {
+        if let Err((msg, error)) = self.hand(shared, conv, caller, msg).await {
+            refuse(msg, error);
+        }
+    }
+
+    /// Delivers a message to the conversation's actor, starting it if needed, or gives
+    /// it back with its refusal: `FORBIDDEN` to a non-member and for no such
+    /// conversation alike, before anything else (strangers learn nothing, never start or
+    /// wake actors and never take mailbox room); `OVERLOADED` for a full mailbox or too
+    /// many live actors; `INTERNAL` once the store has failed.
+    async fn hand(
+        &self,
+        shared: &Arc<Shared>,
+        conv: ConvId,
+        caller: Caller,
+        mut msg: ConvMsg,
+    ) -> Result<(), (ConvMsg, ErrorBody)> {
         if shared.health.is_failed() {
             // Even a live actor whose own writes all succeeded may not serve reads or
             // acknowledge anything once durability is lost.
-            return refuse(msg, ErrorBody::new(ErrorCode::INTERNAL, "storage failure"));
+            return Err((msg, ErrorBody::new(ErrorCode::INTERNAL, "storage failure")));
         }
         match admits(&shared.store, conv, caller, &msg) {
             Ok(true) => {}
-            Ok(false) => return refuse(msg, not_a_member()),
-            Err(e) => return refuse(msg, e),
+            Ok(false) => return Err((msg, not_a_member())),
+            Err(e) => return Err((msg, e)),
         }
         let mut dead = None;
         let mailbox_max = shared.config.conversation_mailbox_max;
@@ -104,10 +159,10 @@ impl ConvDirectory {
             match slot {
                 Some((slot, true)) => {
                     slot.depth.fetch_sub(1, Ordering::AcqRel);
-                    return refuse(msg, ErrorBody::new(ErrorCode::OVERLOADED, "conversation is overloaded; retry"));
+                    return Err((msg, ErrorBody::new(ErrorCode::OVERLOADED, "conversation is overloaded; retry")));
                 }
                 Some((slot, false)) => match slot.actor.cast(msg) {
-                    Ok(()) => return,
+                    Ok(()) => return Ok(()),
                     Err(ractor::MessagingErr::SendErr(back)) => {
                         // The actor died: replace it below.
                         slot.depth.fetch_sub(1, Ordering::AcqRel);
@@ -115,8 +170,9 @@ impl ConvDirectory {
                         msg = back;
                     }
                     Err(_) => {
+                        // Not given back: its responder, dropped, answers INTERNAL.
                         slot.depth.fetch_sub(1, Ordering::AcqRel);
-                        return;
+                        return Ok(());
                     }
                 },
                 None => {}
@@ -124,10 +180,10 @@ impl ConvDirectory {
             // Boxed: starting an actor is rare, and its future inline would be carried by
             // every session's task for its whole life (about 3 KB per connection).
             if let Err(e) = Box::pin(self.spawn(shared, conv, dead.take())).await {
-                return refuse(msg, e);
+                return Err((msg, e));
             }
         }
-        refuse(msg, ErrorBody::new(ErrorCode::INTERNAL, "conversation unavailable"))
+        Err((msg, ErrorBody::new(ErrorCode::INTERNAL, "conversation unavailable")))
     }
 
     /// Records that `conv` was just created by `session`: its first entry is delivered

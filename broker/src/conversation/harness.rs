@@ -7,10 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use switchboard_protocol::{
-    Body, ClientMsgId, ConvId, ConversationKind, Entry, ErrorBody, ErrorCode, Page, Reply, Role, Seq, UserId,
+    Body, ClientMsgId, ConvId, ConversationKind, Entry, ErrorBody, ErrorCode, Event, Page, Reply, Role, Seq, UserId,
 };
 
-use super::state::{Caller, Command, ConversationState, Effect, Log, Read};
+use super::receipts::Marks;
+use super::state::{Caller, Command, ConversationState, Effect, Log, Mark, Read};
 
 const CONV: ConvId = 7;
 
@@ -25,11 +26,16 @@ struct Contents {
 }
 
 /// An in-memory log: every append is visible at once; `durable` is what survives a
-/// crash of the broker.
+/// crash of the broker. Receipt watermarks are kept apart: a commit makes all of them
+/// durable, as the store's group commit does.
 #[derive(Default)]
 pub struct MemLog {
     now: Contents,
     durable: Contents,
+    receipts: HashMap<UserId, Marks>,
+    durable_receipts: HashMap<UserId, Marks>,
+    /// Users who keep read receipts private.
+    pub private: BTreeSet<UserId>,
     /// The contents after each append not yet durable, for a commit of a prefix.
     after: Vec<(Seq, Contents)>,
 }
@@ -105,6 +111,12 @@ impl Log for MemLog {
     fn edits_of(&self, _: ConvId, target: Seq) -> Result<Vec<Seq>, Self::Error> {
         Ok(self.now.edits.range((target, 0)..=(target, Seq::MAX)).map(|(_, e)| *e).collect())
     }
+    fn receipt(&self, _: ConvId, user: UserId) -> Result<Option<Marks>, Self::Error> {
+        Ok(self.receipts.get(&user).copied())
+    }
+    fn receipts_private(&self, user: UserId) -> Result<bool, Self::Error> {
+        Ok(self.private.contains(&user))
+    }
 }
 
 /// One delivery: the entry's seq, the users it went to, the session it skipped.
@@ -116,6 +128,13 @@ pub struct Delivery {
     pub except: u64,
 }
 
+/// One push of an event other than an entry: the event and the users it went to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Notice {
+    pub event: Event,
+    pub audience: Vec<UserId>,
+}
+
 /// The state, its log and what came out of it.
 pub struct Harness {
     pub log: MemLog,
@@ -125,6 +144,11 @@ pub struct Harness {
     /// Answers by request number, in the order given.
     pub replies: Vec<(u32, Result<Reply, ErrorBody>)>,
     pub deliveries: Vec<Delivery>,
+    pub notices: Vec<Notice>,
+    /// Receipt writes performed, each with its watermarks.
+    pub receipt_writes: Vec<Vec<(UserId, Marks)>>,
+    /// A receipt write is waiting for a commit.
+    receipts_in_flight: bool,
     pub fatal: bool,
     next: u32,
 }
@@ -149,7 +173,19 @@ impl Harness {
         log.append(&created);
         log.durable = log.now.clone();
         let (state, _) = ConversationState::recover(CONV, kind, log.now.members.clone(), 1, (Vec::new(), 0), 0);
-        Harness { log, state, kind, now_ms: 0, replies: Vec::new(), deliveries: Vec::new(), fatal: false, next: 0 }
+        Harness {
+            log,
+            state,
+            kind,
+            now_ms: 0,
+            replies: Vec::new(),
+            deliveries: Vec::new(),
+            notices: Vec::new(),
+            receipt_writes: Vec::new(),
+            receipts_in_flight: false,
+            fatal: false,
+            next: 0,
+        }
     }
 
     pub fn write(&mut self, user: UserId, cmd: Command) -> u32 {
@@ -166,6 +202,32 @@ impl Harness {
         self.reply(self.next).expect("reads are answered at once").clone()
     }
 
+    /// A receipt report; a `MarkRead` gets a request number (its answer comes later).
+    pub fn mark(&mut self, user: UserId, mark: Mark) -> u32 {
+        self.next += 1;
+        let reply = matches!(mark, Mark::Read(_)).then_some(self.next);
+        let effects = self.state.handle_mark(&self.log, caller(user), mark, reply, self.now_ms);
+        self.perform(effects);
+        self.next
+    }
+
+    /// `user`'s view of every member's receipts: (user, delivered, read).
+    pub fn receipts(&mut self, user: UserId) -> Vec<(UserId, Seq, Option<Seq>)> {
+        match self.read(user, Read::Receipts) {
+            Ok(Reply::Receipts(list)) => list.into_iter().map(|r| (r.user, r.delivered_up_to, r.read_up_to)).collect(),
+            other => panic!("receipts: {other:?}"),
+        }
+    }
+
+    /// The watermarks a `MarkRead` was answered with, or its error code.
+    pub fn receipt_answer(&self, id: u32) -> Option<Result<(Seq, Option<Seq>), ErrorCode>> {
+        self.reply(id).map(|r| match r {
+            Ok(Reply::Receipt(r)) => Ok((r.delivered_up_to, r.read_up_to)),
+            Ok(other) => panic!("not a receipt: {other:?}"),
+            Err(e) => Err(e.code),
+        })
+    }
+
     pub fn send(&mut self, user: UserId, id: u8, text: &str) -> u32 {
         self.write(user, Command::Send { client_id: [id; 16], text: text.into() })
     }
@@ -180,11 +242,28 @@ impl Harness {
         self.log.make_durable(seq);
         let effects = self.state.handle_durable(seq);
         self.perform(effects);
+        self.commit_receipts();
+    }
+
+    /// A group commit that covers the receipt write in flight (and none of the entries).
+    pub fn commit_receipts(&mut self) {
+        if std::mem::take(&mut self.receipts_in_flight) {
+            self.log.durable_receipts = self.log.receipts.clone();
+            let effects = self.state.handle_receipts_durable(&self.log, true);
+            self.perform(effects);
+        }
     }
 
     /// A group commit that fails (fdatasync returned an error).
     pub fn fail_commit(&mut self) {
         let effects = self.state.handle_failure();
+        self.perform(effects);
+    }
+
+    /// A group commit covering the receipt write in flight fails.
+    pub fn fail_receipts_commit(&mut self) {
+        self.receipts_in_flight = false;
+        let effects = self.state.handle_receipts_durable(&self.log, false);
         self.perform(effects);
     }
 
@@ -194,6 +273,8 @@ impl Harness {
     pub fn crash_actor(&mut self) {
         let published = self.state.published_seq();
         self.log.make_durable(Seq::MAX);
+        self.log.durable_receipts = self.log.receipts.clone();
+        self.receipts_in_flight = false;
         self.restart(Some(published));
     }
 
@@ -202,6 +283,8 @@ impl Harness {
     pub fn crash_broker(&mut self) {
         self.log.now = self.log.durable.clone();
         self.log.after.clear();
+        self.log.receipts = self.log.durable_receipts.clone();
+        self.receipts_in_flight = false;
         self.restart(None);
     }
 
@@ -226,6 +309,17 @@ impl Harness {
                     let mut audience = audience.to_vec();
                     audience.sort_unstable();
                     self.deliveries.push(Delivery { seq: entry.seq, body: entry.body, audience, except });
+                }
+                Effect::WriteReceipts(marks) => {
+                    assert!(!self.receipts_in_flight, "one receipt write at a time");
+                    self.receipts_in_flight = true;
+                    self.log.receipts.extend(marks.iter().copied());
+                    self.receipt_writes.push(marks);
+                }
+                Effect::Notify { event, audience } => {
+                    let mut audience = audience.to_vec();
+                    audience.sort_unstable();
+                    self.notices.push(Notice { event, audience });
                 }
                 Effect::Fatal => self.fatal = true,
             }
@@ -252,6 +346,17 @@ impl Harness {
         }
     }
 
+    /// A catch-up page: its seqs and bodies, `last_seq`, `complete`.
+    pub fn catch_up(&mut self, user: UserId, after: Seq, limit: u16) -> (Vec<(Seq, Body)>, Seq, bool) {
+        match self.read(user, Read::CatchUp { after, limit }) {
+            Ok(Reply::CatchUp(p)) => {
+                assert_eq!(p.conv, CONV);
+                (p.entries.into_iter().map(|e| (e.seq, e.body)).collect(), p.last_seq, p.complete)
+            }
+            other => panic!("catch-up: {other:?}"),
+        }
+    }
+
     pub fn delivered_seqs(&self) -> Vec<Seq> {
         self.deliveries.iter().map(|d| d.seq).collect()
     }
@@ -259,7 +364,9 @@ impl Harness {
 
 #[cfg(test)]
 mod tests {
+    use super::super::state::not_a_member;
     use super::*;
+    use switchboard_protocol::encode_frame;
 
     const OWNER: UserId = 1;
     const BOB: UserId = 2;
@@ -499,6 +606,240 @@ mod tests {
         h.send(BOB, 2, "y");
         h.commit();
         assert!(!h.state.handle_tick(h.now_ms + 999, 1_000), "activity resets the idle clock");
+    }
+
+    #[test]
+    fn catch_up_pages_stop_at_the_durable_seq_and_show_pending_rewrites_as_before() {
+        let mut h = group();
+        for i in 0..5 {
+            h.send(BOB, i, &format!("m{i}"));
+        }
+        h.commit();
+        // Pending: an edit of seq 2 and a new message; neither is served.
+        h.write(BOB, Command::Edit { client_id: [9; 16], target: 2, text: "changed".into() });
+        h.send(OWNER, 10, "pending");
+        let seqs = |page: &[(Seq, Body)]| page.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+        let (page, last, complete) = h.catch_up(OWNER, 0, 3);
+        assert_eq!((seqs(&page), last, complete), (vec![1, 2, 3], 6, false));
+        assert_eq!(page[1].1, text("m0"), "the pending edit is not shown");
+        let (page, last, complete) = h.catch_up(OWNER, 3, 100);
+        assert_eq!((seqs(&page), last, complete), (vec![4, 5, 6], 6, true), "the page reaches the durable seq");
+        let (page, _, complete) = h.catch_up(OWNER, 0, 0);
+        assert_eq!((seqs(&page), complete), (vec![1], false), "a limit of 0 is clamped to 1");
+        let (page, last, complete) = h.catch_up(OWNER, 6, 100);
+        assert_eq!((page.len(), last, complete), (0, 6, true), "nothing after the durable seq: complete");
+        let (page, _, complete) = h.catch_up(OWNER, 99, 100);
+        assert_eq!((page.len(), complete), (0, true), "a cursor ahead of the log is complete too");
+        h.commit();
+        let (page, last, complete) = h.catch_up(OWNER, 5, 100);
+        assert_eq!((seqs(&page), last, complete), (vec![6, 7, 8], 8, true));
+        assert_eq!(h.catch_up(OWNER, 0, 10).0[1].1, Body::Text { text: "changed".into(), edited: true });
+        assert_eq!(h.read(9, Read::CatchUp { after: 0, limit: 10 }).unwrap_err(), not_a_member());
+    }
+
+    #[test]
+    fn catch_up_pages_stop_near_the_byte_bound_and_always_hold_one_entry() {
+        use switchboard_protocol::limits::{CATCH_UP_PAGE_BYTES, CATCH_UP_PAGE_MAX, MAX_TEXT_BYTES};
+        let mut h = group();
+        let big = "x".repeat(MAX_TEXT_BYTES as usize);
+        let n = CATCH_UP_PAGE_BYTES / MAX_TEXT_BYTES + 10;
+        for i in 0..n {
+            h.write(
+                BOB,
+                Command::Send {
+                    client_id: [(i % 256) as u8, (i / 256) as u8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    text: big.clone(),
+                },
+            );
+        }
+        h.commit();
+        let Ok(Reply::CatchUp(page)) = h.read(OWNER, Read::CatchUp { after: 0, limit: CATCH_UP_PAGE_MAX as u16 })
+        else {
+            panic!()
+        };
+        let bytes: usize = page.entries.iter().map(|e| encode_frame(e).unwrap().len()).sum();
+        assert!(bytes <= CATCH_UP_PAGE_BYTES as usize, "{bytes}");
+        assert!(
+            bytes + 2 * MAX_TEXT_BYTES as usize > CATCH_UP_PAGE_BYTES as usize,
+            "stops only near the bound: {bytes}"
+        );
+        assert!(!page.complete);
+        let held = page.entries.last().unwrap().seq;
+        let (rest, _, complete) = h.catch_up(OWNER, held, CATCH_UP_PAGE_MAX as u16);
+        assert_eq!(rest.first().map(|(s, _)| *s), Some(held + 1), "the next page goes on gaplessly");
+        assert!(complete);
+    }
+
+    fn receipt_events(h: &Harness) -> Vec<(UserId, Seq, Option<Seq>, Vec<UserId>)> {
+        h.notices
+            .iter()
+            .map(|n| match &n.event {
+                Event::Receipt(r) => (r.user, r.delivered_up_to, r.read_up_to, n.audience.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// A group of three with five durable messages (seqs 2..=6).
+    fn chatty() -> Harness {
+        let mut h =
+            Harness::new(ConversationKind::Group, &[(OWNER, Role::Owner), (BOB, Role::Member), (CAROL, Role::Member)]);
+        for i in 0..5 {
+            h.send(OWNER, i, "m");
+        }
+        h.commit();
+        h
+    }
+
+    #[test]
+    fn receipts_never_go_back_and_are_clamped_to_the_durable_seq() {
+        let mut h = chatty();
+        h.mark(BOB, Mark::Delivered(5));
+        h.commit();
+        h.mark(BOB, Mark::Delivered(3));
+        h.mark(BOB, Mark::Read(2));
+        assert_eq!(h.receipt_writes.len(), 2, "the read raises read_up_to only: {:?}", h.receipt_writes);
+        h.commit();
+        assert_eq!(h.receipts(BOB)[1], (BOB, 5, Some(2)), "an older delivered seq is ignored");
+        let read = h.mark(BOB, Mark::Read(1));
+        assert_eq!(h.receipt_answer(read), Some(Ok((5, Some(2)))), "nothing changed: answered at once");
+        assert_eq!(h.receipt_writes.len(), 2, "and nothing written");
+        // Beyond the durable seq: clamped to it (seq 7 is not durable).
+        h.send(OWNER, 9, "pending");
+        let read = h.mark(BOB, Mark::Read(100));
+        h.commit_receipts();
+        assert_eq!(h.receipt_answer(read), Some(Ok((6, Some(6)))), "clamped to the durable seq, delivered implied");
+        h.commit();
+        let read = h.mark(BOB, Mark::Read(100));
+        h.commit();
+        assert_eq!(h.receipt_answer(read), Some(Ok((7, Some(7)))));
+        assert_eq!(h.receipts(CAROL)[1], (BOB, 7, Some(7)));
+        assert_eq!(h.receipts(CAROL)[2], (CAROL, 0, Some(0)), "every member is listed");
+    }
+
+    #[test]
+    fn marks_during_a_write_are_coalesced_into_one_write_and_one_push() {
+        let mut h = chatty();
+        let first = h.mark(BOB, Mark::Read(2));
+        assert_eq!(h.receipt_writes.len(), 1);
+        // While that write is in flight: many marks, from two members.
+        let mut reads = Vec::new();
+        for seq in 3..=6 {
+            reads.push(h.mark(BOB, Mark::Read(seq)));
+            h.mark(CAROL, Mark::Delivered(seq));
+        }
+        assert_eq!(h.receipt_writes.len(), 1, "one write at a time");
+        assert_eq!(h.receipts(OWNER)[1], (BOB, 0, Some(0)), "nothing shown before it is durable");
+        assert!(h.notices.is_empty() && h.receipt_answer(first).is_none());
+        h.commit_receipts();
+        assert_eq!(h.receipt_answer(first), Some(Ok((2, Some(2)))));
+        assert!(reads.iter().all(|r| h.receipt_answer(*r).is_none()), "later reads wait for the next write");
+        assert_eq!(h.receipt_writes.len(), 2, "the next write goes out once the first is durable");
+        assert_eq!(
+            h.receipt_writes[1],
+            vec![
+                (BOB, Marks { delivered_up_to: 6, read_up_to: 6 }),
+                (CAROL, Marks { delivered_up_to: 6, read_up_to: 0 }),
+            ],
+            "the latest value per member, once"
+        );
+        h.notices.clear();
+        h.commit_receipts();
+        for r in &reads {
+            assert_eq!(h.receipt_answer(*r), Some(Ok((6, Some(6)))), "answered with the durable watermarks");
+        }
+        let everyone = vec![OWNER, BOB, CAROL];
+        assert_eq!(
+            receipt_events(&h),
+            vec![(BOB, 6, Some(6), everyone.clone()), (CAROL, 6, Some(0), everyone),],
+            "one push per member, with the latest value"
+        );
+        assert_eq!(h.receipt_writes.len(), 2, "nothing left to write");
+        assert!(h.state.handle_tick(h.now_ms + 1_000_000, 1), "idle once everything is durable");
+    }
+
+    #[test]
+    fn a_pending_receipt_write_keeps_the_conversation_alive() {
+        let mut h = chatty();
+        h.now_ms = 10_000;
+        h.mark(BOB, Mark::Delivered(3));
+        assert!(!h.state.handle_tick(1_000_000, 1), "a receipt write is in flight");
+        h.commit_receipts();
+        assert!(h.state.handle_tick(1_000_000, 1));
+    }
+
+    #[test]
+    fn a_crash_before_the_receipt_commit_loses_no_acknowledged_read_and_shows_nothing_undurable() {
+        let mut h = chatty();
+        let kept = h.mark(BOB, Mark::Read(3));
+        h.commit_receipts();
+        assert_eq!(h.receipt_answer(kept), Some(Ok((3, Some(3)))));
+        let lost = h.mark(BOB, Mark::Read(5));
+        h.mark(CAROL, Mark::Delivered(6));
+        assert_eq!(h.receipts(OWNER)[1..], [(BOB, 3, Some(3)), (CAROL, 0, Some(0))], "only durable values");
+        h.crash_broker();
+        assert_eq!(h.receipt_answer(lost), None, "never acknowledged");
+        assert_eq!(h.receipts(OWNER)[1..], [(BOB, 3, Some(3)), (CAROL, 0, Some(0))], "the acknowledged read survives");
+        let retry = h.mark(BOB, Mark::Read(5));
+        h.commit_receipts();
+        assert_eq!(h.receipt_answer(retry), Some(Ok((5, Some(5)))));
+        // A failed commit: the waiting read is refused, nothing more is shown or pushed.
+        let refused = h.mark(BOB, Mark::Read(6));
+        h.notices.clear();
+        h.fail_receipts_commit();
+        assert!(h.fatal);
+        assert_eq!(h.receipt_answer(refused), Some(Err(ErrorCode::INTERNAL)));
+        assert!(h.notices.is_empty());
+    }
+
+    #[test]
+    fn private_read_receipts_are_shown_to_their_owner_only() {
+        let mut h = chatty();
+        h.log.private.insert(BOB);
+        let read = h.mark(BOB, Mark::Read(4));
+        h.commit_receipts();
+        assert_eq!(h.receipt_answer(read), Some(Ok((4, Some(4)))), "bob's own answer shows it");
+        assert_eq!(
+            receipt_events(&h),
+            vec![(BOB, 4, Some(4), vec![BOB]), (BOB, 4, None, vec![OWNER, CAROL]),],
+            "two pushes: bob's devices see his read mark, the others only delivery"
+        );
+        assert_eq!(h.receipts(OWNER)[1], (BOB, 4, None));
+        assert_eq!(h.receipts(BOB)[1], (BOB, 4, Some(4)));
+        let Ok(Reply::CatchUp(page)) = h.read(CAROL, Read::CatchUp { after: 0, limit: 100 }) else { panic!() };
+        assert!(page.complete);
+        assert_eq!(page.receipts.iter().find(|r| r.user == BOB).map(|r| r.read_up_to), Some(None));
+        h.log.private.clear();
+        assert_eq!(h.receipts(OWNER)[1], (BOB, 4, Some(4)), "shown again once bob stops hiding it");
+    }
+
+    #[test]
+    fn strangers_marks_change_nothing_and_a_removed_members_receipts_go() {
+        let mut h = chatty();
+        let read = h.mark(9, Mark::Read(3));
+        h.mark(9, Mark::Delivered(3));
+        assert_eq!(h.receipt_answer(read), Some(Err(ErrorCode::FORBIDDEN)));
+        assert!(h.receipt_writes.is_empty(), "nothing written for a stranger");
+        assert_eq!(h.read(9, Read::Receipts).unwrap_err(), not_a_member());
+        h.mark(CAROL, Mark::Read(4));
+        h.commit();
+        assert_eq!(h.receipts(OWNER).len(), 3);
+        h.write(OWNER, Command::Remove { user: CAROL });
+        h.commit();
+        assert_eq!(h.receipts(OWNER).iter().map(|r| r.0).collect::<Vec<_>>(), vec![OWNER, BOB]);
+        assert_eq!(h.state.receipt_entries(), 2, "the removed member's entry is dropped");
+        // Added back: the stored watermarks come back (they never go backwards).
+        h.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Member });
+        h.commit();
+        h.mark(CAROL, Mark::Delivered(2));
+        h.commit();
+        assert_eq!(h.receipts(OWNER)[2], (CAROL, 4, Some(4)));
+        // Catch-up carries the receipts on its completing page only.
+        let Ok(Reply::CatchUp(page)) = h.read(OWNER, Read::CatchUp { after: 0, limit: 2 }) else { panic!() };
+        assert!(!page.complete && page.receipts.is_empty());
+        let Ok(Reply::CatchUp(page)) = h.read(OWNER, Read::CatchUp { after: 2, limit: 100 }) else { panic!() };
+        assert!(page.complete);
+        assert_eq!(page.receipts.len(), 3);
     }
 
     #[test]

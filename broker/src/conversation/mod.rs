@@ -1,5 +1,5 @@
-//! Conversations: `state.rs` holds every rule and ordering as a pure state machine,
-//! `actor.rs` drives it (one actor per active conversation), `directory.rs` finds or
+//! Conversations: `state.rs` holds every rule and ordering as a pure state machine
+//! (with `receipts.rs`, its members' receipt watermarks), `actor.rs` drives it (one actor per active conversation), `directory.rs` finds or
 //! starts the actor of a conversation. `harness.rs` (tests only) drives the state with
 //! an in-memory log, a virtual clock and a crash switch.
 
@@ -7,8 +7,10 @@ mod actor;
 mod directory;
 #[cfg(test)]
 mod harness;
+mod receipts;
 mod state;
 
 pub use actor::ConvMsg;
 pub use directory::ConvDirectory;
-pub use state::{Caller, Command, ConversationState, Effect, Log, Read, replay_audiences};
+pub use receipts::Marks;
+pub use state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, replay_audiences};

@@ -16,17 +16,23 @@
 //! - each entry goes to the members before and after it (so the removed hear of their
 //!   removal and the added of their addition), including entries replayed by the
 //!   successor of an actor that died;
+//! - receipt watermarks (`receipts.rs`) are reported by members only, clamped to the
+//!   durable seq, shown and pushed once durable, and a private reader's `read_up_to` is
+//!   shown to that reader alone;
 //! - after a failed write or commit nothing is acknowledged again (`Effect::Fatal`).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_TEXT_BYTES};
+use switchboard_protocol::limits::{
+    CATCH_UP_PAGE_BYTES, CATCH_UP_PAGE_MAX, HISTORY_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_TEXT_BYTES,
+};
 use switchboard_protocol::{
-    Body, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Member, Page, Reply, Role, Seq,
-    UserId,
+    Body, CatchUpPage, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, Member,
+    Page, Receipt, Reply, Role, Seq, UserId, encode_frame,
 };
 
+use super::receipts::{Marks, ReceiptBook};
 use crate::error::internal;
 
 /// Who is asking.
@@ -105,6 +111,25 @@ pub enum Read {
     },
     /// The members with their names and roles.
     Members,
+    /// A catch-up page: the entries after `after`, ascending, as history shows them.
+    CatchUp {
+        /// The seq the device holds everything up to.
+        after: Seq,
+        /// At most this many entries (clamped to 1..=`CATCH_UP_PAGE_MAX`; the page also
+        /// stops at `CATCH_UP_PAGE_BYTES`).
+        limit: u16,
+    },
+    /// Every member's receipt watermarks.
+    Receipts,
+}
+
+/// A receipt report by a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// A device holds every entry up to this seq (`MarkDelivered`).
+    Delivered(Seq),
+    /// The member read up to this seq (`MarkRead`; implies delivered).
+    Read(Seq),
 }
 
 /// Membership changes an entry makes (`None` removes).
@@ -133,6 +158,10 @@ pub trait Log {
     fn user_name(&self, user: UserId) -> Result<Option<String>, Self::Error>;
     /// Seqs of the `Edit` entries whose target is `target`, ascending.
     fn edits_of(&self, conv: ConvId, target: Seq) -> Result<Vec<Seq>, Self::Error>;
+    /// A member's stored receipt watermarks, if it ever reported any.
+    fn receipt(&self, conv: ConvId, user: UserId) -> Result<Option<Marks>, Self::Error>;
+    /// Whether `user` keeps its read receipts private (`Settings`).
+    fn receipts_private(&self, user: UserId) -> Result<bool, Self::Error>;
 }
 
 /// What the driver must do, in the order given. `R` is the driver's way to answer one
@@ -152,6 +181,17 @@ pub enum Effect<R> {
         audience: Arc<[UserId]>,
         /// Session that gets the entry as its acknowledgement instead (0: none).
         except: u64,
+    },
+    /// Write these receipt watermarks now (before the next input), then call
+    /// `handle_receipts_durable` once a group commit covers them, with whether it did.
+    /// At most one such write is in flight.
+    WriteReceipts(Vec<(UserId, Marks)>),
+    /// Push a (durable) event to every online device of `audience`.
+    Notify {
+        /// The event.
+        event: Event,
+        /// Users to reach.
+        audience: Arc<[UserId]>,
     },
     /// Durability is lost: this process must acknowledge and serve nothing more.
     Fatal,
@@ -201,6 +241,8 @@ pub struct ConversationState<R> {
     published_seq: Seq,
     pending: VecDeque<Pending<R>>,
     overlay: HashMap<Seq, Overlay>,
+    /// Members' receipt watermarks.
+    receipts: ReceiptBook<R>,
     failed: bool,
     last_activity_ms: u64,
 }
@@ -245,6 +287,7 @@ impl<R> ConversationState<R> {
             published_seq: last_seq,
             pending: VecDeque::new(),
             overlay: HashMap::new(),
+            receipts: ReceiptBook::default(),
             failed: false,
             last_activity_ms: now_ms,
         };
@@ -264,6 +307,12 @@ impl<R> ConversationState<R> {
     /// Newest durable seq.
     pub fn durable_seq(&self) -> Seq {
         self.durable_seq
+    }
+
+    /// Number of members' watermarks held (bounded by the members plus one write).
+    #[cfg(test)]
+    pub fn receipt_entries(&self) -> usize {
+        self.receipts.len()
     }
 
     /// Whether `user` is a member as of the durable seq.
@@ -378,9 +427,88 @@ impl<R> ConversationState<R> {
             match read {
                 Read::History { page, limit } => self.history(log, page, limit),
                 Read::Members => self.member_list(log),
+                Read::CatchUp { after, limit } => self.catch_up(log, caller.user, after, limit),
+                Read::Receipts => self.receipt_list(log, caller.user).map(Reply::Receipts),
             }
         };
         Effect::Reply(reply, result)
+    }
+
+    /// A receipt report by `caller`, clamped to the durable seq; lower values than held
+    /// are ignored. `reply` (a `MarkRead`'s) is answered with the caller's watermarks
+    /// once they are durable; a non-member's report is refused (`reply`) or dropped.
+    /// Effects: at most a `Reply` and a `WriteReceipts`.
+    pub fn handle_mark(
+        &mut self,
+        log: &impl Log,
+        caller: Caller,
+        mark: Mark,
+        reply: Option<R>,
+        now_ms: u64,
+    ) -> Vec<Effect<R>> {
+        if self.failed {
+            return reply
+                .map(|r| Effect::Reply(r, Err(err(ErrorCode::INTERNAL, "storage failure"))))
+                .into_iter()
+                .collect();
+        }
+        if !self.is_member(caller.user) {
+            return reply.map(|r| Effect::Reply(r, Err(not_a_member()))).into_iter().collect();
+        }
+        self.last_activity_ms = now_ms;
+        if let Err(e) = self.load_receipt(log, caller.user) {
+            return reply.map(|r| Effect::Reply(r, Err(e))).into_iter().collect();
+        }
+        let marks = match mark {
+            Mark::Delivered(seq) => Marks { delivered_up_to: seq.min(self.durable_seq), read_up_to: 0 },
+            Mark::Read(seq) => {
+                let seq = seq.min(self.durable_seq);
+                Marks { delivered_up_to: seq, read_up_to: seq }
+            }
+        };
+        let mut effects = Vec::new();
+        if let Some(r) = self.receipts.mark(caller.user, marks, reply) {
+            effects.push(Effect::Reply(r, Ok(Reply::Receipt(self.own_receipt(caller.user)))));
+        }
+        effects.extend(self.receipts.next_write().map(Effect::WriteReceipts));
+        effects
+    }
+
+    /// The receipt write in flight became durable (`ok`) or failed. Effects: the changed
+    /// members' `Event::Receipt` pushes (to the members; a private reader's
+    /// `read_up_to` to its own devices only), the `MarkRead` answers that waited for it,
+    /// then the next write if changes arrived meanwhile.
+    pub fn handle_receipts_durable(&mut self, log: &impl Log, ok: bool) -> Vec<Effect<R>> {
+        if self.failed {
+            return Vec::new();
+        }
+        if !ok {
+            return self.handle_failure();
+        }
+        let (written, answers) = self.receipts.written();
+        let mut effects = Vec::new();
+        for (user, _) in written {
+            if !self.durable_members.contains_key(&user) {
+                // Removed meanwhile: its watermarks are no longer shown.
+                self.receipts.forget(user);
+                continue;
+            }
+            let own = self.own_receipt(user);
+            if self.private(log, user) {
+                let others: Arc<[UserId]> = self.audience_of_durable().into_iter().filter(|u| *u != user).collect();
+                effects.push(Effect::Notify { event: Event::Receipt(own.clone()), audience: Arc::from([user]) });
+                let hidden = Receipt { read_up_to: None, ..own };
+                effects.push(Effect::Notify { event: Event::Receipt(hidden), audience: others });
+            } else {
+                effects
+                    .push(Effect::Notify { event: Event::Receipt(own), audience: self.audience_of_durable().into() });
+            }
+        }
+        for (r, user) in answers {
+            effects.push(Effect::Reply(r, Ok(Reply::Receipt(self.own_receipt(user)))));
+        }
+        effects.extend(self.receipts.next_write().map(Effect::WriteReceipts));
+        effects
     }
 
     /// Everything appended up to `seq` is durable: acknowledge and deliver it, in order.
@@ -394,6 +522,10 @@ impl<R> ConversationState<R> {
             let Some(p) = self.pending.pop_front() else { break };
             if let Some(Appended { entry, audience, except, members, rewrites }) = p.entry {
                 apply_members(&mut self.durable_members, &members);
+                for (user, _) in members.iter().filter(|(u, role)| role.is_none() && !self.members.contains_key(u)) {
+                    // A removed member's watermarks stop being shown (and held).
+                    self.receipts.forget(*user);
+                }
                 for (seq, after) in rewrites {
                     self.settle_overlay(seq, after);
                 }
@@ -411,11 +543,10 @@ impl<R> ConversationState<R> {
     /// is acknowledged again; every waiting request is answered `INTERNAL`, then `Fatal`.
     pub fn handle_failure(&mut self) -> Vec<Effect<R>> {
         self.failed = true;
-        let mut effects: Vec<Effect<R>> = self
-            .pending
-            .drain(..)
-            .filter_map(|p| p.reply)
-            .map(|(reply, _)| Effect::Reply(reply, Err(err(ErrorCode::INTERNAL, "storage failure; retry"))))
+        let refused = self.pending.drain(..).filter_map(|p| p.reply).map(|(reply, _)| reply);
+        let mut effects: Vec<Effect<R>> = refused
+            .chain(self.receipts.fail())
+            .map(|reply| Effect::Reply(reply, Err(err(ErrorCode::INTERNAL, "storage failure; retry"))))
             .collect();
         effects.push(Effect::Fatal);
         effects
@@ -424,7 +555,7 @@ impl<R> ConversationState<R> {
     /// Whether the conversation has been idle for `idle_ms` with nothing pending, so
     /// its actor may retire (a successor reloads it from the log).
     pub fn handle_tick(&self, now_ms: u64, idle_ms: u64) -> bool {
-        self.pending.is_empty() && now_ms.saturating_sub(self.last_activity_ms) >= idle_ms
+        self.pending.is_empty() && self.receipts.idle() && now_ms.saturating_sub(self.last_activity_ms) >= idle_ms
     }
 
     fn history(&self, log: &impl Log, page: Page, limit: u16) -> Result<Reply, ErrorBody> {
@@ -442,6 +573,88 @@ impl<R> ConversationState<R> {
             }
         }
         Ok(Reply::History { entries, last_seq: last })
+    }
+
+    /// Entries after `after` up to the durable seq, at most `limit` (clamped) and about
+    /// `CATCH_UP_PAGE_BYTES` (a page holds at least one entry, and never grows past the
+    /// byte bound by adding one), with pending rewrites shown as their pre-image like
+    /// history. Read in chunks, so a page of large entries never holds many more than
+    /// it returns.
+    fn catch_up(&mut self, log: &impl Log, viewer: UserId, after: Seq, limit: u16) -> Result<Reply, ErrorBody> {
+        const CHUNK: usize = 64;
+        let last = self.durable_seq;
+        let limit = usize::from(limit).clamp(1, CATCH_UP_PAGE_MAX as usize);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = after.saturating_add(1);
+        'page: while entries.len() < limit && next <= last {
+            let chunk = log.entries(self.id, next, last, CHUNK.min(limit - entries.len()), false).map_err(internal)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for mut e in chunk {
+                if let Some(o) = self.overlay.get(&e.seq) {
+                    e.body = o.body.clone();
+                }
+                let size = encode_frame(&e).map_err(internal)?.len();
+                if !entries.is_empty() && bytes + size > CATCH_UP_PAGE_BYTES as usize {
+                    break 'page;
+                }
+                bytes += size;
+                next = e.seq + 1;
+                entries.push(e);
+            }
+        }
+        let complete = entries.last().map_or(after >= last, |e| e.seq >= last);
+        let receipts = if complete { self.receipt_list(log, viewer)? } else { Vec::new() };
+        Ok(Reply::CatchUp(CatchUpPage { conv: self.id, entries, last_seq: last, complete, receipts }))
+    }
+
+    /// Every member's durable receipts as `viewer` may see them, by user id: another
+    /// member's `read_up_to` is hidden if that member keeps it private.
+    fn receipt_list(&mut self, log: &impl Log, viewer: UserId) -> Result<Vec<Receipt>, ErrorBody> {
+        let mut users: Vec<UserId> = self.durable_members.keys().copied().collect();
+        users.sort_unstable();
+        let mut out = Vec::with_capacity(users.len());
+        for user in users {
+            self.load_receipt(log, user)?;
+            let mut receipt = self.own_receipt(user);
+            if user != viewer && self.private(log, user) {
+                receipt.read_up_to = None;
+            }
+            out.push(receipt);
+        }
+        Ok(out)
+    }
+
+    /// `user`'s durable watermarks with `read_up_to` shown (as its own devices see them).
+    fn own_receipt(&self, user: UserId) -> Receipt {
+        let m = self.receipts.durable(user);
+        Receipt { conv: self.id, user, delivered_up_to: m.delivered_up_to, read_up_to: Some(m.read_up_to) }
+    }
+
+    /// Reads a member's stored watermarks into the book if it holds none for it (first
+    /// use since the actor started, or since the member was added back).
+    fn load_receipt(&mut self, log: &impl Log, user: UserId) -> Result<(), ErrorBody> {
+        if !self.receipts.knows(user) {
+            let stored = log.receipt(self.id, user).map_err(internal)?.unwrap_or_default();
+            self.receipts.load(user, stored);
+        }
+        Ok(())
+    }
+
+    /// Whether `user` keeps read receipts private; a failed read counts as private, so
+    /// a storage error never shows what a member hid.
+    fn private(&self, log: &impl Log, user: UserId) -> bool {
+        log.receipts_private(user).unwrap_or_else(|e| {
+            tracing::warn!(user, error = %e, "reading settings failed; treating read receipts as private");
+            true
+        })
+    }
+
+    /// The members as of the durable seq, as a list.
+    fn audience_of_durable(&self) -> Vec<UserId> {
+        self.durable_members.keys().copied().collect()
     }
 
     fn member_list(&self, log: &impl Log) -> Result<Reply, ErrorBody> {

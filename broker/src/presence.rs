@@ -1,0 +1,590 @@
+//! Presence: each user's state aggregated over its connected devices, pushed to the
+//! online users who share a conversation with it (its *contacts*), coalesced per user.
+//!
+//! `PresenceState` holds every rule and no I/O: sessions attach, detach and say they are
+//! away (`handle_*`), and `handle_timeout` says which changes to push now. Every push
+//! goes through a timer, so at most one push per user per `coalesce_ms` leaves it
+//! however often a device flaps; the latest state wins, and a change that was held back
+//! is pushed when its window ends (a trailing push), unless the user is back where the
+//! last push left it. `Presence` drives it: one timer task performs the pushes, keeps a
+//! contact set per user with a presence entry (built once from the store's indexes,
+//! dropped when a membership entry of one of the user's conversations is delivered or
+//! the user goes offline), and stores each pushed change's last-seen time.
+//!
+//! What this module never does: read a conversation actor's state, write anything but
+//! last-seen times, or keep offline users (an entry outlives the user's last device by
+//! at most two coalescing windows).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use switchboard_protocol::limits::PRESENCE_MAX;
+use switchboard_protocol::{
+    Body, Entry, ErrorBody, ErrorCode, Event, PresenceInfo, PresenceState as Status, Reply, ServerFrame, UserId,
+    encode_frame,
+};
+use switchboard_storage::Store;
+use tokio::sync::Notify;
+
+use crate::fanout::Online;
+use crate::limits::{PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED};
+use crate::reply::internal;
+
+/// One presence change to push to the user's online contacts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Whose presence.
+    pub user: UserId,
+    /// The aggregate now.
+    pub state: Status,
+    /// `Offline`: when the last device left; otherwise the time of the push. ms since
+    /// the Unix epoch.
+    pub last_seen_ms: u64,
+}
+
+/// What a timeout produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Fired {
+    /// Changes to push, in user order of their timers.
+    pub changes: Vec<Change>,
+    /// Users whose entry was dropped (offline and quiet for a coalescing window): their
+    /// cached contacts can go too.
+    pub forgotten: Vec<UserId>,
+}
+
+/// Presence rules for every user with a connected device (or one that left less than
+/// two coalescing windows ago). Times are ms since the Unix epoch, given by the caller.
+#[derive(Debug)]
+pub struct PresenceState {
+    coalesce_ms: u64,
+    users: HashMap<UserId, UserPresence>,
+    /// `(due, user)`; each user has at most one (mirrored in `UserPresence::timer`).
+    timers: BTreeSet<(u64, UserId)>,
+}
+
+#[derive(Debug)]
+struct UserPresence {
+    /// `(session, away)` per connected device; at most `MAX_SESSIONS_PER_USER` (the user
+    /// directory refuses more).
+    devices: Vec<(u64, bool)>,
+    /// What the user's contacts were last told (`Offline` before the first push).
+    published: Status,
+    /// When the last push was made.
+    last_push_ms: Option<u64>,
+    /// When the last device left (meaningful while `devices` is empty).
+    offline_since_ms: u64,
+    /// This user's entry in `timers`.
+    timer: Option<u64>,
+}
+
+impl UserPresence {
+    fn aggregate(&self) -> Status {
+        if self.devices.is_empty() {
+            Status::Offline
+        } else if self.devices.iter().all(|&(_, away)| away) {
+            Status::Away
+        } else {
+            Status::Online
+        }
+    }
+}
+
+impl PresenceState {
+    /// No one online; at most one push per user per `coalesce_ms`.
+    pub fn new(coalesce_ms: u64) -> Self {
+        PresenceState { coalesce_ms, users: HashMap::new(), timers: BTreeSet::new() }
+    }
+
+    /// A device of `user` connected (as session `session`); it starts online.
+    pub fn handle_attach(&mut self, user: UserId, session: u64, now_ms: u64) {
+        let entry = self.users.entry(user).or_insert_with(|| UserPresence {
+            devices: Vec::new(),
+            published: Status::Offline,
+            last_push_ms: None,
+            offline_since_ms: now_ms,
+            timer: None,
+        });
+        if !entry.devices.iter().any(|&(s, _)| s == session) {
+            entry.devices.push((session, false));
+        }
+        self.settle(user, now_ms);
+    }
+
+    /// Session `session` of `user` ended (closed, timed out or cut off).
+    pub fn handle_detach(&mut self, user: UserId, session: u64, now_ms: u64) {
+        let Some(entry) = self.users.get_mut(&user) else { return };
+        let before = entry.devices.len();
+        entry.devices.retain(|&(s, _)| s != session);
+        if entry.devices.is_empty() && before > 0 {
+            entry.offline_since_ms = now_ms;
+        }
+        self.settle(user, now_ms);
+    }
+
+    /// Session `session` of `user` said it is away (`true`) or back (`false`). Unknown
+    /// sessions are ignored.
+    pub fn handle_away(&mut self, user: UserId, session: u64, away: bool, now_ms: u64) {
+        let Some(entry) = self.users.get_mut(&user) else { return };
+        let Some(device) = entry.devices.iter_mut().find(|(s, _)| *s == session) else { return };
+        device.1 = away;
+        self.settle(user, now_ms);
+    }
+
+    /// When `handle_timeout` next has work, if ever.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.timers.first().map(|&(at, _)| at)
+    }
+
+    /// Runs every timer due at `now_ms`: pushes held-back changes whose window ended and
+    /// drops entries of users who stayed offline for a window after their last push.
+    pub fn handle_timeout(&mut self, now_ms: u64) -> Fired {
+        let mut fired = Fired::default();
+        while let Some(&(at, user)) = self.timers.first() {
+            if at > now_ms {
+                break;
+            }
+            self.timers.remove(&(at, user));
+            let Some(entry) = self.users.get_mut(&user) else { continue };
+            entry.timer = None;
+            let actual = entry.aggregate();
+            if actual != entry.published {
+                entry.published = actual;
+                entry.last_push_ms = Some(now_ms);
+                let last_seen_ms = if actual == Status::Offline { entry.offline_since_ms } else { now_ms };
+                fired.changes.push(Change { user, state: actual, last_seen_ms });
+                if actual == Status::Offline {
+                    // Kept for one more window, so a reconnect right away is still held
+                    // to the coalescing bound.
+                    self.schedule(user, now_ms.saturating_add(self.coalesce_ms));
+                }
+            } else if actual == Status::Offline {
+                let quiet_since = entry.last_push_ms.unwrap_or(0);
+                if now_ms >= quiet_since.saturating_add(self.coalesce_ms) || now_ms < quiet_since {
+                    self.users.remove(&user);
+                    fired.forgotten.push(user);
+                } else {
+                    self.schedule(user, quiet_since + self.coalesce_ms);
+                }
+            }
+        }
+        fired
+    }
+
+    /// `user`'s aggregate now and its last-seen time (`now_ms` unless offline), or
+    /// `None` if no device of the user connected lately (offline; the store knows when
+    /// it was last seen).
+    pub fn current(&self, user: UserId, now_ms: u64) -> Option<(Status, u64)> {
+        let entry = self.users.get(&user)?;
+        let state = entry.aggregate();
+        Some((state, if state == Status::Offline { entry.offline_since_ms } else { now_ms }))
+    }
+
+    /// Whether `user` has an entry (connected, or left less than two windows ago).
+    pub fn is_known(&self, user: UserId) -> bool {
+        self.users.contains_key(&user)
+    }
+
+    /// Users with an entry.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether no user has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// After a device change: if the aggregate differs from what was pushed, schedules
+    /// the push at the end of the user's coalescing window (now, if it ended).
+    fn settle(&mut self, user: UserId, now_ms: u64) {
+        let Some(entry) = self.users.get(&user) else { return };
+        if entry.aggregate() == entry.published {
+            // A pending timer finds nothing to push (or forgets an offline user).
+            return;
+        }
+        let due = match entry.last_push_ms {
+            // The wall clock stepped back past the last push: do not wait for it.
+            Some(last) if now_ms >= last => now_ms.max(last.saturating_add(self.coalesce_ms)),
+            _ => now_ms,
+        };
+        self.schedule(user, due);
+    }
+
+    /// Sets `user`'s timer to `at`, unless it is already due earlier.
+    fn schedule(&mut self, user: UserId, at: u64) {
+        let Some(entry) = self.users.get_mut(&user) else { return };
+        if let Some(old) = entry.timer {
+            if old <= at {
+                return;
+            }
+            self.timers.remove(&(old, user));
+        }
+        entry.timer = Some(at);
+        self.timers.insert((at, user));
+    }
+}
+
+/// The users who share a conversation with one user, ascending, without the user.
+#[derive(Debug, Default)]
+pub struct Contacts {
+    users: Vec<UserId>,
+}
+
+impl Contacts {
+    /// Whether `user` is among them.
+    pub fn contains(&self, user: UserId) -> bool {
+        self.users.binary_search(&user).is_ok()
+    }
+
+    /// All of them, ascending.
+    pub fn users(&self) -> &[UserId] {
+        &self.users
+    }
+}
+
+/// The presence driver: feeds `PresenceState`, performs its pushes from one timer task,
+/// caches contact sets and answers `Presence` requests.
+pub struct Presence {
+    state: Mutex<PresenceState>,
+    contacts: Mutex<ContactCache>,
+    store: Arc<Store>,
+    online: Arc<Online>,
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct ContactCache {
+    sets: HashMap<UserId, Arc<Contacts>>,
+    /// Bumped by every membership change: a set built from reads that began before it
+    /// may be stale and is used once, not cached.
+    epoch: u64,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        // The timer task holds only a weak reference: wake it so it sees we are gone.
+        self.wake.notify_one();
+    }
+}
+
+impl Presence {
+    /// A driver pushing through `online`, with its timer task spawned on the current
+    /// tokio runtime (the task ends when the driver is dropped).
+    pub fn start(store: Arc<Store>, online: Arc<Online>, coalesce_ms: u64) -> Arc<Presence> {
+        let presence = Arc::new(Presence {
+            state: Mutex::new(PresenceState::new(coalesce_ms)),
+            contacts: Mutex::default(),
+            store,
+            online,
+            wake: Arc::new(Notify::new()),
+        });
+        spawn_timer(Arc::downgrade(&presence), presence.wake.clone());
+        presence
+    }
+
+    /// A session of `user` is connected.
+    pub fn attach(&self, user: UserId, session: u64) {
+        self.update(|state, now| state.handle_attach(user, session, now));
+    }
+
+    /// A session of `user` ended.
+    pub fn detach(&self, user: UserId, session: u64) {
+        self.update(|state, now| state.handle_detach(user, session, now));
+    }
+
+    /// A session of `user` is away or back (`SetPresence`).
+    pub fn set_away(&self, user: UserId, session: u64, away: bool) {
+        self.update(|state, now| state.handle_away(user, session, away, now));
+    }
+
+    /// A conversation entry was delivered to `audience` (its members before and after
+    /// it): a membership change makes their cached contact sets stale.
+    pub fn entry_delivered(&self, entry: &Entry, audience: &[UserId]) {
+        if matches!(
+            entry.body,
+            Body::Created { .. } | Body::MembersAdded { .. } | Body::MemberRemoved { .. } | Body::MemberLeft
+        ) {
+            let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            cache.epoch += 1;
+            for user in audience {
+                cache.sets.remove(user);
+            }
+        }
+    }
+
+    /// Answers `Presence { users }` for `caller`: the users asked about (all contacts,
+    /// the first `PRESENCE_MAX` by id, if none are named) who share a conversation with
+    /// the caller, by id; the caller and everyone else are left out. `INVALID` for more
+    /// than `PRESENCE_MAX` names.
+    pub async fn query(&self, caller: UserId, users: Vec<UserId>) -> Result<Reply, ErrorBody> {
+        if users.len() > PRESENCE_MAX as usize {
+            return Err(ErrorBody::new(ErrorCode::INVALID, format!("at most {PRESENCE_MAX} users per request")));
+        }
+        let contacts = self.contacts_of(caller).map_err(internal)?;
+        // Contacts come from the membership indexes: show none that a crash could take back.
+        if let Some(barrier) = self.store.index_barrier().map_err(internal)? {
+            barrier.await.map_err(internal)?;
+        }
+        let wanted: Vec<UserId> = if users.is_empty() {
+            contacts.users().iter().copied().take(PRESENCE_MAX as usize).collect()
+        } else {
+            let mut asked: Vec<UserId> = users.into_iter().filter(|&u| contacts.contains(u)).collect();
+            asked.sort_unstable();
+            asked.dedup();
+            asked
+        };
+        let now = crate::now_ms();
+        let mut out = Vec::with_capacity(wanted.len());
+        for user in wanted {
+            let Some(record) = self.store.user(user).map_err(internal)? else { continue };
+            let current = self.state.lock().unwrap_or_else(|p| p.into_inner()).current(user, now);
+            let (state, last_seen_ms) = match current {
+                Some(c) => c,
+                None => (Status::Offline, self.store.last_seen(user).map_err(internal)?.unwrap_or(0)),
+            };
+            out.push(PresenceInfo { user, name: record.name, state, last_seen_ms });
+        }
+        Ok(Reply::Presence(out))
+    }
+
+    /// Applies one input and wakes the timer task if it made an earlier deadline.
+    fn update(&self, apply: impl FnOnce(&mut PresenceState, u64)) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = state.poll_timeout();
+        apply(&mut state, crate::now_ms());
+        let after = state.poll_timeout();
+        drop(state);
+        if after.is_some() && (before.is_none() || after < before) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Runs due timers and performs their pushes.
+    fn fire(&self) -> Option<u64> {
+        let fired = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_timeout(crate::now_ms());
+        for change in fired.changes {
+            self.push(change);
+        }
+        if !fired.forgotten.is_empty() {
+            let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            for user in fired.forgotten {
+                cache.sets.remove(&user);
+            }
+        }
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout()
+    }
+
+    /// Stores the change's last-seen time and pushes it to the user's online contacts.
+    fn push(&self, change: Change) {
+        let Change { user, state, last_seen_ms } = change;
+        if let Err(e) = self.store.set_last_seen(user, last_seen_ms) {
+            tracing::warn!(user, error = %e, "storing last seen failed");
+        }
+        let contacts = match self.contacts_of(user) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(user, error = %e, "reading contacts failed; presence not pushed");
+                return;
+            }
+        };
+        let name = match self.store.user(user) {
+            Ok(Some(record)) => record.name,
+            _ => return,
+        };
+        let event = ServerFrame::Event(Event::Presence(PresenceInfo { user, name, state, last_seen_ms }));
+        match encode_frame(&event) {
+            Ok(frame) => {
+                self.online.deliver(contacts.users(), &frame, 0);
+            }
+            Err(e) => tracing::error!(error = %e, "a presence event did not encode"),
+        }
+    }
+
+    /// `user`'s contacts: cached, or read from the user's conversation index and each
+    /// conversation's members (at most `PRESENCE_CONVERSATIONS_SCANNED` conversations and
+    /// `PRESENCE_CONTACTS_MAX` contacts, the first found kept). Cached only while the user
+    /// has a presence entry and no membership change raced the reads.
+    fn contacts_of(&self, user: UserId) -> switchboard_storage::Result<Arc<Contacts>> {
+        let epoch = {
+            let cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(set) = cache.sets.get(&user) {
+                return Ok(set.clone());
+            }
+            cache.epoch
+        };
+        let mut found = BTreeSet::new();
+        'convs: for conv in self.store.user_conversations(user, None, PRESENCE_CONVERSATIONS_SCANNED)? {
+            for (member, _) in self.store.members(conv)? {
+                if member != user {
+                    found.insert(member);
+                    if found.len() >= PRESENCE_CONTACTS_MAX {
+                        break 'convs;
+                    }
+                }
+            }
+        }
+        let set = Arc::new(Contacts { users: found.into_iter().collect() });
+        let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
+        let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        if known && cache.epoch == epoch {
+            cache.sets.insert(user, set.clone());
+        }
+        Ok(set)
+    }
+}
+
+/// A driver whose timers one task runs: `fire` performs what is due and says when to
+/// come back.
+pub(crate) trait Timed: Send + Sync + 'static {
+    /// Performs what is due now; returns the next deadline (ms since the epoch).
+    fn fire_due(&self) -> Option<u64>;
+}
+
+impl Timed for Presence {
+    fn fire_due(&self) -> Option<u64> {
+        self.fire()
+    }
+}
+
+/// Spawns the task that runs `driver`'s timers: it sleeps until the next deadline or a
+/// wake-up (an input made an earlier deadline), and ends once the driver is dropped.
+pub(crate) fn spawn_timer<T: Timed>(driver: Weak<T>, wake: Arc<Notify>) {
+    tokio::spawn(async move {
+        let mut next: Option<u64> = None;
+        loop {
+            let wait = next.map(|at| Duration::from_millis(at.saturating_sub(crate::now_ms())));
+            // A notify sent while we were firing is kept by `Notify` and ends this wait.
+            match wait {
+                Some(d) => {
+                    let _ = tokio::time::timeout(d, wake.notified()).await;
+                }
+                None => wake.notified().await,
+            }
+            let Some(driver) = driver.upgrade() else { return };
+            next = driver.fire_due();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: u64 = 250;
+
+    fn change(user: UserId, state: Status, last_seen_ms: u64) -> Change {
+        Change { user, state, last_seen_ms }
+    }
+
+    /// Runs every timer up to `until`, in order, collecting the changes with their times.
+    fn run_until(p: &mut PresenceState, until: u64) -> Vec<(u64, Change)> {
+        let mut out = Vec::new();
+        while let Some(at) = p.poll_timeout().filter(|&at| at <= until) {
+            out.extend(p.handle_timeout(at).changes.into_iter().map(|c| (at, c)));
+        }
+        out
+    }
+
+    #[test]
+    fn aggregate_over_devices_away_only_when_all_are() {
+        let mut p = PresenceState::new(0);
+        p.handle_attach(1, 10, 1000);
+        assert_eq!(p.handle_timeout(1000).changes, vec![change(1, Status::Online, 1000)], "a new connection is online");
+        p.handle_attach(1, 11, 1001);
+        p.handle_away(1, 10, true, 1002);
+        assert_eq!(p.poll_timeout(), None, "one device away, one not: still online");
+        assert_eq!(p.current(1, 1002), Some((Status::Online, 1002)));
+        p.handle_away(1, 11, true, 1003);
+        assert_eq!(p.handle_timeout(1003).changes, vec![change(1, Status::Away, 1003)]);
+        p.handle_detach(1, 11, 1004);
+        assert_eq!(p.poll_timeout(), None, "the remaining device is away too");
+        p.handle_attach(1, 12, 1005);
+        assert_eq!(p.handle_timeout(1005).changes, vec![change(1, Status::Online, 1005)], "a new device is online");
+        p.handle_detach(1, 12, 1006);
+        assert_eq!(p.handle_timeout(1006).changes, vec![change(1, Status::Away, 1006)]);
+        p.handle_detach(1, 10, 1007);
+        assert_eq!(p.current(1, 1008), Some((Status::Offline, 1007)));
+        let fired = p.handle_timeout(1008);
+        assert_eq!(fired.changes, vec![change(1, Status::Offline, 1007)], "last seen: the last leave");
+        assert_eq!(fired.forgotten, vec![1], "with no window an offline user is forgotten at once");
+        // Unknown sessions and users change nothing.
+        p.handle_away(1, 99, true, 1008);
+        p.handle_detach(2, 5, 1008);
+        assert!(p.handle_timeout(1008).changes.is_empty());
+    }
+
+    #[test]
+    fn flapping_is_coalesced_and_the_latest_state_wins() {
+        let mut p = PresenceState::new(W);
+        p.handle_attach(1, 10, 0);
+        let mut pushes = run_until(&mut p, 0);
+        // A device flapping every 10 ms (100 times a second) for 10 s.
+        let mut away = false;
+        for t in (10..10_000).step_by(10) {
+            away = !away;
+            p.handle_away(1, 10, away, t);
+            pushes.extend(run_until(&mut p, t));
+        }
+        // Ends away (the last flip at 9990 set away = true).
+        assert!(away);
+        pushes.extend(run_until(&mut p, 20_000));
+        assert!(pushes.len() <= 10_000 / W as usize + 2, "{} pushes", pushes.len());
+        for pair in pushes.windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= W, "pushes {pair:?} closer than the window");
+        }
+        let last = pushes.last().unwrap().1;
+        assert_eq!(last.state, Status::Away, "the trailing push carries the latest state");
+        assert_eq!(p.current(1, 20_000).unwrap().0, Status::Away);
+    }
+
+    #[test]
+    fn a_held_back_change_is_pushed_when_the_window_ends() {
+        let mut p = PresenceState::new(W);
+        p.handle_attach(1, 10, 100);
+        assert_eq!(run_until(&mut p, 100), vec![(100, change(1, Status::Online, 100))]);
+        p.handle_away(1, 10, true, 150);
+        assert!(run_until(&mut p, 349).is_empty(), "inside the window");
+        assert_eq!(run_until(&mut p, 350), vec![(350, change(1, Status::Away, 350))], "trailing push");
+        // A change undone inside the window pushes nothing.
+        p.handle_away(1, 10, false, 400);
+        p.handle_away(1, 10, true, 420);
+        assert!(run_until(&mut p, 10_000).is_empty());
+    }
+
+    #[test]
+    fn offline_users_are_forgotten_after_a_window_and_reconnects_are_still_coalesced() {
+        let mut p = PresenceState::new(W);
+        p.handle_attach(1, 10, 0);
+        run_until(&mut p, 0);
+        p.handle_detach(1, 10, 300);
+        assert_eq!(p.handle_timeout(300).changes, vec![change(1, Status::Offline, 300)]);
+        // Back at once: held to the window after the offline push.
+        p.handle_attach(1, 11, 310);
+        assert!(p.handle_timeout(320).changes.is_empty());
+        assert_eq!(p.handle_timeout(550).changes, vec![change(1, Status::Online, 550)]);
+        p.handle_detach(1, 11, 600);
+        let offline = p.handle_timeout(800);
+        assert_eq!(offline.changes, vec![change(1, Status::Offline, 600)], "last seen is the leave, not the push");
+        assert!(p.is_known(1));
+        let forgotten = p.handle_timeout(1050);
+        assert_eq!(forgotten.forgotten, vec![1]);
+        assert!(p.is_empty(), "no entry is kept for an offline user");
+        assert_eq!(p.poll_timeout(), None);
+        // Connect and leave before the first push: nothing to tell anyone.
+        p.handle_attach(2, 20, 2000);
+        p.handle_detach(2, 20, 2000);
+        let fired = p.handle_timeout(2000);
+        assert!(fired.changes.is_empty());
+        assert_eq!(fired.forgotten, vec![2]);
+    }
+
+    #[test]
+    fn a_clock_stepping_back_does_not_hold_pushes() {
+        let mut p = PresenceState::new(W);
+        p.handle_attach(1, 10, 10_000);
+        run_until(&mut p, 10_000);
+        p.handle_away(1, 10, true, 5_000);
+        assert_eq!(p.handle_timeout(5_000).changes, vec![change(1, Status::Away, 5_000)]);
+    }
+}

@@ -1,0 +1,440 @@
+//! Typing indicators: per (conversation, user), in memory only, never stored, never
+//! passing through a conversation actor.
+//!
+//! `TypingState` holds the rules with no I/O: a start makes an indicator (pushed), a
+//! repeat only extends it (not pushed), a stop ends it (pushed), so only changes fan
+//! out; an indicator not repeated for `ttl_ms` ends with a pushed "stopped"; the user's
+//! next message in the conversation clears it without a push (receivers clear it on the
+//! message itself, and no "stopped" can follow later); leaving or being removed from the
+//! conversation, or the session that set it ending, stops it with a push. State is
+//! bounded per user (`TYPING_PER_USER_MAX`) and in total (`TYPING_ENTRIES_MAX`): a start
+//! beyond either is dropped.
+//!
+//! `Typing` drives it: the session checks its token bucket, membership is read from the
+//! store's member keys, and a change goes to the other members' online devices as a QUIC
+//! datagram where the device enabled them, else on its control stream. The sender's own
+//! devices are not told (they know).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use switchboard_protocol::limits::MAX_DATAGRAM_BYTES;
+use switchboard_protocol::{
+    Body, ClientFrame, ConvId, Entry, Event, FrameDecoder, ServerFrame, Signal, UserId, decode, encode_frame,
+};
+use switchboard_storage::Store;
+use tokio::sync::Notify;
+
+use crate::fanout::Online;
+use crate::limits::{TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX};
+use crate::presence::{Timed, spawn_timer};
+
+/// A typing change to push to the conversation's other members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TypingChange {
+    /// Conversation.
+    pub conv: ConvId,
+    /// Who.
+    pub user: UserId,
+    /// Started (`true`) or stopped.
+    pub typing: bool,
+}
+
+/// Every live typing indicator. Times are ms (any monotonic-enough clock the caller
+/// chooses; the driver uses the wall clock).
+#[derive(Debug)]
+pub struct TypingState {
+    ttl_ms: u64,
+    per_user_max: usize,
+    total_max: usize,
+    entries: HashMap<(ConvId, UserId), Typer>,
+    /// Conversations each user is typing in (at most `per_user_max`).
+    by_user: HashMap<UserId, Vec<ConvId>>,
+    /// `(expiry, conv, user)`, one per entry.
+    timers: BTreeSet<(u64, ConvId, UserId)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Typer {
+    until_ms: u64,
+    /// The session that last started or repeated it.
+    session: u64,
+}
+
+impl TypingState {
+    /// No one typing; indicators last `ttl_ms` without a repeat.
+    pub fn new(ttl_ms: u64) -> Self {
+        Self::with_bounds(ttl_ms, TYPING_PER_USER_MAX, TYPING_ENTRIES_MAX)
+    }
+
+    /// Like `new` with explicit bounds (tests).
+    pub fn with_bounds(ttl_ms: u64, per_user_max: usize, total_max: usize) -> Self {
+        TypingState {
+            ttl_ms,
+            per_user_max,
+            total_max,
+            entries: HashMap::new(),
+            by_user: HashMap::new(),
+            timers: BTreeSet::new(),
+        }
+    }
+
+    /// A member's signal (the caller checked membership). Returns the change to push:
+    /// a start when not typing, a stop when typing; a repeat only extends the time.
+    pub fn handle_signal(
+        &mut self,
+        conv: ConvId,
+        user: UserId,
+        session: u64,
+        typing: bool,
+        now_ms: u64,
+    ) -> Option<TypingChange> {
+        let until_ms = now_ms.saturating_add(self.ttl_ms);
+        if !typing {
+            return self.remove(conv, user).then_some(TypingChange { conv, user, typing: false });
+        }
+        if let Some(typer) = self.entries.get_mut(&(conv, user)) {
+            self.timers.remove(&(typer.until_ms, conv, user));
+            *typer = Typer { until_ms, session };
+            self.timers.insert((until_ms, conv, user));
+            return None;
+        }
+        let convs = self.by_user.get(&user).map_or(0, |c| c.len());
+        if convs >= self.per_user_max || self.entries.len() >= self.total_max {
+            return None;
+        }
+        self.entries.insert((conv, user), Typer { until_ms, session });
+        self.by_user.entry(user).or_default().push(conv);
+        self.timers.insert((until_ms, conv, user));
+        Some(TypingChange { conv, user, typing: true })
+    }
+
+    /// `user`'s message in `conv` was delivered: the indicator ends with no push.
+    /// Returns whether there was one.
+    pub fn handle_message(&mut self, conv: ConvId, user: UserId) -> bool {
+        self.remove(conv, user)
+    }
+
+    /// `user` left or was removed from `conv`: the indicator ends, pushed.
+    pub fn handle_gone(&mut self, conv: ConvId, user: UserId) -> Option<TypingChange> {
+        self.remove(conv, user).then_some(TypingChange { conv, user, typing: false })
+    }
+
+    /// Session `session` of `user` ended: the indicators it set last end, pushed.
+    pub fn handle_session_end(&mut self, user: UserId, session: u64) -> Vec<TypingChange> {
+        let convs: Vec<ConvId> = self
+            .by_user
+            .get(&user)
+            .map(|convs| {
+                convs
+                    .iter()
+                    .copied()
+                    .filter(|&conv| self.entries.get(&(conv, user)).is_some_and(|t| t.session == session))
+                    .collect()
+            })
+            .unwrap_or_default();
+        convs
+            .into_iter()
+            .filter(|&conv| self.remove(conv, user))
+            .map(|conv| TypingChange { conv, user, typing: false })
+            .collect()
+    }
+
+    /// Ends every indicator not repeated in time; each is pushed as stopped.
+    pub fn handle_timeout(&mut self, now_ms: u64) -> Vec<TypingChange> {
+        let mut out = Vec::new();
+        while let Some(&(at, conv, user)) = self.timers.first() {
+            if at > now_ms {
+                break;
+            }
+            self.timers.pop_first();
+            if self.entries.get(&(conv, user)).is_some_and(|t| t.until_ms == at) && self.remove(conv, user) {
+                out.push(TypingChange { conv, user, typing: false });
+            }
+        }
+        out
+    }
+
+    /// When the next indicator expires, if any.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.timers.first().map(|&(at, _, _)| at)
+    }
+
+    /// Whether `user` is shown typing in `conv`.
+    pub fn is_typing(&self, conv: ConvId, user: UserId) -> bool {
+        self.entries.contains_key(&(conv, user))
+    }
+
+    /// Live indicators.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no one is typing.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn remove(&mut self, conv: ConvId, user: UserId) -> bool {
+        let Some(typer) = self.entries.remove(&(conv, user)) else { return false };
+        self.timers.remove(&(typer.until_ms, conv, user));
+        if let Some(convs) = self.by_user.get_mut(&user) {
+            convs.retain(|&c| c != conv);
+            if convs.is_empty() {
+                self.by_user.remove(&user);
+            }
+        }
+        true
+    }
+}
+
+/// The typing driver: checks membership, feeds `TypingState`, pushes its changes and
+/// runs its expiry timer task.
+pub struct Typing {
+    state: Mutex<TypingState>,
+    store: Arc<Store>,
+    online: Arc<Online>,
+    wake: Arc<Notify>,
+}
+
+impl Drop for Typing {
+    fn drop(&mut self) {
+        self.wake.notify_one();
+    }
+}
+
+impl Typing {
+    /// A driver with indicators lasting `ttl_ms`, its timer task spawned on the current
+    /// tokio runtime (it ends when the driver is dropped).
+    pub fn start(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64) -> Arc<Typing> {
+        let typing = Arc::new(Typing {
+            state: Mutex::new(TypingState::new(ttl_ms)),
+            store,
+            online,
+            wake: Arc::new(Notify::new()),
+        });
+        spawn_timer(Arc::downgrade(&typing), typing.wake.clone());
+        typing
+    }
+
+    /// A signal from session `session` of `user` (already within its rate). A signal
+    /// for a conversation the user is not a member of is dropped: signals have no answer.
+    pub fn signal(&self, user: UserId, session: u64, signal: Signal) {
+        let Signal::Typing { conv, typing } = signal;
+        match self.store.member(conv, user) {
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(conv, error = %e, "membership read failed; typing signal dropped");
+                return;
+            }
+        }
+        let change = self.update(|state, now| state.handle_signal(conv, user, session, typing, now));
+        if let Some(change) = change {
+            self.push(change);
+        }
+    }
+
+    /// A session ended: stop what it was typing.
+    pub fn session_ended(&self, user: UserId, session: u64) {
+        let changes = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_session_end(user, session);
+        for change in changes {
+            self.push(change);
+        }
+    }
+
+    /// A conversation entry was delivered: the sender's text ends its indicator (no
+    /// push), a leave or removal ends the leaver's (pushed).
+    pub fn entry_delivered(&self, entry: &Entry) {
+        let change = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            match entry.body {
+                Body::Text { .. } => {
+                    state.handle_message(entry.conv, entry.sender);
+                    None
+                }
+                Body::MemberLeft => state.handle_gone(entry.conv, entry.sender),
+                Body::MemberRemoved { user } => state.handle_gone(entry.conv, user),
+                _ => None,
+            }
+        };
+        if let Some(change) = change {
+            self.push(change);
+        }
+    }
+
+    /// Pushes a change to the other members' online devices.
+    fn push(&self, TypingChange { conv, user, typing }: TypingChange) {
+        let members = match self.store.members(conv) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(conv, error = %e, "membership read failed; typing not pushed");
+                return;
+            }
+        };
+        let others: Vec<UserId> = members.into_iter().map(|(u, _)| u).filter(|&u| u != user).collect();
+        match encode_frame(&ServerFrame::Event(Event::Typing { conv, user, typing })) {
+            Ok(frame) => {
+                self.online.deliver_ephemeral(&others, &frame);
+            }
+            Err(e) => tracing::error!(error = %e, "a typing event did not encode"),
+        }
+    }
+
+    fn update<R>(&self, apply: impl FnOnce(&mut TypingState, u64) -> R) -> R {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let before = state.poll_timeout();
+        let out = apply(&mut state, crate::now_ms());
+        let after = state.poll_timeout();
+        drop(state);
+        if after.is_some() && (before.is_none() || after < before) {
+            self.wake.notify_one();
+        }
+        out
+    }
+}
+
+/// The signal a QUIC datagram carries: exactly one whole `ClientFrame::Signal` frame,
+/// length prefix included, at most `MAX_DATAGRAM_BYTES`. `None` for anything else
+/// (larger, several frames, a partial one, a request, bytes that do not decode): the
+/// caller drops it and keeps the connection, since a datagram is unordered and may be
+/// lost, so it can carry nothing a request needs, and ignoring one costs less than
+/// closing for it.
+pub fn signal_from_datagram(datagram: &[u8]) -> Option<Signal> {
+    if datagram.len() > MAX_DATAGRAM_BYTES as usize {
+        return None;
+    }
+    let mut decoder = FrameDecoder::new(MAX_DATAGRAM_BYTES);
+    decoder.push(datagram);
+    let body = decoder.next_frame().ok()??;
+    if decoder.buffered() != 0 {
+        return None;
+    }
+    match decode::<ClientFrame>(&body) {
+        Ok(ClientFrame::Signal(signal)) => Some(signal),
+        _ => None,
+    }
+}
+
+impl Timed for Typing {
+    fn fire_due(&self) -> Option<u64> {
+        let changes = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_timeout(crate::now_ms());
+        for change in changes {
+            self.push(change);
+        }
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: u64 = 6_000;
+
+    fn started(conv: ConvId, user: UserId) -> Option<TypingChange> {
+        Some(TypingChange { conv, user, typing: true })
+    }
+
+    fn stopped(conv: ConvId, user: UserId) -> Option<TypingChange> {
+        Some(TypingChange { conv, user, typing: false })
+    }
+
+    #[test]
+    fn only_changes_are_pushed() {
+        let mut t = TypingState::new(TTL);
+        assert_eq!(t.handle_signal(42, 1, 10, true, 0), started(42, 1));
+        assert_eq!(t.handle_signal(42, 1, 10, true, 100), None, "a repeat is not pushed");
+        assert_eq!(t.handle_signal(42, 1, 11, true, 200), None, "nor from another device");
+        assert_eq!(t.handle_signal(42, 2, 20, true, 200), started(42, 2), "per user");
+        assert_eq!(t.handle_signal(43, 1, 10, true, 200), started(43, 1), "per conversation");
+        assert_eq!(t.handle_signal(42, 1, 10, false, 300), stopped(42, 1));
+        assert_eq!(t.handle_signal(42, 1, 10, false, 400), None, "stopping when stopped is not pushed");
+        assert!(!t.is_typing(42, 1));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn expires_without_refresh_and_a_refresh_extends() {
+        let mut t = TypingState::new(TTL);
+        t.handle_signal(42, 1, 10, true, 0);
+        assert_eq!(t.poll_timeout(), Some(TTL));
+        // Refreshed every 3 s for a minute: never expires, never pushed.
+        for at in (3_000..60_000).step_by(3_000) {
+            assert!(t.handle_timeout(at).is_empty(), "expired at {at} despite refreshes");
+            assert_eq!(t.handle_signal(42, 1, 10, true, at), None);
+        }
+        let last = 57_000;
+        assert!(t.handle_timeout(last + TTL - 1).is_empty());
+        assert_eq!(t.handle_timeout(last + TTL), vec![TypingChange { conv: 42, user: 1, typing: false }]);
+        assert!(t.is_empty());
+        assert_eq!(t.poll_timeout(), None);
+        // Once expired, a start is a change again.
+        assert_eq!(t.handle_signal(42, 1, 10, true, last + TTL + 1), started(42, 1));
+    }
+
+    #[test]
+    fn a_message_clears_without_push_and_nothing_follows() {
+        let mut t = TypingState::new(TTL);
+        t.handle_signal(42, 1, 10, true, 0);
+        t.handle_signal(42, 2, 20, true, 0);
+        assert!(t.handle_message(42, 1));
+        assert!(!t.handle_message(42, 1), "already cleared");
+        // No late "stopped" for the user who sent; the other still expires.
+        assert_eq!(t.handle_timeout(TTL), vec![TypingChange { conv: 42, user: 2, typing: false }]);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn leaving_and_session_end_stop_with_a_push() {
+        let mut t = TypingState::new(TTL);
+        t.handle_signal(42, 1, 10, true, 0);
+        t.handle_signal(43, 1, 10, true, 0);
+        t.handle_signal(44, 1, 11, true, 0);
+        assert_eq!(t.handle_gone(42, 1), stopped(42, 1));
+        assert_eq!(t.handle_gone(42, 1), None);
+        // Session 10 ends: only what it set ends.
+        assert_eq!(t.handle_session_end(1, 10), vec![TypingChange { conv: 43, user: 1, typing: false }]);
+        assert!(t.is_typing(44, 1));
+        assert!(t.handle_session_end(1, 10).is_empty());
+    }
+
+    #[test]
+    fn a_datagram_is_one_whole_signal_frame_or_nothing() {
+        let typing = Signal::Typing { conv: 42, typing: true };
+        let frame = encode_frame(&ClientFrame::Signal(typing.clone())).unwrap();
+        // The documented vector `signal_typing`.
+        assert_eq!(&frame[..], &[0x04, 0x01, 0x00, 0x2a, 0x01]);
+        let check = |bytes: &[u8], want: Option<Signal>| assert_eq!(signal_from_datagram(bytes), want, "{bytes:02x?}");
+        check(&frame, Some(typing));
+        check(&frame[..4], None);
+        check(&frame[1..], None);
+        check(&[&frame[..], &frame[..]].concat(), None);
+        check(&[], None);
+        check(&[0x02, 0xff, 0xff], None);
+        let ping = ClientFrame::Request(switchboard_protocol::Request {
+            id: 1,
+            body: switchboard_protocol::RequestBody::Ping,
+        });
+        check(&encode_frame(&ping).unwrap(), None);
+        // Over the size limit, even if well formed.
+        let mut big = vec![0u8; MAX_DATAGRAM_BYTES as usize + 1];
+        big[..frame.len()].copy_from_slice(&frame);
+        check(&big, None);
+    }
+
+    #[test]
+    fn bounded_per_user_and_in_total() {
+        let mut t = TypingState::with_bounds(TTL, 2, 3);
+        assert!(t.handle_signal(1, 1, 10, true, 0).is_some());
+        assert!(t.handle_signal(2, 1, 10, true, 0).is_some());
+        assert_eq!(t.handle_signal(3, 1, 10, true, 0), None, "per-user bound");
+        assert_eq!(t.handle_signal(1, 1, 10, true, 0), None, "a repeat still extends");
+        assert!(t.handle_signal(1, 2, 20, true, 0).is_some());
+        assert_eq!(t.handle_signal(2, 3, 30, true, 0), None, "total bound");
+        assert_eq!(t.len(), 3);
+        // Room again once one ends.
+        t.handle_signal(1, 1, 10, false, 1);
+        assert!(t.handle_signal(2, 3, 30, true, 1).is_some());
+    }
+}

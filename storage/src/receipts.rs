@@ -1,0 +1,253 @@
+//! Receipts, settings and unread counts: per (conversation, member) watermarks, per
+//! user settings, and the running message counts an unread count is read from.
+//!
+//! Watermarks and settings are single-key writes that ride on the next group commit
+//! (no fsync of their own); they are counted as index writes, so a reader outside the
+//! conversation actor (a `ConversationStates` page) that read one can wait for it to be
+//! durable with `index_barrier`.
+//!
+//! The counts are written with each text message (`write_effects`): under
+//! `text_count(conv, seq)` the number of text messages up to and including `seq`, and
+//! under `sender_count(conv, sender, seq)` the sender's own. An unread count is then four
+//! reverse seeks, whatever the number of messages: see `unread`.
+
+use switchboard_protocol::{ConvId, Entry, Seq, Settings, UserId};
+
+use crate::keys::{self, Key};
+use crate::{ReceiptRecord, Result, Store, StoreError, corrupt, decode, encode};
+
+impl Store {
+    /// A member's stored watermarks in `conv` (`None` if it never reported any).
+    pub fn receipt(&self, conv: ConvId, user: UserId) -> Result<Option<ReceiptRecord>> {
+        self.get(Key::receipt(conv, user))
+    }
+
+    /// Writes watermarks of members of `conv` (single-key writes, not a batch: see
+    /// `append_then`), then calls `done` from the committer thread once a group commit
+    /// covers them, or failed to. The waiter joins the next commit (starting one if none
+    /// is running); no commit is forced for it. The conversation's actor is the only
+    /// writer of its watermarks, and never lowers one.
+    pub fn write_receipts(
+        &self,
+        conv: ConvId,
+        marks: &[(UserId, ReceiptRecord)],
+        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) -> Result<()> {
+        self.index_write(|| {
+            marks.iter().try_for_each(|(user, record)| {
+                self.db.insert(Key::receipt(conv, *user), encode(record))?;
+                Ok::<_, StoreError>(())
+            })
+        })?;
+        self.committer.notify(Box::new(done))
+    }
+
+    /// A user's settings (the defaults if never set).
+    pub fn settings(&self, user: UserId) -> Result<Settings> {
+        Ok(self.get(Key::settings(user))?.unwrap_or_default())
+    }
+
+    /// Replaces a user's settings; the future resolves once they are durable.
+    pub fn set_settings(&self, user: UserId, settings: &Settings) -> Result<crate::Durable> {
+        self.index_write(|| Ok(self.db.insert(Key::settings(user), encode(settings))?))?;
+        self.barrier()
+    }
+
+    /// Text messages in `conv` with seq in `(read_up_to, last_seq]` from users other than
+    /// `user`, deleted ones included (a deleted message keeps its count). Four reverse
+    /// seeks in the count index, whatever the range.
+    pub fn unread(&self, conv: ConvId, user: UserId, read_up_to: Seq, last_seq: Seq) -> Result<u64> {
+        let read = read_up_to.min(last_seq);
+        let total = |seq| self.count_at(Key::text_count(conv, 0), Key::text_count(conv, seq));
+        let mine = |seq| self.count_at(Key::sender_count(conv, user, 0), Key::sender_count(conv, user, seq));
+        let all = total(last_seq)?.saturating_sub(total(read)?);
+        let own = mine(last_seq)?.saturating_sub(mine(read)?);
+        Ok(all.saturating_sub(own))
+    }
+
+    /// The text message counts of `conv` before `seq`: all of them, and `sender`'s.
+    pub(crate) fn counts_before(&self, conv: ConvId, sender: UserId, seq: Seq) -> Result<(u64, u64)> {
+        let before = seq.saturating_sub(1);
+        Ok((
+            self.count_at(Key::text_count(conv, 0), Key::text_count(conv, before))?,
+            self.count_at(Key::sender_count(conv, sender, 0), Key::sender_count(conv, sender, before))?,
+        ))
+    }
+
+    /// The value of the newest count key in `from..=to` (0 if none).
+    fn count_at(&self, from: Key, to: Key) -> Result<u64> {
+        match self.db.range(from.as_ref()..=to.as_ref()).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                keys::u64_from(&v).ok_or_else(|| corrupt(&k, "message count"))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Brings a data dir written before format 3 up to date: every text message (or
+    /// deleted one: a tombstone was a text message) gets its count keys. One pass over
+    /// the log, which is ordered by conversation then seq; runs once (the format key is
+    /// written last, so a crash midway runs it again, rewriting the same values).
+    pub(crate) fn upgrade_to_format_3(&self) -> Result<()> {
+        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 3)) {
+            return Ok(());
+        }
+        let mut conv = None;
+        let mut total = 0u64;
+        // Per sender of the current conversation only: bounded by its members' history.
+        let mut mine: std::collections::HashMap<UserId, u64> = std::collections::HashMap::new();
+        let mut counted = 0usize;
+        for item in self.db.scan_prefix(Key::entries()) {
+            let (k, v) = item?;
+            let entry: Entry = decode(&k, &v)?;
+            if conv != Some(entry.conv) {
+                (conv, total) = (Some(entry.conv), 0);
+                mine.clear();
+            }
+            if matches!(entry.body, switchboard_protocol::Body::Text { .. } | switchboard_protocol::Body::Tombstone) {
+                total += 1;
+                let own = mine.entry(entry.sender).or_insert(0);
+                *own += 1;
+                self.db.insert(Key::text_count(entry.conv, entry.seq), &total.to_be_bytes()[..])?;
+                self.db.insert(Key::sender_count(entry.conv, entry.sender, entry.seq), &own.to_be_bytes()[..])?;
+                counted += 1;
+            }
+        }
+        self.db.insert(Key::format(), &3u64.to_be_bytes()[..])?;
+        if counted > 0 {
+            tracing::info!(messages = counted, "counted messages for format 3");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_protocol::{Body, Entry};
+
+    use super::*;
+    use crate::StoreConfig;
+
+    fn open(path: &std::path::Path) -> Store {
+        let mut config = StoreConfig::new(path.join("db"));
+        config.cache_capacity_bytes = 1 << 20;
+        Store::open(&config).unwrap()
+    }
+
+    fn entry(seq: Seq, sender: UserId, body: Body) -> Entry {
+        Entry { conv: 9, seq, sender, sender_device: 1, client_id: [seq as u8; 16], at_ms: 0, body }
+    }
+
+    fn text(seq: Seq, sender: UserId) -> Entry {
+        entry(seq, sender, Body::Text { text: format!("m{seq}"), edited: false })
+    }
+
+    async fn append(store: &Store, entry: Entry) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.append_then(&entry, move |r| tx.send(r).unwrap()).unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    /// The unread count the index gives, against a count of the log itself.
+    fn check_unread(store: &Store, user: UserId) {
+        let last = store.last_seq(9).unwrap();
+        let log = store.entries(9, 1, last, usize::MAX, false).unwrap();
+        for read in 0..=last + 1 {
+            let want = log
+                .iter()
+                .filter(|e| e.seq > read && e.sender != user)
+                .filter(|e| matches!(e.body, Body::Text { .. } | Body::Tombstone))
+                .count() as u64;
+            assert_eq!(store.unread(9, user, read, last).unwrap(), want, "user {user} read up to {read}");
+        }
+    }
+
+    async fn mixed_log(store: &Store) {
+        append(store, text(1, 1)).await;
+        append(store, text(2, 2)).await;
+        append(store, entry(3, 2, Body::Edit { target: 2, text: "e".into() })).await;
+        append(store, text(4, 1)).await;
+        append(store, entry(5, 1, Body::MembersAdded { members: vec![(3, switchboard_protocol::Role::Member)] })).await;
+        append(store, text(6, 3)).await;
+        append(store, entry(7, 1, Body::Delete { target: 4 })).await;
+        append(store, text(8, 2)).await;
+    }
+
+    #[tokio::test]
+    async fn unread_counts_text_from_others_deleted_ones_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        mixed_log(&store).await;
+        for user in 1..=4 {
+            check_unread(&store, user);
+        }
+        assert_eq!(store.unread(9, 1, 0, 8).unwrap(), 3, "seqs 2, 6 and 8");
+        assert_eq!(store.unread(9, 2, 0, 8).unwrap(), 3, "seqs 1, 4 (deleted) and 6");
+        assert_eq!(store.unread(9, 2, 0, 5).unwrap(), 2, "only up to last_seq");
+        assert_eq!(store.unread(8, 2, 0, 5).unwrap(), 0, "another conversation");
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_a_messages_counts_is_repaired_and_old_data_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            mixed_log(&store).await;
+            // The crash left the newest message without its counts.
+            store.db.remove(Key::text_count(9, 8)).unwrap();
+            store.db.remove(Key::sender_count(9, 2, 8)).unwrap();
+            store.close().unwrap();
+        }
+        {
+            let store = open(dir.path());
+            assert_eq!(store.unread(9, 1, 0, 8).unwrap(), 2, "seq 8 is not counted before the repair");
+            store.repair_newest_entry(9).unwrap();
+            check_unread(&store, 1);
+            check_unread(&store, 2);
+            // What a format-2 broker left: no counts at all, and no format 3.
+            let counts: Vec<_> =
+                store.db.iter().keys().map(|k| k.unwrap()).filter(|k| k[0] == 0x11 || k[0] == 0x12).collect();
+            assert_eq!(counts.len(), 5 * 2, "one pair per text message");
+            for k in counts {
+                store.db.remove(k).unwrap();
+            }
+            store.db.insert(Key::format(), &2u64.to_be_bytes()[..]).unwrap();
+            assert_eq!(store.unread(9, 1, 0, 8).unwrap(), 0);
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        for user in 1..=3 {
+            check_unread(&store, user);
+        }
+        // And appends go on from the upgraded counts.
+        append(&store, text(9, 3)).await;
+        check_unread(&store, 1);
+        check_unread(&store, 3);
+    }
+
+    #[tokio::test]
+    async fn receipts_and_settings_are_kept_per_member_and_user() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            assert_eq!(store.receipt(9, 1).unwrap(), None);
+            assert_eq!(store.settings(1).unwrap(), Settings::default());
+            let marks = [
+                (1, ReceiptRecord { delivered_up_to: 5, read_up_to: 3 }),
+                (2, ReceiptRecord { delivered_up_to: 2, read_up_to: 0 }),
+            ];
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            store.write_receipts(9, &marks, move |r| tx.send(r).unwrap()).unwrap();
+            rx.await.unwrap().unwrap();
+            store.set_settings(2, &Settings { read_receipts_private: true }).unwrap().await.unwrap();
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(store.receipt(9, 1).unwrap(), Some(ReceiptRecord { delivered_up_to: 5, read_up_to: 3 }));
+        assert_eq!(store.receipt(9, 2).unwrap(), Some(ReceiptRecord { delivered_up_to: 2, read_up_to: 0 }));
+        assert_eq!(store.receipt(8, 1).unwrap(), None, "per conversation");
+        assert!(store.settings(2).unwrap().read_receipts_private);
+        assert!(!store.settings(1).unwrap().read_receipts_private);
+    }
+}

@@ -1,0 +1,440 @@
+//! Presence and typing end to end (PROTOCOL.md section 11): a real broker on 127.0.0.1:0,
+//! real QUIC (datagrams included), sled in a temp dir. Timers are short configured values
+//! (idle timeout, coalescing window, typing TTL), and every wait has a deadline.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use switchboard_client::{Client, Connector, Events, TransportOptions, Trust};
+use switchboard_protocol::{ConvId, Entry, Event, PresenceInfo, PresenceState, UserId};
+use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, no_event, within};
+
+/// Waits for the next entry event, skipping presence and typing events.
+async fn next_entry(events: &mut Events) -> Entry {
+    within(STEP_DEADLINE, "an entry event", async {
+        loop {
+            match events.next().await {
+                Some(Event::Entry(e)) => return e,
+                Some(_) => continue,
+                None => panic!("the event stream closed"),
+            }
+        }
+    })
+    .await
+}
+
+/// Waits for a presence event about `user` in state `state`, skipping other events.
+async fn presence_becomes(events: &mut Events, user: UserId, state: PresenceState) -> PresenceInfo {
+    within(STEP_DEADLINE, "a presence event", async {
+        loop {
+            match events.next().await {
+                Some(Event::Presence(p)) if p.user == user && p.state == state => return p,
+                Some(_) => continue,
+                None => panic!("the event stream closed"),
+            }
+        }
+    })
+    .await
+}
+
+/// Waits for the next typing event, skipping others.
+async fn next_typing(events: &mut Events) -> (ConvId, UserId, bool) {
+    within(STEP_DEADLINE, "a typing event", async {
+        loop {
+            match events.next().await {
+                Some(Event::Typing { conv, user, typing }) => return (conv, user, typing),
+                Some(_) => continue,
+                None => panic!("the event stream closed"),
+            }
+        }
+    })
+    .await
+}
+
+/// Asserts that no typing event arrives within `ms` (other events are skipped).
+async fn no_typing(events: &mut Events, ms: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return,
+            Ok(Some(Event::Typing { conv, user, typing })) => {
+                panic!("unexpected typing event: conv {conv}, user {user}, typing {typing}")
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the event stream closed while it was expected to stay open"),
+        }
+    }
+}
+
+fn connector(tb: &TestBroker, options: &TransportOptions) -> Connector {
+    let b = tb.broker.as_ref().unwrap();
+    Connector::with_transport(b.local_addr, "localhost", Trust::CaFile(b.cert_path.clone()), options).unwrap()
+}
+
+async fn register_with(tb: &TestBroker, name: &str, options: &TransportOptions) -> Client {
+    let c = connector(tb, options);
+    within(STEP_DEADLINE, "register", c.register(name, tb.password, "test-device")).await.unwrap().0
+}
+
+/// A direct conversation between `a` and `b`, once `b` has seen it created (so the
+/// broker has delivered the membership entry, and refreshed contact sets).
+async fn direct(a: &Client, b_name: &str, b_events: &mut Events) -> ConvId {
+    let conv = a.create_direct(b_name).await.unwrap().id;
+    assert_eq!(next_entry(b_events).await.conv, conv);
+    conv
+}
+
+fn now_ms() -> u64 {
+    switchboard_broker::now_ms()
+}
+
+#[tokio::test]
+async fn presence_is_aggregated_over_devices_and_shown_only_to_contacts() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.presence_coalesce_ms = 20).await;
+        let (a1, alice) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let mut bob_events = bob.events().unwrap();
+        let mut eve_events = eve.events().unwrap();
+        direct(&a1, "bob", &mut bob_events).await;
+        let a = alice.user_id;
+
+        a1.set_away(true).await.unwrap();
+        presence_becomes(&mut bob_events, a, PresenceState::Away).await;
+        // A second device starts online: alice is online again.
+        let (a2, _) = tb.login("alice").await;
+        presence_becomes(&mut bob_events, a, PresenceState::Online).await;
+        a2.set_away(true).await.unwrap();
+        presence_becomes(&mut bob_events, a, PresenceState::Away).await;
+        a1.set_away(false).await.unwrap();
+        let online = presence_becomes(&mut bob_events, a, PresenceState::Online).await;
+        assert_eq!(online.name, "alice");
+        // Away only when every device is: with a2 away and a1 back, alice is online.
+        let shown = bob.presence(&[a]).await.unwrap();
+        assert_eq!(shown.iter().map(|p| p.state).collect::<Vec<_>>(), vec![PresenceState::Online]);
+        // The away device leaves: the other is online, nothing changes.
+        a2.close();
+        a1.set_away(true).await.unwrap();
+        presence_becomes(&mut bob_events, a, PresenceState::Away).await;
+        let before = now_ms();
+        a1.close();
+        let offline = presence_becomes(&mut bob_events, a, PresenceState::Offline).await;
+        assert!(offline.last_seen_ms >= before && offline.last_seen_ms <= now_ms(), "{offline:?}");
+
+        // Requests: only users sharing a conversation, never the caller; empty = all.
+        let asked = bob.presence(&[a, eve.user_id, bob.user_id, 999_999]).await.unwrap();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert_eq!((asked[0].user, asked[0].state), (a, PresenceState::Offline));
+        assert_eq!(asked[0].last_seen_ms, offline.last_seen_ms);
+        let all = bob.presence(&[]).await.unwrap();
+        assert_eq!(all.iter().map(|p| p.user).collect::<Vec<_>>(), vec![a]);
+        assert!(eve.presence(&[a, bob.user_id]).await.unwrap().is_empty(), "eve shares nothing");
+        assert!(eve.presence(&[]).await.unwrap().is_empty());
+        let too_many: Vec<UserId> = (1..=257).collect();
+        assert!(bob.presence(&too_many).await.is_err());
+        // eve was never pushed anyone's presence.
+        no_event(&mut eve_events, 200).await;
+    })
+    .await
+}
+
+/// A QUIC socket that sends nothing and receives nothing: a device whose network died
+/// without closing anything.
+#[derive(Debug)]
+struct Unplugged;
+
+#[derive(Debug)]
+struct AlwaysWritable;
+
+impl quinn::UdpPoller for AlwaysWritable {
+    fn poll_writable(self: Pin<&mut Self>, _cx: &mut Context) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl quinn::AsyncUdpSocket for Unplugged {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
+        Box::pin(AlwaysWritable)
+    }
+
+    fn try_send(&self, _transmit: &quinn::udp::Transmit) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        _cx: &mut Context,
+        _bufs: &mut [io::IoSliceMut<'_>],
+        _meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Pending
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(SocketAddr::from(([127, 0, 0, 1], 9)))
+    }
+}
+
+#[tokio::test]
+async fn a_device_cut_off_without_a_close_is_offline_within_the_idle_timeout() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.idle_timeout_ms = 1_000;
+            c.presence_coalesce_ms = 20;
+        })
+        .await;
+        let alice_connector = tb.connector();
+        let (alice, _) =
+            within(STEP_DEADLINE, "register", alice_connector.register("alice", tb.password, "phone")).await.unwrap();
+        let (bob, _) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        direct(&alice, "bob", &mut bob_events).await;
+        let shown = bob.presence(&[alice.user_id]).await.unwrap();
+        assert_eq!(shown[0].state, PresenceState::Online);
+
+        // The phone's network dies: nothing more leaves it, no close is sent.
+        alice_connector.endpoint().rebind_abstract(Arc::new(Unplugged)).unwrap();
+        let cut = Instant::now();
+        presence_becomes(&mut bob_events, alice.user_id, PresenceState::Offline).await;
+        let took = cut.elapsed();
+        // The idle timeout (1 s) after alice's last packet, plus the coalescing window.
+        assert!(took < Duration::from_millis(2_500), "offline after {took:?}");
+
+        // bob's client keeps alive every 10 s, far beyond this broker's 1 s timeout: the
+        // broker's own keep-alives hold his idle connection open.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        within(STEP_DEADLINE, "ping", bob.ping()).await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_flapping_device_produces_a_bounded_number_of_presence_events() {
+    bounded(async {
+        const WINDOW_MS: u64 = 200;
+        let tb = TestBroker::start_with(|c| c.presence_coalesce_ms = WINDOW_MS).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        direct(&alice, "bob", &mut bob_events).await;
+        // Let alice's first push (online) go out.
+        tokio::time::sleep(Duration::from_millis(2 * WINDOW_MS)).await;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), bob_events.next()).await {}
+
+        // 200 changes, one every 5 ms, ending away.
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        for i in 0..=200 {
+            tick.tick().await;
+            alice.set_away(i % 2 == 0).await.unwrap();
+        }
+        let flapped_ms = start.elapsed().as_millis() as u64;
+        // Count alice's presence events until the trailing one (away) and a quiet window after.
+        let mut seen = Vec::new();
+        let last = presence_becomes_counting(&mut bob_events, alice.user_id, &mut seen).await;
+        assert_eq!(last, PresenceState::Away, "the trailing push carries the latest state");
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(3 * WINDOW_MS), bob_events.next()).await
+        {
+            if let Event::Presence(p) = event {
+                seen.push(p.state);
+            }
+        }
+        assert_eq!(seen.last(), Some(&PresenceState::Away), "{seen:?}");
+        let bound = (flapped_ms + 3 * WINDOW_MS) / WINDOW_MS + 2;
+        assert!(seen.len() as u64 <= bound, "{} events for {flapped_ms} ms of flapping: {seen:?}", seen.len());
+    })
+    .await
+}
+
+/// Collects alice's presence states until one arrives after the flapping ended (away).
+async fn presence_becomes_counting(events: &mut Events, user: UserId, seen: &mut Vec<PresenceState>) -> PresenceState {
+    within(STEP_DEADLINE, "the trailing presence event", async {
+        loop {
+            match events.next().await {
+                Some(Event::Presence(p)) if p.user == user => {
+                    seen.push(p.state);
+                    if p.state == PresenceState::Away {
+                        // Away may also be an intermediate push; the quiet window after
+                        // this in the caller settles which was last.
+                        return p.state;
+                    }
+                }
+                Some(_) => continue,
+                None => panic!("the event stream closed"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn last_seen_survives_a_restart() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        direct(&alice, "bob", &mut bob_events).await;
+        let before = now_ms();
+        alice.close();
+        let offline = presence_becomes(&mut bob_events, alice_id.user_id, PresenceState::Offline).await;
+        assert!(offline.last_seen_ms >= before);
+        drop((alice, bob, bob_events));
+        tb.restart().await;
+        let bob = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&bob_id)).await.unwrap();
+        let shown = bob.presence(&[alice_id.user_id]).await.unwrap();
+        assert_eq!(shown.len(), 1);
+        assert_eq!(shown[0].state, PresenceState::Offline);
+        assert_eq!(shown[0].last_seen_ms, offline.last_seen_ms, "read back from the store");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn typing_reaches_other_members_over_datagrams_repeats_extend_and_it_expires() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.typing_ttl_ms = 600).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (carol, _) = tb.register("carol").await;
+        let mut alice_events = alice.events().unwrap();
+        let mut bob_events = bob.events().unwrap();
+        let conv = alice.create_group("team", &["bob".into()]).await.unwrap().id;
+        assert_eq!(next_entry(&mut bob_events).await.conv, conv);
+        assert!(bob.connection().max_datagram_size().is_some(), "both ends enabled datagrams");
+
+        alice.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true));
+        assert!(alice.connection().stats().frame_tx.datagram >= 1, "sent as a datagram");
+        assert!(bob.connection().stats().frame_rx.datagram >= 1, "received as a datagram");
+        // Repeats within the TTL extend it, pushing nothing, well past one TTL.
+        for _ in 0..5 {
+            alice.typing(conv, true).await.unwrap();
+            no_typing(&mut bob_events, 200).await;
+        }
+        // No more repeats: it stops by itself, pushed.
+        let quiet = Instant::now();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, false));
+        assert!(quiet.elapsed() < Duration::from_millis(1_500), "stopped after {:?}", quiet.elapsed());
+        // A stranger's signal for the conversation is dropped.
+        carol.typing(conv, true).await.unwrap();
+        carol.signal(switchboard_protocol::Signal::Typing { conv, typing: true }).await.unwrap();
+        no_typing(&mut bob_events, 300).await;
+        // The sender's own devices are not told.
+        no_typing(&mut alice_events, 0).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn typing_travels_on_the_stream_to_a_device_without_datagrams() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let off = TransportOptions { datagrams: false, ..TransportOptions::default() };
+        let alice = register_with(&tb, "alice", &TransportOptions::default()).await;
+        let bob = register_with(&tb, "bob", &off).await;
+        let carol = register_with(&tb, "carol", &off).await;
+        let mut bob_events = bob.events().unwrap();
+        let mut alice_events = alice.events().unwrap();
+        let conv = alice.create_group("team", &["bob".into(), "carol".into()]).await.unwrap().id;
+        assert_eq!(next_entry(&mut bob_events).await.conv, conv);
+
+        // alice sends a datagram; bob receives on his stream.
+        alice.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true));
+        assert_eq!(bob.connection().stats().frame_rx.datagram, 0);
+        // carol sends on her stream; alice receives a datagram.
+        carol.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut alice_events).await, (conv, carol.user_id, true));
+        assert!(alice.connection().stats().frame_rx.datagram >= 1);
+        assert_eq!(carol.connection().stats().frame_tx.datagram, 0);
+        carol.typing(conv, false).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, carol.user_id, true));
+        assert_eq!(next_typing(&mut bob_events).await, (conv, carol.user_id, false));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_message_clears_typing_and_no_late_stop_follows() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.typing_ttl_ms = 500).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        let conv = direct(&alice, "bob", &mut bob_events).await;
+        alice.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true));
+        alice.send(conv, "hi").await.unwrap();
+        assert_eq!(next_entry(&mut bob_events).await.sender, alice.user_id);
+        // Past the TTL: the cleared indicator pushes no "stopped".
+        no_typing(&mut bob_events, 900).await;
+        // And a new start is a change again.
+        alice.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn typing_does_not_survive_a_restart() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        let conv = direct(&alice, "bob", &mut bob_events).await;
+        alice.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true));
+        drop((alice, bob, bob_events));
+        tb.restart().await;
+        let alice = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&alice_id)).await.unwrap();
+        let bob = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&bob_id)).await.unwrap();
+        let mut bob_events = bob.events().unwrap();
+        bob.ping().await.unwrap();
+        // Nothing to stop: the broker forgot the indicator.
+        alice.typing(conv, false).await.unwrap();
+        no_typing(&mut bob_events, 300).await;
+        // So a start is a change (pushed), not a repeat.
+        alice.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_session_cannot_amplify_typing_beyond_its_rate() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        let conv = direct(&alice, "bob", &mut bob_events).await;
+        let start = Instant::now();
+        for i in 0..100 {
+            alice.typing(conv, i % 2 == 0).await.unwrap();
+            // Force ordering on the stream side too: signals and requests share it.
+            alice.signal(switchboard_protocol::Signal::Typing { conv, typing: i % 2 == 1 }).await.unwrap();
+        }
+        alice.ping().await.unwrap();
+        let sent_for = start.elapsed();
+        let mut got = 0u64;
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(300), bob_events.next()).await {
+            if matches!(event, Event::Typing { .. }) {
+                got += 1;
+            }
+        }
+        // 200 alternating signals: without the bucket nearly all would be pushed. The
+        // bucket allows a burst of 8 and 2 a second.
+        let allowed = 8 + 2 * (sent_for.as_millis() as u64 + 300) / 1000 + 1;
+        assert!(got >= 1 && got <= allowed, "{got} typing events pushed for 200 signals in {sent_for:?}");
+    })
+    .await
+}

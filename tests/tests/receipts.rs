@@ -1,0 +1,295 @@
+//! Receipts, unread counts, settings and catch-up (PROTOCOL.md section 11), end to end:
+//! a real broker, real QUIC, sled in a temp dir.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use switchboard_client::{Client, ClientError, Events};
+use switchboard_protocol::limits::MAX_MARKS_PER_REQUEST;
+use switchboard_protocol::{Body, ErrorCode, Event, Receipt, Settings, UserId};
+use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, next_entry, within};
+
+fn code(result: Result<impl std::fmt::Debug, ClientError>) -> Option<ErrorCode> {
+    match result {
+        Err(e) => e.code(),
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+    }
+}
+
+#[tokio::test]
+async fn catch_up_pages_through_the_log_and_merges_with_live_events() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let mut events = bob.events().unwrap();
+        let conv = alice.create_group("catch", &["bob".into()]).await.unwrap().id;
+        for i in 0..7 {
+            alice.send(conv, &format!("m{i}")).await.unwrap();
+        }
+        let deleted = alice.send(conv, "gone soon").await.unwrap();
+        alice.delete(conv, deleted).await.unwrap();
+        let mut cursor = 0;
+        let mut pages = 0;
+        let mut held = Vec::new();
+        loop {
+            let page = bob.catch_up(conv, cursor, 3).await.unwrap();
+            pages += 1;
+            assert_eq!(page.conv, conv);
+            assert_eq!(page.last_seq, 10);
+            let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, ((cursor + 1)..=(cursor + seqs.len() as u64)).collect::<Vec<_>>(), "gapless");
+            held.extend(page.entries);
+            cursor = held.last().unwrap().seq;
+            if page.complete {
+                assert_eq!(cursor, page.last_seq);
+                break;
+            }
+            assert!(page.receipts.is_empty(), "receipts come with the completing page only");
+        }
+        assert_eq!(pages, 4, "3 + 3 + 3 + 1 entries");
+        assert_eq!(held[8].body, Body::Tombstone, "as history shows it");
+        // Once complete, what arrives live follows on without a gap: the events already
+        // held are duplicates of the pages, merged by seq.
+        let next = alice.send(conv, "live").await.unwrap();
+        assert_eq!(next, cursor + 1);
+        loop {
+            let seq = next_entry(&mut events).await.seq;
+            if seq > cursor {
+                assert_eq!(seq, next);
+                break;
+            }
+        }
+        let page = bob.catch_up(conv, next, 100).await.unwrap();
+        assert!(page.entries.is_empty() && page.complete, "{page:?}");
+        // A stranger learns nothing, whether or not the conversation exists.
+        let real = code(eve.catch_up(conv, 0, 10).await);
+        assert_eq!(real, Some(ErrorCode::FORBIDDEN));
+        assert_eq!(code(eve.catch_up(conv + 1000, 0, 10).await), real);
+    })
+    .await
+}
+
+/// The next receipt event (entry events before it are skipped).
+async fn next_receipt(events: &mut Events) -> Receipt {
+    within(STEP_DEADLINE, "a receipt event", async {
+        loop {
+            match events.next().await {
+                Some(Event::Receipt(r)) => return r,
+                Some(_) => continue,
+                None => panic!("the event stream ended"),
+            }
+        }
+    })
+    .await
+}
+
+/// "Delivered to k of n" and "read by k" for message `seq`, from receipts seen by
+/// `me`: the other members whose watermarks reach it.
+fn tally(receipts: &BTreeMap<UserId, Receipt>, me: UserId, seq: u64) -> (usize, usize) {
+    let others = receipts.values().filter(|r| r.user != me);
+    let delivered = others.clone().filter(|r| r.delivered_up_to >= seq).count();
+    let read = others.filter(|r| r.read_up_to.is_some_and(|s| s >= seq)).count();
+    (delivered, read)
+}
+
+#[tokio::test]
+async fn a_group_of_five_reaches_delivered_to_4_of_4_and_read_by_2() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let mut others = Vec::new();
+        for name in ["bob", "carol", "dave", "erin"] {
+            others.push(tb.register(name).await.0);
+        }
+        let names: Vec<String> = ["bob", "carol", "dave", "erin"].iter().map(|s| s.to_string()).collect();
+        let conv = alice.create_group("five", &names).await.unwrap().id;
+        let mut events = alice.events().unwrap();
+        let seq = alice.send(conv, "did you get this?").await.unwrap();
+        let mut seen = BTreeMap::new();
+        for (i, member) in others.iter().enumerate() {
+            member.mark_delivered(&[(conv, seq)]).await.unwrap();
+            // Each report reaches alice as an event, once durable.
+            loop {
+                let r = next_receipt(&mut events).await;
+                assert_eq!(r.conv, conv);
+                seen.insert(r.user, r);
+                if tally(&seen, alice.user_id, seq).0 == i + 1 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(tally(&seen, alice.user_id, seq), (4, 0), "delivered to 4 of 4, read by none");
+        let listed: BTreeMap<UserId, Receipt> =
+            alice.receipts(conv).await.unwrap().into_iter().map(|r| (r.user, r)).collect();
+        assert_eq!(listed.len(), 5, "every member is listed");
+        assert_eq!(tally(&listed, alice.user_id, seq), (4, 0));
+        for member in &others[..2] {
+            let mine = member.mark_read(conv, seq).await.unwrap();
+            assert_eq!((mine.user, mine.delivered_up_to, mine.read_up_to), (member.user_id, seq, Some(seq)));
+        }
+        while tally(&seen, alice.user_id, seq).1 < 2 {
+            let r = next_receipt(&mut events).await;
+            seen.insert(r.user, r);
+        }
+        let listed: BTreeMap<UserId, Receipt> =
+            alice.receipts(conv).await.unwrap().into_iter().map(|r| (r.user, r)).collect();
+        assert_eq!(tally(&listed, alice.user_id, seq), (4, 2), "read by 2");
+        // A later message: delivered to nobody yet; an older report changes nothing.
+        let next = alice.send(conv, "and this?").await.unwrap();
+        others[0].mark_delivered(&[(conv, seq - 1)]).await.unwrap();
+        let listed: BTreeMap<UserId, Receipt> =
+            alice.receipts(conv).await.unwrap().into_iter().map(|r| (r.user, r)).collect();
+        assert_eq!(tally(&listed, alice.user_id, next), (0, 0));
+        assert_eq!(listed[&others[0].user_id].delivered_up_to, seq, "never goes back");
+        // A report beyond the log is clamped to it.
+        let mine = others[3].mark_read(conv, next + 100).await.unwrap();
+        assert_eq!((mine.delivered_up_to, mine.read_up_to), (next, Some(next)));
+    })
+    .await
+}
+
+async fn unread(client: &Client, conv: u64) -> (u64, u64, u64) {
+    let states = client.conversation_states().await.unwrap();
+    let s = states.iter().find(|s| s.summary.id == conv).expect("the conversation is listed");
+    (s.unread, s.read_up_to, s.summary.last_seq)
+}
+
+#[tokio::test]
+async fn unread_counts_are_exact_across_devices_reconnects_and_a_restart() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let (phone, _) = tb.login("bob").await;
+        let conv = alice.create_group("unread", &["bob".into()]).await.unwrap().id;
+        assert_eq!(unread(&bob, conv).await, (0, 0, 1), "a creation is not a message");
+        let a1 = alice.send(conv, "one").await.unwrap();
+        let a2 = alice.send(conv, "two").await.unwrap();
+        assert_eq!(unread(&bob, conv).await, (2, 0, a2));
+        bob.send(conv, "mine").await.unwrap();
+        let a3 = alice.send(conv, "three").await.unwrap();
+        assert_eq!(unread(&bob, conv).await.0, 3, "my own messages never count");
+        assert_eq!(unread(&alice, conv).await.0, 1, "alice has bob's one");
+        // Edits and deletes are not messages; a deleted message still counts.
+        alice.edit(conv, a1, "one, edited").await.unwrap();
+        let last = alice.delete(conv, a2).await.unwrap();
+        assert_eq!(unread(&bob, conv).await, (3, 0, last));
+        // Bob reads up to a2 on his phone: his laptop hears of it at once.
+        let mut laptop_events = bob.events().unwrap();
+        let mine = phone.mark_read(conv, a2).await.unwrap();
+        assert_eq!(mine.read_up_to, Some(a2));
+        let r = next_receipt(&mut laptop_events).await;
+        assert_eq!((r.user, r.read_up_to), (bob.user_id, Some(a2)));
+        assert_eq!(unread(&bob, conv).await, (1, a2, last), "only a3 is left");
+        assert_eq!(unread(&phone, conv).await, (1, a2, last));
+        // Reconnecting changes nothing.
+        drop(bob);
+        let bob = tb.connector().connect(&bob_id).await.unwrap();
+        assert_eq!(unread(&bob, conv).await, (1, a2, last));
+        // Nor does a restart.
+        drop((alice, phone));
+        tb.restart().await;
+        let bob = tb.connector().connect(&bob_id).await.unwrap();
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        assert_eq!(unread(&bob, conv).await, (1, a2, last));
+        alice.send(conv, "four").await.unwrap();
+        assert_eq!(unread(&bob, conv).await.0, 2);
+        bob.mark_read(conv, a3).await.unwrap();
+        assert_eq!(unread(&bob, conv).await.0, 1);
+        let end = bob.mark_read(conv, u64::MAX).await.unwrap().read_up_to.unwrap();
+        assert_eq!(unread(&bob, conv).await, (0, end, end), "read to the end");
+        assert_eq!(unread(&alice, conv).await.0, 1, "bob's one message, unread by alice all along");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn private_read_receipts_are_hidden_from_others_and_shown_to_own_devices() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (phone, _) = tb.login("bob").await;
+        let conv = alice.create_group("private", &["bob".into()]).await.unwrap().id;
+        let seq = alice.send(conv, "seen?").await.unwrap();
+        assert!(!bob.settings(None).await.unwrap().read_receipts_private, "public by default");
+        let set = bob.settings(Some(Settings { read_receipts_private: true })).await.unwrap();
+        assert!(set.read_receipts_private);
+        assert!(phone.settings(None).await.unwrap().read_receipts_private, "settings are per user");
+        let mut alice_events = alice.events().unwrap();
+        let mut phone_events = phone.events().unwrap();
+        let mine = bob.mark_read(conv, seq).await.unwrap();
+        assert_eq!(mine.read_up_to, Some(seq), "my own answer shows it");
+        let seen_by_alice = next_receipt(&mut alice_events).await;
+        assert_eq!(
+            (seen_by_alice.user, seen_by_alice.delivered_up_to, seen_by_alice.read_up_to),
+            (bob.user_id, seq, None)
+        );
+        let seen_by_phone = next_receipt(&mut phone_events).await;
+        assert_eq!(seen_by_phone.read_up_to, Some(seq), "bob's other device sees it");
+        let listed = alice.receipts(conv).await.unwrap();
+        assert_eq!(listed.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, None);
+        let own = phone.receipts(conv).await.unwrap();
+        assert_eq!(own.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(seq));
+        let page = alice.catch_up(conv, 0, 100).await.unwrap();
+        assert!(page.complete);
+        assert_eq!(page.receipts, listed, "catch-up shows receipts as Receipts does");
+        // Public again: shown.
+        bob.settings(Some(Settings { read_receipts_private: false })).await.unwrap();
+        let listed = alice.receipts(conv).await.unwrap();
+        assert_eq!(listed.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(seq));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn mark_delivered_from_a_stranger_changes_nothing_and_starts_no_actor() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.conversation_idle_ms = 100).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let conv = alice.create_group("closed", &["bob".into()]).await.unwrap().id;
+        let seq = alice.send(conv, "secret").await.unwrap();
+        // Answered once durable, so what alice reads next is settled.
+        bob.mark_read(conv, seq - 1).await.unwrap();
+        let before = alice.receipts(conv).await.unwrap();
+        let shared = tb.shared().clone();
+        within(STEP_DEADLINE, "idle actors retiring", async {
+            while shared.convs.live() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        eve.mark_delivered(&[(conv, seq), (conv + 1000, 1)]).await.unwrap();
+        assert_eq!(shared.convs.live(), 0, "a stranger's marks start no conversation actor");
+        assert_eq!(alice.receipts(conv).await.unwrap(), before);
+        assert_eq!(code(eve.mark_read(conv, seq).await), Some(ErrorCode::FORBIDDEN));
+        assert_eq!(code(eve.receipts(conv).await), Some(ErrorCode::FORBIDDEN));
+        assert!(eve.conversation_states().await.unwrap().is_empty());
+        // Too many marks in one request.
+        let marks: Vec<(u64, u64)> = (0..=MAX_MARKS_PER_REQUEST as u64).map(|i| (conv, i)).collect();
+        assert_eq!(code(bob.mark_delivered(&marks).await), Some(ErrorCode::INVALID));
+        // A member's marks mixed with marks for a conversation it is not in: its own
+        // go through, the others are dropped.
+        let newer = alice.send(conv, "newer").await.unwrap();
+        let other = alice.create_group("other", &[]).await.unwrap().id;
+        bob.mark_delivered(&[(other, 1), (conv, newer)]).await.unwrap();
+        // `Done` means handed over; the watermark is shown once the next commit covers it.
+        within(STEP_DEADLINE, "bob's mark becoming durable", async {
+            loop {
+                let listed = alice.receipts(conv).await.unwrap();
+                if listed.iter().find(|r| r.user == bob.user_id).unwrap().delivered_up_to == newer {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(alice.receipts(other).await.unwrap().iter().all(|r| r.user == alice.user_id), "dropped");
+    })
+    .await
+}
