@@ -204,3 +204,74 @@ fn plot_and_json_render() {
     let png = std::fs::read(dir.path().join("p.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
 }
+
+/// Receipts under a message load: every reader's mark reaches every sender, timed next to
+/// the message fan-out of the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_small() {
+    bounded(async {
+        let args = scenario::receipts::Args {
+            members: 6,
+            senders: 2,
+            rate: 40.0,
+            readers: 3,
+            mark_interval: Duration::from_millis(300),
+        };
+        let report = scenario::receipts::run(&small(), &args).await.unwrap();
+        let table = report.table();
+        assert_passed(&report);
+        let receipt = &report.event_latency["receipt"];
+        // Each reader marks about every 300 ms for 2 s, and each mark is seen by 2 senders.
+        assert!(report.extra["read_marks_made"] >= 6.0, "{table}");
+        assert_eq!(report.extra["read_marks_missed"], 0.0, "{table}");
+        assert_eq!(receipt.count as f64, report.extra["read_marks_made"] * 2.0, "{table}");
+        assert!(receipt.p99_ms > 0.0 && report.extra["message_fanout_p99_ms"] > 0.0, "{table}");
+        assert!(table.contains("receipt       p50"), "{table}");
+    })
+    .await
+}
+
+/// Presence and typing under a message load: every change reaches every other member
+/// (or is replaced by a later one that does), timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_small() {
+    bounded(async {
+        let args = scenario::presence::Args {
+            members: 6,
+            senders: 1,
+            rate: 20.0,
+            flappers: 2,
+            typers: 2,
+            interval: Duration::from_millis(800),
+        };
+        let report = scenario::presence::run(&small(), &args).await.unwrap();
+        let table = report.table();
+        assert_passed(&report);
+        for label in ["presence away", "typing"] {
+            assert!(report.event_latency.get(label).is_some_and(|p| p.count > 0), "{label}: {table}");
+        }
+        assert_eq!(report.extra["presence_changes_missed"], 0.0, "{table}");
+        assert_eq!(report.extra["typing_changes_missed"], 0.0, "{table}");
+        assert!(report.extra["typing_changes_made"] >= 2.0, "{table}");
+    })
+    .await
+}
+
+/// A device that missed messages in two conversations catches them all up, gapless,
+/// and the same entries are read from the stopped broker's store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catchup_small() {
+    bounded(async {
+        let args = scenario::catchup::Args { messages: 2_500, convs: 2, page: 1000, fill_window: 64 };
+        let report = scenario::catchup::run(&small(), &args).await.unwrap();
+        let table = report.table();
+        assert_passed(&report);
+        assert_eq!(report.delivered, 2_500, "{table}");
+        // Two pages of 1000 and one of 250 per conversation at least (plus the creation entry).
+        assert!(report.event_latency["catch-up page"].count >= 4, "{table}");
+        assert_eq!(report.extra["catchup_entries"], 2_502.0, "each conversation's creation entry too: {table}");
+        assert!(report.extra["store_read_seconds"] > 0.0, "{table}");
+        assert!(report.extra["catchup_messages_per_s"] > 0.0, "{table}");
+    })
+    .await
+}
