@@ -53,6 +53,21 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The NATS server of `fanout --against` could not be reached or used.
+    #[error("NATS server {url}: {what}")]
+    Nats {
+        /// The server's URL.
+        url: String,
+        /// What failed, with the client's message.
+        what: String,
+    },
+    /// The broker's store could not be opened or read after the run (`catchup`).
+    #[error("reading the broker's store: {0}")]
+    Store(String),
+    /// The broker answered against the protocol (e.g. a catch-up page that is neither
+    /// complete nor holds an entry, which would loop for ever).
+    #[error("the broker broke the protocol: {0}")]
+    Protocol(String),
     /// The arguments are malformed or inconsistent.
     #[error("{0}")]
     InvalidArgs(String),

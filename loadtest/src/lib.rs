@@ -6,10 +6,12 @@
 //! A scenario is one file under `scenario/`: it enrolls users, creates conversations,
 //! says who sends where, and hands over to `run::run_messages`.
 
+pub mod changes;
 pub mod checker;
 pub mod cost;
 pub mod error;
 pub mod load;
+pub mod nats;
 pub mod payload;
 pub mod plot;
 pub mod report;

@@ -4,6 +4,7 @@
 //! answers, so a slow broker shows up as latency, not as a slower offered load.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use switchboard_client::{ClientError, Connector, Identity, RawSession};
@@ -192,42 +193,91 @@ pub struct ReaderOut {
     pub acked: Vec<Acked>,
 }
 
+/// Called by a session's reader with each event that is not a message entry (receipts,
+/// presence, typing; from the control stream or a datagram), the session's index and
+/// the harness clock at arrival (ns). It runs on the reader's task: keep it short.
+pub type EventHook = Arc<dyn Fn(usize, &Event, u64) + Send + Sync>;
+
 /// A running harness session.
 pub struct LoadSession {
     /// Control stream towards the broker (taken by a writer during a phase).
     pub send: Option<quinn::SendStream>,
     /// This session's plans.
     pub plans: Plans,
+    /// Highest seq delivered to this session in any conversation (scenarios with one
+    /// conversation read it as "the newest message this device holds").
+    pub last_seq: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<ReaderOut>,
+    datagrams: Option<tokio::task::JoinHandle<()>>,
     conn: quinn::Connection,
 }
 
 impl LoadSession {
-    /// Starts the reader of session `index`.
-    pub fn start(index: usize, raw: RawSession, stats: Arc<Stats>, clock: Clock, stop: watch::Receiver<u64>) -> Self {
+    /// Starts the reader of session `index`; with a `hook`, also a reader of the
+    /// connection's datagrams (where typing events may travel).
+    pub fn start(
+        index: usize,
+        raw: RawSession,
+        stats: Arc<Stats>,
+        clock: Clock,
+        stop: watch::Receiver<u64>,
+        hook: Option<EventHook>,
+    ) -> Self {
         let RawSession { conn, send, recv, decoder } = raw;
         let plans: Plans = Arc::default();
-        let reader = tokio::spawn(read_loop(index, recv, decoder, stats, clock, plans.clone(), stop));
-        LoadSession { send: Some(send), plans, reader, conn }
+        let last_seq = Arc::new(AtomicU64::new(0));
+        let datagrams =
+            hook.clone().map(|hook| tokio::spawn(datagram_loop(index, conn.clone(), stats.clone(), clock, hook)));
+        let reader = Reader { index, stats, clock, plans: plans.clone(), last_seq: last_seq.clone(), hook };
+        let reader = tokio::spawn(read_loop(reader, recv, decoder, stop));
+        LoadSession { send: Some(send), plans, last_seq, reader, datagrams, conn }
     }
 
     /// Waits for the reader to finish (after stop) and closes the connection.
     pub async fn finish(self) -> Result<ReaderOut> {
         let out = self.reader.await?;
+        if let Some(d) = self.datagrams {
+            d.abort();
+        }
         self.conn.close(0u32.into(), b"done");
         Ok(out)
     }
 }
 
-async fn read_loop(
+/// What a reader needs besides its stream.
+struct Reader {
     index: usize,
-    mut recv: quinn::RecvStream,
-    mut decoder: FrameDecoder,
     stats: Arc<Stats>,
     clock: Clock,
     plans: Plans,
+    last_seq: Arc<AtomicU64>,
+    hook: Option<EventHook>,
+}
+
+/// Reads datagrams until the connection closes: each is one whole frame, length prefix
+/// included (docs/PROTOCOL.md section 11).
+async fn datagram_loop(index: usize, conn: quinn::Connection, stats: Arc<Stats>, clock: Clock, hook: EventHook) {
+    while let Ok(datagram) = conn.read_datagram().await {
+        let now = clock.now_ns();
+        let mut decoder = FrameDecoder::new(switchboard_protocol::limits::MAX_DATAGRAM_BYTES);
+        decoder.push(&datagram);
+        match decoder.next_frame().map(|body| body.map(|b| decode::<ServerFrame>(&b))) {
+            Ok(Some(Ok(ServerFrame::Event(event)))) => hook(index, &event, now),
+            _ => {
+                tracing::warn!(len = datagram.len(), "undecodable datagram");
+                stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn read_loop(
+    reader: Reader,
+    mut recv: quinn::RecvStream,
+    mut decoder: FrameDecoder,
     mut stop: watch::Receiver<u64>,
 ) -> ReaderOut {
+    let Reader { index, stats, clock, plans, last_seq, hook } = reader;
     let mut out = ReaderOut { tracker: Tracker::default(), acked: Vec::new() };
     let mut deliveries: Vec<(u64, u64)> = Vec::with_capacity(BATCH);
     let mut acks: Vec<u64> = Vec::with_capacity(BATCH);
@@ -245,6 +295,12 @@ async fn read_loop(
                     {
                         deliveries.push((sched, now.saturating_sub(sched) / 1000));
                         out.tracker.observe(e.conv, e.seq);
+                        last_seq.fetch_max(e.seq, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Ok(ServerFrame::Event(event)) => {
+                    if let Some(hook) = &hook {
+                        hook(index, &event, now);
                     }
                 }
                 Ok(ServerFrame::Response { id, result: Ok(Reply::Appended { seq, .. }) }) => {
@@ -332,6 +388,23 @@ pub async fn write_phase(
         frames.clear();
     }
     send
+}
+
+/// Request ids a scenario's own requests use alongside the message load: their top
+/// byte is no phase's, so a reader never takes their answers for message acks.
+pub const SIDE_REQUEST_IDS: u32 = 0xff << PHASE_SHIFT;
+
+/// Writes one frame on a session's control stream (requests of a scenario's own next to
+/// the message load). Counts a failure as an error of the run; false if it failed.
+pub async fn write_frame(send: &mut quinn::SendStream, frame: &ClientFrame, stats: &Stats) -> bool {
+    let written = match encode_frame(frame) {
+        Ok(bytes) => send.write_all(&bytes).await.is_ok(),
+        Err(_) => false,
+    };
+    if !written {
+        stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    written
 }
 
 /// Which sessions belong to which conversation (for the loss check).

@@ -24,6 +24,12 @@ enum Scenario {
     Storm(scenario::storm::Args),
     /// A steady mix for a long time; latency and memory drift.
     Soak(scenario::soak::Args),
+    /// Read receipts under message load: MarkRead to the senders' Event::Receipt.
+    Receipts(scenario::receipts::Args),
+    /// Presence and typing under message load: away/back and typing to others' events.
+    Presence(scenario::presence::Args),
+    /// A device that missed N messages catches up; against reading the store directly.
+    Catchup(scenario::catchup::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +56,9 @@ fn main() -> anyhow::Result<()> {
             Scenario::Groups(a) => scenario::groups::run(&common, a).await,
             Scenario::Storm(a) => scenario::storm::run(&common, a).await,
             Scenario::Soak(a) => scenario::soak::run(&common, a).await,
+            Scenario::Receipts(a) => scenario::receipts::run(&common, a).await,
+            Scenario::Presence(a) => scenario::presence::run(&common, a).await,
+            Scenario::Catchup(a) => scenario::catchup::run(&common, a).await,
         }
     })?;
     println!("{}", report.table());

@@ -183,6 +183,10 @@ pub struct Report {
     pub latency_label: String,
     /// Scheduled send to durable acknowledgement.
     pub ack_latency: Percentiles,
+    /// Latencies of what a chat user feels besides messages, by what they measure
+    /// (e.g. "receipt": a reader's MarkRead to the sender's `Event::Receipt`), taken in
+    /// the same run as `latency`.
+    pub event_latency: BTreeMap<String, Percentiles>,
     /// Per-interval figures.
     pub timeline: Vec<Interval>,
     /// Broker process, if measured.
@@ -198,6 +202,9 @@ pub struct Report {
     pub ramp: Vec<RampStep>,
     /// Pass/fail checks; the run fails if any fails.
     pub checks: Vec<Check>,
+    /// The same workload run against another server in the same run (`fanout
+    /// --against`); its own checks do not decide this run's result.
+    pub against: Option<Box<Report>>,
 }
 
 impl Report {
@@ -256,6 +263,9 @@ impl Report {
         if self.ack_latency.count > 0 {
             s.push_str(&row("ack", &self.ack_latency));
         }
+        for (label, p) in &self.event_latency {
+            s.push_str(&row(label, p));
+        }
         if self.acked == 0 {
             let _ = writeln!(s, "cost          not measured (no acknowledged messages)");
         } else {
@@ -310,7 +320,48 @@ impl Report {
         for c in &self.checks {
             let _ = writeln!(s, "[{}] {} ({})", if c.ok { "pass" } else { "FAIL" }, c.name, c.detail);
         }
+        if let Some(other) = &self.against {
+            s.push_str(&self.comparison(other));
+        }
         let _ = writeln!(s, "result        {}", if self.passed() { "PASS" } else { "FAIL" });
+        s
+    }
+
+    /// This run and `other` (the same workload against another server) side by side,
+    /// with the ratio this/other of each figure.
+    pub fn comparison(&self, other: &Report) -> String {
+        let mut s = String::new();
+        let name = other.params.get("server").map_or("other", String::as_str);
+        let _ = writeln!(s, "against       {} ({})", other.scenario, name);
+        for c in &other.checks {
+            let _ = writeln!(s, "  [{}] {} ({})", if c.ok { "pass" } else { "FAIL" }, c.name, c.detail);
+        }
+        let _ = writeln!(s, "  {:<30}{:>14}{:>14}{:>14}", "", "switchboard", "nats", "ratio");
+        let mut line = |label: &str, a: Option<f64>, b: Option<f64>| {
+            let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                _ => "-".to_owned(),
+            };
+            let _ = writeln!(s, "  {label:<30}{:>14}{:>14}{ratio:>14}", cell(a), cell(b));
+        };
+        line("delivery p50 ms", Some(self.latency.p50_ms), Some(other.latency.p50_ms));
+        line("delivery p99 ms", Some(self.latency.p99_ms), Some(other.latency.p99_ms));
+        line("delivery p99.9 ms", Some(self.latency.p999_ms), Some(other.latency.p999_ms));
+        line("deliveries/s", Some(self.delivered_per_s), Some(other.delivered_per_s));
+        line("messages sent", Some(self.sent as f64), Some(other.sent as f64));
+        line("lost (message, member) pairs", Some(self.lost as f64), Some(other.lost as f64));
+        let cpu = |r: &Report| r.broker.as_ref().map(|b| b.cpu_pct_mean);
+        line("server cpu mean % of a core", cpu(self), cpu(other));
+        let per_delivery = |r: &Report| r.cost.broker.as_ref().and_then(|c| c.cpu_us_per_delivery);
+        line("server cpu µs/delivery", per_delivery(self), per_delivery(other));
+        let peak = |r: &Report| r.broker.as_ref().map(|b| b.rss_mib_peak);
+        line("server rss peak MiB", peak(self), peak(other));
+        // With --ramp the whole-run figures mix steps; the ceiling is the comparison.
+        let ceiling = |r: &Report| r.extra.get("ramp_max_sustained_deliveries_per_s").copied();
+        if ceiling(self).is_some() || ceiling(other).is_some() {
+            line("ramp max sustained deliv./s", ceiling(self), ceiling(other));
+        }
         s
     }
 }
@@ -332,6 +383,42 @@ fn cost_line(cost: Option<&Cost>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comparison_sets_figures_side_by_side_with_ratios() {
+        let p = |p50_ms, p99_ms, p999_ms| Percentiles { count: 10, p50_ms, p99_ms, p999_ms, ..Percentiles::default() };
+        let nats = Report {
+            scenario: "fanout (nats)".into(),
+            latency: p(0.5, 2.0, 4.0),
+            delivered_per_s: 1000.0,
+            lost: 3,
+            params: [("server".to_owned(), "nats://127.0.0.1:4222".to_owned())].into(),
+            ..Report::default()
+        };
+        let mut ours = Report {
+            latency: p(1.0, 5.0, 6.0),
+            delivered_per_s: 990.0,
+            broker: Some(Resources { cpu_pct_mean: 40.0, ..Resources::default() }),
+            ..Report::default()
+        };
+        ours.check("held", true, String::new());
+        ours.against = Some(Box::new(nats));
+        let table = ours.table();
+        let row =
+            |label: &str| table.lines().find(|l| l.trim_start().starts_with(label)).unwrap_or_default().to_owned();
+        let cells = |label: &str| row(label).split_whitespace().rev().take(3).collect::<Vec<_>>().join(" ");
+        assert_eq!(cells("delivery p50 ms"), "2.00 0.50 1.00", "{table}");
+        assert_eq!(cells("delivery p99 ms"), "2.50 2.00 5.00", "{table}");
+        assert_eq!(cells("delivery p99.9 ms"), "1.50 4.00 6.00", "{table}");
+        assert_eq!(cells("deliveries/s"), "0.99 1000.00 990.00", "{table}");
+        // Not measured on one side: no figure there and no ratio.
+        assert_eq!(cells("lost (message, member) pairs"), "0.00 3.00 0.00", "{table}");
+        assert_eq!(cells("server cpu mean % of a core"), "- - 40.00", "{table}");
+        assert!(table.contains("against       fanout (nats) (nats://127.0.0.1:4222)"), "{table}");
+        assert!(!table.contains("ramp max sustained"), "no ramp, no ceiling row: {table}");
+        let json = serde_json::to_value(&ours).unwrap();
+        assert_eq!(json["against"]["lost"], 3, "the other run is in the JSON in full");
+    }
 
     #[test]
     fn costs_are_flat_json_with_null_where_not_measured() {

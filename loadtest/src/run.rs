@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use crate::Common;
 use crate::checker::{Acked, Tracker, verdict};
 use crate::cost::{Usage, per_message};
-use crate::load::{LoadSession, Membership, Population, SendPlan, write_phase};
+use crate::load::{EventHook, LoadSession, Membership, Population, SendPlan, write_phase};
 use crate::report::{Costs, Interval, Percentiles, RampStep, Report};
-use crate::resources::Sampler;
+use crate::resources::{Sample, Sampler};
 use crate::stats::{Clock, Stats};
 use crate::target::Target;
 
@@ -45,6 +45,17 @@ impl MessageLoad {
         membership: Membership,
         common: &Common,
     ) -> crate::Result<Self> {
+        Self::start_observing(target, pop, membership, common, None).await
+    }
+
+    /// As `start`, and hands every event other than a message entry to `hook`.
+    pub async fn start_observing(
+        target: &Target,
+        pop: &Population,
+        membership: Membership,
+        common: &Common,
+        hook: Option<EventHook>,
+    ) -> crate::Result<Self> {
         let clock = Clock::default();
         let raws = pop.connect_raw(0..pop.users.len()).await?;
         let stats = Arc::new(Stats::new(clock.now_ns(), common.max_seconds()));
@@ -52,7 +63,7 @@ impl MessageLoad {
         let sessions = raws
             .into_iter()
             .enumerate()
-            .map(|(i, raw)| LoadSession::start(i, raw, stats.clone(), clock, stop_rx.clone()))
+            .map(|(i, raw)| LoadSession::start(i, raw, stats.clone(), clock, stop_rx.clone(), hook.clone()))
             .collect();
         let period = Duration::from_secs(1);
         let broker_pid = target.pid.map(|pid| pid.to_string());
@@ -120,6 +131,28 @@ impl MessageLoad {
         (from, from + duration.as_secs().max(1) as usize)
     }
 
+    /// Takes session `i`'s control stream, to write requests of its own alongside the
+    /// message load (a session that sends messages has none during a phase).
+    pub fn take_send(&mut self, i: usize) -> Option<quinn::SendStream> {
+        self.sessions.get_mut(i)?.send.take()
+    }
+
+    /// Session `i`'s highest delivered seq (see `LoadSession::last_seq`).
+    pub fn last_seq(&self, i: usize) -> Arc<std::sync::atomic::AtomicU64> {
+        self.sessions[i].last_seq.clone()
+    }
+
+    /// The harness clock the run's latencies are measured on.
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// The run's collector (a scenario's own failed requests go to its `errors_total`,
+    /// which the run's error check reads).
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
     /// Marks the start of the measured phase for resource summaries (after set-up).
     pub fn mark_measured(&mut self) {
         self.measured_from_s = self.clock.now_ns() as f64 / 1e9;
@@ -165,28 +198,15 @@ impl MessageLoad {
     /// Runs `--ramp`: raises the rate by `common.ramp_factor` per step until p99 passes
     /// the bound or errors appear. Returns the steps.
     pub async fn ramp(&mut self, senders: &[(usize, Vec<ConvId>)], start_rate: f64, common: &Common) -> Vec<RampStep> {
-        let mut steps = Vec::new();
-        let mut rate = start_rate;
         let per_message = self.deliveries_per_message(senders);
-        for _ in 0..40 {
+        ramp_steps(start_rate, per_message, common, async |rate| {
             let errors_before = self.errors();
             let window = self.phase(senders, rate, common.ramp_step, common.size).await;
             self.drain(Duration::from_secs(5)).await;
             let (p, delivered_per_s) = self.window(window);
-            let ok = p.p99_ms <= common.ramp_p99_ms && self.errors() == errors_before;
-            steps.push(RampStep {
-                offered_rate: rate,
-                offered_deliveries_per_s: rate * per_message,
-                delivered_per_s,
-                p99_ms: p.p99_ms,
-                ok,
-            });
-            if !ok {
-                break;
-            }
-            rate *= common.ramp_factor;
-        }
-        steps
+            (p, delivered_per_s, self.errors() == errors_before)
+        })
+        .await
     }
 
     /// Deliveries one message makes on average: every member session of its
@@ -234,28 +254,8 @@ impl MessageLoad {
             harness: cost(&self.usage_at_start.1, &usage_at_end.1),
         };
         let (latency, ack_latency) = self.stats.totals();
-        let seconds = self.stats.seconds_seen();
         let broker_samples = self.broker.as_ref().map(Sampler::samples).unwrap_or_default();
-        let harness_samples = self.harness.samples();
-        // Phases start on a whole second: seconds before the first send hold nothing
-        // and would only drag the plotted means and lines to zero.
-        let first = (0..seconds).find(|&s| self.stats.sent_in(s) > 0).unwrap_or(0);
-        let timeline: Vec<Interval> = (first..seconds)
-            .map(|s| {
-                let (h, n) = self.stats.window(s, s + 1);
-                let p = Percentiles::from_us(&h);
-                Interval {
-                    t_s: (s + 1) as f64,
-                    sent_per_s: self.stats.sent_in(s) as f64,
-                    delivered_per_s: n as f64,
-                    p50_ms: p.p50_ms,
-                    p99_ms: p.p99_ms,
-                    broker_cpu_pct: broker_samples.get(s).or(broker_samples.last()).map_or(0.0, |x| x.cpu_pct),
-                    broker_rss_mib: broker_samples.get(s).or(broker_samples.last()).map_or(0.0, |x| x.rss_mib),
-                    harness_cpu_pct: harness_samples.get(s).or(harness_samples.last()).map_or(0.0, |x| x.cpu_pct),
-                }
-            })
-            .collect();
+        let timeline = timeline(&self.stats, &broker_samples, &self.harness.samples());
         let duration_s = measured_s.max(1e-3);
         let sent = self.stats.sent_total.load(Ordering::Relaxed);
         params.insert("broker".into(), self.broker_where.into());
@@ -293,6 +293,80 @@ impl MessageLoad {
     }
 }
 
+/// Per-second figures of a run, from its first second with a send: seconds before it
+/// hold nothing and would only drag the plotted means and lines to zero. `broker` and
+/// `harness` are one-second resource samples.
+pub fn timeline(stats: &Stats, broker: &[Sample], harness: &[Sample]) -> Vec<Interval> {
+    let seconds = stats.seconds_seen();
+    let first = (0..seconds).find(|&s| stats.sent_in(s) > 0).unwrap_or(0);
+    (first..seconds)
+        .map(|s| {
+            let (h, n) = stats.window(s, s + 1);
+            let p = Percentiles::from_us(&h);
+            Interval {
+                t_s: (s + 1) as f64,
+                sent_per_s: stats.sent_in(s) as f64,
+                delivered_per_s: n as f64,
+                p50_ms: p.p50_ms,
+                p99_ms: p.p99_ms,
+                broker_cpu_pct: broker.get(s).or(broker.last()).map_or(0.0, |x| x.cpu_pct),
+                broker_rss_mib: broker.get(s).or(broker.last()).map_or(0.0, |x| x.rss_mib),
+                harness_cpu_pct: harness.get(s).or(harness.last()).map_or(0.0, |x| x.cpu_pct),
+            }
+        })
+        .collect()
+}
+
+/// The ramp of `--ramp`, for any load: `step(rate)` runs one step of
+/// `common.ramp_step` at `rate` messages/s, drains it and returns its delivery latency,
+/// its deliveries/s and whether it ran without errors. The rate grows by
+/// `common.ramp_factor` per step until p99 passes `common.ramp_p99_ms` or a step has
+/// errors (at most 40 steps). `per_message` is the deliveries one message makes.
+pub async fn ramp_steps(
+    start_rate: f64,
+    per_message: f64,
+    common: &Common,
+    mut step: impl AsyncFnMut(f64) -> (Percentiles, f64, bool),
+) -> Vec<RampStep> {
+    let mut steps = Vec::new();
+    let mut rate = start_rate;
+    for _ in 0..40 {
+        let (p, delivered_per_s, no_errors) = step(rate).await;
+        let ok = p.p99_ms <= common.ramp_p99_ms && no_errors;
+        steps.push(RampStep {
+            offered_rate: rate,
+            offered_deliveries_per_s: rate * per_message,
+            delivered_per_s,
+            p99_ms: p.p99_ms,
+            ok,
+        });
+        if !ok {
+            break;
+        }
+        rate *= common.ramp_factor;
+    }
+    steps
+}
+
+/// Ramp steps' parameters and figures on a report: the rate becomes the ramp's, and the
+/// fastest step that kept up is the result.
+pub fn ramp_report(report: &mut Report, ramp: Vec<RampStep>, common: &Common) {
+    if let Some(first) = report.params.remove("rate") {
+        let step = common.ramp_step.as_secs_f64();
+        report.params.insert("rate".into(), format!("ramp from {first}, x{} every {step} s", common.ramp_factor));
+    }
+    report.params.remove("offered");
+    let best = ramp
+        .iter()
+        .filter(|s| s.ok)
+        .map(|s| (s.offered_rate, s.delivered_per_s))
+        .fold((0.0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+    report.extra.insert("ramp_max_sustained_rate_msgs_per_s".into(), best.0);
+    report.extra.insert("ramp_max_sustained_deliveries_per_s".into(), best.1);
+    report.check("ramp found a sustainable rate", best.1 > 0.0, format!("{:.0} deliveries/s", best.1));
+    report.ramp = ramp;
+}
+
 async fn progress(stats: Arc<Stats>) {
     let bar = indicatif::ProgressBar::new_spinner();
     let start = std::time::Instant::now();
@@ -317,29 +391,44 @@ async fn progress(stats: Arc<Stats>) {
 
 /// Finishes a message scenario the same way for all: normal run or ramp, then report.
 pub async fn run_messages(
+    load: MessageLoad,
+    senders: Vec<(usize, Vec<ConvId>)>,
+    rate: f64,
+    scenario: &str,
+    params: BTreeMap<String, String>,
+    common: &Common,
+) -> crate::Result<Report> {
+    Ok(run_messages_alongside(load, senders, rate, scenario, params, common, |_| async {}).await?.0)
+}
+
+/// As `run_messages`, with `side` running for as long as messages are sent: it is
+/// started with a receiver that turns `true` when the sending ends (before the drain, so
+/// the events it caused are still read), and awaited before the report is made.
+pub async fn run_messages_alongside<T, F>(
     mut load: MessageLoad,
     senders: Vec<(usize, Vec<ConvId>)>,
     rate: f64,
     scenario: &str,
     mut params: BTreeMap<String, String>,
     common: &Common,
-) -> crate::Result<Report> {
+    side: impl FnOnce(watch::Receiver<bool>) -> F,
+) -> crate::Result<(Report, T)>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     load.mark_measured();
+    let (done, done_rx) = watch::channel(false);
+    let side = tokio::spawn(side(done_rx));
     let ramp = if common.ramp {
         load.ramp(&senders, rate, common).await
     } else {
         load.phase(&senders, rate, common.duration, common.size).await;
         Vec::new()
     };
+    let _ = done.send(true);
+    let side = side.await?;
     params.insert("size".into(), format!("{} B", common.size));
-    if common.ramp {
-        // The scenario's rate is only the first step's.
-        params.remove("offered");
-        if let Some(first) = params.remove("rate") {
-            let step = common.ramp_step.as_secs_f64();
-            params.insert("rate".into(), format!("ramp from {first}, x{} every {step} s", common.ramp_factor));
-        }
-    }
     let measured_s =
         if common.ramp { ramp.len() as f64 * common.ramp_step.as_secs_f64() } else { common.duration.as_secs_f64() };
     let mut report = load.finish(scenario, params, measured_s, common).await?;
@@ -351,17 +440,9 @@ pub async fn run_messages(
             report.out_of_order == 0,
             format!("{} out of order", report.out_of_order),
         );
-        let best = ramp
-            .iter()
-            .filter(|s| s.ok)
-            .map(|s| (s.offered_rate, s.delivered_per_s))
-            .fold((0.0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
-        report.extra.insert("ramp_max_sustained_rate_msgs_per_s".into(), best.0);
-        report.extra.insert("ramp_max_sustained_deliveries_per_s".into(), best.1);
-        report.check("ramp found a sustainable rate", best.1 > 0.0, format!("{:.0} deliveries/s", best.1));
-        report.ramp = ramp;
+        ramp_report(&mut report, ramp, common);
     } else {
         report.delivery_checks();
     }
-    Ok(report)
+    Ok((report, side))
 }

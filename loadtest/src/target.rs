@@ -125,9 +125,16 @@ impl Target {
 
     /// Stops an owned broker (closing stdin asks the child to shut down cleanly).
     pub async fn stop(self) -> Result<()> {
+        self.stop_keeping_data().await.map(drop)
+    }
+
+    /// Stops an owned broker and hands back its temp dir, so its store can be opened
+    /// (the data dir is `data` inside it; removed when the returned value drops). `None`
+    /// for a broker this harness does not own.
+    pub async fn stop_keeping_data(self) -> Result<Option<tempfile::TempDir>> {
         match self.owned {
-            Owned::None => Ok(()),
-            Owned::Child(mut child, _dir) => {
+            Owned::None => Ok(None),
+            Owned::Child(mut child, dir) => {
                 drop(child.stdin.take());
                 match tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await {
                     Ok(status) => {
@@ -138,9 +145,12 @@ impl Target {
                     }
                     Err(_) => child.kill().await.map_err(Error::io("killing the embedded broker"))?,
                 }
-                Ok(())
+                Ok(Some(dir))
             }
-            Owned::InProcess(broker, _dir) => Ok(broker.shutdown().await?),
+            Owned::InProcess(broker, dir) => {
+                broker.shutdown().await?;
+                Ok(Some(dir))
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ fn assert_passed(report: &Report) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_small() {
     bounded(async {
-        let args = scenario::fanout::Args { members: 8, senders: 2, rate: 50.0 };
+        let args = scenario::fanout::Args { members: 8, senders: 2, rate: 50.0, ..Default::default() };
         let report = scenario::fanout::run(&small(), &args).await.unwrap();
         assert_passed(&report);
         assert!(report.acked >= 90, "{}", report.table());
@@ -49,7 +49,7 @@ async fn cost_per_message_of_a_broker_process() {
             broker_pid: Some(std::process::id()),
             ..small()
         };
-        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
+        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, ..Default::default() };
         let report = scenario::fanout::run(&common, &args).await.unwrap();
         assert_passed(&report);
         assert_cost_measured(report.cost.broker.as_ref(), &report);
@@ -120,7 +120,7 @@ async fn soak_small() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ramp_finds_a_ceiling_and_reports_steps() {
     bounded(async {
-        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0 };
+        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, ..Default::default() };
         let common = Common {
             ramp: true,
             ramp_step: Duration::from_secs(1),
@@ -154,6 +154,47 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
     .await
 }
 
+/// `--against` needs a payload that can carry sender and number: refused before anything
+/// starts (no broker, no NATS server needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_nats_needs_room_for_the_message_number() {
+    bounded(async {
+        let args = scenario::fanout::Args {
+            members: 4,
+            senders: 1,
+            rate: 20.0,
+            against: Some("nats://127.0.0.1:4222".into()),
+            nats_pid: None,
+        };
+        let common = Common { size: 27, ..small() };
+        let err = scenario::fanout::run(&common, &args).await.unwrap_err();
+        assert!(matches!(err, switchboard_loadtest::Error::InvalidArgs(_)), "{err}");
+        assert!(err.to_string().contains("at least 28"), "{err}");
+        let args = scenario::fanout::Args { against: None, nats_pid: Some(1), ..args };
+        let err = scenario::fanout::run(&small(), &args).await.unwrap_err();
+        assert!(err.to_string().contains("--nats-pid needs --against"), "{err}");
+    })
+    .await
+}
+
+/// A NATS server that cannot be reached fails the run at once, before the Switchboard
+/// half spends its duration (here a port nothing listens on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_an_unreachable_nats_server_fails_first() {
+    bounded(async {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("nats://127.0.0.1:{port}");
+        let args =
+            scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, against: Some(url.clone()), nats_pid: None };
+        let common = Common { duration: Duration::from_secs(60), ..small() };
+        let started = std::time::Instant::now();
+        let err = scenario::fanout::run(&common, &args).await.unwrap_err();
+        assert!(matches!(&err, switchboard_loadtest::Error::Nats { url: u, .. } if *u == url), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30), "failed before the 60 s run: {:?}", started.elapsed());
+    })
+    .await
+}
+
 #[test]
 fn plot_and_json_render() {
     let mut report = Report { scenario: "x".into(), ..Default::default() };
@@ -162,4 +203,75 @@ fn plot_and_json_render() {
     switchboard_loadtest::plot::write_png(&report, &dir.path().join("p.png")).unwrap();
     let png = std::fs::read(dir.path().join("p.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+}
+
+/// Receipts under a message load: every reader's mark reaches every sender, timed next to
+/// the message fan-out of the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_small() {
+    bounded(async {
+        let args = scenario::receipts::Args {
+            members: 6,
+            senders: 2,
+            rate: 40.0,
+            readers: 3,
+            mark_interval: Duration::from_millis(300),
+        };
+        let report = scenario::receipts::run(&small(), &args).await.unwrap();
+        let table = report.table();
+        assert_passed(&report);
+        let receipt = &report.event_latency["receipt"];
+        // Each reader marks about every 300 ms for 2 s, and each mark is seen by 2 senders.
+        assert!(report.extra["read_marks_made"] >= 6.0, "{table}");
+        assert_eq!(report.extra["read_marks_missed"], 0.0, "{table}");
+        assert_eq!(receipt.count as f64, report.extra["read_marks_made"] * 2.0, "{table}");
+        assert!(receipt.p99_ms > 0.0 && report.extra["message_fanout_p99_ms"] > 0.0, "{table}");
+        assert!(table.contains("receipt       p50"), "{table}");
+    })
+    .await
+}
+
+/// Presence and typing under a message load: every change reaches every other member
+/// (or is replaced by a later one that does), timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_small() {
+    bounded(async {
+        let args = scenario::presence::Args {
+            members: 6,
+            senders: 1,
+            rate: 20.0,
+            flappers: 2,
+            typers: 2,
+            interval: Duration::from_millis(800),
+        };
+        let report = scenario::presence::run(&small(), &args).await.unwrap();
+        let table = report.table();
+        assert_passed(&report);
+        for label in ["presence away", "typing"] {
+            assert!(report.event_latency.get(label).is_some_and(|p| p.count > 0), "{label}: {table}");
+        }
+        assert_eq!(report.extra["presence_changes_missed"], 0.0, "{table}");
+        assert_eq!(report.extra["typing_changes_missed"], 0.0, "{table}");
+        assert!(report.extra["typing_changes_made"] >= 2.0, "{table}");
+    })
+    .await
+}
+
+/// A device that missed messages in two conversations catches them all up, gapless,
+/// and the same entries are read from the stopped broker's store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catchup_small() {
+    bounded(async {
+        let args = scenario::catchup::Args { messages: 2_500, convs: 2, page: 1000, fill_window: 64 };
+        let report = scenario::catchup::run(&small(), &args).await.unwrap();
+        let table = report.table();
+        assert_passed(&report);
+        assert_eq!(report.delivered, 2_500, "{table}");
+        // Two pages of 1000 and one of 250 per conversation at least (plus the creation entry).
+        assert!(report.event_latency["catch-up page"].count >= 4, "{table}");
+        assert_eq!(report.extra["catchup_entries"], 2_502.0, "each conversation's creation entry too: {table}");
+        assert!(report.extra["store_read_seconds"] > 0.0, "{table}");
+        assert!(report.extra["catchup_messages_per_s"] > 0.0, "{table}");
+    })
+    .await
 }

@@ -1,8 +1,11 @@
 //! Scenarios: each file sets up users and conversations and says who sends where.
 
+pub mod catchup;
 pub mod direct;
 pub mod fanout;
 pub mod groups;
+pub mod presence;
+pub mod receipts;
 pub mod soak;
 pub mod storm;
 
