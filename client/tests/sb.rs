@@ -413,14 +413,27 @@ async fn tail_shows_typing_presence_and_reads() {
     let id = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
     let conv = id.to_string();
     let seq = sb(&alice, &broker, &["send", &conv, "hi"])[0]["seq"].as_u64().unwrap();
-    let mut tail = sb_command(&bob, &broker).arg("tail").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    let mut lines = BufReader::new(tail.stdout.take().unwrap()).lines();
-    let mut wait_for = |what: &str| {
+    let tail = sb_command(&bob, &broker).arg("tail").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    // Killed if the test fails before it interrupts the tail.
+    let mut tail = KillOnDrop(Some(tail));
+    let tail_out = tail.0.as_mut().unwrap().stdout.take().unwrap();
+    // Lines through a channel, so that every wait has a deadline.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(tail_out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_for = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            assert!(Instant::now() < deadline, "no line {what:?}");
-            if lines.next().unwrap().unwrap() == what {
-                return;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == what => return,
+                Ok(_) => {}
+                Err(_) => panic!("no line {what:?}"),
             }
         }
     };
@@ -435,5 +448,17 @@ async fn tail_shows_typing_presence_and_reads() {
     assert_eq!(presence[0]["name"], "bob");
     assert_eq!(presence[0]["state"], "online");
     assert_eq!(presence[1], serde_json::json!({"name": "nobody", "state": null}));
-    interrupt(tail);
+    interrupt(tail.0.take().unwrap());
+}
+
+/// A child process killed when dropped (a failed assertion must not leave it running).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
