@@ -11,6 +11,9 @@
 //! # Ok(()) }
 //! ```
 
+mod cursors;
+mod merge;
+mod session;
 mod tls;
 
 use std::collections::HashMap;
@@ -32,6 +35,12 @@ use switchboard_protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+pub use cursors::{CursorStore, Cursors, FileCursors, MemoryCursors};
+pub use merge::{Fetch, Merge};
+pub use session::{
+    Backoff, Session, SessionConfig, SessionError, SessionEvent, SessionEvents, TYPING_REFRESH_MS, permanent,
+    retry_safe,
+};
 pub use switchboard_protocol as protocol;
 pub use tls::{TransportOptions, Trust};
 

@@ -28,9 +28,13 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use switchboard_client::{Client, ClientError, Connector, Identity, Trust, hex};
+use switchboard_client::{
+    Client, ClientError, Connector, FileCursors, Identity, Session, SessionConfig, SessionError, SessionEvent,
+    TYPING_REFRESH_MS, Trust, hex, new_client_id, unhex,
+};
 use switchboard_protocol::{
-    Body, ConvId, ConversationKind, ConversationSummary, Entry, Event, Page, Role, Seq, UserId,
+    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, Page, PresenceInfo, PresenceState,
+    Receipt, RequestBody, Role, Seq, Signal, UserId,
 };
 
 #[derive(Parser)]
@@ -86,8 +90,16 @@ enum Command {
         #[command(subcommand)]
         command: ConvCommand,
     },
-    /// Send a text message.
-    Send { conv: ConvId, text: String },
+    /// Send a text message; prints its seq.
+    Send {
+        conv: ConvId,
+        text: String,
+        /// Idempotency key, 32 hex digits: sending again with the same key sends nothing
+        /// new and prints the same seq (`duplicate`), so a script may retry safely.
+        /// Default: a fresh random key (printed with --json).
+        #[arg(long)]
+        client_id: Option<String>,
+    },
     /// Replace the text of one of my messages.
     Edit { conv: ConvId, seq: Seq, text: String },
     /// Delete one of my messages.
@@ -105,8 +117,21 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u16,
     },
-    /// Print events as they arrive, until interrupted.
+    /// Print what happens, until interrupted: messages (first every one not printed
+    /// before by a tail of this device, in order), receipts, presence and typing.
+    /// Reconnects by itself; stops for good only if the device is revoked.
     Tail,
+    /// Mark a conversation read up to a seq.
+    Read { conv: ConvId, seq: Seq },
+    /// Presence of users (names) who share a conversation with me; all of them if none.
+    Presence { users: Vec<String> },
+    /// Say I am typing in a conversation, until interrupted or for --seconds.
+    Typing {
+        conv: ConvId,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// My devices.
     Devices {
         #[command(subcommand)]
@@ -125,7 +150,7 @@ enum ConvCommand {
         #[arg(required = true)]
         users: Vec<String>,
     },
-    /// List my conversations.
+    /// List my conversations with their unread counts.
     List,
     /// List the members of a conversation.
     Members { conv: ConvId },
@@ -181,7 +206,11 @@ fn main() {
 /// The `error` object of a JSON error line: the broker's code, its name and the
 /// broker's own message, or `null` code and name for a failure of sb's own.
 fn error_json(e: &anyhow::Error) -> serde_json::Value {
-    let (code, message) = match e.downcast_ref::<ClientError>() {
+    let client = e.downcast_ref::<ClientError>().or_else(|| match e.downcast_ref::<SessionError>() {
+        Some(SessionError::Client(c)) => Some(c),
+        _ => None,
+    });
+    let (code, message) = match client {
         Some(ClientError::Server(body)) => (body.code, &body.message),
         Some(ClientError::Closed { code: Some(code), reason }) => (*code, reason),
         _ => return json!({"code": null, "name": null, "message": format!("{e:#}")}),
@@ -229,8 +258,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cli.broker.apply(s);
                 Ok(())
             })?;
-            let client = connector.connect(identity).await?;
-            authed(&client, &out, command).await?;
+            if let Command::Tail = command {
+                tail(&connector, identity, &home, &out).await?;
+            } else {
+                let client = connector.connect(identity).await?;
+                authed(&client, &out, command).await?;
+            }
         }
     }
     connector.endpoint().wait_idle().await;
@@ -246,11 +279,11 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
                     (None, [peer]) => client.create_direct(peer).await?,
                     (title, _) => client.create_group(title.as_deref().unwrap_or("group"), &users).await?,
                 };
-                out.conversation(&conv);
+                out.conversation(&conv, None);
             }
             ConvCommand::List => {
-                for conv in client.conversations().await? {
-                    out.conversation(&conv);
+                for state in client.conversation_states().await? {
+                    out.conversation_state(&state);
                 }
             }
             ConvCommand::Members { conv } => {
@@ -268,7 +301,18 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
             ConvCommand::Remove { conv, user } => out.seq(conv, client.remove_member(conv, user).await?),
             ConvCommand::Leave { conv } => out.seq(conv, client.leave(conv).await?),
         },
-        Command::Send { conv, text } => out.seq(conv, client.send(conv, &text).await?),
+        Command::Send { conv, text, client_id } => {
+            let client_id = match client_id {
+                Some(h) => unhex(&h)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .context("--client-id takes 32 hex digits (16 bytes)")?,
+                None => new_client_id(),
+            };
+            let (seq, duplicate) = client.send_with_id(conv, client_id, &text).await?;
+            out.line(json!({"conv": conv, "seq": seq, "client_id": hex(&client_id), "duplicate": duplicate}), || {
+                format!("conv {conv} seq {seq}{}", if duplicate { " (sent before)" } else { "" })
+            });
+        }
         Command::Edit { conv, seq, text } => out.seq(conv, client.edit(conv, seq, &text).await?),
         Command::Delete { conv, seq } => out.seq(conv, client.delete(conv, seq).await?),
         Command::History { conv, before, after, limit } => {
@@ -283,24 +327,51 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
                 out.entry(&e, &names.of(client, e.conv, e.sender).await);
             }
         }
-        Command::Tail => {
-            let mut events = client.events().context("event stream already taken")?;
-            let mut names = Names::default();
-            loop {
-                tokio::select! {
-                    event = events.next() => match event {
-                        Some(Event::Entry(e)) => {
-                            let name = names.of(client, e.conv, e.sender).await;
-                            out.entry(&e, &name);
-                        }
-                        // TODO(issue 8): receipts, presence and typing, readably.
-                        Some(_) => {}
-                        // Keep the close code: the caller prints it (in JSON too).
-                        None => return Err(client.closed().await.into()),
-                    },
-                    _ = tokio::signal::ctrl_c() => break,
+        Command::Tail => unreachable!("runs on a session"),
+        Command::Read { conv, seq } => {
+            let r = client.mark_read(conv, seq).await?;
+            let read = r.read_up_to.unwrap_or(seq);
+            out.line(
+                json!({"conv": r.conv, "user": r.user, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
+                || format!("conv {} read up to {read}", r.conv),
+            );
+        }
+        Command::Presence { users } => {
+            let all = client.presence(&[]).await?;
+            let now = now_ms();
+            if users.is_empty() {
+                for p in &all {
+                    out.presence(p, now);
                 }
             }
+            for name in &users {
+                match all.iter().find(|p| &p.name == name) {
+                    Some(p) => out.presence(p, now),
+                    None => out.line(json!({"name": name, "state": null}), || {
+                        format!("{name}: unknown, or shares no conversation with me")
+                    }),
+                }
+            }
+        }
+        Command::Typing { conv, seconds } => {
+            // A repeat every TYPING_REFRESH_MS keeps the indicator up (it expires after
+            // twice that); a stop ends it at once.
+            client.signal(Signal::Typing { conv, typing: true }).await?;
+            out.line(json!({"event": "typing", "conv": conv, "typing": true}), || format!("typing in {conv}"));
+            let until = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+            let mut refresh = tokio::time::interval(std::time::Duration::from_millis(TYPING_REFRESH_MS));
+            refresh.tick().await;
+            loop {
+                tokio::select! {
+                    _ = refresh.tick() => client.signal(Signal::Typing { conv, typing: true }).await?,
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = interrupted() => break,
+                }
+            }
+            client.signal(Signal::Typing { conv, typing: false }).await?;
+            // The answer comes after the broker has read the stop signal before it.
+            client.ping().await?;
+            out.line(json!({"event": "typing", "conv": conv, "typing": false}), || format!("stopped typing in {conv}"));
         }
         Command::Devices { command } => match command.unwrap_or(DeviceCommand::List) {
             DeviceCommand::List => {
@@ -336,17 +407,73 @@ impl Out {
         }
     }
 
+    /// A change of the connection: a JSON line, or a human line on stderr (stdout
+    /// keeps only what happened in conversations).
+    fn status(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
+        if self.json {
+            println!("{value}");
+        } else {
+            eprintln!("sb: {}", terminal_safe(&human()));
+        }
+    }
+
     fn seq(&self, conv: ConvId, seq: Seq) {
         self.line(json!({"conv": conv, "seq": seq}), || format!("conv {conv} seq {seq}"));
     }
 
-    fn conversation(&self, c: &ConversationSummary) {
+    fn conversation(&self, c: &ConversationSummary, state: Option<&ConversationState>) {
         let kind = format!("{:?}", c.kind).to_lowercase();
         let role = format!("{:?}", c.my_role).to_lowercase();
+        let mut value = json!({"conv": c.id, "kind": kind, "title": c.title, "last_seq": c.last_seq, "members": c.member_count, "role": role});
+        if let Some(s) = state {
+            value["unread"] = json!(s.unread);
+            value["read_up_to"] = json!(s.read_up_to);
+            value["delivered_up_to"] = json!(s.delivered_up_to);
+        }
+        self.line(value, || {
+            let unread = state.map_or(String::new(), |s| format!("  {} unread", s.unread));
+            format!(
+                "{:>6}  {:<7} {:<24} last seq {:<8} {} members{unread}",
+                c.id, kind, c.title, c.last_seq, c.member_count
+            )
+        });
+    }
+
+    fn conversation_state(&self, s: &ConversationState) {
+        self.conversation(&s.summary, Some(s));
+    }
+
+    /// `[7] bob read up to #12 (delivered #14)`, or `[7] bob received up to #14` when
+    /// the reads are private or none were made.
+    fn receipt(&self, r: &Receipt, name: &str) {
         self.line(
-            json!({"conv": c.id, "kind": kind, "title": c.title, "last_seq": c.last_seq, "members": c.member_count, "role": role}),
-            || format!("{:>6}  {:<7} {:<24} last seq {:<8} {} members", c.id, kind, c.title, c.last_seq, c.member_count),
+            json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
+            || match r.read_up_to {
+                Some(read) if read > 0 => {
+                    format!("[{}] {name} read up to #{read} (delivered #{})", r.conv, r.delivered_up_to)
+                }
+                _ => format!("[{}] {name} received up to #{}", r.conv, r.delivered_up_to),
+            },
         );
+    }
+
+    /// `alice is away (last seen 3 min ago)`.
+    fn presence(&self, p: &PresenceInfo, now_ms: u64) {
+        let state = presence_name(p.state);
+        self.line(
+            json!({"event": "presence", "user": p.user, "name": p.name, "state": state, "last_seen_ms": p.last_seen_ms}),
+            || match (p.state, p.last_seen_ms) {
+                (PresenceState::Online, _) => format!("{} is online", p.name),
+                (_, 0) => format!("{} is {state} (never seen)", p.name),
+                (_, seen) => format!("{} is {state} (last seen {})", p.name, ago(now_ms.saturating_sub(seen))),
+            },
+        );
+    }
+
+    fn typing(&self, conv: ConvId, user: UserId, name: &str, typing: bool) {
+        self.line(json!({"event": "typing", "conv": conv, "user": user, "user_name": name, "typing": typing}), || {
+            if typing { format!("{name} is typing in {conv}") } else { format!("{name} stopped typing in {conv}") }
+        });
     }
 
     fn entry(&self, e: &Entry, sender: &str) {
@@ -360,6 +487,98 @@ impl Out {
             || format!("[{} #{}] {}: {}", e.conv, e.seq, sender, text),
         );
     }
+}
+
+fn presence_name(state: PresenceState) -> &'static str {
+    match state {
+        PresenceState::Online => "online",
+        PresenceState::Away => "away",
+        PresenceState::Offline => "offline",
+    }
+}
+
+/// `42 s ago`, `3 min ago`, `5 h ago`, `2 days ago`.
+fn ago(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s} s ago"),
+        60..3600 => format!("{} min ago", s / 60),
+        3600..86_400 => format!("{} h ago", s / 3600),
+        _ => format!("{} days ago", s / 86_400),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Resolves on Ctrl-C or, on unix, SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `sb tail`: a reconnecting session whose cursors live in `HOME/cursors.json`, so a
+/// tail started again prints only what no tail of this device printed before (after a
+/// crash, at most the last `persist_ms` of it again). Connection changes go to stderr
+/// (or as JSON lines); a revoked device ends it with the close code.
+async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out) -> anyhow::Result<()> {
+    let store = FileCursors::new(home.join("cursors.json"), identity.user_id, identity.device_id);
+    let config = SessionConfig { persist_ms: 200, ..SessionConfig::default() };
+    let (session, mut events) = Session::start(connector.clone(), identity.clone(), std::sync::Arc::new(store), config)
+        .with_context(|| format!("reading {}", home.join("cursors.json").display()))?;
+    let mut names = Names::default();
+    let stop = interrupted();
+    tokio::pin!(stop);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = &mut stop => break,
+        };
+        match event {
+            Some(SessionEvent::Entry(e)) => {
+                let name = names.of(&session, e.conv, e.sender).await;
+                out.entry(&e, &name);
+            }
+            Some(SessionEvent::Receipt(r)) => {
+                let name = names.of(&session, r.conv, r.user).await;
+                out.receipt(&r, &name);
+            }
+            Some(SessionEvent::Presence(p)) => out.presence(&p, now_ms()),
+            Some(SessionEvent::Typing { conv, user, typing }) => {
+                let name = names.of(&session, conv, user).await;
+                out.typing(conv, user, &name, typing);
+            }
+            Some(SessionEvent::Connected) => out.status(json!({"event": "connected"}), || "connected".into()),
+            Some(SessionEvent::CaughtUp) => out.status(json!({"event": "caught_up"}), || "caught up".into()),
+            Some(SessionEvent::Disconnected { error, retry_in_ms }) => {
+                let e = anyhow::Error::from(error);
+                out.status(
+                    json!({"event": "disconnected", "error": error_json(&e), "retry_in_ms": retry_in_ms}),
+                    || format!("disconnected ({e}); reconnecting in {:.1} s", retry_in_ms as f64 / 1000.0),
+                );
+            }
+            // The caller prints the close code (in JSON too).
+            Some(SessionEvent::Stopped(error)) => return Err(error.into()),
+            None => bail!("the session ended"),
+        }
+    }
+    // Saves the cursors and reports what was printed as delivered.
+    session.close().await;
+    Ok(())
 }
 
 fn describe(body: &Body) -> (&'static str, String) {
@@ -403,16 +622,37 @@ fn is_terminal_unsafe(c: char) -> bool {
         || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
-/// User names per conversation, fetched once per conversation.
+/// Where names come from: a plain connection or a session.
+trait MemberSource {
+    async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>>;
+}
+
+impl MemberSource for Client {
+    async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>> {
+        Some(self.members(conv).await.ok()?.into_iter().map(|m| (m.user_id, m.name)).collect())
+    }
+}
+
+impl MemberSource for Session {
+    async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>> {
+        match self.request(RequestBody::Members { conv }).await.ok()? {
+            switchboard_protocol::Reply::Members(m) => Some(m.into_iter().map(|m| (m.user_id, m.name)).collect()),
+            _ => None,
+        }
+    }
+}
+
+/// User names per conversation, fetched once per conversation (again when an unknown
+/// user shows up, who may have joined since).
 #[derive(Default)]
 struct Names(HashMap<ConvId, HashMap<UserId, String>>);
 
 impl Names {
-    async fn of(&mut self, client: &Client, conv: ConvId, user: UserId) -> String {
+    async fn of(&mut self, source: &impl MemberSource, conv: ConvId, user: UserId) -> String {
         if !self.0.get(&conv).is_some_and(|m| m.contains_key(&user))
-            && let Ok(members) = client.members(conv).await
+            && let Some(members) = source.member_names(conv).await
         {
-            self.0.insert(conv, members.into_iter().map(|m| (m.user_id, m.name)).collect());
+            self.0.insert(conv, members);
         }
         self.0.get(&conv).and_then(|m| m.get(&user)).cloned().unwrap_or_else(|| format!("user#{user}"))
     }

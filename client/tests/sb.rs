@@ -33,6 +33,59 @@ fn sb_command(home: &Path, broker: &Broker) -> Command {
     command
 }
 
+/// Reads a `--json tail`'s lines until the entry `conv`/`seq`; returns the entries
+/// (lines without an `event` key), skipping connection, receipt and presence lines.
+fn entries_until(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    conv: u64,
+    seq: u64,
+) -> Vec<serde_json::Value> {
+    let mut entries = Vec::new();
+    loop {
+        let line = lines.next().expect("the tail is running").unwrap();
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if value.get("event").is_some() {
+            continue;
+        }
+        let done = value["conv"].as_u64() == Some(conv) && value["seq"].as_u64() == Some(seq);
+        entries.push(value);
+        if done {
+            return entries;
+        }
+    }
+}
+
+/// `sb --json tail` of `home`, its stdout as lines.
+fn spawn_tail(home: &Path) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_sb"))
+        .env("SWITCHBOARD_HOME", home)
+        .args(["--json", "tail"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(tail.stdout.take().unwrap()).lines();
+    (tail, lines)
+}
+
+/// Interrupts `child` as Ctrl-C would and waits for it to exit, successfully.
+fn interrupt(mut child: std::process::Child) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            return;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("sb did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8(stdout.to_vec()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
@@ -61,18 +114,20 @@ async fn register_create_send_history_and_tail() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(tail.stdout.take().unwrap()).lines();
-    // Sends spaced out while the tail connects: it must print one of them (the first
-    // that arrives after it is online).
+    // Sends spaced out while the tail connects: it prints each of them, in order, once
+    // (those sent before it was online by catching up).
     let mut sent = Vec::new();
     for i in 0..6 {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let r = sb(&alice, &broker, &["send", &id, &format!("hello {i}")]);
         sent.push(r[0]["seq"].as_u64().unwrap());
     }
-    let line: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert_eq!(line["sender_name"], "alice");
-    assert!(line["text"].as_str().unwrap().starts_with("hello "));
-    assert!(sent.contains(&line["seq"].as_u64().unwrap()));
+    let entries = entries_until(&mut lines, id.parse().unwrap(), *sent.last().unwrap());
+    assert_eq!(entries[0]["kind"], "created");
+    let hellos: Vec<&serde_json::Value> = entries.iter().filter(|e| e["kind"] == "text").collect();
+    assert_eq!(hellos.iter().map(|e| e["seq"].as_u64().unwrap()).collect::<Vec<_>>(), sent);
+    assert_eq!(hellos[0]["sender_name"], "alice");
+    assert_eq!(hellos[0]["text"], "hello 0");
     tail.kill().unwrap();
     let _ = tail.wait();
 
@@ -260,4 +315,150 @@ async fn errors_show_code_name_and_message() {
         "no device here yet: run `sb register NAME` or `sb login NAME`",
         serde_json::json!({"code": null, "name": null, "message": "no device here yet: run `sb register NAME` or `sb login NAME`"}),
     );
+}
+
+/// `sb send --client-id` is safe to retry: the same id gives the same seq, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_with_a_client_id_is_safe_to_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let id = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap().to_string();
+    let key = "00112233445566778899aabbccddeeff";
+    let first = sb(&alice, &broker, &["send", &id, "pay the rent", "--client-id", key]);
+    assert_eq!(first[0]["duplicate"], false);
+    assert_eq!(first[0]["client_id"], key);
+    let again = sb(&alice, &broker, &["send", &id, "pay the rent", "--client-id", key]);
+    assert_eq!(again[0]["seq"], first[0]["seq"]);
+    assert_eq!(again[0]["duplicate"], true);
+    let human = sb_output(&alice, &broker, &["send", &id, "pay the rent", "--client-id", key]);
+    let seq = first[0]["seq"].as_u64().unwrap();
+    assert_eq!(String::from_utf8_lossy(&human.stdout), format!("conv {id} seq {seq} (sent before)\n"));
+    let history = sb(&bob, &broker, &["history", &id]);
+    assert_eq!(history.iter().filter(|e| e["text"] == "pay the rent").count(), 1);
+    // A fresh send gets a fresh key and seq.
+    let other = sb(&alice, &broker, &["send", &id, "again"]);
+    assert_ne!(other[0]["client_id"], key);
+    assert_eq!(other[0]["seq"].as_u64(), Some(seq + 1));
+    let bad = sb_output(&alice, &broker, &["send", &id, "x", "--client-id", "abc"]);
+    assert!(!bad.status.success());
+    assert_eq!(String::from_utf8_lossy(&bad.stderr), "error: --client-id takes 32 hex digits (16 bytes)\n");
+}
+
+/// `sb conv list` shows unread counts; `sb read` moves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_moves_the_unread_count_in_conv_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let id = sb(&alice, &broker, &["conv", "create", "--title", "plans", "bob"])[0]["conv"].as_u64().unwrap();
+    let conv = id.to_string();
+    for i in 0..3 {
+        sb(&alice, &broker, &["send", &conv, &format!("m{i}")]);
+    }
+    let list = sb(&bob, &broker, &["conv", "list"]);
+    assert_eq!((list[0]["conv"].as_u64(), list[0]["unread"].as_u64()), (Some(id), Some(3)));
+    let human = sb_output(&bob, &broker, &["conv", "list"]);
+    assert!(String::from_utf8_lossy(&human.stdout).trim_end().ends_with("3 unread"));
+
+    let read = sb(&bob, &broker, &["read", &conv, "3"]);
+    assert_eq!(read[0]["read_up_to"].as_u64(), Some(3));
+    let list = sb(&bob, &broker, &["conv", "list"]);
+    assert_eq!(list[0]["unread"].as_u64(), Some(1), "seq 4 is still unread");
+    // Alice's own messages are never unread for her.
+    assert_eq!(sb(&alice, &broker, &["conv", "list"])[0]["unread"].as_u64(), Some(0));
+}
+
+/// A tail interrupted and started again prints only what it has not printed before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let id = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let conv = id.to_string();
+    let mut last = 0;
+    for i in 0..3 {
+        last = sb(&alice, &broker, &["send", &conv, &format!("before {i}")])[0]["seq"].as_u64().unwrap();
+    }
+    let (tail, mut lines) = spawn_tail(&bob);
+    let first = entries_until(&mut lines, id, last);
+    assert_eq!(first.iter().map(|e| e["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    interrupt(tail);
+
+    for i in 0..2 {
+        last = sb(&alice, &broker, &["send", &conv, &format!("after {i}")])[0]["seq"].as_u64().unwrap();
+    }
+    let (tail, mut lines) = spawn_tail(&bob);
+    let second = entries_until(&mut lines, id, last);
+    let texts: Vec<&str> = second.iter().map(|e| e["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["after 0", "after 1"]);
+    interrupt(tail);
+}
+
+/// The tail shows typing, presence and read receipts readably.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_shows_typing_presence_and_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let id = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let conv = id.to_string();
+    let seq = sb(&alice, &broker, &["send", &conv, "hi"])[0]["seq"].as_u64().unwrap();
+    let tail = sb_command(&bob, &broker).arg("tail").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    // Killed if the test fails before it interrupts the tail.
+    let mut tail = KillOnDrop(Some(tail));
+    let tail_out = tail.0.as_mut().unwrap().stdout.take().unwrap();
+    // Lines through a channel, so that every wait has a deadline.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(tail_out).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == what => return,
+                Ok(_) => {}
+                Err(_) => panic!("no line {what:?}"),
+            }
+        }
+    };
+    wait_for(&format!("[{id} #{seq}] alice: hi"));
+    sb(&alice, &broker, &["typing", &conv, "--seconds", "1"]);
+    wait_for(&format!("alice is typing in {id}"));
+    wait_for(&format!("alice stopped typing in {id}"));
+    sb(&alice, &broker, &["read", &conv, &seq.to_string()]);
+    wait_for(&format!("[{id}] alice read up to #{seq} (delivered #{seq})"));
+    // Bob is online while his tail runs.
+    let presence = sb(&alice, &broker, &["presence", "bob", "nobody"]);
+    assert_eq!(presence[0]["name"], "bob");
+    assert_eq!(presence[0]["state"], "online");
+    assert_eq!(presence[1], serde_json::json!({"name": "nobody", "state": null}));
+    interrupt(tail.0.take().unwrap());
+}
+
+/// A child process killed when dropped (a failed assertion must not leave it running).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

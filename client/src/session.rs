@@ -1,0 +1,1067 @@
+//! `Session`: a device's connection that hides reconnects. One task owns the connection,
+//! the merge of live events with catch-up pages (`merge.rs`), the cursors and every
+//! pending request; `Session` handles talk to it through a bounded channel, and the
+//! application reads one gap-free, duplicate-free `SessionEvents` stream.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use switchboard_protocol::limits::{MAX_MARKS_PER_REQUEST, TYPING_TTL_MS};
+use switchboard_protocol::{
+    ClientMsgId, ConvId, ConversationState, DeviceId, Entry, ErrorCode, Event, PresenceInfo, Receipt, Reply,
+    RequestBody, Seq, Signal, UserId,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::cursors::{CursorStore, Cursors};
+use crate::merge::{Fetch, Merge};
+use crate::{Client, ClientError, Connector, Events, Identity, new_client_id};
+
+/// Knobs of a `Session`. `Default` gives the values below.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// First reconnect delay, ms (100). Each failed attempt doubles it.
+    pub backoff_min_ms: u64,
+    /// Longest reconnect delay, ms (10,000). The delay actually waited is drawn
+    /// uniformly from its upper half (jitter), so a broker restart is not met by every
+    /// device at the same instant.
+    pub backoff_max_ms: u64,
+    /// A connect attempt (QUIC handshake, hellos, proof) that takes longer fails, ms
+    /// (10,000).
+    pub connect_timeout_ms: u64,
+    /// Delivered receipts are reported at most this often, ms (150): one `MarkDelivered`
+    /// with the highest taken seq per conversation, not one request per message.
+    pub delivered_batch_ms: u64,
+    /// Cursors are saved at most this often, ms (500), and when the session closes.
+    /// After a crash the application sees again at most what it took in this window.
+    pub persist_ms: u64,
+    /// Entries held beyond gaps, in all conversations (10,000). Past it an entry beyond
+    /// a gap is dropped and fetched again by catch-up.
+    pub max_held: usize,
+    /// Events queued for the application (4,096). When it is full, entries wait in the
+    /// merge (held, or fetched again later) and receipts, presence and typing events
+    /// are dropped: the application is too slow to show them while they are current.
+    pub event_queue: usize,
+    /// Requests waiting for a connection or an answer (256). A request beyond it fails
+    /// at once with `SessionError::Busy`.
+    pub max_pending: usize,
+    /// Catch-up pages outstanding at once (4), so responses never crowd the broker's
+    /// per-device queue.
+    pub max_fetching: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            backoff_min_ms: 100,
+            backoff_max_ms: 10_000,
+            connect_timeout_ms: 10_000,
+            delivered_batch_ms: 150,
+            persist_ms: 500,
+            max_held: 10_000,
+            event_queue: 4096,
+            max_pending: 256,
+            max_fetching: 4,
+        }
+    }
+}
+
+/// What a `SessionEvents` stream yields.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// An entry, per conversation in seq order with no gap and no duplicate, across
+    /// reconnects and restarts (from the saved cursors). Entries this device wrote come
+    /// too (fetched after their ack, since the broker does not push them back).
+    Entry(Entry),
+    /// A member's receipt watermarks (mine too, as my other devices move them); after a
+    /// catch-up, every member's receipts of that conversation.
+    Receipt(Receipt),
+    /// A contact's presence; after each connect, one for every contact (a snapshot).
+    Presence(PresenceInfo),
+    /// A member started or stopped typing.
+    Typing {
+        /// Conversation.
+        conv: ConvId,
+        /// Who.
+        user: UserId,
+        /// Started or stopped.
+        typing: bool,
+    },
+    /// Connected and authenticated; catch-up starts.
+    Connected,
+    /// Every conversation is caught up to what the broker had at the connect; from now
+    /// on entries are live.
+    CaughtUp,
+    /// The connection dropped; the session reconnects after `retry_in_ms`.
+    Disconnected {
+        /// Why.
+        error: ClientError,
+        /// Delay before the next attempt, ms.
+        retry_in_ms: u64,
+    },
+    /// The session stopped for good: the device was revoked or its proof refused
+    /// (`DEVICE_REVOKED`, `AUTH_FAILED`, `UNSUPPORTED_VERSION`). The stream ends after it.
+    Stopped(ClientError),
+}
+
+/// Failures of a request made through a `Session`.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The broker answered with an error (displays `NAME (number): message`).
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The connection dropped while this request was outstanding and it is not safe to
+    /// send again (it has no idempotency key): it may or may not have taken effect.
+    #[error("connection lost while the request was outstanding; it may or may not have taken effect")]
+    Interrupted,
+    /// Too many requests are pending (`SessionConfig::max_pending`).
+    #[error("too many pending requests")]
+    Busy,
+    /// The session has stopped (closed, or a permanent failure).
+    #[error("the session has stopped")]
+    Stopped,
+}
+
+impl SessionError {
+    /// The stable error code, if the failure carries one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            SessionError::Client(e) => e.code(),
+            _ => None,
+        }
+    }
+}
+
+/// A device's reconnecting connection to the broker.
+///
+/// It connects, and after any drop (`GOING_AWAY`, idle timeout, `SLOW_CONSUMER`, a
+/// network error, a broker restart) reconnects with exponential backoff and jitter
+/// (`SessionConfig`). `DEVICE_REVOKED`, `AUTH_FAILED` and `UNSUPPORTED_VERSION` are
+/// permanent: the stream yields `SessionEvent::Stopped` and ends.
+///
+/// After each connect it catches up (PROTOCOL.md section 11): `ConversationStates`, then
+/// `CatchUp` pages after each conversation's cursor until complete, while live events
+/// keep arriving; the merge hands on an entry only when its seq is the cursor + 1.
+/// Delivered receipts are reported automatically, batched; cursors are saved in the
+/// `CursorStore` (debounced) so a restarted process resumes where the application
+/// stopped reading.
+///
+/// Requests queue while disconnected and are sent on the next connection. A request
+/// outstanding when the connection drops is sent again after the reconnect when that is
+/// safe: `send`, `edit` and `delete` carry a client id, so they take effect exactly once
+/// (`duplicate` is then `true` if the first attempt had landed), and reads and
+/// watermark updates are idempotent. Creating a group, adding or removing members,
+/// leaving and revoking a device are not sent again: they fail with
+/// `SessionError::Interrupted`. At most `max_pending` requests wait; beyond that a
+/// request fails with `SessionError::Busy`.
+///
+/// ```no_run
+/// # async fn demo(connector: switchboard_client::Connector, identity: switchboard_client::Identity) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use switchboard_client::{FileCursors, Session, SessionConfig, SessionEvent};
+/// let store = Arc::new(FileCursors::new("cursors.json", identity.user_id, identity.device_id));
+/// let (session, mut events) = Session::start(connector, identity, store, SessionConfig::default())?;
+/// session.send(42, "hello").await?;
+/// while let Some(event) = events.next().await {
+///     match event {
+///         SessionEvent::Entry(e) => println!("{}#{}", e.conv, e.seq),
+///         SessionEvent::Stopped(e) => return Err(e.into()),
+///         _ => {}
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Session {
+    commands: mpsc::Sender<Command>,
+    /// My user id.
+    pub user_id: UserId,
+    /// This device's id.
+    pub device_id: DeviceId,
+}
+
+/// The application's side of a session: one stream of events. Taking an entry from it
+/// moves that conversation's saved cursor and delivered receipt.
+pub struct SessionEvents {
+    rx: mpsc::Receiver<SessionEvent>,
+    taken: Arc<Taken>,
+}
+
+/// What the application has taken, shared between the stream and the session task.
+struct Taken {
+    cursors: Mutex<Cursors>,
+    /// Set when the stream has something new for the task; cleared by the task.
+    pending: AtomicBool,
+    notify: Notify,
+}
+
+impl SessionEvents {
+    /// The next event; `None` once the session has stopped.
+    pub async fn next(&mut self) -> Option<SessionEvent> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next_event(cx)).await
+    }
+
+    fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
+        let polled = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(event)) = &polled {
+            if let SessionEvent::Entry(e) = event {
+                let mut cursors = self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner());
+                let c = cursors.entry(e.conv).or_default();
+                *c = (*c).max(e.seq);
+            }
+            // One wake-up of the task per batch of taken events, not one per event.
+            if !self.taken.pending.swap(true, Ordering::AcqRel) {
+                self.taken.notify.notify_one();
+            }
+        }
+        polled
+    }
+}
+
+impl futures_core::Stream for SessionEvents {
+    type Item = SessionEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
+        self.poll_next_event(cx)
+    }
+}
+
+/// A request to the session task.
+enum Command {
+    Request { body: RequestBody, reply: oneshot::Sender<Result<Reply, SessionError>> },
+    Typing { conv: ConvId, typing: bool },
+    Away(bool),
+    Close(oneshot::Sender<()>),
+}
+
+impl Session {
+    /// Starts the session task (inside a tokio runtime): it connects at once. Fails only
+    /// if the store cannot be read.
+    pub fn start(
+        connector: Connector,
+        identity: Identity,
+        store: Arc<dyn CursorStore>,
+        config: SessionConfig,
+    ) -> std::io::Result<(Session, SessionEvents)> {
+        let cursors = store.load()?;
+        let (commands, command_rx) = mpsc::channel(64);
+        let (out, rx) = mpsc::channel(config.event_queue.max(1));
+        let taken = Arc::new(Taken {
+            cursors: Mutex::new(cursors.clone()),
+            pending: AtomicBool::new(false),
+            notify: Notify::new(),
+        });
+        let session = Session { commands, user_id: identity.user_id, device_id: identity.device_id };
+        let (done_tx, done_rx) = mpsc::channel(config.max_pending + config.max_fetching + 16);
+        let task = Task {
+            merge: Merge::new(cursors.iter().map(|(&c, &s)| (c, s)), config.max_held),
+            backoff: Backoff::new(config.backoff_min_ms, config.backoff_max_ms),
+            reported: cursors.clone(),
+            persisted: cursors,
+            connector,
+            identity,
+            store,
+            config,
+            out,
+            taken: taken.clone(),
+            commands: command_rx,
+            done_tx,
+            done_rx,
+            live: None,
+            generation: 0,
+            connecting: None,
+            retry_at: Some(Instant::now()),
+            pending: BTreeMap::new(),
+            next_token: 0,
+            away: false,
+            states_done: false,
+            caught_up_sent: false,
+            marks_outstanding: 0,
+            mark_at: None,
+            persist_at: None,
+            saving: false,
+        };
+        tokio::spawn(task.run());
+        Ok((session, SessionEvents { rx, taken }))
+    }
+
+    /// Sends a request (queued while disconnected) and waits for its answer; see the
+    /// type's documentation for what is sent again after a reconnect.
+    pub async fn request(&self, body: RequestBody) -> Result<Reply, SessionError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Request { body, reply }).await.map_err(|_| SessionError::Stopped)?;
+        rx.await.map_err(|_| SessionError::Stopped)?
+    }
+
+    /// Sends a text with a fresh client id; returns its seq (exactly once across
+    /// reconnects).
+    pub async fn send(&self, conv: ConvId, text: &str) -> Result<Seq, SessionError> {
+        self.send_with_id(conv, new_client_id(), text).await.map(|(seq, _)| seq)
+    }
+
+    /// Sends a text with a given client id: the same id always gives the same seq, with
+    /// `true` when the message had landed before.
+    pub async fn send_with_id(
+        &self,
+        conv: ConvId,
+        client_id: ClientMsgId,
+        text: &str,
+    ) -> Result<(Seq, bool), SessionError> {
+        appended(self.request(RequestBody::Send { conv, client_id, text: text.to_owned() }).await?)
+    }
+
+    /// Replaces the text of my message `target`; returns the edit's seq.
+    pub async fn edit(&self, conv: ConvId, target: Seq, text: &str) -> Result<Seq, SessionError> {
+        let body = RequestBody::Edit { conv, client_id: new_client_id(), target, text: text.to_owned() };
+        appended(self.request(body).await?).map(|(seq, _)| seq)
+    }
+
+    /// Deletes my message `target`; returns the delete's seq.
+    pub async fn delete(&self, conv: ConvId, target: Seq) -> Result<Seq, SessionError> {
+        appended(self.request(RequestBody::Delete { conv, client_id: new_client_id(), target }).await?)
+            .map(|(seq, _)| seq)
+    }
+
+    /// Marks `conv` read up to `seq`; returns my watermarks once durable.
+    pub async fn mark_read(&self, conv: ConvId, seq: Seq) -> Result<Receipt, SessionError> {
+        match self.request(RequestBody::MarkRead { conv, seq }).await? {
+            Reply::Receipt(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// All my conversations with unread counts and my watermarks (follows pages).
+    pub async fn conversation_states(&self) -> Result<Vec<ConversationState>, SessionError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            match self.request(RequestBody::ConversationStates { after }).await? {
+                Reply::ConversationStates { items, more } => {
+                    after = items.last().map(|c| c.summary.id);
+                    all.extend(items);
+                    if !more || after.is_none() {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// Marks this device away (`true`) or back; kept across reconnects (a new
+    /// connection starts online, so the session says it again after each connect).
+    pub async fn set_away(&self, away: bool) -> Result<(), SessionError> {
+        self.commands.send(Command::Away(away)).await.map_err(|_| SessionError::Stopped)
+    }
+
+    /// Says I started or stopped typing in `conv`. Ephemeral: dropped while
+    /// disconnected. Repeat `true` every `TYPING_REFRESH_MS` while typing.
+    pub async fn typing(&self, conv: ConvId, typing: bool) -> Result<(), SessionError> {
+        self.commands.send(Command::Typing { conv, typing }).await.map_err(|_| SessionError::Stopped)
+    }
+
+    /// Stops the session: reports what was taken as delivered (briefly, if connected),
+    /// saves the cursors, closes the connection and ends the stream. Pending requests
+    /// fail with `SessionError::Stopped`.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// How often a typing indicator is repeated while typing: half the broker's expiry.
+pub const TYPING_REFRESH_MS: u64 = TYPING_TTL_MS as u64 / 2;
+
+fn appended(reply: Reply) -> Result<(Seq, bool), SessionError> {
+    match reply {
+        Reply::Appended { seq, duplicate } => Ok((seq, duplicate)),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(reply: Reply) -> SessionError {
+    SessionError::Client(ClientError::Protocol(format!("unexpected reply {reply:?}")))
+}
+
+/// Whether a request may be sent again after its connection dropped: true when a
+/// repeat cannot have a second effect (a client id makes a write idempotent; reads,
+/// watermarks and settings are idempotent by nature).
+pub fn retry_safe(body: &RequestBody) -> bool {
+    use switchboard_protocol::NewConversation;
+    match body {
+        RequestBody::Send { .. } | RequestBody::Edit { .. } | RequestBody::Delete { .. } => true,
+        RequestBody::Ping
+        | RequestBody::ListConversations { .. }
+        | RequestBody::Members { .. }
+        | RequestBody::History { .. }
+        | RequestBody::ListDevices
+        | RequestBody::MarkDelivered { .. }
+        | RequestBody::MarkRead { .. }
+        | RequestBody::Receipts { .. }
+        | RequestBody::ConversationStates { .. }
+        | RequestBody::CatchUp { .. }
+        | RequestBody::SetPresence { .. }
+        | RequestBody::Presence { .. }
+        | RequestBody::Settings { .. } => true,
+        // The one direct conversation with a peer is returned if it exists.
+        RequestBody::CreateConversation(NewConversation::Direct { .. }) => true,
+        RequestBody::CreateConversation(NewConversation::Group { .. })
+        | RequestBody::AddMembers { .. }
+        | RequestBody::RemoveMember { .. }
+        | RequestBody::Leave { .. }
+        | RequestBody::RevokeDevice { .. }
+        | RequestBody::Register(_)
+        | RequestBody::Login(_)
+        | RequestBody::Authenticate { .. } => false,
+    }
+}
+
+/// Failures after which reconnecting cannot help.
+pub fn permanent(error: &ClientError) -> bool {
+    matches!(error.code(), Some(ErrorCode::DEVICE_REVOKED | ErrorCode::AUTH_FAILED | ErrorCode::UNSUPPORTED_VERSION))
+}
+
+/// The failure means the connection is gone (the request may be sent again on the
+/// next one), not that the broker refused the request. `GOING_AWAY` answers come from
+/// a broker that is shutting down.
+fn connection_lost(error: &ClientError) -> bool {
+    match error {
+        ClientError::Closed { .. } | ClientError::Connect(_) => true,
+        ClientError::Server(body) => body.code == ErrorCode::GOING_AWAY,
+        ClientError::Protocol(_) => false,
+    }
+}
+
+/// Exponential backoff with jitter: attempt `n` (from 0) waits a delay drawn uniformly
+/// from `[d/2, d]` where `d = min(max, min * 2^n)`.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    min_ms: u64,
+    max_ms: u64,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Delays from `min_ms` up to `max_ms`.
+    pub fn new(min_ms: u64, max_ms: u64) -> Backoff {
+        Backoff { min_ms: min_ms.max(1), max_ms: max_ms.max(min_ms.max(1)), attempt: 0 }
+    }
+
+    /// The next delay, ms; `random` is any uniformly random number.
+    pub fn next_ms(&mut self, random: u64) -> u64 {
+        let ceiling = self.min_ms.saturating_mul(1u64 << self.attempt.min(40)).min(self.max_ms);
+        self.attempt = self.attempt.saturating_add(1);
+        let floor = ceiling / 2;
+        floor + random % (ceiling - floor + 1)
+    }
+
+    /// A connection succeeded: start from `min_ms` again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A request waiting for a connection or an answer.
+struct Pending {
+    body: RequestBody,
+    reply: oneshot::Sender<Result<Reply, SessionError>>,
+    /// The connection generation it was last sent on.
+    sent_on: Option<u64>,
+}
+
+/// The current connection.
+struct Live {
+    client: Arc<Client>,
+    events: Events,
+    generation: u64,
+}
+
+/// Answers of requests the task made, sent back by the small tasks that await them.
+enum Done {
+    Request { token: u64, generation: u64, result: Result<Reply, ClientError> },
+    States { generation: u64, result: Result<Vec<ConversationState>, ClientError> },
+    Page { generation: u64, fetch: Fetch, result: Result<Reply, ClientError> },
+    Marks { marks: Vec<(ConvId, Seq)>, ok: bool },
+    Presence { generation: u64, result: Result<Reply, ClientError> },
+    Saved { cursors: Cursors, ok: bool },
+}
+
+/// The one task that owns a session's state.
+struct Task {
+    connector: Connector,
+    identity: Identity,
+    store: Arc<dyn CursorStore>,
+    config: SessionConfig,
+    merge: Merge,
+    backoff: Backoff,
+    out: mpsc::Sender<SessionEvent>,
+    taken: Arc<Taken>,
+    commands: mpsc::Receiver<Command>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    live: Option<Live>,
+    generation: u64,
+    connecting: Option<oneshot::Receiver<Result<Client, ClientError>>>,
+    retry_at: Option<Instant>,
+    pending: BTreeMap<u64, Pending>,
+    next_token: u64,
+    away: bool,
+    states_done: bool,
+    caught_up_sent: bool,
+    /// Delivered receipts: what the broker accepted, per conversation.
+    reported: Cursors,
+    marks_outstanding: usize,
+    mark_at: Option<Instant>,
+    /// Cursors: what the store holds.
+    persisted: Cursors,
+    persist_at: Option<Instant>,
+    saving: bool,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let closer = loop {
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(Command::Close(tx)) => break Some(tx),
+                    Some(command) => self.command(command).await,
+                    None => break None,
+                },
+                Some(done) = self.done_rx.recv() => self.done(done),
+                event = next_event(&mut self.live) => {
+                    if self.event(event).await {
+                        break None;
+                    }
+                }
+                result = wait_connect(&mut self.connecting) => {
+                    self.connecting = None;
+                    if self.connected(result) {
+                        break None;
+                    }
+                }
+                _ = tokio::time::sleep_until(self.retry_at.unwrap_or(far)), if self.retry_at.is_some() => {
+                    self.retry_at = None;
+                    self.connect();
+                }
+                _ = self.taken.notify.notified() => self.taken_more(),
+                _ = tokio::time::sleep_until(self.mark_at.unwrap_or(far)), if self.mark_at.is_some() => {
+                    self.mark_at = None;
+                    self.flush_marks();
+                }
+                _ = tokio::time::sleep_until(self.persist_at.unwrap_or(far)), if self.persist_at.is_some() => {
+                    self.persist_at = None;
+                    self.persist();
+                }
+            }
+        };
+        self.shutdown().await;
+        if let Some(tx) = closer {
+            let _ = tx.send(());
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Request { body, reply } => {
+                if self.pending.len() >= self.config.max_pending {
+                    let _ = reply.send(Err(SessionError::Busy));
+                    return;
+                }
+                let token = self.next_token;
+                self.next_token += 1;
+                self.pending.insert(token, Pending { body, reply, sent_on: None });
+                self.send_pending(token);
+            }
+            Command::Typing { conv, typing } => {
+                // Awaited here, not spawned, so a start and a stop keep their order.
+                if let Some(live) = &self.live
+                    && let Err(e) = live.client.signal(Signal::Typing { conv, typing }).await
+                {
+                    tracing::debug!(error = %e, "typing signal not sent");
+                }
+            }
+            Command::Away(away) => {
+                self.away = away;
+                self.background_set_away();
+            }
+            Command::Close(_) => unreachable!("handled by run"),
+        }
+    }
+
+    /// Sends pending request `token` on the current connection, if there is one.
+    fn send_pending(&mut self, token: u64) {
+        let Some(live) = &self.live else { return };
+        let Some(p) = self.pending.get_mut(&token) else { return };
+        if p.reply.is_closed() {
+            // The caller gave up; nothing is waiting for the answer.
+            self.pending.remove(&token);
+            return;
+        }
+        p.sent_on = Some(live.generation);
+        let (client, generation, body, done) =
+            (live.client.clone(), live.generation, p.body.clone(), self.done_tx.clone());
+        tokio::spawn(async move {
+            let result = client.request(body).await;
+            let _ = done.send(Done::Request { token, generation, result }).await;
+        });
+    }
+
+    fn done(&mut self, done: Done) {
+        match done {
+            Done::Request { token, generation, result } => self.answered(token, generation, result),
+            Done::States { generation, result } => {
+                if !self.current(generation) {
+                    return;
+                }
+                match result {
+                    Ok(states) => {
+                        for s in states {
+                            self.merge.known(s.summary.id, s.summary.last_seq);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "conversation states failed; live events only"),
+                }
+                self.states_done = true;
+                self.pump();
+            }
+            Done::Page { generation, fetch, result } => {
+                if !self.current(generation) {
+                    return;
+                }
+                match result {
+                    Ok(Reply::CatchUp(page)) if page.conv == fetch.conv => {
+                        let receipts = page.receipts.clone();
+                        let entries = self.merge.page(page, self.room());
+                        self.emit_entries(entries);
+                        for r in receipts {
+                            self.emit(SessionEvent::Receipt(r));
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::warn!(conv = fetch.conv, reply = ?other, "unexpected catch-up reply");
+                        self.merge.fetch_failed(fetch.conv);
+                    }
+                    Err(e) => {
+                        tracing::warn!(conv = fetch.conv, error = %e, "catch-up failed");
+                        self.merge.fetch_failed(fetch.conv);
+                    }
+                }
+                self.pump();
+            }
+            Done::Marks { marks, ok } => {
+                self.marks_outstanding -= 1;
+                if ok {
+                    for (conv, seq) in marks {
+                        let r = self.reported.entry(conv).or_default();
+                        *r = (*r).max(seq);
+                    }
+                }
+            }
+            Done::Presence { generation, result } => match result {
+                Ok(Reply::Presence(list)) if self.current(generation) => {
+                    for p in list {
+                        self.emit(SessionEvent::Presence(p));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "presence snapshot failed"),
+            },
+            Done::Saved { cursors, ok } => {
+                self.saving = false;
+                if ok {
+                    self.persisted = cursors;
+                } else {
+                    self.arm_persist();
+                }
+            }
+        }
+    }
+
+    fn current(&self, generation: u64) -> bool {
+        self.live.as_ref().is_some_and(|l| l.generation == generation)
+    }
+
+    /// The answer of a pending request (or the failure of its connection).
+    fn answered(&mut self, token: u64, generation: u64, result: Result<Reply, ClientError>) {
+        let Some(p) = self.pending.get(&token) else { return };
+        if p.sent_on != Some(generation) {
+            // Sent again on a newer connection already; that answer decides.
+            return;
+        }
+        if let Err(e) = &result
+            && connection_lost(e)
+        {
+            if retry_safe(&p.body) {
+                self.pending.get_mut(&token).expect("looked up above").sent_on = None;
+                // Sent on the next connection (at once if that is already up).
+                if !self.current(generation) {
+                    self.send_pending(token);
+                }
+                return;
+            }
+            let p = self.pending.remove(&token).expect("looked up above");
+            let _ = p.reply.send(Err(SessionError::Interrupted));
+            return;
+        }
+        let p = self.pending.remove(&token).expect("looked up above");
+        if let Ok(reply) = &result {
+            self.wrote(&p.body, reply);
+        }
+        let _ = p.reply.send(result.map_err(SessionError::Client));
+    }
+
+    /// The broker does not push this connection's own writes back: learn their seqs
+    /// from the answers, and the merge fetches them.
+    fn wrote(&mut self, body: &RequestBody, reply: &Reply) {
+        let conv = match body {
+            RequestBody::Send { conv, .. }
+            | RequestBody::Edit { conv, .. }
+            | RequestBody::Delete { conv, .. }
+            | RequestBody::AddMembers { conv, .. }
+            | RequestBody::RemoveMember { conv, .. }
+            | RequestBody::Leave { conv } => Some(*conv),
+            _ => None,
+        };
+        match (conv, reply) {
+            (Some(conv), Reply::Appended { seq, .. }) => self.merge.appended(conv, *seq),
+            (None, Reply::Conversation(summary)) => self.merge.known(summary.id, summary.last_seq),
+            _ => return,
+        }
+        self.pump();
+    }
+
+    /// Handles one event of the connection, or its end. Returns `true` if the session
+    /// must stop.
+    async fn event(&mut self, event: Option<Event>) -> bool {
+        match event {
+            Some(Event::Entry(entry)) => {
+                let entries = self.merge.live(entry, self.room());
+                self.emit_entries(entries);
+                self.pump();
+            }
+            Some(Event::Receipt(r)) => self.emit(SessionEvent::Receipt(r)),
+            Some(Event::Presence(p)) => self.emit(SessionEvent::Presence(p)),
+            Some(Event::Typing { conv, user, typing }) => self.emit(SessionEvent::Typing { conv, user, typing }),
+            None => {
+                let live = self.live.take().expect("next_event yields only while connected");
+                let error = live.client.closed().await;
+                self.merge.disconnected();
+                self.states_done = false;
+                if permanent(&error) {
+                    self.stop(error);
+                    return true;
+                }
+                self.schedule_retry(error);
+            }
+        }
+        false
+    }
+
+    fn connect(&mut self) {
+        let (tx, rx) = oneshot::channel();
+        let (connector, identity) = (self.connector.clone(), self.identity.clone());
+        let limit = Duration::from_millis(self.config.connect_timeout_ms);
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(limit, connector.connect(&identity)).await {
+                Ok(r) => r,
+                Err(_) => Err(ClientError::Connect("timed out".into())),
+            };
+            let _ = tx.send(result);
+        });
+        self.connecting = Some(rx);
+    }
+
+    /// A connect attempt ended. Returns `true` if the session must stop.
+    fn connected(&mut self, result: Result<Client, ClientError>) -> bool {
+        let client = match result {
+            Ok(client) => client,
+            Err(error) if permanent(&error) => {
+                self.stop(error);
+                return true;
+            }
+            Err(error) => {
+                self.schedule_retry(error);
+                return false;
+            }
+        };
+        let Some(events) = client.events() else {
+            self.schedule_retry(ClientError::Protocol("event stream already taken".into()));
+            return false;
+        };
+        self.generation += 1;
+        let client = Arc::new(client);
+        self.live = Some(Live { client: client.clone(), events, generation: self.generation });
+        self.states_done = false;
+        self.caught_up_sent = false;
+        self.emit(SessionEvent::Connected);
+        let (generation, done) = (self.generation, self.done_tx.clone());
+        let c = client.clone();
+        tokio::spawn(async move {
+            let result = c.conversation_states().await;
+            let _ = done.send(Done::States { generation, result }).await;
+        });
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let result = client.request(RequestBody::Presence { users: Vec::new() }).await;
+            let _ = done.send(Done::Presence { generation, result }).await;
+        });
+        if self.away {
+            self.background_set_away();
+        }
+        let unsent: Vec<u64> = self.pending.iter().filter(|(_, p)| p.sent_on.is_none()).map(|(&t, _)| t).collect();
+        for token in unsent {
+            self.send_pending(token);
+        }
+        self.flush_marks();
+        self.pump();
+        false
+    }
+
+    fn schedule_retry(&mut self, error: ClientError) {
+        let delay = self.backoff.next_ms(random_u64());
+        tracing::debug!(error = %error, delay_ms = delay, "reconnecting");
+        self.retry_at = Some(Instant::now() + Duration::from_millis(delay));
+        self.emit(SessionEvent::Disconnected { error, retry_in_ms: delay });
+    }
+
+    fn stop(&mut self, error: ClientError) {
+        tracing::warn!(error = %error, "session stopped");
+        // Sent even if the queue is full: the application must learn why it ended.
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let _ = out.send(SessionEvent::Stopped(error)).await;
+        });
+    }
+
+    fn background_set_away(&self) {
+        if let Some(live) = &self.live {
+            let (client, away) = (live.client.clone(), self.away);
+            tokio::spawn(async move {
+                if let Err(e) = client.set_away(away).await {
+                    tracing::debug!(error = %e, "set away failed");
+                }
+            });
+        }
+    }
+
+    /// Asks for the catch-up pages the merge wants, and says `CaughtUp` once there is
+    /// nothing more to fetch on this connection.
+    fn pump(&mut self) {
+        let Some(live) = &self.live else { return };
+        let room = self.room();
+        for fetch in self.merge.fetches(self.config.max_fetching, room) {
+            let (client, generation, done) = (live.client.clone(), live.generation, self.done_tx.clone());
+            tokio::spawn(async move {
+                let body = RequestBody::CatchUp { conv: fetch.conv, after: fetch.after, limit: fetch.limit };
+                let result = client.request(body).await;
+                let _ = done.send(Done::Page { generation, fetch, result }).await;
+            });
+        }
+        if self.states_done && !self.caught_up_sent && self.merge.caught_up() {
+            self.caught_up_sent = true;
+            self.backoff.reset();
+            self.emit(SessionEvent::CaughtUp);
+        }
+    }
+
+    /// The application took events: arm the delivered and persist timers, and hand on
+    /// what waited for room.
+    fn taken_more(&mut self) {
+        self.taken.pending.store(false, Ordering::Release);
+        if self.mark_at.is_none() {
+            self.mark_at = Some(Instant::now() + Duration::from_millis(self.config.delivered_batch_ms));
+        }
+        self.arm_persist();
+        let entries = self.merge.release(self.room());
+        self.emit_entries(entries);
+        self.pump();
+    }
+
+    fn arm_persist(&mut self) {
+        if self.persist_at.is_none() {
+            self.persist_at = Some(Instant::now() + Duration::from_millis(self.config.persist_ms));
+        }
+    }
+
+    fn taken_cursors(&self) -> Cursors {
+        self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reports the highest taken seq of each conversation that moved, in requests of at
+    /// most `MAX_MARKS_PER_REQUEST` pairs; what fails is reported at the next flush.
+    fn flush_marks(&mut self) {
+        let Some(live) = &self.live else { return };
+        if self.marks_outstanding > 0 {
+            // One batch at a time; the next flush picks up what moved meanwhile.
+            self.mark_at.get_or_insert(Instant::now() + Duration::from_millis(self.config.delivered_batch_ms));
+            return;
+        }
+        let marks: Vec<(ConvId, Seq)> = self
+            .taken_cursors()
+            .into_iter()
+            .filter(|(conv, seq)| *seq > self.reported.get(conv).copied().unwrap_or(0))
+            .collect();
+        for chunk in marks.chunks(MAX_MARKS_PER_REQUEST as usize) {
+            let (client, done, marks) = (live.client.clone(), self.done_tx.clone(), chunk.to_vec());
+            self.marks_outstanding += 1;
+            tokio::spawn(async move {
+                let ok = client
+                    .mark_delivered(&marks)
+                    .await
+                    .inspect_err(|e| tracing::debug!(error = %e, "delivered"))
+                    .is_ok();
+                let _ = done.send(Done::Marks { marks, ok }).await;
+            });
+        }
+    }
+
+    fn persist(&mut self) {
+        if self.saving {
+            self.arm_persist();
+            return;
+        }
+        let cursors = self.taken_cursors();
+        if cursors == self.persisted {
+            return;
+        }
+        self.saving = true;
+        let (store, done) = (self.store.clone(), self.done_tx.clone());
+        tokio::spawn(async move {
+            let c = cursors.clone();
+            let ok = match tokio::task::spawn_blocking(move || store.save(&c)).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "saving cursors failed");
+                    false
+                }
+                Err(_) => false,
+            };
+            let _ = done.send(Done::Saved { cursors, ok }).await;
+        });
+    }
+
+    async fn shutdown(mut self) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(SessionError::Stopped));
+        }
+        let cursors = self.taken_cursors();
+        if let Some(live) = self.live.take() {
+            let marks: Vec<(ConvId, Seq)> = cursors
+                .iter()
+                .filter(|(conv, seq)| **seq > self.reported.get(conv).copied().unwrap_or(0))
+                .map(|(&c, &s)| (c, s))
+                .collect();
+            for chunk in marks.chunks(MAX_MARKS_PER_REQUEST as usize) {
+                let _ = tokio::time::timeout(Duration::from_millis(500), live.client.mark_delivered(chunk)).await;
+            }
+            live.client.close();
+        }
+        if cursors != self.persisted {
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || store.save(&cursors)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "saving cursors failed"),
+                Err(e) => tracing::warn!(error = %e, "saving cursors failed"),
+            }
+        }
+    }
+
+    /// Free places in the application's queue.
+    fn room(&self) -> usize {
+        if self.out.is_closed() { 0 } else { self.out.capacity() }
+    }
+
+    fn emit_entries(&mut self, entries: Vec<Entry>) {
+        for e in entries {
+            // `room` bounded the merge's output, and only this task sends.
+            if self.out.try_send(SessionEvent::Entry(e)).is_err() {
+                tracing::error!("event queue full despite room");
+            }
+        }
+    }
+
+    /// Queues an event that is not an entry; dropped when the queue is full.
+    fn emit(&mut self, event: SessionEvent) {
+        let _ = self.out.try_send(event);
+    }
+}
+
+async fn next_event(live: &mut Option<Live>) -> Option<Event> {
+    match live {
+        Some(live) => live.events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_connect(
+    connecting: &mut Option<oneshot::Receiver<Result<Client, ClientError>>>,
+) -> Result<Client, ClientError> {
+    match connecting {
+        Some(rx) => rx.await.unwrap_or_else(|_| Err(ClientError::Connect("connect task ended".into()))),
+        None => std::future::pending().await,
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    crate::random(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_bound_with_jitter_in_the_upper_half() {
+        let mut b = Backoff::new(100, 1000);
+        let check = |b: &mut Backoff, random: u64, expected: u64| assert_eq!(b.next_ms(random), expected);
+        check(&mut b, 0, 50);
+        check(&mut b, u64::MAX, 200 / 2 + u64::MAX % 101);
+        check(&mut b, 0, 200);
+        check(&mut b, 400, 800);
+        check(&mut b, 0, 500);
+        for _ in 0..100 {
+            let d = b.next_ms(random_u64());
+            assert!((500..=1000).contains(&d), "{d}");
+        }
+        b.reset();
+        check(&mut b, 50, 100);
+    }
+
+    #[test]
+    fn only_writes_with_client_ids_and_idempotent_requests_are_sent_again() {
+        use switchboard_protocol::NewConversation;
+        let cid = [1; 16];
+        let check = |body: RequestBody, expected: bool| assert_eq!(retry_safe(&body), expected, "{body:?}");
+        check(RequestBody::Send { conv: 1, client_id: cid, text: "x".into() }, true);
+        check(RequestBody::Edit { conv: 1, client_id: cid, target: 1, text: "x".into() }, true);
+        check(RequestBody::Delete { conv: 1, client_id: cid, target: 1 }, true);
+        check(RequestBody::MarkRead { conv: 1, seq: 2 }, true);
+        check(RequestBody::CreateConversation(NewConversation::Direct { peer: "bob".into() }), true);
+        check(RequestBody::CreateConversation(NewConversation::Group { title: "t".into(), members: vec![] }), false);
+        check(RequestBody::AddMembers { conv: 1, users: vec![], role: switchboard_protocol::Role::Member }, false);
+        check(RequestBody::Leave { conv: 1 }, false);
+        check(RequestBody::RevokeDevice { device_id: 2 }, false);
+    }
+
+    #[test]
+    fn revocation_and_refused_proofs_are_permanent_and_the_rest_is_retried() {
+        let closed = |code| ClientError::Closed { code: Some(code), reason: String::new() };
+        assert!(permanent(&closed(ErrorCode::DEVICE_REVOKED)));
+        assert!(permanent(&ClientError::Server(switchboard_protocol::ErrorBody::new(ErrorCode::AUTH_FAILED, "no"))));
+        for code in [ErrorCode::GOING_AWAY, ErrorCode::SLOW_CONSUMER, ErrorCode::INTERNAL, ErrorCode::OVERLOADED] {
+            assert!(!permanent(&closed(code)), "{code}");
+        }
+        assert!(!permanent(&ClientError::Connect("timed out".into())));
+        assert!(!permanent(&ClientError::Closed { code: None, reason: "idle timeout".into() }));
+    }
+}

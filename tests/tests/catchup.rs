@@ -1,0 +1,302 @@
+//! Catch-up through the client's `Session` (PROTOCOL.md section 11) against a real
+//! broker: a device that was away gets every missed entry once, in order, while others
+//! keep writing, and across disconnects in the middle of it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_client::{
+    Client, FileCursors, Identity, MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents,
+};
+use switchboard_protocol::{ConvId, ErrorCode, Receipt, Seq, UserId};
+use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
+
+/// Quick reconnects for tests.
+fn config() -> SessionConfig {
+    SessionConfig { backoff_min_ms: 20, backoff_max_ms: 200, ..SessionConfig::default() }
+}
+
+fn start(tb: &TestBroker, identity: &Identity) -> (Session, SessionEvents) {
+    Session::start(tb.connector(), identity.clone(), Arc::new(MemoryCursors::default()), config()).unwrap()
+}
+
+/// What a session's stream showed, per conversation, with the checks every test makes.
+#[derive(Default)]
+struct Seen {
+    seqs: BTreeMap<ConvId, Vec<Seq>>,
+    receipts: Vec<Receipt>,
+    disconnects: usize,
+    caught_up: usize,
+}
+
+impl Seen {
+    fn take(&mut self, event: SessionEvent) {
+        match event {
+            SessionEvent::Entry(e) => self.seqs.entry(e.conv).or_default().push(e.seq),
+            SessionEvent::Receipt(r) => self.receipts.push(r),
+            SessionEvent::Disconnected { .. } => self.disconnects += 1,
+            SessionEvent::CaughtUp => self.caught_up += 1,
+            SessionEvent::Stopped(e) => panic!("the session stopped: {e}"),
+            _ => {}
+        }
+    }
+
+    fn last(&self, conv: ConvId) -> Seq {
+        self.seqs.get(&conv).and_then(|s| s.last()).copied().unwrap_or(0)
+    }
+
+    /// Reads `events` until every conversation in `targets` reached its seq.
+    async fn until(&mut self, events: &mut SessionEvents, targets: &HashMap<ConvId, Seq>) {
+        within(Duration::from_secs(90), "the stream reaching every target", async {
+            while targets.iter().any(|(&c, &s)| self.last(c) < s) {
+                self.take(events.next().await.expect("the session is running"));
+            }
+        })
+        .await;
+    }
+
+    /// Every conversation's seqs are exactly `from..=to`: no gap, no duplicate, in order.
+    fn assert_exact(&self, conv: ConvId, from: Seq, to: Seq) {
+        let got = self.seqs.get(&conv).cloned().unwrap_or_default();
+        let want: Vec<Seq> = (from..=to).collect();
+        if got != want {
+            let dups = got.len() - got.iter().collect::<std::collections::BTreeSet<_>>().len();
+            panic!(
+                "conv {conv}: {} entries ({dups} duplicates), first {:?}, want {from}..={to}",
+                got.len(),
+                got.first()
+            );
+        }
+    }
+}
+
+/// `count` texts to each conversation, pipelined per conversation.
+async fn write(client: &Arc<Client>, convs: &[ConvId], count: usize, tag: &str) -> HashMap<ConvId, Seq> {
+    let tasks: Vec<_> = convs
+        .iter()
+        .map(|&conv| {
+            let (client, tag) = (client.clone(), tag.to_owned());
+            tokio::spawn(async move {
+                let mut last = 0;
+                for i in 0..count {
+                    last = client.send(conv, &format!("{tag} {i}")).await.unwrap();
+                }
+                (conv, last)
+            })
+        })
+        .collect();
+    let mut last = HashMap::new();
+    for t in tasks {
+        let (conv, seq) = within(Duration::from_secs(60), "writing", t).await.unwrap();
+        last.insert(conv, seq);
+    }
+    last
+}
+
+async fn groups(alice: &Client, peer: &str, n: usize) -> Vec<ConvId> {
+    let mut convs = Vec::new();
+    for i in 0..n {
+        convs.push(alice.create_group(&format!("g{i}"), &[peer.to_owned()]).await.unwrap().id);
+    }
+    convs
+}
+
+/// Closes the connection of `user` from the broker side, once the session has one.
+async fn kick(tb: &TestBroker, user: UserId) {
+    let sessions = within(STEP_DEADLINE, "the session (re)connecting", async {
+        loop {
+            match tb.shared().online.sessions(user) {
+                Some(list) if list.iter().all(|s| s.out.closed().is_none()) => return list,
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(sessions.len(), 1);
+    sessions[0].out.close(ErrorCode::GOING_AWAY);
+}
+
+/// A device away while 10,000 messages arrive in 20 conversations gets each exactly once,
+/// in order, while alice keeps writing during its catch-up; then its delivered receipts
+/// reach the broker (reported in batches, not per message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_missed_messages_arrive_once_in_order_while_others_write() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        drop(bob);
+        let alice = Arc::new(alice);
+        let convs = groups(&alice, "bob", 20).await;
+        write(&alice, &convs, 500, "missed").await;
+
+        let (session, mut events) = start(&tb, &bob_id);
+        // Alice keeps writing while bob catches up.
+        let writer = {
+            let (alice, convs) = (alice.clone(), convs.clone());
+            tokio::spawn(async move { write(&alice, &convs, 25, "during").await })
+        };
+        let mut seen = Seen::default();
+        // Everything up to the first batch, then everything written during.
+        let first: HashMap<ConvId, Seq> = convs.iter().map(|&c| (c, 501)).collect();
+        seen.until(&mut events, &first).await;
+        let last = within(STEP_DEADLINE * 3, "the writer", writer).await.unwrap();
+        seen.until(&mut events, &last).await;
+        for &conv in &convs {
+            assert_eq!(last[&conv], 526, "created + 500 + 25");
+            seen.assert_exact(conv, 1, 526);
+        }
+        assert!(seen.caught_up >= 1);
+
+        // Bob's delivered watermark reaches the end of each conversation.
+        within(STEP_DEADLINE, "delivered receipts", async {
+            loop {
+                let mut done = true;
+                for &conv in &convs {
+                    let receipts = alice.receipts(conv).await.unwrap();
+                    let bob = receipts.iter().find(|r| r.user == bob_id.user_id);
+                    done &= bob.is_some_and(|r| r.delivered_up_to == 526);
+                }
+                if done {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        session.close().await;
+    })
+    .await;
+}
+
+/// The broker drops the device's connection twice in the middle of its catch-up: the
+/// stream shows every entry once, in order, and says it was disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_stays_gap_free_across_disconnects_mid_catch_up() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        drop(bob);
+        let alice = Arc::new(alice);
+        let convs = groups(&alice, "bob", 5).await;
+        let last = write(&alice, &convs, 1000, "missed").await;
+
+        let (session, mut events) = start(&tb, &bob_id);
+        let mut seen = Seen::default();
+        for round in 1..=2u64 {
+            // Part way through (each page is at most 1000 entries of one conversation).
+            let part: HashMap<ConvId, Seq> = [(convs[0], 300 * round)].into();
+            seen.until(&mut events, &part).await;
+            let total: usize = seen.seqs.values().map(Vec::len).sum();
+            assert!(total < 5005, "the drop comes before the catch-up is over");
+            kick(&tb, bob_id.user_id).await;
+            // Entries written while the device is away are caught up too.
+            write(&alice, &convs[..1], 3, "between").await;
+        }
+        let mut last = last;
+        *last.get_mut(&convs[0]).unwrap() += 6;
+        seen.until(&mut events, &last).await;
+        for &conv in &convs {
+            seen.assert_exact(conv, 1, last[&conv]);
+        }
+        // Connection events are dropped while the application's queue is full (it
+        // is here: thousands of entries wait in it), so at least one shows.
+        assert!(seen.disconnects >= 1, "{} disconnects", seen.disconnects);
+        // Live again: a new entry arrives at once, next in order.
+        let seq = alice.send(convs[1], "live").await.unwrap();
+        seen.until(&mut events, &[(convs[1], seq)].into()).await;
+        seen.assert_exact(convs[1], 1, seq);
+        session.close().await;
+    })
+    .await;
+}
+
+/// Cursors saved by one session are where the next one (a restarted process) resumes:
+/// it shows only what the first did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_session_resumes_from_its_saved_cursors() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        drop(bob);
+        let alice = Arc::new(alice);
+        let convs = groups(&alice, "bob", 2).await;
+        let last = write(&alice, &convs, 30, "first").await;
+        let path = tb.dir.path().join("bob-cursors.json");
+        let store = || Arc::new(FileCursors::new(&path, bob_id.user_id, bob_id.device_id));
+
+        let (session, mut events) = Session::start(tb.connector(), bob_id.clone(), store(), config()).unwrap();
+        let mut seen = Seen::default();
+        seen.until(&mut events, &last).await;
+        session.close().await;
+        assert_eq!(store().load_for_test(), last);
+
+        let more = write(&alice, &convs, 10, "second").await;
+        let (session, mut events) = Session::start(tb.connector(), bob_id.clone(), store(), config()).unwrap();
+        let mut again = Seen::default();
+        again.until(&mut events, &more).await;
+        for &conv in &convs {
+            again.assert_exact(conv, last[&conv] + 1, more[&conv]);
+        }
+        session.close().await;
+    })
+    .await;
+}
+
+/// What one of my devices writes shows on my other device live, and on its own stream
+/// too (fetched after the ack, since the broker does not push it back); my reads from
+/// one device reach the other as my own receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn my_writes_and_reads_show_on_all_my_devices() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, phone) = tb.register("bob").await;
+        drop(bob);
+        let (laptop_client, laptop) = tb.login("bob").await;
+        drop(laptop_client);
+        let conv = alice.create_group("plans", &["bob".into()]).await.unwrap().id;
+
+        let (on_phone, mut phone_events) = start(&tb, &phone);
+        let (on_laptop, mut laptop_events) = start(&tb, &laptop);
+        let (mut phone_seen, mut laptop_seen) = (Seen::default(), Seen::default());
+        phone_seen.until(&mut phone_events, &[(conv, 1)].into()).await;
+        laptop_seen.until(&mut laptop_events, &[(conv, 1)].into()).await;
+
+        let seq = on_phone.send(conv, "from my phone").await.unwrap();
+        assert_eq!(seq, 2);
+        let (seq2, duplicate) = on_phone.send_with_id(conv, [9; 16], "once").await.unwrap();
+        assert!(!duplicate);
+        assert_eq!(on_phone.send_with_id(conv, [9; 16], "once").await.unwrap(), (seq2, true));
+        phone_seen.until(&mut phone_events, &[(conv, seq2)].into()).await;
+        laptop_seen.until(&mut laptop_events, &[(conv, seq2)].into()).await;
+        phone_seen.assert_exact(conv, 1, seq2);
+        laptop_seen.assert_exact(conv, 1, seq2);
+
+        on_laptop.mark_read(conv, seq2).await.unwrap();
+        within(STEP_DEADLINE, "my read on my other device", async {
+            while !phone_seen.receipts.iter().any(|r| r.user == phone.user_id && r.read_up_to == Some(seq2)) {
+                phone_seen.take(phone_events.next().await.unwrap());
+            }
+        })
+        .await;
+        on_phone.close().await;
+        on_laptop.close().await;
+    })
+    .await;
+}
+
+trait LoadForTest {
+    fn load_for_test(&self) -> HashMap<ConvId, Seq>;
+}
+
+impl LoadForTest for FileCursors {
+    fn load_for_test(&self) -> HashMap<ConvId, Seq> {
+        switchboard_client::CursorStore::load(self).unwrap()
+    }
+}

@@ -1,0 +1,207 @@
+//! The client's `Session` across connection drops and broker restarts, against a real
+//! broker: writes outstanding at a drop land exactly once, requests made while
+//! disconnected are sent after the reconnect, and a revoked device stops for good.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use switchboard_broker::{Broker, Config};
+use switchboard_client::{Identity, MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents};
+use switchboard_protocol::{Body, ErrorCode, Page, UserId};
+use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
+
+fn config() -> SessionConfig {
+    SessionConfig { backoff_min_ms: 20, backoff_max_ms: 200, ..SessionConfig::default() }
+}
+
+fn start(tb: &TestBroker, identity: &Identity) -> (Session, SessionEvents) {
+    Session::start(tb.connector(), identity.clone(), Arc::new(MemoryCursors::default()), config()).unwrap()
+}
+
+fn kick(tb: &TestBroker, user: UserId) {
+    for s in tb.shared().online.sessions(user).into_iter().flat_map(|l| l.to_vec()) {
+        s.out.close(ErrorCode::GOING_AWAY);
+    }
+}
+
+/// Reads events until one matches `what`.
+async fn wait_for(events: &mut SessionEvents, what: &str, mut matches: impl FnMut(&SessionEvent) -> bool) {
+    within(STEP_DEADLINE, what, async {
+        loop {
+            let event = events.next().await.expect("the session is running");
+            if matches(&event) {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// 200 sends are outstanding when the broker drops the connection: each is sent again
+/// with its client id after the reconnect, and each text is in the log exactly once,
+/// at the seq its caller was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_outstanding_at_a_drop_land_exactly_once() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice_client, alice) = tb.register("alice").await;
+        let (bob_client, _) = tb.register("bob").await;
+        let conv = alice_client.create_group("plans", &["bob".into()]).await.unwrap().id;
+        let (session, mut events) = start(&tb, &alice);
+        wait_for(&mut events, "connected", |e| matches!(e, SessionEvent::Connected)).await;
+
+        let acked = Arc::new(AtomicUsize::new(0));
+        let sends: Vec<_> = (0..200)
+            .map(|i| {
+                let (session, acked) = (session.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let seq = session.send(conv, &format!("m{i}")).await.unwrap();
+                    acked.fetch_add(1, Ordering::Relaxed);
+                    (i, seq)
+                })
+            })
+            .collect();
+        within(STEP_DEADLINE, "the first ack", async {
+            while acked.load(Ordering::Relaxed) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        kick(&tb, alice.user_id);
+        let at_drop = acked.load(Ordering::Relaxed);
+        assert!(at_drop < 200, "sends were outstanding at the drop");
+
+        let mut seqs = HashMap::new();
+        for s in sends {
+            let (i, seq) = within(STEP_DEADLINE * 3, "a retried send", s).await.unwrap();
+            seqs.insert(seq, format!("m{i}"));
+        }
+        assert_eq!(seqs.len(), 200, "every send got its own seq");
+        let (entries, last) = bob_client.history(conv, Page::After(1), 200).await.unwrap();
+        assert_eq!(last, 201, "created + 200, nothing twice");
+        assert_eq!(entries.len(), 200);
+        for e in &entries {
+            match &e.body {
+                Body::Text { text, .. } => assert_eq!(seqs.get(&e.seq), Some(text), "seq {}", e.seq),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        wait_for(&mut events, "the disconnect", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
+        session.close().await;
+    })
+    .await;
+}
+
+/// The broker stops and starts again on the same address: the session reconnects by
+/// itself, a send made while it was down lands once the broker is back, and what was
+/// written meanwhile arrives in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_is_survived() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice_client, alice) = tb.register("alice").await;
+        let (bob_client, bob) = tb.register("bob").await;
+        drop(bob_client);
+        let conv = alice_client.create_group("plans", &["bob".into()]).await.unwrap().id;
+        drop(alice_client);
+        let (bob_session, mut bob_events) = start(&tb, &bob);
+        wait_for(&mut bob_events, "bob's catch-up", |e| matches!(e, SessionEvent::Entry(x) if x.seq == 1)).await;
+
+        let addr = tb.broker.as_ref().unwrap().local_addr;
+        tb.stop().await;
+        wait_for(&mut bob_events, "the disconnect", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
+        // Made while the broker is down: waits for the reconnect.
+        let pending = {
+            let s = bob_session.clone();
+            tokio::spawn(async move { s.send(conv, "sent while down").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let config = Config { listen: addr, ..Config::ephemeral(tb.data_dir()) };
+        tb.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+
+        let seq = within(STEP_DEADLINE, "the send after the restart", pending).await.unwrap().unwrap();
+        assert_eq!(seq, 2);
+        let alice_client = within(STEP_DEADLINE, "alice", tb.connector().connect(&alice)).await.unwrap();
+        let seq3 = alice_client.send(conv, "after the restart").await.unwrap();
+        let mut got = Vec::new();
+        within(STEP_DEADLINE, "both entries", async {
+            while got.last() != Some(&seq3) {
+                if let Some(SessionEvent::Entry(e)) = bob_events.next().await {
+                    got.push(e.seq);
+                }
+            }
+        })
+        .await;
+        assert_eq!(got, [2, 3], "my own send, then alice's, once each");
+        bob_session.close().await;
+    })
+    .await;
+}
+
+/// A device revoked from another device: its session says why and its stream ends,
+/// with no reconnect attempt after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_stops_for_good() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("bob").await;
+        let (phone_client, phone) = tb.login("bob").await;
+        drop(phone_client);
+        let (session, mut events) = start(&tb, &phone);
+        wait_for(&mut events, "connected", |e| matches!(e, SessionEvent::Connected)).await;
+        laptop.revoke_device(phone.device_id).await.unwrap();
+        let mut stopped = None;
+        within(STEP_DEADLINE, "the end of the stream", async {
+            while let Some(event) = events.next().await {
+                match event {
+                    SessionEvent::Stopped(e) => stopped = e.code(),
+                    SessionEvent::Connected => panic!("reconnected after the revocation"),
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert_eq!(stopped, Some(ErrorCode::DEVICE_REVOKED));
+        assert!(matches!(session.send(1, "x").await, Err(switchboard_client::SessionError::Stopped)));
+    })
+    .await;
+}
+
+/// Requests beyond the pending bound fail at once instead of queueing without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_requests_are_bounded() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_, alice) = tb.register("alice").await;
+        // Nothing listens here: the session stays disconnected and queues.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let connector = switchboard_client::Connector::new(
+            socket.local_addr().unwrap(),
+            "localhost",
+            switchboard_client::Trust::CaFile(tb.broker.as_ref().unwrap().cert_path.clone()),
+        )
+        .unwrap();
+        let config = SessionConfig { max_pending: 4, connect_timeout_ms: 200, ..config() };
+        let (session, _events) = Session::start(connector, alice, Arc::new(MemoryCursors::default()), config).unwrap();
+        let queued: Vec<_> = (0..4)
+            .map(|_| {
+                let s = session.clone();
+                tokio::spawn(async move { s.send(1, "x").await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = session.send(1, "one too many").await;
+        assert!(matches!(refused, Err(switchboard_client::SessionError::Busy)), "{refused:?}");
+        session.close().await;
+        let mut outcomes = BTreeSet::new();
+        for q in queued {
+            outcomes.insert(format!("{:?}", q.await.unwrap()));
+        }
+        assert_eq!(outcomes, BTreeSet::from(["Err(Stopped)".to_owned()]), "closing fails what still waits");
+    })
+    .await;
+}
