@@ -371,6 +371,9 @@ impl Presence {
             for user in fired.forgotten {
                 cache.sets.remove(&user);
             }
+            // A build that began before this and ends after it must not cache a set for
+            // a user just forgotten (it would stay until that user's next offline).
+            cache.epoch += 1;
         }
         self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout()
     }
