@@ -748,6 +748,11 @@ impl Task {
                 self.pump();
             }
             Some(Event::Receipt(r)) => self.emit(SessionEvent::Receipt(r)),
+            Some(Event::Receipts(rs)) => {
+                for r in rs {
+                    self.emit(SessionEvent::Receipt(r));
+                }
+            }
             Some(Event::Presence(p)) => self.emit(SessionEvent::Presence(p)),
             Some(Event::Typing { conv, user, typing }) => self.emit(SessionEvent::Typing { conv, user, typing }),
             None => {

@@ -479,10 +479,12 @@ impl<R> ConversationState<R> {
         effects
     }
 
-    /// The receipt write in flight became durable (`ok`) or failed. Effects: the changed
-    /// members' `Event::Receipt` pushes (to the members; a private reader's
-    /// `read_up_to` to its own devices only), the `MarkRead` answers that waited for it,
-    /// then the next write if changes arrived meanwhile.
+    /// The receipt write in flight became durable (`ok`) or failed. Effects: one push of
+    /// every changed member's watermarks to the members (`Event::Receipt` for one change,
+    /// `Event::Receipts` for several: one frame per device per write, so a write costs
+    /// O(members) frames, not O(members²)); a private reader's `read_up_to` goes to its
+    /// own devices only), then the `MarkRead` answers that waited for it, then the next
+    /// write if changes arrived meanwhile.
     pub fn handle_receipts_durable(&mut self, log: &impl Log, ok: bool) -> Vec<Effect<R>> {
         if self.failed {
             return Vec::new();
@@ -493,7 +495,10 @@ impl<R> ConversationState<R> {
         let (written, answers) = self.receipts.written();
         // Answered with the durable values, taken before a removed member's are dropped.
         let answers: Vec<(R, Receipt)> = answers.into_iter().map(|(r, user)| (r, self.own_receipt(user))).collect();
-        let mut effects = Vec::new();
+        // One frame per device per write: what all members may see, and for each member
+        // who keeps read receipts private, the same with its own full watermarks.
+        let mut shown = Vec::new();
+        let mut private_own = Vec::new();
         for (user, before, after) in written {
             if !self.durable_members.contains_key(&user) {
                 // Removed meanwhile: its watermarks are no longer shown.
@@ -502,18 +507,28 @@ impl<R> ConversationState<R> {
             }
             let own = self.own_receipt(user);
             if self.private(log, user) {
-                let others: Arc<[UserId]> = self.audience_of_durable().into_iter().filter(|u| *u != user).collect();
-                effects.push(Effect::Notify { event: Event::Receipt(own.clone()), audience: Arc::from([user]) });
                 // Others hear of delivery only: a push when just the read mark moved would
                 // tell them when the user read.
                 if after.delivered_up_to != before.delivered_up_to {
-                    let hidden = Receipt { read_up_to: None, ..own };
-                    effects.push(Effect::Notify { event: Event::Receipt(hidden), audience: others });
+                    shown.push(Receipt { read_up_to: None, ..own.clone() });
                 }
+                private_own.push(own);
             } else {
-                effects
-                    .push(Effect::Notify { event: Event::Receipt(own), audience: self.audience_of_durable().into() });
+                shown.push(own);
             }
+        }
+        let mut effects = Vec::new();
+        let privates: Vec<UserId> = private_own.iter().map(|r| r.user).collect();
+        if !shown.is_empty() {
+            let others: Arc<[UserId]> =
+                self.audience_of_durable().into_iter().filter(|u| !privates.contains(u)).collect();
+            effects.push(Effect::Notify { event: receipt_event(shown.clone()), audience: others });
+        }
+        for own in private_own {
+            let user = own.user;
+            let mut mine: Vec<Receipt> = shown.iter().filter(|r| r.user != user).cloned().collect();
+            mine.push(own);
+            effects.push(Effect::Notify { event: receipt_event(mine), audience: Arc::from([user]) });
         }
         for (r, receipt) in answers {
             effects.push(Effect::Reply(r, Ok(Reply::Receipt(receipt))));
@@ -782,6 +797,15 @@ impl<R> ConversationState<R> {
         }
         Ok(())
     }
+}
+
+/// The event for receipts changed by one write: `Receipt` for one, `Receipts` for more.
+fn receipt_event(mut receipts: Vec<Receipt>) -> Event {
+    if receipts.len() == 1 {
+        return Event::Receipt(receipts.remove(0));
+    }
+    receipts.sort_by_key(|r| r.user);
+    Event::Receipts(receipts)
 }
 
 /// For each entry (durable, in seq order, ending at the newest), the users it goes to:

@@ -54,12 +54,18 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     let hook: EventHook = {
         let changes = changes.clone();
         Arc::new(move |session, event, now| {
-            if let Event::Receipt(r) = event
-                && session < senders
-                && r.conv == conv
-                && let Some(read) = r.read_up_to
-            {
-                changes.seen(session, r.user, read, now);
+            let receipts = match event {
+                Event::Receipt(r) => std::slice::from_ref(r),
+                Event::Receipts(rs) => rs.as_slice(),
+                _ => &[],
+            };
+            for r in receipts {
+                if session < senders
+                    && r.conv == conv
+                    && let Some(read) = r.read_up_to
+                {
+                    changes.seen(session, r.user, read, now);
+                }
             }
         })
     };

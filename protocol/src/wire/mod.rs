@@ -125,6 +125,7 @@ mod tests {
         "event_receipt",
         "event_presence",
         "event_typing",
+        "event_receipts",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -347,6 +348,9 @@ mod tests {
                 last_seen_ms: T,
             }))),
             "event_typing" => Fixture::Server(ServerFrame::Event(Event::Typing { conv: CONV, user: 2, typing: true })),
+            "event_receipts" => {
+                Fixture::Server(ServerFrame::Event(Event::Receipts(vec![receipt(2, 9, Some(8)), receipt(3, 9, None)])))
+            }
             _ => return None,
         })
     }

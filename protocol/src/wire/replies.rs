@@ -170,4 +170,8 @@ pub enum Event {
         /// Started or stopped.
         typing: bool,
     },
+    /// Several members' receipt watermarks moved in one durable write, in one frame (a
+    /// single change is sent as `Receipt`), so a receipt write costs one frame per
+    /// device however many members it covers.
+    Receipts(Vec<Receipt>),
 }
