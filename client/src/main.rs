@@ -562,6 +562,10 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                 let name = names.of(&session, conv, user).await;
                 out.typing(conv, user, &name, typing);
             }
+            Some(SessionEvent::File(p)) => out.status(
+                json!({"event": "file", "conv": p.conv, "file": switchboard_client::hex(&p.file), "size": p.size, "state": format!("{:?}", p.state)}),
+                || format!("file {} ({} bytes): {:?}", switchboard_client::hex(&p.file), p.size, p.state),
+            ),
             Some(SessionEvent::Connected) => out.status(json!({"event": "connected"}), || "connected".into()),
             Some(SessionEvent::CaughtUp) => out.status(json!({"event": "caught_up"}), || "caught up".into()),
             Some(SessionEvent::Disconnected { error, retry_in_ms }) => {
@@ -598,6 +602,16 @@ fn describe(body: &Body) -> (&'static str, String) {
         Body::MemberRemoved { user } => ("member_removed", format!("removed {user}")),
         Body::MemberLeft => ("member_left", "left".into()),
         Body::Redacted { target } => ("redacted", format!("(edit of deleted #{target})")),
+        Body::Files { text, files, edited } => {
+            let list: Vec<String> = files
+                .iter()
+                .map(|f| {
+                    format!("[{} {} bytes {} id {}]", f.name, f.size, f.content_type, switchboard_client::hex(&f.file))
+                })
+                .collect();
+            let caption = if *edited { format!("{text} (edited)") } else { text.clone() };
+            ("files", format!("{caption} {}", list.join(" ")).trim().to_string())
+        }
     }
 }
 

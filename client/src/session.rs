@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use switchboard_protocol::limits::{MAX_MARKS_PER_REQUEST, TYPING_TTL_MS};
 use switchboard_protocol::{
-    ClientMsgId, ConvId, ConversationState, DeviceId, Entry, ErrorCode, Event, PresenceInfo, Receipt, Reply,
-    RequestBody, Seq, Signal, UserId,
+    ClientMsgId, ConvId, ConversationState, DeviceId, Entry, ErrorCode, Event, FileProgress, PresenceInfo, Receipt,
+    Reply, RequestBody, Seq, Signal, UserId,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
@@ -92,6 +92,10 @@ pub enum SessionEvent {
         /// Started or stopped.
         typing: bool,
     },
+    /// An upload of mine, or one attached in a conversation of mine, moved (throttled by
+    /// the broker; the final state always arrives). Not replayed after a reconnect: ask
+    /// `FileInfo` for the current state.
+    File(FileProgress),
     /// Connected and authenticated; catch-up starts.
     Connected,
     /// Every conversation is caught up to what the broker had at the connect; from now
@@ -396,7 +400,10 @@ fn unexpected(reply: Reply) -> SessionError {
 pub fn retry_safe(body: &RequestBody) -> bool {
     use switchboard_protocol::NewConversation;
     match body {
-        RequestBody::Send { .. } | RequestBody::Edit { .. } | RequestBody::Delete { .. } => true,
+        RequestBody::Send { .. }
+        | RequestBody::Edit { .. }
+        | RequestBody::Delete { .. }
+        | RequestBody::SendFiles { .. } => true,
         RequestBody::Ping
         | RequestBody::ListConversations { .. }
         | RequestBody::Members { .. }
@@ -409,7 +416,9 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::CatchUp { .. }
         | RequestBody::SetPresence { .. }
         | RequestBody::Presence { .. }
-        | RequestBody::Settings { .. } => true,
+        | RequestBody::Settings { .. }
+        | RequestBody::UploadStatus { .. }
+        | RequestBody::FileInfo { .. } => true,
         // The one direct conversation with a peer is returned if it exists.
         RequestBody::CreateConversation(NewConversation::Direct { .. }) => true,
         RequestBody::CreateConversation(NewConversation::Group { .. })
@@ -417,6 +426,11 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::RemoveMember { .. }
         | RequestBody::Leave { .. }
         | RequestBody::RevokeDevice { .. }
+        // A second begin starts a second upload; a second cancel or delete would answer
+        // `NOT_FOUND` for what the first one did.
+        | RequestBody::BeginUpload(_)
+        | RequestBody::CancelUpload { .. }
+        | RequestBody::DeleteFile { .. }
         | RequestBody::Register(_)
         | RequestBody::Login(_)
         | RequestBody::Authenticate { .. } => false,
@@ -755,6 +769,7 @@ impl Task {
             }
             Some(Event::Presence(p)) => self.emit(SessionEvent::Presence(p)),
             Some(Event::Typing { conv, user, typing }) => self.emit(SessionEvent::Typing { conv, user, typing }),
+            Some(Event::File(progress)) => self.emit(SessionEvent::File(progress)),
             None => {
                 let live = self.live.take().expect("next_event yields only while connected");
                 let error = live.client.closed().await;

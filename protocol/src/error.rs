@@ -68,6 +68,27 @@ codes! {
     GOING_AWAY = 16,
     /// An internal error (storage failure). Nothing unacknowledged can be assumed done.
     INTERNAL = 17,
+    /// An upload chunk or stream did not start at the durable offset; the reply carries
+    /// the offset to resume from.
+    WRONG_OFFSET = 18,
+    /// An upload chunk's data does not match its BLAKE3; it was not stored.
+    CHUNK_CORRUPT = 19,
+    /// A complete upload's bytes do not match its declared whole-file BLAKE3; nothing was
+    /// published and the upload is gone.
+    HASH_MISMATCH = 20,
+    /// The declared file size is above the broker's `max_file_bytes`.
+    FILE_TOO_LARGE = 21,
+    /// The upload would take the user past its quota of stored bytes.
+    QUOTA_EXCEEDED = 22,
+    /// The file's first bytes show a type that may not be published under the declared
+    /// one (an executable declared as an image or document).
+    TYPE_MISMATCH = 23,
+    /// The user has the most uploads in progress the broker allows; finish or cancel one.
+    TOO_MANY_UPLOADS = 24,
+    /// The broker keeps a disk reserve and has no room for the upload; try later.
+    STORAGE_FULL = 25,
+    /// The file exists but its upload is not complete yet; it cannot be read.
+    NOT_READY = 26,
 }
 
 impl std::fmt::Display for ErrorCode {

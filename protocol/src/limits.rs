@@ -41,6 +41,23 @@ pub const PRESENCE_MAX: u32 = 256;
 pub const TYPING_TTL_MS: u32 = 6_000;
 /// Largest datagram payload either side sends (a typing signal or event is ~20 bytes).
 pub const MAX_DATAGRAM_BYTES: u32 = 256;
+/// Largest `Chunk::data` of an upload: big enough that one fsync per chunk costs little
+/// (fdatasync of 1 MiB appends reaches the disk's throughput here, docs/benchmarks.md),
+/// small enough that resending one chunk after a cut is cheap.
+pub const MAX_CHUNK_BYTES: u32 = 1024 * 1024;
+/// Largest frame a client may send on a transfer stream: a chunk plus its offset, hash
+/// and length prefixes.
+pub const MAX_TRANSFER_FRAME_BYTES: u32 = MAX_CHUNK_BYTES + 64;
+/// Longest file name in bytes (as most file systems allow).
+pub const MAX_FILE_NAME_BYTES: u32 = 255;
+/// Longest media type in bytes (RFC 6838: 127 each for type and subtype; we take the
+/// whole `type/subtype` at 127).
+pub const MAX_CONTENT_TYPE_BYTES: u32 = 127;
+/// Most files one message carries.
+pub const MAX_FILES_PER_MESSAGE: u32 = 10;
+/// Most `Event::File` progress pushes per upload and audience per second (the final state
+/// is always sent).
+pub const FILE_PROGRESS_PER_SECOND: u32 = 4;
 /// Time a new connection has, from the end of its QUIC handshake, to send its hello and
 /// its whole auth request. Checking the request is not cut off by it.
 pub const AUTH_DEADLINE_MS: u32 = 2_000;
@@ -59,3 +76,11 @@ const _: () = assert!(MAX_TEXT_BYTES + 256 <= MAX_CLIENT_FRAME_BYTES);
 const _: () = assert!(MAX_GROUP_MEMBERS * (MAX_NAME_BYTES + 16) <= MAX_SERVER_FRAME_BYTES);
 // Pre-auth frames carry a name, a password, a device name, a key and a signature.
 const _: () = assert!(2 * MAX_NAME_BYTES + MAX_PASSWORD_BYTES + 128 <= PREAUTH_MAX_FRAME_BYTES);
+// A files message holds at most `MAX_TEXT_BYTES` of caption, names and types together
+// (`SendFiles`), plus at most 32 bytes of ids, size and prefixes per file: a history page
+// and a catch-up page of such entries must still fit in one server frame.
+const _: () = assert!(HISTORY_PAGE_MAX * (MAX_TEXT_BYTES + 128 + MAX_FILES_PER_MESSAGE * 32) <= MAX_SERVER_FRAME_BYTES);
+const _: () = assert!(
+    CATCH_UP_PAGE_BYTES + MAX_TEXT_BYTES + 128 + MAX_FILES_PER_MESSAGE * 32 + MAX_GROUP_MEMBERS * 40
+        <= MAX_SERVER_FRAME_BYTES
+);

@@ -69,25 +69,29 @@ impl Store {
         if entry.client_id != ClientMsgId::default() {
             set(Key::dedupe(conv, entry.sender, &entry.client_id), Some(entry.seq.to_be_bytes().to_vec()))?;
         }
-        let rewrite = |target: Seq, body: Body| -> Result<()> {
+        let rewrite = |target: Seq, body: &dyn Fn(&Body) -> Body| -> Result<()> {
             let key = Key::entry(conv, target);
             let Some(mut stored) = self.entry(conv, target)? else {
                 return Err(corrupt(key.as_ref(), "an edit or delete names a missing entry"));
             };
-            stored.body = body;
+            stored.body = body(&stored.body);
             set(key, Some(encode(&stored)))
         };
         match &entry.body {
             Body::Edit { target, text } => {
                 set(Key::edit_of(conv, *target, entry.seq), Some(Vec::new()))?;
-                rewrite(*target, Body::Text { text: text.clone(), edited: true })
+                // An edit replaces the text (a files message's caption) and keeps the files.
+                rewrite(*target, &|old| match old {
+                    Body::Files { files, .. } => Body::Files { text: text.clone(), files: files.clone(), edited: true },
+                    _ => Body::Text { text: text.clone(), edited: true },
+                })
             }
             Body::Delete { target } => {
                 // Every version of the text goes: the message's and each edit's.
                 for edit in self.edits_of(conv, *target)? {
-                    rewrite(edit, Body::Redacted { target: *target })?;
+                    rewrite(edit, &|_| Body::Redacted { target: *target })?;
                 }
-                rewrite(*target, Body::Tombstone)
+                rewrite(*target, &|_| Body::Tombstone)
             }
             Body::MembersAdded { members } => {
                 self.index_write(|| members.iter().try_for_each(|&(user, role)| member(user, Some(role))))
@@ -95,7 +99,7 @@ impl Store {
             Body::MemberRemoved { user } => self.index_write(|| member(*user, None)),
             Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
             // A message moves the running counts that unread counts are read from.
-            Body::Text { .. } => {
+            Body::Text { .. } | Body::Files { .. } => {
                 let (total, mine) = self.counts_before(conv, entry.sender, entry.seq)?;
                 set(Key::text_count(conv, entry.seq), Some((total + 1).to_be_bytes().to_vec()))?;
                 set(Key::sender_count(conv, entry.sender, entry.seq), Some((mine + 1).to_be_bytes().to_vec()))

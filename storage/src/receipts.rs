@@ -105,7 +105,12 @@ impl Store {
                 (conv, total) = (Some(entry.conv), 0);
                 mine.clear();
             }
-            if matches!(entry.body, switchboard_protocol::Body::Text { .. } | switchboard_protocol::Body::Tombstone) {
+            if matches!(
+                entry.body,
+                switchboard_protocol::Body::Text { .. }
+                    | switchboard_protocol::Body::Files { .. }
+                    | switchboard_protocol::Body::Tombstone
+            ) {
                 total += 1;
                 let own = mine.entry(entry.sender).or_insert(0);
                 *own += 1;

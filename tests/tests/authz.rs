@@ -44,6 +44,12 @@ enum Kind {
     SetPresence,
     Presence,
     Settings,
+    BeginUpload,
+    UploadStatus,
+    CancelUpload,
+    SendFiles,
+    FileInfo,
+    DeleteFile,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -74,6 +80,12 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::SetPresence { .. } => Kind::SetPresence,
         RequestBody::Presence { .. } => Kind::Presence,
         RequestBody::Settings { .. } => Kind::Settings,
+        RequestBody::BeginUpload(_) => Kind::BeginUpload,
+        RequestBody::UploadStatus { .. } => Kind::UploadStatus,
+        RequestBody::CancelUpload { .. } => Kind::CancelUpload,
+        RequestBody::SendFiles { .. } => Kind::SendFiles,
+        RequestBody::FileInfo { .. } => Kind::FileInfo,
+        RequestBody::DeleteFile { .. } => Kind::DeleteFile,
     }
 }
 
@@ -149,6 +161,12 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     // Presence of users who share no conversation with the caller is left out.
     (Kind::Presence,           Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
     (Kind::Settings,           Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    (Kind::BeginUpload,        Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    (Kind::UploadStatus,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    (Kind::CancelUpload,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    (Kind::SendFiles,          Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    (Kind::FileInfo,           Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    (Kind::DeleteFile,         Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -162,6 +180,8 @@ fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
 
 /// A conversation id no conversation has.
 const MISSING_CONV: u64 = 1 << 40;
+/// A file id no file has.
+const MISSING_FILE: switchboard_protocol::FileId = [0x5a; 16];
 /// A device id no device has.
 const MISSING_DEVICE: DeviceId = 1 << 40;
 
@@ -265,6 +285,17 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::Settings => {
             RequestBody::Settings { set: Some(switchboard_protocol::Settings { read_receipts_private: true }) }
         }
+        Kind::BeginUpload => RequestBody::BeginUpload(switchboard_protocol::NewUpload {
+            name: "notes.txt".into(),
+            size: 5,
+            content_type: "text/plain".into(),
+            blake3: [0; 32],
+        }),
+        Kind::UploadStatus => RequestBody::UploadStatus { file: MISSING_FILE },
+        Kind::CancelUpload => RequestBody::CancelUpload { file: MISSING_FILE },
+        Kind::SendFiles => RequestBody::SendFiles { conv, client_id, text: String::new(), files: vec![MISSING_FILE] },
+        Kind::FileInfo => RequestBody::FileInfo { file: MISSING_FILE },
+        Kind::DeleteFile => RequestBody::DeleteFile { file: MISSING_FILE },
     };
     assert_eq!(kind_of(&body), kind);
     body

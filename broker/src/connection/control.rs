@@ -211,6 +211,12 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(shared.presence.query(caller.user, users).await) });
             }
+            RequestBody::BeginUpload(_)
+            | RequestBody::UploadStatus { .. }
+            | RequestBody::CancelUpload { .. }
+            | RequestBody::SendFiles { .. }
+            | RequestBody::FileInfo { .. }
+            | RequestBody::DeleteFile { .. } => reply.fail(ErrorCode::INVALID, "files land with issue 9"),
         }
     }
 

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
+use super::{ClientMsgId, ConvId, DeviceId, FileRef, Seq, UserId};
 
 /// Role of a member in a conversation, least powerful last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -93,5 +93,17 @@ pub enum Body {
     Redacted {
         /// The deleted message this edit had changed.
         target: Seq,
+    },
+    /// A message carrying files, with a caption (possibly empty); `edited` once an `Edit`
+    /// replaced the caption. Counts as a message for unread. Deleting it (a `Delete`)
+    /// leaves a `Tombstone`, and the files stop being readable through it.
+    Files {
+        /// Caption.
+        text: String,
+        /// The files, as they were when the message was sent (a file may still be
+        /// uploading: `FileInfo` and `Event::File` tell when it is complete).
+        files: Vec<FileRef>,
+        /// The caption was edited.
+        edited: bool,
     },
 }

@@ -7,6 +7,7 @@
 //! events), `entries` (the conversation log). A new feature adds its own file.
 
 mod entries;
+mod files;
 mod hello;
 mod ids;
 mod presence;
@@ -15,6 +16,7 @@ mod requests;
 mod sync;
 
 pub use entries::*;
+pub use files::*;
 pub use hello::*;
 pub use ids::*;
 pub use presence::*;
@@ -41,6 +43,9 @@ mod tests {
         ServerHello(ServerHello),
         Client(ClientFrame),
         Server(ServerFrame),
+        Open(TransferOpen),
+        Chunk(Chunk),
+        Transfer(TransferReply),
     }
 
     impl Fixture {
@@ -51,6 +56,9 @@ mod tests {
                 Fixture::ServerHello(m) => encode_frame(m),
                 Fixture::Client(m) => encode_frame(m),
                 Fixture::Server(m) => encode_frame(m),
+                Fixture::Open(m) => encode_frame(m),
+                Fixture::Chunk(m) => encode_frame(m),
+                Fixture::Transfer(m) => encode_frame(m),
             }
             .unwrap()
         }
@@ -62,6 +70,9 @@ mod tests {
                 Fixture::ServerHello(_) => Fixture::ServerHello(decode(body).unwrap()),
                 Fixture::Client(_) => Fixture::Client(decode(body).unwrap()),
                 Fixture::Server(_) => Fixture::Server(decode(body).unwrap()),
+                Fixture::Open(_) => Fixture::Open(decode(body).unwrap()),
+                Fixture::Chunk(_) => Fixture::Chunk(decode(body).unwrap()),
+                Fixture::Transfer(_) => Fixture::Transfer(decode(body).unwrap()),
             }
         }
     }
@@ -126,6 +137,24 @@ mod tests {
         "event_presence",
         "event_typing",
         "event_receipts",
+        "request_begin_upload",
+        "request_upload_status",
+        "request_cancel_upload",
+        "request_send_files",
+        "request_file_info",
+        "request_delete_file",
+        "response_upload",
+        "response_file",
+        "event_entry_files",
+        "event_file",
+        "transfer_open_upload",
+        "transfer_open_download",
+        "transfer_chunk",
+        "transfer_accepted",
+        "transfer_durable",
+        "transfer_complete",
+        "transfer_range",
+        "transfer_failed",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -153,6 +182,17 @@ mod tests {
 
     fn receipt(user: UserId, delivered_up_to: Seq, read_up_to: Option<Seq>) -> Receipt {
         Receipt { conv: CONV, user, delivered_up_to, read_up_to }
+    }
+
+    /// Fixed file id: bytes 0xf0..=0xff.
+    const FILE: FileId =
+        [0xf0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd, 0xfe, 0xff];
+    /// Fixed thumbnail id: bytes 0xe0..=0xef.
+    const THUMB: FileId =
+        [0xe0, 0xe1, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea, 0xeb, 0xec, 0xed, 0xee, 0xef];
+
+    fn file_ref() -> FileRef {
+        FileRef { file: FILE, name: "cat.png".into(), size: 2_000_000, content_type: "image/png".into() }
     }
 
     fn enroll() -> Enroll {
@@ -351,6 +391,77 @@ mod tests {
             "event_receipts" => {
                 Fixture::Server(ServerFrame::Event(Event::Receipts(vec![receipt(2, 9, Some(8)), receipt(3, 9, None)])))
             }
+            "request_begin_upload" => req(
+                25,
+                RequestBody::BeginUpload(NewUpload {
+                    name: "cat.png".into(),
+                    size: 2_000_000,
+                    content_type: "image/png".into(),
+                    blake3: [0xab; 32],
+                }),
+            ),
+            "request_upload_status" => req(26, RequestBody::UploadStatus { file: FILE }),
+            "request_cancel_upload" => req(27, RequestBody::CancelUpload { file: FILE }),
+            "request_send_files" => {
+                req(28, RequestBody::SendFiles { conv: CONV, client_id: CID, text: "look".into(), files: vec![FILE] })
+            }
+            "request_file_info" => req(29, RequestBody::FileInfo { file: FILE }),
+            "request_delete_file" => req(30, RequestBody::DeleteFile { file: FILE }),
+            "response_upload" => ok(
+                25,
+                Reply::Upload(UploadStatus {
+                    file: FILE,
+                    size: 2_000_000,
+                    offset: 1_048_576,
+                    content_type: "image/png".into(),
+                    complete: false,
+                    expires_ms: T + 86_400_000,
+                    chunk_max: crate::limits::MAX_CHUNK_BYTES,
+                }),
+            ),
+            "response_file" => ok(
+                29,
+                Reply::File(FileInfo {
+                    file: file_ref(),
+                    blake3: [0xab; 32],
+                    uploader: 2,
+                    created_ms: T,
+                    state: FileState::Complete {
+                        thumbnail: Some(FileRef {
+                            file: THUMB,
+                            name: "cat.png.thumb.png".into(),
+                            size: 4_000,
+                            content_type: "image/png".into(),
+                        }),
+                    },
+                }),
+            ),
+            "event_entry_files" => {
+                event(12, Body::Files { text: "look".into(), files: vec![file_ref()], edited: false })
+            }
+            "event_file" => Fixture::Server(ServerFrame::Event(Event::File(FileProgress {
+                conv: Some(CONV),
+                file: FILE,
+                size: 2_000_000,
+                state: FileState::Uploading { offset: 1_048_576 },
+            }))),
+            "transfer_open_upload" => Fixture::Open(TransferOpen::Upload { file: FILE, offset: 1_048_576 }),
+            "transfer_open_download" => {
+                Fixture::Open(TransferOpen::Download { file: FILE, offset: 1_000, length: 500 })
+            }
+            "transfer_chunk" => Fixture::Chunk(Chunk {
+                offset: 1_048_576,
+                data: Bytes::from_static(b"abc"),
+                blake3: *blake3::hash(b"abc").as_bytes(),
+            }),
+            "transfer_accepted" => Fixture::Transfer(TransferReply::Accepted { offset: 1_048_576 }),
+            "transfer_durable" => Fixture::Transfer(TransferReply::Durable { offset: 1_048_579 }),
+            "transfer_complete" => Fixture::Transfer(TransferReply::Complete(file_ref())),
+            "transfer_range" => Fixture::Transfer(TransferReply::Range { offset: 1_000, length: 500, size: 2_000_000 }),
+            "transfer_failed" => Fixture::Transfer(TransferReply::Failed {
+                error: ErrorBody::new(ErrorCode::WRONG_OFFSET, "the durable offset is 1048576"),
+                offset: 1_048_576,
+            }),
             _ => return None,
         })
     }

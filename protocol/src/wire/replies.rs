@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CatchUpPage, ConvId, ConversationKind, ConversationState, DeviceId, Entry, PresenceInfo, Receipt, Role, Seq,
-    Settings, UserId,
+    CatchUpPage, ConvId, ConversationKind, ConversationState, DeviceId, Entry, FileInfo, FileProgress, PresenceInfo,
+    Receipt, Role, Seq, Settings, UploadStatus, UserId,
 };
 use crate::ErrorCode;
 
@@ -107,6 +107,10 @@ pub enum Reply {
     Presence(Vec<PresenceInfo>),
     /// My settings.
     Settings(Settings),
+    /// Where an upload stands (answer to `BeginUpload` and `UploadStatus`).
+    Upload(UploadStatus),
+    /// A file's description (answer to `FileInfo`).
+    File(FileInfo),
 }
 
 /// A conversation as listed.
@@ -174,4 +178,6 @@ pub enum Event {
     /// single change is sent as `Receipt`), so a receipt write costs one frame per
     /// device however many members it covers.
     Receipts(Vec<Receipt>),
+    /// An upload moved (throttled; the final state always arrives).
+    File(FileProgress),
 }

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{ClientMsgId, ConvId, DeviceId, Role, Seq, Settings, Signal, UserId};
+use super::{ClientMsgId, ConvId, DeviceId, FileId, NewUpload, Role, Seq, Settings, Signal, UserId};
 
 /// A frame from client to broker after the hello.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +172,47 @@ pub enum RequestBody {
     Settings {
         /// New settings, or `None` to only read them.
         set: Option<Settings>,
+    },
+    /// Start an upload after checking the limits (size, quota, uploads in progress, disk
+    /// reserve). Replies `Upload` with the new file id and offset 0; the connection may
+    /// then open transfer streams (PROTOCOL.md section 12).
+    BeginUpload(NewUpload),
+    /// Where my upload `file` stands (its durable offset). Replies `Upload`; the
+    /// connection may then open transfer streams.
+    UploadStatus {
+        /// The upload.
+        file: FileId,
+    },
+    /// Abandon my incomplete upload: its data and quota are released. Replies `Done`.
+    CancelUpload {
+        /// The upload.
+        file: FileId,
+    },
+    /// Send a message carrying files (and an optional caption). Each file is one I may
+    /// read (uploaded by me, or attached where I am a member), complete or still
+    /// uploading; the conversation's members may then read it. Replies `Appended`.
+    SendFiles {
+        /// Conversation.
+        conv: ConvId,
+        /// Idempotency key: resending it returns the original seq.
+        client_id: ClientMsgId,
+        /// Caption (may be empty). The caption and every file's name and media type
+        /// together are at most `max_text_bytes` bytes, so a files message is no larger
+        /// in a history page than a text message.
+        text: String,
+        /// 1..=`MAX_FILES_PER_MESSAGE` distinct files.
+        files: Vec<FileId>,
+    },
+    /// A file I may read. Replies `File`; the connection may then open transfer streams.
+    FileInfo {
+        /// The file.
+        file: FileId,
+    },
+    /// Drop my own hold on a file I uploaded: it no longer counts against my quota and is
+    /// deleted once no message carries it. Replies `Done`.
+    DeleteFile {
+        /// The file.
+        file: FileId,
     },
 }
 

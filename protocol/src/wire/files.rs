@@ -1,0 +1,194 @@
+//! Files: resumable uploads and range downloads on transfer streams of their own, and the
+//! file references a message carries.
+//!
+//! The control stream starts and inspects an upload (`BeginUpload`, `UploadStatus`,
+//! `FileInfo`); bytes never travel on it. Each transfer gets its own client-opened
+//! bidirectional stream whose first frame is a `TransferOpen`; an upload stream then
+//! carries `Chunk` frames, and the broker answers on the same stream with
+//! `TransferReply` frames. A download stream carries one `TransferReply::Range` frame and
+//! then exactly `length` raw bytes. See docs/PROTOCOL.md section 12.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{ConvId, UserId};
+use crate::ErrorBody;
+
+/// Identifies a file and, while it is being uploaded, its upload: 16 random bytes chosen
+/// by the broker at `BeginUpload`, never reused. Knowing an id grants nothing: every read
+/// is checked against who may see the file.
+pub type FileId = [u8; 16];
+
+/// A BLAKE3 hash (32 bytes), of a whole file or of one chunk.
+pub type Blake3 = [u8; 32];
+
+/// What `BeginUpload` declares about the file to come.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewUpload {
+    /// File name as the user sees it, 1..=`MAX_FILE_NAME_BYTES` bytes, no `/`, `\` or
+    /// control characters.
+    pub name: String,
+    /// Exact size in bytes, 1..= the broker's `max_file_bytes` (100 MiB by default).
+    pub size: u64,
+    /// Declared media type (`type/subtype`, at most `MAX_CONTENT_TYPE_BYTES`). The broker
+    /// checks it against the file's first bytes (PROTOCOL.md section 12).
+    pub content_type: String,
+    /// BLAKE3 of the whole file; completion verifies it.
+    pub blake3: Blake3,
+}
+
+/// Where an upload stands (answer to `BeginUpload` and `UploadStatus`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadStatus {
+    /// The file's id (also the upload's).
+    pub file: FileId,
+    /// Declared size, bytes.
+    pub size: u64,
+    /// Every byte below this is durable (fsynced): resume sending from here.
+    pub offset: u64,
+    /// The media type the file will be published with (relabelled when the first bytes
+    /// showed another type).
+    pub content_type: String,
+    /// All bytes are in and the whole-file hash matched: the file is published.
+    pub complete: bool,
+    /// An incomplete upload and its data are removed at this time, ms since the Unix
+    /// epoch (0 once complete).
+    pub expires_ms: u64,
+    /// Largest `Chunk::data` the broker accepts, bytes.
+    pub chunk_max: u32,
+}
+
+/// A file as a message carries it and `FileInfo` describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Id.
+    pub file: FileId,
+    /// Name given at `BeginUpload`.
+    pub name: String,
+    /// Size, bytes.
+    pub size: u64,
+    /// Media type, as published (possibly relabelled).
+    pub content_type: String,
+}
+
+/// Where a file stands, as shown to those who may read it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileState {
+    /// Being uploaded: bytes below `offset` are durable.
+    Uploading {
+        /// Durable bytes.
+        offset: u64,
+    },
+    /// Complete and verified; readable with `TransferOpen::Download`.
+    Complete {
+        /// A PNG thumbnail at most 256 px on its long side, once made (images only).
+        thumbnail: Option<FileRef>,
+    },
+    /// The upload failed or expired; the file will never be readable.
+    Failed {
+        /// Why (`HASH_MISMATCH`, `TYPE_MISMATCH`, or `NOT_FOUND` once expired).
+        code: crate::ErrorCode,
+    },
+}
+
+/// One file's description (answer to `FileInfo`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// The file.
+    pub file: FileRef,
+    /// Declared whole-file BLAKE3 (verified once complete).
+    pub blake3: Blake3,
+    /// Who uploaded it.
+    pub uploader: UserId,
+    /// Upload start, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Progress or result.
+    pub state: FileState,
+}
+
+/// Pushed as `Event::File`: an upload moved. Sent to the uploader's devices
+/// (`conv: None`) and, once the file is attached to a message, to the members of that
+/// conversation (`conv: Some`), at most `FILE_PROGRESS_PER_SECOND` times a second per
+/// upload and audience, the latest state winning; the final state is always sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileProgress {
+    /// The conversation it is attached to, or `None` for the uploader's own devices.
+    pub conv: Option<ConvId>,
+    /// File.
+    pub file: FileId,
+    /// Declared size, bytes.
+    pub size: u64,
+    /// Progress or result.
+    pub state: FileState,
+}
+
+/// The first frame on a transfer stream (client to broker).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransferOpen {
+    /// Upload bytes of `file` starting at `offset`, which must be the durable offset.
+    /// `Chunk` frames follow.
+    Upload {
+        /// The upload.
+        file: FileId,
+        /// Where the first chunk starts.
+        offset: u64,
+    },
+    /// Send bytes `offset .. offset + length` of a complete file (`length` is cut at the
+    /// end of the file; 0 reads to the end).
+    Download {
+        /// The file.
+        file: FileId,
+        /// First byte.
+        offset: u64,
+        /// Bytes wanted (0: to the end).
+        length: u64,
+    },
+}
+
+/// Bytes of an upload (client to broker on an upload stream).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Position of `data[0]` in the file: the end of the previous chunk on this stream.
+    pub offset: u64,
+    /// 1..=`chunk_max` bytes.
+    pub data: Bytes,
+    /// BLAKE3 of `data`; a chunk that does not match is refused and not stored.
+    pub blake3: Blake3,
+}
+
+/// Broker to client on a transfer stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransferReply {
+    /// The upload stream is accepted at `offset`: send chunks from there.
+    Accepted {
+        /// Durable offset.
+        offset: u64,
+    },
+    /// Every byte below `offset` is durable (fsynced).
+    Durable {
+        /// Durable offset.
+        offset: u64,
+    },
+    /// All bytes are in, the size and whole-file hash matched, the file is published.
+    /// The broker finishes the stream after it.
+    Complete(FileRef),
+    /// A download follows: exactly `length` raw bytes (`offset .. offset + length` of a
+    /// file of `size` bytes), then the broker finishes the stream.
+    Range {
+        /// First byte sent.
+        offset: u64,
+        /// Bytes that follow this frame.
+        length: u64,
+        /// Whole file size.
+        size: u64,
+    },
+    /// The transfer failed; the broker finishes the stream after it. For an upload,
+    /// `offset` is the durable offset to resume from (a `WRONG_OFFSET` or
+    /// `CHUNK_CORRUPT` upload can continue from it on a new stream).
+    Failed {
+        /// Stable code and detail.
+        error: ErrorBody,
+        /// Durable offset (0 for downloads).
+        offset: u64,
+    },
+}
