@@ -9,6 +9,7 @@ mod connection;
 pub mod conversation;
 pub mod error;
 pub mod fanout;
+mod files;
 pub mod limits;
 pub mod outbound;
 pub mod presence;
