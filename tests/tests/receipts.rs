@@ -310,3 +310,93 @@ async fn mark_delivered_from_a_stranger_changes_nothing_and_starts_no_actor() {
     })
     .await
 }
+
+/// Asserts that no receipt event arrives within `ms` (other events are skipped).
+async fn no_receipt_for(events: &mut Events, ms: u64) {
+    let quiet = tokio::time::sleep(std::time::Duration::from_millis(ms));
+    tokio::pin!(quiet);
+    loop {
+        tokio::select! {
+            _ = &mut quiet => return,
+            event = events.next() => match event {
+                Some(event @ (Event::Receipt(_) | Event::Receipts(_))) => panic!("unexpected receipt push {event:?}"),
+                Some(_) => {}
+                None => panic!("the event stream ended"),
+            },
+        }
+    }
+}
+
+/// Waits until `listed` by `viewer` shows `user` delivered up to `seq`.
+async fn delivered_shown(viewer: &Client, conv: u64, user: UserId, seq: u64) {
+    within(STEP_DEADLINE, "the delivered mark becoming durable", async {
+        loop {
+            let listed = viewer.receipts(conv).await.unwrap();
+            if listed.iter().find(|r| r.user == user).is_some_and(|r| r.delivered_up_to == seq) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn delivered_marks_that_change_nothing_wake_no_actor_and_push_nothing() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.conversation_idle_ms = 100).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut alice_events = alice.events().unwrap();
+        let conv = alice.create_group("quiet", &["bob".into()]).await.unwrap().id;
+        let seq = alice.send(conv, "hello").await.unwrap();
+        bob.mark_delivered(&[(conv, seq)]).await.unwrap();
+        // Pushed once durable; every push before it is taken off the stream too.
+        while next_receipt(&mut alice_events).await.delivered_up_to != seq {}
+        let shared = tb.shared().clone();
+        within(STEP_DEADLINE, "idle actors retiring", async {
+            while shared.convs.live() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        // The same mark, an older one, and one past the end (clamped to the same seq).
+        for mark in [seq, seq - 1, seq + 5, 0] {
+            bob.mark_delivered(&[(conv, mark)]).await.unwrap();
+            assert_eq!(shared.convs.live(), 0, "a mark at {mark} (stored {seq}) woke the conversation actor");
+        }
+        no_receipt_for(&mut alice_events, 200).await;
+        assert_eq!(shared.convs.live(), 0);
+        // A mark that moves the watermark still goes through.
+        let newer = alice.send(conv, "newer").await.unwrap();
+        bob.mark_delivered(&[(conv, newer)]).await.unwrap();
+        let receipt = next_receipt(&mut alice_events).await;
+        assert_eq!((receipt.user, receipt.delivered_up_to), (bob.user_id, newer));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_delivered_mark_its_stopping_actor_drops_is_handed_to_a_successor() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_identity) = tb.register("bob").await;
+        let conv = alice.create_group("restarting", &["bob".into()]).await.unwrap().id;
+        let seq = alice.send(conv, "hello").await.unwrap();
+        let shared = tb.shared().clone();
+        assert_eq!(shared.convs.live(), 1);
+        let caller =
+            switchboard_broker::conversation::Caller { user: bob.user_id, device: bob_identity.device_id, session: 0 };
+        // The mark is cast into the live actor's mailbox, and the actor is stopped before
+        // it runs again (this test's runtime has one thread, and nothing yields between
+        // the two): stop signals go before queued messages, so the mark is dropped untaken.
+        let handed = shared.convs.mark_delivered(&shared, caller, vec![(conv, seq)]).await;
+        assert!(shared.convs.kill(conv), "the actor was live");
+        let answer = within(STEP_DEADLINE, "the marks answered", handed.answer(&shared)).await;
+        assert_eq!(answer, Ok(switchboard_protocol::Reply::Done));
+        // `Done` was not a lie: a successor took the mark, and it becomes durable.
+        delivered_shown(&alice, conv, bob.user_id, seq).await;
+    })
+    .await
+}

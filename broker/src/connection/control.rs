@@ -189,8 +189,18 @@ impl Session {
                 tokio::spawn(async move { reply.send(catalog::revoke_device(&shared, caller.user, device_id).await) });
             }
             // Handed to each conversation's actor before the next request is read, so a
-            // later MarkRead or read of one of them sees these marks.
-            RequestBody::MarkDelivered { marks } => reply.send(convs.mark_delivered(shared, caller, marks).await),
+            // later MarkRead or read of one of them sees these marks; answered once the
+            // actors took them.
+            RequestBody::MarkDelivered { marks } => {
+                let mut handed = convs.mark_delivered(shared, caller, marks).await;
+                match handed.ready() {
+                    Some(answer) => reply.send(answer),
+                    None => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move { reply.send(handed.answer(&shared).await) });
+                    }
+                }
+            }
             RequestBody::MarkRead { conv, seq } => convs.mark_read(shared, conv, caller, seq, reply).await,
             RequestBody::Receipts { conv } => convs.read(shared, conv, caller, Read::Receipts, reply).await,
             RequestBody::ConversationStates { after } => {

@@ -30,9 +30,8 @@ pub enum ConvMsg {
         /// Whether it became durable.
         ok: bool,
     },
-    /// A receipt report (counted against the mailbox bound); a `MarkRead` carries its
-    /// responder, a `MarkDelivered` none.
-    Mark(Caller, Mark, Option<Responder>),
+    /// A receipt report (counted against the mailbox bound).
+    Mark(Caller, Mark, MarkReply),
     /// The receipt write in flight is durable (`ok`), or its commit failed.
     ReceiptsDurable {
         /// Whether it became durable.
@@ -47,10 +46,20 @@ impl ConvMsg {
     pub(crate) fn into_responder(self) -> Option<Responder> {
         match self {
             ConvMsg::Write(_, _, r) | ConvMsg::Read(_, _, r) => Some(r),
-            ConvMsg::Mark(_, _, r) => r,
+            ConvMsg::Mark(_, _, MarkReply::Read(r)) => Some(r),
             _ => None,
         }
     }
+}
+
+/// How a receipt report is answered.
+pub enum MarkReply {
+    /// A `MarkRead`'s responder, answered once the mark is durable.
+    Read(Responder),
+    /// One mark of a `MarkDelivered`: fired once the actor has taken the mark into its
+    /// receipt book, dropped unfired if the actor stopped first (the directory then
+    /// hands the mark to a successor; see `ConvDirectory::mark_delivered`).
+    Taken(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What a conversation actor starts from.
@@ -167,9 +176,16 @@ impl Actor for Conversation {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
                 vec![state.state.handle_read(&log, caller, read, reply, crate::now_ms())]
             }
-            ConvMsg::Mark(caller, mark, reply) => {
+            ConvMsg::Mark(caller, mark, MarkReply::Read(reply)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
-                state.state.handle_mark(&log, caller, mark, reply, crate::now_ms())
+                state.state.handle_mark(&log, caller, mark, Some(reply), crate::now_ms())
+            }
+            ConvMsg::Mark(caller, mark, MarkReply::Taken(taken)) => {
+                state.depth.fetch_sub(1, Ordering::AcqRel);
+                let effects = state.state.handle_mark(&log, caller, mark, None, crate::now_ms());
+                // The requester may have stopped waiting (its connection closed).
+                let _ = taken.send(());
+                effects
             }
             ConvMsg::Durable { seq, ok: true } => state.state.handle_durable(seq),
             ConvMsg::Durable { ok: false, .. } => state.state.handle_failure(),

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::limits::MAX_MARKS_PER_REQUEST;
-use switchboard_protocol::{ConvId, ErrorBody, ErrorCode, Reply, Seq};
+use switchboard_protocol::{ConvId, ErrorBody, ErrorCode, Reply, Seq, UserId};
 use switchboard_storage::Store;
 
-use super::actor::{ConvArgs, ConvMsg, Conversation};
+use super::actor::{ConvArgs, ConvMsg, Conversation, MarkReply};
 use super::state::{Caller, Command, Mark, Read, not_a_member};
 use crate::Shared;
 use crate::reply::{Responder, internal};
@@ -78,41 +78,59 @@ impl ConvDirectory {
 
     /// A `MarkRead` (with its responder) of `conv`.
     pub async fn mark_read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, seq: Seq, reply: Responder) {
-        self.request(shared, conv, caller, ConvMsg::Mark(caller, Mark::Read(seq), Some(reply))).await
+        self.request(shared, conv, caller, ConvMsg::Mark(caller, Mark::Read(seq), MarkReply::Read(reply))).await
     }
 
     /// A `MarkDelivered`: hands each `(conv, seq)` to its conversation's actor, in the
-    /// order given (one conversation's highest mark only). Marks for conversations
-    /// `caller` is not a member of, or that do not exist, are dropped without a word (and
-    /// start no actor). `Done` once every other mark is handed over; `OVERLOADED` (retry:
-    /// marks are idempotent) if any could not be, `INTERNAL` once the store has failed.
+    /// order given (one conversation's highest mark only), before returning, so the
+    /// session's later requests about those conversations see the marks. A mark that
+    /// cannot raise the caller's stored delivered watermark (at or below it, or the
+    /// conversation has nothing after it) is skipped: it wakes no actor and writes
+    /// nothing. Marks for conversations `caller` is not a member of, or that do not
+    /// exist, are dropped without a word (and start no actor). `HandedMarks::answer`
+    /// gives the request's answer once the actors have taken the marks.
     pub async fn mark_delivered(
         &self,
         shared: &Arc<Shared>,
         caller: Caller,
         mut marks: Vec<(ConvId, Seq)>,
-    ) -> Result<Reply, ErrorBody> {
+    ) -> HandedMarks {
+        let mut handed = HandedMarks { caller, refused: None, pending: Vec::new() };
         if marks.len() > MAX_MARKS_PER_REQUEST as usize {
-            return Err(ErrorBody::new(ErrorCode::INVALID, "too many marks in one request"));
+            handed.refused = Some(ErrorBody::new(ErrorCode::INVALID, "too many marks in one request"));
+            return handed;
+        }
+        if shared.health.is_failed() {
+            handed.refused = Some(ErrorBody::new(ErrorCode::INTERNAL, "storage failure"));
+            return handed;
         }
         // Highest seq first per conversation, so the dedup below keeps it.
         marks.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         marks.dedup_by_key(|m| m.0);
-        let mut refused = None;
         for (conv, seq) in marks {
-            let msg = ConvMsg::Mark(caller, Mark::Delivered(seq), None);
-            match self.hand(shared, conv, caller, msg).await {
-                Ok(()) => {}
-                // A stranger's mark (or one for no conversation) is dropped.
-                Err((_, e)) if e.code == ErrorCode::FORBIDDEN => {}
-                Err((_, e)) => {
-                    refused.get_or_insert(e);
+            match raises_delivery(&shared.store, conv, caller.user, seq) {
+                Ok(true) => self.hand_mark(shared, &mut handed, conv, seq).await,
+                Ok(false) => {}
+                Err(e) => {
+                    handed.refused.get_or_insert(e);
                 }
             }
         }
-        match refused {
-            None => Ok(Reply::Done),
-            Some(e) => Err(e),
+        handed
+    }
+
+    /// Hands one delivered mark to its conversation's actor, recording in `handed` what
+    /// to wait for or the refusal (a stranger's mark is dropped).
+    async fn hand_mark(&self, shared: &Arc<Shared>, handed: &mut HandedMarks, conv: ConvId, seq: Seq) {
+        let (taken, on_taken) = tokio::sync::oneshot::channel();
+        let msg = ConvMsg::Mark(handed.caller, Mark::Delivered(seq), MarkReply::Taken(taken));
+        match self.hand(shared, conv, handed.caller, msg).await {
+            Ok(()) => handed.pending.push((conv, seq, on_taken)),
+            // A stranger's mark (or one for no conversation) is dropped.
+            Err((_, e)) if e.code == ErrorCode::FORBIDDEN => {}
+            Err((_, e)) => {
+                handed.refused.get_or_insert(e);
+            }
         }
     }
 
@@ -170,7 +188,8 @@ impl ConvDirectory {
                         msg = back;
                     }
                     Err(_) => {
-                        // Not given back: its responder, dropped, answers INTERNAL.
+                        // Not given back: its responder, dropped, answers INTERNAL (a
+                        // delivered mark's dropped `Taken` has it handed over again).
                         slot.depth.fetch_sub(1, Ordering::AcqRel);
                         return Ok(());
                     }
@@ -297,6 +316,69 @@ impl ConvDirectory {
             slot.actor.stop(Some("shutdown".into()));
         }
     }
+}
+
+/// Delivered marks handed to conversation actors by `ConvDirectory::mark_delivered`,
+/// until each actor has taken its mark.
+pub struct HandedMarks {
+    caller: Caller,
+    /// The first refusal met (`INVALID`, `OVERLOADED`, `INTERNAL`).
+    refused: Option<ErrorBody>,
+    /// Marks cast to an actor, with the signal that it took them.
+    pending: Vec<(ConvId, Seq, tokio::sync::oneshot::Receiver<()>)>,
+}
+
+/// How many times one delivered mark is handed to its conversation's actors before the
+/// request is answered `OVERLOADED`: the first actor and two successors.
+const MARK_HANDOFFS: usize = 3;
+
+impl HandedMarks {
+    /// The answer, when there is nothing to wait for (every mark was skipped, dropped
+    /// or refused).
+    pub fn ready(&mut self) -> Option<Result<Reply, ErrorBody>> {
+        self.pending.is_empty().then(|| self.refused.take().map_or(Ok(Reply::Done), Err))
+    }
+
+    /// Waits until every actor took its mark. A mark its actor dropped untaken (the
+    /// actor was stopping: killed, failed) is handed to a successor, at most
+    /// `MARK_HANDOFFS` times in all. `Done` once every mark was taken; else the first
+    /// refusal: `OVERLOADED` (retry: marks are idempotent), `INVALID` for too many marks,
+    /// `INTERNAL` once the store has failed. Taken is not durable: the watermark is
+    /// shown once the next commit covers it.
+    pub async fn answer(mut self, shared: &Arc<Shared>) -> Result<Reply, ErrorBody> {
+        for handoff in 1..=MARK_HANDOFFS {
+            let mut lost = Vec::new();
+            for (conv, seq, taken) in std::mem::take(&mut self.pending) {
+                if taken.await.is_err() {
+                    lost.push((conv, seq));
+                }
+            }
+            if lost.is_empty() {
+                break;
+            }
+            if handoff == MARK_HANDOFFS {
+                let e = ErrorBody::new(ErrorCode::OVERLOADED, "conversation restarting; retry the marks");
+                self.refused.get_or_insert(e);
+                break;
+            }
+            for (conv, seq) in lost {
+                shared.convs.hand_mark(shared, &mut self, conv, seq).await;
+            }
+        }
+        self.refused.map_or(Ok(Reply::Done), Err)
+    }
+}
+
+/// Whether `user`'s delivered mark at `seq` in `conv` could raise its stored watermark:
+/// not when at or below it, nor when the conversation has no entry after it (the actor
+/// clamps marks to the log). No record reads as 0. The stored record may be ahead of
+/// what is durable, never of what the actor holds, so a skipped mark changes nothing.
+fn raises_delivery(store: &Store, conv: ConvId, user: UserId, seq: Seq) -> Result<bool, ErrorBody> {
+    let stored = store.receipt(conv, user).map_err(internal)?.map_or(0, |r| r.delivered_up_to);
+    if seq <= stored {
+        return Ok(false);
+    }
+    Ok(store.last_seq(conv).map_err(internal)? > stored)
 }
 
 fn refuse(msg: ConvMsg, error: ErrorBody) {

@@ -10,7 +10,7 @@ mod harness;
 mod receipts;
 mod state;
 
-pub use actor::ConvMsg;
-pub use directory::ConvDirectory;
+pub use actor::{ConvMsg, MarkReply};
+pub use directory::{ConvDirectory, HandedMarks};
 pub use receipts::Marks;
 pub use state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, replay_audiences};
