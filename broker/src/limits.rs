@@ -126,12 +126,18 @@ pub const TYPING_PER_USER_MAX: usize = 16;
 /// Typing indicators alive at once in the whole broker (~100 bytes each); a start
 /// beyond it is dropped until some expire.
 pub const TYPING_ENTRIES_MAX: usize = 65_536;
-/// Typing signals one session may send in a burst, and per second after it; signals
-/// beyond are dropped. A start or stop fans out to up to `MAX_GROUP_MEMBERS` devices'
-/// users, so this (with "only changes are pushed") bounds what one session amplifies.
+/// Typing signals one user may send in a burst, and per second after it, from all of
+/// its devices together; signals beyond are dropped. A start or stop fans out to up to
+/// `MAX_GROUP_MEMBERS` devices' users, so this (with "only changes are pushed") bounds
+/// what one user amplifies, however many devices it connects.
 pub const TYPING_SIGNAL_BURST: f64 = 8.0;
 /// See `TYPING_SIGNAL_BURST`.
 pub const TYPING_SIGNALS_PER_S: f64 = 2.0;
+/// Users whose typing allowance is tracked at once. A bucket refills within 4 s of its
+/// user's last signal; at the cap, refilled buckets are dropped (at most once a second)
+/// and, if none has, signals of users without one are dropped. ~64 bytes each, ~4 MiB at
+/// most.
+pub const TYPING_ALLOWANCES_MAX: usize = 65_536;
 /// Datagram bytes quinn may hold for one connection, each way. A typing datagram is
 /// ~10 bytes (+ ~40 of quinn's bookkeeping), so this holds a burst of dozens; when full
 /// the oldest is dropped (typing is ephemeral). quinn allocates these queues lazily, so

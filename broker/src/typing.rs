@@ -10,13 +10,17 @@
 //! bounded per user (`TYPING_PER_USER_MAX`) and in total (`TYPING_ENTRIES_MAX`): a start
 //! beyond either is dropped.
 //!
-//! `Typing` drives it: the session checks its token bucket, membership is read from the
-//! store's member keys, and a change goes to the other members' online devices as a QUIC
+//! `SignalAllowance` is the rate limit: one token bucket per user, shared by all of the
+//! user's sessions, so more devices do not mean more signals.
+//!
+//! `Typing` drives them: a signal beyond its user's allowance is dropped, membership is
+//! read from the store's member keys, and a change goes to the other members' online devices as a QUIC
 //! datagram where the device enabled them, else on its control stream. The sender's own
 //! devices are not told (they know).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use switchboard_protocol::limits::MAX_DATAGRAM_BYTES;
 use switchboard_protocol::{
@@ -26,8 +30,11 @@ use switchboard_storage::Store;
 use tokio::sync::Notify;
 
 use crate::fanout::Online;
-use crate::limits::{TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX};
+use crate::limits::{
+    TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX, TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S,
+};
 use crate::presence::{Timed, spawn_timer};
+use crate::user::TokenBucket;
 
 /// A typing change to push to the conversation's other members.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,10 +195,70 @@ impl TypingState {
     }
 }
 
-/// The typing driver: checks membership, feeds `TypingState`, pushes its changes and
+/// Typing signal allowances: a token bucket per user (`burst` signals, then `per_s` a
+/// second), shared by all of the user's sessions and outliving them. Bounded by
+/// `max_users` buckets: a full bucket is the same as none, so at the cap full buckets
+/// are dropped (at most once a second, since that walks the map), and while it is still
+/// at the cap a user without a bucket has no allowance.
+#[derive(Debug)]
+pub struct SignalAllowance {
+    burst: f64,
+    per_s: f64,
+    max_users: usize,
+    buckets: HashMap<UserId, TokenBucket>,
+    /// When full buckets were last dropped.
+    pruned: Option<Instant>,
+}
+
+impl SignalAllowance {
+    /// The broker's allowance (`TYPING_SIGNAL_BURST`, `TYPING_SIGNALS_PER_S`,
+    /// `TYPING_ALLOWANCES_MAX`).
+    pub fn new() -> Self {
+        Self::with_bounds(TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S, TYPING_ALLOWANCES_MAX)
+    }
+
+    /// Like `new` with explicit bounds (tests).
+    pub fn with_bounds(burst: f64, per_s: f64, max_users: usize) -> Self {
+        SignalAllowance { burst, per_s, max_users, buckets: HashMap::new(), pruned: None }
+    }
+
+    /// Takes one signal from `user`'s allowance at `now`; `false` if there is none left.
+    pub fn take(&mut self, user: UserId, now: Instant) -> bool {
+        let (burst, per_s) = (self.burst, self.per_s);
+        if self.buckets.len() >= self.max_users && !self.buckets.contains_key(&user) {
+            if self.pruned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
+                self.pruned = Some(now);
+                self.buckets.retain(|_, b| !b.is_full(now, per_s, burst));
+            }
+            if self.buckets.len() >= self.max_users {
+                return false;
+            }
+        }
+        self.buckets.entry(user).or_insert_with(|| TokenBucket::full(burst, now)).take(now, per_s, burst)
+    }
+
+    /// Users with a bucket.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no user has a bucket.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+impl Default for SignalAllowance {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The typing driver: checks allowances and membership, feeds `TypingState`, pushes its changes and
 /// runs its expiry timer task.
 pub struct Typing {
     state: Mutex<TypingState>,
+    allowance: Mutex<SignalAllowance>,
     store: Arc<Store>,
     online: Arc<Online>,
     wake: Arc<Notify>,
@@ -209,6 +276,7 @@ impl Typing {
     pub fn start(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64) -> Arc<Typing> {
         let typing = Arc::new(Typing {
             state: Mutex::new(TypingState::new(ttl_ms)),
+            allowance: Mutex::new(SignalAllowance::new()),
             store,
             online,
             wake: Arc::new(Notify::new()),
@@ -217,9 +285,13 @@ impl Typing {
         typing
     }
 
-    /// A signal from session `session` of `user` (already within its rate). A signal
-    /// for a conversation the user is not a member of is dropped: signals have no answer.
+    /// A signal from session `session` of `user`. A signal beyond the user's allowance
+    /// (`SignalAllowance`, shared by its sessions) or for a conversation the user is not
+    /// a member of is dropped: signals have no answer, so nothing is said.
     pub fn signal(&self, user: UserId, session: u64, signal: Signal) {
+        if !self.allowance.lock().unwrap_or_else(|p| p.into_inner()).take(user, Instant::now()) {
+            return;
+        }
         let Signal::Typing { conv, typing } = signal;
         match self.store.member(conv, user) {
             Ok(Some(_)) => {}
@@ -421,6 +493,37 @@ mod tests {
         let mut big = vec![0u8; MAX_DATAGRAM_BYTES as usize + 1];
         big[..frame.len()].copy_from_slice(&frame);
         check(&big, None);
+    }
+
+    #[test]
+    fn the_allowance_is_per_user_whatever_its_sessions() {
+        let start = Instant::now();
+        let mut allowance = SignalAllowance::with_bounds(8.0, 2.0, 16);
+        // The burst, whichever of the user's sessions sends: the driver asks by user only.
+        assert!((0..8).all(|_| allowance.take(1, start)));
+        assert!(!allowance.take(1, start), "the burst is spent");
+        assert!(allowance.take(2, start), "another user has its own");
+        assert!(!allowance.take(1, start + Duration::from_millis(499)));
+        assert!(allowance.take(1, start + Duration::from_millis(500)), "2 a second after the burst");
+        assert!(!allowance.take(1, start + Duration::from_millis(500)));
+        assert_eq!(allowance.len(), 2);
+    }
+
+    #[test]
+    fn allowances_are_bounded_and_refilled_ones_make_room() {
+        let start = Instant::now();
+        let mut allowance = SignalAllowance::with_bounds(8.0, 2.0, 2);
+        assert!(allowance.take(1, start));
+        assert!(allowance.take(2, start));
+        assert!(!allowance.take(3, start), "at the cap, with no bucket refilled");
+        assert!(allowance.take(1, start), "users with a bucket go on");
+        // Refilled after 4 s at 2 a second: the same as no bucket, so dropped for room.
+        let later = start + Duration::from_secs(5);
+        assert!(allowance.take(3, later));
+        assert!(allowance.len() <= 2);
+        assert!(allowance.take(4, later));
+        assert!(!allowance.take(5, later + Duration::from_millis(100)), "still at the cap with nothing refilled");
+        assert_eq!(allowance.len(), 2);
     }
 
     #[test]

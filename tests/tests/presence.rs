@@ -410,6 +410,40 @@ async fn typing_does_not_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn a_user_with_many_devices_has_one_typing_allowance() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (a1, _) = tb.register("alice").await;
+        let (a2, _) = tb.login("alice").await;
+        let (a3, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        let conv = direct(&a1, "bob", &mut bob_events).await;
+        let start = Instant::now();
+        for i in 0..30 {
+            for device in [&a1, &a2, &a3] {
+                device.signal(switchboard_protocol::Signal::Typing { conv, typing: i % 2 == 0 }).await.unwrap();
+            }
+        }
+        for device in [&a1, &a2, &a3] {
+            device.ping().await.unwrap();
+        }
+        let sent_for = start.elapsed();
+        let mut got = 0u64;
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(300), bob_events.next()).await {
+            if matches!(event, Event::Typing { .. }) {
+                got += 1;
+            }
+        }
+        // 90 alternating signals from three devices: with an allowance per connection each
+        // device would get its own burst of 8 (24 pushed); per user, the three share one.
+        let allowed = 8 + 2 * (sent_for.as_millis() as u64 + 300) / 1000 + 1;
+        assert!(got >= 1 && got <= allowed, "{got} typing events pushed for 90 signals in {sent_for:?}");
+    })
+    .await
+}
+
+#[tokio::test]
 async fn a_session_cannot_amplify_typing_beyond_its_rate() {
     bounded(async {
         let tb = TestBroker::start().await;

@@ -17,10 +17,8 @@ use crate::Shared;
 use crate::catalog;
 use crate::conversation::{Caller, Command, Read};
 use crate::fanout::SessionHandle;
-use crate::limits::{TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S};
 use crate::outbound::Outbound;
 use crate::reply::Responder;
-use crate::user::TokenBucket;
 
 /// How long a finished session may take to send what is still queued.
 const WRITER_DRAIN: Duration = Duration::from_secs(5);
@@ -47,9 +45,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
     shared.presence.attach(user, session);
     let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
-    let signals = std::sync::Mutex::new(TokenBucket::full(TYPING_SIGNAL_BURST, std::time::Instant::now()));
-    let session_state =
-        Session { shared: shared.clone(), caller: Caller { user, device, session }, out: out.clone(), signals };
+    let session_state = Session { shared: shared.clone(), caller: Caller { user, device, session }, out: out.clone() };
     decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
     let end = read_loop(&conn, &mut recv, &mut decoder, &permits, &session_state).await;
@@ -128,8 +124,6 @@ struct Session {
     shared: Arc<Shared>,
     caller: Caller,
     out: Arc<Outbound>,
-    /// Typing signals allowed (shared by the stream and datagrams).
-    signals: std::sync::Mutex<TokenBucket>,
 }
 
 impl Session {
@@ -230,18 +224,11 @@ impl Session {
         }
     }
 
-    /// An ephemeral signal from the control stream or a datagram. Beyond the session's
-    /// allowance (`TYPING_SIGNAL_BURST`, then `TYPING_SIGNALS_PER_S`) it is dropped;
-    /// signals have no answer, so nothing is said.
+    /// An ephemeral signal from the control stream or a datagram. Beyond the user's
+    /// allowance, shared by all of its sessions (`typing::SignalAllowance`), it is
+    /// dropped; signals have no answer, so nothing is said.
     fn signal(&self, signal: Signal) {
-        let allowed = self.signals.lock().unwrap_or_else(|p| p.into_inner()).take(
-            std::time::Instant::now(),
-            TYPING_SIGNALS_PER_S,
-            TYPING_SIGNAL_BURST,
-        );
-        if allowed {
-            self.shared.typing.signal(self.caller.user, self.caller.session, signal);
-        }
+        self.shared.typing.signal(self.caller.user, self.caller.session, signal);
     }
 
     /// A QUIC datagram: a signal if it is one whole signal frame, else dropped with the
