@@ -164,7 +164,11 @@ struct Side {
 /// control streams, which must stay open until the run's deliveries are read).
 async fn toggle(mut actors: Vec<Actor>, side: Side, mut done: tokio::sync::watch::Receiver<bool>) -> Vec<Actor> {
     let mut id = SIDE_REQUEST_IDS;
-    let mut tick = tokio::time::interval(side.interval / actors.len().max(1) as u32);
+    // The first change comes one whole interval after the start: a user's presence push
+    // at connect opens the broker's coalescing window (`presence_coalesce_ms`), and a
+    // change inside it would measure that window, not the push path.
+    let period = side.interval / actors.len().max(1) as u32;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + side.interval, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next = 0usize;
     loop {
