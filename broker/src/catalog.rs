@@ -248,7 +248,9 @@ pub(crate) async fn conversation_states(
             let last = summary.last_seq;
             let marks = store.receipt(conv, me)?.unwrap_or_default();
             let (delivered_up_to, read_up_to) = (marks.delivered_up_to.min(last), marks.read_up_to.min(last));
-            let unread = store.unread(conv, me, read_up_to, last)?;
+            // A member added later counts only what came after the addition as unread.
+            let joined = store.joined_at(me, conv)?.unwrap_or(0);
+            let unread = store.unread(conv, me, read_up_to.max(joined), last)?;
             items.push(ConversationState { summary, unread, delivered_up_to, read_up_to });
         }
         Ok(Reply::ConversationStates { items, more })

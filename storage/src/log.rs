@@ -64,7 +64,9 @@ impl Store {
         };
         let member = |user: UserId, role: Option<Role>| -> Result<()> {
             set(Key::member(conv, user), role.map(|r| encode(&r)))?;
-            set(Key::user_conv(user, conv), role.map(|_| Vec::new()))
+            // The user's index entry holds the seq that made the user a member (unread
+            // counts start there).
+            set(Key::user_conv(user, conv), role.map(|_| entry.seq.to_be_bytes().to_vec()))
         };
         if entry.client_id != ClientMsgId::default() {
             set(Key::dedupe(conv, entry.sender, &entry.client_id), Some(entry.seq.to_be_bytes().to_vec()))?;

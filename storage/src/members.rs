@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use switchboard_protocol::{ConvId, Role, UserId};
+use switchboard_protocol::{ConvId, Role, Seq, UserId};
 
 use crate::keys::{self, Key};
 use crate::{Durable, Result, Store, corrupt, decode};
@@ -68,6 +68,14 @@ impl Store {
     }
 
     /// Conversations `user` belongs to, ascending, strictly after `after`, at most `limit`.
+    /// The seq of the entry that made `user` a member of `conv` (its creation counts as
+    /// 0: a creator and the first members hold the whole log), or `None` if `user` is
+    /// not a member. Index entries written before this was recorded read as 0.
+    pub fn joined_at(&self, user: UserId, conv: ConvId) -> Result<Option<Seq>> {
+        let key = Key::user_conv(user, conv);
+        Ok(self.db.get(&key)?.map(|v| keys::u64_from(&v).unwrap_or(0)))
+    }
+
     pub fn user_conversations(&self, user: UserId, after: Option<ConvId>, limit: usize) -> Result<Vec<ConvId>> {
         let start = Key::user_conv(user, after.map_or(0, |a| a.saturating_add(1)));
         let end = Key::user_conv_end(user);

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use switchboard_client::{Client, ClientError, Events};
 use switchboard_protocol::limits::MAX_MARKS_PER_REQUEST;
-use switchboard_protocol::{Body, ErrorCode, Event, Receipt, Settings, UserId};
+use switchboard_protocol::{Body, ErrorCode, Event, Receipt, Role, Settings, UserId};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, next_entry, within};
 
 fn code(result: Result<impl std::fmt::Debug, ClientError>) -> Option<ErrorCode> {
@@ -202,6 +202,35 @@ async fn unread_counts_are_exact_across_devices_reconnects_and_a_restart() {
         let end = bob.mark_read(conv, u64::MAX).await.unwrap().read_up_to.unwrap();
         assert_eq!(unread(&bob, conv).await, (0, end, end), "read to the end");
         assert_eq!(unread(&alice, conv).await.0, 1, "bob's one message, unread by alice all along");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_member_added_later_counts_unread_from_the_addition_and_again_after_rejoining() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (carol, carol_id) = tb.register("carol").await;
+        let conv = alice.create_group("late", &[]).await.unwrap().id;
+        for text in ["one", "two", "three"] {
+            alice.send(conv, text).await.unwrap();
+        }
+        let added = alice.add_members(conv, &["carol".into()], Role::Member).await.unwrap();
+        assert_eq!(unread(&carol, conv).await, (0, 0, added), "history from before the addition is not unread");
+        alice.send(conv, "welcome").await.unwrap();
+        assert_eq!(unread(&carol, conv).await.0, 1);
+        // Removed and added back: only what follows the new addition counts.
+        alice.remove_member(conv, carol.user_id).await.unwrap();
+        alice.send(conv, "while away").await.unwrap();
+        let back = alice.add_members(conv, &["carol".into()], Role::Member).await.unwrap();
+        assert_eq!(unread(&carol, conv).await, (0, 0, back));
+        alice.send(conv, "back again").await.unwrap();
+        // It survives a restart (the addition's seq is stored with the member index).
+        drop((alice, carol));
+        tb.restart().await;
+        let carol = tb.connector().connect(&carol_id).await.unwrap();
+        assert_eq!(unread(&carol, conv).await.0, 1);
     })
     .await
 }

@@ -25,9 +25,9 @@ pub struct Receipt {
 pub struct ConversationState {
     /// The conversation as `ListConversations` shows it.
     pub summary: ConversationSummary,
-    /// Text messages from other users with seq above `read_up_to` (up to
-    /// `summary.last_seq`), deleted ones included; edits, deletes and membership changes
-    /// are not messages and never count.
+    /// Text and files messages from other users with seq above `read_up_to` and above
+    /// the entry that made me a member (up to `summary.last_seq`), deleted ones
+    /// included; edits, deletes and membership changes are not messages and never count.
     pub unread: u64,
     /// My delivered watermark.
     pub delivered_up_to: Seq,
