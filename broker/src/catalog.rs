@@ -115,9 +115,26 @@ async fn durable_read<T: Send + 'static>(
     shared: &Arc<Shared>,
     read: impl FnOnce(&Shared) -> StoreResult<T> + Send + 'static,
 ) -> Result<T, ErrorBody> {
+    read_then_wait(shared, read, Store::index_barrier).await
+}
+
+/// As `durable_read`, for a read that also sees receipt watermarks or settings
+/// (`Store::watermark_barrier`).
+async fn durable_watermark_read<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    read: impl FnOnce(&Shared) -> StoreResult<T> + Send + 'static,
+) -> Result<T, ErrorBody> {
+    read_then_wait(shared, read, Store::watermark_barrier).await
+}
+
+async fn read_then_wait<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    read: impl FnOnce(&Shared) -> StoreResult<T> + Send + 'static,
+    barrier: fn(&Store) -> StoreResult<Option<Durable>>,
+) -> Result<T, ErrorBody> {
     let reader = shared.clone();
     let value = tokio::task::spawn_blocking(move || read(&reader)).await.map_err(internal)?.map_err(internal)?;
-    if let Some(barrier) = shared.store.index_barrier().map_err(internal)? {
+    if let Some(barrier) = barrier(&shared.store).map_err(internal)? {
         barrier.await.map_err(internal)?;
     }
     Ok(value)
@@ -228,7 +245,7 @@ pub(crate) async fn list_conversations(
 /// stored watermark may be a write whose commit has not finished; rather than ask each
 /// conversation's actor (up to a page of actors woken, a message and an answer each),
 /// the page waits for one group commit when any receipt, settings or index write may
-/// not be durable yet (`durable_read`: receipt writes count as index writes), which
+/// not be durable yet (`durable_watermark_read`), which
 /// costs at most one commit and never shows a value a crash could take back. The
 /// unread count is read from the message-count index up to `last_seq`, whose keys are
 /// written with each message before it is durable.
@@ -238,7 +255,7 @@ pub(crate) async fn conversation_states(
     after: Option<ConvId>,
 ) -> Result<Reply, ErrorBody> {
     let page = LIST_PAGE_MAX as usize;
-    durable_read(shared, move |shared| {
+    durable_watermark_read(shared, move |shared| {
         let store = &shared.store;
         let ids = store.user_conversations(me, after, page + 1)?;
         let more = ids.len() > page;
@@ -263,7 +280,7 @@ pub(crate) async fn settings(shared: &Arc<Shared>, user: UserId, set: Option<Set
     if let Some(new) = set {
         shared.store.set_settings(user, &new).map_err(internal)?.await.map_err(internal)?;
     }
-    durable_read(shared, move |shared| shared.store.settings(user)).await.map(Reply::Settings)
+    durable_watermark_read(shared, move |shared| shared.store.settings(user)).await.map(Reply::Settings)
 }
 
 pub(crate) fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, ErrorBody> {

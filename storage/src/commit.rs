@@ -79,7 +79,9 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    pub(crate) fn start(db: sled::Db, data_file: PathBuf, index_gen: Arc<IndexGen>) -> Result<Committer, StoreError> {
+    /// Starts the committer thread. Each of `gens` (index writes, watermark writes) is
+    /// marked durable as far as each successful commit covers it.
+    pub(crate) fn start(db: sled::Db, data_file: PathBuf, gens: Vec<Arc<IndexGen>>) -> Result<Committer, StoreError> {
         // Open once up front: a missing data file is a startup error, not a per-batch one.
         let file =
             File::open(&data_file).map_err(|e| StoreError::NotDurable(format!("{}: {e}", data_file.display())))?;
@@ -88,7 +90,7 @@ impl Committer {
         let thread_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("sb-committer".into())
-            .spawn(move || run(db, file, rx, &thread_health, &index_gen))
+            .spawn(move || run(db, file, rx, &thread_health, &gens))
             .map_err(|e| StoreError::NotDurable(e.to_string()))?;
         Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), health })
     }
@@ -153,7 +155,7 @@ impl Drop for Committer {
     }
 }
 
-fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, index_gen: &IndexGen) {
+fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>]) {
     // Fail-stop: after one failed flush or fsync nothing is reported durable again. On
     // Linux a failed fsync may already have dropped the dirty pages it could not write,
     // so retrying and later succeeding would acknowledge writes that are gone.
@@ -181,10 +183,16 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, index
         if waiters.is_empty() {
             continue;
         }
-        // Index writes finished before the flush begins are covered by it, unless one is
-        // still being applied (then this commit vouches for none of the newer ones).
-        let finished = index_gen.finished.load(Ordering::SeqCst);
-        let covered = (index_gen.started.load(Ordering::SeqCst) == finished).then_some(finished);
+        // Counted writes finished before the flush begins are covered by it, unless one of
+        // the same kind is still being applied (then this commit vouches for none of the
+        // newer ones of that kind).
+        let covered: Vec<Option<u64>> = gens
+            .iter()
+            .map(|g| {
+                let finished = g.finished.load(Ordering::SeqCst);
+                (g.started.load(Ordering::SeqCst) == finished).then_some(finished)
+            })
+            .collect();
         #[cfg(test)]
         {
             let n = health.commits.fetch_add(1, Ordering::SeqCst) + 1;
@@ -205,8 +213,12 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, index
                 hook(e);
             }
         }
-        if let (Ok(()), Some(g)) = (&result, covered) {
-            index_gen.durable.fetch_max(g, Ordering::SeqCst);
+        if result.is_ok() {
+            for (generation, covered) in gens.iter().zip(covered) {
+                if let Some(g) = covered {
+                    generation.durable.fetch_max(g, Ordering::SeqCst);
+                }
+            }
         }
         for done in waiters {
             done(result.clone().map_err(StoreError::NotDurable));
@@ -260,7 +272,7 @@ mod tests {
     /// A committer over a fresh sled database in `dir`, set up as `Store::open` does.
     fn start(dir: &Path) -> (sled::Db, Committer) {
         let db = sled::Config::new().path(dir).flush_every_ms(None).open().unwrap();
-        let committer = Committer::start(db.clone(), dir.join("db"), Arc::new(IndexGen::default())).unwrap();
+        let committer = Committer::start(db.clone(), dir.join("db"), vec![Arc::new(IndexGen::default())]).unwrap();
         (db, committer)
     }
 

@@ -111,8 +111,12 @@ pub struct Store {
     opened_clean: bool,
     /// This open created the store: there was no previous run.
     created: bool,
-    /// Index writes begun, finished and made durable (see `read_durable`).
+    /// Index writes begun, finished and made durable (see `index_barrier`).
     index_gen: Arc<IndexGen>,
+    /// Receipt and settings writes, counted apart so that readers of membership and the
+    /// catalog alone (conversation lists, presence contacts) do not wait for a commit
+    /// every time a device reports a delivered mark (see `watermark_barrier`).
+    watermark_gen: Arc<IndexGen>,
 }
 
 impl Store {
@@ -131,7 +135,9 @@ impl Store {
         // removal survived too (sled recovers a prefix of its log).
         let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
         let index_gen = Arc::new(IndexGen::default());
-        let committer = Committer::start(db.clone(), config.path.join("db"), index_gen.clone())?;
+        let watermark_gen = Arc::new(IndexGen::default());
+        let committer =
+            Committer::start(db.clone(), config.path.join("db"), vec![index_gen.clone(), watermark_gen.clone()])?;
         let store = Store {
             db,
             committer,
@@ -140,6 +146,7 @@ impl Store {
             opened_clean,
             created,
             index_gen,
+            watermark_gen,
         };
         if let Some(found) = store.db.get(Key::format())?.and_then(|v| keys::u64_from(&v))
             && found > FORMAT

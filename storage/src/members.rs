@@ -6,24 +6,35 @@ use std::sync::atomic::Ordering;
 
 use switchboard_protocol::{ConvId, Role, Seq, UserId};
 
+use crate::commit::IndexGen;
 use crate::keys::{self, Key};
 use crate::{Durable, Result, Store, corrupt, decode};
 
+/// Runs `write` counted in `generation`: begun before, finished after (even if it panics, so
+/// readers never wait forever).
+fn counted_write<T>(generation: &IndexGen, write: impl FnOnce() -> Result<T>) -> Result<T> {
+    struct Finished<'a>(&'a std::sync::atomic::AtomicU64);
+    impl Drop for Finished<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    generation.started.fetch_add(1, Ordering::SeqCst);
+    let _finished = Finished(&generation.finished);
+    write()
+}
+
 impl Store {
     /// Runs a write of keys read outside any conversation actor (catalog records, member
-    /// and user-conversation indexes), counted so `read_durable` can tell whether what it
-    /// read may not be durable yet.
+    /// and user-conversation indexes), counted so `index_barrier` can tell whether what
+    /// it read may not be durable yet.
     pub(crate) fn index_write<T>(&self, write: impl FnOnce() -> Result<T>) -> Result<T> {
-        /// Counts the write finished even if it panics, so readers never wait forever.
-        struct Finished<'a>(&'a std::sync::atomic::AtomicU64);
-        impl Drop for Finished<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        self.index_gen.started.fetch_add(1, Ordering::SeqCst);
-        let _finished = Finished(&self.index_gen.finished);
-        write()
+        counted_write(&self.index_gen, write)
+    }
+
+    /// Runs a write of receipt watermarks or settings, counted for `watermark_barrier`.
+    pub(crate) fn watermark_write<T>(&self, write: impl FnOnce() -> Result<T>) -> Result<T> {
+        counted_write(&self.watermark_gen, write)
     }
 
     /// Call right after reading the catalog or membership indexes (a conversation list,
@@ -34,8 +45,17 @@ impl Store {
     /// conversation, member or account that a crash could still take back (and a
     /// conversation id shown is never reused), at the cost of at most one group commit.
     pub fn index_barrier(&self) -> Result<Option<Durable>> {
-        let started = self.index_gen.started.load(Ordering::SeqCst);
-        if self.index_gen.durable.load(Ordering::SeqCst) >= started {
+        self.barrier_unless_durable(&[&self.index_gen])
+    }
+
+    /// As `index_barrier`, for a read that also saw receipt watermarks or settings.
+    pub fn watermark_barrier(&self) -> Result<Option<Durable>> {
+        self.barrier_unless_durable(&[&self.index_gen, &self.watermark_gen])
+    }
+
+    fn barrier_unless_durable(&self, gens: &[&IndexGen]) -> Result<Option<Durable>> {
+        let behind = gens.iter().any(|g| g.durable.load(Ordering::SeqCst) < g.started.load(Ordering::SeqCst));
+        if !behind {
             return Ok(None);
         }
         Ok(Some(self.barrier()?))

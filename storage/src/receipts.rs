@@ -4,7 +4,7 @@
 //! Watermarks and settings are single-key writes that ride on the next group commit
 //! (no fsync of their own); they are counted as index writes, so a reader outside the
 //! conversation actor (a `ConversationStates` page) that read one can wait for it to be
-//! durable with `index_barrier`.
+//! durable with `watermark_barrier`.
 //!
 //! The counts are written with each text message (`write_effects`): under
 //! `text_count(conv, seq)` the number of text messages up to and including `seq`, and
@@ -33,7 +33,7 @@ impl Store {
         marks: &[(UserId, ReceiptRecord)],
         done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
     ) -> Result<()> {
-        self.index_write(|| {
+        self.watermark_write(|| {
             marks.iter().try_for_each(|(user, record)| {
                 self.db.insert(Key::receipt(conv, *user), encode(record))?;
                 Ok::<_, StoreError>(())
@@ -49,7 +49,7 @@ impl Store {
 
     /// Replaces a user's settings; the future resolves once they are durable.
     pub fn set_settings(&self, user: UserId, settings: &Settings) -> Result<crate::Durable> {
-        self.index_write(|| Ok(self.db.insert(Key::settings(user), encode(settings))?))?;
+        self.watermark_write(|| Ok(self.db.insert(Key::settings(user), encode(settings))?))?;
         self.barrier()
     }
 
@@ -177,6 +177,33 @@ mod tests {
         append(store, text(6, 3)).await;
         append(store, entry(7, 1, Body::Delete { target: 4 })).await;
         append(store, text(8, 2)).await;
+    }
+
+    /// Receipt and settings writes are counted apart from index writes: a reader of the
+    /// membership indexes alone does not wait for the commit a delivered mark needs,
+    /// while a reader of watermarks does, until a commit covers them.
+    #[tokio::test]
+    async fn watermark_writes_hold_back_watermark_readers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        // Settle whatever opening the store wrote.
+        if let Some(barrier) = store.watermark_barrier().unwrap() {
+            barrier.await.unwrap();
+        }
+        assert!(store.index_barrier().unwrap().is_none());
+        assert!(store.watermark_barrier().unwrap().is_none());
+        let record = ReceiptRecord { delivered_up_to: 3, read_up_to: 2 };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.write_receipts(9, &[(4, record)], move |r| drop(tx.send(r))).unwrap();
+        assert!(store.index_barrier().unwrap().is_none(), "a membership reader does not wait for receipts");
+        rx.await.unwrap().unwrap();
+        assert!(store.watermark_barrier().unwrap().is_none(), "the commit covered the receipt write");
+        // A settings write that no commit covers yet holds back watermark readers.
+        store.watermark_write(|| Ok(())).unwrap();
+        let barrier = store.watermark_barrier().unwrap().expect("a watermark write is not durable yet");
+        assert!(store.index_barrier().unwrap().is_none());
+        barrier.await.unwrap();
+        assert!(store.watermark_barrier().unwrap().is_none());
     }
 
     #[tokio::test]
