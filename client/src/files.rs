@@ -34,8 +34,9 @@ pub const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 /// `Complete(FileRef)` or a `Failed` with its message, well under 1 KiB.
 const MAX_TRANSFER_REPLY_BYTES: u32 = 64 * 1024;
 
-/// How long opening a transfer stream may wait for the broker's stream credit.
-const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// While a transfer stream waits for the broker's stream credit, how often the request
+/// that grants it is made again.
+const CREDIT_RETRY: Duration = Duration::from_secs(5);
 
 /// After a transfer stream's send side fails (the broker stopped reading), how long to
 /// wait for the broker's `Failed` reply, which says why, before reporting the stream
@@ -282,27 +283,26 @@ impl Client {
     /// Opens a transfer stream. The broker grants transfer streams once this connection
     /// had a successful `credit` request (`UploadStatus` or `FileInfo` of the file); when
     /// no stream credit is there, that request is made first, so a file the caller may
-    /// not touch fails with the broker's answer instead of waiting for credit.
+    /// not touch fails with the broker's answer instead of waiting for credit. While
+    /// this connection has the broker's `max_transfer_streams` transfers open, it waits
+    /// for one of them to end, asking again every `CREDIT_RETRY` (the broker stops
+    /// granting streams 30 s after the last one closed; the request grants them again).
     async fn open_transfer(
         &self,
         credit: RequestBody,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), TransferError> {
         let open = self.conn.open_bi();
         tokio::pin!(open);
-        let ready = tokio::select! {
+        let mut ready = tokio::select! {
             biased;
             opened = &mut open => Some(opened),
             () = std::future::ready(()) => None,
         };
-        let opened = match ready {
-            Some(opened) => opened,
-            None => {
-                self.request(credit).await?;
-                tokio::time::timeout(OPEN_STREAM_TIMEOUT, open)
-                    .await
-                    .map_err(|_| TransferError::Stream("the broker granted no transfer stream".into()))?
-            }
-        };
+        while ready.is_none() {
+            self.request(credit.clone()).await?;
+            ready = tokio::time::timeout(CREDIT_RETRY, &mut open).await.ok();
+        }
+        let opened = ready.expect("the loop ends once the stream is open");
         let (send, recv) = opened.map_err(ClientError::from)?;
         // Chat first: control-stream frames go out before transfer bytes.
         let _ = send.set_priority(-1);
