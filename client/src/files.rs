@@ -327,17 +327,17 @@ where
     let mut window = ChunkWindow::new(offset);
     let mut next = offset;
     while next < size {
+        // The next chunk is read and hashed while earlier ones are still in flight.
+        let len = (size - next).min(u64::from(MAX_CHUNK_BYTES)) as usize;
+        let mut data = BytesMut::zeroed(len);
+        source.read_exact(&mut data).await?;
+        let (data, blake3) = hash_chunk(data.freeze()).await?;
         while !window.may_send() {
             if durable.changed().await.is_err() {
                 return Ok(());
             }
             window.durable(*durable.borrow_and_update());
         }
-        let len = (size - next).min(u64::from(MAX_CHUNK_BYTES)) as usize;
-        let mut data = BytesMut::zeroed(len);
-        source.read_exact(&mut data).await?;
-        let data = data.freeze();
-        let (data, blake3) = hash_chunk(data).await?;
         write_frame(conn, send, &Chunk { offset: next, data, blake3 }).await?;
         next += len as u64;
         window.sent(next);
