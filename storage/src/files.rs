@@ -126,6 +126,16 @@ impl Store {
         Ok(Ok(self.commit(txn)?))
     }
 
+    /// How many uploads `user` has in progress, counting at most `limit`.
+    pub fn uploads_of(&self, user: UserId, limit: usize) -> Result<usize> {
+        let mut n = 0;
+        for item in self.db.scan_prefix(Key::uploading_of(user)).take(limit) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Bytes `user`'s quota counts now.
     pub fn stored_bytes(&self, user: UserId) -> Result<u64> {
         Ok(self.db.get(Key::stored_bytes(user))?.and_then(|v| keys::u64_from(&v)).unwrap_or(0))
