@@ -203,6 +203,8 @@ async fn upload(
                     break;
                 }
             },
+            // The client stopped reading, or the connection is gone: nobody to answer.
+            _ = send.stopped() => break,
             frame = read::<Chunk>(&mut recv, &mut decoder), if reading => match frame {
                 Ok(Some(chunk)) => {
                     let Ok(permit) = permits.clone().acquire_owned().await else { break };
