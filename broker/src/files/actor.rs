@@ -22,7 +22,9 @@ use switchboard_storage::FileRecord;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::blobs::{Blobs, hex};
+use super::sniff::{self, Verdict};
 use super::state::{Effect, StreamId, UploadState};
+use super::thumbnail;
 use crate::Shared;
 
 /// Messages to an Upload actor.
@@ -94,6 +96,8 @@ pub struct Upload {
 
 /// Ticks between progress flushes and idle checks.
 const TICK: Duration = Duration::from_millis(250);
+/// Bytes of the first chunk the type check looks at.
+const SNIFF_BYTES: usize = 4096;
 /// Ticks without a stream before the actor passivates.
 const IDLE_TICKS: u32 = 40;
 
@@ -221,6 +225,24 @@ impl Upload {
                 }
                 Effect::Write { offset, len } => {
                     let Some(data) = chunk.take().map(|c| c.data) else { continue };
+                    if offset == 0 {
+                        // The type check: the first bytes against the declared type.
+                        let head = &data[..data.len().min(SNIFF_BYTES)];
+                        match sniff::check(&st.record.declared_type, head) {
+                            Verdict::Keep => {}
+                            Verdict::Relabel(found) => {
+                                st.record.content_type = found.clone();
+                                st.relabel = Some(found);
+                            }
+                            Verdict::Refuse { found } => {
+                                self.remove(st).await;
+                                let message = format!("the file is {found}, not {}", st.record.declared_type);
+                                let error = ErrorBody::new(ErrorCode::TYPE_MISMATCH, message);
+                                queue.extend(st.state.finished(Err(error)));
+                                continue;
+                            }
+                        }
+                    }
                     let written = self.write(st, offset, data).await;
                     let more = match written {
                         Ok(()) => st.state.written(offset + len, crate::now_ms()),
@@ -273,31 +295,8 @@ impl Upload {
         }
     }
 
-    /// Pushes `state` to the uploader's devices and to the members of each conversation
-    /// where a message carries the file. Read from the store's indexes, never through a
-    /// conversation actor.
     fn progress(&self, st: &UploadActorState, state: FileState) {
-        let progress = |conv| FileProgress { conv, file: st.id, size: st.record.size, state: state.clone() };
-        push(&self.shared, &[st.record.uploader], progress(None));
-        let store = &self.shared.store;
-        let attachments = match store.attachments(&st.id, super::ATTACHMENT_SCAN) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
-                return;
-            }
-        };
-        let mut convs: Vec<u64> = attachments.into_iter().map(|(c, _)| c).collect();
-        convs.dedup();
-        for conv in convs {
-            match store.members(conv) {
-                Ok(members) => {
-                    let users: Vec<UserId> = members.into_iter().map(|(u, _)| u).collect();
-                    push(&self.shared, &users, progress(Some(conv)));
-                }
-                Err(e) => tracing::warn!(conv, error = %e, "membership read failed; progress not pushed"),
-            }
-        }
+        announce(&self.shared, &st.id, st.record.uploader, st.record.size, state);
     }
 
     /// Verifies the whole file and publishes it, or fails and removes the upload.
@@ -312,8 +311,12 @@ impl Upload {
             self.remove(st).await;
             Err(ErrorBody::new(ErrorCode::HASH_MISMATCH, "the file does not match its declared BLAKE3"))
         };
+        let complete = result.is_ok();
         let effects = st.state.finished(result);
         self.perform(myself, st, effects, None).await;
+        if complete && thumbnail::is_thumbnailable(&st.record.content_type) {
+            tokio::spawn(super::make_thumbnail(self.shared.clone(), st.id, st.record.clone()));
+        }
     }
 
     /// Makes the verified bytes a blob and records the file complete.
@@ -350,6 +353,32 @@ impl Upload {
                 tracing::error!(file = hex(&st.id), error = %e, "removing an upload failed");
                 false
             }
+        }
+    }
+}
+
+/// Pushes `state` of file `id` to its uploader's devices and to the members of each
+/// conversation where a message carries it. Read from the store's indexes, never through
+/// a conversation actor.
+pub(crate) fn announce(shared: &Shared, id: &FileId, uploader: UserId, size: u64, state: FileState) {
+    let progress = |conv| FileProgress { conv, file: *id, size, state: state.clone() };
+    push(shared, &[uploader], progress(None));
+    let attachments = match shared.store.attachments(id, super::ATTACHMENT_SCAN) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
+            return;
+        }
+    };
+    let mut convs: Vec<u64> = attachments.into_iter().map(|(c, _)| c).collect();
+    convs.dedup();
+    for conv in convs {
+        match shared.store.members(conv) {
+            Ok(members) => {
+                let users: Vec<UserId> = members.into_iter().map(|(u, _)| u).collect();
+                push(shared, &users, progress(Some(conv)));
+            }
+            Err(e) => tracing::warn!(conv, error = %e, "membership read failed; progress not pushed"),
         }
     }
 }

@@ -1,13 +1,16 @@
 //! Files (PROTOCOL.md section 12): `state.rs` holds the rules of one upload as a pure
 //! state machine, `actor.rs` the Upload actor that drives it (one per upload in
 //! progress), `blobs.rs` the bytes on disk, `requests.rs` the control-stream requests and
-//! who may read a file. `Files` finds or starts an upload's actor, and the sweeper
-//! removes expired uploads and files nothing holds any more.
+//! who may read a file, `sniff.rs` the type check of the first bytes, `thumbnail.rs`
+//! bounded thumbnails of images. `Files` finds or starts an upload's actor, and the
+//! sweeper removes expired uploads and files nothing holds any more.
 
 mod actor;
 pub mod blobs;
 pub(crate) mod requests;
+pub(crate) mod sniff;
 pub mod state;
+pub(crate) mod thumbnail;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -239,4 +242,72 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
 /// The sweeper's interval for an upload expiry of `expiry_secs`.
 pub(crate) fn sweep_interval(expiry_secs: u64) -> Duration {
     Duration::from_millis((expiry_secs.saturating_mul(1000) / 4).clamp(100, 60_000))
+}
+
+/// Files larger than this get no thumbnail: the whole file is read into memory first.
+const THUMBNAIL_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Makes and stores the thumbnail of the complete image `id`, then announces it with
+/// `Event::File`. A file whose thumbnail fails (corrupt, too large, a bomb) stays
+/// published without one.
+pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: switchboard_storage::FileRecord) {
+    if record.size > THUMBNAIL_MAX_FILE_BYTES {
+        return;
+    }
+    let path = shared.files.blobs.blob(&record.blake3);
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => bytes::Bytes::from(b),
+        Err(e) => {
+            return tracing::warn!(file = blobs::hex(&id), error = %e, "reading an image for its thumbnail failed");
+        }
+    };
+    let png = match thumbnail::make(bytes, thumbnail::ThumbnailLimits::default()).await {
+        Ok(png) => png,
+        Err(e) => return tracing::info!(file = blobs::hex(&id), error = %e, "no thumbnail"),
+    };
+    let hash = *blake3::hash(&png).as_bytes();
+    let mut thumb_id = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut thumb_id).is_err() {
+        return;
+    }
+    let mut name = format!("{}.thumb.png", record.name);
+    while name.len() > switchboard_protocol::limits::MAX_FILE_NAME_BYTES as usize {
+        name.remove(0);
+    }
+    let thumb = switchboard_storage::FileRecord {
+        name,
+        size: png.len() as u64,
+        declared_type: "image/png".into(),
+        content_type: "image/png".into(),
+        blake3: hash,
+        uploader: record.uploader,
+        created_ms: crate::now_ms(),
+        expires_ms: 0,
+        stage: switchboard_storage::FileStage::Complete { thumbnail: None },
+        parent: Some(id),
+        held: false,
+    };
+    let s = shared.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        s.files.blobs.store(&hash, &png).map_err(|e| e.to_string())?;
+        let added = s.store.add_thumbnail(&id, &thumb_id, &thumb).map_err(|e| e.to_string())?;
+        if added.is_none() && s.store.blob_refs(&hash).map_err(|e| e.to_string())? == 0 {
+            // The file went meanwhile: so does its thumbnail's blob.
+            s.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(added.map(|(_, durable)| (durable, thumb)))
+    })
+    .await;
+    let (durable, thumb) = match stored {
+        Ok(Ok(Some(added))) => added,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return tracing::warn!(file = blobs::hex(&id), error = %e, "storing a thumbnail failed"),
+        Err(e) => return tracing::warn!(file = blobs::hex(&id), error = %e, "storing a thumbnail failed"),
+    };
+    if durable.await.is_err() {
+        return;
+    }
+    let thumbnail = Some(requests::file_ref(&thumb_id, &thumb));
+    let state = switchboard_protocol::FileState::Complete { thumbnail };
+    actor::announce(&shared, &id, record.uploader, record.size, state);
 }
