@@ -323,7 +323,7 @@ async fn upload_small() {
         assert!(report.checks.iter().any(|c| c.name.starts_with("aim: upload")), "{table}");
         assert!(report.checks.iter().any(|c| c.name.starts_with("aim: chat p99")), "{table}");
         assert_eq!(report.delivered, 80, "{table}");
-        assert!(report.event_latency["chat idle"].count == 40 && report.event_latency["chat w/ upload"].count == 40);
+        assert!(report.event_latency["chat idle"].count == 40 && report.event_latency["chat+upload"].count == 40);
         // The broker runs inside the harness here: no CPU figure of its own.
         assert!(!report.extra.contains_key("c_broker_cpu_ms_per_mb"), "{table}");
     })

@@ -36,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 
 use crate::load::{Population, create_group};
 use crate::report::{Percentiles, Report};
-use crate::resources::cpu_seconds;
+use crate::resources::{Sampler, cpu_seconds};
 use crate::scenario::{SplitMix, params};
 use crate::{Common, Error, Result, payload, run_tag};
 
@@ -126,6 +126,10 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     let target = common.target().await?;
     let broker_pid = target.pid.map(|p| p.to_string());
     report.params.insert("broker".into(), target.describe().into());
+    // Memory and CPU over the broker phases, both processes (peak RSS shows whether
+    // transfers are streamed rather than held).
+    let broker_sampler = broker_pid.clone().map(|pid| Sampler::start(pid, Duration::from_millis(250)));
+    let harness_sampler = Sampler::start("self".into(), Duration::from_millis(250));
 
     // (b) On the data dir's file system when the harness owns the broker.
     let scratch = tempfile::tempdir().map_err(Error::io("creating a temp dir"))?;
@@ -211,6 +215,8 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     let busy = chat_beside_upload(&chat, &sender, &mut events, &base, file_bytes).await?;
     receiver.close();
     sender.close();
+    report.broker = broker_sampler.map(|s| s.summary(0.0));
+    report.harness = harness_sampler.summary(0.0);
     target.stop().await?;
 
     let (idle_p, busy_p) = (Percentiles::from_us(&idle.latency), Percentiles::from_us(&busy.chat.latency));
@@ -239,9 +245,12 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.delivered = idle.delivered + busy.chat.delivered;
     report.errors = idle.errors + busy.chat.errors;
     report.duration_s = upload_s + download_s + concurrent_s + idle.seconds + busy.chat.seconds;
+    let chat_s = (idle.seconds + busy.chat.seconds).max(1e-9);
+    report.acked_per_s = report.acked as f64 / chat_s;
+    report.delivered_per_s = report.delivered as f64 / chat_s;
     report.latency = busy_p.clone();
     report.event_latency.insert("chat idle".into(), idle_p);
-    report.event_latency.insert("chat w/ upload".into(), busy_p);
+    report.event_latency.insert("chat+upload".into(), busy_p);
     Ok(report)
 }
 
