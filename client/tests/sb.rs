@@ -528,6 +528,7 @@ async fn upload_then_download_round_trip() {
     assert!(!hidden.status.success());
     assert_eq!(String::from_utf8_lossy(&hidden.stderr), String::from_utf8_lossy(&missing.stderr));
     assert!(String::from_utf8_lossy(&hidden.stderr).contains("NOT_FOUND"));
+    assert_eq!(std::fs::read(&out).unwrap(), data, "a refused download leaves OUT as it was");
 }
 
 /// `sb download --offset --length` writes exactly that range.
@@ -544,6 +545,12 @@ async fn range_download_writes_exactly_the_range() {
         .as_str()
         .unwrap()
         .to_owned();
+    // Human output: the id, and no progress bar when stderr is not a terminal.
+    let human = sb_output(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert!(human.status.success());
+    let stdout = String::from_utf8_lossy(&human.stdout);
+    assert!(stdout.contains(&format!("uploaded f.bin ({} bytes, application/octet-stream): ", data.len())), "{stdout}");
+    assert_eq!(String::from_utf8_lossy(&human.stderr), "", "nothing drawn on a pipe");
     let out = dir.path().join("part.bin");
     let down = sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "1000", "--length", "5000"]);
     assert_eq!((down[0]["offset"].as_u64(), down[0]["length"].as_u64()), (Some(1000), Some(5000)));
@@ -609,4 +616,67 @@ async fn upload_resumes_after_the_process_was_killed() {
     let refused = sb_output(&alice, &broker, &["upload", "--resume", &id, other.to_str().unwrap()]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is not the file of upload"));
+}
+
+/// `sb upload` rides out a broker restart by itself: it reconnects, asks where the
+/// upload stands and finishes it, in the same process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_rides_out_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let broker = Broker::start(Config::ephemeral(data_dir.clone())).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let data = file_bytes(48 * 1024 * 1024 + 3, 4);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let mut child = sb_command(&alice, &broker)
+        .args(["--json", "upload", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // sb's lines, read on a thread of their own so this test's runtime keeps serving the broker.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let line = next_line(&mut rx).await.expect("sb is uploading");
+        assert_ne!(line["event"], "uploaded", "the upload finished before the restart");
+        let durable = line["event"] == "durable";
+        seen.push(line);
+        if durable {
+            break;
+        }
+    }
+    let addr = broker.local_addr;
+    broker.shutdown().await.unwrap();
+    let broker = Broker::start(Config { listen: addr, ..Config::ephemeral(data_dir) }).await.unwrap();
+    while let Some(line) = next_line(&mut rx).await {
+        seen.push(line);
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{seen:?}");
+    assert!(seen.iter().any(|l| l["event"] == "retrying" && l["reconnect"] == true), "{seen:?}");
+    let resumed: Vec<u64> =
+        seen.iter().filter(|l| l["event"] == "resumed").filter_map(|l| l["offset"].as_u64()).collect();
+    assert!(resumed.len() >= 2 && resumed[1] > 0, "it resumed from a durable offset: {resumed:?}");
+    let id = event(&seen, "uploaded")["file"].as_str().unwrap().to_owned();
+    let out = dir.path().join("copy.bin");
+    assert_eq!(sb(&alice, &broker, &["download", &id, out.to_str().unwrap()])[0]["verified"], true);
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+/// The next line sb printed (`None` once it exited), within a deadline.
+async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) -> Option<serde_json::Value> {
+    tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("sb printed nothing in time")
 }

@@ -22,10 +22,15 @@ use super::{FileCommand, MAX_SAVED_UPLOADS, Out, SavedUpload, update_state};
 
 /// What `sb upload` was asked.
 pub struct UploadArgs {
+    /// The local file.
     pub path: PathBuf,
+    /// Attach it to this conversation once uploaded.
     pub conv: Option<ConvId>,
+    /// Declared media type (`--type`).
     pub content_type: Option<String>,
+    /// Caption of the message (`--caption`).
     pub caption: Option<String>,
+    /// Upload id to continue (`--resume`), hex.
     pub resume: Option<String>,
 }
 
@@ -162,7 +167,14 @@ pub async fn download(
     let bar = progress_bar(out, expected);
     let range = client.download(file, offset, length, &mut sink, |written| bar.set_position(written)).await;
     bar.finish_and_clear();
-    let range = range?;
+    let range = match range {
+        Ok(range) => range,
+        Err(e) => {
+            drop(sink);
+            let _ = std::fs::remove_file(path);
+            return Err(e.into());
+        }
+    };
     sink.sync_all().await.with_context(|| format!("writing {}", path.display()))?;
     drop(sink);
     let whole = range.offset == 0 && range.length == range.size;
