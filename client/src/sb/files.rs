@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use switchboard_client::{
-    Client, Connector, Identity, TransferError, UploadEvent, Uploader, UploaderConfig, hash_file, hex, new_upload,
-    unhex,
+    Backoff, Client, ClientError, Connector, Identity, TransferError, UploadEvent, Uploader, UploaderConfig, hash_file,
+    hex, new_client_id, new_upload, permanent, unhex,
 };
 use switchboard_protocol::{ConvId, ErrorCode, FileId, FileState};
 
@@ -127,14 +127,40 @@ pub async fn upload(
         },
     );
     if let Some(conv) = args.conv {
-        let client = uploader.client().await?;
-        let seq = client.send_files(conv, args.caption.as_deref().unwrap_or(""), &[published.file]).await?;
+        let caption = args.caption.as_deref().unwrap_or("");
+        let seq = send_files(&mut uploader, conv, caption, published.file).await?;
         out.line(json!({"conv": conv, "seq": seq, "file": hex(&published.file)}), || format!("conv {conv} seq {seq}"));
     }
     if let Ok(client) = uploader.client().await {
         client.close();
     }
     Ok(())
+}
+
+/// Sends the files message, again on a new connection (same client id, so at most
+/// once) when the connection drops before the answer, up to `SEND_ATTEMPTS` times.
+async fn send_files(uploader: &mut Uploader, conv: ConvId, caption: &str, file: FileId) -> anyhow::Result<u64> {
+    const SEND_ATTEMPTS: u32 = 8;
+    let client_id = new_client_id();
+    let mut backoff = Backoff::new(100, 5_000);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let sent = match uploader.client().await {
+            Ok(client) => client.send_files_with_id(conv, client_id, caption, &[file]).await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok((seq, _)) => return Ok(seq),
+            Err(e @ (ClientError::Closed { .. } | ClientError::Connect(_)))
+                if attempt < SEND_ATTEMPTS && !permanent(&e) =>
+            {
+                let jitter = u64::from_le_bytes(new_client_id()[..8].try_into().unwrap_or_default());
+                tokio::time::sleep(std::time::Duration::from_millis(backoff.next_ms(jitter))).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn begin(
