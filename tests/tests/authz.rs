@@ -262,6 +262,8 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
     let real = target == Target::Real;
     // A member may leave: bob leaves `spare`, so `group` keeps its members for the rest.
     let conv = match (real, kind, who) {
+        // A files message's target is its file: the conversation stays the real one.
+        (false, Kind::SendFiles, _) => w.group,
         (false, ..) => MISSING_CONV,
         (true, Kind::Leave, Who::Member) => w.spare,
         (true, ..) => w.group,
