@@ -509,3 +509,130 @@ async fn the_same_bytes_are_stored_once_and_outlive_one_of_their_files() {
     })
     .await
 }
+
+/// A `width` x `height` PNG gradient.
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let picture = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(picture).write_to(std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+/// A small real PNG whose header declares `width` x `height` (IHDR with a valid CRC).
+fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut png = png(1, 1);
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let mut crc = !0u32;
+    for byte in &png[12..29] {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    png[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    png
+}
+
+#[tokio::test]
+async fn an_image_gets_a_thumbnail_readable_like_its_file_and_a_bomb_gets_none() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let mut events = alice.events().unwrap();
+        let picture = png(600, 300);
+        let begun = begin_upload(&alice, "cat.png", "image/png", &picture).await;
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &picture, 0).await, TransferReply::Complete(_)));
+        let thumb = within(STEP_DEADLINE, "the thumbnail event", async {
+            loop {
+                if let Some(switchboard_protocol::Event::File(p)) = events.next().await
+                    && let FileState::Complete { thumbnail: Some(t) } = p.state
+                {
+                    assert_eq!((p.file, p.conv), (begun.file, None));
+                    return t;
+                }
+            }
+        })
+        .await;
+        assert_eq!(thumb.content_type, "image/png");
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => assert_eq!(info.state, FileState::Complete { thumbnail: Some(thumb.clone()) }),
+            other => panic!("{other:?}"),
+        }
+        let (_, thumb_png) = download(alice.connection(), thumb.file, 0, 0).await.unwrap();
+        let decoded = image::load_from_memory(&thumb_png).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (256, 128));
+        // A thumbnail is readable by whoever may read its file, and nobody else.
+        let attach = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![begun.file],
+        };
+        alice.request(attach).await.unwrap();
+        assert!(matches!(file_info(&bob, thumb.file).await.unwrap(), Reply::File(_)));
+        assert_eq!(code_of(file_info(&eve, thumb.file).await), ErrorCode::NOT_FOUND);
+
+        // A decompression bomb completes as a file, gets no thumbnail, and the broker
+        // keeps serving.
+        let bomb = png_declaring(100_000, 100_000);
+        let begun = begin_upload(&alice, "bomb.png", "image/png", &bomb).await;
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &bomb, 0).await, TransferReply::Complete(_)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => assert_eq!(info.state, FileState::Complete { thumbnail: None }),
+            other => panic!("{other:?}"),
+        }
+        alice.ping().await.unwrap();
+        let again = upload(&alice, "after.bin", &bytes(1000, 1)).await;
+        assert!(matches!(file_info(&alice, again).await.unwrap(), Reply::File(_)));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_bad_transfer_stream_ends_alone_and_the_connection_serves_on() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(1000, 2);
+        let begun = begin_upload(&alice, "x.bin", "application/octet-stream", &data).await;
+        let conn = alice.connection();
+        // Garbage as the first frame: the stream is reset with BAD_FRAME.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[3, 0xff, 0xff, 0xff]).await.unwrap();
+        let end = within(STEP_DEADLINE, "the reset", recv.read_to_end(1024)).await;
+        assert!(
+            matches!(&end, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) if *code == ErrorCode::BAD_FRAME.0.into()),
+            "{end:?}"
+        );
+        // A huge length prefix after the open: FRAME_TOO_LARGE.
+        let mut t = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
+        t.send.write_all(&[0xff, 0xff, 0xff, 0x7f]).await.unwrap();
+        let end = within(STEP_DEADLINE, "the reset", t.recv.read_to_end(1024)).await;
+        assert!(
+            matches!(&end, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) if *code == ErrorCode::FRAME_TOO_LARGE.0.into()),
+            "{end:?}"
+        );
+        // The connection and the upload are fine.
+        alice.ping().await.unwrap();
+        assert!(matches!(upload_rest(conn, begun.file, &data, 0).await, TransferReply::Complete(_)));
+        // A resend of a files message answers its original seq.
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let client_id = switchboard_client::new_client_id();
+        let send = RequestBody::SendFiles { conv, client_id, text: "x".into(), files: vec![begun.file] };
+        let first = alice.request(send.clone()).await.unwrap();
+        let Reply::Appended { seq, duplicate: false } = first else { panic!("{first:?}") };
+        assert_eq!(alice.request(send).await.unwrap(), Reply::Appended { seq, duplicate: true });
+        // The same file twice, or no file: INVALID.
+        for files in [vec![begun.file, begun.file], vec![]] {
+            let r = RequestBody::SendFiles { conv, client_id: switchboard_client::new_client_id(), text: String::new(), files };
+            assert_eq!(code_of(alice.request(r).await), ErrorCode::INVALID);
+        }
+    })
+    .await
+}
