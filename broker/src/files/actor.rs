@@ -158,6 +158,14 @@ impl Actor for Upload {
             st.depth.fetch_sub(1, Ordering::AcqRel);
         }
         match msg {
+            UploadMsg::Open { out, .. } if st.state.is_done() => {
+                // Finished just before this stream came: answer as a new actor would.
+                let reply = match self.shared.store.file(&st.id) {
+                    Ok(Some(r)) if r.is_complete() => TransferReply::Complete(super::requests::file_ref(&st.id, &r)),
+                    _ => TransferReply::Failed { error: super::requests::no_such_file(), offset: 0 },
+                };
+                let _ = out.send(reply);
+            }
             UploadMsg::Open { stream, offset, out } => {
                 st.idle_ticks = 0;
                 st.streams.insert(stream, out);

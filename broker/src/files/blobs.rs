@@ -215,3 +215,89 @@ impl Blobs {
         Ok(uploads.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The crash states completion and chunk writes can leave, and what the start-up
+    //! repair makes of each: either "still uploading at offset X" or "complete".
+
+    use super::*;
+    use switchboard_storage::{FileRecord, FileStage, StoreConfig};
+
+    fn open(dir: &Path) -> (Store, Blobs) {
+        let mut config = StoreConfig::new(dir.join("store"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        (Store::open(&config).unwrap(), Blobs::open(dir).unwrap())
+    }
+
+    fn record(data: &[u8]) -> FileRecord {
+        FileRecord {
+            name: "f".into(),
+            size: data.len() as u64,
+            declared_type: "text/plain".into(),
+            content_type: "text/plain".into(),
+            blake3: *blake3::hash(data).as_bytes(),
+            uploader: 1,
+            created_ms: 0,
+            expires_ms: 1,
+            stage: FileStage::Uploading { offset: 0 },
+            parent: None,
+            held: true,
+        }
+    }
+
+    async fn begin(store: &Store, id: &FileId, data: &[u8]) {
+        store.begin_upload(id, &record(data), 8, u64::MAX).unwrap().unwrap().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_partial_file_is_cut_back_to_its_recorded_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let (id, data) = ([1; 16], b"0123456789".to_vec());
+        begin(&store, &id, &data).await;
+        let file = blobs.open_partial(&id, 0).unwrap();
+        Blobs::write_chunk(&file, 0, &data[..4]).unwrap();
+        store.set_upload_offset(&id, 4, None).unwrap().unwrap().await.unwrap();
+        // Written and synced, but the crash came before its offset was recorded.
+        Blobs::write_chunk(&file, 4, &data[4..8]).unwrap();
+        assert_eq!(blobs.repair(&store).unwrap(), 1);
+        assert_eq!(std::fs::read(blobs.partial(&id)).unwrap(), &data[..4]);
+        assert_eq!(store.file(&id).unwrap().unwrap().offset(), 4);
+        // The hasher is rebuilt from the durable prefix.
+        let file = blobs.open_partial(&id, 4).unwrap();
+        assert_eq!(Blobs::hash_prefix(&file, 4).unwrap().finalize(), blake3::hash(&data[..4]));
+    }
+
+    #[tokio::test]
+    async fn a_completion_cut_after_the_rename_finishes_and_one_cut_before_it_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let data = b"all of it".to_vec();
+        let (renamed, not_yet) = ([1; 16], [2; 16]);
+        for id in [renamed, not_yet] {
+            begin(&store, &id, &data).await;
+            let file = blobs.open_partial(&id, 0).unwrap();
+            Blobs::write_chunk(&file, 0, &data).unwrap();
+            store.set_upload_offset(&id, data.len() as u64, None).unwrap().unwrap().await.unwrap();
+        }
+        // The crash came after the blob was in place, before the record said so.
+        blobs.publish(&renamed, &record(&data).blake3).unwrap();
+        // A blob of a file whose record never got written.
+        std::fs::write(blobs.blob(&[9; 32]), b"orphan").unwrap();
+        blobs.repair(&store).unwrap();
+        let done = store.file(&renamed).unwrap().unwrap();
+        assert!(done.is_complete(), "published on disk: complete");
+        assert_eq!(store.blob_refs(&done.blake3).unwrap(), 1);
+        assert_eq!(std::fs::read(blobs.blob(&done.blake3)).unwrap(), data);
+        // The other still uploads at full size; its actor verifies it on start.
+        assert_eq!(store.file(&not_yet).unwrap().unwrap().stage, FileStage::Uploading { offset: data.len() as u64 });
+        assert!(blobs.partial(&not_yet).exists());
+        assert!(!blobs.blob(&[9; 32]).exists(), "unreferenced blobs are deleted");
+        // Files with no upload behind them go too.
+        std::fs::write(blobs.partial(&[7; 16]), b"stray").unwrap();
+        blobs.repair(&store).unwrap();
+        assert!(!blobs.partial(&[7; 16]).exists());
+        assert!(blobs.partial(&not_yet).exists());
+    }
+}

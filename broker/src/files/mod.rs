@@ -244,6 +244,9 @@ pub(crate) fn sweep_interval(expiry_secs: u64) -> Duration {
     Duration::from_millis((expiry_secs.saturating_mul(1000) / 4).clamp(100, 60_000))
 }
 
+/// Images read for thumbnails at once (each is read whole into memory).
+static THUMBNAIL_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(thumbnail::MAX_CONCURRENT_DECODES);
+
 /// Files larger than this get no thumbnail: the whole file is read into memory first.
 const THUMBNAIL_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -254,6 +257,8 @@ pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: swit
     if record.size > THUMBNAIL_MAX_FILE_BYTES {
         return;
     }
+    // Images are read whole: at most `MAX_CONCURRENT_DECODES` at once, like decodes.
+    let Ok(_reading) = THUMBNAIL_READS.acquire().await else { return };
     let path = shared.files.blobs.blob(&record.blake3);
     let bytes = match tokio::fs::read(&path).await {
         Ok(b) => bytes::Bytes::from(b),
