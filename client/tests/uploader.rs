@@ -207,6 +207,9 @@ async fn range_downloads_return_exactly_the_requested_bytes() {
     let path = write(dir.path(), "f.bin", &data);
     let mut uploader = Uploader::new(connector(&broker), identity, fast());
     let status = uploader.begin(new_upload(&path, "application/octet-stream").await.unwrap()).await.unwrap();
+    // Not readable before it is complete.
+    let early = alice.download(status.file, 0, 0, &mut Vec::new(), |_| {}).await.unwrap_err();
+    assert_eq!(early.code(), Some(ErrorCode::NOT_READY), "{early}");
     within("the upload", uploader.upload(status.file, &path, |_| {})).await.unwrap();
     let size = data.len() as u64;
 
