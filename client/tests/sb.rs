@@ -569,7 +569,7 @@ async fn upload_resumes_after_the_process_was_killed() {
     let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
-    let data = file_bytes(48 * 1024 * 1024 + 17, 3);
+    let data = file_bytes(16 * 1024 * 1024 + 17, 3);
     let path = dir.path().join("big.bin");
     std::fs::write(&path, &data).unwrap();
 
@@ -627,7 +627,7 @@ async fn upload_rides_out_a_broker_restart() {
     let broker = Broker::start(Config::ephemeral(data_dir.clone())).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
-    let data = file_bytes(48 * 1024 * 1024 + 3, 4);
+    let data = file_bytes(16 * 1024 * 1024 + 3, 4);
     let path = dir.path().join("big.bin");
     std::fs::write(&path, &data).unwrap();
 

@@ -118,7 +118,7 @@ async fn an_upload_survives_a_broker_restart() {
     let broker = Broker::start(Config::ephemeral(data_dir.clone())).await.unwrap();
     let addr = broker.local_addr;
     let (_alice, identity) = register(&broker, "alice").await;
-    let data = bytes(24 * 1024 * 1024 + 5, 2);
+    let data = bytes(12 * 1024 * 1024 + 5, 2);
     let path = write(dir.path(), "big.bin", &data);
 
     let mut uploader = Uploader::new(connector(&broker), identity.clone(), fast());
