@@ -43,6 +43,11 @@ const CREDIT_RETRY: Duration = Duration::from_secs(5);
 /// error itself.
 const FAILED_REPLY_WAIT: Duration = Duration::from_secs(2);
 
+/// A transfer stream on which nothing arrives for this long is given up (and, by an
+/// `Uploader`, resumed on a new connection): the broker answers every chunk within an
+/// fsync, and sends download bytes as fast as flow control lets it.
+pub const TRANSFER_STALL: Duration = Duration::from_secs(60);
+
 /// Bytes read from a local file at a time while hashing it.
 const HASH_BUFFER_BYTES: usize = 1024 * 1024;
 
@@ -261,7 +266,7 @@ impl Client {
         let mut written = 0u64;
         while written < range.length {
             let want = usize::try_from(range.length - written).unwrap_or(usize::MAX);
-            match recv.read_chunk(want.min(1024 * 1024), true).await {
+            match stalled(recv.read_chunk(want.min(1024 * 1024), true)).await? {
                 Ok(Some(chunk)) => {
                     sink.write_all(&chunk.bytes).await?;
                     written += chunk.bytes.len() as u64;
@@ -407,7 +412,7 @@ async fn read_reply(
         if let Some(body) = decoder.next_frame().map_err(|e| protocol(e.to_string()))? {
             return decode(&body).map_err(|e| protocol(e.to_string()));
         }
-        match recv.read_chunk(64 * 1024, true).await {
+        match stalled(recv.read_chunk(64 * 1024, true)).await? {
             Ok(Some(chunk)) => decoder.push(&chunk.bytes),
             Ok(None) => return Err(TransferError::Stream("the broker ended the stream without a reply".into())),
             Err(e) => return Err(read_failed(conn, e).await),
@@ -442,7 +447,7 @@ async fn read_exact(
     recv: &mut quinn::RecvStream,
     out: &mut [u8],
 ) -> Result<(), TransferError> {
-    match recv.read_exact(out).await {
+    match stalled(recv.read_exact(out)).await? {
         Ok(()) => Ok(()),
         Err(quinn::ReadExactError::FinishedEarly(_)) => {
             Err(TransferError::Stream("the broker ended the stream without a reply".into()))
@@ -460,6 +465,13 @@ async fn read_failed(conn: &quinn::Connection, e: quinn::ReadError) -> TransferE
             None => TransferError::Stream(other.to_string()),
         },
     }
+}
+
+/// `read` within `TRANSFER_STALL`, else a stream error.
+async fn stalled<T>(read: impl std::future::Future<Output = T>) -> Result<T, TransferError> {
+    tokio::time::timeout(TRANSFER_STALL, read)
+        .await
+        .map_err(|_| TransferError::Stream(format!("nothing arrived for {} s", TRANSFER_STALL.as_secs())))
 }
 
 fn protocol(message: String) -> TransferError {

@@ -38,8 +38,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use cursors::{CursorStore, Cursors, FileCursors, MemoryCursors};
 pub use files::{
-    ChunkWindow, DownloadRange, MAX_CHUNKS_IN_FLIGHT, TransferError, UploadEvent, UploadPlan, UploadStep, Uploader,
-    UploaderConfig, hash_file, new_upload,
+    ChunkWindow, DownloadRange, MAX_CHUNKS_IN_FLIGHT, TRANSFER_STALL, TransferError, UploadEvent, UploadPlan,
+    UploadStep, Uploader, UploaderConfig, hash_file, new_upload,
 };
 pub use merge::{Fetch, Merge};
 pub use session::{
