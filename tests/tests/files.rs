@@ -636,3 +636,31 @@ async fn a_bad_transfer_stream_ends_alone_and_the_connection_serves_on() {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_upload_without_its_first_chunk_cannot_be_sent_and_an_incomplete_one_not_read() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let data = bytes(600 * 1024, 3);
+        let begun = begin_upload(&alice, "n.bin", "application/octet-stream", &data).await;
+        let send = |file| RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        assert_eq!(code_of(alice.request(send(begun.file)).await), ErrorCode::NOT_READY);
+        assert_eq!(download(alice.connection(), begun.file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_READY);
+        // Once its first chunk is stored it may be attached, still uploading.
+        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
+        assert!(matches!(alice.request(send(begun.file)).await.unwrap(), Reply::Appended { .. }));
+        assert_eq!(download(alice.connection(), begun.file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_READY);
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => assert_eq!(info.state, FileState::Uploading { offset: 256 * 1024 }),
+            other => panic!("{other:?}"),
+        }
+    })
+    .await
+}
