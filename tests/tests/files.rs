@@ -636,3 +636,71 @@ async fn a_bad_transfer_stream_ends_alone_and_the_connection_serves_on() {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_upload_without_its_first_chunk_cannot_be_sent_and_an_incomplete_one_not_read() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let data = bytes(600 * 1024, 3);
+        let begun = begin_upload(&alice, "n.bin", "application/octet-stream", &data).await;
+        let send = |file| RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        assert_eq!(code_of(alice.request(send(begun.file)).await), ErrorCode::NOT_READY);
+        assert_eq!(download(alice.connection(), begun.file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_READY);
+        // Once its first chunk is stored it may be attached, still uploading.
+        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
+        assert!(matches!(alice.request(send(begun.file)).await.unwrap(), Reply::Appended { .. }));
+        assert_eq!(download(alice.connection(), begun.file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_READY);
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => assert_eq!(info.state, FileState::Uploading { offset: 256 * 1024 }),
+            other => panic!("{other:?}"),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_message() {
+    bounded(async {
+        // A short expiry makes the sweeper run often.
+        let tb = TestBroker::start_with(|c| {
+            c.upload_expiry_secs = 1;
+            c.quota_bytes = 400 * 1024;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let data = bytes(300 * 1024, 11);
+        let file = upload(&alice, "kept.bin", &data).await;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        let Reply::Appended { seq, .. } = alice.request(send).await.unwrap() else { panic!() };
+        // The uploader lets go: its quota is free again, the message still carries it.
+        alice.request(RequestBody::DeleteFile { file }).await.unwrap();
+        begin_upload(&alice, "next.bin", "application/octet-stream", &data).await;
+        assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
+        let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+        // The message goes: nothing holds the file any more, and the sweeper deletes it.
+        alice.delete(conv, seq).await.unwrap();
+        within(STEP_DEADLINE, "the file being deleted", async {
+            while file_info(&alice, file).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(files_in(tb.data_dir().join("blobs")), 0, "its bytes are gone");
+    })
+    .await
+}

@@ -285,22 +285,25 @@ impl Upload {
         .await
         .map_err(|e| e.to_string())?;
         st.hasher = Some(hasher);
-        if let Err(e) = result {
-            // The hasher may hold bytes past the durable offset: rebuild it from disk.
-            let file = st.file.clone();
-            let durable = st.state.durable();
-            st.hasher =
-                tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok()).await.ok().flatten();
-            return Err(e.to_string());
-        }
+        // A failed write left the hasher as it was; the client resends from the durable
+        // offset, over whatever the failed write left past it.
+        result.map_err(|e| e.to_string())?;
         // The bytes are durable in the file: now the offset, in the next group commit.
-        let end = offset + len;
-        let recorded = self.shared.store.set_upload_offset(&st.id, end, st.relabel.take().as_deref());
-        match recorded {
+        let recorded = match self.shared.store.set_upload_offset(&st.id, offset + len, st.relabel.as_deref()) {
             Ok(Some(durable)) => durable.await.map_err(|e| e.to_string()),
             Ok(None) => Err("the upload is gone".to_owned()),
             Err(e) => Err(e.to_string()),
+        };
+        match recorded {
+            Ok(()) => st.relabel = None,
+            Err(_) => {
+                // The hasher holds bytes past the durable offset: rebuild it from disk.
+                let (file, durable) = (st.file.clone(), st.state.durable());
+                st.hasher =
+                    tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok()).await.ok().flatten();
+            }
         }
+        recorded
     }
 
     fn progress(&self, st: &UploadActorState, state: FileState) {
