@@ -573,31 +573,7 @@ async fn upload_resumes_after_the_process_was_killed() {
     let path = dir.path().join("big.bin");
     std::fs::write(&path, &data).unwrap();
 
-    let mut child = sb_command(&alice, &broker)
-        .args(["--json", "upload", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // Read its progress (each line arrives as it happens; the deadline bounds the wait)
-    // until the broker reported a durable offset, then kill it.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (mut id, mut durable) = (None, 0);
-    while durable == 0 {
-        assert!(Instant::now() < deadline, "no durable offset within the deadline");
-        let line: serde_json::Value = serde_json::from_str(&lines.next().expect("sb is uploading").unwrap()).unwrap();
-        assert_ne!(line["event"], "uploaded", "the upload finished before it could be killed");
-        if line["event"] == "upload" {
-            id = line["file"].as_str().map(str::to_owned);
-        }
-        if line["event"] == "durable" {
-            durable = line["offset"].as_u64().unwrap();
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let id = id.expect("the upload id was printed first");
+    let (id, durable) = upload_and_kill(&alice, &broker, &path);
     assert!(durable < data.len() as u64);
     // The id was saved for resuming.
     assert!(std::fs::read_to_string(alice.join("state.json")).unwrap().contains(&id));
@@ -679,4 +655,64 @@ async fn upload_rides_out_a_broker_restart() {
 /// The next line sb printed (`None` once it exited), within a deadline.
 async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) -> Option<serde_json::Value> {
     tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("sb printed nothing in time")
+}
+
+/// Starts `sb --json upload PATH` and kills it (SIGKILL) once the broker reported a
+/// durable offset; returns the upload id and that offset.
+fn upload_and_kill(home: &Path, broker: &Broker, path: &Path) -> (String, u64) {
+    let mut child = sb_command(home, broker)
+        .args(["--json", "upload", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Read its progress (each line arrives as it happens; the deadline bounds the wait)
+    // until the broker reported a durable offset, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut id, mut durable) = (None, 0);
+    while durable == 0 {
+        assert!(Instant::now() < deadline, "no durable offset within the deadline");
+        let line: serde_json::Value = serde_json::from_str(&lines.next().expect("sb is uploading").unwrap()).unwrap();
+        assert_ne!(line["event"], "uploaded", "the upload finished before it could be killed");
+        if line["event"] == "upload" {
+            id = line["file"].as_str().map(str::to_owned);
+        }
+        if line["event"] == "durable" {
+            durable = line["offset"].as_u64().unwrap();
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let id = id.expect("the upload id was printed first");
+    (id, durable)
+}
+
+/// A plain `sb upload FILE` of the same unchanged file continues the upload a killed sb
+/// left (its id was saved); once that upload is gone, it starts a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_file_uploaded_again_continues_the_saved_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let data = file_bytes(16 * 1024 * 1024 + 5, 5);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let (id, durable) = upload_and_kill(&alice, &broker, &path);
+    let again = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert_eq!(event(&again, "upload")["file"].as_str(), Some(id.as_str()), "the saved upload: {again:?}");
+    assert!(event(&again, "resumed")["offset"].as_u64().unwrap() >= durable);
+    assert_eq!(event(&again, "uploaded")["file"].as_str(), Some(id.as_str()));
+
+    // Killed again, then cancelled: the next upload of the file starts afresh.
+    let (second, _) = upload_and_kill(&alice, &broker, &path);
+    assert_ne!(second, id, "a completed upload is not resumed");
+    sb(&alice, &broker, &["file", "cancel", &second]);
+    let fresh = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert_eq!(event(&fresh, "upload_gone")["file"].as_str(), Some(second.as_str()));
+    let third = event(&fresh, "uploaded")["file"].as_str().unwrap();
+    assert_ne!(third, second);
+    assert_eq!(event(&fresh, "resumed")["offset"].as_u64(), Some(0));
 }
