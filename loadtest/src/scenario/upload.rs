@@ -8,7 +8,8 @@
 //!   on the file system of the broker's data dir (MB/s): what durable writes can carry;
 //! - (c) one `--file-mib` upload through the broker, from `BeginUpload` to `Complete`
 //!   (chunk hashes, writes, fsyncs and the whole-file hash included), as MB/s and as a
-//!   ratio to min(a, b) (aim: at least 0.75);
+//!   ratio to min(a, b) (aim: at least 0.75); the client's whole-file BLAKE3 before
+//!   `BeginUpload` is reported apart (`c_client_hash_mb_per_s`);
 //! - (d) one download of the same file (MB/s), and its ratio to (a) the other way;
 //! - (e) `--concurrent` uploads of `--concurrent-mib` each from `--clients` clients at
 //!   once (aggregate MB/s);
@@ -153,7 +154,10 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
 
     // (c) One upload.
     let pattern = Pattern::new(&base, 1, file_bytes);
+    let hashing = Instant::now();
     let new = pattern.new_upload("bench-single.bin").await?;
+    // Before `BeginUpload` and not part of (c): the client's whole-file BLAKE3.
+    report.extra.insert("c_client_hash_mb_per_s".into(), rate(file_bytes, hashing.elapsed().as_secs_f64()));
     let cpu = broker_pid.as_deref().and_then(cpu_seconds);
     let start = Instant::now();
     let status = sender.begin_upload(new).await?;
