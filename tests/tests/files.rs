@@ -469,6 +469,8 @@ async fn abandoned_uploads_expire_with_their_data_and_quota() {
         })
         .await;
         let (alice, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let mut events = phone.events().unwrap();
         let data = bytes(1024 * 1024, 8);
         let begun = begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
         upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
@@ -482,6 +484,22 @@ async fn abandoned_uploads_expire_with_their_data_and_quota() {
         .await;
         assert_eq!(code_of(status(&alice, begun.file).await), ErrorCode::NOT_FOUND);
         assert_eq!(files_in(partial), 0, "its partial data is gone");
+        // The uploader's devices hear that it is gone.
+        within(STEP_DEADLINE, "the expiry event", async {
+            loop {
+                match events.next().await {
+                    Some(switchboard_protocol::Event::File(p))
+                        if p.state == (FileState::Failed { code: ErrorCode::NOT_FOUND }) =>
+                    {
+                        assert_eq!((p.file, p.conv), (begun.file, None));
+                        return;
+                    }
+                    Some(_) => {}
+                    None => panic!("events ended"),
+                }
+            }
+        })
+        .await;
         // Its quota is back: a file of the whole quota fits.
         begin_upload(&alice, "b.bin", "application/octet-stream", &data).await;
     })

@@ -224,7 +224,7 @@ async fn upload(
             },
         }
     }
-    let _ = shared.files.send(shared, &file, UploadMsg::Closed { stream }).await;
+    shared.files.closed(&file, stream);
 }
 
 /// Whether a chunk's data matches its BLAKE3, hashed off the runtime threads.

@@ -355,7 +355,7 @@ impl Upload {
         let (shared, id) = (self.shared.clone(), st.id);
         let removed = tokio::task::spawn_blocking(move || super::remove_upload(&shared, &id)).await;
         match removed {
-            Ok(Ok(removed)) => removed,
+            Ok(Ok(removed)) => removed.is_some(),
             Ok(Err(e)) => {
                 tracing::error!(file = hex(&st.id), error = %e, "removing an upload failed");
                 false
