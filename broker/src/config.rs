@@ -69,6 +69,21 @@ pub struct Config {
     /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC
     /// connection migration (see `tls::bind_udp`).
     pub udp_sockets: usize,
+    /// Largest file `BeginUpload` accepts, bytes (`FILE_TOO_LARGE` beyond).
+    pub max_file_bytes: u64,
+    /// Bytes one user may store: the declared size of its uploads in progress plus the
+    /// size of the complete files it still holds (`QUOTA_EXCEEDED` beyond).
+    pub quota_bytes: u64,
+    /// Uploads one user may have in progress at once (`TOO_MANY_UPLOADS` beyond).
+    pub max_uploads_per_user: usize,
+    /// Free space the data dir's disk keeps: an upload that would leave less is refused
+    /// with `STORAGE_FULL`, bytes.
+    pub disk_reserve_bytes: u64,
+    /// An upload not complete this many seconds after it began is removed with its data.
+    pub upload_expiry_secs: u64,
+    /// Transfer streams a connection may have open at once, next to its control stream
+    /// (PROTOCOL.md section 12).
+    pub max_transfer_streams: u32,
 }
 
 impl Default for Config {
@@ -98,6 +113,12 @@ impl Default for Config {
             conversation_mailbox_max: crate::limits::CONVERSATION_MAILBOX_MAX,
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
             udp_sockets: 1,
+            max_file_bytes: 100 * 1024 * 1024,
+            quota_bytes: 1024 * 1024 * 1024,
+            max_uploads_per_user: 8,
+            disk_reserve_bytes: 1024 * 1024 * 1024,
+            upload_expiry_secs: 24 * 60 * 60,
+            max_transfer_streams: 3,
         }
     }
 }
@@ -122,6 +143,8 @@ impl Config {
             argon2_queue: 1 << 16,
             registration_burst_per_address: u32::MAX,
             store_cache_bytes: 16 * 1024 * 1024,
+            // A test machine's disk may be nearly full; tests of the reserve set one.
+            disk_reserve_bytes: 0,
             ..Config::default()
         }
     }

@@ -9,7 +9,7 @@ mod connection;
 pub mod conversation;
 pub mod error;
 pub mod fanout;
-mod files;
+pub mod files;
 pub mod limits;
 pub mod outbound;
 pub mod presence;
@@ -85,6 +85,8 @@ pub struct Shared {
     pub users: user::UserDirectory,
     /// Live conversation actors.
     pub convs: conversation::ConvDirectory,
+    /// Live Upload actors and the file bytes on disk.
+    pub files: files::Files,
     /// Presence of connected users, pushed to their contacts.
     pub presence: Arc<presence::Presence>,
     /// Typing indicators.
@@ -137,6 +139,14 @@ impl Broker {
                 "checked after an unclean stop"
             );
         }
+        // File bytes in line with their records (partial uploads cut to their durable
+        // offsets, interrupted completions finished, unreferenced blobs deleted), made
+        // durable by the barrier below.
+        let files = files::Files::open(&config.data_dir).map_err(Error::io("opening the file directories"))?;
+        let checked = files.blobs.repair(&store).map_err(|e| Error::Config(format!("checking uploads: {e}")))?;
+        if checked > 0 {
+            tracing::info!(uploads = checked, "checked uploads in progress");
+        }
         // Whatever survived a crash in sled's file is made durable before anything is
         // served, so conversation actors never serve an entry that could still vanish.
         store.barrier()?.await?;
@@ -173,12 +183,15 @@ impl Broker {
             users: user::UserDirectory::new(online.clone()),
             online,
             convs: conversation::ConvDirectory::default(),
+            files,
             next_session_id: AtomicU64::new(1),
             admission,
             health,
         });
-        let accept =
+        let mut accept: Vec<tokio::task::JoinHandle<()>> =
             endpoints.iter().map(|e| tokio::spawn(connection::accept_loop(shared.clone(), e.clone()))).collect();
+        let interval = files::sweep_interval(shared.config.upload_expiry_secs);
+        accept.push(tokio::spawn(files::sweeper(Arc::downgrade(&shared), interval)));
         tracing::info!(addr = %local_addr, "listening");
         Ok(Broker {
             shared,
@@ -220,6 +233,7 @@ impl Broker {
         };
         let _ = tokio::time::timeout(Duration::from_secs(3), idle).await;
         self.shared.convs.stop_all();
+        self.shared.files.stop_all();
         // Actors and session tasks hold the shared state; once they are gone nothing can
         // write, and dropping the last reference releases the store's file lock.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -166,6 +166,108 @@ async fn sigkill_loses_no_acknowledged_message_and_retries_stay_exactly_once() {
     assert!(broker.child.wait().unwrap().success());
 }
 
+/// Reads one transfer reply from `recv` into `buf` (bytes left over stay in `buf`).
+async fn transfer_reply(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut switchboard_protocol::FrameDecoder,
+) -> Option<switchboard_protocol::TransferReply> {
+    loop {
+        if let Some(body) = decoder.next_frame().unwrap() {
+            return Some(switchboard_protocol::decode(&body).unwrap());
+        }
+        match tokio::time::timeout(Duration::from_secs(10), recv.read_chunk(64 * 1024, true)).await.unwrap() {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            _ => return None,
+        }
+    }
+}
+
+/// Streams `data` from `from` on a new transfer stream, at most two chunks beyond the
+/// durable offset, until the stream ends or `stop` says so; returns every durable
+/// offset reported and the final reply.
+async fn stream_upload(
+    conn: &quinn::Connection,
+    file: switchboard_protocol::FileId,
+    data: &[u8],
+    from: u64,
+    mut stop: impl FnMut(u64) -> bool,
+) -> (Vec<u64>, Option<switchboard_protocol::TransferReply>) {
+    use switchboard_protocol::{Chunk, TransferOpen, TransferReply, encode_frame};
+    const CHUNK: u64 = 128 * 1024;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode_frame(&TransferOpen::Upload { file, offset: from }).unwrap()).await.unwrap();
+    let mut decoder = switchboard_protocol::FrameDecoder::new(1 << 20);
+    assert_eq!(transfer_reply(&mut recv, &mut decoder).await, Some(TransferReply::Accepted { offset: from }));
+    let (mut sent, mut durable, mut seen) = (from, from, Vec::new());
+    loop {
+        while sent < data.len() as u64 && sent < durable + 2 * CHUNK {
+            let end = (sent + CHUNK).min(data.len() as u64);
+            let part = &data[sent as usize..end as usize];
+            let chunk = Chunk {
+                offset: sent,
+                data: bytes::Bytes::copy_from_slice(part),
+                blake3: *blake3::hash(part).as_bytes(),
+            };
+            if send.write_all(&encode_frame(&chunk).unwrap()).await.is_err() {
+                return (seen, None);
+            }
+            sent = end;
+        }
+        match transfer_reply(&mut recv, &mut decoder).await {
+            Some(TransferReply::Durable { offset }) => {
+                durable = offset;
+                seen.push(offset);
+                if stop(offset) {
+                    return (seen, None);
+                }
+            }
+            other => return (seen, other),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigkill_mid_upload_keeps_every_offset_reported_durable() {
+    use switchboard_protocol::{NewUpload, Reply, RequestBody, TransferReply};
+    let dir = tempfile::tempdir().unwrap();
+    // The test machine's disk may have less free space than the default reserve.
+    std::fs::write(dir.path().join("files.toml"), "disk_reserve_bytes = 0\n").unwrap();
+    let mut broker = start_with(dir.path(), &["--config", "files.toml"]);
+    let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let (alice, alice_id) = connector.register("alice", "correct horse battery", "laptop").await.unwrap();
+    let data: Vec<u8> = (0..6 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let new = NewUpload {
+        name: "crash.bin".into(),
+        size: data.len() as u64,
+        content_type: "application/octet-stream".into(),
+        blake3: *blake3::hash(&data).as_bytes(),
+    };
+    let Reply::Upload(begun) = alice.request(RequestBody::BeginUpload(new)).await.unwrap() else { panic!() };
+    // Killed outright while chunks are in flight, past a third of the file.
+    let (durable, _) = stream_upload(alice.connection(), begun.file, &data, 0, |o| o >= 2 * 1024 * 1024).await;
+    signal(&broker.child, "-KILL");
+    let _ = broker.child.wait();
+    alice.close();
+    let reported = *durable.last().unwrap();
+
+    let broker = start_with(dir.path(), &["--config", "files.toml"]);
+    let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let alice = connector.connect(&alice_id).await.unwrap();
+    let Reply::Upload(status) = alice.request(RequestBody::UploadStatus { file: begun.file }).await.unwrap() else {
+        panic!()
+    };
+    assert!(status.offset >= reported, "reported durable at {reported}, recovered at {}", status.offset);
+    assert!(!status.complete);
+    let (_, last) = stream_upload(alice.connection(), begun.file, &data, status.offset, |_| false).await;
+    match last {
+        Some(TransferReply::Complete(f)) => assert_eq!(f.size, data.len() as u64),
+        other => panic!("expected Complete, got {other:?}"),
+    }
+    let mut broker = broker;
+    signal(&broker.child, "-TERM");
+    assert!(broker.child.wait().unwrap().success());
+}
+
 #[tokio::test]
 async fn operators_add_users_when_registration_is_closed() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@
 //! ```
 
 mod cursors;
+mod files;
 mod merge;
 mod session;
 mod tls;
@@ -36,6 +37,10 @@ use switchboard_protocol::{
 use tokio::sync::{mpsc, oneshot};
 
 pub use cursors::{CursorStore, Cursors, FileCursors, MemoryCursors};
+pub use files::{
+    ChunkWindow, DownloadRange, MAX_CHUNKS_IN_FLIGHT, TRANSFER_STALL, TransferError, UploadEvent, UploadPlan,
+    UploadStep, Uploader, UploaderConfig, hash_file, new_upload,
+};
 pub use merge::{Fetch, Merge};
 pub use session::{
     Backoff, Session, SessionConfig, SessionError, SessionEvent, SessionEvents, TYPING_REFRESH_MS, permanent,

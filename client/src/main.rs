@@ -28,9 +28,13 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+#[path = "sb/files.rs"]
+mod files;
+
+use files::UploadArgs;
 use switchboard_client::{
     Client, ClientError, Connector, FileCursors, Identity, Session, SessionConfig, SessionError, SessionEvent,
-    TYPING_REFRESH_MS, Trust, hex, new_client_id, unhex,
+    TYPING_REFRESH_MS, TransferError, Trust, hex, new_client_id, unhex,
 };
 use switchboard_protocol::{
     Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, Page, PresenceInfo, PresenceState,
@@ -137,6 +141,53 @@ enum Command {
         #[command(subcommand)]
         command: Option<DeviceCommand>,
     },
+    /// Upload a file; prints its id, and with --conv sends a message carrying it and
+    /// prints its seq. Resumes by itself after a dropped connection. An unfinished
+    /// upload of the same file (same path, size and BLAKE3) started by an earlier sb
+    /// in this home is resumed, not started again.
+    Upload {
+        file: PathBuf,
+        /// Send a message carrying the file to this conversation once uploaded.
+        #[arg(long)]
+        conv: Option<ConvId>,
+        /// Declared media type (default: from the file name's extension, else
+        /// application/octet-stream; the broker may relabel it from the file's bytes).
+        #[arg(long = "type")]
+        content_type: Option<String>,
+        /// Caption of the message (with --conv).
+        #[arg(long, requires = "conv")]
+        caption: Option<String>,
+        /// Continue the upload with this id (32 hex digits), e.g. after sb was killed.
+        #[arg(long)]
+        resume: Option<String>,
+    },
+    /// Download a file (or a byte range of it) into OUT. A whole file is checked against
+    /// its BLAKE3.
+    Download {
+        file: String,
+        out: PathBuf,
+        /// First byte.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes to read (default: to the end).
+        #[arg(long, default_value_t = 0)]
+        length: u64,
+    },
+    /// Files.
+    File {
+        #[command(subcommand)]
+        command: FileCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FileCommand {
+    /// A file's name, size, type, BLAKE3, uploader and state.
+    Info { file: String },
+    /// Abandon one of my unfinished uploads.
+    Cancel { file: String },
+    /// Drop my hold on a file I uploaded (messages that carry it keep it).
+    Delete { file: String },
 }
 
 #[derive(Subcommand)]
@@ -183,7 +234,24 @@ struct State {
     ca: Option<PathBuf>,
     pin: Option<String>,
     identity: Option<Identity>,
+    /// Unfinished uploads, oldest first, at most `MAX_SAVED_UPLOADS`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    uploads: Vec<SavedUpload>,
 }
+
+/// An upload begun by `sb upload` and not known to be finished, so that the same file
+/// uploaded again continues it.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+struct SavedUpload {
+    /// `upload_key`: the file's absolute path, size and BLAKE3.
+    key: String,
+    /// Upload id, hex.
+    file: String,
+}
+
+/// Unfinished uploads remembered; past it the oldest is forgotten (the broker expires
+/// unfinished uploads after a day and allows 8 in progress per user by default).
+const MAX_SAVED_UPLOADS: usize = 32;
 
 fn main() {
     let cli = Cli::parse();
@@ -206,10 +274,19 @@ fn main() {
 /// The `error` object of a JSON error line: the broker's code, its name and the
 /// broker's own message, or `null` code and name for a failure of sb's own.
 fn error_json(e: &anyhow::Error) -> serde_json::Value {
-    let client = e.downcast_ref::<ClientError>().or_else(|| match e.downcast_ref::<SessionError>() {
-        Some(SessionError::Client(c)) => Some(c),
-        _ => None,
-    });
+    let client = e
+        .downcast_ref::<ClientError>()
+        .or_else(|| match e.downcast_ref::<SessionError>() {
+            Some(SessionError::Client(c)) => Some(c),
+            _ => None,
+        })
+        .or_else(|| match e.downcast_ref::<TransferError>() {
+            Some(TransferError::Client(c)) => Some(c),
+            _ => None,
+        });
+    if let Some(TransferError::Failed { error, .. }) = e.downcast_ref::<TransferError>() {
+        return json!({"code": error.code.0, "name": error.code.name(), "message": error.message});
+    }
     let (code, message) = match client {
         Some(ClientError::Server(body)) => (body.code, &body.message),
         Some(ClientError::Closed { code: Some(code), reason }) => (*code, reason),
@@ -260,6 +337,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             if let Command::Tail = command {
                 tail(&connector, identity, &home, &out).await?;
+            } else if let Command::Upload { file, conv, content_type, caption, resume } = command {
+                let upload = UploadArgs { path: file, conv, content_type, caption, resume };
+                files::upload(&connector, identity, &home, &out, upload).await?;
             } else {
                 let client = connector.connect(identity).await?;
                 authed(&client, &out, command).await?;
@@ -328,6 +408,11 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
             }
         }
         Command::Tail => unreachable!("runs on a session"),
+        Command::Upload { .. } => unreachable!("runs on an uploader"),
+        Command::Download { file, out: path, offset, length } => {
+            files::download(client, out, &file, &path, offset, length).await?;
+        }
+        Command::File { command } => files::file_command(client, out, command).await?,
         Command::Read { conv, seq } => {
             let r = client.mark_read(conv, seq).await?;
             let read = r.read_up_to.unwrap_or(seq);

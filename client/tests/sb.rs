@@ -462,3 +462,257 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Pseudo-random bytes (no known file type), `len` of them.
+fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The line of `lines` with `"event": event`.
+fn event<'a>(lines: &'a [serde_json::Value], event: &str) -> &'a serde_json::Value {
+    lines.iter().find(|l| l["event"] == event).unwrap_or_else(|| panic!("no {event} line in {lines:?}"))
+}
+
+/// `sb upload --conv` then `sb download` by another member gives the same bytes, and the
+/// message shows the file; `sb file info` describes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_then_download_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap().to_string();
+    let data = file_bytes(2 * 1024 * 1024 + 4321, 1);
+    let path = dir.path().join("notes.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let up = sb(&alice, &broker, &["upload", path.to_str().unwrap(), "--conv", &conv, "--caption", "the notes"]);
+    let uploaded = event(&up, "uploaded");
+    let id = uploaded["file"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32);
+    assert_eq!((uploaded["name"].as_str(), uploaded["size"].as_u64()), (Some("notes.bin"), Some(data.len() as u64)));
+    let sent = up.last().unwrap();
+    assert_eq!((sent["conv"].to_string(), sent["file"].as_str()), (conv.clone(), Some(id.as_str())));
+    // The finished upload is no longer remembered for resuming.
+    let state = std::fs::read_to_string(alice.join("state.json")).unwrap();
+    assert!(!state.contains(&id), "{state}");
+
+    let history = sb(&bob, &broker, &["history", &conv]);
+    let message = history.iter().find(|e| e["kind"] == "files").expect("a files message");
+    assert!(message["text"].as_str().unwrap().contains(&id), "{message}");
+
+    let out = dir.path().join("copy.bin");
+    let down = sb(&bob, &broker, &["download", &id, out.to_str().unwrap()]);
+    assert_eq!(down[0]["verified"], true);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+
+    let info = sb(&bob, &broker, &["file", "info", &id]);
+    assert_eq!(info[0]["state"], "complete");
+    assert_eq!(info[0]["size"].as_u64(), Some(data.len() as u64));
+    assert_eq!(info[0]["blake3"].as_str().unwrap().len(), 64);
+
+    // A stranger gets NOT_FOUND, as for a file that does not exist.
+    let carol = dir.path().join("carol");
+    sb(&carol, &broker, &["register", "carol"]);
+    let hidden = sb_output(&carol, &broker, &["download", &id, out.to_str().unwrap()]);
+    let missing = sb_output(&carol, &broker, &["download", &"ab".repeat(16), out.to_str().unwrap()]);
+    assert!(!hidden.status.success());
+    assert_eq!(String::from_utf8_lossy(&hidden.stderr), String::from_utf8_lossy(&missing.stderr));
+    assert!(String::from_utf8_lossy(&hidden.stderr).contains("NOT_FOUND"));
+    assert_eq!(std::fs::read(&out).unwrap(), data, "a refused download leaves OUT as it was");
+}
+
+/// `sb download --offset --length` writes exactly that range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_download_writes_exactly_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let data = file_bytes(1024 * 1024 + 99, 2);
+    let path = dir.path().join("f.bin");
+    std::fs::write(&path, &data).unwrap();
+    let id = event(&sb(&alice, &broker, &["upload", path.to_str().unwrap()]), "uploaded")["file"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Human output: the id, and no progress bar when stderr is not a terminal.
+    let human = sb_output(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert!(human.status.success());
+    let stdout = String::from_utf8_lossy(&human.stdout);
+    assert!(stdout.contains(&format!("uploaded f.bin ({} bytes, application/octet-stream): ", data.len())), "{stdout}");
+    assert_eq!(String::from_utf8_lossy(&human.stderr), "", "nothing drawn on a pipe");
+    let out = dir.path().join("part.bin");
+    let down = sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "1000", "--length", "5000"]);
+    assert_eq!((down[0]["offset"].as_u64(), down[0]["length"].as_u64()), (Some(1000), Some(5000)));
+    assert_eq!(down[0]["verified"], false, "a range has no hash of its own to check");
+    assert_eq!(std::fs::read(&out).unwrap(), data[1000..6000]);
+    // A length past the end stops at the end.
+    sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "1048570", "--length", "1000"]);
+    assert_eq!(std::fs::read(&out).unwrap(), data[1_048_570..]);
+}
+
+/// An `sb upload` killed mid-way continues with `sb upload --resume ID FILE` from the
+/// broker's durable offset, and the file arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_resumes_after_the_process_was_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let data = file_bytes(16 * 1024 * 1024 + 17, 3);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let (id, durable) = upload_and_kill(&alice, &broker, &path);
+    assert!(durable < data.len() as u64);
+    // The id was saved for resuming.
+    assert!(std::fs::read_to_string(alice.join("state.json")).unwrap().contains(&id));
+
+    let resumed = sb(&alice, &broker, &["upload", "--resume", &id, path.to_str().unwrap()]);
+    let from = event(&resumed, "resumed")["offset"].as_u64().unwrap();
+    assert!(from >= durable, "resumed at {from}, {durable} was durable before the kill");
+    assert_eq!(event(&resumed, "uploaded")["file"].as_str(), Some(id.as_str()));
+    let out = dir.path().join("copy.bin");
+    assert_eq!(sb(&alice, &broker, &["download", &id, out.to_str().unwrap()])[0]["verified"], true);
+    assert!(std::fs::read(&out).unwrap() == data);
+
+    // Another file than the upload's is refused before anything is sent.
+    let other = dir.path().join("other.bin");
+    std::fs::write(&other, b"something else").unwrap();
+    let refused = sb_output(&alice, &broker, &["upload", "--resume", &id, other.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not the file of upload"));
+}
+
+/// `sb upload` rides out a broker restart by itself: it reconnects, asks where the
+/// upload stands and finishes it, in the same process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_rides_out_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let broker = Broker::start(Config::ephemeral(data_dir.clone())).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let data = file_bytes(16 * 1024 * 1024 + 3, 4);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let mut child = sb_command(&alice, &broker)
+        .args(["--json", "upload", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // sb's lines, read on a thread of their own so this test's runtime keeps serving the broker.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            let Ok(line) = line else { break };
+            if tx.send(serde_json::from_str::<serde_json::Value>(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let line = next_line(&mut rx).await.expect("sb is uploading");
+        assert_ne!(line["event"], "uploaded", "the upload finished before the restart");
+        let durable = line["event"] == "durable";
+        seen.push(line);
+        if durable {
+            break;
+        }
+    }
+    let addr = broker.local_addr;
+    broker.shutdown().await.unwrap();
+    let broker = Broker::start(Config { listen: addr, ..Config::ephemeral(data_dir) }).await.unwrap();
+    while let Some(line) = next_line(&mut rx).await {
+        seen.push(line);
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{seen:?}");
+    assert!(seen.iter().any(|l| l["event"] == "retrying" && l["reconnect"] == true), "{seen:?}");
+    let resumed: Vec<u64> =
+        seen.iter().filter(|l| l["event"] == "resumed").filter_map(|l| l["offset"].as_u64()).collect();
+    assert!(resumed.len() >= 2 && resumed[1] > 0, "it resumed from a durable offset: {resumed:?}");
+    let id = event(&seen, "uploaded")["file"].as_str().unwrap().to_owned();
+    let out = dir.path().join("copy.bin");
+    assert_eq!(sb(&alice, &broker, &["download", &id, out.to_str().unwrap()])[0]["verified"], true);
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+/// The next line sb printed (`None` once it exited), within a deadline.
+async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) -> Option<serde_json::Value> {
+    tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("sb printed nothing in time")
+}
+
+/// Starts `sb --json upload PATH` and kills it (SIGKILL) once the broker reported a
+/// durable offset; returns the upload id and that offset.
+fn upload_and_kill(home: &Path, broker: &Broker, path: &Path) -> (String, u64) {
+    let mut child = sb_command(home, broker)
+        .args(["--json", "upload", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Read its progress (each line arrives as it happens; the deadline bounds the wait)
+    // until the broker reported a durable offset, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut id, mut durable) = (None, 0);
+    while durable == 0 {
+        assert!(Instant::now() < deadline, "no durable offset within the deadline");
+        let line: serde_json::Value = serde_json::from_str(&lines.next().expect("sb is uploading").unwrap()).unwrap();
+        assert_ne!(line["event"], "uploaded", "the upload finished before it could be killed");
+        if line["event"] == "upload" {
+            id = line["file"].as_str().map(str::to_owned);
+        }
+        if line["event"] == "durable" {
+            durable = line["offset"].as_u64().unwrap();
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let id = id.expect("the upload id was printed first");
+    (id, durable)
+}
+
+/// A plain `sb upload FILE` of the same unchanged file continues the upload a killed sb
+/// left (its id was saved); once that upload is gone, it starts a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_file_uploaded_again_continues_the_saved_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let data = file_bytes(16 * 1024 * 1024 + 5, 5);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let (id, durable) = upload_and_kill(&alice, &broker, &path);
+    let again = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert_eq!(event(&again, "upload")["file"].as_str(), Some(id.as_str()), "the saved upload: {again:?}");
+    assert!(event(&again, "resumed")["offset"].as_u64().unwrap() >= durable);
+    assert_eq!(event(&again, "uploaded")["file"].as_str(), Some(id.as_str()));
+
+    // Killed again, then cancelled: the next upload of the file starts afresh.
+    let (second, _) = upload_and_kill(&alice, &broker, &path);
+    assert_ne!(second, id, "a completed upload is not resumed");
+    sb(&alice, &broker, &["file", "cancel", &second]);
+    let fresh = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert_eq!(event(&fresh, "upload_gone")["file"].as_str(), Some(second.as_str()));
+    let third = event(&fresh, "uploaded")["file"].as_str().unwrap();
+    assert_ne!(third, second);
+    assert_eq!(event(&fresh, "resumed")["offset"].as_u64(), Some(0));
+}

@@ -30,6 +30,9 @@ enum Scenario {
     Presence(scenario::presence::Args),
     /// A device that missed N messages catches up; against reading the store directly.
     Catchup(scenario::catchup::Args),
+    /// Files: one upload and download, concurrent uploads, chat beside an upload; each
+    /// next to its limit (a plain quinn stream, fdatasync appends) from the same run.
+    Upload(scenario::upload::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Receipts(a) => scenario::receipts::run(&common, a).await,
             Scenario::Presence(a) => scenario::presence::run(&common, a).await,
             Scenario::Catchup(a) => scenario::catchup::run(&common, a).await,
+            Scenario::Upload(a) => scenario::upload::run(&common, a).await,
         }
     })?;
     println!("{}", report.table());

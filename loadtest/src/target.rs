@@ -104,6 +104,15 @@ impl Target {
         Target { addr, trust, server_name: "localhost".into(), pid, owned: Owned::None }
     }
 
+    /// The directory holding an owned broker's data dir (`data` inside it), so on the
+    /// same file system; `None` for a remote broker.
+    pub fn data_parent(&self) -> Option<&std::path::Path> {
+        match &self.owned {
+            Owned::None => None,
+            Owned::Child(_, dir) | Owned::InProcess(_, dir) => Some(dir.path()),
+        }
+    }
+
     /// The broker runs inside this process.
     pub fn is_in_process(&self) -> bool {
         matches!(self.owned, Owned::InProcess(..))

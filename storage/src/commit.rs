@@ -250,6 +250,7 @@ pub(crate) fn sync_file(path: &Path) -> std::io::Result<()> {
 
 /// Resolves once the writes applied before it was created are durable.
 #[must_use = "a write is not durable until this resolves"]
+#[derive(Debug)]
 pub struct Durable(oneshot::Receiver<Result<(), StoreError>>);
 
 impl Future for Durable {

@@ -1,7 +1,7 @@
 //! Key encoding. One sled tree; the first byte says what a key is; integers are
 //! big-endian so a prefix scan returns them in numeric order.
 
-use switchboard_protocol::{ClientMsgId, ConvId, DeviceId, Seq, UserId};
+use switchboard_protocol::{ClientMsgId, ConvId, DeviceId, FileId, Seq, UserId};
 
 const COUNTER: u8 = 0x00;
 const USER: u8 = 0x01;
@@ -23,6 +23,13 @@ const SETTINGS: u8 = 0x10;
 const TEXT_COUNT: u8 = 0x11;
 const SENDER_COUNT: u8 = 0x12;
 const LAST_SEEN: u8 = 0x13;
+const FILE: u8 = 0x14;
+const UPLOADING: u8 = 0x15;
+const STORED_BYTES: u8 = 0x16;
+const FILE_EXPIRY: u8 = 0x17;
+const ATTACHED: u8 = 0x18;
+const BLOB_REFS: u8 = 0x19;
+const FILE_UNHELD: u8 = 0x1a;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -132,6 +139,56 @@ impl Key {
     /// When a user was last online or away (ms since the epoch, big-endian u64).
     pub fn last_seen(user: UserId) -> Key {
         Key::with(LAST_SEEN, &[&user.to_be_bytes()])
+    }
+    /// A file's record (`FileRecord`), by its id.
+    pub fn file(id: &FileId) -> Key {
+        Key::with(FILE, &[id])
+    }
+    /// Present while `user`'s upload `file` is in progress (counted for
+    /// `max_uploads_per_user`).
+    pub fn uploading(user: UserId, file: &FileId) -> Key {
+        Key::with(UPLOADING, &[&user.to_be_bytes(), file])
+    }
+    pub fn uploading_of(user: UserId) -> Key {
+        Key::with(UPLOADING, &[&user.to_be_bytes()])
+    }
+    /// Every upload in progress, of any user.
+    pub fn uploads() -> Key {
+        Key::with(UPLOADING, &[])
+    }
+    /// Bytes a user's quota counts (u64, big-endian).
+    pub fn stored_bytes(user: UserId) -> Key {
+        Key::with(STORED_BYTES, &[&user.to_be_bytes()])
+    }
+    /// An incomplete upload expires at `expires_ms`.
+    pub fn file_expiry(expires_ms: u64, file: &FileId) -> Key {
+        Key::with(FILE_EXPIRY, &[&expires_ms.to_be_bytes(), file])
+    }
+    /// Every expiry key up to and including `expires_ms`.
+    pub fn file_expiry_until(expires_ms: u64) -> Key {
+        Key::with(FILE_EXPIRY, &[&expires_ms.to_be_bytes(), &[0xff; 16]])
+    }
+    pub fn file_expiries() -> Key {
+        Key::with(FILE_EXPIRY, &[])
+    }
+    /// Message `seq` of `conv`, not deleted, carries `file`.
+    pub fn attached(file: &FileId, conv: ConvId, seq: Seq) -> Key {
+        Key::with(ATTACHED, &[file, &conv.to_be_bytes(), &seq.to_be_bytes()])
+    }
+    pub fn attached_of(file: &FileId) -> Key {
+        Key::with(ATTACHED, &[file])
+    }
+    /// How many complete files share the stored bytes with this BLAKE3 (u64).
+    pub fn blob_refs(hash: &[u8; 32]) -> Key {
+        Key::with(BLOB_REFS, &[hash])
+    }
+    /// A complete file that may have lost its last hold (its uploader's or a message's):
+    /// checked, and deleted if so, by `Store::collect_file`.
+    pub fn file_unheld(file: &FileId) -> Key {
+        Key::with(FILE_UNHELD, &[file])
+    }
+    pub fn files_unheld() -> Key {
+        Key::with(FILE_UNHELD, &[])
     }
     /// The pair in canonical order, so (a, b) and (b, a) are one key.
     pub fn direct(a: UserId, b: UserId) -> Key {

@@ -12,6 +12,7 @@
 //! sled batch each (`Txn`), applied by the committer thread between flushes.
 
 mod commit;
+mod files;
 mod keys;
 mod log;
 mod members;
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
 pub use commit::{Durable, FailureHook};
+pub use files::{Collected, FileRecord, FileStage, UploadRefusal};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
 
 use commit::{Committer, IndexGen};
@@ -106,6 +108,9 @@ pub struct Store {
     /// Serialises id allocation with the batch that records it, so a counter on disk
     /// never goes backwards, and makes name and direct-pair checks atomic.
     catalog: Mutex<()>,
+    /// Serialises changes to file records and their indexes (quota, uploads in
+    /// progress, blob references), so each is checked and changed in one step.
+    files: Mutex<()>,
     path: PathBuf,
     /// The previous run closed the store with `close_clean`.
     opened_clean: bool,
@@ -142,6 +147,7 @@ impl Store {
             db,
             committer,
             catalog: Mutex::new(()),
+            files: Mutex::new(()),
             path: config.path.clone(),
             opened_clean,
             created,

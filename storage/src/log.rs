@@ -89,6 +89,14 @@ impl Store {
                 })
             }
             Body::Delete { target } => {
+                // A deleted files message stops granting access to its files first: a
+                // crash after the tombstone below then finds this done too.
+                if let Some(Entry { body: Body::Files { files, .. }, .. }) = self.entry(conv, *target)? {
+                    for f in &files {
+                        set(Key::attached(&f.file, conv, *target), None)?;
+                        set(Key::file_unheld(&f.file), Some(Vec::new()))?;
+                    }
+                }
                 // Every version of the text goes: the message's and each edit's.
                 for edit in self.edits_of(conv, *target)? {
                     rewrite(edit, &|_| Body::Redacted { target: *target })?;
@@ -102,6 +110,12 @@ impl Store {
             Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
             // A message moves the running counts that unread counts are read from.
             Body::Text { .. } | Body::Files { .. } => {
+                if let Body::Files { files, .. } = &entry.body {
+                    // Who may read a file: the members where a message carries it.
+                    for f in files {
+                        set(Key::attached(&f.file, conv, entry.seq), Some(Vec::new()))?;
+                    }
+                }
                 let (total, mine) = self.counts_before(conv, entry.sender, entry.seq)?;
                 set(Key::text_count(conv, entry.seq), Some((total + 1).to_be_bytes().to_vec()))?;
                 set(Key::sender_count(conv, entry.sender, entry.seq), Some((mine + 1).to_be_bytes().to_vec()))

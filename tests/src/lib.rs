@@ -18,8 +18,8 @@ use switchboard_broker::{Broker, Config, Shared};
 use switchboard_client::{Client, ClientError, Connector, Events, Identity, Trust};
 use switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES;
 use switchboard_protocol::{
-    ClientFrame, ClientHello, Entry, ErrorCode, Event, FrameDecoder, Request, RequestBody, ServerFrame, ServerHello,
-    decode, encode_frame,
+    Chunk, ClientFrame, ClientHello, Entry, ErrorBody, ErrorCode, Event, FileId, FrameDecoder, NewUpload, Reply,
+    Request, RequestBody, ServerFrame, ServerHello, TransferOpen, TransferReply, UploadStatus, decode, encode_frame,
 };
 
 /// How long a whole end-to-end test may take before it counts as hung.
@@ -257,5 +257,154 @@ pub async fn next_response(
             ServerFrame::Response { id, result } => return (id, result),
             ServerFrame::Event(_) => continue,
         }
+    }
+}
+
+/// One transfer stream spoken by hand (PROTOCOL.md section 12) on a client's connection.
+pub struct Transfer {
+    /// Client to broker.
+    pub send: quinn::SendStream,
+    /// Broker to client.
+    pub recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl Transfer {
+    /// Opens a transfer stream and sends `open` as its first frame.
+    pub async fn open(conn: &quinn::Connection, open: &TransferOpen) -> Transfer {
+        let (mut send, recv) = within(STEP_DEADLINE, "opening a transfer stream", conn.open_bi()).await.unwrap();
+        send.write_all(&encode_frame(open).unwrap()).await.unwrap();
+        Transfer { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES) }
+    }
+
+    /// Sends one chunk of `data` at `offset`, with its BLAKE3 (or `hash` if given).
+    pub async fn chunk(&mut self, offset: u64, data: &[u8], hash: Option<[u8; 32]>) {
+        let chunk = Chunk {
+            offset,
+            data: Bytes::copy_from_slice(data),
+            blake3: hash.unwrap_or(*blake3::hash(data).as_bytes()),
+        };
+        // The broker may already have ended the stream; its reply says why.
+        let _ = self.send.write_all(&encode_frame(&chunk).unwrap()).await;
+    }
+
+    /// The next reply frame, or `None` once the broker finished or reset the stream.
+    pub async fn reply(&mut self) -> Option<TransferReply> {
+        read_frame(&mut self.recv, &mut self.decoder).await.map(|b| decode(&b).unwrap())
+    }
+
+    /// Reads a download: the first frame, and when it is a `Range`, the raw bytes after
+    /// it up to the end of the stream.
+    pub async fn download_reply(&mut self) -> (TransferReply, Vec<u8>) {
+        let mut buf = Vec::new();
+        loop {
+            // The frame's length prefix (LEB128), then its body.
+            let mut declared = 0usize;
+            let mut prefix = None;
+            for (i, b) in buf.iter().enumerate().take(5) {
+                declared |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    prefix = Some(i + 1);
+                    break;
+                }
+            }
+            if let Some(p) = prefix
+                && buf.len() >= p + declared
+            {
+                let reply: TransferReply = decode(&buf[p..p + declared]).unwrap();
+                let mut rest = buf.split_off(p + declared);
+                if matches!(reply, TransferReply::Range { .. }) {
+                    while let Some(chunk) =
+                        within(STEP_DEADLINE, "download bytes", self.recv.read_chunk(256 * 1024, true)).await.unwrap()
+                    {
+                        rest.extend_from_slice(&chunk.bytes);
+                    }
+                }
+                return (reply, rest);
+            }
+            match within(STEP_DEADLINE, "a download reply", self.recv.read_chunk(64 * 1024, true)).await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                other => panic!("the download stream ended before its reply: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Declares an upload of `data` (BLAKE3 of `data` unless `hash` is given).
+pub async fn begin_upload(client: &Client, name: &str, content_type: &str, data: &[u8]) -> UploadStatus {
+    let new = NewUpload {
+        name: name.into(),
+        size: data.len() as u64,
+        content_type: content_type.into(),
+        blake3: *blake3::hash(data).as_bytes(),
+    };
+    match client.request(RequestBody::BeginUpload(new)).await.unwrap() {
+        Reply::Upload(status) => status,
+        other => panic!("expected Upload, got {other:?}"),
+    }
+}
+
+/// Sends `data[from..until]` of upload `file` on a new transfer stream in chunks of
+/// `chunk` bytes, at most two beyond the durable offset, and returns the replies up to
+/// the durable offset `until` (or the final reply). With `until == data.len()` it runs
+/// to `Complete` or `Failed`.
+pub async fn upload_range(
+    conn: &quinn::Connection,
+    file: FileId,
+    data: &[u8],
+    from: u64,
+    until: u64,
+    chunk: usize,
+) -> Vec<TransferReply> {
+    let mut t = Transfer::open(conn, &TransferOpen::Upload { file, offset: from }).await;
+    let mut replies = Vec::new();
+    match t.reply().await {
+        Some(r @ TransferReply::Accepted { .. }) => replies.push(r),
+        other => {
+            replies.extend(other);
+            return replies;
+        }
+    }
+    let (mut sent, mut durable) = (from, from);
+    loop {
+        while sent < until && sent < durable + 2 * chunk as u64 {
+            let end = (sent + chunk as u64).min(until);
+            t.chunk(sent, &data[sent as usize..end as usize], None).await;
+            sent = end;
+        }
+        let Some(reply) = t.reply().await else { return replies };
+        let last = match &reply {
+            TransferReply::Durable { offset } => {
+                durable = *offset;
+                durable >= until && until < data.len() as u64
+            }
+            _ => true,
+        };
+        replies.push(reply);
+        if last {
+            return replies;
+        }
+    }
+}
+
+/// Uploads all of `data` from `from` and returns the final reply.
+pub async fn upload_rest(conn: &quinn::Connection, file: FileId, data: &[u8], from: u64) -> TransferReply {
+    let replies = upload_range(conn, file, data, from, data.len() as u64, 256 * 1024).await;
+    replies.last().cloned().expect("a reply")
+}
+
+/// Downloads `offset .. offset + length` of `file`: the `Range` and the bytes, or the
+/// `Failed` reply's error.
+pub async fn download(
+    conn: &quinn::Connection,
+    file: FileId,
+    offset: u64,
+    length: u64,
+) -> Result<(TransferReply, Vec<u8>), ErrorBody> {
+    let mut t = Transfer::open(conn, &TransferOpen::Download { file, offset, length }).await;
+    match t.download_reply().await {
+        (r @ TransferReply::Range { .. }, bytes) => Ok((r, bytes)),
+        (TransferReply::Failed { error, .. }, _) => Err(error),
+        other => panic!("expected Range or Failed, got {other:?}"),
     }
 }

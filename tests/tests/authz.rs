@@ -198,6 +198,8 @@ struct World {
     spare: u64,
     other: u64,
     message: u64,
+    /// A file alice uploaded and attached in `other` only: neither bob nor eve may read it.
+    file: switchboard_protocol::FileId,
     /// Every device enrolled in the world, with its user.
     devices: Vec<(UserId, DeviceId)>,
     /// Revoked devices, one per kind (in `MATRIX` order), for the revoked column.
@@ -218,6 +220,17 @@ async fn world_with(adjust: impl FnOnce(&mut switchboard_broker::Config)) -> Wor
     let spare = alice.create_group("spare", &["bob".into()]).await.unwrap().id;
     let other = alice.create_group("other", &["carol".into()]).await.unwrap().id;
     let message = alice.send(group, "alice's words").await.unwrap();
+    let data = b"alice's notes";
+    let file = switchboard_tests::begin_upload(&alice, "notes.txt", "text/plain", data).await.file;
+    let done = switchboard_tests::upload_rest(alice.connection(), file, data, 0).await;
+    assert!(matches!(done, switchboard_protocol::TransferReply::Complete(_)), "{done:?}");
+    let attach = RequestBody::SendFiles {
+        conv: other,
+        client_id: switchboard_client::new_client_id(),
+        text: String::new(),
+        files: vec![file],
+    };
+    alice.request(attach).await.unwrap();
     let devices = [&alice_id, &bob_id, &carol_id, &eve_id].iter().map(|i| (i.user_id, i.device_id)).collect();
     World {
         tb,
@@ -230,6 +243,7 @@ async fn world_with(adjust: impl FnOnce(&mut switchboard_broker::Config)) -> Wor
         spare,
         other,
         message,
+        file,
         devices,
         revoked: Vec::new(),
     }
@@ -248,11 +262,14 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
     let real = target == Target::Real;
     // A member may leave: bob leaves `spare`, so `group` keeps its members for the rest.
     let conv = match (real, kind, who) {
+        // A files message's target is its file: the conversation stays the real one.
+        (false, Kind::SendFiles, _) => w.group,
         (false, ..) => MISSING_CONV,
         (true, Kind::Leave, Who::Member) => w.spare,
         (true, ..) => w.group,
     };
     let client_id = switchboard_client::new_client_id();
+    let file = if real { w.file } else { MISSING_FILE };
     let body = match kind {
         Kind::Register => RequestBody::Register(enroll("newcomer", transcript)),
         Kind::Login => RequestBody::Login(enroll("alice", transcript)),
@@ -291,11 +308,11 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
             content_type: "text/plain".into(),
             blake3: [0; 32],
         }),
-        Kind::UploadStatus => RequestBody::UploadStatus { file: MISSING_FILE },
-        Kind::CancelUpload => RequestBody::CancelUpload { file: MISSING_FILE },
-        Kind::SendFiles => RequestBody::SendFiles { conv, client_id, text: String::new(), files: vec![MISSING_FILE] },
-        Kind::FileInfo => RequestBody::FileInfo { file: MISSING_FILE },
-        Kind::DeleteFile => RequestBody::DeleteFile { file: MISSING_FILE },
+        Kind::UploadStatus => RequestBody::UploadStatus { file },
+        Kind::CancelUpload => RequestBody::CancelUpload { file },
+        Kind::SendFiles => RequestBody::SendFiles { conv, client_id, text: String::new(), files: vec![file] },
+        Kind::FileInfo => RequestBody::FileInfo { file },
+        Kind::DeleteFile => RequestBody::DeleteFile { file },
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -434,7 +451,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 24] = [
+    const ALL: [Kind; 30] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -459,6 +476,12 @@ fn every_request_kind_has_one_row() {
         Kind::SetPresence,
         Kind::Presence,
         Kind::Settings,
+        Kind::BeginUpload,
+        Kind::UploadStatus,
+        Kind::CancelUpload,
+        Kind::SendFiles,
+        Kind::FileInfo,
+        Kind::DeleteFile,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

@@ -275,3 +275,57 @@ async fn catchup_small() {
     })
     .await
 }
+
+/// The upload scenario, small: every figure is there with its limit, every transfer
+/// and chat message completes (the aims are for the release run on a quiet machine and
+/// are not asserted here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_small() {
+    bounded(async {
+        let args = scenario::upload::Args {
+            file_mib: 3,
+            concurrent: 6,
+            concurrent_mib: 1,
+            clients: 3,
+            chat_rate: 50.0,
+            chat_messages: 40,
+        };
+        let report = scenario::upload::run(&small(), &args).await.unwrap();
+        let table = report.table();
+        for figure in [
+            "a_quinn_upload_mb_per_s",
+            "a_quinn_download_mb_per_s",
+            "b_fsync_append_mb_per_s",
+            "c_upload_mb_per_s",
+            "c_upload_over_min_a_b",
+            "d_download_mb_per_s",
+            "d_download_over_a",
+            "e_concurrent_uploads_mb_per_s",
+            "f_chat_p99_ms_idle",
+            "f_chat_p99_ms_during_upload",
+            "f_chat_p99_ratio",
+        ] {
+            let value = report.extra.get(figure).copied();
+            assert!(value.is_some_and(|v| v.is_finite() && v > 0.0), "{figure} missing or not positive: {table}");
+            assert!(table.contains(figure), "{figure} not in the table: {table}");
+        }
+        assert_eq!(report.extra["e_concurrent_uploads_completed"], 6.0, "{table}");
+        for check in [
+            "the single upload completed",
+            "the download returned every byte",
+            "every concurrent upload completed",
+            "every chat message delivered",
+            "an upload ran throughout the busy chat phase",
+        ] {
+            let c = report.checks.iter().find(|c| c.name == check).unwrap_or_else(|| panic!("no check {check}"));
+            assert!(c.ok, "{check}: {table}");
+        }
+        assert!(report.checks.iter().any(|c| c.name.starts_with("aim: upload")), "{table}");
+        assert!(report.checks.iter().any(|c| c.name.starts_with("aim: chat p99")), "{table}");
+        assert_eq!(report.delivered, 80, "{table}");
+        assert!(report.event_latency["chat idle"].count == 40 && report.event_latency["chat+upload"].count == 40);
+        // The broker runs inside the harness here: no CPU figure of its own.
+        assert!(!report.extra.contains_key("c_broker_cpu_ms_per_mb"), "{table}");
+    })
+    .await
+}

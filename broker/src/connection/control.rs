@@ -7,16 +7,20 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use switchboard_protocol::limits::{MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS};
-use switchboard_protocol::{ClientFrame, ErrorCode, FrameDecoder, Reply, Request, RequestBody, Signal, decode};
+use switchboard_protocol::{
+    ClientFrame, ErrorBody, ErrorCode, FrameDecoder, Reply, Request, RequestBody, Signal, decode,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::Authed;
+use super::transfer::Transfers;
 use super::writer::write_loop;
 use super::{Close, close, read_frame};
 use crate::Shared;
 use crate::catalog;
 use crate::conversation::{Caller, Command, Read};
 use crate::fanout::SessionHandle;
+use crate::files::requests as files;
 use crate::outbound::Outbound;
 use crate::reply::Responder;
 
@@ -45,7 +49,13 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
     shared.presence.attach(user, session);
     let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
-    let session_state = Session { shared: shared.clone(), caller: Caller { user, device, session }, out: out.clone() };
+    let session_state = Session {
+        shared: shared.clone(),
+        caller: Caller { user, device, session },
+        out: out.clone(),
+        conn: conn.clone(),
+        transfers: std::sync::OnceLock::new(),
+    };
     decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
     let end = read_loop(&conn, &mut recv, &mut decoder, &permits, &session_state).await;
@@ -87,6 +97,15 @@ async fn read_loop(
                 Ok(b) => b,
                 Err(c) => return c,
             },
+            // Transfer streams: the peer can open them only once a file request raised
+            // its stream credit (`Transfers::allow`).
+            stream = conn.accept_bi() => {
+                if let Ok((send, recv)) = stream {
+                    let transfers = session.transfers().clone();
+                    tokio::spawn(super::transfer::serve(session.shared.clone(), session.caller.user, transfers, send, recv));
+                }
+                continue;
+            }
             datagram = conn.read_datagram(), if datagrams => {
                 match datagram {
                     Ok(datagram) => session.datagram(&datagram),
@@ -124,6 +143,9 @@ struct Session {
     shared: Arc<Shared>,
     caller: Caller,
     out: Arc<Outbound>,
+    conn: quinn::Connection,
+    /// Made at the first transfer: an idle connection pays nothing for transfers.
+    transfers: std::sync::OnceLock<Arc<Transfers>>,
 }
 
 impl Session {
@@ -215,12 +237,59 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(shared.presence.query(caller.user, users).await) });
             }
-            RequestBody::BeginUpload(_)
-            | RequestBody::UploadStatus { .. }
-            | RequestBody::CancelUpload { .. }
-            | RequestBody::SendFiles { .. }
-            | RequestBody::FileInfo { .. }
-            | RequestBody::DeleteFile { .. } => reply.fail(ErrorCode::INVALID, "files land with issue 9"),
+            RequestBody::BeginUpload(new) => {
+                let (shared, allow) = (shared.clone(), self.allow_transfers());
+                tokio::spawn(async move {
+                    reply.send(allow(files::begin_upload(shared, caller.user, new).await));
+                });
+            }
+            RequestBody::UploadStatus { file } => {
+                let (shared, allow) = (shared.clone(), self.allow_transfers());
+                tokio::task::spawn_blocking(move || {
+                    reply.send(allow(files::upload_status(&shared, caller.user, &file)));
+                });
+            }
+            RequestBody::FileInfo { file } => {
+                let (shared, allow) = (shared.clone(), self.allow_transfers());
+                tokio::task::spawn_blocking(move || reply.send(allow(files::file_info(&shared, caller.user, &file))));
+            }
+            RequestBody::CancelUpload { file } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(files::cancel_upload(shared, caller.user, file).await) });
+            }
+            RequestBody::DeleteFile { file } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(files::delete_file(shared, caller.user, file).await) });
+            }
+            // The files are resolved here, in order (a few index reads), like names for
+            // AddMembers, so the message reaches the conversation in request order.
+            RequestBody::SendFiles { conv, client_id, text, files } => {
+                match files::files_to_send(&shared.store, conv, caller.user, &client_id, &files) {
+                    Ok(files) => {
+                        let files = files.unwrap_or_default();
+                        convs.write(shared, conv, caller, Command::SendFiles { client_id, text, files }, reply).await
+                    }
+                    Err(e) => reply.send(Err(e)),
+                }
+            }
+        }
+    }
+
+    /// This connection's transfer state, made on first use.
+    fn transfers(&self) -> &Arc<Transfers> {
+        self.transfers.get_or_init(|| Arc::new(Transfers::new()))
+    }
+
+    /// Passes a file request's answer through, first letting the connection open
+    /// transfer streams if it succeeded.
+    fn allow_transfers(&self) -> impl FnOnce(Result<Reply, ErrorBody>) -> Result<Reply, ErrorBody> + Send + 'static {
+        let (transfers, conn) = (self.transfers().clone(), self.conn.clone());
+        let max = self.shared.config.max_transfer_streams;
+        move |result| {
+            if result.is_ok() {
+                transfers.allow(&conn, max);
+            }
+            result
         }
     }
 

@@ -11,6 +11,7 @@
 
 mod control;
 mod handshake;
+mod transfer;
 mod writer;
 
 use std::collections::HashMap;

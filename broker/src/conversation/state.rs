@@ -25,11 +25,11 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use switchboard_protocol::limits::{
-    CATCH_UP_PAGE_BYTES, CATCH_UP_PAGE_MAX, HISTORY_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_TEXT_BYTES,
+    CATCH_UP_PAGE_BYTES, CATCH_UP_PAGE_MAX, HISTORY_PAGE_MAX, MAX_FILES_PER_MESSAGE, MAX_GROUP_MEMBERS, MAX_TEXT_BYTES,
 };
 use switchboard_protocol::{
-    Body, CatchUpPage, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, Member,
-    Page, Receipt, Reply, Role, Seq, UserId, encode_frame,
+    Body, CatchUpPage, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, FileRef,
+    Member, Page, Receipt, Reply, Role, Seq, UserId, encode_frame,
 };
 
 use super::receipts::{Marks, ReceiptBook};
@@ -72,6 +72,16 @@ pub enum Command {
         /// Deleted message.
         target: Seq,
     },
+    /// New message carrying files, checked by the caller as readable by the sender and
+    /// started (`files::requests::files_to_send`); a caption may be empty.
+    SendFiles {
+        /// Idempotency key.
+        client_id: ClientMsgId,
+        /// Caption.
+        text: String,
+        /// The files, as the message carries them.
+        files: Vec<FileRef>,
+    },
     /// Add users (group, owner/admin).
     Add {
         /// Users to add.
@@ -91,9 +101,10 @@ pub enum Command {
 impl Command {
     pub(crate) fn client_id(&self) -> Option<&ClientMsgId> {
         match self {
-            Command::Send { client_id, .. } | Command::Edit { client_id, .. } | Command::Delete { client_id, .. } => {
-                Some(client_id)
-            }
+            Command::Send { client_id, .. }
+            | Command::Edit { client_id, .. }
+            | Command::Delete { client_id, .. }
+            | Command::SendFiles { client_id, .. } => Some(client_id),
             _ => None,
         }
     }
@@ -723,6 +734,10 @@ impl<R> ConversationState<R> {
                 check_text(&text)?;
                 Body::Text { text, edited: false }
             }
+            Command::SendFiles { text, files, .. } => {
+                check_files(&text, &files)?;
+                Body::Files { text, files, edited: false }
+            }
             Command::Edit { target: t, text, .. } => {
                 check_text(&text)?;
                 own_text(target, caller.user, t)?;
@@ -882,6 +897,22 @@ fn check_text(text: &str) -> Result<(), ErrorBody> {
     Ok(())
 }
 
+/// Checks a files message: 1..=`MAX_FILES_PER_MESSAGE` distinct files, and the caption
+/// with every file's name and type within `MAX_TEXT_BYTES`.
+fn check_files(text: &str, files: &[FileRef]) -> Result<(), ErrorBody> {
+    if files.is_empty() || files.len() > MAX_FILES_PER_MESSAGE as usize {
+        return Err(err(ErrorCode::INVALID, "a message carries 1..=10 files"));
+    }
+    if files.iter().enumerate().any(|(i, f)| files[..i].iter().any(|g| g.file == f.file)) {
+        return Err(err(ErrorCode::INVALID, "a file appears twice"));
+    }
+    let bytes = text.len() + files.iter().map(|f| f.name.len() + f.content_type.len()).sum::<usize>();
+    if bytes > MAX_TEXT_BYTES as usize {
+        return Err(err(ErrorCode::INVALID, "the caption, names and types pass max_text_bytes"));
+    }
+    Ok(())
+}
+
 /// Checks that `target` is a live text message of `user`'s.
 fn own_text(target: Option<&Entry>, user: UserId, seq: Seq) -> Result<(), ErrorBody> {
     let stored = target.ok_or_else(|| err(ErrorCode::NOT_FOUND, &format!("no entry {seq}")))?;
@@ -889,7 +920,7 @@ fn own_text(target: Option<&Entry>, user: UserId, seq: Seq) -> Result<(), ErrorB
         return Err(err(ErrorCode::FORBIDDEN, "only the sender may edit or delete a message"));
     }
     match stored.body {
-        Body::Text { .. } => Ok(()),
+        Body::Text { .. } | Body::Files { .. } => Ok(()),
         Body::Tombstone => Err(err(ErrorCode::NOT_FOUND, "message was deleted")),
         _ => Err(err(ErrorCode::INVALID, "only text messages can be edited or deleted")),
     }

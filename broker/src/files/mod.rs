@@ -1,6 +1,337 @@
-//! Files (PROTOCOL.md section 12): resumable uploads, downloads and the checks made on
-//! their bytes. `sniff` judges a declared content type against the first bytes;
-//! `thumbnail` makes bounded PNG thumbnails of images.
+//! Files (PROTOCOL.md section 12): `state.rs` holds the rules of one upload as a pure
+//! state machine, `actor.rs` the Upload actor that drives it (one per upload in
+//! progress), `blobs.rs` the bytes on disk, `requests.rs` the control-stream requests and
+//! who may read a file, `sniff.rs` the type check of the first bytes, `thumbnail.rs`
+//! bounded thumbnails of images. `Files` finds or starts an upload's actor, and the
+//! sweeper removes expired uploads and files nothing holds any more.
 
+mod actor;
+pub mod blobs;
+pub(crate) mod requests;
 pub(crate) mod sniff;
+pub mod state;
 pub(crate) mod thumbnail;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use switchboard_protocol::FileId;
+
+pub use actor::UploadMsg;
+use actor::{Upload, UploadArgs};
+use blobs::Blobs;
+
+use crate::Shared;
+
+/// Most attachment keys read to decide whether a user may read a file (or to push its
+/// progress): a file attached in more messages than this is readable through the first
+/// ones only (by conversation id).
+pub const ATTACHMENT_SCAN: usize = 1024;
+
+/// Live Upload actors and the file bytes on disk.
+pub struct Files {
+    /// Where the bytes live.
+    pub blobs: Blobs,
+    map: std::sync::Mutex<HashMap<FileId, Slot>>,
+    /// Serialises starting an actor and removing an upload with no actor.
+    spawn_lock: tokio::sync::Mutex<()>,
+    next_stream: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Slot {
+    actor: ActorRef<UploadMsg>,
+    /// Messages sent and not yet handled: an idle actor retires only at 0.
+    depth: Arc<AtomicUsize>,
+}
+
+/// Why a message could not reach an upload's actor.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unreachable {
+    /// No upload in progress under that id (gone, or complete).
+    NoUpload,
+    /// Its actor could not start (a storage or disk failure).
+    Failed(String),
+}
+
+impl Files {
+    /// Files under `data_dir`.
+    pub fn open(data_dir: &std::path::Path) -> std::io::Result<Files> {
+        Ok(Files {
+            blobs: Blobs::open(data_dir)?,
+            map: std::sync::Mutex::new(HashMap::new()),
+            spawn_lock: tokio::sync::Mutex::new(()),
+            next_stream: AtomicU64::new(1),
+        })
+    }
+
+    /// A new transfer stream id.
+    pub fn next_stream(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Number of live Upload actors.
+    pub fn live(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Sends `msg` to the actor of upload `id`, starting it if needed.
+    pub async fn send(&self, shared: &Arc<Shared>, id: &FileId, mut msg: UploadMsg) -> Result<(), Unreachable> {
+        for _ in 0..3 {
+            let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+            if let Some(slot) = slot {
+                slot.depth.fetch_add(1, Ordering::AcqRel);
+                match slot.actor.cast(msg) {
+                    Ok(()) => return Ok(()),
+                    Err(ractor::MessagingErr::SendErr(back)) => {
+                        slot.depth.fetch_sub(1, Ordering::AcqRel);
+                        self.forget(id, slot.actor.get_id());
+                        msg = back;
+                    }
+                    Err(e) => {
+                        slot.depth.fetch_sub(1, Ordering::AcqRel);
+                        return Err(Unreachable::Failed(e.to_string()));
+                    }
+                }
+            }
+            Box::pin(self.spawn(shared, id)).await?;
+        }
+        Err(Unreachable::Failed("upload actor unavailable".into()))
+    }
+
+    async fn spawn(&self, shared: &Arc<Shared>, id: &FileId) -> Result<(), Unreachable> {
+        let _guard = self.spawn_lock.lock().await;
+        if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+            return Ok(());
+        }
+        let record = match shared.store.file(id) {
+            Ok(Some(r)) if !r.is_complete() => r,
+            Ok(_) => return Err(Unreachable::NoUpload),
+            Err(e) => return Err(Unreachable::Failed(e.to_string())),
+        };
+        let depth = Arc::new(AtomicUsize::new(0));
+        let args = UploadArgs { id: *id, record, depth: depth.clone() };
+        let (actor, _) = Actor::spawn(None, Upload { shared: shared.clone() }, args)
+            .await
+            .map_err(|e| Unreachable::Failed(e.to_string()))?;
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(*id, Slot { actor, depth });
+        Ok(())
+    }
+
+    /// Removes upload `id` (cancelled or expired): through its actor if one is live,
+    /// else directly. Whether there was an upload in progress.
+    pub async fn remove(&self, shared: &Arc<Shared>, id: &FileId, reason: &'static str) -> Result<bool, String> {
+        let live = self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+        if live {
+            let (done, answer) = tokio::sync::oneshot::channel();
+            match self.send(shared, id, UploadMsg::Remove { reason, done }).await {
+                Ok(()) => return Ok(answer.await.unwrap_or(false)),
+                Err(Unreachable::NoUpload) => return Ok(false),
+                Err(Unreachable::Failed(e)) => return Err(e),
+            }
+        }
+        // No actor: none may start while this removes.
+        let _guard = self.spawn_lock.lock().await;
+        if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+            drop(_guard);
+            return Box::pin(self.remove(shared, id, reason)).await;
+        }
+        let (s, id) = (shared.clone(), *id);
+        let removed =
+            tokio::task::spawn_blocking(move || remove_upload(&s, &id)).await.map_err(|e| e.to_string())??;
+        if let Some(record) = &removed {
+            // The final state, as the actor would have pushed it.
+            let state = switchboard_protocol::FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
+            actor::announce(shared, &id, record.uploader, record.size, state);
+        }
+        Ok(removed.is_some())
+    }
+
+    /// Tells a live actor that a stream ended (an actor that is gone has nothing to
+    /// forget, and none is started for it).
+    pub fn closed(&self, id: &FileId, stream: u64) {
+        let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        if let Some(slot) = slot {
+            slot.depth.fetch_add(1, Ordering::AcqRel);
+            if slot.actor.cast(UploadMsg::Closed { stream }).is_err() {
+                slot.depth.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Removes the actor if it is still the registered one and nothing is queued for it.
+    fn retire(&self, id: &FileId, actor: ractor::ActorId) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(id) {
+            Some(slot) if slot.actor.get_id() == actor && slot.depth.load(Ordering::Acquire) == 0 => {
+                map.remove(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets a stopped actor (if it is still the registered one).
+    fn forget(&self, id: &FileId, actor: ractor::ActorId) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(id).is_some_and(|s| s.actor.get_id() == actor) {
+            map.remove(id);
+        }
+    }
+
+    /// Stops every actor (shutdown).
+    pub fn stop_all(&self) {
+        for (_, slot) in self.map.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            slot.actor.stop(Some("shutdown".into()));
+        }
+    }
+}
+
+/// Removes an upload in progress: its record (giving the quota back), durably, then its
+/// partial file. Blocking (call on the blocking pool). The record removed, if any.
+fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_storage::FileRecord>, String> {
+    match shared.store.remove_upload(id).map_err(|e| e.to_string())? {
+        Some((record, durable)) => {
+            // The record goes first: a crash before the file goes leaves an orphan file,
+            // which the start-up repair deletes.
+            tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?;
+            shared.files.blobs.remove_partial(id).map_err(|e| e.to_string())?;
+            Ok(Some(record))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Deletes the complete file `id` if nothing holds it any more, and the blobs its
+/// deletion leaves unreferenced (once that is durable). Blocking.
+pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
+    let collected = shared.store.collect_file(id).map_err(|e| e.to_string())?;
+    if collected.unreferenced.is_empty() {
+        drop(collected.durable);
+        return Ok(());
+    }
+    // The references are gone on disk before the bytes are: a crash in between leaves
+    // only unreferenced blobs, deleted at the next start.
+    let rt = tokio::runtime::Handle::current();
+    rt.block_on(collected.durable).map_err(|e| e.to_string())?;
+    for hash in collected.unreferenced {
+        shared.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Runs until the broker goes: every interval, removes expired uploads and deletes
+/// complete files nothing holds any more (their uploader dropped them and the last
+/// message carrying them was deleted). Holds the broker only while it works.
+pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
+    const BATCH: usize = 256;
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(shared) = shared.upgrade() else { return };
+        if shared.health.is_failed() {
+            return;
+        }
+        match shared.store.expired_uploads(crate::now_ms(), BATCH) {
+            Ok(expired) => {
+                for id in expired {
+                    if let Err(e) = shared.files.remove(&shared, &id, "the upload expired").await {
+                        tracing::warn!(file = blobs::hex(&id), error = %e, "removing an expired upload failed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading expired uploads failed"),
+        }
+        match shared.store.unheld_files(BATCH) {
+            Ok(files) if !files.is_empty() => {
+                let s = shared.clone();
+                let done = tokio::task::spawn_blocking(move || files.iter().try_for_each(|id| collect(&s, id))).await;
+                if let Ok(Err(e)) | Err(e) = done.map_err(|e| e.to_string()) {
+                    tracing::warn!(error = %e, "deleting unheld files failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading unheld files failed"),
+        }
+    }
+}
+
+/// The sweeper's interval for an upload expiry of `expiry_secs`.
+pub(crate) fn sweep_interval(expiry_secs: u64) -> Duration {
+    Duration::from_millis((expiry_secs.saturating_mul(1000) / 4).clamp(100, 60_000))
+}
+
+/// Images read for thumbnails at once (each is read whole into memory).
+static THUMBNAIL_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(thumbnail::MAX_CONCURRENT_DECODES);
+
+/// Files larger than this get no thumbnail: the whole file is read into memory first.
+const THUMBNAIL_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Makes and stores the thumbnail of the complete image `id`, then announces it with
+/// `Event::File`. A file whose thumbnail fails (corrupt, too large, a bomb) stays
+/// published without one.
+pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: switchboard_storage::FileRecord) {
+    if record.size > THUMBNAIL_MAX_FILE_BYTES {
+        return;
+    }
+    // Images are read whole: at most `MAX_CONCURRENT_DECODES` at once, like decodes.
+    let Ok(_reading) = THUMBNAIL_READS.acquire().await else { return };
+    let path = shared.files.blobs.blob(&record.blake3);
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(b) => bytes::Bytes::from(b),
+        Err(e) => {
+            return tracing::warn!(file = blobs::hex(&id), error = %e, "reading an image for its thumbnail failed");
+        }
+    };
+    let png = match thumbnail::make(bytes, thumbnail::ThumbnailLimits::default()).await {
+        Ok(png) => png,
+        Err(e) => return tracing::info!(file = blobs::hex(&id), error = %e, "no thumbnail"),
+    };
+    let hash = *blake3::hash(&png).as_bytes();
+    let mut thumb_id = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut thumb_id).is_err() {
+        return;
+    }
+    let mut name = format!("{}.thumb.png", record.name);
+    while name.len() > switchboard_protocol::limits::MAX_FILE_NAME_BYTES as usize {
+        name.remove(0);
+    }
+    let thumb = switchboard_storage::FileRecord {
+        name,
+        size: png.len() as u64,
+        declared_type: "image/png".into(),
+        content_type: "image/png".into(),
+        blake3: hash,
+        uploader: record.uploader,
+        created_ms: crate::now_ms(),
+        expires_ms: 0,
+        stage: switchboard_storage::FileStage::Complete { thumbnail: None },
+        parent: Some(id),
+        held: false,
+    };
+    let s = shared.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        s.files.blobs.store(&hash, &png).map_err(|e| e.to_string())?;
+        let added = s.store.add_thumbnail(&id, &thumb_id, &thumb).map_err(|e| e.to_string())?;
+        if added.is_none() && s.store.blob_refs(&hash).map_err(|e| e.to_string())? == 0 {
+            // The file went meanwhile: so does its thumbnail's blob.
+            s.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(added.map(|(_, durable)| (durable, thumb)))
+    })
+    .await;
+    let (durable, thumb) = match stored {
+        Ok(Ok(Some(added))) => added,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return tracing::warn!(file = blobs::hex(&id), error = %e, "storing a thumbnail failed"),
+        Err(e) => return tracing::warn!(file = blobs::hex(&id), error = %e, "storing a thumbnail failed"),
+    };
+    if durable.await.is_err() {
+        return;
+    }
+    let thumbnail = Some(requests::file_ref(&thumb_id, &thumb));
+    let state = switchboard_protocol::FileState::Complete { thumbnail };
+    actor::announce(&shared, &id, record.uploader, record.size, state);
+}

@@ -8,6 +8,7 @@ pub mod presence;
 pub mod receipts;
 pub mod soak;
 pub mod storm;
+pub mod upload;
 
 use std::collections::BTreeMap;
 

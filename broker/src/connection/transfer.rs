@@ -1,0 +1,290 @@
+//! Transfer streams (PROTOCOL.md section 12): every client-opened bidirectional stream
+//! after the control stream. Its first frame is a `TransferOpen` (within
+//! `OPEN_DEADLINE`); an upload stream then carries `Chunk` frames to the upload's actor
+//! and its `TransferReply` frames back; a download stream gets a `Range` frame and the
+//! bytes. Errors end the stream only, never the connection. Transfer streams send at a
+//! lower priority than the control stream.
+//!
+//! A connection may open them only after a successful `BeginUpload`, `UploadStatus` or
+//! `FileInfo` (`Transfers::allow` raises its stream credit); after `IDLE_LOWER` with none
+//! open, the credit goes back to the control stream alone. Nothing is allocated for a
+//! connection until then.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchboard_protocol::limits::{MAX_CHUNK_BYTES, MAX_TRANSFER_FRAME_BYTES};
+use switchboard_protocol::{
+    Chunk, ErrorBody, ErrorCode, FileId, FrameDecoder, TransferOpen, TransferReply, UserId, decode, encode_frame,
+};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::Shared;
+use crate::files::requests::{file_ref, no_such_file, readable};
+use crate::files::{Unreachable, UploadMsg};
+use crate::limits::READ_CHUNK_BYTES;
+
+/// Time the first frame of a transfer stream has to arrive.
+const OPEN_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest `TransferOpen` frame (two ids and two varints).
+const OPEN_FRAME_BYTES: u32 = 256;
+/// With no transfer stream open this long, the connection's credit is lowered again.
+const IDLE_LOWER: Duration = Duration::from_secs(30);
+/// Chunks of one stream queued for its upload's actor; beyond, the stream stops reading
+/// and QUIC flow control slows the sender.
+const QUEUED_CHUNKS: usize = 2;
+/// Bytes read from a blob per write on a download stream.
+const DOWNLOAD_PIECE: usize = 128 * 1024;
+
+/// One connection's transfer streams, made at its first successful file request.
+pub(crate) struct Transfers {
+    open: AtomicUsize,
+    raised: AtomicBool,
+    /// Streams opened since the last idle check.
+    opened: AtomicUsize,
+}
+
+impl Transfers {
+    pub(crate) fn new() -> Self {
+        Transfers { open: AtomicUsize::new(0), raised: AtomicBool::new(false), opened: AtomicUsize::new(0) }
+    }
+
+    /// Lets the peer open up to `max` transfer streams next to its control stream, and
+    /// lowers it again after `IDLE_LOWER` with none open.
+    pub(crate) fn allow(self: &Arc<Self>, conn: &quinn::Connection, max: u32) {
+        if self.raised.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        conn.set_max_concurrent_bi_streams((1 + max).into());
+        let (me, conn) = (self.clone(), conn.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = conn.closed() => return,
+                    _ = tokio::time::sleep(IDLE_LOWER) => {}
+                }
+                let opened = me.opened.swap(0, Ordering::AcqRel);
+                if opened == 0 && me.open.load(Ordering::Acquire) == 0 {
+                    conn.set_max_concurrent_bi_streams(1u32.into());
+                    me.raised.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Counts a transfer stream open for its life.
+struct OpenStream(Arc<Transfers>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one transfer stream of `user`'s connection to its end.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    user: UserId,
+    transfers: Arc<Transfers>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    transfers.open.fetch_add(1, Ordering::AcqRel);
+    transfers.opened.fetch_add(1, Ordering::AcqRel);
+    let _open = OpenStream(transfers);
+    let _ = send.set_priority(-1);
+    let mut decoder = FrameDecoder::new(OPEN_FRAME_BYTES);
+    let open = match tokio::time::timeout(OPEN_DEADLINE, read::<TransferOpen>(&mut recv, &mut decoder)).await {
+        Ok(Ok(Some(open))) => open,
+        Ok(Ok(None)) => return,
+        Ok(Err(code)) => return reset(&mut send, &mut recv, code),
+        Err(_) => return reset(&mut send, &mut recv, ErrorCode::TIMEOUT),
+    };
+    match open {
+        TransferOpen::Upload { file, offset } => {
+            decoder.set_limit(MAX_TRANSFER_FRAME_BYTES);
+            upload(&shared, user, file, offset, send, recv, decoder).await
+        }
+        TransferOpen::Download { file, offset, length } => {
+            let _ = recv.stop(ErrorCode::NO_ERROR.0.into());
+            download(&shared, user, file, offset, length, send).await
+        }
+    }
+}
+
+fn reset(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: ErrorCode) {
+    let _ = send.reset(code.0.into());
+    let _ = recv.stop(code.0.into());
+}
+
+/// Reads one frame: `None` at the end of the stream, the code of a frame that does not
+/// decode or is too large.
+async fn read<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<T>, ErrorCode> {
+    loop {
+        if let Some(frame) = decoder.next_frame().map_err(|e| e.code())? {
+            return decode(&frame).map(Some).map_err(|e| e.code());
+        }
+        match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) | Err(_) => return Ok(None),
+        }
+    }
+}
+
+async fn write(send: &mut quinn::SendStream, reply: &TransferReply) -> bool {
+    match encode_frame(reply) {
+        Ok(frame) => send.write_all(&frame).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Answers `Failed` and finishes the stream.
+async fn fail(send: &mut quinn::SendStream, error: ErrorBody, offset: u64) {
+    write(send, &TransferReply::Failed { error, offset }).await;
+    let _ = send.finish();
+}
+
+async fn upload(
+    shared: &Arc<Shared>,
+    user: UserId,
+    file: FileId,
+    offset: u64,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut decoder: FrameDecoder,
+) {
+    let record = match shared.store.file(&file) {
+        Ok(Some(r)) if r.uploader == user && r.parent.is_none() => r,
+        Ok(_) => return fail(&mut send, no_such_file(), 0).await,
+        Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
+    };
+    if record.is_complete() {
+        write(&mut send, &TransferReply::Complete(file_ref(&file, &record))).await;
+        let _ = send.finish();
+        return;
+    }
+    let stream = shared.files.next_stream();
+    let (out, mut replies) = mpsc::unbounded_channel();
+    match shared.files.send(shared, &file, UploadMsg::Open { stream, offset, out }).await {
+        Ok(()) => {}
+        Err(Unreachable::NoUpload) => {
+            // Completed or removed meanwhile: answer as a new stream would.
+            return match shared.store.file(&file) {
+                Ok(Some(r)) if r.is_complete() => {
+                    write(&mut send, &TransferReply::Complete(file_ref(&file, &r))).await;
+                    let _ = send.finish();
+                }
+                _ => fail(&mut send, no_such_file(), 0).await,
+            };
+        }
+        Err(Unreachable::Failed(e)) => return fail(&mut send, crate::error::internal(e), 0).await,
+    }
+    let permits = Arc::new(Semaphore::new(QUEUED_CHUNKS));
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            reply = replies.recv() => match reply {
+                Some(reply) => {
+                    if !write(&mut send, &reply).await {
+                        break;
+                    }
+                }
+                // The actor let go of this stream after its last reply.
+                None => {
+                    let _ = send.finish();
+                    let _ = recv.stop(ErrorCode::NO_ERROR.0.into());
+                    break;
+                }
+            },
+            // The client stopped reading, or the connection is gone: nobody to answer.
+            _ = send.stopped() => break,
+            frame = read::<Chunk>(&mut recv, &mut decoder), if reading => match frame {
+                Ok(Some(chunk)) => {
+                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                    let matches = chunk_matches(&chunk).await;
+                    let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
+                    if shared.files.send(shared, &file, msg).await.is_err() {
+                        fail(&mut send, no_such_file(), 0).await;
+                        break;
+                    }
+                }
+                // The client finished sending: the replies to what it sent still come.
+                Ok(None) => reading = false,
+                Err(code) => {
+                    reset(&mut send, &mut recv, code);
+                    break;
+                }
+            },
+        }
+    }
+    shared.files.closed(&file, stream);
+}
+
+/// Whether a chunk's data matches its BLAKE3, hashed off the runtime threads.
+async fn chunk_matches(chunk: &Chunk) -> bool {
+    if chunk.data.len() > MAX_CHUNK_BYTES as usize {
+        // Refused for its size anyway; not worth hashing.
+        return true;
+    }
+    let (data, want) = (chunk.data.clone(), chunk.blake3);
+    tokio::task::spawn_blocking(move || *blake3::hash(&data).as_bytes() == want).await.unwrap_or(false)
+}
+
+async fn download(
+    shared: &Arc<Shared>,
+    user: UserId,
+    file: FileId,
+    offset: u64,
+    length: u64,
+    mut send: quinn::SendStream,
+) {
+    let record = match readable(&shared.store, user, &file) {
+        Ok(Some(r)) => r,
+        Ok(None) => return fail(&mut send, no_such_file(), 0).await,
+        Err(e) => return fail(&mut send, e, 0).await,
+    };
+    if !record.is_complete() {
+        return fail(&mut send, ErrorBody::new(ErrorCode::NOT_READY, "the upload is not complete"), 0).await;
+    }
+    if offset > record.size {
+        return fail(&mut send, ErrorBody::new(ErrorCode::INVALID, "the offset is past the end of the file"), 0).await;
+    }
+    let rest = record.size - offset;
+    let length = if length == 0 { rest } else { length.min(rest) };
+    let path = shared.files.blobs.blob(&record.blake3);
+    let blob = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
+        Ok(Ok(f)) => Arc::new(f),
+        Ok(Err(e)) => return fail(&mut send, crate::error::internal(e), 0).await,
+        Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
+    };
+    if !write(&mut send, &TransferReply::Range { offset, length, size: record.size }).await {
+        return;
+    }
+    let mut at = offset;
+    let end = offset + length;
+    while at < end {
+        let len = ((end - at) as usize).min(DOWNLOAD_PIECE);
+        let f = blob.clone();
+        let piece = tokio::task::spawn_blocking(move || crate::files::blobs::Blobs::read(&f, at, len)).await;
+        let bytes = match piece {
+            Ok(Ok(b)) => Bytes::from(b),
+            _ => {
+                // The range was promised: a short stream tells the client it failed.
+                let _ = send.reset(ErrorCode::INTERNAL.0.into());
+                return;
+            }
+        };
+        if send.write_chunk(bytes).await.is_err() {
+            return;
+        }
+        at += len as u64;
+    }
+    let _ = send.finish();
+}

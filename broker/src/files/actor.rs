@@ -1,0 +1,405 @@
+//! The Upload actor: one per upload in progress, started on demand by `Files` and
+//! passivated when idle. It drives `UploadState` and does the I/O: it owns the partial
+//! file and the incremental BLAKE3 hasher (rebuilt by hashing the durable prefix when it
+//! starts), writes and fdatasyncs each chunk on a blocking thread, records the offset and
+//! waits for the group commit before a chunk is reported durable, verifies and publishes
+//! the file, and pushes progress. Its input is bounded by the transfer streams: each
+//! stream carries a permit per chunk, at most two.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use switchboard_protocol::limits::MAX_CHUNK_BYTES;
+use switchboard_protocol::{
+    Chunk, ErrorBody, ErrorCode, Event, FileId, FileProgress, FileRef, FileState, ServerFrame, TransferReply, UserId,
+    encode_frame,
+};
+use switchboard_storage::FileRecord;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+use super::blobs::{Blobs, hex};
+use super::sniff::{self, Verdict};
+use super::state::{Effect, StreamId, UploadState};
+use super::thumbnail;
+use crate::Shared;
+
+/// Messages to an Upload actor.
+pub enum UploadMsg {
+    /// A new upload stream wants to send from `offset`; replies go to `out`.
+    Open {
+        /// The stream.
+        stream: StreamId,
+        /// Where it starts.
+        offset: u64,
+        /// Where its replies go (bounded by the protocol: one per chunk plus one).
+        out: mpsc::UnboundedSender<TransferReply>,
+    },
+    /// A chunk from `stream`; `matches` says whether it matched its hash. The permit is
+    /// released once it is handled.
+    Chunk {
+        /// The stream.
+        stream: StreamId,
+        /// The chunk.
+        chunk: Chunk,
+        /// Its data matches its BLAKE3.
+        matches: bool,
+        /// The stream's allowance for queued chunks.
+        permit: OwnedSemaphorePermit,
+    },
+    /// A stream ended.
+    Closed {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// Remove the upload (cancelled or expired); answers whether there was one.
+    Remove {
+        /// Why (`NOT_FOUND` for both: the id is gone).
+        reason: &'static str,
+        /// Answered once removed.
+        done: oneshot::Sender<bool>,
+    },
+    /// Every byte is durable: verify (sent to itself when it starts at full size).
+    Verify,
+    /// Periodic: throttled progress, passivation.
+    Tick,
+}
+
+/// What an Upload actor starts from.
+pub struct UploadArgs {
+    pub(super) id: FileId,
+    pub(super) record: FileRecord,
+    pub(super) depth: Arc<AtomicUsize>,
+}
+
+/// The actor's state.
+pub struct UploadActorState {
+    id: FileId,
+    record: FileRecord,
+    state: UploadState,
+    file: Arc<File>,
+    hasher: Option<blake3::Hasher>,
+    streams: HashMap<StreamId, mpsc::UnboundedSender<TransferReply>>,
+    depth: Arc<AtomicUsize>,
+    idle_ticks: u32,
+    /// The published type the first chunk showed, recorded with the next offset.
+    relabel: Option<String>,
+}
+
+/// The Upload actor.
+pub struct Upload {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Ticks between progress flushes and idle checks.
+const TICK: Duration = Duration::from_millis(250);
+/// Bytes of the first chunk the type check looks at.
+const SNIFF_BYTES: usize = 4096;
+/// Ticks without a stream before the actor passivates.
+const IDLE_TICKS: u32 = 40;
+
+impl Actor for Upload {
+    type Msg = UploadMsg;
+    type State = UploadActorState;
+    type Arguments = UploadArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<UploadMsg>,
+        args: UploadArgs,
+    ) -> Result<UploadActorState, ActorProcessingErr> {
+        let UploadArgs { id, record, depth } = args;
+        let offset = record.offset();
+        let shared = self.shared.clone();
+        // The durable prefix rebuilds the hasher; bytes past it are cut off.
+        let (file, hasher) = tokio::task::spawn_blocking(move || {
+            let file = shared.files.blobs.open_partial(&id, offset)?;
+            let hasher = Blobs::hash_prefix(&file, offset)?;
+            Ok::<_, std::io::Error>((file, hasher))
+        })
+        .await??;
+        let state = UploadState::new(record.size, offset, MAX_CHUNK_BYTES);
+        if offset == record.size {
+            myself.cast(UploadMsg::Verify)?;
+        }
+        myself.send_interval(TICK, || UploadMsg::Tick);
+        Ok(UploadActorState {
+            id,
+            record,
+            state,
+            file: Arc::new(file),
+            hasher: Some(hasher),
+            streams: HashMap::new(),
+            depth,
+            idle_ticks: 0,
+            relabel: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<UploadMsg>,
+        state: &mut UploadActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        self.shared.files.forget(&state.id, myself.get_id());
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<UploadMsg>,
+        msg: UploadMsg,
+        st: &mut UploadActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if !matches!(msg, UploadMsg::Tick | UploadMsg::Verify) {
+            st.depth.fetch_sub(1, Ordering::AcqRel);
+        }
+        match msg {
+            UploadMsg::Open { out, .. } if st.state.is_done() => {
+                // Finished just before this stream came: answer as a new actor would.
+                let reply = match self.shared.store.file(&st.id) {
+                    Ok(Some(r)) if r.is_complete() => TransferReply::Complete(super::requests::file_ref(&st.id, &r)),
+                    _ => TransferReply::Failed { error: super::requests::no_such_file(), offset: 0 },
+                };
+                let _ = out.send(reply);
+            }
+            UploadMsg::Open { stream, offset, out } => {
+                st.idle_ticks = 0;
+                st.streams.insert(stream, out);
+                let effects = st.state.open(stream, offset);
+                self.perform(&myself, st, effects, None).await;
+            }
+            UploadMsg::Chunk { stream, chunk, matches, permit } => {
+                let len = chunk.data.len() as u64;
+                let effects = st.state.chunk(stream, chunk.offset, len, matches);
+                self.perform(&myself, st, effects, Some(chunk)).await;
+                drop(permit);
+            }
+            UploadMsg::Closed { stream } => {
+                st.streams.remove(&stream);
+                st.state.closed(stream);
+            }
+            UploadMsg::Remove { reason, done } => {
+                let removed = !st.state.is_done() && self.remove(st).await;
+                if removed {
+                    let effects = st.state.finished(Err(ErrorBody::new(ErrorCode::NOT_FOUND, reason)));
+                    self.perform(&myself, st, effects, None).await;
+                }
+                let _ = done.send(removed);
+                myself.stop(None);
+            }
+            UploadMsg::Verify => self.verify(&myself, st).await,
+            UploadMsg::Tick => {
+                let effects = st.state.tick(crate::now_ms());
+                self.perform(&myself, st, effects, None).await;
+                if st.state.is_done() {
+                    myself.stop(None);
+                } else if st.state.is_idle() {
+                    st.idle_ticks += 1;
+                    if st.idle_ticks >= IDLE_TICKS && self.shared.files.retire(&st.id, myself.get_id()) {
+                        myself.stop(Some("idle".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Upload {
+    /// Performs `effects` in order; `chunk` is the data a `Write` names.
+    async fn perform(
+        &self,
+        myself: &ActorRef<UploadMsg>,
+        st: &mut UploadActorState,
+        effects: Vec<Effect>,
+        mut chunk: Option<Chunk>,
+    ) {
+        let mut queue = std::collections::VecDeque::from(effects);
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Reply { stream, reply } => {
+                    let last = matches!(reply, TransferReply::Failed { .. } | TransferReply::Complete(_));
+                    if let Some(out) = st.streams.get(&stream) {
+                        let _ = out.send(reply);
+                    }
+                    if last {
+                        // Dropping the sender ends the stream once its replies are sent.
+                        st.streams.remove(&stream);
+                    }
+                }
+                Effect::Write { offset, len } => {
+                    let Some(data) = chunk.take().map(|c| c.data) else { continue };
+                    if offset == 0 {
+                        // The type check: the first bytes against the declared type.
+                        let head = &data[..data.len().min(SNIFF_BYTES)];
+                        match sniff::check(&st.record.declared_type, head) {
+                            Verdict::Keep => {}
+                            Verdict::Relabel(found) => {
+                                st.record.content_type = found.clone();
+                                st.relabel = Some(found);
+                            }
+                            Verdict::Refuse { found } => {
+                                self.remove(st).await;
+                                let message = format!("the file is {found}, not {}", st.record.declared_type);
+                                let error = ErrorBody::new(ErrorCode::TYPE_MISMATCH, message);
+                                queue.extend(st.state.finished(Err(error)));
+                                continue;
+                            }
+                        }
+                    }
+                    let written = self.write(st, offset, data).await;
+                    let more = match written {
+                        Ok(()) => st.state.written(offset + len, crate::now_ms()),
+                        Err(e) => {
+                            tracing::error!(file = hex(&st.id), error = %e, "an upload chunk was not stored");
+                            st.state.write_failed()
+                        }
+                    };
+                    queue.extend(more);
+                }
+                Effect::Verify => {
+                    // After the replies before it: verification ends the stream.
+                    let _ = myself.cast(UploadMsg::Verify);
+                }
+                Effect::Progress(state) => self.progress(st, state),
+            }
+        }
+    }
+
+    /// Writes and syncs one chunk, then records the new offset durably.
+    async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
+        let len = data.len() as u64;
+        let file = st.file.clone();
+        let mut hasher = st.hasher.take().ok_or("hasher lost")?;
+        let (hasher, result) = tokio::task::spawn_blocking(move || {
+            let r = Blobs::write_chunk(&file, offset, &data);
+            if r.is_ok() {
+                hasher.update(&data);
+            }
+            (hasher, r)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        st.hasher = Some(hasher);
+        // A failed write left the hasher as it was; the client resends from the durable
+        // offset, over whatever the failed write left past it.
+        result.map_err(|e| e.to_string())?;
+        // The bytes are durable in the file: now the offset, in the next group commit.
+        let recorded = match self.shared.store.set_upload_offset(&st.id, offset + len, st.relabel.as_deref()) {
+            Ok(Some(durable)) => durable.await.map_err(|e| e.to_string()),
+            Ok(None) => Err("the upload is gone".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        match recorded {
+            Ok(()) => st.relabel = None,
+            Err(_) => {
+                // The hasher holds bytes past the durable offset: rebuild it from disk.
+                let (file, durable) = (st.file.clone(), st.state.durable());
+                st.hasher =
+                    tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok()).await.ok().flatten();
+            }
+        }
+        recorded
+    }
+
+    fn progress(&self, st: &UploadActorState, state: FileState) {
+        announce(&self.shared, &st.id, st.record.uploader, st.record.size, state);
+    }
+
+    /// Verifies the whole file and publishes it, or fails and removes the upload.
+    async fn verify(&self, myself: &ActorRef<UploadMsg>, st: &mut UploadActorState) {
+        if st.state.is_done() {
+            return;
+        }
+        let matches = st.hasher.as_ref().is_some_and(|h| *h.finalize().as_bytes() == st.record.blake3);
+        let result = if matches {
+            self.publish(st).await
+        } else {
+            self.remove(st).await;
+            Err(ErrorBody::new(ErrorCode::HASH_MISMATCH, "the file does not match its declared BLAKE3"))
+        };
+        let complete = result.is_ok();
+        let effects = st.state.finished(result);
+        self.perform(myself, st, effects, None).await;
+        if complete && thumbnail::is_thumbnailable(&st.record.content_type) {
+            tokio::spawn(super::make_thumbnail(self.shared.clone(), st.id, st.record.clone()));
+        }
+    }
+
+    /// Makes the verified bytes a blob and records the file complete.
+    async fn publish(&self, st: &UploadActorState) -> Result<FileRef, ErrorBody> {
+        let (shared, id, hash) = (self.shared.clone(), st.id, st.record.blake3);
+        let done = tokio::task::spawn_blocking(move || {
+            shared.files.blobs.publish(&id, &hash).map_err(|e| e.to_string())?;
+            shared.store.complete_upload(&id).map_err(|e| e.to_string())
+        })
+        .await;
+        match done {
+            Ok(Ok(Some((record, durable)))) => {
+                durable.await.map_err(crate::error::internal)?;
+                Ok(FileRef { file: st.id, name: record.name, size: record.size, content_type: record.content_type })
+            }
+            Ok(Ok(None)) => Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such upload")),
+            Ok(Err(e)) => Err(crate::error::internal(e)),
+            Err(e) => Err(crate::error::internal(e)),
+        }
+    }
+
+    /// Removes the upload's record (giving its quota back) and its partial file.
+    /// Whether there was an upload to remove.
+    async fn remove(&self, st: &UploadActorState) -> bool {
+        let (shared, id) = (self.shared.clone(), st.id);
+        let removed = tokio::task::spawn_blocking(move || super::remove_upload(&shared, &id)).await;
+        match removed {
+            Ok(Ok(removed)) => removed.is_some(),
+            Ok(Err(e)) => {
+                tracing::error!(file = hex(&st.id), error = %e, "removing an upload failed");
+                false
+            }
+            Err(e) => {
+                tracing::error!(file = hex(&st.id), error = %e, "removing an upload failed");
+                false
+            }
+        }
+    }
+}
+
+/// Pushes `state` of file `id` to its uploader's devices and to the members of each
+/// conversation where a message carries it. Read from the store's indexes, never through
+/// a conversation actor.
+pub(crate) fn announce(shared: &Shared, id: &FileId, uploader: UserId, size: u64, state: FileState) {
+    let progress = |conv| FileProgress { conv, file: *id, size, state: state.clone() };
+    push(shared, &[uploader], progress(None));
+    let attachments = match shared.store.attachments(id, super::ATTACHMENT_SCAN) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
+            return;
+        }
+    };
+    let mut convs: Vec<u64> = attachments.into_iter().map(|(c, _)| c).collect();
+    convs.dedup();
+    for conv in convs {
+        match shared.store.members(conv) {
+            Ok(members) => {
+                let users: Vec<UserId> = members.into_iter().map(|(u, _)| u).collect();
+                push(shared, &users, progress(Some(conv)));
+            }
+            Err(e) => tracing::warn!(conv, error = %e, "membership read failed; progress not pushed"),
+        }
+    }
+}
+
+/// Sends `progress` as `Event::File` to the online devices of `users`.
+fn push(shared: &Shared, users: &[UserId], progress: FileProgress) {
+    match encode_frame(&ServerFrame::Event(Event::File(progress))) {
+        Ok(frame) => {
+            shared.online.deliver(users, &frame, 0);
+        }
+        Err(e) => tracing::error!(error = %e, "a file event did not encode"),
+    }
+}

@@ -1,0 +1,303 @@
+//! File bytes on disk, under the data dir: `uploads/<hex file id>` holds an upload in
+//! progress (its durable prefix, fdatasynced before the offset is recorded in the store),
+//! `blobs/<hex blake3>` a complete file, shared by every file with the same bytes. Every
+//! function here blocks: call it on `spawn_blocking`.
+//!
+//! Crash safety: a partial file may hold more than its recorded offset (written, not yet
+//! recorded) and is truncated back at start; completion renames the partial file into
+//! `blobs/` (or drops it when the blob exists) and syncs both directories *before* the
+//! store records the file complete, so at start an upload whose partial file is gone but
+//! whose blob exists was complete (`repair` finishes the record). A blob no record
+//! references is deleted at start.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use switchboard_protocol::{Blake3, FileId};
+use switchboard_storage::Store;
+
+/// Where file bytes live.
+#[derive(Debug)]
+pub struct Blobs {
+    uploads: PathBuf,
+    blobs: PathBuf,
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Blobs {
+    /// The directories under `data_dir`, created if missing.
+    pub fn open(data_dir: &Path) -> io::Result<Blobs> {
+        let blobs = Blobs { uploads: data_dir.join("uploads"), blobs: data_dir.join("blobs") };
+        std::fs::create_dir_all(&blobs.uploads)?;
+        std::fs::create_dir_all(&blobs.blobs)?;
+        Ok(blobs)
+    }
+
+    /// The directory whose disk holds the files (for free space).
+    pub fn root(&self) -> &Path {
+        &self.blobs
+    }
+
+    /// An upload's partial file.
+    pub fn partial(&self, id: &FileId) -> PathBuf {
+        self.uploads.join(hex(id))
+    }
+
+    /// A complete file's bytes.
+    pub fn blob(&self, hash: &Blake3) -> PathBuf {
+        self.blobs.join(hex(hash))
+    }
+
+    /// Opens an upload's partial file for writing (creating it, durably, if missing) and
+    /// cuts it to `offset`: bytes past the recorded offset were never reported durable.
+    pub fn open_partial(&self, id: &FileId, offset: u64) -> io::Result<File> {
+        let path = self.partial(id);
+        let existed = path.exists();
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        if file.metadata()?.len() != offset {
+            file.set_len(offset)?;
+            file.sync_all()?;
+        }
+        if !existed {
+            sync_dir(&self.uploads)?;
+        }
+        Ok(file)
+    }
+
+    /// Writes `data` at `offset` and makes it durable (fdatasync).
+    pub fn write_chunk(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+        file.write_all_at(data, offset)?;
+        file.sync_data()
+    }
+
+    /// BLAKE3 of the first `len` bytes of `file`, read in 256 KiB pieces.
+    pub fn hash_prefix(file: &File, len: u64) -> io::Result<blake3::Hasher> {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut at = 0;
+        while at < len {
+            let want = (len - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..want], at)?;
+            hasher.update(&buf[..want]);
+            at += want as u64;
+        }
+        Ok(hasher)
+    }
+
+    /// Makes a verified upload's bytes the blob of `hash`: renames the partial file into
+    /// place, or drops it when that blob exists (the same bytes are stored once), and
+    /// syncs both directories.
+    pub fn publish(&self, id: &FileId, hash: &Blake3) -> io::Result<()> {
+        let (partial, blob) = (self.partial(id), self.blob(hash));
+        if blob.exists() {
+            std::fs::remove_file(&partial)?;
+        } else {
+            std::fs::rename(&partial, &blob)?;
+            sync_dir(&self.blobs)?;
+        }
+        sync_dir(&self.uploads)
+    }
+
+    /// Stores `bytes` as the blob of `hash` (a thumbnail), durably, unless it exists.
+    pub fn store(&self, hash: &Blake3, bytes: &[u8]) -> io::Result<()> {
+        let blob = self.blob(hash);
+        if blob.exists() {
+            return Ok(());
+        }
+        let tmp = self.uploads.join(format!("{}.tmp", hex(hash)));
+        let file = File::create(&tmp)?;
+        file.write_all_at(bytes, 0)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &blob)?;
+        sync_dir(&self.blobs)
+    }
+
+    /// Removes an upload's partial file, if any.
+    pub fn remove_partial(&self, id: &FileId) -> io::Result<()> {
+        match std::fs::remove_file(self.partial(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes a blob no file references any more.
+    pub fn remove_blob(&self, hash: &Blake3) -> io::Result<()> {
+        match std::fs::remove_file(self.blob(hash)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads `len` bytes of a blob at `offset`.
+    pub fn read(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Brings the files in line with the store after an unclean stop (see the module
+    /// docs): each upload in progress has a partial file exactly as long as its offset
+    /// (a shorter file lowers the offset; a missing one whose blob exists at full size
+    /// completes the upload), and files nothing references are deleted. Returns the
+    /// number of uploads checked.
+    pub fn repair(&self, store: &Store) -> Result<usize, String> {
+        let uploads = store.uploads_in_progress().map_err(|e| e.to_string())?;
+        let mut live = std::collections::HashSet::new();
+        for (id, record) in &uploads {
+            let offset = record.offset();
+            let path = self.partial(id);
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.len() < offset => {
+                    tracing::warn!(
+                        file = hex(id),
+                        recorded = offset,
+                        found = meta.len(),
+                        "partial upload shorter than recorded"
+                    );
+                    store.set_upload_offset(id, meta.len(), None).map_err(|e| e.to_string())?;
+                }
+                Ok(_) => {
+                    self.open_partial(id, offset).map_err(|e| e.to_string())?;
+                }
+                Err(_) if offset == record.size && self.blob(&record.blake3).exists() => {
+                    // Published on disk, not yet recorded: finish the record.
+                    store.complete_upload(id).map_err(|e| e.to_string())?;
+                    tracing::info!(file = hex(id), "finished a completion a crash cut short");
+                    continue;
+                }
+                Err(_) => {
+                    store.set_upload_offset(id, 0, None).map_err(|e| e.to_string())?;
+                    self.open_partial(id, 0).map_err(|e| e.to_string())?;
+                }
+            }
+            live.insert(hex(id));
+        }
+        for entry in std::fs::read_dir(&self.uploads).map_err(|e| e.to_string())? {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !live.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        for entry in std::fs::read_dir(&self.blobs).map_err(|e| e.to_string())? {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let referenced = match unhex::<32>(&name) {
+                Some(hash) => store.blob_refs(&hash).map_err(|e| e.to_string())? > 0,
+                None => false,
+            };
+            if !referenced {
+                tracing::info!(blob = name, "deleted a blob no file references");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(uploads.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The crash states completion and chunk writes can leave, and what the start-up
+    //! repair makes of each: either "still uploading at offset X" or "complete".
+
+    use super::*;
+    use switchboard_storage::{FileRecord, FileStage, StoreConfig};
+
+    fn open(dir: &Path) -> (Store, Blobs) {
+        let mut config = StoreConfig::new(dir.join("store"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        (Store::open(&config).unwrap(), Blobs::open(dir).unwrap())
+    }
+
+    fn record(data: &[u8]) -> FileRecord {
+        FileRecord {
+            name: "f".into(),
+            size: data.len() as u64,
+            declared_type: "text/plain".into(),
+            content_type: "text/plain".into(),
+            blake3: *blake3::hash(data).as_bytes(),
+            uploader: 1,
+            created_ms: 0,
+            expires_ms: 1,
+            stage: FileStage::Uploading { offset: 0 },
+            parent: None,
+            held: true,
+        }
+    }
+
+    async fn begin(store: &Store, id: &FileId, data: &[u8]) {
+        store.begin_upload(id, &record(data), 8, u64::MAX).unwrap().unwrap().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_partial_file_is_cut_back_to_its_recorded_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let (id, data) = ([1; 16], b"0123456789".to_vec());
+        begin(&store, &id, &data).await;
+        let file = blobs.open_partial(&id, 0).unwrap();
+        Blobs::write_chunk(&file, 0, &data[..4]).unwrap();
+        store.set_upload_offset(&id, 4, None).unwrap().unwrap().await.unwrap();
+        // Written and synced, but the crash came before its offset was recorded.
+        Blobs::write_chunk(&file, 4, &data[4..8]).unwrap();
+        assert_eq!(blobs.repair(&store).unwrap(), 1);
+        assert_eq!(std::fs::read(blobs.partial(&id)).unwrap(), &data[..4]);
+        assert_eq!(store.file(&id).unwrap().unwrap().offset(), 4);
+        // The hasher is rebuilt from the durable prefix.
+        let file = blobs.open_partial(&id, 4).unwrap();
+        assert_eq!(Blobs::hash_prefix(&file, 4).unwrap().finalize(), blake3::hash(&data[..4]));
+    }
+
+    #[tokio::test]
+    async fn a_completion_cut_after_the_rename_finishes_and_one_cut_before_it_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let data = b"all of it".to_vec();
+        let (renamed, not_yet) = ([1; 16], [2; 16]);
+        for id in [renamed, not_yet] {
+            begin(&store, &id, &data).await;
+            let file = blobs.open_partial(&id, 0).unwrap();
+            Blobs::write_chunk(&file, 0, &data).unwrap();
+            store.set_upload_offset(&id, data.len() as u64, None).unwrap().unwrap().await.unwrap();
+        }
+        // The crash came after the blob was in place, before the record said so.
+        blobs.publish(&renamed, &record(&data).blake3).unwrap();
+        // A blob of a file whose record never got written.
+        std::fs::write(blobs.blob(&[9; 32]), b"orphan").unwrap();
+        blobs.repair(&store).unwrap();
+        let done = store.file(&renamed).unwrap().unwrap();
+        assert!(done.is_complete(), "published on disk: complete");
+        assert_eq!(store.blob_refs(&done.blake3).unwrap(), 1);
+        assert_eq!(std::fs::read(blobs.blob(&done.blake3)).unwrap(), data);
+        // The other still uploads at full size; its actor verifies it on start.
+        assert_eq!(store.file(&not_yet).unwrap().unwrap().stage, FileStage::Uploading { offset: data.len() as u64 });
+        assert!(blobs.partial(&not_yet).exists());
+        assert!(!blobs.blob(&[9; 32]).exists(), "unreferenced blobs are deleted");
+        // Files with no upload behind them go too.
+        std::fs::write(blobs.partial(&[7; 16]), b"stray").unwrap();
+        blobs.repair(&store).unwrap();
+        assert!(!blobs.partial(&[7; 16]).exists());
+        assert!(blobs.partial(&not_yet).exists());
+    }
+}

@@ -1,0 +1,251 @@
+//! The file requests of the control stream, and who may read a file. Each handler runs
+//! on a task (some block on a catalog batch) and answers exactly as PROTOCOL.md section
+//! 12 says; whoever may not see a file gets exactly the answer a missing file gets.
+
+use std::sync::Arc;
+
+use switchboard_protocol::limits::{
+    MAX_CHUNK_BYTES, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_FILES_PER_MESSAGE,
+};
+use switchboard_protocol::{
+    ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, UploadStatus,
+    UserId,
+};
+use switchboard_storage::{FileRecord, FileStage, Store, UploadRefusal};
+
+use super::ATTACHMENT_SCAN;
+use crate::Shared;
+use crate::error::internal;
+
+fn err(code: ErrorCode, message: &str) -> ErrorBody {
+    ErrorBody::new(code, message)
+}
+
+/// The answer for a file the caller may not see, the same as for one that does not exist.
+pub fn no_such_file() -> ErrorBody {
+    err(ErrorCode::NOT_FOUND, "no such file")
+}
+
+/// The record of `id` if `user` may read it: its uploader, or a member of a
+/// conversation where a message that is not deleted carries it (for a thumbnail: its
+/// file). Reads at most `ATTACHMENT_SCAN` attachment keys.
+pub fn readable(store: &Store, user: UserId, id: &FileId) -> Result<Option<FileRecord>, ErrorBody> {
+    let Some(record) = store.file(id).map_err(internal)? else { return Ok(None) };
+    if record.uploader == user {
+        return Ok(Some(record));
+    }
+    let subject = record.parent.unwrap_or(*id);
+    let mut last = None;
+    for (conv, _) in store.attachments(&subject, ATTACHMENT_SCAN).map_err(internal)? {
+        if last == Some(conv) {
+            continue;
+        }
+        last = Some(conv);
+        if store.member(conv, user).map_err(internal)?.is_some() {
+            return Ok(Some(record));
+        }
+    }
+    Ok(None)
+}
+
+/// A file as a message carries it.
+pub fn file_ref(id: &FileId, record: &FileRecord) -> FileRef {
+    FileRef { file: *id, name: record.name.clone(), size: record.size, content_type: record.content_type.clone() }
+}
+
+fn status(id: &FileId, record: &FileRecord) -> UploadStatus {
+    UploadStatus {
+        file: *id,
+        size: record.size,
+        offset: record.offset(),
+        content_type: record.content_type.clone(),
+        complete: record.is_complete(),
+        expires_ms: record.expires_ms,
+        chunk_max: MAX_CHUNK_BYTES,
+    }
+}
+
+/// Checks the fields of a `BeginUpload`.
+pub fn check_new_upload(new: &NewUpload) -> Result<(), ErrorBody> {
+    let name_ok = !new.name.is_empty()
+        && new.name.len() <= MAX_FILE_NAME_BYTES as usize
+        && !new.name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+    if !name_ok {
+        return Err(err(ErrorCode::INVALID, "a file name is 1..=255 bytes without /, \\ or control characters"));
+    }
+    let type_ok = new.content_type.len() <= MAX_CONTENT_TYPE_BYTES as usize
+        && new.content_type.split_once('/').is_some_and(|(t, s)| {
+            let token = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_graphic() && c != '/');
+            token(t) && token(s)
+        });
+    if !type_ok {
+        return Err(err(ErrorCode::INVALID, "a media type is type/subtype, at most 127 bytes"));
+    }
+    if new.size == 0 {
+        return Err(err(ErrorCode::INVALID, "a file has at least one byte"));
+    }
+    Ok(())
+}
+
+/// Free bytes on the disk holding `path` (for unprivileged users).
+fn free_bytes(path: &std::path::Path) -> Result<u64, ErrorBody> {
+    let stat = rustix::fs::statvfs(path).map_err(internal)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// `BeginUpload`: checks in the documented order, then records the upload.
+pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> Result<Reply, ErrorBody> {
+    check_new_upload(&new)?;
+    let config = &shared.config;
+    if new.size > config.max_file_bytes {
+        return Err(err(ErrorCode::FILE_TOO_LARGE, "the file is larger than this broker accepts"));
+    }
+    let now = crate::now_ms();
+    let mut id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).map_err(|_| internal("no randomness"))?;
+    let record = FileRecord {
+        name: new.name,
+        size: new.size,
+        declared_type: new.content_type.clone(),
+        content_type: new.content_type,
+        blake3: new.blake3,
+        uploader: user,
+        created_ms: now,
+        expires_ms: now.saturating_add(config.upload_expiry_secs.saturating_mul(1000)),
+        stage: FileStage::Uploading { offset: 0 },
+        parent: None,
+        held: true,
+    };
+    let s = shared.clone();
+    let begun = tokio::task::spawn_blocking(move || {
+        let (max_uploads, quota, reserve) =
+            (s.config.max_uploads_per_user, s.config.quota_bytes, s.config.disk_reserve_bytes);
+        // The disk check is last in the documented order, but needs no lock: it runs
+        // inside the store's check only when the limits there pass.
+        let full = || -> Result<bool, ErrorBody> {
+            let free = free_bytes(s.files.blobs.root())?;
+            Ok(free < record.size.saturating_add(reserve))
+        };
+        match s.store.uploads_of(user, max_uploads).map_err(internal)? {
+            n if n >= max_uploads => return Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
+            _ => {}
+        }
+        if s.store.stored_bytes(user).map_err(internal)?.saturating_add(record.size) > quota {
+            return Err(err(ErrorCode::QUOTA_EXCEEDED, "the upload would pass your storage quota"));
+        }
+        if full()? {
+            return Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"));
+        }
+        match s.store.begin_upload(&id, &record, max_uploads, quota).map_err(internal)? {
+            Ok(durable) => Ok((record, durable)),
+            Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
+            Err(UploadRefusal::QuotaExceeded) => {
+                Err(err(ErrorCode::QUOTA_EXCEEDED, "the upload would pass your storage quota"))
+            }
+        }
+    })
+    .await
+    .map_err(internal)?;
+    let (record, durable) = begun?;
+    durable.await.map_err(internal)?;
+    Ok(Reply::Upload(status(&id, &record)))
+}
+
+/// `UploadStatus`: the uploader's view of its upload.
+pub fn upload_status(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, ErrorBody> {
+    match shared.store.file(id).map_err(internal)? {
+        Some(record) if record.uploader == user && record.parent.is_none() => Ok(Reply::Upload(status(id, &record))),
+        _ => Err(no_such_file()),
+    }
+}
+
+/// `CancelUpload`: removes the caller's upload in progress.
+pub async fn cancel_upload(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
+    match shared.store.file(&id).map_err(internal)? {
+        Some(record) if record.uploader == user && !record.is_complete() => {}
+        _ => return Err(no_such_file()),
+    }
+    match shared.files.remove(&shared, &id, "the upload was cancelled").await {
+        Ok(true) => Ok(Reply::Done),
+        Ok(false) => Err(no_such_file()),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+/// `FileInfo`: a file the caller may read.
+pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, ErrorBody> {
+    let record = readable(&shared.store, user, id)?.ok_or_else(no_such_file)?;
+    let state = match &record.stage {
+        FileStage::Uploading { offset } => FileState::Uploading { offset: *offset },
+        FileStage::Complete { thumbnail } => {
+            let thumbnail = match thumbnail {
+                Some(t) => shared.store.file(t).map_err(internal)?.map(|r| file_ref(t, &r)),
+                None => None,
+            };
+            FileState::Complete { thumbnail }
+        }
+    };
+    Ok(Reply::File(FileInfo {
+        file: file_ref(id, &record),
+        blake3: record.blake3,
+        uploader: record.uploader,
+        created_ms: record.created_ms,
+        state,
+    }))
+}
+
+/// `DeleteFile`: the uploader drops its hold on its complete file; it is deleted once
+/// no message carries it.
+pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
+    let record = match shared.store.file(&id).map_err(internal)? {
+        Some(r) if r.uploader == user && r.parent.is_none() => r,
+        _ => return Err(no_such_file()),
+    };
+    if !record.is_complete() {
+        return Err(err(ErrorCode::NOT_READY, "the upload is not complete; cancel it instead"));
+    }
+    if !record.held {
+        return Ok(Reply::Done);
+    }
+    let s = shared.clone();
+    let dropped = tokio::task::spawn_blocking(move || s.store.drop_hold(&id)).await.map_err(internal)?;
+    if let Some(durable) = dropped.map_err(internal)? {
+        durable.await.map_err(internal)?;
+    }
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
+    Ok(Reply::Done)
+}
+
+/// For `SendFiles`: the files as the message will carry them, each one `user` may read
+/// and whose first chunk is stored. `None` when the conversation actor answers alone: a
+/// resend of an applied client id, or a caller who is not a member (refused there the
+/// same way as for any write).
+pub fn files_to_send(
+    store: &Store,
+    conv: ConvId,
+    user: UserId,
+    client_id: &ClientMsgId,
+    files: &[FileId],
+) -> Result<Option<Vec<FileRef>>, ErrorBody> {
+    if store.dedupe(conv, user, client_id).map_err(internal)?.is_some()
+        || store.member(conv, user).map_err(internal)?.is_none()
+    {
+        return Ok(None);
+    }
+    if files.is_empty() || files.len() > MAX_FILES_PER_MESSAGE as usize {
+        return Err(err(ErrorCode::INVALID, "a message carries 1..=10 files"));
+    }
+    let mut refs = Vec::with_capacity(files.len());
+    for (i, id) in files.iter().enumerate() {
+        if files[..i].contains(id) {
+            return Err(err(ErrorCode::INVALID, "a file appears twice"));
+        }
+        let record = readable(store, user, id)?.ok_or_else(no_such_file)?;
+        if record.offset() == 0 {
+            return Err(err(ErrorCode::NOT_READY, "the file's first chunk is not stored yet"));
+        }
+        refs.push(file_ref(id, &record));
+    }
+    Ok(Some(refs))
+}

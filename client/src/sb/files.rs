@@ -1,0 +1,364 @@
+//! `sb upload`, `sb download` and `sb file`: files over transfer streams, with progress
+//! bars on stderr (hidden with `--json` or when stderr is not a terminal).
+//!
+//! An upload's id is saved in `state.json` (`uploads`) under the file's absolute path,
+//! size and BLAKE3 from the moment the broker gives it until the upload completes, so
+//! `sb upload FILE` of the same unchanged file after sb died continues the upload
+//! instead of starting another (an expired or cancelled one starts afresh).
+//! `sb upload --resume ID FILE` continues a given upload, and fails if it is gone.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use switchboard_client::{
+    Backoff, Client, ClientError, Connector, Identity, TransferError, UploadEvent, Uploader, UploaderConfig, hash_file,
+    hex, new_client_id, new_upload, permanent, unhex,
+};
+use switchboard_protocol::{ConvId, ErrorCode, FileId, FileState};
+
+use super::{FileCommand, MAX_SAVED_UPLOADS, Out, SavedUpload, update_state};
+
+/// What `sb upload` was asked.
+pub struct UploadArgs {
+    /// The local file.
+    pub path: PathBuf,
+    /// Attach it to this conversation once uploaded.
+    pub conv: Option<ConvId>,
+    /// Declared media type (`--type`).
+    pub content_type: Option<String>,
+    /// Caption of the message (`--caption`).
+    pub caption: Option<String>,
+    /// Upload id to continue (`--resume`), hex.
+    pub resume: Option<String>,
+}
+
+/// `sb upload`: begin (or continue) the upload, carry it through drops, then attach it.
+pub async fn upload(
+    connector: &Connector,
+    identity: &Identity,
+    home: &Path,
+    out: &Out,
+    args: UploadArgs,
+) -> anyhow::Result<()> {
+    let path = std::path::absolute(&args.path).unwrap_or_else(|_| args.path.clone());
+    let content_type = args.content_type.clone().unwrap_or_else(|| guess_type(&path).to_owned());
+    let new = new_upload(&path, &content_type).await.with_context(|| format!("reading {}", path.display()))?;
+    let size = new.size;
+    let key = upload_key(&path, size, &new.blake3);
+    let mut uploader = Uploader::new(connector.clone(), identity.clone(), UploaderConfig::default());
+
+    let saved = load_saved(home, &key)?;
+    let file = match (&args.resume, saved) {
+        (Some(id), _) => {
+            let file = parse_file_id(id)?;
+            let info = uploader.client().await?.file_info(file).await?;
+            if info.blake3 != new.blake3 || info.file.size != new.size {
+                bail!("{} is not the file of upload {id} (its size or BLAKE3 differs)", path.display());
+            }
+            save_upload(home, &key, file)?;
+            file
+        }
+        (None, Some(file)) => match uploader.client().await?.upload_status(file).await {
+            Ok(_) => file,
+            // Expired or cancelled: start again.
+            Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => {
+                out.status(json!({"event": "upload_gone", "file": hex(&file)}), || {
+                    format!("the earlier upload {} of this file is gone; starting again", hex(&file))
+                });
+                begin(&mut uploader, home, &key, new).await?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        (None, None) => begin(&mut uploader, home, &key, new).await?,
+    };
+    out.line(json!({"event": "upload", "file": hex(&file), "path": path.display().to_string()}), || {
+        format!("uploading {} as {}", path.display(), hex(&file))
+    });
+
+    let bar = progress_bar(out, size);
+    let result = uploader
+        .upload(file, &path, |event| match event {
+            UploadEvent::Resumed { offset, .. } => {
+                bar.set_position(offset);
+                if out.json {
+                    println!("{}", json!({"event": "resumed", "file": hex(&file), "offset": offset, "size": size}));
+                }
+            }
+            UploadEvent::Durable { offset, .. } => {
+                bar.set_position(offset);
+                if out.json {
+                    println!("{}", json!({"event": "durable", "file": hex(&file), "offset": offset, "size": size}));
+                }
+            }
+            UploadEvent::Retrying { error, code, retry_in_ms, reconnect } => {
+                let value = json!({"event": "retrying", "file": hex(&file), "error": error, "code": code.map(|c| c.0),
+                    "retry_in_ms": retry_in_ms, "reconnect": reconnect});
+                bar.suspend(|| {
+                    out.status(value, || format!("{error}; retrying in {:.1} s", retry_in_ms as f64 / 1000.0));
+                });
+            }
+        })
+        .await;
+    bar.finish_and_clear();
+    let published = match result {
+        Ok(published) => published,
+        Err(e) => {
+            // Retrying cannot finish it: forget it, so the next `sb upload` starts afresh.
+            if !matches!(e, TransferError::Client(_) | TransferError::Stream(_) | TransferError::Io(_)) {
+                forget_upload(home, &key)?;
+            }
+            return Err(e.into());
+        }
+    };
+    forget_upload(home, &key)?;
+    out.line(
+        json!({"event": "uploaded", "file": hex(&published.file), "name": published.name, "size": published.size,
+            "content_type": published.content_type}),
+        || {
+            format!(
+                "uploaded {} ({} bytes, {}): {}",
+                published.name,
+                published.size,
+                published.content_type,
+                hex(&published.file)
+            )
+        },
+    );
+    if let Some(conv) = args.conv {
+        let caption = args.caption.as_deref().unwrap_or("");
+        let seq = send_files(&mut uploader, conv, caption, published.file).await?;
+        out.line(json!({"conv": conv, "seq": seq, "file": hex(&published.file)}), || format!("conv {conv} seq {seq}"));
+    }
+    if let Ok(client) = uploader.client().await {
+        client.close();
+    }
+    Ok(())
+}
+
+/// Sends the files message, again on a new connection (same client id, so at most
+/// once) when the connection drops before the answer, up to `SEND_ATTEMPTS` times.
+async fn send_files(uploader: &mut Uploader, conv: ConvId, caption: &str, file: FileId) -> anyhow::Result<u64> {
+    const SEND_ATTEMPTS: u32 = 8;
+    let client_id = new_client_id();
+    let mut backoff = Backoff::new(100, 5_000);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let sent = match uploader.client().await {
+            Ok(client) => client.send_files_with_id(conv, client_id, caption, &[file]).await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok((seq, _)) => return Ok(seq),
+            Err(e @ (ClientError::Closed { .. } | ClientError::Connect(_)))
+                if attempt < SEND_ATTEMPTS && !permanent(&e) =>
+            {
+                let jitter = u64::from_le_bytes(new_client_id()[..8].try_into().unwrap_or_default());
+                tokio::time::sleep(std::time::Duration::from_millis(backoff.next_ms(jitter))).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn begin(
+    uploader: &mut Uploader,
+    home: &Path,
+    key: &str,
+    new: switchboard_protocol::NewUpload,
+) -> anyhow::Result<FileId> {
+    let status = uploader.begin(new).await?;
+    save_upload(home, key, status.file)?;
+    Ok(status.file)
+}
+
+/// `sb download`: the file's description first (it also opens the way for transfer
+/// streams), then the bytes into `path`; a whole file is checked against its BLAKE3
+/// and removed if it does not match.
+pub async fn download(
+    client: &Client,
+    out: &Out,
+    id: &str,
+    path: &Path,
+    offset: u64,
+    length: u64,
+) -> anyhow::Result<()> {
+    let file = parse_file_id(id)?;
+    let info = client.file_info(file).await?;
+    let size = info.file.size;
+    let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
+    let mut sink = tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
+    let bar = progress_bar(out, expected);
+    let range = client.download(file, offset, length, &mut sink, |written| bar.set_position(written)).await;
+    bar.finish_and_clear();
+    let range = match range {
+        Ok(range) => range,
+        Err(e) => {
+            drop(sink);
+            let _ = std::fs::remove_file(path);
+            return Err(e.into());
+        }
+    };
+    sink.sync_all().await.with_context(|| format!("writing {}", path.display()))?;
+    drop(sink);
+    let whole = range.offset == 0 && range.length == range.size;
+    if whole {
+        let (_, hash) = hash_file(path).await.with_context(|| format!("reading {}", path.display()))?;
+        if hash != info.blake3 {
+            let _ = std::fs::remove_file(path);
+            bail!("the downloaded bytes do not match the file's BLAKE3; {} removed", path.display());
+        }
+    }
+    out.line(
+        json!({"event": "downloaded", "file": hex(&file), "out": path.display().to_string(), "offset": range.offset,
+            "length": range.length, "size": range.size, "verified": whole}),
+        || {
+            let check = if whole { ", BLAKE3 verified" } else { "" };
+            format!(
+                "wrote {} bytes ({}..{} of {}) to {}{check}",
+                range.length,
+                range.offset,
+                range.offset + range.length,
+                range.size,
+                path.display()
+            )
+        },
+    );
+    Ok(())
+}
+
+/// `sb file info|cancel|delete`.
+pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> anyhow::Result<()> {
+    match command {
+        FileCommand::Info { file } => {
+            let info = client.file_info(parse_file_id(&file)?).await?;
+            let (state, offset, thumbnail, failed) = match &info.state {
+                FileState::Uploading { offset } => ("uploading", Some(*offset), None, None),
+                FileState::Complete { thumbnail } => ("complete", None, thumbnail.as_ref(), None),
+                FileState::Failed { code } => ("failed", None, None, Some(*code)),
+            };
+            let f = &info.file;
+            out.line(
+                json!({"file": hex(&f.file), "name": f.name, "size": f.size, "content_type": f.content_type,
+                    "blake3": hex(&info.blake3), "uploader": info.uploader, "created_ms": info.created_ms,
+                    "state": state, "offset": offset, "thumbnail": thumbnail.map(|t| hex(&t.file)),
+                    "error": failed.map(|c| c.name())}),
+                || {
+                    let detail = match (&info.state, thumbnail) {
+                        (FileState::Uploading { offset }, _) => format!("uploading, {offset} bytes durable"),
+                        (FileState::Complete { .. }, Some(t)) => format!("complete, thumbnail {}", hex(&t.file)),
+                        (FileState::Complete { .. }, None) => "complete".into(),
+                        (FileState::Failed { code }, _) => format!("failed: {} ({})", code.name(), code.0),
+                    };
+                    format!(
+                        "{} {} ({} bytes, {}) by user {}, blake3 {}: {detail}",
+                        hex(&f.file),
+                        f.name,
+                        f.size,
+                        f.content_type,
+                        info.uploader,
+                        hex(&info.blake3)
+                    )
+                },
+            );
+        }
+        FileCommand::Cancel { file } => {
+            client.cancel_upload(parse_file_id(&file)?).await?;
+            out.line(json!({"event": "cancelled", "file": file}), || format!("cancelled {file}"));
+        }
+        FileCommand::Delete { file } => {
+            client.delete_file(parse_file_id(&file)?).await?;
+            out.line(json!({"event": "deleted", "file": file}), || format!("deleted {file}"));
+        }
+    }
+    Ok(())
+}
+
+/// A file id from 32 hex digits.
+fn parse_file_id(s: &str) -> anyhow::Result<FileId> {
+    unhex(s).and_then(|b| FileId::try_from(b).ok()).context("a file id is 32 hex digits (16 bytes)")
+}
+
+/// Bytes on stderr, drawn only on a terminal and never with `--json`.
+fn progress_bar(out: &Out, total: u64) -> ProgressBar {
+    let target = if out.json { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let bar = ProgressBar::with_draw_target(Some(total), target);
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// The key of a saved upload: the same path with the same size and content.
+fn upload_key(path: &Path, size: u64, blake3: &[u8; 32]) -> String {
+    format!("{}\n{size}\n{}", path.display(), hex(blake3))
+}
+
+fn load_saved(home: &Path, key: &str) -> anyhow::Result<Option<FileId>> {
+    let state = super::load_state(home)?;
+    Ok(state.uploads.iter().find(|u| u.key == key).and_then(|u| parse_file_id(&u.file).ok()))
+}
+
+/// Remembers `file` as the upload of `key` (replacing an older one), forgetting the
+/// oldest past `MAX_SAVED_UPLOADS`.
+fn save_upload(home: &Path, key: &str, file: FileId) -> anyhow::Result<()> {
+    update_state(home, |s| {
+        s.uploads.retain(|u| u.key != key);
+        s.uploads.push(SavedUpload { key: key.to_owned(), file: hex(&file) });
+        let excess = s.uploads.len().saturating_sub(MAX_SAVED_UPLOADS);
+        s.uploads.drain(..excess);
+        Ok(())
+    })
+}
+
+fn forget_upload(home: &Path, key: &str) -> anyhow::Result<()> {
+    update_state(home, |s| {
+        s.uploads.retain(|u| u.key != key);
+        Ok(())
+    })
+}
+
+/// A media type from the file name's extension; the broker checks it against the bytes.
+fn guess_type(path: &Path) -> &'static str {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("pdf") => "application/pdf",
+        Some("txt" | "md" | "log") => "text/plain",
+        Some("json") => "application/json",
+        Some("zip") => "application/zip",
+        Some("mp3") => "audio/mpeg",
+        Some("mp4") => "video/mp4",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_ids_are_32_hex_digits() {
+        let id = parse_file_id("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff").expect("valid");
+        assert_eq!(id[0], 0xf0);
+        assert_eq!(id[15], 0xff);
+        for bad in ["", "f0f1", "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff00", "g0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"] {
+            assert!(parse_file_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn types_come_from_the_extension() {
+        let check = |name: &str, expected: &str| assert_eq!(guess_type(Path::new(name)), expected, "{name}");
+        check("cat.PNG", "image/png");
+        check("a.jpeg", "image/jpeg");
+        check("notes.txt", "text/plain");
+        check("archive.tar.gz", "application/octet-stream");
+        check("noext", "application/octet-stream");
+    }
+}

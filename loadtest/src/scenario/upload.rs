@@ -1,0 +1,681 @@
+//! `upload`: files through the broker, each figure next to the limit it is bounded by,
+//! all measured in the same run on the same machine:
+//!
+//! - (a) a plain quinn bulk stream between two endpoints on loopback, with the broker's
+//!   own TLS and transport settings on the server side and the client library's on the
+//!   client side, one way and then the other (MB/s): what QUIC itself can carry here;
+//! - (b) appending 1 MiB pieces (the chunk size) with an fdatasync after each to a file
+//!   on the file system of the broker's data dir (MB/s): what durable writes can carry;
+//! - (c) one `--file-mib` upload through the broker, from `BeginUpload` to `Complete`
+//!   (chunk hashes, writes, fsyncs and the whole-file hash included), as MB/s and as a
+//!   ratio to min(a, b) (aim: at least 0.75); the client's whole-file BLAKE3 before
+//!   `BeginUpload` is reported apart (`c_client_hash_mb_per_s`);
+//! - (d) one download of the same file (MB/s), and its ratio to (a) the other way;
+//! - (e) `--concurrent` uploads of `--concurrent-mib` each from `--clients` clients at
+//!   once (aggregate MB/s);
+//! - (f) chat latency (open-loop send to delivery at a second client) with no upload,
+//!   then again while the sender's own connection uploads `--file-mib` files back to
+//!   back (p99 ratio; aim: at most 2x).
+//!
+//! With a broker process of its own (the default child, or `--target` with
+//! `--broker-pid`), its CPU time per MB moved is reported for (c), (d) and (e). MB are
+//! 10^6 bytes. File contents are pseudo-random and differ per upload, so the broker's
+//! content addressing never turns an upload into a no-op.
+
+use std::io::SeekFrom;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use switchboard_client::{Client, Connector, Trust};
+use switchboard_protocol::{Body, ConvId, Event, FileId, NewUpload};
+use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
+
+use crate::load::{Population, create_group};
+use crate::report::{Percentiles, Report};
+use crate::resources::{Sampler, cpu_seconds};
+use crate::scenario::{SplitMix, params};
+use crate::{Common, Error, Result, payload, run_tag};
+
+/// Bytes per MiB.
+const MIB: u64 = 1024 * 1024;
+/// Bytes per MB, the unit of every rate reported.
+const MB: f64 = 1e6;
+/// Uploads in progress the broker allows one user by default (`max_uploads_per_user`).
+const MAX_UPLOADS_PER_USER: usize = 8;
+/// The aims of issue 9: upload at least this share of min(quinn, fsync) ...
+const UPLOAD_AIM: f64 = 0.75;
+/// ... and chat p99 during an upload at most this many times the p99 without.
+const CHAT_P99_AIM: f64 = 2.0;
+
+/// `upload` flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Size of the single upload and download, and of each upload beside the chat, MiB.
+    #[arg(long, default_value_t = 100)]
+    pub file_mib: u64,
+    /// Uploads at once in the concurrent phase.
+    #[arg(long, default_value_t = 50)]
+    pub concurrent: usize,
+    /// Size of each concurrent upload, MiB.
+    #[arg(long, default_value_t = 10)]
+    pub concurrent_mib: u64,
+    /// Clients (users, one connection each) the concurrent uploads are spread over; at
+    /// most 8 uploads per client (the broker's default `max_uploads_per_user`).
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Chat messages per second, in each chat phase (open loop).
+    #[arg(long, default_value_t = 100.0)]
+    pub chat_rate: f64,
+    /// Chat messages in each chat phase.
+    #[arg(long, default_value_t = 500)]
+    pub chat_messages: u32,
+}
+
+impl Default for Args {
+    /// The command line's defaults.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: Args,
+        }
+        <Defaults as clap::Parser>::parse_from(["upload"]).args
+    }
+}
+
+/// Runs the scenario.
+pub async fn run(common: &Common, args: &Args) -> Result<Report> {
+    if common.ramp {
+        return Err(Error::InvalidArgs("upload has no rate to ramp".into()));
+    }
+    if !(args.file_mib >= 1 && args.concurrent >= 1 && args.concurrent_mib >= 1 && args.clients >= 1) {
+        return Err(Error::InvalidArgs("need 1+ MiB files, concurrent uploads and clients".into()));
+    }
+    if args.concurrent.div_ceil(args.clients) > MAX_UPLOADS_PER_USER {
+        return Err(Error::InvalidArgs(format!(
+            "at most {MAX_UPLOADS_PER_USER} uploads per client: raise --clients to {}",
+            args.concurrent.div_ceil(MAX_UPLOADS_PER_USER)
+        )));
+    }
+    if !(args.chat_rate > 0.0 && args.chat_messages >= 1) {
+        return Err(Error::InvalidArgs("need a positive --chat-rate and 1+ --chat-messages".into()));
+    }
+    let file_bytes = args.file_mib * MIB;
+    let size = common.size;
+    let mut report = Report {
+        scenario: "upload".into(),
+        command: common.command.clone(),
+        params: params([
+            ("file", format!("{} MiB", args.file_mib)),
+            ("concurrent", format!("{} x {} MiB from {} clients", args.concurrent, args.concurrent_mib, args.clients)),
+            ("chat", format!("{} msgs at {} msg/s, {size} B", args.chat_messages, args.chat_rate)),
+        ]),
+        latency_label: "chat".into(),
+        ..Report::default()
+    };
+
+    // (a) Before the broker has any work: QUIC alone, both ways.
+    let (quinn_up, quinn_down) = quinn_bulk(file_bytes).await?;
+    report.extra.insert("a_quinn_upload_mb_per_s".into(), quinn_up);
+    report.extra.insert("a_quinn_download_mb_per_s".into(), quinn_down);
+
+    let target = common.target().await?;
+    let broker_pid = target.pid.map(|p| p.to_string());
+    report.params.insert("broker".into(), target.describe().into());
+    // Memory and CPU over the broker phases, both processes (peak RSS shows whether
+    // transfers are streamed rather than held).
+    let broker_sampler = broker_pid.clone().map(|pid| Sampler::start(pid, Duration::from_millis(250)));
+    let harness_sampler = Sampler::start("self".into(), Duration::from_millis(250));
+
+    // (b) On the data dir's file system when the harness owns the broker.
+    let scratch = tempfile::tempdir().map_err(Error::io("creating a temp dir"))?;
+    let fsync_dir = match target.data_parent() {
+        Some(dir) => dir.to_owned(),
+        None => {
+            report.params.insert("fsync".into(), "the harness's temp dir (remote broker)".into());
+            scratch.path().to_owned()
+        }
+    };
+    let fsync = tokio::task::spawn_blocking(move || fsync_append(&fsync_dir, file_bytes))
+        .await?
+        .map_err(Error::io("appending with fdatasync"))?;
+    report.extra.insert("b_fsync_append_mb_per_s".into(), fsync);
+
+    let users = args.clients.max(2);
+    let pop = Population::enroll(&target, &run_tag(), users).await?;
+    let conv = create_group(&pop, 0, &[0, 1], "upload").await?;
+    let sender = Arc::new(pop.client(0).await?);
+    let base = Arc::new(Pattern::base());
+
+    // (c) One upload.
+    let pattern = Pattern::new(&base, 1, file_bytes);
+    let hashing = Instant::now();
+    let new = pattern.new_upload("bench-single.bin").await?;
+    // Before `BeginUpload` and not part of (c): the client's whole-file BLAKE3.
+    report.extra.insert("c_client_hash_mb_per_s".into(), rate(file_bytes, hashing.elapsed().as_secs_f64()));
+    let cpu = broker_pid.as_deref().and_then(cpu_seconds);
+    let start = Instant::now();
+    let status = sender.begin_upload(new).await?;
+    let uploaded = sender.upload_from(status.file, 0, &mut pattern.clone(), |_| {}).await;
+    let upload_s = start.elapsed().as_secs_f64();
+    let cpu_upload = cpu_per_mb(broker_pid.as_deref(), cpu, file_bytes);
+    let upload_ok = matches!(&uploaded, Ok(f) if f.size == file_bytes);
+    report.check("the single upload completed", upload_ok, format!("{:?}", uploaded.as_ref().map(|f| f.size)));
+    let upload = rate(file_bytes, upload_s);
+    report.extra.insert("c_upload_mb_per_s".into(), upload);
+    let limit = quinn_up.min(fsync);
+    report.extra.insert("c_upload_over_min_a_b".into(), upload / limit.max(f64::MIN_POSITIVE));
+    if let Some(cpu) = cpu_upload {
+        report.extra.insert("c_broker_cpu_ms_per_mb".into(), cpu);
+    }
+    report.check(
+        &format!("aim: upload at least {UPLOAD_AIM} of min(quinn, fsync)"),
+        upload >= UPLOAD_AIM * limit,
+        format!("{upload:.1} MB/s against {limit:.1} MB/s"),
+    );
+
+    // (d) Download it back.
+    let cpu = broker_pid.as_deref().and_then(cpu_seconds);
+    let start = Instant::now();
+    let downloaded = sender.download(status.file, 0, 0, &mut tokio::io::sink(), |_| {}).await;
+    let download_s = start.elapsed().as_secs_f64();
+    let cpu_download = cpu_per_mb(broker_pid.as_deref(), cpu, file_bytes);
+    let download_ok = matches!(&downloaded, Ok(r) if r.length == file_bytes);
+    report.check("the download returned every byte", download_ok, format!("{downloaded:?}"));
+    let download = rate(file_bytes, download_s);
+    report.extra.insert("d_download_mb_per_s".into(), download);
+    report.extra.insert("d_download_over_a".into(), download / quinn_down.max(f64::MIN_POSITIVE));
+    if let Some(cpu) = cpu_download {
+        report.extra.insert("d_broker_cpu_ms_per_mb".into(), cpu);
+    }
+    if upload_ok {
+        sender.delete_file(status.file).await?;
+    }
+
+    // (e) Many at once.
+    let (completed, concurrent_s, cpu_concurrent) = concurrent(&pop, &base, args, broker_pid.as_deref()).await?;
+    let concurrent_bytes = args.concurrent as u64 * args.concurrent_mib * MIB;
+    report.extra.insert("e_concurrent_uploads_mb_per_s".into(), rate(concurrent_bytes, concurrent_s));
+    report.extra.insert("e_concurrent_uploads_completed".into(), completed as f64);
+    if let Some(cpu) = cpu_concurrent {
+        report.extra.insert("e_broker_cpu_ms_per_mb".into(), cpu);
+    }
+    report.check(
+        "every concurrent upload completed",
+        completed == args.concurrent,
+        format!("{completed} of {}", args.concurrent),
+    );
+
+    // (f) Chat alone, then beside an upload on the sender's connection.
+    let receiver = pop.client(1).await?;
+    let mut events = receiver.events().ok_or_else(|| Error::Protocol("event stream taken".into()))?;
+    let chat = Chat { conv, rate: args.chat_rate, messages: args.chat_messages, size };
+    let idle = chat.run(&sender, &mut events).await?;
+    let busy = chat_beside_upload(&chat, &sender, &mut events, &base, file_bytes).await?;
+    receiver.close();
+    sender.close();
+    report.broker = broker_sampler.map(|s| s.summary(0.0));
+    report.harness = harness_sampler.summary(0.0);
+    target.stop().await?;
+
+    let (idle_p, busy_p) = (Percentiles::from_us(&idle.latency), Percentiles::from_us(&busy.chat.latency));
+    let ratio = busy_p.p99_ms / idle_p.p99_ms.max(1e-3);
+    report.extra.insert("f_chat_p99_ms_idle".into(), idle_p.p99_ms);
+    report.extra.insert("f_chat_p99_ms_during_upload".into(), busy_p.p99_ms);
+    report.extra.insert("f_chat_p99_ratio".into(), ratio);
+    report.extra.insert("f_uploaded_mb_during_chat".into(), busy.uploaded_bytes as f64 / MB);
+    report.check(
+        "every chat message delivered",
+        idle.delivered == u64::from(args.chat_messages) && busy.chat.delivered == u64::from(args.chat_messages),
+        format!("{} and {} of {}", idle.delivered, busy.chat.delivered, args.chat_messages),
+    );
+    report.check(
+        "an upload ran throughout the busy chat phase",
+        busy.uploading_at_end && busy.uploaded_bytes > 0,
+        format!("{:.1} MB durable during the phase", busy.uploaded_bytes as f64 / MB),
+    );
+    report.check(
+        &format!("aim: chat p99 during an upload within {CHAT_P99_AIM}x of without"),
+        ratio <= CHAT_P99_AIM,
+        format!("{:.2} ms against {:.2} ms", busy_p.p99_ms, idle_p.p99_ms),
+    );
+    report.sent = 2 * u64::from(args.chat_messages);
+    report.acked = idle.acked + busy.chat.acked;
+    report.delivered = idle.delivered + busy.chat.delivered;
+    report.errors = idle.errors + busy.chat.errors;
+    report.duration_s = upload_s + download_s + concurrent_s + idle.seconds + busy.chat.seconds;
+    let chat_s = (idle.seconds + busy.chat.seconds).max(1e-9);
+    report.acked_per_s = report.acked as f64 / chat_s;
+    report.delivered_per_s = report.delivered as f64 / chat_s;
+    report.latency = busy_p.clone();
+    report.event_latency.insert("chat idle".into(), idle_p);
+    report.event_latency.insert("chat+upload".into(), busy_p);
+    Ok(report)
+}
+
+fn rate(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / MB / seconds.max(1e-9)
+}
+
+/// The broker's CPU ms per MB since `before` (its CPU seconds then), if measured.
+fn cpu_per_mb(pid: Option<&str>, before: Option<f64>, bytes: u64) -> Option<f64> {
+    let after = cpu_seconds(pid?)?;
+    Some((after - before?) * 1000.0 / (bytes as f64 / MB))
+}
+
+/// (a): `bytes` over one stream from a client endpoint to a server endpoint, then the
+/// same back; MB/s each way. The server has the broker's TLS and transport
+/// configuration, the client the client library's.
+async fn quinn_bulk(bytes: u64) -> Result<(f64, f64)> {
+    let dir = tempfile::tempdir().map_err(Error::io("creating a temp dir"))?;
+    let config = switchboard_broker::Config::ephemeral(dir.path().join("data"));
+    let identity = switchboard_broker::tls::load_or_generate(&config)?;
+    let server_config = switchboard_broker::tls::server_config(&identity, &config)?;
+    let socket = switchboard_broker::tls::bind_udp(([127, 0, 0, 1], 0).into(), 1)?
+        .pop()
+        .ok_or_else(|| Error::Protocol("no UDP socket".into()))?;
+    let server = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(Error::io("starting a quinn endpoint"))?;
+    let addr = server.local_addr().map_err(Error::io("reading the endpoint address"))?;
+    let piece = Bytes::from(vec![0x5a; MIB as usize]);
+    let served = {
+        let piece = piece.clone();
+        tokio::spawn(async move {
+            let incoming = server.accept().await.ok_or_else(|| quic("the endpoint closed"))?;
+            let conn = incoming.await.map_err(quic)?;
+            let (mut send, mut recv) = conn.accept_bi().await.map_err(quic)?;
+            let received = drain(&mut recv).await?;
+            send.write_all(&received.to_le_bytes()).await.map_err(quic)?;
+            write_bytes(&mut send, &piece, bytes).await?;
+            send.finish().map_err(quic)?;
+            conn.closed().await;
+            server.wait_idle().await;
+            Ok::<_, Error>(())
+        })
+    };
+    let connector = Connector::new(addr, "localhost", Trust::CaFile(identity.cert_path.clone()))?;
+    let conn = connector.endpoint().connect(addr, "localhost").map_err(quic)?.await.map_err(quic)?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(quic)?;
+    let start = Instant::now();
+    write_bytes(&mut send, &piece, bytes).await?;
+    send.finish().map_err(quic)?;
+    let mut ack = [0u8; 8];
+    recv.read_exact(&mut ack).await.map_err(quic)?;
+    let up_s = start.elapsed().as_secs_f64();
+    if u64::from_le_bytes(ack) != bytes {
+        return Err(Error::Protocol("the quinn server counted other bytes than were sent".into()));
+    }
+    let start = Instant::now();
+    let received = drain(&mut recv).await?;
+    let down_s = start.elapsed().as_secs_f64();
+    if received != bytes {
+        return Err(Error::Protocol(format!("quinn download: {received} of {bytes} bytes")));
+    }
+    conn.close(0u32.into(), b"done");
+    served.await??;
+    connector.endpoint().wait_idle().await;
+    Ok((rate(bytes, up_s), rate(bytes, down_s)))
+}
+
+fn quic(e: impl std::fmt::Display) -> Error {
+    Error::Protocol(format!("quinn bulk stream: {e}"))
+}
+
+async fn write_bytes(send: &mut quinn::SendStream, piece: &Bytes, bytes: u64) -> Result<()> {
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(piece.len() as u64);
+        send.write_chunk(piece.slice(..n as usize)).await.map_err(quic)?;
+        left -= n;
+    }
+    Ok(())
+}
+
+async fn drain(recv: &mut quinn::RecvStream) -> Result<u64> {
+    let mut received = 0u64;
+    while let Some(chunk) = recv.read_chunk(MIB as usize, true).await.map_err(quic)? {
+        received += chunk.bytes.len() as u64;
+    }
+    Ok(received)
+}
+
+/// (b): appends `bytes` in 1 MiB pieces to a new file in `dir`, fdatasync after each;
+/// MB/s. The file is removed after.
+fn fsync_append(dir: &Path, bytes: u64) -> std::io::Result<f64> {
+    use std::io::Write;
+    let path = dir.join(format!("fsync-append-{}.bin", std::process::id()));
+    let piece = vec![0xa5u8; MIB as usize];
+    let measured = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+        let start = Instant::now();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(MIB) as usize;
+            file.write_all(&piece[..n])?;
+            file.sync_data()?;
+            left -= n as u64;
+        }
+        Ok(rate(bytes, start.elapsed().as_secs_f64()))
+    })();
+    let _ = std::fs::remove_file(&path);
+    measured
+}
+
+/// (e): `args.concurrent` uploads begun and streamed at once, round robin over
+/// `args.clients` connections; returns how many completed, the seconds from the first
+/// begin to the last completion, and the broker's CPU ms per MB.
+async fn concurrent(
+    pop: &Population,
+    base: &Arc<Bytes>,
+    args: &Args,
+    broker_pid: Option<&str>,
+) -> Result<(usize, f64, Option<f64>)> {
+    let mut clients = Vec::with_capacity(args.clients);
+    for c in 0..args.clients {
+        clients.push(Arc::new(pop.client(c).await?));
+    }
+    let bytes = args.concurrent_mib * MIB;
+    let mut uploads = Vec::with_capacity(args.concurrent);
+    for i in 0..args.concurrent {
+        let pattern = Pattern::new(base, 100 + i as u64, bytes);
+        let new = pattern.new_upload(&format!("bench-{i}.bin")).await?;
+        uploads.push((clients[i % clients.len()].clone(), pattern, new));
+    }
+    let cpu = broker_pid.and_then(cpu_seconds);
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (client, mut pattern, new) in uploads {
+        set.spawn(async move {
+            let status = client.begin_upload(new).await?;
+            let file = client.upload_from(status.file, 0, &mut pattern, |_| {}).await;
+            Ok::<_, Error>((client, status.file, file.is_ok_and(|f| f.size == bytes)))
+        });
+    }
+    let mut completed = 0;
+    let mut done: Vec<(Arc<Client>, FileId)> = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        let (client, file, ok) = joined??;
+        if ok {
+            completed += 1;
+            done.push((client, file));
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cpu = cpu_per_mb(broker_pid, cpu, bytes * args.concurrent as u64);
+    for (client, file) in done {
+        client.delete_file(file).await?;
+    }
+    for client in clients {
+        client.close();
+    }
+    Ok((completed, seconds, cpu))
+}
+
+/// One chat phase: `messages` sends at `rate`, open loop, each timed from its
+/// scheduled send to its delivery at the receiver.
+struct Chat {
+    conv: ConvId,
+    rate: f64,
+    messages: u32,
+    size: usize,
+}
+
+/// What a chat phase measured.
+struct ChatResult {
+    latency: hdrhistogram::Histogram<u64>,
+    acked: u64,
+    delivered: u64,
+    errors: u64,
+    seconds: f64,
+}
+
+impl Chat {
+    async fn run(&self, sender: &Arc<Client>, events: &mut switchboard_client::Events) -> Result<ChatResult> {
+        let base = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / self.rate);
+        let mut sends = tokio::task::JoinSet::new();
+        let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut delivered = 0u64;
+        let deadline = base + interval * self.messages + Duration::from_secs(30);
+        let mut next = 0u32;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::from_std(base), interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        while delivered < u64::from(self.messages) {
+            tokio::select! {
+                _ = tick.tick(), if next < self.messages => {
+                    let sched_ns = (interval * next).as_nanos() as u64;
+                    let mut text = String::new();
+                    payload::fill(&mut text, sched_ns, self.size);
+                    let (client, conv) = (sender.clone(), self.conv);
+                    sends.spawn(async move { client.send(conv, &text).await });
+                    next += 1;
+                }
+                event = events.next() => match event {
+                    Some(Event::Entry(e)) if e.conv == self.conv => {
+                        if let Body::Text { text, .. } = &e.body
+                            && let Some(sched_ns) = payload::sched_ns(text)
+                        {
+                            let at = base.elapsed().as_nanos() as u64;
+                            let _ = latency.record((at.saturating_sub(sched_ns) / 1000).max(1));
+                            delivered += 1;
+                        }
+                    }
+                    Some(_) => {}
+                    None => return Err(Error::Protocol("the chat receiver's connection closed".into())),
+                },
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => break,
+            }
+        }
+        let seconds = base.elapsed().as_secs_f64();
+        let (mut acked, mut errors) = (0, 0);
+        while let Some(sent) = sends.join_next().await {
+            match sent? {
+                Ok(_) => acked += 1,
+                Err(_) => errors += 1,
+            }
+        }
+        Ok(ChatResult { latency, acked, delivered, errors, seconds })
+    }
+}
+
+/// What the chat phase beside an upload measured.
+struct BusyChat {
+    chat: ChatResult,
+    /// Bytes made durable by the uploads while the chat phase ran.
+    uploaded_bytes: u64,
+    /// An upload was still running when the chat phase ended.
+    uploading_at_end: bool,
+}
+
+/// (f), second half: the sender's connection uploads `bytes`-sized files back to back
+/// (each deleted once complete, so the quota never fills); once the first chunk is
+/// durable the chat phase runs beside it.
+async fn chat_beside_upload(
+    chat: &Chat,
+    sender: &Arc<Client>,
+    events: &mut switchboard_client::Events,
+    base: &Arc<Bytes>,
+    bytes: u64,
+) -> Result<BusyChat> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let durable = Arc::new(AtomicU64::new(0));
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let uploads = {
+        let (client, stop, durable, base) = (sender.clone(), stop.clone(), durable.clone(), base.clone());
+        tokio::spawn(async move {
+            let mut started_tx = Some(started_tx);
+            let mut salt = 10_000;
+            while !stop.load(Ordering::Acquire) {
+                salt += 1;
+                let mut pattern = Pattern::new(&base, salt, bytes);
+                let status = client.begin_upload(pattern.new_upload("bench-beside-chat.bin").await?).await?;
+                let mut last = 0;
+                let result = client
+                    .upload_from(status.file, 0, &mut pattern, |offset| {
+                        durable.fetch_add(offset - last, Ordering::Relaxed);
+                        last = offset;
+                        if let Some(tx) = started_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    })
+                    .await;
+                match result {
+                    Ok(_) => client.delete_file(status.file).await?,
+                    Err(e) => return Err(Error::Protocol(format!("upload beside the chat: {e}"))),
+                }
+            }
+            Ok::<_, Error>(())
+        })
+    };
+    if started.await.is_err() {
+        return match uploads.await? {
+            Err(e) => Err(e),
+            Ok(()) => Err(Error::Protocol("the upload beside the chat never started".into())),
+        };
+    }
+    let before = durable.load(Ordering::Relaxed);
+    let result = chat.run(sender, events).await;
+    let uploaded_bytes = durable.load(Ordering::Relaxed) - before;
+    let uploading_at_end = !uploads.is_finished();
+    stop.store(true, Ordering::Release);
+    // The upload in progress is abandoned with its task; the broker expires it.
+    uploads.abort();
+    Ok(BusyChat { chat: result?, uploaded_bytes, uploading_at_end })
+}
+
+/// File contents for the harness: a 1 MiB pseudo-random block repeated, with the first
+/// 8 bytes replaced by a salt so that every upload is a different file. Read through
+/// `AsyncRead`/`AsyncSeek` like a file, without holding the file in memory.
+#[derive(Clone)]
+struct Pattern {
+    base: Arc<Bytes>,
+    salt: [u8; 8],
+    size: u64,
+    pos: u64,
+}
+
+impl Pattern {
+    /// The shared block.
+    fn base() -> Bytes {
+        let mut rng = SplitMix(0x5eed);
+        (0..MIB / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect()
+    }
+
+    fn new(base: &Arc<Bytes>, salt: u64, size: u64) -> Pattern {
+        Pattern { base: base.clone(), salt: salt.to_le_bytes(), size, pos: 0 }
+    }
+
+    /// Writes bytes `pos .. pos + out.len()` into `out`.
+    fn fill(&self, pos: u64, out: &mut [u8]) {
+        let block = self.base.len() as u64;
+        let mut done = 0;
+        while done < out.len() {
+            let at = pos + done as u64;
+            let from = (at % block) as usize;
+            let n = (self.base.len() - from).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&self.base[from..from + n]);
+            done += n;
+        }
+        for (i, b) in self.salt.iter().enumerate() {
+            if let Some(slot) = (i as u64).checked_sub(pos).and_then(|j| out.get_mut(j as usize)) {
+                *slot = *b;
+            }
+        }
+    }
+
+    /// Its `NewUpload`, with the BLAKE3 of every byte (hashed on the blocking pool).
+    async fn new_upload(&self, name: &str) -> Result<NewUpload> {
+        let me = self.clone();
+        let blake3 = tokio::task::spawn_blocking(move || {
+            let mut hasher = blake3::Hasher::new();
+            let mut piece = vec![0u8; MIB as usize];
+            let mut at = 0;
+            while at < me.size {
+                let n = (me.size - at).min(MIB) as usize;
+                me.fill(at, &mut piece[..n]);
+                hasher.update(&piece[..n]);
+                at += n as u64;
+            }
+            *hasher.finalize().as_bytes()
+        })
+        .await?;
+        Ok(NewUpload { name: name.into(), size: self.size, content_type: "application/octet-stream".into(), blake3 })
+    }
+}
+
+impl AsyncRead for Pattern {
+    fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.size.saturating_sub(self.pos)) as usize;
+        let pos = self.pos;
+        self.fill(pos, buf.initialize_unfilled_to(n));
+        buf.advance(n);
+        self.pos += n as u64;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncSeek for Pattern {
+    fn start_seek(mut self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
+        let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start");
+        self.pos = match position {
+            SeekFrom::Start(p) => p,
+            SeekFrom::End(d) => self.size.checked_add_signed(d).ok_or_else(invalid)?,
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or_else(invalid)?,
+        };
+        Ok(())
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        Poll::Ready(Ok(self.pos))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn patterns_read_like_files_and_differ_by_salt() {
+        let base = Arc::new(Pattern::base());
+        let size = 2 * MIB + 100;
+        let mut a = Pattern::new(&base, 1, size);
+        let mut all = Vec::new();
+        a.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all.len() as u64, size);
+        assert_eq!(&all[..8], &1u64.to_le_bytes());
+        assert_eq!(&all[MIB as usize + 8..2 * MIB as usize], &base[8..], "the block repeats");
+        // Seeking then reading gives the same bytes as reading through.
+        assert_eq!(a.seek(SeekFrom::End(0)).await.unwrap(), size);
+        a.seek(SeekFrom::Start(5)).await.unwrap();
+        let mut tail = vec![0u8; 20];
+        a.read_exact(&mut tail).await.unwrap();
+        assert_eq!(&tail[..], &all[5..25]);
+        // Another salt, another file (and another hash).
+        let b = Pattern::new(&base, 2, size);
+        let (na, nb) = (a.new_upload("a").await.unwrap(), b.new_upload("b").await.unwrap());
+        assert_eq!(na.blake3, *blake3::hash(&all).as_bytes());
+        assert_ne!(na.blake3, nb.blake3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_limits_measure_real_transfers() {
+        let (up, down) = quinn_bulk(4 * MIB).await.unwrap();
+        assert!(up > 0.0 && up.is_finite() && down > 0.0 && down.is_finite(), "{up} {down}");
+        let dir = tempfile::tempdir().unwrap();
+        let fsync = fsync_append(dir.path(), 3 * MIB + 5).unwrap();
+        assert!(fsync > 0.0 && fsync.is_finite(), "{fsync}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the probe file is removed");
+    }
+}

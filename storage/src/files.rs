@@ -1,0 +1,453 @@
+//! File records: one per file id (an upload in progress or a complete file), and the
+//! indexes around them: a user's uploads in progress, the bytes its quota counts, the
+//! expiry of incomplete uploads, the messages carrying a file (for who may read it), the
+//! number of complete files sharing one stored blob, and the complete files that may have
+//! lost their last hold.
+//!
+//! The bytes themselves are files under the data dir, not sled's: the broker writes and
+//! fsyncs them before it records an offset here. Changes of several keys (begin,
+//! complete, remove, drop a hold, collect) are one catalog batch each (`Store::commit`),
+//! serialised by the files lock so quota and upload counts are checked and changed in
+//! one step. The durable offset of an upload in progress is a single-key write that
+//! rides on the next group commit.
+
+use serde::{Deserialize, Serialize};
+use switchboard_protocol::{Blake3, ConvId, FileId, Seq, UserId};
+
+use crate::keys::{self, Key};
+use crate::{Durable, Result, Store, Txn, corrupt, encode};
+
+/// What the store keeps about one file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Name given at `BeginUpload`.
+    pub name: String,
+    /// Declared size, bytes.
+    pub size: u64,
+    /// Media type the uploader declared.
+    pub declared_type: String,
+    /// Media type published (the declared one, or what the first bytes showed).
+    pub content_type: String,
+    /// Declared BLAKE3 of the whole file (verified once complete).
+    pub blake3: Blake3,
+    /// Who uploaded it (for a thumbnail: its file's uploader).
+    pub uploader: UserId,
+    /// Upload start, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// An incomplete upload is removed at this time (0 once complete).
+    pub expires_ms: u64,
+    /// Progress.
+    pub stage: FileStage,
+    /// For a thumbnail, the file it shows (readable by whoever may read that one).
+    pub parent: Option<FileId>,
+    /// The uploader still holds the file (until `DeleteFile`); while it does, the file
+    /// counts against the uploader's quota.
+    pub held: bool,
+}
+
+/// Where a file stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileStage {
+    /// Being uploaded: bytes below `offset` are durable in the upload's partial file.
+    Uploading {
+        /// Durable bytes.
+        offset: u64,
+    },
+    /// All bytes in and verified; stored as the blob named by `blake3`.
+    Complete {
+        /// The thumbnail file, once made.
+        thumbnail: Option<FileId>,
+    },
+}
+
+impl FileRecord {
+    /// Whether the upload is complete.
+    pub fn is_complete(&self) -> bool {
+        matches!(self.stage, FileStage::Complete { .. })
+    }
+
+    /// The durable offset (the size once complete).
+    pub fn offset(&self) -> u64 {
+        match self.stage {
+            FileStage::Uploading { offset } => offset,
+            FileStage::Complete { .. } => self.size,
+        }
+    }
+}
+
+/// Why `begin_upload` refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadRefusal {
+    /// The user has `max_uploads` uploads in progress.
+    TooManyUploads,
+    /// The user's stored bytes plus the size would pass the quota.
+    QuotaExceeded,
+}
+
+/// What collecting a file removed (`Store::collect_file`).
+#[derive(Debug)]
+pub struct Collected {
+    /// Blobs whose last reference went: their files may be deleted once `durable` resolves.
+    pub unreferenced: Vec<Blake3>,
+    /// Resolves once the removal is durable.
+    pub durable: Durable,
+}
+
+impl Store {
+    /// One file's record.
+    pub fn file(&self, id: &FileId) -> Result<Option<FileRecord>> {
+        self.get(Key::file(id))
+    }
+
+    /// Records a new upload of `record.uploader` (stage `Uploading { offset: 0 }`), unless
+    /// the user has `max_uploads` in progress or its stored bytes plus the size pass
+    /// `quota_bytes`. The check and the write are one step. Blocking (a catalog batch).
+    pub fn begin_upload(
+        &self,
+        id: &FileId,
+        record: &FileRecord,
+        max_uploads: usize,
+        quota_bytes: u64,
+    ) -> Result<std::result::Result<Durable, UploadRefusal>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let user = record.uploader;
+        if self.db.scan_prefix(Key::uploading_of(user)).take(max_uploads).count() >= max_uploads {
+            return Ok(Err(UploadRefusal::TooManyUploads));
+        }
+        let stored = self.stored_bytes(user)?;
+        if stored.saturating_add(record.size) > quota_bytes {
+            return Ok(Err(UploadRefusal::QuotaExceeded));
+        }
+        let mut txn = Txn::new();
+        txn.put(Key::file(id), record);
+        txn.batch.insert(Key::uploading(user, id).as_ref(), &[][..]);
+        txn.batch.insert(Key::file_expiry(record.expires_ms, id).as_ref(), &[][..]);
+        txn.batch.insert(Key::stored_bytes(user).as_ref(), &(stored + record.size).to_be_bytes()[..]);
+        Ok(Ok(self.commit(txn)?))
+    }
+
+    /// How many uploads `user` has in progress, counting at most `limit`.
+    pub fn uploads_of(&self, user: UserId, limit: usize) -> Result<usize> {
+        let mut n = 0;
+        for item in self.db.scan_prefix(Key::uploading_of(user)).take(limit) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Bytes `user`'s quota counts now.
+    pub fn stored_bytes(&self, user: UserId) -> Result<u64> {
+        Ok(self.db.get(Key::stored_bytes(user))?.and_then(|v| keys::u64_from(&v)).unwrap_or(0))
+    }
+
+    /// Records that an upload's bytes below `offset` are durable in its partial file (the
+    /// caller fsynced them), and its published type if the first bytes changed it. A
+    /// single-key write; the returned future resolves once a group commit covers it.
+    /// `None` if the upload is no longer in progress (cancelled, expired, complete).
+    pub fn set_upload_offset(&self, id: &FileId, offset: u64, content_type: Option<&str>) -> Result<Option<Durable>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(None) };
+        if record.is_complete() {
+            return Ok(None);
+        }
+        record.stage = FileStage::Uploading { offset };
+        if let Some(t) = content_type {
+            record.content_type = t.to_owned();
+        }
+        self.db.insert(Key::file(id), encode(&record))?;
+        Ok(Some(self.barrier()?))
+    }
+
+    /// Publishes a verified upload whose bytes are now the blob of `record.blake3`: the
+    /// record becomes complete and held, the upload leaves the in-progress and expiry
+    /// indexes, and the blob gains a reference (its quota stays counted). `None` if the
+    /// upload is no longer in progress. Blocking (a catalog batch).
+    pub fn complete_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(None) };
+        if record.is_complete() {
+            return Ok(None);
+        }
+        let mut txn = Txn::new();
+        txn.batch.remove(Key::uploading(record.uploader, id).as_ref());
+        txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
+        let refs = self.blob_refs(&record.blake3)?;
+        txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &(refs + 1).to_be_bytes()[..]);
+        record.stage = FileStage::Complete { thumbnail: None };
+        record.expires_ms = 0;
+        txn.put(Key::file(id), &record);
+        Ok(Some((record, self.commit(txn)?)))
+    }
+
+    /// Records a complete thumbnail `thumb` (whose bytes are the blob of
+    /// `record.blake3`) of the complete file `parent`. `None` if `parent` is gone or not
+    /// complete. Blocking (a catalog batch).
+    pub fn add_thumbnail(
+        &self,
+        parent: &FileId,
+        thumb: &FileId,
+        record: &FileRecord,
+    ) -> Result<Option<(FileRecord, Durable)>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut file) = self.file(parent)? else { return Ok(None) };
+        if !file.is_complete() {
+            return Ok(None);
+        }
+        let mut txn = Txn::new();
+        let refs = self.blob_refs(&record.blake3)?;
+        txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &(refs + 1).to_be_bytes()[..]);
+        txn.put(Key::file(thumb), record);
+        file.stage = FileStage::Complete { thumbnail: Some(*thumb) };
+        txn.put(Key::file(parent), &file);
+        Ok(Some((file, self.commit(txn)?)))
+    }
+
+    /// Removes an upload in progress (cancelled, failed or expired) and gives its
+    /// declared size back to the uploader's quota. Returns the record removed, or `None`
+    /// if there was no upload in progress under `id`. Blocking (a catalog batch).
+    pub fn remove_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(record) = self.file(id)? else { return Ok(None) };
+        if record.is_complete() {
+            return Ok(None);
+        }
+        let mut txn = Txn::new();
+        txn.batch.remove(Key::file(id).as_ref());
+        txn.batch.remove(Key::uploading(record.uploader, id).as_ref());
+        txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
+        let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
+        txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
+        Ok(Some((record, self.commit(txn)?)))
+    }
+
+    /// The uploader lets go of its complete file: it stops counting against its quota,
+    /// and is marked for `collect_file`. `false` if it is not a complete file the
+    /// uploader still holds. Blocking (a catalog batch); resolves once durable.
+    pub fn drop_hold(&self, id: &FileId) -> Result<Option<Durable>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(None) };
+        if !record.is_complete() || !record.held || record.parent.is_some() {
+            return Ok(None);
+        }
+        record.held = false;
+        let mut txn = Txn::new();
+        txn.put(Key::file(id), &record);
+        let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
+        txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
+        txn.batch.insert(Key::file_unheld(id).as_ref(), &[][..]);
+        Ok(Some(self.commit(txn)?))
+    }
+
+    /// Deletes the complete file `id` (and its thumbnail) if nothing holds it any more:
+    /// its uploader dropped its hold and no message that is not deleted carries it. Its
+    /// mark (`file_unheld`) goes either way. Blobs left with no reference are returned
+    /// for the caller to delete. Blocking (a catalog batch).
+    pub fn collect_file(&self, id: &FileId) -> Result<Collected> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut txn = Txn::new();
+        txn.batch.remove(Key::file_unheld(id).as_ref());
+        let mut unreferenced = Vec::new();
+        if let Some(record) = self.file(id)?
+            && record.is_complete()
+            && !record.held
+            && self.db.scan_prefix(Key::attached_of(id)).next().is_none()
+        {
+            let mut files = vec![(*id, record)];
+            if let Some(FileStage::Complete { thumbnail: Some(t) }) = files.first().map(|f| f.1.stage.clone())
+                && let Some(thumb) = self.file(&t)?
+            {
+                files.push((t, thumb));
+            }
+            for (file, record) in files {
+                txn.batch.remove(Key::file(&file).as_ref());
+                let refs = self.blob_refs(&record.blake3)?.saturating_sub(1);
+                // Two files of one blob in this batch: count from what the batch wrote.
+                let refs = if unreferenced.contains(&record.blake3) { 0 } else { refs };
+                if refs == 0 {
+                    txn.batch.remove(Key::blob_refs(&record.blake3).as_ref());
+                    if !unreferenced.contains(&record.blake3) {
+                        unreferenced.push(record.blake3);
+                    }
+                } else {
+                    txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &refs.to_be_bytes()[..]);
+                }
+            }
+        }
+        Ok(Collected { unreferenced, durable: self.commit(txn)? })
+    }
+
+    /// Complete files marked as possibly unheld, at most `limit`.
+    pub fn unheld_files(&self, limit: usize) -> Result<Vec<FileId>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(Key::files_unheld()).take(limit) {
+            let (k, _) = item?;
+            out.push(file_id_at(&k, 1)?);
+        }
+        Ok(out)
+    }
+
+    /// Uploads whose expiry is at or before `now_ms`, at most `limit`, oldest first.
+    pub fn expired_uploads(&self, now_ms: u64, limit: usize) -> Result<Vec<FileId>> {
+        let mut out = Vec::new();
+        let range = Key::file_expiries().as_ref().to_vec()..=Key::file_expiry_until(now_ms).as_ref().to_vec();
+        for item in self.db.range(range).take(limit) {
+            let (k, _) = item?;
+            out.push(file_id_at(&k, 9)?);
+        }
+        Ok(out)
+    }
+
+    /// Every upload in progress with its record (startup repair).
+    pub fn uploads_in_progress(&self) -> Result<Vec<(FileId, FileRecord)>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(Key::uploads()) {
+            let (k, _) = item?;
+            let id = file_id_at(&k, 9)?;
+            if let Some(record) = self.file(&id)? {
+                out.push((id, record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many complete files share the blob with this hash.
+    pub fn blob_refs(&self, hash: &Blake3) -> Result<u64> {
+        Ok(self.db.get(Key::blob_refs(hash))?.and_then(|v| keys::u64_from(&v)).unwrap_or(0))
+    }
+
+    /// Messages carrying `file` (not deleted), at most `limit`, by conversation then seq.
+    pub fn attachments(&self, file: &FileId, limit: usize) -> Result<Vec<(ConvId, Seq)>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(Key::attached_of(file)).take(limit) {
+            let (k, _) = item?;
+            let conv = keys::u64_from(&k[17..25]).ok_or_else(|| corrupt(&k, "attachment key"))?;
+            let seq = keys::u64_from(&k[25..33]).ok_or_else(|| corrupt(&k, "attachment key"))?;
+            out.push((conv, seq));
+        }
+        Ok(out)
+    }
+}
+
+fn file_id_at(k: &[u8], at: usize) -> Result<FileId> {
+    k.get(at..at + 16).and_then(|s| s.try_into().ok()).ok_or_else(|| corrupt(k, "file key"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StoreConfig;
+    use switchboard_protocol::{Body, Entry, FileRef};
+
+    fn open(dir: &std::path::Path) -> Store {
+        let mut config = StoreConfig::new(dir.join("db"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        Store::open(&config).unwrap()
+    }
+
+    fn record(user: UserId, size: u64, hash: u8) -> FileRecord {
+        FileRecord {
+            name: "a.bin".into(),
+            size,
+            declared_type: "application/octet-stream".into(),
+            content_type: "application/octet-stream".into(),
+            blake3: [hash; 32],
+            uploader: user,
+            created_ms: 1,
+            expires_ms: 1000 + size,
+            stage: FileStage::Uploading { offset: 0 },
+            parent: None,
+            held: true,
+        }
+    }
+
+    fn entry(conv: ConvId, seq: Seq, body: Body) -> Entry {
+        Entry { conv, seq, sender: 1, sender_device: 1, client_id: [seq as u8; 16], at_ms: 0, body }
+    }
+
+    async fn append(store: &Store, e: Entry) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.append_then(&e, move |r| tx.send(r).unwrap()).unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn limits_quota_and_the_life_of_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
+        store.begin_upload(&a, &record(7, 60, 1), 2, 100).unwrap().unwrap().await.unwrap();
+        assert_eq!(
+            store.begin_upload(&b, &record(7, 41, 2), 2, 100).unwrap().unwrap_err(),
+            UploadRefusal::QuotaExceeded
+        );
+        store.begin_upload(&b, &record(7, 40, 2), 2, 100).unwrap().unwrap().await.unwrap();
+        assert_eq!(
+            store.begin_upload(&c, &record(7, 1, 3), 2, 1000).unwrap().unwrap_err(),
+            UploadRefusal::TooManyUploads
+        );
+        assert_eq!(store.stored_bytes(7).unwrap(), 100);
+        // Expiry: `a` expires at 1060, `b` at 1040.
+        assert_eq!(store.expired_uploads(1050, 10).unwrap(), vec![b]);
+        store.set_upload_offset(&b, 20, Some("text/plain")).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.file(&b).unwrap().unwrap().offset(), 20);
+        assert_eq!(store.file(&b).unwrap().unwrap().content_type, "text/plain");
+        store.remove_upload(&b).unwrap().unwrap().1.await.unwrap();
+        assert_eq!(store.stored_bytes(7).unwrap(), 60, "a removed upload gives its quota back");
+        assert!(store.expired_uploads(u64::MAX >> 1, 10).unwrap() == vec![a]);
+        // Complete: leaves the in-progress and expiry indexes, references its blob.
+        let (done, d) = store.complete_upload(&a).unwrap().unwrap();
+        d.await.unwrap();
+        assert!(done.is_complete());
+        assert!(store.uploads_in_progress().unwrap().is_empty());
+        assert!(store.expired_uploads(u64::MAX >> 1, 10).unwrap().is_empty());
+        assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 1);
+        assert!(store.remove_upload(&a).unwrap().is_none(), "a complete file is not an upload");
+        // Attached to a message: dropping the hold keeps it while the message exists.
+        let files = vec![FileRef { file: a, name: "a.bin".into(), size: 60, content_type: "x/y".into() }];
+        append(&store, entry(9, 1, Body::Files { text: String::new(), files, edited: false })).await;
+        assert_eq!(store.attachments(&a, 10).unwrap(), vec![(9, 1)]);
+        store.drop_hold(&a).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.stored_bytes(7).unwrap(), 0);
+        assert_eq!(store.unheld_files(10).unwrap(), vec![a]);
+        let kept = store.collect_file(&a).unwrap();
+        kept.durable.await.unwrap();
+        assert!(kept.unreferenced.is_empty() && store.file(&a).unwrap().is_some(), "a message still carries it");
+        // Deleting the message drops the attachment and marks the file again.
+        append(&store, entry(9, 2, Body::Delete { target: 1 })).await;
+        assert!(store.attachments(&a, 10).unwrap().is_empty());
+        assert_eq!(store.unheld_files(10).unwrap(), vec![a]);
+        let gone = store.collect_file(&a).unwrap();
+        gone.durable.await.unwrap();
+        assert_eq!(gone.unreferenced, vec![[1; 32]]);
+        assert!(store.file(&a).unwrap().is_none());
+        assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 0);
+        assert!(store.unheld_files(10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn shared_blobs_are_counted_and_thumbnails_go_with_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b, t) = ([1; 16], [2; 16], [3; 16]);
+        for id in [a, b] {
+            store.begin_upload(&id, &record(7, 10, 5), 8, 100).unwrap().unwrap().await.unwrap();
+            store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
+        }
+        assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 2);
+        let mut thumb = record(7, 3, 6);
+        thumb.stage = FileStage::Complete { thumbnail: None };
+        thumb.parent = Some(a);
+        thumb.held = false;
+        let (parent, d) = store.add_thumbnail(&a, &t, &thumb).unwrap().unwrap();
+        d.await.unwrap();
+        assert_eq!(parent.stage, FileStage::Complete { thumbnail: Some(t) });
+        store.drop_hold(&a).unwrap().unwrap().await.unwrap();
+        let c = store.collect_file(&a).unwrap();
+        c.durable.await.unwrap();
+        assert_eq!(c.unreferenced, vec![[6; 32]], "the shared blob keeps one reference, the thumbnail's goes");
+        assert!(store.file(&t).unwrap().is_none());
+        assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1);
+        assert_eq!(store.file(&b).unwrap().unwrap().offset(), 10);
+    }
+}

@@ -1,0 +1,724 @@
+//! Resumable file streams end to end (PROTOCOL.md section 12): uploads that survive a
+//! dropped connection and a broker restart, every refusal with its own code and nothing
+//! published, who may read a file, range downloads, expiry, shared blobs, and many
+//! uploads at once. Real broker, real QUIC, real disk.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use switchboard_client::Client;
+use switchboard_protocol::{
+    Body, ErrorCode, FileId, FileState, NewUpload, Page, Reply, RequestBody, TransferOpen, TransferReply,
+};
+use switchboard_tests::{
+    STEP_DEADLINE, TestBroker, Transfer, begin_upload, bounded, download, next_entry, upload_range, upload_rest, within,
+};
+
+/// `n` bytes that differ from those of another `seed`.
+fn bytes(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed).collect()
+}
+
+fn code_of(result: Result<Reply, switchboard_client::ClientError>) -> ErrorCode {
+    result.unwrap_err().code().expect("an error answer")
+}
+
+async fn file_info(client: &Client, file: FileId) -> Result<Reply, switchboard_client::ClientError> {
+    client.request(RequestBody::FileInfo { file }).await
+}
+
+async fn status(client: &Client, file: FileId) -> Result<Reply, switchboard_client::ClientError> {
+    client.request(RequestBody::UploadStatus { file }).await
+}
+
+fn offset_of(reply: Reply) -> u64 {
+    match reply {
+        Reply::Upload(s) => s.offset,
+        other => panic!("expected Upload, got {other:?}"),
+    }
+}
+
+/// Uploads `data` completely and returns its id.
+async fn upload(client: &Client, name: &str, data: &[u8]) -> FileId {
+    let begun = begin_upload(client, name, "application/octet-stream", data).await;
+    match upload_rest(client.connection(), begun.file, data, 0).await {
+        TransferReply::Complete(f) => assert_eq!((f.file, f.size), (begun.file, data.len() as u64)),
+        other => panic!("expected Complete, got {other:?}"),
+    }
+    begun.file
+}
+
+fn files_in(dir: std::path::PathBuf) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_upload_cut_at_half_resumes_on_a_new_connection_and_completes() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let data = bytes(3 * 1024 * 1024 + 123, 1);
+        let begun = begin_upload(&alice, "big.bin", "application/octet-stream", &data).await;
+        assert_eq!((begun.offset, begun.complete, begun.chunk_max), (0, false, 1024 * 1024));
+        let half = data.len() as u64 / 2;
+        let replies = upload_range(alice.connection(), begun.file, &data, 0, half, 256 * 1024).await;
+        assert!(matches!(replies.last(), Some(TransferReply::Durable { offset }) if *offset >= half), "{replies:?}");
+        // The connection drops mid-upload.
+        alice.connection().close(0u32.into(), b"lift");
+        drop(alice);
+
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        let offset = offset_of(status(&alice, begun.file).await.unwrap());
+        assert!(offset >= half && offset < data.len() as u64, "resumes from the durable offset {offset}");
+        // Any other offset is refused with the durable one.
+        let mut wrong = Transfer::open(alice.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        match wrong.reply().await {
+            Some(TransferReply::Failed { error, offset: o }) => {
+                assert_eq!((error.code, o), (ErrorCode::WRONG_OFFSET, offset))
+            }
+            other => panic!("expected WRONG_OFFSET, got {other:?}"),
+        }
+        match upload_rest(alice.connection(), begun.file, &data, offset).await {
+            TransferReply::Complete(f) => assert_eq!(f.size, data.len() as u64),
+            other => panic!("expected Complete, got {other:?}"),
+        }
+        let (range, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(range, TransferReply::Range { offset: 0, length: data.len() as u64, size: data.len() as u64 });
+        assert_eq!(blake3::hash(&got), blake3::hash(&data));
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => {
+                assert_eq!(info.blake3, *blake3::hash(&data).as_bytes());
+                assert_eq!(info.state, FileState::Complete { thumbnail: None });
+            }
+            other => panic!("{other:?}"),
+        }
+        // A stream opened for a complete upload is told so at once.
+        let mut again = Transfer::open(alice.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(again.reply().await, Some(TransferReply::Complete(_))));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_upload_resumes_across_a_broker_restart() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let data = bytes(2 * 1024 * 1024 + 7, 2);
+        let begun = begin_upload(&alice, "r.bin", "application/octet-stream", &data).await;
+        let half = data.len() as u64 / 2;
+        upload_range(alice.connection(), begun.file, &data, 0, half, 128 * 1024).await;
+        drop(alice);
+        tb.restart().await;
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        let offset = offset_of(status(&alice, begun.file).await.unwrap());
+        assert!(offset >= half, "the durable offset survived: {offset}");
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &data, offset).await, TransferReply::Complete(_)));
+        let (_, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+        // And the complete file survives another restart.
+        drop(alice);
+        tb.restart().await;
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        // A connection opens transfer streams once a file request allowed them.
+        file_info(&alice, begun.file).await.unwrap();
+        let (_, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_range_download_returns_exactly_the_requested_bytes() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(700 * 1024 + 5, 3);
+        let file = upload(&alice, "r.bin", &data).await;
+        let size = data.len() as u64;
+        for (offset, length, want) in [
+            (0, 10, 0..10),
+            (1000, 500, 1000..1500),
+            (size - 3, 0, (size - 3) as usize..size as usize),
+            (size - 3, 100, (size - 3) as usize..size as usize),
+            (300 * 1024, 300 * 1024, 300 * 1024..600 * 1024),
+            (size, 0, size as usize..size as usize),
+        ] {
+            let (range, got) = download(alice.connection(), file, offset, length).await.unwrap();
+            assert_eq!(range, TransferReply::Range { offset, length: want.len() as u64, size });
+            assert_eq!(got, data[want], "{offset}+{length}");
+        }
+        assert_eq!(download(alice.connection(), file, size + 1, 0).await.unwrap_err().code, ErrorCode::INVALID);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn each_refusal_gets_its_own_code_and_publishes_nothing() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_file_bytes = 4 * 1024 * 1024;
+            c.quota_bytes = 6 * 1024 * 1024;
+            c.max_uploads_per_user = 3;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let mut bob_events = bob.events().unwrap();
+        next_entry(&mut bob_events).await;
+        let conn = alice.connection();
+        let data = bytes(300 * 1024, 4);
+
+        // A corrupt chunk is refused and not stored; the upload goes on from the
+        // durable offset on a new stream.
+        let begun = begin_upload(&alice, "c.bin", "application/octet-stream", &data).await;
+        let mut t = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        t.chunk(0, &data[..1000], Some([9; 32])).await;
+        match t.reply().await {
+            Some(TransferReply::Failed { error, offset }) => {
+                assert_eq!((error.code, offset), (ErrorCode::CHUNK_CORRUPT, 0))
+            }
+            other => panic!("expected CHUNK_CORRUPT, got {other:?}"),
+        }
+        assert_eq!(offset_of(status(&alice, begun.file).await.unwrap()), 0, "nothing of it was stored");
+        // A chunk at the wrong place.
+        let mut t = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        t.reply().await;
+        t.chunk(10, &data[10..20], None).await;
+        match t.reply().await {
+            Some(TransferReply::Failed { error, offset }) => {
+                assert_eq!((error.code, offset), (ErrorCode::WRONG_OFFSET, 0))
+            }
+            other => panic!("expected WRONG_OFFSET, got {other:?}"),
+        }
+        assert!(matches!(upload_rest(conn, begun.file, &data, 0).await, TransferReply::Complete(_)));
+
+        // Bytes that do not match the declared whole-file hash: nothing published, the
+        // upload gone, its quota back.
+        let liar = NewUpload {
+            name: "liar.bin".into(),
+            size: data.len() as u64,
+            content_type: "application/octet-stream".into(),
+            blake3: [7; 32],
+        };
+        let Reply::Upload(lie) = alice.request(RequestBody::BeginUpload(liar)).await.unwrap() else { panic!() };
+        match upload_rest(conn, lie.file, &data, 0).await {
+            TransferReply::Failed { error, .. } => assert_eq!(error.code, ErrorCode::HASH_MISMATCH),
+            other => panic!("expected HASH_MISMATCH, got {other:?}"),
+        }
+        assert_eq!(code_of(status(&alice, lie.file).await), ErrorCode::NOT_FOUND);
+        assert_eq!(code_of(file_info(&alice, lie.file).await), ErrorCode::NOT_FOUND);
+        let send = |file| RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: "look".into(),
+            files: vec![file],
+        };
+        assert_eq!(code_of(alice.request(send(lie.file)).await), ErrorCode::NOT_FOUND);
+
+        // An executable declared as an image: TYPE_MISMATCH on its first chunk.
+        let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
+        elf.resize(8192, 0);
+        let exe = begin_upload(&alice, "cat.png", "image/png", &elf).await;
+        match upload_rest(conn, exe.file, &elf, 0).await {
+            TransferReply::Failed { error, .. } => assert_eq!(error.code, ErrorCode::TYPE_MISMATCH),
+            other => panic!("expected TYPE_MISMATCH, got {other:?}"),
+        }
+        assert_eq!(code_of(status(&alice, exe.file).await), ErrorCode::NOT_FOUND, "removed");
+        // A mislabelled harmless type is relabelled and published as what it is.
+        let png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
+        let relabelled = begin_upload(&alice, "pic.jpg", "image/jpeg", &png).await;
+        match upload_rest(conn, relabelled.file, &png, 0).await {
+            TransferReply::Complete(f) => assert_eq!(f.content_type, "image/png"),
+            other => panic!("expected Complete, got {other:?}"),
+        }
+
+        // Limits at begin: size, uploads in progress, quota; in that order.
+        let big = NewUpload {
+            name: "big".into(),
+            size: 4 * 1024 * 1024 + 1,
+            content_type: "application/octet-stream".into(),
+            blake3: [0; 32],
+        };
+        assert_eq!(code_of(alice.request(RequestBody::BeginUpload(big)).await), ErrorCode::FILE_TOO_LARGE);
+        let declare = |size: u64| {
+            RequestBody::BeginUpload(NewUpload {
+                name: "part".into(),
+                size,
+                content_type: "application/octet-stream".into(),
+                blake3: [0; 32],
+            })
+        };
+        for bad in ["", "a/b", "a\nb"] {
+            let r = RequestBody::BeginUpload(NewUpload {
+                name: bad.into(),
+                size: 1,
+                content_type: "text/plain".into(),
+                blake3: [0; 32],
+            });
+            assert_eq!(code_of(alice.request(r).await), ErrorCode::INVALID, "{bad:?}");
+        }
+        assert_eq!(code_of(alice.request(declare(0)).await), ErrorCode::INVALID);
+        // Quota: 6 MiB; ~0.6 MiB held by the two complete files.
+        let Reply::Upload(a) = alice.request(declare(3 * 1024 * 1024)).await.unwrap() else { panic!() };
+        assert_eq!(code_of(alice.request(declare(3 * 1024 * 1024)).await), ErrorCode::QUOTA_EXCEEDED);
+        alice.request(declare(1000)).await.unwrap();
+        alice.request(declare(1000)).await.unwrap();
+        assert_eq!(code_of(alice.request(declare(1000)).await), ErrorCode::TOO_MANY_UPLOADS);
+        // Cancelling gives the place and the quota back.
+        assert_eq!(alice.request(RequestBody::CancelUpload { file: a.file }).await.unwrap(), Reply::Done);
+        assert_eq!(code_of(status(&alice, a.file).await), ErrorCode::NOT_FOUND);
+        alice.request(declare(3 * 1024 * 1024)).await.unwrap();
+
+        // Nothing refused was published: bob saw no message, and the history holds none.
+        let (entries, _) = bob.history(conv, Page::After(1), 100).await.unwrap();
+        assert!(entries.is_empty(), "{entries:?}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_disk_reserve_refuses_uploads_with_storage_full() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.disk_reserve_bytes = u64::MAX / 2).await;
+        let (alice, _) = tb.register("alice").await;
+        let r = RequestBody::BeginUpload(NewUpload {
+            name: "x".into(),
+            size: 10,
+            content_type: "text/plain".into(),
+            blake3: [0; 32],
+        });
+        assert_eq!(code_of(alice.request(r).await), ErrorCode::STORAGE_FULL);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn only_the_uploader_and_members_where_it_is_attached_may_read_a_file() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let mut bob_events = bob.events().unwrap();
+        next_entry(&mut bob_events).await;
+        let data = bytes(200 * 1024, 5);
+        let file = upload(&alice, "plan.pdf", &data).await;
+        let missing = [0x77; 16];
+        // Not attached anywhere: bob knows the id and learns nothing.
+        for who in [&bob, &eve] {
+            let real = file_info(who, file).await.unwrap_err();
+            let none = file_info(who, missing).await.unwrap_err();
+            assert_eq!(format!("{real}"), format!("{none}"));
+            assert_eq!(real.code(), Some(ErrorCode::NOT_FOUND));
+        }
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: "the plan".into(),
+            files: vec![file],
+        };
+        let Reply::Appended { seq, .. } = alice.request(send).await.unwrap() else { panic!() };
+        let e = next_entry(&mut bob_events).await;
+        match e.body {
+            Body::Files { text, files, .. } => {
+                assert_eq!(text, "the plan");
+                assert_eq!(
+                    (files[0].file, files[0].size, files[0].name.as_str()),
+                    (file, data.len() as u64, "plan.pdf")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // bob may read it now; eve may not, and gets the missing-file answer everywhere.
+        assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
+        let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+        // eve's connection needs a file request answered before it may open streams.
+        eve.request(RequestBody::BeginUpload(NewUpload {
+            name: "e".into(),
+            size: 1,
+            content_type: "text/plain".into(),
+            blake3: [0; 32],
+        }))
+        .await
+        .unwrap();
+        let real = download(eve.connection(), file, 0, 0).await.unwrap_err();
+        let none = download(eve.connection(), missing, 0, 0).await.unwrap_err();
+        assert_eq!(real, none);
+        assert_eq!(real.code, ErrorCode::NOT_FOUND);
+        let mut t = Transfer::open(eve.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
+        let real = t.reply().await;
+        let mut t = Transfer::open(eve.connection(), &TransferOpen::Upload { file: missing, offset: 0 }).await;
+        assert_eq!(real, t.reply().await, "an upload stream tells nothing either");
+        for req in
+            [RequestBody::UploadStatus { file }, RequestBody::CancelUpload { file }, RequestBody::DeleteFile { file }]
+        {
+            assert_eq!(code_of(eve.request(req.clone()).await), ErrorCode::NOT_FOUND, "{req:?}");
+        }
+        // eve cannot attach it to a conversation of hers either.
+        let eve_conv = eve.create_direct("alice").await.unwrap().id;
+        let steal = RequestBody::SendFiles {
+            conv: eve_conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        assert_eq!(code_of(eve.request(steal).await), ErrorCode::NOT_FOUND);
+        // A removed member loses access with the membership.
+        alice.remove_member(conv, bob.user_id).await.unwrap();
+        assert_eq!(code_of(file_info(&bob, file).await), ErrorCode::NOT_FOUND);
+        assert_eq!(download(bob.connection(), file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_FOUND);
+        // Deleting the message ends access through it, the uploader keeps hers.
+        alice.add_members(conv, &["bob".into()], switchboard_protocol::Role::Member).await.unwrap();
+        assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
+        alice.delete(conv, seq).await.unwrap();
+        assert_eq!(code_of(file_info(&bob, file).await), ErrorCode::NOT_FOUND);
+        assert!(matches!(file_info(&alice, file).await.unwrap(), Reply::File(_)));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let mut phone_events = phone.events().unwrap();
+        let mut bob_events = bob.events().unwrap();
+        let data = bytes(2 * 1024 * 1024, 6);
+        let begun = begin_upload(&alice, "v.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
+        // Attached while still uploading: the members hear of its progress too.
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![begun.file],
+        };
+        alice.request(send).await.unwrap();
+        let offset = offset_of(status(&alice, begun.file).await.unwrap());
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &data, offset).await, TransferReply::Complete(_)));
+        final_state(&mut phone_events, None, begun.file).await;
+        final_state(&mut bob_events, Some(conv), begun.file).await;
+    })
+    .await
+}
+
+/// Waits for the event saying `file` completed, as sent to `conv`'s audience.
+async fn final_state(events: &mut switchboard_client::Events, conv: Option<u64>, file: FileId) {
+    within(STEP_DEADLINE, "the final file event", async {
+        loop {
+            match events.next().await {
+                Some(switchboard_protocol::Event::File(p)) if p.state == (FileState::Complete { thumbnail: None }) => {
+                    assert_eq!((p.conv, p.file), (conv, file));
+                    return;
+                }
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn fifty_concurrent_uploads_from_ten_clients_all_complete() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let mut clients = Vec::new();
+        for i in 0..10 {
+            clients.push(tb.register(&format!("u{i}")).await.0);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, client) in clients.into_iter().enumerate() {
+            let client = std::sync::Arc::new(client);
+            for j in 0..5 {
+                let client = client.clone();
+                tasks.spawn(async move {
+                    let data = bytes(1024 * 1024, (i * 5 + j) as u8);
+                    let file = upload(&client, "m.bin", &data).await;
+                    let (_, got) = download(client.connection(), file, 0, 0).await.unwrap();
+                    assert_eq!(blake3::hash(&got), blake3::hash(&data));
+                });
+            }
+        }
+        let mut done = 0;
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+            done += 1;
+        }
+        assert_eq!(done, 50);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn abandoned_uploads_expire_with_their_data_and_quota() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.upload_expiry_secs = 1;
+            c.quota_bytes = 1024 * 1024;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let mut events = phone.events().unwrap();
+        let data = bytes(1024 * 1024, 8);
+        let begun = begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
+        let partial = tb.data_dir().join("uploads");
+        assert_eq!(files_in(partial.clone()), 1);
+        within(STEP_DEADLINE, "the upload expiring", async {
+            while status(&alice, begun.file).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert_eq!(code_of(status(&alice, begun.file).await), ErrorCode::NOT_FOUND);
+        assert_eq!(files_in(partial), 0, "its partial data is gone");
+        // The uploader's devices hear that it is gone.
+        within(STEP_DEADLINE, "the expiry event", async {
+            loop {
+                match events.next().await {
+                    Some(switchboard_protocol::Event::File(p))
+                        if p.state == (FileState::Failed { code: ErrorCode::NOT_FOUND }) =>
+                    {
+                        assert_eq!((p.file, p.conv), (begun.file, None));
+                        return;
+                    }
+                    Some(_) => {}
+                    None => panic!("events ended"),
+                }
+            }
+        })
+        .await;
+        // Its quota is back: a file of the whole quota fits.
+        begin_upload(&alice, "b.bin", "application/octet-stream", &data).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_same_bytes_are_stored_once_and_outlive_one_of_their_files() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let data = bytes(300 * 1024, 9);
+        let a = upload(&alice, "a.bin", &data).await;
+        let b = upload(&bob, "b.bin", &data).await;
+        let blobs = tb.data_dir().join("blobs");
+        assert_eq!(files_in(blobs.clone()), 1, "one stored copy");
+        assert_eq!(alice.request(RequestBody::DeleteFile { file: a }).await.unwrap(), Reply::Done);
+        assert_eq!(code_of(file_info(&alice, a).await), ErrorCode::NOT_FOUND, "held by nothing: deleted");
+        let (_, got) = download(bob.connection(), b, 0, 0).await.unwrap();
+        assert_eq!(got, data, "the other file still reads");
+        assert_eq!(files_in(blobs.clone()), 1);
+        bob.request(RequestBody::DeleteFile { file: b }).await.unwrap();
+        assert_eq!(files_in(blobs), 0, "the last reference took the bytes");
+    })
+    .await
+}
+
+/// A `width` x `height` PNG gradient.
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let picture = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]));
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(picture).write_to(std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+/// A small real PNG whose header declares `width` x `height` (IHDR with a valid CRC).
+fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut png = png(1, 1);
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let mut crc = !0u32;
+    for byte in &png[12..29] {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    png[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    png
+}
+
+#[tokio::test]
+async fn an_image_gets_a_thumbnail_readable_like_its_file_and_a_bomb_gets_none() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let mut events = alice.events().unwrap();
+        let picture = png(600, 300);
+        let begun = begin_upload(&alice, "cat.png", "image/png", &picture).await;
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &picture, 0).await, TransferReply::Complete(_)));
+        let thumb = within(STEP_DEADLINE, "the thumbnail event", async {
+            loop {
+                if let Some(switchboard_protocol::Event::File(p)) = events.next().await
+                    && let FileState::Complete { thumbnail: Some(t) } = p.state
+                {
+                    assert_eq!((p.file, p.conv), (begun.file, None));
+                    return t;
+                }
+            }
+        })
+        .await;
+        assert_eq!(thumb.content_type, "image/png");
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => assert_eq!(info.state, FileState::Complete { thumbnail: Some(thumb.clone()) }),
+            other => panic!("{other:?}"),
+        }
+        let (_, thumb_png) = download(alice.connection(), thumb.file, 0, 0).await.unwrap();
+        let decoded = image::load_from_memory(&thumb_png).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (256, 128));
+        // A thumbnail is readable by whoever may read its file, and nobody else.
+        let attach = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![begun.file],
+        };
+        alice.request(attach).await.unwrap();
+        assert!(matches!(file_info(&bob, thumb.file).await.unwrap(), Reply::File(_)));
+        assert_eq!(code_of(file_info(&eve, thumb.file).await), ErrorCode::NOT_FOUND);
+
+        // A decompression bomb completes as a file, gets no thumbnail, and the broker
+        // keeps serving.
+        let bomb = png_declaring(100_000, 100_000);
+        let begun = begin_upload(&alice, "bomb.png", "image/png", &bomb).await;
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &bomb, 0).await, TransferReply::Complete(_)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => assert_eq!(info.state, FileState::Complete { thumbnail: None }),
+            other => panic!("{other:?}"),
+        }
+        alice.ping().await.unwrap();
+        let again = upload(&alice, "after.bin", &bytes(1000, 1)).await;
+        assert!(matches!(file_info(&alice, again).await.unwrap(), Reply::File(_)));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_bad_transfer_stream_ends_alone_and_the_connection_serves_on() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(1000, 2);
+        let begun = begin_upload(&alice, "x.bin", "application/octet-stream", &data).await;
+        let conn = alice.connection();
+        // Garbage as the first frame: the stream is reset with BAD_FRAME.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[3, 0xff, 0xff, 0xff]).await.unwrap();
+        let end = within(STEP_DEADLINE, "the reset", recv.read_to_end(1024)).await;
+        assert!(
+            matches!(&end, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) if *code == ErrorCode::BAD_FRAME.0.into()),
+            "{end:?}"
+        );
+        // A huge length prefix after the open: FRAME_TOO_LARGE.
+        let mut t = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
+        t.send.write_all(&[0xff, 0xff, 0xff, 0x7f]).await.unwrap();
+        let end = within(STEP_DEADLINE, "the reset", t.recv.read_to_end(1024)).await;
+        assert!(
+            matches!(&end, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) if *code == ErrorCode::FRAME_TOO_LARGE.0.into()),
+            "{end:?}"
+        );
+        // The connection and the upload are fine.
+        alice.ping().await.unwrap();
+        assert!(matches!(upload_rest(conn, begun.file, &data, 0).await, TransferReply::Complete(_)));
+        // A resend of a files message answers its original seq.
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let client_id = switchboard_client::new_client_id();
+        let send = RequestBody::SendFiles { conv, client_id, text: "x".into(), files: vec![begun.file] };
+        let first = alice.request(send.clone()).await.unwrap();
+        let Reply::Appended { seq, duplicate: false } = first else { panic!("{first:?}") };
+        assert_eq!(alice.request(send).await.unwrap(), Reply::Appended { seq, duplicate: true });
+        // The same file twice, or no file: INVALID.
+        for files in [vec![begun.file, begun.file], vec![]] {
+            let r = RequestBody::SendFiles { conv, client_id: switchboard_client::new_client_id(), text: String::new(), files };
+            assert_eq!(code_of(alice.request(r).await), ErrorCode::INVALID);
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_upload_without_its_first_chunk_cannot_be_sent_and_an_incomplete_one_not_read() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let data = bytes(600 * 1024, 3);
+        let begun = begin_upload(&alice, "n.bin", "application/octet-stream", &data).await;
+        let send = |file| RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        assert_eq!(code_of(alice.request(send(begun.file)).await), ErrorCode::NOT_READY);
+        assert_eq!(download(alice.connection(), begun.file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_READY);
+        // Once its first chunk is stored it may be attached, still uploading.
+        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
+        assert!(matches!(alice.request(send(begun.file)).await.unwrap(), Reply::Appended { .. }));
+        assert_eq!(download(alice.connection(), begun.file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_READY);
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => assert_eq!(info.state, FileState::Uploading { offset: 256 * 1024 }),
+            other => panic!("{other:?}"),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_message() {
+    bounded(async {
+        // A short expiry makes the sweeper run often.
+        let tb = TestBroker::start_with(|c| {
+            c.upload_expiry_secs = 1;
+            c.quota_bytes = 400 * 1024;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let data = bytes(300 * 1024, 11);
+        let file = upload(&alice, "kept.bin", &data).await;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        let Reply::Appended { seq, .. } = alice.request(send).await.unwrap() else { panic!() };
+        // The uploader lets go: its quota is free again, the message still carries it.
+        alice.request(RequestBody::DeleteFile { file }).await.unwrap();
+        begin_upload(&alice, "next.bin", "application/octet-stream", &data).await;
+        assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
+        let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+        // The message goes: nothing holds the file any more, and the sweeper deletes it.
+        alice.delete(conv, seq).await.unwrap();
+        within(STEP_DEADLINE, "the file being deleted", async {
+            while file_info(&alice, file).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(files_in(tb.data_dir().join("blobs")), 0, "its bytes are gone");
+    })
+    .await
+}
