@@ -30,6 +30,10 @@ use switchboard_storage::{Store, StoreConfig};
 pub use config::Config;
 pub use error::{Error, Result};
 
+/// How long `Broker::shutdown` waits for actors and tasks to let go of the shared state
+/// (and so of the store's file lock) before closing the store without vouching for it.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(20);
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -235,8 +239,10 @@ impl Broker {
         self.shared.convs.stop_all();
         self.shared.files.stop_all();
         // Actors and session tasks hold the shared state; once they are gone nothing can
-        // write, and dropping the last reference releases the store's file lock.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // write, and dropping the last reference releases the store's file lock. An Upload
+        // actor may be inside a chunk's fdatasync and group commit, which on a busy disk
+        // takes seconds: wait for it rather than leave the store locked behind us.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
         while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
