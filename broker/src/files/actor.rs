@@ -330,11 +330,7 @@ impl Upload {
     /// Makes the verified bytes a blob and records the file complete.
     async fn publish(&self, st: &UploadActorState) -> Result<FileRef, ErrorBody> {
         let (shared, id, hash) = (self.shared.clone(), st.id, st.record.blake3);
-        let done = tokio::task::spawn_blocking(move || {
-            shared.files.blobs.publish(&id, &hash).map_err(|e| e.to_string())?;
-            shared.store.complete_upload(&id).map_err(|e| e.to_string())
-        })
-        .await;
+        let done = tokio::task::spawn_blocking(move || shared.files.blobs.publish(&shared.store, &id, &hash)).await;
         match done {
             Ok(Ok(Some((record, durable)))) => {
                 durable.await.map_err(crate::error::internal)?;

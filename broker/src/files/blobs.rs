@@ -16,13 +16,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use switchboard_protocol::{Blake3, FileId};
-use switchboard_storage::Store;
+use switchboard_storage::{Durable, FileRecord, Store};
 
 /// Where file bytes live.
 #[derive(Debug)]
 pub struct Blobs {
     uploads: PathBuf,
     blobs: PathBuf,
+    /// Held across "the blob exists, so add a reference to it" and across "the blob has
+    /// no reference, so unlink it": a blob is never unlinked while a file refers to it.
+    refs: std::sync::Mutex<()>,
 }
 
 /// Lowercase hex of `bytes`.
@@ -48,7 +51,8 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl Blobs {
     /// The directories under `data_dir`, created if missing.
     pub fn open(data_dir: &Path) -> io::Result<Blobs> {
-        let blobs = Blobs { uploads: data_dir.join("uploads"), blobs: data_dir.join("blobs") };
+        let blobs =
+            Blobs { uploads: data_dir.join("uploads"), blobs: data_dir.join("blobs"), refs: std::sync::Mutex::new(()) };
         std::fs::create_dir_all(&blobs.uploads)?;
         std::fs::create_dir_all(&blobs.blobs)?;
         Ok(blobs)
@@ -105,32 +109,61 @@ impl Blobs {
         Ok(hasher)
     }
 
-    /// Makes a verified upload's bytes the blob of `hash`: renames the partial file into
-    /// place, or drops it when that blob exists (the same bytes are stored once), and
-    /// syncs both directories.
-    pub fn publish(&self, id: &FileId, hash: &Blake3) -> io::Result<()> {
+    /// Makes a verified upload's bytes the blob of `hash` and records the file complete
+    /// (`Store::complete_upload`, which adds the blob's reference): renames the partial
+    /// file into place, or drops it when that blob exists (the same bytes are stored
+    /// once), and syncs both directories. The reference is added before the partial file
+    /// goes, under the lock `remove_unreferenced` takes, so a blob found here is never
+    /// unlinked under the file. `None` if the upload is no longer in progress.
+    pub fn publish(&self, store: &Store, id: &FileId, hash: &Blake3) -> Result<Option<(FileRecord, Durable)>, String> {
         let (partial, blob) = (self.partial(id), self.blob(hash));
-        if blob.exists() {
-            std::fs::remove_file(&partial)?;
+        let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        let completed = if blob.exists() {
+            let completed = store.complete_upload(id).map_err(|e| e.to_string())?;
+            if completed.is_some() {
+                std::fs::remove_file(&partial).map_err(|e| e.to_string())?;
+            }
+            completed
         } else {
-            std::fs::rename(&partial, &blob)?;
-            sync_dir(&self.blobs)?;
-        }
-        sync_dir(&self.uploads)
+            std::fs::rename(&partial, &blob).map_err(|e| e.to_string())?;
+            sync_dir(&self.blobs).map_err(|e| e.to_string())?;
+            store.complete_upload(id).map_err(|e| e.to_string())?
+        };
+        sync_dir(&self.uploads).map_err(|e| e.to_string())?;
+        Ok(completed)
     }
 
-    /// Stores `bytes` as the blob of `hash` (a thumbnail), durably, unless it exists.
-    pub fn store(&self, hash: &Blake3, bytes: &[u8]) -> io::Result<()> {
+    /// Stores `bytes` as the blob of `hash` (a thumbnail), durably unless it exists, and
+    /// records it as the thumbnail `thumb` of `parent` (`Store::add_thumbnail`), both
+    /// under the lock `remove_unreferenced` takes. When `parent` is gone the blob is
+    /// unlinked again if nothing else refers to it. `None` if `parent` is gone.
+    pub fn store_thumbnail(
+        &self,
+        store: &Store,
+        parent: &FileId,
+        thumb: &FileId,
+        record: &FileRecord,
+        bytes: &[u8],
+    ) -> Result<Option<(FileRecord, Durable)>, String> {
+        let hash = &record.blake3;
+        let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
         let blob = self.blob(hash);
-        if blob.exists() {
-            return Ok(());
+        if !blob.exists() {
+            let tmp = self.uploads.join(format!("{}.tmp", hex(hash)));
+            let write = || -> io::Result<()> {
+                let file = File::create(&tmp)?;
+                file.write_all_at(bytes, 0)?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, &blob)?;
+                sync_dir(&self.blobs)
+            };
+            write().map_err(|e| e.to_string())?;
         }
-        let tmp = self.uploads.join(format!("{}.tmp", hex(hash)));
-        let file = File::create(&tmp)?;
-        file.write_all_at(bytes, 0)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &blob)?;
-        sync_dir(&self.blobs)
+        let added = store.add_thumbnail(parent, thumb, record).map_err(|e| e.to_string())?;
+        if added.is_none() && store.blob_refs(hash).map_err(|e| e.to_string())? == 0 {
+            self.unlink(hash).map_err(|e| e.to_string())?;
+        }
+        Ok(added)
     }
 
     /// Removes an upload's partial file, if any.
@@ -141,8 +174,19 @@ impl Blobs {
         }
     }
 
-    /// Removes a blob no file references any more.
-    pub fn remove_blob(&self, hash: &Blake3) -> io::Result<()> {
+    /// Unlinks the blob of `hash` if no file refers to it: `Store::collect_file` named it
+    /// unreferenced, and its removal is durable. The references are read again under the
+    /// lock `publish` takes: a file that gained the blob since keeps it. Whether it went.
+    pub fn remove_unreferenced(&self, store: &Store, hash: &Blake3) -> Result<bool, String> {
+        let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        if store.blob_refs(hash).map_err(|e| e.to_string())? > 0 {
+            return Ok(false);
+        }
+        self.unlink(hash).map_err(|e| e.to_string())?;
+        Ok(true)
+    }
+
+    fn unlink(&self, hash: &Blake3) -> io::Result<()> {
         match std::fs::remove_file(self.blob(hash)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -222,7 +266,7 @@ mod tests {
     //! repair makes of each: either "still uploading at offset X" or "complete".
 
     use super::*;
-    use switchboard_storage::{FileRecord, FileStage, StoreConfig};
+    use switchboard_storage::{FileStage, StoreConfig};
 
     fn open(dir: &Path) -> (Store, Blobs) {
         let mut config = StoreConfig::new(dir.join("store"));
@@ -282,7 +326,7 @@ mod tests {
             store.set_upload_offset(&id, data.len() as u64, None).unwrap().unwrap().await.unwrap();
         }
         // The crash came after the blob was in place, before the record said so.
-        blobs.publish(&renamed, &record(&data).blake3).unwrap();
+        std::fs::rename(blobs.partial(&renamed), blobs.blob(&record(&data).blake3)).unwrap();
         // A blob of a file whose record never got written.
         std::fs::write(blobs.blob(&[9; 32]), b"orphan").unwrap();
         blobs.repair(&store).unwrap();
@@ -299,5 +343,43 @@ mod tests {
         blobs.repair(&store).unwrap();
         assert!(!blobs.partial(&[7; 16]).exists());
         assert!(blobs.partial(&not_yet).exists());
+    }
+
+    async fn uploaded(store: &Store, blobs: &Blobs, id: &FileId, data: &[u8]) {
+        begin(store, id, data).await;
+        let file = blobs.open_partial(id, 0).unwrap();
+        Blobs::write_chunk(&file, 0, data).unwrap();
+        store.set_upload_offset(id, data.len() as u64, None).unwrap().unwrap().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_blob_collected_while_the_same_bytes_publish_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let data = b"the same bytes twice".to_vec();
+        let hash = record(&data).blake3;
+        let (first, second) = ([1; 16], [2; 16]);
+        uploaded(&store, &blobs, &first, &data).await;
+        blobs.publish(&store, &first, &hash).unwrap().unwrap().1.await.unwrap();
+        store.drop_hold(&first).unwrap().unwrap().await.unwrap();
+        // The collection finds the blob unreferenced and makes that durable...
+        let collected = store.collect_file(&first).unwrap();
+        assert_eq!(collected.unreferenced, vec![hash]);
+        collected.durable.await.unwrap();
+        // ...meanwhile an upload of the same bytes publishes onto the existing blob...
+        uploaded(&store, &blobs, &second, &data).await;
+        let (done, durable) = blobs.publish(&store, &second, &hash).unwrap().unwrap();
+        durable.await.unwrap();
+        assert!(done.is_complete());
+        // ...and the collection's unlink step leaves the bytes the new file refers to.
+        assert!(!blobs.remove_unreferenced(&store, &hash).unwrap());
+        assert_eq!(std::fs::read(blobs.blob(&hash)).unwrap(), data);
+        assert!(!blobs.partial(&second).exists());
+        // Once nothing refers to it, it goes.
+        store.drop_hold(&second).unwrap().unwrap().await.unwrap();
+        let collected = store.collect_file(&second).unwrap();
+        collected.durable.await.unwrap();
+        assert!(blobs.remove_unreferenced(&store, &hash).unwrap());
+        assert!(!blobs.blob(&hash).exists());
     }
 }

@@ -199,7 +199,8 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
     let rt = tokio::runtime::Handle::current();
     rt.block_on(collected.durable).map_err(|e| e.to_string())?;
     for hash in collected.unreferenced {
-        shared.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
+        // Another upload of the same bytes may have published onto it since.
+        shared.files.blobs.remove_unreferenced(&shared.store, &hash)?;
     }
     Ok(())
 }
@@ -294,12 +295,8 @@ pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: swit
     };
     let s = shared.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        s.files.blobs.store(&hash, &png).map_err(|e| e.to_string())?;
-        let added = s.store.add_thumbnail(&id, &thumb_id, &thumb).map_err(|e| e.to_string())?;
-        if added.is_none() && s.store.blob_refs(&hash).map_err(|e| e.to_string())? == 0 {
-            // The file went meanwhile: so does its thumbnail's blob.
-            s.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
-        }
+        // The file may have gone meanwhile: then so does its thumbnail's blob.
+        let added = s.files.blobs.store_thumbnail(&s.store, &id, &thumb_id, &thumb, &png)?;
         Ok::<_, String>(added.map(|(_, durable)| (durable, thumb)))
     })
     .await;
