@@ -53,6 +53,11 @@ pub enum FileStage {
         /// Durable bytes.
         offset: u64,
     },
+    /// All bytes in and verified, and the record refers to the blob named by `blake3`
+    /// (counted in its references): the partial file is being made that blob. Durable
+    /// before the partial file is renamed or dropped, so the start-up repair completes
+    /// only an upload in this stage (any other without its partial file starts over).
+    Publishing,
     /// All bytes in and verified; stored as the blob named by `blake3`.
     Complete {
         /// The thumbnail file, once made.
@@ -70,7 +75,7 @@ impl FileRecord {
     pub fn offset(&self) -> u64 {
         match self.stage {
             FileStage::Uploading { offset } => offset,
-            FileStage::Complete { .. } => self.size,
+            FileStage::Publishing | FileStage::Complete { .. } => self.size,
         }
     }
 }
@@ -148,7 +153,7 @@ impl Store {
     pub fn set_upload_offset(&self, id: &FileId, offset: u64, content_type: Option<&str>) -> Result<Option<Durable>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
-        if record.is_complete() {
+        if !matches!(record.stage, FileStage::Uploading { .. }) {
             return Ok(None);
         }
         record.stage = FileStage::Uploading { offset };
@@ -159,25 +164,62 @@ impl Store {
         Ok(Some(self.barrier()?))
     }
 
-    /// Publishes a verified upload whose bytes are now the blob of `record.blake3`: the
-    /// record becomes complete and held, the upload leaves the in-progress and expiry
-    /// indexes, and the blob gains a reference (its quota stays counted). `None` if the
-    /// upload is no longer in progress. Blocking (a catalog batch).
+    /// Marks a verified upload as publishing (`FileStage::Publishing`): the record now
+    /// refers to the blob of `record.blake3` (one more reference). Call before the
+    /// partial file becomes that blob, and wait for the returned future. `None` if the
+    /// upload is not in progress at full size. Idempotent. Blocking (a catalog batch).
+    pub fn begin_publish(&self, id: &FileId) -> Result<Option<Durable>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(None) };
+        match record.stage {
+            FileStage::Publishing => return Ok(Some(self.barrier()?)),
+            FileStage::Uploading { offset } if offset == record.size => {}
+            _ => return Ok(None),
+        }
+        let mut txn = Txn::new();
+        let refs = self.blob_refs(&record.blake3)?;
+        txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &(refs + 1).to_be_bytes()[..]);
+        record.stage = FileStage::Publishing;
+        txn.put(Key::file(id), &record);
+        Ok(Some(self.commit(txn)?))
+    }
+
+    /// Publishes an upload marked by `begin_publish` whose bytes are now the blob of
+    /// `record.blake3`: the record becomes complete and held and the upload leaves the
+    /// in-progress and expiry indexes (its quota stays counted, its blob reference
+    /// stays). `None` if the upload is not publishing. Blocking (a catalog batch).
     pub fn complete_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
-        if record.is_complete() {
+        if record.stage != FileStage::Publishing {
             return Ok(None);
         }
         let mut txn = Txn::new();
         txn.batch.remove(Key::uploading(record.uploader, id).as_ref());
         txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
-        let refs = self.blob_refs(&record.blake3)?;
-        txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &(refs + 1).to_be_bytes()[..]);
         record.stage = FileStage::Complete { thumbnail: None };
         record.expires_ms = 0;
         txn.put(Key::file(id), &record);
         Ok(Some((record, self.commit(txn)?)))
+    }
+
+    /// Sends a publishing upload whose bytes are lost (neither its partial file nor its
+    /// blob exists) back to offset 0, dropping its blob reference. `false` if it was not
+    /// publishing. Blocking (a catalog batch); resolves once durable.
+    pub fn restart_upload(&self, id: &FileId) -> Result<Option<Durable>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(None) };
+        if record.stage != FileStage::Publishing {
+            return Ok(None);
+        }
+        let mut txn = Txn::new();
+        match self.blob_refs(&record.blake3)?.saturating_sub(1) {
+            0 => txn.batch.remove(Key::blob_refs(&record.blake3).as_ref()),
+            refs => txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &refs.to_be_bytes()[..]),
+        }
+        record.stage = FileStage::Uploading { offset: 0 };
+        txn.put(Key::file(id), &record);
+        Ok(Some(self.commit(txn)?))
     }
 
     /// Records a complete thumbnail `thumb` (whose bytes are the blob of
@@ -203,13 +245,15 @@ impl Store {
         Ok(Some((file, self.commit(txn)?)))
     }
 
-    /// Removes an upload in progress (cancelled, failed or expired) and gives its
-    /// declared size back to the uploader's quota. Returns the record removed, or `None`
-    /// if there was no upload in progress under `id`. Blocking (a catalog batch).
+    /// Removes an upload in progress (cancelled, failed or expired; not one publishing)
+    /// and gives its declared size back to the uploader's quota. Returns the record
+    /// removed, or `None` if there was no upload in progress under `id`. The caller
+    /// deletes the partial file only once the returned future resolves. Blocking (a
+    /// catalog batch).
     pub fn remove_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(record) = self.file(id)? else { return Ok(None) };
-        if record.is_complete() {
+        if !matches!(record.stage, FileStage::Uploading { .. }) {
             return Ok(None);
         }
         let mut txn = Txn::new();
@@ -396,6 +440,12 @@ mod tests {
         assert_eq!(store.stored_bytes(7).unwrap(), 60, "a removed upload gives its quota back");
         assert!(store.expired_uploads(u64::MAX >> 1, 10).unwrap() == vec![a]);
         // Complete: leaves the in-progress and expiry indexes, references its blob.
+        assert!(store.complete_upload(&a).unwrap().is_none(), "only a publishing upload completes");
+        assert!(store.begin_publish(&a).unwrap().is_none(), "only an upload at full size publishes");
+        store.set_upload_offset(&a, 60, None).unwrap().unwrap().await.unwrap();
+        store.begin_publish(&a).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 1, "publishing refers to the blob");
+        assert!(store.remove_upload(&a).unwrap().is_none(), "a publishing upload is not removed");
         let (done, d) = store.complete_upload(&a).unwrap().unwrap();
         d.await.unwrap();
         assert!(done.is_complete());
@@ -432,6 +482,8 @@ mod tests {
         let (a, b, t) = ([1; 16], [2; 16], [3; 16]);
         for id in [a, b] {
             store.begin_upload(&id, &record(7, 10, 5), 8, 100).unwrap().unwrap().await.unwrap();
+            store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
+            store.begin_publish(&id).unwrap().unwrap().await.unwrap();
             store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
         }
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 2);

@@ -330,7 +330,16 @@ impl Upload {
     /// Makes the verified bytes a blob and records the file complete.
     async fn publish(&self, st: &UploadActorState) -> Result<FileRef, ErrorBody> {
         let (shared, id, hash) = (self.shared.clone(), st.id, st.record.blake3);
-        let done = tokio::task::spawn_blocking(move || shared.files.blobs.publish(&shared.store, &id, &hash)).await;
+        let done = tokio::task::spawn_blocking(move || {
+            // Durably publishing (the record refers to the blob) before the partial file
+            // goes: only such an upload is completed by the start-up repair.
+            match shared.store.begin_publish(&id).map_err(|e| e.to_string())? {
+                Some(durable) => tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?,
+                None => return Ok(None),
+            }
+            shared.files.blobs.publish(&shared.store, &id, &hash)
+        })
+        .await;
         match done {
             Ok(Ok(Some((record, durable)))) => {
                 durable.await.map_err(crate::error::internal)?;

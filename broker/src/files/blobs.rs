@@ -4,11 +4,14 @@
 //! function here blocks: call it on `spawn_blocking`.
 //!
 //! Crash safety: a partial file may hold more than its recorded offset (written, not yet
-//! recorded) and is truncated back at start; completion renames the partial file into
-//! `blobs/` (or drops it when the blob exists) and syncs both directories *before* the
-//! store records the file complete, so at start an upload whose partial file is gone but
-//! whose blob exists was complete (`repair` finishes the record). A blob no record
-//! references is deleted at start.
+//! recorded) and is truncated back at start. Completion first records the upload
+//! `Publishing` (durably; the record then refers to its blob), then renames the partial
+//! file into `blobs/` (or drops it when the blob exists) and syncs both directories,
+//! then records the file complete: at start a publishing upload is finished (`repair`),
+//! and any other upload whose partial file is gone starts over at offset 0, whatever
+//! blob exists (its bytes were never verified to be that blob). A removed upload's
+//! partial file goes only once its removal is durable. A blob no record references is
+//! deleted at start.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -109,28 +112,26 @@ impl Blobs {
         Ok(hasher)
     }
 
-    /// Makes a verified upload's bytes the blob of `hash` and records the file complete
-    /// (`Store::complete_upload`, which adds the blob's reference): renames the partial
-    /// file into place, or drops it when that blob exists (the same bytes are stored
-    /// once), and syncs both directories. The reference is added before the partial file
-    /// goes, under the lock `remove_unreferenced` takes, so a blob found here is never
-    /// unlinked under the file. `None` if the upload is no longer in progress.
+    /// Makes the bytes of an upload marked publishing (`Store::begin_publish`, durable:
+    /// the record already refers to the blob) the blob of `hash`, and records the file
+    /// complete (`Store::complete_upload`): renames the partial file into place, or drops
+    /// it when that blob exists (the same bytes are stored once), and syncs both
+    /// directories. Under the lock `remove_unreferenced` takes, so a blob found here is
+    /// never unlinked under the file. `None` if the upload is not publishing.
     pub fn publish(&self, store: &Store, id: &FileId, hash: &Blake3) -> Result<Option<(FileRecord, Durable)>, String> {
         let (partial, blob) = (self.partial(id), self.blob(hash));
         let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
-        let completed = if blob.exists() {
-            let completed = store.complete_upload(id).map_err(|e| e.to_string())?;
-            if completed.is_some() {
-                std::fs::remove_file(&partial).map_err(|e| e.to_string())?;
+        if blob.exists() {
+            match std::fs::remove_file(&partial) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.to_string()),
+                _ => {}
             }
-            completed
         } else {
             std::fs::rename(&partial, &blob).map_err(|e| e.to_string())?;
             sync_dir(&self.blobs).map_err(|e| e.to_string())?;
-            store.complete_upload(id).map_err(|e| e.to_string())?
-        };
+        }
         sync_dir(&self.uploads).map_err(|e| e.to_string())?;
-        Ok(completed)
+        store.complete_upload(id).map_err(|e| e.to_string())
     }
 
     /// Stores `bytes` as the blob of `hash` (a thumbnail), durably unless it exists, and
@@ -209,6 +210,20 @@ impl Blobs {
         let uploads = store.uploads_in_progress().map_err(|e| e.to_string())?;
         let mut live = std::collections::HashSet::new();
         for (id, record) in &uploads {
+            if record.stage == switchboard_storage::FileStage::Publishing {
+                let (partial, blob) = (self.partial(id), self.blob(&record.blake3));
+                if partial.exists() || blob.exists() {
+                    // Verified and referenced before the crash: finish publishing it.
+                    self.publish(store, id, &record.blake3)?;
+                    tracing::info!(file = hex(id), "finished a completion a crash cut short");
+                    continue;
+                }
+                tracing::error!(file = hex(id), "a publishing upload lost its bytes; it starts over");
+                store.restart_upload(id).map_err(|e| e.to_string())?;
+                self.open_partial(id, 0).map_err(|e| e.to_string())?;
+                live.insert(hex(id));
+                continue;
+            }
             let offset = record.offset();
             let path = self.partial(id);
             match std::fs::metadata(&path) {
@@ -223,12 +238,6 @@ impl Blobs {
                 }
                 Ok(_) => {
                     self.open_partial(id, offset).map_err(|e| e.to_string())?;
-                }
-                Err(_) if offset == record.size && self.blob(&record.blake3).exists() => {
-                    // Published on disk, not yet recorded: finish the record.
-                    store.complete_upload(id).map_err(|e| e.to_string())?;
-                    tracing::info!(file = hex(id), "finished a completion a crash cut short");
-                    continue;
                 }
                 Err(_) => {
                     store.set_upload_offset(id, 0, None).map_err(|e| e.to_string())?;
@@ -326,6 +335,7 @@ mod tests {
             store.set_upload_offset(&id, data.len() as u64, None).unwrap().unwrap().await.unwrap();
         }
         // The crash came after the blob was in place, before the record said so.
+        store.begin_publish(&renamed).unwrap().unwrap().await.unwrap();
         std::fs::rename(blobs.partial(&renamed), blobs.blob(&record(&data).blake3)).unwrap();
         // A blob of a file whose record never got written.
         std::fs::write(blobs.blob(&[9; 32]), b"orphan").unwrap();
@@ -360,6 +370,7 @@ mod tests {
         let hash = record(&data).blake3;
         let (first, second) = ([1; 16], [2; 16]);
         uploaded(&store, &blobs, &first, &data).await;
+        store.begin_publish(&first).unwrap().unwrap().await.unwrap();
         blobs.publish(&store, &first, &hash).unwrap().unwrap().1.await.unwrap();
         store.drop_hold(&first).unwrap().unwrap().await.unwrap();
         // The collection finds the blob unreferenced and makes that durable...
@@ -368,6 +379,7 @@ mod tests {
         collected.durable.await.unwrap();
         // ...meanwhile an upload of the same bytes publishes onto the existing blob...
         uploaded(&store, &blobs, &second, &data).await;
+        store.begin_publish(&second).unwrap().unwrap().await.unwrap();
         let (done, durable) = blobs.publish(&store, &second, &hash).unwrap().unwrap();
         durable.await.unwrap();
         assert!(done.is_complete());
@@ -381,5 +393,29 @@ mod tests {
         collected.durable.await.unwrap();
         assert!(blobs.remove_unreferenced(&store, &hash).unwrap());
         assert!(!blobs.blob(&hash).exists());
+    }
+
+    #[tokio::test]
+    async fn an_upload_that_lost_its_partial_file_starts_over_even_when_its_blob_exists() {
+        // The attack: learn a victim's hash and size, upload garbage to full size under
+        // that hash, and crash the broker after the partial file went but before the
+        // removal (hash mismatch, cancel) was durable.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let secret = b"the victim's secret bytes".to_vec();
+        let (victim, attacker) = ([1; 16], [2; 16]);
+        uploaded(&store, &blobs, &victim, &secret).await;
+        store.begin_publish(&victim).unwrap().unwrap().await.unwrap();
+        blobs.publish(&store, &victim, &record(&secret).blake3).unwrap().unwrap().1.await.unwrap();
+        uploaded(&store, &blobs, &attacker, &secret).await;
+        let garbage = vec![b'x'; secret.len()];
+        Blobs::write_chunk(&blobs.open_partial(&attacker, secret.len() as u64).unwrap(), 0, &garbage).unwrap();
+        std::fs::remove_file(blobs.partial(&attacker)).unwrap();
+        blobs.repair(&store).unwrap();
+        let record = store.file(&attacker).unwrap().unwrap();
+        assert_eq!(record.stage, FileStage::Uploading { offset: 0 }, "never verified: it starts over");
+        assert_eq!(std::fs::metadata(blobs.partial(&attacker)).unwrap().len(), 0);
+        assert_eq!(store.blob_refs(&record.blake3).unwrap(), 1, "only the victim's file refers to the blob");
+        assert_eq!(std::fs::read(blobs.blob(&record.blake3)).unwrap(), secret);
     }
 }

@@ -171,14 +171,16 @@ impl Files {
     }
 }
 
-/// Removes an upload in progress: its record (giving the quota back), then its partial
-/// file. Blocking. Whether there was one.
+/// Removes an upload in progress: its record (giving the quota back), then, once that
+/// is durable, its partial file. Blocking (on a runtime's blocking thread). Whether there
+/// was one; `Ok(true)` only once the removal is durable.
 fn remove_upload(shared: &Shared, id: &FileId) -> Result<bool, String> {
     match shared.store.remove_upload(id).map_err(|e| e.to_string())? {
         Some((_, durable)) => {
-            // The record goes first: a crash before the file goes leaves an orphan file,
-            // which the start-up repair deletes.
-            drop(durable);
+            // The record goes first and durably: a crash before the file goes leaves an
+            // orphan file, which the start-up repair deletes. Deleting the file first
+            // could bring back the record without its bytes.
+            tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?;
             shared.files.blobs.remove_partial(id).map_err(|e| e.to_string())?;
             Ok(true)
         }

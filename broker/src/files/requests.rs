@@ -177,6 +177,7 @@ pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, Er
     let record = readable(&shared.store, user, id)?.ok_or_else(no_such_file)?;
     let state = match &record.stage {
         FileStage::Uploading { offset } => FileState::Uploading { offset: *offset },
+        FileStage::Publishing => FileState::Uploading { offset: record.size },
         FileStage::Complete { thumbnail } => {
             let thumbnail = match thumbnail {
                 Some(t) => shared.store.file(t).map_err(internal)?.map(|r| file_ref(t, &r)),
