@@ -704,3 +704,38 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
     })
     .await
 }
+
+#[tokio::test]
+async fn the_type_check_sees_the_first_4_kib_however_small_the_first_chunk() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let conn = alice.connection();
+        let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
+        elf.resize(8192, 7);
+        for declared in ["text/plain", "application/pdf"] {
+            let begun = begin_upload(&alice, "notes.txt", declared, &elf).await;
+            let mut t = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+            assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+            // One byte says nothing of the type: stored, but not yet attachable.
+            t.chunk(0, &elf[..1], None).await;
+            assert!(matches!(t.reply().await, Some(TransferReply::Durable { offset: 1 })));
+            let send = RequestBody::SendFiles {
+                conv,
+                client_id: switchboard_client::new_client_id(),
+                text: String::new(),
+                files: vec![begun.file],
+            };
+            assert_eq!(code_of(alice.request(send).await), ErrorCode::NOT_READY, "type not checked yet");
+            // The chunk that completes the first 4 KiB is checked with the stored byte.
+            t.chunk(1, &elf[1..], None).await;
+            match t.reply().await {
+                Some(TransferReply::Failed { error, .. }) => assert_eq!(error.code, ErrorCode::TYPE_MISMATCH),
+                other => panic!("expected TYPE_MISMATCH for {declared}, got {other:?}"),
+            }
+            assert_eq!(code_of(status(&alice, begun.file).await), ErrorCode::NOT_FOUND, "removed");
+        }
+    })
+    .await
+}

@@ -96,8 +96,6 @@ pub struct Upload {
 
 /// Ticks between progress flushes and idle checks.
 const TICK: Duration = Duration::from_millis(250);
-/// Bytes of the first chunk the type check looks at.
-const SNIFF_BYTES: usize = 4096;
 /// Ticks without a stream before the actor passivates.
 const IDLE_TICKS: u32 = 40;
 
@@ -233,10 +231,20 @@ impl Upload {
                 }
                 Effect::Write { offset, len } => {
                     let Some(data) = chunk.take().map(|c| c.data) else { continue };
-                    if offset == 0 {
-                        // The type check: the first bytes against the declared type.
-                        let head = &data[..data.len().min(SNIFF_BYTES)];
-                        match sniff::check(&st.record.declared_type, head) {
+                    let need = st.record.size.min(sniff::HEAD_BYTES);
+                    if offset < need && offset + len >= need {
+                        // The type check, on the chunk that completes the first bytes
+                        // (however small the chunks before it were): the stored prefix
+                        // and this chunk's start, against the declared type.
+                        let head = match self.head(st, offset, &data, need).await {
+                            Ok(head) => head,
+                            Err(e) => {
+                                tracing::error!(file = hex(&st.id), error = %e, "reading an upload's first bytes failed");
+                                queue.extend(st.state.write_failed());
+                                continue;
+                            }
+                        };
+                        match sniff::check(&st.record.declared_type, &head) {
                             Verdict::Keep => {}
                             Verdict::Relabel(found) => {
                                 st.record.content_type = found.clone();
@@ -268,6 +276,24 @@ impl Upload {
                 Effect::Progress(state) => self.progress(st, state),
             }
         }
+    }
+
+    /// The first `need` bytes of the file: the durable prefix below `offset`, read back
+    /// from the partial file, then the start of `data` (the chunk at `offset`).
+    async fn head(
+        &self,
+        st: &UploadActorState,
+        offset: u64,
+        data: &bytes::Bytes,
+        need: u64,
+    ) -> Result<Vec<u8>, String> {
+        let file = st.file.clone();
+        let mut head = tokio::task::spawn_blocking(move || Blobs::read(&file, 0, offset as usize))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        head.extend_from_slice(&data[..(need - offset) as usize]);
+        Ok(head)
     }
 
     /// Writes and syncs one chunk, then records the new offset durably.

@@ -243,8 +243,9 @@ pub fn files_to_send(
             return Err(err(ErrorCode::INVALID, "a file appears twice"));
         }
         let record = readable(store, user, id)?.ok_or_else(no_such_file)?;
-        if record.offset() == 0 {
-            return Err(err(ErrorCode::NOT_READY, "the file's first chunk is not stored yet"));
+        if record.offset() < record.size.min(super::sniff::HEAD_BYTES) {
+            // Its type is checked once these are stored.
+            return Err(err(ErrorCode::NOT_READY, "the file's first 4 KiB are not stored yet"));
         }
         refs.push(file_ref(id, &record));
     }
