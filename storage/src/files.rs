@@ -87,6 +87,8 @@ pub enum UploadRefusal {
     TooManyUploads,
     /// The user's stored bytes plus the size would pass the quota.
     QuotaExceeded,
+    /// The disk has no room for it (the caller's `room` check said so).
+    StorageFull,
 }
 
 /// What collecting a file removed (`Store::collect_file`).
@@ -105,16 +107,20 @@ impl Store {
     }
 
     /// Records a new upload of `record.uploader` (stage `Uploading { offset: 0 }`), unless
-    /// the user has `max_uploads` in progress or its stored bytes plus the size pass
-    /// `quota_bytes`. The check and the write are one step. Blocking (a catalog batch).
+    /// the user has `max_uploads` in progress, or its stored bytes plus the size pass
+    /// `quota_bytes`, or `room` says the disk has no room: it is given the bytes still to
+    /// come of every upload in progress (promised, not yet on disk) and answers whether
+    /// the disk holds those plus this upload's size. The checks and the write are one
+    /// step, under the files lock. Blocking (a catalog batch).
     pub fn begin_upload(
         &self,
         id: &FileId,
         record: &FileRecord,
         max_uploads: usize,
         quota_bytes: u64,
+        room: impl FnOnce(u64) -> bool,
     ) -> Result<std::result::Result<Durable, UploadRefusal>> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let user = record.uploader;
         if self.db.scan_prefix(Key::uploading_of(user)).take(max_uploads).count() >= max_uploads {
             return Ok(Err(UploadRefusal::TooManyUploads));
@@ -123,12 +129,23 @@ impl Store {
         if stored.saturating_add(record.size) > quota_bytes {
             return Ok(Err(UploadRefusal::QuotaExceeded));
         }
+        if !room(*promised) {
+            return Ok(Err(UploadRefusal::StorageFull));
+        }
         let mut txn = Txn::new();
         txn.put(Key::file(id), record);
         txn.batch.insert(Key::uploading(user, id).as_ref(), &[][..]);
         txn.batch.insert(Key::file_expiry(record.expires_ms, id).as_ref(), &[][..]);
         txn.batch.insert(Key::stored_bytes(user).as_ref(), &(stored + record.size).to_be_bytes()[..]);
-        Ok(Ok(self.commit(txn)?))
+        let durable = self.commit(txn)?;
+        *promised += record.size - record.offset().min(record.size);
+        Ok(Ok(durable))
+    }
+
+    /// Bytes still to come of every upload in progress (declared size minus durable
+    /// offset), as `begin_upload` counts them.
+    pub fn promised_bytes(&self) -> u64 {
+        *self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How many uploads `user` has in progress, counting at most `limit`.
@@ -151,16 +168,15 @@ impl Store {
     /// single-key write; the returned future resolves once a group commit covers it.
     /// `None` if the upload is no longer in progress (cancelled, expired, complete).
     pub fn set_upload_offset(&self, id: &FileId, offset: u64, content_type: Option<&str>) -> Result<Option<Durable>> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
-        if !matches!(record.stage, FileStage::Uploading { .. }) {
-            return Ok(None);
-        }
+        let FileStage::Uploading { offset: before } = record.stage else { return Ok(None) };
         record.stage = FileStage::Uploading { offset };
         if let Some(t) = content_type {
             record.content_type = t.to_owned();
         }
         self.db.insert(Key::file(id), encode(&record))?;
+        *promised = (*promised + before.min(record.size)).saturating_sub(offset.min(record.size));
         Ok(Some(self.barrier()?))
     }
 
@@ -207,7 +223,7 @@ impl Store {
     /// blob exists) back to offset 0, dropping its blob reference. `false` if it was not
     /// publishing. Blocking (a catalog batch); resolves once durable.
     pub fn restart_upload(&self, id: &FileId) -> Result<Option<Durable>> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
         if record.stage != FileStage::Publishing {
             return Ok(None);
@@ -219,7 +235,9 @@ impl Store {
         }
         record.stage = FileStage::Uploading { offset: 0 };
         txn.put(Key::file(id), &record);
-        Ok(Some(self.commit(txn)?))
+        let durable = self.commit(txn)?;
+        *guard += record.size;
+        Ok(Some(durable))
     }
 
     /// Records a complete thumbnail `thumb` (whose bytes are the blob of
@@ -251,7 +269,7 @@ impl Store {
     /// deletes the partial file only once the returned future resolves. Blocking (a
     /// catalog batch).
     pub fn remove_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(record) = self.file(id)? else { return Ok(None) };
         if !matches!(record.stage, FileStage::Uploading { .. }) {
             return Ok(None);
@@ -262,12 +280,15 @@ impl Store {
         txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
         let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
         txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
-        Ok(Some((record, self.commit(txn)?)))
+        let durable = self.commit(txn)?;
+        *promised = promised.saturating_sub(record.size - record.offset().min(record.size));
+        Ok(Some((record, durable)))
     }
 
-    /// The uploader lets go of its complete file: it stops counting against its quota,
-    /// and is marked for `collect_file`. `false` if it is not a complete file the
-    /// uploader still holds. Blocking (a catalog batch); resolves once durable.
+    /// The uploader lets go of its complete file: it is marked for `collect_file`, and
+    /// keeps counting against the uploader's quota until that deletes it (no message
+    /// carries it any more). `None` if it is not a complete file the uploader still
+    /// holds. Blocking (a catalog batch); resolves once durable.
     pub fn drop_hold(&self, id: &FileId) -> Result<Option<Durable>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
@@ -277,14 +298,13 @@ impl Store {
         record.held = false;
         let mut txn = Txn::new();
         txn.put(Key::file(id), &record);
-        let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
-        txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
         txn.batch.insert(Key::file_unheld(id).as_ref(), &[][..]);
         Ok(Some(self.commit(txn)?))
     }
 
     /// Deletes the complete file `id` (and its thumbnail) if nothing holds it any more:
-    /// its uploader dropped its hold and no message that is not deleted carries it. Its
+    /// its uploader dropped its hold and no message that is not deleted carries it; its
+    /// size then leaves the uploader's quota. Its
     /// mark (`file_unheld`) goes either way. Blobs left with no reference are returned
     /// for the caller to delete. Blocking (a catalog batch).
     pub fn collect_file(&self, id: &FileId) -> Result<Collected> {
@@ -305,6 +325,11 @@ impl Store {
             }
             for (file, record) in files {
                 txn.batch.remove(Key::file(&file).as_ref());
+                if record.parent.is_none() {
+                    // Its bytes go: the uploader's quota stops counting them.
+                    let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
+                    txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
+                }
                 let refs = self.blob_refs(&record.blake3)?.saturating_sub(1);
                 // Two files of one blob in this batch: count from what the batch wrote.
                 let refs = if unreferenced.contains(&record.blake3) { 0 } else { refs };
@@ -420,14 +445,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
-        store.begin_upload(&a, &record(7, 60, 1), 2, 100).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&a, &record(7, 60, 1), 2, 100, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&b, &record(7, 41, 2), 2, 100).unwrap().unwrap_err(),
+            store.begin_upload(&b, &record(7, 41, 2), 2, 100, |_| true).unwrap().unwrap_err(),
             UploadRefusal::QuotaExceeded
         );
-        store.begin_upload(&b, &record(7, 40, 2), 2, 100).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&b, &record(7, 40, 2), 2, 100, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&c, &record(7, 1, 3), 2, 1000).unwrap().unwrap_err(),
+            store.begin_upload(&c, &record(7, 1, 3), 2, 1000, |_| true).unwrap().unwrap_err(),
             UploadRefusal::TooManyUploads
         );
         assert_eq!(store.stored_bytes(7).unwrap(), 100);
@@ -458,7 +483,7 @@ mod tests {
         append(&store, entry(9, 1, Body::Files { text: String::new(), files, edited: false })).await;
         assert_eq!(store.attachments(&a, 10).unwrap(), vec![(9, 1)]);
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
-        assert_eq!(store.stored_bytes(7).unwrap(), 0);
+        assert_eq!(store.stored_bytes(7).unwrap(), 60, "counted while a message carries it");
         assert_eq!(store.unheld_files(10).unwrap(), vec![a]);
         let kept = store.collect_file(&a).unwrap();
         kept.durable.await.unwrap();
@@ -471,6 +496,7 @@ mod tests {
         gone.durable.await.unwrap();
         assert_eq!(gone.unreferenced, vec![[1; 32]]);
         assert!(store.file(&a).unwrap().is_none());
+        assert_eq!(store.stored_bytes(7).unwrap(), 0, "its bytes are gone: so is their quota");
         assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 0);
         assert!(store.unheld_files(10).unwrap().is_empty());
     }
@@ -481,7 +507,7 @@ mod tests {
         let store = open(dir.path());
         let (a, b, t) = ([1; 16], [2; 16], [3; 16]);
         for id in [a, b] {
-            store.begin_upload(&id, &record(7, 10, 5), 8, 100).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&id, &record(7, 10, 5), 8, 100, |_| true).unwrap().unwrap().await.unwrap();
             store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
             store.begin_publish(&id).unwrap().unwrap().await.unwrap();
             store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
@@ -501,5 +527,39 @@ mod tests {
         assert!(store.file(&t).unwrap().is_none());
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1);
         assert_eq!(store.file(&b).unwrap().unwrap().offset(), 10);
+    }
+
+    #[tokio::test]
+    async fn the_disk_check_counts_bytes_promised_to_uploads_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
+        // A disk with 150 free bytes: each upload must fit beside what is promised.
+        let room = |size: u64| move |promised: u64| 150u64.saturating_sub(promised) >= size;
+        store.begin_upload(&a, &record(7, 100, 1), 8, u64::MAX, room(100)).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 100);
+        assert_eq!(
+            store.begin_upload(&b, &record(8, 60, 2), 8, u64::MAX, room(60)).unwrap().unwrap_err(),
+            UploadRefusal::StorageFull,
+            "100 promised: 50 left"
+        );
+        // 40 of `a` are on disk: 60 still to come.
+        store.set_upload_offset(&a, 40, None).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 60);
+        store.begin_upload(&b, &record(8, 60, 2), 8, u64::MAX, room(60)).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 120);
+        store.remove_upload(&b).unwrap().unwrap().1.await.unwrap();
+        assert_eq!(store.promised_bytes(), 60);
+        store.set_upload_offset(&a, 100, None).unwrap().unwrap().await.unwrap();
+        store.begin_publish(&a).unwrap().unwrap().await.unwrap();
+        store.complete_upload(&a).unwrap().unwrap().1.await.unwrap();
+        assert_eq!(store.promised_bytes(), 0);
+        store.begin_upload(&c, &record(9, 30, 3), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store.set_upload_offset(&c, 10, None).unwrap().unwrap().await.unwrap();
+        // Counted again from the records when the store opens.
+        store.close().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.promised_bytes(), 20);
     }
 }

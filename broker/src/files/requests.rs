@@ -120,27 +120,24 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
     let begun = tokio::task::spawn_blocking(move || {
         let (max_uploads, quota, reserve) =
             (s.config.max_uploads_per_user, s.config.quota_bytes, s.config.disk_reserve_bytes);
-        // The disk check is last in the documented order, but needs no lock: it runs
-        // inside the store's check only when the limits there pass.
-        let full = || -> Result<bool, ErrorBody> {
-            let free = free_bytes(s.files.blobs.root())?;
-            Ok(free < record.size.saturating_add(reserve))
+        // The disk check, last in the documented order, runs under the store's files
+        // lock with the bytes every upload in progress may still write: uploads begun
+        // at once cannot promise the same free space twice.
+        let room = |promised: u64| match free_bytes(s.files.blobs.root()) {
+            Ok(free) => free.saturating_sub(promised) >= record.size.saturating_add(reserve),
+            Err(e) => {
+                tracing::warn!(error = ?e, "reading the free disk space failed; refusing the upload");
+                false
+            }
         };
-        match s.store.uploads_of(user, max_uploads).map_err(internal)? {
-            n if n >= max_uploads => return Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
-            _ => {}
-        }
-        if s.store.stored_bytes(user).map_err(internal)?.saturating_add(record.size) > quota {
-            return Err(err(ErrorCode::QUOTA_EXCEEDED, "the upload would pass your storage quota"));
-        }
-        if full()? {
-            return Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"));
-        }
-        match s.store.begin_upload(&id, &record, max_uploads, quota).map_err(internal)? {
+        match s.store.begin_upload(&id, &record, max_uploads, quota, room).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
             Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
             Err(UploadRefusal::QuotaExceeded) => {
                 Err(err(ErrorCode::QUOTA_EXCEEDED, "the upload would pass your storage quota"))
+            }
+            Err(UploadRefusal::StorageFull) => {
+                Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"))
             }
         }
     })
