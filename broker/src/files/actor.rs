@@ -298,34 +298,31 @@ impl Upload {
 
     /// Writes and syncs one chunk, then records the new offset durably.
     async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
-        let len = data.len() as u64;
-        let file = st.file.clone();
+        let end = offset + data.len() as u64;
+        let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.take());
         let mut hasher = st.hasher.take().ok_or("hasher lost")?;
-        let (hasher, result) = tokio::task::spawn_blocking(move || {
-            let r = Blobs::write_chunk(&file, offset, &data);
-            if r.is_ok() {
-                hasher.update(&data);
+        // All blocking: the write and fdatasync, and recording the offset (which takes
+        // the store's files lock, held by others across a catalog batch).
+        let (hasher, recorded) = tokio::task::spawn_blocking(move || {
+            if let Err(e) = Blobs::write_chunk(&file, offset, &data) {
+                return (hasher, Err(e.to_string()));
             }
-            (hasher, r)
+            // The bytes are durable in the file: now the offset, in the next group commit.
+            match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
+                Ok(Some(durable)) => {
+                    hasher.update(&data);
+                    (hasher, Ok(durable))
+                }
+                Ok(None) => (hasher, Err("the upload is gone".to_owned())),
+                Err(e) => (hasher, Err(e.to_string())),
+            }
         })
         .await
         .map_err(|e| e.to_string())?;
         st.hasher = Some(hasher);
-        if let Err(e) = result {
-            // The hasher may hold bytes past the durable offset: rebuild it from disk.
-            let file = st.file.clone();
-            let durable = st.state.durable();
-            st.hasher =
-                tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok()).await.ok().flatten();
-            return Err(e.to_string());
-        }
-        // The bytes are durable in the file: now the offset, in the next group commit.
-        let end = offset + len;
-        let recorded = self.shared.store.set_upload_offset(&st.id, end, st.relabel.take().as_deref());
         match recorded {
-            Ok(Some(durable)) => durable.await.map_err(|e| e.to_string()),
-            Ok(None) => Err("the upload is gone".to_owned()),
-            Err(e) => Err(e.to_string()),
+            Ok(durable) => durable.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
         }
     }
 
