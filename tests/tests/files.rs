@@ -749,3 +749,48 @@ async fn the_type_check_sees_the_first_4_kib_however_small_the_first_chunk() {
     })
     .await
 }
+
+/// The reset code that ended `recv`, reading whatever comes first.
+async fn reset_code(recv: &mut quinn::RecvStream) -> ErrorCode {
+    loop {
+        match within(STEP_DEADLINE, "the stream's end", recv.read_chunk(1024 * 1024, true)).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream finished instead of being reset"),
+            Err(quinn::ReadError::Reset(code)) => return ErrorCode(code.into_inner() as u16),
+            Err(e) => panic!("the stream failed instead of being reset: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_number() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.transfer_progress_secs = 1;
+            c.max_live_transfer_streams = 1;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let conn = alice.connection();
+        let data = bytes(4 * 1024 * 1024, 5);
+        let file = upload(&alice, "big.bin", &data).await;
+        // A download whose client grants no flow-control credit: reset, the blob let go.
+        let mut stalled = Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        // Meanwhile the broker serves no other stream.
+        let mut refused = Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        assert_eq!(reset_code(&mut refused.recv).await, ErrorCode::OVERLOADED);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(reset_code(&mut stalled.recv).await, ErrorCode::TIMEOUT);
+        // Our halves go too (each open stream counts against the connection's credit).
+        drop((stalled, refused));
+        // An upload stream that sends nothing after it is accepted: reset too.
+        let begun = begin_upload(&alice, "next.bin", "application/octet-stream", &data).await;
+        let mut idle = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(idle.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        assert_eq!(reset_code(&mut idle.recv).await, ErrorCode::TIMEOUT);
+        // The slot is free again: a download that reads gets every byte.
+        let (_, got) = download(conn, file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+    })
+    .await
+}

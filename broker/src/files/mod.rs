@@ -39,6 +39,8 @@ pub struct Files {
     /// Serialises starting an actor and removing an upload with no actor.
     spawn_lock: tokio::sync::Mutex<()>,
     next_stream: AtomicU64,
+    /// One permit per transfer stream served, over all connections.
+    pub(crate) live_streams: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Clone)]
@@ -58,9 +60,10 @@ pub enum Unreachable {
 }
 
 impl Files {
-    /// Files under `data_dir`.
-    pub fn open(data_dir: &std::path::Path) -> std::io::Result<Files> {
+    /// Files under `data_dir`, serving at most `max_live_streams` transfer streams at once.
+    pub fn open(data_dir: &std::path::Path, max_live_streams: usize) -> std::io::Result<Files> {
         Ok(Files {
+            live_streams: Arc::new(tokio::sync::Semaphore::new(max_live_streams)),
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
             spawn_lock: tokio::sync::Mutex::new(()),
