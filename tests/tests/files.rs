@@ -228,6 +228,14 @@ async fn each_refusal_gets_its_own_code_and_publishes_nothing() {
             other => panic!("expected TYPE_MISMATCH, got {other:?}"),
         }
         assert_eq!(code_of(status(&alice, exe.file).await), ErrorCode::NOT_FOUND, "removed");
+        // However small the chunks that bring its first bytes.
+        let exe = begin_upload(&alice, "notes.pdf", "application/pdf", &elf).await;
+        let replies = upload_range(conn, exe.file, &elf, 0, elf.len() as u64, 1000).await;
+        match replies.last() {
+            Some(TransferReply::Failed { error, .. }) => assert_eq!(error.code, ErrorCode::TYPE_MISMATCH),
+            other => panic!("expected TYPE_MISMATCH, got {other:?}"),
+        }
+        assert_eq!(code_of(status(&alice, exe.file).await), ErrorCode::NOT_FOUND, "removed");
         // A mislabelled harmless type is relabelled and published as what it is.
         let png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
         let relabelled = begin_upload(&alice, "pic.jpg", "image/jpeg", &png).await;

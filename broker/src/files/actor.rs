@@ -85,8 +85,10 @@ pub struct UploadActorState {
     streams: HashMap<StreamId, mpsc::UnboundedSender<TransferReply>>,
     depth: Arc<AtomicUsize>,
     idle_ticks: u32,
-    /// The published type the first chunk showed, recorded with the next offset.
+    /// The published type the first bytes showed, recorded with the next offset.
     relabel: Option<String>,
+    /// The first bytes gathered for the type check, until it ran.
+    head: Option<Vec<u8>>,
 }
 
 /// The Upload actor.
@@ -96,8 +98,13 @@ pub struct Upload {
 
 /// Ticks between progress flushes and idle checks.
 const TICK: Duration = Duration::from_millis(250);
-/// Bytes of the first chunk the type check looks at.
+/// Bytes at the start of a file the type check looks at.
 const SNIFF_BYTES: usize = 4096;
+
+/// Bytes the type check of a file of `size` bytes waits for.
+fn sniff_len(size: u64) -> usize {
+    size.min(SNIFF_BYTES as u64) as usize
+}
 /// Ticks without a stream before the actor passivates.
 const IDLE_TICKS: u32 = 40;
 
@@ -115,10 +122,13 @@ impl Actor for Upload {
         let offset = record.offset();
         let shared = self.shared.clone();
         // The durable prefix rebuilds the hasher; bytes past it are cut off.
-        let (file, hasher) = tokio::task::spawn_blocking(move || {
+        // Not yet type-checked while fewer than the bytes it looks at are durable.
+        let need = sniff_len(record.size);
+        let (file, hasher, head) = tokio::task::spawn_blocking(move || {
             let file = shared.files.blobs.open_partial(&id, offset)?;
             let hasher = Blobs::hash_prefix(&file, offset)?;
-            Ok::<_, std::io::Error>((file, hasher))
+            let head = if (offset as usize) < need { Some(Blobs::read(&file, 0, offset as usize)?) } else { None };
+            Ok::<_, std::io::Error>((file, hasher, head))
         })
         .await??;
         let state = UploadState::new(record.size, offset, MAX_CHUNK_BYTES);
@@ -136,6 +146,7 @@ impl Actor for Upload {
             depth,
             idle_ticks: 0,
             relabel: None,
+            head,
         })
     }
 
@@ -233,10 +244,17 @@ impl Upload {
                 }
                 Effect::Write { offset, len } => {
                     let Some(data) = chunk.take().map(|c| c.data) else { continue };
-                    if offset == 0 {
-                        // The type check: the first bytes against the declared type.
-                        let head = &data[..data.len().min(SNIFF_BYTES)];
-                        match sniff::check(&st.record.declared_type, head) {
+                    // The type check, once the first `SNIFF_BYTES` (or the whole file)
+                    // are in, however small the chunks that bring them.
+                    let need = sniff_len(st.record.size);
+                    let complete_head = st.head.as_mut().and_then(|head| {
+                        let take = (need - head.len()).min(data.len());
+                        head.extend_from_slice(&data[..take]);
+                        (head.len() >= need).then(|| std::mem::take(head))
+                    });
+                    if let Some(head) = complete_head {
+                        st.head = None;
+                        match sniff::check(&st.record.declared_type, &head) {
                             Verdict::Keep => {}
                             Verdict::Relabel(found) => {
                                 st.record.content_type = found.clone();
@@ -272,38 +290,50 @@ impl Upload {
 
     /// Writes and syncs one chunk, then records the new offset durably.
     async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
-        let len = data.len() as u64;
-        let file = st.file.clone();
+        let end = offset + data.len() as u64;
+        let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.clone());
         let mut hasher = st.hasher.take().ok_or("hasher lost")?;
+        // Off the runtime threads: the write, its fdatasync, and recording the offset
+        // (which takes the store's files lock).
         let (hasher, result) = tokio::task::spawn_blocking(move || {
-            let r = Blobs::write_chunk(&file, offset, &data);
-            if r.is_ok() {
-                hasher.update(&data);
+            if let Err(e) = Blobs::write_chunk(&file, offset, &data) {
+                // The hasher is as it was; the client resends from the durable offset,
+                // over whatever the failed write left past it.
+                return (hasher, Err((e.to_string(), false)));
             }
-            (hasher, r)
+            hasher.update(&data);
+            // The bytes are durable in the file: now the offset, in the next group commit.
+            let recorded = match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
+                Ok(Some(durable)) => Ok(durable),
+                Ok(None) => Err(("the upload is gone".to_owned(), true)),
+                Err(e) => Err((e.to_string(), true)),
+            };
+            (hasher, recorded)
         })
         .await
         .map_err(|e| e.to_string())?;
         st.hasher = Some(hasher);
-        // A failed write left the hasher as it was; the client resends from the durable
-        // offset, over whatever the failed write left past it.
-        result.map_err(|e| e.to_string())?;
-        // The bytes are durable in the file: now the offset, in the next group commit.
-        let recorded = match self.shared.store.set_upload_offset(&st.id, offset + len, st.relabel.as_deref()) {
-            Ok(Some(durable)) => durable.await.map_err(|e| e.to_string()),
-            Ok(None) => Err("the upload is gone".to_owned()),
-            Err(e) => Err(e.to_string()),
+        let recorded = match result {
+            Ok(durable) => durable.await.map_err(|e| (e.to_string(), true)),
+            Err(e) => Err(e),
         };
         match recorded {
-            Ok(()) => st.relabel = None,
-            Err(_) => {
-                // The hasher holds bytes past the durable offset: rebuild it from disk.
-                let (file, durable) = (st.file.clone(), st.state.durable());
-                st.hasher =
-                    tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok()).await.ok().flatten();
+            Ok(()) => {
+                st.relabel = None;
+                Ok(())
+            }
+            Err((e, hashed)) => {
+                if hashed {
+                    // The hasher holds bytes past the durable offset: rebuild it from disk.
+                    let (file, durable) = (st.file.clone(), st.state.durable());
+                    st.hasher = tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok())
+                        .await
+                        .ok()
+                        .flatten();
+                }
+                Err(e)
             }
         }
-        recorded
     }
 
     fn progress(&self, st: &UploadActorState, state: FileState) {
@@ -334,6 +364,9 @@ impl Upload {
     async fn publish(&self, st: &UploadActorState) -> Result<FileRef, ErrorBody> {
         let (shared, id, hash) = (self.shared.clone(), st.id, st.record.blake3);
         let done = tokio::task::spawn_blocking(move || {
+            // The blob and its new reference together: a collection of the same bytes
+            // cannot unlink the blob in between.
+            let _blobs = shared.files.blob_lock.lock().unwrap_or_else(|p| p.into_inner());
             shared.files.blobs.publish(&id, &hash).map_err(|e| e.to_string())?;
             shared.store.complete_upload(&id).map_err(|e| e.to_string())
         })

@@ -38,6 +38,10 @@ pub struct Files {
     map: std::sync::Mutex<HashMap<FileId, Slot>>,
     /// Serialises starting an actor and removing an upload with no actor.
     spawn_lock: tokio::sync::Mutex<()>,
+    /// Held (on blocking threads only) across making a blob and adding its reference,
+    /// and across dropping the last reference and unlinking the blob, so a blob is never
+    /// unlinked while a file references it.
+    pub(crate) blob_lock: std::sync::Mutex<()>,
     next_stream: AtomicU64,
 }
 
@@ -64,6 +68,7 @@ impl Files {
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
             spawn_lock: tokio::sync::Mutex::new(()),
+            blob_lock: std::sync::Mutex::new(()),
             next_stream: AtomicU64::new(1),
         })
     }
@@ -81,9 +86,12 @@ impl Files {
     /// Sends `msg` to the actor of upload `id`, starting it if needed.
     pub async fn send(&self, shared: &Arc<Shared>, id: &FileId, mut msg: UploadMsg) -> Result<(), Unreachable> {
         for _ in 0..3 {
-            let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-            if let Some(slot) = slot {
+            // Counted under the map lock, so the actor cannot retire between the lookup
+            // and the cast.
+            let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().inspect(|slot| {
                 slot.depth.fetch_add(1, Ordering::AcqRel);
+            });
+            if let Some(slot) = slot {
                 match slot.actor.cast(msg) {
                     Ok(()) => return Ok(()),
                     Err(ractor::MessagingErr::SendErr(back)) => {
@@ -153,12 +161,13 @@ impl Files {
     /// Tells a live actor that a stream ended (an actor that is gone has nothing to
     /// forget, and none is started for it).
     pub fn closed(&self, id: &FileId, stream: u64) {
-        let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-        if let Some(slot) = slot {
+        let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().inspect(|slot| {
             slot.depth.fetch_add(1, Ordering::AcqRel);
-            if slot.actor.cast(UploadMsg::Closed { stream }).is_err() {
-                slot.depth.fetch_sub(1, Ordering::AcqRel);
-            }
+        });
+        if let Some(slot) = slot
+            && slot.actor.cast(UploadMsg::Closed { stream }).is_err()
+        {
+            slot.depth.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -208,6 +217,8 @@ fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_stor
 /// Deletes the complete file `id` if nothing holds it any more, and the blobs its
 /// deletion leaves unreferenced (once that is durable). Blocking.
 pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
+    // Held until the bytes are gone: no upload of the same bytes publishes meanwhile.
+    let _blobs = shared.files.blob_lock.lock().unwrap_or_else(|p| p.into_inner());
     let collected = shared.store.collect_file(id).map_err(|e| e.to_string())?;
     if collected.unreferenced.is_empty() {
         drop(collected.durable);
@@ -218,7 +229,9 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
     let rt = tokio::runtime::Handle::current();
     rt.block_on(collected.durable).map_err(|e| e.to_string())?;
     for hash in collected.unreferenced {
-        shared.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
+        if shared.store.blob_refs(&hash).map_err(|e| e.to_string())? == 0 {
+            shared.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }
@@ -313,6 +326,7 @@ pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: swit
     };
     let s = shared.clone();
     let stored = tokio::task::spawn_blocking(move || {
+        let _blobs = s.files.blob_lock.lock().unwrap_or_else(|p| p.into_inner());
         s.files.blobs.store(&hash, &png).map_err(|e| e.to_string())?;
         let added = s.store.add_thumbnail(&id, &thumb_id, &thumb).map_err(|e| e.to_string())?;
         if added.is_none() && s.store.blob_refs(&hash).map_err(|e| e.to_string())? == 0 {
