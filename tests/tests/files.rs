@@ -228,6 +228,14 @@ async fn each_refusal_gets_its_own_code_and_publishes_nothing() {
             other => panic!("expected TYPE_MISMATCH, got {other:?}"),
         }
         assert_eq!(code_of(status(&alice, exe.file).await), ErrorCode::NOT_FOUND, "removed");
+        // However small the chunks that bring its first bytes.
+        let exe = begin_upload(&alice, "notes.pdf", "application/pdf", &elf).await;
+        let replies = upload_range(conn, exe.file, &elf, 0, elf.len() as u64, 1000).await;
+        match replies.last() {
+            Some(TransferReply::Failed { error, .. }) => assert_eq!(error.code, ErrorCode::TYPE_MISMATCH),
+            other => panic!("expected TYPE_MISMATCH, got {other:?}"),
+        }
+        assert_eq!(code_of(status(&alice, exe.file).await), ErrorCode::NOT_FOUND, "removed");
         // A mislabelled harmless type is relabelled and published as what it is.
         let png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
         let relabelled = begin_upload(&alice, "pic.jpg", "image/jpeg", &png).await;
@@ -469,6 +477,8 @@ async fn abandoned_uploads_expire_with_their_data_and_quota() {
         })
         .await;
         let (alice, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let mut events = phone.events().unwrap();
         let data = bytes(1024 * 1024, 8);
         let begun = begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
         upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
@@ -482,6 +492,22 @@ async fn abandoned_uploads_expire_with_their_data_and_quota() {
         .await;
         assert_eq!(code_of(status(&alice, begun.file).await), ErrorCode::NOT_FOUND);
         assert_eq!(files_in(partial), 0, "its partial data is gone");
+        // The uploader's devices hear that it is gone.
+        within(STEP_DEADLINE, "the expiry event", async {
+            loop {
+                match events.next().await {
+                    Some(switchboard_protocol::Event::File(p))
+                        if p.state == (FileState::Failed { code: ErrorCode::NOT_FOUND }) =>
+                    {
+                        assert_eq!((p.file, p.conv), (begun.file, None));
+                        return;
+                    }
+                    Some(_) => {}
+                    None => panic!("events ended"),
+                }
+            }
+        })
+        .await;
         // Its quota is back: a file of the whole quota fits.
         begin_upload(&alice, "b.bin", "application/octet-stream", &data).await;
     })

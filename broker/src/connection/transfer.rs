@@ -243,7 +243,7 @@ async fn upload(
             },
         }
     }
-    let _ = shared.files.send(shared, &file, UploadMsg::Closed { stream }).await;
+    shared.files.closed(&file, stream);
 }
 
 /// How long a transfer stream may go with nothing read from or written to its client.

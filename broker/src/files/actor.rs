@@ -85,7 +85,7 @@ pub struct UploadActorState {
     streams: HashMap<StreamId, mpsc::UnboundedSender<TransferReply>>,
     depth: Arc<AtomicUsize>,
     idle_ticks: u32,
-    /// The published type the first chunk showed, recorded with the next offset.
+    /// The published type the first bytes showed, recorded with the next offset.
     relabel: Option<String>,
 }
 
@@ -299,30 +299,48 @@ impl Upload {
     /// Writes and syncs one chunk, then records the new offset durably.
     async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
         let end = offset + data.len() as u64;
-        let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.take());
+        let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.clone());
         let mut hasher = st.hasher.take().ok_or("hasher lost")?;
-        // All blocking: the write and fdatasync, and recording the offset (which takes
-        // the store's files lock, held by others across a catalog batch).
-        let (hasher, recorded) = tokio::task::spawn_blocking(move || {
+        // Off the runtime threads: the write, its fdatasync, and recording the offset
+        // (which takes the store's files lock).
+        let (hasher, result) = tokio::task::spawn_blocking(move || {
             if let Err(e) = Blobs::write_chunk(&file, offset, &data) {
-                return (hasher, Err(e.to_string()));
+                // The hasher is as it was; the client resends from the durable offset,
+                // over whatever the failed write left past it.
+                return (hasher, Err((e.to_string(), false)));
             }
+            hasher.update(&data);
             // The bytes are durable in the file: now the offset, in the next group commit.
-            match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
-                Ok(Some(durable)) => {
-                    hasher.update(&data);
-                    (hasher, Ok(durable))
-                }
-                Ok(None) => (hasher, Err("the upload is gone".to_owned())),
-                Err(e) => (hasher, Err(e.to_string())),
-            }
+            let recorded = match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
+                Ok(Some(durable)) => Ok(durable),
+                Ok(None) => Err(("the upload is gone".to_owned(), true)),
+                Err(e) => Err((e.to_string(), true)),
+            };
+            (hasher, recorded)
         })
         .await
         .map_err(|e| e.to_string())?;
         st.hasher = Some(hasher);
-        match recorded {
-            Ok(durable) => durable.await.map_err(|e| e.to_string()),
+        let recorded = match result {
+            Ok(durable) => durable.await.map_err(|e| (e.to_string(), true)),
             Err(e) => Err(e),
+        };
+        match recorded {
+            Ok(()) => {
+                st.relabel = None;
+                Ok(())
+            }
+            Err((e, hashed)) => {
+                if hashed {
+                    // The hasher holds bytes past the durable offset: rebuild it from disk.
+                    let (file, durable) = (st.file.clone(), st.state.durable());
+                    st.hasher = tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok())
+                        .await
+                        .ok()
+                        .flatten();
+                }
+                Err(e)
+            }
         }
     }
 
@@ -380,7 +398,7 @@ impl Upload {
         let (shared, id) = (self.shared.clone(), st.id);
         let removed = tokio::task::spawn_blocking(move || super::remove_upload(&shared, &id)).await;
         match removed {
-            Ok(Ok(removed)) => removed,
+            Ok(Ok(removed)) => removed.is_some(),
             Ok(Err(e)) => {
                 tracing::error!(file = hex(&st.id), error = %e, "removing an upload failed");
                 false

@@ -84,9 +84,12 @@ impl Files {
     /// Sends `msg` to the actor of upload `id`, starting it if needed.
     pub async fn send(&self, shared: &Arc<Shared>, id: &FileId, mut msg: UploadMsg) -> Result<(), Unreachable> {
         for _ in 0..3 {
-            let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-            if let Some(slot) = slot {
+            // Counted under the map lock, so the actor cannot retire between the lookup
+            // and the cast.
+            let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().inspect(|slot| {
                 slot.depth.fetch_add(1, Ordering::AcqRel);
+            });
+            if let Some(slot) = slot {
                 match slot.actor.cast(msg) {
                     Ok(()) => return Ok(()),
                     Err(ractor::MessagingErr::SendErr(back)) => {
@@ -142,8 +145,28 @@ impl Files {
             drop(_guard);
             return Box::pin(self.remove(shared, id, reason)).await;
         }
-        let (shared, id) = (shared.clone(), *id);
-        tokio::task::spawn_blocking(move || remove_upload(&shared, &id)).await.map_err(|e| e.to_string())?
+        let (s, id) = (shared.clone(), *id);
+        let removed =
+            tokio::task::spawn_blocking(move || remove_upload(&s, &id)).await.map_err(|e| e.to_string())??;
+        if let Some(record) = &removed {
+            // The final state, as the actor would have pushed it.
+            let state = switchboard_protocol::FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
+            actor::announce(shared, &id, record.uploader, record.size, state);
+        }
+        Ok(removed.is_some())
+    }
+
+    /// Tells a live actor that a stream ended (an actor that is gone has nothing to
+    /// forget, and none is started for it).
+    pub fn closed(&self, id: &FileId, stream: u64) {
+        let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().inspect(|slot| {
+            slot.depth.fetch_add(1, Ordering::AcqRel);
+        });
+        if let Some(slot) = slot
+            && slot.actor.cast(UploadMsg::Closed { stream }).is_err()
+        {
+            slot.depth.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Removes the actor if it is still the registered one and nothing is queued for it.
@@ -175,19 +198,19 @@ impl Files {
 }
 
 /// Removes an upload in progress: its record (giving the quota back), then, once that
-/// is durable, its partial file. Blocking (on a runtime's blocking thread). Whether there
-/// was one; `Ok(true)` only once the removal is durable.
-fn remove_upload(shared: &Shared, id: &FileId) -> Result<bool, String> {
+/// is durable, its partial file. Blocking (call on the blocking pool). The record
+/// removed, if any; returned only once the removal is durable.
+fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_storage::FileRecord>, String> {
     match shared.store.remove_upload(id).map_err(|e| e.to_string())? {
-        Some((_, durable)) => {
+        Some((record, durable)) => {
             // The record goes first and durably: a crash before the file goes leaves an
             // orphan file, which the start-up repair deletes. Deleting the file first
             // could bring back the record without its bytes.
             tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?;
             shared.files.blobs.remove_partial(id).map_err(|e| e.to_string())?;
-            Ok(true)
+            Ok(Some(record))
         }
-        None => Ok(false),
+        None => Ok(None),
     }
 }
 

@@ -244,6 +244,11 @@ pub fn files_to_send(
             // Its type is checked once these are stored.
             return Err(err(ErrorCode::NOT_READY, "the file's first 4 KiB are not stored yet"));
         }
+        // Only its uploader attaches a file still uploading: another reader would keep
+        // access to bytes that arrive after its own access ended.
+        if !record.is_complete() && record.uploader != user {
+            return Err(err(ErrorCode::NOT_READY, "the file is not complete yet"));
+        }
         refs.push(file_ref(id, &record));
     }
     Ok(Some(refs))
