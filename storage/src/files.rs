@@ -221,8 +221,9 @@ impl Store {
         Ok(Some((record, self.commit(txn)?)))
     }
 
-    /// The uploader lets go of its complete file: it stops counting against its quota,
-    /// and is marked for `collect_file`. `false` if it is not a complete file the
+    /// The uploader lets go of its complete file: it is marked for `collect_file`, and
+    /// counts against the uploader's quota until that deletes it (a message may still
+    /// carry it: its bytes stay stored). `false` if it is not a complete file the
     /// uploader still holds. Blocking (a catalog batch); resolves once durable.
     pub fn drop_hold(&self, id: &FileId) -> Result<Option<Durable>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -233,8 +234,6 @@ impl Store {
         record.held = false;
         let mut txn = Txn::new();
         txn.put(Key::file(id), &record);
-        let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
-        txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
         txn.batch.insert(Key::file_unheld(id).as_ref(), &[][..]);
         Ok(Some(self.commit(txn)?))
     }
@@ -261,6 +260,11 @@ impl Store {
             }
             for (file, record) in files {
                 txn.batch.remove(Key::file(&file).as_ref());
+                if record.parent.is_none() {
+                    // Its bytes go: they stop counting against the uploader's quota.
+                    let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
+                    txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
+                }
                 let refs = self.blob_refs(&record.blake3)?.saturating_sub(1);
                 // Two files of one blob in this batch: count from what the batch wrote.
                 let refs = if unreferenced.contains(&record.blake3) { 0 } else { refs };
@@ -408,7 +412,7 @@ mod tests {
         append(&store, entry(9, 1, Body::Files { text: String::new(), files, edited: false })).await;
         assert_eq!(store.attachments(&a, 10).unwrap(), vec![(9, 1)]);
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
-        assert_eq!(store.stored_bytes(7).unwrap(), 0);
+        assert_eq!(store.stored_bytes(7).unwrap(), 60, "counted while its bytes are stored");
         assert_eq!(store.unheld_files(10).unwrap(), vec![a]);
         let kept = store.collect_file(&a).unwrap();
         kept.durable.await.unwrap();
@@ -421,6 +425,7 @@ mod tests {
         gone.durable.await.unwrap();
         assert_eq!(gone.unreferenced, vec![[1; 32]]);
         assert!(store.file(&a).unwrap().is_none());
+        assert_eq!(store.stored_bytes(7).unwrap(), 0, "deleted: the quota is back");
         assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 0);
         assert!(store.unheld_files(10).unwrap().is_empty());
     }

@@ -712,9 +712,17 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
             files: vec![file],
         };
         let Reply::Appended { seq, .. } = alice.request(send).await.unwrap() else { panic!() };
-        // The uploader lets go: its quota is free again, the message still carries it.
+        // The uploader lets go; the message still carries it, so its bytes stay and
+        // still count against her quota.
         alice.request(RequestBody::DeleteFile { file }).await.unwrap();
-        begin_upload(&alice, "next.bin", "application/octet-stream", &data).await;
+        let again = NewUpload {
+            name: "next.bin".into(),
+            size: data.len() as u64,
+            content_type: "application/octet-stream".into(),
+            blake3: [0; 32],
+        };
+        let again = RequestBody::BeginUpload(again);
+        assert_eq!(code_of(alice.request(again.clone()).await), ErrorCode::QUOTA_EXCEEDED);
         assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
         let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
         assert_eq!(got, data);
@@ -727,6 +735,7 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
         })
         .await;
         assert_eq!(files_in(tb.data_dir().join("blobs")), 0, "its bytes are gone");
+        assert!(matches!(alice.request(again).await.unwrap(), Reply::Upload(_)), "and its quota is back");
     })
     .await
 }

@@ -35,6 +35,9 @@ const IDLE_LOWER: Duration = Duration::from_secs(30);
 /// Chunks of one stream queued for its upload's actor; beyond, the stream stops reading
 /// and QUIC flow control slows the sender.
 const QUEUED_CHUNKS: usize = 2;
+/// A transfer stream on which nothing moves this long (no chunk, no reply, no credit
+/// for download bytes) is reset with `TIMEOUT`, so an idle stream holds nothing for long.
+const STALLED: Duration = Duration::from_secs(30);
 /// Bytes read from a blob per write on a download stream.
 const DOWNLOAD_PIECE: usize = 128 * 1024;
 
@@ -188,10 +191,17 @@ async fn upload(
     }
     let permits = Arc::new(Semaphore::new(QUEUED_CHUNKS));
     let mut reading = true;
+    let mut stalled = tokio::time::Instant::now() + STALLED;
     loop {
         tokio::select! {
+            // Neither a chunk nor a reply for `STALLED`: the stream is given up.
+            _ = tokio::time::sleep_until(stalled) => {
+                reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
+                break;
+            }
             reply = replies.recv() => match reply {
                 Some(reply) => {
+                    stalled = tokio::time::Instant::now() + STALLED;
                     if !write(&mut send, &reply).await {
                         break;
                     }
@@ -207,6 +217,7 @@ async fn upload(
             _ = send.stopped() => break,
             frame = read::<Chunk>(&mut recv, &mut decoder), if reading => match frame {
                 Ok(Some(chunk)) => {
+                    stalled = tokio::time::Instant::now() + STALLED;
                     let Ok(permit) = permits.clone().acquire_owned().await else { break };
                     let matches = chunk_matches(&chunk).await;
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
@@ -281,8 +292,15 @@ async fn download(
                 return;
             }
         };
-        if send.write_chunk(bytes).await.is_err() {
-            return;
+        // A client that stops granting flow-control credit loses the stream (and its
+        // open blob) after `STALLED`.
+        match tokio::time::timeout(STALLED, send.write_chunk(bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = send.reset(ErrorCode::TIMEOUT.0.into());
+                return;
+            }
         }
         at += len as u64;
     }
