@@ -72,7 +72,7 @@ pub struct Config {
     /// Largest file `BeginUpload` accepts, bytes (`FILE_TOO_LARGE` beyond).
     pub max_file_bytes: u64,
     /// Bytes one user may store: the declared size of its uploads in progress plus the
-    /// size of the complete files it still holds (`QUOTA_EXCEEDED` beyond).
+    /// size of its complete files still stored (`QUOTA_EXCEEDED` beyond).
     pub quota_bytes: u64,
     /// Uploads one user may have in progress at once (`TOO_MANY_UPLOADS` beyond).
     pub max_uploads_per_user: usize,

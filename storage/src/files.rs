@@ -385,6 +385,26 @@ impl Store {
         Ok(self.db.get(Key::blob_refs(hash))?.and_then(|v| keys::u64_from(&v)).unwrap_or(0))
     }
 
+    /// Conversations where a message that is not deleted carries `file`, at most
+    /// `limit`, ascending: one seek per conversation, however many messages of one
+    /// conversation carry it.
+    pub fn attachment_convs(&self, file: &FileId, limit: usize) -> Result<Vec<ConvId>> {
+        let mut out = Vec::new();
+        let end = Key::attached(file, ConvId::MAX, Seq::MAX);
+        let mut from = Key::attached(file, 0, 0);
+        while out.len() < limit {
+            let Some(item) = self.db.range(from.as_ref()..=end.as_ref()).next() else { break };
+            let (k, _) = item?;
+            let conv = keys::u64_from(&k[17..25]).ok_or_else(|| corrupt(&k, "attachment key"))?;
+            out.push(conv);
+            if conv == ConvId::MAX {
+                break;
+            }
+            from = Key::attached(file, conv + 1, 0);
+        }
+        Ok(out)
+    }
+
     /// Messages carrying `file` (not deleted), at most `limit`, by conversation then seq.
     pub fn attachments(&self, file: &FileId, limit: usize) -> Result<Vec<(ConvId, Seq)>> {
         let mut out = Vec::new();
@@ -499,6 +519,21 @@ mod tests {
         assert_eq!(store.stored_bytes(7).unwrap(), 0, "its bytes are gone: so is their quota");
         assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 0);
         assert!(store.unheld_files(10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn attachments_are_listed_one_seek_per_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a = [1; 16];
+        let files = vec![FileRef { file: a, name: "a.bin".into(), size: 60, content_type: "x/y".into() }];
+        for (conv, seq) in [(9, 1), (9, 2), (9, 3), (11, 1)] {
+            let body = Body::Files { text: String::new(), files: files.clone(), edited: false };
+            append(&store, entry(conv, seq, body)).await;
+        }
+        assert_eq!(store.attachment_convs(&a, 10).unwrap(), vec![9, 11], "one per conversation");
+        assert_eq!(store.attachment_convs(&a, 1).unwrap(), vec![9]);
+        assert!(store.attachment_convs(&[2; 16], 10).unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -417,15 +417,13 @@ impl Upload {
 pub(crate) fn announce(shared: &Shared, id: &FileId, uploader: UserId, size: u64, state: FileState) {
     let progress = |conv| FileProgress { conv, file: *id, size, state: state.clone() };
     push(shared, &[uploader], progress(None));
-    let attachments = match shared.store.attachments(id, super::ATTACHMENT_SCAN) {
-        Ok(a) => a,
+    let convs = match shared.store.attachment_convs(id, super::ATTACHMENT_SCAN) {
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
             return;
         }
     };
-    let mut convs: Vec<u64> = attachments.into_iter().map(|(c, _)| c).collect();
-    convs.dedup();
     for conv in convs {
         match shared.store.members(conv) {
             Ok(members) => {

@@ -26,9 +26,9 @@ use blobs::Blobs;
 
 use crate::Shared;
 
-/// Most attachment keys read to decide whether a user may read a file (or to push its
-/// progress): a file attached in more messages than this is readable through the first
-/// ones only (by conversation id).
+/// Most conversations looked at (one seek each) to decide whether a user may read a
+/// file, or to push its progress: a file attached in more conversations than this is
+/// readable through the first ones only (by conversation id).
 pub const ATTACHMENT_SCAN: usize = 1024;
 
 /// Live Upload actors and the file bytes on disk.

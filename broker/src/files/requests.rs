@@ -28,19 +28,14 @@ pub fn no_such_file() -> ErrorBody {
 
 /// The record of `id` if `user` may read it: its uploader, or a member of a
 /// conversation where a message that is not deleted carries it (for a thumbnail: its
-/// file). Reads at most `ATTACHMENT_SCAN` attachment keys.
+/// file). Looks at most `ATTACHMENT_SCAN` conversations, one seek each.
 pub fn readable(store: &Store, user: UserId, id: &FileId) -> Result<Option<FileRecord>, ErrorBody> {
     let Some(record) = store.file(id).map_err(internal)? else { return Ok(None) };
     if record.uploader == user {
         return Ok(Some(record));
     }
     let subject = record.parent.unwrap_or(*id);
-    let mut last = None;
-    for (conv, _) in store.attachments(&subject, ATTACHMENT_SCAN).map_err(internal)? {
-        if last == Some(conv) {
-            continue;
-        }
-        last = Some(conv);
+    for conv in store.attachment_convs(&subject, ATTACHMENT_SCAN).map_err(internal)? {
         if store.member(conv, user).map_err(internal)?.is_some() {
             return Ok(Some(record));
         }
