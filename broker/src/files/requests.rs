@@ -60,13 +60,45 @@ fn status(id: &FileId, record: &FileRecord) -> UploadStatus {
     }
 }
 
+/// Whether `c` is a Unicode format character (general category Cf, Unicode 15): invisible
+/// characters such as U+202E RIGHT-TO-LEFT OVERRIDE that make a name read as another
+/// (`photo\u{202E}gnp.exe` shows as `photoexe.png`).
+fn is_format(c: char) -> bool {
+    matches!(
+        c as u32,
+        0xAD | 0x600..=0x605
+            | 0x61C
+            | 0x6DD
+            | 0x70F
+            | 0x890..=0x891
+            | 0x8E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
+}
+
 /// Checks the fields of a `BeginUpload`.
 pub fn check_new_upload(new: &NewUpload) -> Result<(), ErrorBody> {
     let name_ok = !new.name.is_empty()
         && new.name.len() <= MAX_FILE_NAME_BYTES as usize
-        && !new.name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+        && !new.name.chars().any(|c| c == '/' || c == '\\' || c.is_control() || is_format(c));
     if !name_ok {
-        return Err(err(ErrorCode::INVALID, "a file name is 1..=255 bytes without /, \\ or control characters"));
+        return Err(err(
+            ErrorCode::INVALID,
+            "a file name is 1..=255 bytes without /, \\, control or format characters",
+        ));
     }
     let type_ok = new.content_type.len() <= MAX_CONTENT_TYPE_BYTES as usize
         && new.content_type.split_once('/').is_some_and(|(t, s)| {
@@ -247,4 +279,23 @@ pub fn files_to_send(
         refs.push(file_ref(id, &record));
     }
     Ok(Some(refs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> NewUpload {
+        NewUpload { name: name.into(), size: 1, content_type: "text/plain".into(), blake3: [0; 32] }
+    }
+
+    #[test]
+    fn names_with_control_or_format_characters_are_invalid() {
+        assert!(check_new_upload(&named("photo.png")).is_ok());
+        assert!(check_new_upload(&named("résumé 2026.pdf")).is_ok());
+        for bad in ["photo\u{202E}gnp.exe", "a\u{200B}b", "\u{FEFF}x", "tag\u{E0041}", "a\nb", "a/b", ""] {
+            let refused = check_new_upload(&named(bad)).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::INVALID, "{bad:?}");
+        }
+    }
 }
