@@ -72,7 +72,7 @@ pub struct Config {
     /// Largest file `BeginUpload` accepts, bytes (`FILE_TOO_LARGE` beyond).
     pub max_file_bytes: u64,
     /// Bytes one user may store: the declared size of its uploads in progress plus the
-    /// size of the complete files it still holds (`QUOTA_EXCEEDED` beyond).
+    /// size of its complete files still stored (`QUOTA_EXCEEDED` beyond).
     pub quota_bytes: u64,
     /// Uploads one user may have in progress at once (`TOO_MANY_UPLOADS` beyond).
     pub max_uploads_per_user: usize,
@@ -84,6 +84,13 @@ pub struct Config {
     /// Transfer streams a connection may have open at once, next to its control stream
     /// (PROTOCOL.md section 12).
     pub max_transfer_streams: u32,
+    /// A transfer stream on which nothing moves this long (no bytes read from the
+    /// client, none written to it) is reset with `TIMEOUT`, seconds.
+    pub transfer_progress_secs: u64,
+    /// Transfer streams the broker serves at once, over all connections; one more is
+    /// reset with `OVERLOADED`. Each holds at most a frame and two queued chunks (about
+    /// 3 MiB) or one open blob.
+    pub max_live_transfer_streams: usize,
 }
 
 impl Default for Config {
@@ -119,6 +126,8 @@ impl Default for Config {
             disk_reserve_bytes: 1024 * 1024 * 1024,
             upload_expiry_secs: 24 * 60 * 60,
             max_transfer_streams: 3,
+            transfer_progress_secs: 30,
+            max_live_transfer_streams: 256,
         }
     }
 }

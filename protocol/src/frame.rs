@@ -3,7 +3,8 @@
 //!
 //! `FrameDecoder` is an accumulator: feed it whatever the transport delivered, take out
 //! complete frames. It checks a declared length against its limit as soon as the
-//! length prefix is complete, before buffering or allocating for the body.
+//! length prefix is complete, and allocates only for bytes that arrived, never for a
+//! declared length.
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde::Serialize;
@@ -81,6 +82,11 @@ impl FrameDecoder {
         self.max_frame_bytes = max_frame_bytes;
     }
 
+    /// Bytes allocated for buffering (at least `buffered`).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Bytes buffered but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len()
@@ -102,8 +108,9 @@ impl FrameDecoder {
         }
         let total = prefix_len + declared as usize;
         if self.buf.len() < total {
-            // Reserve only what the (checked) frame still needs.
-            self.buf.reserve(total - self.buf.len());
+            // Nothing is reserved for the declared length: the buffer grows only as
+            // bytes arrive, so a peer that declares a large frame and stops holds only
+            // what it sent.
             return Ok(None);
         }
         let mut frame = self.buf.split_to(total);
@@ -174,6 +181,17 @@ mod tests {
             assert_eq!(got, want, "chunk size {chunk}");
             assert_eq!(dec.buffered(), 0);
         }
+    }
+
+    #[test]
+    fn a_declared_length_allocates_nothing_until_its_bytes_arrive() {
+        let mut dec = FrameDecoder::new(2 * 1024 * 1024);
+        let mut prefix = [0u8; MAX_PREFIX_BYTES];
+        let n = write_varint(1024 * 1024, &mut prefix);
+        dec.push(&prefix[..n]);
+        dec.push(b"abc");
+        assert_eq!(dec.next_frame().unwrap(), None);
+        assert!(dec.capacity() < 64 * 1024, "{} bytes allocated for 3 received", dec.capacity());
     }
 
     #[test]

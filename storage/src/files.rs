@@ -53,6 +53,11 @@ pub enum FileStage {
         /// Durable bytes.
         offset: u64,
     },
+    /// All bytes in and verified, and the record refers to the blob named by `blake3`
+    /// (counted in its references): the partial file is being made that blob. Durable
+    /// before the partial file is renamed or dropped, so the start-up repair completes
+    /// only an upload in this stage (any other without its partial file starts over).
+    Publishing,
     /// All bytes in and verified; stored as the blob named by `blake3`.
     Complete {
         /// The thumbnail file, once made.
@@ -70,7 +75,7 @@ impl FileRecord {
     pub fn offset(&self) -> u64 {
         match self.stage {
             FileStage::Uploading { offset } => offset,
-            FileStage::Complete { .. } => self.size,
+            FileStage::Publishing | FileStage::Complete { .. } => self.size,
         }
     }
 }
@@ -82,6 +87,8 @@ pub enum UploadRefusal {
     TooManyUploads,
     /// The user's stored bytes plus the size would pass the quota.
     QuotaExceeded,
+    /// The disk has no room for it (the caller's `room` check said so).
+    StorageFull,
 }
 
 /// What collecting a file removed (`Store::collect_file`).
@@ -100,16 +107,20 @@ impl Store {
     }
 
     /// Records a new upload of `record.uploader` (stage `Uploading { offset: 0 }`), unless
-    /// the user has `max_uploads` in progress or its stored bytes plus the size pass
-    /// `quota_bytes`. The check and the write are one step. Blocking (a catalog batch).
+    /// the user has `max_uploads` in progress, or its stored bytes plus the size pass
+    /// `quota_bytes`, or `room` says the disk has no room: it is given the bytes still to
+    /// come of every upload in progress (promised, not yet on disk) and answers whether
+    /// the disk holds those plus this upload's size. The checks and the write are one
+    /// step, under the files lock. Blocking (a catalog batch).
     pub fn begin_upload(
         &self,
         id: &FileId,
         record: &FileRecord,
         max_uploads: usize,
         quota_bytes: u64,
+        room: impl FnOnce(u64) -> bool,
     ) -> Result<std::result::Result<Durable, UploadRefusal>> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let user = record.uploader;
         if self.db.scan_prefix(Key::uploading_of(user)).take(max_uploads).count() >= max_uploads {
             return Ok(Err(UploadRefusal::TooManyUploads));
@@ -118,12 +129,23 @@ impl Store {
         if stored.saturating_add(record.size) > quota_bytes {
             return Ok(Err(UploadRefusal::QuotaExceeded));
         }
+        if !room(*promised) {
+            return Ok(Err(UploadRefusal::StorageFull));
+        }
         let mut txn = Txn::new();
         txn.put(Key::file(id), record);
         txn.batch.insert(Key::uploading(user, id).as_ref(), &[][..]);
         txn.batch.insert(Key::file_expiry(record.expires_ms, id).as_ref(), &[][..]);
         txn.batch.insert(Key::stored_bytes(user).as_ref(), &(stored + record.size).to_be_bytes()[..]);
-        Ok(Ok(self.commit(txn)?))
+        let durable = self.commit(txn)?;
+        *promised += record.size - record.offset().min(record.size);
+        Ok(Ok(durable))
+    }
+
+    /// Bytes still to come of every upload in progress (declared size minus durable
+    /// offset), as `begin_upload` counts them.
+    pub fn promised_bytes(&self) -> u64 {
+        *self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How many uploads `user` has in progress, counting at most `limit`.
@@ -146,38 +168,76 @@ impl Store {
     /// single-key write; the returned future resolves once a group commit covers it.
     /// `None` if the upload is no longer in progress (cancelled, expired, complete).
     pub fn set_upload_offset(&self, id: &FileId, offset: u64, content_type: Option<&str>) -> Result<Option<Durable>> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
-        if record.is_complete() {
-            return Ok(None);
-        }
+        let FileStage::Uploading { offset: before } = record.stage else { return Ok(None) };
         record.stage = FileStage::Uploading { offset };
         if let Some(t) = content_type {
             record.content_type = t.to_owned();
         }
         self.db.insert(Key::file(id), encode(&record))?;
+        *promised = (*promised + before.min(record.size)).saturating_sub(offset.min(record.size));
         Ok(Some(self.barrier()?))
     }
 
-    /// Publishes a verified upload whose bytes are now the blob of `record.blake3`: the
-    /// record becomes complete and held, the upload leaves the in-progress and expiry
-    /// indexes, and the blob gains a reference (its quota stays counted). `None` if the
-    /// upload is no longer in progress. Blocking (a catalog batch).
+    /// Marks a verified upload as publishing (`FileStage::Publishing`): the record now
+    /// refers to the blob of `record.blake3` (one more reference). Call before the
+    /// partial file becomes that blob, and wait for the returned future. `None` if the
+    /// upload is not in progress at full size. Idempotent. Blocking (a catalog batch).
+    pub fn begin_publish(&self, id: &FileId) -> Result<Option<Durable>> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(None) };
+        match record.stage {
+            FileStage::Publishing => return Ok(Some(self.barrier()?)),
+            FileStage::Uploading { offset } if offset == record.size => {}
+            _ => return Ok(None),
+        }
+        let mut txn = Txn::new();
+        let refs = self.blob_refs(&record.blake3)?;
+        txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &(refs + 1).to_be_bytes()[..]);
+        record.stage = FileStage::Publishing;
+        txn.put(Key::file(id), &record);
+        Ok(Some(self.commit(txn)?))
+    }
+
+    /// Publishes an upload marked by `begin_publish` whose bytes are now the blob of
+    /// `record.blake3`: the record becomes complete and held and the upload leaves the
+    /// in-progress and expiry indexes (its quota stays counted, its blob reference
+    /// stays). `None` if the upload is not publishing. Blocking (a catalog batch).
     pub fn complete_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
-        if record.is_complete() {
+        if record.stage != FileStage::Publishing {
             return Ok(None);
         }
         let mut txn = Txn::new();
         txn.batch.remove(Key::uploading(record.uploader, id).as_ref());
         txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
-        let refs = self.blob_refs(&record.blake3)?;
-        txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &(refs + 1).to_be_bytes()[..]);
         record.stage = FileStage::Complete { thumbnail: None };
         record.expires_ms = 0;
         txn.put(Key::file(id), &record);
         Ok(Some((record, self.commit(txn)?)))
+    }
+
+    /// Sends a publishing upload whose bytes are lost (neither its partial file nor its
+    /// blob exists) back to offset 0, dropping its blob reference. `false` if it was not
+    /// publishing. Blocking (a catalog batch); resolves once durable.
+    pub fn restart_upload(&self, id: &FileId) -> Result<Option<Durable>> {
+        let mut guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(None) };
+        if record.stage != FileStage::Publishing {
+            return Ok(None);
+        }
+        let mut txn = Txn::new();
+        match self.blob_refs(&record.blake3)?.saturating_sub(1) {
+            0 => txn.batch.remove(Key::blob_refs(&record.blake3).as_ref()),
+            refs => txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &refs.to_be_bytes()[..]),
+        }
+        record.stage = FileStage::Uploading { offset: 0 };
+        txn.put(Key::file(id), &record);
+        let durable = self.commit(txn)?;
+        *guard += record.size;
+        Ok(Some(durable))
     }
 
     /// Records a complete thumbnail `thumb` (whose bytes are the blob of
@@ -203,13 +263,15 @@ impl Store {
         Ok(Some((file, self.commit(txn)?)))
     }
 
-    /// Removes an upload in progress (cancelled, failed or expired) and gives its
-    /// declared size back to the uploader's quota. Returns the record removed, or `None`
-    /// if there was no upload in progress under `id`. Blocking (a catalog batch).
+    /// Removes an upload in progress (cancelled, failed or expired; not one publishing)
+    /// and gives its declared size back to the uploader's quota. Returns the record
+    /// removed, or `None` if there was no upload in progress under `id`. The caller
+    /// deletes the partial file only once the returned future resolves. Blocking (a
+    /// catalog batch).
     pub fn remove_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(record) = self.file(id)? else { return Ok(None) };
-        if record.is_complete() {
+        if !matches!(record.stage, FileStage::Uploading { .. }) {
             return Ok(None);
         }
         let mut txn = Txn::new();
@@ -218,12 +280,15 @@ impl Store {
         txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
         let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
         txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
-        Ok(Some((record, self.commit(txn)?)))
+        let durable = self.commit(txn)?;
+        *promised = promised.saturating_sub(record.size - record.offset().min(record.size));
+        Ok(Some((record, durable)))
     }
 
-    /// The uploader lets go of its complete file: it stops counting against its quota,
-    /// and is marked for `collect_file`. `false` if it is not a complete file the
-    /// uploader still holds. Blocking (a catalog batch); resolves once durable.
+    /// The uploader lets go of its complete file: it is marked for `collect_file`, and
+    /// keeps counting against the uploader's quota until that deletes it (no message
+    /// carries it any more). `None` if it is not a complete file the uploader still
+    /// holds. Blocking (a catalog batch); resolves once durable.
     pub fn drop_hold(&self, id: &FileId) -> Result<Option<Durable>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
@@ -233,14 +298,13 @@ impl Store {
         record.held = false;
         let mut txn = Txn::new();
         txn.put(Key::file(id), &record);
-        let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
-        txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
         txn.batch.insert(Key::file_unheld(id).as_ref(), &[][..]);
         Ok(Some(self.commit(txn)?))
     }
 
     /// Deletes the complete file `id` (and its thumbnail) if nothing holds it any more:
-    /// its uploader dropped its hold and no message that is not deleted carries it. Its
+    /// its uploader dropped its hold and no message that is not deleted carries it; its
+    /// size then leaves the uploader's quota. Its
     /// mark (`file_unheld`) goes either way. Blobs left with no reference are returned
     /// for the caller to delete. Blocking (a catalog batch).
     pub fn collect_file(&self, id: &FileId) -> Result<Collected> {
@@ -261,6 +325,11 @@ impl Store {
             }
             for (file, record) in files {
                 txn.batch.remove(Key::file(&file).as_ref());
+                if record.parent.is_none() {
+                    // Its bytes go: the uploader's quota stops counting them.
+                    let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
+                    txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
+                }
                 let refs = self.blob_refs(&record.blake3)?.saturating_sub(1);
                 // Two files of one blob in this batch: count from what the batch wrote.
                 let refs = if unreferenced.contains(&record.blake3) { 0 } else { refs };
@@ -314,6 +383,26 @@ impl Store {
     /// How many complete files share the blob with this hash.
     pub fn blob_refs(&self, hash: &Blake3) -> Result<u64> {
         Ok(self.db.get(Key::blob_refs(hash))?.and_then(|v| keys::u64_from(&v)).unwrap_or(0))
+    }
+
+    /// Conversations where a message that is not deleted carries `file`, at most
+    /// `limit`, ascending: one seek per conversation, however many messages of one
+    /// conversation carry it.
+    pub fn attachment_convs(&self, file: &FileId, limit: usize) -> Result<Vec<ConvId>> {
+        let mut out = Vec::new();
+        let end = Key::attached(file, ConvId::MAX, Seq::MAX);
+        let mut from = Key::attached(file, 0, 0);
+        while out.len() < limit {
+            let Some(item) = self.db.range(from.as_ref()..=end.as_ref()).next() else { break };
+            let (k, _) = item?;
+            let conv = keys::u64_from(&k[17..25]).ok_or_else(|| corrupt(&k, "attachment key"))?;
+            out.push(conv);
+            if conv == ConvId::MAX {
+                break;
+            }
+            from = Key::attached(file, conv + 1, 0);
+        }
+        Ok(out)
     }
 
     /// Messages carrying `file` (not deleted), at most `limit`, by conversation then seq.
@@ -376,14 +465,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
-        store.begin_upload(&a, &record(7, 60, 1), 2, 100).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&a, &record(7, 60, 1), 2, 100, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&b, &record(7, 41, 2), 2, 100).unwrap().unwrap_err(),
+            store.begin_upload(&b, &record(7, 41, 2), 2, 100, |_| true).unwrap().unwrap_err(),
             UploadRefusal::QuotaExceeded
         );
-        store.begin_upload(&b, &record(7, 40, 2), 2, 100).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&b, &record(7, 40, 2), 2, 100, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&c, &record(7, 1, 3), 2, 1000).unwrap().unwrap_err(),
+            store.begin_upload(&c, &record(7, 1, 3), 2, 1000, |_| true).unwrap().unwrap_err(),
             UploadRefusal::TooManyUploads
         );
         assert_eq!(store.stored_bytes(7).unwrap(), 100);
@@ -396,6 +485,12 @@ mod tests {
         assert_eq!(store.stored_bytes(7).unwrap(), 60, "a removed upload gives its quota back");
         assert!(store.expired_uploads(u64::MAX >> 1, 10).unwrap() == vec![a]);
         // Complete: leaves the in-progress and expiry indexes, references its blob.
+        assert!(store.complete_upload(&a).unwrap().is_none(), "only a publishing upload completes");
+        assert!(store.begin_publish(&a).unwrap().is_none(), "only an upload at full size publishes");
+        store.set_upload_offset(&a, 60, None).unwrap().unwrap().await.unwrap();
+        store.begin_publish(&a).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 1, "publishing refers to the blob");
+        assert!(store.remove_upload(&a).unwrap().is_none(), "a publishing upload is not removed");
         let (done, d) = store.complete_upload(&a).unwrap().unwrap();
         d.await.unwrap();
         assert!(done.is_complete());
@@ -408,7 +503,7 @@ mod tests {
         append(&store, entry(9, 1, Body::Files { text: String::new(), files, edited: false })).await;
         assert_eq!(store.attachments(&a, 10).unwrap(), vec![(9, 1)]);
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
-        assert_eq!(store.stored_bytes(7).unwrap(), 0);
+        assert_eq!(store.stored_bytes(7).unwrap(), 60, "counted while a message carries it");
         assert_eq!(store.unheld_files(10).unwrap(), vec![a]);
         let kept = store.collect_file(&a).unwrap();
         kept.durable.await.unwrap();
@@ -421,8 +516,24 @@ mod tests {
         gone.durable.await.unwrap();
         assert_eq!(gone.unreferenced, vec![[1; 32]]);
         assert!(store.file(&a).unwrap().is_none());
+        assert_eq!(store.stored_bytes(7).unwrap(), 0, "its bytes are gone: so is their quota");
         assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 0);
         assert!(store.unheld_files(10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn attachments_are_listed_one_seek_per_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a = [1; 16];
+        let files = vec![FileRef { file: a, name: "a.bin".into(), size: 60, content_type: "x/y".into() }];
+        for (conv, seq) in [(9, 1), (9, 2), (9, 3), (11, 1)] {
+            let body = Body::Files { text: String::new(), files: files.clone(), edited: false };
+            append(&store, entry(conv, seq, body)).await;
+        }
+        assert_eq!(store.attachment_convs(&a, 10).unwrap(), vec![9, 11], "one per conversation");
+        assert_eq!(store.attachment_convs(&a, 1).unwrap(), vec![9]);
+        assert!(store.attachment_convs(&[2; 16], 10).unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -431,7 +542,9 @@ mod tests {
         let store = open(dir.path());
         let (a, b, t) = ([1; 16], [2; 16], [3; 16]);
         for id in [a, b] {
-            store.begin_upload(&id, &record(7, 10, 5), 8, 100).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&id, &record(7, 10, 5), 8, 100, |_| true).unwrap().unwrap().await.unwrap();
+            store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
+            store.begin_publish(&id).unwrap().unwrap().await.unwrap();
             store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
         }
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 2);
@@ -449,5 +562,39 @@ mod tests {
         assert!(store.file(&t).unwrap().is_none());
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1);
         assert_eq!(store.file(&b).unwrap().unwrap().offset(), 10);
+    }
+
+    #[tokio::test]
+    async fn the_disk_check_counts_bytes_promised_to_uploads_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
+        // A disk with 150 free bytes: each upload must fit beside what is promised.
+        let room = |size: u64| move |promised: u64| 150u64.saturating_sub(promised) >= size;
+        store.begin_upload(&a, &record(7, 100, 1), 8, u64::MAX, room(100)).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 100);
+        assert_eq!(
+            store.begin_upload(&b, &record(8, 60, 2), 8, u64::MAX, room(60)).unwrap().unwrap_err(),
+            UploadRefusal::StorageFull,
+            "100 promised: 50 left"
+        );
+        // 40 of `a` are on disk: 60 still to come.
+        store.set_upload_offset(&a, 40, None).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 60);
+        store.begin_upload(&b, &record(8, 60, 2), 8, u64::MAX, room(60)).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 120);
+        store.remove_upload(&b).unwrap().unwrap().1.await.unwrap();
+        assert_eq!(store.promised_bytes(), 60);
+        store.set_upload_offset(&a, 100, None).unwrap().unwrap().await.unwrap();
+        store.begin_publish(&a).unwrap().unwrap().await.unwrap();
+        store.complete_upload(&a).unwrap().unwrap().1.await.unwrap();
+        assert_eq!(store.promised_bytes(), 0);
+        store.begin_upload(&c, &record(9, 30, 3), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store.set_upload_offset(&c, 10, None).unwrap().unwrap().await.unwrap();
+        // Counted again from the records when the store opens.
+        store.close().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.promised_bytes(), 20);
     }
 }

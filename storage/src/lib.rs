@@ -109,8 +109,10 @@ pub struct Store {
     /// never goes backwards, and makes name and direct-pair checks atomic.
     catalog: Mutex<()>,
     /// Serialises changes to file records and their indexes (quota, uploads in
-    /// progress, blob references), so each is checked and changed in one step.
-    files: Mutex<()>,
+    /// progress, blob references), so each is checked and changed in one step. Holds
+    /// the bytes still to come of every upload in progress (declared size minus durable
+    /// offset), promised disk space `begin_upload` counts.
+    files: Mutex<u64>,
     path: PathBuf,
     /// The previous run closed the store with `close_clean`.
     opened_clean: bool,
@@ -147,7 +149,7 @@ impl Store {
             db,
             committer,
             catalog: Mutex::new(()),
-            files: Mutex::new(()),
+            files: Mutex::new(0),
             path: config.path.clone(),
             opened_clean,
             created,
@@ -162,6 +164,8 @@ impl Store {
         // Made durable by the caller's first barrier, like crash repair.
         store.upgrade_to_format_2()?;
         store.upgrade_to_format_3()?;
+        let promised = store.uploads_in_progress()?.iter().map(|(_, r)| r.size - r.offset().min(r.size)).sum();
+        *store.files.lock().unwrap_or_else(|p| p.into_inner()) = promised;
         Ok(store)
     }
 

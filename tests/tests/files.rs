@@ -228,6 +228,14 @@ async fn each_refusal_gets_its_own_code_and_publishes_nothing() {
             other => panic!("expected TYPE_MISMATCH, got {other:?}"),
         }
         assert_eq!(code_of(status(&alice, exe.file).await), ErrorCode::NOT_FOUND, "removed");
+        // However small the chunks that bring its first bytes.
+        let exe = begin_upload(&alice, "notes.pdf", "application/pdf", &elf).await;
+        let replies = upload_range(conn, exe.file, &elf, 0, elf.len() as u64, 1000).await;
+        match replies.last() {
+            Some(TransferReply::Failed { error, .. }) => assert_eq!(error.code, ErrorCode::TYPE_MISMATCH),
+            other => panic!("expected TYPE_MISMATCH, got {other:?}"),
+        }
+        assert_eq!(code_of(status(&alice, exe.file).await), ErrorCode::NOT_FOUND, "removed");
         // A mislabelled harmless type is relabelled and published as what it is.
         let png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
         let relabelled = begin_upload(&alice, "pic.jpg", "image/jpeg", &png).await;
@@ -704,9 +712,17 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
             files: vec![file],
         };
         let Reply::Appended { seq, .. } = alice.request(send).await.unwrap() else { panic!() };
-        // The uploader lets go: its quota is free again, the message still carries it.
+        // The uploader lets go; the message still carries it, so its bytes stay and
+        // keep counting against the uploader's quota.
         alice.request(RequestBody::DeleteFile { file }).await.unwrap();
-        begin_upload(&alice, "next.bin", "application/octet-stream", &data).await;
+        let next = NewUpload {
+            name: "next.bin".into(),
+            size: data.len() as u64,
+            content_type: "application/octet-stream".into(),
+            blake3: *blake3::hash(&data).as_bytes(),
+        };
+        let refused = alice.request(RequestBody::BeginUpload(next.clone())).await;
+        assert_eq!(code_of(refused), ErrorCode::QUOTA_EXCEEDED, "still stored: still counted");
         assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
         let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
         assert_eq!(got, data);
@@ -719,6 +735,88 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
         })
         .await;
         assert_eq!(files_in(tb.data_dir().join("blobs")), 0, "its bytes are gone");
+        // And with them their quota.
+        assert!(matches!(alice.request(RequestBody::BeginUpload(next)).await.unwrap(), Reply::Upload(_)));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_type_check_sees_the_first_4_kib_however_small_the_first_chunk() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let conn = alice.connection();
+        let mut elf = b"\x7fELF\x02\x01\x01\x00".to_vec();
+        elf.resize(8192, 7);
+        for declared in ["text/plain", "application/pdf"] {
+            let begun = begin_upload(&alice, "notes.txt", declared, &elf).await;
+            let mut t = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+            assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+            // One byte says nothing of the type: stored, but not yet attachable.
+            t.chunk(0, &elf[..1], None).await;
+            assert!(matches!(t.reply().await, Some(TransferReply::Durable { offset: 1 })));
+            let send = RequestBody::SendFiles {
+                conv,
+                client_id: switchboard_client::new_client_id(),
+                text: String::new(),
+                files: vec![begun.file],
+            };
+            assert_eq!(code_of(alice.request(send).await), ErrorCode::NOT_READY, "type not checked yet");
+            // The chunk that completes the first 4 KiB is checked with the stored byte.
+            t.chunk(1, &elf[1..], None).await;
+            match t.reply().await {
+                Some(TransferReply::Failed { error, .. }) => assert_eq!(error.code, ErrorCode::TYPE_MISMATCH),
+                other => panic!("expected TYPE_MISMATCH for {declared}, got {other:?}"),
+            }
+            assert_eq!(code_of(status(&alice, begun.file).await), ErrorCode::NOT_FOUND, "removed");
+        }
+    })
+    .await
+}
+
+/// The reset code that ended `recv`, reading whatever comes first.
+async fn reset_code(recv: &mut quinn::RecvStream) -> ErrorCode {
+    loop {
+        match within(STEP_DEADLINE, "the stream's end", recv.read_chunk(1024 * 1024, true)).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream finished instead of being reset"),
+            Err(quinn::ReadError::Reset(code)) => return ErrorCode(code.into_inner() as u16),
+            Err(e) => panic!("the stream failed instead of being reset: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_number() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.transfer_progress_secs = 1;
+            c.max_live_transfer_streams = 1;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let conn = alice.connection();
+        let data = bytes(4 * 1024 * 1024, 5);
+        let file = upload(&alice, "big.bin", &data).await;
+        // A download whose client grants no flow-control credit: reset, the blob let go.
+        let mut stalled = Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        // Meanwhile the broker serves no other stream.
+        let mut refused = Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        assert_eq!(reset_code(&mut refused.recv).await, ErrorCode::OVERLOADED);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(reset_code(&mut stalled.recv).await, ErrorCode::TIMEOUT);
+        // Our halves go too (each open stream counts against the connection's credit).
+        drop((stalled, refused));
+        // An upload stream that sends nothing after it is accepted: reset too.
+        let begun = begin_upload(&alice, "next.bin", "application/octet-stream", &data).await;
+        let mut idle = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(idle.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        assert_eq!(reset_code(&mut idle.recv).await, ErrorCode::TIMEOUT);
+        // The slot is free again: a download that reads gets every byte.
+        let (_, got) = download(conn, file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
     })
     .await
 }

@@ -3,7 +3,9 @@
 //! `OPEN_DEADLINE`); an upload stream then carries `Chunk` frames to the upload's actor
 //! and its `TransferReply` frames back; a download stream gets a `Range` frame and the
 //! bytes. Errors end the stream only, never the connection. Transfer streams send at a
-//! lower priority than the control stream.
+//! lower priority than the control stream. A stream on which nothing moves for
+//! `transfer_progress_secs` is reset with `TIMEOUT`; at most `max_live_transfer_streams`
+//! are served at once over all connections (one more is reset with `OVERLOADED`).
 //!
 //! A connection may open them only after a successful `BeginUpload`, `UploadStatus` or
 //! `FileInfo` (`Transfers::allow` raises its stream credit); after `IDLE_LOWER` with none
@@ -96,6 +98,10 @@ pub(crate) async fn serve(
     transfers.open.fetch_add(1, Ordering::AcqRel);
     transfers.opened.fetch_add(1, Ordering::AcqRel);
     let _open = OpenStream(transfers);
+    // Broker-wide: each live stream may hold a frame and queued chunks, or an open blob.
+    let Ok(_live) = shared.files.live_streams.clone().try_acquire_owned() else {
+        return reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
+    };
     let _ = send.set_priority(-1);
     let mut decoder = FrameDecoder::new(OPEN_FRAME_BYTES);
     let open = match tokio::time::timeout(OPEN_DEADLINE, read::<TransferOpen>(&mut recv, &mut decoder)).await {
@@ -188,12 +194,24 @@ async fn upload(
     }
     let permits = Arc::new(Semaphore::new(QUEUED_CHUNKS));
     let mut reading = true;
+    let progress = progress_deadline(shared);
+    let mut deadline = tokio::time::Instant::now() + progress;
     loop {
         tokio::select! {
+            // Nothing read from the client and nothing written to it for too long.
+            _ = tokio::time::sleep_until(deadline) => {
+                reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
+                break;
+            }
             reply = replies.recv() => match reply {
                 Some(reply) => {
-                    if !write(&mut send, &reply).await {
-                        break;
+                    match tokio::time::timeout(progress, write(&mut send, &reply)).await {
+                        Ok(true) => deadline = tokio::time::Instant::now() + progress,
+                        Ok(false) => break,
+                        Err(_) => {
+                            reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
+                            break;
+                        }
                     }
                 }
                 // The actor let go of this stream after its last reply.
@@ -207,6 +225,7 @@ async fn upload(
             _ = send.stopped() => break,
             frame = read::<Chunk>(&mut recv, &mut decoder), if reading => match frame {
                 Ok(Some(chunk)) => {
+                    deadline = tokio::time::Instant::now() + progress;
                     let Ok(permit) = permits.clone().acquire_owned().await else { break };
                     let matches = chunk_matches(&chunk).await;
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
@@ -225,6 +244,11 @@ async fn upload(
         }
     }
     shared.files.closed(&file, stream);
+}
+
+/// How long a transfer stream may go with nothing read from or written to its client.
+fn progress_deadline(shared: &Shared) -> Duration {
+    Duration::from_secs(shared.config.transfer_progress_secs.max(1))
 }
 
 /// Whether a chunk's data matches its BLAKE3, hashed off the runtime threads.
@@ -264,8 +288,15 @@ async fn download(
         Ok(Err(e)) => return fail(&mut send, crate::error::internal(e), 0).await,
         Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
     };
-    if !write(&mut send, &TransferReply::Range { offset, length, size: record.size }).await {
-        return;
+    let progress = progress_deadline(shared);
+    let range = TransferReply::Range { offset, length, size: record.size };
+    match tokio::time::timeout(progress, write(&mut send, &range)).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(_) => {
+            let _ = send.reset(ErrorCode::TIMEOUT.0.into());
+            return;
+        }
     }
     let mut at = offset;
     let end = offset + length;
@@ -281,8 +312,14 @@ async fn download(
                 return;
             }
         };
-        if send.write_chunk(bytes).await.is_err() {
-            return;
+        // A client that stops granting flow-control credit does not keep the blob open.
+        match tokio::time::timeout(progress, send.write_chunk(bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = send.reset(ErrorCode::TIMEOUT.0.into());
+                return;
+            }
         }
         at += len as u64;
     }

@@ -85,7 +85,7 @@ pub struct UploadActorState {
     streams: HashMap<StreamId, mpsc::UnboundedSender<TransferReply>>,
     depth: Arc<AtomicUsize>,
     idle_ticks: u32,
-    /// The published type the first chunk showed, recorded with the next offset.
+    /// The published type the first bytes showed, recorded with the next offset.
     relabel: Option<String>,
 }
 
@@ -96,8 +96,6 @@ pub struct Upload {
 
 /// Ticks between progress flushes and idle checks.
 const TICK: Duration = Duration::from_millis(250);
-/// Bytes of the first chunk the type check looks at.
-const SNIFF_BYTES: usize = 4096;
 /// Ticks without a stream before the actor passivates.
 const IDLE_TICKS: u32 = 40;
 
@@ -233,10 +231,20 @@ impl Upload {
                 }
                 Effect::Write { offset, len } => {
                     let Some(data) = chunk.take().map(|c| c.data) else { continue };
-                    if offset == 0 {
-                        // The type check: the first bytes against the declared type.
-                        let head = &data[..data.len().min(SNIFF_BYTES)];
-                        match sniff::check(&st.record.declared_type, head) {
+                    let need = st.record.size.min(sniff::HEAD_BYTES);
+                    if offset < need && offset + len >= need {
+                        // The type check, on the chunk that completes the first bytes
+                        // (however small the chunks before it were): the stored prefix
+                        // and this chunk's start, against the declared type.
+                        let head = match self.head(st, offset, &data, need).await {
+                            Ok(head) => head,
+                            Err(e) => {
+                                tracing::error!(file = hex(&st.id), error = %e, "reading an upload's first bytes failed");
+                                queue.extend(st.state.write_failed());
+                                continue;
+                            }
+                        };
+                        match sniff::check(&st.record.declared_type, &head) {
                             Verdict::Keep => {}
                             Verdict::Relabel(found) => {
                                 st.record.content_type = found.clone();
@@ -270,40 +278,70 @@ impl Upload {
         }
     }
 
+    /// The first `need` bytes of the file: the durable prefix below `offset`, read back
+    /// from the partial file, then the start of `data` (the chunk at `offset`).
+    async fn head(
+        &self,
+        st: &UploadActorState,
+        offset: u64,
+        data: &bytes::Bytes,
+        need: u64,
+    ) -> Result<Vec<u8>, String> {
+        let file = st.file.clone();
+        let mut head = tokio::task::spawn_blocking(move || Blobs::read(&file, 0, offset as usize))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        head.extend_from_slice(&data[..(need - offset) as usize]);
+        Ok(head)
+    }
+
     /// Writes and syncs one chunk, then records the new offset durably.
     async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
-        let len = data.len() as u64;
-        let file = st.file.clone();
+        let end = offset + data.len() as u64;
+        let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.clone());
         let mut hasher = st.hasher.take().ok_or("hasher lost")?;
+        // Off the runtime threads: the write, its fdatasync, and recording the offset
+        // (which takes the store's files lock).
         let (hasher, result) = tokio::task::spawn_blocking(move || {
-            let r = Blobs::write_chunk(&file, offset, &data);
-            if r.is_ok() {
-                hasher.update(&data);
+            if let Err(e) = Blobs::write_chunk(&file, offset, &data) {
+                // The hasher is as it was; the client resends from the durable offset,
+                // over whatever the failed write left past it.
+                return (hasher, Err((e.to_string(), false)));
             }
-            (hasher, r)
+            hasher.update(&data);
+            // The bytes are durable in the file: now the offset, in the next group commit.
+            let recorded = match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
+                Ok(Some(durable)) => Ok(durable),
+                Ok(None) => Err(("the upload is gone".to_owned(), true)),
+                Err(e) => Err((e.to_string(), true)),
+            };
+            (hasher, recorded)
         })
         .await
         .map_err(|e| e.to_string())?;
         st.hasher = Some(hasher);
-        // A failed write left the hasher as it was; the client resends from the durable
-        // offset, over whatever the failed write left past it.
-        result.map_err(|e| e.to_string())?;
-        // The bytes are durable in the file: now the offset, in the next group commit.
-        let recorded = match self.shared.store.set_upload_offset(&st.id, offset + len, st.relabel.as_deref()) {
-            Ok(Some(durable)) => durable.await.map_err(|e| e.to_string()),
-            Ok(None) => Err("the upload is gone".to_owned()),
-            Err(e) => Err(e.to_string()),
+        let recorded = match result {
+            Ok(durable) => durable.await.map_err(|e| (e.to_string(), true)),
+            Err(e) => Err(e),
         };
         match recorded {
-            Ok(()) => st.relabel = None,
-            Err(_) => {
-                // The hasher holds bytes past the durable offset: rebuild it from disk.
-                let (file, durable) = (st.file.clone(), st.state.durable());
-                st.hasher =
-                    tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok()).await.ok().flatten();
+            Ok(()) => {
+                st.relabel = None;
+                Ok(())
+            }
+            Err((e, hashed)) => {
+                if hashed {
+                    // The hasher holds bytes past the durable offset: rebuild it from disk.
+                    let (file, durable) = (st.file.clone(), st.state.durable());
+                    st.hasher = tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok())
+                        .await
+                        .ok()
+                        .flatten();
+                }
+                Err(e)
             }
         }
-        recorded
     }
 
     fn progress(&self, st: &UploadActorState, state: FileState) {
@@ -334,8 +372,13 @@ impl Upload {
     async fn publish(&self, st: &UploadActorState) -> Result<FileRef, ErrorBody> {
         let (shared, id, hash) = (self.shared.clone(), st.id, st.record.blake3);
         let done = tokio::task::spawn_blocking(move || {
-            shared.files.blobs.publish(&id, &hash).map_err(|e| e.to_string())?;
-            shared.store.complete_upload(&id).map_err(|e| e.to_string())
+            // Durably publishing (the record refers to the blob) before the partial file
+            // goes: only such an upload is completed by the start-up repair.
+            match shared.store.begin_publish(&id).map_err(|e| e.to_string())? {
+                Some(durable) => tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?,
+                None => return Ok(None),
+            }
+            shared.files.blobs.publish(&shared.store, &id, &hash)
         })
         .await;
         match done {
@@ -374,15 +417,13 @@ impl Upload {
 pub(crate) fn announce(shared: &Shared, id: &FileId, uploader: UserId, size: u64, state: FileState) {
     let progress = |conv| FileProgress { conv, file: *id, size, state: state.clone() };
     push(shared, &[uploader], progress(None));
-    let attachments = match shared.store.attachments(id, super::ATTACHMENT_SCAN) {
-        Ok(a) => a,
+    let convs = match shared.store.attachment_convs(id, super::ATTACHMENT_SCAN) {
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
             return;
         }
     };
-    let mut convs: Vec<u64> = attachments.into_iter().map(|(c, _)| c).collect();
-    convs.dedup();
     for conv in convs {
         match shared.store.members(conv) {
             Ok(members) => {

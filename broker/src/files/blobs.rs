@@ -4,11 +4,14 @@
 //! function here blocks: call it on `spawn_blocking`.
 //!
 //! Crash safety: a partial file may hold more than its recorded offset (written, not yet
-//! recorded) and is truncated back at start; completion renames the partial file into
-//! `blobs/` (or drops it when the blob exists) and syncs both directories *before* the
-//! store records the file complete, so at start an upload whose partial file is gone but
-//! whose blob exists was complete (`repair` finishes the record). A blob no record
-//! references is deleted at start.
+//! recorded) and is truncated back at start. Completion first records the upload
+//! `Publishing` (durably; the record then refers to its blob), then renames the partial
+//! file into `blobs/` (or drops it when the blob exists) and syncs both directories,
+//! then records the file complete: at start a publishing upload is finished (`repair`),
+//! and any other upload whose partial file is gone starts over at offset 0, whatever
+//! blob exists (its bytes were never verified to be that blob). A removed upload's
+//! partial file goes only once its removal is durable. A blob no record references is
+//! deleted at start.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -16,13 +19,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use switchboard_protocol::{Blake3, FileId};
-use switchboard_storage::Store;
+use switchboard_storage::{Durable, FileRecord, Store};
 
 /// Where file bytes live.
 #[derive(Debug)]
 pub struct Blobs {
     uploads: PathBuf,
     blobs: PathBuf,
+    /// Held across "the blob exists, so add a reference to it" and across "the blob has
+    /// no reference, so unlink it": a blob is never unlinked while a file refers to it.
+    refs: std::sync::Mutex<()>,
 }
 
 /// Lowercase hex of `bytes`.
@@ -48,7 +54,8 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl Blobs {
     /// The directories under `data_dir`, created if missing.
     pub fn open(data_dir: &Path) -> io::Result<Blobs> {
-        let blobs = Blobs { uploads: data_dir.join("uploads"), blobs: data_dir.join("blobs") };
+        let blobs =
+            Blobs { uploads: data_dir.join("uploads"), blobs: data_dir.join("blobs"), refs: std::sync::Mutex::new(()) };
         std::fs::create_dir_all(&blobs.uploads)?;
         std::fs::create_dir_all(&blobs.blobs)?;
         Ok(blobs)
@@ -105,32 +112,59 @@ impl Blobs {
         Ok(hasher)
     }
 
-    /// Makes a verified upload's bytes the blob of `hash`: renames the partial file into
-    /// place, or drops it when that blob exists (the same bytes are stored once), and
-    /// syncs both directories.
-    pub fn publish(&self, id: &FileId, hash: &Blake3) -> io::Result<()> {
+    /// Makes the bytes of an upload marked publishing (`Store::begin_publish`, durable:
+    /// the record already refers to the blob) the blob of `hash`, and records the file
+    /// complete (`Store::complete_upload`): renames the partial file into place, or drops
+    /// it when that blob exists (the same bytes are stored once), and syncs both
+    /// directories. Under the lock `remove_unreferenced` takes, so a blob found here is
+    /// never unlinked under the file. `None` if the upload is not publishing.
+    pub fn publish(&self, store: &Store, id: &FileId, hash: &Blake3) -> Result<Option<(FileRecord, Durable)>, String> {
         let (partial, blob) = (self.partial(id), self.blob(hash));
+        let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
         if blob.exists() {
-            std::fs::remove_file(&partial)?;
+            match std::fs::remove_file(&partial) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.to_string()),
+                _ => {}
+            }
         } else {
-            std::fs::rename(&partial, &blob)?;
-            sync_dir(&self.blobs)?;
+            std::fs::rename(&partial, &blob).map_err(|e| e.to_string())?;
+            sync_dir(&self.blobs).map_err(|e| e.to_string())?;
         }
-        sync_dir(&self.uploads)
+        sync_dir(&self.uploads).map_err(|e| e.to_string())?;
+        store.complete_upload(id).map_err(|e| e.to_string())
     }
 
-    /// Stores `bytes` as the blob of `hash` (a thumbnail), durably, unless it exists.
-    pub fn store(&self, hash: &Blake3, bytes: &[u8]) -> io::Result<()> {
+    /// Stores `bytes` as the blob of `hash` (a thumbnail), durably unless it exists, and
+    /// records it as the thumbnail `thumb` of `parent` (`Store::add_thumbnail`), both
+    /// under the lock `remove_unreferenced` takes. When `parent` is gone the blob is
+    /// unlinked again if nothing else refers to it. `None` if `parent` is gone.
+    pub fn store_thumbnail(
+        &self,
+        store: &Store,
+        parent: &FileId,
+        thumb: &FileId,
+        record: &FileRecord,
+        bytes: &[u8],
+    ) -> Result<Option<(FileRecord, Durable)>, String> {
+        let hash = &record.blake3;
+        let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
         let blob = self.blob(hash);
-        if blob.exists() {
-            return Ok(());
+        if !blob.exists() {
+            let tmp = self.uploads.join(format!("{}.tmp", hex(hash)));
+            let write = || -> io::Result<()> {
+                let file = File::create(&tmp)?;
+                file.write_all_at(bytes, 0)?;
+                file.sync_all()?;
+                std::fs::rename(&tmp, &blob)?;
+                sync_dir(&self.blobs)
+            };
+            write().map_err(|e| e.to_string())?;
         }
-        let tmp = self.uploads.join(format!("{}.tmp", hex(hash)));
-        let file = File::create(&tmp)?;
-        file.write_all_at(bytes, 0)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &blob)?;
-        sync_dir(&self.blobs)
+        let added = store.add_thumbnail(parent, thumb, record).map_err(|e| e.to_string())?;
+        if added.is_none() && store.blob_refs(hash).map_err(|e| e.to_string())? == 0 {
+            self.unlink(hash).map_err(|e| e.to_string())?;
+        }
+        Ok(added)
     }
 
     /// Removes an upload's partial file, if any.
@@ -141,8 +175,19 @@ impl Blobs {
         }
     }
 
-    /// Removes a blob no file references any more.
-    pub fn remove_blob(&self, hash: &Blake3) -> io::Result<()> {
+    /// Unlinks the blob of `hash` if no file refers to it: `Store::collect_file` named it
+    /// unreferenced, and its removal is durable. The references are read again under the
+    /// lock `publish` takes: a file that gained the blob since keeps it. Whether it went.
+    pub fn remove_unreferenced(&self, store: &Store, hash: &Blake3) -> Result<bool, String> {
+        let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        if store.blob_refs(hash).map_err(|e| e.to_string())? > 0 {
+            return Ok(false);
+        }
+        self.unlink(hash).map_err(|e| e.to_string())?;
+        Ok(true)
+    }
+
+    fn unlink(&self, hash: &Blake3) -> io::Result<()> {
         match std::fs::remove_file(self.blob(hash)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -165,6 +210,20 @@ impl Blobs {
         let uploads = store.uploads_in_progress().map_err(|e| e.to_string())?;
         let mut live = std::collections::HashSet::new();
         for (id, record) in &uploads {
+            if record.stage == switchboard_storage::FileStage::Publishing {
+                let (partial, blob) = (self.partial(id), self.blob(&record.blake3));
+                if partial.exists() || blob.exists() {
+                    // Verified and referenced before the crash: finish publishing it.
+                    self.publish(store, id, &record.blake3)?;
+                    tracing::info!(file = hex(id), "finished a completion a crash cut short");
+                    continue;
+                }
+                tracing::error!(file = hex(id), "a publishing upload lost its bytes; it starts over");
+                store.restart_upload(id).map_err(|e| e.to_string())?;
+                self.open_partial(id, 0).map_err(|e| e.to_string())?;
+                live.insert(hex(id));
+                continue;
+            }
             let offset = record.offset();
             let path = self.partial(id);
             match std::fs::metadata(&path) {
@@ -179,12 +238,6 @@ impl Blobs {
                 }
                 Ok(_) => {
                     self.open_partial(id, offset).map_err(|e| e.to_string())?;
-                }
-                Err(_) if offset == record.size && self.blob(&record.blake3).exists() => {
-                    // Published on disk, not yet recorded: finish the record.
-                    store.complete_upload(id).map_err(|e| e.to_string())?;
-                    tracing::info!(file = hex(id), "finished a completion a crash cut short");
-                    continue;
                 }
                 Err(_) => {
                     store.set_upload_offset(id, 0, None).map_err(|e| e.to_string())?;
@@ -222,7 +275,7 @@ mod tests {
     //! repair makes of each: either "still uploading at offset X" or "complete".
 
     use super::*;
-    use switchboard_storage::{FileRecord, FileStage, StoreConfig};
+    use switchboard_storage::{FileStage, StoreConfig};
 
     fn open(dir: &Path) -> (Store, Blobs) {
         let mut config = StoreConfig::new(dir.join("store"));
@@ -247,7 +300,7 @@ mod tests {
     }
 
     async fn begin(store: &Store, id: &FileId, data: &[u8]) {
-        store.begin_upload(id, &record(data), 8, u64::MAX).unwrap().unwrap().await.unwrap();
+        store.begin_upload(id, &record(data), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
     }
 
     #[tokio::test]
@@ -282,7 +335,8 @@ mod tests {
             store.set_upload_offset(&id, data.len() as u64, None).unwrap().unwrap().await.unwrap();
         }
         // The crash came after the blob was in place, before the record said so.
-        blobs.publish(&renamed, &record(&data).blake3).unwrap();
+        store.begin_publish(&renamed).unwrap().unwrap().await.unwrap();
+        std::fs::rename(blobs.partial(&renamed), blobs.blob(&record(&data).blake3)).unwrap();
         // A blob of a file whose record never got written.
         std::fs::write(blobs.blob(&[9; 32]), b"orphan").unwrap();
         blobs.repair(&store).unwrap();
@@ -299,5 +353,69 @@ mod tests {
         blobs.repair(&store).unwrap();
         assert!(!blobs.partial(&[7; 16]).exists());
         assert!(blobs.partial(&not_yet).exists());
+    }
+
+    async fn uploaded(store: &Store, blobs: &Blobs, id: &FileId, data: &[u8]) {
+        begin(store, id, data).await;
+        let file = blobs.open_partial(id, 0).unwrap();
+        Blobs::write_chunk(&file, 0, data).unwrap();
+        store.set_upload_offset(id, data.len() as u64, None).unwrap().unwrap().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_blob_collected_while_the_same_bytes_publish_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let data = b"the same bytes twice".to_vec();
+        let hash = record(&data).blake3;
+        let (first, second) = ([1; 16], [2; 16]);
+        uploaded(&store, &blobs, &first, &data).await;
+        store.begin_publish(&first).unwrap().unwrap().await.unwrap();
+        blobs.publish(&store, &first, &hash).unwrap().unwrap().1.await.unwrap();
+        store.drop_hold(&first).unwrap().unwrap().await.unwrap();
+        // The collection finds the blob unreferenced and makes that durable...
+        let collected = store.collect_file(&first).unwrap();
+        assert_eq!(collected.unreferenced, vec![hash]);
+        collected.durable.await.unwrap();
+        // ...meanwhile an upload of the same bytes publishes onto the existing blob...
+        uploaded(&store, &blobs, &second, &data).await;
+        store.begin_publish(&second).unwrap().unwrap().await.unwrap();
+        let (done, durable) = blobs.publish(&store, &second, &hash).unwrap().unwrap();
+        durable.await.unwrap();
+        assert!(done.is_complete());
+        // ...and the collection's unlink step leaves the bytes the new file refers to.
+        assert!(!blobs.remove_unreferenced(&store, &hash).unwrap());
+        assert_eq!(std::fs::read(blobs.blob(&hash)).unwrap(), data);
+        assert!(!blobs.partial(&second).exists());
+        // Once nothing refers to it, it goes.
+        store.drop_hold(&second).unwrap().unwrap().await.unwrap();
+        let collected = store.collect_file(&second).unwrap();
+        collected.durable.await.unwrap();
+        assert!(blobs.remove_unreferenced(&store, &hash).unwrap());
+        assert!(!blobs.blob(&hash).exists());
+    }
+
+    #[tokio::test]
+    async fn an_upload_that_lost_its_partial_file_starts_over_even_when_its_blob_exists() {
+        // The attack: learn a victim's hash and size, upload garbage to full size under
+        // that hash, and crash the broker after the partial file went but before the
+        // removal (hash mismatch, cancel) was durable.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let secret = b"the victim's secret bytes".to_vec();
+        let (victim, attacker) = ([1; 16], [2; 16]);
+        uploaded(&store, &blobs, &victim, &secret).await;
+        store.begin_publish(&victim).unwrap().unwrap().await.unwrap();
+        blobs.publish(&store, &victim, &record(&secret).blake3).unwrap().unwrap().1.await.unwrap();
+        uploaded(&store, &blobs, &attacker, &secret).await;
+        let garbage = vec![b'x'; secret.len()];
+        Blobs::write_chunk(&blobs.open_partial(&attacker, secret.len() as u64).unwrap(), 0, &garbage).unwrap();
+        std::fs::remove_file(blobs.partial(&attacker)).unwrap();
+        blobs.repair(&store).unwrap();
+        let record = store.file(&attacker).unwrap().unwrap();
+        assert_eq!(record.stage, FileStage::Uploading { offset: 0 }, "never verified: it starts over");
+        assert_eq!(std::fs::metadata(blobs.partial(&attacker)).unwrap().len(), 0);
+        assert_eq!(store.blob_refs(&record.blake3).unwrap(), 1, "only the victim's file refers to the blob");
+        assert_eq!(std::fs::read(blobs.blob(&record.blake3)).unwrap(), secret);
     }
 }

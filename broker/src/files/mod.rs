@@ -26,9 +26,9 @@ use blobs::Blobs;
 
 use crate::Shared;
 
-/// Most attachment keys read to decide whether a user may read a file (or to push its
-/// progress): a file attached in more messages than this is readable through the first
-/// ones only (by conversation id).
+/// Most conversations looked at (one seek each) to decide whether a user may read a
+/// file, or to push its progress: a file attached in more conversations than this is
+/// readable through the first ones only (by conversation id).
 pub const ATTACHMENT_SCAN: usize = 1024;
 
 /// Live Upload actors and the file bytes on disk.
@@ -39,6 +39,8 @@ pub struct Files {
     /// Serialises starting an actor and removing an upload with no actor.
     spawn_lock: tokio::sync::Mutex<()>,
     next_stream: AtomicU64,
+    /// One permit per transfer stream served, over all connections.
+    pub(crate) live_streams: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Clone)]
@@ -58,9 +60,10 @@ pub enum Unreachable {
 }
 
 impl Files {
-    /// Files under `data_dir`.
-    pub fn open(data_dir: &std::path::Path) -> std::io::Result<Files> {
+    /// Files under `data_dir`, serving at most `max_live_streams` transfer streams at once.
+    pub fn open(data_dir: &std::path::Path, max_live_streams: usize) -> std::io::Result<Files> {
         Ok(Files {
+            live_streams: Arc::new(tokio::sync::Semaphore::new(max_live_streams)),
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
             spawn_lock: tokio::sync::Mutex::new(()),
@@ -81,9 +84,12 @@ impl Files {
     /// Sends `msg` to the actor of upload `id`, starting it if needed.
     pub async fn send(&self, shared: &Arc<Shared>, id: &FileId, mut msg: UploadMsg) -> Result<(), Unreachable> {
         for _ in 0..3 {
-            let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-            if let Some(slot) = slot {
+            // Counted under the map lock, so the actor cannot retire between the lookup
+            // and the cast.
+            let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().inspect(|slot| {
                 slot.depth.fetch_add(1, Ordering::AcqRel);
+            });
+            if let Some(slot) = slot {
                 match slot.actor.cast(msg) {
                     Ok(()) => return Ok(()),
                     Err(ractor::MessagingErr::SendErr(back)) => {
@@ -153,12 +159,13 @@ impl Files {
     /// Tells a live actor that a stream ended (an actor that is gone has nothing to
     /// forget, and none is started for it).
     pub fn closed(&self, id: &FileId, stream: u64) {
-        let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-        if let Some(slot) = slot {
+        let slot = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().inspect(|slot| {
             slot.depth.fetch_add(1, Ordering::AcqRel);
-            if slot.actor.cast(UploadMsg::Closed { stream }).is_err() {
-                slot.depth.fetch_sub(1, Ordering::AcqRel);
-            }
+        });
+        if let Some(slot) = slot
+            && slot.actor.cast(UploadMsg::Closed { stream }).is_err()
+        {
+            slot.depth.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -190,13 +197,15 @@ impl Files {
     }
 }
 
-/// Removes an upload in progress: its record (giving the quota back), durably, then its
-/// partial file. Blocking (call on the blocking pool). The record removed, if any.
+/// Removes an upload in progress: its record (giving the quota back), then, once that
+/// is durable, its partial file. Blocking (call on the blocking pool). The record
+/// removed, if any; returned only once the removal is durable.
 fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_storage::FileRecord>, String> {
     match shared.store.remove_upload(id).map_err(|e| e.to_string())? {
         Some((record, durable)) => {
-            // The record goes first: a crash before the file goes leaves an orphan file,
-            // which the start-up repair deletes.
+            // The record goes first and durably: a crash before the file goes leaves an
+            // orphan file, which the start-up repair deletes. Deleting the file first
+            // could bring back the record without its bytes.
             tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?;
             shared.files.blobs.remove_partial(id).map_err(|e| e.to_string())?;
             Ok(Some(record))
@@ -218,7 +227,8 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
     let rt = tokio::runtime::Handle::current();
     rt.block_on(collected.durable).map_err(|e| e.to_string())?;
     for hash in collected.unreferenced {
-        shared.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
+        // Another upload of the same bytes may have published onto it since.
+        shared.files.blobs.remove_unreferenced(&shared.store, &hash)?;
     }
     Ok(())
 }
@@ -313,12 +323,8 @@ pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: swit
     };
     let s = shared.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        s.files.blobs.store(&hash, &png).map_err(|e| e.to_string())?;
-        let added = s.store.add_thumbnail(&id, &thumb_id, &thumb).map_err(|e| e.to_string())?;
-        if added.is_none() && s.store.blob_refs(&hash).map_err(|e| e.to_string())? == 0 {
-            // The file went meanwhile: so does its thumbnail's blob.
-            s.files.blobs.remove_blob(&hash).map_err(|e| e.to_string())?;
-        }
+        // The file may have gone meanwhile: then so does its thumbnail's blob.
+        let added = s.files.blobs.store_thumbnail(&s.store, &id, &thumb_id, &thumb, &png)?;
         Ok::<_, String>(added.map(|(_, durable)| (durable, thumb)))
     })
     .await;

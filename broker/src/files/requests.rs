@@ -28,19 +28,14 @@ pub fn no_such_file() -> ErrorBody {
 
 /// The record of `id` if `user` may read it: its uploader, or a member of a
 /// conversation where a message that is not deleted carries it (for a thumbnail: its
-/// file). Reads at most `ATTACHMENT_SCAN` attachment keys.
+/// file). Looks at most `ATTACHMENT_SCAN` conversations, one seek each.
 pub fn readable(store: &Store, user: UserId, id: &FileId) -> Result<Option<FileRecord>, ErrorBody> {
     let Some(record) = store.file(id).map_err(internal)? else { return Ok(None) };
     if record.uploader == user {
         return Ok(Some(record));
     }
     let subject = record.parent.unwrap_or(*id);
-    let mut last = None;
-    for (conv, _) in store.attachments(&subject, ATTACHMENT_SCAN).map_err(internal)? {
-        if last == Some(conv) {
-            continue;
-        }
-        last = Some(conv);
+    for conv in store.attachment_convs(&subject, ATTACHMENT_SCAN).map_err(internal)? {
         if store.member(conv, user).map_err(internal)?.is_some() {
             return Ok(Some(record));
         }
@@ -65,13 +60,45 @@ fn status(id: &FileId, record: &FileRecord) -> UploadStatus {
     }
 }
 
+/// Whether `c` is a Unicode format character (general category Cf, Unicode 15): invisible
+/// characters such as U+202E RIGHT-TO-LEFT OVERRIDE that make a name read as another
+/// (`photo\u{202E}gnp.exe` shows as `photoexe.png`).
+fn is_format(c: char) -> bool {
+    matches!(
+        c as u32,
+        0xAD | 0x600..=0x605
+            | 0x61C
+            | 0x6DD
+            | 0x70F
+            | 0x890..=0x891
+            | 0x8E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
+}
+
 /// Checks the fields of a `BeginUpload`.
 pub fn check_new_upload(new: &NewUpload) -> Result<(), ErrorBody> {
     let name_ok = !new.name.is_empty()
         && new.name.len() <= MAX_FILE_NAME_BYTES as usize
-        && !new.name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+        && !new.name.chars().any(|c| c == '/' || c == '\\' || c.is_control() || is_format(c));
     if !name_ok {
-        return Err(err(ErrorCode::INVALID, "a file name is 1..=255 bytes without /, \\ or control characters"));
+        return Err(err(
+            ErrorCode::INVALID,
+            "a file name is 1..=255 bytes without /, \\, control or format characters",
+        ));
     }
     let type_ok = new.content_type.len() <= MAX_CONTENT_TYPE_BYTES as usize
         && new.content_type.split_once('/').is_some_and(|(t, s)| {
@@ -120,27 +147,24 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
     let begun = tokio::task::spawn_blocking(move || {
         let (max_uploads, quota, reserve) =
             (s.config.max_uploads_per_user, s.config.quota_bytes, s.config.disk_reserve_bytes);
-        // The disk check is last in the documented order, but needs no lock: it runs
-        // inside the store's check only when the limits there pass.
-        let full = || -> Result<bool, ErrorBody> {
-            let free = free_bytes(s.files.blobs.root())?;
-            Ok(free < record.size.saturating_add(reserve))
+        // The disk check, last in the documented order, runs under the store's files
+        // lock with the bytes every upload in progress may still write: uploads begun
+        // at once cannot promise the same free space twice.
+        let room = |promised: u64| match free_bytes(s.files.blobs.root()) {
+            Ok(free) => free.saturating_sub(promised) >= record.size.saturating_add(reserve),
+            Err(e) => {
+                tracing::warn!(error = ?e, "reading the free disk space failed; refusing the upload");
+                false
+            }
         };
-        match s.store.uploads_of(user, max_uploads).map_err(internal)? {
-            n if n >= max_uploads => return Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
-            _ => {}
-        }
-        if s.store.stored_bytes(user).map_err(internal)?.saturating_add(record.size) > quota {
-            return Err(err(ErrorCode::QUOTA_EXCEEDED, "the upload would pass your storage quota"));
-        }
-        if full()? {
-            return Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"));
-        }
-        match s.store.begin_upload(&id, &record, max_uploads, quota).map_err(internal)? {
+        match s.store.begin_upload(&id, &record, max_uploads, quota, room).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
             Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
             Err(UploadRefusal::QuotaExceeded) => {
                 Err(err(ErrorCode::QUOTA_EXCEEDED, "the upload would pass your storage quota"))
+            }
+            Err(UploadRefusal::StorageFull) => {
+                Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"))
             }
         }
     })
@@ -177,6 +201,7 @@ pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, Er
     let record = readable(&shared.store, user, id)?.ok_or_else(no_such_file)?;
     let state = match &record.stage {
         FileStage::Uploading { offset } => FileState::Uploading { offset: *offset },
+        FileStage::Publishing => FileState::Uploading { offset: record.size },
         FileStage::Complete { thumbnail } => {
             let thumbnail = match thumbnail {
                 Some(t) => shared.store.file(t).map_err(internal)?.map(|r| file_ref(t, &r)),
@@ -242,10 +267,35 @@ pub fn files_to_send(
             return Err(err(ErrorCode::INVALID, "a file appears twice"));
         }
         let record = readable(store, user, id)?.ok_or_else(no_such_file)?;
-        if record.offset() == 0 {
-            return Err(err(ErrorCode::NOT_READY, "the file's first chunk is not stored yet"));
+        if record.offset() < record.size.min(super::sniff::HEAD_BYTES) {
+            // Its type is checked once these are stored.
+            return Err(err(ErrorCode::NOT_READY, "the file's first 4 KiB are not stored yet"));
+        }
+        // Only its uploader attaches a file still uploading: another reader would keep
+        // access to bytes that arrive after its own access ended.
+        if !record.is_complete() && record.uploader != user {
+            return Err(err(ErrorCode::NOT_READY, "the file is not complete yet"));
         }
         refs.push(file_ref(id, &record));
     }
     Ok(Some(refs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(name: &str) -> NewUpload {
+        NewUpload { name: name.into(), size: 1, content_type: "text/plain".into(), blake3: [0; 32] }
+    }
+
+    #[test]
+    fn names_with_control_or_format_characters_are_invalid() {
+        assert!(check_new_upload(&named("photo.png")).is_ok());
+        assert!(check_new_upload(&named("résumé 2026.pdf")).is_ok());
+        for bad in ["photo\u{202E}gnp.exe", "a\u{200B}b", "\u{FEFF}x", "tag\u{E0041}", "a\nb", "a/b", ""] {
+            let refused = check_new_upload(&named(bad)).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::INVALID, "{bad:?}");
+        }
+    }
 }

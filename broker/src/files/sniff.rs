@@ -38,6 +38,9 @@ pub(crate) enum Verdict {
     },
 }
 
+/// Bytes at the start of a file the type check looks at (all of a smaller file).
+pub(crate) const HEAD_BYTES: u64 = 4096;
+
 /// The generic type: executables may be declared as it, and unknown media become it.
 pub(crate) const OCTET_STREAM: &str = "application/octet-stream";
 

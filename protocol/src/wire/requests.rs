@@ -208,8 +208,8 @@ pub enum RequestBody {
         /// The file.
         file: FileId,
     },
-    /// Drop my own hold on a file I uploaded: it no longer counts against my quota and is
-    /// deleted once no message carries it. Replies `Done`.
+    /// Drop my own hold on a file I uploaded: it is deleted once no message carries it,
+    /// and counts against my quota until then. Replies `Done`.
     DeleteFile {
         /// The file.
         file: FileId,
