@@ -20,8 +20,7 @@
 //! `PE\0\0` header: DOS programs have none, and a text file starting with "MZ" declared
 //! as text is a price worth paying.
 
-// The upload actor calls `check` on the chunk at offset 0.
-#![cfg_attr(not(test), allow(dead_code))]
+// The Upload actor calls `check` once the first min(4096, size) bytes are durable.
 
 /// What to do with an upload after looking at its first bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]

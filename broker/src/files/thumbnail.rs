@@ -17,7 +17,6 @@
 //!   a caller that finds them all busy for its whole timeout gets `Busy`.
 
 // The upload actor calls `make` after a file completes.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::io::Cursor;
 use std::time::Duration;
