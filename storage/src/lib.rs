@@ -130,14 +130,14 @@ impl Store {
     /// Opens (creating if needed) the database and starts the group committer.
     pub fn open(config: &StoreConfig) -> Result<Store> {
         let created = !config.path.exists();
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_capacity_bytes)
             // Our committer flushes; sled's own background flusher would only add
             // unsynchronised flushes (and sled hangs with concurrent flushers).
             .flush_every_ms(None)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+            .mode(sled::Mode::HighThroughput);
+        let db = open_when_unlocked(&sled_config)?;
         // The marker goes first: any later write that survives a crash implies its
         // removal survived too (sled recovers a prefix of its log).
         let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
@@ -458,6 +458,28 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
     postcard::from_bytes(value).map_err(|e| corrupt(key, &e.to_string()))
+}
+
+/// How long `Store::open` keeps trying while the database's file lock is held.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens sled, waiting up to `LOCK_WAIT` while its file lock is held. A store closed and
+/// dropped a moment ago in this process may still hold the lock: sled's I/O threads
+/// release their references to the file only once their queued jobs ran, which under load
+/// takes a while (a broker restarted in place, a test reopening its store). A lock still
+/// held after that belongs to another process and is reported as before.
+fn open_when_unlocked(config: &sled::Config) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 fn corrupt(key: &[u8], detail: &str) -> StoreError {
