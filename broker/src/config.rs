@@ -82,7 +82,9 @@ pub struct Config {
     /// An upload not complete this many seconds after it began is removed with its data.
     pub upload_expiry_secs: u64,
     /// Transfer streams a connection may have open at once, next to its control stream
-    /// (PROTOCOL.md section 12).
+    /// (PROTOCOL.md section 12). Each connection's flow-control window is one 256 KiB
+    /// stream window per stream that may be open (1 MiB with the default 3), so
+    /// transfers cannot take the control stream's share.
     pub max_transfer_streams: u32,
     /// A transfer stream on which nothing moves this long (no bytes read from the
     /// client, none written to it) is reset with `TIMEOUT`, seconds.

@@ -113,19 +113,31 @@ pub fn server_config(identity: &Identity, config: &Config) -> Result<quinn::Serv
     Ok(server)
 }
 
+/// Bytes one stream may have unread at the broker.
+const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Bytes a connection may have unread at the broker: a stream window for the control
+/// stream and one for each of `max_transfer_streams`.
+fn connection_window(max_transfer_streams: u32) -> u32 {
+    STREAM_WINDOW.saturating_mul(max_transfer_streams.saturating_add(1))
+}
+
 /// The transport knobs, each chosen rather than inherited.
 fn transport(config: &Config) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // The control stream only. quinn allocates state up front for every stream the peer
-    // may open, so each allowed stream is per-connection memory; file transfers will
-    // raise the limit on their connection (`Connection::set_max_concurrent_bi_streams`)
-    // when they start, instead of every idle connection paying for them.
+    // may open, so each allowed stream is per-connection memory; file transfers raise
+    // the limit on their connection (`Connection::set_max_concurrent_bi_streams`) when
+    // they start, instead of every idle connection paying for them.
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Per-stream window: a full client frame (64 KiB) several times over.
-    t.stream_receive_window((256u32 * 1024).into());
-    // quinn's default connection window is unbounded: cap what one client can make us buffer.
-    t.receive_window((1024u32 * 1024).into());
+    t.stream_receive_window(STREAM_WINDOW.into());
+    // quinn's default connection window is unbounded: cap what one client can make us
+    // buffer. One stream window for the control stream plus one per transfer stream, so
+    // transfers that fill theirs still leave the control stream its whole window
+    // (PROTOCOL.md section 12; 1 MiB with the default 3 transfer streams).
+    t.receive_window(connection_window(config.max_transfer_streams).into());
     // Bytes we buffer unacknowledged toward one client; outbound queue caps the rest.
     t.send_window(2 * 1024 * 1024);
     t.send_fairness(true);
@@ -179,4 +191,22 @@ pub fn bind_udp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocke
         sockets.push(socket);
     }
     Ok(sockets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Transfer streams that fill their windows leave the control stream a whole window:
+    /// the connection's window is one stream window per stream that may be open, and
+    /// with the default three transfer streams it is the 1 MiB PROTOCOL.md announces.
+    #[test]
+    fn the_connection_window_leaves_the_control_stream_its_own() {
+        assert_eq!(connection_window(Config::ephemeral("unused").max_transfer_streams), 1024 * 1024);
+        for transfers in [0, 1, 3, 8, 64] {
+            let window = u64::from(connection_window(transfers));
+            assert_eq!(window, u64::from(STREAM_WINDOW) * (u64::from(transfers) + 1));
+        }
+        assert_eq!(connection_window(u32::MAX), u32::MAX, "saturates instead of wrapping");
+    }
 }
