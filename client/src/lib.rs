@@ -533,20 +533,7 @@ impl Client {
 
     /// All my conversations with unread counts and my watermarks (follows pages).
     pub async fn conversation_states(&self) -> Result<Vec<ConversationState>> {
-        let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            match self.request(RequestBody::ConversationStates { after }).await? {
-                Reply::ConversationStates { items, more } => {
-                    after = items.last().map(|c| c.summary.id);
-                    all.extend(items);
-                    if !more || after.is_none() {
-                        return Ok(all);
-                    }
-                }
-                other => return Err(unexpected(other)),
-            }
-        }
+        every_conversation_state(|body| self.request(body), unexpected).await
     }
 
     /// One catch-up page of `conv` after seq `after`.
@@ -727,6 +714,32 @@ impl futures_core::Stream for Events {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         self.rx.poll_recv(cx)
+    }
+}
+
+/// Follows `ConversationStates` pages from the first to the last: `request` makes one
+/// request, `unexpected` turns a reply of another kind into the caller's error.
+pub(crate) async fn every_conversation_state<E, F, Fut>(
+    mut request: F,
+    unexpected: fn(Reply) -> E,
+) -> std::result::Result<Vec<ConversationState>, E>
+where
+    F: FnMut(RequestBody) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Reply, E>>,
+{
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        match request(RequestBody::ConversationStates { after }).await? {
+            Reply::ConversationStates { items, more } => {
+                after = items.last().map(|c| c.summary.id);
+                all.extend(items);
+                if !more || after.is_none() {
+                    return Ok(all);
+                }
+            }
+            other => return Err(unexpected(other)),
+        }
     }
 }
 

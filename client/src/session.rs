@@ -341,20 +341,7 @@ impl Session {
 
     /// All my conversations with unread counts and my watermarks (follows pages).
     pub async fn conversation_states(&self) -> Result<Vec<ConversationState>, SessionError> {
-        let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            match self.request(RequestBody::ConversationStates { after }).await? {
-                Reply::ConversationStates { items, more } => {
-                    after = items.last().map(|c| c.summary.id);
-                    all.extend(items);
-                    if !more || after.is_none() {
-                        return Ok(all);
-                    }
-                }
-                other => return Err(unexpected(other)),
-            }
-        }
+        crate::every_conversation_state(|body| self.request(body), unexpected).await
     }
 
     /// Marks this device away (`true`) or back; kept across reconnects (a new
