@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::pseudo_random_bytes;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -463,19 +465,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Pseudo-random bytes (no known file type), `len` of them.
-fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// The line of `lines` with `"event": event`.
 fn event<'a>(lines: &'a [serde_json::Value], event: &str) -> &'a serde_json::Value {
     lines.iter().find(|l| l["event"] == event).unwrap_or_else(|| panic!("no {event} line in {lines:?}"))
@@ -491,7 +480,7 @@ async fn upload_then_download_round_trip() {
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
     let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap().to_string();
-    let data = file_bytes(2 * 1024 * 1024 + 4321, 1);
+    let data = pseudo_random_bytes(2 * 1024 * 1024 + 4321, 1);
     let path = dir.path().join("notes.bin");
     std::fs::write(&path, &data).unwrap();
 
@@ -538,7 +527,7 @@ async fn range_download_writes_exactly_the_range() {
     let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
-    let data = file_bytes(1024 * 1024 + 99, 2);
+    let data = pseudo_random_bytes(1024 * 1024 + 99, 2);
     let path = dir.path().join("f.bin");
     std::fs::write(&path, &data).unwrap();
     let id = event(&sb(&alice, &broker, &["upload", path.to_str().unwrap()]), "uploaded")["file"]
@@ -569,7 +558,7 @@ async fn upload_resumes_after_the_process_was_killed() {
     let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
-    let data = file_bytes(16 * 1024 * 1024 + 17, 3);
+    let data = pseudo_random_bytes(16 * 1024 * 1024 + 17, 3);
     let path = dir.path().join("big.bin");
     std::fs::write(&path, &data).unwrap();
 
@@ -603,7 +592,7 @@ async fn upload_rides_out_a_broker_restart() {
     let broker = Broker::start(Config::ephemeral(data_dir.clone())).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
-    let data = file_bytes(16 * 1024 * 1024 + 3, 4);
+    let data = pseudo_random_bytes(16 * 1024 * 1024 + 3, 4);
     let path = dir.path().join("big.bin");
     std::fs::write(&path, &data).unwrap();
 
@@ -696,7 +685,7 @@ async fn the_same_file_uploaded_again_continues_the_saved_upload() {
     let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
-    let data = file_bytes(16 * 1024 * 1024 + 5, 5);
+    let data = pseudo_random_bytes(16 * 1024 * 1024 + 5, 5);
     let path = dir.path().join("big.bin");
     std::fs::write(&path, &data).unwrap();
 

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::pseudo_random_bytes;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,19 +25,6 @@ async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
 
 fn connector(broker: &Broker) -> Connector {
     Connector::new(broker.local_addr, "localhost", Trust::CaFile(broker.cert_path.clone())).unwrap()
-}
-
-/// Pseudo-random bytes (no known file type), `len` of them.
-fn bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn write(dir: &Path, name: &str, data: &[u8]) -> std::path::PathBuf {
@@ -64,7 +53,7 @@ async fn a_cut_connection_resumes_from_the_durable_offset() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
     let (alice, identity) = register(&broker, "alice").await;
-    let data = bytes(6 * 1024 * 1024 + 123, 1);
+    let data = pseudo_random_bytes(6 * 1024 * 1024 + 123, 1);
     let path = write(dir.path(), "big.bin", &data);
 
     let mut uploader = Uploader::new(connector(&broker), identity, fast());
@@ -118,7 +107,7 @@ async fn an_upload_survives_a_broker_restart() {
     let broker = Broker::start(Config::ephemeral(data_dir.clone())).await.unwrap();
     let addr = broker.local_addr;
     let (_alice, identity) = register(&broker, "alice").await;
-    let data = bytes(12 * 1024 * 1024 + 5, 2);
+    let data = pseudo_random_bytes(12 * 1024 * 1024 + 5, 2);
     let path = write(dir.path(), "big.bin", &data);
 
     let mut uploader = Uploader::new(connector(&broker), identity.clone(), fast());
@@ -167,8 +156,8 @@ async fn permanent_failures_stop_the_uploader() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
     let (alice, identity) = register(&broker, "alice").await;
-    let declared = write(dir.path(), "declared.bin", &bytes(300_000, 3));
-    let other = write(dir.path(), "other.bin", &bytes(300_000, 4));
+    let declared = write(dir.path(), "declared.bin", &pseudo_random_bytes(300_000, 3));
+    let other = write(dir.path(), "other.bin", &pseudo_random_bytes(300_000, 4));
 
     // The bytes sent are not the bytes declared: HASH_MISMATCH, once, no retry.
     let mut uploader = Uploader::new(connector(&broker), identity.clone(), fast());
@@ -192,7 +181,7 @@ async fn permanent_failures_stop_the_uploader() {
 
     // A local file of another size than declared is refused before sending.
     let status = uploader.begin(new_upload(&declared, "application/octet-stream").await.unwrap()).await.unwrap();
-    let short = write(dir.path(), "short.bin", &bytes(1000, 5));
+    let short = write(dir.path(), "short.bin", &pseudo_random_bytes(1000, 5));
     let failed = uploader.upload(status.file, &short, |_| {}).await.unwrap_err();
     assert!(matches!(failed, TransferError::Mismatch(_)), "{failed}");
     broker.shutdown().await.unwrap();
@@ -203,7 +192,7 @@ async fn range_downloads_return_exactly_the_requested_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
     let (alice, identity) = register(&broker, "alice").await;
-    let data = bytes(2 * 1024 * 1024 + 777, 6);
+    let data = pseudo_random_bytes(2 * 1024 * 1024 + 777, 6);
     let path = write(dir.path(), "f.bin", &data);
     let mut uploader = Uploader::new(connector(&broker), identity, fast());
     let status = uploader.begin(new_upload(&path, "application/octet-stream").await.unwrap()).await.unwrap();
