@@ -304,6 +304,9 @@ async fn upload_small() {
             "f_chat_p99_ms_idle",
             "f_chat_p99_ms_during_upload",
             "f_chat_p99_ratio",
+            "g_disk_sync_p99_ms_alone",
+            "g_disk_sync_p99_ms_beside_appends",
+            "g_disk_sync_p99_ratio",
         ] {
             let value = report.extra.get(figure).copied();
             assert!(value.is_some_and(|v| v.is_finite() && v > 0.0), "{figure} missing or not positive: {table}");
@@ -324,6 +327,8 @@ async fn upload_small() {
         assert!(report.checks.iter().any(|c| c.name.starts_with("aim: chat p99")), "{table}");
         assert_eq!(report.delivered, 80, "{table}");
         assert!(report.event_latency["chat idle"].count == 40 && report.event_latency["chat+upload"].count == 40);
+        assert!(report.event_latency["disk alone"].count == 40, "{table}");
+        assert!(report.event_latency["disk+appends"].count == 40, "{table}");
         // The broker runs inside the harness here: no CPU figure of its own.
         assert!(!report.extra.contains_key("c_broker_cpu_ms_per_mb"), "{table}");
     })

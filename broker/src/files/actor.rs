@@ -296,49 +296,60 @@ impl Upload {
         Ok(head)
     }
 
-    /// Writes and syncs one chunk, then records the new offset durably.
+    /// Writes and syncs one chunk, then records the new offset durably. The whole-file
+    /// hasher takes the chunk on another blocking thread meanwhile; if the chunk does not
+    /// become durable, the hasher is put back as it was before it.
     async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
         let end = offset + data.len() as u64;
         let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.clone());
         let mut hasher = st.hasher.take().ok_or("hasher lost")?;
-        // Off the runtime threads: the write, its fdatasync, and recording the offset
+        let before = hasher.clone();
+        let chunk = data.clone();
+        let hashed = tokio::task::spawn_blocking(move || {
+            hasher.update(&chunk);
+            hasher
+        });
+        // Off the runtime threads: the write and its fdatasync, in a turn that the
+        // store's group commits go before (`Store::bulk_turn`), then recording the offset
         // (which takes the store's files lock).
-        let (hasher, result) = tokio::task::spawn_blocking(move || {
-            if let Err(e) = Blobs::write_chunk(&file, offset, &data) {
-                // The hasher is as it was; the client resends from the durable offset,
-                // over whatever the failed write left past it.
-                return (hasher, Err((e.to_string(), false)));
+        let stored = tokio::task::spawn_blocking(move || {
+            {
+                let _turn = shared.store.bulk_turn(data.len() as u64);
+                Blobs::write_chunk(&file, offset, &data).map_err(|e| e.to_string())?;
             }
-            hasher.update(&data);
             // The bytes are durable in the file: now the offset, in the next group commit.
-            let recorded = match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
+            match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
                 Ok(Some(durable)) => Ok(durable),
-                Ok(None) => Err(("the upload is gone".to_owned(), true)),
-                Err(e) => Err((e.to_string(), true)),
-            };
-            (hasher, recorded)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        st.hasher = Some(hasher);
-        let recorded = match result {
-            Ok(durable) => durable.await.map_err(|e| (e.to_string(), true)),
-            Err(e) => Err(e),
+                Ok(None) => Err("the upload is gone".to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        let (hashed, stored) = tokio::join!(hashed, stored);
+        let recorded = match stored {
+            Ok(Ok(durable)) => durable.await.map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
-        match recorded {
-            Ok(()) => {
+        match (recorded, hashed) {
+            (Ok(()), Ok(hasher)) => {
+                st.hasher = Some(hasher);
                 st.relabel = None;
                 Ok(())
             }
-            Err((e, hashed)) => {
-                if hashed {
-                    // The hasher holds bytes past the durable offset: rebuild it from disk.
-                    let (file, durable) = (st.file.clone(), st.state.durable());
-                    st.hasher = tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, durable).ok())
-                        .await
-                        .ok()
-                        .flatten();
-                }
+            (Ok(()), Err(e)) => {
+                // Durable and recorded, but the hashing task died (a panic): rebuild
+                // the hasher from the durable prefix, which now ends at `end`.
+                tracing::error!(file = hex(&st.id), error = %e, "hashing an upload chunk failed; rehashing the file");
+                let file = st.file.clone();
+                st.hasher =
+                    tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, end).ok()).await.ok().flatten();
+                st.relabel = None;
+                Ok(())
+            }
+            (Err(e), _) => {
+                // Nothing past the durable offset counts: the client resends from it,
+                // over whatever the failed write left past it.
+                st.hasher = Some(before);
                 Err(e)
             }
         }

@@ -15,7 +15,14 @@
 //!   once (aggregate MB/s);
 //! - (f) chat latency (open-loop send to delivery at a second client) with no upload,
 //!   then again while the sender's own connection uploads `--file-mib` files back to
-//!   back (p99 ratio; aim: at most 2x).
+//!   back (p99 ratio; aim: at most 2x);
+//! - (g) the disk alone, after the broker stopped: the latency of a small append with an
+//!   fdatasync every 1/`--chat-rate` s (what one group commit asks of the disk), alone
+//!   and then beside 1 MiB appends fdatasynced back to back as in (b), as many of each
+//!   as (f) sends, in the harness's temp dir (p99 ratio): how much the disk itself lets a bulk writer delay a
+//!   commit. On a disk that stalls when writes go on above what it sustains, this ratio
+//!   is far above 2 and (f) cannot do better than it at full upload speed (the broker's
+//!   `upload_write_bytes_per_sec` paces uploads below that rate).
 //!
 //! With a broker process of its own (the default child, or `--target` with
 //! `--broker-pid`), its CPU time per MB moved is reported for (c), (d) and (e). MB are
@@ -223,6 +230,27 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.harness = harness_sampler.summary(0.0);
     target.stop().await?;
 
+    // (g) The disk alone, with the broker gone.
+    // The harness's temp dir: the same file system as the owned broker's (both temp dirs).
+    let (disk_dir, samples, every) =
+        (scratch.path().to_owned(), args.chat_messages as usize, Duration::from_secs_f64(1.0 / args.chat_rate));
+    let disk = tokio::task::spawn_blocking(move || small_syncs_beside_appends(&disk_dir, samples, every))
+        .await?
+        .map_err(Error::io("timing small fdatasyncs beside appends"))?;
+    let histogram = |us: &[u64]| {
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .expect("constant histogram bounds are valid");
+        us.iter().for_each(|&v| h.saturating_record(v.max(1)));
+        Percentiles::from_us(&h)
+    };
+    let (disk_idle, disk_busy) = (histogram(&disk.0), histogram(&disk.1));
+    let disk_ratio = disk_busy.p99_ms / disk_idle.p99_ms.max(1e-3);
+    report.extra.insert("g_disk_sync_p99_ms_alone".into(), disk_idle.p99_ms);
+    report.extra.insert("g_disk_sync_p99_ms_beside_appends".into(), disk_busy.p99_ms);
+    report.extra.insert("g_disk_sync_p99_ratio".into(), disk_ratio);
+    report.event_latency.insert("disk alone".into(), disk_idle);
+    report.event_latency.insert("disk+appends".into(), disk_busy);
+
     let (idle_p, busy_p) = (Percentiles::from_us(&idle.latency), Percentiles::from_us(&busy.chat.latency));
     let ratio = busy_p.p99_ms / idle_p.p99_ms.max(1e-3);
     report.extra.insert("f_chat_p99_ms_idle".into(), idle_p.p99_ms);
@@ -242,7 +270,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.check(
         &format!("aim: chat p99 during an upload within {CHAT_P99_AIM}x of without"),
         ratio <= CHAT_P99_AIM,
-        format!("{:.2} ms against {:.2} ms", busy_p.p99_ms, idle_p.p99_ms),
+        format!("{:.2} ms against {:.2} ms; the disk alone (g): {disk_ratio:.1}x", busy_p.p99_ms, idle_p.p99_ms),
     );
     report.sent = 2 * u64::from(args.chat_messages);
     report.acked = idle.acked + busy.chat.acked;
@@ -368,6 +396,56 @@ fn fsync_append(dir: &Path, bytes: u64) -> std::io::Result<f64> {
         Ok(rate(bytes, start.elapsed().as_secs_f64()))
     })();
     let _ = std::fs::remove_file(&path);
+    measured
+}
+
+/// (g): `samples` small appends (256 B) to a new file in `dir`, each fdatasynced, one
+/// every `every`: their latencies (µs) alone, then beside a thread appending 1 MiB pieces
+/// with an fdatasync after each, back to back, to another file. Both files are removed.
+fn small_syncs_beside_appends(dir: &Path, samples: usize, every: Duration) -> std::io::Result<(Vec<u64>, Vec<u64>)> {
+    use std::io::Write;
+    let small = dir.join(format!("disk-small-{}.bin", std::process::id()));
+    let bulk = dir.join(format!("disk-bulk-{}.bin", std::process::id()));
+    let time_small = |file: &mut std::fs::File| -> std::io::Result<Vec<u64>> {
+        let record = [0x5au8; 256];
+        let mut latencies = Vec::with_capacity(samples);
+        let start = Instant::now();
+        for i in 0..samples {
+            if let Some(wait) = (start + every * i as u32).checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let t = Instant::now();
+            file.write_all(&record)?;
+            file.sync_data()?;
+            latencies.push(t.elapsed().as_micros() as u64);
+        }
+        Ok(latencies)
+    };
+    let measured = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&small)?;
+        let alone = time_small(&mut file)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let appender = {
+            let (stop, bulk) = (stop.clone(), bulk.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let piece = vec![0xa5u8; MIB as usize];
+                let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&bulk)?;
+                while !stop.load(Ordering::Relaxed) {
+                    file.write_all(&piece)?;
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+        };
+        let beside = time_small(&mut file);
+        stop.store(true, Ordering::Relaxed);
+        let appended = appender.join().unwrap_or_else(|_| Err(std::io::Error::other("the appender panicked")));
+        let beside = beside?;
+        appended?;
+        Ok((alone, beside))
+    })();
+    let _ = std::fs::remove_file(&small);
+    let _ = std::fs::remove_file(&bulk);
     measured
 }
 
