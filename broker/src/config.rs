@@ -93,12 +93,6 @@ pub struct Config {
     /// reset with `OVERLOADED`. Each holds at most a frame and two queued chunks (about
     /// 3 MiB) or one open blob.
     pub max_live_transfer_streams: usize,
-    /// Bytes per second all uploads together may write to the disk; 0 for no limit.
-    /// Upload chunks always wait for the store's group commits (they take turns, see
-    /// `switchboard_storage::DiskTurns`); on a disk that stalls when writes go on above
-    /// the rate it sustains, set this below that rate so chat commits stay fast
-    /// (docs/benchmarks.md, "Files").
-    pub upload_write_bytes_per_sec: u64,
 }
 
 impl Default for Config {
@@ -136,7 +130,6 @@ impl Default for Config {
             max_transfer_streams: 3,
             transfer_progress_secs: 30,
             max_live_transfer_streams: 256,
-            upload_write_bytes_per_sec: 0,
         }
     }
 }

@@ -15,13 +15,6 @@
 //!
 //! The queue is bounded by the callers: every waiter belongs to an in-flight request,
 //! and each session caps those; batch writers are few (see the broker's `catalog_write`).
-//!
-//! Bulk writes to the same disk (upload chunks, each written and fdatasynced) take turns
-//! with the commits (`DiskTurns`): a commit waits for the bulk writes already under way
-//! and none starts while it waits or runs. Measured (docs/benchmarks.md, "Files"): with
-//! an upload's fdatasyncs running beside them, sled's flush and fdatasync took 50-180 ms
-//! instead of 1-3 ms, and every acknowledgement waits for them; on tmpfs the same load
-//! left chat latency within 2x, so the cost is the disk's, not the CPU's.
 
 use std::fs::File;
 use std::future::Future;
@@ -29,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
@@ -79,158 +72,27 @@ struct Health {
     commit_started: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
-/// Turn-taking on the disk between group commits and bulk writes.
-///
-/// A commit waits for the bulk writes under way to end, and no bulk write starts while a
-/// commit waits or runs, so a commit never queues in the disk behind a bulk write that
-/// started after it was wanted, and waits at most for one round of bulk writes (at most
-/// `MAX_BULK` at once, each one chunk of at most 1 MiB). A bulk write waits at most for
-/// the commit running or wanted when it arrived: once a commit has ended since it began
-/// waiting it goes, even if the next commit is already wanted, so uploads progress
-/// however busy the commits are.
-///
-/// Bulk writes may also be paced to a rate (`StoreConfig::bulk_bytes_per_sec`): each
-/// takes its share of the rate in turn, with no burst. Taking turns keeps a commit from
-/// queueing behind a bulk write, but some disks stall everyone when writes go on above
-/// what they sustain: on the 2-vCPU VM of docs/benchmarks.md every fdatasync stalled
-/// 80-130 ms about every 2 s while 1 MiB appends ran at 100 MB/s or more, and never at
-/// 50 MB/s, with no broker running (a loop of fdatasynced 1 MiB appends beside a small
-/// fdatasynced append every 10 ms). Pacing below the sustained rate is what keeps
-/// commits fast there.
-#[derive(Debug, Default)]
-pub struct DiskTurns {
-    state: Mutex<Turns>,
-    changed: Condvar,
-    /// Bytes per second for bulk writes (0: no pacing).
-    rate: u64,
-    /// When the next bulk write may start under the pacing.
-    next: Mutex<Option<std::time::Instant>>,
-}
-
-#[derive(Debug, Default)]
-struct Turns {
-    /// A commit is running or waiting for bulk writes to end.
-    commit: bool,
-    /// Commits ended so far.
-    commits_ended: u64,
-    /// Bulk writes under way.
-    bulk: usize,
-}
-
-impl Turns {
-    /// Whether a bulk write that arrived when `arrived` commits had ended may start.
-    fn bulk_may_start(&self, arrived: u64) -> bool {
-        self.bulk < MAX_BULK && (!self.commit || self.commits_ended > arrived)
-    }
-
-    /// Whether the wanted commit may start.
-    fn commit_may_start(&self) -> bool {
-        self.bulk == 0
-    }
-}
-
-/// Bulk writes under way at once at most.
-pub const MAX_BULK: usize = 4;
-
-/// A bulk write's turn; the next commit may start once every such turn is dropped.
-#[derive(Debug)]
-pub struct BulkTurn<'a>(&'a DiskTurns);
-
-impl DiskTurns {
-    /// Turns with bulk writes paced to `rate` bytes per second (0: no pacing).
-    pub fn new(rate: u64) -> Self {
-        DiskTurns { rate, ..DiskTurns::default() }
-    }
-
-    /// Waits for a bulk write's turn to write `bytes` (blocking: call off the async
-    /// runtime): first its place under the pacing, then no commit wanted.
-    pub fn bulk(&self, bytes: u64) -> BulkTurn<'_> {
-        if let Some(wait) = self.pace(bytes, std::time::Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        let mut turns = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let arrived = turns.commits_ended;
-        while !turns.bulk_may_start(arrived) {
-            turns = self.changed.wait(turns).unwrap_or_else(|p| p.into_inner());
-        }
-        turns.bulk += 1;
-        BulkTurn(self)
-    }
-
-    /// Reserves the pacing's next slot for `bytes` at `now`: how long to wait for it.
-    fn pace(&self, bytes: u64, now: std::time::Instant) -> Option<std::time::Duration> {
-        if self.rate == 0 {
-            return None;
-        }
-        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        let start = next.map_or(now, |n| n.max(now));
-        *next = Some(start + std::time::Duration::from_secs_f64(bytes as f64 / self.rate as f64));
-        (start > now).then(|| start - now)
-    }
-
-    /// Runs `commit` once no bulk write is under way; none starts meanwhile unless it
-    /// has already waited for an earlier commit.
-    fn commit<T>(&self, commit: impl FnOnce() -> T) -> T {
-        {
-            let mut turns = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            turns.commit = true;
-            while !turns.commit_may_start() {
-                turns = self.changed.wait(turns).unwrap_or_else(|p| p.into_inner());
-            }
-        }
-        let result = commit();
-        let mut turns = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        turns.commit = false;
-        turns.commits_ended += 1;
-        drop(turns);
-        self.changed.notify_all();
-        result
-    }
-}
-
-impl Drop for BulkTurn<'_> {
-    fn drop(&mut self) {
-        let mut turns = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        turns.bulk -= 1;
-        drop(turns);
-        self.0.changed.notify_all();
-    }
-}
-
 pub(crate) struct Committer {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     health: Arc<Health>,
-    turns: Arc<DiskTurns>,
 }
 
 impl Committer {
     /// Starts the committer thread. Each of `gens` (index writes, watermark writes) is
     /// marked durable as far as each successful commit covers it.
-    pub(crate) fn start(
-        db: sled::Db,
-        data_file: PathBuf,
-        gens: Vec<Arc<IndexGen>>,
-        bulk_bytes_per_sec: u64,
-    ) -> Result<Committer, StoreError> {
+    pub(crate) fn start(db: sled::Db, data_file: PathBuf, gens: Vec<Arc<IndexGen>>) -> Result<Committer, StoreError> {
         // Open once up front: a missing data file is a startup error, not a per-batch one.
         let file =
             File::open(&data_file).map_err(|e| StoreError::NotDurable(format!("{}: {e}", data_file.display())))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let health = Arc::new(Health::default());
         let thread_health = health.clone();
-        let turns = Arc::new(DiskTurns::new(bulk_bytes_per_sec));
-        let thread_turns = turns.clone();
         let thread = std::thread::Builder::new()
             .name("sb-committer".into())
-            .spawn(move || run(db, file, rx, &thread_health, &gens, &thread_turns))
+            .spawn(move || run(db, file, rx, &thread_health, &gens))
             .map_err(|e| StoreError::NotDurable(e.to_string()))?;
-        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), health, turns })
-    }
-
-    /// The turns bulk writes take with the commits.
-    pub(crate) fn turns(&self) -> &DiskTurns {
-        &self.turns
+        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), health })
     }
 
     pub(crate) fn on_failure(&self, hook: FailureHook) {
@@ -293,7 +155,7 @@ impl Drop for Committer {
     }
 }
 
-fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>], turns: &DiskTurns) {
+fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>]) {
     // Fail-stop: after one failed flush or fsync nothing is reported durable again. On
     // Linux a failed fsync may already have dropped the dirty pages it could not write,
     // so retrying and later succeeding would acknowledge writes that are gone.
@@ -341,7 +203,7 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
         let result = match &failed {
             Some(e) => Err(e.clone()),
             None if health.inject.swap(false, Ordering::SeqCst) => Err("injected commit failure".to_owned()),
-            None => turns.commit(|| commit_once(&db, &file, waiters.len())),
+            None => commit_once(&db, &file, waiters.len()),
         };
         if let (Err(e), None) = (&result, &failed) {
             tracing::error!(error = %e, waiters = waiters.len(), "group commit failed; the store refuses writes until restarted");
@@ -411,7 +273,7 @@ mod tests {
     /// A committer over a fresh sled database in `dir`, set up as `Store::open` does.
     fn start(dir: &Path) -> (sled::Db, Committer) {
         let db = sled::Config::new().path(dir).flush_every_ms(None).open().unwrap();
-        let committer = Committer::start(db.clone(), dir.join("db"), vec![Arc::new(IndexGen::default())], 0).unwrap();
+        let committer = Committer::start(db.clone(), dir.join("db"), vec![Arc::new(IndexGen::default())]).unwrap();
         (db, committer)
     }
 
@@ -508,64 +370,5 @@ mod tests {
         assert!(committer.apply(batch).is_err(), "a batch after a failure was applied");
         assert_eq!(db.get("catalog").unwrap(), None);
         assert_eq!(failures.load(Ordering::SeqCst), 1, "the failure hook runs once");
-    }
-
-    #[test]
-    fn a_wanted_commit_holds_back_new_bulk_writes_and_waits_only_for_those_under_way() {
-        let mut t = Turns::default();
-        assert!(t.bulk_may_start(0));
-        t.bulk = 1;
-        // A commit is wanted: the write under way holds it back, a new one waits.
-        t.commit = true;
-        assert!(!t.commit_may_start());
-        assert!(!t.bulk_may_start(t.commits_ended));
-        t.bulk = 0;
-        assert!(t.commit_may_start());
-        // It runs and ends: the waiting write goes, even with the next commit wanted.
-        t.commit = false;
-        t.commits_ended += 1;
-        t.commit = true;
-        assert!(t.bulk_may_start(0), "a bulk write waits for one commit at most");
-        assert!(!t.bulk_may_start(t.commits_ended), "one that arrived after it waits");
-    }
-
-    #[test]
-    fn paced_bulk_writes_each_wait_for_their_share_of_the_rate() {
-        let turns = DiskTurns::new(1_000_000);
-        let t0 = std::time::Instant::now();
-        // 1 MB at 1 MB/s: the first goes at once, the next a second later, and so on.
-        assert_eq!(turns.pace(1_000_000, t0), None);
-        assert_eq!(turns.pace(500_000, t0), Some(std::time::Duration::from_secs(1)));
-        assert_eq!(turns.pace(1, t0 + std::time::Duration::from_millis(500)), Some(std::time::Duration::from_secs(1)));
-        // After an idle while there is no burst to spend: the next waits for none.
-        assert_eq!(turns.pace(1, t0 + std::time::Duration::from_secs(10)), None);
-        assert_eq!(DiskTurns::new(0).pace(u64::MAX, t0), None);
-    }
-
-    #[test]
-    fn at_most_max_bulk_writes_run_at_once() {
-        let t = Turns { bulk: MAX_BULK, ..Turns::default() };
-        assert!(!t.bulk_may_start(0));
-        let t = Turns { bulk: MAX_BULK - 1, ..Turns::default() };
-        assert!(t.bulk_may_start(0));
-    }
-
-    #[test]
-    fn a_commit_starts_only_once_the_bulk_write_under_way_ends() {
-        let turns = Arc::new(DiskTurns::default());
-        let turn = turns.bulk(1);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let committing = turns.clone();
-        let commit = std::thread::spawn(move || committing.commit(|| tx.send(()).unwrap()));
-        // The commit is wanted (its flag is up) but does not run while the turn is held.
-        while !turns.state.lock().unwrap().commit {
-            std::thread::yield_now();
-        }
-        assert!(rx.try_recv().is_err());
-        drop(turn);
-        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the commit ran once the bulk turn ended");
-        commit.join().unwrap();
-        // Both ended: a new bulk write starts at once.
-        drop(turns.bulk(1));
     }
 }

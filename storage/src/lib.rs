@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
-pub use commit::{BulkTurn, DiskTurns, Durable, FailureHook, MAX_BULK};
+pub use commit::{Durable, FailureHook};
 pub use files::{Collected, FileRecord, FileStage, UploadRefusal};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
 
@@ -84,15 +84,12 @@ pub struct StoreConfig {
     /// sled page cache size. sled's default is 1 GiB; a broker wants most memory for
     /// connections, and tests want little.
     pub cache_capacity_bytes: u64,
-    /// Bytes per second bulk writes (upload chunks) may write to the disk over all
-    /// uploads; 0 for no limit. See `DiskTurns`.
-    pub bulk_bytes_per_sec: u64,
 }
 
 impl StoreConfig {
     /// A config for `path` with the broker's defaults.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        StoreConfig { path: path.into(), cache_capacity_bytes: 256 * 1024 * 1024, bulk_bytes_per_sec: 0 }
+        StoreConfig { path: path.into(), cache_capacity_bytes: 256 * 1024 * 1024 }
     }
 }
 
@@ -146,12 +143,8 @@ impl Store {
         let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
         let index_gen = Arc::new(IndexGen::default());
         let watermark_gen = Arc::new(IndexGen::default());
-        let committer = Committer::start(
-            db.clone(),
-            config.path.join("db"),
-            vec![index_gen.clone(), watermark_gen.clone()],
-            config.bulk_bytes_per_sec,
-        )?;
+        let committer =
+            Committer::start(db.clone(), config.path.join("db"), vec![index_gen.clone(), watermark_gen.clone()])?;
         let store = Store {
             db,
             committer,
@@ -213,13 +206,6 @@ impl Store {
     /// (see `append_then`).
     fn commit(&self, txn: Txn) -> Result<Durable> {
         self.index_write(|| self.committer.apply(txn.batch))
-    }
-
-    /// Waits for a bulk write's turn on the disk (`DiskTurns`) to write `bytes`: hold it
-    /// across writing and fdatasyncing one piece of a file that is not the store's (an
-    /// upload chunk). Blocking: call off the async runtime.
-    pub fn bulk_turn(&self, bytes: u64) -> BulkTurn<'_> {
-        self.committer.turns().bulk(bytes)
     }
 
     /// Resolves once everything applied so far is durable.

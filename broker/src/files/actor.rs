@@ -309,14 +309,10 @@ impl Upload {
             hasher.update(&chunk);
             hasher
         });
-        // Off the runtime threads: the write and its fdatasync, in a turn that the
-        // store's group commits go before (`Store::bulk_turn`), then recording the offset
+        // Off the runtime threads: the write and its fdatasync, then recording the offset
         // (which takes the store's files lock).
         let stored = tokio::task::spawn_blocking(move || {
-            {
-                let _turn = shared.store.bulk_turn(data.len() as u64);
-                Blobs::write_chunk(&file, offset, &data).map_err(|e| e.to_string())?;
-            }
+            Blobs::write_chunk(&file, offset, &data).map_err(|e| e.to_string())?;
             // The bytes are durable in the file: now the offset, in the next group commit.
             match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
                 Ok(Some(durable)) => Ok(durable),

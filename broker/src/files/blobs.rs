@@ -26,6 +26,9 @@ use switchboard_storage::{Durable, FileRecord, Store};
 pub struct Blobs {
     uploads: PathBuf,
     blobs: PathBuf,
+    /// Files being deleted (`Blobs::remove`).
+    trash: PathBuf,
+    deleter: Deleter,
     /// Held across "the blob exists, so add a reference to it" and across "the blob has
     /// no reference, so unlink it": a blob is never unlinked while a file refers to it.
     refs: std::sync::Mutex<()>,
@@ -51,45 +54,128 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Bytes freed per step when a file is deleted (`remove`).
+/// Bytes freed per cut when a file is deleted (`remove_paced`).
 const DELETE_PIECE: u64 = 4 * 1024 * 1024;
+/// Bytes per second the broker frees when it deletes files (see `remove_paced`).
+pub const DELETE_BYTES_PER_SEC: u64 = 128 * 1024 * 1024;
 
-/// Deletes the file at `path` (none there is fine) without stalling the store's commits:
-/// cut from the end `DELETE_PIECE` at a time, each cut fdatasynced in a bulk turn
-/// (`Store::bulk_turn`), then unlinked. On a file system mounted with online `discard`
-/// (ext4 `-o discard`, as on the VM of docs/benchmarks.md), unlinking a 100 MiB file at
-/// once stalled every fdatasync on the disk for 50-76 ms, measured beside a small
-/// fdatasync every 10 ms; in 4 MiB cuts the same loop's p99 stayed at 5 ms (RocksDB
-/// deletes its files at a bounded rate for the same reason). A crash part way leaves a
-/// shorter file that nothing refers to, which the start-up repair deletes.
-fn remove(store: &Store, path: &Path) -> io::Result<()> {
+/// Deletes the file at `path` (none there is fine) at most `bytes_per_sec` at a time: cut
+/// from the end `DELETE_PIECE` at a time, each cut fdatasynced, then unlinked. Blocking.
+///
+/// Why: on a file system mounted with online `discard` (ext4 `-o discard`, as on the VM
+/// of docs/benchmarks.md), freeing blocks fast stalls every fdatasync on the disk, the
+/// group commit's included. Measured there beside a small fdatasync every 10 ms:
+/// unlinking a 100 MiB file at once stalled them 50-76 ms (chat p99 during uploads was
+/// 65-77 ms); 100 MiB freed in 4 MiB cuts over 0.7 s left p99 at 5 ms; 500 MiB freed
+/// in half a second, cut or not, stalled them 73-79 ms two seconds later. RocksDB
+/// deletes its files at a bounded rate for the same reason.
+pub fn remove_paced(path: &Path, bytes_per_sec: u64) -> io::Result<()> {
     let file = match OpenOptions::new().write(true).open(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         file => file?,
     };
+    let rate = bytes_per_sec.max(1) as f64;
     let mut len = file.metadata()?.len();
-    while len > DELETE_PIECE {
-        len -= DELETE_PIECE;
-        // Freeing is not writing: no share of the bulk write rate.
-        let _turn = store.bulk_turn(0);
-        file.set_len(len)?;
-        file.sync_data()?;
+    while len > 0 {
+        let started = std::time::Instant::now();
+        let freed = len.min(DELETE_PIECE);
+        len -= freed;
+        if len > 0 {
+            file.set_len(len)?;
+            file.sync_data()?;
+        } else {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        if let Some(rest) = std::time::Duration::from_secs_f64(freed as f64 / rate).checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
     }
-    drop(file);
+    // An empty file.
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
 }
 
+/// Deletes what is moved into the trash dir, one file at a time at
+/// `DELETE_BYTES_PER_SEC`, on a thread of its own: whoever deletes a file only renames
+/// it there and goes on. A file in the trash is referenced by nothing (its record or
+/// reference is gone durably before it is moved); a crash leaves it there, and the next
+/// start deletes it.
+#[derive(Debug)]
+struct Deleter {
+    /// Wakes the thread; one pending wake-up is enough (it empties the whole dir).
+    wake: std::sync::mpsc::SyncSender<()>,
+    /// Names files moved into the trash uniquely.
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Deleter {
+    fn start(trash: PathBuf) -> io::Result<Deleter> {
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new().name("sb-deleter".into()).spawn(move || {
+            // What a crash left, then whatever comes, until the broker's files close.
+            loop {
+                if let Err(e) = empty(&trash) {
+                    tracing::warn!(error = %e, dir = %trash.display(), "emptying the trash failed; retried at the next delete");
+                }
+                if woken.recv().is_err() {
+                    return;
+                }
+            }
+        })?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        Ok(Deleter { wake, next: std::sync::atomic::AtomicU64::new(nanos as u64) })
+    }
+}
+
+/// Deletes every file in `trash`, paced.
+fn empty(trash: &Path) -> io::Result<()> {
+    loop {
+        let mut any = false;
+        for entry in std::fs::read_dir(trash)? {
+            remove_paced(&entry?.path(), DELETE_BYTES_PER_SEC)?;
+            any = true;
+        }
+        if !any {
+            return Ok(());
+        }
+    }
+}
+
 impl Blobs {
-    /// The directories under `data_dir`, created if missing.
+    /// The directories under `data_dir`, created if missing, and the thread that deletes
+    /// files (it first deletes what a crash left in the trash).
     pub fn open(data_dir: &Path) -> io::Result<Blobs> {
-        let blobs =
-            Blobs { uploads: data_dir.join("uploads"), blobs: data_dir.join("blobs"), refs: std::sync::Mutex::new(()) };
+        let trash = data_dir.join("trash");
+        std::fs::create_dir_all(&trash)?;
+        let blobs = Blobs {
+            uploads: data_dir.join("uploads"),
+            blobs: data_dir.join("blobs"),
+            trash: trash.clone(),
+            refs: std::sync::Mutex::new(()),
+            deleter: Deleter::start(trash)?,
+        };
         std::fs::create_dir_all(&blobs.uploads)?;
         std::fs::create_dir_all(&blobs.blobs)?;
         Ok(blobs)
+    }
+
+    /// Deletes the file at `path` (none there is fine): it is gone from `path` at once
+    /// (moved into the trash, on the same file system) and its blocks are freed at
+    /// `DELETE_BYTES_PER_SEC` by the deleter thread.
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let n = self.deleter.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{n:016x}-{}", path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default());
+        match std::fs::rename(path, self.trash.join(name)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            r => r?,
+        }
+        let _ = self.deleter.wake.try_send(());
+        Ok(())
     }
 
     /// The directory whose disk holds the files (for free space).
@@ -153,7 +239,7 @@ impl Blobs {
         let (partial, blob) = (self.partial(id), self.blob(hash));
         let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
         if blob.exists() {
-            remove(store, &partial).map_err(|e| e.to_string())?;
+            self.remove(&partial).map_err(|e| e.to_string())?;
         } else {
             std::fs::rename(&partial, &blob).map_err(|e| e.to_string())?;
             sync_dir(&self.blobs).map_err(|e| e.to_string())?;
@@ -190,14 +276,14 @@ impl Blobs {
         }
         let added = store.add_thumbnail(parent, thumb, record).map_err(|e| e.to_string())?;
         if added.is_none() && store.blob_refs(hash).map_err(|e| e.to_string())? == 0 {
-            self.unlink(store, hash).map_err(|e| e.to_string())?;
+            self.unlink(hash).map_err(|e| e.to_string())?;
         }
         Ok(added)
     }
 
     /// Removes an upload's partial file, if any (in pieces, see `remove`).
-    pub fn remove_partial(&self, store: &Store, id: &FileId) -> io::Result<()> {
-        remove(store, &self.partial(id))
+    pub fn remove_partial(&self, id: &FileId) -> io::Result<()> {
+        self.remove(&self.partial(id))
     }
 
     /// Unlinks the blob of `hash` if no file refers to it: `Store::collect_file` named it
@@ -208,12 +294,12 @@ impl Blobs {
         if store.blob_refs(hash).map_err(|e| e.to_string())? > 0 {
             return Ok(false);
         }
-        self.unlink(store, hash).map_err(|e| e.to_string())?;
+        self.unlink(hash).map_err(|e| e.to_string())?;
         Ok(true)
     }
 
-    fn unlink(&self, store: &Store, hash: &Blake3) -> io::Result<()> {
-        remove(store, &self.blob(hash))
+    fn unlink(&self, hash: &Blake3) -> io::Result<()> {
+        self.remove(&self.blob(hash))
     }
 
     /// Reads `len` bytes of a blob at `offset`.
@@ -272,7 +358,7 @@ impl Blobs {
             let entry = entry.map_err(|e| e.to_string())?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !live.contains(&name) {
-                let _ = remove(store, &entry.path());
+                let _ = self.remove(&entry.path());
             }
         }
         for entry in std::fs::read_dir(&self.blobs).map_err(|e| e.to_string())? {
@@ -284,7 +370,7 @@ impl Blobs {
             };
             if !referenced {
                 tracing::info!(blob = name, "deleted a blob no file references");
-                let _ = remove(store, &entry.path());
+                let _ = self.remove(&entry.path());
             }
         }
         Ok(uploads.len())
@@ -326,20 +412,45 @@ mod tests {
     }
 
     #[test]
-    fn a_file_is_deleted_in_pieces_and_a_missing_one_is_no_error() {
+    fn a_file_is_deleted_in_paced_cuts_and_a_missing_one_is_no_error() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _blobs) = open(dir.path());
         let path = dir.path().join("big");
         let file = File::create(&path).unwrap();
         file.set_len(3 * DELETE_PIECE + 123).unwrap();
         drop(file);
-        remove(&store, &path).unwrap();
+        // 12 MiB and a bit at 16 MiB a second: about three quarters of a second.
+        let started = std::time::Instant::now();
+        remove_paced(&path, 4 * DELETE_PIECE).unwrap();
         assert!(!path.exists());
-        remove(&store, &path).unwrap();
-        // A small one goes at once.
+        assert!(started.elapsed() >= std::time::Duration::from_millis(700), "{:?}", started.elapsed());
+        // A small file costs only its share.
         std::fs::write(&path, b"x").unwrap();
-        remove(&store, &path).unwrap();
+        let started = std::time::Instant::now();
+        remove_paced(&path, 1000).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?}", started.elapsed());
+        remove_paced(&path, DELETE_BYTES_PER_SEC).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        remove_paced(&path, DELETE_BYTES_PER_SEC).unwrap();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_removed_file_leaves_its_place_at_once_and_the_trash_empties_even_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        // A crash left a file in the trash: the next start deletes it.
+        std::fs::create_dir_all(dir.path().join("trash")).unwrap();
+        std::fs::write(dir.path().join("trash").join("left"), vec![1u8; 1000]).unwrap();
+        let (_store, blobs) = open(dir.path());
+        let id = [7u8; 16];
+        std::fs::write(blobs.partial(&id), vec![2u8; 1000]).unwrap();
+        blobs.remove_partial(&id).unwrap();
+        assert!(!blobs.partial(&id).exists());
+        blobs.remove_partial(&id).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_dir(dir.path().join("trash")).unwrap().next().is_some() {
+            assert!(std::time::Instant::now() < deadline, "the trash was not emptied");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[tokio::test]

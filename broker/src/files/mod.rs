@@ -207,7 +207,7 @@ fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_stor
             // orphan file, which the start-up repair deletes. Deleting the file first
             // could bring back the record without its bytes.
             tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?;
-            shared.files.blobs.remove_partial(&shared.store, id).map_err(|e| e.to_string())?;
+            shared.files.blobs.remove_partial(id).map_err(|e| e.to_string())?;
             Ok(Some(record))
         }
         None => Ok(None),

@@ -50,6 +50,11 @@ use crate::{Common, Error, Result, payload, run_tag};
 
 /// Bytes per MiB.
 const MIB: u64 = 1024 * 1024;
+/// Bytes per second the harness frees when it deletes its own scratch files: faster than
+/// the broker (`switchboard_broker::files::blobs::DELETE_BYTES_PER_SEC`), since nothing is
+/// measured meanwhile, yet paced so that a file system mounted `-o discard` does not
+/// stall the phases after.
+const HARNESS_DELETE_BYTES_PER_SEC: u64 = 512 * 1024 * 1024;
 /// Bytes per MB, the unit of every rate reported.
 const MB: f64 = 1e6;
 /// Uploads in progress the broker allows one user by default (`max_uploads_per_user`).
@@ -395,7 +400,9 @@ fn fsync_append(dir: &Path, bytes: u64) -> std::io::Result<f64> {
         }
         Ok(rate(bytes, start.elapsed().as_secs_f64()))
     })();
-    let _ = std::fs::remove_file(&path);
+    // Paced, as the broker deletes: unlinked at once, the file's discard (on a file
+    // system mounted `-o discard`) stalls the fdatasyncs of the phases after this one.
+    let _ = switchboard_broker::files::blobs::remove_paced(&path, HARNESS_DELETE_BYTES_PER_SEC);
     measured
 }
 
@@ -444,8 +451,8 @@ fn small_syncs_beside_appends(dir: &Path, samples: usize, every: Duration) -> st
         appended?;
         Ok((alone, beside))
     })();
-    let _ = std::fs::remove_file(&small);
-    let _ = std::fs::remove_file(&bulk);
+    let _ = switchboard_broker::files::blobs::remove_paced(&small, HARNESS_DELETE_BYTES_PER_SEC);
+    let _ = switchboard_broker::files::blobs::remove_paced(&bulk, HARNESS_DELETE_BYTES_PER_SEC);
     measured
 }
 
