@@ -146,7 +146,7 @@ impl Broker {
         // File bytes in line with their records (partial uploads cut to their durable
         // offsets, interrupted completions finished, unreferenced blobs deleted), made
         // durable by the barrier below.
-        let files = files::Files::open(&config.data_dir, config.max_live_transfer_streams)
+        let files = files::Files::open(&config.data_dir, files::TransferLimits::of(&config))
             .map_err(Error::io("opening the file directories"))?;
         let checked = files.blobs.repair(&store).map_err(|e| Error::Config(format!("checking uploads: {e}")))?;
         if checked > 0 {

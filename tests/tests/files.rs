@@ -820,3 +820,65 @@ async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_numb
     })
     .await
 }
+
+#[tokio::test]
+async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.transfer_progress_secs = 2;
+            // One chunk frame queued at a time over all streams, one blob file open.
+            c.transfer_buffer_bytes = 1;
+            c.max_open_blob_files = 1;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let conn = alice.connection().clone();
+        // Uploads at once share the one-chunk budget: each waits its turn, none fails.
+        let sampler_shared = tb.shared().clone();
+        let sampler = tokio::spawn(async move {
+            let mut most = 0;
+            loop {
+                most = most.max(sampler_shared.files.queued_chunk_bytes());
+                if most > switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES as usize {
+                    return most;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let datas: Vec<Vec<u8>> = (0..3).map(|i| bytes(3 * 1024 * 1024 + 17, 40 + i)).collect();
+        let mut begun = Vec::new();
+        for (i, data) in datas.iter().enumerate() {
+            begun.push(begin_upload(&alice, &format!("f{i}.bin"), "application/octet-stream", data).await.file);
+        }
+        let uploads: Vec<_> = datas
+            .iter()
+            .zip(&begun)
+            .map(|(data, file)| {
+                let (conn, data, file) = (conn.clone(), data.clone(), *file);
+                tokio::spawn(async move { upload_rest(&conn, file, &data, 0).await })
+            })
+            .collect();
+        for upload in uploads {
+            let reply = upload.await.unwrap();
+            assert!(matches!(reply, TransferReply::Complete(_)), "{reply:?}");
+        }
+        assert!(!sampler.is_finished(), "the queued chunk bytes passed the budget: {:?}", sampler.await);
+        sampler.abort();
+        // A download whose client reads nothing holds the one blob file (the file is
+        // larger than the broker's send buffer, so the download cannot end)...
+        let file = begun[0];
+        let mut stalled = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        assert!(matches!(stalled.reply().await, Some(TransferReply::Range { .. })));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // ... so the next one waits (no answer yet), and is served once the stalled one
+        // is reset (2 s after it stalled), within its own deadline (2 s after it began).
+        let mut next = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        let early = tokio::time::timeout(Duration::from_millis(300), next.recv.read_chunk(64, true)).await;
+        assert!(early.is_err(), "served while the only blob file was taken: {early:?}");
+        let (reply, got) = next.download_reply().await;
+        assert!(matches!(reply, TransferReply::Range { .. }), "{reply:?}");
+        assert_eq!(got, datas[0]);
+        assert_eq!(reset_code(&mut stalled.recv).await, ErrorCode::TIMEOUT);
+    })
+    .await
+}

@@ -4,7 +4,8 @@
 //! starts), writes and fdatasyncs each chunk on a blocking thread, records the offset and
 //! waits for the group commit before a chunk is reported durable, verifies and publishes
 //! the file, and pushes progress. Its input is bounded by the transfer streams: each
-//! stream carries a permit per chunk, at most two.
+//! stream carries a permit per chunk, at most two, and every queued chunk's bytes hold
+//! permits of the broker-wide `transfer_buffer_bytes` until it is handled.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,8 +20,9 @@ use switchboard_protocol::{
     encode_frame,
 };
 use switchboard_storage::FileRecord;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
+use super::ChunkPermits;
 use super::blobs::{Blobs, hex};
 use super::sniff::{self, Verdict};
 use super::state::{Effect, StreamId, UploadState};
@@ -38,8 +40,8 @@ pub enum UploadMsg {
         /// Where its replies go (bounded by the protocol: one per chunk plus one).
         out: mpsc::UnboundedSender<TransferReply>,
     },
-    /// A chunk from `stream`; `matches` says whether it matched its hash. The permit is
-    /// released once it is handled.
+    /// A chunk from `stream`; `matches` says whether it matched its hash. The permits
+    /// are released once it is handled.
     Chunk {
         /// The stream.
         stream: StreamId,
@@ -47,8 +49,8 @@ pub enum UploadMsg {
         chunk: Chunk,
         /// Its data matches its BLAKE3.
         matches: bool,
-        /// The stream's allowance for queued chunks.
-        permit: OwnedSemaphorePermit,
+        /// Its place in the stream's queue and its bytes in the broker-wide budget.
+        permit: ChunkPermits,
     },
     /// A stream ended.
     Closed {
