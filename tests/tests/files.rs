@@ -882,3 +882,95 @@ async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
     })
     .await
 }
+
+#[tokio::test]
+async fn progress_of_many_uploads_never_cuts_off_a_member_who_reads_slowly() {
+    use switchboard_protocol::{Event, ServerFrame};
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.outbound_max_frames = 64;
+            c.max_transfer_streams = 8;
+        })
+        .await;
+        let alice = std::sync::Arc::new(tb.register("alice").await.0);
+        let (_s, sloth) = tb.register("sloth").await;
+        let conv = alice.create_group("g", &["sloth".into()]).await.unwrap().id;
+        let sloth_id = sloth.user_id;
+        // Authenticated, then reads nothing for a while.
+        let mut raw = tb.connector().connect_raw(&sloth).await.unwrap();
+        // Messages until its flow-control window is full: from then on, what the broker
+        // sends it waits in its outbound queue.
+        let queued = || {
+            let sessions = tb.shared().online.sessions(sloth_id);
+            sessions.map_or(0, |s| s.iter().map(|s| s.out.queued_frames()).sum::<usize>())
+        };
+        let text = "x".repeat(4000);
+        let mut sent = 0;
+        while queued() == 0 {
+            assert!(sent < 5000, "the window never filled");
+            let mut batch = tokio::task::JoinSet::new();
+            for _ in 0..32 {
+                let (alice, text) = (alice.clone(), text.clone());
+                batch.spawn(async move { alice.send(conv, &text).await });
+            }
+            for r in within(STEP_DEADLINE, "a batch of sends", batch.join_all()).await {
+                r.unwrap();
+                sent += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Six uploads attached to the conversation, each progressing for about three
+        // seconds: at 4 events a second each, far more than the queue's 64 frames.
+        const STEPS: usize = 12;
+        const PIECE: usize = 16 * 1024;
+        let mut uploads = tokio::task::JoinSet::new();
+        let mut files = Vec::new();
+        for i in 0..6u8 {
+            let data = bytes(STEPS * PIECE, 60 + i);
+            let file = begin_upload(&alice, &format!("p{i}.bin"), "application/octet-stream", &data).await.file;
+            files.push(file);
+            let alice = alice.clone();
+            uploads.spawn(async move {
+                let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
+                assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+                for step in 0..STEPS {
+                    if step == 1 {
+                        // The first bytes are stored: attach it while it uploads.
+                        let send = RequestBody::SendFiles {
+                            conv,
+                            client_id: switchboard_client::new_client_id(),
+                            text: String::new(),
+                            files: vec![file],
+                        };
+                        alice.request(send).await.unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let at = step * PIECE;
+                    t.chunk(at as u64, &data[at..at + PIECE], None).await;
+                    let end = (at + PIECE) as u64;
+                    assert_eq!(t.reply().await, Some(TransferReply::Durable { offset: end }));
+                }
+                assert!(matches!(t.reply().await, Some(TransferReply::Complete(_))));
+            });
+        }
+        within(Duration::from_secs(30), "the uploads", uploads.join_all()).await;
+        assert!(raw.conn.close_reason().is_none(), "cut off: {:?}", raw.conn.close_reason());
+        // It reads again: the backlog, then every file's final state, none followed by
+        // progress.
+        let mut complete = std::collections::HashSet::new();
+        while complete.len() < files.len() {
+            let frame =
+                switchboard_tests::read_frame(&mut raw.recv, &mut raw.decoder).await.expect("the connection lives");
+            if let ServerFrame::Event(Event::File(p)) = switchboard_protocol::decode(&frame).unwrap() {
+                assert_eq!(p.conv, Some(conv));
+                assert!(files.contains(&p.file));
+                match p.state {
+                    FileState::Complete { .. } => assert!(complete.insert(p.file), "one final state each"),
+                    FileState::Uploading { .. } => assert!(!complete.contains(&p.file), "progress after the end"),
+                    FileState::Failed { code } => panic!("failed with {code}"),
+                }
+            }
+        }
+    })
+    .await
+}

@@ -437,11 +437,16 @@ pub(crate) fn announce(shared: &Shared, id: &FileId, uploader: UserId, size: u64
     }
 }
 
-/// Sends `progress` as `Event::File` to the online devices of `users`.
+/// Sends `progress` as `Event::File` to the online devices of `users`. Progress waits in
+/// one latest-wins slot per (device, file, audience), so however many uploads progress,
+/// a device that reads slowly is never disconnected for them; a final state (`Complete`,
+/// `Failed`) is queued like any event and drops the progress still waiting before it.
 fn push(shared: &Shared, users: &[UserId], progress: FileProgress) {
+    let key = (progress.file, progress.conv);
+    let last = !matches!(progress.state, FileState::Uploading { .. });
     match encode_frame(&ServerFrame::Event(Event::File(progress))) {
         Ok(frame) => {
-            shared.online.deliver(users, &frame, 0);
+            shared.online.deliver_latest(users, key, &frame, last);
         }
         Err(e) => tracing::error!(error = %e, "a file event did not encode"),
     }
