@@ -279,10 +279,13 @@ async fn download(
     length: u64,
     mut send: quinn::SendStream,
 ) {
-    let record = match readable(&shared.store, user, &file) {
-        Ok(Some(r)) => r,
-        Ok(None) => return fail(&mut send, no_such_file(), 0).await,
-        Err(e) => return fail(&mut send, e, 0).await,
+    // Who may read it: up to `ATTACHMENT_SCAN` seeks, off the runtime threads.
+    let s = shared.clone();
+    let record = match tokio::task::spawn_blocking(move || readable(&s.store, user, &file)).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return fail(&mut send, no_such_file(), 0).await,
+        Ok(Err(e)) => return fail(&mut send, e, 0).await,
+        Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
     };
     if !record.is_complete() {
         return fail(&mut send, ErrorBody::new(ErrorCode::NOT_READY, "the upload is not complete"), 0).await;

@@ -15,10 +15,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::limits::MAX_CHUNK_BYTES;
-use switchboard_protocol::{
-    Chunk, ErrorBody, ErrorCode, Event, FileId, FileProgress, FileRef, FileState, ServerFrame, TransferReply, UserId,
-    encode_frame,
-};
+use switchboard_protocol::{Chunk, ErrorBody, ErrorCode, FileId, FileRef, FileState, TransferReply};
 use switchboard_storage::FileRecord;
 use tokio::sync::{mpsc, oneshot};
 
@@ -347,7 +344,7 @@ impl Upload {
     }
 
     fn progress(&self, st: &UploadActorState, state: FileState) {
-        announce(&self.shared, &st.id, st.record.uploader, st.record.size, state);
+        super::announce::announce(&self.shared, &st.id, st.record.uploader, st.record.size, state);
     }
 
     /// Verifies the whole file and publishes it, or fails and removes the upload.
@@ -410,44 +407,5 @@ impl Upload {
                 false
             }
         }
-    }
-}
-
-/// Pushes `state` of file `id` to its uploader's devices and to the members of each
-/// conversation where a message carries it. Read from the store's indexes, never through
-/// a conversation actor.
-pub(crate) fn announce(shared: &Shared, id: &FileId, uploader: UserId, size: u64, state: FileState) {
-    let progress = |conv| FileProgress { conv, file: *id, size, state: state.clone() };
-    push(shared, &[uploader], progress(None));
-    let convs = match shared.store.attachment_convs(id, super::ATTACHMENT_SCAN) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
-            return;
-        }
-    };
-    for conv in convs {
-        match shared.store.members(conv) {
-            Ok(members) => {
-                let users: Vec<UserId> = members.into_iter().map(|(u, _)| u).collect();
-                push(shared, &users, progress(Some(conv)));
-            }
-            Err(e) => tracing::warn!(conv, error = %e, "membership read failed; progress not pushed"),
-        }
-    }
-}
-
-/// Sends `progress` as `Event::File` to the online devices of `users`. Progress waits in
-/// one latest-wins slot per (device, file, audience), so however many uploads progress,
-/// a device that reads slowly is never disconnected for them; a final state (`Complete`,
-/// `Failed`) is queued like any event and drops the progress still waiting before it.
-fn push(shared: &Shared, users: &[UserId], progress: FileProgress) {
-    let key = (progress.file, progress.conv);
-    let last = !matches!(progress.state, FileState::Uploading { .. });
-    match encode_frame(&ServerFrame::Event(Event::File(progress))) {
-        Ok(frame) => {
-            shared.online.deliver_latest(users, key, &frame, last);
-        }
-        Err(e) => tracing::error!(error = %e, "a file event did not encode"),
     }
 }

@@ -2,10 +2,12 @@
 //! state machine, `actor.rs` the Upload actor that drives it (one per upload in
 //! progress), `blobs.rs` the bytes on disk, `requests.rs` the control-stream requests and
 //! who may read a file, `sniff.rs` the type check of the first bytes, `thumbnail.rs`
-//! bounded thumbnails of images. `Files` finds or starts an upload's actor, and the
+//! bounded thumbnails of images, `announce.rs` progress and final states pushed to
+//! their audiences off the runtime threads. `Files` finds or starts an upload's actor, and the
 //! sweeper removes expired uploads and files nothing holds any more.
 
 mod actor;
+mod announce;
 pub mod blobs;
 pub(crate) mod requests;
 pub(crate) mod sniff;
@@ -224,7 +226,7 @@ impl Files {
         if let Some(record) = &removed {
             // The final state, as the actor would have pushed it.
             let state = switchboard_protocol::FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
-            actor::announce(shared, &id, record.uploader, record.size, state);
+            announce::announce(shared, &id, record.uploader, record.size, state);
         }
         Ok(removed.is_some())
     }
@@ -425,7 +427,7 @@ pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: swit
     }
     let thumbnail = Some(requests::file_ref(&thumb_id, &thumb));
     let state = switchboard_protocol::FileState::Complete { thumbnail };
-    actor::announce(&shared, &id, record.uploader, record.size, state);
+    announce::announce(&shared, &id, record.uploader, record.size, state);
 }
 
 #[cfg(test)]
