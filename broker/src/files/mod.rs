@@ -34,13 +34,18 @@ use crate::Shared;
 /// readable through the first ones only (by conversation id).
 pub const ATTACHMENT_SCAN: usize = 1024;
 
+/// Upload locks kept before the map is swept of entries nobody holds or waits for.
+const SPAWNING_SWEEP: usize = 1024;
+
 /// Live Upload actors and the file bytes on disk.
 pub struct Files {
     /// Where the bytes live.
     pub blobs: Blobs,
     map: std::sync::Mutex<HashMap<FileId, Slot>>,
-    /// Serialises starting an actor and removing an upload with no actor.
-    spawn_lock: tokio::sync::Mutex<()>,
+    /// Per upload: serialises starting its actor (which re-hashes the durable prefix of a
+    /// resumed upload) and removing it while no actor runs. An entry lives while someone
+    /// holds or waits for its lock.
+    spawning: std::sync::Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
     next_stream: AtomicU64,
     /// One permit per transfer stream served, over all connections.
     pub(crate) live_streams: Arc<tokio::sync::Semaphore>,
@@ -86,6 +91,25 @@ pub struct ChunkPermits {
     pub bytes: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// Holds the lock of one upload (`Files::lock_upload`); its map entry goes with the last
+/// holder.
+struct UploadLock<'a> {
+    files: &'a Files,
+    id: FileId,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for UploadLock<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.files.spawning.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map's own reference left: nobody holds or waits for it.
+        if map.get(&self.id).is_some_and(|lock| Arc::strong_count(lock) == 1) {
+            map.remove(&self.id);
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Slot {
     actor: ActorRef<UploadMsg>,
@@ -114,7 +138,7 @@ impl Files {
             open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
-            spawn_lock: tokio::sync::Mutex::new(()),
+            spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
         })
     }
@@ -183,8 +207,23 @@ impl Files {
         Err(Unreachable::Failed("upload actor unavailable".into()))
     }
 
+    /// The lock of upload `id` (`spawning`), held until the guard drops.
+    async fn lock_upload(&self, id: &FileId) -> UploadLock<'_> {
+        let lock = {
+            let mut map = self.spawning.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= SPAWNING_SWEEP {
+                // Entries a cancelled waiter left behind (nobody holds or waits for them).
+                map.retain(|_, lock| Arc::strong_count(lock) > 1);
+            }
+            map.entry(*id).or_default().clone()
+        };
+        UploadLock { files: self, id: *id, guard: Some(lock.lock_owned().await) }
+    }
+
     async fn spawn(&self, shared: &Arc<Shared>, id: &FileId) -> Result<(), Unreachable> {
-        let _guard = self.spawn_lock.lock().await;
+        // Per upload: a resumed upload's actor hashes its durable prefix as it starts
+        // (up to `max_file_bytes`); other uploads start meanwhile.
+        let _guard = self.lock_upload(id).await;
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             return Ok(());
         }
@@ -215,7 +254,7 @@ impl Files {
             }
         }
         // No actor: none may start while this removes.
-        let _guard = self.spawn_lock.lock().await;
+        let _guard = self.lock_upload(id).await;
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             drop(_guard);
             return Box::pin(self.remove(shared, id, reason)).await;
@@ -485,5 +524,22 @@ mod tests {
             drop(open);
         });
         assert!(got.is_some(), "served once the other download let its file go");
+    }
+
+    #[tokio::test]
+    async fn starting_one_upload_never_waits_for_another_and_the_locks_are_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path(), 0);
+        let (a, b) = ([1; 16], [2; 16]);
+        let held = files.lock_upload(&a).await;
+        // Another upload's lock is free while `a`'s is held (its actor may be hashing).
+        let other = tokio::time::timeout(WAIT, files.lock_upload(&b)).await;
+        assert!(other.is_ok(), "one upload's start waited for another's");
+        drop(other);
+        // The same upload waits for its own lock.
+        assert!(tokio::time::timeout(WAIT, files.lock_upload(&a)).await.is_err());
+        drop(held);
+        assert!(tokio::time::timeout(WAIT, files.lock_upload(&a)).await.is_ok());
+        assert!(files.spawning.lock().unwrap().is_empty(), "no lock is kept once nobody holds it");
     }
 }
