@@ -974,3 +974,54 @@ async fn progress_of_many_uploads_never_cuts_off_a_member_who_reads_slowly() {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_image_whose_completion_a_crash_cut_short_gets_its_thumbnail_at_start() {
+    use std::os::unix::fs::FileExt;
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let picture = png(600, 300);
+        let begun = begin_upload(&alice, "cat.png", "image/png", &picture).await;
+        let until = picture.len() as u64 - 1;
+        upload_range(alice.connection(), begun.file, &picture, 0, until, 64 * 1024).await;
+        drop(alice);
+        tb.stop().await;
+        // The state a crash leaves mid-completion: every byte durable and verified, the
+        // record publishing, the partial file not yet made the blob.
+        let dir = tb.data_dir();
+        let hex: String = begun.file.iter().map(|b| format!("{b:02x}")).collect();
+        let partial = std::fs::OpenOptions::new().write(true).open(dir.join("uploads").join(hex)).unwrap();
+        partial.write_all_at(&picture[until as usize..], until).unwrap();
+        partial.sync_all().unwrap();
+        let store =
+            switchboard_storage::Store::open(&switchboard_storage::StoreConfig::new(dir.join("store"))).unwrap();
+        store.set_upload_offset(&begun.file, picture.len() as u64, None).unwrap().unwrap().await.unwrap();
+        store.begin_publish(&begun.file).unwrap().unwrap().await.unwrap();
+        store.close().unwrap();
+        drop(store);
+        // The start-up repair completes it, and it gets its thumbnail like any completion.
+        tb.restart().await;
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        let thumb = within(STEP_DEADLINE, "the thumbnail", async {
+            loop {
+                match file_info(&alice, begun.file).await.unwrap() {
+                    Reply::File(info) => match info.state {
+                        FileState::Complete { thumbnail: Some(t) } => return t,
+                        FileState::Complete { thumbnail: None } => {}
+                        other => panic!("not completed by the repair: {other:?}"),
+                    },
+                    other => panic!("{other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let (_, thumb_png) = download(alice.connection(), thumb.file, 0, 0).await.unwrap();
+        let decoded = image::load_from_memory(&thumb_png).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (256, 128));
+        let (_, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(got, picture);
+    })
+    .await
+}
