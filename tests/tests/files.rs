@@ -12,7 +12,8 @@ use switchboard_protocol::{
     Body, ErrorCode, FileId, FileState, NewUpload, Page, Reply, RequestBody, TransferOpen, TransferReply,
 };
 use switchboard_tests::{
-    STEP_DEADLINE, TestBroker, Transfer, begin_upload, bounded, download, next_entry, upload_range, upload_rest, within,
+    STEP_DEADLINE, TestBroker, Transfer, begin_upload, bounded, download, next_entry, no_event, upload_range,
+    upload_rest, within,
 };
 
 /// `n` bytes that differ from those of another `seed`.
@@ -1024,4 +1025,108 @@ async fn an_image_whose_completion_a_crash_cut_short_gets_its_thumbnail_at_start
         assert_eq!(got, picture);
     })
     .await
+}
+
+#[tokio::test]
+async fn a_second_connection_of_the_uploader_takes_the_upload_over_and_the_first_gets_conflict() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let data = bytes(2 * 1024 * 1024 + 5, 8);
+        let begun = begin_upload(&laptop, "both.bin", "application/octet-stream", &data).await;
+        // The laptop's stream has made its first chunk durable and stays open.
+        let open = TransferOpen::Upload { file: begun.file, offset: 0 };
+        let mut first = Transfer::open(laptop.connection(), &open).await;
+        assert_eq!(first.reply().await, Some(TransferReply::Accepted { offset: 0 }));
+        first.chunk(0, &data[..256 * 1024], None).await;
+        assert_eq!(first.reply().await, Some(TransferReply::Durable { offset: 256 * 1024 }));
+        // The phone resumes from the durable offset on its own connection: its stream
+        // takes the upload and carries it to the end.
+        let offset = offset_of(status(&phone, begun.file).await.unwrap());
+        assert_eq!(offset, 256 * 1024);
+        match upload_rest(phone.connection(), begun.file, &data, offset).await {
+            TransferReply::Complete(f) => assert_eq!((f.file, f.size), (begun.file, data.len() as u64)),
+            other => panic!("expected Complete, got {other:?}"),
+        }
+        // The laptop's stream was told, and ended: a chunk it sends now stores nothing.
+        match first.reply().await {
+            Some(TransferReply::Failed { error, offset }) => {
+                assert_eq!((error.code, offset), (ErrorCode::CONFLICT, 256 * 1024))
+            }
+            other => panic!("expected CONFLICT, got {other:?}"),
+        }
+        first.chunk(256 * 1024, &bytes(1024, 99), None).await;
+        assert_eq!(first.reply().await, None, "the stream it lost ended");
+        let (_, got) = download(laptop.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(got, data, "the file is exactly the bytes uploaded");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn progress_is_throttled_end_to_end_and_reaches_no_one_outside_its_audience() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let (mut phone_events, mut bob_events, mut eve_events) =
+            (phone.events().unwrap(), bob.events().unwrap(), eve.events().unwrap());
+        next_entry(&mut bob_events).await;
+        // Many small durable steps: far more than the allowed rate, if each were pushed.
+        let data = bytes(96 * 16 * 1024, 9);
+        let begun = begin_upload(&alice, "steps.bin", "application/octet-stream", &data).await;
+        let started = std::time::Instant::now();
+        upload_range(alice.connection(), begun.file, &data, 0, 16 * 1024, 16 * 1024).await;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![begun.file],
+        };
+        alice.request(send).await.unwrap();
+        let replies =
+            upload_range(alice.connection(), begun.file, &data, 16 * 1024, data.len() as u64, 16 * 1024).await;
+        assert!(matches!(replies.last(), Some(TransferReply::Complete(_))), "{replies:?}");
+        let durable_steps = replies.iter().filter(|r| matches!(r, TransferReply::Durable { .. })).count();
+        let uploader = progress_events(&mut phone_events, begun.file, None).await;
+        let member = progress_events(&mut bob_events, begun.file, Some(conv)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        // At most FILE_PROGRESS_PER_SECOND a second, one more for the leading edge.
+        let allowed = (elapsed * f64::from(switchboard_protocol::limits::FILE_PROGRESS_PER_SECOND)).ceil() as usize + 1;
+        assert!(durable_steps > allowed, "the upload was too slow to test the throttle: {durable_steps} steps");
+        assert!(uploader <= allowed && member <= allowed, "{uploader} and {member} progress events in {elapsed:.2} s");
+        // A user outside the audience gets nothing of it.
+        no_event(&mut eve_events, 300).await;
+    })
+    .await
+}
+
+/// Counts the progress events of `file` to `conv`'s audience up to its final state
+/// (`Complete`), which must follow; events to other audiences are skipped.
+async fn progress_events(events: &mut switchboard_client::Events, file: FileId, conv: Option<u64>) -> usize {
+    use switchboard_protocol::Event;
+    let mut progress = 0usize;
+    within(STEP_DEADLINE, "the final state", async {
+        loop {
+            match events.next().await {
+                // The uploader, a member too, also hears of it as one.
+                Some(Event::File(p)) if p.conv == conv => {
+                    assert_eq!(p.file, file);
+                    match p.state {
+                        FileState::Uploading { .. } => progress += 1,
+                        FileState::Complete { .. } => return,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    })
+    .await;
+    progress
 }
