@@ -241,8 +241,9 @@ impl Store {
     }
 
     /// Records a complete thumbnail `thumb` (whose bytes are the blob of
-    /// `record.blake3`) of the complete file `parent`. `None` if `parent` is gone or not
-    /// complete. Blocking (a catalog batch).
+    /// `record.blake3`) of the complete file `parent`. `None` if `parent` is gone, not
+    /// complete, or has a thumbnail already (a file has one; nothing is recorded, so
+    /// no blob reference is taken). Blocking (a catalog batch).
     pub fn add_thumbnail(
         &self,
         parent: &FileId,
@@ -251,7 +252,7 @@ impl Store {
     ) -> Result<Option<(FileRecord, Durable)>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut file) = self.file(parent)? else { return Ok(None) };
-        if !file.is_complete() {
+        if file.stage != (FileStage::Complete { thumbnail: None }) {
             return Ok(None);
         }
         let mut txn = Txn::new();
@@ -555,6 +556,14 @@ mod tests {
         let (parent, d) = store.add_thumbnail(&a, &t, &thumb).unwrap().unwrap();
         d.await.unwrap();
         assert_eq!(parent.stage, FileStage::Complete { thumbnail: Some(t) });
+        // A second thumbnail of the same file is not recorded: no reference leaks.
+        let mut again = thumb.clone();
+        again.blake3 = [7; 32];
+        assert!(store.add_thumbnail(&a, &[4; 16], &again).unwrap().is_none());
+        assert!(store.add_thumbnail(&a, &[4; 16], &thumb).unwrap().is_none());
+        assert_eq!((store.blob_refs(&[6; 32]).unwrap(), store.blob_refs(&[7; 32]).unwrap()), (1, 0));
+        assert!(store.file(&[4; 16]).unwrap().is_none());
+        assert_eq!(store.file(&a).unwrap().unwrap().stage, FileStage::Complete { thumbnail: Some(t) });
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
         let c = store.collect_file(&a).unwrap();
         c.durable.await.unwrap();

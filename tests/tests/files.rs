@@ -688,6 +688,10 @@ async fn an_upload_without_its_first_chunk_cannot_be_sent_and_an_incomplete_one_
             Reply::File(info) => assert_eq!(info.state, FileState::Uploading { offset: 256 * 1024 }),
             other => panic!("{other:?}"),
         }
+        // Deleting it is for complete files: an upload still running is cancelled instead.
+        let delete = RequestBody::DeleteFile { file: begun.file };
+        assert_eq!(code_of(alice.request(delete).await), ErrorCode::NOT_READY);
+        assert_eq!(offset_of(status(&alice, begun.file).await.unwrap()), 256 * 1024, "and it goes on");
     })
     .await
 }
@@ -1129,4 +1133,53 @@ async fn progress_events(events: &mut switchboard_client::Events, file: FileId, 
     })
     .await;
     progress
+}
+
+#[tokio::test]
+async fn a_download_whose_blob_went_after_the_check_answers_not_found() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(10_000, 12);
+        let file = upload(&alice, "gone.bin", &data).await;
+        // The bytes vanish between the access check and the open (as when the last
+        // holder's deletion runs in between).
+        let hex: String = blake3::hash(&data).as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::remove_file(tb.data_dir().join("blobs").join(hex)).unwrap();
+        assert_eq!(download(alice.connection(), file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_FOUND);
+        alice.ping().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_edited_caption_with_the_files_names_must_fit_max_text_bytes() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let name = format!("{}.bin", "n".repeat(251));
+        let file = upload(&alice, &name, &bytes(5000, 13)).await;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: "a caption".into(),
+            files: vec![file],
+        };
+        let seq = match alice.request(send).await.unwrap() {
+            Reply::Appended { seq, .. } => seq,
+            other => panic!("{other:?}"),
+        };
+        let edit = |text: String| RequestBody::Edit {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            target: seq,
+            text,
+        };
+        // The name (255 bytes) and type (24) leave 3817 bytes of a 4096-byte text.
+        let max = switchboard_protocol::limits::MAX_TEXT_BYTES as usize - name.len() - "application/octet-stream".len();
+        assert_eq!(code_of(alice.request(edit("c".repeat(max + 1))).await), ErrorCode::INVALID);
+        assert!(matches!(alice.request(edit("c".repeat(max))).await.unwrap(), Reply::Appended { .. }));
+    })
+    .await
 }

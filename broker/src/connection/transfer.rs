@@ -304,6 +304,8 @@ async fn download(
     let path = shared.files.blobs.blob(&record.blake3);
     let blob = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
         Ok(Ok(f)) => Arc::new(f),
+        // Deleted since the check (its last holder let go): gone, like a missing file.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return fail(&mut send, no_such_file(), 0).await,
         Ok(Err(e)) => return fail(&mut send, crate::error::internal(e), 0).await,
         Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
     };

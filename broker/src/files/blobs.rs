@@ -136,8 +136,9 @@ impl Blobs {
 
     /// Stores `bytes` as the blob of `hash` (a thumbnail), durably unless it exists, and
     /// records it as the thumbnail `thumb` of `parent` (`Store::add_thumbnail`), both
-    /// under the lock `remove_unreferenced` takes. When `parent` is gone the blob is
-    /// unlinked again if nothing else refers to it. `None` if `parent` is gone.
+    /// under the lock `remove_unreferenced` takes. When `parent` is gone (or has a
+    /// thumbnail already) the blob is unlinked again if nothing else refers to it.
+    /// `None` then.
     pub fn store_thumbnail(
         &self,
         store: &Store,

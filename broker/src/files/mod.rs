@@ -371,26 +371,35 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
         if shared.health.is_failed() {
             return;
         }
-        match shared.store.expired_uploads(crate::now_ms(), BATCH) {
-            Ok(expired) => {
+        // The index scans on a blocking thread, like the deletions.
+        let (s, now) = (shared.clone(), crate::now_ms());
+        match tokio::task::spawn_blocking(move || s.store.expired_uploads(now, BATCH).map_err(|e| e.to_string())).await
+        {
+            Ok(Ok(expired)) => {
+                // Each on its own: one that fails is logged and the rest still go.
                 for id in expired {
                     if let Err(e) = shared.files.remove(&shared, &id, "the upload expired").await {
                         tracing::warn!(file = blobs::hex(&id), error = %e, "removing an expired upload failed");
                     }
                 }
             }
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading expired uploads failed"),
             Err(e) => tracing::warn!(error = %e, "reading expired uploads failed"),
         }
-        match shared.store.unheld_files(BATCH) {
-            Ok(files) if !files.is_empty() => {
-                let s = shared.clone();
-                let done = tokio::task::spawn_blocking(move || files.iter().try_for_each(|id| collect(&s, id))).await;
-                if let Ok(Err(e)) | Err(e) = done.map_err(|e| e.to_string()) {
-                    tracing::warn!(error = %e, "deleting unheld files failed");
+        let s = shared.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let files = s.store.unheld_files(BATCH).map_err(|e| e.to_string())?;
+            // Each on its own: one that fails is logged and the rest still go.
+            for id in files {
+                if let Err(e) = collect(&s, &id) {
+                    tracing::warn!(file = blobs::hex(&id), error = %e, "deleting an unheld file failed");
                 }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "reading unheld files failed"),
+            Ok::<_, String>(())
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = swept.map_err(|e| e.to_string()) {
+            tracing::warn!(error = %e, "reading unheld files failed");
         }
     }
 }
