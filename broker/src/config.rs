@@ -93,6 +93,15 @@ pub struct Config {
     /// reset with `OVERLOADED`. Each holds at most a frame and two queued chunks (about
     /// 3 MiB) or one open blob.
     pub max_live_transfer_streams: usize,
+    /// Bytes of upload chunks the broker holds between transfer streams and Upload
+    /// actors at once, over all streams (at least one chunk). A stream whose next chunk
+    /// does not fit waits, reading nothing (QUIC flow control slows its sender), and is
+    /// reset with `TIMEOUT` only if the wait passes `transfer_progress_secs`.
+    pub transfer_buffer_bytes: u64,
+    /// Blob files open for downloads at once, over all streams (at least 1). A download
+    /// beyond waits for one to close, and is reset with `TIMEOUT` only if the wait
+    /// passes `transfer_progress_secs`.
+    pub max_open_blob_files: usize,
 }
 
 impl Default for Config {
@@ -130,6 +139,12 @@ impl Default for Config {
             max_transfer_streams: 3,
             transfer_progress_secs: 30,
             max_live_transfer_streams: 256,
+            // A quarter of what the live streams alone could queue (256 x 2 chunks of
+            // 1 MiB): 128 full chunks in flight keep 64 uploads at full speed.
+            transfer_buffer_bytes: 128 * 1024 * 1024,
+            // Half the live streams: the rest of the process's descriptors stay for
+            // connections, sled and upload files.
+            max_open_blob_files: 128,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use switchboard_protocol::{DeviceId, UserId};
 
-use crate::outbound::Outbound;
+use crate::outbound::{LatestKey, Outbound};
 
 /// One connected device.
 #[derive(Clone)]
@@ -77,6 +77,27 @@ impl Online {
                 if s.out.push(frame.clone()).is_ok() {
                     delivered += 1;
                 }
+            }
+        }
+        delivered
+    }
+
+    /// Puts `frame`, the latest value of `key` (a file's progress), on every session of
+    /// every user in `users`: it replaces a value of `key` not yet written, and never
+    /// disconnects a device (`Outbound::push_latest`). With `last` (a final state) it is
+    /// queued like any event instead, dropping the value waiting. Returns the number of
+    /// sessions reached.
+    pub fn deliver_latest(&self, users: &[UserId], key: LatestKey, frame: &Bytes, last: bool) -> usize {
+        let mut delivered = 0;
+        for &user in users {
+            let Some(sessions) = self.sessions(user) else { continue };
+            for s in sessions.iter() {
+                let sent = if last {
+                    s.out.push_last(key, frame.clone()).is_ok()
+                } else {
+                    s.out.push_latest(key, frame.clone()).unwrap_or(false)
+                };
+                delivered += usize::from(sent);
             }
         }
         delivered

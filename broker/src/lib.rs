@@ -146,11 +146,11 @@ impl Broker {
         // File bytes in line with their records (partial uploads cut to their durable
         // offsets, interrupted completions finished, unreferenced blobs deleted), made
         // durable by the barrier below.
-        let files = files::Files::open(&config.data_dir, config.max_live_transfer_streams)
+        let files = files::Files::open(&config.data_dir, files::TransferLimits::of(&config))
             .map_err(Error::io("opening the file directories"))?;
-        let checked = files.blobs.repair(&store).map_err(|e| Error::Config(format!("checking uploads: {e}")))?;
-        if checked > 0 {
-            tracing::info!(uploads = checked, "checked uploads in progress");
+        let repaired = files.blobs.repair(&store).map_err(|e| Error::Config(format!("checking uploads: {e}")))?;
+        if repaired.checked > 0 {
+            tracing::info!(uploads = repaired.checked, "checked uploads in progress");
         }
         // Whatever survived a crash in sled's file is made durable before anything is
         // served, so conversation actors never serve an entry that could still vanish.
@@ -195,6 +195,12 @@ impl Broker {
         });
         let mut accept: Vec<tokio::task::JoinHandle<()>> =
             endpoints.iter().map(|e| tokio::spawn(connection::accept_loop(shared.clone(), e.clone()))).collect();
+        // Files whose completion the repair finished get what a completion gives next.
+        for (id, record) in repaired.completed {
+            if files::thumbnail::is_thumbnailable(&record.content_type) {
+                tokio::spawn(files::make_thumbnail(shared.clone(), id, record));
+            }
+        }
         let interval = files::sweep_interval(shared.config.upload_expiry_secs);
         accept.push(tokio::spawn(files::sweeper(Arc::downgrade(&shared), interval)));
         tracing::info!(addr = %local_addr, "listening");

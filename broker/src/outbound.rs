@@ -2,6 +2,11 @@
 //! is one `Bytes`), bounded in count and bytes. A device that falls that far behind is
 //! disconnected with `SLOW_CONSUMER` and catches up on reconnect; the broker's memory
 //! never grows with a reader that stopped reading.
+//!
+//! Ephemeral state that a newer value replaces (file progress) does not queue: it sits
+//! in one slot per key, the latest value winning, written after the queued frames, and
+//! never counts towards `SLOW_CONSUMER`. At most `LATEST_SLOTS` keys wait at once; a new
+//! key beyond is dropped (a later value, or the final state, says where it is).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -26,7 +31,16 @@ struct Queue {
     bytes: usize,
     /// Set once: the writer closes the connection with this code after draining.
     closed: Option<ErrorCode>,
+    /// Latest-wins ephemeral frames, one per key, not yet written.
+    latest: Vec<(LatestKey, Bytes)>,
 }
+
+/// What a latest-wins frame replaces: a file's progress, to one audience (the uploader's
+/// devices, `None`, or a conversation's members).
+pub type LatestKey = (switchboard_protocol::FileId, Option<switchboard_protocol::ConvId>);
+
+/// Latest-wins frames waiting at once per device (each a small progress frame).
+pub const LATEST_SLOTS: usize = 64;
 
 /// The frame was not queued: the queue is closed (now or before).
 #[derive(Debug, PartialEq, Eq)]
@@ -36,7 +50,7 @@ impl Outbound {
     /// An empty queue with the given bounds.
     pub fn new(max_frames: usize, max_bytes: usize) -> Self {
         Outbound {
-            queue: Mutex::new(Queue { frames: VecDeque::new(), bytes: 0, closed: None }),
+            queue: Mutex::new(Queue { frames: VecDeque::new(), bytes: 0, closed: None, latest: Vec::new() }),
             wake: Notify::new(),
             abort: Notify::new(),
             max_frames,
@@ -47,13 +61,51 @@ impl Outbound {
     /// Queues a frame. Over a bound, the queue closes with `SLOW_CONSUMER` and drops
     /// what it held: the device reconnects and catches up from the store.
     pub fn push(&self, frame: Bytes) -> Result<(), Closed> {
+        let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.push_locked(q, frame)
+    }
+
+    /// Puts `frame` in the latest-wins slot of `key`, replacing the frame waiting there.
+    /// Never closes the queue: with `LATEST_SLOTS` other keys waiting, the frame is
+    /// dropped. Whether it was kept.
+    pub fn push_latest(&self, key: LatestKey, frame: Bytes) -> Result<bool, Closed> {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(code) = q.closed {
+            return Err(Closed(code));
+        }
+        let was_empty = q.frames.is_empty() && q.latest.is_empty();
+        if let Some(slot) = q.latest.iter_mut().find(|(k, _)| *k == key) {
+            slot.1 = frame;
+            return Ok(true);
+        }
+        if q.latest.len() >= LATEST_SLOTS {
+            return Ok(false);
+        }
+        q.latest.push((key, frame));
+        drop(q);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(true)
+    }
+
+    /// Queues `frame`, the last of `key`'s latest-wins values (a file's final state):
+    /// the value waiting in its slot is dropped, so nothing older follows it. Queued
+    /// like `push`, within the same bounds.
+    pub fn push_last(&self, key: LatestKey, frame: Bytes) -> Result<(), Closed> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.latest.retain(|(k, _)| *k != key);
+        self.push_locked(q, frame)
+    }
+
+    fn push_locked(&self, mut q: std::sync::MutexGuard<'_, Queue>, frame: Bytes) -> Result<(), Closed> {
         if let Some(code) = q.closed {
             return Err(Closed(code));
         }
         if q.frames.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
             q.closed = Some(ErrorCode::SLOW_CONSUMER);
             q.frames.clear();
+            q.latest.clear();
             q.bytes = 0;
             drop(q);
             self.wake.notify_one();
@@ -61,7 +113,7 @@ impl Outbound {
             return Err(Closed(ErrorCode::SLOW_CONSUMER));
         }
         q.bytes += frame.len();
-        let was_empty = q.frames.is_empty();
+        let was_empty = q.frames.is_empty() && q.latest.is_empty();
         q.frames.push_back(frame);
         drop(q);
         if was_empty {
@@ -100,15 +152,22 @@ impl Outbound {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).closed
     }
 
-    /// Waits for frames, moves all queued ones into `out` and returns `None`; or, once
-    /// closed and drained, returns the close code. Only the writer task calls this.
+    /// Frames queued now (latest-wins slots not counted).
+    pub fn queued_frames(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).frames.len()
+    }
+
+    /// Waits for frames, moves all queued ones into `out` (then the latest-wins ones)
+    /// and returns `None`; or, once closed and drained, returns the close code. Only the
+    /// writer task calls this.
     pub async fn drain(&self, out: &mut Vec<Bytes>) -> Option<ErrorCode> {
         loop {
             let notified = self.wake.notified();
             {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if !q.frames.is_empty() {
+                if !q.frames.is_empty() || !q.latest.is_empty() {
                     out.extend(q.frames.drain(..));
+                    out.extend(q.latest.drain(..).map(|(_, frame)| frame));
                     q.bytes = 0;
                     return None;
                 }
@@ -135,6 +194,36 @@ mod tests {
         let mut got = Vec::new();
         assert_eq!(out.drain(&mut got).await, Some(ErrorCode::SLOW_CONSUMER));
         assert!(got.is_empty(), "a slow consumer's backlog is dropped, not sent");
+    }
+
+    #[tokio::test]
+    async fn latest_wins_frames_coalesce_never_overflow_and_the_last_one_replaces_them() {
+        let out = Outbound::new(2, 1000);
+        let (a, b) = (([1; 16], None), ([2; 16], Some(7)));
+        out.push(Bytes::from_static(b"m1")).unwrap();
+        for i in 0..100u8 {
+            assert_eq!(out.push_latest(a, Bytes::from(vec![b'a', i])), Ok(true));
+            assert_eq!(out.push_latest(b, Bytes::from(vec![b'b', i])), Ok(true));
+        }
+        assert_eq!(out.closed(), None, "progress never makes a slow consumer");
+        let mut got = Vec::new();
+        assert_eq!(out.drain(&mut got).await, None);
+        assert_eq!(got, vec![Bytes::from_static(b"m1"), Bytes::from(vec![b'a', 99]), Bytes::from(vec![b'b', 99])]);
+        // The last value drops the one waiting: nothing older follows it.
+        out.push_latest(a, Bytes::from_static(b"a-late")).unwrap();
+        out.push_last(a, Bytes::from_static(b"a-done")).unwrap();
+        got.clear();
+        assert_eq!(out.drain(&mut got).await, None);
+        assert_eq!(got, vec![Bytes::from_static(b"a-done")]);
+        // Slots are bounded: a new key beyond them is dropped, known keys still update.
+        for i in 0..LATEST_SLOTS as u8 {
+            assert_eq!(out.push_latest(([i; 16], None), Bytes::from_static(b"p")), Ok(true));
+        }
+        assert_eq!(out.push_latest(([255; 16], None), Bytes::from_static(b"p")), Ok(false));
+        assert_eq!(out.push_latest(([0; 16], None), Bytes::from_static(b"q")), Ok(true));
+        got.clear();
+        assert_eq!(out.drain(&mut got).await, None);
+        assert_eq!(got.len(), LATEST_SLOTS);
     }
 
     #[tokio::test]

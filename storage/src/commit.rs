@@ -124,6 +124,20 @@ impl Committer {
         Ok(Durable(durable_rx))
     }
 
+    /// Like `apply`, in two steps: hands `batch` to the committer thread (in order with
+    /// every batch handed over before it) and returns at once; `Applying::wait` then
+    /// blocks until it is applied. Lets a caller keep a lock only while it orders the
+    /// batch, not while the committer finishes a flush.
+    pub(crate) fn send_apply(&self, batch: sled::Batch) -> Result<Applying, StoreError> {
+        let (applied_tx, applied_rx) = mpsc::sync_channel(1);
+        let (durable_tx, durable_rx) = oneshot::channel();
+        let done: Done = Box::new(move |r| {
+            let _ = durable_tx.send(r);
+        });
+        self.send(Job::Apply(batch, applied_tx, done))?;
+        Ok(Applying { applied: applied_rx, durable: Durable(durable_rx) })
+    }
+
     fn send(&self, job: Job) -> Result<(), StoreError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
@@ -146,6 +160,29 @@ impl Committer {
         if let Some(handle) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = handle.join();
         }
+    }
+}
+
+/// A batch handed to the committer thread and not yet known to be applied.
+pub(crate) struct Applying {
+    applied: mpsc::Receiver<Result<(), StoreError>>,
+    durable: Durable,
+}
+
+impl Applying {
+    /// Blocks until the batch is applied; then a future for its durability.
+    pub(crate) fn wait(self) -> Result<Durable, StoreError> {
+        self.applied.recv().map_err(|_| StoreError::Closed)??;
+        Ok(self.durable)
+    }
+}
+
+#[cfg(test)]
+impl Committer {
+    /// Calls `hook` with each commit's number as it begins, on the committer thread
+    /// (tests pause the committer with it). Set once.
+    pub(crate) fn on_commit_started(&self, hook: Box<dyn Fn(u64) + Send + Sync>) {
+        self.health.commit_started.set(hook).unwrap_or_else(|_| panic!("hook set twice"));
     }
 }
 

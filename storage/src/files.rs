@@ -10,12 +10,45 @@
 //! serialised by the files lock so quota and upload counts are checked and changed in
 //! one step. The durable offset of an upload in progress is a single-key write that
 //! rides on the next group commit.
+//!
+//! Begin, complete and remove, the frequent ones, hold the files lock only while they
+//! check and hand their batch to the committer, not while the committer finishes the
+//! flush in progress before applying it: until it is applied, what it changes in the
+//! keys they read (a user's stored bytes, its uploads in progress) is kept in the lock
+//! (`FilesLock::pending`), and every check under the lock reads through it. Batches are
+//! applied in the order they were handed over, so each one's values, computed from all
+//! those before it, are right when it lands.
 
 use serde::{Deserialize, Serialize};
 use switchboard_protocol::{Blake3, ConvId, FileId, Seq, UserId};
 
+use std::collections::{HashMap, HashSet};
+use std::sync::MutexGuard;
+
 use crate::keys::{self, Key};
 use crate::{Durable, Result, Store, Txn, corrupt, encode};
+
+/// What the store's files lock guards.
+#[derive(Default)]
+pub(crate) struct FilesLock {
+    /// Bytes still to come of every upload in progress (declared size minus durable
+    /// offset): disk space promised, as `begin_upload` counts it.
+    pub(crate) promised: u64,
+    /// Per user, what batches handed to the committer and not yet applied change in the
+    /// keys the checks read.
+    pending: HashMap<UserId, Pending>,
+}
+
+/// One user's changes in batches not yet applied.
+#[derive(Default)]
+struct Pending {
+    /// The user's stored bytes as the newest of them writes them.
+    stored: u64,
+    /// Uploads in progress they add (`true`) or remove (`false`), in order.
+    uploads: Vec<(FileId, bool)>,
+    /// How many of them are not yet known to be applied.
+    batches: usize,
+}
 
 /// What the store keeps about one file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,32 +153,102 @@ impl Store {
         quota_bytes: u64,
         room: impl FnOnce(u64) -> bool,
     ) -> Result<std::result::Result<Durable, UploadRefusal>> {
-        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let user = record.uploader;
-        if self.db.scan_prefix(Key::uploading_of(user)).take(max_uploads).count() >= max_uploads {
+        if self.uploads_now(&lock, user, max_uploads)? >= max_uploads {
             return Ok(Err(UploadRefusal::TooManyUploads));
         }
-        let stored = self.stored_bytes(user)?;
+        let stored = self.stored_now(&lock, user)?;
         if stored.saturating_add(record.size) > quota_bytes {
             return Ok(Err(UploadRefusal::QuotaExceeded));
         }
-        if !room(*promised) {
+        if !room(lock.promised) {
             return Ok(Err(UploadRefusal::StorageFull));
         }
         let mut txn = Txn::new();
         txn.put(Key::file(id), record);
         txn.batch.insert(Key::uploading(user, id).as_ref(), &[][..]);
         txn.batch.insert(Key::file_expiry(record.expires_ms, id).as_ref(), &[][..]);
-        txn.batch.insert(Key::stored_bytes(user).as_ref(), &(stored + record.size).to_be_bytes()[..]);
-        let durable = self.commit(txn)?;
-        *promised += record.size - record.offset().min(record.size);
-        Ok(Ok(durable))
+        let stored = stored + record.size;
+        txn.batch.insert(Key::stored_bytes(user).as_ref(), &stored.to_be_bytes()[..]);
+        let promised = lock.promised + (record.size - record.offset().min(record.size));
+        Ok(Ok(self.commit_pending(lock, txn, user, stored, (*id, true), promised)?))
+    }
+
+    /// Hands `txn` to the committer under the files lock `lock` (so batches are applied
+    /// in the order their checks ran), records it as pending for `user` (its stored
+    /// bytes become `stored`, `upload` is added or removed) and the promised bytes as
+    /// `promised`, lets the lock go and waits until it is applied, then drops it from
+    /// the pending changes. Blocking.
+    fn commit_pending(
+        &self,
+        mut lock: MutexGuard<'_, FilesLock>,
+        txn: Txn,
+        user: UserId,
+        stored: u64,
+        upload: (FileId, bool),
+        promised: u64,
+    ) -> Result<Durable> {
+        self.index_write(move || {
+            let applying = self.committer.send_apply(txn.batch)?;
+            let pending = lock.pending.entry(user).or_default();
+            pending.stored = stored;
+            pending.uploads.push(upload);
+            pending.batches += 1;
+            lock.promised = promised;
+            drop(lock);
+            let applied = applying.wait();
+            let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pending) = lock.pending.get_mut(&user) {
+                pending.batches -= 1;
+                if pending.batches == 0 {
+                    // Everything it listed is in the tree now.
+                    lock.pending.remove(&user);
+                }
+            }
+            applied
+        })
+    }
+
+    /// `user`'s stored bytes as the batches handed over so far leave them (under the
+    /// files lock).
+    fn stored_now(&self, lock: &FilesLock, user: UserId) -> Result<u64> {
+        match lock.pending.get(&user) {
+            Some(pending) => Ok(pending.stored),
+            None => self.stored_bytes(user),
+        }
+    }
+
+    /// How many uploads `user` has in progress as the batches handed over so far leave
+    /// them, counting at most `limit` (under the files lock).
+    fn uploads_now(&self, lock: &FilesLock, user: UserId, limit: usize) -> Result<usize> {
+        let ops = lock.pending.get(&user).map_or(&[][..], |p| &p.uploads[..]);
+        let mut ids = HashSet::new();
+        // Enough that `limit` remain after every pending removal.
+        for item in self.db.scan_prefix(Key::uploading_of(user)).take(limit.saturating_add(ops.len())) {
+            let (k, _) = item?;
+            ids.insert(k.to_vec());
+        }
+        for (id, added) in ops {
+            let key = Key::uploading(user, id).as_ref().to_vec();
+            if *added {
+                ids.insert(key);
+            } else {
+                ids.remove(&key);
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// Whether a batch handed over and not yet applied removes upload `id` of `user`.
+    fn removal_pending(lock: &FilesLock, user: UserId, id: &FileId) -> bool {
+        lock.pending.get(&user).and_then(|p| p.uploads.iter().rev().find(|(u, _)| u == id)).is_some_and(|(_, a)| !a)
     }
 
     /// Bytes still to come of every upload in progress (declared size minus durable
     /// offset), as `begin_upload` counts them.
     pub fn promised_bytes(&self) -> u64 {
-        *self.files.lock().unwrap_or_else(|p| p.into_inner())
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).promised
     }
 
     /// How many uploads `user` has in progress, counting at most `limit`.
@@ -168,15 +271,18 @@ impl Store {
     /// single-key write; the returned future resolves once a group commit covers it.
     /// `None` if the upload is no longer in progress (cancelled, expired, complete).
     pub fn set_upload_offset(&self, id: &FileId, offset: u64, content_type: Option<&str>) -> Result<Option<Durable>> {
-        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
         let FileStage::Uploading { offset: before } = record.stage else { return Ok(None) };
+        if Self::removal_pending(&lock, record.uploader, id) {
+            return Ok(None);
+        }
         record.stage = FileStage::Uploading { offset };
         if let Some(t) = content_type {
             record.content_type = t.to_owned();
         }
         self.db.insert(Key::file(id), encode(&record))?;
-        *promised = (*promised + before.min(record.size)).saturating_sub(offset.min(record.size));
+        lock.promised = (lock.promised + before.min(record.size)).saturating_sub(offset.min(record.size));
         Ok(Some(self.barrier()?))
     }
 
@@ -205,7 +311,7 @@ impl Store {
     /// in-progress and expiry indexes (its quota stays counted, its blob reference
     /// stays). `None` if the upload is not publishing. Blocking (a catalog batch).
     pub fn complete_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
         if record.stage != FileStage::Publishing {
             return Ok(None);
@@ -216,14 +322,17 @@ impl Store {
         record.stage = FileStage::Complete { thumbnail: None };
         record.expires_ms = 0;
         txn.put(Key::file(id), &record);
-        Ok(Some((record, self.commit(txn)?)))
+        // Its quota stays counted; it leaves the uploads in progress.
+        let (user, stored, promised) = (record.uploader, self.stored_now(&lock, record.uploader)?, lock.promised);
+        let durable = self.commit_pending(lock, txn, user, stored, (*id, false), promised)?;
+        Ok(Some((record, durable)))
     }
 
     /// Sends a publishing upload whose bytes are lost (neither its partial file nor its
     /// blob exists) back to offset 0, dropping its blob reference. `false` if it was not
     /// publishing. Blocking (a catalog batch); resolves once durable.
     pub fn restart_upload(&self, id: &FileId) -> Result<Option<Durable>> {
-        let mut guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
         if record.stage != FileStage::Publishing {
             return Ok(None);
@@ -236,13 +345,14 @@ impl Store {
         record.stage = FileStage::Uploading { offset: 0 };
         txn.put(Key::file(id), &record);
         let durable = self.commit(txn)?;
-        *guard += record.size;
+        lock.promised += record.size;
         Ok(Some(durable))
     }
 
     /// Records a complete thumbnail `thumb` (whose bytes are the blob of
-    /// `record.blake3`) of the complete file `parent`. `None` if `parent` is gone or not
-    /// complete. Blocking (a catalog batch).
+    /// `record.blake3`) of the complete file `parent`. `None` if `parent` is gone, not
+    /// complete, or has a thumbnail already (a file has one; nothing is recorded, so
+    /// no blob reference is taken). Blocking (a catalog batch).
     pub fn add_thumbnail(
         &self,
         parent: &FileId,
@@ -251,7 +361,7 @@ impl Store {
     ) -> Result<Option<(FileRecord, Durable)>> {
         let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut file) = self.file(parent)? else { return Ok(None) };
-        if !file.is_complete() {
+        if file.stage != (FileStage::Complete { thumbnail: None }) {
             return Ok(None);
         }
         let mut txn = Txn::new();
@@ -269,19 +379,19 @@ impl Store {
     /// deletes the partial file only once the returned future resolves. Blocking (a
     /// catalog batch).
     pub fn remove_upload(&self, id: &FileId) -> Result<Option<(FileRecord, Durable)>> {
-        let mut promised = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(record) = self.file(id)? else { return Ok(None) };
-        if !matches!(record.stage, FileStage::Uploading { .. }) {
+        if !matches!(record.stage, FileStage::Uploading { .. }) || Self::removal_pending(&lock, record.uploader, id) {
             return Ok(None);
         }
         let mut txn = Txn::new();
         txn.batch.remove(Key::file(id).as_ref());
         txn.batch.remove(Key::uploading(record.uploader, id).as_ref());
         txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
-        let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
+        let stored = self.stored_now(&lock, record.uploader)?.saturating_sub(record.size);
         txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
-        let durable = self.commit(txn)?;
-        *promised = promised.saturating_sub(record.size - record.offset().min(record.size));
+        let promised = lock.promised.saturating_sub(record.size - record.offset().min(record.size));
+        let durable = self.commit_pending(lock, txn, record.uploader, stored, (*id, false), promised)?;
         Ok(Some((record, durable)))
     }
 
@@ -308,7 +418,7 @@ impl Store {
     /// mark (`file_unheld`) goes either way. Blobs left with no reference are returned
     /// for the caller to delete. Blocking (a catalog batch).
     pub fn collect_file(&self, id: &FileId) -> Result<Collected> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let mut txn = Txn::new();
         txn.batch.remove(Key::file_unheld(id).as_ref());
         let mut unreferenced = Vec::new();
@@ -326,9 +436,13 @@ impl Store {
             for (file, record) in files {
                 txn.batch.remove(Key::file(&file).as_ref());
                 if record.parent.is_none() {
-                    // Its bytes go: the uploader's quota stops counting them.
-                    let stored = self.stored_bytes(record.uploader)?.saturating_sub(record.size);
+                    // Its bytes go: the uploader's quota stops counting them. Handed over
+                    // after any pending batch of the user's, so its value is the newest.
+                    let stored = self.stored_now(&lock, record.uploader)?.saturating_sub(record.size);
                     txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
+                    if let Some(pending) = lock.pending.get_mut(&record.uploader) {
+                        pending.stored = stored;
+                    }
                 }
                 let refs = self.blob_refs(&record.blake3)?.saturating_sub(1);
                 // Two files of one blob in this batch: count from what the batch wrote.
@@ -521,6 +635,67 @@ mod tests {
         assert!(store.unheld_files(10).unwrap().is_empty());
     }
 
+    #[test]
+    fn begin_complete_and_remove_let_the_files_lock_go_while_the_committer_finishes_a_flush() {
+        use std::time::{Duration, Instant};
+        const WAIT: Duration = Duration::from_secs(10);
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b) = ([1; 16], [2; 16]);
+        // Commit 1 pauses as it begins until the test lets it go on: batches handed to
+        // the committer meanwhile wait to be applied.
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (go, paused) = std::sync::mpsc::channel::<()>();
+        let paused = std::sync::Mutex::new(paused);
+        store.committer.on_commit_started(Box::new(move |n| {
+            let _ = started_tx.send(n);
+            if n == 1 {
+                let _ = paused.lock().unwrap().recv_timeout(WAIT);
+            }
+        }));
+        let _first = store.barrier().unwrap();
+        assert_eq!(started.recv_timeout(WAIT).unwrap(), 1);
+        // Waits until the promised bytes read `want` (they change once a batch is handed
+        // over); how long that took.
+        let promised = |want: u64| {
+            let began = Instant::now();
+            while store.promised_bytes() != want {
+                assert!(began.elapsed() < 2 * WAIT, "promised {} bytes, not {want}", store.promised_bytes());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            began.elapsed()
+        };
+        std::thread::scope(|scope| {
+            let first = scope.spawn(|| store.begin_upload(&a, &record(7, 60, 1), 2, 100, |_| true).unwrap().unwrap());
+            // `a` waits to be applied: the lock is free meanwhile, and checks count `a`.
+            assert!(promised(60) < Duration::from_secs(2), "the files lock was held while the committer flushed");
+            let refusal = store.begin_upload(&b, &record(7, 41, 2), 2, 100, |_| true).unwrap().unwrap_err();
+            assert_eq!(refusal, UploadRefusal::QuotaExceeded, "60 of 100 bytes are promised to `a`");
+            let refusal = store.begin_upload(&b, &record(7, 40, 2), 1, 100, |_| true).unwrap().unwrap_err();
+            assert_eq!(refusal, UploadRefusal::TooManyUploads, "`a` is in progress");
+            let second = scope.spawn(|| store.begin_upload(&b, &record(7, 40, 2), 2, 100, |_| true).unwrap().unwrap());
+            assert!(promised(100) < Duration::from_secs(2));
+            let refusal = store.begin_upload(&[3; 16], &record(7, 1, 3), 8, 100, |_| true).unwrap().unwrap_err();
+            assert_eq!(refusal, UploadRefusal::QuotaExceeded, "both pending uploads count");
+            go.send(()).unwrap();
+            for handle in [first, second] {
+                drop(handle.join().unwrap());
+            }
+        });
+        // Applied in the order handed over, each with the values its checks computed.
+        assert_eq!(store.stored_bytes(7).unwrap(), 100);
+        assert_eq!(store.uploads_of(7, 10).unwrap(), 2);
+        assert!(store.files.lock().unwrap().pending.is_empty(), "nothing pending once applied");
+        drop(store.remove_upload(&b).unwrap().unwrap());
+        assert!(store.remove_upload(&b).unwrap().is_none(), "removed once");
+        assert_eq!(
+            (store.stored_bytes(7).unwrap(), store.promised_bytes(), store.uploads_of(7, 10).unwrap()),
+            (60, 60, 1)
+        );
+        drop(store.remove_upload(&a).unwrap().unwrap());
+        assert_eq!((store.stored_bytes(7).unwrap(), store.promised_bytes()), (0, 0));
+    }
+
     #[tokio::test]
     async fn attachments_are_listed_one_seek_per_conversation() {
         let dir = tempfile::tempdir().unwrap();
@@ -555,6 +730,14 @@ mod tests {
         let (parent, d) = store.add_thumbnail(&a, &t, &thumb).unwrap().unwrap();
         d.await.unwrap();
         assert_eq!(parent.stage, FileStage::Complete { thumbnail: Some(t) });
+        // A second thumbnail of the same file is not recorded: no reference leaks.
+        let mut again = thumb.clone();
+        again.blake3 = [7; 32];
+        assert!(store.add_thumbnail(&a, &[4; 16], &again).unwrap().is_none());
+        assert!(store.add_thumbnail(&a, &[4; 16], &thumb).unwrap().is_none());
+        assert_eq!((store.blob_refs(&[6; 32]).unwrap(), store.blob_refs(&[7; 32]).unwrap()), (1, 0));
+        assert!(store.file(&[4; 16]).unwrap().is_none());
+        assert_eq!(store.file(&a).unwrap().unwrap().stage, FileStage::Complete { thumbnail: Some(t) });
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
         let c = store.collect_file(&a).unwrap();
         c.durable.await.unwrap();

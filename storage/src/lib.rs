@@ -111,8 +111,9 @@ pub struct Store {
     /// Serialises changes to file records and their indexes (quota, uploads in
     /// progress, blob references), so each is checked and changed in one step. Holds
     /// the bytes still to come of every upload in progress (declared size minus durable
-    /// offset), promised disk space `begin_upload` counts.
-    files: Mutex<u64>,
+    /// offset), promised disk space `begin_upload` counts, and what batches handed to
+    /// the committer but not yet applied change (see `files.rs`).
+    files: Mutex<files::FilesLock>,
     path: PathBuf,
     /// The previous run closed the store with `close_clean`.
     opened_clean: bool,
@@ -149,7 +150,7 @@ impl Store {
             db,
             committer,
             catalog: Mutex::new(()),
-            files: Mutex::new(0),
+            files: Mutex::new(files::FilesLock::default()),
             path: config.path.clone(),
             opened_clean,
             created,
@@ -165,7 +166,7 @@ impl Store {
         store.upgrade_to_format_2()?;
         store.upgrade_to_format_3()?;
         let promised = store.uploads_in_progress()?.iter().map(|(_, r)| r.size - r.offset().min(r.size)).sum();
-        *store.files.lock().unwrap_or_else(|p| p.into_inner()) = promised;
+        store.files.lock().unwrap_or_else(|p| p.into_inner()).promised = promised;
         Ok(store)
     }
 

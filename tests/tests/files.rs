@@ -12,7 +12,8 @@ use switchboard_protocol::{
     Body, ErrorCode, FileId, FileState, NewUpload, Page, Reply, RequestBody, TransferOpen, TransferReply,
 };
 use switchboard_tests::{
-    STEP_DEADLINE, TestBroker, Transfer, begin_upload, bounded, download, next_entry, upload_range, upload_rest, within,
+    STEP_DEADLINE, TestBroker, Transfer, begin_upload, bounded, download, next_entry, no_event, upload_range,
+    upload_rest, within,
 };
 
 /// `n` bytes that differ from those of another `seed`.
@@ -687,6 +688,10 @@ async fn an_upload_without_its_first_chunk_cannot_be_sent_and_an_incomplete_one_
             Reply::File(info) => assert_eq!(info.state, FileState::Uploading { offset: 256 * 1024 }),
             other => panic!("{other:?}"),
         }
+        // Deleting it is for complete files: an upload still running is cancelled instead.
+        let delete = RequestBody::DeleteFile { file: begun.file };
+        assert_eq!(code_of(alice.request(delete).await), ErrorCode::NOT_READY);
+        assert_eq!(offset_of(status(&alice, begun.file).await.unwrap()), 256 * 1024, "and it goes on");
     })
     .await
 }
@@ -817,6 +822,364 @@ async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_numb
         // The slot is free again: a download that reads gets every byte.
         let (_, got) = download(conn, file, 0, 0).await.unwrap();
         assert_eq!(got, data);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.transfer_progress_secs = 2;
+            // One chunk frame queued at a time over all streams, one blob file open.
+            c.transfer_buffer_bytes = 1;
+            c.max_open_blob_files = 1;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let conn = alice.connection().clone();
+        // Uploads at once share the one-chunk budget: each waits its turn, none fails.
+        let sampler_shared = tb.shared().clone();
+        let sampler = tokio::spawn(async move {
+            let mut most = 0;
+            loop {
+                most = most.max(sampler_shared.files.queued_chunk_bytes());
+                if most > switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES as usize {
+                    return most;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let datas: Vec<Vec<u8>> = (0..3).map(|i| bytes(3 * 1024 * 1024 + 17, 40 + i)).collect();
+        let mut begun = Vec::new();
+        for (i, data) in datas.iter().enumerate() {
+            begun.push(begin_upload(&alice, &format!("f{i}.bin"), "application/octet-stream", data).await.file);
+        }
+        let uploads: Vec<_> = datas
+            .iter()
+            .zip(&begun)
+            .map(|(data, file)| {
+                let (conn, data, file) = (conn.clone(), data.clone(), *file);
+                tokio::spawn(async move { upload_rest(&conn, file, &data, 0).await })
+            })
+            .collect();
+        for upload in uploads {
+            let reply = upload.await.unwrap();
+            assert!(matches!(reply, TransferReply::Complete(_)), "{reply:?}");
+        }
+        assert!(!sampler.is_finished(), "the queued chunk bytes passed the budget: {:?}", sampler.await);
+        sampler.abort();
+        // A download whose client reads nothing holds the one blob file (the file is
+        // larger than the broker's send buffer, so the download cannot end)...
+        let file = begun[0];
+        let mut stalled = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        assert!(matches!(stalled.reply().await, Some(TransferReply::Range { .. })));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // ... so the next one waits (no answer yet), and is served once the stalled one
+        // is reset (2 s after it stalled), within its own deadline (2 s after it began).
+        let mut next = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        let early = tokio::time::timeout(Duration::from_millis(300), next.recv.read_chunk(64, true)).await;
+        assert!(early.is_err(), "served while the only blob file was taken: {early:?}");
+        let (reply, got) = next.download_reply().await;
+        assert!(matches!(reply, TransferReply::Range { .. }), "{reply:?}");
+        assert_eq!(got, datas[0]);
+        assert_eq!(reset_code(&mut stalled.recv).await, ErrorCode::TIMEOUT);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn progress_of_many_uploads_never_cuts_off_a_member_who_reads_slowly() {
+    use switchboard_protocol::{Event, ServerFrame};
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.outbound_max_frames = 64;
+            c.max_transfer_streams = 8;
+        })
+        .await;
+        let alice = std::sync::Arc::new(tb.register("alice").await.0);
+        let (_s, sloth) = tb.register("sloth").await;
+        let conv = alice.create_group("g", &["sloth".into()]).await.unwrap().id;
+        let sloth_id = sloth.user_id;
+        // Authenticated, then reads nothing for a while.
+        let mut raw = tb.connector().connect_raw(&sloth).await.unwrap();
+        // Messages until its flow-control window is full: from then on, what the broker
+        // sends it waits in its outbound queue.
+        let queued = || {
+            let sessions = tb.shared().online.sessions(sloth_id);
+            sessions.map_or(0, |s| s.iter().map(|s| s.out.queued_frames()).sum::<usize>())
+        };
+        let text = "x".repeat(4000);
+        let mut sent = 0;
+        while queued() == 0 {
+            assert!(sent < 5000, "the window never filled");
+            let mut batch = tokio::task::JoinSet::new();
+            for _ in 0..32 {
+                let (alice, text) = (alice.clone(), text.clone());
+                batch.spawn(async move { alice.send(conv, &text).await });
+            }
+            for r in within(STEP_DEADLINE, "a batch of sends", batch.join_all()).await {
+                r.unwrap();
+                sent += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Six uploads attached to the conversation, each progressing for about three
+        // seconds: at 4 events a second each, far more than the queue's 64 frames.
+        const STEPS: usize = 12;
+        const PIECE: usize = 16 * 1024;
+        let mut uploads = tokio::task::JoinSet::new();
+        let mut files = Vec::new();
+        for i in 0..6u8 {
+            let data = bytes(STEPS * PIECE, 60 + i);
+            let file = begin_upload(&alice, &format!("p{i}.bin"), "application/octet-stream", &data).await.file;
+            files.push(file);
+            let alice = alice.clone();
+            uploads.spawn(async move {
+                let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
+                assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+                for step in 0..STEPS {
+                    if step == 1 {
+                        // The first bytes are stored: attach it while it uploads.
+                        let send = RequestBody::SendFiles {
+                            conv,
+                            client_id: switchboard_client::new_client_id(),
+                            text: String::new(),
+                            files: vec![file],
+                        };
+                        alice.request(send).await.unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let at = step * PIECE;
+                    t.chunk(at as u64, &data[at..at + PIECE], None).await;
+                    let end = (at + PIECE) as u64;
+                    assert_eq!(t.reply().await, Some(TransferReply::Durable { offset: end }));
+                }
+                assert!(matches!(t.reply().await, Some(TransferReply::Complete(_))));
+            });
+        }
+        within(Duration::from_secs(30), "the uploads", uploads.join_all()).await;
+        assert!(raw.conn.close_reason().is_none(), "cut off: {:?}", raw.conn.close_reason());
+        // It reads again: the backlog, then every file's final state, none followed by
+        // progress.
+        let mut complete = std::collections::HashSet::new();
+        while complete.len() < files.len() {
+            let frame =
+                switchboard_tests::read_frame(&mut raw.recv, &mut raw.decoder).await.expect("the connection lives");
+            if let ServerFrame::Event(Event::File(p)) = switchboard_protocol::decode(&frame).unwrap() {
+                assert_eq!(p.conv, Some(conv));
+                assert!(files.contains(&p.file));
+                match p.state {
+                    FileState::Complete { .. } => assert!(complete.insert(p.file), "one final state each"),
+                    FileState::Uploading { .. } => assert!(!complete.contains(&p.file), "progress after the end"),
+                    FileState::Failed { code } => panic!("failed with {code}"),
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_image_whose_completion_a_crash_cut_short_gets_its_thumbnail_at_start() {
+    use std::os::unix::fs::FileExt;
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let picture = png(600, 300);
+        let begun = begin_upload(&alice, "cat.png", "image/png", &picture).await;
+        let until = picture.len() as u64 - 1;
+        upload_range(alice.connection(), begun.file, &picture, 0, until, 64 * 1024).await;
+        drop(alice);
+        tb.stop().await;
+        // The state a crash leaves mid-completion: every byte durable and verified, the
+        // record publishing, the partial file not yet made the blob.
+        let dir = tb.data_dir();
+        let hex: String = begun.file.iter().map(|b| format!("{b:02x}")).collect();
+        let partial = std::fs::OpenOptions::new().write(true).open(dir.join("uploads").join(hex)).unwrap();
+        partial.write_all_at(&picture[until as usize..], until).unwrap();
+        partial.sync_all().unwrap();
+        let store =
+            switchboard_storage::Store::open(&switchboard_storage::StoreConfig::new(dir.join("store"))).unwrap();
+        store.set_upload_offset(&begun.file, picture.len() as u64, None).unwrap().unwrap().await.unwrap();
+        store.begin_publish(&begun.file).unwrap().unwrap().await.unwrap();
+        store.close().unwrap();
+        drop(store);
+        // The start-up repair completes it, and it gets its thumbnail like any completion.
+        tb.restart().await;
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        let thumb = within(STEP_DEADLINE, "the thumbnail", async {
+            loop {
+                match file_info(&alice, begun.file).await.unwrap() {
+                    Reply::File(info) => match info.state {
+                        FileState::Complete { thumbnail: Some(t) } => return t,
+                        FileState::Complete { thumbnail: None } => {}
+                        other => panic!("not completed by the repair: {other:?}"),
+                    },
+                    other => panic!("{other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let (_, thumb_png) = download(alice.connection(), thumb.file, 0, 0).await.unwrap();
+        let decoded = image::load_from_memory(&thumb_png).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (256, 128));
+        let (_, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(got, picture);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_second_connection_of_the_uploader_takes_the_upload_over_and_the_first_gets_conflict() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let data = bytes(2 * 1024 * 1024 + 5, 8);
+        let begun = begin_upload(&laptop, "both.bin", "application/octet-stream", &data).await;
+        // The laptop's stream has made its first chunk durable and stays open.
+        let open = TransferOpen::Upload { file: begun.file, offset: 0 };
+        let mut first = Transfer::open(laptop.connection(), &open).await;
+        assert_eq!(first.reply().await, Some(TransferReply::Accepted { offset: 0 }));
+        first.chunk(0, &data[..256 * 1024], None).await;
+        assert_eq!(first.reply().await, Some(TransferReply::Durable { offset: 256 * 1024 }));
+        // The phone resumes from the durable offset on its own connection: its stream
+        // takes the upload and carries it to the end.
+        let offset = offset_of(status(&phone, begun.file).await.unwrap());
+        assert_eq!(offset, 256 * 1024);
+        match upload_rest(phone.connection(), begun.file, &data, offset).await {
+            TransferReply::Complete(f) => assert_eq!((f.file, f.size), (begun.file, data.len() as u64)),
+            other => panic!("expected Complete, got {other:?}"),
+        }
+        // The laptop's stream was told, and ended: a chunk it sends now stores nothing.
+        match first.reply().await {
+            Some(TransferReply::Failed { error, offset }) => {
+                assert_eq!((error.code, offset), (ErrorCode::CONFLICT, 256 * 1024))
+            }
+            other => panic!("expected CONFLICT, got {other:?}"),
+        }
+        first.chunk(256 * 1024, &bytes(1024, 99), None).await;
+        assert_eq!(first.reply().await, None, "the stream it lost ended");
+        let (_, got) = download(laptop.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(got, data, "the file is exactly the bytes uploaded");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn progress_is_throttled_end_to_end_and_reaches_no_one_outside_its_audience() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let (mut phone_events, mut bob_events, mut eve_events) =
+            (phone.events().unwrap(), bob.events().unwrap(), eve.events().unwrap());
+        next_entry(&mut bob_events).await;
+        // Many small durable steps: far more than the allowed rate, if each were pushed.
+        let data = bytes(96 * 16 * 1024, 9);
+        let begun = begin_upload(&alice, "steps.bin", "application/octet-stream", &data).await;
+        let started = std::time::Instant::now();
+        upload_range(alice.connection(), begun.file, &data, 0, 16 * 1024, 16 * 1024).await;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![begun.file],
+        };
+        alice.request(send).await.unwrap();
+        let replies =
+            upload_range(alice.connection(), begun.file, &data, 16 * 1024, data.len() as u64, 16 * 1024).await;
+        assert!(matches!(replies.last(), Some(TransferReply::Complete(_))), "{replies:?}");
+        let durable_steps = replies.iter().filter(|r| matches!(r, TransferReply::Durable { .. })).count();
+        let uploader = progress_events(&mut phone_events, begun.file, None).await;
+        let member = progress_events(&mut bob_events, begun.file, Some(conv)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        // At most FILE_PROGRESS_PER_SECOND a second, one more for the leading edge.
+        let allowed = (elapsed * f64::from(switchboard_protocol::limits::FILE_PROGRESS_PER_SECOND)).ceil() as usize + 1;
+        assert!(durable_steps > allowed, "the upload was too slow to test the throttle: {durable_steps} steps");
+        assert!(uploader <= allowed && member <= allowed, "{uploader} and {member} progress events in {elapsed:.2} s");
+        // A user outside the audience gets nothing of it.
+        no_event(&mut eve_events, 300).await;
+    })
+    .await
+}
+
+/// Counts the progress events of `file` to `conv`'s audience up to its final state
+/// (`Complete`), which must follow; events to other audiences are skipped.
+async fn progress_events(events: &mut switchboard_client::Events, file: FileId, conv: Option<u64>) -> usize {
+    use switchboard_protocol::Event;
+    let mut progress = 0usize;
+    within(STEP_DEADLINE, "the final state", async {
+        loop {
+            match events.next().await {
+                // The uploader, a member too, also hears of it as one.
+                Some(Event::File(p)) if p.conv == conv => {
+                    assert_eq!(p.file, file);
+                    match p.state {
+                        FileState::Uploading { .. } => progress += 1,
+                        FileState::Complete { .. } => return,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    })
+    .await;
+    progress
+}
+
+#[tokio::test]
+async fn a_download_whose_blob_went_after_the_check_answers_not_found() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(10_000, 12);
+        let file = upload(&alice, "gone.bin", &data).await;
+        // The bytes vanish between the access check and the open (as when the last
+        // holder's deletion runs in between).
+        let hex: String = blake3::hash(&data).as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::remove_file(tb.data_dir().join("blobs").join(hex)).unwrap();
+        assert_eq!(download(alice.connection(), file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_FOUND);
+        alice.ping().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_edited_caption_with_the_files_names_must_fit_max_text_bytes() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let name = format!("{}.bin", "n".repeat(251));
+        let file = upload(&alice, &name, &bytes(5000, 13)).await;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: "a caption".into(),
+            files: vec![file],
+        };
+        let seq = match alice.request(send).await.unwrap() {
+            Reply::Appended { seq, .. } => seq,
+            other => panic!("{other:?}"),
+        };
+        let edit = |text: String| RequestBody::Edit {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            target: seq,
+            text,
+        };
+        // The name (255 bytes) and type (24) leave 3817 bytes of a 4096-byte text.
+        let max = switchboard_protocol::limits::MAX_TEXT_BYTES as usize - name.len() - "application/octet-stream".len();
+        assert_eq!(code_of(alice.request(edit("c".repeat(max + 1))).await), ErrorCode::INVALID);
+        assert!(matches!(alice.request(edit("c".repeat(max))).await.unwrap(), Reply::Appended { .. }));
     })
     .await
 }

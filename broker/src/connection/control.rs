@@ -261,10 +261,16 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(files::delete_file(shared, caller.user, file).await) });
             }
-            // The files are resolved here, in order (a few index reads), like names for
-            // AddMembers, so the message reaches the conversation in request order.
+            // The files are resolved before the next request is read, like names for
+            // AddMembers, so the message reaches the conversation in request order; their
+            // index reads (up to `ATTACHMENT_SCAN` seeks a file) on a blocking thread.
             RequestBody::SendFiles { conv, client_id, text, files } => {
-                match files::files_to_send(&shared.store, conv, caller.user, &client_id, &files) {
+                let (s, user) = (shared.clone(), caller.user);
+                let checked =
+                    tokio::task::spawn_blocking(move || files::files_to_send(&s.store, conv, user, &client_id, &files))
+                        .await
+                        .unwrap_or_else(|e| Err(crate::error::internal(e)));
+                match checked {
                     Ok(files) => {
                         let files = files.unwrap_or_default();
                         convs.write(shared, conv, caller, Command::SendFiles { client_id, text, files }, reply).await

@@ -6,6 +6,10 @@
 //! lower priority than the control stream. A stream on which nothing moves for
 //! `transfer_progress_secs` is reset with `TIMEOUT`; at most `max_live_transfer_streams`
 //! are served at once over all connections (one more is reset with `OVERLOADED`).
+//! Broker-wide budgets bound what those streams hold: queued upload chunks within
+//! `transfer_buffer_bytes`, blob files open for downloads within `max_open_blob_files`.
+//! A stream that finds its budget spent waits, reading nothing, and is reset with
+//! `TIMEOUT` only if the wait passes its progress deadline.
 //!
 //! A connection may open them only after a successful `BeginUpload`, `UploadStatus` or
 //! `FileInfo` (`Transfers::allow` raises its stream credit); after `IDLE_LOWER` with none
@@ -25,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::Shared;
 use crate::files::requests::{file_ref, no_such_file, readable};
-use crate::files::{Unreachable, UploadMsg};
+use crate::files::{ChunkPermits, Unreachable, UploadMsg};
 use crate::limits::READ_CHUNK_BYTES;
 
 /// Time the first frame of a transfer stream has to arrive.
@@ -226,7 +230,13 @@ async fn upload(
             frame = read::<Chunk>(&mut recv, &mut decoder), if reading => match frame {
                 Ok(Some(chunk)) => {
                     deadline = tokio::time::Instant::now() + progress;
-                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                    let Ok(stream_permit) = permits.clone().acquire_owned().await else { break };
+                    // The broker-wide budget: wait for it, reading nothing meanwhile.
+                    let Some(bytes) = shared.files.reserve_chunk(chunk.data.len(), deadline).await else {
+                        reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
+                        break;
+                    };
+                    let permit = ChunkPermits { stream: stream_permit, bytes };
                     let matches = chunk_matches(&chunk).await;
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
                     if shared.files.send(shared, &file, msg).await.is_err() {
@@ -269,10 +279,13 @@ async fn download(
     length: u64,
     mut send: quinn::SendStream,
 ) {
-    let record = match readable(&shared.store, user, &file) {
-        Ok(Some(r)) => r,
-        Ok(None) => return fail(&mut send, no_such_file(), 0).await,
-        Err(e) => return fail(&mut send, e, 0).await,
+    // Who may read it: up to `ATTACHMENT_SCAN` seeks, off the runtime threads.
+    let s = shared.clone();
+    let record = match tokio::task::spawn_blocking(move || readable(&s.store, user, &file)).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return fail(&mut send, no_such_file(), 0).await,
+        Ok(Err(e)) => return fail(&mut send, e, 0).await,
+        Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
     };
     if !record.is_complete() {
         return fail(&mut send, ErrorBody::new(ErrorCode::NOT_READY, "the upload is not complete"), 0).await;
@@ -282,13 +295,20 @@ async fn download(
     }
     let rest = record.size - offset;
     let length = if length == 0 { rest } else { length.min(rest) };
+    let progress = progress_deadline(shared);
+    // Held while the stream serves: a place among the blob files open at once.
+    let Some(_blob_open) = shared.files.reserve_blob(tokio::time::Instant::now() + progress).await else {
+        let _ = send.reset(ErrorCode::TIMEOUT.0.into());
+        return;
+    };
     let path = shared.files.blobs.blob(&record.blake3);
     let blob = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
         Ok(Ok(f)) => Arc::new(f),
+        // Deleted since the check (its last holder let go): gone, like a missing file.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return fail(&mut send, no_such_file(), 0).await,
         Ok(Err(e)) => return fail(&mut send, crate::error::internal(e), 0).await,
         Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
     };
-    let progress = progress_deadline(shared);
     let range = TransferReply::Range { offset, length, size: record.size };
     match tokio::time::timeout(progress, write(&mut send, &range)).await {
         Ok(true) => {}

@@ -741,6 +741,11 @@ impl<R> ConversationState<R> {
             Command::Edit { target: t, text, .. } => {
                 check_text(&text)?;
                 own_text(target, caller.user, t)?;
+                // A files message keeps its files: the new caption with their names and
+                // types must fit as when it was sent.
+                if let Some(Entry { body: Body::Files { files, .. }, .. }) = target {
+                    check_files(&text, files)?;
+                }
                 Body::Edit { target: t, text }
             }
             Command::Delete { target: t, .. } => {

@@ -4,7 +4,8 @@
 //! starts), writes and fdatasyncs each chunk on a blocking thread, records the offset and
 //! waits for the group commit before a chunk is reported durable, verifies and publishes
 //! the file, and pushes progress. Its input is bounded by the transfer streams: each
-//! stream carries a permit per chunk, at most two.
+//! stream carries a permit per chunk, at most two, and every queued chunk's bytes hold
+//! permits of the broker-wide `transfer_buffer_bytes` until it is handled.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,13 +15,11 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::limits::MAX_CHUNK_BYTES;
-use switchboard_protocol::{
-    Chunk, ErrorBody, ErrorCode, Event, FileId, FileProgress, FileRef, FileState, ServerFrame, TransferReply, UserId,
-    encode_frame,
-};
+use switchboard_protocol::{Chunk, ErrorBody, ErrorCode, FileId, FileRef, FileState, TransferReply};
 use switchboard_storage::FileRecord;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
+use super::ChunkPermits;
 use super::blobs::{Blobs, hex};
 use super::sniff::{self, Verdict};
 use super::state::{Effect, StreamId, UploadState};
@@ -38,8 +37,8 @@ pub enum UploadMsg {
         /// Where its replies go (bounded by the protocol: one per chunk plus one).
         out: mpsc::UnboundedSender<TransferReply>,
     },
-    /// A chunk from `stream`; `matches` says whether it matched its hash. The permit is
-    /// released once it is handled.
+    /// A chunk from `stream`; `matches` says whether it matched its hash. The permits
+    /// are released once it is handled.
     Chunk {
         /// The stream.
         stream: StreamId,
@@ -47,8 +46,8 @@ pub enum UploadMsg {
         chunk: Chunk,
         /// Its data matches its BLAKE3.
         matches: bool,
-        /// The stream's allowance for queued chunks.
-        permit: OwnedSemaphorePermit,
+        /// Its place in the stream's queue and its bytes in the broker-wide budget.
+        permit: ChunkPermits,
     },
     /// A stream ended.
     Closed {
@@ -352,7 +351,7 @@ impl Upload {
     }
 
     fn progress(&self, st: &UploadActorState, state: FileState) {
-        announce(&self.shared, &st.id, st.record.uploader, st.record.size, state);
+        super::announce::announce(&self.shared, &st.id, st.record.uploader, st.record.size, state);
     }
 
     /// Verifies the whole file and publishes it, or fails and removes the upload.
@@ -415,39 +414,5 @@ impl Upload {
                 false
             }
         }
-    }
-}
-
-/// Pushes `state` of file `id` to its uploader's devices and to the members of each
-/// conversation where a message carries it. Read from the store's indexes, never through
-/// a conversation actor.
-pub(crate) fn announce(shared: &Shared, id: &FileId, uploader: UserId, size: u64, state: FileState) {
-    let progress = |conv| FileProgress { conv, file: *id, size, state: state.clone() };
-    push(shared, &[uploader], progress(None));
-    let convs = match shared.store.attachment_convs(id, super::ATTACHMENT_SCAN) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
-            return;
-        }
-    };
-    for conv in convs {
-        match shared.store.members(conv) {
-            Ok(members) => {
-                let users: Vec<UserId> = members.into_iter().map(|(u, _)| u).collect();
-                push(shared, &users, progress(Some(conv)));
-            }
-            Err(e) => tracing::warn!(conv, error = %e, "membership read failed; progress not pushed"),
-        }
-    }
-}
-
-/// Sends `progress` as `Event::File` to the online devices of `users`.
-fn push(shared: &Shared, users: &[UserId], progress: FileProgress) {
-    match encode_frame(&ServerFrame::Event(Event::File(progress))) {
-        Ok(frame) => {
-            shared.online.deliver(users, &frame, 0);
-        }
-        Err(e) => tracing::error!(error = %e, "a file event did not encode"),
     }
 }

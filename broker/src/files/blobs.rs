@@ -250,8 +250,9 @@ impl Blobs {
 
     /// Stores `bytes` as the blob of `hash` (a thumbnail), durably unless it exists, and
     /// records it as the thumbnail `thumb` of `parent` (`Store::add_thumbnail`), both
-    /// under the lock `remove_unreferenced` takes. When `parent` is gone the blob is
-    /// unlinked again if nothing else refers to it. `None` if `parent` is gone.
+    /// under the lock `remove_unreferenced` takes. When `parent` is gone (or has a
+    /// thumbnail already) the blob is unlinked again if nothing else refers to it.
+    /// `None` then.
     pub fn store_thumbnail(
         &self,
         store: &Store,
@@ -313,16 +314,21 @@ impl Blobs {
     /// docs): each upload in progress has a partial file exactly as long as its offset
     /// (a shorter file lowers the offset; a missing one whose blob exists at full size
     /// completes the upload), and files nothing references are deleted. Returns the
-    /// number of uploads checked.
-    pub fn repair(&self, store: &Store) -> Result<usize, String> {
+    /// number of uploads checked and the files it completed (each still owed what a
+    /// completion does next: its thumbnail).
+    pub fn repair(&self, store: &Store) -> Result<Repaired, String> {
         let uploads = store.uploads_in_progress().map_err(|e| e.to_string())?;
         let mut live = std::collections::HashSet::new();
+        let mut completed = Vec::new();
         for (id, record) in &uploads {
             if record.stage == switchboard_storage::FileStage::Publishing {
                 let (partial, blob) = (self.partial(id), self.blob(&record.blake3));
                 if partial.exists() || blob.exists() {
                     // Verified and referenced before the crash: finish publishing it.
-                    self.publish(store, id, &record.blake3)?;
+                    if let Some((record, _durable)) = self.publish(store, id, &record.blake3)? {
+                        // Durable with the store's barrier before anything is served.
+                        completed.push((*id, record));
+                    }
                     tracing::info!(file = hex(id), "finished a completion a crash cut short");
                     continue;
                 }
@@ -373,8 +379,17 @@ impl Blobs {
                 let _ = self.remove(&entry.path());
             }
         }
-        Ok(uploads.len())
+        Ok(Repaired { checked: uploads.len(), completed })
     }
+}
+
+/// What the start-up repair did (`Blobs::repair`).
+#[derive(Debug)]
+pub struct Repaired {
+    /// Uploads in progress it checked.
+    pub checked: usize,
+    /// Uploads whose interrupted completion it finished, with their complete records.
+    pub completed: Vec<(FileId, FileRecord)>,
 }
 
 #[cfg(test)]
@@ -464,7 +479,7 @@ mod tests {
         store.set_upload_offset(&id, 4, None).unwrap().unwrap().await.unwrap();
         // Written and synced, but the crash came before its offset was recorded.
         Blobs::write_chunk(&file, 4, &data[4..8]).unwrap();
-        assert_eq!(blobs.repair(&store).unwrap(), 1);
+        assert_eq!(blobs.repair(&store).unwrap().checked, 1);
         assert_eq!(std::fs::read(blobs.partial(&id)).unwrap(), &data[..4]);
         assert_eq!(store.file(&id).unwrap().unwrap().offset(), 4);
         // The hasher is rebuilt from the durable prefix.
@@ -489,9 +504,11 @@ mod tests {
         std::fs::rename(blobs.partial(&renamed), blobs.blob(&record(&data).blake3)).unwrap();
         // A blob of a file whose record never got written.
         std::fs::write(blobs.blob(&[9; 32]), b"orphan").unwrap();
-        blobs.repair(&store).unwrap();
+        let repaired = blobs.repair(&store).unwrap();
         let done = store.file(&renamed).unwrap().unwrap();
         assert!(done.is_complete(), "published on disk: complete");
+        let completed: Vec<_> = repaired.completed.into_iter().map(|(id, r)| (id, r.is_complete())).collect();
+        assert_eq!(completed, vec![(renamed, true)], "reported, for what a completion does next");
         assert_eq!(store.blob_refs(&done.blake3).unwrap(), 1);
         assert_eq!(std::fs::read(blobs.blob(&done.blake3)).unwrap(), data);
         // The other still uploads at full size; its actor verifies it on start.

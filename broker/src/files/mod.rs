@@ -2,10 +2,12 @@
 //! state machine, `actor.rs` the Upload actor that drives it (one per upload in
 //! progress), `blobs.rs` the bytes on disk, `requests.rs` the control-stream requests and
 //! who may read a file, `sniff.rs` the type check of the first bytes, `thumbnail.rs`
-//! bounded thumbnails of images. `Files` finds or starts an upload's actor, and the
+//! bounded thumbnails of images, `announce.rs` progress and final states pushed to
+//! their audiences off the runtime threads. `Files` finds or starts an upload's actor, and the
 //! sweeper removes expired uploads and files nothing holds any more.
 
 mod actor;
+mod announce;
 pub mod blobs;
 pub(crate) mod requests;
 pub(crate) mod sniff;
@@ -19,6 +21,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::FileId;
+use switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES;
 
 pub use actor::UploadMsg;
 use actor::{Upload, UploadArgs};
@@ -31,16 +34,80 @@ use crate::Shared;
 /// readable through the first ones only (by conversation id).
 pub const ATTACHMENT_SCAN: usize = 1024;
 
+/// Upload locks kept before the map is swept of entries nobody holds or waits for.
+const SPAWNING_SWEEP: usize = 1024;
+
 /// Live Upload actors and the file bytes on disk.
 pub struct Files {
     /// Where the bytes live.
     pub blobs: Blobs,
     map: std::sync::Mutex<HashMap<FileId, Slot>>,
-    /// Serialises starting an actor and removing an upload with no actor.
-    spawn_lock: tokio::sync::Mutex<()>,
+    /// Per upload: serialises starting its actor (which re-hashes the durable prefix of a
+    /// resumed upload) and removing it while no actor runs. An entry lives while someone
+    /// holds or waits for its lock.
+    spawning: std::sync::Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
     next_stream: AtomicU64,
     /// One permit per transfer stream served, over all connections.
     pub(crate) live_streams: Arc<tokio::sync::Semaphore>,
+    /// One permit per byte of upload chunks read from transfer streams and not yet
+    /// handled by their actors, over all streams (`transfer_buffer_bytes`).
+    chunk_bytes: Arc<tokio::sync::Semaphore>,
+    /// `chunk_bytes`' size: a chunk asks for at most this many permits.
+    chunk_bytes_max: usize,
+    /// One permit per blob file open for a download, over all streams
+    /// (`max_open_blob_files`).
+    open_blobs: Arc<tokio::sync::Semaphore>,
+}
+
+/// The broker-wide bounds of transfer streams (from `Config`).
+#[derive(Clone, Copy, Debug)]
+pub struct TransferLimits {
+    /// Transfer streams served at once (`max_live_transfer_streams`).
+    pub live_streams: usize,
+    /// Bytes of upload chunks queued for Upload actors at once (`transfer_buffer_bytes`);
+    /// raised to one whole chunk if smaller, so every chunk can pass.
+    pub buffered_chunk_bytes: usize,
+    /// Blob files open for downloads at once (`max_open_blob_files`; at least 1).
+    pub open_blob_files: usize,
+}
+
+impl TransferLimits {
+    /// The limits `config` sets.
+    pub fn of(config: &crate::config::Config) -> TransferLimits {
+        TransferLimits {
+            live_streams: config.max_live_transfer_streams,
+            buffered_chunk_bytes: usize::try_from(config.transfer_buffer_bytes).unwrap_or(usize::MAX),
+            open_blob_files: config.max_open_blob_files,
+        }
+    }
+}
+
+/// What a queued upload chunk holds until its actor has handled it: a place in its
+/// stream's queue and its bytes in the broker-wide budget.
+pub struct ChunkPermits {
+    /// The stream's allowance for queued chunks.
+    pub stream: tokio::sync::OwnedSemaphorePermit,
+    /// The chunk's bytes in `transfer_buffer_bytes`.
+    pub bytes: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Holds the lock of one upload (`Files::lock_upload`); its map entry goes with the last
+/// holder.
+struct UploadLock<'a> {
+    files: &'a Files,
+    id: FileId,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for UploadLock<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.files.spawning.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map's own reference left: nobody holds or waits for it.
+        if map.get(&self.id).is_some_and(|lock| Arc::strong_count(lock) == 1) {
+            map.remove(&self.id);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -60,15 +127,47 @@ pub enum Unreachable {
 }
 
 impl Files {
-    /// Files under `data_dir`, serving at most `max_live_streams` transfer streams at once.
-    pub fn open(data_dir: &std::path::Path, max_live_streams: usize) -> std::io::Result<Files> {
+    /// Files under `data_dir`, serving transfer streams within `limits`.
+    pub fn open(data_dir: &std::path::Path, limits: TransferLimits) -> std::io::Result<Files> {
+        let chunk_bytes_max =
+            limits.buffered_chunk_bytes.clamp(MAX_TRANSFER_FRAME_BYTES as usize, tokio::sync::Semaphore::MAX_PERMITS);
         Ok(Files {
-            live_streams: Arc::new(tokio::sync::Semaphore::new(max_live_streams)),
+            live_streams: Arc::new(tokio::sync::Semaphore::new(limits.live_streams)),
+            chunk_bytes: Arc::new(tokio::sync::Semaphore::new(chunk_bytes_max)),
+            chunk_bytes_max,
+            open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
-            spawn_lock: tokio::sync::Mutex::new(()),
+            spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
         })
+    }
+
+    /// Takes `len` bytes of the broker-wide budget for queued upload chunks, waiting
+    /// until `deadline` for them (the stream reads nothing meanwhile, so QUIC flow
+    /// control holds its sender back). `None` if the deadline passed first.
+    pub(crate) async fn reserve_chunk(
+        &self,
+        len: usize,
+        deadline: tokio::time::Instant,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        // A chunk larger than the whole budget (a too-large chunk, refused anyway) takes it all.
+        let want = u32::try_from(len.clamp(1, self.chunk_bytes_max)).unwrap_or(u32::MAX);
+        acquire_until(&self.chunk_bytes, want, deadline).await
+    }
+
+    /// Takes a place among the blob files open for downloads, waiting until `deadline`.
+    /// `None` if the deadline passed first.
+    pub(crate) async fn reserve_blob(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        acquire_until(&self.open_blobs, 1, deadline).await
+    }
+
+    /// Bytes of upload chunks queued for actors now (within `transfer_buffer_bytes`).
+    pub fn queued_chunk_bytes(&self) -> usize {
+        self.chunk_bytes_max - self.chunk_bytes.available_permits()
     }
 
     /// A new transfer stream id.
@@ -108,8 +207,23 @@ impl Files {
         Err(Unreachable::Failed("upload actor unavailable".into()))
     }
 
+    /// The lock of upload `id` (`spawning`), held until the guard drops.
+    async fn lock_upload(&self, id: &FileId) -> UploadLock<'_> {
+        let lock = {
+            let mut map = self.spawning.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= SPAWNING_SWEEP {
+                // Entries a cancelled waiter left behind (nobody holds or waits for them).
+                map.retain(|_, lock| Arc::strong_count(lock) > 1);
+            }
+            map.entry(*id).or_default().clone()
+        };
+        UploadLock { files: self, id: *id, guard: Some(lock.lock_owned().await) }
+    }
+
     async fn spawn(&self, shared: &Arc<Shared>, id: &FileId) -> Result<(), Unreachable> {
-        let _guard = self.spawn_lock.lock().await;
+        // Per upload: a resumed upload's actor hashes its durable prefix as it starts
+        // (up to `max_file_bytes`); other uploads start meanwhile.
+        let _guard = self.lock_upload(id).await;
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             return Ok(());
         }
@@ -140,7 +254,7 @@ impl Files {
             }
         }
         // No actor: none may start while this removes.
-        let _guard = self.spawn_lock.lock().await;
+        let _guard = self.lock_upload(id).await;
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             drop(_guard);
             return Box::pin(self.remove(shared, id, reason)).await;
@@ -151,7 +265,7 @@ impl Files {
         if let Some(record) = &removed {
             // The final state, as the actor would have pushed it.
             let state = switchboard_protocol::FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
-            actor::announce(shared, &id, record.uploader, record.size, state);
+            announce::announce(shared, &id, record.uploader, record.size, state);
         }
         Ok(removed.is_some())
     }
@@ -194,6 +308,19 @@ impl Files {
         for (_, slot) in self.map.lock().unwrap_or_else(|p| p.into_inner()).drain() {
             slot.actor.stop(Some("shutdown".into()));
         }
+    }
+}
+
+/// `n` permits of `semaphore`, waiting until `deadline`; `None` once it passed (or the
+/// semaphore is closed).
+async fn acquire_until(
+    semaphore: &Arc<tokio::sync::Semaphore>,
+    n: u32,
+    deadline: tokio::time::Instant,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match tokio::time::timeout_at(deadline, semaphore.clone().acquire_many_owned(n)).await {
+        Ok(Ok(permit)) => Some(permit),
+        Ok(Err(_)) | Err(_) => None,
     }
 }
 
@@ -244,26 +371,35 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
         if shared.health.is_failed() {
             return;
         }
-        match shared.store.expired_uploads(crate::now_ms(), BATCH) {
-            Ok(expired) => {
+        // The index scans on a blocking thread, like the deletions.
+        let (s, now) = (shared.clone(), crate::now_ms());
+        match tokio::task::spawn_blocking(move || s.store.expired_uploads(now, BATCH).map_err(|e| e.to_string())).await
+        {
+            Ok(Ok(expired)) => {
+                // Each on its own: one that fails is logged and the rest still go.
                 for id in expired {
                     if let Err(e) = shared.files.remove(&shared, &id, "the upload expired").await {
                         tracing::warn!(file = blobs::hex(&id), error = %e, "removing an expired upload failed");
                     }
                 }
             }
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading expired uploads failed"),
             Err(e) => tracing::warn!(error = %e, "reading expired uploads failed"),
         }
-        match shared.store.unheld_files(BATCH) {
-            Ok(files) if !files.is_empty() => {
-                let s = shared.clone();
-                let done = tokio::task::spawn_blocking(move || files.iter().try_for_each(|id| collect(&s, id))).await;
-                if let Ok(Err(e)) | Err(e) = done.map_err(|e| e.to_string()) {
-                    tracing::warn!(error = %e, "deleting unheld files failed");
+        let s = shared.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let files = s.store.unheld_files(BATCH).map_err(|e| e.to_string())?;
+            // Each on its own: one that fails is logged and the rest still go.
+            for id in files {
+                if let Err(e) = collect(&s, &id) {
+                    tracing::warn!(file = blobs::hex(&id), error = %e, "deleting an unheld file failed");
                 }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "reading unheld files failed"),
+            Ok::<_, String>(())
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = swept.map_err(|e| e.to_string()) {
+            tracing::warn!(error = %e, "reading unheld files failed");
         }
     }
 }
@@ -339,5 +475,80 @@ pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: swit
     }
     let thumbnail = Some(requests::file_ref(&thumb_id, &thumb));
     let state = switchboard_protocol::FileState::Complete { thumbnail };
-    actor::announce(&shared, &id, record.uploader, record.size, state);
+    announce::announce(&shared, &id, record.uploader, record.size, state);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short deadline on the real clock.
+    const WAIT: Duration = Duration::from_millis(300);
+
+    fn files(dir: &std::path::Path, buffered_chunk_bytes: usize) -> Files {
+        let limits = TransferLimits { live_streams: 8, buffered_chunk_bytes, open_blob_files: 1 };
+        Files::open(dir, limits).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_makes_a_stream_wait_until_its_deadline_and_no_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let frame = MAX_TRANSFER_FRAME_BYTES as usize;
+        let files = files(dir.path(), 2 * frame);
+        let far = tokio::time::Instant::now() + Duration::from_secs(30);
+        let first = files.reserve_chunk(frame, far).await.unwrap();
+        let second = files.reserve_chunk(frame, far).await.unwrap();
+        assert_eq!(files.queued_chunk_bytes(), 2 * frame);
+        // Spent: the next chunk waits for its whole deadline, then gives up.
+        let start = tokio::time::Instant::now();
+        assert!(files.reserve_chunk(1, start + WAIT).await.is_none());
+        assert!(start.elapsed() >= WAIT);
+        // Bytes handled in time let a waiting chunk through, before its deadline.
+        let start = tokio::time::Instant::now();
+        let (got, ()) = tokio::join!(files.reserve_chunk(1000, far), async {
+            tokio::time::sleep(WAIT).await;
+            drop(first);
+        });
+        assert!(got.is_some());
+        assert!(start.elapsed() >= WAIT && start.elapsed() < Duration::from_secs(30));
+        assert_eq!(files.queued_chunk_bytes(), frame + 1000);
+        drop((got, second));
+        assert_eq!(files.queued_chunk_bytes(), 0);
+        // A budget set below one chunk still lets a whole chunk through.
+        let small = super::tests::files(dir.path(), 1);
+        assert!(small.reserve_chunk(frame, far).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn open_blob_files_are_bounded_and_a_download_waits_for_one_to_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path(), 0);
+        let far = tokio::time::Instant::now() + Duration::from_secs(30);
+        let open = files.reserve_blob(far).await.unwrap();
+        let start = tokio::time::Instant::now();
+        assert!(files.reserve_blob(start + WAIT).await.is_none(), "one blob file open at most");
+        assert!(start.elapsed() >= WAIT);
+        let (got, ()) = tokio::join!(files.reserve_blob(far), async {
+            tokio::time::sleep(WAIT).await;
+            drop(open);
+        });
+        assert!(got.is_some(), "served once the other download let its file go");
+    }
+
+    #[tokio::test]
+    async fn starting_one_upload_never_waits_for_another_and_the_locks_are_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path(), 0);
+        let (a, b) = ([1; 16], [2; 16]);
+        let held = files.lock_upload(&a).await;
+        // Another upload's lock is free while `a`'s is held (its actor may be hashing).
+        let other = tokio::time::timeout(WAIT, files.lock_upload(&b)).await;
+        assert!(other.is_ok(), "one upload's start waited for another's");
+        drop(other);
+        // The same upload waits for its own lock.
+        assert!(tokio::time::timeout(WAIT, files.lock_upload(&a)).await.is_err());
+        drop(held);
+        assert!(tokio::time::timeout(WAIT, files.lock_upload(&a)).await.is_ok());
+        assert!(files.spawning.lock().unwrap().is_empty(), "no lock is kept once nobody holds it");
+    }
 }

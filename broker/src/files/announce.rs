@@ -1,0 +1,157 @@
+//! Pushes a file's progress and final state (`Event::File`) to its audience: the
+//! uploader's devices and the members of each conversation where a message carries the
+//! file. The audience is read from the store (a seek per conversation, then its member
+//! keys), which must not run on the runtime threads: one `sb-announce` thread reads it
+//! and delivers, in the order the announcements were made, so a file's progress never
+//! overtakes its final state. Progress beyond `QUEUED_PROGRESS` waiting is dropped (a
+//! later value, or the final state, says where the upload is); a final state always
+//! waits its turn (there is one per upload that ends, and one per thumbnail made).
+//!
+//! Progress goes to at most `PROGRESS_AUDIENCE` users in conversations (members of the
+//! first conversations by id); the final state to the members of every conversation
+//! `ATTACHMENT_SCAN` looks at.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use switchboard_protocol::{Event, FileId, FileProgress, FileState, ServerFrame, UserId, encode_frame};
+
+use super::ATTACHMENT_SCAN;
+use crate::Shared;
+
+/// Progress announcements waiting for the thread at once, over all uploads.
+const QUEUED_PROGRESS: usize = 1024;
+/// Most conversation members one progress announcement reaches (the uploader's devices
+/// come on top): a file attached in large groups costs bounded work per event.
+const PROGRESS_AUDIENCE: usize = 4096;
+
+/// Announces `state` of file `id` (of `size` bytes, uploaded by `uploader`) to its
+/// audience, on the announcing thread. Returns at once.
+pub(crate) fn announce(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64, state: FileState) {
+    let job = Job { shared: shared.clone(), file: *id, uploader, size, state };
+    let Some(announcer) = announcer() else {
+        // No thread could be started: deliver here rather than not at all.
+        return deliver(&job);
+    };
+    let mut queue = announcer.queue.lock().unwrap_or_else(|p| p.into_inner());
+    if job.is_progress() {
+        if queue.progress >= QUEUED_PROGRESS {
+            return;
+        }
+        queue.progress += 1;
+    }
+    queue.jobs.push_back(job);
+    drop(queue);
+    announcer.ready.notify_one();
+}
+
+struct Job {
+    shared: Arc<Shared>,
+    file: FileId,
+    uploader: UserId,
+    size: u64,
+    state: FileState,
+}
+
+impl Job {
+    fn is_progress(&self) -> bool {
+        matches!(self.state, FileState::Uploading { .. })
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Progress jobs among `jobs`.
+    progress: usize,
+}
+
+struct Announcer {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+/// The announcing thread's queue, the thread started on first use.
+fn announcer() -> Option<&'static Announcer> {
+    static ANNOUNCER: OnceLock<Option<Announcer>> = OnceLock::new();
+    ANNOUNCER
+        .get_or_init(|| {
+            let spawned = std::thread::Builder::new().name("sb-announce".into()).spawn(run);
+            match spawned {
+                Ok(_) => Some(Announcer { queue: Mutex::new(Queue::default()), ready: Condvar::new() }),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the file announcing thread");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn run() {
+    // Waits until the spawner has set the queue up (it is set once this thread runs).
+    let Some(announcer) = announcer() else { return };
+    loop {
+        let mut queue = announcer.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let job = loop {
+            if let Some(job) = queue.jobs.pop_front() {
+                break job;
+            }
+            queue = announcer.ready.wait(queue).unwrap_or_else(|p| p.into_inner());
+        };
+        if job.is_progress() {
+            queue.progress -= 1;
+        }
+        drop(queue);
+        // A panicking delivery loses that event only, not the thread.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver(&job))).is_err() {
+            tracing::error!("announcing a file event panicked");
+        }
+    }
+}
+
+/// Pushes the job's state to the uploader's devices and to the members of each
+/// conversation where a message carries the file. Blocking (store reads).
+fn deliver(job: &Job) {
+    let progress = |conv| FileProgress { conv, file: job.file, size: job.size, state: job.state.clone() };
+    push(&job.shared, &[job.uploader], progress(None));
+    if job.shared.health.is_failed() {
+        return;
+    }
+    let convs = match job.shared.store.attachment_convs(&job.file, ATTACHMENT_SCAN) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
+            return;
+        }
+    };
+    let mut room = if job.is_progress() { PROGRESS_AUDIENCE } else { usize::MAX };
+    for conv in convs {
+        if room == 0 {
+            break;
+        }
+        match job.shared.store.members(conv) {
+            Ok(members) => {
+                let users: Vec<UserId> = members.into_iter().map(|(u, _)| u).take(room).collect();
+                room -= users.len();
+                push(&job.shared, &users, progress(Some(conv)));
+            }
+            Err(e) => tracing::warn!(conv, error = %e, "membership read failed; progress not pushed"),
+        }
+    }
+}
+
+/// Sends `progress` as `Event::File` to the online devices of `users`. Progress waits in
+/// one latest-wins slot per (device, file, audience), so however many uploads progress,
+/// a device that reads slowly is never disconnected for them; a final state (`Complete`,
+/// `Failed`) is queued like any event and drops the progress still waiting before it.
+fn push(shared: &Shared, users: &[UserId], progress: FileProgress) {
+    let key = (progress.file, progress.conv);
+    let last = !matches!(progress.state, FileState::Uploading { .. });
+    match encode_frame(&ServerFrame::Event(Event::File(progress))) {
+        Ok(frame) => {
+            shared.online.deliver_latest(users, key, &frame, last);
+        }
+        Err(e) => tracing::error!(error = %e, "a file event did not encode"),
+    }
+}
