@@ -60,6 +60,8 @@ pub struct SendRule {
     /// 0: the delay rule is off.
     target_us: u64,
     in_flight: usize,
+    /// Writes refused so far.
+    refused: u64,
     shedding: bool,
     /// Start of the current interval.
     window_start_us: u64,
@@ -75,6 +77,7 @@ impl SendRule {
             max_in_flight,
             target_us: target_ms.saturating_mul(1000),
             in_flight: 0,
+            refused: 0,
             shedding: false,
             window_start_us: 0,
             window_min_us: None,
@@ -85,14 +88,16 @@ impl SendRule {
     /// says why not.
     pub fn admit(&mut self, now_us: u64) -> Result<(), Refusal> {
         self.roll(now_us);
-        if self.in_flight >= self.max_in_flight {
-            return Err(Refusal::InFlight);
-        }
-        if self.shedding {
-            return Err(Refusal::Delay);
-        }
-        self.in_flight += 1;
-        Ok(())
+        let refusal = if self.in_flight >= self.max_in_flight {
+            Refusal::InFlight
+        } else if self.shedding {
+            Refusal::Delay
+        } else {
+            self.in_flight += 1;
+            return Ok(());
+        };
+        self.refused += 1;
+        Err(refusal)
     }
 
     /// A write admitted at `admitted_us` was answered at `now_us` (acknowledged or
@@ -111,6 +116,11 @@ impl SendRule {
     /// Writes admitted and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Writes refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     /// Whether new writes are being refused for delay.
@@ -164,6 +174,11 @@ impl SendAdmission {
         self.lock().in_flight()
     }
 
+    /// Writes refused with `OVERLOADED` since the broker started.
+    pub fn refused(&self) -> u64 {
+        self.lock().refused()
+    }
+
     fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
     }
@@ -199,7 +214,7 @@ mod tests {
             rule.admit(0).unwrap();
         }
         assert_eq!(rule.admit(1), Err(Refusal::InFlight));
-        assert_eq!(rule.in_flight(), 3);
+        assert_eq!((rule.in_flight(), rule.refused()), (3, 1));
         rule.answered(0, 5 * MS);
         rule.admit(6 * MS).unwrap();
         assert_eq!(rule.admit(6 * MS), Err(Refusal::InFlight));

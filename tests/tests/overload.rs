@@ -11,8 +11,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
+use switchboard_client::{MemoryCursors, Session, SessionConfig};
 use switchboard_protocol::{Body, ErrorCode, Page, Reply, RequestBody};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, next_entry, next_response, request_frame, within};
 
@@ -113,4 +115,62 @@ async fn writes_past_the_bound_are_refused_at_once_and_nothing_acknowledged_is_l
         carol.send(quiet, "after").await.unwrap();
     })
     .await
+}
+
+/// The client library's `Session` rides out shedding: writes the broker refuses with
+/// `OVERLOADED` are sent again after a backoff with the same client id, so each is
+/// stored exactly once and the caller sees only its seq.
+#[tokio::test]
+async fn a_session_sends_refused_writes_again_and_each_is_stored_once() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = 1;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice, alice_id) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        let config =
+            SessionConfig { backoff_min_ms: 5, backoff_max_ms: 50, overload_retries: 50, ..Default::default() };
+        let (session, _events) =
+            Session::start(tb.connector(), alice_id, Arc::new(MemoryCursors::default()), config).unwrap();
+        let sends = (0..20).map(|i| {
+            let session = session.clone();
+            async move { session.send(conv, &format!("m{i}")).await }
+        });
+        let seqs: Vec<u64> = futures_join_all(sends).await.into_iter().map(Result::unwrap).collect();
+        assert!(tb.shared().sends.refused() > 0, "20 concurrent writes past a bound of 1: none refused");
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 20, "each write has a seq of its own: {seqs:?}");
+        let (entries, _) = alice.history(conv, Page::After(0), 100).await.unwrap();
+        let mut texts: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match &e.body {
+                Body::Text { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        texts.sort();
+        let mut expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+        expected.sort();
+        assert_eq!(texts, expected, "each write stored exactly once");
+    })
+    .await
+}
+
+/// Awaits every future (spawned on this runtime, so they run concurrently).
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
 }
