@@ -475,3 +475,44 @@ where
     }
     Ok((report, side))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step at `rate` whose p99 grows with the rate and which refuses sends above 400
+    /// msg/s, as a broker shedding load would.
+    fn shedding_broker(rate: f64) -> RampStep {
+        RampStep { p99_ms: rate / 100.0, refused: if rate > 400.0 { 10 } else { 0 }, ..RampStep::default() }
+    }
+
+    #[tokio::test]
+    async fn the_ramp_goes_beyond_its_first_failed_step_by_ramp_beyond() {
+        let common = Common { ramp_factor: 2.0, ramp_p99_ms: 50.0, ramp_beyond: 2, ..Common::default() };
+        let steps = ramp_steps(100.0, 3.0, &common, async |rate| shedding_broker(rate)).await;
+        let rates: Vec<f64> = steps.iter().map(|s| s.offered_rate).collect();
+        // 100, 200, 400 kept up; 800 is refused (its p99 of 8 ms is within the bound);
+        // two steps more.
+        assert_eq!(rates, [100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0]);
+        let ok: Vec<bool> = steps.iter().map(|s| s.ok).collect();
+        assert_eq!(ok, [true, true, true, false, false, false]);
+        assert!(steps.iter().all(|s| s.offered_deliveries_per_s == s.offered_rate * 3.0));
+    }
+
+    #[tokio::test]
+    async fn without_beyond_the_ramp_stops_at_its_first_failed_step() {
+        let common = Common { ramp_factor: 2.0, ramp_p99_ms: 3.0, ramp_beyond: 0, ..Common::default() };
+        let steps = ramp_steps(100.0, 1.0, &common, async |rate| shedding_broker(rate)).await;
+        let rates: Vec<f64> = steps.iter().map(|s| s.offered_rate).collect();
+        // 400 msg/s has a p99 of 4 ms, over the 3 ms bound.
+        assert_eq!(rates, [100.0, 200.0, 400.0]);
+        assert!(!steps[2].ok);
+    }
+
+    #[tokio::test]
+    async fn a_ramp_that_never_fails_stops_at_its_step_limit() {
+        let common = Common { ramp_factor: 1.01, ramp_p99_ms: f64::MAX, ..Common::default() };
+        let steps = ramp_steps(1.0, 1.0, &common, async |_| RampStep::default()).await;
+        assert_eq!(steps.len(), RAMP_MAX_STEPS);
+    }
+}
