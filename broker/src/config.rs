@@ -65,6 +65,15 @@ pub struct Config {
     /// Conversation actors alive at once; a request that would start another is
     /// answered `OVERLOADED` (default `MAX_LIVE_CONVERSATIONS`).
     pub max_live_conversations: usize,
+    /// Message writes (`Send`, `SendFiles`, `Edit`, `Delete`) admitted and not yet
+    /// answered, over all connections; one more is answered `OVERLOADED` at once
+    /// (`overload.rs`; default `limits::MAX_SENDS_IN_FLIGHT`).
+    pub max_sends_in_flight: usize,
+    /// When every message write answered during 100 ms waited longer than this from
+    /// admission to its answer (a standing queue: the broker is short of CPU or disk),
+    /// new ones are answered `OVERLOADED` until one is answered within it again, ms.
+    /// 0 turns this rule off (`max_sends_in_flight` still applies).
+    pub send_delay_target_ms: u64,
     /// UDP sockets sharing the listen port (SO_REUSEPORT), each with its own QUIC
     /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC
     /// connection migration (see `tls::bind_udp`).
@@ -130,6 +139,8 @@ impl Default for Config {
             outbound_max_bytes: crate::limits::OUTBOUND_MAX_BYTES,
             conversation_mailbox_max: crate::limits::CONVERSATION_MAILBOX_MAX,
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
+            max_sends_in_flight: crate::limits::MAX_SENDS_IN_FLIGHT,
+            send_delay_target_ms: crate::limits::SEND_DELAY_TARGET_MS,
             udp_sockets: 1,
             max_file_bytes: 100 * 1024 * 1024,
             quota_bytes: 1024 * 1024 * 1024,

@@ -12,6 +12,7 @@ pub mod fanout;
 pub mod files;
 pub mod limits;
 pub mod outbound;
+pub mod overload;
 pub mod presence;
 pub mod reply;
 pub mod tls;
@@ -99,6 +100,8 @@ pub struct Shared {
     pub next_session_id: AtomicU64,
     /// Connection places: unauthenticated and authenticated, counted apart.
     pub(crate) admission: connection::Admission,
+    /// Message writes admitted and unanswered; `OVERLOADED` past saturation.
+    pub sends: Arc<overload::SendAdmission>,
     /// Set once durability is lost.
     pub health: Arc<Health>,
 }
@@ -177,6 +180,7 @@ impl Broker {
         store.on_failure(Box::new(move |e| hook_health.fail(e)));
         let auth = auth::Auth::new(store.clone(), &config)?;
         let admission = connection::Admission::new(&config);
+        let sends = overload::SendAdmission::new(&config);
         let presence = presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms);
         let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms);
         let shared = Arc::new(Shared {
@@ -191,6 +195,7 @@ impl Broker {
             files,
             next_session_id: AtomicU64::new(1),
             admission,
+            sends,
             health,
         });
         let mut accept: Vec<tokio::task::JoinHandle<()>> =

@@ -10,6 +10,15 @@ pub const OUTBOUND_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Messages waiting in one conversation actor's mailbox. Senders beyond this get
 /// `OVERLOADED` instead of growing the mailbox (ractor mailboxes are unbounded).
 pub const CONVERSATION_MAILBOX_MAX: usize = 16 * 1024;
+/// Message writes admitted and not yet answered, over all connections (default of
+/// `Config::max_sends_in_flight`): at most ~4 KiB of text each, so ~16 MiB held. A
+/// broker acknowledging 10,000 writes/s at a few ms each has tens in flight; thousands
+/// means seconds of queue, and one more is refused with `OVERLOADED`.
+pub const MAX_SENDS_IN_FLIGHT: usize = 4096;
+/// Default of `Config::send_delay_target_ms`: a group commit takes 0.5-5 ms on a quiet
+/// disk, so writes that all wait longer than this for a whole 100 ms are queueing
+/// behind a broker that cannot keep up, not waiting for the disk now and then.
+pub const SEND_DELAY_TARGET_MS: u64 = 20;
 /// Conversation actors alive at once (~7 KB each plus state: ~2 GB at the cap). Idle
 /// ones retire after `conversation_idle_ms`; at the cap, a request that would start
 /// another gets `OVERLOADED` rather than growing memory without bound.

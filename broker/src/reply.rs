@@ -10,6 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 pub use crate::error::internal;
 use crate::outbound::Outbound;
+use crate::overload::SendTicket;
 
 /// Sends exactly one response for one request.
 pub struct Responder {
@@ -17,11 +18,19 @@ pub struct Responder {
     /// `None` once answered.
     out: Option<Arc<Outbound>>,
     _permit: OwnedSemaphorePermit,
+    /// An admitted message write's place (`overload.rs`), freed with the answer.
+    ticket: Option<SendTicket>,
 }
 
 impl Responder {
     pub(crate) fn new(id: u32, out: Arc<Outbound>, permit: OwnedSemaphorePermit) -> Self {
-        Responder { id, out: Some(out), _permit: permit }
+        Responder { id, out: Some(out), _permit: permit, ticket: None }
+    }
+
+    /// Holds `ticket` until the answer is queued (or this responder is dropped).
+    pub(crate) fn admitted(mut self, ticket: SendTicket) -> Self {
+        self.ticket = Some(ticket);
+        self
     }
 
     /// Queues the response and releases the in-flight slot.
@@ -36,6 +45,8 @@ impl Responder {
 
     fn answer(&mut self, result: Result<Reply, ErrorBody>) {
         let Some(out) = self.out.take() else { return };
+        // Answered: the write no longer waits, whatever the answer.
+        drop(self.ticket.take());
         let frame = encode_frame(&ServerFrame::Response { id: self.id, result }).or_else(|e| {
             tracing::error!(error = %e, "response did not encode");
             let err = Err(ErrorBody::new(ErrorCode::INTERNAL, "response did not encode"));

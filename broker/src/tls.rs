@@ -178,9 +178,21 @@ pub fn bind_udp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocke
     for _ in 0..count.max(1) {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
             .map_err(Error::io("opening a UDP socket"))?;
-        // Best effort: the kernel clamps to rmem_max/wmem_max.
+        // Best effort: the kernel clamps to rmem_max/wmem_max. A small receive buffer
+        // is what overflows first when the broker falls behind (datagrams dropped, each
+        // a QUIC retransmission timeout later), so say so. Linux reports twice what was
+        // granted (it counts its bookkeeping).
         let _ = socket.set_recv_buffer_size(BUFFER_BYTES);
         let _ = socket.set_send_buffer_size(BUFFER_BYTES);
+        let granted = (socket.recv_buffer_size().unwrap_or(0), socket.send_buffer_size().unwrap_or(0));
+        if granted.0 < BUFFER_BYTES || granted.1 < BUFFER_BYTES {
+            tracing::warn!(
+                receive_bytes = granted.0,
+                send_bytes = granted.1,
+                wanted_bytes = BUFFER_BYTES,
+                "the kernel granted smaller UDP buffers than asked: raise net.core.rmem_max and net.core.wmem_max"
+            );
+        }
         if count > 1 {
             socket.set_reuse_port(true).map_err(Error::io("setting SO_REUSEPORT"))?;
         }

@@ -53,6 +53,12 @@ pub struct SessionConfig {
     /// Catch-up pages outstanding at once (4), so responses never crowd the broker's
     /// per-device queue.
     pub max_fetching: usize,
+    /// Times a request the broker refused with `OVERLOADED` (it is shedding load) is sent
+    /// again before the refusal reaches the caller (6), each after a reconnect-like
+    /// backoff (`backoff_min_ms` doubling up to `backoff_max_ms`, with jitter: about 6 s
+    /// in all with the defaults). Only requests that are safe to repeat are sent again;
+    /// a write carries the same client id, so it still takes effect once.
+    pub overload_retries: u32,
 }
 
 impl Default for SessionConfig {
@@ -67,6 +73,7 @@ impl Default for SessionConfig {
             event_queue: 4096,
             max_pending: 256,
             max_fetching: 4,
+            overload_retries: 6,
         }
     }
 }
@@ -161,8 +168,10 @@ impl SessionError {
 /// (`duplicate` is then `true` if the first attempt had landed), and reads and
 /// watermark updates are idempotent. Creating a group, adding or removing members,
 /// leaving and revoking a device are not sent again: they fail with
-/// `SessionError::Interrupted`. At most `max_pending` requests wait; beyond that a
-/// request fails with `SessionError::Busy`.
+/// `SessionError::Interrupted`. A request the broker refuses with `OVERLOADED` (past
+/// saturation it sheds writes rather than queue them) is sent again after a backoff
+/// when it is safe to repeat, up to `overload_retries` times. At most `max_pending`
+/// requests wait; beyond that a request fails with `SessionError::Busy`.
 ///
 /// ```no_run
 /// # async fn demo(connector: switchboard_client::Connector, identity: switchboard_client::Identity) -> Result<(), Box<dyn std::error::Error>> {
@@ -424,6 +433,27 @@ pub fn retry_safe(body: &RequestBody) -> bool {
     }
 }
 
+/// Sends `body` and, while the broker answers `OVERLOADED`, sends it again after each
+/// of `backoff`'s delays, at most `retries` times; then the last answer stands. The
+/// body is the same each time, so a write's client id makes it take effect once.
+async fn request_past_overload(
+    client: &Client,
+    body: RequestBody,
+    retries: u32,
+    mut backoff: Backoff,
+) -> Result<Reply, ClientError> {
+    let mut left = retries;
+    loop {
+        match client.request(body.clone()).await {
+            Err(ClientError::Server(e)) if e.code == ErrorCode::OVERLOADED && left > 0 => {
+                left -= 1;
+                tokio::time::sleep(Duration::from_millis(backoff.next_ms(random_u64()))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Failures after which reconnecting cannot help.
 pub fn permanent(error: &ClientError) -> bool {
     matches!(error.code(), Some(ErrorCode::DEVICE_REVOKED | ErrorCode::AUTH_FAILED | ErrorCode::UNSUPPORTED_VERSION))
@@ -609,8 +639,10 @@ impl Task {
         p.sent_on = Some(live.generation);
         let (client, generation, body, done) =
             (live.client.clone(), live.generation, p.body.clone(), self.done_tx.clone());
+        let retries = if retry_safe(&body) { self.config.overload_retries } else { 0 };
+        let backoff = Backoff::new(self.config.backoff_min_ms, self.config.backoff_max_ms);
         tokio::spawn(async move {
-            let result = client.request(body).await;
+            let result = request_past_overload(&client, body, retries, backoff).await;
             let _ = done.send(Done::Request { token, generation, result }).await;
         });
     }

@@ -56,6 +56,18 @@ pub struct Common {
     /// Rate multiplier between ramp steps.
     #[arg(long, default_value_t = 1.25, global = true)]
     pub ramp_factor: f64,
+    /// Steps the ramp keeps raising the rate after its first failed step, to show what
+    /// happens past saturation (refusals, latency, drops); the result is still the
+    /// fastest step that kept up.
+    #[arg(long, default_value_t = 2, global = true)]
+    pub ramp_beyond: usize,
+    /// The embedded broker's `max_sends_in_flight` (default: the broker's).
+    #[arg(long, global = true)]
+    pub broker_max_sends_in_flight: Option<usize>,
+    /// The embedded broker's `send_delay_target_ms`; 0 turns the delay rule of its
+    /// admission off (default: the broker's).
+    #[arg(long, global = true)]
+    pub broker_send_delay_target_ms: Option<u64>,
     /// Use a running broker at this address instead of starting one.
     #[arg(long, requires = "trust", global = true)]
     pub target: Option<SocketAddr>,
@@ -99,7 +111,8 @@ impl Common {
     /// An upper bound on the run's length in seconds (for per-second buffers).
     pub fn max_seconds(&self) -> usize {
         // Per step: the step, up to 1.2 s to start on a whole second, up to 5 s of drain.
-        let ramp = if self.ramp { 40 * (self.ramp_step.as_secs() as usize + 7) + 60 } else { 0 };
+        let steps = run::RAMP_MAX_STEPS + self.ramp_beyond;
+        let ramp = if self.ramp { steps * (self.ramp_step.as_secs() as usize + 7) + 60 } else { 0 };
         self.duration.as_secs() as usize + ramp + 120
     }
 
@@ -113,11 +126,12 @@ impl Common {
             };
             return Ok(target::Target::remote(addr, trust, self.broker_pid));
         }
-        if self.in_process {
-            target::Target::in_process(self.broker_udp_sockets).await
-        } else {
-            target::Target::child(self.broker_udp_sockets).await
-        }
+        let knobs = target::BrokerKnobs {
+            udp_sockets: self.broker_udp_sockets,
+            max_sends_in_flight: self.broker_max_sends_in_flight,
+            send_delay_target_ms: self.broker_send_delay_target_ms,
+        };
+        if self.in_process { target::Target::in_process(knobs).await } else { target::Target::child(knobs).await }
     }
 }
 

@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 
 use switchboard_client::{ClientError, Connector, Identity, RawSession};
 use switchboard_protocol::{
-    Body, ClientFrame, ConvId, Event, FrameDecoder, Reply, Request, RequestBody, ServerFrame, decode, encode_frame,
+    Body, ClientFrame, ConvId, ErrorCode, Event, FrameDecoder, Reply, Request, RequestBody, ServerFrame, decode,
+    encode_frame,
 };
 use tokio::sync::watch;
 
@@ -311,6 +312,12 @@ async fn read_loop(
                         acks.push(now.saturating_sub(plan.sched_ns(i)) / 1000);
                         out.acked.push(Acked { conv: plan.conv(i), seq, sender: index });
                     }
+                }
+                // Past saturation the broker sheds sends with `OVERLOADED`: counted as
+                // refused (the report's figure for shed load), not as a failure; the
+                // harness does not retry them, so the offered load stays the schedule's.
+                Ok(ServerFrame::Response { result: Err(e), .. }) if e.code == ErrorCode::OVERLOADED => {
+                    stats.refused_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(ServerFrame::Response { result: Err(e), .. }) => {
                     tracing::warn!(error = %e, "request failed");

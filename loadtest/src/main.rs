@@ -38,10 +38,10 @@ enum Scenario {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(target::CHILD_COMMAND) {
-        let dir =
-            args.get(2).ok_or_else(|| anyhow::anyhow!("usage: {} DATA_DIR [UDP_SOCKETS]", target::CHILD_COMMAND))?;
-        let sockets = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1);
-        return Ok(target::run_child(dir.into(), sockets)?);
+        let usage = "DATA_DIR [UDP_SOCKETS MAX_SENDS_IN_FLIGHT SEND_DELAY_TARGET_MS]";
+        let dir = args.get(2).ok_or_else(|| anyhow::anyhow!("usage: {} {usage}", target::CHILD_COMMAND))?;
+        let knobs = target::BrokerKnobs::parse(args.get(3..).unwrap_or_default());
+        return Ok(target::run_child(dir.into(), knobs)?);
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))

@@ -345,7 +345,14 @@ pub async fn fanout(f: &Fanout, common: &Common) -> Result<Report> {
             let window = load.phase(rate, common.ramp_step, common.size).await;
             load.drain(Duration::from_secs(5)).await;
             let (p, delivered_per_s) = load.window(window);
-            (p, delivered_per_s, load.errors() == errors_before)
+            // NATS core refuses nothing and acknowledges nothing: no refusals, no acks.
+            crate::report::RampStep {
+                delivered_per_s,
+                p50_ms: p.p50_ms,
+                p99_ms: p.p99_ms,
+                errors: load.errors() - errors_before,
+                ..crate::report::RampStep::default()
+            }
         })
         .await
     } else {

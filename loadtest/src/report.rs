@@ -122,7 +122,7 @@ impl Serialize for Costs {
 }
 
 /// One step of a `--ramp` run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct RampStep {
     /// Offered send rate, messages/s.
     pub offered_rate: f64,
@@ -130,9 +130,24 @@ pub struct RampStep {
     pub offered_deliveries_per_s: f64,
     /// Achieved deliveries/s.
     pub delivered_per_s: f64,
+    /// Achieved acknowledged (durable) messages/s: the offered rate less what was
+    /// refused or failed.
+    pub acked_per_s: f64,
+    /// Median delivery latency of the step (admitted messages only).
+    pub p50_ms: f64,
     /// p99 latency of the step.
     pub p99_ms: f64,
-    /// The step met the bound with no errors or loss.
+    /// Sends of the step refused with `OVERLOADED` (shed load).
+    pub refused: u64,
+    /// Requests of the step that failed otherwise.
+    pub errors: u64,
+    /// Datagrams the kernel dropped for a full UDP receive buffer during the step (all
+    /// sockets of the machine: `RcvbufErrors` of /proc/net/snmp); `None` if unreadable.
+    pub udp_drops: Option<u64>,
+    /// The broker's CPU and context switches per acknowledged message over the step
+    /// and its drain; `None` where the broker is not measured.
+    pub broker_cost: Option<Cost>,
+    /// The step met the bound with no errors, refusals or loss.
     pub ok: bool,
 }
 
@@ -162,8 +177,10 @@ pub struct Report {
     pub sent: u64,
     /// Messages the broker acknowledged (durable).
     pub acked: u64,
-    /// Requests that failed with an error.
+    /// Requests that failed with an error (`OVERLOADED` refusals are apart).
     pub errors: u64,
+    /// Sends the broker refused with `OVERLOADED` (past saturation: shed load).
+    pub refused: u64,
     /// Deliveries received.
     pub delivered: u64,
     /// Acknowledged messages some member never received.
@@ -236,7 +253,11 @@ impl Report {
         }
         let _ = writeln!(s, "duration      {:.1} s", self.duration_s);
         if self.sent > 0 || self.delivered > 0 {
-            let _ = writeln!(s, "sent          {}   acked {}   errors {}", self.sent, self.acked, self.errors);
+            let _ = writeln!(
+                s,
+                "sent          {}   acked {}   refused (OVERLOADED) {}   errors {}",
+                self.sent, self.acked, self.refused, self.errors
+            );
             let _ = writeln!(
                 s,
                 "delivered     {}   lost {}   duplicated {}   out of order {}",
@@ -308,14 +329,7 @@ impl Report {
             );
         }
         if !self.ramp.is_empty() {
-            let _ = writeln!(s, "ramp          offered msgs/s  offered deliveries/s  delivered/s   p99 ms   ok");
-            for r in &self.ramp {
-                let _ = writeln!(
-                    s,
-                    "              {:>14.0}  {:>20.0}  {:>11.0}  {:>7.2}   {}",
-                    r.offered_rate, r.offered_deliveries_per_s, r.delivered_per_s, r.p99_ms, r.ok
-                );
-            }
+            s.push_str(&ramp_table(&self.ramp));
         }
         for c in &self.checks {
             let _ = writeln!(s, "[{}] {} ({})", if c.ok { "pass" } else { "FAIL" }, c.name, c.detail);
@@ -364,6 +378,36 @@ impl Report {
         }
         s
     }
+}
+
+/// The ramp's steps, one line each: offered against achieved, latency of what was
+/// admitted, what was shed, the kernel's drops and the broker's cost per message.
+fn ramp_table(ramp: &[RampStep]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "ramp     offered msg/s   acked msg/s    refused  offered deliv/s  delivered/s   p50 ms   p99 ms  udp drops  broker µs/ack  ctx sw/ack  ok"
+    );
+    let opt = |v: Option<f64>, decimals: usize| v.map_or("-".to_owned(), |v| format!("{v:.decimals$}"));
+    for r in ramp {
+        let cost = r.broker_cost.as_ref();
+        let _ = writeln!(
+            s,
+            "         {:>13.0}  {:>12.0}  {:>9}  {:>15.0}  {:>11.0}  {:>7.2}  {:>7.2}  {:>9}  {:>13}  {:>10}  {}",
+            r.offered_rate,
+            r.acked_per_s,
+            r.refused,
+            r.offered_deliveries_per_s,
+            r.delivered_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.udp_drops.map_or("-".to_owned(), |d| d.to_string()),
+            opt(cost.map(|c| c.cpu_us_per_ack), 1),
+            opt(cost.map(|c| c.ctx_switches_per_ack), 2),
+            if r.ok { "yes" } else { "no" },
+        );
+    }
+    s
 }
 
 /// One process's cost per message, for the table.

@@ -174,8 +174,7 @@ impl MessageLoad {
             // Ask readers to hand over what they buffered, then look at the totals.
             self.stop.send_modify(|v| *v = (*v + 1) % crate::load::STOP);
             tokio::time::sleep(Duration::from_millis(250)).await;
-            let acked =
-                self.stats.acked_total.load(Ordering::Relaxed) + self.stats.errors_total.load(Ordering::Relaxed);
+            let acked = self.stats.answered_total();
             let delivered = self.stats.delivered_total.load(Ordering::Relaxed);
             if acked >= self.stats.sent_total.load(Ordering::Relaxed) && delivered == last {
                 return;
@@ -196,15 +195,38 @@ impl MessageLoad {
     }
 
     /// Runs `--ramp`: raises the rate by `common.ramp_factor` per step until p99 passes
-    /// the bound or errors appear. Returns the steps.
+    /// the bound or sends are refused or fail, then `common.ramp_beyond` steps more.
+    /// Returns the steps, each with what was offered and achieved, refused and dropped,
+    /// and what the broker spent per message.
     pub async fn ramp(&mut self, senders: &[(usize, Vec<ConvId>)], start_rate: f64, common: &Common) -> Vec<RampStep> {
-        let per_message = self.deliveries_per_message(senders);
-        ramp_steps(start_rate, per_message, common, async |rate| {
-            let errors_before = self.errors();
+        let recipients = self.deliveries_per_message(senders);
+        ramp_steps(start_rate, recipients, common, async |rate| {
+            let count = |stats: &Stats| {
+                let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                (load(&stats.acked_total), load(&stats.errors_total), load(&stats.refused_total))
+            };
+            let before = count(&self.stats);
+            let drops_before = crate::resources::udp_receive_drops();
+            let usage_before = self.broker_pid.as_deref().and_then(Usage::read);
+            let delivered_before = self.stats.delivered_total.load(Ordering::Relaxed);
             let window = self.phase(senders, rate, common.ramp_step, common.size).await;
             self.drain(Duration::from_secs(5)).await;
             let (p, delivered_per_s) = self.window(window);
-            (p, delivered_per_s, self.errors() == errors_before)
+            let after = count(&self.stats);
+            let acked = after.0 - before.0;
+            let delivered = self.stats.delivered_total.load(Ordering::Relaxed) - delivered_before;
+            let usage_after = self.broker_pid.as_deref().and_then(Usage::read);
+            RampStep {
+                delivered_per_s,
+                acked_per_s: acked as f64 / common.ramp_step.as_secs_f64(),
+                p50_ms: p.p50_ms,
+                p99_ms: p.p99_ms,
+                errors: after.1 - before.1,
+                refused: after.2 - before.2,
+                udp_drops: drops_before.zip(crate::resources::udp_receive_drops()).map(|(a, b)| b.saturating_sub(a)),
+                broker_cost: usage_before.zip(usage_after).and_then(|(a, b)| per_message(&a, &b, acked, delivered)),
+                ..RampStep::default()
+            }
         })
         .await
     }
@@ -267,6 +289,7 @@ impl MessageLoad {
             sent,
             acked: acked.len() as u64,
             errors: self.stats.errors_total.load(Ordering::Relaxed),
+            refused: self.stats.refused_total.load(Ordering::Relaxed),
             delivered: v.delivered,
             lost: v.lost,
             duplicated: v.duplicated,
@@ -285,9 +308,9 @@ impl MessageLoad {
             report.extra.insert("udp_receive_buffer_drops".into(), end.saturating_sub(start) as f64);
         }
         report.check(
-            "every sent message acknowledged",
-            report.acked + report.errors >= sent,
-            format!("{} of {sent}", report.acked),
+            "every sent message answered (acknowledged, or refused with OVERLOADED)",
+            report.acked + report.errors + report.refused >= sent,
+            format!("{} acknowledged and {} refused of {sent}", report.acked, report.refused),
         );
         Ok(report)
     }
@@ -317,31 +340,37 @@ pub fn timeline(stats: &Stats, broker: &[Sample], harness: &[Sample]) -> Vec<Int
         .collect()
 }
 
+/// Most steps of a ramp before its first failed step.
+pub const RAMP_MAX_STEPS: usize = 40;
+
 /// The ramp of `--ramp`, for any load: `step(rate)` runs one step of
-/// `common.ramp_step` at `rate` messages/s, drains it and returns its delivery latency,
-/// its deliveries/s and whether it ran without errors. The rate grows by
-/// `common.ramp_factor` per step until p99 passes `common.ramp_p99_ms` or a step has
-/// errors (at most 40 steps). `per_message` is the deliveries one message makes.
+/// `common.ramp_step` at `rate` messages/s, drains it and returns what it measured
+/// (the offered figures and `ok` are filled in here). The rate grows by
+/// `common.ramp_factor` per step until a step fails (p99 over `common.ramp_p99_ms`, or
+/// a send refused or failed; at most `RAMP_MAX_STEPS`), then for `common.ramp_beyond`
+/// steps more, to show what happens past saturation. `per_message` is the deliveries
+/// one message makes.
 pub async fn ramp_steps(
     start_rate: f64,
     per_message: f64,
     common: &Common,
-    mut step: impl AsyncFnMut(f64) -> (Percentiles, f64, bool),
+    mut step: impl AsyncFnMut(f64) -> RampStep,
 ) -> Vec<RampStep> {
     let mut steps = Vec::new();
     let mut rate = start_rate;
-    for _ in 0..40 {
-        let (p, delivered_per_s, no_errors) = step(rate).await;
-        let ok = p.p99_ms <= common.ramp_p99_ms && no_errors;
-        steps.push(RampStep {
-            offered_rate: rate,
-            offered_deliveries_per_s: rate * per_message,
-            delivered_per_s,
-            p99_ms: p.p99_ms,
-            ok,
-        });
-        if !ok {
-            break;
+    let mut beyond = None;
+    for _ in 0..RAMP_MAX_STEPS + common.ramp_beyond {
+        let measured = step(rate).await;
+        let ok = measured.p99_ms <= common.ramp_p99_ms && measured.errors == 0 && measured.refused == 0;
+        steps.push(RampStep { offered_rate: rate, offered_deliveries_per_s: rate * per_message, ok, ..measured });
+        if !ok && beyond.is_none() {
+            beyond = Some(common.ramp_beyond);
+        }
+        match &mut beyond {
+            Some(0) => break,
+            Some(left) => *left -= 1,
+            None if steps.len() >= RAMP_MAX_STEPS => break,
+            None => {}
         }
         rate *= common.ramp_factor;
     }
@@ -445,4 +474,45 @@ where
         report.delivery_checks();
     }
     Ok((report, side))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step at `rate` whose p99 grows with the rate and which refuses sends above 400
+    /// msg/s, as a broker shedding load would.
+    fn shedding_broker(rate: f64) -> RampStep {
+        RampStep { p99_ms: rate / 100.0, refused: if rate > 400.0 { 10 } else { 0 }, ..RampStep::default() }
+    }
+
+    #[tokio::test]
+    async fn the_ramp_goes_beyond_its_first_failed_step_by_ramp_beyond() {
+        let common = Common { ramp_factor: 2.0, ramp_p99_ms: 50.0, ramp_beyond: 2, ..Common::default() };
+        let steps = ramp_steps(100.0, 3.0, &common, async |rate| shedding_broker(rate)).await;
+        let rates: Vec<f64> = steps.iter().map(|s| s.offered_rate).collect();
+        // 100, 200, 400 kept up; 800 is refused (its p99 of 8 ms is within the bound);
+        // two steps more.
+        assert_eq!(rates, [100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0]);
+        let ok: Vec<bool> = steps.iter().map(|s| s.ok).collect();
+        assert_eq!(ok, [true, true, true, false, false, false]);
+        assert!(steps.iter().all(|s| s.offered_deliveries_per_s == s.offered_rate * 3.0));
+    }
+
+    #[tokio::test]
+    async fn without_beyond_the_ramp_stops_at_its_first_failed_step() {
+        let common = Common { ramp_factor: 2.0, ramp_p99_ms: 3.0, ramp_beyond: 0, ..Common::default() };
+        let steps = ramp_steps(100.0, 1.0, &common, async |rate| shedding_broker(rate)).await;
+        let rates: Vec<f64> = steps.iter().map(|s| s.offered_rate).collect();
+        // 400 msg/s has a p99 of 4 ms, over the 3 ms bound.
+        assert_eq!(rates, [100.0, 200.0, 400.0]);
+        assert!(!steps[2].ok);
+    }
+
+    #[tokio::test]
+    async fn a_ramp_that_never_fails_stops_at_its_step_limit() {
+        let common = Common { ramp_factor: 1.01, ramp_p99_ms: f64::MAX, ..Common::default() };
+        let steps = ramp_steps(1.0, 1.0, &common, async |_| RampStep::default()).await;
+        assert_eq!(steps.len(), RAMP_MAX_STEPS);
+    }
 }

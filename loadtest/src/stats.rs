@@ -62,8 +62,10 @@ pub struct Stats {
     pub delivered_total: AtomicU64,
     /// Acknowledgements so far.
     pub acked_total: AtomicU64,
-    /// Failed requests so far.
+    /// Failed requests so far (`OVERLOADED` refusals are counted apart).
     pub errors_total: AtomicU64,
+    /// Sends the broker refused with `OVERLOADED` so far: shed load, not failures.
+    pub refused_total: AtomicU64,
 }
 
 struct Inner {
@@ -84,6 +86,7 @@ impl Stats {
             delivered_total: AtomicU64::new(0),
             acked_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
+            refused_total: AtomicU64::new(0),
         }
     }
 
@@ -156,6 +159,13 @@ impl Stats {
             n += s.delivered;
         }
         (h, n)
+    }
+
+    /// Requests answered so far: acknowledged, failed or refused.
+    pub fn answered_total(&self) -> u64 {
+        self.acked_total.load(Ordering::Relaxed)
+            + self.errors_total.load(Ordering::Relaxed)
+            + self.refused_total.load(Ordering::Relaxed)
     }
 
     /// Seconds with any data.

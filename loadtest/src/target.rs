@@ -44,15 +44,60 @@ pub fn embedded_config(data_dir: PathBuf, udp_sockets: usize) -> Config {
     config
 }
 
+/// Settings of a broker the harness starts, beyond `embedded_config`'s.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BrokerKnobs {
+    /// Its `udp_sockets`.
+    pub udp_sockets: usize,
+    /// Its `max_sends_in_flight`; `None` keeps the broker's default.
+    pub max_sends_in_flight: Option<usize>,
+    /// Its `send_delay_target_ms`; `None` keeps the broker's default.
+    pub send_delay_target_ms: Option<u64>,
+}
+
+impl BrokerKnobs {
+    /// The configuration of a broker with its data in `data_dir`.
+    pub fn config(&self, data_dir: PathBuf) -> Config {
+        let mut config = embedded_config(data_dir, self.udp_sockets);
+        if let Some(max) = self.max_sends_in_flight {
+            config.max_sends_in_flight = max;
+        }
+        if let Some(ms) = self.send_delay_target_ms {
+            config.send_delay_target_ms = ms;
+        }
+        config
+    }
+
+    /// As arguments of the child command (after the data dir); `-` keeps a default.
+    fn args(&self) -> [String; 3] {
+        let or_default = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        [
+            self.udp_sockets.to_string(),
+            or_default(self.max_sends_in_flight.map(|v| v.to_string())),
+            or_default(self.send_delay_target_ms.map(|v| v.to_string())),
+        ]
+    }
+
+    /// The child command's arguments after the data dir, as `args` wrote them.
+    pub fn parse(args: &[String]) -> BrokerKnobs {
+        let get = |i: usize| args.get(i).and_then(|v| v.parse().ok());
+        BrokerKnobs {
+            udp_sockets: get(0).unwrap_or(1),
+            max_sends_in_flight: get(1),
+            send_delay_target_ms: args.get(2).and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
 impl Target {
     /// Starts `current_exe() __broker` with a temp data dir and waits for its address.
-    pub async fn child(udp_sockets: usize) -> Result<Target> {
+    pub async fn child(knobs: BrokerKnobs) -> Result<Target> {
         let dir = tempfile::tempdir().map_err(Error::io("creating the broker's temp dir"))?;
         let exe = std::env::current_exe().map_err(Error::io("finding the harness executable"))?;
         let mut child = tokio::process::Command::new(exe)
             .arg(CHILD_COMMAND)
             .arg(dir.path().join("data"))
-            .arg(udp_sockets.to_string())
+            .args(knobs.args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -87,9 +132,9 @@ impl Target {
     }
 
     /// Starts a broker inside this process (for tests; CPU is then shared with the harness).
-    pub async fn in_process(udp_sockets: usize) -> Result<Target> {
+    pub async fn in_process(knobs: BrokerKnobs) -> Result<Target> {
         let dir = tempfile::tempdir().map_err(Error::io("creating the broker's temp dir"))?;
-        let broker = Broker::start(embedded_config(dir.path().join("data"), udp_sockets)).await?;
+        let broker = Broker::start(knobs.config(dir.path().join("data"))).await?;
         Ok(Target {
             addr: broker.local_addr,
             trust: Trust::CaFile(broker.cert_path.clone()),
@@ -164,8 +209,9 @@ impl Target {
     }
 }
 
-/// Body of the hidden `__broker DATA_DIR UDP_SOCKETS` subcommand: run until stdin closes.
-pub fn run_child(data_dir: PathBuf, udp_sockets: usize) -> Result<()> {
+/// Body of the hidden `__broker DATA_DIR UDP_SOCKETS MAX_SENDS_IN_FLIGHT
+/// SEND_DELAY_TARGET_MS` subcommand (`-`: the default): run until stdin closes.
+pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -176,7 +222,7 @@ pub fn run_child(data_dir: PathBuf, udp_sockets: usize) -> Result<()> {
         .build()
         .map_err(Error::io("starting the broker runtime"))?;
     runtime.block_on(async move {
-        let broker = Broker::start(embedded_config(data_dir, udp_sockets)).await?;
+        let broker = Broker::start(knobs.config(data_dir)).await?;
         println!("addr={}", broker.local_addr);
         println!("cert={}", broker.cert_path.display());
         // Whatever arrives is discarded through a fixed buffer; end of input stops.

@@ -127,6 +127,7 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
             ramp_factor: 4.0,
             // Generous: met at 20 msg/s even on a loaded machine, missed once the rate is absurd.
             ramp_p99_ms: 200.0,
+            ramp_beyond: 0,
             ..small()
         };
         let report = scenario::fanout::run(&common, &args).await.unwrap();
@@ -150,6 +151,46 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
         let best = kept_up.last().unwrap();
         assert_eq!(report.extra["ramp_max_sustained_rate_msgs_per_s"], best.offered_rate, "{table}");
         assert_eq!(report.extra["ramp_max_sustained_deliveries_per_s"], best.delivered_per_s, "{table}");
+    })
+    .await
+}
+
+/// `direct --ramp` against a broker that admits at most 2 writes in flight: the ramp
+/// goes past its first failed step (`ramp_beyond`), and past saturation the broker
+/// refuses sends with `OVERLOADED` (counted as refused, not errors) while everything
+/// it acknowledged is delivered, once and in order; each step reports offered against
+/// achieved and what it shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_ramp_past_saturation_sheds_with_overloaded() {
+    bounded(async {
+        let args = scenario::direct::Args { users: 20, rate: 1.0 };
+        let common = Common {
+            ramp: true,
+            ramp_step: Duration::from_secs(1),
+            ramp_factor: 8.0,
+            ramp_p99_ms: 1000.0,
+            ramp_beyond: 1,
+            broker_max_sends_in_flight: Some(2),
+            ..small()
+        };
+        let report = scenario::direct::run(&common, &args).await.unwrap();
+        let table = report.table();
+        assert_passed(&report);
+        assert_eq!(report.lost + report.duplicated + report.out_of_order + report.errors, 0, "{table}");
+        let first_failed = report.ramp.iter().position(|s| !s.ok).expect("a step failed");
+        assert_eq!(report.ramp.len(), first_failed + 2, "one step beyond the first failed one: {table}");
+        assert!(report.refused > 0, "{table}");
+        assert_eq!(report.ramp.iter().map(|s| s.refused).sum::<u64>(), report.refused, "{table}");
+        for step in &report.ramp {
+            // Every send of a step is acknowledged or refused, and what was acknowledged
+            // was delivered to the one peer.
+            let offered = step.offered_rate * common.ramp_step.as_secs_f64();
+            let acked = step.acked_per_s * common.ramp_step.as_secs_f64();
+            assert_eq!(acked + step.refused as f64, offered, "{table}");
+            assert_eq!(step.delivered_per_s, step.acked_per_s, "{table}");
+            assert_eq!(step.ok, step.refused == 0 && step.p99_ms <= 1000.0, "{table}");
+        }
+        assert!(table.contains("refused (OVERLOADED)"), "{table}");
     })
     .await
 }

@@ -154,8 +154,23 @@ impl Session {
     /// about one conversation take effect in the order sent; catalog requests run on
     /// tasks, so a slow one never holds up the next request.
     async fn dispatch(&self, Request { id, body }: Request, permit: OwnedSemaphorePermit) {
-        let reply = Responder::new(id, self.out.clone(), permit);
+        let mut reply = Responder::new(id, self.out.clone(), permit);
         let (shared, caller) = (&self.shared, self.caller);
+        // Message writes pass the broker's admission first (`overload.rs`): past
+        // saturation they are refused at once, before any store or actor work. The
+        // refusal is the same for every conversation, so it tells a stranger nothing.
+        if matches!(
+            body,
+            RequestBody::Send { .. }
+                | RequestBody::SendFiles { .. }
+                | RequestBody::Edit { .. }
+                | RequestBody::Delete { .. }
+        ) {
+            match shared.sends.admit() {
+                Ok(ticket) => reply = reply.admitted(ticket),
+                Err(refused) => return reply.send(Err(refused)),
+            }
+        }
         let convs = &shared.convs;
         match body {
             RequestBody::Ping => reply.send(Ok(Reply::Pong { server_time_ms: crate::now_ms() })),

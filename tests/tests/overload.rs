@@ -1,0 +1,176 @@
+//! Overload degrades, it does not collapse (issue 10; PROTOCOL.md section 9,
+//! `OVERLOADED`): past the broker's bound of message writes in flight, new writes are
+//! refused at once and take no effect; everything acknowledged is stored and delivered;
+//! reads and other clients' connections carry on; capacity returns once the writes in
+//! flight are answered.
+//!
+//! Runs on `#[tokio::test]`'s single-threaded runtime: the session dispatches a
+//! pipelined burst before any conversation actor or commit runs, so "the first writes
+//! are still in flight" is a fact rather than a race (as in `bounds.rs`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use switchboard_client::{MemoryCursors, Session, SessionConfig};
+use switchboard_protocol::{Body, ErrorCode, Page, Reply, RequestBody};
+use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, next_entry, next_response, request_frame, within};
+
+const BOUND: usize = 3;
+
+#[tokio::test]
+async fn writes_past_the_bound_are_refused_at_once_and_nothing_acknowledged_is_lost() {
+    bounded(async {
+        // Only the in-flight bound: the delay rule is off, so the test does not depend
+        // on how fast this machine commits.
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = BOUND;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (carol, carol_id) = tb.register("carol").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        let quiet = carol.create_group("quiet", &[]).await.unwrap().id;
+        carol.send(quiet, "before").await.unwrap();
+        let mut bob_events = bob.events().unwrap();
+
+        // A burst of 20 sends in one write, and beside it another client's read and ping.
+        let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        let mut carol_raw = tb.connector().connect_raw(&carol_id).await.unwrap();
+        let client_id = |i: u32| [i as u8 + 1; 16];
+        let burst: Vec<Bytes> = (0..20u32)
+            .map(|i| request_frame(i, RequestBody::Send { conv, client_id: client_id(i), text: format!("m{i}") }))
+            .collect();
+        let bytes: Vec<u8> = burst.iter().flat_map(|f| f.iter().copied()).collect();
+        within(STEP_DEADLINE, "the burst", raw.send.write_all(&bytes)).await.unwrap();
+        let side: Vec<u8> = [
+            request_frame(1, RequestBody::History { conv: quiet, page: Page::Latest, limit: 10 }),
+            request_frame(2, RequestBody::Ping),
+        ]
+        .iter()
+        .flat_map(|f| f.iter().copied())
+        .collect();
+        within(STEP_DEADLINE, "carol's requests", carol_raw.send.write_all(&side)).await.unwrap();
+
+        let mut acked = BTreeMap::new();
+        let mut refused = Vec::new();
+        for _ in 0..burst.len() {
+            match next_response(&mut raw).await {
+                (i, Ok(Reply::Appended { seq, duplicate: false })) => {
+                    acked.insert(seq, i);
+                }
+                (i, Err(e)) if e.code == ErrorCode::OVERLOADED => refused.push(i),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(acked.len() >= BOUND, "up to the bound every write is admitted: {acked:?}");
+        assert!(!refused.is_empty(), "20 pipelined writes past a bound of {BOUND}: none refused");
+        assert_eq!(acked.len() + refused.len(), burst.len());
+
+        // Reads are never shed, and the other client was served all along.
+        for _ in 0..2 {
+            match next_response(&mut carol_raw).await {
+                (1, Ok(Reply::History { entries, .. })) => assert_eq!(entries.len(), 2, "creation and one message"),
+                (2, Ok(Reply::Pong { .. })) => {}
+                other => panic!("carol: {other:?}"),
+            }
+        }
+
+        // Everything acknowledged is stored, in order, and nothing refused took effect.
+        let (entries, _) = alice.history(conv, Page::After(0), 100).await.unwrap();
+        let texts: Vec<(u64, String)> = entries
+            .iter()
+            .filter_map(|e| match &e.body {
+                Body::Text { text, .. } => Some((e.seq, text.clone())),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<(u64, String)> = acked.iter().map(|(&seq, i)| (seq, format!("m{i}"))).collect();
+        assert_eq!(texts, expected);
+        // ... and delivered to the peer, each once, in seq order.
+        for (&seq, i) in &acked {
+            let mut entry = next_entry(&mut bob_events).await;
+            // The conversation's creation (seq 1) reaches bob first.
+            while !matches!(entry.body, Body::Text { .. }) {
+                entry = next_entry(&mut bob_events).await;
+            }
+            assert_eq!(entry.seq, seq);
+            assert!(matches!(&entry.body, Body::Text { text, .. } if *text == format!("m{i}")), "{entry:?}");
+        }
+
+        // Capacity is back: each refused write, sent again with its client id, is stored
+        // once (new), and an acknowledged one sent again is the same message.
+        for &i in &refused {
+            let (_, duplicate) = alice.send_with_id(conv, client_id(i), &format!("m{i}")).await.unwrap();
+            assert!(!duplicate, "refused write {i} had been applied");
+        }
+        let (&seq, &i) = acked.iter().next().unwrap();
+        assert_eq!(alice.send_with_id(conv, client_id(i), "again").await.unwrap(), (seq, true));
+        assert_eq!(tb.shared().sends.in_flight(), 0, "every admitted write was answered");
+        // The other client sends as before.
+        carol.send(quiet, "after").await.unwrap();
+    })
+    .await
+}
+
+/// The client library's `Session` rides out shedding: writes the broker refuses with
+/// `OVERLOADED` are sent again after a backoff with the same client id, so each is
+/// stored exactly once and the caller sees only its seq.
+#[tokio::test]
+async fn a_session_sends_refused_writes_again_and_each_is_stored_once() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = 1;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice, alice_id) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        let config =
+            SessionConfig { backoff_min_ms: 5, backoff_max_ms: 50, overload_retries: 50, ..Default::default() };
+        let (session, _events) =
+            Session::start(tb.connector(), alice_id, Arc::new(MemoryCursors::default()), config).unwrap();
+        let sends = (0..20).map(|i| {
+            let session = session.clone();
+            async move { session.send(conv, &format!("m{i}")).await }
+        });
+        let seqs: Vec<u64> = futures_join_all(sends).await.into_iter().map(Result::unwrap).collect();
+        assert!(tb.shared().sends.refused() > 0, "20 concurrent writes past a bound of 1: none refused");
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 20, "each write has a seq of its own: {seqs:?}");
+        let (entries, _) = alice.history(conv, Page::After(0), 100).await.unwrap();
+        let mut texts: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match &e.body {
+                Body::Text { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        texts.sort();
+        let mut expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+        expected.sort();
+        assert_eq!(texts, expected, "each write stored exactly once");
+    })
+    .await
+}
+
+/// Awaits every future (spawned on this runtime, so they run concurrently).
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
