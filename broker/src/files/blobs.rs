@@ -57,7 +57,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Bytes freed per cut when a file is deleted (`remove_paced`).
 const DELETE_PIECE: u64 = 4 * 1024 * 1024;
 /// Bytes per second the broker frees when it deletes files (see `remove_paced`).
-pub const DELETE_BYTES_PER_SEC: u64 = 128 * 1024 * 1024;
+pub const DELETE_BYTES_PER_SEC: u64 = 32 * 1024 * 1024;
 
 /// Deletes the file at `path` (none there is fine) at most `bytes_per_sec` at a time: cut
 /// from the end `DELETE_PIECE` at a time, each cut fdatasynced, then unlinked. Blocking.
@@ -66,9 +66,10 @@ pub const DELETE_BYTES_PER_SEC: u64 = 128 * 1024 * 1024;
 /// of docs/benchmarks.md), freeing blocks fast stalls every fdatasync on the disk, the
 /// group commit's included. Measured there beside a small fdatasync every 10 ms:
 /// unlinking a 100 MiB file at once stalled them 50-76 ms (chat p99 during uploads was
-/// 65-77 ms); 100 MiB freed in 4 MiB cuts over 0.7 s left p99 at 5 ms; 500 MiB freed
-/// in half a second, cut or not, stalled them 73-79 ms two seconds later. RocksDB
-/// deletes its files at a bounded rate for the same reason.
+/// 65-77 ms); 500 MiB (50 files of 10 MiB) freed in half a second, cut or not, stalled
+/// them 73-79 ms two seconds later; freed in 4 MiB cuts at 128 MiB/s one stall of 57 ms,
+/// at 64 MiB/s two of 43-47 ms, at 32 MiB/s none (max 6.5 ms). RocksDB deletes its
+/// files at a bounded rate for the same reason.
 pub fn remove_paced(path: &Path, bytes_per_sec: u64) -> io::Result<()> {
     let file = match OpenOptions::new().write(true).open(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -166,7 +167,7 @@ impl Blobs {
 
     /// Deletes the file at `path` (none there is fine): it is gone from `path` at once
     /// (moved into the trash, on the same file system) and its blocks are freed at
-    /// `DELETE_BYTES_PER_SEC` by the deleter thread.
+    /// `DELETE_BYTES_PER_SEC` by the deleter thread (the disk's free space catches up then).
     fn remove(&self, path: &Path) -> io::Result<()> {
         let n = self.deleter.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("{n:016x}-{}", path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default());
