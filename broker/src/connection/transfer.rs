@@ -326,6 +326,12 @@ async fn download(
         let piece = tokio::task::spawn_blocking(move || crate::files::blobs::Blobs::read(&f, at, len)).await;
         let bytes = match piece {
             Ok(Ok(b)) => Bytes::from(b),
+            // The file was deleted meanwhile (no message carries it any more) and the
+            // deleter is cutting its blob: the reader's access went with it.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let _ = send.reset(ErrorCode::NOT_FOUND.0.into());
+                return;
+            }
             _ => {
                 // The range was promised: a short stream tells the client it failed.
                 let _ = send.reset(ErrorCode::INTERNAL.0.into());

@@ -17,6 +17,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use switchboard_protocol::{Blake3, FileId};
 use switchboard_storage::{Durable, FileRecord, Store};
@@ -112,16 +114,22 @@ struct Deleter {
     wake: std::sync::mpsc::SyncSender<()>,
     /// Names files moved into the trash uniquely.
     next: std::sync::atomic::AtomicU64,
+    /// Bytes in the trash not yet freed: the disk's free space does not show them yet.
+    backlog: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Deleter {
     fn start(trash: PathBuf) -> io::Result<Deleter> {
+        // What a crash left counts from the start.
+        let left: u64 = std::fs::read_dir(&trash)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+        let backlog = Arc::new(std::sync::atomic::AtomicU64::new(left));
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let freed = backlog.clone();
         std::thread::Builder::new().name("sb-deleter".into()).spawn(move || {
             // What a crash left, then whatever comes, until the broker's files close.
             loop {
-                if let Err(e) = empty(&trash) {
-                    tracing::warn!(error = %e, dir = %trash.display(), "emptying the trash failed; retried at the next delete");
+                if let Err(e) = empty(&trash, &freed) {
+                    tracing::warn!(error = %e, dir = %trash.display(), "reading the trash failed; retried at the next delete");
                 }
                 if woken.recv().is_err() {
                     return;
@@ -129,16 +137,32 @@ impl Deleter {
             }
         })?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        Ok(Deleter { wake, next: std::sync::atomic::AtomicU64::new(nanos as u64) })
+        Ok(Deleter { wake, next: std::sync::atomic::AtomicU64::new(nanos as u64), backlog })
     }
 }
 
-/// Deletes every file in `trash`, paced.
-fn empty(trash: &Path) -> io::Result<()> {
+/// Deletes every file in `trash`, paced, taking each one's size off `backlog` once it is
+/// gone. A file that cannot be deleted is logged and skipped (tried again at the next
+/// wake-up), so it never holds up the others.
+fn empty(trash: &Path, backlog: &std::sync::atomic::AtomicU64) -> io::Result<()> {
+    let mut failed = std::collections::HashSet::new();
     loop {
         let mut any = false;
         for entry in std::fs::read_dir(trash)? {
-            remove_paced(&entry?.path(), DELETE_BYTES_PER_SEC)?;
+            let path = entry?.path();
+            if failed.contains(&path) {
+                continue;
+            }
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            match remove_paced(&path, DELETE_BYTES_PER_SEC) {
+                Ok(()) => {
+                    let _ = backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %path.display(), "a file in the trash could not be deleted");
+                    failed.insert(path);
+                }
+            }
             any = true;
         }
         if !any {
@@ -169,14 +193,31 @@ impl Blobs {
     /// (moved into the trash, on the same file system) and its blocks are freed at
     /// `DELETE_BYTES_PER_SEC` by the deleter thread (the disk's free space catches up then).
     fn remove(&self, path: &Path) -> io::Result<()> {
-        let n = self.deleter.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.deleter.next.fetch_add(1, Ordering::Relaxed);
         let name = format!("{n:016x}-{}", path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default());
-        match std::fs::rename(path, self.trash.join(name)) {
+        let len = match std::fs::metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            r => r?,
+            meta => meta?.len(),
+        };
+        // Counted before the move, so the free space never looks larger than it is.
+        self.deleter.backlog.fetch_add(len, Ordering::AcqRel);
+        if let Err(e) = std::fs::rename(path, self.trash.join(name)) {
+            let _ =
+                self.deleter.backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
+            return match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            };
         }
         let _ = self.deleter.wake.try_send(());
         Ok(())
+    }
+
+    /// Bytes deleted but not yet freed on the disk (the trash's backlog): a free-space
+    /// check subtracts them, so deleting faster than the deleter frees cannot fill the
+    /// disk.
+    pub fn unfreed_bytes(&self) -> u64 {
+        self.deleter.backlog.load(Ordering::Acquire)
     }
 
     /// The directory whose disk holds the files (for free space).
@@ -451,21 +492,24 @@ mod tests {
     }
 
     #[test]
-    fn a_removed_file_leaves_its_place_at_once_and_the_trash_empties_even_after_a_crash() {
+    fn a_removed_file_leaves_its_place_at_once_and_counts_as_taken_until_freed() {
         let dir = tempfile::tempdir().unwrap();
-        // A crash left a file in the trash: the next start deletes it.
+        // A crash left 64 MiB in the trash (sparse): the next start counts it, then frees
+        // it at `DELETE_BYTES_PER_SEC` (two seconds).
         std::fs::create_dir_all(dir.path().join("trash")).unwrap();
-        std::fs::write(dir.path().join("trash").join("left"), vec![1u8; 1000]).unwrap();
+        File::create(dir.path().join("trash").join("left")).unwrap().set_len(64 << 20).unwrap();
         let (_store, blobs) = open(dir.path());
+        assert!(blobs.unfreed_bytes() >= 64 << 20, "{}", blobs.unfreed_bytes());
         let id = [7u8; 16];
         std::fs::write(blobs.partial(&id), vec![2u8; 1000]).unwrap();
         blobs.remove_partial(&id).unwrap();
         assert!(!blobs.partial(&id).exists());
+        assert!(blobs.unfreed_bytes() >= (64 << 20) + 1000, "{}", blobs.unfreed_bytes());
         blobs.remove_partial(&id).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_dir(dir.path().join("trash")).unwrap().next().is_some() {
-            assert!(std::time::Instant::now() < deadline, "the trash was not emptied");
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::read_dir(dir.path().join("trash")).unwrap().next().is_some() || blobs.unfreed_bytes() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the trash was not emptied: {}", blobs.unfreed_bytes());
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 

@@ -150,8 +150,10 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
         // The disk check, last in the documented order, runs under the store's files
         // lock with the bytes every upload in progress may still write: uploads begun
         // at once cannot promise the same free space twice.
+        // Deleted bytes the deleter has not freed yet count as taken.
+        let unfreed = s.files.blobs.unfreed_bytes();
         let room = |promised: u64| match free_bytes(s.files.blobs.root()) {
-            Ok(free) => free.saturating_sub(promised) >= record.size.saturating_add(reserve),
+            Ok(free) => free.saturating_sub(promised).saturating_sub(unfreed) >= record.size.saturating_add(reserve),
             Err(e) => {
                 tracing::warn!(error = ?e, "reading the free disk space failed; refusing the upload");
                 false
