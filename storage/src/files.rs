@@ -37,6 +37,8 @@ pub(crate) struct FilesLock {
     /// Per user, what batches handed to the committer and not yet applied change in the
     /// keys the checks read.
     pending: HashMap<UserId, Pending>,
+    /// Number of the next batch handed over (batches are applied in this order).
+    next_batch: u64,
 }
 
 /// One user's changes in batches not yet applied.
@@ -44,8 +46,10 @@ pub(crate) struct FilesLock {
 struct Pending {
     /// The user's stored bytes as the newest of them writes them.
     stored: u64,
-    /// Uploads in progress they add (`true`) or remove (`false`), in order.
-    uploads: Vec<(FileId, bool)>,
+    /// Uploads in progress they add (`true`) or remove (`false`), in order, each with
+    /// the number of its batch: once a batch is applied every earlier one is too, so its
+    /// entries and all before them go (the list holds only batches still in flight).
+    uploads: Vec<(u64, FileId, bool)>,
     /// How many of them are not yet known to be applied.
     batches: usize,
 }
@@ -191,15 +195,20 @@ impl Store {
     ) -> Result<Durable> {
         self.index_write(move || {
             let applying = self.committer.send_apply(txn.batch)?;
+            let batch = lock.next_batch;
+            lock.next_batch += 1;
             let pending = lock.pending.entry(user).or_default();
             pending.stored = stored;
-            pending.uploads.push(upload);
+            pending.uploads.push((batch, upload.0, upload.1));
             pending.batches += 1;
             lock.promised = promised;
             drop(lock);
             let applied = applying.wait();
             let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(pending) = lock.pending.get_mut(&user) {
+                // Applied (or failed: then the tree, without it, is the truth), and so is
+                // every batch before it.
+                pending.uploads.retain(|(b, _, _)| *b > batch);
                 pending.batches -= 1;
                 if pending.batches == 0 {
                     // Everything it listed is in the tree now.
@@ -229,7 +238,7 @@ impl Store {
             let (k, _) = item?;
             ids.insert(k.to_vec());
         }
-        for (id, added) in ops {
+        for (_, id, added) in ops {
             let key = Key::uploading(user, id).as_ref().to_vec();
             if *added {
                 ids.insert(key);
@@ -242,7 +251,10 @@ impl Store {
 
     /// Whether a batch handed over and not yet applied removes upload `id` of `user`.
     fn removal_pending(lock: &FilesLock, user: UserId, id: &FileId) -> bool {
-        lock.pending.get(&user).and_then(|p| p.uploads.iter().rev().find(|(u, _)| u == id)).is_some_and(|(_, a)| !a)
+        lock.pending
+            .get(&user)
+            .and_then(|p| p.uploads.iter().rev().find(|(_, u, _)| u == id))
+            .is_some_and(|(_, _, a)| !a)
     }
 
     /// Bytes still to come of every upload in progress (declared size minus durable
