@@ -77,30 +77,29 @@ pub fn remove_paced(path: &Path, bytes_per_sec: u64) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         file => file?,
     };
-    let rate = bytes_per_sec.max(1) as f64;
-    let mut len = file.metadata()?.len();
-    while len > 0 {
-        let started = std::time::Instant::now();
-        let freed = len.min(DELETE_PIECE);
-        len -= freed;
-        if len > 0 {
-            file.set_len(len)?;
-            file.sync_data()?;
-        } else {
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-        }
-        if let Some(rest) = std::time::Duration::from_secs_f64(freed as f64 / rate).checked_sub(started.elapsed()) {
+    // Sleeps what is left of `freed` bytes' share of the rate since `started`.
+    let pace = |freed: u64, started: std::time::Instant| {
+        let share = std::time::Duration::from_secs_f64(freed as f64 / bytes_per_sec.max(1) as f64);
+        if let Some(rest) = share.checked_sub(started.elapsed()) {
             std::thread::sleep(rest);
         }
+    };
+    let mut len = file.metadata()?.len();
+    while len > DELETE_PIECE {
+        let started = std::time::Instant::now();
+        len -= DELETE_PIECE;
+        file.set_len(len)?;
+        file.sync_data()?;
+        pace(DELETE_PIECE, started);
     }
-    // An empty file.
+    drop(file);
+    let started = std::time::Instant::now();
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    pace(len, started);
+    Ok(())
 }
 
 /// Deletes what is moved into the trash dir, one file at a time at
