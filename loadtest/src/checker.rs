@@ -107,6 +107,28 @@ pub fn verdict(trackers: &[Tracker], acked: &[Acked], members: &HashMap<ConvId, 
     v
 }
 
+/// The first `cap` (conversation, seq, member) triples of acknowledged messages a member
+/// never got, in the order of `acked`: what `verdict` counts as lost.
+pub fn undelivered(
+    trackers: &[Tracker],
+    acked: &[Acked],
+    members: &HashMap<ConvId, Vec<usize>>,
+    cap: usize,
+) -> Vec<(ConvId, Seq, usize)> {
+    let mut out = Vec::new();
+    for a in acked {
+        for &r in members.get(&a.conv).map(Vec::as_slice).unwrap_or_default() {
+            if out.len() == cap {
+                return out;
+            }
+            if r != a.sender && !trackers.get(r).is_some_and(|t| t.saw(a.conv, a.seq)) {
+                out.push((a.conv, a.seq, r));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +164,22 @@ mod tests {
         let v = run(&[&[(1, 1)], &[]], &acked(&[(1, 2), (2, 2)]));
         // Seq 1 (sent by 2, a non-receiver): receiver 1 missed it. Seq 2: both missed it.
         assert_eq!(v.lost, 3);
+    }
+
+    #[test]
+    fn undelivered_names_each_missing_pair_up_to_the_cap() {
+        let trackers: Vec<Tracker> = [&[(1, 1)][..], &[]]
+            .iter()
+            .map(|s| {
+                let mut t = Tracker::default();
+                s.iter().for_each(|&(c, q)| t.observe(c, q));
+                t
+            })
+            .collect();
+        let members = HashMap::from([(1, vec![0, 1])]);
+        let acked = acked(&[(1, 2), (2, 2)]);
+        assert_eq!(undelivered(&trackers, &acked, &members, 10), vec![(1, 1, 1), (1, 2, 0), (1, 2, 1)]);
+        assert_eq!(undelivered(&trackers, &acked, &members, 2).len(), 2);
     }
 
     #[test]

@@ -28,6 +28,7 @@ const CONNECTIONS_PER_ENDPOINT: usize = 128;
 const MAX_ENDPOINTS: usize = 16;
 
 /// Enrolled users and the endpoints to reach the broker.
+#[derive(Clone)]
 pub struct Population {
     /// One identity per simulated device.
     pub users: Vec<Identity>,

@@ -10,7 +10,7 @@ use switchboard_protocol::ConvId;
 use tokio::sync::watch;
 
 use crate::Common;
-use crate::checker::{Acked, Tracker, verdict};
+use crate::checker::{Acked, Tracker, undelivered, verdict};
 use crate::cost::{Usage, per_message};
 use crate::load::{EventHook, LoadSession, Membership, Population, SendPlan, write_phase};
 use crate::report::{Costs, Interval, Percentiles, RampStep, Report};
@@ -35,6 +35,8 @@ pub struct MessageLoad {
     udp_drops_at_start: Option<u64>,
     measured_from_s: f64,
     broker_where: &'static str,
+    /// The users, to look up in the broker's store what was acknowledged but not delivered.
+    pop: Population,
 }
 
 impl MessageLoad {
@@ -85,6 +87,7 @@ impl MessageLoad {
             measured_from_s: 0.0,
             udp_drops_at_start: None,
             broker_where: target.describe(),
+            pop: pop.clone(),
         })
     }
 
@@ -307,6 +310,19 @@ impl MessageLoad {
         if let (Some(start), Some(end)) = (self.udp_drops_at_start, crate::resources::udp_receive_drops()) {
             report.extra.insert("udp_receive_buffer_drops".into(), end.saturating_sub(start) as f64);
         }
+        if v.lost > 0 {
+            // Not delivered by the end of the drain: late, or lost from the store? Ask the
+            // broker's history, as a member of each such conversation.
+            let missing = undelivered(&trackers, &acked, &self.membership, MAX_LOOKED_UP);
+            let (looked_up, stored) = look_up(&self.pop, &missing).await;
+            report.extra.insert("undelivered_looked_up_in_store".into(), looked_up as f64);
+            report.extra.insert("undelivered_found_in_store".into(), stored as f64);
+            report.check(
+                "every acknowledged message not delivered is in the broker's store (late, not lost)",
+                stored == looked_up,
+                format!("{stored} of {looked_up} looked up found in history (of {} undelivered)", v.lost),
+            );
+        }
         report.check(
             "every sent message answered (acknowledged, or refused with OVERLOADED)",
             report.acked + report.errors + report.refused >= sent,
@@ -314,6 +330,48 @@ impl MessageLoad {
         );
         Ok(report)
     }
+}
+
+/// Undelivered (message, member) pairs looked up in the broker's store at most.
+const MAX_LOOKED_UP: usize = 2000;
+
+/// Looks `missing` (conversation, seq, member) up in the broker's history, each
+/// conversation as one of the members who missed it (a page at a time from the lowest
+/// missing seq), within `LOOK_UP_TIME` in all. Returns how many were looked up and how
+/// many were found stored.
+pub async fn look_up(pop: &Population, missing: &[(ConvId, switchboard_protocol::Seq, usize)]) -> (usize, usize) {
+    const LOOK_UP_TIME: Duration = Duration::from_secs(60);
+    const PAGE: u16 = 200;
+    let mut by_conv: BTreeMap<ConvId, (usize, std::collections::BTreeSet<switchboard_protocol::Seq>)> = BTreeMap::new();
+    for &(conv, seq, member) in missing {
+        by_conv.entry(conv).or_insert_with(|| (member, Default::default())).1.insert(seq);
+    }
+    let (mut looked_up, mut stored) = (0, 0);
+    let work = async {
+        for (conv, (member, seqs)) in &by_conv {
+            let Ok(client) = pop.client(*member).await else { continue };
+            let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else { continue };
+            // Seqs up to `covered` were looked at; a failed request leaves the rest out.
+            let mut covered = first.saturating_sub(1);
+            while covered < last {
+                match client.history(*conv, switchboard_protocol::Page::After(covered), PAGE).await {
+                    Ok((entries, _)) => match entries.last().map(|e| e.seq) {
+                        Some(newest) => {
+                            stored += entries.iter().filter(|e| seqs.contains(&e.seq)).count();
+                            covered = newest;
+                        }
+                        // Nothing stored past `covered`: the rest is missing from the store.
+                        None => covered = last,
+                    },
+                    Err(_) => break,
+                }
+            }
+            client.close();
+            looked_up += seqs.range(..=covered).count();
+        }
+    };
+    let _ = tokio::time::timeout(LOOK_UP_TIME, work).await;
+    (looked_up, stored)
 }
 
 /// Per-second figures of a run, from its first second with a send: seconds before it

@@ -375,3 +375,24 @@ async fn upload_small() {
     })
     .await
 }
+
+/// What a run did not see delivered is looked up in the broker's store: stored seqs are
+/// found (late, not lost) and a seq the store does not have is counted as looked up and
+/// not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_messages_are_looked_up_in_the_store() {
+    bounded(async {
+        let target =
+            target::Target::in_process(target::BrokerKnobs { udp_sockets: 1, ..Default::default() }).await.unwrap();
+        let pop = switchboard_loadtest::load::Population::enroll(&target, "lk", 2).await.unwrap();
+        let conv = switchboard_loadtest::load::create_direct(&pop, 0, 1).await.unwrap();
+        let alice = pop.client(0).await.unwrap();
+        let first = alice.send(conv, "one").await.unwrap();
+        let second = alice.send(conv, "two").await.unwrap();
+        alice.close();
+        let missing = [(conv, first, 1), (conv, second, 1), (conv, second + 1000, 1)];
+        let (looked_up, stored) = switchboard_loadtest::run::look_up(&pop, &missing).await;
+        assert_eq!((looked_up, stored), (3, 2), "both sent messages are stored, the invented seq is not");
+    })
+    .await
+}
