@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::Shared;
 use crate::files::requests::{file_ref, no_such_file, readable};
-use crate::files::{ChunkPermits, Unreachable, UploadMsg};
+use crate::files::{ChunkCheck, ChunkPermits, Unreachable, UploadMsg};
 use crate::limits::READ_CHUNK_BYTES;
 
 /// Time the first frame of a transfer stream has to arrive.
@@ -137,9 +137,29 @@ async fn read<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
 ) -> Result<Option<T>, ErrorCode> {
+    match read_frame(recv, decoder).await? {
+        Some(frame) => decode(&frame).map(Some).map_err(|e| e.code()),
+        None => Ok(None),
+    }
+}
+
+/// Reads one `Chunk` frame as `read` does, its data a slice of the frame (not a copy).
+async fn read_upload_chunk(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<Chunk>, ErrorCode> {
+    match read_frame(recv, decoder).await? {
+        Some(frame) => Chunk::decode_shared(frame).map(Some).map_err(|e| e.code()),
+        None => Ok(None),
+    }
+}
+
+/// The next whole frame body: `None` at the end of the stream, the code of a frame too
+/// large. Cancel-safe (what was read stays in `decoder`).
+async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> Result<Option<Bytes>, ErrorCode> {
     loop {
         if let Some(frame) = decoder.next_frame().map_err(|e| e.code())? {
-            return decode(&frame).map(Some).map_err(|e| e.code());
+            return Ok(Some(frame));
         }
         match recv.read_chunk(READ_CHUNK_BYTES, true).await {
             Ok(Some(chunk)) => decoder.push(&chunk.bytes),
@@ -227,7 +247,7 @@ async fn upload(
             },
             // The client stopped reading, or the connection is gone: nobody to answer.
             _ = send.stopped() => break,
-            frame = read::<Chunk>(&mut recv, &mut decoder), if reading => match frame {
+            frame = read_upload_chunk(&mut recv, &mut decoder), if reading => match frame {
                 Ok(Some(chunk)) => {
                     deadline = tokio::time::Instant::now() + progress;
                     let Ok(stream_permit) = permits.clone().acquire_owned().await else { break };
@@ -237,7 +257,8 @@ async fn upload(
                         break;
                     };
                     let permit = ChunkPermits { stream: stream_permit, bytes };
-                    let matches = chunk_matches(&chunk).await;
+                    // Hashed beside reading the next chunk; the actor waits for the verdict.
+                    let matches = chunk_matches(&chunk);
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
                     if shared.files.send(shared, &file, msg).await.is_err() {
                         fail(&mut send, no_such_file(), 0).await;
@@ -261,14 +282,14 @@ fn progress_deadline(shared: &Shared) -> Duration {
     Duration::from_secs(shared.config.transfer_progress_secs.max(1))
 }
 
-/// Whether a chunk's data matches its BLAKE3, hashed off the runtime threads.
-async fn chunk_matches(chunk: &Chunk) -> bool {
-    if chunk.data.len() > MAX_CHUNK_BYTES as usize {
-        // Refused for its size anyway; not worth hashing.
-        return true;
-    }
+/// Whether a chunk's data matches its BLAKE3, hashed off the runtime threads (started
+/// now, awaited by the upload's actor).
+fn chunk_matches(chunk: &Chunk) -> ChunkCheck {
     let (data, want) = (chunk.data.clone(), chunk.blake3);
-    tokio::task::spawn_blocking(move || *blake3::hash(&data).as_bytes() == want).await.unwrap_or(false)
+    tokio::task::spawn_blocking(move || {
+        // One refused for its size is not worth hashing.
+        data.len() > MAX_CHUNK_BYTES as usize || *blake3::hash(&data).as_bytes() == want
+    })
 }
 
 async fn download(

@@ -19,11 +19,11 @@ use switchboard_protocol::{Chunk, ErrorBody, ErrorCode, FileId, FileRef, FileSta
 use switchboard_storage::FileRecord;
 use tokio::sync::{mpsc, oneshot};
 
-use super::ChunkPermits;
 use super::blobs::{Blobs, hex};
 use super::sniff::{self, Verdict};
 use super::state::{Effect, StreamId, UploadState};
 use super::thumbnail;
+use super::{ChunkCheck, ChunkPermits};
 use crate::Shared;
 
 /// Messages to an Upload actor.
@@ -37,15 +37,15 @@ pub enum UploadMsg {
         /// Where its replies go (bounded by the protocol: one per chunk plus one).
         out: mpsc::UnboundedSender<TransferReply>,
     },
-    /// A chunk from `stream`; `matches` says whether it matched its hash. The permits
-    /// are released once it is handled.
+    /// A chunk from `stream`; `matches` says (once hashed) whether it matched its hash.
+    /// The permits are released once it is handled.
     Chunk {
         /// The stream.
         stream: StreamId,
         /// The chunk.
         chunk: Chunk,
-        /// Its data matches its BLAKE3.
-        matches: bool,
+        /// Whether its data matches its BLAKE3, being hashed on a blocking thread.
+        matches: ChunkCheck,
         /// Its place in the stream's queue and its bytes in the broker-wide budget.
         permit: ChunkPermits,
     },
@@ -170,6 +170,9 @@ impl Actor for Upload {
                 self.perform(&myself, st, effects, None).await;
             }
             UploadMsg::Chunk { stream, chunk, matches, permit } => {
+                // A hashing task that died (a panic) counts as a mismatch: the client
+                // sends the chunk again.
+                let matches = matches.await.unwrap_or(false);
                 let len = chunk.data.len() as u64;
                 let effects = st.state.chunk(stream, chunk.offset, len, matches);
                 self.perform(&myself, st, effects, Some(chunk)).await;
