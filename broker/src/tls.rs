@@ -113,6 +113,10 @@ pub fn server_config(identity: &Identity, config: &Config) -> Result<quinn::Serv
     Ok(server)
 }
 
+/// Ack-eliciting packets a peer is asked to receive before it must acknowledge at once
+/// (quinn's default is 1: an ACK for every second packet).
+pub const ACK_ELICITING_THRESHOLD: u32 = 9;
+
 /// Bytes one stream may have unread at the broker.
 const STREAM_WINDOW: u32 = 256 * 1024;
 
@@ -141,6 +145,16 @@ fn transport(config: &Config) -> quinn::TransportConfig {
     // Bytes we buffer unacknowledged toward one client; outbound queue caps the rest.
     t.send_window(2 * 1024 * 1024);
     t.send_fairness(true);
+    // Ask each client to acknowledge less often (the QUIC ACK-frequency extension, draft
+    // 04, which quinn clients support): an ACK after `ACK_ELICITING_THRESHOLD` + 1
+    // ack-eliciting packets or its max_ack_delay (25 ms), instead of every second packet.
+    // A member receiving a stream of deliveries otherwise sends the broker an ACK-only
+    // packet for every two, and each costs the broker a receive, a decryption and a
+    // connection wakeup (docs/benchmarks.md, "ACK frequency"). Loss detection is
+    // unchanged: the PTO already allows for the peer's max_ack_delay.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    t.ack_frequency_config(Some(ack));
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout())
         .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000)));
     t.max_idle_timeout(Some(idle));

@@ -381,3 +381,28 @@ fn send_with_body_len(conv: u64, len: usize) -> Bytes {
         text_len = text_len + len - body;
     }
 }
+
+/// The broker asks each client to acknowledge only after ten ack-eliciting packets (or
+/// its max_ack_delay) instead of every second one, so a member receiving a stream of
+/// deliveries sends the broker a fraction of the ACK-only packets (docs/benchmarks.md,
+/// "ACK frequency"). Seen from the client: the broker sent it an ACK_FREQUENCY frame.
+#[tokio::test]
+async fn the_broker_asks_clients_to_acknowledge_less_often() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let conv = alice.create_group("burst", &["bob".to_owned()]).await.unwrap().id;
+        let raw = tb.connector().connect_raw(&bob_id).await.unwrap();
+        for i in 0..5 {
+            alice.send(conv, &format!("m{i}")).await.unwrap();
+        }
+        within(STEP_DEADLINE, "an ACK_FREQUENCY frame", async {
+            while raw.conn.stats().frame_rx.ack_frequency == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
