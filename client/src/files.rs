@@ -343,7 +343,7 @@ where
             }
             window.durable(*durable.borrow_and_update());
         }
-        write_frame(conn, send, &Chunk { offset: next, data, blake3 }).await?;
+        write_parts(conn, send, &mut Chunk { offset: next, data, blake3 }.frame_parts()).await?;
         next += len as u64;
         window.sent(next);
     }
@@ -389,7 +389,17 @@ async fn write_frame<T: serde::Serialize>(
     msg: &T,
 ) -> Result<(), TransferError> {
     let frame = encode_frame(msg).map_err(|e| protocol(e.to_string()))?;
-    match send.write_all(&frame).await {
+    write_parts(conn, send, &mut [frame]).await
+}
+
+/// Writes one frame given in pieces (`Chunk::frame_parts`): quinn takes the pieces as
+/// they are, so a chunk's data is not copied on its way out.
+async fn write_parts(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    parts: &mut [Bytes],
+) -> Result<(), TransferError> {
+    match send.write_all_chunks(parts).await {
         Ok(()) => Ok(()),
         Err(quinn::WriteError::ConnectionLost(e)) => Err(ClientError::from(e).into()),
         Err(quinn::WriteError::Stopped(code)) => {

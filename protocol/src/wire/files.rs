@@ -157,6 +157,24 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// This chunk as one whole frame (length prefix included) in three pieces that
+    /// concatenate to exactly `encode_frame(self)`: the prefix with the offset and the
+    /// data's length, the data itself (shared, not copied), and the hash. A sender writes
+    /// them with `quinn::SendStream::write_all_chunks` without copying the data.
+    pub fn frame_parts(&self) -> [Bytes; 3] {
+        let mut varints = [0u8; 2 * 10];
+        let mut used = postcard::to_slice(&self.offset, &mut varints[..10]).map_or(0, |s| s.len());
+        let len_bytes = postcard::to_slice(&(self.data.len() as u64), &mut varints[used..]).map_or(0, |s| s.len());
+        used += len_bytes;
+        let body_len = used + self.data.len() + self.blake3.len();
+        let mut prefix = [0u8; crate::frame::MAX_PREFIX_BYTES];
+        let prefix_len = crate::frame::write_varint(u32::try_from(body_len).unwrap_or(u32::MAX), &mut prefix);
+        let mut head = Vec::with_capacity(prefix_len + used);
+        head.extend_from_slice(&prefix[..prefix_len]);
+        head.extend_from_slice(&varints[..used]);
+        [Bytes::from(head), self.data.clone(), Bytes::copy_from_slice(&self.blake3)]
+    }
+
     /// Decodes a `Chunk` frame body exactly as `decode::<Chunk>` does (the same bytes are
     /// accepted and refused), except that `data` is a slice of `body` rather than a copy:
     /// an upload's bytes are not copied once more on the way to the disk.
@@ -238,6 +256,20 @@ mod tests {
         for cut in 0..body.len() {
             assert!(Chunk::decode_shared(body.slice(..cut)).is_err(), "cut at {cut}");
             assert!(crate::decode::<Chunk>(&body[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn frame_parts_concatenate_to_the_encoded_frame() {
+        for len in [0usize, 1, 127, 128, 16_383, 16_384, 1 << 20] {
+            for offset in [0u64, 127, 128, 1 << 40, u64::MAX] {
+                let chunk = Chunk { offset, data: Bytes::from(vec![5u8; len]), blake3: [1; 32] };
+                let parts = chunk.frame_parts();
+                let joined: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+                let frame = crate::encode_frame(&chunk).unwrap_or_default();
+                assert_eq!(joined, frame.to_vec(), "len {len} offset {offset}");
+                assert_eq!(parts[1].as_ptr(), chunk.data.as_ptr(), "the data is shared, not copied");
+            }
         }
     }
 
