@@ -1183,3 +1183,79 @@ async fn an_edited_caption_with_the_files_names_must_fit_max_text_bytes() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_final_state_reaches_each_device_once_however_many_conversations_carry_the_file() {
+    use switchboard_protocol::Event;
+    const GROUPS: usize = 48;
+    bounded(async {
+        // A queue of 8 frames: one final frame per conversation would cut bob off.
+        let tb = TestBroker::start_with(|c| c.outbound_max_frames = 8).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        let (carol, _) = tb.register("carol").await;
+        // Each user may create 20 conversations in a burst: three creators.
+        let mut convs = Vec::new();
+        for i in 0..GROUPS {
+            let group = match i % 3 {
+                0 => alice.create_group(&format!("g{i}"), &["bob".into()]).await,
+                1 => bob.create_group(&format!("g{i}"), &["alice".into()]).await,
+                _ => carol.create_group(&format!("g{i}"), &["alice".into(), "bob".into()]).await,
+            };
+            convs.push(group.unwrap().id);
+        }
+        // Alice's upload, its first bytes stored, attached in progress to every group.
+        let data = bytes(1024 * 1024, 14);
+        let begun = begin_upload(&alice, "many.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, 64 * 1024, 64 * 1024).await;
+        let attach = |conv, file| RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        for &conv in &convs {
+            alice.request(attach(conv, begun.file)).await.unwrap();
+        }
+        // Bob has read every message carrying it.
+        let mut carried = 0;
+        within(STEP_DEADLINE, "bob reading the attachments", async {
+            while carried < GROUPS {
+                match bob_events.next().await {
+                    Some(Event::Entry(e)) if matches!(e.body, Body::Files { .. }) => carried += 1,
+                    Some(_) => {}
+                    None => panic!("events ended"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(alice.request(RequestBody::CancelUpload { file: begun.file }).await.unwrap(), Reply::Done);
+        // A second upload in one group, cancelled after: its final state is announced
+        // after the first one's has gone out in full, so every copy of the first is
+        // in bob's events before it.
+        let later = begin_upload(&alice, "later.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), later.file, &data, 0, 64 * 1024, 64 * 1024).await;
+        alice.request(attach(convs[0], later.file)).await.unwrap();
+        assert_eq!(alice.request(RequestBody::CancelUpload { file: later.file }).await.unwrap(), Reply::Done);
+        let mut finals = Vec::new();
+        within(STEP_DEADLINE, "the final states", async {
+            loop {
+                match bob_events.next().await {
+                    Some(Event::File(p)) if matches!(p.state, FileState::Failed { .. }) => {
+                        if p.file == later.file {
+                            return;
+                        }
+                        finals.push((p.file, p.conv));
+                    }
+                    Some(_) => {}
+                    None => panic!("events ended: bob was cut off"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(finals, vec![(begun.file, Some(convs[0]))], "one final state, naming the first conversation");
+        bob.ping().await.unwrap();
+    })
+    .await
+}
