@@ -102,6 +102,11 @@ pub struct Config {
     /// reset with `OVERLOADED`. Each holds at most a frame and two queued chunks (about
     /// 3 MiB) or one open blob.
     pub max_live_transfer_streams: usize,
+    /// Transfer streams one user may have served at once, over all its connections;
+    /// one more is reset with `RATE_LIMITED` before it takes a broker-wide place. Keeps
+    /// a user with many connections (up to `MAX_SESSIONS_PER_USER`) from holding every
+    /// place of `max_live_transfer_streams` and `max_open_blob_files`.
+    pub max_transfer_streams_per_user: usize,
     /// Bytes of upload chunks the broker holds between transfer streams and Upload
     /// actors at once, over all streams (at least one chunk). A stream whose next chunk
     /// does not fit waits, reading nothing (QUIC flow control slows its sender), and is
@@ -150,6 +155,8 @@ impl Default for Config {
             max_transfer_streams: 3,
             transfer_progress_secs: 30,
             max_live_transfer_streams: 256,
+            // Two devices' worth of `max_transfer_streams`.
+            max_transfer_streams_per_user: 6,
             // A quarter of what the live streams alone could queue (256 x 2 chunks of
             // 1 MiB): 128 full chunks in flight keep 64 uploads at full speed.
             transfer_buffer_bytes: 128 * 1024 * 1024,

@@ -1259,3 +1259,49 @@ async fn a_final_state_reaches_each_device_once_however_many_conversations_carry
     })
     .await
 }
+
+#[tokio::test]
+async fn one_users_stalled_streams_do_not_take_every_transfer_place() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_transfer_streams = 6;
+            c.max_transfer_streams_per_user = 4;
+        })
+        .await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        // Alice opens all the streams her two connections may (3 each), each stalled
+        // after one byte of its first frame.
+        let mut stalled = tokio::task::JoinSet::new();
+        for client in [&laptop, &phone] {
+            begin_upload(client, "a.bin", "application/octet-stream", &bytes(10, 1)).await;
+            for _ in 0..3 {
+                let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+                send.write_all(&[5]).await.unwrap();
+                stalled.spawn(async move {
+                    let end = recv.read_chunk(1024, true).await;
+                    drop(send);
+                    match end {
+                        Err(quinn::ReadError::Reset(code)) => ErrorCode(code.into_inner() as u16),
+                        other => panic!("expected a reset, got {other:?}"),
+                    }
+                });
+            }
+        }
+        // Past her 4, each is reset at once with RATE_LIMITED (the others stall for the
+        // 10 s the first frame may take).
+        for _ in 0..2 {
+            let code = within(Duration::from_secs(5), "a stream past the user's cap", stalled.join_next()).await;
+            assert_eq!(code.unwrap().unwrap(), ErrorCode::RATE_LIMITED);
+        }
+        assert_eq!(tb.shared().files.user_streams(laptop.user_id), 4);
+        // Bob's upload and download still find a place.
+        let data = bytes(300 * 1024, 15);
+        let file = upload(&bob, "b.bin", &data).await;
+        let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+        assert_eq!(stalled.len(), 4, "alice's other streams still held their places");
+    })
+    .await
+}

@@ -5,7 +5,9 @@
 //! bytes. Errors end the stream only, never the connection. Transfer streams send at a
 //! lower priority than the control stream. A stream on which nothing moves for
 //! `transfer_progress_secs` is reset with `TIMEOUT`; at most `max_live_transfer_streams`
-//! are served at once over all connections (one more is reset with `OVERLOADED`).
+//! are served at once over all connections (one more is reset with `OVERLOADED`), and
+//! at most `max_transfer_streams_per_user` of one user's, over all its connections (one
+//! more is reset with `RATE_LIMITED`, before it takes a broker-wide place).
 //! Broker-wide budgets bound what those streams hold: queued upload chunks within
 //! `transfer_buffer_bytes`, blob files open for downloads within `max_open_blob_files`.
 //! A stream that finds its budget spent waits, reading nothing, and is reset with
@@ -102,6 +104,11 @@ pub(crate) async fn serve(
     transfers.open.fetch_add(1, Ordering::AcqRel);
     transfers.opened.fetch_add(1, Ordering::AcqRel);
     let _open = OpenStream(transfers);
+    // Per user, before the broker-wide places: one user's many connections cannot hold
+    // them all.
+    let Some(_user_stream) = shared.files.user_stream(user) else {
+        return reset(&mut send, &mut recv, ErrorCode::RATE_LIMITED);
+    };
     // Broker-wide: each live stream may hold a frame and queued chunks, or an open blob.
     let Ok(_live) = shared.files.live_streams.clone().try_acquire_owned() else {
         return reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
