@@ -69,6 +69,11 @@ pub struct Config {
     /// answered, over all connections; one more is answered `OVERLOADED` at once
     /// (`overload.rs`; default `limits::MAX_SENDS_IN_FLIGHT`).
     pub max_sends_in_flight: usize,
+    /// Message writes of one user (over all its connections) admitted and not yet
+    /// answered; one more of that user's is answered `OVERLOADED` at once, other users'
+    /// are still admitted (default `limits::MAX_SENDS_IN_FLIGHT_PER_USER`; at least 1).
+    /// Lower it with `max_sends_in_flight`.
+    pub max_sends_in_flight_per_user: usize,
     /// When every message write answered during 100 ms waited longer than this from
     /// admission to its answer (a standing queue: the broker is short of CPU or disk),
     /// new ones are answered `OVERLOADED` until one is answered within it again, ms.
@@ -145,6 +150,7 @@ impl Default for Config {
             conversation_mailbox_max: crate::limits::CONVERSATION_MAILBOX_MAX,
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
             max_sends_in_flight: crate::limits::MAX_SENDS_IN_FLIGHT,
+            max_sends_in_flight_per_user: crate::limits::MAX_SENDS_IN_FLIGHT_PER_USER,
             send_delay_target_ms: crate::limits::SEND_DELAY_TARGET_MS,
             udp_sockets: 1,
             max_file_bytes: 100 * 1024 * 1024,
