@@ -74,9 +74,10 @@ pub struct Config {
     /// are still admitted (default `limits::MAX_SENDS_IN_FLIGHT_PER_USER`; at least 1).
     /// Lower it with `max_sends_in_flight`.
     pub max_sends_in_flight_per_user: usize,
-    /// When every message write answered during 100 ms waited longer than this from
-    /// admission to its answer (a standing queue: the broker is short of CPU or disk),
-    /// new ones are answered `OVERLOADED` until one is answered within it again, ms.
+    /// When every message write applied (answered `Ok`; refused ones are not timed)
+    /// during 100 ms waited longer than this from admission to its answer (a standing
+    /// queue: the broker is short of CPU or disk), new ones are answered `OVERLOADED`
+    /// until one is answered within it again, ms.
     /// 0 turns this rule off (`max_sends_in_flight` still applies).
     pub send_delay_target_ms: u64,
     /// UDP sockets sharing the listen port (SO_REUSEPORT), each with its own QUIC

@@ -17,11 +17,14 @@
 //! - at most `max_sends_in_flight_per_user` of them one user's, over all its sessions:
 //!   a user with 64 sessions of 64 requests each cannot hold every place and have every
 //!   other user's writes refused; past its share only that user is refused;
-//! - a standing queue (CoDel's idea, RFC 8289): when every write answered during an
+//! - a standing queue (CoDel's idea, RFC 8289): when every write applied during an
 //!   interval of `SEND_DELAY_INTERVAL_US` waited longer than `send_delay_target_ms` from
 //!   admission to its answer, new writes are refused until one is answered within the
 //!   target again, or none is left in flight. A burst that drains within the interval
-//!   never triggers it; a commit slower than the target now and then neither.
+//!   never triggers it; a commit slower than the target now and then neither. Only
+//!   writes answered `Ok` (applied) are timed: a write refused on a cheap check (not a
+//!   member, say) never waited in the queue, and timing it would let anyone switch the
+//!   rule off by sending writes to a conversation they are not in.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -107,7 +110,7 @@ impl SendRule {
     }
 
     /// Admits a write of `user` arriving at `now_us` (counted in flight until
-    /// `answered`), or says why not.
+    /// `answered` or `released`), or says why not.
     pub fn admit(&mut self, user: UserId, now_us: u64) -> Result<(), Refusal> {
         self.roll(now_us);
         let refusal = if self.in_flight >= self.max_in_flight {
@@ -125,8 +128,8 @@ impl SendRule {
         Err(refusal)
     }
 
-    /// A write of `user` admitted at `admitted_us` was answered at `now_us`
-    /// (acknowledged or refused by its conversation: either way it no longer waits).
+    /// A write of `user` admitted at `admitted_us` was applied and answered `Ok` at
+    /// `now_us`: its wait is a sample of the queue's delay.
     pub fn answered(&mut self, user: UserId, admitted_us: u64, now_us: u64) {
         self.roll(now_us);
         self.count_out(user);
@@ -134,6 +137,17 @@ impl SendRule {
         self.window_min_us = Some(self.window_min_us.map_or(waited, |m| m.min(waited)));
         // Capacity is back once a write gets through in time, or nothing is queued.
         if waited <= self.target_us || self.in_flight == 0 {
+            self.shedding = false;
+        }
+    }
+
+    /// A write of `user` was answered with an error at `now_us` (refused by a check, or
+    /// failed): it gives its place back, and its wait says nothing about the queue's
+    /// delay (it may never have reached the queue).
+    pub fn released(&mut self, user: UserId, now_us: u64) {
+        self.roll(now_us);
+        self.count_out(user);
+        if self.in_flight == 0 {
             self.shedding = false;
         }
     }
@@ -211,7 +225,7 @@ impl SendAdmission {
     pub fn admit(self: &Arc<Self>, user: UserId) -> Result<SendTicket, ErrorBody> {
         let now = self.now_us();
         self.lock().admit(user, now).map_err(Refusal::error)?;
-        Ok(SendTicket { admission: self.clone(), user, admitted_us: now })
+        Ok(SendTicket { admission: self.clone(), user, admitted_us: now, applied: false })
     }
 
     /// Writes admitted and not yet answered.
@@ -234,17 +248,31 @@ impl SendAdmission {
 }
 
 /// One admitted write of a user; dropping it (when the answer is queued) frees its
-/// place.
+/// place. Its wait is timed only if it was marked `applied`.
 pub struct SendTicket {
     admission: Arc<SendAdmission>,
     user: UserId,
     admitted_us: u64,
+    applied: bool,
+}
+
+impl SendTicket {
+    /// The write was applied (answered `Ok`): its admission-to-answer time, taken when
+    /// the ticket drops, is a sample of the queue's delay.
+    pub fn applied(&mut self) {
+        self.applied = true;
+    }
 }
 
 impl Drop for SendTicket {
     fn drop(&mut self) {
         let now = self.admission.now_us();
-        self.admission.lock().answered(self.user, self.admitted_us, now);
+        let mut rule = self.admission.lock();
+        if self.applied {
+            rule.answered(self.user, self.admitted_us, now);
+        } else {
+            rule.released(self.user, now);
+        }
     }
 }
 
@@ -371,10 +399,10 @@ mod tests {
         // Room is left for everyone else: the broker-wide bound is not reached.
         rule.admit(carol, 1).unwrap();
         assert_eq!((rule.user_in_flight(alice), rule.user_in_flight(carol), rule.in_flight()), (2, 1, 3));
-        // A place alice gets back is hers to use again.
+        // A place alice gets back, by an answer or a refusal, is hers to use again.
         rule.answered(alice, 0, 5 * MS);
         rule.admit(alice, 6 * MS).unwrap();
-        rule.answered(alice, 6 * MS, 7 * MS);
+        rule.released(alice, 7 * MS);
         rule.admit(alice, 8 * MS).unwrap();
         assert_eq!(rule.admit(alice, 8 * MS), Err(Refusal::UserInFlight));
         // The broker-wide bound still holds over all users.
@@ -384,8 +412,22 @@ mod tests {
         assert_eq!(rule.admit(9, 9 * MS), Err(Refusal::InFlight));
         // Every user's entry goes with its last write: the map does not grow.
         for user in [alice, alice, carol, 3, 4, 5, 6, 7] {
-            rule.answered(user, 9 * MS, 10 * MS);
+            rule.released(user, 10 * MS);
         }
         assert_eq!((rule.in_flight(), rule.users_in_flight()), (0, 0));
+    }
+
+    #[test]
+    fn a_write_refused_before_the_queue_does_not_hide_a_standing_queue() {
+        let mut rule = SendRule::new(1000, 20);
+        rule.admit(U, 0).unwrap();
+        rule.admit(U, 0).unwrap();
+        rule.answered(U, 0, 60 * MS);
+        // A write refused on a cheap check (not a member) gives its place back at once,
+        // having waited nothing: that says nothing of the queue.
+        rule.admit(2, 90 * MS).unwrap();
+        rule.released(2, 90 * MS);
+        // The interval ended with every applied write late and one still waiting.
+        assert_eq!(rule.admit(U, 150 * MS), Err(Refusal::Delay));
     }
 }
