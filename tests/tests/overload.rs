@@ -215,6 +215,51 @@ async fn a_session_sends_refused_writes_again_and_each_is_stored_once() {
     .await
 }
 
+/// A write refused with `OVERLOADED` whose caller gave up during its backoff is not sent
+/// again, and its place among the session's pending requests is free at once.
+#[tokio::test]
+async fn a_write_whose_caller_gave_up_during_its_backoff_is_dropped_and_frees_its_place() {
+    bounded(async {
+        // Every write is refused: none may be in flight.
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = 0;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice, alice_id) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        let config = SessionConfig {
+            backoff_min_ms: 100,
+            backoff_max_ms: 100,
+            overload_retries: 1000,
+            max_pending: 1,
+            ..Default::default()
+        };
+        let (session, _events) =
+            Session::start(tb.connector(), alice_id, Arc::new(MemoryCursors::default()), config).unwrap();
+        // The caller gives up once its write was refused (it is then in its backoff).
+        within(STEP_DEADLINE, "the first refusal", async {
+            tokio::select! {
+                r = session.send(conv, "x") => panic!("answered: {r:?}"),
+                () = async {
+                    while tb.shared().sends.refused() == 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                } => {}
+            }
+        })
+        .await;
+        // Its place is free: the one pending request the session allows goes through.
+        assert!(matches!(session.request(RequestBody::Ping).await, Ok(Reply::Pong { .. })));
+        // And it is never sent again (three backoffs later, no more refusals).
+        let refused = tb.shared().sends.refused();
+        tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+        assert_eq!(tb.shared().sends.refused(), refused, "the abandoned write was sent again");
+    })
+    .await
+}
+
 /// Awaits every future (spawned on this runtime, so they run concurrently).
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
