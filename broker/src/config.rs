@@ -69,9 +69,15 @@ pub struct Config {
     /// answered, over all connections; one more is answered `OVERLOADED` at once
     /// (`overload.rs`; default `limits::MAX_SENDS_IN_FLIGHT`).
     pub max_sends_in_flight: usize,
-    /// When every message write answered during 100 ms waited longer than this from
-    /// admission to its answer (a standing queue: the broker is short of CPU or disk),
-    /// new ones are answered `OVERLOADED` until one is answered within it again, ms.
+    /// Message writes of one user (over all its connections) admitted and not yet
+    /// answered; one more of that user's is answered `OVERLOADED` at once, other users'
+    /// are still admitted (default `limits::MAX_SENDS_IN_FLIGHT_PER_USER`; at least 1).
+    /// Lower it with `max_sends_in_flight`.
+    pub max_sends_in_flight_per_user: usize,
+    /// When every message write applied (answered `Ok`; refused ones are not timed)
+    /// during 100 ms waited longer than this from admission to its answer (a standing
+    /// queue: the broker is short of CPU or disk), new ones are answered `OVERLOADED`
+    /// until one is answered within it again, ms.
     /// 0 turns this rule off (`max_sends_in_flight` still applies).
     pub send_delay_target_ms: u64,
     /// UDP sockets sharing the listen port (SO_REUSEPORT), each with its own QUIC
@@ -102,6 +108,11 @@ pub struct Config {
     /// reset with `OVERLOADED`. Each holds at most a frame and two queued chunks (about
     /// 3 MiB) or one open blob.
     pub max_live_transfer_streams: usize,
+    /// Transfer streams one user may have served at once, over all its connections;
+    /// one more is reset with `RATE_LIMITED` before it takes a broker-wide place. Keeps
+    /// a user with many connections (up to `MAX_SESSIONS_PER_USER`) from holding every
+    /// place of `max_live_transfer_streams` and `max_open_blob_files`.
+    pub max_transfer_streams_per_user: usize,
     /// Bytes of upload chunks the broker holds between transfer streams and Upload
     /// actors at once, over all streams (at least one chunk). A stream whose next chunk
     /// does not fit waits, reading nothing (QUIC flow control slows its sender), and is
@@ -140,6 +151,7 @@ impl Default for Config {
             conversation_mailbox_max: crate::limits::CONVERSATION_MAILBOX_MAX,
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
             max_sends_in_flight: crate::limits::MAX_SENDS_IN_FLIGHT,
+            max_sends_in_flight_per_user: crate::limits::MAX_SENDS_IN_FLIGHT_PER_USER,
             send_delay_target_ms: crate::limits::SEND_DELAY_TARGET_MS,
             udp_sockets: 1,
             max_file_bytes: 100 * 1024 * 1024,
@@ -150,6 +162,8 @@ impl Default for Config {
             max_transfer_streams: 3,
             transfer_progress_secs: 30,
             max_live_transfer_streams: 256,
+            // Two devices' worth of `max_transfer_streams`.
+            max_transfer_streams_per_user: 6,
             // A quarter of what the live streams alone could queue (256 x 2 chunks of
             // 1 MiB): 128 full chunks in flight keep 64 uploads at full speed.
             transfer_buffer_bytes: 128 * 1024 * 1024,

@@ -85,7 +85,8 @@ impl Online {
     /// Puts `frame`, the latest value of `key` (a file's progress), on every session of
     /// every user in `users`: it replaces a value of `key` not yet written, and never
     /// disconnects a device (`Outbound::push_latest`). With `last` (a final state) it is
-    /// queued like any event instead, dropping the value waiting. Returns the number of
+    /// queued like any event instead, dropping the file's values waiting (every
+    /// audience's, `Outbound::push_last`). Returns the number of
     /// sessions reached.
     pub fn deliver_latest(&self, users: &[UserId], key: LatestKey, frame: &Bytes, last: bool) -> usize {
         let mut delivered = 0;

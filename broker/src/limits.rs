@@ -15,6 +15,11 @@ pub const CONVERSATION_MAILBOX_MAX: usize = 16 * 1024;
 /// broker acknowledging 10,000 writes/s at a few ms each has tens in flight; thousands
 /// means seconds of queue, and one more is refused with `OVERLOADED`.
 pub const MAX_SENDS_IN_FLIGHT: usize = 4096;
+/// Default of `Config::max_sends_in_flight_per_user`: a sixteenth of
+/// `MAX_SENDS_IN_FLIGHT`, so a user with all its sessions (64, each with up to 64
+/// requests in flight) holds at most that share, and it takes 16 such users to fill the
+/// broker's bound. Far above what one person's devices write at once.
+pub const MAX_SENDS_IN_FLIGHT_PER_USER: usize = MAX_SENDS_IN_FLIGHT / 16;
 /// Default of `Config::send_delay_target_ms`: a group commit takes 0.5-5 ms on a quiet
 /// disk, so writes that all wait longer than this for a whole 100 ms are queueing
 /// behind a broker that cannot keep up, not waiting for the disk now and then.

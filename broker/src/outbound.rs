@@ -89,12 +89,13 @@ impl Outbound {
         Ok(true)
     }
 
-    /// Queues `frame`, the last of `key`'s latest-wins values (a file's final state):
-    /// the value waiting in its slot is dropped, so nothing older follows it. Queued
-    /// like `push`, within the same bounds.
+    /// Queues `frame`, the last of the latest-wins values of `key`'s file (its final
+    /// state): the values waiting in that file's slots, for every audience, are dropped,
+    /// so no older progress of the file follows it. Queued like `push`, within the same
+    /// bounds.
     pub fn push_last(&self, key: LatestKey, frame: Bytes) -> Result<(), Closed> {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        q.latest.retain(|(k, _)| *k != key);
+        q.latest.retain(|(k, _)| k.0 != key.0);
         self.push_locked(q, frame)
     }
 
@@ -209,8 +210,10 @@ mod tests {
         let mut got = Vec::new();
         assert_eq!(out.drain(&mut got).await, None);
         assert_eq!(got, vec![Bytes::from_static(b"m1"), Bytes::from(vec![b'a', 99]), Bytes::from(vec![b'b', 99])]);
-        // The last value drops the one waiting: nothing older follows it.
+        // The last value drops those waiting for its file, whatever their audience:
+        // nothing older follows it.
         out.push_latest(a, Bytes::from_static(b"a-late")).unwrap();
+        out.push_latest((a.0, Some(9)), Bytes::from_static(b"a-late-in-9")).unwrap();
         out.push_last(a, Bytes::from_static(b"a-done")).unwrap();
         got.clear();
         assert_eq!(out.drain(&mut got).await, None);

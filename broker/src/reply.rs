@@ -45,8 +45,14 @@ impl Responder {
 
     fn answer(&mut self, result: Result<Reply, ErrorBody>) {
         let Some(out) = self.out.take() else { return };
-        // Answered: the write no longer waits, whatever the answer.
-        drop(self.ticket.take());
+        // Answered: the write no longer waits, whatever the answer. Only an applied one
+        // (`Ok`) is timed: a refusal may never have waited in the queue.
+        if let Some(mut ticket) = self.ticket.take() {
+            if result.is_ok() {
+                ticket.applied();
+            }
+            drop(ticket);
+        }
         let frame = encode_frame(&ServerFrame::Response { id: self.id, result }).or_else(|e| {
             tracing::error!(error = %e, "response did not encode");
             let err = Err(ErrorBody::new(ErrorCode::INTERNAL, "response did not encode"));

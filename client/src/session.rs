@@ -56,8 +56,10 @@ pub struct SessionConfig {
     /// Times a request the broker refused with `OVERLOADED` (it is shedding load) is sent
     /// again before the refusal reaches the caller (6), each after a reconnect-like
     /// backoff (`backoff_min_ms` doubling up to `backoff_max_ms`, with jitter: about 6 s
-    /// in all with the defaults). Only requests that are safe to repeat are sent again;
-    /// a write carries the same client id, so it still takes effect once.
+    /// in all with the defaults; a new connection sends it at once). Only requests that
+    /// are safe to repeat are sent again; a write carries the same client id, so it
+    /// still takes effect once. A request whose caller stopped waiting is dropped
+    /// instead of sent again, and gives its `max_pending` place back.
     pub overload_retries: u32,
 }
 
@@ -433,27 +435,6 @@ pub fn retry_safe(body: &RequestBody) -> bool {
     }
 }
 
-/// Sends `body` and, while the broker answers `OVERLOADED`, sends it again after each
-/// of `backoff`'s delays, at most `retries` times; then the last answer stands. The
-/// body is the same each time, so a write's client id makes it take effect once.
-async fn request_past_overload(
-    client: &Client,
-    body: RequestBody,
-    retries: u32,
-    mut backoff: Backoff,
-) -> Result<Reply, ClientError> {
-    let mut left = retries;
-    loop {
-        match client.request(body.clone()).await {
-            Err(ClientError::Server(e)) if e.code == ErrorCode::OVERLOADED && left > 0 => {
-                left -= 1;
-                tokio::time::sleep(Duration::from_millis(backoff.next_ms(random_u64()))).await;
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Failures after which reconnecting cannot help.
 pub fn permanent(error: &ClientError) -> bool {
     matches!(error.code(), Some(ErrorCode::DEVICE_REVOKED | ErrorCode::AUTH_FAILED | ErrorCode::UNSUPPORTED_VERSION))
@@ -503,8 +484,15 @@ impl Backoff {
 struct Pending {
     body: RequestBody,
     reply: oneshot::Sender<Result<Reply, SessionError>>,
-    /// The connection generation it was last sent on.
+    /// The connection generation it was last sent on; `None` while it waits for a
+    /// connection or for the end of its `OVERLOADED` backoff.
     sent_on: Option<u64>,
+    /// Times it may still be sent again after an `OVERLOADED` answer.
+    overload_left: u32,
+    /// Delays between those sends.
+    backoff: Backoff,
+    /// Times it was sent: a backoff timer set before a later send is stale.
+    sends: u64,
 }
 
 /// The current connection.
@@ -516,12 +504,37 @@ struct Live {
 
 /// Answers of requests the task made, sent back by the small tasks that await them.
 enum Done {
-    Request { token: u64, generation: u64, result: Result<Reply, ClientError> },
-    States { generation: u64, result: Result<Vec<ConversationState>, ClientError> },
-    Page { generation: u64, fetch: Fetch, result: Result<Reply, ClientError> },
-    Marks { marks: Vec<(ConvId, Seq)>, ok: bool },
-    Presence { generation: u64, result: Result<Reply, ClientError> },
-    Saved { cursors: Cursors, ok: bool },
+    Request {
+        token: u64,
+        generation: u64,
+        result: Result<Reply, ClientError>,
+    },
+    /// The `OVERLOADED` backoff of request `token`, set after its `sends`-th send, ended.
+    Resend {
+        token: u64,
+        sends: u64,
+    },
+    States {
+        generation: u64,
+        result: Result<Vec<ConversationState>, ClientError>,
+    },
+    Page {
+        generation: u64,
+        fetch: Fetch,
+        result: Result<Reply, ClientError>,
+    },
+    Marks {
+        marks: Vec<(ConvId, Seq)>,
+        ok: bool,
+    },
+    Presence {
+        generation: u64,
+        result: Result<Reply, ClientError>,
+    },
+    Saved {
+        cursors: Cursors,
+        ok: bool,
+    },
 }
 
 /// The one task that owns a session's state.
@@ -603,12 +616,18 @@ impl Task {
         match command {
             Command::Request { body, reply } => {
                 if self.pending.len() >= self.config.max_pending {
+                    // Requests whose callers gave up hold no place.
+                    self.pending.retain(|_, p| !p.reply.is_closed());
+                }
+                if self.pending.len() >= self.config.max_pending {
                     let _ = reply.send(Err(SessionError::Busy));
                     return;
                 }
                 let token = self.next_token;
                 self.next_token += 1;
-                self.pending.insert(token, Pending { body, reply, sent_on: None });
+                let overload_left = if retry_safe(&body) { self.config.overload_retries } else { 0 };
+                let backoff = Backoff::new(self.config.backoff_min_ms, self.config.backoff_max_ms);
+                self.pending.insert(token, Pending { body, reply, sent_on: None, overload_left, backoff, sends: 0 });
                 self.send_pending(token);
             }
             Command::Typing { conv, typing } => {
@@ -637,12 +656,11 @@ impl Task {
             return;
         }
         p.sent_on = Some(live.generation);
+        p.sends += 1;
         let (client, generation, body, done) =
             (live.client.clone(), live.generation, p.body.clone(), self.done_tx.clone());
-        let retries = if retry_safe(&body) { self.config.overload_retries } else { 0 };
-        let backoff = Backoff::new(self.config.backoff_min_ms, self.config.backoff_max_ms);
         tokio::spawn(async move {
-            let result = request_past_overload(&client, body, retries, backoff).await;
+            let result = client.request(body).await;
             let _ = done.send(Done::Request { token, generation, result }).await;
         });
     }
@@ -650,6 +668,12 @@ impl Task {
     fn done(&mut self, done: Done) {
         match done {
             Done::Request { token, generation, result } => self.answered(token, generation, result),
+            Done::Resend { token, sends } => {
+                // Not sent since the timer was set (a reconnect sends it at once).
+                if self.pending.get(&token).is_some_and(|p| p.sent_on.is_none() && p.sends == sends) {
+                    self.send_pending(token);
+                }
+            }
             Done::States { generation, result } => {
                 if !self.current(generation) {
                     return;
@@ -742,6 +766,22 @@ impl Task {
             }
             let p = self.pending.remove(&token).expect("looked up above");
             let _ = p.reply.send(Err(SessionError::Interrupted));
+            return;
+        }
+        if let Err(ClientError::Server(e)) = &result
+            && e.code == ErrorCode::OVERLOADED
+            && p.overload_left > 0
+        {
+            // The broker is shedding: sent again after a backoff (at once on a new
+            // connection), unless its caller gave up by then (`send_pending`).
+            let p = self.pending.get_mut(&token).expect("looked up above");
+            p.overload_left -= 1;
+            p.sent_on = None;
+            let (delay, sends, done) = (p.backoff.next_ms(random_u64()), p.sends, self.done_tx.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                let _ = done.send(Done::Resend { token, sends }).await;
+            });
             return;
         }
         let p = self.pending.remove(&token).expect("looked up above");

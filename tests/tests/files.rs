@@ -1183,3 +1183,125 @@ async fn an_edited_caption_with_the_files_names_must_fit_max_text_bytes() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_final_state_reaches_each_device_once_however_many_conversations_carry_the_file() {
+    use switchboard_protocol::Event;
+    const GROUPS: usize = 48;
+    bounded(async {
+        // A queue of 8 frames: one final frame per conversation would cut bob off.
+        let tb = TestBroker::start_with(|c| c.outbound_max_frames = 8).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        let (carol, _) = tb.register("carol").await;
+        // Each user may create 20 conversations in a burst: three creators.
+        let mut convs = Vec::new();
+        for i in 0..GROUPS {
+            let group = match i % 3 {
+                0 => alice.create_group(&format!("g{i}"), &["bob".into()]).await,
+                1 => bob.create_group(&format!("g{i}"), &["alice".into()]).await,
+                _ => carol.create_group(&format!("g{i}"), &["alice".into(), "bob".into()]).await,
+            };
+            convs.push(group.unwrap().id);
+        }
+        // Alice's upload, its first bytes stored, attached in progress to every group.
+        let data = bytes(1024 * 1024, 14);
+        let begun = begin_upload(&alice, "many.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, 64 * 1024, 64 * 1024).await;
+        let attach = |conv, file| RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        for &conv in &convs {
+            alice.request(attach(conv, begun.file)).await.unwrap();
+        }
+        // Bob has read every message carrying it.
+        let mut carried = 0;
+        within(STEP_DEADLINE, "bob reading the attachments", async {
+            while carried < GROUPS {
+                match bob_events.next().await {
+                    Some(Event::Entry(e)) if matches!(e.body, Body::Files { .. }) => carried += 1,
+                    Some(_) => {}
+                    None => panic!("events ended"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(alice.request(RequestBody::CancelUpload { file: begun.file }).await.unwrap(), Reply::Done);
+        // A second upload in one group, cancelled after: its final state is announced
+        // after the first one's has gone out in full, so every copy of the first is
+        // in bob's events before it.
+        let later = begin_upload(&alice, "later.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), later.file, &data, 0, 64 * 1024, 64 * 1024).await;
+        alice.request(attach(convs[0], later.file)).await.unwrap();
+        assert_eq!(alice.request(RequestBody::CancelUpload { file: later.file }).await.unwrap(), Reply::Done);
+        let mut finals = Vec::new();
+        within(STEP_DEADLINE, "the final states", async {
+            loop {
+                match bob_events.next().await {
+                    Some(Event::File(p)) if matches!(p.state, FileState::Failed { .. }) => {
+                        if p.file == later.file {
+                            return;
+                        }
+                        finals.push((p.file, p.conv));
+                    }
+                    Some(_) => {}
+                    None => panic!("events ended: bob was cut off"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(finals, vec![(begun.file, Some(convs[0]))], "one final state, naming the first conversation");
+        bob.ping().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn one_users_stalled_streams_do_not_take_every_transfer_place() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_transfer_streams = 6;
+            c.max_transfer_streams_per_user = 4;
+        })
+        .await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        // Alice opens all the streams her two connections may (3 each), each stalled
+        // after one byte of its first frame.
+        let mut stalled = tokio::task::JoinSet::new();
+        for client in [&laptop, &phone] {
+            begin_upload(client, "a.bin", "application/octet-stream", &bytes(10, 1)).await;
+            for _ in 0..3 {
+                let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+                send.write_all(&[5]).await.unwrap();
+                stalled.spawn(async move {
+                    let end = recv.read_chunk(1024, true).await;
+                    drop(send);
+                    match end {
+                        Err(quinn::ReadError::Reset(code)) => ErrorCode(code.into_inner() as u16),
+                        other => panic!("expected a reset, got {other:?}"),
+                    }
+                });
+            }
+        }
+        // Past her 4, each is reset at once with RATE_LIMITED (the others stall for the
+        // 10 s the first frame may take).
+        for _ in 0..2 {
+            let code = within(Duration::from_secs(5), "a stream past the user's cap", stalled.join_next()).await;
+            assert_eq!(code.unwrap().unwrap(), ErrorCode::RATE_LIMITED);
+        }
+        assert_eq!(tb.shared().files.user_streams(laptop.user_id), 4);
+        // Bob's upload and download still find a place.
+        let data = bytes(300 * 1024, 15);
+        let file = upload(&bob, "b.bin", &data).await;
+        let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+        assert_eq!(stalled.len(), 4, "alice's other streams still held their places");
+    })
+    .await
+}

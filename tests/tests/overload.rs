@@ -117,6 +117,60 @@ async fn writes_past_the_bound_are_refused_at_once_and_nothing_acknowledged_is_l
     .await
 }
 
+/// One user's flood takes at most its share of the writes in flight: another user's
+/// write beside it is admitted and applied.
+#[tokio::test]
+async fn one_users_flood_of_writes_leaves_room_for_another_users_write() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = 4;
+            c.max_sends_in_flight_per_user = 2;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (carol, carol_id) = tb.register("carol").await;
+        tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        let quiet = carol.create_group("quiet", &[]).await.unwrap().id;
+        // Alice floods over two connections; carol's one write comes right behind.
+        let mut floods = Vec::new();
+        for _ in 0..2 {
+            floods.push(tb.connector().connect_raw(&alice_id).await.unwrap());
+        }
+        let mut carol_raw = tb.connector().connect_raw(&carol_id).await.unwrap();
+        for (k, raw) in floods.iter_mut().enumerate() {
+            let burst: Vec<u8> = (0..20u32)
+                .flat_map(|i| {
+                    let client_id = [(k as u8) * 32 + i as u8 + 1; 16];
+                    request_frame(i, RequestBody::Send { conv, client_id, text: format!("m{i}") }).to_vec()
+                })
+                .collect();
+            within(STEP_DEADLINE, "the flood", raw.send.write_all(&burst)).await.unwrap();
+        }
+        let write = request_frame(1, RequestBody::Send { conv: quiet, client_id: [99; 16], text: "mine".into() });
+        within(STEP_DEADLINE, "carol's write", carol_raw.send.write_all(&write)).await.unwrap();
+        match next_response(&mut carol_raw).await {
+            (1, Ok(Reply::Appended { duplicate: false, .. })) => {}
+            other => panic!("carol's write beside alice's flood: {other:?}"),
+        }
+        // Alice was refused past her share, and never held more than it.
+        let mut refused = 0;
+        for raw in &mut floods {
+            for _ in 0..20 {
+                match next_response(raw).await {
+                    (_, Ok(Reply::Appended { .. })) => {}
+                    (_, Err(e)) if e.code == ErrorCode::OVERLOADED => refused += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert!(refused > 0, "40 pipelined writes past a share of 2: none refused");
+        assert_eq!(tb.shared().sends.in_flight(), 0, "every admitted write was answered");
+    })
+    .await
+}
+
 /// The client library's `Session` rides out shedding: writes the broker refuses with
 /// `OVERLOADED` are sent again after a backoff with the same client id, so each is
 /// stored exactly once and the caller sees only its seq.
@@ -157,6 +211,51 @@ async fn a_session_sends_refused_writes_again_and_each_is_stored_once() {
         let mut expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
         expected.sort();
         assert_eq!(texts, expected, "each write stored exactly once");
+    })
+    .await
+}
+
+/// A write refused with `OVERLOADED` whose caller gave up during its backoff is not sent
+/// again, and its place among the session's pending requests is free at once.
+#[tokio::test]
+async fn a_write_whose_caller_gave_up_during_its_backoff_is_dropped_and_frees_its_place() {
+    bounded(async {
+        // Every write is refused: none may be in flight.
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = 0;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice, alice_id) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        let config = SessionConfig {
+            backoff_min_ms: 100,
+            backoff_max_ms: 100,
+            overload_retries: 1000,
+            max_pending: 1,
+            ..Default::default()
+        };
+        let (session, _events) =
+            Session::start(tb.connector(), alice_id, Arc::new(MemoryCursors::default()), config).unwrap();
+        // The caller gives up once its write was refused (it is then in its backoff).
+        within(STEP_DEADLINE, "the first refusal", async {
+            tokio::select! {
+                r = session.send(conv, "x") => panic!("answered: {r:?}"),
+                () = async {
+                    while tb.shared().sends.refused() == 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                } => {}
+            }
+        })
+        .await;
+        // Its place is free: the one pending request the session allows goes through.
+        assert!(matches!(session.request(RequestBody::Ping).await, Ok(Reply::Pong { .. })));
+        // And it is never sent again (three backoffs later, no more refusals).
+        let refused = tb.shared().sends.refused();
+        tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+        assert_eq!(tb.shared().sends.refused(), refused, "the abandoned write was sent again");
     })
     .await
 }

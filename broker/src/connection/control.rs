@@ -166,7 +166,7 @@ impl Session {
                 | RequestBody::Edit { .. }
                 | RequestBody::Delete { .. }
         ) {
-            match shared.sends.admit() {
+            match shared.sends.admit(caller.user) {
                 Ok(ticket) => reply = reply.admitted(ticket),
                 Err(refused) => return reply.send(Err(refused)),
             }

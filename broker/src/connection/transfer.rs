@@ -5,7 +5,9 @@
 //! bytes. Errors end the stream only, never the connection. Transfer streams send at a
 //! lower priority than the control stream. A stream on which nothing moves for
 //! `transfer_progress_secs` is reset with `TIMEOUT`; at most `max_live_transfer_streams`
-//! are served at once over all connections (one more is reset with `OVERLOADED`).
+//! are served at once over all connections (one more is reset with `OVERLOADED`), and
+//! at most `max_transfer_streams_per_user` of one user's, over all its connections (one
+//! more is reset with `RATE_LIMITED`, before it takes a broker-wide place).
 //! Broker-wide budgets bound what those streams hold: queued upload chunks within
 //! `transfer_buffer_bytes`, blob files open for downloads within `max_open_blob_files`.
 //! A stream that finds its budget spent waits, reading nothing, and is reset with
@@ -48,7 +50,7 @@ const DOWNLOAD_PIECE: usize = 128 * 1024;
 pub(crate) struct Transfers {
     open: AtomicUsize,
     raised: AtomicBool,
-    /// Streams opened since the last idle check.
+    /// Streams opened and grants made since the last idle check.
     opened: AtomicUsize,
 }
 
@@ -60,7 +62,7 @@ impl Transfers {
     /// Lets the peer open up to `max` transfer streams next to its control stream, and
     /// lowers it again after `IDLE_LOWER` with none open.
     pub(crate) fn allow(self: &Arc<Self>, conn: &quinn::Connection, max: u32) {
-        if self.raised.swap(true, Ordering::AcqRel) {
+        if !self.grant() {
             return;
         }
         conn.set_max_concurrent_bi_streams((1 + max).into());
@@ -71,14 +73,35 @@ impl Transfers {
                     _ = conn.closed() => return,
                     _ = tokio::time::sleep(IDLE_LOWER) => {}
                 }
-                let opened = me.opened.swap(0, Ordering::AcqRel);
-                if opened == 0 && me.open.load(Ordering::Acquire) == 0 {
-                    conn.set_max_concurrent_bi_streams(1u32.into());
-                    me.raised.store(false, Ordering::Release);
-                    return;
+                if !me.idle() {
+                    continue;
                 }
+                conn.set_max_concurrent_bi_streams(1u32.into());
+                me.raised.store(false, Ordering::SeqCst);
+                // A grant between the check and the lowering found the credit raised
+                // and left it to this task: raise it again for that one.
+                if me.opened.load(Ordering::SeqCst) > 0 && !me.raised.swap(true, Ordering::SeqCst) {
+                    conn.set_max_concurrent_bi_streams((1 + max).into());
+                    continue;
+                }
+                return;
             }
         });
+    }
+
+    /// A grant of transfer streams (a successful file request): counted as activity, so
+    /// an idle check just after it keeps the credit. Whether the credit must be raised
+    /// (it was not already).
+    fn grant(&self) -> bool {
+        self.opened.fetch_add(1, Ordering::SeqCst);
+        !self.raised.swap(true, Ordering::SeqCst)
+    }
+
+    /// At an idle check: whether nothing happened since the last one (no grant, no stream
+    /// opened) and no stream is open, so the credit goes back to the control stream.
+    fn idle(&self) -> bool {
+        let opened = self.opened.swap(0, Ordering::SeqCst);
+        opened == 0 && self.open.load(Ordering::SeqCst) == 0
     }
 }
 
@@ -102,6 +125,11 @@ pub(crate) async fn serve(
     transfers.open.fetch_add(1, Ordering::AcqRel);
     transfers.opened.fetch_add(1, Ordering::AcqRel);
     let _open = OpenStream(transfers);
+    // Per user, before the broker-wide places: one user's many connections cannot hold
+    // them all.
+    let Some(_user_stream) = shared.files.user_stream(user) else {
+        return reset(&mut send, &mut recv, ErrorCode::RATE_LIMITED);
+    };
     // Broker-wide: each live stream may hold a frame and queued chunks, or an open blob.
     let Ok(_live) = shared.files.live_streams.clone().try_acquire_owned() else {
         return reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
@@ -371,4 +399,25 @@ async fn download(
         at += len as u64;
     }
     let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_just_before_the_idle_check_keeps_the_credit() {
+        let t = Transfers::new();
+        assert!(t.grant(), "the first grant raises the credit");
+        assert!(!t.idle(), "granted since the last check");
+        // Quiet for a whole period, then a file request answered just before the check:
+        // the credit is already raised, and the client is about to open a stream.
+        assert!(!t.grant(), "already raised");
+        assert!(!t.idle(), "a grant is activity: the credit stays");
+        assert!(t.idle(), "a period with nothing: lowered");
+        // A stream open keeps it however long.
+        t.open.fetch_add(1, Ordering::SeqCst);
+        assert!(!t.idle());
+        assert!(!t.idle());
+    }
 }

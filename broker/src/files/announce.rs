@@ -7,11 +7,18 @@
 //! later value, or the final state, says where the upload is); a final state always
 //! waits its turn (there is one per upload that ends, and one per thumbnail made).
 //!
-//! Progress goes to at most `PROGRESS_AUDIENCE` users in conversations (members of the
-//! first conversations by id); the final state to the members of every conversation
-//! `ATTACHMENT_SCAN` looks at.
+//! Each announcement reads the members of the conversations carrying the file (the
+//! first `ATTACHMENT_SCAN`, by id) until `AUDIENCE_READ` members are read, so a file
+//! attached in a thousand groups costs bounded work per event; members of conversations
+//! past that bound get no push (logged) and see the state in `FileInfo` or a download.
+//! Progress goes to each conversation's members as that conversation's (`conv: Some`),
+//! waiting in latest-wins slots. A final state reaches each device once however many
+//! conversations carry the file: the uploader's devices as `conv: None`, every other
+//! member as the first conversation (by id) it shares with the file; it is a queued
+//! frame, and one per conversation would let anyone who attaches uploads to many
+//! groups fill their members' queues.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use switchboard_protocol::{Event, FileId, FileProgress, FileState, ServerFrame, UserId, encode_frame};
@@ -21,9 +28,11 @@ use crate::Shared;
 
 /// Progress announcements waiting for the thread at once, over all uploads.
 const QUEUED_PROGRESS: usize = 1024;
-/// Most conversation members one progress announcement reaches (the uploader's devices
-/// come on top): a file attached in large groups costs bounded work per event.
-const PROGRESS_AUDIENCE: usize = 4096;
+/// Conversation members one announcement reads before it stops looking at further
+/// conversations (the conversation that passes it is read whole, so at most
+/// `MAX_GROUP_MEMBERS` more): a file attached in many large groups costs bounded work
+/// per event, progress or final.
+const AUDIENCE_READ: usize = 4096;
 
 /// Announces `state` of file `id` (of `size` bytes, uploaded by `uploader`) to its
 /// audience, on the announcing thread. Returns at once.
@@ -110,8 +119,10 @@ fn run() {
     }
 }
 
-/// Pushes the job's state to the uploader's devices and to the members of each
-/// conversation where a message carries the file. Blocking (store reads).
+/// Pushes the job's state to the uploader's devices and to the members of the
+/// conversations where a message carries the file, reading at most `AUDIENCE_READ`
+/// members (plus one conversation's). A final state goes once to each user. Blocking
+/// (store reads).
 fn deliver(job: &Job) {
     let progress = |conv| FileProgress { conv, file: job.file, size: job.size, state: job.state.clone() };
     push(&job.shared, &[job.uploader], progress(None));
@@ -125,16 +136,29 @@ fn deliver(job: &Job) {
             return;
         }
     };
-    let mut room = if job.is_progress() { PROGRESS_AUDIENCE } else { usize::MAX };
-    for conv in convs {
-        if room == 0 {
+    // Users a final state has reached: each gets it once, the uploader as `conv: None`.
+    let mut reached = HashSet::from([job.uploader]);
+    let mut read = 0usize;
+    for (i, &conv) in convs.iter().enumerate() {
+        if read >= AUDIENCE_READ {
+            tracing::warn!(
+                file = super::blobs::hex(&job.file),
+                conversations = convs.len() - i,
+                "a file event's audience passed its bound; not pushed to the members of the remaining conversations"
+            );
             break;
         }
         match job.shared.store.members(conv) {
             Ok(members) => {
-                let users: Vec<UserId> = members.into_iter().map(|(u, _)| u).take(room).collect();
-                room -= users.len();
-                push(&job.shared, &users, progress(Some(conv)));
+                read += members.len();
+                let users: Vec<UserId> = if job.is_progress() {
+                    members.into_iter().map(|(u, _)| u).collect()
+                } else {
+                    members.into_iter().map(|(u, _)| u).filter(|u| reached.insert(*u)).collect()
+                };
+                if !users.is_empty() {
+                    push(&job.shared, &users, progress(Some(conv)));
+                }
             }
             Err(e) => tracing::warn!(conv, error = %e, "membership read failed; progress not pushed"),
         }
@@ -144,7 +168,8 @@ fn deliver(job: &Job) {
 /// Sends `progress` as `Event::File` to the online devices of `users`. Progress waits in
 /// one latest-wins slot per (device, file, audience), so however many uploads progress,
 /// a device that reads slowly is never disconnected for them; a final state (`Complete`,
-/// `Failed`) is queued like any event and drops the progress still waiting before it.
+/// `Failed`) is queued like any event and drops the file's progress still waiting before
+/// it, whatever its audience.
 fn push(shared: &Shared, users: &[UserId], progress: FileProgress) {
     let key = (progress.file, progress.conv);
     let last = !matches!(progress.state, FileState::Uploading { .. });

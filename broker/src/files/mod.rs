@@ -20,8 +20,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
-use switchboard_protocol::FileId;
 use switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES;
+use switchboard_protocol::{FileId, UserId};
 
 pub use actor::UploadMsg;
 use actor::{Upload, UploadArgs};
@@ -49,6 +49,11 @@ pub struct Files {
     next_stream: AtomicU64,
     /// One permit per transfer stream served, over all connections.
     pub(crate) live_streams: Arc<tokio::sync::Semaphore>,
+    /// Transfer streams each user has served now, over all its connections; a user's
+    /// entry goes when its count reaches 0, so there is one per user with a stream.
+    user_streams: std::sync::Mutex<HashMap<UserId, usize>>,
+    /// Most transfer streams one user may have served at once.
+    streams_per_user: usize,
     /// One permit per byte of upload chunks read from transfer streams and not yet
     /// handled by their actors, over all streams (`transfer_buffer_bytes`).
     chunk_bytes: Arc<tokio::sync::Semaphore>,
@@ -69,6 +74,9 @@ pub struct TransferLimits {
     pub buffered_chunk_bytes: usize,
     /// Blob files open for downloads at once (`max_open_blob_files`; at least 1).
     pub open_blob_files: usize,
+    /// Transfer streams one user may have served at once, over all its connections
+    /// (`max_transfer_streams_per_user`).
+    pub streams_per_user: usize,
 }
 
 impl TransferLimits {
@@ -78,6 +86,7 @@ impl TransferLimits {
             live_streams: config.max_live_transfer_streams,
             buffered_chunk_bytes: usize::try_from(config.transfer_buffer_bytes).unwrap_or(usize::MAX),
             open_blob_files: config.max_open_blob_files,
+            streams_per_user: config.max_transfer_streams_per_user,
         }
     }
 }
@@ -94,6 +103,25 @@ pub struct ChunkPermits {
     pub stream: tokio::sync::OwnedSemaphorePermit,
     /// The chunk's bytes in `transfer_buffer_bytes`.
     pub bytes: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// One transfer stream of a user counted in `Files::user_stream`; dropping it counts it
+/// out, and the user's entry goes with its last stream.
+pub(crate) struct UserStream<'a> {
+    files: &'a Files,
+    user: UserId,
+}
+
+impl Drop for UserStream<'_> {
+    fn drop(&mut self) {
+        let mut map = self.files.user_streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = map.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// Holds the lock of one upload (`Files::lock_upload`); its map entry goes with the last
@@ -138,6 +166,8 @@ impl Files {
             limits.buffered_chunk_bytes.clamp(MAX_TRANSFER_FRAME_BYTES as usize, tokio::sync::Semaphore::MAX_PERMITS);
         Ok(Files {
             live_streams: Arc::new(tokio::sync::Semaphore::new(limits.live_streams)),
+            user_streams: std::sync::Mutex::new(HashMap::new()),
+            streams_per_user: limits.streams_per_user,
             chunk_bytes: Arc::new(tokio::sync::Semaphore::new(chunk_bytes_max)),
             chunk_bytes_max,
             open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
@@ -146,6 +176,26 @@ impl Files {
             spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
         })
+    }
+
+    /// Counts a transfer stream of `user` while the returned guard lives; `None` if the
+    /// user already has `streams_per_user` served (the stream is refused).
+    pub(crate) fn user_stream(&self, user: UserId) -> Option<UserStream<'_>> {
+        let mut map = self.user_streams.lock().unwrap_or_else(|p| p.into_inner());
+        let count = map.entry(user).or_insert(0);
+        if *count >= self.streams_per_user {
+            if *count == 0 {
+                map.remove(&user);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(UserStream { files: self, user })
+    }
+
+    /// Transfer streams `user` has served now, over all its connections.
+    pub fn user_streams(&self, user: UserId) -> usize {
+        self.user_streams.lock().unwrap_or_else(|p| p.into_inner()).get(&user).copied().unwrap_or(0)
     }
 
     /// Takes `len` bytes of the broker-wide budget for queued upload chunks, waiting
@@ -491,7 +541,7 @@ mod tests {
     const WAIT: Duration = Duration::from_millis(300);
 
     fn files(dir: &std::path::Path, buffered_chunk_bytes: usize) -> Files {
-        let limits = TransferLimits { live_streams: 8, buffered_chunk_bytes, open_blob_files: 1 };
+        let limits = TransferLimits { live_streams: 8, buffered_chunk_bytes, open_blob_files: 1, streams_per_user: 2 };
         Files::open(dir, limits).unwrap()
     }
 
@@ -538,6 +588,28 @@ mod tests {
             drop(open);
         });
         assert!(got.is_some(), "served once the other download let its file go");
+    }
+
+    #[test]
+    fn a_user_has_at_most_its_share_of_streams_and_the_count_leaves_no_entry_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path(), 0);
+        let (a, b) = (files.user_stream(1).unwrap(), files.user_stream(1).unwrap());
+        assert!(files.user_stream(1).is_none(), "a third stream of user 1");
+        let other = files.user_stream(2).expect("another user's stream is not counted with hers");
+        assert_eq!((files.user_streams(1), files.user_streams(2)), (2, 1));
+        drop(a);
+        let c = files.user_stream(1).expect("a place given back is taken again");
+        drop((b, c, other));
+        assert!(files.user_streams.lock().unwrap().is_empty(), "no entry once a user's streams ended");
+        // A share of 0 refuses every stream and keeps no entry either.
+        let none = Files::open(
+            dir.path(),
+            TransferLimits { live_streams: 8, buffered_chunk_bytes: 0, open_blob_files: 1, streams_per_user: 0 },
+        )
+        .unwrap();
+        assert!(none.user_stream(1).is_none());
+        assert!(none.user_streams.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
