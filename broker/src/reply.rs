@@ -45,10 +45,11 @@ impl Responder {
 
     fn answer(&mut self, result: Result<Reply, ErrorBody>) {
         let Some(out) = self.out.take() else { return };
-        // Answered: the write no longer waits, whatever the answer. Only an applied one
-        // (`Ok`) is timed: a refusal may never have waited in the queue.
+        // Answered: the write no longer waits, whatever the answer. Only a write newly
+        // applied is timed: a refusal, or the answer to a resent client id, may never
+        // have waited in the queue.
         if let Some(mut ticket) = self.ticket.take() {
-            if result.is_ok() {
+            if waited_in_the_queue(&result) {
                 ticket.applied();
             }
             drop(ticket);
@@ -65,11 +66,33 @@ impl Responder {
     }
 }
 
+/// Whether a message write answered `result` went through the commit queue, so its
+/// admission-to-answer time is a sample of the queue's delay (`overload::SendRule`): only
+/// a newly appended entry. A refusal (not a member, say) is answered on a cheap check,
+/// and a resent client id whose entry is already durable is answered at once; timing
+/// either would let anyone keep the delay rule from ever starting by sending such writes.
+fn waited_in_the_queue(result: &Result<Reply, ErrorBody>) -> bool {
+    matches!(result, Ok(Reply::Appended { duplicate: false, .. }))
+}
+
 impl Drop for Responder {
     fn drop(&mut self) {
         if self.out.is_some() {
             tracing::warn!(id = self.id, "request dropped unanswered");
             self.answer(Err(ErrorBody::new(ErrorCode::INTERNAL, "request was not completed; retry")));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_newly_appended_write_is_a_sample_of_the_queue() {
+        assert!(waited_in_the_queue(&Ok(Reply::Appended { seq: 7, duplicate: false })));
+        assert!(!waited_in_the_queue(&Ok(Reply::Appended { seq: 7, duplicate: true })), "a resent client id");
+        assert!(!waited_in_the_queue(&Err(ErrorBody::new(ErrorCode::FORBIDDEN, "not a member"))));
+        assert!(!waited_in_the_queue(&Ok(Reply::Pong { server_time_ms: 1 })), "not a write");
     }
 }

@@ -171,17 +171,6 @@ async fn read<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Reads one `Chunk` frame as `read` does, its data a slice of the frame (not a copy).
-async fn read_upload_chunk(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
-) -> Result<Option<Chunk>, ErrorCode> {
-    match read_frame(recv, decoder).await? {
-        Some(frame) => Chunk::decode_shared(frame).map(Some).map_err(|e| e.code()),
-        None => Ok(None),
-    }
-}
-
 /// The next whole frame body: `None` at the end of the stream, the code of a frame too
 /// large. Cancel-safe (what was read stays in `decoder`).
 async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> Result<Option<Bytes>, ErrorCode> {
@@ -275,7 +264,7 @@ async fn upload(
             },
             // The client stopped reading, or the connection is gone: nobody to answer.
             _ = send.stopped() => break,
-            frame = read_upload_chunk(&mut recv, &mut decoder), if reading => match frame {
+            frame = read::<Chunk>(&mut recv, &mut decoder), if reading => match frame {
                 Ok(Some(chunk)) => {
                     deadline = tokio::time::Instant::now() + progress;
                     let Ok(stream_permit) = permits.clone().acquire_owned().await else { break };

@@ -174,28 +174,6 @@ impl Chunk {
         head.extend_from_slice(&varints[..used]);
         [Bytes::from(head), self.data.clone(), Bytes::copy_from_slice(&self.blake3)]
     }
-
-    /// Decodes a `Chunk` frame body exactly as `decode::<Chunk>` does (the same bytes are
-    /// accepted and refused), except that `data` is a slice of `body` rather than a copy:
-    /// an upload's bytes are not copied once more on the way to the disk.
-    ///
-    /// # Errors
-    /// `FrameError::BadBody` when `body` is not a postcard `Chunk`.
-    pub fn decode_shared(body: Bytes) -> Result<Chunk, crate::FrameError> {
-        let bad = |e: postcard::Error| crate::FrameError::BadBody(e.to_string());
-        // Postcard's layout of `Chunk`: varint offset, varint length and the data, then
-        // the 32 bytes of the hash.
-        let (offset, rest) = postcard::take_from_bytes::<u64>(&body).map_err(bad)?;
-        let (len, rest) = postcard::take_from_bytes::<u64>(rest).map_err(bad)?;
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&len| len <= rest.len())
-            .ok_or(postcard::Error::DeserializeUnexpectedEnd)
-            .map_err(bad)?;
-        let (blake3, _) = postcard::take_from_bytes::<Blake3>(&rest[len..]).map_err(bad)?;
-        let start = body.len() - rest.len();
-        Ok(Chunk { offset, data: body.slice(start..start + len), blake3 })
-    }
 }
 
 /// Broker to client on a transfer stream.
@@ -238,26 +216,6 @@ pub enum TransferReply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    fn encoded(chunk: &Chunk) -> Bytes {
-        Bytes::from(postcard::to_allocvec(chunk).unwrap_or_default())
-    }
-
-    #[test]
-    fn a_shared_decode_gives_the_same_chunk_without_copying_its_data() {
-        let chunk = Chunk { offset: 1 << 40, data: Bytes::from(vec![7u8; 300]), blake3: [9; 32] };
-        let body = encoded(&chunk);
-        let decoded = Chunk::decode_shared(body.clone()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(decoded, chunk);
-        let inside = body.as_ptr_range();
-        assert!(inside.contains(&decoded.data.as_ptr()), "the data is a slice of the frame");
-        // Cut anywhere, it is refused as the generic decoder refuses it.
-        for cut in 0..body.len() {
-            assert!(Chunk::decode_shared(body.slice(..cut)).is_err(), "cut at {cut}");
-            assert!(crate::decode::<Chunk>(&body[..cut]).is_err(), "cut at {cut}");
-        }
-    }
 
     #[test]
     fn frame_parts_concatenate_to_the_encoded_frame() {
@@ -269,26 +227,6 @@ mod tests {
                 let frame = crate::encode_frame(&chunk).unwrap_or_default();
                 assert_eq!(joined, frame.to_vec(), "len {len} offset {offset}");
                 assert_eq!(parts[1].as_ptr(), chunk.data.as_ptr(), "the data is shared, not copied");
-            }
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn a_shared_decode_accepts_and_refuses_what_the_generic_decoder_does(
-            bytes in proptest::collection::vec(any::<u8>(), 0..128),
-            offset in any::<u64>(),
-            data in proptest::collection::vec(any::<u8>(), 0..64),
-            tail in proptest::collection::vec(any::<u8>(), 0..8),
-        ) {
-            // Arbitrary bytes, and real chunks with trailing bytes after them.
-            let chunk = Chunk { offset, data: Bytes::from(data), blake3: [3; 32] };
-            let mut real = encoded(&chunk).to_vec();
-            real.extend_from_slice(&tail);
-            for body in [bytes, real] {
-                let generic = crate::decode::<Chunk>(&body).ok();
-                let shared = Chunk::decode_shared(Bytes::from(body)).ok();
-                prop_assert_eq!(shared, generic);
             }
         }
     }
