@@ -94,7 +94,7 @@ impl Online {
             let Some(sessions) = self.sessions(user) else { continue };
             for s in sessions.iter() {
                 let sent = if last {
-                    s.out.push_last(key, frame.clone()).is_ok()
+                    s.out.push_last(key.0, frame.clone()).is_ok()
                 } else {
                     s.out.push_latest(key, frame.clone()).unwrap_or(false)
                 };

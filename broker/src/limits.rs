@@ -168,3 +168,41 @@ const _: () = assert!(UNAUTHENTICATED_PER_ADDRESS * 2 <= MAX_UNAUTHENTICATED_CON
 const _: () = assert!(OUTBOUND_MAX_BYTES >= switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize * 2);
 // A datagram of the largest allowed size fits quinn's buffer with its bookkeeping.
 const _: () = assert!(DATAGRAM_BUFFER_BYTES >= 4 * switchboard_protocol::limits::MAX_DATAGRAM_BYTES as usize);
+
+/// How many of something each user holds now (writes in flight, transfer streams), for
+/// per-user shares of a broker-wide bound. A user's entry goes when its count returns
+/// to 0, so the map holds one entry per user holding at least one: it is bounded by the
+/// things counted, never by how many users ever came.
+#[derive(Clone, Debug, Default)]
+pub struct PerUser(std::collections::HashMap<switchboard_protocol::UserId, usize>);
+
+impl PerUser {
+    /// Counts one more for `user` if it holds fewer than `max`; whether it did.
+    pub fn take(&mut self, user: switchboard_protocol::UserId, max: usize) -> bool {
+        if self.held(user) >= max {
+            return false;
+        }
+        *self.0.entry(user).or_insert(0) += 1;
+        true
+    }
+
+    /// Counts one fewer for `user` (nothing if it holds none).
+    pub fn give_back(&mut self, user: switchboard_protocol::UserId) {
+        if let Some(n) = self.0.get_mut(&user) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&user);
+            }
+        }
+    }
+
+    /// What `user` holds now.
+    pub fn held(&self, user: switchboard_protocol::UserId) -> usize {
+        self.0.get(&user).copied().unwrap_or(0)
+    }
+
+    /// Users holding at least one (the map's size).
+    pub fn users(&self) -> usize {
+        self.0.len()
+    }
+}

@@ -89,13 +89,12 @@ impl Outbound {
         Ok(true)
     }
 
-    /// Queues `frame`, the last of the latest-wins values of `key`'s file (its final
-    /// state): the values waiting in that file's slots, for every audience, are dropped,
-    /// so no older progress of the file follows it. Queued like `push`, within the same
-    /// bounds.
-    pub fn push_last(&self, key: LatestKey, frame: Bytes) -> Result<(), Closed> {
+    /// Queues `frame`, the last of `file`'s latest-wins values (its final state): the
+    /// values waiting in that file's slots, for every audience, are dropped, so no older
+    /// progress of the file follows it. Queued like `push`, within the same bounds.
+    pub fn push_last(&self, file: switchboard_protocol::FileId, frame: Bytes) -> Result<(), Closed> {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        q.latest.retain(|(k, _)| k.0 != key.0);
+        q.latest.retain(|((f, _), _)| *f != file);
         self.push_locked(q, frame)
     }
 
@@ -214,7 +213,7 @@ mod tests {
         // nothing older follows it.
         out.push_latest(a, Bytes::from_static(b"a-late")).unwrap();
         out.push_latest((a.0, Some(9)), Bytes::from_static(b"a-late-in-9")).unwrap();
-        out.push_last(a, Bytes::from_static(b"a-done")).unwrap();
+        out.push_last(a.0, Bytes::from_static(b"a-done")).unwrap();
         got.clear();
         assert_eq!(out.drain(&mut got).await, None);
         assert_eq!(got, vec![Bytes::from_static(b"a-done")]);

@@ -26,13 +26,13 @@
 //!   member, say) never waited in the queue, and timing it would let anyone switch the
 //!   rule off by sending writes to a conversation they are not in.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use switchboard_protocol::{ErrorBody, ErrorCode, UserId};
 
 use crate::config::Config;
+use crate::limits::PerUser;
 
 /// The window over which the shortest write latency is taken (CoDel's interval). Long
 /// enough to hold several group commits, short enough that a standing queue is cut
@@ -75,7 +75,7 @@ pub struct SendRule {
     in_flight: usize,
     /// Writes in flight per user; a user's entry goes when its count reaches 0, so there
     /// are at most `in_flight` entries.
-    per_user: HashMap<UserId, usize>,
+    per_user: PerUser,
     /// Writes refused so far.
     refused: u64,
     shedding: bool,
@@ -95,7 +95,7 @@ impl SendRule {
             max_per_user: max_in_flight,
             target_us: target_ms.saturating_mul(1000),
             in_flight: 0,
-            per_user: HashMap::new(),
+            per_user: PerUser::default(),
             refused: 0,
             shedding: false,
             window_start_us: 0,
@@ -115,13 +115,13 @@ impl SendRule {
         self.roll(now_us);
         let refusal = if self.in_flight >= self.max_in_flight {
             Refusal::InFlight
-        } else if self.per_user.get(&user).is_some_and(|&n| n >= self.max_per_user) {
+        } else if self.per_user.held(user) >= self.max_per_user {
             Refusal::UserInFlight
         } else if self.shedding {
             Refusal::Delay
         } else {
             self.in_flight += 1;
-            *self.per_user.entry(user).or_insert(0) += 1;
+            self.per_user.take(user, self.max_per_user);
             return Ok(());
         };
         self.refused += 1;
@@ -154,12 +154,7 @@ impl SendRule {
 
     fn count_out(&mut self, user: UserId) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        if let Some(n) = self.per_user.get_mut(&user) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_user.remove(&user);
-            }
-        }
+        self.per_user.give_back(user);
     }
 
     /// Writes admitted and not yet answered.
@@ -169,12 +164,12 @@ impl SendRule {
 
     /// Writes of `user` admitted and not yet answered.
     pub fn user_in_flight(&self, user: UserId) -> usize {
-        self.per_user.get(&user).copied().unwrap_or(0)
+        self.per_user.held(user)
     }
 
     /// Users with a write in flight (the size of the per-user map).
     pub fn users_in_flight(&self) -> usize {
-        self.per_user.len()
+        self.per_user.users()
     }
 
     /// Writes refused so far.

@@ -165,18 +165,9 @@ async fn read<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
 ) -> Result<Option<T>, ErrorCode> {
-    match read_frame(recv, decoder).await? {
-        Some(frame) => decode(&frame).map(Some).map_err(|e| e.code()),
-        None => Ok(None),
-    }
-}
-
-/// The next whole frame body: `None` at the end of the stream, the code of a frame too
-/// large. Cancel-safe (what was read stays in `decoder`).
-async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> Result<Option<Bytes>, ErrorCode> {
     loop {
         if let Some(frame) = decoder.next_frame().map_err(|e| e.code())? {
-            return Ok(Some(frame));
+            return decode(&frame).map(Some).map_err(|e| e.code());
         }
         match recv.read_chunk(READ_CHUNK_BYTES, true).await {
             Ok(Some(chunk)) => decoder.push(&chunk.bytes),

@@ -51,7 +51,7 @@ pub struct Files {
     pub(crate) live_streams: Arc<tokio::sync::Semaphore>,
     /// Transfer streams each user has served now, over all its connections; a user's
     /// entry goes when its count reaches 0, so there is one per user with a stream.
-    user_streams: std::sync::Mutex<HashMap<UserId, usize>>,
+    user_streams: std::sync::Mutex<crate::limits::PerUser>,
     /// Most transfer streams one user may have served at once.
     streams_per_user: usize,
     /// One permit per byte of upload chunks read from transfer streams and not yet
@@ -114,13 +114,7 @@ pub(crate) struct UserStream<'a> {
 
 impl Drop for UserStream<'_> {
     fn drop(&mut self) {
-        let mut map = self.files.user_streams.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = map.get_mut(&self.user) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.user);
-            }
-        }
+        self.files.user_streams.lock().unwrap_or_else(|p| p.into_inner()).give_back(self.user);
     }
 }
 
@@ -166,7 +160,7 @@ impl Files {
             limits.buffered_chunk_bytes.clamp(MAX_TRANSFER_FRAME_BYTES as usize, tokio::sync::Semaphore::MAX_PERMITS);
         Ok(Files {
             live_streams: Arc::new(tokio::sync::Semaphore::new(limits.live_streams)),
-            user_streams: std::sync::Mutex::new(HashMap::new()),
+            user_streams: std::sync::Mutex::default(),
             streams_per_user: limits.streams_per_user,
             chunk_bytes: Arc::new(tokio::sync::Semaphore::new(chunk_bytes_max)),
             chunk_bytes_max,
@@ -181,21 +175,14 @@ impl Files {
     /// Counts a transfer stream of `user` while the returned guard lives; `None` if the
     /// user already has `streams_per_user` served (the stream is refused).
     pub(crate) fn user_stream(&self, user: UserId) -> Option<UserStream<'_>> {
-        let mut map = self.user_streams.lock().unwrap_or_else(|p| p.into_inner());
-        let count = map.entry(user).or_insert(0);
-        if *count >= self.streams_per_user {
-            if *count == 0 {
-                map.remove(&user);
-            }
-            return None;
-        }
-        *count += 1;
-        Some(UserStream { files: self, user })
+        let taken = self.user_streams.lock().unwrap_or_else(|p| p.into_inner()).take(user, self.streams_per_user);
+        // Built only when taken: a guard dropped unused would give a place back.
+        if taken { Some(UserStream { files: self, user }) } else { None }
     }
 
     /// Transfer streams `user` has served now, over all its connections.
     pub fn user_streams(&self, user: UserId) -> usize {
-        self.user_streams.lock().unwrap_or_else(|p| p.into_inner()).get(&user).copied().unwrap_or(0)
+        self.user_streams.lock().unwrap_or_else(|p| p.into_inner()).held(user)
     }
 
     /// Takes `len` bytes of the broker-wide budget for queued upload chunks, waiting
@@ -601,7 +588,7 @@ mod tests {
         drop(a);
         let c = files.user_stream(1).expect("a place given back is taken again");
         drop((b, c, other));
-        assert!(files.user_streams.lock().unwrap().is_empty(), "no entry once a user's streams ended");
+        assert_eq!(files.user_streams.lock().unwrap().users(), 0, "no entry once a user's streams ended");
         // A share of 0 refuses every stream and keeps no entry either.
         let none = Files::open(
             dir.path(),
@@ -609,7 +596,7 @@ mod tests {
         )
         .unwrap();
         assert!(none.user_stream(1).is_none());
-        assert!(none.user_streams.lock().unwrap().is_empty());
+        assert_eq!(none.user_streams.lock().unwrap().users(), 0);
     }
 
     #[tokio::test]
