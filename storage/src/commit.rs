@@ -114,14 +114,7 @@ impl Committer {
     /// Has the committer thread apply `batch` between flushes; returns once it is
     /// applied (blocking: call off the async runtime), with a future for its durability.
     pub(crate) fn apply(&self, batch: sled::Batch) -> Result<Durable, StoreError> {
-        let (applied_tx, applied_rx) = mpsc::sync_channel(1);
-        let (durable_tx, durable_rx) = oneshot::channel();
-        let done: Done = Box::new(move |r| {
-            let _ = durable_tx.send(r);
-        });
-        self.send(Job::Apply(batch, applied_tx, done))?;
-        applied_rx.recv().map_err(|_| StoreError::Closed)??;
-        Ok(Durable(durable_rx))
+        self.send_apply(batch)?.wait()
     }
 
     /// Like `apply`, in two steps: hands `batch` to the committer thread (in order with
