@@ -302,15 +302,21 @@ impl Store {
     /// Records that a device authenticated after its enrollment, so it is never
     /// replaced (`add_device`). `None` if there was nothing to record (confirmed
     /// already, enrolled before confirmation existed, or gone).
+    ///
+    /// One key is removed, so this is a single sled write, not a batch: it takes no turn
+    /// on the committer thread and returns at once (the catalog lock is held only for
+    /// the remove). As a batch it waited for the committer to finish the group commit
+    /// in progress, so the catalog thread confirmed one device per commit, and a storm
+    /// of first logins ran at one fdatasync each (docs/benchmarks.md, "Connection
+    /// storm").
     pub fn confirm_device(&self, user: UserId, device: DeviceId) -> Result<Option<Durable>> {
         let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         let key = Key::unconfirmed(user, device);
-        if !self.db.contains_key(&key)? {
-            return Ok(None);
+        let removed = self.index_write(|| Ok(self.db.remove(&key)?))?;
+        match removed {
+            None => Ok(None),
+            Some(_) => Ok(Some(self.barrier()?)),
         }
-        let mut txn = Txn::new();
-        txn.batch.remove(key.as_ref());
-        Ok(Some(self.commit(txn)?))
     }
 
     /// Whether a device has not authenticated since its enrollment.
@@ -773,6 +779,65 @@ mod tests {
         store.commit(txn).unwrap().await.unwrap();
         assert_eq!(store.user_conversations(1, None, 10).unwrap(), vec![5, 9]);
         assert_eq!(store.members(7).unwrap(), vec![(2, Role::Admin)]);
+    }
+
+    #[test]
+    fn confirming_a_device_does_not_wait_for_the_commit_in_progress() {
+        use std::time::Duration;
+        const WAIT: Duration = Duration::from_secs(10);
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let record = DeviceRecord { name: "d".into(), public_key: [1; 32], enrolled_ms: 1 };
+        let ids: Vec<DeviceId> = (0..3)
+            .map(|_| {
+                let (id, _, durable) = store.add_device(7, &record, 8, &Replace::default()).unwrap();
+                futures_block_on(durable).unwrap();
+                id
+            })
+            .collect();
+        // The next commit pauses as it begins until the test lets it go on.
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (go, paused) = std::sync::mpsc::channel::<()>();
+        let paused = std::sync::Mutex::new(paused);
+        let once = std::sync::atomic::AtomicBool::new(true);
+        store.committer.on_commit_started(Box::new(move |_| {
+            if once.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                let _ = started_tx.send(());
+                let _ = paused.lock().unwrap().recv_timeout(WAIT);
+            }
+        }));
+        let first = store.barrier().unwrap();
+        started.recv_timeout(WAIT).unwrap();
+        // Every first login of a storm confirms its device. Each confirmation returns at
+        // once, during the commit: as a batch it waited for that commit to end, so the
+        // catalog thread confirmed one device per group commit.
+        let (confirmed_tx, confirmed) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for &id in &ids {
+                    confirmed_tx.send(store.confirm_device(7, id).unwrap().expect("unconfirmed until now")).unwrap();
+                }
+            });
+            let mut waiting = Vec::new();
+            for _ in &ids {
+                let durable = confirmed.recv_timeout(Duration::from_secs(3));
+                assert!(durable.is_ok(), "a confirmation waited for the commit in progress");
+                waiting.push(durable.unwrap());
+            }
+            assert!(store.unconfirmed_devices(7).unwrap().is_empty(), "applied at once");
+            go.send(()).unwrap();
+            futures_block_on(first).unwrap();
+            for durable in waiting {
+                // Durable only after a commit that began after the confirmation.
+                futures_block_on(durable).unwrap();
+            }
+        });
+        assert!(store.confirm_device(7, ids[0]).unwrap().is_none(), "confirmed once");
+    }
+
+    /// Waits for a future on this (non-runtime) thread.
+    fn futures_block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
     }
 
     #[tokio::test]
