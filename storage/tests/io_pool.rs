@@ -5,6 +5,7 @@
 //! Linux only: it counts context switches per thread in `/proc/self/task`.
 
 #![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)]
 
 use switchboard_protocol::{Body, Entry};
 use switchboard_storage::{Store, StoreConfig};
