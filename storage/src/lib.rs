@@ -787,11 +787,14 @@ mod tests {
         const WAIT: Duration = Duration::from_secs(10);
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
+        // A plain test thread: the confirmations run on a thread of their own, as on the
+        // catalog thread, and this one waits for them.
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let record = DeviceRecord { name: "d".into(), public_key: [1; 32], enrolled_ms: 1 };
         let ids: Vec<DeviceId> = (0..3)
             .map(|_| {
                 let (id, _, durable) = store.add_device(7, &record, 8, &Replace::default()).unwrap();
-                futures_block_on(durable).unwrap();
+                rt.block_on(durable).unwrap();
                 id
             })
             .collect();
@@ -826,18 +829,13 @@ mod tests {
             }
             assert!(store.unconfirmed_devices(7).unwrap().is_empty(), "applied at once");
             go.send(()).unwrap();
-            futures_block_on(first).unwrap();
+            rt.block_on(first).unwrap();
             for durable in waiting {
                 // Durable only after a commit that began after the confirmation.
-                futures_block_on(durable).unwrap();
+                rt.block_on(durable).unwrap();
             }
         });
         assert!(store.confirm_device(7, ids[0]).unwrap().is_none(), "confirmed once");
-    }
-
-    /// Waits for a future on this (non-runtime) thread.
-    fn futures_block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
     }
 
     #[tokio::test]
