@@ -4,7 +4,8 @@
 //! `FrameDecoder` is an accumulator: feed it whatever the transport delivered, take out
 //! complete frames. It checks a declared length against its limit as soon as the
 //! length prefix is complete, and allocates only for bytes that arrived, never for a
-//! declared length.
+//! declared length. `ChunkDecoder` cuts an upload stream's `Chunk` frames instead,
+//! copying each chunk's data once into an aligned buffer the caller lets it allocate.
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde::Serialize;
@@ -117,6 +118,12 @@ impl FrameDecoder {
         frame.advance(prefix_len);
         Ok(Some(frame.freeze()))
     }
+
+    /// Takes every byte buffered but not returned as a frame (what followed the last
+    /// frame, for a decoder of another kind to go on with).
+    pub fn take_buffered(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
 }
 
 /// Writes `value` as LEB128 into `out`, returning the number of bytes used.
@@ -150,6 +157,181 @@ fn read_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, FrameError> {
     }
     if buf.len() >= MAX_PREFIX_BYTES {
         return Err(FrameError::BadPrefix);
+    }
+    Ok(None)
+}
+
+/// Longest postcard varint for a `u64` (the chunk's offset and its data's length).
+const MAX_U64_VARINT_BYTES: usize = 10;
+/// Bytes of a chunk's BLAKE3 at the end of its frame.
+const CHUNK_HASH_BYTES: usize = 32;
+
+/// What `ChunkDecoder::feed` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChunkStep {
+    /// Every byte given was taken: feed more.
+    More,
+    /// A frame's header is in: `len` data bytes for file offset `offset` follow. Call
+    /// `ChunkDecoder::allocate` (after reserving `ChunkDecoder::buffer_bytes(len)` in
+    /// whatever budget bounds the caller) before feeding more; until then `feed`
+    /// answers this again and takes nothing.
+    Header {
+        /// The chunk's `offset`.
+        offset: u64,
+        /// Bytes of its `data`.
+        len: usize,
+    },
+    /// A whole chunk.
+    Chunk(crate::wire::Chunk),
+}
+
+/// Decodes a stream of `Chunk` frames (an upload stream after its `TransferOpen`),
+/// copying each chunk's data once, from the pieces the transport delivered straight into
+/// a buffer of its own, allocated only when the caller says so (`ChunkStep::Header`).
+/// Within that buffer the data is placed so that every byte whose file offset is a
+/// multiple of `align` sits at an address that is a multiple of `align`: a writer can
+/// hand the chunk's whole blocks to `O_DIRECT` as they are. Accepts exactly what
+/// `FrameDecoder` and `decode::<Chunk>` accept, except trailing bytes after the hash
+/// (which section 2 of PROTOCOL.md forbids): `BadBody`. After an error the stream is
+/// unusable.
+#[derive(Debug)]
+pub struct ChunkDecoder {
+    max_frame_bytes: u32,
+    align: usize,
+    state: ChunkState,
+}
+
+#[derive(Debug)]
+enum ChunkState {
+    /// Header bytes so far (prefix, offset, data length: at most 25).
+    Header(Vec<u8>),
+    /// The header is in; waiting for `allocate`.
+    Sized { offset: u64, len: usize },
+    /// Receiving the data into `buf`, whose first `pad` bytes are padding.
+    Data { offset: u64, len: usize, pad: usize, buf: Vec<u8> },
+    /// Receiving the hash.
+    Hash { offset: u64, data: Bytes, hash: Vec<u8> },
+}
+
+impl ChunkDecoder {
+    /// A decoder for frames of at most `max_frame_bytes` (body), placing data for
+    /// `align` (a power of two; 1 for no alignment).
+    pub fn new(max_frame_bytes: u32, align: usize) -> Self {
+        ChunkDecoder { max_frame_bytes, align: align.max(1), state: ChunkState::Header(Vec::new()) }
+    }
+
+    /// Bytes `allocate` takes for a chunk of `len` data bytes (the data and at most
+    /// `align` - 1 bytes of padding).
+    pub fn buffer_bytes(&self, len: usize) -> usize {
+        len + self.align - 1
+    }
+
+    /// Takes bytes from the front of `input` (as many as belong to the current frame
+    /// and the state allows) and says what they completed.
+    pub fn feed(&mut self, input: &mut Bytes) -> Result<ChunkStep, FrameError> {
+        loop {
+            match &mut self.state {
+                ChunkState::Header(header) => {
+                    // One byte at a time: the header's length is known only once parsed.
+                    let Some(&byte) = input.first() else { return Ok(ChunkStep::More) };
+                    input.advance(1);
+                    header.push(byte);
+                    if let Some((offset, len)) = parse_chunk_header(header, self.max_frame_bytes)? {
+                        self.state = ChunkState::Sized { offset, len };
+                    }
+                }
+                ChunkState::Sized { offset, len } => return Ok(ChunkStep::Header { offset: *offset, len: *len }),
+                ChunkState::Data { offset, len, pad, buf } => {
+                    let want = *pad + *len - buf.len();
+                    if want > 0 {
+                        if input.is_empty() {
+                            return Ok(ChunkStep::More);
+                        }
+                        let piece = input.split_to(want.min(input.len()));
+                        buf.extend_from_slice(&piece);
+                        continue;
+                    }
+                    let (offset, pad) = (*offset, *pad);
+                    let data = Bytes::from(std::mem::take(buf)).slice(pad..);
+                    self.state = ChunkState::Hash { offset, data, hash: Vec::with_capacity(CHUNK_HASH_BYTES) };
+                }
+                ChunkState::Hash { offset, data, hash } => {
+                    let want = CHUNK_HASH_BYTES - hash.len();
+                    if want > 0 {
+                        if input.is_empty() {
+                            return Ok(ChunkStep::More);
+                        }
+                        let piece = input.split_to(want.min(input.len()));
+                        hash.extend_from_slice(&piece);
+                        continue;
+                    }
+                    let mut blake3 = [0u8; CHUNK_HASH_BYTES];
+                    blake3.copy_from_slice(hash);
+                    let chunk = crate::wire::Chunk { offset: *offset, data: std::mem::take(data), blake3 };
+                    self.state = ChunkState::Header(Vec::new());
+                    return Ok(ChunkStep::Chunk(chunk));
+                }
+            }
+        }
+    }
+
+    /// Allocates the buffer for the chunk whose header `feed` reported (nothing if it
+    /// did not): `buffer_bytes(len)` bytes.
+    pub fn allocate(&mut self) {
+        if let ChunkState::Sized { offset, len } = self.state {
+            let mut buf: Vec<u8> = Vec::with_capacity(self.buffer_bytes(len));
+            // The data's first byte at an aligned file offset goes to an aligned address.
+            let align = self.align as u64;
+            let head = ((align - offset % align) % align) as usize;
+            let pad = buf.as_ptr().wrapping_add(head).align_offset(self.align).min(self.align - 1);
+            buf.resize(pad, 0);
+            self.state = ChunkState::Data { offset, len, pad, buf };
+        }
+    }
+
+    /// Bytes of data allocated for the chunk in progress.
+    pub fn capacity(&self) -> usize {
+        match &self.state {
+            ChunkState::Data { buf, .. } => buf.capacity(),
+            _ => 0,
+        }
+    }
+}
+
+/// Parses a `Chunk` frame's header (length prefix, offset, data length) from `header`:
+/// `Ok(None)` while incomplete; `TooLarge` as soon as the prefix is; `BadBody` when the
+/// lengths do not add up to the frame (data and hash exactly fill what the prefix
+/// declared) or a varint is malformed.
+fn parse_chunk_header(header: &[u8], max_frame_bytes: u32) -> Result<Option<(u64, usize)>, FrameError> {
+    let Some((declared, prefix)) = read_varint(header)? else { return Ok(None) };
+    if declared > u64::from(max_frame_bytes) {
+        return Err(FrameError::TooLarge { declared, limit: max_frame_bytes });
+    }
+    let Some((offset, offset_bytes)) = read_u64_varint(&header[prefix..])? else { return Ok(None) };
+    let Some((len, len_bytes)) = read_u64_varint(&header[prefix + offset_bytes..])? else { return Ok(None) };
+    let fits = (offset_bytes + len_bytes) as u64 + CHUNK_HASH_BYTES as u64;
+    if declared.checked_sub(fits) != Some(len) {
+        return Err(FrameError::BadBody(format!("a chunk of {len} bytes does not fill its frame of {declared} bytes")));
+    }
+    // At most the frame limit: fits a usize.
+    Ok(Some((offset, len as usize)))
+}
+
+/// A postcard `u64` varint: `Ok(None)` if incomplete, `BadBody` if longer than 10 bytes
+/// or over `u64::MAX`.
+fn read_u64_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, FrameError> {
+    let mut value: u64 = 0;
+    for (i, &byte) in buf.iter().take(MAX_U64_VARINT_BYTES).enumerate() {
+        if i == MAX_U64_VARINT_BYTES - 1 && byte > 1 {
+            return Err(FrameError::BadBody("varint over u64".into()));
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    if buf.len() >= MAX_U64_VARINT_BYTES {
+        return Err(FrameError::BadBody("varint over u64".into()));
     }
     Ok(None)
 }
@@ -283,6 +465,95 @@ mod tests {
         check("00 01 04 00 02 c3 28", bad);
     }
 
+    /// Feeds `stream` to a `ChunkDecoder` in pieces of `piece` bytes, allocating at
+    /// every header: the chunks, or the first error.
+    fn chunks_of(stream: &[u8], piece: usize, align: usize) -> Result<Vec<crate::wire::Chunk>, FrameError> {
+        let mut dec = ChunkDecoder::new(crate::limits::MAX_TRANSFER_FRAME_BYTES, align);
+        let mut got = Vec::new();
+        for part in stream.chunks(piece.max(1)) {
+            let mut input = Bytes::copy_from_slice(part);
+            loop {
+                match dec.feed(&mut input)? {
+                    ChunkStep::More => break,
+                    ChunkStep::Header { len, .. } => {
+                        assert_eq!(dec.capacity(), 0, "nothing allocated before the caller says so");
+                        assert_eq!(dec.feed(&mut input)?, ChunkStep::Header { offset: dec_offset(&dec), len });
+                        dec.allocate();
+                        assert!(dec.capacity() >= len && dec.capacity() <= dec.buffer_bytes(len));
+                    }
+                    ChunkStep::Chunk(c) => got.push(c),
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    fn dec_offset(dec: &ChunkDecoder) -> u64 {
+        match dec.state {
+            ChunkState::Sized { offset, .. } => offset,
+            _ => u64::MAX,
+        }
+    }
+
+    fn chunk(offset: u64, len: usize) -> crate::wire::Chunk {
+        let data: Vec<u8> = (0..len).map(|i| (i as u64 * 31 + offset) as u8).collect();
+        crate::wire::Chunk { offset, blake3: [len as u8; 32], data: Bytes::from(data) }
+    }
+
+    #[test]
+    fn chunk_frames_decode_through_split_reads_with_aligned_data() {
+        const ALIGN: usize = 4096;
+        let chunks: Vec<_> =
+            [(0, 1 << 20), (1 << 20, 1), (5, 4095), (4096 * 3, 4096), (100, 70_000), (7, 0), (1 << 40, 9000)]
+                .into_iter()
+                .map(|(o, l)| chunk(o, l))
+                .collect();
+        let stream: Vec<u8> = chunks.iter().flat_map(|c| encode_frame(c).unwrap().to_vec()).collect();
+        for piece in [1usize, 2, 3, 33, 4096, 65_536, stream.len()] {
+            let got = chunks_of(&stream, piece, ALIGN).unwrap();
+            assert_eq!(got, chunks, "pieces of {piece}");
+            for c in &got {
+                // The first byte at an aligned file offset sits at an aligned address.
+                let head = ((ALIGN as u64 - c.offset % ALIGN as u64) % ALIGN as u64) as usize;
+                if head < c.data.len() {
+                    assert_eq!(c.data[head..].as_ptr().align_offset(ALIGN), 0, "offset {}", c.offset);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_chunk_frame_is_refused_as_soon_as_its_header_shows_it() {
+        // Over the limit: refused at the prefix, before any body byte.
+        let mut prefix = [0u8; MAX_PREFIX_BYTES];
+        let n = write_varint(crate::limits::MAX_TRANSFER_FRAME_BYTES + 1, &mut prefix);
+        assert!(matches!(chunks_of(&prefix[..n], 1, 1), Err(FrameError::TooLarge { .. })));
+        // A trailing byte after the hash (PROTOCOL.md section 2 forbids it).
+        let mut frame = encode_frame(&chunk(0, 10)).unwrap().to_vec();
+        frame[0] += 1;
+        frame.push(0);
+        assert!(matches!(chunks_of(&frame, 1, 1), Err(FrameError::BadBody(_))));
+        // A data length past the frame.
+        let mut frame = encode_frame(&chunk(0, 10)).unwrap().to_vec();
+        frame[2] = 11;
+        assert!(matches!(chunks_of(&frame, 7, 1), Err(FrameError::BadBody(_))));
+        // An offset varint over u64.
+        let frame = [0x2c, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0x00];
+        assert!(matches!(chunks_of(&frame, 1, 1), Err(FrameError::BadBody(_))));
+    }
+
+    #[test]
+    fn a_frame_decoder_hands_over_what_follows_its_last_frame() {
+        let mut dec = FrameDecoder::new(1024);
+        let mut stream = encode_frame(&ping(1)).unwrap().to_vec();
+        stream.extend_from_slice(&encode_frame(&chunk(0, 3)).unwrap());
+        dec.push(&stream);
+        assert!(dec.next_frame().unwrap().is_some());
+        let rest = dec.take_buffered();
+        assert_eq!(dec.buffered(), 0);
+        assert_eq!(chunks_of(&rest, rest.len(), 1).unwrap(), vec![chunk(0, 3)]);
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
@@ -291,6 +562,19 @@ mod tests {
             while let Ok(Some(body)) = dec.next_frame() {
                 let _ = decode::<ClientFrame>(&body);
                 let _ = decode::<crate::wire::ServerFrame>(&body);
+            }
+        }
+
+        /// Whatever the chunk decoder accepts, the general decoder accepts as the same
+        /// chunk (it only refuses more: trailing bytes).
+        #[test]
+        fn the_chunk_decoder_agrees_with_the_frame_decoder(data in proptest::collection::vec(any::<u8>(), 0..512), piece in 1usize..64) {
+            let Ok(chunks) = chunks_of(&data, piece, 16) else { return Ok(()) };
+            let mut dec = FrameDecoder::new(crate::limits::MAX_TRANSFER_FRAME_BYTES);
+            dec.push(&data);
+            for c in chunks {
+                let body = dec.next_frame().unwrap().unwrap();
+                prop_assert_eq!(decode::<crate::wire::Chunk>(&body).unwrap(), c);
             }
         }
 

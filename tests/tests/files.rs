@@ -888,6 +888,42 @@ async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
     .await
 }
 
+/// A chunk still arriving holds its buffer: the buffer is counted in
+/// `transfer_buffer_bytes` before it is allocated, not only once the chunk is whole and
+/// queued (a stalled stream's half-received frame used to be held outside the budget).
+#[tokio::test]
+async fn a_chunk_being_received_is_counted_in_the_transfer_budget() {
+    use switchboard_protocol::{Chunk, encode_frame};
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.transfer_progress_secs = 3).await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(1024 * 1024, 77);
+        let begun = begin_upload(&alice, "half.bin", "application/octet-stream", &data).await;
+        let conn = alice.connection().clone();
+        let mut t = Transfer::open(&conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        let chunk = Chunk { offset: 0, data: data.clone().into(), blake3: *blake3::hash(&data).as_bytes() };
+        let frame = encode_frame(&chunk).unwrap();
+        // The header and half the data, then nothing.
+        t.send.write_all(&frame[..frame.len() / 2]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut counted = 0;
+        while std::time::Instant::now() < deadline && counted < data.len() {
+            counted = tb.shared().files.queued_chunk_bytes();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(counted >= data.len(), "a half-received 1 MiB chunk counts {counted} bytes");
+        // Stalled past its progress deadline: reset, and its bytes leave the budget.
+        assert_eq!(reset_code(&mut t.recv).await, ErrorCode::TIMEOUT);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while tb.shared().files.queued_chunk_bytes() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the reset stream's chunk is still counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn progress_of_many_uploads_never_cuts_off_a_member_who_reads_slowly() {
     use switchboard_protocol::{Event, ServerFrame};

@@ -8,8 +8,9 @@
 //! are served at once over all connections (one more is reset with `OVERLOADED`), and
 //! at most `max_transfer_streams_per_user` of one user's, over all its connections (one
 //! more is reset with `RATE_LIMITED`, before it takes a broker-wide place).
-//! Broker-wide budgets bound what those streams hold: queued upload chunks within
-//! `transfer_buffer_bytes`, blob files open for downloads within `max_open_blob_files`.
+//! Broker-wide budgets bound what those streams hold: upload chunks being received or
+//! queued within `transfer_buffer_bytes` (a chunk's buffer is counted before it is
+//! allocated), blob files open for downloads within `max_open_blob_files`.
 //! A stream that finds its budget spent waits, reading nothing, and is reset with
 //! `TIMEOUT` only if the wait passes its progress deadline.
 //!
@@ -25,11 +26,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use switchboard_protocol::limits::{MAX_CHUNK_BYTES, MAX_TRANSFER_FRAME_BYTES};
 use switchboard_protocol::{
-    Chunk, ErrorBody, ErrorCode, FileId, FrameDecoder, TransferOpen, TransferReply, UserId, decode, encode_frame,
+    Chunk, ChunkDecoder, ChunkStep, ErrorBody, ErrorCode, FileId, FrameDecoder, TransferOpen, TransferReply, UserId,
+    decode, encode_frame,
 };
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::Shared;
+use crate::files::blobs::DIRECT_ALIGN;
 use crate::files::requests::{file_ref, no_such_file, readable};
 use crate::files::{ChunkCheck, ChunkPermits, Unreachable, UploadMsg};
 use crate::limits::READ_CHUNK_BYTES;
@@ -40,8 +43,8 @@ const OPEN_DEADLINE: Duration = Duration::from_secs(10);
 const OPEN_FRAME_BYTES: u32 = 256;
 /// With no transfer stream open this long, the connection's credit is lowered again.
 const IDLE_LOWER: Duration = Duration::from_secs(30);
-/// Chunks of one stream queued for its upload's actor; beyond, the stream stops reading
-/// and QUIC flow control slows the sender.
+/// Chunks of one stream held at once (being received, or queued for its upload's
+/// actor); beyond, the stream stops reading and QUIC flow control slows the sender.
 const QUEUED_CHUNKS: usize = 2;
 /// Bytes read from a blob per write on a download stream.
 const DOWNLOAD_PIECE: usize = 128 * 1024;
@@ -144,8 +147,13 @@ pub(crate) async fn serve(
     };
     match open {
         TransferOpen::Upload { file, offset } => {
-            decoder.set_limit(MAX_TRANSFER_FRAME_BYTES);
-            upload(&shared, user, file, offset, send, recv, decoder).await
+            // Chunk data lands where the partial file can take its whole blocks directly.
+            let reading = Reading {
+                decoder: ChunkDecoder::new(MAX_TRANSFER_FRAME_BYTES, DIRECT_ALIGN),
+                pending: decoder.take_buffered(),
+                held: None,
+            };
+            upload(&shared, user, file, offset, send, recv, reading).await
         }
         TransferOpen::Download { file, offset, length } => {
             let _ = recv.stop(ErrorCode::NO_ERROR.0.into());
@@ -196,7 +204,7 @@ async fn upload(
     offset: u64,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    mut decoder: FrameDecoder,
+    mut reading: Reading,
 ) {
     let record = match shared.store.file(&file) {
         Ok(Some(r)) if r.uploader == user && r.parent.is_none() => r,
@@ -225,7 +233,7 @@ async fn upload(
         Err(Unreachable::Failed(e)) => return fail(&mut send, crate::error::internal(e), 0).await,
     }
     let permits = Arc::new(Semaphore::new(QUEUED_CHUNKS));
-    let mut reading = true;
+    let mut open = true;
     let progress = progress_deadline(shared);
     let mut deadline = tokio::time::Instant::now() + progress;
     loop {
@@ -255,16 +263,9 @@ async fn upload(
             },
             // The client stopped reading, or the connection is gone: nobody to answer.
             _ = send.stopped() => break,
-            frame = read::<Chunk>(&mut recv, &mut decoder), if reading => match frame {
-                Ok(Some(chunk)) => {
+            read = next_chunk(&mut reading, &mut recv, shared, &permits, deadline), if open => match read {
+                Read::Chunk(chunk, permit) => {
                     deadline = tokio::time::Instant::now() + progress;
-                    let Ok(stream_permit) = permits.clone().acquire_owned().await else { break };
-                    // The broker-wide budget: wait for it, reading nothing meanwhile.
-                    let Some(bytes) = shared.files.reserve_chunk(chunk.data.len(), deadline).await else {
-                        reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
-                        break;
-                    };
-                    let permit = ChunkPermits { stream: stream_permit, bytes };
                     // Hashed beside reading the next chunk; the actor waits for the verdict.
                     let matches = chunk_matches(&chunk);
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
@@ -274,8 +275,8 @@ async fn upload(
                     }
                 }
                 // The client finished sending: the replies to what it sent still come.
-                Ok(None) => reading = false,
-                Err(code) => {
+                Read::End => open = false,
+                Read::Refused(code) => {
                     reset(&mut send, &mut recv, code);
                     break;
                 }
@@ -283,6 +284,65 @@ async fn upload(
         }
     }
     shared.files.closed(&file, stream);
+}
+
+/// An upload stream's reading side, kept across the `select!` turns that drop
+/// `next_chunk` half way: the decoder, bytes read but not yet decoded, and the permits
+/// of the chunk being received (taken before its buffer is allocated).
+struct Reading {
+    decoder: ChunkDecoder,
+    pending: Bytes,
+    held: Option<ChunkPermits>,
+}
+
+/// What `next_chunk` got.
+enum Read {
+    /// A whole chunk, with the permits its bytes hold.
+    Chunk(Chunk, ChunkPermits),
+    /// The client finished sending (or the stream is gone).
+    End,
+    /// A frame that does not decode or is too large, or no budget before `deadline`
+    /// (`TIMEOUT`): the stream is reset with this code.
+    Refused(ErrorCode),
+}
+
+/// Reads the next chunk. Before a chunk's data is buffered, it takes one of the stream's
+/// `permits` (at most `QUEUED_CHUNKS` queued for the actor) and the chunk's bytes in the
+/// broker-wide budget, waiting for them until `deadline` and reading nothing meanwhile
+/// (QUIC flow control holds the sender back): what a stream holds is always counted.
+/// Cancel-safe: everything taken lives in `r`.
+async fn next_chunk(
+    r: &mut Reading,
+    recv: &mut quinn::RecvStream,
+    shared: &Shared,
+    permits: &Arc<Semaphore>,
+    deadline: tokio::time::Instant,
+) -> Read {
+    loop {
+        match r.decoder.feed(&mut r.pending) {
+            Err(e) => return Read::Refused(e.code()),
+            Ok(ChunkStep::Header { len, .. }) => {
+                if r.held.is_none() {
+                    let Ok(stream) = permits.clone().acquire_owned().await else { return Read::End };
+                    let want = r.decoder.buffer_bytes(len);
+                    let Some(bytes) = shared.files.reserve_chunk(want, deadline).await else {
+                        return Read::Refused(ErrorCode::TIMEOUT);
+                    };
+                    r.held = Some(ChunkPermits { stream, bytes });
+                }
+                r.decoder.allocate();
+            }
+            Ok(ChunkStep::Chunk(chunk)) => match r.held.take() {
+                Some(permit) => return Read::Chunk(chunk, permit),
+                // Every chunk's buffer follows a header, and permits come before it.
+                None => return Read::Refused(ErrorCode::INTERNAL),
+            },
+            Ok(ChunkStep::More) => match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+                Ok(Some(chunk)) => r.pending = chunk.bytes,
+                Ok(None) | Err(_) => return Read::End,
+            },
+        }
+    }
 }
 
 /// How long a transfer stream may go with nothing read from or written to its client.

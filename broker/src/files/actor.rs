@@ -8,7 +8,6 @@
 //! permits of the broker-wide `transfer_buffer_bytes` until it is handled.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -19,7 +18,7 @@ use switchboard_protocol::{Chunk, ErrorBody, ErrorCode, FileId, FileRef, FileSta
 use switchboard_storage::FileRecord;
 use tokio::sync::{mpsc, oneshot};
 
-use super::blobs::{Blobs, hex};
+use super::blobs::{Blobs, PartialFile, hex};
 use super::sniff::{self, Verdict};
 use super::state::{Effect, StreamId, UploadState};
 use super::thumbnail;
@@ -79,7 +78,7 @@ pub struct UploadActorState {
     id: FileId,
     record: FileRecord,
     state: UploadState,
-    file: Arc<File>,
+    file: Arc<PartialFile>,
     hasher: Option<blake3::Hasher>,
     streams: HashMap<StreamId, mpsc::UnboundedSender<TransferReply>>,
     depth: Arc<AtomicUsize>,
@@ -114,7 +113,7 @@ impl Actor for Upload {
         // The durable prefix rebuilds the hasher; bytes past it are cut off.
         let (file, hasher) = tokio::task::spawn_blocking(move || {
             let file = shared.files.blobs.open_partial(&id, offset)?;
-            let hasher = Blobs::hash_prefix(&file, offset)?;
+            let hasher = Blobs::hash_prefix(file.as_file(), offset)?;
             Ok::<_, std::io::Error>((file, hasher))
         })
         .await??;
@@ -290,7 +289,7 @@ impl Upload {
         need: u64,
     ) -> Result<Vec<u8>, String> {
         let file = st.file.clone();
-        let mut head = tokio::task::spawn_blocking(move || Blobs::read(&file, 0, offset as usize))
+        let mut head = tokio::task::spawn_blocking(move || Blobs::read(file.as_file(), 0, offset as usize))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -314,7 +313,7 @@ impl Upload {
         // Off the runtime threads: the write and its fdatasync, then recording the offset
         // (which takes the store's files lock).
         let stored = tokio::task::spawn_blocking(move || {
-            Blobs::write_chunk(&file, offset, &data).map_err(|e| e.to_string())?;
+            file.write_chunk(offset, &data).map_err(|e| e.to_string())?;
             // The bytes are durable in the file: now the offset, in the next group commit.
             match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
                 Ok(Some(durable)) => Ok(durable),
@@ -339,8 +338,10 @@ impl Upload {
                 // the hasher from the durable prefix, which now ends at `end`.
                 tracing::error!(file = hex(&st.id), error = %e, "hashing an upload chunk failed; rehashing the file");
                 let file = st.file.clone();
-                st.hasher =
-                    tokio::task::spawn_blocking(move || Blobs::hash_prefix(&file, end).ok()).await.ok().flatten();
+                st.hasher = tokio::task::spawn_blocking(move || Blobs::hash_prefix(file.as_file(), end).ok())
+                    .await
+                    .ok()
+                    .flatten();
                 st.relabel = None;
                 Ok(())
             }
