@@ -316,8 +316,9 @@ impl Client {
 }
 
 /// The sending half of an upload stream: chunks from `offset` to `size`, read from
-/// `source` and hashed off the runtime threads, at most `MAX_CHUNKS_IN_FLIGHT` beyond
-/// the durable offset that `durable` reports.
+/// `source` and hashed off the runtime threads (the next one while the one before it is
+/// written), at most `MAX_CHUNKS_IN_FLIGHT` beyond the durable offset that `durable`
+/// reports.
 async fn send_chunks<S>(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
@@ -331,23 +332,39 @@ where
 {
     let mut window = ChunkWindow::new(offset);
     let mut next = offset;
-    while next < size {
-        // The next chunk is read and hashed while earlier ones are still in flight.
-        let len = (size - next).min(u64::from(MAX_CHUNK_BYTES)) as usize;
-        let mut data = BytesMut::zeroed(len);
-        source.read_exact(&mut data).await?;
-        let (data, blake3) = hash_chunk(data.freeze()).await?;
+    let mut ready = read_chunk(source, next, size).await?;
+    while let Some((data, blake3)) = ready.take() {
         while !window.may_send() {
             if durable.changed().await.is_err() {
                 return Ok(());
             }
             window.durable(*durable.borrow_and_update());
         }
-        write_parts(conn, send, &mut Chunk { offset: next, data, blake3 }.frame_parts()).await?;
-        next += len as u64;
+        let after = next + data.len() as u64;
+        let mut parts = Chunk { offset: next, data, blake3 }.frame_parts();
+        // The next chunk is read and hashed while this one is written.
+        let (written, read) = tokio::join!(write_parts(conn, send, &mut parts), read_chunk(source, after, size));
+        written?;
+        ready = read?;
+        next = after;
         window.sent(next);
     }
     Ok(())
+}
+
+/// The chunk of `source` at `at` (its reader is there) and its BLAKE3, hashed off the
+/// runtime threads; `None` at `size`.
+async fn read_chunk<S>(source: &mut S, at: u64, size: u64) -> Result<Option<(Bytes, Blake3)>, TransferError>
+where
+    S: AsyncRead + Unpin,
+{
+    if at >= size {
+        return Ok(None);
+    }
+    let len = (size - at).min(u64::from(MAX_CHUNK_BYTES)) as usize;
+    let mut data = BytesMut::zeroed(len);
+    source.read_exact(&mut data).await?;
+    hash_chunk(data.freeze()).await.map(Some)
 }
 
 /// BLAKE3 of a chunk, computed on the blocking pool (about a millisecond per MiB).
