@@ -43,6 +43,13 @@ fn main() -> anyhow::Result<()> {
         let knobs = target::BrokerKnobs::parse(args.get(3..).unwrap_or_default());
         return Ok(target::run_child(dir.into(), knobs)?);
     }
+    if args.get(1).map(String::as_str) == Some(scenario::upload::QUINN_SINK_COMMAND) {
+        let (dir, bytes) = match (args.get(2), args.get(3).and_then(|b| b.parse().ok())) {
+            (Some(dir), Some(bytes)) => (dir, bytes),
+            _ => anyhow::bail!("usage: {} DIR BYTES", scenario::upload::QUINN_SINK_COMMAND),
+        };
+        return Ok(scenario::upload::run_quinn_sink(std::path::Path::new(dir), bytes)?);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

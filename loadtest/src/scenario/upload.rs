@@ -4,8 +4,12 @@
 //! - (a) a plain quinn bulk stream between two endpoints on loopback, with the broker's
 //!   own TLS and transport settings on the server side and the client library's on the
 //!   client side, one way and then the other (MB/s): what QUIC itself can carry here;
+//!   (a2) the same with that server in a process of its own (`__quinn-sink`), as the
+//!   broker is, reported beside (`c_upload_over_min_a2_b`); the aim stays against (a);
 //! - (b) appending 1 MiB pieces (the chunk size) with an fdatasync after each to a file
-//!   on the file system of the broker's data dir (MB/s): what durable writes can carry;
+//!   on the file system of the broker's data dir (MB/s), through the page cache and the
+//!   way the broker writes chunks (whole blocks with `O_DIRECT`), the faster counting:
+//!   what durable writes can carry;
 //! - (c) one `--file-mib` upload through the broker, from `BeginUpload` to `Complete`
 //!   (chunk hashes, writes, fsyncs and the whole-file hash included), as MB/s and as a
 //!   ratio to min(a, b) (aim: at least 0.75); the client's whole-file BLAKE3 before
@@ -18,11 +22,11 @@
 //!   back (p99 ratio; aim: at most 2x);
 //! - (g) the disk alone, after the broker stopped: the latency of a small append with an
 //!   fdatasync every 1/`--chat-rate` s (what one group commit asks of the disk), alone
-//!   and then beside 1 MiB appends fdatasynced back to back as in (b), as many of each
-//!   as (f) sends, in the harness's temp dir (p99 ratio): how much the disk itself lets a bulk writer delay a
-//!   commit. On a disk that stalls when writes go on above what it sustains, this ratio
-//!   is far above 2 and (f) cannot do better than it at full upload speed (the broker's
-//!   `upload_write_bytes_per_sec` paces uploads below that rate).
+//!   and then beside 1 MiB appends fdatasynced back to back the way the broker writes
+//!   chunks, as many of each as (f) sends, in the harness's temp dir (p99 ratio): how
+//!   much the disk itself lets a bulk writer delay a commit. On a disk that stalls when
+//!   writes go on above what it sustains, this ratio is far above 2, and (f) cannot do
+//!   better than it while uploads run at full speed.
 //!
 //! With a broker process of its own (the default child, or `--target` with
 //! `--broker-pid`), its CPU time per MB moved is reported for (c), (d) and (e). MB are
@@ -30,7 +34,7 @@
 //! content addressing never turns an upload into a no-op.
 
 use std::io::SeekFrom;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,7 +44,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use switchboard_client::{Client, Connector, Trust};
 use switchboard_protocol::{Body, ConvId, Event, FileId, NewUpload};
-use tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncSeek, ReadBuf};
 
 use crate::load::{Population, create_group};
 use crate::report::{Percentiles, Report};
@@ -132,9 +136,14 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     };
 
     // (a) Before the broker has any work: QUIC alone, both ways.
-    let (quinn_up, quinn_down) = quinn_bulk(file_bytes).await?;
+    let (quinn_up, quinn_down) = quinn_bulk(file_bytes, false).await?;
     report.extra.insert("a_quinn_upload_mb_per_s".into(), quinn_up);
     report.extra.insert("a_quinn_download_mb_per_s".into(), quinn_down);
+    // The same with the server in a process of its own, as the broker is (reported
+    // beside; the aim stays against the figure above).
+    let (quinn2_up, quinn2_down) = quinn_bulk(file_bytes, true).await?;
+    report.extra.insert("a2_quinn_two_processes_upload_mb_per_s".into(), quinn2_up);
+    report.extra.insert("a2_quinn_two_processes_download_mb_per_s".into(), quinn2_down);
 
     let target = common.target().await?;
     let broker_pid = target.pid.map(|p| p.to_string());
@@ -153,9 +162,18 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             scratch.path().to_owned()
         }
     };
-    let fsync = tokio::task::spawn_blocking(move || fsync_append(&fsync_dir, file_bytes))
-        .await?
-        .map_err(Error::io("appending with fdatasync"))?;
+    // Both ways of appending; the limit is the faster (the broker writes the second way).
+    let (buffered, direct) = tokio::task::spawn_blocking(move || {
+        Ok::<_, std::io::Error>((
+            fsync_append(&fsync_dir, file_bytes, Append::Buffered)?,
+            fsync_append(&fsync_dir, file_bytes, Append::AsTheBroker)?,
+        ))
+    })
+    .await?
+    .map_err(Error::io("appending with fdatasync"))?;
+    let fsync = buffered.max(direct);
+    report.extra.insert("b_fsync_append_buffered_mb_per_s".into(), buffered);
+    report.extra.insert("b_fsync_append_as_broker_mb_per_s".into(), direct);
     report.extra.insert("b_fsync_append_mb_per_s".into(), fsync);
 
     let users = args.clients.max(2);
@@ -182,6 +200,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.extra.insert("c_upload_mb_per_s".into(), upload);
     let limit = quinn_up.min(fsync);
     report.extra.insert("c_upload_over_min_a_b".into(), upload / limit.max(f64::MIN_POSITIVE));
+    report.extra.insert("c_upload_over_min_a2_b".into(), upload / quinn2_up.min(fsync).max(f64::MIN_POSITIVE));
     if let Some(cpu) = cpu_upload {
         report.extra.insert("c_broker_cpu_ms_per_mb".into(), cpu);
     }
@@ -301,44 +320,41 @@ fn cpu_per_mb(pid: Option<&str>, before: Option<f64>, bytes: u64) -> Option<f64>
     Some((after - before?) * 1000.0 / (bytes as f64 / MB))
 }
 
-/// (a): `bytes` over one stream from a client endpoint to a server endpoint, then the
-/// same back; MB/s each way. The server has the broker's TLS and transport
-/// configuration, the client the client library's.
-async fn quinn_bulk(bytes: u64) -> Result<(f64, f64)> {
+/// (a): a plain quinn bulk stream of `bytes` each way between a client endpoint here
+/// and a server endpoint with the broker's TLS and transport settings, in this process
+/// (`two_processes` false) or in a child process of its own (`__quinn-sink`), as the
+/// broker is: (upload, download) MB/s.
+async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<(f64, f64)> {
     let dir = tempfile::tempdir().map_err(Error::io("creating a temp dir"))?;
-    let config = switchboard_broker::Config::ephemeral(dir.path().join("data"));
-    let identity = switchboard_broker::tls::load_or_generate(&config)?;
-    let server_config = switchboard_broker::tls::server_config(&identity, &config)?;
-    let socket = switchboard_broker::tls::bind_udp(([127, 0, 0, 1], 0).into(), 1)?
-        .pop()
-        .ok_or_else(|| Error::Protocol("no UDP socket".into()))?;
-    let server = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(Error::io("starting a quinn endpoint"))?;
-    let addr = server.local_addr().map_err(Error::io("reading the endpoint address"))?;
-    let piece = Bytes::from(vec![0x5a; MIB as usize]);
-    let served = {
-        let piece = piece.clone();
-        tokio::spawn(async move {
-            let incoming = server.accept().await.ok_or_else(|| quic("the endpoint closed"))?;
-            let conn = incoming.await.map_err(quic)?;
-            let (mut send, mut recv) = conn.accept_bi().await.map_err(quic)?;
-            let received = drain(&mut recv).await?;
-            send.write_all(&received.to_le_bytes()).await.map_err(quic)?;
-            write_bytes(&mut send, &piece, bytes).await?;
-            send.finish().map_err(quic)?;
-            conn.closed().await;
-            server.wait_idle().await;
-            Ok::<_, Error>(())
-        })
+    let (addr, cert, server) = if two_processes {
+        let exe = std::env::current_exe().map_err(Error::io("finding the harness executable"))?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg(QUINN_SINK_COMMAND)
+            .arg(dir.path())
+            .arg(bytes.to_string())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(Error::io("starting the quinn sink"))?;
+        let stdout = child.stdout.take().ok_or_else(|| quic("no stdout"))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = lines.next_line().await.map_err(Error::io("reading the quinn sink"))?.unwrap_or_default();
+        let (addr, cert) = line.split_once(' ').ok_or_else(|| quic(format!("the sink said {line:?}")))?;
+        let addr = addr.parse().map_err(quic)?;
+        let served = tokio::spawn(async move {
+            let status = child.wait().await.map_err(Error::io("waiting for the quinn sink"))?;
+            if status.success() { Ok(()) } else { Err(quic(format!("the sink exited with {status}"))) }
+        });
+        (addr, PathBuf::from(cert), served)
+    } else {
+        let (server, cert) = bulk_server(dir.path())?;
+        let addr = server.local_addr().map_err(Error::io("reading the endpoint address"))?;
+        (addr, cert, tokio::spawn(serve_bulk(server, bytes)))
     };
-    let connector = Connector::new(addr, "localhost", Trust::CaFile(identity.cert_path.clone()))?;
+    let connector = Connector::new(addr, "localhost", Trust::CaFile(cert))?;
     let conn = connector.endpoint().connect(addr, "localhost").map_err(quic)?.await.map_err(quic)?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(quic)?;
+    let piece = Bytes::from(vec![0x5a; MIB as usize]);
     let start = Instant::now();
     write_bytes(&mut send, &piece, bytes).await?;
     send.finish().map_err(quic)?;
@@ -355,9 +371,63 @@ async fn quinn_bulk(bytes: u64) -> Result<(f64, f64)> {
         return Err(Error::Protocol(format!("quinn download: {received} of {bytes} bytes")));
     }
     conn.close(0u32.into(), b"done");
-    served.await??;
+    server.await??;
     connector.endpoint().wait_idle().await;
     Ok((rate(bytes, up_s), rate(bytes, down_s)))
+}
+
+/// The hidden subcommand that runs (a)'s server in a process of its own.
+pub const QUINN_SINK_COMMAND: &str = "__quinn-sink";
+
+/// A server endpoint on 127.0.0.1 with the broker's TLS and transport settings (its
+/// certificate made under `dir`), and the certificate's path.
+fn bulk_server(dir: &Path) -> Result<(quinn::Endpoint, PathBuf)> {
+    let config = switchboard_broker::Config::ephemeral(dir.join("data"));
+    let identity = switchboard_broker::tls::load_or_generate(&config)?;
+    let server_config = switchboard_broker::tls::server_config(&identity, &config)?;
+    let socket = switchboard_broker::tls::bind_udp(([127, 0, 0, 1], 0).into(), 1)?
+        .pop()
+        .ok_or_else(|| Error::Protocol("no UDP socket".into()))?;
+    let server = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(Error::io("starting a quinn endpoint"))?;
+    Ok((server, identity.cert_path.clone()))
+}
+
+/// (a)'s server: accepts one connection, drains its stream, answers the count, sends
+/// `bytes` back and waits for the client to close.
+async fn serve_bulk(server: quinn::Endpoint, bytes: u64) -> Result<()> {
+    let piece = Bytes::from(vec![0x5a; MIB as usize]);
+    let incoming = server.accept().await.ok_or_else(|| quic("the endpoint closed"))?;
+    let conn = incoming.await.map_err(quic)?;
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(quic)?;
+    let received = drain(&mut recv).await?;
+    send.write_all(&received.to_le_bytes()).await.map_err(quic)?;
+    write_bytes(&mut send, &piece, bytes).await?;
+    send.finish().map_err(quic)?;
+    conn.closed().await;
+    server.wait_idle().await;
+    Ok(())
+}
+
+/// Body of the hidden `__quinn-sink DIR BYTES` subcommand: (a)'s server in a process of
+/// its own, on a runtime like the broker's; prints `ADDR CERT_PATH`, serves one client.
+pub fn run_quinn_sink(dir: &Path, bytes: u64) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sb-broker")
+        .build()
+        .map_err(Error::io("starting the sink runtime"))?;
+    runtime.block_on(async move {
+        let (server, cert) = bulk_server(dir)?;
+        let addr = server.local_addr().map_err(Error::io("reading the endpoint address"))?;
+        println!("{addr} {}", cert.display());
+        serve_bulk(server, bytes).await
+    })
 }
 
 fn quic(e: impl std::fmt::Display) -> Error {
@@ -384,19 +454,17 @@ async fn drain(recv: &mut quinn::RecvStream) -> Result<u64> {
 
 /// (b): appends `bytes` in 1 MiB pieces to a new file in `dir`, fdatasync after each;
 /// MB/s. The file is removed after.
-fn fsync_append(dir: &Path, bytes: u64) -> std::io::Result<f64> {
-    use std::io::Write;
+fn fsync_append(dir: &Path, bytes: u64, how: Append) -> std::io::Result<f64> {
     let path = dir.join(format!("fsync-append-{}.bin", std::process::id()));
     let piece = vec![0xa5u8; MIB as usize];
     let measured = (|| {
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+        let file = Appender::create(&path, how)?;
         let start = Instant::now();
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(MIB) as usize;
-            file.write_all(&piece[..n])?;
-            file.sync_data()?;
-            left -= n as u64;
+        let mut at = 0;
+        while at < bytes {
+            let n = (bytes - at).min(MIB) as usize;
+            file.append(at, &piece[..n])?;
+            at += n as u64;
         }
         Ok(rate(bytes, start.elapsed().as_secs_f64()))
     })();
@@ -404,6 +472,45 @@ fn fsync_append(dir: &Path, bytes: u64) -> std::io::Result<f64> {
     // system mounted `-o discard`) stalls the fdatasyncs of the phases after this one.
     let _ = switchboard_broker::files::blobs::remove_paced(&path, HARNESS_DELETE_BYTES_PER_SEC);
     measured
+}
+
+/// How (b) and (g) append: through the page cache, or the way the broker writes an
+/// upload's chunks (`PartialFile::write_chunk`: whole blocks with `O_DIRECT` where the
+/// file system allows it). Both fdatasync after each piece.
+#[derive(Clone, Copy, Debug)]
+enum Append {
+    Buffered,
+    AsTheBroker,
+}
+
+/// A new file appended to with an fdatasync after each piece.
+enum Appender {
+    Buffered(std::fs::File),
+    AsTheBroker(switchboard_broker::files::blobs::PartialFile),
+}
+
+impl Appender {
+    fn create(path: &Path, how: Append) -> std::io::Result<Appender> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        Ok(match how {
+            Append::Buffered => Appender::Buffered(file),
+            Append::AsTheBroker => {
+                Appender::AsTheBroker(switchboard_broker::files::blobs::PartialFile::new(file, path))
+            }
+        })
+    }
+
+    /// Writes `data` at `at` (the end) and fdatasyncs.
+    fn append(&self, at: u64, data: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            Appender::Buffered(file) => {
+                file.write_all_at(data, at)?;
+                file.sync_data()
+            }
+            Appender::AsTheBroker(file) => file.write_chunk(at, data),
+        }
+    }
 }
 
 /// (g): `samples` small appends (256 B) to a new file in `dir`, each fdatasynced, one
@@ -436,10 +543,11 @@ fn small_syncs_beside_appends(dir: &Path, samples: usize, every: Duration) -> st
             let (stop, bulk) = (stop.clone(), bulk.clone());
             std::thread::spawn(move || -> std::io::Result<()> {
                 let piece = vec![0xa5u8; MIB as usize];
-                let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&bulk)?;
+                let file = Appender::create(&bulk, Append::AsTheBroker)?;
+                let mut at = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    file.write_all(&piece)?;
-                    file.sync_data()?;
+                    file.append(at, &piece)?;
+                    at += MIB;
                 }
                 Ok(())
             })
@@ -756,11 +864,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_limits_measure_real_transfers() {
-        let (up, down) = quinn_bulk(4 * MIB).await.unwrap();
+        let (up, down) = quinn_bulk(4 * MIB, false).await.unwrap();
         assert!(up > 0.0 && up.is_finite() && down > 0.0 && down.is_finite(), "{up} {down}");
         let dir = tempfile::tempdir().unwrap();
-        let fsync = fsync_append(dir.path(), 3 * MIB + 5).unwrap();
-        assert!(fsync > 0.0 && fsync.is_finite(), "{fsync}");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the probe file is removed");
+        for how in [Append::Buffered, Append::AsTheBroker] {
+            let fsync = fsync_append(dir.path(), 3 * MIB + 5, how).unwrap();
+            assert!(fsync > 0.0 && fsync.is_finite(), "{how:?}: {fsync}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the probe file is removed");
+        }
     }
 }
