@@ -21,7 +21,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use switchboard_protocol::{Event, FileId, FileProgress, FileState, ServerFrame, UserId, encode_frame};
+use switchboard_protocol::{ConvId, Event, FileId, FileProgress, FileState, ServerFrame, UserId, encode_frame};
 
 use super::ATTACHMENT_SCAN;
 use crate::Shared;
@@ -136,33 +136,53 @@ fn deliver(job: &Job) {
             return;
         }
     };
-    // Users a final state has reached: each gets it once, the uploader as `conv: None`.
-    let mut reached = HashSet::from([job.uploader]);
+    let members = |conv| job.shared.store.members(conv).map(|m| m.into_iter().map(|(u, _)| u).collect());
+    let (audience, unread) = audience(job.uploader, job.is_progress(), &convs, AUDIENCE_READ, members);
+    if unread > 0 {
+        tracing::warn!(
+            file = super::blobs::hex(&job.file),
+            conversations = unread,
+            "a file event's audience passed its bound; not pushed to the members of the remaining conversations"
+        );
+    }
+    for (conv, users) in audience {
+        push(&job.shared, &users, progress(Some(conv)));
+    }
+}
+
+/// Who gets an announcement in each of `convs` (in order): their members, read with
+/// `members` until `bound` members were read (the conversation that passes it is read
+/// whole; the rest are not read at all: their number is returned). A final state (`progress` false) goes
+/// to each user once: not to the `uploader` (reached as `conv: None`), and to every
+/// other member as the first of `convs` it is in. Conversations left with nobody are
+/// left out. A conversation whose members cannot be read is skipped (logged).
+fn audience<E: std::fmt::Display>(
+    uploader: UserId,
+    progress: bool,
+    convs: &[ConvId],
+    bound: usize,
+    mut members: impl FnMut(ConvId) -> Result<Vec<UserId>, E>,
+) -> (Vec<(ConvId, Vec<UserId>)>, usize) {
+    let mut reached = HashSet::from([uploader]);
     let mut read = 0usize;
+    let mut out = Vec::new();
     for (i, &conv) in convs.iter().enumerate() {
-        if read >= AUDIENCE_READ {
-            tracing::warn!(
-                file = super::blobs::hex(&job.file),
-                conversations = convs.len() - i,
-                "a file event's audience passed its bound; not pushed to the members of the remaining conversations"
-            );
-            break;
+        if read >= bound {
+            return (out, convs.len() - i);
         }
-        match job.shared.store.members(conv) {
+        match members(conv) {
             Ok(members) => {
                 read += members.len();
-                let users: Vec<UserId> = if job.is_progress() {
-                    members.into_iter().map(|(u, _)| u).collect()
-                } else {
-                    members.into_iter().map(|(u, _)| u).filter(|u| reached.insert(*u)).collect()
-                };
+                let users: Vec<UserId> =
+                    if progress { members } else { members.into_iter().filter(|u| reached.insert(*u)).collect() };
                 if !users.is_empty() {
-                    push(&job.shared, &users, progress(Some(conv)));
+                    out.push((conv, users));
                 }
             }
             Err(e) => tracing::warn!(conv, error = %e, "membership read failed; progress not pushed"),
         }
     }
+    (out, 0)
 }
 
 /// Sends `progress` as `Event::File` to the online devices of `users`. Progress waits in
@@ -178,5 +198,50 @@ fn push(shared: &Shared, users: &[UserId], progress: FileProgress) {
             shared.online.deliver_latest(users, key, &frame, last);
         }
         Err(e) => tracing::error!(error = %e, "a file event did not encode"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Conversation `c` has members `c * 10_000 .. c * 10_000 + n` plus user 7 (the
+    /// uploader) and user 8 (in every conversation).
+    fn members_of(sizes: &[usize]) -> impl FnMut(u64) -> Result<Vec<UserId>, String> + '_ {
+        move |conv| {
+            let n = *sizes.get(conv as usize).ok_or("no such conversation")?;
+            let mut users: Vec<UserId> = (0..n as u64).map(|i| conv * 10_000 + 100 + i).collect();
+            users.extend([7, 8]);
+            Ok(users)
+        }
+    }
+
+    #[test]
+    fn an_announcement_reads_members_until_its_bound_and_no_further() {
+        let sizes = [3000, 3000, 3000, 3000];
+        let mut asked = Vec::new();
+        let mut members = members_of(&sizes);
+        let (got, unread) = audience(7, true, &[0, 1, 2, 3], AUDIENCE_READ, |c| {
+            asked.push(c);
+            members(c)
+        });
+        // 3002 read after the first, 6004 after the second: past 4096, so no third.
+        assert_eq!(asked, vec![0, 1], "conversations past the bound are not read at all");
+        assert_eq!(unread, 2);
+        assert_eq!(got.iter().map(|(c, u)| (*c, u.len())).collect::<Vec<_>>(), vec![(0, 3002), (1, 3002)]);
+    }
+
+    #[test]
+    fn a_final_state_reaches_each_member_once_and_not_the_uploader_again() {
+        let sizes = [2, 3, 0];
+        let (got, _) = audience(7, false, &[0, 1, 2], AUDIENCE_READ, members_of(&sizes));
+        assert_eq!(got, vec![(0, vec![100, 101, 8]), (1, vec![10_100, 10_101, 10_102])]);
+        // Progress goes to every member of every conversation, as that conversation's.
+        let (got, unread) = audience(7, true, &[0, 1, 2], AUDIENCE_READ, members_of(&sizes));
+        assert_eq!(unread, 0);
+        assert_eq!(got.iter().map(|(c, u)| (*c, u.len())).collect::<Vec<_>>(), vec![(0, 4), (1, 5), (2, 2)]);
+        // A conversation whose members cannot be read is skipped; the rest still get it.
+        let (got, _) = audience(7, true, &[9, 0], AUDIENCE_READ, members_of(&sizes));
+        assert_eq!(got.iter().map(|(c, _)| *c).collect::<Vec<_>>(), vec![0]);
     }
 }
