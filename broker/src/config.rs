@@ -105,8 +105,9 @@ pub struct Config {
     /// client, none written to it) is reset with `TIMEOUT`, seconds.
     pub transfer_progress_secs: u64,
     /// Transfer streams the broker serves at once, over all connections; one more is
-    /// reset with `OVERLOADED`. Each holds at most a frame and two queued chunks (about
-    /// 3 MiB) or one open blob.
+    /// reset with `OVERLOADED`. Each holds at most two chunk buffers (being received or
+    /// queued, about 2 MiB, counted in `transfer_buffer_bytes`) and 64 KiB read ahead, or
+    /// one open blob.
     pub max_live_transfer_streams: usize,
     /// Transfer streams one user may have served at once, over all its connections;
     /// one more is reset with `RATE_LIMITED` before it takes a broker-wide place. Keeps

@@ -190,9 +190,10 @@ pub enum ChunkStep {
 /// a buffer of its own, allocated only when the caller says so (`ChunkStep::Header`).
 /// Within that buffer the data is placed so that every byte whose file offset is a
 /// multiple of `align` sits at an address that is a multiple of `align`: a writer can
-/// hand the chunk's whole blocks to `O_DIRECT` as they are. Accepts exactly what
-/// `FrameDecoder` and `decode::<Chunk>` accept, except trailing bytes after the hash
-/// (which section 2 of PROTOCOL.md forbids): `BadBody`. After an error the stream is
+/// hand the chunk's whole blocks to `O_DIRECT` as they are. Accepts what `FrameDecoder`
+/// and `decode::<Chunk>` accept, as the same chunk, except trailing bytes after the hash
+/// (which section 2 of PROTOCOL.md forbids): `BadBody`, as soon as the header shows that
+/// the data and hash do not exactly fill the frame. After an error the stream is
 /// unusable.
 #[derive(Debug)]
 pub struct ChunkDecoder {
@@ -217,7 +218,13 @@ impl ChunkDecoder {
     /// A decoder for frames of at most `max_frame_bytes` (body), placing data for
     /// `align` (a power of two; 1 for no alignment).
     pub fn new(max_frame_bytes: u32, align: usize) -> Self {
-        ChunkDecoder { max_frame_bytes, align: align.max(1), state: ChunkState::Header(Vec::new()) }
+        let align = align.max(1).checked_next_power_of_two().unwrap_or(1);
+        ChunkDecoder { max_frame_bytes, align, state: ChunkState::Header(Vec::new()) }
+    }
+
+    /// Drops the chunk in progress (its buffer too) and waits for a new frame.
+    pub fn reset(&mut self) {
+        self.state = ChunkState::Header(Vec::new());
     }
 
     /// Bytes `allocate` takes for a chunk of `len` data bytes (the data and at most
@@ -289,10 +296,12 @@ impl ChunkDecoder {
         }
     }
 
-    /// Bytes of data allocated for the chunk in progress.
+    /// Bytes held for the chunk in progress: its buffer (padding included) once
+    /// allocated, 0 before.
     pub fn capacity(&self) -> usize {
         match &self.state {
             ChunkState::Data { buf, .. } => buf.capacity(),
+            ChunkState::Hash { data, .. } => data.len(),
             _ => 0,
         }
     }
@@ -306,6 +315,11 @@ fn parse_chunk_header(header: &[u8], max_frame_bytes: u32) -> Result<Option<(u64
     let Some((declared, prefix)) = read_varint(header)? else { return Ok(None) };
     if declared > u64::from(max_frame_bytes) {
         return Err(FrameError::TooLarge { declared, limit: max_frame_bytes });
+    }
+    // The offset and length varints and the hash must fit in what the prefix declared.
+    let header_body = (header.len() - prefix) as u64;
+    if declared < 2 + CHUNK_HASH_BYTES as u64 || header_body > declared - CHUNK_HASH_BYTES as u64 {
+        return Err(FrameError::BadBody(format!("a chunk frame of {declared} bytes cannot hold its header")));
     }
     let Some((offset, offset_bytes)) = read_u64_varint(&header[prefix..])? else { return Ok(None) };
     let Some((len, len_bytes)) = read_u64_varint(&header[prefix + offset_bytes..])? else { return Ok(None) };
@@ -524,6 +538,9 @@ mod tests {
 
     #[test]
     fn a_bad_chunk_frame_is_refused_as_soon_as_its_header_shows_it() {
+        // Declaring less than its own header and hash: refused at once.
+        assert!(matches!(chunks_of(&[0x05, 0x80], 1, 1), Err(FrameError::BadBody(_))));
+        assert!(matches!(chunks_of(&[0x23, 0x80, 0x80, 0x80, 0x80], 1, 1), Err(FrameError::BadBody(_))));
         // Over the limit: refused at the prefix, before any body byte.
         let mut prefix = [0u8; MAX_PREFIX_BYTES];
         let n = write_varint(crate::limits::MAX_TRANSFER_FRAME_BYTES + 1, &mut prefix);
@@ -562,6 +579,24 @@ mod tests {
             while let Ok(Some(body)) = dec.next_frame() {
                 let _ = decode::<ClientFrame>(&body);
                 let _ = decode::<crate::wire::ServerFrame>(&body);
+            }
+        }
+
+        /// Valid chunk frames with one byte changed: whatever the chunk decoder accepts,
+        /// the general decoder accepts as the same chunk (it only refuses more).
+        #[test]
+        fn mutated_chunk_frames_decode_alike(
+            offset in any::<u64>(), len in 0usize..300, at in any::<usize>(), byte in any::<u8>(), piece in 1usize..40,
+        ) {
+            let mut frame = encode_frame(&chunk(offset, len)).unwrap().to_vec();
+            let i = at % frame.len();
+            frame[i] = byte;
+            let Ok(chunks) = chunks_of(&frame, piece, 4096) else { return Ok(()) };
+            let mut dec = FrameDecoder::new(crate::limits::MAX_TRANSFER_FRAME_BYTES);
+            dec.push(&frame);
+            for c in chunks {
+                let body = dec.next_frame().unwrap().unwrap();
+                prop_assert_eq!(decode::<crate::wire::Chunk>(&body).unwrap(), c);
             }
         }
 

@@ -831,7 +831,7 @@ async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
     bounded(async {
         let tb = TestBroker::start_with(|c| {
             c.transfer_progress_secs = 2;
-            // One chunk frame queued at a time over all streams, one blob file open.
+            // One chunk buffer held at a time over all streams, one blob file open.
             c.transfer_buffer_bytes = 1;
             c.max_open_blob_files = 1;
         })
@@ -844,7 +844,9 @@ async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
             let mut most = 0;
             loop {
                 most = most.max(sampler_shared.files.queued_chunk_bytes());
-                if most > switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES as usize {
+                // One chunk's buffer: the frame and its alignment padding.
+                let chunk = switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES as usize;
+                if most > chunk + switchboard_broker::files::blobs::DIRECT_ALIGN {
                     return most;
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -918,6 +920,25 @@ async fn a_chunk_being_received_is_counted_in_the_transfer_budget() {
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while tb.shared().files.queued_chunk_bytes() > 0 {
             assert!(std::time::Instant::now() < deadline, "the reset stream's chunk is still counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A stream that ends half way through a chunk gives its bytes back at once, not
+        // at its progress deadline (3 s).
+        let mut t = Transfer::open(&conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        t.send.write_all(&frame[..frame.len() / 2]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while tb.shared().files.queued_chunk_bytes() < data.len() {
+            assert!(std::time::Instant::now() < deadline, "the second half-received chunk is not counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        t.send.finish().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while tb.shared().files.queued_chunk_bytes() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a chunk cut short by the end of its stream is still counted"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })

@@ -310,7 +310,9 @@ enum Read {
 /// `permits` (at most `QUEUED_CHUNKS` queued for the actor) and the chunk's bytes in the
 /// broker-wide budget, waiting for them until `deadline` and reading nothing meanwhile
 /// (QUIC flow control holds the sender back): what a stream holds is always counted.
-/// Cancel-safe: everything taken lives in `r`.
+/// Cancel-safe: nothing read and no permit is lost when the `select!` drops it half way
+/// (a stream waiting for the budget then joins its queue again at the back). At the end
+/// of the stream a chunk cut short is dropped with its permits.
 async fn next_chunk(
     r: &mut Reading,
     recv: &mut quinn::RecvStream,
@@ -339,7 +341,11 @@ async fn next_chunk(
             },
             Ok(ChunkStep::More) => match recv.read_chunk(READ_CHUNK_BYTES, true).await {
                 Ok(Some(chunk)) => r.pending = chunk.bytes,
-                Ok(None) | Err(_) => return Read::End,
+                Ok(None) | Err(_) => {
+                    r.decoder.reset();
+                    r.held = None;
+                    return Read::End;
+                }
             },
         }
     }

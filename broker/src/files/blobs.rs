@@ -15,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,8 +67,9 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// cost the broker 0.8 to 1.5 ms of CPU (`copy_folio_from_iter_atomic` was a quarter of
 /// its profile during uploads); written directly, with the same fdatasync after it,
 /// 0.1 ms, and the disk took 1 MiB appends 2 to 3 times as fast (docs/benchmarks.md,
-/// "Files: direct writes"). The unaligned start and end of a chunk (less than a block
-/// each) go through the page cache; the fdatasync after the write covers both paths.
+/// "Direct writes and one copy per chunk"). The unaligned start and end of a chunk
+/// (less than a block each) go through the page cache; the fdatasync after the write
+/// covers both paths.
 #[derive(Debug)]
 pub struct PartialFile {
     file: File,
@@ -79,10 +80,11 @@ pub struct PartialFile {
 }
 
 impl PartialFile {
-    /// Wraps `file` (open read-write at `path`), opening `path` again for direct writes.
+    /// Wraps `file` (open read-write at `path`), opening `path` again for direct writes
+    /// (Linux only; elsewhere, or if that fails or opens another file than `file`, every
+    /// write goes through the page cache).
     pub fn new(file: File, path: &Path) -> PartialFile {
-        let direct =
-            OpenOptions::new().write(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32).open(path).ok();
+        let direct = open_direct(path).ok().filter(|direct| same_file(&file, direct));
         PartialFile { direct_ok: AtomicBool::new(direct.is_some()), file, direct }
     }
 
@@ -144,6 +146,27 @@ impl PartialFile {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().write(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32).open(path)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> io::Result<File> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// Whether `a` and `b` are open on the same file (device and inode): the path could
+/// have been replaced between the two opens.
+fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

@@ -54,8 +54,9 @@ pub struct Files {
     user_streams: std::sync::Mutex<crate::limits::PerUser>,
     /// Most transfer streams one user may have served at once.
     streams_per_user: usize,
-    /// One permit per byte of upload chunks read from transfer streams and not yet
-    /// handled by their actors, over all streams (`transfer_buffer_bytes`).
+    /// One permit per byte of upload chunk buffers, from a chunk's header until its
+    /// actor handled it (being received or queued), over all streams
+    /// (`transfer_buffer_bytes`).
     chunk_bytes: Arc<tokio::sync::Semaphore>,
     /// `chunk_bytes`' size: a chunk asks for at most this many permits.
     chunk_bytes_max: usize,
@@ -69,8 +70,9 @@ pub struct Files {
 pub struct TransferLimits {
     /// Transfer streams served at once (`max_live_transfer_streams`).
     pub live_streams: usize,
-    /// Bytes of upload chunks queued for Upload actors at once (`transfer_buffer_bytes`);
-    /// raised to one whole chunk if smaller, so every chunk can pass.
+    /// Bytes of upload chunk buffers held at once, being received or queued for Upload
+    /// actors (`transfer_buffer_bytes`); raised to one whole chunk's buffer if smaller,
+    /// so every chunk can pass.
     pub buffered_chunk_bytes: usize,
     /// Blob files open for downloads at once (`max_open_blob_files`; at least 1).
     pub open_blob_files: usize,
@@ -156,8 +158,10 @@ pub enum Unreachable {
 impl Files {
     /// Files under `data_dir`, serving transfer streams within `limits`.
     pub fn open(data_dir: &std::path::Path, limits: TransferLimits) -> std::io::Result<Files> {
-        let chunk_bytes_max =
-            limits.buffered_chunk_bytes.clamp(MAX_TRANSFER_FRAME_BYTES as usize, tokio::sync::Semaphore::MAX_PERMITS);
+        // A whole chunk's buffer (frame, alignment padding) fits whatever the setting.
+        let chunk_bytes_max = limits
+            .buffered_chunk_bytes
+            .clamp(MAX_TRANSFER_FRAME_BYTES as usize + blobs::DIRECT_ALIGN, tokio::sync::Semaphore::MAX_PERMITS);
         Ok(Files {
             live_streams: Arc::new(tokio::sync::Semaphore::new(limits.live_streams)),
             user_streams: std::sync::Mutex::default(),
@@ -185,7 +189,7 @@ impl Files {
         self.user_streams.lock().unwrap_or_else(|p| p.into_inner()).held(user)
     }
 
-    /// Takes `len` bytes of the broker-wide budget for queued upload chunks, waiting
+    /// Takes `len` bytes of the broker-wide budget for upload chunk buffers, waiting
     /// until `deadline` for them (the stream reads nothing meanwhile, so QUIC flow
     /// control holds its sender back). `None` if the deadline passed first.
     pub(crate) async fn reserve_chunk(
@@ -207,7 +211,8 @@ impl Files {
         acquire_until(&self.open_blobs, 1, deadline).await
     }
 
-    /// Bytes of upload chunks queued for actors now (within `transfer_buffer_bytes`).
+    /// Bytes of upload chunk buffers held now, being received or queued for actors
+    /// (within `transfer_buffer_bytes`).
     pub fn queued_chunk_bytes(&self) -> usize {
         self.chunk_bytes_max - self.chunk_bytes.available_permits()
     }

@@ -5,7 +5,8 @@
 //!   own TLS and transport settings on the server side and the client library's on the
 //!   client side, one way and then the other (MB/s): what QUIC itself can carry here;
 //!   (a2) the same with that server in a process of its own (`__quinn-sink`), as the
-//!   broker is, reported beside (`c_upload_over_min_a2_b`); the aim stays against (a);
+//!   broker is, reported beside (`c_upload_over_min_a2_b`; not with `--in-process`);
+//!   the aim stays against (a);
 //! - (b) appending 1 MiB pieces (the chunk size) with an fdatasync after each to a file
 //!   on the file system of the broker's data dir (MB/s), through the page cache and the
 //!   way the broker writes chunks (whole blocks with `O_DIRECT`), the faster counting:
@@ -140,10 +141,16 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.extra.insert("a_quinn_upload_mb_per_s".into(), quinn_up);
     report.extra.insert("a_quinn_download_mb_per_s".into(), quinn_down);
     // The same with the server in a process of its own, as the broker is (reported
-    // beside; the aim stays against the figure above).
-    let (quinn2_up, quinn2_down) = quinn_bulk(file_bytes, true).await?;
-    report.extra.insert("a2_quinn_two_processes_upload_mb_per_s".into(), quinn2_up);
-    report.extra.insert("a2_quinn_two_processes_download_mb_per_s".into(), quinn2_down);
+    // beside; the aim stays against the figure above). The server is this executable
+    // run again, which is the harness unless the broker runs in this process (tests).
+    let quinn2_up = if common.in_process {
+        None
+    } else {
+        let (up, down) = quinn_bulk(file_bytes, true).await?;
+        report.extra.insert("a2_quinn_two_processes_upload_mb_per_s".into(), up);
+        report.extra.insert("a2_quinn_two_processes_download_mb_per_s".into(), down);
+        Some(up)
+    };
 
     let target = common.target().await?;
     let broker_pid = target.pid.map(|p| p.to_string());
@@ -200,7 +207,9 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.extra.insert("c_upload_mb_per_s".into(), upload);
     let limit = quinn_up.min(fsync);
     report.extra.insert("c_upload_over_min_a_b".into(), upload / limit.max(f64::MIN_POSITIVE));
-    report.extra.insert("c_upload_over_min_a2_b".into(), upload / quinn2_up.min(fsync).max(f64::MIN_POSITIVE));
+    if let Some(quinn2_up) = quinn2_up {
+        report.extra.insert("c_upload_over_min_a2_b".into(), upload / quinn2_up.min(fsync).max(f64::MIN_POSITIVE));
+    }
     if let Some(cpu) = cpu_upload {
         report.extra.insert("c_broker_cpu_ms_per_mb".into(), cpu);
     }
@@ -326,7 +335,7 @@ fn cpu_per_mb(pid: Option<&str>, before: Option<f64>, bytes: u64) -> Option<f64>
 /// broker is: (upload, download) MB/s.
 async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<(f64, f64)> {
     let dir = tempfile::tempdir().map_err(Error::io("creating a temp dir"))?;
-    let (addr, cert, server) = if two_processes {
+    let (addr, cert, mut server) = if two_processes {
         let exe = std::env::current_exe().map_err(Error::io("finding the harness executable"))?;
         let mut child = tokio::process::Command::new(exe)
             .arg(QUINN_SINK_COMMAND)
@@ -345,11 +354,11 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<(f64, f64)> {
             let status = child.wait().await.map_err(Error::io("waiting for the quinn sink"))?;
             if status.success() { Ok(()) } else { Err(quic(format!("the sink exited with {status}"))) }
         });
-        (addr, PathBuf::from(cert), served)
+        (addr, PathBuf::from(cert), AbortOnDrop(served))
     } else {
         let (server, cert) = bulk_server(dir.path())?;
         let addr = server.local_addr().map_err(Error::io("reading the endpoint address"))?;
-        (addr, cert, tokio::spawn(serve_bulk(server, bytes)))
+        (addr, cert, AbortOnDrop(tokio::spawn(serve_bulk(server, bytes))))
     };
     let connector = Connector::new(addr, "localhost", Trust::CaFile(cert))?;
     let conn = connector.endpoint().connect(addr, "localhost").map_err(quic)?.await.map_err(quic)?;
@@ -371,9 +380,18 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<(f64, f64)> {
         return Err(Error::Protocol(format!("quinn download: {received} of {bytes} bytes")));
     }
     conn.close(0u32.into(), b"done");
-    server.await??;
+    (&mut server.0).await??;
     connector.endpoint().wait_idle().await;
     Ok((rate(bytes, up_s), rate(bytes, down_s)))
+}
+
+/// A task (and the sink process it waits for) stopped when the measurement ends early.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The hidden subcommand that runs (a)'s server in a process of its own.
@@ -456,7 +474,7 @@ async fn drain(recv: &mut quinn::RecvStream) -> Result<u64> {
 /// MB/s. The file is removed after.
 fn fsync_append(dir: &Path, bytes: u64, how: Append) -> std::io::Result<f64> {
     let path = dir.join(format!("fsync-append-{}.bin", std::process::id()));
-    let piece = vec![0xa5u8; MIB as usize];
+    let piece = aligned_piece(0xa5);
     let measured = (|| {
         let file = Appender::create(&path, how)?;
         let start = Instant::now();
@@ -472,6 +490,17 @@ fn fsync_append(dir: &Path, bytes: u64, how: Append) -> std::io::Result<f64> {
     // system mounted `-o discard`) stalls the fdatasyncs of the phases after this one.
     let _ = switchboard_broker::files::blobs::remove_paced(&path, HARNESS_DELETE_BYTES_PER_SEC);
     measured
+}
+
+/// 1 MiB of `byte` at an aligned address, as the broker's chunk buffers are (so a
+/// direct write copies nothing, as in the broker).
+fn aligned_piece(byte: u8) -> Bytes {
+    let align = switchboard_broker::files::blobs::DIRECT_ALIGN;
+    let mut piece: Vec<u8> = Vec::with_capacity(MIB as usize + align);
+    let pad = piece.as_ptr().align_offset(align);
+    piece.resize(pad, 0);
+    piece.resize(pad + MIB as usize, byte);
+    Bytes::from(piece).slice(pad..)
 }
 
 /// How (b) and (g) append: through the page cache, or the way the broker writes an
@@ -542,7 +571,7 @@ fn small_syncs_beside_appends(dir: &Path, samples: usize, every: Duration) -> st
         let appender = {
             let (stop, bulk) = (stop.clone(), bulk.clone());
             std::thread::spawn(move || -> std::io::Result<()> {
-                let piece = vec![0xa5u8; MIB as usize];
+                let piece = aligned_piece(0xa5);
                 let file = Appender::create(&bulk, Append::AsTheBroker)?;
                 let mut at = 0;
                 while !stop.load(Ordering::Relaxed) {
