@@ -36,6 +36,11 @@ pub struct Config {
     pub unconfirmed_device_grace_ms: u64,
     /// sled page cache in bytes.
     pub store_cache_bytes: u64,
+    /// How long a group commit waits after the first write that asks for it, so that
+    /// writes arriving meanwhile share its flush and fdatasync, µs (0: at once, the
+    /// default). Fewer thread wakeups per message at a steady rate, each
+    /// acknowledgement later by up to this much; docs/benchmarks.md ("Commit delay").
+    pub commit_delay_us: u64,
     /// QUIC idle timeout: an abrupt disconnect is noticed within this (the effective
     /// timeout is the smaller of this and the client's). The broker sends a keep-alive
     /// after a third of it without traffic, so clients stay connected however short it is.
@@ -140,6 +145,7 @@ impl Default for Config {
             registration_interval_ms: crate::limits::REGISTRATION_INTERVAL_MS,
             unconfirmed_device_grace_ms: crate::limits::UNCONFIRMED_DEVICE_GRACE_MS,
             store_cache_bytes: 256 * 1024 * 1024,
+            commit_delay_us: 0,
             idle_timeout_ms: 30_000,
             presence_coalesce_ms: crate::limits::PRESENCE_COALESCE_MS,
             typing_ttl_ms: u64::from(switchboard_protocol::limits::TYPING_TTL_MS),

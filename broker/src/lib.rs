@@ -111,6 +111,7 @@ pub fn open_store(config: &Config) -> Result<Arc<Store>> {
     std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
     let mut store_config = StoreConfig::new(config.data_dir.join("store"));
     store_config.cache_capacity_bytes = config.store_cache_bytes;
+    store_config.commit_delay = std::time::Duration::from_micros(config.commit_delay_us);
     let store = Store::open(&store_config).map_err(|e| {
         Error::Config(format!("opening the store in {} (is another broker using it?): {e}", config.data_dir.display()))
     })?;

@@ -68,6 +68,10 @@ pub struct Common {
     /// admission off (default: the broker's).
     #[arg(long, global = true)]
     pub broker_send_delay_target_ms: Option<u64>,
+    /// The embedded broker's `commit_delay_us`: how long a group commit waits for more
+    /// writes to share it (default: the broker's, 0).
+    #[arg(long, global = true)]
+    pub broker_commit_delay_us: Option<u64>,
     /// Use a running broker at this address instead of starting one.
     #[arg(long, requires = "trust", global = true)]
     pub target: Option<SocketAddr>,
@@ -130,6 +134,7 @@ impl Common {
             udp_sockets: self.broker_udp_sockets,
             max_sends_in_flight: self.broker_max_sends_in_flight,
             send_delay_target_ms: self.broker_send_delay_target_ms,
+            commit_delay_us: self.broker_commit_delay_us,
         };
         if self.in_process { target::Target::in_process(knobs).await } else { target::Target::child(knobs).await }
     }

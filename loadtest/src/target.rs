@@ -45,7 +45,7 @@ pub fn embedded_config(data_dir: PathBuf, udp_sockets: usize) -> Config {
 }
 
 /// Settings of a broker the harness starts, beyond `embedded_config`'s.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BrokerKnobs {
     /// Its `udp_sockets`.
     pub udp_sockets: usize,
@@ -53,6 +53,8 @@ pub struct BrokerKnobs {
     pub max_sends_in_flight: Option<usize>,
     /// Its `send_delay_target_ms`; `None` keeps the broker's default.
     pub send_delay_target_ms: Option<u64>,
+    /// Its `commit_delay_us`; `None` keeps the broker's default.
+    pub commit_delay_us: Option<u64>,
 }
 
 impl BrokerKnobs {
@@ -65,16 +67,20 @@ impl BrokerKnobs {
         if let Some(ms) = self.send_delay_target_ms {
             config.send_delay_target_ms = ms;
         }
+        if let Some(us) = self.commit_delay_us {
+            config.commit_delay_us = us;
+        }
         config
     }
 
     /// As arguments of the child command (after the data dir); `-` keeps a default.
-    fn args(&self) -> [String; 3] {
+    fn args(&self) -> [String; 4] {
         let or_default = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         [
             self.udp_sockets.to_string(),
             or_default(self.max_sends_in_flight.map(|v| v.to_string())),
             or_default(self.send_delay_target_ms.map(|v| v.to_string())),
+            or_default(self.commit_delay_us.map(|v| v.to_string())),
         ]
     }
 
@@ -85,6 +91,7 @@ impl BrokerKnobs {
             udp_sockets: get(0).unwrap_or(1),
             max_sends_in_flight: get(1),
             send_delay_target_ms: args.get(2).and_then(|v| v.parse().ok()),
+            commit_delay_us: args.get(3).and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -210,7 +217,8 @@ impl Target {
 }
 
 /// Body of the hidden `__broker DATA_DIR UDP_SOCKETS MAX_SENDS_IN_FLIGHT
-/// SEND_DELAY_TARGET_MS` subcommand (`-`: the default): run until stdin closes.
+/// SEND_DELAY_TARGET_MS COMMIT_DELAY_US` subcommand (`-`: the default): run until stdin
+/// closes.
 pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -231,4 +239,26 @@ pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
         while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
         Ok(broker.shutdown().await?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knobs_reach_the_child_broker_as_they_were_set() {
+        let set = BrokerKnobs {
+            udp_sockets: 2,
+            max_sends_in_flight: Some(9),
+            send_delay_target_ms: Some(0),
+            commit_delay_us: Some(1500),
+        };
+        assert_eq!(BrokerKnobs::parse(&set.args()), set);
+        let config = set.config("unused".into());
+        assert_eq!((config.max_sends_in_flight, config.send_delay_target_ms, config.commit_delay_us), (9, 0, 1500));
+        // Unset ones keep the broker's defaults.
+        let unset = BrokerKnobs { udp_sockets: 1, ..Default::default() };
+        assert_eq!(BrokerKnobs::parse(&unset.args()), unset);
+        assert_eq!(unset.config("unused".into()).commit_delay_us, Config::ephemeral("unused").commit_delay_us);
+    }
 }

@@ -25,6 +25,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -80,8 +81,15 @@ pub(crate) struct Committer {
 
 impl Committer {
     /// Starts the committer thread. Each of `gens` (index writes, watermark writes) is
-    /// marked durable as far as each successful commit covers it.
-    pub(crate) fn start(db: sled::Db, data_file: PathBuf, gens: Vec<Arc<IndexGen>>) -> Result<Committer, StoreError> {
+    /// marked durable as far as each successful commit covers it. With a `delay`, a
+    /// commit begins that long after the first waiter that asked for it (see
+    /// `StoreConfig::commit_delay`).
+    pub(crate) fn start(
+        db: sled::Db,
+        data_file: PathBuf,
+        gens: Vec<Arc<IndexGen>>,
+        delay: Duration,
+    ) -> Result<Committer, StoreError> {
         // Open once up front: a missing data file is a startup error, not a per-batch one.
         let file =
             File::open(&data_file).map_err(|e| StoreError::NotDurable(format!("{}: {e}", data_file.display())))?;
@@ -90,7 +98,7 @@ impl Committer {
         let thread_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("sb-committer".into())
-            .spawn(move || run(db, file, rx, &thread_health, &gens))
+            .spawn(move || run(db, file, rx, &thread_health, &gens, delay))
             .map_err(|e| StoreError::NotDurable(e.to_string()))?;
         Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), health })
     }
@@ -185,12 +193,17 @@ impl Drop for Committer {
     }
 }
 
-fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>]) {
+fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>], delay: Duration) {
     // Fail-stop: after one failed flush or fsync nothing is reported durable again. On
     // Linux a failed fsync may already have dropped the dirty pages it could not write,
     // so retrying and later succeeding would acknowledge writes that are gone.
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
+        if !delay.is_zero() {
+            // Asleep, not waiting on the queue: writers arriving meanwhile wake nobody,
+            // and the commit below takes them all.
+            std::thread::sleep(delay);
+        }
         let mut waiters = Vec::new();
         for job in std::iter::once(first).chain(rx.try_iter()) {
             match job {
@@ -302,9 +315,51 @@ mod tests {
 
     /// A committer over a fresh sled database in `dir`, set up as `Store::open` does.
     fn start(dir: &Path) -> (sled::Db, Committer) {
+        start_with_delay(dir, Duration::ZERO)
+    }
+
+    fn start_with_delay(dir: &Path, delay: Duration) -> (sled::Db, Committer) {
         let db = sled::Config::new().path(dir).flush_every_ms(None).open().unwrap();
-        let committer = Committer::start(db.clone(), dir.join("db"), vec![Arc::new(IndexGen::default())]).unwrap();
+        let committer =
+            Committer::start(db.clone(), dir.join("db"), vec![Arc::new(IndexGen::default())], delay).unwrap();
         (db, committer)
+    }
+
+    #[test]
+    fn with_a_commit_delay_writers_arriving_within_it_share_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, committer) = start_with_delay(dir.path(), Duration::from_millis(300));
+        let (_go, started) = pause_no_commit(&committer);
+        db.insert("first", "1").unwrap();
+        let first = waiter(&committer);
+        // Well inside the delay: no commit has begun, and these join the first one's.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(started.try_recv().is_err(), "a commit began before its delay passed");
+        let rest: Vec<_> = (0..5)
+            .map(|i| {
+                db.insert(format!("k{i}"), "v").unwrap();
+                waiter(&committer)
+            })
+            .collect();
+        assert_eq!(first.recv_timeout(WAIT).unwrap(), (true, 1));
+        for w in rest {
+            assert_eq!(w.recv_timeout(WAIT).unwrap(), (true, 1), "one commit for all six");
+        }
+        // Every write is durable before its waiter hears so, delay or not.
+        drop(committer);
+        drop(db);
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        assert!(db.get("k4").unwrap().is_some());
+    }
+
+    /// Reports each commit's number as it begins (pausing none).
+    fn pause_no_commit(committer: &Committer) -> ((), Receiver<u64>) {
+        let (started_tx, started) = channel();
+        let hook = Box::new(move |n| {
+            let _ = started_tx.send(n);
+        });
+        committer.health.commit_started.set(hook).unwrap_or_else(|_| panic!("hook set twice"));
+        ((), started)
     }
 
     /// A waiter that reports, when completed, its result and which commit completed it.
