@@ -36,10 +36,13 @@ pub struct Config {
     pub unconfirmed_device_grace_ms: u64,
     /// sled page cache in bytes.
     pub store_cache_bytes: u64,
-    /// How long a group commit waits after the first write that asks for it, so that
-    /// writes arriving meanwhile share its flush and fdatasync, µs (0: at once, the
-    /// default). Fewer thread wakeups per message at a steady rate, each
-    /// acknowledgement later by up to this much; docs/benchmarks.md ("Commit delay").
+    /// How long a group commit that a message write asked for waits, counted from that
+    /// write, so that messages arriving meanwhile share its flush and fdatasync, µs (0:
+    /// at once, the default; at most `MAX_COMMIT_DELAY_US`, and below half of
+    /// `send_delay_target_ms` when that rule is on). Fewer thread wakeups and less CPU
+    /// per message at a steady rate, each acknowledgement later by about this much;
+    /// other writes (files, accounts, receipts) end the wait at once.
+    /// docs/benchmarks.md ("Commit delay").
     pub commit_delay_us: u64,
     /// QUIC idle timeout: an abrupt disconnect is noticed within this (the effective
     /// timeout is the smaller of this and the client's). The broker sends a keep-alive
@@ -119,9 +122,10 @@ pub struct Config {
     /// a user with many connections (up to `MAX_SESSIONS_PER_USER`) from holding every
     /// place of `max_live_transfer_streams` and `max_open_blob_files`.
     pub max_transfer_streams_per_user: usize,
-    /// Bytes of upload chunks the broker holds between transfer streams and Upload
-    /// actors at once, over all streams (at least one chunk). A stream whose next chunk
-    /// does not fit waits, reading nothing (QUIC flow control slows its sender), and is
+    /// Bytes of upload chunk buffers the broker holds at once, over all streams: each
+    /// counted from its chunk's header until its Upload actor handled it (being
+    /// received, or queued), at least one whole chunk. A stream whose next chunk does
+    /// not fit waits, reading nothing (QUIC flow control slows its sender), and is
     /// reset with `TIMEOUT` only if the wait passes `transfer_progress_secs`.
     pub transfer_buffer_bytes: u64,
     /// Blob files open for downloads at once, over all streams (at least 1). A download
@@ -213,5 +217,50 @@ impl Config {
 
     pub(crate) fn quic_handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.quic_handshake_timeout_ms)
+    }
+}
+
+/// Largest `commit_delay_us`: a tenth of a second (PostgreSQL's `commit_delay` has the
+/// same cap); beyond it every acknowledgement and a clean shutdown wait that long.
+pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
+
+/// Refuses a `commit_delay_us` above `MAX_COMMIT_DELAY_US`, or, while the delay rule of
+/// admission is on, at or above half of `send_delay_target_ms`: every message write
+/// waits at least the delay, so the broker would refuse writes as overloaded when it is
+/// only waiting.
+pub fn check_commit_delay(config: &Config) -> crate::error::Result<()> {
+    let delay = config.commit_delay_us;
+    if delay > MAX_COMMIT_DELAY_US {
+        return Err(crate::Error::Config(format!(
+            "commit_delay_us = {delay}: at most {MAX_COMMIT_DELAY_US} (a tenth of a second)"
+        )));
+    }
+    let target_us = config.send_delay_target_ms.saturating_mul(1000);
+    if target_us > 0 && delay.saturating_mul(2) >= target_us {
+        return Err(crate::Error::Config(format!(
+            "commit_delay_us = {delay} must stay below half of send_delay_target_ms ({} ms), \
+             or every write would count as overloaded",
+            config.send_delay_target_ms
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_delay_is_refused_past_its_cap_or_near_the_overload_target() {
+        let mut config = Config::ephemeral("unused");
+        assert!(check_commit_delay(&config).is_ok(), "the default, 0");
+        config.commit_delay_us = 2_000;
+        assert!(check_commit_delay(&config).is_ok(), "2 ms against the default 20 ms target");
+        config.commit_delay_us = 10_000;
+        assert!(check_commit_delay(&config).is_err(), "half of the 20 ms target");
+        config.send_delay_target_ms = 0;
+        assert!(check_commit_delay(&config).is_ok(), "the delay rule is off");
+        config.commit_delay_us = MAX_COMMIT_DELAY_US + 1;
+        assert!(check_commit_delay(&config).is_err(), "past the cap");
     }
 }

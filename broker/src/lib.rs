@@ -108,6 +108,7 @@ pub struct Shared {
 
 /// Opens the data directory's store with the configured cache.
 pub fn open_store(config: &Config) -> Result<Arc<Store>> {
+    config::check_commit_delay(config)?;
     std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
     let mut store_config = StoreConfig::new(config.data_dir.join("store"));
     store_config.cache_capacity_bytes = config.store_cache_bytes;

@@ -218,6 +218,7 @@ impl ChunkDecoder {
     /// A decoder for frames of at most `max_frame_bytes` (body), placing data for
     /// `align` (a power of two; 1 for no alignment).
     pub fn new(max_frame_bytes: u32, align: usize) -> Self {
+        debug_assert!(align.is_power_of_two(), "align {align} is not a power of two");
         let align = align.max(1).checked_next_power_of_two().unwrap_or(1);
         ChunkDecoder { max_frame_bytes, align, state: ChunkState::Header(Vec::new()) }
     }
@@ -296,8 +297,8 @@ impl ChunkDecoder {
         }
     }
 
-    /// Bytes held for the chunk in progress: its buffer (padding included) once
-    /// allocated, 0 before.
+    /// Bytes held for the chunk in progress: its buffer's capacity (padding included)
+    /// while the data arrives, then the data's length, 0 before `allocate`.
     pub fn capacity(&self) -> usize {
         match &self.state {
             ChunkState::Data { buf, .. } => buf.capacity(),

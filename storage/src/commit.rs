@@ -25,7 +25,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -37,6 +37,9 @@ type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 enum Job {
     /// Complete `Done` once everything applied before it is durable.
     Wait(Done),
+    /// Like `Wait`, for a write that may wait out the commit delay (queued at the
+    /// instant given): a conversation entry.
+    Grouped(Instant, Done),
     /// Apply a batch (between flushes), say so on `applied`, then complete like `Wait`.
     Apply(sled::Batch, mpsc::SyncSender<Result<(), StoreError>>, Done),
 }
@@ -63,6 +66,8 @@ struct Health {
     failed: AtomicBool,
     /// Fail the next commit (fault injection).
     inject: AtomicBool,
+    /// A job that must not wait out the commit delay was queued: the delay ends.
+    urgent: AtomicBool,
     hook: OnceLock<FailureHook>,
     /// Commits begun so far (tests read it to tell which commit completed a waiter).
     #[cfg(test)]
@@ -76,13 +81,17 @@ struct Health {
 pub(crate) struct Committer {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The committer thread, unparked to end a commit delay early.
+    parked: std::thread::Thread,
+    delay: Duration,
     health: Arc<Health>,
 }
 
 impl Committer {
     /// Starts the committer thread. Each of `gens` (index writes, watermark writes) is
     /// marked durable as far as each successful commit covers it. With a `delay`, a
-    /// commit begins that long after the first waiter that asked for it (see
+    /// commit that a conversation entry asked for (`notify_grouped`) begins that long
+    /// after the entry was queued, unless another kind of job comes first (see
     /// `StoreConfig::commit_delay`).
     pub(crate) fn start(
         db: sled::Db,
@@ -100,7 +109,8 @@ impl Committer {
             .name("sb-committer".into())
             .spawn(move || run(db, file, rx, &thread_health, &gens, delay))
             .map_err(|e| StoreError::NotDurable(e.to_string()))?;
-        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), health })
+        let parked = thread.thread().clone();
+        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), parked, delay, health })
     }
 
     pub(crate) fn on_failure(&self, hook: FailureHook) {
@@ -117,6 +127,12 @@ impl Committer {
 
     pub(crate) fn notify(&self, done: Done) -> Result<(), StoreError> {
         self.send(Job::Wait(done))
+    }
+
+    /// Like `notify`, for a conversation entry: its commit may wait out the commit delay
+    /// for more entries to share it.
+    pub(crate) fn notify_grouped(&self, done: Done) -> Result<(), StoreError> {
+        self.send(Job::Grouped(Instant::now(), done))
     }
 
     /// Has the committer thread apply `batch` between flushes; returns once it is
@@ -140,11 +156,18 @@ impl Committer {
     }
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
+        let urgent = !matches!(job, Job::Grouped(..));
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
-            Some(tx) => tx.send(job).map_err(|_| StoreError::Closed),
-            None => Err(StoreError::Closed),
+            Some(tx) => tx.send(job).map_err(|_| StoreError::Closed)?,
+            None => return Err(StoreError::Closed),
         }
+        if urgent && !self.delay.is_zero() {
+            // A batch or a barrier (files, catalog, receipts) ends a delay in progress.
+            self.health.urgent.store(true, Ordering::SeqCst);
+            self.parked.unpark();
+        }
+        Ok(())
     }
 
     pub(crate) fn wait(&self) -> Result<Durable, StoreError> {
@@ -199,15 +222,26 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
     // so retrying and later succeeding would acknowledge writes that are gone.
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
-        if !delay.is_zero() {
-            // Asleep, not waiting on the queue: writers arriving meanwhile wake nobody,
-            // and the commit below takes them all.
-            std::thread::sleep(delay);
+        if let Job::Grouped(queued, _) = &first
+            && !delay.is_zero()
+        {
+            // Parked, not waiting on the queue: entries arriving meanwhile wake nobody,
+            // and the commit below takes them all. Any other job ends the delay.
+            let until = *queued + delay;
+            while !health.urgent.load(Ordering::SeqCst) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::park_timeout(left);
+            }
         }
+        // Jobs queued before this are taken below; a later one's flag ends the next delay.
+        health.urgent.store(false, Ordering::SeqCst);
         let mut waiters = Vec::new();
         for job in std::iter::once(first).chain(rx.try_iter()) {
             match job {
-                Job::Wait(done) => waiters.push(done),
+                Job::Wait(done) | Job::Grouped(_, done) => waiters.push(done),
                 Job::Apply(batch, applied, done) => {
                     // No flush is in progress on this thread: the batch's exclusive
                     // lock waits only for readers already inside sled.
@@ -325,41 +359,75 @@ mod tests {
         (db, committer)
     }
 
+    /// A waiter for a conversation entry (it may wait out the commit delay).
+    fn grouped_waiter(committer: &Committer) -> Receiver<(bool, u64)> {
+        let (tx, rx) = channel();
+        let health = committer.health.clone();
+        let done: Done = Box::new(move |r| tx.send((r.is_ok(), health.commits.load(Ordering::SeqCst))).unwrap());
+        committer.notify_grouped(done).unwrap();
+        rx
+    }
+
+    /// Reports each commit's number and the instant it began.
+    fn report_commits(committer: &Committer) -> Receiver<(u64, std::time::Instant)> {
+        let (tx, rx) = channel();
+        committer.on_commit_started(Box::new(move |n| {
+            let _ = tx.send((n, std::time::Instant::now()));
+        }));
+        rx
+    }
+
     #[test]
-    fn with_a_commit_delay_writers_arriving_within_it_share_the_commit() {
+    fn with_a_commit_delay_entries_arriving_within_it_share_the_commit() {
+        const DELAY: Duration = Duration::from_secs(1);
         let dir = tempfile::tempdir().unwrap();
-        let (db, committer) = start_with_delay(dir.path(), Duration::from_millis(300));
-        let (_go, started) = pause_no_commit(&committer);
+        let (db, committer) = start_with_delay(dir.path(), DELAY);
+        let started = report_commits(&committer);
         db.insert("first", "1").unwrap();
-        let first = waiter(&committer);
-        // Well inside the delay: no commit has begun, and these join the first one's.
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(started.try_recv().is_err(), "a commit began before its delay passed");
+        let queued = std::time::Instant::now();
+        let first = grouped_waiter(&committer);
         let rest: Vec<_> = (0..5)
             .map(|i| {
                 db.insert(format!("k{i}"), "v").unwrap();
-                waiter(&committer)
+                grouped_waiter(&committer)
             })
             .collect();
+        let (n, began) = started.recv_timeout(WAIT).unwrap();
+        assert_eq!(n, 1);
+        assert!(began.duration_since(queued) >= DELAY, "commit 1 began before the delay passed");
         assert_eq!(first.recv_timeout(WAIT).unwrap(), (true, 1));
         for w in rest {
+            // Queued microseconds after the first, well inside its delay.
             assert_eq!(w.recv_timeout(WAIT).unwrap(), (true, 1), "one commit for all six");
         }
-        // Every write is durable before its waiter hears so, delay or not.
-        drop(committer);
-        drop(db);
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        assert!(db.get("k4").unwrap().is_some());
+        // An entry queued after commit 1 began is completed by a later commit, which
+        // began after it.
+        let late = grouped_waiter(&committer);
+        assert_eq!(late.recv_timeout(WAIT).unwrap(), (true, 2));
     }
 
-    /// Reports each commit's number as it begins (pausing none).
-    fn pause_no_commit(committer: &Committer) -> ((), Receiver<u64>) {
-        let (started_tx, started) = channel();
-        let hook = Box::new(move |n| {
-            let _ = started_tx.send(n);
-        });
-        committer.health.commit_started.set(hook).unwrap_or_else(|_| panic!("hook set twice"));
-        ((), started)
+    #[test]
+    fn any_other_job_ends_the_commit_delay_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, committer) = start_with_delay(dir.path(), Duration::from_secs(60));
+        db.insert("entry", "1").unwrap();
+        let queued = std::time::Instant::now();
+        let entry = grouped_waiter(&committer);
+        std::thread::sleep(Duration::from_millis(50));
+        // A barrier of another kind (a file's offset, a catalog write) does not wait.
+        db.insert("offset", "2").unwrap();
+        let barrier = waiter(&committer);
+        assert_eq!(barrier.recv_timeout(WAIT).unwrap(), (true, 1));
+        assert_eq!(entry.recv_timeout(WAIT).unwrap(), (true, 1), "the entry rode the same commit");
+        assert!(queued.elapsed() < WAIT, "the delay was not cut short");
+        // A batch too.
+        let entry = grouped_waiter(&committer);
+        let mut batch = sled::Batch::default();
+        batch.insert("batch", "3");
+        let durable = committer.apply(batch).unwrap();
+        assert_eq!(entry.recv_timeout(WAIT).unwrap(), (true, 2));
+        drop(durable);
+        drop(db);
     }
 
     /// A waiter that reports, when completed, its result and which commit completed it.

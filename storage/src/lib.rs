@@ -84,11 +84,13 @@ pub struct StoreConfig {
     /// sled page cache size. sled's default is 1 GiB; a broker wants most memory for
     /// connections, and tests want little.
     pub cache_capacity_bytes: u64,
-    /// How long a group commit waits, after the first write that asks for it, before it
-    /// flushes (0: at once). Writes arriving meanwhile share it: fewer flushes and
-    /// thread wakeups per message, each acknowledgement later by up to this much (like
-    /// PostgreSQL's `commit_delay`). docs/benchmarks.md ("Commit delay") has the trade
-    /// measured.
+    /// How long a group commit that a conversation entry asked for waits, counted from
+    /// that entry's write, before it flushes (0: at once). Entries arriving meanwhile
+    /// share it: fewer flushes and thread wakeups per message, each acknowledgement
+    /// later by about this much (an entry that finds the committer idle waits all of
+    /// it). Any other write's barrier or batch (files, catalog, receipts) ends the wait
+    /// at once. Like PostgreSQL's `commit_delay` without its `commit_siblings`
+    /// condition. docs/benchmarks.md ("Commit delay") has the trade measured.
     pub commit_delay: std::time::Duration,
 }
 

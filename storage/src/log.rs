@@ -42,7 +42,7 @@ impl Store {
     pub fn append_then(&self, entry: &Entry, done: impl FnOnce(Result<(), StoreError>) + Send + 'static) -> Result<()> {
         self.db.insert(Key::entry(entry.conv, entry.seq), encode(entry))?;
         self.write_effects(entry, false)?;
-        self.committer.notify(Box::new(done))
+        self.committer.notify_grouped(Box::new(done))
     }
 
     /// Writes the keys `entry` implies (see `append_then`). With `repair`, each is read
