@@ -216,6 +216,16 @@ impl Target {
     }
 }
 
+/// The runtime a child process of the harness serves on: multi-thread, like the
+/// `switchboard` binary's, with threads named `sb-broker` for per-thread figures.
+pub fn broker_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sb-broker")
+        .build()
+        .map_err(Error::io("starting the broker runtime"))
+}
+
 /// Body of the hidden `__broker DATA_DIR UDP_SOCKETS MAX_SENDS_IN_FLIGHT
 /// SEND_DELAY_TARGET_MS COMMIT_DELAY_US` subcommand (`-`: the default): run until stdin
 /// closes.
@@ -224,12 +234,7 @@ pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("sb-broker")
-        .build()
-        .map_err(Error::io("starting the broker runtime"))?;
-    runtime.block_on(async move {
+    broker_runtime()?.block_on(async move {
         let broker = Broker::start(knobs.config(data_dir)).await?;
         println!("addr={}", broker.local_addr);
         println!("cert={}", broker.cert_path.display());

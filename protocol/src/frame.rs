@@ -572,6 +572,19 @@ mod tests {
         assert_eq!(chunks_of(&rest, rest.len(), 1).unwrap(), vec![chunk(0, 3)]);
     }
 
+    /// Whatever chunks the chunk decoder takes out of `stream`, the general decoder takes
+    /// out as the same chunks.
+    fn decoders_agree(stream: &[u8], piece: usize, align: usize) -> Result<(), TestCaseError> {
+        let Ok(chunks) = chunks_of(stream, piece, align) else { return Ok(()) };
+        let mut dec = FrameDecoder::new(crate::limits::MAX_TRANSFER_FRAME_BYTES);
+        dec.push(stream);
+        for c in chunks {
+            let body = dec.next_frame().unwrap().unwrap();
+            prop_assert_eq!(decode::<crate::wire::Chunk>(&body).unwrap(), c);
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
@@ -592,26 +605,14 @@ mod tests {
             let mut frame = encode_frame(&chunk(offset, len)).unwrap().to_vec();
             let i = at % frame.len();
             frame[i] = byte;
-            let Ok(chunks) = chunks_of(&frame, piece, 4096) else { return Ok(()) };
-            let mut dec = FrameDecoder::new(crate::limits::MAX_TRANSFER_FRAME_BYTES);
-            dec.push(&frame);
-            for c in chunks {
-                let body = dec.next_frame().unwrap().unwrap();
-                prop_assert_eq!(decode::<crate::wire::Chunk>(&body).unwrap(), c);
-            }
+            decoders_agree(&frame, piece, 4096)?;
         }
 
         /// Whatever the chunk decoder accepts, the general decoder accepts as the same
         /// chunk (it only refuses more: trailing bytes).
         #[test]
         fn the_chunk_decoder_agrees_with_the_frame_decoder(data in proptest::collection::vec(any::<u8>(), 0..512), piece in 1usize..64) {
-            let Ok(chunks) = chunks_of(&data, piece, 16) else { return Ok(()) };
-            let mut dec = FrameDecoder::new(crate::limits::MAX_TRANSFER_FRAME_BYTES);
-            dec.push(&data);
-            for c in chunks {
-                let body = dec.next_frame().unwrap().unwrap();
-                prop_assert_eq!(decode::<crate::wire::Chunk>(&body).unwrap(), c);
-            }
+            decoders_agree(&data, piece, 16)?;
         }
 
         #[test]
