@@ -205,3 +205,48 @@ async fn pending_requests_are_bounded() {
     })
     .await;
 }
+
+/// A write the broker refused with `OVERLOADED` waits out a backoff that doubles with
+/// each refusal; a new connection sends it at once instead of at the end of that
+/// backoff (the new broker may well take it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_its_overload_backoff_is_sent_at_once_on_a_new_connection() {
+    bounded(async {
+        // Every write is refused.
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = 0;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice_client, alice) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = alice_client.create_direct("bob").await.unwrap().id;
+        // Refusal k waits a backoff in [250 * 2^(k-1), 500 * 2^(k-1)] ms; reconnects
+        // after a connection was up wait at most 500 ms.
+        let config = SessionConfig { backoff_min_ms: 500, backoff_max_ms: 60_000, overload_retries: 100, ..config() };
+        let (session, mut events) =
+            Session::start(tb.connector(), alice.clone(), Arc::new(MemoryCursors::default()), config).unwrap();
+        wait_for(&mut events, "the first connect", |e| matches!(e, SessionEvent::Connected)).await;
+        let write = {
+            let s = session.clone();
+            tokio::spawn(async move { s.send(conv, "refused, again and again").await })
+        };
+        let refusals = |n: u64| {
+            let shared = tb.shared().clone();
+            async move {
+                while shared.sends.refused() < n {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        // After the fourth refusal the write waits at least 2 s before its fifth send.
+        within(STEP_DEADLINE, "four refusals", refusals(4)).await;
+        let kicked = std::time::Instant::now();
+        kick(&tb, alice.user_id);
+        within(STEP_DEADLINE, "the fifth send", refusals(5)).await;
+        let resent = kicked.elapsed();
+        assert!(resent < Duration::from_millis(1500), "sent {resent:?} after the drop: it waited out its backoff");
+        write.abort();
+    })
+    .await;
+}
