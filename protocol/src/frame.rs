@@ -250,28 +250,16 @@ impl ChunkDecoder {
                 }
                 ChunkState::Sized { offset, len } => return Ok(ChunkStep::Header { offset: *offset, len: *len }),
                 ChunkState::Data { offset, len, pad, buf } => {
-                    let want = *pad + *len - buf.len();
-                    if want > 0 {
-                        if input.is_empty() {
-                            return Ok(ChunkStep::More);
-                        }
-                        let piece = input.split_to(want.min(input.len()));
-                        buf.extend_from_slice(&piece);
-                        continue;
+                    if !fill(buf, *pad + *len, input) {
+                        return Ok(ChunkStep::More);
                     }
                     let (offset, pad) = (*offset, *pad);
                     let data = Bytes::from(std::mem::take(buf)).slice(pad..);
                     self.state = ChunkState::Hash { offset, data, hash: Vec::with_capacity(CHUNK_HASH_BYTES) };
                 }
                 ChunkState::Hash { offset, data, hash } => {
-                    let want = CHUNK_HASH_BYTES - hash.len();
-                    if want > 0 {
-                        if input.is_empty() {
-                            return Ok(ChunkStep::More);
-                        }
-                        let piece = input.split_to(want.min(input.len()));
-                        hash.extend_from_slice(&piece);
-                        continue;
+                    if !fill(hash, CHUNK_HASH_BYTES, input) {
+                        return Ok(ChunkStep::More);
                     }
                     let mut blake3 = [0u8; CHUNK_HASH_BYTES];
                     blake3.copy_from_slice(hash);
@@ -306,6 +294,14 @@ impl ChunkDecoder {
             _ => 0,
         }
     }
+}
+
+/// Moves bytes from the front of `input` into `buf` until it holds `full`; whether it
+/// does (else `input` is empty).
+fn fill(buf: &mut Vec<u8>, full: usize, input: &mut Bytes) -> bool {
+    let want = full.saturating_sub(buf.len()).min(input.len());
+    buf.extend_from_slice(&input.split_to(want));
+    buf.len() >= full
 }
 
 /// Parses a `Chunk` frame's header (length prefix, offset, data length) from `header`:
