@@ -945,6 +945,83 @@ async fn a_chunk_being_received_is_counted_in_the_transfer_budget() {
     .await
 }
 
+/// A chunk's header takes its whole buffer from `transfer_buffer_bytes`; one that then
+/// arrives slower than `MIN_CHUNK_BYTES_PER_SEC` (here: not at all) loses it to a stream
+/// waiting for the budget, instead of holding it until its progress deadline. Before,
+/// some twenty accounts sending only headers could keep every other upload waiting.
+#[tokio::test]
+async fn a_chunk_arriving_too_slowly_gives_its_budget_to_a_waiting_upload() {
+    use switchboard_broker::limits::CHUNK_LEASE_GRACE;
+    use switchboard_protocol::{Chunk, encode_frame};
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            // Far beyond the test's deadlines: only the lease can free the budget.
+            c.transfer_progress_secs = 600;
+            // One chunk buffer over all streams.
+            c.transfer_buffer_bytes = 1;
+        })
+        .await;
+        let (mallory, _) = tb.register("mallory").await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(1024 * 1024, 91);
+        let begun = begin_upload(&mallory, "slow.bin", "application/octet-stream", &data).await;
+        let mut slow =
+            Transfer::open(mallory.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(slow.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        let chunk = Chunk { offset: 0, data: data.clone().into(), blake3: *blake3::hash(&data).as_bytes() };
+        let frame = encode_frame(&chunk).unwrap();
+        // The header and a few bytes, then nothing.
+        slow.send.write_all(&frame[..100]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while tb.shared().files.queued_chunk_bytes() < data.len() {
+            assert!(std::time::Instant::now() < deadline, "the stalled chunk is not counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Another user's upload waits for the budget, and gets it once the stalled chunk
+        // is past its grace, not after the stalled stream's 600 s.
+        let theirs = bytes(1024 * 1024, 92);
+        let file = begin_upload(&alice, "theirs.bin", "application/octet-stream", &theirs).await.file;
+        let started = std::time::Instant::now();
+        let reply =
+            within(STEP_DEADLINE, "the waiting upload", upload_rest(alice.connection(), file, &theirs, 0)).await;
+        assert!(matches!(reply, TransferReply::Complete(_)), "{reply:?}");
+        assert!(started.elapsed() >= CHUNK_LEASE_GRACE / 2, "the budget was free at once: {:?}", started.elapsed());
+        assert_eq!(reset_code(&mut slow.recv).await, ErrorCode::TIMEOUT);
+        // The slow client resumes where it was, and with nobody waiting its upload completes.
+        let reply =
+            within(STEP_DEADLINE, "the resumed upload", upload_rest(mallory.connection(), begun.file, &data, 0)).await;
+        assert!(matches!(reply, TransferReply::Complete(_)), "{reply:?}");
+    })
+    .await
+}
+
+/// While no other stream waits for the budget, a chunk keeps its buffer however slowly
+/// it arrives (within the progress deadline): a slow link is not cut for nothing.
+#[tokio::test]
+async fn a_slow_chunk_keeps_its_budget_while_no_other_stream_waits() {
+    use switchboard_broker::limits::CHUNK_LEASE_GRACE;
+    use switchboard_protocol::{Chunk, encode_frame};
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.transfer_buffer_bytes = 1).await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(256 * 1024, 93);
+        let begun = begin_upload(&alice, "slow.bin", "application/octet-stream", &data).await;
+        let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        let chunk = Chunk { offset: 0, data: data.clone().into(), blake3: *blake3::hash(&data).as_bytes() };
+        let frame = encode_frame(&chunk).unwrap();
+        t.send.write_all(&frame[..100]).await.unwrap();
+        // Past the grace with 100 bytes: far below the minimum rate.
+        tokio::time::sleep(CHUNK_LEASE_GRACE + Duration::from_secs(1)).await;
+        t.send.write_all(&frame[100..]).await.unwrap();
+        let reply = within(STEP_DEADLINE, "the slow chunk's answer", t.reply()).await;
+        assert!(matches!(reply, Some(TransferReply::Durable { offset }) if offset == data.len() as u64), "{reply:?}");
+        let reply = within(STEP_DEADLINE, "the completion", t.reply()).await;
+        assert!(matches!(reply, Some(TransferReply::Complete(_))), "{reply:?}");
+    })
+    .await
+}
+
 #[tokio::test]
 async fn progress_of_many_uploads_never_cuts_off_a_member_who_reads_slowly() {
     use switchboard_protocol::{Event, ServerFrame};

@@ -12,7 +12,9 @@
 //! queued within `transfer_buffer_bytes` (a chunk's buffer is counted before it is
 //! allocated), blob files open for downloads within `max_open_blob_files`.
 //! A stream that finds its budget spent waits, reading nothing, and is reset with
-//! `TIMEOUT` only if the wait passes its progress deadline.
+//! `TIMEOUT` only if the wait passes its progress deadline; while it waits, a chunk
+//! being received slower than `MIN_CHUNK_BYTES_PER_SEC` loses its bytes to it (a lease:
+//! a header alone cannot hold the budget).
 //!
 //! A connection may open them only after a successful `BeginUpload`, `UploadStatus` or
 //! `FileInfo` (`Transfers::allow` raises its stream credit); after `IDLE_LOWER` with none
@@ -35,7 +37,7 @@ use crate::Shared;
 use crate::files::blobs::DIRECT_ALIGN;
 use crate::files::requests::{file_ref, no_such_file, readable};
 use crate::files::{ChunkCheck, ChunkPermits, Unreachable, UploadMsg};
-use crate::limits::READ_CHUNK_BYTES;
+use crate::limits::{CHUNK_LEASE_GRACE, MIN_CHUNK_BYTES_PER_SEC, READ_CHUNK_BYTES};
 
 /// Time the first frame of a transfer stream has to arrive.
 const OPEN_DEADLINE: Duration = Duration::from_secs(10);
@@ -152,6 +154,8 @@ pub(crate) async fn serve(
                 decoder: ChunkDecoder::new(MAX_TRANSFER_FRAME_BYTES, DIRECT_ALIGN),
                 pending: decoder.take_buffered(),
                 held: None,
+                since: tokio::time::Instant::now(),
+                received: 0,
             };
             upload(&shared, user, file, offset, send, recv, reading).await
         }
@@ -293,6 +297,15 @@ struct Reading {
     decoder: ChunkDecoder,
     pending: Bytes,
     held: Option<ChunkPermits>,
+    /// While `held`: when the chunk's header came and how many bytes were read since.
+    since: tokio::time::Instant,
+    received: u64,
+}
+
+/// When a chunk whose header came at `since`, `received` bytes read since, falls below
+/// `MIN_CHUNK_BYTES_PER_SEC` (after `CHUNK_LEASE_GRACE`) if no more arrive.
+fn lease_end(since: tokio::time::Instant, received: u64) -> tokio::time::Instant {
+    since + CHUNK_LEASE_GRACE + Duration::from_micros(received.saturating_mul(1_000_000) / MIN_CHUNK_BYTES_PER_SEC)
 }
 
 /// What `next_chunk` got.
@@ -331,6 +344,8 @@ async fn next_chunk(
                         return Read::Refused(ErrorCode::TIMEOUT);
                     };
                     r.held = Some(ChunkPermits { stream, bytes });
+                    r.since = tokio::time::Instant::now();
+                    r.received = r.pending.len() as u64;
                 }
                 r.decoder.allocate();
             }
@@ -339,15 +354,48 @@ async fn next_chunk(
                 // Every chunk's buffer follows a header, and permits come before it.
                 None => return Read::Refused(ErrorCode::INTERNAL),
             },
-            Ok(ChunkStep::More) => match recv.read_chunk(READ_CHUNK_BYTES, true).await {
-                Ok(Some(chunk)) => r.pending = chunk.bytes,
-                Ok(None) | Err(_) => {
+            Ok(ChunkStep::More) => match read_leased(r, recv, shared).await {
+                Some(Ok(Some(chunk))) => {
+                    r.received += chunk.bytes.len() as u64;
+                    r.pending = chunk.bytes;
+                }
+                // Too slow while another stream waits: the chunk's bytes go to that one.
+                None => {
+                    r.decoder.reset();
+                    r.held = None;
+                    tracing::debug!(received = r.received, "a slow chunk gave its budget to a waiting stream");
+                    return Read::Refused(ErrorCode::TIMEOUT);
+                }
+                Some(Ok(None) | Err(_)) => {
                     r.decoder.reset();
                     r.held = None;
                     return Read::End;
                 }
             },
         }
+    }
+}
+
+/// Reads the stream's next bytes; `None` if a chunk is being received, has fallen below
+/// `MIN_CHUNK_BYTES_PER_SEC` and another stream waits for the budget first.
+/// Cancel-safe.
+async fn read_leased(
+    r: &Reading,
+    recv: &mut quinn::RecvStream,
+    shared: &Shared,
+) -> Option<Result<Option<quinn::Chunk>, quinn::ReadError>> {
+    let read = recv.read_chunk(READ_CHUNK_BYTES, true);
+    if r.held.is_none() {
+        return Some(read.await);
+    }
+    let lost = async {
+        tokio::time::sleep_until(lease_end(r.since, r.received)).await;
+        shared.files.someone_waits_for_chunk_bytes().await;
+    };
+    tokio::select! {
+        biased;
+        read = read => Some(read),
+        () = lost => None,
     }
 }
 
@@ -450,6 +498,15 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunks_lease_is_its_grace_and_its_bytes_at_the_minimum_rate() {
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(lease_end(t0, 0), t0 + CHUNK_LEASE_GRACE);
+        // 1 MiB at 64 KiB/s: 16 s more.
+        assert_eq!(lease_end(t0, 1024 * 1024), t0 + CHUNK_LEASE_GRACE + Duration::from_secs(16));
+        assert_eq!(lease_end(t0, MIN_CHUNK_BYTES_PER_SEC / 2), t0 + CHUNK_LEASE_GRACE + Duration::from_millis(500));
+    }
 
     #[test]
     fn a_grant_just_before_the_idle_check_keeps_the_credit() {

@@ -60,6 +60,11 @@ pub struct Files {
     chunk_bytes: Arc<tokio::sync::Semaphore>,
     /// `chunk_bytes`' size: a chunk asks for at most this many permits.
     chunk_bytes_max: usize,
+    /// Streams waiting for `chunk_bytes` now; while there are any, a chunk arriving
+    /// slower than `limits::MIN_CHUNK_BYTES_PER_SEC` loses its place.
+    chunk_waiters: AtomicUsize,
+    /// Notified when a stream starts waiting for `chunk_bytes`.
+    chunk_wait_began: tokio::sync::Notify,
     /// One permit per blob file open for a download, over all streams
     /// (`max_open_blob_files`).
     open_blobs: Arc<tokio::sync::Semaphore>,
@@ -120,6 +125,23 @@ impl Drop for UserStream<'_> {
     }
 }
 
+/// One stream counted in `Files::chunk_waiters` while it lives: counted out however
+/// the wait ends, the future dropped half way included.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiters: &'a AtomicUsize) -> Self {
+        waiters.fetch_add(1, Ordering::SeqCst);
+        Waiting(waiters)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Holds the lock of one upload (`Files::lock_upload`); its map entry goes with the last
 /// holder.
 struct UploadLock<'a> {
@@ -168,6 +190,8 @@ impl Files {
             streams_per_user: limits.streams_per_user,
             chunk_bytes: Arc::new(tokio::sync::Semaphore::new(chunk_bytes_max)),
             chunk_bytes_max,
+            chunk_waiters: AtomicUsize::new(0),
+            chunk_wait_began: tokio::sync::Notify::new(),
             open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
@@ -199,7 +223,27 @@ impl Files {
     ) -> Option<tokio::sync::OwnedSemaphorePermit> {
         // A chunk larger than the whole budget (a too-large chunk, refused anyway) takes it all.
         let want = u32::try_from(len.clamp(1, self.chunk_bytes_max)).unwrap_or(u32::MAX);
+        if let Ok(permit) = self.chunk_bytes.clone().try_acquire_many_owned(want) {
+            return Some(permit);
+        }
+        let _waiting = Waiting::count(&self.chunk_waiters);
+        self.chunk_wait_began.notify_waiters();
         acquire_until(&self.chunk_bytes, want, deadline).await
+    }
+
+    /// Resolves once a stream waits for the chunk budget (at once if one does now).
+    /// Cancel-safe.
+    pub(crate) async fn someone_waits_for_chunk_bytes(&self) {
+        loop {
+            let began = self.chunk_wait_began.notified();
+            tokio::pin!(began);
+            // Registered before the count is read: a wait beginning in between is seen.
+            began.as_mut().enable();
+            if self.chunk_waiters.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            began.await;
+        }
     }
 
     /// Takes a place among the blob files open for downloads, waiting until `deadline`.
