@@ -127,8 +127,9 @@ pub struct Config {
     /// received, or queued), at least one whole chunk. A stream whose next chunk does
     /// not fit waits, reading nothing (QUIC flow control slows its sender), and is
     /// reset with `TIMEOUT` only if the wait passes `transfer_progress_secs`. While one
-    /// waits, a chunk arriving slower than `limits::MIN_CHUNK_BYTES_PER_SEC` loses its
-    /// bytes to it (its stream is reset with `TIMEOUT`).
+    /// waits, chunks that fell behind `limits::MIN_CHUNK_BYTES_PER_SEC` (after
+    /// `limits::CHUNK_LEASE_GRACE`) lose the bytes it needs (their streams are reset with
+    /// `TIMEOUT`).
     pub transfer_buffer_bytes: u64,
     /// Blob files open for downloads at once, over all streams (at least 1). A download
     /// beyond waits for one to close, and is reset with `TIMEOUT` only if the wait

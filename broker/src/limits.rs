@@ -117,17 +117,21 @@ pub const MIN_PASSWORD_BYTES: usize = 8;
 /// Largest frame the broker reads in one QUIC chunk read.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// The slowest a chunk being received may arrive, counted from its header after
-/// `CHUNK_LEASE_GRACE`, and keep its bytes of `transfer_buffer_bytes` while another
-/// stream waits for them, bytes per second. Slower, it loses them: the stream is reset
-/// with `TIMEOUT` and the client resumes from the durable offset. Without it, a frame
-/// header alone held a whole chunk's budget until the progress deadline (30 s), and some
-/// twenty accounts sending only headers could keep every other upload waiting. At this
-/// rate a 1 MiB chunk has 18 s; a client on a slower link sends smaller chunks. While
-/// nobody waits, a slow chunk keeps its place (up to the progress deadline).
+/// The slowest a chunk being received may arrive and keep its bytes of
+/// `transfer_buffer_bytes` while another stream waits for them, bytes per second: from
+/// when its bytes were granted (at its frame header) it must have received this many for
+/// every second past `CHUNK_LEASE_GRACE`. A chunk that falls behind while a stream has
+/// waited `files::budget::WAIT_BEFORE_CLAIMING` for the budget gives its bytes up: its
+/// stream is reset with `TIMEOUT` (also while the broker waits to write it a reply) and
+/// the client resumes from the durable offset. Only as many chunks as the waiting
+/// streams need lose theirs, the first to fall behind first; while nobody waits, a slow
+/// chunk keeps its bytes up to the progress deadline. Without it, a frame header alone
+/// held a whole chunk's bytes for `transfer_progress_secs` (30 s), and some twenty
+/// accounts sending only headers kept every other upload waiting; now holding bytes
+/// costs sending 64 KiB/s per MiB held. At this rate a 1 MiB chunk has 18 s.
 pub const MIN_CHUNK_BYTES_PER_SEC: u64 = 64 * 1024;
-/// Time a chunk has from its header before `MIN_CHUNK_BYTES_PER_SEC` applies (a
-/// congestion window growing from its start, a broker busy for a moment).
+/// The allowance a chunk has before `MIN_CHUNK_BYTES_PER_SEC` counts (a congestion
+/// window growing from its start, a broker busy for a moment).
 pub const CHUNK_LEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Default of `Config::presence_coalesce_ms`: at most one presence push per user per this

@@ -995,6 +995,55 @@ async fn a_chunk_arriving_too_slowly_gives_its_budget_to_a_waiting_upload() {
     .await
 }
 
+/// A client that takes none of its stream's replies (its connection's receive window
+/// kept full) does not keep a chunk's bytes by it: the lease is checked while the broker
+/// waits to write a reply, not only while it reads.
+#[tokio::test]
+async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
+    use switchboard_protocol::{Chunk, encode_frame};
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.transfer_progress_secs = 600;
+            c.transfer_buffer_bytes = 1;
+        })
+        .await;
+        let (mallory, _) = tb.register("mallory").await;
+        let (alice, _) = tb.register("alice").await;
+        let conn = mallory.connection();
+        let big = bytes(3 * 1024 * 1024, 94);
+        let file = upload(&mallory, "big.bin", &big).await;
+        let data = bytes(1024 * 1024 + 1, 95);
+        let begun = begin_upload(&mallory, "slow.bin", "application/octet-stream", &data).await;
+        let mut slow = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(slow.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        // Two downloads nobody reads: 2 MiB each fills the connection's 4 MiB window.
+        let mut unread = Vec::new();
+        for _ in 0..2 {
+            unread.push(Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await);
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // One byte, whose `Durable` the broker cannot deliver, and the header of a 1 MiB
+        // chunk, which takes the whole budget.
+        let one = Chunk { offset: 0, data: data[..1].to_vec().into(), blake3: *blake3::hash(&data[..1]).as_bytes() };
+        let rest = Chunk { offset: 1, data: data[1..].to_vec().into(), blake3: *blake3::hash(&data[1..]).as_bytes() };
+        let mut frames = encode_frame(&one).unwrap().to_vec();
+        frames.extend_from_slice(&encode_frame(&rest).unwrap()[..100]);
+        slow.send.write_all(&frames).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while tb.shared().files.queued_chunk_bytes() < data.len() - 1 {
+            assert!(std::time::Instant::now() < deadline, "the second chunk's header took nothing");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let theirs = bytes(1024 * 1024, 96);
+        let file = begin_upload(&alice, "theirs.bin", "application/octet-stream", &theirs).await.file;
+        let reply =
+            within(STEP_DEADLINE, "the waiting upload", upload_rest(alice.connection(), file, &theirs, 0)).await;
+        assert!(matches!(reply, TransferReply::Complete(_)), "{reply:?}");
+        drop(unread);
+    })
+    .await
+}
+
 /// While no other stream waits for the budget, a chunk keeps its buffer however slowly
 /// it arrives (within the progress deadline): a slow link is not cut for nothing.
 #[tokio::test]

@@ -12,15 +12,17 @@
 //! queued within `transfer_buffer_bytes` (a chunk's buffer is counted before it is
 //! allocated), blob files open for downloads within `max_open_blob_files`.
 //! A stream that finds its budget spent waits, reading nothing, and is reset with
-//! `TIMEOUT` only if the wait passes its progress deadline; while it waits, a chunk
-//! being received slower than `MIN_CHUNK_BYTES_PER_SEC` loses its bytes to it (a lease:
-//! a header alone cannot hold the budget).
+//! `TIMEOUT` only if the wait passes its progress deadline; while it waits, chunks that
+//! fell behind `MIN_CHUNK_BYTES_PER_SEC` lose the bytes it needs (`files::budget`: a
+//! header alone no longer holds a chunk's bytes for the whole progress deadline).
 //!
 //! A connection may open them only after a successful `BeginUpload`, `UploadStatus` or
 //! `FileInfo` (`Transfers::allow` raises its stream credit); after `IDLE_LOWER` with none
 //! open, the credit goes back to the control stream alone. Nothing is allocated for a
 //! connection until then.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -31,13 +33,14 @@ use switchboard_protocol::{
     Chunk, ChunkDecoder, ChunkStep, ErrorBody, ErrorCode, FileId, FrameDecoder, TransferOpen, TransferReply, UserId,
     decode, encode_frame,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::Shared;
 use crate::files::blobs::DIRECT_ALIGN;
+use crate::files::budget::lease_end;
 use crate::files::requests::{file_ref, no_such_file, readable};
 use crate::files::{ChunkCheck, ChunkPermits, Unreachable, UploadMsg};
-use crate::limits::{CHUNK_LEASE_GRACE, MIN_CHUNK_BYTES_PER_SEC, READ_CHUNK_BYTES};
+use crate::limits::READ_CHUNK_BYTES;
 
 /// Time the first frame of a transfer stream has to arrive.
 const OPEN_DEADLINE: Duration = Duration::from_secs(10);
@@ -154,6 +157,7 @@ pub(crate) async fn serve(
                 decoder: ChunkDecoder::new(MAX_TRANSFER_FRAME_BYTES, DIRECT_ALIGN),
                 pending: decoder.take_buffered(),
                 held: None,
+                reserving: None,
                 since: tokio::time::Instant::now(),
                 received: 0,
             };
@@ -249,10 +253,17 @@ async fn upload(
             }
             reply = replies.recv() => match reply {
                 Some(reply) => {
-                    match tokio::time::timeout(progress, write(&mut send, &reply)).await {
-                        Ok(true) => deadline = tokio::time::Instant::now() + progress,
-                        Ok(false) => break,
-                        Err(_) => {
+                    // A client that takes no replies must not keep a chunk's bytes by it.
+                    let wrote = tokio::select! {
+                        biased;
+                        wrote = tokio::time::timeout(progress, write(&mut send, &reply)) => Some(wrote),
+                        () = lease_lost(reading.lease(), shared) => None,
+                    };
+                    match wrote {
+                        Some(Ok(true)) => deadline = tokio::time::Instant::now() + progress,
+                        Some(Ok(false)) => break,
+                        Some(Err(_)) | None => {
+                            reading.held = None;
                             reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
                             break;
                         }
@@ -267,7 +278,7 @@ async fn upload(
             },
             // The client stopped reading, or the connection is gone: nobody to answer.
             _ = send.stopped() => break,
-            read = next_chunk(&mut reading, &mut recv, shared, &permits, deadline), if open => match read {
+            read = next_chunk(&mut reading, &mut recv, shared, &permits), if open => match read {
                 Read::Chunk(chunk, permit) => {
                     deadline = tokio::time::Instant::now() + progress;
                     // Hashed beside reading the next chunk; the actor waits for the verdict.
@@ -297,15 +308,12 @@ struct Reading {
     decoder: ChunkDecoder,
     pending: Bytes,
     held: Option<ChunkPermits>,
-    /// While `held`: when the chunk's header came and how many bytes were read since.
+    /// The wait for the next chunk's bytes, kept across turns so the stream keeps its
+    /// place in line.
+    reserving: Option<Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send>>>,
+    /// While `held`: when the chunk's bytes were granted and how many were read since.
     since: tokio::time::Instant,
     received: u64,
-}
-
-/// When a chunk whose header came at `since`, `received` bytes read since, falls below
-/// `MIN_CHUNK_BYTES_PER_SEC` (after `CHUNK_LEASE_GRACE`) if no more arrive.
-fn lease_end(since: tokio::time::Instant, received: u64) -> tokio::time::Instant {
-    since + CHUNK_LEASE_GRACE + Duration::from_micros(received.saturating_mul(1_000_000) / MIN_CHUNK_BYTES_PER_SEC)
 }
 
 /// What `next_chunk` got.
@@ -314,25 +322,21 @@ enum Read {
     Chunk(Chunk, ChunkPermits),
     /// The client finished sending (or the stream is gone).
     End,
-    /// A frame that does not decode or is too large, or no budget before `deadline`
-    /// (`TIMEOUT`): the stream is reset with this code.
+    /// A frame that does not decode or is too large, or a chunk that lost its bytes to
+    /// a waiting stream (`TIMEOUT`): the stream is reset with this code.
     Refused(ErrorCode),
 }
 
 /// Reads the next chunk. Before a chunk's data is buffered, it takes one of the stream's
 /// `permits` (at most `QUEUED_CHUNKS` queued for the actor) and the chunk's bytes in the
-/// broker-wide budget, waiting for them until `deadline` and reading nothing meanwhile
-/// (QUIC flow control holds the sender back): what a stream holds is always counted.
-/// Cancel-safe: nothing read and no permit is lost when the `select!` drops it half way
-/// (a stream waiting for the budget then joins its queue again at the back). At the end
-/// of the stream a chunk cut short is dropped with its permits.
-async fn next_chunk(
-    r: &mut Reading,
-    recv: &mut quinn::RecvStream,
-    shared: &Shared,
-    permits: &Arc<Semaphore>,
-    deadline: tokio::time::Instant,
-) -> Read {
+/// broker-wide budget, waiting for them and reading nothing meanwhile (QUIC flow control
+/// holds the sender back; the caller's progress deadline ends a wait too long): what a
+/// stream holds is always counted. While the chunk's data arrives, its lease is checked
+/// (`lease_lost`). Cancel-safe: nothing read and no permit is lost when the `select!`
+/// drops it half way, and a stream waiting for the budget keeps its place in line
+/// (`Reading::reserving`). At the end of the stream a chunk cut short is dropped with
+/// its permits.
+async fn next_chunk(r: &mut Reading, recv: &mut quinn::RecvStream, shared: &Shared, permits: &Arc<Semaphore>) -> Read {
     loop {
         match r.decoder.feed(&mut r.pending) {
             Err(e) => return Read::Refused(e.code()),
@@ -340,9 +344,9 @@ async fn next_chunk(
                 if r.held.is_none() {
                     let Ok(stream) = permits.clone().acquire_owned().await else { return Read::End };
                     let want = r.decoder.buffer_bytes(len);
-                    let Some(bytes) = shared.files.reserve_chunk(want, deadline).await else {
-                        return Read::Refused(ErrorCode::TIMEOUT);
-                    };
+                    let budget = &shared.files.chunk_budget;
+                    let bytes = r.reserving.get_or_insert_with(|| Box::pin(budget.reserve(want))).await;
+                    r.reserving = None;
                     r.held = Some(ChunkPermits { stream, bytes });
                     r.since = tokio::time::Instant::now();
                     r.received = r.pending.len() as u64;
@@ -354,7 +358,7 @@ async fn next_chunk(
                 // Every chunk's buffer follows a header, and permits come before it.
                 None => return Read::Refused(ErrorCode::INTERNAL),
             },
-            Ok(ChunkStep::More) => match read_leased(r, recv, shared).await {
+            Ok(ChunkStep::More) => match read_leased(r.lease(), recv, shared).await {
                 Some(Ok(Some(chunk))) => {
                     r.received += chunk.bytes.len() as u64;
                     r.pending = chunk.bytes;
@@ -376,26 +380,34 @@ async fn next_chunk(
     }
 }
 
-/// Reads the stream's next bytes; `None` if a chunk is being received, has fallen below
-/// `MIN_CHUNK_BYTES_PER_SEC` and another stream waits for the budget first.
+/// Reads the stream's next bytes; `None` if the chunk being received lost its bytes to a
+/// waiting stream first (`lease_lost`).
 /// Cancel-safe.
 async fn read_leased(
-    r: &Reading,
+    lease: Option<(tokio::time::Instant, usize)>,
     recv: &mut quinn::RecvStream,
     shared: &Shared,
 ) -> Option<Result<Option<quinn::Chunk>, quinn::ReadError>> {
-    let read = recv.read_chunk(READ_CHUNK_BYTES, true);
-    if r.held.is_none() {
-        return Some(read.await);
-    }
-    let lost = async {
-        tokio::time::sleep_until(lease_end(r.since, r.received)).await;
-        shared.files.someone_waits_for_chunk_bytes().await;
-    };
     tokio::select! {
         biased;
-        read = read => Some(read),
-        () = lost => None,
+        read = recv.read_chunk(READ_CHUNK_BYTES, true) => Some(read),
+        () = lease_lost(lease, shared) => None,
+    }
+}
+
+impl Reading {
+    /// The chunk being received: when its lease ends and the bytes it holds.
+    fn lease(&self) -> Option<(tokio::time::Instant, usize)> {
+        self.held.as_ref().map(|held| (lease_end(self.since, self.received), held.bytes.num_permits()))
+    }
+}
+
+/// Resolves once the chunk being received (its `Reading::lease`) has lost its bytes to a
+/// waiting stream (the stream must then be reset); never without a chunk. Cancel-safe.
+async fn lease_lost(lease: Option<(tokio::time::Instant, usize)>, shared: &Shared) {
+    match lease {
+        Some((end, size)) => shared.files.chunk_budget.lease_lost(end, size).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -498,15 +510,6 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_chunks_lease_is_its_grace_and_its_bytes_at_the_minimum_rate() {
-        let t0 = tokio::time::Instant::now();
-        assert_eq!(lease_end(t0, 0), t0 + CHUNK_LEASE_GRACE);
-        // 1 MiB at 64 KiB/s: 16 s more.
-        assert_eq!(lease_end(t0, 1024 * 1024), t0 + CHUNK_LEASE_GRACE + Duration::from_secs(16));
-        assert_eq!(lease_end(t0, MIN_CHUNK_BYTES_PER_SEC / 2), t0 + CHUNK_LEASE_GRACE + Duration::from_millis(500));
-    }
 
     #[test]
     fn a_grant_just_before_the_idle_check_keeps_the_credit() {

@@ -9,6 +9,7 @@
 mod actor;
 mod announce;
 pub mod blobs;
+pub mod budget;
 pub(crate) mod requests;
 pub(crate) mod sniff;
 pub mod state;
@@ -54,17 +55,10 @@ pub struct Files {
     user_streams: std::sync::Mutex<crate::limits::PerUser>,
     /// Most transfer streams one user may have served at once.
     streams_per_user: usize,
-    /// One permit per byte of upload chunk buffers, from a chunk's header until its
-    /// actor handled it (being received or queued), over all streams
-    /// (`transfer_buffer_bytes`).
-    chunk_bytes: Arc<tokio::sync::Semaphore>,
-    /// `chunk_bytes`' size: a chunk asks for at most this many permits.
-    chunk_bytes_max: usize,
-    /// Streams waiting for `chunk_bytes` now; while there are any, a chunk arriving
-    /// slower than `limits::MIN_CHUNK_BYTES_PER_SEC` loses its place.
-    chunk_waiters: AtomicUsize,
-    /// Notified when a stream starts waiting for `chunk_bytes`.
-    chunk_wait_began: tokio::sync::Notify,
+    /// Upload chunk buffers held, from a chunk's header until its actor handled it
+    /// (being received or queued), over all streams (`transfer_buffer_bytes`), and the
+    /// lease that keeps a slow chunk from holding them.
+    pub(crate) chunk_budget: Arc<budget::ChunkBudget>,
     /// One permit per blob file open for a download, over all streams
     /// (`max_open_blob_files`).
     open_blobs: Arc<tokio::sync::Semaphore>,
@@ -125,23 +119,6 @@ impl Drop for UserStream<'_> {
     }
 }
 
-/// One stream counted in `Files::chunk_waiters` while it lives: counted out however
-/// the wait ends, the future dropped half way included.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn count(waiters: &'a AtomicUsize) -> Self {
-        waiters.fetch_add(1, Ordering::SeqCst);
-        Waiting(waiters)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Holds the lock of one upload (`Files::lock_upload`); its map entry goes with the last
 /// holder.
 struct UploadLock<'a> {
@@ -188,10 +165,7 @@ impl Files {
             live_streams: Arc::new(tokio::sync::Semaphore::new(limits.live_streams)),
             user_streams: std::sync::Mutex::default(),
             streams_per_user: limits.streams_per_user,
-            chunk_bytes: Arc::new(tokio::sync::Semaphore::new(chunk_bytes_max)),
-            chunk_bytes_max,
-            chunk_waiters: AtomicUsize::new(0),
-            chunk_wait_began: tokio::sync::Notify::new(),
+            chunk_budget: budget::ChunkBudget::new(chunk_bytes_max),
             open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
@@ -213,39 +187,6 @@ impl Files {
         self.user_streams.lock().unwrap_or_else(|p| p.into_inner()).held(user)
     }
 
-    /// Takes `len` bytes of the broker-wide budget for upload chunk buffers, waiting
-    /// until `deadline` for them (the stream reads nothing meanwhile, so QUIC flow
-    /// control holds its sender back). `None` if the deadline passed first.
-    pub(crate) async fn reserve_chunk(
-        &self,
-        len: usize,
-        deadline: tokio::time::Instant,
-    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        // A chunk larger than the whole budget (a too-large chunk, refused anyway) takes it all.
-        let want = u32::try_from(len.clamp(1, self.chunk_bytes_max)).unwrap_or(u32::MAX);
-        if let Ok(permit) = self.chunk_bytes.clone().try_acquire_many_owned(want) {
-            return Some(permit);
-        }
-        let _waiting = Waiting::count(&self.chunk_waiters);
-        self.chunk_wait_began.notify_waiters();
-        acquire_until(&self.chunk_bytes, want, deadline).await
-    }
-
-    /// Resolves once a stream waits for the chunk budget (at once if one does now).
-    /// Cancel-safe.
-    pub(crate) async fn someone_waits_for_chunk_bytes(&self) {
-        loop {
-            let began = self.chunk_wait_began.notified();
-            tokio::pin!(began);
-            // Registered before the count is read: a wait beginning in between is seen.
-            began.as_mut().enable();
-            if self.chunk_waiters.load(Ordering::SeqCst) > 0 {
-                return;
-            }
-            began.await;
-        }
-    }
-
     /// Takes a place among the blob files open for downloads, waiting until `deadline`.
     /// `None` if the deadline passed first.
     pub(crate) async fn reserve_blob(
@@ -258,7 +199,7 @@ impl Files {
     /// Bytes of upload chunk buffers held now, being received or queued for actors
     /// (within `transfer_buffer_bytes`).
     pub fn queued_chunk_bytes(&self) -> usize {
-        self.chunk_bytes_max - self.chunk_bytes.available_permits()
+        self.chunk_budget.held()
     }
 
     /// A new transfer stream id.
@@ -575,6 +516,17 @@ mod tests {
 
     /// A short deadline on the real clock.
     const WAIT: Duration = Duration::from_millis(300);
+
+    impl Files {
+        /// A chunk's bytes, waiting until `deadline`.
+        async fn reserve_chunk(
+            &self,
+            len: usize,
+            deadline: tokio::time::Instant,
+        ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+            tokio::time::timeout_at(deadline, self.chunk_budget.reserve(len)).await.ok()
+        }
+    }
 
     fn files(dir: &std::path::Path, buffered_chunk_bytes: usize) -> Files {
         let limits = TransferLimits { live_streams: 8, buffered_chunk_bytes, open_blob_files: 1, streams_per_user: 2 };

@@ -1,0 +1,231 @@
+//! The broker-wide budget of upload chunk buffers (`transfer_buffer_bytes`) and its
+//! lease: a chunk being received keeps its bytes only while it keeps arriving, or while
+//! no stream needs them.
+//!
+//! A chunk takes its whole buffer when its frame header is read, before its data comes,
+//! so that what a stream holds is always counted and streams cannot deadlock each other
+//! on half-taken buffers. Alone that let a header hold a chunk's bytes until the stream's
+//! progress deadline (30 s): some twenty accounts sending only headers could keep every
+//! other upload waiting. So a stream that has waited `WAIT_BEFORE_CLAIMING` for the
+//! budget registers what it wants, and a chunk that has fallen below
+//! `MIN_CHUNK_BYTES_PER_SEC` (`lease_end`) gives its bytes up for it: only as many
+//! chunks as the waiting streams need, the earliest to fall behind (the slowest) first.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::limits::{CHUNK_LEASE_GRACE, MIN_CHUNK_BYTES_PER_SEC};
+
+/// How long a stream waits for the budget before it counts as waiting (and slow chunks
+/// give their bytes up for it): chunks already received and queued for their actors
+/// hand theirs back within milliseconds, and no chunk should lose its bytes for that.
+pub const WAIT_BEFORE_CLAIMING: Duration = Duration::from_millis(250);
+
+/// When a chunk whose buffer was granted at `since`, `received` bytes read since, falls
+/// below its lease if no more arrive: it must have `MIN_CHUNK_BYTES_PER_SEC` for every
+/// second past `CHUNK_LEASE_GRACE`.
+pub fn lease_end(since: Instant, received: u64) -> Instant {
+    since + CHUNK_LEASE_GRACE + Duration::from_micros(received.saturating_mul(1_000_000) / MIN_CHUNK_BYTES_PER_SEC)
+}
+
+/// Bytes wanted by streams waiting for the budget, and bytes slow chunks gave up for
+/// them that they have not yet taken.
+#[derive(Debug, Default)]
+struct Claims {
+    wanted: usize,
+    promised: usize,
+}
+
+/// The budget: one semaphore permit per byte.
+#[derive(Debug)]
+pub struct ChunkBudget {
+    bytes: Arc<Semaphore>,
+    max: usize,
+    claims: Mutex<Claims>,
+    /// Notified when a stream starts waiting (more bytes wanted).
+    wanted_more: Notify,
+}
+
+impl ChunkBudget {
+    /// A budget of `max` bytes (at most `Semaphore::MAX_PERMITS`).
+    pub fn new(max: usize) -> Arc<ChunkBudget> {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        Arc::new(ChunkBudget {
+            bytes: Arc::new(Semaphore::new(max)),
+            max,
+            claims: Mutex::default(),
+            wanted_more: Notify::new(),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.max - self.bytes.available_permits()
+    }
+
+    /// Takes `len` bytes (at most the whole budget), waiting in line for them. The
+    /// future owns what it needs (kept across `select!` turns, the stream keeps its
+    /// place); dropping it gives up the wait.
+    pub fn reserve(self: &Arc<Self>, len: usize) -> impl Future<Output = OwnedSemaphorePermit> + Send + 'static {
+        let me = self.clone();
+        async move {
+            let want = len.clamp(1, me.max);
+            let n = u32::try_from(want).unwrap_or(u32::MAX);
+            // The semaphore is never closed.
+            let acquire = me.bytes.clone().acquire_many_owned(n);
+            tokio::pin!(acquire);
+            if let Ok(Ok(permit)) = tokio::time::timeout(WAIT_BEFORE_CLAIMING, &mut acquire).await {
+                return permit;
+            }
+            let _waiting = Waiting::begin(&me, want);
+            match acquire.await {
+                Ok(permit) => permit,
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Resolves once a chunk holding `size` bytes, whose lease ends at `lease_end`, has
+    /// lost them to waiting streams: the caller must then let them go (reset its stream).
+    /// Only as many chunks as the waiters need lose theirs. Cancel-safe: the bytes are
+    /// claimed only in the poll that resolves.
+    pub async fn lease_lost(&self, lease_end: Instant, size: usize) {
+        tokio::time::sleep_until(lease_end).await;
+        loop {
+            let more = self.wanted_more.notified();
+            tokio::pin!(more);
+            // Registered before the claims are read: a wait beginning in between is seen.
+            more.as_mut().enable();
+            {
+                let mut c = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+                if c.promised < c.wanted {
+                    c.promised += size;
+                    return;
+                }
+            }
+            more.await;
+        }
+    }
+}
+
+/// A stream counted as waiting for `want` bytes while it lives, whatever ends the wait.
+struct Waiting<'a> {
+    budget: &'a ChunkBudget,
+    want: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn begin(budget: &'a ChunkBudget, want: usize) -> Self {
+        budget.claims.lock().unwrap_or_else(|p| p.into_inner()).wanted += want;
+        budget.wanted_more.notify_waiters();
+        Waiting { budget, want }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut c = self.budget.claims.lock().unwrap_or_else(|p| p.into_inner());
+        c.wanted -= self.want;
+        // Bytes given up for this wait went to it, or are free for the next one.
+        c.promised = c.promised.saturating_sub(self.want);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn a_chunks_lease_is_its_grace_and_its_bytes_at_the_minimum_rate() {
+        let t0 = Instant::now();
+        assert_eq!(lease_end(t0, 0), t0 + CHUNK_LEASE_GRACE);
+        // 1 MiB at 64 KiB/s: 16 s more.
+        assert_eq!(lease_end(t0, MIB as u64), t0 + CHUNK_LEASE_GRACE + Duration::from_secs(16));
+        assert_eq!(lease_end(t0, MIN_CHUNK_BYTES_PER_SEC / 2), t0 + CHUNK_LEASE_GRACE + Duration::from_millis(500));
+    }
+
+    /// Whether `f` resolves within `wait` (virtual time).
+    async fn resolves<F: Future>(f: F, wait: Duration) -> bool {
+        tokio::time::timeout(wait, f).await.is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_lost_only_past_its_end_and_only_to_a_stream_that_waited() {
+        let budget = ChunkBudget::new(MIB);
+        let held = budget.reserve(MIB).await;
+        let end = Instant::now() + CHUNK_LEASE_GRACE;
+        // Nobody waits: past its end, the chunk keeps its bytes.
+        assert!(!resolves(budget.lease_lost(end, MIB), Duration::from_secs(10)).await);
+        // A stream waits: not before the lease's end ...
+        let end = Instant::now() + CHUNK_LEASE_GRACE;
+        let waiter = tokio::spawn(budget.reserve(MIB));
+        let lost = budget.lease_lost(end, MIB);
+        tokio::pin!(lost);
+        assert!(!resolves(&mut lost, CHUNK_LEASE_GRACE - Duration::from_millis(1)).await);
+        // ... and at it.
+        assert!(resolves(&mut lost, Duration::from_millis(2)).await);
+        drop(held);
+        assert_eq!(waiter.await.unwrap().num_permits(), MIB);
+        let c = budget.claims.lock().unwrap();
+        assert_eq!((c.wanted, c.promised), (0, 0), "the wait's claims are settled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_wait_takes_no_ones_bytes() {
+        let budget = ChunkBudget::new(MIB);
+        let held = budget.reserve(MIB).await;
+        let waiter = tokio::spawn(budget.reserve(MIB / 2));
+        // Past the lease's end, but the waiter has waited less than WAIT_BEFORE_CLAIMING.
+        let lost = budget.lease_lost(Instant::now(), MIB);
+        tokio::pin!(lost);
+        assert!(!resolves(&mut lost, WAIT_BEFORE_CLAIMING - Duration::from_millis(10)).await);
+        // Its bytes come back meanwhile (a queued chunk stored): nothing is lost.
+        drop(held);
+        assert_eq!(waiter.await.unwrap().num_permits(), MIB / 2);
+        assert!(!resolves(&mut lost, Duration::from_secs(10)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_as_many_chunks_as_the_waiters_need_lose_their_bytes() {
+        let budget = ChunkBudget::new(4 * MIB);
+        let held: Vec<_> = whole_chunks(&budget, 4).await;
+        // One waiter for 1 MiB: of four slow chunks, one loses its bytes.
+        let waiter = tokio::spawn(budget.reserve(MIB));
+        tokio::time::sleep(WAIT_BEFORE_CLAIMING * 2).await;
+        let now = Instant::now();
+        let mut lost = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let b = budget.clone();
+            lost.spawn(async move { b.lease_lost(now, MIB).await });
+        }
+        let first = tokio::time::timeout(Duration::from_secs(1), lost.join_next()).await;
+        assert!(matches!(first, Ok(Some(Ok(())))), "one chunk lost its bytes");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), lost.join_next()).await.is_err(),
+            "a second chunk lost its bytes for the same waiter"
+        );
+        drop(held);
+        assert_eq!(waiter.await.unwrap().num_permits(), MIB);
+        // A second waiter: one more.
+        let all = budget.reserve(4 * MIB).await;
+        let waiter = tokio::spawn(budget.reserve(MIB));
+        let second = tokio::time::timeout(Duration::from_secs(1), lost.join_next()).await;
+        assert!(matches!(second, Ok(Some(Ok(())))), "a new waiter gets one more");
+        drop(all);
+        assert_eq!(waiter.await.unwrap().num_permits(), MIB);
+    }
+
+    async fn whole_chunks(budget: &Arc<ChunkBudget>, n: usize) -> Vec<OwnedSemaphorePermit> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(budget.reserve(MIB).await);
+        }
+        v
+    }
+}
