@@ -1004,7 +1004,8 @@ async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
     bounded(async {
         let tb = TestBroker::start_with(|c| {
             c.transfer_progress_secs = 600;
-            c.transfer_buffer_bytes = 1;
+            // A 1 MiB chunk and a small one fit, a 1 MiB and a 256 KiB one do not.
+            c.transfer_buffer_bytes = 1024 * 1024 + 256 * 1024;
         })
         .await;
         let (mallory, _) = tb.register("mallory").await;
@@ -1029,7 +1030,7 @@ async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
         let mut frames = encode_frame(&one).unwrap().to_vec();
         frames.extend_from_slice(&encode_frame(&rest).unwrap()[..100]);
         slow.send.write_all(&frames).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let deadline = std::time::Instant::now() + STEP_DEADLINE;
         while tb.shared().files.queued_chunk_bytes() < data.len() - 1 {
             assert!(std::time::Instant::now() < deadline, "the second chunk's header took nothing");
             tokio::time::sleep(Duration::from_millis(5)).await;

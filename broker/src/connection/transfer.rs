@@ -253,6 +253,10 @@ async fn upload(
             }
             reply = replies.recv() => match reply {
                 Some(reply) => {
+                    // Bytes the budget granted to a wait of this stream's are held by that
+                    // wait until it is polled again, which a write that never ends would
+                    // never let happen: the wait goes (back in line after the write).
+                    reading.reserving = None;
                     // A client that takes no replies must not keep a chunk's bytes by it.
                     let wrote = tokio::select! {
                         biased;
@@ -308,8 +312,8 @@ struct Reading {
     decoder: ChunkDecoder,
     pending: Bytes,
     held: Option<ChunkPermits>,
-    /// The wait for the next chunk's bytes, kept across turns so the stream keeps its
-    /// place in line.
+    /// The wait for the next chunk's bytes, kept across reads so the stream keeps its
+    /// place in line (given up when a reply is written: see `upload`).
     reserving: Option<Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send>>>,
     /// While `held`: when the chunk's bytes were granted and how many were read since.
     since: tokio::time::Instant,
@@ -334,7 +338,7 @@ enum Read {
 /// stream holds is always counted. While the chunk's data arrives, its lease is checked
 /// (`lease_lost`). Cancel-safe: nothing read and no permit is lost when the `select!`
 /// drops it half way, and a stream waiting for the budget keeps its place in line
-/// (`Reading::reserving`). At the end of the stream a chunk cut short is dropped with
+/// until a reply is written to it (`Reading::reserving`). At the end of the stream a chunk cut short is dropped with
 /// its permits.
 async fn next_chunk(r: &mut Reading, recv: &mut quinn::RecvStream, shared: &Shared, permits: &Arc<Semaphore>) -> Read {
     loop {
