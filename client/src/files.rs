@@ -30,6 +30,17 @@ use crate::{Client, ClientError, Connector, Identity, coded, new_client_id, unex
 /// one chunk that was cut is sent twice.
 pub const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 
+/// The smallest chunk an `Uploader` falls back to. The broker takes a chunk's bytes away
+/// when it arrives slower than 64 KiB/s while other uploads wait for them (the stream is
+/// reset with `TIMEOUT`; PROTOCOL.md section 12), so after a `TIMEOUT` the uploader
+/// halves its chunks, down to this size: a 64 KiB chunk needs only the broker's 2 s
+/// allowance, so even a link of a few KiB/s gets its chunks through.
+pub const MIN_ADAPTIVE_CHUNK_BYTES: u32 = 64 * 1024;
+
+/// Durable answers in a row, without a `TIMEOUT`, after which an `Uploader` doubles its
+/// chunk size again (up to `MAX_CHUNK_BYTES`).
+pub const CHUNK_GROW_AFTER: u32 = 8;
+
 /// Longest `TransferReply` frame the client accepts, bytes. The largest real one is a
 /// `Complete(FileRef)` or a `Failed` with its message, well under 1 KiB.
 const MAX_TRANSFER_REPLY_BYTES: u32 = 64 * 1024;
@@ -67,7 +78,11 @@ pub enum TransferError {
     /// A request failed or the connection is gone.
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// The transfer stream was reset, or ended before the transfer did.
+    /// The broker reset the transfer stream, or stopped reading it, with this code (for
+    /// an upload `TIMEOUT` also when a chunk arrived too slowly while others waited).
+    #[error("transfer stream reset: {}", coded(*.0, "by the broker"))]
+    Reset(ErrorCode),
+    /// The transfer stream ended before the transfer did, or failed otherwise.
     #[error("transfer stream: {0}")]
     Stream(String),
     /// Reading the local source or writing the local sink failed.
@@ -85,6 +100,7 @@ impl TransferError {
         match self {
             TransferError::Failed { error, .. } => Some(error.code),
             TransferError::Client(e) => e.code(),
+            TransferError::Reset(code) => Some(*code),
             _ => None,
         }
     }
@@ -182,11 +198,27 @@ impl Client {
         file: FileId,
         offset: u64,
         source: &mut S,
+        progress: impl FnMut(u64),
+    ) -> Result<FileRef, TransferError>
+    where
+        S: AsyncRead + AsyncSeek + Unpin,
+    {
+        self.upload_chunked(file, offset, source, MAX_CHUNK_BYTES, progress).await
+    }
+
+    /// `upload_from` in chunks of `chunk_bytes` (1 ..= `MAX_CHUNK_BYTES`, clamped).
+    pub async fn upload_chunked<S>(
+        &self,
+        file: FileId,
+        offset: u64,
+        source: &mut S,
+        chunk_bytes: u32,
         mut progress: impl FnMut(u64),
     ) -> Result<FileRef, TransferError>
     where
         S: AsyncRead + AsyncSeek + Unpin,
     {
+        let chunk_bytes = chunk_bytes.clamp(1, MAX_CHUNK_BYTES);
         let size = source.seek(SeekFrom::End(0)).await?;
         if offset > size {
             return Err(TransferError::Mismatch(format!("offset {offset} is past the source's {size} bytes")));
@@ -203,7 +235,7 @@ impl Client {
         }
         let (durable_tx, durable_rx) = watch::channel(offset);
         let conn = &self.conn;
-        let sender = send_chunks(conn, &mut send, source, offset, size, durable_rx);
+        let sender = send_chunks(conn, &mut send, source, offset, size, chunk_bytes, durable_rx);
         let receiver = async {
             loop {
                 match read_reply(conn, &mut recv, &mut decoder).await? {
@@ -325,6 +357,7 @@ async fn send_chunks<S>(
     source: &mut S,
     offset: u64,
     size: u64,
+    chunk_bytes: u32,
     mut durable: watch::Receiver<u64>,
 ) -> Result<(), TransferError>
 where
@@ -332,7 +365,7 @@ where
 {
     let mut window = ChunkWindow::new(offset);
     let mut next = offset;
-    let mut ready = read_chunk(source, next, size).await?;
+    let mut ready = read_chunk(source, next, size, chunk_bytes).await?;
     while let Some((data, blake3)) = ready.take() {
         while !window.may_send() {
             if durable.changed().await.is_err() {
@@ -343,7 +376,8 @@ where
         let after = next + data.len() as u64;
         let mut parts = Chunk { offset: next, data, blake3 }.frame_parts();
         // The next chunk is read and hashed while this one is written.
-        let (written, read) = tokio::join!(write_parts(conn, send, &mut parts), read_chunk(source, after, size));
+        let (written, read) =
+            tokio::join!(write_parts(conn, send, &mut parts), read_chunk(source, after, size, chunk_bytes));
         written?;
         ready = read?;
         next = after;
@@ -352,16 +386,21 @@ where
     Ok(())
 }
 
-/// The chunk of `source` at `at` (its reader is there) and its BLAKE3, hashed off the
-/// runtime threads; `None` at `size`.
-async fn read_chunk<S>(source: &mut S, at: u64, size: u64) -> Result<Option<(Bytes, Blake3)>, TransferError>
+/// The chunk of `source` at `at` (its reader is there), at most `chunk_bytes`, and its
+/// BLAKE3, hashed off the runtime threads; `None` at `size`.
+async fn read_chunk<S>(
+    source: &mut S,
+    at: u64,
+    size: u64,
+    chunk_bytes: u32,
+) -> Result<Option<(Bytes, Blake3)>, TransferError>
 where
     S: AsyncRead + Unpin,
 {
     if at >= size {
         return Ok(None);
     }
-    let len = (size - at).min(u64::from(MAX_CHUNK_BYTES)) as usize;
+    let len = (size - at).min(u64::from(chunk_bytes)) as usize;
     let mut data = BytesMut::zeroed(len);
     source.read_exact(&mut data).await?;
     hash_chunk(data.freeze()).await.map(Some)
@@ -419,9 +458,7 @@ async fn write_parts(
     match send.write_all_chunks(parts).await {
         Ok(()) => Ok(()),
         Err(quinn::WriteError::ConnectionLost(e)) => Err(ClientError::from(e).into()),
-        Err(quinn::WriteError::Stopped(code)) => {
-            Err(TransferError::Stream(format!("the broker stopped reading (code {code})")))
-        }
+        Err(quinn::WriteError::Stopped(code)) => Err(TransferError::Reset(stream_code(code))),
         Err(e) => match conn.close_reason() {
             Some(reason) => Err(ClientError::from(reason).into()),
             None => Err(TransferError::Stream(e.to_string())),
@@ -483,9 +520,15 @@ async fn read_exact(
     }
 }
 
+/// A stream's reset or stop code as the broker's `ErrorCode` (PROTOCOL.md section 9; a
+/// code past `u16` cannot be one and reads as `INTERNAL`).
+fn stream_code(code: quinn::VarInt) -> ErrorCode {
+    u16::try_from(code.into_inner()).map_or(ErrorCode::INTERNAL, ErrorCode)
+}
+
 async fn read_failed(conn: &quinn::Connection, e: quinn::ReadError) -> TransferError {
     match e {
-        quinn::ReadError::Reset(code) => TransferError::Stream(format!("the broker reset the stream (code {code})")),
+        quinn::ReadError::Reset(code) => TransferError::Reset(stream_code(code)),
         quinn::ReadError::ConnectionLost(e) => ClientError::from(e).into(),
         other => match conn.close_reason() {
             Some(reason) => ClientError::from(reason).into(),
@@ -629,6 +672,9 @@ pub enum UploadStep {
 /// - A lost connection, a reset stream, `GOING_AWAY`, `OVERLOADED`, `RATE_LIMITED`,
 ///   `TIMEOUT` and `SLOW_CONSUMER` reconnect after a backoff, then ask `UploadStatus`:
 ///   the broker's durable offset, not what this side sent, is where it continues.
+/// - After a `TIMEOUT` (the broker took a slow chunk's bytes for another upload, or the
+///   stream stalled) chunks are half the size, down to `MIN_ADAPTIVE_CHUNK_BYTES`;
+///   `CHUNK_GROW_AFTER` durable answers in a row double them again.
 /// - Everything else stops: `HASH_MISMATCH`, `TYPE_MISMATCH`, `FILE_TOO_LARGE`,
 ///   `QUOTA_EXCEEDED`, `NOT_FOUND` (expired, cancelled, or not mine), `CONFLICT`
 ///   (another stream took the upload over), `AUTH_FAILED`, `DEVICE_REVOKED`, a local
@@ -641,6 +687,11 @@ pub struct UploadPlan {
     durable: u64,
     refusals: u32,
     max_refusals: u32,
+    /// Size of the chunks to send (halved after a `TIMEOUT`, doubled again after
+    /// `CHUNK_GROW_AFTER` durable answers).
+    chunk_bytes: u32,
+    /// Durable answers since the chunk size last changed.
+    durable_answers: u32,
 }
 
 impl UploadPlan {
@@ -651,7 +702,14 @@ impl UploadPlan {
             durable: 0,
             refusals: 0,
             max_refusals: config.max_refusals,
+            chunk_bytes: MAX_CHUNK_BYTES,
+            durable_answers: 0,
         }
+    }
+
+    /// The size of the chunks to send next (`MAX_CHUNK_BYTES` at first).
+    pub fn chunk_bytes(&self) -> u32 {
+        self.chunk_bytes
     }
 
     /// The highest durable offset seen.
@@ -672,6 +730,11 @@ impl UploadPlan {
     /// The broker reported `offset` durable.
     pub fn durable(&mut self, offset: u64) {
         self.progress(offset);
+        self.durable_answers += 1;
+        if self.durable_answers >= CHUNK_GROW_AFTER && self.chunk_bytes < MAX_CHUNK_BYTES {
+            self.chunk_bytes = self.chunk_bytes.saturating_mul(2).min(MAX_CHUNK_BYTES);
+            self.durable_answers = 0;
+        }
     }
 
     fn progress(&mut self, offset: u64) {
@@ -684,6 +747,11 @@ impl UploadPlan {
 
     /// Something failed; `random` is any uniformly random number (for jitter).
     pub fn failed(&mut self, error: &TransferError, random: u64) -> UploadStep {
+        if error.code() == Some(ErrorCode::TIMEOUT) {
+            // Too slow for the chunk size (or stalled): smaller chunks next time.
+            self.chunk_bytes = (self.chunk_bytes / 2).max(MIN_ADAPTIVE_CHUNK_BYTES);
+            self.durable_answers = 0;
+        }
         match error {
             TransferError::Failed { error, offset }
                 if matches!(error.code, ErrorCode::WRONG_OFFSET | ErrorCode::CHUNK_CORRUPT) =>
@@ -723,7 +791,7 @@ fn transient(error: &TransferError) -> bool {
         TransferError::Client(ClientError::Closed { .. }) => {
             code.is_none() || transient_code || code == Some(ErrorCode::NO_ERROR)
         }
-        TransferError::Client(ClientError::Connect(_)) | TransferError::Stream(_) => true,
+        TransferError::Client(ClientError::Connect(_)) | TransferError::Stream(_) | TransferError::Reset(_) => true,
         TransferError::Client(ClientError::Protocol(_)) | TransferError::Io(_) | TransferError::Mismatch(_) => false,
     }
 }
@@ -823,8 +891,9 @@ impl Uploader {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     match self.client().await {
                         Ok(client) => {
+                            let chunk_bytes = plan.chunk_bytes();
                             let sent = client
-                                .upload_from(file, offset, &mut source, |durable| {
+                                .upload_chunked(file, offset, &mut source, chunk_bytes, |durable| {
                                     plan.durable(durable);
                                     on(UploadEvent::Durable { offset: durable, size: local_size });
                                 })
@@ -1054,6 +1123,45 @@ mod tests {
         assert_eq!(delays, expected);
         p.durable(MIB);
         assert_eq!(p.failed(&closed(None), 0), UploadStep::Reconnect { delay_ms: 50 });
+    }
+
+    /// The broker takes a slow chunk's bytes with `TIMEOUT` when others wait for them:
+    /// each `TIMEOUT` halves the chunks down to 64 KiB (a link too slow for 1 MiB in the
+    /// broker's allowance still gets through), durable answers grow them back.
+    #[test]
+    fn a_timeout_halves_the_chunks_and_durable_answers_grow_them_back() {
+        let mut p = plan();
+        assert_eq!(p.chunk_bytes(), MAX_CHUNK_BYTES);
+        let reset = TransferError::Reset(ErrorCode::TIMEOUT);
+        assert!(matches!(p.failed(&reset, 0), UploadStep::Reconnect { .. }));
+        assert_eq!(p.chunk_bytes(), MAX_CHUNK_BYTES / 2);
+        for _ in 0..10 {
+            p.failed(&reset, 0);
+        }
+        assert_eq!(p.chunk_bytes(), MIN_ADAPTIVE_CHUNK_BYTES);
+        // A failed reply with TIMEOUT counts the same; another code changes nothing.
+        p.failed(&closed(Some(ErrorCode::GOING_AWAY)), 0);
+        assert_eq!(p.chunk_bytes(), MIN_ADAPTIVE_CHUNK_BYTES);
+        let mut at = 0;
+        for _ in 0..CHUNK_GROW_AFTER - 1 {
+            at += u64::from(p.chunk_bytes());
+            p.durable(at);
+        }
+        assert_eq!(p.chunk_bytes(), MIN_ADAPTIVE_CHUNK_BYTES, "grew before {CHUNK_GROW_AFTER} durable answers");
+        p.durable(at + 1);
+        assert_eq!(p.chunk_bytes(), 2 * MIN_ADAPTIVE_CHUNK_BYTES);
+        // A TIMEOUT in between starts the count again.
+        for _ in 0..CHUNK_GROW_AFTER - 1 {
+            at += 1;
+            p.durable(at);
+        }
+        p.failed(&failed(ErrorCode::TIMEOUT, at), 0);
+        assert_eq!(p.chunk_bytes(), MIN_ADAPTIVE_CHUNK_BYTES);
+        for _ in 0..100 * CHUNK_GROW_AFTER {
+            at += 1;
+            p.durable(at);
+        }
+        assert_eq!(p.chunk_bytes(), MAX_CHUNK_BYTES, "grows back, and no further");
     }
 
     #[test]

@@ -106,7 +106,10 @@ pub async fn upload(
         Ok(published) => published,
         Err(e) => {
             // Retrying cannot finish it: forget it, so the next `sb upload` starts afresh.
-            if !matches!(e, TransferError::Client(_) | TransferError::Stream(_) | TransferError::Io(_)) {
+            if !matches!(
+                e,
+                TransferError::Client(_) | TransferError::Stream(_) | TransferError::Reset(_) | TransferError::Io(_)
+            ) {
                 forget_upload(home, &key)?;
             }
             return Err(e.into());
