@@ -129,7 +129,7 @@ pub struct Config {
     /// reset with `TIMEOUT` only if the wait passes `transfer_progress_secs`. While one
     /// waits, chunks that fell behind `limits::MIN_CHUNK_BYTES_PER_SEC` (after
     /// `limits::CHUNK_LEASE_GRACE`) lose the bytes it needs (their streams are reset with
-    /// `TIMEOUT`).
+    /// `CHUNK_TOO_SLOW`).
     pub transfer_buffer_bytes: u64,
     /// Blob files open for downloads at once, over all streams (at least 1). A download
     /// beyond waits for one to close, and is reset with `TIMEOUT` only if the wait

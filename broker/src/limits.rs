@@ -122,7 +122,7 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// when its bytes were granted (at its frame header) it must have received this many for
 /// every second past `CHUNK_LEASE_GRACE`. A chunk that falls behind while a stream has
 /// waited `files::budget::WAIT_BEFORE_CLAIMING` for the budget gives its bytes up: its
-/// stream is reset with `TIMEOUT` (also while the broker waits to write it a reply) and
+/// stream is reset with `CHUNK_TOO_SLOW` (also while the broker waits to write it a reply) and
 /// the client resumes from the durable offset. Only as many chunks as the waiting
 /// streams need lose theirs, the first to fall behind first; while nobody waits, a slow
 /// chunk keeps its bytes up to the progress deadline. Without it, a frame header alone

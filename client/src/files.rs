@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::io::SeekFrom;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -31,15 +32,19 @@ use crate::{Client, ClientError, Connector, Identity, coded, new_client_id, unex
 pub const MAX_CHUNKS_IN_FLIGHT: usize = 2;
 
 /// The smallest chunk an `Uploader` falls back to. The broker takes a chunk's bytes away
-/// when it arrives slower than 64 KiB/s while other uploads wait for them (the stream is
-/// reset with `TIMEOUT`; PROTOCOL.md section 12), so after a `TIMEOUT` the uploader
-/// halves its chunks, down to this size: a 64 KiB chunk needs only the broker's 2 s
-/// allowance, so even a link of a few KiB/s gets its chunks through.
+/// when it arrives slower than 64 KiB/s (after a 2 s allowance) while other uploads wait
+/// for them (the stream is reset with `CHUNK_TOO_SLOW`; PROTOCOL.md section 12), so after
+/// that the uploader halves its chunks, down to this size: a 64 KiB chunk gets through a
+/// stream of about 21 KiB/s or more (64 KiB in 3 s: the allowance and 1 s at the rate).
 pub const MIN_ADAPTIVE_CHUNK_BYTES: u32 = 64 * 1024;
 
-/// Durable answers in a row, without a `TIMEOUT`, after which an `Uploader` doubles its
-/// chunk size again (up to `MAX_CHUNK_BYTES`).
+/// Durable answers in a row, without a `CHUNK_TOO_SLOW`, after which an `Uploader`
+/// doubles its chunk size again (up to `MAX_CHUNK_BYTES`), on the stream in progress.
 pub const CHUNK_GROW_AFTER: u32 = 8;
+
+/// The smallest chunk `Client::upload_chunked` sends (but the last), bytes: one fdatasync
+/// per chunk at the broker makes smaller ones cost more than they carry.
+const MIN_CHUNK_BYTES: u32 = 4 * 1024;
 
 /// Longest `TransferReply` frame the client accepts, bytes. The largest real one is a
 /// `Complete(FileRef)` or a `Failed` with its message, well under 1 KiB.
@@ -78,8 +83,8 @@ pub enum TransferError {
     /// A request failed or the connection is gone.
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// The broker reset the transfer stream, or stopped reading it, with this code (for
-    /// an upload `TIMEOUT` also when a chunk arrived too slowly while others waited).
+    /// The broker reset the transfer stream, or stopped reading it, with this code
+    /// (`CHUNK_TOO_SLOW`, `TIMEOUT`, a frame error).
     #[error("transfer stream reset: {}", coded(*.0, "by the broker"))]
     Reset(ErrorCode),
     /// The transfer stream ended before the transfer did, or failed otherwise.
@@ -203,22 +208,22 @@ impl Client {
     where
         S: AsyncRead + AsyncSeek + Unpin,
     {
-        self.upload_chunked(file, offset, source, MAX_CHUNK_BYTES, progress).await
+        self.upload_chunked(file, offset, source, &AtomicU32::new(MAX_CHUNK_BYTES), progress).await
     }
 
-    /// `upload_from` in chunks of `chunk_bytes` (1 ..= `MAX_CHUNK_BYTES`, clamped).
+    /// `upload_from` in chunks of `chunk_bytes`, read before each chunk (so `progress`
+    /// may change it as the upload goes), clamped to 4 KiB ..= `MAX_CHUNK_BYTES`.
     pub async fn upload_chunked<S>(
         &self,
         file: FileId,
         offset: u64,
         source: &mut S,
-        chunk_bytes: u32,
+        chunk_bytes: &AtomicU32,
         mut progress: impl FnMut(u64),
     ) -> Result<FileRef, TransferError>
     where
         S: AsyncRead + AsyncSeek + Unpin,
     {
-        let chunk_bytes = chunk_bytes.clamp(1, MAX_CHUNK_BYTES);
         let size = source.seek(SeekFrom::End(0)).await?;
         if offset > size {
             return Err(TransferError::Mismatch(format!("offset {offset} is past the source's {size} bytes")));
@@ -357,7 +362,7 @@ async fn send_chunks<S>(
     source: &mut S,
     offset: u64,
     size: u64,
-    chunk_bytes: u32,
+    chunk_bytes: &AtomicU32,
     mut durable: watch::Receiver<u64>,
 ) -> Result<(), TransferError>
 where
@@ -365,7 +370,8 @@ where
 {
     let mut window = ChunkWindow::new(offset);
     let mut next = offset;
-    let mut ready = read_chunk(source, next, size, chunk_bytes).await?;
+    let chunk = || chunk_bytes.load(Ordering::Relaxed).clamp(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES);
+    let mut ready = read_chunk(source, next, size, chunk()).await?;
     while let Some((data, blake3)) = ready.take() {
         while !window.may_send() {
             if durable.changed().await.is_err() {
@@ -377,7 +383,7 @@ where
         let mut parts = Chunk { offset: next, data, blake3 }.frame_parts();
         // The next chunk is read and hashed while this one is written.
         let (written, read) =
-            tokio::join!(write_parts(conn, send, &mut parts), read_chunk(source, after, size, chunk_bytes));
+            tokio::join!(write_parts(conn, send, &mut parts), read_chunk(source, after, size, chunk()));
         written?;
         ready = read?;
         next = after;
@@ -672,8 +678,8 @@ pub enum UploadStep {
 /// - A lost connection, a reset stream, `GOING_AWAY`, `OVERLOADED`, `RATE_LIMITED`,
 ///   `TIMEOUT` and `SLOW_CONSUMER` reconnect after a backoff, then ask `UploadStatus`:
 ///   the broker's durable offset, not what this side sent, is where it continues.
-/// - After a `TIMEOUT` (the broker took a slow chunk's bytes for another upload, or the
-///   stream stalled) chunks are half the size, down to `MIN_ADAPTIVE_CHUNK_BYTES`;
+/// - `CHUNK_TOO_SLOW` (the broker took a slow chunk's bytes for another upload) also
+///   reconnects, and halves the chunks, down to `MIN_ADAPTIVE_CHUNK_BYTES`;
 ///   `CHUNK_GROW_AFTER` durable answers in a row double them again.
 /// - Everything else stops: `HASH_MISMATCH`, `TYPE_MISMATCH`, `FILE_TOO_LARGE`,
 ///   `QUOTA_EXCEEDED`, `NOT_FOUND` (expired, cancelled, or not mine), `CONFLICT`
@@ -747,8 +753,8 @@ impl UploadPlan {
 
     /// Something failed; `random` is any uniformly random number (for jitter).
     pub fn failed(&mut self, error: &TransferError, random: u64) -> UploadStep {
-        if error.code() == Some(ErrorCode::TIMEOUT) {
-            // Too slow for the chunk size (or stalled): smaller chunks next time.
+        if error.code() == Some(ErrorCode::CHUNK_TOO_SLOW) {
+            // Too slow for the chunk size while others waited: smaller chunks next time.
             self.chunk_bytes = (self.chunk_bytes / 2).max(MIN_ADAPTIVE_CHUNK_BYTES);
             self.durable_answers = 0;
         }
@@ -782,6 +788,7 @@ fn transient(error: &TransferError) -> bool {
                 | ErrorCode::RATE_LIMITED
                 | ErrorCode::TIMEOUT
                 | ErrorCode::SLOW_CONSUMER
+                | ErrorCode::CHUNK_TOO_SLOW
         )
     );
     match error {
@@ -891,10 +898,11 @@ impl Uploader {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     match self.client().await {
                         Ok(client) => {
-                            let chunk_bytes = plan.chunk_bytes();
+                            let chunk_bytes = AtomicU32::new(plan.chunk_bytes());
                             let sent = client
-                                .upload_chunked(file, offset, &mut source, chunk_bytes, |durable| {
+                                .upload_chunked(file, offset, &mut source, &chunk_bytes, |durable| {
                                     plan.durable(durable);
+                                    chunk_bytes.store(plan.chunk_bytes(), Ordering::Relaxed);
                                     on(UploadEvent::Durable { offset: durable, size: local_size });
                                 })
                                 .await;
@@ -1125,22 +1133,23 @@ mod tests {
         assert_eq!(p.failed(&closed(None), 0), UploadStep::Reconnect { delay_ms: 50 });
     }
 
-    /// The broker takes a slow chunk's bytes with `TIMEOUT` when others wait for them:
-    /// each `TIMEOUT` halves the chunks down to 64 KiB (a link too slow for 1 MiB in the
+    /// The broker takes a slow chunk's bytes with `CHUNK_TOO_SLOW` when others wait for
+    /// them: each one halves the chunks down to 64 KiB (a link too slow for 1 MiB in the
     /// broker's allowance still gets through), durable answers grow them back.
     #[test]
     fn a_timeout_halves_the_chunks_and_durable_answers_grow_them_back() {
         let mut p = plan();
         assert_eq!(p.chunk_bytes(), MAX_CHUNK_BYTES);
-        let reset = TransferError::Reset(ErrorCode::TIMEOUT);
+        let reset = TransferError::Reset(ErrorCode::CHUNK_TOO_SLOW);
         assert!(matches!(p.failed(&reset, 0), UploadStep::Reconnect { .. }));
         assert_eq!(p.chunk_bytes(), MAX_CHUNK_BYTES / 2);
         for _ in 0..10 {
             p.failed(&reset, 0);
         }
         assert_eq!(p.chunk_bytes(), MIN_ADAPTIVE_CHUNK_BYTES);
-        // A failed reply with TIMEOUT counts the same; another code changes nothing.
+        // Another code changes nothing, TIMEOUT included (a stall, not a slow link).
         p.failed(&closed(Some(ErrorCode::GOING_AWAY)), 0);
+        p.failed(&TransferError::Reset(ErrorCode::TIMEOUT), 0);
         assert_eq!(p.chunk_bytes(), MIN_ADAPTIVE_CHUNK_BYTES);
         let mut at = 0;
         for _ in 0..CHUNK_GROW_AFTER - 1 {
@@ -1155,7 +1164,7 @@ mod tests {
             at += 1;
             p.durable(at);
         }
-        p.failed(&failed(ErrorCode::TIMEOUT, at), 0);
+        p.failed(&failed(ErrorCode::CHUNK_TOO_SLOW, at), 0);
         assert_eq!(p.chunk_bytes(), MIN_ADAPTIVE_CHUNK_BYTES);
         for _ in 0..100 * CHUNK_GROW_AFTER {
             at += 1;

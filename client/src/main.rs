@@ -284,8 +284,14 @@ fn error_json(e: &anyhow::Error) -> serde_json::Value {
             Some(TransferError::Client(c)) => Some(c),
             _ => None,
         });
-    if let Some(TransferError::Failed { error, .. }) = e.downcast_ref::<TransferError>() {
-        return json!({"code": error.code.0, "name": error.code.name(), "message": error.message});
+    match e.downcast_ref::<TransferError>() {
+        Some(TransferError::Failed { error, .. }) => {
+            return json!({"code": error.code.0, "name": error.code.name(), "message": error.message});
+        }
+        Some(TransferError::Reset(code)) => {
+            return json!({"code": code.0, "name": code.name(), "message": format!("{e:#}")});
+        }
+        _ => {}
     }
     let (code, message) = match client {
         Some(ClientError::Server(body)) => (body.code, &body.message),

@@ -89,6 +89,10 @@ codes! {
     STORAGE_FULL = 25,
     /// The file exists but its upload is not complete yet; it cannot be read.
     NOT_READY = 26,
+    /// An upload chunk arrived slower than the broker's minimum rate while other uploads
+    /// waited for its buffer: its stream is reset; resume from the durable offset, with
+    /// smaller chunks.
+    CHUNK_TOO_SLOW = 27,
 }
 
 impl std::fmt::Display for ErrorCode {

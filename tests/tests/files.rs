@@ -986,7 +986,7 @@ async fn a_chunk_arriving_too_slowly_gives_its_budget_to_a_waiting_upload() {
             within(STEP_DEADLINE, "the waiting upload", upload_rest(alice.connection(), file, &theirs, 0)).await;
         assert!(matches!(reply, TransferReply::Complete(_)), "{reply:?}");
         assert!(started.elapsed() >= CHUNK_LEASE_GRACE / 2, "the budget was free at once: {:?}", started.elapsed());
-        assert_eq!(reset_code(&mut slow.recv).await, ErrorCode::TIMEOUT);
+        assert_eq!(reset_code(&mut slow.recv).await, ErrorCode::CHUNK_TOO_SLOW);
         // The slow client resumes where it was, and with nobody waiting its upload completes.
         let reply =
             within(STEP_DEADLINE, "the resumed upload", upload_rest(mallory.connection(), begun.file, &data, 0)).await;

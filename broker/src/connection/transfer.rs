@@ -37,7 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::Shared;
 use crate::files::blobs::DIRECT_ALIGN;
-use crate::files::budget::lease_end;
+use crate::files::budget::{Revoked, lease_end};
 use crate::files::requests::{file_ref, no_such_file, readable};
 use crate::files::{ChunkCheck, ChunkPermits, Unreachable, UploadMsg};
 use crate::limits::READ_CHUNK_BYTES;
@@ -260,15 +260,21 @@ async fn upload(
                     // A client that takes no replies must not keep a chunk's bytes by it.
                     let wrote = tokio::select! {
                         biased;
-                        wrote = tokio::time::timeout(progress, write(&mut send, &reply)) => Some(wrote),
-                        () = lease_lost(reading.lease(), shared) => None,
+                        wrote = tokio::time::timeout(progress, write(&mut send, &reply)) => Ok(wrote),
+                        revoked = lease_lost(reading.lease(), shared) => Err(revoked),
                     };
                     match wrote {
-                        Some(Ok(true)) => deadline = tokio::time::Instant::now() + progress,
-                        Some(Ok(false)) => break,
-                        Some(Err(_)) | None => {
-                            reading.held = None;
+                        Ok(Ok(true)) => deadline = tokio::time::Instant::now() + progress,
+                        Ok(Ok(false)) => break,
+                        Ok(Err(_)) => {
                             reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
+                            break;
+                        }
+                        Err(revoked) => {
+                            // The bytes are free before the revocation stops counting them.
+                            reading.held = None;
+                            drop(revoked);
+                            reset(&mut send, &mut recv, ErrorCode::CHUNK_TOO_SLOW);
                             break;
                         }
                     }
@@ -327,7 +333,7 @@ enum Read {
     /// The client finished sending (or the stream is gone).
     End,
     /// A frame that does not decode or is too large, or a chunk that lost its bytes to
-    /// a waiting stream (`TIMEOUT`): the stream is reset with this code.
+    /// a waiting stream (`CHUNK_TOO_SLOW`): the stream is reset with this code.
     Refused(ErrorCode),
 }
 
@@ -363,18 +369,20 @@ async fn next_chunk(r: &mut Reading, recv: &mut quinn::RecvStream, shared: &Shar
                 None => return Read::Refused(ErrorCode::INTERNAL),
             },
             Ok(ChunkStep::More) => match read_leased(r.lease(), recv, shared).await {
-                Some(Ok(Some(chunk))) => {
+                Ok(Ok(Some(chunk))) => {
                     r.received += chunk.bytes.len() as u64;
                     r.pending = chunk.bytes;
                 }
-                // Too slow while another stream waits: the chunk's bytes go to that one.
-                None => {
+                // Too slow while another stream waits: the chunk's bytes go to that one
+                // (free before the revocation stops counting them).
+                Err(revoked) => {
                     r.decoder.reset();
                     r.held = None;
+                    drop(revoked);
                     tracing::debug!(received = r.received, "a slow chunk gave its budget to a waiting stream");
-                    return Read::Refused(ErrorCode::TIMEOUT);
+                    return Read::Refused(ErrorCode::CHUNK_TOO_SLOW);
                 }
-                Some(Ok(None) | Err(_)) => {
+                Ok(Ok(None) | Err(_)) => {
                     r.decoder.reset();
                     r.held = None;
                     return Read::End;
@@ -384,18 +392,17 @@ async fn next_chunk(r: &mut Reading, recv: &mut quinn::RecvStream, shared: &Shar
     }
 }
 
-/// Reads the stream's next bytes; `None` if the chunk being received lost its bytes to a
-/// waiting stream first (`lease_lost`).
-/// Cancel-safe.
+/// Reads the stream's next bytes; `Err` if the chunk being received lost its bytes to a
+/// waiting stream first (`lease_lost`). Cancel-safe.
 async fn read_leased(
     lease: Option<(tokio::time::Instant, usize)>,
     recv: &mut quinn::RecvStream,
     shared: &Shared,
-) -> Option<Result<Option<quinn::Chunk>, quinn::ReadError>> {
+) -> Result<Result<Option<quinn::Chunk>, quinn::ReadError>, Revoked> {
     tokio::select! {
         biased;
-        read = recv.read_chunk(READ_CHUNK_BYTES, true) => Some(read),
-        () = lease_lost(lease, shared) => None,
+        read = recv.read_chunk(READ_CHUNK_BYTES, true) => Ok(read),
+        revoked = lease_lost(lease, shared) => Err(revoked),
     }
 }
 
@@ -407,8 +414,9 @@ impl Reading {
 }
 
 /// Resolves once the chunk being received (its `Reading::lease`) has lost its bytes to a
-/// waiting stream (the stream must then be reset); never without a chunk. Cancel-safe.
-async fn lease_lost(lease: Option<(tokio::time::Instant, usize)>, shared: &Shared) {
+/// waiting stream (the stream must then be reset, and the `Revoked` dropped after the
+/// chunk's permits); never without a chunk. Cancel-safe.
+async fn lease_lost(lease: Option<(tokio::time::Instant, usize)>, shared: &Shared) -> Revoked {
     match lease {
         Some((end, size)) => shared.files.chunk_budget.lease_lost(end, size).await,
         None => std::future::pending().await,

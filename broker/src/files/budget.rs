@@ -32,8 +32,8 @@ pub fn lease_end(since: Instant, received: u64) -> Instant {
     since + CHUNK_LEASE_GRACE + Duration::from_micros(received.saturating_mul(1_000_000) / MIN_CHUNK_BYTES_PER_SEC)
 }
 
-/// Bytes wanted by streams waiting for the budget, and bytes slow chunks gave up for
-/// them that they have not yet taken.
+/// Bytes wanted by streams waiting for the budget, and bytes slow chunks are giving up
+/// for them (claimed, not yet freed: `Revoked`).
 #[derive(Debug, Default)]
 struct Claims {
     wanted: usize,
@@ -46,7 +46,8 @@ pub struct ChunkBudget {
     bytes: Arc<Semaphore>,
     max: usize,
     claims: Mutex<Claims>,
-    /// Notified when a stream starts waiting (more bytes wanted).
+    /// Notified (one parked lease at a time) when the waiting streams may lack bytes
+    /// that no revocation covers: a wait began, or revoked bytes were freed.
     wanted_more: Notify,
 }
 
@@ -90,10 +91,12 @@ impl ChunkBudget {
     }
 
     /// Resolves once a chunk holding `size` bytes, whose lease ends at `lease_end`, has
-    /// lost them to waiting streams: the caller must then let them go (reset its stream).
-    /// Only as many chunks as the waiters need lose theirs. Cancel-safe: the bytes are
-    /// claimed only in the poll that resolves.
-    pub async fn lease_lost(&self, lease_end: Instant, size: usize) {
+    /// lost them to waiting streams: the caller must then let them go (reset its stream)
+    /// and drop the `Revoked` after them. Only as many chunks as the waiters lack bytes
+    /// for lose theirs; one parked lease is woken at a time and wakes the next only while
+    /// bytes are still lacking. Cancel-safe: the bytes are claimed only in the poll that
+    /// resolves.
+    pub async fn lease_lost(self: &Arc<Self>, lease_end: Instant, size: usize) -> Revoked {
         tokio::time::sleep_until(lease_end).await;
         loop {
             let more = self.wanted_more.notified();
@@ -104,10 +107,35 @@ impl ChunkBudget {
                 let mut c = self.claims.lock().unwrap_or_else(|p| p.into_inner());
                 if c.promised < c.wanted {
                     c.promised += size;
-                    return;
+                    if c.promised < c.wanted {
+                        // Still short: the next parked lease checks too.
+                        self.wanted_more.notify_one();
+                    }
+                    return Revoked { budget: self.clone(), size };
                 }
             }
             more.await;
+        }
+    }
+}
+
+/// Bytes a chunk lost to waiting streams, counted as being given up until this is
+/// dropped (after the chunk's permits): then they are free, and if a waiter is still
+/// short (another stream took them first), one more parked lease checks.
+#[derive(Debug)]
+pub struct Revoked {
+    budget: Arc<ChunkBudget>,
+    size: usize,
+}
+
+impl Drop for Revoked {
+    fn drop(&mut self) {
+        let mut c = self.budget.claims.lock().unwrap_or_else(|p| p.into_inner());
+        c.promised = c.promised.saturating_sub(self.size);
+        let short = c.promised < c.wanted;
+        drop(c);
+        if short {
+            self.budget.wanted_more.notify_one();
         }
     }
 }
@@ -121,17 +149,15 @@ struct Waiting<'a> {
 impl<'a> Waiting<'a> {
     fn begin(budget: &'a ChunkBudget, want: usize) -> Self {
         budget.claims.lock().unwrap_or_else(|p| p.into_inner()).wanted += want;
-        budget.wanted_more.notify_waiters();
+        budget.wanted_more.notify_one();
         Waiting { budget, want }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let mut c = self.budget.claims.lock().unwrap_or_else(|p| p.into_inner());
-        c.wanted -= self.want;
-        // Bytes given up for this wait went to it, or are free for the next one.
-        c.promised = c.promised.saturating_sub(self.want);
+        // Bytes being given up for this wait stay counted until they are free.
+        self.budget.claims.lock().unwrap_or_else(|p| p.into_inner()).wanted -= self.want;
     }
 }
 
@@ -205,20 +231,49 @@ mod tests {
             lost.spawn(async move { b.lease_lost(now, MIB).await });
         }
         let first = tokio::time::timeout(Duration::from_secs(1), lost.join_next()).await;
-        assert!(matches!(first, Ok(Some(Ok(())))), "one chunk lost its bytes");
+        let Ok(Some(Ok(first))) = first else { panic!("no chunk lost its bytes: {first:?}") };
         assert!(
             tokio::time::timeout(Duration::from_secs(10), lost.join_next()).await.is_err(),
             "a second chunk lost its bytes for the same waiter"
         );
         drop(held);
         assert_eq!(waiter.await.unwrap().num_permits(), MIB);
+        drop(first);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), lost.join_next()).await.is_err(),
+            "a chunk lost its bytes with nobody waiting"
+        );
         // A second waiter: one more.
         let all = budget.reserve(4 * MIB).await;
         let waiter = tokio::spawn(budget.reserve(MIB));
         let second = tokio::time::timeout(Duration::from_secs(1), lost.join_next()).await;
-        assert!(matches!(second, Ok(Some(Ok(())))), "a new waiter gets one more");
+        assert!(matches!(second, Ok(Some(Ok(_)))), "a new waiter gets one more");
         drop(all);
         assert_eq!(waiter.await.unwrap().num_permits(), MIB);
+    }
+
+    /// A chunk larger than what its waiter wanted leaves nothing counted once its bytes
+    /// are free: a later waiter still gets a slow chunk's bytes.
+    #[tokio::test(start_paused = true)]
+    async fn a_revocation_larger_than_the_want_leaves_no_surplus_behind() {
+        let budget = ChunkBudget::new(2 * MIB);
+        let mut held = whole_chunks(&budget, 2).await;
+        let small = tokio::spawn(budget.reserve(64 * 1024));
+        tokio::time::sleep(WAIT_BEFORE_CLAIMING * 2).await;
+        let revoked = budget.lease_lost(Instant::now(), MIB).await;
+        drop(held.pop());
+        drop(revoked);
+        let small = small.await.unwrap();
+        // The rest of the freed bytes go to a stream that did not wait.
+        let rest = budget.reserve(MIB - 64 * 1024).await;
+        let later = tokio::spawn(budget.reserve(MIB / 2));
+        tokio::time::sleep(WAIT_BEFORE_CLAIMING * 2).await;
+        let lost = budget.lease_lost(Instant::now(), MIB);
+        assert!(resolves(lost, Duration::from_secs(1)).await, "the later waiter got nothing");
+        drop((held, small, rest));
+        assert_eq!(later.await.unwrap().num_permits(), MIB / 2);
+        let c = budget.claims.lock().unwrap();
+        assert_eq!((c.wanted, c.promised), (0, 0));
     }
 
     async fn whole_chunks(budget: &Arc<ChunkBudget>, n: usize) -> Vec<OwnedSemaphorePermit> {
