@@ -793,6 +793,36 @@ async fn reset_code(recv: &mut quinn::RecvStream) -> ErrorCode {
     }
 }
 
+/// Begins an upload of `data` as `client` and opens its transfer stream at offset 0
+/// (answered `Accepted`).
+async fn open_upload(client: &Client, name: &str, data: &[u8]) -> (FileId, Transfer) {
+    let file = begin_upload(client, name, "application/octet-stream", data).await.file;
+    let mut t = Transfer::open(client.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
+    assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+    (file, t)
+}
+
+/// The `Chunk` frame of `data` at `offset`, with its BLAKE3.
+fn chunk_frame(offset: u64, data: &[u8]) -> Vec<u8> {
+    let chunk =
+        switchboard_protocol::Chunk { offset, data: data.to_vec().into(), blake3: *blake3::hash(data).as_bytes() };
+    switchboard_protocol::encode_frame(&chunk).unwrap().to_vec()
+}
+
+/// Waits until the broker's chunk buffers held (`queued_chunk_bytes`) satisfy `holds`;
+/// fails with `what` after `wait`.
+async fn until_queued(tb: &TestBroker, wait: Duration, what: &str, holds: impl Fn(usize) -> bool) {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let queued = tb.shared().files.queued_chunk_bytes();
+        if holds(queued) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} ({queued} bytes held)");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_number() {
     bounded(async {
@@ -895,52 +925,29 @@ async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
 /// queued (a stalled stream's half-received frame used to be held outside the budget).
 #[tokio::test]
 async fn a_chunk_being_received_is_counted_in_the_transfer_budget() {
-    use switchboard_protocol::{Chunk, encode_frame};
     bounded(async {
         let tb = TestBroker::start_with(|c| c.transfer_progress_secs = 3).await;
         let (alice, _) = tb.register("alice").await;
         let data = bytes(1024 * 1024, 77);
-        let begun = begin_upload(&alice, "half.bin", "application/octet-stream", &data).await;
-        let conn = alice.connection().clone();
-        let mut t = Transfer::open(&conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
-        let chunk = Chunk { offset: 0, data: data.clone().into(), blake3: *blake3::hash(&data).as_bytes() };
-        let frame = encode_frame(&chunk).unwrap();
+        let (file, mut t) = open_upload(&alice, "half.bin", &data).await;
+        let frame = chunk_frame(0, &data);
         // The header and half the data, then nothing.
         t.send.write_all(&frame[..frame.len() / 2]).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        let mut counted = 0;
-        while std::time::Instant::now() < deadline && counted < data.len() {
-            counted = tb.shared().files.queued_chunk_bytes();
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(counted >= data.len(), "a half-received 1 MiB chunk counts {counted} bytes");
+        let counted = |q: usize| q >= data.len();
+        until_queued(&tb, Duration::from_secs(2), "a half-received 1 MiB chunk is not counted", counted).await;
         // Stalled past its progress deadline: reset, and its bytes leave the budget.
         assert_eq!(reset_code(&mut t.recv).await, ErrorCode::TIMEOUT);
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while tb.shared().files.queued_chunk_bytes() > 0 {
-            assert!(std::time::Instant::now() < deadline, "the reset stream's chunk is still counted");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let gone = |q: usize| q == 0;
+        until_queued(&tb, Duration::from_secs(2), "the reset stream's chunk is still counted", gone).await;
         // A stream that ends half way through a chunk gives its bytes back at once, not
         // at its progress deadline (3 s).
-        let mut t = Transfer::open(&conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
         assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
         t.send.write_all(&frame[..frame.len() / 2]).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while tb.shared().files.queued_chunk_bytes() < data.len() {
-            assert!(std::time::Instant::now() < deadline, "the second half-received chunk is not counted");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_queued(&tb, Duration::from_secs(2), "the second half-received chunk is not counted", counted).await;
         t.send.finish().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        while tb.shared().files.queued_chunk_bytes() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a chunk cut short by the end of its stream is still counted"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = "a chunk cut short by the end of its stream is still counted";
+        until_queued(&tb, Duration::from_secs(1), what, gone).await;
     })
     .await
 }
@@ -952,7 +959,6 @@ async fn a_chunk_being_received_is_counted_in_the_transfer_budget() {
 #[tokio::test]
 async fn a_chunk_arriving_too_slowly_gives_its_budget_to_a_waiting_upload() {
     use switchboard_broker::limits::CHUNK_LEASE_GRACE;
-    use switchboard_protocol::{Chunk, encode_frame};
     bounded(async {
         let tb = TestBroker::start_with(|c| {
             // Far beyond the test's deadlines: only the lease can free the budget.
@@ -964,19 +970,10 @@ async fn a_chunk_arriving_too_slowly_gives_its_budget_to_a_waiting_upload() {
         let (mallory, _) = tb.register("mallory").await;
         let (alice, _) = tb.register("alice").await;
         let data = bytes(1024 * 1024, 91);
-        let begun = begin_upload(&mallory, "slow.bin", "application/octet-stream", &data).await;
-        let mut slow =
-            Transfer::open(mallory.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        assert!(matches!(slow.reply().await, Some(TransferReply::Accepted { offset: 0 })));
-        let chunk = Chunk { offset: 0, data: data.clone().into(), blake3: *blake3::hash(&data).as_bytes() };
-        let frame = encode_frame(&chunk).unwrap();
+        let (slow_file, mut slow) = open_upload(&mallory, "slow.bin", &data).await;
         // The header and a few bytes, then nothing.
-        slow.send.write_all(&frame[..100]).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while tb.shared().files.queued_chunk_bytes() < data.len() {
-            assert!(std::time::Instant::now() < deadline, "the stalled chunk is not counted");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        slow.send.write_all(&chunk_frame(0, &data)[..100]).await.unwrap();
+        until_queued(&tb, STEP_DEADLINE, "the stalled chunk is not counted", |q| q >= data.len()).await;
         // Another user's upload waits for the budget, and gets it once the stalled chunk
         // is past its grace, not after the stalled stream's 600 s.
         let theirs = bytes(1024 * 1024, 92);
@@ -989,7 +986,7 @@ async fn a_chunk_arriving_too_slowly_gives_its_budget_to_a_waiting_upload() {
         assert_eq!(reset_code(&mut slow.recv).await, ErrorCode::CHUNK_TOO_SLOW);
         // The slow client resumes where it was, and with nobody waiting its upload completes.
         let reply =
-            within(STEP_DEADLINE, "the resumed upload", upload_rest(mallory.connection(), begun.file, &data, 0)).await;
+            within(STEP_DEADLINE, "the resumed upload", upload_rest(mallory.connection(), slow_file, &data, 0)).await;
         assert!(matches!(reply, TransferReply::Complete(_)), "{reply:?}");
     })
     .await
@@ -1000,7 +997,6 @@ async fn a_chunk_arriving_too_slowly_gives_its_budget_to_a_waiting_upload() {
 /// waits to write a reply, not only while it reads.
 #[tokio::test]
 async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
-    use switchboard_protocol::{Chunk, encode_frame};
     bounded(async {
         let tb = TestBroker::start_with(|c| {
             c.transfer_progress_secs = 600;
@@ -1014,9 +1010,7 @@ async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
         let big = bytes(3 * 1024 * 1024, 94);
         let file = upload(&mallory, "big.bin", &big).await;
         let data = bytes(1024 * 1024 + 1, 95);
-        let begun = begin_upload(&mallory, "slow.bin", "application/octet-stream", &data).await;
-        let mut slow = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        assert!(matches!(slow.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        let (_, mut slow) = open_upload(&mallory, "slow.bin", &data).await;
         // Two downloads nobody reads: 2 MiB each fills the connection's 4 MiB window.
         let mut unread = Vec::new();
         for _ in 0..2 {
@@ -1025,16 +1019,11 @@ async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         // One byte, whose `Durable` the broker cannot deliver, and the header of a 1 MiB
         // chunk, which takes the whole budget.
-        let one = Chunk { offset: 0, data: data[..1].to_vec().into(), blake3: *blake3::hash(&data[..1]).as_bytes() };
-        let rest = Chunk { offset: 1, data: data[1..].to_vec().into(), blake3: *blake3::hash(&data[1..]).as_bytes() };
-        let mut frames = encode_frame(&one).unwrap().to_vec();
-        frames.extend_from_slice(&encode_frame(&rest).unwrap()[..100]);
+        let mut frames = chunk_frame(0, &data[..1]);
+        frames.extend_from_slice(&chunk_frame(1, &data[1..])[..100]);
         slow.send.write_all(&frames).await.unwrap();
-        let deadline = std::time::Instant::now() + STEP_DEADLINE;
-        while tb.shared().files.queued_chunk_bytes() < data.len() - 1 {
-            assert!(std::time::Instant::now() < deadline, "the second chunk's header took nothing");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = "the second chunk's header took nothing";
+        until_queued(&tb, STEP_DEADLINE, what, |q| q >= data.len() - 1).await;
         let theirs = bytes(1024 * 1024, 96);
         let file = begin_upload(&alice, "theirs.bin", "application/octet-stream", &theirs).await.file;
         let reply =
@@ -1050,16 +1039,12 @@ async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
 #[tokio::test]
 async fn a_slow_chunk_keeps_its_budget_while_no_other_stream_waits() {
     use switchboard_broker::limits::CHUNK_LEASE_GRACE;
-    use switchboard_protocol::{Chunk, encode_frame};
     bounded(async {
         let tb = TestBroker::start_with(|c| c.transfer_buffer_bytes = 1).await;
         let (alice, _) = tb.register("alice").await;
         let data = bytes(256 * 1024, 93);
-        let begun = begin_upload(&alice, "slow.bin", "application/octet-stream", &data).await;
-        let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
-        let chunk = Chunk { offset: 0, data: data.clone().into(), blake3: *blake3::hash(&data).as_bytes() };
-        let frame = encode_frame(&chunk).unwrap();
+        let (_, mut t) = open_upload(&alice, "slow.bin", &data).await;
+        let frame = chunk_frame(0, &data);
         t.send.write_all(&frame[..100]).await.unwrap();
         // Past the grace with 100 bytes: far below the minimum rate.
         tokio::time::sleep(CHUNK_LEASE_GRACE + Duration::from_secs(1)).await;
