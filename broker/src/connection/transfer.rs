@@ -33,11 +33,11 @@ use switchboard_protocol::{
     Chunk, ChunkDecoder, ChunkStep, ErrorBody, ErrorCode, FileId, FrameDecoder, TransferOpen, TransferReply, UserId,
     decode, encode_frame,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::Shared;
 use crate::files::blobs::DIRECT_ALIGN;
-use crate::files::budget::{Revoked, lease_end};
+use crate::files::budget::{ChunkBudget, Revoked, lease_end};
 use crate::files::requests::{file_ref, no_such_file, readable};
 use crate::files::{ChunkCheck, ChunkPermits, Unreachable, UploadMsg};
 use crate::limits::READ_CHUNK_BYTES;
@@ -253,15 +253,26 @@ async fn upload(
             }
             reply = replies.recv() => match reply {
                 Some(reply) => {
-                    // Bytes the budget granted to a wait of this stream's are held by that
-                    // wait until it is polled again, which a write that never ends would
-                    // never let happen: the wait goes (back in line after the write).
-                    reading.reserving = None;
-                    // A client that takes no replies must not keep a chunk's bytes by it.
-                    let wrote = tokio::select! {
-                        biased;
-                        wrote = tokio::time::timeout(progress, write(&mut send, &reply)) => Ok(wrote),
-                        revoked = lease_lost(reading.lease(), shared) => Err(revoked),
+                    // A client that takes no replies must not keep a chunk's bytes by it;
+                    // a stream waiting for the budget keeps its place in line meanwhile,
+                    // and bytes granted to it are leased at once.
+                    let wrote = {
+                        let write = tokio::time::timeout(progress, write(&mut send, &reply));
+                        tokio::pin!(write);
+                        loop {
+                            let waiting = reading.held.is_none();
+                            tokio::select! {
+                                biased;
+                                wrote = &mut write => break Ok(wrote),
+                                revoked = lease_lost(reading.lease(), shared) => break Err(revoked),
+                                granted = granted(&mut reading.reserving), if waiting => {
+                                    reading.reserving = None;
+                                    if let Some(granted) = granted {
+                                        reading.grant(granted);
+                                    }
+                                }
+                            }
+                        }
                     };
                     match wrote {
                         Ok(Ok(true)) => deadline = tokio::time::Instant::now() + progress,
@@ -318,13 +329,17 @@ struct Reading {
     decoder: ChunkDecoder,
     pending: Bytes,
     held: Option<ChunkPermits>,
-    /// The wait for the next chunk's bytes, kept across reads so the stream keeps its
-    /// place in line (given up when a reply is written: see `upload`).
-    reserving: Option<Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send>>>,
+    /// The wait for the next chunk's permits, kept across turns so the stream keeps its
+    /// place in line (also polled while a reply is written: see `upload`). `None` from it:
+    /// the stream's permits are gone.
+    reserving: Option<ChunkWait>,
     /// While `held`: when the chunk's bytes were granted and how many were read since.
     since: tokio::time::Instant,
     received: u64,
 }
+
+/// A wait for a chunk's permits (`reserve_chunk`).
+type ChunkWait = Pin<Box<dyn Future<Output = Option<ChunkPermits>> + Send>>;
 
 /// What `next_chunk` got.
 enum Read {
@@ -344,22 +359,20 @@ enum Read {
 /// stream holds is always counted. While the chunk's data arrives, its lease is checked
 /// (`lease_lost`). Cancel-safe: nothing read and no permit is lost when the `select!`
 /// drops it half way, and a stream waiting for the budget keeps its place in line
-/// until a reply is written to it (`Reading::reserving`). At the end of the stream a chunk cut short is dropped with
-/// its permits.
+/// (`Reading::reserving`). At the end of the stream a chunk cut short is dropped with its
+/// permits.
 async fn next_chunk(r: &mut Reading, recv: &mut quinn::RecvStream, shared: &Shared, permits: &Arc<Semaphore>) -> Read {
     loop {
         match r.decoder.feed(&mut r.pending) {
             Err(e) => return Read::Refused(e.code()),
             Ok(ChunkStep::Header { len, .. }) => {
                 if r.held.is_none() {
-                    let Ok(stream) = permits.clone().acquire_owned().await else { return Read::End };
                     let want = r.decoder.buffer_bytes(len);
                     let budget = &shared.files.chunk_budget;
-                    let bytes = r.reserving.get_or_insert_with(|| Box::pin(budget.reserve(want))).await;
+                    let granted = r.reserving.get_or_insert_with(|| reserve_chunk(permits.clone(), budget, want)).await;
                     r.reserving = None;
-                    r.held = Some(ChunkPermits { stream, bytes });
-                    r.since = tokio::time::Instant::now();
-                    r.received = r.pending.len() as u64;
+                    let Some(granted) = granted else { return Read::End };
+                    r.grant(granted);
                 }
                 r.decoder.allocate();
             }
@@ -406,7 +419,33 @@ async fn read_leased(
     }
 }
 
+/// Waits for a chunk's permits: a place among the stream's `QUEUED_CHUNKS`, then `want`
+/// bytes of the budget, in line. `None` if the stream's permits are gone.
+fn reserve_chunk(stream: Arc<Semaphore>, budget: &Arc<ChunkBudget>, want: usize) -> ChunkWait {
+    let bytes = budget.reserve(want);
+    Box::pin(async move {
+        let stream = stream.acquire_owned().await.ok()?;
+        Some(ChunkPermits { stream, bytes: bytes.await })
+    })
+}
+
+/// Resolves with what a stored wait for a chunk's permits got; never without one.
+async fn granted(reserving: &mut Option<ChunkWait>) -> Option<ChunkPermits> {
+    match reserving {
+        Some(wait) => wait.await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Reading {
+    /// The next chunk's permits were granted: it is being received from now, with the
+    /// bytes already read counted towards its lease.
+    fn grant(&mut self, permits: ChunkPermits) {
+        self.held = Some(permits);
+        self.since = tokio::time::Instant::now();
+        self.received = self.pending.len() as u64;
+    }
+
     /// The chunk being received: when its lease ends and the bytes it holds.
     fn lease(&self) -> Option<(tokio::time::Instant, usize)> {
         self.held.as_ref().map(|held| (lease_end(self.since, self.received), held.bytes.num_permits()))
