@@ -1034,6 +1034,32 @@ async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
     .await
 }
 
+/// A stream's last reply (here `Failed`) that the client does not take is given up and
+/// the stream reset with `TIMEOUT`: reading nothing does not hold a place among the live
+/// transfer streams forever.
+#[tokio::test]
+async fn a_last_reply_nobody_takes_ends_its_stream() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.transfer_progress_secs = 600).await;
+        let (mallory, _) = tb.register("mallory").await;
+        let conn = mallory.connection();
+        let big = bytes(3 * 1024 * 1024, 97);
+        let file = upload(&mallory, "big.bin", &big).await;
+        // Two downloads nobody reads: 2 MiB each fills the connection's 4 MiB window.
+        let mut unread = Vec::new();
+        for _ in 0..2 {
+            unread.push(Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await);
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // Refused (the offset is past the end), but the refusal cannot be delivered.
+        let past = big.len() as u64 + 1;
+        let mut refused = Transfer::open(conn, &TransferOpen::Download { file, offset: past, length: 0 }).await;
+        assert_eq!(reset_code(&mut refused.recv).await, ErrorCode::TIMEOUT);
+        drop(unread);
+    })
+    .await
+}
+
 /// While no other stream waits for the budget, a chunk keeps its buffer however slowly
 /// it arrives (within the progress deadline): a slow link is not cut for nothing.
 #[tokio::test]

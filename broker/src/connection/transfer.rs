@@ -51,6 +51,9 @@ const IDLE_LOWER: Duration = Duration::from_secs(30);
 /// Chunks of one stream held at once (being received, or queued for its upload's
 /// actor); beyond, the stream stops reading and QUIC flow control slows the sender.
 const QUEUED_CHUNKS: usize = 2;
+/// Time a client has to take a stream's last reply (`Failed`, or `Complete` on opening a
+/// complete upload) before the stream is reset with `TIMEOUT`.
+const LAST_REPLY_DEADLINE: Duration = Duration::from_secs(5);
 /// Bytes read from a blob per write on a download stream.
 const DOWNLOAD_PIECE: usize = 128 * 1024;
 
@@ -199,10 +202,23 @@ async fn write(send: &mut quinn::SendStream, reply: &TransferReply) -> bool {
     }
 }
 
-/// Answers `Failed` and finishes the stream.
+/// Answers `Failed` and finishes the stream (see `last_reply`).
 async fn fail(send: &mut quinn::SendStream, error: ErrorBody, offset: u64) {
-    write(send, &TransferReply::Failed { error, offset }).await;
-    let _ = send.finish();
+    last_reply(send, &TransferReply::Failed { error, offset }).await;
+}
+
+/// Writes a stream's last reply and finishes it; a client that does not take it within
+/// `LAST_REPLY_DEADLINE` gets the stream reset with `TIMEOUT` instead, so it cannot hold
+/// a place among the live transfer streams by reading nothing.
+async fn last_reply(send: &mut quinn::SendStream, reply: &TransferReply) {
+    match tokio::time::timeout(LAST_REPLY_DEADLINE, write(send, reply)).await {
+        Ok(_) => {
+            let _ = send.finish();
+        }
+        Err(_) => {
+            let _ = send.reset(ErrorCode::TIMEOUT.0.into());
+        }
+    }
 }
 
 async fn upload(
@@ -220,9 +236,7 @@ async fn upload(
         Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
     };
     if record.is_complete() {
-        write(&mut send, &TransferReply::Complete(file_ref(&file, &record))).await;
-        let _ = send.finish();
-        return;
+        return last_reply(&mut send, &TransferReply::Complete(file_ref(&file, &record))).await;
     }
     let stream = shared.files.next_stream();
     let (out, mut replies) = mpsc::unbounded_channel();
@@ -232,8 +246,7 @@ async fn upload(
             // Completed or removed meanwhile: answer as a new stream would.
             return match shared.store.file(&file) {
                 Ok(Some(r)) if r.is_complete() => {
-                    write(&mut send, &TransferReply::Complete(file_ref(&file, &r))).await;
-                    let _ = send.finish();
+                    last_reply(&mut send, &TransferReply::Complete(file_ref(&file, &r))).await;
                 }
                 _ => fail(&mut send, no_such_file(), 0).await,
             };
@@ -255,7 +268,9 @@ async fn upload(
                 Some(reply) => {
                     // A client that takes no replies must not keep a chunk's bytes by it;
                     // a stream waiting for the budget keeps its place in line meanwhile,
-                    // and bytes granted to it are leased at once.
+                    // and bytes granted to it are leased at once (nothing is read while
+                    // the reply waits, so a client that is slow to take replies while
+                    // others wait for the budget loses the chunk).
                     let wrote = {
                         let write = tokio::time::timeout(progress, write(&mut send, &reply));
                         tokio::pin!(write);
@@ -283,6 +298,7 @@ async fn upload(
                         }
                         Err(revoked) => {
                             // The bytes are free before the revocation stops counting them.
+                            reading.decoder.reset();
                             reading.held = None;
                             drop(revoked);
                             reset(&mut send, &mut recv, ErrorCode::CHUNK_TOO_SLOW);

@@ -47,7 +47,7 @@ pub struct ChunkBudget {
     max: usize,
     claims: Mutex<Claims>,
     /// Notified (one parked lease at a time) when the waiting streams may lack bytes
-    /// that no revocation covers: a wait began, or revoked bytes were freed.
+    /// that no revocation covers: a wait began, or a revocation left them short.
     wanted_more: Notify,
 }
 
@@ -120,8 +120,7 @@ impl ChunkBudget {
 }
 
 /// Bytes a chunk lost to waiting streams, counted as being given up until this is
-/// dropped (after the chunk's permits): then they are free, and if a waiter is still
-/// short (another stream took them first), one more parked lease checks.
+/// dropped (after the chunk's permits, which frees them).
 #[derive(Debug)]
 pub struct Revoked {
     budget: Arc<ChunkBudget>,
@@ -130,13 +129,12 @@ pub struct Revoked {
 
 impl Drop for Revoked {
     fn drop(&mut self) {
+        // No lease is woken here: the freed bytes go to the streams first in line, which
+        // have waited longest and so are counted waiters, and a waiter that got them is
+        // counted out only once its task runs; waking a lease now would take a second
+        // chunk's bytes for a wait that is already served.
         let mut c = self.budget.claims.lock().unwrap_or_else(|p| p.into_inner());
         c.promised = c.promised.saturating_sub(self.size);
-        let short = c.promised < c.wanted;
-        drop(c);
-        if short {
-            self.budget.wanted_more.notify_one();
-        }
     }
 }
 
@@ -274,6 +272,32 @@ mod tests {
         assert_eq!(later.await.unwrap().num_permits(), MIB / 2);
         let c = budget.claims.lock().unwrap();
         assert_eq!((c.wanted, c.promised), (0, 0));
+    }
+
+    /// A revocation's bytes reach its waiter before the waiter's task has counted itself
+    /// out: freeing them must wake no other lease, which on a multi-thread runtime would
+    /// run first and take a second chunk's bytes for a wait already served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn freeing_revoked_bytes_takes_no_second_chunk() {
+        for _ in 0..20 {
+            let budget = ChunkBudget::new(2 * MIB);
+            let mut held = whole_chunks(&budget, 2).await;
+            let waiter = tokio::spawn(budget.reserve(MIB));
+            tokio::time::sleep(WAIT_BEFORE_CLAIMING + Duration::from_millis(50)).await;
+            let now = Instant::now();
+            let revoked = budget.lease_lost(now, MIB).await;
+            let b = budget.clone();
+            let second = tokio::spawn(async move { b.lease_lost(now, MIB).await });
+            // Parked: the one waiter's bytes are claimed.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!second.is_finished());
+            drop(held.pop());
+            drop(revoked);
+            assert_eq!(waiter.await.unwrap().num_permits(), MIB);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!second.is_finished(), "a second chunk lost its bytes for a served wait");
+            second.abort();
+        }
     }
 
     async fn whole_chunks(budget: &Arc<ChunkBudget>, n: usize) -> Vec<OwnedSemaphorePermit> {
