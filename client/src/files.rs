@@ -693,7 +693,7 @@ pub struct UploadPlan {
     durable: u64,
     refusals: u32,
     max_refusals: u32,
-    /// Size of the chunks to send (halved after a `TIMEOUT`, doubled again after
+    /// Size of the chunks to send (halved after a `CHUNK_TOO_SLOW`, doubled again after
     /// `CHUNK_GROW_AFTER` durable answers).
     chunk_bytes: u32,
     /// Durable answers since the chunk size last changed.
@@ -1137,7 +1137,7 @@ mod tests {
     /// them: each one halves the chunks down to 64 KiB (a link too slow for 1 MiB in the
     /// broker's allowance still gets through), durable answers grow them back.
     #[test]
-    fn a_timeout_halves_the_chunks_and_durable_answers_grow_them_back() {
+    fn chunk_too_slow_halves_the_chunks_and_durable_answers_grow_them_back() {
         let mut p = plan();
         assert_eq!(p.chunk_bytes(), MAX_CHUNK_BYTES);
         let reset = TransferError::Reset(ErrorCode::CHUNK_TOO_SLOW);

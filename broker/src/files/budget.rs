@@ -9,7 +9,8 @@
 //! other upload waiting. So a stream that has waited `WAIT_BEFORE_CLAIMING` for the
 //! budget registers what it wants, and a chunk that has fallen below
 //! `MIN_CHUNK_BYTES_PER_SEC` (`lease_end`) gives its bytes up for it: only as many
-//! chunks as the waiting streams need, the earliest to fall behind (the slowest) first.
+//! chunks as the waiting streams need, roughly the earliest to fall behind (the slowest)
+//! first (parked leases are woken in the order they parked).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
