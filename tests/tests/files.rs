@@ -809,6 +809,17 @@ fn chunk_frame(offset: u64, data: &[u8]) -> Vec<u8> {
     switchboard_protocol::encode_frame(&chunk).unwrap().to_vec()
 }
 
+/// Two downloads of `file` (at least 2 MiB) that nobody reads: 2 MiB each fills the
+/// connection's 4 MiB receive window, so nothing more reaches the client until they go.
+async fn fill_receive_window(conn: &quinn::Connection, file: FileId) -> Vec<Transfer> {
+    let mut unread = Vec::new();
+    for _ in 0..2 {
+        unread.push(Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    unread
+}
+
 /// Waits until the broker's chunk buffers held (`queued_chunk_bytes`) satisfy `holds`;
 /// fails with `what` after `wait`.
 async fn until_queued(tb: &TestBroker, wait: Duration, what: &str, holds: impl Fn(usize) -> bool) {
@@ -1011,12 +1022,7 @@ async fn a_chunk_keeps_no_budget_by_taking_no_replies() {
         let file = upload(&mallory, "big.bin", &big).await;
         let data = bytes(1024 * 1024 + 1, 95);
         let (_, mut slow) = open_upload(&mallory, "slow.bin", &data).await;
-        // Two downloads nobody reads: 2 MiB each fills the connection's 4 MiB window.
-        let mut unread = Vec::new();
-        for _ in 0..2 {
-            unread.push(Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await);
-        }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let unread = fill_receive_window(conn, file).await;
         // One byte, whose `Durable` the broker cannot deliver, and the header of a 1 MiB
         // chunk, which takes the whole budget.
         let mut frames = chunk_frame(0, &data[..1]);
@@ -1045,12 +1051,7 @@ async fn a_last_reply_nobody_takes_ends_its_stream() {
         let conn = mallory.connection();
         let big = bytes(3 * 1024 * 1024, 97);
         let file = upload(&mallory, "big.bin", &big).await;
-        // Two downloads nobody reads: 2 MiB each fills the connection's 4 MiB window.
-        let mut unread = Vec::new();
-        for _ in 0..2 {
-            unread.push(Transfer::open(conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await);
-        }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let unread = fill_receive_window(conn, file).await;
         // Refused (the offset is past the end), but the refusal cannot be delivered.
         let past = big.len() as u64 + 1;
         let mut refused = Transfer::open(conn, &TransferOpen::Download { file, offset: past, length: 0 }).await;
