@@ -122,13 +122,14 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// when its bytes were granted (at its frame header) it must have received this many for
 /// every second past `CHUNK_LEASE_GRACE`. A chunk that falls behind while a stream has
 /// waited `files::budget::WAIT_BEFORE_CLAIMING` for the budget gives its bytes up: its
-/// stream is reset with `CHUNK_TOO_SLOW` (also while the broker waits to write it a reply) and
-/// the client resumes from the durable offset. Only as many chunks as the waiting
-/// streams need lose theirs, the first to fall behind first; while nobody waits, a slow
-/// chunk keeps its bytes up to the progress deadline. Without it, a frame header alone
-/// held a whole chunk's bytes for `transfer_progress_secs` (30 s), and some twenty
-/// accounts sending only headers kept every other upload waiting; now holding bytes
-/// costs sending 64 KiB/s per MiB held. At this rate a 1 MiB chunk has 18 s.
+/// stream is reset with `CHUNK_TOO_SLOW` (also while the broker waits to write it a
+/// reply) and the client resumes from the durable offset. Only as many chunks as the
+/// waiting streams need lose theirs, roughly the first to fall behind first; while
+/// nobody waits, a slow chunk keeps its bytes up to the progress deadline. Without it, a
+/// frame header alone held a whole chunk's bytes for `transfer_progress_secs` (30 s),
+/// and some twenty accounts sending only headers kept every other upload waiting; now
+/// holding bytes costs sending 64 KiB/s per MiB held. At this rate a 1 MiB chunk has
+/// 18 s.
 pub const MIN_CHUNK_BYTES_PER_SEC: u64 = 64 * 1024;
 /// The allowance a chunk has before `MIN_CHUNK_BYTES_PER_SEC` counts (a congestion
 /// window growing from its start, a broker busy for a moment).

@@ -297,10 +297,7 @@ async fn upload(
                             break;
                         }
                         Err(revoked) => {
-                            // The bytes are free before the revocation stops counting them.
-                            reading.decoder.reset();
-                            reading.held = None;
-                            drop(revoked);
+                            reading.drop_chunk(Some(revoked));
                             reset(&mut send, &mut recv, ErrorCode::CHUNK_TOO_SLOW);
                             break;
                         }
@@ -402,18 +399,14 @@ async fn next_chunk(r: &mut Reading, recv: &mut quinn::RecvStream, shared: &Shar
                     r.received += chunk.bytes.len() as u64;
                     r.pending = chunk.bytes;
                 }
-                // Too slow while another stream waits: the chunk's bytes go to that one
-                // (free before the revocation stops counting them).
+                // Too slow while another stream waits: the chunk's bytes go to that one.
                 Err(revoked) => {
-                    r.decoder.reset();
-                    r.held = None;
-                    drop(revoked);
+                    r.drop_chunk(Some(revoked));
                     tracing::debug!(received = r.received, "a slow chunk gave its budget to a waiting stream");
                     return Read::Refused(ErrorCode::CHUNK_TOO_SLOW);
                 }
                 Ok(Ok(None) | Err(_)) => {
-                    r.decoder.reset();
-                    r.held = None;
+                    r.drop_chunk(None);
                     return Read::End;
                 }
             },
@@ -460,6 +453,14 @@ impl Reading {
         self.held = Some(permits);
         self.since = tokio::time::Instant::now();
         self.received = self.pending.len() as u64;
+    }
+
+    /// Lets the chunk being received go with its permits; a `revoked` lease stops
+    /// counting its bytes only after they are free.
+    fn drop_chunk(&mut self, revoked: Option<Revoked>) {
+        self.decoder.reset();
+        self.held = None;
+        drop(revoked);
     }
 
     /// The chunk being received: when its lease ends and the bytes it holds.
