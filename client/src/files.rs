@@ -606,11 +606,22 @@ pub struct UploaderConfig {
     /// which the upload stops (8): the stream is refused for a reason resending cannot
     /// fix. Lost connections never stop it (it retries until the caller gives up).
     pub max_refusals: u32,
+    /// Size of the first chunks, bytes (`MAX_CHUNK_BYTES`, 1 MiB), clamped to
+    /// `MIN_ADAPTIVE_CHUNK_BYTES ..= MAX_CHUNK_BYTES`. A client that knows its link is
+    /// slow (under `MIN_ADAPTIVE_CHUNK_BYTES` a second) starts smaller and loses fewer
+    /// chunks to `CHUNK_TOO_SLOW` before the size adapts.
+    pub chunk_bytes: u32,
 }
 
 impl Default for UploaderConfig {
     fn default() -> Self {
-        UploaderConfig { backoff_min_ms: 100, backoff_max_ms: 10_000, connect_timeout_ms: 10_000, max_refusals: 8 }
+        UploaderConfig {
+            backoff_min_ms: 100,
+            backoff_max_ms: 10_000,
+            connect_timeout_ms: 10_000,
+            max_refusals: 8,
+            chunk_bytes: MAX_CHUNK_BYTES,
+        }
     }
 }
 
@@ -708,12 +719,12 @@ impl UploadPlan {
             durable: 0,
             refusals: 0,
             max_refusals: config.max_refusals,
-            chunk_bytes: MAX_CHUNK_BYTES,
+            chunk_bytes: config.chunk_bytes.clamp(MIN_ADAPTIVE_CHUNK_BYTES, MAX_CHUNK_BYTES),
             durable_answers: 0,
         }
     }
 
-    /// The size of the chunks to send next (`MAX_CHUNK_BYTES` at first).
+    /// The size of the chunks to send next (`UploaderConfig::chunk_bytes` at first).
     pub fn chunk_bytes(&self) -> u32 {
         self.chunk_bytes
     }

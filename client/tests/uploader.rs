@@ -6,7 +6,10 @@
 
 mod common;
 use common::pseudo_random_bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +17,8 @@ use switchboard_broker::{Broker, Config};
 use switchboard_client::{
     Client, Connector, Identity, TransferError, Trust, UploadEvent, Uploader, UploaderConfig, new_upload,
 };
-use switchboard_protocol::{ErrorCode, FileId};
+use switchboard_protocol::{ErrorCode, FileId, NewUpload};
+use tokio::net::UdpSocket;
 
 /// Every test step ends within this, or the test fails instead of hanging.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -226,5 +230,150 @@ async fn range_downloads_return_exactly_the_requested_bytes() {
     let missing = bob.download([0x42; 16], 0, 0, &mut Vec::new(), |_| {}).await.unwrap_err();
     assert_eq!(hidden.code(), Some(ErrorCode::NOT_FOUND), "{hidden}");
     assert_eq!(hidden.to_string(), missing.to_string());
+    broker.shutdown().await.unwrap();
+}
+
+/// A slow uplink in front of the broker, as a phone's: a UDP relay on 127.0.0.1 that
+/// forwards client datagrams at most `bytes_per_sec`, queueing up to `queue` of them and
+/// dropping the rest (a router's drop-tail queue); the broker's datagrams go back
+/// unthrottled. Each client address gets its own upstream socket. Dropping it stops the
+/// relay.
+struct SlowUplink {
+    addr: SocketAddr,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+impl SlowUplink {
+    async fn start(broker: SocketAddr, bytes_per_sec: u64, queue: usize) -> SlowUplink {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let (to_broker, mut bottleneck) = tokio::sync::mpsc::channel::<(Arc<UdpSocket>, Vec<u8>)>(queue);
+        let relay = tokio::spawn(async move {
+            // The bottleneck: one datagram at a time, each taking its bytes' share of a second.
+            tokio::spawn(async move {
+                let mut free_at = tokio::time::Instant::now();
+                while let Some((upstream, datagram)) = bottleneck.recv().await {
+                    free_at = free_at.max(tokio::time::Instant::now())
+                        + Duration::from_secs_f64(datagram.len() as f64 / bytes_per_sec as f64);
+                    tokio::time::sleep_until(free_at).await;
+                    let _ = upstream.send(&datagram).await;
+                }
+            });
+            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut returns = tokio::task::JoinSet::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, client)) = front.recv_from(&mut buf).await {
+                let upstream = match upstreams.get(&client) {
+                    Some(upstream) => upstream.clone(),
+                    None => {
+                        let upstream = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        upstream.connect(broker).await.unwrap();
+                        let (back, front) = (upstream.clone(), front.clone());
+                        returns.spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            while let Ok(n) = back.recv(&mut buf).await {
+                                let _ = front.send_to(&buf[..n], client).await;
+                            }
+                        });
+                        upstreams.insert(client, upstream.clone());
+                        upstream
+                    }
+                };
+                // A full queue drops the datagram; QUIC's loss recovery sends it again.
+                let _ = to_broker.try_send((upstream, buf[..n].to_vec()));
+            }
+        });
+        SlowUplink { addr, relay }
+    }
+}
+
+impl Drop for SlowUplink {
+    fn drop(&mut self) {
+        // Its return tasks go with its JoinSet, the bottleneck with its channel.
+        self.relay.abort();
+    }
+}
+
+/// An upload over an uplink slower than the broker's lease rate
+/// (`MIN_CHUNK_BYTES_PER_SEC`, 64 KiB/s) while another user's uploads wait for the whole
+/// chunk budget: the broker takes each slow chunk's bytes for them (`CHUNK_TOO_SLOW`),
+/// the uploader halves its chunks until one arrives within its lease, and the upload
+/// completes with the right bytes while the other user's uploads keep completing. With
+/// a fixed chunk size it never completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_over_a_slow_uplink_shrinks_its_chunks_until_they_arrive_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::ephemeral(dir.path().join("data"));
+    // Only the lease takes a slow chunk's bytes, not the stream's progress deadline.
+    config.transfer_progress_secs = 600;
+    // One chunk's buffer over all streams.
+    config.transfer_buffer_bytes = 1;
+    let broker = Broker::start(config).await.unwrap();
+    let (_, identity) = register(&broker, "bob").await;
+    let (alice, _) = register(&broker, "alice").await;
+    // At 30 KiB/s a chunk falls behind the lease about 3.8 s after its header unless it
+    // is at most ~110 KiB; 64 KiB arrive in about 2.1 s (the 2 s grace and the rate
+    // leave room for a link that gives only ~22 KiB/s).
+    let uplink = SlowUplink::start(broker.local_addr, 30 * 1024, 8).await;
+    let data = pseudo_random_bytes(192 * 1024, 7);
+    let path = write(dir.path(), "slow.bin", &data);
+    let connector = Connector::new(uplink.addr, "localhost", Trust::CaFile(broker.cert_path.clone())).unwrap();
+    let mut uploader = Uploader::new(connector, identity, UploaderConfig { chunk_bytes: 256 * 1024, ..fast() });
+    let status =
+        within("begin", uploader.begin(new_upload(&path, "application/octet-stream").await.unwrap())).await.unwrap();
+
+    // Alice uploads 1 MiB files in one chunk each, one after another: each chunk needs the
+    // whole budget, and she asks for it again as soon as she has had it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let competing = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut completed = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let theirs = pseudo_random_bytes(1024 * 1024, 100 + completed);
+                let new = NewUpload {
+                    name: "theirs.bin".into(),
+                    size: theirs.len() as u64,
+                    content_type: "application/octet-stream".into(),
+                    blake3: *blake3::hash(&theirs).as_bytes(),
+                };
+                let file = match alice.begin_upload(new).await {
+                    Ok(status) => status.file,
+                    Err(e) => return Err(format!("alice's upload {completed} was refused: {e}")),
+                };
+                let chunk = AtomicU32::new(1024 * 1024);
+                let mut source = std::io::Cursor::new(theirs);
+                if let Err(e) = alice.upload_chunked(file, 0, &mut source, &chunk, |_| {}).await {
+                    return Err(format!("alice's upload {completed} failed: {e}"));
+                }
+                completed += 1;
+            }
+            Ok(completed)
+        }
+    });
+
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let log = events.clone();
+    let published =
+        within("the slow upload", uploader.upload(status.file, &path, |e| log.lock().unwrap().push(e))).await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let theirs = within("alice's uploads", competing).await.unwrap().unwrap();
+    assert_eq!(published.size, data.len() as u64);
+    let client = uploader.client().await.unwrap();
+    assert_eq!(download_all(&client, status.file).await, data);
+    let events = events.lock().unwrap().clone();
+    let too_slow = events
+        .iter()
+        .filter(|e| matches!(e, UploadEvent::Retrying { code: Some(ErrorCode::CHUNK_TOO_SLOW), .. }))
+        .count();
+    assert!(too_slow >= 1, "no chunk was too slow: {events:?}");
+    // Nothing of a 256 KiB chunk arrived: the first durable offset is a smaller chunk's.
+    let first_durable = events.iter().find_map(|e| match e {
+        UploadEvent::Durable { offset, .. } => Some(*offset),
+        _ => None,
+    });
+    assert!(first_durable.is_some_and(|o| o <= 128 * 1024), "{events:?}");
+    assert!(theirs >= 1, "alice's uploads waited throughout");
+    drop(uplink);
     broker.shutdown().await.unwrap();
 }
