@@ -85,8 +85,10 @@ pub struct Config {
     /// When every message write applied (answered `Ok`; refused ones are not timed)
     /// during 100 ms waited longer than this from admission to its answer (a standing
     /// queue: the broker is short of CPU or disk), new ones are answered `OVERLOADED`
-    /// until one is answered within it again, ms.
-    /// 0 turns this rule off (`max_sends_in_flight` still applies).
+    /// until one is answered within it again, ms. Also while the UDP socket has not been
+    /// read empty for longer than this (the runtime is behind the network; see
+    /// `overload::SocketBacklog`). 0 turns both rules off (`max_sends_in_flight` still
+    /// applies).
     pub send_delay_target_ms: u64,
     /// UDP sockets sharing the listen port (SO_REUSEPORT), each with its own QUIC
     /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC

@@ -163,13 +163,15 @@ impl Broker {
         let identity = tls::load_or_generate(&config)?;
         let server_config = tls::server_config(&identity, &config)?;
         let sockets = tls::bind_udp(config.listen, config.udp_sockets)?;
+        let backlogs: Vec<_> = sockets.iter().map(|_| overload::SocketBacklog::new()).collect();
         let endpoints = sockets
             .into_iter()
-            .map(|socket| {
-                quinn::Endpoint::new(
+            .zip(&backlogs)
+            .map(|(socket, backlog)| {
+                quinn::Endpoint::new_with_abstract_socket(
                     quinn::EndpointConfig::default(),
                     Some(server_config.clone()),
-                    socket,
+                    overload::MeteredSocket::new(socket, backlog.clone())?,
                     Arc::new(quinn::TokioRuntime),
                 )
             })
@@ -182,7 +184,7 @@ impl Broker {
         store.on_failure(Box::new(move |e| hook_health.fail(e)));
         let auth = auth::Auth::new(store.clone(), &config)?;
         let admission = connection::Admission::new(&config);
-        let sends = overload::SendAdmission::new(&config);
+        let sends = overload::SendAdmission::new(&config, backlogs);
         let presence = presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms);
         let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms);
         let shared = Arc::new(Shared {
