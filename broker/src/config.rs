@@ -85,11 +85,17 @@ pub struct Config {
     /// When every message write applied (answered `Ok`; refused ones are not timed)
     /// during 100 ms waited longer than this from admission to its answer (a standing
     /// queue: the broker is short of CPU or disk), new ones are answered `OVERLOADED`
-    /// until one is answered within it again, ms. Also while the UDP socket has not been
-    /// read empty for longer than this (the runtime is behind the network; see
-    /// `overload::SocketBacklog`). 0 turns both rules off (`max_sends_in_flight` still
-    /// applies).
+    /// until one is answered within it again, ms.
+    /// 0 turns this rule off (`max_sends_in_flight` still applies).
     pub send_delay_target_ms: u64,
+    /// While a connection's UDP socket has had a queue (every read of it returned a full
+    /// batch, `overload::SocketBacklog`) for longer than this, message writes arriving
+    /// on that socket are answered `OVERLOADED`: the runtime is behind the network, and
+    /// the kernel drops datagrams once the socket's buffer is full, ms (default
+    /// `limits::SOCKET_BACKLOG_TARGET_MS`, 20). Whatever fills the socket counts: a flood
+    /// of datagrams that keeps it from emptying makes the broker refuse writes instead
+    /// of letting the kernel drop datagrams of every connection. 0 turns this rule off.
+    pub socket_backlog_target_ms: u64,
     /// UDP sockets sharing the listen port (SO_REUSEPORT), each with its own QUIC
     /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC
     /// connection migration (see `tls::bind_udp`).
@@ -169,6 +175,7 @@ impl Default for Config {
             max_sends_in_flight: crate::limits::MAX_SENDS_IN_FLIGHT,
             max_sends_in_flight_per_user: crate::limits::MAX_SENDS_IN_FLIGHT_PER_USER,
             send_delay_target_ms: crate::limits::SEND_DELAY_TARGET_MS,
+            socket_backlog_target_ms: crate::limits::SOCKET_BACKLOG_TARGET_MS,
             udp_sockets: 1,
             max_file_bytes: 100 * 1024 * 1024,
             quota_bytes: 1024 * 1024 * 1024,

@@ -184,7 +184,7 @@ impl Broker {
         store.on_failure(Box::new(move |e| hook_health.fail(e)));
         let auth = auth::Auth::new(store.clone(), &config)?;
         let admission = connection::Admission::new(&config);
-        let sends = overload::SendAdmission::new(&config, backlogs);
+        let sends = overload::SendAdmission::new(&config);
         let presence = presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms);
         let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms);
         let shared = Arc::new(Shared {
@@ -202,8 +202,11 @@ impl Broker {
             sends,
             health,
         });
-        let mut accept: Vec<tokio::task::JoinHandle<()>> =
-            endpoints.iter().map(|e| tokio::spawn(connection::accept_loop(shared.clone(), e.clone()))).collect();
+        let mut accept: Vec<tokio::task::JoinHandle<()>> = endpoints
+            .iter()
+            .zip(backlogs)
+            .map(|(e, backlog)| tokio::spawn(connection::accept_loop(shared.clone(), e.clone(), backlog)))
+            .collect();
         // Files whose completion the repair finished get what a completion gives next.
         for (id, record) in repaired.completed {
             if files::thumbnail::is_thumbnailable(&record.content_type) {

@@ -25,20 +25,22 @@
 //!   writes answered `Ok` (applied) are timed: a write refused on a cheap check (not a
 //!   member, say) never waited in the queue, and timing it would let anyone switch the
 //!   rule off by sending writes to a conversation they are not in;
-//! - a standing queue in the UDP socket: while the socket has not been read empty for
-//!   longer than the same `send_delay_target_ms` (`SocketBacklog`), new writes are
-//!   refused. The rule above cannot see this queue: when the runtime falls behind the
-//!   network, the time is lost before a write reaches admission, in the kernel's socket
-//!   buffer, and once that is full the kernel drops datagrams, each drop a QUIC
-//!   retransmission timeout for some client, whose retransmissions and backlog add load
-//!   to a broker with no headroom (issue 10: `direct` past saturation, p99 of seconds).
-//!   Refused writes cost no store write, commit or delivery (two of a direct message's
-//!   five datagrams), so the runtime catches up and the socket empties. Measured on
-//!   `direct --users 10000 --ramp` (docs/benchmarks.md): with the rule, 0 datagrams
-//!   dropped and p99 7.7-25 ms at up to twice the sustainable load, against 63,000 to
-//!   102,000 drops and p99 3.6-5.9 s without. At a 5 ms target it also refused writes
-//!   during `fanout --ramp` steps that kept p99 under 10 ms (the socket of a busy
-//!   fan-out rarely empties for long, yet keeps up); at 20 ms it did not.
+//! - a queue in the UDP socket: while every read of a connection's socket has returned
+//!   a full batch for longer than `socket_backlog_target_ms` (`SocketBacklog`), new
+//!   writes arriving on that socket are refused. The rule above cannot see this queue:
+//!   when the runtime falls behind the network, the time is lost before a write
+//!   reaches admission, in the kernel's socket buffer, and once that is full the kernel
+//!   drops datagrams, each drop a QUIC retransmission timeout for some client, whose
+//!   retransmissions and backlog add load to a broker with no headroom (issue 10:
+//!   `direct` past saturation, p99 of seconds). Refused writes cost no store write,
+//!   commit or delivery (two of a direct message's five datagrams), so the runtime
+//!   catches up and the socket empties. Measured with `direct --users 10000 --ramp`
+//!   (docs/benchmarks.md, "Shedding at the socket"): 0 datagrams dropped and p99 of
+//!   tens of milliseconds up to twice the sustainable load, against 65,000 to 101,000
+//!   drops and p99 of 2.3-5.3 s without. Whatever fills the socket counts, a flood of
+//!   junk datagrams too: such a flood makes writes refused (the client library retries
+//!   them with backoff) where without the rule it would make the kernel drop datagrams
+//!   of every connection; `socket_backlog_target_ms = 0` chooses the latter.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -143,7 +145,7 @@ impl SendRule {
         self.admit_behind(user, now_us, 0)
     }
 
-    /// `admit`, with the socket not read empty for the last `backlog_us`
+    /// `admit`, with the write's socket holding a queue for the last `backlog_us`
     /// (`SocketBacklog::standing_us`).
     pub fn admit_behind(&mut self, user: UserId, now_us: u64, backlog_us: u64) -> Result<(), Refusal> {
         self.roll(now_us);
@@ -241,24 +243,24 @@ impl SendRule {
 pub struct SendAdmission {
     rule: Mutex<SendRule>,
     epoch: Instant,
-    /// One per UDP socket the broker serves on.
-    backlogs: Vec<Arc<SocketBacklog>>,
 }
 
 impl SendAdmission {
     /// The admission `config` asks for (`max_sends_in_flight`,
-    /// `max_sends_in_flight_per_user`, `send_delay_target_ms`).
-    pub fn new(config: &Config, backlogs: Vec<Arc<SocketBacklog>>) -> Arc<SendAdmission> {
+    /// `max_sends_in_flight_per_user`, `send_delay_target_ms`,
+    /// `socket_backlog_target_ms`).
+    pub fn new(config: &Config) -> Arc<SendAdmission> {
         let rule = SendRule::new(config.max_sends_in_flight, config.send_delay_target_ms)
             .per_user(config.max_sends_in_flight_per_user)
-            .socket_backlog(config.send_delay_target_ms.saturating_mul(1000));
-        Arc::new(SendAdmission { rule: Mutex::new(rule), epoch: Instant::now(), backlogs })
+            .socket_backlog(config.socket_backlog_target_ms.saturating_mul(1000));
+        Arc::new(SendAdmission { rule: Mutex::new(rule), epoch: Instant::now() })
     }
 
-    /// A ticket for one write of `user`, held until it is answered, or `OVERLOADED`.
-    pub fn admit(self: &Arc<Self>, user: UserId) -> Result<SendTicket, ErrorBody> {
+    /// A ticket for one write of `user` that arrived on the socket `socket` watches,
+    /// held until it is answered, or `OVERLOADED`.
+    pub fn admit(self: &Arc<Self>, user: UserId, socket: &SocketBacklog) -> Result<SendTicket, ErrorBody> {
         let at = Instant::now();
-        let backlog = self.backlogs.iter().map(|b| b.standing_us(at)).max().unwrap_or(0);
+        let backlog = socket.standing_us(at);
         let now = at.saturating_duration_since(self.epoch).as_micros() as u64;
         self.lock().admit_behind(user, now, backlog).map_err(Refusal::error)?;
         Ok(SendTicket { admission: self.clone(), user, admitted_us: now, applied: false })
@@ -283,17 +285,21 @@ impl SendAdmission {
     }
 }
 
-/// How long a UDP socket has stood non-empty: the time since quinn's endpoint driver
-/// last read it empty (`MeteredSocket` tells it of every read). While the runtime keeps
-/// up, every turn of the driver reads until the socket is empty; when it falls behind,
-/// each turn leaves datagrams queued in the kernel, and the socket, once full, drops
-/// them (each drop a retransmission timeout for some client). Measured where the queue
-/// forms, unlike the admission-to-answer delay, which never sees it.
+/// How long a UDP socket has held a queue: the time since the first of an unbroken run
+/// of reads (`recvmmsg` by quinn's endpoint driver, `MeteredSocket`) that each returned
+/// a full batch. A read that returns fewer datagrams than it had room for, or none,
+/// found the queue empty and ends the run. While the runtime keeps up, the driver's
+/// reads find the socket empty again and again; when it falls behind, datagrams queue
+/// in the kernel between its turns, every read returns a full batch, and the socket,
+/// once full, drops them (each drop a retransmission timeout for some client). This
+/// sees the queue where it forms, which the admission-to-answer delay never does. The
+/// time a turn of the driver waits in the runtime's queue after a full read counts:
+/// datagrams wait meanwhile. One per socket, written only by that socket's driver.
 #[derive(Debug)]
 pub struct SocketBacklog {
     epoch: Instant,
-    /// Microseconds after `epoch`, plus one, of the first read since the socket was
-    /// last found empty; 0 while it is empty.
+    /// Microseconds after `epoch`, plus one, of the first full read since the socket
+    /// was last found empty; 0 while it is empty.
     busy_since: AtomicU64,
 }
 
@@ -303,17 +309,21 @@ impl SocketBacklog {
         Arc::new(SocketBacklog { epoch: Instant::now(), busy_since: AtomicU64::new(0) })
     }
 
-    /// A read at `at` returned datagrams (`drained`: false) or found none (true).
-    pub fn read(&self, at: Instant, drained: bool) {
-        if drained {
-            self.busy_since.store(0, Ordering::Relaxed);
-        } else if self.busy_since.load(Ordering::Relaxed) == 0 {
+    /// A read at `at` filled its whole batch (`full`: the socket may hold more) or not
+    /// (it found the socket empty).
+    pub fn read(&self, at: Instant, full: bool) {
+        let since = self.busy_since.load(Ordering::Relaxed);
+        if !full {
+            if since != 0 {
+                self.busy_since.store(0, Ordering::Relaxed);
+            }
+        } else if since == 0 {
             let us = at.saturating_duration_since(self.epoch).as_micros() as u64;
             self.busy_since.store(us + 1, Ordering::Relaxed);
         }
     }
 
-    /// How long, at `at`, the socket has held datagrams without being read empty, µs.
+    /// How long, at `at`, every read of the socket has returned a full batch, µs.
     pub fn standing_us(&self, at: Instant) -> u64 {
         match self.busy_since.load(Ordering::Relaxed) {
             0 => 0,
@@ -322,8 +332,9 @@ impl SocketBacklog {
     }
 }
 
-/// A UDP socket for quinn that tells a `SocketBacklog` of every read; everything else
-/// is the runtime's own socket's (GSO, GRO, ECN and all).
+/// A UDP socket for quinn that tells a `SocketBacklog` of every read (a read that fails
+/// tells nothing); everything else is the runtime's own socket's (GSO, GRO, ECN and
+/// all).
 #[derive(Debug)]
 pub struct MeteredSocket {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
@@ -354,8 +365,13 @@ impl quinn::AsyncUdpSocket for MeteredSocket {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        let room = bufs.len().min(meta.len());
         let polled = self.inner.poll_recv(cx, bufs, meta);
-        self.backlog.read(Instant::now(), polled.is_pending());
+        match &polled {
+            std::task::Poll::Ready(Ok(n)) => self.backlog.read(Instant::now(), *n >= room),
+            std::task::Poll::Pending => self.backlog.read(Instant::now(), false),
+            std::task::Poll::Ready(Err(_)) => {}
+        }
         polled
     }
 
@@ -506,15 +522,32 @@ mod tests {
     #[test]
     fn tickets_count_in_flight_until_dropped() {
         let config = Config { max_sends_in_flight: 2, send_delay_target_ms: 0, ..Config::ephemeral("unused") };
-        let admission = SendAdmission::new(&config, Vec::new());
-        let a = admission.admit(U).unwrap();
-        let _b = admission.admit(2).unwrap();
-        let refused = admission.admit(3).err().unwrap();
+        let admission = SendAdmission::new(&config);
+        let socket = SocketBacklog::new();
+        let a = admission.admit(U, &socket).unwrap();
+        let _b = admission.admit(2, &socket).unwrap();
+        let refused = admission.admit(3, &socket).err().unwrap();
         assert_eq!(refused.code, ErrorCode::OVERLOADED);
         assert_eq!(admission.in_flight(), 2);
         drop(a);
         assert_eq!(admission.in_flight(), 1);
-        admission.admit(3).unwrap();
+        admission.admit(3, &socket).unwrap();
+    }
+
+    /// With several sockets (`udp_sockets`), a queue in one refuses only the writes
+    /// that arrive on it: a flow that fills one socket does not stop the others.
+    #[test]
+    fn a_socket_queue_refuses_only_the_writes_that_arrive_on_that_socket() {
+        let admission = SendAdmission::new(&Config { socket_backlog_target_ms: 1, ..Config::ephemeral("unused") });
+        let (busy, quiet) = (SocketBacklog::new(), SocketBacklog::new());
+        busy.read(Instant::now(), true);
+        quiet.read(Instant::now(), false);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(admission.admit(U, &busy).err().map(|e| e.code), Some(ErrorCode::OVERLOADED));
+        let _admitted = admission.admit(U, &quiet).unwrap();
+        // Off: admitted whatever the socket.
+        let off = SendAdmission::new(&Config { socket_backlog_target_ms: 0, ..Config::ephemeral("unused") });
+        let _admitted = off.admit(U, &busy).unwrap();
     }
 
     #[test]
@@ -576,28 +609,31 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_backlog_counts_from_the_first_read_after_the_socket_was_empty() {
+    fn a_socket_backlog_counts_from_the_first_full_read_after_the_socket_was_empty() {
         let backlog = SocketBacklog::new();
         let t = backlog.epoch + std::time::Duration::from_millis(100);
         let ms = std::time::Duration::from_millis;
         // Idle (never read): no backlog, however long.
         assert_eq!(backlog.standing_us(t), 0);
-        backlog.read(t, false);
-        backlog.read(t + ms(3), false);
-        // Later reads that return datagrams do not move its start.
+        backlog.read(t, true);
+        backlog.read(t + ms(3), true);
+        // Later full reads do not move its start.
         assert_eq!(backlog.standing_us(t + ms(7)), 7 * MS);
-        backlog.read(t + ms(8), true);
+        // A short read found the socket empty.
+        backlog.read(t + ms(8), false);
         assert_eq!(backlog.standing_us(t + ms(9)), 0);
-        backlog.read(t + ms(10), false);
+        backlog.read(t + ms(10), true);
         assert_eq!(backlog.standing_us(t + ms(11)), MS);
     }
 
-    /// One `poll_recv` of `socket`: the datagrams read, or None if it was empty.
-    async fn read_one(socket: &MeteredSocket, buf: &mut [u8]) -> Option<usize> {
+    /// One `poll_recv` of `socket` with room for `slots` datagrams: how many it read,
+    /// or None if it found none.
+    async fn read_some(socket: &MeteredSocket, slots: usize) -> Option<usize> {
         use quinn::AsyncUdpSocket;
+        let mut buf = vec![0u8; 2048 * slots];
         std::future::poll_fn(|cx| {
-            let mut bufs = [std::io::IoSliceMut::new(&mut buf[..])];
-            let mut meta = [quinn::udp::RecvMeta::default()];
+            let mut bufs: Vec<_> = buf.chunks_mut(2048).map(std::io::IoSliceMut::new).collect();
+            let mut meta = vec![quinn::udp::RecvMeta::default(); slots];
             match socket.poll_recv(cx, &mut bufs, &mut meta) {
                 std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r.unwrap())),
                 // Pending registered the waker; say so instead of waiting.
@@ -607,9 +643,10 @@ mod tests {
         .await
     }
 
-    /// Through a real socket: datagrams left unread keep the backlog standing; reading
-    /// the socket empty clears it. The wrapper keeps the runtime socket's segment
-    /// counts (GSO, GRO).
+    /// Through a real socket: while reads return full batches the backlog stands; a
+    /// read with room to spare, or one that finds nothing, clears it. The wrapper keeps
+    /// the runtime socket's segment counts (GSO, GRO) and fragmentation setting (which
+    /// decides whether quinn discovers the path MTU).
     #[tokio::test]
     async fn a_metered_socket_reports_reads_to_its_backlog() {
         use quinn::AsyncUdpSocket;
@@ -623,18 +660,34 @@ mod tests {
         };
         assert_eq!(socket.max_receive_segments(), inner.max_receive_segments());
         assert_eq!(socket.max_transmit_segments(), inner.max_transmit_segments());
+        assert_eq!(socket.may_fragment(), inner.may_fragment());
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        for i in 0..3u8 {
-            peer.send_to(&[i; 100], addr).unwrap();
-        }
-        let mut buf = [0u8; 2048];
+        let send = |n: u8| {
+            for i in 0..n {
+                // Sizes apart, so that no receive offload joins them.
+                peer.send_to(&vec![i; 100 + usize::from(i)], addr).unwrap();
+            }
+        };
+        let pause = || tokio::time::sleep(std::time::Duration::from_millis(30));
+        send(3);
         // The datagrams may take a moment to arrive on loopback.
-        while read_one(&socket, &mut buf).await.is_none() {
+        while read_some(&socket, 1).await.is_none() {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-        assert!(backlog.standing_us(Instant::now()) >= 30 * MS, "two datagrams are still queued");
-        while read_one(&socket, &mut buf).await.is_some() {}
+        pause().await;
+        assert!(backlog.standing_us(Instant::now()) >= 30 * MS, "a full read, two datagrams still queued");
+        assert_eq!(read_some(&socket, 1).await, Some(1));
+        assert!(backlog.standing_us(Instant::now()) >= 30 * MS, "another full read");
+        // Room for three, one left: the queue is empty.
+        assert_eq!(read_some(&socket, 3).await, Some(1));
+        assert_eq!(backlog.standing_us(Instant::now()), 0);
+        send(2);
+        pause().await;
+        assert_eq!(read_some(&socket, 1).await, Some(1));
+        pause().await;
+        assert!(backlog.standing_us(Instant::now()) >= 30 * MS);
+        assert_eq!(read_some(&socket, 1).await, Some(1));
+        assert_eq!(read_some(&socket, 1).await, None, "nothing left");
         assert_eq!(backlog.standing_us(Instant::now()), 0);
     }
 }

@@ -95,7 +95,7 @@ fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_create_send_history_and_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
 
     let reg = sb(&alice, &broker, &["register", "alice"]);
@@ -168,7 +168,7 @@ async fn register_create_send_history_and_tail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn human_output_neutralises_control_characters() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
@@ -204,7 +204,7 @@ fn is_terminal_unsafe(c: char) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_commands_share_one_home() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let home = dir.path().join("alice");
     sb(&home, &broker, &["register", "alice"]);
     // Round 0 changes nothing; in the others every process flips the saved trust between
@@ -240,7 +240,7 @@ async fn parallel_commands_share_one_home() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_reports_the_close_code() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, bob, laptop) = (dir.path().join("alice"), dir.path().join("bob"), dir.path().join("bob-laptop"));
     sb(&alice, &broker, &["register", "alice"]);
     let bob_device = sb(&bob, &broker, &["register", "bob"])[0]["device_id"].as_u64().unwrap().to_string();
@@ -283,7 +283,7 @@ async fn tail_reports_the_close_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_show_code_name_and_message() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
 
@@ -323,7 +323,7 @@ async fn errors_show_code_name_and_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_with_a_client_id_is_safe_to_retry() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
@@ -353,7 +353,7 @@ async fn send_with_a_client_id_is_safe_to_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_moves_the_unread_count_in_conv_list() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
@@ -379,7 +379,7 @@ async fn read_moves_the_unread_count_in_conv_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
@@ -408,7 +408,7 @@ async fn tail_resumes_where_it_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_shows_typing_presence_and_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
@@ -475,7 +475,7 @@ fn event<'a>(lines: &'a [serde_json::Value], event: &str) -> &'a serde_json::Val
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_then_download_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
@@ -524,7 +524,7 @@ async fn upload_then_download_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_download_writes_exactly_the_range() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
     let data = pseudo_random_bytes(1024 * 1024 + 99, 2);
@@ -555,7 +555,7 @@ async fn range_download_writes_exactly_the_range() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_resumes_after_the_process_was_killed() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
     let data = pseudo_random_bytes(16 * 1024 * 1024 + 17, 3);
@@ -589,7 +589,7 @@ async fn upload_resumes_after_the_process_was_killed() {
 async fn upload_rides_out_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let broker = Broker::start(Config::ephemeral(data_dir.clone())).await.unwrap();
+    let broker = Broker::start(common::test_config(data_dir.clone())).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
     let data = pseudo_random_bytes(16 * 1024 * 1024 + 3, 4);
@@ -625,7 +625,7 @@ async fn upload_rides_out_a_broker_restart() {
     }
     let addr = broker.local_addr;
     broker.shutdown().await.unwrap();
-    let broker = Broker::start(Config { listen: addr, ..Config::ephemeral(data_dir) }).await.unwrap();
+    let broker = Broker::start(Config { listen: addr, ..common::test_config(data_dir) }).await.unwrap();
     while let Some(line) = next_line(&mut rx).await {
         seen.push(line);
     }
@@ -682,7 +682,7 @@ fn upload_and_kill(home: &Path, broker: &Broker, path: &Path) -> (String, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_file_uploaded_again_continues_the_saved_upload() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
     let data = pseudo_random_bytes(16 * 1024 * 1024 + 5, 5);

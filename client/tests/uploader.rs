@@ -55,7 +55,7 @@ async fn register(broker: &Broker, name: &str) -> (Client, Identity) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_connection_resumes_from_the_durable_offset() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, identity) = register(&broker, "alice").await;
     let data = pseudo_random_bytes(6 * 1024 * 1024 + 123, 1);
     let path = write(dir.path(), "big.bin", &data);
@@ -108,7 +108,7 @@ async fn a_cut_connection_resumes_from_the_durable_offset() {
 async fn an_upload_survives_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let broker = Broker::start(Config::ephemeral(data_dir.clone())).await.unwrap();
+    let broker = Broker::start(common::test_config(data_dir.clone())).await.unwrap();
     let addr = broker.local_addr;
     let (_alice, identity) = register(&broker, "alice").await;
     let data = pseudo_random_bytes(12 * 1024 * 1024 + 5, 2);
@@ -138,7 +138,7 @@ async fn an_upload_survives_a_broker_restart() {
     within("the first durable chunk", first_rx).await.unwrap();
     within("the broker shutdown", broker.shutdown()).await.unwrap();
     let restarted = events.lock().unwrap().len();
-    let broker = within("the broker restart", Broker::start(Config { listen: addr, ..Config::ephemeral(data_dir) }))
+    let broker = within("the broker restart", Broker::start(Config { listen: addr, ..common::test_config(data_dir) }))
         .await
         .unwrap();
 
@@ -158,7 +158,7 @@ async fn an_upload_survives_a_broker_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failures_stop_the_uploader() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, identity) = register(&broker, "alice").await;
     let declared = write(dir.path(), "declared.bin", &pseudo_random_bytes(300_000, 3));
     let other = write(dir.path(), "other.bin", &pseudo_random_bytes(300_000, 4));
@@ -194,7 +194,7 @@ async fn permanent_failures_stop_the_uploader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_downloads_return_exactly_the_requested_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::ephemeral(dir.path().join("data"))).await.unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let (alice, identity) = register(&broker, "alice").await;
     let data = pseudo_random_bytes(2 * 1024 * 1024 + 777, 6);
     let path = write(dir.path(), "f.bin", &data);
@@ -236,61 +236,84 @@ async fn range_downloads_return_exactly_the_requested_bytes() {
 /// A slow uplink in front of the broker, as a phone's: a UDP relay on 127.0.0.1 that
 /// forwards client datagrams at most `bytes_per_sec`, queueing up to `queue` of them and
 /// dropping the rest (a router's drop-tail queue); the broker's datagrams go back
-/// unthrottled. Each client address gets its own upstream socket. Dropping it stops the
-/// relay.
+/// unthrottled. Each client address gets its own upstream socket. It runs on a thread
+/// and runtime of its own, so the test's busy runtime does not slow the link further.
+/// Dropping it stops the relay.
 struct SlowUplink {
     addr: SocketAddr,
-    relay: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl SlowUplink {
-    async fn start(broker: SocketAddr, bytes_per_sec: u64, queue: usize) -> SlowUplink {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    fn start(broker: SocketAddr, bytes_per_sec: u64, queue: usize) -> SlowUplink {
+        let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        front.set_nonblocking(true).unwrap();
         let addr = front.local_addr().unwrap();
-        let (to_broker, mut bottleneck) = tokio::sync::mpsc::channel::<(Arc<UdpSocket>, Vec<u8>)>(queue);
-        let relay = tokio::spawn(async move {
-            // The bottleneck: one datagram at a time, each taking its bytes' share of a second.
-            tokio::spawn(async move {
-                let mut free_at = tokio::time::Instant::now();
-                while let Some((upstream, datagram)) = bottleneck.recv().await {
-                    free_at = free_at.max(tokio::time::Instant::now())
-                        + Duration::from_secs_f64(datagram.len() as f64 / bytes_per_sec as f64);
-                    tokio::time::sleep_until(free_at).await;
-                    let _ = upstream.send(&datagram).await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let front = Arc::new(UdpSocket::from_std(front).unwrap());
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = relay(front, broker, bytes_per_sec, queue) => {}
                 }
             });
-            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-            let mut returns = tokio::task::JoinSet::new();
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, client)) = front.recv_from(&mut buf).await {
-                let upstream = match upstreams.get(&client) {
-                    Some(upstream) => upstream.clone(),
-                    None => {
-                        let upstream = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-                        upstream.connect(broker).await.unwrap();
-                        let (back, front) = (upstream.clone(), front.clone());
-                        returns.spawn(async move {
-                            let mut buf = vec![0u8; 65536];
-                            while let Ok(n) = back.recv(&mut buf).await {
-                                let _ = front.send_to(&buf[..n], client).await;
-                            }
-                        });
-                        upstreams.insert(client, upstream.clone());
-                        upstream
-                    }
-                };
-                // A full queue drops the datagram; QUIC's loss recovery sends it again.
-                let _ = to_broker.try_send((upstream, buf[..n].to_vec()));
-            }
         });
-        SlowUplink { addr, relay }
+        SlowUplink { addr, stop: Some(stop) }
+    }
+}
+
+async fn relay(front: Arc<UdpSocket>, broker: SocketAddr, bytes_per_sec: u64, queue: usize) {
+    let (to_broker, mut bottleneck) = tokio::sync::mpsc::channel::<(Arc<UdpSocket>, Vec<u8>)>(queue);
+    // The bottleneck: one datagram at a time, each taking its bytes' share of a second.
+    // A timer that wakes late does not cost the link its time; a link left idle does.
+    tokio::spawn(async move {
+        let mut free_at = tokio::time::Instant::now();
+        while let Some((upstream, datagram)) = bottleneck.recv().await {
+            let now = tokio::time::Instant::now();
+            if free_at + Duration::from_millis(50) < now {
+                free_at = now;
+            }
+            free_at += Duration::from_secs_f64(datagram.len() as f64 / bytes_per_sec as f64);
+            tokio::time::sleep_until(free_at).await;
+            let _ = upstream.send(&datagram).await;
+        }
+    });
+    let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // An error (an ICMP message about some earlier datagram) ends nothing.
+        let Ok((n, client)) = front.recv_from(&mut buf).await else { continue };
+        let upstream = match upstreams.get(&client) {
+            Some(upstream) => upstream.clone(),
+            None => {
+                let upstream = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                upstream.connect(broker).await.unwrap();
+                let (back, front) = (upstream.clone(), front.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        if let Ok(n) = back.recv(&mut buf).await {
+                            let _ = front.send_to(&buf[..n], client).await;
+                        }
+                    }
+                });
+                upstreams.insert(client, upstream.clone());
+                upstream
+            }
+        };
+        // A full queue drops the datagram; QUIC's loss recovery sends it again.
+        let _ = to_broker.try_send((upstream, buf[..n].to_vec()));
     }
 }
 
 impl Drop for SlowUplink {
     fn drop(&mut self) {
-        // Its return tasks go with its JoinSet, the bottleneck with its channel.
-        self.relay.abort();
+        // The relay's thread ends, and its runtime with every task on it.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -303,7 +326,7 @@ impl Drop for SlowUplink {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_over_a_slow_uplink_shrinks_its_chunks_until_they_arrive_in_time() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::ephemeral(dir.path().join("data"));
+    let mut config = common::test_config(dir.path().join("data"));
     // Only the lease takes a slow chunk's bytes, not the stream's progress deadline.
     config.transfer_progress_secs = 600;
     // One chunk's buffer over all streams.
@@ -311,10 +334,11 @@ async fn an_upload_over_a_slow_uplink_shrinks_its_chunks_until_they_arrive_in_ti
     let broker = Broker::start(config).await.unwrap();
     let (_, identity) = register(&broker, "bob").await;
     let (alice, _) = register(&broker, "alice").await;
-    // At 30 KiB/s a chunk falls behind the lease about 3.8 s after its header unless it
-    // is at most ~110 KiB; 64 KiB arrive in about 2.1 s (the 2 s grace and the rate
-    // leave room for a link that gives only ~22 KiB/s).
-    let uplink = SlowUplink::start(broker.local_addr, 30 * 1024, 8).await;
+    // At 34 KiB/s a chunk falls behind the lease (64 KiB/s after a 2 s grace) about
+    // 4.3 s after its header unless it is at most ~145 KiB: 256 KiB chunks fail while
+    // the link gives less than ~42 KiB/s, 64 KiB ones arrive in time while it gives at
+    // least ~21 KiB/s (128 KiB ones at least ~32 KiB/s, so either may be where it ends).
+    let uplink = SlowUplink::start(broker.local_addr, 34 * 1024, 8);
     let data = pseudo_random_bytes(192 * 1024, 7);
     let path = write(dir.path(), "slow.bin", &data);
     let connector = Connector::new(uplink.addr, "localhost", Trust::CaFile(broker.cert_path.clone())).unwrap();
@@ -327,10 +351,12 @@ async fn an_upload_over_a_slow_uplink_shrinks_its_chunks_until_they_arrive_in_ti
     let stop = Arc::new(AtomicBool::new(false));
     let competing = tokio::spawn({
         let stop = stop.clone();
+        let mut theirs = pseudo_random_bytes(1024 * 1024, 100);
         async move {
             let mut completed = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let theirs = pseudo_random_bytes(1024 * 1024, 100 + completed);
+                // Other bytes each time: content addressing would skip a known file.
+                theirs[..8].copy_from_slice(&completed.to_le_bytes());
                 let new = NewUpload {
                     name: "theirs.bin".into(),
                     size: theirs.len() as u64,
@@ -342,7 +368,7 @@ async fn an_upload_over_a_slow_uplink_shrinks_its_chunks_until_they_arrive_in_ti
                     Err(e) => return Err(format!("alice's upload {completed} was refused: {e}")),
                 };
                 let chunk = AtomicU32::new(1024 * 1024);
-                let mut source = std::io::Cursor::new(theirs);
+                let mut source = std::io::Cursor::new(&theirs[..]);
                 if let Err(e) = alice.upload_chunked(file, 0, &mut source, &chunk, |_| {}).await {
                     return Err(format!("alice's upload {completed} failed: {e}"));
                 }

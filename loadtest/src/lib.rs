@@ -68,6 +68,10 @@ pub struct Common {
     /// admission off (default: the broker's).
     #[arg(long, global = true)]
     pub broker_send_delay_target_ms: Option<u64>,
+    /// The embedded broker's `socket_backlog_target_ms`; 0 turns the socket-queue rule
+    /// of its admission off (default: the broker's, 20).
+    #[arg(long, global = true)]
+    pub broker_socket_backlog_target_ms: Option<u64>,
     /// The embedded broker's `commit_delay_us`: how long a group commit waits for more
     /// writes to share it (default: the broker's, 0).
     #[arg(long, global = true)]
@@ -135,6 +139,7 @@ impl Common {
             max_sends_in_flight: self.broker_max_sends_in_flight,
             send_delay_target_ms: self.broker_send_delay_target_ms,
             commit_delay_us: self.broker_commit_delay_us,
+            socket_backlog_target_ms: self.broker_socket_backlog_target_ms,
         };
         if self.in_process { target::Target::in_process(knobs).await } else { target::Target::child(knobs).await }
     }

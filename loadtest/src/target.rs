@@ -55,6 +55,8 @@ pub struct BrokerKnobs {
     pub send_delay_target_ms: Option<u64>,
     /// Its `commit_delay_us`; `None` keeps the broker's default.
     pub commit_delay_us: Option<u64>,
+    /// Its `socket_backlog_target_ms`; `None` keeps the broker's default.
+    pub socket_backlog_target_ms: Option<u64>,
 }
 
 impl BrokerKnobs {
@@ -70,17 +72,21 @@ impl BrokerKnobs {
         if let Some(us) = self.commit_delay_us {
             config.commit_delay_us = us;
         }
+        if let Some(ms) = self.socket_backlog_target_ms {
+            config.socket_backlog_target_ms = ms;
+        }
         config
     }
 
     /// As arguments of the child command (after the data dir); `-` keeps a default.
-    fn args(&self) -> [String; 4] {
+    fn args(&self) -> [String; 5] {
         let or_default = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         [
             self.udp_sockets.to_string(),
             or_default(self.max_sends_in_flight.map(|v| v.to_string())),
             or_default(self.send_delay_target_ms.map(|v| v.to_string())),
             or_default(self.commit_delay_us.map(|v| v.to_string())),
+            or_default(self.socket_backlog_target_ms.map(|v| v.to_string())),
         ]
     }
 
@@ -92,6 +98,7 @@ impl BrokerKnobs {
             max_sends_in_flight: get(1),
             send_delay_target_ms: args.get(2).and_then(|v| v.parse().ok()),
             commit_delay_us: args.get(3).and_then(|v| v.parse().ok()),
+            socket_backlog_target_ms: args.get(4).and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -227,8 +234,8 @@ pub fn broker_runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Body of the hidden `__broker DATA_DIR UDP_SOCKETS MAX_SENDS_IN_FLIGHT
-/// SEND_DELAY_TARGET_MS COMMIT_DELAY_US` subcommand (`-`: the default): run until stdin
-/// closes.
+/// SEND_DELAY_TARGET_MS COMMIT_DELAY_US SOCKET_BACKLOG_TARGET_MS` subcommand (`-`: the
+/// default): run until stdin closes.
 pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -257,13 +264,19 @@ mod tests {
             max_sends_in_flight: Some(9),
             send_delay_target_ms: Some(0),
             commit_delay_us: Some(1500),
+            socket_backlog_target_ms: Some(0),
         };
         assert_eq!(BrokerKnobs::parse(&set.args()), set);
         let config = set.config("unused".into());
         assert_eq!((config.max_sends_in_flight, config.send_delay_target_ms, config.commit_delay_us), (9, 0, 1500));
+        assert_eq!(config.socket_backlog_target_ms, 0);
         // Unset ones keep the broker's defaults.
         let unset = BrokerKnobs { udp_sockets: 1, ..Default::default() };
         assert_eq!(BrokerKnobs::parse(&unset.args()), unset);
         assert_eq!(unset.config("unused".into()).commit_delay_us, Config::ephemeral("unused").commit_delay_us);
+        assert_eq!(
+            unset.config("unused".into()).socket_backlog_target_ms,
+            Config::ephemeral("unused").socket_backlog_target_ms
+        );
     }
 }

@@ -22,12 +22,13 @@ use crate::conversation::{Caller, Command, Read};
 use crate::fanout::SessionHandle;
 use crate::files::requests as files;
 use crate::outbound::Outbound;
+use crate::overload::SocketBacklog;
 use crate::reply::Responder;
 
 /// How long a finished session may take to send what is still queued.
 const WRITER_DRAIN: Duration = Duration::from_secs(5);
 
-pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed) {
+pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed, backlog: Arc<SocketBacklog>) {
     let Authed { user, device, place, send, mut recv, mut decoder } = authed;
     let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
     let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
@@ -55,6 +56,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         out: out.clone(),
         conn: conn.clone(),
         transfers: std::sync::OnceLock::new(),
+        backlog,
     };
     decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
@@ -146,6 +148,8 @@ struct Session {
     conn: quinn::Connection,
     /// Made at the first transfer: an idle connection pays nothing for transfers.
     transfers: std::sync::OnceLock<Arc<Transfers>>,
+    /// The queue of the socket this connection's datagrams arrive on.
+    backlog: Arc<SocketBacklog>,
 }
 
 impl Session {
@@ -166,7 +170,7 @@ impl Session {
                 | RequestBody::Edit { .. }
                 | RequestBody::Delete { .. }
         ) {
-            match shared.sends.admit(caller.user) {
+            match shared.sends.admit(caller.user, &self.backlog) {
                 Ok(ticket) => reply = reply.admitted(ticket),
                 Err(refused) => return reply.send(Err(refused)),
             }

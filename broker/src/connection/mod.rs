@@ -26,6 +26,7 @@ use switchboard_protocol::{ErrorBody, ErrorCode, FrameDecoder, decode, encode_fr
 use crate::Shared;
 use crate::config::Config;
 use crate::limits::{READ_CHUNK_BYTES, UNAUTHENTICATED_PER_ADDRESS};
+use crate::overload::SocketBacklog;
 use switchboard_protocol::limits::AUTH_DEADLINE_MS;
 
 /// Why a connection ends: a stable code and a short reason for the peer.
@@ -41,8 +42,9 @@ fn close(conn: &quinn::Connection, Close(code, reason): Close) {
     conn.close(code.0.into(), reason.as_bytes());
 }
 
-/// Accepts connections until the endpoint closes, as `Admission` allows.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+/// Accepts connections until the endpoint closes, as `Admission` allows. `backlog`
+/// watches the endpoint's socket: its sessions' writes are admitted against it.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, backlog: Arc<SocketBacklog>) {
     while let Some(incoming) = endpoint.accept().await {
         if shared.health.is_failed() {
             incoming.refuse();
@@ -58,14 +60,14 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
                 }
             }
             Verdict::Admit(place) => {
-                tokio::spawn(serve(shared.clone(), incoming, place));
+                tokio::spawn(serve(shared.clone(), incoming, place, backlog.clone()));
             }
         }
     }
 }
 
 /// Runs one incoming connection to its end.
-async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenticated) {
+async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenticated, backlog: Arc<SocketBacklog>) {
     // Dropping an attempt that missed its deadline closes it.
     let conn = match tokio::time::timeout(shared.config.quic_handshake_timeout(), incoming).await {
         Ok(Ok(c)) => c,
@@ -100,7 +102,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
         Ok(a) => a,
         Err(c) => return close(&conn, c),
     };
-    control::run(shared, conn, authed).await;
+    control::run(shared, conn, authed, backlog).await;
 }
 
 /// What to do with a new connection attempt.

@@ -13,3 +13,14 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A broker configuration for these tests: `Config::ephemeral` with the overload rules
+/// that time queues off. Debug builds sharing two cores with other tests wait past
+/// their 20 ms targets now and then, and the calls tested here do not retry
+/// `OVERLOADED` (the rules are tested in the broker's `overload` module).
+pub fn test_config(data_dir: std::path::PathBuf) -> switchboard_broker::Config {
+    let mut config = switchboard_broker::Config::ephemeral(data_dir);
+    config.send_delay_target_ms = 0;
+    config.socket_backlog_target_ms = 0;
+    config
+}
