@@ -56,6 +56,22 @@ use crate::limits::PerUser;
 /// within a tenth of a second.
 pub const SEND_DELAY_INTERVAL_US: u64 = 100_000;
 
+/// How often at most `SendAdmission` logs its refusals: once a second.
+pub const REPORT_INTERVAL_US: u64 = 1_000_000;
+
+/// Writes refused since the last report, by reason (`SendRule::report`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusalCounts {
+    /// `Refusal::InFlight`.
+    pub in_flight: u64,
+    /// `Refusal::UserInFlight`.
+    pub user_in_flight: u64,
+    /// `Refusal::Delay`.
+    pub delay: u64,
+    /// `Refusal::Backlog`.
+    pub backlog: u64,
+}
+
 /// Why a write was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -66,8 +82,9 @@ pub enum Refusal {
     UserInFlight,
     /// Writes are waiting longer than the delay target (a standing queue).
     Delay,
-    /// The UDP socket has not been read empty for longer than the backlog target: the
-    /// runtime is behind the network, and datagrams are queueing in the kernel.
+    /// The write's UDP socket has held a queue (`SocketBacklog`) for longer than the
+    /// backlog target: the runtime is behind the network, and datagrams wait in the
+    /// kernel.
     Backlog,
 }
 
@@ -100,6 +117,9 @@ pub struct SendRule {
     per_user: PerUser,
     /// Writes refused so far.
     refused: u64,
+    /// Refusals by reason (`Refusal as usize`) since the last `report`, and when that was.
+    unreported: [u64; 4],
+    reported_us: u64,
     shedding: bool,
     /// Start of the current interval.
     window_start_us: u64,
@@ -120,6 +140,8 @@ impl SendRule {
             in_flight: 0,
             per_user: PerUser::default(),
             refused: 0,
+            unreported: [0; 4],
+            reported_us: 0,
             shedding: false,
             window_start_us: 0,
             window_min_us: None,
@@ -163,7 +185,20 @@ impl SendRule {
             return Ok(());
         };
         self.refused += 1;
+        self.unreported[refusal as usize] += 1;
         Err(refusal)
+    }
+
+    /// Refusals since the last report, by reason, if there were any and the last report
+    /// is at least `REPORT_INTERVAL_US` old at `now_us`; the count then starts again. An
+    /// operator hears why writes are refused at most once a second, however many are.
+    pub fn report(&mut self, now_us: u64) -> Option<RefusalCounts> {
+        if self.unreported.iter().all(|&n| n == 0) || now_us.saturating_sub(self.reported_us) < REPORT_INTERVAL_US {
+            return None;
+        }
+        let [in_flight, user_in_flight, delay, backlog] = std::mem::take(&mut self.unreported);
+        self.reported_us = now_us;
+        Some(RefusalCounts { in_flight, user_in_flight, delay, backlog })
     }
 
     /// A write of `user` admitted at `admitted_us` was applied and answered `Ok` at
@@ -262,7 +297,22 @@ impl SendAdmission {
         let at = Instant::now();
         let backlog = socket.standing_us(at);
         let now = at.saturating_duration_since(self.epoch).as_micros() as u64;
-        self.lock().admit_behind(user, now, backlog).map_err(Refusal::error)?;
+        let mut rule = self.lock();
+        if let Err(refusal) = rule.admit_behind(user, now, backlog) {
+            if let Some(counts) = rule.report(now) {
+                drop(rule);
+                tracing::warn!(
+                    in_flight = counts.in_flight,
+                    user_in_flight = counts.user_in_flight,
+                    delay = counts.delay,
+                    socket_backlog = counts.backlog,
+                    socket_backlog_ms = backlog / 1000,
+                    "refusing message writes with OVERLOADED (counts since the last report, by reason)"
+                );
+            }
+            return Err(refusal.error());
+        }
+        drop(rule);
         Ok(SendTicket { admission: self.clone(), user, admitted_us: now, applied: false })
     }
 
@@ -689,5 +739,22 @@ mod tests {
         assert_eq!(read_some(&socket, 1).await, Some(1));
         assert_eq!(read_some(&socket, 1).await, None, "nothing left");
         assert_eq!(backlog.standing_us(Instant::now()), 0);
+    }
+
+    #[test]
+    fn refusals_are_reported_by_reason_at_most_once_a_second() {
+        let mut rule = SendRule::new(1, 0).socket_backlog(20 * MS);
+        rule.admit(U, 0).unwrap();
+        assert_eq!(rule.admit(2, 0), Err(Refusal::InFlight));
+        let first = rule.report(REPORT_INTERVAL_US).unwrap();
+        assert_eq!(first, RefusalCounts { in_flight: 1, ..RefusalCounts::default() });
+        rule.released(U, REPORT_INTERVAL_US);
+        for _ in 0..5 {
+            assert_eq!(rule.admit_behind(U, REPORT_INTERVAL_US + MS, 21 * MS), Err(Refusal::Backlog));
+        }
+        assert_eq!(rule.report(REPORT_INTERVAL_US + 2 * MS), None, "a report within the second");
+        let next = rule.report(2 * REPORT_INTERVAL_US).unwrap();
+        assert_eq!(next, RefusalCounts { backlog: 5, ..RefusalCounts::default() });
+        assert_eq!(rule.report(4 * REPORT_INTERVAL_US), None, "nothing refused since");
     }
 }
