@@ -93,8 +93,9 @@ pub struct Config {
     /// on that socket are answered `OVERLOADED`: the runtime is behind the network, and
     /// the kernel drops datagrams once the socket's buffer is full, ms (default
     /// `limits::SOCKET_BACKLOG_TARGET_MS`, 20). Whatever fills the socket counts: a flood
-    /// of datagrams that keeps it from emptying makes the broker refuse writes instead
-    /// of letting the kernel drop datagrams of every connection. 0 turns this rule off.
+    /// of datagrams that keeps it queued gets writes arriving there refused too (which
+    /// frees only the CPU they would have taken). On Linux only (elsewhere quinn reads
+    /// one datagram per call and a read cannot tell a queue). 0 turns this rule off.
     pub socket_backlog_target_ms: u64,
     /// UDP sockets sharing the listen port (SO_REUSEPORT), each with its own QUIC
     /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC

@@ -25,9 +25,10 @@ pub const MAX_SENDS_IN_FLIGHT_PER_USER: usize = MAX_SENDS_IN_FLIGHT / 16;
 /// behind a broker that cannot keep up, not waiting for the disk now and then.
 pub const SEND_DELAY_TARGET_MS: u64 = 20;
 /// Default of `Config::socket_backlog_target_ms`. Measured (docs/benchmarks.md,
-/// "Shedding at the socket"): at 5 ms the rule refused writes during `fanout --ramp`
-/// steps that kept p99 under 10 ms and halved the ramp's ceiling; at 20 ms it left the
-/// ceiling where it was and still kept `direct` past saturation from dropping datagrams.
+/// "Shedding at the socket"): at 5 ms an earlier form of the rule refused writes during
+/// `fanout --ramp` steps that kept p99 under 10 ms and halved the ramp's ceiling; at
+/// 20 ms the ceiling stayed within its run-to-run spread, and `direct` past saturation
+/// still dropped no datagram.
 pub const SOCKET_BACKLOG_TARGET_MS: u64 = 20;
 /// Conversation actors alive at once (~7 KB each plus state: ~2 GB at the cap). Idle
 /// ones retire after `conversation_idle_ms`; at the cap, a request that would start

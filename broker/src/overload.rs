@@ -36,11 +36,12 @@
 //!   commit or delivery (two of a direct message's five datagrams), so the runtime
 //!   catches up and the socket empties. Measured with `direct --users 10000 --ramp`
 //!   (docs/benchmarks.md, "Shedding at the socket"): 0 datagrams dropped and p99 of
-//!   tens of milliseconds up to twice the sustainable load, against 65,000 to 101,000
-//!   drops and p99 of 2.3-5.3 s without. Whatever fills the socket counts, a flood of
-//!   junk datagrams too: such a flood makes writes refused (the client library retries
-//!   them with backoff) where without the rule it would make the kernel drop datagrams
-//!   of every connection; `socket_backlog_target_ms = 0` chooses the latter.
+//!   tens of milliseconds up to twice the sustainable load, against 55,000 to 105,000
+//!   drops and p99 of 3-7 s without. Whatever fills the socket counts, a flood of junk
+//!   datagrams too: while it keeps the socket queued, writes arriving there are refused
+//!   (the client library retries them with backoff). That frees only the CPU the
+//!   writes would have taken: a flood faster than the broker reads still overflows the
+//!   socket, rule or not. `socket_backlog_target_ms = 0` turns the rule off.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,10 @@ pub struct RefusalCounts {
     pub delay: u64,
     /// `Refusal::Backlog`.
     pub backlog: u64,
+    /// The longest socket queue a `Backlog` refusal saw, µs.
+    pub backlog_max_us: u64,
+    /// When the previous report was (µs on the rule's clock; 0: none yet).
+    pub since_us: u64,
 }
 
 /// Why a write was refused.
@@ -117,8 +122,10 @@ pub struct SendRule {
     per_user: PerUser,
     /// Writes refused so far.
     refused: u64,
-    /// Refusals by reason (`Refusal as usize`) since the last `report`, and when that was.
+    /// Refusals by reason (`Refusal as usize`) since the last `report`, the longest
+    /// socket queue among them, and when that report was.
     unreported: [u64; 4],
+    unreported_backlog_us: u64,
     reported_us: u64,
     shedding: bool,
     /// Start of the current interval.
@@ -141,6 +148,7 @@ impl SendRule {
             per_user: PerUser::default(),
             refused: 0,
             unreported: [0; 4],
+            unreported_backlog_us: 0,
             reported_us: 0,
             shedding: false,
             window_start_us: 0,
@@ -154,8 +162,8 @@ impl SendRule {
         self
     }
 
-    /// The same rule refusing writes while the UDP socket has stood non-empty for longer
-    /// than `target_us` (0: never).
+    /// The same rule refusing writes while their UDP socket has held a queue
+    /// (`SocketBacklog`) for longer than `target_us` (0: never).
     pub fn socket_backlog(mut self, target_us: u64) -> SendRule {
         self.backlog_target_us = target_us;
         self
@@ -186,19 +194,25 @@ impl SendRule {
         };
         self.refused += 1;
         self.unreported[refusal as usize] += 1;
+        if refusal == Refusal::Backlog {
+            self.unreported_backlog_us = self.unreported_backlog_us.max(backlog_us);
+        }
         Err(refusal)
     }
 
     /// Refusals since the last report, by reason, if there were any and the last report
     /// is at least `REPORT_INTERVAL_US` old at `now_us`; the count then starts again. An
-    /// operator hears why writes are refused at most once a second, however many are.
+    /// operator hears why writes are refused at most once a second, however many are;
+    /// `SendAdmission` asks at every write, admitted or not, so the last refusals of an
+    /// episode are told with the next write.
     pub fn report(&mut self, now_us: u64) -> Option<RefusalCounts> {
         if self.unreported.iter().all(|&n| n == 0) || now_us.saturating_sub(self.reported_us) < REPORT_INTERVAL_US {
             return None;
         }
         let [in_flight, user_in_flight, delay, backlog] = std::mem::take(&mut self.unreported);
-        self.reported_us = now_us;
-        Some(RefusalCounts { in_flight, user_in_flight, delay, backlog })
+        let backlog_max_us = std::mem::take(&mut self.unreported_backlog_us);
+        let since_us = std::mem::replace(&mut self.reported_us, now_us);
+        Some(RefusalCounts { in_flight, user_in_flight, delay, backlog, backlog_max_us, since_us })
     }
 
     /// A write of `user` admitted at `admitted_us` was applied and answered `Ok` at
@@ -285,9 +299,13 @@ impl SendAdmission {
     /// `max_sends_in_flight_per_user`, `send_delay_target_ms`,
     /// `socket_backlog_target_ms`).
     pub fn new(config: &Config) -> Arc<SendAdmission> {
+        // Where the socket is read one datagram per call (quinn-udp's batch of 1, off
+        // Linux), every read counts as full and a busy socket that keeps up would look
+        // queued: the rule is measured on Linux only, and off elsewhere.
+        let backlog_target_ms = if quinn::udp::BATCH_SIZE < 2 { 0 } else { config.socket_backlog_target_ms };
         let rule = SendRule::new(config.max_sends_in_flight, config.send_delay_target_ms)
             .per_user(config.max_sends_in_flight_per_user)
-            .socket_backlog(config.socket_backlog_target_ms.saturating_mul(1000));
+            .socket_backlog(backlog_target_ms.saturating_mul(1000));
         Arc::new(SendAdmission { rule: Mutex::new(rule), epoch: Instant::now() })
     }
 
@@ -298,21 +316,13 @@ impl SendAdmission {
         let backlog = socket.standing_us(at);
         let now = at.saturating_duration_since(self.epoch).as_micros() as u64;
         let mut rule = self.lock();
-        if let Err(refusal) = rule.admit_behind(user, now, backlog) {
-            if let Some(counts) = rule.report(now) {
-                drop(rule);
-                tracing::warn!(
-                    in_flight = counts.in_flight,
-                    user_in_flight = counts.user_in_flight,
-                    delay = counts.delay,
-                    socket_backlog = counts.backlog,
-                    socket_backlog_ms = backlog / 1000,
-                    "refusing message writes with OVERLOADED (counts since the last report, by reason)"
-                );
-            }
-            return Err(refusal.error());
-        }
+        let admitted = rule.admit_behind(user, now, backlog);
+        let report = rule.report(now);
         drop(rule);
+        if let Some(counts) = report {
+            log_refusals(&counts, now);
+        }
+        admitted.map_err(Refusal::error)?;
         Ok(SendTicket { admission: self.clone(), user, admitted_us: now, applied: false })
     }
 
@@ -382,9 +392,9 @@ impl SocketBacklog {
     }
 }
 
-/// A UDP socket for quinn that tells a `SocketBacklog` of every read (a read that fails
-/// tells nothing); everything else is the runtime's own socket's (GSO, GRO, ECN and
-/// all).
+/// A UDP socket for quinn that tells a `SocketBacklog` of every read: whether it filled
+/// its batch (counting the datagrams a receive-offloaded message carries); everything
+/// else is the runtime's own socket's (GSO, GRO, ECN and all).
 #[derive(Debug)]
 pub struct MeteredSocket {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
@@ -415,13 +425,20 @@ impl quinn::AsyncUdpSocket for MeteredSocket {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let room = bufs.len().min(meta.len());
+        let room = bufs.len().min(meta.len()).min(quinn::udp::BATCH_SIZE);
         let polled = self.inner.poll_recv(cx, bufs, meta);
-        match &polled {
-            std::task::Poll::Ready(Ok(n)) => self.backlog.read(Instant::now(), *n >= room),
-            std::task::Poll::Pending => self.backlog.read(Instant::now(), false),
-            std::task::Poll::Ready(Err(_)) => {}
-        }
+        let full = match &polled {
+            // Datagrams, not messages: with receive offload (GRO) one message carries
+            // several of a flow's datagrams, `stride` bytes each.
+            std::task::Poll::Ready(Ok(n)) => {
+                let datagrams: usize = meta[..*n].iter().map(|m| m.len.div_ceil(m.stride.max(1)).max(1)).sum();
+                datagrams >= room
+            }
+            // Empty; or the read failed, after which quinn's driver stops: nothing is
+            // left to count.
+            std::task::Poll::Pending | std::task::Poll::Ready(Err(_)) => false,
+        };
+        self.backlog.read(Instant::now(), full);
         polled
     }
 
@@ -439,6 +456,26 @@ impl quinn::AsyncUdpSocket for MeteredSocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+/// Tells the operator why writes were refused since the last report: a warning when the
+/// broker was short (writes in flight, a queue of writes or of datagrams), debug when
+/// only users past their own share were refused (their own doing).
+fn log_refusals(counts: &RefusalCounts, now_us: u64) {
+    let over_ms = now_us.saturating_sub(counts.since_us) / 1000;
+    if counts.in_flight + counts.delay + counts.backlog > 0 {
+        tracing::warn!(
+            over_ms,
+            in_flight = counts.in_flight,
+            user_in_flight = counts.user_in_flight,
+            delay = counts.delay,
+            socket_backlog = counts.backlog,
+            socket_backlog_max_ms = counts.backlog_max_us / 1000,
+            "refused message writes with OVERLOADED (by reason, since the last report)"
+        );
+    } else {
+        tracing::debug!(over_ms, user_in_flight = counts.user_in_flight, "refused writes of users past their share");
     }
 }
 
@@ -644,7 +681,7 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_not_read_empty_for_longer_than_the_target_refuses_writes() {
+    fn a_socket_queue_standing_longer_than_the_target_refuses_writes() {
         let mut rule = SendRule::new(1000, 20).socket_backlog(20 * MS);
         rule.admit_behind(U, 0, 20 * MS).unwrap();
         assert_eq!(rule.admit_behind(U, MS, 20 * MS + 1), Err(Refusal::Backlog));
@@ -680,9 +717,9 @@ mod tests {
     /// or None if it found none.
     async fn read_some(socket: &MeteredSocket, slots: usize) -> Option<usize> {
         use quinn::AsyncUdpSocket;
-        let mut buf = vec![0u8; 2048 * slots];
+        let mut buf = vec![0u8; 65536 * slots];
         std::future::poll_fn(|cx| {
-            let mut bufs: Vec<_> = buf.chunks_mut(2048).map(std::io::IoSliceMut::new).collect();
+            let mut bufs: Vec<_> = buf.chunks_mut(65536).map(std::io::IoSliceMut::new).collect();
             let mut meta = vec![quinn::udp::RecvMeta::default(); slots];
             match socket.poll_recv(cx, &mut bufs, &mut meta) {
                 std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r.unwrap())),
@@ -739,6 +776,31 @@ mod tests {
         assert_eq!(read_some(&socket, 1).await, Some(1));
         assert_eq!(read_some(&socket, 1).await, None, "nothing left");
         assert_eq!(backlog.standing_us(Instant::now()), 0);
+
+        // One message that receive offload made of 40 datagrams sent as one (GSO) fills a
+        // batch of 32 as 40 datagrams would: it counts as a queue.
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn::udp::UdpSocketState::new((&sender).into()).unwrap();
+        if state.max_gso_segments() >= 40 && socket.max_receive_segments() >= 40 {
+            let contents = vec![7u8; 40 * 100];
+            let transmit = quinn::udp::Transmit {
+                destination: addr,
+                ecn: None,
+                contents: &contents,
+                segment_size: Some(100),
+                src_ip: None,
+            };
+            state.send((&sender).into(), &transmit).unwrap();
+            let mut read = None;
+            while read.is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                read = read_some(&socket, 32).await;
+            }
+            pause().await;
+            if read == Some(1) {
+                assert!(backlog.standing_us(Instant::now()) >= 30 * MS, "40 datagrams in one message");
+            }
+        }
     }
 
     #[test]
@@ -749,12 +811,14 @@ mod tests {
         let first = rule.report(REPORT_INTERVAL_US).unwrap();
         assert_eq!(first, RefusalCounts { in_flight: 1, ..RefusalCounts::default() });
         rule.released(U, REPORT_INTERVAL_US);
-        for _ in 0..5 {
-            assert_eq!(rule.admit_behind(U, REPORT_INTERVAL_US + MS, 21 * MS), Err(Refusal::Backlog));
+        for i in 0..5 {
+            assert_eq!(rule.admit_behind(U, REPORT_INTERVAL_US + MS, (21 + i) * MS), Err(Refusal::Backlog));
         }
         assert_eq!(rule.report(REPORT_INTERVAL_US + 2 * MS), None, "a report within the second");
         let next = rule.report(2 * REPORT_INTERVAL_US).unwrap();
-        assert_eq!(next, RefusalCounts { backlog: 5, ..RefusalCounts::default() });
+        let want =
+            RefusalCounts { backlog: 5, backlog_max_us: 25 * MS, since_us: REPORT_INTERVAL_US, ..Default::default() };
+        assert_eq!(next, want);
         assert_eq!(rule.report(4 * REPORT_INTERVAL_US), None, "nothing refused since");
     }
 }

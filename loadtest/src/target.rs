@@ -264,12 +264,12 @@ mod tests {
             max_sends_in_flight: Some(9),
             send_delay_target_ms: Some(0),
             commit_delay_us: Some(1500),
-            socket_backlog_target_ms: Some(0),
+            socket_backlog_target_ms: Some(7),
         };
         assert_eq!(BrokerKnobs::parse(&set.args()), set);
         let config = set.config("unused".into());
         assert_eq!((config.max_sends_in_flight, config.send_delay_target_ms, config.commit_delay_us), (9, 0, 1500));
-        assert_eq!(config.socket_backlog_target_ms, 0);
+        assert_eq!(config.socket_backlog_target_ms, 7);
         // Unset ones keep the broker's defaults.
         let unset = BrokerKnobs { udp_sockets: 1, ..Default::default() };
         assert_eq!(BrokerKnobs::parse(&unset.args()), unset);

@@ -40,6 +40,19 @@ pub async fn bounded<F: Future>(fut: F) -> F::Output {
     within(TEST_DEADLINE, "the test", fut).await
 }
 
+/// The configuration of the tests' brokers: `Config::ephemeral` with the overload rules
+/// that time queues off. The end-to-end tests run in parallel on a few cores, where a
+/// group commit often waits past the 20 ms delay target for a whole interval and a
+/// debug-build broker's socket may keep a queue past 20 ms: those rules would then
+/// refuse writes (`OVERLOADED`) in tests about something else. They are tested on the
+/// pure rule (`overload::SendRule`, `SocketBacklog`) and by the harness's ramp tests.
+pub fn test_config(data_dir: PathBuf) -> Config {
+    let mut config = Config::ephemeral(data_dir);
+    config.send_delay_target_ms = 0;
+    config.socket_backlog_target_ms = 0;
+    config
+}
+
 /// A broker and the temp dir it lives in.
 pub struct TestBroker {
     /// The broker (None after `stop`).
@@ -59,16 +72,7 @@ impl TestBroker {
     /// Starts a broker after letting the caller adjust the config.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestBroker {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::ephemeral(dir.path().join("data"));
-        // The end-to-end tests run in parallel on a few cores, where a group commit often
-        // waits past the 20 ms delay target for a whole interval: the standing-queue rule
-        // would then refuse writes (`OVERLOADED`) in tests about something else. It is
-        // tested on the pure rule (`overload::SendRule`) and by the harness ramp test.
-        config.send_delay_target_ms = 0;
-        // Likewise a debug-build broker sharing the cores with other tests may leave its
-        // socket's queue standing past 20 ms; that rule is tested in `overload` and by
-        // the harness's `direct` ramp.
-        config.socket_backlog_target_ms = 0;
+        let mut config = test_config(dir.path().join("data"));
         adjust(&mut config);
         let broker = within(STEP_DEADLINE, "broker start", Broker::start(config)).await.unwrap();
         TestBroker { broker: Some(broker), dir, password: "correct horse battery" }
@@ -110,7 +114,7 @@ impl TestBroker {
     /// Restarts on the same data dir (new port).
     pub async fn restart(&mut self) {
         self.stop().await;
-        let config = Config::ephemeral(self.data_dir());
+        let config = test_config(self.data_dir());
         self.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
     }
 

@@ -120,7 +120,7 @@ async fn a_broker_restart_is_survived() {
             tokio::spawn(async move { s.send(conv, "sent while down").await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let config = Config { listen: addr, ..Config::ephemeral(tb.data_dir()) };
+        let config = Config { listen: addr, ..switchboard_tests::test_config(tb.data_dir()) };
         tb.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
 
         let seq = within(STEP_DEADLINE, "the send after the restart", pending).await.unwrap().unwrap();
