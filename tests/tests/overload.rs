@@ -2,7 +2,8 @@
 //! `OVERLOADED`): past the broker's bound of message writes in flight, new writes are
 //! refused at once and take no effect; everything acknowledged is stored and delivered;
 //! reads and other clients' connections carry on; capacity returns once the writes in
-//! flight are answered.
+//! flight are answered. Likewise while the UDP socket keeps a queue (a flood): writes
+//! are refused until it drains.
 //!
 //! Runs on `#[tokio::test]`'s single-threaded runtime: the session dispatches a
 //! pipelined burst before any conversation actor or commit runs, so "the first writes
@@ -12,6 +13,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_client::{MemoryCursors, Session, SessionConfig};
@@ -261,6 +264,84 @@ async fn a_write_whose_caller_gave_up_during_its_backoff_is_dropped_and_frees_it
 }
 
 /// Awaits every future (spawned on this runtime, so they run concurrently).
+/// A UDP socket kept queued (here by a flood of junk datagrams from another socket) gets
+/// the message writes that arrive on it refused at once with `OVERLOADED`, and admits
+/// them again once the flood stops and a read finds it empty; every acknowledged write
+/// is in the history, no refused one (`socket_backlog_target_ms`, `SocketBacklog`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_kept_queued_refuses_writes_until_it_drains() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.socket_backlog_target_ms = 5).await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("busy", &[]).await.unwrap().id;
+        alice.send(conv, "before").await.unwrap();
+        let broker = tb.broker.as_ref().unwrap().local_addr;
+        let stop = Arc::new(AtomicBool::new(false));
+        // 1,200-byte datagrams for no connection, as fast as a thread sends them, at most
+        // 5 s: faster than the broker reads them, so its socket keeps a queue.
+        let flood = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let junk = [0x40u8; 1200];
+                let started = std::time::Instant::now();
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(5) {
+                    if socket.send_to(&junk, broker).is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            }
+        });
+        let mut acked = vec!["before".to_string()];
+        let mut refused = 0;
+        let during = std::time::Instant::now();
+        while refused == 0 && during.elapsed() < Duration::from_secs(4) {
+            let text = format!("during {}", acked.len());
+            match within(STEP_DEADLINE, "a write during the flood", alice.send(conv, &text)).await {
+                Ok(_) => acked.push(text),
+                Err(e) => {
+                    assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let sent = flood.join().unwrap();
+        assert!(refused > 0, "no write was refused while the socket was flooded ({sent} datagrams sent)");
+        // Drained: admitted again (a refusal now and then while the last junk is read).
+        let after = within(STEP_DEADLINE, "a write after the flood", async {
+            loop {
+                match alice.send(conv, "after").await {
+                    Ok(seq) => break seq,
+                    Err(e) if e.code() == Some(ErrorCode::OVERLOADED) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await;
+        acked.push("after".to_string());
+        let (mut texts, mut from) = (Vec::new(), 0);
+        loop {
+            let (entries, last_seq) = alice.history(conv, Page::After(from), 100).await.unwrap();
+            assert_eq!(after, last_seq, "the last write took the last seq");
+            texts.extend(entries.iter().filter_map(|e| match &e.body {
+                Body::Text { text, .. } => Some(text.clone()),
+                _ => None,
+            }));
+            match entries.last() {
+                Some(e) if e.seq < last_seq => from = e.seq,
+                _ => break,
+            }
+        }
+        assert_eq!(texts, acked, "every acknowledged write is stored, no refused one");
+    })
+    .await
+}
+
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
     F: std::future::Future + Send + 'static,
