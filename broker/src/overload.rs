@@ -369,17 +369,19 @@ impl SocketBacklog {
         Arc::new(SocketBacklog { epoch: Instant::now(), busy_since: AtomicU64::new(0) })
     }
 
-    /// A read at `at` filled its whole batch (`full`: the socket may hold more) or not
-    /// (it found the socket empty).
-    pub fn read(&self, at: Instant, full: bool) {
-        let since = self.busy_since.load(Ordering::Relaxed);
-        if !full {
-            if since != 0 {
-                self.busy_since.store(0, Ordering::Relaxed);
-            }
-        } else if since == 0 {
-            let us = at.saturating_duration_since(self.epoch).as_micros() as u64;
+    /// A read filled its whole batch: the socket may hold more. A run of full reads
+    /// starts at the first, so the clock (`at`) is read only then.
+    pub fn full(&self, at: impl FnOnce() -> Instant) {
+        if self.busy_since.load(Ordering::Relaxed) == 0 {
+            let us = at().saturating_duration_since(self.epoch).as_micros() as u64;
             self.busy_since.store(us + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A read found the socket empty (fewer datagrams than it had room for, or none).
+    pub fn drained(&self) {
+        if self.busy_since.load(Ordering::Relaxed) != 0 {
+            self.busy_since.store(0, Ordering::Relaxed);
         }
     }
 
@@ -438,7 +440,11 @@ impl quinn::AsyncUdpSocket for MeteredSocket {
             // left to count.
             std::task::Poll::Pending | std::task::Poll::Ready(Err(_)) => false,
         };
-        self.backlog.read(Instant::now(), full);
+        if full {
+            self.backlog.full(Instant::now);
+        } else {
+            self.backlog.drained();
+        }
         polled
     }
 
@@ -627,8 +633,8 @@ mod tests {
     fn a_socket_queue_refuses_only_the_writes_that_arrive_on_that_socket() {
         let admission = SendAdmission::new(&Config { socket_backlog_target_ms: 1, ..Config::ephemeral("unused") });
         let (busy, quiet) = (SocketBacklog::new(), SocketBacklog::new());
-        busy.read(Instant::now(), true);
-        quiet.read(Instant::now(), false);
+        busy.full(Instant::now);
+        quiet.drained();
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert_eq!(admission.admit(U, &busy).err().map(|e| e.code), Some(ErrorCode::OVERLOADED));
         let _admitted = admission.admit(U, &quiet).unwrap();
@@ -702,14 +708,14 @@ mod tests {
         let ms = std::time::Duration::from_millis;
         // Idle (never read): no backlog, however long.
         assert_eq!(backlog.standing_us(t), 0);
-        backlog.read(t, true);
-        backlog.read(t + ms(3), true);
+        backlog.full(|| t);
+        backlog.full(|| t + ms(3));
         // Later full reads do not move its start.
         assert_eq!(backlog.standing_us(t + ms(7)), 7 * MS);
         // A short read found the socket empty.
-        backlog.read(t + ms(8), false);
+        backlog.drained();
         assert_eq!(backlog.standing_us(t + ms(9)), 0);
-        backlog.read(t + ms(10), true);
+        backlog.full(|| t + ms(10));
         assert_eq!(backlog.standing_us(t + ms(11)), MS);
     }
 
