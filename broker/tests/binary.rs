@@ -203,11 +203,7 @@ async fn stream_upload(
         while sent < data.len() as u64 && sent < durable + 2 * CHUNK {
             let end = (sent + CHUNK).min(data.len() as u64);
             let part = &data[sent as usize..end as usize];
-            let chunk = Chunk {
-                offset: sent,
-                data: bytes::Bytes::copy_from_slice(part),
-                blake3: *blake3::hash(part).as_bytes(),
-            };
+            let chunk = Chunk::new(sent, bytes::Bytes::copy_from_slice(part));
             if send.write_all(&encode_frame(&chunk).unwrap()).await.is_err() {
                 return (seen, None);
             }

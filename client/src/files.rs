@@ -189,7 +189,7 @@ impl Client {
 
     /// Uploads the bytes of `source` from `offset` (the durable offset `UploadStatus`
     /// gave) to its end, on a transfer stream of its own, in chunks of
-    /// `MAX_CHUNK_BYTES` (1 MiB) each carrying its BLAKE3, with at most
+    /// `MAX_CHUNK_BYTES` (1 MiB) each carrying its CRC-32, with at most
     /// `MAX_CHUNKS_IN_FLIGHT` chunks beyond the last `Durable`. The stream sends at a
     /// lower priority than the control stream. `progress` gets each durable offset.
     ///
@@ -353,8 +353,8 @@ impl Client {
 }
 
 /// The sending half of an upload stream: chunks from `offset` to `size`, read from
-/// `source` and hashed off the runtime threads (the next one while the one before it is
-/// written), at most `MAX_CHUNKS_IN_FLIGHT` beyond the durable offset that `durable`
+/// `source` with their checksums (the next one while the one before it is written), at
+/// most `MAX_CHUNKS_IN_FLIGHT` beyond the durable offset that `durable`
 /// reports.
 async fn send_chunks<S>(
     conn: &quinn::Connection,
@@ -370,20 +370,20 @@ where
 {
     let mut window = ChunkWindow::new(offset);
     let mut next = offset;
-    let chunk = || chunk_bytes.load(Ordering::Relaxed).clamp(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES);
-    let mut ready = read_chunk(source, next, size, chunk()).await?;
-    while let Some((data, blake3)) = ready.take() {
+    let chunk_len = || chunk_bytes.load(Ordering::Relaxed).clamp(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES);
+    let mut ready = read_chunk(source, next, size, chunk_len()).await?;
+    while let Some(chunk) = ready.take() {
         while !window.may_send() {
             if durable.changed().await.is_err() {
                 return Ok(());
             }
             window.durable(*durable.borrow_and_update());
         }
-        let after = next + data.len() as u64;
-        let mut parts = Chunk { offset: next, data, blake3 }.frame_parts();
-        // The next chunk is read and hashed while this one is written.
+        let after = next + chunk.data.len() as u64;
+        let mut parts = chunk.frame_parts();
+        // The next chunk is read while this one is written.
         let (written, read) =
-            tokio::join!(write_parts(conn, send, &mut parts), read_chunk(source, after, size, chunk()));
+            tokio::join!(write_parts(conn, send, &mut parts), read_chunk(source, after, size, chunk_len()));
         written?;
         ready = read?;
         next = after;
@@ -392,14 +392,9 @@ where
     Ok(())
 }
 
-/// The chunk of `source` at `at` (its reader is there), at most `chunk_bytes`, and its
-/// BLAKE3, hashed off the runtime threads; `None` at `size`.
-async fn read_chunk<S>(
-    source: &mut S,
-    at: u64,
-    size: u64,
-    chunk_bytes: u32,
-) -> Result<Option<(Bytes, Blake3)>, TransferError>
+/// The chunk of `source` at `at` (its reader is there), at most `chunk_bytes`, with its
+/// CRC-32 (`Chunk::new`: tens of microseconds per MiB, on this thread); `None` at `size`.
+async fn read_chunk<S>(source: &mut S, at: u64, size: u64, chunk_bytes: u32) -> Result<Option<Chunk>, TransferError>
 where
     S: AsyncRead + Unpin,
 {
@@ -409,17 +404,7 @@ where
     let len = (size - at).min(u64::from(chunk_bytes)) as usize;
     let mut data = BytesMut::zeroed(len);
     source.read_exact(&mut data).await?;
-    hash_chunk(data.freeze()).await.map(Some)
-}
-
-/// BLAKE3 of a chunk, computed on the blocking pool (about a millisecond per MiB).
-async fn hash_chunk(data: Bytes) -> Result<(Bytes, Blake3), TransferError> {
-    tokio::task::spawn_blocking(move || {
-        let hash = *blake3::hash(&data).as_bytes();
-        (data, hash)
-    })
-    .await
-    .map_err(|e| TransferError::Io(std::io::Error::other(e)))
+    Ok(Some(Chunk::new(at, data.freeze())))
 }
 
 /// Size and BLAKE3 of the file at `path`, read in 1 MiB pieces on the blocking pool

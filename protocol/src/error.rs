@@ -71,7 +71,7 @@ codes! {
     /// An upload chunk or stream did not start at the durable offset; the reply carries
     /// the offset to resume from.
     WRONG_OFFSET = 18,
-    /// An upload chunk's data does not match its BLAKE3; it was not stored.
+    /// An upload chunk's data does not match its CRC-32; it was not stored.
     CHUNK_CORRUPT = 19,
     /// A complete upload's bytes do not match its declared whole-file BLAKE3; nothing was
     /// published and the upload is gone.

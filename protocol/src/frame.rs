@@ -163,8 +163,8 @@ fn read_varint(buf: &[u8]) -> Result<Option<(u64, usize)>, FrameError> {
 
 /// Longest postcard varint for a `u64` (the chunk's offset and its data's length).
 const MAX_U64_VARINT_BYTES: usize = 10;
-/// Bytes of a chunk's BLAKE3 at the end of its frame.
-const CHUNK_HASH_BYTES: usize = 32;
+/// Bytes of a chunk's checksum at the end of its frame.
+const CHUNK_CHECKSUM_BYTES: usize = std::mem::size_of::<crate::wire::Crc32>();
 
 /// What `ChunkDecoder::feed` found.
 #[derive(Debug, PartialEq, Eq)]
@@ -191,9 +191,9 @@ pub enum ChunkStep {
 /// Within that buffer the data is placed so that every byte whose file offset is a
 /// multiple of `align` sits at an address that is a multiple of `align`: a writer can
 /// hand the chunk's whole blocks to `O_DIRECT` as they are. Accepts what `FrameDecoder`
-/// and `decode::<Chunk>` accept, as the same chunk, except trailing bytes after the hash
+/// and `decode::<Chunk>` accept, as the same chunk, except trailing bytes after the checksum
 /// (which section 2 of PROTOCOL.md forbids): `BadBody`, as soon as the header shows that
-/// the data and hash do not exactly fill the frame. After an error the stream is
+/// the data and checksum do not exactly fill the frame. After an error the stream is
 /// unusable.
 #[derive(Debug)]
 pub struct ChunkDecoder {
@@ -210,8 +210,8 @@ enum ChunkState {
     Sized { offset: u64, len: usize },
     /// Receiving the data into `buf`, whose first `pad` bytes are padding.
     Data { offset: u64, len: usize, pad: usize, buf: Vec<u8> },
-    /// Receiving the hash.
-    Hash { offset: u64, data: Bytes, hash: Vec<u8> },
+    /// Receiving the checksum.
+    Checksum { offset: u64, data: Bytes, crc32: Vec<u8> },
 }
 
 impl ChunkDecoder {
@@ -255,15 +255,15 @@ impl ChunkDecoder {
                     }
                     let (offset, pad) = (*offset, *pad);
                     let data = Bytes::from(std::mem::take(buf)).slice(pad..);
-                    self.state = ChunkState::Hash { offset, data, hash: Vec::with_capacity(CHUNK_HASH_BYTES) };
+                    self.state = ChunkState::Checksum { offset, data, crc32: Vec::with_capacity(CHUNK_CHECKSUM_BYTES) };
                 }
-                ChunkState::Hash { offset, data, hash } => {
-                    if !fill(hash, CHUNK_HASH_BYTES, input) {
+                ChunkState::Checksum { offset, data, crc32: got } => {
+                    if !fill(got, CHUNK_CHECKSUM_BYTES, input) {
                         return Ok(ChunkStep::More);
                     }
-                    let mut blake3 = [0u8; CHUNK_HASH_BYTES];
-                    blake3.copy_from_slice(hash);
-                    let chunk = crate::wire::Chunk { offset: *offset, data: std::mem::take(data), blake3 };
+                    let mut crc32 = [0u8; CHUNK_CHECKSUM_BYTES];
+                    crc32.copy_from_slice(got);
+                    let chunk = crate::wire::Chunk { offset: *offset, data: std::mem::take(data), crc32 };
                     self.state = ChunkState::Header(Vec::new());
                     return Ok(ChunkStep::Chunk(chunk));
                 }
@@ -290,7 +290,7 @@ impl ChunkDecoder {
     pub fn capacity(&self) -> usize {
         match &self.state {
             ChunkState::Data { buf, .. } => buf.capacity(),
-            ChunkState::Hash { data, .. } => data.len(),
+            ChunkState::Checksum { data, .. } => data.len(),
             _ => 0,
         }
     }
@@ -306,21 +306,21 @@ fn fill(buf: &mut Vec<u8>, full: usize, input: &mut Bytes) -> bool {
 
 /// Parses a `Chunk` frame's header (length prefix, offset, data length) from `header`:
 /// `Ok(None)` while incomplete; `TooLarge` as soon as the prefix is; `BadBody` when the
-/// lengths do not add up to the frame (data and hash exactly fill what the prefix
+/// lengths do not add up to the frame (data and checksum exactly fill what the prefix
 /// declared) or a varint is malformed.
 fn parse_chunk_header(header: &[u8], max_frame_bytes: u32) -> Result<Option<(u64, usize)>, FrameError> {
     let Some((declared, prefix)) = read_varint(header)? else { return Ok(None) };
     if declared > u64::from(max_frame_bytes) {
         return Err(FrameError::TooLarge { declared, limit: max_frame_bytes });
     }
-    // The offset and length varints and the hash must fit in what the prefix declared.
+    // The offset and length varints and the checksum must fit in what the prefix declared.
     let header_body = (header.len() - prefix) as u64;
-    if declared < 2 + CHUNK_HASH_BYTES as u64 || header_body > declared - CHUNK_HASH_BYTES as u64 {
+    if declared < 2 + CHUNK_CHECKSUM_BYTES as u64 || header_body > declared - CHUNK_CHECKSUM_BYTES as u64 {
         return Err(FrameError::BadBody(format!("a chunk frame of {declared} bytes cannot hold its header")));
     }
     let Some((offset, offset_bytes)) = read_u64_varint(&header[prefix..])? else { return Ok(None) };
     let Some((len, len_bytes)) = read_u64_varint(&header[prefix + offset_bytes..])? else { return Ok(None) };
-    let fits = (offset_bytes + len_bytes) as u64 + CHUNK_HASH_BYTES as u64;
+    let fits = (offset_bytes + len_bytes) as u64 + CHUNK_CHECKSUM_BYTES as u64;
     if declared.checked_sub(fits) != Some(len) {
         return Err(FrameError::BadBody(format!("a chunk of {len} bytes does not fill its frame of {declared} bytes")));
     }
@@ -508,7 +508,7 @@ mod tests {
 
     fn chunk(offset: u64, len: usize) -> crate::wire::Chunk {
         let data: Vec<u8> = (0..len).map(|i| (i as u64 * 31 + offset) as u8).collect();
-        crate::wire::Chunk { offset, blake3: [len as u8; 32], data: Bytes::from(data) }
+        crate::wire::Chunk { offset, crc32: [len as u8; 4], data: Bytes::from(data) }
     }
 
     #[test]
@@ -535,14 +535,14 @@ mod tests {
 
     #[test]
     fn a_bad_chunk_frame_is_refused_as_soon_as_its_header_shows_it() {
-        // Declaring less than its own header and hash: refused at once.
+        // Declaring less than its own header and checksum: refused at once.
         assert!(matches!(chunks_of(&[0x05, 0x80], 1, 1), Err(FrameError::BadBody(_))));
-        assert!(matches!(chunks_of(&[0x23, 0x80, 0x80, 0x80, 0x80], 1, 1), Err(FrameError::BadBody(_))));
+        assert!(matches!(chunks_of(&[0x07, 0x80, 0x80, 0x80, 0x80], 1, 1), Err(FrameError::BadBody(_))));
         // Over the limit: refused at the prefix, before any body byte.
         let mut prefix = [0u8; MAX_PREFIX_BYTES];
         let n = write_varint(crate::limits::MAX_TRANSFER_FRAME_BYTES + 1, &mut prefix);
         assert!(matches!(chunks_of(&prefix[..n], 1, 1), Err(FrameError::TooLarge { .. })));
-        // A trailing byte after the hash (PROTOCOL.md section 2 forbids it).
+        // A trailing byte after the checksum (PROTOCOL.md section 2 forbids it).
         let mut frame = encode_frame(&chunk(0, 10)).unwrap().to_vec();
         frame[0] += 1;
         frame.push(0);

@@ -207,7 +207,11 @@ impl PreAuth {
         let addr = tb.broker.as_ref().unwrap().local_addr;
         let conn = tb.connector().endpoint().connect(addr, "localhost").unwrap().await.unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();
-        let hello = ClientHello { magic: *b"SWBD", version: 1, agent: "switchboard-tests".into() };
+        let hello = ClientHello {
+            magic: *b"SWBD",
+            version: switchboard_protocol::PROTOCOL_VERSION,
+            agent: "switchboard-tests".into(),
+        };
         send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
         let (mut recv, mut decoder) = (recv, FrameDecoder::new(MAX_SERVER_FRAME_BYTES));
         let hello: ServerHello = decode(&read_frame(&mut recv, &mut decoder).await.expect("a server hello")).unwrap();
@@ -290,13 +294,10 @@ impl Transfer {
         Transfer { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES) }
     }
 
-    /// Sends one chunk of `data` at `offset`, with its BLAKE3 (or `hash` if given).
-    pub async fn chunk(&mut self, offset: u64, data: &[u8], hash: Option<[u8; 32]>) {
-        let chunk = Chunk {
-            offset,
-            data: Bytes::copy_from_slice(data),
-            blake3: hash.unwrap_or(*blake3::hash(data).as_bytes()),
-        };
+    /// Sends one chunk of `data` at `offset`, with its checksum (or `crc32` if given).
+    pub async fn chunk(&mut self, offset: u64, data: &[u8], crc32: Option<switchboard_protocol::Crc32>) {
+        let crc32 = crc32.unwrap_or(Chunk::checksum(data));
+        let chunk = Chunk { offset, data: Bytes::copy_from_slice(data), crc32 };
         // The broker may already have ended the stream; its reply says why.
         let _ = self.send.write_all(&encode_frame(&chunk).unwrap()).await;
     }

@@ -61,7 +61,11 @@ impl Raw {
     /// Says hello as `agent`; returns the transcript a device signs, or `None` if the
     /// broker answered with something other than its hello.
     async fn hello(&mut self, agent: &str) -> Option<Vec<u8>> {
-        let hello = ClientHello { magic: switchboard_protocol::MAGIC, version: 1, agent: agent.into() };
+        let hello = ClientHello {
+            magic: switchboard_protocol::MAGIC,
+            version: switchboard_protocol::PROTOCOL_VERSION,
+            agent: agent.into(),
+        };
         self.send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
         let server: ServerHello = decode(&self.read().await?).ok()?;
         let mut exporter = [0u8; 32];

@@ -177,7 +177,10 @@ async fn each_refusal_gets_its_own_code_and_publishes_nothing() {
         let begun = begin_upload(&alice, "c.bin", "application/octet-stream", &data).await;
         let mut t = Transfer::open(conn, &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
         assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
-        t.chunk(0, &data[..1000], Some([9; 32])).await;
+        // One bit flipped after the client computed the checksum.
+        let mut damaged = data[..1000].to_vec();
+        damaged[500] ^= 0x10;
+        t.chunk(0, &damaged, Some(switchboard_protocol::Chunk::checksum(&data[..1000]))).await;
         match t.reply().await {
             Some(TransferReply::Failed { error, offset }) => {
                 assert_eq!((error.code, offset), (ErrorCode::CHUNK_CORRUPT, 0))
@@ -802,10 +805,9 @@ async fn open_upload(client: &Client, name: &str, data: &[u8]) -> (FileId, Trans
     (file, t)
 }
 
-/// The `Chunk` frame of `data` at `offset`, with its BLAKE3.
+/// The `Chunk` frame of `data` at `offset`, with its checksum.
 fn chunk_frame(offset: u64, data: &[u8]) -> Vec<u8> {
-    let chunk =
-        switchboard_protocol::Chunk { offset, data: data.to_vec().into(), blake3: *blake3::hash(data).as_bytes() };
+    let chunk = switchboard_protocol::Chunk::new(offset, data.to_vec().into());
     switchboard_protocol::encode_frame(&chunk).unwrap().to_vec()
 }
 

@@ -95,7 +95,11 @@ async fn preauth_frames_are_capped_at_4_kib() {
     bounded(async {
         let tb = TestBroker::start().await;
         let (conn, mut send, _recv) = bare(&tb).await;
-        let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version: 1, agent: "x".repeat(5000) };
+        let hello = switchboard_protocol::ClientHello {
+            magic: *b"SWBD",
+            version: switchboard_protocol::PROTOCOL_VERSION,
+            agent: "x".repeat(5000),
+        };
         send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
         assert_eq!(closed_with(&conn).await, Some(ErrorCode::FRAME_TOO_LARGE));
     })
@@ -106,10 +110,14 @@ async fn preauth_frames_are_capped_at_4_kib() {
 async fn wrong_version_is_refused() {
     bounded(async {
         let tb = TestBroker::start().await;
-        let (conn, mut send, _recv) = bare(&tb).await;
-        let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version: 99, agent: "future".into() };
-        send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
-        assert_eq!(closed_with(&conn).await, Some(ErrorCode::UNSUPPORTED_VERSION));
+        // A future version, and version 1, whose upload chunks carried a BLAKE3 where
+        // version 2's carry a CRC-32: told apart at the hello, not by a failed upload.
+        for (version, agent) in [(99, "future"), (1, "version-1")] {
+            let (conn, mut send, _recv) = bare(&tb).await;
+            let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version, agent: agent.into() };
+            send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
+            assert_eq!(closed_with(&conn).await, Some(ErrorCode::UNSUPPORTED_VERSION), "version {version}");
+        }
     })
     .await
 }
@@ -186,9 +194,12 @@ async fn zero_rtt_is_refused() {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
-        let hello =
-            encode_frame(&switchboard_protocol::ClientHello { magic: *b"SWBD", version: 1, agent: "0rtt".into() })
-                .unwrap();
+        let hello = encode_frame(&switchboard_protocol::ClientHello {
+            magic: *b"SWBD",
+            version: switchboard_protocol::PROTOCOL_VERSION,
+            agent: "0rtt".into(),
+        })
+        .unwrap();
 
         // First connection: a full handshake, after which the broker issues tickets.
         let first = endpoint.connect(broker.local_addr, "localhost").unwrap().await.unwrap();

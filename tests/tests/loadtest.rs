@@ -330,6 +330,7 @@ async fn upload_small() {
             clients: 3,
             chat_rate: 50.0,
             chat_messages: 40,
+            rounds: 2,
         };
         let report = scenario::upload::run(&small(), &args).await.unwrap();
         let table = report.table();
@@ -339,6 +340,8 @@ async fn upload_small() {
             "b_fsync_append_mb_per_s",
             "c_upload_mb_per_s",
             "c_upload_over_min_a_b",
+            "c_upload_over_min_a_b_lowest",
+            "c_upload_over_min_a_b_highest",
             "d_download_mb_per_s",
             "d_download_over_a",
             "e_concurrent_uploads_mb_per_s",
@@ -354,8 +357,17 @@ async fn upload_small() {
             assert!(table.contains(figure), "{figure} not in the table: {table}");
         }
         assert_eq!(report.extra["e_concurrent_uploads_completed"], 6.0, "{table}");
+        // Two rounds of (a) and (c): the median ratio lies between the two rounds'.
+        assert_eq!(report.extra["c_rounds"], 2.0, "{table}");
+        let (lo, mid, hi) = (
+            report.extra["c_upload_over_min_a_b_lowest"],
+            report.extra["c_upload_over_min_a_b"],
+            report.extra["c_upload_over_min_a_b_highest"],
+        );
+        assert!(lo <= mid && mid <= hi, "{table}");
         for check in [
-            "the single upload completed",
+            "the single upload completed (round 1)",
+            "the single upload completed (round 2)",
             "the download returned every byte",
             "every concurrent upload completed",
             "every chat message delivered",

@@ -39,7 +39,7 @@ use crate::Shared;
 use crate::files::blobs::DIRECT_ALIGN;
 use crate::files::budget::{ChunkBudget, Revoked, lease_end};
 use crate::files::requests::{file_ref, no_such_file, readable};
-use crate::files::{ChunkCheck, ChunkPermits, Unreachable, UploadMsg};
+use crate::files::{ChunkPermits, Unreachable, UploadMsg};
 use crate::limits::READ_CHUNK_BYTES;
 
 /// Time the first frame of a transfer stream has to arrive.
@@ -315,7 +315,6 @@ async fn upload(
             read = next_chunk(&mut reading, &mut recv, shared, &permits), if open => match read {
                 Read::Chunk(chunk, permit) => {
                     deadline = tokio::time::Instant::now() + progress;
-                    // Hashed beside reading the next chunk; the actor waits for the verdict.
                     let matches = chunk_matches(&chunk);
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
                     if shared.files.send(shared, &file, msg).await.is_err() {
@@ -484,14 +483,12 @@ fn progress_deadline(shared: &Shared) -> Duration {
     Duration::from_secs(shared.config.transfer_progress_secs.max(1))
 }
 
-/// Whether a chunk's data matches its BLAKE3, hashed off the runtime threads (started
-/// now, awaited by the upload's actor).
-fn chunk_matches(chunk: &Chunk) -> ChunkCheck {
-    let (data, want) = (chunk.data.clone(), chunk.blake3);
-    tokio::task::spawn_blocking(move || {
-        // One refused for its size is not worth hashing.
-        data.len() > MAX_CHUNK_BYTES as usize || *blake3::hash(&data).as_bytes() == want
-    })
+/// Whether a chunk's data matches its CRC-32, checked here on the runtime thread: at
+/// tens of GB/s a full chunk (1 MiB) takes tens of microseconds, less than handing it to
+/// a blocking thread would (docs/benchmarks.md, "A CRC-32 per chunk"). One refused for
+/// its size is not worth checking (the actor refuses it as `INVALID`).
+fn chunk_matches(chunk: &Chunk) -> bool {
+    chunk.data.len() > MAX_CHUNK_BYTES as usize || chunk.intact()
 }
 
 async fn download(

@@ -18,11 +18,11 @@ use switchboard_protocol::{Chunk, ErrorBody, ErrorCode, FileId, FileRef, FileSta
 use switchboard_storage::FileRecord;
 use tokio::sync::{mpsc, oneshot};
 
+use super::ChunkPermits;
 use super::blobs::{Blobs, PartialFile, hex};
 use super::sniff::{self, Verdict};
 use super::state::{Effect, StreamId, UploadState};
 use super::thumbnail;
-use super::{ChunkCheck, ChunkPermits};
 use crate::Shared;
 
 /// Messages to an Upload actor.
@@ -36,15 +36,15 @@ pub enum UploadMsg {
         /// Where its replies go (bounded by the protocol: one per chunk plus one).
         out: mpsc::UnboundedSender<TransferReply>,
     },
-    /// A chunk from `stream`; `matches` says (once hashed) whether it matched its hash.
-    /// The permits are released once it is handled.
+    /// A chunk from `stream`; `matches` says whether its data matched its checksum. The
+    /// permits are released once it is handled.
     Chunk {
         /// The stream.
         stream: StreamId,
         /// The chunk.
         chunk: Chunk,
-        /// Whether its data matches its BLAKE3, being hashed on a blocking thread.
-        matches: ChunkCheck,
+        /// Whether its data matches its CRC-32 (`Chunk::intact`, checked as it was read).
+        matches: bool,
         /// Its place in the stream's queue and its bytes in the broker-wide budget.
         permit: ChunkPermits,
     },
@@ -169,9 +169,6 @@ impl Actor for Upload {
                 self.perform(&myself, st, effects, None).await;
             }
             UploadMsg::Chunk { stream, chunk, matches, permit } => {
-                // A hashing task that died (a panic) counts as a mismatch: the client
-                // sends the chunk again.
-                let matches = matches.await.unwrap_or(false);
                 let len = chunk.data.len() as u64;
                 let effects = st.state.chunk(stream, chunk.offset, len, matches);
                 self.perform(&myself, st, effects, Some(chunk)).await;

@@ -92,11 +92,6 @@ impl TransferLimits {
     }
 }
 
-/// Whether an upload chunk's data matches its BLAKE3: the hashing task, started when the
-/// chunk was read and awaited by the upload's actor, so a stream reads its next chunk
-/// while the last one is hashed.
-pub type ChunkCheck = tokio::task::JoinHandle<bool>;
-
 /// What a queued upload chunk holds until its actor has handled it: a place in its
 /// stream's queue and its bytes in the broker-wide budget.
 pub struct ChunkPermits {

@@ -137,7 +137,7 @@ impl UploadState {
         } else if len == 0 || len > self.chunk_max || offset.saturating_add(len) > self.size {
             Some((ErrorCode::INVALID, format!("a chunk holds 1..={} bytes within the size", self.chunk_max)))
         } else if !matches {
-            Some((ErrorCode::CHUNK_CORRUPT, "the chunk does not match its BLAKE3".to_owned()))
+            Some((ErrorCode::CHUNK_CORRUPT, "the chunk does not match its CRC-32".to_owned()))
         } else {
             None
         };

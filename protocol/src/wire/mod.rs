@@ -449,11 +449,7 @@ mod tests {
             "transfer_open_download" => {
                 Fixture::Open(TransferOpen::Download { file: FILE, offset: 1_000, length: 500 })
             }
-            "transfer_chunk" => Fixture::Chunk(Chunk {
-                offset: 1_048_576,
-                data: Bytes::from_static(b"abc"),
-                blake3: *blake3::hash(b"abc").as_bytes(),
-            }),
+            "transfer_chunk" => Fixture::Chunk(Chunk::new(1_048_576, Bytes::from_static(b"abc"))),
             "transfer_accepted" => Fixture::Transfer(TransferReply::Accepted { offset: 1_048_576 }),
             "transfer_durable" => Fixture::Transfer(TransferReply::Durable { offset: 1_048_579 }),
             "transfer_complete" => Fixture::Transfer(TransferReply::Complete(file_ref())),
