@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 
 /// Hidden subcommand that runs the embedded broker child.
 pub const CHILD_COMMAND: &str = "__broker";
+/// An owned broker's data dir, inside its temp dir.
+const DATA_DIR: &str = "data";
 
 /// Where the broker is.
 pub struct Target {
@@ -110,7 +112,7 @@ impl Target {
         let exe = std::env::current_exe().map_err(Error::io("finding the harness executable"))?;
         let mut child = tokio::process::Command::new(exe)
             .arg(CHILD_COMMAND)
-            .arg(dir.path().join("data"))
+            .arg(dir.path().join(DATA_DIR))
             .args(knobs.args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -148,7 +150,7 @@ impl Target {
     /// Starts a broker inside this process (for tests; CPU is then shared with the harness).
     pub async fn in_process(knobs: BrokerKnobs) -> Result<Target> {
         let dir = tempfile::tempdir().map_err(Error::io("creating the broker's temp dir"))?;
-        let broker = Broker::start(knobs.config(dir.path().join("data"))).await?;
+        let broker = Broker::start(knobs.config(dir.path().join(DATA_DIR))).await?;
         Ok(Target {
             addr: broker.local_addr,
             trust: Trust::CaFile(broker.cert_path.clone()),
@@ -170,6 +172,11 @@ impl Target {
             Owned::None => None,
             Owned::Child(_, dir) | Owned::InProcess(_, dir) => Some(dir.path()),
         }
+    }
+
+    /// An owned broker's data dir; `None` for a remote broker.
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        self.data_parent().map(|parent| parent.join(DATA_DIR))
     }
 
     /// The broker runs inside this process.

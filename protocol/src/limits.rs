@@ -45,8 +45,8 @@ pub const MAX_DATAGRAM_BYTES: u32 = 256;
 /// (fdatasync of 1 MiB appends reaches the disk's throughput here, docs/benchmarks.md),
 /// small enough that resending one chunk after a cut is cheap.
 pub const MAX_CHUNK_BYTES: u32 = 1024 * 1024;
-/// Largest frame a client may send on a transfer stream: a chunk plus its offset, hash
-/// and length prefixes.
+/// Largest frame a client may send on a transfer stream: a chunk plus its offset,
+/// checksum and length prefixes.
 pub const MAX_TRANSFER_FRAME_BYTES: u32 = MAX_CHUNK_BYTES + 64;
 /// Longest file name in bytes (as most file systems allow).
 pub const MAX_FILE_NAME_BYTES: u32 = 255;

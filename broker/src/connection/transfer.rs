@@ -485,10 +485,11 @@ fn progress_deadline(shared: &Shared) -> Duration {
 
 /// Whether a chunk's data matches its CRC-32, checked here on the runtime thread: at
 /// tens of GB/s a full chunk (1 MiB) takes tens of microseconds, less than handing it to
-/// a blocking thread would (docs/benchmarks.md, "A CRC-32 per chunk"). One refused for
-/// its size is not worth checking (the actor refuses it as `INVALID`).
+/// a blocking thread would (docs/benchmarks.md, "A CRC-32 per chunk"). One too large to
+/// be stored is not worth checking: it counts as not matching (the actor refuses it as
+/// `INVALID`, which it checks first).
 fn chunk_matches(chunk: &Chunk) -> bool {
-    chunk.data.len() > MAX_CHUNK_BYTES as usize || chunk.intact()
+    chunk.data.len() <= MAX_CHUNK_BYTES as usize && chunk.intact()
 }
 
 async fn download(

@@ -293,11 +293,17 @@ fn empty(trash: &Path, backlog: &std::sync::atomic::AtomicU64) -> io::Result<()>
     }
 }
 
+/// Where the files of a broker with its data in `data_dir` wait to be freed: empty once
+/// every deleted file's space is given back.
+pub fn trash_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("trash")
+}
+
 impl Blobs {
     /// The directories under `data_dir`, created if missing, and the thread that deletes
     /// files (it first deletes what a crash left in the trash).
     pub fn open(data_dir: &Path) -> io::Result<Blobs> {
-        let trash = data_dir.join("trash");
+        let trash = trash_dir(data_dir);
         std::fs::create_dir_all(&trash)?;
         let blobs = Blobs {
             uploads: data_dir.join("uploads"),

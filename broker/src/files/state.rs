@@ -1,6 +1,6 @@
 //! `UploadState`: every rule of one upload in progress, with no I/O, no clock and no
 //! actor. The Upload actor feeds it stream opens, chunks (with whether each matched its
-//! hash: hashing is the driver's), durability and ticks, and performs the effects it
+//! CRC-32: the transfer stream checks it as it reads the chunk), durability and ticks, and performs the effects it
 //! returns in order: answer a stream, write and sync a chunk, verify the whole file,
 //! push progress.
 //!
@@ -9,7 +9,7 @@
 //! - the newest stream takes over: an older one still open gets `CONFLICT` and its
 //!   chunks are ignored from then on;
 //! - a chunk must start where the previous one ended, hold 1..=`chunk_max` bytes, stay
-//!   within the size (`INVALID`) and match its hash (`CHUNK_CORRUPT`); a refused chunk
+//!   within the size (`INVALID`) and match its checksum (`CHUNK_CORRUPT`); a refused chunk
 //!   is not written, the stream is answered `Failed` with the durable offset and ends;
 //! - one chunk is written at a time, and reported `Durable` only once the driver says
 //!   it is (fdatasync, then the offset recorded in a group commit);
@@ -125,7 +125,7 @@ impl UploadState {
     }
 
     /// A chunk `offset .. offset + len` arrived on `stream`; `matches` says whether its
-    /// data matched its BLAKE3.
+    /// data matched its CRC-32.
     pub fn chunk(&mut self, stream: StreamId, offset: u64, len: u64, matches: bool) -> Vec<Effect> {
         if self.done || self.stream != Some(stream) || self.writing {
             // An older stream's chunk after a takeover (it was told), or anything after

@@ -19,7 +19,7 @@ use crate::ErrorBody;
 /// is checked against who may see the file.
 pub type FileId = [u8; 16];
 
-/// A BLAKE3 hash (32 bytes), of a whole file or of one chunk.
+/// A BLAKE3 hash (32 bytes) of a whole file.
 pub type Blake3 = [u8; 32];
 
 /// What `BeginUpload` declares about the file to come.
