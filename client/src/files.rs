@@ -354,8 +354,7 @@ impl Client {
 
 /// The sending half of an upload stream: chunks from `offset` to `size`, read from
 /// `source` with their checksums (the next one while the one before it is written), at
-/// most `MAX_CHUNKS_IN_FLIGHT` beyond the durable offset that `durable`
-/// reports.
+/// most `MAX_CHUNKS_IN_FLIGHT` beyond the durable offset that `durable` reports.
 async fn send_chunks<S>(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,

@@ -191,10 +191,10 @@ pub enum ChunkStep {
 /// Within that buffer the data is placed so that every byte whose file offset is a
 /// multiple of `align` sits at an address that is a multiple of `align`: a writer can
 /// hand the chunk's whole blocks to `O_DIRECT` as they are. Accepts what `FrameDecoder`
-/// and `decode::<Chunk>` accept, as the same chunk, except trailing bytes after the checksum
-/// (which section 2 of PROTOCOL.md forbids): `BadBody`, as soon as the header shows that
-/// the data and checksum do not exactly fill the frame. After an error the stream is
-/// unusable.
+/// and `decode::<Chunk>` accept, as the same chunk, except trailing bytes after the
+/// checksum (which section 2 of PROTOCOL.md forbids): `BadBody`, as soon as the header
+/// shows that the data and checksum do not exactly fill the frame. After an error the
+/// stream is unusable.
 #[derive(Debug)]
 pub struct ChunkDecoder {
     max_frame_bytes: u32,

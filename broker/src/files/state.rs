@@ -1,16 +1,17 @@
 //! `UploadState`: every rule of one upload in progress, with no I/O, no clock and no
 //! actor. The Upload actor feeds it stream opens, chunks (with whether each matched its
-//! CRC-32: the transfer stream checks it as it reads the chunk), durability and ticks, and performs the effects it
-//! returns in order: answer a stream, write and sync a chunk, verify the whole file,
-//! push progress.
+//! CRC-32, which the transfer stream checks as it reads the chunk), durability and
+//! ticks, and performs the effects it returns in order: answer a stream, write and sync
+//! a chunk, verify the whole file, push progress.
 //!
 //! The rules it keeps (PROTOCOL.md section 12):
 //! - a stream is accepted only at the durable offset (`WRONG_OFFSET` otherwise, with it);
 //! - the newest stream takes over: an older one still open gets `CONFLICT` and its
 //!   chunks are ignored from then on;
 //! - a chunk must start where the previous one ended, hold 1..=`chunk_max` bytes, stay
-//!   within the size (`INVALID`) and match its checksum (`CHUNK_CORRUPT`); a refused chunk
-//!   is not written, the stream is answered `Failed` with the durable offset and ends;
+//!   within the size (`INVALID`) and match its checksum (`CHUNK_CORRUPT`); a refused
+//!   chunk is not written, the stream is answered `Failed` with the durable offset and
+//!   ends;
 //! - one chunk is written at a time, and reported `Durable` only once the driver says
 //!   it is (fdatasync, then the offset recorded in a group commit);
 //! - once every byte is durable the whole file is verified; the upload then completes
