@@ -163,13 +163,14 @@ impl Broker {
         let identity = tls::load_or_generate(&config)?;
         let server_config = tls::server_config(&identity, &config)?;
         let sockets = tls::bind_udp(config.listen, config.udp_sockets)?;
+        let endpoint_config = tls::endpoint_config(&config)?;
         let backlogs: Vec<_> = sockets.iter().map(|_| overload::SocketBacklog::new()).collect();
         let endpoints = sockets
             .into_iter()
             .zip(&backlogs)
             .map(|(socket, backlog)| {
                 quinn::Endpoint::new_with_abstract_socket(
-                    quinn::EndpointConfig::default(),
+                    endpoint_config.clone(),
                     Some(server_config.clone()),
                     overload::MeteredSocket::new(socket, backlog.clone())?,
                     Arc::new(quinn::TokioRuntime),

@@ -69,6 +69,55 @@ fn generate(cert_path: &Path, key_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of the endpoint secret (`endpoint_config`).
+const ENDPOINT_SECRET_BYTES: usize = 64;
+
+/// The QUIC endpoint settings that must outlive the process, from a secret kept in
+/// `data_dir/reset.key` (64 random bytes, mode 0600, made on first start): the key that
+/// stateless-reset tokens are derived from (RFC 9000 section 10.3; HMAC-SHA256 over the
+/// secret, as quinn does with a random one per endpoint) and the key with which the
+/// broker's connection IDs are signed (quinn's `HashedConnectionIdGenerator`, keyed by
+/// the first 8 bytes of HMAC(secret, "connection ids")), by which it tells one of its own
+/// IDs from noise. A broker restarted after a crash then recognises a packet of a
+/// connection it no longer knows as one of its IDs and answers it with a reset its
+/// client accepts, and the client reconnects at its next packet instead of waiting out
+/// its idle timeout (30 s in the client library) on a connection nobody serves. Every
+/// UDP socket of the broker uses the same secret, so a client that lands on a socket
+/// that does not know its connection (`udp_sockets` > 1) learns it the same way. A file
+/// of another length is refused: whoever can replace it can reset this broker's
+/// connections, as whoever holds `key.pem` can impersonate it.
+pub fn endpoint_config(config: &Config) -> Result<quinn::EndpointConfig> {
+    let path = config.data_dir.join("reset.key");
+    let secret = match std::fs::read(&path) {
+        Ok(secret) if secret.len() == ENDPOINT_SECRET_BYTES => secret,
+        Ok(secret) => {
+            return Err(Error::Config(format!(
+                "{} holds {} bytes, not {ENDPOINT_SECRET_BYTES}: remove it to make a new one",
+                path.display(),
+                secret.len()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = vec![0u8; ENDPOINT_SECRET_BYTES];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                .map_err(|_| Error::Tls("no randomness for the endpoint secret".into()))?;
+            std::fs::create_dir_all(&config.data_dir)
+                .map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
+            write_private(&path, &secret).map_err(Error::io(format!("writing {}", path.display())))?;
+            secret
+        }
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
+    };
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let tag = ring::hmac::sign(&reset_key, b"connection ids");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut endpoint = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    Ok(endpoint)
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();

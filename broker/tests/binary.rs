@@ -19,13 +19,25 @@ struct Running {
     fingerprint: String,
 }
 
+/// A test that fails leaves no broker behind.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start(dir: &Path) -> Running {
     start_with(dir, &[])
 }
 
 fn start_with(dir: &Path, extra: &[&str]) -> Running {
+    start_at(dir, "127.0.0.1:0", extra)
+}
+
+fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> Running {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .args(extra)
         .current_dir(dir)
         .env("RUST_LOG", "warn")
@@ -220,6 +232,35 @@ async fn stream_upload(
             other => return (seen, other),
         }
     }
+}
+
+/// A broker killed outright and started again on the same address and data dir answers
+/// its old connections' packets with a stateless reset they recognise (its reset key is
+/// kept in the data dir), so a client learns at its next packet that its connection is
+/// gone, instead of waiting out its 30 s idle timeout. With a fresh key per start the
+/// client ignores the reset and the connection ends only by that timeout.
+#[tokio::test]
+async fn a_client_of_a_killed_broker_learns_at_once_when_it_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start(dir.path());
+    let addr = broker.addr;
+    let connector = Connector::new(addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let (alice, _) = connector.register("alice", "correct horse battery", "laptop").await.unwrap();
+    alice.ping().await.unwrap();
+    signal(&broker.child, "-KILL");
+    let _ = broker.child.wait();
+    let mut broker = start_at(dir.path(), &addr.to_string(), &[]);
+    assert_eq!(broker.addr, addr);
+    // The next packet (a request, or quinn's retransmission of it) draws the reset.
+    let conn = alice.connection().clone();
+    let _ = tokio::time::timeout(Duration::from_secs(1), alice.ping()).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    assert!(
+        matches!(closed, Ok(quinn::ConnectionError::Reset)),
+        "expected a stateless reset well within the 30 s idle timeout, got {closed:?}"
+    );
+    signal(&broker.child, "-TERM");
+    assert!(broker.child.wait().unwrap().success());
 }
 
 #[tokio::test]

@@ -169,7 +169,7 @@ enum Command {
         /// First byte.
         #[arg(long, default_value_t = 0)]
         offset: u64,
-        /// Bytes to read (default: to the end).
+        /// Bytes to read; 0 (the default) reads to the end.
         #[arg(long, default_value_t = 0)]
         length: u64,
     },
