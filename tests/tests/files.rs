@@ -255,7 +255,13 @@ async fn each_refusal_gets_its_own_code_and_publishes_nothing() {
             content_type: "application/octet-stream".into(),
             blake3: [0; 32],
         };
-        assert_eq!(code_of(alice.request(RequestBody::BeginUpload(big)).await), ErrorCode::FILE_TOO_LARGE);
+        match alice.request(RequestBody::BeginUpload(big)).await {
+            Err(switchboard_client::ClientError::Server(e)) => {
+                assert_eq!(e.code, ErrorCode::FILE_TOO_LARGE);
+                assert!(e.message.contains("4194304 bytes at most"), "the answer names the limit: {}", e.message);
+            }
+            other => panic!("expected FILE_TOO_LARGE, got {other:?}"),
+        }
         let declare = |size: u64| {
             RequestBody::BeginUpload(NewUpload {
                 name: "part".into(),

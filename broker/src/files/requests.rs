@@ -125,7 +125,8 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
     check_new_upload(&new)?;
     let config = &shared.config;
     if new.size > config.max_file_bytes {
-        return Err(err(ErrorCode::FILE_TOO_LARGE, "the file is larger than this broker accepts"));
+        let limit = format!("the file is larger than this broker accepts ({} bytes at most)", config.max_file_bytes);
+        return Err(err(ErrorCode::FILE_TOO_LARGE, &limit));
     }
     let now = crate::now_ms();
     let mut id = [0u8; 16];
@@ -162,9 +163,10 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
         match s.store.begin_upload(&id, &record, max_uploads, quota, room).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
             Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
-            Err(UploadRefusal::QuotaExceeded) => {
-                Err(err(ErrorCode::QUOTA_EXCEEDED, "the upload would pass your storage quota"))
-            }
+            Err(UploadRefusal::QuotaExceeded) => Err(err(
+                ErrorCode::QUOTA_EXCEEDED,
+                &format!("the upload would pass your storage quota ({quota} bytes)"),
+            )),
             Err(UploadRefusal::StorageFull) => {
                 Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"))
             }
