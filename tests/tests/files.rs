@@ -501,7 +501,13 @@ async fn abandoned_uploads_expire_with_their_data_and_quota() {
         })
         .await;
         assert_eq!(code_of(status(&alice, begun.file).await), ErrorCode::NOT_FOUND);
-        assert_eq!(files_in(partial), 0, "its partial data is gone");
+        // The record goes first (durably), then the partial file: gone right after.
+        within(STEP_DEADLINE, "its partial data going", async {
+            while files_in(partial.clone()) != 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
         // The uploader's devices hear that it is gone.
         within(STEP_DEADLINE, "the expiry event", async {
             loop {
