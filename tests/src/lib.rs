@@ -296,7 +296,7 @@ impl Transfer {
 
     /// Sends one chunk of `data` at `offset`, with its checksum (or `crc32` if given).
     pub async fn chunk(&mut self, offset: u64, data: &[u8], crc32: Option<switchboard_protocol::Crc32>) {
-        let crc32 = crc32.unwrap_or(Chunk::checksum(data));
+        let crc32 = crc32.unwrap_or_else(|| Chunk::checksum(data));
         let chunk = Chunk { offset, data: Bytes::copy_from_slice(data), crc32 };
         // The broker may already have ended the stream; its reply says why.
         let _ = self.send.write_all(&encode_frame(&chunk).unwrap()).await;

@@ -217,7 +217,6 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             quinn_down,
             quinn2,
             upload: rate(file_bytes, upload_s),
-            upload_s,
             hash_rate,
             cpu_ms_per_mb: cpu_upload,
         });
@@ -243,7 +242,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     let quinn_up = median_of(&|r| Some(r.quinn_up));
     let quinn_down = median_of(&|r| Some(r.quinn_down));
     let upload = median_of(&|r| Some(r.upload));
-    let upload_s = rounds.iter().map(|r| r.upload_s).sum::<f64>();
+    let upload_s = rounds.iter().map(|r| file_bytes as f64 / MB / r.upload).sum::<f64>();
     report.extra.insert("a_quinn_upload_mb_per_s".into(), quinn_up);
     report.extra.insert("a_quinn_download_mb_per_s".into(), quinn_down);
     if !common.in_process {
@@ -390,9 +389,8 @@ struct UploadRound {
     quinn_down: f64,
     /// (a2) both ways, MB/s (none with the broker in this process).
     quinn2: Option<(f64, f64)>,
-    /// (c), MB/s and seconds.
+    /// (c), MB/s.
     upload: f64,
-    upload_s: f64,
     /// The client's whole-file BLAKE3 before it, MB/s.
     hash_rate: f64,
     /// The broker's CPU per MB during (c), if measured.
