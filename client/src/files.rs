@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use switchboard_protocol::limits::MAX_CHUNK_BYTES;
 use switchboard_protocol::{
     Blake3, Chunk, ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FrameDecoder, NewUpload,
-    Reply, RequestBody, Seq, TransferOpen, TransferReply, UploadStatus, decode, encode_frame,
+    Reply, RequestBody, Seq, TransferOpen, TransferReply, UploadInfo, UploadStatus, decode, encode_frame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -140,6 +140,26 @@ impl Client {
         match self.request(RequestBody::UploadStatus { file }).await? {
             Reply::Upload(status) => Ok(status),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every upload of mine in progress (begun by any of my devices, not complete,
+    /// cancelled or expired), by ascending id: one `ListUploads` request per page of
+    /// `MAX_LISTED_UPLOADS`.
+    pub async fn list_uploads(&self) -> crate::Result<Vec<UploadInfo>> {
+        let mut all: Vec<UploadInfo> = Vec::new();
+        loop {
+            let after = all.last().map(|u| u.file.file);
+            match self.request(RequestBody::ListUploads { after }).await? {
+                Reply::Uploads { items, more } => {
+                    let empty = items.is_empty();
+                    all.extend(items);
+                    if !more || empty {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
         }
     }
 

@@ -157,10 +157,16 @@ enum Command {
         /// Caption of the message (with --conv).
         #[arg(long, requires = "conv")]
         caption: Option<String>,
-        /// Continue the upload with this id (32 hex digits), e.g. after sb was killed.
+        /// Continue the upload with this id (32 hex digits), e.g. after sb was killed or
+        /// from another device (`sb uploads` lists them). Without --conv, it is sent
+        /// where the sb that began it here was asked to send it.
         #[arg(long)]
         resume: Option<String>,
     },
+    /// My unfinished uploads, from any of my devices: id, name, durable bytes, expiry,
+    /// and the local file when an upload from this home matches it. `sb upload FILE`
+    /// continues one begun here; `sb upload --resume ID FILE` any of them.
+    Uploads,
     /// Download a file (or a byte range of it) into OUT. A whole file is checked against
     /// its BLAKE3.
     Download {
@@ -240,13 +246,19 @@ struct State {
 }
 
 /// An upload begun by `sb upload` and not known to be finished, so that the same file
-/// uploaded again continues it.
+/// uploaded again continues it, and sends it where the first `sb upload` was asked to.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 struct SavedUpload {
     /// `upload_key`: the file's absolute path, size and BLAKE3.
     key: String,
     /// Upload id, hex.
     file: String,
+    /// The conversation to send it to once uploaded (`--conv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conv: Option<ConvId>,
+    /// The message's caption (`--caption`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    caption: Option<String>,
 }
 
 /// Unfinished uploads remembered; past it the oldest is forgotten (the broker expires
@@ -346,6 +358,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else if let Command::Upload { file, conv, content_type, caption, resume } = command {
                 let upload = UploadArgs { path: file, conv, content_type, caption, resume };
                 files::upload(&connector, identity, &home, &out, upload).await?;
+            } else if let Command::Uploads = command {
+                let client = connector.connect(identity).await?;
+                files::uploads(&client, &home, &out).await?;
             } else {
                 let client = connector.connect(identity).await?;
                 authed(&client, &out, command).await?;
@@ -415,6 +430,7 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
         }
         Command::Tail => unreachable!("runs on a session"),
         Command::Upload { .. } => unreachable!("runs on an uploader"),
+        Command::Uploads => unreachable!("reads the home"),
         Command::Download { file, out: path, offset, length } => {
             files::download(client, out, &file, &path, offset, length).await?;
         }
@@ -573,7 +589,7 @@ impl Out {
             json!({
                 "conv": e.conv, "seq": e.seq, "sender": e.sender, "sender_name": sender,
                 "sender_device": e.sender_device, "client_id": hex(&e.client_id), "at_ms": e.at_ms,
-                "kind": kind, "body": serde_json::to_value(&e.body).unwrap_or_default(), "text": text,
+                "kind": kind, "body": body_json(&e.body), "text": text,
             }),
             || format!("[{} #{}] {}: {}", e.conv, e.seq, sender, text),
         );
@@ -590,12 +606,17 @@ fn presence_name(state: PresenceState) -> &'static str {
 
 /// `42 s ago`, `3 min ago`, `5 h ago`, `2 days ago`.
 fn ago(ms: u64) -> String {
+    format!("{} ago", span(ms))
+}
+
+/// A duration in its largest whole unit: `42 s`, `3 min`, `5 h`, `2 days`.
+fn span(ms: u64) -> String {
     let s = ms / 1000;
     match s {
-        0..60 => format!("{s} s ago"),
-        60..3600 => format!("{} min ago", s / 60),
-        3600..86_400 => format!("{} h ago", s / 3600),
-        _ => format!("{} days ago", s / 86_400),
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86_400 => format!("{} h", s / 3600),
+        _ => format!("{} days", s / 86_400),
     }
 }
 
@@ -674,6 +695,20 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
     // Saves the cursors and reports what was printed as delivered.
     session.close().await;
     Ok(())
+}
+
+/// An entry's body as JSON, with file ids in hex like everywhere else in sb's output
+/// (serde would print the 16 bytes as an array of numbers).
+fn body_json(body: &Body) -> serde_json::Value {
+    let mut value = serde_json::to_value(body).unwrap_or_default();
+    if let (Body::Files { files, .. }, Some(listed)) =
+        (body, value.pointer_mut("/Files/files").and_then(|v| v.as_array_mut()))
+    {
+        for (f, v) in files.iter().zip(listed) {
+            v["file"] = json!(hex(&f.file));
+        }
+    }
+    value
 }
 
 fn describe(body: &Body) -> (&'static str, String) {

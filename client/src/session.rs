@@ -416,7 +416,8 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::Presence { .. }
         | RequestBody::Settings { .. }
         | RequestBody::UploadStatus { .. }
-        | RequestBody::FileInfo { .. } => true,
+        | RequestBody::FileInfo { .. }
+        | RequestBody::ListUploads { .. } => true,
         // The one direct conversation with a peer is returned if it exists.
         RequestBody::CreateConversation(NewConversation::Direct { .. }) => true,
         RequestBody::CreateConversation(NewConversation::Group { .. })

@@ -489,8 +489,9 @@ async fn upload_then_download_round_trip() {
     let id = uploaded["file"].as_str().unwrap().to_owned();
     assert_eq!(id.len(), 32);
     assert_eq!((uploaded["name"].as_str(), uploaded["size"].as_u64()), (Some("notes.bin"), Some(data.len() as u64)));
-    let sent = up.last().unwrap();
+    let sent = event(&up, "sent");
     assert_eq!((sent["conv"].to_string(), sent["file"].as_str()), (conv.clone(), Some(id.as_str())));
+    assert_eq!(event(&up, "started")["offset"].as_u64(), Some(0), "a fresh upload starts, it does not resume");
     // The finished upload is no longer remembered for resuming.
     let state = std::fs::read_to_string(alice.join("state.json")).unwrap();
     assert!(!state.contains(&id), "{state}");
@@ -498,6 +499,7 @@ async fn upload_then_download_round_trip() {
     let history = sb(&bob, &broker, &["history", &conv]);
     let message = history.iter().find(|e| e["kind"] == "files").expect("a files message");
     assert!(message["text"].as_str().unwrap().contains(&id), "{message}");
+    assert_eq!(message["body"]["Files"]["files"][0]["file"].as_str(), Some(id.as_str()), "ids in hex: {message}");
 
     let out = dir.path().join("copy.bin");
     let down = sb(&bob, &broker, &["download", &id, out.to_str().unwrap()]);
@@ -632,9 +634,10 @@ async fn upload_rides_out_a_broker_restart() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "{seen:?}");
     assert!(seen.iter().any(|l| l["event"] == "retrying" && l["reconnect"] == true), "{seen:?}");
+    assert_eq!(event(&seen, "started")["offset"].as_u64(), Some(0));
     let resumed: Vec<u64> =
         seen.iter().filter(|l| l["event"] == "resumed").filter_map(|l| l["offset"].as_u64()).collect();
-    assert!(resumed.len() >= 2 && resumed[1] > 0, "it resumed from a durable offset: {resumed:?}");
+    assert!(!resumed.is_empty() && resumed[0] > 0, "it resumed from a durable offset: {resumed:?}");
     let id = event(&seen, "uploaded")["file"].as_str().unwrap().to_owned();
     let out = dir.path().join("copy.bin");
     assert_eq!(sb(&alice, &broker, &["download", &id, out.to_str().unwrap()])[0]["verified"], true);
@@ -649,8 +652,28 @@ async fn next_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Val
 /// Starts `sb --json upload PATH` and kills it (SIGKILL) once the broker reported a
 /// durable offset; returns the upload id and that offset.
 fn upload_and_kill(home: &Path, broker: &Broker, path: &Path) -> (String, u64) {
+    upload_and_kill_with(home, broker, path, &[])
+}
+
+/// `upload_and_kill` with more arguments to `sb upload` (`--conv`).
+fn upload_and_kill_with(home: &Path, broker: &Broker, path: &Path, extra: &[&str]) -> (String, u64) {
+    let (mut child, id, durable, _) = upload_until_durable(home, broker, path, extra);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (id, durable)
+}
+
+/// Starts `sb --json upload PATH EXTRA` and reads its lines until the broker reported a
+/// durable offset: the running sb, the upload id, that offset, and the rest of its lines.
+fn upload_until_durable(
+    home: &Path,
+    broker: &Broker,
+    path: &Path,
+    extra: &[&str],
+) -> (std::process::Child, String, u64, std::io::Lines<BufReader<std::process::ChildStdout>>) {
     let mut child = sb_command(home, broker)
         .args(["--json", "upload", path.to_str().unwrap()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -671,10 +694,8 @@ fn upload_and_kill(home: &Path, broker: &Broker, path: &Path) -> (String, u64) {
             durable = line["offset"].as_u64().unwrap();
         }
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
     let id = id.expect("the upload id was printed first");
-    (id, durable)
+    (child, id, durable, lines)
 }
 
 /// A plain `sb upload FILE` of the same unchanged file continues the upload a killed sb
@@ -703,5 +724,91 @@ async fn the_same_file_uploaded_again_continues_the_saved_upload() {
     assert_eq!(event(&fresh, "upload_gone")["file"].as_str(), Some(second.as_str()));
     let third = event(&fresh, "uploaded")["file"].as_str().unwrap();
     assert_ne!(third, second);
-    assert_eq!(event(&fresh, "resumed")["offset"].as_u64(), Some(0));
+    assert_eq!(event(&fresh, "started")["offset"].as_u64(), Some(0));
+}
+
+/// `sb uploads` lists my unfinished uploads with their durable bytes and, for those
+/// begun in this home, the local file and conversation; `sb upload --resume ID FILE`
+/// without `--conv` then sends the file where the killed sb was asked to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, phone, bob) = (dir.path().join("alice"), dir.path().join("phone"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&phone, &broker, &["login", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let none = sb(&alice, &broker, &["uploads"]);
+    assert_eq!(none.len(), 1);
+    assert_eq!(none[0]["event"], "no_uploads");
+    let data = pseudo_random_bytes(16 * 1024 * 1024 + 9, 6);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let conv_arg = conv.to_string();
+    let (id, durable) =
+        upload_and_kill_with(&alice, &broker, &path, &["--conv", &conv_arg, "--caption", "from the lift"]);
+    let listed = sb(&alice, &broker, &["uploads"]);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let u = &listed[0];
+    assert_eq!((u["file"].as_str(), u["name"].as_str()), (Some(id.as_str()), Some("big.bin")));
+    assert_eq!((u["size"].as_u64(), u["conv"].as_u64()), (Some(data.len() as u64), Some(conv)));
+    assert!(u["offset"].as_u64().unwrap() >= durable);
+    assert_eq!(u["path"].as_str(), path.to_str());
+    assert_eq!(u["blake3"].as_str().unwrap().len(), 64);
+    // Human lines say how far it got and where it comes from.
+    let human = sb_output(&alice, &broker, &["uploads"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains(&id) && text.contains("expires in 23 h") && text.contains("from "), "{text}");
+    // Another device of alice's sees it too, without a local file.
+    let there = sb(&phone, &broker, &["uploads"]);
+    assert_eq!((there.len(), there[0]["file"].as_str()), (1, Some(id.as_str())));
+    assert!(there[0]["path"].is_null());
+    // bob sees none of it.
+    assert_eq!(sb(&bob, &broker, &["uploads"])[0]["event"], "no_uploads");
+
+    let resumed = sb(&alice, &broker, &["upload", "--resume", &id, path.to_str().unwrap()]);
+    assert_eq!(event(&resumed, "upload")["conv"].as_u64(), Some(conv), "{resumed:?}");
+    let sent = event(&resumed, "sent");
+    assert_eq!((sent["conv"].as_u64(), sent["file"].as_str()), (Some(conv), Some(id.as_str())));
+    let history = sb(&bob, &broker, &["history", &conv_arg]);
+    let message = history.iter().find(|e| e["kind"] == "files").expect("a files message");
+    assert!(message["text"].as_str().unwrap().starts_with("from the lift"), "{message}");
+    assert_eq!(sb(&alice, &broker, &["uploads"])[0]["event"], "no_uploads");
+}
+
+/// A second `sb upload` of a file another sb in the same home is uploading refuses at
+/// once, naming the upload, and the first one finishes undisturbed (before, the second
+/// took the upload over and the first failed with `CONFLICT`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sb_uploading_the_same_file_refuses_and_leaves_the_first_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let data = pseudo_random_bytes(16 * 1024 * 1024 + 11, 7);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let (mut first, id, _, lines) = upload_until_durable(&alice, &broker, &path, &[]);
+    // Paused, so it cannot finish before the second one tries.
+    let signal = |sig: &str| {
+        let status = Command::new("kill").args([sig, &first.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let second = sb_output(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    signal("-CONT");
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("is being uploaded by another sb in this home") && stderr.contains(&id), "{stderr}");
+
+    let rest: Vec<serde_json::Value> = lines.map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+    assert!(first.wait().unwrap().success(), "{rest:?}");
+    assert_eq!(event(&rest, "uploaded")["file"].as_str(), Some(id.as_str()));
+    assert!(!rest.iter().any(|l| l["event"] == "retrying"), "the first was not disturbed: {rest:?}");
+    // Once it is done, the file may be uploaded again (the same bytes: a new upload).
+    let again = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert_eq!(event(&again, "started")["offset"].as_u64(), Some(0));
 }

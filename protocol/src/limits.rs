@@ -53,6 +53,9 @@ pub const MAX_FILE_NAME_BYTES: u32 = 255;
 /// Longest media type in bytes (RFC 6838: 127 each for type and subtype; we take the
 /// whole `type/subtype` at 127).
 pub const MAX_CONTENT_TYPE_BYTES: u32 = 127;
+/// Most uploads one `ListUploads` page holds (a user has at most the broker's
+/// `max_uploads_per_user` in progress, 8 by default; the rest are paged).
+pub const MAX_LISTED_UPLOADS: u32 = 64;
 /// Most files one message carries.
 pub const MAX_FILES_PER_MESSAGE: u32 = 10;
 /// Most `Event::File` progress pushes per upload and audience per second (the final state
@@ -80,6 +83,10 @@ const _: () = assert!(2 * MAX_NAME_BYTES + MAX_PASSWORD_BYTES + 128 <= PREAUTH_M
 // (`SendFiles`), plus at most 32 bytes of ids, size and prefixes per file: a history page
 // and a catch-up page of such entries must still fit in one server frame.
 const _: () = assert!(HISTORY_PAGE_MAX * (MAX_TEXT_BYTES + 128 + MAX_FILES_PER_MESSAGE * 32) <= MAX_SERVER_FRAME_BYTES);
+// A `ListUploads` page: each upload its name, media type, id, hash and four varints.
+const _: () = assert!(
+    MAX_LISTED_UPLOADS * (MAX_FILE_NAME_BYTES + MAX_CONTENT_TYPE_BYTES + 16 + 32 + 64) <= MAX_SERVER_FRAME_BYTES
+);
 const _: () = assert!(
     CATCH_UP_PAGE_BYTES + MAX_TEXT_BYTES + 128 + MAX_FILES_PER_MESSAGE * 32 + MAX_GROUP_MEMBERS * 40
         <= MAX_SERVER_FRAME_BYTES

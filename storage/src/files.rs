@@ -273,6 +273,44 @@ impl Store {
         Ok(n)
     }
 
+    /// `user`'s uploads in progress (verification included) with ids above `after` (all
+    /// if `None`), by ascending id, at most `limit`, and whether more follow.
+    pub fn uploads_page(
+        &self,
+        user: UserId,
+        after: Option<&FileId>,
+        limit: usize,
+    ) -> Result<(Vec<(FileId, FileRecord)>, bool)> {
+        let prefix = Key::uploading_of(user);
+        let start = match after {
+            // The smallest key above `after`'s.
+            Some(id) => {
+                let mut k = Key::uploading(user, id).as_ref().to_vec();
+                k.push(0);
+                k
+            }
+            None => prefix.as_ref().to_vec(),
+        };
+        let mut out = Vec::new();
+        for item in self.db.range(start..) {
+            let (k, _) = item?;
+            if !k.starts_with(prefix.as_ref()) {
+                break;
+            }
+            let id = file_id_at(&k, 9)?;
+            match self.file(&id)? {
+                Some(record) if !record.is_complete() => {
+                    if out.len() == limit {
+                        return Ok((out, true));
+                    }
+                    out.push((id, record));
+                }
+                _ => {}
+            }
+        }
+        Ok((out, false))
+    }
+
     /// Bytes `user`'s quota counts now.
     pub fn stored_bytes(&self, user: UserId) -> Result<u64> {
         Ok(self.db.get(Key::stored_bytes(user))?.and_then(|v| keys::u64_from(&v)).unwrap_or(0))
@@ -584,6 +622,26 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel();
         store.append_then(&e, move |r| tx.send(r).unwrap()).unwrap();
         rx.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_users_uploads_are_listed_in_pages_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for id in [[3; 16], [1; 16], [2; 16]] {
+            store.begin_upload(&id, &record(7, 10, id[0]), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
+        }
+        store.begin_upload(&[9; 16], &record(8, 10, 9), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
+        let ids = |page: &[(FileId, FileRecord)]| page.iter().map(|(id, _)| id[0]).collect::<Vec<_>>();
+        let (page, more) = store.uploads_page(7, None, 2).unwrap();
+        assert_eq!((ids(&page), more), (vec![1, 2], true), "ascending ids, another user's left out");
+        let (page, more) = store.uploads_page(7, Some(&[2; 16]), 2).unwrap();
+        assert_eq!((ids(&page), more), (vec![3], false));
+        assert_eq!(page[0].1.blake3, [3; 32]);
+        store.remove_upload(&[1; 16]).unwrap().unwrap().1.await.unwrap();
+        assert_eq!(ids(&store.uploads_page(7, None, 8).unwrap().0), vec![2, 3], "a removed upload is gone");
+        assert_eq!(store.uploads_page(7, Some(&[3; 16]), 8).unwrap(), (vec![], false));
+        assert_eq!(store.uploads_page(5, None, 8).unwrap(), (vec![], false));
     }
 
     #[tokio::test]

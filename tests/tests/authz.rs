@@ -50,6 +50,7 @@ enum Kind {
     SendFiles,
     FileInfo,
     DeleteFile,
+    ListUploads,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -86,6 +87,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::SendFiles { .. } => Kind::SendFiles,
         RequestBody::FileInfo { .. } => Kind::FileInfo,
         RequestBody::DeleteFile { .. } => Kind::DeleteFile,
+        RequestBody::ListUploads { .. } => Kind::ListUploads,
     }
 }
 
@@ -167,6 +169,8 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     (Kind::SendFiles,          Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
     (Kind::FileInfo,           Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
     (Kind::DeleteFile,         Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    // Only the caller's own uploads in progress (never alice's).
+    (Kind::ListUploads,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -200,6 +204,8 @@ struct World {
     message: u64,
     /// A file alice uploaded and attached in `other` only: neither bob nor eve may read it.
     file: switchboard_protocol::FileId,
+    /// An upload alice began and did not finish.
+    uploading: switchboard_protocol::FileId,
     /// Every device enrolled in the world, with its user.
     devices: Vec<(UserId, DeviceId)>,
     /// Revoked devices, one per kind (in `MATRIX` order), for the revoked column.
@@ -231,6 +237,7 @@ async fn world_with(adjust: impl FnOnce(&mut switchboard_broker::Config)) -> Wor
         files: vec![file],
     };
     alice.request(attach).await.unwrap();
+    let uploading = switchboard_tests::begin_upload(&alice, "draft.txt", "text/plain", b"half done").await.file;
     let devices = [&alice_id, &bob_id, &carol_id, &eve_id].iter().map(|i| (i.user_id, i.device_id)).collect();
     World {
         tb,
@@ -244,6 +251,7 @@ async fn world_with(adjust: impl FnOnce(&mut switchboard_broker::Config)) -> Wor
         other,
         message,
         file,
+        uploading,
         devices,
         revoked: Vec::new(),
     }
@@ -313,6 +321,7 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::SendFiles => RequestBody::SendFiles { conv, client_id, text: String::new(), files: vec![file] },
         Kind::FileInfo => RequestBody::FileInfo { file },
         Kind::DeleteFile => RequestBody::DeleteFile { file },
+        Kind::ListUploads => RequestBody::ListUploads { after: None },
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -439,6 +448,9 @@ fn blind(w: &World, who: Who, reply: &Reply, what: &str) {
             assert!(devices.iter().all(|d| mine.contains(&d.device_id)), "{what}: lists {devices:?}");
             assert_eq!(devices.iter().filter(|d| d.current).count(), 1, "{what}");
         }
+        Reply::Uploads { items, .. } => {
+            assert!(items.iter().all(|u| u.file.file != w.uploading), "{what}: lists {items:?}");
+        }
         other => panic!("{what}: not a list: {other:?}"),
     }
 }
@@ -451,7 +463,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 30] = [
+    const ALL: [Kind; 31] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -482,6 +494,7 @@ fn every_request_kind_has_one_row() {
         Kind::SendFiles,
         Kind::FileInfo,
         Kind::DeleteFile,
+        Kind::ListUploads,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

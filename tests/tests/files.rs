@@ -101,6 +101,67 @@ async fn an_upload_cut_at_half_resumes_on_a_new_connection_and_completes() {
     .await
 }
 
+fn listed(reply: Reply) -> Vec<(FileId, u64)> {
+    match reply {
+        Reply::Uploads { items, more: false } => items.iter().map(|u| (u.file.file, u.offset)).collect(),
+        other => panic!("expected one page of Uploads, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn my_uploads_in_progress_are_listed_on_every_device_of_mine_only() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let list = RequestBody::ListUploads { after: None };
+        assert_eq!(listed(laptop.request(list.clone()).await.unwrap()), vec![]);
+        let (half, whole) = (bytes(2 * 1024 * 1024, 3), bytes(1000, 4));
+        let a = begin_upload(&laptop, "half.bin", "application/octet-stream", &half).await;
+        let b = begin_upload(&laptop, "whole.bin", "application/octet-stream", &whole).await;
+        let c = begin_upload(&laptop, "dropped.bin", "application/octet-stream", &whole).await;
+        bob.request(RequestBody::BeginUpload(NewUpload {
+            name: "bobs.bin".into(),
+            size: 10,
+            content_type: "application/octet-stream".into(),
+            blake3: [7; 32],
+        }))
+        .await
+        .unwrap();
+        let replies = upload_range(laptop.connection(), a.file, &half, 0, 1024 * 1024, 256 * 1024).await;
+        let durable = match replies.last() {
+            Some(TransferReply::Durable { offset }) => *offset,
+            other => panic!("{other:?}"),
+        };
+        laptop.request(RequestBody::CancelUpload { file: c.file }).await.unwrap();
+
+        // Another device of alice's sees them with their durable offsets, name, size and hash.
+        let (phone, _) = tb.login("alice").await;
+        let reply = phone.request(list.clone()).await.unwrap();
+        let mut expected = vec![(a.file, durable), (b.file, 0)];
+        expected.sort();
+        assert_eq!(listed(reply.clone()), expected);
+        let Reply::Uploads { items, .. } = reply else { unreachable!() };
+        let first = items.iter().find(|u| u.file.file == a.file).unwrap();
+        assert_eq!(
+            (first.file.name.as_str(), first.file.size, first.blake3),
+            ("half.bin", half.len() as u64, *blake3::hash(&half).as_bytes())
+        );
+        assert!(first.expires_ms > first.created_ms);
+        // Paged by id.
+        let after = RequestBody::ListUploads { after: Some(expected[0].0) };
+        assert_eq!(listed(phone.request(after).await.unwrap()), expected[1..].to_vec());
+        // bob sees only his own.
+        assert_eq!(listed(bob.request(list.clone()).await.unwrap()).len(), 1);
+
+        // A completed upload leaves the list (resumed as the protocol says: status first).
+        assert_eq!(offset_of(status(&phone, b.file).await.unwrap()), 0);
+        assert!(matches!(upload_rest(phone.connection(), b.file, &whole, 0).await, TransferReply::Complete(_)));
+        assert_eq!(listed(phone.request(list).await.unwrap()), vec![(a.file, durable)]);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn an_upload_resumes_across_a_broker_restart() {
     bounded(async {

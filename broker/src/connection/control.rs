@@ -272,6 +272,10 @@ impl Session {
                 let (shared, allow) = (shared.clone(), self.allow_transfers());
                 tokio::task::spawn_blocking(move || reply.send(allow(files::file_info(&shared, caller.user, &file))));
             }
+            RequestBody::ListUploads { after } => {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || reply.send(files::list_uploads(&shared, caller.user, after)));
+            }
             RequestBody::CancelUpload { file } => {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(files::cancel_upload(shared, caller.user, file).await) });

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use switchboard_protocol::limits::{
-    MAX_CHUNK_BYTES, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_FILES_PER_MESSAGE,
+    MAX_CHUNK_BYTES, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_FILES_PER_MESSAGE, MAX_LISTED_UPLOADS,
 };
 use switchboard_protocol::{
-    ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, UploadStatus,
-    UserId,
+    ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, UploadInfo,
+    UploadStatus, UserId,
 };
 use switchboard_storage::{FileRecord, FileStage, Store, UploadRefusal};
 
@@ -185,6 +185,24 @@ pub fn upload_status(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply
         Some(record) if record.uploader == user && record.parent.is_none() => Ok(Reply::Upload(status(id, &record))),
         _ => Err(no_such_file()),
     }
+}
+
+/// `ListUploads`: the caller's uploads in progress with ids above `after`, a page of at
+/// most `MAX_LISTED_UPLOADS`.
+pub fn list_uploads(shared: &Shared, user: UserId, after: Option<FileId>) -> Result<Reply, ErrorBody> {
+    let (page, more) =
+        shared.store.uploads_page(user, after.as_ref(), MAX_LISTED_UPLOADS as usize).map_err(internal)?;
+    let items = page
+        .iter()
+        .map(|(id, record)| UploadInfo {
+            file: file_ref(id, record),
+            blake3: record.blake3,
+            offset: record.offset(),
+            created_ms: record.created_ms,
+            expires_ms: record.expires_ms,
+        })
+        .collect();
+    Ok(Reply::Uploads { items, more })
 }
 
 /// `CancelUpload`: removes the caller's upload in progress.

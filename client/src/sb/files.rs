@@ -2,10 +2,13 @@
 //! bars on stderr (hidden with `--json` or when stderr is not a terminal).
 //!
 //! An upload's id is saved in `state.json` (`uploads`) under the file's absolute path,
-//! size and BLAKE3 from the moment the broker gives it until the upload completes, so
-//! `sb upload FILE` of the same unchanged file after sb died continues the upload
-//! instead of starting another (an expired or cancelled one starts afresh).
-//! `sb upload --resume ID FILE` continues a given upload, and fails if it is gone.
+//! size and BLAKE3, with the conversation and caption to send it with, from the moment
+//! the broker gives it until the upload completes and is sent, so `sb upload FILE` of
+//! the same unchanged file after sb died continues the upload instead of starting
+//! another (an expired or cancelled one starts afresh) and sends it where it was meant
+//! to go. `sb upload --resume ID FILE` continues a given upload, and fails if it is
+//! gone; `sb uploads` lists the broker's unfinished uploads of the user. One `sb upload`
+//! at a time per file and home (`UploadLock`).
 
 use std::path::{Path, PathBuf};
 
@@ -47,43 +50,59 @@ pub async fn upload(
     let new = new_upload(&path, &content_type).await.with_context(|| format!("reading {}", path.display()))?;
     let size = new.size;
     let key = upload_key(&path, size, &new.blake3);
+    // Two sb uploading one file would take the upload from each other (`CONFLICT`).
+    let _lock = UploadLock::take(home, &key, &path)?;
     let mut uploader = Uploader::new(connector.clone(), identity.clone(), UploaderConfig::default());
 
     let saved = load_saved(home, &key)?;
-    let file = match (&args.resume, saved) {
+    let saved_id = saved.as_ref().and_then(|s| parse_file_id(&s.file).ok());
+    let (file, fresh) = match (&args.resume, saved_id) {
         (Some(id), _) => {
             let file = parse_file_id(id)?;
             let info = uploader.client().await?.file_info(file).await?;
             if info.blake3 != new.blake3 || info.file.size != new.size {
                 bail!("{} is not the file of upload {id} (its size or BLAKE3 differs)", path.display());
             }
-            save_upload(home, &key, file)?;
-            file
+            (file, false)
         }
         (None, Some(file)) => match uploader.client().await?.upload_status(file).await {
-            Ok(_) => file,
+            Ok(_) => (file, false),
             // Expired or cancelled: start again.
             Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => {
                 out.status(json!({"event": "upload_gone", "file": hex(&file)}), || {
                     format!("the earlier upload {} of this file is gone; starting again", hex(&file))
                 });
-                begin(&mut uploader, home, &key, new).await?
+                (uploader.begin(new).await?.file, true)
             }
             Err(e) => return Err(e.into()),
         },
-        (None, None) => begin(&mut uploader, home, &key, new).await?,
+        (None, None) => (uploader.begin(new).await?.file, true),
     };
-    out.line(json!({"event": "upload", "file": hex(&file), "path": path.display().to_string()}), || {
-        format!("uploading {} as {}", path.display(), hex(&file))
+    // Where it goes once uploaded: as asked now, else as asked when it began here.
+    let target = match (args.conv, saved) {
+        (Some(conv), _) => Some((conv, args.caption.clone())),
+        (None, Some(s)) if saved_id == Some(file) => s.conv.map(|conv| (conv, s.caption)),
+        (None, _) => None,
+    };
+    save_upload(home, &key, file, target.clone())?;
+    let conv = target.as_ref().map(|(conv, _)| *conv);
+    out.line(json!({"event": "upload", "file": hex(&file), "path": path.display().to_string(), "conv": conv}), || {
+        let then = conv.map_or(String::new(), |c| format!(", then sending it to conv {c}"));
+        format!("uploading {} as {}{then}", path.display(), hex(&file))
     });
 
     let bar = progress_bar(out, size);
+    let mut first = true;
     let result = uploader
         .upload(file, &path, |event| match event {
             UploadEvent::Resumed { offset, .. } => {
+                // After a stall the rate and ETA start over rather than average it in.
+                bar.reset_eta();
                 bar.set_position(offset);
+                let event = if first && fresh { "started" } else { "resumed" };
+                first = false;
                 if out.json {
-                    println!("{}", json!({"event": "resumed", "file": hex(&file), "offset": offset, "size": size}));
+                    println!("{}", json!({"event": event, "file": hex(&file), "offset": offset, "size": size}));
                 }
             }
             UploadEvent::Durable { offset, .. } => {
@@ -115,7 +134,6 @@ pub async fn upload(
             return Err(e.into());
         }
     };
-    forget_upload(home, &key)?;
     out.line(
         json!({"event": "uploaded", "file": hex(&published.file), "name": published.name, "size": published.size,
             "content_type": published.content_type}),
@@ -129,13 +147,50 @@ pub async fn upload(
             )
         },
     );
-    if let Some(conv) = args.conv {
-        let caption = args.caption.as_deref().unwrap_or("");
-        let seq = send_files(&mut uploader, conv, caption, published.file).await?;
-        out.line(json!({"conv": conv, "seq": seq, "file": hex(&published.file)}), || format!("conv {conv} seq {seq}"));
+    if let Some((conv, caption)) = target {
+        let seq = send_files(&mut uploader, conv, caption.as_deref().unwrap_or(""), published.file).await?;
+        out.line(json!({"event": "sent", "conv": conv, "seq": seq, "file": hex(&published.file)}), || {
+            format!("conv {conv} seq {seq}")
+        });
     }
+    // Kept until the message is sent: an `sb upload` run again after a failed send
+    // finds the complete upload and sends it.
+    forget_upload(home, &key)?;
     if let Ok(client) = uploader.client().await {
         client.close();
+    }
+    Ok(())
+}
+
+/// `sb uploads`: my unfinished uploads, from any device, with the local file of those
+/// begun in this home.
+pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<()> {
+    let state = super::load_state(home)?;
+    let now = super::now_ms();
+    let listed = client.list_uploads().await?;
+    if listed.is_empty() {
+        out.status(json!({"event": "no_uploads"}), || "no unfinished uploads".into());
+    }
+    for u in listed {
+        let id = hex(&u.file.file);
+        let here = state.uploads.iter().find(|s| s.file == id);
+        let path = here.and_then(|s| key_path(&s.key));
+        let conv = here.and_then(|s| s.conv);
+        let percent = u.offset.saturating_mul(100) / u.file.size.max(1);
+        out.line(
+            json!({"file": id, "name": u.file.name, "size": u.file.size, "offset": u.offset,
+                "content_type": u.file.content_type, "blake3": hex(&u.blake3), "created_ms": u.created_ms,
+                "expires_ms": u.expires_ms, "path": path, "conv": conv}),
+            || {
+                let left = super::span(u.expires_ms.saturating_sub(now));
+                let local = path.map_or(String::new(), |p| format!("  from {p}"));
+                let then = conv.map_or(String::new(), |c| format!(" for conv {c}"));
+                format!(
+                    "{id}  {}  {} of {} bytes ({percent}%)  expires in {left}{local}{then}",
+                    u.file.name, u.offset, u.file.size
+                )
+            },
+        );
     }
     Ok(())
 }
@@ -164,17 +219,6 @@ async fn send_files(uploader: &mut Uploader, conv: ConvId, caption: &str, file: 
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-async fn begin(
-    uploader: &mut Uploader,
-    home: &Path,
-    key: &str,
-    new: switchboard_protocol::NewUpload,
-) -> anyhow::Result<FileId> {
-    let status = uploader.begin(new).await?;
-    save_upload(home, key, status.file)?;
-    Ok(status.file)
 }
 
 /// `sb download`: the file's description first (it also opens the way for transfer
@@ -299,17 +343,24 @@ fn upload_key(path: &Path, size: u64, blake3: &[u8; 32]) -> String {
     format!("{}\n{size}\n{}", path.display(), hex(blake3))
 }
 
-fn load_saved(home: &Path, key: &str) -> anyhow::Result<Option<FileId>> {
-    let state = super::load_state(home)?;
-    Ok(state.uploads.iter().find(|u| u.key == key).and_then(|u| parse_file_id(&u.file).ok()))
+/// The path in an `upload_key` (which may itself hold a newline).
+fn key_path(key: &str) -> Option<&str> {
+    key.rsplitn(3, '\n').nth(2)
 }
 
-/// Remembers `file` as the upload of `key` (replacing an older one), forgetting the
-/// oldest past `MAX_SAVED_UPLOADS`.
-fn save_upload(home: &Path, key: &str, file: FileId) -> anyhow::Result<()> {
+fn load_saved(home: &Path, key: &str) -> anyhow::Result<Option<SavedUpload>> {
+    let state = super::load_state(home)?;
+    Ok(state.uploads.into_iter().find(|u| u.key == key))
+}
+
+/// Remembers `file` as the upload of `key`, to be sent to `target` (conversation and
+/// caption) once complete, replacing an older one; forgets the oldest past
+/// `MAX_SAVED_UPLOADS`.
+fn save_upload(home: &Path, key: &str, file: FileId, target: Option<(ConvId, Option<String>)>) -> anyhow::Result<()> {
+    let (conv, caption) = target.map_or((None, None), |(c, t)| (Some(c), t));
     update_state(home, |s| {
         s.uploads.retain(|u| u.key != key);
-        s.uploads.push(SavedUpload { key: key.to_owned(), file: hex(&file) });
+        s.uploads.push(SavedUpload { key: key.to_owned(), file: hex(&file), conv, caption: caption.clone() });
         let excess = s.uploads.len().saturating_sub(MAX_SAVED_UPLOADS);
         s.uploads.drain(..excess);
         Ok(())
@@ -321,6 +372,69 @@ fn forget_upload(home: &Path, key: &str) -> anyhow::Result<()> {
         s.uploads.retain(|u| u.key != key);
         Ok(())
     })
+}
+
+/// The lock one `sb upload` holds on its file (by `upload_key`) in this home, so that a
+/// second one for the same file refuses at once instead of taking the upload over. A
+/// lock file `uploads/KEYHASH.lock`, locked with `File::try_lock` (released by the
+/// kernel if sb dies) and removed by its holder on drop.
+struct UploadLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl UploadLock {
+    fn take(home: &Path, key: &str, local: &Path) -> anyhow::Result<UploadLock> {
+        let dir = home.join("uploads");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let name = hex(&blake3::hash(key.as_bytes()).as_bytes()[..16]);
+        let path = dir.join(format!("{name}.lock"));
+        loop {
+            let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path);
+            let file = file.with_context(|| format!("opening {}", path.display()))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let id = load_saved(home, key)?.map_or(String::new(), |s| format!(" (upload {})", s.file));
+                    bail!(
+                        "{} is being uploaded by another sb in this home{id}; wait for it to finish, or stop it first",
+                        local.display()
+                    );
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()));
+                }
+            }
+            // A holder that finished removed the file after we opened it: lock the new one.
+            if same_file(&file, &path) {
+                return Ok(UploadLock { path, _file: file });
+            }
+        }
+    }
+}
+
+impl Drop for UploadLock {
+    fn drop(&mut self) {
+        // Removed while still locked; a waiter that opened it meanwhile sees it gone.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether `path` still names the file `file` has open.
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
 }
 
 /// A media type from the file name's extension; the broker checks it against the bytes.

@@ -58,6 +58,24 @@ pub struct UploadStatus {
     pub chunk_max: u32,
 }
 
+/// One of my uploads in progress, as `ListUploads` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadInfo {
+    /// The upload's file: id, name, declared size, and the media type it will be
+    /// published with.
+    pub file: FileRef,
+    /// Declared BLAKE3 of the whole file (a client matches it against its local files).
+    pub blake3: Blake3,
+    /// Every byte below this is durable: resume sending from here (equal to the size
+    /// while the broker verifies a complete upload).
+    pub offset: u64,
+    /// Upload start, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// The upload and its data are removed at this time unless it completes, ms since
+    /// the Unix epoch.
+    pub expires_ms: u64,
+}
+
 /// A file as a message carries it and `FileInfo` describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRef {

@@ -155,6 +155,8 @@ mod tests {
         "transfer_complete",
         "transfer_range",
         "transfer_failed",
+        "request_list_uploads",
+        "response_uploads",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -458,6 +460,20 @@ mod tests {
                 error: ErrorBody::new(ErrorCode::WRONG_OFFSET, "the durable offset is 1048576"),
                 offset: 1_048_576,
             }),
+            "request_list_uploads" => req(31, RequestBody::ListUploads { after: Some(THUMB) }),
+            "response_uploads" => ok(
+                31,
+                Reply::Uploads {
+                    items: vec![UploadInfo {
+                        file: file_ref(),
+                        blake3: [0xab; 32],
+                        offset: 1_048_576,
+                        created_ms: T,
+                        expires_ms: T + 86_400_000,
+                    }],
+                    more: false,
+                },
+            ),
             _ => return None,
         })
     }

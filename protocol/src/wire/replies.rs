@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CatchUpPage, ConvId, ConversationKind, ConversationState, DeviceId, Entry, FileInfo, FileProgress, PresenceInfo,
-    Receipt, Role, Seq, Settings, UploadStatus, UserId,
+    Receipt, Role, Seq, Settings, UploadInfo, UploadStatus, UserId,
 };
 use crate::ErrorCode;
 
@@ -111,6 +111,13 @@ pub enum Reply {
     Upload(UploadStatus),
     /// A file's description (answer to `FileInfo`).
     File(FileInfo),
+    /// My uploads in progress (answer to `ListUploads`).
+    Uploads {
+        /// By ascending file id.
+        items: Vec<UploadInfo>,
+        /// More exist after the last one.
+        more: bool,
+    },
 }
 
 /// A conversation as listed.

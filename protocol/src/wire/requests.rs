@@ -214,6 +214,13 @@ pub enum RequestBody {
         /// The file.
         file: FileId,
     },
+    /// My uploads in progress (begun by any of my devices, not yet complete, cancelled
+    /// or expired), by ascending file id, ids strictly above `after`, at most
+    /// `MAX_LISTED_UPLOADS`. Replies `Uploads`.
+    ListUploads {
+        /// List only ids above this one (the last id of the previous page).
+        after: Option<FileId>,
+    },
 }
 
 /// Enrollment of a new device key, with the account password.
