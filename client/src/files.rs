@@ -152,9 +152,16 @@ impl Client {
             let after = all.last().map(|u| u.file.file);
             match self.request(RequestBody::ListUploads { after }).await? {
                 Reply::Uploads { items, more } => {
-                    let empty = items.is_empty();
+                    // Ids ascend past `after`; a page that does not is the broker's fault,
+                    // and must not make this loop forever.
+                    let ascending = items.windows(2).all(|w| w[0].file.file < w[1].file.file)
+                        && items.first().is_some_and(|u| after.is_none_or(|a| u.file.file > a));
+                    let (last_page, empty) = (!more, items.is_empty());
+                    if !empty && !ascending {
+                        return Err(ClientError::Protocol("ListUploads: ids do not ascend".into()));
+                    }
                     all.extend(items);
-                    if !more || empty {
+                    if last_page || empty {
                         return Ok(all);
                     }
                 }

@@ -157,6 +157,9 @@ enum Command {
         /// Caption of the message (with --conv).
         #[arg(long, requires = "conv")]
         caption: Option<String>,
+        /// Send no message, even if an earlier run of this upload was given --conv.
+        #[arg(long, conflicts_with = "conv")]
+        no_send: bool,
         /// Continue the upload with this id (32 hex digits), e.g. after sb was killed or
         /// from another device (`sb uploads` lists them). Without --conv, it is sent
         /// where the sb that began it here was asked to send it.
@@ -259,6 +262,10 @@ struct SavedUpload {
     /// The message's caption (`--caption`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     caption: Option<String>,
+    /// The message's idempotency key (hex), so that a run that sends it again after
+    /// losing the answer sends nothing new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
 }
 
 /// Unfinished uploads remembered; past it the oldest is forgotten (the broker expires
@@ -355,8 +362,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             if let Command::Tail = command {
                 tail(&connector, identity, &home, &out).await?;
-            } else if let Command::Upload { file, conv, content_type, caption, resume } = command {
-                let upload = UploadArgs { path: file, conv, content_type, caption, resume };
+            } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
+                let upload = UploadArgs { path: file, conv, content_type, caption, no_send, resume };
                 files::upload(&connector, identity, &home, &out, upload).await?;
             } else if let Command::Uploads = command {
                 let client = connector.connect(identity).await?;

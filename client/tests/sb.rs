@@ -787,7 +787,9 @@ async fn a_second_sb_uploading_the_same_file_refuses_and_leaves_the_first_alone(
     let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
-    let data = pseudo_random_bytes(16 * 1024 * 1024 + 11, 7);
+    // Large enough that the first cannot finish between its first durable offset and
+    // the pause.
+    let data = pseudo_random_bytes(48 * 1024 * 1024 + 11, 7);
     let path = dir.path().join("big.bin");
     std::fs::write(&path, &data).unwrap();
 

@@ -633,8 +633,9 @@ mod tests {
         }
         store.begin_upload(&[9; 16], &record(8, 10, 9), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
         let ids = |page: &[(FileId, FileRecord)]| page.iter().map(|(id, _)| id[0]).collect::<Vec<_>>();
+        assert_eq!(ids(&store.uploads_page(8, None, 8).unwrap().0), vec![9], "another user's are left out");
         let (page, more) = store.uploads_page(7, None, 2).unwrap();
-        assert_eq!((ids(&page), more), (vec![1, 2], true), "ascending ids, another user's left out");
+        assert_eq!((ids(&page), more), (vec![1, 2], true), "ascending ids");
         let (page, more) = store.uploads_page(7, Some(&[2; 16]), 2).unwrap();
         assert_eq!((ids(&page), more), (vec![3], false));
         assert_eq!(page[0].1.blake3, [3; 32]);
@@ -642,6 +643,13 @@ mod tests {
         assert_eq!(ids(&store.uploads_page(7, None, 8).unwrap().0), vec![2, 3], "a removed upload is gone");
         assert_eq!(store.uploads_page(7, Some(&[3; 16]), 8).unwrap(), (vec![], false));
         assert_eq!(store.uploads_page(5, None, 8).unwrap(), (vec![], false));
+        // One being verified is listed at its full size; a complete one is not listed.
+        store.set_upload_offset(&[2; 16], 10, None).unwrap().unwrap().await.unwrap();
+        store.begin_publish(&[2; 16]).unwrap().unwrap().await.unwrap();
+        let (page, _) = store.uploads_page(7, None, 8).unwrap();
+        assert_eq!((ids(&page), page[0].1.offset()), (vec![2, 3], 10));
+        store.complete_upload(&[2; 16]).unwrap().unwrap().1.await.unwrap();
+        assert_eq!(ids(&store.uploads_page(7, None, 8).unwrap().0), vec![3]);
     }
 
     #[tokio::test]

@@ -238,6 +238,11 @@ async fn world_with(adjust: impl FnOnce(&mut switchboard_broker::Config)) -> Wor
     };
     alice.request(attach).await.unwrap();
     let uploading = switchboard_tests::begin_upload(&alice, "draft.txt", "text/plain", b"half done").await.file;
+    // alice herself sees it, so that the blind checks below look for something listed.
+    match alice.request(RequestBody::ListUploads { after: None }).await.unwrap() {
+        Reply::Uploads { items, .. } => assert_eq!(items.iter().map(|u| u.file.file).collect::<Vec<_>>(), [uploading]),
+        other => panic!("{other:?}"),
+    }
     let devices = [&alice_id, &bob_id, &carol_id, &eve_id].iter().map(|i| (i.user_id, i.device_id)).collect();
     World {
         tb,

@@ -120,14 +120,19 @@ async fn my_uploads_in_progress_are_listed_on_every_device_of_mine_only() {
         let a = begin_upload(&laptop, "half.bin", "application/octet-stream", &half).await;
         let b = begin_upload(&laptop, "whole.bin", "application/octet-stream", &whole).await;
         let c = begin_upload(&laptop, "dropped.bin", "application/octet-stream", &whole).await;
-        bob.request(RequestBody::BeginUpload(NewUpload {
-            name: "bobs.bin".into(),
-            size: 10,
-            content_type: "application/octet-stream".into(),
-            blake3: [7; 32],
-        }))
-        .await
-        .unwrap();
+        let bobs = match bob
+            .request(RequestBody::BeginUpload(NewUpload {
+                name: "bobs.bin".into(),
+                size: 10,
+                content_type: "application/octet-stream".into(),
+                blake3: [7; 32],
+            }))
+            .await
+            .unwrap()
+        {
+            Reply::Upload(s) => s.file,
+            other => panic!("{other:?}"),
+        };
         let replies = upload_range(laptop.connection(), a.file, &half, 0, 1024 * 1024, 256 * 1024).await;
         let durable = match replies.last() {
             Some(TransferReply::Durable { offset }) => *offset,
@@ -152,7 +157,7 @@ async fn my_uploads_in_progress_are_listed_on_every_device_of_mine_only() {
         let after = RequestBody::ListUploads { after: Some(expected[0].0) };
         assert_eq!(listed(phone.request(after).await.unwrap()), expected[1..].to_vec());
         // bob sees only his own.
-        assert_eq!(listed(bob.request(list.clone()).await.unwrap()).len(), 1);
+        assert_eq!(listed(bob.request(list.clone()).await.unwrap()), vec![(bobs, 0)]);
 
         // A completed upload leaves the list (resumed as the protocol says: status first).
         assert_eq!(offset_of(status(&phone, b.file).await.unwrap()), 0);

@@ -19,7 +19,7 @@ use switchboard_client::{
     Backoff, Client, ClientError, Connector, Identity, TransferError, UploadEvent, Uploader, UploaderConfig, hash_file,
     hex, new_client_id, new_upload, permanent, unhex,
 };
-use switchboard_protocol::{ConvId, ErrorCode, FileId, FileState};
+use switchboard_protocol::{ClientMsgId, ConvId, ErrorCode, FileId, FileState};
 
 use super::{FileCommand, MAX_SAVED_UPLOADS, Out, SavedUpload, update_state};
 
@@ -33,6 +33,8 @@ pub struct UploadArgs {
     pub content_type: Option<String>,
     /// Caption of the message (`--caption`).
     pub caption: Option<String>,
+    /// Send no message, whatever an earlier run was asked (`--no-send`).
+    pub no_send: bool,
     /// Upload id to continue (`--resume`), hex.
     pub resume: Option<String>,
 }
@@ -78,18 +80,39 @@ pub async fn upload(
         },
         (None, None) => (uploader.begin(new).await?.file, true),
     };
-    // Where it goes once uploaded: as asked now, else as asked when it began here.
-    let target = match (args.conv, saved) {
-        (Some(conv), _) => Some((conv, args.caption.clone())),
-        (None, Some(s)) if saved_id == Some(file) => s.conv.map(|conv| (conv, s.caption)),
-        (None, _) => None,
+    // Where it goes once uploaded: as asked now, else as asked when this file's upload
+    // began here (also when that upload had gone and this one replaces it), with the
+    // same idempotency key.
+    let earlier = match saved {
+        Some(s) if args.resume.is_none() || saved_id == Some(file) => s.conv.map(|conv| Target {
+            conv,
+            caption: s.caption,
+            client_id: s.client_id.as_deref().and_then(parse_client_id).unwrap_or_else(new_client_id),
+        }),
+        _ => None,
     };
-    save_upload(home, &key, file, target.clone())?;
-    let conv = target.as_ref().map(|(conv, _)| *conv);
-    out.line(json!({"event": "upload", "file": hex(&file), "path": path.display().to_string(), "conv": conv}), || {
-        let then = conv.map_or(String::new(), |c| format!(", then sending it to conv {c}"));
-        format!("uploading {} as {}{then}", path.display(), hex(&file))
-    });
+    let target = match (args.conv, earlier) {
+        _ if args.no_send => None,
+        (Some(conv), _) => Some(Target { conv, caption: args.caption.clone(), client_id: new_client_id() }),
+        (None, earlier) => earlier,
+    };
+    let remembered = args.conv.is_none() && target.is_some();
+    save_upload(home, &key, file, target.as_ref())?;
+    let conv = target.as_ref().map(|t| t.conv);
+    out.line(
+        json!({"event": "upload", "file": hex(&file), "path": path.display().to_string(), "conv": conv,
+            "conv_from_earlier_run": remembered}),
+        || {
+            let then = match conv {
+                Some(c) if remembered => {
+                    format!(", then sending it to conv {c} as the run that began it was asked (--no-send: do not)")
+                }
+                Some(c) => format!(", then sending it to conv {c}"),
+                None => String::new(),
+            };
+            format!("uploading {} as {}{then}", path.display(), hex(&file))
+        },
+    );
 
     let bar = progress_bar(out, size);
     let mut first = true;
@@ -147,14 +170,23 @@ pub async fn upload(
             )
         },
     );
-    if let Some((conv, caption)) = target {
-        let seq = send_files(&mut uploader, conv, caption.as_deref().unwrap_or(""), published.file).await?;
-        out.line(json!({"event": "sent", "conv": conv, "seq": seq, "file": hex(&published.file)}), || {
-            format!("conv {conv} seq {seq}")
+    if let Some(t) = target {
+        let caption = t.caption.as_deref().unwrap_or("");
+        let seq = match send_files(&mut uploader, t.conv, t.client_id, caption, published.file).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                // Kept for a run again after a lost connection (the same key sends it
+                // at most once); a refusal (no longer a member, say) is final.
+                if matches!(e, ClientError::Server(_)) {
+                    forget_upload(home, &key)?;
+                }
+                return Err(e.into());
+            }
+        };
+        out.line(json!({"event": "sent", "conv": t.conv, "seq": seq, "file": hex(&published.file)}), || {
+            format!("conv {} seq {seq}", t.conv)
         });
     }
-    // Kept until the message is sent: an `sb upload` run again after a failed send
-    // finds the complete upload and sends it.
     forget_upload(home, &key)?;
     if let Ok(client) = uploader.client().await {
         client.close();
@@ -195,11 +227,24 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
     Ok(())
 }
 
+/// Where an upload goes once complete.
+struct Target {
+    conv: ConvId,
+    caption: Option<String>,
+    /// The message's idempotency key, saved with the upload.
+    client_id: ClientMsgId,
+}
+
 /// Sends the files message, again on a new connection (same client id, so at most
 /// once) when the connection drops before the answer, up to `SEND_ATTEMPTS` times.
-async fn send_files(uploader: &mut Uploader, conv: ConvId, caption: &str, file: FileId) -> anyhow::Result<u64> {
+async fn send_files(
+    uploader: &mut Uploader,
+    conv: ConvId,
+    client_id: ClientMsgId,
+    caption: &str,
+    file: FileId,
+) -> Result<u64, ClientError> {
     const SEND_ATTEMPTS: u32 = 8;
-    let client_id = new_client_id();
     let mut backoff = Backoff::new(100, 5_000);
     let mut attempt = 0;
     loop {
@@ -216,7 +261,7 @@ async fn send_files(uploader: &mut Uploader, conv: ConvId, caption: &str, file: 
                 let jitter = u64::from_le_bytes(new_client_id()[..8].try_into().unwrap_or_default());
                 tokio::time::sleep(std::time::Duration::from_millis(backoff.next_ms(jitter))).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -323,6 +368,11 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
     Ok(())
 }
 
+/// A message's idempotency key from 32 hex digits.
+fn parse_client_id(s: &str) -> Option<ClientMsgId> {
+    unhex(s).and_then(|b| ClientMsgId::try_from(b).ok())
+}
+
 /// A file id from 32 hex digits.
 fn parse_file_id(s: &str) -> anyhow::Result<FileId> {
     unhex(s).and_then(|b| FileId::try_from(b).ok()).context("a file id is 32 hex digits (16 bytes)")
@@ -353,14 +403,19 @@ fn load_saved(home: &Path, key: &str) -> anyhow::Result<Option<SavedUpload>> {
     Ok(state.uploads.into_iter().find(|u| u.key == key))
 }
 
-/// Remembers `file` as the upload of `key`, to be sent to `target` (conversation and
-/// caption) once complete, replacing an older one; forgets the oldest past
-/// `MAX_SAVED_UPLOADS`.
-fn save_upload(home: &Path, key: &str, file: FileId, target: Option<(ConvId, Option<String>)>) -> anyhow::Result<()> {
-    let (conv, caption) = target.map_or((None, None), |(c, t)| (Some(c), t));
+/// Remembers `file` as the upload of `key`, to be sent to `target` once complete,
+/// replacing an older one; forgets the oldest past `MAX_SAVED_UPLOADS`.
+fn save_upload(home: &Path, key: &str, file: FileId, target: Option<&Target>) -> anyhow::Result<()> {
+    let saved = SavedUpload {
+        key: key.to_owned(),
+        file: hex(&file),
+        conv: target.map(|t| t.conv),
+        caption: target.and_then(|t| t.caption.clone()),
+        client_id: target.map(|t| hex(&t.client_id)),
+    };
     update_state(home, |s| {
         s.uploads.retain(|u| u.key != key);
-        s.uploads.push(SavedUpload { key: key.to_owned(), file: hex(&file), conv, caption: caption.clone() });
+        s.uploads.push(saved.clone());
         let excess = s.uploads.len().saturating_sub(MAX_SAVED_UPLOADS);
         s.uploads.drain(..excess);
         Ok(())
@@ -376,8 +431,9 @@ fn forget_upload(home: &Path, key: &str) -> anyhow::Result<()> {
 
 /// The lock one `sb upload` holds on its file (by `upload_key`) in this home, so that a
 /// second one for the same file refuses at once instead of taking the upload over. A
-/// lock file `uploads/KEYHASH.lock`, locked with `File::try_lock` (released by the
-/// kernel if sb dies) and removed by its holder on drop.
+/// lock file `uploads/KEYHASH.lock` (owner only), locked with `File::try_lock` (the
+/// kernel releases it if sb dies) and, on unix, removed by its holder on drop; a
+/// process that opened the removed file sees that and opens the new one.
 struct UploadLock {
     path: PathBuf,
     _file: std::fs::File,
@@ -385,37 +441,44 @@ struct UploadLock {
 
 impl UploadLock {
     fn take(home: &Path, key: &str, local: &Path) -> anyhow::Result<UploadLock> {
+        /// Files removed under us in a row before giving up (each means a holder finished).
+        const ATTEMPTS: u32 = 16;
         let dir = home.join("uploads");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let name = hex(&blake3::hash(key.as_bytes()).as_bytes()[..16]);
         let path = dir.join(format!("{name}.lock"));
-        loop {
-            let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path);
+        for _ in 0..ATTEMPTS {
+            let file = super::owner_only().write(true).create(true).truncate(false).open(&path);
             let file = file.with_context(|| format!("opening {}", path.display()))?;
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    let id = load_saved(home, key)?.map_or(String::new(), |s| format!(" (upload {})", s.file));
-                    bail!(
-                        "{} is being uploaded by another sb in this home{id}; wait for it to finish, or stop it first",
-                        local.display()
-                    );
-                }
+            let locked = match file.try_lock() {
+                Ok(()) => true,
+                Err(std::fs::TryLockError::WouldBlock) => false,
                 Err(std::fs::TryLockError::Error(e)) => {
                     return Err(e).with_context(|| format!("locking {}", path.display()));
                 }
+            };
+            // A holder that finished removed the file after we opened it: try the new one.
+            if !same_file(&file, &path) {
+                continue;
             }
-            // A holder that finished removed the file after we opened it: lock the new one.
-            if same_file(&file, &path) {
+            if locked {
                 return Ok(UploadLock { path, _file: file });
             }
+            let id = load_saved(home, key)?.map_or(String::new(), |s| format!(" (upload {})", s.file));
+            bail!(
+                "{} is being uploaded by another sb in this home{id}; wait for it to finish, or stop it first",
+                local.display()
+            );
         }
+        bail!("could not lock {}: it kept being replaced", path.display())
     }
 }
 
 impl Drop for UploadLock {
     fn drop(&mut self) {
-        // Removed while still locked; a waiter that opened it meanwhile sees it gone.
+        // Removed while still locked. Elsewhere than unix `same_file` cannot tell a
+        // removed file from its successor, so the file stays.
+        #[cfg(unix)]
         let _ = std::fs::remove_file(&self.path);
     }
 }
