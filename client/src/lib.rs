@@ -140,6 +140,7 @@ pub struct Connector {
     endpoint: quinn::Endpoint,
     server: SocketAddr,
     server_name: String,
+    connect_timeout: std::time::Duration,
 }
 
 impl Connector {
@@ -157,7 +158,12 @@ impl Connector {
         options: &TransportOptions,
     ) -> Result<Self> {
         let endpoint = tls::endpoint(server, trust, options)?;
-        Ok(Connector { endpoint, server, server_name: server_name.to_owned() })
+        Ok(Connector {
+            endpoint,
+            server,
+            server_name: server_name.to_owned(),
+            connect_timeout: options.connect_timeout,
+        })
     }
 
     /// Creates an account and enrolls a new device key.
@@ -220,7 +226,16 @@ impl Connector {
     async fn open(&self) -> Result<(quinn::Connection, Control, Vec<u8>)> {
         let connecting =
             self.endpoint.connect(self.server, &self.server_name).map_err(|e| ClientError::Connect(e.to_string()))?;
-        let conn = connecting.await.map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(connected) => connected.map_err(|e| ClientError::Connect(e.to_string()))?,
+            Err(_) => {
+                return Err(ClientError::Connect(format!(
+                    "no broker answered at {} within {} s",
+                    self.server,
+                    self.connect_timeout.as_secs_f64()
+                )));
+            }
+        };
         let (send, recv) = conn.open_bi().await?;
         let mut stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), limits: None };
         let hello = ClientHello {

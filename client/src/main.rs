@@ -37,8 +37,8 @@ use switchboard_client::{
     TYPING_REFRESH_MS, TransferError, Trust, hex, new_client_id, unhex,
 };
 use switchboard_protocol::{
-    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, Page, PresenceInfo, PresenceState,
-    Receipt, RequestBody, Role, Seq, Signal, UserId,
+    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, FileState, Page,
+    PresenceInfo, PresenceState, Receipt, RequestBody, Role, Seq, Signal, UserId,
 };
 
 #[derive(Parser)]
@@ -86,9 +86,19 @@ impl BrokerFlags {
 #[derive(Subcommand)]
 enum Command {
     /// Create an account and enroll this device (password: SWITCHBOARD_PASSWORD or prompt).
-    Register { name: String },
+    Register {
+        name: String,
+        /// This device's name in `sb devices` (default: sb@HOSTNAME).
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Enroll this device into an existing account.
-    Login { name: String },
+    Login {
+        name: String,
+        /// This device's name in `sb devices` (default: sb@HOSTNAME).
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Conversations.
     Conv {
         #[command(subcommand)]
@@ -117,8 +127,8 @@ enum Command {
         /// Entries after this seq.
         #[arg(long)]
         after: Option<Seq>,
-        /// Page size (at most 200).
-        #[arg(long, default_value_t = 50)]
+        /// Page size (1 to 200).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=200))]
         limit: u16,
     },
     /// Print what happens, until interrupted: messages (first every one not printed
@@ -232,8 +242,13 @@ enum ConvCommand {
 enum DeviceCommand {
     /// List devices (the default).
     List,
-    /// Revoke a device by id.
-    Revoke { device: u64 },
+    /// Revoke a device by id: its connections close and it can no longer sign in.
+    Revoke {
+        device: u64,
+        /// Revoke the device this home is (it is signed out: `sb login` enrolls it anew).
+        #[arg(long)]
+        this_device: bool,
+    },
 }
 
 /// What `sb` remembers between runs.
@@ -326,21 +341,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.broker.apply(&mut state);
     let out = Out { json: cli.json };
     let connector = connector(&state).await?;
+    let enrolling = matches!(cli.command, Command::Register { .. } | Command::Login { .. });
+    let mut result = command(cli, &home, &state, &out, &connector).await;
+    if let Err(e) = result.as_ref()
+        && !enrolling
+    {
+        let code = e.chain().find_map(|c| c.downcast_ref::<ClientError>()).and_then(ClientError::code);
+        if matches!(code, Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED)) {
+            let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
+            result = result.context(format!(
+                "this device is not enrolled any more (revoked from another device?): `sb login {user}` enrolls it again"
+            ));
+        }
+    }
+    // Failed or not, the broker learns at once that this device left: a connection
+    // dropped without its close would count as one of the user's sessions (and show the
+    // user online) until the broker's idle timeout, 30 s.
+    connector.endpoint().close(0u32.into(), b"bye");
+    let _ = tokio::time::timeout(CLOSE_WAIT, connector.endpoint().wait_idle()).await;
+    result
+}
+
+/// How long sb waits at exit for its connections' closes to be sent and acknowledged.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Connector) -> anyhow::Result<()> {
     match cli.command {
         command @ (Command::Register { .. } | Command::Login { .. }) => {
-            let (register, name) = match command {
-                Command::Register { name } => (true, name),
-                Command::Login { name } => (false, name),
+            let (register, name, device) = match command {
+                Command::Register { name, device } => (true, name, device),
+                Command::Login { name, device } => (false, name, device),
                 _ => unreachable!("matched above"),
             };
-            same_user(&state, &name)?;
+            let device = device.unwrap_or_else(device_name);
+            same_user(state, &name)?;
             let password = password(&name, register)?;
             let (_client, identity) = if register {
-                connector.register(&name, &password, &device_name()).await?
+                connector.register(&name, &password, &device).await?
             } else {
-                connector.login(&name, &password, &device_name()).await?
+                connector.login(&name, &password, &device).await?
             };
-            update_state(&home, |s| {
+            update_state(home, |s| {
                 // Another sb in this home may have enrolled meanwhile.
                 same_user(s, &name)?;
                 cli.broker.apply(s);
@@ -356,25 +397,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         command => {
             let identity =
                 state.identity.as_ref().context("no device here yet: run `sb register NAME` or `sb login NAME`")?;
-            update_state(&home, |s| {
+            update_state(home, |s| {
                 cli.broker.apply(s);
                 Ok(())
             })?;
             if let Command::Tail = command {
-                tail(&connector, identity, &home, &out).await?;
+                tail(connector, identity, home, out).await?;
             } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
                 let upload = UploadArgs { path: file, conv, content_type, caption, no_send, resume };
-                files::upload(&connector, identity, &home, &out, upload).await?;
+                files::upload(connector, identity, home, out, upload).await?;
             } else if let Command::Uploads = command {
                 let client = connector.connect(identity).await?;
-                files::uploads(&client, &home, &out).await?;
+                files::uploads(&client, home, out).await?;
             } else {
                 let client = connector.connect(identity).await?;
-                authed(&client, &out, command).await?;
+                authed(&client, out, command).await?;
             }
         }
     }
-    connector.endpoint().wait_idle().await;
     Ok(())
 }
 
@@ -382,7 +422,11 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
     match command {
         Command::Register { .. } | Command::Login { .. } => unreachable!("handled before connecting"),
         Command::Conv { command } => match command {
-            ConvCommand::Create { title, users } => {
+            ConvCommand::Create { title, mut users } => {
+                // The same user named twice is one member (`carol carol` is a direct
+                // conversation with carol).
+                let mut seen = std::collections::HashSet::new();
+                users.retain(|u| seen.insert(u.clone()));
                 let conv = match (title, users.as_slice()) {
                     (None, [peer]) => client.create_direct(peer).await?,
                     (title, _) => client.create_group(title.as_deref().unwrap_or("group"), &users).await?,
@@ -495,9 +539,27 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
                     });
                 }
             }
-            DeviceCommand::Revoke { device } => {
-                client.revoke_device(device).await?;
-                out.line(json!({"event": "revoked", "device_id": device}), || format!("revoked device {device}"));
+            DeviceCommand::Revoke { device, this_device } => {
+                let current = client.devices().await?.iter().any(|d| d.current && d.device_id == device);
+                if current && !this_device {
+                    bail!("device {device} is this one: revoking it signs this home out; pass --this-device to do it");
+                }
+                match client.revoke_device(device).await {
+                    Ok(()) => {}
+                    // Our own connection closes with the revocation.
+                    Err(e) if current && e.code() == Some(ErrorCode::DEVICE_REVOKED) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                out.line(json!({"event": "revoked", "device_id": device, "this_device": current}), || {
+                    if current {
+                        format!("revoked device {device}, this one: run `sb login NAME` to enroll it again")
+                    } else {
+                        format!("revoked device {device}")
+                    }
+                });
+                if current {
+                    return Ok(());
+                }
             }
         },
     }
@@ -682,8 +744,17 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                 out.typing(conv, user, &name, typing);
             }
             Some(SessionEvent::File(p)) => out.status(
-                json!({"event": "file", "conv": p.conv, "file": switchboard_client::hex(&p.file), "size": p.size, "state": format!("{:?}", p.state)}),
-                || format!("file {} ({} bytes): {:?}", switchboard_client::hex(&p.file), p.size, p.state),
+                json!({"event": "file", "conv": p.conv, "file": switchboard_client::hex(&p.file), "size": p.size,
+                    "state": file_state_name(&p.state), "offset": file_offset(&p.state, p.size),
+                    "error": file_error(&p.state)}),
+                || {
+                    format!(
+                        "file {} ({} bytes): {}",
+                        switchboard_client::hex(&p.file),
+                        p.size,
+                        describe_file_state(&p.state, p.size)
+                    )
+                },
             ),
             Some(SessionEvent::Connected) => out.status(json!({"event": "connected"}), || "connected".into()),
             Some(SessionEvent::CaughtUp) => out.status(json!({"event": "caught_up"}), || "caught up".into()),
@@ -716,6 +787,44 @@ fn body_json(body: &Body) -> serde_json::Value {
         }
     }
     value
+}
+
+/// `uploading`, `complete` or `failed`.
+fn file_state_name(state: &FileState) -> &'static str {
+    match state {
+        FileState::Uploading { .. } => "uploading",
+        FileState::Complete { .. } => "complete",
+        FileState::Failed { .. } => "failed",
+    }
+}
+
+/// Durable bytes of an upload (all of them once complete), `None` once failed.
+fn file_offset(state: &FileState, size: u64) -> Option<u64> {
+    match state {
+        FileState::Uploading { offset } => Some(*offset),
+        FileState::Complete { .. } => Some(size),
+        FileState::Failed { .. } => None,
+    }
+}
+
+/// A failed upload's code name.
+fn file_error(state: &FileState) -> Option<&'static str> {
+    match state {
+        FileState::Failed { code } => Some(code.name()),
+        _ => None,
+    }
+}
+
+/// `uploading, 40% (1000 of 2500 bytes)`, `complete`, `failed: HASH_MISMATCH`.
+fn describe_file_state(state: &FileState, size: u64) -> String {
+    match state {
+        FileState::Uploading { offset } => {
+            format!("uploading, {}% ({offset} of {size} bytes)", offset.saturating_mul(100) / size.max(1))
+        }
+        FileState::Complete { thumbnail: Some(t) } => format!("complete, thumbnail {}", hex(&t.file)),
+        FileState::Complete { thumbnail: None } => "complete".into(),
+        FileState::Failed { code } => format!("failed: {}", code.name()),
+    }
 }
 
 fn describe(body: &Body) -> (&'static str, String) {

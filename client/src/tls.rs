@@ -41,11 +41,19 @@ pub struct TransportOptions {
     /// idle timeout. Default 10 s. (The broker also keeps alive at a third of its own
     /// timeout, so a broker configured shorter than this still keeps us connected.)
     pub keep_alive: Duration,
+    /// Give up on a QUIC handshake the broker has not completed in this long (`Connect`
+    /// error naming the address), instead of waiting out the idle timeout. Default 10 s.
+    pub connect_timeout: Duration,
 }
 
 impl Default for TransportOptions {
     fn default() -> Self {
-        TransportOptions { datagrams: true, idle_timeout: Duration::from_secs(30), keep_alive: Duration::from_secs(10) }
+        TransportOptions {
+            datagrams: true,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
     }
 }
 

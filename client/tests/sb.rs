@@ -776,6 +776,12 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let message = history.iter().find(|e| e["kind"] == "files").expect("a files message");
     assert!(message["text"].as_str().unwrap().starts_with("from the lift"), "{message}");
     assert_eq!(sb(&alice, &broker, &["uploads"])[0]["event"], "no_uploads");
+
+    // Resumed on another device, which was never told where it goes: it says so.
+    let (id, _) = upload_and_kill_with(&alice, &broker, &path, &["--conv", &conv_arg]);
+    let there = sb(&phone, &broker, &["upload", "--resume", &id, path.to_str().unwrap()]);
+    assert_eq!(event(&there, "not_sent")["file"].as_str(), Some(id.as_str()), "{there:?}");
+    assert!(!there.iter().any(|l| l["event"] == "sent"));
 }
 
 /// A second `sb upload` of a file another sb in the same home is uploading refuses at
@@ -813,4 +819,81 @@ async fn a_second_sb_uploading_the_same_file_refuses_and_leaves_the_first_alone(
     // Once it is done, the file may be uploaded again (the same bytes: a new upload).
     let again = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
     assert_eq!(event(&again, "started")["offset"].as_u64(), Some(0));
+}
+
+/// An `sb` command that fails still closes its connection before it exits: the broker
+/// at once stops counting it among the user's sessions (before, it stayed until the
+/// idle timeout, 30 s: the user showed online, and 64 failures in a row locked the
+/// user out of every device with `OVERLOADED`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_command_leaves_no_session_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    // `carol carol` is one user: a direct conversation, not a group.
+    let conv = sb(&bob, &broker, &["conv", "create", "alice", "alice"]);
+    assert_eq!(conv[0]["kind"], "direct", "{conv:?}");
+    let conv = conv[0]["conv"].as_u64().unwrap().to_string();
+
+    let failed = sb_output(&alice, &broker, &["edit", &conv, "999", "no such message"]);
+    assert!(!failed.status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = sb(&bob, &broker, &["presence", "alice"]);
+        if seen[0]["state"] == "offline" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice still shows {seen:?} after her only command failed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `sb devices revoke` of the device in use asks for `--this-device`; with it, the
+/// device is revoked, and its next command says how to enroll it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_this_device_takes_a_flag_and_then_says_how_to_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (laptop, phone) = (dir.path().join("laptop"), dir.path().join("phone"));
+    sb(&laptop, &broker, &["register", "alice", "--device", "laptop"]);
+    sb(&phone, &broker, &["login", "alice", "--device", "phone"]);
+    let devices = sb(&phone, &broker, &["devices"]);
+    let names: Vec<&str> = devices.iter().filter_map(|d| d["name"].as_str()).collect();
+    assert_eq!(names, ["laptop", "phone"], "{devices:?}");
+    let me = devices.iter().find(|d| d["current"] == true).unwrap()["device_id"].as_u64().unwrap().to_string();
+
+    let refused = sb_output(&phone, &broker, &["devices", "revoke", &me]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--this-device"));
+    assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 2, "nothing was revoked");
+
+    let revoked = sb(&phone, &broker, &["devices", "revoke", &me, "--this-device"]);
+    assert_eq!((revoked[0]["event"].as_str(), revoked[0]["this_device"].as_bool()), (Some("revoked"), Some(true)));
+    assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 1);
+    let after = sb_output(&phone, &broker, &["devices"]);
+    assert!(!after.status.success());
+    let stderr = String::from_utf8_lossy(&after.stderr);
+    assert!(stderr.contains("`sb login alice` enrolls it again") && stderr.contains("AUTH_FAILED"), "{stderr}");
+}
+
+/// A download into a device (`/dev/null`) works and leaves the device alone; before,
+/// syncing it failed, and a failed download removed OUT whatever it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_into_dev_null_works_and_leaves_it_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let path = dir.path().join("f.bin");
+    std::fs::write(&path, pseudo_random_bytes(100_000, 8)).unwrap();
+    let id = event(&sb(&alice, &broker, &["upload", path.to_str().unwrap()]), "uploaded")["file"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let down = sb(&alice, &broker, &["download", &id, "/dev/null"]);
+    assert_eq!((down[0]["length"].as_u64(), down[0]["verified"].as_bool()), (Some(100_000), Some(false)));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
 }

@@ -403,3 +403,22 @@ async fn an_upload_over_a_slow_uplink_shrinks_its_chunks_until_they_arrive_in_ti
     drop(uplink);
     broker.shutdown().await.unwrap();
 }
+
+/// A connect to an address where no broker answers gives up at the connect timeout with
+/// an error naming the address, instead of waiting out the idle timeout (30 s).
+#[tokio::test]
+async fn a_silent_address_fails_at_the_connect_timeout_naming_it() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let options = switchboard_client::TransportOptions {
+        connect_timeout: Duration::from_millis(300),
+        ..switchboard_client::TransportOptions::default()
+    };
+    let connector = Connector::with_transport(addr, "localhost", Trust::Pin("00".repeat(32)), &options).unwrap();
+    let started = std::time::Instant::now();
+    let Err(error) = within("a connect", connector.register("alice", "correct horse battery", "laptop")).await else {
+        panic!("connected to a silent address");
+    };
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(error.to_string().contains(&format!("no broker answered at {addr}")), "{error}");
+}

@@ -897,7 +897,10 @@ fn rewritten(body: &Body) -> Body {
 
 fn check_text(text: &str) -> Result<(), ErrorBody> {
     if text.is_empty() || text.len() > MAX_TEXT_BYTES as usize {
-        return Err(err(ErrorCode::INVALID, "text must be 1..=max_text_bytes bytes"));
+        return Err(ErrorBody::new(
+            ErrorCode::INVALID,
+            format!("a text must be 1 to {MAX_TEXT_BYTES} bytes (UTF-8); this one is {}", text.len()),
+        ));
     }
     Ok(())
 }

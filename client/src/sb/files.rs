@@ -170,6 +170,14 @@ pub async fn upload(
             )
         },
     );
+    if target.is_none() && args.resume.is_some() && !args.no_send {
+        out.status(json!({"event": "not_sent", "file": hex(&published.file)}), || {
+            format!(
+                "not sent to any conversation: `sb upload --resume {} FILE --conv CONV` sends it",
+                hex(&published.file)
+            )
+        });
+    }
     if let Some(t) = target {
         let caption = t.caption.as_deref().unwrap_or("");
         let seq = match send_files(&mut uploader, t.conv, t.client_id, caption, published.file).await {
@@ -282,6 +290,9 @@ pub async fn download(
     let size = info.file.size;
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
     let mut sink = tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
+    // Only a regular file is synced, checked against the hash and removed when the bytes
+    // are bad: OUT may be a device or a pipe (`/dev/null`), which must never be removed.
+    let regular = sink.metadata().await.is_ok_and(|m| m.is_file());
     let bar = progress_bar(out, expected);
     let range = client.download(file, offset, length, &mut sink, |written| bar.set_position(written)).await;
     bar.finish_and_clear();
@@ -289,13 +300,17 @@ pub async fn download(
         Ok(range) => range,
         Err(e) => {
             drop(sink);
-            let _ = std::fs::remove_file(path);
+            if regular {
+                let _ = std::fs::remove_file(path);
+            }
             return Err(e.into());
         }
     };
-    sink.sync_all().await.with_context(|| format!("writing {}", path.display()))?;
+    if regular {
+        sink.sync_all().await.with_context(|| format!("writing {}", path.display()))?;
+    }
     drop(sink);
-    let whole = range.offset == 0 && range.length == range.size;
+    let whole = range.offset == 0 && range.length == range.size && regular;
     if whole {
         let (_, hash) = hash_file(path).await.with_context(|| format!("reading {}", path.display()))?;
         if hash != info.blake3 {
