@@ -463,6 +463,13 @@ impl Client {
         self.appended(RequestBody::RemoveMember { conv, user }).await.map(|(s, _)| s)
     }
 
+    /// Changes a member's role in a group (the owner only); `Role::Owner` hands over
+    /// ownership and makes the caller an admin. Returns the seq of the `RolesChanged`
+    /// entry.
+    pub async fn set_role(&self, conv: ConvId, user: UserId, role: Role) -> Result<Seq> {
+        self.appended(RequestBody::SetRole { conv, user, role }).await.map(|(s, _)| s)
+    }
+
     /// Leaves a group.
     pub async fn leave(&self, conv: ConvId) -> Result<Seq> {
         self.appended(RequestBody::Leave { conv }).await.map(|(s, _)| s)

@@ -232,8 +232,16 @@ enum ConvCommand {
         #[arg(long)]
         admin: bool,
     },
-    /// Remove a member (by user id) from a group.
-    Remove { conv: ConvId, user: UserId },
+    /// Remove a member (by name or user id) from a group.
+    Remove { conv: ConvId, user: String },
+    /// Change a member's role (by name or user id) in a group I own: admin or member,
+    /// or owner to hand the group over (I become an admin).
+    Role {
+        conv: ConvId,
+        user: String,
+        #[arg(value_parser = ["owner", "admin", "member"])]
+        role: String,
+    },
     /// Leave a group.
     Leave { conv: ConvId },
 }
@@ -418,6 +426,18 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
     Ok(())
 }
 
+/// A member of `conv` named by user name or id.
+async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<UserId> {
+    let members = client.members(conv).await?;
+    if let Some(m) = members.iter().find(|m| m.name == user) {
+        return Ok(m.user_id);
+    }
+    match user.parse::<UserId>() {
+        Ok(id) => Ok(id),
+        Err(_) => bail!("{user:?} is not a member of conversation {conv}"),
+    }
+}
+
 async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Register { .. } | Command::Login { .. } => unreachable!("handled before connecting"),
@@ -450,7 +470,19 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
                 let seq = client.add_members(conv, &users, if admin { Role::Admin } else { Role::Member }).await?;
                 out.seq(conv, seq);
             }
-            ConvCommand::Remove { conv, user } => out.seq(conv, client.remove_member(conv, user).await?),
+            ConvCommand::Remove { conv, user } => {
+                let user = member_id(client, conv, &user).await?;
+                out.seq(conv, client.remove_member(conv, user).await?)
+            }
+            ConvCommand::Role { conv, user, role } => {
+                let user = member_id(client, conv, &user).await?;
+                let role = match role.as_str() {
+                    "owner" => Role::Owner,
+                    "admin" => Role::Admin,
+                    _ => Role::Member,
+                };
+                out.seq(conv, client.set_role(conv, user, role).await?)
+            }
             ConvCommand::Leave { conv } => out.seq(conv, client.leave(conv).await?),
         },
         Command::Send { conv, text, client_id } => {
@@ -827,6 +859,15 @@ fn describe_file_state(state: &FileState, size: u64) -> String {
     }
 }
 
+/// `owner`, `admin` or `member`.
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Owner => "owner",
+        Role::Admin => "admin",
+        Role::Member => "member",
+    }
+}
+
 fn describe(body: &Body) -> (&'static str, String) {
     match body {
         Body::Text { text, edited } => ("text", if *edited { format!("{text} (edited)") } else { text.clone() }),
@@ -843,6 +884,13 @@ fn describe(body: &Body) -> (&'static str, String) {
         ),
         Body::MemberRemoved { user } => ("member_removed", format!("removed {user}")),
         Body::MemberLeft => ("member_left", "left".into()),
+        Body::RolesChanged { members } => (
+            "roles_changed",
+            format!(
+                "made {}",
+                members.iter().map(|(u, r)| format!("{u} {}", role_name(*r))).collect::<Vec<_>>().join(", ")
+            ),
+        ),
         Body::Redacted { target } => ("redacted", format!("(edit of deleted #{target})")),
         Body::Files { text, files, edited } => {
             let list: Vec<String> = files

@@ -423,6 +423,7 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         RequestBody::CreateConversation(NewConversation::Group { .. })
         | RequestBody::AddMembers { .. }
         | RequestBody::RemoveMember { .. }
+        | RequestBody::SetRole { .. }
         | RequestBody::Leave { .. }
         | RequestBody::RevokeDevice { .. }
         // A second begin starts a second upload; a second cancel or delete would answer
@@ -801,6 +802,8 @@ impl Task {
             | RequestBody::Delete { conv, .. }
             | RequestBody::AddMembers { conv, .. }
             | RequestBody::RemoveMember { conv, .. }
+            | RequestBody::SetRole { conv, .. }
+            | RequestBody::SendFiles { conv, .. }
             | RequestBody::Leave { conv } => Some(*conv),
             _ => None,
         };

@@ -897,3 +897,39 @@ async fn a_download_into_dev_null_works_and_leaves_it_alone() {
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
 }
+
+/// `sb conv role` and `sb conv remove` take member names; the owner hands the group over
+/// and may then leave; history shows the role changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_change_and_members_go_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, bob, carol) = (dir.path().join("alice"), dir.path().join("bob"), dir.path().join("carol"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    sb(&carol, &broker, &["register", "carol"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "--title", "team", "bob", "carol"])[0]["conv"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let refused = sb_output(&bob, &broker, &["conv", "remove", &conv, "carol"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("FORBIDDEN"));
+    sb(&alice, &broker, &["conv", "role", &conv, "bob", "admin"]);
+    let role = |who: &str| {
+        let members = sb(&alice, &broker, &["conv", "members", &conv]);
+        members.iter().find(|m| m["name"] == who).map(|m| m["role"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(role("bob").as_deref(), Some("admin"));
+    sb(&bob, &broker, &["conv", "remove", &conv, "carol"]);
+    assert_eq!(role("carol"), None);
+    let unknown = sb_output(&alice, &broker, &["conv", "role", &conv, "nobody", "admin"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("not a member"));
+
+    sb(&alice, &broker, &["conv", "role", &conv, "bob", "owner"]);
+    sb(&alice, &broker, &["conv", "leave", &conv]);
+    let history = sb(&bob, &broker, &["history", &conv]);
+    let changes: Vec<&str> =
+        history.iter().filter(|e| e["kind"] == "roles_changed").filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(changes.len(), 2, "{history:?}");
+    assert!(changes[1].contains("owner") && changes[1].contains("admin"), "{changes:?}");
+}

@@ -577,14 +577,18 @@ mod tests {
         append(&store, with_body(text(9, 3, 3), Body::MembersAdded { members: vec![(4, Role::Admin)] })).await;
         assert_eq!(store.members(9).unwrap(), vec![(4, Role::Admin)]);
         assert_eq!(store.user_conversations(4, None, 10).unwrap(), vec![9]);
-        append(&store, with_body(text(9, 4, 4), Body::MemberLeft)).await;
+        let since = store.db.get(Key::user_conv(4, 9)).unwrap();
+        append(&store, with_body(text(9, 4, 3), Body::RolesChanged { members: vec![(4, Role::Member)] })).await;
+        assert_eq!(store.members(9).unwrap(), vec![(4, Role::Member)]);
+        assert_eq!(store.db.get(Key::user_conv(4, 9)).unwrap(), since, "a role change keeps the seq of joining");
+        append(&store, with_body(text(9, 5, 4), Body::MemberLeft)).await;
         assert!(store.members(9).unwrap().is_empty());
         assert!(store.user_conversations(4, None, 10).unwrap().is_empty());
-        append(&store, with_body(text(9, 5, 3), Body::Delete { target: 1 })).await;
+        append(&store, with_body(text(9, 6, 3), Body::Delete { target: 1 })).await;
         assert_eq!(store.entry(9, 1).unwrap().unwrap().body, Body::Tombstone);
         assert_eq!(store.dedupe(9, 3, &[2; 16]).unwrap(), Some(2));
         assert_eq!(store.dedupe(9, 4, &[2; 16]).unwrap(), None, "idempotency keys are per sender");
-        assert_eq!(store.last_seq(9).unwrap(), 5);
+        assert_eq!(store.last_seq(9).unwrap(), 6);
     }
 
     #[tokio::test]

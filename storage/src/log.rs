@@ -108,6 +108,11 @@ impl Store {
             }
             Body::MemberRemoved { user } => self.index_write(|| member(*user, None)),
             Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
+            // A role changes the member key only: the user's index keeps the seq that
+            // made the user a member.
+            Body::RolesChanged { members } => self.index_write(|| {
+                members.iter().try_for_each(|(user, role)| set(Key::member(conv, *user), Some(encode(role))))
+            }),
             // A message moves the running counts that unread counts are read from.
             Body::Text { .. } | Body::Files { .. } => {
                 if let Body::Files { files, .. } = &entry.body {

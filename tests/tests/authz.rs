@@ -51,6 +51,7 @@ enum Kind {
     FileInfo,
     DeleteFile,
     ListUploads,
+    SetRole,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -88,6 +89,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::FileInfo { .. } => Kind::FileInfo,
         RequestBody::DeleteFile { .. } => Kind::DeleteFile,
         RequestBody::ListUploads { .. } => Kind::ListUploads,
+        RequestBody::SetRole { .. } => Kind::SetRole,
     }
 }
 
@@ -171,6 +173,7 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     (Kind::DeleteFile,         Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
     // Only the caller's own uploads in progress (never alice's).
     (Kind::ListUploads,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
+    (Kind::SetRole,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -327,6 +330,7 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::FileInfo => RequestBody::FileInfo { file },
         Kind::DeleteFile => RequestBody::DeleteFile { file },
         Kind::ListUploads => RequestBody::ListUploads { after: None },
+        Kind::SetRole => RequestBody::SetRole { conv, user: w.carol, role: Role::Admin },
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -468,7 +472,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 31] = [
+    const ALL: [Kind; 32] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -500,6 +504,7 @@ fn every_request_kind_has_one_row() {
         Kind::FileInfo,
         Kind::DeleteFile,
         Kind::ListUploads,
+        Kind::SetRole,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

@@ -117,3 +117,54 @@ async fn after_a_failed_fsync_nothing_is_acknowledged_again() {
     let again = tokio::time::timeout(Duration::from_secs(10), tb.connector().connect(&alice_id)).await.unwrap();
     assert!(again.is_err(), "no new connection is served");
 }
+
+/// The owner makes a member an admin (who may then add members), hands the group over
+/// (and may then leave), every member hears of each change as an entry, and the roles
+/// survive a restart. Before `SetRole` a role was fixed when the member was added, and
+/// the owner could never leave a group with others in it.
+#[tokio::test]
+async fn the_owner_changes_roles_and_hands_the_group_over() {
+    let mut tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, bob_id) = tb.register("bob").await;
+    let (_carol, _) = tb.register("carol").await;
+    let (_dave, _) = tb.register("dave").await;
+    let mut bob_events = bob.events().unwrap();
+    let conv = alice.create_group("g", &["bob".into(), "carol".into()]).await.unwrap().id;
+    next_entry(&mut bob_events).await;
+    let ids = |members: &[switchboard_protocol::Member]| {
+        members.iter().map(|m| (m.name.clone(), m.role)).collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        bob.add_members(conv, &["dave".into()], Role::Member).await.unwrap_err().code(),
+        Some(ErrorCode::FORBIDDEN)
+    );
+    assert_eq!(bob.set_role(conv, bob_id.user_id, Role::Admin).await.unwrap_err().code(), Some(ErrorCode::FORBIDDEN));
+
+    let promoted = alice.set_role(conv, bob_id.user_id, Role::Admin).await.unwrap();
+    let heard = next_entry(&mut bob_events).await;
+    assert_eq!(
+        (heard.seq, heard.body),
+        (promoted, Body::RolesChanged { members: vec![(bob_id.user_id, Role::Admin)] })
+    );
+    // bob's own write comes back as its answer, not as an event.
+    bob.add_members(conv, &["dave".into()], Role::Member).await.unwrap();
+
+    let carol = alice.members(conv).await.unwrap().iter().find(|m| m.name == "carol").unwrap().user_id;
+    let handed = alice.set_role(conv, carol, Role::Owner).await.unwrap();
+    let heard = next_entry(&mut bob_events).await;
+    assert_eq!(heard.seq, handed);
+    assert!(matches!(&heard.body, Body::RolesChanged { members } if members.len() == 2), "{heard:?}");
+    let roles = ids(&bob.members(conv).await.unwrap());
+    assert_eq!(roles["carol"], Role::Owner);
+    assert_eq!(roles["alice"], Role::Admin);
+    alice.leave(conv).await.unwrap();
+
+    tb.restart().await;
+    let bob = tb.connector().connect(&bob_id).await.unwrap();
+    let roles = ids(&bob.members(conv).await.unwrap());
+    assert_eq!(
+        roles.into_iter().collect::<Vec<_>>(),
+        vec![("bob".into(), Role::Admin), ("carol".into(), Role::Owner), ("dave".into(), Role::Member)]
+    );
+}

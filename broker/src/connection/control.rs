@@ -194,6 +194,9 @@ impl Session {
                 convs.write(shared, conv, caller, Command::Remove { user }, reply).await
             }
             RequestBody::Leave { conv } => convs.write(shared, conv, caller, Command::Leave, reply).await,
+            RequestBody::SetRole { conv, user, role } => {
+                convs.write(shared, conv, caller, Command::SetRole { user, role }, reply).await
+            }
             // Names are resolved here, in order (a few index reads), not on a task: a
             // pipelined add then send must reach the conversation in that order.
             RequestBody::AddMembers { conv, users, role } => match catalog::resolve_users(shared, &users) {

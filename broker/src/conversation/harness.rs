@@ -64,7 +64,9 @@ impl MemLog {
                 }
                 rewrite(c, *target, Body::Tombstone);
             }
-            Body::MembersAdded { members } | Body::Created { members, .. } => c.members.extend(members.iter().copied()),
+            Body::MembersAdded { members } | Body::Created { members, .. } | Body::RolesChanged { members } => {
+                c.members.extend(members.iter().copied())
+            }
             Body::MemberRemoved { user } => {
                 c.members.remove(user);
             }
@@ -434,6 +436,77 @@ mod tests {
         assert_eq!(h.ack(remove), Some(Ok((4, false))), "the remove sees the add before it");
         assert!(h.deliveries[1].audience.contains(&CAROL), "carol gets the message sent after her addition");
         assert!(h.deliveries[2].audience.contains(&CAROL), "and hears of her removal");
+    }
+
+    fn roles(h: &mut Harness) -> Vec<(UserId, Role)> {
+        let Ok(Reply::Members(members)) = h.read(OWNER, Read::Members) else { panic!() };
+        members.iter().map(|m| (m.user_id, m.role)).collect()
+    }
+
+    #[test]
+    fn only_the_owner_changes_roles_and_hands_over_ownership_to_one_member() {
+        let mut h = group();
+        h.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Admin });
+        h.commit();
+        // Who may not, and what may not be asked.
+        let refused = [
+            (CAROL, BOB, Role::Admin, ErrorCode::FORBIDDEN),
+            (BOB, BOB, Role::Admin, ErrorCode::FORBIDDEN),
+            (OWNER, 9, Role::Admin, ErrorCode::NOT_FOUND),
+            (OWNER, OWNER, Role::Member, ErrorCode::INVALID),
+            (OWNER, CAROL, Role::Admin, ErrorCode::CONFLICT),
+            (9, BOB, Role::Admin, ErrorCode::FORBIDDEN),
+        ];
+        for (who, user, role, code) in refused {
+            let id = h.write(who, Command::SetRole { user, role });
+            assert_eq!(h.ack(id), Some(Err(code)), "{who} sets {user} to {role:?}");
+        }
+        // The owner promotes and demotes.
+        let promote = h.write(OWNER, Command::SetRole { user: BOB, role: Role::Admin });
+        let demote = h.write(OWNER, Command::SetRole { user: CAROL, role: Role::Member });
+        assert_eq!(
+            roles(&mut h),
+            vec![(OWNER, Role::Owner), (BOB, Role::Member), (CAROL, Role::Admin)],
+            "durable only"
+        );
+        h.commit();
+        assert_eq!((h.ack(promote), h.ack(demote)), (Some(Ok((3, false))), Some(Ok((4, false)))));
+        assert_eq!(roles(&mut h), vec![(OWNER, Role::Owner), (BOB, Role::Admin), (CAROL, Role::Member)]);
+        assert_eq!(h.log.now.entries[&3].body, Body::RolesChanged { members: vec![(BOB, Role::Admin)] });
+        let sorted = |mut users: Vec<UserId>| {
+            users.sort();
+            users
+        };
+        assert!(
+            h.deliveries.iter().all(|d| sorted(d.audience.clone()) == vec![OWNER, BOB, CAROL]),
+            "every member hears of it"
+        );
+        // Handing over: one owner, the former one an admin who may now leave.
+        let hand = h.write(OWNER, Command::SetRole { user: CAROL, role: Role::Owner });
+        h.commit();
+        assert_eq!(h.ack(hand), Some(Ok((5, false))));
+        assert_eq!(
+            h.log.now.entries[&5].body,
+            Body::RolesChanged { members: vec![(CAROL, Role::Owner), (OWNER, Role::Admin)] }
+        );
+        assert_eq!(roles(&mut h), vec![(OWNER, Role::Admin), (BOB, Role::Admin), (CAROL, Role::Owner)]);
+        let old_owner = h.write(OWNER, Command::SetRole { user: BOB, role: Role::Member });
+        assert_eq!(h.ack(old_owner), Some(Err(ErrorCode::FORBIDDEN)), "no longer the owner");
+        // The roles survive a crash: the successor loads them from the member keys.
+        h.crash_broker();
+        assert_eq!(roles(&mut h), vec![(OWNER, Role::Admin), (BOB, Role::Admin), (CAROL, Role::Owner)]);
+        let leave = h.write(OWNER, Command::Leave);
+        h.commit();
+        assert_eq!(h.ack(leave), Some(Ok((6, false))));
+        let stuck = h.write(CAROL, Command::Leave);
+        assert_eq!(h.ack(stuck), Some(Err(ErrorCode::FORBIDDEN)), "the new owner hands over before leaving");
+    }
+
+    #[test]
+    fn a_direct_conversation_has_no_roles_to_change() {
+        let mut h = Harness::new(ConversationKind::Direct, &[(OWNER, Role::Member), (BOB, Role::Member)]);
+        let id = h.write(OWNER, Command::SetRole { user: BOB, role: Role::Admin });
+        assert_eq!(h.ack(id), Some(Err(ErrorCode::INVALID)));
     }
 
     #[test]

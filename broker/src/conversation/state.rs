@@ -96,6 +96,13 @@ pub enum Command {
     },
     /// Leave (group).
     Leave,
+    /// Change a member's role (group, owner only); `Owner` hands over ownership.
+    SetRole {
+        /// The member.
+        user: UserId,
+        /// The new role.
+        role: Role,
+    },
 }
 
 impl Command {
@@ -790,10 +797,34 @@ impl<R> ConversationState<R> {
                     return Err(err(ErrorCode::INVALID, "cannot leave a direct conversation"));
                 }
                 if role == Role::Owner && self.members.len() > 1 {
-                    return Err(err(ErrorCode::FORBIDDEN, "the owner cannot leave while others remain"));
+                    return Err(err(
+                        ErrorCode::FORBIDDEN,
+                        "the owner cannot leave while others remain: hand ownership to a member first",
+                    ));
                 }
                 members.push((caller.user, None));
                 Body::MemberLeft
+            }
+            Command::SetRole { user, role: new_role } => {
+                self.group_admin(role)?;
+                if role != Role::Owner {
+                    return Err(err(ErrorCode::FORBIDDEN, "only the owner may change roles"));
+                }
+                let current =
+                    self.members.get(&user).copied().ok_or_else(|| err(ErrorCode::NOT_FOUND, "not a member"))?;
+                if user == caller.user {
+                    return Err(err(ErrorCode::INVALID, "the owner hands over ownership to another member"));
+                }
+                if current == new_role {
+                    return Err(err(ErrorCode::CONFLICT, "the member has that role already"));
+                }
+                let mut changed = vec![(user, new_role)];
+                if new_role == Role::Owner {
+                    // One owner: the one handing over stays on as an admin.
+                    changed.push((caller.user, Role::Admin));
+                }
+                members.extend(changed.iter().map(|&(u, r)| (u, Some(r))));
+                Body::RolesChanged { members: changed }
             }
         };
         let entry = Entry {

@@ -106,4 +106,10 @@ pub enum Body {
         /// The caption was edited.
         edited: bool,
     },
+    /// The owner (`sender`) changed members' roles: one member's, or, handing over
+    /// ownership, the new owner's (`Owner`) and its own (`Admin`), in that order.
+    RolesChanged {
+        /// Members and their new roles.
+        members: Vec<(UserId, Role)>,
+    },
 }

@@ -157,6 +157,8 @@ mod tests {
         "transfer_failed",
         "request_list_uploads",
         "response_uploads",
+        "request_set_role",
+        "event_entry_roles_changed",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -461,6 +463,10 @@ mod tests {
                 offset: 1_048_576,
             }),
             "request_list_uploads" => req(31, RequestBody::ListUploads { after: Some(THUMB) }),
+            "request_set_role" => req(32, RequestBody::SetRole { conv: CONV, user: 3, role: Role::Owner }),
+            "event_entry_roles_changed" => {
+                event(13, Body::RolesChanged { members: vec![(3, Role::Owner), (2, Role::Admin)] })
+            }
             "response_uploads" => ok(
                 31,
                 Reply::Uploads {

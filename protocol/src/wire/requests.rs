@@ -221,6 +221,17 @@ pub enum RequestBody {
         /// List only ids above this one (the last id of the previous page).
         after: Option<FileId>,
     },
+    /// Change a member's role in a group (the owner only): `Admin` or `Member`, or `Owner`
+    /// to hand over ownership (the caller becomes `Admin`). Replies `Appended` with the
+    /// `RolesChanged` entry.
+    SetRole {
+        /// Conversation.
+        conv: ConvId,
+        /// The member.
+        user: UserId,
+        /// The new role.
+        role: Role,
+    },
 }
 
 /// Enrollment of a new device key, with the account password.
