@@ -179,21 +179,46 @@ impl Connector {
     /// Connects as an enrolled device.
     pub async fn connect(&self, identity: &Identity) -> Result<Client> {
         let key = signing_key(&identity.secret_key)?;
-        let (conn, mut stream, transcript) = self.open().await?;
-        let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
-        let body = RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
-        let (user_id, device_id) = stream.authenticate(&conn, body).await?;
+        let (conn, stream, (user_id, device_id)) = self
+            .in_time(async {
+                let (conn, mut stream, transcript) = self.open().await?;
+                let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
+                let body =
+                    RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
+                let ids = stream.authenticate(&conn, body).await?;
+                Ok((conn, stream, ids))
+            })
+            .await?;
         Ok(Client::start(conn, stream, user_id, device_id))
+    }
+
+    /// `connecting` (the QUIC handshake, the hellos and the authentication), or a
+    /// `Connect` error naming the address once `connect_timeout` has passed.
+    async fn in_time<T>(&self, connecting: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Connect(format!(
+                "no broker answered at {} within {} s",
+                self.server,
+                self.connect_timeout.as_secs_f64()
+            ))),
+        }
     }
 
     /// Authenticates as `identity` and returns the bare control stream instead of a
     /// `Client`: for tools that speak the protocol themselves (tests, fuzzers, probes).
     pub async fn connect_raw(&self, identity: &Identity) -> Result<RawSession> {
         let key = signing_key(&identity.secret_key)?;
-        let (conn, mut stream, transcript) = self.open().await?;
-        let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
-        let body = RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
-        stream.authenticate(&conn, body).await?;
+        let (conn, stream) = self
+            .in_time(async {
+                let (conn, mut stream, transcript) = self.open().await?;
+                let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
+                let body =
+                    RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
+                stream.authenticate(&conn, body).await?;
+                Ok((conn, stream))
+            })
+            .await?;
         let Control { send, recv, decoder, .. } = stream;
         Ok(RawSession { conn, send, recv, decoder })
     }
@@ -208,16 +233,21 @@ impl Connector {
         let mut secret = [0u8; 32];
         random(&mut secret);
         let key = SigningKey::from_bytes(&secret);
-        let (conn, mut stream, transcript) = self.open().await?;
-        let enroll = Enroll {
-            user: user.to_owned(),
-            password: password.to_owned(),
-            device_name: device_name.to_owned(),
-            public_key: Bytes::copy_from_slice(key.verifying_key().as_bytes()),
-            signature: Bytes::copy_from_slice(&key.sign(&transcript).to_bytes()),
-        };
-        let body = if register { RequestBody::Register(enroll) } else { RequestBody::Login(enroll) };
-        let (user_id, device_id) = stream.authenticate(&conn, body).await?;
+        let (conn, stream, (user_id, device_id)) = self
+            .in_time(async {
+                let (conn, mut stream, transcript) = self.open().await?;
+                let enroll = Enroll {
+                    user: user.to_owned(),
+                    password: password.to_owned(),
+                    device_name: device_name.to_owned(),
+                    public_key: Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+                    signature: Bytes::copy_from_slice(&key.sign(&transcript).to_bytes()),
+                };
+                let body = if register { RequestBody::Register(enroll) } else { RequestBody::Login(enroll) };
+                let ids = stream.authenticate(&conn, body).await?;
+                Ok((conn, stream, ids))
+            })
+            .await?;
         let identity = Identity { user: user.to_owned(), user_id, device_id, secret_key: hex(&secret) };
         Ok((Client::start(conn, stream, user_id, device_id), identity))
     }
@@ -226,16 +256,7 @@ impl Connector {
     async fn open(&self) -> Result<(quinn::Connection, Control, Vec<u8>)> {
         let connecting =
             self.endpoint.connect(self.server, &self.server_name).map_err(|e| ClientError::Connect(e.to_string()))?;
-        let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(connected) => connected.map_err(|e| ClientError::Connect(e.to_string()))?,
-            Err(_) => {
-                return Err(ClientError::Connect(format!(
-                    "no broker answered at {} within {} s",
-                    self.server,
-                    self.connect_timeout.as_secs_f64()
-                )));
-            }
-        };
+        let conn = connecting.await.map_err(|e| ClientError::Connect(e.to_string()))?;
         let (send, recv) = conn.open_bi().await?;
         let mut stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), limits: None };
         let hello = ClientHello {

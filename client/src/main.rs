@@ -313,11 +313,9 @@ fn main() {
     }
 }
 
-/// The `error` object of a JSON error line: the broker's code, its name and the
-/// broker's own message, or `null` code and name for a failure of sb's own.
-fn error_json(e: &anyhow::Error) -> serde_json::Value {
-    let client = e
-        .downcast_ref::<ClientError>()
+/// The client library's error inside `e`, however it was wrapped.
+fn client_error(e: &anyhow::Error) -> Option<&ClientError> {
+    e.downcast_ref::<ClientError>()
         .or_else(|| match e.downcast_ref::<SessionError>() {
             Some(SessionError::Client(c)) => Some(c),
             _ => None,
@@ -325,7 +323,13 @@ fn error_json(e: &anyhow::Error) -> serde_json::Value {
         .or_else(|| match e.downcast_ref::<TransferError>() {
             Some(TransferError::Client(c)) => Some(c),
             _ => None,
-        });
+        })
+}
+
+/// The `error` object of a JSON error line: the broker's code, its name and the
+/// broker's own message, or `null` code and name for a failure of sb's own.
+fn error_json(e: &anyhow::Error) -> serde_json::Value {
+    let client = client_error(e);
     match e.downcast_ref::<TransferError>() {
         Some(TransferError::Failed { error, .. }) => {
             return json!({"code": error.code.0, "name": error.code.name(), "message": error.message});
@@ -347,14 +351,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let home = home_dir()?;
     let mut state = load_state(&home)?;
     cli.broker.apply(&mut state);
+    fill_defaults(&mut state);
     let out = Out { json: cli.json };
     let connector = connector(&state).await?;
     let enrolling = matches!(cli.command, Command::Register { .. } | Command::Login { .. });
-    let mut result = command(cli, &home, &state, &out, &connector).await;
+    // `tail` and `typing` end on Ctrl-C or SIGTERM themselves (tail saves its cursors);
+    // any other command is cut short here, so that its connection is closed below too.
+    let own_interrupt = matches!(cli.command, Command::Tail | Command::Typing { .. });
+    let mut result = tokio::select! {
+        result = command(cli, &home, &state, &out, &connector) => result,
+        _ = interrupted(), if !own_interrupt => Err(anyhow::anyhow!("interrupted")),
+    };
     if let Err(e) = result.as_ref()
         && !enrolling
     {
-        let code = e.chain().find_map(|c| c.downcast_ref::<ClientError>()).and_then(ClientError::code);
+        let code = client_error(e).and_then(ClientError::code);
         if matches!(code, Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED)) {
             let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
             result = result.context(format!(
@@ -393,6 +404,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 // Another sb in this home may have enrolled meanwhile.
                 same_user(s, &name)?;
                 cli.broker.apply(s);
+                fill_defaults(s);
                 s.identity = Some(identity.clone());
                 Ok(())
             })?;
@@ -426,15 +438,23 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
     Ok(())
 }
 
-/// A member of `conv` named by user name or id.
+/// A member of `conv` named by user name, or by user id as `#ID` (or a bare number that
+/// is no member's name). A name that is also another member's id is refused as
+/// ambiguous: names may be all digits, and history shows members by id.
 async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<UserId> {
     let members = client.members(conv).await?;
-    if let Some(m) = members.iter().find(|m| m.name == user) {
-        return Ok(m.user_id);
+    if let Some(id) = user.strip_prefix('#') {
+        let id: UserId = id.parse().with_context(|| format!("{user:?}: #ID takes a user id"))?;
+        return Ok(id);
     }
-    match user.parse::<UserId>() {
-        Ok(id) => Ok(id),
-        Err(_) => bail!("{user:?} is not a member of conversation {conv}"),
+    let by_name = members.iter().find(|m| m.name == user).map(|m| m.user_id);
+    let by_id = user.parse::<UserId>().ok().filter(|id| members.iter().any(|m| m.user_id == *id));
+    match (by_name, by_id) {
+        (Some(a), Some(b)) if a != b => {
+            bail!("{user:?} is a member's name (user {a}) and another member's id: say {user:?}'s id as #{a} or #{b}")
+        }
+        (Some(id), _) | (None, Some(id)) => Ok(id),
+        (None, None) => bail!("{user:?} is not a member of conversation {conv}"),
     }
 }
 
@@ -576,10 +596,19 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
                 if current && !this_device {
                     bail!("device {device} is this one: revoking it signs this home out; pass --this-device to do it");
                 }
+                if this_device && !current {
+                    bail!("--this-device: device {device} is not this one (see `sb devices`)");
+                }
                 match client.revoke_device(device).await {
                     Ok(()) => {}
-                    // Our own connection closes with the revocation.
-                    Err(e) if current && e.code() == Some(ErrorCode::DEVICE_REVOKED) => {}
+                    // Our own connection closes with the revocation, maybe before `Done`.
+                    Err(e @ ClientError::Closed { .. }) if current => {
+                        if e.code() != Some(ErrorCode::DEVICE_REVOKED) {
+                            bail!(
+                                "the connection closed before the broker answered ({e}): `sb devices` from another device tells whether this one was revoked"
+                            );
+                        }
+                    }
                     Err(e) => return Err(e.into()),
                 }
                 out.line(json!({"event": "revoked", "device_id": device, "this_device": current}), || {
@@ -962,8 +991,24 @@ impl Names {
     }
 }
 
+/// The broker's default address and certificate (the broker's own defaults, when it runs
+/// in the current directory), filled in where the state names neither. Enrolling saves
+/// them, the certificate as an absolute path, so the home works from any directory.
+fn fill_defaults(state: &mut State) {
+    if state.server.is_none() {
+        state.server = Some(DEFAULT_SERVER.into());
+    }
+    let default_ca = Path::new("switchboard-data/cert.pem");
+    if state.pin.is_none() && state.ca.is_none() && default_ca.exists() {
+        state.ca = Some(std::path::absolute(default_ca).unwrap_or_else(|_| default_ca.to_owned()));
+    }
+}
+
+/// Where the broker listens by default.
+const DEFAULT_SERVER: &str = "127.0.0.1:4433";
+
 async fn connector(state: &State) -> anyhow::Result<Connector> {
-    let server = state.server.clone().unwrap_or_else(|| "127.0.0.1:4433".into());
+    let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
     let addr: SocketAddr = tokio::net::lookup_host(&server)
         .await
         .with_context(|| format!("resolving {server}"))?
@@ -975,9 +1020,6 @@ async fn connector(state: &State) -> anyhow::Result<Connector> {
     let trust = match (&state.pin, &state.ca) {
         (Some(pin), _) => Trust::Pin(pin.clone()),
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
-        (None, None) if Path::new("switchboard-data/cert.pem").exists() => {
-            Trust::CaFile("switchboard-data/cert.pem".into())
-        }
         (None, None) => bail!("pass --ca FILE or --pin SHA256 (the broker prints both at start)"),
     };
     Ok(Connector::new(addr, name, trust)?)

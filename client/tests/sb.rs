@@ -550,6 +550,14 @@ async fn range_download_writes_exactly_the_range() {
     // A length past the end stops at the end.
     sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "1048570", "--length", "1000"]);
     assert_eq!(std::fs::read(&out).unwrap(), data[1_048_570..]);
+    // A download that fails after it began leaves OUT as it was, and nothing beside it
+    // (before, OUT was emptied at the start and removed on the failure).
+    let refused = sb_output(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "99999999"]);
+    assert!(!refused.status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), data[1_048_570..]);
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.ends_with(".part")), "{names:?}");
 }
 
 /// An `sb upload` killed mid-way continues with `sb upload --resume ID FILE` from the
@@ -924,6 +932,23 @@ async fn roles_change_and_members_go_by_name() {
     assert_eq!(role("carol"), None);
     let unknown = sb_output(&alice, &broker, &["conv", "role", &conv, "nobody", "admin"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("not a member"));
+    // A user whose name is another member's id: the bare name is refused as ambiguous,
+    // and `#ID` says the id.
+    let alice_id =
+        sb(&alice, &broker, &["conv", "members", &conv]).iter().find(|m| m["name"] == "alice").unwrap()["user_id"]
+            .to_string();
+    let digits = dir.path().join("digits");
+    sb(&digits, &broker, &["register", &alice_id]);
+    sb(&alice, &broker, &["conv", "add", &conv, &alice_id]);
+    let ambiguous = sb_output(&alice, &broker, &["conv", "role", &conv, &alice_id, "admin"]);
+    assert!(String::from_utf8_lossy(&ambiguous.stderr).contains("another member's id"), "{ambiguous:?}");
+    let digits_id = sb(&alice, &broker, &["conv", "members", &conv])
+        .iter()
+        .find(|m| m["name"] == alice_id.as_str())
+        .unwrap()["user_id"]
+        .to_string();
+    sb(&alice, &broker, &["conv", "remove", &conv, &format!("#{digits_id}")]);
+    assert_eq!(role(&alice_id), None);
 
     sb(&alice, &broker, &["conv", "role", &conv, "bob", "owner"]);
     sb(&alice, &broker, &["conv", "leave", &conv]);
@@ -932,4 +957,36 @@ async fn roles_change_and_members_go_by_name() {
         history.iter().filter(|e| e["kind"] == "roles_changed").filter_map(|e| e["text"].as_str()).collect();
     assert_eq!(changes.len(), 2, "{history:?}");
     assert!(changes[1].contains("owner") && changes[1].contains("admin"), "{changes:?}");
+}
+
+/// Enrolling with the broker's certificate found in `./switchboard-data` (no `--ca`)
+/// saves it as an absolute path, so the home works from any directory (before, the
+/// state kept no certificate and the next command elsewhere asked for `--ca`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_certificate_is_saved_as_an_absolute_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (home, beside, elsewhere) = (dir.path().join("home"), dir.path().join("beside"), dir.path().join("elsewhere"));
+    std::fs::create_dir_all(beside.join("switchboard-data")).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::copy(&broker.cert_path, beside.join("switchboard-data/cert.pem")).unwrap();
+    let run = |cwd: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sb"))
+            .current_dir(cwd)
+            .env("SWITCHBOARD_HOME", &home)
+            .env("SWITCHBOARD_PASSWORD", "correct horse battery")
+            .env_remove("SWITCHBOARD_CA")
+            .env_remove("SWITCHBOARD_PIN")
+            .env_remove("SWITCHBOARD_SERVER")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let addr = broker.local_addr.to_string();
+    let registered = run(&beside, &["--server", &addr, "register", "alice"]);
+    assert!(registered.status.success(), "{}", String::from_utf8_lossy(&registered.stderr));
+    let listed = run(&elsewhere, &["conv", "list"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let state = std::fs::read_to_string(home.join("state.json")).unwrap();
+    assert!(state.contains(&beside.join("switchboard-data/cert.pem").display().to_string()), "{state}");
 }

@@ -123,7 +123,10 @@ pub enum UploadRefusal {
     /// The user has `max_uploads` uploads in progress.
     TooManyUploads,
     /// The user's stored bytes plus the size would pass the quota.
-    QuotaExceeded,
+    QuotaExceeded {
+        /// The bytes the quota counts now, of the user's files and uploads.
+        used: u64,
+    },
     /// The disk has no room for it (the caller's `room` check said so).
     StorageFull,
 }
@@ -164,7 +167,7 @@ impl Store {
         }
         let stored = self.stored_now(&lock, user)?;
         if stored.saturating_add(record.size) > quota_bytes {
-            return Ok(Err(UploadRefusal::QuotaExceeded));
+            return Ok(Err(UploadRefusal::QuotaExceeded { used: stored }));
         }
         if !room(lock.promised) {
             return Ok(Err(UploadRefusal::StorageFull));
@@ -660,7 +663,7 @@ mod tests {
         store.begin_upload(&a, &record(7, 60, 1), 2, 100, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
             store.begin_upload(&b, &record(7, 41, 2), 2, 100, |_| true).unwrap().unwrap_err(),
-            UploadRefusal::QuotaExceeded
+            UploadRefusal::QuotaExceeded { used: 60 }
         );
         store.begin_upload(&b, &record(7, 40, 2), 2, 100, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
@@ -748,13 +751,13 @@ mod tests {
             // `a` waits to be applied: the lock is free meanwhile, and checks count `a`.
             assert!(promised(60) < Duration::from_secs(2), "the files lock was held while the committer flushed");
             let refusal = store.begin_upload(&b, &record(7, 41, 2), 2, 100, |_| true).unwrap().unwrap_err();
-            assert_eq!(refusal, UploadRefusal::QuotaExceeded, "60 of 100 bytes are promised to `a`");
+            assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: 60 }, "60 of 100 bytes are promised to `a`");
             let refusal = store.begin_upload(&b, &record(7, 40, 2), 1, 100, |_| true).unwrap().unwrap_err();
             assert_eq!(refusal, UploadRefusal::TooManyUploads, "`a` is in progress");
             let second = scope.spawn(|| store.begin_upload(&b, &record(7, 40, 2), 2, 100, |_| true).unwrap().unwrap());
             assert!(promised(100) < Duration::from_secs(2));
             let refusal = store.begin_upload(&[3; 16], &record(7, 1, 3), 8, 100, |_| true).unwrap().unwrap_err();
-            assert_eq!(refusal, UploadRefusal::QuotaExceeded, "both pending uploads count");
+            assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: 100 }, "both pending uploads count");
             go.send(()).unwrap();
             for handle in [first, second] {
                 drop(handle.join().unwrap());

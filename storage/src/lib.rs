@@ -605,6 +605,13 @@ mod tests {
             append(&store, text(8, 1, 3)).await;
             let delete = with_body(text(8, 2, 3), Body::Delete { target: 1 });
             store.db.insert(Key::entry(8, 2), encode(&delete)).unwrap();
+            // A hand-over torn between its two member keys: two owners until repaired.
+            let owners = Body::MembersAdded { members: vec![(1, Role::Owner), (2, Role::Member)] };
+            append(&store, with_body(text(7, 1, 1), owners)).await;
+            let handed =
+                with_body(text(7, 2, 1), Body::RolesChanged { members: vec![(2, Role::Owner), (1, Role::Admin)] });
+            store.db.insert(Key::entry(7, 2), encode(&handed)).unwrap();
+            store.db.insert(Key::member(7, 2), encode(&Role::Owner)).unwrap();
             store.close().unwrap();
         }
         let store = open(dir.path());
@@ -624,6 +631,9 @@ mod tests {
         store.repair_newest_entry(8).unwrap();
         assert_eq!(store.entry(8, 1).unwrap().unwrap().body, Body::Tombstone);
         assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), Some(2), "a retry of the delete finds it");
+        assert_eq!(store.members(7).unwrap(), vec![(1, Role::Owner), (2, Role::Owner)]);
+        store.repair_newest_entry(7).unwrap();
+        assert_eq!(store.members(7).unwrap(), vec![(1, Role::Admin), (2, Role::Owner)], "one owner again");
         store.repair_newest_entry(10).unwrap();
         assert_eq!(store.last_seq(10).unwrap(), 0, "an empty conversation");
         assert_eq!(store.last_seq(9).unwrap(), 4);

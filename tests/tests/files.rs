@@ -348,7 +348,11 @@ async fn each_refusal_gets_its_own_code_and_publishes_nothing() {
         assert_eq!(code_of(alice.request(declare(0)).await), ErrorCode::INVALID);
         // Quota: 6 MiB; ~0.6 MiB held by the two complete files.
         let Reply::Upload(a) = alice.request(declare(3 * 1024 * 1024)).await.unwrap() else { panic!() };
-        assert_eq!(code_of(alice.request(declare(3 * 1024 * 1024)).await), ErrorCode::QUOTA_EXCEEDED);
+        let over = alice.request(declare(3 * 1024 * 1024)).await.unwrap_err();
+        assert_eq!(over.code(), Some(ErrorCode::QUOTA_EXCEEDED));
+        // It says the quota and how much of it is in use (the upload above and the files).
+        let message = over.to_string();
+        assert!(message.contains("(6291456 bytes)") && message.contains("bytes are in use"), "{message}");
         alice.request(declare(1000)).await.unwrap();
         alice.request(declare(1000)).await.unwrap();
         assert_eq!(code_of(alice.request(declare(1000)).await), ErrorCode::TOO_MANY_UPLOADS);

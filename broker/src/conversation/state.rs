@@ -806,7 +806,9 @@ impl<R> ConversationState<R> {
                 Body::MemberLeft
             }
             Command::SetRole { user, role: new_role } => {
-                self.group_admin(role)?;
+                if self.kind != ConversationKind::Group {
+                    return Err(err(ErrorCode::INVALID, "direct conversations have no roles to change"));
+                }
                 if role != Role::Owner {
                     return Err(err(ErrorCode::FORBIDDEN, "only the owner may change roles"));
                 }

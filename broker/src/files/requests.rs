@@ -163,9 +163,13 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
         match s.store.begin_upload(&id, &record, max_uploads, quota, room).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
             Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
-            Err(UploadRefusal::QuotaExceeded) => Err(err(
+            Err(UploadRefusal::QuotaExceeded { used }) => Err(err(
                 ErrorCode::QUOTA_EXCEEDED,
-                &format!("the upload would pass your storage quota ({quota} bytes)"),
+                &format!(
+                    "the upload ({} bytes) would pass your storage quota ({quota} bytes): {used} bytes are in use \
+                     (uploads in progress, files you hold, and files you dropped that messages still carry)",
+                    record.size
+                ),
             )),
             Err(UploadRefusal::StorageFull) => {
                 Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"))

@@ -275,8 +275,10 @@ async fn send_files(
 }
 
 /// `sb download`: the file's description first (it also opens the way for transfer
-/// streams), then the bytes into `path`; a whole file is checked against its BLAKE3
-/// and removed if it does not match.
+/// streams), then the bytes. Into a regular file (or a new name) they go to a new file
+/// beside it, synced and, for a whole file, checked against the BLAKE3, then renamed
+/// over OUT: a failed or interrupted download leaves OUT as it was. A device or pipe
+/// (`/dev/null`) is written directly, never synced, checked or removed.
 pub async fn download(
     client: &Client,
     out: &Out,
@@ -289,35 +291,39 @@ pub async fn download(
     let info = client.file_info(file).await?;
     let size = info.file.size;
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
-    let mut sink = tokio::fs::File::create(path).await.with_context(|| format!("creating {}", path.display()))?;
-    // Only a regular file is synced, checked against the hash and removed when the bytes
-    // are bad: OUT may be a device or a pipe (`/dev/null`), which must never be removed.
-    let regular = sink.metadata().await.is_ok_and(|m| m.is_file());
-    let bar = progress_bar(out, expected);
-    let range = client.download(file, offset, length, &mut sink, |written| bar.set_position(written)).await;
-    bar.finish_and_clear();
-    let range = match range {
-        Ok(range) => range,
-        Err(e) => {
-            drop(sink);
-            if regular {
-                let _ = std::fs::remove_file(path);
+    let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
+    let partial = if special { path.to_owned() } else { partial_path(path) };
+    let mut sink = if special {
+        tokio::fs::OpenOptions::new().write(true).open(path).await
+    } else {
+        tokio::fs::OpenOptions::new().write(true).create_new(true).open(&partial).await
+    }
+    .with_context(|| format!("creating {}", partial.display()))?;
+    // Removes the new file however this ends early (an error, or Ctrl-C dropping this
+    // future); after the rename nothing is left under its name.
+    let _cleanup = (!special).then(|| RemoveOnDrop(partial.clone()));
+    let written: anyhow::Result<_> = async {
+        let bar = progress_bar(out, expected);
+        let range = client.download(file, offset, length, &mut sink, |written| bar.set_position(written)).await;
+        bar.finish_and_clear();
+        let range = range?;
+        if special {
+            return Ok((range, false));
+        }
+        sink.sync_all().await.with_context(|| format!("writing {}", partial.display()))?;
+        let whole = range.offset == 0 && range.length == range.size;
+        if whole {
+            let (_, hash) = hash_file(&partial).await.with_context(|| format!("reading {}", partial.display()))?;
+            if hash != info.blake3 {
+                bail!("the downloaded bytes do not match the file's BLAKE3; {} left as it was", path.display());
             }
-            return Err(e.into());
         }
-    };
-    if regular {
-        sink.sync_all().await.with_context(|| format!("writing {}", path.display()))?;
+        std::fs::rename(&partial, path).with_context(|| format!("renaming the download to {}", path.display()))?;
+        Ok((range, whole))
     }
+    .await;
     drop(sink);
-    let whole = range.offset == 0 && range.length == range.size && regular;
-    if whole {
-        let (_, hash) = hash_file(path).await.with_context(|| format!("reading {}", path.display()))?;
-        if hash != info.blake3 {
-            let _ = std::fs::remove_file(path);
-            bail!("the downloaded bytes do not match the file's BLAKE3; {} removed", path.display());
-        }
-    }
+    let (range, whole) = written?;
     out.line(
         json!({"event": "downloaded", "file": hex(&file), "out": path.display().to_string(), "offset": range.offset,
             "length": range.length, "size": range.size, "verified": whole}),
@@ -334,6 +340,21 @@ pub async fn download(
         },
     );
     Ok(())
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A new name beside `path` for a download in progress: `.NAME.sb-PID.part`.
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.sb-{}.part", std::process::id()))
 }
 
 /// `sb file info|cancel|delete`.

@@ -7,7 +7,8 @@ use super::{ClientMsgId, ConvId, DeviceId, FileRef, Seq, UserId};
 /// Role of a member in a conversation, least powerful last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Role {
-    /// Created the group; can do everything; cannot be removed.
+    /// Created the group, or was handed it (`SetRole`); can do everything; cannot be
+    /// removed; one per group.
     Owner,
     /// May add and remove members.
     Admin,
