@@ -37,8 +37,8 @@ use switchboard_client::{
     TYPING_REFRESH_MS, TransferError, Trust, hex, new_client_id, unhex,
 };
 use switchboard_protocol::{
-    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, FileState, Page,
-    PresenceInfo, PresenceState, Receipt, RequestBody, Role, Seq, Signal, UserId,
+    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, Page, PresenceInfo,
+    PresenceState, Receipt, RequestBody, Role, Seq, Signal, UserId,
 };
 
 #[derive(Parser)]
@@ -806,14 +806,14 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
             }
             Some(SessionEvent::File(p)) => out.status(
                 json!({"event": "file", "conv": p.conv, "file": switchboard_client::hex(&p.file), "size": p.size,
-                    "state": file_state_name(&p.state), "offset": file_offset(&p.state, p.size),
-                    "error": file_error(&p.state)}),
+                    "state": files::state_name(&p.state), "offset": files::state_offset(&p.state, p.size),
+                    "error": files::state_error(&p.state)}),
                 || {
                     format!(
                         "file {} ({} bytes): {}",
                         switchboard_client::hex(&p.file),
                         p.size,
-                        describe_file_state(&p.state, p.size)
+                        files::describe_state(&p.state, p.size)
                     )
                 },
             ),
@@ -848,44 +848,6 @@ fn body_json(body: &Body) -> serde_json::Value {
         }
     }
     value
-}
-
-/// `uploading`, `complete` or `failed`.
-fn file_state_name(state: &FileState) -> &'static str {
-    match state {
-        FileState::Uploading { .. } => "uploading",
-        FileState::Complete { .. } => "complete",
-        FileState::Failed { .. } => "failed",
-    }
-}
-
-/// Durable bytes of an upload (all of them once complete), `None` once failed.
-fn file_offset(state: &FileState, size: u64) -> Option<u64> {
-    match state {
-        FileState::Uploading { offset } => Some(*offset),
-        FileState::Complete { .. } => Some(size),
-        FileState::Failed { .. } => None,
-    }
-}
-
-/// A failed upload's code name.
-fn file_error(state: &FileState) -> Option<&'static str> {
-    match state {
-        FileState::Failed { code } => Some(code.name()),
-        _ => None,
-    }
-}
-
-/// `uploading, 40% (1000 of 2500 bytes)`, `complete`, `failed: HASH_MISMATCH`.
-fn describe_file_state(state: &FileState, size: u64) -> String {
-    match state {
-        FileState::Uploading { offset } => {
-            format!("uploading, {}% ({offset} of {size} bytes)", offset.saturating_mul(100) / size.max(1))
-        }
-        FileState::Complete { thumbnail: Some(t) } => format!("complete, thumbnail {}", hex(&t.file)),
-        FileState::Complete { thumbnail: None } => "complete".into(),
-        FileState::Failed { code } => format!("failed: {}", code.name()),
-    }
 }
 
 /// `owner`, `admin` or `member`.

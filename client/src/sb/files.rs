@@ -93,7 +93,13 @@ pub async fn upload(
     };
     let target = match (args.conv, earlier) {
         _ if args.no_send => None,
-        (Some(conv), _) => Some(Target { conv, caption: args.caption.clone(), client_id: new_client_id() }),
+        // The same conversation as before keeps the key: a rerun after a lost answer
+        // sends it at most once.
+        (Some(conv), earlier) => Some(Target {
+            conv,
+            caption: args.caption.clone(),
+            client_id: earlier.filter(|e| e.conv == conv).map_or_else(new_client_id, |e| e.client_id),
+        }),
         (None, earlier) => earlier,
     };
     let remembered = args.conv.is_none() && target.is_some();
@@ -362,24 +368,18 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
     match command {
         FileCommand::Info { file } => {
             let info = client.file_info(parse_file_id(&file)?).await?;
-            let (state, offset, thumbnail, failed) = match &info.state {
-                FileState::Uploading { offset } => ("uploading", Some(*offset), None, None),
-                FileState::Complete { thumbnail } => ("complete", None, thumbnail.as_ref(), None),
-                FileState::Failed { code } => ("failed", None, None, Some(*code)),
+            let thumbnail = match &info.state {
+                FileState::Complete { thumbnail } => thumbnail.as_ref(),
+                _ => None,
             };
             let f = &info.file;
             out.line(
                 json!({"file": hex(&f.file), "name": f.name, "size": f.size, "content_type": f.content_type,
                     "blake3": hex(&info.blake3), "uploader": info.uploader, "created_ms": info.created_ms,
-                    "state": state, "offset": offset, "thumbnail": thumbnail.map(|t| hex(&t.file)),
-                    "error": failed.map(|c| c.name())}),
+                    "state": state_name(&info.state), "offset": state_offset(&info.state, f.size),
+                    "thumbnail": thumbnail.map(|t| hex(&t.file)), "error": state_error(&info.state)}),
                 || {
-                    let detail = match (&info.state, thumbnail) {
-                        (FileState::Uploading { offset }, _) => format!("uploading, {offset} bytes durable"),
-                        (FileState::Complete { .. }, Some(t)) => format!("complete, thumbnail {}", hex(&t.file)),
-                        (FileState::Complete { .. }, None) => "complete".into(),
-                        (FileState::Failed { code }, _) => format!("failed: {} ({})", code.name(), code.0),
-                    };
+                    let detail = describe_state(&info.state, f.size);
                     format!(
                         "{} {} ({} bytes, {}) by user {}, blake3 {}: {detail}",
                         hex(&f.file),
@@ -402,6 +402,44 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
         }
     }
     Ok(())
+}
+
+/// A file's state for output: `uploading`, `complete` or `failed`.
+pub fn state_name(state: &FileState) -> &'static str {
+    match state {
+        FileState::Uploading { .. } => "uploading",
+        FileState::Complete { .. } => "complete",
+        FileState::Failed { .. } => "failed",
+    }
+}
+
+/// Durable bytes of an upload (all of them once complete), `None` once failed.
+pub fn state_offset(state: &FileState, size: u64) -> Option<u64> {
+    match state {
+        FileState::Uploading { offset } => Some(*offset),
+        FileState::Complete { .. } => Some(size),
+        FileState::Failed { .. } => None,
+    }
+}
+
+/// A failed upload's code name.
+pub fn state_error(state: &FileState) -> Option<&'static str> {
+    match state {
+        FileState::Failed { code } => Some(code.name()),
+        _ => None,
+    }
+}
+
+/// `uploading, 40% (1000 of 2500 bytes)`, `complete`, `failed: HASH_MISMATCH`.
+pub fn describe_state(state: &FileState, size: u64) -> String {
+    match state {
+        FileState::Uploading { offset } => {
+            format!("uploading, {}% ({offset} of {size} bytes)", offset.saturating_mul(100) / size.max(1))
+        }
+        FileState::Complete { thumbnail: Some(t) } => format!("complete, thumbnail {}", hex(&t.file)),
+        FileState::Complete { thumbnail: None } => "complete".into(),
+        FileState::Failed { code } => format!("failed: {}", code.name()),
+    }
 }
 
 /// A message's idempotency key from 32 hex digits.
