@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use switchboard_protocol::limits::MAX_CHUNK_BYTES;
 use switchboard_protocol::{
     Blake3, Chunk, ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FrameDecoder, NewUpload,
-    Reply, RequestBody, Seq, TransferOpen, TransferReply, UploadInfo, UploadStatus, decode, encode_frame,
+    Reply, RequestBody, Seq, TransferOpen, TransferReply, UploadInfo, UploadStatus, Usage, decode, encode_frame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -167,6 +167,14 @@ impl Client {
                 }
                 other => return Err(unexpected(other)),
             }
+        }
+    }
+
+    /// What my files take of my quota and limits.
+    pub async fn usage(&self) -> crate::Result<Usage> {
+        match self.request(RequestBody::Usage).await? {
+            Reply::Usage(usage) => Ok(usage),
+            other => Err(unexpected(other)),
         }
     }
 

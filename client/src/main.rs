@@ -176,6 +176,8 @@ enum Command {
         #[arg(long)]
         resume: Option<String>,
     },
+    /// How much of my storage quota my files take, and my upload limits.
+    Quota,
     /// My unfinished uploads, from any of my devices: id, name, durable bytes, expiry,
     /// and the local file when an upload from this home matches it. `sb upload FILE`
     /// continues one begun here; `sb upload --resume ID FILE` any of them.
@@ -534,6 +536,7 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
         Command::Tail => unreachable!("runs on a session"),
         Command::Upload { .. } => unreachable!("runs on an uploader"),
         Command::Uploads => unreachable!("reads the home"),
+        Command::Quota => files::quota(client, out).await?,
         Command::Download { file, out: path, offset, length } => {
             files::download(client, out, &file, &path, offset, length).await?;
         }

@@ -417,7 +417,8 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::Settings { .. }
         | RequestBody::UploadStatus { .. }
         | RequestBody::FileInfo { .. }
-        | RequestBody::ListUploads { .. } => true,
+        | RequestBody::ListUploads { .. }
+        | RequestBody::Usage => true,
         // The one direct conversation with a peer is returned if it exists.
         RequestBody::CreateConversation(NewConversation::Direct { .. }) => true,
         RequestBody::CreateConversation(NewConversation::Group { .. })

@@ -769,6 +769,11 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let human = sb_output(&alice, &broker, &["uploads"]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains(&id) && text.contains("expires in 23 h") && text.contains("from "), "{text}");
+    // The quota counts it at its declared size.
+    let quota = sb(&alice, &broker, &["quota"]);
+    assert_eq!(quota[0]["uploads_in_progress"].as_u64(), Some(1), "{quota:?}");
+    assert_eq!(quota[0]["stored_bytes"].as_u64(), Some(data.len() as u64));
+    assert_eq!(quota[0]["free_bytes"].as_u64(), Some(quota[0]["quota_bytes"].as_u64().unwrap() - data.len() as u64));
     // Another device of alice's sees it too, without a local file.
     let there = sb(&phone, &broker, &["uploads"]);
     assert_eq!((there.len(), there[0]["file"].as_str()), (1, Some(id.as_str())));

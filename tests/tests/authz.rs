@@ -52,6 +52,7 @@ enum Kind {
     DeleteFile,
     ListUploads,
     SetRole,
+    Usage,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -90,6 +91,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::DeleteFile { .. } => Kind::DeleteFile,
         RequestBody::ListUploads { .. } => Kind::ListUploads,
         RequestBody::SetRole { .. } => Kind::SetRole,
+        RequestBody::Usage => Kind::Usage,
     }
 }
 
@@ -174,6 +176,7 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     // Only the caller's own uploads in progress (never alice's).
     (Kind::ListUploads,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
     (Kind::SetRole,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
+    (Kind::Usage,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -331,6 +334,7 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::DeleteFile => RequestBody::DeleteFile { file },
         Kind::ListUploads => RequestBody::ListUploads { after: None },
         Kind::SetRole => RequestBody::SetRole { conv, user: w.carol, role: Role::Admin },
+        Kind::Usage => RequestBody::Usage,
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -472,7 +476,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 32] = [
+    const ALL: [Kind; 33] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -505,6 +509,7 @@ fn every_request_kind_has_one_row() {
         Kind::DeleteFile,
         Kind::ListUploads,
         Kind::SetRole,
+        Kind::Usage,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

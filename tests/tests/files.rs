@@ -356,8 +356,17 @@ async fn each_refusal_gets_its_own_code_and_publishes_nothing() {
         alice.request(declare(1000)).await.unwrap();
         alice.request(declare(1000)).await.unwrap();
         assert_eq!(code_of(alice.request(declare(1000)).await), ErrorCode::TOO_MANY_UPLOADS);
+        // Usage says what the checks counted: the 3 MiB upload, the two small ones and
+        // the two complete files.
+        let Reply::Usage(before) = alice.request(RequestBody::Usage).await.unwrap() else { panic!() };
+        assert_eq!((before.quota_bytes, before.max_file_bytes), (6 * 1024 * 1024, 4 * 1024 * 1024));
+        assert_eq!((before.uploads_in_progress, before.max_uploads_in_progress), (3, 3));
+        assert!(before.stored_bytes >= 3 * 1024 * 1024 + 2000, "{before:?}");
         // Cancelling gives the place and the quota back.
         assert_eq!(alice.request(RequestBody::CancelUpload { file: a.file }).await.unwrap(), Reply::Done);
+        let Reply::Usage(after) = alice.request(RequestBody::Usage).await.unwrap() else { panic!() };
+        assert_eq!(after.stored_bytes, before.stored_bytes - 3 * 1024 * 1024);
+        assert_eq!(after.uploads_in_progress, 2);
         assert_eq!(code_of(status(&alice, a.file).await), ErrorCode::NOT_FOUND);
         alice.request(declare(3 * 1024 * 1024)).await.unwrap();
 

@@ -275,6 +275,10 @@ impl Session {
                 let (shared, allow) = (shared.clone(), self.allow_transfers());
                 tokio::task::spawn_blocking(move || reply.send(allow(files::file_info(&shared, caller.user, &file))));
             }
+            RequestBody::Usage => {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || reply.send(files::usage(&shared, caller.user)));
+            }
             RequestBody::ListUploads { after } => {
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || reply.send(files::list_uploads(&shared, caller.user, after)));

@@ -9,7 +9,7 @@ use switchboard_protocol::limits::{
 };
 use switchboard_protocol::{
     ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, UploadInfo,
-    UploadStatus, UserId,
+    UploadStatus, Usage, UserId,
 };
 use switchboard_storage::{FileRecord, FileStage, Store, UploadRefusal};
 
@@ -207,6 +207,19 @@ pub fn list_uploads(shared: &Shared, user: UserId, after: Option<FileId>) -> Res
         })
         .collect();
     Ok(Reply::Uploads { items, more })
+}
+
+/// `Usage`: the caller's stored bytes and uploads in progress against its limits.
+pub fn usage(shared: &Shared, user: UserId) -> Result<Reply, ErrorBody> {
+    let config = &shared.config;
+    let in_progress = shared.store.uploads_of(user, MAX_LISTED_UPLOADS as usize).map_err(internal)?;
+    Ok(Reply::Usage(Usage {
+        stored_bytes: shared.store.stored_bytes(user).map_err(internal)?,
+        quota_bytes: config.quota_bytes,
+        uploads_in_progress: u32::try_from(in_progress).unwrap_or(u32::MAX),
+        max_uploads_in_progress: u32::try_from(config.max_uploads_per_user).unwrap_or(u32::MAX),
+        max_file_bytes: config.max_file_bytes,
+    }))
 }
 
 /// `CancelUpload`: removes the caller's upload in progress.

@@ -241,6 +241,29 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
     Ok(())
 }
 
+/// `sb quota`: what my files take of my quota, and my upload limits.
+pub async fn quota(client: &Client, out: &Out) -> anyhow::Result<()> {
+    let u = client.usage().await?;
+    let percent = u.stored_bytes.saturating_mul(100) / u.quota_bytes.max(1);
+    out.line(
+        json!({"stored_bytes": u.stored_bytes, "quota_bytes": u.quota_bytes,
+            "free_bytes": u.quota_bytes.saturating_sub(u.stored_bytes), "uploads_in_progress": u.uploads_in_progress,
+            "max_uploads_in_progress": u.max_uploads_in_progress, "max_file_bytes": u.max_file_bytes}),
+        || {
+            format!(
+                "{} of {} bytes used ({percent}%), {} free; {} of {} uploads in progress; files up to {} bytes",
+                u.stored_bytes,
+                u.quota_bytes,
+                u.quota_bytes.saturating_sub(u.stored_bytes),
+                u.uploads_in_progress,
+                u.max_uploads_in_progress,
+                u.max_file_bytes
+            )
+        },
+    );
+    Ok(())
+}
+
 /// Where an upload goes once complete.
 struct Target {
     conv: ConvId,

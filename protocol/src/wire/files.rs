@@ -58,6 +58,23 @@ pub struct UploadStatus {
     pub chunk_max: u32,
 }
 
+/// What my files take of my limits (answer to `Usage`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Bytes my quota counts: the declared size of my uploads in progress, and the size
+    /// of my complete files not deleted yet (held by me, or dropped but still carried
+    /// by a message).
+    pub stored_bytes: u64,
+    /// My quota, bytes (`BeginUpload` beyond it: `QUOTA_EXCEEDED`).
+    pub quota_bytes: u64,
+    /// My uploads in progress.
+    pub uploads_in_progress: u32,
+    /// Uploads I may have in progress at once (`TOO_MANY_UPLOADS` beyond).
+    pub max_uploads_in_progress: u32,
+    /// Largest file, bytes (`FILE_TOO_LARGE` beyond).
+    pub max_file_bytes: u64,
+}
+
 /// One of my uploads in progress, as `ListUploads` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadInfo {

@@ -159,6 +159,8 @@ mod tests {
         "response_uploads",
         "request_set_role",
         "event_entry_roles_changed",
+        "request_usage",
+        "response_usage",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -463,6 +465,17 @@ mod tests {
                 offset: 1_048_576,
             }),
             "request_list_uploads" => req(31, RequestBody::ListUploads { after: Some(THUMB) }),
+            "request_usage" => req(33, RequestBody::Usage),
+            "response_usage" => ok(
+                33,
+                Reply::Usage(Usage {
+                    stored_bytes: 3_000_000,
+                    quota_bytes: 1 << 30,
+                    uploads_in_progress: 1,
+                    max_uploads_in_progress: 8,
+                    max_file_bytes: 100 << 20,
+                }),
+            ),
             "request_set_role" => req(32, RequestBody::SetRole { conv: CONV, user: 3, role: Role::Owner }),
             "event_entry_roles_changed" => {
                 event(13, Body::RolesChanged { members: vec![(3, Role::Owner), (2, Role::Admin)] })

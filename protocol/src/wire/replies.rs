@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CatchUpPage, ConvId, ConversationKind, ConversationState, DeviceId, Entry, FileInfo, FileProgress, PresenceInfo,
-    Receipt, Role, Seq, Settings, UploadInfo, UploadStatus, UserId,
+    Receipt, Role, Seq, Settings, UploadInfo, UploadStatus, Usage, UserId,
 };
 use crate::ErrorCode;
 
@@ -118,6 +118,8 @@ pub enum Reply {
         /// More exist after the last one.
         more: bool,
     },
+    /// My quota and limits (answer to `Usage`).
+    Usage(Usage),
 }
 
 /// A conversation as listed.

@@ -232,6 +232,8 @@ pub enum RequestBody {
         /// The new role.
         role: Role,
     },
+    /// What my files take of my quota and limits. Replies `Usage`.
+    Usage,
 }
 
 /// Enrollment of a new device key, with the account password.
