@@ -93,7 +93,8 @@ impl ClientError {
 
 /// `NAME (number): message`; the message is left out when the broker gave none.
 fn coded(code: ErrorCode, message: &str) -> String {
-    if message.is_empty() {
+    // A close reason that only repeats the code's name says nothing more.
+    if message.is_empty() || message == code.name() {
         format!("{} ({})", code.name(), code.0)
     } else {
         format!("{} ({}): {message}", code.name(), code.0)

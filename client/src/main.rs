@@ -53,7 +53,8 @@ struct Cli {
     command: Command,
 }
 
-/// How to reach the broker. Flags win over the saved state and are remembered.
+/// How to reach the broker. Flags win over the saved state; `register` and `login` save
+/// them (any other command uses them for that run only).
 #[derive(clap::Args)]
 struct BrokerFlags {
     /// Broker address (host:port).
@@ -379,7 +380,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // dropped without its close would count as one of the user's sessions (and show the
     // user online) until the broker's idle timeout, 30 s.
     connector.endpoint().close(0u32.into(), b"bye");
-    let _ = tokio::time::timeout(CLOSE_WAIT, connector.endpoint().wait_idle()).await;
+    // A connect that failed left nothing the broker counts: no close to wait for.
+    let connected = !matches!(result.as_ref().err().and_then(client_error), Some(ClientError::Connect(_)));
+    if connected {
+        let _ = tokio::time::timeout(CLOSE_WAIT, connector.endpoint().wait_idle()).await;
+    }
     result
 }
 
@@ -396,6 +401,22 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             };
             let device = device.unwrap_or_else(device_name);
             same_user(state, &name)?;
+            // A home holds one device: logging in again while it still works would leave
+            // an enrolled device whose key nobody holds.
+            if let Some(current) = state.identity.as_ref() {
+                match connector.connect(current).await {
+                    Ok(client) => {
+                        client.close();
+                        bail!(
+                            "this home is logged in as {} already (device {}); use another SWITCHBOARD_HOME for another device",
+                            current.user,
+                            current.device_id
+                        );
+                    }
+                    Err(e) if matches!(e.code(), Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let password = password(&name, register)?;
             let (_client, identity) = if register {
                 connector.register(&name, &password, &device).await?
@@ -419,10 +440,6 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
         command => {
             let identity =
                 state.identity.as_ref().context("no device here yet: run `sb register NAME` or `sb login NAME`")?;
-            update_state(home, |s| {
-                cli.broker.apply(s);
-                Ok(())
-            })?;
             if let Command::Tail = command {
                 tail(connector, identity, home, out).await?;
             } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
@@ -433,7 +450,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 files::uploads(&client, home, out).await?;
             } else {
                 let client = connector.connect(identity).await?;
-                authed(&client, out, command).await?;
+                authed(&client, home, out, command).await?;
             }
         }
     }
@@ -460,7 +477,7 @@ async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<
     }
 }
 
-async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<()> {
+async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Register { .. } | Command::Login { .. } => unreachable!("handled before connecting"),
         Command::Conv { command } => match command {
@@ -614,16 +631,22 @@ async fn authed(client: &Client, out: &Out, command: Command) -> anyhow::Result<
                     }
                     Err(e) => return Err(e.into()),
                 }
-                out.line(json!({"event": "revoked", "device_id": device, "this_device": current}), || {
-                    if current {
-                        format!("revoked device {device}, this one: run `sb login NAME` to enroll it again")
-                    } else {
-                        format!("revoked device {device}")
-                    }
-                });
                 if current {
+                    // This home is signed out: it forgets the dead key (and keeps the
+                    // broker's address and trust).
+                    let user = load_state(home)?.identity.map_or_else(|| "NAME".to_owned(), |i| i.user);
+                    update_state(home, |s| {
+                        s.identity = None;
+                        Ok(())
+                    })?;
+                    out.line(json!({"event": "revoked", "device_id": device, "this_device": true}), || {
+                        format!("revoked device {device}, this one: `sb login {user}` enrolls it again")
+                    });
                     return Ok(());
                 }
+                out.line(json!({"event": "revoked", "device_id": device, "this_device": false}), || {
+                    format!("revoked device {device}")
+                });
             }
         },
     }
@@ -757,17 +780,18 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Resolves on Ctrl-C or, on unix, SIGTERM.
+/// Resolves on Ctrl-C or, on unix, SIGTERM or SIGHUP (the terminal went away).
 async fn interrupted() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
+        match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+            (Ok(mut term), Ok(mut hangup)) => tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = hangup.recv() => {}
             },
-            Err(_) => {
+            _ => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }

@@ -550,6 +550,11 @@ async fn range_download_writes_exactly_the_range() {
     // A length past the end stops at the end.
     sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "1048570", "--length", "1000"]);
     assert_eq!(std::fs::read(&out).unwrap(), data[1_048_570..]);
+    // A file replaced keeps its permissions.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o600)).unwrap();
+    sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "1048570"]);
+    assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
     // A download that fails after it began leaves OUT as it was, and nothing beside it
     // (before, OUT was emptied at the start and removed on the failure).
     let refused = sb_output(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "99999999"]);
@@ -882,13 +887,36 @@ async fn revoking_this_device_takes_a_flag_and_then_says_how_to_come_back() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--this-device"));
     assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 2, "nothing was revoked");
 
-    let revoked = sb(&phone, &broker, &["devices", "revoke", &me, "--this-device"]);
-    assert_eq!((revoked[0]["event"].as_str(), revoked[0]["this_device"].as_bool()), (Some("revoked"), Some(true)));
-    assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 1);
+    // Revoked from the other device: the next command says how to come back.
+    sb(&laptop, &broker, &["devices", "revoke", &me]);
     let after = sb_output(&phone, &broker, &["devices"]);
     assert!(!after.status.success());
     let stderr = String::from_utf8_lossy(&after.stderr);
     assert!(stderr.contains("`sb login alice` enrolls it again") && stderr.contains("AUTH_FAILED"), "{stderr}");
+    // A dead device may log in again; a working one may not (its key would be lost).
+    sb(&phone, &broker, &["login", "alice", "--device", "phone"]);
+    let again = sb_output(&phone, &broker, &["login", "alice"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("logged in as alice already"), "{again:?}");
+    assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 2, "laptop and the new phone, nothing more");
+
+    // Revoking this one signs the home out at once.
+    let me = sb(&phone, &broker, &["devices"]).iter().find(|d| d["current"] == true).unwrap()["device_id"].to_string();
+    let revoked = sb_output(&phone, &broker, &["devices", "revoke", &me, "--this-device"]);
+    assert!(String::from_utf8_lossy(&revoked.stdout).contains("`sb login alice` enrolls it again"), "{revoked:?}");
+    assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 1);
+    let signed_out = sb_output(&phone, &broker, &["devices"]);
+    assert!(String::from_utf8_lossy(&signed_out.stderr).contains("no device here yet"), "{signed_out:?}");
+    // The broker flags of a command other than register and login are for that run.
+    let addr = broker.local_addr;
+    let alias = format!("localhost:{}", addr.port());
+    let listed = Command::new(env!("CARGO_BIN_EXE_sb"))
+        .env("SWITCHBOARD_HOME", &laptop)
+        .args(["--json", "--server", &alias, "conv", "list"])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let state = std::fs::read_to_string(laptop.join("state.json")).unwrap();
+    assert!(state.contains(&addr.to_string()) && !state.contains(&alias), "{state}");
 }
 
 /// A download into a device (`/dev/null`) works and leaves the device alone; before,

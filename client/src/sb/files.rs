@@ -347,6 +347,11 @@ pub async fn download(
                 bail!("the downloaded bytes do not match the file's BLAKE3; {} left as it was", path.display());
             }
         }
+        // A file replaced keeps its permissions (a private file stays private).
+        if let Ok(old) = std::fs::metadata(path) {
+            std::fs::set_permissions(&partial, old.permissions())
+                .with_context(|| format!("setting the permissions of {}", partial.display()))?;
+        }
         std::fs::rename(&partial, path).with_context(|| format!("renaming the download to {}", path.display()))?;
         Ok((range, whole))
     }
