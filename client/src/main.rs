@@ -547,7 +547,8 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             let (entries, _) = client.history(conv, page, limit).await?;
             let mut names = Names::default();
             for e in entries {
-                out.entry(&e, &names.of(client, e.conv, e.sender).await);
+                let (sender, named) = names.of_entry(client, &e).await;
+                out.entry(&e, &sender, &named);
             }
         }
         Command::Tail => unreachable!("runs on a session"),
@@ -739,8 +740,8 @@ impl Out {
         });
     }
 
-    fn entry(&self, e: &Entry, sender: &str) {
-        let (kind, text) = describe(&e.body);
+    fn entry(&self, e: &Entry, sender: &str, named: &HashMap<UserId, String>) {
+        let (kind, text) = describe(&e.body, named);
         self.line(
             json!({
                 "conv": e.conv, "seq": e.seq, "sender": e.sender, "sender_name": sender,
@@ -819,8 +820,8 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
         };
         match event {
             Some(SessionEvent::Entry(e)) => {
-                let name = names.of(&session, e.conv, e.sender).await;
-                out.entry(&e, &name);
+                let (sender, named) = names.of_entry(&session, &e).await;
+                out.entry(&e, &sender, &named);
             }
             Some(SessionEvent::Receipt(r)) => {
                 let name = names.of(&session, r.conv, r.user).await;
@@ -886,7 +887,9 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-fn describe(body: &Body) -> (&'static str, String) {
+/// An entry's kind and text; `named` has the names of the users the body names.
+fn describe(body: &Body, named: &HashMap<UserId, String>) -> (&'static str, String) {
+    let name = |u: &UserId| named.get(u).cloned().unwrap_or_else(|| format!("user#{u}"));
     match body {
         Body::Text { text, edited } => ("text", if *edited { format!("{text} (edited)") } else { text.clone() }),
         Body::Tombstone => ("tombstone", "(deleted)".into()),
@@ -896,17 +899,16 @@ fn describe(body: &Body) -> (&'static str, String) {
         Body::Created { title, members, .. } => {
             ("created", format!("created \"{title}\" with {} members", members.len()))
         }
-        Body::MembersAdded { members } => (
-            "members_added",
-            format!("added {}", members.iter().map(|(u, _)| u.to_string()).collect::<Vec<_>>().join(", ")),
-        ),
-        Body::MemberRemoved { user } => ("member_removed", format!("removed {user}")),
+        Body::MembersAdded { members } => {
+            ("members_added", format!("added {}", members.iter().map(|(u, _)| name(u)).collect::<Vec<_>>().join(", ")))
+        }
+        Body::MemberRemoved { user } => ("member_removed", format!("removed {}", name(user))),
         Body::MemberLeft => ("member_left", "left".into()),
         Body::RolesChanged { members } => (
             "roles_changed",
             format!(
                 "made {}",
-                members.iter().map(|(u, r)| format!("{u} {}", role_name(*r))).collect::<Vec<_>>().join(", ")
+                members.iter().map(|(u, r)| format!("{} {}", name(u), role_name(*r))).collect::<Vec<_>>().join(", ")
             ),
         ),
         Body::Redacted { target } => ("redacted", format!("(edit of deleted #{target})")),
@@ -970,13 +972,35 @@ impl MemberSource for Session {
 struct Names(HashMap<ConvId, HashMap<UserId, String>>);
 
 impl Names {
+    /// `user`'s name, or `user#ID` for one who is not a member now (asked once per
+    /// conversation until the members are fetched again).
     async fn of(&mut self, source: &impl MemberSource, conv: ConvId, user: UserId) -> String {
         if !self.0.get(&conv).is_some_and(|m| m.contains_key(&user))
             && let Some(members) = source.member_names(conv).await
         {
             self.0.insert(conv, members);
         }
-        self.0.get(&conv).and_then(|m| m.get(&user)).cloned().unwrap_or_else(|| format!("user#{user}"))
+        let known = self.0.entry(conv).or_default();
+        known.entry(user).or_insert_with(|| format!("user#{user}")).clone()
+    }
+
+    /// The names of an entry's sender and of the users its body names (added, removed,
+    /// given a role).
+    async fn of_entry(&mut self, source: &impl MemberSource, e: &Entry) -> (String, HashMap<UserId, String>) {
+        let sender = self.of(source, e.conv, e.sender).await;
+        let users: Vec<UserId> = match &e.body {
+            Body::MembersAdded { members } | Body::Created { members, .. } | Body::RolesChanged { members } => {
+                members.iter().map(|(u, _)| *u).collect()
+            }
+            Body::MemberRemoved { user } => vec![*user],
+            _ => Vec::new(),
+        };
+        let mut named = HashMap::new();
+        for u in users {
+            let name = self.of(source, e.conv, u).await;
+            named.insert(u, name);
+        }
+        (sender, named)
     }
 }
 
