@@ -109,8 +109,9 @@ enum Command {
     Send {
         conv: ConvId,
         text: String,
-        /// Idempotency key, 32 hex digits: sending again with the same key sends nothing
-        /// new and prints the same seq (`duplicate`), so a script may retry safely.
+        /// Idempotency key, 32 hex digits: sending the same text again with the same key
+        /// sends nothing new and prints the same seq (`duplicate`), so a script may retry
+        /// safely; another text with a used key is refused (`CONFLICT`).
         /// Default: a fresh random key (printed with --json).
         #[arg(long)]
         client_id: Option<String>,

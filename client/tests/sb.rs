@@ -338,8 +338,13 @@ async fn send_with_a_client_id_is_safe_to_retry() {
     let human = sb_output(&alice, &broker, &["send", &id, "pay the rent", "--client-id", key]);
     let seq = first[0]["seq"].as_u64().unwrap();
     assert_eq!(String::from_utf8_lossy(&human.stdout), format!("conv {id} seq {seq} (sent before)\n"));
+    // The same key for another text is refused: the first seq would say it landed.
+    let reused = sb_output(&alice, &broker, &["send", &id, "pay the rent twice", "--client-id", key]);
+    assert!(!reused.status.success());
+    assert!(String::from_utf8_lossy(&reused.stderr).contains("CONFLICT"), "{reused:?}");
     let history = sb(&bob, &broker, &["history", &id]);
     assert_eq!(history.iter().filter(|e| e["text"] == "pay the rent").count(), 1);
+    assert!(!history.iter().any(|e| e["text"] == "pay the rent twice"));
     // A fresh send gets a fresh key and seq.
     let other = sb(&alice, &broker, &["send", &id, "again"]);
     assert_ne!(other[0]["client_id"], key);

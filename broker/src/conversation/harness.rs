@@ -414,6 +414,36 @@ mod tests {
     }
 
     #[test]
+    fn a_client_id_reused_for_another_write_is_a_conflict_not_a_resend() {
+        let mut h = group();
+        let first = h.send(BOB, 9, "meet at 5");
+        h.commit();
+        assert_eq!(h.ack(first), Some(Ok((2, false))));
+        let other = h.send(BOB, 9, "meet at 6");
+        assert_eq!(h.ack(other), Some(Err(ErrorCode::CONFLICT)), "not the first seq: the new text never landed");
+        let resend = h.send(BOB, 9, "meet at 5");
+        assert_eq!(h.ack(resend), Some(Ok((2, true))));
+        // Pending as well as durable.
+        let pending = h.send(BOB, 10, "x");
+        let wrong = h.send(BOB, 10, "y");
+        assert_eq!(h.ack(wrong), Some(Err(ErrorCode::CONFLICT)));
+        h.commit();
+        assert_eq!(h.ack(pending), Some(Ok((3, false))));
+        // An edit's key: the same target and text, or a conflict.
+        let edit = h.write(BOB, Command::Edit { client_id: [11; 16], target: 2, text: "at 5:30".into() });
+        h.commit();
+        assert_eq!(h.ack(edit), Some(Ok((4, false))));
+        let elsewhere = h.write(BOB, Command::Edit { client_id: [11; 16], target: 3, text: "at 5:30".into() });
+        assert_eq!(h.ack(elsewhere), Some(Err(ErrorCode::CONFLICT)));
+        // The message now shows its edit: a resend of the original cannot be checked, and
+        // is answered as one.
+        let late = h.send(BOB, 9, "meet at 5");
+        assert_eq!(h.ack(late), Some(Ok((2, true))));
+        let reused_for_a_delete = h.write(BOB, Command::Delete { client_id: [9; 16], target: 2 });
+        assert_eq!(h.ack(reused_for_a_delete), Some(Err(ErrorCode::CONFLICT)), "another kind of write");
+    }
+
+    #[test]
     fn a_resend_of_a_pending_write_waits_for_the_original() {
         let mut h = group();
         let first = h.send(BOB, 9, "x");

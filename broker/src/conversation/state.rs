@@ -356,6 +356,16 @@ impl<R> ConversationState<R> {
         if let Some(client_id) = cmd.client_id() {
             match log.dedupe(self.id, caller.user, client_id) {
                 Ok(Some(seq)) => {
+                    // The same key for another write is a client's mistake, not a resend:
+                    // answering the first seq would tell it that its new text landed.
+                    match log.entry(self.id, seq) {
+                        Ok(Some(original)) if !same_write(&cmd, &original.body) => {
+                            let message = format!("this client id was used for another write (seq {seq})");
+                            return vec![Effect::Reply(reply, Err(err(ErrorCode::CONFLICT, &message)))];
+                        }
+                        Ok(_) => {}
+                        Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
+                    }
                     self.last_activity_ms = now_ms;
                     let ack = Reply::Appended { seq, duplicate: true };
                     if seq <= self.durable_seq {
@@ -917,6 +927,24 @@ fn rewrite_target(body: &Body) -> Option<Seq> {
     match body {
         Body::Edit { target, .. } | Body::Delete { target } => Some(*target),
         _ => None,
+    }
+}
+
+/// Whether a resend (`cmd`) asks for what the entry its client id made (`body`) still
+/// shows: the same text (and target, for an edit or delete). A message since edited or
+/// deleted, or an edit since redacted, no longer shows what was sent, and counts as the
+/// same; so do a files message's files, which a resend does not resolve again.
+fn same_write(cmd: &Command, body: &Body) -> bool {
+    match (cmd, body) {
+        (Command::Send { text, .. }, Body::Text { text: sent, edited: false }) => text == sent,
+        (Command::SendFiles { text, .. }, Body::Files { text: sent, edited: false, .. }) => text == sent,
+        (Command::Send { .. }, Body::Text { edited: true, .. })
+        | (Command::SendFiles { .. }, Body::Files { edited: true, .. })
+        | (Command::Send { .. } | Command::SendFiles { .. }, Body::Tombstone) => true,
+        (Command::Edit { target, text, .. }, Body::Edit { target: t, text: sent }) => target == t && text == sent,
+        (Command::Edit { target, .. }, Body::Redacted { target: t })
+        | (Command::Delete { target, .. }, Body::Delete { target: t }) => target == t,
+        _ => false,
     }
 }
 

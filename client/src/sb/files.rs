@@ -93,12 +93,14 @@ pub async fn upload(
     };
     let target = match (args.conv, earlier) {
         _ if args.no_send => None,
-        // The same conversation as before keeps the key: a rerun after a lost answer
-        // sends it at most once.
+        // The same message as before keeps its key: a rerun after a lost answer sends it
+        // at most once (another caption is another message).
         (Some(conv), earlier) => Some(Target {
             conv,
             caption: args.caption.clone(),
-            client_id: earlier.filter(|e| e.conv == conv).map_or_else(new_client_id, |e| e.client_id),
+            client_id: earlier
+                .filter(|e| e.conv == conv && e.caption == args.caption)
+                .map_or_else(new_client_id, |e| e.client_id),
         }),
         (None, earlier) => earlier,
     };
