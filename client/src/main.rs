@@ -988,6 +988,10 @@ impl Names {
     /// The names of an entry's sender and of the users its body names (added, removed,
     /// given a role).
     async fn of_entry(&mut self, source: &impl MemberSource, e: &Entry) -> (String, HashMap<UserId, String>) {
+        // Someone added may be remembered as not a member: ask again.
+        if matches!(e.body, Body::MembersAdded { .. } | Body::Created { .. }) {
+            self.0.remove(&e.conv);
+        }
         let sender = self.of(source, e.conv, e.sender).await;
         let users: Vec<UserId> = match &e.body {
             Body::MembersAdded { members } | Body::Created { members, .. } | Body::RolesChanged { members } => {

@@ -112,7 +112,7 @@ async fn writes_past_the_bound_are_refused_at_once_and_nothing_acknowledged_is_l
             assert!(!duplicate, "refused write {i} had been applied");
         }
         let (&seq, &i) = acked.iter().next().unwrap();
-        assert_eq!(alice.send_with_id(conv, client_id(i), "again").await.unwrap(), (seq, true));
+        assert_eq!(alice.send_with_id(conv, client_id(i), &format!("m{i}")).await.unwrap(), (seq, true));
         assert_eq!(tb.shared().sends.in_flight(), 0, "every admitted write was answered");
         // The other client sends as before.
         carol.send(quiet, "after").await.unwrap();
