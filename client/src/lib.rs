@@ -179,18 +179,23 @@ impl Connector {
 
     /// Connects as an enrolled device.
     pub async fn connect(&self, identity: &Identity) -> Result<Client> {
-        let key = signing_key(&identity.secret_key)?;
-        let (conn, stream, (user_id, device_id)) = self
-            .in_time(async {
-                let (conn, mut stream, transcript) = self.open().await?;
-                let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
-                let body =
-                    RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
-                let ids = stream.authenticate(&conn, body).await?;
-                Ok((conn, stream, ids))
-            })
-            .await?;
+        let (conn, stream, (user_id, device_id)) = self.authenticated(identity).await?;
         Ok(Client::start(conn, stream, user_id, device_id))
+    }
+
+    /// Connects and proves `identity`'s device key: the connection, its control stream
+    /// and the user and device ids the broker answered, within `connect_timeout`.
+    async fn authenticated(&self, identity: &Identity) -> Result<(quinn::Connection, Control, (UserId, DeviceId))> {
+        let key = signing_key(&identity.secret_key)?;
+        self.in_time(async {
+            let (conn, mut stream, transcript) = self.open().await?;
+            let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
+            let body =
+                RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
+            let ids = stream.authenticate(&conn, body).await?;
+            Ok((conn, stream, ids))
+        })
+        .await
     }
 
     /// `connecting` (the QUIC handshake, the hellos and the authentication), or a
@@ -209,17 +214,7 @@ impl Connector {
     /// Authenticates as `identity` and returns the bare control stream instead of a
     /// `Client`: for tools that speak the protocol themselves (tests, fuzzers, probes).
     pub async fn connect_raw(&self, identity: &Identity) -> Result<RawSession> {
-        let key = signing_key(&identity.secret_key)?;
-        let (conn, stream) = self
-            .in_time(async {
-                let (conn, mut stream, transcript) = self.open().await?;
-                let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
-                let body =
-                    RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
-                stream.authenticate(&conn, body).await?;
-                Ok((conn, stream))
-            })
-            .await?;
+        let (conn, stream, _) = self.authenticated(identity).await?;
         let Control { send, recv, decoder, .. } = stream;
         Ok(RawSession { conn, send, recv, decoder })
     }

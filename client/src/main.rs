@@ -401,9 +401,9 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 _ => unreachable!("matched above"),
             };
             let device = device.unwrap_or_else(device_name);
-            same_user(state, &name)?;
-            // A home holds one device: logging in again while it still works would leave
-            // an enrolled device whose key nobody holds.
+            // A home holds one device: enrolling another while it still works would leave
+            // an enrolled device whose key nobody holds. A revoked one may be replaced,
+            // by any user's.
             if let Some(current) = state.identity.as_ref() {
                 match connector.connect(current).await {
                     Ok(client) => {
@@ -418,6 +418,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                     Err(e) => return Err(e.into()),
                 }
             }
+            let replaced = state.identity.as_ref().map(|i| (i.user.clone(), i.device_id));
             let password = password(&name, register)?;
             let (_client, identity) = if register {
                 connector.register(&name, &password, &device).await?
@@ -426,7 +427,9 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             };
             update_state(home, |s| {
                 // Another sb in this home may have enrolled meanwhile.
-                same_user(s, &name)?;
+                if s.identity.as_ref().map(|i| (i.user.clone(), i.device_id)) != replaced {
+                    bail!("another sb enrolled a device in this home meanwhile; nothing saved");
+                }
                 cli.broker.apply(s);
                 fill_defaults(s);
                 s.identity = Some(identity.clone());
@@ -1049,16 +1052,6 @@ fn home_dir() -> anyhow::Result<PathBuf> {
     }
     let home = std::env::var_os("HOME").context("set SWITCHBOARD_HOME or HOME")?;
     Ok(PathBuf::from(home).join(".config").join("switchboard"))
-}
-
-/// Refuses to enroll `name` into a home that holds another user's device.
-fn same_user(state: &State, name: &str) -> anyhow::Result<()> {
-    match &state.identity {
-        Some(i) if i.user != name => {
-            bail!("this home already holds a device of {:?}; use another SWITCHBOARD_HOME", i.user)
-        }
-        _ => Ok(()),
-    }
 }
 
 /// Applies `change` to the saved state and writes it back if that changed anything.

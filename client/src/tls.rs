@@ -41,8 +41,9 @@ pub struct TransportOptions {
     /// idle timeout. Default 10 s. (The broker also keeps alive at a third of its own
     /// timeout, so a broker configured shorter than this still keeps us connected.)
     pub keep_alive: Duration,
-    /// Give up on a QUIC handshake the broker has not completed in this long (`Connect`
-    /// error naming the address), instead of waiting out the idle timeout. Default 10 s.
+    /// Give up on a connect (the QUIC handshake, the hellos and the login or device
+    /// proof) the broker has not answered in this long (`Connect` error naming the
+    /// address), instead of waiting out the idle timeout. Default 10 s.
     pub connect_timeout: Duration,
 }
 

@@ -898,7 +898,13 @@ async fn revoking_this_device_takes_a_flag_and_then_says_how_to_come_back() {
     assert!(!after.status.success());
     let stderr = String::from_utf8_lossy(&after.stderr);
     assert!(stderr.contains("`sb login alice` enrolls it again") && stderr.contains("AUTH_FAILED"), "{stderr}");
-    // A dead device may log in again; a working one may not (its key would be lost).
+    // A dead device may be replaced, by another user's too (before, the home refused
+    // any other user for good)...
+    let spare = dir.path().join("spare");
+    std::fs::create_dir_all(&spare).unwrap();
+    std::fs::copy(phone.join("state.json"), spare.join("state.json")).unwrap();
+    sb(&spare, &broker, &["register", "dora"]);
+    // ... and log in again; a working one may not (its key would be lost).
     sb(&phone, &broker, &["login", "alice", "--device", "phone"]);
     let again = sb_output(&phone, &broker, &["login", "alice"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("logged in as alice already"), "{again:?}");

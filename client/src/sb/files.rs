@@ -224,7 +224,7 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
         let here = state.uploads.iter().find(|s| s.file == id);
         let path = here.and_then(|s| key_path(&s.key));
         let conv = here.and_then(|s| s.conv);
-        let percent = u.offset.saturating_mul(100) / u.file.size.max(1);
+        let percent = percent(u.offset, u.file.size);
         out.line(
             json!({"file": id, "name": u.file.name, "size": u.file.size, "offset": u.offset,
                 "content_type": u.file.content_type, "blake3": hex(&u.blake3), "created_ms": u.created_ms,
@@ -246,7 +246,7 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
 /// `sb quota`: what my files take of my quota, and my upload limits.
 pub async fn quota(client: &Client, out: &Out) -> anyhow::Result<()> {
     let u = client.usage().await?;
-    let percent = u.stored_bytes.saturating_mul(100) / u.quota_bytes.max(1);
+    let percent = percent(u.stored_bytes, u.quota_bytes);
     out.line(
         json!({"stored_bytes": u.stored_bytes, "quota_bytes": u.quota_bytes,
             "free_bytes": u.quota_bytes.saturating_sub(u.stored_bytes), "uploads_in_progress": u.uploads_in_progress,
@@ -464,12 +464,17 @@ pub fn state_error(state: &FileState) -> Option<&'static str> {
 pub fn describe_state(state: &FileState, size: u64) -> String {
     match state {
         FileState::Uploading { offset } => {
-            format!("uploading, {}% ({offset} of {size} bytes)", offset.saturating_mul(100) / size.max(1))
+            format!("uploading, {}% ({offset} of {size} bytes)", percent(*offset, size))
         }
         FileState::Complete { thumbnail: Some(t) } => format!("complete, thumbnail {}", hex(&t.file)),
         FileState::Complete { thumbnail: None } => "complete".into(),
         FileState::Failed { code } => format!("failed: {}", code.name()),
     }
+}
+
+/// `part` of `whole` in whole percent (0 for an empty whole).
+fn percent(part: u64, whole: u64) -> u64 {
+    part.saturating_mul(100) / whole.max(1)
 }
 
 /// A message's idempotency key from 32 hex digits.
