@@ -423,12 +423,15 @@ mod tests {
         assert_eq!(h.ack(other), Some(Err(ErrorCode::CONFLICT)), "not the first seq: the new text never landed");
         let resend = h.send(BOB, 9, "meet at 5");
         assert_eq!(h.ack(resend), Some(Ok((2, true))));
-        // Pending as well as durable.
+        // Pending as well as durable; the conflict, like a resend's answer, waits until
+        // the original is durable (before, it was answered at once, and a crash then lost
+        // the original: the key was never taken).
         let pending = h.send(BOB, 10, "x");
         let wrong = h.send(BOB, 10, "y");
-        assert_eq!(h.ack(wrong), Some(Err(ErrorCode::CONFLICT)));
+        assert_eq!(h.ack(wrong), None, "not before the original is durable");
         h.commit();
         assert_eq!(h.ack(pending), Some(Ok((3, false))));
+        assert_eq!(h.ack(wrong), Some(Err(ErrorCode::CONFLICT)));
         // An edit's key: the same target and text, or a conflict.
         let edit = h.write(BOB, Command::Edit { client_id: [11; 16], target: 2, text: "at 5:30".into() });
         h.commit();
@@ -441,6 +444,32 @@ mod tests {
         assert_eq!(h.ack(late), Some(Ok((2, true))));
         let reused_for_a_delete = h.write(BOB, Command::Delete { client_id: [9; 16], target: 2 });
         assert_eq!(h.ack(reused_for_a_delete), Some(Err(ErrorCode::CONFLICT)), "another kind of write");
+    }
+
+    #[test]
+    fn a_reused_client_id_is_judged_by_durable_state_only() {
+        let mut h = group();
+        // The original is lost in a crash: the key was never taken, and the other text
+        // that waited on it lands as a write of its own once sent again.
+        let lost = h.send(BOB, 9, "meet at 5");
+        let other = h.send(BOB, 9, "meet at 6");
+        assert_eq!((h.ack(lost), h.ack(other)), (None, None));
+        h.crash_broker();
+        let again = h.send(BOB, 9, "meet at 6");
+        h.commit();
+        assert_eq!(h.ack(again), Some(Ok((2, false))));
+        // An edit of it that is not durable yet: the message still shows "meet at 6" to
+        // readers, so a resend of that text is a resend and another text a conflict
+        // (before, the pending edit already counted, and "meet at 7" was answered as a
+        // duplicate that a crash could then make false).
+        let edit = h.write(BOB, Command::Edit { client_id: [11; 16], target: 2, text: "at 6:30".into() });
+        let resend = h.send(BOB, 9, "meet at 6");
+        let another = h.send(BOB, 9, "meet at 7");
+        assert_eq!(h.ack(resend), Some(Ok((2, true))));
+        assert_eq!(h.ack(another), Some(Err(ErrorCode::CONFLICT)));
+        h.crash_broker();
+        assert_eq!(h.ack(edit), None, "the edit was lost");
+        assert_eq!(h.history(BOB).last(), Some(&(2, Body::Text { text: "meet at 6".into(), edited: false })));
     }
 
     #[test]

@@ -221,7 +221,8 @@ struct Pending<R> {
     seq: Seq,
     /// The entry this conversation appended at `seq` (absent for a resend's answer).
     entry: Option<Appended>,
-    reply: Option<(R, Reply)>,
+    /// The answer, given once `seq` is durable.
+    reply: Option<(R, Result<Reply, ErrorBody>)>,
 }
 
 #[derive(Debug)]
@@ -357,21 +358,27 @@ impl<R> ConversationState<R> {
             match log.dedupe(self.id, caller.user, client_id) {
                 Ok(Some(seq)) => {
                     // The same key for another write is a client's mistake, not a resend:
-                    // answering the first seq would tell it that its new text landed.
-                    match log.entry(self.id, seq) {
-                        Ok(Some(original)) if !same_write(&cmd, &original.body) => {
+                    // answering the first seq would tell it that its new text landed. The
+                    // entry is compared as readers see it (a pending edit or delete of it
+                    // shows its pre-image), and either answer waits until the entry is
+                    // durable: a crash before then loses it, and the key with it.
+                    let shown = match self.overlay.get(&seq) {
+                        Some(o) => Ok(Some(o.body.clone())),
+                        None => log.entry(self.id, seq).map(|e| e.map(|e| e.body)),
+                    };
+                    let answer = match shown {
+                        Ok(Some(body)) if !same_write(&cmd, &body) => {
                             let message = format!("this client id was used for another write (seq {seq})");
-                            return vec![Effect::Reply(reply, Err(err(ErrorCode::CONFLICT, &message)))];
+                            Err(err(ErrorCode::CONFLICT, &message))
                         }
-                        Ok(_) => {}
+                        Ok(_) => Ok(Reply::Appended { seq, duplicate: true }),
                         Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
-                    }
+                    };
                     self.last_activity_ms = now_ms;
-                    let ack = Reply::Appended { seq, duplicate: true };
                     if seq <= self.durable_seq {
-                        return vec![Effect::Reply(reply, Ok(ack))];
+                        return vec![Effect::Reply(reply, answer)];
                     }
-                    self.pending.push_back(Pending { seq, entry: None, reply: Some((reply, ack)) });
+                    self.pending.push_back(Pending { seq, entry: None, reply: Some((reply, answer)) });
                     return Vec::new();
                 }
                 Ok(None) => {}
@@ -439,7 +446,7 @@ impl<R> ConversationState<R> {
         self.pending.push_back(Pending {
             seq,
             entry: Some(Appended { entry: entry.clone(), audience, except: caller.session, members, rewrites }),
-            reply: Some((reply, Reply::Appended { seq, duplicate: false })),
+            reply: Some((reply, Ok(Reply::Appended { seq, duplicate: false }))),
         });
         vec![Effect::Append(entry)]
     }
@@ -586,8 +593,8 @@ impl<R> ConversationState<R> {
                 self.published_seq = entry.seq;
                 effects.push(Effect::Deliver { entry, audience, except });
             }
-            if let Some((reply, ack)) = p.reply {
-                effects.push(Effect::Reply(reply, Ok(ack)));
+            if let Some((reply, answer)) = p.reply {
+                effects.push(Effect::Reply(reply, answer));
             }
         }
         effects
