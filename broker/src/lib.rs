@@ -256,7 +256,7 @@ impl Broker {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(3), idle).await;
-        self.shared.convs.stop_all();
+        let intact = self.shared.convs.stop_all();
         self.shared.files.stop_all();
         // Actors and session tasks hold the shared state; once they are gone nothing can
         // write, and dropping the last reference releases the store's file lock. An Upload
@@ -266,10 +266,11 @@ impl Broker {
         while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if Arc::strong_count(&self.shared) > 1 {
-            // Something may still write: close without vouching for the store, so the
-            // next start checks it.
-            tracing::warn!("tasks still hold the broker state after shutdown");
+        if Arc::strong_count(&self.shared) > 1 || !intact || self.shared.health.is_failed() {
+            // Something may still write, a conversation actor died with a write perhaps
+            // cut short, or a commit failed: close without vouching for the store, so
+            // the next start checks it.
+            tracing::warn!(actors_intact = intact, "closing the store for a check at the next start");
             self.shared.store.close()?;
         } else {
             self.shared.store.close_clean()?;

@@ -605,13 +605,14 @@ mod tests {
             append(&store, text(8, 1, 3)).await;
             let delete = with_body(text(8, 2, 3), Body::Delete { target: 1 });
             store.db.insert(Key::entry(8, 2), encode(&delete)).unwrap();
-            // A hand-over torn between its two member keys: two owners until repaired.
+            // A hand-over torn between its two member keys (the demotion is written
+            // first): no owner until repaired.
             let owners = Body::MembersAdded { members: vec![(1, Role::Owner), (2, Role::Member)] };
             append(&store, with_body(text(7, 1, 1), owners)).await;
             let handed =
                 with_body(text(7, 2, 1), Body::RolesChanged { members: vec![(2, Role::Owner), (1, Role::Admin)] });
             store.db.insert(Key::entry(7, 2), encode(&handed)).unwrap();
-            store.db.insert(Key::member(7, 2), encode(&Role::Owner)).unwrap();
+            store.db.insert(Key::member(7, 1), encode(&Role::Admin)).unwrap();
             store.close().unwrap();
         }
         let store = open(dir.path());
@@ -631,7 +632,7 @@ mod tests {
         store.repair_newest_entry(8).unwrap();
         assert_eq!(store.entry(8, 1).unwrap().unwrap().body, Body::Tombstone);
         assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), Some(2), "a retry of the delete finds it");
-        assert_eq!(store.members(7).unwrap(), vec![(1, Role::Owner), (2, Role::Owner)]);
+        assert_eq!(store.members(7).unwrap(), vec![(1, Role::Admin), (2, Role::Member)]);
         store.repair_newest_entry(7).unwrap();
         assert_eq!(store.members(7).unwrap(), vec![(1, Role::Admin), (2, Role::Owner)], "one owner again");
         store.repair_newest_entry(10).unwrap();

@@ -109,9 +109,10 @@ impl Store {
             Body::MemberRemoved { user } => self.index_write(|| member(*user, None)),
             Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
             // A role changes the member key only: the user's index keeps the seq that
-            // made the user a member.
+            // made the user a member. Demotions first: a hand-over cut short leaves no
+            // owner (nobody may change roles until the repair) rather than two.
             Body::RolesChanged { members } => self.index_write(|| {
-                members.iter().try_for_each(|(user, role)| set(Key::member(conv, *user), Some(encode(role))))
+                demotions_first(members).try_for_each(|(user, role)| set(Key::member(conv, *user), Some(encode(role))))
             }),
             // A message moves the running counts that unread counts are read from.
             Body::Text { .. } | Body::Files { .. } => {
@@ -238,5 +239,27 @@ impl Store {
             tracing::info!(edits = indexed, "indexed edits for format 2");
         }
         Ok(())
+    }
+}
+
+/// A role change's member writes in the order they are made: every role but `Owner`
+/// first, so that a write cut short between them never leaves two owners.
+fn demotions_first(members: &[(UserId, Role)]) -> impl Iterator<Item = &(UserId, Role)> {
+    let (owners, others): (Vec<_>, Vec<_>) = members.iter().partition(|(_, role)| *role == Role::Owner);
+    others.into_iter().chain(owners)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_over_demotes_before_it_promotes() {
+        // As the conversation writes it: the new owner named first.
+        let handed = [(2, Role::Owner), (1, Role::Admin)];
+        let order: Vec<_> = demotions_first(&handed).copied().collect();
+        assert_eq!(order, [(1, Role::Admin), (2, Role::Owner)]);
+        let promoted = [(3, Role::Admin)];
+        assert_eq!(demotions_first(&promoted).copied().collect::<Vec<_>>(), promoted);
     }
 }

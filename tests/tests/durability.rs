@@ -208,3 +208,35 @@ async fn a_crashed_conversation_actor_loses_nothing_and_ids_stay_exactly_once() 
     })
     .await
 }
+
+/// A broker stopped after a conversation actor died does not vouch for its store: the
+/// dead actor may have cut its newest entry's writes short, and only a start after an
+/// unclean stop repairs every conversation (before, the shutdown marked the store clean,
+/// and a hand-over cut short would have kept two owners for good).
+#[tokio::test]
+async fn a_shutdown_after_an_actor_died_leaves_the_store_to_be_checked() {
+    bounded(async {
+        use switchboard_storage::{Store, StoreConfig};
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        alice.send(conv, "x").await.unwrap();
+        drop(alice);
+        let store = |tb: &TestBroker| Store::open(&StoreConfig::new(tb.data_dir().join("store"))).unwrap();
+        tb.stop().await;
+        let clean = store(&tb);
+        assert!(clean.opened_clean(), "a plain shutdown vouches for the store");
+        clean.close_clean().unwrap();
+        drop(clean);
+
+        tb.restart().await;
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        alice.send(conv, "y").await.unwrap();
+        assert!(tb.shared().convs.kill(conv), "the actor was live");
+        drop(alice);
+        tb.stop().await;
+        assert!(!store(&tb).opened_clean(), "a dead actor's conversation is checked at the next start");
+    })
+    .await
+}

@@ -311,10 +311,17 @@ impl ConvDirectory {
     }
 
     /// Stops every actor (shutdown).
-    pub fn stop_all(&self) {
+    /// Stops every actor. Whether every one was alive and no dead actor's newest entry
+    /// still waits for its repair: if not, a write may have been cut short, and the store
+    /// must not be vouched for (the next start repairs every conversation).
+    pub fn stop_all(&self) -> bool {
+        let mut intact = self.replay.lock().unwrap_or_else(|p| p.into_inner()).values().all(|r| !r.repair);
         for (_, slot) in self.map.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            // A registered actor is removed before it retires: one not running died.
+            intact &= matches!(slot.actor.get_status(), ractor::ActorStatus::Running);
             slot.actor.stop(Some("shutdown".into()));
         }
+        intact
     }
 }
 
