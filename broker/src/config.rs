@@ -73,8 +73,8 @@ pub struct Config {
     /// Conversation actors alive at once; a request that would start another is
     /// answered `OVERLOADED` (default `MAX_LIVE_CONVERSATIONS`).
     pub max_live_conversations: usize,
-    /// Message writes (`Send`, `SendFiles`, `Edit`, `Delete`) admitted and not yet
-    /// answered, over all connections; one more is answered `OVERLOADED` at once
+    /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership
+    /// changes) admitted and not yet answered, over all connections; one more is answered `OVERLOADED` at once
     /// (`overload.rs`; default `limits::MAX_SENDS_IN_FLIGHT`).
     pub max_sends_in_flight: usize,
     /// Message writes of one user (over all its connections) admitted and not yet

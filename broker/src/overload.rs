@@ -287,8 +287,9 @@ impl SendRule {
     }
 }
 
-/// The broker's admission of message writes (`Send`, `SendFiles`, `Edit`, `Delete`: the
-/// writes a client id makes safe to retry). Shared by every session.
+/// The broker's admission of conversation log writes (`Send`, `SendFiles`, `Edit`,
+/// `Delete`, whose client ids make them safe to retry, and the membership changes, which
+/// a refusal leaves undone). Shared by every session.
 pub struct SendAdmission {
     rule: Mutex<SendRule>,
     epoch: Instant,

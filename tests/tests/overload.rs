@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_client::{MemoryCursors, Session, SessionConfig};
-use switchboard_protocol::{Body, ErrorCode, Page, Reply, RequestBody};
+use switchboard_protocol::{Body, ErrorCode, Page, Reply, RequestBody, Role};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, next_entry, next_response, request_frame, within};
 
 const BOUND: usize = 3;
@@ -259,6 +259,36 @@ async fn a_write_whose_caller_gave_up_during_its_backoff_is_dropped_and_frees_it
         let refused = tb.shared().sends.refused();
         tokio::time::sleep(std::time::Duration::from_millis(350)).await;
         assert_eq!(tb.shared().sends.refused(), refused, "the abandoned write was sent again");
+    })
+    .await
+}
+
+/// Membership writes are log entries fanned out like messages, so past saturation they
+/// are refused at once like message writes (before, an owner could flip a member's role
+/// as fast as it liked while every message was being refused).
+#[tokio::test]
+async fn membership_writes_pass_the_same_admission_as_messages() {
+    bounded(async {
+        // Every admitted write is refused: none may be in flight.
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = 0;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        tb.register("carol").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let overloaded = |r: Result<u64, switchboard_client::ClientError>| match r {
+            Err(e) => e.code() == Some(ErrorCode::OVERLOADED),
+            Ok(seq) => panic!("written at seq {seq}"),
+        };
+        assert!(overloaded(alice.set_role(conv, bob.user_id, Role::Admin).await));
+        assert!(overloaded(alice.add_members(conv, &["carol".into()], Role::Member).await));
+        assert!(overloaded(alice.remove_member(conv, bob.user_id).await));
+        assert!(overloaded(bob.leave(conv).await));
+        let (_, last) = alice.history(conv, Page::After(0), 10).await.unwrap();
+        assert_eq!(last, 1, "only the creation was written");
     })
     .await
 }

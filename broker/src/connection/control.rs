@@ -160,15 +160,20 @@ impl Session {
     async fn dispatch(&self, Request { id, body }: Request, permit: OwnedSemaphorePermit) {
         let mut reply = Responder::new(id, self.out.clone(), permit);
         let (shared, caller) = (&self.shared, self.caller);
-        // Message writes pass the broker's admission first (`overload.rs`): past
-        // saturation they are refused at once, before any store or actor work. The
-        // refusal is the same for every conversation, so it tells a stranger nothing.
+        // Writes to a conversation's log (messages and membership changes) pass the
+        // broker's admission first (`overload.rs`): past saturation they are refused at
+        // once, before any store or actor work. The refusal is the same for every
+        // conversation, so it tells a stranger nothing.
         if matches!(
             body,
             RequestBody::Send { .. }
                 | RequestBody::SendFiles { .. }
                 | RequestBody::Edit { .. }
                 | RequestBody::Delete { .. }
+                | RequestBody::AddMembers { .. }
+                | RequestBody::RemoveMember { .. }
+                | RequestBody::Leave { .. }
+                | RequestBody::SetRole { .. }
         ) {
             match shared.sends.admit(caller.user, &self.backlog) {
                 Ok(ticket) => reply = reply.admitted(ticket),
