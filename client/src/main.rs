@@ -526,7 +526,21 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 };
                 out.seq(conv, client.set_role(conv, user, role).await?)
             }
-            ConvCommand::Leave { conv } => out.seq(conv, client.leave(conv).await?),
+            ConvCommand::Leave { conv } => {
+                let left = client.leave(conv).await;
+                let forbidden = matches!(left.as_ref().err().and_then(ClientError::code), Some(ErrorCode::FORBIDDEN));
+                // A group refuses to let its owner go while others remain: say how to hand it over.
+                let owner = forbidden
+                    && client.members(conv).await.is_ok_and(|members| {
+                        members.iter().any(|m| m.user_id == client.user_id && m.role == Role::Owner)
+                    });
+                let seq = if owner {
+                    left.with_context(|| format!("`sb conv role {conv} USER owner` hands the group to another member"))?
+                } else {
+                    left?
+                };
+                out.seq(conv, seq)
+            }
         },
         Command::Send { conv, text, client_id } => {
             let client_id = match client_id {

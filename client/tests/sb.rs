@@ -560,6 +560,13 @@ async fn range_download_writes_exactly_the_range() {
     std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o600)).unwrap();
     sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "1048570"]);
     assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+    // An empty range (an offset at the end) is refused before OUT is touched; before, OUT
+    // was replaced with an empty file.
+    let empty =
+        sb_output(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", &data.len().to_string()]);
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("nothing to download"), "{empty:?}");
+    assert_eq!(std::fs::read(&out).unwrap(), data[1_048_570..]);
     // A download that fails after it began leaves OUT as it was, and nothing beside it
     // (before, OUT was emptied at the start and removed on the failure).
     let refused = sb_output(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "99999999"]);
@@ -994,6 +1001,14 @@ async fn roles_change_and_members_go_by_name() {
     sb(&alice, &broker, &["conv", "remove", &conv, &format!("#{digits_id}")]);
     assert_eq!(role(&alice_id), None);
 
+    // The owner may not leave while others remain; sb says how to hand the group over,
+    // and says nothing of it to a member refused for another reason.
+    let stays = sb_output(&alice, &broker, &["conv", "leave", &conv]);
+    assert!(!stays.status.success());
+    let said = String::from_utf8_lossy(&stays.stderr);
+    assert!(said.contains(&format!("`sb conv role {conv} USER owner`")) && said.contains("FORBIDDEN"), "{said}");
+    let stranger = sb_output(&carol, &broker, &["conv", "leave", &conv]);
+    assert!(!String::from_utf8_lossy(&stranger.stderr).contains("sb conv role"), "{stranger:?}");
     sb(&alice, &broker, &["conv", "role", &conv, "bob", "owner"]);
     let history = sb(&bob, &broker, &["history", &conv]);
     sb(&alice, &broker, &["conv", "leave", &conv]);

@@ -321,6 +321,13 @@ pub async fn download(
     let file = parse_file_id(id)?;
     let info = client.file_info(file).await?;
     let size = info.file.size;
+    if offset > 0 && offset >= size {
+        // An empty range would replace OUT with an empty file.
+        bail!(
+            "--offset {offset} is at or past the end of the file ({size} bytes): nothing to download, {} not written",
+            path.display()
+        );
+    }
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
     let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
     let partial = if special { path.to_owned() } else { partial_path(path) };
