@@ -551,6 +551,10 @@ mod tests {
         assert_eq!(roles(&mut h), vec![(OWNER, Role::Admin), (BOB, Role::Admin), (CAROL, Role::Owner)]);
         let old_owner = h.write(OWNER, Command::SetRole { user: BOB, role: Role::Member });
         assert_eq!(h.ack(old_owner), Some(Err(ErrorCode::FORBIDDEN)), "no longer the owner");
+        // A retry of the hand-over (its answer lost) learns that it holds, not that it is
+        // refused (before: FORBIDDEN, as if it had never happened).
+        let retry = h.write(OWNER, Command::SetRole { user: CAROL, role: Role::Owner });
+        assert_eq!(h.ack(retry), Some(Err(ErrorCode::CONFLICT)));
         // The roles survive a crash: the successor loads them from the member keys.
         h.crash_broker();
         assert_eq!(roles(&mut h), vec![(OWNER, Role::Admin), (BOB, Role::Admin), (CAROL, Role::Owner)]);

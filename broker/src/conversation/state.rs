@@ -827,6 +827,11 @@ impl<R> ConversationState<R> {
                     return Err(err(ErrorCode::INVALID, "direct conversations have no roles to change"));
                 }
                 if role != Role::Owner {
+                    // A retry of a change that already holds (a hand-over whose answer was
+                    // lost) is told so rather than refused: the caller is no owner now.
+                    if self.members.get(&user) == Some(&new_role) {
+                        return Err(err(ErrorCode::CONFLICT, "the member has that role already"));
+                    }
                     return Err(err(ErrorCode::FORBIDDEN, "only the owner may change roles"));
                 }
                 let current =
