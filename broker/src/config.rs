@@ -74,8 +74,9 @@ pub struct Config {
     /// answered `OVERLOADED` (default `MAX_LIVE_CONVERSATIONS`).
     pub max_live_conversations: usize,
     /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership
-    /// changes) admitted and not yet answered, over all connections; one more is answered `OVERLOADED` at once
-    /// (`overload.rs`; default `limits::MAX_SENDS_IN_FLIGHT`).
+    /// changes) admitted and not yet answered, over all connections; one more is
+    /// answered `OVERLOADED` at once (`overload.rs`; default
+    /// `limits::MAX_SENDS_IN_FLIGHT`).
     pub max_sends_in_flight: usize,
     /// Message writes of one user (over all its connections) admitted and not yet
     /// answered; one more of that user's is answered `OVERLOADED` at once, other users'

@@ -310,10 +310,9 @@ impl ConvDirectory {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Stops every actor (shutdown).
-    /// Stops every actor. Whether every one was alive and no dead actor's newest entry
-    /// still waits for its repair: if not, a write may have been cut short, and the store
-    /// must not be vouched for (the next start repairs every conversation).
+    /// Stops every actor (shutdown). Whether every one was alive and no dead actor's
+    /// newest entry still waits for its repair: if not, a write may have been cut short,
+    /// and the store must not be vouched for (the next start repairs every conversation).
     pub fn stop_all(&self) -> bool {
         let mut intact = self.replay.lock().unwrap_or_else(|p| p.into_inner()).values().all(|r| !r.repair);
         for (_, slot) in self.map.lock().unwrap_or_else(|p| p.into_inner()).drain() {
