@@ -242,7 +242,7 @@ impl Auth {
 
     /// Stores a new account; `CONFLICT` if the name is taken. Durable when it returns.
     pub async fn create_user(&self, name: &str, hash: String) -> Result<UserId, ErrorBody> {
-        let name = name.to_owned();
+        let (name, name_for_log) = (name.to_owned(), name.to_owned());
         let created =
             crate::catalog::catalog_write(&self.store, move |s| s.create_user(&name, &hash, crate::now_ms())).await?;
         let (user, durable) = match created {
@@ -251,6 +251,7 @@ impl Auth {
             Err(e) => return Err(internal(e)),
         };
         durable.await.map_err(internal)?;
+        tracing::info!(user, name = %name_for_log, "account created");
         Ok(user)
     }
 
@@ -281,6 +282,7 @@ impl Auth {
             Err(e) => return Err(internal(e)),
         };
         durable.await.map_err(internal)?;
+        tracing::info!(user, device, "device enrolled");
         if let Some(old) = replaced {
             tracing::info!(user, device = old, "an enrollment replaced a device that never authenticated");
         }

@@ -302,6 +302,7 @@ pub(crate) async fn revoke_device(shared: &Shared, user: UserId, device: DeviceI
     let durable = catalog_write(&shared.store, move |s| s.remove_device(user, device)).await?.map_err(internal)?;
     let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };
     durable.await.map_err(internal)?;
+    tracing::info!(user, device, "device revoked");
     shared.users.revoke(user, device).await;
     Ok(Reply::Done)
 }

@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything the broker needs to run. `Config::default()` is the zero-config broker.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// UDP address to listen on.
@@ -238,6 +238,57 @@ impl Config {
 /// same cap); beyond it every acknowledgement and a clean shutdown wait that long.
 pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
+/// Shortest `idle_timeout_ms`: below a second a client on an ordinary network times out
+/// between keep-alives (0 would mean no connection ever completes).
+pub const MIN_IDLE_TIMEOUT_MS: u64 = 1_000;
+
+/// Refuses settings with which the broker would start and then serve no one, naming the
+/// setting: a zero where it means "nothing is ever allowed" (no connections, no sockets,
+/// no transfer streams, files of 0 bytes, uploads that expire at once), an idle timeout
+/// under `MIN_IDLE_TIMEOUT_MS`, and `check_commit_delay`. Zeros that are a documented
+/// choice are not refused: `commit_delay_us`, `send_delay_target_ms`,
+/// `socket_backlog_target_ms` (a rule off), `disk_reserve_bytes` (no reserve),
+/// `quota_bytes` (no uploads), `max_sends_in_flight` (every write refused: for tests).
+pub fn check(config: &Config) -> crate::error::Result<()> {
+    if config.idle_timeout_ms < MIN_IDLE_TIMEOUT_MS {
+        return Err(crate::Error::Config(format!(
+            "idle_timeout_ms = {}: at least {MIN_IDLE_TIMEOUT_MS} (ms; the default is 30000)",
+            config.idle_timeout_ms
+        )));
+    }
+    let at_least_one = [
+        ("argon2_memory_kib", u64::from(config.argon2_memory_kib)),
+        ("argon2_iterations", u64::from(config.argon2_iterations)),
+        ("store_cache_bytes", config.store_cache_bytes),
+        ("quic_handshake_timeout_ms", config.quic_handshake_timeout_ms),
+        ("max_connections", config.max_connections as u64),
+        ("max_unauthenticated_connections", config.max_unauthenticated_connections as u64),
+        ("outbound_max_frames", config.outbound_max_frames as u64),
+        ("outbound_max_bytes", config.outbound_max_bytes as u64),
+        ("conversation_mailbox_max", config.conversation_mailbox_max as u64),
+        ("max_live_conversations", config.max_live_conversations as u64),
+        ("udp_sockets", config.udp_sockets as u64),
+        ("max_file_bytes", config.max_file_bytes),
+        ("max_uploads_per_user", config.max_uploads_per_user as u64),
+        ("upload_expiry_secs", config.upload_expiry_secs),
+        ("max_transfer_streams", u64::from(config.max_transfer_streams)),
+        ("transfer_progress_secs", config.transfer_progress_secs),
+        ("max_live_transfer_streams", config.max_live_transfer_streams as u64),
+        ("max_transfer_streams_per_user", config.max_transfer_streams_per_user as u64),
+        ("transfer_buffer_bytes", config.transfer_buffer_bytes),
+        ("max_open_blob_files", config.max_open_blob_files as u64),
+        ("conversation_idle_ms", config.conversation_idle_ms),
+        ("typing_ttl_ms", config.typing_ttl_ms),
+    ];
+    if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+        return Err(crate::Error::Config(format!(
+            "{name} = 0: at least 1 (with 0 the broker would start and serve no one); \
+             leave it out for the default"
+        )));
+    }
+    check_commit_delay(config)
+}
+
 /// Refuses a `commit_delay_us` above `MAX_COMMIT_DELAY_US`, or, while the delay rule of
 /// admission is on, at or above half of `send_delay_target_ms`: every message write
 /// waits at least the delay, so the broker would refuse writes as overloaded when it is
@@ -263,6 +314,37 @@ pub fn check_commit_delay(config: &Config) -> crate::error::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_would_serve_no_one_are_refused_by_name() {
+        assert!(check(&Config::default()).is_ok());
+        assert!(check(&Config::ephemeral("unused")).is_ok());
+        let refused = |change: fn(&mut Config)| {
+            let mut config = Config::default();
+            change(&mut config);
+            check(&config).unwrap_err().to_string()
+        };
+        let said = refused(|c| c.idle_timeout_ms = 0);
+        assert!(said.contains("idle_timeout_ms = 0") && said.contains("at least 1000"), "{said}");
+        assert!(refused(|c| c.idle_timeout_ms = 999).contains("idle_timeout_ms"));
+        assert!(refused(|c| c.max_connections = 0).contains("max_connections = 0"));
+        assert!(refused(|c| c.udp_sockets = 0).contains("udp_sockets = 0"));
+        assert!(refused(|c| c.max_file_bytes = 0).contains("max_file_bytes = 0"));
+        assert!(refused(|c| c.upload_expiry_secs = 0).contains("upload_expiry_secs = 0"));
+        assert!(refused(|c| c.max_transfer_streams = 0).contains("max_transfer_streams = 0"));
+        assert!(refused(|c| c.max_open_blob_files = 0).contains("max_open_blob_files = 0"));
+        assert!(refused(|c| c.commit_delay_us = MAX_COMMIT_DELAY_US + 1).contains("commit_delay_us"));
+        // Zeros that are a documented choice stay allowed.
+        let choices = Config {
+            send_delay_target_ms: 0,
+            socket_backlog_target_ms: 0,
+            disk_reserve_bytes: 0,
+            quota_bytes: 0,
+            max_sends_in_flight: 0,
+            ..Config::default()
+        };
+        assert!(check(&choices).is_ok());
+    }
 
     #[test]
     fn a_commit_delay_is_refused_past_its_cap_or_near_the_overload_target() {

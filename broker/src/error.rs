@@ -26,6 +26,9 @@ pub enum Error {
     /// The configuration is invalid.
     #[error("configuration: {0}")]
     Config(String),
+    /// The data dir cannot be used (another broker holds its store, or it is damaged).
+    #[error("data dir: {0}")]
+    DataDir(String),
     /// A request refused with a stable code (as sent to the client).
     #[error("{0}")]
     Refused(ErrorBody),

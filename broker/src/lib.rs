@@ -108,13 +108,13 @@ pub struct Shared {
 
 /// Opens the data directory's store with the configured cache.
 pub fn open_store(config: &Config) -> Result<Arc<Store>> {
-    config::check_commit_delay(config)?;
+    config::check(config)?;
     std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
     let mut store_config = StoreConfig::new(config.data_dir.join("store"));
     store_config.cache_capacity_bytes = config.store_cache_bytes;
     store_config.commit_delay = std::time::Duration::from_micros(config.commit_delay_us);
     let store = Store::open(&store_config).map_err(|e| {
-        Error::Config(format!("opening the store in {} (is another broker using it?): {e}", config.data_dir.display()))
+        Error::DataDir(format!("opening the store in {} (is another broker using it?): {e}", config.data_dir.display()))
     })?;
     Ok(Arc::new(store))
 }
@@ -153,7 +153,7 @@ impl Broker {
         // durable by the barrier below.
         let files = files::Files::open(&config.data_dir, files::TransferLimits::of(&config))
             .map_err(Error::io("opening the file directories"))?;
-        let repaired = files.blobs.repair(&store).map_err(|e| Error::Config(format!("checking uploads: {e}")))?;
+        let repaired = files.blobs.repair(&store).map_err(|e| Error::DataDir(format!("checking uploads: {e}")))?;
         if repaired.checked > 0 {
             tracing::info!(uploads = repaired.checked, "checked uploads in progress");
         }

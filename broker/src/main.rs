@@ -55,6 +55,9 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Check the configuration (file, then --data and the serve flags) and print every
+    /// setting in effect as TOML, defaults included; exits non-zero naming a bad setting.
+    Config(ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,7 +79,8 @@ enum DeviceCommand {
 
 #[derive(Subcommand)]
 enum UserCommand {
-    /// Create an account; password from SWITCHBOARD_PASSWORD or standard input.
+    /// Create an account; password from SWITCHBOARD_PASSWORD, else asked on the
+    /// terminal, else the first line of standard input (`... user add NAME < file`).
     Add {
         /// Account name.
         name: String,
@@ -103,6 +107,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => runtime.block_on(serve(config, cli.serve)),
         Some(Command::Serve(args)) => runtime.block_on(serve(config, args)),
+        Some(Command::Config(args)) => {
+            let config = args.apply(config);
+            switchboard_broker::config::check(&config)?;
+            print!("{}", toml::to_string(&config).context("writing the configuration as TOML")?);
+            Ok(())
+        }
         Some(Command::User { command: UserCommand::Add { name } }) => runtime.block_on(user_add(config, &name)),
         Some(Command::Device { command: DeviceCommand::List { user } }) => device_list(&config, &user),
         Some(Command::Device { command: DeviceCommand::Revoke { user, device } }) => {
@@ -111,17 +121,25 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(listen) = args.listen {
-        config.listen = listen;
+impl ServeArgs {
+    /// `config` with these flags applied over it.
+    fn apply(self, mut config: Config) -> Config {
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if self.cert.is_some() {
+            config.cert = self.cert;
+            config.key = self.key;
+        }
+        if self.closed_registration {
+            config.registration_open = false;
+        }
+        config
     }
-    if args.cert.is_some() {
-        config.cert = args.cert;
-        config.key = args.key;
-    }
-    if args.closed_registration {
-        config.registration_open = false;
-    }
+}
+
+async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.apply(config);
     let stop = signals()?;
     let broker = Broker::start(config.clone()).await?;
     println!("switchboard listening on {}", broker.local_addr);
@@ -143,15 +161,24 @@ async fn serve(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Listens for SIGINT and SIGTERM from now on (so a signal sent as soon as the broker
-/// says it is listening is not lost), and resolves on the first.
+/// says it is listening is not lost), and resolves on the first. SIGHUP, which log
+/// rotation and service managers send to ask for a reload, is logged and ignored: there
+/// is nothing to reload (logs go to stderr, the configuration is read at start), and
+/// its default action would kill the broker without a clean stop.
 fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+        loop {
+            tokio::select! {
+                _ = int.recv() => return,
+                _ = term.recv() => return,
+                _ = hup.recv() => tracing::warn!(
+                    "SIGHUP ignored: the configuration is read at start only (restart to change it), logs go to stderr"
+                ),
+            }
         }
     })
 }
@@ -159,7 +186,14 @@ fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 async fn user_add(config: Config, name: &str) -> anyhow::Result<()> {
     let password = match std::env::var("SWITCHBOARD_PASSWORD") {
         Ok(p) => p,
-        Err(_) => rpassword::prompt_password(format!("password for {name}: "))?,
+        Err(_) if std::io::stdin().is_terminal() => rpassword::prompt_password(format!("password for {name}: "))?,
+        Err(_) => {
+            // A pipe or a file: its first line (rpassword reads the controlling
+            // terminal, which a script may not have).
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
+            line.trim_end_matches(['\n', '\r']).to_owned()
+        }
     };
     let store = switchboard_broker::open_store(&config)?;
     let auth = switchboard_broker::auth::Auth::new(store.clone(), &config)?;

@@ -62,6 +62,35 @@ pub struct Files {
     /// One permit per blob file open for a download, over all streams
     /// (`max_open_blob_files`).
     open_blobs: Arc<tokio::sync::Semaphore>,
+    /// Uploads refused with `STORAGE_FULL`, told to the operator at most once a minute.
+    pub(crate) storage_full: StorageFullLog,
+}
+
+/// Counts uploads refused for want of disk (`STORAGE_FULL`) and says when to tell the
+/// operator: the first refusal at once, then at most once per `STORAGE_FULL_LOG_MS` with
+/// the count since (a client retrying cannot fill the log).
+#[derive(Default)]
+pub(crate) struct StorageFullLog {
+    /// Refusals not told yet, and when the last telling was (ms since the Unix epoch).
+    state: std::sync::Mutex<(u64, Option<u64>)>,
+}
+
+/// Shortest time between two warnings of uploads refused with `STORAGE_FULL`, ms.
+pub(crate) const STORAGE_FULL_LOG_MS: u64 = 60_000;
+
+impl StorageFullLog {
+    /// One refusal at `now_ms`: the refusals to tell now (this one included), if due.
+    pub(crate) fn refused(&self, now_ms: u64) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.0 += 1;
+        let due = state.1.is_none_or(|last| now_ms.saturating_sub(last) >= STORAGE_FULL_LOG_MS);
+        if !due {
+            return None;
+        }
+        let told = std::mem::take(&mut state.0);
+        state.1 = Some(now_ms);
+        Some(told)
+    }
 }
 
 /// The broker-wide bounds of transfer streams (from `Config`).
@@ -166,6 +195,7 @@ impl Files {
             map: std::sync::Mutex::new(HashMap::new()),
             spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
+            storage_full: StorageFullLog::default(),
         })
     }
 
@@ -521,6 +551,16 @@ mod tests {
         ) -> Option<tokio::sync::OwnedSemaphorePermit> {
             tokio::time::timeout_at(deadline, self.chunk_budget.reserve(len)).await.ok()
         }
+    }
+
+    #[test]
+    fn storage_full_is_told_at_once_then_at_most_once_a_minute_with_the_count() {
+        let log = StorageFullLog::default();
+        assert_eq!(log.refused(1_000), Some(1), "the first at once");
+        assert_eq!(log.refused(2_000), None);
+        assert_eq!(log.refused(60_999), None);
+        assert_eq!(log.refused(61_000), Some(3), "a minute later, with those held back");
+        assert_eq!(log.refused(61_001), None);
     }
 
     fn files(dir: &std::path::Path, buffered_chunk_bytes: usize) -> Files {

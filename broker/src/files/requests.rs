@@ -172,6 +172,15 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
                 ),
             )),
             Err(UploadRefusal::StorageFull) => {
+                // The operator's business before it is the user's: say so in the log.
+                if let Some(refused) = s.files.storage_full.refused(crate::now_ms()) {
+                    tracing::warn!(
+                        refused,
+                        disk_reserve_bytes = reserve,
+                        free_bytes = free_bytes(s.files.blobs.root()).ok(),
+                        "uploads refused with STORAGE_FULL: the data dir's disk is within disk_reserve_bytes of full"
+                    );
+                }
                 Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"))
             }
         }
