@@ -211,6 +211,19 @@ impl Connector {
         }
     }
 
+    /// Connects, exchanges hellos and closes, within `connect_timeout`: whether a broker
+    /// answers at the address and with what, without an account (a health check). The
+    /// broker counts the connection among its unauthenticated ones until the close.
+    pub async fn probe(&self) -> Result<Probe> {
+        let started = std::time::Instant::now();
+        let (conn, stream, _) = self.in_time(self.open()).await?;
+        let answered_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let round_trip_ms = conn.rtt().as_secs_f64() * 1000.0;
+        conn.close(0u32.into(), b"probe");
+        let hello = stream.hello.ok_or_else(|| ClientError::Protocol("no server hello".into()))?;
+        Ok(Probe { version: hello.version, server_time_ms: hello.server_time_ms, answered_ms, round_trip_ms })
+    }
+
     /// Authenticates as `identity` and returns the bare control stream instead of a
     /// `Client`: for tools that speak the protocol themselves (tests, fuzzers, probes).
     pub async fn connect_raw(&self, identity: &Identity) -> Result<RawSession> {
@@ -254,7 +267,7 @@ impl Connector {
             self.endpoint.connect(self.server, &self.server_name).map_err(|e| ClientError::Connect(e.to_string()))?;
         let conn = connecting.await.map_err(|e| ClientError::Connect(e.to_string()))?;
         let (send, recv) = conn.open_bi().await?;
-        let mut stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), limits: None };
+        let mut stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), hello: None };
         let hello = ClientHello {
             magic: switchboard_protocol::MAGIC,
             version: switchboard_protocol::PROTOCOL_VERSION,
@@ -266,7 +279,7 @@ impl Connector {
         conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"")
             .map_err(|_| ClientError::Protocol("keying material export failed".into()))?;
         let transcript = switchboard_protocol::auth_transcript(&server.nonce, &exporter);
-        stream.limits = Some(server.limits);
+        stream.hello = Some(server);
         Ok((conn, stream, transcript))
     }
 
@@ -274,6 +287,19 @@ impl Connector {
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint
     }
+}
+
+/// What a broker said when probed (`Connector::probe`).
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    /// The protocol version it speaks.
+    pub version: u16,
+    /// Its wall clock at its hello, ms since the Unix epoch.
+    pub server_time_ms: u64,
+    /// From the start of the connect to its hello, ms (QUIC and TLS handshake included).
+    pub answered_ms: f64,
+    /// QUIC's estimate of the round trip time, ms.
+    pub round_trip_ms: f64,
 }
 
 /// An authenticated connection with its control stream, unmanaged.
@@ -293,7 +319,8 @@ struct Control {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    limits: Option<Limits>,
+    /// The broker's hello (set by `open`).
+    hello: Option<ServerHello>,
 }
 
 impl Control {
@@ -359,7 +386,7 @@ pub struct Client {
 
 impl Client {
     fn start(conn: quinn::Connection, stream: Control, user_id: UserId, device_id: DeviceId) -> Client {
-        let Control { send, recv, decoder, limits } = stream;
+        let Control { send, recv, decoder, hello } = stream;
         let waiters: Arc<Waiters> = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let events_taken = Arc::new(AtomicBool::new(false));
@@ -376,7 +403,7 @@ impl Client {
             events_taken,
             user_id,
             device_id,
-            limits: limits.expect("open() sets the limits from the server hello before start"),
+            limits: hello.expect("open() keeps the server hello before start").limits,
         }
     }
 

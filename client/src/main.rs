@@ -100,6 +100,11 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Check that a broker answers (QUIC, TLS and the protocol's hello), without an
+    /// account: prints its protocol version, how long it took to answer and how far its
+    /// clock is from ours; exits non-zero if it does not answer within 10 s. For health
+    /// checks (`sb --server HOST:PORT --ca CERT probe`).
+    Probe,
     /// Conversations.
     Conv {
         #[command(subcommand)]
@@ -441,6 +446,21 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 || format!("{verb} {name} (user {}, device {})", identity.user_id, identity.device_id),
             );
         }
+        Command::Probe => {
+            let probe = connector.probe().await?;
+            let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
+            let offset_ms = i128::from(probe.server_time_ms) - i128::from(now_ms());
+            out.line(
+                json!({"event": "probe", "server": server, "version": probe.version, "answered_ms": probe.answered_ms,
+                    "round_trip_ms": probe.round_trip_ms, "clock_offset_ms": offset_ms}),
+                || {
+                    format!(
+                        "broker at {server} answered in {:.1} ms: protocol {}, round trip {:.2} ms, its clock {offset_ms:+} ms from ours",
+                        probe.answered_ms, probe.version, probe.round_trip_ms
+                    )
+                },
+            );
+        }
         command => {
             let identity =
                 state.identity.as_ref().context("no device here yet: run `sb register NAME` or `sb login NAME`")?;
@@ -483,7 +503,7 @@ async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<
 
 async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Register { .. } | Command::Login { .. } => unreachable!("handled before connecting"),
+        Command::Register { .. } | Command::Login { .. } | Command::Probe => unreachable!("handled before connecting"),
         Command::Conv { command } => match command {
             ConvCommand::Create { title, mut users } => {
                 // The same user named twice is one member (`carol carol` is a direct

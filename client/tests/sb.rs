@@ -1051,3 +1051,29 @@ async fn the_default_certificate_is_saved_as_an_absolute_path() {
     let state = std::fs::read_to_string(home.join("state.json")).unwrap();
     assert!(state.contains(&beside.join("switchboard-data/cert.pem").display().to_string()), "{state}");
 }
+
+/// `sb probe` checks that a broker answers without an account (a health check): its
+/// protocol version and timings; it enrolls nothing, and a wrong pin fails it (it
+/// checks the certificate like any connect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_answers_without_an_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let nobody = dir.path().join("nobody");
+    let probe = sb(&nobody, &broker, &["probe"]);
+    assert_eq!(probe[0]["event"], "probe");
+    assert_eq!(probe[0]["version"], u64::from(switchboard_protocol::PROTOCOL_VERSION));
+    assert!(probe[0]["answered_ms"].as_f64().unwrap() > 0.0);
+    assert!(probe[0]["clock_offset_ms"].as_i64().unwrap().abs() < 60_000, "{probe:?}");
+    let human = sb_output(&nobody, &broker, &["probe"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("answered in"), "{human:?}");
+    // It enrolled nothing: this home still has no device.
+    let listed = sb_output(&nobody, &broker, &["conv", "list"]);
+    assert!(String::from_utf8_lossy(&listed.stderr).contains("no device here yet"), "{listed:?}");
+    let wrong = Command::new(env!("CARGO_BIN_EXE_sb"))
+        .env("SWITCHBOARD_HOME", &nobody)
+        .args(["--server", &broker.local_addr.to_string(), "--pin", &"00".repeat(32), "probe"])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "a wrong pin is refused");
+}
