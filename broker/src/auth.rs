@@ -240,6 +240,27 @@ impl Auth {
         self.create_user(name, hash.await?.map_err(internal)?).await
     }
 
+    /// Replaces the password of account `name` (an operator's reset); `NOT_FOUND` if
+    /// there is none, `INVALID` for a password outside 8..=256 bytes. Durable when it
+    /// returns. The account's devices keep working: revoke them too to lock someone out.
+    pub async fn set_password(&self, name: &str, password: &str) -> Result<UserId, ErrorBody> {
+        check_password(password)?;
+        let (user, _) = self
+            .store
+            .user_by_name(name)
+            .map_err(internal)?
+            .ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
+        let turn = self.argon.turn()?;
+        let password = password.to_owned();
+        let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
+        let hash = hash.await?.map_err(internal)?;
+        let set = crate::catalog::catalog_write(&self.store, move |s| s.set_password(user, &hash)).await?;
+        let durable = set.map_err(internal)?.ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
+        durable.await.map_err(internal)?;
+        tracing::info!(user, "password reset");
+        Ok(user)
+    }
+
     /// Stores a new account; `CONFLICT` if the name is taken. Durable when it returns.
     pub async fn create_user(&self, name: &str, hash: String) -> Result<UserId, ErrorBody> {
         let (name, name_for_log) = (name.to_owned(), name.to_owned());

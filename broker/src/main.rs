@@ -85,6 +85,18 @@ enum UserCommand {
         /// Account name.
         name: String,
     },
+    /// List accounts, one a line: id, creation time (UTC), devices, name.
+    List,
+    /// Set a new password for an account (read as for `add`). With --revoke-devices
+    /// every device of the account is revoked too, so only someone with the new password
+    /// gets back in.
+    Passwd {
+        /// Account name.
+        name: String,
+        /// Revoke every device of the account as well.
+        #[arg(long)]
+        revoke_devices: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -114,6 +126,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::User { command: UserCommand::Add { name } }) => runtime.block_on(user_add(config, &name)),
+        Some(Command::User { command: UserCommand::List }) => user_list(&config),
+        Some(Command::User { command: UserCommand::Passwd { name, revoke_devices } }) => {
+            runtime.block_on(user_passwd(config, &name, revoke_devices))
+        }
         Some(Command::Device { command: DeviceCommand::List { user } }) => device_list(&config, &user),
         Some(Command::Device { command: DeviceCommand::Revoke { user, device } }) => {
             runtime.block_on(device_revoke(&config, &user, device))
@@ -184,7 +200,66 @@ fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 async fn user_add(config: Config, name: &str) -> anyhow::Result<()> {
-    let password = match std::env::var("SWITCHBOARD_PASSWORD") {
+    let password = read_password(name)?;
+    let store = switchboard_broker::open_store(&config)?;
+    let auth = switchboard_broker::auth::Auth::new(store.clone(), &config)?;
+    let added = auth.add_user(name, &password).await.map_err(|e| anyhow::anyhow!("{e}"));
+    close_admin_store(&store)?;
+    println!("created user {name} (id {})", added?);
+    Ok(())
+}
+
+fn user_list(config: &Config) -> anyhow::Result<()> {
+    let store = switchboard_broker::open_store(config)?;
+    let listed = list_users(&store);
+    close_admin_store(&store)?;
+    for line in listed? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn list_users(store: &Store) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for (id, user) in store.users()? {
+        let devices = store.devices(id)?.len();
+        lines.push(format!("{id}\t{}\t{devices}\t{}", utc(user.created_ms), user.name));
+    }
+    Ok(lines)
+}
+
+async fn user_passwd(config: Config, name: &str, revoke_devices: bool) -> anyhow::Result<()> {
+    let password = read_password(name)?;
+    let store = switchboard_broker::open_store(&config)?;
+    let auth = switchboard_broker::auth::Auth::new(store.clone(), &config)?;
+    let done = async {
+        let user = auth.set_password(name, &password).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut revoked = 0;
+        if revoke_devices {
+            for (device, _) in store.devices(user)? {
+                if let Some(durable) = store.remove_device(user, device)? {
+                    durable.await?;
+                    revoked += 1;
+                }
+            }
+        }
+        anyhow::Ok(revoked)
+    }
+    .await;
+    close_admin_store(&store)?;
+    let revoked = done?;
+    if revoke_devices {
+        println!("set a new password for {name} and revoked its {revoked} devices");
+    } else {
+        println!("set a new password for {name} (its devices still work: --revoke-devices revokes them)");
+    }
+    Ok(())
+}
+
+/// The password for `name`'s account: `SWITCHBOARD_PASSWORD`, else asked on the
+/// terminal, else the first line of standard input.
+fn read_password(name: &str) -> anyhow::Result<String> {
+    Ok(match std::env::var("SWITCHBOARD_PASSWORD") {
         Ok(p) => p,
         Err(_) if std::io::stdin().is_terminal() => rpassword::prompt_password(format!("password for {name}: "))?,
         Err(_) => {
@@ -194,13 +269,7 @@ async fn user_add(config: Config, name: &str) -> anyhow::Result<()> {
             std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
             line.trim_end_matches(['\n', '\r']).to_owned()
         }
-    };
-    let store = switchboard_broker::open_store(&config)?;
-    let auth = switchboard_broker::auth::Auth::new(store.clone(), &config)?;
-    let added = auth.add_user(name, &password).await.map_err(|e| anyhow::anyhow!("{e}"));
-    close_admin_store(&store)?;
-    println!("created user {name} (id {})", added?);
-    Ok(())
+    })
 }
 
 fn device_list(config: &Config, user: &str) -> anyhow::Result<()> {

@@ -512,3 +512,54 @@ async fn sighup_is_ignored() {
     signal(&broker.child, "-TERM");
     assert!(broker.child.wait().unwrap().success());
 }
+
+/// `user list` shows every account with its devices; `user passwd --revoke-devices`
+/// locks out whoever had the old password or a device (the operator's answer to a
+/// stolen password: revoking devices alone is not, since the password enrolls new ones).
+#[tokio::test]
+async fn operators_list_users_and_reset_a_password() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(dir.path(), &["user", "add", "carol"]).status.success());
+    assert!(run(dir.path(), &["user", "add", "dave"]).status.success());
+    let mut broker = start(dir.path());
+    let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let (laptop, laptop_id) = connector.login("carol", "correct horse battery", "laptop").await.unwrap();
+    drop(laptop);
+    signal(&broker.child, "-TERM");
+    assert!(broker.child.wait().unwrap().success());
+
+    let listed = run(dir.path(), &["user", "list"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let rows: Vec<Vec<String>> =
+        String::from_utf8(listed.stdout).unwrap().lines().map(|l| l.split('\t').map(str::to_owned).collect()).collect();
+    let named: Vec<(&str, &str)> = rows.iter().map(|r| (r[3].as_str(), r[2].as_str())).collect();
+    assert_eq!(named, [("carol", "1"), ("dave", "0")], "name and devices: {rows:?}");
+
+    let passwd = |name: &str, revoke: bool| {
+        let mut args = vec!["user", "passwd", name];
+        if revoke {
+            args.push("--revoke-devices");
+        }
+        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(&args)
+            .current_dir(dir.path())
+            .env("SWITCHBOARD_PASSWORD", "a brand new passphrase")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    assert!(!passwd("nobody", false).status.success(), "an unknown user");
+    let reset = passwd("carol", true);
+    assert!(reset.status.success(), "{}", String::from_utf8_lossy(&reset.stderr));
+    assert!(String::from_utf8_lossy(&reset.stdout).contains("revoked its 1 devices"));
+
+    let mut broker = start(dir.path());
+    let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let device = connector.connect(&laptop_id).await.err().unwrap();
+    assert_eq!(device.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED), "the device is revoked");
+    let old = connector.login("carol", "correct horse battery", "thief").await.err().unwrap();
+    assert_eq!(old.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED), "the old password is refused");
+    connector.login("carol", "a brand new passphrase", "phone").await.unwrap();
+    signal(&broker.child, "-TERM");
+    assert!(broker.child.wait().unwrap().success());
+}

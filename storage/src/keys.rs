@@ -56,6 +56,10 @@ impl Key {
     pub fn user(id: UserId) -> Key {
         Key::with(USER, &[&id.to_be_bytes()])
     }
+    /// Prefix of every user record.
+    pub fn users() -> Key {
+        Key::with(USER, &[])
+    }
     pub fn user_name(name: &str) -> Key {
         Key::with(USER_NAME, &[name.as_bytes()])
     }

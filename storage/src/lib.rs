@@ -275,6 +275,28 @@ impl Store {
         self.get(Key::user(id))
     }
 
+    /// Every user by id (a full scan: for operator commands, not for serving).
+    pub fn users(&self) -> Result<Vec<(UserId, UserRecord)>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(Key::users()) {
+            let (k, v) = item?;
+            let id = keys::u64_from(&k[1..]).ok_or_else(|| corrupt(&k, "user key"))?;
+            out.push((id, decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Replaces a user's password hash (an argon2id PHC string); `None` if there is no
+    /// such user. Durable when the future resolves.
+    pub fn set_password(&self, user: UserId, password_hash: &str) -> Result<Option<Durable>> {
+        let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.user(user)? else { return Ok(None) };
+        record.password_hash = password_hash.to_owned();
+        let mut txn = Txn::new();
+        txn.put(Key::user(user), &record);
+        Ok(Some(self.commit(txn)?))
+    }
+
     /// Enrolls a device key for `user`, unconfirmed (see `confirm_device`). If `user`
     /// already has `max_devices`, the oldest unconfirmed device enrolled before
     /// `replace.enrolled_before_ms` and not in `replace.in_use` is removed in the same
