@@ -141,6 +141,10 @@ pub struct Config {
     /// `limits::CHUNK_LEASE_GRACE`) lose the bytes it needs (their streams are reset with
     /// `CHUNK_TOO_SLOW`).
     pub transfer_buffer_bytes: u64,
+    /// Every this many seconds the broker logs a `status` line at info: sessions,
+    /// connections in their handshake, live conversations, writes in flight and refused,
+    /// uploads, chunk bytes held, presence entries (`Shared::status`). 0: never.
+    pub status_log_secs: u64,
     /// Blob files open for downloads at once, over all streams (at least 1). A download
     /// beyond waits for one to close, and is reset with `TIMEOUT` only if the wait
     /// passes `transfer_progress_secs`.
@@ -195,6 +199,7 @@ impl Default for Config {
             // Half the live streams: the rest of the process's descriptors stay for
             // connections, sled and upload files.
             max_open_blob_files: 128,
+            status_log_secs: 60,
         }
     }
 }

@@ -106,6 +106,68 @@ pub struct Shared {
     pub health: Arc<Health>,
 }
 
+/// What the broker holds now, for the operator (`Shared::status`; logged every
+/// `status_log_secs`). Counts are of this moment; `writes_refused` is since the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Authenticated connections (of `max_connections`).
+    pub sessions: usize,
+    /// Connections in their handshake (of `max_unauthenticated_connections`).
+    pub unauthenticated: usize,
+    /// Conversation actors alive (of `max_live_conversations`).
+    pub conversations: usize,
+    /// Message and membership writes admitted and not yet answered (of
+    /// `max_sends_in_flight`).
+    pub writes_in_flight: usize,
+    /// Writes refused with `OVERLOADED` since the start.
+    pub writes_refused: u64,
+    /// Upload actors alive (uploads being written or waited on).
+    pub uploads: usize,
+    /// Bytes of upload chunk buffers held (of `transfer_buffer_bytes`).
+    pub chunk_bytes_held: usize,
+    /// Users with a presence entry (connected, or left a moment ago).
+    pub presence_users: usize,
+}
+
+impl Shared {
+    /// A snapshot of what the broker holds now.
+    pub fn status(&self) -> Status {
+        let (sessions, unauthenticated) = self.admission.counts();
+        Status {
+            sessions,
+            unauthenticated,
+            conversations: self.convs.live(),
+            writes_in_flight: self.sends.in_flight(),
+            writes_refused: self.sends.refused(),
+            uploads: self.files.live(),
+            chunk_bytes_held: self.files.queued_chunk_bytes(),
+            presence_users: self.presence.users(),
+        }
+    }
+}
+
+/// Logs `Shared::status` at info every `every` until the broker is gone.
+async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(shared) = shared.upgrade() else { return };
+        let s = shared.status();
+        tracing::info!(
+            sessions = s.sessions,
+            unauthenticated = s.unauthenticated,
+            conversations = s.conversations,
+            writes_in_flight = s.writes_in_flight,
+            writes_refused = s.writes_refused,
+            uploads = s.uploads,
+            chunk_bytes_held = s.chunk_bytes_held,
+            presence_users = s.presence_users,
+            "status"
+        );
+    }
+}
+
 /// Opens the data directory's store with the configured cache.
 pub fn open_store(config: &Config) -> Result<Arc<Store>> {
     config::check(config)?;
@@ -216,6 +278,10 @@ impl Broker {
         }
         let interval = files::sweep_interval(shared.config.upload_expiry_secs);
         accept.push(tokio::spawn(files::sweeper(Arc::downgrade(&shared), interval)));
+        if shared.config.status_log_secs > 0 {
+            let every = Duration::from_secs(shared.config.status_log_secs);
+            accept.push(tokio::spawn(log_status(Arc::downgrade(&shared), every)));
+        }
         tracing::info!(addr = %local_addr, "listening");
         Ok(Broker {
             shared,

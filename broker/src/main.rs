@@ -10,8 +10,12 @@ use clap::{Parser, Subcommand};
 use switchboard_broker::{Broker, Config};
 use switchboard_storage::Store;
 
+/// What `--version` prints: the release, the protocol version it speaks and the store
+/// format it writes (OPERATIONS.md, "Upgrading"); a test keeps the two numbers true.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 3, store format 3)");
+
 #[derive(Parser)]
-#[command(name = "switchboard", version, about = "Switchboard realtime messaging broker")]
+#[command(name = "switchboard", version = VERSION, about = "Switchboard realtime messaging broker")]
 struct Cli {
     /// TOML configuration file; flags override it.
     #[arg(long, global = true, env = "SWITCHBOARD_CONFIG")]
@@ -341,6 +345,13 @@ fn utc(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_version_names_the_protocol_and_the_store_format() {
+        let protocol = format!("(protocol {}, ", switchboard_protocol::PROTOCOL_VERSION);
+        let store = format!("store format {})", switchboard_storage::FORMAT);
+        assert!(super::VERSION.contains(&protocol) && super::VERSION.ends_with(&store), "{}", super::VERSION);
+    }
+
     #[test]
     fn utc_dates() {
         assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");

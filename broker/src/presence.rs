@@ -283,6 +283,11 @@ impl Presence {
         presence
     }
 
+    /// Users with a presence entry (connected, or left less than two windows ago).
+    pub fn users(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// A session of `user` is connected.
     pub fn attach(&self, user: UserId, session: u64) {
         self.update(|state, now| state.handle_attach(user, session, now));

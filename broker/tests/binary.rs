@@ -563,3 +563,33 @@ async fn operators_list_users_and_reset_a_password() {
     signal(&broker.child, "-TERM");
     assert!(broker.child.wait().unwrap().success());
 }
+
+/// With `status_log_secs` the broker logs a `status` line at info that often (what an
+/// operator without metrics watches).
+#[test]
+fn a_status_line_is_logged_every_status_log_secs() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sb.toml"), "status_log_secs = 1\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--config", "sb.toml", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut all = String::new();
+        stderr.read_to_string(&mut all).unwrap();
+        all
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    signal(&child, "-TERM");
+    assert!(child.wait().unwrap().success());
+    let logged = err.join().unwrap();
+    let status = logged.lines().filter(|l| l.contains(" status ") || l.ends_with(" status")).count();
+    assert!(status >= 1, "no status line in {logged}");
+    assert!(logged.contains("sessions=0"), "{logged}");
+}

@@ -406,3 +406,28 @@ async fn the_broker_asks_clients_to_acknowledge_less_often() {
     })
     .await
 }
+
+/// `Shared::status` (the operator's `status` log line) counts what the broker holds:
+/// sessions, live conversations, presence entries; and gives them back as clients go.
+#[tokio::test]
+async fn the_status_counts_what_the_broker_holds() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        assert_eq!(tb.shared().status().sessions, 0);
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        alice.send(conv, "hi").await.unwrap();
+        let status = tb.shared().status();
+        assert_eq!((status.sessions, status.conversations, status.presence_users), (2, 1, 2), "{status:?}");
+        assert_eq!((status.writes_in_flight, status.writes_refused, status.uploads), (0, 0, 0), "{status:?}");
+        drop((alice, bob));
+        within(STEP_DEADLINE, "sessions given back", async {
+            while tb.shared().status().sessions > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    })
+    .await
+}

@@ -197,6 +197,12 @@ impl Admission {
         Verdict::Admit(Unauthenticated { source, pending: self.unauthenticated.clone() })
     }
 
+    /// Sessions served now, and connections not yet authenticated.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let unauthenticated = self.unauthenticated.lock().unwrap_or_else(|p| p.into_inner()).total;
+        (self.sessions.load(Ordering::SeqCst), unauthenticated)
+    }
+
     /// Moves an authenticated connection from its unauthenticated place to a session
     /// place, or `OVERLOADED` if `max_connections` sessions are being served.
     pub(crate) fn promote(&self, place: Unauthenticated) -> Result<Session, ErrorBody> {
