@@ -384,8 +384,14 @@ async fn operators_list_and_revoke_devices_while_the_broker_is_stopped() {
 /// Starts the broker with `RUST_LOG=info`, stops it with SIGTERM and returns what it
 /// wrote to stdout and to stderr (both piped, so neither is a terminal).
 fn logs_of_one_run(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    logs_of_a_run(dir, &[], Duration::ZERO)
+}
+
+/// `logs_of_one_run` with `extra` arguments, stopped `linger` after it said it listens.
+fn logs_of_a_run(dir: &Path, extra: &[&str], linger: Duration) -> (Vec<u8>, Vec<u8>) {
     use std::io::Read;
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(extra)
         .args(["--listen", "127.0.0.1:0"])
         .current_dir(dir)
         .env("RUST_LOG", "info")
@@ -410,6 +416,7 @@ fn logs_of_one_run(dir: &Path) -> (Vec<u8>, Vec<u8>) {
             break;
         }
     }
+    std::thread::sleep(linger);
     signal(&child, "-TERM");
     stdout.read_to_end(&mut out).unwrap();
     assert!(child.wait().unwrap().success());
@@ -568,27 +575,10 @@ async fn operators_list_users_and_reset_a_password() {
 /// operator without metrics watches).
 #[test]
 fn a_status_line_is_logged_every_status_log_secs() {
-    use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("sb.toml"), "status_log_secs = 1\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["--config", "sb.toml", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let err = std::thread::spawn(move || {
-        let mut all = String::new();
-        stderr.read_to_string(&mut all).unwrap();
-        all
-    });
-    std::thread::sleep(Duration::from_millis(2500));
-    signal(&child, "-TERM");
-    assert!(child.wait().unwrap().success());
-    let logged = err.join().unwrap();
+    let (_, err) = logs_of_a_run(dir.path(), &["--config", "sb.toml"], Duration::from_millis(2500));
+    let logged = String::from_utf8(err).unwrap();
     let status = logged.lines().filter(|l| l.contains(" status ") || l.ends_with(" status")).count();
     assert!(status >= 1, "no status line in {logged}");
     assert!(logged.contains("sessions=0"), "{logged}");
