@@ -43,8 +43,8 @@ pub use files::{
 };
 pub use merge::{Fetch, Merge};
 pub use session::{
-    Backoff, Session, SessionConfig, SessionError, SessionEvent, SessionEvents, TYPING_REFRESH_MS, permanent,
-    retry_safe,
+    Backoff, RESTART_RETRY_MAX_MS, Session, SessionConfig, SessionError, SessionEvent, SessionEvents,
+    TYPING_REFRESH_MS, permanent, retry_safe,
 };
 pub use switchboard_protocol as protocol;
 pub use tls::{TransportOptions, Trust};

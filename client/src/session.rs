@@ -29,7 +29,8 @@ pub struct SessionConfig {
     pub backoff_min_ms: u64,
     /// Longest reconnect delay, ms (10,000). The delay actually waited is drawn
     /// uniformly from its upper half (jitter), so a broker restart is not met by every
-    /// device at the same instant.
+    /// device at the same instant. After a `GOING_AWAY` the delays stay within
+    /// `RESTART_RETRY_MAX_MS` (1 s) until a connect succeeds.
     pub backoff_max_ms: u64,
     /// A connect attempt (QUIC handshake, hellos, proof) that takes longer fails, ms
     /// (10,000).
@@ -291,6 +292,7 @@ impl Session {
             generation: 0,
             connecting: None,
             retry_at: Some(Instant::now()),
+            restarting: false,
             pending: BTreeMap::new(),
             next_token: 0,
             away: false,
@@ -454,6 +456,14 @@ fn connection_lost(error: &ClientError) -> bool {
     }
 }
 
+/// After the broker said it is going away (`GOING_AWAY`: a restart, as a rule), reconnect
+/// attempts come at most this far apart (with jitter, from half of it) until one
+/// succeeds, ms: the broker is expected back within seconds, and an attempt it refuses
+/// or does not answer costs it nothing. Without it the backoff had grown to 3–6 s during
+/// a restart's 3 s drain, while every attempt was refused, and devices came back that
+/// much after the broker.
+pub const RESTART_RETRY_MAX_MS: u64 = 1_000;
+
 /// Exponential backoff with jitter: attempt `n` (from 0) waits a delay drawn uniformly
 /// from `[d/2, d]` where `d = min(max, min * 2^n)`.
 #[derive(Clone, Debug)]
@@ -471,7 +481,13 @@ impl Backoff {
 
     /// The next delay, ms; `random` is any uniformly random number.
     pub fn next_ms(&mut self, random: u64) -> u64 {
-        let ceiling = self.min_ms.saturating_mul(1u64 << self.attempt.min(40)).min(self.max_ms);
+        self.next_ms_within(random, self.max_ms)
+    }
+
+    /// The next delay as `next_ms`, with `ceiling_ms` in place of the longest (when
+    /// lower): drawn from `[c/2, c]`, `c` the smaller of the two ceilings.
+    pub fn next_ms_within(&mut self, random: u64, ceiling_ms: u64) -> u64 {
+        let ceiling = self.min_ms.saturating_mul(1u64 << self.attempt.min(40)).min(self.max_ms).min(ceiling_ms.max(1));
         self.attempt = self.attempt.saturating_add(1);
         let floor = ceiling / 2;
         floor + random % (ceiling - floor + 1)
@@ -557,6 +573,9 @@ struct Task {
     generation: u64,
     connecting: Option<oneshot::Receiver<Result<Client, ClientError>>>,
     retry_at: Option<Instant>,
+    /// The last connection ended with `GOING_AWAY` and none has succeeded since:
+    /// attempts come at most `RESTART_RETRY_MAX_MS` apart.
+    restarting: bool,
     pending: BTreeMap<u64, Pending>,
     next_token: u64,
     away: bool,
@@ -843,6 +862,7 @@ impl Task {
                     self.stop(error);
                     return true;
                 }
+                self.restarting = error.code() == Some(ErrorCode::GOING_AWAY);
                 self.schedule_retry(error);
             }
         }
@@ -876,6 +896,7 @@ impl Task {
                 return false;
             }
         };
+        self.restarting = false;
         let Some(events) = client.events() else {
             self.schedule_retry(ClientError::Protocol("event stream already taken".into()));
             return false;
@@ -910,7 +931,8 @@ impl Task {
     }
 
     fn schedule_retry(&mut self, error: ClientError) {
-        let delay = self.backoff.next_ms(random_u64());
+        let ceiling = if self.restarting { RESTART_RETRY_MAX_MS } else { self.config.backoff_max_ms };
+        let delay = self.backoff.next_ms_within(random_u64(), ceiling);
         tracing::debug!(error = %error, delay_ms = delay, "reconnecting");
         self.retry_at = Some(Instant::now() + Duration::from_millis(delay));
         self.emit(SessionEvent::Disconnected { error, retry_in_ms: delay });
@@ -1119,6 +1141,13 @@ mod tests {
         }
         b.reset();
         check(&mut b, 50, 100);
+        // A lower ceiling for one delay (a broker restart) leaves the attempt count alone.
+        let mut b = Backoff::new(100, 10_000);
+        for _ in 0..10 {
+            let d = b.next_ms_within(random_u64(), RESTART_RETRY_MAX_MS);
+            assert!(d <= RESTART_RETRY_MAX_MS, "{d}");
+        }
+        assert!(b.next_ms(0) >= 5_000, "the full backoff again once the cap is lifted");
     }
 
     #[test]

@@ -142,6 +142,42 @@ async fn a_broker_restart_is_survived() {
     .await;
 }
 
+/// After the broker says it is going away, reconnect attempts come at most
+/// `RESTART_RETRY_MAX_MS` apart however many fail meanwhile, so devices are back about
+/// as soon as the broker is (before, the backoff kept doubling to its 10 s bound while
+/// the restart refused attempts); another kind of drop still backs off to the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_going_away_reconnects_stay_close_together() {
+    use switchboard_client::RESTART_RETRY_MAX_MS;
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (_, bob) = tb.register("bob").await;
+        // Attempts fail fast while the broker is down, so many fail in a short restart.
+        let config = SessionConfig { backoff_min_ms: 100, backoff_max_ms: 10_000, connect_timeout_ms: 150, ..config() };
+        let (session, mut events) =
+            Session::start(tb.connector(), bob.clone(), Arc::new(MemoryCursors::default()), config).unwrap();
+        wait_for(&mut events, "connected", |e| matches!(e, SessionEvent::Connected)).await;
+        let addr = tb.broker.as_ref().unwrap().local_addr;
+        tb.stop().await;
+        // Six failed attempts: the uncapped backoff would be at 3.2–6.4 s by then.
+        let mut delays = Vec::new();
+        within(STEP_DEADLINE * 3, "six reconnect attempts", async {
+            while delays.len() < 6 {
+                if let Some(SessionEvent::Disconnected { retry_in_ms, .. }) = events.next().await {
+                    delays.push(retry_in_ms);
+                }
+            }
+        })
+        .await;
+        assert!(delays.iter().all(|&d| d <= RESTART_RETRY_MAX_MS), "{delays:?}");
+        let config = Config { listen: addr, ..switchboard_tests::test_config(tb.data_dir()) };
+        tb.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+        wait_for(&mut events, "reconnected", |e| matches!(e, SessionEvent::Connected)).await;
+        session.close().await;
+    })
+    .await;
+}
+
 /// A device revoked from another device: its session says why and its stream ends,
 /// with no reconnect attempt after that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
