@@ -314,10 +314,14 @@ impl ConvDirectory {
     /// newest entry still waits for its repair: if not, a write may have been cut short,
     /// and the store must not be vouched for (the next start repairs every conversation).
     pub fn stop_all(&self) -> bool {
+        // The locks in `spawn`'s order, held together: a dead actor is in one or the other.
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let mut intact = self.replay.lock().unwrap_or_else(|p| p.into_inner()).values().all(|r| !r.repair);
-        for (_, slot) in self.map.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-            // A registered actor is removed before it retires: one not running died.
-            intact &= matches!(slot.actor.get_status(), ractor::ActorStatus::Running);
+        for (_, slot) in map.drain() {
+            // A registered actor is removed before it retires: one stopping or stopped
+            // died (one still starting is alive: ractor marks it running in its own task).
+            let status = slot.actor.get_status();
+            intact &= !matches!(status, ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped);
             slot.actor.stop(Some("shutdown".into()));
         }
         intact

@@ -555,12 +555,20 @@ mod tests {
         // refused (before: FORBIDDEN, as if it had never happened).
         let retry = h.write(OWNER, Command::SetRole { user: CAROL, role: Role::Owner });
         assert_eq!(h.ack(retry), Some(Err(ErrorCode::CONFLICT)));
+        // "It holds" is said only of durable state: a retry while the change waits for
+        // its commit is answered after it (a crash first would have undone it).
+        let demote = h.write(CAROL, Command::SetRole { user: BOB, role: Role::Member });
+        let again = h.write(CAROL, Command::SetRole { user: BOB, role: Role::Member });
+        assert_eq!((h.ack(demote), h.ack(again)), (None, None), "not before the change is durable");
+        h.commit();
+        assert_eq!(h.ack(demote), Some(Ok((6, false))));
+        assert_eq!(h.ack(again), Some(Err(ErrorCode::CONFLICT)));
         // The roles survive a crash: the successor loads them from the member keys.
         h.crash_broker();
-        assert_eq!(roles(&mut h), vec![(OWNER, Role::Admin), (BOB, Role::Admin), (CAROL, Role::Owner)]);
+        assert_eq!(roles(&mut h), vec![(OWNER, Role::Admin), (BOB, Role::Member), (CAROL, Role::Owner)]);
         let leave = h.write(OWNER, Command::Leave);
         h.commit();
-        assert_eq!(h.ack(leave), Some(Ok((6, false))));
+        assert_eq!(h.ack(leave), Some(Ok((7, false))));
         let stuck = h.write(CAROL, Command::Leave);
         assert_eq!(h.ack(stuck), Some(Err(ErrorCode::FORBIDDEN)), "the new owner hands over before leaving");
     }

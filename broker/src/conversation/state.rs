@@ -402,6 +402,13 @@ impl<R> ConversationState<R> {
         };
         let (entry, members) = match self.plan(caller, cmd, target.as_ref(), now_ms) {
             Ok(p) => p,
+            // A conflict says that what was asked for holds already (members added, a
+            // role given): judged on entries not yet durable, it waits for them, as a
+            // resend's answer does, since a crash before then would undo them.
+            Err(e) if e.code == ErrorCode::CONFLICT && self.applied_seq > self.durable_seq => {
+                self.pending.push_back(Pending { seq: self.applied_seq, entry: None, reply: Some((reply, Err(e))) });
+                return Vec::new();
+            }
             Err(e) => return vec![Effect::Reply(reply, Err(e))],
         };
         let seq = entry.seq;
