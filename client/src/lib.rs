@@ -43,8 +43,8 @@ pub use files::{
 };
 pub use merge::{Fetch, Merge};
 pub use session::{
-    Backoff, RESTART_RETRY_MAX_MS, Session, SessionConfig, SessionError, SessionEvent, SessionEvents,
-    TYPING_REFRESH_MS, permanent, retry_safe,
+    Backoff, RESTART_RETRY_MAX_MS, RESTART_WINDOW_MS, Session, SessionConfig, SessionError, SessionEvent,
+    SessionEvents, TYPING_REFRESH_MS, permanent, retry_safe,
 };
 pub use switchboard_protocol as protocol;
 pub use tls::{TransportOptions, Trust};
@@ -217,11 +217,16 @@ impl Connector {
     pub async fn probe(&self) -> Result<Probe> {
         let started = std::time::Instant::now();
         let (conn, stream, _) = self.in_time(self.open()).await?;
+        // The hello has just arrived: it was sent about half a round trip ago.
+        let arrived_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
         let answered_ms = started.elapsed().as_secs_f64() * 1000.0;
         let round_trip_ms = conn.rtt().as_secs_f64() * 1000.0;
         conn.close(0u32.into(), b"probe");
         let hello = stream.hello.ok_or_else(|| ClientError::Protocol("no server hello".into()))?;
-        Ok(Probe { version: hello.version, server_time_ms: hello.server_time_ms, answered_ms, round_trip_ms })
+        let clock_offset_ms = hello.server_time_ms as f64 - (arrived_ms - round_trip_ms / 2.0);
+        Ok(Probe { version: hello.version, answered_ms, round_trip_ms, clock_offset_ms })
     }
 
     /// Authenticates as `identity` and returns the bare control stream instead of a
@@ -294,12 +299,13 @@ impl Connector {
 pub struct Probe {
     /// The protocol version it speaks.
     pub version: u16,
-    /// Its wall clock at its hello, ms since the Unix epoch.
-    pub server_time_ms: u64,
     /// From the start of the connect to its hello, ms (QUIC and TLS handshake included).
     pub answered_ms: f64,
     /// QUIC's estimate of the round trip time, ms.
     pub round_trip_ms: f64,
+    /// How far its wall clock is ahead of ours (negative: behind), ms: the time in its
+    /// hello against ours when the hello arrived, less half a round trip.
+    pub clock_offset_ms: f64,
 }
 
 /// An authenticated connection with its control stream, unmanaged.

@@ -449,7 +449,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
         Command::Probe => {
             let probe = connector.probe().await?;
             let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
-            let offset_ms = i128::from(probe.server_time_ms) - i128::from(now_ms());
+            let offset_ms = probe.clock_offset_ms.round() as i64;
             out.line(
                 json!({"event": "probe", "server": server, "version": probe.version, "answered_ms": probe.answered_ms,
                     "round_trip_ms": probe.round_trip_ms, "clock_offset_ms": offset_ms}),

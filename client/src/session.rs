@@ -29,7 +29,7 @@ pub struct SessionConfig {
     pub backoff_min_ms: u64,
     /// Longest reconnect delay, ms (10,000). The delay actually waited is drawn
     /// uniformly from its upper half (jitter), so a broker restart is not met by every
-    /// device at the same instant. After a `GOING_AWAY` the delays stay within
+    /// device at the same instant. For 30 s after a `GOING_AWAY` the delays stay within
     /// `RESTART_RETRY_MAX_MS` (1 s) until a connect succeeds.
     pub backoff_max_ms: u64,
     /// A connect attempt (QUIC handshake, hellos, proof) that takes longer fails, ms
@@ -292,7 +292,7 @@ impl Session {
             generation: 0,
             connecting: None,
             retry_at: Some(Instant::now()),
-            restarting: false,
+            restarting_until: None,
             pending: BTreeMap::new(),
             next_token: 0,
             away: false,
@@ -456,13 +456,18 @@ fn connection_lost(error: &ClientError) -> bool {
     }
 }
 
-/// After the broker said it is going away (`GOING_AWAY`: a restart, as a rule), reconnect
-/// attempts come at most this far apart (with jitter, from half of it) until one
-/// succeeds, ms: the broker is expected back within seconds, and an attempt it refuses
-/// or does not answer costs it nothing. Without it the backoff had grown to 3–6 s during
-/// a restart's 3 s drain, while every attempt was refused, and devices came back that
-/// much after the broker.
+/// For `RESTART_WINDOW_MS` after the broker said it is going away (`GOING_AWAY`: a
+/// restart, as a rule), reconnect attempts come at most this far apart (with jitter,
+/// from half of it) until one succeeds, ms: the broker is expected back within seconds,
+/// and an attempt it refuses or does not answer costs it little (a refused handshake).
+/// Without it the backoff had grown to 3–6 s during a restart's 3 s drain, while every
+/// attempt was refused, and devices came back that much after the broker.
 pub const RESTART_RETRY_MAX_MS: u64 = 1_000;
+
+/// How long after a `GOING_AWAY` reconnects stay within `RESTART_RETRY_MAX_MS`, ms; past
+/// it the broker is down for longer than a restart (maintenance, gone) and the usual
+/// backoff resumes, so a fleet of devices does not retry every second for good.
+pub const RESTART_WINDOW_MS: u64 = 30_000;
 
 /// Exponential backoff with jitter: attempt `n` (from 0) waits a delay drawn uniformly
 /// from `[d/2, d]` where `d = min(max, min * 2^n)`.
@@ -574,8 +579,8 @@ struct Task {
     connecting: Option<oneshot::Receiver<Result<Client, ClientError>>>,
     retry_at: Option<Instant>,
     /// The last connection ended with `GOING_AWAY` and none has succeeded since:
-    /// attempts come at most `RESTART_RETRY_MAX_MS` apart.
-    restarting: bool,
+    /// attempts come at most `RESTART_RETRY_MAX_MS` apart until then.
+    restarting_until: Option<Instant>,
     pending: BTreeMap<u64, Pending>,
     next_token: u64,
     away: bool,
@@ -862,7 +867,8 @@ impl Task {
                     self.stop(error);
                     return true;
                 }
-                self.restarting = error.code() == Some(ErrorCode::GOING_AWAY);
+                self.restarting_until = (error.code() == Some(ErrorCode::GOING_AWAY))
+                    .then(|| Instant::now() + Duration::from_millis(RESTART_WINDOW_MS));
                 self.schedule_retry(error);
             }
         }
@@ -896,7 +902,7 @@ impl Task {
                 return false;
             }
         };
-        self.restarting = false;
+        self.restarting_until = None;
         let Some(events) = client.events() else {
             self.schedule_retry(ClientError::Protocol("event stream already taken".into()));
             return false;
@@ -931,7 +937,8 @@ impl Task {
     }
 
     fn schedule_retry(&mut self, error: ClientError) {
-        let ceiling = if self.restarting { RESTART_RETRY_MAX_MS } else { self.config.backoff_max_ms };
+        let restarting = self.restarting_until.is_some_and(|until| Instant::now() < until);
+        let ceiling = if restarting { RESTART_RETRY_MAX_MS } else { self.config.backoff_max_ms };
         let delay = self.backoff.next_ms_within(random_u64(), ceiling);
         tracing::debug!(error = %error, delay_ms = delay, "reconnecting");
         self.retry_at = Some(Instant::now() + Duration::from_millis(delay));
