@@ -243,6 +243,9 @@ impl Config {
 /// same cap); beyond it every acknowledgement and a clean shutdown wait that long.
 pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
+/// Longest `status_log_secs`: a day.
+pub const MAX_STATUS_LOG_SECS: u64 = 86_400;
+
 /// Shortest `idle_timeout_ms`: below a second a client on an ordinary network times out
 /// between keep-alives (0 would mean no connection ever completes).
 pub const MIN_IDLE_TIMEOUT_MS: u64 = 1_000;
@@ -285,6 +288,12 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("conversation_idle_ms", config.conversation_idle_ms),
         ("typing_ttl_ms", config.typing_ttl_ms),
     ];
+    if config.status_log_secs > MAX_STATUS_LOG_SECS {
+        return Err(crate::Error::Config(format!(
+            "status_log_secs = {}: at most {MAX_STATUS_LOG_SECS} (a day; 0 turns the status line off)",
+            config.status_log_secs
+        )));
+    }
     if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
         return Err(crate::Error::Config(format!(
             "{name} = 0: at least 1 (with 0 the broker would start and serve no one); \
@@ -339,6 +348,7 @@ mod tests {
         assert!(refused(|c| c.max_transfer_streams = 0).contains("max_transfer_streams = 0"));
         assert!(refused(|c| c.max_open_blob_files = 0).contains("max_open_blob_files = 0"));
         assert!(refused(|c| c.commit_delay_us = MAX_COMMIT_DELAY_US + 1).contains("commit_delay_us"));
+        assert!(refused(|c| c.status_log_secs = u64::MAX).contains("status_log_secs"));
         // Zeros that are a documented choice stay allowed.
         let choices = Config {
             send_delay_target_ms: 0,

@@ -123,6 +123,8 @@ pub struct Status {
     pub writes_refused: u64,
     /// Upload actors alive (uploads being written or waited on).
     pub uploads: usize,
+    /// Uploads refused with `STORAGE_FULL` since the start.
+    pub uploads_refused_storage_full: u64,
     /// Bytes of upload chunk buffers held (of `transfer_buffer_bytes`).
     pub chunk_bytes_held: usize,
     /// Users with a presence entry (connected, or left a moment ago).
@@ -140,6 +142,7 @@ impl Shared {
             writes_in_flight: self.sends.in_flight(),
             writes_refused: self.sends.refused(),
             uploads: self.files.live(),
+            uploads_refused_storage_full: self.files.storage_full.total(),
             chunk_bytes_held: self.files.queued_chunk_bytes(),
             presence_users: self.presence.users(),
         }
@@ -161,6 +164,7 @@ async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
             writes_in_flight = s.writes_in_flight,
             writes_refused = s.writes_refused,
             uploads = s.uploads,
+            uploads_refused_storage_full = s.uploads_refused_storage_full,
             chunk_bytes_held = s.chunk_bytes_held,
             presence_users = s.presence_users,
             "status"

@@ -260,21 +260,35 @@ async fn user_passwd(config: Config, name: &str, revoke_devices: bool) -> anyhow
     Ok(())
 }
 
-/// The password for `name`'s account: `SWITCHBOARD_PASSWORD`, else asked on the
-/// terminal, else the first line of standard input.
+/// The password for `name`'s account: `SWITCHBOARD_PASSWORD`, else asked twice on the
+/// terminal (a typo would set a password nobody knows), else the first line of standard
+/// input (at most `PASSWORD_LINE_MAX` bytes read).
 fn read_password(name: &str) -> anyhow::Result<String> {
-    Ok(match std::env::var("SWITCHBOARD_PASSWORD") {
-        Ok(p) => p,
-        Err(_) if std::io::stdin().is_terminal() => rpassword::prompt_password(format!("password for {name}: "))?,
-        Err(_) => {
-            // A pipe or a file: its first line (rpassword reads the controlling
-            // terminal, which a script may not have).
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
-            line.trim_end_matches(['\n', '\r']).to_owned()
-        }
-    })
+    use std::io::{BufRead, Read};
+    if let Ok(p) = std::env::var("SWITCHBOARD_PASSWORD") {
+        return Ok(p);
+    }
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {name}: "))?;
+        let second = rpassword::prompt_password("the same again: ")?;
+        anyhow::ensure!(first == second, "the two passwords differ; nothing changed");
+        return Ok(first);
+    }
+    // A pipe or a file: its first line (rpassword reads the controlling terminal, which
+    // a script may not have).
+    let mut line = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(PASSWORD_LINE_MAX)
+        .read_until(b'\n', &mut line)
+        .context("reading the password from standard input")?;
+    let line = String::from_utf8(line).context("the password on standard input is not UTF-8")?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
+
+/// Bytes read from standard input for a password: the longest the broker accepts (256)
+/// with room for a line ending; a longer line is refused as too long.
+const PASSWORD_LINE_MAX: u64 = 1024;
 
 fn device_list(config: &Config, user: &str) -> anyhow::Result<()> {
     let store = switchboard_broker::open_store(config)?;

@@ -73,6 +73,8 @@ pub struct Files {
 pub(crate) struct StorageFullLog {
     /// Refusals not told yet, and when the last telling was (ms since the Unix epoch).
     state: std::sync::Mutex<(u64, Option<u64>)>,
+    /// Refusals since the start (in the `status` line, so none goes untold).
+    total: AtomicU64,
 }
 
 /// Shortest time between two warnings of uploads refused with `STORAGE_FULL`, ms.
@@ -81,6 +83,7 @@ pub(crate) const STORAGE_FULL_LOG_MS: u64 = 60_000;
 impl StorageFullLog {
     /// One refusal at `now_ms`: the refusals to tell now (this one included), if due.
     pub(crate) fn refused(&self, now_ms: u64) -> Option<u64> {
+        self.total.fetch_add(1, Ordering::Relaxed);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.0 += 1;
         let due = state.1.is_none_or(|last| now_ms.saturating_sub(last) >= STORAGE_FULL_LOG_MS);
@@ -90,6 +93,11 @@ impl StorageFullLog {
         let told = std::mem::take(&mut state.0);
         state.1 = Some(now_ms);
         Some(told)
+    }
+
+    /// Refusals since the start.
+    pub(crate) fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
     }
 }
 
@@ -561,6 +569,7 @@ mod tests {
         assert_eq!(log.refused(60_999), None);
         assert_eq!(log.refused(61_000), Some(3), "a minute later, with those held back");
         assert_eq!(log.refused(61_001), None);
+        assert_eq!(log.total(), 5, "every refusal counted for the status line");
     }
 
     fn files(dir: &std::path::Path, buffered_chunk_bytes: usize) -> Files {
