@@ -28,6 +28,12 @@ fn kick(tb: &TestBroker, user: UserId) {
     }
 }
 
+/// Starts the stopped broker again on `addr`, where its clients look for it.
+async fn start_again_at(tb: &mut TestBroker, addr: std::net::SocketAddr) {
+    let config = Config { listen: addr, ..switchboard_tests::test_config(tb.data_dir()) };
+    tb.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+}
+
 /// Reads events until one matches `what`.
 async fn wait_for(events: &mut SessionEvents, what: &str, mut matches: impl FnMut(&SessionEvent) -> bool) {
     within(STEP_DEADLINE, what, async {
@@ -120,8 +126,7 @@ async fn a_broker_restart_is_survived() {
             tokio::spawn(async move { s.send(conv, "sent while down").await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let config = Config { listen: addr, ..switchboard_tests::test_config(tb.data_dir()) };
-        tb.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+        start_again_at(&mut tb, addr).await;
 
         let seq = within(STEP_DEADLINE, "the send after the restart", pending).await.unwrap().unwrap();
         assert_eq!(seq, 2);
@@ -145,7 +150,7 @@ async fn a_broker_restart_is_survived() {
 /// After the broker says it is going away, reconnect attempts come at most
 /// `RESTART_RETRY_MAX_MS` apart however many fail meanwhile, so devices are back about
 /// as soon as the broker is (before, the backoff kept doubling to its 10 s bound while
-/// the restart refused attempts); another kind of drop still backs off to the bound.
+/// the restart refused attempts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_going_away_reconnects_stay_close_together() {
     use switchboard_client::RESTART_RETRY_MAX_MS;
@@ -170,8 +175,7 @@ async fn after_going_away_reconnects_stay_close_together() {
         })
         .await;
         assert!(delays.iter().all(|&d| d <= RESTART_RETRY_MAX_MS), "{delays:?}");
-        let config = Config { listen: addr, ..switchboard_tests::test_config(tb.data_dir()) };
-        tb.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+        start_again_at(&mut tb, addr).await;
         wait_for(&mut events, "reconnected", |e| matches!(e, SessionEvent::Connected)).await;
         session.close().await;
     })
