@@ -367,9 +367,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // `tail` and `typing` end on Ctrl-C or SIGTERM themselves (tail saves its cursors);
     // any other command is cut short here, so that its connection is closed below too.
     let own_interrupt = matches!(cli.command, Command::Tail | Command::Typing { .. });
+    let mut was_interrupted = false;
     let mut result = tokio::select! {
         result = command(cli, &home, &state, &out, &connector) => result,
-        _ = interrupted(), if !own_interrupt => Err(anyhow::anyhow!("interrupted")),
+        _ = interrupted(), if !own_interrupt => {
+            was_interrupted = true;
+            Err(anyhow::anyhow!("interrupted"))
+        }
     };
     if let Err(e) = result.as_ref()
         && !enrolling
@@ -389,13 +393,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // A connect that failed left nothing the broker counts: no close to wait for.
     let connected = !matches!(result.as_ref().err().and_then(client_error), Some(ClientError::Connect(_)));
     if connected {
-        let _ = tokio::time::timeout(CLOSE_WAIT, connector.endpoint().wait_idle()).await;
+        // Someone who interrupts wants out: the close is sent at once and not waited on
+        // for long (a connect cut short would hold the exit for its whole drain).
+        let wait = if was_interrupted { INTERRUPTED_CLOSE_WAIT } else { CLOSE_WAIT };
+        let _ = tokio::time::timeout(wait, connector.endpoint().wait_idle()).await;
     }
     result
 }
 
 /// How long sb waits at exit for its connections' closes to be sent and acknowledged.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `CLOSE_WAIT` after Ctrl-C, SIGTERM or SIGHUP: long enough for the close to leave.
+const INTERRUPTED_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Connector) -> anyhow::Result<()> {
     match cli.command {

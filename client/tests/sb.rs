@@ -1077,3 +1077,27 @@ async fn probe_answers_without_an_account() {
         .unwrap();
     assert!(!wrong.status.success(), "a wrong pin is refused");
 }
+
+/// An sb interrupted while it connects exits at once (before, it waited 2 s for a close
+/// that a connect cut short never finishes, and the operator trial reached for kill -9).
+#[test]
+fn an_interrupted_connect_exits_at_once() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sb"))
+        .env("SWITCHBOARD_HOME", home.path())
+        .args(["--server", &silent.local_addr().unwrap().to_string(), "--pin", &"00".repeat(32), "probe"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    let running = child.0.as_mut().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let signalled = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &running.id().to_string()]).status().unwrap().success());
+    let status = running.wait().unwrap();
+    let took = signalled.elapsed();
+    assert!(!status.success());
+    assert!(took < std::time::Duration::from_millis(1500), "exited {took:?} after SIGTERM");
+}
