@@ -71,10 +71,10 @@ pub struct Files {
 /// the count since (a client retrying cannot fill the log).
 #[derive(Default)]
 pub(crate) struct StorageFullLog {
-    /// Refusals not told yet, and when the last telling was (ms since the Unix epoch).
-    state: std::sync::Mutex<(u64, Option<u64>)>,
-    /// Refusals since the start (in the `status` line, so none goes untold).
+    /// Refusals since the start (also in the `status` line, so none goes untold).
     total: AtomicU64,
+    /// `total` at the last telling, and when that was (ms since the Unix epoch).
+    told: std::sync::Mutex<(u64, Option<u64>)>,
 }
 
 /// Shortest time between two warnings of uploads refused with `STORAGE_FULL`, ms.
@@ -83,16 +83,15 @@ pub(crate) const STORAGE_FULL_LOG_MS: u64 = 60_000;
 impl StorageFullLog {
     /// One refusal at `now_ms`: the refusals to tell now (this one included), if due.
     pub(crate) fn refused(&self, now_ms: u64) -> Option<u64> {
-        self.total.fetch_add(1, Ordering::Relaxed);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.0 += 1;
-        let due = state.1.is_none_or(|last| now_ms.saturating_sub(last) >= STORAGE_FULL_LOG_MS);
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut told = self.told.lock().unwrap_or_else(|p| p.into_inner());
+        let due = told.1.is_none_or(|last| now_ms.saturating_sub(last) >= STORAGE_FULL_LOG_MS);
         if !due {
             return None;
         }
-        let told = std::mem::take(&mut state.0);
-        state.1 = Some(now_ms);
-        Some(told)
+        let untold = total.saturating_sub(told.0);
+        *told = (total, Some(now_ms));
+        Some(untold)
     }
 
     /// Refusals since the start.
