@@ -192,7 +192,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     let mut rounds = Vec::with_capacity(args.rounds);
     let mut last = None;
     for round in 0..args.rounds {
-        let (quinn_up, quinn_down) = quinn_bulk(file_bytes, false).await?;
+        let quinn = quinn_bulk(file_bytes, false).await?;
         // The same with the server in a process of its own, as the broker is. The
         // server is this executable run again, which is the harness unless the broker
         // runs in this process (tests).
@@ -203,11 +203,14 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
         // Before `BeginUpload` and not part of (c): the client's whole-file BLAKE3.
         let hash_rate = rate(file_bytes, hashing.elapsed().as_secs_f64());
         let cpu = broker_pid.as_deref().and_then(cpu_seconds);
+        let client_cpu = cpu_seconds("self");
         let start = Instant::now();
         let status = sender.begin_upload(new).await?;
         let uploaded = sender.upload_from(status.file, 0, &mut pattern.clone(), |_| {}).await;
         let upload_s = start.elapsed().as_secs_f64();
         let cpu_upload = cpu_per_mb(broker_pid.as_deref(), cpu, file_bytes);
+        // With the broker in this process, this process is both ends: not the client's.
+        let client_cpu_upload = cpu_per_mb(Some("self"), client_cpu, file_bytes).filter(|_| !common.in_process);
         let upload_ok = matches!(&uploaded, Ok(f) if f.size == file_bytes);
         report.check(
             &format!("the single upload completed (round {})", round + 1),
@@ -215,12 +218,14 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             format!("{:?}", uploaded.as_ref().map(|f| f.size)),
         );
         rounds.push(UploadRound {
-            quinn_up,
-            quinn_down,
+            quinn_up: quinn.up,
+            quinn_down: quinn.down,
+            quinn_cpu: quinn.client_cpu_ms_per_mb,
             quinn2,
             upload: rate(file_bytes, upload_s),
             hash_rate,
             cpu_ms_per_mb: cpu_upload,
+            client_cpu_ms_per_mb: client_cpu_upload,
         });
         // The last one stays for (d).
         if round + 1 < args.rounds {
@@ -248,9 +253,32 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.extra.insert("a_quinn_upload_mb_per_s".into(), quinn_up);
     report.extra.insert("a_quinn_download_mb_per_s".into(), quinn_down);
     if !common.in_process {
-        report.extra.insert("a2_quinn_two_processes_upload_mb_per_s".into(), median_of(&|r| r.quinn2.map(|q| q.0)));
-        report.extra.insert("a2_quinn_two_processes_download_mb_per_s".into(), median_of(&|r| r.quinn2.map(|q| q.1)));
+        report.extra.insert("a2_quinn_two_processes_upload_mb_per_s".into(), median_of(&|r| r.quinn2.map(|q| q.up)));
+        report
+            .extra
+            .insert("a2_quinn_two_processes_download_mb_per_s".into(), median_of(&|r| r.quinn2.map(|q| q.down)));
     }
+    // What each end spends per MB, beside the rates: the broker's receive side against
+    // a bare quinn server's, and the client library's send side against a bare quinn
+    // client's (the harness's CPU clock ticks are 10 ms, so each round's figure is
+    // coarse; the medians are not).
+    let mut put_median = |key: &str, figure: &dyn Fn(&UploadRound) -> Option<f64>| {
+        let value = median_of(figure);
+        if value.is_finite() {
+            report.extra.insert(key.into(), value);
+        }
+    };
+    put_median("a_both_ends_cpu_ms_per_mb", &|r| r.quinn_cpu);
+    put_median("a2_client_cpu_ms_per_mb", &|r| r.quinn2?.client_cpu_ms_per_mb);
+    put_median("a2_server_cpu_ms_per_mb", &|r| r.quinn2?.server_cpu_ms_per_mb);
+    put_median("c_client_cpu_ms_per_mb", &|r| r.client_cpu_ms_per_mb);
+    // Both ends of (c) against both ends of (a2), per MB: how much more work an upload
+    // is than a bare stream between the same two processes, whatever the machine.
+    let both = |a: Option<f64>, b: Option<f64>| Some(a? + b?);
+    put_median("c_cpu_per_mb_over_a2", &|r| {
+        let bare = both(r.quinn2?.client_cpu_ms_per_mb, r.quinn2?.server_cpu_ms_per_mb)?;
+        Some(both(r.cpu_ms_per_mb, r.client_cpu_ms_per_mb)? / bare.max(f64::MIN_POSITIVE))
+    });
     report.extra.insert("c_rounds".into(), rounds.len() as f64);
     report.extra.insert("c_client_hash_mb_per_s".into(), median_of(&|r| Some(r.hash_rate)));
     report.extra.insert("c_upload_mb_per_s".into(), upload);
@@ -268,7 +296,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
         (!ratios.is_empty()).then_some(m)
     };
     let over_a = ratio("c_upload_over_min_a_b", &|r| Some(r.quinn_up));
-    let over_a2 = ratio("c_upload_over_min_a2_b", &|r| r.quinn2.map(|q| q.0));
+    let over_a2 = ratio("c_upload_over_min_a2_b", &|r| r.quinn2.map(|q| q.up));
     if let Some(cpu) = Some(median_of(&|r| r.cpu_ms_per_mb)).filter(|c| c.is_finite()) {
         report.extra.insert("c_broker_cpu_ms_per_mb".into(), cpu);
     }
@@ -389,14 +417,31 @@ struct UploadRound {
     /// (a) both ways, MB/s.
     quinn_up: f64,
     quinn_down: f64,
-    /// (a2) both ways, MB/s (none with the broker in this process).
-    quinn2: Option<(f64, f64)>,
+    /// (a)'s upload: the harness's CPU per MB (both endpoints).
+    quinn_cpu: Option<f64>,
+    /// (a2) (none with the broker in this process).
+    quinn2: Option<Bulk>,
     /// (c), MB/s.
     upload: f64,
     /// The client's whole-file BLAKE3 before it, MB/s.
     hash_rate: f64,
     /// The broker's CPU per MB during (c), if measured.
     cpu_ms_per_mb: Option<f64>,
+    /// The harness's (the client's) CPU per MB during (c).
+    client_cpu_ms_per_mb: Option<f64>,
+}
+
+/// A plain quinn bulk stream each way, and what its upload cost.
+#[derive(Clone, Copy, Debug)]
+struct Bulk {
+    /// MB/s.
+    up: f64,
+    down: f64,
+    /// CPU ms per MB during the upload: this process (the client, and with
+    /// `two_processes` false the server too) ...
+    client_cpu_ms_per_mb: Option<f64>,
+    /// ... and the server's process, when it has one of its own.
+    server_cpu_ms_per_mb: Option<f64>,
 }
 
 /// Waits until the trash of the broker with its data in `data_dir` is empty (every deleted
@@ -430,7 +475,7 @@ fn rate(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / MB / seconds.max(1e-9)
 }
 
-/// The broker's CPU ms per MB since `before` (its CPU seconds then), if measured.
+/// A process's CPU ms per MB since `before` (its CPU seconds then), if measured.
 fn cpu_per_mb(pid: Option<&str>, before: Option<f64>, bytes: u64) -> Option<f64> {
     let after = cpu_seconds(pid?)?;
     Some((after - before?) * 1000.0 / (bytes as f64 / MB))
@@ -439,9 +484,10 @@ fn cpu_per_mb(pid: Option<&str>, before: Option<f64>, bytes: u64) -> Option<f64>
 /// (a): a plain quinn bulk stream of `bytes` each way between a client endpoint here
 /// and a server endpoint with the broker's TLS and transport settings, in this process
 /// (`two_processes` false) or in a child process of its own (`__quinn-sink`), as the
-/// broker is: (upload, download) MB/s.
-async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<(f64, f64)> {
+/// broker is.
+async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<Bulk> {
     let dir = tempfile::tempdir().map_err(Error::io("creating a temp dir"))?;
+    let mut server_pid = None;
     let (addr, cert, mut server) = if two_processes {
         let exe = std::env::current_exe().map_err(Error::io("finding the harness executable"))?;
         let mut child = tokio::process::Command::new(exe)
@@ -452,6 +498,7 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<(f64, f64)> {
             .kill_on_drop(true)
             .spawn()
             .map_err(Error::io("starting the quinn sink"))?;
+        server_pid = child.id().map(|p| p.to_string());
         let stdout = child.stdout.take().ok_or_else(|| quic("no stdout"))?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let line = lines.next_line().await.map_err(Error::io("reading the quinn sink"))?.unwrap_or_default();
@@ -471,12 +518,16 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<(f64, f64)> {
     let conn = connector.endpoint().connect(addr, "localhost").map_err(quic)?.await.map_err(quic)?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(quic)?;
     let piece = Bytes::from(vec![0x5a; MIB as usize]);
+    let client_cpu = cpu_seconds("self");
+    let server_cpu = server_pid.as_deref().and_then(cpu_seconds);
     let start = Instant::now();
     write_bytes(&mut send, &piece, bytes).await?;
     send.finish().map_err(quic)?;
     let mut ack = [0u8; 8];
     recv.read_exact(&mut ack).await.map_err(quic)?;
     let up_s = start.elapsed().as_secs_f64();
+    let client_cpu_ms_per_mb = cpu_per_mb(Some("self"), client_cpu, bytes);
+    let server_cpu_ms_per_mb = cpu_per_mb(server_pid.as_deref(), server_cpu, bytes);
     if u64::from_le_bytes(ack) != bytes {
         return Err(Error::Protocol("the quinn server counted other bytes than were sent".into()));
     }
@@ -489,7 +540,7 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<(f64, f64)> {
     conn.close(0u32.into(), b"done");
     (&mut server.0).await??;
     connector.endpoint().wait_idle().await;
-    Ok((rate(bytes, up_s), rate(bytes, down_s)))
+    Ok(Bulk { up: rate(bytes, up_s), down: rate(bytes, down_s), client_cpu_ms_per_mb, server_cpu_ms_per_mb })
 }
 
 /// A task (and the sink process it waits for) stopped when the measurement ends early.
@@ -1003,7 +1054,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_limits_measure_real_transfers() {
-        let (up, down) = quinn_bulk(4 * MIB, false).await.unwrap();
+        let Bulk { up, down, .. } = quinn_bulk(4 * MIB, false).await.unwrap();
         assert!(up > 0.0 && up.is_finite() && down > 0.0 && down.is_finite(), "{up} {down}");
         let dir = tempfile::tempdir().unwrap();
         for how in [Append::Buffered, Append::AsTheBroker] {
