@@ -149,6 +149,10 @@ pub struct Config {
     /// beyond waits for one to close, and is reset with `TIMEOUT` only if the wait
     /// passes `transfer_progress_secs`.
     pub max_open_blob_files: usize,
+    /// TCP address of the Prometheus endpoint (`GET /metrics`, text format 0.0.4; see
+    /// `metrics`), e.g. `127.0.0.1:9464`. Absent (the default): none. Plain HTTP without
+    /// authentication: bind it to loopback or a network only the scraper reaches.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -200,6 +204,7 @@ impl Default for Config {
             // connections, sled and upload files.
             max_open_blob_files: 128,
             status_log_secs: 60,
+            metrics_listen: None,
         }
     }
 }

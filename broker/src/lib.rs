@@ -11,6 +11,7 @@ pub mod error;
 pub mod fanout;
 pub mod files;
 pub mod limits;
+pub mod metrics;
 pub mod outbound;
 pub mod overload;
 pub mod presence;
@@ -196,11 +197,19 @@ pub struct Broker {
     pub cert_path: PathBuf,
     /// SHA-256 fingerprint of the certificate, hex.
     pub fingerprint: String,
+    /// Address of the Prometheus endpoint, if `metrics_listen` asked for one (the real
+    /// port when configured with port 0).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Broker {
     /// Opens the store, loads or generates the certificate, binds and starts accepting.
     pub async fn start(config: Config) -> Result<Broker> {
+        // First, so that an address in use fails the start before the store is opened.
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
         let store = open_store(&config)?;
         // A store created just now had no previous run to check.
         if !store.opened_clean() && !store.created() {
@@ -286,6 +295,17 @@ impl Broker {
             let every = Duration::from_secs(shared.config.status_log_secs);
             accept.push(tokio::spawn(log_status(Arc::downgrade(&shared), every)));
         }
+        let mut metrics_addr = None;
+        if let Some(listener) = metrics_listener {
+            let addr = listener.local_addr().map_err(Error::io("reading the metrics address"))?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "metrics endpoint reachable beyond this host: it has no authentication");
+            }
+            let started = std::time::SystemTime::now();
+            accept.push(tokio::spawn(metrics::serve(listener, Arc::downgrade(&shared), started)));
+            tracing::info!(%addr, "metrics endpoint");
+            metrics_addr = Some(addr);
+        }
         tracing::info!(addr = %local_addr, "listening");
         Ok(Broker {
             shared,
@@ -294,6 +314,7 @@ impl Broker {
             local_addr,
             cert_path: identity.cert_path,
             fingerprint: identity.fingerprint,
+            metrics_addr,
         })
     }
 

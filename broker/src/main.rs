@@ -43,6 +43,10 @@ struct ServeArgs {
     /// Close self-registration: only `switchboard user add` creates accounts.
     #[arg(long)]
     closed_registration: bool,
+    /// Serve Prometheus metrics over plain HTTP at this TCP address (`GET /metrics`),
+    /// e.g. 127.0.0.1:9464. Unauthenticated: keep it on loopback or a private network.
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +158,9 @@ impl ServeArgs {
         if self.closed_registration {
             config.registration_open = false;
         }
+        if self.metrics_listen.is_some() {
+            config.metrics_listen = self.metrics_listen;
+        }
         config
     }
 }
@@ -163,6 +170,9 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
     let stop = signals()?;
     let broker = Broker::start(config.clone()).await?;
     println!("switchboard listening on {}", broker.local_addr);
+    if let Some(addr) = broker.metrics_addr {
+        println!("metrics: http://{addr}{}", switchboard_broker::metrics::PATH);
+    }
     println!("data directory: {}", config.data_dir.display());
     println!("certificate: {}", broker.cert_path.display());
     println!("certificate sha256: {}", broker.fingerprint);

@@ -17,6 +17,8 @@ struct Running {
     addr: std::net::SocketAddr,
     cert: std::path::PathBuf,
     fingerprint: String,
+    /// The Prometheus endpoint, when `--metrics-listen` asked for one.
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// A test that fails leaves no broker behind.
@@ -45,20 +47,22 @@ fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> Running {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut addr, mut cert, mut fingerprint) = (None, None, None);
+    let (mut addr, mut cert, mut fingerprint, mut metrics) = (None, None, None, None);
     while fingerprint.is_none() {
         let line = lines.next().expect("broker printed its address, certificate and fingerprint").unwrap();
         if let Some(a) = line.strip_prefix("switchboard listening on ") {
             addr = Some(a.parse().unwrap());
         } else if let Some(c) = line.strip_prefix("certificate: ") {
             cert = Some(dir.join(c));
+        } else if let Some(m) = line.strip_prefix("metrics: http://") {
+            metrics = Some(m.trim_end_matches("/metrics").parse().unwrap());
         } else if let Some(f) = line.strip_prefix("certificate sha256: ") {
             fingerprint = Some(f.to_owned());
         }
     }
     // Keep draining stdout so the broker never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Running { child, addr: addr.unwrap(), cert: cert.unwrap(), fingerprint: fingerprint.unwrap() }
+    Running { child, addr: addr.unwrap(), cert: cert.unwrap(), fingerprint: fingerprint.unwrap(), metrics }
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -582,4 +586,26 @@ fn a_status_line_is_logged_every_status_log_secs() {
     let status = logged.lines().filter(|l| l.contains(" status ") || l.ends_with(" status")).count();
     assert!(status >= 1, "no status line in {logged}");
     assert!(logged.contains("sessions=0"), "{logged}");
+}
+
+/// `--metrics-listen` serves Prometheus metrics (the address printed at start), and
+/// `switchboard config` shows the setting by its file key.
+#[test]
+fn the_metrics_flag_serves_a_scrape() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let printed = run(dir.path(), &["config", "--metrics-listen", "127.0.0.1:9464"]);
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    assert!(String::from_utf8_lossy(&printed.stdout).contains("metrics_listen = \"127.0.0.1:9464\""));
+    let broker = start_with(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let addr = broker.metrics.expect("the start printed the metrics address");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains("\nswitchboard_sessions 0\n"), "{answer}");
+    let other = tempfile::tempdir().unwrap();
+    assert!(start(other.path()).metrics.is_none(), "no endpoint unless asked for");
 }

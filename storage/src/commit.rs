@@ -69,6 +69,8 @@ struct Health {
     /// A job that must not wait out the commit delay was queued: the delay ends.
     urgent: AtomicBool,
     hook: OnceLock<FailureHook>,
+    /// What the commits so far did (`Store::commit_stats`).
+    stats: Stats,
     /// Commits begun so far (tests read it to tell which commit completed a waiter).
     #[cfg(test)]
     commits: AtomicU64,
@@ -76,6 +78,30 @@ struct Health {
     /// taken and before the flush, with the commit's number (tests pause it there).
     #[cfg(test)]
     commit_started: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+}
+
+/// Running totals of the group commits, for monitoring. Relaxed: each is a count on
+/// its own, read while commits go on.
+#[derive(Default)]
+struct Stats {
+    commits: AtomicU64,
+    writes: AtomicU64,
+    busy_us: AtomicU64,
+    slow: AtomicU64,
+}
+
+/// What the group commits did since the store was opened (`Store::commit_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Commits that succeeded (each one flush and one fdatasync).
+    pub commits: u64,
+    /// Writes those commits made durable (a commit's waiters: entries, batches and
+    /// barriers), so `writes / commits` is the mean group size.
+    pub writes: u64,
+    /// Time spent in them, flush plus fdatasync, microseconds.
+    pub busy_us: u64,
+    /// Commits that took longer than 50 ms (each also logged as `slow group commit`).
+    pub slow: u64,
 }
 
 pub(crate) struct Committer {
@@ -119,6 +145,16 @@ impl Committer {
 
     pub(crate) fn inject_failure(&self) {
         self.health.inject.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn stats(&self) -> CommitStats {
+        let s = &self.health.stats;
+        CommitStats {
+            commits: s.commits.load(Ordering::Relaxed),
+            writes: s.writes.load(Ordering::Relaxed),
+            busy_us: s.busy_us.load(Ordering::Relaxed),
+            slow: s.slow.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn failed(&self) -> bool {
@@ -284,7 +320,7 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
         let result = match &failed {
             Some(e) => Err(e.clone()),
             None if health.inject.swap(false, Ordering::SeqCst) => Err("injected commit failure".to_owned()),
-            None => commit_once(&db, &file, waiters.len()),
+            None => commit_once(&db, &file, waiters.len(), &health.stats),
         };
         if let (Err(e), None) = (&result, &failed) {
             tracing::error!(error = %e, waiters = waiters.len(), "group commit failed; the store refuses writes until restarted");
@@ -307,13 +343,17 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
     }
 }
 
-fn commit_once(db: &sled::Db, file: &File, waiters: usize) -> Result<(), String> {
+fn commit_once(db: &sled::Db, file: &File, waiters: usize, stats: &Stats) -> Result<(), String> {
     let started = std::time::Instant::now();
     db.flush().map_err(|e| e.to_string())?;
     let flush_time = started.elapsed();
     file.sync_data().map_err(|e| e.to_string())?;
     let total = started.elapsed();
+    stats.commits.fetch_add(1, Ordering::Relaxed);
+    stats.writes.fetch_add(waiters as u64, Ordering::Relaxed);
+    stats.busy_us.fetch_add(u64::try_from(total.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
     if total > SLOW_COMMIT {
+        stats.slow.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             flush_ms = flush_time.as_millis() as u64,
             total_ms = total.as_millis() as u64,
@@ -408,6 +448,15 @@ mod tests {
         // began after it.
         let late = grouped_waiter(&committer);
         assert_eq!(late.recv_timeout(WAIT).unwrap(), (true, 2));
+        // What monitoring reads: two commits carried seven writes, and took time.
+        let stats = committer.stats();
+        assert_eq!((stats.commits, stats.writes, stats.slow), (2, 7, 0), "{stats:?}");
+        assert!(stats.busy_us > 0, "{stats:?}");
+        // A failed commit makes nothing durable and is not counted.
+        committer.inject_failure();
+        let failed = grouped_waiter(&committer);
+        assert!(!failed.recv_timeout(WAIT).unwrap().0);
+        assert_eq!(committer.stats().commits, 2);
     }
 
     #[test]

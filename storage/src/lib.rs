@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
-pub use commit::{Durable, FailureHook};
+pub use commit::{CommitStats, Durable, FailureHook};
 pub use files::{Collected, FileRecord, FileStage, UploadRefusal};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
 
@@ -202,6 +202,11 @@ impl Store {
     /// Whether a commit has failed: nothing is durable from then on.
     pub fn failed(&self) -> bool {
         self.committer.failed()
+    }
+
+    /// What the group commits did since this store was opened (for monitoring).
+    pub fn commit_stats(&self) -> CommitStats {
+        self.committer.stats()
     }
 
     /// Whether the last run ended with `close_clean`. If not, a crash may have cut a

@@ -1,0 +1,183 @@
+//! The Prometheus endpoint (`metrics_listen`, OPERATIONS.md "Health checks and
+//! monitoring"): what a scrape shows, what it refuses, and that it stays bounded.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use switchboard_broker::metrics::{MAX_SCRAPES, REQUEST_MAX_BYTES};
+use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn metrics_broker() -> (TestBroker, SocketAddr) {
+    let tb = TestBroker::start_with(|c| c.metrics_listen = Some(([127, 0, 0, 1], 0).into())).await;
+    let addr = tb.broker.as_ref().unwrap().metrics_addr.expect("a metrics address");
+    (tb, addr)
+}
+
+/// Sends `request` as is and returns the status line, the headers and the body.
+async fn http(addr: SocketAddr, request: &[u8]) -> (String, String, String) {
+    within(STEP_DEADLINE, "an HTTP answer", async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+        (status.to_owned(), headers.to_owned(), body.to_owned())
+    })
+    .await
+}
+
+/// Scrapes and returns every sample by name (labels included), after checking that each
+/// sample's metric has one `# HELP` and one `# TYPE` line before it.
+async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, headers, body) = http(addr, b"GET /metrics HTTP/1.1\r\nHost: broker\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(headers.contains("Content-Type: text/plain; version=0.0.4"), "{headers}");
+    assert!(headers.contains(&format!("Content-Length: {}", body.len())), "{headers}");
+    let mut samples = HashMap::new();
+    let mut described = Vec::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")) {
+            described.push(rest.split(' ').next().unwrap().to_owned());
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        let family = name.split('{').next().unwrap();
+        assert_eq!(described.iter().filter(|d| *d == family).count(), 2, "HELP and TYPE of {family}: {body}");
+        assert!(samples.insert(name.to_owned(), value.parse::<f64>().unwrap()).is_none(), "{name} twice");
+    }
+    samples
+}
+
+/// A scrape shows the moment's counts and the totals since the start, and moves with
+/// what clients do: sessions, live conversations, group commits and the writes they
+/// carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_shows_what_the_broker_holds_and_did() {
+    bounded(async {
+        let (tb, addr) = metrics_broker().await;
+        let before = scrape(addr).await;
+        assert_eq!(before["switchboard_sessions"], 0.0);
+        assert_eq!(before["switchboard_store_healthy"], 1.0);
+        assert_eq!(before["switchboard_writes_refused_overloaded_total"], 0.0);
+        assert_eq!(before["switchboard_sessions_max"], tb.shared().config.max_connections as f64);
+        let info = format!(
+            "switchboard_info{{version=\"{}\",protocol=\"{}\",store_format=\"{}\"}}",
+            env!("CARGO_PKG_VERSION"),
+            switchboard_protocol::PROTOCOL_VERSION,
+            switchboard_storage::FORMAT
+        );
+        assert_eq!(before.get(&info), Some(&1.0), "{before:?}");
+        // The start's barrier was one commit.
+        assert!(before["switchboard_group_commits_total"] >= 1.0, "{before:?}");
+
+        let (alice, _) = tb.register("alice").await;
+        let (_bob, _) = tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        for text in ["one", "two", "three"] {
+            alice.send(conv, text).await.unwrap();
+        }
+        let after = scrape(addr).await;
+        assert_eq!(after["switchboard_sessions"], 2.0, "{after:?}");
+        assert_eq!(after["switchboard_conversations_live"], 1.0, "{after:?}");
+        assert_eq!(after["switchboard_presence_users"], 2.0, "{after:?}");
+        // Two accounts, two devices, a conversation and three messages: each durable
+        // through a group commit before its answer.
+        let writes = after["switchboard_group_commit_writes_total"] - before["switchboard_group_commit_writes_total"];
+        let commits = after["switchboard_group_commits_total"] - before["switchboard_group_commits_total"];
+        assert!(writes >= 3.0 && commits >= 1.0 && commits <= writes, "{writes} writes in {commits} commits");
+        assert!(after["switchboard_group_commit_seconds_total"] > before["switchboard_group_commit_seconds_total"]);
+        assert_eq!(after["switchboard_start_time_seconds"], before["switchboard_start_time_seconds"]);
+        // HEAD: the same head, no body.
+        let (status, headers, body) = http(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(headers.contains("Content-Length: ") && body.is_empty(), "{headers} / {body}");
+    })
+    .await
+}
+
+/// What is not a GET of /metrics gets its own status and no figures; a request head
+/// past the bound is refused; connections beyond `MAX_SCRAPES` are closed unanswered
+/// while the slots are held, and scrapes work again once they are given back. Clients
+/// of the broker see none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_refuses_what_it_does_not_serve_and_stays_bounded() {
+    bounded(async {
+        let (tb, addr) = metrics_broker().await;
+        let refused = [
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], "HTTP/1.1 404 Not Found"),
+            (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 405 Method Not Allowed"),
+            (b"hello there\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+        ];
+        for (request, expected) in refused {
+            let (status, headers, body) = http(addr, request).await;
+            assert_eq!(status, expected);
+            assert!(!body.contains("switchboard_"), "{body}");
+            if expected.contains("405") {
+                assert!(headers.contains("Allow: GET, HEAD"), "{headers}");
+            }
+        }
+        let mut long = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
+        long.extend(std::iter::repeat_n(b'a', REQUEST_MAX_BYTES + 1));
+        long.extend_from_slice(b"\r\n\r\n");
+        let (status, _, _) = http(addr, &long).await;
+        assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
+
+        // Every slot held by a connection that sends nothing.
+        let mut held = Vec::new();
+        for _ in 0..MAX_SCRAPES {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(b"GET /met").await.unwrap();
+            held.push(stream);
+        }
+        // Give the endpoint time to take them all before the next one arrives.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let _ = extra.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let read = within(STEP_DEADLINE, "the extra connection closed", extra.read_to_end(&mut answer)).await;
+        assert!(read.is_err() || answer.is_empty(), "answered beyond the bound: {answer:?}");
+        // The broker serves its clients meanwhile.
+        let (alice, _) = tb.register("alice").await;
+        alice.ping().await.unwrap();
+        // Slots given back: scrapes are answered again.
+        drop(held);
+        within(STEP_DEADLINE, "a scrape answered again", async {
+            loop {
+                let Ok(mut stream) = TcpStream::connect(addr).await else { continue };
+                let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+                let mut answer = Vec::new();
+                if stream.read_to_end(&mut answer).await.is_ok() && answer.starts_with(b"HTTP/1.1 200 OK") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(scrape(addr).await["switchboard_sessions"], 1.0);
+    })
+    .await
+}
+
+/// An address that cannot be bound fails the start, naming the setting.
+#[tokio::test]
+async fn a_metrics_address_in_use_fails_the_start_by_name() {
+    bounded(async {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = switchboard_tests::test_config(dir.path().join("data"));
+        config.metrics_listen = Some(addr);
+        let error = switchboard_broker::Broker::start(config).await.err().expect("the start fails");
+        assert!(error.to_string().contains("metrics_listen"), "{error}");
+        // Nothing was opened: the data dir was not created.
+        assert!(!dir.path().join("data").exists());
+    })
+    .await
+}
