@@ -207,7 +207,11 @@ impl Broker {
     pub async fn start(config: Config) -> Result<Broker> {
         // First, so that an address in use fails the start before the store is opened.
         let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(metrics::bind(addr).await?),
+            Some(addr) => {
+                let listener = metrics::bind(addr).await?;
+                let addr = listener.local_addr().map_err(Error::io("reading the metrics address"))?;
+                Some((listener, addr))
+            }
             None => None,
         };
         let store = open_store(&config)?;
@@ -296,8 +300,7 @@ impl Broker {
             accept.push(tokio::spawn(log_status(Arc::downgrade(&shared), every)));
         }
         let mut metrics_addr = None;
-        if let Some(listener) = metrics_listener {
-            let addr = listener.local_addr().map_err(Error::io("reading the metrics address"))?;
+        if let Some((listener, addr)) = metrics_listener {
             if !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "metrics endpoint reachable beyond this host: it has no authentication");
             }

@@ -2,32 +2,42 @@
 //! broker holds at that moment and what it did since it started, in the text exposition
 //! format 0.0.4 (<https://prometheus.io/docs/instrumenting/exposition_formats/>).
 //!
-//! Every figure is read when the scrape arrives, from the same counters as the status
-//! line (`Shared::status`) and the store's commit totals (`Store::commit_stats`): nothing
-//! on the message path records anything for it. The endpoint is plain HTTP/1.1, one
-//! request per connection, and bounded: at most `MAX_SCRAPES` connections are served at
-//! once (more are closed at once), a request head is read for at most
-//! `REQUEST_TIMEOUT` and `REQUEST_MAX_BYTES`.
+//! Every figure is read when a scrape arrives (a rendering is reused for
+//! `RENDER_REUSE`), from the same counters as the status line (`Shared::status`) and the
+//! store's commit totals (`Store::commit_stats`): nothing on the message path records
+//! anything for it. The endpoint is plain HTTP/1.1, one request per connection, and
+//! bounded: at most `MAX_SCRAPES` connections are served at once; a request head must
+//! arrive within `HEAD_TIMEOUT` and `REQUEST_MAX_BYTES`, the whole exchange within
+//! `REQUEST_TIMEOUT`. When every place is taken, a new connection takes the place of the
+//! oldest one still sending its head, so connections that send nothing cannot keep a
+//! scraper out (`Slots`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 
 use crate::Shared;
 
-/// Scrapes served at once; a connection beyond is closed unanswered.
-pub const MAX_SCRAPES: usize = 4;
+/// Connections served at once (each holds at most `REQUEST_MAX_BYTES` and a task).
+pub const MAX_SCRAPES: usize = 8;
 /// Longest request head read (request line and headers), bytes; longer is answered 431.
 pub const REQUEST_MAX_BYTES: usize = 8 * 1024;
-/// Time a client has to send its request head (and, after, to take the answer).
+/// Time a client has to send its request head; it is then closed unanswered.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time the whole exchange may take (the head, then taking the answer).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A rendering younger than this answers the next scrape too: however fast scrapes
+/// come, the counters are read at most ten times a second.
+pub const RENDER_REUSE: Duration = Duration::from_millis(100);
 /// The path served; any other is answered 404.
 pub const PATH: &str = "/metrics";
+/// Accept failures (out of descriptors) are logged at most this often.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Binds the endpoint's TCP listener.
 pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
@@ -36,16 +46,81 @@ pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
         .map_err(crate::Error::io(format!("binding the metrics endpoint on {addr} (metrics_listen)")))
 }
 
+/// The connections being served, oldest first, at most `MAX_SCRAPES`.
+#[derive(Default)]
+struct Slots {
+    next_id: u64,
+    held: Vec<Held>,
+}
+
+struct Held {
+    id: u64,
+    /// Still sending its request head (may lose its place to a new connection).
+    reading: bool,
+    evict: Arc<Notify>,
+}
+
+impl Slots {
+    /// A place for a new connection: its id and the signal that takes the place away.
+    /// When every place is taken, the oldest connection still reading its head is
+    /// evicted (signalled and forgotten); `None` when every place is answering.
+    fn admit(&mut self) -> Option<(u64, Arc<Notify>)> {
+        if self.held.len() >= MAX_SCRAPES {
+            let oldest = self.held.iter().position(|h| h.reading)?;
+            // A stored permit: the task sees it even if it is not waiting yet.
+            self.held.remove(oldest).evict.notify_one();
+        }
+        self.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        self.held.push(Held { id: self.next_id, reading: true, evict: evict.clone() });
+        Some((self.next_id, evict))
+    }
+
+    /// The connection's head is in: it answers now and keeps its place. `false` if it
+    /// was evicted meanwhile.
+    fn answering(&mut self, id: u64) -> bool {
+        self.held.iter_mut().find(|h| h.id == id).map(|h| h.reading = false).is_some()
+    }
+
+    fn release(&mut self, id: u64) {
+        self.held.retain(|h| h.id != id);
+    }
+}
+
+/// Gives a connection's place back when its task ends, however it ends.
+struct Place {
+    slots: Arc<Mutex<Slots>>,
+    id: u64,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        lock(&self.slots).release(self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The last rendering and when it was made.
+type Rendered = Mutex<Option<(Instant, Arc<str>)>>;
+
 /// Accepts scrapes on `listener` until the broker is gone (or the task is aborted).
 pub async fn serve(listener: TcpListener, shared: Weak<Shared>, started: SystemTime) {
-    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let rendered: Arc<Rendered> = Arc::default();
+    let mut warned: Option<Instant> = None;
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors, or a connection reset before it was taken: wait a
                 // moment instead of spinning on the error.
-                tracing::debug!(error = %e, "metrics endpoint: accept failed");
+                if warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                    tracing::warn!(error = %e, "metrics endpoint: accepting a connection failed");
+                    warned = Some(Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -53,42 +128,52 @@ pub async fn serve(listener: TcpListener, shared: Weak<Shared>, started: SystemT
         if shared.strong_count() == 0 {
             return;
         }
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Dropping it closes it: a scraper retries at its next interval.
-            continue;
-        };
-        let shared = shared.clone();
+        // Every place answering: dropping it closes it (answers take at most
+        // `REQUEST_TIMEOUT`; a scraper retries at its next interval).
+        let Some((id, evict)) = lock(&slots).admit() else { continue };
+        let place = Place { slots: slots.clone(), id };
+        let (shared, rendered) = (shared.clone(), rendered.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared, started)).await;
+            let head_read = || lock(&place.slots).answering(place.id);
+            tokio::select! {
+                () = evict.notified() => {}
+                _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared, started, &rendered, head_read)) => {}
+            }
         });
     }
 }
 
-/// Reads one request head and writes its answer.
-async fn answer(mut stream: TcpStream, shared: &Weak<Shared>, started: SystemTime) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let parsed = loop {
-        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            // Judged by where the head ends, not by how the bytes happened to arrive.
-            break if end + 4 > REQUEST_MAX_BYTES { Err(Refusal::HeadTooLarge) } else { route(&head[..end]) };
-        }
-        if head.len() > REQUEST_MAX_BYTES {
-            break Err(Refusal::HeadTooLarge);
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    };
+/// Reads one request head and writes its answer; `head_read` says whether the
+/// connection still has its place once the head is in.
+async fn answer(
+    mut stream: TcpStream,
+    shared: &Weak<Shared>,
+    started: SystemTime,
+    rendered: &Rendered,
+    head_read: impl FnOnce() -> bool,
+) -> std::io::Result<()> {
+    let Ok(head) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await else { return Ok(()) };
+    let Some((parsed, is_head)) = head? else { return Ok(()) };
+    if !head_read() {
+        return Ok(());
+    }
     let (status, body, with_body) = match parsed {
         Ok(method) => {
             let Some(shared) = shared.upgrade() else { return Ok(()) };
-            ("200 OK", render(&shared, started), method == Method::Get)
+            let body = {
+                let mut last = lock(rendered);
+                match &*last {
+                    Some((at, body)) if at.elapsed() < RENDER_REUSE => body.clone(),
+                    _ => {
+                        let body: Arc<str> = render(&shared, started).into();
+                        *last = Some((Instant::now(), body.clone()));
+                        body
+                    }
+                }
+            };
+            ("200 OK", body, method == Method::Get)
         }
-        Err(refusal) => (refusal.status(), format!("{}\n", refusal.status()), true),
+        Err(refusal) => (refusal.status(), format!("{}\n", refusal.status()).into(), !is_head),
     };
     let content_type = if status.starts_with("200") {
         "text/plain; version=0.0.4; charset=utf-8"
@@ -104,7 +189,54 @@ async fn answer(mut stream: TcpStream, shared: &Weak<Shared>, started: SystemTim
         answer.push_str(&body);
     }
     stream.write_all(answer.as_bytes()).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    // Closing with request bytes unread (a body, a pipelined request, the rest of a head
+    // too long) would reset the connection and could destroy the answer in flight: read
+    // a little of what is left first.
+    let _ = tokio::time::timeout(Duration::from_millis(100), async {
+        let mut sink = [0u8; 1024];
+        let mut drained = 0;
+        while drained < REQUEST_MAX_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// The request head's route and whether it is a HEAD request, once its blank line is
+/// in; `None` if the client closed first.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<(Result<Method, Refusal>, bool)>> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let parsed = loop {
+        if let Some(end) = head_end(&head) {
+            // Judged by where the head ends, not by how the bytes happened to arrive.
+            break if end > REQUEST_MAX_BYTES { Err(Refusal::HeadTooLarge) } else { route(&head[..end]) };
+        }
+        if head.len() > REQUEST_MAX_BYTES {
+            break Err(Refusal::HeadTooLarge);
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&buf[..n]);
+    };
+    Ok(Some((parsed, head.starts_with(b"HEAD "))))
+}
+
+/// Bytes up to and including the blank line that ends a request head (CRLF CRLF, or
+/// LF LF, which RFC 9112 section 2.2 lets a recipient accept).
+fn head_end(head: &[u8]) -> Option<usize> {
+    head.iter().enumerate().find_map(|(i, &b)| match (b, head.get(i + 1), head.get(i + 2)) {
+        (b'\n', Some(b'\n'), _) => Some(i + 2),
+        (b'\n', Some(b'\r'), Some(b'\n')) => Some(i + 3),
+        _ => None,
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,5 +378,38 @@ mod tests {
         for malformed in [&b"GET /metrics"[..], b"GET /metrics HTTP/2", b"GET  /metrics HTTP/1.1", b"\xff\xfe", b""] {
             assert_eq!(route(malformed), Err(Refusal::Malformed), "{malformed:?}");
         }
+    }
+
+    #[test]
+    fn a_head_ends_at_its_blank_line() {
+        assert_eq!(head_end(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(34));
+        assert_eq!(head_end(b"GET /metrics HTTP/1.1\nHost: x\n\n"), Some(31));
+        assert_eq!(head_end(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"), None);
+        assert_eq!(head_end(b""), None);
+    }
+
+    /// Full: a new connection takes the place of the oldest one still sending its head;
+    /// connections that are answering keep theirs, and with none reading, the new one
+    /// is turned away.
+    #[test]
+    fn when_full_the_oldest_connection_still_reading_gives_its_place() {
+        let mut slots = Slots::default();
+        let admitted: Vec<_> = (0..MAX_SCRAPES).map(|_| slots.admit().unwrap()).collect();
+        assert!(slots.answering(admitted[0].0), "the first one's head is in");
+        let (newcomer, _) = slots.admit().expect("a place taken from a connection still reading");
+        let held: Vec<u64> = slots.held.iter().map(|h| h.id).collect();
+        assert!(!held.contains(&admitted[1].0) && held.contains(&admitted[0].0), "{held:?}");
+        assert!(held.contains(&newcomer) && held.len() == MAX_SCRAPES);
+        assert!(!slots.answering(admitted[1].0), "an evicted connection has no place to answer in");
+        // Its signal was stored: the task sees it whenever it next waits.
+        let mut notified = std::pin::pin!(admitted[1].1.notified());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::future::Future::poll(notified.as_mut(), &mut cx).is_ready());
+        for h in slots.held.iter_mut() {
+            h.reading = false;
+        }
+        assert!(slots.admit().is_none(), "every place answering: turned away");
+        slots.release(newcomer);
+        assert!(slots.admit().is_some(), "a place given back is taken");
     }
 }

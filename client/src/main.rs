@@ -34,7 +34,7 @@ mod files;
 use files::UploadArgs;
 use switchboard_client::{
     Client, ClientError, Connector, FileCursors, Identity, Session, SessionConfig, SessionError, SessionEvent,
-    TYPING_REFRESH_MS, TransferError, Trust, hex, new_client_id, unhex,
+    TYPING_REFRESH_MS, TransferError, TransportOptions, Trust, hex, new_client_id, unhex,
 };
 use switchboard_protocol::{
     Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, Page, PresenceInfo,
@@ -102,9 +102,14 @@ enum Command {
     },
     /// Check that a broker answers (QUIC, TLS and the protocol's hello), without an
     /// account: prints its protocol version, how long it took to answer and how far its
-    /// clock is from ours; exits non-zero if it does not answer within 10 s. For health
-    /// checks (`sb --server HOST:PORT --ca CERT probe`).
-    Probe,
+    /// clock is from ours; exits non-zero if it does not answer within --timeout. For
+    /// health checks (`sb --server HOST:PORT --ca CERT probe --timeout 2`).
+    Probe {
+        /// Seconds to wait for the answer (a QUIC client cannot tell a broker that is
+        /// down from one that is slow: it only sees no answer). 0.1 to 300.
+        #[arg(long, default_value_t = 10.0, value_parser = probe_timeout)]
+        timeout: f64,
+    },
     /// Conversations.
     Conv {
         #[command(subcommand)]
@@ -456,8 +461,10 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 || format!("{verb} {name} (user {}, device {})", identity.user_id, identity.device_id),
             );
         }
-        Command::Probe => {
-            let probe = connector.probe().await?;
+        Command::Probe { timeout } => {
+            let options =
+                TransportOptions { connect_timeout: std::time::Duration::from_secs_f64(timeout), ..Default::default() };
+            let probe = connector_with(state, &options).await?.probe().await?;
             let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
             let offset_ms = probe.clock_offset_ms.round() as i64;
             out.line(
@@ -513,7 +520,9 @@ async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<
 
 async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Register { .. } | Command::Login { .. } | Command::Probe => unreachable!("handled before connecting"),
+        Command::Register { .. } | Command::Login { .. } | Command::Probe { .. } => {
+            unreachable!("handled before connecting")
+        }
         Command::Conv { command } => match command {
             ConvCommand::Create { title, mut users } => {
                 // The same user named twice is one member (`carol carol` is a direct
@@ -1073,6 +1082,16 @@ fn fill_defaults(state: &mut State) {
 const DEFAULT_SERVER: &str = "127.0.0.1:4433";
 
 async fn connector(state: &State) -> anyhow::Result<Connector> {
+    connector_with(state, &TransportOptions::default()).await
+}
+
+/// `--timeout` of `sb probe`: seconds, 0.1 to 300.
+fn probe_timeout(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if (0.1..=300.0).contains(&seconds) { Ok(seconds) } else { Err(format!("{text}: from 0.1 to 300 seconds")) }
+}
+
+async fn connector_with(state: &State, options: &TransportOptions) -> anyhow::Result<Connector> {
     let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
     let addr: SocketAddr = tokio::net::lookup_host(&server)
         .await
@@ -1087,7 +1106,7 @@ async fn connector(state: &State) -> anyhow::Result<Connector> {
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
         (None, None) => bail!("pass --ca FILE or --pin SHA256 (the broker prints both at start)"),
     };
-    Ok(Connector::new(addr, name, trust)?)
+    Ok(Connector::with_transport(addr, name, trust, options)?)
 }
 
 fn home_dir() -> anyhow::Result<PathBuf> {

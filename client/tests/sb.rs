@@ -1078,6 +1078,37 @@ async fn probe_answers_without_an_account() {
     assert!(!wrong.status.success(), "a wrong pin is refused");
 }
 
+/// `sb probe --timeout` bounds the wait for a broker that does not answer (a health
+/// check's own deadline is often a second or two; the default is 10 s), naming the
+/// address; a timeout out of range is refused before anything is sent.
+#[test]
+fn probe_gives_up_after_its_timeout() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let probe = |timeout: &str| {
+        let started = std::time::Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_sb"))
+            .env("SWITCHBOARD_HOME", home.path())
+            .args(["--server", &silent.local_addr().unwrap().to_string(), "--pin", &"00".repeat(32)])
+            .args(["probe", "--timeout", timeout])
+            .output()
+            .unwrap();
+        (output, started.elapsed())
+    };
+    let (output, took) = probe("0.5");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("no broker answered at {} within 0.5 s", silent.local_addr().unwrap())),
+        "{stderr}"
+    );
+    assert!(took < std::time::Duration::from_secs(5), "gave up after {took:?}, not at its timeout");
+    for refused in ["0", "301", "soon"] {
+        let (output, _) = probe(refused);
+        assert_eq!(output.status.code(), Some(2), "--timeout {refused}: {output:?}");
+    }
+}
+
 /// An sb interrupted while it connects exits at once (before, it waited 2 s for a close
 /// that a connect cut short never finishes, and the operator trial reached for kill -9).
 #[test]

@@ -95,8 +95,8 @@ struct Stats {
 pub struct CommitStats {
     /// Commits that succeeded (each one flush and one fdatasync).
     pub commits: u64,
-    /// Writes those commits made durable (a commit's waiters: entries, batches and
-    /// barriers), so `writes / commits` is the mean group size.
+    /// The waits those commits ended (each write or barrier that asked for a commit:
+    /// entries, batches, receipts), so `writes / commits` is the mean group size.
     pub writes: u64,
     /// Time spent in them, flush plus fdatasync, microseconds.
     pub busy_us: u64,

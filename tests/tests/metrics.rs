@@ -5,9 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use switchboard_broker::metrics::{MAX_SCRAPES, REQUEST_MAX_BYTES};
+use switchboard_broker::metrics::{HEAD_TIMEOUT, MAX_SCRAPES, RENDER_REUSE, REQUEST_MAX_BYTES, REQUEST_TIMEOUT};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -83,6 +82,8 @@ async fn a_scrape_shows_what_the_broker_holds_and_did() {
         for text in ["one", "two", "three"] {
             alice.send(conv, text).await.unwrap();
         }
+        // Past the reuse of the last rendering.
+        tokio::time::sleep(RENDER_REUSE * 2).await;
         let after = scrape(addr).await;
         assert_eq!(after["switchboard_sessions"], 2.0, "{after:?}");
         assert_eq!(after["switchboard_conversations_live"], 1.0, "{after:?}");
@@ -103,16 +104,17 @@ async fn a_scrape_shows_what_the_broker_holds_and_did() {
 }
 
 /// What is not a GET of /metrics gets its own status and no figures; a request head
-/// past the bound is refused; connections beyond `MAX_SCRAPES` are closed unanswered
-/// while the slots are held, and scrapes work again once they are given back. Clients
-/// of the broker see none of it.
+/// past the bound is refused, whole or unfinished. Connections that hold every place by
+/// sending nothing do not keep a scraper out: the newest takes the place of the oldest
+/// still reading, and the rest are closed after `HEAD_TIMEOUT`. Clients of the broker
+/// see none of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_refuses_what_it_does_not_serve_and_stays_bounded() {
     bounded(async {
         let (tb, addr) = metrics_broker().await;
         let refused = [
             (&b"GET / HTTP/1.1\r\n\r\n"[..], "HTTP/1.1 404 Not Found"),
-            (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 405 Method Not Allowed"),
+            (b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", "HTTP/1.1 405 Method Not Allowed"),
             (b"hello there\r\n\r\n", "HTTP/1.1 400 Bad Request"),
         ];
         for (request, expected) in refused {
@@ -123,43 +125,39 @@ async fn the_metrics_endpoint_refuses_what_it_does_not_serve_and_stays_bounded()
                 assert!(headers.contains("Allow: GET, HEAD"), "{headers}");
             }
         }
+        let (status, _, body) = http(addr, b"HEAD /nothing HTTP/1.1\r\n\r\n").await;
+        assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 404 Not Found", ""), "HEAD has no body");
         let mut long = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
         long.extend(std::iter::repeat_n(b'a', REQUEST_MAX_BYTES + 1));
+        let unfinished = long.clone();
         long.extend_from_slice(b"\r\n\r\n");
-        let (status, _, _) = http(addr, &long).await;
-        assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
+        for head in [long, unfinished] {
+            let (status, _, _) = http(addr, &head).await;
+            assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
+        }
 
-        // Every slot held by a connection that sends nothing.
+        // Every place held by a connection that sends part of a head and no more.
         let mut held = Vec::new();
         for _ in 0..MAX_SCRAPES {
             let mut stream = TcpStream::connect(addr).await.unwrap();
             stream.write_all(b"GET /met").await.unwrap();
             held.push(stream);
         }
-        // Give the endpoint time to take them all before the next one arrives.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut extra = TcpStream::connect(addr).await.unwrap();
-        let _ = extra.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
-        let mut answer = Vec::new();
-        let read = within(STEP_DEADLINE, "the extra connection closed", extra.read_to_end(&mut answer)).await;
-        assert!(read.is_err() || answer.is_empty(), "answered beyond the bound: {answer:?}");
+        let holding = std::time::Instant::now();
+        // A scraper still gets its answer.
+        assert_eq!(scrape(addr).await["switchboard_sessions"], 0.0);
         // The broker serves its clients meanwhile.
         let (alice, _) = tb.register("alice").await;
         alice.ping().await.unwrap();
-        // Slots given back: scrapes are answered again.
-        drop(held);
-        within(STEP_DEADLINE, "a scrape answered again", async {
-            loop {
-                let Ok(mut stream) = TcpStream::connect(addr).await else { continue };
-                let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
-                let mut answer = Vec::new();
-                if stream.read_to_end(&mut answer).await.is_ok() && answer.starts_with(b"HTTP/1.1 200 OK") {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        // The holders are closed, unanswered, once their head is late.
+        for mut stream in held {
+            let mut answer = Vec::new();
+            let read = within(STEP_DEADLINE, "a holder closed", stream.read_to_end(&mut answer)).await;
+            assert!(read.is_err() || answer.is_empty(), "a holder was answered: {answer:?}");
+        }
+        let took = holding.elapsed();
+        assert!(took < REQUEST_TIMEOUT, "holders closed after {took:?}: the head's {HEAD_TIMEOUT:?} did not apply");
+        tokio::time::sleep(RENDER_REUSE * 2).await;
         assert_eq!(scrape(addr).await["switchboard_sessions"], 1.0);
     })
     .await

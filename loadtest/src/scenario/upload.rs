@@ -276,8 +276,9 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     // is than a bare stream between the same two processes, whatever the machine.
     let both = |a: Option<f64>, b: Option<f64>| Some(a? + b?);
     put_median("c_cpu_per_mb_over_a2", &|r| {
-        let bare = both(r.quinn2?.client_cpu_ms_per_mb, r.quinn2?.server_cpu_ms_per_mb)?;
-        Some(both(r.cpu_ms_per_mb, r.client_cpu_ms_per_mb)? / bare.max(f64::MIN_POSITIVE))
+        // A round whose bare stream read no CPU tick at all says nothing: left out.
+        let bare = both(r.quinn2?.client_cpu_ms_per_mb, r.quinn2?.server_cpu_ms_per_mb).filter(|&b| b > 0.0)?;
+        Some(both(r.cpu_ms_per_mb, r.client_cpu_ms_per_mb)? / bare)
     });
     report.extra.insert("c_rounds".into(), rounds.len() as f64);
     report.extra.insert("c_client_hash_mb_per_s".into(), median_of(&|r| Some(r.hash_rate)));
