@@ -105,6 +105,8 @@ pub struct Shared {
     pub sends: Arc<overload::SendAdmission>,
     /// Set once durability is lost.
     pub health: Arc<Health>,
+    /// Totals for the metrics endpoint.
+    pub counters: metrics::Counters,
 }
 
 /// What the broker holds now, for the operator (`Shared::status`; logged every
@@ -281,6 +283,7 @@ impl Broker {
             admission,
             sends,
             health,
+            counters: metrics::Counters::default(),
         });
         let mut accept: Vec<tokio::task::JoinHandle<()>> = endpoints
             .iter()

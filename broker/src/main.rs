@@ -124,11 +124,21 @@ fn main() -> anyhow::Result<()> {
         config.data_dir = data;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The serve flags may come before the subcommand as well as after it (after wins);
+    // before `user` or `device`, where they mean nothing, they are refused rather than
+    // silently dropped.
+    let early = cli.serve;
+    if early.given() && matches!(cli.command, Some(Command::User { .. } | Command::Device { .. })) {
+        anyhow::bail!(
+            "--listen, --cert, --key, --closed-registration and --metrics-listen apply to running the broker \
+             (`serve`, `config`), not to `user` or `device` commands"
+        );
+    }
     match cli.command {
-        None => runtime.block_on(serve(config, cli.serve)),
-        Some(Command::Serve(args)) => runtime.block_on(serve(config, args)),
+        None => runtime.block_on(serve(config, early)),
+        Some(Command::Serve(args)) => runtime.block_on(serve(config, early.then(args))),
         Some(Command::Config(args)) => {
-            let config = args.apply(config);
+            let config = early.then(args).apply(config);
             switchboard_broker::config::check(&config)?;
             print!("{}", toml::to_string(&config).context("writing the configuration as TOML")?);
             Ok(())
@@ -146,6 +156,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 impl ServeArgs {
+    /// Whether any flag was given.
+    fn given(&self) -> bool {
+        self.listen.is_some()
+            || self.cert.is_some()
+            || self.key.is_some()
+            || self.closed_registration
+            || self.metrics_listen.is_some()
+    }
+
+    /// These flags (given before the subcommand) with `later`'s (after it) over them.
+    fn then(self, later: ServeArgs) -> ServeArgs {
+        let (cert, key) = if later.cert.is_some() { (later.cert, later.key) } else { (self.cert, self.key) };
+        ServeArgs {
+            listen: later.listen.or(self.listen),
+            cert,
+            key,
+            closed_registration: self.closed_registration || later.closed_registration,
+            metrics_listen: later.metrics_listen.or(self.metrics_listen),
+        }
+    }
+
     /// `config` with these flags applied over it.
     fn apply(self, mut config: Config) -> Config {
         if let Some(listen) = self.listen {

@@ -14,9 +14,11 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use switchboard_protocol::ErrorCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -38,6 +40,61 @@ pub const RENDER_REUSE: Duration = Duration::from_millis(100);
 pub const PATH: &str = "/metrics";
 /// Accept failures (out of descriptors) are logged at most this often.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Totals the broker counts as it works, for the endpoint (each one relaxed atomic add
+/// where it happens: per published entry, per refused handshake or connection, per slow
+/// consumer; never per delivery).
+#[derive(Default)]
+pub struct Counters {
+    /// Conversation log entries (messages, edits, deletes, membership changes) made
+    /// durable and handed to fan-out.
+    pub entries_published: AtomicU64,
+    /// Copies of those entries queued to devices (the fan-out).
+    pub entry_deliveries: AtomicU64,
+    /// Authenticated sessions started (a registration, a login, a device's proof).
+    pub sessions_started: AtomicU64,
+    /// Handshakes refused after the hello, by code (`HANDSHAKE_CODES`, then any other).
+    handshakes_refused: [AtomicU64; HANDSHAKE_CODES.len() + 1],
+    /// Connection attempts refused before a handshake (the places of
+    /// `max_unauthenticated_connections`, and per address).
+    pub connections_refused: AtomicU64,
+    /// Devices disconnected with `SLOW_CONSUMER` (their outbound queue overflowed).
+    pub slow_consumers: AtomicU64,
+}
+
+/// The codes a refused handshake is counted under; any other is counted as `other`.
+const HANDSHAKE_CODES: [ErrorCode; 7] = [
+    ErrorCode::AUTH_FAILED,
+    ErrorCode::RATE_LIMITED,
+    ErrorCode::OVERLOADED,
+    ErrorCode::CONFLICT,
+    ErrorCode::INVALID,
+    ErrorCode::TIMEOUT,
+    ErrorCode::FORBIDDEN,
+];
+
+impl Counters {
+    /// Counts one more of `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a handshake refused with `code`.
+    pub fn handshake_refused(&self, code: ErrorCode) {
+        let i = HANDSHAKE_CODES.iter().position(|&c| c == code).unwrap_or(HANDSHAKE_CODES.len());
+        Self::add(&self.handshakes_refused[i], 1);
+    }
+
+    /// Handshakes refused with `code` so far (codes not listed are counted together).
+    pub fn handshake_refused_count(&self, code: ErrorCode) -> u64 {
+        let i = HANDSHAKE_CODES.iter().position(|&c| c == code).unwrap_or(HANDSHAKE_CODES.len());
+        self.handshakes_refused[i].load(Ordering::Relaxed)
+    }
+
+    fn get(counter: &AtomicU64) -> f64 {
+        counter.load(Ordering::Relaxed) as f64
+    }
+}
 
 /// Binds the endpoint's TCP listener.
 pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
@@ -291,76 +348,186 @@ fn route(head: &[u8]) -> Result<Method, Refusal> {
     if path == PATH { Ok(method) } else { Err(Refusal::NotFound) }
 }
 
-/// The exposition: one `# HELP`, one `# TYPE` and one sample per metric.
+/// One metric family: name, help, type and its samples (labels, value).
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+fn gauge(name: &'static str, help: &'static str, value: f64) -> Family {
+    Family { name, help, kind: "gauge", samples: vec![(String::new(), value)] }
+}
+
+fn counter(name: &'static str, help: &'static str, value: f64) -> Family {
+    Family { name, help, kind: "counter", samples: vec![(String::new(), value)] }
+}
+
+/// The exposition: one `# HELP` and one `# TYPE` line per family, then its samples.
 pub fn render(shared: &Shared, started: SystemTime) -> String {
     let s = shared.status();
     let c = &shared.config;
+    let n = &shared.counters;
     let commits = shared.store.commit_stats();
     let start = started.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-    let mut out = String::with_capacity(4096);
     let info = format!(
-        "switchboard_info{{version=\"{}\",protocol=\"{}\",store_format=\"{}\"}}",
+        "{{version=\"{}\",protocol=\"{}\",store_format=\"{}\"}}",
         env!("CARGO_PKG_VERSION"),
         switchboard_protocol::PROTOCOL_VERSION,
         switchboard_storage::FORMAT
     );
-    let gauges: [(&str, &str, f64); 15] = [
-        ("switchboard_start_time_seconds", "When this broker started, seconds since the Unix epoch.", start),
-        ("switchboard_sessions", "Authenticated connections.", s.sessions as f64),
-        ("switchboard_sessions_max", "max_connections.", c.max_connections as f64),
-        ("switchboard_unauthenticated_connections", "Connections in their handshake.", s.unauthenticated as f64),
-        (
+    let mut families = vec![
+        Family {
+            name: "switchboard_info",
+            help: "Version, protocol version and store format.",
+            kind: "gauge",
+            samples: vec![(info, 1.0)],
+        },
+        gauge("switchboard_start_time_seconds", "When this broker started, seconds since the Unix epoch.", start),
+        gauge("switchboard_sessions", "Authenticated connections.", s.sessions as f64),
+        gauge("switchboard_sessions_max", "max_connections.", c.max_connections as f64),
+        gauge("switchboard_unauthenticated_connections", "Connections in their handshake.", s.unauthenticated as f64),
+        gauge(
             "switchboard_unauthenticated_connections_max",
             "max_unauthenticated_connections.",
             c.max_unauthenticated_connections as f64,
         ),
-        ("switchboard_conversations_live", "Conversation actors alive.", s.conversations as f64),
-        ("switchboard_conversations_live_max", "max_live_conversations.", c.max_live_conversations as f64),
-        ("switchboard_writes_in_flight", "Writes admitted and not yet answered.", s.writes_in_flight as f64),
-        ("switchboard_writes_in_flight_max", "max_sends_in_flight.", c.max_sends_in_flight as f64),
-        ("switchboard_uploads_live", "Upload actors alive.", s.uploads as f64),
-        ("switchboard_chunk_buffer_bytes", "Bytes of upload chunk buffers held.", s.chunk_bytes_held as f64),
-        ("switchboard_chunk_buffer_bytes_max", "transfer_buffer_bytes.", c.transfer_buffer_bytes as f64),
-        ("switchboard_presence_users", "Users with a presence entry.", s.presence_users as f64),
-        (
-            "switchboard_store_healthy",
-            "1 while the store commits; 0 once a commit failed (the broker stops serving).",
-            if shared.health.is_failed() { 0.0 } else { 1.0 },
+        gauge("switchboard_conversations_live", "Conversation actors alive.", s.conversations as f64),
+        gauge("switchboard_conversations_live_max", "max_live_conversations.", c.max_live_conversations as f64),
+        gauge("switchboard_writes_in_flight", "Writes admitted and not yet answered.", s.writes_in_flight as f64),
+        gauge("switchboard_writes_in_flight_max", "max_sends_in_flight.", c.max_sends_in_flight as f64),
+        gauge("switchboard_uploads_live", "Upload actors alive.", s.uploads as f64),
+        gauge("switchboard_chunk_buffer_bytes", "Bytes of upload chunk buffers held.", s.chunk_bytes_held as f64),
+        gauge("switchboard_chunk_buffer_bytes_max", "transfer_buffer_bytes.", c.transfer_buffer_bytes as f64),
+        gauge("switchboard_presence_users", "Users with a presence entry.", s.presence_users as f64),
+        gauge("switchboard_commit_delay_seconds", "commit_delay_us, in seconds.", c.commit_delay_us as f64 / 1e6),
+        counter("switchboard_sessions_started_total", "Sessions authenticated.", Counters::get(&n.sessions_started)),
+        Family {
+            name: "switchboard_handshakes_refused_total",
+            help: "Handshakes refused after the hello (wrong password or key, rate limits, a full password queue, ...), by code.",
+            kind: "counter",
+            samples: HANDSHAKE_CODES
+                .iter()
+                .map(|c| c.name())
+                .chain(["other"])
+                .zip(&n.handshakes_refused)
+                .map(|(code, count)| (format!("{{code=\"{code}\"}}"), Counters::get(count)))
+                .collect(),
+        },
+        counter(
+            "switchboard_connections_refused_total",
+            "Connection attempts refused before a handshake (unauthenticated places full, per-address limits).",
+            Counters::get(&n.connections_refused),
         ),
-        ("switchboard_commit_delay_seconds", "commit_delay_us, in seconds.", c.commit_delay_us as f64 / 1e6),
-    ];
-    let counters: [(&str, &str, f64); 6] = [
-        ("switchboard_writes_refused_overloaded_total", "Writes refused with OVERLOADED.", s.writes_refused as f64),
-        (
+        counter(
+            "switchboard_slow_consumers_total",
+            "Devices disconnected with SLOW_CONSUMER (outbound queue overflowed).",
+            Counters::get(&n.slow_consumers),
+        ),
+        counter(
+            "switchboard_entries_published_total",
+            "Conversation log entries (messages, edits, deletes, membership changes) made durable and fanned out.",
+            Counters::get(&n.entries_published),
+        ),
+        counter(
+            "switchboard_entry_deliveries_total",
+            "Copies of those entries queued to connected devices.",
+            Counters::get(&n.entry_deliveries),
+        ),
+        counter(
+            "switchboard_writes_refused_overloaded_total",
+            "Writes refused with OVERLOADED.",
+            s.writes_refused as f64,
+        ),
+        counter(
             "switchboard_uploads_refused_storage_full_total",
             "Uploads refused with STORAGE_FULL (the disk within disk_reserve_bytes of full).",
             s.uploads_refused_storage_full as f64,
         ),
-        (
-            "switchboard_group_commits_total",
-            "Group commits (one flush and one fdatasync each).",
-            commits.commits as f64,
-        ),
-        (
+        commit_histogram(&commits),
+        counter(
             "switchboard_group_commit_writes_total",
-            "Writes made durable by group commits (per commit: the group size).",
+            "Waits ended by group commits (writes and barriers that asked for one): per commit, the group size.",
             commits.writes as f64,
         ),
-        (
-            "switchboard_group_commit_seconds_total",
-            "Time spent in group commits (flush and fdatasync).",
-            commits.busy_us as f64 / 1e6,
-        ),
-        ("switchboard_group_commits_slow_total", "Group commits that took over 50 ms.", commits.slow as f64),
+        counter("switchboard_group_commits_slow_total", "Group commits that took over 50 ms.", commits.slow as f64),
+        gauge("switchboard_disk_reserve_bytes", "disk_reserve_bytes.", c.disk_reserve_bytes as f64),
     ];
-    let _ = writeln!(out, "# HELP switchboard_info Version, protocol version and store format.");
-    let _ = writeln!(out, "# TYPE switchboard_info gauge\n{info} 1");
-    for (kind, metrics) in [("gauge", &gauges[..]), ("counter", &counters[..])] {
-        for (name, help, value) in metrics {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    if let Ok(free) = crate::files::requests::free_bytes(shared.files.blobs.root()) {
+        families.push(gauge(
+            "switchboard_data_dir_free_bytes",
+            "Bytes free to the broker on the data dir's file system (uploads are refused within disk_reserve_bytes).",
+            free as f64,
+        ));
+    }
+    families.extend(process_families());
+    let mut out = String::with_capacity(8192);
+    for f in &families {
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
+        for (labels, value) in &f.samples {
+            let _ = writeln!(out, "{}{labels} {value}", f.name);
         }
     }
     out
+}
+
+/// `switchboard_group_commit_seconds`: a histogram of commit durations (flush and
+/// fdatasync), from the store's buckets.
+fn commit_histogram(commits: &switchboard_storage::CommitStats) -> Family {
+    let mut samples = Vec::with_capacity(commits.buckets.len() + 2);
+    let mut cumulative = 0;
+    for (i, count) in commits.buckets.iter().enumerate() {
+        cumulative += count;
+        let le = switchboard_storage::COMMIT_BUCKETS_US
+            .get(i)
+            .map_or("+Inf".to_owned(), |&us| (us as f64 / 1e6).to_string());
+        samples.push((format!("_bucket{{le=\"{le}\"}}"), cumulative as f64));
+    }
+    samples.push(("_sum".to_owned(), commits.busy_us as f64 / 1e6));
+    samples.push(("_count".to_owned(), commits.commits as f64));
+    Family {
+        name: "switchboard_group_commit_seconds",
+        help: "Group commit durations (one sled flush and one fdatasync each).",
+        kind: "histogram",
+        samples,
+    }
+}
+
+/// Linux's clock ticks per second in /proc (`USER_HZ`, 100 on every architecture Linux
+/// exports to user space this way).
+const USER_HZ: f64 = 100.0;
+
+/// The standard `process_*` families, from /proc/self (none where it cannot be read).
+fn process_families() -> Vec<Family> {
+    let mut families = Vec::new();
+    if let Some(cpu) = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
+        // Fields after the command name (which may hold spaces and ')'): utime and
+        // stime are the 12th and 13th.
+        let rest = stat.get(stat.rfind(')')? + 1..)?;
+        let mut fields = rest.split_whitespace().skip(11);
+        let utime: f64 = fields.next()?.parse().ok()?;
+        let stime: f64 = fields.next()?.parse().ok()?;
+        Some((utime + stime) / USER_HZ)
+    }) {
+        families.push(counter("process_cpu_seconds_total", "User and system CPU time, seconds.", cpu));
+    }
+    if let Some(rss_kib) = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse::<f64>().ok()
+    }) {
+        families.push(gauge("process_resident_memory_bytes", "Resident memory, bytes.", rss_kib * 1024.0));
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        families.push(gauge("process_open_fds", "Open file descriptors.", fds.count() as f64));
+    }
+    if let Some(max) = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3)?.parse::<f64>().ok()
+    }) {
+        families.push(gauge("process_max_fds", "Limit of open file descriptors (soft).", max));
+    }
+    families
 }
 
 #[cfg(test)]

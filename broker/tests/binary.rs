@@ -609,3 +609,44 @@ fn the_metrics_flag_serves_a_scrape() {
     let other = tempfile::tempdir().unwrap();
     assert!(start(other.path()).metrics.is_none(), "no endpoint unless asked for");
 }
+
+/// The serve flags work before the subcommand as after it (after wins), and are refused
+/// before `user` or `device` (where they mean nothing) instead of being dropped: the
+/// operator trial's `switchboard --closed-registration serve` served open registration.
+#[test]
+fn serve_flags_count_before_the_subcommand_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = |args: &[&str]| {
+        let out = run(dir.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let early =
+        printed(&["--listen", "127.0.0.1:15433", "--closed-registration", "--metrics-listen", "127.0.0.1:9", "config"]);
+    for line in ["listen = \"127.0.0.1:15433\"", "registration_open = false", "metrics_listen = \"127.0.0.1:9\""] {
+        assert!(early.lines().any(|l| l == line), "{line} missing: {early}");
+    }
+    let both = printed(&["--listen", "127.0.0.1:15433", "config", "--listen", "127.0.0.1:15434"]);
+    assert!(both.lines().any(|l| l == "listen = \"127.0.0.1:15434\""), "the later flag wins: {both}");
+    let refused = run(dir.path(), &["--listen", "127.0.0.1:15433", "user", "list"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not to `user` or `device` commands"));
+    // Serving: the early flags are the ones in effect.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--closed-registration", "--listen", "127.0.0.1:0", "serve"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines().map(Result::unwrap);
+    let listening = lines.next().unwrap();
+    let registration = lines.find(|l| l.starts_with("registration: ")).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        listening.starts_with("switchboard listening on 127.0.0.1:") && !listening.ends_with(":4433"),
+        "{listening}"
+    );
+    assert_eq!(registration, "registration: closed");
+}

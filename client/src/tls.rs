@@ -155,6 +155,21 @@ struct PinVerifier {
     provider: Arc<CryptoProvider>,
 }
 
+/// A certificate other than the pinned one.
+#[derive(Debug)]
+struct PinMismatch {
+    presented: String,
+    pinned: String,
+}
+
+impl std::fmt::Display for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the broker presented a certificate with sha256 {}, not the pinned {}", self.presented, self.pinned)
+    }
+}
+
+impl std::error::Error for PinMismatch {}
+
 impl ServerCertVerifier for PinVerifier {
     fn verify_server_cert(
         &self,
@@ -168,7 +183,12 @@ impl ServerCertVerifier for PinVerifier {
         if digest.as_ref() == self.pin.as_slice() {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            // Names what was presented: an operator comparing it with the broker's
+            // printed fingerprint sees at once whether the pin or the address is wrong.
+            let mismatch = PinMismatch { presented: crate::hex(digest.as_ref()), pinned: crate::hex(&self.pin) };
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                mismatch,
+            )))))
         }
     }
 

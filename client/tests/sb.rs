@@ -1076,6 +1076,9 @@ async fn probe_answers_without_an_account() {
         .output()
         .unwrap();
     assert!(!wrong.status.success(), "a wrong pin is refused");
+    // Saying what the broker presented, so the operator sees which side is wrong.
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(said.contains(&broker.fingerprint) && said.contains(&"00".repeat(32)), "{said}");
 }
 
 /// `sb probe --timeout` bounds the wait for a broker that does not answer (a health

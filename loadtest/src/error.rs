@@ -12,7 +12,7 @@ pub enum Error {
     #[error(transparent)]
     Client(#[from] ClientError),
     /// Registering the simulated users failed.
-    #[error("enrolling users")]
+    #[error("enrolling users{}", enroll_hint(.0))]
     Enroll(#[source] ClientError),
     /// Creating a conversation was still rate limited after every retry.
     #[error("conversation creation still rate limited after {attempts} attempts")]
@@ -88,5 +88,20 @@ impl Error {
 impl<E: std::error::Error + Send + Sync> From<plotters::drawing::DrawingAreaErrorKind<E>> for Error {
     fn from(e: plotters::drawing::DrawingAreaErrorKind<E>) -> Self {
         Error::Plot(e.to_string())
+    }
+}
+
+/// What to change when a broker the harness does not own refuses its registrations.
+fn enroll_hint(e: &ClientError) -> &'static str {
+    match e.code() {
+        Some(switchboard_protocol::ErrorCode::RATE_LIMITED) => {
+            " (the broker limits registrations per address: a broker load-tested with --target needs \
+             registration_burst_per_address raised, and argon2_queue; README, \"Load testing\")"
+        }
+        Some(switchboard_protocol::ErrorCode::OVERLOADED) => {
+            " (the broker's password queue stayed full for a minute: raise its argon2_queue, or lower \
+             argon2_memory_kib for a test broker; README, \"Load testing\")"
+        }
+        _ => "",
     }
 }

@@ -88,7 +88,15 @@ struct Stats {
     writes: AtomicU64,
     busy_us: AtomicU64,
     slow: AtomicU64,
+    /// Commits by duration: `buckets[i]` counts those of at most `COMMIT_BUCKETS_US[i]`,
+    /// the last those longer than every bound.
+    buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
 }
+
+/// Upper bounds of the commit-duration buckets, microseconds: from a fast SSD's
+/// fdatasync (well under 0.5 ms) to the stall that is logged (`SLOW_COMMIT`, 50 ms)
+/// and beyond.
+pub const COMMIT_BUCKETS_US: [u64; 10] = [250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000];
 
 /// What the group commits did since the store was opened (`Store::commit_stats`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,6 +110,9 @@ pub struct CommitStats {
     pub busy_us: u64,
     /// Commits that took longer than 50 ms (each also logged as `slow group commit`).
     pub slow: u64,
+    /// Commits by duration: `buckets[i]` those of at most `COMMIT_BUCKETS_US[i]` (and
+    /// more than the bound before), the last those longer than every bound.
+    pub buckets: [u64; COMMIT_BUCKETS_US.len() + 1],
 }
 
 pub(crate) struct Committer {
@@ -154,6 +165,7 @@ impl Committer {
             writes: s.writes.load(Ordering::Relaxed),
             busy_us: s.busy_us.load(Ordering::Relaxed),
             slow: s.slow.load(Ordering::Relaxed),
+            buckets: std::array::from_fn(|i| s.buckets[i].load(Ordering::Relaxed)),
         }
     }
 
@@ -351,7 +363,10 @@ fn commit_once(db: &sled::Db, file: &File, waiters: usize, stats: &Stats) -> Res
     let total = started.elapsed();
     stats.commits.fetch_add(1, Ordering::Relaxed);
     stats.writes.fetch_add(waiters as u64, Ordering::Relaxed);
-    stats.busy_us.fetch_add(u64::try_from(total.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    let us = u64::try_from(total.as_micros()).unwrap_or(u64::MAX);
+    stats.busy_us.fetch_add(us, Ordering::Relaxed);
+    let bucket = COMMIT_BUCKETS_US.iter().position(|&bound| us <= bound).unwrap_or(COMMIT_BUCKETS_US.len());
+    stats.buckets[bucket].fetch_add(1, Ordering::Relaxed);
     if total > SLOW_COMMIT {
         stats.slow.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
@@ -452,6 +467,7 @@ mod tests {
         let stats = committer.stats();
         assert_eq!((stats.commits, stats.writes, stats.slow), (2, 7, 0), "{stats:?}");
         assert!(stats.busy_us > 0, "{stats:?}");
+        assert_eq!(stats.buckets.iter().sum::<u64>(), 2, "each commit in one bucket: {stats:?}");
         // A failed commit makes nothing durable and is not counted.
         committer.inject_failure();
         let failed = grouped_waiter(&committer);

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
-pub use commit::{CommitStats, Durable, FailureHook};
+pub use commit::{COMMIT_BUCKETS_US, CommitStats, Durable, FailureHook};
 pub use files::{Collected, FileRecord, FileStage, UploadRefusal};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
 

@@ -297,6 +297,8 @@ async fn a_handshake_that_never_completes_gives_up_its_place_at_its_deadline() {
     let tb = TestBroker::start_with(|c| c.max_unauthenticated_connections = 1).await;
     stalled_handshake(&tb.connector(), addr(&tb)).await;
     assert!(tb.connector().register("alice", tb.password, "d").await.is_err(), "the only place is taken");
+    // Counted for the operator (`switchboard_connections_refused_total`).
+    assert!(tb.shared().counters.connections_refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     // The idle timeout is 30 s; the handshake deadline (5 s) frees the place well before.
     let joined = tokio::time::timeout(WAIT, async {
         loop {

@@ -417,3 +417,29 @@ async fn undelivered_messages_are_looked_up_in_the_store() {
     })
     .await
 }
+
+/// Against a broker it does not own, with a password queue of one, the harness's
+/// registrations answered `OVERLOADED` are retried (the operator trial's `fanout --target`
+/// against a default broker stopped at the first one): every user is enrolled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolling_retries_a_full_password_queue() {
+    bounded(async {
+        let tb = switchboard_tests::TestBroker::start_with(|c| {
+            c.argon2_queue = 1;
+            // A hash long enough that sixteen at once overflow a queue of one.
+            c.argon2_memory_kib = 4 * 1024;
+        })
+        .await;
+        let broker = tb.broker.as_ref().unwrap();
+        let remote = target::Target::remote(
+            broker.local_addr,
+            switchboard_client::Trust::CaFile(broker.cert_path.clone()),
+            None,
+        );
+        let population = switchboard_loadtest::load::Population::enroll(&remote, "retry", 16).await.unwrap();
+        assert_eq!(population.users.len(), 16);
+        let refused = tb.shared().counters.handshake_refused_count(switchboard_protocol::ErrorCode::OVERLOADED);
+        assert!(refused > 0, "the queue of one never overflowed: the test shows nothing");
+    })
+    .await
+}

@@ -47,7 +47,12 @@ async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
             continue;
         }
         let (name, value) = line.rsplit_once(' ').unwrap();
-        let family = name.split('{').next().unwrap();
+        let bare = name.split('{').next().unwrap();
+        // A histogram's samples carry a suffix on the family's name.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| bare.strip_suffix(suffix).filter(|f| described.iter().any(|d| d == f)))
+            .unwrap_or(bare);
         assert_eq!(described.iter().filter(|d| *d == family).count(), 2, "HELP and TYPE of {family}: {body}");
         assert!(samples.insert(name.to_owned(), value.parse::<f64>().unwrap()).is_none(), "{name} twice");
     }
@@ -63,7 +68,6 @@ async fn a_scrape_shows_what_the_broker_holds_and_did() {
         let (tb, addr) = metrics_broker().await;
         let before = scrape(addr).await;
         assert_eq!(before["switchboard_sessions"], 0.0);
-        assert_eq!(before["switchboard_store_healthy"], 1.0);
         assert_eq!(before["switchboard_writes_refused_overloaded_total"], 0.0);
         assert_eq!(before["switchboard_sessions_max"], tb.shared().config.max_connections as f64);
         let info = format!(
@@ -74,7 +78,9 @@ async fn a_scrape_shows_what_the_broker_holds_and_did() {
         );
         assert_eq!(before.get(&info), Some(&1.0), "{before:?}");
         // The start's barrier was one commit.
-        assert!(before["switchboard_group_commits_total"] >= 1.0, "{before:?}");
+        assert!(before["switchboard_group_commit_seconds_count"] >= 1.0, "{before:?}");
+        assert!(before["process_resident_memory_bytes"] > 0.0 && before["process_open_fds"] > 0.0, "{before:?}");
+        assert!(before["switchboard_data_dir_free_bytes"] > 0.0, "{before:?}");
 
         let (alice, _) = tb.register("alice").await;
         let (_bob, _) = tb.register("bob").await;
@@ -91,9 +97,33 @@ async fn a_scrape_shows_what_the_broker_holds_and_did() {
         // Two accounts, two devices, a conversation and three messages: each durable
         // through a group commit before its answer.
         let writes = after["switchboard_group_commit_writes_total"] - before["switchboard_group_commit_writes_total"];
-        let commits = after["switchboard_group_commits_total"] - before["switchboard_group_commits_total"];
+        let commits =
+            after["switchboard_group_commit_seconds_count"] - before["switchboard_group_commit_seconds_count"];
         assert!(writes >= 3.0 && commits >= 1.0 && commits <= writes, "{writes} writes in {commits} commits");
-        assert!(after["switchboard_group_commit_seconds_total"] > before["switchboard_group_commit_seconds_total"]);
+        assert!(after["switchboard_group_commit_seconds_sum"] > before["switchboard_group_commit_seconds_sum"]);
+        // The histogram's buckets are cumulative and end with every commit.
+        let buckets: Vec<f64> = switchboard_storage::COMMIT_BUCKETS_US
+            .iter()
+            .map(|us| (*us as f64 / 1e6).to_string())
+            .chain(["+Inf".to_owned()])
+            .map(|le| after[&format!("switchboard_group_commit_seconds_bucket{{le=\"{le}\"}}")])
+            .collect();
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+        assert_eq!(buckets.last(), Some(&after["switchboard_group_commit_seconds_count"]));
+        // What clients did, counted: two sessions, the three messages published (and the
+        // conversation's creation), each delivered at least to bob.
+        assert_eq!(after["switchboard_sessions_started_total"], 2.0, "{after:?}");
+        let published = after["switchboard_entries_published_total"] - before["switchboard_entries_published_total"];
+        let delivered = after["switchboard_entry_deliveries_total"] - before["switchboard_entry_deliveries_total"];
+        assert!(published >= 3.0 && delivered >= 3.0, "{published} published, {delivered} delivered");
+        // A wrong password is a refused handshake, counted by its code.
+        let wrong = tb.connector().login("alice", "not the password", "thief").await.err().unwrap();
+        assert_eq!(wrong.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED));
+        tokio::time::sleep(RENDER_REUSE * 2).await;
+        let refused = scrape(addr).await;
+        assert_eq!(refused["switchboard_handshakes_refused_total{code=\"AUTH_FAILED\"}"], 1.0, "{refused:?}");
+        assert_eq!(refused["switchboard_handshakes_refused_total{code=\"other\"}"], 0.0, "{refused:?}");
+        assert_eq!(refused["switchboard_sessions_started_total"], 2.0);
         assert_eq!(after["switchboard_start_time_seconds"], before["switchboard_start_time_seconds"]);
         // HEAD: the same head, no body.
         let (status, headers, body) = http(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;

@@ -21,6 +21,7 @@ use crate::catalog;
 use crate::conversation::{Caller, Command, Read};
 use crate::fanout::SessionHandle;
 use crate::files::requests as files;
+use crate::metrics::Counters;
 use crate::outbound::Outbound;
 use crate::overload::SocketBacklog;
 use crate::reply::Responder;
@@ -49,7 +50,14 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
     shared.presence.attach(user, session);
-    let writer = tokio::spawn(write_loop(conn.clone(), send, out.clone()));
+    let writer = {
+        let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());
+        tokio::spawn(async move {
+            if write_loop(conn, send, out).await == Some(ErrorCode::SLOW_CONSUMER) {
+                Counters::add(&shared.counters.slow_consumers, 1);
+            }
+        })
+    };
     let session_state = Session {
         shared: shared.clone(),
         caller: Caller { user, device, session },

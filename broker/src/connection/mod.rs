@@ -26,6 +26,7 @@ use switchboard_protocol::{ErrorBody, ErrorCode, FrameDecoder, decode, encode_fr
 use crate::Shared;
 use crate::config::Config;
 use crate::limits::{READ_CHUNK_BYTES, UNAUTHENTICATED_PER_ADDRESS};
+use crate::metrics::Counters;
 use crate::overload::SocketBacklog;
 use switchboard_protocol::limits::AUTH_DEADLINE_MS;
 
@@ -52,7 +53,10 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, 
         }
         let from = incoming.remote_address().ip();
         match shared.admission.judge(from, incoming.remote_address_validated()) {
-            Verdict::Refuse => incoming.refuse(),
+            Verdict::Refuse => {
+                Counters::add(&shared.counters.connections_refused, 1);
+                incoming.refuse();
+            }
             Verdict::Retry => {
                 // Unvalidated means a retry is allowed (quinn guarantees it); refuse if not.
                 if let Err(e) = incoming.retry() {
@@ -84,10 +88,14 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
     // The deadline covers what the peer controls: hello and the auth request. Checking
     // the request (argon2, durable enrollment) is not cut off by it, so a slow check
     // never leaves an enrolled device its owner was never told about.
+    let refused = |c: Close| {
+        shared.counters.handshake_refused(c.0);
+        close(&conn, c)
+    };
     let hello = match tokio::time::timeout(deadline, Box::pin(handshake::hello(&conn))).await {
         Ok(Ok(h)) => h,
-        Ok(Err(c)) => return close(&conn, c),
-        Err(_) => return close(&conn, Close(ErrorCode::TIMEOUT, "authentication deadline passed".into())),
+        Ok(Err(c)) => return refused(c),
+        Err(_) => return refused(Close(ErrorCode::TIMEOUT, "authentication deadline passed".into())),
     };
     // A peer that goes away abandons its request: waiting for a password-hashing turn
     // stops with it (a hash already running finishes, holding only its slot).
@@ -100,8 +108,9 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
     };
     let (authed, _session) = match authed {
         Ok(a) => a,
-        Err(c) => return close(&conn, c),
+        Err(c) => return refused(c),
     };
+    Counters::add(&shared.counters.sessions_started, 1);
     control::run(shared, conn, authed, backlog).await;
 }
 

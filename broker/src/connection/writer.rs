@@ -8,8 +8,13 @@ use switchboard_protocol::ErrorCode;
 use crate::outbound::Outbound;
 
 /// Drains `out` onto `send` until the queue closes; a queue closed with an error code
-/// (slow consumer, revoked, going away) closes the connection with that code.
-pub(super) async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStream, out: Arc<Outbound>) {
+/// (slow consumer, revoked, going away) closes the connection with that code, which is
+/// returned.
+pub(super) async fn write_loop(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    out: Arc<Outbound>,
+) -> Option<ErrorCode> {
     // Grows to the largest burst drained at once; idle connections keep none.
     let mut batch = Vec::new();
     loop {
@@ -18,24 +23,24 @@ pub(super) async fn write_loop(conn: quinn::Connection, mut send: quinn::SendStr
                 tokio::select! {
                     written = send.write_all_chunks(&mut batch) => {
                         if written.is_err() {
-                            return;
+                            return None;
                         }
                     }
                     // A peer that stopped reading blocks the write: do not wait for it.
                     code = out.aborted() => {
                         conn.close(code.0.into(), code.name().as_bytes());
-                        return;
+                        return Some(code);
                     }
                 }
                 batch.clear();
             }
             Some(ErrorCode::NO_ERROR) => {
                 let _ = send.finish();
-                return;
+                return None;
             }
             Some(code) => {
                 conn.close(code.0.into(), code.name().as_bytes());
-                return;
+                return Some(code);
             }
         }
     }

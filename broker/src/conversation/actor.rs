@@ -15,6 +15,7 @@ use switchboard_storage::{ReceiptRecord, Store, StoreError};
 use super::receipts::Marks;
 use super::state::{Caller, Command, ConversationState, Effect, Log, Mark, Read};
 use crate::Shared;
+use crate::metrics::Counters;
 use crate::reply::Responder;
 
 /// Messages to a conversation actor.
@@ -229,7 +230,10 @@ impl Conversation {
                     self.shared.presence.entry_delivered(&entry, &audience);
                     match encode_frame(&ServerFrame::Event(Event::Entry(entry))) {
                         Ok(frame) => {
-                            self.shared.online.deliver(&audience, &frame, except);
+                            let delivered = self.shared.online.deliver(&audience, &frame, except);
+                            let counters = &self.shared.counters;
+                            Counters::add(&counters.entries_published, 1);
+                            Counters::add(&counters.entry_deliveries, delivered as u64);
                         }
                         Err(e) => tracing::error!(error = %e, "an entry did not encode"),
                     }

@@ -115,7 +115,7 @@ pub fn check_new_upload(new: &NewUpload) -> Result<(), ErrorBody> {
 }
 
 /// Free bytes on the disk holding `path` (for unprivileged users).
-fn free_bytes(path: &std::path::Path) -> Result<u64, ErrorBody> {
+pub(crate) fn free_bytes(path: &std::path::Path) -> Result<u64, ErrorBody> {
     let stat = rustix::fs::statvfs(path).map_err(internal)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
