@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use switchboard_broker::{Broker, Config};
 use switchboard_storage::Store;
 
@@ -115,7 +116,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let mut config = match &cli.config {
         Some(path) => Config::from_toml_file(path).with_context(|| format!("reading {}", path.display()))?,
         None => Config::default(),
@@ -124,10 +126,15 @@ fn main() -> anyhow::Result<()> {
         config.data_dir = data;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    // The serve flags may come before the subcommand as well as after it (after wins);
-    // before `user` or `device`, where they mean nothing, they are refused rather than
-    // silently dropped.
-    let early = cli.serve;
+    // The serve flags may be typed before the subcommand as well as after it (after
+    // wins, and either wins over the environment); typed before `user` or `device`, where
+    // they mean nothing, they are refused rather than silently dropped.
+    let (env, early) = cli.serve.by_source(&matches);
+    let later = |args: ServeArgs, name: &str| {
+        let (_, typed) =
+            matches.subcommand_matches(name).map_or((ServeArgs::default(), args.clone()), |m| args.by_source(m));
+        env.clone().then(early.clone()).then(typed)
+    };
     if early.given() && matches!(cli.command, Some(Command::User { .. } | Command::Device { .. })) {
         anyhow::bail!(
             "--listen, --cert, --key, --closed-registration and --metrics-listen apply to running the broker \
@@ -135,10 +142,10 @@ fn main() -> anyhow::Result<()> {
         );
     }
     match cli.command {
-        None => runtime.block_on(serve(config, early)),
-        Some(Command::Serve(args)) => runtime.block_on(serve(config, early.then(args))),
+        None => runtime.block_on(serve(config, env.then(early))),
+        Some(Command::Serve(args)) => runtime.block_on(serve(config, later(args, "serve"))),
         Some(Command::Config(args)) => {
-            let config = early.then(args).apply(config);
+            let config = later(args, "config").apply(config);
             switchboard_broker::config::check(&config)?;
             print!("{}", toml::to_string(&config).context("writing the configuration as TOML")?);
             Ok(())
@@ -165,7 +172,22 @@ impl ServeArgs {
             || self.metrics_listen.is_some()
     }
 
-    /// These flags (given before the subcommand) with `later`'s (after it) over them.
+    /// These flags split by where their values came from: (from the environment, typed
+    /// on the command line), as `matches` (of the command they belong to) records.
+    fn by_source(self, matches: &ArgMatches) -> (ServeArgs, ServeArgs) {
+        let typed = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        let mut from_env = ServeArgs::default();
+        let mut on_line = self;
+        if !typed("listen") {
+            from_env.listen = on_line.listen.take();
+        }
+        if !typed("metrics_listen") {
+            from_env.metrics_listen = on_line.metrics_listen.take();
+        }
+        (from_env, on_line)
+    }
+
+    /// These flags with `later`'s over them.
     fn then(self, later: ServeArgs) -> ServeArgs {
         let (cert, key) = if later.cert.is_some() { (later.cert, later.key) } else { (self.cert, self.key) };
         ServeArgs {

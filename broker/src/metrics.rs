@@ -3,9 +3,10 @@
 //! format 0.0.4 (<https://prometheus.io/docs/instrumenting/exposition_formats/>).
 //!
 //! Every figure is read when a scrape arrives (a rendering is reused for
-//! `RENDER_REUSE`), from the same counters as the status line (`Shared::status`) and the
-//! store's commit totals (`Store::commit_stats`): nothing on the message path records
-//! anything for it. The endpoint is plain HTTP/1.1, one request per connection, and
+//! `RENDER_REUSE`), from the same counters as the status line (`Shared::status`), the
+//! store's commit totals (`Store::commit_stats`) and the broker's `Counters` (a relaxed
+//! add per published entry, refused handshake, refused connection or slow consumer;
+//! never per delivery); nothing waits for a scrape. The endpoint is plain HTTP/1.1, one request per connection, and
 //! bounded: at most `MAX_SCRAPES` connections are served at once; a request head must
 //! arrive within `HEAD_TIMEOUT` and `REQUEST_MAX_BYTES`, the whole exchange within
 //! `REQUEST_TIMEOUT`. When every place is taken, a new connection takes the place of the
@@ -114,22 +115,29 @@ struct Held {
     id: u64,
     /// Still sending its request head (may lose its place to a new connection).
     reading: bool,
+    /// When it was admitted: a connection younger than `MIN_HOLD` is not evicted.
+    since: Instant,
     evict: Arc<Notify>,
 }
+
+/// How long a new connection keeps its place whatever comes after it: time enough for
+/// a scraper to send its head, so a flood of connections cannot evict each scrape
+/// before it is read.
+pub const MIN_HOLD: Duration = Duration::from_millis(50);
 
 impl Slots {
     /// A place for a new connection: its id and the signal that takes the place away.
     /// When every place is taken, the oldest connection still reading its head is
     /// evicted (signalled and forgotten); `None` when every place is answering.
-    fn admit(&mut self) -> Option<(u64, Arc<Notify>)> {
+    fn admit(&mut self, now: Instant) -> Option<(u64, Arc<Notify>)> {
         if self.held.len() >= MAX_SCRAPES {
-            let oldest = self.held.iter().position(|h| h.reading)?;
+            let oldest = self.held.iter().position(|h| h.reading && now.duration_since(h.since) >= MIN_HOLD)?;
             // A stored permit: the task sees it even if it is not waiting yet.
             self.held.remove(oldest).evict.notify_one();
         }
         self.next_id += 1;
         let evict = Arc::new(Notify::new());
-        self.held.push(Held { id: self.next_id, reading: true, evict: evict.clone() });
+        self.held.push(Held { id: self.next_id, reading: true, since: now, evict: evict.clone() });
         Some((self.next_id, evict))
     }
 
@@ -187,27 +195,30 @@ pub async fn serve(listener: TcpListener, shared: Weak<Shared>, started: SystemT
         }
         // Every place answering: dropping it closes it (answers take at most
         // `REQUEST_TIMEOUT`; a scraper retries at its next interval).
-        let Some((id, evict)) = lock(&slots).admit() else { continue };
+        let Some((id, evict)) = lock(&slots).admit(Instant::now()) else { continue };
         let place = Place { slots: slots.clone(), id };
         let (shared, rendered) = (shared.clone(), rendered.clone());
         tokio::spawn(async move {
             let head_read = || lock(&place.slots).answering(place.id);
+            let answered = || lock(&place.slots).release(place.id);
             tokio::select! {
                 () = evict.notified() => {}
-                _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared, started, &rendered, head_read)) => {}
+                _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared, started, &rendered, head_read, answered)) => {}
             }
         });
     }
 }
 
 /// Reads one request head and writes its answer; `head_read` says whether the
-/// connection still has its place once the head is in.
+/// connection still has its place once the head is in, `answered` gives the place back
+/// once the answer is written (the short drain after it holds none).
 async fn answer(
     mut stream: TcpStream,
     shared: &Weak<Shared>,
     started: SystemTime,
     rendered: &Rendered,
     head_read: impl FnOnce() -> bool,
+    answered: impl FnOnce(),
 ) -> std::io::Result<()> {
     let Ok(head) = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await else { return Ok(()) };
     let Some((parsed, is_head)) = head? else { return Ok(()) };
@@ -247,6 +258,7 @@ async fn answer(
     }
     stream.write_all(answer.as_bytes()).await?;
     stream.shutdown().await?;
+    answered();
     // Closing with request bytes unread (a body, a pipelined request, the rest of a head
     // too long) would reset the connection and could destroy the answer in flight: read
     // a little of what is left first.
@@ -417,7 +429,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
         },
         counter(
             "switchboard_connections_refused_total",
-            "Connection attempts refused before a handshake (unauthenticated places full, per-address limits).",
+            "Connection attempts refused before a handshake (unauthenticated places, per-address places, or max_connections full).",
             Counters::get(&n.connections_refused),
         ),
         counter(
@@ -485,7 +497,9 @@ fn commit_histogram(commits: &switchboard_storage::CommitStats) -> Family {
         samples.push((format!("_bucket{{le=\"{le}\"}}"), cumulative as f64));
     }
     samples.push(("_sum".to_owned(), commits.busy_us as f64 / 1e6));
-    samples.push(("_count".to_owned(), commits.commits as f64));
+    // From the buckets, not `commits.commits`: read while a commit lands, the two could
+    // differ by one, and `_count` must equal the `+Inf` bucket.
+    samples.push(("_count".to_owned(), cumulative as f64));
     Family {
         name: "switchboard_group_commit_seconds",
         help: "Group commit durations (one sled flush and one fdatasync each).",
@@ -561,9 +575,12 @@ mod tests {
     #[test]
     fn when_full_the_oldest_connection_still_reading_gives_its_place() {
         let mut slots = Slots::default();
-        let admitted: Vec<_> = (0..MAX_SCRAPES).map(|_| slots.admit().unwrap()).collect();
+        let t0 = Instant::now();
+        let admitted: Vec<_> = (0..MAX_SCRAPES).map(|_| slots.admit(t0).unwrap()).collect();
         assert!(slots.answering(admitted[0].0), "the first one's head is in");
-        let (newcomer, _) = slots.admit().expect("a place taken from a connection still reading");
+        assert!(slots.admit(t0 + MIN_HOLD / 2).is_none(), "no place is taken from a connection just admitted");
+        let later = t0 + MIN_HOLD;
+        let (newcomer, _) = slots.admit(later).expect("a place taken from a connection still reading");
         let held: Vec<u64> = slots.held.iter().map(|h| h.id).collect();
         assert!(!held.contains(&admitted[1].0) && held.contains(&admitted[0].0), "{held:?}");
         assert!(held.contains(&newcomer) && held.len() == MAX_SCRAPES);
@@ -575,8 +592,8 @@ mod tests {
         for h in slots.held.iter_mut() {
             h.reading = false;
         }
-        assert!(slots.admit().is_none(), "every place answering: turned away");
+        assert!(slots.admit(later).is_none(), "every place answering: turned away");
         slots.release(newcomer);
-        assert!(slots.admit().is_some(), "a place given back is taken");
+        assert!(slots.admit(later).is_some(), "a place given back is taken");
     }
 }

@@ -631,6 +631,28 @@ fn serve_flags_count_before_the_subcommand_too() {
     let refused = run(dir.path(), &["--listen", "127.0.0.1:15433", "user", "list"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not to `user` or `device` commands"));
+    // The environment is not typed flags: it neither stops `user` nor beats a typed flag.
+    let with_env = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("SWITCHBOARD_LISTEN", "127.0.0.1:15435")
+            .env("SWITCHBOARD_METRICS_LISTEN", "127.0.0.1:15436")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let listed = with_env(&["user", "list"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    for (args, listen) in [
+        (&["--listen", "127.0.0.1:15433", "config"][..], "127.0.0.1:15433"),
+        (&["config", "--listen", "127.0.0.1:15434"][..], "127.0.0.1:15434"),
+        (&["config"][..], "127.0.0.1:15435"),
+    ] {
+        let out = String::from_utf8(with_env(args).stdout).unwrap();
+        assert!(out.lines().any(|l| l == format!("listen = \"{listen}\"")), "{args:?}: {out}");
+        assert!(out.lines().any(|l| l == "metrics_listen = \"127.0.0.1:15436\""), "{args:?}: {out}");
+    }
     // Serving: the early flags are the ones in effect.
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["--closed-registration", "--listen", "127.0.0.1:0", "serve"])

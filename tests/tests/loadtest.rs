@@ -426,8 +426,9 @@ async fn enrolling_retries_a_full_password_queue() {
     bounded(async {
         let tb = switchboard_tests::TestBroker::start_with(|c| {
             c.argon2_queue = 1;
-            // A hash long enough that sixteen at once overflow a queue of one.
+            // Hashes long enough that many at once overflow a queue of one.
             c.argon2_memory_kib = 4 * 1024;
+            c.argon2_iterations = 2;
         })
         .await;
         let broker = tb.broker.as_ref().unwrap();
@@ -436,8 +437,8 @@ async fn enrolling_retries_a_full_password_queue() {
             switchboard_client::Trust::CaFile(broker.cert_path.clone()),
             None,
         );
-        let population = switchboard_loadtest::load::Population::enroll(&remote, "retry", 16).await.unwrap();
-        assert_eq!(population.users.len(), 16);
+        let population = switchboard_loadtest::load::Population::enroll(&remote, "retry", 64).await.unwrap();
+        assert_eq!(population.users.len(), 64);
         let refused = tb.shared().counters.handshake_refused_count(switchboard_protocol::ErrorCode::OVERLOADED);
         assert!(refused > 0, "the queue of one never overflowed: the test shows nothing");
     })

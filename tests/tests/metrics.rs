@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use switchboard_broker::metrics::{HEAD_TIMEOUT, MAX_SCRAPES, RENDER_REUSE, REQUEST_MAX_BYTES, REQUEST_TIMEOUT};
+use switchboard_broker::metrics::{
+    HEAD_TIMEOUT, MAX_SCRAPES, MIN_HOLD, RENDER_REUSE, REQUEST_MAX_BYTES, REQUEST_TIMEOUT,
+};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -124,6 +126,16 @@ async fn a_scrape_shows_what_the_broker_holds_and_did() {
         assert_eq!(refused["switchboard_handshakes_refused_total{code=\"AUTH_FAILED\"}"], 1.0, "{refused:?}");
         assert_eq!(refused["switchboard_handshakes_refused_total{code=\"other\"}"], 0.0, "{refused:?}");
         assert_eq!(refused["switchboard_sessions_started_total"], 2.0);
+        // A health check's probe (hello, then close) refuses nothing.
+        tb.connector().probe().await.unwrap();
+        tokio::time::sleep(RENDER_REUSE * 2).await;
+        let probed = scrape(addr).await;
+        let others: f64 = probed
+            .iter()
+            .filter(|(k, _)| k.starts_with("switchboard_handshakes_refused_total") && !k.contains("AUTH_FAILED"))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(others, 0.0, "{probed:?}");
         assert_eq!(after["switchboard_start_time_seconds"], before["switchboard_start_time_seconds"]);
         // HEAD: the same head, no body.
         let (status, headers, body) = http(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
@@ -174,7 +186,8 @@ async fn the_metrics_endpoint_refuses_what_it_does_not_serve_and_stays_bounded()
             held.push(stream);
         }
         let holding = std::time::Instant::now();
-        // A scraper still gets its answer.
+        // A scraper still gets its answer (once the holders have had `MIN_HOLD`).
+        tokio::time::sleep(MIN_HOLD * 2).await;
         assert_eq!(scrape(addr).await["switchboard_sessions"], 0.0);
         // The broker serves its clients meanwhile.
         let (alice, _) = tb.register("alice").await;

@@ -35,7 +35,9 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
     let handle = SessionHandle { id: session, device, out: out.clone(), conn: conn.clone() };
     if let Err(e) = shared.users.attach(place, handle).await {
-        return close(&conn, e.into());
+        let refusal: Close = e.into();
+        shared.counters.handshake_refused(refusal.0);
+        return close(&conn, refusal);
     }
     // A revoke that ran between the signature check and the attach found no session
     // to close: look again now that the session is visible to revokes.
@@ -49,6 +51,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         return close(&conn, Close(ErrorCode::INTERNAL, "storage failure".into()));
     }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
+    Counters::add(&shared.counters.sessions_started, 1);
     shared.presence.attach(user, session);
     let writer = {
         let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());

@@ -94,6 +94,9 @@ pub(super) async fn authenticate(
     let auth = &shared.auth;
     let (user, device, place, session) = match body {
         RequestBody::Register(e) => {
+            // Every `OVERLOADED` a registration can get (the password queue, the session
+            // places) comes before `create_user`: the account does not exist yet, so a
+            // client may simply retry (the load harness does: `register_retrying`).
             let checked = auth.check_register(&e, &transcript, from).await?;
             let session = shared.admission.promote(unauthenticated)?;
             let user = auth.create_user(&e.user, checked.hash).await?;

@@ -89,7 +89,10 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
     // the request (argon2, durable enrollment) is not cut off by it, so a slow check
     // never leaves an enrolled device its owner was never told about.
     let refused = |c: Close| {
-        shared.counters.handshake_refused(c.0);
+        // NO_ERROR: the peer went away (a probe closes after the hello), nothing refused.
+        if c.0 != ErrorCode::NO_ERROR {
+            shared.counters.handshake_refused(c.0);
+        }
         close(&conn, c)
     };
     let hello = match tokio::time::timeout(deadline, Box::pin(handshake::hello(&conn))).await {
@@ -110,7 +113,6 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
         Ok(a) => a,
         Err(c) => return refused(c),
     };
-    Counters::add(&shared.counters.sessions_started, 1);
     control::run(shared, conn, authed, backlog).await;
 }
 
