@@ -2,6 +2,7 @@
 //! own sessions, users and conversations. `Broker::start` runs one on a tokio runtime;
 //! the `switchboard` binary is a thin command line over it.
 
+pub mod admin;
 pub mod auth;
 pub mod catalog;
 pub mod config;
@@ -302,6 +303,16 @@ impl Broker {
             let every = Duration::from_secs(shared.config.status_log_secs);
             accept.push(tokio::spawn(log_status(Arc::downgrade(&shared), every)));
         }
+        // Operator commands while running (`switchboard user ...`): without the socket
+        // they still work with the broker stopped, so a failure here does not stop it.
+        match admin::bind(&shared.config.data_dir) {
+            Ok(listener) => accept.push(tokio::spawn(admin::serve(listener, Arc::downgrade(&shared)))),
+            Err(e) => tracing::warn!(
+                error = %e,
+                path = %admin::socket_path(&shared.config.data_dir).display(),
+                "no admin socket: operator commands need the broker stopped"
+            ),
+        }
         let mut metrics_addr = None;
         if let Some((listener, addr)) = metrics_listener {
             if !addr.ip().is_loopback() {
@@ -340,6 +351,8 @@ impl Broker {
         for task in &self.accept {
             task.abort();
         }
+        // Operator commands open the store themselves from now on.
+        let _ = std::fs::remove_file(admin::socket_path(&self.shared.config.data_dir));
         for endpoint in &self.endpoints {
             endpoint.set_server_config(None);
         }

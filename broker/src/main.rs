@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use switchboard_broker::admin::{self, AdminRequest};
 use switchboard_broker::{Broker, Config};
 use switchboard_storage::Store;
 
@@ -54,12 +55,12 @@ struct ServeArgs {
 enum Command {
     /// Run the broker (the default).
     Serve(ServeArgs),
-    /// Manage accounts (the broker must not be running on the same data dir).
+    /// Manage accounts (through the running broker on the data dir, or on its store).
     User {
         #[command(subcommand)]
         command: UserCommand,
     },
-    /// Manage a user's devices (the broker must not be running on the same data dir).
+    /// Manage a user's devices (through the running broker on the data dir, or on its store).
     Device {
         #[command(subcommand)]
         command: DeviceCommand,
@@ -150,14 +151,20 @@ fn main() -> anyhow::Result<()> {
             print!("{}", toml::to_string(&config).context("writing the configuration as TOML")?);
             Ok(())
         }
-        Some(Command::User { command: UserCommand::Add { name } }) => runtime.block_on(user_add(config, &name)),
-        Some(Command::User { command: UserCommand::List }) => user_list(&config),
-        Some(Command::User { command: UserCommand::Passwd { name, revoke_devices } }) => {
-            runtime.block_on(user_passwd(config, &name, revoke_devices))
+        Some(Command::User { command: UserCommand::Add { name } }) => {
+            let password = read_password(&name)?;
+            runtime.block_on(admin(&config, AdminRequest::UserAdd { name, password }))
         }
-        Some(Command::Device { command: DeviceCommand::List { user } }) => device_list(&config, &user),
+        Some(Command::User { command: UserCommand::List }) => runtime.block_on(admin(&config, AdminRequest::UserList)),
+        Some(Command::User { command: UserCommand::Passwd { name, revoke_devices } }) => {
+            let password = read_password(&name)?;
+            runtime.block_on(admin(&config, AdminRequest::UserPasswd { name, password, revoke_devices }))
+        }
+        Some(Command::Device { command: DeviceCommand::List { user } }) => {
+            runtime.block_on(admin(&config, AdminRequest::DeviceList { user }))
+        }
         Some(Command::Device { command: DeviceCommand::Revoke { user, device } }) => {
-            runtime.block_on(device_revoke(&config, &user, device))
+            runtime.block_on(admin(&config, AdminRequest::DeviceRevoke { user, device }))
         }
     }
 }
@@ -266,59 +273,22 @@ fn signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-async fn user_add(config: Config, name: &str) -> anyhow::Result<()> {
-    let password = read_password(name)?;
-    let store = switchboard_broker::open_store(&config)?;
-    let auth = switchboard_broker::auth::Auth::new(store.clone(), &config)?;
-    let added = auth.add_user(name, &password).await.map_err(|e| anyhow::anyhow!("{e}"));
-    close_admin_store(&store)?;
-    println!("created user {name} (id {})", added?);
-    Ok(())
-}
-
-fn user_list(config: &Config) -> anyhow::Result<()> {
-    let store = switchboard_broker::open_store(config)?;
-    let listed = list_users(&store);
-    close_admin_store(&store)?;
-    for line in listed? {
-        println!("{line}");
-    }
-    Ok(())
-}
-
-fn list_users(store: &Store) -> anyhow::Result<Vec<String>> {
-    let mut lines = Vec::new();
-    for (id, user) in store.users()? {
-        let devices = store.devices(id)?.len();
-        lines.push(format!("{id}\t{}\t{devices}\t{}", utc(user.created_ms), user.name));
-    }
-    Ok(lines)
-}
-
-async fn user_passwd(config: Config, name: &str, revoke_devices: bool) -> anyhow::Result<()> {
-    let password = read_password(name)?;
-    let store = switchboard_broker::open_store(&config)?;
-    let auth = switchboard_broker::auth::Auth::new(store.clone(), &config)?;
-    let done = async {
-        let user = auth.set_password(name, &password).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut revoked = 0;
-        if revoke_devices {
-            for (device, _) in store.devices(user)? {
-                if let Some(durable) = store.remove_device(user, device)? {
-                    durable.await?;
-                    revoked += 1;
-                }
-            }
+/// Runs an operator command on the broker running on the data dir (over its admin
+/// socket, see `switchboard_broker::admin`), or, when none answers there, on the store
+/// opened here; prints its lines, or fails with its message.
+async fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<()> {
+    let reply = match admin::request(&config.data_dir, &request).await {
+        Some(reply) => reply.context("asking the running broker over its admin socket")?,
+        None => {
+            let store = switchboard_broker::open_store(config)?;
+            let auth = switchboard_broker::auth::Auth::new(store.clone(), config)?;
+            let reply = admin::execute(&admin::Ops { store: &store, auth: &auth, broker: None }, request).await;
+            close_admin_store(&store)?;
+            reply
         }
-        anyhow::Ok(revoked)
-    }
-    .await;
-    close_admin_store(&store)?;
-    let revoked = done?;
-    if revoke_devices {
-        println!("set a new password for {name} and revoked its {revoked} devices");
-    } else {
-        println!("set a new password for {name} (its devices still work: --revoke-devices revokes them)");
+    };
+    for line in reply.map_err(|message| anyhow::anyhow!(message))? {
+        println!("{line}");
     }
     Ok(())
 }
@@ -353,45 +323,6 @@ fn read_password(name: &str) -> anyhow::Result<String> {
 /// with room for a line ending; a longer line is refused as too long.
 const PASSWORD_LINE_MAX: u64 = 1024;
 
-fn device_list(config: &Config, user: &str) -> anyhow::Result<()> {
-    let store = switchboard_broker::open_store(config)?;
-    let listed = list_devices(&store, user);
-    close_admin_store(&store)?;
-    for line in listed? {
-        println!("{line}");
-    }
-    Ok(())
-}
-
-fn list_devices(store: &Store, user: &str) -> anyhow::Result<Vec<String>> {
-    let (id, _) = store.user_by_name(user)?.with_context(|| format!("no user {user:?}"))?;
-    let unconfirmed = store.unconfirmed_devices(id)?;
-    let devices = store.devices(id)?;
-    Ok(devices
-        .into_iter()
-        .map(|(device, d)| {
-            let state = if unconfirmed.contains(&device) { "unconfirmed" } else { "confirmed" };
-            format!("{device}\t{}\t{state}\t{:?}", utc(d.enrolled_ms), d.name)
-        })
-        .collect())
-}
-
-async fn device_revoke(config: &Config, user: &str, device: u64) -> anyhow::Result<()> {
-    let store = switchboard_broker::open_store(config)?;
-    let revoked = revoke_device(&store, user, device).await;
-    close_admin_store(&store)?;
-    revoked?;
-    println!("revoked device {device} of {user}");
-    Ok(())
-}
-
-async fn revoke_device(store: &Store, user: &str, device: u64) -> anyhow::Result<()> {
-    let (id, _) = store.user_by_name(user)?.with_context(|| format!("no user {user:?}"))?;
-    let removed = store.remove_device(id, device)?.with_context(|| format!("{user} has no device {device}"))?;
-    removed.await?;
-    Ok(())
-}
-
 /// Closes a store an operator command opened. It is vouched for (no check at the next
 /// start) only if it was when opened, or this command created it.
 fn close_admin_store(store: &Arc<Store>) -> anyhow::Result<()> {
@@ -403,23 +334,6 @@ fn close_admin_store(store: &Arc<Store>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
-fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -427,12 +341,5 @@ mod tests {
         let protocol = format!("(protocol {}, ", switchboard_protocol::PROTOCOL_VERSION);
         let store = format!("store format {})", switchboard_storage::FORMAT);
         assert!(super::VERSION.contains(&protocol) && super::VERSION.ends_with(&store), "{}", super::VERSION);
-    }
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::utc(1_700_000_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(super::utc(951_782_400_000), "2000-02-29T00:00:00Z");
     }
 }

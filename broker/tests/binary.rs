@@ -672,3 +672,69 @@ fn serve_flags_count_before_the_subcommand_too() {
     );
     assert_eq!(registration, "registration: closed");
 }
+
+/// With the broker running, the operator commands go to it over its admin socket: an
+/// account added is usable at once, a device revoked is disconnected at once (not at
+/// its next connect), a password reset with `--revoke-devices` locks the account out
+/// while it runs. After SIGTERM the socket is gone and the commands open the store
+/// themselves; a socket left by `kill -9` is not mistaken for a broker.
+#[tokio::test]
+async fn operators_manage_accounts_while_the_broker_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start(dir.path());
+    let socket = dir.path().join("switchboard-data").join("admin.sock");
+    assert!(socket.exists(), "the broker listens for operator commands");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions()) & 0o777,
+        0o600
+    );
+    let added = run(dir.path(), &["user", "add", "carol"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    assert!(String::from_utf8_lossy(&added.stdout).starts_with("created user carol (id "));
+    let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
+    let (laptop, laptop_id) = connector.login("carol", "correct horse battery", "laptop").await.unwrap();
+    let (phone, phone_id) = connector.login("carol", "correct horse battery", "phone").await.unwrap();
+    assert_eq!(listed_devices(dir.path(), "carol"), vec![laptop_id.device_id, phone_id.device_id]);
+    let listed = String::from_utf8(run(dir.path(), &["user", "list"]).stdout).unwrap();
+    assert!(listed.lines().any(|l| l.ends_with("\t2\tcarol")), "{listed}");
+
+    // Revoked while connected: the phone's connection closes now.
+    let phone_device = phone_id.device_id.to_string();
+    assert!(run(dir.path(), &["device", "revoke", "carol", &phone_device]).status.success());
+    let closed = tokio::time::timeout(Duration::from_secs(10), phone.closed()).await.expect("the phone was cut off");
+    assert_eq!(closed.code(), Some(switchboard_protocol::ErrorCode::DEVICE_REVOKED));
+    let twice = run(dir.path(), &["device", "revoke", "carol", &phone_device]);
+    assert!(!twice.status.success() && String::from_utf8_lossy(&twice.stderr).contains("has no device"));
+    laptop.ping().await.unwrap();
+
+    // A new password and every device revoked: the laptop is cut off, the old password
+    // enrolls nothing, the new one does.
+    let passwd = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["user", "passwd", "carol", "--revoke-devices"])
+        .current_dir(dir.path())
+        .env("SWITCHBOARD_PASSWORD", "a brand new passphrase")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(passwd.status.success(), "{}", String::from_utf8_lossy(&passwd.stderr));
+    assert!(String::from_utf8_lossy(&passwd.stdout).contains("revoked its 1 devices"));
+    let closed = tokio::time::timeout(Duration::from_secs(10), laptop.closed()).await.expect("the laptop was cut off");
+    assert_eq!(closed.code(), Some(switchboard_protocol::ErrorCode::DEVICE_REVOKED));
+    let old = connector.login("carol", "correct horse battery", "thief").await.err().unwrap();
+    assert_eq!(old.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED));
+    connector.login("carol", "a brand new passphrase", "desk").await.unwrap().0.ping().await.unwrap();
+
+    signal(&broker.child, "-TERM");
+    assert!(broker.child.wait().unwrap().success());
+    assert!(!socket.exists(), "a stopped broker leaves no socket");
+    assert!(run(dir.path(), &["user", "add", "dave"]).status.success(), "offline, the store is opened here");
+
+    // kill -9 leaves the socket file behind; nothing answers on it.
+    let mut broker = start(dir.path());
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+    assert!(socket.exists());
+    let listed = run(dir.path(), &["user", "list"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert_eq!(String::from_utf8(listed.stdout).unwrap().lines().count(), 2, "carol and dave");
+}

@@ -1,0 +1,292 @@
+//! Operator commands (`switchboard user ...`, `switchboard device ...`) whether or not a
+//! broker runs on the data dir. A running broker holds the store's lock, so it serves
+//! the commands itself on a Unix socket in its data dir (`SOCKET`): the command line
+//! asks there first (`request`) and opens the store on its own only when no broker
+//! answers. Both ways run the same `execute`; with a broker running, a revoked device's
+//! connections are closed at once (`DEVICE_REVOKED`), as a user's own `RevokeDevice`
+//! does.
+//!
+//! The socket accepts connections only from the user the broker runs as (checked on
+//! each connection from the kernel's peer credentials), at most `MAX_CONNECTIONS` at
+//! once, one request each: a `u32` little-endian length (at most `REQUEST_MAX_BYTES`)
+//! and an `AdminRequest` in postcard, answered the same way with an `AdminReply`.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchboard_protocol::{DeviceId, ErrorBody};
+use switchboard_storage::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+use crate::Shared;
+use crate::auth::Auth;
+
+/// The socket's file name in the data dir.
+pub const SOCKET: &str = "admin.sock";
+/// Longest request accepted, bytes (names and a password are far shorter).
+pub const REQUEST_MAX_BYTES: u32 = 64 * 1024;
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 2;
+/// Time one exchange may take, both sides (a password hash and a durable write fit
+/// many times over).
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One operator command.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// Create an account without a device.
+    UserAdd { name: String, password: String },
+    /// Every account.
+    UserList,
+    /// Set an account's password; with `revoke_devices`, revoke all its devices too.
+    UserPasswd { name: String, password: String, revoke_devices: bool },
+    /// An account's devices.
+    DeviceList { user: String },
+    /// Revoke one device.
+    DeviceRevoke { user: String, device: DeviceId },
+}
+
+/// The lines to print on success, or the message to print on failure.
+pub type AdminReply = Result<Vec<String>, String>;
+
+/// What the commands work on: the store and its accounts, and with a broker running,
+/// the broker (whose sessions a revoke closes).
+pub struct Ops<'a> {
+    /// The store.
+    pub store: &'a Arc<Store>,
+    /// Accounts and passwords.
+    pub auth: &'a Auth,
+    /// The running broker, when the command reached it.
+    pub broker: Option<&'a Shared>,
+}
+
+/// Runs `request`.
+pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
+    let said = |e: ErrorBody| e.message;
+    match request {
+        AdminRequest::UserAdd { name, password } => {
+            let id = ops.auth.add_user(&name, &password).await.map_err(said)?;
+            Ok(vec![format!("created user {name} (id {id})")])
+        }
+        AdminRequest::UserList => {
+            let store = ops.store.clone();
+            blocking(move || list_users(&store)).await
+        }
+        AdminRequest::UserPasswd { name, password, revoke_devices } => {
+            let user = ops.auth.set_password(&name, &password).await.map_err(said)?;
+            if !revoke_devices {
+                return Ok(vec![format!(
+                    "set a new password for {name} (its devices still work: --revoke-devices revokes them)"
+                )]);
+            }
+            let mut revoked = 0;
+            let devices = ops.store.devices(user).map_err(|e| e.to_string())?;
+            for (device, _) in devices {
+                if revoke(ops, user, device).await? {
+                    revoked += 1;
+                }
+            }
+            Ok(vec![format!("set a new password for {name} and revoked its {revoked} devices")])
+        }
+        AdminRequest::DeviceList { user } => {
+            let store = ops.store.clone();
+            blocking(move || list_devices(&store, &user)).await
+        }
+        AdminRequest::DeviceRevoke { user, device } => {
+            let (id, _) =
+                ops.store.user_by_name(&user).map_err(|e| e.to_string())?.ok_or(format!("no user {user:?}"))?;
+            if !revoke(ops, id, device).await? {
+                return Err(format!("{user} has no device {device}"));
+            }
+            Ok(vec![format!("revoked device {device} of {user}")])
+        }
+    }
+}
+
+/// Revokes `device` of `user`, durably; with a broker running, its connections are
+/// closed too. Whether there was such a device.
+async fn revoke(ops: &Ops<'_>, user: u64, device: DeviceId) -> Result<bool, String> {
+    match ops.broker {
+        Some(shared) => match crate::catalog::revoke_device(shared, user, device).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.code == switchboard_protocol::ErrorCode::NOT_FOUND => Ok(false),
+            Err(e) => Err(e.message),
+        },
+        None => match ops.store.remove_device(user, device).map_err(|e| e.to_string())? {
+            Some(durable) => durable.await.map(|()| true).map_err(|e| e.to_string()),
+            None => Ok(false),
+        },
+    }
+}
+
+/// `f` on a blocking thread (a listing reads the whole table).
+async fn blocking(f: impl FnOnce() -> AdminReply + Send + 'static) -> AdminReply {
+    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?
+}
+
+/// One account a line: id, creation time (UTC), devices, name (tab-separated).
+fn list_users(store: &Store) -> AdminReply {
+    let mut lines = Vec::new();
+    for (id, user) in store.users().map_err(|e| e.to_string())? {
+        let devices = store.devices(id).map_err(|e| e.to_string())?.len();
+        lines.push(format!("{id}\t{}\t{devices}\t{}", utc(user.created_ms), user.name));
+    }
+    Ok(lines)
+}
+
+/// One device of `user` a line: id, enrollment time (UTC), confirmed or not, name.
+fn list_devices(store: &Store, user: &str) -> AdminReply {
+    let (id, _) = store.user_by_name(user).map_err(|e| e.to_string())?.ok_or(format!("no user {user:?}"))?;
+    let unconfirmed = store.unconfirmed_devices(id).map_err(|e| e.to_string())?;
+    let devices = store.devices(id).map_err(|e| e.to_string())?;
+    Ok(devices
+        .into_iter()
+        .map(|(device, d)| {
+            let state = if unconfirmed.contains(&device) { "unconfirmed" } else { "confirmed" };
+            format!("{device}\t{}\t{state}\t{:?}", utc(d.enrolled_ms), d.name)
+        })
+        .collect())
+}
+
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+/// The socket's path for `data_dir`.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET)
+}
+
+/// Binds the socket in `data_dir`, replacing one a crashed broker left (this broker holds
+/// the store's lock, so no other serves this data dir), readable and writable by its
+/// owner only.
+pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    let path = socket_path(data_dir);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves operator commands on `listener` until the broker is gone (or the task is
+/// aborted).
+pub async fn serve(listener: UnixListener, shared: Weak<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // The user this process runs as, as the socket file records it.
+    let owner = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_owned))
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.uid());
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket: accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let peer = stream.peer_cred().ok().map(|c| c.uid());
+        if owner.is_none() || peer != owner {
+            tracing::warn!(?peer, ?owner, "admin socket: a connection from another user was refused");
+            continue;
+        }
+        let Some(shared) = shared.upgrade() else { return };
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &shared)).await {
+                tracing::debug!(error = %e, "admin socket: an exchange timed out");
+            }
+        });
+    }
+}
+
+/// Reads one request, runs it, writes its reply.
+async fn answer(mut stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
+    let request: AdminRequest = match read_message(&mut stream, REQUEST_MAX_BYTES).await? {
+        Some(request) => request,
+        None => return Ok(()),
+    };
+    let ops = Ops { store: &shared.store, auth: &shared.auth, broker: Some(shared) };
+    let reply = execute(&ops, request).await;
+    write_message(&mut stream, &reply).await
+}
+
+/// Asks the broker running on `data_dir` to run `request`. `None` when none answers
+/// there (no socket, or one a stopped broker left): then the caller may open the store
+/// itself.
+pub async fn request(data_dir: &Path, request: &AdminRequest) -> Option<std::io::Result<AdminReply>> {
+    let mut stream = UnixStream::connect(socket_path(data_dir)).await.ok()?;
+    let exchange = async {
+        write_message(&mut stream, request).await?;
+        // A reply comes from the broker itself: bounded only by what a u32 can say.
+        read_message(&mut stream, u32::MAX)
+            .await?
+            .ok_or_else(|| std::io::Error::other("the broker closed the admin socket without an answer"))
+    };
+    Some(match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::other("the broker did not answer on its admin socket in time")),
+    })
+}
+
+async fn write_message<T: Serialize>(stream: &mut UnixStream, message: &T) -> std::io::Result<()> {
+    let body = postcard::to_stdvec(message).map_err(std::io::Error::other)?;
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    stream.write_all(&len.to_le_bytes()).await?;
+    stream.write_all(&body).await?;
+    stream.flush().await
+}
+
+/// A message of at most `max` bytes, or `None` if the peer closed before one began.
+async fn read_message<T: serde::de::DeserializeOwned>(stream: &mut UnixStream, max: u32) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len);
+    if len > max {
+        return Err(std::io::Error::other(format!("an admin message of {len} bytes, over {max}")));
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body).await?;
+    postcard::from_bytes(&body).map(Some).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(1_700_000_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+}
