@@ -6,12 +6,13 @@
 //! connections are closed at once (`DEVICE_REVOKED`), as a user's own `RevokeDevice`
 //! does.
 //!
-//! The socket accepts connections only from the user the broker runs as (checked on
-//! each connection from the kernel's peer credentials), at most `MAX_CONNECTIONS` at
-//! once, one request each: a `u32` little-endian length (at most `REQUEST_MAX_BYTES`)
+//! The socket answers only the user the broker runs as (checked on each connection from
+//! the kernel's peer credentials; others get a refusal saying so), and the command line
+//! sends only to a broker running as its own user; at most `MAX_CONNECTIONS` at once,
+//! one request each: a `u32` little-endian length (at most `REQUEST_MAX_BYTES`)
 //! and an `AdminRequest` in postcard, answered the same way with an `AdminReply`.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -36,8 +37,9 @@ pub const MAX_CONNECTIONS: usize = 2;
 /// many times over).
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One operator command.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// One operator command. No `Debug`: two of them carry a password, which must not reach
+/// a log.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum AdminRequest {
     /// Create an account without a device.
     UserAdd { name: String, password: String },
@@ -67,7 +69,7 @@ pub struct Ops<'a> {
 
 /// Runs `request`.
 pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
-    let said = |e: ErrorBody| e.message;
+    let said = |e: ErrorBody| e.to_string();
     match request {
         AdminRequest::UserAdd { name, password } => {
             let id = ops.auth.add_user(&name, &password).await.map_err(said)?;
@@ -189,20 +191,19 @@ pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves operator commands on `listener` until the broker is gone (or the task is
-/// aborted).
+/// Serves operator commands on `listener` until the broker is gone, or until this task
+/// is aborted (`Broker::shutdown`), which aborts the exchanges in progress too: none can
+/// keep the broker's state alive past its shutdown.
 pub async fn serve(listener: UnixListener, shared: Weak<Shared>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    // The user this process runs as, as the socket file records it.
-    let owner = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(Path::to_owned))
-        .and_then(|p| std::fs::metadata(p).ok())
-        .map(|m| m.uid());
+    let owner = rustix::process::geteuid().as_raw();
+    let mut exchanges = tokio::task::JoinSet::new();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = exchanges.join_next() => continue,
+        };
+        let mut stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "admin socket: accepting a connection failed");
@@ -210,41 +211,69 @@ pub async fn serve(listener: UnixListener, shared: Weak<Shared>) {
                 continue;
             }
         };
+        // Beyond `MAX_CONNECTIONS`, a connection waits here (and the ones after it in
+        // the listen backlog) for an exchange to end.
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let peer = stream.peer_cred().ok().map(|c| c.uid());
-        if owner.is_none() || peer != owner {
-            tracing::warn!(?peer, ?owner, "admin socket: a connection from another user was refused");
-            continue;
-        }
-        let Some(shared) = shared.upgrade() else { return };
-        tokio::spawn(async move {
+        let shared = shared.clone();
+        exchanges.spawn(async move {
             let _slot = slot;
-            if let Err(e) = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &shared)).await {
-                tracing::debug!(error = %e, "admin socket: an exchange timed out");
+            let exchange = async {
+                if peer != Some(owner) {
+                    // Told why (a `sudo` or another account), not merely closed.
+                    let refusal: AdminReply = Err(format!(
+                        "the admin socket answers only the user the broker runs as (uid {owner}); this is uid {}",
+                        peer.map_or("unknown".to_owned(), |p| p.to_string())
+                    ));
+                    return write_message(&mut stream, &refusal).await;
+                }
+                answer(stream, &shared).await
+            };
+            if tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await.is_err() {
+                tracing::debug!("admin socket: an exchange timed out");
             }
         });
     }
 }
 
-/// Reads one request, runs it, writes its reply.
-async fn answer(mut stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
+/// Reads one request, runs it, writes its reply. The broker's state is held only from
+/// the request on (a connection that sends nothing holds nothing).
+async fn answer(mut stream: UnixStream, shared: &Weak<Shared>) -> std::io::Result<()> {
     let request: AdminRequest = match read_message(&mut stream, REQUEST_MAX_BYTES).await? {
         Some(request) => request,
         None => return Ok(()),
     };
-    let ops = Ops { store: &shared.store, auth: &shared.auth, broker: Some(shared) };
+    let Some(shared) = shared.upgrade() else { return Ok(()) };
+    let ops = Ops { store: &shared.store, auth: &shared.auth, broker: Some(&shared) };
     let reply = execute(&ops, request).await;
     write_message(&mut stream, &reply).await
 }
 
-/// Asks the broker running on `data_dir` to run `request`. `None` when none answers
+/// Longest reply read, bytes (a user list of millions of accounts fits).
+pub const REPLY_MAX_BYTES: u32 = 256 * 1024 * 1024;
+
+/// Asks the broker running on `data_dir` to run `request`. `None` when no broker listens
 /// there (no socket, or one a stopped broker left): then the caller may open the store
-/// itself.
+/// itself. Any other failure to reach it (e.g. the socket belongs to another user) is an
+/// error, not a reason to try the store (which that broker holds).
 pub async fn request(data_dir: &Path, request: &AdminRequest) -> Option<std::io::Result<AdminReply>> {
-    let mut stream = UnixStream::connect(socket_path(data_dir)).await.ok()?;
+    use std::io::ErrorKind;
+    let mut stream = match UnixStream::connect(socket_path(data_dir)).await {
+        Ok(stream) => stream,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => return None,
+        Err(e) => return Some(Err(e)),
+    };
     let exchange = async {
+        // The password goes only to a broker running as this user.
+        let me = rustix::process::geteuid().as_raw();
+        let peer = stream.peer_cred()?.uid();
+        if peer != me {
+            return Err(std::io::Error::other(format!(
+                "the admin socket is served by uid {peer}, not this user (uid {me}): run the command as the broker's user"
+            )));
+        }
         write_message(&mut stream, request).await?;
-        // A reply comes from the broker itself: bounded only by what a u32 can say.
-        read_message(&mut stream, u32::MAX)
+        read_message(&mut stream, REPLY_MAX_BYTES)
             .await?
             .ok_or_else(|| std::io::Error::other("the broker closed the admin socket without an answer"))
     };

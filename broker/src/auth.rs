@@ -123,16 +123,17 @@ impl Auth {
         Ok(Registration { key, hash: hash.await?.map_err(internal)? })
     }
 
-    /// Checks a password login from `from`: returns the account and the verified device
-    /// key to enroll. Failures count against the source address, and against the account
-    /// if it exists (names that do not exist never become keys, so the table holds real
-    /// accounts and addresses only).
+    /// Checks a password login from `from`: returns the account, the verified device
+    /// key to enroll, and the password hash the password was checked against (`enroll`
+    /// enrolls only while it is still the account's). Failures count against the source
+    /// address, and against the account if it exists (names that do not exist never
+    /// become keys, so the table holds real accounts and addresses only).
     pub async fn check_login(
         &self,
         req: &Enroll,
         transcript: &[u8],
         from: IpAddr,
-    ) -> Result<(UserId, [u8; 32]), ErrorBody> {
+    ) -> Result<(UserId, [u8; 32], String), ErrorBody> {
         let now = crate::now_ms();
         let address = [LimitKey::Address(source(from))];
         self.passwords.check(&address, now)?;
@@ -165,7 +166,7 @@ impl Auth {
         // Counted before the (slow) check so concurrent guesses cannot all pass the
         // limit at once; refunded when the password is right.
         self.passwords.record(&keys, now)?;
-        let (password, phc) = (req.password.clone(), record.password_hash);
+        let (password, phc) = (req.password.clone(), record.password_hash.clone());
         let right = self.argon.run(turn, move |argon| {
             let parsed = PasswordHash::new(&phc).map_err(internal)?;
             Ok::<_, ErrorBody>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
@@ -174,7 +175,7 @@ impl Auth {
             return Err(wrong_password());
         }
         self.passwords.refund(&keys);
-        Ok((user, key))
+        Ok((user, key, record.password_hash))
     }
 
     /// Verifies an enrolled device's signature over `transcript`.
@@ -281,20 +282,33 @@ impl Auth {
     /// more than `unconfirmed_device_grace_ms` ago and not in `in_use` gives way (its
     /// id is returned second; its connections, if any, must be closed); if there is
     /// none, `FORBIDDEN`. Durable when it returns.
+    ///
+    /// `verified` is the password hash the enrolling password was checked against: the
+    /// device is added only if it is still the account's, in the same catalog write (the
+    /// catalog writes are serialised), so a login whose slow check began before an
+    /// operator's password reset can no longer enroll after the reset revoked the
+    /// account's devices; it is refused like a wrong password.
     pub async fn enroll(
         &self,
         user: UserId,
         device_name: &str,
         key: [u8; 32],
         in_use: Vec<DeviceId>,
+        verified: String,
     ) -> Result<(DeviceId, Option<DeviceId>), ErrorBody> {
         let now = crate::now_ms();
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: now };
         let enrolled_before_ms = now.saturating_sub(self.unconfirmed_device_grace_ms);
         let added = crate::catalog::catalog_write(&self.store, move |s| {
-            s.add_device(user, &record, MAX_DEVICES_PER_USER, &Replace { enrolled_before_ms, in_use: &in_use })
+            match s.user(user) {
+                Ok(Some(account)) if account.password_hash == verified => {}
+                Ok(_) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+            Some(s.add_device(user, &record, MAX_DEVICES_PER_USER, &Replace { enrolled_before_ms, in_use: &in_use }))
         })
         .await?;
+        let Some(added) = added else { return Err(wrong_password()) };
         let (device, replaced, durable) = match added {
             Ok(v) => v,
             Err(StoreError::LimitReached) => {

@@ -151,3 +151,29 @@ async fn a_revoked_device_is_cut_off_before_the_revocation_is_answered() {
     })
     .await
 }
+
+/// A login checks the password, slowly, then enrolls its device. An operator's reset
+/// (`switchboard user passwd NAME --revoke-devices`, which a running broker now serves)
+/// that lands between the two must not let the device in after it revoked the account's
+/// devices: the enrollment is refused like a wrong password when the account's password
+/// hash is no longer the one the password was checked against (here the slow check is
+/// stood in for by taking the hash before the reset).
+#[tokio::test]
+async fn a_login_checked_against_a_password_since_reset_enrolls_nothing() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_carol, identity) = tb.register("carol").await;
+        let auth = &tb.shared().auth;
+        let store = &tb.shared().store;
+        let checked_against = store.user(identity.user_id).unwrap().unwrap().password_hash;
+        auth.set_password("carol", "a brand new passphrase").await.unwrap();
+        let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against).await;
+        assert_eq!(late.unwrap_err().code, ErrorCode::AUTH_FAILED);
+        assert_eq!(store.devices(identity.user_id).unwrap().len(), 1, "only the registering device");
+        // Checked against the password in force, the same enrollment goes through.
+        let current = store.user(identity.user_id).unwrap().unwrap().password_hash;
+        auth.enroll(identity.user_id, "desk", [8; 32], Vec::new(), current).await.unwrap();
+        assert_eq!(store.devices(identity.user_id).unwrap().len(), 2);
+    })
+    .await
+}

@@ -99,17 +99,17 @@ pub(super) async fn authenticate(
             // client may simply retry (the load harness does: `register_retrying`).
             let checked = auth.check_register(&e, &transcript, from).await?;
             let session = shared.admission.promote(unauthenticated)?;
-            let user = auth.create_user(&e.user, checked.hash).await?;
+            let user = auth.create_user(&e.user, checked.hash.clone()).await?;
             let place = shared.users.reserve(user).await?;
-            let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new()).await?;
+            let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new(), checked.hash).await?;
             (user, device, place, session)
         }
         RequestBody::Login(e) => {
-            let (user, key) = auth.check_login(&e, &transcript, from).await?;
+            let (user, key, verified) = auth.check_login(&e, &transcript, from).await?;
             let session = shared.admission.promote(unauthenticated)?;
             let place = shared.users.reserve(user).await?;
             let in_use = shared.online.sessions(user).map(|s| s.iter().map(|s| s.device).collect()).unwrap_or_default();
-            let (device, replaced) = auth.enroll(user, &e.device_name, key, in_use).await?;
+            let (device, replaced) = auth.enroll(user, &e.device_name, key, in_use, verified).await?;
             if let Some(old) = replaced {
                 // Connected devices are never replaced; one that connected meanwhile
                 // finds its device gone when it attaches.
