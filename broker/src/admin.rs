@@ -261,6 +261,12 @@ pub async fn request(data_dir: &Path, request: &AdminRequest) -> Option<std::io:
     let mut stream = match UnixStream::connect(socket_path(data_dir)).await {
         Ok(stream) => stream,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => return None,
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+            return Some(Err(std::io::Error::other(format!(
+                "the admin socket {} belongs to the user the broker runs as: run the command as that user ({e})",
+                socket_path(data_dir).display()
+            ))));
+        }
         Err(e) => return Some(Err(e)),
     };
     let exchange = async {

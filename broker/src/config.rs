@@ -251,6 +251,15 @@ pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 /// Longest `status_log_secs`: a day.
 pub const MAX_STATUS_LOG_SECS: u64 = 86_400;
 
+/// Smallest `outbound_max_bytes`: two of the largest frames the broker sends (a history
+/// or catch-up page, `MAX_SERVER_FRAME_BYTES`). Below it a device catching up is cut off
+/// as a slow consumer by the page it asked for, reconnects, asks again: an operator
+/// trial's 256 KiB made every catch-up a reconnect loop.
+pub const MIN_OUTBOUND_MAX_BYTES: usize = 2 * switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize;
+/// Smallest `outbound_max_frames`: the answers to a session's pipelined requests
+/// (`MAX_INFLIGHT_REQUESTS`) twice over, with room for events between them.
+pub const MIN_OUTBOUND_MAX_FRAMES: usize = 2 * switchboard_protocol::limits::MAX_INFLIGHT_REQUESTS as usize;
+
 /// Shortest `idle_timeout_ms`: below a second a client on an ordinary network times out
 /// between keep-alives (0 would mean no connection ever completes).
 pub const MIN_IDLE_TIMEOUT_MS: u64 = 1_000;
@@ -308,6 +317,28 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
     check_commit_delay(config)
 }
 
+/// `check`, then what a deployed broker needs beyond serving at all (the `switchboard`
+/// binary checks this; tests and embedders lower these bounds on purpose to reach them):
+/// outbound queues that hold what the broker itself sends.
+pub fn check_deployment(config: &Config) -> crate::error::Result<()> {
+    check(config)?;
+    if config.outbound_max_bytes < MIN_OUTBOUND_MAX_BYTES {
+        return Err(crate::Error::Config(format!(
+            "outbound_max_bytes = {}: at least {MIN_OUTBOUND_MAX_BYTES} (two of the largest frames the broker \
+             sends; below it a device catching up is disconnected as a slow consumer over and over)",
+            config.outbound_max_bytes
+        )));
+    }
+    if config.outbound_max_frames < MIN_OUTBOUND_MAX_FRAMES {
+        return Err(crate::Error::Config(format!(
+            "outbound_max_frames = {}: at least {MIN_OUTBOUND_MAX_FRAMES} (the answers to a session's \
+             pipelined requests, twice)",
+            config.outbound_max_frames
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses a `commit_delay_us` above `MAX_COMMIT_DELAY_US`, or, while the delay rule of
 /// admission is on, at or above half of `send_delay_target_ms`: every message write
 /// waits at least the delay, so the broker would refuse writes as overloaded when it is
@@ -354,6 +385,16 @@ mod tests {
         assert!(refused(|c| c.max_open_blob_files = 0).contains("max_open_blob_files = 0"));
         assert!(refused(|c| c.commit_delay_us = MAX_COMMIT_DELAY_US + 1).contains("commit_delay_us"));
         assert!(refused(|c| c.status_log_secs = u64::MAX).contains("status_log_secs"));
+        // A deployment's outbound queues hold what the broker sends (tests go lower).
+        let deployed = |change: fn(&mut Config)| {
+            let mut config = Config::default();
+            change(&mut config);
+            assert!(check(&config).is_ok());
+            check_deployment(&config).unwrap_err().to_string()
+        };
+        assert!(check_deployment(&Config::default()).is_ok());
+        assert!(deployed(|c| c.outbound_max_bytes = 256 * 1024).contains("outbound_max_bytes = 262144: at least"));
+        assert!(deployed(|c| c.outbound_max_frames = 8).contains("outbound_max_frames = 8: at least"));
         // Zeros that are a documented choice stay allowed.
         let choices = Config {
             send_delay_target_ms: 0,

@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => runtime.block_on(serve(config, later(args, "serve"))),
         Some(Command::Config(args)) => {
             let config = later(args, "config").apply(config);
-            switchboard_broker::config::check(&config)?;
+            switchboard_broker::config::check_deployment(&config)?;
             print!("{}", toml::to_string(&config).context("writing the configuration as TOML")?);
             Ok(())
         }
@@ -227,6 +227,7 @@ impl ServeArgs {
 
 async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
     let config = args.apply(config);
+    switchboard_broker::config::check_deployment(&config)?;
     let stop = signals()?;
     let broker = Broker::start(config.clone()).await?;
     println!("switchboard listening on {}", broker.local_addr);

@@ -64,9 +64,10 @@ pub struct Counters {
 }
 
 /// The codes a refused handshake is counted under; any other is counted as `other`.
-const HANDSHAKE_CODES: [ErrorCode; 7] = [
+const HANDSHAKE_CODES: [ErrorCode; 8] = [
     ErrorCode::AUTH_FAILED,
     ErrorCode::RATE_LIMITED,
+    ErrorCode::REGISTRATION_CLOSED,
     ErrorCode::OVERLOADED,
     ErrorCode::CONFLICT,
     ErrorCode::INVALID,
