@@ -133,6 +133,8 @@ pub struct Status {
     pub chunk_bytes_held: usize,
     /// Users with a presence entry (connected, or left a moment ago).
     pub presence_users: usize,
+    /// Devices disconnected with `SLOW_CONSUMER` since the start.
+    pub slow_consumers: u64,
 }
 
 impl Shared {
@@ -149,6 +151,7 @@ impl Shared {
             uploads_refused_storage_full: self.files.storage_full.total(),
             chunk_bytes_held: self.files.queued_chunk_bytes(),
             presence_users: self.presence.users(),
+            slow_consumers: self.counters.slow_consumers.total(),
         }
     }
 }
@@ -171,6 +174,7 @@ async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
             uploads_refused_storage_full = s.uploads_refused_storage_full,
             chunk_bytes_held = s.chunk_bytes_held,
             presence_users = s.presence_users,
+            slow_consumers = s.slow_consumers,
             "status"
         );
     }

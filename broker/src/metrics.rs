@@ -59,8 +59,43 @@ pub struct Counters {
     /// Connection attempts refused before a handshake (the places of
     /// `max_unauthenticated_connections`, and per address).
     pub connections_refused: AtomicU64,
-    /// Devices disconnected with `SLOW_CONSUMER` (their outbound queue overflowed).
-    pub slow_consumers: AtomicU64,
+    /// Devices disconnected with `SLOW_CONSUMER` (their outbound queue overflowed), told
+    /// in the log at most once a minute.
+    pub slow_consumers: Tally,
+}
+
+/// A count of events the operator is told about in the log without the log filling:
+/// the first at once, then at most once per `TALLY_LOG_MS` with the count since (a
+/// client repeating the event cannot fill the log). Every one is in the total (the
+/// status line and the metrics), so none goes untold.
+#[derive(Default)]
+pub struct Tally {
+    total: AtomicU64,
+    /// `total` at the last telling, and when that was (ms since the Unix epoch).
+    told: Mutex<(u64, Option<u64>)>,
+}
+
+/// Shortest time between two tellings of a `Tally`, ms.
+pub const TALLY_LOG_MS: u64 = 60_000;
+
+impl Tally {
+    /// One event at `now_ms`: the events to tell now (this one included), if due.
+    pub fn count(&self, now_ms: u64) -> Option<u64> {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut told = lock(&self.told);
+        let due = told.1.is_none_or(|last| now_ms.saturating_sub(last) >= TALLY_LOG_MS);
+        if !due {
+            return None;
+        }
+        let untold = total.saturating_sub(told.0);
+        *told = (total, Some(now_ms));
+        Some(untold)
+    }
+
+    /// Events since the start.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
 }
 
 /// The codes a refused handshake is counted under; any other is counted as `other`.
@@ -436,7 +471,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
         counter(
             "switchboard_slow_consumers_total",
             "Devices disconnected with SLOW_CONSUMER (outbound queue overflowed).",
-            Counters::get(&n.slow_consumers),
+            s.slow_consumers as f64,
         ),
         counter(
             "switchboard_entries_published_total",
@@ -560,6 +595,17 @@ mod tests {
         for malformed in [&b"GET /metrics"[..], b"GET /metrics HTTP/2", b"GET  /metrics HTTP/1.1", b"\xff\xfe", b""] {
             assert_eq!(route(malformed), Err(Refusal::Malformed), "{malformed:?}");
         }
+    }
+
+    #[test]
+    fn a_tally_is_told_at_once_then_at_most_once_a_minute_with_the_count() {
+        let tally = Tally::default();
+        assert_eq!(tally.count(1_000), Some(1), "the first at once");
+        assert_eq!(tally.count(2_000), None);
+        assert_eq!(tally.count(60_999), None);
+        assert_eq!(tally.count(61_000), Some(3), "a minute later, with those held back");
+        assert_eq!(tally.count(61_001), None);
+        assert_eq!(tally.total(), 5, "every one counted for the status line and the metrics");
     }
 
     #[test]

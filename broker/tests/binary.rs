@@ -585,7 +585,7 @@ fn a_status_line_is_logged_every_status_log_secs() {
     let logged = String::from_utf8(err).unwrap();
     let status = logged.lines().filter(|l| l.contains(" status ") || l.ends_with(" status")).count();
     assert!(status >= 1, "no status line in {logged}");
-    assert!(logged.contains("sessions=0"), "{logged}");
+    assert!(logged.contains("sessions=0") && logged.contains("slow_consumers=0"), "{logged}");
 }
 
 /// `--metrics-listen` serves Prometheus metrics (the address printed at start), and

@@ -164,12 +164,12 @@ async fn a_device_that_stops_reading_is_cut_off_as_slow_consumer() {
         // Counted for the operator (`switchboard_slow_consumers_total`), once.
         let counted = &tb.shared().counters.slow_consumers;
         within(STEP_DEADLINE, "the slow consumer counted", async {
-            while counted.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            while counted.total() == 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         })
         .await;
-        assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(counted.total(), 1);
         // Bob, who reads, got every one of them and is still connected.
         still_chatting(&tb, &alice, &mut bob_events, conv).await;
     })

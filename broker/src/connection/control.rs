@@ -56,8 +56,17 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     let writer = {
         let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());
         tokio::spawn(async move {
-            if write_loop(conn, send, out).await == Some(ErrorCode::SLOW_CONSUMER) {
-                Counters::add(&shared.counters.slow_consumers, 1);
+            if write_loop(conn, send, out).await == Some(ErrorCode::SLOW_CONSUMER)
+                && let Some(devices) = shared.counters.slow_consumers.count(crate::now_ms())
+            {
+                // The device reconnects and catches up; many of them, or one over and
+                // over, mean fan-out outruns the devices' links (or a queue set too small).
+                tracing::warn!(
+                    devices,
+                    outbound_max_frames = shared.config.outbound_max_frames,
+                    outbound_max_bytes = shared.config.outbound_max_bytes,
+                    "devices disconnected with SLOW_CONSUMER (outbound queue overflowed) since the last warning"
+                );
             }
         })
     };

@@ -63,41 +63,7 @@ pub struct Files {
     /// (`max_open_blob_files`).
     open_blobs: Arc<tokio::sync::Semaphore>,
     /// Uploads refused with `STORAGE_FULL`, told to the operator at most once a minute.
-    pub(crate) storage_full: StorageFullLog,
-}
-
-/// Counts uploads refused for want of disk (`STORAGE_FULL`) and says when to tell the
-/// operator: the first refusal at once, then at most once per `STORAGE_FULL_LOG_MS` with
-/// the count since (a client retrying cannot fill the log).
-#[derive(Default)]
-pub(crate) struct StorageFullLog {
-    /// Refusals since the start (also in the `status` line, so none goes untold).
-    total: AtomicU64,
-    /// `total` at the last telling, and when that was (ms since the Unix epoch).
-    told: std::sync::Mutex<(u64, Option<u64>)>,
-}
-
-/// Shortest time between two warnings of uploads refused with `STORAGE_FULL`, ms.
-pub(crate) const STORAGE_FULL_LOG_MS: u64 = 60_000;
-
-impl StorageFullLog {
-    /// One refusal at `now_ms`: the refusals to tell now (this one included), if due.
-    pub(crate) fn refused(&self, now_ms: u64) -> Option<u64> {
-        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut told = self.told.lock().unwrap_or_else(|p| p.into_inner());
-        let due = told.1.is_none_or(|last| now_ms.saturating_sub(last) >= STORAGE_FULL_LOG_MS);
-        if !due {
-            return None;
-        }
-        let untold = total.saturating_sub(told.0);
-        *told = (total, Some(now_ms));
-        Some(untold)
-    }
-
-    /// Refusals since the start.
-    pub(crate) fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
-    }
+    pub(crate) storage_full: crate::metrics::Tally,
 }
 
 /// The broker-wide bounds of transfer streams (from `Config`).
@@ -202,7 +168,7 @@ impl Files {
             map: std::sync::Mutex::new(HashMap::new()),
             spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
-            storage_full: StorageFullLog::default(),
+            storage_full: crate::metrics::Tally::default(),
         })
     }
 
@@ -558,17 +524,6 @@ mod tests {
         ) -> Option<tokio::sync::OwnedSemaphorePermit> {
             tokio::time::timeout_at(deadline, self.chunk_budget.reserve(len)).await.ok()
         }
-    }
-
-    #[test]
-    fn storage_full_is_told_at_once_then_at_most_once_a_minute_with_the_count() {
-        let log = StorageFullLog::default();
-        assert_eq!(log.refused(1_000), Some(1), "the first at once");
-        assert_eq!(log.refused(2_000), None);
-        assert_eq!(log.refused(60_999), None);
-        assert_eq!(log.refused(61_000), Some(3), "a minute later, with those held back");
-        assert_eq!(log.refused(61_001), None);
-        assert_eq!(log.total(), 5, "every refusal counted for the status line");
     }
 
     fn files(dir: &std::path::Path, buffered_chunk_bytes: usize) -> Files {

@@ -173,7 +173,7 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
             )),
             Err(UploadRefusal::StorageFull) => {
                 // The operator's business before it is the user's: say so in the log.
-                if let Some(refused) = s.files.storage_full.refused(crate::now_ms()) {
+                if let Some(refused) = s.files.storage_full.count(crate::now_ms()) {
                     tracing::warn!(
                         refused,
                         disk_reserve_bytes = reserve,
