@@ -118,14 +118,18 @@ impl Counters {
 
     /// Counts a handshake refused with `code`.
     pub fn handshake_refused(&self, code: ErrorCode) {
-        let i = HANDSHAKE_CODES.iter().position(|&c| c == code).unwrap_or(HANDSHAKE_CODES.len());
-        Self::add(&self.handshakes_refused[i], 1);
+        Self::add(self.refused_with(code), 1);
     }
 
     /// Handshakes refused with `code` so far (codes not listed are counted together).
     pub fn handshake_refused_count(&self, code: ErrorCode) -> u64 {
+        self.refused_with(code).load(Ordering::Relaxed)
+    }
+
+    /// The counter of `code`'s refusals (`other` for a code not listed).
+    fn refused_with(&self, code: ErrorCode) -> &AtomicU64 {
         let i = HANDSHAKE_CODES.iter().position(|&c| c == code).unwrap_or(HANDSHAKE_CODES.len());
-        self.handshakes_refused[i].load(Ordering::Relaxed)
+        &self.handshakes_refused[i]
     }
 
     fn get(counter: &AtomicU64) -> f64 {
@@ -499,7 +503,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             "Waits ended by group commits (writes and barriers that asked for one): per commit, the group size.",
             commits.writes as f64,
         ),
-        counter("switchboard_group_commits_slow_total", "Group commits that took over 50 ms.", commits.slow as f64),
+        counter("switchboard_group_commits_slow_total", "Group commits that took over 50 ms.", commits.slow() as f64),
         gauge("switchboard_disk_reserve_bytes", "disk_reserve_bytes.", c.disk_reserve_bytes as f64),
     ];
     if let Ok(free) = crate::files::requests::free_bytes(shared.files.blobs.root()) {
@@ -533,8 +537,6 @@ fn commit_histogram(commits: &switchboard_storage::CommitStats) -> Family {
         samples.push((format!("_bucket{{le=\"{le}\"}}"), cumulative as f64));
     }
     samples.push(("_sum".to_owned(), commits.busy_us as f64 / 1e6));
-    // From the buckets, not `commits.commits`: read while a commit lands, the two could
-    // differ by one, and `_count` must equal the `+Inf` bucket.
     samples.push(("_count".to_owned(), cumulative as f64));
     Family {
         name: "switchboard_group_commit_seconds",
@@ -544,23 +546,30 @@ fn commit_histogram(commits: &switchboard_storage::CommitStats) -> Family {
     }
 }
 
-/// Linux's clock ticks per second in /proc (`USER_HZ`, 100 on every architecture Linux
-/// exports to user space this way).
-const USER_HZ: f64 = 100.0;
+/// Clock ticks per second for /proc/*/stat times (USER_HZ: 100 on every architecture
+/// Linux exports them to user space this way).
+pub const TICKS_PER_S: f64 = 100.0;
+
+/// User+system CPU clock ticks from the text of /proc/PID/stat: the whole process,
+/// threads that have exited included.
+pub fn cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may contain spaces and ')'; fields resume after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
 
 /// The standard `process_*` families, from /proc/self (none where it cannot be read).
 fn process_families() -> Vec<Family> {
     let mut families = Vec::new();
-    if let Some(cpu) = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
-        // Fields after the command name (which may hold spaces and ')'): utime and
-        // stime are the 12th and 13th.
-        let rest = stat.get(stat.rfind(')')? + 1..)?;
-        let mut fields = rest.split_whitespace().skip(11);
-        let utime: f64 = fields.next()?.parse().ok()?;
-        let stime: f64 = fields.next()?.parse().ok()?;
-        Some((utime + stime) / USER_HZ)
-    }) {
-        families.push(counter("process_cpu_seconds_total", "User and system CPU time, seconds.", cpu));
+    if let Some(ticks) = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| cpu_ticks(&stat)) {
+        families.push(counter(
+            "process_cpu_seconds_total",
+            "User and system CPU time, seconds.",
+            ticks as f64 / TICKS_PER_S,
+        ));
     }
     if let Some(rss_kib) = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;

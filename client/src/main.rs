@@ -367,7 +367,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.broker.apply(&mut state);
     fill_defaults(&mut state);
     let out = Out { json: cli.json };
-    let connector = connector(&state).await?;
+    // `probe --timeout` bounds the connect itself.
+    let options = match cli.command {
+        Command::Probe { timeout } => {
+            TransportOptions { connect_timeout: std::time::Duration::from_secs_f64(timeout), ..Default::default() }
+        }
+        _ => TransportOptions::default(),
+    };
+    let connector = connector(&state, &options).await?;
     let enrolling = matches!(cli.command, Command::Register { .. } | Command::Login { .. });
     // `tail` and `typing` end on Ctrl-C or SIGTERM themselves (tail saves its cursors);
     // any other command is cut short here, so that its connection is closed below too.
@@ -461,10 +468,8 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 || format!("{verb} {name} (user {}, device {})", identity.user_id, identity.device_id),
             );
         }
-        Command::Probe { timeout } => {
-            let options =
-                TransportOptions { connect_timeout: std::time::Duration::from_secs_f64(timeout), ..Default::default() };
-            let probe = connector_with(state, &options).await?.probe().await?;
+        Command::Probe { .. } => {
+            let probe = connector.probe().await?;
             let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
             let offset_ms = probe.clock_offset_ms.round() as i64;
             out.line(
@@ -1081,17 +1086,13 @@ fn fill_defaults(state: &mut State) {
 /// Where the broker listens by default.
 const DEFAULT_SERVER: &str = "127.0.0.1:4433";
 
-async fn connector(state: &State) -> anyhow::Result<Connector> {
-    connector_with(state, &TransportOptions::default()).await
-}
-
 /// `--timeout` of `sb probe`: seconds, 0.1 to 300.
 fn probe_timeout(text: &str) -> Result<f64, String> {
     let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
     if (0.1..=300.0).contains(&seconds) { Ok(seconds) } else { Err(format!("{text}: from 0.1 to 300 seconds")) }
 }
 
-async fn connector_with(state: &State, options: &TransportOptions) -> anyhow::Result<Connector> {
+async fn connector(state: &State, options: &TransportOptions) -> anyhow::Result<Connector> {
     let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
     let addr: SocketAddr = tokio::net::lookup_host(&server)
         .await

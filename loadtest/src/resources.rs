@@ -17,24 +17,13 @@ pub struct Sample {
     pub rss_mib: f64,
 }
 
-/// Clock ticks per second for /proc/*/stat times (USER_HZ: 100 on Linux).
-pub const TICKS_PER_S: f64 = 100.0;
+/// The broker's metrics endpoint reads its own CPU time the same way.
+pub use switchboard_broker::metrics::{TICKS_PER_S, cpu_ticks};
 
 /// Total user+system CPU seconds of `pid` ("self" for this process).
 pub fn cpu_seconds(pid: &str) -> Option<f64> {
     let ticks = cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
     Some(ticks as f64 / TICKS_PER_S)
-}
-
-/// User+system CPU clock ticks from the text of /proc/PID/stat: the whole process,
-/// threads that have exited included.
-pub fn cpu_ticks(stat: &str) -> Option<u64> {
-    // The command name may contain spaces and ')'; fields resume after the last ')'.
-    let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
 }
 
 /// (voluntary, involuntary) context switches from the text of a /proc status file.

@@ -84,11 +84,9 @@ struct Health {
 /// its own, read while commits go on.
 #[derive(Default)]
 struct Stats {
-    commits: AtomicU64,
     writes: AtomicU64,
     busy_us: AtomicU64,
-    slow: AtomicU64,
-    /// Commits by duration: `buckets[i]` counts those of at most `COMMIT_BUCKETS_US[i]`,
+    /// Commits by duration (how many, and how many were slow, derive from them): `buckets[i]` counts those of at most `COMMIT_BUCKETS_US[i]`,
     /// the last those longer than every bound.
     buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
 }
@@ -101,18 +99,28 @@ pub const COMMIT_BUCKETS_US: [u64; 10] = [250, 500, 1_000, 2_000, 5_000, 10_000,
 /// What the group commits did since the store was opened (`Store::commit_stats`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CommitStats {
-    /// Commits that succeeded (each one flush and one fdatasync).
-    pub commits: u64,
     /// The waits those commits ended (each write or barrier that asked for a commit:
-    /// entries, batches, receipts), so `writes / commits` is the mean group size.
+    /// entries, batches, receipts), so `writes / commits()` is the mean group size.
     pub writes: u64,
     /// Time spent in them, flush plus fdatasync, microseconds.
     pub busy_us: u64,
-    /// Commits that took longer than 50 ms (each also logged as `slow group commit`).
-    pub slow: u64,
-    /// Commits by duration: `buckets[i]` those of at most `COMMIT_BUCKETS_US[i]` (and
-    /// more than the bound before), the last those longer than every bound.
+    /// Commits that succeeded (each one flush and one fdatasync) by duration:
+    /// `buckets[i]` those of at most `COMMIT_BUCKETS_US[i]` (and more than the bound
+    /// before), the last those longer than every bound.
     pub buckets: [u64; COMMIT_BUCKETS_US.len() + 1],
+}
+
+impl CommitStats {
+    /// Commits that succeeded.
+    pub fn commits(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// Commits longer than `SLOW_COMMIT` (each also logged as `slow group commit`).
+    pub fn slow(&self) -> u64 {
+        let slow_from = COMMIT_BUCKETS_US.iter().position(|&us| u128::from(us) >= SLOW_COMMIT.as_micros());
+        slow_from.map_or(0, |i| self.buckets[i + 1..].iter().sum())
+    }
 }
 
 pub(crate) struct Committer {
@@ -161,10 +169,8 @@ impl Committer {
     pub(crate) fn stats(&self) -> CommitStats {
         let s = &self.health.stats;
         CommitStats {
-            commits: s.commits.load(Ordering::Relaxed),
             writes: s.writes.load(Ordering::Relaxed),
             busy_us: s.busy_us.load(Ordering::Relaxed),
-            slow: s.slow.load(Ordering::Relaxed),
             buckets: std::array::from_fn(|i| s.buckets[i].load(Ordering::Relaxed)),
         }
     }
@@ -361,14 +367,14 @@ fn commit_once(db: &sled::Db, file: &File, waiters: usize, stats: &Stats) -> Res
     let flush_time = started.elapsed();
     file.sync_data().map_err(|e| e.to_string())?;
     let total = started.elapsed();
-    stats.commits.fetch_add(1, Ordering::Relaxed);
     stats.writes.fetch_add(waiters as u64, Ordering::Relaxed);
     let us = u64::try_from(total.as_micros()).unwrap_or(u64::MAX);
     stats.busy_us.fetch_add(us, Ordering::Relaxed);
     let bucket = COMMIT_BUCKETS_US.iter().position(|&bound| us <= bound).unwrap_or(COMMIT_BUCKETS_US.len());
     stats.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-    if total > SLOW_COMMIT {
-        stats.slow.fetch_add(1, Ordering::Relaxed);
+    // Judged in whole microseconds, as the buckets are, so `CommitStats::slow` counts
+    // exactly the commits logged here.
+    if u128::from(us) > SLOW_COMMIT.as_micros() {
         tracing::warn!(
             flush_ms = flush_time.as_millis() as u64,
             total_ms = total.as_millis() as u64,
@@ -437,6 +443,18 @@ mod tests {
     }
 
     #[test]
+    fn slow_commits_are_the_buckets_past_the_logged_bound() {
+        assert!(COMMIT_BUCKETS_US.iter().any(|&us| u128::from(us) == SLOW_COMMIT.as_micros()), "a bucket ends there");
+        let mut stats = CommitStats::default();
+        for (i, b) in stats.buckets.iter_mut().enumerate() {
+            *b = 1 << i;
+        }
+        let past: u64 = (8..=10).map(|i| 1u64 << i).sum();
+        assert_eq!(COMMIT_BUCKETS_US[7], 50_000);
+        assert_eq!((stats.slow(), stats.commits()), (past, (1 << 11) - 1));
+    }
+
+    #[test]
     fn with_a_commit_delay_entries_arriving_within_it_share_the_commit() {
         const DELAY: Duration = Duration::from_secs(1);
         let dir = tempfile::tempdir().unwrap();
@@ -465,14 +483,14 @@ mod tests {
         assert_eq!(late.recv_timeout(WAIT).unwrap(), (true, 2));
         // What monitoring reads: two commits carried seven writes, and took time.
         let stats = committer.stats();
-        assert_eq!((stats.commits, stats.writes, stats.slow), (2, 7, 0), "{stats:?}");
+        assert_eq!((stats.commits(), stats.writes, stats.slow()), (2, 7, 0), "{stats:?}");
         assert!(stats.busy_us > 0, "{stats:?}");
         assert_eq!(stats.buckets.iter().sum::<u64>(), 2, "each commit in one bucket: {stats:?}");
         // A failed commit makes nothing durable and is not counted.
         committer.inject_failure();
         let failed = grouped_waiter(&committer);
         assert!(!failed.recv_timeout(WAIT).unwrap().0);
-        assert_eq!(committer.stats().commits, 2);
+        assert_eq!(committer.stats().commits(), 2);
     }
 
     #[test]
