@@ -70,6 +70,10 @@ fn wrong_password() -> ErrorBody {
     fail(ErrorCode::AUTH_FAILED, "wrong user name or password")
 }
 
+fn wrong_current_password() -> ErrorBody {
+    fail(ErrorCode::AUTH_FAILED, "wrong current password")
+}
+
 impl Auth {
     /// An auth service over `store` with `config`'s argon2id cost and allowances.
     pub fn new(store: Arc<Store>, config: &Config) -> crate::error::Result<Self> {
@@ -260,6 +264,50 @@ impl Auth {
         durable.await.map_err(internal)?;
         tracing::info!(user, "password reset");
         Ok(user)
+    }
+
+    /// A signed-in user's own password change (`ChangePassword`), from `from`. Checked in
+    /// this order: the new password's length (`INVALID`, before any work), the
+    /// account's and the address's failure allowance (`RATE_LIMITED`, as for a `Login`),
+    /// a full password queue (`OVERLOADED`); then one turn of the password pool checks
+    /// `current` and hashes `new`. A wrong `current` is `AUTH_FAILED` and counts as a
+    /// failed login of the account (so a stolen unlocked device cannot guess the
+    /// password faster than a stranger can). The new hash is stored only if the
+    /// account's hash is still the one `current` was checked against, in the same
+    /// catalog write: of two changes racing from the same password one wins, the other
+    /// is `AUTH_FAILED`. Durable when it returns.
+    pub async fn change_password(&self, user: UserId, current: &str, new: &str, from: IpAddr) -> Result<(), ErrorBody> {
+        check_password(new)?;
+        let now = crate::now_ms();
+        let keys = [LimitKey::Account(user), LimitKey::Address(source(from))];
+        self.passwords.check(&keys, now)?;
+        let record = self.store.user(user).map_err(internal)?.ok_or_else(wrong_current_password)?;
+        let turn = self.argon.turn()?;
+        // Counted before the (slow) check, refunded when right: as in `check_login`.
+        self.passwords.record(&keys, now)?;
+        let (current, new, verified) = (current.to_owned(), new.to_owned(), record.password_hash);
+        let phc = verified.clone();
+        let hashed = self.argon.run(turn, move |argon| {
+            let parsed = PasswordHash::new(&phc).map_err(internal)?;
+            if current.len() > MAX_PASSWORD_BYTES as usize
+                || argon.verify_password(current.as_bytes(), &parsed).is_err()
+            {
+                return Ok(None);
+            }
+            argon.hash_password(new.as_bytes()).map(|h| Some(h.to_string())).map_err(internal)
+        });
+        let Some(hash) = hashed.await?? else { return Err(wrong_current_password()) };
+        self.passwords.refund(&keys);
+        let set = crate::catalog::catalog_write(&self.store, move |s| match s.user(user) {
+            Ok(Some(account)) if account.password_hash == verified => Some(s.set_password(user, &hash)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .await?;
+        let durable = set.ok_or_else(wrong_current_password)?.map_err(internal)?.ok_or_else(wrong_current_password)?;
+        durable.await.map_err(internal)?;
+        tracing::info!(user, "password changed by its user");
+        Ok(())
     }
 
     /// Stores a new account; `CONFLICT` if the name is taken. Durable when it returns.

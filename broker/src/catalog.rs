@@ -298,6 +298,34 @@ pub(crate) fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, Err
     ))
 }
 
+/// `ChangePassword`: the new password (`Auth::change_password`), then with
+/// `sign_out_others` every device of the account but the caller's revoked, each closing
+/// its connections with `DEVICE_REVOKED`. The devices are listed once the new password
+/// is durable: an enrollment with the old one can no longer land after that (`Auth::enroll`
+/// compares the hash in its write), so none is missed. `Done`.
+pub(crate) async fn change_password(
+    shared: &Shared,
+    caller: Caller,
+    current: &str,
+    new: &str,
+    sign_out_others: bool,
+    from: std::net::IpAddr,
+) -> Result<Reply, ErrorBody> {
+    shared.auth.change_password(caller.user, current, new, from).await?;
+    if sign_out_others {
+        let devices = shared.store.devices(caller.user).map_err(internal)?;
+        for (device, _) in devices.into_iter().filter(|(d, _)| *d != caller.device) {
+            match revoke_device(shared, caller.user, device).await {
+                Ok(_) => {}
+                // Revoked meanwhile by the user's own request or an operator.
+                Err(e) if e.code == ErrorCode::NOT_FOUND => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(Reply::Done)
+}
+
 pub(crate) async fn revoke_device(shared: &Shared, user: UserId, device: DeviceId) -> Result<Reply, ErrorBody> {
     let durable = catalog_write(&shared.store, move |s| s.remove_device(user, device)).await?.map_err(internal)?;
     let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };

@@ -578,6 +578,18 @@ impl Client {
         }
     }
 
+    /// Changes my account's password, proving the current one (`AUTH_FAILED` if wrong,
+    /// counted like a failed login; `INVALID` for a new one outside 8..=256 bytes). With
+    /// `sign_out_others` every other device of the account is revoked. Returns once the
+    /// new password is durable.
+    pub async fn change_password(&self, current: &str, new: &str, sign_out_others: bool) -> Result<()> {
+        let body = RequestBody::ChangePassword { current: current.to_owned(), new: new.to_owned(), sign_out_others };
+        match self.request(body).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Reports that this device holds every entry up to each seq (`(conv, seq)` pairs,
     /// at most `MAX_MARKS_PER_REQUEST`). Lower values than stored are ignored.
     pub async fn mark_delivered(&self, marks: &[(ConvId, Seq)]) -> Result<()> {

@@ -100,6 +100,15 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Change my account's password (current: SWITCHBOARD_PASSWORD or prompt; new:
+    /// SWITCHBOARD_NEW_PASSWORD or prompt, twice). Wrong current passwords count as failed
+    /// logins of the account. My devices keep working unless --sign-out-others.
+    Passwd {
+        /// Revoke every other device of the account (a lost or stolen one): only this one
+        /// and devices enrolled later with the new password work.
+        #[arg(long)]
+        sign_out_others: bool,
+    },
     /// Check that a broker answers (QUIC, TLS and the protocol's hello), without an
     /// account: prints its protocol version, how long it took to answer and how far its
     /// clock is from ours; exits non-zero if it does not answer within --timeout. For
@@ -665,6 +674,30 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             // The answer comes after the broker has read the stop signal before it.
             client.ping().await?;
             out.line(json!({"event": "typing", "conv": conv, "typing": false}), || format!("stopped typing in {conv}"));
+        }
+        Command::Passwd { sign_out_others } => {
+            let user = load_state(home)?.identity.map_or_else(|| "this account".to_owned(), |i| i.user);
+            let current = password(&user, false)?;
+            let new = match std::env::var("SWITCHBOARD_NEW_PASSWORD") {
+                Ok(p) => p,
+                Err(_) => {
+                    let p = rpassword::prompt_password("new password: ")?;
+                    if rpassword::prompt_password("again: ")? != p {
+                        bail!("passwords differ");
+                    }
+                    p
+                }
+            };
+            client.change_password(&current, &new, sign_out_others).await?;
+            out.line(json!({"event": "password_changed", "signed_out_others": sign_out_others}), || {
+                if sign_out_others {
+                    format!("changed the password of {user} and revoked its other devices")
+                } else {
+                    format!(
+                        "changed the password of {user} (its other devices still work: --sign-out-others revokes them)"
+                    )
+                }
+            });
         }
         Command::Devices { command } => match command.unwrap_or(DeviceCommand::List) {
             DeviceCommand::List => {

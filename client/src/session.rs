@@ -429,6 +429,8 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::SetRole { .. }
         | RequestBody::Leave { .. }
         | RequestBody::RevokeDevice { .. }
+        // A second change would be checked against the password the first one replaced.
+        | RequestBody::ChangePassword { .. }
         // A second begin starts a second upload; a second cancel or delete would answer
         // `NOT_FOUND` for what the first one did.
         | RequestBody::BeginUpload(_)

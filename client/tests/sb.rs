@@ -1135,3 +1135,34 @@ fn an_interrupted_connect_exits_at_once() {
     assert!(!status.success());
     assert!(took < std::time::Duration::from_millis(1500), "exited {took:?} after SIGTERM");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwd_changes_the_password_and_signs_out_the_other_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (laptop, phone) = (dir.path().join("laptop"), dir.path().join("phone"));
+    sb(&laptop, &broker, &["register", "alice", "--device", "laptop"]);
+    sb(&phone, &broker, &["login", "alice", "--device", "phone"]);
+    let passwd = |home: &Path, current: &str, new: &str, args: &[&str]| {
+        let mut command = sb_command(home, &broker);
+        command.env("SWITCHBOARD_PASSWORD", current).env("SWITCHBOARD_NEW_PASSWORD", new);
+        command.arg("passwd").args(args).output().unwrap()
+    };
+    let wrong = passwd(&laptop, "not my password", "a new passphrase", &[]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("AUTH_FAILED"), "{wrong:?}");
+
+    let changed = passwd(&laptop, "correct horse battery", "a new passphrase", &["--sign-out-others"]);
+    assert!(changed.status.success(), "{changed:?}");
+    assert!(String::from_utf8_lossy(&changed.stdout).contains("revoked its other devices"), "{changed:?}");
+    let names: Vec<String> =
+        sb(&laptop, &broker, &["devices"]).iter().map(|d| d["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, ["laptop"]);
+    // The phone is signed out, and only the new password enrolls it again.
+    assert!(!sb_output(&phone, &broker, &["devices"]).status.success());
+    let old = sb_output(&phone, &broker, &["login", "alice"]);
+    assert!(String::from_utf8_lossy(&old.stderr).contains("AUTH_FAILED"), "{old:?}");
+    let mut login = sb_command(&phone, &broker);
+    let again = login.env("SWITCHBOARD_PASSWORD", "a new passphrase").args(["login", "alice"]).output().unwrap();
+    assert!(again.status.success(), "{again:?}");
+}

@@ -177,3 +177,93 @@ async fn a_login_checked_against_a_password_since_reset_enrolls_nothing() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_user_changes_the_password_and_signs_out_a_lost_device() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, laptop_id) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        let new = "a longer passphrase";
+
+        // Checked before anything else: a new password out of range, then the current one.
+        let short = laptop.change_password(tb.password, "short", false).await.unwrap_err();
+        assert_eq!(short.code(), Some(ErrorCode::INVALID));
+        let wrong = laptop.change_password("not the password", new, false).await.unwrap_err();
+        assert_eq!(wrong.code(), Some(ErrorCode::AUTH_FAILED));
+        // A refusal is per request: the device keeps its connection.
+        laptop.ping().await.unwrap();
+        tb.connector().login("alice", tb.password, "d").await.unwrap();
+
+        // Without sign_out_others every device keeps working.
+        laptop.change_password(tb.password, new, false).await.unwrap();
+        phone.ping().await.unwrap();
+        let old = tb.connector().login("alice", tb.password, "d").await.err().unwrap();
+        assert_eq!(old.code(), Some(ErrorCode::AUTH_FAILED));
+        tb.connector().login("alice", new, "desk").await.unwrap();
+        // The password the first change replaced no longer changes anything.
+        let again = phone.change_password(tb.password, "a third passphrase", false).await.unwrap_err();
+        assert_eq!(again.code(), Some(ErrorCode::AUTH_FAILED));
+
+        // The phone is lost: the laptop changes the password and signs every other device out.
+        let newer = "the newest passphrase";
+        laptop.change_password(new, newer, true).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), phone.closed()).await.unwrap();
+        assert_eq!(closed.code(), Some(ErrorCode::DEVICE_REVOKED));
+        assert_eq!(tb.connector().connect(&phone_id).await.err().unwrap().code(), Some(ErrorCode::AUTH_FAILED));
+        let devices = laptop.devices().await.unwrap();
+        assert_eq!(devices.len(), 1, "only the laptop is left: {devices:?}");
+        assert!(devices[0].current);
+        tb.connector().connect(&laptop_id).await.unwrap().ping().await.unwrap();
+        tb.connector().login("alice", newer, "phone again").await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn wrong_current_passwords_count_as_failed_logins() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (stolen, _) = tb.register("alice").await;
+        let mut codes = Vec::new();
+        for _ in 0..11 {
+            codes.push(stolen.change_password("guess", "a new passphrase", false).await.unwrap_err().code().unwrap());
+        }
+        assert!(codes[..10].iter().all(|c| *c == ErrorCode::AUTH_FAILED), "{codes:?}");
+        assert_eq!(codes[10], ErrorCode::RATE_LIMITED, "{codes:?}");
+        // The account's allowance is spent for logins too, and even the right password
+        // is refused until the window ends; the unlocked device keeps its connection.
+        let login = tb.connector().login("alice", tb.password, "d").await.err().unwrap();
+        assert_eq!(login.code(), Some(ErrorCode::RATE_LIMITED));
+        let right = stolen.change_password(tb.password, "a new passphrase", false).await.unwrap_err();
+        assert_eq!(right.code(), Some(ErrorCode::RATE_LIMITED));
+        stolen.ping().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn of_two_changes_from_the_same_password_one_wins() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let (a, b) = tokio::join!(
+            laptop.change_password(tb.password, "the laptop's passphrase", false),
+            phone.change_password(tb.password, "the phone's passphrase", false),
+        );
+        let won = match (a, b) {
+            (Ok(()), Err(e)) => {
+                assert_eq!(e.code(), Some(ErrorCode::AUTH_FAILED));
+                "the laptop's passphrase"
+            }
+            (Err(e), Ok(())) => {
+                assert_eq!(e.code(), Some(ErrorCode::AUTH_FAILED));
+                "the phone's passphrase"
+            }
+            other => panic!("exactly one change must win: {other:?}"),
+        };
+        tb.connector().login("alice", won, "d").await.unwrap();
+    })
+    .await
+}

@@ -53,6 +53,7 @@ enum Kind {
     ListUploads,
     SetRole,
     Usage,
+    ChangePassword,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -92,6 +93,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::ListUploads { .. } => Kind::ListUploads,
         RequestBody::SetRole { .. } => Kind::SetRole,
         RequestBody::Usage => Kind::Usage,
+        RequestBody::ChangePassword { .. } => Kind::ChangePassword,
     }
 }
 
@@ -177,6 +179,8 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     (Kind::ListUploads,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
     (Kind::SetRole,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
     (Kind::Usage,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    // The caller's own password (set to itself here): never alice's.
+    (Kind::ChangePassword,     Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -335,6 +339,11 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::ListUploads => RequestBody::ListUploads { after: None },
         Kind::SetRole => RequestBody::SetRole { conv, user: w.carol, role: Role::Admin },
         Kind::Usage => RequestBody::Usage,
+        Kind::ChangePassword => RequestBody::ChangePassword {
+            current: w.tb.password.into(),
+            new: w.tb.password.into(),
+            sign_out_others: false,
+        },
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -476,7 +485,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 33] = [
+    const ALL: [Kind; 34] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -510,6 +519,7 @@ fn every_request_kind_has_one_row() {
         Kind::ListUploads,
         Kind::SetRole,
         Kind::Usage,
+        Kind::ChangePassword,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

@@ -251,6 +251,13 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(catalog::revoke_device(&shared, caller.user, device_id).await) });
             }
+            RequestBody::ChangePassword { current, new, sign_out_others } => {
+                let (shared, from) = (shared.clone(), self.conn.remote_address().ip());
+                tokio::spawn(async move {
+                    let changed = catalog::change_password(&shared, caller, &current, &new, sign_out_others, from);
+                    reply.send(changed.await);
+                });
+            }
             // Handed to each conversation's actor before the next request is read, so a
             // later MarkRead or read of one of them sees these marks; answered once the
             // actors took them.

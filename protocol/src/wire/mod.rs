@@ -161,6 +161,7 @@ mod tests {
         "event_entry_roles_changed",
         "request_usage",
         "response_usage",
+        "request_change_password",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -466,6 +467,14 @@ mod tests {
             }),
             "request_list_uploads" => req(31, RequestBody::ListUploads { after: Some(THUMB) }),
             "request_usage" => req(33, RequestBody::Usage),
+            "request_change_password" => req(
+                34,
+                RequestBody::ChangePassword {
+                    current: "correct horse".into(),
+                    new: "battery staple".into(),
+                    sign_out_others: true,
+                },
+            ),
             "response_usage" => ok(
                 33,
                 Reply::Usage(Usage {

@@ -234,6 +234,18 @@ pub enum RequestBody {
     },
     /// What my files take of my quota and limits. Replies `Usage`.
     Usage,
+    /// Replace my account's password, proving the current one (checked and limited like
+    /// a `Login`'s). Replies `Done` once the new password is durable. With
+    /// `sign_out_others`, every other device of the account is revoked too (their
+    /// connections close with `DEVICE_REVOKED`); this device keeps working.
+    ChangePassword {
+        /// The account's password now.
+        current: String,
+        /// The new password: 8..=256 bytes.
+        new: String,
+        /// Revoke every other device of the account.
+        sign_out_others: bool,
+    },
 }
 
 /// Enrollment of a new device key, with the account password.
