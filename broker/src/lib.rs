@@ -298,7 +298,7 @@ impl Broker {
         // Files whose completion the repair finished get what a completion gives next.
         for (id, record) in repaired.completed {
             if files::thumbnail::is_thumbnailable(&record.content_type) {
-                tokio::spawn(files::make_thumbnail(shared.clone(), id, record));
+                tokio::spawn(files::thumbnails::make_thumbnail(shared.clone(), id, record));
             }
         }
         let interval = files::sweep_interval(shared.config.upload_expiry_secs);

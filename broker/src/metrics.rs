@@ -497,6 +497,19 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             "Uploads refused with STORAGE_FULL (the disk within disk_reserve_bytes of full).",
             s.uploads_refused_storage_full as f64,
         ),
+        Family {
+            name: "switchboard_thumbnails_total",
+            help: "Completed images by what their thumbnail cost: decoded, reused (the same bytes decoded before), skipped (too many images waiting for a decode).",
+            kind: "counter",
+            samples: [
+                ("decoded", Counters::get(&shared.files.thumbnails.decoded)),
+                ("reused", Counters::get(&shared.files.thumbnails.reused)),
+                ("skipped", shared.files.thumbnails.skipped.total() as f64),
+            ]
+            .into_iter()
+            .map(|(how, n)| (format!("{{how=\"{how}\"}}"), n))
+            .collect(),
+        },
         commit_histogram(&commits),
         counter(
             "switchboard_group_commit_writes_total",

@@ -714,6 +714,75 @@ async fn an_image_gets_a_thumbnail_readable_like_its_file_and_a_bomb_gets_none()
     .await
 }
 
+/// Waits for the `Event::File` that gives `file` a thumbnail.
+async fn thumbnail_event(events: &mut switchboard_client::Events, file: FileId) -> switchboard_protocol::FileRef {
+    within(STEP_DEADLINE, "the thumbnail event", async {
+        loop {
+            if let Some(switchboard_protocol::Event::File(p)) = events.next().await
+                && p.file == file
+                && let FileState::Complete { thumbnail: Some(t) } = p.state
+            {
+                return t;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_same_image_uploaded_again_is_not_decoded_again() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (mallory, _) = tb.register("mallory").await;
+        let thumbnails = &tb.shared().files.thumbnails;
+        let picture = png(600, 300);
+        let mut events = alice.events().unwrap();
+        let first = begin_upload(&alice, "cat.png", "image/png", &picture).await;
+        assert!(matches!(upload_rest(alice.connection(), first.file, &picture, 0).await, TransferReply::Complete(_)));
+        let first_thumb = thumbnail_event(&mut events, first.file).await;
+
+        // Anyone may upload bytes that exist already (files are content-addressed): each
+        // upload of them gets a thumbnail of its own, from the one decode.
+        let mut theirs = mallory.events().unwrap();
+        for round in 0..3 {
+            let again = begin_upload(&mallory, &format!("copy{round}.png"), "image/png", &picture).await;
+            assert!(matches!(
+                upload_rest(mallory.connection(), again.file, &picture, 0).await,
+                TransferReply::Complete(_)
+            ));
+            let thumb = thumbnail_event(&mut theirs, again.file).await;
+            assert_ne!(thumb.file, first_thumb.file, "a thumbnail record per file");
+            let (_, bytes) = download(mallory.connection(), thumb.file, 0, 0).await.unwrap();
+            let decoded = image::load_from_memory(&bytes).unwrap();
+            assert_eq!((decoded.width(), decoded.height()), (256, 128));
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!((thumbnails.decoded.load(Relaxed), thumbnails.reused.load(Relaxed)), (1, 3));
+
+        // A bomb is tried once too: the same bytes again cost no second decode.
+        let bomb = png_declaring(100_000, 100_000);
+        let hash = *blake3::hash(&bomb).as_bytes();
+        for name in ["bomb.png", "bomb-again.png"] {
+            let begun = begin_upload(&mallory, name, "image/png", &bomb).await;
+            assert!(matches!(
+                upload_rest(mallory.connection(), begun.file, &bomb, 0).await,
+                TransferReply::Complete(_)
+            ));
+            within(STEP_DEADLINE, "the bomb's outcome", async {
+                while !thumbnails.remembers(&hash) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(thumbnails.decoded.load(Relaxed), 2, "the bomb once");
+        alice.ping().await.unwrap();
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_bad_transfer_stream_ends_alone_and_the_connection_serves_on() {
     bounded(async {

@@ -371,7 +371,7 @@ impl Upload {
         let effects = st.state.finished(result);
         self.perform(myself, st, effects, None).await;
         if complete && thumbnail::is_thumbnailable(&st.record.content_type) {
-            tokio::spawn(super::make_thumbnail(self.shared.clone(), st.id, st.record.clone()));
+            tokio::spawn(super::thumbnails::make_thumbnail(self.shared.clone(), st.id, st.record.clone()));
         }
     }
 

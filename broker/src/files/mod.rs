@@ -2,7 +2,8 @@
 //! state machine, `actor.rs` the Upload actor that drives it (one per upload in
 //! progress), `blobs.rs` the bytes on disk, `requests.rs` the control-stream requests and
 //! who may read a file, `sniff.rs` the type check of the first bytes, `thumbnail.rs`
-//! bounded thumbnails of images, `announce.rs` progress and final states pushed to
+//! bounded thumbnails of images (`thumbnails.rs`: which images get one, in a bounded line,
+//! each image's bytes decoded once), `announce.rs` progress and final states pushed to
 //! their audiences off the runtime threads. `Files` finds or starts an upload's actor, and the
 //! sweeper removes expired uploads and files nothing holds any more.
 
@@ -14,6 +15,7 @@ pub(crate) mod requests;
 pub(crate) mod sniff;
 pub mod state;
 pub(crate) mod thumbnail;
+pub mod thumbnails;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -64,6 +66,8 @@ pub struct Files {
     open_blobs: Arc<tokio::sync::Semaphore>,
     /// Uploads refused with `STORAGE_FULL`, told to the operator at most once a minute.
     pub(crate) storage_full: crate::metrics::Tally,
+    /// Which completed images get a thumbnail made, and when.
+    pub thumbnails: thumbnails::Thumbnails,
 }
 
 /// The broker-wide bounds of transfer streams (from `Config`).
@@ -169,6 +173,7 @@ impl Files {
             spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
             storage_full: crate::metrics::Tally::default(),
+            thumbnails: thumbnails::Thumbnails::default(),
         })
     }
 
@@ -437,75 +442,6 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
 /// The sweeper's interval for an upload expiry of `expiry_secs`.
 pub(crate) fn sweep_interval(expiry_secs: u64) -> Duration {
     Duration::from_millis((expiry_secs.saturating_mul(1000) / 4).clamp(100, 60_000))
-}
-
-/// Images read for thumbnails at once (each is read whole into memory).
-static THUMBNAIL_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(thumbnail::MAX_CONCURRENT_DECODES);
-
-/// Files larger than this get no thumbnail: the whole file is read into memory first.
-const THUMBNAIL_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
-
-/// Makes and stores the thumbnail of the complete image `id`, then announces it with
-/// `Event::File`. A file whose thumbnail fails (corrupt, too large, a bomb) stays
-/// published without one.
-pub(crate) async fn make_thumbnail(shared: Arc<Shared>, id: FileId, record: switchboard_storage::FileRecord) {
-    if record.size > THUMBNAIL_MAX_FILE_BYTES {
-        return;
-    }
-    // Images are read whole: at most `MAX_CONCURRENT_DECODES` at once, like decodes.
-    let Ok(_reading) = THUMBNAIL_READS.acquire().await else { return };
-    let path = shared.files.blobs.blob(&record.blake3);
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(b) => bytes::Bytes::from(b),
-        Err(e) => {
-            return tracing::warn!(file = blobs::hex(&id), error = %e, "reading an image for its thumbnail failed");
-        }
-    };
-    let png = match thumbnail::make(bytes, thumbnail::ThumbnailLimits::default()).await {
-        Ok(png) => png,
-        Err(e) => return tracing::info!(file = blobs::hex(&id), error = %e, "no thumbnail"),
-    };
-    let hash = *blake3::hash(&png).as_bytes();
-    let mut thumb_id = [0u8; 16];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut thumb_id).is_err() {
-        return;
-    }
-    let mut name = format!("{}.thumb.png", record.name);
-    while name.len() > switchboard_protocol::limits::MAX_FILE_NAME_BYTES as usize {
-        name.remove(0);
-    }
-    let thumb = switchboard_storage::FileRecord {
-        name,
-        size: png.len() as u64,
-        declared_type: "image/png".into(),
-        content_type: "image/png".into(),
-        blake3: hash,
-        uploader: record.uploader,
-        created_ms: crate::now_ms(),
-        expires_ms: 0,
-        stage: switchboard_storage::FileStage::Complete { thumbnail: None },
-        parent: Some(id),
-        held: false,
-    };
-    let s = shared.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        // The file may have gone meanwhile: then so does its thumbnail's blob.
-        let added = s.files.blobs.store_thumbnail(&s.store, &id, &thumb_id, &thumb, &png)?;
-        Ok::<_, String>(added.map(|(_, durable)| (durable, thumb)))
-    })
-    .await;
-    let (durable, thumb) = match stored {
-        Ok(Ok(Some(added))) => added,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => return tracing::warn!(file = blobs::hex(&id), error = %e, "storing a thumbnail failed"),
-        Err(e) => return tracing::warn!(file = blobs::hex(&id), error = %e, "storing a thumbnail failed"),
-    };
-    if durable.await.is_err() {
-        return;
-    }
-    let thumbnail = Some(requests::file_ref(&thumb_id, &thumb));
-    let state = switchboard_protocol::FileState::Complete { thumbnail };
-    announce::announce(&shared, &id, record.uploader, record.size, state);
 }
 
 #[cfg(test)]

@@ -26,9 +26,10 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-/// Decodes running at once, broker-wide. Two keep one core free on a small machine and
-/// bound thumbnail memory to twice `max_alloc_bytes`.
-pub(crate) const MAX_CONCURRENT_DECODES: usize = 2;
+/// Decodes running at once, broker-wide: one, so that on a two-core machine thumbnails
+/// never take more than one core from chat (two took both: an attacker review measured
+/// it), and thumbnail memory is bounded by one `max_alloc_bytes`.
+pub(crate) const MAX_CONCURRENT_DECODES: usize = 1;
 
 /// The slots of `MAX_CONCURRENT_DECODES`.
 static DECODES: Semaphore = Semaphore::const_new(MAX_CONCURRENT_DECODES);
@@ -58,8 +59,8 @@ impl Default for ThumbnailLimits {
     ///   camera sensors (8160 x 6120 = 49.9 M) still get thumbnails; larger inputs are
     ///   rare and cost more than a thumbnail is worth.
     /// - `max_alloc_bytes` 256 MiB: 50 M pixels of 8-bit RGBA (200 MB), the largest
-    ///   decode allowed; 16-bit images that large fail. With two decodes at once,
-    ///   thumbnails hold at most 512 MiB.
+    ///   decode allowed; 16-bit images that large fail. With one decode at a time,
+    ///   thumbnails hold at most 256 MiB.
     /// - `timeout` 20 s: decoding a 50 MP JPEG takes about 1 s optimized and about 10 s
     ///   in a debug build; the limit only ends the wait, see the module doc.
     fn default() -> Self {
@@ -374,8 +375,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn at_most_two_decodes_run_and_a_third_waits_then_is_busy() {
-        static SLOTS: Semaphore = Semaphore::const_new(MAX_CONCURRENT_DECODES);
+    async fn with_two_slots_a_third_decode_waits_then_is_busy() {
+        // The mechanism with two slots (the broker has `MAX_CONCURRENT_DECODES`).
+        static SLOTS: Semaphore = Semaphore::const_new(2);
         let long = Duration::from_secs(30);
         let (release_a, a) = blocked(&SLOTS, long).await;
         let (release_b, b) = blocked(&SLOTS, long).await;
@@ -391,7 +393,7 @@ mod tests {
         assert_eq!(a.await.expect("joins"), Ok(()));
         drop(release_b);
         assert_eq!(b.await.expect("joins"), Ok(()));
-        assert_eq!(SLOTS.available_permits(), MAX_CONCURRENT_DECODES);
+        assert_eq!(SLOTS.available_permits(), 2);
     }
 
     #[tokio::test]
