@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use switchboard_protocol::limits::{LIST_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_USERS_PER_REQUEST};
+use switchboard_protocol::limits::{LIST_PAGE_MAX, MAX_BLOCKED, MAX_GROUP_MEMBERS, MAX_USERS_PER_REQUEST};
 use switchboard_protocol::{
-    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, DeviceId, DeviceInfo, Entry, ErrorBody,
-    ErrorCode, NewConversation, Reply, Role, Settings, UserId,
+    BlockedUser, Body, ConvId, ConversationKind, ConversationState, ConversationSummary, DeviceId, DeviceInfo, Entry,
+    ErrorBody, ErrorCode, NewConversation, Reply, Role, Settings, UserId,
 };
-use switchboard_storage::{ConversationRecord, Durable, Result as StoreResult, Store};
+use switchboard_storage::{BlockChange, ConversationRecord, Durable, Result as StoreResult, Store};
 
 use crate::Shared;
 use crate::auth::check_label;
@@ -76,6 +76,51 @@ pub(crate) fn resolve_users(shared: &Shared, names: &[String]) -> Result<Vec<Use
             Err(e) => Err(internal(e)),
         })
         .collect()
+}
+
+/// `FORBIDDEN` ("NAME `why`") if `blocker` blocks `user`.
+pub(crate) fn refuse_if_blocked(shared: &Shared, blocker: UserId, user: UserId, why: &str) -> Result<(), ErrorBody> {
+    if !shared.store.blocks(blocker, user).map_err(internal)? {
+        return Ok(());
+    }
+    let name = shared.store.user(blocker).map_err(internal)?.map_or_else(|| blocker.to_string(), |u| u.name);
+    Err(ErrorBody::new(ErrorCode::FORBIDDEN, format!("{name} {why}")))
+}
+
+/// `Block`: `caller` blocks the user named `name` (or stops). `NOT_FOUND` for no such
+/// user, `INVALID` for oneself or past `MAX_BLOCKED`. Durable when answered; presence
+/// contact sets of both are read again from then on.
+pub(crate) async fn block(shared: &Shared, caller: UserId, name: String, blocked: bool) -> Result<Reply, ErrorBody> {
+    let (user, _) = shared
+        .store
+        .user_by_name(&name)
+        .map_err(internal)?
+        .ok_or_else(|| ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {name:?}")))?;
+    if user == caller {
+        return Err(ErrorBody::new(ErrorCode::INVALID, "one cannot block oneself"));
+    }
+    let max = MAX_BLOCKED as usize;
+    let changed = catalog_write(&shared.store, move |s| s.set_block(caller, user, blocked, max)).await?;
+    match changed.map_err(internal)? {
+        BlockChange::Done(durable) => durable.await.map_err(internal)?,
+        BlockChange::Full => {
+            return Err(ErrorBody::new(ErrorCode::INVALID, format!("at most {MAX_BLOCKED} blocked users")));
+        }
+    }
+    shared.presence.blocks_changed(caller, user);
+    Ok(Reply::Done)
+}
+
+/// `BlockedUsers`: the users `caller` blocks, with their names.
+pub(crate) fn blocked_users(shared: &Shared, caller: UserId) -> Result<Reply, ErrorBody> {
+    let ids = shared.store.blocked_users(caller, MAX_BLOCKED as usize).map_err(internal)?;
+    let mut out = Vec::with_capacity(ids.len());
+    for user_id in ids {
+        if let Some(record) = shared.store.user(user_id).map_err(internal)? {
+            out.push(BlockedUser { user_id, name: record.name });
+        }
+    }
+    Ok(Reply::BlockedUsers(out))
 }
 
 /// Creates a conversation. The store work (a catalog lock and a sled batch) runs on the
@@ -154,12 +199,14 @@ fn write_conversation(
             if peer == me {
                 return Err(ErrorBody::new(ErrorCode::INVALID, "a direct conversation needs another user"));
             }
+            refuse_if_blocked(shared, peer, me, "does not accept conversations from you")?;
             (ConversationKind::Direct, String::new(), vec![(me, Role::Member), (peer, Role::Member)], Some((me, peer)))
         }
         NewConversation::Group { title, members } => {
             check_label(&title)?;
             let mut all = vec![(me, Role::Owner)];
             for id in resolve_users(shared, &members)? {
+                refuse_if_blocked(shared, id, me, "does not accept being added by you")?;
                 if !all.iter().any(|(u, _)| *u == id) {
                     all.push((id, Role::Member));
                 }

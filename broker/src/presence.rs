@@ -15,7 +15,7 @@
 //! last-seen times, or keep offline users (an entry outlives the user's last device by
 //! at most two coalescing windows).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -318,6 +318,14 @@ impl Presence {
         }
     }
 
+    /// `a` started or stopped blocking `b`: their contact sets are read again.
+    pub fn blocks_changed(&self, a: UserId, b: UserId) {
+        let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        cache.epoch += 1;
+        cache.sets.remove(&a);
+        cache.sets.remove(&b);
+    }
+
     /// Answers `Presence { users }` for `caller`: the users asked about (all contacts,
     /// the first `PRESENCE_MAX` by id, if none are named) who share a conversation with
     /// the caller, by id; the caller and everyone else are left out. `INVALID` for more
@@ -424,17 +432,26 @@ impl Presence {
         };
         let mut found = BTreeSet::new();
         let mut scanned = 0usize;
+        // Neither sees the other while one blocks the other: the user's own blocks read
+        // once, and each contact's of the user one key each.
+        let mut excluded: HashSet<UserId> =
+            self.store.blocked_users(user, switchboard_protocol::limits::MAX_BLOCKED as usize)?.into_iter().collect();
         'convs: for conv in self.store.user_conversations(user, None, PRESENCE_CONVERSATIONS_SCANNED)? {
             for (member, _) in self.store.members(conv)? {
                 scanned += 1;
                 if scanned > PRESENCE_MEMBERS_SCANNED {
                     break 'convs;
                 }
-                if member != user {
-                    found.insert(member);
-                    if found.len() >= PRESENCE_CONTACTS_MAX {
-                        break 'convs;
-                    }
+                if member == user || found.contains(&member) || excluded.contains(&member) {
+                    continue;
+                }
+                if self.store.blocks(member, user)? {
+                    excluded.insert(member);
+                    continue;
+                }
+                found.insert(member);
+                if found.len() >= PRESENCE_CONTACTS_MAX {
+                    break 'convs;
                 }
             }
         }

@@ -315,13 +315,13 @@ impl Typing {
         }
     }
 
-    /// A conversation entry was delivered: the sender's text ends its indicator (no
+    /// A conversation entry was delivered: the sender's message ends its indicator (no
     /// push), a leave or removal ends the leaver's (pushed).
     pub fn entry_delivered(&self, entry: &Entry) {
         let change = {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             match entry.body {
-                Body::Text { .. } => {
+                Body::Text { .. } | Body::Files { .. } => {
                     state.handle_message(entry.conv, entry.sender);
                     None
                 }
@@ -344,7 +344,13 @@ impl Typing {
                 return;
             }
         };
-        let others: Vec<UserId> = members.into_iter().map(|(u, _)| u).filter(|&u| u != user).collect();
+        // Not to anyone who blocks the typist or whom the typist blocks (a failed read
+        // counts as blocked: typing is never worth a leak).
+        let others: Vec<UserId> = members
+            .into_iter()
+            .map(|(u, _)| u)
+            .filter(|&u| u != user && matches!(self.store.blocked_between(u, user), Ok(false)))
+            .collect();
         match encode_frame(&ServerFrame::Event(Event::Typing { conv, user, typing })) {
             Ok(frame) => {
                 self.online.deliver_ephemeral(&others, &frame);

@@ -644,6 +644,25 @@ impl Client {
         }
     }
 
+    /// Blocks the user named `user` (or stops, with `blocked` false): while blocked they
+    /// cannot start a direct conversation with me, write in ours, or add me to a group, and
+    /// neither of us sees the other's presence or typing. `NOT_FOUND` for no such user,
+    /// `INVALID` for myself or past `MAX_BLOCKED` users. Returns once durable.
+    pub async fn block(&self, user: &str, blocked: bool) -> Result<()> {
+        match self.request(RequestBody::Block { user: user.to_owned(), blocked }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The users I block, by ascending id.
+    pub async fn blocked_users(&self) -> Result<Vec<switchboard_protocol::BlockedUser>> {
+        match self.request(RequestBody::BlockedUsers).await? {
+            Reply::BlockedUsers(users) => Ok(users),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// My settings, replaced first by `set` if given.
     pub async fn settings(&self, set: Option<Settings>) -> Result<Settings> {
         match self.request(RequestBody::Settings { set }).await? {

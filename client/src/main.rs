@@ -160,6 +160,18 @@ enum Command {
     Read { conv: ConvId, seq: Seq },
     /// Presence of users (names) who share a conversation with me; all of them if none.
     Presence { users: Vec<String> },
+    /// Block a user (by name): they can no longer start a direct conversation with me,
+    /// write in ours or add me to a group, and neither of us sees the other's presence or
+    /// typing. `sb block --list` lists whom I block.
+    Block {
+        #[arg(required_unless_present = "list")]
+        user: Option<String>,
+        /// List the users I block instead.
+        #[arg(long, conflicts_with = "user")]
+        list: bool,
+    },
+    /// Stop blocking a user (by name).
+    Unblock { user: String },
     /// Say I am typing in a conversation, until interrupted or for --seconds.
     Typing {
         conv: ConvId,
@@ -674,6 +686,21 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             // The answer comes after the broker has read the stop signal before it.
             client.ping().await?;
             out.line(json!({"event": "typing", "conv": conv, "typing": false}), || format!("stopped typing in {conv}"));
+        }
+        Command::Block { user: None, .. } => {
+            for b in client.blocked_users().await? {
+                out.line(json!({"user_id": b.user_id, "name": b.name}), || {
+                    format!("{:>6}  {}", b.user_id, terminal_safe(&b.name))
+                });
+            }
+        }
+        Command::Block { user: Some(user), .. } => {
+            client.block(&user, true).await?;
+            out.line(json!({"event": "blocked", "user": user}), || format!("blocked {user}"));
+        }
+        Command::Unblock { user } => {
+            client.block(&user, false).await?;
+            out.line(json!({"event": "unblocked", "user": user}), || format!("unblocked {user}"));
         }
         Command::Passwd { sign_out_others } => {
             let user = load_state(home)?.identity.map_or_else(|| "this account".to_owned(), |i| i.user);

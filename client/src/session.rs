@@ -420,7 +420,10 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::UploadStatus { .. }
         | RequestBody::FileInfo { .. }
         | RequestBody::ListUploads { .. }
-        | RequestBody::Usage => true,
+        | RequestBody::Usage
+        | RequestBody::BlockedUsers
+        // Setting a block to a value: the same again changes nothing.
+        | RequestBody::Block { .. } => true,
         // The one direct conversation with a peer is returned if it exists.
         RequestBody::CreateConversation(NewConversation::Direct { .. }) => true,
         RequestBody::CreateConversation(NewConversation::Group { .. })

@@ -1166,3 +1166,24 @@ async fn passwd_changes_the_password_and_signs_out_the_other_devices() {
     let again = login.env("SWITCHBOARD_PASSWORD", "a new passphrase").args(["login", "alice"]).output().unwrap();
     assert!(again.status.success(), "{again:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_stops_a_stranger_and_unblock_lets_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, mallory) = (dir.path().join("alice"), dir.path().join("mallory"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&mallory, &broker, &["register", "mallory"]);
+    let conv = sb(&mallory, &broker, &["conv", "create", "alice"])[0]["conv"].as_u64().unwrap().to_string();
+    sb(&mallory, &broker, &["send", &conv, "hi"]);
+    sb(&alice, &broker, &["block", "mallory"]);
+    let listed = sb(&alice, &broker, &["block", "--list"]);
+    assert_eq!(listed.iter().map(|b| b["name"].as_str().unwrap()).collect::<Vec<_>>(), ["mallory"]);
+    let refused = sb_output(&mallory, &broker, &["send", &conv, "hello?"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("FORBIDDEN") && stderr.contains("alice does not accept messages from you"), "{stderr}");
+    sb(&alice, &broker, &["unblock", "mallory"]);
+    assert!(sb(&alice, &broker, &["block", "--list"]).is_empty());
+    sb(&mallory, &broker, &["send", &conv, "sorry"]);
+}

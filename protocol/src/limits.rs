@@ -37,6 +37,9 @@ pub const CATCH_UP_PAGE_MAX: u32 = 1000;
 pub const CATCH_UP_PAGE_BYTES: u32 = 768 * 1024;
 /// Most users in one presence reply.
 pub const PRESENCE_MAX: u32 = 256;
+/// Most users one user may block (`Block`); `BlockedUsers` lists them all in one reply.
+/// A thousand covers anyone's harassers many times over and keeps the reply small.
+pub const MAX_BLOCKED: u32 = 1024;
 /// Default time after which a typing indicator without refresh ends, ms.
 pub const TYPING_TTL_MS: u32 = 6_000;
 /// Largest datagram payload either side sends (a typing signal or event is ~20 bytes).
@@ -73,6 +76,7 @@ const _: () = assert!(HISTORY_PAGE_MAX * (MAX_TEXT_BYTES + 128) <= MAX_SERVER_FR
 const _: () = assert!(CATCH_UP_PAGE_BYTES + MAX_TEXT_BYTES + 128 + MAX_GROUP_MEMBERS * 40 <= MAX_SERVER_FRAME_BYTES);
 // A presence reply must fit in one server frame.
 const _: () = assert!(PRESENCE_MAX * (MAX_NAME_BYTES + 32) <= MAX_SERVER_FRAME_BYTES);
+const _: () = assert!(MAX_BLOCKED * (MAX_NAME_BYTES + 32) <= MAX_SERVER_FRAME_BYTES);
 // A maximum-size send must fit in one client frame.
 const _: () = assert!(MAX_TEXT_BYTES + 256 <= MAX_CLIENT_FRAME_BYTES);
 // The member list reply must fit in one server frame (id, role and name per member).

@@ -30,6 +30,7 @@ const FILE_EXPIRY: u8 = 0x17;
 const ATTACHED: u8 = 0x18;
 const BLOB_REFS: u8 = 0x19;
 const FILE_UNHELD: u8 = 0x1a;
+const BLOCK: u8 = 0x1b;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -195,6 +196,14 @@ impl Key {
         Key::with(FILE_UNHELD, &[])
     }
     /// The pair in canonical order, so (a, b) and (b, a) are one key.
+    /// Present while `blocker` blocks `blocked`.
+    pub fn block(blocker: UserId, blocked: UserId) -> Key {
+        Key::with(BLOCK, &[&blocker.to_be_bytes(), &blocked.to_be_bytes()])
+    }
+    /// Every user `blocker` blocks.
+    pub fn blocks_of(blocker: UserId) -> Key {
+        Key::with(BLOCK, &[&blocker.to_be_bytes()])
+    }
     pub fn direct(a: UserId, b: UserId) -> Key {
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
         Key::with(DIRECT, &[&lo.to_be_bytes(), &hi.to_be_bytes()])

@@ -11,6 +11,7 @@
 //! a new conversation with its members, counters and direct-pair index) are one atomic
 //! sled batch each (`Txn`), applied by the committer thread between flushes.
 
+mod blocks;
 mod commit;
 mod files;
 mod keys;
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
+pub use blocks::BlockChange;
 pub use commit::{COMMIT_BUCKETS_US, CommitStats, Durable, FailureHook};
 pub use files::{Collected, FileRecord, FileStage, UploadRefusal};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
@@ -544,7 +546,7 @@ mod tests {
     use super::*;
     use switchboard_protocol::{Body, ConversationKind, Seq};
 
-    fn open(dir: &Path) -> Store {
+    pub(crate) fn open(dir: &Path) -> Store {
         let mut config = StoreConfig::new(dir.join("db"));
         config.cache_capacity_bytes = 4 * 1024 * 1024;
         Store::open(&config).unwrap()

@@ -54,6 +54,8 @@ enum Kind {
     SetRole,
     Usage,
     ChangePassword,
+    Block,
+    BlockedUsers,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -94,6 +96,8 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::SetRole { .. } => Kind::SetRole,
         RequestBody::Usage => Kind::Usage,
         RequestBody::ChangePassword { .. } => Kind::ChangePassword,
+        RequestBody::Block { .. } => Kind::Block,
+        RequestBody::BlockedUsers => Kind::BlockedUsers,
     }
 }
 
@@ -181,6 +185,9 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     (Kind::Usage,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
     // The caller's own password (set to itself here): never alice's.
     (Kind::ChangePassword,     Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    // The caller's own blocks (alice unblocked here: nothing changes for the rows after).
+    (Kind::Block,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    (Kind::BlockedUsers,       Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -344,6 +351,8 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
             new: w.tb.password.into(),
             sign_out_others: false,
         },
+        Kind::Block => RequestBody::Block { user: "alice".into(), blocked: false },
+        Kind::BlockedUsers => RequestBody::BlockedUsers,
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -485,7 +494,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 34] = [
+    const ALL: [Kind; 36] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -520,6 +529,8 @@ fn every_request_kind_has_one_row() {
         Kind::SetRole,
         Kind::Usage,
         Kind::ChangePassword,
+        Kind::Block,
+        Kind::BlockedUsers,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use switchboard_client::{Client, Connector, Events, TransportOptions, Trust};
-use switchboard_protocol::{ConvId, Entry, Event, PresenceInfo, PresenceState, UserId};
+use switchboard_protocol::{ConvId, Entry, ErrorCode, Event, PresenceInfo, PresenceState, Role, UserId};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, no_event, within};
 
 /// Waits for the next entry event, skipping presence and typing events.
@@ -379,6 +379,22 @@ async fn a_message_clears_typing_and_no_late_stop_follows() {
         // And a new start is a change again.
         alice.typing(conv, true).await.unwrap();
         assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true));
+        // A message carrying files clears it the same way (before, only a text did, and
+        // the indicator ran on to its TTL).
+        let data = b"notes";
+        let file = switchboard_tests::begin_upload(&alice, "notes.txt", "text/plain", data).await.file;
+        switchboard_tests::upload_rest(alice.connection(), file, data, 0).await;
+        let files = switchboard_protocol::RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        alice.request(files).await.unwrap();
+        assert_eq!(next_entry(&mut bob_events).await.sender, alice.user_id);
+        no_typing(&mut bob_events, 900).await;
+        alice.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true), "cleared, so a change again");
     })
     .await
 }
@@ -469,6 +485,100 @@ async fn a_session_cannot_amplify_typing_beyond_its_rate() {
         // bucket allows a burst of 8 and 2 a second.
         let allowed = 8 + 2 * (sent_for.as_millis() as u64 + 300) / 1000 + 1;
         assert!(got >= 1 && got <= allowed, "{got} typing events pushed for 200 signals in {sent_for:?}");
+    })
+    .await
+}
+
+/// Every event that arrives within `ms`.
+async fn events_within(events: &mut Events, ms: u64) -> Vec<Event> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    let mut out = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout_at(deadline, events.next()).await {
+        out.push(e);
+    }
+    out
+}
+
+/// The error code and message of a refused request.
+fn refusal<T: std::fmt::Debug>(
+    result: Result<T, switchboard_client::ClientError>,
+) -> (switchboard_protocol::ErrorCode, String) {
+    match result {
+        Err(switchboard_client::ClientError::Server(e)) => (e.code, e.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_blocked_stranger_loses_every_way_to_reach_or_watch_its_blocker() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.presence_coalesce_ms = 20;
+            c.typing_ttl_ms = 5_000;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (mallory, _) = tb.register("mallory").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut alice_events = alice.events().unwrap();
+        let mut mallory_events = mallory.events().unwrap();
+        let a = alice.user_id;
+        // Before: a stranger who names alice shares a conversation with her, so it sees
+        // her presence, and may pull her into groups again and again.
+        let dm = mallory.create_direct("alice").await.unwrap().id;
+        let spam = mallory.create_group("spam", &["alice".into()]).await.unwrap().id;
+        let shared = bob.create_group("club", &["alice".into(), "mallory".into()]).await.unwrap().id;
+        assert_eq!(mallory.presence(&[a]).await.unwrap().len(), 1);
+        alice.set_away(true).await.unwrap();
+        presence_becomes(&mut mallory_events, a, PresenceState::Away).await;
+        alice.leave(spam).await.unwrap();
+
+        assert_eq!(refusal(alice.block("alice", true).await).0, ErrorCode::INVALID);
+        assert_eq!(refusal(alice.block("nobody", true).await).0, ErrorCode::NOT_FOUND);
+        alice.block("mallory", true).await.unwrap();
+        alice.block("mallory", true).await.unwrap(); // the same again changes nothing
+        let blocked = alice.blocked_users().await.unwrap();
+        assert_eq!(blocked.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["mallory"]);
+        assert!(mallory.blocked_users().await.unwrap().is_empty(), "a block is one user's own list");
+
+        // No message, no new conversation, no re-adding.
+        let sent = refusal(mallory.send(dm, "hello?").await);
+        assert_eq!(sent, (ErrorCode::FORBIDDEN, "alice does not accept messages from you".to_owned()));
+        let opened = refusal(mallory.create_direct("alice").await);
+        assert_eq!(opened, (ErrorCode::FORBIDDEN, "alice does not accept conversations from you".to_owned()));
+        let grouped = refusal(mallory.create_group("spam2", &["alice".into()]).await);
+        assert_eq!(grouped, (ErrorCode::FORBIDDEN, "alice does not accept being added by you".to_owned()));
+        let added = refusal(mallory.add_members(spam, &["alice".into()], Role::Member).await);
+        assert_eq!(added, (ErrorCode::FORBIDDEN, "alice does not accept being added by you".to_owned()));
+
+        // Presence, either way: not asked, not pushed.
+        assert!(mallory.presence(&[a]).await.unwrap().is_empty());
+        assert!(alice.presence(&[mallory.user_id]).await.unwrap().is_empty());
+        assert_eq!(alice.presence(&[]).await.unwrap().iter().map(|p| p.user).collect::<Vec<_>>(), [bob.user_id]);
+        alice.set_away(false).await.unwrap();
+        // Typing in the group they share, either way: the blocker does not hear the
+        // blocked user, nor the other way round; everyone else does.
+        let mut bob_events = bob.events().unwrap();
+        mallory.signal(switchboard_protocol::Signal::Typing { conv: shared, typing: true }).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (shared, mallory.user_id, true));
+        alice.signal(switchboard_protocol::Signal::Typing { conv: shared, typing: true }).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (shared, a, true));
+        no_typing(&mut alice_events, 300).await;
+        let seen = events_within(&mut mallory_events, 100).await;
+        assert!(
+            !seen.iter().any(|e| matches!(e, Event::Typing { .. }) || matches!(e, Event::Presence(p) if p.user == a)),
+            "mallory was pushed none of alice's typing or presence after the block: {seen:?}"
+        );
+        // In the group they share, mallory's words still reach every member.
+        let said = mallory.send(shared, "hi all").await.unwrap();
+        assert_eq!(next_entry(&mut alice_events).await.seq, said);
+
+        // Unblocked: as before.
+        alice.block("mallory", false).await.unwrap();
+        assert!(alice.blocked_users().await.unwrap().is_empty());
+        mallory.send(dm, "truce").await.unwrap();
+        assert_eq!(mallory.presence(&[a]).await.unwrap().len(), 1);
+        mallory.add_members(spam, &["alice".into()], Role::Member).await.unwrap();
     })
     .await
 }

@@ -251,6 +251,14 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(catalog::revoke_device(&shared, caller.user, device_id).await) });
             }
+            RequestBody::Block { user, blocked } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(catalog::block(&shared, caller.user, user, blocked).await) });
+            }
+            RequestBody::BlockedUsers => {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || reply.send(catalog::blocked_users(&shared, caller.user)));
+            }
             RequestBody::ChangePassword { current, new, sign_out_others } => {
                 let (shared, from) = (shared.clone(), self.conn.remote_address().ip());
                 tokio::spawn(async move {

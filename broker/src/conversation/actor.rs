@@ -124,6 +124,9 @@ impl Log for StoreLog<'_> {
     fn receipts_private(&self, user: u64) -> Result<bool, StoreError> {
         Ok(self.0.settings(user)?.read_receipts_private)
     }
+    fn blocks(&self, blocker: u64, user: u64) -> Result<bool, StoreError> {
+        self.0.blocks(blocker, user)
+    }
 }
 
 impl Actor for Conversation {

@@ -36,6 +36,8 @@ pub struct MemLog {
     durable_receipts: HashMap<UserId, Marks>,
     /// Users who keep read receipts private.
     pub private: BTreeSet<UserId>,
+    /// `(blocker, blocked)` pairs.
+    pub blocks: BTreeSet<(UserId, UserId)>,
     /// The contents after each append not yet durable, for a commit of a prefix.
     after: Vec<(Seq, Contents)>,
 }
@@ -118,6 +120,9 @@ impl Log for MemLog {
     }
     fn receipts_private(&self, user: UserId) -> Result<bool, Self::Error> {
         Ok(self.private.contains(&user))
+    }
+    fn blocks(&self, blocker: UserId, user: UserId) -> Result<bool, Self::Error> {
+        Ok(self.blocks.contains(&(blocker, user)))
     }
 }
 
@@ -939,6 +944,64 @@ mod tests {
         assert!(h.fatal);
         assert_eq!(h.receipt_answer(refused), Some(Err(ErrorCode::INTERNAL)));
         assert!(h.notices.is_empty());
+    }
+
+    #[test]
+    fn a_blocked_user_cannot_write_to_its_blocker_nor_add_it_anywhere() {
+        let mut h = Harness::new(ConversationKind::Direct, &[(OWNER, Role::Member), (BOB, Role::Member)]);
+        let before = h.send(BOB, 1, "hi");
+        h.commit();
+        assert_eq!(h.ack(before), Some(Ok((2, false))));
+        h.log.blocks.insert((OWNER, BOB));
+        let refused = h.send(BOB, 2, "hello?");
+        assert_eq!(h.ack(refused), Some(Err(ErrorCode::FORBIDDEN)));
+        let edit = h.write(BOB, Command::Edit { client_id: [3; 16], target: 2, text: "HELLO".into() });
+        assert_eq!(h.ack(edit), Some(Err(ErrorCode::FORBIDDEN)));
+        let file = switchboard_protocol::FileRef {
+            file: [7; 16],
+            name: "cat.png".into(),
+            size: 10,
+            content_type: "image/png".into(),
+        };
+        let files = h.write(BOB, Command::SendFiles { client_id: [4; 16], text: String::new(), files: vec![file] });
+        assert_eq!(h.ack(files), Some(Err(ErrorCode::FORBIDDEN)));
+        // A resend of what landed before the block still gets its answer, and bob may
+        // still take back his own words; the blocker writes as before.
+        let resend = h.send(BOB, 1, "hi");
+        assert_eq!(h.ack(resend), Some(Ok((2, true))));
+        let delete = h.write(BOB, Command::Delete { client_id: [5; 16], target: 2 });
+        let owner = h.send(OWNER, 6, "go away");
+        h.commit();
+        assert_eq!((h.ack(delete), h.ack(owner)), (Some(Ok((3, false))), Some(Ok((4, false)))));
+        assert_eq!(h.delivered_seqs(), vec![2, 3, 4], "nothing refused was delivered");
+        h.log.blocks.clear();
+        let after = h.send(BOB, 7, "sorry");
+        h.commit();
+        assert_eq!(h.ack(after), Some(Ok((5, false))), "unblocked: bob writes again");
+
+        // In a group: an admin cannot add someone who blocks them; a plain member is
+        // told only that it may not add anyone (the block is not its business).
+        let mut g =
+            Harness::new(ConversationKind::Group, &[(OWNER, Role::Owner), (BOB, Role::Admin), (4, Role::Member)]);
+        g.log.blocks.insert((CAROL, BOB));
+        let add = g.write(BOB, Command::Add { users: vec![CAROL], role: Role::Member });
+        let Some(Err(refused)) = g.reply(add) else { panic!("{:?}", g.reply(add)) };
+        assert_eq!(
+            (refused.code, refused.message.as_str()),
+            (ErrorCode::FORBIDDEN, "user3 does not accept being added by you")
+        );
+        let by_member = g.write(4, Command::Add { users: vec![CAROL], role: Role::Member });
+        let Some(Err(refused)) = g.reply(by_member) else { panic!() };
+        assert_eq!(refused.message, "only the owner or an admin may change members");
+        let by_owner = g.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Member });
+        g.commit();
+        assert_eq!(g.ack(by_owner), Some(Ok((2, false))), "carol blocks bob, not the owner");
+        // In a group bob's messages reach every member, carol too: a block is about
+        // being reached directly, not about what a shared group shows.
+        let said = g.send(BOB, 8, "welcome");
+        g.commit();
+        assert_eq!(g.ack(said), Some(Ok((3, false))));
+        assert!(g.deliveries.last().unwrap().audience.contains(&CAROL));
     }
 
     #[test]

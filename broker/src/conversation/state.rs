@@ -180,6 +180,8 @@ pub trait Log {
     fn receipt(&self, conv: ConvId, user: UserId) -> Result<Option<Marks>, Self::Error>;
     /// Whether `user` keeps its read receipts private (`Settings`).
     fn receipts_private(&self, user: UserId) -> Result<bool, Self::Error>;
+    /// Whether `blocker` blocks `user` (`Block`).
+    fn blocks(&self, blocker: UserId, user: UserId) -> Result<bool, Self::Error>;
 }
 
 /// What the driver must do, in the order given. `R` is the driver's way to answer one
@@ -400,7 +402,13 @@ impl<R> ConversationState<R> {
             }
             _ => None,
         };
+        // After the rules (a block is not told to whoever may not make the write anyway).
+        let blocked = match self.blocked(log, caller.user, &cmd) {
+            Ok(b) => b,
+            Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
+        };
         let (entry, members) = match self.plan(caller, cmd, target.as_ref(), now_ms) {
+            Ok(_) if let Some(refused) = blocked => return vec![Effect::Reply(reply, Err(refused))],
             Ok(p) => p,
             // A conflict says that what was asked for holds already (members added, a
             // role given): judged on entries not yet durable, it waits for them, as a
@@ -868,6 +876,32 @@ impl<R> ConversationState<R> {
             body,
         };
         Ok((entry, members))
+    }
+
+    /// The refusal of a write that a block forbids (`Block`), read from the log: in a
+    /// direct conversation the peer who blocks the caller gets no message, edit or files
+    /// from it (a delete of the caller's own message still goes through), and nobody
+    /// who blocks the caller is added by it to a group. `FORBIDDEN`, naming the user.
+    fn blocked<L: Log>(&self, log: &L, caller: UserId, cmd: &Command) -> Result<Option<ErrorBody>, L::Error> {
+        let (candidates, why): (Vec<UserId>, &str) = match cmd {
+            Command::Send { .. } | Command::SendFiles { .. } | Command::Edit { .. }
+                if self.kind == ConversationKind::Direct =>
+            {
+                (self.members.keys().copied().filter(|&u| u != caller).collect(), "does not accept messages from you")
+            }
+            Command::Add { users, .. } => (
+                users.iter().copied().filter(|u| !self.members.contains_key(u)).collect(),
+                "does not accept being added by you",
+            ),
+            _ => return Ok(None),
+        };
+        for user in candidates {
+            if log.blocks(user, caller)? {
+                let name = log.user_name(user)?.unwrap_or_else(|| user.to_string());
+                return Ok(Some(err(ErrorCode::FORBIDDEN, &format!("{name} {why}"))));
+            }
+        }
+        Ok(None)
     }
 
     fn group_admin(&self, role: Role) -> Result<(), ErrorBody> {

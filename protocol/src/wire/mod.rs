@@ -162,6 +162,9 @@ mod tests {
         "request_usage",
         "response_usage",
         "request_change_password",
+        "request_block",
+        "request_blocked_users",
+        "response_blocked_users",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -467,6 +470,11 @@ mod tests {
             }),
             "request_list_uploads" => req(31, RequestBody::ListUploads { after: Some(THUMB) }),
             "request_usage" => req(33, RequestBody::Usage),
+            "request_block" => req(35, RequestBody::Block { user: "mallory".into(), blocked: true }),
+            "request_blocked_users" => req(36, RequestBody::BlockedUsers),
+            "response_blocked_users" => {
+                ok(36, Reply::BlockedUsers(vec![BlockedUser { user_id: 9, name: "mallory".into() }]))
+            }
             "request_change_password" => req(
                 34,
                 RequestBody::ChangePassword {

@@ -120,6 +120,17 @@ pub enum Reply {
     },
     /// My quota and limits (answer to `Usage`).
     Usage(Usage),
+    /// The users I block (answer to `BlockedUsers`), by ascending id.
+    BlockedUsers(Vec<BlockedUser>),
+}
+
+/// A user I block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedUser {
+    /// User id.
+    pub user_id: UserId,
+    /// User name.
+    pub name: String,
 }
 
 /// A conversation as listed.

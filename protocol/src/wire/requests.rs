@@ -246,6 +246,18 @@ pub enum RequestBody {
         /// Revoke every other device of the account.
         sign_out_others: bool,
     },
+    /// Block a user by name (or stop, with `blocked` false). While I block someone, they
+    /// cannot start a direct conversation with me, write in ours, or add me to a group,
+    /// and neither of us sees the other's presence or typing. At most `MAX_BLOCKED`
+    /// users. Replies `Done` once durable.
+    Block {
+        /// The user's name.
+        user: String,
+        /// Block (true) or unblock (false).
+        blocked: bool,
+    },
+    /// The users I block, by ascending id. Replies `BlockedUsers`.
+    BlockedUsers,
 }
 
 /// Enrollment of a new device key, with the account password.
