@@ -44,7 +44,7 @@ pub use files::{
 pub use merge::{Fetch, Merge};
 pub use session::{
     Backoff, RESTART_RETRY_MAX_MS, RESTART_WINDOW_MS, Session, SessionConfig, SessionError, SessionEvent,
-    SessionEvents, TYPING_REFRESH_MS, permanent, retry_safe,
+    SessionEvents, TYPING_REFRESH_MS, permanent, random_u64, retry_safe,
 };
 pub use switchboard_protocol as protocol;
 pub use tls::{TransportOptions, Trust};
@@ -185,23 +185,50 @@ impl Connector {
 
     /// Connects and proves `identity`'s device key: the connection, its control stream
     /// and the user and device ids the broker answered, within `connect_timeout`.
+    ///
+    /// An attempt still unanswered after `FRESH_ATTEMPT_AFTER` (then twice that, and so
+    /// on) is dropped for a fresh one while time is left: a broker that restarted in the
+    /// middle of a handshake drops the old handshake's packets (it knows no such
+    /// connection, and QUIC resets only short-header packets), so that attempt would wait
+    /// out the whole `connect_timeout` while a new one is answered at once. Authenticating
+    /// again is harmless; enrolling is not, so `enroll` makes one attempt.
     async fn authenticated(&self, identity: &Identity) -> Result<(quinn::Connection, Control, (UserId, DeviceId))> {
         let key = signing_key(&identity.secret_key)?;
-        self.in_time(async {
-            let (conn, mut stream, transcript) = self.open().await?;
-            let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
-            let body =
-                RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
-            let ids = stream.authenticate(&conn, body).await?;
-            Ok((conn, stream, ids))
-        })
-        .await
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let mut window = FRESH_ATTEMPT_AFTER;
+        loop {
+            let attempt = async {
+                let (conn, mut stream, transcript) = self.open().await?;
+                let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
+                let body =
+                    RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
+                let ids = stream.authenticate(&conn, body).await?;
+                Ok((conn, stream, ids))
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left <= window {
+                return self.in_time_left(left, attempt).await;
+            }
+            if let Ok(done) = tokio::time::timeout(window, attempt).await {
+                return done;
+            }
+            window *= 2;
+        }
     }
 
     /// `connecting` (the QUIC handshake, the hellos and the authentication), or a
     /// `Connect` error naming the address once `connect_timeout` has passed.
     async fn in_time<T>(&self, connecting: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.connect_timeout, connecting).await {
+        self.in_time_left(self.connect_timeout, connecting).await
+    }
+
+    /// `in_time` with `left` of the `connect_timeout` left.
+    async fn in_time_left<T>(
+        &self,
+        left: std::time::Duration,
+        connecting: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(left, connecting).await {
             Ok(result) => result,
             Err(_) => Err(ClientError::Connect(format!(
                 "no broker answered at {} within {} s",
@@ -270,7 +297,7 @@ impl Connector {
     async fn open(&self) -> Result<(quinn::Connection, Control, Vec<u8>)> {
         let connecting =
             self.endpoint.connect(self.server, &self.server_name).map_err(|e| ClientError::Connect(e.to_string()))?;
-        let conn = connecting.await.map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = connecting.await.map_err(|e| ClientError::Connect(tls::handshake_failure(&e)))?;
         let (send, recv) = conn.open_bi().await?;
         let mut stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), hello: None };
         let hello = ClientHello {
@@ -293,6 +320,13 @@ impl Connector {
         &self.endpoint
     }
 }
+
+/// How long the first attempt at authenticating a connection may take before a fresh
+/// one replaces it (`Connector::connect`); each later attempt gets twice as long. Two
+/// seconds is many handshakes' round trips on any link a chat client uses, and above
+/// QUIC's first retransmission of a lost Initial (1 s), so a broker that is merely
+/// slow or starting is not abandoned too early.
+pub const FRESH_ATTEMPT_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a broker said when probed (`Connector::probe`).
 #[derive(Clone, Copy, Debug)]

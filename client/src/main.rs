@@ -154,7 +154,10 @@ enum Command {
     },
     /// Print what happens, until interrupted: messages (first every one not printed
     /// before by a tail of this device, in order), receipts, presence and typing.
-    /// Reconnects by itself; stops for good only if the device is revoked.
+    /// Reconnects by itself; stops for good only if the device is revoked. What was
+    /// printed is saved about once a second and at every clean stop (Ctrl-C, SIGTERM):
+    /// after a crash or kill -9 the last second's messages are printed again (--json
+    /// lines carry conv and seq to tell them apart).
     Tail,
     /// Mark a conversation read up to a seq.
     Read { conv: ConvId, seq: Seq },
@@ -262,6 +265,7 @@ enum ConvCommand {
     /// Add users to a group.
     Add {
         conv: ConvId,
+        #[arg(required = true)]
         users: Vec<String>,
         /// Make them admins.
         #[arg(long)]
@@ -395,8 +399,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => TransportOptions::default(),
     };
-    let connector = connector(&state, &options).await?;
     let enrolling = matches!(cli.command, Command::Register { .. } | Command::Login { .. });
+    // Said before the trust is looked for: without a device nothing else matters yet.
+    if !enrolling && !matches!(cli.command, Command::Probe { .. }) && state.identity.is_none() {
+        bail!("no device here yet: run `sb register NAME` or `sb login NAME`");
+    }
+    let connector = connector(&state, &options).await?;
     // `tail` and `typing` end on Ctrl-C or SIGTERM themselves (tail saves its cursors);
     // any other command is cut short here, so that its connection is closed below too.
     let own_interrupt = matches!(cli.command, Command::Tail | Command::Typing { .. });
@@ -414,8 +422,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let code = client_error(e).and_then(ClientError::code);
         if matches!(code, Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED)) {
             let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
+            let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
             result = result.context(format!(
-                "this device is not enrolled any more (revoked from another device?): `sb login {user}` enrolls it again"
+                "this device is not enrolled at {server} any more (revoked from another device, or is this another broker?): `sb login {user}` enrolls it again"
             ));
         }
     }
@@ -512,6 +521,8 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
                 let upload = UploadArgs { path: file, conv, content_type, caption, no_send, resume };
                 files::upload(connector, identity, home, out, upload).await?;
+            } else if let Command::Send { conv, text, client_id } = command {
+                send(connector, identity, out, conv, &text, client_id).await?;
             } else if let Command::Uploads = command {
                 let client = connector.connect(identity).await?;
                 files::uploads(&client, home, out).await?;
@@ -521,6 +532,67 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             }
         }
     }
+    Ok(())
+}
+
+/// How long `sb send` keeps trying to get its message acknowledged across lost
+/// connections and broker restarts.
+const SEND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `sb send`: the message under one client id, sent again on a new connection whenever
+/// the connection is lost before the answer (a broker restart, a network drop), for up
+/// to `SEND_RETRY_FOR`: the broker answers a resend with the first one's seq, so the
+/// message is stored once whether or not the lost attempt had landed. An answer from
+/// the broker (an ack or a refusal) ends it. Given up, the error names the command that
+/// sends it again safely.
+async fn send(
+    connector: &Connector,
+    identity: &Identity,
+    out: &Out,
+    conv: ConvId,
+    text: &str,
+    client_id: Option<String>,
+) -> anyhow::Result<()> {
+    let client_id = match client_id {
+        Some(h) => unhex(&h)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .context("--client-id takes 32 hex digits (16 bytes)")?,
+        None => new_client_id(),
+    };
+    let deadline = tokio::time::Instant::now() + SEND_RETRY_FOR;
+    let mut backoff = switchboard_client::Backoff::new(100, 2_000);
+    let (seq, duplicate) = loop {
+        let attempt = async {
+            let client = connector.connect(identity).await?;
+            let sent = client.send_with_id(conv, client_id, text).await;
+            client.close();
+            sent
+        };
+        let error = match attempt.await {
+            Ok(sent) => break sent,
+            Err(e) => e,
+        };
+        // A refusal, or a connection the broker closed on purpose, is final.
+        let lost = matches!(error, ClientError::Connect(_))
+            || matches!(&error, ClientError::Closed { code, .. } if code.is_none_or(|c| c == ErrorCode::GOING_AWAY));
+        if !lost {
+            return Err(error.into());
+        }
+        let delay = std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()));
+        if tokio::time::Instant::now() + delay >= deadline {
+            let again = format!("sb send {conv} TEXT --client-id {}", hex(&client_id));
+            return Err(anyhow::Error::new(error)
+                .context(format!("the broker may have stored it: `{again}` sends it again at most once")));
+        }
+        out.status(
+            json!({"event": "resending", "conv": conv, "client_id": hex(&client_id), "error": error.to_string()}),
+            || format!("connection lost before the answer ({error}); sending again in {} ms", delay.as_millis()),
+        );
+        tokio::time::sleep(delay).await;
+    };
+    out.line(json!({"conv": conv, "seq": seq, "client_id": hex(&client_id), "duplicate": duplicate}), || {
+        format!("conv {conv} seq {seq}{}", if duplicate { " (sent before)" } else { "" })
+    });
     Ok(())
 }
 
@@ -607,18 +679,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 out.seq(conv, seq)
             }
         },
-        Command::Send { conv, text, client_id } => {
-            let client_id = match client_id {
-                Some(h) => unhex(&h)
-                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                    .context("--client-id takes 32 hex digits (16 bytes)")?,
-                None => new_client_id(),
-            };
-            let (seq, duplicate) = client.send_with_id(conv, client_id, &text).await?;
-            out.line(json!({"conv": conv, "seq": seq, "client_id": hex(&client_id), "duplicate": duplicate}), || {
-                format!("conv {conv} seq {seq}{}", if duplicate { " (sent before)" } else { "" })
-            });
-        }
+        Command::Send { .. } => unreachable!("sent by `send`, which reconnects"),
         Command::Edit { conv, seq, text } => out.seq(conv, client.edit(conv, seq, &text).await?),
         Command::Delete { conv, seq } => out.seq(conv, client.delete(conv, seq).await?),
         Command::History { conv, before, after, limit } => {
@@ -668,6 +729,9 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             }
         }
         Command::Typing { conv, seconds } => {
+            // A signal has no answer (the broker drops one for a conversation I am not
+            // in): ask first, so a wrong conversation is an error here.
+            client.members(conv).await?;
             // A repeat every TYPING_REFRESH_MS keeps the indicator up (it expires after
             // twice that); a stop ends it at once.
             client.signal(Signal::Typing { conv, typing: true }).await?;
@@ -1154,6 +1218,12 @@ fn probe_timeout(text: &str) -> Result<f64, String> {
 
 async fn connector(state: &State, options: &TransportOptions) -> anyhow::Result<Connector> {
     let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
+    if server
+        .rsplit_once(':')
+        .is_none_or(|(host, port)| host.is_empty() || host.ends_with(':') || port.parse::<u16>().is_err())
+    {
+        bail!("--server {server:?}: give a host and a UDP port, like 127.0.0.1:4433 or example.com:4433");
+    }
     let addr: SocketAddr = tokio::net::lookup_host(&server)
         .await
         .with_context(|| format!("resolving {server}"))?
@@ -1262,7 +1332,22 @@ fn password(name: &str, confirm: bool) -> anyhow::Result<String> {
         return Ok(p);
     }
     let read = |prompt: &str| -> anyhow::Result<String> { Ok(rpassword::prompt_password(prompt)?) };
-    let p = read(&format!("password for {name}: "))?;
+    let p = match read(&format!("password for {name}: ")) {
+        Ok(p) => p,
+        // No terminal (a script, a service): the first line of standard input, as
+        // `switchboard user add` reads it.
+        Err(_) => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
+            let p = line.trim_end_matches(['\n', '\r']).to_owned();
+            if p.is_empty() {
+                bail!(
+                    "no password: set SWITCHBOARD_PASSWORD, run on a terminal, or give it as the first line of standard input"
+                );
+            }
+            return Ok(p);
+        }
+    };
     if confirm && read("again: ")? != p {
         bail!("passwords differ");
     }

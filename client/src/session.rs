@@ -1128,7 +1128,8 @@ async fn wait_connect(
     }
 }
 
-fn random_u64() -> u64 {
+/// A random `u64` from the system's source: the draw `Backoff::next_ms` takes.
+pub fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     crate::random(&mut bytes);
     u64::from_le_bytes(bytes)

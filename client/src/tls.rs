@@ -72,7 +72,8 @@ pub(crate) fn endpoint(
             let read = |e: rustls::pki_types::pem::Error| connect(format!("{}: {e}", path.display()));
             let certs =
                 CertificateDer::pem_file_iter(&path).map_err(read)?.collect::<Result<Vec<_>, _>>().map_err(read)?;
-            builder.with_root_certificates(roots(certs)?).with_no_client_auth()
+            let roots = roots(certs).map_err(|e| connect(format!("{}: {e}", path.display())))?;
+            builder.with_root_certificates(roots).with_no_client_auth()
         }
         Trust::Roots(certs) => builder.with_root_certificates(roots(certs)?).with_no_client_auth(),
         Trust::Pin(hex) => {
@@ -155,8 +156,8 @@ struct PinVerifier {
     provider: Arc<CryptoProvider>,
 }
 
-/// A certificate other than the pinned one.
-#[derive(Debug)]
+/// A certificate other than the pinned one. Its `Debug` is its `Display`: rustls shows a
+/// custom certificate error only through `Debug`, and that text reaches the user.
 struct PinMismatch {
     presented: String,
     pinned: String,
@@ -168,7 +169,23 @@ impl std::fmt::Display for PinMismatch {
     }
 }
 
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 impl std::error::Error for PinMismatch {}
+
+/// A failed handshake as a user reads it: rustls wraps a custom certificate error as
+/// `invalid peer certificate: Other(OtherError(TEXT))`; the wrapper goes.
+pub(crate) fn handshake_failure(e: &quinn::ConnectionError) -> String {
+    let text = e.to_string();
+    match text.split_once("Other(OtherError(") {
+        Some((head, rest)) => format!("{head}{}", rest.strip_suffix("))").unwrap_or(rest)),
+        None => text,
+    }
+}
 
 impl ServerCertVerifier for PinVerifier {
     fn verify_server_cert(

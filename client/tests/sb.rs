@@ -10,6 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use switchboard_broker::{Broker, Config};
+use switchboard_protocol::ErrorCode;
 
 /// Runs `sb --json ARGS` and returns its output lines, asserting success.
 fn sb(home: &Path, broker: &Broker, args: &[&str]) -> Vec<serde_json::Value> {
@@ -1079,6 +1080,8 @@ async fn probe_answers_without_an_account() {
     // Saying what the broker presented, so the operator sees which side is wrong.
     let said = String::from_utf8_lossy(&wrong.stderr);
     assert!(said.contains(&broker.fingerprint) && said.contains(&"00".repeat(32)), "{said}");
+    // In words, not a Rust debug dump of rustls' wrapper.
+    assert!(said.contains("the broker presented a certificate with sha256") && !said.contains("OtherError"), "{said}");
 }
 
 /// `sb probe --timeout` bounds the wait for a broker that does not answer (a health
@@ -1186,4 +1189,88 @@ async fn block_stops_a_stranger_and_unblock_lets_it_back() {
     sb(&alice, &broker, &["unblock", "mallory"]);
     assert!(sb(&alice, &broker, &["block", "--list"]).is_empty());
     sb(&mallory, &broker, &["send", &conv, "sorry"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_whose_answer_was_lost_sends_again_and_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(dir.path().join("data"));
+    // Time between the write and its answer to cut the connection in.
+    config.send_delay_target_ms = 0;
+    config.commit_delay_us = 100_000;
+    let broker = Broker::start(config).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    let bob_id = sb(&bob, &broker, &["register", "bob"])[0]["user_id"].as_u64().unwrap();
+    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let before = broker.shared().store.last_seq(conv).unwrap();
+
+    let child = sb_command(&bob, &broker)
+        .args(["--json", "send", &conv.to_string(), "once"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The message is written and waits for its commit: the connection goes now, so the
+    // answer never arrives (before, sb failed here although the message was stored).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while broker.shared().store.last_seq(conv).unwrap() == before {
+        assert!(Instant::now() < deadline, "the message never arrived");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for session in broker.shared().online.sessions(bob_id).into_iter().flat_map(|s| s.to_vec()) {
+        session.conn.close(ErrorCode::GOING_AWAY.0.into(), b"cut");
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out.stdout);
+    let sent = lines.iter().find(|l| l.get("seq").is_some()).unwrap();
+    assert!(lines.iter().any(|l| l["event"] == "resending"), "{lines:?}");
+    assert_eq!((sent["seq"].as_u64(), sent["duplicate"].as_bool()), (Some(before + 1), Some(true)), "{lines:?}");
+    let history = sb(&alice, &broker, &["history", &conv.to_string()]);
+    assert_eq!(history.iter().filter(|e| e["text"] == "once").count(), 1, "{history:?}");
+}
+
+/// Mistakes a user makes are said before any work, in words: a conversation one is not
+/// in before a whole file is uploaded to it or a typing signal vanishes, an `add` with
+/// nobody to add, a server without a port; and a password comes from standard input
+/// where there is no terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistakes_are_said_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, carol) = (dir.path().join("alice"), dir.path().join("carol"));
+    sb(&alice, &broker, &["register", "alice"]);
+    // No SWITCHBOARD_PASSWORD and no terminal: the first line of standard input.
+    let mut register = sb_command(&carol, &broker);
+    register
+        .env_remove("SWITCHBOARD_PASSWORD")
+        .args(["register", "carol"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = register.stderr(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"correct horse battery\n").unwrap();
+    let registered = child.wait_with_output().unwrap();
+    assert!(registered.status.success(), "{registered:?}");
+    let conv =
+        sb(&alice, &broker, &["conv", "create", "--title", "g", "alice"])[0]["conv"].as_u64().unwrap().to_string();
+
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, b"private notes").unwrap();
+    let upload = sb_output(&carol, &broker, &["upload", path.to_str().unwrap(), "--conv", &conv]);
+    assert!(!upload.status.success());
+    let said = String::from_utf8_lossy(&upload.stderr);
+    assert!(said.contains("nothing uploaded") && said.contains("FORBIDDEN"), "{said}");
+    let quota = sb(&carol, &broker, &["quota"]);
+    assert_eq!(quota[0]["stored_bytes"], 0, "nothing was charged: {quota:?}");
+
+    let typing = sb_output(&carol, &broker, &["typing", &conv, "--seconds", "1"]);
+    assert!(!typing.status.success() && String::from_utf8_lossy(&typing.stderr).contains("FORBIDDEN"), "{typing:?}");
+    let add = sb_output(&alice, &broker, &["conv", "add", &conv]);
+    assert!(!add.status.success() && String::from_utf8_lossy(&add.stderr).contains("required"), "{add:?}");
+    let portless = Command::new(env!("CARGO_BIN_EXE_sb"))
+        .env("SWITCHBOARD_HOME", &alice)
+        .args(["--server", "localhost", "conv", "list"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&portless.stderr).contains("give a host and a UDP port"), "{portless:?}");
 }

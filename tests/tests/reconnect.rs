@@ -290,3 +290,91 @@ async fn a_write_in_its_overload_backoff_is_sent_at_once_on_a_new_connection() {
     })
     .await;
 }
+
+/// The connection ids of a QUIC packet's header: `(destination, source)` for a long
+/// header, `None` for a short one (its destination id has no length on the wire).
+fn long_header_ids(datagram: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    if datagram.first()? & 0x80 == 0 {
+        return None;
+    }
+    let dcid_len = *datagram.get(5)? as usize;
+    let dcid = datagram.get(6..6 + dcid_len)?.to_vec();
+    let scid_len = *datagram.get(6 + dcid_len)? as usize;
+    let scid = datagram.get(7 + dcid_len..7 + dcid_len + scid_len)?.to_vec();
+    Some((dcid, scid))
+}
+
+/// Whether a datagram belongs to the connection whose ids are `ids` (as its destination).
+fn addressed_to(datagram: &[u8], ids: &[Vec<u8>]) -> bool {
+    match long_header_ids(datagram) {
+        Some((dcid, _)) => ids.contains(&dcid),
+        None => ids.iter().any(|id| !id.is_empty() && datagram.get(1..).is_some_and(|d| d.starts_with(id))),
+    }
+}
+
+/// A UDP relay in front of `broker` that plays a broker restart in the middle of the
+/// first handshake through it: it relays the client's first Initial and the broker's
+/// first answer, then drops every later packet of that connection both ways, as a
+/// restarted broker that never heard of it would. Connections begun after it pass.
+async fn restart_mid_handshake_relay(broker: std::net::SocketAddr) -> std::net::SocketAddr {
+    let outside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let inside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    inside.connect(broker).await.unwrap();
+    let addr = outside.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut client, mut first) = (None, None::<(Vec<u8>, Vec<u8>)>);
+        let (mut to_broker, mut to_client): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
+        let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                Ok((n, from)) = outside.recv_from(&mut up) => {
+                    client = Some(from);
+                    let d = &up[..n];
+                    if first.is_none() && let Some((dcid, scid)) = long_header_ids(d) {
+                        first = Some((dcid.clone(), scid.clone()));
+                        to_broker.push(dcid);
+                        to_client.push(scid);
+                    } else if to_broker.len() > 1 && addressed_to(d, &to_broker) {
+                        continue;
+                    }
+                    let _ = inside.send(d).await;
+                }
+                Ok(n) = inside.recv(&mut down) => {
+                    let d = &down[..n];
+                    if to_broker.len() > 1 && addressed_to(d, &to_client) {
+                        continue;
+                    }
+                    if to_broker.len() == 1 && let Some((dcid, scid)) = long_header_ids(d) && to_client.contains(&dcid) {
+                        // The broker's first answer goes through; the "restart" is now.
+                        to_broker.push(scid);
+                    }
+                    if let Some(c) = client {
+                        let _ = outside.send_to(d, c).await;
+                    }
+                }
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_connect_caught_in_a_broker_restart_mid_handshake_starts_afresh() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_alice, identity) = tb.register("alice").await;
+        let b = tb.broker.as_ref().unwrap();
+        let relay = restart_mid_handshake_relay(b.local_addr).await;
+        let options =
+            switchboard_client::TransportOptions { connect_timeout: Duration::from_secs(8), ..Default::default() };
+        let trust = switchboard_client::Trust::CaFile(b.cert_path.clone());
+        let connector = switchboard_client::Connector::with_transport(relay, "localhost", trust, &options).unwrap();
+        let started = std::time::Instant::now();
+        // Before, the first attempt waited out the whole connect timeout and failed.
+        let client = connector.connect(&identity).await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= switchboard_client::FRESH_ATTEMPT_AFTER, "the first attempt was the one cut off: {took:?}");
+        client.ping().await.unwrap();
+    })
+    .await
+}

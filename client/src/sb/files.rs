@@ -55,6 +55,16 @@ pub async fn upload(
     // Two sb uploading one file would take the upload from each other (`CONFLICT`).
     let _lock = UploadLock::take(home, &key, &path)?;
     let mut uploader = Uploader::new(connector.clone(), identity.clone(), UploaderConfig::default());
+    // A conversation the message cannot go to is said before any byte is sent (before,
+    // the whole file went up, stayed on the quota, and only then was refused).
+    if let (Some(conv), false) = (args.conv, args.no_send) {
+        uploader
+            .client()
+            .await?
+            .members(conv)
+            .await
+            .with_context(|| format!("conversation {conv}: nothing uploaded"))?;
+    }
 
     let saved = load_saved(home, &key)?;
     let saved_id = saved.as_ref().and_then(|s| parse_file_id(&s.file).ok());
