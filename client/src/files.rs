@@ -807,8 +807,8 @@ impl UploadPlan {
     }
 }
 
-/// Failures a new connection can get past.
-fn transient(error: &TransferError) -> bool {
+/// Failures a new connection can get past (a transfer is then resumed, not failed).
+pub fn transient(error: &TransferError) -> bool {
     let code = error.code();
     let transient_code = matches!(
         code,

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use cursors::{CursorStore, Cursors, FileCursors, MemoryCursors};
 pub use files::{
     ChunkWindow, DownloadRange, MAX_CHUNKS_IN_FLIGHT, TRANSFER_STALL, TransferError, UploadEvent, UploadPlan,
-    UploadStep, Uploader, UploaderConfig, hash_file, new_upload,
+    UploadStep, Uploader, UploaderConfig, hash_file, new_upload, transient,
 };
 pub use merge::{Fetch, Merge};
 pub use session::{

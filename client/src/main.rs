@@ -521,6 +521,8 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
                 let upload = UploadArgs { path: file, conv, content_type, caption, no_send, resume };
                 files::upload(connector, identity, home, out, upload).await?;
+            } else if let Command::Download { file, out: path, offset, length } = command {
+                files::download(connector, identity, out, &file, &path, offset, length).await?;
             } else if let Command::Send { conv, text, client_id } = command {
                 send(connector, identity, out, conv, &text, client_id).await?;
             } else if let Command::Uploads = command {
@@ -699,9 +701,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
         Command::Upload { .. } => unreachable!("runs on an uploader"),
         Command::Uploads => unreachable!("reads the home"),
         Command::Quota => files::quota(client, out).await?,
-        Command::Download { file, out: path, offset, length } => {
-            files::download(client, out, &file, &path, offset, length).await?;
-        }
+        Command::Download { .. } => unreachable!("run by `files::download`, which reconnects"),
         Command::File { command } => files::file_command(client, out, command).await?,
         Command::Read { conv, seq } => {
             let r = client.mark_read(conv, seq).await?;

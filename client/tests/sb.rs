@@ -1274,3 +1274,45 @@ async fn mistakes_are_said_before_any_work() {
         .unwrap();
     assert!(String::from_utf8_lossy(&portless.stderr).contains("give a host and a UDP port"), "{portless:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_resumes_after_a_lost_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    let alice_id = sb(&alice, &broker, &["register", "alice"])[0]["user_id"].as_u64().unwrap();
+    let data = pseudo_random_bytes(16 * 1024 * 1024 + 7, 12);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+    let uploaded = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    let id = event(&uploaded, "uploaded")["file"].as_str().unwrap().to_owned();
+
+    let downloads = dir.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    let target = downloads.join("copy.bin");
+    let child = sb_command(&alice, &broker)
+        .args(["--json", "download", &id, target.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Some bytes are in the new file beside OUT: the connection goes now.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let partial = std::fs::read_dir(&downloads).unwrap().flatten().find(|e| e.path() != target);
+        if partial.is_some_and(|p| p.metadata().is_ok_and(|m| m.len() > 0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the download never began");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for session in broker.shared().online.sessions(alice_id).into_iter().flat_map(|s| s.to_vec()) {
+        session.conn.close(ErrorCode::GOING_AWAY.0.into(), b"cut");
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out.stdout);
+    let interrupted = event(&lines, "download_interrupted");
+    assert!(interrupted["at"].as_u64().unwrap() > 0, "{lines:?}");
+    assert_eq!(event(&lines, "downloaded")["verified"], true, "{lines:?}");
+    assert!(std::fs::read(&target).unwrap() == data);
+}

@@ -1093,6 +1093,36 @@ async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
     .await
 }
 
+/// A download whose reader takes nothing keeps its blob file only while no other
+/// download waits for one: then it is held to the upload chunks' minimum rate and gives
+/// the file up (`CHUNK_TOO_SLOW`). Before, one piece per `transfer_progress_secs` kept a
+/// blob file open for good, so slow readers could keep every download out.
+#[tokio::test]
+async fn a_stalled_download_gives_its_blob_file_to_a_waiting_one() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.transfer_progress_secs = 60;
+            c.max_open_blob_files = 1;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let conn = alice.connection().clone();
+        let data = bytes(8 * 1024 * 1024 + 5, 91);
+        let file = upload(&alice, "big.bin", &data).await;
+        let mut stalled = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        assert!(matches!(stalled.reply().await, Some(TransferReply::Range { .. })));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        let mut next = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        let (reply, got) = within(STEP_DEADLINE, "the waiting download", next.download_reply()).await;
+        assert!(matches!(reply, TransferReply::Range { .. }), "{reply:?}");
+        assert!(got == data);
+        assert!(started.elapsed() < Duration::from_secs(20), "served within the lease, not the progress deadline");
+        assert_eq!(reset_code(&mut stalled.recv).await, ErrorCode::CHUNK_TOO_SLOW);
+    })
+    .await
+}
+
 /// A chunk still arriving holds its buffer: the buffer is counted in
 /// `transfer_buffer_bytes` before it is allocated, not only once the chunk is whole and
 /// queued (a stalled stream's half-received frame used to be held outside the budget).

@@ -559,18 +559,55 @@ async fn download(
                 return;
             }
         };
-        // A client that stops granting flow-control credit does not keep the blob open.
-        match tokio::time::timeout(progress, send.write_chunk(bytes)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                let _ = send.reset(ErrorCode::TIMEOUT.0.into());
+        match write_piece(shared, &mut send, bytes, progress).await {
+            Ok(()) => {}
+            Err(None) => return,
+            Err(Some(code)) => {
+                let _ = send.reset(code.0.into());
                 return;
             }
         }
         at += len as u64;
     }
     let _ = send.finish();
+}
+
+/// How often a download piece's writer looks at its lease while the reader is slow.
+const LEASE_CHECK: Duration = Duration::from_millis(100);
+
+/// Writes one piece of a download, as fast as the reader takes it. A reader that takes
+/// nothing for `progress` gets `TIMEOUT`. One that takes a piece slower than
+/// `MIN_CHUNK_BYTES_PER_SEC` (after `CHUNK_LEASE_GRACE`) while another download waits
+/// for a blob file gets `CHUNK_TOO_SLOW`, and its blob file goes to the waiting one: the
+/// same lease as an upload chunk's, so slow readers cannot keep every blob file open
+/// (before, one piece per `transfer_progress_secs` held one for good). `Err(None)`: the
+/// stream is gone.
+async fn write_piece(
+    shared: &Shared,
+    send: &mut quinn::SendStream,
+    bytes: Bytes,
+    progress: Duration,
+) -> Result<(), Option<ErrorCode>> {
+    let lease = crate::limits::CHUNK_LEASE_GRACE
+        + Duration::from_secs_f64(bytes.len() as f64 / crate::limits::MIN_CHUNK_BYTES_PER_SEC as f64);
+    let started = tokio::time::Instant::now();
+    let write = send.write_chunk(bytes);
+    tokio::pin!(write);
+    loop {
+        match tokio::time::timeout(LEASE_CHECK, &mut write).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(None),
+            Err(_) => {
+                let waited = started.elapsed();
+                if waited >= progress {
+                    return Err(Some(ErrorCode::TIMEOUT));
+                }
+                if waited >= lease && shared.files.blob_wanted() {
+                    return Err(Some(ErrorCode::CHUNK_TOO_SLOW));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

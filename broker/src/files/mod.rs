@@ -64,6 +64,9 @@ pub struct Files {
     /// One permit per blob file open for a download, over all streams
     /// (`max_open_blob_files`).
     open_blobs: Arc<tokio::sync::Semaphore>,
+    /// Downloads waiting for one of `open_blobs`: while there are any, a download whose
+    /// reader falls behind the minimum rate gives its blob file up.
+    blob_waiters: AtomicUsize,
     /// Uploads refused with `STORAGE_FULL`, told to the operator at most once a minute.
     pub(crate) storage_full: crate::metrics::Tally,
     /// Which completed images get a thumbnail made, and when.
@@ -168,6 +171,7 @@ impl Files {
             streams_per_user: limits.streams_per_user,
             chunk_budget: budget::ChunkBudget::new(chunk_bytes_max),
             open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
+            blob_waiters: AtomicUsize::new(0),
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
             spawning: std::sync::Mutex::new(HashMap::new()),
@@ -196,7 +200,24 @@ impl Files {
         &self,
         deadline: tokio::time::Instant,
     ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = self.open_blobs.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        // Counted while waiting, however the wait ends (a stream dropped mid-wait too).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.blob_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.blob_waiters);
         acquire_until(&self.open_blobs, 1, deadline).await
+    }
+
+    /// Whether a download waits for a blob file now.
+    pub(crate) fn blob_wanted(&self) -> bool {
+        self.blob_waiters.load(Ordering::SeqCst) > 0
     }
 
     /// Bytes of upload chunk buffers held now, being received or queued for actors

@@ -321,7 +321,8 @@ async fn send_files(
 /// over OUT: a failed or interrupted download leaves OUT as it was. A device or pipe
 /// (`/dev/null`) is written directly, never synced, checked or removed.
 pub async fn download(
-    client: &Client,
+    connector: &Connector,
+    identity: &Identity,
     out: &Out,
     id: &str,
     path: &Path,
@@ -329,6 +330,7 @@ pub async fn download(
     length: u64,
 ) -> anyhow::Result<()> {
     let file = parse_file_id(id)?;
+    let mut client = connector.connect(identity).await?;
     let info = client.file_info(file).await?;
     let size = info.file.size;
     if offset > 0 && offset >= size {
@@ -352,9 +354,51 @@ pub async fn download(
     let _cleanup = (!special).then(|| RemoveOnDrop(partial.clone()));
     let written: anyhow::Result<_> = async {
         let bar = progress_bar(out, expected);
-        let range = client.download(file, offset, length, &mut sink, |written| bar.set_position(written)).await;
+        let mut done = 0u64;
+        let mut backoff = Backoff::new(200, 5_000);
+        let mut last_progress = std::time::Instant::now();
+        // Resumed where the bytes written so far end, on a new connection, after any
+        // failure a new connection can get past (a dropped connection, a broker restart,
+        // a stream reset for reading too slowly), until `DOWNLOAD_GIVE_UP` passes
+        // without a byte.
+        while done < expected {
+            let got = std::cell::Cell::new(0u64);
+            let range = client
+                .download(file, offset + done, expected - done, &mut sink, |w| {
+                    got.set(w);
+                    bar.set_position(done + w);
+                })
+                .await;
+            done += got.get();
+            let error = match range {
+                Ok(_) => break,
+                Err(e) => e,
+            };
+            if got.get() > 0 {
+                last_progress = std::time::Instant::now();
+                backoff.reset();
+            }
+            if !switchboard_client::transient(&error) || last_progress.elapsed() > DOWNLOAD_GIVE_UP {
+                return Err(error.into());
+            }
+            let delay = backoff.next_ms(switchboard_client::random_u64());
+            out.status(json!({"event": "download_interrupted", "file": hex(&file), "at": offset + done, "error": error.to_string(), "retry_in_ms": delay}), || {
+                format!("download interrupted at byte {} ({error}); resuming in {delay} ms", offset + done)
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            client.close();
+            client = loop {
+                match connector.connect(identity).await {
+                    Ok(c) => break c,
+                    Err(e) if last_progress.elapsed() <= DOWNLOAD_GIVE_UP && !permanent(&e) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()))).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+        }
         bar.finish_and_clear();
-        let range = range?;
+        let range = switchboard_client::DownloadRange { offset, length: expected, size };
         if special {
             return Ok((range, false));
         }
@@ -375,6 +419,7 @@ pub async fn download(
         Ok((range, whole))
     }
     .await;
+    client.close();
     drop(sink);
     let (range, whole) = written?;
     out.line(
@@ -394,6 +439,9 @@ pub async fn download(
     );
     Ok(())
 }
+
+/// How long `sb download` keeps resuming a download that makes no progress.
+const DOWNLOAD_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Removes a file when dropped.
 struct RemoveOnDrop(PathBuf);
