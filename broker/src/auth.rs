@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::limits::{
     ARGON2_CONCURRENCY, AUTH_FAILURE_KEYS_MAX, AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_PER_ACCOUNT,
     AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS, MAX_DEVICES_PER_USER, MIN_PASSWORD_BYTES,
-    REGISTRATION_BUCKETS_MAX,
+    PASSWORD_CHANGES_PER_ACCOUNT, REGISTRATION_BUCKETS_MAX,
 };
 use crate::reply::internal;
 use crate::user::TokenBucket;
@@ -44,6 +44,8 @@ pub struct Auth {
     passwords: FailureLimiter,
     /// Bad device signatures, per source address only.
     signatures: FailureLimiter,
+    /// Password changes, right or wrong, per account only.
+    password_changes: FailureLimiter,
     registrations: RegistrationLimiter,
     registration_open: bool,
     unconfirmed_device_grace_ms: u64,
@@ -90,6 +92,7 @@ impl Auth {
             argon: Argon2Pool::new(argon, config.argon2_queue),
             passwords: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS),
             signatures: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, BAD_SIGNATURES_PER_ADDRESS),
+            password_changes: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, PASSWORD_CHANGES_PER_ACCOUNT, 0),
             registrations: RegistrationLimiter::new(
                 config.registration_burst_per_address,
                 config.registration_interval_ms,
@@ -266,25 +269,29 @@ impl Auth {
         Ok(user)
     }
 
-    /// A signed-in user's own password change (`ChangePassword`), from `from`. Checked in
-    /// this order: the new password's length (`INVALID`, before any work), the
-    /// account's and the address's failure allowance (`RATE_LIMITED`, as for a `Login`),
+    /// A signed-in user's own password change (`ChangePassword`). Checked in this order:
+    /// the new password's length (`INVALID`, before any work), the account's allowance of
+    /// changes (`PASSWORD_CHANGES_PER_ACCOUNT` a window, right or wrong: `RATE_LIMITED`),
     /// a full password queue (`OVERLOADED`); then one turn of the password pool checks
-    /// `current` and hashes `new`. A wrong `current` is `AUTH_FAILED` and counts as a
-    /// failed login of the account (so a stolen unlocked device cannot guess the
-    /// password faster than a stranger can). The new hash is stored only if the
+    /// `current` and hashes `new`. A wrong `current` is `AUTH_FAILED`: an unlocked device
+    /// in someone else's hands guesses at most that many a window, and a signed-in user
+    /// cannot keep the pool that every login waits on busy. The allowance is the
+    /// account's own: a stranger's failed logins never stop the owner's change. The new hash is stored only if the
     /// account's hash is still the one `current` was checked against, in the same
     /// catalog write: of two changes racing from the same password one wins, the other
     /// is `AUTH_FAILED`. Durable when it returns.
-    pub async fn change_password(&self, user: UserId, current: &str, new: &str, from: IpAddr) -> Result<(), ErrorBody> {
+    pub async fn change_password(&self, user: UserId, current: &str, new: &str) -> Result<(), ErrorBody> {
         check_password(new)?;
         let now = crate::now_ms();
-        let keys = [LimitKey::Account(user), LimitKey::Address(source(from))];
-        self.passwords.check(&keys, now)?;
+        let keys = [LimitKey::Account(user)];
+        let too_many =
+            |_| fail(ErrorCode::RATE_LIMITED, "too many password changes for this account; try again in a minute");
+        // Counted before any work, and never refunded: concurrent requests cannot all
+        // pass the check before one is counted.
+        self.password_changes.check(&keys, now).map_err(too_many)?;
+        self.password_changes.record(&keys, now).map_err(too_many)?;
         let record = self.store.user(user).map_err(internal)?.ok_or_else(wrong_current_password)?;
         let turn = self.argon.turn()?;
-        // Counted before the (slow) check, refunded when right: as in `check_login`.
-        self.passwords.record(&keys, now)?;
         let (current, new, verified) = (current.to_owned(), new.to_owned(), record.password_hash);
         let phc = verified.clone();
         let hashed = self.argon.run(turn, move |argon| {
@@ -297,7 +304,6 @@ impl Auth {
             argon.hash_password(new.as_bytes()).map(|h| Some(h.to_string())).map_err(internal)
         });
         let Some(hash) = hashed.await?? else { return Err(wrong_current_password()) };
-        self.passwords.refund(&keys);
         let set = crate::catalog::catalog_write(&self.store, move |s| match s.user(user) {
             Ok(Some(account)) if account.password_hash == verified => Some(s.set_password(user, &hash)),
             Ok(_) => None,

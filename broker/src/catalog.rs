@@ -99,6 +99,7 @@ pub(crate) async fn block(shared: &Shared, caller: UserId, name: String, blocked
     if user == caller {
         return Err(ErrorBody::new(ErrorCode::INVALID, "one cannot block oneself"));
     }
+    shared.users.allow_creation(caller)?;
     let max = MAX_BLOCKED as usize;
     let changed = catalog_write(&shared.store, move |s| s.set_block(caller, user, blocked, max)).await?;
     match changed.map_err(internal)? {
@@ -356,9 +357,8 @@ pub(crate) async fn change_password(
     current: &str,
     new: &str,
     sign_out_others: bool,
-    from: std::net::IpAddr,
 ) -> Result<Reply, ErrorBody> {
-    shared.auth.change_password(caller.user, current, new, from).await?;
+    shared.auth.change_password(caller.user, current, new).await?;
     if sign_out_others {
         let devices = shared.store.devices(caller.user).map_err(internal)?;
         for (device, _) in devices.into_iter().filter(|(d, _)| *d != caller.device) {

@@ -54,6 +54,12 @@ pub const AUTH_FAILURE_KEYS_MAX: usize = 65_536;
 /// Device signatures never consult this count: guessing a password cannot lock out the
 /// account's enrolled devices.
 pub const AUTH_FAILURES_PER_ACCOUNT: u32 = 10;
+/// `ChangePassword` attempts per account per window, right or wrong: each costs two
+/// password hashes, and a signed-in user must not be able to keep the password pool
+/// busy (every login and registration of the broker waits on it), nor guess the
+/// current password faster than this. Counted apart from failed logins, so a stranger's
+/// bad logins never stop the owner from changing the password.
+pub const PASSWORD_CHANGES_PER_ACCOUNT: u32 = 5;
 /// Failed password attempts per source address per window (any account, named or not).
 pub const AUTH_FAILURES_PER_ADDRESS: u32 = 30;
 /// Bad device signatures (unknown user or device, wrong key) per source address per

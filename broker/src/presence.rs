@@ -329,16 +329,26 @@ impl Presence {
     /// Answers `Presence { users }` for `caller`: the users asked about (all contacts,
     /// the first `PRESENCE_MAX` by id, if none are named) who share a conversation with
     /// the caller, by id; the caller and everyone else are left out. `INVALID` for more
-    /// than `PRESENCE_MAX` names.
-    pub async fn query(&self, caller: UserId, users: Vec<UserId>) -> Result<Reply, ErrorBody> {
+    /// than `PRESENCE_MAX` names. The store is read on the blocking pool: a contact set
+    /// rebuilt after a membership change reads up to `PRESENCE_MEMBERS_SCANNED` keys,
+    /// milliseconds a runtime thread must not spend.
+    pub async fn query(self: &Arc<Self>, caller: UserId, users: Vec<UserId>) -> Result<Reply, ErrorBody> {
         if users.len() > PRESENCE_MAX as usize {
             return Err(ErrorBody::new(ErrorCode::INVALID, format!("at most {PRESENCE_MAX} users per request")));
         }
-        let contacts = self.contacts_of(caller).map_err(internal)?;
+        let this = self.clone();
+        let contacts =
+            tokio::task::spawn_blocking(move || this.contacts_of(caller)).await.map_err(internal)?.map_err(internal)?;
         // Contacts come from the membership indexes: show none that a crash could take back.
         if let Some(barrier) = self.store.index_barrier().map_err(internal)? {
             barrier.await.map_err(internal)?;
         }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.answer(&contacts, users)).await.map_err(internal)?
+    }
+
+    /// The `Presence` answer about `users` (every contact if none) among `contacts`.
+    fn answer(&self, contacts: &Contacts, users: Vec<UserId>) -> Result<Reply, ErrorBody> {
         let wanted: Vec<UserId> = if users.is_empty() {
             contacts.users().iter().copied().take(PRESENCE_MAX as usize).collect()
         } else {

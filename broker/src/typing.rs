@@ -344,12 +344,17 @@ impl Typing {
                 return;
             }
         };
-        // Not to anyone who blocks the typist or whom the typist blocks (a failed read
-        // counts as blocked: typing is never worth a leak).
+        // To online members only (the in-memory look first), and not to anyone who
+        // blocks the typist or whom the typist blocks (a failed read counts as blocked:
+        // typing is never worth a leak).
         let others: Vec<UserId> = members
             .into_iter()
             .map(|(u, _)| u)
-            .filter(|&u| u != user && matches!(self.store.blocked_between(u, user), Ok(false)))
+            .filter(|&u| {
+                u != user
+                    && self.online.sessions(u).is_some()
+                    && matches!(self.store.blocked_between(u, user), Ok(false))
+            })
             .collect();
         match encode_frame(&ServerFrame::Event(Event::Typing { conv, user, typing })) {
             Ok(frame) => {

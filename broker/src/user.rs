@@ -193,8 +193,10 @@ impl UserDirectory {
         }
     }
 
-    /// Takes one conversation creation from `user`'s allowance, or says `RATE_LIMITED`.
-    /// The allowance is shared by all of the user's connections and outlives them.
+    /// Takes one conversation creation (or one `Block` change, which rebuilds presence
+    /// contact sets: both are rare acts of a person) from `user`'s allowance, or says
+    /// `RATE_LIMITED`. The allowance is shared by all of the user's connections and
+    /// outlives them.
     pub fn allow_creation(&self, user: UserId) -> Result<(), ErrorBody> {
         let (now, rate, burst) = (Instant::now(), CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST);
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
@@ -215,7 +217,7 @@ impl UserDirectory {
         if bucket.take(now, rate, burst) {
             Ok(())
         } else {
-            limited("creating conversations too fast; retry in a second")
+            limited("creating conversations or blocking users too fast; retry in a second")
         }
     }
 

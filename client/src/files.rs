@@ -335,6 +335,16 @@ impl Client {
             TransferReply::Failed { error, offset } => return Err(TransferError::Failed { error, offset }),
             other => return Err(protocol(format!("unexpected {other:?} opening a download"))),
         };
+        // Exactly the range asked for (to the end of the file at most): a broker that
+        // answers another would have the caller write bytes where they do not belong.
+        let rest = range.size.saturating_sub(offset);
+        let wanted = if length == 0 { rest } else { length.min(rest) };
+        if range.offset != offset || range.length != wanted {
+            return Err(protocol(format!(
+                "asked for {wanted} bytes at {offset}, the broker answered {} at {}",
+                range.length, range.offset
+            )));
+        }
         let mut written = 0u64;
         while written < range.length {
             let want = usize::try_from(range.length - written).unwrap_or(usize::MAX);

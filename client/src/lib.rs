@@ -186,49 +186,58 @@ impl Connector {
     /// Connects and proves `identity`'s device key: the connection, its control stream
     /// and the user and device ids the broker answered, within `connect_timeout`.
     ///
-    /// An attempt still unanswered after `FRESH_ATTEMPT_AFTER` (then twice that, and so
-    /// on) is dropped for a fresh one while time is left: a broker that restarted in the
+    /// An attempt still unanswered after `FRESH_ATTEMPT_AFTER` gets a fresh one beside
+    /// it, and the first of the two to authenticate wins: a broker that restarted in the
     /// middle of a handshake drops the old handshake's packets (it knows no such
-    /// connection, and QUIC resets only short-header packets), so that attempt would wait
-    /// out the whole `connect_timeout` while a new one is answered at once. Authenticating
-    /// again is harmless; enrolling is not, so `enroll` makes one attempt.
+    /// connection, and QUIC resets only short-header packets), so that attempt alone
+    /// would wait out the whole `connect_timeout`, while a slow link or a loaded broker
+    /// may still answer it. Authenticating twice is harmless (the loser's connection is
+    /// dropped); enrolling is not, so `enroll` makes one attempt.
     async fn authenticated(&self, identity: &Identity) -> Result<(quinn::Connection, Control, (UserId, DeviceId))> {
         let key = signing_key(&identity.secret_key)?;
-        let deadline = tokio::time::Instant::now() + self.connect_timeout;
-        let mut window = FRESH_ATTEMPT_AFTER;
-        loop {
-            let attempt = async {
-                let (conn, mut stream, transcript) = self.open().await?;
-                let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
-                let body =
-                    RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
-                let ids = stream.authenticate(&conn, body).await?;
-                Ok((conn, stream, ids))
-            };
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left <= window {
-                return self.in_time_left(left, attempt).await;
+        let attempt = || async {
+            let (conn, mut stream, transcript) = self.open().await?;
+            let signature = Bytes::copy_from_slice(&key.sign(&transcript).to_bytes());
+            let body =
+                RequestBody::Authenticate { user: identity.user.clone(), device_id: identity.device_id, signature };
+            let ids = stream.authenticate(&conn, body).await?;
+            Ok((conn, stream, ids))
+        };
+        self.in_time(async {
+            let first = attempt();
+            tokio::pin!(first);
+            tokio::select! {
+                done = &mut first => return done,
+                () = tokio::time::sleep(FRESH_ATTEMPT_AFTER) => {}
             }
-            if let Ok(done) = tokio::time::timeout(window, attempt).await {
-                return done;
+            let second = attempt();
+            tokio::pin!(second);
+            let (mut first_failed, mut second_failed) = (None, None);
+            loop {
+                tokio::select! {
+                    done = &mut first, if first_failed.is_none() => match done {
+                        Ok(v) => return Ok(v),
+                        Err(e) => first_failed = Some(e),
+                    },
+                    done = &mut second, if second_failed.is_none() => match done {
+                        Ok(v) => return Ok(v),
+                        Err(e) => second_failed = Some(e),
+                    },
+                }
+                if first_failed.is_some()
+                    && let Some(e) = second_failed.take()
+                {
+                    return Err(e);
+                }
             }
-            window *= 2;
-        }
+        })
+        .await
     }
 
     /// `connecting` (the QUIC handshake, the hellos and the authentication), or a
     /// `Connect` error naming the address once `connect_timeout` has passed.
     async fn in_time<T>(&self, connecting: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        self.in_time_left(self.connect_timeout, connecting).await
-    }
-
-    /// `in_time` with `left` of the `connect_timeout` left.
-    async fn in_time_left<T>(
-        &self,
-        left: std::time::Duration,
-        connecting: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(left, connecting).await {
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(result) => result,
             Err(_) => Err(ClientError::Connect(format!(
                 "no broker answered at {} within {} s",
@@ -321,11 +330,11 @@ impl Connector {
     }
 }
 
-/// How long the first attempt at authenticating a connection may take before a fresh
-/// one replaces it (`Connector::connect`); each later attempt gets twice as long. Two
-/// seconds is many handshakes' round trips on any link a chat client uses, and above
-/// QUIC's first retransmission of a lost Initial (1 s), so a broker that is merely
-/// slow or starting is not abandoned too early.
+/// How long the first attempt at authenticating a connection runs alone before a fresh
+/// one joins it (`Connector::connect`; the first of the two to finish wins). Two seconds
+/// is many handshakes' round trips on any link a chat client uses, and above QUIC's
+/// first retransmission of a lost Initial (1 s), so a broker that is merely slow or
+/// starting does not get a second handshake from every device at once.
 pub const FRESH_ATTEMPT_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a broker said when probed (`Connector::probe`).

@@ -90,8 +90,8 @@ codes! {
     /// The file exists but its upload is not complete yet; it cannot be read.
     NOT_READY = 26,
     /// An upload chunk arrived slower than the broker's minimum rate while other uploads
-    /// waited for its buffer, or a download's reader took its bytes that slowly while
-    /// other downloads waited for a blob file: its stream is reset; resume (an upload from
+    /// waited for its buffer, or a download's reader left a 128 KiB piece untaken for
+    /// over 4 s while other downloads waited for a blob file: its stream is reset; resume (an upload from
     /// the durable offset, with smaller chunks; a download from the bytes received).
     CHUNK_TOO_SLOW = 27,
 }

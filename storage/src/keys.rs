@@ -195,8 +195,7 @@ impl Key {
     pub fn files_unheld() -> Key {
         Key::with(FILE_UNHELD, &[])
     }
-    /// The pair in canonical order, so (a, b) and (b, a) are one key.
-    /// Present while `blocker` blocks `blocked`.
+    /// Present while `blocker` blocks `blocked` (one way: (a, b) and (b, a) are two keys).
     pub fn block(blocker: UserId, blocked: UserId) -> Key {
         Key::with(BLOCK, &[&blocker.to_be_bytes(), &blocked.to_be_bytes()])
     }
@@ -204,6 +203,7 @@ impl Key {
     pub fn blocks_of(blocker: UserId) -> Key {
         Key::with(BLOCK, &[&blocker.to_be_bytes()])
     }
+    /// The pair in canonical order, so (a, b) and (b, a) are one key.
     pub fn direct(a: UserId, b: UserId) -> Key {
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
         Key::with(DIRECT, &[&lo.to_be_bytes(), &hi.to_be_bytes()])

@@ -1080,13 +1080,17 @@ async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
         let mut stalled = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
         assert!(matches!(stalled.reply().await, Some(TransferReply::Range { .. })));
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        // ... so the next one waits (no answer yet), and is served once the stalled one
-        // is reset (2 s after it stalled), within its own deadline (2 s after it began).
+        // ... so the next one waits (its answer, then no byte yet), and is served once the
+        // stalled one is reset (2 s after it stalled), within its own deadline (2 s
+        // after it began).
         let mut next = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        assert!(matches!(next.reply().await, Some(TransferReply::Range { .. })), "answered before a blob file is free");
         let early = tokio::time::timeout(Duration::from_millis(300), next.recv.read_chunk(64, true)).await;
         assert!(early.is_err(), "served while the only blob file was taken: {early:?}");
-        let (reply, got) = next.download_reply().await;
-        assert!(matches!(reply, TransferReply::Range { .. }), "{reply:?}");
+        let mut got = Vec::new();
+        while let Some(chunk) = within(STEP_DEADLINE, "the bytes", next.recv.read_chunk(1 << 20, true)).await.unwrap() {
+            got.extend_from_slice(&chunk.bytes);
+        }
         assert_eq!(got, datas[0]);
         assert_eq!(reset_code(&mut stalled.recv).await, ErrorCode::TIMEOUT);
     })
@@ -1094,31 +1098,60 @@ async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
 }
 
 /// A download whose reader takes nothing keeps its blob file only while no other
-/// download waits for one: then it is held to the upload chunks' minimum rate and gives
-/// the file up (`CHUNK_TOO_SLOW`). Before, one piece per `transfer_progress_secs` kept a
-/// blob file open for good, so slow readers could keep every download out.
+/// download waits for one: then the stalled ones are held to the upload chunks' minimum
+/// rate and one of them per waiting download gives its file up (`CHUNK_TOO_SLOW`).
+/// Before, one piece per `transfer_progress_secs` kept a blob file open for good, so
+/// slow readers could keep every download out. An empty range takes no blob file.
 #[tokio::test]
 async fn a_stalled_download_gives_its_blob_file_to_a_waiting_one() {
     bounded(async {
         let tb = TestBroker::start_with(|c| {
             c.transfer_progress_secs = 60;
-            c.max_open_blob_files = 1;
+            c.max_open_blob_files = 2;
         })
         .await;
-        let (alice, _) = tb.register("alice").await;
+        let (alice, identity) = tb.register("alice").await;
         let conn = alice.connection().clone();
         let data = bytes(8 * 1024 * 1024 + 5, 91);
         let file = upload(&alice, "big.bin", &data).await;
-        let mut stalled = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
-        assert!(matches!(stalled.reply().await, Some(TransferReply::Range { .. })));
+        // Each on a connection of its own (a stalled stream fills its connection's window).
+        let mut stalled = Vec::new();
+        let mut stalled_clients = Vec::new();
+        for _ in 0..2 {
+            let other = tb.connector().connect(&identity).await.unwrap();
+            file_info(&other, file).await.unwrap();
+            let mut t =
+                Transfer::open(other.connection(), &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+            assert!(matches!(t.reply().await, Some(TransferReply::Range { .. })));
+            stalled.push(t);
+            stalled_clients.push(other);
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
+        // Nothing to send needs no blob file: answered while both are taken.
+        let size = data.len() as u64;
+        let mut empty = Transfer::open(&conn, &TransferOpen::Download { file, offset: size, length: 0 }).await;
+        let (reply, got) = within(STEP_DEADLINE, "an empty range", empty.download_reply()).await;
+        assert!(matches!(reply, TransferReply::Range { length: 0, .. }) && got.is_empty(), "{reply:?}");
+
         let started = std::time::Instant::now();
         let mut next = Transfer::open(&conn, &TransferOpen::Download { file, offset: 0, length: 0 }).await;
         let (reply, got) = within(STEP_DEADLINE, "the waiting download", next.download_reply()).await;
         assert!(matches!(reply, TransferReply::Range { .. }), "{reply:?}");
         assert!(got == data);
         assert!(started.elapsed() < Duration::from_secs(20), "served within the lease, not the progress deadline");
-        assert_eq!(reset_code(&mut stalled.recv).await, ErrorCode::CHUNK_TOO_SLOW);
+        // One waiter cost one stalled reader its file; the other still has its bytes.
+        let mut reset = 0;
+        for t in &mut stalled {
+            match tokio::time::timeout(Duration::from_millis(500), t.recv.read_chunk(1024, true)).await {
+                Ok(Err(quinn::ReadError::Reset(code))) => {
+                    assert_eq!(ErrorCode(code.into_inner() as u16), ErrorCode::CHUNK_TOO_SLOW);
+                    reset += 1;
+                }
+                Ok(Ok(Some(_))) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(reset, 1, "exactly one stalled download gave its file up");
     })
     .await
 }

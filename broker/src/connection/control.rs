@@ -260,9 +260,9 @@ impl Session {
                 tokio::task::spawn_blocking(move || reply.send(catalog::blocked_users(&shared, caller.user)));
             }
             RequestBody::ChangePassword { current, new, sign_out_others } => {
-                let (shared, from) = (shared.clone(), self.conn.remote_address().ip());
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    let changed = catalog::change_password(&shared, caller, &current, &new, sign_out_others, from);
+                    let changed = catalog::change_password(&shared, caller, &current, &new, sign_out_others);
                     reply.send(changed.await);
                 });
             }

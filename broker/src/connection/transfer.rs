@@ -517,19 +517,14 @@ async fn download(
     let rest = record.size - offset;
     let length = if length == 0 { rest } else { length.min(rest) };
     let progress = progress_deadline(shared);
-    // Held while the stream serves: a place among the blob files open at once.
-    let Some(_blob_open) = shared.files.reserve_blob(tokio::time::Instant::now() + progress).await else {
-        let _ = send.reset(ErrorCode::TIMEOUT.0.into());
-        return;
-    };
+    // The answer goes before a blob file is taken (a reader that takes nothing, not even
+    // it, holds none), and an empty range needs none. A blob that went since the check
+    // (its last holder let go) is gone like a missing file, while an answer can say so.
     let path = shared.files.blobs.blob(&record.blake3);
-    let blob = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
-        Ok(Ok(f)) => Arc::new(f),
-        // Deleted since the check (its last holder let go): gone, like a missing file.
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return fail(&mut send, no_such_file(), 0).await,
-        Ok(Err(e)) => return fail(&mut send, crate::error::internal(e), 0).await,
-        Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
-    };
+    let exists = path.clone();
+    if let Ok(false) = tokio::task::spawn_blocking(move || exists.exists()).await {
+        return fail(&mut send, no_such_file(), 0).await;
+    }
     let range = TransferReply::Range { offset, length, size: record.size };
     match tokio::time::timeout(progress, write(&mut send, &range)).await {
         Ok(true) => {}
@@ -539,6 +534,27 @@ async fn download(
             return;
         }
     }
+    if length == 0 {
+        let _ = send.finish();
+        return;
+    }
+    // Held while the stream serves: a place among the blob files open at once.
+    let Some(_blob_open) = shared.files.reserve_blob(tokio::time::Instant::now() + progress).await else {
+        let _ = send.reset(ErrorCode::TIMEOUT.0.into());
+        return;
+    };
+    let blob = match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
+        Ok(Ok(f)) => Arc::new(f),
+        // Deleted since the check (its last holder let go): its access went with it.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = send.reset(ErrorCode::NOT_FOUND.0.into());
+            return;
+        }
+        _ => {
+            let _ = send.reset(ErrorCode::INTERNAL.0.into());
+            return;
+        }
+    };
     let mut at = offset;
     let end = offset + length;
     while at < end {
@@ -576,10 +592,11 @@ async fn download(
 const LEASE_CHECK: Duration = Duration::from_millis(100);
 
 /// Writes one piece of a download, as fast as the reader takes it. A reader that takes
-/// nothing for `progress` gets `TIMEOUT`. One that takes a piece slower than
-/// `MIN_CHUNK_BYTES_PER_SEC` (after `CHUNK_LEASE_GRACE`) while another download waits
-/// for a blob file gets `CHUNK_TOO_SLOW`, and its blob file goes to the waiting one: the
-/// same lease as an upload chunk's, so slow readers cannot keep every blob file open
+/// nothing for `progress` gets `TIMEOUT`. One that leaves the piece untaken longer than
+/// its lease (`CHUNK_LEASE_GRACE` plus the piece at `MIN_CHUNK_BYTES_PER_SEC`: 4 s for a
+/// whole 128 KiB piece) while another download waits for a blob file gets
+/// `CHUNK_TOO_SLOW`, and its blob file goes to the waiting one, one for each waiting
+/// (`Files::claim_blob_for_waiter`): slow readers cannot keep every blob file open
 /// (before, one piece per `transfer_progress_secs` held one for good). `Err(None)`: the
 /// stream is gone.
 async fn write_piece(
@@ -602,7 +619,7 @@ async fn write_piece(
                 if waited >= progress {
                     return Err(Some(ErrorCode::TIMEOUT));
                 }
-                if waited >= lease && shared.files.blob_wanted() {
+                if waited >= lease && shared.files.claim_blob_for_waiter() {
                     return Err(Some(ErrorCode::CHUNK_TOO_SLOW));
                 }
             }

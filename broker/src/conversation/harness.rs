@@ -974,7 +974,15 @@ mod tests {
         h.commit();
         assert_eq!((h.ack(delete), h.ack(owner)), (Some(Ok((3, false))), Some(Ok((4, false)))));
         assert_eq!(h.delivered_seqs(), vec![2, 3, 4], "nothing refused was delivered");
+        // Receipts would tell bob when the owner was online: each hears only of its own.
+        h.notices.clear();
+        h.mark(OWNER, Mark::Delivered(4));
+        h.commit_receipts();
+        assert_eq!(receipt_events(&h), vec![(OWNER, 4, Some(0), vec![OWNER])]);
+        assert_eq!(h.receipts(BOB)[0], (OWNER, 0, None), "read as if the owner never reported");
+        assert_eq!(h.receipts(OWNER)[0], (OWNER, 4, Some(0)), "the owner's own, as they are");
         h.log.blocks.clear();
+        assert_eq!(h.receipts(BOB)[0], (OWNER, 4, Some(0)), "shown again once unblocked");
         let after = h.send(BOB, 7, "sorry");
         h.commit();
         assert_eq!(h.ack(after), Some(Ok((5, false))), "unblocked: bob writes again");

@@ -549,6 +549,7 @@ impl<R> ConversationState<R> {
         // who keeps read receipts private, the same with its own full watermarks.
         let mut shown = Vec::new();
         let mut private_own = Vec::new();
+        let blocked = self.blocked_pair(log);
         for (user, before, after) in written {
             if !self.durable_members.contains_key(&user) {
                 // Removed meanwhile: its watermarks are no longer shown.
@@ -556,7 +557,11 @@ impl<R> ConversationState<R> {
                 continue;
             }
             let own = self.own_receipt(user);
-            if self.private(log, user) {
+            if blocked {
+                // Between two users one of whom blocks the other, a receipt would say
+                // when the other was online: each user's devices alone hear of it.
+                private_own.push(own);
+            } else if self.private(log, user) {
                 // Others hear of delivery only: a push when just the read mark moved would
                 // tell them when the user read.
                 if after.delivered_up_to != before.delivered_up_to {
@@ -691,11 +696,16 @@ impl<R> ConversationState<R> {
     fn receipt_list(&mut self, log: &impl Log, viewer: UserId) -> Result<Vec<Receipt>, ErrorBody> {
         let mut users: Vec<UserId> = self.durable_members.keys().copied().collect();
         users.sort_unstable();
+        let blocked = self.blocked_pair(log);
         let mut out = Vec::with_capacity(users.len());
         for user in users {
             self.load_receipt(log, user)?;
             let mut receipt = self.own_receipt(user);
-            if user != viewer && self.private(log, user) {
+            if user != viewer && blocked {
+                // See `handle_receipts_durable`: nothing delivered shown, the read hidden.
+                receipt.delivered_up_to = 0;
+                receipt.read_up_to = None;
+            } else if user != viewer && self.private(log, user) {
                 receipt.read_up_to = None;
             }
             out.push(receipt);
@@ -717,6 +727,18 @@ impl<R> ConversationState<R> {
             self.receipts.load(user, stored);
         }
         Ok(())
+    }
+
+    /// Whether this is a direct conversation one of whose two users blocks the other
+    /// (`Block`): then neither is shown the other's receipts, which would tell when the
+    /// other was online. A failed read counts as blocked.
+    fn blocked_pair(&self, log: &impl Log) -> bool {
+        if self.kind != ConversationKind::Direct {
+            return false;
+        }
+        let mut users = self.durable_members.keys().copied();
+        let (Some(a), Some(b)) = (users.next(), users.next()) else { return false };
+        !matches!((log.blocks(a, b), log.blocks(b, a)), (Ok(false), Ok(false)))
     }
 
     /// Whether `user` keeps read receipts private; a failed read counts as private, so

@@ -37,6 +37,9 @@ use crate::Shared;
 /// readable through the first ones only (by conversation id).
 pub const ATTACHMENT_SCAN: usize = 1024;
 
+/// How long a blob file given up for a waiting download counts as on its way to it.
+const EVICTION_HOLD: Duration = Duration::from_millis(500);
+
 /// Upload locks kept before the map is swept of entries nobody holds or waits for.
 const SPAWNING_SWEEP: usize = 1024;
 
@@ -67,6 +70,9 @@ pub struct Files {
     /// Downloads waiting for one of `open_blobs`: while there are any, a download whose
     /// reader falls behind the minimum rate gives its blob file up.
     blob_waiters: AtomicUsize,
+    /// When each blob file given up for a waiter is deemed taken by it (at most one per
+    /// waiter, `claim_blob_for_waiter`).
+    blob_evictions: std::sync::Mutex<Vec<tokio::time::Instant>>,
     /// Uploads refused with `STORAGE_FULL`, told to the operator at most once a minute.
     pub(crate) storage_full: crate::metrics::Tally,
     /// Which completed images get a thumbnail made, and when.
@@ -172,6 +178,7 @@ impl Files {
             chunk_budget: budget::ChunkBudget::new(chunk_bytes_max),
             open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
             blob_waiters: AtomicUsize::new(0),
+            blob_evictions: std::sync::Mutex::new(Vec::new()),
             blobs: Blobs::open(data_dir)?,
             map: std::sync::Mutex::new(HashMap::new()),
             spawning: std::sync::Mutex::new(HashMap::new()),
@@ -215,9 +222,20 @@ impl Files {
         acquire_until(&self.open_blobs, 1, deadline).await
     }
 
-    /// Whether a download waits for a blob file now.
-    pub(crate) fn blob_wanted(&self) -> bool {
-        self.blob_waiters.load(Ordering::SeqCst) > 0
+    /// Takes one of the evictions the downloads waiting for a blob file are owed: true
+    /// (the caller gives its blob file up) while fewer downloads are giving theirs up
+    /// than wait, so one waiter costs one slow reader its file, not every slow reader.
+    /// The claim lasts `EVICTION_HOLD`, about the time the freed file takes to reach its
+    /// waiter.
+    pub(crate) fn claim_blob_for_waiter(&self) -> bool {
+        let mut evicting = self.blob_evictions.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        evicting.retain(|until| *until > now);
+        if evicting.len() >= self.blob_waiters.load(Ordering::SeqCst) {
+            return false;
+        }
+        evicting.push(now + EVICTION_HOLD);
+        true
     }
 
     /// Bytes of upload chunk buffers held now, being received or queued for actors

@@ -187,17 +187,23 @@ async fn png_for(shared: &Shared, id: &FileId, record: &FileRecord) -> Option<by
             thumbnails.line().remember(record.blake3, Outcome::Made(*blake3::hash(&png).as_bytes()));
             Some(png.into())
         }
-        // A busy line says nothing about the image: not remembered.
-        Err(e @ thumbnail::ThumbnailError::Busy) => {
-            tracing::info!(file = blobs::hex(id), error = %e, "no thumbnail");
-            None
-        }
         Err(e) => {
-            thumbnails.line().remember(record.blake3, Outcome::None);
+            if said_by_the_bytes(&e) {
+                thumbnails.line().remember(record.blake3, Outcome::None);
+            }
             tracing::info!(file = blobs::hex(id), error = %e, "no thumbnail");
             None
         }
     }
+}
+
+/// Whether a failed thumbnail is the image's own doing, so the same bytes would fail
+/// again (remembered): not a busy slot or a timeout, which count the wait for the slot
+/// and say nothing about the image (remembering them would deny those bytes a
+/// thumbnail for good).
+fn said_by_the_bytes(e: &thumbnail::ThumbnailError) -> bool {
+    use thumbnail::ThumbnailError::{Corrupt, TooLarge, Unsupported};
+    matches!(e, Unsupported | TooLarge | Corrupt)
 }
 
 /// Stores `png` as the thumbnail of `id` and announces it.
@@ -266,6 +272,13 @@ mod tests {
         }
         assert_eq!(line.total, QUEUED_MAX);
         assert!(!line.enter(1_000_000), "a newcomer too, once the line is full");
+    }
+
+    #[test]
+    fn only_what_the_bytes_decide_is_remembered() {
+        use thumbnail::ThumbnailError::{Busy, Corrupt, TimedOut, TooLarge, Unsupported};
+        assert!([Unsupported, TooLarge, Corrupt].iter().all(said_by_the_bytes));
+        assert!(![Busy, TimedOut].iter().any(said_by_the_bytes), "a wait says nothing about the image");
     }
 
     #[test]
