@@ -147,25 +147,56 @@ impl Client {
     /// cancelled or expired), by ascending id: one `ListUploads` request per page of
     /// `MAX_LISTED_UPLOADS`.
     pub async fn list_uploads(&self) -> crate::Result<Vec<UploadInfo>> {
-        let mut all: Vec<UploadInfo> = Vec::new();
+        self.file_pages(
+            "ListUploads",
+            |after| RequestBody::ListUploads { after },
+            |reply| match reply {
+                Reply::Uploads { items, more } => Ok((items, more)),
+                other => Err(unexpected(other)),
+            },
+            |u: &UploadInfo| u.file.file,
+        )
+        .await
+    }
+
+    /// Every stored file of mine (complete, counted in my quota, held or not), by
+    /// ascending id: one `ListFiles` request per page of `MAX_LISTED_UPLOADS`.
+    pub async fn list_files(&self) -> crate::Result<Vec<switchboard_protocol::StoredFile>> {
+        self.file_pages(
+            "ListFiles",
+            |after| RequestBody::ListFiles { after },
+            |reply| match reply {
+                Reply::Files { items, more } => Ok((items, more)),
+                other => Err(unexpected(other)),
+            },
+            |f: &switchboard_protocol::StoredFile| f.file.file,
+        )
+        .await
+    }
+
+    /// Every item of a list paged by file id (`after` = the last id of the previous page).
+    async fn file_pages<T>(
+        &self,
+        what: &str,
+        request: impl Fn(Option<FileId>) -> RequestBody,
+        page: impl Fn(Reply) -> crate::Result<(Vec<T>, bool)>,
+        id: impl Fn(&T) -> FileId,
+    ) -> crate::Result<Vec<T>> {
+        let mut all: Vec<T> = Vec::new();
         loop {
-            let after = all.last().map(|u| u.file.file);
-            match self.request(RequestBody::ListUploads { after }).await? {
-                Reply::Uploads { items, more } => {
-                    // Ids ascend past `after`; a page that does not is the broker's fault,
-                    // and must not make this loop forever.
-                    let ascending = items.windows(2).all(|w| w[0].file.file < w[1].file.file)
-                        && items.first().is_some_and(|u| after.is_none_or(|a| u.file.file > a));
-                    let (last_page, empty) = (!more, items.is_empty());
-                    if !empty && !ascending {
-                        return Err(ClientError::Protocol("ListUploads: ids do not ascend".into()));
-                    }
-                    all.extend(items);
-                    if last_page || empty {
-                        return Ok(all);
-                    }
-                }
-                other => return Err(unexpected(other)),
+            let after = all.last().map(&id);
+            let (items, more) = page(self.request(request(after)).await?)?;
+            // Ids ascend past `after`; a page that does not is the broker's fault, and
+            // must not make this loop forever.
+            let ascending = items.windows(2).all(|w| id(&w[0]) < id(&w[1]))
+                && items.first().is_some_and(|u| after.is_none_or(|a| id(u) > a));
+            let (last_page, empty) = (!more, items.is_empty());
+            if !empty && !ascending {
+                return Err(ClientError::Protocol(format!("{what}: ids do not ascend")));
+            }
+            all.extend(items);
+            if last_page || empty {
+                return Ok(all);
             }
         }
     }

@@ -214,6 +214,9 @@ enum Command {
     },
     /// How much of my storage quota my files take, and my upload limits.
     Quota,
+    /// My stored files (complete, counted in my quota), from any of my devices: id, name,
+    /// size; `sb file delete ID` frees one once no message carries it.
+    Files,
     /// My unfinished uploads, from any of my devices: id, name, durable bytes, expiry,
     /// and the local file when an upload from this home matches it. `sb upload FILE`
     /// continues one begun here; `sb upload --resume ID FILE` any of them.
@@ -701,6 +704,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
         Command::Upload { .. } => unreachable!("runs on an uploader"),
         Command::Uploads => unreachable!("reads the home"),
         Command::Quota => files::quota(client, out).await?,
+        Command::Files => files::files(client, out).await?,
         Command::Download { .. } => unreachable!("run by `files::download`, which reconnects"),
         Command::File { command } => files::file_command(client, out, command).await?,
         Command::Read { conv, seq } => {

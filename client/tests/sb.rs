@@ -1316,3 +1316,27 @@ async fn download_resumes_after_a_lost_connection() {
     assert_eq!(event(&lines, "downloaded")["verified"], true, "{lines:?}");
     assert!(std::fs::read(&target).unwrap() == data);
 }
+
+/// A file uploaded without a message is not lost track of: `sb files` lists it (from any
+/// device of mine) until it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_lists_what_my_quota_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (laptop, phone) = (dir.path().join("laptop"), dir.path().join("phone"));
+    sb(&laptop, &broker, &["register", "alice"]);
+    sb(&phone, &broker, &["login", "alice"]);
+    assert!(sb(&phone, &broker, &["files"]).iter().all(|l| l["event"] == "no_files"));
+    let path = dir.path().join("report.pdf");
+    std::fs::write(&path, b"%PDF-1.4 a report").unwrap();
+    let uploaded = sb(&laptop, &broker, &["upload", path.to_str().unwrap(), "--no-send"]);
+    let id = event(&uploaded, "uploaded")["file"].as_str().unwrap().to_owned();
+    let listed = sb(&phone, &broker, &["files"]);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0]["file"].as_str(), listed[0]["name"].as_str()), (Some(id.as_str()), Some("report.pdf")));
+    assert_eq!((listed[0]["size"].as_u64(), listed[0]["held"].as_bool()), (Some(17), Some(true)));
+    sb(&phone, &broker, &["file", "delete", &id]);
+    // Not held any more: listed as such until collected, then gone.
+    let after = sb(&laptop, &broker, &["files"]);
+    assert!(after.iter().all(|l| l["held"] == false || l["event"] == "no_files"), "{after:?}");
+}

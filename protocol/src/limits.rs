@@ -56,7 +56,7 @@ pub const MAX_FILE_NAME_BYTES: u32 = 255;
 /// Longest media type in bytes (RFC 6838: 127 each for type and subtype; we take the
 /// whole `type/subtype` at 127).
 pub const MAX_CONTENT_TYPE_BYTES: u32 = 127;
-/// Most uploads one `ListUploads` page holds (a user has at most the broker's
+/// Most uploads one `ListUploads` page holds, and files one `ListFiles` page (a user has at most the broker's
 /// `max_uploads_per_user` in progress, 8 by default; the rest are paged).
 pub const MAX_LISTED_UPLOADS: u32 = 64;
 /// Most files one message carries.

@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::MutexGuard;
 
 use crate::keys::{self, Key};
-use crate::{Durable, Result, Store, Txn, corrupt, encode};
+use crate::{Durable, Result, Store, Txn, corrupt, decode, encode};
 
 /// What the store's files lock guards.
 #[derive(Default)]
@@ -372,6 +372,7 @@ impl Store {
         let mut txn = Txn::new();
         txn.batch.remove(Key::uploading(record.uploader, id).as_ref());
         txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
+        txn.batch.insert(Key::stored_file(record.uploader, id).as_ref(), &[][..]);
         record.stage = FileStage::Complete { thumbnail: None };
         record.expires_ms = 0;
         txn.put(Key::file(id), &record);
@@ -489,6 +490,7 @@ impl Store {
             for (file, record) in files {
                 txn.batch.remove(Key::file(&file).as_ref());
                 if record.parent.is_none() {
+                    txn.batch.remove(Key::stored_file(record.uploader, &file).as_ref());
                     // Its bytes go: the uploader's quota stops counting them. Handed over
                     // after any pending batch of the user's, so its value is the newest.
                     let stored = self.stored_now(&lock, record.uploader)?.saturating_sub(record.size);
@@ -545,6 +547,68 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// A page of `user`'s stored files (complete, not thumbnails, counted in its quota
+    /// until collected, held or not), by ascending id after `after`, at most `limit`;
+    /// and whether more follow.
+    pub fn stored_files_page(
+        &self,
+        user: UserId,
+        after: Option<&FileId>,
+        limit: usize,
+    ) -> Result<(Vec<(FileId, FileRecord)>, bool)> {
+        let prefix = Key::stored_files_of(user);
+        let start = match after {
+            // The key just after `after`'s: ids are fixed-length.
+            Some(id) => {
+                let mut k = Key::stored_file(user, id).as_ref().to_vec();
+                k.push(0);
+                k
+            }
+            None => prefix.as_ref().to_vec(),
+        };
+        let mut out = Vec::new();
+        let mut more = false;
+        for item in self.db.range(start..).keys() {
+            let k = item?;
+            if !k.starts_with(prefix.as_ref()) {
+                break;
+            }
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            let id: FileId = k[prefix.as_ref().len()..].try_into().map_err(|_| corrupt(&k, "stored file key"))?;
+            if let Some(record) = self.file(&id)? {
+                out.push((id, record));
+            }
+        }
+        Ok((out, more))
+    }
+
+    /// Builds the index of stored files (`stored_files_page`) for a data dir written
+    /// before it existed (format 3), then records format 4. Crash-safe: the inserts are
+    /// idempotent and the format is written last.
+    pub(crate) fn upgrade_to_format_4(&self) -> Result<()> {
+        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 4)) {
+            return Ok(());
+        }
+        let mut indexed = 0usize;
+        for item in self.db.scan_prefix(Key::files()) {
+            let (k, v) = item?;
+            let record: FileRecord = decode(&k, &v)?;
+            let id: FileId = k[1..].try_into().map_err(|_| corrupt(&k, "file key"))?;
+            if record.is_complete() && record.parent.is_none() {
+                self.db.insert(Key::stored_file(record.uploader, &id), &[][..])?;
+                indexed += 1;
+            }
+        }
+        self.db.insert(Key::format(), &4u64.to_be_bytes()[..])?;
+        if indexed > 0 {
+            tracing::info!(files = indexed, "indexed stored files for format 4");
+        }
+        Ok(())
     }
 
     /// How many complete files share the blob with this hash.
@@ -653,6 +717,51 @@ mod tests {
         assert_eq!((ids(&page), page[0].1.offset()), (vec![2, 3], 10));
         store.complete_upload(&[2; 16]).unwrap().unwrap().1.await.unwrap();
         assert_eq!(ids(&store.uploads_page(7, None, 8).unwrap().0), vec![3]);
+    }
+
+    /// Begins, fills and completes an upload of `user`.
+    async fn stored(store: &Store, id: FileId, user: UserId, hash: u8) {
+        store.begin_upload(&id, &record(user, 10, hash), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
+        store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
+        store.begin_publish(&id).unwrap().unwrap().await.unwrap();
+        store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_users_stored_files_are_listed_until_collected_and_indexed_on_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = |page: &[(FileId, FileRecord)]| page.iter().map(|(id, _)| id[0]).collect::<Vec<_>>();
+        {
+            let store = open(dir.path());
+            for (id, hash) in [([3; 16], 3), ([1; 16], 1), ([2; 16], 2)] {
+                stored(&store, id, 7, hash).await;
+            }
+            stored(&store, [9; 16], 8, 9).await;
+            store.begin_upload(&[5; 16], &record(7, 10, 5), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
+            let (page, more) = store.stored_files_page(7, None, 2).unwrap();
+            assert_eq!((ids(&page), more), (vec![1, 2], true), "complete ones only, ascending");
+            let (page, more) = store.stored_files_page(7, Some(&[2; 16]), 2).unwrap();
+            assert_eq!((ids(&page), more), (vec![3], false));
+            assert_eq!(ids(&store.stored_files_page(8, None, 8).unwrap().0), vec![9], "another user's apart");
+            // Dropped and collected: no longer listed (nor counted).
+            store.drop_hold(&[1; 16]).unwrap().unwrap().await.unwrap();
+            assert!(!store.stored_files_page(7, None, 8).unwrap().0[0].1.held, "listed, not held, until collected");
+            store.collect_file(&[1; 16]).unwrap().durable.await.unwrap();
+            assert_eq!(ids(&store.stored_files_page(7, None, 8).unwrap().0), vec![2, 3]);
+            // A data dir of format 3 had no index: take it away and say so.
+            for user in [7u64, 8] {
+                for k in store.db.scan_prefix(Key::stored_files_of(user)).keys() {
+                    store.db.remove(k.unwrap()).unwrap();
+                }
+            }
+            store.db.insert(Key::format(), &3u64.to_be_bytes()[..]).unwrap();
+            assert!(store.stored_files_page(7, None, 8).unwrap().0.is_empty());
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(ids(&store.stored_files_page(7, None, 8).unwrap().0), vec![2, 3], "rebuilt at open");
+        assert_eq!(ids(&store.stored_files_page(8, None, 8).unwrap().0), vec![9]);
+        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(4));
     }
 
     #[tokio::test]

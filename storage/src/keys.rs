@@ -31,6 +31,7 @@ const ATTACHED: u8 = 0x18;
 const BLOB_REFS: u8 = 0x19;
 const FILE_UNHELD: u8 = 0x1a;
 const BLOCK: u8 = 0x1b;
+const STORED_FILE: u8 = 0x1c;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -148,6 +149,19 @@ impl Key {
     /// A file's record (`FileRecord`), by its id.
     pub fn file(id: &FileId) -> Key {
         Key::with(FILE, &[id])
+    }
+    /// Every file record.
+    pub fn files() -> Key {
+        Key::with(FILE, &[])
+    }
+    /// Present while `user`'s complete file `file` (not a thumbnail) is stored: counted
+    /// in its quota, from completion until it is collected.
+    pub fn stored_file(user: UserId, file: &FileId) -> Key {
+        Key::with(STORED_FILE, &[&user.to_be_bytes(), file])
+    }
+    /// Every stored file of `user`.
+    pub fn stored_files_of(user: UserId) -> Key {
+        Key::with(STORED_FILE, &[&user.to_be_bytes()])
     }
     /// Present while `user`'s upload `file` is in progress (counted for
     /// `max_uploads_per_user`).

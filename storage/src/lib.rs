@@ -71,9 +71,9 @@ pub enum StoreError {
 }
 
 /// The data dir format this build writes: 2 added the edit index and redaction, 3 the
-/// message counts behind unread counts. Opening a newer one fails with `NewerFormat`
+/// message counts behind unread counts, 4 the index of each user's stored files. Opening a newer one fails with `NewerFormat`
 /// (rolling a data dir back to an older broker is not supported).
-pub const FORMAT: u64 = 3;
+pub const FORMAT: u64 = 4;
 
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -183,6 +183,7 @@ impl Store {
         // Made durable by the caller's first barrier, like crash repair.
         store.upgrade_to_format_2()?;
         store.upgrade_to_format_3()?;
+        store.upgrade_to_format_4()?;
         let promised = store.uploads_in_progress()?.iter().map(|(_, r)| r.size - r.offset().min(r.size)).sum();
         store.files.lock().unwrap_or_else(|p| p.into_inner()).promised = promised;
         Ok(store)

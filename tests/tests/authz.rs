@@ -56,6 +56,7 @@ enum Kind {
     ChangePassword,
     Block,
     BlockedUsers,
+    ListFiles,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -98,6 +99,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::ChangePassword { .. } => Kind::ChangePassword,
         RequestBody::Block { .. } => Kind::Block,
         RequestBody::BlockedUsers => Kind::BlockedUsers,
+        RequestBody::ListFiles { .. } => Kind::ListFiles,
     }
 }
 
@@ -188,6 +190,8 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     // The caller's own blocks (alice unblocked here: nothing changes for the rows after).
     (Kind::Block,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
     (Kind::BlockedUsers,       Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    // Only the caller's own stored files (never alice's).
+    (Kind::ListFiles,          Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -353,6 +357,7 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         },
         Kind::Block => RequestBody::Block { user: "alice".into(), blocked: false },
         Kind::BlockedUsers => RequestBody::BlockedUsers,
+        Kind::ListFiles => RequestBody::ListFiles { after: None },
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -482,6 +487,10 @@ fn blind(w: &World, who: Who, reply: &Reply, what: &str) {
         Reply::Uploads { items, .. } => {
             assert!(items.iter().all(|u| u.file.file != w.uploading), "{what}: lists {items:?}");
         }
+        // alice's stored file (complete, attached in `other`) is hers alone to list.
+        Reply::Files { items, .. } => {
+            assert!(items.iter().all(|f| f.file.file != w.file), "{what}: lists {items:?}");
+        }
         other => panic!("{what}: not a list: {other:?}"),
     }
 }
@@ -494,7 +503,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 36] = [
+    const ALL: [Kind; 37] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -531,6 +540,7 @@ fn every_request_kind_has_one_row() {
         Kind::ChangePassword,
         Kind::Block,
         Kind::BlockedUsers,
+        Kind::ListFiles,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

@@ -319,6 +319,10 @@ impl Session {
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || reply.send(files::usage(&shared, caller.user)));
             }
+            RequestBody::ListFiles { after } => {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || reply.send(files::list_files(&shared, caller.user, after)));
+            }
             RequestBody::ListUploads { after } => {
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || reply.send(files::list_uploads(&shared, caller.user, after)));

@@ -8,8 +8,8 @@ use switchboard_protocol::limits::{
     MAX_CHUNK_BYTES, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_FILES_PER_MESSAGE, MAX_LISTED_UPLOADS,
 };
 use switchboard_protocol::{
-    ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, UploadInfo,
-    UploadStatus, Usage, UserId,
+    ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, StoredFile,
+    UploadInfo, UploadStatus, Usage, UserId,
 };
 use switchboard_storage::{FileRecord, FileStage, Store, UploadRefusal};
 
@@ -216,6 +216,23 @@ pub fn list_uploads(shared: &Shared, user: UserId, after: Option<FileId>) -> Res
         })
         .collect();
     Ok(Reply::Uploads { items, more })
+}
+
+/// `ListFiles`: a page of the caller's stored files (what its quota counts besides its
+/// uploads in progress), so none is lost track of.
+pub fn list_files(shared: &Shared, user: UserId, after: Option<FileId>) -> Result<Reply, ErrorBody> {
+    let (page, more) =
+        shared.store.stored_files_page(user, after.as_ref(), MAX_LISTED_UPLOADS as usize).map_err(internal)?;
+    let items = page
+        .iter()
+        .map(|(id, record)| StoredFile {
+            file: file_ref(id, record),
+            blake3: record.blake3,
+            created_ms: record.created_ms,
+            held: record.held,
+        })
+        .collect();
+    Ok(Reply::Files { items, more })
 }
 
 /// `Usage`: the caller's stored bytes and uploads in progress against its limits.

@@ -253,6 +253,26 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
     Ok(())
 }
 
+/// `sb files`: my stored files, what my quota counts besides uploads in progress.
+pub async fn files(client: &Client, out: &Out) -> anyhow::Result<()> {
+    let listed = client.list_files().await?;
+    if listed.is_empty() {
+        out.status(json!({"event": "no_files"}), || "no stored files".into());
+    }
+    for f in listed {
+        let id = hex(&f.file.file);
+        out.line(
+            json!({"file": id, "name": f.file.name, "size": f.file.size, "content_type": f.file.content_type,
+                "blake3": hex(&f.blake3), "created_ms": f.created_ms, "held": f.held}),
+            || {
+                let kept = if f.held { "" } else { "  (deleted: kept while a message carries it)" };
+                format!("{id}  {}  {} bytes{kept}", f.file.name, f.file.size)
+            },
+        );
+    }
+    Ok(())
+}
+
 /// `sb quota`: what my files take of my quota, and my upload limits.
 pub async fn quota(client: &Client, out: &Out) -> anyhow::Result<()> {
     let u = client.usage().await?;

@@ -75,6 +75,20 @@ pub struct Usage {
     pub max_file_bytes: u64,
 }
 
+/// One of my stored files, as `ListFiles` lists it: complete, counted in my quota.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// The file: id, name, size, media type.
+    pub file: FileRef,
+    /// BLAKE3 of its bytes.
+    pub blake3: Blake3,
+    /// Upload start, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// I hold it (`false` once I deleted it: it stays, and counts, while a message that
+    /// is not deleted carries it).
+    pub held: bool,
+}
+
 /// One of my uploads in progress, as `ListUploads` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadInfo {

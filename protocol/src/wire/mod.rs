@@ -165,6 +165,8 @@ mod tests {
         "request_block",
         "request_blocked_users",
         "response_blocked_users",
+        "request_list_files",
+        "response_files",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -470,6 +472,14 @@ mod tests {
             }),
             "request_list_uploads" => req(31, RequestBody::ListUploads { after: Some(THUMB) }),
             "request_usage" => req(33, RequestBody::Usage),
+            "request_list_files" => req(37, RequestBody::ListFiles { after: None }),
+            "response_files" => ok(
+                37,
+                Reply::Files {
+                    items: vec![StoredFile { file: file_ref(), blake3: [0xab; 32], created_ms: T, held: true }],
+                    more: false,
+                },
+            ),
             "request_block" => req(35, RequestBody::Block { user: "mallory".into(), blocked: true }),
             "request_blocked_users" => req(36, RequestBody::BlockedUsers),
             "response_blocked_users" => {

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CatchUpPage, ConvId, ConversationKind, ConversationState, DeviceId, Entry, FileInfo, FileProgress, PresenceInfo,
-    Receipt, Role, Seq, Settings, UploadInfo, UploadStatus, Usage, UserId,
+    Receipt, Role, Seq, Settings, StoredFile, UploadInfo, UploadStatus, Usage, UserId,
 };
 use crate::ErrorCode;
 
@@ -122,6 +122,13 @@ pub enum Reply {
     Usage(Usage),
     /// The users I block (answer to `BlockedUsers`), by ascending id.
     BlockedUsers(Vec<BlockedUser>),
+    /// A page of my stored files (answer to `ListFiles`).
+    Files {
+        /// By ascending file id.
+        items: Vec<StoredFile>,
+        /// More exist after the last one.
+        more: bool,
+    },
 }
 
 /// A user I block.

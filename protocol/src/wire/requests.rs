@@ -258,6 +258,12 @@ pub enum RequestBody {
     },
     /// The users I block, by ascending id. Replies `BlockedUsers`.
     BlockedUsers,
+    /// My stored files (complete, counted in my quota), by ascending id, after `after`;
+    /// at most `MAX_LISTED_UPLOADS` a page. Replies `Files`.
+    ListFiles {
+        /// List only ids above this one (the last id of the previous page).
+        after: Option<FileId>,
+    },
 }
 
 /// Enrollment of a new device key, with the account password.
