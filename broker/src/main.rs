@@ -14,7 +14,7 @@ use switchboard_storage::Store;
 
 /// What `--version` prints: the release, the protocol version it speaks and the store
 /// format it writes (OPERATIONS.md, "Upgrading"); a test keeps the two numbers true.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 3, store format 3)");
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 3, store format 4)");
 
 #[derive(Parser)]
 #[command(name = "switchboard", version = VERSION, about = "Switchboard realtime messaging broker")]
