@@ -100,9 +100,10 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Change my account's password (current: SWITCHBOARD_PASSWORD or prompt; new:
-    /// SWITCHBOARD_NEW_PASSWORD or prompt, twice). Wrong current passwords count as failed
-    /// logins of the account. My devices keep working unless --sign-out-others.
+    /// Change my account's password (current: SWITCHBOARD_PASSWORD, else asked, else the
+    /// first line of standard input; new: SWITCHBOARD_NEW_PASSWORD, else asked twice, else
+    /// the next line). At most 5 attempts a minute per account, right or wrong. My
+    /// devices keep working unless --sign-out-others.
     Passwd {
         /// Revoke every other device of the account (a lost or stolen one): only this one
         /// and devices enrolled later with the new password work.
@@ -422,7 +423,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Err(e) = result.as_ref()
         && !enrolling
     {
-        let code = client_error(e).and_then(ClientError::code);
+        // A refused connection, not a request's answer (a wrong current password is
+        // `AUTH_FAILED` too).
+        let refused = client_error(e).filter(|c| !matches!(c, ClientError::Server(_)));
+        let code = refused.and_then(ClientError::code);
         if matches!(code, Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED)) {
             let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
             let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
@@ -524,6 +528,8 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
                 let upload = UploadArgs { path: file, conv, content_type, caption, no_send, resume };
                 files::upload(connector, identity, home, out, upload).await?;
+            } else if let Command::Passwd { sign_out_others } = command {
+                passwd(connector, identity, out, sign_out_others).await?;
             } else if let Command::Download { file, out: path, offset, length } = command {
                 files::download(connector, identity, out, &file, &path, offset, length).await?;
             } else if let Command::Send { conv, text, client_id } = command {
@@ -537,6 +543,35 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             }
         }
     }
+    Ok(())
+}
+
+/// `sb passwd`: both passwords are asked first (a connection left waiting while someone
+/// types would be closed by the broker's idle timeout), then one request.
+async fn passwd(connector: &Connector, identity: &Identity, out: &Out, sign_out_others: bool) -> anyhow::Result<()> {
+    let user = identity.user.clone();
+    let current = password(&user, false)?;
+    let new = match std::env::var("SWITCHBOARD_NEW_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => {
+            let (p, typed) = secret("new password: ", "SWITCHBOARD_NEW_PASSWORD")?;
+            if typed && secret("again: ", "SWITCHBOARD_NEW_PASSWORD")?.0 != p {
+                bail!("passwords differ");
+            }
+            p
+        }
+    };
+    let client = connector.connect(identity).await?;
+    let changed = client.change_password(&current, &new, sign_out_others).await;
+    client.close();
+    changed?;
+    out.line(json!({"event": "password_changed", "signed_out_others": sign_out_others}), || {
+        if sign_out_others {
+            format!("changed the password of {user} and revoked its other devices")
+        } else {
+            format!("changed the password of {user} (its other devices still work: --sign-out-others revokes them)")
+        }
+    });
     Ok(())
 }
 
@@ -770,30 +805,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             client.block(&user, false).await?;
             out.line(json!({"event": "unblocked", "user": user}), || format!("unblocked {user}"));
         }
-        Command::Passwd { sign_out_others } => {
-            let user = load_state(home)?.identity.map_or_else(|| "this account".to_owned(), |i| i.user);
-            let current = password(&user, false)?;
-            let new = match std::env::var("SWITCHBOARD_NEW_PASSWORD") {
-                Ok(p) => p,
-                Err(_) => {
-                    let p = rpassword::prompt_password("new password: ")?;
-                    if rpassword::prompt_password("again: ")? != p {
-                        bail!("passwords differ");
-                    }
-                    p
-                }
-            };
-            client.change_password(&current, &new, sign_out_others).await?;
-            out.line(json!({"event": "password_changed", "signed_out_others": sign_out_others}), || {
-                if sign_out_others {
-                    format!("changed the password of {user} and revoked its other devices")
-                } else {
-                    format!(
-                        "changed the password of {user} (its other devices still work: --sign-out-others revokes them)"
-                    )
-                }
-            });
-        }
+        Command::Passwd { .. } => unreachable!("run by `passwd`, which asks before it connects"),
         Command::Devices { command } => match command.unwrap_or(DeviceCommand::List) {
             DeviceCommand::List => {
                 for d in client.devices().await? {
@@ -1335,27 +1347,26 @@ fn password(name: &str, confirm: bool) -> anyhow::Result<String> {
     if let Ok(p) = std::env::var("SWITCHBOARD_PASSWORD") {
         return Ok(p);
     }
-    let read = |prompt: &str| -> anyhow::Result<String> { Ok(rpassword::prompt_password(prompt)?) };
-    let p = match read(&format!("password for {name}: ")) {
-        Ok(p) => p,
-        // No terminal (a script, a service): the first line of standard input, as
-        // `switchboard user add` reads it.
-        Err(_) => {
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
-            let p = line.trim_end_matches(['\n', '\r']).to_owned();
-            if p.is_empty() {
-                bail!(
-                    "no password: set SWITCHBOARD_PASSWORD, run on a terminal, or give it as the first line of standard input"
-                );
-            }
-            return Ok(p);
-        }
-    };
-    if confirm && read("again: ")? != p {
+    let (p, typed) = secret(&format!("password for {name}: "), "SWITCHBOARD_PASSWORD")?;
+    if confirm && typed && secret("again: ", "SWITCHBOARD_PASSWORD")?.0 != p {
         bail!("passwords differ");
     }
     Ok(p)
+}
+
+/// A secret asked on the terminal, or without one (a script, a service) the next line
+/// of standard input, as `switchboard user add` reads it; and whether it was typed.
+fn secret(prompt: &str, env: &str) -> anyhow::Result<(String, bool)> {
+    if let Ok(p) = rpassword::prompt_password(prompt) {
+        return Ok((p, true));
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading a password from standard input")?;
+    let p = line.trim_end_matches(['\n', '\r']).to_owned();
+    if p.is_empty() {
+        bail!("no password: set {env}, run on a terminal, or give it as a line of standard input");
+    }
+    Ok((p, false))
 }
 
 fn device_name() -> String {

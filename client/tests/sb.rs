@@ -1153,7 +1153,19 @@ async fn passwd_changes_the_password_and_signs_out_the_other_devices() {
     };
     let wrong = passwd(&laptop, "not my password", "a new passphrase", &[]);
     assert!(!wrong.status.success());
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("AUTH_FAILED"), "{wrong:?}");
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    // The request's answer, not a refused connection: nothing about re-enrolling.
+    assert!(said.contains("AUTH_FAILED (5): wrong current password") && !said.contains("enroll"), "{said}");
+    // Without a terminal both come from standard input, a line each.
+    let mut piped = sb_command(&laptop, &broker);
+    piped.env_remove("SWITCHBOARD_PASSWORD").env_remove("SWITCHBOARD_NEW_PASSWORD");
+    piped.args(["passwd"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = piped.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"correct horse battery\na piped passphrase\n").unwrap();
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    let back = passwd(&laptop, "a piped passphrase", "correct horse battery", &[]);
+    assert!(back.status.success(), "{back:?}");
 
     let changed = passwd(&laptop, "correct horse battery", "a new passphrase", &["--sign-out-others"]);
     assert!(changed.status.success(), "{changed:?}");

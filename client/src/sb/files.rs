@@ -206,7 +206,11 @@ pub async fn upload(
                 if matches!(e, ClientError::Server(_)) {
                     forget_upload(home, &key)?;
                 }
-                return Err(e.into());
+                let id = hex(&published.file);
+                return Err(anyhow::Error::new(e).context(format!(
+                    "uploaded as {id}, but not sent to conversation {}: the file is kept on your quota (`sb file delete {id}` frees it)",
+                    t.conv
+                )));
             }
         };
         out.line(json!({"event": "sent", "conv": t.conv, "seq": seq, "file": hex(&published.file)}), || {
