@@ -284,25 +284,38 @@ impl Store {
         after: Option<&FileId>,
         limit: usize,
     ) -> Result<(Vec<(FileId, FileRecord)>, bool)> {
-        let prefix = Key::uploading_of(user);
+        let after = after.map(|id| Key::uploading(user, id));
+        self.index_page(Key::uploading_of(user), after, limit, |r| !r.is_complete())
+    }
+
+    /// A page of what a per-user index (`tag | user | file id`) names: the files above
+    /// the key `after` whose records `keep` accepts, by ascending id, at most `limit`,
+    /// and whether more follow.
+    fn index_page(
+        &self,
+        prefix: Key,
+        after: Option<Key>,
+        limit: usize,
+        keep: impl Fn(&FileRecord) -> bool,
+    ) -> Result<(Vec<(FileId, FileRecord)>, bool)> {
         let start = match after {
-            // The smallest key above `after`'s.
-            Some(id) => {
-                let mut k = Key::uploading(user, id).as_ref().to_vec();
+            // The smallest key above `after`.
+            Some(k) => {
+                let mut k = k.as_ref().to_vec();
                 k.push(0);
                 k
             }
             None => prefix.as_ref().to_vec(),
         };
         let mut out = Vec::new();
-        for item in self.db.range(start..) {
-            let (k, _) = item?;
+        for item in self.db.range(start..).keys() {
+            let k = item?;
             if !k.starts_with(prefix.as_ref()) {
                 break;
             }
             let id = file_id_at(&k, 9)?;
             match self.file(&id)? {
-                Some(record) if !record.is_complete() => {
+                Some(record) if keep(&record) => {
                     if out.len() == limit {
                         return Ok((out, true));
                     }
@@ -558,33 +571,8 @@ impl Store {
         after: Option<&FileId>,
         limit: usize,
     ) -> Result<(Vec<(FileId, FileRecord)>, bool)> {
-        let prefix = Key::stored_files_of(user);
-        let start = match after {
-            // The key just after `after`'s: ids are fixed-length.
-            Some(id) => {
-                let mut k = Key::stored_file(user, id).as_ref().to_vec();
-                k.push(0);
-                k
-            }
-            None => prefix.as_ref().to_vec(),
-        };
-        let mut out = Vec::new();
-        let mut more = false;
-        for item in self.db.range(start..).keys() {
-            let k = item?;
-            if !k.starts_with(prefix.as_ref()) {
-                break;
-            }
-            if out.len() == limit {
-                more = true;
-                break;
-            }
-            let id: FileId = k[prefix.as_ref().len()..].try_into().map_err(|_| corrupt(&k, "stored file key"))?;
-            if let Some(record) = self.file(&id)? {
-                out.push((id, record));
-            }
-        }
-        Ok((out, more))
+        let after = after.map(|id| Key::stored_file(user, id));
+        self.index_page(Key::stored_files_of(user), after, limit, FileRecord::is_complete)
     }
 
     /// Builds the index of stored files (`stored_files_page`) for a data dir written
@@ -598,7 +586,7 @@ impl Store {
         for item in self.db.scan_prefix(Key::files()) {
             let (k, v) = item?;
             let record: FileRecord = decode(&k, &v)?;
-            let id: FileId = k[1..].try_into().map_err(|_| corrupt(&k, "file key"))?;
+            let id = file_id_at(&k, 1)?;
             if record.is_complete() && record.parent.is_none() {
                 self.db.insert(Key::stored_file(record.uploader, &id), &[][..])?;
                 indexed += 1;
