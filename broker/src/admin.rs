@@ -51,6 +51,9 @@ pub enum AdminRequest {
     DeviceList { user: String },
     /// Revoke one device.
     DeviceRevoke { user: String, device: DeviceId },
+    /// Disable an account (no device of it signs in; its connections close), or enable
+    /// it again.
+    UserDisable { name: String, disabled: bool },
 }
 
 /// The lines to print on success, or the message to print on failure.
@@ -94,6 +97,26 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
                 }
             }
             Ok(vec![format!("set a new password for {name} and revoked its {revoked} devices")])
+        }
+        AdminRequest::UserDisable { name, disabled } => {
+            let (user, _) =
+                ops.store.user_by_name(&name).map_err(|e| e.to_string())?.ok_or(format!("no user {name:?}"))?;
+            let set =
+                crate::catalog::catalog_write(ops.store, move |s| s.set_disabled(user, disabled, crate::now_ms()))
+                    .await
+                    .map_err(said)?;
+            let durable = set.map_err(|e| e.to_string())?.ok_or(format!("no user {name:?}"))?;
+            durable.await.map_err(|e| e.to_string())?;
+            if disabled {
+                if let Some(shared) = ops.broker {
+                    shared.users.disable(user).await;
+                }
+                tracing::info!(user, "account disabled by the operator");
+                Ok(vec![format!("disabled {name}: its devices cannot sign in and its connections were closed")])
+            } else {
+                tracing::info!(user, "account enabled by the operator");
+                Ok(vec![format!("enabled {name} again")])
+            }
         }
         AdminRequest::DeviceList { user } => {
             let store = ops.store.clone();

@@ -72,6 +72,16 @@ fn wrong_password() -> ErrorBody {
     fail(ErrorCode::AUTH_FAILED, "wrong user name or password")
 }
 
+/// `ACCOUNT_DISABLED` if the operator disabled `user`'s account. Asked only once a
+/// password or a device signature proved the caller, so the answer tells a stranger
+/// nothing.
+pub(crate) fn refuse_if_disabled(store: &Store, user: UserId) -> Result<(), ErrorBody> {
+    if store.disabled(user).map_err(internal)? {
+        return Err(fail(ErrorCode::ACCOUNT_DISABLED, "this account is disabled by the broker's operator"));
+    }
+    Ok(())
+}
+
 fn wrong_current_password() -> ErrorBody {
     fail(ErrorCode::AUTH_FAILED, "wrong current password")
 }
@@ -182,6 +192,7 @@ impl Auth {
             return Err(wrong_password());
         }
         self.passwords.refund(&keys);
+        refuse_if_disabled(&self.store, user)?;
         Ok((user, key, record.password_hash))
     }
 
@@ -217,7 +228,10 @@ impl Auth {
             key.verify(transcript, &sig).ok().map(|_| user)
         });
         match verified {
-            Some(user) => Ok(user),
+            Some(user) => {
+                refuse_if_disabled(&self.store, user)?;
+                Ok(user)
+            }
             None => {
                 self.signatures.record(&address, now)?;
                 Err(fail(ErrorCode::AUTH_FAILED, "unknown device or bad signature"))

@@ -107,6 +107,18 @@ enum UserCommand {
         #[arg(long)]
         revoke_devices: bool,
     },
+    /// Disable an account: none of its devices may sign in (they are told
+    /// ACCOUNT_DISABLED) and, with the broker running, its connections close at once.
+    /// Its conversations, messages and files stay; `user enable` undoes it.
+    Disable {
+        /// Account name.
+        name: String,
+    },
+    /// Enable a disabled account again.
+    Enable {
+        /// Account name.
+        name: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,6 +171,12 @@ fn main() -> anyhow::Result<()> {
         Some(Command::User { command: UserCommand::Passwd { name, revoke_devices } }) => {
             let password = read_password(&name)?;
             runtime.block_on(admin(&config, AdminRequest::UserPasswd { name, password, revoke_devices }))
+        }
+        Some(Command::User { command: UserCommand::Disable { name } }) => {
+            runtime.block_on(admin(&config, AdminRequest::UserDisable { name, disabled: true }))
+        }
+        Some(Command::User { command: UserCommand::Enable { name } }) => {
+            runtime.block_on(admin(&config, AdminRequest::UserDisable { name, disabled: false }))
         }
         Some(Command::Device { command: DeviceCommand::List { user } }) => {
             runtime.block_on(admin(&config, AdminRequest::DeviceList { user }))

@@ -99,8 +99,9 @@ impl Tally {
 }
 
 /// The codes a refused handshake is counted under; any other is counted as `other`.
-const HANDSHAKE_CODES: [ErrorCode; 8] = [
+const HANDSHAKE_CODES: [ErrorCode; 9] = [
     ErrorCode::AUTH_FAILED,
+    ErrorCode::ACCOUNT_DISABLED,
     ErrorCode::RATE_LIMITED,
     ErrorCode::REGISTRATION_CLOSED,
     ErrorCode::OVERLOADED,

@@ -22,8 +22,13 @@ pub enum UserMsg {
     Attach(SessionHandle),
     /// A connection ended.
     Detach(u64),
-    /// A device was revoked: close its connections.
-    Revoke(DeviceId),
+    /// Close connections with `code`: one device's, or all of the user's (`None`).
+    Close {
+        /// The device, or every device.
+        device: Option<DeviceId>,
+        /// The close code.
+        code: ErrorCode,
+    },
 }
 
 /// The user actor.
@@ -53,10 +58,10 @@ impl Actor for User {
         match msg {
             UserMsg::Attach(session) => state.sessions.push(session),
             UserMsg::Detach(id) => state.sessions.retain(|s| s.id != id),
-            UserMsg::Revoke(device) => {
-                tracing::debug!(user = state.user, device, "closing a revoked device's connections");
-                for s in state.sessions.iter().filter(|s| s.device == device) {
-                    s.out.close(ErrorCode::DEVICE_REVOKED);
+            UserMsg::Close { device, code } => {
+                tracing::debug!(user = state.user, ?device, %code, "closing connections");
+                for s in state.sessions.iter().filter(|s| device.is_none_or(|d| s.device == d)) {
+                    s.out.close(code);
                 }
             }
         }
@@ -183,13 +188,23 @@ impl UserDirectory {
     /// not a message to the user actor), so a revocation answered `Done` has already cut
     /// the device off: nothing more reaches it and its connection is closing.
     pub async fn revoke(&self, user: UserId, device: DeviceId) {
+        self.close(user, Some(device), ErrorCode::DEVICE_REVOKED).await;
+    }
+
+    /// Closes every live connection of a disabled account (`ACCOUNT_DISABLED`), the same
+    /// way as `revoke`.
+    pub async fn disable(&self, user: UserId) {
+        self.close(user, None, ErrorCode::ACCOUNT_DISABLED).await;
+    }
+
+    async fn close(&self, user: UserId, device: Option<DeviceId>, code: ErrorCode) {
         if let Some(sessions) = self.online.sessions(user) {
-            for s in sessions.iter().filter(|s| s.device == device) {
-                s.out.close(ErrorCode::DEVICE_REVOKED);
+            for s in sessions.iter().filter(|s| device.is_none_or(|d| s.device == d)) {
+                s.out.close(code);
             }
         }
         if let Some(live) = self.map.lock().await.get(&user) {
-            let _ = live.actor.cast(UserMsg::Revoke(device));
+            let _ = live.actor.cast(UserMsg::Close { device, code });
         }
     }
 

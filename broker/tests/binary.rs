@@ -722,7 +722,19 @@ async fn operators_manage_accounts_while_the_broker_runs() {
     assert_eq!(closed.code(), Some(switchboard_protocol::ErrorCode::DEVICE_REVOKED));
     let old = connector.login("carol", "correct horse battery", "thief").await.err().unwrap();
     assert_eq!(old.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED));
-    connector.login("carol", "a brand new passphrase", "desk").await.unwrap().0.ping().await.unwrap();
+    let (desk, desk_id) = connector.login("carol", "a brand new passphrase", "desk").await.unwrap();
+    desk.ping().await.unwrap();
+    // Disabled: cut off at once and told why; enabled: back.
+    let disabled = run(dir.path(), &["user", "disable", "carol"]);
+    assert!(String::from_utf8_lossy(&disabled.stdout).starts_with("disabled carol"), "{disabled:?}");
+    let closed = tokio::time::timeout(Duration::from_secs(10), desk.closed()).await.expect("the desk was cut off");
+    assert_eq!(closed.code(), Some(switchboard_protocol::ErrorCode::ACCOUNT_DISABLED));
+    assert_eq!(
+        connector.connect(&desk_id).await.err().unwrap().code(),
+        Some(switchboard_protocol::ErrorCode::ACCOUNT_DISABLED)
+    );
+    assert!(run(dir.path(), &["user", "enable", "carol"]).status.success());
+    connector.connect(&desk_id).await.unwrap().ping().await.unwrap();
 
     signal(&broker.child, "-TERM");
     assert!(broker.child.wait().unwrap().success());

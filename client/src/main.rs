@@ -433,6 +433,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             result = result.context(format!(
                 "this device is not enrolled at {server} any more (revoked from another device, or is this another broker?): `sb login {user}` enrolls it again"
             ));
+        } else if code == Some(ErrorCode::ACCOUNT_DISABLED) {
+            result = result.context("this account is disabled: ask the broker's operator (`switchboard user enable`)");
         }
     }
     // Failed or not, the broker learns at once that this device left: a connection

@@ -448,7 +448,15 @@ pub fn retry_safe(body: &RequestBody) -> bool {
 
 /// Failures after which reconnecting cannot help.
 pub fn permanent(error: &ClientError) -> bool {
-    matches!(error.code(), Some(ErrorCode::DEVICE_REVOKED | ErrorCode::AUTH_FAILED | ErrorCode::UNSUPPORTED_VERSION))
+    matches!(
+        error.code(),
+        Some(
+            ErrorCode::DEVICE_REVOKED
+                | ErrorCode::AUTH_FAILED
+                | ErrorCode::UNSUPPORTED_VERSION
+                | ErrorCode::ACCOUNT_DISABLED
+        )
+    )
 }
 
 /// The failure means the connection is gone (the request may be sent again on the

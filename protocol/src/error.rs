@@ -94,6 +94,10 @@ codes! {
     /// over 4 s while other downloads waited for a blob file: its stream is reset; resume (an upload from
     /// the durable offset, with smaller chunks; a download from the bytes received).
     CHUNK_TOO_SLOW = 27,
+    /// The account is disabled by the broker's operator (`switchboard user disable`):
+    /// none of its devices may sign in, and its connections were closed, until the
+    /// operator enables it again.
+    ACCOUNT_DISABLED = 28,
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -32,6 +32,7 @@ const BLOB_REFS: u8 = 0x19;
 const FILE_UNHELD: u8 = 0x1a;
 const BLOCK: u8 = 0x1b;
 const STORED_FILE: u8 = 0x1c;
+const DISABLED: u8 = 0x1d;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -208,6 +209,11 @@ impl Key {
     }
     pub fn files_unheld() -> Key {
         Key::with(FILE_UNHELD, &[])
+    }
+    /// Present while the operator has disabled `user`'s account (its value: since when,
+    /// ms since the Unix epoch).
+    pub fn disabled(user: UserId) -> Key {
+        Key::with(DISABLED, &[&user.to_be_bytes()])
     }
     /// Present while `blocker` blocks `blocked` (one way: (a, b) and (b, a) are two keys).
     pub fn block(blocker: UserId, blocked: UserId) -> Key {

@@ -305,6 +305,28 @@ impl Store {
         Ok(Some(self.commit(txn)?))
     }
 
+    /// Whether the operator has disabled `user`'s account. One point read.
+    pub fn disabled(&self, user: UserId) -> Result<bool> {
+        Ok(self.db.contains_key(Key::disabled(user))?)
+    }
+
+    /// Disables `user`'s account (since `now_ms`), or enables it again; `None` if there is
+    /// no such user. A single-key write riding the next group commit: durable when the
+    /// future resolves.
+    pub fn set_disabled(&self, user: UserId, disabled: bool, now_ms: u64) -> Result<Option<Durable>> {
+        let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+        if self.user(user)?.is_none() {
+            return Ok(None);
+        }
+        let key = Key::disabled(user);
+        if disabled {
+            self.index_write(|| Ok(self.db.insert(&key, &now_ms.to_be_bytes()[..]).map(|_| ())?))?;
+        } else {
+            self.index_write(|| Ok(self.db.remove(&key).map(|_| ())?))?;
+        }
+        Ok(Some(self.barrier()?))
+    }
+
     /// Enrolls a device key for `user`, unconfirmed (see `confirm_device`). If `user`
     /// already has `max_devices`, the oldest unconfirmed device enrolled before
     /// `replace.enrolled_before_ms` and not in `replace.in_use` is removed in the same

@@ -273,3 +273,38 @@ async fn of_two_changes_from_the_same_password_one_wins() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_disabled_account_is_cut_off_and_told_so_only_with_its_proof() {
+    use switchboard_broker::admin::{AdminRequest, Ops, execute};
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, identity) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = bob.create_direct("alice").await.unwrap().id;
+        let said = bob.send(conv, "hi alice").await.unwrap();
+        let shared = tb.shared();
+        let ops = Ops { store: &shared.store, auth: &shared.auth, broker: Some(shared) };
+        let disable = |disabled| AdminRequest::UserDisable { name: "alice".into(), disabled };
+        let lines = execute(&ops, disable(true)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(lines[0].starts_with("disabled alice"), "{lines:?}");
+        // Its connections close at once; its device and its password are refused, saying
+        // why; a wrong password or a stranger learns nothing new.
+        let closed = tokio::time::timeout(Duration::from_secs(10), laptop.closed()).await.unwrap();
+        assert_eq!(closed.code(), Some(ErrorCode::ACCOUNT_DISABLED));
+        let again = tb.connector().connect(&identity).await.err().unwrap();
+        assert_eq!(again.code(), Some(ErrorCode::ACCOUNT_DISABLED));
+        let login = tb.connector().login("alice", tb.password, "d").await.err().unwrap();
+        assert_eq!(login.code(), Some(ErrorCode::ACCOUNT_DISABLED));
+        let guess = tb.connector().login("alice", "not the password", "d").await.err().unwrap();
+        assert_eq!(guess.code(), Some(ErrorCode::AUTH_FAILED));
+        bob.ping().await.unwrap();
+        // Enabled again: everything as it was.
+        execute(&ops, disable(false)).await.unwrap_or_else(|e| panic!("{e}"));
+        let back = tb.connector().connect(&identity).await.unwrap();
+        let (entries, _) = back.history(conv, switchboard_protocol::Page::Latest, 10).await.unwrap();
+        assert!(entries.iter().any(|e| e.seq == said));
+        assert!(execute(&ops, AdminRequest::UserDisable { name: "nobody".into(), disabled: true }).await.is_err());
+    })
+    .await
+}

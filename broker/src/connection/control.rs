@@ -45,6 +45,12 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         shared.users.detach(user, session).await;
         return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into()));
     }
+    // Likewise an account disabled meanwhile (its sessions were closed before this one
+    // was visible).
+    if let Err(e) = crate::auth::refuse_if_disabled(&shared.store, user) {
+        shared.users.detach(user, session).await;
+        return close(&conn, Close(e.code, e.message));
+    }
     // Likewise a storage failure that closed every session just before this attach.
     if shared.health.is_failed() {
         shared.users.detach(user, session).await;
