@@ -101,6 +101,7 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
         AdminRequest::UserDisable { name, disabled } => {
             let (user, _) =
                 ops.store.user_by_name(&name).map_err(|e| e.to_string())?.ok_or(format!("no user {name:?}"))?;
+            let since = ops.store.disabled_since(user).map_err(|e| e.to_string())?;
             let set =
                 crate::catalog::catalog_write(ops.store, move |s| s.set_disabled(user, disabled, crate::now_ms()))
                     .await
@@ -111,8 +112,13 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
                 if let Some(shared) = ops.broker {
                     shared.users.disable(user).await;
                 }
+                if let Some(since) = since {
+                    return Ok(vec![format!("{name} was disabled already (since {})", utc(since))]);
+                }
                 tracing::info!(user, "account disabled by the operator");
                 Ok(vec![format!("disabled {name}: its devices cannot sign in and its connections were closed")])
+            } else if since.is_none() {
+                Ok(vec![format!("{name} was not disabled")])
             } else {
                 tracing::info!(user, "account enabled by the operator");
                 Ok(vec![format!("enabled {name} again")])
@@ -154,12 +160,17 @@ async fn blocking(f: impl FnOnce() -> AdminReply + Send + 'static) -> AdminReply
     tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?
 }
 
-/// One account a line: id, creation time (UTC), devices, name (tab-separated).
+/// One account a line: id, creation time (UTC), devices, name, and for a disabled one
+/// `disabled since TIME` (tab-separated).
 fn list_users(store: &Store) -> AdminReply {
     let mut lines = Vec::new();
     for (id, user) in store.users().map_err(|e| e.to_string())? {
         let devices = store.devices(id).map_err(|e| e.to_string())?.len();
-        lines.push(format!("{id}\t{}\t{devices}\t{}", utc(user.created_ms), user.name));
+        let mut line = format!("{id}\t{}\t{devices}\t{}", utc(user.created_ms), user.name);
+        if let Some(since) = store.disabled_since(id).map_err(|e| e.to_string())? {
+            line.push_str(&format!("\tdisabled since {}", utc(since)));
+        }
+        lines.push(line);
     }
     Ok(lines)
 }

@@ -249,6 +249,18 @@ enum FileCommand {
     Cancel { file: String },
     /// Drop my hold on a file I uploaded (messages that carry it keep it).
     Delete { file: String },
+    /// Send files already uploaded in one message; prints its seq. A file someone else
+    /// uploaded (one a message showed me) goes as my own copy of it, counted in my quota
+    /// until the last message carrying it is deleted.
+    Send {
+        conv: ConvId,
+        /// 1 to 10 file ids, 32 hex digits each.
+        #[arg(required = true)]
+        files: Vec<String>,
+        /// A caption.
+        #[arg(long, default_value = "")]
+        text: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1359,8 +1371,16 @@ fn password(name: &str, confirm: bool) -> anyhow::Result<String> {
 /// A secret asked on the terminal, or without one (a script, a service) the next line
 /// of standard input, as `switchboard user add` reads it; and whether it was typed.
 fn secret(prompt: &str, env: &str) -> anyhow::Result<(String, bool)> {
-    if let Ok(p) = rpassword::prompt_password(prompt) {
+    let asked = rpassword::prompt_password(prompt);
+    if let Ok(p) = asked {
         return Ok((p, true));
+    }
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // Read from it here, it would echo the password.
+        bail!(
+            "could not ask for the password without echo ({}): set {env}, or give it as a line of standard input",
+            asked.err().map_or_else(String::new, |e| e.to_string())
+        );
     }
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).context("reading a password from standard input")?;

@@ -118,8 +118,9 @@ pub enum SessionEvent {
         /// Delay before the next attempt, ms.
         retry_in_ms: u64,
     },
-    /// The session stopped for good: the device was revoked or its proof refused
-    /// (`DEVICE_REVOKED`, `AUTH_FAILED`, `UNSUPPORTED_VERSION`). The stream ends after it.
+    /// The session stopped for good: the device was revoked, its proof refused or its
+    /// account disabled (`DEVICE_REVOKED`, `AUTH_FAILED`, `UNSUPPORTED_VERSION`,
+    /// `ACCOUNT_DISABLED`). The stream ends after it.
     Stopped(ClientError),
 }
 
@@ -155,8 +156,8 @@ impl SessionError {
 ///
 /// It connects, and after any drop (`GOING_AWAY`, idle timeout, `SLOW_CONSUMER`, a
 /// network error, a broker restart) reconnects with exponential backoff and jitter
-/// (`SessionConfig`). `DEVICE_REVOKED`, `AUTH_FAILED` and `UNSUPPORTED_VERSION` are
-/// permanent: the stream yields `SessionEvent::Stopped` and ends.
+/// (`SessionConfig`). `DEVICE_REVOKED`, `AUTH_FAILED`, `UNSUPPORTED_VERSION` and
+/// `ACCOUNT_DISABLED` are permanent: the stream yields `SessionEvent::Stopped` and ends.
 ///
 /// After each connect it catches up (PROTOCOL.md section 11): `ConversationStates`, then
 /// `CatchUp` pages after each conversation's cursor until complete, while live events

@@ -131,6 +131,21 @@ pub enum UploadRefusal {
     StorageFull,
 }
 
+/// What `Store::forward_file` did.
+#[derive(Debug)]
+pub enum Forwarded {
+    /// The forwarder's copy (made now, or the one its earlier forward of the same file
+    /// made), as the message will carry it.
+    Copy(FileId, FileRecord),
+    /// A new copy's size would take the forwarder's stored bytes past its quota.
+    QuotaExceeded {
+        /// The bytes the quota counts now, of the forwarder's files and uploads.
+        used: u64,
+    },
+    /// The original is gone (collected since the caller read it) or not complete.
+    Gone,
+}
+
 /// What collecting a file removed (`Store::collect_file`).
 #[derive(Debug)]
 pub struct Collected {
@@ -479,21 +494,115 @@ impl Store {
         Ok(Some(self.commit(txn)?))
     }
 
+    /// `forwarder` sends the complete file `original`, uploaded by someone else: the
+    /// message carries a copy of the forwarder's own, so the uploader's quota never
+    /// depends on what others keep (its `DeleteFile` and the deletion of its own
+    /// messages free it, whoever forwarded the file). The copy shares the stored bytes
+    /// (one more blob reference) and the original's thumbnail if it has one
+    /// (`fresh` names the thumbnail's copy), counts against the forwarder's quota,
+    /// is held by nobody (it lives while a message carries it, like a file its uploader
+    /// dropped), and is not collected before `now_ms + grace_ms`, time for the message
+    /// to be written; marked unheld, it goes after that if none is. A later forward of
+    /// `original` by the same user reuses the copy (its grace renewed), so a file
+    /// forwarded to many conversations counts once. Blocking (a catalog batch, applied
+    /// before this returns; the message's own commit makes it durable).
+    pub fn forward_file(
+        &self,
+        original: &FileId,
+        forwarder: UserId,
+        copy: FileId,
+        fresh: impl FnOnce() -> FileId,
+        quota_bytes: u64,
+        (now_ms, grace_ms): (u64, u64),
+    ) -> Result<Forwarded> {
+        let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(source) = self.file(original)? else { return Ok(Forwarded::Gone) };
+        if !source.is_complete() || source.parent.is_some() {
+            return Ok(Forwarded::Gone);
+        }
+        let until = now_ms.saturating_add(grace_ms);
+        let mut txn = Txn::new();
+        if let Some(v) = self.db.get(Key::forward_copy(forwarder, original))? {
+            let id = file_id_at(&v, 0)?;
+            if let Some(mut record) = self.file(&id)? {
+                record.expires_ms = record.expires_ms.max(until);
+                txn.put(Key::file(&id), &record);
+                txn.batch.insert(Key::file_unheld(&id).as_ref(), &[][..]);
+                drop(self.commit(txn)?);
+                return Ok(Forwarded::Copy(id, record));
+            }
+        }
+        let stored = self.stored_now(&lock, forwarder)?;
+        if stored.saturating_add(source.size) > quota_bytes {
+            return Ok(Forwarded::QuotaExceeded { used: stored });
+        }
+        let mut refs: HashMap<Blake3, u64> = HashMap::new();
+        let mut thumbnail = None;
+        if let FileStage::Complete { thumbnail: Some(t) } = source.stage
+            && let Some(mut thumb) = self.file(&t)?
+        {
+            let id = fresh();
+            thumb.uploader = forwarder;
+            thumb.created_ms = now_ms;
+            thumb.parent = Some(copy);
+            *refs.entry(thumb.blake3).or_insert(self.blob_refs(&thumb.blake3)?) += 1;
+            txn.put(Key::file(&id), &thumb);
+            thumbnail = Some(id);
+        }
+        let record = FileRecord {
+            uploader: forwarder,
+            created_ms: now_ms,
+            expires_ms: until,
+            stage: FileStage::Complete { thumbnail },
+            parent: None,
+            held: false,
+            ..source
+        };
+        *refs.entry(record.blake3).or_insert(self.blob_refs(&record.blake3)?) += 1;
+        for (hash, n) in refs {
+            txn.batch.insert(Key::blob_refs(&hash).as_ref(), &n.to_be_bytes()[..]);
+        }
+        txn.put(Key::file(&copy), &record);
+        txn.batch.insert(Key::stored_file(forwarder, &copy).as_ref(), &[][..]);
+        txn.batch.insert(Key::file_unheld(&copy).as_ref(), &[][..]);
+        txn.batch.insert(Key::forward_copy(forwarder, original).as_ref(), &copy[..]);
+        txn.batch.insert(Key::copy_of(&copy).as_ref(), &original[..]);
+        let stored = stored + record.size;
+        txn.batch.insert(Key::stored_bytes(forwarder).as_ref(), &stored.to_be_bytes()[..]);
+        if let Some(pending) = lock.pending.get_mut(&forwarder) {
+            pending.stored = stored;
+        }
+        drop(self.commit(txn)?);
+        Ok(Forwarded::Copy(copy, record))
+    }
+
     /// Deletes the complete file `id` (and its thumbnail) if nothing holds it any more:
     /// its uploader dropped its hold and no message that is not deleted carries it; its
-    /// size then leaves the uploader's quota. Its
-    /// mark (`file_unheld`) goes either way. Blobs left with no reference are returned
-    /// for the caller to delete. Blocking (a catalog batch).
-    pub fn collect_file(&self, id: &FileId) -> Result<Collected> {
+    /// size then leaves the uploader's quota. Its mark (`file_unheld`) goes either way,
+    /// unless the file is a forward's copy still within its grace (`forward_file`) and
+    /// no message carries it yet: then it stays, and nothing is deleted before
+    /// `now_ms` passes the grace. Blobs left with no reference are returned for the
+    /// caller to delete. Blocking (a catalog batch).
+    pub fn collect_file(&self, id: &FileId, now_ms: u64) -> Result<Collected> {
         let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let mut txn = Txn::new();
-        txn.batch.remove(Key::file_unheld(id).as_ref());
         let mut unreferenced = Vec::new();
-        if let Some(record) = self.file(id)?
+        let record = self.file(id)?;
+        let carried = self.db.scan_prefix(Key::attached_of(id)).next().is_some();
+        let waiting = record.as_ref().is_some_and(|r| r.is_complete() && r.expires_ms > now_ms) && !carried;
+        if !waiting {
+            txn.batch.remove(Key::file_unheld(id).as_ref());
+        }
+        if let Some(record) = record
             && record.is_complete()
             && !record.held
-            && self.db.scan_prefix(Key::attached_of(id)).next().is_none()
+            && !carried
+            && !waiting
         {
+            if let Some(original) = self.db.get(Key::copy_of(id))? {
+                txn.batch.remove(Key::copy_of(id).as_ref());
+                txn.batch.remove(Key::forward_copy(record.uploader, &file_id_at(&original, 0)?).as_ref());
+            }
             let mut files = vec![(*id, record)];
             if let Some(FileStage::Complete { thumbnail: Some(t) }) = files.first().map(|f| f.1.stage.clone())
                 && let Some(thumb) = self.file(&t)?
@@ -528,11 +637,20 @@ impl Store {
         Ok(Collected { unreferenced, durable: self.commit(txn)? })
     }
 
-    /// Complete files marked as possibly unheld, at most `limit`.
-    pub fn unheld_files(&self, limit: usize) -> Result<Vec<FileId>> {
+    /// Complete files marked as possibly unheld, by ascending id after `after`, at most
+    /// `limit`.
+    pub fn unheld_files(&self, after: Option<&FileId>, limit: usize) -> Result<Vec<FileId>> {
         let mut out = Vec::new();
-        for item in self.db.scan_prefix(Key::files_unheld()).take(limit) {
+        let from = match after {
+            Some(id) => std::ops::Bound::Excluded(Key::file_unheld(id).as_ref().to_vec()),
+            None => std::ops::Bound::Included(Key::files_unheld().as_ref().to_vec()),
+        };
+        let prefix = Key::files_unheld();
+        for item in self.db.range::<Vec<u8>, _>((from, std::ops::Bound::Unbounded)).take(limit) {
             let (k, _) = item?;
+            if !k.starts_with(prefix.as_ref()) {
+                break;
+            }
             out.push(file_id_at(&k, 1)?);
         }
         Ok(out)
@@ -734,7 +852,7 @@ mod tests {
             // Dropped and collected: no longer listed (nor counted).
             store.drop_hold(&[1; 16]).unwrap().unwrap().await.unwrap();
             assert!(!store.stored_files_page(7, None, 8).unwrap().0[0].1.held, "listed, not held, until collected");
-            store.collect_file(&[1; 16]).unwrap().durable.await.unwrap();
+            store.collect_file(&[1; 16], 0).unwrap().durable.await.unwrap();
             assert_eq!(ids(&store.stored_files_page(7, None, 8).unwrap().0), vec![2, 3]);
             // A data dir of format 3 had no index: take it away and say so.
             for user in [7u64, 8] {
@@ -796,21 +914,21 @@ mod tests {
         assert_eq!(store.attachments(&a, 10).unwrap(), vec![(9, 1)]);
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
         assert_eq!(store.stored_bytes(7).unwrap(), 60, "counted while a message carries it");
-        assert_eq!(store.unheld_files(10).unwrap(), vec![a]);
-        let kept = store.collect_file(&a).unwrap();
+        assert_eq!(store.unheld_files(None, 10).unwrap(), vec![a]);
+        let kept = store.collect_file(&a, 0).unwrap();
         kept.durable.await.unwrap();
         assert!(kept.unreferenced.is_empty() && store.file(&a).unwrap().is_some(), "a message still carries it");
         // Deleting the message drops the attachment and marks the file again.
         append(&store, entry(9, 2, Body::Delete { target: 1 })).await;
         assert!(store.attachments(&a, 10).unwrap().is_empty());
-        assert_eq!(store.unheld_files(10).unwrap(), vec![a]);
-        let gone = store.collect_file(&a).unwrap();
+        assert_eq!(store.unheld_files(None, 10).unwrap(), vec![a]);
+        let gone = store.collect_file(&a, 0).unwrap();
         gone.durable.await.unwrap();
         assert_eq!(gone.unreferenced, vec![[1; 32]]);
         assert!(store.file(&a).unwrap().is_none());
         assert_eq!(store.stored_bytes(7).unwrap(), 0, "its bytes are gone: so is their quota");
         assert_eq!(store.blob_refs(&[1; 32]).unwrap(), 0);
-        assert!(store.unheld_files(10).unwrap().is_empty());
+        assert!(store.unheld_files(None, 10).unwrap().is_empty());
     }
 
     #[test]
@@ -917,12 +1035,82 @@ mod tests {
         assert!(store.file(&[4; 16]).unwrap().is_none());
         assert_eq!(store.file(&a).unwrap().unwrap().stage, FileStage::Complete { thumbnail: Some(t) });
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
-        let c = store.collect_file(&a).unwrap();
+        let c = store.collect_file(&a, 0).unwrap();
         c.durable.await.unwrap();
         assert_eq!(c.unreferenced, vec![[6; 32]], "the shared blob keeps one reference, the thumbnail's goes");
         assert!(store.file(&t).unwrap().is_none());
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1);
         assert_eq!(store.file(&b).unwrap().unwrap().offset(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_forward_is_a_copy_the_forwarder_pays_for_and_the_uploader_stops_paying_when_it_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, copy, thumb_copy) = ([1; 16], [2; 16], [3; 16]);
+        stored(&store, a, 7, 5).await;
+        let mut thumb = record(7, 3, 6);
+        thumb.stage = FileStage::Complete { thumbnail: None };
+        (thumb.parent, thumb.held, thumb.expires_ms) = (Some(a), false, 0);
+        store.add_thumbnail(&a, &[9; 16], &thumb).unwrap().unwrap().1.await.unwrap();
+        // User 8 forwards it: its quota is checked and pays; the bytes are shared.
+        let refused = store.forward_file(&a, 8, copy, || thumb_copy, 9, (100, 50)).unwrap();
+        assert!(matches!(refused, Forwarded::QuotaExceeded { used: 0 }), "{refused:?}");
+        let Forwarded::Copy(id, made) = store.forward_file(&a, 8, copy, || thumb_copy, 10, (100, 50)).unwrap() else {
+            panic!()
+        };
+        assert_eq!((id, made.uploader, made.held, made.size, made.expires_ms), (copy, 8, false, 10, 150));
+        assert_eq!(made.stage, FileStage::Complete { thumbnail: Some(thumb_copy) });
+        assert_eq!(store.file(&thumb_copy).unwrap().unwrap().parent, Some(copy));
+        assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (10, 10));
+        assert_eq!((store.blob_refs(&[5; 32]).unwrap(), store.blob_refs(&[6; 32]).unwrap()), (2, 2));
+        assert_eq!(store.stored_files_page(8, None, 8).unwrap().0[0].0, copy, "listed among the forwarder's files");
+        // Forwarded again: the same copy, counted once, its grace renewed.
+        let Forwarded::Copy(again, r) = store.forward_file(&a, 8, [4; 16], || [5; 16], 20, (120, 50)).unwrap() else {
+            panic!()
+        };
+        assert_eq!((again, r.expires_ms, store.stored_bytes(8).unwrap()), (copy, 170, 10));
+        assert!(store.file(&[4; 16]).unwrap().is_none());
+        // Within its grace and carried by no message, the copy stays and so does its mark.
+        let c = store.collect_file(&copy, 169).unwrap();
+        assert!(c.unreferenced.is_empty());
+        assert_eq!(store.unheld_files(None, 8).unwrap(), vec![copy]);
+        // Its message is written; the uploader deletes her own message and lets go:
+        // her quota is free whatever the forwarder keeps.
+        let files = vec![FileRef { file: copy, name: "a.bin".into(), size: 10, content_type: "x/y".into() }];
+        append(&store, entry(3, 1, Body::Files { text: String::new(), files, edited: false })).await;
+        store.drop_hold(&a).unwrap().unwrap().await.unwrap();
+        store.collect_file(&a, 200).unwrap().durable.await.unwrap();
+        assert!(store.file(&a).unwrap().is_none());
+        assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (0, 10));
+        assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1, "the copy keeps the bytes");
+        store.collect_file(&copy, 200).unwrap().durable.await.unwrap();
+        assert!(store.file(&copy).unwrap().is_some(), "a message carries it");
+        // The message goes: the copy and its thumbnail go, the forwarder's quota is free,
+        // and no key of the forward is left.
+        append(&store, entry(3, 2, Body::Delete { target: 1 })).await;
+        let c = store.collect_file(&copy, 200).unwrap();
+        c.durable.await.unwrap();
+        assert_eq!((c.unreferenced.len(), store.stored_bytes(8).unwrap()), (2, 0));
+        assert!(store.file(&thumb_copy).unwrap().is_none());
+        assert!(store.db.get(Key::forward_copy(8, &a)).unwrap().is_none());
+        assert!(store.db.get(Key::copy_of(&copy)).unwrap().is_none());
+        assert!(store.unheld_files(None, 8).unwrap().is_empty());
+        // The original gone, it cannot be forwarded.
+        assert!(matches!(store.forward_file(&a, 8, copy, || thumb_copy, 20, (300, 50)).unwrap(), Forwarded::Gone));
+    }
+
+    #[tokio::test]
+    async fn unheld_marks_are_read_in_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for i in 1..=5u8 {
+            store.db.insert(Key::file_unheld(&[i; 16]), &[][..]).unwrap();
+        }
+        store.db.insert(Key::stored_bytes(1), &[0; 8][..]).unwrap();
+        assert_eq!(store.unheld_files(None, 2).unwrap(), vec![[1; 16], [2; 16]]);
+        assert_eq!(store.unheld_files(Some(&[2; 16]), 2).unwrap(), vec![[3; 16], [4; 16]]);
+        assert_eq!(store.unheld_files(Some(&[4; 16]), 2).unwrap(), vec![[5; 16]], "nothing past the prefix");
     }
 
     #[tokio::test]

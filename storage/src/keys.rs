@@ -33,6 +33,8 @@ const FILE_UNHELD: u8 = 0x1a;
 const BLOCK: u8 = 0x1b;
 const STORED_FILE: u8 = 0x1c;
 const DISABLED: u8 = 0x1d;
+const FORWARD_COPY: u8 = 0x1e;
+const COPY_OF: u8 = 0x1f;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -209,6 +211,15 @@ impl Key {
     }
     pub fn files_unheld() -> Key {
         Key::with(FILE_UNHELD, &[])
+    }
+    /// `forwarder`'s copy of `original` (value: the copy's id), made when it sent a file
+    /// someone else uploaded; reused by its next forward of the same file.
+    pub fn forward_copy(forwarder: UserId, original: &FileId) -> Key {
+        Key::with(FORWARD_COPY, &[&forwarder.to_be_bytes(), original])
+    }
+    /// The file `copy` was copied from (value: its id), while the copy exists.
+    pub fn copy_of(copy: &FileId) -> Key {
+        Key::with(COPY_OF, &[copy])
     }
     /// Present while the operator has disabled `user`'s account (its value: since when,
     /// ms since the Unix epoch).

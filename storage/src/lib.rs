@@ -29,7 +29,7 @@ use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
 pub use blocks::BlockChange;
 pub use commit::{COMMIT_BUCKETS_US, CommitStats, Durable, FailureHook};
-pub use files::{Collected, FileRecord, FileStage, UploadRefusal};
+pub use files::{Collected, FileRecord, FileStage, Forwarded, UploadRefusal};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
 
 use commit::{Committer, IndexGen};
@@ -310,15 +310,23 @@ impl Store {
         Ok(self.db.contains_key(Key::disabled(user))?)
     }
 
-    /// Disables `user`'s account (since `now_ms`), or enables it again; `None` if there is
-    /// no such user. A single-key write riding the next group commit: durable when the
-    /// future resolves.
+    /// Since when `user`'s account is disabled (ms since the Unix epoch), if it is.
+    pub fn disabled_since(&self, user: UserId) -> Result<Option<u64>> {
+        Ok(self.db.get(Key::disabled(user))?.map(|v| keys::u64_from(&v).unwrap_or(0)))
+    }
+
+    /// Disables `user`'s account (since `now_ms`; one already disabled keeps its time),
+    /// or enables it again; `None` if there is no such user. A single-key write riding
+    /// the next group commit: durable when the future resolves.
     pub fn set_disabled(&self, user: UserId, disabled: bool, now_ms: u64) -> Result<Option<Durable>> {
         let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         if self.user(user)?.is_none() {
             return Ok(None);
         }
         let key = Key::disabled(user);
+        if disabled && self.db.contains_key(&key)? {
+            return Ok(Some(self.barrier()?));
+        }
         if disabled {
             self.index_write(|| Ok(self.db.insert(&key, &now_ms.to_be_bytes()[..]).map(|_| ())?))?;
         } else {

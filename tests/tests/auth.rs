@@ -288,6 +288,15 @@ async fn a_disabled_account_is_cut_off_and_told_so_only_with_its_proof() {
         let disable = |disabled| AdminRequest::UserDisable { name: "alice".into(), disabled };
         let lines = execute(&ops, disable(true)).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(lines[0].starts_with("disabled alice"), "{lines:?}");
+        // The operator sees who is disabled, since when; a second disable keeps that time.
+        let listed = execute(&ops, AdminRequest::UserList).await.unwrap_or_else(|e| panic!("{e}"));
+        let alice_line = listed.iter().find(|l| l.contains("\talice")).unwrap().clone();
+        assert!(alice_line.contains("\tdisabled since "), "{listed:?}");
+        assert!(!listed.iter().find(|l| l.contains("\tbob")).unwrap().contains("disabled"), "{listed:?}");
+        let again = execute(&ops, disable(true)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(again[0].starts_with("alice was disabled already"), "{again:?}");
+        let listed = execute(&ops, AdminRequest::UserList).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(listed.contains(&alice_line), "the time it was first disabled: {listed:?}");
         // Its connections close at once; its device and its password are refused, saying
         // why; a wrong password or a stranger learns nothing new.
         let closed = tokio::time::timeout(Duration::from_secs(10), laptop.closed()).await.unwrap();
@@ -301,6 +310,8 @@ async fn a_disabled_account_is_cut_off_and_told_so_only_with_its_proof() {
         bob.ping().await.unwrap();
         // Enabled again: everything as it was.
         execute(&ops, disable(false)).await.unwrap_or_else(|e| panic!("{e}"));
+        let twice = execute(&ops, disable(false)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(twice, vec!["alice was not disabled".to_string()]);
         let back = tb.connector().connect(&identity).await.unwrap();
         let (entries, _) = back.history(conv, switchboard_protocol::Page::Latest, 10).await.unwrap();
         assert!(entries.iter().any(|e| e.seq == said));

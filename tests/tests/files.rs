@@ -910,6 +910,92 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
 }
 
 #[tokio::test]
+async fn a_forwarded_file_is_the_forwarders_copy_and_never_keeps_the_uploaders_quota() {
+    bounded(async {
+        // A short expiry makes the sweeper run often (and the forward's grace short).
+        let tb = TestBroker::start_with(|c| {
+            c.upload_expiry_secs = 1;
+            c.quota_bytes = 400 * 1024;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (carol, _) = tb.register("carol").await;
+        let ours = alice.create_group("a+b", &["bob".into()]).await.unwrap().id;
+        let theirs = bob.create_group("b+c", &["carol".into()]).await.unwrap().id;
+        let mut carol_events = carol.events().unwrap();
+        next_entry(&mut carol_events).await;
+        let data = bytes(300 * 1024, 13);
+        let file = upload(&alice, "trip.mov", &data).await;
+        let seq = alice.send_files(ours, "look", &[file]).await.unwrap();
+        // bob forwards it where alice is not: carol gets bob's copy of it.
+        bob.send_files(theirs, "from alice", &[file]).await.unwrap();
+        let copy = match next_entry(&mut carol_events).await.body {
+            Body::Files { files, .. } => {
+                assert_eq!((files[0].name.as_str(), files[0].size), ("trip.mov", data.len() as u64));
+                files[0].file
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(copy, file, "a copy of bob's");
+        let Reply::File(info) = file_info(&carol, copy).await.unwrap() else { panic!() };
+        assert_eq!((info.uploader, info.blake3), (bob.user_id, *blake3::hash(&data).as_bytes()));
+        assert_eq!(download(carol.connection(), copy, 0, 0).await.unwrap().1, data);
+        assert_eq!(code_of(file_info(&carol, file).await), ErrorCode::NOT_FOUND, "alice's own stays hers");
+        // bob pays for it, once however often he forwards it.
+        assert_eq!(bob.usage().await.unwrap().stored_bytes, data.len() as u64);
+        bob.send_files(theirs, "again", &[file]).await.unwrap();
+        match next_entry(&mut carol_events).await.body {
+            Body::Files { files, .. } => assert_eq!(files[0].file, copy),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(bob.usage().await.unwrap().stored_bytes, data.len() as u64);
+        // alice deletes her message and lets go: her quota is free, whatever bob keeps
+        // (before copies, bob's messages kept her file, and her quota, for ever).
+        alice.delete(ours, seq).await.unwrap();
+        alice.delete_file(file).await.unwrap();
+        within(STEP_DEADLINE, "alice's file being deleted", async {
+            while alice.usage().await.unwrap().stored_bytes > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(code_of(file_info(&alice, file).await), ErrorCode::NOT_FOUND);
+        assert_eq!(download(carol.connection(), copy, 0, 0).await.unwrap().1, data, "the copy keeps the bytes");
+        // bob's quota is his own limit: another file of alice's would pass it.
+        let more = upload(&alice, "b.bin", &bytes(200 * 1024, 14)).await;
+        alice.send_files(ours, "more", &[more]).await.unwrap();
+        assert_eq!(files_messages(&bob, ours).await.last().unwrap().1, vec![more]);
+        let over = bob.send_files(theirs, "", &[more]).await.unwrap_err();
+        assert_eq!(over.code(), Some(ErrorCode::QUOTA_EXCEEDED));
+        // bob deletes what he forwarded: his copy goes with the last message carrying it.
+        let forwarded = files_messages(&carol, theirs).await;
+        assert_eq!(forwarded.iter().map(|(_, f)| f.clone()).collect::<Vec<_>>(), vec![vec![copy], vec![copy]]);
+        for (seq, _) in forwarded {
+            bob.delete(theirs, seq).await.unwrap();
+        }
+        within(STEP_DEADLINE, "bob's copy being deleted", async {
+            while bob.usage().await.unwrap().stored_bytes > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(code_of(file_info(&carol, copy).await), ErrorCode::NOT_FOUND);
+    })
+    .await
+}
+
+/// The files messages of `conv` as `who` reads them, by seq.
+async fn files_messages(who: &Client, conv: u64) -> Vec<(u64, Vec<FileId>)> {
+    let (entries, _) = who.history(conv, Page::Latest, 100).await.unwrap();
+    let files = |e: switchboard_protocol::Entry| match e.body {
+        Body::Files { files, .. } => Some((e.seq, files.iter().map(|f| f.file).collect())),
+        _ => None,
+    };
+    entries.into_iter().filter_map(files).collect()
+}
+
+#[tokio::test]
 async fn the_type_check_sees_the_first_4_kib_however_small_the_first_chunk() {
     bounded(async {
         let tb = TestBroker::start().await;

@@ -347,7 +347,7 @@ impl Session {
             RequestBody::SendFiles { conv, client_id, text, files } => {
                 let (s, user) = (shared.clone(), caller.user);
                 let checked =
-                    tokio::task::spawn_blocking(move || files::files_to_send(&s.store, conv, user, &client_id, &files))
+                    tokio::task::spawn_blocking(move || files::files_to_send(&s, conv, user, &client_id, &files))
                         .await
                         .unwrap_or_else(|e| Err(crate::error::internal(e)));
                 match checked {

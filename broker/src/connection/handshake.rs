@@ -108,6 +108,8 @@ pub(super) async fn authenticate(
             let (user, key, verified) = auth.check_login(&e, &transcript, from).await?;
             let session = shared.admission.promote(unauthenticated)?;
             let place = shared.users.reserve(user).await?;
+            // Disabled while the password was checked: no device is enrolled.
+            crate::auth::refuse_if_disabled(&shared.store, user)?;
             let in_use = shared.online.sessions(user).map(|s| s.iter().map(|s| s.device).collect()).unwrap_or_default();
             let (device, replaced) = auth.enroll(user, &e.device_name, key, in_use, verified).await?;
             if let Some(old) = replaced {
@@ -121,11 +123,14 @@ pub(super) async fn authenticate(
             let user = auth.authenticate(&user, device_id, &signature, &transcript, from)?;
             let session = shared.admission.promote(unauthenticated)?;
             let place = shared.users.reserve(user).await?;
+            crate::auth::refuse_if_disabled(&shared.store, user)?;
             auth.confirm(user, device_id).await?;
             (user, device_id, place, session)
         }
         _ => return Err(Close(ErrorCode::NOT_AUTHENTICATED, "authenticate first".into())),
     };
+    // Disabled meanwhile: not told `Authed` (the session's attach checks once more).
+    crate::auth::refuse_if_disabled(&shared.store, user)?;
     write_msg(&mut send, &ServerFrame::Response { id, result: Ok(Reply::Authed { user_id: user, device_id: device }) })
         .await?;
     Ok((Authed { user, device, place, send, recv, decoder }, session))

@@ -752,7 +752,7 @@ mod tests {
         blobs.publish(&store, &first, &hash).unwrap().unwrap().1.await.unwrap();
         store.drop_hold(&first).unwrap().unwrap().await.unwrap();
         // The collection finds the blob unreferenced and makes that durable...
-        let collected = store.collect_file(&first).unwrap();
+        let collected = store.collect_file(&first, 0).unwrap();
         assert_eq!(collected.unreferenced, vec![hash]);
         collected.durable.await.unwrap();
         // ...meanwhile an upload of the same bytes publishes onto the existing blob...
@@ -767,7 +767,7 @@ mod tests {
         assert!(!blobs.partial(&second).exists());
         // Once nothing refers to it, it goes.
         store.drop_hold(&second).unwrap().unwrap().await.unwrap();
-        let collected = store.collect_file(&second).unwrap();
+        let collected = store.collect_file(&second, 0).unwrap();
         collected.durable.await.unwrap();
         assert!(blobs.remove_unreferenced(&store, &hash).unwrap());
         assert!(!blobs.blob(&hash).exists());

@@ -40,6 +40,15 @@ pub const ATTACHMENT_SCAN: usize = 1024;
 /// How long a blob file given up for a waiting download counts as on its way to it.
 const EVICTION_HOLD: Duration = Duration::from_millis(500);
 
+/// Pages of `BATCH` unheld-file marks the sweeper looks at per run at most.
+const UNHELD_PAGES: usize = 64;
+
+/// Longest a forward's copy lives without a message carrying it
+/// (`Store::forward_file`; shorter with a shorter `upload_expiry_secs`): time for the
+/// message to be written, however long the conversation's queue; a forward whose
+/// message never is gives its bytes back to the forwarder's quota after it.
+pub const FORWARD_GRACE: Duration = Duration::from_secs(3600);
+
 /// Upload locks kept before the map is swept of entries nobody holds or waits for.
 const SPAWNING_SWEEP: usize = 1024;
 
@@ -418,7 +427,7 @@ fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_stor
 /// Deletes the complete file `id` if nothing holds it any more, and the blobs its
 /// deletion leaves unreferenced (once that is durable). Blocking.
 pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
-    let collected = shared.store.collect_file(id).map_err(|e| e.to_string())?;
+    let collected = shared.store.collect_file(id, crate::now_ms()).map_err(|e| e.to_string())?;
     if collected.unreferenced.is_empty() {
         drop(collected.durable);
         return Ok(());
@@ -462,11 +471,20 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
         }
         let s = shared.clone();
         let swept = tokio::task::spawn_blocking(move || {
-            let files = s.store.unheld_files(BATCH).map_err(|e| e.to_string())?;
-            // Each on its own: one that fails is logged and the rest still go.
-            for id in files {
-                if let Err(e) = collect(&s, &id) {
-                    tracing::warn!(file = blobs::hex(&id), error = %e, "deleting an unheld file failed");
+            // Page on: marks a forward's copy keeps through its grace must not hide the
+            // ones after them.
+            let mut after = None;
+            for _ in 0..UNHELD_PAGES {
+                let files = s.store.unheld_files(after.as_ref(), BATCH).map_err(|e| e.to_string())?;
+                // Each on its own: one that fails is logged and the rest still go.
+                for id in &files {
+                    if let Err(e) = collect(&s, id) {
+                        tracing::warn!(file = blobs::hex(id), error = %e, "deleting an unheld file failed");
+                    }
+                }
+                match files.last() {
+                    Some(last) if files.len() == BATCH => after = Some(*last),
+                    _ => break,
                 }
             }
             Ok::<_, String>(())

@@ -11,7 +11,7 @@ use switchboard_protocol::{
     ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, StoredFile,
     UploadInfo, UploadStatus, Usage, UserId,
 };
-use switchboard_storage::{FileRecord, FileStage, Store, UploadRefusal};
+use switchboard_storage::{FileRecord, FileStage, Forwarded, Store, UploadRefusal};
 
 use super::ATTACHMENT_SCAN;
 use crate::Shared;
@@ -55,7 +55,8 @@ fn status(id: &FileId, record: &FileRecord) -> UploadStatus {
         offset: record.offset(),
         content_type: record.content_type.clone(),
         complete: record.is_complete(),
-        expires_ms: record.expires_ms,
+        // A complete file does not expire (a forward's copy keeps its grace here).
+        expires_ms: if record.is_complete() { 0 } else { record.expires_ms },
         chunk_max: MAX_CHUNK_BYTES,
     }
 }
@@ -129,8 +130,7 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
         return Err(err(ErrorCode::FILE_TOO_LARGE, &limit));
     }
     let now = crate::now_ms();
-    let mut id = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).map_err(|_| internal("no randomness"))?;
+    let id = random_file_id()?;
     let record = FileRecord {
         name: new.name,
         size: new.size,
@@ -308,16 +308,19 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
 }
 
 /// For `SendFiles`: the files as the message will carry them, each one `user` may read
-/// and whose first chunk is stored. `None` when the conversation actor answers alone: a
-/// resend of an applied client id, or a caller who is not a member (refused there the
-/// same way as for any write).
+/// and whose first chunk is stored; a file someone else uploaded as `user`'s copy of it
+/// (`Store::forward_file`: the uploader's quota never pays for what others forward,
+/// the forwarder's does, `QUOTA_EXCEEDED` beyond). `None` when the conversation actor
+/// answers alone: a resend of an applied client id, or a caller who is not a member
+/// (refused there the same way as for any write). Blocking.
 pub fn files_to_send(
-    store: &Store,
+    shared: &Shared,
     conv: ConvId,
     user: UserId,
     client_id: &ClientMsgId,
     files: &[FileId],
 ) -> Result<Option<Vec<FileRef>>, ErrorBody> {
+    let store = &shared.store;
     if store.dedupe(conv, user, client_id).map_err(internal)?.is_some()
         || store.member(conv, user).map_err(internal)?.is_none()
     {
@@ -341,9 +344,41 @@ pub fn files_to_send(
         if !record.is_complete() && record.uploader != user {
             return Err(err(ErrorCode::NOT_READY, "the file is not complete yet"));
         }
-        refs.push(file_ref(id, &record));
+        if record.uploader == user || record.parent.is_some() {
+            refs.push(file_ref(id, &record));
+            continue;
+        }
+        refs.push(forward(shared, user, id, record.size)?);
     }
     Ok(Some(refs))
+}
+
+/// `user`'s copy of the complete file `id` someone else uploaded, as a message carries
+/// it. Blocking.
+fn forward(shared: &Shared, user: UserId, id: &FileId, size: u64) -> Result<FileRef, ErrorBody> {
+    let config = &shared.config;
+    let grace = super::FORWARD_GRACE.min(std::time::Duration::from_secs(config.upload_expiry_secs));
+    let times = (crate::now_ms(), u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+    let (copy, thumbnail) = (random_file_id()?, random_file_id()?);
+    match shared.store.forward_file(id, user, copy, || thumbnail, config.quota_bytes, times).map_err(internal)? {
+        Forwarded::Copy(copy, record) => Ok(file_ref(&copy, &record)),
+        Forwarded::QuotaExceeded { used } => Err(err(
+            ErrorCode::QUOTA_EXCEEDED,
+            &format!(
+                "a file you forward counts against your storage quota ({} bytes) like one you upload: \
+                 {used} bytes are in use, and this file has {size}",
+                config.quota_bytes
+            ),
+        )),
+        Forwarded::Gone => Err(no_such_file()),
+    }
+}
+
+/// A new file id (16 random bytes).
+pub(crate) fn random_file_id() -> Result<FileId, ErrorBody> {
+    let mut id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).map_err(|_| internal("no randomness"))?;
+    Ok(id)
 }
 
 #[cfg(test)]

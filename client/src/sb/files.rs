@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use switchboard_client::{
@@ -203,12 +203,18 @@ pub async fn upload(
             Err(e) => {
                 // Kept for a run again after a lost connection (the same key sends it
                 // at most once); a refusal (no longer a member, say) is final.
+                let id = hex(&published.file);
                 if matches!(e, ClientError::Server(_)) {
                     forget_upload(home, &key)?;
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "uploaded as {id}, but not sent to conversation {}: the file is kept on your quota (`sb file delete {id}` frees it)",
+                        t.conv
+                    )));
                 }
-                let id = hex(&published.file);
+                // It may have been sent already: deleting the file now could leave the
+                // message without it.
                 return Err(anyhow::Error::new(e).context(format!(
-                    "uploaded as {id}, but not sent to conversation {}: the file is kept on your quota (`sb file delete {id}` frees it)",
+                    "uploaded as {id}; sending it to conversation {} was cut off: run the same command again to send it (at most once)",
                     t.conv
                 )));
             }
@@ -340,10 +346,14 @@ async fn send_files(
 }
 
 /// `sb download`: the file's description first (it also opens the way for transfer
-/// streams), then the bytes. Into a regular file (or a new name) they go to a new file
-/// beside it, synced and, for a whole file, checked against the BLAKE3, then renamed
-/// over OUT: a failed or interrupted download leaves OUT as it was. A device or pipe
-/// (`/dev/null`) is written directly, never synced, checked or removed.
+/// streams), then the bytes. Into a regular file (or a new name) they go to a partial
+/// file beside it (`partial_path`: named by the file and range, locked while one `sb`
+/// writes it), synced and, for a whole file, checked against the BLAKE3, then renamed
+/// over OUT: a failed or interrupted download leaves OUT as it was. The partial file
+/// stays after a failure a later run may get past (the connection, the broker, Ctrl-C,
+/// `kill -9`), and the same command run again resumes from its length; it goes after a
+/// failure that would come again (no such file, bytes that do not match). A device or
+/// pipe (`/dev/null`) is written directly, never synced, checked or removed.
 pub async fn download(
     connector: &Connector,
     identity: &Identity,
@@ -366,19 +376,22 @@ pub async fn download(
     }
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
     let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
-    let partial = if special { path.to_owned() } else { partial_path(path) };
-    let mut sink = if special {
-        tokio::fs::OpenOptions::new().write(true).open(path).await
+    let partial = if special { path.to_owned() } else { partial_path(path, &file, offset, expected) };
+    let (mut sink, kept) = if special {
+        let sink = tokio::fs::OpenOptions::new().write(true).open(path).await;
+        (sink.with_context(|| format!("opening {}", path.display()))?, 0)
     } else {
-        tokio::fs::OpenOptions::new().write(true).create_new(true).open(&partial).await
+        open_partial(&partial, path, expected).await?
+    };
+    if kept > 0 {
+        out.status(json!({"event": "download_resumed", "file": hex(&file), "at": offset + kept}), || {
+            format!("resuming the download at byte {} from {}", offset + kept, partial.display())
+        });
     }
-    .with_context(|| format!("creating {}", partial.display()))?;
-    // Removes the new file however this ends early (an error, or Ctrl-C dropping this
-    // future); after the rename nothing is left under its name.
-    let _cleanup = (!special).then(|| RemoveOnDrop(partial.clone()));
-    let written: anyhow::Result<_> = async {
+    let written: Result<_, Failure> = async {
         let bar = progress_bar(out, expected);
-        let mut done = 0u64;
+        let mut done = kept;
+        bar.set_position(done);
         let mut backoff = Backoff::new(200, 5_000);
         let mut last_progress = std::time::Instant::now();
         // Resumed where the bytes written so far end, on a new connection, after any
@@ -402,8 +415,11 @@ pub async fn download(
                 last_progress = std::time::Instant::now();
                 backoff.reset();
             }
-            if !switchboard_client::transient(&error) || last_progress.elapsed() > DOWNLOAD_GIVE_UP {
-                return Err(error.into());
+            if !switchboard_client::transient(&error) {
+                return Err(Failure::Permanent(error.into()));
+            }
+            if last_progress.elapsed() > DOWNLOAD_GIVE_UP {
+                return Err(Failure::Transient(error.into()));
             }
             let delay = backoff.next_ms(switchboard_client::random_u64());
             out.status(json!({"event": "download_interrupted", "file": hex(&file), "at": offset + done, "error": error.to_string(), "retry_in_ms": delay}), || {
@@ -417,7 +433,8 @@ pub async fn download(
                     Err(e) if last_progress.elapsed() <= DOWNLOAD_GIVE_UP && !permanent(&e) => {
                         tokio::time::sleep(std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()))).await;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) if permanent(&e) => return Err(Failure::Permanent(e.into())),
+                    Err(e) => return Err(Failure::Transient(e.into())),
                 }
             };
         }
@@ -426,26 +443,45 @@ pub async fn download(
         if special {
             return Ok((range, false));
         }
-        sink.sync_all().await.with_context(|| format!("writing {}", partial.display()))?;
+        let local = |e: std::io::Error, what: &str| Failure::Transient(anyhow::Error::new(e).context(format!("{what} {}", partial.display())));
+        sink.sync_all().await.map_err(|e| local(e, "writing"))?;
         let whole = range.offset == 0 && range.length == range.size;
         if whole {
-            let (_, hash) = hash_file(&partial).await.with_context(|| format!("reading {}", partial.display()))?;
+            let (_, hash) = hash_file(&partial).await.map_err(|e| local(e, "reading"))?;
             if hash != info.blake3 {
-                bail!("the downloaded bytes do not match the file's BLAKE3; {} left as it was", path.display());
+                return Err(Failure::Permanent(anyhow!(
+                    "the downloaded bytes do not match the file's BLAKE3; {} left as it was",
+                    path.display()
+                )));
             }
         }
         // A file replaced keeps its permissions (a private file stays private).
         if let Ok(old) = std::fs::metadata(path) {
-            std::fs::set_permissions(&partial, old.permissions())
-                .with_context(|| format!("setting the permissions of {}", partial.display()))?;
+            std::fs::set_permissions(&partial, old.permissions()).map_err(|e| local(e, "setting the permissions of"))?;
         }
-        std::fs::rename(&partial, path).with_context(|| format!("renaming the download to {}", path.display()))?;
+        std::fs::rename(&partial, path).map_err(|e| local(e, "renaming into place"))?;
         Ok((range, whole))
     }
     .await;
     client.close();
     drop(sink);
-    let (range, whole) = written?;
+    let (range, whole) = match written {
+        Ok(done) => done,
+        Err(Failure::Permanent(e)) => {
+            if !special {
+                let _ = std::fs::remove_file(&partial);
+            }
+            return Err(e);
+        }
+        Err(Failure::Transient(e)) if special => return Err(e),
+        Err(Failure::Transient(e)) => {
+            let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
+            return Err(e.context(format!(
+                "{have} bytes are kept in {}: the same command resumes from there",
+                partial.display()
+            )));
+        }
+    };
     out.line(
         json!({"event": "downloaded", "file": hex(&file), "out": path.display().to_string(), "offset": range.offset,
             "length": range.length, "size": range.size, "verified": whole}),
@@ -467,19 +503,54 @@ pub async fn download(
 /// How long `sb download` keeps resuming a download that makes no progress.
 const DOWNLOAD_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Removes a file when dropped.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// Why a download stopped: whether its partial file is worth keeping.
+enum Failure {
+    /// A later run may get past it: keep the bytes.
+    Transient(anyhow::Error),
+    /// It would come again (no such file, bytes that do not match): drop them.
+    Permanent(anyhow::Error),
 }
 
-/// A new name beside `path` for a download in progress: `.NAME.sb-PID.part`.
-fn partial_path(path: &Path) -> PathBuf {
+/// The name beside `path` of the partial download of `expected` bytes of `file` from
+/// `offset`: `.NAME.ID.OFFSET+LENGTH.sb-part` (`ID`: the file id's first 16 hex
+/// digits), so only a run of the same download resumes it.
+fn partial_path(path: &Path, file: &FileId, offset: u64, expected: u64) -> PathBuf {
     let name = path.file_name().map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{name}.sb-{}.part", std::process::id()))
+    path.with_file_name(format!(".{name}.{}.{offset}+{expected}.sb-part", &hex(file)[..16]))
+}
+
+/// Opens (or creates) the partial file of a download of `expected` bytes, locked for
+/// this run (another `sb download` of the same into `out` is refused at once), placed
+/// at the end of the bytes it holds; returns it with their count. The lock goes with
+/// the process, even after `kill -9`.
+async fn open_partial(partial: &Path, out: &Path, expected: u64) -> anyhow::Result<(tokio::fs::File, u64)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another sb download is writing {} ({}); wait for it", out.display(), partial.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", partial.display()));
+        }
+    }
+    let mut kept = file.metadata().with_context(|| format!("reading {}", partial.display()))?.len();
+    if kept > expected {
+        // Not what this run writes: start over.
+        file.set_len(0).with_context(|| format!("emptying {}", partial.display()))?;
+        kept = 0;
+    }
+    let mut file = tokio::fs::File::from_std(file);
+    tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(kept))
+        .await
+        .with_context(|| format!("reading {}", partial.display()))?;
+    Ok((file, kept))
 }
 
 /// `sb file info|cancel|delete`.
@@ -518,6 +589,11 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
         FileCommand::Delete { file } => {
             client.delete_file(parse_file_id(&file)?).await?;
             out.line(json!({"event": "deleted", "file": file}), || format!("deleted {file}"));
+        }
+        FileCommand::Send { conv, files, text } => {
+            let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
+            let seq = client.send_files(conv, &text, &ids).await?;
+            out.line(json!({"event": "sent", "conv": conv, "seq": seq}), || format!("{seq}"));
         }
     }
     Ok(())
