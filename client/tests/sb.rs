@@ -654,6 +654,22 @@ async fn download_resumes_from_what_a_killed_run_left() {
     let down = sb(&alice, &broker, &["download", &id, out.to_str().unwrap()]);
     assert!(down.iter().all(|l| l["event"] != "download_resumed"), "{down:?}");
     assert!(std::fs::read(&out).unwrap() == data);
+    // A link planted under the partial's name (its name is predictable) is refused, not
+    // followed: the file it points to is neither emptied nor written.
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, &partial).unwrap();
+    let refused = sb_output(&alice, &broker, &["download", &id, out.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("a link under that name is refused"), "{refused:?}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    std::fs::remove_file(&partial).unwrap();
+    // A range's bytes are not kept (nothing would check them): it starts over.
+    let ranged = dir.path().join(format!(".copy.bin.{}.10+100.sb-part", &id[..16]));
+    std::fs::write(&ranged, vec![0u8; 50]).unwrap();
+    let down = sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "10", "--length", "100"]);
+    assert!(down.iter().all(|l| l["event"] != "download_resumed"), "{down:?}");
+    assert_eq!(std::fs::read(&out).unwrap(), data[10..110]);
 }
 
 /// An `sb upload` killed mid-way continues with `sb upload --resume ID FILE` from the

@@ -578,27 +578,36 @@ impl Store {
 
     /// Deletes the complete file `id` (and its thumbnail) if nothing holds it any more:
     /// its uploader dropped its hold and no message that is not deleted carries it; its
-    /// size then leaves the uploader's quota. Its mark (`file_unheld`) goes either way,
-    /// unless the file is a forward's copy still within its grace (`forward_file`) and
-    /// no message carries it yet: then it stays, and nothing is deleted before
-    /// `now_ms` passes the grace. Blobs left with no reference are returned for the
-    /// caller to delete. Blocking (a catalog batch).
+    /// size then leaves the uploader's quota. A forward's copy within its grace
+    /// (`forward_file`) stays, and so does its mark: nothing is deleted before `now_ms`
+    /// passes the grace. Otherwise the mark (`file_unheld`) goes, unless a message's
+    /// delete marked the file again meanwhile (it writes the mark without the files
+    /// lock: the mark is taken away only if it still holds the value read before the
+    /// messages were looked at). A thumbnail goes only with its file. Blobs left with no
+    /// reference are returned for the caller to delete. Blocking (a catalog batch).
     pub fn collect_file(&self, id: &FileId, now_ms: u64) -> Result<Collected> {
         let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        let mut txn = Txn::new();
-        let mut unreferenced = Vec::new();
+        let mark = self.db.get(Key::file_unheld(id))?;
         let record = self.file(id)?;
         let carried = self.db.scan_prefix(Key::attached_of(id)).next().is_some();
         let waiting = record.as_ref().is_some_and(|r| r.is_complete() && r.expires_ms > now_ms) && !carried;
-        if !waiting {
-            txn.batch.remove(Key::file_unheld(id).as_ref());
+        #[cfg(test)]
+        if let Some(looked) = self.collect_looked.get() {
+            looked(self);
         }
+        if waiting {
+            return Ok(Collected { unreferenced: Vec::new(), durable: Durable::ready() });
+        }
+        let mut txn = Txn::new();
+        let mut unreferenced = Vec::new();
+        let mut wrote = false;
         if let Some(record) = record
             && record.is_complete()
             && !record.held
+            && record.parent.is_none()
             && !carried
-            && !waiting
         {
+            wrote = true;
             if let Some(original) = self.db.get(Key::copy_of(id))? {
                 txn.batch.remove(Key::copy_of(id).as_ref());
                 txn.batch.remove(Key::forward_copy(record.uploader, &file_id_at(&original, 0)?).as_ref());
@@ -609,6 +618,8 @@ impl Store {
             {
                 files.push((t, thumb));
             }
+            // Two files of one blob in this batch: count from what the batch wrote.
+            let mut refs: HashMap<Blake3, u64> = HashMap::new();
             for (file, record) in files {
                 txn.batch.remove(Key::file(&file).as_ref());
                 if record.parent.is_none() {
@@ -621,20 +632,27 @@ impl Store {
                         pending.stored = stored;
                     }
                 }
-                let refs = self.blob_refs(&record.blake3)?.saturating_sub(1);
-                // Two files of one blob in this batch: count from what the batch wrote.
-                let refs = if unreferenced.contains(&record.blake3) { 0 } else { refs };
-                if refs == 0 {
-                    txn.batch.remove(Key::blob_refs(&record.blake3).as_ref());
-                    if !unreferenced.contains(&record.blake3) {
-                        unreferenced.push(record.blake3);
-                    }
+                let n = match refs.get(&record.blake3) {
+                    Some(n) => *n,
+                    None => self.blob_refs(&record.blake3)?,
+                };
+                refs.insert(record.blake3, n.saturating_sub(1));
+            }
+            for (hash, n) in refs {
+                if n == 0 {
+                    txn.batch.remove(Key::blob_refs(&hash).as_ref());
+                    unreferenced.push(hash);
                 } else {
-                    txn.batch.insert(Key::blob_refs(&record.blake3).as_ref(), &refs.to_be_bytes()[..]);
+                    txn.batch.insert(Key::blob_refs(&hash).as_ref(), &n.to_be_bytes()[..]);
                 }
             }
         }
-        Ok(Collected { unreferenced, durable: self.commit(txn)? })
+        let durable = if wrote { self.commit(txn)? } else { Durable::ready() };
+        if let Some(mark) = mark {
+            // Applied: take the mark away unless a delete wrote it again meanwhile.
+            let _ = self.db.compare_and_swap(Key::file_unheld(id), Some(mark), None::<&[u8]>)?;
+        }
+        Ok(Collected { unreferenced, durable })
     }
 
     /// Complete files marked as possibly unheld, by ascending id after `after`, at most
@@ -1098,6 +1116,58 @@ mod tests {
         assert!(store.unheld_files(None, 8).unwrap().is_empty());
         // The original gone, it cannot be forwarded.
         assert!(matches!(store.forward_file(&a, 8, copy, || thumb_copy, 20, (300, 50)).unwrap(), Forwarded::Gone));
+    }
+
+    #[tokio::test]
+    async fn a_delete_while_a_copy_is_looked_at_leaves_its_mark_for_the_next_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, copy) = ([1; 16], [2; 16]);
+        stored(&store, a, 7, 5).await;
+        assert!(matches!(store.forward_file(&a, 8, copy, || [3; 16], 100, (100, 50)).unwrap(), Forwarded::Copy(..)));
+        let files = vec![FileRef { file: copy, name: "a.bin".into(), size: 10, content_type: "x/y".into() }];
+        append(&store, entry(3, 1, Body::Files { text: String::new(), files, edited: false })).await;
+        // The sweeper looks at the copy (a message carries it) and the forwarder deletes
+        // the message just then: before, the collection took the delete's mark away with
+        // its own and the copy stayed, carried by nothing, on the forwarder's quota.
+        let once = std::sync::atomic::AtomicBool::new(false);
+        let _ = store.collect_looked.set(Box::new(move |s: &Store| {
+            if !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                s.append_then(&entry(3, 2, Body::Delete { target: 1 }), |_| ()).unwrap();
+            }
+        }));
+        let kept = store.collect_file(&copy, 200).unwrap();
+        kept.durable.await.unwrap();
+        assert!(store.file(&copy).unwrap().is_some(), "it was carried when looked at");
+        assert_eq!(store.unheld_files(None, 8).unwrap(), vec![copy], "the delete's mark stays");
+        store.collect_file(&copy, 200).unwrap().durable.await.unwrap();
+        assert!(store.file(&copy).unwrap().is_none());
+        assert_eq!(store.stored_bytes(8).unwrap(), 0);
+        assert!(store.unheld_files(None, 8).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_thumbnail_goes_only_with_its_file_and_a_shared_blob_is_counted_down_once_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, t) = ([1; 16], [9; 16]);
+        stored(&store, a, 7, 5).await;
+        // A thumbnail with the very bytes of its file (a small PNG's own thumbnail).
+        let mut thumb = record(7, 10, 5);
+        thumb.stage = FileStage::Complete { thumbnail: None };
+        (thumb.parent, thumb.held, thumb.expires_ms) = (Some(a), false, 0);
+        store.add_thumbnail(&a, &t, &thumb).unwrap().unwrap().1.await.unwrap();
+        stored(&store, [4; 16], 7, 5).await;
+        assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 3);
+        // Marked by itself (a message that carried it was deleted): it stays.
+        store.db.insert(Key::file_unheld(&t), &[][..]).unwrap();
+        store.collect_file(&t, 0).unwrap().durable.await.unwrap();
+        assert!(store.file(&t).unwrap().is_some());
+        store.drop_hold(&a).unwrap().unwrap().await.unwrap();
+        let c = store.collect_file(&a, 0).unwrap();
+        c.durable.await.unwrap();
+        assert!(c.unreferenced.is_empty());
+        assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1, "two references went; before, one");
     }
 
     #[tokio::test]

@@ -115,6 +115,10 @@ enum Counter {
     Conversation = 3,
 }
 
+/// A test's hook into a store operation.
+#[cfg(test)]
+type StoreHook = Box<dyn Fn(&Store) + Send + Sync>;
+
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
     db: sled::Db,
@@ -128,6 +132,10 @@ pub struct Store {
     /// offset), promised disk space `begin_upload` counts, and what batches handed to
     /// the committer but not yet applied change (see `files.rs`).
     files: Mutex<files::FilesLock>,
+    /// Called by `collect_file` once it looked at the messages carrying a file, before
+    /// it changes anything (tests write a delete there).
+    #[cfg(test)]
+    collect_looked: std::sync::OnceLock<StoreHook>,
     path: PathBuf,
     /// The previous run closed the store with `close_clean`.
     opened_clean: bool,
@@ -169,6 +177,8 @@ impl Store {
             committer,
             catalog: Mutex::new(()),
             files: Mutex::new(files::FilesLock::default()),
+            #[cfg(test)]
+            collect_looked: std::sync::OnceLock::new(),
             path: config.path.clone(),
             opened_clean,
             created,

@@ -94,7 +94,9 @@ impl Store {
                 if let Some(Entry { body: Body::Files { files, .. }, .. }) = self.entry(conv, *target)? {
                     for f in &files {
                         set(Key::attached(&f.file, conv, *target), None)?;
-                        set(Key::file_unheld(&f.file), Some(Vec::new()))?;
+                        // Its value is this delete's own, so a collection that read the
+                        // mark before this leaves it (`collect_file`).
+                        set(Key::file_unheld(&f.file), Some([conv.to_be_bytes(), entry.seq.to_be_bytes()].concat()))?;
                     }
                 }
                 // Every version of the text goes: the message's and each edit's.

@@ -696,6 +696,24 @@ async fn an_image_gets_a_thumbnail_readable_like_its_file_and_a_bomb_gets_none()
         alice.request(attach).await.unwrap();
         assert!(matches!(file_info(&bob, thumb.file).await.unwrap(), Reply::File(_)));
         assert_eq!(code_of(file_info(&eve, thumb.file).await), ErrorCode::NOT_FOUND);
+        // A thumbnail is not sent on its own (a message deleted later would have taken it
+        // from its file); bob forwarding the image gets a copy that shows it too.
+        let alone = bob.send_files(conv, "", &[thumb.file]).await.unwrap_err();
+        assert_eq!(alone.code(), Some(ErrorCode::INVALID));
+        let dm = bob.create_direct("alice").await.unwrap().id;
+        bob.send_files(dm, "", &[begun.file]).await.unwrap();
+        let (entries, _) = bob.history(dm, Page::Latest, 10).await.unwrap();
+        let copy = entries
+            .iter()
+            .find_map(|e| match &e.body {
+                Body::Files { files, .. } => Some(files[0].file),
+                _ => None,
+            })
+            .unwrap();
+        let Reply::File(info) = file_info(&bob, copy).await.unwrap() else { panic!() };
+        let FileState::Complete { thumbnail: Some(copied) } = info.state else { panic!("{:?}", info.state) };
+        assert_ne!(copied.file, thumb.file);
+        assert_eq!(download(bob.connection(), copied.file, 0, 0).await.unwrap().1, thumb_png);
 
         // A decompression bomb completes as a file, gets no thumbnail, and the broker
         // keeps serving.

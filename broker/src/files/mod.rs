@@ -40,14 +40,15 @@ pub const ATTACHMENT_SCAN: usize = 1024;
 /// How long a blob file given up for a waiting download counts as on its way to it.
 const EVICTION_HOLD: Duration = Duration::from_millis(500);
 
-/// Pages of `BATCH` unheld-file marks the sweeper looks at per run at most.
+/// Pages of `BATCH` unheld-file marks the sweeper looks at per run at most (the next
+/// run goes on after them).
 const UNHELD_PAGES: usize = 64;
 
 /// Longest a forward's copy lives without a message carrying it
 /// (`Store::forward_file`; shorter with a shorter `upload_expiry_secs`): time for the
 /// message to be written, however long the conversation's queue; a forward whose
 /// message never is gives its bytes back to the forwarder's quota after it.
-pub const FORWARD_GRACE: Duration = Duration::from_secs(3600);
+pub const FORWARD_GRACE: Duration = Duration::from_secs(600);
 
 /// Upload locks kept before the map is swept of entries nobody holds or waits for.
 const SPAWNING_SWEEP: usize = 1024;
@@ -448,6 +449,10 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
 /// message carrying them was deleted). Holds the broker only while it works.
 pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
     const BATCH: usize = 256;
+    // Where the last run stopped among the unheld-file marks: each run goes on from
+    // there (and starts over past the last), so marks kept through a forward's grace
+    // never hide the ones after them.
+    let mut unheld_after: Option<FileId> = None;
     loop {
         tokio::time::sleep(interval).await;
         let Some(shared) = shared.upgrade() else { return };
@@ -470,10 +475,8 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
             Err(e) => tracing::warn!(error = %e, "reading expired uploads failed"),
         }
         let s = shared.clone();
+        let mut after = unheld_after.take();
         let swept = tokio::task::spawn_blocking(move || {
-            // Page on: marks a forward's copy keeps through its grace must not hide the
-            // ones after them.
-            let mut after = None;
             for _ in 0..UNHELD_PAGES {
                 let files = s.store.unheld_files(after.as_ref(), BATCH).map_err(|e| e.to_string())?;
                 // Each on its own: one that fails is logged and the rest still go.
@@ -484,14 +487,15 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
                 }
                 match files.last() {
                     Some(last) if files.len() == BATCH => after = Some(*last),
-                    _ => break,
+                    _ => return Ok(None),
                 }
             }
-            Ok::<_, String>(())
+            Ok::<_, String>(after)
         })
         .await;
-        if let Ok(Err(e)) | Err(e) = swept.map_err(|e| e.to_string()) {
-            tracing::warn!(error = %e, "reading unheld files failed");
+        match swept.map_err(|e| e.to_string()) {
+            Ok(Ok(stopped_at)) => unheld_after = stopped_at,
+            Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "reading unheld files failed"),
         }
     }
 }

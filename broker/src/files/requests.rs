@@ -329,12 +329,17 @@ pub fn files_to_send(
     if files.is_empty() || files.len() > MAX_FILES_PER_MESSAGE as usize {
         return Err(err(ErrorCode::INVALID, "a message carries 1..=10 files"));
     }
-    let mut refs = Vec::with_capacity(files.len());
+    // Every file is checked before any copy is made: a refusal costs no quota.
+    let mut checked = Vec::with_capacity(files.len());
     for (i, id) in files.iter().enumerate() {
         if files[..i].contains(id) {
             return Err(err(ErrorCode::INVALID, "a file appears twice"));
         }
         let record = readable(store, user, id)?.ok_or_else(no_such_file)?;
+        if record.parent.is_some() {
+            // Its thumbnail goes with the file, and only with it.
+            return Err(err(ErrorCode::INVALID, "a thumbnail is sent with its file: send the file"));
+        }
         if record.offset() < record.size.min(super::sniff::HEAD_BYTES) {
             // Its type is checked once these are stored.
             return Err(err(ErrorCode::NOT_READY, "the file's first 4 KiB are not stored yet"));
@@ -344,11 +349,16 @@ pub fn files_to_send(
         if !record.is_complete() && record.uploader != user {
             return Err(err(ErrorCode::NOT_READY, "the file is not complete yet"));
         }
-        if record.uploader == user || record.parent.is_some() {
-            refs.push(file_ref(id, &record));
-            continue;
+        checked.push((id, record));
+    }
+    let mut refs: Vec<FileRef> = Vec::with_capacity(checked.len());
+    for (id, record) in checked {
+        let sent =
+            if record.uploader == user { file_ref(id, &record) } else { forward(shared, user, id, record.size)? };
+        if refs.iter().any(|r| r.file == sent.file) {
+            return Err(err(ErrorCode::INVALID, "a file appears twice (one is your copy of the other)"));
         }
-        refs.push(forward(shared, user, id, record.size)?);
+        refs.push(sent);
     }
     Ok(Some(refs))
 }

@@ -381,7 +381,8 @@ pub async fn download(
         let sink = tokio::fs::OpenOptions::new().write(true).open(path).await;
         (sink.with_context(|| format!("opening {}", path.display()))?, 0)
     } else {
-        open_partial(&partial, path, expected).await?
+        let whole = offset == 0 && expected == size;
+        open_partial(&partial, path, expected, whole).await?
     };
     if kept > 0 {
         out.status(json!({"event": "download_resumed", "file": hex(&file), "at": offset + kept}), || {
@@ -521,16 +522,38 @@ fn partial_path(path: &Path, file: &FileId, offset: u64, expected: u64) -> PathB
 
 /// Opens (or creates) the partial file of a download of `expected` bytes, locked for
 /// this run (another `sb download` of the same into `out` is refused at once), placed
-/// at the end of the bytes it holds; returns it with their count. The lock goes with
-/// the process, even after `kill -9`.
-async fn open_partial(partial: &Path, out: &Path, expected: u64) -> anyhow::Result<(tokio::fs::File, u64)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
+/// at the end of the bytes it holds; returns it with their count. Only a `whole` file's
+/// bytes are kept (its BLAKE3 checks them at the end); a range starts over. A link
+/// under its name is refused, not followed, and so is a file of another user's; a new
+/// one gets OUT's permissions if OUT exists (a private file's bytes stay private). The
+/// lock goes with the process, even after `kill -9`.
+async fn open_partial(
+    partial: &Path,
+    out: &Path,
+    expected: u64,
+    whole: bool,
+) -> anyhow::Result<(tokio::fs::File, u64)> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        opts.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+        if let Ok(m) = std::fs::metadata(out) {
+            opts.mode(m.permissions().mode() & 0o777);
+        }
+    }
+    let file = opts
         .open(partial)
-        .with_context(|| format!("creating {}", partial.display()))?;
+        .with_context(|| format!("opening {} (a link under that name is refused; remove it)", partial.display()))?;
+    let meta = file.metadata().with_context(|| format!("reading {}", partial.display()))?;
+    #[cfg(unix)]
+    let theirs = std::os::unix::fs::MetadataExt::uid(&meta) != rustix::process::geteuid().as_raw();
+    #[cfg(not(unix))]
+    let theirs = false;
+    if !meta.is_file() || theirs {
+        bail!("{} is not a file of yours; remove it and download again", partial.display());
+    }
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -540,9 +563,10 @@ async fn open_partial(partial: &Path, out: &Path, expected: u64) -> anyhow::Resu
             return Err(e).with_context(|| format!("locking {}", partial.display()));
         }
     }
+    // Read once locked: a run that held it may have written more meanwhile.
     let mut kept = file.metadata().with_context(|| format!("reading {}", partial.display()))?.len();
-    if kept > expected {
-        // Not what this run writes: start over.
+    if kept > expected || !whole {
+        // Not what this run writes, or bytes nothing will check: start over.
         file.set_len(0).with_context(|| format!("emptying {}", partial.display()))?;
         kept = 0;
     }
