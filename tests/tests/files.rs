@@ -714,6 +714,30 @@ async fn an_image_gets_a_thumbnail_readable_like_its_file_and_a_bomb_gets_none()
         let FileState::Complete { thumbnail: Some(copied) } = info.state else { panic!("{:?}", info.state) };
         assert_ne!(copied.file, thumb.file);
         assert_eq!(download(bob.connection(), copied.file, 0, 0).await.unwrap().1, thumb_png);
+        // Forwarded as soon as it is complete (its thumbnail may not exist yet): the copy
+        // gets one all the same.
+        let tall = png(300, 600);
+        let fresh = begin_upload(&alice, "tall.png", "image/png", &tall).await;
+        assert!(matches!(upload_rest(alice.connection(), fresh.file, &tall, 0).await, TransferReply::Complete(_)));
+        alice.send_files(conv, "", &[fresh.file]).await.unwrap();
+        bob.send_files(dm, "", &[fresh.file]).await.unwrap();
+        let (entries, _) = bob.history(dm, Page::Latest, 10).await.unwrap();
+        let Some(Body::Files { files, .. }) = entries.last().map(|e| e.body.clone()) else { panic!("{entries:?}") };
+        let tall_copy = files[0].file;
+        within(STEP_DEADLINE, "the copy's thumbnail", async {
+            loop {
+                if let Reply::File(info) = file_info(&bob, tall_copy).await.unwrap()
+                    && let FileState::Complete { thumbnail: Some(t) } = info.state
+                {
+                    let (_, png) = download(bob.connection(), t.file, 0, 0).await.unwrap();
+                    let decoded = image::load_from_memory(&png).unwrap();
+                    assert_eq!((decoded.width(), decoded.height()), (128, 256));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
 
         // A decompression bomb completes as a file, gets no thumbnail, and the broker
         // keeps serving.

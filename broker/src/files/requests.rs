@@ -314,7 +314,7 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
 /// answers alone: a resend of an applied client id, or a caller who is not a member
 /// (refused there the same way as for any write). Blocking.
 pub fn files_to_send(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     conv: ConvId,
     user: UserId,
     client_id: &ClientMsgId,
@@ -365,13 +365,24 @@ pub fn files_to_send(
 
 /// `user`'s copy of the complete file `id` someone else uploaded, as a message carries
 /// it. Blocking.
-fn forward(shared: &Shared, user: UserId, id: &FileId, size: u64) -> Result<FileRef, ErrorBody> {
+fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result<FileRef, ErrorBody> {
     let config = &shared.config;
     let grace = super::FORWARD_GRACE.min(std::time::Duration::from_secs(config.upload_expiry_secs));
     let times = (crate::now_ms(), u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
     let (copy, thumbnail) = (random_file_id()?, random_file_id()?);
     match shared.store.forward_file(id, user, copy, || thumbnail, config.quota_bytes, times).map_err(internal)? {
-        Forwarded::Copy(copy, record) => Ok(file_ref(&copy, &record)),
+        Forwarded::Copy(copy, record) => {
+            // The original had no thumbnail yet (its decode may be under way): the copy
+            // gets its own through the line, from the outcome remembered for the same
+            // bytes where there is one.
+            if record.stage == (FileStage::Complete { thumbnail: None })
+                && super::thumbnail::is_thumbnailable(&record.content_type)
+            {
+                let made = super::thumbnails::make_thumbnail(shared.clone(), copy, record.clone());
+                tokio::runtime::Handle::current().spawn(made);
+            }
+            Ok(file_ref(&copy, &record))
+        }
         Forwarded::QuotaExceeded { used } => Err(err(
             ErrorCode::QUOTA_EXCEEDED,
             &format!(
