@@ -20,11 +20,24 @@ pub struct Responder {
     _permit: OwnedSemaphorePermit,
     /// An admitted message write's place (`overload.rs`), freed with the answer.
     ticket: Option<SendTicket>,
+    /// Told the answer once it is queued (`on_answer`).
+    then: Option<AnswerHook>,
 }
+
+/// What `Responder::on_answer` runs with the answer.
+type AnswerHook = Box<dyn FnOnce(&Result<Reply, ErrorBody>) + Send>;
 
 impl Responder {
     pub(crate) fn new(id: u32, out: Arc<Outbound>, permit: OwnedSemaphorePermit) -> Self {
-        Responder { id, out: Some(out), _permit: permit, ticket: None }
+        Responder { id, out: Some(out), _permit: permit, ticket: None, then: None }
+    }
+
+    /// Runs `then` with the answer once it is queued, wherever it is given (or the
+    /// `INTERNAL` of a responder dropped unanswered). It runs on the answering task: it
+    /// must not block.
+    pub(crate) fn on_answer(mut self, then: impl FnOnce(&Result<Reply, ErrorBody>) + Send + 'static) -> Self {
+        self.then = Some(Box::new(then));
+        self
     }
 
     /// Holds `ticket` until the answer is queued (or this responder is dropped).
@@ -54,7 +67,8 @@ impl Responder {
             }
             drop(ticket);
         }
-        let frame = encode_frame(&ServerFrame::Response { id: self.id, result }).or_else(|e| {
+        let response = ServerFrame::Response { id: self.id, result };
+        let frame = encode_frame(&response).or_else(|e| {
             tracing::error!(error = %e, "response did not encode");
             let err = Err(ErrorBody::new(ErrorCode::INTERNAL, "response did not encode"));
             encode_frame(&ServerFrame::Response { id: self.id, result: err })
@@ -62,6 +76,9 @@ impl Responder {
         if let Ok(frame) = frame {
             // A closed queue means the connection is going away; nothing else to do.
             let _ = out.push(frame);
+        }
+        if let (Some(then), ServerFrame::Response { result, .. }) = (self.then.take(), &response) {
+            then(result);
         }
     }
 }

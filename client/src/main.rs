@@ -42,7 +42,13 @@ use switchboard_protocol::{
 };
 
 #[derive(Parser)]
-#[command(name = "sb", version, about = "Switchboard command line client")]
+#[command(
+    name = "sb",
+    version,
+    about = "Switchboard command line client",
+    after_help = "One device a home: its key, the broker's address and trust, cursors and unfinished uploads live in \
+                  $SWITCHBOARD_HOME (default ~/.config/switchboard); use another SWITCHBOARD_HOME for another device or user."
+)]
 struct Cli {
     #[command(flatten)]
     broker: BrokerFlags,
@@ -155,7 +161,8 @@ enum Command {
     },
     /// Print what happens, until interrupted: messages (first every one not printed
     /// before by a tail of this device, in order), receipts, presence and typing.
-    /// Reconnects by itself; stops for good only if the device is revoked. What was
+    /// Reconnects by itself; stops for good only if the device is revoked, its proof
+    /// refused or its account disabled by the operator. What was
     /// printed is saved about once a second and at every clean stop (Ctrl-C, SIGTERM):
     /// after a crash or kill -9 the last second's messages are printed again (--json
     /// lines carry conv and seq to tell them apart).
@@ -424,15 +431,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // `tail` and `typing` end on Ctrl-C or SIGTERM themselves (tail saves its cursors);
     // any other command is cut short here, so that its connection is closed below too.
     let own_interrupt = matches!(cli.command, Command::Tail | Command::Typing { .. });
+    let downloading = matches!(cli.command, Command::Download { .. });
     let mut was_interrupted = false;
     let mut result = tokio::select! {
         result = command(cli, &home, &state, &out, &connector) => result,
         _ = interrupted(), if !own_interrupt => {
             was_interrupted = true;
-            Err(anyhow::anyhow!("interrupted"))
+            if downloading {
+                Err(anyhow::anyhow!("interrupted; the bytes downloaded so far are kept beside OUT: the same command resumes"))
+            } else {
+                Err(anyhow::anyhow!("interrupted"))
+            }
         }
     };
-    if let Err(e) = result.as_ref()
+    let disabled = result.as_ref().err().and_then(client_error).and_then(ClientError::code);
+    if disabled == Some(ErrorCode::ACCOUNT_DISABLED) {
+        let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
+        result = result.context(format!(
+            "ask the broker's operator to let this account back in (`switchboard user enable {user}`)"
+        ));
+    } else if let Err(e) = result.as_ref()
         && !enrolling
     {
         // A refused connection, not a request's answer (a wrong current password is
@@ -445,8 +463,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             result = result.context(format!(
                 "this device is not enrolled at {server} any more (revoked from another device, or is this another broker?): `sb login {user}` enrolls it again"
             ));
-        } else if code == Some(ErrorCode::ACCOUNT_DISABLED) {
-            result = result.context("this account is disabled: ask the broker's operator (`switchboard user enable`)");
         }
     }
     // Failed or not, the broker learns at once that this device left: a connection

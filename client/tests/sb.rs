@@ -596,15 +596,20 @@ async fn file_send_forwards_a_file_as_my_copy() {
     let id = event(&up, "uploaded")["file"].as_str().unwrap().to_owned();
     let sent = sb(&bob, &broker, &["file", "send", &theirs, &id, "--text", "from alice"]);
     assert_eq!(event(&sent, "sent")["conv"].to_string(), theirs);
+    let printed = event(&sent, "sent")["files"][0].as_str().unwrap().to_owned();
     let history = sb(&carol, &broker, &["history", &theirs]);
     let message = history.iter().find(|e| e["kind"] == "files").expect("a files message");
     let copy = message["body"]["Files"]["files"][0]["file"].as_str().unwrap().to_owned();
     assert_ne!(copy, id, "bob's copy, not alice's file");
+    assert_eq!(printed, copy, "sb says which id the message carries");
     let out = dir.path().join("got.txt");
     sb(&carol, &broker, &["download", &copy, out.to_str().unwrap()]);
     assert_eq!(std::fs::read(&out).unwrap(), b"soup, bread, cheese");
     let listed = sb(&bob, &broker, &["files"]);
     assert_eq!((listed[0]["file"].as_str(), listed[0]["held"].as_bool()), (Some(copy.as_str()), Some(false)));
+    // Deleting it changes nothing, and sb says so rather than "deleted".
+    let delete = sb(&bob, &broker, &["file", "delete", &copy]);
+    assert_eq!(delete[0]["event"], "not_held", "{delete:?}");
     let bad = sb_output(&bob, &broker, &["file", "send", &theirs, "xyz"]);
     assert!(!bad.status.success());
 }
@@ -661,7 +666,7 @@ async fn download_resumes_from_what_a_killed_run_left() {
     std::os::unix::fs::symlink(&victim, &partial).unwrap();
     let refused = sb_output(&alice, &broker, &["download", &id, out.to_str().unwrap()]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("a link under that name is refused"), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is a link: refused (not followed)"), "{refused:?}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     std::fs::remove_file(&partial).unwrap();
     // A range's bytes are not kept (nothing would check them): it starts over.

@@ -576,6 +576,21 @@ impl Store {
         Ok(Forwarded::Copy(copy, record))
     }
 
+    /// Ends the grace of the forward's copy `id` (`forward_file`) once the send that made
+    /// or reused it was answered, unless a later forward renewed it (its grace is no
+    /// longer `until`): from then on it goes with the last message carrying it, at once
+    /// if none does. Whether it ended. A single-key write riding the next group commit.
+    pub fn end_grace(&self, id: &FileId, until: u64) -> Result<bool> {
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(false) };
+        if !record.is_complete() || record.expires_ms != until || until == 0 {
+            return Ok(false);
+        }
+        record.expires_ms = 0;
+        self.db.insert(Key::file(id), encode(&record))?;
+        Ok(true)
+    }
+
     /// Deletes the complete file `id` (and its thumbnail) if nothing holds it any more:
     /// its uploader dropped its hold and no message that is not deleted carries it; its
     /// size then leaves the uploader's quota. A forward's copy within its grace

@@ -1027,6 +1027,45 @@ async fn a_forwarded_file_is_the_forwarders_copy_and_never_keeps_the_uploaders_q
     .await
 }
 
+#[tokio::test]
+async fn a_refused_forward_gives_its_copy_back_at_once_and_a_deleted_one_goes_without_waiting_its_grace() {
+    bounded(async {
+        // A copy's grace is the upload expiry here (20 s); the sweeper runs every 5 s.
+        let tb = TestBroker::start_with(|c| c.upload_expiry_secs = 20).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (_carol, _) = tb.register("carol").await;
+        let ours = alice.create_group("a+b", &["bob".into()]).await.unwrap().id;
+        let theirs = bob.create_group("b+c", &["carol".into()]).await.unwrap().id;
+        let data = bytes(64 * 1024, 21);
+        let file = upload(&alice, "a.bin", &data).await;
+        alice.send_files(ours, "", &[file]).await.unwrap();
+        // Refused by the conversation after the copy was made (a caption too long): the
+        // copy goes with the answer, and bob's quota is as it was.
+        let long = "x".repeat(switchboard_protocol::limits::MAX_TEXT_BYTES as usize + 1);
+        let refused = bob.send_files(theirs, &long, &[file]).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::INVALID));
+        within(Duration::from_secs(3), "the refused copy being given back", async {
+            while bob.usage().await.unwrap().stored_bytes > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        // Sent, then deleted at once: it goes with its message at the next sweep, not
+        // once its grace is over.
+        let seq = bob.send_files(theirs, "", &[file]).await.unwrap();
+        assert_eq!(bob.usage().await.unwrap().stored_bytes, data.len() as u64);
+        bob.delete(theirs, seq).await.unwrap();
+        within(Duration::from_secs(12), "the deleted copy going with its message", async {
+            while bob.usage().await.unwrap().stored_bytes > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
+
 /// The files messages of `conv` as `who` reads them, by seq.
 async fn files_messages(who: &Client, conv: u64) -> Vec<(u64, Vec<FileId>)> {
     let (entries, _) = who.history(conv, Page::Latest, 100).await.unwrap();

@@ -351,8 +351,24 @@ impl Session {
                         .await
                         .unwrap_or_else(|e| Err(crate::error::internal(e)));
                 match checked {
-                    Ok(files) => {
-                        let files = files.unwrap_or_default();
+                    Ok(checked) => {
+                        let (files, copies) = checked.unwrap_or_default();
+                        let reply = if copies.is_empty() {
+                            reply
+                        } else {
+                            // A forward's copies wait for the send's answer: then they go
+                            // with their messages (at once if it was refused). Not after
+                            // an `INTERNAL`: whether the message was written is not known,
+                            // and their grace decides.
+                            let s = shared.clone();
+                            reply.on_answer(move |answer| {
+                                if !matches!(answer, Err(e) if e.code == ErrorCode::INTERNAL)
+                                    && let Ok(rt) = tokio::runtime::Handle::try_current()
+                                {
+                                    rt.spawn_blocking(move || files::settle_copies(&s, &copies));
+                                }
+                            })
+                        };
                         convs.write(shared, conv, caller, Command::SendFiles { client_id, text, files }, reply).await
                     }
                     Err(e) => reply.send(Err(e)),

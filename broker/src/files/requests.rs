@@ -307,19 +307,24 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
     Ok(Reply::Done)
 }
 
+/// The forward copies a `SendFiles` made or reused, each with the grace this send gave
+/// it (`Store::end_grace` once the send is answered).
+pub type Copies = Vec<(FileId, u64)>;
+
 /// For `SendFiles`: the files as the message will carry them, each one `user` may read
 /// and whose first chunk is stored; a file someone else uploaded as `user`'s copy of it
 /// (`Store::forward_file`: the uploader's quota never pays for what others forward,
-/// the forwarder's does, `QUOTA_EXCEEDED` beyond). `None` when the conversation actor
-/// answers alone: a resend of an applied client id, or a caller who is not a member
-/// (refused there the same way as for any write). Blocking.
+/// the forwarder's does, `QUOTA_EXCEEDED` beyond), with those copies (`settle_copies`
+/// them once the send is answered). `None` when the conversation actor answers alone: a
+/// resend of an applied client id, or a caller who is not a member (refused there the
+/// same way as for any write). Blocking.
 pub fn files_to_send(
     shared: &Arc<Shared>,
     conv: ConvId,
     user: UserId,
     client_id: &ClientMsgId,
     files: &[FileId],
-) -> Result<Option<Vec<FileRef>>, ErrorBody> {
+) -> Result<Option<(Vec<FileRef>, Copies)>, ErrorBody> {
     let store = &shared.store;
     if store.dedupe(conv, user, client_id).map_err(internal)?.is_some()
         || store.member(conv, user).map_err(internal)?.is_none()
@@ -351,21 +356,46 @@ pub fn files_to_send(
         }
         checked.push((id, record));
     }
-    let mut refs: Vec<FileRef> = Vec::with_capacity(checked.len());
+    let (mut refs, mut copies): (Vec<FileRef>, Copies) = (Vec::with_capacity(checked.len()), Vec::new());
     for (id, record) in checked {
-        let sent =
-            if record.uploader == user { file_ref(id, &record) } else { forward(shared, user, id, record.size)? };
+        let sent = if record.uploader == user {
+            file_ref(id, &record)
+        } else {
+            match forward(shared, user, id, record.size) {
+                Ok((sent, until)) => {
+                    copies.push((sent.file, until));
+                    sent
+                }
+                Err(e) => {
+                    settle_copies(shared, &copies);
+                    return Err(e);
+                }
+            }
+        };
         if refs.iter().any(|r| r.file == sent.file) {
+            settle_copies(shared, &copies);
             return Err(err(ErrorCode::INVALID, "a file appears twice (one is your copy of the other)"));
         }
         refs.push(sent);
     }
-    Ok(Some(refs))
+    Ok(Some((refs, copies)))
+}
+
+/// Once the send that made or reused them was answered, however: ends the copies'
+/// grace and deletes those no message carries (a refused send gives their quota back
+/// at once). Blocking.
+pub fn settle_copies(shared: &Shared, copies: &[(FileId, u64)]) {
+    for (copy, until) in copies {
+        let settled = shared.store.end_grace(copy, *until).map_err(|e| e.to_string());
+        if let Err(e) = settled.and_then(|ended| if ended { super::collect(shared, copy) } else { Ok(()) }) {
+            tracing::warn!(file = super::blobs::hex(copy), error = %e, "settling a forward's copy failed");
+        }
+    }
 }
 
 /// `user`'s copy of the complete file `id` someone else uploaded, as a message carries
-/// it. Blocking.
-fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result<FileRef, ErrorBody> {
+/// it, with the grace this forward gave it. Blocking.
+fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result<(FileRef, u64), ErrorBody> {
     let config = &shared.config;
     let grace = super::FORWARD_GRACE.min(std::time::Duration::from_secs(config.upload_expiry_secs));
     let times = (crate::now_ms(), u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
@@ -381,7 +411,7 @@ fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result
                 let made = super::thumbnails::make_thumbnail(shared.clone(), copy, record.clone());
                 tokio::runtime::Handle::current().spawn(made);
             }
-            Ok(file_ref(&copy, &record))
+            Ok((file_ref(&copy, &record), record.expires_ms))
         }
         Forwarded::QuotaExceeded { used } => Err(err(
             ErrorCode::QUOTA_EXCEEDED,

@@ -275,7 +275,7 @@ pub async fn files(client: &Client, out: &Out) -> anyhow::Result<()> {
             json!({"file": id, "name": f.file.name, "size": f.file.size, "content_type": f.file.content_type,
                 "blake3": hex(&f.blake3), "created_ms": f.created_ms, "held": f.held}),
             || {
-                let kept = if f.held { "" } else { "  (deleted: kept while a message carries it)" };
+                let kept = if f.held { "" } else { "  (not held: goes with the last message carrying it)" };
                 format!("{id}  {}  {} bytes{kept}", f.file.name, f.file.size)
             },
         );
@@ -377,11 +377,12 @@ pub async fn download(
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
     let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
     let partial = if special { path.to_owned() } else { partial_path(path, &file, offset, expected) };
+    // Only a whole file's bytes are kept for a later run: its BLAKE3 checks them.
+    let whole = offset == 0 && expected == size;
     let (mut sink, kept) = if special {
         let sink = tokio::fs::OpenOptions::new().write(true).open(path).await;
         (sink.with_context(|| format!("opening {}", path.display()))?, 0)
     } else {
-        let whole = offset == 0 && expected == size;
         open_partial(&partial, path, expected, whole).await?
     };
     if kept > 0 {
@@ -417,7 +418,10 @@ pub async fn download(
                 backoff.reset();
             }
             if !switchboard_client::transient(&error) {
-                return Err(Failure::Permanent(error.into()));
+                // Only a file that is gone (or no longer readable) makes its bytes
+                // worthless; a revoked device or a disabled account may come back.
+                let gone = matches!(&error, TransferError::Failed { error, .. } if error.code == ErrorCode::NOT_FOUND);
+                return Err(if gone { Failure::Permanent(error.into()) } else { Failure::Transient(error.into()) });
             }
             if last_progress.elapsed() > DOWNLOAD_GIVE_UP {
                 return Err(Failure::Transient(error.into()));
@@ -432,9 +436,12 @@ pub async fn download(
                 match connector.connect(identity).await {
                     Ok(c) => break c,
                     Err(e) if last_progress.elapsed() <= DOWNLOAD_GIVE_UP && !permanent(&e) => {
-                        tokio::time::sleep(std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()))).await;
+                        let delay = backoff.next_ms(switchboard_client::random_u64());
+                        out.status(json!({"event": "reconnect_failed", "error": e.to_string(), "retry_in_ms": delay}), || {
+                            format!("cannot reach the broker ({e}); trying again in {delay} ms")
+                        });
+                        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
                     }
-                    Err(e) if permanent(&e) => return Err(Failure::Permanent(e.into())),
                     Err(e) => return Err(Failure::Transient(e.into())),
                 }
             };
@@ -446,7 +453,6 @@ pub async fn download(
         }
         let local = |e: std::io::Error, what: &str| Failure::Transient(anyhow::Error::new(e).context(format!("{what} {}", partial.display())));
         sink.sync_all().await.map_err(|e| local(e, "writing"))?;
-        let whole = range.offset == 0 && range.length == range.size;
         if whole {
             let (_, hash) = hash_file(&partial).await.map_err(|e| local(e, "reading"))?;
             if hash != info.blake3 {
@@ -475,6 +481,10 @@ pub async fn download(
             return Err(e);
         }
         Err(Failure::Transient(e)) if special => return Err(e),
+        Err(Failure::Transient(e)) if !whole => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
         Err(Failure::Transient(e)) => {
             let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
             return Err(e.context(format!(
@@ -543,9 +553,14 @@ async fn open_partial(
             opts.mode(m.permissions().mode() & 0o777);
         }
     }
-    let file = opts
-        .open(partial)
-        .with_context(|| format!("opening {} (a link under that name is refused; remove it)", partial.display()))?;
+    let file = match opts.open(partial) {
+        Ok(file) => file,
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            bail!("{} is a link: refused (not followed); remove it and download again", partial.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {} beside {}", partial.display(), out.display())),
+    };
     let meta = file.metadata().with_context(|| format!("reading {}", partial.display()))?;
     #[cfg(unix)]
     let theirs = std::os::unix::fs::MetadataExt::uid(&meta) != rustix::process::geteuid().as_raw();
@@ -611,13 +626,37 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
             out.line(json!({"event": "cancelled", "file": file}), || format!("cancelled {file}"));
         }
         FileCommand::Delete { file } => {
-            client.delete_file(parse_file_id(&file)?).await?;
-            out.line(json!({"event": "deleted", "file": file}), || format!("deleted {file}"));
+            let id = parse_file_id(&file)?;
+            // Not held by me (a copy I forwarded, or dropped already): the broker answers
+            // `Done` and nothing changes; say so rather than "deleted".
+            let unheld = client.list_files().await?.iter().any(|f| f.file.file == id && !f.held);
+            client.delete_file(id).await?;
+            if unheld {
+                out.line(json!({"event": "not_held", "file": file}), || {
+                    format!(
+                        "{file} is not held by you (a copy you forwarded, or dropped already): it goes with the last message carrying it"
+                    )
+                });
+            } else {
+                out.line(json!({"event": "deleted", "file": file}), || format!("deleted {file}"));
+            }
         }
         FileCommand::Send { conv, files, text } => {
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
             let seq = client.send_files(conv, &text, &ids).await?;
-            out.line(json!({"event": "sent", "conv": conv, "seq": seq}), || format!("{seq}"));
+            // The ids as the message carries them: another's file goes as my copy.
+            let (entries, _) = client.history(conv, switchboard_protocol::Page::After(seq - 1), 1).await?;
+            let carried: Vec<String> = entries
+                .iter()
+                .filter(|e| e.seq == seq)
+                .flat_map(|e| match &e.body {
+                    switchboard_protocol::Body::Files { files, .. } => files.iter().map(|f| hex(&f.file)).collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            out.line(json!({"event": "sent", "conv": conv, "seq": seq, "files": carried}), || {
+                format!("conv {conv} seq {seq}: {}", carried.join(" "))
+            });
         }
     }
     Ok(())
