@@ -432,6 +432,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // any other command is cut short here, so that its connection is closed below too.
     let own_interrupt = matches!(cli.command, Command::Tail | Command::Typing { .. });
     let downloading = matches!(cli.command, Command::Download { .. });
+    // Whose account a refusal is about: the one being enrolled, else this home's.
+    let account = match &cli.command {
+        Command::Register { name, .. } | Command::Login { name, .. } => Some(name.clone()),
+        _ => state.identity.as_ref().map(|i| i.user.clone()),
+    };
     let mut was_interrupted = false;
     let mut result = tokio::select! {
         result = command(cli, &home, &state, &out, &connector) => result,
@@ -446,7 +451,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let disabled = result.as_ref().err().and_then(client_error).and_then(ClientError::code);
     if disabled == Some(ErrorCode::ACCOUNT_DISABLED) {
-        let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
+        let user = account.as_deref().unwrap_or("NAME");
         result = result.context(format!(
             "ask the broker's operator to let this account back in (`switchboard user enable {user}`)"
         ));

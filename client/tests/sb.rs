@@ -675,6 +675,12 @@ async fn download_resumes_from_what_a_killed_run_left() {
     let down = sb(&alice, &broker, &["download", &id, out.to_str().unwrap(), "--offset", "10", "--length", "100"]);
     assert!(down.iter().all(|l| l["event"] != "download_resumed"), "{down:?}");
     assert_eq!(std::fs::read(&out).unwrap(), data[10..110]);
+    // The file gone: what a killed run kept of it goes too.
+    std::fs::write(&partial, &data[..1000]).unwrap();
+    sb(&alice, &broker, &["file", "delete", &id]);
+    let gone = sb_output(&alice, &broker, &["download", &id, out.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NOT_FOUND"), "{gone:?}");
+    assert!(!partial.exists());
 }
 
 /// An `sb upload` killed mid-way continues with `sb upload --resume ID FILE` from the

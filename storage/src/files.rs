@@ -39,6 +39,11 @@ pub(crate) struct FilesLock {
     pending: HashMap<UserId, Pending>,
     /// Number of the next batch handed over (batches are applied in this order).
     next_batch: u64,
+    /// Per forward's copy, the sends that made or reused it and are not answered yet
+    /// (`forward_file` counts one in, `settle_forward` one out): while any is, the copy
+    /// is not collected, whatever its grace says (their messages may not be written
+    /// yet). In memory: after a restart the grace stored with the copy covers them.
+    unsettled: HashMap<FileId, usize>,
 }
 
 /// One user's changes in batches not yet applied.
@@ -135,8 +140,16 @@ pub enum UploadRefusal {
 #[derive(Debug)]
 pub enum Forwarded {
     /// The forwarder's copy (made now, or the one its earlier forward of the same file
-    /// made), as the message will carry it.
-    Copy(FileId, FileRecord),
+    /// made), as the message will carry it. Settle it (`settle_forward`) once the send
+    /// is answered.
+    Copy {
+        /// The copy's id.
+        id: FileId,
+        /// Its record.
+        record: FileRecord,
+        /// Made by this forward (not an earlier one's, reused).
+        new: bool,
+    },
     /// A new copy's size would take the forwarder's stored bytes past its quota.
     QuotaExceeded {
         /// The bytes the quota counts now, of the forwarder's files and uploads.
@@ -529,7 +542,8 @@ impl Store {
                 txn.put(Key::file(&id), &record);
                 txn.batch.insert(Key::file_unheld(&id).as_ref(), &[][..]);
                 drop(self.commit(txn)?);
-                return Ok(Forwarded::Copy(id, record));
+                *lock.unsettled.entry(id).or_default() += 1;
+                return Ok(Forwarded::Copy { id, record, new: false });
             }
         }
         let stored = self.stored_now(&lock, forwarder)?;
@@ -573,17 +587,33 @@ impl Store {
             pending.stored = stored;
         }
         drop(self.commit(txn)?);
-        Ok(Forwarded::Copy(copy, record))
+        *lock.unsettled.entry(copy).or_default() += 1;
+        Ok(Forwarded::Copy { id: copy, record, new: true })
     }
 
-    /// Ends the grace of the forward's copy `id` (`forward_file`) once the send that made
-    /// or reused it was answered, unless a later forward renewed it (its grace is no
-    /// longer `until`): from then on it goes with the last message carrying it, at once
-    /// if none does. Whether it ended. A single-key write riding the next group commit.
-    pub fn end_grace(&self, id: &FileId, until: u64) -> Result<bool> {
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+    /// One send that made or reused the forward's copy `id` (`forward_file`) was
+    /// answered. Once no such send is left unanswered, and `ended` (the answer says whether
+    /// the message was written: anything but an internal failure), the copy's grace
+    /// ends: from then on it goes with the last message carrying it, at once if none
+    /// does (the caller collects it: `true`). Without `ended` the stored grace decides.
+    /// A single-key write riding the next group commit.
+    pub fn settle_forward(&self, id: &FileId, ended: bool) -> Result<bool> {
+        let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        match lock.unsettled.get_mut(id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return Ok(false);
+            }
+            Some(_) => {
+                lock.unsettled.remove(id);
+            }
+            None => {}
+        }
+        if !ended {
+            return Ok(false);
+        }
         let Some(mut record) = self.file(id)? else { return Ok(false) };
-        if !record.is_complete() || record.expires_ms != until || until == 0 {
+        if !record.is_complete() || record.expires_ms == 0 {
             return Ok(false);
         }
         record.expires_ms = 0;
@@ -605,7 +635,9 @@ impl Store {
         let mark = self.db.get(Key::file_unheld(id))?;
         let record = self.file(id)?;
         let carried = self.db.scan_prefix(Key::attached_of(id)).next().is_some();
-        let waiting = record.as_ref().is_some_and(|r| r.is_complete() && r.expires_ms > now_ms) && !carried;
+        let unsettled = lock.unsettled.contains_key(id);
+        let waiting =
+            record.as_ref().is_some_and(|r| r.is_complete() && (r.expires_ms > now_ms || unsettled)) && !carried;
         #[cfg(test)]
         if let Some(looked) = self.collect_looked.get() {
             looked(self);
@@ -1089,7 +1121,9 @@ mod tests {
         // User 8 forwards it: its quota is checked and pays; the bytes are shared.
         let refused = store.forward_file(&a, 8, copy, || thumb_copy, 9, (100, 50)).unwrap();
         assert!(matches!(refused, Forwarded::QuotaExceeded { used: 0 }), "{refused:?}");
-        let Forwarded::Copy(id, made) = store.forward_file(&a, 8, copy, || thumb_copy, 10, (100, 50)).unwrap() else {
+        let Forwarded::Copy { id, record: made, new: true } =
+            store.forward_file(&a, 8, copy, || thumb_copy, 10, (100, 50)).unwrap()
+        else {
             panic!()
         };
         assert_eq!((id, made.uploader, made.held, made.size, made.expires_ms), (copy, 8, false, 10, 150));
@@ -1099,7 +1133,9 @@ mod tests {
         assert_eq!((store.blob_refs(&[5; 32]).unwrap(), store.blob_refs(&[6; 32]).unwrap()), (2, 2));
         assert_eq!(store.stored_files_page(8, None, 8).unwrap().0[0].0, copy, "listed among the forwarder's files");
         // Forwarded again: the same copy, counted once, its grace renewed.
-        let Forwarded::Copy(again, r) = store.forward_file(&a, 8, [4; 16], || [5; 16], 20, (120, 50)).unwrap() else {
+        let Forwarded::Copy { id: again, record: r, new: false } =
+            store.forward_file(&a, 8, [4; 16], || [5; 16], 20, (120, 50)).unwrap()
+        else {
             panic!()
         };
         assert_eq!((again, r.expires_ms, store.stored_bytes(8).unwrap()), (copy, 170, 10));
@@ -1117,6 +1153,10 @@ mod tests {
         assert!(store.file(&a).unwrap().is_none());
         assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (0, 10));
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1, "the copy keeps the bytes");
+        // Both sends answered: the grace ends with the second.
+        assert!(!store.settle_forward(&copy, true).unwrap());
+        assert!(store.settle_forward(&copy, true).unwrap());
+        assert_eq!(store.file(&copy).unwrap().unwrap().expires_ms, 0);
         store.collect_file(&copy, 200).unwrap().durable.await.unwrap();
         assert!(store.file(&copy).unwrap().is_some(), "a message carries it");
         // The message goes: the copy and its thumbnail go, the forwarder's quota is free,
@@ -1139,9 +1179,10 @@ mod tests {
         let store = open(dir.path());
         let (a, copy) = ([1; 16], [2; 16]);
         stored(&store, a, 7, 5).await;
-        assert!(matches!(store.forward_file(&a, 8, copy, || [3; 16], 100, (100, 50)).unwrap(), Forwarded::Copy(..)));
+        assert!(matches!(store.forward_file(&a, 8, copy, || [3; 16], 100, (100, 50)).unwrap(), Forwarded::Copy { .. }));
         let files = vec![FileRef { file: copy, name: "a.bin".into(), size: 10, content_type: "x/y".into() }];
         append(&store, entry(3, 1, Body::Files { text: String::new(), files, edited: false })).await;
+        assert!(store.settle_forward(&copy, true).unwrap());
         // The sweeper looks at the copy (a message carries it) and the forwarder deletes
         // the message just then: before, the collection took the delete's mark away with
         // its own and the copy stayed, carried by nothing, on the forwarder's quota.
@@ -1183,6 +1224,43 @@ mod tests {
         c.durable.await.unwrap();
         assert!(c.unreferenced.is_empty());
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1, "two references went; before, one");
+    }
+
+    #[tokio::test]
+    async fn a_copy_stays_while_any_send_that_made_or_reused_it_is_unanswered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, copy) = ([1; 16], [2; 16]);
+        stored(&store, a, 7, 5).await;
+        // Two sends of the same file by one user: to a busy conversation (its message
+        // not written yet) and to one that refuses it, answered first. Before, that
+        // answer ended the copy's grace and the copy went; the other message then
+        // carried a file that did not exist.
+        for _ in 0..2 {
+            assert!(matches!(
+                store.forward_file(&a, 8, copy, || [3; 16], 100, (100, 50)).unwrap(),
+                Forwarded::Copy { .. }
+            ));
+        }
+        assert!(!store.settle_forward(&copy, true).unwrap(), "one send is still unanswered");
+        store.collect_file(&copy, 1_000).unwrap().durable.await.unwrap();
+        assert!(store.file(&copy).unwrap().is_some(), "kept past its stored grace while a send is unanswered");
+        // The other answered too, its message never written (refused): the copy goes.
+        assert!(store.settle_forward(&copy, true).unwrap());
+        store.collect_file(&copy, 1_000).unwrap().durable.await.unwrap();
+        assert!(store.file(&copy).unwrap().is_none());
+        assert_eq!(store.stored_bytes(8).unwrap(), 0);
+        // An answer that cannot tell whether the message was written (an internal failure)
+        // leaves the copy to its stored grace.
+        assert!(matches!(
+            store.forward_file(&a, 8, copy, || [3; 16], 100, (2_000, 50)).unwrap(),
+            Forwarded::Copy { .. }
+        ));
+        assert!(!store.settle_forward(&copy, false).unwrap());
+        store.collect_file(&copy, 2_040).unwrap().durable.await.unwrap();
+        assert!(store.file(&copy).unwrap().is_some(), "within its grace");
+        store.collect_file(&copy, 2_051).unwrap().durable.await.unwrap();
+        assert!(store.file(&copy).unwrap().is_none());
     }
 
     #[tokio::test]

@@ -1034,17 +1034,22 @@ async fn a_refused_forward_gives_its_copy_back_at_once_and_a_deleted_one_goes_wi
         let tb = TestBroker::start_with(|c| c.upload_expiry_secs = 20).await;
         let (alice, _) = tb.register("alice").await;
         let (bob, _) = tb.register("bob").await;
-        let (_carol, _) = tb.register("carol").await;
+        let (carol, _) = tb.register("carol").await;
         let ours = alice.create_group("a+b", &["bob".into()]).await.unwrap().id;
-        let theirs = bob.create_group("b+c", &["carol".into()]).await.unwrap().id;
+        let theirs = bob.create_direct("carol").await.unwrap().id;
         let data = bytes(64 * 1024, 21);
         let file = upload(&alice, "a.bin", &data).await;
         alice.send_files(ours, "", &[file]).await.unwrap();
-        // Refused by the conversation after the copy was made (a caption too long): the
-        // copy goes with the answer, and bob's quota is as it was.
+        // A caption that cannot fit is refused before any copy is made.
         let long = "x".repeat(switchboard_protocol::limits::MAX_TEXT_BYTES as usize + 1);
         let refused = bob.send_files(theirs, &long, &[file]).await.unwrap_err();
         assert_eq!(refused.code(), Some(ErrorCode::INVALID));
+        assert_eq!(bob.usage().await.unwrap().stored_bytes, 0);
+        // Refused by the conversation after the copy was made (carol blocks bob): the
+        // copy goes with the answer, and bob's quota is as it was.
+        carol.block("bob", true).await.unwrap();
+        let refused = bob.send_files(theirs, "", &[file]).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::FORBIDDEN));
         within(Duration::from_secs(3), "the refused copy being given back", async {
             while bob.usage().await.unwrap().stored_bytes > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1053,6 +1058,7 @@ async fn a_refused_forward_gives_its_copy_back_at_once_and_a_deleted_one_goes_wi
         .await;
         // Sent, then deleted at once: it goes with its message at the next sweep, not
         // once its grace is over.
+        carol.block("bob", false).await.unwrap();
         let seq = bob.send_files(theirs, "", &[file]).await.unwrap();
         assert_eq!(bob.usage().await.unwrap().stored_bytes, data.len() as u64);
         bob.delete(theirs, seq).await.unwrap();

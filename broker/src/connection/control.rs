@@ -346,10 +346,14 @@ impl Session {
             // index reads (up to `ATTACHMENT_SCAN` seeks a file) on a blocking thread.
             RequestBody::SendFiles { conv, client_id, text, files } => {
                 let (s, user) = (shared.clone(), caller.user);
-                let checked =
-                    tokio::task::spawn_blocking(move || files::files_to_send(&s, conv, user, &client_id, &files))
-                        .await
-                        .unwrap_or_else(|e| Err(crate::error::internal(e)));
+                let checked = {
+                    let text_len = text.len();
+                    tokio::task::spawn_blocking(move || {
+                        files::files_to_send(&s, conv, user, &client_id, &files, text_len)
+                    })
+                }
+                .await
+                .unwrap_or_else(|e| Err(crate::error::internal(e)));
                 match checked {
                     Ok(checked) => {
                         let (files, copies) = checked.unwrap_or_default();
@@ -357,15 +361,17 @@ impl Session {
                             reply
                         } else {
                             // A forward's copies wait for the send's answer: then they go
-                            // with their messages (at once if it was refused). Not after
-                            // an `INTERNAL`: whether the message was written is not known,
-                            // and their grace decides.
+                            // with their messages (at once if it was refused). After an
+                            // `INTERNAL` whether the message was written is not known, and
+                            // their grace decides.
                             let s = shared.clone();
                             reply.on_answer(move |answer| {
-                                if !matches!(answer, Err(e) if e.code == ErrorCode::INTERNAL)
-                                    && let Ok(rt) = tokio::runtime::Handle::try_current()
-                                {
-                                    rt.spawn_blocking(move || files::settle_copies(&s, &copies));
+                                let known = !matches!(answer, Err(e) if e.code == ErrorCode::INTERNAL);
+                                match tokio::runtime::Handle::try_current() {
+                                    Ok(rt) => drop(rt.spawn_blocking(move || files::settle_copies(&s, &copies, known))),
+                                    // Answered off the runtime (a responder dropped on a
+                                    // plain thread): that thread may block.
+                                    Err(_) => files::settle_copies(&s, &copies, known),
                                 }
                             })
                         };

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use switchboard_protocol::limits::{
     MAX_CHUNK_BYTES, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_FILES_PER_MESSAGE, MAX_LISTED_UPLOADS,
+    MAX_TEXT_BYTES,
 };
 use switchboard_protocol::{
     ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, StoredFile,
@@ -307,9 +308,9 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
     Ok(Reply::Done)
 }
 
-/// The forward copies a `SendFiles` made or reused, each with the grace this send gave
-/// it (`Store::end_grace` once the send is answered).
-pub type Copies = Vec<(FileId, u64)>;
+/// The forward copies a `SendFiles` made or reused (`settle_copies` once the send is
+/// answered).
+pub type Copies = Vec<FileId>;
 
 /// For `SendFiles`: the files as the message will carry them, each one `user` may read
 /// and whose first chunk is stored; a file someone else uploaded as `user`'s copy of it
@@ -324,6 +325,7 @@ pub fn files_to_send(
     user: UserId,
     client_id: &ClientMsgId,
     files: &[FileId],
+    text_len: usize,
 ) -> Result<Option<(Vec<FileRef>, Copies)>, ErrorBody> {
     let store = &shared.store;
     if store.dedupe(conv, user, client_id).map_err(internal)?.is_some()
@@ -356,24 +358,31 @@ pub fn files_to_send(
         }
         checked.push((id, record));
     }
+    // The conversation would refuse a caption that does not fit with the names and
+    // types (`check_files`): said before any copy is made.
+    let bytes = checked.iter().map(|(_, r)| r.name.len() + r.content_type.len()).sum::<usize>();
+    if text_len.saturating_add(bytes) > MAX_TEXT_BYTES as usize {
+        return Err(err(ErrorCode::INVALID, "the caption, names and types pass max_text_bytes"));
+    }
     let (mut refs, mut copies): (Vec<FileRef>, Copies) = (Vec::with_capacity(checked.len()), Vec::new());
     for (id, record) in checked {
         let sent = if record.uploader == user {
             file_ref(id, &record)
         } else {
+            // Counted in before it can fail: `settle_copies` counts every one out.
             match forward(shared, user, id, record.size) {
-                Ok((sent, until)) => {
-                    copies.push((sent.file, until));
+                Ok(sent) => {
+                    copies.push(sent.file);
                     sent
                 }
                 Err(e) => {
-                    settle_copies(shared, &copies);
+                    settle_copies(shared, &copies, true);
                     return Err(e);
                 }
             }
         };
         if refs.iter().any(|r| r.file == sent.file) {
-            settle_copies(shared, &copies);
+            settle_copies(shared, &copies, true);
             return Err(err(ErrorCode::INVALID, "a file appears twice (one is your copy of the other)"));
         }
         refs.push(sent);
@@ -381,12 +390,13 @@ pub fn files_to_send(
     Ok(Some((refs, copies)))
 }
 
-/// Once the send that made or reused them was answered, however: ends the copies'
-/// grace and deletes those no message carries (a refused send gives their quota back
-/// at once). Blocking.
-pub fn settle_copies(shared: &Shared, copies: &[(FileId, u64)]) {
-    for (copy, until) in copies {
-        let settled = shared.store.end_grace(copy, *until).map_err(|e| e.to_string());
+/// Once the send that made or reused them was answered (`written_or_refused`: anything
+/// but an internal failure, after which nobody knows whether the message was written):
+/// each copy no other unanswered send holds ends its grace and goes if no message
+/// carries it (a refused send gives its quota back at once). Blocking.
+pub fn settle_copies(shared: &Shared, copies: &[FileId], written_or_refused: bool) {
+    for copy in copies {
+        let settled = shared.store.settle_forward(copy, written_or_refused).map_err(|e| e.to_string());
         if let Err(e) = settled.and_then(|ended| if ended { super::collect(shared, copy) } else { Ok(()) }) {
             tracing::warn!(file = super::blobs::hex(copy), error = %e, "settling a forward's copy failed");
         }
@@ -394,24 +404,25 @@ pub fn settle_copies(shared: &Shared, copies: &[(FileId, u64)]) {
 }
 
 /// `user`'s copy of the complete file `id` someone else uploaded, as a message carries
-/// it, with the grace this forward gave it. Blocking.
-fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result<(FileRef, u64), ErrorBody> {
+/// it (settle it with `settle_copies`). Blocking.
+fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result<FileRef, ErrorBody> {
     let config = &shared.config;
     let grace = super::FORWARD_GRACE.min(std::time::Duration::from_secs(config.upload_expiry_secs));
     let times = (crate::now_ms(), u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
     let (copy, thumbnail) = (random_file_id()?, random_file_id()?);
     match shared.store.forward_file(id, user, copy, || thumbnail, config.quota_bytes, times).map_err(internal)? {
-        Forwarded::Copy(copy, record) => {
-            // The original had no thumbnail yet (its decode may be under way): the copy
+        Forwarded::Copy { id: copy, record, new } => {
+            // The original had no thumbnail yet (its decode may be under way): a new copy
             // gets its own through the line, from the outcome remembered for the same
             // bytes where there is one.
-            if record.stage == (FileStage::Complete { thumbnail: None })
+            if new
+                && record.stage == (FileStage::Complete { thumbnail: None })
                 && super::thumbnail::is_thumbnailable(&record.content_type)
             {
                 let made = super::thumbnails::make_thumbnail(shared.clone(), copy, record.clone());
                 tokio::runtime::Handle::current().spawn(made);
             }
-            Ok((file_ref(&copy, &record), record.expires_ms))
+            Ok(file_ref(&copy, &record))
         }
         Forwarded::QuotaExceeded { used } => Err(err(
             ErrorCode::QUOTA_EXCEEDED,

@@ -144,6 +144,8 @@ pub async fn upload(
                 first = false;
                 if out.json {
                     println!("{}", json!({"event": event, "file": hex(&file), "offset": offset, "size": size}));
+                } else if event == "resumed" {
+                    bar.suspend(|| eprintln!("sb: resuming the upload at byte {offset} of {size}"));
                 }
             }
             UploadEvent::Durable { offset, .. } => {
@@ -365,7 +367,16 @@ pub async fn download(
 ) -> anyhow::Result<()> {
     let file = parse_file_id(id)?;
     let mut client = connector.connect(identity).await?;
-    let info = client.file_info(file).await?;
+    let info = match client.file_info(file).await {
+        Ok(info) => info,
+        Err(e) => {
+            if e.code() == Some(ErrorCode::NOT_FOUND) {
+                // Gone, or no longer mine to read: what an earlier run kept is worthless.
+                drop_partials(path, &file);
+            }
+            return Err(e.into());
+        }
+    };
     let size = info.file.size;
     if offset > 0 && offset >= size {
         // An empty range would replace OUT with an empty file.
@@ -530,6 +541,21 @@ fn partial_path(path: &Path, file: &FileId, offset: u64, expected: u64) -> PathB
     path.with_file_name(format!(".{name}.{}.{offset}+{expected}.sb-part", &hex(file)[..16]))
 }
 
+/// Removes the partial files of whole downloads of `file` into `path` (any size: the
+/// file's is not known any more).
+fn drop_partials(path: &Path, file: &FileId) {
+    let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) else { return };
+    let name = path.file_name().map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
+    let prefix = format!(".{name}.{}.0+", &hex(file)[..16]);
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) && n.ends_with(".sb-part") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Opens (or creates) the partial file of a download of `expected` bytes, locked for
 /// this run (another `sb download` of the same into `out` is refused at once), placed
 /// at the end of the bytes it holds; returns it with their count. Only a `whole` file's
@@ -644,8 +670,10 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
         FileCommand::Send { conv, files, text } => {
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
             let seq = client.send_files(conv, &text, &ids).await?;
-            // The ids as the message carries them: another's file goes as my copy.
-            let (entries, _) = client.history(conv, switchboard_protocol::Page::After(seq - 1), 1).await?;
+            // The ids as the message carries them: another's file goes as my copy. Sent
+            // whatever this read does (a failure here must not make anyone send again).
+            let page = switchboard_protocol::Page::After(seq.saturating_sub(1));
+            let entries = client.history(conv, page, 1).await.map(|(e, _)| e).unwrap_or_default();
             let carried: Vec<String> = entries
                 .iter()
                 .filter(|e| e.seq == seq)
