@@ -472,6 +472,12 @@ impl Drop for KillOnDrop {
 }
 
 /// The line of `lines` with `"event": event`.
+/// Writes `data` to `path` and uploads it with `sb upload` from `home`; its file id.
+fn uploaded(home: &Path, broker: &Broker, path: &Path, data: &[u8]) -> String {
+    std::fs::write(path, data).unwrap();
+    event(&sb(home, broker, &["upload", path.to_str().unwrap()]), "uploaded")["file"].as_str().unwrap().to_owned()
+}
+
 fn event<'a>(lines: &'a [serde_json::Value], event: &str) -> &'a serde_json::Value {
     lines.iter().find(|l| l["event"] == event).unwrap_or_else(|| panic!("no {event} line in {lines:?}"))
 }
@@ -537,11 +543,7 @@ async fn range_download_writes_exactly_the_range() {
     sb(&alice, &broker, &["register", "alice"]);
     let data = pseudo_random_bytes(1024 * 1024 + 99, 2);
     let path = dir.path().join("f.bin");
-    std::fs::write(&path, &data).unwrap();
-    let id = event(&sb(&alice, &broker, &["upload", path.to_str().unwrap()]), "uploaded")["file"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = uploaded(&alice, &broker, &path, &data);
     // Human output: the id, and no progress bar when stderr is not a terminal.
     let human = sb_output(&alice, &broker, &["upload", path.to_str().unwrap()]);
     assert!(human.status.success());
@@ -624,12 +626,7 @@ async fn download_resumes_from_what_a_killed_run_left() {
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
     let data = pseudo_random_bytes(3 * 1024 * 1024 + 5, 7);
-    let path = dir.path().join("f.bin");
-    std::fs::write(&path, &data).unwrap();
-    let id = event(&sb(&alice, &broker, &["upload", path.to_str().unwrap()]), "uploaded")["file"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = uploaded(&alice, &broker, &dir.path().join("f.bin"), &data);
     let out = dir.path().join("copy.bin");
     // As a run killed after 1 MiB leaves it.
     let partial = dir.path().join(format!(".copy.bin.{}.0+{}.sb-part", &id[..16], data.len()));
@@ -1051,12 +1048,7 @@ async fn a_download_into_dev_null_works_and_leaves_it_alone() {
     let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
-    let path = dir.path().join("f.bin");
-    std::fs::write(&path, pseudo_random_bytes(100_000, 8)).unwrap();
-    let id = event(&sb(&alice, &broker, &["upload", path.to_str().unwrap()]), "uploaded")["file"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = uploaded(&alice, &broker, &dir.path().join("f.bin"), &pseudo_random_bytes(100_000, 8));
     let down = sb(&alice, &broker, &["download", &id, "/dev/null"]);
     assert_eq!((down[0]["length"].as_u64(), down[0]["verified"].as_bool()), (Some(100_000), Some(false)));
     use std::os::unix::fs::FileTypeExt;
