@@ -514,11 +514,13 @@ impl Store {
     /// (one more blob reference) and the original's thumbnail if it has one
     /// (`fresh` names the thumbnail's copy), counts against the forwarder's quota,
     /// is held by nobody (it lives while a message carries it, like a file its uploader
-    /// dropped), and is not collected before `now_ms + grace_ms`, time for the message
-    /// to be written; marked unheld, it goes after that if none is. A later forward of
-    /// `original` by the same user reuses the copy (its grace renewed), so a file
-    /// forwarded to many conversations counts once. Blocking (a catalog batch, applied
-    /// before this returns; the message's own commit makes it durable).
+    /// dropped), and is not collected while this send is unanswered (counted in here,
+    /// out by `settle_forward`) nor, should nobody settle it (a crash), before
+    /// `now_ms + grace_ms`; marked unheld, it goes after that if no message carries it.
+    /// A later forward of `original` by the same user reuses the copy (counted in
+    /// again, its grace renewed), so a file forwarded to many conversations counts
+    /// once. Blocking (a catalog batch, applied before this returns; the message's own
+    /// commit makes it durable).
     pub fn forward_file(
         &self,
         original: &FileId,

@@ -44,10 +44,11 @@ const EVICTION_HOLD: Duration = Duration::from_millis(500);
 /// run goes on after them).
 const UNHELD_PAGES: usize = 64;
 
-/// Longest a forward's copy lives without a message carrying it
-/// (`Store::forward_file`; shorter with a shorter `upload_expiry_secs`): time for the
-/// message to be written, however long the conversation's queue; a forward whose
-/// message never is gives its bytes back to the forwarder's quota after it.
+/// Longest a forward's copy lives without a message carrying it once nobody can tell
+/// whether its message was written (`Store::forward_file`: the send answered
+/// `INTERNAL`, or the broker stopped before answering; shorter with a shorter
+/// `upload_expiry_secs`). A send that is answered settles its copies at once
+/// (`requests::settle_copies`).
 pub const FORWARD_GRACE: Duration = Duration::from_secs(600);
 
 /// Upload locks kept before the map is swept of entries nobody holds or waits for.
