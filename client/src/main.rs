@@ -371,9 +371,15 @@ fn main() {
         }
         // Broker messages are untrusted text too.
         eprintln!("error: {}", terminal_safe(&format!("{e:#}")));
-        std::process::exit(1);
+        // 128 + SIGINT, as shells report a command Ctrl-C ended.
+        std::process::exit(if e.downcast_ref::<Interrupted>().is_some() { 130 } else { 1 });
     }
 }
+
+/// Ctrl-C, SIGTERM or SIGHUP cut the command short (sb exits with status 130).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Interrupted(&'static str);
 
 /// The client library's error inside `e`, however it was wrapped.
 fn client_error(e: &anyhow::Error) -> Option<&ClientError> {
@@ -442,11 +448,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         result = command(cli, &home, &state, &out, &connector) => result,
         _ = interrupted(), if !own_interrupt => {
             was_interrupted = true;
-            if downloading {
-                Err(anyhow::anyhow!("interrupted; the bytes downloaded so far are kept beside OUT: the same command resumes"))
+            Err(Interrupted(if downloading {
+                "interrupted; the bytes downloaded so far are kept beside OUT: the same command resumes"
             } else {
-                Err(anyhow::anyhow!("interrupted"))
-            }
+                "interrupted"
+            })
+            .into())
         }
     };
     let disabled = result.as_ref().err().and_then(client_error).and_then(ClientError::code);
