@@ -347,10 +347,8 @@ impl Session {
             RequestBody::SendFiles { conv, client_id, text, files } => {
                 let (s, user) = (shared.clone(), caller.user);
                 let checked = {
-                    let text_len = text.len();
-                    tokio::task::spawn_blocking(move || {
-                        files::files_to_send(&s, conv, user, &client_id, &files, text_len)
-                    })
+                    let text = text.clone();
+                    tokio::task::spawn_blocking(move || files::files_to_send(&s, conv, user, &client_id, &files, &text))
                 }
                 .await
                 .unwrap_or_else(|e| Err(crate::error::internal(e)));

@@ -13,4 +13,5 @@ mod state;
 pub use actor::{ConvMsg, MarkReply};
 pub use directory::{ConvDirectory, HandedMarks};
 pub use receipts::Marks;
+pub(crate) use state::check_files;
 pub use state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, replay_audiences};

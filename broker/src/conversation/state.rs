@@ -1043,7 +1043,7 @@ fn check_text(text: &str) -> Result<(), ErrorBody> {
 
 /// Checks a files message: 1..=`MAX_FILES_PER_MESSAGE` distinct files, and the caption
 /// with every file's name and type within `MAX_TEXT_BYTES`.
-fn check_files(text: &str, files: &[FileRef]) -> Result<(), ErrorBody> {
+pub(crate) fn check_files(text: &str, files: &[FileRef]) -> Result<(), ErrorBody> {
     if files.is_empty() || files.len() > MAX_FILES_PER_MESSAGE as usize {
         return Err(err(ErrorCode::INVALID, "a message carries 1..=10 files"));
     }

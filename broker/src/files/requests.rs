@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use switchboard_protocol::limits::{
     MAX_CHUNK_BYTES, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_FILES_PER_MESSAGE, MAX_LISTED_UPLOADS,
-    MAX_TEXT_BYTES,
 };
 use switchboard_protocol::{
     ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, StoredFile,
@@ -325,7 +324,7 @@ pub fn files_to_send(
     user: UserId,
     client_id: &ClientMsgId,
     files: &[FileId],
-    text_len: usize,
+    text: &str,
 ) -> Result<Option<(Vec<FileRef>, Copies)>, ErrorBody> {
     let store = &shared.store;
     if store.dedupe(conv, user, client_id).map_err(internal)?.is_some()
@@ -358,12 +357,10 @@ pub fn files_to_send(
         }
         checked.push((id, record));
     }
-    // The conversation would refuse a caption that does not fit with the names and
-    // types (`check_files`): said before any copy is made.
-    let bytes = checked.iter().map(|(_, r)| r.name.len() + r.content_type.len()).sum::<usize>();
-    if text_len.saturating_add(bytes) > MAX_TEXT_BYTES as usize {
-        return Err(err(ErrorCode::INVALID, "the caption, names and types pass max_text_bytes"));
-    }
+    // What the conversation would refuse (the caption with the names and types) is
+    // refused by its own rule before any copy is made: a copy has its file's name and type.
+    let unsent: Vec<FileRef> = checked.iter().map(|(id, r)| file_ref(id, r)).collect();
+    crate::conversation::check_files(text, &unsent)?;
     let (mut refs, mut copies): (Vec<FileRef>, Copies) = (Vec::with_capacity(checked.len()), Vec::new());
     for (id, record) in checked {
         let sent = if record.uploader == user {

@@ -209,10 +209,7 @@ fn said_by_the_bytes(e: &thumbnail::ThumbnailError) -> bool {
 /// Stores `png` as the thumbnail of `id` and announces it.
 async fn store(shared: &Arc<Shared>, id: FileId, record: &FileRecord, png: bytes::Bytes) {
     let hash = *blake3::hash(&png).as_bytes();
-    let mut thumb_id = [0u8; 16];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut thumb_id).is_err() {
-        return;
-    }
+    let Ok(thumb_id) = requests::random_file_id() else { return };
     let mut name = format!("{}.thumb.png", record.name);
     while name.len() > switchboard_protocol::limits::MAX_FILE_NAME_BYTES as usize {
         name.remove(0);
