@@ -432,10 +432,10 @@ pub async fn download(
                 // Only a file that is gone (or no longer readable) makes its bytes
                 // worthless; a revoked device or a disabled account may come back.
                 let gone = matches!(&error, TransferError::Failed { error, .. } if error.code == ErrorCode::NOT_FOUND);
-                return Err(if gone { Failure::Permanent(error.into()) } else { Failure::Transient(error.into()) });
+                return Err(if gone { Failure::DropBytes(error.into()) } else { Failure::KeepBytes(error.into()) });
             }
             if last_progress.elapsed() > DOWNLOAD_GIVE_UP {
-                return Err(Failure::Transient(error.into()));
+                return Err(Failure::KeepBytes(error.into()));
             }
             let delay = backoff.next_ms(switchboard_client::random_u64());
             out.status(json!({"event": "download_interrupted", "file": hex(&file), "at": offset + done, "error": error.to_string(), "retry_in_ms": delay}), || {
@@ -453,7 +453,7 @@ pub async fn download(
                         });
                         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
                     }
-                    Err(e) => return Err(Failure::Transient(e.into())),
+                    Err(e) => return Err(Failure::KeepBytes(e.into())),
                 }
             };
         }
@@ -462,12 +462,12 @@ pub async fn download(
         if special {
             return Ok((range, false));
         }
-        let local = |e: std::io::Error, what: &str| Failure::Transient(anyhow::Error::new(e).context(format!("{what} {}", partial.display())));
+        let local = |e: std::io::Error, what: &str| Failure::KeepBytes(anyhow::Error::new(e).context(format!("{what} {}", partial.display())));
         sink.sync_all().await.map_err(|e| local(e, "writing"))?;
         if whole {
             let (_, hash) = hash_file(&partial).await.map_err(|e| local(e, "reading"))?;
             if hash != info.blake3 {
-                return Err(Failure::Permanent(anyhow!(
+                return Err(Failure::DropBytes(anyhow!(
                     "the downloaded bytes do not match the file's BLAKE3; {} left as it was",
                     path.display()
                 )));
@@ -485,18 +485,18 @@ pub async fn download(
     drop(sink);
     let (range, whole) = match written {
         Ok(done) => done,
-        Err(Failure::Permanent(e)) => {
+        Err(Failure::DropBytes(e)) => {
             if !special {
                 let _ = std::fs::remove_file(&partial);
             }
             return Err(e);
         }
-        Err(Failure::Transient(e)) if special => return Err(e),
-        Err(Failure::Transient(e)) if !whole => {
+        Err(Failure::KeepBytes(e)) if special => return Err(e),
+        Err(Failure::KeepBytes(e)) if !whole => {
             let _ = std::fs::remove_file(&partial);
             return Err(e);
         }
-        Err(Failure::Transient(e)) => {
+        Err(Failure::KeepBytes(e)) => {
             let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
             return Err(e.context(format!(
                 "{have} bytes are kept in {}: the same command resumes from there",
@@ -527,10 +527,12 @@ const DOWNLOAD_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(60)
 
 /// Why a download stopped: whether its partial file is worth keeping.
 enum Failure {
-    /// A later run may get past it: keep the bytes.
-    Transient(anyhow::Error),
-    /// It would come again (no such file, bytes that do not match): drop them.
-    Permanent(anyhow::Error),
+    /// A later run may get past it (the connection, the broker, a revoked device or a
+    /// disabled account, the local disk): keep the bytes.
+    KeepBytes(anyhow::Error),
+    /// The bytes are worthless (the file gone or no longer readable, bytes that do not
+    /// match): drop them.
+    DropBytes(anyhow::Error),
 }
 
 /// The name beside `path` of the partial download of `expected` bytes of `file` from
