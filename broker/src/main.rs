@@ -12,6 +12,13 @@ use switchboard_broker::admin::{self, AdminRequest};
 use switchboard_broker::{Broker, Config};
 use switchboard_storage::Store;
 
+/// jemalloc instead of the system allocator: less CPU per message and more connections
+/// a second than glibc's malloc, for a little more memory per idle connection
+/// (docs/benchmarks.md, "The allocator").
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// What `--version` prints: the release, the protocol version it speaks and the store
 /// format it writes (OPERATIONS.md, "Upgrading"); a test keeps the two numbers true.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 3, store format 4)");
