@@ -39,10 +39,12 @@ pub(crate) struct FilesLock {
     pending: HashMap<UserId, Pending>,
     /// Number of the next batch handed over (batches are applied in this order).
     next_batch: u64,
-    /// Per forward's copy, the sends that made or reused it and are not answered yet
-    /// (`forward_file` counts one in, `settle_forward` one out): while any is, the copy
-    /// is not collected, whatever its grace says (their messages may not be written
-    /// yet). In memory: after a restart the grace stored with the copy covers them.
+    /// Per file a send carries (a forward's copy, or the sender's own file), the sends
+    /// that carry it and are not answered yet (`forward_file` or `count_send` counts one
+    /// in, `settle_send` one out): while any is, the file is not collected, whatever its
+    /// hold or grace says (their messages may not be written yet). In memory: after a
+    /// restart, a copy's stored grace covers its sends, and a message written before
+    /// the crash carries its files.
     unsettled: HashMap<FileId, usize>,
 }
 
@@ -140,7 +142,7 @@ pub enum UploadRefusal {
 #[derive(Debug)]
 pub enum Forwarded {
     /// The forwarder's copy (made now, or the one its earlier forward of the same file
-    /// made), as the message will carry it. Settle it (`settle_forward`) once the send
+    /// made), as the message will carry it. Settle it (`settle_send`) once the send
     /// is answered.
     Copy {
         /// The copy's id.
@@ -515,7 +517,7 @@ impl Store {
     /// (`fresh` names the thumbnail's copy), counts against the forwarder's quota,
     /// is held by nobody (it lives while a message carries it, like a file its uploader
     /// dropped), and is not collected while this send is unanswered (counted in here,
-    /// out by `settle_forward`) nor, should nobody settle it (a crash), before
+    /// out by `settle_send`) nor, should nobody settle it (a crash), before
     /// `now_ms + grace_ms`; marked unheld, it goes after that if no message carries it.
     /// A later forward of `original` by the same user reuses the copy (counted in
     /// again, its grace renewed), so a file forwarded to many conversations counts
@@ -593,13 +595,31 @@ impl Store {
         Ok(Forwarded::Copy { id: copy, record, new: true })
     }
 
-    /// One send that made or reused the forward's copy `id` (`forward_file`) was
-    /// answered. Once no such send is left unanswered, and `ended` (the answer says whether
-    /// the message was written: anything but an internal failure), the copy's grace
-    /// ends: from then on it goes with the last message carrying it, at once if none
-    /// does (the caller collects it: `true`). Without `ended` the stored grace decides.
-    /// A single-key write riding the next group commit.
-    pub fn settle_forward(&self, id: &FileId, ended: bool) -> Result<bool> {
+    /// A send is about to carry `id`, its sender's own file (complete or still
+    /// uploading): until the send is answered (`settle_send`), a `drop_hold` and the
+    /// deletion of the last message carrying it leave it where it is, so the message
+    /// being written never carries a file already gone. `false` if there is no such
+    /// file any more (it went after the sender's checks). In memory, no write.
+    pub fn count_send(&self, id: &FileId) -> Result<bool> {
+        let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        match self.file(id)? {
+            Some(record) if record.parent.is_none() => {
+                *lock.unsettled.entry(*id).or_default() += 1;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// One send that carries `id` (a forward's copy from `forward_file`, or a file
+    /// counted by `count_send`) was answered. Once no such send is left unanswered, and
+    /// `ended` (the answer says whether the message was written: anything but an
+    /// internal failure), a copy's grace ends: from then on the file goes with the last
+    /// message carrying it, at once if none does and nobody holds it (the caller
+    /// collects it: `true`). Without `ended` a copy's stored grace, or the sweep of
+    /// files whose hold was dropped, decides. A copy's end of grace is a single-key
+    /// write riding the next group commit.
+    pub fn settle_send(&self, id: &FileId, ended: bool) -> Result<bool> {
         let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         match lock.unsettled.get_mut(id) {
             Some(n) if *n > 1 => {
@@ -615,11 +635,13 @@ impl Store {
             return Ok(false);
         }
         let Some(mut record) = self.file(id)? else { return Ok(false) };
-        if !record.is_complete() || record.expires_ms == 0 {
+        if !record.is_complete() || record.held {
             return Ok(false);
         }
-        record.expires_ms = 0;
-        self.db.insert(Key::file(id), encode(&record))?;
+        if record.expires_ms != 0 {
+            record.expires_ms = 0;
+            self.db.insert(Key::file(id), encode(&record))?;
+        }
         Ok(true)
     }
 
@@ -1156,8 +1178,8 @@ mod tests {
         assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (0, 10));
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1, "the copy keeps the bytes");
         // Both sends answered: the grace ends with the second.
-        assert!(!store.settle_forward(&copy, true).unwrap());
-        assert!(store.settle_forward(&copy, true).unwrap());
+        assert!(!store.settle_send(&copy, true).unwrap());
+        assert!(store.settle_send(&copy, true).unwrap());
         assert_eq!(store.file(&copy).unwrap().unwrap().expires_ms, 0);
         store.collect_file(&copy, 200).unwrap().durable.await.unwrap();
         assert!(store.file(&copy).unwrap().is_some(), "a message carries it");
@@ -1184,7 +1206,7 @@ mod tests {
         assert!(matches!(store.forward_file(&a, 8, copy, || [3; 16], 100, (100, 50)).unwrap(), Forwarded::Copy { .. }));
         let files = vec![FileRef { file: copy, name: "a.bin".into(), size: 10, content_type: "x/y".into() }];
         append(&store, entry(3, 1, Body::Files { text: String::new(), files, edited: false })).await;
-        assert!(store.settle_forward(&copy, true).unwrap());
+        assert!(store.settle_send(&copy, true).unwrap());
         // The sweeper looks at the copy (a message carries it) and the forwarder deletes
         // the message just then: before, the collection took the delete's mark away with
         // its own and the copy stayed, carried by nothing, on the forwarder's quota.
@@ -1244,11 +1266,11 @@ mod tests {
                 Forwarded::Copy { .. }
             ));
         }
-        assert!(!store.settle_forward(&copy, true).unwrap(), "one send is still unanswered");
+        assert!(!store.settle_send(&copy, true).unwrap(), "one send is still unanswered");
         store.collect_file(&copy, 1_000).unwrap().durable.await.unwrap();
         assert!(store.file(&copy).unwrap().is_some(), "kept past its stored grace while a send is unanswered");
         // The other answered too, its message never written (refused): the copy goes.
-        assert!(store.settle_forward(&copy, true).unwrap());
+        assert!(store.settle_send(&copy, true).unwrap());
         store.collect_file(&copy, 1_000).unwrap().durable.await.unwrap();
         assert!(store.file(&copy).unwrap().is_none());
         assert_eq!(store.stored_bytes(8).unwrap(), 0);
@@ -1258,11 +1280,45 @@ mod tests {
             store.forward_file(&a, 8, copy, || [3; 16], 100, (2_000, 50)).unwrap(),
             Forwarded::Copy { .. }
         ));
-        assert!(!store.settle_forward(&copy, false).unwrap());
+        assert!(!store.settle_send(&copy, false).unwrap());
         store.collect_file(&copy, 2_040).unwrap().durable.await.unwrap();
         assert!(store.file(&copy).unwrap().is_some(), "within its grace");
         store.collect_file(&copy, 2_051).unwrap().durable.await.unwrap();
         assert!(store.file(&copy).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_senders_own_file_stays_while_a_send_carrying_it_is_unanswered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b) = ([1; 16], [2; 16]);
+        stored(&store, a, 7, 5).await;
+        stored(&store, b, 7, 6).await;
+        assert!(!store.count_send(&[9; 16]).unwrap(), "no such file");
+        // A send of `a` is under way when its uploader lets go of it: it stays until the
+        // send is answered, then goes at once if no message carries it.
+        assert!(store.count_send(&a).unwrap());
+        store.drop_hold(&a).unwrap().unwrap().await.unwrap();
+        store.collect_file(&a, 100).unwrap().durable.await.unwrap();
+        assert!(store.file(&a).unwrap().is_some(), "its send is unanswered");
+        assert_eq!(store.unheld_files(None, 8).unwrap(), vec![a], "marked for the sweep");
+        assert!(store.settle_send(&a, true).unwrap(), "refused, nothing carries it: collect it");
+        store.collect_file(&a, 100).unwrap().durable.await.unwrap();
+        assert!(store.file(&a).unwrap().is_none());
+        assert_eq!(store.stored_bytes(7).unwrap(), 10);
+        // Written: the message carries `b` past its uploader's delete.
+        assert!(store.count_send(&b).unwrap());
+        store.drop_hold(&b).unwrap().unwrap().await.unwrap();
+        store.collect_file(&b, 100).unwrap().durable.await.unwrap();
+        let files = vec![FileRef { file: b, name: "b.bin".into(), size: 10, content_type: "x/y".into() }];
+        append(&store, entry(3, 1, Body::Files { text: String::new(), files, edited: false })).await;
+        assert!(store.settle_send(&b, true).unwrap());
+        store.collect_file(&b, 100).unwrap().durable.await.unwrap();
+        assert!(store.file(&b).unwrap().is_some(), "a message carries it");
+        // A file its uploader still holds needs nothing once its send is answered.
+        stored(&store, a, 7, 5).await;
+        assert!(store.count_send(&a).unwrap());
+        assert!(!store.settle_send(&a, true).unwrap());
     }
 
     #[tokio::test]

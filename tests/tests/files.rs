@@ -1072,6 +1072,39 @@ async fn a_refused_forward_gives_its_copy_back_at_once_and_a_deleted_one_goes_wi
     .await
 }
 
+#[tokio::test]
+async fn a_file_deleted_while_a_message_carrying_it_is_sent_stays_with_the_message() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (other_device, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        // One device sends its file while the other deletes it, the send starting a
+        // little later each round so that some rounds check the file before the
+        // delete collects it and append the message after: such a message must keep
+        // its file (the delete only drops the uploader's hold).
+        let mut lost = Vec::new();
+        for round in 0..120u8 {
+            let file = upload(&alice, "f.bin", &bytes(1024, round)).await;
+            let delete = other_device.delete_file(file);
+            let send = async {
+                tokio::time::sleep(Duration::from_micros(u64::from(round % 40) * 75)).await;
+                alice.send_files(conv, "", &[file]).await
+            };
+            let (deleted, sent) = tokio::join!(delete, send);
+            deleted.unwrap();
+            if let Ok(seq) = sent
+                && bob.file_info(file).await.is_err()
+            {
+                lost.push((round, seq));
+            }
+        }
+        assert!(lost.is_empty(), "messages acknowledged whose file was deleted: {lost:?}");
+    })
+    .await
+}
+
 /// The files messages of `conv` as `who` reads them, by seq.
 async fn files_messages(who: &Client, conv: u64) -> Vec<(u64, Vec<FileId>)> {
     let (entries, _) = who.history(conv, Page::Latest, 100).await.unwrap();

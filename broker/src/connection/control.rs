@@ -354,22 +354,23 @@ impl Session {
                 .unwrap_or_else(|e| Err(crate::error::internal(e)));
                 match checked {
                     Ok(checked) => {
-                        let (files, copies) = checked.unwrap_or_default();
-                        let reply = if copies.is_empty() {
+                        let (files, counted) = checked.unwrap_or_default();
+                        let reply = if counted.is_empty() {
                             reply
                         } else {
-                            // A forward's copies wait for the send's answer: then they go
-                            // with their messages (at once if it was refused). After an
-                            // `INTERNAL` whether the message was written is not known, and
-                            // their grace decides.
+                            // The files the send counted in wait for its answer: then
+                            // they go with their messages (at once if it was refused and
+                            // nobody holds them). After an `INTERNAL` whether the message
+                            // was written is not known: a copy's grace decides, or the
+                            // sweep of files whose hold was dropped.
                             let s = shared.clone();
                             reply.on_answer(move |answer| {
                                 let known = !matches!(answer, Err(e) if e.code == ErrorCode::INTERNAL);
                                 match tokio::runtime::Handle::try_current() {
-                                    Ok(rt) => drop(rt.spawn_blocking(move || files::settle_copies(&s, &copies, known))),
+                                    Ok(rt) => drop(rt.spawn_blocking(move || files::settle_sent(&s, &counted, known))),
                                     // Answered off the runtime (a responder dropped on a
                                     // plain thread): that thread may block.
-                                    Err(_) => files::settle_copies(&s, &copies, known),
+                                    Err(_) => files::settle_sent(&s, &counted, known),
                                 }
                             })
                         };

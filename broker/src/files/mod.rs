@@ -48,7 +48,7 @@ const UNHELD_PAGES: usize = 64;
 /// whether its message was written (`Store::forward_file`: the send answered
 /// `INTERNAL`, or the broker stopped before answering; shorter with a shorter
 /// `upload_expiry_secs`). A send that is answered settles its copies at once
-/// (`requests::settle_copies`).
+/// (`requests::settle_sent`).
 pub const FORWARD_GRACE: Duration = Duration::from_secs(600);
 
 /// Upload locks kept before the map is swept of entries nobody holds or waits for.

@@ -307,15 +307,16 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
     Ok(Reply::Done)
 }
 
-/// The forward copies a `SendFiles` made or reused (`settle_copies` once the send is
-/// answered).
-pub type Copies = Vec<FileId>;
+/// The files a `SendFiles` counted in so that none is collected before its message is
+/// written: the forward copies it made or reused and the sender's own files
+/// (`settle_sent` them once the send is answered).
+pub type Counted = Vec<FileId>;
 
 /// For `SendFiles`: the files as the message will carry them, each one `user` may read
 /// and whose first chunk is stored; a file someone else uploaded as `user`'s copy of it
 /// (`Store::forward_file`: the uploader's quota never pays for what others forward,
-/// the forwarder's does, `QUOTA_EXCEEDED` beyond), with those copies (`settle_copies`
-/// them once the send is answered). `None` when the conversation actor answers alone: a
+/// the forwarder's does, `QUOTA_EXCEEDED` beyond), with the files counted in
+/// (`Counted`: `settle_sent` them once the send is answered). `None` when the conversation actor answers alone: a
 /// resend of an applied client id, or a caller who is not a member (refused there the
 /// same way as for any write). Blocking.
 pub fn files_to_send(
@@ -325,7 +326,7 @@ pub fn files_to_send(
     client_id: &ClientMsgId,
     files: &[FileId],
     text: &str,
-) -> Result<Option<(Vec<FileRef>, Copies)>, ErrorBody> {
+) -> Result<Option<(Vec<FileRef>, Counted)>, ErrorBody> {
     let store = &shared.store;
     if store.dedupe(conv, user, client_id).map_err(internal)?.is_some()
         || store.member(conv, user).map_err(internal)?.is_none()
@@ -361,47 +362,56 @@ pub fn files_to_send(
     // refused by its own rule before any copy is made: a copy has its file's name and type.
     let unsent: Vec<FileRef> = checked.iter().map(|(id, r)| file_ref(id, r)).collect();
     crate::conversation::check_files(text, &unsent)?;
-    let (mut refs, mut copies): (Vec<FileRef>, Copies) = (Vec::with_capacity(checked.len()), Vec::new());
+    let (mut refs, mut counted): (Vec<FileRef>, Counted) = (Vec::with_capacity(checked.len()), Vec::new());
     for (id, record) in checked {
+        // Counted in before anything can fail: `settle_sent` counts every one out.
         let sent = if record.uploader == user {
-            file_ref(id, &record)
-        } else {
-            // Counted in before it can fail: `settle_copies` counts every one out.
-            match forward(shared, user, id, record.size) {
-                Ok(sent) => {
-                    copies.push(sent.file);
-                    sent
+            // Its uploader's `DeleteFile` (from another device, or pipelined) must not
+            // collect it between this check and the message's write.
+            match store.count_send(id) {
+                Ok(true) => {
+                    counted.push(*id);
+                    Ok(file_ref(id, &record))
                 }
-                Err(e) => {
-                    settle_copies(shared, &copies, true);
-                    return Err(e);
-                }
+                Ok(false) => Err(no_such_file()),
+                Err(e) => Err(internal(e)),
             }
+        } else {
+            forward(shared, user, id, record.size).inspect(|sent| counted.push(sent.file))
         };
-        if refs.iter().any(|r| r.file == sent.file) {
-            settle_copies(shared, &copies, true);
-            return Err(err(ErrorCode::INVALID, "a file appears twice (one is your copy of the other)"));
+        let sent = match sent {
+            Ok(sent) if refs.iter().any(|r| r.file == sent.file) => {
+                Err(err(ErrorCode::INVALID, "a file appears twice (one is your copy of the other)"))
+            }
+            other => other,
+        };
+        match sent {
+            Ok(sent) => refs.push(sent),
+            Err(e) => {
+                settle_sent(shared, &counted, true);
+                return Err(e);
+            }
         }
-        refs.push(sent);
     }
-    Ok(Some((refs, copies)))
+    Ok(Some((refs, counted)))
 }
 
-/// Once the send that made or reused them was answered (`written_or_refused`: anything
-/// but an internal failure, after which nobody knows whether the message was written):
-/// each copy no other unanswered send holds ends its grace and goes if no message
-/// carries it (a refused send gives its quota back at once). Blocking.
-pub fn settle_copies(shared: &Shared, copies: &[FileId], written_or_refused: bool) {
-    for copy in copies {
-        let settled = shared.store.settle_forward(copy, written_or_refused).map_err(|e| e.to_string());
-        if let Err(e) = settled.and_then(|ended| if ended { super::collect(shared, copy) } else { Ok(()) }) {
-            tracing::warn!(file = super::blobs::hex(copy), error = %e, "settling a forward's copy failed");
+/// Once the send that counted them was answered (`written_or_refused`: anything but an
+/// internal failure, after which nobody knows whether the message was written): each
+/// file no other unanswered send carries and nobody holds (a copy, whose grace ends
+/// here; a file its uploader deleted meanwhile) goes if no message carries it (a
+/// refused send gives its quota back at once). Blocking.
+pub fn settle_sent(shared: &Shared, counted: &[FileId], written_or_refused: bool) {
+    for file in counted {
+        let settled = shared.store.settle_send(file, written_or_refused).map_err(|e| e.to_string());
+        if let Err(e) = settled.and_then(|ended| if ended { super::collect(shared, file) } else { Ok(()) }) {
+            tracing::warn!(file = super::blobs::hex(file), error = %e, "settling a sent file failed");
         }
     }
 }
 
 /// `user`'s copy of the complete file `id` someone else uploaded, as a message carries
-/// it (settle it with `settle_copies`). Blocking.
+/// it (settle it with `settle_sent`). Blocking.
 fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result<FileRef, ErrorBody> {
     let config = &shared.config;
     let grace = super::FORWARD_GRACE.min(std::time::Duration::from_secs(config.upload_expiry_secs));
