@@ -240,18 +240,8 @@ async fn upload(
     }
     let stream = shared.files.next_stream();
     let (out, mut replies) = mpsc::unbounded_channel();
-    match shared.files.send(shared, &file, UploadMsg::Open { stream, offset, out }).await {
-        Ok(()) => {}
-        Err(Unreachable::NoUpload) => {
-            // Completed or removed meanwhile: answer as a new stream would.
-            return match shared.store.file(&file) {
-                Ok(Some(r)) if r.is_complete() => {
-                    last_reply(&mut send, &TransferReply::Complete(file_ref(&file, &r))).await;
-                }
-                _ => fail(&mut send, no_such_file(), 0).await,
-            };
-        }
-        Err(Unreachable::Failed(e)) => return fail(&mut send, crate::error::internal(e), 0).await,
+    if let Err(why) = shared.files.send(shared, &file, UploadMsg::Open { stream, offset, out }).await {
+        return unreachable(&mut send, shared, &file, why).await;
     }
     let permits = Arc::new(Semaphore::new(QUEUED_CHUNKS));
     let mut open = true;
@@ -317,8 +307,8 @@ async fn upload(
                     deadline = tokio::time::Instant::now() + progress;
                     let matches = chunk_matches(&chunk);
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
-                    if shared.files.send(shared, &file, msg).await.is_err() {
-                        fail(&mut send, no_such_file(), 0).await;
+                    if let Err(why) = shared.files.send(shared, &file, msg).await {
+                        unreachable(&mut send, shared, &file, why).await;
                         break;
                     }
                 }
@@ -332,6 +322,22 @@ async fn upload(
         }
     }
     shared.files.closed(&file, stream);
+}
+
+/// The last answer of an upload stream whose actor cannot be reached: `Complete` if the
+/// upload was completed meanwhile (as a new stream would be answered), `NOT_FOUND` if it
+/// is gone, `INTERNAL` if its actor could not start (a storage or disk failure: the
+/// upload is still there, and the client resumes it later rather than start over).
+async fn unreachable(send: &mut quinn::SendStream, shared: &Shared, file: &FileId, why: Unreachable) {
+    match why {
+        Unreachable::NoUpload => match shared.store.file(file) {
+            Ok(Some(r)) if r.is_complete() => {
+                last_reply(send, &TransferReply::Complete(file_ref(file, &r))).await;
+            }
+            _ => fail(send, no_such_file(), 0).await,
+        },
+        Unreachable::Failed(e) => fail(send, crate::error::internal(e), 0).await,
+    }
 }
 
 /// An upload stream's reading side, kept across the `select!` turns that drop

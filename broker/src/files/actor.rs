@@ -155,9 +155,16 @@ impl Actor for Upload {
         }
         match msg {
             UploadMsg::Open { out, .. } if st.state.is_done() => {
-                // Finished just before this stream came: answer as a new actor would.
+                // Finished just before this stream came: answer as a new actor would. An
+                // upload still there failed for the broker's sake (its completion could
+                // not be published): the client tries again, and a new actor finishes it
+                // once this one stops (`Files::spawn`).
                 let reply = match self.shared.store.file(&st.id) {
                     Ok(Some(r)) if r.is_complete() => TransferReply::Complete(super::requests::file_ref(&st.id, &r)),
+                    Ok(Some(_)) => TransferReply::Failed {
+                        error: ErrorBody::new(ErrorCode::INTERNAL, "the upload's completion failed; try again"),
+                        offset: st.state.durable(),
+                    },
                     _ => TransferReply::Failed { error: super::requests::no_such_file(), offset: 0 },
                 };
                 let _ = out.send(reply);

@@ -446,6 +446,30 @@ impl Blobs {
         Ok(added)
     }
 
+    /// Finishes an upload left publishing (`Store::begin_publish` was durable, the rest
+    /// was not done): by a crash (`repair`), or by a failure of `publish` at run time,
+    /// after which its next actor calls this instead of verifying bytes that may have
+    /// moved. Verified and referenced before: published now, if its partial file or its
+    /// blob is there; otherwise its bytes are lost and it starts over from offset 0 (its
+    /// blob reference dropped, an empty partial file made). Blocking.
+    pub fn finish_publishing(&self, store: &Store, id: &FileId, hash: &Blake3) -> Result<Finished, String> {
+        if self.partial(id).exists() || self.blob(hash).exists() {
+            return Ok(match self.publish(store, id, hash)? {
+                Some((record, durable)) => {
+                    tracing::info!(file = hex(id), "finished a completion cut short");
+                    Finished::Completed(record, durable)
+                }
+                None => Finished::NotPublishing,
+            });
+        }
+        tracing::error!(file = hex(id), "a publishing upload lost its bytes; it starts over");
+        let Some(durable) = store.restart_upload(id).map_err(|e| e.to_string())? else {
+            return Ok(Finished::NotPublishing);
+        };
+        self.open_partial(id, 0).map_err(|e| e.to_string())?;
+        Ok(Finished::Restarted(durable))
+    }
+
     /// Removes an upload's partial file, if any (in pieces, see `remove`).
     pub fn remove_partial(&self, id: &FileId) -> io::Result<()> {
         self.remove(&self.partial(id))
@@ -486,20 +510,14 @@ impl Blobs {
         let mut completed = Vec::new();
         for (id, record) in &uploads {
             if record.stage == switchboard_storage::FileStage::Publishing {
-                let (partial, blob) = (self.partial(id), self.blob(&record.blake3));
-                if partial.exists() || blob.exists() {
-                    // Verified and referenced before the crash: finish publishing it.
-                    if let Some((record, _durable)) = self.publish(store, id, &record.blake3)? {
-                        // Durable with the store's barrier before anything is served.
-                        completed.push((*id, record));
+                // Durable with the store's barrier before anything is served.
+                match self.finish_publishing(store, id, &record.blake3)? {
+                    Finished::Completed(record, _durable) => completed.push((*id, record)),
+                    Finished::Restarted(_durable) => {
+                        live.insert(hex(id));
                     }
-                    tracing::info!(file = hex(id), "finished a completion a crash cut short");
-                    continue;
+                    Finished::NotPublishing => {}
                 }
-                tracing::error!(file = hex(id), "a publishing upload lost its bytes; it starts over");
-                store.restart_upload(id).map_err(|e| e.to_string())?;
-                self.open_partial(id, 0).map_err(|e| e.to_string())?;
-                live.insert(hex(id));
                 continue;
             }
             let offset = record.offset();
@@ -545,6 +563,16 @@ impl Blobs {
         }
         Ok(Repaired { checked: uploads.len(), completed })
     }
+}
+
+/// What `Blobs::finish_publishing` did.
+pub enum Finished {
+    /// Published: the file is complete (the record; durable once this resolves).
+    Completed(FileRecord, Durable),
+    /// Its bytes were lost: back to offset 0 (durable once this resolves).
+    Restarted(Durable),
+    /// It was not publishing (any more).
+    NotPublishing,
 }
 
 /// What the start-up repair did (`Blobs::repair`).

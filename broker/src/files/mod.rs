@@ -25,6 +25,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES;
 use switchboard_protocol::{FileId, UserId};
+use switchboard_storage::{FileRecord, FileStage};
 
 pub use actor::UploadMsg;
 use actor::{Upload, UploadArgs};
@@ -312,11 +313,16 @@ impl Files {
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             return Ok(());
         }
-        let record = match shared.store.file(id) {
+        let mut record = match shared.store.file(id) {
             Ok(Some(r)) if !r.is_complete() => r,
             Ok(_) => return Err(Unreachable::NoUpload),
             Err(e) => return Err(Unreachable::Failed(e.to_string())),
         };
+        if record.stage == FileStage::Publishing {
+            // The last actor's publishing failed half-way: finish it as the start-up
+            // repair would, rather than verify bytes that may have moved to the blob.
+            record = self.finish_publishing(shared, id, record).await?;
+        }
         let depth = Arc::new(AtomicUsize::new(0));
         let args = UploadArgs { id: *id, record, depth: depth.clone() };
         let (actor, _) = Actor::spawn(None, Upload { shared: shared.clone() }, args)
@@ -324,6 +330,40 @@ impl Files {
             .map_err(|e| Unreachable::Failed(e.to_string()))?;
         self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(*id, Slot { actor, depth });
         Ok(())
+    }
+
+    /// `Blobs::finish_publishing` for upload `id`, at run time: the record to start its
+    /// actor with if it starts over; `NoUpload` once it is complete (its thumbnail under
+    /// way) or gone.
+    async fn finish_publishing(
+        &self,
+        shared: &Arc<Shared>,
+        id: &FileId,
+        record: FileRecord,
+    ) -> Result<FileRecord, Unreachable> {
+        let (s, file, hash) = (shared.clone(), *id, record.blake3);
+        let finished = tokio::task::spawn_blocking(move || s.files.blobs.finish_publishing(&s.store, &file, &hash))
+            .await
+            .map_err(|e| Unreachable::Failed(e.to_string()))?
+            .map_err(Unreachable::Failed)?;
+        match finished {
+            blobs::Finished::Completed(record, durable) => {
+                durable.await.map_err(|e| Unreachable::Failed(e.to_string()))?;
+                if thumbnail::is_thumbnailable(&record.content_type) {
+                    tokio::spawn(thumbnails::make_thumbnail(shared.clone(), *id, record));
+                }
+                Err(Unreachable::NoUpload)
+            }
+            blobs::Finished::Restarted(durable) => {
+                durable.await.map_err(|e| Unreachable::Failed(e.to_string()))?;
+                match shared.store.file(id) {
+                    Ok(Some(r)) if !r.is_complete() => Ok(r),
+                    Ok(_) => Err(Unreachable::NoUpload),
+                    Err(e) => Err(Unreachable::Failed(e.to_string())),
+                }
+            }
+            blobs::Finished::NotPublishing => Err(Unreachable::NoUpload),
+        }
     }
 
     /// Removes upload `id` (cancelled or expired): through its actor if one is live,
