@@ -129,6 +129,10 @@ pub struct Status {
     pub uploads: usize,
     /// Uploads refused with `STORAGE_FULL` since the start.
     pub uploads_refused_storage_full: u64,
+    /// Bytes of uploads hashed for their whole-file BLAKE3 since the start: as they are
+    /// written (an actor that started at offset 0), and each resumed upload's whole file
+    /// once at its completion. Reopening an upload hashes nothing.
+    pub upload_bytes_hashed: u64,
     /// Bytes of upload chunk buffers held (of `transfer_buffer_bytes`).
     pub chunk_bytes_held: usize,
     /// Users with a presence entry (connected, or left a moment ago).
@@ -149,6 +153,7 @@ impl Shared {
             writes_refused: self.sends.refused(),
             uploads: self.files.live(),
             uploads_refused_storage_full: self.files.storage_full.total(),
+            upload_bytes_hashed: self.files.hashed_bytes.load(std::sync::atomic::Ordering::Relaxed),
             chunk_bytes_held: self.files.queued_chunk_bytes(),
             presence_users: self.presence.users(),
             slow_consumers: self.counters.slow_consumers.total(),

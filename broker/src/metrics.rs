@@ -498,6 +498,11 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             "Uploads refused with STORAGE_FULL (the disk within disk_reserve_bytes of full).",
             s.uploads_refused_storage_full as f64,
         ),
+        counter(
+            "switchboard_upload_hashed_bytes_total",
+            "Bytes of uploads hashed for their whole-file BLAKE3 (as written from offset 0; a resumed upload whole, once, at completion).",
+            s.upload_bytes_hashed as f64,
+        ),
         Family {
             name: "switchboard_thumbnails_total",
             help: "Completed images by what their thumbnail cost: decoded, reused (the same bytes decoded before), skipped (too many images waiting for a decode).",

@@ -1203,6 +1203,47 @@ async fn until_queued(tb: &TestBroker, wait: Duration, what: &str, holds: impl F
 }
 
 #[tokio::test]
+async fn a_member_who_leaves_during_a_download_loses_the_rest_of_it() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let data = bytes(16 * 1024 * 1024, 12);
+        let file = upload(&alice, "big.bin", &data).await;
+        alice.send_files(conv, "", &[file]).await.unwrap();
+        // Bob reads slowly (64 KiB each 20 ms, about 3 MB/s) and leaves after 1 MiB.
+        // Before, the download went on to the last byte: access was checked once, at
+        // the start. (A file request first: it opens the connection to transfer streams.)
+        bob.file_info(file).await.unwrap();
+        let mut t = Transfer::open(bob.connection(), &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        let (mut got, mut paced, mut left) = (0, 0, false);
+        let ended = loop {
+            match within(STEP_DEADLINE, "download bytes", t.recv.read_chunk(64 * 1024, true)).await {
+                Ok(Some(chunk)) => got += chunk.bytes.len(),
+                Ok(None) => break None,
+                Err(quinn::ReadError::Reset(code)) => break Some(ErrorCode(code.into_inner() as u16)),
+                Err(e) => panic!("the download failed otherwise: {e}"),
+            }
+            if !left && got >= 1024 * 1024 {
+                bob.leave(conv).await.unwrap();
+                left = true;
+            }
+            if got - paced >= 64 * 1024 {
+                paced = got;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        assert_eq!(ended, Some(ErrorCode::NOT_FOUND), "read {got} of {} bytes", data.len());
+        assert!(got < data.len());
+        // Alice, a member still, reads all of it.
+        let (_, all) = download(alice.connection(), file, 0, 0).await.unwrap();
+        assert_eq!(all, data);
+    })
+    .await
+}
+
+#[tokio::test]
 async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_number() {
     bounded(async {
         let tb = TestBroker::start_with(|c| {
@@ -1608,10 +1649,65 @@ async fn progress_of_many_uploads_never_cuts_off_a_member_who_reads_slowly() {
 }
 
 #[tokio::test]
+async fn reopening_a_resumed_upload_reads_nothing_and_its_bytes_are_hashed_once() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let data = bytes(1024 * 1024, 14);
+        let (size, half) = (data.len() as u64, data.len() as u64 / 2);
+        let begun = begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, half, 64 * 1024).await;
+        drop(alice);
+        // After a restart (or its actor retiring), opening the upload again starts a new
+        // actor. Before, each such start read and hashed the whole durable prefix: a
+        // client reopening a nearly complete 100 MiB upload again and again had the
+        // broker read and hash 100 MiB for each small frame.
+        // (A file request first on each connection: it opens it to transfer streams.)
+        let mut alice = None;
+        for _ in 0..2 {
+            tb.restart().await;
+            let client = tb.connector().connect(&alice_id).await.unwrap();
+            assert_eq!(offset_of(status(&client, begun.file).await.unwrap()), half);
+            let mut t =
+                Transfer::open(client.connection(), &TransferOpen::Upload { file: begun.file, offset: half }).await;
+            assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset }) if offset == half));
+            assert_eq!(tb.shared().status().upload_bytes_hashed, 0, "nothing read to reopen it");
+            alice = Some(client);
+        }
+        let alice = alice.unwrap();
+        // The rest completes it, the whole file hashed once, at the end.
+        match upload_rest(alice.connection(), begun.file, &data, half).await {
+            TransferReply::Complete(f) => assert_eq!((f.file, f.size), (begun.file, size)),
+            other => panic!("expected Complete, got {other:?}"),
+        }
+        assert_eq!(tb.shared().status().upload_bytes_hashed, size);
+        let (_, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+        // Bytes that do not match the declared hash are still caught when the upload
+        // was resumed: it fails with HASH_MISMATCH and is removed.
+        let other = bytes(data.len(), 15);
+        let wrong = begin_upload(&alice, "b.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), wrong.file, &other, 0, half, 64 * 1024).await;
+        drop(alice);
+        tb.restart().await;
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        assert_eq!(offset_of(status(&alice, wrong.file).await.unwrap()), half);
+        match upload_rest(alice.connection(), wrong.file, &other, half).await {
+            TransferReply::Failed { error, .. } => assert_eq!(error.code, ErrorCode::HASH_MISMATCH),
+            other => panic!("expected HASH_MISMATCH, got {other:?}"),
+        }
+        assert_eq!(code_of(status(&alice, wrong.file).await), ErrorCode::NOT_FOUND, "removed");
+    })
+    .await
+}
+
+#[tokio::test]
 async fn a_completion_that_failed_while_running_is_finished_by_a_later_stream_not_failed_for_ever() {
     bounded(async {
         let tb = TestBroker::start().await;
         let (alice, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let mut phone_events = phone.events().unwrap();
         let data = bytes(300 * 1024, 9);
         let size = data.len() as u64;
         let begun = begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
@@ -1648,6 +1744,22 @@ async fn a_completion_that_failed_while_running_is_finished_by_a_later_stream_no
         assert_eq!((done.file, done.size), (begun.file, size));
         let (_, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
         assert_eq!(got, data);
+        // Her other device was never told the file failed: an internal failure is not
+        // the upload's end.
+        within(STEP_DEADLINE, "the file's events", async {
+            loop {
+                match phone_events.next().await {
+                    Some(switchboard_protocol::Event::File(p)) if p.file == begun.file => match p.state {
+                        FileState::Complete { .. } => return,
+                        FileState::Failed { code } => panic!("told it failed ({code}), though it completed"),
+                        FileState::Uploading { .. } => {}
+                    },
+                    Some(_) => {}
+                    None => panic!("events ended"),
+                }
+            }
+        })
+        .await;
     })
     .await
 }

@@ -56,6 +56,10 @@ const QUEUED_CHUNKS: usize = 2;
 const LAST_REPLY_DEADLINE: Duration = Duration::from_secs(5);
 /// Bytes read from a blob per write on a download stream.
 const DOWNLOAD_PIECE: usize = 128 * 1024;
+/// How often a download checks again that its reader may still read the file (a member
+/// removed from, or leaving, every conversation that carries it loses access mid-way).
+/// One check (`readable`: up to `ATTACHMENT_SCAN` seeks) a second per download.
+const ACCESS_RECHECK: Duration = Duration::from_secs(1);
 
 /// One connection's transfer streams, made at its first successful file request.
 pub(crate) struct Transfers {
@@ -336,7 +340,11 @@ async fn unreachable(send: &mut quinn::SendStream, shared: &Shared, file: &FileI
             }
             _ => fail(send, no_such_file(), 0).await,
         },
-        Unreachable::Failed(e) => fail(send, crate::error::internal(e), 0).await,
+        Unreachable::Failed(e) => {
+            // Resumed from where it is.
+            let offset = shared.store.file(file).ok().flatten().map_or(0, |r| r.offset());
+            fail(send, crate::error::internal(e), offset).await
+        }
     }
 }
 
@@ -563,7 +571,23 @@ async fn download(
     };
     let mut at = offset;
     let end = offset + length;
+    let mut checked = tokio::time::Instant::now();
     while at < end {
+        if checked.elapsed() >= ACCESS_RECHECK {
+            // Access goes with membership (section 12), a long download's too.
+            let s = shared.clone();
+            match tokio::task::spawn_blocking(move || readable(&s.store, user, &file)).await {
+                Ok(Ok(Some(_))) => checked = tokio::time::Instant::now(),
+                Ok(Ok(None)) => {
+                    let _ = send.reset(ErrorCode::NOT_FOUND.0.into());
+                    return;
+                }
+                _ => {
+                    let _ = send.reset(ErrorCode::INTERNAL.0.into());
+                    return;
+                }
+            }
+        }
         let len = ((end - at) as usize).min(DOWNLOAD_PIECE);
         let f = blob.clone();
         let piece = tokio::task::spawn_blocking(move || crate::files::blobs::Blobs::read(&f, at, len)).await;

@@ -1,7 +1,7 @@
 //! The Upload actor: one per upload in progress, started on demand by `Files` and
 //! passivated when idle. It drives `UploadState` and does the I/O: it owns the partial
-//! file and the incremental BLAKE3 hasher (rebuilt by hashing the durable prefix when it
-//! starts), writes and fdatasyncs each chunk on a blocking thread, records the offset and
+//! file and the whole-file BLAKE3 hasher, writes and fdatasyncs each chunk on a blocking
+//! thread, records the offset and
 //! waits for the group commit before a chunk is reported durable, verifies and publishes
 //! the file, and pushes progress. Its input is bounded by the transfer streams: each
 //! stream carries a permit per chunk, at most two, and every queued chunk's bytes hold
@@ -79,6 +79,11 @@ pub struct UploadActorState {
     record: FileRecord,
     state: UploadState,
     file: Arc<PartialFile>,
+    /// The hash of every byte from 0 to the durable offset, kept as they are written, by
+    /// an actor that started at offset 0. One that started later (a resumed upload)
+    /// has none and hashes the whole file once, at verification: starting an actor
+    /// reads nothing, so reopening an upload over and over (a flaky link, or a client
+    /// doing it on purpose) costs no reads or hashing of what it holds.
     hasher: Option<blake3::Hasher>,
     streams: HashMap<StreamId, mpsc::UnboundedSender<TransferReply>>,
     depth: Arc<AtomicUsize>,
@@ -110,13 +115,9 @@ impl Actor for Upload {
         let UploadArgs { id, record, depth } = args;
         let offset = record.offset();
         let shared = self.shared.clone();
-        // The durable prefix rebuilds the hasher; bytes past it are cut off.
-        let (file, hasher) = tokio::task::spawn_blocking(move || {
-            let file = shared.files.blobs.open_partial(&id, offset)?;
-            let hasher = Blobs::hash_prefix(file.as_file(), offset)?;
-            Ok::<_, std::io::Error>((file, hasher))
-        })
-        .await??;
+        // Bytes past the durable offset are cut off.
+        let file = tokio::task::spawn_blocking(move || shared.files.blobs.open_partial(&id, offset)).await??;
+        let hasher = (offset == 0).then(blake3::Hasher::new);
         let state = UploadState::new(record.size, offset, MAX_CHUNK_BYTES);
         if offset == record.size {
             myself.cast(UploadMsg::Verify)?;
@@ -127,7 +128,7 @@ impl Actor for Upload {
             record,
             state,
             file: Arc::new(file),
-            hasher: Some(hasher),
+            hasher,
             streams: HashMap::new(),
             depth,
             idle_ticks: 0,
@@ -302,18 +303,21 @@ impl Upload {
     }
 
     /// Writes and syncs one chunk, then records the new offset durably. The whole-file
-    /// hasher takes the chunk on another blocking thread meanwhile; if the chunk does not
-    /// become durable, the hasher is put back as it was before it.
+    /// hasher, if the actor keeps one, takes the chunk on another blocking thread
+    /// meanwhile; if the chunk does not become durable, it is put back as it was before.
     async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
         let end = offset + data.len() as u64;
         let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.clone());
-        let mut hasher = st.hasher.take().ok_or("hasher lost")?;
-        let before = hasher.clone();
-        let chunk = data.clone();
-        let hashed = tokio::task::spawn_blocking(move || {
-            hasher.update(&chunk);
-            hasher
-        });
+        let before = st.hasher.take();
+        let (hashing, chunk) = (before.clone(), data.clone());
+        let hashed = async move {
+            let Some(mut hasher) = hashing else { return Ok(None) };
+            tokio::task::spawn_blocking(move || {
+                hasher.update(&chunk);
+                Some(hasher)
+            })
+            .await
+        };
         // Off the runtime threads: the write and its fdatasync, then recording the offset
         // (which takes the store's files lock).
         let stored = tokio::task::spawn_blocking(move || {
@@ -333,26 +337,25 @@ impl Upload {
         };
         match (recorded, hashed) {
             (Ok(()), Ok(hasher)) => {
-                st.hasher = Some(hasher);
+                if hasher.is_some() {
+                    self.shared.files.hashed_bytes.fetch_add(end - offset, Ordering::Relaxed);
+                }
+                st.hasher = hasher;
                 st.relabel = None;
                 Ok(())
             }
             (Ok(()), Err(e)) => {
-                // Durable and recorded, but the hashing task died (a panic): rebuild
-                // the hasher from the durable prefix, which now ends at `end`.
-                tracing::error!(file = hex(&st.id), error = %e, "hashing an upload chunk failed; rehashing the file");
-                let file = st.file.clone();
-                st.hasher = tokio::task::spawn_blocking(move || Blobs::hash_prefix(file.as_file(), end).ok())
-                    .await
-                    .ok()
-                    .flatten();
+                // Durable and recorded, but the hashing task died (a panic): the whole
+                // file is hashed at verification instead.
+                tracing::error!(file = hex(&st.id), error = %e, "hashing an upload chunk failed; hashing it whole at the end");
+                st.hasher = None;
                 st.relabel = None;
                 Ok(())
             }
             (Err(e), _) => {
                 // Nothing past the durable offset counts: the client resends from it,
                 // over whatever the failed write left past it.
-                st.hasher = Some(before);
+                st.hasher = before;
                 Err(e)
             }
         }
@@ -367,12 +370,29 @@ impl Upload {
         if st.state.is_done() {
             return;
         }
-        let matches = st.hasher.as_ref().is_some_and(|h| *h.finalize().as_bytes() == st.record.blake3);
-        let result = if matches {
-            self.publish(st).await
-        } else {
-            self.remove(st).await;
-            Err(ErrorBody::new(ErrorCode::HASH_MISMATCH, "the file does not match its declared BLAKE3"))
+        let hash = match &st.hasher {
+            Some(hasher) => Ok(*hasher.finalize().as_bytes()),
+            None => {
+                // Resumed: every byte is durable in the file, hashed once now.
+                let (file, size, shared) = (st.file.clone(), st.record.size, self.shared.clone());
+                tokio::task::spawn_blocking(move || {
+                    let hasher = Blobs::hash_prefix(file.as_file(), size)?;
+                    shared.files.hashed_bytes.fetch_add(size, Ordering::Relaxed);
+                    Ok::<_, std::io::Error>(*hasher.finalize().as_bytes())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|read| read.map_err(|e| e.to_string()))
+            }
+        };
+        let result = match hash {
+            Ok(hash) if hash == st.record.blake3 => self.publish(st).await,
+            Ok(_) => {
+                self.remove(st).await;
+                Err(ErrorBody::new(ErrorCode::HASH_MISMATCH, "the file does not match its declared BLAKE3"))
+            }
+            // The bytes could not be read: the upload stays, for the client to try again.
+            Err(e) => Err(crate::error::internal(e)),
         };
         let complete = result.is_ok();
         let effects = st.state.finished(result);

@@ -721,7 +721,7 @@ mod tests {
         assert_eq!(blobs.repair(&store).unwrap().checked, 1);
         assert_eq!(std::fs::read(blobs.partial(&id)).unwrap(), &data[..4]);
         assert_eq!(store.file(&id).unwrap().unwrap().offset(), 4);
-        // The hasher is rebuilt from the durable prefix.
+        // A resumed upload's bytes are hashed from the file at its completion.
         let file = blobs.open_partial(&id, 4).unwrap();
         assert_eq!(Blobs::hash_prefix(file.as_file(), 4).unwrap().finalize(), blake3::hash(&data[..4]));
     }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES;
-use switchboard_protocol::{FileId, UserId};
+use switchboard_protocol::{FileId, FileState, UserId};
 use switchboard_storage::{FileRecord, FileStage};
 
 pub use actor::UploadMsg;
@@ -60,8 +60,8 @@ pub struct Files {
     /// Where the bytes live.
     pub blobs: Blobs,
     map: std::sync::Mutex<HashMap<FileId, Slot>>,
-    /// Per upload: serialises starting its actor (which re-hashes the durable prefix of a
-    /// resumed upload) and removing it while no actor runs. An entry lives while someone
+    /// Per upload: serialises starting its actor (which may finish a publishing left
+    /// half-done) and removing it while no actor runs. An entry lives while someone
     /// holds or waits for its lock.
     spawning: std::sync::Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
     next_stream: AtomicU64,
@@ -87,6 +87,8 @@ pub struct Files {
     blob_evictions: std::sync::Mutex<Vec<tokio::time::Instant>>,
     /// Uploads refused with `STORAGE_FULL`, told to the operator at most once a minute.
     pub(crate) storage_full: crate::metrics::Tally,
+    /// Bytes of uploads hashed for their whole-file BLAKE3 since the start.
+    pub(crate) hashed_bytes: AtomicU64,
     /// Which completed images get a thumbnail made, and when.
     pub thumbnails: thumbnails::Thumbnails,
 }
@@ -196,6 +198,7 @@ impl Files {
             spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
             storage_full: crate::metrics::Tally::default(),
+            hashed_bytes: AtomicU64::new(0),
             thumbnails: thumbnails::Thumbnails::default(),
         })
     }
@@ -307,8 +310,8 @@ impl Files {
     }
 
     async fn spawn(&self, shared: &Arc<Shared>, id: &FileId) -> Result<(), Unreachable> {
-        // Per upload: a resumed upload's actor hashes its durable prefix as it starts
-        // (up to `max_file_bytes`); other uploads start meanwhile.
+        // Per upload (finishing a publishing left half-done takes a rename and a group
+        // commit); other uploads start meanwhile.
         let _guard = self.lock_upload(id).await;
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             return Ok(());
@@ -332,9 +335,10 @@ impl Files {
         Ok(())
     }
 
-    /// `Blobs::finish_publishing` for upload `id`, at run time: the record to start its
-    /// actor with if it starts over; `NoUpload` once it is complete (its thumbnail under
-    /// way) or gone.
+    /// `Blobs::finish_publishing` for upload `id`, at run time (its upload lock held):
+    /// the record to start its actor with if it starts over; `NoUpload` once it is
+    /// complete (its thumbnail under way) or gone. Either new state is pushed to the
+    /// uploader's devices and the conversations carrying it, as an actor would.
     async fn finish_publishing(
         &self,
         shared: &Arc<Shared>,
@@ -346,9 +350,12 @@ impl Files {
             .await
             .map_err(|e| Unreachable::Failed(e.to_string()))?
             .map_err(Unreachable::Failed)?;
+        // What the actor whose publishing failed did not push: the upload's new state.
+        let told = |record: &FileRecord, state| announce::announce(shared, id, record.uploader, record.size, state);
         match finished {
             blobs::Finished::Completed(record, durable) => {
                 durable.await.map_err(|e| Unreachable::Failed(e.to_string()))?;
+                told(&record, FileState::Complete { thumbnail: None });
                 if thumbnail::is_thumbnailable(&record.content_type) {
                     tokio::spawn(thumbnails::make_thumbnail(shared.clone(), *id, record));
                 }
@@ -357,7 +364,10 @@ impl Files {
             blobs::Finished::Restarted(durable) => {
                 durable.await.map_err(|e| Unreachable::Failed(e.to_string()))?;
                 match shared.store.file(id) {
-                    Ok(Some(r)) if !r.is_complete() => Ok(r),
+                    Ok(Some(r)) if !r.is_complete() => {
+                        told(&r, FileState::Uploading { offset: 0 });
+                        Ok(r)
+                    }
                     Ok(_) => Err(Unreachable::NoUpload),
                     Err(e) => Err(Unreachable::Failed(e.to_string())),
                 }
@@ -383,6 +393,18 @@ impl Files {
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             drop(_guard);
             return Box::pin(self.remove(shared, id, reason)).await;
+        }
+        // One left publishing by a failure (`remove_upload` leaves those alone): finished
+        // first, so the sweeper does not find it expired at every pass for ever. Complete
+        // now, it is not removed; started over, it is.
+        if let Some(record) = shared.store.file(id).map_err(|e| e.to_string())?
+            && record.stage == FileStage::Publishing
+        {
+            match self.finish_publishing(shared, id, record).await {
+                Ok(_) => {}
+                Err(Unreachable::NoUpload) => return Ok(false),
+                Err(Unreachable::Failed(e)) => return Err(e),
+            }
         }
         let (s, id) = (shared.clone(), *id);
         let removed =

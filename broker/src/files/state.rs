@@ -178,22 +178,26 @@ impl UploadState {
     }
 
     /// The whole file was checked: `Ok` with the published file, or `Err` with why it
-    /// failed (`HASH_MISMATCH`, `TYPE_MISMATCH`, a storage failure). Either way the
-    /// upload takes no more input; the final state goes out at once.
+    /// failed (`HASH_MISMATCH`, `TYPE_MISMATCH`, a storage failure). Either way this
+    /// state takes no more input; the final state goes out at once, except after an
+    /// `INTERNAL` failure: that ends this actor, not the upload, which stays for the
+    /// client to try again (a later actor finishes it), so it is not told as the file's
+    /// end.
     pub fn finished(&mut self, result: Result<FileRef, ErrorBody>) -> Vec<Effect> {
         self.done = true;
         self.writing = false;
         self.throttle.pending = None;
         let stream = self.stream.take();
         let (reply, state) = match result {
-            Ok(file) => (TransferReply::Complete(file), FileState::Complete { thumbnail: None }),
+            Ok(file) => (TransferReply::Complete(file), Some(FileState::Complete { thumbnail: None })),
             Err(error) => {
                 let code = error.code;
-                (TransferReply::Failed { error, offset: self.durable }, FileState::Failed { code })
+                let state = (code != ErrorCode::INTERNAL).then_some(FileState::Failed { code });
+                (TransferReply::Failed { error, offset: self.durable }, state)
             }
         };
         let mut effects: Vec<Effect> = stream.map(|stream| Effect::Reply { stream, reply }).into_iter().collect();
-        effects.push(Effect::Progress(state));
+        effects.extend(state.map(Effect::Progress));
         effects
     }
 
@@ -351,6 +355,19 @@ mod tests {
         assert_eq!(code(&e[0]), Some((1, ErrorCode::HASH_MISMATCH, 4)));
         assert_eq!(e[1], Effect::Progress(FileState::Failed { code: ErrorCode::HASH_MISMATCH }));
         assert!(s.chunk(1, 4, 1, true).is_empty());
+    }
+
+    #[test]
+    fn an_internal_failure_answers_the_stream_but_is_not_told_as_the_files_end() {
+        let mut s = UploadState::new(4, 0, 4);
+        s.open(1, 0);
+        s.chunk(1, 0, 4, true);
+        assert_eq!(s.written(4, 0).last(), Some(&Effect::Verify));
+        // Publishing failed: the upload stays, for a later actor to finish.
+        let e = s.finished(Err(ErrorBody::new(ErrorCode::INTERNAL, "publishing failed")));
+        assert_eq!(e.len(), 1, "no final state pushed: {e:?}");
+        assert_eq!(code(&e[0]), Some((1, ErrorCode::INTERNAL, 4)));
+        assert!(s.is_done());
     }
 
     #[test]
