@@ -362,7 +362,10 @@ pub fn files_to_send(
     // refused by its own rule before any copy is made: a copy has its file's name and type.
     let unsent: Vec<FileRef> = checked.iter().map(|(id, r)| file_ref(id, r)).collect();
     crate::conversation::check_files(text, &unsent)?;
-    let (mut refs, mut counted): (Vec<FileRef>, Counted) = (Vec::with_capacity(checked.len()), Vec::new());
+    let mut refs: Vec<FileRef> = Vec::with_capacity(checked.len());
+    // Whatever ends this before the files are handed on (a refusal, a panic) settles
+    // what it counted: nothing may stay counted in for ever, keeping a file.
+    let mut counted = Unhanded { shared, counted: Vec::new(), refused: false };
     for (id, record) in checked {
         // Counted in before anything can fail: `settle_sent` counts every one out.
         let sent = if record.uploader == user {
@@ -370,14 +373,14 @@ pub fn files_to_send(
             // collect it between this check and the message's write.
             match store.count_send(id) {
                 Ok(true) => {
-                    counted.push(*id);
+                    counted.counted.push(*id);
                     Ok(file_ref(id, &record))
                 }
                 Ok(false) => Err(no_such_file()),
                 Err(e) => Err(internal(e)),
             }
         } else {
-            forward(shared, user, id, record.size).inspect(|sent| counted.push(sent.file))
+            forward(shared, user, id, record.size).inspect(|sent| counted.counted.push(sent.file))
         };
         let sent = match sent {
             Ok(sent) if refs.iter().any(|r| r.file == sent.file) => {
@@ -388,12 +391,30 @@ pub fn files_to_send(
         match sent {
             Ok(sent) => refs.push(sent),
             Err(e) => {
-                settle_sent(shared, &counted, true);
+                // Refused: nothing was written, what it counted goes back at once.
+                counted.refused = true;
                 return Err(e);
             }
         }
     }
-    Ok(Some((refs, counted)))
+    Ok(Some((refs, std::mem::take(&mut counted.counted))))
+}
+
+/// The files `files_to_send` counted in and has not handed on: settled when it drops
+/// (`refused`: known not written, given back at once; else, a panic, as after an
+/// `INTERNAL` answer).
+struct Unhanded<'a> {
+    shared: &'a Shared,
+    counted: Counted,
+    refused: bool,
+}
+
+impl Drop for Unhanded<'_> {
+    fn drop(&mut self) {
+        if !self.counted.is_empty() {
+            settle_sent(self.shared, &self.counted, self.refused);
+        }
+    }
 }
 
 /// Once the send that counted them was answered (`written_or_refused`: anything but an
