@@ -1,11 +1,11 @@
 //! The Upload actor: one per upload in progress, started on demand by `Files` and
 //! passivated when idle. It drives `UploadState` and does the I/O: it owns the partial
 //! file and the whole-file BLAKE3 hasher, writes and fdatasyncs each chunk on a blocking
-//! thread, records the offset and
-//! waits for the group commit before a chunk is reported durable, verifies and publishes
-//! the file, and pushes progress. Its input is bounded by the transfer streams: each
-//! stream carries a permit per chunk, at most two, and every queued chunk's bytes hold
-//! permits of the broker-wide `transfer_buffer_bytes` until it is handled.
+//! thread, records the offset and waits for the group commit before a chunk is reported
+//! durable, verifies and publishes the file, and pushes progress. Its input is bounded
+//! by the transfer streams: each stream carries a permit per chunk, at most two, and
+//! every queued chunk's bytes hold permits of the broker-wide `transfer_buffer_bytes`
+//! until it is handled.
 
 use std::collections::HashMap;
 use std::sync::Arc;
