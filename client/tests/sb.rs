@@ -917,6 +917,87 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     assert!(!there.iter().any(|l| l["event"] == "sent"));
 }
 
+/// A download whose reader loses access on the way (bob leaves the group) stops at
+/// once with what happened and deletes the bytes it had: before, it was retried, and
+/// then said that the same command resumes from the kept bytes, which it could not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_by_a_lost_access_says_so_and_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "--title", "g", "bob"])[0]["conv"].as_u64().unwrap();
+    let conv_arg = conv.to_string();
+    let data = pseudo_random_bytes(48 * 1024 * 1024, 9);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+    let up = sb(&alice, &broker, &["upload", path.to_str().unwrap(), "--conv", &conv_arg]);
+    let id = event(&up, "uploaded")["file"].as_str().unwrap().to_owned();
+    let out = dir.path().join("copy.bin");
+    let partial = dir.path().join(format!(".copy.bin.{}.0+{}.sb-part", &id[..16], data.len()));
+    let child = sb_command(&bob, &broker)
+        .args(["--json", "download", &id, out.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Paused once it has some bytes, while bob leaves; then let go.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 1024 * 1024 {
+        assert!(Instant::now() < deadline, "no bytes downloaded");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    sb(&bob, &broker, &["conv", "leave", &conv_arg]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(!done.status.success());
+    assert!(stderr.contains("cannot be read any more"), "{stderr}");
+    assert!(!stderr.contains("resumes"), "{stderr}");
+    assert!(!partial.exists() && !out.exists(), "nothing kept");
+}
+
+/// An upload taken over by another device: the sb that lost it says so and keeps it,
+/// with where it was to be sent; the same command run again then sends it once it is
+/// complete (before, that sb forgot the upload: the message was never sent, and running
+/// the command again began a new upload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_taken_over_by_another_device_is_kept_and_sent_by_the_same_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, phone, bob) = (dir.path().join("alice"), dir.path().join("phone"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&phone, &broker, &["login", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let conv_arg = conv.to_string();
+    let data = pseudo_random_bytes(32 * 1024 * 1024 + 3, 8);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let (mut laptop, id, _, lines) = upload_until_durable(&alice, &broker, &path, &["--conv", &conv_arg]);
+    // The phone takes the upload over and finishes it (without sending it anywhere),
+    // while the laptop's sb goes on writing its lines.
+    let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let there = sb(&phone, &broker, &["upload", "--resume", &id, path.to_str().unwrap()]);
+    assert_eq!(event(&there, "uploaded")["file"].as_str(), Some(id.as_str()), "{there:?}");
+    let status = laptop.wait().unwrap();
+    let rest = reader.join().unwrap();
+    assert!(!rest.iter().any(|l| l.contains("\"uploaded\"")), "the phone finished it, not the laptop: {rest:?}");
+    assert!(!status.success(), "the laptop's sb lost its upload and says so");
+    assert!(!sb(&bob, &broker, &["history", &conv_arg]).iter().any(|e| e["kind"] == "files"), "nothing sent yet");
+    // The same command on the laptop sends it, once.
+    let again = sb(&alice, &broker, &["upload", path.to_str().unwrap(), "--conv", &conv_arg]);
+    assert_eq!(event(&again, "uploaded")["file"].as_str(), Some(id.as_str()), "the kept upload: {again:?}");
+    assert_eq!(event(&again, "sent")["conv"].as_u64(), Some(conv));
+    let history = sb(&bob, &broker, &["history", &conv_arg]);
+    assert_eq!(history.iter().filter(|e| e["kind"] == "files").count(), 1, "{history:?}");
+}
+
 /// A second `sb upload` of a file another sb in the same home is uploading refuses at
 /// once, naming the upload, and the first one finishes undisturbed (before, the second
 /// took the upload over and the first failed with `CONFLICT`).

@@ -166,6 +166,21 @@ pub async fn upload(
     bar.finish_and_clear();
     let published = match result {
         Ok(published) => published,
+        Err(e) if e.code() == Some(ErrorCode::CONFLICT) => {
+            // Another of the user's devices (or an sb in another home) took the upload
+            // over: it goes on there. Kept here, with where it was to be sent, for the
+            // same command to take it back or, once it is complete, to send it.
+            let unsent = match &target {
+                Some(t) => format!("nothing was sent to conversation {} from here; ", t.conv),
+                None => String::new(),
+            };
+            return Err(anyhow::Error::new(e).context(format!(
+                "upload {} was taken over by another of your devices: {unsent}run the same command again to \
+                 continue it here{}",
+                hex(&file),
+                if target.is_some() { ", or to send it once it is complete (at most once)" } else { "" }
+            )));
+        }
         Err(e) => {
             // Retrying cannot finish it: forget it, so the next `sb upload` starts afresh.
             if !matches!(
@@ -428,11 +443,19 @@ pub async fn download(
                 last_progress = std::time::Instant::now();
                 backoff.reset();
             }
+            if error.code() == Some(ErrorCode::NOT_FOUND) {
+                // Answered or reset mid-way: the file is gone, or no longer ours to read.
+                // Its bytes are worthless and trying again cannot help (before, a reset
+                // was retried, and the retry's refusal said the same command resumes).
+                return Err(Failure::DropBytes(anyhow::Error::new(error).context(format!(
+                    "{} cannot be read any more: it was deleted, or you are no longer in a conversation \
+                     that carries it; the bytes downloaded so far are deleted",
+                    hex(&file)
+                ))));
+            }
             if !switchboard_client::transient(&error) {
-                // Only a file that is gone (or no longer readable) makes its bytes
-                // worthless; a revoked device or a disabled account may come back.
-                let gone = matches!(&error, TransferError::Failed { error, .. } if error.code == ErrorCode::NOT_FOUND);
-                return Err(if gone { Failure::DropBytes(error.into()) } else { Failure::KeepBytes(error.into()) });
+                // A revoked device or a disabled account may come back: the bytes stay.
+                return Err(Failure::KeepBytes(error.into()));
             }
             if last_progress.elapsed() > DOWNLOAD_GIVE_UP {
                 return Err(Failure::KeepBytes(error.into()));
