@@ -843,6 +843,11 @@ async fn the_same_file_uploaded_again_continues_the_saved_upload() {
     assert_eq!(event(&again, "upload")["file"].as_str(), Some(id.as_str()), "the saved upload: {again:?}");
     assert!(event(&again, "resumed")["offset"].as_u64().unwrap() >= durable);
     assert_eq!(event(&again, "uploaded")["file"].as_str(), Some(id.as_str()));
+    // Complete: not an upload to cancel, and sb says what lets go of it (before, "no
+    // such file" for a file `sb file info` showed).
+    let cancel = sb_output(&alice, &broker, &["file", "cancel", &id]);
+    assert!(!cancel.status.success());
+    assert!(String::from_utf8_lossy(&cancel.stderr).contains("is complete, not an upload in progress"), "{cancel:?}");
 
     // Killed again, then cancelled: the next upload of the file starts afresh.
     let (second, _) = upload_and_kill(&alice, &broker, &path);

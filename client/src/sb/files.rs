@@ -673,7 +673,19 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
             );
         }
         FileCommand::Cancel { file } => {
-            client.cancel_upload(parse_file_id(&file)?).await?;
+            let id = parse_file_id(&file)?;
+            if let Err(e) = client.cancel_upload(id).await {
+                // A complete file is not an upload to cancel: say what lets go of it.
+                if e.code() == Some(ErrorCode::NOT_FOUND)
+                    && let Ok(info) = client.file_info(id).await
+                    && matches!(info.state, FileState::Complete { .. })
+                {
+                    bail!(
+                        "{file} is complete, not an upload in progress: `sb file delete {file}` lets go of a file you uploaded"
+                    );
+                }
+                return Err(e.into());
+            }
             out.line(json!({"event": "cancelled", "file": file}), || format!("cancelled {file}"));
         }
         FileCommand::Delete { file } => {
