@@ -922,6 +922,34 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     assert!(!there.iter().any(|l| l["event"] == "sent"));
 }
 
+/// An upload refused for the quota says what holds it and how to free it: here a stale
+/// unfinished upload, which counts at its full size (before: only the broker's numbers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_refused_for_the_quota_says_what_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(dir.path().join("data"));
+    config.quota_bytes = 24 * 1024 * 1024;
+    let broker = Broker::start(config).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let first = dir.path().join("first.bin");
+    std::fs::write(&first, pseudo_random_bytes(16 * 1024 * 1024, 3)).unwrap();
+    let (id, _) = upload_and_kill(&alice, &broker, &first);
+    let second = dir.path().join("second.bin");
+    std::fs::write(&second, pseudo_random_bytes(16 * 1024 * 1024, 4)).unwrap();
+    let refused = sb_output(&alice, &broker, &["upload", second.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("QUOTA_EXCEEDED") && stderr.contains("sb uploads") && stderr.contains("sb file cancel"),
+        "{stderr}"
+    );
+    // Cancelled, the stale upload gives its room back.
+    sb(&alice, &broker, &["file", "cancel", &id]);
+    let up = sb(&alice, &broker, &["upload", second.to_str().unwrap()]);
+    assert!(up.iter().any(|l| l["event"] == "uploaded"), "{up:?}");
+}
+
 /// A download whose reader loses access on the way (bob leaves the group) stops at
 /// once with what happened and deletes the bytes it had: before, it was retried, and
 /// then said that the same command resumes from the kept bytes, which it could not.

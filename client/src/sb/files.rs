@@ -84,11 +84,11 @@ pub async fn upload(
                 out.status(json!({"event": "upload_gone", "file": hex(&file)}), || {
                     format!("the earlier upload {} of this file is gone; starting again", hex(&file))
                 });
-                (uploader.begin(new).await?.file, true)
+                (begin(&mut uploader, new).await?, true)
             }
             Err(e) => return Err(e.into()),
         },
-        (None, None) => (uploader.begin(new).await?.file, true),
+        (None, None) => (begin(&mut uploader, new).await?, true),
     };
     // Where it goes once uploaded: as asked now, else as asked when this file's upload
     // began here (also when that upload had gone and this one replaces it), with the
@@ -245,6 +245,19 @@ pub async fn upload(
         client.close();
     }
     Ok(())
+}
+
+/// `BeginUpload`; refused for the quota, with what takes it and how to free it (a
+/// stale unfinished upload holds its whole declared size, which is easy to forget).
+async fn begin(uploader: &mut Uploader, new: switchboard_protocol::NewUpload) -> anyhow::Result<FileId> {
+    match uploader.begin(new).await {
+        Ok(status) => Ok(status.file),
+        Err(e) if e.code() == Some(ErrorCode::QUOTA_EXCEEDED) => Err(anyhow::Error::new(e).context(
+            "no room left in your quota: unfinished uploads count at their full size (`sb uploads` lists them, \
+             `sb file cancel ID` frees one), and so do your stored files (`sb files`, `sb file delete ID`)",
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `sb uploads`: my unfinished uploads, from any device, with the local file of those
