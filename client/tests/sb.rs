@@ -899,6 +899,10 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     assert_eq!(quota[0]["uploads_in_progress"].as_u64(), Some(1), "{quota:?}");
     assert_eq!(quota[0]["stored_bytes"].as_u64(), Some(data.len() as u64));
     assert_eq!(quota[0]["free_bytes"].as_u64(), Some(quota[0]["quota_bytes"].as_u64().unwrap() - data.len() as u64));
+    // People read sizes in binary units, not byte counts.
+    let human = sb_output(&alice, &broker, &["quota"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("16.00 MiB of ") && text.contains("files up to 100.00 MiB"), "{text}");
     // Another device of alice's sees it too, without a local file.
     let there = sb(&phone, &broker, &["uploads"]);
     assert_eq!((there.len(), there[0]["file"].as_str()), (1, Some(id.as_str())));

@@ -322,14 +322,16 @@ pub async fn quota(client: &Client, out: &Out) -> anyhow::Result<()> {
             "free_bytes": u.quota_bytes.saturating_sub(u.stored_bytes), "uploads_in_progress": u.uploads_in_progress,
             "max_uploads_in_progress": u.max_uploads_in_progress, "max_file_bytes": u.max_file_bytes}),
         || {
+            // Sizes as people read them (binary units: 1 KiB = 1024 bytes); --json has bytes.
+            let size = indicatif::HumanBytes;
             format!(
-                "{} of {} bytes used ({percent}%), {} free; {} of {} uploads in progress; files up to {} bytes",
-                u.stored_bytes,
-                u.quota_bytes,
-                u.quota_bytes.saturating_sub(u.stored_bytes),
+                "{} of {} used ({percent}%), {} free; {} of {} uploads in progress; files up to {}",
+                size(u.stored_bytes),
+                size(u.quota_bytes),
+                size(u.quota_bytes.saturating_sub(u.stored_bytes)),
                 u.uploads_in_progress,
                 u.max_uploads_in_progress,
-                u.max_file_bytes
+                size(u.max_file_bytes)
             )
         },
     );
