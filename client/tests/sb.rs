@@ -5,7 +5,7 @@
 mod common;
 use common::pseudo_random_bytes;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -860,6 +860,16 @@ async fn the_same_file_uploaded_again_continues_the_saved_upload() {
     assert_eq!(event(&fresh, "started")["offset"].as_u64(), Some(0));
 }
 
+/// Homes of alice's two devices and of bob, registered, and their direct conversation.
+fn alice_phone_and_bob(dir: &Path, broker: &Broker) -> (PathBuf, PathBuf, PathBuf, u64) {
+    let (alice, phone, bob) = (dir.join("alice"), dir.join("phone"), dir.join("bob"));
+    sb(&alice, broker, &["register", "alice"]);
+    sb(&phone, broker, &["login", "alice"]);
+    sb(&bob, broker, &["register", "bob"]);
+    let conv = sb(&alice, broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    (alice, phone, bob, conv)
+}
+
 /// `sb uploads` lists my unfinished uploads with their durable bytes and, for those
 /// begun in this home, the local file and conversation; `sb upload --resume ID FILE`
 /// without `--conv` then sends the file where the killed sb was asked to.
@@ -867,11 +877,7 @@ async fn the_same_file_uploaded_again_continues_the_saved_upload() {
 async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, phone, bob) = (dir.path().join("alice"), dir.path().join("phone"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&phone, &broker, &["login", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
-    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let (alice, phone, bob, conv) = alice_phone_and_bob(dir.path(), &broker);
     let none = sb(&alice, &broker, &["uploads"]);
     assert_eq!(none.len(), 1);
     assert_eq!(none[0]["event"], "no_uploads");
@@ -1006,11 +1012,7 @@ async fn a_download_cut_by_a_lost_access_says_so_and_keeps_nothing() {
 async fn an_upload_taken_over_by_another_device_is_kept_and_sent_by_the_same_command() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, phone, bob) = (dir.path().join("alice"), dir.path().join("phone"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&phone, &broker, &["login", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
-    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let (alice, phone, bob, conv) = alice_phone_and_bob(dir.path(), &broker);
     let conv_arg = conv.to_string();
     let data = pseudo_random_bytes(32 * 1024 * 1024 + 3, 8);
     let path = dir.path().join("big.bin");
