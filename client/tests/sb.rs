@@ -900,11 +900,12 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let human = sb_output(&alice, &broker, &["uploads"]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains(&id) && text.contains("expires in 23 h") && text.contains("from "), "{text}");
-    // The quota counts it at its declared size.
+    // The quota counts it at its declared size, in whole 4 KiB blocks.
     let quota = sb(&alice, &broker, &["quota"]);
     assert_eq!(quota[0]["uploads_in_progress"].as_u64(), Some(1), "{quota:?}");
-    assert_eq!(quota[0]["stored_bytes"].as_u64(), Some(data.len() as u64));
-    assert_eq!(quota[0]["free_bytes"].as_u64(), Some(quota[0]["quota_bytes"].as_u64().unwrap() - data.len() as u64));
+    let charged = (data.len() as u64).div_ceil(4096) * 4096;
+    assert_eq!(quota[0]["stored_bytes"].as_u64(), Some(charged));
+    assert_eq!(quota[0]["free_bytes"].as_u64(), Some(quota[0]["quota_bytes"].as_u64().unwrap() - charged));
     // People read sizes in binary units, not byte counts.
     let human = sb_output(&alice, &broker, &["quota"]);
     let text = String::from_utf8_lossy(&human.stdout);

@@ -28,6 +28,19 @@ use std::sync::MutexGuard;
 use crate::keys::{self, Key};
 use crate::{Durable, Result, Store, Txn, corrupt, decode, encode};
 
+/// The unit a quota counts in, bytes: a file is charged its size rounded up to whole
+/// blocks of this, at least one, which is what it takes on a file system of 4 KiB blocks
+/// (ext4's and XFS's default). Counting declared bytes let a user keep a million
+/// one-byte files, each with its own blob file, inode and records, on 1 MB of quota.
+pub const QUOTA_BLOCK: u64 = 4096;
+
+/// What a file of `size` bytes counts against its owner's quota: `size` rounded up to
+/// whole `QUOTA_BLOCK`s, at least one. Thumbnails are not charged (the broker makes
+/// them).
+pub fn charged_bytes(size: u64) -> u64 {
+    size.div_ceil(QUOTA_BLOCK).max(1).saturating_mul(QUOTA_BLOCK)
+}
+
 /// What the store's files lock guards.
 #[derive(Default)]
 pub(crate) struct FilesLock {
@@ -168,6 +181,8 @@ pub struct Collected {
     pub unreferenced: Vec<Blake3>,
     /// Resolves once the removal is durable.
     pub durable: Durable,
+    /// Whose file was deleted (its uploader or forwarder), if one was.
+    pub owner: Option<UserId>,
 }
 
 impl Store {
@@ -196,7 +211,7 @@ impl Store {
             return Ok(Err(UploadRefusal::TooManyUploads));
         }
         let stored = self.stored_now(&lock, user)?;
-        if stored.saturating_add(record.size) > quota_bytes {
+        if stored.saturating_add(charged_bytes(record.size)) > quota_bytes {
             return Ok(Err(UploadRefusal::QuotaExceeded { used: stored }));
         }
         if !room(lock.promised) {
@@ -206,7 +221,7 @@ impl Store {
         txn.put(Key::file(id), record);
         txn.batch.insert(Key::uploading(user, id).as_ref(), &[][..]);
         txn.batch.insert(Key::file_expiry(record.expires_ms, id).as_ref(), &[][..]);
-        let stored = stored + record.size;
+        let stored = stored + charged_bytes(record.size);
         txn.batch.insert(Key::stored_bytes(user).as_ref(), &stored.to_be_bytes()[..]);
         let promised = lock.promised + (record.size - record.offset().min(record.size));
         Ok(Ok(self.commit_pending(lock, txn, user, stored, (*id, true), promised)?))
@@ -471,7 +486,7 @@ impl Store {
     }
 
     /// Removes an upload in progress (cancelled, failed or expired; not one publishing)
-    /// and gives its declared size back to the uploader's quota. Returns the record
+    /// and gives its charge (`charged_bytes` of its declared size) back to the uploader's quota. Returns the record
     /// removed, or `None` if there was no upload in progress under `id`. The caller
     /// deletes the partial file only once the returned future resolves. Blocking (a
     /// catalog batch).
@@ -485,7 +500,7 @@ impl Store {
         txn.batch.remove(Key::file(id).as_ref());
         txn.batch.remove(Key::uploading(record.uploader, id).as_ref());
         txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
-        let stored = self.stored_now(&lock, record.uploader)?.saturating_sub(record.size);
+        let stored = self.stored_now(&lock, record.uploader)?.saturating_sub(charged_bytes(record.size));
         txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
         let promised = lock.promised.saturating_sub(record.size - record.offset().min(record.size));
         let durable = self.commit_pending(lock, txn, record.uploader, stored, (*id, false), promised)?;
@@ -551,7 +566,7 @@ impl Store {
             }
         }
         let stored = self.stored_now(&lock, forwarder)?;
-        if stored.saturating_add(source.size) > quota_bytes {
+        if stored.saturating_add(charged_bytes(source.size)) > quota_bytes {
             return Ok(Forwarded::QuotaExceeded { used: stored });
         }
         let mut refs: HashMap<Blake3, u64> = HashMap::new();
@@ -585,7 +600,7 @@ impl Store {
         txn.batch.insert(Key::file_unheld(&copy).as_ref(), &[][..]);
         txn.batch.insert(Key::forward_copy(forwarder, original).as_ref(), &copy[..]);
         txn.batch.insert(Key::copy_of(&copy).as_ref(), &original[..]);
-        let stored = stored + record.size;
+        let stored = stored + charged_bytes(record.size);
         txn.batch.insert(Key::stored_bytes(forwarder).as_ref(), &stored.to_be_bytes()[..]);
         if let Some(pending) = lock.pending.get_mut(&forwarder) {
             pending.stored = stored;
@@ -667,18 +682,18 @@ impl Store {
             looked(self);
         }
         if waiting {
-            return Ok(Collected { unreferenced: Vec::new(), durable: Durable::ready() });
+            return Ok(Collected { unreferenced: Vec::new(), durable: Durable::ready(), owner: None });
         }
         let mut txn = Txn::new();
         let mut unreferenced = Vec::new();
-        let mut wrote = false;
+        let mut owner = None;
         if let Some(record) = record
             && record.is_complete()
             && !record.held
             && record.parent.is_none()
             && !carried
         {
-            wrote = true;
+            owner = Some(record.uploader);
             if let Some(original) = self.db.get(Key::copy_of(id))? {
                 txn.batch.remove(Key::copy_of(id).as_ref());
                 txn.batch.remove(Key::forward_copy(record.uploader, &file_id_at(&original, 0)?).as_ref());
@@ -697,7 +712,7 @@ impl Store {
                     txn.batch.remove(Key::stored_file(record.uploader, &file).as_ref());
                     // Its bytes go: the uploader's quota stops counting them. Handed over
                     // after any pending batch of the user's, so its value is the newest.
-                    let stored = self.stored_now(&lock, record.uploader)?.saturating_sub(record.size);
+                    let stored = self.stored_now(&lock, record.uploader)?.saturating_sub(charged_bytes(record.size));
                     txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
                     if let Some(pending) = lock.pending.get_mut(&record.uploader) {
                         pending.stored = stored;
@@ -718,12 +733,12 @@ impl Store {
                 }
             }
         }
-        let durable = if wrote { self.commit(txn)? } else { Durable::ready() };
+        let durable = if owner.is_some() { self.commit(txn)? } else { Durable::ready() };
         if let Some(mark) = mark {
             // Applied: take the mark away unless a delete wrote it again meanwhile.
             let _ = self.db.compare_and_swap(Key::file_unheld(id), Some(mark), None::<&[u8]>)?;
         }
-        Ok(Collected { unreferenced, durable })
+        Ok(Collected { unreferenced, durable, owner })
     }
 
     /// Complete files marked as possibly unheld, by ascending id after `after`, at most
@@ -802,6 +817,39 @@ impl Store {
         self.db.insert(Key::format(), &4u64.to_be_bytes()[..])?;
         if indexed > 0 {
             tracing::info!(files = indexed, "indexed stored files for format 4");
+        }
+        Ok(())
+    }
+
+    /// Recounts every user's stored bytes in whole blocks (`charged_bytes`) for a data
+    /// dir whose quotas counted declared bytes (format 4 and older), then records format
+    /// 5: each user's files and uploads (records that are not thumbnails) summed afresh,
+    /// a user with none set to 0. Runs at open, before anything else uses the store.
+    /// Crash-safe: the values are computed from the records alone and the format is
+    /// written last.
+    pub(crate) fn upgrade_to_format_5(&self) -> Result<()> {
+        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 5)) {
+            return Ok(());
+        }
+        let mut stored: HashMap<UserId, u64> = HashMap::new();
+        for item in self.db.scan_prefix(Key::files()) {
+            let (k, v) = item?;
+            let record: FileRecord = decode(&k, &v)?;
+            if record.parent.is_none() {
+                *stored.entry(record.uploader).or_default() += charged_bytes(record.size);
+            }
+        }
+        for item in self.db.scan_prefix(Key::all_stored_bytes()) {
+            let (k, _) = item?;
+            let user = k.get(1..9).and_then(keys::u64_from).ok_or_else(|| corrupt(&k, "stored bytes key"))?;
+            stored.entry(user).or_default();
+        }
+        for (user, bytes) in &stored {
+            self.db.insert(Key::stored_bytes(*user), &bytes.to_be_bytes()[..])?;
+        }
+        self.db.insert(Key::format(), &5u64.to_be_bytes()[..])?;
+        if !stored.is_empty() {
+            tracing::info!(users = stored.len(), "recounted stored bytes in 4 KiB blocks for format 5");
         }
         Ok(())
     }
@@ -891,9 +939,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         for id in [[3; 16], [1; 16], [2; 16]] {
-            store.begin_upload(&id, &record(7, 10, id[0]), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&id, &record(7, 10, id[0]), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
         }
-        store.begin_upload(&[9; 16], &record(8, 10, 9), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&[9; 16], &record(8, 10, 9), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
         let ids = |page: &[(FileId, FileRecord)]| page.iter().map(|(id, _)| id[0]).collect::<Vec<_>>();
         assert_eq!(ids(&store.uploads_page(8, None, 8).unwrap().0), vec![9], "another user's are left out");
         let (page, more) = store.uploads_page(7, None, 2).unwrap();
@@ -916,7 +964,7 @@ mod tests {
 
     /// Begins, fills and completes an upload of `user`.
     async fn stored(store: &Store, id: FileId, user: UserId, hash: u8) {
-        store.begin_upload(&id, &record(user, 10, hash), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&id, &record(user, 10, hash), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
         store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
         store.begin_publish(&id).unwrap().unwrap().await.unwrap();
         store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
@@ -932,7 +980,7 @@ mod tests {
                 stored(&store, id, 7, hash).await;
             }
             stored(&store, [9; 16], 8, 9).await;
-            store.begin_upload(&[5; 16], &record(7, 10, 5), 8, 1000, |_| true).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&[5; 16], &record(7, 10, 5), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
             let (page, more) = store.stored_files_page(7, None, 2).unwrap();
             assert_eq!((ids(&page), more), (vec![1, 2], true), "complete ones only, ascending");
             let (page, more) = store.stored_files_page(7, Some(&[2; 16]), 2).unwrap();
@@ -956,7 +1004,47 @@ mod tests {
         let store = open(dir.path());
         assert_eq!(ids(&store.stored_files_page(7, None, 8).unwrap().0), vec![2, 3], "rebuilt at open");
         assert_eq!(ids(&store.stored_files_page(8, None, 8).unwrap().0), vec![9]);
-        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(4));
+        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(crate::FORMAT));
+    }
+
+    #[tokio::test]
+    async fn quotas_counted_in_declared_bytes_are_recounted_in_blocks_on_upgrade() {
+        const B: u64 = QUOTA_BLOCK;
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            // User 7: two complete files of 10 bytes (one with a thumbnail, which is not
+            // charged) and an upload in progress of B + 1; user 8: one file of 10.
+            stored(&store, [1; 16], 7, 1).await;
+            stored(&store, [2; 16], 7, 2).await;
+            let mut thumb = record(7, 3, 6);
+            thumb.stage = FileStage::Complete { thumbnail: None };
+            (thumb.parent, thumb.held, thumb.expires_ms) = (Some([1; 16]), false, 0);
+            store.add_thumbnail(&[1; 16], &[9; 16], &thumb).unwrap().unwrap().1.await.unwrap();
+            store.begin_upload(&[3; 16], &record(7, B + 1, 3), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+            stored(&store, [4; 16], 8, 4).await;
+            assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (4 * B, B));
+            // What a format-4 broker counted: declared bytes, and a user whose last file
+            // went counted at 0 or, after a crash mid-way, anything.
+            store.db.insert(Key::stored_bytes(7), &(B + 21).to_be_bytes()[..]).unwrap();
+            store.db.insert(Key::stored_bytes(8), &10u64.to_be_bytes()[..]).unwrap();
+            store.db.insert(Key::stored_bytes(6), &5u64.to_be_bytes()[..]).unwrap();
+            store.db.insert(Key::format(), &4u64.to_be_bytes()[..]).unwrap();
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        let counted = [6, 7, 8].map(|u| store.stored_bytes(u).unwrap());
+        assert_eq!(counted, [0, 4 * B, B], "one block per small file, two for B + 1 bytes, thumbnails free");
+        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(5));
+        // Counted as they go from now on.
+        store.remove_upload(&[3; 16]).unwrap().unwrap().1.await.unwrap();
+        assert_eq!(store.stored_bytes(7).unwrap(), 2 * B);
+    }
+
+    #[test]
+    fn a_file_is_charged_whole_blocks_at_least_one() {
+        assert_eq!([0, 1, 4095, 4096, 4097, 8192].map(charged_bytes), [4096, 4096, 4096, 4096, 8192, 8192]);
+        assert_eq!(charged_bytes(u64::MAX), u64::MAX, "saturates at the top");
     }
 
     #[tokio::test]
@@ -964,24 +1052,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
-        store.begin_upload(&a, &record(7, 60, 1), 2, 100, |_| true).unwrap().unwrap().await.unwrap();
+        // Each file is charged whole 4 KiB blocks, at least one.
+        const B: u64 = QUOTA_BLOCK;
+        store.begin_upload(&a, &record(7, 60, 1), 2, 2 * B, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&b, &record(7, 41, 2), 2, 100, |_| true).unwrap().unwrap_err(),
-            UploadRefusal::QuotaExceeded { used: 60 }
+            store.begin_upload(&b, &record(7, B + 1, 2), 2, 2 * B, |_| true).unwrap().unwrap_err(),
+            UploadRefusal::QuotaExceeded { used: B }
         );
-        store.begin_upload(&b, &record(7, 40, 2), 2, 100, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&b, &record(7, 40, 2), 2, 2 * B, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
             store.begin_upload(&c, &record(7, 1, 3), 2, 1000, |_| true).unwrap().unwrap_err(),
             UploadRefusal::TooManyUploads
         );
-        assert_eq!(store.stored_bytes(7).unwrap(), 100);
+        assert_eq!(store.stored_bytes(7).unwrap(), 2 * B);
         // Expiry: `a` expires at 1060, `b` at 1040.
         assert_eq!(store.expired_uploads(1050, 10).unwrap(), vec![b]);
         store.set_upload_offset(&b, 20, Some("text/plain")).unwrap().unwrap().await.unwrap();
         assert_eq!(store.file(&b).unwrap().unwrap().offset(), 20);
         assert_eq!(store.file(&b).unwrap().unwrap().content_type, "text/plain");
         store.remove_upload(&b).unwrap().unwrap().1.await.unwrap();
-        assert_eq!(store.stored_bytes(7).unwrap(), 60, "a removed upload gives its quota back");
+        assert_eq!(store.stored_bytes(7).unwrap(), B, "a removed upload gives its quota back");
         assert!(store.expired_uploads(u64::MAX >> 1, 10).unwrap() == vec![a]);
         // Complete: leaves the in-progress and expiry indexes, references its blob.
         assert!(store.complete_upload(&a).unwrap().is_none(), "only a publishing upload completes");
@@ -1002,7 +1092,7 @@ mod tests {
         append(&store, entry(9, 1, Body::Files { text: String::new(), files, edited: false })).await;
         assert_eq!(store.attachments(&a, 10).unwrap(), vec![(9, 1)]);
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
-        assert_eq!(store.stored_bytes(7).unwrap(), 60, "counted while a message carries it");
+        assert_eq!(store.stored_bytes(7).unwrap(), B, "counted while a message carries it");
         assert_eq!(store.unheld_files(None, 10).unwrap(), vec![a]);
         let kept = store.collect_file(&a, 0).unwrap();
         kept.durable.await.unwrap();
@@ -1027,6 +1117,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (a, b) = ([1; 16], [2; 16]);
+        const B: u64 = QUOTA_BLOCK;
         // Commit 1 pauses as it begins until the test lets it go on: batches handed to
         // the committer meanwhile wait to be applied.
         let (started_tx, started) = std::sync::mpsc::channel();
@@ -1051,31 +1142,32 @@ mod tests {
             began.elapsed()
         };
         std::thread::scope(|scope| {
-            let first = scope.spawn(|| store.begin_upload(&a, &record(7, 60, 1), 2, 100, |_| true).unwrap().unwrap());
+            let first = scope.spawn(|| store.begin_upload(&a, &record(7, 60, 1), 2, 2 * B, |_| true).unwrap().unwrap());
             // `a` waits to be applied: the lock is free meanwhile, and checks count `a`.
             assert!(promised(60) < Duration::from_secs(2), "the files lock was held while the committer flushed");
-            let refusal = store.begin_upload(&b, &record(7, 41, 2), 2, 100, |_| true).unwrap().unwrap_err();
-            assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: 60 }, "60 of 100 bytes are promised to `a`");
-            let refusal = store.begin_upload(&b, &record(7, 40, 2), 1, 100, |_| true).unwrap().unwrap_err();
+            let refusal = store.begin_upload(&b, &record(7, B + 1, 2), 2, 2 * B, |_| true).unwrap().unwrap_err();
+            assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: B }, "a block of two is promised to `a`");
+            let refusal = store.begin_upload(&b, &record(7, 40, 2), 1, 2 * B, |_| true).unwrap().unwrap_err();
             assert_eq!(refusal, UploadRefusal::TooManyUploads, "`a` is in progress");
-            let second = scope.spawn(|| store.begin_upload(&b, &record(7, 40, 2), 2, 100, |_| true).unwrap().unwrap());
+            let second =
+                scope.spawn(|| store.begin_upload(&b, &record(7, 40, 2), 2, 2 * B, |_| true).unwrap().unwrap());
             assert!(promised(100) < Duration::from_secs(2));
-            let refusal = store.begin_upload(&[3; 16], &record(7, 1, 3), 8, 100, |_| true).unwrap().unwrap_err();
-            assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: 100 }, "both pending uploads count");
+            let refusal = store.begin_upload(&[3; 16], &record(7, 1, 3), 8, 2 * B, |_| true).unwrap().unwrap_err();
+            assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: 2 * B }, "both pending uploads count");
             go.send(()).unwrap();
             for handle in [first, second] {
                 drop(handle.join().unwrap());
             }
         });
         // Applied in the order handed over, each with the values its checks computed.
-        assert_eq!(store.stored_bytes(7).unwrap(), 100);
+        assert_eq!(store.stored_bytes(7).unwrap(), 2 * B);
         assert_eq!(store.uploads_of(7, 10).unwrap(), 2);
         assert!(store.files.lock().unwrap().pending.is_empty(), "nothing pending once applied");
         drop(store.remove_upload(&b).unwrap().unwrap());
         assert!(store.remove_upload(&b).unwrap().is_none(), "removed once");
         assert_eq!(
             (store.stored_bytes(7).unwrap(), store.promised_bytes(), store.uploads_of(7, 10).unwrap()),
-            (60, 60, 1)
+            (B, 60, 1)
         );
         drop(store.remove_upload(&a).unwrap().unwrap());
         assert_eq!((store.stored_bytes(7).unwrap(), store.promised_bytes()), (0, 0));
@@ -1102,7 +1194,7 @@ mod tests {
         let store = open(dir.path());
         let (a, b, t) = ([1; 16], [2; 16], [3; 16]);
         for id in [a, b] {
-            store.begin_upload(&id, &record(7, 10, 5), 8, 100, |_| true).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&id, &record(7, 10, 5), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
             store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
             store.begin_publish(&id).unwrap().unwrap().await.unwrap();
             store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
@@ -1143,26 +1235,28 @@ mod tests {
         (thumb.parent, thumb.held, thumb.expires_ms) = (Some(a), false, 0);
         store.add_thumbnail(&a, &[9; 16], &thumb).unwrap().unwrap().1.await.unwrap();
         // User 8 forwards it: its quota is checked and pays; the bytes are shared.
-        let refused = store.forward_file(&a, 8, copy, || thumb_copy, 9, (100, 50)).unwrap();
+        // A copy of 10 bytes is charged a block.
+        const B: u64 = QUOTA_BLOCK;
+        let refused = store.forward_file(&a, 8, copy, || thumb_copy, B - 1, (100, 50)).unwrap();
         assert!(matches!(refused, Forwarded::QuotaExceeded { used: 0 }), "{refused:?}");
         let Forwarded::Copy { id, record: made, new: true } =
-            store.forward_file(&a, 8, copy, || thumb_copy, 10, (100, 50)).unwrap()
+            store.forward_file(&a, 8, copy, || thumb_copy, B, (100, 50)).unwrap()
         else {
             panic!()
         };
         assert_eq!((id, made.uploader, made.held, made.size, made.expires_ms), (copy, 8, false, 10, 150));
         assert_eq!(made.stage, FileStage::Complete { thumbnail: Some(thumb_copy) });
         assert_eq!(store.file(&thumb_copy).unwrap().unwrap().parent, Some(copy));
-        assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (10, 10));
+        assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (B, B));
         assert_eq!((store.blob_refs(&[5; 32]).unwrap(), store.blob_refs(&[6; 32]).unwrap()), (2, 2));
         assert_eq!(store.stored_files_page(8, None, 8).unwrap().0[0].0, copy, "listed among the forwarder's files");
         // Forwarded again: the same copy, counted once, its grace renewed.
         let Forwarded::Copy { id: again, record: r, new: false } =
-            store.forward_file(&a, 8, [4; 16], || [5; 16], 20, (120, 50)).unwrap()
+            store.forward_file(&a, 8, [4; 16], || [5; 16], 2 * B, (120, 50)).unwrap()
         else {
             panic!()
         };
-        assert_eq!((again, r.expires_ms, store.stored_bytes(8).unwrap()), (copy, 170, 10));
+        assert_eq!((again, r.expires_ms, store.stored_bytes(8).unwrap()), (copy, 170, B));
         assert!(store.file(&[4; 16]).unwrap().is_none());
         // Within its grace and carried by no message, the copy stays and so does its mark.
         let c = store.collect_file(&copy, 169).unwrap();
@@ -1175,7 +1269,7 @@ mod tests {
         store.drop_hold(&a).unwrap().unwrap().await.unwrap();
         store.collect_file(&a, 200).unwrap().durable.await.unwrap();
         assert!(store.file(&a).unwrap().is_none());
-        assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (0, 10));
+        assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (0, B));
         assert_eq!(store.blob_refs(&[5; 32]).unwrap(), 1, "the copy keeps the bytes");
         // Both sends answered: the grace ends with the second.
         assert!(!store.settle_send(&copy, true).unwrap());
@@ -1203,7 +1297,10 @@ mod tests {
         let store = open(dir.path());
         let (a, copy) = ([1; 16], [2; 16]);
         stored(&store, a, 7, 5).await;
-        assert!(matches!(store.forward_file(&a, 8, copy, || [3; 16], 100, (100, 50)).unwrap(), Forwarded::Copy { .. }));
+        assert!(matches!(
+            store.forward_file(&a, 8, copy, || [3; 16], u64::MAX, (100, 50)).unwrap(),
+            Forwarded::Copy { .. }
+        ));
         let files = vec![FileRef { file: copy, name: "a.bin".into(), size: 10, content_type: "x/y".into() }];
         append(&store, entry(3, 1, Body::Files { text: String::new(), files, edited: false })).await;
         assert!(store.settle_send(&copy, true).unwrap());
@@ -1262,7 +1359,7 @@ mod tests {
         // carried a file that did not exist.
         for _ in 0..2 {
             assert!(matches!(
-                store.forward_file(&a, 8, copy, || [3; 16], 100, (100, 50)).unwrap(),
+                store.forward_file(&a, 8, copy, || [3; 16], u64::MAX, (100, 50)).unwrap(),
                 Forwarded::Copy { .. }
             ));
         }
@@ -1277,7 +1374,7 @@ mod tests {
         // An answer that cannot tell whether the message was written (an internal failure)
         // leaves the copy to its stored grace.
         assert!(matches!(
-            store.forward_file(&a, 8, copy, || [3; 16], 100, (2_000, 50)).unwrap(),
+            store.forward_file(&a, 8, copy, || [3; 16], u64::MAX, (2_000, 50)).unwrap(),
             Forwarded::Copy { .. }
         ));
         assert!(!store.settle_send(&copy, false).unwrap());
@@ -1305,7 +1402,7 @@ mod tests {
         assert!(store.settle_send(&a, true).unwrap(), "refused, nothing carries it: collect it");
         store.collect_file(&a, 100).unwrap().durable.await.unwrap();
         assert!(store.file(&a).unwrap().is_none());
-        assert_eq!(store.stored_bytes(7).unwrap(), 10);
+        assert_eq!(store.stored_bytes(7).unwrap(), QUOTA_BLOCK);
         // Written: the message carries `b` past its uploader's delete.
         assert!(store.count_send(&b).unwrap());
         store.drop_hold(&b).unwrap().unwrap().await.unwrap();

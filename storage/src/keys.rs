@@ -178,6 +178,10 @@ impl Key {
     pub fn uploads() -> Key {
         Key::with(UPLOADING, &[])
     }
+    /// Every user's stored bytes (`stored_bytes`).
+    pub fn all_stored_bytes() -> Key {
+        Key::with(STORED_BYTES, &[])
+    }
     /// Bytes a user's quota counts (u64, big-endian).
     pub fn stored_bytes(user: UserId) -> Key {
         Key::with(STORED_BYTES, &[&user.to_be_bytes()])

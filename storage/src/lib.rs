@@ -29,7 +29,7 @@ use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 
 pub use blocks::BlockChange;
 pub use commit::{COMMIT_BUCKETS_US, CommitStats, Durable, FailureHook};
-pub use files::{Collected, FileRecord, FileStage, Forwarded, UploadRefusal};
+pub use files::{Collected, FileRecord, FileStage, Forwarded, QUOTA_BLOCK, UploadRefusal, charged_bytes};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
 
 use commit::{Committer, IndexGen};
@@ -71,9 +71,11 @@ pub enum StoreError {
 }
 
 /// The data dir format this build writes: 2 added the edit index and redaction, 3 the
-/// message counts behind unread counts, 4 the index of each user's stored files. Opening a newer one fails with `NewerFormat`
-/// (rolling a data dir back to an older broker is not supported).
-pub const FORMAT: u64 = 4;
+/// message counts behind unread counts, 4 the index of each user's stored files, 5
+/// quotas counted in whole 4 KiB blocks (`files::charged_bytes`). Opening a newer one
+/// fails with `NewerFormat` (rolling a data dir back to an older broker is not
+/// supported).
+pub const FORMAT: u64 = 5;
 
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -194,6 +196,7 @@ impl Store {
         store.upgrade_to_format_2()?;
         store.upgrade_to_format_3()?;
         store.upgrade_to_format_4()?;
+        store.upgrade_to_format_5()?;
         let promised = store.uploads_in_progress()?.iter().map(|(_, r)| r.size - r.offset().min(r.size)).sum();
         store.files.lock().unwrap_or_else(|p| p.into_inner()).promised = promised;
         Ok(store)

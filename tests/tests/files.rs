@@ -603,8 +603,86 @@ async fn abandoned_uploads_expire_with_their_data_and_quota() {
             }
         })
         .await;
-        // Its quota is back: a file of the whole quota fits.
+        // Its quota is back once its bytes are freed: a file of the whole quota fits.
+        within(STEP_DEADLINE, "its bytes freed", async {
+            while alice.usage().await.unwrap().stored_bytes > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
         begin_upload(&alice, "b.bin", "application/octet-stream", &data).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn tiny_files_are_each_charged_a_block_of_the_quota() {
+    bounded(async {
+        // Room for four blocks of 4 KiB: four files of one byte fill it, as they fill
+        // four blocks of the disk (each its own blob file), not four bytes.
+        let tb = TestBroker::start_with(|c| c.quota_bytes = 4 * 4096).await;
+        let (alice, _) = tb.register("alice").await;
+        for seed in 0..4 {
+            upload(&alice, "one.bin", &bytes(1, seed)).await;
+        }
+        let usage = alice.usage().await.unwrap();
+        assert_eq!((usage.stored_bytes, usage.quota_bytes), (4 * 4096, 4 * 4096));
+        let fifth = NewUpload {
+            name: "fifth.bin".into(),
+            size: 1,
+            content_type: "application/octet-stream".into(),
+            blake3: *blake3::hash(&bytes(1, 9)).as_bytes(),
+        };
+        let refused = alice.request(RequestBody::BeginUpload(fifth)).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::QUOTA_EXCEEDED));
+        assert!(refused.to_string().contains("4 KiB blocks"), "says how it counts: {refused}");
+        // A file of 4097 bytes takes two.
+        let tb = TestBroker::start_with(|c| c.quota_bytes = 2 * 4096).await;
+        let (bob, _) = tb.register("bob").await;
+        upload(&bob, "two.bin", &bytes(4097, 1)).await;
+        assert_eq!(bob.usage().await.unwrap().stored_bytes, 2 * 4096);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_cancelled_uploads_bytes_count_against_its_uploader_until_the_disk_has_them_back() {
+    bounded(async {
+        // The broker frees deleted bytes at 32 MiB/s (to spare the disk's fsyncs): a user
+        // who cancels big uploads faster than that must not fill the disk for everyone.
+        let tb = TestBroker::start_with(|c| c.quota_bytes = 48 * 1024 * 1024).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let data = bytes(40 * 1024 * 1024, 3);
+        let begun = begin_upload(&alice, "big.bin", "application/octet-stream", &data).await;
+        let replies = upload_range(alice.connection(), begun.file, &data, 0, data.len() as u64 - 1, 1024 * 1024).await;
+        assert!(matches!(replies.last(), Some(TransferReply::Durable { .. })), "{replies:?}");
+        alice.cancel_upload(begun.file).await.unwrap();
+        // Its 40 MiB are still on the disk for a second or more: they are hers.
+        let used = alice.usage().await.unwrap().stored_bytes;
+        assert!(used >= 40 * 1024 * 1024 - 1, "the unfreed bytes count: {used}");
+        let next = bytes(16 * 1024 * 1024, 4);
+        let refused = alice
+            .request(RequestBody::BeginUpload(NewUpload {
+                name: "next.bin".into(),
+                size: next.len() as u64,
+                content_type: "application/octet-stream".into(),
+                blake3: *blake3::hash(&next).as_bytes(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::QUOTA_EXCEEDED), "{refused}");
+        // Nobody else's.
+        assert_eq!(bob.usage().await.unwrap().stored_bytes, 0);
+        begin_upload(&bob, "next.bin", "application/octet-stream", &next).await;
+        // Freed: hers again.
+        within(STEP_DEADLINE, "the cancelled bytes freed", async {
+            while alice.usage().await.unwrap().stored_bytes > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        begin_upload(&alice, "next.bin", "application/octet-stream", &next).await;
     })
     .await
 }

@@ -404,7 +404,7 @@ impl Upload {
 
     /// Makes the verified bytes a blob and records the file complete.
     async fn publish(&self, st: &UploadActorState) -> Result<FileRef, ErrorBody> {
-        let (shared, id, hash) = (self.shared.clone(), st.id, st.record.blake3);
+        let (shared, id, hash, owner) = (self.shared.clone(), st.id, st.record.blake3, st.record.uploader);
         let done = tokio::task::spawn_blocking(move || {
             // Durably publishing (the record refers to the blob) before the partial file
             // goes: only such an upload is completed by the start-up repair.
@@ -412,7 +412,7 @@ impl Upload {
                 Some(durable) => tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?,
                 None => return Ok(None),
             }
-            shared.files.blobs.publish(&shared.store, &id, &hash)
+            shared.files.blobs.publish(&shared.store, &id, &hash, owner)
         })
         .await;
         match done {

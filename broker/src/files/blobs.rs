@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use switchboard_protocol::{Blake3, FileId};
+use switchboard_protocol::{Blake3, FileId, UserId};
 use switchboard_storage::{Durable, FileRecord, Store};
 
 /// Where file bytes live.
@@ -238,19 +238,66 @@ struct Deleter {
     next: std::sync::atomic::AtomicU64,
     /// Bytes in the trash not yet freed: the disk's free space does not show them yet.
     backlog: Arc<std::sync::atomic::AtomicU64>,
+    /// The part of `backlog` each user's uploads and files left (`Blobs::unfreed_of`),
+    /// per user with any (so at most one entry per account).
+    owed: Arc<Owed>,
+}
+
+/// Per user, bytes in the trash that its uploads and files left, not yet freed.
+type Owed = std::sync::Mutex<std::collections::HashMap<UserId, u64>>;
+
+/// The name of a file moved into the trash: unique (`n`), with the user it is charged to,
+/// if any, so a crash does not lose the charge (`owner_in`).
+fn trash_name(n: u64, owner: Option<UserId>, original: &str) -> String {
+    match owner {
+        Some(user) => format!("{n:016x}-u{user}-{original}"),
+        None => format!("{n:016x}-{original}"),
+    }
+}
+
+/// The user a file in the trash is charged to, from its name (`trash_name`).
+fn owner_in(name: &str) -> Option<UserId> {
+    let (_, rest) = name.split_once('-')?;
+    rest.strip_prefix('u')?.split_once('-')?.0.parse().ok()
+}
+
+/// Adds `len` bytes to (or with `add` false takes them off) what `owner` owes.
+fn charge(owed: &Owed, owner: Option<UserId>, len: u64, add: bool) {
+    let Some(user) = owner else { return };
+    let mut owed = owed.lock().unwrap_or_else(|p| p.into_inner());
+    let now = owed.get(&user).copied().unwrap_or(0);
+    match if add { now.saturating_add(len) } else { now.saturating_sub(len) } {
+        0 => owed.remove(&user),
+        bytes => owed.insert(user, bytes),
+    };
 }
 
 impl Deleter {
     fn start(trash: PathBuf) -> io::Result<Deleter> {
-        // What a crash left counts from the start.
-        let left: u64 = std::fs::read_dir(&trash)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
-        let backlog = Arc::new(std::sync::atomic::AtomicU64::new(left));
+        // What a crash left counts from the start, charged to whom it was.
+        let (backlog, owed) = (Arc::new(std::sync::atomic::AtomicU64::new(0)), Arc::new(Owed::default()));
+        for entry in std::fs::read_dir(&trash)?.filter_map(|e| e.ok()) {
+            let Ok(meta) = entry.metadata() else { continue };
+            backlog.fetch_add(meta.len(), Ordering::AcqRel);
+            charge(&owed, owner_in(&entry.file_name().to_string_lossy()), meta.len(), true);
+        }
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
-        let freed = backlog.clone();
+        let (freed, repaid) = (backlog.clone(), owed.clone());
         std::thread::Builder::new().name("sb-deleter".into()).spawn(move || {
             // What a crash left, then whatever comes, until the broker's files close.
             loop {
-                if let Err(e) = empty(&trash, &freed) {
+                // Tests hold a deleter to look at its trash; one whose broker went while
+                // held stops (another may own the dir now).
+                #[cfg(test)]
+                {
+                    while tests::held(&trash) {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    if let Err(std::sync::mpsc::TryRecvError::Disconnected) = woken.try_recv() {
+                        return;
+                    }
+                }
+                if let Err(e) = empty(&trash, &freed, &repaid) {
                     tracing::warn!(error = %e, dir = %trash.display(), "reading the trash failed; retried at the next delete");
                 }
                 if woken.recv().is_err() {
@@ -259,14 +306,14 @@ impl Deleter {
             }
         })?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        Ok(Deleter { wake, next: std::sync::atomic::AtomicU64::new(nanos as u64), backlog })
+        Ok(Deleter { wake, next: std::sync::atomic::AtomicU64::new(nanos as u64), backlog, owed })
     }
 }
 
-/// Deletes every file in `trash`, paced, taking each one's size off `backlog` once it is
-/// gone. A file that cannot be deleted is logged and skipped (tried again at the next
-/// wake-up), so it never holds up the others.
-fn empty(trash: &Path, backlog: &std::sync::atomic::AtomicU64) -> io::Result<()> {
+/// Deletes every file in `trash`, paced, taking each one's size off `backlog` (and off
+/// what its owner owes) once it is gone. A file that cannot be deleted is logged and
+/// skipped (tried again at the next wake-up), so it never holds up the others.
+fn empty(trash: &Path, backlog: &std::sync::atomic::AtomicU64, owed: &Owed) -> io::Result<()> {
     let mut failed = std::collections::HashSet::new();
     loop {
         let mut any = false;
@@ -279,6 +326,8 @@ fn empty(trash: &Path, backlog: &std::sync::atomic::AtomicU64) -> io::Result<()>
             match remove_paced(&path, DELETE_BYTES_PER_SEC) {
                 Ok(()) => {
                     let _ = backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
+                    let owner = path.file_name().and_then(|n| owner_in(&n.to_string_lossy()));
+                    charge(owed, owner, len, false);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, file = %path.display(), "a file in the trash could not be deleted");
@@ -320,18 +369,23 @@ impl Blobs {
     /// Deletes the file at `path` (none there is fine): it is gone from `path` at once
     /// (moved into the trash, on the same file system) and its blocks are freed at
     /// `DELETE_BYTES_PER_SEC` by the deleter thread (the disk's free space catches up then).
-    fn remove(&self, path: &Path) -> io::Result<()> {
+    /// Until then its bytes count against `owner`'s quota (`unfreed_of`): one user's
+    /// uploads failed or cancelled near their end, or files deleted, faster than the
+    /// deleter frees them cannot fill the disk for everyone.
+    fn remove(&self, path: &Path, owner: Option<UserId>) -> io::Result<()> {
         let n = self.deleter.next.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{n:016x}-{}", path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default());
+        let name = trash_name(n, owner, &path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default());
         let len = match std::fs::metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             meta => meta?.len(),
         };
         // Counted before the move, so the free space never looks larger than it is.
         self.deleter.backlog.fetch_add(len, Ordering::AcqRel);
+        charge(&self.deleter.owed, owner, len, true);
         if let Err(e) = std::fs::rename(path, self.trash.join(name)) {
             let _ =
                 self.deleter.backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
+            charge(&self.deleter.owed, owner, len, false);
             return match e.kind() {
                 io::ErrorKind::NotFound => Ok(()),
                 _ => Err(e),
@@ -346,6 +400,12 @@ impl Blobs {
     /// disk.
     pub fn unfreed_bytes(&self) -> u64 {
         self.deleter.backlog.load(Ordering::Acquire)
+    }
+
+    /// The part of `unfreed_bytes` that `user`'s uploads and files left (removed on its
+    /// behalf: cancelled, failed, expired or deleted): counted in its quota until freed.
+    pub fn unfreed_of(&self, user: UserId) -> u64 {
+        self.deleter.owed.lock().unwrap_or_else(|p| p.into_inner()).get(&user).copied().unwrap_or(0)
     }
 
     /// The directory whose disk holds the files (for free space).
@@ -398,12 +458,19 @@ impl Blobs {
     /// complete (`Store::complete_upload`): renames the partial file into place, or drops
     /// it when that blob exists (the same bytes are stored once), and syncs both
     /// directories. Under the lock `remove_unreferenced` takes, so a blob found here is
-    /// never unlinked under the file. `None` if the upload is not publishing.
-    pub fn publish(&self, store: &Store, id: &FileId, hash: &Blake3) -> Result<Option<(FileRecord, Durable)>, String> {
+    /// never unlinked under the file. A dropped partial file is charged to `owner`, its
+    /// uploader, until freed. `None` if the upload is not publishing.
+    pub fn publish(
+        &self,
+        store: &Store,
+        id: &FileId,
+        hash: &Blake3,
+        owner: UserId,
+    ) -> Result<Option<(FileRecord, Durable)>, String> {
         let (partial, blob) = (self.partial(id), self.blob(hash));
         let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
         if blob.exists() {
-            self.remove(&partial).map_err(|e| e.to_string())?;
+            self.remove(&partial, Some(owner)).map_err(|e| e.to_string())?;
         } else {
             std::fs::rename(&partial, &blob).map_err(|e| e.to_string())?;
             sync_dir(&self.blobs).map_err(|e| e.to_string())?;
@@ -441,7 +508,7 @@ impl Blobs {
         }
         let added = store.add_thumbnail(parent, thumb, record).map_err(|e| e.to_string())?;
         if added.is_none() && store.blob_refs(hash).map_err(|e| e.to_string())? == 0 {
-            self.unlink(hash).map_err(|e| e.to_string())?;
+            self.unlink(hash, None).map_err(|e| e.to_string())?;
         }
         Ok(added)
     }
@@ -451,10 +518,17 @@ impl Blobs {
     /// after which its next actor calls this instead of verifying bytes that may have
     /// moved. Verified and referenced before: published now, if its partial file or its
     /// blob is there; otherwise its bytes are lost and it starts over from offset 0 (its
-    /// blob reference dropped, an empty partial file made). Blocking.
-    pub fn finish_publishing(&self, store: &Store, id: &FileId, hash: &Blake3) -> Result<Finished, String> {
+    /// blob reference dropped, an empty partial file made). `owner` is its uploader.
+    /// Blocking.
+    pub fn finish_publishing(
+        &self,
+        store: &Store,
+        id: &FileId,
+        hash: &Blake3,
+        owner: UserId,
+    ) -> Result<Finished, String> {
         if self.partial(id).exists() || self.blob(hash).exists() {
-            return Ok(match self.publish(store, id, hash)? {
+            return Ok(match self.publish(store, id, hash, owner)? {
                 Some((record, durable)) => {
                     tracing::info!(file = hex(id), "finished a completion cut short");
                     Finished::Completed(record, durable)
@@ -470,25 +544,27 @@ impl Blobs {
         Ok(Finished::Restarted(durable))
     }
 
-    /// Removes an upload's partial file, if any (in pieces, see `remove`).
-    pub fn remove_partial(&self, id: &FileId) -> io::Result<()> {
-        self.remove(&self.partial(id))
+    /// Removes an upload's partial file, if any (in pieces, see `remove`), charged to
+    /// `owner` until freed.
+    pub fn remove_partial(&self, id: &FileId, owner: Option<UserId>) -> io::Result<()> {
+        self.remove(&self.partial(id), owner)
     }
 
     /// Unlinks the blob of `hash` if no file refers to it: `Store::collect_file` named it
     /// unreferenced, and its removal is durable. The references are read again under the
-    /// lock `publish` takes: a file that gained the blob since keeps it. Whether it went.
-    pub fn remove_unreferenced(&self, store: &Store, hash: &Blake3) -> Result<bool, String> {
+    /// lock `publish` takes: a file that gained the blob since keeps it. Charged to
+    /// `owner` (whose file's collection let it go) until freed. Whether it went.
+    pub fn remove_unreferenced(&self, store: &Store, hash: &Blake3, owner: Option<UserId>) -> Result<bool, String> {
         let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
         if store.blob_refs(hash).map_err(|e| e.to_string())? > 0 {
             return Ok(false);
         }
-        self.unlink(hash).map_err(|e| e.to_string())?;
+        self.unlink(hash, owner).map_err(|e| e.to_string())?;
         Ok(true)
     }
 
-    fn unlink(&self, hash: &Blake3) -> io::Result<()> {
-        self.remove(&self.blob(hash))
+    fn unlink(&self, hash: &Blake3, owner: Option<UserId>) -> io::Result<()> {
+        self.remove(&self.blob(hash), owner)
     }
 
     /// Reads `len` bytes of a blob at `offset`.
@@ -511,7 +587,7 @@ impl Blobs {
         for (id, record) in &uploads {
             if record.stage == switchboard_storage::FileStage::Publishing {
                 // Durable with the store's barrier before anything is served.
-                match self.finish_publishing(store, id, &record.blake3)? {
+                match self.finish_publishing(store, id, &record.blake3, record.uploader)? {
                     Finished::Completed(record, _durable) => completed.push((*id, record)),
                     Finished::Restarted(_durable) => {
                         live.insert(hex(id));
@@ -546,7 +622,7 @@ impl Blobs {
             let entry = entry.map_err(|e| e.to_string())?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !live.contains(&name) {
-                let _ = self.remove(&entry.path());
+                let _ = self.remove(&entry.path(), None);
             }
         }
         for entry in std::fs::read_dir(&self.blobs).map_err(|e| e.to_string())? {
@@ -558,7 +634,7 @@ impl Blobs {
             };
             if !referenced {
                 tracing::info!(blob = name, "deleted a blob no file references");
-                let _ = self.remove(&entry.path());
+                let _ = self.remove(&entry.path(), None);
             }
         }
         Ok(Repaired { checked: uploads.len(), completed })
@@ -652,15 +728,70 @@ mod tests {
         assert!(blobs.unfreed_bytes() >= 64 << 20, "{}", blobs.unfreed_bytes());
         let id = [7u8; 16];
         std::fs::write(blobs.partial(&id), vec![2u8; 1000]).unwrap();
-        blobs.remove_partial(&id).unwrap();
+        blobs.remove_partial(&id, None).unwrap();
         assert!(!blobs.partial(&id).exists());
         assert!(blobs.unfreed_bytes() >= (64 << 20) + 1000, "{}", blobs.unfreed_bytes());
-        blobs.remove_partial(&id).unwrap();
+        blobs.remove_partial(&id, None).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::fs::read_dir(dir.path().join("trash")).unwrap().next().is_some() || blobs.unfreed_bytes() > 0 {
             assert!(std::time::Instant::now() < deadline, "the trash was not emptied: {}", blobs.unfreed_bytes());
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// Trash dirs whose deleter waits (`hold`) before it empties them.
+    static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+    /// Whether the deleter of `trash` is held.
+    pub(super) fn held(trash: &Path) -> bool {
+        HELD.lock().unwrap().iter().any(|t| t == trash)
+    }
+
+    /// Holds the deleter of the broker in `dir` (`true`) or lets it go.
+    fn hold(dir: &Path, on: bool) {
+        let trash = trash_dir(dir);
+        let mut held = HELD.lock().unwrap();
+        held.retain(|t| *t != trash);
+        if on {
+            held.push(trash);
+        }
+    }
+
+    #[test]
+    fn what_a_users_removals_leave_unfreed_is_charged_to_it_until_freed_and_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        hold(dir.path(), true);
+        let (_store, blobs) = open(dir.path());
+        // User 7's cancelled upload and a blob its collected file let go, user 8's
+        // upload, and an orphan charged to nobody.
+        let (a, b, c) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        File::create(blobs.partial(&a)).unwrap().set_len(40 << 20).unwrap();
+        File::create(blobs.blob(&[9; 32])).unwrap().set_len(8 << 20).unwrap();
+        std::fs::write(blobs.partial(&b), vec![1u8; 5000]).unwrap();
+        std::fs::write(blobs.partial(&c), vec![1u8; 300]).unwrap();
+        blobs.remove_partial(&a, Some(7)).unwrap();
+        blobs.unlink(&[9; 32], Some(7)).unwrap();
+        blobs.remove_partial(&b, Some(8)).unwrap();
+        blobs.remove_partial(&c, None).unwrap();
+        assert_eq!([7, 8, 9].map(|u| blobs.unfreed_of(u)), [48 << 20, 5000, 0]);
+        assert_eq!(blobs.unfreed_bytes(), (48 << 20) + 5300);
+        // A crash now: the next start charges them again, from their names.
+        let again = Blobs::open(dir.path()).unwrap();
+        assert_eq!([7, 8, 9].map(|u| again.unfreed_of(u)), [48 << 20, 5000, 0]);
+        drop(again);
+        // Freed: nothing is owed.
+        hold(dir.path(), false);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while blobs.unfreed_bytes() > 0 || blobs.unfreed_of(7) > 0 || blobs.unfreed_of(8) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not freed: {}, {}",
+                blobs.unfreed_bytes(),
+                blobs.unfreed_of(7)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!([owner_in("00ab-u42-ff00"), owner_in("00ab-ff00"), owner_in("00ab-u-1")], [Some(42), None, None]);
     }
 
     #[test]
@@ -777,7 +908,7 @@ mod tests {
         let (first, second) = ([1; 16], [2; 16]);
         uploaded(&store, &blobs, &first, &data).await;
         store.begin_publish(&first).unwrap().unwrap().await.unwrap();
-        blobs.publish(&store, &first, &hash).unwrap().unwrap().1.await.unwrap();
+        blobs.publish(&store, &first, &hash, 7).unwrap().unwrap().1.await.unwrap();
         store.drop_hold(&first).unwrap().unwrap().await.unwrap();
         // The collection finds the blob unreferenced and makes that durable...
         let collected = store.collect_file(&first, 0).unwrap();
@@ -786,18 +917,18 @@ mod tests {
         // ...meanwhile an upload of the same bytes publishes onto the existing blob...
         uploaded(&store, &blobs, &second, &data).await;
         store.begin_publish(&second).unwrap().unwrap().await.unwrap();
-        let (done, durable) = blobs.publish(&store, &second, &hash).unwrap().unwrap();
+        let (done, durable) = blobs.publish(&store, &second, &hash, 7).unwrap().unwrap();
         durable.await.unwrap();
         assert!(done.is_complete());
         // ...and the collection's unlink step leaves the bytes the new file refers to.
-        assert!(!blobs.remove_unreferenced(&store, &hash).unwrap());
+        assert!(!blobs.remove_unreferenced(&store, &hash, None).unwrap());
         assert_eq!(std::fs::read(blobs.blob(&hash)).unwrap(), data);
         assert!(!blobs.partial(&second).exists());
         // Once nothing refers to it, it goes.
         store.drop_hold(&second).unwrap().unwrap().await.unwrap();
         let collected = store.collect_file(&second, 0).unwrap();
         collected.durable.await.unwrap();
-        assert!(blobs.remove_unreferenced(&store, &hash).unwrap());
+        assert!(blobs.remove_unreferenced(&store, &hash, None).unwrap());
         assert!(!blobs.blob(&hash).exists());
     }
 
@@ -812,7 +943,7 @@ mod tests {
         let (victim, attacker) = ([1; 16], [2; 16]);
         uploaded(&store, &blobs, &victim, &secret).await;
         store.begin_publish(&victim).unwrap().unwrap().await.unwrap();
-        blobs.publish(&store, &victim, &record(&secret).blake3).unwrap().unwrap().1.await.unwrap();
+        blobs.publish(&store, &victim, &record(&secret).blake3, 7).unwrap().unwrap().1.await.unwrap();
         uploaded(&store, &blobs, &attacker, &secret).await;
         let garbage = vec![b'x'; secret.len()];
         blobs.open_partial(&attacker, secret.len() as u64).unwrap().write_chunk(0, &garbage).unwrap();

@@ -345,11 +345,12 @@ impl Files {
         id: &FileId,
         record: FileRecord,
     ) -> Result<FileRecord, Unreachable> {
-        let (s, file, hash) = (shared.clone(), *id, record.blake3);
-        let finished = tokio::task::spawn_blocking(move || s.files.blobs.finish_publishing(&s.store, &file, &hash))
-            .await
-            .map_err(|e| Unreachable::Failed(e.to_string()))?
-            .map_err(Unreachable::Failed)?;
+        let (s, file, hash, owner) = (shared.clone(), *id, record.blake3, record.uploader);
+        let finished =
+            tokio::task::spawn_blocking(move || s.files.blobs.finish_publishing(&s.store, &file, &hash, owner))
+                .await
+                .map_err(|e| Unreachable::Failed(e.to_string()))?
+                .map_err(Unreachable::Failed)?;
         // What the actor whose publishing failed did not push: the upload's new state.
         let told = |record: &FileRecord, state| announce::announce(shared, id, record.uploader, record.size, state);
         match finished {
@@ -481,7 +482,7 @@ fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_stor
             // orphan file, which the start-up repair deletes. Deleting the file first
             // could bring back the record without its bytes.
             tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?;
-            shared.files.blobs.remove_partial(id).map_err(|e| e.to_string())?;
+            shared.files.blobs.remove_partial(id, Some(record.uploader)).map_err(|e| e.to_string())?;
             Ok(Some(record))
         }
         None => Ok(None),
@@ -502,7 +503,7 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
     rt.block_on(collected.durable).map_err(|e| e.to_string())?;
     for hash in collected.unreferenced {
         // Another upload of the same bytes may have published onto it since.
-        shared.files.blobs.remove_unreferenced(&shared.store, &hash)?;
+        shared.files.blobs.remove_unreferenced(&shared.store, &hash, collected.owner)?;
     }
     Ok(())
 }

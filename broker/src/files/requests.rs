@@ -11,7 +11,7 @@ use switchboard_protocol::{
     ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, StoredFile,
     UploadInfo, UploadStatus, Usage, UserId,
 };
-use switchboard_storage::{FileRecord, FileStage, Forwarded, Store, UploadRefusal};
+use switchboard_storage::{FileRecord, FileStage, Forwarded, Store, UploadRefusal, charged_bytes};
 
 use super::ATTACHMENT_SCAN;
 use crate::Shared;
@@ -160,15 +160,21 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
                 false
             }
         };
-        match s.store.begin_upload(&id, &record, max_uploads, quota, room).map_err(internal)? {
+        // What the user's removed uploads and files left on the disk, not freed yet,
+        // takes its share of the quota until it is.
+        let owed = s.files.blobs.unfreed_of(user);
+        match s.store.begin_upload(&id, &record, max_uploads, quota.saturating_sub(owed), room).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
             Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
             Err(UploadRefusal::QuotaExceeded { used }) => Err(err(
                 ErrorCode::QUOTA_EXCEEDED,
                 &format!(
-                    "the upload ({} bytes) would pass your storage quota ({quota} bytes): {used} bytes are in use \
-                     (uploads in progress, files you hold, and files you dropped that messages still carry)",
-                    record.size
+                    "the upload ({} bytes, counted as {}) would pass your storage quota ({quota} bytes): {} bytes \
+                     are in use (uploads in progress, files you hold, files you dropped that messages still \
+                     carry, each in whole 4 KiB blocks, and deleted bytes not freed yet)",
+                    record.size,
+                    charged_bytes(record.size),
+                    used.saturating_add(owed)
                 ),
             )),
             Err(UploadRefusal::StorageFull) => {
@@ -239,8 +245,9 @@ pub fn list_files(shared: &Shared, user: UserId, after: Option<FileId>) -> Resul
 pub fn usage(shared: &Shared, user: UserId) -> Result<Reply, ErrorBody> {
     let config = &shared.config;
     let in_progress = shared.store.uploads_of(user, MAX_LISTED_UPLOADS as usize).map_err(internal)?;
+    let stored = shared.store.stored_bytes(user).map_err(internal)?;
     Ok(Reply::Usage(Usage {
-        stored_bytes: shared.store.stored_bytes(user).map_err(internal)?,
+        stored_bytes: stored.saturating_add(shared.files.blobs.unfreed_of(user)),
         quota_bytes: config.quota_bytes,
         uploads_in_progress: u32::try_from(in_progress).unwrap_or(u32::MAX),
         max_uploads_in_progress: u32::try_from(config.max_uploads_per_user).unwrap_or(u32::MAX),
@@ -438,7 +445,9 @@ fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result
     let grace = super::FORWARD_GRACE.min(std::time::Duration::from_secs(config.upload_expiry_secs));
     let times = (crate::now_ms(), u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
     let (copy, thumbnail) = (random_file_id()?, random_file_id()?);
-    match shared.store.forward_file(id, user, copy, || thumbnail, config.quota_bytes, times).map_err(internal)? {
+    let owed = shared.files.blobs.unfreed_of(user);
+    let quota = config.quota_bytes.saturating_sub(owed);
+    match shared.store.forward_file(id, user, copy, || thumbnail, quota, times).map_err(internal)? {
         Forwarded::Copy { id: copy, record, new } => {
             // The original had no thumbnail yet (its decode may be under way): a new copy
             // gets its own through the line, from the outcome remembered for the same
@@ -456,8 +465,10 @@ fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result
             ErrorCode::QUOTA_EXCEEDED,
             &format!(
                 "a file you forward counts against your storage quota ({} bytes) like one you upload: \
-                 {used} bytes are in use, and this file has {size}",
-                config.quota_bytes
+                 {} bytes are in use, and this file counts as {}",
+                config.quota_bytes,
+                used.saturating_add(owed),
+                charged_bytes(size)
             ),
         )),
         Forwarded::Gone => Err(no_such_file()),
