@@ -200,7 +200,9 @@ enum Command {
     /// upload of the same file (same path, size and BLAKE3) started by an earlier sb
     /// in this home is resumed, not started again.
     Upload {
-        file: PathBuf,
+        /// The file (with --resume, may be left out: the file this home began it from).
+        #[arg(required_unless_present = "resume")]
+        file: Option<PathBuf>,
         /// Send a message carrying the file to this conversation once uploaded.
         #[arg(long)]
         conv: Option<ConvId>,
@@ -227,7 +229,8 @@ enum Command {
     Files,
     /// My unfinished uploads, from any of my devices: id, name, durable bytes, expiry,
     /// and the local file when an upload from this home matches it. `sb upload FILE`
-    /// continues one begun here; `sb upload --resume ID FILE` any of them.
+    /// continues one begun here (or `sb upload --resume ID`); `sb upload --resume ID FILE`
+    /// any of them.
     Uploads,
     /// Download a file (or a byte range of it) into OUT. A whole file is checked against
     /// its BLAKE3.

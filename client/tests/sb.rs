@@ -517,6 +517,12 @@ async fn upload_then_download_round_trip() {
     let down = sb(&bob, &broker, &["download", &id, out.to_str().unwrap()]);
     assert_eq!(down[0]["verified"], true);
     assert_eq!(std::fs::read(&out).unwrap(), data);
+    // Into a directory that does not exist: said as the user named it, nothing written.
+    let nowhere = dir.path().join("no-such-dir").join("copy.bin");
+    let refused = sb_output(&bob, &broker, &["download", &id, nowhere.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("no-such-dir is not a directory"), "{said}");
+    assert!(!said.contains("sb-part"), "{said}");
 
     let info = sb(&bob, &broker, &["file", "info", &id]);
     assert_eq!(info[0]["state"], "complete");
@@ -680,8 +686,8 @@ async fn download_resumes_from_what_a_killed_run_left() {
     assert!(!partial.exists());
 }
 
-/// An `sb upload` killed mid-way continues with `sb upload --resume ID FILE` from the
-/// broker's durable offset, and the file arrives whole.
+/// An `sb upload` killed mid-way continues with `sb upload --resume ID` (the file it was
+/// begun from) from the broker's durable offset, and the file arrives whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_resumes_after_the_process_was_killed() {
     let dir = tempfile::tempdir().unwrap();
@@ -697,13 +703,17 @@ async fn upload_resumes_after_the_process_was_killed() {
     // The id was saved for resuming.
     assert!(std::fs::read_to_string(alice.join("state.json")).unwrap().contains(&id));
 
-    let resumed = sb(&alice, &broker, &["upload", "--resume", &id, path.to_str().unwrap()]);
+    let resumed = sb(&alice, &broker, &["upload", "--resume", &id]);
     let from = event(&resumed, "resumed")["offset"].as_u64().unwrap();
     assert!(from >= durable, "resumed at {from}, {durable} was durable before the kill");
     assert_eq!(event(&resumed, "uploaded")["file"].as_str(), Some(id.as_str()));
     let out = dir.path().join("copy.bin");
     assert_eq!(sb(&alice, &broker, &["download", &id, out.to_str().unwrap()])[0]["verified"], true);
     assert!(std::fs::read(&out).unwrap() == data);
+    // Finished here: the file must be named.
+    let finished = sb_output(&alice, &broker, &["upload", "--resume", &id]);
+    let said = String::from_utf8_lossy(&finished.stderr);
+    assert!(!finished.status.success() && said.contains("name its file"), "{said}");
 
     // Another file than the upload's is refused before anything is sent.
     let other = dir.path().join("other.bin");

@@ -7,7 +7,7 @@
 //! the same unchanged file after sb died continues the upload instead of starting
 //! another (an expired or cancelled one starts afresh) and sends it where it was meant
 //! to go. `sb upload --resume ID FILE` continues a given upload, and fails if it is
-//! gone; `sb uploads` lists the broker's unfinished uploads of the user. One `sb upload`
+//! gone (without FILE, the file this home began it from); `sb uploads` lists the broker's unfinished uploads of the user. One `sb upload`
 //! at a time per file and home (`UploadLock`).
 
 use std::path::{Path, PathBuf};
@@ -25,8 +25,8 @@ use super::{FileCommand, MAX_SAVED_UPLOADS, Out, SavedUpload, update_state};
 
 /// What `sb upload` was asked.
 pub struct UploadArgs {
-    /// The local file.
-    pub path: PathBuf,
+    /// The local file (`None` only with `resume`: the file this home began it from).
+    pub path: Option<PathBuf>,
     /// Attach it to this conversation once uploaded.
     pub conv: Option<ConvId>,
     /// Declared media type (`--type`).
@@ -47,7 +47,11 @@ pub async fn upload(
     out: &Out,
     args: UploadArgs,
 ) -> anyhow::Result<()> {
-    let path = std::path::absolute(&args.path).unwrap_or_else(|_| args.path.clone());
+    let path = match (&args.path, &args.resume) {
+        (Some(path), _) => std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+        (None, Some(id)) => saved_path(home, id)?,
+        (None, None) => bail!("which file? `sb upload FILE`"),
+    };
     let content_type = args.content_type.clone().unwrap_or_else(|| guess_type(&path).to_owned());
     let new = new_upload(&path, &content_type).await.with_context(|| format!("reading {}", path.display()))?;
     let size = new.size;
@@ -396,6 +400,11 @@ pub async fn download(
     length: u64,
 ) -> anyhow::Result<()> {
     let file = parse_file_id(id)?;
+    // Said before anything is asked (the partial file beside OUT is not the user's name).
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("{} is not a directory: nothing downloaded to {}", dir.display(), path.display());
+    }
     let mut client = connector.connect(identity).await?;
     let info = match client.file_info(file).await {
         Ok(info) => info,
@@ -813,6 +822,19 @@ fn upload_key(path: &Path, size: u64, blake3: &[u8; 32]) -> String {
 /// The path in an `upload_key` (which may itself hold a newline).
 fn key_path(key: &str) -> Option<&str> {
     key.rsplitn(3, '\n').nth(2)
+}
+
+/// The file this home began upload `id` (hex) from, for `sb upload --resume ID`.
+fn saved_path(home: &Path, id: &str) -> anyhow::Result<PathBuf> {
+    let file = hex(&parse_file_id(id)?);
+    let state = super::load_state(home)?;
+    match state.uploads.iter().find(|u| u.file == file).and_then(|u| key_path(&u.key)) {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => bail!(
+            "upload {file} was not begun from this home, or is finished here: name its file \
+             (`sb upload --resume {file} FILE`; `sb uploads` lists the unfinished ones)"
+        ),
+    }
 }
 
 fn load_saved(home: &Path, key: &str) -> anyhow::Result<Option<SavedUpload>> {
