@@ -521,7 +521,7 @@ async fn upload_then_download_round_trip() {
     let nowhere = dir.path().join("no-such-dir").join("copy.bin");
     let refused = sb_output(&bob, &broker, &["download", &id, nowhere.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success() && said.contains("no-such-dir is not a directory"), "{said}");
+    assert!(!refused.status.success() && said.contains("no-such-dir does not exist"), "{said}");
     assert!(!said.contains("sb-part"), "{said}");
 
     let info = sb(&bob, &broker, &["file", "info", &id]);

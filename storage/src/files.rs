@@ -181,8 +181,10 @@ pub struct Collected {
     pub unreferenced: Vec<Blake3>,
     /// Resolves once the removal is durable.
     pub durable: Durable,
-    /// Whose file was deleted (its uploader or forwarder), if one was.
-    pub owner: Option<UserId>,
+    /// The deleted file's owner (its uploader or forwarder) and blob, if one was deleted:
+    /// that blob's bytes, if unreferenced now, are the owner's until freed (a thumbnail's
+    /// are nobody's).
+    pub owner: Option<(UserId, Blake3)>,
 }
 
 impl Store {
@@ -670,6 +672,19 @@ impl Store {
     /// messages were looked at). A thumbnail goes only with its file. Blobs left with no
     /// reference are returned for the caller to delete. Blocking (a catalog batch).
     pub fn collect_file(&self, id: &FileId, now_ms: u64) -> Result<Collected> {
+        Ok(self.collect_file_with(id, now_ms, |_, _| ())?.0)
+    }
+
+    /// `collect_file`, calling `release(owner, charge)` under the files lock just before
+    /// the deletion gives `charge` bytes of `owner`'s quota back (not at all if nothing
+    /// is deleted), and returning what it returned: whoever must keep those bytes
+    /// counted until the blob is freed takes them over there. Blocking.
+    pub fn collect_file_with<R>(
+        &self,
+        id: &FileId,
+        now_ms: u64,
+        release: impl FnOnce(UserId, u64) -> R,
+    ) -> Result<(Collected, Option<R>)> {
         let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let mark = self.db.get(Key::file_unheld(id))?;
         let record = self.file(id)?;
@@ -682,18 +697,20 @@ impl Store {
             looked(self);
         }
         if waiting {
-            return Ok(Collected { unreferenced: Vec::new(), durable: Durable::ready(), owner: None });
+            return Ok((Collected { unreferenced: Vec::new(), durable: Durable::ready(), owner: None }, None));
         }
         let mut txn = Txn::new();
         let mut unreferenced = Vec::new();
         let mut owner = None;
+        let mut released = None;
         if let Some(record) = record
             && record.is_complete()
             && !record.held
             && record.parent.is_none()
             && !carried
         {
-            owner = Some(record.uploader);
+            owner = Some((record.uploader, record.blake3));
+            released = Some(release(record.uploader, charged_bytes(record.size)));
             if let Some(original) = self.db.get(Key::copy_of(id))? {
                 txn.batch.remove(Key::copy_of(id).as_ref());
                 txn.batch.remove(Key::forward_copy(record.uploader, &file_id_at(&original, 0)?).as_ref());
@@ -738,7 +755,7 @@ impl Store {
             // Applied: take the mark away unless a delete wrote it again meanwhile.
             let _ = self.db.compare_and_swap(Key::file_unheld(id), Some(mark), None::<&[u8]>)?;
         }
-        Ok(Collected { unreferenced, durable, owner })
+        Ok((Collected { unreferenced, durable, owner }, released))
     }
 
     /// Complete files marked as possibly unheld, by ascending id after `after`, at most
@@ -1039,6 +1056,28 @@ mod tests {
         // Counted as they go from now on.
         store.remove_upload(&[3; 16]).unwrap().unwrap().1.await.unwrap();
         assert_eq!(store.stored_bytes(7).unwrap(), 2 * B);
+    }
+
+    #[tokio::test]
+    async fn a_collection_tells_who_takes_over_the_charge_only_when_it_gives_quota_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a = [1; 16];
+        stored(&store, a, 7, 5).await;
+        // Held: nothing deleted, nobody told.
+        let (c, told) = store.collect_file_with(&a, 0, |user, bytes| (user, bytes)).unwrap();
+        assert!(told.is_none() && c.owner.is_none() && c.unreferenced.is_empty());
+        store.drop_hold(&a).unwrap().unwrap().await.unwrap();
+        // Let go: told under the lock, before the quota goes, of exactly what goes.
+        let seen = std::cell::Cell::new(None);
+        let (c, told) = store
+            .collect_file_with(&a, 0, |user, bytes| seen.set(Some((user, bytes, store.stored_bytes(user).unwrap()))))
+            .unwrap();
+        c.durable.await.unwrap();
+        assert!(told.is_some());
+        assert_eq!(seen.get(), Some((7, QUOTA_BLOCK, QUOTA_BLOCK)), "told while the quota still counted it");
+        assert_eq!((c.owner, c.unreferenced), (Some((7, [5; 32])), vec![[5; 32]]));
+        assert_eq!(store.stored_bytes(7).unwrap(), 0);
     }
 
     #[test]

@@ -181,11 +181,15 @@ fn direct_span(offset: u64, len: usize) -> (usize, usize) {
 
 /// Bytes freed per cut when a file is deleted (`remove_paced`).
 const DELETE_PIECE: u64 = 4 * 1024 * 1024;
-/// Bytes per second the broker frees when it deletes files (see `remove_paced`).
+/// Bytes per second the broker frees when it deletes files by default
+/// (`delete_bytes_per_sec`; see `remove_paced`).
 pub const DELETE_BYTES_PER_SEC: u64 = 32 * 1024 * 1024;
 
 /// Deletes the file at `path` (none there is fine) at most `bytes_per_sec` at a time: cut
-/// from the end `DELETE_PIECE` at a time, each cut fdatasynced, then unlinked. Blocking.
+/// from the end `DELETE_PIECE` at a time, each cut fdatasynced, then unlinked. `freed` is
+/// told each piece's bytes once they are freed (cut and synced, or the rest unlinked) and
+/// answers whether to go on: `false` leaves the rest of the file, shorter, in place.
+/// Whether the file is gone. Blocking.
 ///
 /// Why: on a file system mounted with online `discard` (ext4 `-o discard`, as on the VM
 /// of docs/benchmarks.md), freeing blocks fast stalls every fdatasync on the disk, the
@@ -195,9 +199,9 @@ pub const DELETE_BYTES_PER_SEC: u64 = 32 * 1024 * 1024;
 /// them 73-79 ms two seconds later; freed in 4 MiB cuts at 128 MiB/s one stall of 57 ms,
 /// at 64 MiB/s two of 43-47 ms, at 32 MiB/s none (max 6.5 ms). RocksDB deletes its
 /// files at a bounded rate for the same reason.
-pub fn remove_paced(path: &Path, bytes_per_sec: u64) -> io::Result<()> {
+pub fn remove_paced(path: &Path, bytes_per_sec: u64, mut freed: impl FnMut(u64) -> bool) -> io::Result<bool> {
     let file = match OpenOptions::new().write(true).open(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
         file => file?,
     };
     // Sleeps what is left of `freed` bytes' share of the rate since `started`.
@@ -213,6 +217,9 @@ pub fn remove_paced(path: &Path, bytes_per_sec: u64) -> io::Result<()> {
         len -= DELETE_PIECE;
         file.set_len(len)?;
         file.sync_data()?;
+        if !freed(DELETE_PIECE) {
+            return Ok(false);
+        }
         pace(DELETE_PIECE, started);
     }
     drop(file);
@@ -221,15 +228,17 @@ pub fn remove_paced(path: &Path, bytes_per_sec: u64) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
+    freed(len);
     pace(len, started);
-    Ok(())
+    Ok(true)
 }
 
 /// Deletes what is moved into the trash dir, one file at a time at
 /// `DELETE_BYTES_PER_SEC`, on a thread of its own: whoever deletes a file only renames
 /// it there and goes on. A file in the trash is referenced by nothing (its record or
 /// reference is gone durably before it is moved); a crash leaves it there, and the next
-/// start deletes it.
+/// start deletes it. Dropped (the broker's files closed), it stops after the piece it is
+/// freeing, so a broker started again on the same dir in the same process counts alone.
 #[derive(Debug)]
 struct Deleter {
     /// Wakes the thread; one pending wake-up is enough (it empties the whole dir).
@@ -241,17 +250,31 @@ struct Deleter {
     /// The part of `backlog` each user's uploads and files left (`Blobs::unfreed_of`),
     /// per user with any (so at most one entry per account).
     owed: Arc<Owed>,
+    /// Tells the thread to stop (`Drop`).
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Deleter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.try_send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Per user, bytes in the trash that its uploads and files left, not yet freed.
 type Owed = std::sync::Mutex<std::collections::HashMap<UserId, u64>>;
 
-/// The name of a file moved into the trash: unique (`n`), with the user it is charged to,
-/// if any, so a crash does not lose the charge (`owner_in`).
+/// The name of a file moved into the trash: unique (`n`), with the user it is charged to
+/// (`u<id>`) or `n` for nobody, so a crash does not lose the charge and no original name
+/// can pass for one (`owner_in`).
 fn trash_name(n: u64, owner: Option<UserId>, original: &str) -> String {
     match owner {
         Some(user) => format!("{n:016x}-u{user}-{original}"),
-        None => format!("{n:016x}-{original}"),
+        None => format!("{n:016x}-n-{original}"),
     }
 }
 
@@ -273,7 +296,7 @@ fn charge(owed: &Owed, owner: Option<UserId>, len: u64, add: bool) {
 }
 
 impl Deleter {
-    fn start(trash: PathBuf) -> io::Result<Deleter> {
+    fn start(trash: PathBuf, bytes_per_sec: u64) -> io::Result<Deleter> {
         // What a crash left counts from the start, charged to whom it was.
         let (backlog, owed) = (Arc::new(std::sync::atomic::AtomicU64::new(0)), Arc::new(Owed::default()));
         for entry in std::fs::read_dir(&trash)?.filter_map(|e| e.ok()) {
@@ -282,22 +305,20 @@ impl Deleter {
             charge(&owed, owner_in(&entry.file_name().to_string_lossy()), meta.len(), true);
         }
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
-        let (freed, repaid) = (backlog.clone(), owed.clone());
-        std::thread::Builder::new().name("sb-deleter".into()).spawn(move || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Counts { backlog: backlog.clone(), owed: owed.clone(), stop: stop.clone() };
+        let thread = std::thread::Builder::new().name("sb-deleter".into()).spawn(move || {
             // What a crash left, then whatever comes, until the broker's files close.
             loop {
-                // Tests hold a deleter to look at its trash; one whose broker went while
-                // held stops (another may own the dir now).
+                // Tests hold a deleter to look at its trash.
                 #[cfg(test)]
-                {
-                    while tests::held(&trash) {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
-                    if let Err(std::sync::mpsc::TryRecvError::Disconnected) = woken.try_recv() {
-                        return;
-                    }
+                while tests::held(&trash) && !counts.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
                 }
-                if let Err(e) = empty(&trash, &freed, &repaid) {
+                if counts.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Err(e) = empty(&trash, bytes_per_sec, &counts) {
                     tracing::warn!(error = %e, dir = %trash.display(), "reading the trash failed; retried at the next delete");
                 }
                 if woken.recv().is_err() {
@@ -306,14 +327,24 @@ impl Deleter {
             }
         })?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        Ok(Deleter { wake, next: std::sync::atomic::AtomicU64::new(nanos as u64), backlog, owed })
+        let next = std::sync::atomic::AtomicU64::new(nanos as u64);
+        Ok(Deleter { wake, next, backlog, owed, stop, thread: Some(thread) })
     }
 }
 
-/// Deletes every file in `trash`, paced, taking each one's size off `backlog` (and off
-/// what its owner owes) once it is gone. A file that cannot be deleted is logged and
-/// skipped (tried again at the next wake-up), so it never holds up the others.
-fn empty(trash: &Path, backlog: &std::sync::atomic::AtomicU64, owed: &Owed) -> io::Result<()> {
+/// What the deleter thread counts down as it frees, and its stop flag.
+struct Counts {
+    backlog: Arc<std::sync::atomic::AtomicU64>,
+    owed: Arc<Owed>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Deletes every file in `trash`, paced, taking each piece freed off the backlog (and off
+/// what the file's owner owes) as it goes, so a file that fails half-way stays counted
+/// at what is left of it. A file that cannot be deleted is logged and skipped (tried
+/// again at the next wake-up), so it never holds up the others. Returns early once told
+/// to stop.
+fn empty(trash: &Path, bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
     let mut failed = std::collections::HashSet::new();
     loop {
         let mut any = false;
@@ -322,13 +353,16 @@ fn empty(trash: &Path, backlog: &std::sync::atomic::AtomicU64, owed: &Owed) -> i
             if failed.contains(&path) {
                 continue;
             }
-            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            match remove_paced(&path, DELETE_BYTES_PER_SEC) {
-                Ok(()) => {
-                    let _ = backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
-                    let owner = path.file_name().and_then(|n| owner_in(&n.to_string_lossy()));
-                    charge(owed, owner, len, false);
-                }
+            let owner = path.file_name().and_then(|n| owner_in(&n.to_string_lossy()));
+            let freed = |bytes: u64| {
+                let _ =
+                    counts.backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(bytes)));
+                charge(&counts.owed, owner, bytes, false);
+                !counts.stop.load(Ordering::Acquire)
+            };
+            match remove_paced(&path, bytes_per_sec, freed) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, file = %path.display(), "a file in the trash could not be deleted");
                     failed.insert(path);
@@ -350,8 +384,8 @@ pub fn trash_dir(data_dir: &Path) -> PathBuf {
 
 impl Blobs {
     /// The directories under `data_dir`, created if missing, and the thread that deletes
-    /// files (it first deletes what a crash left in the trash).
-    pub fn open(data_dir: &Path) -> io::Result<Blobs> {
+    /// files at `delete_bytes_per_sec` (it first deletes what a crash left in the trash).
+    pub fn open(data_dir: &Path, delete_bytes_per_sec: u64) -> io::Result<Blobs> {
         let trash = trash_dir(data_dir);
         std::fs::create_dir_all(&trash)?;
         let blobs = Blobs {
@@ -359,7 +393,7 @@ impl Blobs {
             blobs: data_dir.join("blobs"),
             trash: trash.clone(),
             refs: std::sync::Mutex::new(()),
-            deleter: Deleter::start(trash)?,
+            deleter: Deleter::start(trash, delete_bytes_per_sec.max(1))?,
         };
         std::fs::create_dir_all(&blobs.uploads)?;
         std::fs::create_dir_all(&blobs.blobs)?;
@@ -406,6 +440,15 @@ impl Blobs {
     /// behalf: cancelled, failed, expired or deleted): counted in its quota until freed.
     pub fn unfreed_of(&self, user: UserId) -> u64 {
         self.deleter.owed.lock().unwrap_or_else(|p| p.into_inner()).get(&user).copied().unwrap_or(0)
+    }
+
+    /// Counts `bytes` against `owner`'s quota (`unfreed_of`) until the guard drops: taken
+    /// before the store gives the quota of an upload or file back, dropped once its
+    /// bytes are in the trash (charged there), so between the two nothing of it is
+    /// uncounted for a `BeginUpload` that checks meanwhile.
+    pub fn owe(&self, owner: UserId, bytes: u64) -> Owing<'_> {
+        charge(&self.deleter.owed, Some(owner), bytes, true);
+        Owing { owed: &self.deleter.owed, owner, bytes }
     }
 
     /// The directory whose disk holds the files (for free space).
@@ -641,6 +684,19 @@ impl Blobs {
     }
 }
 
+/// A charge taken by `Blobs::owe`, given back when dropped.
+pub struct Owing<'a> {
+    owed: &'a Owed,
+    owner: UserId,
+    bytes: u64,
+}
+
+impl Drop for Owing<'_> {
+    fn drop(&mut self) {
+        charge(self.owed, Some(self.owner), self.bytes, false);
+    }
+}
+
 /// What `Blobs::finish_publishing` did.
 pub enum Finished {
     /// Published: the file is complete (the record; durable once this resolves).
@@ -671,7 +727,7 @@ mod tests {
     fn open(dir: &Path) -> (Store, Blobs) {
         let mut config = StoreConfig::new(dir.join("store"));
         config.cache_capacity_bytes = 4 * 1024 * 1024;
-        (Store::open(&config).unwrap(), Blobs::open(dir).unwrap())
+        (Store::open(&config).unwrap(), Blobs::open(dir, DELETE_BYTES_PER_SEC).unwrap())
     }
 
     fn record(data: &[u8]) -> FileRecord {
@@ -703,17 +759,17 @@ mod tests {
         drop(file);
         // 12 MiB and a bit at 16 MiB a second: about three quarters of a second.
         let started = std::time::Instant::now();
-        remove_paced(&path, 4 * DELETE_PIECE).unwrap();
+        assert!(remove_paced(&path, 4 * DELETE_PIECE, |_| true).unwrap());
         assert!(!path.exists());
         assert!(started.elapsed() >= std::time::Duration::from_millis(700), "{:?}", started.elapsed());
         // A small file costs only its share.
         std::fs::write(&path, b"x").unwrap();
         let started = std::time::Instant::now();
-        remove_paced(&path, 1000).unwrap();
+        remove_paced(&path, 1000, |_| true).unwrap();
         assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?}", started.elapsed());
-        remove_paced(&path, DELETE_BYTES_PER_SEC).unwrap();
+        remove_paced(&path, DELETE_BYTES_PER_SEC, |_| true).unwrap();
         std::fs::write(&path, b"").unwrap();
-        remove_paced(&path, DELETE_BYTES_PER_SEC).unwrap();
+        remove_paced(&path, DELETE_BYTES_PER_SEC, |_| true).unwrap();
         assert!(!path.exists());
     }
 
@@ -776,7 +832,7 @@ mod tests {
         assert_eq!([7, 8, 9].map(|u| blobs.unfreed_of(u)), [48 << 20, 5000, 0]);
         assert_eq!(blobs.unfreed_bytes(), (48 << 20) + 5300);
         // A crash now: the next start charges them again, from their names.
-        let again = Blobs::open(dir.path()).unwrap();
+        let again = Blobs::open(dir.path(), DELETE_BYTES_PER_SEC).unwrap();
         assert_eq!([7, 8, 9].map(|u| again.unfreed_of(u)), [48 << 20, 5000, 0]);
         drop(again);
         // Freed: nothing is owed.
@@ -791,7 +847,18 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        assert_eq!([owner_in("00ab-u42-ff00"), owner_in("00ab-ff00"), owner_in("00ab-u-1")], [Some(42), None, None]);
+        // A charge taken ahead (`owe`) lasts as long as its guard.
+        let owing = blobs.owe(8, 4096);
+        assert_eq!(blobs.unfreed_of(8), 4096);
+        drop(owing);
+        assert_eq!(blobs.unfreed_of(8), 0);
+        let names =
+            ["00ab-u42-ff00", "00ab-ff00", "00ab-u-1", &trash_name(1, None, "u5-x"), &trash_name(2, Some(6), "u5-x")];
+        assert_eq!(
+            names.map(owner_in),
+            [Some(42), None, None, None, Some(6)],
+            "an original name never passes for an owner"
+        );
     }
 
     #[test]
@@ -808,7 +875,7 @@ mod tests {
     #[test]
     fn chunks_of_any_size_at_any_offset_store_exactly_their_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = Blobs::open(dir.path()).unwrap();
+        let blobs = Blobs::open(dir.path(), DELETE_BYTES_PER_SEC).unwrap();
         let id = [7; 16];
         let data: Vec<u8> =
             (0..3 * 1024 * 1024 + 777u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();

@@ -25,7 +25,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES;
 use switchboard_protocol::{FileId, FileState, UserId};
-use switchboard_storage::{FileRecord, FileStage};
+use switchboard_storage::{FileRecord, FileStage, charged_bytes};
 
 pub use actor::UploadMsg;
 use actor::{Upload, UploadArgs};
@@ -107,6 +107,8 @@ pub struct TransferLimits {
     /// Transfer streams one user may have served at once, over all its connections
     /// (`max_transfer_streams_per_user`).
     pub streams_per_user: usize,
+    /// How fast deleted bytes are freed, bytes a second (`delete_bytes_per_sec`).
+    pub delete_bytes_per_sec: u64,
 }
 
 impl TransferLimits {
@@ -117,6 +119,7 @@ impl TransferLimits {
             buffered_chunk_bytes: usize::try_from(config.transfer_buffer_bytes).unwrap_or(usize::MAX),
             open_blob_files: config.max_open_blob_files,
             streams_per_user: config.max_transfer_streams_per_user,
+            delete_bytes_per_sec: config.delete_bytes_per_sec,
         }
     }
 }
@@ -193,7 +196,7 @@ impl Files {
             open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
             blob_waiters: AtomicUsize::new(0),
             blob_evictions: std::sync::Mutex::new(Vec::new()),
-            blobs: Blobs::open(data_dir)?,
+            blobs: Blobs::open(data_dir, limits.delete_bytes_per_sec)?,
             map: std::sync::Mutex::new(HashMap::new()),
             spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
@@ -476,6 +479,14 @@ async fn acquire_until(
 /// is durable, its partial file. Blocking (call on the blocking pool). The record
 /// removed, if any; returned only once the removal is durable.
 fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_storage::FileRecord>, String> {
+    // Its bytes count against its uploader from before its quota is given back until they
+    // are in the trash (counted there until freed).
+    let _owing = match shared.store.file(id).map_err(|e| e.to_string())? {
+        Some(record) if matches!(record.stage, FileStage::Uploading { .. }) => {
+            shared.files.blobs.owe(record.uploader, charged_bytes(record.size))
+        }
+        _ => return Ok(None),
+    };
     match shared.store.remove_upload(id).map_err(|e| e.to_string())? {
         Some((record, durable)) => {
             // The record goes first and durably: a crash before the file goes leaves an
@@ -492,7 +503,10 @@ fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_stor
 /// Deletes the complete file `id` if nothing holds it any more, and the blobs its
 /// deletion leaves unreferenced (once that is durable). Blocking.
 pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
-    let collected = shared.store.collect_file(id, crate::now_ms()).map_err(|e| e.to_string())?;
+    // As for an upload removed: counted from the moment its quota is given back until
+    // its blob, if it goes, is in the trash.
+    let owe = |user, bytes| shared.files.blobs.owe(user, bytes);
+    let (collected, _owing) = shared.store.collect_file_with(id, crate::now_ms(), owe).map_err(|e| e.to_string())?;
     if collected.unreferenced.is_empty() {
         drop(collected.durable);
         return Ok(());
@@ -503,7 +517,8 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
     rt.block_on(collected.durable).map_err(|e| e.to_string())?;
     for hash in collected.unreferenced {
         // Another upload of the same bytes may have published onto it since.
-        shared.files.blobs.remove_unreferenced(&shared.store, &hash, collected.owner)?;
+        let owner = collected.owner.filter(|(_, blob)| *blob == hash).map(|(user, _)| user);
+        shared.files.blobs.remove_unreferenced(&shared.store, &hash, owner)?;
     }
     Ok(())
 }
@@ -588,7 +603,13 @@ mod tests {
     }
 
     fn files(dir: &std::path::Path, buffered_chunk_bytes: usize) -> Files {
-        let limits = TransferLimits { live_streams: 8, buffered_chunk_bytes, open_blob_files: 1, streams_per_user: 2 };
+        let limits = TransferLimits {
+            live_streams: 8,
+            buffered_chunk_bytes,
+            open_blob_files: 1,
+            streams_per_user: 2,
+            delete_bytes_per_sec: blobs::DELETE_BYTES_PER_SEC,
+        };
         Files::open(dir, limits).unwrap()
     }
 
@@ -652,7 +673,13 @@ mod tests {
         // A share of 0 refuses every stream and keeps no entry either.
         let none = Files::open(
             dir.path(),
-            TransferLimits { live_streams: 8, buffered_chunk_bytes: 0, open_blob_files: 1, streams_per_user: 0 },
+            TransferLimits {
+                live_streams: 8,
+                buffered_chunk_bytes: 0,
+                open_blob_files: 1,
+                streams_per_user: 0,
+                delete_bytes_per_sec: blobs::DELETE_BYTES_PER_SEC,
+            },
         )
         .unwrap();
         assert!(none.user_stream(1).is_none());

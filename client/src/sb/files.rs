@@ -402,8 +402,13 @@ pub async fn download(
     let file = parse_file_id(id)?;
     // Said before anything is asked (the partial file beside OUT is not the user's name).
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        bail!("{} is not a directory: nothing downloaded to {}", dir.display(), path.display());
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{} does not exist: nothing downloaded to {}", dir.display(), path.display())
+        }
+        Ok(m) if !m.is_dir() => bail!("{} is not a directory: nothing downloaded to {}", dir.display(), path.display()),
+        // Anything else is said where the file is made.
+        _ => {}
     }
     let mut client = connector.connect(identity).await?;
     let info = match client.file_info(file).await {

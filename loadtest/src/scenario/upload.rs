@@ -642,7 +642,7 @@ fn fsync_append(dir: &Path, bytes: u64, how: Append) -> std::io::Result<f64> {
     })();
     // Paced, as the broker deletes: unlinked at once, the file's discard (on a file
     // system mounted `-o discard`) stalls the fdatasyncs of the phases after this one.
-    let _ = switchboard_broker::files::blobs::remove_paced(&path, HARNESS_DELETE_BYTES_PER_SEC);
+    let _ = switchboard_broker::files::blobs::remove_paced(&path, HARNESS_DELETE_BYTES_PER_SEC, |_| true);
     measured
 }
 
@@ -742,8 +742,8 @@ fn small_syncs_beside_appends(dir: &Path, samples: usize, every: Duration) -> st
         appended?;
         Ok((alone, beside))
     })();
-    let _ = switchboard_broker::files::blobs::remove_paced(&small, HARNESS_DELETE_BYTES_PER_SEC);
-    let _ = switchboard_broker::files::blobs::remove_paced(&bulk, HARNESS_DELETE_BYTES_PER_SEC);
+    let _ = switchboard_broker::files::blobs::remove_paced(&small, HARNESS_DELETE_BYTES_PER_SEC, |_| true);
+    let _ = switchboard_broker::files::blobs::remove_paced(&bulk, HARNESS_DELETE_BYTES_PER_SEC, |_| true);
     measured
 }
 
