@@ -344,15 +344,19 @@ impl Transfer {
     }
 }
 
-/// Declares an upload of `data` (BLAKE3 of `data` unless `hash` is given).
-pub async fn begin_upload(client: &Client, name: &str, content_type: &str, data: &[u8]) -> UploadStatus {
-    let new = NewUpload {
+/// What `BeginUpload` declares for `data`: its size and BLAKE3.
+pub fn new_upload(name: &str, content_type: &str, data: &[u8]) -> NewUpload {
+    NewUpload {
         name: name.into(),
         size: data.len() as u64,
         content_type: content_type.into(),
         blake3: *blake3::hash(data).as_bytes(),
-    };
-    match client.request(RequestBody::BeginUpload(new)).await.unwrap() {
+    }
+}
+
+/// Declares an upload of `data` (`new_upload`) and answers its status.
+pub async fn begin_upload(client: &Client, name: &str, content_type: &str, data: &[u8]) -> UploadStatus {
+    match client.request(RequestBody::BeginUpload(new_upload(name, content_type, data))).await.unwrap() {
         Reply::Upload(status) => status,
         other => panic!("expected Upload, got {other:?}"),
     }

@@ -12,8 +12,8 @@ use switchboard_protocol::{
     Body, ErrorCode, FileId, FileState, NewUpload, Page, Reply, RequestBody, TransferOpen, TransferReply,
 };
 use switchboard_tests::{
-    STEP_DEADLINE, TestBroker, Transfer, begin_upload, bounded, download, next_entry, no_event, upload_range,
-    upload_rest, within,
+    STEP_DEADLINE, TestBroker, Transfer, begin_upload, bounded, download, new_upload, next_entry, no_event,
+    upload_range, upload_rest, within,
 };
 
 /// `n` bytes that differ from those of another `seed`.
@@ -627,12 +627,7 @@ async fn tiny_files_are_each_charged_a_block_of_the_quota() {
         }
         let usage = alice.usage().await.unwrap();
         assert_eq!((usage.stored_bytes, usage.quota_bytes), (4 * 4096, 4 * 4096));
-        let fifth = NewUpload {
-            name: "fifth.bin".into(),
-            size: 1,
-            content_type: "application/octet-stream".into(),
-            blake3: *blake3::hash(&bytes(1, 9)).as_bytes(),
-        };
+        let fifth = new_upload("fifth.bin", "application/octet-stream", &bytes(1, 9));
         let refused = alice.request(RequestBody::BeginUpload(fifth)).await.unwrap_err();
         assert_eq!(refused.code(), Some(ErrorCode::QUOTA_EXCEEDED));
         assert!(refused.to_string().contains("4 KiB blocks"), "says how it counts: {refused}");
@@ -669,12 +664,7 @@ async fn a_cancelled_uploads_bytes_count_against_its_uploader_until_the_disk_has
         assert!(used > 16 * 1024 * 1024, "the unfreed bytes count: {used}");
         let next = bytes(16 * 1024 * 1024, 4);
         let refused = alice
-            .request(RequestBody::BeginUpload(NewUpload {
-                name: "next.bin".into(),
-                size: next.len() as u64,
-                content_type: "application/octet-stream".into(),
-                blake3: *blake3::hash(&next).as_bytes(),
-            }))
+            .request(RequestBody::BeginUpload(new_upload("next.bin", "application/octet-stream", &next)))
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Some(ErrorCode::QUOTA_EXCEEDED), "{refused}");
@@ -1009,12 +999,7 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
         // The uploader lets go; the message still carries it, so its bytes stay and
         // keep counting against the uploader's quota.
         alice.request(RequestBody::DeleteFile { file }).await.unwrap();
-        let next = NewUpload {
-            name: "next.bin".into(),
-            size: data.len() as u64,
-            content_type: "application/octet-stream".into(),
-            blake3: *blake3::hash(&data).as_bytes(),
-        };
+        let next = new_upload("next.bin", "application/octet-stream", &data);
         let refused = alice.request(RequestBody::BeginUpload(next.clone())).await;
         assert_eq!(code_of(refused), ErrorCode::QUOTA_EXCEEDED, "still stored: still counted");
         assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
