@@ -194,8 +194,10 @@ impl Store {
     }
 
     /// Records a new upload of `record.uploader` (stage `Uploading { offset: 0 }`), unless
-    /// the user has `max_uploads` in progress, or its stored bytes plus the size pass
-    /// `quota_bytes`, or `room` says the disk has no room: it is given the bytes still to
+    /// the user has `max_uploads` in progress, or its stored bytes plus the size's charge
+    /// pass `quota_bytes()` (asked under the files lock, so what the caller counts against
+    /// the user outside the store, taken before a removal gives quota back here, is seen
+    /// whatever the order), or `room` says the disk has no room: it is given the bytes still to
     /// come of every upload in progress (promised, not yet on disk) and answers whether
     /// the disk holds those plus this upload's size. The checks and the write are one
     /// step, under the files lock. Blocking (a catalog batch).
@@ -204,7 +206,7 @@ impl Store {
         id: &FileId,
         record: &FileRecord,
         max_uploads: usize,
-        quota_bytes: u64,
+        quota_bytes: impl FnOnce() -> u64,
         room: impl FnOnce(u64) -> bool,
     ) -> Result<std::result::Result<Durable, UploadRefusal>> {
         let lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -213,7 +215,7 @@ impl Store {
             return Ok(Err(UploadRefusal::TooManyUploads));
         }
         let stored = self.stored_now(&lock, user)?;
-        if stored.saturating_add(charged_bytes(record.size)) > quota_bytes {
+        if stored.saturating_add(charged_bytes(record.size)) > quota_bytes() {
             return Ok(Err(UploadRefusal::QuotaExceeded { used: stored }));
         }
         if !room(lock.promised) {
@@ -546,7 +548,7 @@ impl Store {
         forwarder: UserId,
         copy: FileId,
         fresh: impl FnOnce() -> FileId,
-        quota_bytes: u64,
+        quota_bytes: impl FnOnce() -> u64,
         (now_ms, grace_ms): (u64, u64),
     ) -> Result<Forwarded> {
         let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -568,7 +570,7 @@ impl Store {
             }
         }
         let stored = self.stored_now(&lock, forwarder)?;
-        if stored.saturating_add(charged_bytes(source.size)) > quota_bytes {
+        if stored.saturating_add(charged_bytes(source.size)) > quota_bytes() {
             return Ok(Forwarded::QuotaExceeded { used: stored });
         }
         let mut refs: HashMap<Blake3, u64> = HashMap::new();
@@ -956,9 +958,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         for id in [[3; 16], [1; 16], [2; 16]] {
-            store.begin_upload(&id, &record(7, 10, id[0]), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&id, &record(7, 10, id[0]), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
         }
-        store.begin_upload(&[9; 16], &record(8, 10, 9), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&[9; 16], &record(8, 10, 9), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
         let ids = |page: &[(FileId, FileRecord)]| page.iter().map(|(id, _)| id[0]).collect::<Vec<_>>();
         assert_eq!(ids(&store.uploads_page(8, None, 8).unwrap().0), vec![9], "another user's are left out");
         let (page, more) = store.uploads_page(7, None, 2).unwrap();
@@ -981,7 +983,7 @@ mod tests {
 
     /// Begins, fills and completes an upload of `user`.
     async fn stored(store: &Store, id: FileId, user: UserId, hash: u8) {
-        store.begin_upload(&id, &record(user, 10, hash), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&id, &record(user, 10, hash), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
         store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
         store.begin_publish(&id).unwrap().unwrap().await.unwrap();
         store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
@@ -997,7 +999,7 @@ mod tests {
                 stored(&store, id, 7, hash).await;
             }
             stored(&store, [9; 16], 8, 9).await;
-            store.begin_upload(&[5; 16], &record(7, 10, 5), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&[5; 16], &record(7, 10, 5), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
             let (page, more) = store.stored_files_page(7, None, 2).unwrap();
             assert_eq!((ids(&page), more), (vec![1, 2], true), "complete ones only, ascending");
             let (page, more) = store.stored_files_page(7, Some(&[2; 16]), 2).unwrap();
@@ -1038,7 +1040,12 @@ mod tests {
             thumb.stage = FileStage::Complete { thumbnail: None };
             (thumb.parent, thumb.held, thumb.expires_ms) = (Some([1; 16]), false, 0);
             store.add_thumbnail(&[1; 16], &[9; 16], &thumb).unwrap().unwrap().1.await.unwrap();
-            store.begin_upload(&[3; 16], &record(7, B + 1, 3), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+            store
+                .begin_upload(&[3; 16], &record(7, B + 1, 3), 8, || u64::MAX, |_| true)
+                .unwrap()
+                .unwrap()
+                .await
+                .unwrap();
             stored(&store, [4; 16], 8, 4).await;
             assert_eq!((store.stored_bytes(7).unwrap(), store.stored_bytes(8).unwrap()), (4 * B, B));
             // What a format-4 broker counted: declared bytes, and a user whose last file
@@ -1093,14 +1100,14 @@ mod tests {
         let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
         // Each file is charged whole 4 KiB blocks, at least one.
         const B: u64 = QUOTA_BLOCK;
-        store.begin_upload(&a, &record(7, 60, 1), 2, 2 * B, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&a, &record(7, 60, 1), 2, || 2 * B, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&b, &record(7, B + 1, 2), 2, 2 * B, |_| true).unwrap().unwrap_err(),
+            store.begin_upload(&b, &record(7, B + 1, 2), 2, || 2 * B, |_| true).unwrap().unwrap_err(),
             UploadRefusal::QuotaExceeded { used: B }
         );
-        store.begin_upload(&b, &record(7, 40, 2), 2, 2 * B, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&b, &record(7, 40, 2), 2, || 2 * B, |_| true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&c, &record(7, 1, 3), 2, 1000, |_| true).unwrap().unwrap_err(),
+            store.begin_upload(&c, &record(7, 1, 3), 2, || 1000, |_| true).unwrap().unwrap_err(),
             UploadRefusal::TooManyUploads
         );
         assert_eq!(store.stored_bytes(7).unwrap(), 2 * B);
@@ -1181,17 +1188,18 @@ mod tests {
             began.elapsed()
         };
         std::thread::scope(|scope| {
-            let first = scope.spawn(|| store.begin_upload(&a, &record(7, 60, 1), 2, 2 * B, |_| true).unwrap().unwrap());
+            let first =
+                scope.spawn(|| store.begin_upload(&a, &record(7, 60, 1), 2, || 2 * B, |_| true).unwrap().unwrap());
             // `a` waits to be applied: the lock is free meanwhile, and checks count `a`.
             assert!(promised(60) < Duration::from_secs(2), "the files lock was held while the committer flushed");
-            let refusal = store.begin_upload(&b, &record(7, B + 1, 2), 2, 2 * B, |_| true).unwrap().unwrap_err();
+            let refusal = store.begin_upload(&b, &record(7, B + 1, 2), 2, || 2 * B, |_| true).unwrap().unwrap_err();
             assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: B }, "a block of two is promised to `a`");
-            let refusal = store.begin_upload(&b, &record(7, 40, 2), 1, 2 * B, |_| true).unwrap().unwrap_err();
+            let refusal = store.begin_upload(&b, &record(7, 40, 2), 1, || 2 * B, |_| true).unwrap().unwrap_err();
             assert_eq!(refusal, UploadRefusal::TooManyUploads, "`a` is in progress");
             let second =
-                scope.spawn(|| store.begin_upload(&b, &record(7, 40, 2), 2, 2 * B, |_| true).unwrap().unwrap());
+                scope.spawn(|| store.begin_upload(&b, &record(7, 40, 2), 2, || 2 * B, |_| true).unwrap().unwrap());
             assert!(promised(100) < Duration::from_secs(2));
-            let refusal = store.begin_upload(&[3; 16], &record(7, 1, 3), 8, 2 * B, |_| true).unwrap().unwrap_err();
+            let refusal = store.begin_upload(&[3; 16], &record(7, 1, 3), 8, || 2 * B, |_| true).unwrap().unwrap_err();
             assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: 2 * B }, "both pending uploads count");
             go.send(()).unwrap();
             for handle in [first, second] {
@@ -1233,7 +1241,7 @@ mod tests {
         let store = open(dir.path());
         let (a, b, t) = ([1; 16], [2; 16], [3; 16]);
         for id in [a, b] {
-            store.begin_upload(&id, &record(7, 10, 5), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&id, &record(7, 10, 5), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
             store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
             store.begin_publish(&id).unwrap().unwrap().await.unwrap();
             store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
@@ -1276,10 +1284,10 @@ mod tests {
         // User 8 forwards it: its quota is checked and pays; the bytes are shared.
         // A copy of 10 bytes is charged a block.
         const B: u64 = QUOTA_BLOCK;
-        let refused = store.forward_file(&a, 8, copy, || thumb_copy, B - 1, (100, 50)).unwrap();
+        let refused = store.forward_file(&a, 8, copy, || thumb_copy, || B - 1, (100, 50)).unwrap();
         assert!(matches!(refused, Forwarded::QuotaExceeded { used: 0 }), "{refused:?}");
         let Forwarded::Copy { id, record: made, new: true } =
-            store.forward_file(&a, 8, copy, || thumb_copy, B, (100, 50)).unwrap()
+            store.forward_file(&a, 8, copy, || thumb_copy, || B, (100, 50)).unwrap()
         else {
             panic!()
         };
@@ -1291,7 +1299,7 @@ mod tests {
         assert_eq!(store.stored_files_page(8, None, 8).unwrap().0[0].0, copy, "listed among the forwarder's files");
         // Forwarded again: the same copy, counted once, its grace renewed.
         let Forwarded::Copy { id: again, record: r, new: false } =
-            store.forward_file(&a, 8, [4; 16], || [5; 16], 2 * B, (120, 50)).unwrap()
+            store.forward_file(&a, 8, [4; 16], || [5; 16], || 2 * B, (120, 50)).unwrap()
         else {
             panic!()
         };
@@ -1327,7 +1335,7 @@ mod tests {
         assert!(store.db.get(Key::copy_of(&copy)).unwrap().is_none());
         assert!(store.unheld_files(None, 8).unwrap().is_empty());
         // The original gone, it cannot be forwarded.
-        assert!(matches!(store.forward_file(&a, 8, copy, || thumb_copy, 20, (300, 50)).unwrap(), Forwarded::Gone));
+        assert!(matches!(store.forward_file(&a, 8, copy, || thumb_copy, || 20, (300, 50)).unwrap(), Forwarded::Gone));
     }
 
     #[tokio::test]
@@ -1337,7 +1345,7 @@ mod tests {
         let (a, copy) = ([1; 16], [2; 16]);
         stored(&store, a, 7, 5).await;
         assert!(matches!(
-            store.forward_file(&a, 8, copy, || [3; 16], u64::MAX, (100, 50)).unwrap(),
+            store.forward_file(&a, 8, copy, || [3; 16], || u64::MAX, (100, 50)).unwrap(),
             Forwarded::Copy { .. }
         ));
         let files = vec![FileRef { file: copy, name: "a.bin".into(), size: 10, content_type: "x/y".into() }];
@@ -1398,7 +1406,7 @@ mod tests {
         // carried a file that did not exist.
         for _ in 0..2 {
             assert!(matches!(
-                store.forward_file(&a, 8, copy, || [3; 16], u64::MAX, (100, 50)).unwrap(),
+                store.forward_file(&a, 8, copy, || [3; 16], || u64::MAX, (100, 50)).unwrap(),
                 Forwarded::Copy { .. }
             ));
         }
@@ -1413,7 +1421,7 @@ mod tests {
         // An answer that cannot tell whether the message was written (an internal failure)
         // leaves the copy to its stored grace.
         assert!(matches!(
-            store.forward_file(&a, 8, copy, || [3; 16], u64::MAX, (2_000, 50)).unwrap(),
+            store.forward_file(&a, 8, copy, || [3; 16], || u64::MAX, (2_000, 50)).unwrap(),
             Forwarded::Copy { .. }
         ));
         assert!(!store.settle_send(&copy, false).unwrap());
@@ -1477,17 +1485,17 @@ mod tests {
         let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
         // A disk with 150 free bytes: each upload must fit beside what is promised.
         let room = |size: u64| move |promised: u64| 150u64.saturating_sub(promised) >= size;
-        store.begin_upload(&a, &record(7, 100, 1), 8, u64::MAX, room(100)).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&a, &record(7, 100, 1), 8, || u64::MAX, room(100)).unwrap().unwrap().await.unwrap();
         assert_eq!(store.promised_bytes(), 100);
         assert_eq!(
-            store.begin_upload(&b, &record(8, 60, 2), 8, u64::MAX, room(60)).unwrap().unwrap_err(),
+            store.begin_upload(&b, &record(8, 60, 2), 8, || u64::MAX, room(60)).unwrap().unwrap_err(),
             UploadRefusal::StorageFull,
             "100 promised: 50 left"
         );
         // 40 of `a` are on disk: 60 still to come.
         store.set_upload_offset(&a, 40, None).unwrap().unwrap().await.unwrap();
         assert_eq!(store.promised_bytes(), 60);
-        store.begin_upload(&b, &record(8, 60, 2), 8, u64::MAX, room(60)).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&b, &record(8, 60, 2), 8, || u64::MAX, room(60)).unwrap().unwrap().await.unwrap();
         assert_eq!(store.promised_bytes(), 120);
         store.remove_upload(&b).unwrap().unwrap().1.await.unwrap();
         assert_eq!(store.promised_bytes(), 60);
@@ -1495,7 +1503,7 @@ mod tests {
         store.begin_publish(&a).unwrap().unwrap().await.unwrap();
         store.complete_upload(&a).unwrap().unwrap().1.await.unwrap();
         assert_eq!(store.promised_bytes(), 0);
-        store.begin_upload(&c, &record(9, 30, 3), 8, u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&c, &record(9, 30, 3), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
         store.set_upload_offset(&c, 10, None).unwrap().unwrap().await.unwrap();
         // Counted again from the records when the store opens.
         store.close().unwrap();

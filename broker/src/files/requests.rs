@@ -161,9 +161,9 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
             }
         };
         // What the user's removed uploads and files left on the disk, not freed yet,
-        // takes its share of the quota until it is.
-        let owed = s.files.blobs.unfreed_of(user);
-        match s.store.begin_upload(&id, &record, max_uploads, quota.saturating_sub(owed), room).map_err(internal)? {
+        // takes its share of the quota until it is (read under the store's files lock).
+        let left = || quota.saturating_sub(s.files.blobs.unfreed_of(user));
+        match s.store.begin_upload(&id, &record, max_uploads, left, room).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
             Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
             Err(UploadRefusal::QuotaExceeded { used }) => Err(err(
@@ -174,7 +174,7 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
                      carry, each in whole 4 KiB blocks, and deleted bytes not freed yet)",
                     record.size,
                     charged_bytes(record.size),
-                    used.saturating_add(owed)
+                    used.saturating_add(s.files.blobs.unfreed_of(user))
                 ),
             )),
             Err(UploadRefusal::StorageFull) => {
@@ -445,9 +445,8 @@ fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result
     let grace = super::FORWARD_GRACE.min(std::time::Duration::from_secs(config.upload_expiry_secs));
     let times = (crate::now_ms(), u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
     let (copy, thumbnail) = (random_file_id()?, random_file_id()?);
-    let owed = shared.files.blobs.unfreed_of(user);
-    let quota = config.quota_bytes.saturating_sub(owed);
-    match shared.store.forward_file(id, user, copy, || thumbnail, quota, times).map_err(internal)? {
+    let left = || config.quota_bytes.saturating_sub(shared.files.blobs.unfreed_of(user));
+    match shared.store.forward_file(id, user, copy, || thumbnail, left, times).map_err(internal)? {
         Forwarded::Copy { id: copy, record, new } => {
             // The original had no thumbnail yet (its decode may be under way): a new copy
             // gets its own through the line, from the outcome remembered for the same
@@ -467,7 +466,7 @@ fn forward(shared: &Arc<Shared>, user: UserId, id: &FileId, size: u64) -> Result
                 "a file you forward counts against your storage quota ({} bytes) like one you upload: \
                  {} bytes are in use, and this file counts as {}",
                 config.quota_bytes,
-                used.saturating_add(owed),
+                used.saturating_add(shared.files.blobs.unfreed_of(user)),
                 charged_bytes(size)
             ),
         )),
