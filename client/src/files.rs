@@ -225,10 +225,20 @@ impl Client {
         }
     }
 
-    /// Drops my hold on a complete file I uploaded (it stops counting against my quota;
-    /// messages that carry it keep it readable).
+    /// Drops my hold on a complete file I uploaded: messages that carry it keep it
+    /// readable, and it counts against my quota until the last of them is deleted.
     pub async fn delete_file(&self, file: FileId) -> crate::Result<()> {
         match self.request(RequestBody::DeleteFile { file }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Takes a complete file I uploaded back from every message carrying it (in
+    /// conversations I left too) and deletes it: its readers get `NOT_FOUND`, and my
+    /// quota has its bytes back once the broker has freed them.
+    pub async fn withdraw_file(&self, file: FileId) -> crate::Result<()> {
+        match self.request(RequestBody::WithdrawFile { file }).await? {
             Reply::Done => Ok(()),
             other => Err(unexpected(other)),
         }

@@ -259,6 +259,9 @@ enum FileCommand {
     Cancel { file: String },
     /// Drop my hold on a file I uploaded (messages that carry it keep it).
     Delete { file: String },
+    /// Take a file I uploaded back from every message that carries it, in conversations
+    /// I left too, and delete it: nobody can read it any more, and my quota has it back.
+    Withdraw { file: String },
     /// Send files already uploaded in one message; prints its seq. A file someone else
     /// uploaded (one a message showed me) goes as my own copy of it, counted in my quota
     /// until the last message carrying it is deleted.

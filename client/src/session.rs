@@ -441,6 +441,7 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::BeginUpload(_)
         | RequestBody::CancelUpload { .. }
         | RequestBody::DeleteFile { .. }
+        | RequestBody::WithdrawFile { .. }
         | RequestBody::Register(_)
         | RequestBody::Login(_)
         | RequestBody::Authenticate { .. } => false,

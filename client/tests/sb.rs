@@ -620,6 +620,10 @@ async fn file_send_forwards_a_file_as_my_copy() {
     assert_eq!(delete[0]["event"], "not_held", "{delete:?}");
     let bad = sb_output(&bob, &broker, &["file", "send", &theirs, "xyz"]);
     assert!(!bad.status.success());
+    // bob takes his copy back: carol cannot read it any more.
+    assert_eq!(sb(&bob, &broker, &["file", "withdraw", &copy])[0]["event"], "withdrawn");
+    let gone = sb_output(&carol, &broker, &["download", &copy, out.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NOT_FOUND"), "{gone:?}");
 }
 
 /// What an `sb download` killed mid-way (`kill -9`, a lost laptop lid) leaves beside OUT is

@@ -528,6 +528,41 @@ impl Store {
         Ok(Some(self.commit(txn)?))
     }
 
+    /// The uploader takes its complete file back from every message carrying it and lets
+    /// go of it (`WithdrawFile`): its hold and every attachment key go, in batches of
+    /// `WITHDRAW_BATCH` keys (a file may be carried by many messages), and it is marked
+    /// for `collect_file`. The messages themselves are not changed. `None` if it is not a
+    /// complete file (a thumbnail neither). Blocking (catalog batches); resolves once
+    /// every batch is durable. A message written meanwhile that carries it (a send
+    /// racing this) keeps it; so may the newest entry of a conversation rewritten by the
+    /// crash repair before the file is collected: withdrawing again takes it back.
+    pub fn withdraw_file(&self, id: &FileId) -> Result<Option<Durable>> {
+        const WITHDRAW_BATCH: usize = 1024;
+        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut record) = self.file(id)? else { return Ok(None) };
+        if !record.is_complete() || record.parent.is_some() {
+            return Ok(None);
+        }
+        record.held = false;
+        let mut txn = Txn::new();
+        txn.put(Key::file(id), &record);
+        loop {
+            let keys: Vec<_> = self.db.scan_prefix(Key::attached_of(id)).keys().take(WITHDRAW_BATCH).collect();
+            let last = keys.len() < WITHDRAW_BATCH;
+            for key in keys {
+                txn.batch.remove(key?);
+            }
+            if last {
+                break;
+            }
+            // Applied when `commit` returns, so the next scan moves on; durable with the
+            // last batch (the committer makes them durable in order).
+            drop(self.commit(std::mem::replace(&mut txn, Txn::new()))?);
+        }
+        txn.batch.insert(Key::file_unheld(id).as_ref(), &[][..]);
+        Ok(Some(self.commit(txn)?))
+    }
+
     /// `forwarder` sends the complete file `original`, uploaded by someone else: the
     /// message carries a copy of the forwarder's own, so the uploader's quota never
     /// depends on what others keep (its `DeleteFile` and the deletion of its own
@@ -1085,6 +1120,33 @@ mod tests {
         assert_eq!(seen.get(), Some((7, QUOTA_BLOCK, QUOTA_BLOCK)), "told while the quota still counted it");
         assert_eq!((c.owner, c.unreferenced), (Some((7, [5; 32])), vec![[5; 32]]));
         assert_eq!(store.stored_bytes(7).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_file_leaves_every_message_however_many_carry_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let a = [1; 16];
+        stored(&store, a, 7, 5).await;
+        // Carried by more messages than one batch takes, in two conversations.
+        let files = vec![FileRef { file: a, name: "a.bin".into(), size: 10, content_type: "x/y".into() }];
+        for seq in 1..=1030 {
+            let conv = 9 + seq % 2;
+            append(&store, entry(conv, seq, Body::Files { text: String::new(), files: files.clone(), edited: false }))
+                .await;
+        }
+        assert_eq!(store.attachment_convs(&a, 10).unwrap(), vec![9, 10]);
+        assert!(store.withdraw_file(&[2; 16]).unwrap().is_none(), "no such file");
+        store.withdraw_file(&a).unwrap().unwrap().await.unwrap();
+        assert!(store.attachments(&a, 10).unwrap().is_empty());
+        assert!(!store.file(&a).unwrap().unwrap().held);
+        assert_eq!(store.unheld_files(None, 10).unwrap(), vec![a]);
+        let gone = store.collect_file(&a, 0).unwrap();
+        gone.durable.await.unwrap();
+        assert_eq!(
+            (gone.unreferenced, store.file(&a).unwrap(), store.stored_bytes(7).unwrap()),
+            (vec![[5; 32]], None, 0)
+        );
     }
 
     #[test]

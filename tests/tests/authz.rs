@@ -57,6 +57,7 @@ enum Kind {
     Block,
     BlockedUsers,
     ListFiles,
+    WithdrawFile,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -100,6 +101,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::Block { .. } => Kind::Block,
         RequestBody::BlockedUsers => Kind::BlockedUsers,
         RequestBody::ListFiles { .. } => Kind::ListFiles,
+        RequestBody::WithdrawFile { .. } => Kind::WithdrawFile,
     }
 }
 
@@ -192,6 +194,8 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     (Kind::BlockedUsers,       Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
     // Only the caller's own stored files (never alice's).
     (Kind::ListFiles,          Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
+    // alice's file stays hers, wherever it was sent.
+    (Kind::WithdrawFile,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -358,6 +362,7 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::Block => RequestBody::Block { user: "alice".into(), blocked: false },
         Kind::BlockedUsers => RequestBody::BlockedUsers,
         Kind::ListFiles => RequestBody::ListFiles { after: None },
+        Kind::WithdrawFile => RequestBody::WithdrawFile { file },
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -503,7 +508,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 37] = [
+    const ALL: [Kind; 38] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -541,6 +546,7 @@ fn every_request_kind_has_one_row() {
         Kind::Block,
         Kind::BlockedUsers,
         Kind::ListFiles,
+        Kind::WithdrawFile,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

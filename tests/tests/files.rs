@@ -970,7 +970,52 @@ async fn an_upload_without_its_first_chunk_cannot_be_sent_and_an_incomplete_one_
         // Deleting it is for complete files: an upload still running is cancelled instead.
         let delete = RequestBody::DeleteFile { file: begun.file };
         assert_eq!(code_of(alice.request(delete).await), ErrorCode::NOT_READY);
+        let withdraw = RequestBody::WithdrawFile { file: begun.file };
+        assert_eq!(code_of(alice.request(withdraw).await), ErrorCode::NOT_READY);
         assert_eq!(offset_of(status(&alice, begun.file).await.unwrap()), 256 * 1024, "and it goes on");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_member_who_left_withdraws_its_file_from_the_group_and_gets_its_quota_back() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.quota_bytes = 400 * 1024).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (carol, _) = tb.register("carol").await;
+        let group = bob.create_group("g", &["alice".into(), "carol".into()]).await.unwrap().id;
+        let data = bytes(300 * 1024, 12);
+        let file = upload(&alice, "mine.bin", &data).await;
+        alice.send_files(group, "one", &[file]).await.unwrap();
+        alice.send_files(group, "again", &[file]).await.unwrap();
+        // carol forwards it: her own copy, in a conversation with bob.
+        let direct = carol.create_direct("bob").await.unwrap().id;
+        carol.send_files(direct, "fwd", &[file]).await.unwrap();
+        let copy = files_messages(&bob, direct).await[0].1[0];
+        assert_ne!(copy, file);
+        // alice leaves: she can no longer delete her messages, and letting go of the file
+        // leaves it carried by them, on her quota.
+        alice.leave(group).await.unwrap();
+        alice.delete_file(file).await.unwrap();
+        assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
+        assert!(alice.usage().await.unwrap().stored_bytes >= data.len() as u64);
+        // Withdrawn: nobody reads it any more, from either message.
+        assert_eq!(code_of(bob.request(RequestBody::WithdrawFile { file }).await), ErrorCode::NOT_FOUND, "not bob's");
+        alice.withdraw_file(file).await.unwrap();
+        assert_eq!(code_of(file_info(&bob, file).await), ErrorCode::NOT_FOUND);
+        assert_eq!(download(bob.connection(), file, 0, 0).await.unwrap_err().code, ErrorCode::NOT_FOUND);
+        assert_eq!(code_of(alice.request(RequestBody::WithdrawFile { file }).await), ErrorCode::NOT_FOUND, "gone");
+        // The messages stay, naming it.
+        let carried = files_messages(&bob, group).await;
+        assert_eq!(carried.iter().filter(|(_, files)| files == &vec![file]).count(), 2, "{carried:?}");
+        // carol's copy is hers: still there, on her quota, and the shared bytes with it.
+        let (_, got) = download(bob.connection(), copy, 0, 0).await.unwrap();
+        assert!(got == data);
+        assert!(carol.usage().await.unwrap().stored_bytes >= data.len() as u64);
+        // alice's quota is free (at once: the bytes stay, carol's copy shares them).
+        assert_eq!(alice.usage().await.unwrap().stored_bytes, 0);
+        upload(&alice, "next.bin", &bytes(390 * 1024, 13)).await;
     })
     .await
 }

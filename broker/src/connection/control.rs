@@ -341,6 +341,10 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move { reply.send(files::delete_file(shared, caller.user, file).await) });
             }
+            RequestBody::WithdrawFile { file } => {
+                let shared = shared.clone();
+                tokio::spawn(async move { reply.send(files::withdraw_file(shared, caller.user, file).await) });
+            }
             // The files are resolved before the next request is read, like names for
             // AddMembers, so the message reaches the conversation in request order; their
             // index reads (up to `ATTACHMENT_SCAN` seeks a file) on a blocking thread.

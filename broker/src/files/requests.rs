@@ -294,14 +294,7 @@ pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, Er
 /// `DeleteFile`: the uploader drops its hold on its complete file; it is deleted once
 /// no message carries it.
 pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
-    let record = match shared.store.file(&id).map_err(internal)? {
-        Some(r) if r.uploader == user && r.parent.is_none() => r,
-        _ => return Err(no_such_file()),
-    };
-    if !record.is_complete() {
-        return Err(err(ErrorCode::NOT_READY, "the upload is not complete; cancel it instead"));
-    }
-    if !record.held {
+    if !own_complete_file(&shared, user, &id)?.held {
         return Ok(Reply::Done);
     }
     let s = shared.clone();
@@ -312,6 +305,34 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
     let s = shared.clone();
     tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
     Ok(Reply::Done)
+}
+
+/// `WithdrawFile`: the uploader takes its complete file back from every message carrying
+/// it and lets go of it; it is deleted at once (`Store::withdraw_file`), and readers find
+/// it gone (a download under way is cut at its next access check).
+pub async fn withdraw_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
+    own_complete_file(&shared, user, &id)?;
+    let s = shared.clone();
+    let withdrawn = tokio::task::spawn_blocking(move || s.store.withdraw_file(&id)).await.map_err(internal)?;
+    match withdrawn.map_err(internal)? {
+        Some(durable) => durable.await.map_err(internal)?,
+        None => return Err(no_such_file()),
+    }
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
+    Ok(Reply::Done)
+}
+
+/// `user`'s own complete file `id` (not a thumbnail), for `DeleteFile` and
+/// `WithdrawFile`: `NOT_FOUND` for anyone else's, `NOT_READY` while still uploading.
+fn own_complete_file(shared: &Shared, user: UserId, id: &FileId) -> Result<FileRecord, ErrorBody> {
+    match shared.store.file(id).map_err(internal)? {
+        Some(r) if r.uploader == user && r.parent.is_none() && r.is_complete() => Ok(r),
+        Some(r) if r.uploader == user && r.parent.is_none() => {
+            Err(err(ErrorCode::NOT_READY, "the upload is not complete; cancel it instead"))
+        }
+        _ => Err(no_such_file()),
+    }
 }
 
 /// The files a `SendFiles` counted in so that none is collected before its message is

@@ -733,6 +733,12 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                 out.line(json!({"event": "deleted", "file": file}), || format!("deleted {file}"));
             }
         }
+        FileCommand::Withdraw { file } => {
+            client.withdraw_file(parse_file_id(&file)?).await?;
+            out.line(json!({"event": "withdrawn", "file": file}), || {
+                format!("withdrew {file}: gone from every message that carried it")
+            });
+        }
         FileCommand::Send { conv, files, text } => {
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
             let seq = client.send_files(conv, &text, &ids).await?;

@@ -167,6 +167,7 @@ mod tests {
         "response_blocked_users",
         "request_list_files",
         "response_files",
+        "request_withdraw_file",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -473,6 +474,7 @@ mod tests {
             "request_list_uploads" => req(31, RequestBody::ListUploads { after: Some(THUMB) }),
             "request_usage" => req(33, RequestBody::Usage),
             "request_list_files" => req(37, RequestBody::ListFiles { after: None }),
+            "request_withdraw_file" => req(38, RequestBody::WithdrawFile { file: FILE }),
             "response_files" => ok(
                 37,
                 Reply::Files {

@@ -264,6 +264,14 @@ pub enum RequestBody {
         /// List only ids above this one (the last id of the previous page).
         after: Option<FileId>,
     },
+    /// Take my complete file back from every message that carries it (all of them mine:
+    /// a file someone else sends travels as their own copy) and drop my hold: it is
+    /// deleted at once, readers find it gone (`NOT_FOUND`), and my quota has its bytes
+    /// back once freed, also from conversations I have left. Replies `Done`.
+    WithdrawFile {
+        /// The file.
+        file: FileId,
+    },
 }
 
 /// Enrollment of a new device key, with the account password.
