@@ -179,6 +179,9 @@ fn direct_span(offset: u64, len: usize) -> (usize, usize) {
     (head, middle)
 }
 
+/// Longest sleep of `remove_paced` between two asks whether to go on.
+const PACE_SLICE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Bytes freed per cut when a file is deleted (`remove_paced`).
 const DELETE_PIECE: u64 = 4 * 1024 * 1024;
 /// Bytes per second the broker frees when it deletes files by default
@@ -187,9 +190,10 @@ pub const DELETE_BYTES_PER_SEC: u64 = 32 * 1024 * 1024;
 
 /// Deletes the file at `path` (none there is fine) at most `bytes_per_sec` at a time: cut
 /// from the end `DELETE_PIECE` at a time, each cut fdatasynced, then unlinked. `freed` is
-/// told each piece's bytes once they are freed (cut and synced, or the rest unlinked) and
-/// answers whether to go on: `false` leaves the rest of the file, shorter, in place.
-/// Whether the file is gone. Blocking.
+/// told each piece's bytes once they are freed (cut and synced, or the rest unlinked), and
+/// 0 every `PACE_SLICE` while it waits its turn, and answers whether to go on: `false`
+/// leaves the rest of the file, shorter, in place, at once (a slow rate never holds up a
+/// stop). Whether the file is gone. Blocking.
 ///
 /// Why: on a file system mounted with online `discard` (ext4 `-o discard`, as on the VM
 /// of docs/benchmarks.md), freeing blocks fast stalls every fdatasync on the disk, the
@@ -204,23 +208,27 @@ pub fn remove_paced(path: &Path, bytes_per_sec: u64, mut freed: impl FnMut(u64) 
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
         file => file?,
     };
-    // Sleeps what is left of `freed` bytes' share of the rate since `started`.
-    let pace = |freed: u64, started: std::time::Instant| {
-        let share = std::time::Duration::from_secs_f64(freed as f64 / bytes_per_sec.max(1) as f64);
-        if let Some(rest) = share.checked_sub(started.elapsed()) {
-            std::thread::sleep(rest);
+    // Sleeps what is left of `bytes`' share of the rate since `started`, a slice at a
+    // time, asking `freed` between slices; whether to go on.
+    fn pace(bytes: u64, started: std::time::Instant, rate: u64, freed: &mut impl FnMut(u64) -> bool) -> bool {
+        let share = std::time::Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+        while let Some(rest) = share.checked_sub(started.elapsed()).filter(|r| !r.is_zero()) {
+            if !freed(0) {
+                return false;
+            }
+            std::thread::sleep(rest.min(PACE_SLICE));
         }
-    };
+        true
+    }
     let mut len = file.metadata()?.len();
     while len > DELETE_PIECE {
         let started = std::time::Instant::now();
         len -= DELETE_PIECE;
         file.set_len(len)?;
         file.sync_data()?;
-        if !freed(DELETE_PIECE) {
+        if !freed(DELETE_PIECE) || !pace(DELETE_PIECE, started, bytes_per_sec, &mut freed) {
             return Ok(false);
         }
-        pace(DELETE_PIECE, started);
     }
     drop(file);
     let started = std::time::Instant::now();
@@ -229,7 +237,7 @@ pub fn remove_paced(path: &Path, bytes_per_sec: u64, mut freed: impl FnMut(u64) 
         _ => {}
     }
     freed(len);
-    pace(len, started);
+    pace(len, started, bytes_per_sec, &mut freed);
     Ok(true)
 }
 
@@ -339,39 +347,82 @@ struct Counts {
     stop: Arc<AtomicBool>,
 }
 
-/// Deletes every file in `trash`, paced, taking each piece freed off the backlog (and off
-/// what the file's owner owes) as it goes, so a file that fails half-way stays counted
-/// at what is left of it. A file that cannot be deleted is logged and skipped (tried
-/// again at the next wake-up), so it never holds up the others. Returns early once told
-/// to stop.
+/// Deletes every file in `trash` at `bytes_per_sec`, one piece (`DELETE_PIECE`, or a
+/// smaller file whole) per turn, taking each piece off the backlog (and off what the
+/// file's owner owes) as it goes, so a file that fails half-way stays counted at what is
+/// left of it. Turns go round the owners, the one served least first, each owner's
+/// smallest file first, the dir read again every `PASS_BYTES`: one user's big deletions
+/// never hold another's small one behind them for long. A file that cannot be deleted
+/// is logged and skipped (tried again at the next wake-up). Returns early once told to
+/// stop.
 fn empty(trash: &Path, bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
+    /// Bytes freed between two reads of the trash dir.
+    const PASS_BYTES: u64 = 16 * DELETE_PIECE;
     let mut failed = std::collections::HashSet::new();
+    let mut served: std::collections::HashMap<Option<UserId>, u64> = std::collections::HashMap::new();
     loop {
-        let mut any = false;
+        // Each owner's files, smallest first; owners by turns served so far.
+        let mut owners: std::collections::HashMap<Option<UserId>, Vec<(u64, PathBuf)>> =
+            std::collections::HashMap::new();
         for entry in std::fs::read_dir(trash)? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
             if failed.contains(&path) {
                 continue;
             }
-            let owner = path.file_name().and_then(|n| owner_in(&n.to_string_lossy()));
-            let freed = |bytes: u64| {
-                let _ =
-                    counts.backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(bytes)));
-                charge(&counts.owed, owner, bytes, false);
-                !counts.stop.load(Ordering::Acquire)
-            };
-            match remove_paced(&path, bytes_per_sec, freed) {
-                Ok(true) => {}
-                Ok(false) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, file = %path.display(), "a file in the trash could not be deleted");
-                    failed.insert(path);
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            owners.entry(owner_in(&entry.file_name().to_string_lossy())).or_default().push((len, path));
+        }
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let mut queues: Vec<_> = owners.into_iter().collect();
+        for (_, files) in &mut queues {
+            files.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        queues.sort_by_key(|(owner, _)| served.get(owner).copied().unwrap_or(0));
+        let mut pass = 0u64;
+        while pass < PASS_BYTES && queues.iter().any(|(_, files)| !files.is_empty()) {
+            for (owner, files) in &mut queues {
+                let Some((_, path)) = files.last().cloned() else { continue };
+                let started = std::time::Instant::now();
+                let mut cut = 0u64;
+                // One piece: the freed bytes are counted, then the turn ends.
+                let turn = remove_paced(&path, u64::MAX, |bytes| {
+                    if bytes > 0 {
+                        let _ = counts
+                            .backlog
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(bytes)));
+                        charge(&counts.owed, *owner, bytes, false);
+                        cut += bytes;
+                    }
+                    cut == 0
+                });
+                match turn {
+                    Ok(true) => {
+                        files.pop();
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, file = %path.display(), "a file in the trash could not be deleted");
+                        failed.insert(path);
+                        files.pop();
+                    }
+                }
+                *served.entry(*owner).or_default() += 1;
+                pass += cut;
+                // The rate: this piece's share, waited in slices so a stop is not held up.
+                let share = std::time::Duration::from_secs_f64(cut as f64 / bytes_per_sec.max(1) as f64);
+                while let Some(rest) = share.checked_sub(started.elapsed()).filter(|r| !r.is_zero()) {
+                    if counts.stop.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(rest.min(PACE_SLICE));
+                }
+                if counts.stop.load(Ordering::Acquire) {
+                    return Ok(());
                 }
             }
-            any = true;
-        }
-        if !any {
-            return Ok(());
         }
     }
 }
@@ -859,6 +910,55 @@ mod tests {
             [Some(42), None, None, None, Some(6)],
             "an original name never passes for an owner"
         );
+    }
+
+    #[test]
+    fn one_users_big_deletions_do_not_hold_anothers_small_one_behind_them() {
+        let dir = tempfile::tempdir().unwrap();
+        hold(dir.path(), true);
+        // 8 MiB a second: user 7's 48 MiB take six seconds; user 8's small file goes in
+        // the second turn, whatever the order of the dir.
+        let blobs = Blobs::open(dir.path(), 8 << 20).unwrap();
+        for (i, id) in [[1u8; 16], [2; 16], [3; 16]].iter().enumerate() {
+            File::create(blobs.partial(id)).unwrap().set_len(16 << 20).unwrap();
+            blobs.remove_partial(id, Some(7)).unwrap();
+            assert_eq!(blobs.unfreed_of(7), (i as u64 + 1) * (16 << 20));
+        }
+        std::fs::write(blobs.partial(&[4; 16]), vec![1u8; 1000]).unwrap();
+        blobs.remove_partial(&[4; 16], Some(8)).unwrap();
+        hold(dir.path(), false);
+        let started = std::time::Instant::now();
+        while blobs.unfreed_of(8) > 0 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(3), "user 8 waited behind user 7");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(blobs.unfreed_of(7) > 16 << 20, "{}", blobs.unfreed_of(7));
+    }
+
+    #[test]
+    fn a_slow_delete_rate_never_holds_up_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        // Told to stop while it waits its turn: it stops within a slice, the rest kept.
+        let path = dir.path().join("f");
+        File::create(&path).unwrap().set_len(3 * DELETE_PIECE).unwrap();
+        let started = std::time::Instant::now();
+        let mut asked = 0;
+        let gone = remove_paced(&path, 1024, |_| {
+            asked += 1;
+            asked < 3
+        })
+        .unwrap();
+        assert!(!gone && started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * DELETE_PIECE);
+        // A broker whose deleter frees 64 KiB a second (a 4 MiB cut waits a minute) closes
+        // its files at once (at SIGTERM, the process then exits).
+        std::fs::create_dir_all(dir.path().join("trash")).unwrap();
+        File::create(dir.path().join("trash").join("0-n-left")).unwrap().set_len(3 * DELETE_PIECE).unwrap();
+        let blobs = Blobs::open(dir.path(), 64 * 1024).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        drop(blobs);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
     }
 
     #[test]
