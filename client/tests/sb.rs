@@ -920,6 +920,8 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let charged = (data.len() as u64).div_ceil(4096) * 4096;
     assert_eq!(quota[0]["stored_bytes"].as_u64(), Some(charged));
     assert_eq!(quota[0]["free_bytes"].as_u64(), Some(quota[0]["quota_bytes"].as_u64().unwrap() - charged));
+    let parts = ["files_bytes", "uploads_bytes", "unfreed_bytes"].map(|k| quota[0][k].as_u64());
+    assert_eq!(parts, [Some(0), Some(charged), Some(0)], "what the used bytes are: {quota:?}");
     // People read sizes in binary units, not byte counts.
     let human = sb_output(&alice, &broker, &["quota"]);
     let text = String::from_utf8_lossy(&human.stdout);
@@ -954,6 +956,8 @@ async fn an_upload_refused_for_the_quota_says_what_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::test_config(dir.path().join("data"));
     config.quota_bytes = 24 * 1024 * 1024;
+    // Slow enough that what a cancel leaves is seen being freed.
+    config.delete_bytes_per_sec = 4 * 1024 * 1024;
     let broker = Broker::start(config).await.unwrap();
     let alice = dir.path().join("alice");
     sb(&alice, &broker, &["register", "alice"]);
@@ -969,10 +973,28 @@ async fn an_upload_refused_for_the_quota_says_what_holds_it() {
         stderr.contains("QUOTA_EXCEEDED") && stderr.contains("sb uploads") && stderr.contains("sb file cancel"),
         "{stderr}"
     );
-    // Cancelled, the stale upload gives its room back.
+    // Cancelled, the stale upload gives its room back once the broker has freed its
+    // bytes; meanwhile `sb quota` says what holds the room.
     sb(&alice, &broker, &["file", "cancel", &id]);
+    let quota = sb(&alice, &broker, &["quota"]);
+    assert_eq!((quota[0]["files_bytes"].as_u64(), quota[0]["uploads_bytes"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(quota[0]["unfreed_bytes"], quota[0]["stored_bytes"], "only what is being freed: {quota:?}");
+    let freed = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while sb(&alice, &broker, &["quota"])[0]["stored_bytes"].as_u64() != Some(0) {
+            assert!(std::time::Instant::now() < deadline, "never freed");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    freed();
     let up = sb(&alice, &broker, &["upload", second.to_str().unwrap()]);
-    assert!(up.iter().any(|l| l["event"] == "uploaded"), "{up:?}");
+    let id = event(&up, "uploaded")["file"].as_str().unwrap().to_owned();
+    // Deleted, its 16 MiB are freed 4 MiB a second: `sb quota` says they are held.
+    sb(&alice, &broker, &["file", "delete", &id]);
+    let human = sb_output(&alice, &broker, &["quota"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("being freed") && text.contains("files 0 B"), "{text}");
+    freed();
 }
 
 /// A download whose reader loses access on the way (bob leaves the group) stops at

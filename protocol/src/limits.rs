@@ -25,6 +25,20 @@ pub const HISTORY_PAGE_MAX: u32 = 200;
 pub const MAX_GROUP_MEMBERS: u32 = 1000;
 /// Most users named in one create or add request.
 pub const MAX_USERS_PER_REQUEST: u32 = 256;
+
+/// The unit a quota counts in, bytes: a file is charged its size rounded up to whole
+/// blocks of this, at least one, which is what it takes on a file system of 4 KiB blocks
+/// (ext4's and XFS's default). Counting declared bytes let a user keep a million
+/// one-byte files, each with its own blob file, inode and records, on 1 MB of quota.
+pub const QUOTA_BLOCK: u64 = 4096;
+
+/// What a file of `size` bytes counts against its owner's quota: `size` rounded up to
+/// whole `QUOTA_BLOCK`s, at least one. Thumbnails are not charged (the broker makes
+/// them). `Usage.stored_bytes` sums these (PROTOCOL.md section 12).
+pub fn charged_bytes(size: u64) -> u64 {
+    size.div_ceil(QUOTA_BLOCK).max(1).saturating_mul(QUOTA_BLOCK)
+}
+
 /// Most conversations in one list page.
 pub const LIST_PAGE_MAX: u32 = 200;
 /// Most `(conv, seq)` pairs in one `MarkDelivered`.

@@ -28,18 +28,7 @@ use std::sync::MutexGuard;
 use crate::keys::{self, Key};
 use crate::{Durable, Result, Store, Txn, corrupt, decode, encode};
 
-/// The unit a quota counts in, bytes: a file is charged its size rounded up to whole
-/// blocks of this, at least one, which is what it takes on a file system of 4 KiB blocks
-/// (ext4's and XFS's default). Counting declared bytes let a user keep a million
-/// one-byte files, each with its own blob file, inode and records, on 1 MB of quota.
-pub const QUOTA_BLOCK: u64 = 4096;
-
-/// What a file of `size` bytes counts against its owner's quota: `size` rounded up to
-/// whole `QUOTA_BLOCK`s, at least one. Thumbnails are not charged (the broker makes
-/// them).
-pub fn charged_bytes(size: u64) -> u64 {
-    size.div_ceil(QUOTA_BLOCK).max(1).saturating_mul(QUOTA_BLOCK)
-}
+pub use switchboard_protocol::limits::{QUOTA_BLOCK, charged_bytes};
 
 /// What the store's files lock guards.
 #[derive(Default)]

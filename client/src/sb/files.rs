@@ -19,6 +19,7 @@ use switchboard_client::{
     Backoff, Client, ClientError, Connector, Identity, TransferError, UploadEvent, Uploader, UploaderConfig, hash_file,
     hex, new_client_id, new_upload, permanent, unhex,
 };
+use switchboard_protocol::limits::charged_bytes;
 use switchboard_protocol::{ClientMsgId, ConvId, ErrorCode, FileId, FileState};
 
 use super::{FileCommand, MAX_SAVED_UPLOADS, Out, SavedUpload, update_state};
@@ -317,22 +318,39 @@ pub async fn files(client: &Client, out: &Out) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sb quota`: what my files take of my quota, and my upload limits.
+/// `sb quota`: what my files take of my quota, and my upload limits, with what the used
+/// bytes are: my stored files and my uploads in progress (each in whole 4 KiB blocks,
+/// `charged_bytes`), and the rest, bytes of mine the broker removed and has not freed yet.
 pub async fn quota(client: &Client, out: &Out) -> anyhow::Result<()> {
     let u = client.usage().await?;
+    let files: u64 = client.list_files().await?.iter().map(|f| charged_bytes(f.file.size)).sum();
+    let uploads: u64 = client.list_uploads().await?.iter().map(|u| charged_bytes(u.file.size)).sum();
+    // Read one after the other: a change in between may show for a moment.
+    let unfreed = u.stored_bytes.saturating_sub(files + uploads);
     let percent = percent(u.stored_bytes, u.quota_bytes);
     out.line(
         json!({"stored_bytes": u.stored_bytes, "quota_bytes": u.quota_bytes,
-            "free_bytes": u.quota_bytes.saturating_sub(u.stored_bytes), "uploads_in_progress": u.uploads_in_progress,
+            "free_bytes": u.quota_bytes.saturating_sub(u.stored_bytes), "files_bytes": files,
+            "uploads_bytes": uploads, "unfreed_bytes": unfreed, "uploads_in_progress": u.uploads_in_progress,
             "max_uploads_in_progress": u.max_uploads_in_progress, "max_file_bytes": u.max_file_bytes}),
         || {
             // Sizes as people read them (binary units: 1 KiB = 1024 bytes); --json has bytes.
             let size = indicatif::HumanBytes;
+            let waiting = if unfreed > 0 {
+                // Removed uploads and files, and the partial copy of an upload whose bytes
+                // were stored already, until the broker has freed them on its disk.
+                format!(", {} being freed (removed uploads and files count until the broker frees them)", size(unfreed))
+            } else {
+                String::new()
+            };
             format!(
-                "{} of {} used ({percent}%), {} free; {} of {} uploads in progress; files up to {}",
+                "{} of {} used ({percent}%), {} free: files {}, uploads {}{waiting} (each file in whole 4 KiB \
+                 blocks); {} of {} uploads in progress; files up to {}",
                 size(u.stored_bytes),
                 size(u.quota_bytes),
                 size(u.quota_bytes.saturating_sub(u.stored_bytes)),
+                size(files),
+                size(uploads),
                 u.uploads_in_progress,
                 u.max_uploads_in_progress,
                 size(u.max_file_bytes)
