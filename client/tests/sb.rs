@@ -517,6 +517,11 @@ async fn upload_then_download_round_trip() {
     let down = sb(&bob, &broker, &["download", &id, out.to_str().unwrap()]);
     assert_eq!(down[0]["verified"], true);
     assert_eq!(std::fs::read(&out).unwrap(), data);
+    // Into a directory: under the file's name there.
+    let into = dir.path().join("downloads");
+    std::fs::create_dir(&into).unwrap();
+    assert_eq!(sb(&bob, &broker, &["download", &id, into.to_str().unwrap()])[0]["verified"], true);
+    assert_eq!(std::fs::read(into.join(path.file_name().unwrap())).unwrap(), data);
     // Into a directory that does not exist: said as the user named it, nothing written.
     let nowhere = dir.path().join("no-such-dir").join("copy.bin");
     let refused = sb_output(&bob, &broker, &["download", &id, nowhere.to_str().unwrap()]);
@@ -902,6 +907,13 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let conv_arg = conv.to_string();
     let (id, durable) =
         upload_and_kill_with(&alice, &broker, &path, &["--conv", &conv_arg, "--caption", "from the lift"]);
+    // Not complete: nothing to download yet, and nothing left beside OUT.
+    let early = sb_output(&alice, &broker, &["download", &id, dir.path().join("early.bin").to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&early.stderr);
+    assert!(!early.status.success() && said.contains("still being uploaded"), "{said}");
+    assert!(
+        !std::fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("early"))
+    );
     let listed = sb(&alice, &broker, &["uploads"]);
     assert_eq!(listed.len(), 1, "{listed:?}");
     let u = &listed[0];
@@ -976,6 +988,9 @@ async fn an_upload_refused_for_the_quota_says_what_holds_it() {
     // Cancelled, the stale upload gives its room back once the broker has freed its
     // bytes; meanwhile `sb quota` says what holds the room.
     sb(&alice, &broker, &["file", "cancel", &id]);
+    let gone = sb_output(&alice, &broker, &["upload", "--resume", &id, first.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&gone.stderr);
+    assert!(!gone.status.success() && said.contains("is gone") && said.contains("starts it again"), "{said}");
     let quota = sb(&alice, &broker, &["quota"]);
     assert_eq!((quota[0]["files_bytes"].as_u64(), quota[0]["uploads_bytes"].as_u64()), (Some(0), Some(0)));
     assert_eq!(quota[0]["unfreed_bytes"], quota[0]["stored_bytes"], "only what is being freed: {quota:?}");

@@ -54,7 +54,11 @@ pub async fn upload(
         (None, None) => bail!("which file? `sb upload FILE`"),
     };
     let content_type = args.content_type.clone().unwrap_or_else(|| guess_type(&path).to_owned());
-    let new = new_upload(&path, &content_type).await.with_context(|| format!("reading {}", path.display()))?;
+    let new = new_upload(&path, &content_type).await.with_context(|| match (&args.path, &args.resume) {
+        // The file this home began it from moved: say how to name it.
+        (None, Some(id)) => format!("reading {} (moved? `sb upload --resume {id} FILE`)", path.display()),
+        _ => format!("reading {}", path.display()),
+    })?;
     let size = new.size;
     let key = upload_key(&path, size, &new.blake3);
     // Two sb uploading one file would take the upload from each other (`CONFLICT`).
@@ -76,7 +80,13 @@ pub async fn upload(
     let (file, fresh) = match (&args.resume, saved_id) {
         (Some(id), _) => {
             let file = parse_file_id(id)?;
-            let info = uploader.client().await?.file_info(file).await?;
+            let info = match uploader.client().await?.file_info(file).await {
+                Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => bail!(
+                    "upload {id} is gone (expired, cancelled, or not yours): `sb upload {}` starts it again",
+                    path.display()
+                ),
+                info => info?,
+            };
             if info.blake3 != new.blake3 || info.file.size != new.size {
                 bail!("{} is not the file of upload {id} (its size or BLAKE3 differs)", path.display());
             }
@@ -439,6 +449,23 @@ pub async fn download(
             return Err(e.into());
         }
     };
+    if let FileState::Uploading { offset: have } = info.state {
+        bail!(
+            "{id} is still being uploaded ({have} of {} bytes): nothing downloaded; download it once it is complete",
+            info.file.size
+        );
+    }
+    // Into a directory: under the file's own name there (as `cp` does).
+    let named;
+    let path = if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        if matches!(info.file.name.as_str(), "." | "..") {
+            bail!("{id} is named {:?}: give OUT a file name", info.file.name);
+        }
+        named = path.join(&info.file.name);
+        named.as_path()
+    } else {
+        path
+    };
     let size = info.file.size;
     if offset > 0 && offset >= size {
         // An empty range would replace OUT with an empty file.
@@ -748,7 +775,12 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                     )
                 });
             } else {
-                out.line(json!({"event": "deleted", "file": file}), || format!("deleted {file}"));
+                out.line(json!({"event": "deleted", "file": file}), || {
+                    format!(
+                        "deleted {file}: it goes once no message carries it (`sb file withdraw {file}` takes it back \
+                         from them now)"
+                    )
+                });
             }
         }
         FileCommand::Withdraw { file } => {
