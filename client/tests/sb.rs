@@ -988,6 +988,8 @@ async fn an_upload_refused_for_the_quota_says_what_holds_it() {
     // Cancelled, the stale upload gives its room back once the broker has freed its
     // bytes; meanwhile `sb quota` says what holds the room.
     sb(&alice, &broker, &["file", "cancel", &id]);
+    let again = sb_output(&alice, &broker, &["file", "cancel", &id]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no upload of yours in progress"), "{again:?}");
     let gone = sb_output(&alice, &broker, &["upload", "--resume", &id, first.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&gone.stderr);
     assert!(!gone.status.success() && said.contains("is gone") && said.contains("starts it again"), "{said}");

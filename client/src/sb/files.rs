@@ -265,14 +265,21 @@ pub async fn upload(
 /// `BeginUpload`; refused for the quota, with what takes it and how to free it (a
 /// stale unfinished upload holds its whole declared size, which is easy to forget).
 async fn begin(uploader: &mut Uploader, new: switchboard_protocol::NewUpload) -> anyhow::Result<FileId> {
-    match uploader.begin(new).await {
-        Ok(status) => Ok(status.file),
-        Err(e) if e.code() == Some(ErrorCode::QUOTA_EXCEEDED) => Err(anyhow::Error::new(e).context(
-            "no room left in your quota: unfinished uploads count at their full size (`sb uploads` lists them, \
-             `sb file cancel ID` frees one), and so do your stored files (`sb files`, `sb file delete ID`)",
-        )),
-        Err(e) => Err(e.into()),
+    uploader.begin(new).await.map(|status| status.file).map_err(with_quota_hint)
+}
+
+/// A refusal for the quota (of an upload, or of a forward's copy) with what takes the
+/// quota and how to free it (a stale unfinished upload holds its whole declared size,
+/// which is easy to forget); any other error as it is.
+fn with_quota_hint(e: ClientError) -> anyhow::Error {
+    if e.code() != Some(ErrorCode::QUOTA_EXCEEDED) {
+        return e.into();
     }
+    anyhow::Error::new(e).context(
+        "no room left in your quota (`sb quota` says what takes it): unfinished uploads count at their full \
+         size (`sb uploads` lists them, `sb file cancel ID` frees one), and so do your stored files, forwarded \
+         copies among them (`sb files`, `sb file delete ID`, `sb file withdraw ID`)",
+    )
 }
 
 /// `sb uploads`: my unfinished uploads, from any device, with the local file of those
@@ -758,6 +765,11 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                         "{file} is complete, not an upload in progress: `sb file delete {file}` lets go of a file you uploaded"
                     );
                 }
+                if e.code() == Some(ErrorCode::NOT_FOUND) {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "{file} is no upload of yours in progress (cancelled, expired, or never yours; `sb uploads` lists yours)"
+                    )));
+                }
                 return Err(e.into());
             }
             out.line(json!({"event": "cancelled", "file": file}), || format!("cancelled {file}"));
@@ -791,7 +803,7 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
         }
         FileCommand::Send { conv, files, text } => {
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
-            let seq = client.send_files(conv, &text, &ids).await?;
+            let seq = client.send_files(conv, &text, &ids).await.map_err(with_quota_hint)?;
             // The ids as the message carries them: another's file goes as my copy. Sent
             // whatever this read does (a failure here must not make anyone send again).
             let page = switchboard_protocol::Page::After(seq.saturating_sub(1));
