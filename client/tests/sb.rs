@@ -522,6 +522,9 @@ async fn upload_then_download_round_trip() {
     std::fs::create_dir(&into).unwrap();
     assert_eq!(sb(&bob, &broker, &["download", &id, into.to_str().unwrap()])[0]["verified"], true);
     assert_eq!(std::fs::read(into.join(path.file_name().unwrap())).unwrap(), data);
+    // Never over a file already there.
+    let again = sb_output(&bob, &broker, &["download", &id, into.to_str().unwrap()]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists"), "{again:?}");
     // Into a directory that does not exist: said as the user named it, nothing written.
     let nowhere = dir.path().join("no-such-dir").join("copy.bin");
     let refused = sb_output(&bob, &broker, &["download", &id, nowhere.to_str().unwrap()]);

@@ -517,39 +517,39 @@ impl Store {
         Ok(Some(self.commit(txn)?))
     }
 
-    /// The uploader takes its complete file back from every message carrying it and lets
-    /// go of it (`WithdrawFile`): its hold and every attachment key go, in batches of
-    /// `WITHDRAW_BATCH` keys (a file may be carried by many messages), and it is marked
-    /// for `collect_file`. The messages themselves are not changed. `None` if it is not a
-    /// complete file (a thumbnail neither). Blocking (catalog batches); resolves once
-    /// every batch is durable. A message written meanwhile that carries it (a send
-    /// racing this) keeps it; so may the newest entry of a conversation rewritten by the
-    /// crash repair before the file is collected: withdrawing again takes it back.
-    pub fn withdraw_file(&self, id: &FileId) -> Result<Option<Durable>> {
-        const WITHDRAW_BATCH: usize = 1024;
-        let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut record) = self.file(id)? else { return Ok(None) };
-        if !record.is_complete() || record.parent.is_some() {
-            return Ok(None);
-        }
-        record.held = false;
-        let mut txn = Txn::new();
-        txn.put(Key::file(id), &record);
-        loop {
-            let keys: Vec<_> = self.db.scan_prefix(Key::attached_of(id)).keys().take(WITHDRAW_BATCH).collect();
-            let last = keys.len() < WITHDRAW_BATCH;
-            for key in keys {
-                txn.batch.remove(key?);
+    /// The uploader takes its complete file back from every message of its own carrying
+    /// it and lets go of it (`WithdrawFile`): first its hold goes and it is marked for
+    /// `collect_file` (one catalog batch under the files lock), then its attachment keys
+    /// go one by one outside the lock (as messages write them), only those of messages
+    /// the uploader sent (a data dir from before forwards were copies may have others'
+    /// messages carry it: they keep it), each a single-key write riding the next group
+    /// commit. The messages themselves are not changed. `None` if it is not a complete
+    /// file of `uploader` (a thumbnail neither). Blocking; resolves once all of it is
+    /// durable. A message written meanwhile that carries it (a send racing this) keeps
+    /// it; so may the newest entry of a conversation rewritten by the crash repair before
+    /// the file is collected: withdrawing again takes it back.
+    pub fn withdraw_file(&self, id: &FileId, uploader: UserId) -> Result<Option<Durable>> {
+        {
+            let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(mut record) = self.file(id)? else { return Ok(None) };
+            if !record.is_complete() || record.parent.is_some() || record.uploader != uploader {
+                return Ok(None);
             }
-            if last {
-                break;
-            }
-            // Applied when `commit` returns, so the next scan moves on; durable with the
-            // last batch (the committer makes them durable in order).
-            drop(self.commit(std::mem::replace(&mut txn, Txn::new()))?);
+            record.held = false;
+            let mut txn = Txn::new();
+            txn.put(Key::file(id), &record);
+            txn.batch.insert(Key::file_unheld(id).as_ref(), &[][..]);
+            drop(self.commit(txn)?);
         }
-        txn.batch.insert(Key::file_unheld(id).as_ref(), &[][..]);
-        Ok(Some(self.commit(txn)?))
+        for item in self.db.scan_prefix(Key::attached_of(id)).keys() {
+            let key = item?;
+            let conv = keys::u64_from(&key[17..25]).ok_or_else(|| corrupt(&key, "attachment key"))?;
+            let seq = keys::u64_from(&key[25..33]).ok_or_else(|| corrupt(&key, "attachment key"))?;
+            if self.entry(conv, seq)?.is_none_or(|e| e.sender == uploader) {
+                self.db.remove(key)?;
+            }
+        }
+        Ok(Some(self.barrier()?))
     }
 
     /// `forwarder` sends the complete file `original`, uploaded by someone else: the
@@ -1112,24 +1112,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_withdrawn_file_leaves_every_message_however_many_carry_it() {
+    async fn a_withdrawn_file_leaves_every_message_of_its_uploader_and_no_one_elses() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let a = [1; 16];
         stored(&store, a, 7, 5).await;
-        // Carried by more messages than one batch takes, in two conversations.
+        // Its uploader's messages carry it, many, in two conversations; one message of
+        // someone else's too (a forward in a data dir from before forwards were copies).
         let files = vec![FileRef { file: a, name: "a.bin".into(), size: 10, content_type: "x/y".into() }];
-        for seq in 1..=1030 {
-            let conv = 9 + seq % 2;
-            append(&store, entry(conv, seq, Body::Files { text: String::new(), files: files.clone(), edited: false }))
-                .await;
+        let body = || Body::Files { text: String::new(), files: files.clone(), edited: false };
+        for seq in 1..=300 {
+            append(&store, Entry { sender: 7, ..entry(9 + seq % 2, seq, body()) }).await;
         }
-        assert_eq!(store.attachment_convs(&a, 10).unwrap(), vec![9, 10]);
-        assert!(store.withdraw_file(&[2; 16]).unwrap().is_none(), "no such file");
-        store.withdraw_file(&a).unwrap().unwrap().await.unwrap();
-        assert!(store.attachments(&a, 10).unwrap().is_empty());
+        append(&store, Entry { sender: 8, ..entry(11, 1, body()) }).await;
+        assert_eq!(store.attachment_convs(&a, 10).unwrap(), vec![9, 10, 11]);
+        assert!(store.withdraw_file(&[2; 16], 7).unwrap().is_none(), "no such file");
+        assert!(store.withdraw_file(&a, 8).unwrap().is_none(), "not user 8's");
+        store.withdraw_file(&a, 7).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.attachments(&a, 400).unwrap(), vec![(11, 1)], "user 8's message keeps it");
         assert!(!store.file(&a).unwrap().unwrap().held);
         assert_eq!(store.unheld_files(None, 10).unwrap(), vec![a]);
+        // With that one gone too, it is collected.
+        append(&store, Entry { sender: 8, ..entry(11, 2, Body::Delete { target: 1 }) }).await;
         let gone = store.collect_file(&a, 0).unwrap();
         gone.durable.await.unwrap();
         assert_eq!(

@@ -351,13 +351,15 @@ struct Counts {
 /// smaller file whole) per turn, taking each piece off the backlog (and off what the
 /// file's owner owes) as it goes, so a file that fails half-way stays counted at what is
 /// left of it. Turns go round the owners, the one served least first, each owner's
-/// smallest file first, the dir read again every `PASS_BYTES`: one user's big deletions
+/// smallest file first, the dir read again every `PASS_BYTES` or `PASS_TURNS`: one user's big deletions
 /// never hold another's small one behind them for long. A file that cannot be deleted
 /// is logged and skipped (tried again at the next wake-up). Returns early once told to
 /// stop.
 fn empty(trash: &Path, bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
-    /// Bytes freed between two reads of the trash dir.
+    /// Bytes freed, and turns taken, between two reads of the trash dir (whichever
+    /// comes first: many tiny files end a pass as soon as a few big pieces).
     const PASS_BYTES: u64 = 16 * DELETE_PIECE;
+    const PASS_TURNS: usize = 256;
     let mut failed = std::collections::HashSet::new();
     let mut served: std::collections::HashMap<Option<UserId>, u64> = std::collections::HashMap::new();
     loop {
@@ -381,8 +383,8 @@ fn empty(trash: &Path, bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
             files.sort_unstable_by(|a, b| b.cmp(a));
         }
         queues.sort_by_key(|(owner, _)| served.get(owner).copied().unwrap_or(0));
-        let mut pass = 0u64;
-        while pass < PASS_BYTES && queues.iter().any(|(_, files)| !files.is_empty()) {
+        let (mut pass, mut turns) = (0u64, 0usize);
+        while pass < PASS_BYTES && turns < PASS_TURNS && queues.iter().any(|(_, files)| !files.is_empty()) {
             for (owner, files) in &mut queues {
                 let Some((_, path)) = files.last().cloned() else { continue };
                 let started = std::time::Instant::now();
@@ -410,7 +412,7 @@ fn empty(trash: &Path, bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
                     }
                 }
                 *served.entry(*owner).or_default() += 1;
-                pass += cut;
+                (pass, turns) = (pass + cut, turns + 1);
                 // The rate: this piece's share, waited in slices so a stop is not held up.
                 let share = std::time::Duration::from_secs_f64(cut as f64 / bytes_per_sec.max(1) as f64);
                 while let Some(rest) = share.checked_sub(started.elapsed()).filter(|r| !r.is_zero()) {

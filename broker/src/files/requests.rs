@@ -313,13 +313,15 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
 pub async fn withdraw_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
     own_complete_file(&shared, user, &id)?;
     let s = shared.clone();
-    let withdrawn = tokio::task::spawn_blocking(move || s.store.withdraw_file(&id)).await.map_err(internal)?;
+    let withdrawn = tokio::task::spawn_blocking(move || s.store.withdraw_file(&id, user)).await.map_err(internal)?;
     match withdrawn.map_err(internal)? {
         Some(durable) => durable.await.map_err(internal)?,
         None => return Err(no_such_file()),
     }
     let s = shared.clone();
     tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
+    // Its removal durable before the answer (`collect` does not wait when no bytes go).
+    shared.store.barrier().map_err(internal)?.await.map_err(internal)?;
     Ok(Reply::Done)
 }
 

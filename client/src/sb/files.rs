@@ -462,13 +462,19 @@ pub async fn download(
             info.file.size
         );
     }
-    // Into a directory: under the file's own name there (as `cp` does).
+    // Into a directory: under the file's own name there (as `cp` does), a name its
+    // uploader chose: never a hidden one (`.bashrc`), never one with a path in it (a
+    // broker refuses those; this does not rely on it), never over a file already there.
     let named;
     let path = if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        if matches!(info.file.name.as_str(), "." | "..") {
-            bail!("{id} is named {:?}: give OUT a file name", info.file.name);
+        let name = &info.file.name;
+        if name.starts_with('.') || name.contains(['/', '\\']) || name.chars().any(char::is_control) {
+            bail!("{id} is named {name:?}: give OUT a file name to download it");
         }
-        named = path.join(&info.file.name);
+        named = path.join(name);
+        if std::fs::symlink_metadata(&named).is_ok() {
+            bail!("{} exists: nothing downloaded (give OUT as a file name to replace it)", named.display());
+        }
         named.as_path()
     } else {
         path
