@@ -1631,6 +1631,10 @@ async fn files_lists_what_my_quota_counts() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!((listed[0]["file"].as_str(), listed[0]["name"].as_str()), (Some(id.as_str()), Some("report.pdf")));
     assert_eq!((listed[0]["size"].as_u64(), listed[0]["held"].as_bool()), (Some(17), Some(true)));
+    // People read its size, and what the quota counts for it, in binary units.
+    let human = sb_output(&phone, &broker, &["files"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("report.pdf  17 B (counts 4.00 KiB)"), "{text}");
     sb(&phone, &broker, &["file", "delete", &id]);
     // Not held any more: listed as such until collected, then gone.
     let after = sb(&laptop, &broker, &["files"]);

@@ -328,7 +328,10 @@ pub async fn files(client: &Client, out: &Out) -> anyhow::Result<()> {
                 "blake3": hex(&f.blake3), "created_ms": f.created_ms, "held": f.held}),
             || {
                 let kept = if f.held { "" } else { "  (not held: goes with the last message carrying it)" };
-                format!("{id}  {}  {} bytes{kept}", f.file.name, f.file.size)
+                // As `sb quota` counts it: whole 4 KiB blocks.
+                let size = indicatif::HumanBytes;
+                let counted = size(charged_bytes(f.file.size));
+                format!("{id}  {}  {} (counts {counted}){kept}", f.file.name, size(f.file.size))
             },
         );
     }
