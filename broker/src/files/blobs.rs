@@ -204,41 +204,52 @@ pub const DELETE_BYTES_PER_SEC: u64 = 32 * 1024 * 1024;
 /// at 64 MiB/s two of 43-47 ms, at 32 MiB/s none (max 6.5 ms). RocksDB deletes its
 /// files at a bounded rate for the same reason.
 pub fn remove_paced(path: &Path, bytes_per_sec: u64, mut freed: impl FnMut(u64) -> bool) -> io::Result<bool> {
-    let file = match OpenOptions::new().write(true).open(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
-        file => file?,
-    };
-    // Sleeps what is left of `bytes`' share of the rate since `started`, a slice at a
-    // time, asking `freed` between slices; whether to go on.
-    fn pace(bytes: u64, started: std::time::Instant, rate: u64, freed: &mut impl FnMut(u64) -> bool) -> bool {
-        let share = std::time::Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
-        while let Some(rest) = share.checked_sub(started.elapsed()).filter(|r| !r.is_zero()) {
-            if !freed(0) {
-                return false;
-            }
-            std::thread::sleep(rest.min(PACE_SLICE));
-        }
-        true
-    }
-    let mut len = file.metadata()?.len();
-    while len > DELETE_PIECE {
+    loop {
         let started = std::time::Instant::now();
-        len -= DELETE_PIECE;
-        file.set_len(len)?;
-        file.sync_data()?;
-        if !freed(DELETE_PIECE) || !pace(DELETE_PIECE, started, bytes_per_sec, &mut freed) {
+        let (cut, gone) = cut_piece(path)?;
+        let go_on = freed(cut);
+        if gone {
+            pace(cut, started, bytes_per_sec, || freed(0));
+            return Ok(true);
+        }
+        if !go_on || !pace(cut, started, bytes_per_sec, || freed(0)) {
             return Ok(false);
         }
     }
-    drop(file);
-    let started = std::time::Instant::now();
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+}
+
+/// Frees one piece of the file at `path`: cuts `DELETE_PIECE` off its end and fdatasyncs,
+/// or unlinks it if no larger (none there is fine). The bytes freed, and whether it is
+/// gone. Blocking.
+fn cut_piece(path: &Path) -> io::Result<(u64, bool)> {
+    let file = match OpenOptions::new().write(true).open(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, true)),
+        file => file?,
+    };
+    let len = file.metadata()?.len();
+    if len > DELETE_PIECE {
+        file.set_len(len - DELETE_PIECE)?;
+        file.sync_data()?;
+        return Ok((DELETE_PIECE, false));
     }
-    freed(len);
-    pace(len, started, bytes_per_sec, &mut freed);
-    Ok(true)
+    drop(file);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok((len, true)),
+    }
+}
+
+/// Sleeps what is left of `bytes`' share of `rate` (bytes a second) since `started`, a
+/// `PACE_SLICE` at a time, asking `go_on` before each; whether to go on.
+fn pace(bytes: u64, started: std::time::Instant, rate: u64, mut go_on: impl FnMut() -> bool) -> bool {
+    let share = std::time::Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+    while let Some(rest) = share.checked_sub(started.elapsed()).filter(|r| !r.is_zero()) {
+        if !go_on() {
+            return false;
+        }
+        std::thread::sleep(rest.min(PACE_SLICE));
+    }
+    true
 }
 
 /// Deletes what is moved into the trash dir, one file at a time at
@@ -253,19 +264,14 @@ struct Deleter {
     wake: std::sync::mpsc::SyncSender<()>,
     /// Names files moved into the trash uniquely.
     next: std::sync::atomic::AtomicU64,
-    /// Bytes in the trash not yet freed: the disk's free space does not show them yet.
-    backlog: Arc<std::sync::atomic::AtomicU64>,
-    /// The part of `backlog` each user's uploads and files left (`Blobs::unfreed_of`),
-    /// per user with any (so at most one entry per account).
-    owed: Arc<Owed>,
-    /// Tells the thread to stop (`Drop`).
-    stop: Arc<AtomicBool>,
+    /// What is not freed yet, shared with the thread.
+    counts: Arc<Counts>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Deleter {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.counts.stop.store(true, Ordering::Release);
         let _ = self.wake.try_send(());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -306,27 +312,25 @@ fn charge(owed: &Owed, owner: Option<UserId>, len: u64, add: bool) {
 impl Deleter {
     fn start(trash: PathBuf, bytes_per_sec: u64) -> io::Result<Deleter> {
         // What a crash left counts from the start, charged to whom it was.
-        let (backlog, owed) = (Arc::new(std::sync::atomic::AtomicU64::new(0)), Arc::new(Owed::default()));
+        let counts = Arc::new(Counts::default());
         for entry in std::fs::read_dir(&trash)?.filter_map(|e| e.ok()) {
             let Ok(meta) = entry.metadata() else { continue };
-            backlog.fetch_add(meta.len(), Ordering::AcqRel);
-            charge(&owed, owner_in(&entry.file_name().to_string_lossy()), meta.len(), true);
+            counts.count(owner_in(&entry.file_name().to_string_lossy()), meta.len());
         }
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
-        let stop = Arc::new(AtomicBool::new(false));
-        let counts = Counts { backlog: backlog.clone(), owed: owed.clone(), stop: stop.clone() };
+        let ours = counts.clone();
         let thread = std::thread::Builder::new().name("sb-deleter".into()).spawn(move || {
             // What a crash left, then whatever comes, until the broker's files close.
             loop {
                 // Tests hold a deleter to look at its trash.
                 #[cfg(test)]
-                while tests::held(&trash) && !counts.stop.load(Ordering::Acquire) {
+                while tests::held(&trash) && !ours.stop.load(Ordering::Acquire) {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
-                if counts.stop.load(Ordering::Acquire) {
+                if ours.stop.load(Ordering::Acquire) {
                     return;
                 }
-                if let Err(e) = empty(&trash, bytes_per_sec, &counts) {
+                if let Err(e) = empty(&trash, bytes_per_sec, &ours) {
                     tracing::warn!(error = %e, dir = %trash.display(), "reading the trash failed; retried at the next delete");
                 }
                 if woken.recv().is_err() {
@@ -336,15 +340,35 @@ impl Deleter {
         })?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let next = std::sync::atomic::AtomicU64::new(nanos as u64);
-        Ok(Deleter { wake, next, backlog, owed, stop, thread: Some(thread) })
+        Ok(Deleter { wake, next, counts, thread: Some(thread) })
     }
 }
 
-/// What the deleter thread counts down as it frees, and its stop flag.
+/// What the trash holds not yet freed, counted up as files are moved in and down as the
+/// deleter thread frees them, and the thread's stop flag.
+#[derive(Debug, Default)]
 struct Counts {
-    backlog: Arc<std::sync::atomic::AtomicU64>,
-    owed: Arc<Owed>,
-    stop: Arc<AtomicBool>,
+    /// Bytes in the trash not yet freed: the disk's free space does not show them yet.
+    backlog: std::sync::atomic::AtomicU64,
+    /// The part of `backlog` each user's uploads and files left (`Blobs::unfreed_of`),
+    /// per user with any (so at most one entry per account).
+    owed: Owed,
+    /// Tells the thread to stop (`Deleter`'s drop).
+    stop: AtomicBool,
+}
+
+impl Counts {
+    /// `len` bytes of `owner`'s (if any) are in the trash.
+    fn count(&self, owner: Option<UserId>, len: u64) {
+        self.backlog.fetch_add(len, Ordering::AcqRel);
+        charge(&self.owed, owner, len, true);
+    }
+
+    /// `len` bytes of `owner`'s (if any) left the trash: freed, or not moved in after all.
+    fn uncount(&self, owner: Option<UserId>, len: u64) {
+        let _ = self.backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
+        charge(&self.owed, owner, len, false);
+    }
 }
 
 /// Deletes every file in `trash` at `bytes_per_sec`, one piece (`DELETE_PIECE`, or a
@@ -388,40 +412,26 @@ fn empty(trash: &Path, bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
             for (owner, files) in &mut queues {
                 let Some((_, path)) = files.last().cloned() else { continue };
                 let started = std::time::Instant::now();
-                let mut cut = 0u64;
-                // One piece: the freed bytes are counted, then the turn ends.
-                let turn = remove_paced(&path, u64::MAX, |bytes| {
-                    if bytes > 0 {
-                        let _ = counts
-                            .backlog
-                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(bytes)));
-                        charge(&counts.owed, *owner, bytes, false);
-                        cut += bytes;
+                let cut = match cut_piece(&path) {
+                    Ok((cut, gone)) => {
+                        counts.uncount(*owner, cut);
+                        if gone {
+                            files.pop();
+                        }
+                        cut
                     }
-                    cut == 0
-                });
-                match turn {
-                    Ok(true) => {
-                        files.pop();
-                    }
-                    Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, file = %path.display(), "a file in the trash could not be deleted");
                         failed.insert(path);
                         files.pop();
+                        0
                     }
-                }
+                };
                 *served.entry(*owner).or_default() += 1;
                 (pass, turns) = (pass + cut, turns + 1);
                 // The rate: this piece's share, waited in slices so a stop is not held up.
-                let share = std::time::Duration::from_secs_f64(cut as f64 / bytes_per_sec.max(1) as f64);
-                while let Some(rest) = share.checked_sub(started.elapsed()).filter(|r| !r.is_zero()) {
-                    if counts.stop.load(Ordering::Acquire) {
-                        return Ok(());
-                    }
-                    std::thread::sleep(rest.min(PACE_SLICE));
-                }
-                if counts.stop.load(Ordering::Acquire) {
+                let go_on = || !counts.stop.load(Ordering::Acquire);
+                if !pace(cut, started, bytes_per_sec, go_on) || !go_on() {
                     return Ok(());
                 }
             }
@@ -467,12 +477,9 @@ impl Blobs {
             meta => meta?.len(),
         };
         // Counted before the move, so the free space never looks larger than it is.
-        self.deleter.backlog.fetch_add(len, Ordering::AcqRel);
-        charge(&self.deleter.owed, owner, len, true);
+        self.deleter.counts.count(owner, len);
         if let Err(e) = std::fs::rename(path, self.trash.join(name)) {
-            let _ =
-                self.deleter.backlog.fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| Some(b.saturating_sub(len)));
-            charge(&self.deleter.owed, owner, len, false);
+            self.deleter.counts.uncount(owner, len);
             return match e.kind() {
                 io::ErrorKind::NotFound => Ok(()),
                 _ => Err(e),
@@ -486,13 +493,13 @@ impl Blobs {
     /// check subtracts them, so deleting faster than the deleter frees cannot fill the
     /// disk.
     pub fn unfreed_bytes(&self) -> u64 {
-        self.deleter.backlog.load(Ordering::Acquire)
+        self.deleter.counts.backlog.load(Ordering::Acquire)
     }
 
     /// The part of `unfreed_bytes` that `user`'s uploads and files left (removed on its
     /// behalf: cancelled, failed, expired or deleted): counted in its quota until freed.
     pub fn unfreed_of(&self, user: UserId) -> u64 {
-        self.deleter.owed.lock().unwrap_or_else(|p| p.into_inner()).get(&user).copied().unwrap_or(0)
+        self.deleter.counts.owed.lock().unwrap_or_else(|p| p.into_inner()).get(&user).copied().unwrap_or(0)
     }
 
     /// Counts `bytes` against `owner`'s quota (`unfreed_of`) until the guard drops: taken
@@ -500,8 +507,8 @@ impl Blobs {
     /// bytes are in the trash (charged there), so between the two nothing of it is
     /// uncounted for a `BeginUpload` that checks meanwhile.
     pub fn owe(&self, owner: UserId, bytes: u64) -> Owing<'_> {
-        charge(&self.deleter.owed, Some(owner), bytes, true);
-        Owing { owed: &self.deleter.owed, owner, bytes }
+        charge(&self.deleter.counts.owed, Some(owner), bytes, true);
+        Owing { owed: &self.deleter.counts.owed, owner, bytes }
     }
 
     /// The directory whose disk holds the files (for free space).
