@@ -110,7 +110,7 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
             durable.await.map_err(|e| e.to_string())?;
             if disabled {
                 if let Some(shared) = ops.broker {
-                    shared.users.disable(user).await;
+                    shared.users.disable(user);
                 }
                 if let Some(since) = since {
                     return Ok(vec![format!("{name} was disabled already (since {})", utc(since))]);

@@ -378,6 +378,6 @@ pub(crate) async fn revoke_device(shared: &Shared, user: UserId, device: DeviceI
     let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };
     durable.await.map_err(internal)?;
     tracing::info!(user, device, "device revoked");
-    shared.users.revoke(user, device).await;
+    shared.users.revoke(user, device);
     Ok(Reply::Done)
 }

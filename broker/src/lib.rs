@@ -88,7 +88,7 @@ pub struct Shared {
     pub auth: auth::Auth,
     /// Fan-out index of connected sessions.
     pub online: Arc<fanout::Online>,
-    /// Live user actors.
+    /// Online users' session counts and handshake places.
     pub users: user::UserDirectory,
     /// Live conversation actors.
     pub convs: conversation::ConvDirectory,

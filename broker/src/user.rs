@@ -1,89 +1,35 @@
-//! The user actor and its directory. One actor per user with at least one online
-//! device; the directory also keeps the `Online` fan-out index in step with attach and
-//! detach.
+//! The user directory: who is online with how many sessions, each user's places for
+//! connections still in their handshake, and per-user allowances that outlive a
+//! connection. It keeps the `Online` fan-out index in step with attach and detach.
+//!
+//! There is no per-user actor: everything a user's actor held now lives where it is
+//! used (sessions in `Online`, presence in its driver, typing in its own), and an idle
+//! ractor actor per online user cost about 6 KB (four channels and a task) of the
+//! broker's 40 KB budget per idle connection, and a spawn per first login.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
 
 use crate::limits::{
     CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, MAX_SESSIONS_PER_USER,
 };
-use crate::reply::internal;
 
 use crate::fanout::{Online, SessionHandle};
 
-/// Messages to a user actor.
-pub enum UserMsg {
-    /// A device connected.
-    Attach(SessionHandle),
-    /// A connection ended.
-    Detach(u64),
-    /// Close connections with `code`: one device's, or all of the user's (`None`).
-    Close {
-        /// The device, or every device.
-        device: Option<DeviceId>,
-        /// The close code.
-        code: ErrorCode,
-    },
-}
-
-/// The user actor.
-pub struct User;
-
-/// Actor state.
-pub struct UserState {
-    user: UserId,
-    sessions: Vec<SessionHandle>,
-}
-
-impl Actor for User {
-    type Msg = UserMsg;
-    type State = UserState;
-    type Arguments = UserId;
-
-    async fn pre_start(&self, _myself: ActorRef<UserMsg>, user: UserId) -> Result<UserState, ActorProcessingErr> {
-        Ok(UserState { user, sessions: Vec::new() })
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<UserMsg>,
-        msg: UserMsg,
-        state: &mut UserState,
-    ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            UserMsg::Attach(session) => state.sessions.push(session),
-            UserMsg::Detach(id) => state.sessions.retain(|s| s.id != id),
-            UserMsg::Close { device, code } => {
-                tracing::debug!(user = state.user, ?device, %code, "closing connections");
-                for s in state.sessions.iter().filter(|s| device.is_none_or(|d| s.device == d)) {
-                    s.out.close(code);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// An online user's entry: its actor and how many sessions it has.
-struct Live {
-    actor: ActorRef<UserMsg>,
-    sessions: usize,
-}
-
-/// Live user actors with their session counts. Counting under the directory lock means
-/// the last detach stops the actor and a later attach starts a fresh one, with no
-/// message ever sent to a stopping actor.
+/// Online users with their session counts. Attach, detach and the closing of a user's
+/// connections all run under the directory's lock, so a close sees every session
+/// attached before it, and a session attached after it sees what the close changed in
+/// the store (a revoked device, a disabled account) when it checks again.
 pub struct UserDirectory {
-    map: tokio::sync::Mutex<HashMap<UserId, Live>>,
+    /// Attached sessions per online user.
+    sessions: Mutex<HashMap<UserId, usize>>,
     /// Places taken by handshakes that have not attached yet (see `reserve`).
-    reserved: Arc<std::sync::Mutex<HashMap<UserId, usize>>>,
+    reserved: Arc<Mutex<HashMap<UserId, usize>>>,
     online: Arc<Online>,
-    creations: std::sync::Mutex<Creations>,
+    creations: Mutex<Creations>,
 }
 
 /// A place among a user's sessions, taken during the handshake before `Authed` is sent
@@ -92,7 +38,7 @@ pub struct UserDirectory {
 /// it is authenticated. `attach` turns it into a session; dropped, it is given back.
 pub struct Reservation {
     user: UserId,
-    reserved: Arc<std::sync::Mutex<HashMap<UserId, usize>>>,
+    reserved: Arc<Mutex<HashMap<UserId, usize>>>,
 }
 
 impl Drop for Reservation {
@@ -120,23 +66,22 @@ struct Creations {
 impl UserDirectory {
     /// An empty directory publishing into `online`.
     pub fn new(online: Arc<Online>) -> Self {
-        UserDirectory {
-            map: tokio::sync::Mutex::new(HashMap::new()),
-            reserved: Arc::default(),
-            online,
-            creations: std::sync::Mutex::default(),
-        }
+        UserDirectory { sessions: Mutex::default(), reserved: Arc::default(), online, creations: Mutex::default() }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, usize>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes a place among `user`'s sessions for a connection in its handshake, or
     /// `OVERLOADED` if its sessions and the places already taken reach
     /// `MAX_SESSIONS_PER_USER`.
-    pub async fn reserve(&self, user: UserId) -> Result<Reservation, ErrorBody> {
-        let map = self.map.lock().await;
-        let sessions = map.get(&user).map_or(0, |live| live.sessions);
+    pub fn reserve(&self, user: UserId) -> Result<Reservation, ErrorBody> {
+        let sessions = self.sessions();
+        let attached = sessions.get(&user).copied().unwrap_or(0);
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let taken = reserved.get(&user).copied().unwrap_or(0);
-        if sessions + taken >= MAX_SESSIONS_PER_USER {
+        if attached + taken >= MAX_SESSIONS_PER_USER {
             return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many connections for this user"));
         }
         reserved.insert(user, taken + 1);
@@ -144,67 +89,54 @@ impl UserDirectory {
     }
 
     /// Registers a connected session in the place `reserve` took for it.
-    pub async fn attach(&self, place: Reservation, session: SessionHandle) -> Result<(), ErrorBody> {
+    pub fn attach(&self, place: Reservation, session: SessionHandle) -> Result<(), ErrorBody> {
         let user = place.user;
-        let mut map = self.map.lock().await;
-        if map.get(&user).is_some_and(|live| live.sessions >= MAX_SESSIONS_PER_USER) {
+        let mut sessions = self.sessions();
+        let attached = sessions.entry(user).or_insert(0);
+        if *attached >= MAX_SESSIONS_PER_USER {
             return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many connections for this user"));
         }
-        let mut live = match map.remove(&user) {
-            Some(live) => live,
-            None => {
-                let (actor, _) = Actor::spawn(None, User, user).await.map_err(internal)?;
-                Live { actor, sessions: 0 }
-            }
-        };
-        self.online.add(user, session.clone());
-        if live.actor.cast(UserMsg::Attach(session)).is_err() {
-            tracing::error!(user, "user actor is gone");
-        }
-        live.sessions += 1;
-        map.insert(user, live);
-        // Given back under the map lock: the session now counts instead.
+        self.online.add(user, session);
+        *attached += 1;
+        // Given back under the lock: the session now counts instead.
         drop(place);
         Ok(())
     }
 
-    /// Unregisters a session; the last one stops the user's actor.
-    pub async fn detach(&self, user: UserId, session: u64) {
-        let mut map = self.map.lock().await;
+    /// Unregisters a session.
+    pub fn detach(&self, user: UserId, session: u64) {
+        let mut sessions = self.sessions();
         self.online.remove(user, session);
-        let Some(mut live) = map.remove(&user) else { return };
-        let _ = live.actor.cast(UserMsg::Detach(session));
-        if live.sessions > 1 {
-            live.sessions -= 1;
-            map.insert(user, live);
-        } else {
-            live.actor.stop(None);
+        if let Some(attached) = sessions.get_mut(&user) {
+            *attached -= 1;
+            if *attached == 0 {
+                sessions.remove(&user);
+            }
         }
     }
 
     /// Closes the live connections of a revoked device.
     ///
-    /// Their outbound queues are closed before this returns (through the `Online` index,
-    /// not a message to the user actor), so a revocation answered `Done` has already cut
-    /// the device off: nothing more reaches it and its connection is closing.
-    pub async fn revoke(&self, user: UserId, device: DeviceId) {
-        self.close(user, Some(device), ErrorCode::DEVICE_REVOKED).await;
+    /// Their outbound queues are closed before this returns, so a revocation answered
+    /// `Done` has already cut the device off: nothing more reaches it and its connection
+    /// is closing.
+    pub fn revoke(&self, user: UserId, device: DeviceId) {
+        self.close(user, Some(device), ErrorCode::DEVICE_REVOKED);
     }
 
     /// Closes every live connection of a disabled account (`ACCOUNT_DISABLED`), the same
     /// way as `revoke`.
-    pub async fn disable(&self, user: UserId) {
-        self.close(user, None, ErrorCode::ACCOUNT_DISABLED).await;
+    pub fn disable(&self, user: UserId) {
+        self.close(user, None, ErrorCode::ACCOUNT_DISABLED);
     }
 
-    async fn close(&self, user: UserId, device: Option<DeviceId>, code: ErrorCode) {
-        if let Some(sessions) = self.online.sessions(user) {
-            for s in sessions.iter().filter(|s| device.is_none_or(|d| s.device == d)) {
+    fn close(&self, user: UserId, device: Option<DeviceId>, code: ErrorCode) {
+        let _attaching = self.sessions();
+        tracing::debug!(user, ?device, %code, "closing connections");
+        for s in self.online.sessions(user).iter().flat_map(|s| s.iter()) {
+            if device.is_none_or(|d| s.device == d) {
                 s.out.close(code);
             }
-        }
-        if let Some(live) = self.map.lock().await.get(&user) {
-            let _ = live.actor.cast(UserMsg::Close { device, code });
         }
     }
 
@@ -299,17 +231,17 @@ mod tests {
         assert!(bucket.is_full(later + Duration::from_secs(3), 1.0, 3.0));
     }
 
-    #[tokio::test]
-    async fn a_users_places_are_reserved_before_authed_and_given_back() {
+    #[test]
+    fn a_users_places_are_reserved_before_authed_and_given_back() {
         let users = UserDirectory::new(Arc::default());
         let mut places: Vec<Reservation> = Vec::new();
         for _ in 0..MAX_SESSIONS_PER_USER {
-            places.push(users.reserve(7).await.unwrap());
+            places.push(users.reserve(7).unwrap());
         }
-        assert_eq!(users.reserve(7).await.err().unwrap().code, ErrorCode::OVERLOADED);
-        assert!(users.reserve(8).await.is_ok(), "another user has its own places");
+        assert_eq!(users.reserve(7).err().unwrap().code, ErrorCode::OVERLOADED);
+        assert!(users.reserve(8).is_ok(), "another user has its own places");
         places.pop();
-        let again = users.reserve(7).await.unwrap();
+        let again = users.reserve(7).unwrap();
         drop((places, again));
         assert!(users.reserved.lock().unwrap().is_empty());
     }

@@ -34,7 +34,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
     let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
     let handle = SessionHandle { id: session, device, out: out.clone(), conn: conn.clone() };
-    if let Err(e) = shared.users.attach(place, handle).await {
+    if let Err(e) = shared.users.attach(place, handle) {
         let refusal: Close = e.into();
         shared.counters.handshake_refused(refusal.0);
         return close(&conn, refusal);
@@ -42,18 +42,18 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     // A revoke that ran between the signature check and the attach found no session
     // to close: look again now that the session is visible to revokes.
     if !matches!(shared.store.device(user, device), Ok(Some(_))) {
-        shared.users.detach(user, session).await;
+        shared.users.detach(user, session);
         return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into()));
     }
     // Likewise an account disabled meanwhile (its sessions were closed before this one
     // was visible).
     if let Err(e) = crate::auth::refuse_if_disabled(&shared.store, user) {
-        shared.users.detach(user, session).await;
+        shared.users.detach(user, session);
         return close(&conn, Close(e.code, e.message));
     }
     // Likewise a storage failure that closed every session just before this attach.
     if shared.health.is_failed() {
-        shared.users.detach(user, session).await;
+        shared.users.detach(user, session);
         return close(&conn, Close(ErrorCode::INTERNAL, "storage failure".into()));
     }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
@@ -100,7 +100,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     }
     // The control stream is gone: so is the session (a no-op if already closed).
     conn.close(ErrorCode::NO_ERROR.0.into(), b"session ended");
-    shared.users.detach(user, session).await;
+    shared.users.detach(user, session);
     shared.presence.detach(user, session);
     shared.typing.session_ended(user, session);
     tracing::debug!(session, "session ended");

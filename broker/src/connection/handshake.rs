@@ -100,14 +100,14 @@ pub(super) async fn authenticate(
             let checked = auth.check_register(&e, &transcript, from).await?;
             let session = shared.admission.promote(unauthenticated)?;
             let user = auth.create_user(&e.user, checked.hash.clone()).await?;
-            let place = shared.users.reserve(user).await?;
+            let place = shared.users.reserve(user)?;
             let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new(), checked.hash).await?;
             (user, device, place, session)
         }
         RequestBody::Login(e) => {
             let (user, key, verified) = auth.check_login(&e, &transcript, from).await?;
             let session = shared.admission.promote(unauthenticated)?;
-            let place = shared.users.reserve(user).await?;
+            let place = shared.users.reserve(user)?;
             // Disabled while the password was checked: no device is enrolled.
             crate::auth::refuse_if_disabled(&shared.store, user)?;
             let in_use = shared.online.sessions(user).map(|s| s.iter().map(|s| s.device).collect()).unwrap_or_default();
@@ -115,14 +115,14 @@ pub(super) async fn authenticate(
             if let Some(old) = replaced {
                 // Connected devices are never replaced; one that connected meanwhile
                 // finds its device gone when it attaches.
-                shared.users.revoke(user, old).await;
+                shared.users.revoke(user, old);
             }
             (user, device, place, session)
         }
         RequestBody::Authenticate { user, device_id, signature } => {
             let user = auth.authenticate(&user, device_id, &signature, &transcript, from)?;
             let session = shared.admission.promote(unauthenticated)?;
-            let place = shared.users.reserve(user).await?;
+            let place = shared.users.reserve(user)?;
             crate::auth::refuse_if_disabled(&shared.store, user)?;
             auth.confirm(user, device_id).await?;
             (user, device_id, place, session)
