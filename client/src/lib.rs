@@ -546,6 +546,17 @@ impl Client {
         }
     }
 
+    /// The names of the users entry `seq` of `conv` names (its sender, and the users a
+    /// membership entry adds, removes or gives a role), by ascending id: how to name
+    /// people history shows who are no longer members. Errors: `FORBIDDEN` for a
+    /// non-member, `NOT_FOUND` for seq 0 or one not durable yet.
+    pub async fn entry_names(&self, conv: ConvId, seq: Seq) -> Result<Vec<switchboard_protocol::UserName>> {
+        match self.request(RequestBody::EntryNames { conv, seq }).await? {
+            Reply::Names(names) => Ok(names),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Adds users to a group; returns the seq of the membership entry.
     pub async fn add_members(&self, conv: ConvId, users: &[String], role: Role) -> Result<Seq> {
         self.appended(RequestBody::AddMembers { conv, users: users.to_vec(), role }).await.map(|(s, _)| s)

@@ -1198,12 +1198,19 @@ fn is_terminal_unsafe(c: char) -> bool {
 
 /// Where names come from: a plain connection or a session.
 trait MemberSource {
+    /// The members' names.
     async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>>;
+    /// The names entry `seq` gives (members or not).
+    async fn entry_names(&self, conv: ConvId, seq: Seq) -> Option<HashMap<UserId, String>>;
 }
 
 impl MemberSource for Client {
     async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>> {
         Some(self.members(conv).await.ok()?.into_iter().map(|m| (m.user_id, m.name)).collect())
+    }
+
+    async fn entry_names(&self, conv: ConvId, seq: Seq) -> Option<HashMap<UserId, String>> {
+        Some(Client::entry_names(self, conv, seq).await.ok()?.into_iter().map(|u| (u.user_id, u.name)).collect())
     }
 }
 
@@ -1211,6 +1218,13 @@ impl MemberSource for Session {
     async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>> {
         match self.request(RequestBody::Members { conv }).await.ok()? {
             switchboard_protocol::Reply::Members(m) => Some(m.into_iter().map(|m| (m.user_id, m.name)).collect()),
+            _ => None,
+        }
+    }
+
+    async fn entry_names(&self, conv: ConvId, seq: Seq) -> Option<HashMap<UserId, String>> {
+        match self.request(RequestBody::EntryNames { conv, seq }).await.ok()? {
+            switchboard_protocol::Reply::Names(n) => Some(n.into_iter().map(|u| (u.user_id, u.name)).collect()),
             _ => None,
         }
     }
@@ -1222,8 +1236,8 @@ impl MemberSource for Session {
 struct Names(HashMap<ConvId, HashMap<UserId, String>>);
 
 impl Names {
-    /// `user`'s name, or `user#ID` for one who is not a member now (asked once per
-    /// conversation until the members are fetched again).
+    /// `user`'s name, or `user#ID` for one who is not a member now and no entry named
+    /// yet (asked once per conversation until the members are fetched again).
     async fn of(&mut self, source: &impl MemberSource, conv: ConvId, user: UserId) -> String {
         if !self.0.get(&conv).is_some_and(|m| m.contains_key(&user))
             && let Some(members) = source.member_names(conv).await
@@ -1235,13 +1249,13 @@ impl Names {
     }
 
     /// The names of an entry's sender and of the users its body names (added, removed,
-    /// given a role).
+    /// given a role): the members' names, and for anyone who is a member no longer the
+    /// names the entry itself gives (`EntryNames`), kept for the next entries.
     async fn of_entry(&mut self, source: &impl MemberSource, e: &Entry) -> (String, HashMap<UserId, String>) {
         // Someone added may be remembered as not a member: ask again.
         if matches!(e.body, Body::MembersAdded { .. } | Body::Created { .. }) {
             self.0.remove(&e.conv);
         }
-        let sender = self.of(source, e.conv, e.sender).await;
         let users: Vec<UserId> = match &e.body {
             Body::MembersAdded { members } | Body::Created { members, .. } | Body::RolesChanged { members } => {
                 members.iter().map(|(u, _)| *u).collect()
@@ -1249,11 +1263,24 @@ impl Names {
             Body::MemberRemoved { user } => vec![*user],
             _ => Vec::new(),
         };
-        let mut named = HashMap::new();
-        for u in users {
-            let name = self.of(source, e.conv, u).await;
-            named.insert(u, name);
+        let unknown = |names: &Self| {
+            let known = names.0.get(&e.conv);
+            std::iter::once(&e.sender).chain(&users).any(|u| !known.is_some_and(|m| m.contains_key(u)))
+        };
+        if unknown(self)
+            && let Some(members) = source.member_names(e.conv).await
+        {
+            self.0.insert(e.conv, members);
         }
+        if unknown(self)
+            && let Some(named) = source.entry_names(e.conv, e.seq).await
+        {
+            self.0.entry(e.conv).or_default().extend(named);
+        }
+        let known = self.0.entry(e.conv).or_default();
+        let mut name = |u: UserId| known.entry(u).or_insert_with(|| format!("user#{u}")).clone();
+        let sender = name(e.sender);
+        let named = users.into_iter().map(|u| (u, name(u))).collect();
         (sender, named)
     }
 }

@@ -424,6 +424,7 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::Usage
         | RequestBody::BlockedUsers
         | RequestBody::ListFiles { .. }
+        | RequestBody::EntryNames { .. }
         // Setting a block to a value: the same again changes nothing.
         | RequestBody::Block { .. } => true,
         // The one direct conversation with a peer is returned if it exists.

@@ -1291,8 +1291,14 @@ async fn roles_change_and_members_go_by_name() {
         history.iter().filter(|e| e["kind"] == "roles_changed").filter_map(|e| e["text"].as_str()).collect();
     assert_eq!(changes, ["made bob admin", "made bob owner, alice admin"], "by name: {history:?}");
     let texts: Vec<&str> = history.iter().filter_map(|e| e["text"].as_str()).collect();
-    // A former member's name is not at hand: an id that cannot pass for a name.
-    assert!(texts.iter().any(|t| t.starts_with("removed user#")), "{texts:?}");
+    // Former members are named as the entries name them (before, `removed user#3`).
+    let removed = ["removed carol".to_string(), format!("removed {alice_id}")];
+    assert!(removed.iter().all(|r| texts.contains(&r.as_str())), "{texts:?}");
+    assert!(!texts.iter().any(|t| t.contains("user#")), "{texts:?}");
+    // And a sender who has left, to a member who stays.
+    let after = sb(&bob, &broker, &["history", &conv]);
+    let left = after.iter().find(|e| e["kind"] == "member_left").unwrap();
+    assert_eq!(left["sender_name"], "alice", "{left}");
 }
 
 /// Enrolling with the broker's certificate found in `./switchboard-data` (no `--ca`)

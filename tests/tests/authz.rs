@@ -58,6 +58,7 @@ enum Kind {
     BlockedUsers,
     ListFiles,
     WithdrawFile,
+    EntryNames,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -102,6 +103,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::BlockedUsers => Kind::BlockedUsers,
         RequestBody::ListFiles { .. } => Kind::ListFiles,
         RequestBody::WithdrawFile { .. } => Kind::WithdrawFile,
+        RequestBody::EntryNames { .. } => Kind::EntryNames,
     }
 }
 
@@ -196,6 +198,7 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     (Kind::ListFiles,          Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
     // alice's file stays hers, wherever it was sent.
     (Kind::WithdrawFile,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    (Kind::EntryNames,         Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -363,6 +366,7 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::BlockedUsers => RequestBody::BlockedUsers,
         Kind::ListFiles => RequestBody::ListFiles { after: None },
         Kind::WithdrawFile => RequestBody::WithdrawFile { file },
+        Kind::EntryNames => RequestBody::EntryNames { conv, seq: 1 },
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -508,7 +512,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 38] = [
+    const ALL: [Kind; 39] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -547,6 +551,7 @@ fn every_request_kind_has_one_row() {
         Kind::BlockedUsers,
         Kind::ListFiles,
         Kind::WithdrawFile,
+        Kind::EntryNames,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

@@ -92,6 +92,32 @@ async fn a_removed_sender_learns_that_its_message_landed() {
     assert_eq!(history.code(), Some(ErrorCode::FORBIDDEN), "the resend grants no reading");
 }
 
+/// History shows people who are members no longer; `Members` does not list them, and
+/// `EntryNames` names them from an entry a member may read (before, a client could only
+/// show `user#ID`). Neither the removed member nor a stranger learns names this way.
+#[tokio::test]
+async fn members_name_who_history_shows_after_they_left() {
+    let tb = TestBroker::start().await;
+    let (alice, alice_id) = tb.register("alice").await;
+    let (bob, bob_id) = tb.register("bob").await;
+    let (carol, _) = tb.register("carol").await;
+    let conv = alice.create_group("g", &["bob".into()]).await.unwrap();
+    let said = bob.send(conv.id, "bye").await.unwrap();
+    let removed = alice.remove_member(conv.id, bob_id.user_id).await.unwrap();
+    assert!(!alice.members(conv.id).await.unwrap().iter().any(|m| m.user_id == bob_id.user_id));
+    let named =
+        |names: Vec<switchboard_protocol::UserName>| names.into_iter().map(|u| (u.user_id, u.name)).collect::<Vec<_>>();
+    let bob_named = (bob_id.user_id, "bob".to_string());
+    assert_eq!(named(alice.entry_names(conv.id, said).await.unwrap()), std::slice::from_ref(&bob_named));
+    let mut both = vec![(alice_id.user_id, "alice".to_string()), bob_named];
+    both.sort();
+    assert_eq!(named(alice.entry_names(conv.id, removed).await.unwrap()), both);
+    let code = |r: switchboard_client::Result<Vec<_>>| r.unwrap_err().code();
+    assert_eq!(code(alice.entry_names(conv.id, removed + 1).await), Some(ErrorCode::NOT_FOUND));
+    assert_eq!(code(bob.entry_names(conv.id, said).await), Some(ErrorCode::FORBIDDEN));
+    assert_eq!(code(carol.entry_names(conv.id, said).await), Some(ErrorCode::FORBIDDEN));
+}
+
 /// After a failed fdatasync the broker acknowledges nothing again: the write that failed
 /// is answered INTERNAL or its connection closes, every connection is closed and new ones
 /// are refused, so a resend of the same client id cannot be answered as a duplicate of

@@ -238,6 +238,7 @@ impl Session {
                 convs.read(shared, conv, caller, Read::History { page, limit }, reply).await
             }
             RequestBody::Members { conv } => convs.read(shared, conv, caller, Read::Members, reply).await,
+            RequestBody::EntryNames { conv, seq } => convs.read(shared, conv, caller, Read::Names { seq }, reply).await,
             RequestBody::CatchUp { conv, after, limit } => {
                 convs.read(shared, conv, caller, Read::CatchUp { after, limit }, reply).await
             }

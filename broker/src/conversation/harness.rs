@@ -650,6 +650,34 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_names_its_sender_and_the_members_it_changes_even_once_they_are_gone() {
+        let mut h = group();
+        h.send(BOB, 1, "bye");
+        h.commit();
+        h.write(OWNER, Command::Remove { user: BOB });
+        h.commit();
+        let names = |h: &mut Harness, user, seq| match h.read(user, Read::Names { seq }) {
+            Ok(Reply::Names(n)) => Ok(n.into_iter().map(|u| (u.user_id, u.name)).collect::<Vec<_>>()),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.code),
+        };
+        let Ok(Reply::Members(members)) = h.read(OWNER, Read::Members) else { panic!() };
+        assert!(members.iter().all(|m| m.user_id != BOB), "bob is no member");
+        assert_eq!(names(&mut h, OWNER, 2), Ok(vec![(BOB, format!("user{BOB}"))]), "the sender of seq 2");
+        assert_eq!(
+            names(&mut h, OWNER, 3),
+            Ok(vec![(OWNER, format!("user{OWNER}")), (BOB, format!("user{BOB}"))]),
+            "the remover and the removed"
+        );
+        assert_eq!(names(&mut h, OWNER, 1).map(|n| n.len()), Ok(2), "the creation names every first member");
+        h.send(OWNER, 2, "pending");
+        assert_eq!(names(&mut h, OWNER, 4), Err(ErrorCode::NOT_FOUND), "not durable yet");
+        assert_eq!(names(&mut h, OWNER, 0), Err(ErrorCode::NOT_FOUND));
+        assert_eq!(names(&mut h, BOB, 2), Err(ErrorCode::FORBIDDEN), "a former member reads nothing");
+        assert_eq!(names(&mut h, 9, 2), Err(ErrorCode::FORBIDDEN));
+    }
+
+    #[test]
     fn a_delete_leaves_no_version_of_the_text() {
         let mut h = group();
         h.send(BOB, 1, "draft");

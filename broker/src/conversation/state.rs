@@ -29,7 +29,7 @@ use switchboard_protocol::limits::{
 };
 use switchboard_protocol::{
     Body, CatchUpPage, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, FileRef,
-    Member, Page, Receipt, Reply, Role, Seq, UserId, encode_frame,
+    Member, Page, Receipt, Reply, Role, Seq, UserId, UserName, encode_frame,
 };
 
 use super::receipts::{Marks, ReceiptBook};
@@ -139,6 +139,11 @@ pub enum Read {
     },
     /// Every member's receipt watermarks.
     Receipts,
+    /// The names of the users one durable entry names (`EntryNames`).
+    Names {
+        /// The entry.
+        seq: Seq,
+    },
 }
 
 /// A receipt report by a member.
@@ -479,6 +484,7 @@ impl<R> ConversationState<R> {
                 Read::Members => self.member_list(log),
                 Read::CatchUp { after, limit } => self.catch_up(log, caller.user, after, limit),
                 Read::Receipts => self.receipt_list(log, caller.user).map(Reply::Receipts),
+                Read::Names { seq } => self.entry_names(log, seq),
             }
         };
         Effect::Reply(reply, result)
@@ -764,6 +770,33 @@ impl<R> ConversationState<R> {
         }
         out.sort_by_key(|m| m.user_id);
         Ok(Reply::Members(out))
+    }
+
+    /// The names of the users entry `seq` names: its sender and the users a membership
+    /// body names, by ascending id. Only durable entries (`NOT_FOUND` above).
+    fn entry_names(&self, log: &impl Log, seq: Seq) -> Result<Reply, ErrorBody> {
+        let gone = || err(ErrorCode::NOT_FOUND, "no such entry");
+        if seq == 0 || seq > self.durable_seq {
+            return Err(gone());
+        }
+        let entry = log.entry(self.id, seq).map_err(internal)?.ok_or_else(gone)?;
+        let mut users = vec![entry.sender];
+        match &entry.body {
+            Body::Created { members, .. } | Body::MembersAdded { members } | Body::RolesChanged { members } => {
+                users.extend(members.iter().map(|(u, _)| *u));
+            }
+            Body::MemberRemoved { user } => users.push(*user),
+            _ => {}
+        }
+        users.sort_unstable();
+        users.dedup();
+        let mut out = Vec::with_capacity(users.len());
+        for user_id in users {
+            if let Some(name) = log.user_name(user_id).map_err(internal)? {
+                out.push(UserName { user_id, name });
+            }
+        }
+        Ok(Reply::Names(out))
     }
 
     /// A rewrite of entry `seq` became durable: readers now see its result (`after`),

@@ -168,6 +168,8 @@ mod tests {
         "request_list_files",
         "response_files",
         "request_withdraw_file",
+        "request_entry_names",
+        "response_names",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -475,6 +477,8 @@ mod tests {
             "request_usage" => req(33, RequestBody::Usage),
             "request_list_files" => req(37, RequestBody::ListFiles { after: None }),
             "request_withdraw_file" => req(38, RequestBody::WithdrawFile { file: FILE }),
+            "request_entry_names" => req(39, RequestBody::EntryNames { conv: CONV, seq: 17 }),
+            "response_names" => ok(39, Reply::Names(vec![UserName { user_id: 9, name: "mallory".into() }])),
             "response_files" => ok(
                 37,
                 Reply::Files {
@@ -635,6 +639,7 @@ mod tests {
             }),
             Just(RequestBody::ListDevices),
             any::<DeviceId>().prop_map(|device_id| RequestBody::RevokeDevice { device_id }),
+            (any::<ConvId>(), any::<Seq>()).prop_map(|(conv, seq)| RequestBody::EntryNames { conv, seq }),
         ]
     }
 

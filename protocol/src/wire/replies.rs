@@ -129,6 +129,18 @@ pub enum Reply {
         /// More exist after the last one.
         more: bool,
     },
+    /// The users an entry names, by ascending id (answer to `EntryNames`); a user whose
+    /// account no longer exists is left out.
+    Names(Vec<UserName>),
+}
+
+/// A user's id and name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserName {
+    /// User id.
+    pub user_id: UserId,
+    /// User name.
+    pub name: String,
 }
 
 /// A user I block.

@@ -272,6 +272,17 @@ pub enum RequestBody {
         /// The file.
         file: FileId,
     },
+    /// The names of the users entry `seq` of `conv` names: its sender, and the users its
+    /// body adds, removes or gives a role. For a member of `conv` (who may read every
+    /// entry): names history shows of people who are no longer members, which `Members`
+    /// does not list. Replies `Names`; `NOT_FOUND` for a seq above the newest durable one
+    /// (or 0).
+    EntryNames {
+        /// Conversation.
+        conv: ConvId,
+        /// The entry.
+        seq: Seq,
+    },
 }
 
 /// Enrollment of a new device key, with the account password.
