@@ -1,7 +1,7 @@
 //! Who is online: user id to that user's connected sessions. Conversation actors read
 //! it to fan an event out directly into each device's outbound queue, with no actor hop
 //! per recipient; the user directory is the only writer, under its lock (attach and
-//! detach), so a revoke or disable that closes a user's sessions sees every one attached.
+//! detach), and closes a revoked device's or disabled account's sessions from it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

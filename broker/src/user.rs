@@ -20,9 +20,10 @@ use crate::limits::{
 use crate::fanout::{Online, SessionHandle};
 
 /// Online users with their session counts. Attach, detach and the closing of a user's
-/// connections all run under the directory's lock, so a close sees every session
-/// attached before it, and a session attached after it sees what the close changed in
-/// the store (a revoked device, a disabled account) when it checks again.
+/// connections run under the directory's lock, so a close finds in `Online` every
+/// session attached before it; a session attached after it was stored finds the revoked
+/// device or disabled account when it checks the store again after attaching (the
+/// session task does, before it serves anything), so no session outlives either.
 pub struct UserDirectory {
     /// Attached sessions per online user.
     sessions: Mutex<HashMap<UserId, usize>>,

@@ -1230,57 +1230,94 @@ impl MemberSource for Session {
     }
 }
 
-/// User names per conversation, fetched once per conversation (again when an unknown
-/// user shows up, who may have joined since).
+/// User names per conversation: its members' (fetched when a user shows up who may have
+/// joined since) and, for people who are members no longer, the names an entry gives
+/// (`EntryNames`). Names never change, so a name learnt is kept; a user no answer named
+/// is shown as `user#ID` and not asked about again until someone joins.
 #[derive(Default)]
-struct Names(HashMap<ConvId, HashMap<UserId, String>>);
+struct Names(HashMap<ConvId, HashMap<UserId, Known>>);
+
+/// What `Names` knows of a user in a conversation.
+enum Known {
+    Named(String),
+    /// Not among the members when they were last fetched.
+    NotMember,
+    /// Not a member, and no entry that named it gave a name (its account is gone).
+    Unnamed,
+}
 
 impl Names {
-    /// `user`'s name, or `user#ID` for one who is not a member now and no entry named
-    /// yet (asked once per conversation until the members are fetched again).
-    async fn of(&mut self, source: &impl MemberSource, conv: ConvId, user: UserId) -> String {
-        if !self.0.get(&conv).is_some_and(|m| m.contains_key(&user))
+    fn state(&self, conv: ConvId, user: UserId) -> Option<&Known> {
+        self.0.get(&conv)?.get(&user)
+    }
+
+    fn learn(&mut self, conv: ConvId, names: HashMap<UserId, String>) {
+        self.0.entry(conv).or_default().extend(names.into_iter().map(|(u, n)| (u, Known::Named(n))));
+    }
+
+    /// Marks those of `users` not named and not marked unnamed as `how`.
+    fn mark(&mut self, conv: ConvId, users: &[UserId], how: fn() -> Known) {
+        let known = self.0.entry(conv).or_default();
+        for u in users {
+            // Never back from unnamed to asking again.
+            if matches!(known.get(u), None | Some(Known::NotMember)) {
+                known.insert(*u, how());
+            }
+        }
+    }
+
+    fn name(&self, conv: ConvId, user: UserId) -> String {
+        match self.state(conv, user) {
+            Some(Known::Named(name)) => name.clone(),
+            _ => format!("user#{user}"),
+        }
+    }
+
+    /// Fetches the members if one of `users` was never looked for.
+    async fn look_up_members(&mut self, source: &impl MemberSource, conv: ConvId, users: &[UserId]) {
+        if users.iter().any(|u| self.state(conv, *u).is_none())
             && let Some(members) = source.member_names(conv).await
         {
-            self.0.insert(conv, members);
+            self.learn(conv, members);
+            self.mark(conv, users, || Known::NotMember);
         }
-        let known = self.0.entry(conv).or_default();
-        known.entry(user).or_insert_with(|| format!("user#{user}")).clone()
+    }
+
+    /// `user`'s name, or `user#ID` for one who is not a member now and no entry named
+    /// yet.
+    async fn of(&mut self, source: &impl MemberSource, conv: ConvId, user: UserId) -> String {
+        self.look_up_members(source, conv, &[user]).await;
+        self.name(conv, user)
     }
 
     /// The names of an entry's sender and of the users its body names (added, removed,
     /// given a role): the members' names, and for anyone who is a member no longer the
-    /// names the entry itself gives (`EntryNames`), kept for the next entries.
+    /// names the entry itself gives (`EntryNames`).
     async fn of_entry(&mut self, source: &impl MemberSource, e: &Entry) -> (String, HashMap<UserId, String>) {
-        // Someone added may be remembered as not a member: ask again.
-        if matches!(e.body, Body::MembersAdded { .. } | Body::Created { .. }) {
-            self.0.remove(&e.conv);
+        // Someone not found may have joined since: ask again.
+        if matches!(e.body, Body::MembersAdded { .. } | Body::Created { .. })
+            && let Some(known) = self.0.get_mut(&e.conv)
+        {
+            known.retain(|_, k| matches!(k, Known::Named(_)));
         }
-        let users: Vec<UserId> = match &e.body {
+        let named_users: Vec<UserId> = match &e.body {
             Body::MembersAdded { members } | Body::Created { members, .. } | Body::RolesChanged { members } => {
                 members.iter().map(|(u, _)| *u).collect()
             }
             Body::MemberRemoved { user } => vec![*user],
             _ => Vec::new(),
         };
-        let unknown = |names: &Self| {
-            let known = names.0.get(&e.conv);
-            std::iter::once(&e.sender).chain(&users).any(|u| !known.is_some_and(|m| m.contains_key(u)))
-        };
-        if unknown(self)
-            && let Some(members) = source.member_names(e.conv).await
-        {
-            self.0.insert(e.conv, members);
-        }
-        if unknown(self)
+        let users: Vec<UserId> = std::iter::once(e.sender).chain(named_users.iter().copied()).collect();
+        self.look_up_members(source, e.conv, &users).await;
+        if users.iter().any(|u| matches!(self.state(e.conv, *u), None | Some(Known::NotMember)))
             && let Some(named) = source.entry_names(e.conv, e.seq).await
         {
-            self.0.entry(e.conv).or_default().extend(named);
+            // Only an answer marks a user unnamed: a failed request is asked again.
+            self.learn(e.conv, named);
+            self.mark(e.conv, &users, || Known::Unnamed);
         }
-        let known = self.0.entry(e.conv).or_default();
-        let mut name = |u: UserId| known.entry(u).or_insert_with(|| format!("user#{u}")).clone();
-        let sender = name(e.sender);
-        let named = users.into_iter().map(|u| (u, name(u))).collect();
+        let sender = self.name(e.conv, e.sender);
+        let named = named_users.into_iter().map(|u| (u, self.name(e.conv, u))).collect();
         (sender, named)
     }
 }
@@ -1461,6 +1498,56 @@ fn device_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A conversation whose only member is user 1; entries name users 10 and 11 (members
+    /// no longer) and 12 (an account gone). Counts the requests made.
+    #[derive(Default)]
+    struct Counted {
+        members: std::cell::Cell<u32>,
+        entries: std::cell::Cell<u32>,
+    }
+
+    impl MemberSource for Counted {
+        async fn member_names(&self, _: ConvId) -> Option<HashMap<UserId, String>> {
+            self.members.set(self.members.get() + 1);
+            Some(HashMap::from([(1, "owner".to_string())]))
+        }
+
+        async fn entry_names(&self, _: ConvId, seq: Seq) -> Option<HashMap<UserId, String>> {
+            self.entries.set(self.entries.get() + 1);
+            Some(match seq % 3 {
+                0 => HashMap::from([(10, "ten".to_string())]),
+                1 => HashMap::from([(11, "eleven".to_string())]),
+                _ => HashMap::new(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn former_members_are_named_once_each_however_their_entries_interleave() {
+        let source = Counted::default();
+        let mut names = Names::default();
+        let entry = |seq: Seq, sender: UserId| Entry {
+            conv: 7,
+            seq,
+            sender,
+            sender_device: 1,
+            client_id: [0; 16],
+            at_ms: 0,
+            body: Body::Text { text: "hi".into(), edited: false },
+        };
+        let mut seen = Vec::new();
+        for round in 0..50 {
+            for (seq, sender) in [(3 * round + 3, 10), (3 * round + 4, 11), (3 * round + 5, 12), (3 * round + 6, 1)] {
+                seen.push(names.of_entry(&source, &entry(seq, sender)).await.0);
+            }
+        }
+        assert_eq!(&seen[..4], ["ten", "eleven", "user#12", "owner"]);
+        assert_eq!(seen.iter().filter(|n| *n == "ten").count(), 50);
+        // Before: the members were fetched again for every entry of a former member,
+        // which dropped the names learnt (two requests an entry).
+        assert_eq!((source.members.get(), source.entries.get()), (3, 3), "one look each");
+    }
 
     #[test]
     fn terminal_safe_escapes_what_could_drive_a_terminal() {

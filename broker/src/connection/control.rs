@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use switchboard_protocol::limits::{MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS};
 use switchboard_protocol::{
-    ClientFrame, ErrorBody, ErrorCode, FrameDecoder, Reply, Request, RequestBody, Signal, decode,
+    ClientFrame, ErrorBody, ErrorCode, FrameDecoder, Reply, Request, RequestBody, Signal, UserId, decode,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -39,26 +39,25 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         shared.counters.handshake_refused(refusal.0);
         return close(&conn, refusal);
     }
+    let mut attached = Attached { shared: &shared, user, session, presence: false };
     // A revoke that ran between the signature check and the attach found no session
     // to close: look again now that the session is visible to revokes.
     if !matches!(shared.store.device(user, device), Ok(Some(_))) {
-        shared.users.detach(user, session);
         return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into()));
     }
     // Likewise an account disabled meanwhile (its sessions were closed before this one
     // was visible).
     if let Err(e) = crate::auth::refuse_if_disabled(&shared.store, user) {
-        shared.users.detach(user, session);
         return close(&conn, Close(e.code, e.message));
     }
     // Likewise a storage failure that closed every session just before this attach.
     if shared.health.is_failed() {
-        shared.users.detach(user, session);
         return close(&conn, Close(ErrorCode::INTERNAL, "storage failure".into()));
     }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
     Counters::add(&shared.counters.sessions_started, 1);
     shared.presence.attach(user, session);
+    attached.presence = true;
     let writer = {
         let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());
         tokio::spawn(async move {
@@ -100,10 +99,30 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     }
     // The control stream is gone: so is the session (a no-op if already closed).
     conn.close(ErrorCode::NO_ERROR.0.into(), b"session ended");
-    shared.users.detach(user, session);
-    shared.presence.detach(user, session);
-    shared.typing.session_ended(user, session);
+    drop(attached);
     tracing::debug!(session, "session ended");
+}
+
+/// An attached session, undone however its task ends (returns, or unwinds from a panic):
+/// the user's session count always comes back down, so a user is never locked out at
+/// `MAX_SESSIONS_PER_USER` by sessions that are gone, and `Online` keeps none of them.
+struct Attached<'a> {
+    shared: &'a Shared,
+    user: UserId,
+    session: u64,
+    /// Presence and typing know the session too.
+    presence: bool,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        let Attached { shared, user, session, presence } = *self;
+        shared.users.detach(user, session);
+        if presence {
+            shared.presence.detach(user, session);
+            shared.typing.session_ended(user, session);
+        }
+    }
 }
 
 /// Reads the control stream and, between its frames, the connection's datagrams.
