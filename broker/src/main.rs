@@ -101,6 +101,11 @@ enum UserCommand {
     Add {
         /// Account name.
         name: String,
+        /// Create the store if the data dir has none (accounts made before the broker's
+        /// first start). Without it a data dir with no store is refused, so a mistyped
+        /// --data cannot put an account where no broker will look.
+        #[arg(long)]
+        new_store: bool,
     },
     /// List accounts, one a line: id, creation time (UTC), devices, name.
     List,
@@ -161,6 +166,18 @@ fn main() -> anyhow::Result<()> {
              (`serve`, `config`), not to `user` or `device` commands"
         );
     }
+    // An operator command makes a store only when asked to: a mistyped --data would
+    // otherwise take an account (or answer an empty list) where no broker looks.
+    let new_store = matches!(cli.command, Some(Command::User { command: UserCommand::Add { new_store: true, .. } }));
+    if matches!(cli.command, Some(Command::User { .. } | Command::Device { .. })) && !new_store {
+        let data = &config.data_dir;
+        anyhow::ensure!(
+            data.join("store").is_dir(),
+            "no store in {}: is that the broker's data dir (--data)? Nothing was changed. \
+             (`user add NAME --new-store` makes a store there, for a broker not started yet.)",
+            data.display()
+        );
+    }
     match cli.command {
         None => runtime.block_on(serve(config, env.then(early))),
         Some(Command::Serve(args)) => runtime.block_on(serve(config, later(args, "serve"))),
@@ -170,7 +187,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", toml::to_string(&config).context("writing the configuration as TOML")?);
             Ok(())
         }
-        Some(Command::User { command: UserCommand::Add { name } }) => {
+        Some(Command::User { command: UserCommand::Add { name, .. } }) => {
             let password = read_password(&name)?;
             runtime.block_on(admin(&config, AdminRequest::UserAdd { name, password }))
         }

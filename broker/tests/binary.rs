@@ -314,7 +314,7 @@ async fn operators_add_users_when_registration_is_closed() {
     let dir = tempfile::tempdir().unwrap();
     let user_add = |name: &str| {
         Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["user", "add", name])
+            .args(["user", "add", name, "--new-store"])
             .current_dir(dir.path())
             .env("SWITCHBOARD_PASSWORD", "correct horse battery")
             .env("RUST_LOG", "warn")
@@ -349,6 +349,33 @@ fn run(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// An operator command on a data dir with no store (a mistyped `--data`) is refused and
+/// makes nothing there; only `user add --new-store` makes a store (before: `user add`
+/// made an account in a new store no broker read, and `user list` printed nothing).
+#[test]
+fn operator_commands_refuse_a_data_dir_with_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("switchbaord-data");
+    let typo_arg = typo.to_str().unwrap();
+    for args in [
+        &["user", "add", "frank"][..],
+        &["user", "list"],
+        &["user", "disable", "frank"],
+        &["user", "passwd", "frank"],
+        &["device", "list", "frank"],
+    ] {
+        let out = run(dir.path(), &[&["--data", typo_arg][..], args].concat());
+        assert!(!out.status.success(), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("no store in") && said.contains("--new-store"), "{args:?}: {said}");
+        assert!(!typo.exists(), "{args:?} made {}", typo.display());
+    }
+    let made = run(dir.path(), &["--data", typo_arg, "user", "add", "frank", "--new-store"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let listed = run(dir.path(), &["--data", typo_arg, "user", "list"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("frank"));
+}
+
 /// Device ids `switchboard device list USER` prints, one per line, first column.
 fn listed_devices(dir: &Path, user: &str) -> Vec<u64> {
     let out = run(dir, &["device", "list", user]);
@@ -360,7 +387,7 @@ fn listed_devices(dir: &Path, user: &str) -> Vec<u64> {
 #[tokio::test]
 async fn operators_list_and_revoke_devices_while_the_broker_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(run(dir.path(), &["user", "add", "carol"]).status.success());
+    assert!(run(dir.path(), &["user", "add", "carol", "--new-store"]).status.success());
     let mut broker = start(dir.path());
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
     let (laptop, laptop_id) = connector.login("carol", "correct horse battery", "laptop").await.unwrap();
@@ -443,7 +470,7 @@ fn a_new_data_dir_is_not_reported_as_an_unclean_stop() {
     for user_add_first in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         if user_add_first {
-            assert!(run(dir.path(), &["user", "add", "carol"]).status.success());
+            assert!(run(dir.path(), &["user", "add", "carol", "--new-store"]).status.success());
         }
         let (out, err) = logs_of_one_run(dir.path());
         let all = String::from_utf8_lossy(&[out, err].concat()).into_owned();
@@ -490,7 +517,7 @@ fn user_add_reads_the_password_from_a_pipe() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["user", "add", "carol"])
+        .args(["user", "add", "carol", "--new-store"])
         .current_dir(dir.path())
         .env_remove("SWITCHBOARD_PASSWORD")
         .env("RUST_LOG", "warn")
@@ -511,7 +538,7 @@ fn user_add_reads_the_password_from_a_pipe() {
 #[tokio::test]
 async fn sighup_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(run(dir.path(), &["user", "add", "carol"]).status.success());
+    assert!(run(dir.path(), &["user", "add", "carol", "--new-store"]).status.success());
     let mut broker = start(dir.path());
     signal(&broker.child, "-HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -530,7 +557,7 @@ async fn sighup_is_ignored() {
 #[tokio::test]
 async fn operators_list_users_and_reset_a_password() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(run(dir.path(), &["user", "add", "carol"]).status.success());
+    assert!(run(dir.path(), &["user", "add", "carol", "--new-store"]).status.success());
     assert!(run(dir.path(), &["user", "add", "dave"]).status.success());
     let mut broker = start(dir.path());
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();

@@ -320,7 +320,9 @@ enum DeviceCommand {
     List,
     /// Revoke a device by id: its connections close and it can no longer sign in.
     Revoke {
-        device: u64,
+        /// The device's id, as `sb devices` lists it (this home's own with --this-device).
+        #[arg(required_unless_present = "this_device")]
+        device: Option<u64>,
         /// Revoke the device this home is (it is signed out: `sb login` enrolls it anew).
         #[arg(long)]
         this_device: bool,
@@ -760,7 +762,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                         members.iter().any(|m| m.user_id == client.user_id && m.role == Role::Owner)
                     });
                 let seq = if owner {
-                    left.with_context(|| format!("`sb conv role {conv} USER owner` hands the group to another member"))?
+                    left.with_context(|| format!("hand the group over first (`sb conv role {conv} USER owner`)"))?
                 } else {
                     left?
                 };
@@ -856,14 +858,21 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
         Command::Passwd { .. } => unreachable!("run by `passwd`, which asks before it connects"),
         Command::Devices { command } => match command.unwrap_or(DeviceCommand::List) {
             DeviceCommand::List => {
+                let now = now_ms();
                 for d in client.devices().await? {
                     out.line(json!({"device_id": d.device_id, "name": d.name, "enrolled_ms": d.enrolled_ms, "current": d.current}), || {
-                        format!("{:>6}  {:<24}{}", d.device_id, d.name, if d.current { "  (this device)" } else { "" })
+                        let enrolled = format!("enrolled {}", ago(now.saturating_sub(d.enrolled_ms)));
+                        let this = if d.current { "  (this device)" } else { "" };
+                        format!("{:>6}  {:<24}  {enrolled}{this}", d.device_id, d.name)
                     });
                 }
             }
             DeviceCommand::Revoke { device, this_device } => {
-                let current = client.devices().await?.iter().any(|d| d.current && d.device_id == device);
+                let devices = client.devices().await?;
+                let Some(device) = device.or_else(|| devices.iter().find(|d| d.current).map(|d| d.device_id)) else {
+                    bail!("the broker lists no device as this one (see `sb devices`)");
+                };
+                let current = devices.iter().any(|d| d.current && d.device_id == device);
                 if current && !this_device {
                     bail!("device {device} is this one: revoking it signs this home out; pass --this-device to do it");
                 }
@@ -1147,7 +1156,13 @@ fn describe(body: &Body, named: &HashMap<UserId, String>) -> (&'static str, Stri
         Body::Delete { target } => ("delete", format!("deleted #{target}")),
         Body::Created { kind: ConversationKind::Direct, .. } => ("created", "started the conversation".into()),
         Body::Created { title, members, .. } => {
-            ("created", format!("created \"{title}\" with {} members", members.len()))
+            // A group of a thousand is not listed whole.
+            const LISTED: usize = 10;
+            let mut list = members.iter().take(LISTED).map(|(u, _)| name(u)).collect::<Vec<_>>().join(", ");
+            if members.len() > LISTED {
+                list.push_str(&format!(" and {} more", members.len() - LISTED));
+            }
+            ("created", format!("created \"{title}\" with {} members: {list}", members.len()))
         }
         Body::MembersAdded { members } => {
             ("members_added", format!("added {}", members.iter().map(|(u, _)| name(u)).collect::<Vec<_>>().join(", ")))

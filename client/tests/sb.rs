@@ -1197,9 +1197,9 @@ async fn revoking_this_device_takes_a_flag_and_then_says_how_to_come_back() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("logged in as alice already"), "{again:?}");
     assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 2, "laptop and the new phone, nothing more");
 
-    // Revoking this one signs the home out at once.
-    let me = sb(&phone, &broker, &["devices"]).iter().find(|d| d["current"] == true).unwrap()["device_id"].to_string();
-    let revoked = sb_output(&phone, &broker, &["devices", "revoke", &me, "--this-device"]);
+    // Revoking this one signs the home out at once; the flag needs no id (before: clap
+    // asked for DEVICE).
+    let revoked = sb_output(&phone, &broker, &["devices", "revoke", "--this-device"]);
     assert!(String::from_utf8_lossy(&revoked.stdout).contains("`sb login alice` enrolls it again"), "{revoked:?}");
     assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 1);
     let signed_out = sb_output(&phone, &broker, &["devices"]);
@@ -1291,6 +1291,7 @@ async fn roles_change_and_members_go_by_name() {
         history.iter().filter(|e| e["kind"] == "roles_changed").filter_map(|e| e["text"].as_str()).collect();
     assert_eq!(changes, ["made bob admin", "made bob owner, alice admin"], "by name: {history:?}");
     let texts: Vec<&str> = history.iter().filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(texts[0], "created \"team\" with 3 members: alice, bob, carol", "{texts:?}");
     // Former members are named as the entries name them (before, `removed user#3`).
     let removed = ["removed carol".to_string(), format!("removed {alice_id}")];
     assert!(removed.iter().all(|r| texts.contains(&r.as_str())), "{texts:?}");

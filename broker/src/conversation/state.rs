@@ -881,7 +881,10 @@ impl<R> ConversationState<R> {
             }
             Command::Leave => {
                 if self.kind != ConversationKind::Group {
-                    return Err(err(ErrorCode::INVALID, "cannot leave a direct conversation"));
+                    return Err(err(
+                        ErrorCode::INVALID,
+                        "cannot leave a direct conversation; block its peer to stop it",
+                    ));
                 }
                 if role == Role::Owner && self.members.len() > 1 {
                     return Err(err(
