@@ -969,6 +969,10 @@ impl Out {
     /// `[7] bob read up to #12 (delivered #14)`, or `[7] bob received up to #14` when
     /// the reads are private or none were made.
     fn receipt(&self, r: &Receipt, name: &str) {
+        // A member with nothing received yet (just added, say): nothing to tell a person.
+        if !self.json && r.delivered_up_to == 0 && r.read_up_to.unwrap_or(0) == 0 {
+            return;
+        }
         self.line(
             json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
             || match r.read_up_to {
