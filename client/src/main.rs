@@ -1010,6 +1010,8 @@ impl Out {
                 "conv": e.conv, "seq": e.seq, "sender": e.sender, "sender_name": sender,
                 "sender_device": e.sender_device, "client_id": hex(&e.client_id), "at_ms": e.at_ms,
                 "kind": kind, "body": body_json(&e.body), "text": text,
+                // The users the body names by id (added, removed, given a role), by name.
+                "user_names": named.iter().map(|(u, n)| (u.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
             }),
             || format!("[{} #{}] {}: {}", e.conv, e.seq, sender, text),
         );

@@ -1300,6 +1300,10 @@ async fn roles_change_and_members_go_by_name() {
     let after = sb(&bob, &broker, &["history", &conv]);
     let left = after.iter().find(|e| e["kind"] == "member_left").unwrap();
     assert_eq!(left["sender_name"], "alice", "{left}");
+    // --json names the users a body names by id, for scripts.
+    let removal = after.iter().find(|e| e["kind"] == "member_removed").unwrap();
+    let carol_id = removal["body"]["MemberRemoved"]["user"].to_string();
+    assert_eq!(removal["user_names"][&carol_id], "carol", "{removal}");
 }
 
 /// Enrolling with the broker's certificate found in `./switchboard-data` (no `--ca`)
