@@ -171,12 +171,17 @@ fn main() -> anyhow::Result<()> {
     let new_store = matches!(cli.command, Some(Command::User { command: UserCommand::Add { new_store: true, .. } }));
     if matches!(cli.command, Some(Command::User { .. } | Command::Device { .. })) && !new_store {
         let data = &config.data_dir;
-        anyhow::ensure!(
-            data.join("store").is_dir(),
-            "no store in {}: is that the broker's data dir (--data)? Nothing was changed. \
-             (`user add NAME --new-store` makes a store there, for a broker not started yet.)",
-            data.display()
-        );
+        match std::fs::metadata(data.join("store")) {
+            Ok(store) if store.is_dir() => {}
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("reading the store in {}", data.display()));
+            }
+            _ => anyhow::bail!(
+                "no store in {}: is that the broker's data dir (--data)? Nothing was changed. \
+                 (`user add NAME --new-store` makes a store there, for a broker not started yet.)",
+                data.display()
+            ),
+        }
     }
     match cli.command {
         None => runtime.block_on(serve(config, env.then(early))),

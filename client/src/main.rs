@@ -318,7 +318,8 @@ enum ConvCommand {
 enum DeviceCommand {
     /// List devices (the default).
     List,
-    /// Revoke a device by id: its connections close and it can no longer sign in.
+    /// Revoke a device by id (this home's own with --this-device): its connections close
+    /// and it can no longer sign in.
     Revoke {
         /// The device's id, as `sb devices` lists it (this home's own with --this-device).
         #[arg(required_unless_present = "this_device")]
@@ -1010,7 +1011,8 @@ impl Out {
                 "conv": e.conv, "seq": e.seq, "sender": e.sender, "sender_name": sender,
                 "sender_device": e.sender_device, "client_id": hex(&e.client_id), "at_ms": e.at_ms,
                 "kind": kind, "body": body_json(&e.body), "text": text,
-                // The users the body names by id (added, removed, given a role), by name.
+                // The users the body names by id (added, removed, given a role), by name;
+                // one nobody could name (an account gone) is left out.
                 "user_names": named.iter().map(|(u, n)| (u.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
             }),
             || format!("[{} #{}] {}: {}", e.conv, e.seq, sender, text),
@@ -1338,7 +1340,14 @@ impl Names {
             self.mark(e.conv, &users, || Known::Unnamed);
         }
         let sender = self.name(e.conv, e.sender);
-        let named = named_users.into_iter().map(|u| (u, self.name(e.conv, u))).collect();
+        // Only real names: a user no answer named is left out (`describe` shows `user#ID`).
+        let named = named_users
+            .into_iter()
+            .filter_map(|u| match self.state(e.conv, u) {
+                Some(Known::Named(name)) => Some((u, name.clone())),
+                _ => None,
+            })
+            .collect();
         (sender, named)
     }
 }
@@ -1568,6 +1577,14 @@ mod tests {
         // Before: the members were fetched again for every entry of a former member,
         // which dropped the names learnt (two requests an entry).
         assert_eq!((source.members.get(), source.entries.get()), (3, 3), "one look each");
+        // A body's users: only real names (the account gone is left out, not `user#12`).
+        let roles = Entry {
+            body: Body::RolesChanged { members: vec![(10, Role::Member), (12, Role::Member)] },
+            ..entry(300, 1)
+        };
+        let (_, named) = names.of_entry(&source, &roles).await;
+        assert_eq!(named, HashMap::from([(10, "ten".to_string())]));
+        assert_eq!(describe(&roles.body, &named).1, "made ten member, user#12 member");
     }
 
     #[test]
