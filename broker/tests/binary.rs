@@ -669,6 +669,7 @@ fn serve_flags_count_before_the_subcommand_too() {
             .output()
             .unwrap()
     };
+    assert!(run(dir.path(), &["user", "add", "carol", "--new-store"]).status.success());
     let listed = with_env(&["user", "list"]);
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     for (args, listen) in [
