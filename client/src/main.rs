@@ -1261,6 +1261,7 @@ impl MemberSource for Session {
 struct Names(HashMap<ConvId, HashMap<UserId, Known>>);
 
 /// What `Names` knows of a user in a conversation.
+#[derive(Clone)]
 enum Known {
     Named(String),
     /// Not among the members when they were last fetched.
@@ -1279,12 +1280,12 @@ impl Names {
     }
 
     /// Marks those of `users` not named and not marked unnamed as `how`.
-    fn mark(&mut self, conv: ConvId, users: &[UserId], how: fn() -> Known) {
+    fn mark(&mut self, conv: ConvId, users: &[UserId], how: Known) {
         let known = self.0.entry(conv).or_default();
         for u in users {
             // Never back from unnamed to asking again.
             if matches!(known.get(u), None | Some(Known::NotMember)) {
-                known.insert(*u, how());
+                known.insert(*u, how.clone());
             }
         }
     }
@@ -1302,7 +1303,7 @@ impl Names {
             && let Some(members) = source.member_names(conv).await
         {
             self.learn(conv, members);
-            self.mark(conv, users, || Known::NotMember);
+            self.mark(conv, users, Known::NotMember);
         }
     }
 
@@ -1337,7 +1338,7 @@ impl Names {
         {
             // Only an answer marks a user unnamed: a failed request is asked again.
             self.learn(e.conv, named);
-            self.mark(e.conv, &users, || Known::Unnamed);
+            self.mark(e.conv, &users, Known::Unnamed);
         }
         let sender = self.name(e.conv, e.sender);
         // Only real names: a user no answer named is left out (`describe` shows `user#ID`).
