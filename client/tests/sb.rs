@@ -1646,7 +1646,19 @@ async fn files_lists_what_my_quota_counts() {
     let human = sb_output(&phone, &broker, &["files"]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("report.pdf  17 B (counts 4.00 KiB)"), "{text}");
-    sb(&phone, &broker, &["file", "delete", &id]);
+    // No message carries it: sb says it is deleted, not that it waits for messages.
+    let deleted = sb(&phone, &broker, &["file", "delete", &id]);
+    assert_eq!(
+        (deleted[0]["event"].as_str(), deleted[0]["carried"].as_bool()),
+        (Some("deleted"), Some(false)),
+        "{deleted:?}"
+    );
+    // A script named as a picture is refused, and sb says how to send it anyway.
+    let script = dir.path().join("evil.png");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    let refused = sb_output(&phone, &broker, &["upload", script.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("TYPE_MISMATCH") && said.contains("--type application/octet-stream"), "{said}");
     // Not held any more: listed as such until collected, then gone.
     let after = sb(&laptop, &broker, &["files"]);
     assert!(after.iter().all(|l| l["event"] == "no_files"), "nothing carries it: deleted at once: {after:?}");

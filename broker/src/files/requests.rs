@@ -98,7 +98,7 @@ pub fn check_new_upload(new: &NewUpload) -> Result<(), ErrorBody> {
     if !name_ok {
         return Err(err(
             ErrorCode::INVALID,
-            "a file name is 1..=255 bytes without /, \\, control or format characters",
+            "a file name is 1..=255 bytes with no slash or backslash and no control or format characters",
         ));
     }
     let type_ok = new.content_type.len() <= MAX_CONTENT_TYPE_BYTES as usize

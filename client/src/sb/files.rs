@@ -204,7 +204,10 @@ pub async fn upload(
             ) {
                 forget_upload(home, &key)?;
             }
-            return Err(e.into());
+            // The type check runs on the first bytes sent, so its refusal comes here.
+            let mismatch = e.code() == Some(ErrorCode::TYPE_MISMATCH);
+            let e = anyhow::Error::new(e);
+            return Err(if mismatch { e.context(TYPE_HINT) } else { e });
         }
     };
     out.line(
@@ -265,21 +268,28 @@ pub async fn upload(
 /// `BeginUpload`; refused for the quota, with what takes it and how to free it (a
 /// stale unfinished upload holds its whole declared size, which is easy to forget).
 async fn begin(uploader: &mut Uploader, new: switchboard_protocol::NewUpload) -> anyhow::Result<FileId> {
-    uploader.begin(new).await.map(|status| status.file).map_err(with_quota_hint)
+    uploader.begin(new).await.map(|status| status.file).map_err(with_hint)
 }
+
+/// What to do about `TYPE_MISMATCH`.
+const TYPE_HINT: &str = "its first bytes are not the type it was declared as (by --type, or from its name): \
+                         `--type application/octet-stream` sends it as plain bytes";
 
 /// A refusal for the quota (of an upload, or of a forward's copy) with what takes the
 /// quota and how to free it (a stale unfinished upload holds its whole declared size,
-/// which is easy to forget); any other error as it is.
-fn with_quota_hint(e: ClientError) -> anyhow::Error {
-    if e.code() != Some(ErrorCode::QUOTA_EXCEEDED) {
-        return e.into();
-    }
-    anyhow::Error::new(e).context(
-        "no room left in your quota (`sb quota` says what takes it): unfinished uploads count at their full \
-         size (`sb uploads` lists them, `sb file cancel ID` frees one), and so do your stored files, forwarded \
-         copies among them (`sb files`, `sb file delete ID`, `sb file withdraw ID`)",
-    )
+/// which is easy to forget), or for a type the first bytes belie with how to send the
+/// file anyway; any other error as it is.
+fn with_hint(e: ClientError) -> anyhow::Error {
+    let hint = match e.code() {
+        Some(ErrorCode::QUOTA_EXCEEDED) => {
+            "no room left in your quota (`sb quota` says what takes it): unfinished uploads count at their full \
+             size (`sb uploads` lists them, `sb file cancel ID` frees one), and so do your stored files, forwarded \
+             copies among them (`sb files`, `sb file delete ID`, `sb file withdraw ID`)"
+        }
+        Some(ErrorCode::TYPE_MISMATCH) => TYPE_HINT,
+        _ => return e.into(),
+    };
+    anyhow::Error::new(e).context(hint)
 }
 
 /// `sb uploads`: my unfinished uploads, from any device, with the local file of those
@@ -795,13 +805,16 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                         "{file} is not held by you (a copy you forwarded, or dropped already): it goes with the last message carrying it"
                     )
                 });
-            } else {
-                out.line(json!({"event": "deleted", "file": file}), || {
+            } else if client.list_files().await?.iter().any(|f| f.file.file == id) {
+                // Still counted: a message carries it.
+                out.line(json!({"event": "deleted", "file": file, "carried": true}), || {
                     format!(
                         "deleted {file}: it goes once no message carries it (`sb file withdraw {file}` takes it back \
                          from them now)"
                     )
                 });
+            } else {
+                out.line(json!({"event": "deleted", "file": file, "carried": false}), || format!("deleted {file}"));
             }
         }
         FileCommand::Withdraw { file } => {
@@ -812,7 +825,7 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
         }
         FileCommand::Send { conv, files, text } => {
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
-            let seq = client.send_files(conv, &text, &ids).await.map_err(with_quota_hint)?;
+            let seq = client.send_files(conv, &text, &ids).await.map_err(with_hint)?;
             // The ids as the message carries them: another's file goes as my copy. Sent
             // whatever this read does (a failure here must not make anyone send again).
             let page = switchboard_protocol::Page::After(seq.saturating_sub(1));
