@@ -268,28 +268,25 @@ pub async fn upload(
 /// `BeginUpload`; refused for the quota, with what takes it and how to free it (a
 /// stale unfinished upload holds its whole declared size, which is easy to forget).
 async fn begin(uploader: &mut Uploader, new: switchboard_protocol::NewUpload) -> anyhow::Result<FileId> {
-    uploader.begin(new).await.map(|status| status.file).map_err(with_hint)
+    uploader.begin(new).await.map(|status| status.file).map_err(with_quota_hint)
 }
 
-/// What to do about `TYPE_MISMATCH`.
+/// What to do about `TYPE_MISMATCH` (refused on the transfer stream, at the first bytes).
 const TYPE_HINT: &str = "its first bytes are not the type it was declared as (by --type, or from its name): \
                          `--type application/octet-stream` sends it as plain bytes";
 
 /// A refusal for the quota (of an upload, or of a forward's copy) with what takes the
 /// quota and how to free it (a stale unfinished upload holds its whole declared size,
-/// which is easy to forget), or for a type the first bytes belie with how to send the
-/// file anyway; any other error as it is.
-fn with_hint(e: ClientError) -> anyhow::Error {
-    let hint = match e.code() {
-        Some(ErrorCode::QUOTA_EXCEEDED) => {
-            "no room left in your quota (`sb quota` says what takes it): unfinished uploads count at their full \
-             size (`sb uploads` lists them, `sb file cancel ID` frees one), and so do your stored files, forwarded \
-             copies among them (`sb files`, `sb file delete ID`, `sb file withdraw ID`)"
-        }
-        Some(ErrorCode::TYPE_MISMATCH) => TYPE_HINT,
-        _ => return e.into(),
-    };
-    anyhow::Error::new(e).context(hint)
+/// which is easy to forget); any other error as it is.
+fn with_quota_hint(e: ClientError) -> anyhow::Error {
+    if e.code() != Some(ErrorCode::QUOTA_EXCEEDED) {
+        return e.into();
+    }
+    anyhow::Error::new(e).context(
+        "no room left in your quota (`sb quota` says what takes it): unfinished uploads count at their full \
+         size (`sb uploads` lists them, `sb file cancel ID` frees one), and so do your stored files, forwarded \
+         copies among them (`sb files`, `sb file delete ID`, `sb file withdraw ID`)",
+    )
 }
 
 /// `sb uploads`: my unfinished uploads, from any device, with the local file of those
@@ -805,8 +802,9 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                         "{file} is not held by you (a copy you forwarded, or dropped already): it goes with the last message carrying it"
                     )
                 });
-            } else if client.list_files().await?.iter().any(|f| f.file.file == id) {
-                // Still counted: a message carries it.
+            } else if client.file_info(id).await.is_ok() {
+                // Still there after the delete: a message carries it (one nothing carries
+                // goes at once, and its id reads `NOT_FOUND`).
                 out.line(json!({"event": "deleted", "file": file, "carried": true}), || {
                     format!(
                         "deleted {file}: it goes once no message carries it (`sb file withdraw {file}` takes it back \
@@ -825,7 +823,7 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
         }
         FileCommand::Send { conv, files, text } => {
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
-            let seq = client.send_files(conv, &text, &ids).await.map_err(with_hint)?;
+            let seq = client.send_files(conv, &text, &ids).await.map_err(with_quota_hint)?;
             // The ids as the message carries them: another's file goes as my copy. Sent
             // whatever this read does (a failure here must not make anyone send again).
             let page = switchboard_protocol::Page::After(seq.saturating_sub(1));
