@@ -31,14 +31,14 @@ use serde_json::json;
 #[path = "sb/files.rs"]
 mod files;
 
-use files::UploadArgs;
+use files::{FileBook, UploadArgs};
 use switchboard_client::{
     Client, ClientError, Connector, FileCursors, Identity, Session, SessionConfig, SessionError, SessionEvent,
     TYPING_REFRESH_MS, TransferError, TransportOptions, Trust, hex, new_client_id, unhex,
 };
 use switchboard_protocol::{
-    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, Page, PresenceInfo,
-    PresenceState, Receipt, RequestBody, Role, Seq, Signal, UserId,
+    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, FileId, FileInfo, Page,
+    PresenceInfo, PresenceState, Receipt, RequestBody, Role, Seq, Signal, UserId,
 };
 
 #[derive(Parser)]
@@ -781,9 +781,11 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             };
             let (entries, _) = client.history(conv, page, limit).await?;
             let mut names = Names::default();
+            let mut files = FileBook::default();
+            files.look_up_entries(client, &entries).await;
             for e in entries {
                 let (sender, named) = names.of_entry(client, &e).await;
-                out.entry(&e, &sender, &named);
+                out.entry(&e, &sender, &named, &files);
             }
         }
         Command::Tail => unreachable!("runs on a session"),
@@ -931,6 +933,13 @@ impl Out {
         }
     }
 
+    /// A line for people only (nothing with `--json`), if there is one.
+    fn text(&self, line: Option<String>) {
+        if let Some(line) = line.filter(|_| !self.json) {
+            println!("{}", terminal_safe(&line));
+        }
+    }
+
     /// A change of the connection: a JSON line, or a human line on stderr (stdout
     /// keeps only what happened in conversations).
     fn status(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
@@ -969,20 +978,17 @@ impl Out {
 
     /// `[7] bob read up to #12 (delivered #14)`, or `[7] bob received up to #14` when
     /// the reads are private or none were made.
-    fn receipt(&self, r: &Receipt, name: &str) {
-        // A member with nothing received yet (just added, say): nothing to tell a person.
-        if !self.json && r.delivered_up_to == 0 && r.read_up_to.unwrap_or(0) == 0 {
-            return;
+    /// A receipt: a JSON line each, or for people into `lines` (several members saying
+    /// the same in one line).
+    fn receipt(&self, r: &Receipt, name: String, lines: &mut ReceiptLines) {
+        if self.json {
+            println!(
+                "{}",
+                json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to})
+            );
+        } else {
+            self.text(lines.add(r, name, tokio::time::Instant::now()));
         }
-        self.line(
-            json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
-            || match r.read_up_to {
-                Some(read) if read > 0 => {
-                    format!("[{}] {name} read up to #{read} (delivered #{})", r.conv, r.delivered_up_to)
-                }
-                _ => format!("[{}] {name} received up to #{}", r.conv, r.delivered_up_to),
-            },
-        );
     }
 
     /// `alice is away (last seen 3 min ago)`.
@@ -1004,13 +1010,13 @@ impl Out {
         });
     }
 
-    fn entry(&self, e: &Entry, sender: &str, named: &HashMap<UserId, String>) {
-        let (kind, text) = describe(&e.body, named);
+    fn entry(&self, e: &Entry, sender: &str, named: &HashMap<UserId, String>, files: &FileBook) {
+        let (kind, text) = describe(&e.body, named, files);
         self.line(
             json!({
                 "conv": e.conv, "seq": e.seq, "sender": e.sender, "sender_name": sender,
                 "sender_device": e.sender_device, "client_id": hex(&e.client_id), "at_ms": e.at_ms,
-                "kind": kind, "body": body_json(&e.body), "text": text,
+                "kind": kind, "body": body_json(&e.body, files), "text": text,
                 // The users the body names by id (added, removed, given a role), by name;
                 // one nobody could name (an account gone) is left out.
                 "user_names": named.iter().map(|(u, n)| (u.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
@@ -1078,40 +1084,60 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
     let (session, mut events) = Session::start(connector.clone(), identity.clone(), std::sync::Arc::new(store), config)
         .with_context(|| format!("reading {}", home.join("cursors.json").display()))?;
     let mut names = Names::default();
+    let mut files = FileBook::default();
+    let mut receipts = ReceiptLines::default();
     let stop = interrupted();
     tokio::pin!(stop);
     loop {
+        let due = receipts.due();
         let event = tokio::select! {
             event = events.next() => event,
+            _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
+                out.text(receipts.take());
+                continue;
+            }
             _ = &mut stop => break,
         };
+        // Receipts waiting for more of the same go out before anything else.
+        if !matches!(event, Some(SessionEvent::Receipt(_))) {
+            out.text(receipts.take());
+        }
         match event {
             Some(SessionEvent::Entry(e)) => {
                 let (sender, named) = names.of_entry(&session, &e).await;
-                out.entry(&e, &sender, &named);
+                files.look_up_entries(&session, [&e]).await;
+                out.entry(&e, &sender, &named, &files);
             }
             Some(SessionEvent::Receipt(r)) => {
                 let name = names.of(&session, r.conv, r.user).await;
-                out.receipt(&r, &name);
+                out.receipt(&r, name, &mut receipts);
             }
             Some(SessionEvent::Presence(p)) => out.presence(&p, now_ms()),
             Some(SessionEvent::Typing { conv, user, typing }) => {
                 let name = names.of(&session, conv, user).await;
                 out.typing(conv, user, &name, typing);
             }
-            Some(SessionEvent::File(p)) => out.status(
-                json!({"event": "file", "conv": p.conv, "file": switchboard_client::hex(&p.file), "size": p.size,
-                    "state": files::state_name(&p.state), "offset": files::state_offset(&p.state, p.size),
-                    "error": files::state_error(&p.state)}),
-                || {
-                    format!(
-                        "file {} ({} bytes): {}",
-                        switchboard_client::hex(&p.file),
-                        p.size,
-                        files::describe_state(&p.state, p.size)
-                    )
-                },
-            ),
+            Some(SessionEvent::File(p)) => {
+                // Each state once in a terminal (JSON lines keep every audience's).
+                if !files.update(p.file, &p.state) && !out.json {
+                    continue;
+                }
+                // Its name, asked once if no entry gave it (an upload of mine elsewhere).
+                files.look_up(&session, [p.file]).await;
+                let name = files.name(&p.file);
+                out.status(
+                    json!({"event": "file", "conv": p.conv, "file": hex(&p.file), "name": name, "size": p.size,
+                        "state": files::state_name(&p.state), "offset": files::state_offset(&p.state, p.size),
+                        "error": files::state_error(&p.state)}),
+                    || {
+                        let what = match name {
+                            Some(name) => format!("{name} (id {}, {} bytes)", hex(&p.file), p.size),
+                            None => format!("{} ({} bytes)", hex(&p.file), p.size),
+                        };
+                        format!("file {what}: {}", files::describe_state(&p.state, p.size))
+                    },
+                )
+            }
             Some(SessionEvent::Connected) => out.status(json!({"event": "connected"}), || "connected".into()),
             Some(SessionEvent::CaughtUp) => out.status(json!({"event": "caught_up"}), || "caught up".into()),
             Some(SessionEvent::Disconnected { error, retry_in_ms }) => {
@@ -1126,6 +1152,7 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
             None => bail!("the session ended"),
         }
     }
+    out.text(receipts.take());
     // Saves the cursors and reports what was printed as delivered.
     session.close().await;
     Ok(())
@@ -1133,13 +1160,18 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
 
 /// An entry's body as JSON, with file ids in hex like everywhere else in sb's output
 /// (serde would print the 16 bytes as an array of numbers).
-fn body_json(body: &Body) -> serde_json::Value {
+/// Each file gets the `state` (and `error`) this run knows of it, if any.
+fn body_json(body: &Body, book: &FileBook) -> serde_json::Value {
     let mut value = serde_json::to_value(body).unwrap_or_default();
     if let (Body::Files { files, .. }, Some(listed)) =
         (body, value.pointer_mut("/Files/files").and_then(|v| v.as_array_mut()))
     {
         for (f, v) in files.iter().zip(listed) {
             v["file"] = json!(hex(&f.file));
+            if let Some(state) = book.state(&f.file) {
+                v["state"] = json!(files::state_name(state));
+                v["error"] = json!(files::state_error(state));
+            }
         }
     }
     value
@@ -1155,7 +1187,7 @@ fn role_name(role: Role) -> &'static str {
 }
 
 /// An entry's kind and text; `named` has the names of the users the body names.
-fn describe(body: &Body, named: &HashMap<UserId, String>) -> (&'static str, String) {
+fn describe(body: &Body, named: &HashMap<UserId, String>, book: &FileBook) -> (&'static str, String) {
     let name = |u: &UserId| named.get(u).cloned().unwrap_or_else(|| format!("user#{u}"));
     match body {
         Body::Text { text, edited } => ("text", if *edited { format!("{text} (edited)") } else { text.clone() }),
@@ -1189,7 +1221,9 @@ fn describe(body: &Body, named: &HashMap<UserId, String>) -> (&'static str, Stri
             let list: Vec<String> = files
                 .iter()
                 .map(|f| {
-                    format!("[{} {} bytes {} id {}]", f.name, f.size, f.content_type, switchboard_client::hex(&f.file))
+                    let state = book.state(&f.file).and_then(|s| files::carried_state(s, f.size));
+                    let state = state.map(|s| format!(": {s}")).unwrap_or_default();
+                    format!("[{} {} bytes {} id {}{state}]", f.name, f.size, f.content_type, hex(&f.file))
                 })
                 .collect();
             let caption = if *edited { format!("{text} (edited)") } else { text.clone() };
@@ -1220,14 +1254,24 @@ fn is_terminal_unsafe(c: char) -> bool {
 }
 
 /// Where names come from: a plain connection or a session.
-trait MemberSource {
+trait Lookups {
     /// The members' names.
     async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>>;
     /// The names entry `seq` gives (members or not).
     async fn entry_names(&self, conv: ConvId, seq: Seq) -> Option<HashMap<UserId, String>>;
+    /// `FileInfo`: the file, or the broker's refusal; `None` when nobody answered.
+    async fn file_info(&self, file: FileId) -> Option<Result<FileInfo, ErrorCode>>;
 }
 
-impl MemberSource for Client {
+/// A request's answer as `Lookups` gives it: `None` when nobody answered.
+fn answered<T>(result: Result<T, ClientError>) -> Option<Result<T, ErrorCode>> {
+    match result {
+        Ok(value) => Some(Ok(value)),
+        Err(e) => e.code().map(Err),
+    }
+}
+
+impl Lookups for Client {
     async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>> {
         Some(self.members(conv).await.ok()?.into_iter().map(|m| (m.user_id, m.name)).collect())
     }
@@ -1235,9 +1279,13 @@ impl MemberSource for Client {
     async fn entry_names(&self, conv: ConvId, seq: Seq) -> Option<HashMap<UserId, String>> {
         Some(Client::entry_names(self, conv, seq).await.ok()?.into_iter().map(|u| (u.user_id, u.name)).collect())
     }
+
+    async fn file_info(&self, file: FileId) -> Option<Result<FileInfo, ErrorCode>> {
+        answered(Client::file_info(self, file).await)
+    }
 }
 
-impl MemberSource for Session {
+impl Lookups for Session {
     async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>> {
         match self.request(RequestBody::Members { conv }).await.ok()? {
             switchboard_protocol::Reply::Members(m) => Some(m.into_iter().map(|m| (m.user_id, m.name)).collect()),
@@ -1250,6 +1298,81 @@ impl MemberSource for Session {
             switchboard_protocol::Reply::Names(n) => Some(n.into_iter().map(|u| (u.user_id, u.name)).collect()),
             _ => None,
         }
+    }
+
+    async fn file_info(&self, file: FileId) -> Option<Result<FileInfo, ErrorCode>> {
+        match self.request(RequestBody::FileInfo { file }).await {
+            Ok(switchboard_protocol::Reply::File(info)) => Some(Ok(info)),
+            Ok(_) => None,
+            Err(e) => e.code().map(Err),
+        }
+    }
+}
+
+/// `sb tail`'s receipts in a terminal: receipts in a row that say the same (one
+/// conversation, delivered and read up to the same seqs) make one line naming everyone,
+/// printed when a different one or any other event comes, or `RECEIPT_LINE_MS` after the
+/// first (before, a group of ten printed nine lines per message). A receipt of nothing
+/// received (a member just added) is not printed. `--json` prints every receipt.
+#[derive(Default)]
+struct ReceiptLines {
+    pending: Option<ReceiptLine>,
+}
+
+/// A receipt line waiting for more of the same.
+struct ReceiptLine {
+    /// What it says: conversation, delivered up to, read up to.
+    says: (ConvId, Seq, Option<Seq>),
+    /// Who says it, in order.
+    names: Vec<String>,
+    /// When it is printed at the latest.
+    due: tokio::time::Instant,
+}
+
+/// How long a receipt line waits for more members saying the same, ms.
+const RECEIPT_LINE_MS: u64 = 300;
+/// Names a receipt line lists before "and N more".
+const RECEIPT_LINE_NAMES: usize = 10;
+
+impl ReceiptLines {
+    /// Adds `r` (from user `name`); returns the line it ends, if it starts another.
+    fn add(&mut self, r: &Receipt, name: String, now: tokio::time::Instant) -> Option<String> {
+        let read = r.read_up_to.filter(|&seq| seq > 0);
+        if r.delivered_up_to == 0 && read.is_none() {
+            return None;
+        }
+        let says = (r.conv, r.delivered_up_to, read);
+        if let Some(line) = &mut self.pending
+            && line.says == says
+        {
+            if !line.names.contains(&name) {
+                line.names.push(name);
+            }
+            return None;
+        }
+        let ended = self.take();
+        let due = now + std::time::Duration::from_millis(RECEIPT_LINE_MS);
+        self.pending = Some(ReceiptLine { says, names: vec![name], due });
+        ended
+    }
+
+    /// When the waiting line is due.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.pending.as_ref().map(|line| line.due)
+    }
+
+    /// The waiting line, if any: `[7] bob, carol received up to #5`, `[7] bob read up to
+    /// #5 (delivered #6)`.
+    fn take(&mut self) -> Option<String> {
+        let ReceiptLine { says: (conv, delivered, read), names, .. } = self.pending.take()?;
+        let mut who = names.iter().take(RECEIPT_LINE_NAMES).cloned().collect::<Vec<_>>().join(", ");
+        if names.len() > RECEIPT_LINE_NAMES {
+            who.push_str(&format!(" and {} more", names.len() - RECEIPT_LINE_NAMES));
+        }
+        Some(match read {
+            Some(read) => format!("[{conv}] {who} read up to #{read} (delivered #{delivered})"),
+            None => format!("[{conv}] {who} received up to #{delivered}"),
+        })
     }
 }
 
@@ -1298,7 +1421,7 @@ impl Names {
     }
 
     /// Fetches the members if one of `users` was never looked for.
-    async fn look_up_members(&mut self, source: &impl MemberSource, conv: ConvId, users: &[UserId]) {
+    async fn look_up_members(&mut self, source: &impl Lookups, conv: ConvId, users: &[UserId]) {
         if users.iter().any(|u| self.state(conv, *u).is_none())
             && let Some(members) = source.member_names(conv).await
         {
@@ -1309,7 +1432,7 @@ impl Names {
 
     /// `user`'s name, or `user#ID` for one who is not a member now and no entry named
     /// yet.
-    async fn of(&mut self, source: &impl MemberSource, conv: ConvId, user: UserId) -> String {
+    async fn of(&mut self, source: &impl Lookups, conv: ConvId, user: UserId) -> String {
         self.look_up_members(source, conv, &[user]).await;
         self.name(conv, user)
     }
@@ -1317,7 +1440,7 @@ impl Names {
     /// The names of an entry's sender and of the users its body names (added, removed,
     /// given a role): the members' names, and for anyone who is a member no longer the
     /// names the entry itself gives (`EntryNames`).
-    async fn of_entry(&mut self, source: &impl MemberSource, e: &Entry) -> (String, HashMap<UserId, String>) {
+    async fn of_entry(&mut self, source: &impl Lookups, e: &Entry) -> (String, HashMap<UserId, String>) {
         // Someone not found may have joined since: ask again.
         if matches!(e.body, Body::MembersAdded { .. } | Body::Created { .. })
             && let Some(known) = self.0.get_mut(&e.conv)
@@ -1536,9 +1659,10 @@ mod tests {
     struct Counted {
         members: std::cell::Cell<u32>,
         entries: std::cell::Cell<u32>,
+        files: std::cell::Cell<u32>,
     }
 
-    impl MemberSource for Counted {
+    impl Lookups for Counted {
         async fn member_names(&self, _: ConvId) -> Option<HashMap<UserId, String>> {
             self.members.set(self.members.get() + 1);
             Some(HashMap::from([(1, "owner".to_string())]))
@@ -1551,6 +1675,27 @@ mod tests {
                 1 => HashMap::from([(11, "eleven".to_string())]),
                 _ => HashMap::new(),
             })
+        }
+
+        /// File `[n; 16]`: gone for n = 0, no answer for n = 1, else uploading, 10 of 100 bytes.
+        async fn file_info(&self, file: FileId) -> Option<Result<FileInfo, ErrorCode>> {
+            self.files.set(self.files.get() + 1);
+            match file[0] {
+                0 => Some(Err(ErrorCode::NOT_FOUND)),
+                1 => None,
+                _ => Some(Ok(FileInfo {
+                    file: switchboard_protocol::FileRef {
+                        file,
+                        name: "asked.bin".into(),
+                        size: 100,
+                        content_type: "application/octet-stream".into(),
+                    },
+                    blake3: [0; 32],
+                    uploader: 1,
+                    created_ms: 0,
+                    state: switchboard_protocol::FileState::Uploading { offset: 10 },
+                })),
+            }
         }
     }
 
@@ -1585,7 +1730,93 @@ mod tests {
         };
         let (_, named) = names.of_entry(&source, &roles).await;
         assert_eq!(named, HashMap::from([(10, "ten".to_string())]));
-        assert_eq!(describe(&roles.body, &named).1, "made ten member, user#12 member");
+        assert_eq!(describe(&roles.body, &named, &FileBook::default()).1, "made ten member, user#12 member");
+    }
+
+    #[tokio::test]
+    async fn files_are_asked_about_once_and_a_file_not_found_shows_gone() {
+        use switchboard_protocol::{FileRef, FileState};
+        let source = Counted::default();
+        let mut book = FileBook::default();
+        let carried = |ids: &[u8]| Entry {
+            conv: 7,
+            seq: 1,
+            sender: 1,
+            sender_device: 1,
+            client_id: [0; 16],
+            at_ms: 0,
+            body: Body::Files {
+                text: String::new(),
+                files: ids
+                    .iter()
+                    .map(|&n| FileRef {
+                        file: [n; 16],
+                        name: format!("f{n}"),
+                        size: 100,
+                        content_type: "application/octet-stream".into(),
+                    })
+                    .collect(),
+                edited: false,
+            },
+        };
+        let entries = [carried(&[0, 1, 2]), carried(&[2, 0])];
+        book.look_up_entries(&source, &entries).await;
+        assert_eq!(source.files.get(), 3, "each file once");
+        let gone = FileState::Failed { code: ErrorCode::NOT_FOUND };
+        assert_eq!(book.state(&[0; 16]), Some(&gone));
+        assert_eq!(book.state(&[1; 16]), None, "no answer, no state");
+        assert_eq!(book.state(&[2; 16]), Some(&FileState::Uploading { offset: 10 }));
+        assert_eq!(book.name(&[2; 16]), Some("f2"), "the entry's name");
+        let (_, text) = describe(&entries[0].body, &HashMap::new(), &book);
+        assert!(text.contains(&format!("id {}: gone (", hex(&[0; 16]))), "{text}");
+        assert!(text.contains(&format!("id {}]", hex(&[1; 16]))), "{text}");
+        assert!(text.contains(&format!("id {}: uploading, 10%]", hex(&[2; 16]))), "{text}");
+        // Asked again: only the one not answered.
+        book.look_up_entries(&source, &entries).await;
+        assert_eq!(source.files.get(), 4);
+        // A pushed state is news once: the uploader's second audience is not.
+        assert!(book.update([2; 16], &FileState::Uploading { offset: 50 }));
+        assert!(!book.update([2; 16], &FileState::Uploading { offset: 50 }));
+        // An event about a file no entry named gets the name `FileInfo` gives, and keeps
+        // its pushed state.
+        assert!(book.update([3; 16], &FileState::Uploading { offset: 70 }));
+        book.look_up(&source, [[3; 16]]).await;
+        assert_eq!(
+            (book.name(&[3; 16]), book.state(&[3; 16])),
+            (Some("asked.bin"), Some(&FileState::Uploading { offset: 70 }))
+        );
+    }
+
+    #[test]
+    fn receipts_saying_the_same_make_one_line() {
+        let now = tokio::time::Instant::now();
+        let receipt = |user: UserId, delivered: Seq, read: Option<Seq>| Receipt {
+            conv: 7,
+            user,
+            delivered_up_to: delivered,
+            read_up_to: read,
+        };
+        let mut lines = ReceiptLines::default();
+        assert_eq!(lines.add(&receipt(2, 5, None), "bob".into(), now), None);
+        assert_eq!(lines.due(), Some(now + std::time::Duration::from_millis(RECEIPT_LINE_MS)));
+        assert_eq!(lines.add(&receipt(3, 5, Some(0)), "carol".into(), now), None, "read up to 0 is no read");
+        assert_eq!(lines.add(&receipt(2, 5, None), "bob".into(), now), None, "named once");
+        // Something else ends the line.
+        let ended = lines.add(&receipt(2, 5, Some(5)), "bob".into(), now);
+        assert_eq!(ended.as_deref(), Some("[7] bob, carol received up to #5"));
+        assert_eq!(lines.take().as_deref(), Some("[7] bob read up to #5 (delivered #5)"));
+        assert_eq!((lines.take(), lines.due()), (None, None));
+        // Nothing received: no line.
+        assert_eq!(lines.add(&receipt(4, 0, None), "dave".into(), now), None);
+        assert_eq!(lines.take(), None);
+        // A large group is not listed whole.
+        for user in 0..13 {
+            lines.add(&receipt(user, 9, None), format!("u{user}"), now);
+        }
+        assert_eq!(
+            lines.take().as_deref(),
+            Some("[7] u0, u1, u2, u3, u4, u5, u6, u7, u8, u9 and 3 more received up to #9")
+        );
     }
 
     #[test]

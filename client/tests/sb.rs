@@ -308,8 +308,8 @@ async fn errors_show_code_name_and_message() {
     check(
         "alice",
         &["send", "424242", "hi"],
-        "FORBIDDEN (7): not a member of this conversation, or no such conversation",
-        serde_json::json!({"code": 7, "name": "FORBIDDEN", "message": "not a member of this conversation, or no such conversation"}),
+        "FORBIDDEN (7): not a member of this conversation (one who left or was removed reads it no more), or no such conversation",
+        serde_json::json!({"code": 7, "name": "FORBIDDEN", "message": "not a member of this conversation (one who left or was removed reads it no more), or no such conversation"}),
     );
     // A local failure has no code.
     check(
@@ -512,6 +512,7 @@ async fn upload_then_download_round_trip() {
     let message = history.iter().find(|e| e["kind"] == "files").expect("a files message");
     assert!(message["text"].as_str().unwrap().contains(&id), "{message}");
     assert_eq!(message["body"]["Files"]["files"][0]["file"].as_str(), Some(id.as_str()), "ids in hex: {message}");
+    assert_eq!(message["body"]["Files"]["files"][0]["state"], "complete", "{message}");
 
     let out = dir.path().join("copy.bin");
     let down = sb(&bob, &broker, &["download", &id, out.to_str().unwrap()]);
@@ -543,9 +544,26 @@ async fn upload_then_download_round_trip() {
     let hidden = sb_output(&carol, &broker, &["download", &id, out.to_str().unwrap()]);
     let missing = sb_output(&carol, &broker, &["download", &"ab".repeat(16), out.to_str().unwrap()]);
     assert!(!hidden.status.success());
-    assert_eq!(String::from_utf8_lossy(&hidden.stderr), String::from_utf8_lossy(&missing.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&hidden.stderr),
+        String::from_utf8_lossy(&missing.stderr).replace(&"ab".repeat(16), &id)
+    );
     assert!(String::from_utf8_lossy(&hidden.stderr).contains("NOT_FOUND"));
+    assert!(String::from_utf8_lossy(&hidden.stderr).contains("cannot be read"), "{hidden:?}");
     assert_eq!(std::fs::read(&out).unwrap(), data, "a refused download leaves OUT as it was");
+
+    // Its uploader is named as "you" to the uploader.
+    let said = String::from_utf8_lossy(&sb_output(&alice, &broker, &["file", "info", &id]).stdout).into_owned();
+    assert!(said.contains("uploaded by you"), "{said}");
+    // Withdrawn: the message still names it, and history says it is gone (before, it
+    // listed the file as if it could be downloaded).
+    assert_eq!(sb(&alice, &broker, &["file", "withdraw", &id])[0]["event"], "withdrawn");
+    let history = sb(&bob, &broker, &["history", &conv]);
+    let message = history.iter().find(|e| e["kind"] == "files").expect("a files message");
+    let listed = &message["body"]["Files"]["files"][0];
+    assert_eq!((listed["state"].as_str(), listed["error"].as_str()), (Some("failed"), Some("NOT_FOUND")), "{message}");
+    let human = String::from_utf8_lossy(&sb_output(&bob, &broker, &["history", &conv]).stdout).into_owned();
+    assert!(human.contains(&format!("id {id}: gone (")), "{human}");
 }
 
 /// `sb download --offset --length` writes exactly that range.

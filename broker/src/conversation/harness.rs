@@ -57,7 +57,13 @@ impl MemLog {
         match &entry.body {
             Body::Edit { target, text } => {
                 c.edits.insert((*target, entry.seq));
-                rewrite(c, *target, Body::Text { text: text.clone(), edited: true });
+                let edited = match c.entries.get(target).map(|e| &e.body) {
+                    Some(Body::Files { files, .. }) => {
+                        Body::Files { text: text.clone(), files: files.clone(), edited: true }
+                    }
+                    _ => Body::Text { text: text.clone(), edited: true },
+                };
+                rewrite(c, *target, edited);
             }
             Body::Delete { target } => {
                 let edits: Vec<Seq> = c.edits.range((*target, 0)..=(*target, Seq::MAX)).map(|(_, e)| *e).collect();
@@ -154,6 +160,8 @@ pub struct Harness {
     pub notices: Vec<Notice>,
     /// Receipt writes performed, each with its watermarks.
     pub receipt_writes: Vec<Vec<(UserId, Marks)>>,
+    /// Files released by durable deletes, in order.
+    pub released: Vec<switchboard_protocol::FileId>,
     /// A receipt write is waiting for a commit.
     receipts_in_flight: bool,
     pub fatal: bool,
@@ -189,6 +197,7 @@ impl Harness {
             deliveries: Vec::new(),
             notices: Vec::new(),
             receipt_writes: Vec::new(),
+            released: Vec::new(),
             receipts_in_flight: false,
             fatal: false,
             next: 0,
@@ -328,6 +337,7 @@ impl Harness {
                     audience.sort_unstable();
                     self.notices.push(Notice { event, audience });
                 }
+                Effect::Released(files) => self.released.extend(files),
                 Effect::Fatal => self.fatal = true,
             }
         }
@@ -637,6 +647,30 @@ mod tests {
         h.commit();
         let served = h.history(OWNER);
         assert_eq!((served[1].1.clone(), served[2].1.clone()), (Body::Tombstone, Body::Redacted { target: 2 }));
+    }
+
+    #[test]
+    fn a_files_message_edited_twice_keeps_its_files_while_the_second_edit_is_pending() {
+        let mut h = group();
+        let file = switchboard_protocol::FileRef {
+            file: [7; 16],
+            name: "cat.png".into(),
+            size: 10,
+            content_type: "image/png".into(),
+        };
+        h.write(BOB, Command::SendFiles { client_id: [1; 16], text: "v1".into(), files: vec![file.clone()] });
+        h.commit();
+        h.write(BOB, Command::Edit { client_id: [2; 16], target: 2, text: "v2".into() });
+        h.write(BOB, Command::Edit { client_id: [3; 16], target: 2, text: "v3".into() });
+        // The first edit durable, the second not: readers see the first, files and all
+        // (before, the files were gone from what was served until the second was durable).
+        h.commit_to(3);
+        let served = h.history(OWNER);
+        let v2 = Body::Files { text: "v2".into(), files: vec![file.clone()], edited: true };
+        assert_eq!(served[1], (2, v2));
+        h.commit();
+        let served = h.history(OWNER);
+        assert_eq!(served[1], (2, Body::Files { text: "v3".into(), files: vec![file], edited: true }));
     }
 
     #[test]
@@ -1114,6 +1148,42 @@ mod tests {
         assert!(receipt_events(&h).is_empty(), "a removed member's watermarks are not pushed");
         assert_eq!(h.receipts(OWNER).iter().map(|r| r.0).collect::<Vec<_>>(), vec![OWNER, BOB]);
         assert_eq!(h.state.receipt_entries(), 2, "and not held once written");
+    }
+
+    #[test]
+    fn a_deleted_messages_files_are_released_once_the_delete_is_durable() {
+        let mut h = Harness::new(ConversationKind::Group, &[(OWNER, Role::Owner), (BOB, Role::Member)]);
+        let file = |n: u8| switchboard_protocol::FileRef {
+            file: [n; 16],
+            name: format!("f{n}"),
+            size: 10,
+            content_type: "application/octet-stream".into(),
+        };
+        let files = vec![file(1), file(2)];
+        let sent = h.write(BOB, Command::SendFiles { client_id: [1; 16], text: "two".into(), files });
+        let other = h.write(BOB, Command::SendFiles { client_id: [2; 16], text: String::new(), files: vec![file(3)] });
+        h.commit();
+        assert_eq!((h.ack(sent), h.ack(other)), (Some(Ok((2, false))), Some(Ok((3, false)))));
+        // An edit keeps the files; a plain message's delete releases none.
+        let edit = h.write(BOB, Command::Edit { client_id: [3; 16], target: 2, text: "both".into() });
+        let text = h.send(BOB, 4, "words");
+        h.commit();
+        let deleted = h.write(BOB, Command::Delete { client_id: [5; 16], target: 5 });
+        h.commit();
+        assert_eq!(
+            (h.ack(edit), h.ack(text), h.ack(deleted)),
+            (Some(Ok((4, false))), Some(Ok((5, false))), Some(Ok((6, false))))
+        );
+        assert!(h.released.is_empty());
+        // Released only once durable: a crash before then releases nothing.
+        let lost = h.write(BOB, Command::Delete { client_id: [6; 16], target: 3 });
+        assert!(h.released.is_empty(), "not before it is durable");
+        h.crash_broker();
+        assert!(h.released.is_empty() && h.ack(lost).is_none());
+        let delete = h.write(BOB, Command::Delete { client_id: [7; 16], target: 2 });
+        h.commit();
+        assert_eq!(h.ack(delete), Some(Ok((7, false))));
+        assert_eq!(h.released, vec![[1; 16], [2; 16]]);
     }
 
     #[test]

@@ -28,8 +28,8 @@ use switchboard_protocol::limits::{
     CATCH_UP_PAGE_BYTES, CATCH_UP_PAGE_MAX, HISTORY_PAGE_MAX, MAX_FILES_PER_MESSAGE, MAX_GROUP_MEMBERS, MAX_TEXT_BYTES,
 };
 use switchboard_protocol::{
-    Body, CatchUpPage, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, FileRef,
-    Member, Page, Receipt, Reply, Role, Seq, UserId, UserName, encode_frame,
+    Body, CatchUpPage, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, FileId,
+    FileRef, Member, Page, Receipt, Reply, Role, Seq, UserId, UserName, encode_frame,
 };
 
 use super::receipts::{Marks, ReceiptBook};
@@ -218,6 +218,10 @@ pub enum Effect<R> {
         /// Users to reach.
         audience: Arc<[UserId]>,
     },
+    /// A delete that took these files out of the message carrying them is durable:
+    /// any of them that nothing holds or carries now may go at once (the sweeper would
+    /// find it within a minute), giving its uploader's quota back.
+    Released(Vec<FileId>),
     /// Durability is lost: this process must acknowledge and serve nothing more.
     Fatal,
 }
@@ -241,6 +245,8 @@ struct Appended {
     /// Entries it rewrites and what each becomes (an edit's or delete's target; a
     /// delete's redacted edits).
     rewrites: Vec<(Seq, Body)>,
+    /// The files a deleted message carried.
+    released: Vec<FileId>,
 }
 
 /// A message rewritten by an edit or delete that is not durable yet: what readers see
@@ -279,7 +285,10 @@ fn err(code: ErrorCode, msg: &str) -> ErrorBody {
 
 /// The refusal a non-member gets, the same whether or not the conversation exists.
 pub fn not_a_member() -> ErrorBody {
-    err(ErrorCode::FORBIDDEN, "not a member of this conversation, or no such conversation")
+    err(
+        ErrorCode::FORBIDDEN,
+        "not a member of this conversation (one who left or was removed reads it no more), or no such conversation",
+    )
 }
 
 impl<R> ConversationState<R> {
@@ -435,7 +444,11 @@ impl<R> ConversationState<R> {
         // What the entry rewrites, with each pre-image kept for readers until it is
         // durable: the target of an edit or delete, and a deleted message's edits.
         let mut rewrites = Vec::new();
+        let mut released = Vec::new();
         if let (Some(stored), Some(t)) = (target, rewrite_target(&entry.body)) {
+            if let (Body::Delete { .. }, Body::Files { files, .. }) = (&entry.body, &stored.body) {
+                released = files.iter().map(|f| f.file).collect();
+            }
             if matches!(entry.body, Body::Delete { .. }) {
                 let edits = match log.edits_of(self.id, t) {
                     Ok(edits) => edits,
@@ -449,7 +462,8 @@ impl<R> ConversationState<R> {
                     }
                 }
             }
-            rewrites.push((t, stored.body, rewritten(&entry.body)));
+            let after = rewritten(&entry.body, &stored.body);
+            rewrites.push((t, stored.body, after));
         }
         for (seq, before, _) in &rewrites {
             self.overlay
@@ -465,7 +479,14 @@ impl<R> ConversationState<R> {
         }
         self.pending.push_back(Pending {
             seq,
-            entry: Some(Appended { entry: entry.clone(), audience, except: caller.session, members, rewrites }),
+            entry: Some(Appended {
+                entry: entry.clone(),
+                audience,
+                except: caller.session,
+                members,
+                rewrites,
+                released,
+            }),
             reply: Some((reply, Ok(Reply::Appended { seq, duplicate: false }))),
         });
         vec![Effect::Append(entry)]
@@ -607,7 +628,7 @@ impl<R> ConversationState<R> {
         let mut effects = Vec::new();
         while self.pending.front().is_some_and(|p| p.seq <= self.durable_seq) {
             let Some(p) = self.pending.pop_front() else { break };
-            if let Some(Appended { entry, audience, except, members, rewrites }) = p.entry {
+            if let Some(Appended { entry, audience, except, members, rewrites, released }) = p.entry {
                 apply_members(&mut self.durable_members, &members);
                 for (user, _) in members.iter().filter(|(u, role)| role.is_none() && !self.members.contains_key(u)) {
                     // A removed member's watermarks stop being shown (and held).
@@ -618,6 +639,9 @@ impl<R> ConversationState<R> {
                 }
                 self.published_seq = entry.seq;
                 effects.push(Effect::Deliver { entry, audience, except });
+                if !released.is_empty() {
+                    effects.push(Effect::Released(released));
+                }
             }
             if let Some((reply, answer)) = p.reply {
                 effects.push(Effect::Reply(reply, answer));
@@ -1059,10 +1083,15 @@ fn same_write(cmd: &Command, body: &Body) -> bool {
     }
 }
 
-/// What a rewrite leaves its target as.
-fn rewritten(body: &Body) -> Body {
-    match body {
-        Body::Edit { text, .. } => Body::Text { text: text.clone(), edited: true },
+/// What a rewrite `body` leaves its target (now `target`) as, as the store rewrites it
+/// (`Store::append_then`): an edit replaces the text, a files message's caption, and
+/// keeps the files; a delete leaves a tombstone.
+fn rewritten(body: &Body, target: &Body) -> Body {
+    match (body, target) {
+        (Body::Edit { text, .. }, Body::Files { files, .. }) => {
+            Body::Files { text: text.clone(), files: files.clone(), edited: true }
+        }
+        (Body::Edit { text, .. }, _) => Body::Text { text: text.clone(), edited: true },
         _ => Body::Tombstone,
     }
 }

@@ -37,7 +37,20 @@ const AUDIENCE_READ: usize = 4096;
 /// Announces `state` of file `id` (of `size` bytes, uploaded by `uploader`) to its
 /// audience, on the announcing thread. Returns at once.
 pub(crate) fn announce(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64, state: FileState) {
-    let job = Job { shared: shared.clone(), file: *id, uploader, size, state };
+    queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: None });
+}
+
+/// Announces that file `id` (of `size` bytes, uploaded by `uploader`) is gone
+/// (`Failed` with `NOT_FOUND`) to the uploader's devices and the members of `convs`, the
+/// conversations whose messages carried it before they let go of it (read by the caller:
+/// the store no longer has them), so every reader's view of those messages can mark the
+/// file gone. Returns at once.
+pub(crate) fn announce_gone(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64, convs: Vec<ConvId>) {
+    let state = FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
+    queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: Some(convs) });
+}
+
+fn queue(job: Job) {
     let Some(announcer) = announcer() else {
         // No thread could be started: deliver here rather than not at all.
         return deliver(&job);
@@ -60,6 +73,8 @@ struct Job {
     uploader: UserId,
     size: u64,
     state: FileState,
+    /// The conversations to tell, when the store's attachments no longer name them.
+    convs: Option<Vec<ConvId>>,
 }
 
 impl Job {
@@ -129,7 +144,11 @@ fn deliver(job: &Job) {
     if job.shared.health.is_failed() {
         return;
     }
-    let convs = match job.shared.store.attachment_convs(&job.file, ATTACHMENT_SCAN) {
+    let read = match &job.convs {
+        Some(convs) => Ok(convs.clone()),
+        None => job.shared.store.attachment_convs(&job.file, ATTACHMENT_SCAN),
+    };
+    let convs = match read {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");

@@ -523,6 +523,22 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
     Ok(())
 }
 
+/// Deletes those of `files` that nothing holds or carries any more, on a blocking
+/// thread: `Effect::Released`, a deleted message's files (at most
+/// `MAX_FILES_PER_MESSAGE`), once the delete is durable, so the uploader's quota comes
+/// back at once rather than when the sweeper next runs. One that fails here (logged) is
+/// the sweeper's.
+pub(crate) fn collect_soon(shared: &Arc<Shared>, files: Vec<FileId>) {
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        for id in &files {
+            if let Err(e) = collect(&s, id) {
+                tracing::warn!(file = blobs::hex(id), error = %e, "deleting a released file failed");
+            }
+        }
+    });
+}
+
 /// Runs until the broker goes: every interval, removes expired uploads and deletes
 /// complete files nothing holds any more (their uploader dropped them and the last
 /// message carrying them was deleted). Holds the broker only while it works.

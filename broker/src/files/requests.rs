@@ -309,15 +309,27 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
 
 /// `WithdrawFile`: the uploader takes its complete file back from every message carrying
 /// it and lets go of it; it is deleted at once (`Store::withdraw_file`), and readers find
-/// it gone (a download under way is cut at its next access check).
+/// it gone (a download under way is cut at its next access check). The members of the
+/// conversations that carried it are told it is gone (`Event::File`, `Failed` with
+/// `NOT_FOUND`), as they are of an upload cancelled or expired.
 pub async fn withdraw_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
-    own_complete_file(&shared, user, &id)?;
+    let record = own_complete_file(&shared, user, &id)?;
     let s = shared.clone();
-    let withdrawn = tokio::task::spawn_blocking(move || s.store.withdraw_file(&id, user)).await.map_err(internal)?;
-    match withdrawn.map_err(internal)? {
-        Some(durable) => durable.await.map_err(internal)?,
+    let withdrawn = tokio::task::spawn_blocking(move || {
+        // Read first: the withdrawal drops the attachments that name them.
+        let convs = s.store.attachment_convs(&id, ATTACHMENT_SCAN)?;
+        Ok::<_, switchboard_storage::StoreError>(s.store.withdraw_file(&id, user)?.map(|durable| (durable, convs)))
+    })
+    .await
+    .map_err(internal)?;
+    let convs = match withdrawn.map_err(internal)? {
+        Some((durable, convs)) => {
+            durable.await.map_err(internal)?;
+            convs
+        }
         None => return Err(no_such_file()),
-    }
+    };
+    super::announce::announce_gone(&shared, &id, user, record.size, convs);
     let s = shared.clone();
     tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
     // Its removal durable before the answer (`collect` does not wait when no bytes go).

@@ -458,13 +458,16 @@ pub async fn download(
     let mut client = connector.connect(identity).await?;
     let info = match client.file_info(file).await {
         Ok(info) => info,
-        Err(e) => {
-            if e.code() == Some(ErrorCode::NOT_FOUND) {
-                // Gone, or no longer mine to read: what an earlier run kept is worthless.
-                drop_partials(path, &file);
-            }
-            return Err(e.into());
+        Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => {
+            // Gone, or no longer mine to read: what an earlier run kept is worthless.
+            let dropped = drop_partials(path, &file);
+            let kept = if dropped > 0 { "; the bytes an earlier run downloaded are deleted" } else { "" };
+            return Err(anyhow::Error::new(e).context(format!(
+                "{id} cannot be read: no such file, or it is gone (cancelled, expired or withdrawn by its uploader), \
+                 or you are in no conversation that carries it{kept}"
+            )));
         }
+        Err(e) => return Err(e.into()),
     };
     if let FileState::Uploading { offset: have } = info.state {
         bail!(
@@ -664,18 +667,20 @@ fn partial_path(path: &Path, file: &FileId, offset: u64, expected: u64) -> PathB
 }
 
 /// Removes the partial files of whole downloads of `file` into `path` (any size: the
-/// file's is not known any more).
-fn drop_partials(path: &Path, file: &FileId) {
-    let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) else { return };
+/// file's is not known any more); returns how many went.
+fn drop_partials(path: &Path, file: &FileId) -> usize {
+    let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) else { return 0 };
     let name = path.file_name().map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
     let prefix = format!(".{name}.{}.0+", &hex(file)[..16]);
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut dropped = 0;
     for entry in entries.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        if n.starts_with(&prefix) && n.ends_with(".sb-part") {
-            let _ = std::fs::remove_file(entry.path());
+        if n.starts_with(&prefix) && n.ends_with(".sb-part") && std::fs::remove_file(entry.path()).is_ok() {
+            dropped += 1;
         }
     }
+    dropped
 }
 
 /// Opens (or creates) the partial file of a download of `expected` bytes, locked for
@@ -758,12 +763,16 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                 || {
                     let detail = describe_state(&info.state, f.size);
                     format!(
-                        "{} {} ({} bytes, {}) by user {}, blake3 {}: {detail}",
+                        "{} {} ({} bytes, {}) {}, blake3 {}: {detail}",
                         hex(&f.file),
                         f.name,
                         f.size,
                         f.content_type,
-                        info.uploader,
+                        if info.uploader == client.user_id {
+                            "uploaded by you".to_string()
+                        } else {
+                            format!("uploaded by user#{}", info.uploader)
+                        },
                         hex(&info.blake3)
                     )
                 },
@@ -870,7 +879,8 @@ pub fn state_error(state: &FileState) -> Option<&'static str> {
     }
 }
 
-/// `uploading, 40% (1000 of 2500 bytes)`, `complete`, `failed: HASH_MISMATCH`.
+/// `uploading, 40% (1000 of 2500 bytes)`, `complete`, `failed: HASH_MISMATCH`, `gone
+/// (...)`.
 pub fn describe_state(state: &FileState, size: u64) -> String {
     match state {
         FileState::Uploading { offset } => {
@@ -878,7 +888,116 @@ pub fn describe_state(state: &FileState, size: u64) -> String {
         }
         FileState::Complete { thumbnail: Some(t) } => format!("complete, thumbnail {}", hex(&t.file)),
         FileState::Complete { thumbnail: None } => "complete".into(),
+        FileState::Failed { code: ErrorCode::NOT_FOUND } => GONE.into(),
         FileState::Failed { code } => format!("failed: {}", code.name()),
+    }
+}
+
+/// How a file nobody can read any more is described.
+const GONE: &str = "gone (its upload was cancelled or expired, or its uploader withdrew it)";
+
+/// What a message shows of a file it carries beside its name: nothing once complete,
+/// else `uploading, 40%`, `gone (...)` or `failed: HASH_MISMATCH`.
+pub fn carried_state(state: &FileState, size: u64) -> Option<String> {
+    match state {
+        FileState::Complete { .. } => None,
+        FileState::Uploading { offset } => Some(format!("uploading, {}%", percent(*offset, size))),
+        failed => Some(describe_state(failed, size)),
+    }
+}
+
+/// The files entries carry and events name, as this run learnt them: name and state
+/// from `FileInfo` (asked once per file, `LOOKUPS_AT_ONCE` at a time), then the states
+/// `Event::File` pushes. A file `FileInfo` does not find is shown gone: the state the
+/// broker pushes for it (`Failed` with `NOT_FOUND`: its upload cancelled or expired, or
+/// withdrawn by its uploader); a reader who was offline then learns it here. At most
+/// `FILES_KNOWN` files are kept; past that the book starts over (and asks again).
+#[derive(Default)]
+pub struct FileBook(std::collections::HashMap<FileId, KnownFile>);
+
+#[derive(Default)]
+struct KnownFile {
+    name: Option<String>,
+    state: Option<FileState>,
+    /// `FileInfo` answered (a failed request is asked again).
+    asked: bool,
+}
+
+/// Files a `FileBook` keeps before it starts over.
+const FILES_KNOWN: usize = 4096;
+/// `FileInfo` requests a `FileBook` has in flight at once.
+const LOOKUPS_AT_ONCE: usize = 16;
+
+impl FileBook {
+    /// Asks `FileInfo` about each of `files` not asked yet, and fills in its name and
+    /// (where no push said it already) its state.
+    pub async fn look_up(&mut self, source: &impl crate::Lookups, files: impl IntoIterator<Item = FileId>) {
+        use futures_util::StreamExt;
+        let mut wanted: Vec<FileId> = files.into_iter().filter(|f| !self.0.get(f).is_some_and(|k| k.asked)).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let answers: Vec<_> = futures_util::stream::iter(wanted)
+            .map(|file| async move { (file, source.file_info(file).await) })
+            .buffered(LOOKUPS_AT_ONCE)
+            .collect()
+            .await;
+        for (file, answer) in answers {
+            let (name, state) = match answer {
+                Some(Ok(info)) => (Some(info.file.name), info.state),
+                Some(Err(ErrorCode::NOT_FOUND)) => (None, FileState::Failed { code: ErrorCode::NOT_FOUND }),
+                // Not answered: asked again next time.
+                _ => continue,
+            };
+            let known = self.entry(file);
+            known.asked = true;
+            known.name = known.name.take().or(name);
+            known.state = known.state.take().or(Some(state));
+        }
+    }
+
+    /// Asks about the files `entries` carry (`look_up`) and keeps the names they give.
+    pub async fn look_up_entries<'a>(
+        &mut self,
+        source: &impl crate::Lookups,
+        entries: impl IntoIterator<Item = &'a switchboard_protocol::Entry>,
+    ) {
+        let mut carried = Vec::new();
+        for e in entries {
+            if let switchboard_protocol::Body::Files { files, .. } = &e.body {
+                for f in files {
+                    self.entry(f.file).name.get_or_insert_with(|| f.name.clone());
+                    carried.push(f.file);
+                }
+            }
+        }
+        self.look_up(source, carried).await;
+    }
+
+    /// Records a pushed state; whether it is news (not the state last known: the
+    /// uploader's devices get each progress once as the uploader's and again as a
+    /// member's where it attached the file).
+    pub fn update(&mut self, file: FileId, state: &FileState) -> bool {
+        let known = self.entry(file);
+        let news = known.state.as_ref() != Some(state);
+        known.state = Some(state.clone());
+        news
+    }
+
+    /// The file's name, if this run learnt it.
+    pub fn name(&self, file: &FileId) -> Option<&str> {
+        self.0.get(file)?.name.as_deref()
+    }
+
+    /// The file's state, if this run learnt it.
+    pub fn state(&self, file: &FileId) -> Option<&FileState> {
+        self.0.get(file)?.state.as_ref()
+    }
+
+    fn entry(&mut self, file: FileId) -> &mut KnownFile {
+        if self.0.len() >= FILES_KNOWN && !self.0.contains_key(&file) {
+            self.0.clear();
+        }
+        self.0.entry(file).or_default()
     }
 }
 

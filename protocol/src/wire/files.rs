@@ -133,9 +133,10 @@ pub enum FileState {
         /// A PNG thumbnail at most 256 px on its long side, once made (images only).
         thumbnail: Option<FileRef>,
     },
-    /// The upload failed or expired; the file will never be readable.
+    /// The upload failed, or the file is gone; it will never be readable (again).
     Failed {
-        /// Why (`HASH_MISMATCH`, `TYPE_MISMATCH`, or `NOT_FOUND` once expired).
+        /// Why: `HASH_MISMATCH`, `TYPE_MISMATCH`, or `NOT_FOUND` for an upload cancelled
+        /// or expired and for a complete file its uploader withdrew (`WithdrawFile`).
         code: crate::ErrorCode,
     },
 }
