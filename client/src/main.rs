@@ -1323,16 +1323,33 @@ struct ReceiptLines {
 struct ReceiptLine {
     /// What it says: conversation, delivered up to, read up to.
     says: (ConvId, Seq, Option<Seq>),
-    /// Who says it, in order.
+    /// Who says it (at most `RECEIPT_LINE_USERS`, then only counted).
+    users: std::collections::HashSet<UserId>,
+    /// Users beyond `users`.
+    more: usize,
+    /// The names of the first `RECEIPT_LINE_NAMES` of them, in order.
     names: Vec<String>,
     /// When it is printed at the latest.
     due: tokio::time::Instant,
+}
+
+impl ReceiptLine {
+    /// `user`, called `name`, says it too.
+    fn add(&mut self, user: UserId, name: String) {
+        if self.users.len() >= RECEIPT_LINE_USERS {
+            self.more += 1;
+        } else if self.users.insert(user) && self.names.len() < RECEIPT_LINE_NAMES {
+            self.names.push(name);
+        }
+    }
 }
 
 /// How long a receipt line waits for more members saying the same, ms.
 const RECEIPT_LINE_MS: u64 = 300;
 /// Names a receipt line lists before "and N more".
 const RECEIPT_LINE_NAMES: usize = 10;
+/// Users a receipt line tells apart (the most a group has); beyond, each receipt counts.
+const RECEIPT_LINE_USERS: usize = switchboard_protocol::limits::MAX_GROUP_MEMBERS as usize;
 
 impl ReceiptLines {
     /// Adds `r` (from user `name`); returns the line it ends, if it starts another.
@@ -1345,14 +1362,14 @@ impl ReceiptLines {
         if let Some(line) = &mut self.pending
             && line.says == says
         {
-            if !line.names.contains(&name) {
-                line.names.push(name);
-            }
+            line.add(r.user, name);
             return None;
         }
         let ended = self.take();
         let due = now + std::time::Duration::from_millis(RECEIPT_LINE_MS);
-        self.pending = Some(ReceiptLine { says, names: vec![name], due });
+        let mut line = ReceiptLine { says, users: Default::default(), more: 0, names: Vec::new(), due };
+        line.add(r.user, name);
+        self.pending = Some(line);
         ended
     }
 
@@ -1364,10 +1381,11 @@ impl ReceiptLines {
     /// The waiting line, if any: `[7] bob, carol received up to #5`, `[7] bob read up to
     /// #5 (delivered #6)`.
     fn take(&mut self) -> Option<String> {
-        let ReceiptLine { says: (conv, delivered, read), names, .. } = self.pending.take()?;
-        let mut who = names.iter().take(RECEIPT_LINE_NAMES).cloned().collect::<Vec<_>>().join(", ");
-        if names.len() > RECEIPT_LINE_NAMES {
-            who.push_str(&format!(" and {} more", names.len() - RECEIPT_LINE_NAMES));
+        let ReceiptLine { says: (conv, delivered, read), users, more, names, .. } = self.pending.take()?;
+        let mut who = names.join(", ");
+        let unnamed = users.len() + more - names.len();
+        if unnamed > 0 {
+            who.push_str(&format!(" and {unnamed} more"));
         }
         Some(match read {
             Some(read) => format!("[{conv}] {who} read up to #{read} (delivered #{delivered})"),
@@ -1771,9 +1789,9 @@ mod tests {
         assert!(text.contains(&format!("id {}: gone (", hex(&[0; 16]))), "{text}");
         assert!(text.contains(&format!("id {}]", hex(&[1; 16]))), "{text}");
         assert!(text.contains(&format!("id {}: uploading, 10%]", hex(&[2; 16]))), "{text}");
-        // Asked again: only the one not answered.
+        // Not asked again, answered or not.
         book.look_up_entries(&source, &entries).await;
-        assert_eq!(source.files.get(), 4);
+        assert_eq!(source.files.get(), 3);
         // A pushed state is news once: the uploader's second audience is not.
         assert!(book.update([2; 16], &FileState::Uploading { offset: 50 }));
         assert!(!book.update([2; 16], &FileState::Uploading { offset: 50 }));
@@ -1801,9 +1819,10 @@ mod tests {
         assert_eq!(lines.due(), Some(now + std::time::Duration::from_millis(RECEIPT_LINE_MS)));
         assert_eq!(lines.add(&receipt(3, 5, Some(0)), "carol".into(), now), None, "read up to 0 is no read");
         assert_eq!(lines.add(&receipt(2, 5, None), "bob".into(), now), None, "named once");
+        assert_eq!(lines.add(&receipt(9, 5, None), "bob".into(), now), None, "another bob");
         // Something else ends the line.
         let ended = lines.add(&receipt(2, 5, Some(5)), "bob".into(), now);
-        assert_eq!(ended.as_deref(), Some("[7] bob, carol received up to #5"));
+        assert_eq!(ended.as_deref(), Some("[7] bob, carol, bob received up to #5"));
         assert_eq!(lines.take().as_deref(), Some("[7] bob read up to #5 (delivered #5)"));
         assert_eq!((lines.take(), lines.due()), (None, None));
         // Nothing received: no line.

@@ -535,6 +535,7 @@ async fn upload_then_download_round_trip() {
 
     let info = sb(&bob, &broker, &["file", "info", &id]);
     assert_eq!(info[0]["state"], "complete");
+    assert_eq!(info[0]["uploader_name"], "alice", "named, not only numbered");
     assert_eq!(info[0]["size"].as_u64(), Some(data.len() as u64));
     assert_eq!(info[0]["blake3"].as_str().unwrap().len(), 64);
 

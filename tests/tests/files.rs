@@ -1006,7 +1006,7 @@ async fn a_member_who_left_withdraws_its_file_from_the_group_and_gets_its_quota_
         let (mut bob_events, mut carol_events) = (bob.events().unwrap(), carol.events().unwrap());
         let mut alice_events = alice.events().unwrap();
         alice.withdraw_file(file).await.unwrap();
-        // The members are told it is gone (once each), and so are alice's devices.
+        // The members are told it is gone, and so are alice's devices.
         let gone = FileState::Failed { code: ErrorCode::NOT_FOUND };
         final_state(&mut bob_events, Some(group), file, &gone).await;
         final_state(&mut carol_events, Some(group), file, &gone).await;

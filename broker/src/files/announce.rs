@@ -5,7 +5,8 @@
 //! and delivers, in the order the announcements were made, so a file's progress never
 //! overtakes its final state. Progress beyond `QUEUED_PROGRESS` waiting is dropped (a
 //! later value, or the final state, says where the upload is); a final state always
-//! waits its turn (there is one per upload that ends, and one per thumbnail made).
+//! waits its turn (there is one per upload that ends, one per file withdrawn, and one
+//! per thumbnail made).
 //!
 //! Each announcement reads the members of the conversations carrying the file (the
 //! first `ATTACHMENT_SCAN`, by id) until `AUDIENCE_READ` members are read, so a file

@@ -91,7 +91,20 @@ pub struct Files {
     pub(crate) hashed_bytes: AtomicU64,
     /// Which completed images get a thumbnail made, and when.
     pub thumbnails: thumbnails::Thumbnails,
+    /// Files deleted messages let go of, for `collect_soon`'s one worker.
+    released: std::sync::Mutex<Released>,
 }
+
+/// `collect_soon`'s queue: files to look at, each once, and whether its worker runs.
+#[derive(Default)]
+struct Released {
+    waiting: std::collections::BTreeSet<FileId>,
+    worker: bool,
+}
+
+/// Files waiting for `collect_soon`'s worker at most; beyond, a file is left to the
+/// sweeper.
+const RELEASED_WAITING: usize = 4096;
 
 /// The broker-wide bounds of transfer streams (from `Config`).
 #[derive(Clone, Copy, Debug)]
@@ -203,6 +216,7 @@ impl Files {
             storage_full: crate::metrics::Tally::default(),
             hashed_bytes: AtomicU64::new(0),
             thumbnails: thumbnails::Thumbnails::default(),
+            released: std::sync::Mutex::new(Released::default()),
         })
     }
 
@@ -523,17 +537,46 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
     Ok(())
 }
 
-/// Deletes those of `files` that nothing holds or carries any more, on a blocking
-/// thread: `Effect::Released`, a deleted message's files (at most
-/// `MAX_FILES_PER_MESSAGE`), once the delete is durable, so the uploader's quota comes
-/// back at once rather than when the sweeper next runs. One that fails here (logged) is
-/// the sweeper's.
+/// Deletes those of `files` that nothing holds or carries any more: `Effect::Released`,
+/// a deleted message's files, once the delete is durable, so the uploader's quota comes
+/// back at once rather than when the sweeper next runs. One worker on a blocking thread
+/// looks at each waiting file once (a file released by many deletes at once, once);
+/// past `RELEASED_WAITING` waiting, and any that fails (logged), is the sweeper's.
 pub(crate) fn collect_soon(shared: &Arc<Shared>, files: Vec<FileId>) {
+    if shared.health.is_failed() {
+        return;
+    }
+    let start = {
+        let mut released = shared.files.released.lock().unwrap_or_else(|p| p.into_inner());
+        for id in files {
+            if released.waiting.len() < RELEASED_WAITING {
+                released.waiting.insert(id);
+            }
+        }
+        !std::mem::replace(&mut released.worker, true)
+    };
+    if !start {
+        return;
+    }
     let s = shared.clone();
     tokio::task::spawn_blocking(move || {
-        for id in &files {
-            if let Err(e) = collect(&s, id) {
-                tracing::warn!(file = blobs::hex(id), error = %e, "deleting a released file failed");
+        loop {
+            let next = {
+                let mut released = s.files.released.lock().unwrap_or_else(|p| p.into_inner());
+                match released.waiting.pop_first() {
+                    Some(id) if !s.health.is_failed() => id,
+                    _ => {
+                        released.waiting.clear();
+                        released.worker = false;
+                        return;
+                    }
+                }
+            };
+            // A panic loses that file to the sweeper, not the worker.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| collect(&s, &next))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(file = blobs::hex(&next), error = %e, "deleting a released file failed"),
+                Err(_) => tracing::error!(file = blobs::hex(&next), "deleting a released file panicked"),
             }
         }
     });

@@ -329,11 +329,15 @@ pub async fn withdraw_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Res
         }
         None => return Err(no_such_file()),
     };
-    super::announce::announce_gone(&shared, &id, user, record.size, convs);
     let s = shared.clone();
     tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
     // Its removal durable before the answer (`collect` does not wait when no bytes go).
     shared.store.barrier().map_err(internal)?.await.map_err(internal)?;
+    // Told only once it is gone, so once per file: one that stays (a send of it racing
+    // this one still carries it) is not gone, and may be withdrawn again.
+    if shared.store.file(&id).map_err(internal)?.is_none() {
+        super::announce::announce_gone(&shared, &id, user, record.size, convs);
+    }
     Ok(Reply::Done)
 }
 

@@ -750,6 +750,14 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
     match command {
         FileCommand::Info { file } => {
             let info = client.file_info(parse_file_id(&file)?).await?;
+            // Someone else's: a member of a conversation that carries it, so one of my
+            // contacts, named by presence (unless it has left since).
+            let uploader = if info.uploader == client.user_id {
+                Some("you".to_string())
+            } else {
+                let contacts = client.presence(&[info.uploader]).await.unwrap_or_default();
+                contacts.into_iter().find(|p| p.user == info.uploader).map(|p| p.name)
+            };
             let thumbnail = match &info.state {
                 FileState::Complete { thumbnail } => thumbnail.as_ref(),
                 _ => None,
@@ -757,7 +765,9 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
             let f = &info.file;
             out.line(
                 json!({"file": hex(&f.file), "name": f.name, "size": f.size, "content_type": f.content_type,
-                    "blake3": hex(&info.blake3), "uploader": info.uploader, "created_ms": info.created_ms,
+                    "blake3": hex(&info.blake3), "uploader": info.uploader,
+                    "uploader_name": uploader.as_deref().filter(|_| info.uploader != client.user_id),
+                    "created_ms": info.created_ms,
                     "state": state_name(&info.state), "offset": state_offset(&info.state, f.size),
                     "thumbnail": thumbnail.map(|t| hex(&t.file)), "error": state_error(&info.state)}),
                 || {
@@ -768,10 +778,9 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                         f.name,
                         f.size,
                         f.content_type,
-                        if info.uploader == client.user_id {
-                            "uploaded by you".to_string()
-                        } else {
-                            format!("uploaded by user#{}", info.uploader)
+                        match &uploader {
+                            Some(name) => format!("uploaded by {name}"),
+                            None => format!("uploaded by user#{}", info.uploader),
                         },
                         hex(&info.blake3)
                     )
@@ -907,7 +916,8 @@ pub fn carried_state(state: &FileState, size: u64) -> Option<String> {
 }
 
 /// The files entries carry and events name, as this run learnt them: name and state
-/// from `FileInfo` (asked once per file, `LOOKUPS_AT_ONCE` at a time), then the states
+/// from `FileInfo` (asked once per file, `LOOKUPS_AT_ONCE` at a time, an answer waited
+/// for `LOOKUP_TIMEOUT`), then the states
 /// `Event::File` pushes. A file `FileInfo` does not find is shown gone: the state the
 /// broker pushes for it (`Failed` with `NOT_FOUND`: its upload cancelled or expired, or
 /// withdrawn by its uploader); a reader who was offline then learns it here. At most
@@ -927,6 +937,9 @@ struct KnownFile {
 const FILES_KNOWN: usize = 4096;
 /// `FileInfo` requests a `FileBook` has in flight at once.
 const LOOKUPS_AT_ONCE: usize = 16;
+/// How long a `FileBook` waits for one `FileInfo` answer (`sb tail` prints nothing
+/// meanwhile).
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl FileBook {
     /// Asks `FileInfo` about each of `files` not asked yet, and fills in its name and
@@ -937,19 +950,19 @@ impl FileBook {
         wanted.sort_unstable();
         wanted.dedup();
         let answers: Vec<_> = futures_util::stream::iter(wanted)
-            .map(|file| async move { (file, source.file_info(file).await) })
+            .map(|file| async move { (file, tokio::time::timeout(LOOKUP_TIMEOUT, source.file_info(file)).await) })
             .buffered(LOOKUPS_AT_ONCE)
             .collect()
             .await;
         for (file, answer) in answers {
+            let known = self.entry(file);
+            // Asked once, answered or not (`sb tail` does not stall on it again).
+            known.asked = true;
             let (name, state) = match answer {
-                Some(Ok(info)) => (Some(info.file.name), info.state),
-                Some(Err(ErrorCode::NOT_FOUND)) => (None, FileState::Failed { code: ErrorCode::NOT_FOUND }),
-                // Not answered: asked again next time.
+                Ok(Some(Ok(info))) => (Some(info.file.name), info.state),
+                Ok(Some(Err(ErrorCode::NOT_FOUND))) => (None, FileState::Failed { code: ErrorCode::NOT_FOUND }),
                 _ => continue,
             };
-            let known = self.entry(file);
-            known.asked = true;
             known.name = known.name.take().or(name);
             known.state = known.state.take().or(Some(state));
         }
