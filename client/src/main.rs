@@ -800,7 +800,12 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             let read = r.read_up_to.unwrap_or(seq);
             out.line(
                 json!({"conv": r.conv, "user": r.user, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
-                || format!("conv {} read up to {read}", r.conv),
+                || match read.cmp(&seq) {
+                    // A read mark never goes back, nor past the newest message.
+                    std::cmp::Ordering::Greater => format!("conv {} read up to {read} already", r.conv),
+                    std::cmp::Ordering::Less => format!("conv {} read up to {read} (its newest message)", r.conv),
+                    std::cmp::Ordering::Equal => format!("conv {} read up to {read}", r.conv),
+                },
             );
         }
         Command::Presence { users } => {
@@ -1086,6 +1091,8 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
     let mut names = Names::default();
     let mut files = FileBook::default();
     let mut receipts = ReceiptLines::default();
+    // The last presence printed per contact (at most `PRESENCE_SAID`, then forgotten).
+    let mut presence_said: HashMap<UserId, (PresenceState, u64)> = HashMap::new();
     let stop = interrupted();
     tokio::pin!(stop);
     loop {
@@ -1112,7 +1119,17 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                 let name = names.of(&session, r.conv, r.user).await;
                 out.receipt(&r, name, &mut receipts);
             }
-            Some(SessionEvent::Presence(p)) => out.presence(&p, now_ms()),
+            Some(SessionEvent::Presence(p)) => {
+                // Each change once: the snapshot taken at each connect repeats what a
+                // live event may have said already.
+                let said = (p.state, if p.state == PresenceState::Online { 0 } else { p.last_seen_ms });
+                if presence_said.len() >= PRESENCE_SAID {
+                    presence_said.clear();
+                }
+                if out.json || presence_said.insert(p.user, said) != Some(said) {
+                    out.presence(&p, now_ms());
+                }
+            }
             Some(SessionEvent::Typing { conv, user, typing }) => {
                 let name = names.of(&session, conv, user).await;
                 out.typing(conv, user, &name, typing);
@@ -1125,16 +1142,23 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                 // Its name, asked once if no entry gave it (an upload of mine elsewhere).
                 files.look_up(&session, [p.file]).await;
                 let name = files.name(&p.file);
-                out.status(
+                let thumbnail = match &p.state {
+                    switchboard_protocol::FileState::Complete { thumbnail: Some(t) } => Some(hex(&t.file)),
+                    _ => None,
+                };
+                // What happened to a file in a conversation (or to an upload of mine):
+                // with the messages, on stdout.
+                out.line(
                     json!({"event": "file", "conv": p.conv, "file": hex(&p.file), "name": name, "size": p.size,
                         "state": files::state_name(&p.state), "offset": files::state_offset(&p.state, p.size),
-                        "error": files::state_error(&p.state)}),
+                        "thumbnail": thumbnail, "error": files::state_error(&p.state)}),
                     || {
                         let what = match name {
                             Some(name) => format!("{name} (id {}, {} bytes)", hex(&p.file), p.size),
                             None => format!("{} ({} bytes)", hex(&p.file), p.size),
                         };
-                        format!("file {what}: {}", files::describe_state(&p.state, p.size))
+                        let place = p.conv.map_or_else(|| "[my upload]".to_string(), |c| format!("[{c}]"));
+                        format!("{place} file {what}: {}", files::describe_state(&p.state, p.size))
                     },
                 )
             }
@@ -1343,6 +1367,10 @@ impl ReceiptLine {
         }
     }
 }
+
+/// Contacts whose last printed presence `sb tail` keeps (a snapshot answers at most
+/// `PRESENCE_MAX`).
+const PRESENCE_SAID: usize = 4096;
 
 /// How long a receipt line waits for more members saying the same, ms.
 const RECEIPT_LINE_MS: u64 = 300;

@@ -434,23 +434,34 @@ async fn tail_shows_typing_presence_and_reads() {
             }
         }
     });
-    let wait_for = |what: &str| {
+    let wait_until = |what: &str, matches: &dyn Fn(&str) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line == what => return,
+                Ok(line) if matches(&line) => return,
                 Ok(_) => {}
                 Err(_) => panic!("no line {what:?}"),
             }
         }
     };
+    let wait_for = |what: &str| wait_until(what, &|line| line == what);
     wait_for(&format!("[{id} #{seq}] alice: hi"));
     sb(&alice, &broker, &["typing", &conv, "--seconds", "1"]);
     wait_for(&format!("alice is typing in {id}"));
     wait_for(&format!("alice stopped typing in {id}"));
     sb(&alice, &broker, &["read", &conv, &seq.to_string()]);
     wait_for(&format!("[{id}] alice read up to #{seq} (delivered #{seq})"));
+    // A file withdrawn from a message: said on stdout, by name, with its conversation.
+    let path = dir.path().join("small.bin");
+    std::fs::write(&path, b"hello").unwrap();
+    let up = sb(&alice, &broker, &["upload", path.to_str().unwrap(), "--conv", &conv]);
+    let file = event(&up, "uploaded")["file"].as_str().unwrap().to_owned();
+    let entry = format!("id {file}]");
+    wait_until(&entry, &|line| line.contains("alice: [small.bin 5 bytes") && line.ends_with(&entry));
+    sb(&alice, &broker, &["file", "withdraw", &file]);
+    let gone = format!("[{id}] file small.bin (id {file}, 5 bytes): gone (");
+    wait_until(&gone, &|line| line.starts_with(&gone));
     // Bob is online while his tail runs.
     let presence = sb(&alice, &broker, &["presence", "bob", "nobody"]);
     assert_eq!(presence[0]["name"], "bob");
@@ -556,13 +567,29 @@ async fn upload_then_download_round_trip() {
     // Its uploader is named as "you" to the uploader.
     let said = String::from_utf8_lossy(&sb_output(&alice, &broker, &["file", "info", &id]).stdout).into_owned();
     assert!(said.contains("uploaded by you"), "{said}");
+    // bob may read it but not withdraw it: said so (the broker answers NOT_FOUND).
+    let refused = sb_output(&bob, &broker, &["file", "withdraw", &id]);
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && said.contains(&format!("{id} is alice's file")), "{said}");
+    // OUT/ names a directory: one that is not there is said before anything is fetched
+    // (before, all the bytes came, then could not be renamed into it).
+    let missing_dir = format!("{}/", dir.path().join("nope").display());
+    let refused = sb_output(&bob, &broker, &["download", &id, &missing_dir]);
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && said.contains("is not a directory: nothing downloaded"), "{said}");
+    let leftovers = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".sb-part"));
+    assert_eq!(leftovers.count(), 0);
     // Withdrawn: the message still names it, and history says it is gone (before, it
     // listed the file as if it could be downloaded).
     assert_eq!(sb(&alice, &broker, &["file", "withdraw", &id])[0]["event"], "withdrawn");
+    let info = sb_output(&bob, &broker, &["file", "info", &id]);
+    assert!(String::from_utf8_lossy(&info.stderr).contains("cannot be read"), "{info:?}");
     let history = sb(&bob, &broker, &["history", &conv]);
     let message = history.iter().find(|e| e["kind"] == "files").expect("a files message");
     let listed = &message["body"]["Files"]["files"][0];
-    assert_eq!((listed["state"].as_str(), listed["error"].as_str()), (Some("failed"), Some("NOT_FOUND")), "{message}");
+    assert_eq!((listed["state"].as_str(), listed["error"].as_str()), (Some("gone"), Some("NOT_FOUND")), "{message}");
     let human = String::from_utf8_lossy(&sb_output(&bob, &broker, &["history", &conv]).stdout).into_owned();
     assert!(human.contains(&format!("id {id}: gone (")), "{human}");
 }

@@ -1059,8 +1059,11 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
         assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)));
         let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
         assert_eq!(got, data);
-        // The message goes: nothing holds the file any more, and it is deleted.
+        // The message goes: nothing holds the file any more, and it is deleted; the
+        // members are told.
+        let mut bob_events = bob.events().unwrap();
         alice.delete(conv, seq).await.unwrap();
+        final_state(&mut bob_events, Some(conv), file, &FileState::Failed { code: ErrorCode::NOT_FOUND }).await;
         within(STEP_DEADLINE, "the file being deleted", async {
             while file_info(&alice, file).await.is_ok() {
                 tokio::time::sleep(Duration::from_millis(50)).await;

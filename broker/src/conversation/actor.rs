@@ -267,7 +267,7 @@ impl Conversation {
                     }
                     Err(e) => tracing::error!(error = %e, "an event did not encode"),
                 },
-                Effect::Released(files) => crate::files::collect_soon(&self.shared, files),
+                Effect::Released(files) => crate::files::collect_soon(&self.shared, state.state.id(), files),
                 Effect::Fatal => {
                     self.shared.health.fail("a conversation write did not become durable");
                     myself.stop(Some("storage failure".into()));

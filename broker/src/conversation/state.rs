@@ -218,9 +218,10 @@ pub enum Effect<R> {
         /// Users to reach.
         audience: Arc<[UserId]>,
     },
-    /// A delete that took these files out of the message carrying them is durable:
-    /// any of them that nothing holds or carries now may go at once (the sweeper would
-    /// find it within a minute), giving its uploader's quota back.
+    /// A delete that took these files out of the message of this conversation carrying
+    /// them is durable: any of them that nothing holds or carries now may go at once (the
+    /// sweeper would find it within a minute), giving its uploader's quota back, and its
+    /// audience be told it is gone.
     Released(Vec<FileId>),
     /// Durability is lost: this process must acknowledge and serve nothing more.
     Fatal,

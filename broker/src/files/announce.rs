@@ -5,8 +5,8 @@
 //! and delivers, in the order the announcements were made, so a file's progress never
 //! overtakes its final state. Progress beyond `QUEUED_PROGRESS` waiting is dropped (a
 //! later value, or the final state, says where the upload is); a final state always
-//! waits its turn (there is one per upload that ends, one per file withdrawn, and one
-//! per thumbnail made).
+//! waits its turn (there is one per upload that ends, one per file that goes by a
+//! withdrawal or with the last message carrying it, and one per thumbnail made).
 //!
 //! Each announcement reads the members of the conversations carrying the file (the
 //! first `ATTACHMENT_SCAN`, by id) until `AUDIENCE_READ` members are read, so a file
@@ -43,9 +43,9 @@ pub(crate) fn announce(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size
 
 /// Announces that file `id` (of `size` bytes, uploaded by `uploader`) is gone
 /// (`Failed` with `NOT_FOUND`) to the uploader's devices and the members of `convs`, the
-/// conversations whose messages carried it before they let go of it (read by the caller:
-/// the store no longer has them), so every reader's view of those messages can mark the
-/// file gone. Returns at once.
+/// conversations whose messages carried it before they let go of it (known to the
+/// caller: the store no longer has them), so every reader's view of those messages can
+/// mark the file gone. Returns at once.
 pub(crate) fn announce_gone(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64, convs: Vec<ConvId>) {
     let state = FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
     queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: Some(convs) });

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::limits::MAX_TRANSFER_FRAME_BYTES;
-use switchboard_protocol::{FileId, FileState, UserId};
+use switchboard_protocol::{ConvId, FileId, FileState, UserId};
 use switchboard_storage::{FileRecord, FileStage, charged_bytes};
 
 pub use actor::UploadMsg;
@@ -95,10 +95,11 @@ pub struct Files {
     released: std::sync::Mutex<Released>,
 }
 
-/// `collect_soon`'s queue: files to look at, each once, and whether its worker runs.
+/// `collect_soon`'s queue: files to look at, each once (with the conversation whose
+/// message let go of it last), and whether its worker runs.
 #[derive(Default)]
 struct Released {
-    waiting: std::collections::BTreeSet<FileId>,
+    waiting: std::collections::BTreeMap<FileId, ConvId>,
     worker: bool,
 }
 
@@ -538,11 +539,13 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
 }
 
 /// Deletes those of `files` that nothing holds or carries any more: `Effect::Released`,
-/// a deleted message's files, once the delete is durable, so the uploader's quota comes
-/// back at once rather than when the sweeper next runs. One worker on a blocking thread
-/// looks at each waiting file once (a file released by many deletes at once, once);
-/// past `RELEASED_WAITING` waiting, and any that fails (logged), is the sweeper's.
-pub(crate) fn collect_soon(shared: &Arc<Shared>, files: Vec<FileId>) {
+/// the files of a message of `conv` deleted, once the delete is durable, so the
+/// uploader's quota comes back at once rather than when the sweeper next runs, and the
+/// members of `conv` and the uploader's devices are told it is gone (`Event::File`,
+/// `Failed` with `NOT_FOUND`). One worker on a blocking thread looks at each waiting
+/// file once (a file released by many deletes at once, once); past `RELEASED_WAITING`
+/// waiting, and any that fails (logged), is the sweeper's (which tells nobody).
+pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, files: Vec<FileId>) {
     if shared.health.is_failed() {
         return;
     }
@@ -550,7 +553,7 @@ pub(crate) fn collect_soon(shared: &Arc<Shared>, files: Vec<FileId>) {
         let mut released = shared.files.released.lock().unwrap_or_else(|p| p.into_inner());
         for id in files {
             if released.waiting.len() < RELEASED_WAITING {
-                released.waiting.insert(id);
+                released.waiting.insert(id, conv);
             }
         }
         !std::mem::replace(&mut released.worker, true)
@@ -561,10 +564,10 @@ pub(crate) fn collect_soon(shared: &Arc<Shared>, files: Vec<FileId>) {
     let s = shared.clone();
     tokio::task::spawn_blocking(move || {
         loop {
-            let next = {
+            let (next, conv) = {
                 let mut released = s.files.released.lock().unwrap_or_else(|p| p.into_inner());
                 match released.waiting.pop_first() {
-                    Some(id) if !s.health.is_failed() => id,
+                    Some(next) if !s.health.is_failed() => next,
                     _ => {
                         released.waiting.clear();
                         released.worker = false;
@@ -573,8 +576,15 @@ pub(crate) fn collect_soon(shared: &Arc<Shared>, files: Vec<FileId>) {
                 }
             };
             // A panic loses that file to the sweeper, not the worker.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| collect(&s, &next))) {
-                Ok(Ok(())) => {}
+            let gone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let record = s.store.file(&next).map_err(|e| e.to_string())?;
+                collect(&s, &next)?;
+                let gone = s.store.file(&next).map_err(|e| e.to_string())?.is_none();
+                Ok::<_, String>(record.filter(|_| gone))
+            }));
+            match gone {
+                Ok(Ok(Some(record))) => announce::announce_gone(&s, &next, record.uploader, record.size, vec![conv]),
+                Ok(Ok(None)) => {}
                 Ok(Err(e)) => tracing::warn!(file = blobs::hex(&next), error = %e, "deleting a released file failed"),
                 Err(_) => tracing::error!(file = blobs::hex(&next), "deleting a released file panicked"),
             }

@@ -445,6 +445,11 @@ pub async fn download(
     length: u64,
 ) -> anyhow::Result<()> {
     let file = parse_file_id(id)?;
+    // `OUT/` names a directory: one that is not there is said now, not after the
+    // bytes came (they could not be renamed into it).
+    if path.as_os_str().to_string_lossy().ends_with(['/', std::path::MAIN_SEPARATOR]) && !path.is_dir() {
+        bail!("{} is not a directory: nothing downloaded", path.display());
+    }
     // Said before anything is asked (the partial file beside OUT is not the user's name).
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     match std::fs::metadata(dir) {
@@ -461,11 +466,12 @@ pub async fn download(
         Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => {
             // Gone, or no longer mine to read: what an earlier run kept is worthless.
             let dropped = drop_partials(path, &file);
-            let kept = if dropped > 0 { "; the bytes an earlier run downloaded are deleted" } else { "" };
-            return Err(anyhow::Error::new(e).context(format!(
-                "{id} cannot be read: no such file, or it is gone (cancelled, expired or withdrawn by its uploader), \
-                 or you are in no conversation that carries it{kept}"
-            )));
+            let said = cannot_read(id, e);
+            return Err(if dropped > 0 {
+                said.context("the bytes an earlier run downloaded are deleted")
+            } else {
+                said
+            });
         }
         Err(e) => return Err(e.into()),
     };
@@ -749,7 +755,7 @@ async fn open_partial(
 pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> anyhow::Result<()> {
     match command {
         FileCommand::Info { file } => {
-            let info = client.file_info(parse_file_id(&file)?).await?;
+            let info = client.file_info(parse_file_id(&file)?).await.map_err(|e| cannot_read(&file, e))?;
             // Someone else's: a member of a conversation that carries it, so one of my
             // contacts, named by presence (unless it has left since).
             let uploader = if info.uploader == client.user_id {
@@ -813,7 +819,9 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
             // Not held by me (a copy I forwarded, or dropped already): the broker answers
             // `Done` and nothing changes; say so rather than "deleted".
             let unheld = client.list_files().await?.iter().any(|f| f.file.file == id && !f.held);
-            client.delete_file(id).await?;
+            if let Err(e) = client.delete_file(id).await {
+                return Err(not_mine(client, &file, e).await);
+            }
             if unheld {
                 out.line(json!({"event": "not_held", "file": file}), || {
                     format!(
@@ -834,7 +842,9 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
             }
         }
         FileCommand::Withdraw { file } => {
-            client.withdraw_file(parse_file_id(&file)?).await?;
+            if let Err(e) = client.withdraw_file(parse_file_id(&file)?).await {
+                return Err(not_mine(client, &file, e).await);
+            }
             out.line(json!({"event": "withdrawn", "file": file}), || {
                 format!("withdrew {file}: gone from every message that carried it")
             });
@@ -862,11 +872,47 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
     Ok(())
 }
 
-/// A file's state for output: `uploading`, `complete` or `failed`.
+/// A `NOT_FOUND` for file `id` (as given), with what it may mean: the broker answers a
+/// file nobody may read and one that does not exist alike.
+fn cannot_read(id: &str, e: ClientError) -> anyhow::Error {
+    if e.code() != Some(ErrorCode::NOT_FOUND) {
+        return e.into();
+    }
+    anyhow::Error::new(e).context(format!(
+        "{id} cannot be read: no such file, or it is gone (cancelled, expired or withdrawn by its uploader), \
+         or you are in no conversation that carries it"
+    ))
+}
+
+/// A refused `DeleteFile` or `WithdrawFile` of file `id` (as given): for a file the
+/// caller may read but did not upload, says whose it is (the broker answers
+/// `NOT_FOUND`, as for a file that does not exist).
+async fn not_mine(client: &Client, id: &str, e: ClientError) -> anyhow::Error {
+    if e.code() == Some(ErrorCode::NOT_FOUND)
+        && let Ok(file) = parse_file_id(id)
+        && let Ok(info) = client.file_info(file).await
+        && info.uploader != client.user_id
+    {
+        let named = client.presence(&[info.uploader]).await.ok().and_then(|p| p.into_iter().next()).map(|p| p.name);
+        let whose = named.unwrap_or_else(|| format!("user#{}", info.uploader));
+        return anyhow::Error::new(e).context(format!(
+            "{id} is {whose}'s file: only its uploader may delete or withdraw it (a message of yours that carries \
+             it goes with `sb delete CONV SEQ`)"
+        ));
+    }
+    if e.code() == Some(ErrorCode::NOT_FOUND) {
+        return cannot_read(id, e);
+    }
+    e.into()
+}
+
+/// A file's state for output: `uploading`, `complete`, `gone` (`Failed` with
+/// `NOT_FOUND`: cancelled, expired or withdrawn) or `failed`.
 pub fn state_name(state: &FileState) -> &'static str {
     match state {
         FileState::Uploading { .. } => "uploading",
         FileState::Complete { .. } => "complete",
+        FileState::Failed { code: ErrorCode::NOT_FOUND } => "gone",
         FileState::Failed { .. } => "failed",
     }
 }
