@@ -1122,7 +1122,8 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
             Some(SessionEvent::Presence(p)) => {
                 // Each change once: the snapshot taken at each connect repeats what a
                 // live event may have said already.
-                let said = (p.state, if p.state == PresenceState::Online { 0 } else { p.last_seen_ms });
+                // Away carries the time of the report; only Offline's last seen is news.
+                let said = (p.state, if p.state == PresenceState::Offline { p.last_seen_ms } else { 0 });
                 if presence_said.len() >= PRESENCE_SAID {
                     presence_said.clear();
                 }

@@ -573,10 +573,12 @@ async fn upload_then_download_round_trip() {
     assert!(!refused.status.success() && said.contains(&format!("{id} is alice's file")), "{said}");
     // OUT/ names a directory: one that is not there is said before anything is fetched
     // (before, all the bytes came, then could not be renamed into it).
-    let missing_dir = format!("{}/", dir.path().join("nope").display());
-    let refused = sb_output(&bob, &broker, &["download", &id, &missing_dir]);
-    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
-    assert!(!refused.status.success() && said.contains("is not a directory: nothing downloaded"), "{said}");
+    for missing_dir in ["nope/", "nope/.", "nope/.."] {
+        let missing_dir = format!("{}/{missing_dir}", dir.path().display());
+        let refused = sb_output(&bob, &broker, &["download", &id, &missing_dir]);
+        let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+        assert!(!refused.status.success() && said.contains("is not a directory: nothing downloaded"), "{said}");
+    }
     let leftovers = std::fs::read_dir(dir.path())
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".sb-part"));

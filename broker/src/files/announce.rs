@@ -4,9 +4,12 @@
 //! keys), which must not run on the runtime threads: one `sb-announce` thread reads it
 //! and delivers, in the order the announcements were made, so a file's progress never
 //! overtakes its final state. Progress beyond `QUEUED_PROGRESS` waiting is dropped (a
-//! later value, or the final state, says where the upload is); a final state always
-//! waits its turn (there is one per upload that ends, one per file that goes by a
-//! withdrawal or with the last message carrying it, and one per thumbnail made).
+//! later value, or the final state, says where the upload is); a final state of an
+//! upload always waits its turn (there is one per upload that ends, and one per
+//! thumbnail made). That a complete file is gone (withdrawn, or with the last message
+//! carrying it) is dropped beyond `QUEUED_GONE` waiting: a forward's copy costs its
+//! sender no upload, so forwarding and deleting could queue them faster than an upload
+//! ends; a reader learns it from `FileInfo` all the same.
 //!
 //! Each announcement reads the members of the conversations carrying the file (the
 //! first `ATTACHMENT_SCAN`, by id) until `AUDIENCE_READ` members are read, so a file
@@ -29,6 +32,8 @@ use crate::Shared;
 
 /// Progress announcements waiting for the thread at once, over all uploads.
 const QUEUED_PROGRESS: usize = 1024;
+/// Announcements that a complete file is gone waiting for the thread at once.
+const QUEUED_GONE: usize = 1024;
 /// Conversation members one announcement reads before it stops looking at further
 /// conversations (the conversation that passes it is read whole, so at most
 /// `MAX_GROUP_MEMBERS` more): a file attached in many large groups costs bounded work
@@ -38,17 +43,17 @@ const AUDIENCE_READ: usize = 4096;
 /// Announces `state` of file `id` (of `size` bytes, uploaded by `uploader`) to its
 /// audience, on the announcing thread. Returns at once.
 pub(crate) fn announce(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64, state: FileState) {
-    queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: None });
+    queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: None, gone: false });
 }
 
 /// Announces that file `id` (of `size` bytes, uploaded by `uploader`) is gone
 /// (`Failed` with `NOT_FOUND`) to the uploader's devices and the members of `convs`, the
 /// conversations whose messages carried it before they let go of it (known to the
 /// caller: the store no longer has them), so every reader's view of those messages can
-/// mark the file gone. Returns at once.
+/// mark the file gone. Returns at once; dropped past `QUEUED_GONE` waiting.
 pub(crate) fn announce_gone(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64, convs: Vec<ConvId>) {
     let state = FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
-    queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: Some(convs) });
+    queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: Some(convs), gone: true });
 }
 
 fn queue(job: Job) {
@@ -63,6 +68,12 @@ fn queue(job: Job) {
         }
         queue.progress += 1;
     }
+    if job.gone {
+        if queue.gone >= QUEUED_GONE {
+            return;
+        }
+        queue.gone += 1;
+    }
     queue.jobs.push_back(job);
     drop(queue);
     announcer.ready.notify_one();
@@ -76,6 +87,8 @@ struct Job {
     state: FileState,
     /// The conversations to tell, when the store's attachments no longer name them.
     convs: Option<Vec<ConvId>>,
+    /// Tells that a complete file is gone (counted in `Queue::gone`).
+    gone: bool,
 }
 
 impl Job {
@@ -89,6 +102,8 @@ struct Queue {
     jobs: VecDeque<Job>,
     /// Progress jobs among `jobs`.
     progress: usize,
+    /// Jobs telling that a file is gone among `jobs`.
+    gone: usize,
 }
 
 struct Announcer {
@@ -126,6 +141,9 @@ fn run() {
         };
         if job.is_progress() {
             queue.progress -= 1;
+        }
+        if job.gone {
+            queue.gone -= 1;
         }
         drop(queue);
         // A panicking delivery loses that event only, not the thread.

@@ -95,13 +95,17 @@ pub struct Files {
     released: std::sync::Mutex<Released>,
 }
 
-/// `collect_soon`'s queue: files to look at, each once (with the conversation whose
-/// message let go of it last), and whether its worker runs.
+/// `collect_soon`'s queue: files to look at, each once, with the conversations whose
+/// deletes let go of them (at most `RELEASED_CONVS` each), and whether its worker runs.
 #[derive(Default)]
 struct Released {
-    waiting: std::collections::BTreeMap<FileId, ConvId>,
+    waiting: std::collections::BTreeMap<FileId, Vec<ConvId>>,
     worker: bool,
 }
+
+/// Conversations told that one released file is gone, at most (its messages' deletes
+/// released it at once in more: the rest learn it from `FileInfo`).
+const RELEASED_CONVS: usize = 16;
 
 /// Files waiting for `collect_soon`'s worker at most; beyond, a file is left to the
 /// sweeper.
@@ -516,15 +520,17 @@ fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_stor
 }
 
 /// Deletes the complete file `id` if nothing holds it any more, and the blobs its
-/// deletion leaves unreferenced (once that is durable). Blocking.
-pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
+/// deletion leaves unreferenced (once that is durable). Whether this call deleted it
+/// (its removal is durable only once a later commit is, when no blob went). Blocking.
+pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<bool, String> {
     // As for an upload removed: counted from the moment its quota is given back until
     // its blob, if it goes, is in the trash.
     let owe = |user, bytes| shared.files.blobs.owe(user, bytes);
     let (collected, _owing) = shared.store.collect_file_with(id, crate::now_ms(), owe).map_err(|e| e.to_string())?;
+    let deleted = collected.owner.is_some();
     if collected.unreferenced.is_empty() {
         drop(collected.durable);
-        return Ok(());
+        return Ok(deleted);
     }
     // The references are gone on disk before the bytes are: a crash in between leaves
     // only unreferenced blobs, deleted at the next start.
@@ -535,7 +541,7 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<(), String> {
         let owner = collected.owner.filter(|(_, blob)| *blob == hash).map(|(user, _)| user);
         shared.files.blobs.remove_unreferenced(&shared.store, &hash, owner)?;
     }
-    Ok(())
+    Ok(deleted)
 }
 
 /// Deletes those of `files` that nothing holds or carries any more: `Effect::Released`,
@@ -552,8 +558,12 @@ pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, files: Vec<FileId
     let start = {
         let mut released = shared.files.released.lock().unwrap_or_else(|p| p.into_inner());
         for id in files {
-            if released.waiting.len() < RELEASED_WAITING {
-                released.waiting.insert(id, conv);
+            if let Some(convs) = released.waiting.get_mut(&id) {
+                if convs.len() < RELEASED_CONVS && !convs.contains(&conv) {
+                    convs.push(conv);
+                }
+            } else if released.waiting.len() < RELEASED_WAITING {
+                released.waiting.insert(id, vec![conv]);
             }
         }
         !std::mem::replace(&mut released.worker, true)
@@ -561,29 +571,51 @@ pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, files: Vec<FileId
     if !start {
         return;
     }
+    /// Lets the next `collect_soon` start a worker should this one panic (what waits
+    /// is left to the sweeper).
+    struct Running(Arc<Shared>, bool);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if !self.1 {
+                let mut released = self.0.files.released.lock().unwrap_or_else(|p| p.into_inner());
+                released.waiting.clear();
+                released.worker = false;
+            }
+        }
+    }
+    let running = Running(shared.clone(), false);
     let s = shared.clone();
     tokio::task::spawn_blocking(move || {
+        // The whole guard, not only the field set below, goes with the worker.
+        let mut running = running;
         loop {
-            let (next, conv) = {
+            let (next, convs) = {
                 let mut released = s.files.released.lock().unwrap_or_else(|p| p.into_inner());
                 match released.waiting.pop_first() {
                     Some(next) if !s.health.is_failed() => next,
                     _ => {
+                        // Under the lock that queues: a file queued after this starts
+                        // a new worker.
                         released.waiting.clear();
                         released.worker = false;
+                        running.1 = true;
                         return;
                     }
                 }
             };
             // A panic loses that file to the sweeper, not the worker.
             let gone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let record = s.store.file(&next).map_err(|e| e.to_string())?;
-                collect(&s, &next)?;
-                let gone = s.store.file(&next).map_err(|e| e.to_string())?.is_none();
-                Ok::<_, String>(record.filter(|_| gone))
+                let Some(record) = s.store.file(&next).map_err(|e| e.to_string())? else { return Ok(None) };
+                if !collect(&s, &next)? {
+                    return Ok(None);
+                }
+                // Told once its removal is durable (`collect` waits only when bytes go).
+                let barrier = s.store.barrier().map_err(|e| e.to_string())?;
+                tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())?;
+                Ok::<_, String>(Some(record))
             }));
             match gone {
-                Ok(Ok(Some(record))) => announce::announce_gone(&s, &next, record.uploader, record.size, vec![conv]),
+                Ok(Ok(Some(record))) => announce::announce_gone(&s, &next, record.uploader, record.size, convs),
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => tracing::warn!(file = blobs::hex(&next), error = %e, "deleting a released file failed"),
                 Err(_) => tracing::error!(file = blobs::hex(&next), "deleting a released file panicked"),

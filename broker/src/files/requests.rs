@@ -330,12 +330,13 @@ pub async fn withdraw_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Res
         None => return Err(no_such_file()),
     };
     let s = shared.clone();
-    tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
+    let deleted =
+        tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
     // Its removal durable before the answer (`collect` does not wait when no bytes go).
     shared.store.barrier().map_err(internal)?.await.map_err(internal)?;
-    // Told only once it is gone, so once per file: one that stays (a send of it racing
-    // this one still carries it) is not gone, and may be withdrawn again.
-    if shared.store.file(&id).map_err(internal)?.is_none() {
+    // Told only by whoever deleted it, so once per file: one that stays (a send of it
+    // racing this one still carries it) is not gone, and may be withdrawn again.
+    if deleted {
         super::announce::announce_gone(&shared, &id, user, record.size, convs);
     }
     Ok(Reply::Done)
@@ -471,7 +472,7 @@ impl Drop for Unhanded<'_> {
 pub fn settle_sent(shared: &Shared, counted: &[FileId], written_or_refused: bool) {
     for file in counted {
         let settled = shared.store.settle_send(file, written_or_refused).map_err(|e| e.to_string());
-        if let Err(e) = settled.and_then(|ended| if ended { super::collect(shared, file) } else { Ok(()) }) {
+        if let Err(e) = settled.and_then(|ended| if ended { super::collect(shared, file).map(drop) } else { Ok(()) }) {
             tracing::warn!(file = super::blobs::hex(file), error = %e, "settling a sent file failed");
         }
     }

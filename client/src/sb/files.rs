@@ -447,7 +447,9 @@ pub async fn download(
     let file = parse_file_id(id)?;
     // `OUT/` names a directory: one that is not there is said now, not after the
     // bytes came (they could not be renamed into it).
-    if path.as_os_str().to_string_lossy().ends_with(['/', std::path::MAIN_SEPARATOR]) && !path.is_dir() {
+    let raw = path.as_os_str().to_string_lossy();
+    let last = raw.rsplit(['/', std::path::MAIN_SEPARATOR]).next().unwrap_or_default();
+    if matches!(last, "" | "." | "..") && !path.is_dir() {
         bail!("{} is not a directory: nothing downloaded", path.display());
     }
     // Said before anything is asked (the partial file beside OUT is not the user's name).
@@ -893,12 +895,11 @@ async fn not_mine(client: &Client, id: &str, e: ClientError) -> anyhow::Error {
         && let Ok(info) = client.file_info(file).await
         && info.uploader != client.user_id
     {
-        let named = client.presence(&[info.uploader]).await.ok().and_then(|p| p.into_iter().next()).map(|p| p.name);
+        let contacts = client.presence(&[info.uploader]).await.unwrap_or_default();
+        let named = contacts.into_iter().find(|p| p.user == info.uploader).map(|p| p.name);
         let whose = named.unwrap_or_else(|| format!("user#{}", info.uploader));
-        return anyhow::Error::new(e).context(format!(
-            "{id} is {whose}'s file: only its uploader may delete or withdraw it (a message of yours that carries \
-             it goes with `sb delete CONV SEQ`)"
-        ));
+        return anyhow::Error::new(e)
+            .context(format!("{id} is {whose}'s file: only its uploader may delete or withdraw it"));
     }
     if e.code() == Some(ErrorCode::NOT_FOUND) {
         return cannot_read(id, e);
