@@ -267,7 +267,9 @@ impl Conversation {
                     }
                     Err(e) => tracing::error!(error = %e, "an event did not encode"),
                 },
-                Effect::Released(files) => crate::files::collect_soon(&self.shared, state.state.id(), files),
+                Effect::Released { files, audience } => {
+                    crate::files::collect_soon(&self.shared, state.state.id(), audience, files)
+                }
                 Effect::Fatal => {
                     self.shared.health.fail("a conversation write did not become durable");
                     myself.stop(Some("storage failure".into()));

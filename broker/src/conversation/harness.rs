@@ -162,6 +162,8 @@ pub struct Harness {
     pub receipt_writes: Vec<Vec<(UserId, Marks)>>,
     /// Files released by durable deletes, in order.
     pub released: Vec<switchboard_protocol::FileId>,
+    /// Each release's audience, sorted.
+    pub released_to: Vec<Vec<UserId>>,
     /// A receipt write is waiting for a commit.
     receipts_in_flight: bool,
     pub fatal: bool,
@@ -198,6 +200,7 @@ impl Harness {
             notices: Vec::new(),
             receipt_writes: Vec::new(),
             released: Vec::new(),
+            released_to: Vec::new(),
             receipts_in_flight: false,
             fatal: false,
             next: 0,
@@ -337,7 +340,12 @@ impl Harness {
                     audience.sort_unstable();
                     self.notices.push(Notice { event, audience });
                 }
-                Effect::Released(files) => self.released.extend(files),
+                Effect::Released { files, audience } => {
+                    let mut audience = audience.to_vec();
+                    audience.sort_unstable();
+                    self.released_to.push(audience);
+                    self.released.extend(files);
+                }
                 Effect::Fatal => self.fatal = true,
             }
         }
@@ -1181,9 +1189,12 @@ mod tests {
         h.crash_broker();
         assert!(h.released.is_empty() && h.ack(lost).is_none());
         let delete = h.write(BOB, Command::Delete { client_id: [7; 16], target: 2 });
+        // Someone added after the delete never saw the files: not told they are gone.
+        h.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Member });
         h.commit();
         assert_eq!(h.ack(delete), Some(Ok((7, false))));
         assert_eq!(h.released, vec![[1; 16], [2; 16]]);
+        assert_eq!(h.released_to, vec![vec![OWNER, BOB]]);
     }
 
     #[test]

@@ -220,9 +220,14 @@ pub enum Effect<R> {
     },
     /// A delete that took these files out of the message of this conversation carrying
     /// them is durable: any of them that nothing holds or carries now may go at once (the
-    /// sweeper would find it within a minute), giving its uploader's quota back, and its
-    /// audience be told it is gone.
-    Released(Vec<FileId>),
+    /// sweeper would find it within a minute), giving its uploader's quota back, and the
+    /// delete's audience (the members who could read that message) be told it is gone.
+    Released {
+        /// The files the deleted message carried.
+        files: Vec<FileId>,
+        /// The delete's audience.
+        audience: Arc<[UserId]>,
+    },
     /// Durability is lost: this process must acknowledge and serve nothing more.
     Fatal,
 }
@@ -639,10 +644,10 @@ impl<R> ConversationState<R> {
                     self.settle_overlay(seq, after);
                 }
                 self.published_seq = entry.seq;
-                effects.push(Effect::Deliver { entry, audience, except });
                 if !released.is_empty() {
-                    effects.push(Effect::Released(released));
+                    effects.push(Effect::Released { files: released, audience: audience.clone() });
                 }
+                effects.push(Effect::Deliver { entry, audience, except });
             }
             if let Some((reply, answer)) = p.reply {
                 effects.push(Effect::Reply(reply, answer));

@@ -46,12 +46,19 @@ pub(crate) fn announce(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size
     queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: None, gone: false });
 }
 
+/// A conversation to tell that a file is gone, with the users to tell if not its
+/// members when the announcement runs.
+pub(crate) type GoneFrom = (ConvId, Option<Arc<[UserId]>>);
+
 /// Announces that file `id` (of `size` bytes, uploaded by `uploader`) is gone
 /// (`Failed` with `NOT_FOUND`) to the uploader's devices and the members of `convs`, the
 /// conversations whose messages carried it before they let go of it (known to the
 /// caller: the store no longer has them), so every reader's view of those messages can
-/// mark the file gone. Returns at once; dropped past `QUEUED_GONE` waiting.
-pub(crate) fn announce_gone(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64, convs: Vec<ConvId>) {
+/// mark the file gone. A conversation given with its audience tells exactly those users
+/// (its members when its message was deleted: one who joined since never saw the file);
+/// one given without is told its members when the announcement runs. Returns at once;
+/// dropped past `QUEUED_GONE` waiting.
+pub(crate) fn announce_gone(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64, convs: Vec<GoneFrom>) {
     let state = FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
     queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: Some(convs), gone: true });
 }
@@ -85,8 +92,9 @@ struct Job {
     uploader: UserId,
     size: u64,
     state: FileState,
-    /// The conversations to tell, when the store's attachments no longer name them.
-    convs: Option<Vec<ConvId>>,
+    /// The conversations to tell, when the store's attachments no longer name them,
+    /// each with the users to tell if not its members now.
+    convs: Option<Vec<GoneFrom>>,
     /// Tells that a complete file is gone (counted in `Queue::gone`).
     gone: bool,
 }
@@ -164,17 +172,21 @@ fn deliver(job: &Job) {
         return;
     }
     let read = match &job.convs {
-        Some(convs) => Ok(convs.clone()),
+        Some(convs) => Ok(convs.iter().map(|(conv, _)| *conv).collect()),
         None => job.shared.store.attachment_convs(&job.file, ATTACHMENT_SCAN),
     };
-    let convs = match read {
+    let convs: Vec<ConvId> = match read {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "reading attachments failed; progress not pushed to conversations");
             return;
         }
     };
-    let members = |conv| job.shared.store.members(conv).map(|m| m.into_iter().map(|(u, _)| u).collect());
+    let given = |conv| job.convs.as_ref()?.iter().find(|(c, _)| *c == conv)?.1.clone();
+    let members = |conv| match given(conv) {
+        Some(users) => Ok(users.to_vec()),
+        None => job.shared.store.members(conv).map(|m| m.into_iter().map(|(u, _)| u).collect()),
+    };
     let (audience, unread) = audience(job.uploader, job.is_progress(), &convs, AUDIENCE_READ, members);
     if unread > 0 {
         tracing::warn!(

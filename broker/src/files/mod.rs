@@ -99,17 +99,19 @@ pub struct Files {
 /// deletes let go of them (at most `RELEASED_CONVS` each), and whether its worker runs.
 #[derive(Default)]
 struct Released {
-    waiting: std::collections::BTreeMap<FileId, Vec<ConvId>>,
+    waiting: std::collections::BTreeMap<FileId, Vec<announce::GoneFrom>>,
     worker: bool,
 }
 
 /// Conversations told that one released file is gone, at most (its messages' deletes
 /// released it at once in more: the rest learn it from `FileInfo`).
-const RELEASED_CONVS: usize = 16;
+const RELEASED_CONVS: usize = 4;
 
 /// Files waiting for `collect_soon`'s worker at most; beyond, a file is left to the
-/// sweeper.
-const RELEASED_WAITING: usize = 4096;
+/// sweeper. Each holds at most `RELEASED_CONVS` audiences of at most `MAX_GROUP_MEMBERS`
+/// ids (shared with the conversation while its membership does not change): 32 MiB at
+/// the very worst.
+const RELEASED_WAITING: usize = 1024;
 
 /// The broker-wide bounds of transfer streams (from `Config`).
 #[derive(Clone, Copy, Debug)]
@@ -547,23 +549,24 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<bool, String> {
 /// Deletes those of `files` that nothing holds or carries any more: `Effect::Released`,
 /// the files of a message of `conv` deleted, once the delete is durable, so the
 /// uploader's quota comes back at once rather than when the sweeper next runs, and the
-/// members of `conv` and the uploader's devices are told it is gone (`Event::File`,
-/// `Failed` with `NOT_FOUND`). One worker on a blocking thread looks at each waiting
+/// delete's `audience` (the members who could read the message) and the uploader's
+/// devices are told it is gone (`Event::File`, `Failed` with `NOT_FOUND`). One worker on a blocking thread looks at each waiting
 /// file once (a file released by many deletes at once, once); past `RELEASED_WAITING`
 /// waiting, and any that fails (logged), is the sweeper's (which tells nobody).
-pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, files: Vec<FileId>) {
+pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, audience: Arc<[UserId]>, files: Vec<FileId>) {
     if shared.health.is_failed() {
         return;
     }
     let start = {
         let mut released = shared.files.released.lock().unwrap_or_else(|p| p.into_inner());
         for id in files {
+            let told = (conv, Some(audience.clone()));
             if let Some(convs) = released.waiting.get_mut(&id) {
-                if convs.len() < RELEASED_CONVS && !convs.contains(&conv) {
-                    convs.push(conv);
+                if convs.len() < RELEASED_CONVS && !convs.iter().any(|(c, _)| *c == conv) {
+                    convs.push(told);
                 }
             } else if released.waiting.len() < RELEASED_WAITING {
-                released.waiting.insert(id, vec![conv]);
+                released.waiting.insert(id, vec![told]);
             }
         }
         !std::mem::replace(&mut released.worker, true)

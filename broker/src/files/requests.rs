@@ -337,6 +337,8 @@ pub async fn withdraw_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Res
     // Told only by whoever deleted it, so once per file: one that stays (a send of it
     // racing this one still carries it) is not gone, and may be withdrawn again.
     if deleted {
+        // The messages stay, naming the file: their members now are its readers.
+        let convs = convs.into_iter().map(|conv| (conv, None)).collect();
         super::announce::announce_gone(&shared, &id, user, record.size, convs);
     }
     Ok(Reply::Done)
