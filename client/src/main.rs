@@ -133,6 +133,7 @@ enum Command {
     },
     /// Send a text message; prints its seq.
     Send {
+        #[arg(value_parser = conv_id)]
         conv: ConvId,
         text: String,
         /// Idempotency key, 32 hex digits: sending the same text again with the same key
@@ -143,11 +144,21 @@ enum Command {
         client_id: Option<String>,
     },
     /// Replace the text of one of my messages.
-    Edit { conv: ConvId, seq: Seq, text: String },
+    Edit {
+        #[arg(value_parser = conv_id)]
+        conv: ConvId,
+        seq: Seq,
+        text: String,
+    },
     /// Delete one of my messages.
-    Delete { conv: ConvId, seq: Seq },
+    Delete {
+        #[arg(value_parser = conv_id)]
+        conv: ConvId,
+        seq: Seq,
+    },
     /// Show history (newest page by default).
     History {
+        #[arg(value_parser = conv_id)]
         conv: ConvId,
         /// Entries before this seq.
         #[arg(long, conflicts_with = "after")]
@@ -168,7 +179,11 @@ enum Command {
     /// lines carry conv and seq to tell them apart).
     Tail,
     /// Mark a conversation read up to a seq.
-    Read { conv: ConvId, seq: Seq },
+    Read {
+        #[arg(value_parser = conv_id)]
+        conv: ConvId,
+        seq: Seq,
+    },
     /// Presence of users (names) who share a conversation with me; all of them if none.
     Presence { users: Vec<String> },
     /// Block a user (by name): they can no longer start a direct conversation with me,
@@ -185,6 +200,7 @@ enum Command {
     Unblock { user: String },
     /// Say I am typing in a conversation, until interrupted or for --seconds.
     Typing {
+        #[arg(value_parser = conv_id)]
         conv: ConvId,
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 10)]
@@ -204,7 +220,7 @@ enum Command {
         #[arg(required_unless_present = "resume")]
         file: Option<PathBuf>,
         /// Send a message carrying the file to this conversation once uploaded.
-        #[arg(long)]
+        #[arg(long, value_parser = conv_id)]
         conv: Option<ConvId>,
         /// Declared media type (default: from the file name's extension, else
         /// application/octet-stream; the broker may relabel it from the file's bytes).
@@ -266,6 +282,7 @@ enum FileCommand {
     /// uploaded (one a message showed me) goes as my own copy of it, counted in my quota
     /// until the last message carrying it is deleted.
     Send {
+        #[arg(value_parser = conv_id)]
         conv: ConvId,
         /// 1 to 10 file ids, 32 hex digits each.
         #[arg(required = true)]
@@ -290,9 +307,13 @@ enum ConvCommand {
     /// List my conversations with their unread counts.
     List,
     /// List the members of a conversation.
-    Members { conv: ConvId },
+    Members {
+        #[arg(value_parser = conv_id)]
+        conv: ConvId,
+    },
     /// Add users to a group.
     Add {
+        #[arg(value_parser = conv_id)]
         conv: ConvId,
         #[arg(required = true)]
         users: Vec<String>,
@@ -301,17 +322,25 @@ enum ConvCommand {
         admin: bool,
     },
     /// Remove a member (by name or user id) from a group.
-    Remove { conv: ConvId, user: String },
+    Remove {
+        #[arg(value_parser = conv_id)]
+        conv: ConvId,
+        user: String,
+    },
     /// Change a member's role (by name or user id) in a group I own: admin or member,
     /// or owner to hand the group over (I become an admin).
     Role {
+        #[arg(value_parser = conv_id)]
         conv: ConvId,
         user: String,
         #[arg(value_parser = ["owner", "admin", "member"])]
         role: String,
     },
     /// Leave a group.
-    Leave { conv: ConvId },
+    Leave {
+        #[arg(value_parser = conv_id)]
+        conv: ConvId,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1200,6 +1229,14 @@ fn body_json(body: &Body, book: &FileBook) -> serde_json::Value {
         }
     }
     value
+}
+
+/// A conversation as given on the command line: its number (what `sb conv list`
+/// shows), with a hint for a title given instead.
+fn conv_id(s: &str) -> Result<ConvId, String> {
+    s.parse().map_err(|_| {
+        format!("a conversation is given by its number, and {s:?} is not one (`sb conv list` shows each one's)")
+    })
 }
 
 /// `owner`, `admin` or `member`.

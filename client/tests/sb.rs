@@ -1620,6 +1620,10 @@ async fn mistakes_are_said_before_any_work() {
 
     let typing = sb_output(&carol, &broker, &["typing", &conv, "--seconds", "1"]);
     assert!(!typing.status.success() && String::from_utf8_lossy(&typing.stderr).contains("FORBIDDEN"), "{typing:?}");
+    // A title where the number goes: said what to give instead.
+    let titled = sb_output(&alice, &broker, &["history", "g"]);
+    let said = String::from_utf8_lossy(&titled.stderr);
+    assert!(!titled.status.success() && said.contains("`sb conv list` shows each one's"), "{said}");
     let add = sb_output(&alice, &broker, &["conv", "add", &conv]);
     assert!(!add.status.success() && String::from_utf8_lossy(&add.stderr).contains("required"), "{add:?}");
     let portless = Command::new(env!("CARGO_BIN_EXE_sb"))
