@@ -963,12 +963,12 @@ pub fn carried_state(state: &FileState, size: u64) -> Option<String> {
 }
 
 /// The files entries carry and events name, as this run learnt them: name and state
-/// from `FileInfo` (asked once per file, `LOOKUPS_AT_ONCE` at a time, an answer waited
-/// for `LOOKUP_TIMEOUT`), then the states
-/// `Event::File` pushes. A file `FileInfo` does not find is shown gone: the state the
-/// broker pushes for it (`Failed` with `NOT_FOUND`: its upload cancelled or expired, or
-/// withdrawn by its uploader); a reader who was offline then learns it here. At most
-/// `FILES_KNOWN` files are kept; past that the book starts over (and asks again).
+/// from `FileInfo` (asked once per file, answered or not, `LOOKUPS_AT_ONCE` at a time,
+/// an answer waited for `LOOKUP_TIMEOUT`), then the states `Event::File` pushes. A file
+/// `FileInfo` does not find is shown gone: the state the broker pushes for it (`Failed`
+/// with `NOT_FOUND`: its upload cancelled or expired, or withdrawn by its uploader); a
+/// reader who was offline then learns it here. At most `FILES_KNOWN` files are kept;
+/// past that the book starts over (and asks again).
 #[derive(Default)]
 pub struct FileBook(std::collections::HashMap<FileId, KnownFile>);
 
@@ -976,7 +976,7 @@ pub struct FileBook(std::collections::HashMap<FileId, KnownFile>);
 struct KnownFile {
     name: Option<String>,
     state: Option<FileState>,
-    /// `FileInfo` answered (a failed request is asked again).
+    /// `FileInfo` was asked (answered or not: it is not asked again).
     asked: bool,
 }
 
