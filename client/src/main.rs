@@ -1016,9 +1016,10 @@ impl Out {
     /// the same in one line).
     fn receipt(&self, r: &Receipt, name: String, lines: &mut ReceiptLines) {
         if self.json {
-            println!(
-                "{}",
-                json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to})
+            // No human line: `lines` words those.
+            self.line(
+                json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
+                String::new,
             );
         } else {
             self.text(lines.add(r, name, tokio::time::Instant::now()));
@@ -1325,14 +1326,6 @@ trait Lookups {
     async fn file_info(&self, file: FileId) -> Option<Result<FileInfo, ErrorCode>>;
 }
 
-/// A request's answer as `Lookups` gives it: `None` when nobody answered.
-fn answered<T>(result: Result<T, ClientError>) -> Option<Result<T, ErrorCode>> {
-    match result {
-        Ok(value) => Some(Ok(value)),
-        Err(e) => e.code().map(Err),
-    }
-}
-
 impl Lookups for Client {
     async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>> {
         Some(self.members(conv).await.ok()?.into_iter().map(|m| (m.user_id, m.name)).collect())
@@ -1343,7 +1336,10 @@ impl Lookups for Client {
     }
 
     async fn file_info(&self, file: FileId) -> Option<Result<FileInfo, ErrorCode>> {
-        answered(Client::file_info(self, file).await)
+        match Client::file_info(self, file).await {
+            Ok(info) => Some(Ok(info)),
+            Err(e) => e.code().map(Err),
+        }
     }
 }
 
