@@ -61,6 +61,8 @@ pub struct TestBroker {
     pub dir: tempfile::TempDir,
     /// Password used for every test account.
     pub password: &'static str,
+    /// What it was started with, kept for restarts.
+    config: Config,
 }
 
 impl TestBroker {
@@ -74,8 +76,8 @@ impl TestBroker {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path().join("data"));
         adjust(&mut config);
-        let broker = within(STEP_DEADLINE, "broker start", Broker::start(config)).await.unwrap();
-        TestBroker { broker: Some(broker), dir, password: "correct horse battery" }
+        let broker = within(STEP_DEADLINE, "broker start", Broker::start(config.clone())).await.unwrap();
+        TestBroker { broker: Some(broker), dir, password: "correct horse battery", config }
     }
 
     /// The data dir.
@@ -111,10 +113,11 @@ impl TestBroker {
         }
     }
 
-    /// Restarts on the same data dir (new port).
+    /// Restarts on the same data dir with the same config (a new port). Before, a
+    /// restart dropped what `start_with` adjusted.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let config = test_config(self.data_dir());
+        let config = self.config.clone();
         self.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
     }
 

@@ -695,8 +695,11 @@ async fn the_same_bytes_are_stored_once_and_outlive_one_of_their_files() {
         let b = upload(&bob, "b.bin", &data).await;
         let blobs = tb.data_dir().join("blobs");
         assert_eq!(files_in(blobs.clone()), 1, "one stored copy");
+        let mut alice_events = alice.events().unwrap();
         assert_eq!(alice.request(RequestBody::DeleteFile { file: a }).await.unwrap(), Reply::Done);
         assert_eq!(code_of(file_info(&alice, a).await), ErrorCode::NOT_FOUND, "held by nothing: deleted");
+        // Her devices are told it is gone (before, nobody was).
+        final_state(&mut alice_events, None, a, &FileState::Failed { code: ErrorCode::NOT_FOUND }).await;
         let (_, got) = download(bob.connection(), b, 0, 0).await.unwrap();
         assert_eq!(got, data, "the other file still reads");
         assert_eq!(files_in(blobs.clone()), 1);
@@ -712,6 +715,42 @@ fn png(width: u32, height: u32) -> Vec<u8> {
     let mut out = Vec::new();
     image::DynamicImage::ImageRgb8(picture).write_to(std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
     out
+}
+
+#[tokio::test]
+async fn a_file_the_sweeper_deletes_is_told_gone_to_its_uploaders_devices() {
+    bounded(async {
+        // The sweeper runs every 3 s (a quarter of the upload expiry).
+        let mut tb = TestBroker::start_with(|c| c.upload_expiry_secs = 12).await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let data = bytes(64 * 1024, 31);
+        let file = upload(&alice, "a.bin", &data).await;
+        drop(alice);
+        tb.stop().await;
+        // What a crash leaves between a durable `DeleteFile` and the deletion of the
+        // file it let go of: only the sweeper deletes it now.
+        let store =
+            switchboard_storage::Store::open(&switchboard_storage::StoreConfig::new(tb.data_dir().join("store")))
+                .unwrap();
+        store.drop_hold(&file).unwrap().unwrap().await.unwrap();
+        store.close().unwrap();
+        drop(store);
+        tb.restart().await;
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        let mut events = alice.events().unwrap();
+        assert!(matches!(file_info(&alice, file).await.unwrap(), Reply::File(_)), "still there");
+        // Her devices are told it is gone when the sweeper deletes it (before, nobody
+        // was: a list of her uploads kept showing it).
+        final_state(&mut events, None, file, &FileState::Failed { code: ErrorCode::NOT_FOUND }).await;
+        assert_eq!(code_of(file_info(&alice, file).await), ErrorCode::NOT_FOUND);
+        within(STEP_DEADLINE, "its quota back", async {
+            while alice.usage().await.unwrap().stored_bytes > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    })
+    .await
 }
 
 /// A small real PNG whose header declares `width` x `height` (IHDR with a valid CRC).
@@ -1188,8 +1227,8 @@ async fn a_refused_forward_gives_its_copy_back_at_once_and_a_deleted_one_goes_wi
             }
         })
         .await;
-        // Sent, then deleted at once: it goes with its message at the next sweep, not
-        // once its grace is over.
+        // Sent, then deleted at once: it goes with its message, not once its grace is
+        // over.
         carol.block("bob", false).await.unwrap();
         let seq = bob.send_files(theirs, "", &[file]).await.unwrap();
         assert_eq!(bob.usage().await.unwrap().stored_bytes, data.len() as u64);
@@ -1807,8 +1846,18 @@ async fn reopening_a_resumed_upload_reads_nothing_and_its_bytes_are_hashed_once(
             alice = Some(client);
         }
         let alice = alice.unwrap();
-        // The rest completes it, the whole file hashed once, at the end.
-        match upload_rest(alice.connection(), begun.file, &data, half).await {
+        // Its first chunk written has the durable prefix read back and hashed beside it.
+        // Before, a resumed upload hashed nothing until its last chunk, then the whole
+        // file, inside the client's wait for the answer.
+        let step = 64 * 1024;
+        let replies = upload_range(alice.connection(), begun.file, &data, half, half + step, step as usize).await;
+        assert!(
+            matches!(replies.last(), Some(TransferReply::Durable { offset }) if *offset == half + step),
+            "{replies:?}"
+        );
+        assert_eq!(tb.shared().status().upload_bytes_hashed, half + step, "caught up beside the first chunk");
+        // The rest completes it, each byte hashed once.
+        match upload_rest(alice.connection(), begun.file, &data, half + step).await {
             TransferReply::Complete(f) => assert_eq!((f.file, f.size), (begun.file, size)),
             other => panic!("expected Complete, got {other:?}"),
         }

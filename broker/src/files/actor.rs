@@ -79,17 +79,40 @@ pub struct UploadActorState {
     record: FileRecord,
     state: UploadState,
     file: Arc<PartialFile>,
-    /// The hash of every byte from 0 to the durable offset, kept as they are written, by
-    /// an actor that started at offset 0. One that started later (a resumed upload)
-    /// has none and hashes the whole file once, at verification: starting an actor
-    /// reads nothing, so reopening an upload over and over (a flaky link, or a client
-    /// doing it on purpose) costs no reads or hashing of what it holds.
-    hasher: Option<blake3::Hasher>,
+    /// The whole-file hash so far: of every byte the actor wrote, when it started at
+    /// offset 0. One that started later (a resumed upload) starts with nothing hashed
+    /// and catches up, reading the durable prefix back beside each chunk it writes
+    /// (`catch_up_step`), so that its last chunk finds the hash (nearly) done rather
+    /// than the whole file still to read and hash inside the client's wait. Starting an
+    /// actor reads nothing, so reopening an upload over and over (a flaky link, or a
+    /// client doing it on purpose) costs no reads or hashing of what it holds.
+    hashed: Hashed,
     streams: HashMap<StreamId, mpsc::UnboundedSender<TransferReply>>,
     depth: Arc<AtomicUsize>,
     idle_ticks: u32,
     /// The published type the first bytes showed, recorded with the next offset.
     relabel: Option<String>,
+}
+
+/// A whole-file BLAKE3 of the upload's bytes `0..to`.
+#[derive(Clone)]
+struct Hashed {
+    hasher: blake3::Hasher,
+    to: u64,
+}
+
+/// Fewest bytes of a resumed upload's durable prefix read back and hashed beside each
+/// chunk written (4 MiB: at the 8 GB/s BLAKE3 runs at here and page-cache reads, about
+/// half a millisecond, less than the chunk's own fdatasync; docs/benchmarks.md).
+const CATCH_UP_MIN: u64 = 4 * MAX_CHUNK_BYTES as u64;
+
+/// How much of the `behind` bytes not yet hashed to read and hash beside a chunk of
+/// `len` bytes ending at `end` of a `size`-byte upload: an even share over the chunks
+/// still to come (this one included, at this one's length) so the prefix is caught up by
+/// the last chunk, and at least `CATCH_UP_MIN`.
+fn catch_up_step(behind: u64, size: u64, end: u64, len: u64) -> u64 {
+    let chunks = size.saturating_sub(end).div_ceil(len.max(1)) + 1;
+    behind.div_ceil(chunks).max(CATCH_UP_MIN).min(behind)
 }
 
 /// The Upload actor.
@@ -117,7 +140,7 @@ impl Actor for Upload {
         let shared = self.shared.clone();
         // Bytes past the durable offset are cut off.
         let file = tokio::task::spawn_blocking(move || shared.files.blobs.open_partial(&id, offset)).await??;
-        let hasher = (offset == 0).then(blake3::Hasher::new);
+        let hashed = Hashed { hasher: blake3::Hasher::new(), to: 0 };
         let state = UploadState::new(record.size, offset, MAX_CHUNK_BYTES);
         if offset == record.size {
             myself.cast(UploadMsg::Verify)?;
@@ -128,7 +151,7 @@ impl Actor for Upload {
             record,
             state,
             file: Arc::new(file),
-            hasher,
+            hashed,
             streams: HashMap::new(),
             depth,
             idle_ticks: 0,
@@ -303,21 +326,26 @@ impl Upload {
     }
 
     /// Writes and syncs one chunk, then records the new offset durably. The whole-file
-    /// hasher, if the actor keeps one, takes the chunk on another blocking thread
-    /// meanwhile; if the chunk does not become durable, it is put back as it was before.
+    /// hash takes the chunk on another blocking thread meanwhile, after catching up on
+    /// the durable prefix (`catch_up_step`) if the actor resumed the upload; it is kept
+    /// only if the chunk becomes durable and nothing failed (else what it lacks is read
+    /// back from the file later: the bytes below the durable offset never change).
     async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
         let end = offset + data.len() as u64;
         let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.clone());
-        let before = st.hasher.take();
-        let (hashing, chunk) = (before.clone(), data.clone());
-        let hashed = async move {
-            let Some(mut hasher) = hashing else { return Ok(None) };
-            tokio::task::spawn_blocking(move || {
-                hasher.update(&chunk);
-                Some(hasher)
-            })
-            .await
-        };
+        let mut hashing = st.hashed.clone();
+        let step = catch_up_step(offset - hashing.to, st.record.size, end, end - offset);
+        let (chunk, prefix) = (data.clone(), st.file.clone());
+        let hashed = tokio::task::spawn_blocking(move || {
+            // Only bytes below `offset`, durable and never written again, are read back.
+            Blobs::hash_range(prefix.as_file(), &mut hashing.hasher, hashing.to, hashing.to + step)?;
+            hashing.to += step;
+            if hashing.to == offset {
+                hashing.hasher.update(&chunk);
+                hashing.to = end;
+            }
+            Ok::<_, std::io::Error>(hashing)
+        });
         // Off the runtime threads: the write and its fdatasync, then recording the offset
         // (which takes the store's files lock).
         let stored = tokio::task::spawn_blocking(move || {
@@ -335,29 +363,24 @@ impl Upload {
             Ok(Err(e)) => Err(e),
             Err(e) => Err(e.to_string()),
         };
+        let hashed = hashed.map_err(|e| e.to_string()).and_then(|read| read.map_err(|e| e.to_string()));
         match (recorded, hashed) {
-            (Ok(()), Ok(hasher)) => {
-                if hasher.is_some() {
-                    self.shared.files.hashed_bytes.fetch_add(end - offset, Ordering::Relaxed);
-                }
-                st.hasher = hasher;
+            (Ok(()), Ok(hashing)) => {
+                self.shared.files.hashed_bytes.fetch_add(hashing.to - st.hashed.to, Ordering::Relaxed);
+                st.hashed = hashing;
                 st.relabel = None;
                 Ok(())
             }
             (Ok(()), Err(e)) => {
-                // Durable and recorded, but the hashing task died (a panic): the whole
-                // file is hashed at verification instead.
-                tracing::error!(file = hex(&st.id), error = %e, "hashing an upload chunk failed; hashing it whole at the end");
-                st.hasher = None;
+                // Durable and recorded, but the hashing failed (a read, or a panic): the
+                // hash stays where it was and catches up from the file later.
+                tracing::error!(file = hex(&st.id), error = %e, "hashing an upload chunk failed; reading it back later");
                 st.relabel = None;
                 Ok(())
             }
-            (Err(e), _) => {
-                // Nothing past the durable offset counts: the client resends from it,
-                // over whatever the failed write left past it.
-                st.hasher = before;
-                Err(e)
-            }
+            // Nothing past the durable offset counts: the client resends from it, over
+            // whatever the failed write left past it.
+            (Err(e), _) => Err(e),
         }
     }
 
@@ -370,20 +393,21 @@ impl Upload {
         if st.state.is_done() {
             return;
         }
-        let hash = match &st.hasher {
-            Some(hasher) => Ok(*hasher.finalize().as_bytes()),
-            None => {
-                // Resumed: every byte is durable in the file, hashed once now.
-                let (file, size, shared) = (st.file.clone(), st.record.size, self.shared.clone());
-                tokio::task::spawn_blocking(move || {
-                    let hasher = Blobs::hash_prefix(file.as_file(), size)?;
-                    shared.files.hashed_bytes.fetch_add(size, Ordering::Relaxed);
-                    Ok::<_, std::io::Error>(*hasher.finalize().as_bytes())
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|read| read.map_err(|e| e.to_string()))
-            }
+        let hash = if st.hashed.to == st.record.size {
+            Ok(*st.hashed.hasher.finalize().as_bytes())
+        } else {
+            // What the catch-up has not reached (all of it for an actor that started at
+            // full size): every byte is durable in the file, hashed once now.
+            let (file, size, shared, mut hashed) =
+                (st.file.clone(), st.record.size, self.shared.clone(), st.hashed.clone());
+            tokio::task::spawn_blocking(move || {
+                Blobs::hash_range(file.as_file(), &mut hashed.hasher, hashed.to, size)?;
+                shared.files.hashed_bytes.fetch_add(size - hashed.to, Ordering::Relaxed);
+                Ok::<_, std::io::Error>(*hashed.hasher.finalize().as_bytes())
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|read| read.map_err(|e| e.to_string()))
         };
         let result = match hash {
             Ok(hash) if hash == st.record.blake3 => self.publish(st).await,

@@ -546,13 +546,20 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<bool, String> {
     Ok(deleted)
 }
 
+/// `collect`, with the file's record if this call deleted it (to tell whoever saw it).
+/// Blocking.
+pub(crate) fn collect_record(shared: &Shared, id: &FileId) -> Result<Option<FileRecord>, String> {
+    let Some(record) = shared.store.file(id).map_err(|e| e.to_string())? else { return Ok(None) };
+    Ok(collect(shared, id)?.then_some(record))
+}
+
 /// Deletes those of `files` that nothing holds or carries any more: `Effect::Released`,
 /// the files of a message of `conv` deleted, once the delete is durable, so the
 /// uploader's quota comes back at once rather than when the sweeper next runs, and the
 /// delete's `audience` (the members who could read the message) and the uploader's
 /// devices are told it is gone (`Event::File`, `Failed` with `NOT_FOUND`). One worker on a blocking thread looks at each waiting
 /// file once (a file released by many deletes at once, once); past `RELEASED_WAITING`
-/// waiting, and any that fails (logged), is the sweeper's (which tells nobody).
+/// waiting, and any that fails (logged), is the sweeper's (which tells only the uploader).
 pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, audience: Arc<[UserId]>, files: Vec<FileId>) {
     if shared.health.is_failed() {
         return;
@@ -608,10 +615,7 @@ pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, audience: Arc<[Us
             };
             // A panic loses that file to the sweeper, not the worker.
             let gone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let Some(record) = s.store.file(&next).map_err(|e| e.to_string())? else { return Ok(None) };
-                if !collect(&s, &next)? {
-                    return Ok(None);
-                }
+                let Some(record) = collect_record(&s, &next)? else { return Ok(None) };
                 // Told once its removal is durable (`collect` waits only when bytes go).
                 let barrier = s.store.barrier().map_err(|e| e.to_string())?;
                 tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())?;
@@ -629,7 +633,10 @@ pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, audience: Arc<[Us
 
 /// Runs until the broker goes: every interval, removes expired uploads and deletes
 /// complete files nothing holds any more (their uploader dropped them and the last
-/// message carrying them was deleted). Holds the broker only while it works.
+/// message carrying them was deleted: those `collect_soon` did not get to, after a
+/// crash or past its queue). The uploader's devices are told each file it deleted is
+/// gone once that is durable (the deleted messages' readers saw them deleted). Holds
+/// the broker only while it works.
 pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
     const BATCH: usize = 256;
     // Where the last run stopped among the unheld-file marks: each run goes on from
@@ -660,17 +667,32 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
         let s = shared.clone();
         let mut after = unheld_after.take();
         let swept = tokio::task::spawn_blocking(move || {
+            let mut deleted = Vec::new();
             for _ in 0..UNHELD_PAGES {
                 let files = s.store.unheld_files(after.as_ref(), BATCH).map_err(|e| e.to_string())?;
                 // Each on its own: one that fails is logged and the rest still go.
                 for id in &files {
-                    if let Err(e) = collect(&s, id) {
-                        tracing::warn!(file = blobs::hex(id), error = %e, "deleting an unheld file failed");
+                    match collect_record(&s, id) {
+                        Ok(Some(record)) => deleted.push((*id, record)),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(file = blobs::hex(id), error = %e, "deleting an unheld file failed"),
                     }
                 }
                 match files.last() {
                     Some(last) if files.len() == BATCH => after = Some(*last),
-                    _ => return Ok(None),
+                    // Past the last: the next run starts over.
+                    _ => {
+                        after = None;
+                        break;
+                    }
+                }
+            }
+            // Told once their removal is durable (`collect` waits only when bytes go).
+            if !deleted.is_empty() {
+                let barrier = s.store.barrier().map_err(|e| e.to_string())?;
+                tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())?;
+                for (id, record) in deleted {
+                    announce::announce_gone(&s, &id, record.uploader, record.size, Vec::new());
                 }
             }
             Ok::<_, String>(after)

@@ -292,9 +292,11 @@ pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, Er
 }
 
 /// `DeleteFile`: the uploader drops its hold on its complete file; it is deleted once
-/// no message carries it.
+/// no message carries it (at once if none does: the uploader's devices are then told it
+/// is gone, `Event::File` with `Failed { NOT_FOUND }`).
 pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
-    if !own_complete_file(&shared, user, &id)?.held {
+    let record = own_complete_file(&shared, user, &id)?;
+    if !record.held {
         return Ok(Reply::Done);
     }
     let s = shared.clone();
@@ -303,7 +305,14 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
         durable.await.map_err(internal)?;
     }
     let s = shared.clone();
-    tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
+    let deleted =
+        tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
+    if deleted {
+        // No message carried it: only the uploader's devices knew it, and are told it
+        // is gone once that is durable (`collect` does not wait when no bytes go).
+        shared.store.barrier().map_err(internal)?.await.map_err(internal)?;
+        super::announce::announce_gone(&shared, &id, user, record.size, Vec::new());
+    }
     Ok(Reply::Done)
 }
 
