@@ -28,9 +28,12 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+#[path = "sb/conv.rs"]
+mod conv;
 #[path = "sb/files.rs"]
 mod files;
 
+use conv::ConvArg;
 use files::{FileBook, UploadArgs};
 use switchboard_client::{
     Client, ClientError, Connector, FileCursors, Identity, Session, SessionConfig, SessionError, SessionEvent,
@@ -133,8 +136,8 @@ enum Command {
     },
     /// Send a text message; prints its seq.
     Send {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         text: String,
         /// Idempotency key, 32 hex digits: sending the same text again with the same key
         /// sends nothing new and prints the same seq (`duplicate`), so a script may retry
@@ -145,21 +148,21 @@ enum Command {
     },
     /// Replace the text of one of my messages.
     Edit {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         seq: Seq,
         text: String,
     },
     /// Delete one of my messages.
     Delete {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         seq: Seq,
     },
     /// Show history (newest page by default).
     History {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         /// Entries before this seq.
         #[arg(long, conflicts_with = "after")]
         before: Option<Seq>,
@@ -180,8 +183,8 @@ enum Command {
     Tail,
     /// Mark a conversation read up to a seq.
     Read {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         seq: Seq,
     },
     /// Presence of users (names) who share a conversation with me; all of them if none.
@@ -200,8 +203,8 @@ enum Command {
     Unblock { user: String },
     /// Say I am typing in a conversation, until interrupted or for --seconds.
     Typing {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
@@ -220,8 +223,8 @@ enum Command {
         #[arg(required_unless_present = "resume")]
         file: Option<PathBuf>,
         /// Send a message carrying the file to this conversation once uploaded.
-        #[arg(long, value_parser = conv_id)]
-        conv: Option<ConvId>,
+        #[arg(long, value_parser = ConvArg::parse)]
+        conv: Option<ConvArg>,
         /// Declared media type (default: from the file name's extension, else
         /// application/octet-stream; the broker may relabel it from the file's bytes).
         #[arg(long = "type")]
@@ -282,8 +285,8 @@ enum FileCommand {
     /// uploaded (one a message showed me) goes as my own copy of it, counted in my quota
     /// until the last message carrying it is deleted.
     Send {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         /// 1 to 10 file ids, 32 hex digits each.
         #[arg(required = true)]
         files: Vec<String>,
@@ -308,13 +311,13 @@ enum ConvCommand {
     List,
     /// List the members of a conversation.
     Members {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
     },
     /// Add users to a group.
     Add {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         #[arg(required = true)]
         users: Vec<String>,
         /// Make them admins.
@@ -323,23 +326,23 @@ enum ConvCommand {
     },
     /// Remove a member (by name or user id) from a group.
     Remove {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         user: String,
     },
     /// Change a member's role (by name or user id) in a group I own: admin or member,
     /// or owner to hand the group over (I become an admin).
     Role {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
         user: String,
         #[arg(value_parser = ["owner", "admin", "member"])]
         role: String,
     },
     /// Leave a group.
     Leave {
-        #[arg(value_parser = conv_id)]
-        conv: ConvId,
+        #[arg(value_parser = ConvArg::parse)]
+        conv: ConvArg,
     },
 }
 
@@ -669,7 +672,7 @@ async fn send(
     connector: &Connector,
     identity: &Identity,
     out: &Out,
-    conv: ConvId,
+    conv: ConvArg,
     text: &str,
     client_id: Option<String>,
 ) -> anyhow::Result<()> {
@@ -678,6 +681,17 @@ async fn send(
             .and_then(|b| <[u8; 16]>::try_from(b).ok())
             .context("--client-id takes 32 hex digits (16 bytes)")?,
         None => new_client_id(),
+    };
+    // A title is looked up first, on a connection of its own (a lookup that fails has
+    // sent nothing).
+    let conv = match conv {
+        ConvArg::Id(id) => id,
+        title => {
+            let client = connector.connect(identity).await?;
+            let found = title.resolve(&client).await;
+            client.close();
+            found?
+        }
     };
     let deadline = tokio::time::Instant::now() + SEND_RETRY_FOR;
     let mut backoff = switchboard_client::Backoff::new(100, 2_000);
@@ -759,6 +773,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 }
             }
             ConvCommand::Members { conv } => {
+                let conv = conv.resolve(client).await?;
                 for m in client.members(conv).await? {
                     out.line(
                         json!({"user_id": m.user_id, "name": m.name, "role": format!("{:?}", m.role).to_lowercase()}),
@@ -767,14 +782,17 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 }
             }
             ConvCommand::Add { conv, users, admin } => {
+                let conv = conv.resolve(client).await?;
                 let seq = client.add_members(conv, &users, if admin { Role::Admin } else { Role::Member }).await?;
                 out.seq(conv, seq);
             }
             ConvCommand::Remove { conv, user } => {
+                let conv = conv.resolve(client).await?;
                 let user = member_id(client, conv, &user).await?;
                 out.seq(conv, client.remove_member(conv, user).await?)
             }
             ConvCommand::Role { conv, user, role } => {
+                let conv = conv.resolve(client).await?;
                 let user = member_id(client, conv, &user).await?;
                 let role = match role.as_str() {
                     "owner" => Role::Owner,
@@ -784,6 +802,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 out.seq(conv, client.set_role(conv, user, role).await?)
             }
             ConvCommand::Leave { conv } => {
+                let conv = conv.resolve(client).await?;
                 let left = client.leave(conv).await;
                 let forbidden = matches!(left.as_ref().err().and_then(ClientError::code), Some(ErrorCode::FORBIDDEN));
                 // A group refuses to let its owner go while others remain: say how to hand it over.
@@ -800,9 +819,16 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             }
         },
         Command::Send { .. } => unreachable!("sent by `send`, which reconnects"),
-        Command::Edit { conv, seq, text } => out.seq(conv, client.edit(conv, seq, &text).await?),
-        Command::Delete { conv, seq } => out.seq(conv, client.delete(conv, seq).await?),
+        Command::Edit { conv, seq, text } => {
+            let conv = conv.resolve(client).await?;
+            out.seq(conv, client.edit(conv, seq, &text).await?)
+        }
+        Command::Delete { conv, seq } => {
+            let conv = conv.resolve(client).await?;
+            out.seq(conv, client.delete(conv, seq).await?)
+        }
         Command::History { conv, before, after, limit } => {
+            let conv = conv.resolve(client).await?;
             let page = match (before, after) {
                 (Some(b), _) => Page::Before(b),
                 (_, Some(a)) => Page::After(a),
@@ -825,6 +851,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
         Command::Download { .. } => unreachable!("run by `files::download`, which reconnects"),
         Command::File { command } => files::file_command(client, out, command).await?,
         Command::Read { conv, seq } => {
+            let conv = conv.resolve(client).await?;
             let r = client.mark_read(conv, seq).await?;
             let read = r.read_up_to.unwrap_or(seq);
             out.line(
@@ -855,6 +882,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             }
         }
         Command::Typing { conv, seconds } => {
+            let conv = conv.resolve(client).await?;
             // A signal has no answer (the broker drops one for a conversation I am not
             // in): ask first, so a wrong conversation is an error here.
             client.members(conv).await?;
@@ -1230,14 +1258,6 @@ fn body_json(body: &Body, book: &FileBook) -> serde_json::Value {
         }
     }
     value
-}
-
-/// A conversation as given on the command line: its number (what `sb conv list`
-/// shows), with a hint for a title given instead.
-fn conv_id(s: &str) -> Result<ConvId, String> {
-    s.parse().map_err(|_| {
-        format!("a conversation is given by its number, and {s:?} is not one (`sb conv list` shows each one's)")
-    })
 }
 
 /// `owner`, `admin` or `member`.

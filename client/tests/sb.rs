@@ -1620,10 +1620,19 @@ async fn mistakes_are_said_before_any_work() {
 
     let typing = sb_output(&carol, &broker, &["typing", &conv, "--seconds", "1"]);
     assert!(!typing.status.success() && String::from_utf8_lossy(&typing.stderr).contains("FORBIDDEN"), "{typing:?}");
-    // A title where the number goes: said what to give instead.
-    let titled = sb_output(&alice, &broker, &["history", "g"]);
+    // A conversation goes by its title too (before, "invalid digit found in string"),
+    // a direct one by the other member's name; one the user has none of is said.
+    let sent = sb(&alice, &broker, &["send", "g", "by title"]);
+    assert_eq!(sent[0]["conv"].as_u64().unwrap().to_string(), conv);
+    let history = sb(&alice, &broker, &["history", "g"]);
+    assert!(history.iter().any(|e| e["text"] == "by title"), "{history:?}");
+    let direct = sb(&alice, &broker, &["conv", "create", "carol"])[0]["conv"].as_u64().unwrap();
+    assert_eq!(sb(&alice, &broker, &["send", "carol", "hi"])[0]["conv"].as_u64().unwrap(), direct);
+    let read = sb(&carol, &broker, &["history", "alice"]);
+    assert!(read.iter().any(|e| e["text"] == "hi"), "{read:?}");
+    let titled = sb_output(&carol, &broker, &["history", "g"]);
     let said = String::from_utf8_lossy(&titled.stderr);
-    assert!(!titled.status.success() && said.contains("`sb conv list` shows each one's"), "{said}");
+    assert!(!titled.status.success() && said.contains("none of my conversations is titled \"g\""), "{said}");
     let add = sb_output(&alice, &broker, &["conv", "add", &conv]);
     assert!(!add.status.success() && String::from_utf8_lossy(&add.stderr).contains("required"), "{add:?}");
     let portless = Command::new(env!("CARGO_BIN_EXE_sb"))

@@ -22,6 +22,7 @@ use switchboard_client::{
 use switchboard_protocol::limits::charged_bytes;
 use switchboard_protocol::{ClientMsgId, ConvId, ErrorCode, FileId, FileState};
 
+use super::conv::ConvArg;
 use super::{FileCommand, MAX_SAVED_UPLOADS, Out, SavedUpload, update_state};
 
 /// What `sb upload` was asked.
@@ -29,7 +30,7 @@ pub struct UploadArgs {
     /// The local file (`None` only with `resume`: the file this home began it from).
     pub path: Option<PathBuf>,
     /// Attach it to this conversation once uploaded.
-    pub conv: Option<ConvId>,
+    pub conv: Option<ConvArg>,
     /// Declared media type (`--type`).
     pub content_type: Option<String>,
     /// Caption of the message (`--caption`).
@@ -66,14 +67,15 @@ pub async fn upload(
     let mut uploader = Uploader::new(connector.clone(), identity.clone(), UploaderConfig::default());
     // A conversation the message cannot go to is said before any byte is sent (before,
     // the whole file went up, stayed on the quota, and only then was refused).
-    if let (Some(conv), false) = (args.conv, args.no_send) {
-        uploader
-            .client()
-            .await?
-            .members(conv)
-            .await
-            .with_context(|| format!("conversation {conv}: nothing uploaded"))?;
-    }
+    let asked = match (&args.conv, args.no_send) {
+        (Some(conv), false) => {
+            let client = uploader.client().await?;
+            let conv = conv.resolve(&client).await.context("nothing uploaded")?;
+            client.members(conv).await.with_context(|| format!("conversation {conv}: nothing uploaded"))?;
+            Some(conv)
+        }
+        _ => None,
+    };
 
     let saved = load_saved(home, &key)?;
     let saved_id = saved.as_ref().and_then(|s| parse_file_id(&s.file).ok());
@@ -116,7 +118,7 @@ pub async fn upload(
         }),
         _ => None,
     };
-    let target = match (args.conv, earlier) {
+    let target = match (asked, earlier) {
         _ if args.no_send => None,
         // The same message as before keeps its key: a rerun after a lost answer sends it
         // at most once (another caption is another message).
@@ -129,7 +131,7 @@ pub async fn upload(
         }),
         (None, earlier) => earlier,
     };
-    let remembered = args.conv.is_none() && target.is_some();
+    let remembered = asked.is_none() && target.is_some();
     save_upload(home, &key, file, target.as_ref())?;
     let conv = target.as_ref().map(|t| t.conv);
     out.line(
@@ -852,6 +854,7 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
             });
         }
         FileCommand::Send { conv, files, text } => {
+            let conv = conv.resolve(client).await?;
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
             let seq = client.send_files(conv, &text, &ids).await.map_err(with_quota_hint)?;
             // The ids as the message carries them: another's file goes as my copy. Sent
