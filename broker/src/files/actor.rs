@@ -84,8 +84,9 @@ pub struct UploadActorState {
     /// and catches up, reading the durable prefix back beside each chunk it writes
     /// (`catch_up_step`), so that its last chunk finds the hash (nearly) done rather
     /// than the whole file still to read and hash inside the client's wait. Starting an
-    /// actor reads nothing, so reopening an upload over and over (a flaky link, or a
-    /// client doing it on purpose) costs no reads or hashing of what it holds.
+    /// actor reads nothing, and a chunk reads back at most 8 times its own length, so
+    /// reopening an upload over and over (a flaky link, or a client doing it on
+    /// purpose) costs reads in proportion to the bytes it writes, not to what it holds.
     hashed: Hashed,
     streams: HashMap<StreamId, mpsc::UnboundedSender<TransferReply>>,
     depth: Arc<AtomicUsize>,
@@ -101,18 +102,25 @@ struct Hashed {
     to: u64,
 }
 
-/// Fewest bytes of a resumed upload's durable prefix read back and hashed beside each
-/// chunk written (4 MiB: at the 8 GB/s BLAKE3 runs at here and page-cache reads, about
-/// half a millisecond, less than the chunk's own fdatasync; docs/benchmarks.md).
-const CATCH_UP_MIN: u64 = 4 * MAX_CHUNK_BYTES as u64;
+/// Bytes of a resumed upload's durable prefix read back and hashed beside a chunk, per
+/// byte of the chunk: at least `CATCH_UP_RATIO.0`, at most `CATCH_UP_RATIO.1`. The
+/// upper bound is what a client can make the broker read for what it writes (a chunk
+/// of one byte reads at most 8; the prefix was written with `O_DIRECT`, so it may come
+/// from the disk); the lower one catches a far-behind hash up well before the end.
+const CATCH_UP_RATIO: (u64, u64) = (2, 8);
 
 /// How much of the `behind` bytes not yet hashed to read and hash beside a chunk of
-/// `len` bytes ending at `end` of a `size`-byte upload: an even share over the chunks
-/// still to come (this one included, at this one's length) so the prefix is caught up by
-/// the last chunk, and at least `CATCH_UP_MIN`.
+/// `len` bytes ending at `end` of a `size`-byte upload: an even share, over the chunks
+/// still to come (this one included, counted at the largest chunk size, so small chunks
+/// get no larger share), of what is behind and of what those chunks add to it until
+/// the hash catches up, so that it does by the last chunk; within `CATCH_UP_RATIO` of
+/// `len` (so an upload resumed past about seven eighths of its size does not quite).
+/// What is still behind at the end is hashed at verification.
 fn catch_up_step(behind: u64, size: u64, end: u64, len: u64) -> u64 {
-    let chunks = size.saturating_sub(end).div_ceil(len.max(1)) + 1;
-    behind.div_ceil(chunks).max(CATCH_UP_MIN).min(behind)
+    let to_come = size.saturating_sub(end);
+    let chunks = to_come.div_ceil(u64::from(MAX_CHUNK_BYTES)) + 1;
+    let (least, most) = (len.saturating_mul(CATCH_UP_RATIO.0), len.saturating_mul(CATCH_UP_RATIO.1));
+    behind.saturating_add(to_come).div_ceil(chunks).max(least).min(most).min(behind)
 }
 
 /// The Upload actor.
@@ -466,5 +474,50 @@ impl Upload {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the catch-up of an upload of `size` bytes resumed at `from`, written in
+    /// chunks of `len`: how far the hash got by the end of the last chunk, and the most
+    /// read back beside one chunk.
+    fn catch_up(size: u64, from: u64, len: u64) -> (u64, u64) {
+        let (mut to, mut offset, mut most) = (0, from, 0);
+        while offset < size {
+            let end = (offset + len).min(size);
+            let step = catch_up_step(offset - to, size, end, end - offset);
+            assert!(to + step <= offset, "reads only below the durable offset");
+            assert!(step <= 8 * (end - offset), "at most 8 bytes read back per byte written");
+            most = most.max(step);
+            to += step;
+            if to == offset {
+                to = end;
+            }
+            offset = end;
+        }
+        (to, most)
+    }
+
+    #[test]
+    fn a_resumed_hash_catches_up_by_its_last_chunk_reading_at_most_eight_bytes_per_byte_written() {
+        let mib = u64::from(MAX_CHUNK_BYTES);
+        // Resumed anywhere up to three quarters, in whole, small and odd chunks: nothing
+        // is left to hash at verification.
+        for eighths in 0..=6 {
+            for len in [mib, mib / 4, 64 * 1024 + 7, 4096] {
+                let from = 100 * mib * eighths / 8 + 333;
+                assert_eq!(catch_up(100 * mib, from, len).0, 100 * mib, "resumed at {from} in chunks of {len}");
+            }
+        }
+        // Far behind, 1 MiB chunks read back only 8 MiB each: what is left is hashed at
+        // verification.
+        assert_eq!(catch_up(100 * mib, 95 * mib, mib), (40 * mib, 8 * mib));
+        // A chunk of one byte reads back at most 8, however far behind.
+        assert_eq!(catch_up_step(99 * mib, 100 * mib, 99 * mib + 1, 1), 8);
+        // Nothing behind, nothing read.
+        assert_eq!(catch_up_step(0, 100 * mib, mib, mib), 0);
     }
 }

@@ -9,7 +9,12 @@
 //! thumbnail made). That a complete file is gone (withdrawn, or with the last message
 //! carrying it) is dropped beyond `QUEUED_GONE` waiting: a forward's copy costs its
 //! sender no upload, so forwarding and deleting could queue them faster than an upload
-//! ends; a reader learns it from `FileInfo` all the same.
+//! ends; a reader learns it from `FileInfo` all the same (those telling only an
+//! uploader, from `DeleteFile` and the sweeper, beyond half of it, leaving room for the
+//! conversations'). A `Complete` found gone from the store when its turn comes (a
+//! thumbnail made as its file was withdrawn) is not delivered: the file's `Failed` is
+//! queued only once its deletion is durable, so it comes after, and a device never sees
+//! a gone file come back.
 //!
 //! Each announcement reads the members of the conversations carrying the file (the
 //! first `ATTACHMENT_SCAN`, by id) until `AUDIENCE_READ` members are read, so a file
@@ -63,7 +68,23 @@ pub(crate) fn announce_gone(shared: &Arc<Shared>, id: &FileId, uploader: UserId,
     queue(Job { shared: shared.clone(), file: *id, uploader, size, state, convs: Some(convs), gone: true });
 }
 
+/// Announces to the uploader's devices only that its file `id` (of `size` bytes) is
+/// gone: one deleted at once by `DeleteFile`, or by the sweeper. Dropped once half of
+/// `QUEUED_GONE` is waiting, so that a sweep of many files leaves room for the
+/// conversations' announcements.
+pub(crate) fn announce_gone_to_uploader(shared: &Arc<Shared>, id: &FileId, uploader: UserId, size: u64) {
+    let state = FileState::Failed { code: switchboard_protocol::ErrorCode::NOT_FOUND };
+    let job = Job { shared: shared.clone(), file: *id, uploader, size, state, convs: Some(Vec::new()), gone: true };
+    queue_within(job, QUEUED_GONE / 2);
+}
+
 fn queue(job: Job) {
+    queue_within(job, QUEUED_GONE);
+}
+
+/// Queues `job`; one telling a file is gone only while fewer than `gone_bound` such
+/// jobs wait (dropped, logged once per thousand, beyond).
+fn queue_within(job: Job, gone_bound: usize) {
     let Some(announcer) = announcer() else {
         // No thread could be started: deliver here rather than not at all.
         return deliver(&job);
@@ -76,7 +97,11 @@ fn queue(job: Job) {
         queue.progress += 1;
     }
     if job.gone {
-        if queue.gone >= QUEUED_GONE {
+        if queue.gone >= gone_bound {
+            queue.gone_dropped += 1;
+            if queue.gone_dropped % 1000 == 1 {
+                tracing::warn!(dropped = queue.gone_dropped, "file-gone announcements past their bound were dropped");
+            }
             return;
         }
         queue.gone += 1;
@@ -112,6 +137,8 @@ struct Queue {
     progress: usize,
     /// Jobs telling that a file is gone among `jobs`.
     gone: usize,
+    /// Such jobs dropped past their bound, since the start.
+    gone_dropped: u64,
 }
 
 struct Announcer {
@@ -166,6 +193,12 @@ fn run() {
 /// members (plus one conversation's). A final state goes once to each user. Blocking
 /// (store reads).
 fn deliver(job: &Job) {
+    if matches!(job.state, FileState::Complete { .. }) && !still_complete(&job.shared, &job.file) {
+        // Deleted since this was queued (its thumbnail made as it was withdrawn): its
+        // `Failed` is queued behind this, once the deletion is durable, or was
+        // delivered already, and a device must not see it come back.
+        return;
+    }
     let progress = |conv| FileProgress { conv, file: job.file, size: job.size, state: job.state.clone() };
     push(&job.shared, &[job.uploader], progress(None));
     if job.shared.health.is_failed() {
@@ -197,6 +230,16 @@ fn deliver(job: &Job) {
     }
     for (conv, users) in audience {
         push(&job.shared, &users, progress(Some(conv)));
+    }
+}
+
+/// Whether file `id` is complete in the store (a read that fails counts as yes: the
+/// announcement goes as it would have).
+fn still_complete(shared: &Shared, id: &FileId) -> bool {
+    match shared.store.file(id) {
+        Ok(Some(record)) => record.is_complete(),
+        Ok(None) => false,
+        Err(_) => true,
     }
 }
 

@@ -667,15 +667,24 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
         let s = shared.clone();
         let mut after = unheld_after.take();
         let swept = tokio::task::spawn_blocking(move || {
-            let mut deleted = Vec::new();
             for _ in 0..UNHELD_PAGES {
                 let files = s.store.unheld_files(after.as_ref(), BATCH).map_err(|e| e.to_string())?;
                 // Each on its own: one that fails is logged and the rest still go.
+                let mut deleted = Vec::new();
                 for id in &files {
                     match collect_record(&s, id) {
                         Ok(Some(record)) => deleted.push((*id, record)),
                         Ok(None) => {}
                         Err(e) => tracing::warn!(file = blobs::hex(id), error = %e, "deleting an unheld file failed"),
+                    }
+                }
+                // The page's deletions told once durable (`collect` waits only when
+                // bytes go), before the next page is read.
+                if !deleted.is_empty() {
+                    let barrier = s.store.barrier().map_err(|e| e.to_string())?;
+                    tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())?;
+                    for (id, record) in deleted {
+                        announce::announce_gone_to_uploader(&s, &id, record.uploader, record.size);
                     }
                 }
                 match files.last() {
@@ -687,20 +696,12 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
                     }
                 }
             }
-            // Told once their removal is durable (`collect` waits only when bytes go).
-            if !deleted.is_empty() {
-                let barrier = s.store.barrier().map_err(|e| e.to_string())?;
-                tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())?;
-                for (id, record) in deleted {
-                    announce::announce_gone(&s, &id, record.uploader, record.size, Vec::new());
-                }
-            }
             Ok::<_, String>(after)
         })
         .await;
         match swept.map_err(|e| e.to_string()) {
             Ok(Ok(stopped_at)) => unheld_after = stopped_at,
-            Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "reading unheld files failed"),
+            Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "sweeping unheld files failed"),
         }
     }
 }

@@ -309,9 +309,16 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
         tokio::task::spawn_blocking(move || super::collect(&s, &id)).await.map_err(internal)?.map_err(internal)?;
     if deleted {
         // No message carried it: only the uploader's devices knew it, and are told it
-        // is gone once that is durable (`collect` does not wait when no bytes go).
-        shared.store.barrier().map_err(internal)?.await.map_err(internal)?;
-        super::announce::announce_gone(&shared, &id, user, record.size, Vec::new());
+        // is gone once that is durable (`collect` does not wait when no bytes go). The
+        // deletion is done either way: a barrier that fails only skips the telling.
+        let durable = match shared.store.barrier() {
+            Ok(barrier) => barrier.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match durable {
+            Ok(()) => super::announce::announce_gone_to_uploader(&shared, &id, user, record.size),
+            Err(e) => tracing::warn!(error = %e, "a deleted file's removal did not become durable; not told"),
+        }
     }
     Ok(Reply::Done)
 }
