@@ -136,7 +136,7 @@ enum Command {
     },
     /// Send a text message; prints its seq.
     Send {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         text: String,
         /// Idempotency key, 32 hex digits: sending the same text again with the same key
@@ -148,20 +148,20 @@ enum Command {
     },
     /// Replace the text of one of my messages.
     Edit {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         seq: Seq,
         text: String,
     },
     /// Delete one of my messages.
     Delete {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         seq: Seq,
     },
     /// Show history (newest page by default).
     History {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         /// Entries before this seq.
         #[arg(long, conflicts_with = "after")]
@@ -183,7 +183,7 @@ enum Command {
     Tail,
     /// Mark a conversation read up to a seq.
     Read {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         seq: Seq,
     },
@@ -203,7 +203,7 @@ enum Command {
     Unblock { user: String },
     /// Say I am typing in a conversation, until interrupted or for --seconds.
     Typing {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 10)]
@@ -222,7 +222,8 @@ enum Command {
         /// The file (with --resume, may be left out: the file this home began it from).
         #[arg(required_unless_present = "resume")]
         file: Option<PathBuf>,
-        /// Send a message carrying the file to this conversation once uploaded.
+        /// Send a message carrying the file to this conversation (its number or title)
+        /// once uploaded.
         #[arg(long, value_parser = ConvArg::parse)]
         conv: Option<ConvArg>,
         /// Declared media type (default: from the file name's extension, else
@@ -279,13 +280,15 @@ enum FileCommand {
     /// Drop my hold on a file I uploaded (messages that carry it keep it).
     Delete { file: String },
     /// Take a file I uploaded back from every message that carries it, in conversations
-    /// I left too, and delete it: nobody can read it any more, and my quota has it back.
+    /// I left too, and delete it: nobody can read it from those any more, and my quota
+    /// has it back. Copies others forwarded are theirs (a forward sends the forwarder's
+    /// own copy, on their quota) and stay.
     Withdraw { file: String },
     /// Send files already uploaded in one message; prints its seq. A file someone else
     /// uploaded (one a message showed me) goes as my own copy of it, counted in my quota
     /// until the last message carrying it is deleted.
     Send {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         /// 1 to 10 file ids, 32 hex digits each.
         #[arg(required = true)]
@@ -311,12 +314,12 @@ enum ConvCommand {
     List,
     /// List the members of a conversation.
     Members {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
     },
     /// Add users to a group.
     Add {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         #[arg(required = true)]
         users: Vec<String>,
@@ -326,14 +329,14 @@ enum ConvCommand {
     },
     /// Remove a member (by name or user id) from a group.
     Remove {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         user: String,
     },
     /// Change a member's role (by name or user id) in a group I own: admin or member,
     /// or owner to hand the group over (I become an admin).
     Role {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         user: String,
         #[arg(value_parser = ["owner", "admin", "member"])]
@@ -341,7 +344,7 @@ enum ConvCommand {
     },
     /// Leave a group.
     Leave {
-        #[arg(value_parser = ConvArg::parse)]
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
     },
 }
@@ -849,7 +852,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
         Command::Quota => files::quota(client, out).await?,
         Command::Files => files::files(client, out).await?,
         Command::Download { .. } => unreachable!("run by `files::download`, which reconnects"),
-        Command::File { command } => files::file_command(client, out, command).await?,
+        Command::File { command } => files::file_command(client, home, out, command).await?,
         Command::Read { conv, seq } => {
             let conv = conv.resolve(client).await?;
             let r = client.mark_read(conv, seq).await?;
@@ -1173,6 +1176,9 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                 files.look_up_entries(&session, [&e]).await;
                 out.entry(&e, &sender, &named, &files);
             }
+            // My own (my devices receiving and reading) in a terminal are noise: nearly
+            // half the lines of the trial's tail. `--json` keeps them.
+            Some(SessionEvent::Receipt(r)) if r.user == identity.user_id && !out.json => {}
             Some(SessionEvent::Receipt(r)) => {
                 let name = names.of(&session, r.conv, r.user).await;
                 out.receipt(&r, name, &mut receipts);
@@ -1391,7 +1397,8 @@ impl Lookups for Session {
 /// conversation, delivered and read up to the same seqs) make one line naming everyone,
 /// printed when a different one or any other event comes, or `RECEIPT_LINE_MS` after the
 /// first (before, a group of ten printed nine lines per message). A receipt of nothing
-/// received (a member just added) is not printed. `--json` prints every receipt.
+/// received (a member just added) is not printed, nor my own. `--json` prints every
+/// receipt.
 #[derive(Default)]
 struct ReceiptLines {
     pending: Option<ReceiptLine>,

@@ -1,10 +1,16 @@
 //! A conversation as `sb` takes it on the command line: its number (what `sb conv list`
 //! shows) or its title (a group's title, or for a direct conversation the other
-//! member's name), looked up among the caller's conversations.
+//! member's name), looked up among the caller's conversations. A title matches
+//! whatever its letter case; one that matches several conversations (two groups, or a
+//! group and a direct one) is refused with their numbers, never guessed. A title made
+//! only of digits reads as a number.
 
 use anyhow::bail;
 use switchboard_client::Client;
 use switchboard_protocol::{ConvId, ConversationKind, ConversationSummary};
+
+/// The help of a conversation argument.
+pub const HELP: &str = "The conversation: its number, or its title (a direct one: the other member's name)";
 
 /// A conversation named on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,48 +22,56 @@ pub enum ConvArg {
 }
 
 impl ConvArg {
-    /// The clap value parser: digits are a number, anything else a title.
+    /// The clap value parser: ASCII digits are a number, anything else a title.
     pub fn parse(s: &str) -> Result<ConvArg, String> {
         if s.is_empty() {
             return Err("a conversation is given by its number or its title".into());
         }
-        Ok(s.parse().map_or_else(|_| ConvArg::Title(s.to_owned()), ConvArg::Id))
+        match s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse()) {
+            Some(Ok(id)) => Ok(ConvArg::Id(id)),
+            Some(Err(_)) => Err(format!("{s} is no conversation's number")),
+            None => Ok(ConvArg::Title(s.to_owned())),
+        }
     }
 
     /// The conversation's number: a title is looked up among `client`'s conversations
-    /// (one `ListConversations` walk). Errors: no conversation of the caller's has that
-    /// title, or several do (each listed with its number).
+    /// (one `ListConversations` walk), and what it was taken for is said on standard
+    /// error (`"team" is conversation 12, a group`). Errors: no conversation of the
+    /// caller's has that title, or several do (each listed with its number).
     pub async fn resolve(&self, client: &Client) -> anyhow::Result<ConvId> {
         match self {
             ConvArg::Id(id) => Ok(*id),
-            ConvArg::Title(title) => pick(title, &client.conversations().await?),
+            ConvArg::Title(title) => {
+                let convs = client.conversations().await?;
+                let found = pick(title, &convs)?;
+                eprintln!("{title:?} is conversation {}", describe(found));
+                Ok(found.id)
+            }
         }
     }
 }
 
-/// The one of `convs` titled `title`: an exact match first, else the one whose title
-/// differs only in letter case.
-pub fn pick(title: &str, convs: &[ConversationSummary]) -> anyhow::Result<ConvId> {
-    let exact: Vec<&ConversationSummary> = convs.iter().filter(|c| c.title == title).collect();
-    let found = if exact.is_empty() {
-        convs.iter().filter(|c| c.title.to_lowercase() == title.to_lowercase()).collect()
-    } else {
-        exact
-    };
+/// `12, a group titled "team"` or `4, the direct one with bob`.
+fn describe(c: &ConversationSummary) -> String {
+    match c.kind {
+        ConversationKind::Direct => format!("{}, the direct one with {}", c.id, c.title),
+        ConversationKind::Group => format!("{}, a group titled {:?}", c.id, c.title),
+    }
+}
+
+/// The one of `convs` whose title is `title`, whatever its letter case (user names and
+/// titles differing only in case are likely one person or team to whoever types them).
+pub fn pick<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result<&'a ConversationSummary> {
+    let lower = title.to_lowercase();
+    let found: Vec<&ConversationSummary> = convs.iter().filter(|c| c.title.to_lowercase() == lower).collect();
     match found.as_slice() {
-        [one] => Ok(one.id),
+        [one] => Ok(one),
         [] => bail!(
-            "none of my conversations is titled {title:?} or is a direct one with a user of that name (`sb conv list` shows them)"
+            "none of my conversations is titled {title:?} or is a direct one with a user of that name (`sb conv list` shows them; `sb conv create NAME` starts a direct one)"
         ),
         several => {
-            let which: Vec<String> = several
-                .iter()
-                .map(|c| match c.kind {
-                    ConversationKind::Direct => format!("{} (direct with {})", c.id, c.title),
-                    ConversationKind::Group => format!("{} (group {:?})", c.id, c.title),
-                })
-                .collect();
-            bail!("several conversations are titled {title:?}: {}; give its number", which.join(", "))
+            let which: Vec<String> = several.iter().map(|c| describe(c)).collect();
+            bail!("several conversations go by {title:?}: {}; give its number", which.join("; "))
         }
     }
 }
@@ -76,6 +90,9 @@ mod tests {
     fn a_conversation_is_named_by_its_number_or_its_title() {
         assert_eq!(ConvArg::parse("12").unwrap(), ConvArg::Id(12));
         assert_eq!(ConvArg::parse("team").unwrap(), ConvArg::Title("team".into()));
+        // Only digits make a number (`+7` was read as 7).
+        assert_eq!(ConvArg::parse("+7").unwrap(), ConvArg::Title("+7".into()));
+        assert!(ConvArg::parse("99999999999999999999999").is_err());
         assert!(ConvArg::parse("").is_err());
         let convs = [
             conv(3, ConversationKind::Group, "team"),
@@ -83,16 +100,21 @@ mod tests {
             conv(5, ConversationKind::Group, "Trip"),
             conv(6, ConversationKind::Group, "trip"),
             conv(7, ConversationKind::Group, "Ops"),
+            conv(8, ConversationKind::Group, "Dave"),
+            conv(9, ConversationKind::Direct, "dave"),
         ];
-        assert_eq!(pick("team", &convs).unwrap(), 3);
+        let id = |title| pick(title, &convs).map(|c| c.id);
+        assert_eq!(id("team").unwrap(), 3);
         // A direct conversation goes by the other member's name.
-        assert_eq!(pick("bob", &convs).unwrap(), 4);
-        // The exact title first; letter case only when nothing matches exactly.
-        assert_eq!(pick("trip", &convs).unwrap(), 6);
-        assert_eq!(pick("ops", &convs).unwrap(), 7);
-        let several = pick("TRIP", &convs).unwrap_err().to_string();
-        assert!(several.contains("5 (group \"Trip\"), 6 (group \"trip\")"), "{several}");
-        let none = pick("carol", &convs).unwrap_err().to_string();
-        assert!(none.contains("sb conv list"), "{none}");
+        assert_eq!(id("bob").unwrap(), 4);
+        assert_eq!(id("ops").unwrap(), 7);
+        // Several, whatever the case, are refused: the trial's "Dave" went to a group
+        // dave was not in while a direct conversation with dave existed.
+        let several = id("trip").unwrap_err().to_string();
+        assert!(several.contains("5, a group titled \"Trip\"; 6, a group titled \"trip\""), "{several}");
+        let several = id("Dave").unwrap_err().to_string();
+        assert!(several.contains("8, a group titled \"Dave\"; 9, the direct one with dave"), "{several}");
+        let none = id("carol").unwrap_err().to_string();
+        assert!(none.contains("sb conv list") && none.contains("sb conv create NAME"), "{none}");
     }
 }

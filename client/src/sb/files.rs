@@ -281,6 +281,12 @@ const TYPE_HINT: &str = "its first bytes are not the type it was declared as (by
 /// quota and how to free it (a stale unfinished upload holds its whole declared size,
 /// which is easy to forget); any other error as it is.
 fn with_quota_hint(e: ClientError) -> anyhow::Error {
+    if e.code() == Some(ErrorCode::TOO_MANY_UPLOADS) {
+        return anyhow::Error::new(e).context(
+            "you have as many unfinished uploads as the broker allows (`sb quota` says how many): \
+             `sb uploads` lists them; finish one (`sb upload --resume ID FILE`) or cancel it (`sb file cancel ID`)",
+        );
+    }
     if e.code() != Some(ErrorCode::QUOTA_EXCEEDED) {
         return e.into();
     }
@@ -452,7 +458,8 @@ pub async fn download(
     let raw = path.as_os_str().to_string_lossy();
     let last = raw.rsplit(['/', std::path::MAIN_SEPARATOR]).next().unwrap_or_default();
     if matches!(last, "" | "." | "..") && !path.is_dir() {
-        bail!("{} is not a directory: nothing downloaded", path.display());
+        let what = if path.exists() { "is not a directory" } else { "does not exist (create the directory first)" };
+        bail!("{} {what}: nothing downloaded", path.display());
     }
     // Said before anything is asked (the partial file beside OUT is not the user's name).
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -756,7 +763,7 @@ async fn open_partial(
 }
 
 /// `sb file info|cancel|delete`.
-pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> anyhow::Result<()> {
+pub async fn file_command(client: &Client, home: &Path, out: &Out, command: FileCommand) -> anyhow::Result<()> {
     match command {
         FileCommand::Info { file } => {
             let info = client.file_info(parse_file_id(&file)?).await.map_err(|e| cannot_read(&file, e))?;
@@ -816,6 +823,13 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                 }
                 return Err(e.into());
             }
+            // What this home saved to resume or send it goes too: a later `sb upload` of
+            // the same file starts afresh and sends it nowhere it is not told to (before,
+            // it sent the cancelled upload's message after all).
+            update_state(home, |s| {
+                s.uploads.retain(|u| u.file != hex(&id));
+                Ok(())
+            })?;
             out.line(json!({"event": "cancelled", "file": file}), || format!("cancelled {file}"));
         }
         FileCommand::Delete { file } => {
@@ -850,7 +864,9 @@ pub async fn file_command(client: &Client, out: &Out, command: FileCommand) -> a
                 return Err(not_mine(client, &file, e).await);
             }
             out.line(json!({"event": "withdrawn", "file": file}), || {
-                format!("withdrew {file}: gone from every message that carried it")
+                format!(
+                    "withdrew {file}: gone from every message that carried it (copies others forwarded are theirs, and stay)"
+                )
             });
         }
         FileCommand::Send { conv, files, text } => {
@@ -901,8 +917,10 @@ async fn not_mine(client: &Client, id: &str, e: ClientError) -> anyhow::Error {
         let contacts = client.presence(&[info.uploader]).await.unwrap_or_default();
         let named = contacts.into_iter().find(|p| p.user == info.uploader).map(|p| p.name);
         let whose = named.unwrap_or_else(|| format!("user#{}", info.uploader));
-        return anyhow::Error::new(e)
-            .context(format!("{id} is {whose}'s file: only its uploader may delete or withdraw it"));
+        // Said without the broker's "no such file", which read as a contradiction.
+        return anyhow!(
+            "{id} is {whose}'s file (a forward of a file sends the forwarder's own copy): only its uploader may delete or withdraw it"
+        );
     }
     if e.code() == Some(ErrorCode::NOT_FOUND) {
         return cannot_read(id, e);
