@@ -688,6 +688,12 @@ async fn file_send_forwards_a_file_as_my_copy() {
     assert_eq!(delete[0]["event"], "not_held", "{delete:?}");
     let bad = sb_output(&bob, &broker, &["file", "send", &theirs, "xyz"]);
     assert!(!bad.status.success());
+    // Of several, the one that cannot be read is named (before: only "no such file").
+    let unknown = "00112233445566778899aabbccddeeff";
+    let which = sb_output(&bob, &broker, &["file", "send", &theirs, &id, unknown]);
+    let said = String::from_utf8_lossy(&which.stderr);
+    assert!(!which.status.success() && said.contains(&format!("{unknown} cannot be read")), "{said}");
+    assert!(!said.contains(&id), "{said}");
     // bob takes his copy back: carol cannot read it any more.
     assert_eq!(sb(&bob, &broker, &["file", "withdraw", &copy])[0]["event"], "withdrawn");
     let gone = sb_output(&carol, &broker, &["download", &copy, out.to_str().unwrap()]);

@@ -10,7 +10,7 @@ use switchboard_client::Client;
 use switchboard_protocol::{ConvId, ConversationKind, ConversationSummary};
 
 /// The help of a conversation argument.
-pub const HELP: &str = "The conversation: its number, or its title (a direct one: the other member's name)";
+pub const HELP: &str = "The conversation: its number, or its title (a direct one: the other member's name; a title of digits only: give its number)";
 
 /// A conversation named on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -244,7 +244,8 @@ pub async fn upload(
                 if matches!(e, ClientError::Server(_)) {
                     forget_upload(home, &key)?;
                     return Err(anyhow::Error::new(e).context(format!(
-                        "uploaded as {id}, but not sent to conversation {}: the file is kept on your quota (`sb file delete {id}` frees it)",
+                        "uploaded as {id}, but not sent to conversation {}: the file is kept on your quota \
+                         (`sb file send CONV {id}` sends it elsewhere; `sb file delete {id}` frees it)",
                         t.conv
                     )));
                 }
@@ -872,7 +873,23 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
         FileCommand::Send { conv, files, text } => {
             let conv = conv.resolve(client).await?;
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
-            let seq = client.send_files(conv, &text, &ids).await.map_err(with_quota_hint)?;
+            let seq = match client.send_files(conv, &text, &ids).await {
+                Ok(seq) => seq,
+                Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) && ids.len() > 1 => {
+                    // Say which (the broker's answer names none).
+                    let mut unreadable = Vec::new();
+                    for (id, given) in ids.iter().zip(&files) {
+                        if client.file_info(*id).await.is_err() {
+                            unreadable.push(given.as_str());
+                        }
+                    }
+                    if unreadable.is_empty() {
+                        return Err(with_quota_hint(e));
+                    }
+                    return Err(cannot_read(&unreadable.join(", "), e));
+                }
+                Err(e) => return Err(with_quota_hint(e)),
+            };
             // The ids as the message carries them: another's file goes as my copy. Sent
             // whatever this read does (a failure here must not make anyone send again).
             let page = switchboard_protocol::Page::After(seq.saturating_sub(1));
