@@ -546,6 +546,14 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<bool, String> {
     Ok(deleted)
 }
 
+/// Waits until everything written before the call is durable (a barrier of the next
+/// group commit): `collect` waits only when bytes go, and a deletion is told only once
+/// it is durable. Blocking.
+fn wait_durable(shared: &Shared) -> Result<(), String> {
+    let barrier = shared.store.barrier().map_err(|e| e.to_string())?;
+    tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())
+}
+
 /// `collect`, with the file's record if this call deleted it (to tell whoever saw it).
 /// Blocking.
 pub(crate) fn collect_record(shared: &Shared, id: &FileId) -> Result<Option<FileRecord>, String> {
@@ -616,9 +624,7 @@ pub(crate) fn collect_soon(shared: &Arc<Shared>, conv: ConvId, audience: Arc<[Us
             // A panic loses that file to the sweeper, not the worker.
             let gone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let Some(record) = collect_record(&s, &next)? else { return Ok(None) };
-                // Told once its removal is durable (`collect` waits only when bytes go).
-                let barrier = s.store.barrier().map_err(|e| e.to_string())?;
-                tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())?;
+                wait_durable(&s)?;
                 Ok::<_, String>(Some(record))
             }));
             match gone {
@@ -678,11 +684,9 @@ pub(crate) async fn sweeper(shared: Weak<Shared>, interval: Duration) {
                         Err(e) => tracing::warn!(file = blobs::hex(id), error = %e, "deleting an unheld file failed"),
                     }
                 }
-                // The page's deletions told once durable (`collect` waits only when
-                // bytes go), before the next page is read.
+                // The page's deletions told once durable, before the next page is read.
                 if !deleted.is_empty() {
-                    let barrier = s.store.barrier().map_err(|e| e.to_string())?;
-                    tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())?;
+                    wait_durable(&s)?;
                     for (id, record) in deleted {
                         announce::announce_gone_to_uploader(&s, &id, record.uploader, record.size);
                     }

@@ -271,7 +271,7 @@ pub async fn upload(
 /// `BeginUpload`; refused for the quota, with what takes it and how to free it (a
 /// stale unfinished upload holds its whole declared size, which is easy to forget).
 async fn begin(uploader: &mut Uploader, new: switchboard_protocol::NewUpload) -> anyhow::Result<FileId> {
-    uploader.begin(new).await.map(|status| status.file).map_err(with_quota_hint)
+    uploader.begin(new).await.map(|status| status.file).map_err(with_limit_hint)
 }
 
 /// What to do about `TYPE_MISMATCH` (refused on the transfer stream, at the first bytes).
@@ -280,8 +280,9 @@ const TYPE_HINT: &str = "its first bytes are not the type it was declared as (by
 
 /// A refusal for the quota (of an upload, or of a forward's copy) with what takes the
 /// quota and how to free it (a stale unfinished upload holds its whole declared size,
-/// which is easy to forget); any other error as it is.
-fn with_quota_hint(e: ClientError) -> anyhow::Error {
+/// which is easy to forget), or for too many unfinished uploads with how to see and end
+/// them; any other error as it is.
+fn with_limit_hint(e: ClientError) -> anyhow::Error {
     if e.code() == Some(ErrorCode::TOO_MANY_UPLOADS) {
         return anyhow::Error::new(e).context(
             "you have as many unfinished uploads as the broker allows (`sb quota` says how many): \
@@ -884,11 +885,11 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
                         }
                     }
                     if unreadable.is_empty() {
-                        return Err(with_quota_hint(e));
+                        return Err(with_limit_hint(e));
                     }
                     return Err(cannot_read(&unreadable.join(", "), e));
                 }
-                Err(e) => return Err(with_quota_hint(e)),
+                Err(e) => return Err(with_limit_hint(e)),
             };
             // The ids as the message carries them: another's file goes as my copy. Sent
             // whatever this read does (a failure here must not make anyone send again).
