@@ -685,28 +685,41 @@ async fn send(
             .context("--client-id takes 32 hex digits (16 bytes)")?,
         None => new_client_id(),
     };
-    // A title is looked up first, on a connection of its own (a lookup that fails has
-    // sent nothing).
-    let conv = match conv {
-        ConvArg::Id(id) => id,
-        title => {
-            let client = connector.connect(identity).await?;
-            let found = title.resolve(&client).await;
-            client.close();
-            found?
-        }
-    };
     let deadline = tokio::time::Instant::now() + SEND_RETRY_FOR;
     let mut backoff = switchboard_client::Backoff::new(100, 2_000);
-    let (seq, duplicate) = loop {
+    // A title is looked up on each connection, riding out lost connections like the
+    // send (a title that matches none or several is final).
+    let resolved = match conv {
+        ConvArg::Id(id) => Some(id),
+        ConvArg::Title(_) => None,
+    };
+    let (conv, seq, duplicate) = loop {
         let attempt = async {
             let client = connector.connect(identity).await?;
-            let sent = client.send_with_id(conv, client_id, text).await;
+            let id = match resolved {
+                Some(id) => id,
+                None => {
+                    let convs = client.conversations().await;
+                    match convs.map(|convs| conv.among(&convs)) {
+                        Ok(Ok(id)) => id,
+                        Ok(Err(e)) => {
+                            client.close();
+                            return Ok(Err(e));
+                        }
+                        Err(e) => {
+                            client.close();
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            let sent = client.send_with_id(id, client_id, text).await;
             client.close();
-            sent
+            sent.map(|sent| Ok((id, sent)))
         };
         let error = match attempt.await {
-            Ok(sent) => break sent,
+            Ok(Ok((id, (seq, duplicate)))) => break (id, seq, duplicate),
+            Ok(Err(e)) => return Err(e),
             Err(e) => e,
         };
         // A refusal, or a connection the broker closed on purpose, is final.
@@ -722,7 +735,8 @@ async fn send(
                 .context(format!("the broker may have stored it: `{again}` sends it again at most once")));
         }
         out.status(
-            json!({"event": "resending", "conv": conv, "client_id": hex(&client_id), "error": error.to_string()}),
+            json!({"event": "resending", "conv": resolved.map_or_else(|| json!(conv.to_string()), |id| json!(id)),
+                "client_id": hex(&client_id), "error": error.to_string()}),
             || format!("connection lost before the answer ({error}); sending again in {} ms", delay.as_millis()),
         );
         tokio::time::sleep(delay).await;

@@ -1606,6 +1606,31 @@ async fn send_whose_answer_was_lost_sends_again_and_is_stored_once() {
     panic!("the answer beat the cut five times");
 }
 
+/// `sb send` by a title rides out a broker that is down when it starts, as by a number
+/// (before, the title's lookup failed at once on the first connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_by_title_rides_out_a_broker_that_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let broker = Broker::start(common::test_config(data_dir.clone())).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    sb(&alice, &broker, &["conv", "create", "bob"]);
+    let mut send = sb_command(&alice, &broker);
+    send.args(["--json", "send", "bob", "while you were down"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let addr = broker.local_addr;
+    broker.shutdown().await.unwrap();
+    let child = send.spawn().unwrap();
+    // Past the first connection's 10 s timeout: the lookup's connection fails.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let broker = Broker::start(Config { listen: addr, ..common::test_config(data_dir) }).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let history = sb(&bob, &broker, &["history", "alice"]);
+    assert_eq!(history.iter().filter(|e| e["text"] == "while you were down").count(), 1, "{history:?}");
+}
+
 /// Mistakes a user makes are said before any work, in words: a conversation one is not
 /// in before a whole file is uploaded to it or a typing signal vanishes, an `add` with
 /// nobody to add, a server without a port; and a password comes from standard input

@@ -41,12 +41,29 @@ impl ConvArg {
     pub async fn resolve(&self, client: &Client) -> anyhow::Result<ConvId> {
         match self {
             ConvArg::Id(id) => Ok(*id),
+            ConvArg::Title(_) => self.among(&client.conversations().await?),
+        }
+    }
+
+    /// `resolve` among `convs`, the caller's conversations.
+    pub fn among(&self, convs: &[ConversationSummary]) -> anyhow::Result<ConvId> {
+        match self {
+            ConvArg::Id(id) => Ok(*id),
             ConvArg::Title(title) => {
-                let convs = client.conversations().await?;
-                let found = pick(title, &convs)?;
+                let found = pick(title, convs)?;
                 eprintln!("{title:?} is conversation {}", describe(found));
                 Ok(found.id)
             }
+        }
+    }
+}
+
+impl std::fmt::Display for ConvArg {
+    /// As given: the number, or the title.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConvArg::Id(id) => write!(f, "{id}"),
+            ConvArg::Title(title) => write!(f, "{title}"),
         }
     }
 }

@@ -460,7 +460,10 @@ pub async fn download(
     let raw = path.as_os_str().to_string_lossy();
     let last = raw.rsplit(['/', std::path::MAIN_SEPARATOR]).next().unwrap_or_default();
     if matches!(last, "" | "." | "..") && !path.is_dir() {
-        let what = if path.exists() { "is not a directory" } else { "does not exist (create the directory first)" };
+        let what = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist (create the directory first)",
+            _ => "is not a directory",
+        };
         bail!("{} {what}: nothing downloaded", path.display());
     }
     // Said before anything is asked (the partial file beside OUT is not the user's name).
@@ -808,7 +811,26 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
         }
         FileCommand::Cancel { file } => {
             let id = parse_file_id(&file)?;
-            if let Err(e) = client.cancel_upload(id).await {
+            // What this home saved to resume or send it goes, cancelled now or gone
+            // already: a later `sb upload` of the same file starts afresh and sends it
+            // nowhere it is not told to (before, it sent the cancelled upload's message
+            // after all). A failure to write that only warns: the cancel stands.
+            let forget = || {
+                let forgot = update_state(home, |s| {
+                    s.uploads.retain(|u| u.file != hex(&id));
+                    Ok(())
+                });
+                if let Err(e) = forgot {
+                    eprintln!(
+                        "warning: {file} stays saved in this home ({e:#}); `sb upload` of its file would start again"
+                    );
+                }
+            };
+            let cancelled = client.cancel_upload(id).await;
+            if cancelled.as_ref().is_err_and(|e| e.code() == Some(ErrorCode::NOT_FOUND)) {
+                forget();
+            }
+            if let Err(e) = cancelled {
                 // A complete file is not an upload to cancel: say what lets go of it.
                 if e.code() == Some(ErrorCode::NOT_FOUND)
                     && let Ok(info) = client.file_info(id).await
@@ -825,13 +847,7 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
                 }
                 return Err(e.into());
             }
-            // What this home saved to resume or send it goes too: a later `sb upload` of
-            // the same file starts afresh and sends it nowhere it is not told to (before,
-            // it sent the cancelled upload's message after all).
-            update_state(home, |s| {
-                s.uploads.retain(|u| u.file != hex(&id));
-                Ok(())
-            })?;
+            forget();
             out.line(json!({"event": "cancelled", "file": file}), || format!("cancelled {file}"));
         }
         FileCommand::Delete { file } => {
@@ -935,10 +951,12 @@ async fn not_mine(client: &Client, id: &str, e: ClientError) -> anyhow::Error {
         let contacts = client.presence(&[info.uploader]).await.unwrap_or_default();
         let named = contacts.into_iter().find(|p| p.user == info.uploader).map(|p| p.name);
         let whose = named.unwrap_or_else(|| format!("user#{}", info.uploader));
-        // Said without the broker's "no such file", which read as a contradiction.
-        return anyhow!(
-            "{id} is {whose}'s file (a forward of a file sends the forwarder's own copy): only its uploader may delete or withdraw it"
-        );
+        // The broker's code kept for --json; its words explained, which alone read as a
+        // contradiction.
+        return anyhow::Error::new(e).context(format!(
+            "{id} is {whose}'s file (a forward of a file sends the forwarder's own copy): only its uploader may \
+             delete or withdraw it, and to anyone else the broker answers as for a file that does not exist"
+        ));
     }
     if e.code() == Some(ErrorCode::NOT_FOUND) {
         return cannot_read(id, e);

@@ -384,6 +384,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.extra.insert("f_chat_p99_ms_during_upload".into(), busy_p.p99_ms);
     report.extra.insert("f_chat_p99_ratio".into(), ratio);
     report.extra.insert("f_uploaded_mb_during_chat".into(), busy.uploaded_bytes as f64 / MB);
+    report.extra.insert("f_quota_wait_s_during_chat".into(), busy.quota_wait_s);
     report.check(
         "every chat message delivered",
         idle.delivered == u64::from(args.chat_messages) && busy.chat.delivered == u64::from(args.chat_messages),
@@ -396,7 +397,11 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             Some(why) => {
                 format!("{:.1} MB durable during the phase; the uploads ended: {why}", busy.uploaded_bytes as f64 / MB)
             }
-            None => format!("{:.1} MB durable during the phase", busy.uploaded_bytes as f64 / MB),
+            None => format!(
+                "{:.1} MB durable during the phase, {:.1} s of it waiting for the quota's freeing",
+                busy.uploaded_bytes as f64 / MB,
+                busy.quota_wait_s
+            ),
         },
     );
     report.check(
@@ -878,7 +883,15 @@ struct BusyChat {
     uploading_at_end: bool,
     /// Why the uploads stopped before the chat phase ended, if they did.
     upload_stopped: Option<String>,
+    /// Seconds of the phase the uploads spent waiting for the quota to be freed (about:
+    /// a wait under way as the phase ends is not counted).
+    quota_wait_s: f64,
 }
+
+/// Longest the uploads beside the chat wait for the quota to be freed before one is
+/// given up (what they deleted is freed at `delete_bytes_per_sec`, 32 MiB/s by default:
+/// a 100 MiB file's worth in about 3 s).
+const QUOTA_WAIT: Duration = Duration::from_secs(30);
 
 /// (f), second half: the sender's connection uploads `bytes`-sized files back to back
 /// (each deleted once complete, so the quota never fills); once the first chunk is
@@ -892,27 +905,40 @@ async fn chat_beside_upload(
 ) -> Result<BusyChat> {
     let stop = Arc::new(AtomicBool::new(false));
     let durable = Arc::new(AtomicU64::new(0));
+    let quota_wait_ms = Arc::new(AtomicU64::new(0));
     let (started_tx, started) = tokio::sync::oneshot::channel();
     let uploads = {
         let (client, stop, durable, base) = (sender.clone(), stop.clone(), durable.clone(), base.clone());
+        let quota_wait_ms = quota_wait_ms.clone();
         tokio::spawn(async move {
             let mut started_tx = Some(started_tx);
             let mut salt = 10_000;
             while !stop.load(Ordering::Acquire) {
                 salt += 1;
                 let mut pattern = Pattern::new(&base, salt, bytes);
-                let status = match client.begin_upload(pattern.new_upload("bench-beside-chat.bin").await?).await {
-                    Ok(status) => status,
-                    // The files deleted before count against the quota until the broker
-                    // has freed their bytes (paced, `delete_bytes_per_sec`): wait for it,
-                    // as a client would (before, the uploads stopped here, and (f) was
-                    // measured beside no upload for the rest of the phase).
-                    Err(e) if e.code() == Some(switchboard_protocol::ErrorCode::QUOTA_EXCEEDED) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
+                let new = pattern.new_upload("bench-beside-chat.bin").await?;
+                // The files deleted before count against the quota until the broker has
+                // freed their bytes (paced, `delete_bytes_per_sec`): wait for it, as a
+                // client would, up to `QUOTA_WAIT` (before, the uploads stopped at the
+                // first refusal, and (f) was measured beside no upload for the rest of
+                // the phase).
+                let waiting = Instant::now();
+                let status = loop {
+                    match client.begin_upload(new.clone()).await {
+                        Ok(status) => break status,
+                        Err(e)
+                            if e.code() == Some(switchboard_protocol::ErrorCode::QUOTA_EXCEEDED)
+                                && waiting.elapsed() < QUOTA_WAIT =>
+                        {
+                            if stop.load(Ordering::Acquire) {
+                                return Ok(());
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(e) => return Err(e.into()),
                 };
+                quota_wait_ms.fetch_add(waiting.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let mut last = 0;
                 let result = client
                     .upload_from(status.file, 0, &mut pattern, |offset| {
@@ -937,9 +963,11 @@ async fn chat_beside_upload(
             Ok(()) => Err(Error::Protocol("the upload beside the chat never started".into())),
         };
     }
-    let before = durable.load(Ordering::Relaxed);
+    let (before, waited_before) = (durable.load(Ordering::Relaxed), quota_wait_ms.load(Ordering::Relaxed));
     let result = chat.run(sender, events).await;
     let uploaded_bytes = durable.load(Ordering::Relaxed) - before;
+    let quota_wait_s = quota_wait_ms.load(Ordering::Relaxed).saturating_sub(waited_before) as f64 / 1000.0;
+    // Still uploading, or waiting (at most `QUOTA_WAIT`) for the quota to upload more.
     let uploading_at_end = !uploads.is_finished();
     stop.store(true, Ordering::Release);
     let upload_stopped = if uploading_at_end {
@@ -953,7 +981,7 @@ async fn chat_beside_upload(
             Err(e) => e.to_string(),
         })
     };
-    Ok(BusyChat { chat: result?, uploaded_bytes, uploading_at_end, upload_stopped })
+    Ok(BusyChat { chat: result?, uploaded_bytes, uploading_at_end, upload_stopped, quota_wait_s })
 }
 
 /// File contents for the harness: a 1 MiB pseudo-random block repeated, with the first
