@@ -12,22 +12,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use switchboard_client::{Client, Connector, Events, TransportOptions, Trust};
-use switchboard_protocol::{ConvId, Entry, ErrorCode, Event, PresenceInfo, PresenceState, Role, UserId};
-use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, no_event, within};
-
-/// Waits for the next entry event, skipping presence and typing events.
-async fn next_entry(events: &mut Events) -> Entry {
-    within(STEP_DEADLINE, "an entry event", async {
-        loop {
-            match events.next().await {
-                Some(Event::Entry(e)) => return e,
-                Some(_) => continue,
-                None => panic!("the event stream closed"),
-            }
-        }
-    })
-    .await
-}
+use switchboard_protocol::{ConvId, ErrorCode, Event, PresenceInfo, PresenceState, Role, UserId};
+use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, next_entry, no_event, within};
 
 /// Waits for a presence event about `user` in state `state`, skipping other events.
 async fn presence_becomes(events: &mut Events, user: UserId, state: PresenceState) -> PresenceInfo {
