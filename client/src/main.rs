@@ -632,6 +632,47 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
     Ok(())
 }
 
+/// Where a history page stops short of the conversation's ends, what the next page
+/// would show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MoreHistory {
+    /// A full page going back (newest, or `--before`) that starts after seq 1: entries
+    /// before `.0` may exist (a member who joined later is served none before joining).
+    Older(Seq),
+    /// A page going forward (`--after`) that ends before the conversation's last seq.
+    Newer(Seq),
+}
+
+impl MoreHistory {
+    fn flag(self) -> String {
+        match self {
+            MoreHistory::Older(seq) => format!("--before {seq}"),
+            MoreHistory::Newer(seq) => format!("--after {seq}"),
+        }
+    }
+}
+
+impl std::fmt::Display for MoreHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MoreHistory::Older(_) => "older entries",
+            MoreHistory::Newer(_) => "newer entries",
+        })
+    }
+}
+
+/// What lies beyond a page of `limit` entries asked for with `page`, in a conversation
+/// whose newest seq is `last_seq`.
+fn more_history(page: Page, entries: &[Entry], limit: u16, last_seq: Seq) -> Option<MoreHistory> {
+    let (first, last) = (entries.first()?.seq, entries.last()?.seq);
+    match page {
+        Page::After(_) if last < last_seq => Some(MoreHistory::Newer(last)),
+        Page::After(_) => None,
+        _ if entries.len() >= usize::from(limit) && first > 1 => Some(MoreHistory::Older(first)),
+        _ => None,
+    }
+}
+
 /// `sb passwd`: both passwords are asked first (a connection left waiting while someone
 /// types would be closed by the broker's idle timeout), then one request.
 async fn passwd(connector: &Connector, identity: &Identity, out: &Out, sign_out_others: bool) -> anyhow::Result<()> {
@@ -851,13 +892,17 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 (_, Some(a)) => Page::After(a),
                 _ => Page::Latest,
             };
-            let (entries, _) = client.history(conv, page, limit).await?;
+            let (entries, last_seq) = client.history(conv, page, limit).await?;
             let mut names = Names::default();
             let mut files = FileBook::default();
             files.look_up_entries(client, &entries).await;
+            let more = more_history(page, &entries, limit, last_seq);
             for e in entries {
                 let (sender, named) = names.of_entry(client, &e).await;
                 out.entry(&e, &sender, &named, &files);
+            }
+            if let (Some(more), false) = (more, out.json) {
+                eprintln!("sb: {more}: `sb history {conv} {}`", more.flag());
             }
         }
         Command::Tail => unreachable!("runs on a session"),
@@ -1852,6 +1897,36 @@ mod tests {
         let (_, named) = names.of_entry(&source, &roles).await;
         assert_eq!(named, HashMap::from([(10, "ten".to_string())]));
         assert_eq!(describe(&roles.body, &named, &FileBook::default()).1, "made ten member, user#12 member");
+    }
+
+    #[test]
+    fn a_history_page_that_stops_short_says_how_to_see_more() {
+        let page_of = |seqs: std::ops::RangeInclusive<Seq>| -> Vec<Entry> {
+            seqs.map(|seq| Entry {
+                conv: 7,
+                seq,
+                sender: 1,
+                sender_device: 1,
+                client_id: [0; 16],
+                at_ms: 0,
+                body: Body::Text { text: "hi".into(), edited: false },
+            })
+            .collect()
+        };
+        let more = |page, seqs, limit| more_history(page, &page_of(seqs), limit, 120);
+        // The newest 50 of 120: older ones before 71.
+        assert_eq!(more(Page::Latest, 71..=120, 50), Some(MoreHistory::Older(71)));
+        assert_eq!(more(Page::Before(71), 21..=70, 50), Some(MoreHistory::Older(21)));
+        assert_eq!(MoreHistory::Older(21).flag(), "--before 21");
+        // A page short of the limit, or starting at seq 1, is the beginning.
+        assert_eq!(more(Page::Before(21), 1..=20, 50), None);
+        assert_eq!(more(Page::Before(51), 1..=50, 50), None);
+        assert_eq!(more(Page::Latest, 90..=120, 50), None);
+        // Going forward: more until the conversation's last seq.
+        assert_eq!(more(Page::After(10), 11..=60, 50), Some(MoreHistory::Newer(60)));
+        assert_eq!(MoreHistory::Newer(60).flag(), "--after 60");
+        assert_eq!(more(Page::After(70), 71..=120, 50), None);
+        assert_eq!(more_history(Page::Latest, &[], 50, 0), None);
     }
 
     #[tokio::test]

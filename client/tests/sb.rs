@@ -193,6 +193,13 @@ async fn human_output_neutralises_control_characters() {
     // JSON keeps the exact text (serde_json escapes what needs escaping).
     let json = sb(&bob, &broker, &["history", &id]);
     assert_eq!(json.last().unwrap()["text"], hostile);
+
+    // A page that stops short of the beginning says how to see the rest (before: nothing).
+    let newest = sb_output(&bob, &broker, &["history", &id, "--limit", "1"]);
+    let said = String::from_utf8_lossy(&newest.stderr);
+    assert!(said.contains(&format!("older entries: `sb history {id} --before 2`")), "{said}");
+    let whole = sb_output(&bob, &broker, &["history", &id]);
+    assert!(!String::from_utf8_lossy(&whole.stderr).contains("entries"), "{whole:?}");
 }
 
 fn is_terminal_unsafe(c: char) -> bool {
@@ -1031,6 +1038,22 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let there = sb(&phone, &broker, &["upload", "--resume", &id, path.to_str().unwrap()]);
     assert_eq!(event(&there, "not_sent")["file"].as_str(), Some(id.as_str()), "{there:?}");
     assert!(!there.iter().any(|l| l["event"] == "sent"));
+    // Complete there, its message is still to be sent from the home that was told where:
+    // `sb uploads` there says so (before: "no unfinished uploads", while the next
+    // `sb upload` of the file would send it), and that upload sends it.
+    let listed = sb(&alice, &broker, &["uploads"]);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let u = &listed[0];
+    assert_eq!(
+        (u["file"].as_str(), u["state"].as_str(), u["conv"].as_u64()),
+        (Some(id.as_str()), Some("complete"), Some(conv))
+    );
+    assert_eq!(u["path"].as_str(), path.to_str());
+    let human = String::from_utf8_lossy(&sb_output(&alice, &broker, &["uploads"]).stdout).into_owned();
+    assert!(human.contains("is not known sent") && human.contains("sb upload "), "{human}");
+    let sent = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert_eq!(event(&sent, "sent")["file"].as_str(), Some(id.as_str()), "{sent:?}");
+    assert_eq!(sb(&alice, &broker, &["uploads"])[0]["event"], "no_uploads");
 }
 
 /// An upload refused for the quota says what holds it and how to free it: here a stale

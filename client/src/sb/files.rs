@@ -305,8 +305,40 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
     let state = super::load_state(home)?;
     let now = super::now_ms();
     let listed = client.list_uploads().await?;
-    if listed.is_empty() {
+    // What this home saved and the broker no longer has in progress: complete with its
+    // message still to send (the next `sb upload` of the file sends it), or gone.
+    let mut saved_only = Vec::new();
+    for s in state.uploads.iter().filter(|s| !listed.iter().any(|u| hex(&u.file.file) == s.file)) {
+        let Ok(id) = parse_file_id(&s.file) else { continue };
+        let status = match client.upload_status(id).await {
+            Ok(status) => Some(status),
+            Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => None,
+            Err(e) => return Err(e.into()),
+        };
+        saved_only.push((s, status));
+    }
+    if listed.is_empty() && saved_only.is_empty() {
         out.status(json!({"event": "no_uploads"}), || "no unfinished uploads".into());
+    }
+    for (s, status) in saved_only {
+        let path = key_path(&s.key).unwrap_or("?");
+        let complete = status.as_ref().is_some_and(|st| st.complete);
+        out.line(
+            json!({"file": s.file, "path": path, "conv": s.conv, "saved": true,
+                "state": match status { Some(_) if complete => "complete", Some(_) => "in_progress", None => "gone" }}),
+            || match (complete, s.conv, status.is_some()) {
+                (true, Some(c), _) => format!(
+                    "{}  from {path}  uploaded; its message to conv {c} is not known sent: `sb upload {path}` sends it \
+                     (at most once)",
+                    s.file
+                ),
+                (true, None, _) => format!("{}  from {path}  uploaded", s.file),
+                (false, _, true) => format!("{}  from {path}  in progress", s.file),
+                (false, _, false) => {
+                    format!("{}  from {path}  gone (expired or cancelled): `sb upload {path}` starts it again", s.file)
+                }
+            },
+        );
     }
     for u in listed {
         let id = hex(&u.file.file);
