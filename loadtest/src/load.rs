@@ -379,8 +379,9 @@ pub async fn write_phase(
         while i < plan.count && plan.sched_ns(i) <= now && frames.len() < 64 {
             let sched = plan.sched_ns(i);
             payload::fill(&mut text, sched, plan.size);
+            // Never all zero (the broker refuses that key): the sender's index counts from 1.
             let mut client_id = [0u8; 16];
-            client_id[..8].copy_from_slice(&(sender_index as u64).to_be_bytes());
+            client_id[..8].copy_from_slice(&(sender_index as u64 + 1).to_be_bytes());
             client_id[8..12].copy_from_slice(&phase.to_be_bytes());
             client_id[12..].copy_from_slice(&i.to_be_bytes());
             let body = RequestBody::Send { conv: plan.conv(i), client_id, text: text.clone() };

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use switchboard_protocol::{ErrorCode, Reply, RequestBody, ServerFrame, auth_transcript};
-use switchboard_tests::{PreAuth, TestBroker, authenticate, bounded};
+use switchboard_protocol::{ErrorCode, Page, Reply, RequestBody, ServerFrame, auth_transcript};
+use switchboard_tests::{PreAuth, TestBroker, authenticate, bounded, closed_with, request_frame};
 
 #[tokio::test]
 async fn revoked_device_is_disconnected_and_cannot_return() {
@@ -316,6 +316,44 @@ async fn a_disabled_account_is_cut_off_and_told_so_only_with_its_proof() {
         let (entries, _) = back.history(conv, switchboard_protocol::Page::Latest, 10).await.unwrap();
         assert!(entries.iter().any(|e| e.seq == said));
         assert!(execute(&ops, AdminRequest::UserDisable { name: "nobody".into(), disabled: true }).await.is_err());
+    })
+    .await
+}
+
+/// A revoked device's requests already on their way are not carried out once the
+/// revocation closed its session (before: the session went on carrying out every
+/// request it had read, here up to 300 messages, after the revocation was answered).
+#[tokio::test]
+async fn a_revoked_devices_requests_already_sent_are_not_carried_out() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = laptop.create_group("g", &["bob".into()]).await.unwrap().id;
+        let (_phone, phone_id) = tb.login("alice").await;
+        let mut raw = tb.connector().connect_raw(&phone_id).await.unwrap();
+        // One write: the phone revokes itself, then 300 messages. At most 63 of them go
+        // in flight beside the revocation (64 requests a session); the rest each wait for
+        // an earlier answer, and the revocation is durable within a commit or two.
+        const SENT: usize = 300;
+        let mut bytes = request_frame(1, RequestBody::RevokeDevice { device_id: phone_id.device_id }).to_vec();
+        for i in 0..SENT {
+            let mut client_id = [1u8; 16];
+            client_id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let body = RequestBody::Send { conv, client_id, text: format!("m{i}") };
+            bytes.extend_from_slice(&request_frame(2 + i as u32, body));
+        }
+        raw.send.write_all(&bytes).await.unwrap();
+        assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::DEVICE_REVOKED));
+        // What was let in has long been answered (or dropped) by now.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (entries, _) = laptop.history(conv, Page::Latest, 200).await.unwrap();
+        let mut landed = entries.iter().filter(|e| e.sender_device == phone_id.device_id).count();
+        if entries.len() == 200 {
+            let (older, _) = laptop.history(conv, Page::Before(entries[0].seq), 200).await.unwrap();
+            landed += older.iter().filter(|e| e.sender_device == phone_id.device_id).count();
+        }
+        assert!(landed < SENT, "all {SENT} messages were carried out after the device was revoked");
     })
     .await
 }

@@ -573,6 +573,13 @@ async fn a_stranger_is_refused_and_learns_nothing() {
     bounded(async {
         let w = world().await;
         check_column(&w, Who::Stranger).await;
+        // Adding names that resolve to nobody, or too many names: still the refusal of a
+        // stranger (before: "no user" NOT_FOUND and INVALID, the names checked first).
+        for users in [vec!["nobody-here".to_string()], vec!["x".to_string(); 300]] {
+            let what = format!("adding {} names by a stranger", users.len());
+            let add = RequestBody::AddMembers { conv: w.group, users, role: Role::Member };
+            assert_eq!(refusal(w.eve.request(add).await, &what).code, FORBIDDEN, "{what}");
+        }
     })
     .await
 }

@@ -18,7 +18,7 @@ use super::writer::write_loop;
 use super::{Close, close, read_frame};
 use crate::Shared;
 use crate::catalog;
-use crate::conversation::{Caller, Command, Read};
+use crate::conversation::{Caller, Command, Read, not_a_member};
 use crate::fanout::SessionHandle;
 use crate::files::requests as files;
 use crate::metrics::Counters;
@@ -155,6 +155,7 @@ async fn read_loop(
             }
             datagram = conn.read_datagram(), if datagrams => {
                 match datagram {
+                    Ok(_) if let Some(code) = session.ended() => return Close(code, "session closed".into()),
                     Ok(datagram) => session.datagram(&datagram),
                     Err(_) => datagrams = false,
                 }
@@ -164,6 +165,9 @@ async fn read_loop(
         let req = match decode::<ClientFrame>(&body) {
             Ok(ClientFrame::Request(r)) => r,
             Ok(ClientFrame::Signal(signal)) => {
+                if let Some(code) = session.ended() {
+                    return Close(code, "session closed".into());
+                }
                 session.signal(signal);
                 continue;
             }
@@ -173,6 +177,12 @@ async fn read_loop(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return Close(ErrorCode::INTERNAL, "internal error".into());
         };
+        // A session closed from outside (its device revoked, its account disabled, a
+        // slow consumer) carries out nothing more, not even the requests it had already
+        // read: they would take effect after the revocation was answered.
+        if let Some(code) = session.ended() {
+            return Close(code, "session closed".into());
+        }
         session.dispatch(req, permit).await;
     }
 }
@@ -198,6 +208,12 @@ struct Session {
 }
 
 impl Session {
+    /// Why the session was closed from outside (its outbound queue closed with an
+    /// error code: `DEVICE_REVOKED`, `ACCOUNT_DISABLED`, `SLOW_CONSUMER`), if it was.
+    fn ended(&self) -> Option<ErrorCode> {
+        self.out.closed().filter(|code| *code != ErrorCode::NO_ERROR)
+    }
+
     /// Routes one request to the one place that handles it. Conversation requests are
     /// handed to the conversation's actor before this returns, so one session's requests
     /// about one conversation take effect in the order sent; catalog requests run on
@@ -248,10 +264,16 @@ impl Session {
                 convs.write(shared, conv, caller, Command::SetRole { user, role }, reply).await
             }
             // Names are resolved here, in order (a few index reads), not on a task: a
-            // pipelined add then send must reach the conversation in that order.
+            // pipelined add then send must reach the conversation in that order. A name
+            // that does not resolve is said only to a member: anyone else is refused as
+            // by the conversation (membership comes before the rest).
             RequestBody::AddMembers { conv, users, role } => match catalog::resolve_users(shared, &users) {
                 Ok(users) => convs.write(shared, conv, caller, Command::Add { users, role }, reply).await,
-                Err(e) => reply.send(Err(e)),
+                Err(e) => match shared.store.member(conv, caller.user) {
+                    Ok(Some(_)) => reply.send(Err(e)),
+                    Ok(None) => reply.send(Err(not_a_member())),
+                    Err(e) => reply.send(Err(crate::error::internal(e))),
+                },
             },
             RequestBody::History { conv, page, limit } => {
                 convs.read(shared, conv, caller, Read::History { page, limit }, reply).await

@@ -437,6 +437,24 @@ mod tests {
     }
 
     #[test]
+    fn an_all_zero_client_id_is_refused_as_it_would_not_be_remembered() {
+        let mut h = group();
+        // Before: each was appended, a retry as a new message every time.
+        for _ in 0..2 {
+            let zero = h.send(BOB, 0, "again and again");
+            assert_eq!(h.ack(zero), Some(Err(ErrorCode::INVALID)));
+            let edit = h.write(BOB, Command::Delete { client_id: [0; 16], target: 1 });
+            assert_eq!(h.ack(edit), Some(Err(ErrorCode::INVALID)));
+        }
+        h.commit();
+        assert!(h.deliveries.is_empty(), "nothing was written");
+        assert_eq!(h.log.last_seq(), 1);
+        // Membership comes first: a stranger learns nothing more.
+        let stranger = h.send(CAROL, 0, "x");
+        assert_eq!(h.ack(stranger), Some(Err(ErrorCode::FORBIDDEN)));
+    }
+
+    #[test]
     fn a_client_id_reused_for_another_write_is_a_conflict_not_a_resend() {
         let mut h = group();
         let first = h.send(BOB, 9, "meet at 5");
@@ -831,7 +849,7 @@ mod tests {
     fn catch_up_pages_stop_at_the_durable_seq_and_show_pending_rewrites_as_before() {
         let mut h = group();
         for i in 0..5 {
-            h.send(BOB, i, &format!("m{i}"));
+            h.send(BOB, i + 1, &format!("m{i}"));
         }
         h.commit();
         // Pending: an edit of seq 2 and a new message; neither is served.
@@ -908,7 +926,7 @@ mod tests {
         let mut h =
             Harness::new(ConversationKind::Group, &[(OWNER, Role::Owner), (BOB, Role::Member), (CAROL, Role::Member)]);
         for i in 0..5 {
-            h.send(OWNER, i, "m");
+            h.send(OWNER, i + 1, "m");
         }
         h.commit();
         h

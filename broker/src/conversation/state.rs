@@ -851,6 +851,11 @@ impl<R> ConversationState<R> {
         now_ms: u64,
     ) -> Result<(Entry, MemberChanges), ErrorBody> {
         let role = self.members.get(&caller.user).copied().ok_or_else(not_a_member)?;
+        // All zero is the key of membership entries, never remembered: a write with it
+        // would be carried out again at every retry.
+        if cmd.client_id() == Some(&ClientMsgId::default()) {
+            return Err(err(ErrorCode::INVALID, "a client_id of all zero bytes is reserved"));
+        }
         let client_id = cmd.client_id().copied().unwrap_or_default();
         let mut members = Vec::new();
         let body = match cmd {
