@@ -119,6 +119,11 @@ pub struct Config {
     /// group commit's fdatasyncs on a disk with online discard). Until freed they count
     /// against their user's quota and the free space the disk check sees.
     pub delete_bytes_per_sec: u64,
+    /// Small upload chunks (shorter than `limits::SMALL_CHUNK_BYTES`, 256 KiB, and not
+    /// their file's last) are written and fdatasynced at most this many a second over all
+    /// uploads; one beyond waits its turn (its stream reads nothing meanwhile). Chunks of
+    /// the reference client's size are never held back.
+    pub small_chunk_syncs_per_sec: u64,
     /// Transfer streams a connection may have open at once, next to its control stream
     /// (PROTOCOL.md section 12). Each connection's flow-control window is one 256 KiB
     /// stream window per stream that may be open (1 MiB with the default 3), so
@@ -197,6 +202,7 @@ impl Default for Config {
             max_uploads_per_user: 8,
             disk_reserve_bytes: 1024 * 1024 * 1024,
             delete_bytes_per_sec: crate::files::blobs::DELETE_BYTES_PER_SEC,
+            small_chunk_syncs_per_sec: crate::limits::SMALL_CHUNK_SYNCS_PER_SEC,
             upload_expiry_secs: 24 * 60 * 60,
             max_transfer_streams: 3,
             transfer_progress_secs: 30,
@@ -300,6 +306,7 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("max_uploads_per_user", config.max_uploads_per_user as u64),
         ("upload_expiry_secs", config.upload_expiry_secs),
         ("delete_bytes_per_sec", config.delete_bytes_per_sec),
+        ("small_chunk_syncs_per_sec", config.small_chunk_syncs_per_sec),
         ("max_transfer_streams", u64::from(config.max_transfer_streams)),
         ("transfer_progress_secs", config.transfer_progress_secs),
         ("max_live_transfer_streams", config.max_live_transfer_streams as u64),

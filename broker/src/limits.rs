@@ -143,6 +143,19 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// holding bytes costs sending 64 KiB/s per MiB held. At this rate a 1 MiB chunk has
 /// 18 s.
 pub const MIN_CHUNK_BYTES_PER_SEC: u64 = 64 * 1024;
+/// An upload chunk shorter than this that does not end its file is a *small chunk*:
+/// its fdatasync waits its turn among all small chunks' (`small_chunk_syncs_per_sec`).
+/// Each chunk costs the broker one fdatasync of its partial file whatever its length,
+/// so a client sending 1-byte chunks made the disk sync once per byte it sent: a few
+/// streams of them kept the disk busy with syncs that every group commit (every chat
+/// message's acknowledgement) then queued behind. At this length a client's chunks cost
+/// at most four times the syncs per byte of the reference client's (1 MiB, `chunk_max`);
+/// the reference client goes this small only after a stream fell below 64 KiB/s.
+pub const SMALL_CHUNK_BYTES: u64 = 256 * 1024;
+/// The default of `small_chunk_syncs_per_sec`: small chunks' fdatasyncs a second over
+/// all uploads (a sixth of the ~1,650 fdatasyncs a second the disk of DESIGN.md takes),
+/// enough for 256 uploads each at the 64 KiB/s lease rate in 64 KiB chunks.
+pub const SMALL_CHUNK_SYNCS_PER_SEC: u64 = 256;
 /// The allowance a chunk has before `MIN_CHUNK_BYTES_PER_SEC` counts (a congestion
 /// window growing from its start, a broker busy for a moment).
 pub const CHUNK_LEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);

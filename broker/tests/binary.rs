@@ -106,8 +106,9 @@ async fn sigkill_loses_no_acknowledged_message_and_retries_stay_exactly_once() {
     let conv = alice.create_group("crash", &["bob".into()]).await.unwrap().id;
     let alice = std::sync::Arc::new(alice);
     let client_id = |t: u64, i: u64| {
+        // Never all zero (refused `INVALID`): tasks count from 1.
         let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&t.to_be_bytes());
+        id[..8].copy_from_slice(&(t + 1).to_be_bytes());
         id[8..].copy_from_slice(&i.to_be_bytes());
         id
     };

@@ -935,3 +935,60 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use ring::{digest, hkdf};
+
+    use super::*;
+
+    /// The output length `ring`'s HKDF expands to.
+    struct Len(usize);
+
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+
+    /// HKDF-Expand-Label (RFC 8446 section 7.1).
+    fn expand_label(alg: hkdf::Algorithm, secret: &[u8], label: &[u8], context: &[u8], len: usize) -> Vec<u8> {
+        let full = [b"tls13 ".as_slice(), label].concat();
+        let (len_be, full_len, context_len) = ((len as u16).to_be_bytes(), [full.len() as u8], [context.len() as u8]);
+        let info = [&len_be[..], &full_len, &full, &context_len, context];
+        let mut out = vec![0; len];
+        let prk = hkdf::Prk::new_less_safe(alg, secret);
+        let okm = prk.expand(&info, Len(len)).map_err(|_| "expand");
+        okm.and_then(|okm| okm.fill(&mut out).map_err(|_| "fill")).unwrap_or_else(|e| panic!("{e}"));
+        out
+    }
+
+    /// TLS-Exporter(label, "", 32) from an exporter master secret (RFC 8446 section 7.5).
+    fn exporter(alg: hkdf::Algorithm, secret: &[u8]) -> Vec<u8> {
+        let hash = alg.hmac_algorithm().digest_algorithm();
+        let label = switchboard_protocol::EXPORTER_LABEL;
+        let derived = expand_label(alg, secret, label, digest::digest(hash, b"").as_ref(), hash.output_len());
+        expand_label(alg, &derived, b"exporter", digest::digest(hash, b"").as_ref(), 32)
+    }
+
+    /// The "Device signature" vectors of docs/PROTOCOL.md, each computed here and found
+    /// in the document.
+    #[test]
+    fn device_signature_vectors_match() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let transcript = switchboard_protocol::auth_transcript(&[7; 32], &[9; 32]);
+        let key = SigningKey::from_bytes(&[0x42; 32]);
+        let computed = [
+            ("exporter, SHA-256, S = [0x5a; 32]", hex(&exporter(hkdf::HKDF_SHA256, &[0x5a; 32]))),
+            ("exporter, SHA-384, S = [0x5a; 48]", hex(&exporter(hkdf::HKDF_SHA384, &[0x5a; 48]))),
+            ("transcript, nonce [7; 32], exporter [9; 32] (89 bytes)", hex(&transcript)),
+            ("public key of the Ed25519 secret key [0x42; 32]", hex(key.verifying_key().as_bytes())),
+            ("its signature over that transcript", hex(&key.sign(&transcript).to_bytes())),
+        ];
+        assert_eq!(transcript.len(), 89);
+        for (what, value) in computed {
+            let line = format!("\n{what}: {value}\n");
+            assert!(doc.contains(&line), "docs/PROTOCOL.md lacks the line{line}");
+        }
+    }
+}

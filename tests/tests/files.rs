@@ -1819,6 +1819,30 @@ async fn progress_of_many_uploads_never_cuts_off_a_member_who_reads_slowly() {
     .await
 }
 
+/// Small chunks' syncs take turns over the whole broker (`small_chunk_syncs_per_sec`):
+/// a client sending 1-byte chunks has at most that many written a second (before: one
+/// write and fdatasync per byte, as fast as the disk went, which every group commit then
+/// queued behind); its upload still completes.
+#[tokio::test]
+async fn tiny_chunks_are_synced_no_faster_than_the_small_chunk_rate() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.small_chunk_syncs_per_sec = 10).await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(64 * 1024, 21);
+        let begun = begin_upload(&alice, "tiny.bin", "application/octet-stream", &data).await;
+        let started = std::time::Instant::now();
+        let replies = upload_range(alice.connection(), begun.file, &data, 0, 16, 1).await;
+        let took = started.elapsed();
+        assert_eq!(replies.last(), Some(&TransferReply::Durable { offset: 16 }), "{replies:?}");
+        // 16 turns 100 ms apart, the first at once: 1.5 s at least (before: milliseconds).
+        assert!(took >= Duration::from_millis(1400), "16 one-byte chunks were synced in {took:?}");
+        // The rest in one chunk, the file's last: complete, with the right hash.
+        let done = upload_range(alice.connection(), begun.file, &data, 16, data.len() as u64, 128 * 1024).await;
+        assert!(matches!(done.last(), Some(TransferReply::Complete(_))), "{done:?}");
+    })
+    .await
+}
+
 #[tokio::test]
 async fn reopening_a_resumed_upload_reads_nothing_and_its_bytes_are_hashed_once() {
     bounded(async {

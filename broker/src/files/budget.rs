@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::limits::{CHUNK_LEASE_GRACE, MIN_CHUNK_BYTES_PER_SEC};
+use crate::limits::{CHUNK_LEASE_GRACE, MIN_CHUNK_BYTES_PER_SEC, SMALL_CHUNK_BYTES};
 
 /// How long a stream waits for the budget before it counts as waiting (and slow chunks
 /// give their bytes up for it): chunks already received and queued for their actors
@@ -160,11 +160,78 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Whether a chunk of `len` bytes ending at `end` of a `size`-byte upload is a small
+/// chunk, whose fdatasync takes a turn of `SyncPacer`: shorter than
+/// `SMALL_CHUNK_BYTES` and not the file's last.
+pub fn small_chunk(len: u64, end: u64, size: u64) -> bool {
+    len < SMALL_CHUNK_BYTES && end < size
+}
+
+/// Turns for small chunks' fdatasyncs over all uploads: at most `per_sec` a second, one
+/// each `1 / per_sec` apart, first come first served. Those waiting are bounded by the
+/// Upload actors writing (each writes one chunk at a time, one per transfer stream
+/// served), so at the defaults a turn is at most a second away.
+#[derive(Debug)]
+pub struct SyncPacer {
+    interval: Duration,
+    /// The earliest the next turn may be.
+    next: Mutex<Option<Instant>>,
+}
+
+impl SyncPacer {
+    /// Turns `per_sec` a second (at least 1).
+    pub fn new(per_sec: u64) -> SyncPacer {
+        SyncPacer { interval: Duration::from_secs(1) / per_sec.clamp(1, 1_000_000) as u32, next: Mutex::new(None) }
+    }
+
+    /// Takes the next turn for a sync wanted at `now`: when it may run.
+    pub fn turn(&self, now: Instant) -> Instant {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let at = next.map_or(now, |n| n.max(now));
+        *next = Some(at + self.interval);
+        at
+    }
+
+    /// Waits for the next turn.
+    pub async fn wait(&self) {
+        tokio::time::sleep_until(self.turn(Instant::now())).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn small_chunks_take_turns_and_the_others_never_wait() {
+        let kib = 1024u64;
+        // Short of 256 KiB and not the last: small. A whole chunk, or the last: not.
+        assert!(small_chunk(1, 1, 100 * kib * kib));
+        assert!(small_chunk(256 * kib - 1, 256 * kib - 1, 10 * 1024 * kib));
+        assert!(!small_chunk(256 * kib, 256 * kib, 10 * 1024 * kib));
+        assert!(!small_chunk(1024 * kib, 2048 * kib, 10 * 1024 * kib));
+        assert!(!small_chunk(5, 100, 100), "a file's last chunk");
+        assert!(!small_chunk(100, 100, 100), "a small file in one chunk");
+
+        // 256 a second: a burst of 512 syncs wanted at once spreads over two seconds,
+        // 1/256 s apart, first come first served.
+        let pacer = SyncPacer::new(256);
+        let t0 = Instant::now();
+        let turns: Vec<Instant> = (0..512).map(|_| pacer.turn(t0)).collect();
+        assert_eq!(turns[0], t0, "the first goes at once");
+        assert!(turns.windows(2).all(|w| w[1] - w[0] == Duration::from_secs(1) / 256));
+        assert_eq!(turns[511] - t0, Duration::from_secs(1) / 256 * 511);
+        // After a quiet spell, the next goes at once again (no credit saved up).
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(pacer.turn(later), later);
+        assert_eq!(pacer.turn(later), later + Duration::from_secs(1) / 256);
+        // A rate of 0 is one a second, not a division by zero.
+        let slow = SyncPacer::new(0);
+        slow.turn(t0);
+        assert_eq!(slow.turn(t0), t0 + Duration::from_secs(1));
+    }
 
     #[test]
     fn a_chunks_lease_is_its_grace_and_its_bytes_at_the_minimum_rate() {

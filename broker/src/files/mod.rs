@@ -76,6 +76,8 @@ pub struct Files {
     /// (being received or queued), over all streams (`transfer_buffer_bytes`), and the
     /// lease that keeps a slow chunk from holding them.
     pub(crate) chunk_budget: Arc<budget::ChunkBudget>,
+    /// The turns of small chunks' fdatasyncs (`small_chunk_syncs_per_sec`).
+    pub(crate) small_syncs: budget::SyncPacer,
     /// One permit per blob file open for a download, over all streams
     /// (`max_open_blob_files`).
     open_blobs: Arc<tokio::sync::Semaphore>,
@@ -129,6 +131,8 @@ pub struct TransferLimits {
     pub streams_per_user: usize,
     /// How fast deleted bytes are freed, bytes a second (`delete_bytes_per_sec`).
     pub delete_bytes_per_sec: u64,
+    /// Small chunks' fdatasyncs a second over all uploads (`small_chunk_syncs_per_sec`).
+    pub small_chunk_syncs_per_sec: u64,
 }
 
 impl TransferLimits {
@@ -140,6 +144,7 @@ impl TransferLimits {
             open_blob_files: config.max_open_blob_files,
             streams_per_user: config.max_transfer_streams_per_user,
             delete_bytes_per_sec: config.delete_bytes_per_sec,
+            small_chunk_syncs_per_sec: config.small_chunk_syncs_per_sec,
         }
     }
 }
@@ -213,6 +218,7 @@ impl Files {
             user_streams: std::sync::Mutex::default(),
             streams_per_user: limits.streams_per_user,
             chunk_budget: budget::ChunkBudget::new(chunk_bytes_max),
+            small_syncs: budget::SyncPacer::new(limits.small_chunk_syncs_per_sec),
             open_blobs: Arc::new(tokio::sync::Semaphore::new(limits.open_blob_files.max(1))),
             blob_waiters: AtomicUsize::new(0),
             blob_evictions: std::sync::Mutex::new(Vec::new()),
@@ -740,6 +746,7 @@ mod tests {
             open_blob_files: 1,
             streams_per_user: 2,
             delete_bytes_per_sec: blobs::DELETE_BYTES_PER_SEC,
+            small_chunk_syncs_per_sec: crate::limits::SMALL_CHUNK_SYNCS_PER_SEC,
         };
         Files::open(dir, limits).unwrap()
     }
@@ -810,6 +817,7 @@ mod tests {
                 open_blob_files: 1,
                 streams_per_user: 0,
                 delete_bytes_per_sec: blobs::DELETE_BYTES_PER_SEC,
+                small_chunk_syncs_per_sec: crate::limits::SMALL_CHUNK_SYNCS_PER_SEC,
             },
         )
         .unwrap();
