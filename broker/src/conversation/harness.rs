@@ -1134,6 +1134,55 @@ mod tests {
     }
 
     #[test]
+    fn private_members_deliveries_reach_everyone_in_shared_frames() {
+        // The owner, two public members and 64 who keep reads private, all of whom mark
+        // a delivery in one receipt write (carol a read).
+        const PRIVATE: std::ops::Range<UserId> = 10..74;
+        let mut members = vec![(OWNER, Role::Owner), (BOB, Role::Member), (CAROL, Role::Member)];
+        members.extend(PRIVATE.map(|u| (u, Role::Member)));
+        let mut h = Harness::new(ConversationKind::Group, &members);
+        for i in 0..4 {
+            h.send(OWNER, i + 1, "m");
+        }
+        h.commit();
+        h.log.private.extend(PRIVATE);
+        // A first mark starts a write; those made meanwhile go together in the next.
+        h.mark(BOB, Mark::Delivered(2));
+        for u in PRIVATE {
+            h.mark(u, Mark::Delivered(4));
+        }
+        h.mark(CAROL, Mark::Read(4));
+        h.commit_receipts();
+        h.notices.clear();
+        h.commit_receipts();
+        assert_eq!(h.receipt_writes.last().map(Vec::len), Some(65), "one write of 65 changes");
+        // What each member's devices were told, in order.
+        let mut seen: HashMap<UserId, HashMap<UserId, (Seq, Option<Seq>)>> = HashMap::new();
+        for (user, delivered, read, audience) in receipt_events(&h) {
+            for to in audience {
+                seen.entry(to).or_default().insert(user, (delivered, read));
+            }
+        }
+        for (to, _) in &members {
+            let view = &seen[to];
+            assert_eq!(view[&CAROL], (4, Some(4)), "{to} sees carol's read");
+            for u in PRIVATE {
+                let expect = if u == *to { (4, Some(0)) } else { (4, None) };
+                assert_eq!(view[&u], expect, "{to} about {u}: delivery, and a read mark only its own");
+            }
+        }
+        // No device is ever shown its own read hidden, nor anyone else's private read.
+        for (user, _, read, audience) in receipt_events(&h) {
+            assert!(read.is_some() || !audience.contains(&user), "{user} shown its own read hidden");
+            assert!(read.is_none() || !h.log.private.contains(&user) || audience == vec![user]);
+        }
+        // Every frame is shared: the write encoded about n log n receipts, not one frame
+        // of every change for each private member (64 × 65 before).
+        let encoded: usize = receipt_events(&h).len();
+        assert!(encoded <= 65 + 64 + 64 * 7, "{encoded} receipts encoded for one write of 65 changes");
+    }
+
+    #[test]
     fn strangers_marks_change_nothing_and_a_removed_members_receipts_go() {
         let mut h = chatty();
         let read = h.mark(9, Mark::Read(3));

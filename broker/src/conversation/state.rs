@@ -562,12 +562,16 @@ impl<R> ConversationState<R> {
         effects
     }
 
-    /// The receipt write in flight became durable (`ok`) or failed. Effects: one push of
-    /// every changed member's watermarks to the members (`Event::Receipt` for one change,
-    /// `Event::Receipts` for several: one frame per device per write, so a write costs
-    /// O(members) frames, not O(members²)); a private reader's `read_up_to` goes to its
-    /// own devices only), then the `MarkRead` answers that waited for it, then the next
-    /// write if changes arrived meanwhile.
+    /// The receipt write in flight became durable (`ok`) or failed. Effects: the changed
+    /// members' watermarks pushed to the members (`Event::Receipt` for one change,
+    /// `Event::Receipts` for several), then the `MarkRead` answers that waited for it,
+    /// then the next write if changes arrived meanwhile. What is pushed: the public
+    /// members' watermarks in one frame to every member; the delivery of members who keep
+    /// reads private (`read_up_to: None`) in one frame to everyone but them, and to each
+    /// of them the others' in `sibling_frames` (about log2 of their number frames each);
+    /// a private member's own full watermarks to its devices only. So every frame is
+    /// shared and a write encodes O(changes × log changes) receipts, not one frame per
+    /// private member holding every change (members² bytes in a large group).
     pub fn handle_receipts_durable(&mut self, log: &impl Log, ok: bool) -> Vec<Effect<R>> {
         if self.failed {
             return Vec::new();
@@ -581,6 +585,7 @@ impl<R> ConversationState<R> {
         // One frame per device per write: what all members may see, and for each member
         // who keeps read receipts private, the same with its own full watermarks.
         let mut shown = Vec::new();
+        let mut delivered_only = Vec::new();
         let mut private_own = Vec::new();
         let blocked = self.blocked_pair(log);
         for (user, before, after) in written {
@@ -598,7 +603,7 @@ impl<R> ConversationState<R> {
                 // Others hear of delivery only: a push when just the read mark moved would
                 // tell them when the user read.
                 if after.delivered_up_to != before.delivered_up_to {
-                    shown.push(Receipt { read_up_to: None, ..own.clone() });
+                    delivered_only.push(Receipt { read_up_to: None, ..own.clone() });
                 }
                 private_own.push(own);
             } else {
@@ -606,17 +611,23 @@ impl<R> ConversationState<R> {
             }
         }
         let mut effects = Vec::new();
-        let privates: Vec<UserId> = private_own.iter().map(|r| r.user).collect();
+        let everyone = self.audience_of_durable();
         if !shown.is_empty() {
-            let others: Arc<[UserId]> =
-                self.audience_of_durable().into_iter().filter(|u| !privates.contains(u)).collect();
-            effects.push(Effect::Notify { event: receipt_event(shown.clone()), audience: others });
+            effects.push(Effect::Notify { event: receipt_event(shown), audience: everyone.iter().copied().collect() });
+        }
+        if !delivered_only.is_empty() {
+            // Each private member's own devices must never see its read mark hidden.
+            let hiding: BTreeSet<UserId> = delivered_only.iter().map(|r| r.user).collect();
+            let others: Arc<[UserId]> = everyone.iter().copied().filter(|u| !hiding.contains(u)).collect();
+            if !others.is_empty() {
+                effects.push(Effect::Notify { event: receipt_event(delivered_only.clone()), audience: others });
+            }
+            delivered_only.sort_by_key(|r| r.user);
+            sibling_frames(&delivered_only, &mut effects);
         }
         for own in private_own {
             let user = own.user;
-            let mut mine: Vec<Receipt> = shown.iter().filter(|r| r.user != user).cloned().collect();
-            mine.push(own);
-            effects.push(Effect::Notify { event: receipt_event(mine), audience: Arc::from([user]) });
+            effects.push(Effect::Notify { event: receipt_event(vec![own]), audience: Arc::from([user]) });
         }
         for (r, receipt) in answers {
             effects.push(Effect::Reply(r, Ok(Reply::Receipt(receipt))));
@@ -1009,6 +1020,24 @@ impl<R> ConversationState<R> {
 }
 
 /// The event for receipts changed by one write: `Receipt` for one, `Receipts` for more.
+/// Pushes, to each user of `hidden` (receipts without their read mark, sorted by user,
+/// one per user), every receipt of `hidden` but its own, in shared frames: the list is
+/// halved, each half's receipts go to the other half's users, and each half again, so a
+/// user gets one frame per halving (about log2 of the list's length) and the frames hold
+/// the list about log2 times over in all.
+fn sibling_frames<R>(hidden: &[Receipt], effects: &mut Vec<Effect<R>>) {
+    if hidden.len() < 2 {
+        return;
+    }
+    let (left, right) = hidden.split_at(hidden.len() / 2);
+    for (receipts, to) in [(left, right), (right, left)] {
+        let audience: Arc<[UserId]> = to.iter().map(|r| r.user).collect();
+        effects.push(Effect::Notify { event: receipt_event(receipts.to_vec()), audience });
+    }
+    sibling_frames(left, effects);
+    sibling_frames(right, effects);
+}
+
 fn receipt_event(mut receipts: Vec<Receipt>) -> Event {
     if receipts.len() == 1 {
         return Event::Receipt(receipts.remove(0));
