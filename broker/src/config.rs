@@ -133,7 +133,9 @@ pub struct Config {
     /// client, none written to it) is reset with `TIMEOUT`, seconds.
     pub transfer_progress_secs: u64,
     /// Transfer streams the broker serves at once, over all connections; one more is
-    /// reset with `OVERLOADED`. Each holds at most two chunk buffers (being received or
+    /// reset with `OVERLOADED`, unless a stream served fell behind
+    /// `limits::MIN_CHUNK_BYTES_PER_SEC` since it began (after `limits::CHUNK_LEASE_GRACE`):
+    /// that one gives its place up (`CHUNK_TOO_SLOW`). Each holds at most two chunk buffers (being received or
     /// queued, about 2 MiB, counted in `transfer_buffer_bytes`) and 64 KiB read ahead, or
     /// one open blob.
     pub max_live_transfer_streams: usize,

@@ -1447,6 +1447,41 @@ async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_numb
     .await
 }
 
+/// With every transfer stream place taken, a stream that fell behind 64 KiB/s since it
+/// began gives its place to a newcomer (reset with `CHUNK_TOO_SLOW`; the client resumes
+/// later), one per newcomer; streams still within their grace keep theirs (the newcomer
+/// is refused `OVERLOADED`). Before: a stream moving a byte every 29 s kept its place
+/// for its upload's life, and a few dozen accounts held every place.
+#[tokio::test]
+async fn a_stream_that_fell_behind_gives_its_place_to_a_newcomer() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_transfer_streams = 2;
+            c.transfer_progress_secs = 60;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let data = bytes(1024 * 1024, 31);
+        let (_, mut idle) = open_upload(&alice, "a.bin", &data).await;
+        let (_, mut idle_too) = open_upload(&alice, "b.bin", &data).await;
+        let begun = begin_upload(&bob, "c.bin", "application/octet-stream", &data).await;
+        let mut early = Transfer::open(bob.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert_eq!(reset_code(&mut early.recv).await, ErrorCode::OVERLOADED, "within their grace");
+        drop(early);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // Both idle past their grace: bob's upload takes one of their places and completes.
+        let done = upload_rest(bob.connection(), begun.file, &data, 0).await;
+        assert!(matches!(done, TransferReply::Complete(_)), "{done:?}");
+        let code = tokio::select! {
+            code = reset_code(&mut idle.recv) => code,
+            code = reset_code(&mut idle_too.recv) => code,
+        };
+        assert_eq!(code, ErrorCode::CHUNK_TOO_SLOW);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
     bounded(async {

@@ -5,7 +5,8 @@
 //! bytes. Errors end the stream only, never the connection. Transfer streams send at a
 //! lower priority than the control stream. A stream on which nothing moves for
 //! `transfer_progress_secs` is reset with `TIMEOUT`; at most `max_live_transfer_streams`
-//! are served at once over all connections (one more is reset with `OVERLOADED`), and
+//! are served at once over all connections (one more is reset with `OVERLOADED`, unless
+//! a stream served fell behind 64 KiB/s: that one gives its place up, `Files::take_place`), and
 //! at most `max_transfer_streams_per_user` of one user's, over all its connections (one
 //! more is reset with `RATE_LIMITED`, before it takes a broker-wide place).
 //! Broker-wide budgets bound what those streams hold: upload chunks being received or
@@ -37,7 +38,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::Shared;
 use crate::files::blobs::DIRECT_ALIGN;
-use crate::files::budget::{ChunkBudget, Revoked, lease_end};
+use crate::files::budget::{ChunkBudget, Place, Revoked, lease_end};
 use crate::files::requests::{file_ref, no_such_file, readable};
 use crate::files::{ChunkPermits, Unreachable, UploadMsg};
 use crate::limits::READ_CHUNK_BYTES;
@@ -146,9 +147,11 @@ pub(crate) async fn serve(
         return reset(&mut send, &mut recv, ErrorCode::RATE_LIMITED);
     };
     // Broker-wide: each live stream may hold a frame and queued chunks, or an open blob.
-    let Ok(_live) = shared.files.live_streams.clone().try_acquire_owned() else {
+    // With every place taken, one that fell behind 64 KiB/s gives its place up.
+    let Some(live) = shared.files.take_place().await else {
         return reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
     };
+    let place = live.place.clone();
     let _ = send.set_priority(-1);
     let mut decoder = FrameDecoder::new(OPEN_FRAME_BYTES);
     let open = match tokio::time::timeout(OPEN_DEADLINE, read::<TransferOpen>(&mut recv, &mut decoder)).await {
@@ -167,12 +170,13 @@ pub(crate) async fn serve(
                 reserving: None,
                 since: tokio::time::Instant::now(),
                 received: 0,
+                place,
             };
             upload(&shared, user, file, offset, send, recv, reading).await
         }
         TransferOpen::Download { file, offset, length } => {
             let _ = recv.stop(ErrorCode::NO_ERROR.0.into());
-            download(&shared, user, file, offset, length, send).await
+            download(&shared, user, file, offset, length, &place, send).await
         }
     }
 }
@@ -251,11 +255,18 @@ async fn upload(
     let mut open = true;
     let progress = progress_deadline(shared);
     let mut deadline = tokio::time::Instant::now() + progress;
+    let place = reading.place.clone();
     loop {
         tokio::select! {
             // Nothing read from the client and nothing written to it for too long.
             _ = tokio::time::sleep_until(deadline) => {
                 reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
+                break;
+            }
+            // Fell behind 64 KiB/s while every place was taken: its place goes to a
+            // newcomer; the client resumes from the durable offset later.
+            _ = place.evicted() => {
+                reset(&mut send, &mut recv, ErrorCode::CHUNK_TOO_SLOW);
                 break;
             }
             reply = replies.recv() => match reply {
@@ -362,6 +373,8 @@ struct Reading {
     /// While `held`: when the chunk's bytes were granted and how many were read since.
     since: tokio::time::Instant,
     received: u64,
+    /// The stream's place, counting every byte read.
+    place: Arc<Place>,
 }
 
 /// A wait for a chunk's permits (`reserve_chunk`).
@@ -410,6 +423,7 @@ async fn next_chunk(r: &mut Reading, recv: &mut quinn::RecvStream, shared: &Shar
             Ok(ChunkStep::More) => match read_leased(r.lease(), recv, shared).await {
                 Ok(Ok(Some(chunk))) => {
                     r.received += chunk.bytes.len() as u64;
+                    r.place.moved(chunk.bytes.len() as u64);
                     r.pending = chunk.bytes;
                 }
                 // Too slow while another stream waits: the chunk's bytes go to that one.
@@ -512,6 +526,7 @@ async fn download(
     file: FileId,
     offset: u64,
     length: u64,
+    place: &Place,
     mut send: quinn::SendStream,
 ) {
     // Who may read it: up to `ATTACHMENT_SCAN` seeks, off the runtime threads.
@@ -605,8 +620,8 @@ async fn download(
                 return;
             }
         };
-        match write_piece(shared, &mut send, bytes, progress).await {
-            Ok(()) => {}
+        match write_piece(shared, &mut send, bytes, progress, place).await {
+            Ok(()) => place.moved(len as u64),
             Err(None) => return,
             Err(Some(code)) => {
                 let _ = send.reset(code.0.into());
@@ -634,6 +649,7 @@ async fn write_piece(
     send: &mut quinn::SendStream,
     bytes: Bytes,
     progress: Duration,
+    place: &Place,
 ) -> Result<(), Option<ErrorCode>> {
     let lease = crate::limits::CHUNK_LEASE_GRACE
         + Duration::from_secs_f64(bytes.len() as f64 / crate::limits::MIN_CHUNK_BYTES_PER_SEC as f64);
@@ -650,6 +666,10 @@ async fn write_piece(
                     return Err(Some(ErrorCode::TIMEOUT));
                 }
                 if waited >= lease && shared.files.claim_blob_for_waiter() {
+                    return Err(Some(ErrorCode::CHUNK_TOO_SLOW));
+                }
+                // Its place went to a newcomer (`Files::take_place`).
+                if place.is_evicted() {
                     return Err(Some(ErrorCode::CHUNK_TOO_SLOW));
                 }
             }

@@ -160,6 +160,71 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// A transfer stream's place among `max_live_transfer_streams`, with the bytes it moved
+/// (read from the client, or taken by it), so that a stream finding every place taken
+/// can have one given up by a stream that fell behind: one whose bytes since it began
+/// are fewer than `MIN_CHUNK_BYTES_PER_SEC` for every second past `CHUNK_LEASE_GRACE`
+/// (`lease_end`). Holding a place then costs a client 64 KiB/s while others wait for
+/// one (before, a chunk every 29 s held it for the upload's life, and a few dozen
+/// accounts could keep every other upload and download refused).
+#[derive(Debug)]
+pub struct Place {
+    since: Instant,
+    moved: std::sync::atomic::AtomicU64,
+    evicted: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl Place {
+    /// A place taken at `since`.
+    pub fn new(since: Instant) -> Place {
+        Place {
+            since,
+            moved: std::sync::atomic::AtomicU64::new(0),
+            evicted: std::sync::atomic::AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Counts `bytes` moved.
+    pub fn moved(&self, bytes: u64) {
+        self.moved.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long past its lease the place is at `now`, if it is.
+    pub fn behind(&self, now: Instant) -> Option<Duration> {
+        let end = lease_end(self.since, self.moved.load(std::sync::atomic::Ordering::Relaxed));
+        now.checked_duration_since(end).filter(|d| !d.is_zero())
+    }
+
+    /// Takes the place away (its stream is reset with `CHUNK_TOO_SLOW`); false if it
+    /// already was.
+    pub fn evict(&self) -> bool {
+        let first = !self.evicted.swap(true, std::sync::atomic::Ordering::AcqRel);
+        if first {
+            self.wake.notify_one();
+        }
+        first
+    }
+
+    /// Whether the place was taken away.
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once the place is taken away. Cancel-safe.
+    pub async fn evicted(&self) {
+        if !self.is_evicted() {
+            self.wake.notified().await;
+        }
+    }
+}
+
+/// Of `places`, the one furthest past its lease at `now` and not already taken away.
+pub fn most_behind<'a>(places: impl Iterator<Item = &'a Arc<Place>>, now: Instant) -> Option<&'a Arc<Place>> {
+    places.filter(|p| !p.is_evicted()).filter_map(|p| Some((p.behind(now)?, p))).max_by_key(|(d, _)| *d).map(|(_, p)| p)
+}
+
 /// Whether a chunk of `len` bytes ending at `end` of a `size`-byte upload is a small
 /// chunk, whose fdatasync takes a turn of `SyncPacer`: shorter than
 /// `SMALL_CHUNK_BYTES` and not the file's last.
@@ -203,6 +268,39 @@ mod tests {
     use super::*;
 
     const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn a_place_is_given_up_by_the_stream_furthest_behind_64_kib_a_second() {
+        let t0 = Instant::now();
+        let kib = 1024u64;
+        let idle = Arc::new(Place::new(t0));
+        let steady = Arc::new(Place::new(t0));
+        let burst = Arc::new(Place::new(t0));
+        steady.moved(640 * kib);
+        burst.moved(64 * kib);
+        // Within the grace nobody is behind.
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(most_behind([&idle, &steady, &burst].into_iter(), at(2)).is_none());
+        // At 10 s: idle is 8 s behind, the burst 7 s, the steady one (64 KiB/s) is not.
+        assert_eq!(steady.behind(at(10)), None);
+        assert_eq!(burst.behind(at(10)), Some(Duration::from_secs(7)));
+        let chosen = most_behind([&idle, &steady, &burst].into_iter(), at(10)).unwrap();
+        assert!(Arc::ptr_eq(chosen, &idle));
+        assert!(idle.evict() && !idle.evict(), "taken away once");
+        // The next newcomer gets the burst's place, never the steady stream's.
+        let chosen = most_behind([&idle, &steady, &burst].into_iter(), at(10)).unwrap();
+        assert!(Arc::ptr_eq(chosen, &burst));
+        burst.evict();
+        assert!(most_behind([&idle, &steady, &burst].into_iter(), at(10)).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_evicted_place_wakes_its_stream_even_if_it_was_not_waiting_yet() {
+        let place = Place::new(Instant::now());
+        place.evict();
+        tokio::time::timeout(Duration::from_secs(5), place.evicted()).await.unwrap();
+        assert!(place.is_evicted());
+    }
 
     #[test]
     fn small_chunks_take_turns_and_the_others_never_wait() {

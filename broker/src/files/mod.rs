@@ -66,7 +66,9 @@ pub struct Files {
     spawning: std::sync::Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
     next_stream: AtomicU64,
     /// One permit per transfer stream served, over all connections.
-    pub(crate) live_streams: Arc<tokio::sync::Semaphore>,
+    live_streams: Arc<tokio::sync::Semaphore>,
+    /// The places of the streams served, with what each moved (`take_place`).
+    places: std::sync::Mutex<HashMap<u64, Arc<budget::Place>>>,
     /// Transfer streams each user has served now, over all its connections; a user's
     /// entry goes when its count reaches 0, so there is one per user with a stream.
     user_streams: std::sync::Mutex<crate::limits::PerUser>,
@@ -95,6 +97,25 @@ pub struct Files {
     pub thumbnails: thumbnails::Thumbnails,
     /// Files deleted messages let go of, for `collect_soon`'s one worker.
     released: std::sync::Mutex<Released>,
+}
+
+/// How long a stream that had a place taken away for it waits for that place (the
+/// evicted stream lets it go within a few scheduler turns).
+const PLACE_HANDOVER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A transfer stream's place (`Files::take_place`), given back when dropped.
+pub(crate) struct PlaceHold<'a> {
+    files: &'a Files,
+    id: u64,
+    /// What the stream moved, and whether it must give the place up.
+    pub place: Arc<budget::Place>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for PlaceHold<'_> {
+    fn drop(&mut self) {
+        self.files.places.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
 }
 
 /// `collect_soon`'s queue: files to look at, each once, with the conversations whose
@@ -215,6 +236,7 @@ impl Files {
             .clamp(MAX_TRANSFER_FRAME_BYTES as usize + blobs::DIRECT_ALIGN, tokio::sync::Semaphore::MAX_PERMITS);
         Ok(Files {
             live_streams: Arc::new(tokio::sync::Semaphore::new(limits.live_streams)),
+            places: std::sync::Mutex::new(HashMap::new()),
             user_streams: std::sync::Mutex::default(),
             streams_per_user: limits.streams_per_user,
             chunk_budget: budget::ChunkBudget::new(chunk_bytes_max),
@@ -231,6 +253,33 @@ impl Files {
             thumbnails: thumbnails::Thumbnails::default(),
             released: std::sync::Mutex::new(Released::default()),
         })
+    }
+
+    /// A place among `max_live_transfer_streams` for a transfer stream, held while the
+    /// returned guard lives. With every place taken, the stream furthest behind its
+    /// place's lease (`budget::Place`) is told to give its place up and this one waits
+    /// up to `PLACE_HANDOVER` for it; `None` if none is behind (or the place went to
+    /// another meanwhile): the stream is refused (`OVERLOADED`).
+    pub(crate) async fn take_place(&self) -> Option<PlaceHold<'_>> {
+        let permit = match self.live_streams.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let now = tokio::time::Instant::now();
+                let evicted = {
+                    let places = self.places.lock().unwrap_or_else(|p| p.into_inner());
+                    budget::most_behind(places.values(), now).is_some_and(|p| p.evict())
+                };
+                if !evicted {
+                    return None;
+                }
+                let handover = tokio::time::timeout(PLACE_HANDOVER, self.live_streams.clone().acquire_owned());
+                handover.await.ok()?.ok()?
+            }
+        };
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let place = Arc::new(budget::Place::new(tokio::time::Instant::now()));
+        self.places.lock().unwrap_or_else(|p| p.into_inner()).insert(id, place.clone());
+        Some(PlaceHold { files: self, id, place, _permit: permit })
     }
 
     /// Counts a transfer stream of `user` while the returned guard lives; `None` if the
