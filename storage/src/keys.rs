@@ -35,6 +35,7 @@ const STORED_FILE: u8 = 0x1c;
 const DISABLED: u8 = 0x1d;
 const FORWARD_COPY: u8 = 0x1e;
 const COPY_OF: u8 = 0x1f;
+const MEMBER_COUNT: u8 = 0x20;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -89,6 +90,12 @@ impl Key {
     }
     pub fn members_of(conv: ConvId) -> Key {
         Key::with(MEMBER, &[&conv.to_be_bytes()])
+    }
+    /// A conversation's number of member keys (u64, big-endian), written with them by the
+    /// creation batch and each membership entry's effects. Absent in a data dir from
+    /// before it (counted from the member keys then).
+    pub fn member_count(conv: ConvId) -> Key {
+        Key::with(MEMBER_COUNT, &[&conv.to_be_bytes()])
     }
     pub fn user_conv(user: UserId, conv: ConvId) -> Key {
         Key::with(USER_CONV, &[&user.to_be_bytes(), &conv.to_be_bytes()])

@@ -72,10 +72,12 @@ pub enum StoreError {
 
 /// The data dir format this build writes: 2 added the edit index and redaction, 3 the
 /// message counts behind unread counts, 4 the index of each user's stored files, 5
-/// quotas counted in whole 4 KiB blocks (`files::charged_bytes`). Opening a newer one
+/// quotas counted in whole 4 KiB blocks (`files::charged_bytes`), 6 each conversation's
+/// member count in one key (`Key::member_count`: an older broker would change members
+/// without it, so it must not open a format-6 data dir). Opening a newer one
 /// fails with `NewerFormat` (rolling a data dir back to an older broker is not
 /// supported).
-pub const FORMAT: u64 = 5;
+pub const FORMAT: u64 = 6;
 
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -197,6 +199,7 @@ impl Store {
         store.upgrade_to_format_3()?;
         store.upgrade_to_format_4()?;
         store.upgrade_to_format_5()?;
+        store.upgrade_to_format_6()?;
         let promised = store.uploads_in_progress()?.iter().map(|(_, r)| r.size - r.offset().min(r.size)).sum();
         store.files.lock().unwrap_or_else(|p| p.into_inner()).promised = promised;
         Ok(store)
@@ -481,6 +484,8 @@ impl Store {
         for &(user, role) in members {
             txn.set_member(id, user, Some(role));
         }
+        let count = members.iter().map(|(user, _)| user).collect::<std::collections::BTreeSet<_>>().len() as u64;
+        txn.batch.insert(Key::member_count(id).as_ref(), &count.to_be_bytes()[..]);
         let entry = first_entry(id);
         txn.put(Key::entry(entry.conv, entry.seq), &entry);
         Ok((id, true, self.commit(txn)?))
@@ -664,6 +669,38 @@ mod tests {
         assert_eq!(store.last_seq(9).unwrap(), 6);
     }
 
+    /// A summary's member count is one key read, kept by the creation and by each
+    /// membership entry (before: every member key counted, for each summary listed).
+    #[tokio::test]
+    async fn the_member_count_is_kept_in_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let stored = |conv| store.db.get(Key::member_count(conv)).unwrap().map(|v| keys::u64_from(&v).unwrap());
+        let record = ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 0 };
+        let members = [(1, Role::Owner), (2, Role::Member), (3, Role::Member)];
+        let (conv, _, durable) = store.create_conversation(&record, &members, None, |id| text(id, 1, 1)).unwrap();
+        durable.await.unwrap();
+        assert_eq!(stored(conv), Some(3));
+        append(&store, with_body(text(conv, 2, 1), Body::MembersAdded { members: vec![(4, Role::Member)] })).await;
+        append(&store, with_body(text(conv, 3, 1), Body::MembersAdded { members: vec![(5, Role::Admin)] })).await;
+        append(&store, with_body(text(conv, 4, 1), Body::MemberRemoved { user: 2 })).await;
+        append(&store, with_body(text(conv, 5, 3), Body::MemberLeft)).await;
+        append(&store, with_body(text(conv, 6, 1), Body::RolesChanged { members: vec![(4, Role::Admin)] })).await;
+        assert_eq!(stored(conv), Some(3));
+        assert_eq!(store.member_count(conv).unwrap(), store.members(conv).unwrap().len());
+        // A data dir from before the key (format 5): counted from the member keys, and
+        // written by the upgrade at the next open.
+        store.db.remove(Key::member_count(conv)).unwrap();
+        assert_eq!(store.member_count(conv).unwrap(), 3);
+        store.db.insert(Key::format(), &5u64.to_be_bytes()[..]).unwrap();
+        store.close().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        let raw = store.db.get(Key::member_count(conv)).unwrap();
+        assert_eq!(raw.as_deref(), Some(&3u64.to_be_bytes()[..]), "written by the format-6 upgrade");
+        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(FORMAT));
+    }
+
     #[tokio::test]
     async fn a_crash_between_an_entry_and_its_effects_is_repaired() {
         let dir = tempfile::tempdir().unwrap();
@@ -697,9 +734,11 @@ mod tests {
         assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), None);
         assert!(matches!(store.entry(8, 1).unwrap().unwrap().body, Body::Text { .. }));
         // No conversation records were made here: repair each by hand.
+        assert_eq!(store.db.get(Key::member_count(9)).unwrap(), None);
         store.repair_newest_entry(9).unwrap();
         assert_eq!(store.dedupe(9, 3, &[4; 16]).unwrap(), Some(4), "a retry of seq 4 finds it");
         assert_eq!(store.members(9).unwrap(), vec![(5, Role::Member)]);
+        assert_eq!(store.db.get(Key::member_count(9)).unwrap().as_deref(), Some(&1u64.to_be_bytes()[..]));
         assert_eq!(store.user_conversations(5, None, 10).unwrap(), vec![9]);
         assert_eq!(store.dedupe(8, 3, &[2; 16]).unwrap(), None, "repairing one conversation leaves the others");
         store.repair_newest_entry(8).unwrap();

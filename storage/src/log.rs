@@ -68,6 +68,11 @@ impl Store {
             // counts start there).
             set(Key::user_conv(user, conv), role.map(|_| entry.seq.to_be_bytes().to_vec()))
         };
+        // The member count follows the member keys, counted again after they changed (a
+        // repair counts again too).
+        let recount = || -> Result<()> {
+            set(Key::member_count(conv), Some((self.count_member_keys(conv)? as u64).to_be_bytes().to_vec()))
+        };
         if entry.client_id != ClientMsgId::default() {
             set(Key::dedupe(conv, entry.sender, &entry.client_id), Some(entry.seq.to_be_bytes().to_vec()))?;
         }
@@ -105,11 +110,12 @@ impl Store {
                 }
                 rewrite(*target, &|_| Body::Tombstone)
             }
-            Body::MembersAdded { members } => {
-                self.index_write(|| members.iter().try_for_each(|&(user, role)| member(user, Some(role))))
-            }
-            Body::MemberRemoved { user } => self.index_write(|| member(*user, None)),
-            Body::MemberLeft => self.index_write(|| member(entry.sender, None)),
+            Body::MembersAdded { members } => self.index_write(|| {
+                members.iter().try_for_each(|&(user, role)| member(user, Some(role)))?;
+                recount()
+            }),
+            Body::MemberRemoved { user } => self.index_write(|| member(*user, None).and_then(|()| recount())),
+            Body::MemberLeft => self.index_write(|| member(entry.sender, None).and_then(|()| recount())),
             // A role changes the member key only: the user's index keeps the seq that
             // made the user a member. Demotions first: a hand-over cut short leaves no
             // owner (nobody may change roles until the repair) rather than two.

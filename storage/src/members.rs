@@ -61,8 +61,38 @@ impl Store {
         Ok(Some(self.barrier()?))
     }
 
-    /// Counts a conversation's members (keys only, nothing decoded).
+    /// A conversation's number of members: one key read (`Key::member_count`). A
+    /// conversation whose membership has not changed since a data dir from before that
+    /// key has none: its member keys are counted then (`count_member_keys`). Before,
+    /// every summary counted them, so a page of 200 large groups read 200,000 keys.
     pub fn member_count(&self, id: ConvId) -> Result<usize> {
+        match self.db.get(Key::member_count(id))? {
+            Some(raw) => Ok(keys::u64_from(&raw).ok_or_else(|| corrupt(&raw, "member count"))? as usize),
+            None => self.count_member_keys(id),
+        }
+    }
+
+    /// Format 6: writes every conversation's member count (`Key::member_count`).
+    pub(crate) fn upgrade_to_format_6(&self) -> Result<()> {
+        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 6)) {
+            return Ok(());
+        }
+        let mut counted = 0usize;
+        for item in self.db.scan_prefix(Key::conversations()) {
+            let (k, _) = item?;
+            let conv = k.get(1..9).and_then(keys::u64_from).ok_or_else(|| corrupt(&k, "conversation key"))?;
+            self.db.insert(Key::member_count(conv), &(self.count_member_keys(conv)? as u64).to_be_bytes()[..])?;
+            counted += 1;
+        }
+        self.db.insert(Key::format(), &6u64.to_be_bytes()[..])?;
+        if counted > 0 {
+            tracing::info!(conversations = counted, "counted each conversation's members for format 6");
+        }
+        Ok(())
+    }
+
+    /// Counts a conversation's member keys (nothing decoded).
+    pub(crate) fn count_member_keys(&self, id: ConvId) -> Result<usize> {
         let mut n = 0;
         for item in self.db.scan_prefix(Key::members_of(id)) {
             item?;
