@@ -122,7 +122,8 @@ pub struct Config {
     /// Small upload chunks (shorter than `limits::SMALL_CHUNK_BYTES`, 256 KiB, and not
     /// their file's last) are written and fdatasynced at most this many a second over all
     /// uploads; one beyond waits its turn (its stream reads nothing meanwhile). Chunks of
-    /// the reference client's size are never held back.
+    /// 256 KiB or more never wait (the reference client sends 1 MiB, halving only on a
+    /// link below 64 KiB/s).
     pub small_chunk_syncs_per_sec: u64,
     /// Transfer streams a connection may have open at once, next to its control stream
     /// (PROTOCOL.md section 12). Each connection's flow-control window is one 256 KiB
@@ -135,7 +136,7 @@ pub struct Config {
     /// Transfer streams the broker serves at once, over all connections; one more is
     /// reset with `OVERLOADED`, unless a stream served fell behind
     /// `limits::MIN_CHUNK_BYTES_PER_SEC` since it began (after `limits::CHUNK_LEASE_GRACE`):
-    /// that one gives its place up (`CHUNK_TOO_SLOW`). Each holds at most two chunk buffers (being received or
+    /// that one gives its place up (reset with `OVERLOADED`). Each holds at most two chunk buffers (being received or
     /// queued, about 2 MiB, counted in `transfer_buffer_bytes`) and 64 KiB read ahead, or
     /// one open blob.
     pub max_live_transfer_streams: usize,

@@ -46,6 +46,19 @@ impl Responder {
         self
     }
 
+    /// Whether the session that sent the request was closed because its device was
+    /// revoked or its account disabled: what it sent is not carried out any more.
+    pub fn revoked(&self) -> bool {
+        let closed = self.out.as_ref().and_then(|out| out.closed());
+        matches!(closed, Some(ErrorCode::DEVICE_REVOKED | ErrorCode::ACCOUNT_DISABLED))
+    }
+
+    /// Whether nobody can take the answer any more (the session's outbound queue is
+    /// closed): a read for it is not worth doing.
+    pub fn abandoned(&self) -> bool {
+        self.out.as_ref().is_none_or(|out| out.closed().is_some())
+    }
+
     /// Queues the response and releases the in-flight slot.
     pub fn send(mut self, result: Result<Reply, ErrorBody>) {
         self.answer(result);

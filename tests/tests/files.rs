@@ -1448,7 +1448,7 @@ async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_numb
 }
 
 /// With every transfer stream place taken, a stream that fell behind 64 KiB/s since it
-/// began gives its place to a newcomer (reset with `CHUNK_TOO_SLOW`; the client resumes
+/// began gives its place to a newcomer (reset with `OVERLOADED`; the client resumes
 /// later), one per newcomer; streams still within their grace keep theirs (the newcomer
 /// is refused `OVERLOADED`). Before: a stream moving a byte every 29 s kept its place
 /// for its upload's life, and a few dozen accounts held every place.
@@ -1463,9 +1463,9 @@ async fn a_stream_that_fell_behind_gives_its_place_to_a_newcomer() {
         let (alice, _) = tb.register("alice").await;
         let (bob, _) = tb.register("bob").await;
         let data = bytes(1024 * 1024, 31);
+        let begun = begin_upload(&bob, "c.bin", "application/octet-stream", &data).await;
         let (_, mut idle) = open_upload(&alice, "a.bin", &data).await;
         let (_, mut idle_too) = open_upload(&alice, "b.bin", &data).await;
-        let begun = begin_upload(&bob, "c.bin", "application/octet-stream", &data).await;
         let mut early = Transfer::open(bob.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
         assert_eq!(reset_code(&mut early.recv).await, ErrorCode::OVERLOADED, "within their grace");
         drop(early);
@@ -1477,7 +1477,7 @@ async fn a_stream_that_fell_behind_gives_its_place_to_a_newcomer() {
             code = reset_code(&mut idle.recv) => code,
             code = reset_code(&mut idle_too.recv) => code,
         };
-        assert_eq!(code, ErrorCode::CHUNK_TOO_SLOW);
+        assert_eq!(code, ErrorCode::OVERLOADED);
     })
     .await
 }

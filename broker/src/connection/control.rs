@@ -18,7 +18,7 @@ use super::writer::write_loop;
 use super::{Close, close, read_frame};
 use crate::Shared;
 use crate::catalog;
-use crate::conversation::{Caller, Command, Read, not_a_member};
+use crate::conversation::{Caller, Command, Read};
 use crate::fanout::SessionHandle;
 use crate::files::requests as files;
 use crate::metrics::Counters;
@@ -269,11 +269,7 @@ impl Session {
             // by the conversation (membership comes before the rest).
             RequestBody::AddMembers { conv, users, role } => match catalog::resolve_users(shared, &users) {
                 Ok(users) => convs.write(shared, conv, caller, Command::Add { users, role }, reply).await,
-                Err(e) => match shared.store.member(conv, caller.user) {
-                    Ok(Some(_)) => reply.send(Err(e)),
-                    Ok(None) => reply.send(Err(not_a_member())),
-                    Err(e) => reply.send(Err(crate::error::internal(e))),
-                },
+                Err(e) => reply.send(Err(convs.refusal(shared, conv, caller).unwrap_or(e))),
             },
             RequestBody::History { conv, page, limit } => {
                 convs.read(shared, conv, caller, Read::History { page, limit }, reply).await

@@ -38,7 +38,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::Shared;
 use crate::files::blobs::DIRECT_ALIGN;
-use crate::files::budget::{ChunkBudget, Place, Revoked, lease_end};
+use crate::files::budget::{ChunkBudget, Place, Revoked, lease_end, small_chunk};
 use crate::files::requests::{file_ref, no_such_file, readable};
 use crate::files::{ChunkPermits, Unreachable, UploadMsg};
 use crate::limits::READ_CHUNK_BYTES;
@@ -176,7 +176,14 @@ pub(crate) async fn serve(
         }
         TransferOpen::Download { file, offset, length } => {
             let _ = recv.stop(ErrorCode::NO_ERROR.0.into());
-            download(&shared, user, file, offset, length, &place, send).await
+            // Its place may go to a newcomer at any point (it fell behind 64 KiB/s).
+            let evicted = tokio::select! {
+                () = download(&shared, user, file, offset, length, &place, &mut send) => false,
+                () = place.evicted() => true,
+            };
+            if evicted {
+                let _ = send.reset(ErrorCode::OVERLOADED.0.into());
+            }
         }
     }
 }
@@ -265,8 +272,8 @@ async fn upload(
             }
             // Fell behind 64 KiB/s while every place was taken: its place goes to a
             // newcomer; the client resumes from the durable offset later.
-            _ = place.evicted() => {
-                reset(&mut send, &mut recv, ErrorCode::CHUNK_TOO_SLOW);
+            () = place.evicted() => {
+                reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
                 break;
             }
             reply = replies.recv() => match reply {
@@ -284,7 +291,8 @@ async fn upload(
                             tokio::select! {
                                 biased;
                                 wrote = &mut write => break Ok(wrote),
-                                revoked = lease_lost(reading.lease(), shared) => break Err(revoked),
+                                revoked = lease_lost(reading.lease(), shared) => break Err(Some(revoked)),
+                                () = place.evicted() => break Err(None),
                                 granted = granted(&mut reading.reserving), if waiting => {
                                     reading.reserving = None;
                                     if let Some(granted) = granted {
@@ -301,9 +309,14 @@ async fn upload(
                             reset(&mut send, &mut recv, ErrorCode::TIMEOUT);
                             break;
                         }
-                        Err(revoked) => {
+                        Err(Some(revoked)) => {
                             reading.drop_chunk(Some(revoked));
                             reset(&mut send, &mut recv, ErrorCode::CHUNK_TOO_SLOW);
+                            break;
+                        }
+                        // Its place went to a newcomer.
+                        Err(None) => {
+                            reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
                             break;
                         }
                     }
@@ -319,6 +332,19 @@ async fn upload(
             _ = send.stopped() => break,
             read = next_chunk(&mut reading, &mut recv, shared, &permits), if open => match read {
                 Read::Chunk(chunk, permit) => {
+                    // A small chunk waits its turn for its sync here, where those waiting
+                    // are bounded by the streams served and its actor is not held up.
+                    let len = chunk.data.len() as u64;
+                    if small_chunk(len, chunk.offset.saturating_add(len), record.size) {
+                        let turn = place.waiting_for_broker(shared.files.small_syncs.wait());
+                        tokio::select! {
+                            () = turn => {}
+                            () = place.evicted() => {
+                                reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
+                                break;
+                            }
+                        }
+                    }
                     deadline = tokio::time::Instant::now() + progress;
                     let matches = chunk_matches(&chunk);
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
@@ -408,7 +434,9 @@ async fn next_chunk(r: &mut Reading, recv: &mut quinn::RecvStream, shared: &Shar
                 if r.held.is_none() {
                     let want = r.decoder.buffer_bytes(len);
                     let budget = &shared.files.chunk_budget;
-                    let granted = r.reserving.get_or_insert_with(|| reserve_chunk(permits.clone(), budget, want)).await;
+                    let place = r.place.clone();
+                    let reserving = r.reserving.get_or_insert_with(|| reserve_chunk(permits.clone(), budget, want));
+                    let granted = place.waiting_for_broker(reserving).await;
                     r.reserving = None;
                     let Some(granted) = granted else { return Read::End };
                     r.grant(granted);
@@ -527,21 +555,21 @@ async fn download(
     offset: u64,
     length: u64,
     place: &Place,
-    mut send: quinn::SendStream,
+    send: &mut quinn::SendStream,
 ) {
     // Who may read it: up to `ATTACHMENT_SCAN` seeks, off the runtime threads.
     let s = shared.clone();
     let record = match tokio::task::spawn_blocking(move || readable(&s.store, user, &file)).await {
         Ok(Ok(Some(r))) => r,
-        Ok(Ok(None)) => return fail(&mut send, no_such_file(), 0).await,
-        Ok(Err(e)) => return fail(&mut send, e, 0).await,
-        Err(e) => return fail(&mut send, crate::error::internal(e), 0).await,
+        Ok(Ok(None)) => return fail(send, no_such_file(), 0).await,
+        Ok(Err(e)) => return fail(send, e, 0).await,
+        Err(e) => return fail(send, crate::error::internal(e), 0).await,
     };
     if !record.is_complete() {
-        return fail(&mut send, ErrorBody::new(ErrorCode::NOT_READY, "the upload is not complete"), 0).await;
+        return fail(send, ErrorBody::new(ErrorCode::NOT_READY, "the upload is not complete"), 0).await;
     }
     if offset > record.size {
-        return fail(&mut send, ErrorBody::new(ErrorCode::INVALID, "the offset is past the end of the file"), 0).await;
+        return fail(send, ErrorBody::new(ErrorCode::INVALID, "the offset is past the end of the file"), 0).await;
     }
     let rest = record.size - offset;
     let length = if length == 0 { rest } else { length.min(rest) };
@@ -552,10 +580,10 @@ async fn download(
     let path = shared.files.blobs.blob(&record.blake3);
     let exists = path.clone();
     if let Ok(false) = tokio::task::spawn_blocking(move || exists.exists()).await {
-        return fail(&mut send, no_such_file(), 0).await;
+        return fail(send, no_such_file(), 0).await;
     }
     let range = TransferReply::Range { offset, length, size: record.size };
-    match tokio::time::timeout(progress, write(&mut send, &range)).await {
+    match tokio::time::timeout(progress, write(send, &range)).await {
         Ok(true) => {}
         Ok(false) => return,
         Err(_) => {
@@ -568,7 +596,8 @@ async fn download(
         return;
     }
     // Held while the stream serves: a place among the blob files open at once.
-    let Some(_blob_open) = shared.files.reserve_blob(tokio::time::Instant::now() + progress).await else {
+    let blob_open = place.waiting_for_broker(shared.files.reserve_blob(tokio::time::Instant::now() + progress));
+    let Some(_blob_open) = blob_open.await else {
         let _ = send.reset(ErrorCode::TIMEOUT.0.into());
         return;
     };
@@ -620,7 +649,7 @@ async fn download(
                 return;
             }
         };
-        match write_piece(shared, &mut send, bytes, progress, place).await {
+        match write_piece(shared, send, bytes, progress).await {
             Ok(()) => place.moved(len as u64),
             Err(None) => return,
             Err(Some(code)) => {
@@ -649,7 +678,6 @@ async fn write_piece(
     send: &mut quinn::SendStream,
     bytes: Bytes,
     progress: Duration,
-    place: &Place,
 ) -> Result<(), Option<ErrorCode>> {
     let lease = crate::limits::CHUNK_LEASE_GRACE
         + Duration::from_secs_f64(bytes.len() as f64 / crate::limits::MIN_CHUNK_BYTES_PER_SEC as f64);
@@ -666,10 +694,6 @@ async fn write_piece(
                     return Err(Some(ErrorCode::TIMEOUT));
                 }
                 if waited >= lease && shared.files.claim_blob_for_waiter() {
-                    return Err(Some(ErrorCode::CHUNK_TOO_SLOW));
-                }
-                // Its place went to a newcomer (`Files::take_place`).
-                if place.is_evicted() {
                     return Err(Some(ErrorCode::CHUNK_TOO_SLOW));
                 }
             }

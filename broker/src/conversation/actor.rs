@@ -174,10 +174,19 @@ impl Actor for Conversation {
         let effects = match msg {
             ConvMsg::Write(caller, cmd, reply) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
+                // Written by a device revoked (or an account disabled) since it was sent:
+                // not carried out (the revocation may have been answered already).
+                if reply.revoked() {
+                    return Ok(());
+                }
                 state.state.handle_write(&log, caller, cmd, reply, crate::now_ms())
             }
             ConvMsg::Read(caller, read, reply) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
+                // Nobody is left to take the answer (the session ended): no read.
+                if reply.abandoned() {
+                    return Ok(());
+                }
                 vec![state.state.handle_read(&log, caller, read, reply, crate::now_ms())]
             }
             ConvMsg::Mark(caller, mark, MarkReply::Read(reply)) => {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::limits::MAX_MARKS_PER_REQUEST;
-use switchboard_protocol::{ConvId, ErrorBody, ErrorCode, Reply, Seq, UserId};
+use switchboard_protocol::{ClientMsgId, ConvId, ErrorBody, ErrorCode, Reply, Seq, UserId};
 use switchboard_storage::Store;
 
 use super::actor::{ConvArgs, ConvMsg, Conversation, MarkReply};
@@ -69,6 +69,14 @@ impl ConvDirectory {
     /// next request, so one session's writes to one conversation apply in order.
     pub async fn write(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, cmd: Command, reply: Responder) {
         self.request(shared, conv, caller, ConvMsg::Write(caller, cmd, reply)).await
+    }
+
+    /// What a request of `caller` about `conv` that carries no client id would be
+    /// refused with before reaching the conversation, if anything (`gate`): for work done
+    /// before a request is handed over (resolving names) that must not answer a stranger
+    /// before the conversation would.
+    pub fn refusal(&self, shared: &Shared, conv: ConvId, caller: Caller) -> Option<ErrorBody> {
+        gate(shared, conv, caller, None).err()
     }
 
     /// A read of `conv`'s durable state.
@@ -154,15 +162,12 @@ impl ConvDirectory {
         caller: Caller,
         mut msg: ConvMsg,
     ) -> Result<(), (ConvMsg, ErrorBody)> {
-        if shared.health.is_failed() {
-            // Even a live actor whose own writes all succeeded may not serve reads or
-            // acknowledge anything once durability is lost.
-            return Err((msg, ErrorBody::new(ErrorCode::INTERNAL, "storage failure")));
-        }
-        match admits(&shared.store, conv, caller, &msg) {
-            Ok(true) => {}
-            Ok(false) => return Err((msg, not_a_member())),
-            Err(e) => return Err((msg, e)),
+        let resend = match &msg {
+            ConvMsg::Write(_, cmd, _) => cmd.client_id(),
+            _ => None,
+        };
+        if let Err(e) = gate(shared, conv, caller, resend) {
+            return Err((msg, e));
         }
         let mut dead = None;
         let mailbox_max = shared.config.conversation_mailbox_max;
@@ -397,18 +402,22 @@ fn refuse(msg: ConvMsg, error: ErrorBody) {
     }
 }
 
-/// Whether `caller` may send `msg` to `conv`: a member (as far as the store knows, which
-/// may be ahead of the durable state; the actor checks again), or a former member
-/// resending a write that was applied (it is answered its original seq).
-fn admits(store: &Store, conv: ConvId, caller: Caller, msg: &ConvMsg) -> Result<bool, ErrorBody> {
-    if store.member(conv, caller.user).map_err(internal)?.is_some() {
-        return Ok(true);
+/// The refusal of a request of `caller` about `conv` before it reaches the actor, if
+/// any: `INTERNAL` after a storage failure (even a live actor whose own writes all
+/// succeeded may not serve reads or acknowledge anything once durability is lost), else
+/// `not_a_member` unless `caller` is a member (as far as the store knows, which may be
+/// ahead of the durable state; the actor checks again) or a former member resending
+/// (`resend`) a write that was applied (it is answered its original seq).
+fn gate(shared: &Shared, conv: ConvId, caller: Caller, resend: Option<&ClientMsgId>) -> Result<(), ErrorBody> {
+    if shared.health.is_failed() {
+        return Err(ErrorBody::new(ErrorCode::INTERNAL, "storage failure"));
     }
-    match msg {
-        ConvMsg::Write(_, cmd, _) => match cmd.client_id() {
-            Some(id) => Ok(store.dedupe(conv, caller.user, id).map_err(internal)?.is_some()),
-            None => Ok(false),
-        },
-        _ => Ok(false),
+    let store = &shared.store;
+    if store.member(conv, caller.user).map_err(internal)?.is_some() {
+        return Ok(());
+    }
+    match resend {
+        Some(id) if store.dedupe(conv, caller.user, id).map_err(internal)?.is_some() => Ok(()),
+        _ => Err(not_a_member()),
     }
 }

@@ -344,11 +344,6 @@ impl Upload {
         let mut hashing = st.hashed.clone();
         let step = catch_up_step(offset - hashing.to, st.record.size, end, end - offset);
         let (chunk, prefix) = (data.clone(), st.file.clone());
-        // A small chunk's sync waits its turn among all small chunks' (a client sending
-        // tiny chunks would otherwise make the disk sync once per few bytes).
-        if super::budget::small_chunk(end - offset, end, st.record.size) {
-            self.shared.files.small_syncs.wait().await;
-        }
         let hashed = tokio::task::spawn_blocking(move || {
             // Only bytes below `offset`, durable and never written again, are read back.
             Blobs::hash_range(prefix.as_file(), &mut hashing.hasher, hashing.to, hashing.to + step)?;

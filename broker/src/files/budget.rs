@@ -13,6 +13,7 @@
 //! first (parked leases are woken in the order they parked).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -166,41 +167,65 @@ impl Drop for Waiting<'_> {
 /// are fewer than `MIN_CHUNK_BYTES_PER_SEC` for every second past `CHUNK_LEASE_GRACE`
 /// (`lease_end`). Holding a place then costs a client 64 KiB/s while others wait for
 /// one (before, a chunk every 29 s held it for the upload's life, and a few dozen
-/// accounts could keep every other upload and download refused).
+/// accounts could keep every other upload and download refused). A place taken from
+/// another stream has no grace (else streams that keep taking each other's places would
+/// never be behind), and time spent waiting for the broker (a chunk's bytes of the
+/// budget, a small chunk's turn, a blob file) does not count against a place: it is not
+/// a candidate meanwhile, and the wait is added to its lease.
 #[derive(Debug)]
 pub struct Place {
     since: Instant,
-    moved: std::sync::atomic::AtomicU64,
-    evicted: std::sync::atomic::AtomicBool,
+    grace: Duration,
+    moved: AtomicU64,
+    /// Microseconds spent waiting for the broker, added to the lease.
+    waited_us: AtomicU64,
+    /// Waits for the broker in progress.
+    waiting: AtomicU64,
+    evicted: AtomicBool,
     wake: Notify,
 }
 
 impl Place {
-    /// A place taken at `since`.
-    pub fn new(since: Instant) -> Place {
+    /// A place taken at `since`: a free one (`graced`) or one taken from another stream.
+    pub fn new(since: Instant, graced: bool) -> Place {
         Place {
             since,
-            moved: std::sync::atomic::AtomicU64::new(0),
-            evicted: std::sync::atomic::AtomicBool::new(false),
+            grace: if graced { CHUNK_LEASE_GRACE } else { Duration::ZERO },
+            moved: AtomicU64::new(0),
+            waited_us: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            evicted: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
 
     /// Counts `bytes` moved.
     pub fn moved(&self, bytes: u64) {
-        self.moved.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.moved.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// How long past its lease the place is at `now`, if it is.
+    /// How long past its lease the place is at `now`, if it is (never while it waits for
+    /// the broker).
     pub fn behind(&self, now: Instant) -> Option<Duration> {
-        let end = lease_end(self.since, self.moved.load(std::sync::atomic::Ordering::Relaxed));
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let waited = Duration::from_micros(self.waited_us.load(Ordering::Relaxed));
+        let end = lease_end(self.since, self.moved.load(Ordering::Relaxed)) + waited + self.grace - CHUNK_LEASE_GRACE;
         now.checked_duration_since(end).filter(|d| !d.is_zero())
     }
 
-    /// Takes the place away (its stream is reset with `CHUNK_TOO_SLOW`); false if it
-    /// already was.
+    /// Runs `wait` (a wait for the broker, not the client) with the place's clock
+    /// stopped. Cancel-safe: a wait dropped half way counts as ended there.
+    pub async fn waiting_for_broker<T>(&self, wait: impl Future<Output = T>) -> T {
+        let _waiting = BrokerWait::start(self);
+        wait.await
+    }
+
+    /// Takes the place away (its stream is reset with `OVERLOADED`); false if it already
+    /// was.
     pub fn evict(&self) -> bool {
-        let first = !self.evicted.swap(true, std::sync::atomic::Ordering::AcqRel);
+        let first = !self.evicted.swap(true, Ordering::AcqRel);
         if first {
             self.wake.notify_one();
         }
@@ -209,7 +234,7 @@ impl Place {
 
     /// Whether the place was taken away.
     pub fn is_evicted(&self) -> bool {
-        self.evicted.load(std::sync::atomic::Ordering::Acquire)
+        self.evicted.load(Ordering::Acquire)
     }
 
     /// Resolves once the place is taken away. Cancel-safe.
@@ -217,6 +242,26 @@ impl Place {
         if !self.is_evicted() {
             self.wake.notified().await;
         }
+    }
+}
+
+/// A wait of a place's stream for the broker, ended when dropped.
+struct BrokerWait<'a> {
+    place: &'a Place,
+    started: Instant,
+}
+
+impl<'a> BrokerWait<'a> {
+    fn start(place: &'a Place) -> BrokerWait<'a> {
+        place.waiting.fetch_add(1, Ordering::AcqRel);
+        BrokerWait { place, started: Instant::now() }
+    }
+}
+
+impl Drop for BrokerWait<'_> {
+    fn drop(&mut self) {
+        self.place.waited_us.fetch_add(self.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.place.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -233,9 +278,10 @@ pub fn small_chunk(len: u64, end: u64, size: u64) -> bool {
 }
 
 /// Turns for small chunks' fdatasyncs over all uploads: at most `per_sec` a second, one
-/// each `1 / per_sec` apart, first come first served. Those waiting are bounded by the
-/// Upload actors writing (each writes one chunk at a time, one per transfer stream
-/// served), so at the defaults a turn is at most a second away.
+/// each `1 / per_sec` apart, first come first served. A stream waits for its turn before
+/// it hands the chunk to the upload's actor (`connection/transfer.rs`), so those waiting
+/// are at most the transfer streams served (one each): at the defaults a turn is at most
+/// a second away, and no actor waits.
 #[derive(Debug)]
 pub struct SyncPacer {
     interval: Duration,
@@ -273,9 +319,9 @@ mod tests {
     fn a_place_is_given_up_by_the_stream_furthest_behind_64_kib_a_second() {
         let t0 = Instant::now();
         let kib = 1024u64;
-        let idle = Arc::new(Place::new(t0));
-        let steady = Arc::new(Place::new(t0));
-        let burst = Arc::new(Place::new(t0));
+        let idle = Arc::new(Place::new(t0, true));
+        let steady = Arc::new(Place::new(t0, true));
+        let burst = Arc::new(Place::new(t0, true));
         steady.moved(640 * kib);
         burst.moved(64 * kib);
         // Within the grace nobody is behind.
@@ -292,11 +338,35 @@ mod tests {
         assert!(Arc::ptr_eq(chosen, &burst));
         burst.evict();
         assert!(most_behind([&idle, &steady, &burst].into_iter(), at(10)).is_none());
+        // A place taken from another stream has no grace: behind as soon as it lags, so
+        // streams taking each other's places cannot all stay within a grace.
+        let taken = Place::new(at(10), false);
+        assert!(taken.behind(at(10) + Duration::from_millis(1)).is_some());
+        taken.moved(64 * kib);
+        assert_eq!(taken.behind(at(11)), None, "64 KiB buys it a second");
+        assert!(taken.behind(at(12)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_the_broker_does_not_count_against_a_place() {
+        let t0 = Instant::now();
+        let place = Arc::new(Place::new(t0, true));
+        let waiter = place.clone();
+        let wait = tokio::spawn(async move {
+            waiter.waiting_for_broker(tokio::time::sleep(Duration::from_secs(10))).await;
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(place.behind(Instant::now()), None, "not a candidate while it waits");
+        assert!(most_behind([&place].into_iter(), Instant::now()).is_none());
+        wait.await.unwrap();
+        // The 10 s waited are added to its lease: behind 2 s after the wait, not at once.
+        assert_eq!(place.behind(t0 + Duration::from_secs(11)), None);
+        assert_eq!(place.behind(t0 + Duration::from_secs(13)), Some(Duration::from_secs(1)));
     }
 
     #[tokio::test]
     async fn an_evicted_place_wakes_its_stream_even_if_it_was_not_waiting_yet() {
-        let place = Place::new(Instant::now());
+        let place = Place::new(Instant::now(), true);
         place.evict();
         tokio::time::timeout(Duration::from_secs(5), place.evicted()).await.unwrap();
         assert!(place.is_evicted());

@@ -258,11 +258,11 @@ impl Files {
     /// A place among `max_live_transfer_streams` for a transfer stream, held while the
     /// returned guard lives. With every place taken, the stream furthest behind its
     /// place's lease (`budget::Place`) is told to give its place up and this one waits
-    /// up to `PLACE_HANDOVER` for it; `None` if none is behind (or the place went to
-    /// another meanwhile): the stream is refused (`OVERLOADED`).
+    /// up to `PLACE_HANDOVER` for it (and has no grace then); `None` if none is behind
+    /// (or the place went to another meanwhile): the stream is refused (`OVERLOADED`).
     pub(crate) async fn take_place(&self) -> Option<PlaceHold<'_>> {
-        let permit = match self.live_streams.clone().try_acquire_owned() {
-            Ok(permit) => permit,
+        let (permit, graced) = match self.live_streams.clone().try_acquire_owned() {
+            Ok(permit) => (permit, true),
             Err(_) => {
                 let now = tokio::time::Instant::now();
                 let evicted = {
@@ -273,11 +273,11 @@ impl Files {
                     return None;
                 }
                 let handover = tokio::time::timeout(PLACE_HANDOVER, self.live_streams.clone().acquire_owned());
-                handover.await.ok()?.ok()?
+                (handover.await.ok()?.ok()?, false)
             }
         };
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let place = Arc::new(budget::Place::new(tokio::time::Instant::now()));
+        let place = Arc::new(budget::Place::new(tokio::time::Instant::now(), graced));
         self.places.lock().unwrap_or_else(|p| p.into_inner()).insert(id, place.clone());
         Some(PlaceHold { files: self, id, place, _permit: permit })
     }
