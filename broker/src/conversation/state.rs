@@ -582,8 +582,8 @@ impl<R> ConversationState<R> {
         let (written, answers) = self.receipts.written();
         // Answered with the durable values, taken before a removed member's are dropped.
         let answers: Vec<(R, Receipt)> = answers.into_iter().map(|(r, user)| (r, self.own_receipt(user))).collect();
-        // One frame per device per write: what all members may see, and for each member
-        // who keeps read receipts private, the same with its own full watermarks.
+        // What all members may see (`shown`), the delivery of members who keep reads
+        // private (`delivered_only`), and such members' own full watermarks.
         let mut shown = Vec::new();
         let mut delivered_only = Vec::new();
         let mut private_own = Vec::new();
@@ -1019,7 +1019,6 @@ impl<R> ConversationState<R> {
     }
 }
 
-/// The event for receipts changed by one write: `Receipt` for one, `Receipts` for more.
 /// Pushes, to each user of `hidden` (receipts without their read mark, sorted by user,
 /// one per user), every receipt of `hidden` but its own, in shared frames: the list is
 /// halved, each half's receipts go to the other half's users, and each half again, so a
@@ -1038,6 +1037,7 @@ fn sibling_frames<R>(hidden: &[Receipt], effects: &mut Vec<Effect<R>>) {
     sibling_frames(right, effects);
 }
 
+/// The event for receipts changed by one write: `Receipt` for one, `Receipts` for more.
 fn receipt_event(mut receipts: Vec<Receipt>) -> Event {
     if receipts.len() == 1 {
         return Event::Receipt(receipts.remove(0));
