@@ -176,14 +176,7 @@ pub(crate) async fn serve(
         }
         TransferOpen::Download { file, offset, length } => {
             let _ = recv.stop(ErrorCode::NO_ERROR.0.into());
-            // Its place may go to a newcomer at any point (it fell behind 64 KiB/s).
-            let evicted = tokio::select! {
-                () = download(&shared, user, file, offset, length, &place, &mut send) => false,
-                () = place.evicted() => true,
-            };
-            if evicted {
-                let _ = send.reset(ErrorCode::OVERLOADED.0.into());
-            }
+            download(&shared, user, file, offset, length, &place, &mut send).await
         }
     }
 }
@@ -583,7 +576,13 @@ async fn download(
         return fail(send, no_such_file(), 0).await;
     }
     let range = TransferReply::Range { offset, length, size: record.size };
-    match tokio::time::timeout(progress, write(send, &range)).await {
+    // Its place may go to a newcomer (it fell behind 64 KiB/s) in any wait: this one, the
+    // blob file's, a piece's (`write_piece`), and between pieces.
+    let answered = tokio::select! {
+        answered = tokio::time::timeout(progress, write(send, &range)) => answered,
+        () = place.evicted() => return evicted(send),
+    };
+    match answered {
         Ok(true) => {}
         Ok(false) => return,
         Err(_) => {
@@ -597,7 +596,11 @@ async fn download(
     }
     // Held while the stream serves: a place among the blob files open at once.
     let blob_open = place.waiting_for_broker(shared.files.reserve_blob(tokio::time::Instant::now() + progress));
-    let Some(_blob_open) = blob_open.await else {
+    let blob_open = tokio::select! {
+        blob_open = blob_open => blob_open,
+        () = place.evicted() => return evicted(send),
+    };
+    let Some(_blob_open) = blob_open else {
         let _ = send.reset(ErrorCode::TIMEOUT.0.into());
         return;
     };
@@ -617,6 +620,9 @@ async fn download(
     let end = offset + length;
     let mut checked = tokio::time::Instant::now();
     while at < end {
+        if place.is_evicted() {
+            return evicted(send);
+        }
         if checked.elapsed() >= ACCESS_RECHECK {
             // Access goes with membership (section 12), a long download's too.
             let s = shared.clone();
@@ -649,7 +655,7 @@ async fn download(
                 return;
             }
         };
-        match write_piece(shared, send, bytes, progress).await {
+        match write_piece(shared, send, bytes, progress, place).await {
             Ok(()) => place.moved(len as u64),
             Err(None) => return,
             Err(Some(code)) => {
@@ -660,6 +666,12 @@ async fn download(
         at += len as u64;
     }
     let _ = send.finish();
+}
+
+/// A download whose place went to a newcomer: reset with `OVERLOADED` (it resumes later
+/// from the bytes it has).
+fn evicted(send: &mut quinn::SendStream) {
+    let _ = send.reset(ErrorCode::OVERLOADED.0.into());
 }
 
 /// How often a download piece's writer looks at its lease while the reader is slow.
@@ -678,6 +690,7 @@ async fn write_piece(
     send: &mut quinn::SendStream,
     bytes: Bytes,
     progress: Duration,
+    place: &Place,
 ) -> Result<(), Option<ErrorCode>> {
     let lease = crate::limits::CHUNK_LEASE_GRACE
         + Duration::from_secs_f64(bytes.len() as f64 / crate::limits::MIN_CHUNK_BYTES_PER_SEC as f64);
@@ -695,6 +708,10 @@ async fn write_piece(
                 }
                 if waited >= lease && shared.files.claim_blob_for_waiter() {
                     return Err(Some(ErrorCode::CHUNK_TOO_SLOW));
+                }
+                // Its place went to a newcomer (`Files::take_place`).
+                if place.is_evicted() {
+                    return Err(Some(ErrorCode::OVERLOADED));
                 }
             }
         }
