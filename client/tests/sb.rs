@@ -956,6 +956,16 @@ async fn the_same_file_uploaded_again_continues_the_saved_upload() {
     let third = event(&fresh, "uploaded")["file"].as_str().unwrap();
     assert_ne!(third, second);
     assert_eq!(event(&fresh, "started")["offset"].as_u64(), Some(0));
+
+    // Killed, then the file changed: the next upload is a new one, and says what became
+    // of the old one and how to free it (before: not a word, the old one kept its quota).
+    let (fourth, _) = upload_and_kill(&alice, &broker, &path);
+    let mut changed = data.clone();
+    changed[0] ^= 1;
+    std::fs::write(&path, &changed).unwrap();
+    let after = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
+    assert_eq!(event(&after, "file_changed")["file"].as_str(), Some(fourth.as_str()), "{after:?}");
+    assert_ne!(event(&after, "uploaded")["file"].as_str(), Some(fourth.as_str()));
 }
 
 /// Homes of alice's two devices and of bob, registered, and their direct conversation.
@@ -1005,6 +1015,8 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let human = sb_output(&alice, &broker, &["uploads"]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains(&id) && text.contains("expires in 23 h") && text.contains("from "), "{text}");
+    // And what to run: continue it, or free it.
+    assert!(text.contains("continues it") && text.contains(&format!("sb file cancel {id}")), "{text}");
     // The quota counts it at its declared size, in whole 4 KiB blocks.
     let quota = sb(&alice, &broker, &["quota"]);
     assert_eq!(quota[0]["uploads_in_progress"].as_u64(), Some(1), "{quota:?}");

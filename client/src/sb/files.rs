@@ -79,6 +79,26 @@ pub async fn upload(
 
     let saved = load_saved(home, &key)?;
     let saved_id = saved.as_ref().and_then(|s| parse_file_id(&s.file).ok());
+    // The same path saved with other contents: the file changed since an upload of it
+    // began here. That upload cannot be finished from it; say so, and what it was for
+    // (before: a new upload began and sent nothing, silently, the old one kept its quota).
+    if saved.is_none() && args.resume.is_none() {
+        let here = path.display().to_string();
+        let state = super::load_state(home)?;
+        for old in state.uploads.iter().filter(|u| key_path(&u.key) == Some(here.as_str())) {
+            let was = match (old.conv, &args.conv) {
+                (Some(c), None) => format!(" (it was to be sent to conv {c}: give --conv to send this one)"),
+                _ => String::new(),
+            };
+            out.status(json!({"event": "file_changed", "file": old.file, "path": here, "conv": old.conv}), || {
+                format!(
+                    "{here} changed since upload {} of it began{was}; this is a new upload. `sb file cancel {}` \
+                     frees the old one",
+                    old.file, old.file
+                )
+            });
+        }
+    }
     let (file, fresh) = match (&args.resume, saved_id) {
         (Some(id), _) => {
             let file = parse_file_id(id)?;
@@ -90,7 +110,12 @@ pub async fn upload(
                 info => info?,
             };
             if info.blake3 != new.blake3 || info.file.size != new.size {
-                bail!("{} is not the file of upload {id} (its size or BLAKE3 differs)", path.display());
+                bail!(
+                    "{} is not the file of upload {id} (its size or BLAKE3 differs): `sb upload {}` uploads it as a \
+                     new file, `sb file cancel {id}` frees the old upload",
+                    path.display(),
+                    path.display()
+                );
             }
             (file, false)
         }
@@ -354,8 +379,14 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
                 let left = super::span(u.expires_ms.saturating_sub(now));
                 let local = path.map_or(String::new(), |p| format!("  from {p}"));
                 let then = conv.map_or(String::new(), |c| format!(" for conv {c}"));
+                // What finishes it from here, or from anywhere with the file.
+                let next = match path {
+                    Some(p) => format!("`sb upload {p}` continues it"),
+                    None => format!("`sb upload --resume {id} FILE` continues it"),
+                };
                 format!(
-                    "{id}  {}  {} of {} bytes ({percent}%)  expires in {left}{local}{then}",
+                    "{id}  {}  {} of {} bytes ({percent}%)  expires in {left}{local}{then}: {next}, \
+                     `sb file cancel {id}` frees it",
                     u.file.name, u.offset, u.file.size
                 )
             },
