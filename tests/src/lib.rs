@@ -130,14 +130,17 @@ impl TestBroker {
 /// Waits up to 10 s for the next entry event, passing over presence and typing events:
 /// they come on their own schedule (a user whose client was dropped a moment before
 /// goes offline when the broker sees the connection close, which may be after a test's
-/// next step made it a contact; a flaky failure of CI's `conversation_rules`). Any
-/// other event first is a failure.
+/// next step made it a contact; a flaky failure of CI's `conversation_rules`), and over
+/// file progress: an upload's "complete" is announced on its own thread to the
+/// conversations carrying the file when it runs, so it may reach a member before or
+/// after the message that attached it (a flaky failure of CI's `presence`). Any other
+/// event first is a failure.
 pub async fn next_entry(events: &mut Events) -> Entry {
     within(STEP_DEADLINE, "an entry event", async {
         loop {
             match events.next().await {
                 Some(Event::Entry(e)) => return e,
-                Some(Event::Presence(_) | Event::Typing { .. }) => {}
+                Some(Event::Presence(_) | Event::Typing { .. } | Event::File(_)) => {}
                 other => panic!("expected an entry event, got {other:?}"),
             }
         }

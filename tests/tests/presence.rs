@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use switchboard_client::{Client, Connector, Events, TransportOptions, Trust};
-use switchboard_protocol::{ConvId, ErrorCode, Event, PresenceInfo, PresenceState, Role, UserId};
+use switchboard_protocol::{Body, ConvId, ErrorCode, Event, PresenceInfo, PresenceState, Role, UserId};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, next_entry, no_event, within};
 
 /// Waits for a presence event about `user` in state `state`, skipping other events.
@@ -377,7 +377,9 @@ async fn a_message_clears_typing_and_no_late_stop_follows() {
             files: vec![file],
         };
         alice.request(files).await.unwrap();
-        assert_eq!(next_entry(&mut bob_events).await.sender, alice.user_id);
+        let entry = next_entry(&mut bob_events).await;
+        assert_eq!(entry.sender, alice.user_id);
+        assert!(matches!(&entry.body, Body::Files { files, .. } if files[0].file == file), "{:?}", entry.body);
         no_typing(&mut bob_events, 900).await;
         alice.typing(conv, true).await.unwrap();
         assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true), "cleared, so a change again");
