@@ -144,7 +144,7 @@ pub(crate) async fn create_conversation(
     if created {
         // The conversation's first actor delivers seq 1, so no later entry can reach a
         // member before it.
-        if let Err(e) = shared.convs.start_created(&shared, conv).await {
+        if let Err(e) = shared.convs.start_created(&shared, conv, caller.user).await {
             // The conversation exists and is durable: say so. Its first entry is
             // delivered by whichever actor of it starts next (the record stays).
             tracing::warn!(conv, code = %e.code, "the new conversation's actor did not start");

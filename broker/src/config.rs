@@ -73,6 +73,11 @@ pub struct Config {
     /// Conversation actors alive at once; a request that would start another is
     /// answered `OVERLOADED` (default `MAX_LIVE_CONVERSATIONS`).
     pub max_live_conversations: usize,
+    /// Of those, actors one user's requests started and that are still alive; a request
+    /// of that user that would start another is answered `OVERLOADED`, other users' are
+    /// still served (default `MAX_LIVE_CONVERSATIONS_PER_USER`). An actor counts for
+    /// whoever started it until it retires, whoever uses it meanwhile.
+    pub max_live_conversations_per_user: usize,
     /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership
     /// changes) admitted and not yet answered, over all connections; one more is
     /// answered `OVERLOADED` at once (`overload.rs`; default
@@ -195,6 +200,7 @@ impl Default for Config {
             outbound_max_bytes: crate::limits::OUTBOUND_MAX_BYTES,
             conversation_mailbox_max: crate::limits::CONVERSATION_MAILBOX_MAX,
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
+            max_live_conversations_per_user: crate::limits::MAX_LIVE_CONVERSATIONS_PER_USER,
             max_sends_in_flight: crate::limits::MAX_SENDS_IN_FLIGHT,
             max_sends_in_flight_per_user: crate::limits::MAX_SENDS_IN_FLIGHT_PER_USER,
             send_delay_target_ms: crate::limits::SEND_DELAY_TARGET_MS,
@@ -304,6 +310,7 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("outbound_max_bytes", config.outbound_max_bytes as u64),
         ("conversation_mailbox_max", config.conversation_mailbox_max as u64),
         ("max_live_conversations", config.max_live_conversations as u64),
+        ("max_live_conversations_per_user", config.max_live_conversations_per_user as u64),
         ("udp_sockets", config.udp_sockets as u64),
         ("max_file_bytes", config.max_file_bytes),
         ("max_uploads_per_user", config.max_uploads_per_user as u64),

@@ -34,6 +34,11 @@ pub const SOCKET_BACKLOG_TARGET_MS: u64 = 20;
 /// ones retire after `conversation_idle_ms`; at the cap, a request that would start
 /// another gets `OVERLOADED` rather than growing memory without bound.
 pub const MAX_LIVE_CONVERSATIONS: usize = 250_000;
+/// Of those, started by one user's requests (1/64 of the cap: at least 64 accounts to
+/// fill it, which registration limits per address make slow). A person is active in
+/// far fewer conversations within `conversation_idle_ms` (a minute); a bot in more
+/// raises it.
+pub const MAX_LIVE_CONVERSATIONS_PER_USER: usize = 4096;
 /// Concurrent argon2 computations: each takes `argon2_memory_kib` of memory and a core
 /// for tens of milliseconds; more than the cores only queues work and memory.
 pub const ARGON2_CONCURRENCY: usize = 2;

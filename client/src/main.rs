@@ -78,6 +78,27 @@ struct BrokerFlags {
 }
 
 impl BrokerFlags {
+    /// The flags as given, each ` --flag VALUE` shell-quoted, for a command this run
+    /// prints for the user to run again (`sb send`'s retry): without them it would reach
+    /// the saved broker, not this one.
+    fn as_args(&self) -> String {
+        let mut args = String::new();
+        let flags = [
+            ("--server", self.server.clone()),
+            (
+                "--ca",
+                self.ca.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()),
+            ),
+            ("--pin", self.pin.clone()),
+        ];
+        for (flag, value) in flags {
+            if let Some(v) = value {
+                args.push_str(&format!(" {flag} {}", shell_quote(&v)));
+            }
+        }
+        args
+    }
+
     fn apply(&self, state: &mut State) {
         if self.server.is_some() {
             state.server = self.server.clone();
@@ -145,6 +166,10 @@ enum Command {
         /// Default: a fresh random key (printed with --json).
         #[arg(long)]
         client_id: Option<String>,
+        /// Seconds to keep sending it again across lost connections and broker restarts
+        /// before giving up (the message is stored at most once however often).
+        #[arg(long, default_value_t = 30.0, value_parser = retry_seconds)]
+        retry_for: f64,
     },
     /// Replace the text of one of my messages.
     Edit {
@@ -543,6 +568,7 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const INTERRUPTED_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Connector) -> anyhow::Result<()> {
+    let reach = cli.broker.as_args();
     match cli.command {
         command @ (Command::Register { .. } | Command::Login { .. }) => {
             let (register, name, device) = match command {
@@ -618,8 +644,10 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 passwd(connector, identity, out, sign_out_others).await?;
             } else if let Command::Download { file, out: path, offset, length } = command {
                 files::download(connector, identity, out, &file, &path, offset, length).await?;
-            } else if let Command::Send { conv, text, client_id } = command {
-                send(connector, identity, out, conv, &text, client_id).await?;
+            } else if let Command::Send { conv, text, client_id, retry_for } = command {
+                let message =
+                    Message { conv, text, client_id, retry_for: std::time::Duration::from_secs_f64(retry_for) };
+                send(connector, identity, out, &reach, message).await?;
             } else if let Command::Uploads = command {
                 let client = connector.connect(identity).await?;
                 files::uploads(&client, home, out).await?;
@@ -702,31 +730,54 @@ async fn passwd(connector: &Connector, identity: &Identity, out: &Out, sign_out_
     Ok(())
 }
 
-/// How long `sb send` keeps trying to get its message acknowledged across lost
-/// connections and broker restarts.
-const SEND_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// `s` as one POSIX shell word: unchanged if every character is plainly safe, else in
+/// single quotes (a `'` inside as `'"'"'`: no backslash, which `terminal_safe` doubles).
+fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./:@%+=,".contains(c);
+    if !s.is_empty() && s.chars().all(safe) { s.to_owned() } else { format!("'{}'", s.replace('\'', r#"'"'"'"#)) }
+}
+
+/// `--retry-for`: a number of seconds, 0 to one day.
+fn retry_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: give seconds, 0 to 86400")),
+    }
+}
+
+/// What `sb send` sends: to `conv`, `text` under `client_id` (fresh if none), trying
+/// for `retry_for` across lost connections.
+struct Message {
+    conv: ConvArg,
+    text: String,
+    client_id: Option<String>,
+    retry_for: std::time::Duration,
+}
 
 /// `sb send`: the message under one client id, sent again on a new connection whenever
 /// the connection is lost before the answer (a broker restart, a network drop), for up
-/// to `SEND_RETRY_FOR`: the broker answers a resend with the first one's seq, so the
+/// to `--retry-for`: the broker answers a resend with the first one's seq, so the
 /// message is stored once whether or not the lost attempt had landed. An answer from
-/// the broker (an ack or a refusal) ends it. Given up, the error names the command that
-/// sends it again safely.
+/// the broker (an ack or a refusal) ends it. Given up, the error says whether the
+/// message may be stored (an attempt got as far as sending it) or not (the broker was
+/// never reached) and names the command, with this run's `reach` flags, that sends it
+/// again safely.
 async fn send(
     connector: &Connector,
     identity: &Identity,
     out: &Out,
-    conv: ConvArg,
-    text: &str,
-    client_id: Option<String>,
+    reach: &str,
+    message: Message,
 ) -> anyhow::Result<()> {
+    let Message { conv, text, client_id, retry_for } = message;
+    let text = text.as_str();
     let client_id = match client_id {
         Some(h) => unhex(&h)
             .and_then(|b| <[u8; 16]>::try_from(b).ok())
             .context("--client-id takes 32 hex digits (16 bytes)")?,
         None => new_client_id(),
     };
-    let deadline = tokio::time::Instant::now() + SEND_RETRY_FOR;
+    let deadline = tokio::time::Instant::now() + retry_for;
     let mut backoff = switchboard_client::Backoff::new(100, 2_000);
     // A title is looked up on each connection, riding out lost connections like the
     // send (a title that matches none or several is final).
@@ -734,9 +785,11 @@ async fn send(
         ConvArg::Id(id) => Some(id),
         ConvArg::Title(_) => None,
     };
+    // Whether an attempt got as far as sending: until then the broker has nothing.
+    let mut maybe_stored = false;
     let (conv, seq, duplicate) = loop {
         let attempt = async {
-            let client = connector.connect(identity).await?;
+            let client = connector.connect(identity).await.map_err(|e| (e, false))?;
             let id = match resolved {
                 Some(id) => id,
                 None => {
@@ -749,19 +802,22 @@ async fn send(
                         }
                         Err(e) => {
                             client.close();
-                            return Err(e);
+                            return Err((e, false));
                         }
                     }
                 }
             };
             let sent = client.send_with_id(id, client_id, text).await;
             client.close();
-            sent.map(|sent| Ok((id, sent)))
+            sent.map(|sent| Ok((id, sent))).map_err(|e| (e, true))
         };
         let error = match attempt.await {
             Ok(Ok((id, (seq, duplicate)))) => break (id, seq, duplicate),
             Ok(Err(e)) => return Err(e),
-            Err(e) => e,
+            Err((e, sent)) => {
+                maybe_stored |= sent;
+                e
+            }
         };
         // A refusal, or a connection the broker closed on purpose, is final.
         let lost = matches!(error, ClientError::Connect(_))
@@ -771,9 +827,19 @@ async fn send(
         }
         let delay = std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()));
         if tokio::time::Instant::now() + delay >= deadline {
-            let again = format!("sb send {conv} TEXT --client-id {}", hex(&client_id));
-            return Err(anyhow::Error::new(error)
-                .context(format!("the broker may have stored it: `{again}` sends it again at most once")));
+            // A text `terminal_safe` would change (a newline, say) cannot be shown as
+            // it is: the command names it (another text under the id is refused).
+            let unshowable = text.chars().any(is_terminal_unsafe);
+            let shown = if unshowable { "TEXT".into() } else { shell_quote(text) };
+            let same = if unshowable { ", TEXT the same text," } else { "" };
+            let again =
+                format!("sb{reach} send {} {shown} --client-id {}", shell_quote(&conv.to_string()), hex(&client_id));
+            let said = if maybe_stored {
+                format!("the broker may have stored it: `{again}`{same} sends it again at most once")
+            } else {
+                format!("not sent (the broker was never reached): `{again}`{same} sends it, at most once")
+            };
+            return Err(anyhow::Error::new(error).context(said));
         }
         out.status(
             json!({"event": "resending", "conv": resolved.map_or_else(|| json!(conv.to_string()), |id| json!(id)),
@@ -2014,6 +2080,17 @@ mod tests {
             lines.take().as_deref(),
             Some("[7] u0, u1, u2, u3, u4, u5, u6, u7, u8, u9 and 3 more received up to #9")
         );
+    }
+
+    #[test]
+    fn shell_quote_gives_back_the_same_word_through_a_shell() {
+        assert_eq!(shell_quote("plain-1.0"), "plain-1.0");
+        for word in ["", "it's", "$HOME `id` \"x\" ; | & *", "a'b'c", "ünïcode ✓"] {
+            let quoted = shell_quote(word);
+            assert!(!quoted.contains('\\'), "{quoted}");
+            let out = std::process::Command::new("sh").args(["-c", &format!("printf %s {quoted}")]).output().unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), word, "{quoted}");
+        }
     }
 
     #[test]

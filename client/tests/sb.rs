@@ -1666,6 +1666,44 @@ async fn send_by_title_rides_out_a_broker_that_is_down() {
     assert_eq!(history.iter().filter(|e| e["text"] == "while you were down").count(), 1, "{history:?}");
 }
 
+/// `sb send` that never reached the broker says the message was not sent (before: "the
+/// broker may have stored it"), and the command it prints, run as printed, reaches the
+/// same broker (before, it dropped `--server` and `--ca`, so it went to the saved one)
+/// with the same text (before: `TEXT`) and sends it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_a_broker_never_reached_says_not_sent_and_prints_a_command_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let broker = Broker::start(common::test_config(data_dir.clone())).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let text = "it's down; see $HOME";
+    let mut send = sb_command(&alice, &broker);
+    send.args(["send", &conv.to_string(), text, "--retry-for", "0.5"]);
+    let (addr, cert) = (broker.local_addr, broker.cert_path.clone());
+    broker.shutdown().await.unwrap();
+    let out = tokio::task::spawn_blocking(move || send.output().unwrap()).await.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not sent (the broker was never reached)"), "{stderr}");
+    let again = stderr.split('`').nth(1).unwrap_or_else(|| panic!("no command in: {stderr}"));
+    assert!(again.starts_with(&format!("sb --server {addr} --ca {}", cert.display())), "{again}");
+    let broker = Broker::start(Config { listen: addr, ..common::test_config(data_dir) }).await.unwrap();
+    // As a user would: pasted into a shell, with only SWITCHBOARD_HOME set.
+    let sb_dir = std::path::Path::new(env!("CARGO_BIN_EXE_sb")).parent().unwrap().to_owned();
+    let path = format!("{}:{}", sb_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut shell = Command::new("sh");
+    shell.args(["-c", again]).env("SWITCHBOARD_HOME", &alice).env("PATH", path);
+    for _ in 0..2 {
+        let out = shell.output().unwrap();
+        assert!(out.status.success(), "{again}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let history = sb(&bob, &broker, &["history", "alice"]);
+    assert_eq!(history.iter().filter(|e| e["text"] == text).count(), 1, "{history:?}");
+}
+
 /// Mistakes a user makes are said before any work, in words: a conversation one is not
 /// in before a whole file is uploaded to it or a typing signal vanishes, an `add` with
 /// nobody to add, a server without a port; and a password comes from standard input

@@ -18,7 +18,7 @@ use switchboard_broker::limits::{
 };
 use switchboard_client::RawSession;
 use switchboard_protocol::limits::{MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS};
-use switchboard_protocol::{ErrorCode, Page, Reply, RequestBody};
+use switchboard_protocol::{Body, ErrorCode, Page, Reply, RequestBody};
 use switchboard_tests::{
     STEP_DEADLINE, TestBroker, bounded, close_code, closed_with, next_response, request_frame, within,
 };
@@ -155,6 +155,54 @@ async fn at_the_live_conversation_cap_starting_another_is_overloaded() {
         alice.send(first, "wake up").await.unwrap();
         let (entries, _) = alice.history(first, Page::After(0), 10).await.unwrap();
         assert_eq!(entries.len(), 2, "the refused send took no effect: {entries:?}");
+    })
+    .await
+}
+
+/// `Config::max_live_conversations_per_user` (default `MAX_LIVE_CONVERSATIONS_PER_USER`):
+/// a user whose requests started that many live actors gets `OVERLOADED` for one more,
+/// while another user starts the same conversation's actor and is served; once the
+/// first user's actors retire, its request is served. Before, one user could take every
+/// place of `max_live_conversations` by touching its conversations.
+#[tokio::test]
+async fn one_user_cannot_take_every_live_conversation_place() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_conversations = 3;
+            c.max_live_conversations_per_user = 2;
+            c.conversation_idle_ms = 1000;
+        })
+        .await;
+        let shared = tb.shared().clone();
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut convs = Vec::new();
+        for title in ["one", "two", "three"] {
+            convs.push(alice.create_group(title, &["bob".into()]).await.unwrap().id);
+        }
+        eventually("the creations' actors retiring", || shared.convs.live() == 0).await;
+        alice.send(convs[0], "first").await.unwrap();
+        alice.send(convs[1], "second").await.unwrap();
+        let e = alice.send(convs[2], "third").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}");
+        assert!(e.to_string().contains("your conversations"), "{e}");
+        // bob starts it on his own share, and alice's send is then served by it.
+        bob.send(convs[2], "bob's").await.unwrap();
+        alice.send(convs[2], "third").await.unwrap();
+        assert_eq!(shared.convs.live(), 3);
+        eventually("every actor retiring", || shared.convs.live() == 0).await;
+        // Retired actors gave alice's places back (bob reads: a read starts an actor too).
+        alice.send(convs[0], "again").await.unwrap();
+        alice.send(convs[1], "again").await.unwrap();
+        let (entries, _) = bob.history(convs[2], Page::After(0), 10).await.unwrap();
+        let texts: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| match &e.body {
+                Body::Text { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts, ["bob's", "third"], "the refused send took no effect");
     })
     .await
 }

@@ -29,6 +29,12 @@ pub struct ConvDirectory {
     /// conversation is delivered once, by its one owner, in seq order. Bounded by the
     /// creation rate limit and the live-actor cap.
     replay: std::sync::Mutex<HashMap<ConvId, Replay>>,
+    /// Live actors by the user whose request started each (`Slot::starter`), starts
+    /// under way included, for `max_live_conversations_per_user`: one user touching
+    /// thousands of its conversations must not take every place of
+    /// `max_live_conversations` from the others. Locked after `map` only; one entry per
+    /// user with a live actor (at most `max_live_conversations`).
+    started: std::sync::Mutex<HashMap<UserId, usize>>,
     /// Serialises starting an actor per conversation (sharded: a start may wait for a
     /// store barrier, and must not hold up unrelated conversations).
     spawn_locks: Vec<tokio::sync::Mutex<()>>,
@@ -51,6 +57,7 @@ impl Default for ConvDirectory {
     fn default() -> Self {
         ConvDirectory {
             map: std::sync::Mutex::new(HashMap::new()),
+            started: std::sync::Mutex::new(HashMap::new()),
             replay: std::sync::Mutex::new(HashMap::new()),
             spawn_locks: (0..SPAWN_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
@@ -62,6 +69,42 @@ struct Slot {
     actor: ActorRef<ConvMsg>,
     depth: Arc<AtomicUsize>,
     published: Arc<AtomicU64>,
+    /// Whose request started it: charged one place of its share until it is removed.
+    starter: UserId,
+}
+
+/// One place of a user's share of live actors, taken when an actor start begins; given
+/// back when dropped unless `keep` handed it to the registered slot (so a start that
+/// fails, or whose caller went away mid-start, gives it back).
+struct Place<'a> {
+    started: &'a std::sync::Mutex<HashMap<UserId, usize>>,
+    user: UserId,
+    kept: bool,
+}
+
+impl Place<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            release(self.started, self.user);
+        }
+    }
+}
+
+/// Gives back one of `user`'s places.
+fn release(started: &std::sync::Mutex<HashMap<UserId, usize>>, user: UserId) {
+    let mut started = started.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = started.get_mut(&user) {
+        *n -= 1;
+        if *n == 0 {
+            started.remove(&user);
+        }
+    }
 }
 
 impl ConvDirectory {
@@ -203,7 +246,7 @@ impl ConvDirectory {
             }
             // Boxed: starting an actor is rare, and its future inline would be carried by
             // every session's task for its whole life (about 3 KB per connection).
-            if let Err(e) = Box::pin(self.spawn(shared, conv, dead.take())).await {
+            if let Err(e) = Box::pin(self.spawn(shared, conv, dead.take(), caller.user)).await {
                 return Err((msg, e));
             }
         }
@@ -218,22 +261,33 @@ impl ConvDirectory {
         self.replay.lock().unwrap_or_else(|p| p.into_inner()).insert(conv, replay);
     }
 
-    /// Starts the actor of a conversation `created` named, which delivers seq 1.
-    pub async fn start_created(&self, shared: &Arc<Shared>, conv: ConvId) -> Result<(), ErrorBody> {
-        Box::pin(self.spawn(shared, conv, None)).await
+    /// Starts the actor of a conversation `created` named, which delivers seq 1, on
+    /// its `creator`'s share.
+    pub async fn start_created(&self, shared: &Arc<Shared>, conv: ConvId, creator: UserId) -> Result<(), ErrorBody> {
+        Box::pin(self.spawn(shared, conv, None, creator)).await
     }
 
     /// Starts an actor for `conv` unless a live one is registered (the caller checked
-    /// who may ask). `dead` names an actor found dead: its successor resumes delivery
-    /// from the dead actor's published watermark.
-    async fn spawn(&self, shared: &Arc<Shared>, conv: ConvId, dead: Option<ractor::ActorId>) -> Result<(), ErrorBody> {
+    /// who may ask), on `starter`'s share of live actors. `dead` names an actor found
+    /// dead: its successor resumes delivery from the dead actor's published watermark.
+    /// `OVERLOADED` at `max_live_conversations`, or when `starter` already started
+    /// `max_live_conversations_per_user` live ones.
+    async fn spawn(
+        &self,
+        shared: &Arc<Shared>,
+        conv: ConvId,
+        dead: Option<ractor::ActorId>,
+        starter: UserId,
+    ) -> Result<(), ErrorBody> {
         let _guard = self.spawn_locks[(conv as usize) % SPAWN_SHARDS].lock().await;
-        {
+        let place = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(&conv) {
                 Some(slot) if Some(slot.actor.get_id()) == dead => {
                     let after = slot.published.load(Ordering::Acquire);
-                    map.remove(&conv);
+                    if let Some(old) = map.remove(&conv) {
+                        release(&self.started, old.starter);
+                    }
                     // Kept until a successor is registered, whatever fails on the way.
                     let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
                     let record = replay.entry(conv).or_insert(Replay { after, except: 0, repair: true });
@@ -247,7 +301,20 @@ impl ConvDirectory {
                 }
                 None => {}
             }
-        }
+            let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = started.entry(starter).or_insert(0);
+            if *mine >= shared.config.max_live_conversations_per_user {
+                if *mine == 0 {
+                    started.remove(&starter);
+                }
+                return Err(ErrorBody::new(
+                    ErrorCode::OVERLOADED,
+                    "too many of your conversations are active at once; retry later",
+                ));
+            }
+            *mine += 1;
+            Place { started: &self.started, user: starter, kept: false }
+        };
         let store = &shared.store;
         if store.conversation(conv).map_err(internal)?.is_none() {
             return Err(not_a_member());
@@ -273,7 +340,8 @@ impl ConvDirectory {
         // Registered and the replay record dropped together: a reader of `published`
         // sees one or the other.
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(conv, Slot { actor, depth, published });
+        map.insert(conv, Slot { actor, depth, published, starter });
+        place.keep();
         self.replay.lock().unwrap_or_else(|p| p.into_inner()).remove(&conv);
         Ok(())
     }
@@ -283,7 +351,9 @@ impl ConvDirectory {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(&conv) {
             Some(slot) if slot.actor.get_id() == actor && slot.depth.load(Ordering::Acquire) == 0 => {
+                let starter = slot.starter;
                 map.remove(&conv);
+                release(&self.started, starter);
                 true
             }
             _ => false,
@@ -322,6 +392,7 @@ impl ConvDirectory {
         // The locks in `spawn`'s order, held together: a dead actor is in one or the other.
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let mut intact = self.replay.lock().unwrap_or_else(|p| p.into_inner()).values().all(|r| !r.repair);
+        self.started.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for (_, slot) in map.drain() {
             // A registered actor is removed before it retires: one stopping or stopped
             // died (one still starting is alive: ractor marks it running in its own task).
