@@ -76,7 +76,8 @@ pub struct Config {
     /// Of those, actors one user's requests started and that are still alive; a request
     /// of that user that would start another is answered `OVERLOADED`, other users' are
     /// still served (default `MAX_LIVE_CONVERSATIONS_PER_USER`). An actor counts for
-    /// whoever started it until it retires, whoever uses it meanwhile.
+    /// whoever started it, then for the user of its newest request at each of its ticks
+    /// (a quarter of `conversation_idle_ms`), until it retires.
     pub max_live_conversations_per_user: usize,
     /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership
     /// changes) admitted and not yet answered, over all connections; one more is

@@ -93,7 +93,9 @@ impl BrokerFlags {
         ];
         for (flag, value) in flags {
             if let Some(v) = value {
-                args.push_str(&format!(" {flag} {}", shell_quote(&v)));
+                // A value that would not print as it is: the flag, for the user to fill.
+                let (v, _) = shown_word(&v, &flag[2..].to_uppercase());
+                args.push_str(&format!(" {flag} {v}"));
             }
         }
         args
@@ -733,8 +735,53 @@ async fn passwd(connector: &Connector, identity: &Identity, out: &Out, sign_out_
 /// `s` as one POSIX shell word: unchanged if every character is plainly safe, else in
 /// single quotes (a `'` inside as `'"'"'`: no backslash, which `terminal_safe` doubles).
 fn shell_quote(s: &str) -> String {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./:@%+=,".contains(c);
+    // Not `=`: zsh expands a word starting with it (`=ls`).
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./:@%+,".contains(c);
     if !s.is_empty() && s.chars().all(safe) { s.to_owned() } else { format!("'{}'", s.replace('\'', r#"'"'"'"#)) }
+}
+
+/// `s` as one shell word that prints as it is (`terminal_safe` leaves it alone: no
+/// control character, no `\`), else `placeholder` and `true` (the user writes it).
+fn shown_word(s: &str, placeholder: &str) -> (String, bool) {
+    if s.chars().any(|c| c == '\\' || is_terminal_unsafe(c)) {
+        (placeholder.to_owned(), true)
+    } else {
+        (shell_quote(s), false)
+    }
+}
+
+/// The `sb send` command that sends `text` to `conv` again under `client_id`, as a
+/// user pastes it: this run's home (`home`, when not the default) and broker flags
+/// (`reach`), then the words after `--` (so a text starting with `-` stays a text).
+/// With a placeholder for what would not print as it is, and what the placeholders
+/// stand for (", TEXT the same text," or empty).
+fn send_again_command(
+    home: Option<&str>,
+    reach: &str,
+    conv: &str,
+    text: &str,
+    client_id: &[u8; 16],
+) -> (String, String) {
+    let mut command = String::new();
+    let mut placeholders = Vec::new();
+    if let Some(home) = home {
+        let (home, placeholder) = shown_word(home, "HOME_DIR");
+        command.push_str(&format!("SWITCHBOARD_HOME={home} "));
+        if placeholder {
+            placeholders.push("HOME_DIR this SWITCHBOARD_HOME");
+        }
+    }
+    let (conv, conv_placeholder) = shown_word(conv, "CONV");
+    let (text, text_placeholder) = shown_word(text, "TEXT");
+    if conv_placeholder {
+        placeholders.push("CONV the same conversation");
+    }
+    if text_placeholder {
+        placeholders.push("TEXT the same text");
+    }
+    command.push_str(&format!("sb{reach} send --client-id {} -- {conv} {text}", hex(client_id)));
+    let said = if placeholders.is_empty() { String::new() } else { format!(", {},", placeholders.join(", ")) };
+    (command, said)
 }
 
 /// `--retry-for`: a number of seconds, 0 to one day.
@@ -770,6 +817,7 @@ async fn send(
     message: Message,
 ) -> anyhow::Result<()> {
     let Message { conv, text, client_id, retry_for } = message;
+    let given_id = client_id.is_some();
     let text = text.as_str();
     let client_id = match client_id {
         Some(h) => unhex(&h)
@@ -785,11 +833,13 @@ async fn send(
         ConvArg::Id(id) => Some(id),
         ConvArg::Title(_) => None,
     };
-    // Whether an attempt got as far as sending: until then the broker has nothing.
+    // Whether an attempt got as far as sending: until then the broker has nothing (from
+    // this run), and the conversation's number once a title was looked up.
     let mut maybe_stored = false;
+    let mut looked_up = resolved;
     let (conv, seq, duplicate) = loop {
         let attempt = async {
-            let client = connector.connect(identity).await.map_err(|e| (e, false))?;
+            let client = connector.connect(identity).await.map_err(|e| (e, None, false))?;
             let id = match resolved {
                 Some(id) => id,
                 None => {
@@ -802,20 +852,21 @@ async fn send(
                         }
                         Err(e) => {
                             client.close();
-                            return Err((e, false));
+                            return Err((e, None, false));
                         }
                     }
                 }
             };
             let sent = client.send_with_id(id, client_id, text).await;
             client.close();
-            sent.map(|sent| Ok((id, sent))).map_err(|e| (e, true))
+            sent.map(|sent| Ok((id, sent))).map_err(|e| (e, Some(id), true))
         };
         let error = match attempt.await {
             Ok(Ok((id, (seq, duplicate)))) => break (id, seq, duplicate),
             Ok(Err(e)) => return Err(e),
-            Err((e, sent)) => {
+            Err((e, id, sent)) => {
                 maybe_stored |= sent;
+                looked_up = looked_up.or(id);
                 e
             }
         };
@@ -827,17 +878,19 @@ async fn send(
         }
         let delay = std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()));
         if tokio::time::Instant::now() + delay >= deadline {
-            // A text `terminal_safe` would change (a newline, say) cannot be shown as
-            // it is: the command names it (another text under the id is refused).
-            let unshowable = text.chars().any(is_terminal_unsafe);
-            let shown = if unshowable { "TEXT".into() } else { shell_quote(text) };
-            let same = if unshowable { ", TEXT the same text," } else { "" };
-            let again =
-                format!("sb{reach} send {} {shown} --client-id {}", shell_quote(&conv.to_string()), hex(&client_id));
+            // The number once known: a title may since name another conversation.
+            let conv_word = looked_up.map_or_else(|| conv.to_string(), |id| id.to_string());
+            let home = std::env::var("SWITCHBOARD_HOME").ok();
+            let (again, same) = send_again_command(home.as_deref(), reach, &conv_word, text, &client_id);
             let said = if maybe_stored {
                 format!("the broker may have stored it: `{again}`{same} sends it again at most once")
+            } else if given_id {
+                format!(
+                    "this run never handed it to the broker (an earlier run with this --client-id may have): \
+                     `{again}`{same} sends it, at most once"
+                )
             } else {
-                format!("not sent (the broker was never reached): `{again}`{same} sends it, at most once")
+                format!("not sent (no attempt got as far as sending it): `{again}`{same} sends it, at most once")
             };
             return Err(anyhow::Error::new(error).context(said));
         }
@@ -2091,6 +2144,20 @@ mod tests {
             let out = std::process::Command::new("sh").args(["-c", &format!("printf %s {quoted}")]).output().unwrap();
             assert_eq!(String::from_utf8(out.stdout).unwrap(), word, "{quoted}");
         }
+    }
+
+    #[test]
+    fn a_send_again_command_prints_as_it_runs_or_names_what_to_fill_in() {
+        let id = [0xab; 16];
+        let (command, said) = send_again_command(None, " --server h:1", "7", "-x y", &id);
+        assert_eq!(command, format!("sb --server h:1 send --client-id {} -- 7 '-x y'", "ab".repeat(16)));
+        assert_eq!(said, "");
+        // What `terminal_safe` would change is not printed as if it were the text.
+        let (command, said) = send_again_command(Some("/h/a b"), "", "ti\u{1b}tle", "a\\b", &id);
+        assert!(command.starts_with("SWITCHBOARD_HOME='/h/a b' sb send"), "{command}");
+        assert!(command.ends_with("-- CONV TEXT"), "{command}");
+        assert_eq!(terminal_safe(&command), command);
+        assert_eq!(said, ", CONV the same conversation, TEXT the same text,");
     }
 
     #[test]

@@ -1667,9 +1667,11 @@ async fn send_by_title_rides_out_a_broker_that_is_down() {
 }
 
 /// `sb send` that never reached the broker says the message was not sent (before: "the
-/// broker may have stored it"), and the command it prints, run as printed, reaches the
-/// same broker (before, it dropped `--server` and `--ca`, so it went to the saved one)
-/// with the same text (before: `TEXT`) and sends it once.
+/// broker may have stored it"), and the command it prints, run as printed in a shell
+/// with nothing set, reaches the same broker as the same device (before, it dropped
+/// `--server`, `--ca` and `SWITCHBOARD_HOME`, so it went to the saved broker or another
+/// home) with the same text (before: `TEXT`; a text starting with `-` stays a text) and
+/// sends it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_to_a_broker_never_reached_says_not_sent_and_prints_a_command_that_works() {
     let dir = tempfile::tempdir().unwrap();
@@ -1679,23 +1681,24 @@ async fn send_to_a_broker_never_reached_says_not_sent_and_prints_a_command_that_
     sb(&alice, &broker, &["register", "alice"]);
     sb(&bob, &broker, &["register", "bob"]);
     let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
-    let text = "it's down; see $HOME";
+    let text = "-it's down; see $HOME";
     let mut send = sb_command(&alice, &broker);
-    send.args(["send", &conv.to_string(), text, "--retry-for", "0.5"]);
+    send.args(["send", "--retry-for", "0.5", "--", &conv.to_string(), text]);
     let (addr, cert) = (broker.local_addr, broker.cert_path.clone());
     broker.shutdown().await.unwrap();
     let out = tokio::task::spawn_blocking(move || send.output().unwrap()).await.unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not sent (the broker was never reached)"), "{stderr}");
+    assert!(stderr.contains("not sent (no attempt got as far as sending it)"), "{stderr}");
     let again = stderr.split('`').nth(1).unwrap_or_else(|| panic!("no command in: {stderr}"));
-    assert!(again.starts_with(&format!("sb --server {addr} --ca {}", cert.display())), "{again}");
+    let expected = format!("SWITCHBOARD_HOME={} sb --server {addr} --ca {}", alice.display(), cert.display());
+    assert!(again.starts_with(&expected), "{again}");
     let broker = Broker::start(Config { listen: addr, ..common::test_config(data_dir) }).await.unwrap();
     // As a user would: pasted into a shell, with only SWITCHBOARD_HOME set.
     let sb_dir = std::path::Path::new(env!("CARGO_BIN_EXE_sb")).parent().unwrap().to_owned();
     let path = format!("{}:{}", sb_dir.display(), std::env::var("PATH").unwrap_or_default());
     let mut shell = Command::new("sh");
-    shell.args(["-c", again]).env("SWITCHBOARD_HOME", &alice).env("PATH", path);
+    shell.args(["-c", again]).env_remove("SWITCHBOARD_HOME").env("PATH", path);
     for _ in 0..2 {
         let out = shell.output().unwrap();
         assert!(out.status.success(), "{again}: {}", String::from_utf8_lossy(&out.stderr));

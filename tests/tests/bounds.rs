@@ -207,6 +207,50 @@ async fn one_user_cannot_take_every_live_conversation_place() {
     .await
 }
 
+/// An actor counts on the share of whoever keeps it alive, not of whoever started it:
+/// actors bob started and alice alone keeps using move to alice's share at their next
+/// tick, so bob can start another (before, anyone could keep actors a victim started,
+/// by its catch-up say, alive on the victim's share and lock it out).
+#[tokio::test]
+async fn an_actor_counts_for_whoever_keeps_it_alive() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_conversations_per_user = 2;
+            c.conversation_idle_ms = 1000;
+        })
+        .await;
+        let shared = tb.shared().clone();
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut convs = Vec::new();
+        for title in ["one", "two", "three"] {
+            convs.push(alice.create_group(title, &["bob".into()]).await.unwrap().id);
+        }
+        eventually("the creations' actors retiring", || shared.convs.live() == 0).await;
+        bob.send(convs[0], "mine").await.unwrap();
+        bob.send(convs[1], "mine").await.unwrap();
+        let client_id = switchboard_client::new_client_id();
+        let e = bob.send_with_id(convs[2], client_id, "third").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}");
+        // alice keeps the two alive (a tick is a quarter of the idle time: 250 ms).
+        within(STEP_DEADLINE, "bob's place freed by alice's use", async {
+            loop {
+                for conv in &convs[..2] {
+                    alice.history(*conv, Page::After(0), 1).await.unwrap();
+                }
+                match bob.send_with_id(convs[2], client_id, "third").await {
+                    Ok(_) => break,
+                    Err(e) => assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert_eq!(shared.convs.live(), 3, "alice's use kept the first two alive");
+    })
+    .await
+}
+
 /// `MAX_SESSIONS_PER_USER` (64) connections of one user at once; the next is closed
 /// with `SESSIONS_PER_USER_REFUSAL` right after authenticating, and once one of the 64
 /// goes, a new one is served.

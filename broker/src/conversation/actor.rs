@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use switchboard_protocol::{ConvId, Event, Seq, ServerFrame, encode_frame};
+use switchboard_protocol::{ConvId, Event, Seq, ServerFrame, UserId, encode_frame};
 use switchboard_storage::{ReceiptRecord, Store, StoreError};
 
 use super::receipts::Marks;
@@ -83,6 +83,9 @@ pub struct ConvActorState {
     /// Highest seq delivered, shared with the directory so a successor of a crashed
     /// actor knows which durable entries were never pushed to online devices.
     published: Arc<AtomicU64>,
+    /// The user of the newest request since the last tick: the actor's place among
+    /// `max_live_conversations_per_user` moves to it at the tick (`ConvDirectory::recharge`).
+    last_user: Option<UserId>,
 }
 
 /// The conversation actor.
@@ -157,7 +160,7 @@ impl Actor for Conversation {
             // Everything in the log was delivered by predecessors.
             published.store(last_seq, Ordering::Release);
         }
-        let mut state = ConvActorState { state, depth, published };
+        let mut state = ConvActorState { state, depth, published, last_user: None };
         self.perform(&myself, &mut state, effects);
         let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
         myself.send_interval(tick, || ConvMsg::Tick);
@@ -171,6 +174,9 @@ impl Actor for Conversation {
         state: &mut ConvActorState,
     ) -> Result<(), ActorProcessingErr> {
         let log = StoreLog(&self.shared.store);
+        if let ConvMsg::Write(caller, ..) | ConvMsg::Read(caller, ..) | ConvMsg::Mark(caller, ..) = &msg {
+            state.last_user = Some(caller.user);
+        }
         let effects = match msg {
             ConvMsg::Write(caller, cmd, reply) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -209,6 +215,8 @@ impl Actor for Conversation {
                     && self.shared.convs.retire(state.state.id(), myself.get_id())
                 {
                     myself.stop(Some("idle".into()));
+                } else if let Some(user) = state.last_user.take() {
+                    self.shared.convs.recharge(state.state.id(), myself.get_id(), user);
                 }
                 Vec::new()
             }

@@ -69,7 +69,8 @@ struct Slot {
     actor: ActorRef<ConvMsg>,
     depth: Arc<AtomicUsize>,
     published: Arc<AtomicU64>,
-    /// Whose request started it: charged one place of its share until it is removed.
+    /// Whose share it counts on: the user whose request started it, then the user of
+    /// the newest request at each tick (`recharge`), until it is removed.
     starter: UserId,
 }
 
@@ -344,6 +345,23 @@ impl ConvDirectory {
         place.keep();
         self.replay.lock().unwrap_or_else(|p| p.into_inner()).remove(&conv);
         Ok(())
+    }
+
+    /// Moves the place `actor` (if still registered for `conv`) takes among
+    /// `max_live_conversations_per_user` to `user`, whose request was its newest: an
+    /// actor counts for whoever keeps it alive, not for whoever happened to start it
+    /// (a member's catch-up, say), so nobody can keep actors alive on another's share.
+    /// Past `user`'s share if need be: only new starts are refused.
+    pub(super) fn recharge(&self, conv: ConvId, actor: ractor::ActorId, user: UserId) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = map.get_mut(&conv)
+            && slot.actor.get_id() == actor
+            && slot.starter != user
+        {
+            release(&self.started, slot.starter);
+            *self.started.lock().unwrap_or_else(|p| p.into_inner()).entry(user).or_insert(0) += 1;
+            slot.starter = user;
+        }
     }
 
     /// Removes the actor if it is still the registered one and nothing is queued for it.
