@@ -108,6 +108,13 @@ pub struct Config {
     /// endpoint. More than one spreads receive work and buffering, at the cost of QUIC
     /// connection migration (see `tls::bind_udp`).
     pub udp_sockets: usize,
+    /// Threads of the async runtime (sessions, conversations, QUIC) that the
+    /// `switchboard` binary starts; 0: one per core, tokio's default. The committer,
+    /// catalog and blocking threads are apart from these. 1 on a machine of two cores or
+    /// fewer saves the wakeups of work handed between two runtime threads (measured,
+    /// docs/benchmarks.md "One runtime thread"), at the cost of the ceiling when the
+    /// broker has the machine to itself. At most `MAX_RUNTIME_WORKERS`.
+    pub runtime_workers: usize,
     /// Largest file `BeginUpload` accepts, bytes (`FILE_TOO_LARGE` beyond).
     pub max_file_bytes: u64,
     /// Bytes one user may store: the declared size of its uploads in progress plus the
@@ -207,6 +214,7 @@ impl Default for Config {
             send_delay_target_ms: crate::limits::SEND_DELAY_TARGET_MS,
             socket_backlog_target_ms: crate::limits::SOCKET_BACKLOG_TARGET_MS,
             udp_sockets: 1,
+            runtime_workers: 0,
             max_file_bytes: 100 * 1024 * 1024,
             quota_bytes: 1024 * 1024 * 1024,
             max_uploads_per_user: 8,
@@ -270,6 +278,10 @@ impl Config {
 /// same cap); beyond it every acknowledgement and a clean shutdown wait that long.
 pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
+/// Most `runtime_workers`: far more threads than any machine has cores only cost
+/// memory and wakeups.
+pub const MAX_RUNTIME_WORKERS: usize = 1024;
+
 /// Longest `status_log_secs`: a day.
 pub const MAX_STATUS_LOG_SECS: u64 = 86_400;
 
@@ -327,6 +339,12 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("conversation_idle_ms", config.conversation_idle_ms),
         ("typing_ttl_ms", config.typing_ttl_ms),
     ];
+    if config.runtime_workers > MAX_RUNTIME_WORKERS {
+        return Err(crate::Error::Config(format!(
+            "runtime_workers = {}: at most {MAX_RUNTIME_WORKERS} (0: one per core)",
+            config.runtime_workers
+        )));
+    }
     if config.status_log_secs > MAX_STATUS_LOG_SECS {
         return Err(crate::Error::Config(format!(
             "status_log_secs = {}: at most {MAX_STATUS_LOG_SECS} (a day; 0 turns the status line off)",
@@ -404,6 +422,7 @@ mod tests {
         assert!(refused(|c| c.idle_timeout_ms = 999).contains("idle_timeout_ms"));
         assert!(refused(|c| c.max_connections = 0).contains("max_connections = 0"));
         assert!(refused(|c| c.udp_sockets = 0).contains("udp_sockets = 0"));
+        assert!(refused(|c| c.runtime_workers = MAX_RUNTIME_WORKERS + 1).contains("runtime_workers = 1025"));
         assert!(refused(|c| c.max_file_bytes = 0).contains("max_file_bytes = 0"));
         assert!(refused(|c| c.upload_expiry_secs = 0).contains("upload_expiry_secs = 0"));
         assert!(refused(|c| c.max_transfer_streams = 0).contains("max_transfer_streams = 0"));

@@ -76,6 +76,11 @@ pub struct Common {
     /// writes to share it (default: the broker's, 0).
     #[arg(long, global = true)]
     pub broker_commit_delay_us: Option<u64>,
+    /// Runtime threads of the broker the harness starts as a child process (its
+    /// `runtime_workers`; default: one per core). Not for `--in-process`, which shares
+    /// the harness's runtime.
+    #[arg(long, global = true)]
+    pub broker_workers: Option<usize>,
     /// Use a running broker at this address instead of starting one.
     #[arg(long, requires = "trust", global = true)]
     pub target: Option<SocketAddr>,
@@ -126,6 +131,11 @@ impl Common {
 
     /// Resolves the broker to test: `--target`, in-process, or a child process.
     pub async fn target(&self) -> Result<target::Target> {
+        if self.broker_workers.is_some() && (self.in_process || self.target.is_some()) {
+            return Err(Error::InvalidArgs(
+                "--broker-workers sets the runtime of the broker the harness starts as a child process".into(),
+            ));
+        }
         if let Some(addr) = self.target {
             let trust = match (&self.ca, &self.pin) {
                 (Some(ca), _) => switchboard_client::Trust::CaFile(ca.clone()),
@@ -140,6 +150,7 @@ impl Common {
             send_delay_target_ms: self.broker_send_delay_target_ms,
             commit_delay_us: self.broker_commit_delay_us,
             socket_backlog_target_ms: self.broker_socket_backlog_target_ms,
+            runtime_workers: self.broker_workers,
         };
         if self.in_process { target::Target::in_process(knobs).await } else { target::Target::child(knobs).await }
     }

@@ -59,6 +59,8 @@ pub struct BrokerKnobs {
     pub commit_delay_us: Option<u64>,
     /// Its `socket_backlog_target_ms`; `None` keeps the broker's default.
     pub socket_backlog_target_ms: Option<u64>,
+    /// Its `runtime_workers` (a child's runtime threads); `None`: one per core.
+    pub runtime_workers: Option<usize>,
 }
 
 impl BrokerKnobs {
@@ -77,11 +79,14 @@ impl BrokerKnobs {
         if let Some(ms) = self.socket_backlog_target_ms {
             config.socket_backlog_target_ms = ms;
         }
+        if let Some(n) = self.runtime_workers {
+            config.runtime_workers = n;
+        }
         config
     }
 
     /// As arguments of the child command (after the data dir); `-` keeps a default.
-    fn args(&self) -> [String; 5] {
+    fn args(&self) -> [String; 6] {
         let or_default = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         [
             self.udp_sockets.to_string(),
@@ -89,6 +94,7 @@ impl BrokerKnobs {
             or_default(self.send_delay_target_ms.map(|v| v.to_string())),
             or_default(self.commit_delay_us.map(|v| v.to_string())),
             or_default(self.socket_backlog_target_ms.map(|v| v.to_string())),
+            or_default(self.runtime_workers.map(|v| v.to_string())),
         ]
     }
 
@@ -101,6 +107,7 @@ impl BrokerKnobs {
             send_delay_target_ms: args.get(2).and_then(|v| v.parse().ok()),
             commit_delay_us: args.get(3).and_then(|v| v.parse().ok()),
             socket_backlog_target_ms: args.get(4).and_then(|v| v.parse().ok()),
+            runtime_workers: args.get(5).and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -231,13 +238,14 @@ impl Target {
 }
 
 /// The runtime a child process of the harness serves on: multi-thread, like the
-/// `switchboard` binary's, with threads named `sb-broker` for per-thread figures.
-pub fn broker_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("sb-broker")
-        .build()
-        .map_err(Error::io("starting the broker runtime"))
+/// `switchboard` binary's, with `workers` threads (`None`: one per core) named
+/// `sb-broker` for per-thread figures.
+pub fn broker_runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers.filter(|n| *n > 0) {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().thread_name("sb-broker").build().map_err(Error::io("starting the broker runtime"))
 }
 
 /// Body of the hidden `__broker DATA_DIR UDP_SOCKETS MAX_SENDS_IN_FLIGHT
@@ -248,7 +256,7 @@ pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    broker_runtime()?.block_on(async move {
+    broker_runtime(knobs.runtime_workers)?.block_on(async move {
         let broker = Broker::start(knobs.config(data_dir)).await?;
         println!("addr={}", broker.local_addr);
         println!("cert={}", broker.cert_path.display());
@@ -272,11 +280,12 @@ mod tests {
             send_delay_target_ms: Some(0),
             commit_delay_us: Some(1500),
             socket_backlog_target_ms: Some(7),
+            runtime_workers: Some(1),
         };
         assert_eq!(BrokerKnobs::parse(&set.args()), set);
         let config = set.config("unused".into());
         assert_eq!((config.max_sends_in_flight, config.send_delay_target_ms, config.commit_delay_us), (9, 0, 1500));
-        assert_eq!(config.socket_backlog_target_ms, 7);
+        assert_eq!((config.socket_backlog_target_ms, config.runtime_workers), (7, 1));
         // Unset ones keep the broker's defaults.
         let unset = BrokerKnobs { udp_sockets: 1, ..Default::default() };
         assert_eq!(BrokerKnobs::parse(&unset.args()), unset);
