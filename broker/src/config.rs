@@ -240,6 +240,19 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The async runtime a broker with this configuration serves on: multi-thread,
+    /// `runtime_workers` threads (0: one per core; at most `MAX_RUNTIME_WORKERS`), I/O
+    /// and time enabled. The `switchboard` binary and the harness's child broker both
+    /// build theirs here.
+    pub fn runtime_builder(&self) -> tokio::runtime::Builder {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if self.runtime_workers > 0 {
+            builder.worker_threads(self.runtime_workers.min(MAX_RUNTIME_WORKERS));
+        }
+        builder.enable_all();
+        builder
+    }
+
     /// Reads a TOML file; absent keys keep their defaults.
     pub fn from_toml_file(path: &std::path::Path) -> crate::error::Result<Config> {
         let text = std::fs::read_to_string(path).map_err(crate::Error::io(format!("reading {}", path.display())))?;

@@ -150,11 +150,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(data) = cli.data {
         config.data_dir = data;
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.runtime_workers > 0 {
-        runtime.worker_threads(config.runtime_workers.min(switchboard_broker::config::MAX_RUNTIME_WORKERS));
-    }
-    let runtime = runtime.enable_all().build()?;
+    let runtime = config.runtime_builder().build()?;
     // The serve flags may be typed before the subcommand as well as after it (after
     // wins, and either wins over the environment); typed before `user` or `device`, where
     // they mean nothing, they are refused rather than silently dropped.

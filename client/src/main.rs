@@ -85,10 +85,7 @@ impl BrokerFlags {
         let mut args = String::new();
         let flags = [
             ("--server", self.server.clone()),
-            (
-                "--ca",
-                self.ca.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string()),
-            ),
+            ("--ca", self.ca_path().map(|p| p.display().to_string())),
             ("--pin", self.pin.clone()),
         ];
         for (flag, value) in flags {
@@ -101,12 +98,18 @@ impl BrokerFlags {
         args
     }
 
+    /// `--ca` made absolute (as saved, and as a printed command gives it, so either
+    /// works from any directory).
+    fn ca_path(&self) -> Option<PathBuf> {
+        self.ca.as_ref().map(|ca| std::path::absolute(ca).unwrap_or_else(|_| ca.clone()))
+    }
+
     fn apply(&self, state: &mut State) {
         if self.server.is_some() {
             state.server = self.server.clone();
         }
-        if let Some(ca) = &self.ca {
-            state.ca = Some(std::path::absolute(ca).unwrap_or_else(|_| ca.clone()));
+        if let Some(ca) = self.ca_path() {
+            state.ca = Some(ca);
             state.pin = None;
         }
         if self.pin.is_some() {

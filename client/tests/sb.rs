@@ -1641,17 +1641,25 @@ async fn send_whose_answer_was_lost_sends_again_and_is_stored_once() {
     panic!("the answer beat the cut five times");
 }
 
+/// A broker with its data in `dir/data`, and homes `dir/alice` and `dir/bob` registered
+/// with a direct conversation between them: the broker, its data dir, the homes and the
+/// conversation.
+async fn a_broker_with_alice_and_bob_direct(dir: &Path) -> (Broker, PathBuf, PathBuf, PathBuf, u64) {
+    let data_dir = dir.join("data");
+    let broker = Broker::start(common::test_config(data_dir.clone())).await.unwrap();
+    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    (broker, data_dir, alice, bob, conv)
+}
+
 /// `sb send` by a title rides out a broker that is down when it starts, as by a number
 /// (before, the title's lookup failed at once on the first connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_by_title_rides_out_a_broker_that_is_down() {
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let broker = Broker::start(common::test_config(data_dir.clone())).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
-    sb(&alice, &broker, &["conv", "create", "bob"]);
+    let (broker, data_dir, alice, bob, _) = a_broker_with_alice_and_bob_direct(dir.path()).await;
     let mut send = sb_command(&alice, &broker);
     send.args(["--json", "send", "bob", "while you were down"]).stdout(Stdio::piped()).stderr(Stdio::piped());
     let addr = broker.local_addr;
@@ -1675,12 +1683,7 @@ async fn send_by_title_rides_out_a_broker_that_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_to_a_broker_never_reached_says_not_sent_and_prints_a_command_that_works() {
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let broker = Broker::start(common::test_config(data_dir.clone())).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
-    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    let (broker, data_dir, alice, bob, conv) = a_broker_with_alice_and_bob_direct(dir.path()).await;
     let text = "-it's down; see $HOME";
     let mut send = sb_command(&alice, &broker);
     send.args(["send", "--retry-for", "0.5", "--", &conv.to_string(), text]);

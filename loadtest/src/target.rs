@@ -237,15 +237,11 @@ impl Target {
     }
 }
 
-/// The runtime a child process of the harness serves on: multi-thread, like the
-/// `switchboard` binary's, with `workers` threads (`None`: one per core) named
+/// The runtime a child process of the harness serves on: the one `config`'s broker
+/// would (`Config::runtime_builder`, as the `switchboard` binary's), with threads named
 /// `sb-broker` for per-thread figures.
-pub fn broker_runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers.filter(|n| *n > 0) {
-        builder.worker_threads(n);
-    }
-    builder.enable_all().thread_name("sb-broker").build().map_err(Error::io("starting the broker runtime"))
+pub fn broker_runtime(config: &Config) -> Result<tokio::runtime::Runtime> {
+    config.runtime_builder().thread_name("sb-broker").build().map_err(Error::io("starting the broker runtime"))
 }
 
 /// Body of the hidden `__broker DATA_DIR UDP_SOCKETS MAX_SENDS_IN_FLIGHT
@@ -256,8 +252,9 @@ pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    broker_runtime(knobs.runtime_workers)?.block_on(async move {
-        let broker = Broker::start(knobs.config(data_dir)).await?;
+    let config = knobs.config(data_dir);
+    broker_runtime(&config)?.block_on(async move {
+        let broker = Broker::start(config).await?;
         println!("addr={}", broker.local_addr);
         println!("cert={}", broker.cert_path.display());
         // Whatever arrives is discarded through a fixed buffer; end of input stops.

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_broker::limits::{
-    AUTH_FAILURES_PER_ADDRESS, CREATION_BUCKETS_MAX, MAX_DEVICES_PER_USER, MAX_SESSIONS_PER_USER,
+    AUTH_FAILURES_PER_ADDRESS, CREATION_BUCKETS_MAX, MAX_DEVICES_PER_USER, MAX_LIVE_CONVERSATIONS,
+    MAX_SESSIONS_PER_USER,
 };
-use switchboard_client::RawSession;
+use switchboard_client::{Client, RawSession};
 use switchboard_protocol::limits::{MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS};
-use switchboard_protocol::{Body, ErrorCode, Page, Reply, RequestBody};
+use switchboard_protocol::{Body, ConvId, ErrorCode, Page, Reply, RequestBody};
 use switchboard_tests::{
     STEP_DEADLINE, TestBroker, bounded, close_code, closed_with, next_response, request_frame, within,
 };
@@ -159,6 +160,26 @@ async fn at_the_live_conversation_cap_starting_another_is_overloaded() {
     .await
 }
 
+/// A broker with `max_live` conversation actors, 2 a user, idle after 1 s; alice and bob
+/// in three groups alice created, whose actors have all retired.
+async fn three_idle_groups(max_live: usize) -> (TestBroker, Client, Client, Vec<ConvId>) {
+    let tb = TestBroker::start_with(move |c| {
+        c.max_live_conversations = max_live;
+        c.max_live_conversations_per_user = 2;
+        c.conversation_idle_ms = 1000;
+    })
+    .await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let mut convs = Vec::new();
+    for title in ["one", "two", "three"] {
+        convs.push(alice.create_group(title, &["bob".into()]).await.unwrap().id);
+    }
+    let shared = tb.shared().clone();
+    eventually("the creations' actors retiring", || shared.convs.live() == 0).await;
+    (tb, alice, bob, convs)
+}
+
 /// `Config::max_live_conversations_per_user` (default `MAX_LIVE_CONVERSATIONS_PER_USER`):
 /// a user whose requests started that many live actors gets `OVERLOADED` for one more,
 /// while another user starts the same conversation's actor and is served; once the
@@ -167,20 +188,8 @@ async fn at_the_live_conversation_cap_starting_another_is_overloaded() {
 #[tokio::test]
 async fn one_user_cannot_take_every_live_conversation_place() {
     bounded(async {
-        let tb = TestBroker::start_with(|c| {
-            c.max_live_conversations = 3;
-            c.max_live_conversations_per_user = 2;
-            c.conversation_idle_ms = 1000;
-        })
-        .await;
+        let (tb, alice, bob, convs) = three_idle_groups(3).await;
         let shared = tb.shared().clone();
-        let (alice, _) = tb.register("alice").await;
-        let (bob, _) = tb.register("bob").await;
-        let mut convs = Vec::new();
-        for title in ["one", "two", "three"] {
-            convs.push(alice.create_group(title, &["bob".into()]).await.unwrap().id);
-        }
-        eventually("the creations' actors retiring", || shared.convs.live() == 0).await;
         alice.send(convs[0], "first").await.unwrap();
         alice.send(convs[1], "second").await.unwrap();
         let e = alice.send(convs[2], "third").await.unwrap_err();
@@ -214,19 +223,8 @@ async fn one_user_cannot_take_every_live_conversation_place() {
 #[tokio::test]
 async fn an_actor_counts_for_whoever_keeps_it_alive() {
     bounded(async {
-        let tb = TestBroker::start_with(|c| {
-            c.max_live_conversations_per_user = 2;
-            c.conversation_idle_ms = 1000;
-        })
-        .await;
+        let (tb, alice, bob, convs) = three_idle_groups(MAX_LIVE_CONVERSATIONS).await;
         let shared = tb.shared().clone();
-        let (alice, _) = tb.register("alice").await;
-        let (bob, _) = tb.register("bob").await;
-        let mut convs = Vec::new();
-        for title in ["one", "two", "three"] {
-            convs.push(alice.create_group(title, &["bob".into()]).await.unwrap().id);
-        }
-        eventually("the creations' actors retiring", || shared.convs.live() == 0).await;
         bob.send(convs[0], "mine").await.unwrap();
         bob.send(convs[1], "mine").await.unwrap();
         let client_id = switchboard_client::new_client_id();

@@ -304,10 +304,8 @@ impl ConvDirectory {
             }
             let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
             let mine = started.entry(starter).or_insert(0);
+            // Never 0 (`config::check`), so a refusal leaves no empty entry behind.
             if *mine >= shared.config.max_live_conversations_per_user {
-                if *mine == 0 {
-                    started.remove(&starter);
-                }
                 return Err(ErrorBody::new(
                     ErrorCode::OVERLOADED,
                     "too many of your conversations are active at once; retry later",

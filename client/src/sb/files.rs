@@ -104,17 +104,17 @@ pub async fn upload(
             let file = parse_file_id(id)?;
             let info = match uploader.client().await?.file_info(file).await {
                 Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => bail!(
-                    "upload {id} is gone (expired, cancelled, or not yours): `sb upload {}` starts it again",
-                    path.display()
+                    "upload {id} is gone (expired, cancelled, or not yours): `{}` starts it again",
+                    upload_command(&path.display().to_string())
                 ),
                 info => info?,
             };
             if info.blake3 != new.blake3 || info.file.size != new.size {
                 bail!(
-                    "{} is not the file of upload {id} (its size or BLAKE3 differs): `sb upload {}` uploads it as a \
-                     new file, `sb file cancel {id}` frees the old upload",
+                    "{} is not the file of upload {id} (its size or BLAKE3 differs): `{}` uploads it as a new \
+                     file, `sb file cancel {id}` frees the old upload",
                     path.display(),
-                    path.display()
+                    upload_command(&path.display().to_string())
                 );
             }
             (file, false)
@@ -353,14 +353,19 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
                 "state": match status { Some(_) if complete => "complete", Some(_) => "in_progress", None => "gone" }}),
             || match (complete, s.conv, status.is_some()) {
                 (true, Some(c), _) => format!(
-                    "{}  from {path}  uploaded; its message to conv {c} is not known sent: `sb upload {path}` sends it \
-                     (at most once)",
-                    s.file
+                    "{}  from {path}  uploaded; its message to conv {c} is not known sent: `{}` sends it (at most \
+                     once)",
+                    s.file,
+                    upload_command(path)
                 ),
                 (true, None, _) => format!("{}  from {path}  uploaded", s.file),
                 (false, _, true) => format!("{}  from {path}  in progress", s.file),
                 (false, _, false) => {
-                    format!("{}  from {path}  gone (expired or cancelled): `sb upload {path}` starts it again", s.file)
+                    format!(
+                        "{}  from {path}  gone (expired or cancelled): `{}` starts it again",
+                        s.file,
+                        upload_command(path)
+                    )
                 }
             },
         );
@@ -381,7 +386,7 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
                 let then = conv.map_or(String::new(), |c| format!(" for conv {c}"));
                 // What finishes it from here, or from anywhere with the file.
                 let next = match path {
-                    Some(p) => format!("`sb upload {p}` continues it"),
+                    Some(p) => format!("`{}` continues it", upload_command(p)),
                     None => format!("`sb upload --resume {id} FILE` continues it"),
                 };
                 format!(
@@ -1347,6 +1352,12 @@ fn guess_type(path: &Path) -> &'static str {
         Some("mp4") => "video/mp4",
         _ => "application/octet-stream",
     }
+}
+
+/// `sb upload PATH` as a user pastes it (the path shell-quoted, or `FILE` where it would
+/// not print as it is).
+fn upload_command(path: &str) -> String {
+    format!("sb upload {}", super::shown_word(path, "FILE").0)
 }
 
 #[cfg(test)]

@@ -604,7 +604,7 @@ async fn serve_bulk(server: quinn::Endpoint, bytes: u64) -> Result<()> {
 /// Body of the hidden `__quinn-sink DIR BYTES` subcommand: (a)'s server in a process of
 /// its own, on a runtime like the broker's; prints `ADDR CERT_PATH`, serves one client.
 pub fn run_quinn_sink(dir: &Path, bytes: u64) -> Result<()> {
-    crate::target::broker_runtime(None)?.block_on(async move {
+    crate::target::broker_runtime(&switchboard_broker::Config::default())?.block_on(async move {
         let (server, cert) = bulk_server(dir)?;
         let addr = server.local_addr().map_err(Error::io("reading the endpoint address"))?;
         println!("{addr} {}", cert.display());
