@@ -216,6 +216,38 @@ async fn one_user_cannot_take_every_live_conversation_place() {
     .await
 }
 
+/// An actor that died (here `kill`, as a panic would) gives its places back at once: alice,
+/// at her share with one of her two actors killed and the other kept busy, is served on a
+/// third conversation, and the killed one's successor still has its message. Before, the
+/// dead actor held its place until a member's request found it dead (for the broker's
+/// life, for a conversation nobody touched again), so her send stayed `OVERLOADED`.
+#[tokio::test]
+async fn a_dead_actor_gives_its_place_back() {
+    bounded(async {
+        let (tb, alice, bob, convs) = three_idle_groups(MAX_LIVE_CONVERSATIONS).await;
+        let shared = tb.shared().clone();
+        alice.send(convs[0], "first").await.unwrap();
+        alice.send(convs[1], "second").await.unwrap();
+        assert!(shared.convs.kill(convs[0]), "the actor was live");
+        within(STEP_DEADLINE, "alice's place back from the dead actor", async {
+            loop {
+                // Kept busy, so its retiring frees nothing.
+                alice.history(convs[1], Page::After(0), 1).await.unwrap();
+                match alice.send(convs[2], "third").await {
+                    Ok(_) => break,
+                    Err(e) => assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let (entries, _) = bob.history(convs[0], Page::After(0), 10).await.unwrap();
+        let first = entries.iter().filter(|e| matches!(&e.body, Body::Text { text, .. } if text == "first"));
+        assert_eq!(first.count(), 1, "the killed actor's message is there once: {entries:?}");
+    })
+    .await
+}
+
 /// An actor counts on the share of whoever keeps it alive, not of whoever started it:
 /// actors bob started and alice alone keeps using move to alice's share at their next
 /// tick, so bob can start another (before, anyone could keep actors a victim started,

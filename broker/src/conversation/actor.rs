@@ -12,6 +12,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::{ConvId, Event, Seq, ServerFrame, UserId, encode_frame};
 use switchboard_storage::{ReceiptRecord, Store, StoreError};
 
+use super::directory::Registration;
 use super::receipts::Marks;
 use super::state::{Caller, Command, ConversationState, Effect, Log, Mark, Read};
 use crate::Shared;
@@ -86,6 +87,8 @@ pub struct ConvActorState {
     /// The user of the newest request since the last tick: the actor's place among
     /// `max_live_conversations_per_user` moves to it at the tick (`ConvDirectory::recharge`).
     last_user: Option<UserId>,
+    /// Takes the actor out of the directory when it ends without retiring.
+    _registration: Registration,
 }
 
 /// The conversation actor.
@@ -160,7 +163,8 @@ impl Actor for Conversation {
             // Everything in the log was delivered by predecessors.
             published.store(last_seq, Ordering::Release);
         }
-        let mut state = ConvActorState { state, depth, published, last_user: None };
+        let registration = Registration { shared: self.shared.clone(), conv: id, actor: myself.get_id() };
+        let mut state = ConvActorState { state, depth, published, last_user: None, _registration: registration };
         self.perform(&myself, &mut state, effects);
         let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
         myself.send_interval(tick, || ConvMsg::Tick);

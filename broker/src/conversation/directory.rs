@@ -1,8 +1,8 @@
 //! Maps conversation ids to live actors, spawning on demand. The per-actor `depth`
 //! counts messages sent but not yet handled: it bounds the mailbox, and an idle actor
 //! retires only when it is zero under the map lock, so no request is ever cast into a
-//! stopping actor. An actor that died (a panic, `kill`) stays in the map until the next
-//! request replaces it with a successor that resumes its fan-out.
+//! stopping actor. An actor that died (a panic, `kill`) leaves the map as its state drops
+//! (`Registration`), and the next request starts a successor that resumes its fan-out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -105,6 +105,25 @@ fn release(started: &std::sync::Mutex<HashMap<UserId, usize>>, user: UserId) {
         if *n == 0 {
             started.remove(&user);
         }
+    }
+}
+
+/// Held in a running actor's state, so that however the actor ends its drop runs: one
+/// that ended without retiring (a panic, `kill`, a storage failure) is taken out of the
+/// directory at once (`ConvDirectory::bury`), its places given back. Before, it held a
+/// place of `max_live_conversations` and of its user's share until a member's request
+/// found it dead, so a conversation nobody touched again kept them for the broker's life.
+pub(super) struct Registration {
+    pub(super) shared: Arc<Shared>,
+    pub(super) conv: ConvId,
+    pub(super) actor: ractor::ActorId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let directory = &self.shared.convs;
+        let mut map = directory.map.lock().unwrap_or_else(|p| p.into_inner());
+        directory.bury(&mut map, self.conv, self.actor);
     }
 }
 
@@ -283,18 +302,10 @@ impl ConvDirectory {
         let _guard = self.spawn_locks[(conv as usize) % SPAWN_SHARDS].lock().await;
         let place = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(dead) = dead {
+                self.bury(&mut map, conv, dead);
+            }
             match map.get(&conv) {
-                Some(slot) if Some(slot.actor.get_id()) == dead => {
-                    let after = slot.published.load(Ordering::Acquire);
-                    if let Some(old) = map.remove(&conv) {
-                        release(&self.started, old.starter);
-                    }
-                    // Kept until a successor is registered, whatever fails on the way.
-                    let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-                    let record = replay.entry(conv).or_insert(Replay { after, except: 0, repair: true });
-                    record.after = record.after.min(after);
-                    record.repair = true;
-                }
                 // Someone else already started one.
                 Some(_) => return Ok(()),
                 None if map.len() >= shared.config.max_live_conversations => {
@@ -362,7 +373,23 @@ impl ConvDirectory {
         }
     }
 
-    /// Removes the actor if it is still the registered one and nothing is queued for it.
+    /// Takes `actor` out of the map if it is `conv`'s registered actor, found dead: its
+    /// places go back, and its successor resumes delivery after its published watermark,
+    /// repairing its newest entry first. The replay record is kept until a successor is
+    /// registered, whatever fails on the way (one per conversation, so bounded by the
+    /// conversations there are).
+    fn bury(&self, map: &mut HashMap<ConvId, Slot>, conv: ConvId, actor: ractor::ActorId) {
+        let Some(slot) = map.get(&conv).filter(|slot| slot.actor.get_id() == actor) else { return };
+        let after = slot.published.load(Ordering::Acquire);
+        release(&self.started, slot.starter);
+        map.remove(&conv);
+        let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        let record = replay.entry(conv).or_insert(Replay { after, except: 0, repair: true });
+        record.after = record.after.min(after);
+        record.repair = true;
+    }
+
+    /// Removes `actor` if it is still the registered one and nothing is queued for it.
     pub(super) fn retire(&self, conv: ConvId, actor: ractor::ActorId) -> bool {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(&conv) {
