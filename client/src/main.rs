@@ -32,9 +32,12 @@ use serde_json::json;
 mod conv;
 #[path = "sb/files.rs"]
 mod files;
+#[path = "sb/rerun.rs"]
+mod rerun;
 
 use conv::ConvArg;
 use files::{FileBook, UploadArgs};
+use rerun::Rerun;
 use switchboard_client::{
     Client, ClientError, Connector, FileCursors, Identity, Session, SessionConfig, SessionError, SessionEvent,
     TYPING_REFRESH_MS, TransferError, TransportOptions, Trust, hex, new_client_id, unhex,
@@ -78,26 +81,6 @@ struct BrokerFlags {
 }
 
 impl BrokerFlags {
-    /// The flags as given, each ` --flag VALUE` shell-quoted, for a command this run
-    /// prints for the user to run again (`sb send`'s retry): without them it would reach
-    /// the saved broker, not this one.
-    fn as_args(&self) -> String {
-        let mut args = String::new();
-        let flags = [
-            ("--server", self.server.clone()),
-            ("--ca", self.ca_path().map(|p| p.display().to_string())),
-            ("--pin", self.pin.clone()),
-        ];
-        for (flag, value) in flags {
-            if let Some(v) = value {
-                // A value that would not print as it is: the flag, for the user to fill.
-                let (v, _) = shown_word(&v, &flag[2..].to_uppercase());
-                args.push_str(&format!(" {flag} {v}"));
-            }
-        }
-        args
-    }
-
     /// `--ca` made absolute (as saved, and as a printed command gives it, so either
     /// works from any directory).
     fn ca_path(&self) -> Option<PathBuf> {
@@ -573,7 +556,7 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const INTERRUPTED_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Connector) -> anyhow::Result<()> {
-    let reach = cli.broker.as_args();
+    let reach = Rerun::sb(std::env::var_os("SWITCHBOARD_HOME").as_deref(), &cli.broker);
     match cli.command {
         command @ (Command::Register { .. } | Command::Login { .. }) => {
             let (register, name, device) = match command {
@@ -644,7 +627,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 tail(connector, identity, home, out).await?;
             } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
                 let upload = UploadArgs { path: file, conv, content_type, caption, no_send, resume };
-                files::upload(connector, identity, home, out, upload).await?;
+                files::upload(connector, identity, home, out, &reach, upload).await?;
             } else if let Command::Passwd { sign_out_others } = command {
                 passwd(connector, identity, out, sign_out_others).await?;
             } else if let Command::Download { file, out: path, offset, length } = command {
@@ -655,7 +638,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 send(connector, identity, out, &reach, message).await?;
             } else if let Command::Uploads = command {
                 let client = connector.connect(identity).await?;
-                files::uploads(&client, home, out).await?;
+                files::uploads(&client, home, out, &reach).await?;
             } else {
                 let client = connector.connect(identity).await?;
                 authed(&client, home, out, command).await?;
@@ -735,58 +718,6 @@ async fn passwd(connector: &Connector, identity: &Identity, out: &Out, sign_out_
     Ok(())
 }
 
-/// `s` as one POSIX shell word: unchanged if every character is plainly safe, else in
-/// single quotes (a `'` inside as `'"'"'`: no backslash, which `terminal_safe` doubles).
-fn shell_quote(s: &str) -> String {
-    // Not `=`: zsh expands a word starting with it (`=ls`).
-    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./:@%+,".contains(c);
-    if !s.is_empty() && s.chars().all(safe) { s.to_owned() } else { format!("'{}'", s.replace('\'', r#"'"'"'"#)) }
-}
-
-/// `s` as one shell word that prints as it is (`terminal_safe` leaves it alone: no
-/// control character, no `\`), else `placeholder` and `true` (the user writes it).
-fn shown_word(s: &str, placeholder: &str) -> (String, bool) {
-    if s.chars().any(|c| c == '\\' || is_terminal_unsafe(c)) {
-        (placeholder.to_owned(), true)
-    } else {
-        (shell_quote(s), false)
-    }
-}
-
-/// The `sb send` command that sends `text` to `conv` again under `client_id`, as a
-/// user pastes it: this run's home (`home`, when not the default) and broker flags
-/// (`reach`), then the words after `--` (so a text starting with `-` stays a text).
-/// With a placeholder for what would not print as it is, and what the placeholders
-/// stand for (", TEXT the same text," or empty).
-fn send_again_command(
-    home: Option<&str>,
-    reach: &str,
-    conv: &str,
-    text: &str,
-    client_id: &[u8; 16],
-) -> (String, String) {
-    let mut command = String::new();
-    let mut placeholders = Vec::new();
-    if let Some(home) = home {
-        let (home, placeholder) = shown_word(home, "HOME_DIR");
-        command.push_str(&format!("SWITCHBOARD_HOME={home} "));
-        if placeholder {
-            placeholders.push("HOME_DIR this SWITCHBOARD_HOME");
-        }
-    }
-    let (conv, conv_placeholder) = shown_word(conv, "CONV");
-    let (text, text_placeholder) = shown_word(text, "TEXT");
-    if conv_placeholder {
-        placeholders.push("CONV the same conversation");
-    }
-    if text_placeholder {
-        placeholders.push("TEXT the same text");
-    }
-    command.push_str(&format!("sb{reach} send --client-id {} -- {conv} {text}", hex(client_id)));
-    let said = if placeholders.is_empty() { String::new() } else { format!(", {},", placeholders.join(", ")) };
-    (command, said)
-}
-
 /// `--retry-for`: a number of seconds, 0 to one day.
 fn retry_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -810,13 +741,13 @@ struct Message {
 /// message is stored once whether or not the lost attempt had landed. An answer from
 /// the broker (an ack or a refusal) ends it. Given up, the error says whether the
 /// message may be stored (an attempt got as far as sending it) or not (the broker was
-/// never reached) and names the command, with this run's `reach` flags, that sends it
-/// again safely.
+/// never reached) and names the command, with this run's home and broker flags
+/// (`reach`), that sends it again safely.
 async fn send(
     connector: &Connector,
     identity: &Identity,
     out: &Out,
-    reach: &str,
+    reach: &Rerun,
     message: Message,
 ) -> anyhow::Result<()> {
     let Message { conv, text, client_id, retry_for } = message;
@@ -830,20 +761,20 @@ async fn send(
     };
     let deadline = tokio::time::Instant::now() + retry_for;
     let mut backoff = switchboard_client::Backoff::new(100, 2_000);
-    // A title is looked up on each connection, riding out lost connections like the
-    // send (a title that matches none or several is final).
-    let resolved = match conv {
+    // Whether an attempt got as far as sending: until then the broker has nothing (from
+    // this run). A title is looked up on a connection, riding out lost connections like
+    // the send (a title that matches none or several is final), once: later attempts
+    // send to the number it gave, as the printed command does (the title may since
+    // name another conversation, and a resend there would be a second message).
+    let mut maybe_stored = false;
+    let mut looked_up = match conv {
         ConvArg::Id(id) => Some(id),
         ConvArg::Title(_) => None,
     };
-    // Whether an attempt got as far as sending: until then the broker has nothing (from
-    // this run), and the conversation's number once a title was looked up.
-    let mut maybe_stored = false;
-    let mut looked_up = resolved;
     let (conv, seq, duplicate) = loop {
         let attempt = async {
             let client = connector.connect(identity).await.map_err(|e| (e, None, false))?;
-            let id = match resolved {
+            let id = match looked_up {
                 Some(id) => id,
                 None => {
                     let convs = client.conversations().await;
@@ -881,24 +812,26 @@ async fn send(
         }
         let delay = std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()));
         if tokio::time::Instant::now() + delay >= deadline {
-            // The number once known: a title may since name another conversation.
             let conv_word = looked_up.map_or_else(|| conv.to_string(), |id| id.to_string());
-            let home = std::env::var("SWITCHBOARD_HOME").ok();
-            let (again, same) = send_again_command(home.as_deref(), reach, &conv_word, text, &client_id);
+            let again = reach
+                .clone()
+                .then(&format!("send --client-id {} --", hex(&client_id)))
+                .word(&conv_word, "CONV", "the same conversation")
+                .word(text, "TEXT", "the same text");
             let said = if maybe_stored {
-                format!("the broker may have stored it: `{again}`{same} sends it again at most once")
+                format!("the broker may have stored it: {again} sends it again at most once")
             } else if given_id {
                 format!(
                     "this run never handed it to the broker (an earlier run with this --client-id may have): \
-                     `{again}`{same} sends it, at most once"
+                     {again} sends it, at most once"
                 )
             } else {
-                format!("not sent (no attempt got as far as sending it): `{again}`{same} sends it, at most once")
+                format!("not sent (no attempt got as far as sending it): {again} sends it, at most once")
             };
             return Err(anyhow::Error::new(error).context(said));
         }
         out.status(
-            json!({"event": "resending", "conv": resolved.map_or_else(|| json!(conv.to_string()), |id| json!(id)),
+            json!({"event": "resending", "conv": looked_up.map_or_else(|| json!(conv.to_string()), |id| json!(id)),
                 "client_id": hex(&client_id), "error": error.to_string()}),
             || format!("connection lost before the answer ({error}); sending again in {} ms", delay.as_millis()),
         );
@@ -2136,31 +2069,6 @@ mod tests {
             lines.take().as_deref(),
             Some("[7] u0, u1, u2, u3, u4, u5, u6, u7, u8, u9 and 3 more received up to #9")
         );
-    }
-
-    #[test]
-    fn shell_quote_gives_back_the_same_word_through_a_shell() {
-        assert_eq!(shell_quote("plain-1.0"), "plain-1.0");
-        for word in ["", "it's", "$HOME `id` \"x\" ; | & *", "a'b'c", "ünïcode ✓"] {
-            let quoted = shell_quote(word);
-            assert!(!quoted.contains('\\'), "{quoted}");
-            let out = std::process::Command::new("sh").args(["-c", &format!("printf %s {quoted}")]).output().unwrap();
-            assert_eq!(String::from_utf8(out.stdout).unwrap(), word, "{quoted}");
-        }
-    }
-
-    #[test]
-    fn a_send_again_command_prints_as_it_runs_or_names_what_to_fill_in() {
-        let id = [0xab; 16];
-        let (command, said) = send_again_command(None, " --server h:1", "7", "-x y", &id);
-        assert_eq!(command, format!("sb --server h:1 send --client-id {} -- 7 '-x y'", "ab".repeat(16)));
-        assert_eq!(said, "");
-        // What `terminal_safe` would change is not printed as if it were the text.
-        let (command, said) = send_again_command(Some("/h/a b"), "", "ti\u{1b}tle", "a\\b", &id);
-        assert!(command.starts_with("SWITCHBOARD_HOME='/h/a b' sb send"), "{command}");
-        assert!(command.ends_with("-- CONV TEXT"), "{command}");
-        assert_eq!(terminal_safe(&command), command);
-        assert_eq!(said, ", CONV the same conversation, TEXT the same text,");
     }
 
     #[test]

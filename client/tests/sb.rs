@@ -1017,6 +1017,11 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     assert!(text.contains(&id) && text.contains("expires in 23 h") && text.contains("from "), "{text}");
     // And what to run: continue it, or free it.
     assert!(text.contains("continues it") && text.contains(&format!("sb file cancel {id}")), "{text}");
+    // With this home and broker (before: a bare `sb upload PATH`, which run elsewhere
+    // found another home's saved upload, or none, and sent nothing where it was asked).
+    let continues = text.split('`').nth(1).unwrap_or_else(|| panic!("no command in: {text}"));
+    let expected = format!("SWITCHBOARD_HOME={} sb --server {} --ca", alice.display(), broker.local_addr);
+    assert!(continues.starts_with(&expected) && continues.contains(" upload /"), "{continues}");
     // The quota counts it at its declared size, in whole 4 KiB blocks.
     let quota = sb(&alice, &broker, &["quota"]);
     assert_eq!(quota[0]["uploads_in_progress"].as_u64(), Some(1), "{quota:?}");
@@ -1062,7 +1067,7 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     );
     assert_eq!(u["path"].as_str(), path.to_str());
     let human = String::from_utf8_lossy(&sb_output(&alice, &broker, &["uploads"]).stdout).into_owned();
-    assert!(human.contains("is not known sent") && human.contains("sb upload "), "{human}");
+    assert!(human.contains("is not known sent") && human.contains(" upload /"), "{human}");
     let sent = sb(&alice, &broker, &["upload", path.to_str().unwrap()]);
     assert_eq!(event(&sent, "sent")["file"].as_str(), Some(id.as_str()), "{sent:?}");
     assert_eq!(sb(&alice, &broker, &["uploads"])[0]["event"], "no_uploads");

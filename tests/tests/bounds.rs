@@ -216,6 +216,29 @@ async fn one_user_cannot_take_every_live_conversation_place() {
     .await
 }
 
+/// A delivered mark moves no place: bob's marks of alice's messages (every client sends
+/// them by itself) keep alice's actors alive but leave them on her share, so bob, with
+/// none of his own, is served. Before, his marks were the newest requests at each tick
+/// and moved both places to him: anyone writing into groups holding a victim could fill
+/// the victim's share and lock it out.
+#[tokio::test]
+async fn delivered_marks_do_not_move_a_place() {
+    bounded(async {
+        let (_tb, alice, bob, convs) = three_idle_groups(MAX_LIVE_CONVERSATIONS).await;
+        // Three ticks (250 ms each) of alice writing and bob marking what he got.
+        for _ in 0..3 {
+            let mut marks = Vec::new();
+            for conv in &convs[..2] {
+                marks.push((*conv, alice.send(*conv, "from alice").await.unwrap()));
+            }
+            bob.mark_delivered(&marks).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        bob.send(convs[2], "mine").await.expect("bob's share is his own");
+    })
+    .await
+}
+
 /// An actor that died (here `kill`, as a panic would) gives its places back at once: alice,
 /// at her share with one of her two actors killed and the other kept busy, is served on a
 /// third conversation, and the killed one's successor still has its message. Before, the

@@ -84,8 +84,9 @@ pub struct ConvActorState {
     /// Highest seq delivered, shared with the directory so a successor of a crashed
     /// actor knows which durable entries were never pushed to online devices.
     published: Arc<AtomicU64>,
-    /// The user of the newest request since the last tick: the actor's place among
-    /// `max_live_conversations_per_user` moves to it at the tick (`ConvDirectory::recharge`).
+    /// The user of the newest write, read or read mark since the last tick (not a
+    /// delivered mark): the actor's place among `max_live_conversations_per_user` moves
+    /// to it at the tick (`ConvDirectory::recharge`).
     last_user: Option<UserId>,
     /// Takes the actor out of the directory when it ends without retiring.
     _registration: Registration,
@@ -178,7 +179,14 @@ impl Actor for Conversation {
         state: &mut ConvActorState,
     ) -> Result<(), ActorProcessingErr> {
         let log = StoreLog(&self.shared.store);
-        if let ConvMsg::Write(caller, ..) | ConvMsg::Read(caller, ..) | ConvMsg::Mark(caller, ..) = &msg {
+        // A delivered mark keeps the actor alive but moves no place: clients send one by
+        // themselves for every entry that reaches them, so anyone writing into groups
+        // holding a victim would otherwise charge the victim for the actors it keeps
+        // alive. Such a mark reaches the actor only when it raises the member's
+        // watermark (`raises_delivery`), that is after someone's write, which is charged.
+        if let ConvMsg::Write(caller, ..) | ConvMsg::Read(caller, ..) | ConvMsg::Mark(caller, _, MarkReply::Read(_)) =
+            &msg
+        {
             state.last_user = Some(caller.user);
         }
         let effects = match msg {

@@ -23,6 +23,7 @@ use switchboard_protocol::limits::charged_bytes;
 use switchboard_protocol::{ClientMsgId, ConvId, ErrorCode, FileId, FileState};
 
 use super::conv::ConvArg;
+use super::rerun::Rerun;
 use super::{FileCommand, MAX_SAVED_UPLOADS, Out, SavedUpload, update_state};
 
 /// What `sb upload` was asked.
@@ -47,6 +48,7 @@ pub async fn upload(
     identity: &Identity,
     home: &Path,
     out: &Out,
+    reach: &Rerun,
     args: UploadArgs,
 ) -> anyhow::Result<()> {
     let path = match (&args.path, &args.resume) {
@@ -57,7 +59,7 @@ pub async fn upload(
     let content_type = args.content_type.clone().unwrap_or_else(|| guess_type(&path).to_owned());
     let new = new_upload(&path, &content_type).await.with_context(|| match (&args.path, &args.resume) {
         // The file this home began it from moved: say how to name it.
-        (None, Some(id)) => format!("reading {} (moved? `sb upload --resume {id} FILE`)", path.display()),
+        (None, Some(id)) => format!("reading {} (moved? {})", path.display(), resume_command(reach, id)),
         _ => format!("reading {}", path.display()),
     })?;
     let size = new.size;
@@ -104,17 +106,17 @@ pub async fn upload(
             let file = parse_file_id(id)?;
             let info = match uploader.client().await?.file_info(file).await {
                 Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => bail!(
-                    "upload {id} is gone (expired, cancelled, or not yours): `{}` starts it again",
-                    upload_command(&path.display().to_string())
+                    "upload {id} is gone (expired, cancelled, or not yours): {} starts it again",
+                    upload_command(reach, path.as_os_str())
                 ),
                 info => info?,
             };
             if info.blake3 != new.blake3 || info.file.size != new.size {
                 bail!(
-                    "{} is not the file of upload {id} (its size or BLAKE3 differs): `{}` uploads it as a new \
+                    "{} is not the file of upload {id} (its size or BLAKE3 differs): {} uploads it as a new \
                      file, `sb file cancel {id}` frees the old upload",
                     path.display(),
-                    upload_command(&path.display().to_string())
+                    upload_command(reach, path.as_os_str())
                 );
             }
             (file, false)
@@ -252,10 +254,8 @@ pub async fn upload(
     );
     if target.is_none() && args.resume.is_some() && !args.no_send {
         out.status(json!({"event": "not_sent", "file": hex(&published.file)}), || {
-            format!(
-                "not sent to any conversation: `sb upload --resume {} FILE --conv CONV` sends it",
-                hex(&published.file)
-            )
+            let command = resume_command(reach, &hex(&published.file)).then("--conv").blank("CONV", "the conversation");
+            format!("not sent to any conversation: {command} sends it")
         });
     }
     if let Some(t) = target {
@@ -326,7 +326,7 @@ fn with_limit_hint(e: ClientError) -> anyhow::Error {
 
 /// `sb uploads`: my unfinished uploads, from any device, with the local file of those
 /// begun in this home.
-pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<()> {
+pub async fn uploads(client: &Client, home: &Path, out: &Out, reach: &Rerun) -> anyhow::Result<()> {
     let state = super::load_state(home)?;
     let now = super::now_ms();
     let listed = client.list_uploads().await?;
@@ -353,18 +353,18 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
                 "state": match status { Some(_) if complete => "complete", Some(_) => "in_progress", None => "gone" }}),
             || match (complete, s.conv, status.is_some()) {
                 (true, Some(c), _) => format!(
-                    "{}  from {path}  uploaded; its message to conv {c} is not known sent: `{}` sends it (at most \
+                    "{}  from {path}  uploaded; its message to conv {c} is not known sent: {} sends it (at most \
                      once)",
                     s.file,
-                    upload_command(path)
+                    upload_command(reach, path.as_ref())
                 ),
                 (true, None, _) => format!("{}  from {path}  uploaded", s.file),
                 (false, _, true) => format!("{}  from {path}  in progress", s.file),
                 (false, _, false) => {
                     format!(
-                        "{}  from {path}  gone (expired or cancelled): `{}` starts it again",
+                        "{}  from {path}  gone (expired or cancelled): {} starts it again",
                         s.file,
-                        upload_command(path)
+                        upload_command(reach, path.as_ref())
                     )
                 }
             },
@@ -386,8 +386,8 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out) -> anyhow::Result<
                 let then = conv.map_or(String::new(), |c| format!(" for conv {c}"));
                 // What finishes it from here, or from anywhere with the file.
                 let next = match path {
-                    Some(p) => format!("`{}` continues it", upload_command(p)),
-                    None => format!("`sb upload --resume {id} FILE` continues it"),
+                    Some(p) => format!("{} continues it", upload_command(reach, p.as_ref())),
+                    None => format!("{} continues it", resume_command(reach, &id)),
                 };
                 format!(
                     "{id}  {}  {} of {} bytes ({percent}%)  expires in {left}{local}{then}: {next}, \
@@ -1354,10 +1354,16 @@ fn guess_type(path: &Path) -> &'static str {
     }
 }
 
-/// `sb upload PATH` as a user pastes it (the path shell-quoted, or `FILE` where it would
-/// not print as it is).
-fn upload_command(path: &str) -> String {
-    format!("sb upload {}", super::shown_word(path, "FILE").0)
+/// `sb upload PATH` as a user pastes it, with this run's home and broker flags (`reach`):
+/// run elsewhere, it would find another home's saved upload, or none, and send nothing
+/// where the first run was asked to.
+fn upload_command(reach: &Rerun, path: &std::ffi::OsStr) -> Rerun {
+    reach.clone().then("upload").os_word(path, "FILE", "the file's path")
+}
+
+/// `sb upload --resume ID FILE`, for the user to name the file.
+fn resume_command(reach: &Rerun, id: &str) -> Rerun {
+    reach.clone().then("upload --resume").word(id, "ID", "the upload's id").blank("FILE", "the file's path")
 }
 
 #[cfg(test)]
