@@ -133,7 +133,16 @@ enum UserCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // The message and its causes, not `Result`'s debug print (which adds a backtrace
+        // where RUST_BACKTRACE is set: noise to an operator fixing a setting).
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // Logs go to stderr (stdout carries the broker's address and certificate for
     // scripts), with colour only when a person is watching.
     tracing_subscriber::fmt()
@@ -285,6 +294,10 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
     println!("certificate: {}", broker.cert_path.display());
     println!("certificate sha256: {}", broker.fingerprint);
     println!("registration: {}", if config.registration_open { "open" } else { "closed" });
+    // The two settings that trade latency and ceiling for wakeups (OPERATIONS.md).
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let per_core = if config.runtime_workers == 0 { " (one per core)" } else { "" };
+    println!("runtime threads: {workers}{per_core}; commit delay: {} us", config.commit_delay_us);
     tokio::select! {
         () = stop => {}
         () = broker.failed() => {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use switchboard_client::{Connector, Trust};
+use switchboard_client::{ClientError, Connector, Trust};
 use switchboard_protocol::{Body, Page};
 
 struct Running {
@@ -84,9 +84,11 @@ async fn zero_config_start_and_clean_sigterm() {
     client.ping().await.unwrap();
     let ca = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
     ca.register("bob", "correct horse battery", "laptop").await.unwrap();
-    // A wrong pin is refused by the client.
+    // A wrong pin is refused by the client, as a certificate it does not trust (not a
+    // failure to connect, which a client would retry).
     let wrong = Connector::new(broker.addr, "localhost", Trust::Pin("00".repeat(32))).unwrap();
-    assert!(wrong.register("carol", "correct horse battery", "x").await.is_err());
+    let refused = wrong.register("carol", "correct horse battery", "x").await.map(|_| ()).unwrap_err();
+    assert!(matches!(refused, ClientError::Untrusted(_)), "{refused:?}");
 
     signal(&broker.child, "-TERM");
     // Connected clients are told the broker is going away.
@@ -346,6 +348,7 @@ fn run(dir: &Path, args: &[&str]) -> std::process::Output {
         .current_dir(dir)
         .env("SWITCHBOARD_PASSWORD", "correct horse battery")
         .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap()
 }
@@ -505,7 +508,10 @@ fn the_configuration_is_checked_and_printed_by_name() {
     std::fs::write(dir.path().join("bad.toml"), "idle_timeout_ms = 0\n").unwrap();
     let refused = run(dir.path(), &["--config", "bad.toml", "config"]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("idle_timeout_ms = 0"));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    // The message, without a backtrace even where RUST_BACKTRACE is set (`run` sets it).
+    assert!(said.starts_with("error: ") && said.contains("idle_timeout_ms = 0"), "{said}");
+    assert!(!said.contains("backtrace"), "{said}");
     let serve = run(dir.path(), &["--config", "bad.toml", "--listen", "127.0.0.1:0"]);
     assert!(!serve.status.success(), "the broker refuses to start");
     assert!(String::from_utf8_lossy(&serve.stderr).contains("idle_timeout_ms = 0"));

@@ -72,9 +72,14 @@ pub enum ClientError {
         /// Close reason.
         reason: String,
     },
-    /// Could not connect (address, TLS, trust).
+    /// Could not connect (address, timeout, TLS).
     #[error("connect: {0}")]
     Connect(String),
+    /// This client refused the broker's certificate (the handshake ended with a TLS
+    /// certificate alert): the trust it was given (a CA file, a pin) is not this
+    /// broker's, or another server answered. Connecting again cannot help.
+    #[error("the broker's certificate is not trusted: {0}")]
+    Untrusted(String),
     /// The broker sent something this client does not understand.
     #[error("protocol: {0}")]
     Protocol(String),
@@ -306,7 +311,7 @@ impl Connector {
     async fn open(&self) -> Result<(quinn::Connection, Control, Vec<u8>)> {
         let connecting =
             self.endpoint.connect(self.server, &self.server_name).map_err(|e| ClientError::Connect(e.to_string()))?;
-        let conn = connecting.await.map_err(|e| ClientError::Connect(tls::handshake_failure(&e)))?;
+        let conn = connecting.await.map_err(|e| tls::handshake_failure(&e))?;
         let (send, recv) = conn.open_bi().await?;
         let mut stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), hello: None };
         let hello = ClientHello {

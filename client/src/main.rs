@@ -156,7 +156,8 @@ enum Command {
         client_id: Option<String>,
         /// Seconds to keep sending it again across lost connections and broker restarts
         /// before giving up (the message is stored at most once however often).
-        #[arg(long, default_value_t = 30.0, value_parser = retry_seconds)]
+        /// Each connection attempt waits at most until then (at least a second).
+        #[arg(long, default_value_t = 30.0, value_parser = retry_seconds, allow_negative_numbers = true)]
         retry_for: f64,
     },
     /// Replace the text of one of my messages.
@@ -424,10 +425,15 @@ fn main() {
         .and_then(|runtime| runtime.block_on(run(cli)));
     if let Err(e) = result {
         if json {
-            println!("{}", json!({ "error": error_json(&e) }));
+            say(json!({ "error": error_json(&e) }));
         }
         // Broker messages are untrusted text too.
         eprintln!("error: {}", terminal_safe(&format!("{e:#}")));
+        if matches!(client_error(&e), Some(ClientError::Untrusted(_))) {
+            eprintln!(
+                "sb: check --ca (the broker's cert.pem) or --pin (the sha256 the broker prints at start), and --server"
+            );
+        }
         // 128 + SIGINT, as shells report a command Ctrl-C ended.
         std::process::exit(if e.downcast_ref::<Interrupted>().is_some() { 130 } else { 1 });
     }
@@ -539,7 +545,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // user online) until the broker's idle timeout, 30 s.
     connector.endpoint().close(0u32.into(), b"bye");
     // A connect that failed left nothing the broker counts: no close to wait for.
-    let connected = !matches!(result.as_ref().err().and_then(client_error), Some(ClientError::Connect(_)));
+    let connected = !matches!(
+        result.as_ref().err().and_then(client_error),
+        Some(ClientError::Connect(_) | ClientError::Untrusted(_))
+    );
     if connected {
         // Someone who interrupts wants out: the close is sent at once and not waited on
         // for long (a connect cut short would hold the exit for its whole drain).
@@ -773,7 +782,15 @@ async fn send(
     };
     let (conv, seq, duplicate) = loop {
         let attempt = async {
-            let client = connector.connect(identity).await.map_err(|e| (e, None, false))?;
+            // Within `--retry-for` (the connect timeout alone is 10 s), at least a second.
+            let until = deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+            let client = match tokio::time::timeout_at(until, connector.connect(identity)).await {
+                Ok(connected) => connected.map_err(|e| (e, None, false))?,
+                Err(_) => {
+                    let waited = ClientError::Connect("no broker answered within --retry-for".into());
+                    return Err((waited, None, false));
+                }
+            };
             let id = match looked_up {
                 Some(id) => id,
                 None => {
@@ -828,12 +845,22 @@ async fn send(
             } else {
                 format!("not sent (no attempt got as far as sending it): {again} sends it, at most once")
             };
-            return Err(anyhow::Error::new(error).context(said));
+            // The broker was never asked what the title names.
+            let unchecked = match (&conv, looked_up) {
+                (ConvArg::Title(_), None) => {
+                    format!(" (\"{conv}\" was never looked up: it may name none of my conversations, or several)")
+                }
+                _ => String::new(),
+            };
+            return Err(anyhow::Error::new(error).context(format!("{said}{unchecked}")));
         }
         out.status(
             json!({"event": "resending", "conv": looked_up.map_or_else(|| json!(conv.to_string()), |id| json!(id)),
                 "client_id": hex(&client_id), "error": error.to_string()}),
-            || format!("connection lost before the answer ({error}); sending again in {} ms", delay.as_millis()),
+            || match error {
+                ClientError::Connect(_) => format!("no connection ({error}); trying again in {} ms", delay.as_millis()),
+                _ => format!("connection lost before the answer ({error}); sending again in {} ms", delay.as_millis()),
+            },
         );
         tokio::time::sleep(delay).await;
     };
@@ -1096,6 +1123,19 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
     Ok(())
 }
 
+/// Writes `line` to stdout. A reader that went away (`sb history | head`) ends sb the
+/// way SIGPIPE ends other tools (status 141), without a panic's report (before: `println!`
+/// panicked); another write error (a full disk) ends it with the error said.
+fn say(line: impl std::fmt::Display) {
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("sb: writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Printing in human or JSON form.
 struct Out {
     json: bool,
@@ -1106,16 +1146,16 @@ impl Out {
     /// field added later cannot forget it.
     fn line(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
         if self.json {
-            println!("{value}");
+            say(value);
         } else {
-            println!("{}", terminal_safe(&human()));
+            say(terminal_safe(&human()));
         }
     }
 
     /// A line for people only (nothing with `--json`), if there is one.
     fn text(&self, line: Option<String>) {
         if let Some(line) = line.filter(|_| !self.json) {
-            println!("{}", terminal_safe(&line));
+            say(terminal_safe(&line));
         }
     }
 
@@ -1123,7 +1163,7 @@ impl Out {
     /// keeps only what happened in conversations).
     fn status(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
         if self.json {
-            println!("{value}");
+            say(value);
         } else {
             eprintln!("sb: {}", terminal_safe(&human()));
         }

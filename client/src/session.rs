@@ -449,17 +449,19 @@ pub fn retry_safe(body: &RequestBody) -> bool {
     }
 }
 
-/// Failures after which reconnecting cannot help.
+/// Failures after which reconnecting cannot help: this device or account refused, a
+/// protocol version the broker does not speak, a broker certificate not trusted.
 pub fn permanent(error: &ClientError) -> bool {
-    matches!(
-        error.code(),
-        Some(
-            ErrorCode::DEVICE_REVOKED
-                | ErrorCode::AUTH_FAILED
-                | ErrorCode::UNSUPPORTED_VERSION
-                | ErrorCode::ACCOUNT_DISABLED
+    matches!(error, ClientError::Untrusted(_))
+        || matches!(
+            error.code(),
+            Some(
+                ErrorCode::DEVICE_REVOKED
+                    | ErrorCode::AUTH_FAILED
+                    | ErrorCode::UNSUPPORTED_VERSION
+                    | ErrorCode::ACCOUNT_DISABLED
+            )
         )
-    )
 }
 
 /// The failure means the connection is gone (the request may be sent again on the
@@ -469,7 +471,7 @@ fn connection_lost(error: &ClientError) -> bool {
     match error {
         ClientError::Closed { .. } | ClientError::Connect(_) => true,
         ClientError::Server(body) => body.code == ErrorCode::GOING_AWAY,
-        ClientError::Protocol(_) => false,
+        ClientError::Protocol(_) | ClientError::Untrusted(_) => false,
     }
 }
 

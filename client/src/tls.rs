@@ -75,7 +75,7 @@ pub(crate) fn endpoint(
             let roots = roots(certs).map_err(|e| connect(format!("{}: {e}", path.display())))?;
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        Trust::Roots(certs) => builder.with_root_certificates(roots(certs)?).with_no_client_auth(),
+        Trust::Roots(certs) => builder.with_root_certificates(roots(certs).map_err(connect)?).with_no_client_auth(),
         Trust::Pin(hex) => {
             let pin = crate::unhex(&hex.replace(':', ""))
                 .filter(|p| p.len() == 32)
@@ -123,13 +123,14 @@ pub(crate) fn endpoint(
     Ok(endpoint)
 }
 
-fn roots(certs: Vec<CertificateDer<'static>>) -> Result<rustls::RootCertStore, ClientError> {
+/// The roots to trust, or why there are none (said after the file's path, if any).
+fn roots(certs: Vec<CertificateDer<'static>>) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs {
-        roots.add(cert).map_err(connect)?;
+        roots.add(cert).map_err(|e| e.to_string())?;
     }
     if roots.is_empty() {
-        return Err(connect("no certificate to trust"));
+        return Err("no certificate to trust (not a PEM certificate)".into());
     }
     Ok(roots)
 }
@@ -179,12 +180,27 @@ impl std::error::Error for PinMismatch {}
 
 /// A failed handshake as a user reads it: rustls wraps a custom certificate error as
 /// `invalid peer certificate: Other(OtherError(TEXT))`; the wrapper goes.
-pub(crate) fn handshake_failure(e: &quinn::ConnectionError) -> String {
+pub(crate) fn handshake_failure(e: &quinn::ConnectionError) -> ClientError {
     let text = e.to_string();
-    match text.split_once("Other(OtherError(") {
+    let text = match text.split_once("Other(OtherError(") {
         Some((head, rest)) => format!("{head}{}", rest.strip_suffix("))").unwrap_or(rest)),
         None => text,
+    };
+    match e {
+        quinn::ConnectionError::TransportError(t) if is_certificate_alert(t.code) => ClientError::Untrusted(text),
+        _ => ClientError::Connect(text),
     }
+}
+
+/// Whether `code`, of a handshake this client ended (`TransportError`: a close by the
+/// broker arrives as `ConnectionClosed`), is a TLS alert about the broker's certificate
+/// (RFC 8446 section 6.2, carried as QUIC crypto error 0x100 + alert, RFC 9001 section
+/// 4.8): what rustls sends when its verifier refuses one: bad_certificate (42) to
+/// certificate_unknown (46: also a pin that does not match), unknown_ca (48),
+/// access_denied (49), decrypt_error (51: a certificate of the trusted one's name not
+/// signed by it, as two self-signed brokers' are).
+fn is_certificate_alert(code: quinn::TransportErrorCode) -> bool {
+    matches!(u64::from(code).checked_sub(0x100), Some(42..=46 | 48 | 49 | 51))
 }
 
 impl ServerCertVerifier for PinVerifier {

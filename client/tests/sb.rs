@@ -1854,3 +1854,49 @@ async fn files_lists_what_my_quota_counts() {
     let after = sb(&laptop, &broker, &["files"]);
     assert!(after.iter().all(|l| l["event"] == "no_files"), "nothing carries it: deleted at once: {after:?}");
 }
+
+/// A broker whose certificate sb does not trust is refused at once, saying what to check
+/// (before: `sb send` retried it as a lost connection, 25 lines over its 30 s, then
+/// printed a command with the same `--ca`); nothing was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_is_said_at_once_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let other = Broker::start(common::test_config(dir.path().join("other"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "--title", "g", "alice"])[0]["conv"].as_u64().unwrap();
+    let mut send = Command::new(env!("CARGO_BIN_EXE_sb"));
+    send.env("SWITCHBOARD_HOME", &alice).args(["--server", &broker.local_addr.to_string()]);
+    send.args(["--ca", other.cert_path.to_str().unwrap(), "send", "--", &conv.to_string(), "hi"]);
+    let out = tokio::task::spawn_blocking(move || send.output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("certificate is not trusted") && stderr.contains("check --ca"), "{stderr}");
+    assert!(!stderr.contains("again"), "refused at once, not retried: {stderr}");
+    let history = sb(&alice, &broker, &["history", &conv.to_string()]);
+    assert!(!history.iter().any(|e| e["text"] == "hi"), "{history:?}");
+}
+
+/// A reader that goes away (`sb history | head`) ends sb as SIGPIPE ends other tools,
+/// status 141 and no panic (before: `println!` panicked, status 101, with a backtrace
+/// where RUST_BACKTRACE is set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_output_pipe_ends_sb_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let mut list = sb_command(&alice, &broker);
+    list.env("RUST_BACKTRACE", "1").args(["conv", "create", "--title", "g", "alice"]);
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = list.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

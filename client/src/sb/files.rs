@@ -187,7 +187,7 @@ pub async fn upload(
                 let event = if first && fresh { "started" } else { "resumed" };
                 first = false;
                 if out.json {
-                    println!("{}", json!({"event": event, "file": hex(&file), "offset": offset, "size": size}));
+                    super::say(json!({"event": event, "file": hex(&file), "offset": offset, "size": size}));
                 } else if event == "resumed" {
                     bar.suspend(|| eprintln!("sb: resuming the upload at byte {offset} of {size}"));
                 }
@@ -195,7 +195,7 @@ pub async fn upload(
             UploadEvent::Durable { offset, .. } => {
                 bar.set_position(offset);
                 if out.json {
-                    println!("{}", json!({"event": "durable", "file": hex(&file), "offset": offset, "size": size}));
+                    super::say(json!({"event": "durable", "file": hex(&file), "offset": offset, "size": size}));
                 }
             }
             UploadEvent::Retrying { error, code, retry_in_ms, reconnect } => {
