@@ -424,9 +424,6 @@ fn main() {
         .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(run(cli)));
     if let Err(e) = result {
-        if json {
-            say(json!({ "error": error_json(&e) }));
-        }
         // Broker messages are untrusted text too.
         eprintln!("error: {}", terminal_safe(&format!("{e:#}")));
         if matches!(client_error(&e), Some(ClientError::Untrusted(_))) {
@@ -434,8 +431,14 @@ fn main() {
                 "sb: check --ca (the broker's cert.pem) or --pin (the sha256 the broker prints at start), and --server"
             );
         }
+        if json {
+            say(json!({ "error": error_json(&e) }));
+        }
         // 128 + SIGINT, as shells report a command Ctrl-C ended.
         std::process::exit(if e.downcast_ref::<Interrupted>().is_some() { 130 } else { 1 });
+    }
+    if STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed) {
+        std::process::exit(141);
     }
 }
 
@@ -727,6 +730,14 @@ async fn passwd(connector: &Connector, identity: &Identity, out: &Out, sign_out_
     Ok(())
 }
 
+/// Whether `sb send` tries again after `error`: the connection failed or was lost. A
+/// refusal, a certificate not trusted, or a connection the broker closed on purpose
+/// (any close code but `GOING_AWAY`) is final.
+fn connection_lost(error: &ClientError) -> bool {
+    matches!(error, ClientError::Connect(_))
+        || matches!(error, ClientError::Closed { code, .. } if code.is_none_or(|c| c == ErrorCode::GOING_AWAY))
+}
+
 /// `--retry-for`: a number of seconds, 0 to one day.
 fn retry_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -816,19 +827,16 @@ async fn send(
             Ok(Ok((id, (seq, duplicate)))) => break (id, seq, duplicate),
             Ok(Err(e)) => return Err(e),
             Err((e, id, sent)) => {
-                maybe_stored |= sent;
+                // Sent, and no answer came: it may be stored (a refusal is an answer).
+                maybe_stored |= sent && connection_lost(&e);
                 looked_up = looked_up.or(id);
                 e
             }
         };
-        // A refusal, or a connection the broker closed on purpose, is final.
-        let lost = matches!(error, ClientError::Connect(_))
-            || matches!(&error, ClientError::Closed { code, .. } if code.is_none_or(|c| c == ErrorCode::GOING_AWAY));
-        if !lost {
-            return Err(error.into());
-        }
-        let delay = std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()));
-        if tokio::time::Instant::now() + delay >= deadline {
+        // What became of the message and the command that sends it at most once, for a
+        // run that gives up (a refusal by the broker of a first attempt needs neither:
+        // nothing was stored).
+        let give_up = |error: ClientError| {
             let conv_word = looked_up.map_or_else(|| conv.to_string(), |id| id.to_string());
             let again = reach
                 .clone()
@@ -852,7 +860,19 @@ async fn send(
                 }
                 _ => String::new(),
             };
-            return Err(anyhow::Error::new(error).context(format!("{said}{unchecked}")));
+            anyhow::Error::new(error).context(format!("{said}{unchecked}"))
+        };
+        if !connection_lost(&error) {
+            // After an attempt that may have stored it (a resend refused, a certificate
+            // refused on the next connection), the command is what the user needs.
+            if maybe_stored || matches!(error, ClientError::Untrusted(_)) {
+                return Err(give_up(error));
+            }
+            return Err(error.into());
+        }
+        let delay = std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()));
+        if tokio::time::Instant::now() + delay >= deadline {
+            return Err(give_up(error));
         }
         out.status(
             json!({"event": "resending", "conv": looked_up.map_or_else(|| json!(conv.to_string()), |id| json!(id)),
@@ -1123,13 +1143,22 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
     Ok(())
 }
 
-/// Writes `line` to stdout. A reader that went away (`sb history | head`) ends sb the
-/// way SIGPIPE ends other tools (status 141), without a panic's report (before: `println!`
-/// panicked); another write error (a full disk) ends it with the error said.
+/// Set once standard output's reader went away (`sb history | head`).
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes `line` to stdout. A reader that went away is noted, not a failure (before:
+/// `println!` panicked): the command goes on (an upload still sends its message; what
+/// it would have printed is lost, what goes to stderr is not) and sb then exits with
+/// status 141, as SIGPIPE ends other tools (`main`). Another write error (a full disk)
+/// ends sb at once with the error said.
 fn say(line: impl std::fmt::Display) {
+    if STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(141);
+            STDOUT_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
         }
         eprintln!("sb: writing to standard output: {e}");
         std::process::exit(1);

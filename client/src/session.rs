@@ -120,7 +120,9 @@ pub enum SessionEvent {
     },
     /// The session stopped for good: the device was revoked, its proof refused or its
     /// account disabled (`DEVICE_REVOKED`, `AUTH_FAILED`, `UNSUPPORTED_VERSION`,
-    /// `ACCOUNT_DISABLED`). The stream ends after it.
+    /// `ACCOUNT_DISABLED`), or the broker's certificate refused before the session ever
+    /// connected (`ClientError::Untrusted`; once connected, it is retried). The stream
+    /// ends after it.
     Stopped(ClientError),
 }
 
@@ -912,7 +914,11 @@ impl Task {
     fn connected(&mut self, result: Result<Client, ClientError>) -> bool {
         let client = match result {
             Ok(client) => client,
-            Err(error) if permanent(&error) => {
+            // A certificate refused after this session has connected with the same trust
+            // is retried like a lost connection: one forged handshake (anyone on the path
+            // can answer first) must not stop the session for good. Each failure shows in
+            // `Disconnected`, so a certificate the broker really replaced is seen.
+            Err(error) if permanent(&error) && !(self.generation > 0 && matches!(error, ClientError::Untrusted(_))) => {
                 self.stop(error);
                 return true;
             }

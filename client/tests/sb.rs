@@ -1880,7 +1880,7 @@ async fn an_untrusted_certificate_is_said_at_once_not_retried() {
 
 /// A reader that goes away (`sb history | head`) ends sb as SIGPIPE ends other tools,
 /// status 141 and no panic (before: `println!` panicked, status 101, with a backtrace
-/// where RUST_BACKTRACE is set).
+/// where RUST_BACKTRACE is set), once the command is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_output_pipe_ends_sb_quietly() {
     let dir = tempfile::tempdir().unwrap();
@@ -1899,4 +1899,7 @@ async fn a_closed_output_pipe_ends_sb_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(141), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // What it was asked to do was done all the same.
+    let listed = sb(&alice, &broker, &["conv", "list"]);
+    assert!(listed.iter().any(|c| c["title"] == "g"), "{listed:?}");
 }

@@ -264,6 +264,7 @@ async fn a_dead_actor_gives_its_place_back() {
             }
         })
         .await;
+        assert_eq!(shared.convs.live(), 2, "the dead one is out of the map, the other two are in");
         let (entries, _) = bob.history(convs[0], Page::After(0), 10).await.unwrap();
         let first = entries.iter().filter(|e| matches!(&e.body, Body::Text { text, .. } if text == "first"));
         assert_eq!(first.count(), 1, "the killed actor's message is there once: {entries:?}");

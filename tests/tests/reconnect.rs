@@ -378,3 +378,50 @@ async fn a_connect_caught_in_a_broker_restart_mid_handshake_starts_afresh() {
     })
     .await
 }
+
+/// A session that has connected keeps trying when a certificate it does not trust
+/// answers at the broker's address (anyone on the path can answer a handshake first, or
+/// another server took the port), saying so in `Disconnected`, and resumes once its
+/// broker is back (before: the first refused certificate stopped it for good). A
+/// session that never connected stops at once: its trust is wrong, not the network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_certificate_stops_only_a_session_that_never_connected() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (_, alice) = tb.register("alice").await;
+        let (_session, mut events) = start(&tb, &alice);
+        wait_for(&mut events, "the first connection", |e| matches!(e, SessionEvent::Connected)).await;
+        let addr = tb.broker.as_ref().unwrap().local_addr;
+        tb.stop().await;
+        // Another broker (its own certificate) at the same address.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Config { listen: addr, ..switchboard_tests::test_config(other_dir.path().join("data")) };
+        let impostor = within(STEP_DEADLINE, "impostor start", Broker::start(other)).await.unwrap();
+        wait_for(
+            &mut events,
+            "a refused certificate",
+            |e| matches!(e, SessionEvent::Disconnected { error, .. } if error.to_string().contains("not trusted")),
+        )
+        .await;
+        within(STEP_DEADLINE, "impostor shutdown", impostor.shutdown()).await.unwrap();
+        start_again_at(&mut tb, addr).await;
+        wait_for(&mut events, "the reconnect", |e| matches!(e, SessionEvent::Connected)).await;
+
+        // A new session pointed at the impostor's certificate never connected: it stops.
+        let wrong = switchboard_client::Connector::new(
+            addr,
+            "localhost",
+            switchboard_client::Trust::CaFile(other_dir.path().join("data/cert.pem")),
+        )
+        .unwrap();
+        let (_stopped, mut events) =
+            Session::start(wrong, alice.clone(), Arc::new(MemoryCursors::default()), config()).unwrap();
+        wait_for(
+            &mut events,
+            "the stop",
+            |e| matches!(e, SessionEvent::Stopped(error) if error.to_string().contains("not trusted")),
+        )
+        .await;
+    })
+    .await
+}

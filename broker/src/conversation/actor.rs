@@ -179,11 +179,11 @@ impl Actor for Conversation {
         state: &mut ConvActorState,
     ) -> Result<(), ActorProcessingErr> {
         let log = StoreLog(&self.shared.store);
-        // A delivered mark keeps the actor alive but moves no place: clients send one by
-        // themselves for every entry that reaches them, so anyone writing into groups
-        // holding a victim would otherwise charge the victim for the actors it keeps
-        // alive. Such a mark reaches the actor only when it raises the member's
-        // watermark (`raises_delivery`), that is after someone's write, which is charged.
+        // A delivered mark moves no place: clients send one by themselves for every
+        // entry that reaches them, so anyone writing into groups holding a victim would
+        // otherwise charge the victim for the actors its writes keep alive. Nor does it
+        // keep the actor alive past its write (`ConversationState::handle_mark`), so
+        // marks cannot keep an actor alive on another's share either.
         if let ConvMsg::Write(caller, ..) | ConvMsg::Read(caller, ..) | ConvMsg::Mark(caller, _, MarkReply::Read(_)) =
             &msg
         {

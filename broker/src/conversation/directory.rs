@@ -26,8 +26,9 @@ pub struct ConvDirectory {
     /// skipping the creator's session, which gets the conversation as its answer), or
     /// one whose actor died (after its published watermark). The first actor started for
     /// it takes the record, and puts it back if it fails to start, so every entry of a
-    /// conversation is delivered once, by its one owner, in seq order. Bounded by the
-    /// creation rate limit and the live-actor cap.
+    /// conversation is delivered once, by its one owner, in seq order. At most one per
+    /// conversation: those of creations are bounded by the creation rate limit, those of
+    /// dead actors (a panic, `kill`) by the conversations whose actor died.
     replay: std::sync::Mutex<HashMap<ConvId, Replay>>,
     /// Live actors by the user whose request started each (`Slot::starter`), starts
     /// under way included, for `max_live_conversations_per_user`: one user touching
@@ -350,9 +351,16 @@ impl ConvDirectory {
         // Registered and the replay record dropped together: a reader of `published`
         // sees one or the other.
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let id = actor.get_id();
+        let status = actor.get_status();
         map.insert(conv, Slot { actor, depth, published, starter });
         place.keep();
         self.replay.lock().unwrap_or_else(|p| p.into_inner()).remove(&conv);
+        // Died already (its first tick or a panic on another thread): its state's drop,
+        // which may have run before the insert, found nothing to take out.
+        if matches!(status, ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped) {
+            self.bury(&mut map, conv, id);
+        }
         Ok(())
     }
 

@@ -1011,6 +1011,18 @@ mod tests {
     }
 
     #[test]
+    fn a_delivered_mark_keeps_it_alive_only_until_its_write_is_durable() {
+        let mut h = chatty();
+        h.now_ms = 10_000;
+        h.mark(BOB, Mark::Delivered(3));
+        h.commit_receipts();
+        assert!(h.state.handle_tick(10_000, 1_000), "idle since the last write, not since the mark");
+        h.mark(BOB, Mark::Read(3));
+        h.commit_receipts();
+        assert!(!h.state.handle_tick(10_999, 1_000), "a read mark is activity");
+    }
+
+    #[test]
     fn a_crash_before_the_receipt_commit_loses_no_acknowledged_read_and_shows_nothing_undurable() {
         let mut h = chatty();
         let kept = h.mark(BOB, Mark::Read(3));

@@ -538,7 +538,15 @@ impl<R> ConversationState<R> {
         if !self.is_member(caller.user) {
             return reply.map(|r| Effect::Reply(r, Err(not_a_member()))).into_iter().collect();
         }
-        self.last_activity_ms = now_ms;
+        // A delivered mark keeps the conversation alive only until its write is durable
+        // (`receipts.idle`), not for an idle period: clients send one by themselves for
+        // whatever reaches them, and the actor's place among its users' shares follows
+        // writes, reads and read marks only (`ConvDirectory::recharge`), so a member
+        // stepping its delivered watermark through an old backlog must not keep alive an
+        // actor charged to someone else (a later mark starts one on the marker's share).
+        if !matches!(mark, Mark::Delivered(_)) {
+            self.last_activity_ms = now_ms;
+        }
         if let Err(e) = self.load_receipt(log, caller.user) {
             return reply.map(|r| Effect::Reply(r, Err(e))).into_iter().collect();
         }
