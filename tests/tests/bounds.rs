@@ -272,6 +272,35 @@ async fn a_dead_actor_gives_its_place_back() {
     .await
 }
 
+/// `max_live_conversations` holds against starts under way at once: three actors started
+/// together (different users, different spawn shards, each waiting for a group commit as a
+/// new conversation's first actor does) with two places give two live actors and one
+/// `OVERLOADED`. Before, each start checked the live count before any had registered, so
+/// all three started (up to 63 over the bound).
+#[tokio::test]
+async fn starts_under_way_at_once_count_against_the_live_bound() {
+    bounded(async {
+        let (tb, _alice, _bob, convs) = three_idle_groups(2).await;
+        let shared = tb.shared().clone();
+        // As if each were just created: its first actor waits for a group commit before
+        // it registers. One task polls the three starts in turn, so each passes the
+        // bound's check and waits before any registers (the single-threaded runtime, above).
+        for conv in &convs {
+            shared.convs.created(*conv, 0);
+        }
+        let (first, second, third) = tokio::join!(
+            shared.convs.start_created(&shared, convs[0], 1_001),
+            shared.convs.start_created(&shared, convs[1], 1_002),
+            shared.convs.start_created(&shared, convs[2], 1_003),
+        );
+        let refused: Vec<_> = [first, second, third].into_iter().filter_map(Result::err).collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].code, ErrorCode::OVERLOADED, "{refused:?}");
+        assert_eq!(shared.convs.live(), 2);
+    })
+    .await
+}
+
 /// An actor counts on the share of whoever keeps it alive, not of whoever started it:
 /// actors bob started and alice alone keeps using move to alice's share at their next
 /// tick, so bob can start another (before, anyone could keep actors a victim started,

@@ -36,6 +36,11 @@ pub struct ConvDirectory {
     /// `max_live_conversations` from the others. Locked after `map` only; one entry per
     /// user with a live actor (at most `max_live_conversations`).
     started: std::sync::Mutex<HashMap<UserId, usize>>,
+    /// Starts under way (a place taken, the actor not yet registered), counted with the
+    /// map's length against `max_live_conversations`; changed under the `map` lock when
+    /// it grows, so starts of different shards waiting on their spawns at once cannot
+    /// pass the bound together (before: up to `SPAWN_SHARDS - 1` over it).
+    starting: AtomicUsize,
     /// Serialises starting an actor per conversation (sharded: a start may wait for a
     /// store barrier, and must not hold up unrelated conversations).
     spawn_locks: Vec<tokio::sync::Mutex<()>>,
@@ -59,6 +64,7 @@ impl Default for ConvDirectory {
         ConvDirectory {
             map: std::sync::Mutex::new(HashMap::new()),
             started: std::sync::Mutex::new(HashMap::new()),
+            starting: AtomicUsize::new(0),
             replay: std::sync::Mutex::new(HashMap::new()),
             spawn_locks: (0..SPAWN_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
@@ -75,11 +81,13 @@ struct Slot {
     starter: UserId,
 }
 
-/// One place of a user's share of live actors, taken when an actor start begins; given
+/// One place of `max_live_conversations` and of a user's share of live actors, taken
+/// when an actor start begins (`ConvDirectory::starting` counts it until then); given
 /// back when dropped unless `keep` handed it to the registered slot (so a start that
 /// fails, or whose caller went away mid-start, gives it back).
 struct Place<'a> {
     started: &'a std::sync::Mutex<HashMap<UserId, usize>>,
+    starting: &'a AtomicUsize,
     user: UserId,
     kept: bool,
 }
@@ -92,6 +100,8 @@ impl Place<'_> {
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
+        // Kept: dropped under the `map` lock, after the slot's insert.
+        self.starting.fetch_sub(1, Ordering::AcqRel);
         if !self.kept {
             release(self.started, self.user);
         }
@@ -309,7 +319,7 @@ impl ConvDirectory {
             match map.get(&conv) {
                 // Someone else already started one.
                 Some(_) => return Ok(()),
-                None if map.len() >= shared.config.max_live_conversations => {
+                None if map.len() + self.starting.load(Ordering::Acquire) >= shared.config.max_live_conversations => {
                     return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many active conversations; retry later"));
                 }
                 None => {}
@@ -324,7 +334,8 @@ impl ConvDirectory {
                 ));
             }
             *mine += 1;
-            Place { started: &self.started, user: starter, kept: false }
+            self.starting.fetch_add(1, Ordering::AcqRel);
+            Place { started: &self.started, starting: &self.starting, user: starter, kept: false }
         };
         let store = &shared.store;
         if store.conversation(conv).map_err(internal)?.is_none() {
