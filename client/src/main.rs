@@ -738,6 +738,21 @@ fn connection_lost(error: &ClientError) -> bool {
         || matches!(error, ClientError::Closed { code, .. } if code.is_none_or(|c| c == ErrorCode::GOING_AWAY))
 }
 
+/// Whether sending again may succeed where an attempt failed: the connection went (or
+/// never came), or the broker was over a bound (`OVERLOADED`: nothing done, retry with
+/// backoff) or failed inside (`INTERNAL`: a conversation's actor that died; retry with
+/// the same id), as PROTOCOL.md's table of codes says.
+fn worth_resending(error: &ClientError) -> bool {
+    connection_lost(error) || matches!(error.code(), Some(ErrorCode::OVERLOADED | ErrorCode::INTERNAL))
+}
+
+/// Whether the broker answered that it did not store the message: a refusal, but not
+/// `INTERNAL` (after it "nothing unacknowledged can be assumed done"). A close, a lost
+/// connection or an answer sb cannot read is no answer.
+fn refused(error: &ClientError) -> bool {
+    matches!(error, ClientError::Server(e) if e.code != ErrorCode::INTERNAL)
+}
+
 /// `--retry-for`: a number of seconds, 0 to one day.
 fn retry_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -756,13 +771,13 @@ struct Message {
 }
 
 /// `sb send`: the message under one client id, sent again on a new connection whenever
-/// the connection is lost before the answer (a broker restart, a network drop), for up
-/// to `--retry-for`: the broker answers a resend with the first one's seq, so the
-/// message is stored once whether or not the lost attempt had landed. An answer from
-/// the broker (an ack or a refusal) ends it. Given up, the error says whether the
-/// message may be stored (an attempt got as far as sending it) or not (the broker was
-/// never reached) and names the command, with this run's home and broker flags
-/// (`reach`), that sends it again safely.
+/// the connection is lost before the answer (a broker restart, a network drop) or the
+/// broker asks for a retry (`worth_resending`), for up to `--retry-for`: the broker
+/// answers a resend with the first one's seq, so the message is stored once whether or
+/// not the lost attempt had landed. An ack or a final refusal ends it. Given up, the
+/// error says whether the message may be stored (an attempt sent it and no refusal came)
+/// or not (refused, or the broker was never reached) and names the command, with this
+/// run's home and broker flags (`reach`), that sends it again safely.
 async fn send(
     connector: &Connector,
     identity: &Identity,
@@ -787,6 +802,8 @@ async fn send(
     // send to the number it gave, as the printed command does (the title may since
     // name another conversation, and a resend there would be a second message).
     let mut maybe_stored = false;
+    // Whether an attempt sent it and the broker refused it (`refused`).
+    let mut refused_once = false;
     let mut looked_up = match conv {
         ConvArg::Id(id) => Some(id),
         ConvArg::Title(_) => None,
@@ -827,8 +844,9 @@ async fn send(
             Ok(Ok((id, (seq, duplicate)))) => break (id, seq, duplicate),
             Ok(Err(e)) => return Err(e),
             Err((e, id, sent)) => {
-                // Sent, and no answer came: it may be stored (a refusal is an answer).
-                maybe_stored |= sent && connection_lost(&e);
+                // Sent, and no answer came that says it was not stored: it may be.
+                maybe_stored |= sent && !refused(&e);
+                refused_once |= sent && refused(&e);
                 looked_up = looked_up.or(id);
                 e
             }
@@ -845,6 +863,8 @@ async fn send(
                 .word(text, "TEXT", "the same text");
             let said = if maybe_stored {
                 format!("the broker may have stored it: {again} sends it again at most once")
+            } else if refused_once {
+                format!("not stored (the broker refused it): {again} sends it, at most once")
             } else if given_id {
                 format!(
                     "this run never handed it to the broker (an earlier run with this --client-id may have): \
@@ -862,10 +882,12 @@ async fn send(
             };
             anyhow::Error::new(error).context(format!("{said}{unchecked}"))
         };
-        if !connection_lost(&error) {
+        if !worth_resending(&error) {
             // After an attempt that may have stored it (a resend refused, a certificate
-            // refused on the next connection), the command is what the user needs.
-            if maybe_stored || matches!(error, ClientError::Untrusted(_)) {
+            // refused on the next connection), the command is what the user needs; else
+            // the error alone (a certificate refused on the first connection: the same
+            // --ca or --pin again would not do).
+            if maybe_stored {
                 return Err(give_up(error));
             }
             return Err(error.into());
@@ -879,6 +901,7 @@ async fn send(
                 "client_id": hex(&client_id), "error": error.to_string()}),
             || match error {
                 ClientError::Connect(_) => format!("no connection ({error}); trying again in {} ms", delay.as_millis()),
+                ClientError::Server(_) => format!("{error}; sending again in {} ms", delay.as_millis()),
                 _ => format!("connection lost before the answer ({error}); sending again in {} ms", delay.as_millis()),
             },
         );
@@ -1323,6 +1346,38 @@ async fn interrupted() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Resolves once standard output's reader has gone away (`sb tail | head -1` after head
+/// exited), found without a write: a pipe's write end polls `POLLERR` once its read
+/// end is closed (poll(2)). A plain thread waits in `poll`, so the runtime never waits
+/// for it at exit; a file or a terminal never resolves it (a terminal's hangup is
+/// SIGHUP, `interrupted`).
+async fn reader_gone() {
+    #[cfg(unix)]
+    {
+        let (gone, seen) = tokio::sync::oneshot::channel::<()>();
+        let watch = move || {
+            let stdout = std::io::stdout();
+            use rustix::event::{PollFd, PollFlags};
+            loop {
+                let mut fds = [PollFd::new(&stdout, PollFlags::empty())];
+                match rustix::event::poll(&mut fds, None) {
+                    Err(rustix::io::Errno::INTR) => {}
+                    Ok(_) if fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP) => {
+                        let _ = gone.send(());
+                        return;
+                    }
+                    // Not pollable (`POLLNVAL`, an error): nobody can tell, as before.
+                    _ => return,
+                }
+            }
+        };
+        if std::thread::Builder::new().name("sb-stdout".into()).spawn(watch).is_ok() && seen.await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
 /// `sb tail`: a reconnecting session whose cursors live in `HOME/cursors.json`, so a
 /// tail started again prints only what no tail of this device printed before (after a
 /// crash, at most the last `persist_ms` of it again). Connection changes go to stderr
@@ -1339,15 +1394,25 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
     let mut presence_said: HashMap<UserId, (PresenceState, u64)> = HashMap::new();
     let stop = interrupted();
     tokio::pin!(stop);
-    loop {
+    // Its reader gone, the tail stops before it takes another entry: each one taken is
+    // reported delivered and moves the saved cursor, so a tail that went on would use up
+    // what the next one should print (sb then exits 141, `main`).
+    let gone = reader_gone();
+    tokio::pin!(gone);
+    while !STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed) {
         let due = receipts.due();
         let event = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            _ = &mut gone => {
+                STDOUT_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
+                break;
+            }
             event = events.next() => event,
             _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
                 out.text(receipts.take());
                 continue;
             }
-            _ = &mut stop => break,
         };
         // Receipts waiting for more of the same go out before anything else.
         if !matches!(event, Some(SessionEvent::Receipt(_))) {

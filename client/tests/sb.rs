@@ -1874,8 +1874,67 @@ async fn an_untrusted_certificate_is_said_at_once_not_retried() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("certificate is not trusted") && stderr.contains("check --ca"), "{stderr}");
     assert!(!stderr.contains("again"), "refused at once, not retried: {stderr}");
+    // Nothing was sent: no command to send it with the same --ca that was just refused.
+    assert!(!stderr.contains("--client-id"), "{stderr}");
     let history = sb(&alice, &broker, &["history", &conv.to_string()]);
     assert!(!history.iter().any(|e| e["text"] == "hi"), "{history:?}");
+}
+
+/// A send the broker answered `INTERNAL` (here a failed commit) may be stored all the
+/// same (PROTOCOL.md: after it nothing unacknowledged can be assumed done): sb tries again
+/// within --retry-for, then says it may be stored and gives the command that sends it at
+/// most once. Before, only the error: a rerun under a fresh id could store it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_the_broker_failed_on_may_be_stored_and_sb_says_how_to_resend_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "--title", "g", "alice"])[0]["conv"].as_u64().unwrap();
+    broker.shared().store.inject_commit_failure();
+    let out = sb_output(&alice, &broker, &["send", "--retry-for", "2", "--", &conv.to_string(), "hi"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("may have stored it") && stderr.contains("--client-id"), "{stderr}");
+}
+
+/// `sb tail | head -1`: once its reader has gone the tail stops, status 141, before it
+/// takes another entry, so the next tail prints what came after. Before, it went on for
+/// good with nobody reading, reporting every later message delivered and moving its
+/// saved cursor past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_whose_reader_went_away_stops_and_leaves_the_rest_to_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    let conv = sb(&alice, &broker, &["conv", "create", "--title", "g", "bob"])[0]["conv"].as_u64().unwrap();
+    let send = |text: &str| sb(&alice, &broker, &["send", &conv.to_string(), text])[0]["seq"].as_u64().unwrap();
+    let first = send("first");
+    let (mut tail, mut lines) = spawn_tail(&bob);
+    entries_until(&mut lines, conv, first);
+    drop(lines);
+    // Noticed with nothing to write.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = tail.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            tail.kill().unwrap();
+            panic!("sb tail went on with nobody reading");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(141));
+    let later = send("later");
+    let (mut again, mut lines) = spawn_tail(&bob);
+    let entries = entries_until(&mut lines, conv, later);
+    again.kill().unwrap();
+    let _ = again.wait();
+    let seqs: Vec<u64> = entries.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, vec![later], "what the first tail printed, not again; what came after, once");
 }
 
 /// A reader that goes away (`sb history | head`) ends sb as SIGPIPE ends other tools,

@@ -88,6 +88,9 @@ pub struct ConvActorState {
     /// delivered mark): the actor's place among `max_live_conversations_per_user` moves
     /// to it at the tick (`ConvDirectory::recharge`).
     last_user: Option<UserId>,
+    /// The user of the newest delivered mark since the last tick: charged instead when
+    /// only marks' writes keep the actor past its idle period (`idle_but_for_receipts`).
+    last_marker: Option<UserId>,
     /// Takes the actor out of the directory when it ends without retiring.
     _registration: Registration,
 }
@@ -165,7 +168,8 @@ impl Actor for Conversation {
             published.store(last_seq, Ordering::Release);
         }
         let registration = Registration { shared: self.shared.clone(), conv: id, actor: myself.get_id() };
-        let mut state = ConvActorState { state, depth, published, last_user: None, _registration: registration };
+        let mut state =
+            ConvActorState { state, depth, published, last_user: None, last_marker: None, _registration: registration };
         self.perform(&myself, &mut state, effects);
         let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
         myself.send_interval(tick, || ConvMsg::Tick);
@@ -213,6 +217,7 @@ impl Actor for Conversation {
             }
             ConvMsg::Mark(caller, mark, MarkReply::Taken(taken)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
+                state.last_marker = Some(caller.user);
                 let effects = state.state.handle_mark(&log, caller, mark, None, crate::now_ms());
                 // The requester may have stopped waiting (its connection closed).
                 let _ = taken.send(());
@@ -222,13 +227,15 @@ impl Actor for Conversation {
             ConvMsg::Durable { ok: false, .. } => state.state.handle_failure(),
             ConvMsg::ReceiptsDurable { ok } => state.state.handle_receipts_durable(&log, ok),
             ConvMsg::Tick => {
-                let idle = self.shared.config.conversation_idle_ms;
-                if state.state.handle_tick(crate::now_ms(), idle)
-                    && self.shared.convs.retire(state.state.id(), myself.get_id())
-                {
+                let (now, idle) = (crate::now_ms(), self.shared.config.conversation_idle_ms);
+                let (user, marker) = (state.last_user.take(), state.last_marker.take());
+                if state.state.handle_tick(now, idle) && self.shared.convs.retire(state.state.id(), myself.get_id()) {
                     myself.stop(Some("idle".into()));
-                } else if let Some(user) = state.last_user.take() {
-                    self.shared.convs.recharge(state.state.id(), myself.get_id(), user);
+                } else {
+                    let kept_by_marks = state.state.idle_but_for_receipts(now, idle);
+                    if let Some(user) = if kept_by_marks { marker.or(user) } else { user } {
+                        self.shared.convs.recharge(state.state.id(), myself.get_id(), user);
+                    }
                 }
                 Vec::new()
             }

@@ -1017,6 +1017,14 @@ mod tests {
         h.mark(BOB, Mark::Delivered(3));
         h.commit_receipts();
         assert!(h.state.handle_tick(10_000, 1_000), "idle since the last write, not since the mark");
+        // Stepped through a backlog, a mark's write in flight at every tick: the actor
+        // lives on, charged to the marker, not to whoever last wrote.
+        h.mark(BOB, Mark::Delivered(4));
+        assert!(!h.state.handle_tick(10_000, 1_000), "its write is in flight");
+        assert!(h.state.idle_but_for_receipts(10_000, 1_000), "past the idle period, kept by the mark alone");
+        assert!(!h.state.idle_but_for_receipts(999, 1_000), "within it (the writes were at 0): kept by them");
+        h.commit_receipts();
+        assert!(!h.state.idle_but_for_receipts(10_000, 1_000), "nothing in flight");
         h.mark(BOB, Mark::Read(3));
         h.commit_receipts();
         assert!(!h.state.handle_tick(10_999, 1_000), "a read mark is activity");

@@ -694,6 +694,15 @@ impl<R> ConversationState<R> {
         self.pending.is_empty() && self.receipts.idle() && now_ms.saturating_sub(self.last_activity_ms) >= idle_ms
     }
 
+    /// Whether the conversation is past its idle period with nothing pending but a
+    /// receipt write: delivered marks keep it alive only until their writes are durable,
+    /// but a member stepping its watermark through an old backlog, one mark per commit,
+    /// keeps one in flight at every tick; the actor's place then moves to that member
+    /// (`ConvDirectory::recharge`).
+    pub fn idle_but_for_receipts(&self, now_ms: u64, idle_ms: u64) -> bool {
+        self.pending.is_empty() && !self.receipts.idle() && now_ms.saturating_sub(self.last_activity_ms) >= idle_ms
+    }
+
     fn history(&self, log: &impl Log, page: Page, limit: u16) -> Result<Reply, ErrorBody> {
         let last = self.durable_seq;
         let limit = usize::from(limit).clamp(1, HISTORY_PAGE_MAX as usize);
