@@ -169,6 +169,15 @@ pub const CHUNK_LEASE_GRACE: std::time::Duration = std::time::Duration::from_sec
 /// many ms (the latest state wins; a trailing push follows a suppressed change), so a
 /// device that flaps costs each observer at most four events a second.
 pub const PRESENCE_COALESCE_MS: u64 = 250;
+/// Presence pushes one user may make in quick succession, and after them at most one per
+/// `PRESENCE_PUSH_WINDOWS` coalescing windows (2 s by default) until the burst refills:
+/// each push goes to up to `PRESENCE_CONTACTS_MAX` users, and `SetPresence` costs
+/// nothing to send, so the coalescing window alone let one account flapping its
+/// presence cost the broker four pushes a second to every contact, forever. A change
+/// is never dropped, only pushed later (the latest state wins).
+pub const PRESENCE_PUSH_BURST: u64 = 8;
+/// See `PRESENCE_PUSH_BURST`.
+pub const PRESENCE_PUSH_WINDOWS: u64 = 8;
 /// Most contacts (users who share a conversation) kept for one user's presence. Past it
 /// the contacts found first (by ascending conversation id) are kept and the rest neither
 /// receive that user's presence pushes nor see that user in a `Presence` reply. 8 bytes

@@ -28,7 +28,10 @@ use switchboard_storage::Store;
 use tokio::sync::Notify;
 
 use crate::fanout::Online;
-use crate::limits::{PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED};
+use crate::limits::{
+    PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PUSH_BURST,
+    PRESENCE_PUSH_WINDOWS,
+};
 use crate::reply::internal;
 
 /// One presence change to push to the user's online contacts.
@@ -76,6 +79,9 @@ struct UserPresence {
     offline_since_ms: u64,
     /// This user's entry in `timers`.
     timer: Option<u64>,
+    /// Its push allowance (`PRESENCE_PUSH_BURST`) as a GCRA theoretical arrival time:
+    /// the next push is allowed from `allowance_tat - burst span` (0: a full burst).
+    allowance_tat: u64,
 }
 
 impl UserPresence {
@@ -104,6 +110,7 @@ impl PresenceState {
             last_push_ms: None,
             offline_since_ms: now_ms,
             timer: None,
+            allowance_tat: 0,
         });
         if !entry.devices.iter().any(|&(s, _)| s == session) {
             entry.devices.push((session, false));
@@ -145,10 +152,17 @@ impl PresenceState {
                 break;
             }
             self.timers.remove(&(at, user));
+            let (interval, burst_span) = self.allowance();
             let Some(entry) = self.users.get_mut(&user) else { continue };
             entry.timer = None;
             let actual = entry.aggregate();
             if actual != entry.published {
+                let allowed = allowed_at(entry, now_ms, interval, burst_span);
+                if allowed > now_ms {
+                    self.schedule(user, allowed);
+                    continue;
+                }
+                entry.allowance_tat = entry.allowance_tat.max(now_ms).saturating_add(interval);
                 entry.published = actual;
                 entry.last_push_ms = Some(now_ms);
                 let last_seen_ms = if actual == Status::Offline { entry.offline_since_ms } else { now_ms };
@@ -208,7 +222,16 @@ impl PresenceState {
             Some(last) if now_ms >= last => now_ms.max(last.saturating_add(self.coalesce_ms)),
             _ => now_ms,
         };
+        let (interval, burst_span) = self.allowance();
+        let due = due.max(allowed_at(entry, now_ms, interval, burst_span));
         self.schedule(user, due);
+    }
+
+    /// The push allowance's interval (`PRESENCE_PUSH_WINDOWS` windows) and burst span
+    /// (`PRESENCE_PUSH_BURST - 1` intervals), ms.
+    fn allowance(&self) -> (u64, u64) {
+        let interval = self.coalesce_ms.saturating_mul(PRESENCE_PUSH_WINDOWS);
+        (interval, interval.saturating_mul(PRESENCE_PUSH_BURST - 1))
     }
 
     /// Sets `user`'s timer to `at`, unless it is already due earlier.
@@ -223,6 +246,15 @@ impl PresenceState {
         entry.timer = Some(at);
         self.timers.insert((at, user));
     }
+}
+
+/// When `entry` may push next under its allowance (GCRA: a push at `now_ms` is allowed
+/// once `allowance_tat - burst_span` has passed). A theoretical arrival time further
+/// ahead than any push could have set means the wall clock stepped back: it does not
+/// hold the push back.
+fn allowed_at(entry: &UserPresence, now_ms: u64, interval: u64, burst_span: u64) -> u64 {
+    let from = entry.allowance_tat.saturating_sub(burst_span);
+    if from > now_ms.saturating_add(interval) { now_ms } else { from }
 }
 
 /// The users who share a conversation with one user, ascending, without the user.
@@ -503,7 +535,14 @@ pub(crate) fn spawn_timer<T: Timed>(driver: Weak<T>, wake: Arc<Notify>) {
                 None => wake.notified().await,
             }
             let Some(driver) = driver.upgrade() else { return };
-            next = driver.fire_due();
+            // Pushes read the store (a contact set rebuilt after a membership change is up
+            // to `PRESENCE_MEMBERS_SCANNED` keys, typing's block checks a key per member):
+            // milliseconds a runtime thread must not spend.
+            match tokio::task::spawn_blocking(move || driver.fire_due()).await {
+                Ok(due) => next = due,
+                // The runtime is shutting down, or a push panicked (as before, the timers end).
+                Err(_) => return,
+            }
         }
     });
 }
@@ -577,6 +616,31 @@ mod tests {
         let last = pushes.last().unwrap().1;
         assert_eq!(last.state, Status::Away, "the trailing push carries the latest state");
         assert_eq!(p.current(1, 20_000).unwrap().0, Status::Away);
+    }
+
+    /// `PRESENCE_PUSH_BURST`: a user flapping for a minute gets its burst, then one push
+    /// per `PRESENCE_PUSH_WINDOWS` windows (before: one per window, 240), the latest state
+    /// always pushed in the end; once it has been quiet long enough, a change goes at once.
+    #[test]
+    fn a_flapping_user_gets_a_burst_then_one_push_per_allowance_interval() {
+        let mut p = PresenceState::new(W);
+        p.handle_attach(1, 10, 0);
+        let mut pushes = run_until(&mut p, 0);
+        let mut away = false;
+        for t in (W..60_000).step_by(W as usize) {
+            away = !away;
+            p.handle_away(1, 10, away, t);
+            pushes.extend(run_until(&mut p, t));
+        }
+        pushes.extend(run_until(&mut p, 120_000));
+        let interval = W * PRESENCE_PUSH_WINDOWS;
+        let most = PRESENCE_PUSH_BURST + 60_000 / interval + 1;
+        assert!(pushes.len() as u64 <= most, "{} pushes, at most {most}", pushes.len());
+        assert!(pushes.len() as u64 >= 60_000 / (2 * interval), "{} pushes: held back, not dropped", pushes.len());
+        assert_eq!(pushes.last().unwrap().1.state, p.current(1, 120_000).unwrap().0, "the latest state, pushed");
+        // Quiet for the whole burst's refill: the next change is pushed at once.
+        p.handle_away(1, 10, !away, 200_000);
+        assert_eq!(run_until(&mut p, 200_000).len(), 1);
     }
 
     #[test]
