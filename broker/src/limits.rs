@@ -184,6 +184,11 @@ pub const PRESENCE_PUSH_WINDOWS: u64 = 8;
 /// each: at most 32 KiB per online user; a user can be added to groups by anyone, so the
 /// set must not grow with what others do.
 pub const PRESENCE_CONTACTS_MAX: usize = 4096;
+/// Contact ids kept in presence's cache of contact sets over all users (8 bytes each:
+/// 64 MiB). Without it every online user could be made to hold `PRESENCE_CONTACTS_MAX`
+/// (32 KiB, where an idle connection costs 34 KiB) by strangers adding it to groups;
+/// past it a set is built for each push or request and not kept.
+pub const PRESENCE_CACHED_CONTACTS_MAX: usize = 8 << 20;
 /// Most conversations read to build one user's contact set (each one member scan);
 /// bounds the store work per build. Conversations past it (by id) are not looked at.
 pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 1024;

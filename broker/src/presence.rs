@@ -29,8 +29,8 @@ use tokio::sync::Notify;
 
 use crate::fanout::Online;
 use crate::limits::{
-    PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PUSH_BURST,
-    PRESENCE_PUSH_WINDOWS,
+    PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED,
+    PRESENCE_PUSH_BURST, PRESENCE_PUSH_WINDOWS,
 };
 use crate::reply::internal;
 
@@ -285,12 +285,67 @@ pub struct Presence {
     wake: Arc<Notify>,
 }
 
-#[derive(Default)]
+/// Contact sets of users with a presence entry, at most `PRESENCE_CACHED_CONTACTS_MAX`
+/// ids in all: a user's set is up to `PRESENCE_CONTACTS_MAX` ids, and anyone can add
+/// anyone to groups, so the sets of every online user must not grow with what others do
+/// (past the bound a set is built for each use and not kept).
 struct ContactCache {
     sets: HashMap<UserId, Arc<Contacts>>,
-    /// Bumped by every membership change: a set built from reads that began before it
-    /// may be stale and is used once, not cached.
-    epoch: u64,
+    /// Ids `sets` holds, at most `max_held`.
+    held: usize,
+    max_held: usize,
+    /// Builds under way per user, and whether the user's set was dropped since one of
+    /// them began: a set built from reads that began before the drop may be stale and is
+    /// used once, not kept. Per user, so a membership change elsewhere does not keep
+    /// everyone's sets from being kept (with a broker-wide counter, steady churn
+    /// anywhere meant every push rebuilt its set). One entry per user being built: the
+    /// timer's pushes, one at a time, and `Presence` requests, at most one per session.
+    building: HashMap<UserId, (u32, bool)>,
+}
+
+impl Default for ContactCache {
+    fn default() -> Self {
+        ContactCache { sets: HashMap::new(), held: 0, max_held: PRESENCE_CACHED_CONTACTS_MAX, building: HashMap::new() }
+    }
+}
+
+impl ContactCache {
+    /// Drops `user`'s set (a change made it stale), and keeps builds under way from
+    /// keeping theirs.
+    fn drop_set(&mut self, user: UserId) {
+        if let Some(set) = self.sets.remove(&user) {
+            self.held -= set.users.len();
+        }
+        if let Some((_, stale)) = self.building.get_mut(&user) {
+            *stale = true;
+        }
+    }
+
+    /// A build of `user`'s set begins.
+    fn begin(&mut self, user: UserId) {
+        self.building.entry(user).or_insert((0, false)).0 += 1;
+    }
+
+    /// A build of `user`'s set ended: whether nothing dropped the set while it ran.
+    fn end(&mut self, user: UserId) -> bool {
+        let Some((builds, stale)) = self.building.get_mut(&user) else { return false };
+        *builds -= 1;
+        let fresh = !*stale;
+        if *builds == 0 {
+            self.building.remove(&user);
+        }
+        fresh
+    }
+
+    /// Keeps `set` as `user`'s, within `max_held`.
+    fn keep(&mut self, user: UserId, set: &Arc<Contacts>) {
+        let old = self.sets.get(&user).map_or(0, |s| s.users.len());
+        if self.held - old + set.users.len() > self.max_held {
+            return;
+        }
+        self.held = self.held - old + set.users.len();
+        self.sets.insert(user, set.clone());
+    }
 }
 
 impl Drop for Presence {
@@ -343,9 +398,8 @@ impl Presence {
             Body::Created { .. } | Body::MembersAdded { .. } | Body::MemberRemoved { .. } | Body::MemberLeft
         ) {
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-            cache.epoch += 1;
             for user in audience {
-                cache.sets.remove(user);
+                cache.drop_set(*user);
             }
         }
     }
@@ -353,9 +407,8 @@ impl Presence {
     /// `a` started or stopped blocking `b`: their contact sets are read again.
     pub fn blocks_changed(&self, a: UserId, b: UserId) {
         let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-        cache.epoch += 1;
-        cache.sets.remove(&a);
-        cache.sets.remove(&b);
+        cache.drop_set(a);
+        cache.drop_set(b);
     }
 
     /// Answers `Presence { users }` for `caller`: the users asked about (all contacts,
@@ -423,12 +476,11 @@ impl Presence {
         }
         if !fired.forgotten.is_empty() {
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            // A build that began before this and ends after it must not keep a set for a
+            // user just forgotten (it would stay until that user's next offline).
             for user in fired.forgotten {
-                cache.sets.remove(&user);
+                cache.drop_set(user);
             }
-            // A build that began before this and ends after it must not cache a set for
-            // a user just forgotten (it would stay until that user's next offline).
-            cache.epoch += 1;
         }
         self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout()
     }
@@ -460,18 +512,33 @@ impl Presence {
     }
 
     /// `user`'s contacts: cached, or read from the user's conversation index and each
-    /// conversation's members (at most `PRESENCE_CONVERSATIONS_SCANNED` conversations,
-    /// `PRESENCE_MEMBERS_SCANNED` member keys and `PRESENCE_CONTACTS_MAX` contacts, the
-    /// first found kept). Cached only while the user
-    /// has a presence entry and no membership change raced the reads.
+    /// conversation's members (`read_contacts`). Kept only while the user has a presence
+    /// entry, no change to the user's set raced the reads, and within the cache's bound.
     fn contacts_of(&self, user: UserId) -> switchboard_storage::Result<Arc<Contacts>> {
-        let epoch = {
-            let cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(set) = cache.sets.get(&user) {
                 return Ok(set.clone());
             }
-            cache.epoch
-        };
+            cache.begin(user);
+        }
+        let built = self.read_contacts(user).map(Arc::new);
+        let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
+        let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = cache.end(user);
+        if let Ok(set) = &built
+            && known
+            && fresh
+        {
+            cache.keep(user, set);
+        }
+        built
+    }
+
+    /// `user`'s contacts from the store: at most `PRESENCE_CONVERSATIONS_SCANNED`
+    /// conversations, `PRESENCE_MEMBERS_SCANNED` member keys and `PRESENCE_CONTACTS_MAX`
+    /// contacts, the first found kept.
+    fn read_contacts(&self, user: UserId) -> switchboard_storage::Result<Contacts> {
         let mut found = BTreeSet::new();
         let mut scanned = 0usize;
         // Neither sees the other while one blocks the other: the user's own blocks read
@@ -497,13 +564,7 @@ impl Presence {
                 }
             }
         }
-        let set = Arc::new(Contacts { users: found.into_iter().collect() });
-        let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
-        let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-        if known && cache.epoch == epoch {
-            cache.sets.insert(user, set.clone());
-        }
-        Ok(set)
+        Ok(Contacts { users: found.into_iter().collect() })
     }
 }
 
@@ -641,6 +702,45 @@ mod tests {
         // Quiet for the whole burst's refill: the next change is pushed at once.
         p.handle_away(1, 10, !away, 200_000);
         assert_eq!(run_until(&mut p, 200_000).len(), 1);
+    }
+
+    fn set(users: &[UserId]) -> Arc<Contacts> {
+        Arc::new(Contacts { users: users.to_vec() })
+    }
+
+    /// A set built while the user's own set was dropped is used once, not kept; a drop of
+    /// another user's does not stop it being kept (before: any membership change in the
+    /// broker did, so under steady churn every push rebuilt its set).
+    #[test]
+    fn only_a_change_to_the_users_own_set_keeps_a_build_from_being_kept() {
+        let mut cache = ContactCache::default();
+        cache.begin(1);
+        cache.drop_set(2);
+        assert!(cache.end(1), "another user's change");
+        cache.begin(1);
+        cache.begin(1);
+        cache.drop_set(1);
+        assert!(!cache.end(1));
+        assert!(!cache.end(1), "both builds overlapped the change");
+        assert!(cache.building.is_empty());
+        assert!(!cache.end(1), "no build under way: nothing to keep");
+    }
+
+    /// The cache holds at most `max_held` ids: a set past it is not kept, and dropping
+    /// or replacing sets gives their room back.
+    #[test]
+    fn the_contact_cache_keeps_at_most_its_bound_of_ids() {
+        let mut cache = ContactCache { max_held: 5, ..ContactCache::default() };
+        cache.keep(1, &set(&[2, 3, 4]));
+        cache.keep(2, &set(&[1, 3, 4]));
+        assert!(!cache.sets.contains_key(&2), "3 + 3 > 5");
+        cache.keep(2, &set(&[1, 3]));
+        assert_eq!((cache.held, cache.sets.len()), (5, 2));
+        cache.keep(1, &set(&[2]));
+        assert_eq!(cache.held, 3, "a replaced set gives its room back");
+        cache.drop_set(2);
+        cache.drop_set(1);
+        assert_eq!((cache.held, cache.sets.len()), (0, 0));
     }
 
     #[test]
