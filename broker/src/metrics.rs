@@ -322,8 +322,11 @@ async fn answer(
 async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<(Result<Method, Refusal>, bool)>> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
+    // Where the blank line may still start: the search resumes there, not at 0 (a head
+    // sent a byte at a time cost 33M comparisons).
+    let mut from = 0;
     let parsed = loop {
-        if let Some(end) = head_end(&head) {
+        if let Some(end) = head_end(&head[from..]).map(|end| from + end) {
             // Judged by where the head ends, not by how the bytes happened to arrive.
             break if end > REQUEST_MAX_BYTES { Err(Refusal::HeadTooLarge) } else { route(&head[..end]) };
         }
@@ -334,6 +337,8 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<(Result<Met
         if n == 0 {
             return Ok(None);
         }
+        // The blank line is at most 3 bytes: one starting 2 before the end is not ruled out.
+        from = head.len().saturating_sub(2);
         head.extend_from_slice(&buf[..n]);
     };
     Ok(Some((parsed, head.starts_with(b"HEAD "))))

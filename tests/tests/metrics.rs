@@ -206,6 +206,32 @@ async fn the_metrics_endpoint_refuses_what_it_does_not_serve_and_stays_bounded()
     .await
 }
 
+/// A head that arrives in pieces is answered once its blank line is in, wherever the
+/// pieces cut it (the search for the blank line resumes near where the last piece ended,
+/// so a head sent a byte at a time no longer costs a rescan per byte).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_in_pieces_is_answered_wherever_its_blank_line_is_cut() {
+    bounded(async {
+        let (_tb, addr) = metrics_broker().await;
+        let head = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        for cut in [head.len() - 3, head.len() - 2, head.len() - 1] {
+            within(STEP_DEADLINE, "an answer to a head in pieces", async {
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                for piece in [&head[..cut - 1], &head[cut - 1..cut], &head[cut..]] {
+                    stream.write_all(piece).await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                }
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).await.unwrap();
+                assert!(answer.starts_with(b"HTTP/1.1 200 OK"), "cut at {cut}: {}", String::from_utf8_lossy(&answer));
+            })
+            .await;
+        }
+    })
+    .await
+}
+
 /// An address that cannot be bound fails the start, naming the setting.
 #[tokio::test]
 async fn a_metrics_address_in_use_fails_the_start_by_name() {
