@@ -13,7 +13,8 @@
 //!
 //! What this module never does: read a conversation actor's state, write anything but
 //! last-seen times, or keep offline users (an entry outlives the user's last device by
-//! at most two coalescing windows).
+//! two coalescing windows, or until its push allowance has refilled: at most
+//! `PRESENCE_PUSH_BURST` allowance intervals, 16 s by default).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -56,8 +57,8 @@ pub struct Fired {
     pub forgotten: Vec<UserId>,
 }
 
-/// Presence rules for every user with a connected device (or one that left less than
-/// two coalescing windows ago). Times are ms since the Unix epoch, given by the caller.
+/// Presence rules for every user with a connected device (or one that left lately, see
+/// the module's doc). Times are ms since the Unix epoch, given by the caller.
 #[derive(Debug)]
 pub struct PresenceState {
     coalesce_ms: u64,
@@ -174,11 +175,15 @@ impl PresenceState {
                 }
             } else if actual == Status::Offline {
                 let quiet_since = entry.last_push_ms.unwrap_or(0);
-                if now_ms >= quiet_since.saturating_add(self.coalesce_ms) || now_ms < quiet_since {
+                // Kept until its push allowance has refilled too (at most its burst's
+                // span, 16 s by default), so a reconnect does not start a fresh burst.
+                let refilled = refilled_at(entry, now_ms, interval, burst_span);
+                let forget_at = quiet_since.saturating_add(self.coalesce_ms).max(refilled);
+                if now_ms >= forget_at || now_ms < quiet_since {
                     self.users.remove(&user);
                     fired.forgotten.push(user);
                 } else {
-                    self.schedule(user, quiet_since + self.coalesce_ms);
+                    self.schedule(user, forget_at);
                 }
             }
         }
@@ -194,7 +199,7 @@ impl PresenceState {
         Some((state, if state == Status::Offline { entry.offline_since_ms } else { now_ms }))
     }
 
-    /// Whether `user` has an entry (connected, or left less than two windows ago).
+    /// Whether `user` has an entry (connected, or left lately).
     pub fn is_known(&self, user: UserId) -> bool {
         self.users.contains_key(&user)
     }
@@ -212,7 +217,8 @@ impl PresenceState {
     /// After a device change: if the aggregate differs from what was pushed, schedules
     /// the push at the end of the user's coalescing window (now, if it ended).
     fn settle(&mut self, user: UserId, now_ms: u64) {
-        let Some(entry) = self.users.get(&user) else { return };
+        let (interval, burst_span) = self.allowance();
+        let Some(entry) = self.users.get_mut(&user) else { return };
         if entry.aggregate() == entry.published {
             // A pending timer finds nothing to push (or forgets an offline user).
             return;
@@ -222,7 +228,6 @@ impl PresenceState {
             Some(last) if now_ms >= last => now_ms.max(last.saturating_add(self.coalesce_ms)),
             _ => now_ms,
         };
-        let (interval, burst_span) = self.allowance();
         let due = due.max(allowed_at(entry, now_ms, interval, burst_span));
         self.schedule(user, due);
     }
@@ -250,11 +255,20 @@ impl PresenceState {
 
 /// When `entry` may push next under its allowance (GCRA: a push at `now_ms` is allowed
 /// once `allowance_tat - burst_span` has passed). A theoretical arrival time further
-/// ahead than any push could have set means the wall clock stepped back: it does not
-/// hold the push back.
-fn allowed_at(entry: &UserPresence, now_ms: u64, interval: u64, burst_span: u64) -> u64 {
-    let from = entry.allowance_tat.saturating_sub(burst_span);
-    if from > now_ms.saturating_add(interval) { now_ms } else { from }
+/// ahead than any push could have set means the wall clock stepped back: the allowance
+/// starts again from now (left ahead, each push would move it further and the check
+/// would never hold again).
+fn allowed_at(entry: &mut UserPresence, now_ms: u64, interval: u64, burst_span: u64) -> u64 {
+    if entry.allowance_tat > now_ms.saturating_add(interval).saturating_add(burst_span) {
+        entry.allowance_tat = now_ms;
+    }
+    entry.allowance_tat.saturating_sub(burst_span)
+}
+
+/// When `entry`'s allowance is a whole burst again (so forgetting it loses nothing).
+fn refilled_at(entry: &mut UserPresence, now_ms: u64, interval: u64, burst_span: u64) -> u64 {
+    allowed_at(entry, now_ms, interval, burst_span);
+    entry.allowance_tat
 }
 
 /// The users who share a conversation with one user, ascending, without the user.
@@ -337,13 +351,23 @@ impl ContactCache {
         fresh
     }
 
-    /// Keeps `set` as `user`'s, within `max_held`.
+    /// Keeps `set` as `user`'s, within `max_held`: other users' sets make room, the
+    /// first the map yields (no order of arrival, so whoever filled the cache first does
+    /// not keep it: the others' sets would be rebuilt on every use).
     fn keep(&mut self, user: UserId, set: &Arc<Contacts>) {
-        let old = self.sets.get(&user).map_or(0, |s| s.users.len());
-        if self.held - old + set.users.len() > self.max_held {
+        if set.users.len() > self.max_held {
             return;
         }
-        self.held = self.held - old + set.users.len();
+        if let Some(old) = self.sets.remove(&user) {
+            self.held -= old.users.len();
+        }
+        while self.held + set.users.len() > self.max_held {
+            let Some(&evicted) = self.sets.keys().next() else { break };
+            if let Some(old) = self.sets.remove(&evicted) {
+                self.held -= old.users.len();
+            }
+        }
+        self.held += set.users.len();
         self.sets.insert(user, set.clone());
     }
 }
@@ -370,7 +394,7 @@ impl Presence {
         presence
     }
 
-    /// Users with a presence entry (connected, or left less than two windows ago).
+    /// Users with a presence entry (connected, or left lately).
     pub fn users(&self) -> usize {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -704,6 +728,50 @@ mod tests {
         assert_eq!(run_until(&mut p, 200_000).len(), 1);
     }
 
+    /// Reconnecting does not start a fresh burst: an offline user's entry, which holds its
+    /// allowance, is kept until the allowance refilled. Before, it went a window after the
+    /// offline push and a user cycling connect and leave got 8 pushes on each return.
+    #[test]
+    fn reconnecting_does_not_refill_the_push_allowance() {
+        let mut p = PresenceState::new(W);
+        let mut pushes = Vec::new();
+        for (i, t) in (0..60_000).step_by(4 * W as usize).enumerate() {
+            p.handle_attach(1, i as u64, t);
+            pushes.extend(run_until(&mut p, t + W));
+            p.handle_detach(1, i as u64, t + W);
+            pushes.extend(run_until(&mut p, t + 4 * W - 1));
+        }
+        pushes.extend(run_until(&mut p, 200_000));
+        let most = PRESENCE_PUSH_BURST + 60_000 / (W * PRESENCE_PUSH_WINDOWS) + 1;
+        assert!(pushes.len() as u64 <= most, "{} pushes, at most {most}", pushes.len());
+        assert_eq!(pushes.last().unwrap().1.state, Status::Offline, "the last state, pushed");
+        assert!(p.is_empty(), "forgotten once the allowance refilled");
+    }
+
+    /// A wall clock stepping back far does not leave the allowance ahead for good: it
+    /// starts again from the new time, and holds pushes to it from there.
+    #[test]
+    fn a_clock_stepping_back_restarts_the_push_allowance() {
+        let mut p = PresenceState::new(W);
+        p.handle_attach(1, 10, 100_000);
+        let mut pushes = run_until(&mut p, 100_000);
+        let mut away = false;
+        for t in (100_000 + W..103_000).step_by(W as usize) {
+            away = !away;
+            p.handle_away(1, 10, away, t);
+            pushes.extend(run_until(&mut p, t));
+        }
+        // A minute back, flapping on for a minute: held to the allowance again.
+        pushes.clear();
+        for t in (40_000..100_000).step_by(W as usize) {
+            away = !away;
+            p.handle_away(1, 10, away, t);
+            pushes.extend(run_until(&mut p, t));
+        }
+        let most = PRESENCE_PUSH_BURST + 60_000 / (W * PRESENCE_PUSH_WINDOWS) + 1;
+        assert!(pushes.len() as u64 <= most, "{} pushes, at most {most}", pushes.len());
+    }
+
     fn set(users: &[UserId]) -> Arc<Contacts> {
         Arc::new(Contacts { users: users.to_vec() })
     }
@@ -726,20 +794,26 @@ mod tests {
         assert!(!cache.end(1), "no build under way: nothing to keep");
     }
 
-    /// The cache holds at most `max_held` ids: a set past it is not kept, and dropping
-    /// or replacing sets gives their room back.
+    /// The cache holds at most `max_held` ids: a newcomer's set takes the room of others
+    /// (whoever filled it first does not keep it), a set larger than the bound is not
+    /// kept, and dropping or replacing sets gives their room back.
     #[test]
     fn the_contact_cache_keeps_at_most_its_bound_of_ids() {
         let mut cache = ContactCache { max_held: 5, ..ContactCache::default() };
         cache.keep(1, &set(&[2, 3, 4]));
-        cache.keep(2, &set(&[1, 3, 4]));
-        assert!(!cache.sets.contains_key(&2), "3 + 3 > 5");
         cache.keep(2, &set(&[1, 3]));
         assert_eq!((cache.held, cache.sets.len()), (5, 2));
-        cache.keep(1, &set(&[2]));
-        assert_eq!(cache.held, 3, "a replaced set gives its room back");
-        cache.drop_set(2);
-        cache.drop_set(1);
+        cache.keep(3, &set(&[1, 2, 4]));
+        assert!(cache.sets.contains_key(&3), "the newcomer is kept");
+        assert!(cache.held <= 5 && cache.held == cache.sets.values().map(|s| s.users.len()).sum::<usize>());
+        cache.keep(4, &set(&[1, 2, 3, 5, 6, 7]));
+        assert!(!cache.sets.contains_key(&4), "larger than the whole cache");
+        cache.keep(3, &set(&[1]));
+        assert_eq!(cache.sets[&3].users.len(), 1, "replaced");
+        assert_eq!(cache.held, cache.sets.values().map(|s| s.users.len()).sum::<usize>());
+        for user in [1, 2, 3] {
+            cache.drop_set(user);
+        }
         assert_eq!((cache.held, cache.sets.len()), (0, 0));
     }
 
@@ -772,7 +846,9 @@ mod tests {
         let offline = p.handle_timeout(800);
         assert_eq!(offline.changes, vec![change(1, Status::Offline, 600)], "last seen is the leave, not the push");
         assert!(p.is_known(1));
-        let forgotten = p.handle_timeout(1050);
+        assert!(p.handle_timeout(1050).forgotten.is_empty(), "kept until its push allowance refilled");
+        // Four pushes (at 0, 300, 550, 800), each an allowance interval.
+        let forgotten = p.handle_timeout(4 * W * PRESENCE_PUSH_WINDOWS);
         assert_eq!(forgotten.forgotten, vec![1]);
         assert!(p.is_empty(), "no entry is kept for an offline user");
         assert_eq!(p.poll_timeout(), None);

@@ -183,11 +183,12 @@ impl Actor for Conversation {
         state: &mut ConvActorState,
     ) -> Result<(), ActorProcessingErr> {
         let log = StoreLog(&self.shared.store);
-        // A delivered mark moves no place: clients send one by themselves for every
-        // entry that reaches them, so anyone writing into groups holding a victim would
-        // otherwise charge the victim for the actors its writes keep alive. Nor does it
-        // keep the actor alive past its write (`ConversationState::handle_mark`), so
-        // marks cannot keep an actor alive on another's share either.
+        // A delivered mark moves no place while anything else keeps the actor alive:
+        // clients send one by themselves for every entry that reaches them, so anyone
+        // writing into groups holding a victim would otherwise charge the victim for the
+        // actors its writes keep alive. Nor does it keep the actor alive past its write
+        // (`ConversationState::handle_mark`); only an actor past its idle period with a
+        // mark's write in flight is charged to the marker (`last_marker`, at the tick).
         if let ConvMsg::Write(caller, ..) | ConvMsg::Read(caller, ..) | ConvMsg::Mark(caller, _, MarkReply::Read(_)) =
             &msg
         {
@@ -217,7 +218,10 @@ impl Actor for Conversation {
             }
             ConvMsg::Mark(caller, mark, MarkReply::Taken(taken)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
-                state.last_marker = Some(caller.user);
+                // A stranger's mark writes nothing and keeps nothing alive.
+                if state.state.is_member(caller.user) {
+                    state.last_marker = Some(caller.user);
+                }
                 let effects = state.state.handle_mark(&log, caller, mark, None, crate::now_ms());
                 // The requester may have stopped waiting (its connection closed).
                 let _ = taken.send(());
