@@ -19,6 +19,17 @@ fn sb(home: &Path, broker: &Broker, args: &[&str]) -> Vec<serde_json::Value> {
     json_lines(&out.stdout)
 }
 
+/// A broker in a temp dir (its data in `data`) and two registered homes, `alice` and
+/// `bob`, in the same dir.
+async fn alice_and_bob() -> (tempfile::TempDir, Broker, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    sb(&alice, &broker, &["register", "alice"]);
+    sb(&bob, &broker, &["register", "bob"]);
+    (dir, broker, alice, bob)
+}
+
 /// Runs `sb ARGS` (human output unless ARGS say `--json`), success or not.
 fn sb_output(home: &Path, broker: &Broker, args: &[&str]) -> Output {
     sb_command(home, broker).args(args).output().unwrap()
@@ -168,11 +179,7 @@ async fn register_create_send_history_and_tail() {
 /// can erase, forge or retitle anything, and no direction control can reorder a line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn human_output_neutralises_control_characters() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (_dir, broker, alice, bob) = alice_and_bob().await;
     // Labels (titles, device and user names) refuse every such character at the broker;
     // message text carries anything, so it is the text that must be neutralised here.
     let conv = sb(&alice, &broker, &["conv", "create", "--title", "plans", "bob"]);
@@ -330,11 +337,7 @@ async fn errors_show_code_name_and_message() {
 /// `sb send --client-id` is safe to retry: the same id gives the same seq, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_with_a_client_id_is_safe_to_retry() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (_dir, broker, alice, bob) = alice_and_bob().await;
     let id = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap().to_string();
     let key = "00112233445566778899aabbccddeeff";
     let first = sb(&alice, &broker, &["send", &id, "pay the rent", "--client-id", key]);
@@ -365,11 +368,7 @@ async fn send_with_a_client_id_is_safe_to_retry() {
 /// `sb conv list` shows unread counts; `sb read` moves them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_moves_the_unread_count_in_conv_list() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (_dir, broker, alice, bob) = alice_and_bob().await;
     let id = sb(&alice, &broker, &["conv", "create", "--title", "plans", "bob"])[0]["conv"].as_u64().unwrap();
     let conv = id.to_string();
     for i in 0..3 {
@@ -391,11 +390,7 @@ async fn read_moves_the_unread_count_in_conv_list() {
 /// A tail interrupted and started again prints only what it has not printed before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_resumes_where_it_stopped() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (_dir, broker, alice, bob) = alice_and_bob().await;
     let id = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
     let conv = id.to_string();
     let mut last = 0;
@@ -420,11 +415,7 @@ async fn tail_resumes_where_it_stopped() {
 /// The tail shows typing, presence and read receipts readably.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_shows_typing_presence_and_reads() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (dir, broker, alice, bob) = alice_and_bob().await;
     let id = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
     let conv = id.to_string();
     let seq = sb(&alice, &broker, &["send", &conv, "hi"])[0]["seq"].as_u64().unwrap();
@@ -515,11 +506,7 @@ fn event<'a>(lines: &'a [serde_json::Value], event: &str) -> &'a serde_json::Val
 /// message shows the file; `sb file info` describes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_then_download_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (dir, broker, alice, bob) = alice_and_bob().await;
     let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap().to_string();
     let data = pseudo_random_bytes(2 * 1024 * 1024 + 4321, 1);
     let path = dir.path().join("notes.bin");
@@ -1131,11 +1118,7 @@ async fn an_upload_refused_for_the_quota_says_what_holds_it() {
 /// then said that the same command resumes from the kept bytes, which it could not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_cut_by_a_lost_access_says_so_and_keeps_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (dir, broker, alice, bob) = alice_and_bob().await;
     let conv = sb(&alice, &broker, &["conv", "create", "--title", "g", "bob"])[0]["conv"].as_u64().unwrap();
     let conv_arg = conv.to_string();
     let data = pseudo_random_bytes(48 * 1024 * 1024, 9);
@@ -1246,11 +1229,7 @@ async fn a_second_sb_uploading_the_same_file_refuses_and_leaves_the_first_alone(
 /// user out of every device with `OVERLOADED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_command_leaves_no_session_behind() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (_dir, broker, alice, bob) = alice_and_bob().await;
     // `carol carol` is one user: a direct conversation, not a group.
     let conv = sb(&bob, &broker, &["conv", "create", "alice", "alice"]);
     assert_eq!(conv[0]["kind"], "direct", "{conv:?}");
@@ -1904,11 +1883,7 @@ async fn a_send_the_broker_failed_on_may_be_stored_and_sb_says_how_to_resend_it(
 /// saved cursor past them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_whose_reader_went_away_stops_and_leaves_the_rest_to_the_next() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    sb(&alice, &broker, &["register", "alice"]);
-    sb(&bob, &broker, &["register", "bob"]);
+    let (_dir, broker, alice, bob) = alice_and_bob().await;
     let conv = sb(&alice, &broker, &["conv", "create", "--title", "g", "bob"])[0]["conv"].as_u64().unwrap();
     let send = |text: &str| sb(&alice, &broker, &["send", &conv.to_string(), text])[0]["seq"].as_u64().unwrap();
     let first = send("first");
