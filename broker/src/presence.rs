@@ -327,11 +327,16 @@ impl ContactCache {
     /// Drops `user`'s set (a change made it stale), and keeps builds under way from
     /// keeping theirs.
     fn drop_set(&mut self, user: UserId) {
-        if let Some(set) = self.sets.remove(&user) {
-            self.held -= set.users.len();
-        }
+        self.remove(user);
         if let Some((_, stale)) = self.building.get_mut(&user) {
             *stale = true;
+        }
+    }
+
+    /// Takes `user`'s set out, its ids out of `held`.
+    fn remove(&mut self, user: UserId) {
+        if let Some(set) = self.sets.remove(&user) {
+            self.held -= set.users.len();
         }
     }
 
@@ -358,14 +363,10 @@ impl ContactCache {
         if set.users.len() > self.max_held {
             return;
         }
-        if let Some(old) = self.sets.remove(&user) {
-            self.held -= old.users.len();
-        }
+        self.remove(user);
         while self.held + set.users.len() > self.max_held {
             let Some(&evicted) = self.sets.keys().next() else { break };
-            if let Some(old) = self.sets.remove(&evicted) {
-                self.held -= old.users.len();
-            }
+            self.remove(evicted);
         }
         self.held += set.users.len();
         self.sets.insert(user, set.clone());
@@ -642,6 +643,18 @@ mod tests {
         Change { user, state, last_seen_ms }
     }
 
+    /// Device 10 of user 1 flips between away and back at each of `times`
+    /// (starting from `away`, left at the last state), timers run as it goes: the pushes.
+    fn flap(p: &mut PresenceState, away: &mut bool, times: impl Iterator<Item = u64>) -> Vec<(u64, Change)> {
+        let mut pushes = Vec::new();
+        for t in times {
+            *away = !*away;
+            p.handle_away(1, 10, *away, t);
+            pushes.extend(run_until(p, t));
+        }
+        pushes
+    }
+
     /// Runs every timer up to `until`, in order, collecting the changes with their times.
     fn run_until(p: &mut PresenceState, until: u64) -> Vec<(u64, Change)> {
         let mut out = Vec::new();
@@ -686,11 +699,7 @@ mod tests {
         let mut pushes = run_until(&mut p, 0);
         // A device flapping every 10 ms (100 times a second) for 10 s.
         let mut away = false;
-        for t in (10..10_000).step_by(10) {
-            away = !away;
-            p.handle_away(1, 10, away, t);
-            pushes.extend(run_until(&mut p, t));
-        }
+        pushes.extend(flap(&mut p, &mut away, (10..10_000).step_by(10)));
         // Ends away (the last flip at 9990 set away = true).
         assert!(away);
         pushes.extend(run_until(&mut p, 20_000));
@@ -712,11 +721,7 @@ mod tests {
         p.handle_attach(1, 10, 0);
         let mut pushes = run_until(&mut p, 0);
         let mut away = false;
-        for t in (W..60_000).step_by(W as usize) {
-            away = !away;
-            p.handle_away(1, 10, away, t);
-            pushes.extend(run_until(&mut p, t));
-        }
+        pushes.extend(flap(&mut p, &mut away, (W..60_000).step_by(W as usize)));
         pushes.extend(run_until(&mut p, 120_000));
         let interval = W * PRESENCE_PUSH_WINDOWS;
         let most = PRESENCE_PUSH_BURST + 60_000 / interval + 1;
@@ -754,20 +759,11 @@ mod tests {
     fn a_clock_stepping_back_restarts_the_push_allowance() {
         let mut p = PresenceState::new(W);
         p.handle_attach(1, 10, 100_000);
-        let mut pushes = run_until(&mut p, 100_000);
+        run_until(&mut p, 100_000);
         let mut away = false;
-        for t in (100_000 + W..103_000).step_by(W as usize) {
-            away = !away;
-            p.handle_away(1, 10, away, t);
-            pushes.extend(run_until(&mut p, t));
-        }
+        flap(&mut p, &mut away, (100_000 + W..103_000).step_by(W as usize));
         // A minute back, flapping on for a minute: held to the allowance again.
-        pushes.clear();
-        for t in (40_000..100_000).step_by(W as usize) {
-            away = !away;
-            p.handle_away(1, 10, away, t);
-            pushes.extend(run_until(&mut p, t));
-        }
+        let pushes = flap(&mut p, &mut away, (40_000..100_000).step_by(W as usize));
         let most = PRESENCE_PUSH_BURST + 60_000 / (W * PRESENCE_PUSH_WINDOWS) + 1;
         assert!(pushes.len() as u64 <= most, "{} pushes, at most {most}", pushes.len());
     }

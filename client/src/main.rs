@@ -845,8 +845,9 @@ async fn send(
             Ok(Err(e)) => return Err(e),
             Err((e, id, sent)) => {
                 // Sent, and no answer came that says it was not stored: it may be.
-                maybe_stored |= sent && !refused(&e);
-                refused_once |= sent && refused(&e);
+                let said_no = refused(&e);
+                maybe_stored |= sent && !said_no;
+                refused_once |= sent && said_no;
                 looked_up = looked_up.or(id);
                 e
             }
