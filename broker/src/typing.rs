@@ -14,12 +14,12 @@
 //! user's sessions, so more devices do not mean more signals.
 //!
 //! `Typing` drives them: a signal beyond its user's allowance is dropped, membership is
-//! read from the store's member keys, and a change goes to the other members' online devices as a QUIC
-//! datagram where the device enabled them, else on its control stream. The sender's own
-//! devices are not told (they know).
+//! read from the store's member keys, and a change goes, from the blocking pool, to the
+//! other members' online devices as a QUIC datagram where the device enabled them, else
+//! on its control stream. The sender's own devices are not told (they know).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use switchboard_protocol::limits::MAX_DATAGRAM_BYTES;
@@ -125,6 +125,13 @@ impl TypingState {
     /// `user` left or was removed from `conv`: the indicator ends, pushed.
     pub fn handle_gone(&mut self, conv: ConvId, user: UserId) -> Option<TypingChange> {
         self.remove(conv, user).then_some(TypingChange { conv, user, typing: false })
+    }
+
+    /// `user` is no longer a member of `conv` (its start was found so while being
+    /// pushed): the indicator ends with no push, since none was shown. Returns whether
+    /// there was one.
+    pub fn handle_not_member(&mut self, conv: ConvId, user: UserId) -> bool {
+        self.remove(conv, user)
     }
 
     /// Session `session` of `user` ended: the indicators it set last end, pushed.
@@ -254,40 +261,64 @@ impl Default for SignalAllowance {
     }
 }
 
-/// The typing driver: checks allowances and membership, feeds `TypingState`, pushes its changes and
-/// runs its expiry timer task.
+/// The typing driver: checks allowances and membership, feeds `TypingState`, and hands
+/// its changes to the pusher; runs the expiry timer task and the pusher task.
+///
+/// A push reads the store (the conversation's member keys, then a block check per
+/// online member: thousands of reads for a large group), so no runtime thread makes
+/// one: changes wait in `pending`, the newest per (conversation, typist), and one task
+/// pushes them from the blocking pool, a drain at a time, so a typist's changes go out
+/// in order. A change is queued under the state's lock, so a message that clears an
+/// indicator also takes back its start not yet pushed.
 pub struct Typing {
     state: Mutex<TypingState>,
     allowance: Mutex<SignalAllowance>,
+    /// Changes not yet pushed: `true` started, `false` stopped; at most
+    /// `TYPING_ENTRIES_MAX` (a change for another key past it is dropped, and receivers
+    /// end the indicator by their own timeout). Lock order: `state`, then this.
+    pending: Mutex<HashMap<(ConvId, UserId), bool>>,
     store: Arc<Store>,
     online: Arc<Online>,
+    /// Wakes the timer task.
     wake: Arc<Notify>,
+    /// Wakes the pusher task.
+    push_wake: Arc<Notify>,
 }
 
 impl Drop for Typing {
     fn drop(&mut self) {
         self.wake.notify_one();
+        self.push_wake.notify_one();
     }
 }
 
 impl Typing {
-    /// A driver with indicators lasting `ttl_ms`, its timer task spawned on the current
-    /// tokio runtime (it ends when the driver is dropped).
+    /// A driver with indicators lasting `ttl_ms`, its timer and pusher tasks spawned on
+    /// the current tokio runtime (they end when the driver is dropped).
     pub fn start(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64) -> Arc<Typing> {
-        let typing = Arc::new(Typing {
+        let typing = Arc::new(Typing::new(store, online, ttl_ms));
+        spawn_timer(Arc::downgrade(&typing), typing.wake.clone());
+        spawn_pusher(Arc::downgrade(&typing), typing.push_wake.clone());
+        typing
+    }
+
+    /// The driver without its tasks (tests run `push_pending` by hand).
+    fn new(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64) -> Typing {
+        Typing {
             state: Mutex::new(TypingState::new(ttl_ms)),
             allowance: Mutex::new(SignalAllowance::new()),
+            pending: Mutex::new(HashMap::new()),
             store,
             online,
             wake: Arc::new(Notify::new()),
-        });
-        spawn_timer(Arc::downgrade(&typing), typing.wake.clone());
-        typing
+            push_wake: Arc::new(Notify::new()),
+        }
     }
 
     /// A signal from session `session` of `user`. A signal beyond the user's allowance
     /// (`SignalAllowance`, shared by its sessions) or for a conversation the user is not
-    /// a member of is dropped: signals have no answer, so nothing is said.
+    /// a member of is dropped: signals have no answer, so nothing is said. One key read
+    /// here; the push's reads are the pusher's.
     pub fn signal(&self, user: UserId, session: u64, signal: Signal) {
         if !self.allowance.lock().unwrap_or_else(|p| p.into_inner()).take(user, Instant::now()) {
             return;
@@ -301,41 +332,45 @@ impl Typing {
                 return;
             }
         }
-        let change = self.update(|state, now| state.handle_signal(conv, user, session, typing, now));
-        if let Some(change) = change {
-            self.push(change);
-        }
+        self.update(|state, now| state.handle_signal(conv, user, session, typing, now));
     }
 
     /// A session ended: stop what it was typing.
     pub fn session_ended(&self, user: UserId, session: u64) {
-        let changes = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_session_end(user, session);
-        for change in changes {
-            self.push(change);
-        }
+        self.update(|state, _| state.handle_session_end(user, session));
     }
 
     /// A conversation entry was delivered: the sender's message ends its indicator (no
-    /// push), a leave or removal ends the leaver's (pushed).
+    /// push, and a start not yet pushed is not pushed), a leave or removal ends the
+    /// leaver's (pushed).
     pub fn entry_delivered(&self, entry: &Entry) {
-        let change = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            match entry.body {
-                Body::Text { .. } | Body::Files { .. } => {
-                    state.handle_message(entry.conv, entry.sender);
-                    None
+        let gone = match entry.body {
+            Body::Text { .. } | Body::Files { .. } => {
+                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if state.handle_message(entry.conv, entry.sender) {
+                    self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&(entry.conv, entry.sender));
                 }
-                Body::MemberLeft => state.handle_gone(entry.conv, entry.sender),
-                Body::MemberRemoved { user } => state.handle_gone(entry.conv, user),
-                _ => None,
+                return;
             }
+            Body::MemberLeft => entry.sender,
+            Body::MemberRemoved { user } => user,
+            _ => return,
         };
-        if let Some(change) = change {
-            self.push(change);
+        self.update(|state, _| state.handle_gone(entry.conv, gone));
+    }
+
+    /// Pushes the changes waiting, each to the conversation's other members' online
+    /// devices. Blocking: reads the store. A start whose typist is no longer a member
+    /// (removed after its signal's check, before its indicator was made) is not pushed,
+    /// and its indicator ends unseen.
+    fn push_pending(&self) {
+        let changes = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for ((conv, user), typing) in changes {
+            self.push(TypingChange { conv, user, typing });
         }
     }
 
-    /// Pushes a change to the other members' online devices.
+    /// Pushes one change to the other members' online devices.
     fn push(&self, TypingChange { conv, user, typing }: TypingChange) {
         let members = match self.store.members(conv) {
             Ok(m) => m,
@@ -344,6 +379,10 @@ impl Typing {
                 return;
             }
         };
+        if typing && !members.iter().any(|&(u, _)| u == user) {
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_not_member(conv, user);
+            return;
+        }
         // To online members only (the in-memory look first), and not to anyone who
         // blocks the typist or whom the typist blocks (a failed read counts as blocked:
         // typing is never worth a leak).
@@ -364,17 +403,47 @@ impl Typing {
         }
     }
 
-    fn update<R>(&self, apply: impl FnOnce(&mut TypingState, u64) -> R) -> R {
+    /// Applies `apply` to the state at the wall clock's now and queues the changes it
+    /// returns for the pusher, under the state's lock; wakes the timer if the next
+    /// expiry moved earlier.
+    fn update<C: IntoIterator<Item = TypingChange>>(&self, apply: impl FnOnce(&mut TypingState, u64) -> C) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let before = state.poll_timeout();
-        let out = apply(&mut state, crate::now_ms());
+        let mut queued = false;
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for TypingChange { conv, user, typing } in apply(&mut state, crate::now_ms()) {
+                if pending.len() < TYPING_ENTRIES_MAX || pending.contains_key(&(conv, user)) {
+                    pending.insert((conv, user), typing);
+                    queued = true;
+                }
+            }
+        }
         let after = state.poll_timeout();
         drop(state);
+        if queued {
+            self.push_wake.notify_one();
+        }
         if after.is_some() && (before.is_none() || after < before) {
             self.wake.notify_one();
         }
-        out
     }
+}
+
+/// Runs `push_pending` on the blocking pool each time the driver is woken, one drain at
+/// a time; ends when the driver is dropped.
+fn spawn_pusher(driver: Weak<Typing>, wake: Arc<Notify>) {
+    tokio::spawn(async move {
+        loop {
+            // A notify sent while a drain ran is kept by `Notify` and starts the next.
+            wake.notified().await;
+            let Some(driver) = driver.upgrade() else { return };
+            if tokio::task::spawn_blocking(move || driver.push_pending()).await.is_err() {
+                // The runtime is shutting down, or a push panicked.
+                return;
+            }
+        }
+    });
 }
 
 /// The signal a QUIC datagram carries: exactly one whole `ClientFrame::Signal` frame,
@@ -401,10 +470,7 @@ pub fn signal_from_datagram(datagram: &[u8]) -> Option<Signal> {
 
 impl Timed for Typing {
     fn fire_due(&self) -> Option<u64> {
-        let changes = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_timeout(crate::now_ms());
-        for change in changes {
-            self.push(change);
-        }
+        self.update(TypingState::handle_timeout);
         self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout()
     }
 }
@@ -550,5 +616,53 @@ mod tests {
         // Room again once one ends.
         t.handle_signal(1, 1, 10, false, 1);
         assert!(t.handle_signal(2, 3, 30, true, 1).is_some());
+    }
+
+    /// A start whose typist was removed after its signal's membership check, and whose
+    /// removal was delivered before the indicator was made (so the removal found none to
+    /// stop), is not pushed and not kept: before, it was shown until its expiry (6 s).
+    /// A member's start in the same conversation is kept.
+    #[tokio::test]
+    async fn a_start_whose_typist_was_removed_before_its_push_is_not_kept() {
+        use switchboard_protocol::{ConversationKind, Role};
+        use switchboard_storage::{ConversationRecord, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::new(dir.path().join("store"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        let store = Arc::new(Store::open(&config).unwrap());
+        let entry = |conv, seq, body| Entry {
+            conv,
+            seq,
+            sender: 1,
+            sender_device: 1,
+            client_id: [seq as u8; 16],
+            at_ms: 0,
+            body,
+        };
+        let record = ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 0 };
+        let members = [(1, Role::Owner), (2, Role::Member), (3, Role::Member)];
+        let first = |conv| entry(conv, 1, Body::Text { text: "hi".into(), edited: false });
+        let (conv, _, durable) = store.create_conversation(&record, &members, None, first).unwrap();
+        durable.await.unwrap();
+        let typing = Typing::new(store.clone(), Arc::new(Online::default()), TTL);
+        let is_typing = |user| typing.state.lock().unwrap().is_typing(conv, user);
+        typing.signal(2, 20, Signal::Typing { conv, typing: true });
+        typing.signal(3, 30, Signal::Typing { conv, typing: true });
+        assert!(is_typing(2) && is_typing(3), "both members' signals passed the check");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let removal = entry(conv, 2, Body::MemberRemoved { user: 2 });
+        store.append_then(&removal, move |r| drop(tx.send(r))).unwrap();
+        rx.await.unwrap().unwrap();
+        typing.push_pending();
+        assert!(!is_typing(2), "the removed typist's indicator ends unseen");
+        assert!(is_typing(3), "a member's is kept");
+        assert!(typing.pending.lock().unwrap().is_empty());
+        // A message takes back its sender's start not yet pushed: no start after it.
+        let message = Entry { sender: 3, ..entry(conv, 3, Body::Text { text: "done".into(), edited: false }) };
+        typing.entry_delivered(&message);
+        typing.signal(3, 30, Signal::Typing { conv, typing: true });
+        assert_eq!(typing.pending.lock().unwrap().get(&(conv, 3)), Some(&true));
+        typing.entry_delivered(&message);
+        assert!(!is_typing(3) && typing.pending.lock().unwrap().is_empty());
     }
 }
