@@ -18,7 +18,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchboard_protocol::{DeviceId, ErrorBody};
+use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode};
 use switchboard_storage::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -56,8 +56,33 @@ pub enum AdminRequest {
     UserDisable { name: String, disabled: bool },
 }
 
-/// The lines to print on success, or the message to print on failure.
-pub type AdminReply = Result<Vec<String>, String>;
+/// The lines to print on success, or the failure with its stable code: `NOT_FOUND` (no
+/// such user or device), `CONFLICT` (the name is taken), `INVALID` (a name or password
+/// outside its rules), `FORBIDDEN` (the socket's peer is not the broker's user),
+/// `INTERNAL` (the store failed). `exit_status` maps each to the command line's status.
+pub type AdminReply = Result<Vec<String>, ErrorBody>;
+
+/// The command line's exit status for a failure with `code`, stable for scripts: 3 no
+/// such user or device, 4 the name is taken, 5 a name or password outside its rules, 1
+/// anything else (the store, the socket, the data dir; 2 is the command line's usage
+/// errors).
+pub fn exit_status(code: ErrorCode) -> i32 {
+    match code {
+        ErrorCode::NOT_FOUND => 3,
+        ErrorCode::CONFLICT => 4,
+        ErrorCode::INVALID => 5,
+        _ => 1,
+    }
+}
+
+/// A store failure, as the commands report it.
+fn failed(e: impl std::fmt::Display) -> ErrorBody {
+    ErrorBody::new(ErrorCode::INTERNAL, e.to_string())
+}
+
+fn no_user(name: &str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {name:?}"))
+}
 
 /// What the commands work on: the store and its accounts, and with a broker running,
 /// the broker (whose sessions a revoke closes).
@@ -72,10 +97,9 @@ pub struct Ops<'a> {
 
 /// Runs `request`.
 pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
-    let said = |e: ErrorBody| e.to_string();
     match request {
         AdminRequest::UserAdd { name, password } => {
-            let id = ops.auth.add_user(&name, &password).await.map_err(said)?;
+            let id = ops.auth.add_user(&name, &password).await?;
             Ok(vec![format!("created user {name} (id {id})")])
         }
         AdminRequest::UserList => {
@@ -83,14 +107,14 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
             blocking(move || list_users(&store)).await
         }
         AdminRequest::UserPasswd { name, password, revoke_devices } => {
-            let user = ops.auth.set_password(&name, &password).await.map_err(said)?;
+            let user = ops.auth.set_password(&name, &password).await?;
             if !revoke_devices {
                 return Ok(vec![format!(
                     "set a new password for {name} (its devices still work: --revoke-devices revokes them)"
                 )]);
             }
             let mut revoked = 0;
-            let devices = ops.store.devices(user).map_err(|e| e.to_string())?;
+            let devices = ops.store.devices(user).map_err(failed)?;
             for (device, _) in devices {
                 if revoke(ops, user, device).await? {
                     revoked += 1;
@@ -99,15 +123,13 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
             Ok(vec![format!("set a new password for {name} and revoked its {revoked} devices")])
         }
         AdminRequest::UserDisable { name, disabled } => {
-            let (user, _) =
-                ops.store.user_by_name(&name).map_err(|e| e.to_string())?.ok_or(format!("no user {name:?}"))?;
-            let since = ops.store.disabled_since(user).map_err(|e| e.to_string())?;
+            let (user, _) = ops.store.user_by_name(&name).map_err(failed)?.ok_or_else(|| no_user(&name))?;
+            let since = ops.store.disabled_since(user).map_err(failed)?;
             let set =
                 crate::catalog::catalog_write(ops.store, move |s| s.set_disabled(user, disabled, crate::now_ms()))
-                    .await
-                    .map_err(said)?;
-            let durable = set.map_err(|e| e.to_string())?.ok_or(format!("no user {name:?}"))?;
-            durable.await.map_err(|e| e.to_string())?;
+                    .await?;
+            let durable = set.map_err(failed)?.ok_or_else(|| no_user(&name))?;
+            durable.await.map_err(failed)?;
             if disabled {
                 if let Some(shared) = ops.broker {
                     shared.users.disable(user);
@@ -129,10 +151,9 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
             blocking(move || list_devices(&store, &user)).await
         }
         AdminRequest::DeviceRevoke { user, device } => {
-            let (id, _) =
-                ops.store.user_by_name(&user).map_err(|e| e.to_string())?.ok_or(format!("no user {user:?}"))?;
+            let (id, _) = ops.store.user_by_name(&user).map_err(failed)?.ok_or_else(|| no_user(&user))?;
             if !revoke(ops, id, device).await? {
-                return Err(format!("{user} has no device {device}"));
+                return Err(ErrorBody::new(ErrorCode::NOT_FOUND, format!("{user} has no device {device}")));
             }
             Ok(vec![format!("revoked device {device} of {user}")])
         }
@@ -141,15 +162,15 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
 
 /// Revokes `device` of `user`, durably; with a broker running, its connections are
 /// closed too. Whether there was such a device.
-async fn revoke(ops: &Ops<'_>, user: u64, device: DeviceId) -> Result<bool, String> {
+async fn revoke(ops: &Ops<'_>, user: u64, device: DeviceId) -> Result<bool, ErrorBody> {
     match ops.broker {
         Some(shared) => match crate::catalog::revoke_device(shared, user, device).await {
             Ok(_) => Ok(true),
-            Err(e) if e.code == switchboard_protocol::ErrorCode::NOT_FOUND => Ok(false),
-            Err(e) => Err(e.message),
+            Err(e) if e.code == ErrorCode::NOT_FOUND => Ok(false),
+            Err(e) => Err(e),
         },
-        None => match ops.store.remove_device(user, device).map_err(|e| e.to_string())? {
-            Some(durable) => durable.await.map(|()| true).map_err(|e| e.to_string()),
+        None => match ops.store.remove_device(user, device).map_err(failed)? {
+            Some(durable) => durable.await.map(|()| true).map_err(failed),
             None => Ok(false),
         },
     }
@@ -157,17 +178,17 @@ async fn revoke(ops: &Ops<'_>, user: u64, device: DeviceId) -> Result<bool, Stri
 
 /// `f` on a blocking thread (a listing reads the whole table).
 async fn blocking(f: impl FnOnce() -> AdminReply + Send + 'static) -> AdminReply {
-    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?
+    tokio::task::spawn_blocking(f).await.map_err(failed)?
 }
 
 /// One account a line: id, creation time (UTC), devices, name, and for a disabled one
 /// `disabled since TIME` (tab-separated).
 fn list_users(store: &Store) -> AdminReply {
     let mut lines = Vec::new();
-    for (id, user) in store.users().map_err(|e| e.to_string())? {
-        let devices = store.devices(id).map_err(|e| e.to_string())?.len();
+    for (id, user) in store.users().map_err(failed)? {
+        let devices = store.devices(id).map_err(failed)?.len();
         let mut line = format!("{id}\t{}\t{devices}\t{}", utc(user.created_ms), user.name);
-        if let Some(since) = store.disabled_since(id).map_err(|e| e.to_string())? {
+        if let Some(since) = store.disabled_since(id).map_err(failed)? {
             line.push_str(&format!("\tdisabled since {}", utc(since)));
         }
         lines.push(line);
@@ -177,9 +198,9 @@ fn list_users(store: &Store) -> AdminReply {
 
 /// One device of `user` a line: id, enrollment time (UTC), confirmed or not, name.
 fn list_devices(store: &Store, user: &str) -> AdminReply {
-    let (id, _) = store.user_by_name(user).map_err(|e| e.to_string())?.ok_or(format!("no user {user:?}"))?;
-    let unconfirmed = store.unconfirmed_devices(id).map_err(|e| e.to_string())?;
-    let devices = store.devices(id).map_err(|e| e.to_string())?;
+    let (id, _) = store.user_by_name(user).map_err(failed)?.ok_or_else(|| no_user(user))?;
+    let unconfirmed = store.unconfirmed_devices(id).map_err(failed)?;
+    let devices = store.devices(id).map_err(failed)?;
     Ok(devices
         .into_iter()
         .map(|(device, d)| {
@@ -255,9 +276,12 @@ pub async fn serve(listener: UnixListener, shared: Weak<Shared>) {
             let exchange = async {
                 if peer != Some(owner) {
                     // Told why (a `sudo` or another account), not merely closed.
-                    let refusal: AdminReply = Err(format!(
-                        "the admin socket answers only the user the broker runs as (uid {owner}); this is uid {}",
-                        peer.map_or("unknown".to_owned(), |p| p.to_string())
+                    let refusal: AdminReply = Err(ErrorBody::new(
+                        ErrorCode::FORBIDDEN,
+                        format!(
+                            "the admin socket answers only the user the broker runs as (uid {owner}); this is uid {}",
+                            peer.map_or("unknown".to_owned(), |p| p.to_string())
+                        ),
                     ));
                     return write_message(&mut stream, &refusal).await;
                 }

@@ -138,7 +138,9 @@ fn main() {
         // The message and its causes, not `Result`'s debug print (which adds a backtrace
         // where RUST_BACKTRACE is set: noise to an operator fixing a setting).
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // An operator command's failure says its code in its status (`admin::exit_status`).
+        let code = e.downcast_ref::<switchboard_protocol::ErrorBody>().map(|body| body.code);
+        std::process::exit(code.map_or(1, admin::exit_status));
     }
 }
 
@@ -348,7 +350,7 @@ async fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<()> {
             reply
         }
     };
-    for line in reply.map_err(|message| anyhow::anyhow!(message))? {
+    for line in reply? {
         println!("{line}");
     }
     Ok(())

@@ -327,8 +327,10 @@ async fn operators_add_users_when_registration_is_closed() {
             .unwrap()
     };
     assert!(user_add("carol").success());
-    // The same name twice is refused with a non-zero exit.
-    assert!(!user_add("carol").success());
+    // The same name twice is refused, with the status for a name taken; a name outside
+    // the rules has its own (`admin::exit_status`).
+    assert_eq!(user_add("carol").code(), Some(4));
+    assert_eq!(user_add("Carol Smith").code(), Some(5));
 
     let mut broker = start_with(dir.path(), &["--closed-registration"]);
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
@@ -403,8 +405,10 @@ async fn operators_list_and_revoke_devices_while_the_broker_is_stopped() {
     assert_eq!(listed_devices(dir.path(), "carol"), vec![laptop_id.device_id, phone_id.device_id]);
     let phone = phone_id.device_id.to_string();
     assert!(run(dir.path(), &["device", "revoke", "carol", &phone]).status.success());
-    assert!(!run(dir.path(), &["device", "revoke", "carol", &phone]).status.success(), "revoked twice");
-    assert!(!run(dir.path(), &["device", "list", "nobody"]).status.success(), "an unknown user");
+    assert_eq!(run(dir.path(), &["device", "revoke", "carol", &phone]).status.code(), Some(3), "revoked twice");
+    let unknown = run(dir.path(), &["device", "list", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(3), "an unknown user");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("NOT_FOUND(8): no user \"nobody\""));
     assert_eq!(listed_devices(dir.path(), "carol"), vec![laptop_id.device_id]);
 
     let mut broker = start(dir.path());
@@ -593,7 +597,7 @@ async fn operators_list_users_and_reset_a_password() {
             .output()
             .unwrap()
     };
-    assert!(!passwd("nobody", false).status.success(), "an unknown user");
+    assert_eq!(passwd("nobody", false).status.code(), Some(3), "an unknown user");
     let reset = passwd("carol", true);
     assert!(reset.status.success(), "{}", String::from_utf8_lossy(&reset.stderr));
     assert!(String::from_utf8_lossy(&reset.stdout).contains("revoked its 1 devices"));
@@ -739,7 +743,8 @@ async fn operators_manage_accounts_while_the_broker_runs() {
     let closed = tokio::time::timeout(Duration::from_secs(10), phone.closed()).await.expect("the phone was cut off");
     assert_eq!(closed.code(), Some(switchboard_protocol::ErrorCode::DEVICE_REVOKED));
     let twice = run(dir.path(), &["device", "revoke", "carol", &phone_device]);
-    assert!(!twice.status.success() && String::from_utf8_lossy(&twice.stderr).contains("has no device"));
+    assert_eq!(twice.status.code(), Some(3), "no such device, said by the running broker");
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("NOT_FOUND(8): carol has no device"));
     laptop.ping().await.unwrap();
 
     // A new password and every device revoked: the laptop is cut off, the old password
