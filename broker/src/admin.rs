@@ -58,19 +58,20 @@ pub enum AdminRequest {
 
 /// The lines to print on success, or the failure with its stable code: `NOT_FOUND` (no
 /// such user or device), `CONFLICT` (the name is taken), `INVALID` (a name or password
-/// outside its rules), `FORBIDDEN` (the socket's peer is not the broker's user),
-/// `INTERNAL` (the store failed). `exit_status` maps each to the command line's status.
+/// outside its rules), `OVERLOADED` (too many password checks under way), `FORBIDDEN`
+/// (the socket's peer is not the broker's user), `INTERNAL` (the store failed). `exit_status` maps each to the command line's status.
 pub type AdminReply = Result<Vec<String>, ErrorBody>;
 
 /// The command line's exit status for a failure with `code`, stable for scripts: 3 no
-/// such user or device, 4 the name is taken, 5 a name or password outside its rules, 1
-/// anything else (the store, the socket, the data dir; 2 is the command line's usage
-/// errors).
+/// such user or device, 4 the name is taken, 5 a name or password outside its rules, 6
+/// too many password checks under way (run it again), 1 anything else (the store, the
+/// socket, the data dir; 2 is the command line's usage errors).
 pub fn exit_status(code: ErrorCode) -> i32 {
     match code {
         ErrorCode::NOT_FOUND => 3,
         ErrorCode::CONFLICT => 4,
         ErrorCode::INVALID => 5,
+        ErrorCode::OVERLOADED => 6,
         _ => 1,
     }
 }

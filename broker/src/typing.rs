@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use switchboard_protocol::limits::MAX_DATAGRAM_BYTES;
 use switchboard_protocol::{
-    Body, ClientFrame, ConvId, Entry, Event, FrameDecoder, ServerFrame, Signal, UserId, decode, encode_frame,
+    Body, ClientFrame, ConvId, Entry, Event, FrameDecoder, Role, ServerFrame, Signal, UserId, decode, encode_frame,
 };
 use switchboard_storage::Store;
 use tokio::sync::Notify;
@@ -125,13 +125,6 @@ impl TypingState {
     /// `user` left or was removed from `conv`: the indicator ends, pushed.
     pub fn handle_gone(&mut self, conv: ConvId, user: UserId) -> Option<TypingChange> {
         self.remove(conv, user).then_some(TypingChange { conv, user, typing: false })
-    }
-
-    /// `user` is no longer a member of `conv` (its start was found so while being
-    /// pushed): the indicator ends with no push, since none was shown. Returns whether
-    /// there was one.
-    pub fn handle_not_member(&mut self, conv: ConvId, user: UserId) -> bool {
-        self.remove(conv, user)
     }
 
     /// Session `session` of `user` ended: the indicators it set last end, pushed.
@@ -273,9 +266,10 @@ impl Default for SignalAllowance {
 pub struct Typing {
     state: Mutex<TypingState>,
     allowance: Mutex<SignalAllowance>,
-    /// Changes not yet pushed: `true` started, `false` stopped; at most
-    /// `TYPING_ENTRIES_MAX` (a change for another key past it is dropped, and receivers
-    /// end the indicator by their own timeout). Lock order: `state`, then this.
+    /// Changes not yet pushed: `true` started, `false` stopped. Starts are queued while
+    /// it holds fewer than `TYPING_ENTRIES_MAX` keys, stops while fewer than twice that
+    /// (one dropped past it: receivers end the indicator by their own timeout). Lock
+    /// order: `state`, then this.
     pending: Mutex<HashMap<(ConvId, UserId), bool>>,
     store: Arc<Store>,
     online: Arc<Online>,
@@ -359,36 +353,67 @@ impl Typing {
         self.update(|state, _| state.handle_gone(entry.conv, gone));
     }
 
-    /// Pushes the changes waiting, each to the conversation's other members' online
-    /// devices. Blocking: reads the store. A start whose typist is no longer a member
-    /// (removed after its signal's check, before its indicator was made) is not pushed,
-    /// and its indicator ends unseen.
-    fn push_pending(&self) {
-        let changes = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        for ((conv, user), typing) in changes {
-            self.push(TypingChange { conv, user, typing });
-        }
+    /// Pushes the changes waiting (`take_pending`, then `push_changes`); returns them as
+    /// pushed. Blocking: reads the store.
+    fn push_pending(&self) -> Vec<TypingChange> {
+        let taken = self.take_pending();
+        self.push_changes(taken)
     }
 
-    /// Pushes one change to the other members' online devices.
-    fn push(&self, TypingChange { conv, user, typing }: TypingChange) {
-        let members = match self.store.members(conv) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(conv, error = %e, "membership read failed; typing not pushed");
-                return;
-            }
-        };
-        if typing && !members.iter().any(|&(u, _)| u == user) {
-            self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_not_member(conv, user);
-            return;
+    /// Takes the changes waiting.
+    fn take_pending(&self) -> HashMap<(ConvId, UserId), bool> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Pushes `changes`, each to its conversation's other members' online devices,
+    /// reading each conversation's members once; returns them as pushed (whether or not
+    /// anyone was online). A start is pushed only if its indicator still stands as it
+    /// goes (a message delivered since it was queued ended it, and nothing may follow
+    /// the message but the next start). A start whose typist is no longer a member
+    /// (removed after its signal's check) ends its indicator and goes as a stop, since
+    /// an earlier start of it may have been shown.
+    fn push_changes(&self, changes: HashMap<(ConvId, UserId), bool>) -> Vec<TypingChange> {
+        let mut by_conv: HashMap<ConvId, Vec<(UserId, bool)>> = HashMap::new();
+        for ((conv, user), typing) in changes {
+            by_conv.entry(conv).or_default().push((user, typing));
         }
-        // To online members only (the in-memory look first), and not to anyone who
-        // blocks the typist or whom the typist blocks (a failed read counts as blocked:
-        // typing is never worth a leak).
+        let mut pushed = Vec::new();
+        for (conv, changes) in by_conv {
+            let members = match self.store.members(conv) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(conv, error = %e, "membership read failed; typing not pushed");
+                    continue;
+                }
+            };
+            for (user, typing) in changes {
+                let change = if typing {
+                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if !members.iter().any(|&(u, _)| u == user) {
+                        state.handle_gone(conv, user)
+                    } else {
+                        state.is_typing(conv, user).then_some(TypingChange { conv, user, typing })
+                    }
+                } else {
+                    Some(TypingChange { conv, user, typing })
+                };
+                if let Some(change) = change {
+                    self.push(&members, change);
+                    pushed.push(change);
+                }
+            }
+        }
+        pushed
+    }
+
+    /// Pushes one change to the other online `members`, not to anyone who blocks the
+    /// typist or whom the typist blocks (a failed read counts as blocked: typing is never
+    /// worth a leak).
+    fn push(&self, members: &[(UserId, Role)], TypingChange { conv, user, typing }: TypingChange) {
+        // The in-memory look first: block keys are read for online members only.
         let others: Vec<UserId> = members
-            .into_iter()
-            .map(|(u, _)| u)
+            .iter()
+            .map(|&(u, _)| u)
             .filter(|&u| {
                 u != user
                     && self.online.sessions(u).is_some()
@@ -413,7 +438,10 @@ impl Typing {
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for TypingChange { conv, user, typing } in apply(&mut state, crate::now_ms()) {
-                if pending.len() < TYPING_ENTRIES_MAX || pending.contains_key(&(conv, user)) {
+                // Stops have room past the starts' bound: a stop dropped would leave a
+                // shown start standing until the receivers' own timeout.
+                let room = if typing { TYPING_ENTRIES_MAX } else { 2 * TYPING_ENTRIES_MAX };
+                if pending.len() < room || pending.contains_key(&(conv, user)) {
                     pending.insert((conv, user), typing);
                     queued = true;
                 }
@@ -438,9 +466,13 @@ fn spawn_pusher(driver: Weak<Typing>, wake: Arc<Notify>) {
             // A notify sent while a drain ran is kept by `Notify` and starts the next.
             wake.notified().await;
             let Some(driver) = driver.upgrade() else { return };
-            if tokio::task::spawn_blocking(move || driver.push_pending()).await.is_err() {
-                // The runtime is shutting down, or a push panicked.
-                return;
+            match tokio::task::spawn_blocking(move || driver.push_pending()).await {
+                Ok(_) => {}
+                // The changes it held are lost (receivers end them by their timeout);
+                // later ones are still pushed.
+                Err(e) if e.is_panic() => tracing::error!("a typing push panicked"),
+                // The runtime is shutting down.
+                Err(_) => return,
             }
         }
     });
@@ -618,51 +650,74 @@ mod tests {
         assert!(t.handle_signal(2, 3, 30, true, 1).is_some());
     }
 
-    /// A start whose typist was removed after its signal's membership check, and whose
-    /// removal was delivered before the indicator was made (so the removal found none to
-    /// stop), is not pushed and not kept: before, it was shown until its expiry (6 s).
-    /// A member's start in the same conversation is kept.
+    /// The pusher against the store as it is when it pushes: a start whose typist was
+    /// removed after its signal's membership check (and whose removal, delivered before
+    /// the indicator was made, found none to stop) goes as a stop and its indicator ends
+    /// (before: shown until its expiry, 6 s); so does one whose earlier start was shown;
+    /// a start that a message ended while it waited, or while its drain ran, is not
+    /// pushed (nothing may follow the message).
     #[tokio::test]
-    async fn a_start_whose_typist_was_removed_before_its_push_is_not_kept() {
+    async fn the_pusher_sends_what_stands_when_it_pushes() {
         use switchboard_protocol::{ConversationKind, Role};
         use switchboard_storage::{ConversationRecord, StoreConfig};
         let dir = tempfile::tempdir().unwrap();
         let mut config = StoreConfig::new(dir.path().join("store"));
         config.cache_capacity_bytes = 4 * 1024 * 1024;
         let store = Arc::new(Store::open(&config).unwrap());
-        let entry = |conv, seq, body| Entry {
+        let entry = |conv, seq, sender, body| Entry {
             conv,
             seq,
-            sender: 1,
+            sender,
             sender_device: 1,
             client_id: [seq as u8; 16],
             at_ms: 0,
             body,
         };
+        let text = || Body::Text { text: "hi".into(), edited: false };
         let record = ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 0 };
-        let members = [(1, Role::Owner), (2, Role::Member), (3, Role::Member)];
-        let first = |conv| entry(conv, 1, Body::Text { text: "hi".into(), edited: false });
-        let (conv, _, durable) = store.create_conversation(&record, &members, None, first).unwrap();
+        let members = [(1, Role::Owner), (2, Role::Member), (3, Role::Member), (4, Role::Member)];
+        let (conv, _, durable) =
+            store.create_conversation(&record, &members, None, |c| entry(c, 1, 1, text())).unwrap();
         durable.await.unwrap();
+        let remove = |seq, user| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            store.append_then(&entry(conv, seq, 1, Body::MemberRemoved { user }), move |r| drop(tx.send(r))).unwrap();
+            rx.recv().unwrap().unwrap();
+        };
         let typing = Typing::new(store.clone(), Arc::new(Online::default()), TTL);
         let is_typing = |user| typing.state.lock().unwrap().is_typing(conv, user);
-        typing.signal(2, 20, Signal::Typing { conv, typing: true });
-        typing.signal(3, 30, Signal::Typing { conv, typing: true });
-        assert!(is_typing(2) && is_typing(3), "both members' signals passed the check");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let removal = entry(conv, 2, Body::MemberRemoved { user: 2 });
-        store.append_then(&removal, move |r| drop(tx.send(r))).unwrap();
-        rx.await.unwrap().unwrap();
-        typing.push_pending();
-        assert!(!is_typing(2), "the removed typist's indicator ends unseen");
+        let start = |user| typing.signal(user, user * 10, Signal::Typing { conv, typing: true });
+        let change = |user, typing| TypingChange { conv, user, typing };
+
+        // User 4's start is shown; it stops and starts again, so only the start waits.
+        start(4);
+        assert_eq!(typing.push_pending(), vec![change(4, true)]);
+        typing.signal(4, 40, Signal::Typing { conv, typing: false });
+        start(4);
+        start(2);
+        start(3);
+        assert!(is_typing(2) && is_typing(3) && is_typing(4), "the members' signals passed the check");
+        // Users 2 and 4 are removed before the pusher runs (their removals' deliveries
+        // are not run here: as if they came before the indicators were made).
+        remove(2, 2);
+        remove(3, 4);
+        let mut pushed = typing.push_pending();
+        pushed.sort_by_key(|c| c.user);
+        assert_eq!(pushed, vec![change(2, false), change(3, true), change(4, false)]);
+        assert!(!is_typing(2) && !is_typing(4), "the removed typists' indicators end");
         assert!(is_typing(3), "a member's is kept");
-        assert!(typing.pending.lock().unwrap().is_empty());
-        // A message takes back its sender's start not yet pushed: no start after it.
-        let message = Entry { sender: 3, ..entry(conv, 3, Body::Text { text: "done".into(), edited: false }) };
+
+        // A message takes back its sender's start still waiting...
+        let message = entry(conv, 4, 3, text());
         typing.entry_delivered(&message);
-        typing.signal(3, 30, Signal::Typing { conv, typing: true });
-        assert_eq!(typing.pending.lock().unwrap().get(&(conv, 3)), Some(&true));
+        start(3);
         typing.entry_delivered(&message);
-        assert!(!is_typing(3) && typing.pending.lock().unwrap().is_empty());
+        assert!(typing.push_pending().is_empty(), "a start taken back");
+        // ...and one its drain had already taken is not pushed either.
+        start(3);
+        let taken = typing.take_pending();
+        typing.entry_delivered(&message);
+        assert!(typing.push_changes(taken).is_empty(), "a start the message ended while its drain ran");
+        assert!(!is_typing(3));
     }
 }
