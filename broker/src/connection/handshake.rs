@@ -9,8 +9,9 @@
 //! like every handshake failure and leaves nothing behind.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
-use switchboard_protocol::limits::{MAX_NAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
+use switchboard_protocol::limits::{AUTH_DEADLINE_MS, MAX_NAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
     ClientFrame, ClientHello, DeviceId, ErrorCode, FrameDecoder, Limits, Reply, Request, RequestBody, ServerFrame,
     ServerHello, UserId,
@@ -131,7 +132,14 @@ pub(super) async fn authenticate(
     };
     // Disabled meanwhile: not told `Authed` (the session's attach checks once more).
     crate::auth::refuse_if_disabled(&shared.store, user)?;
-    write_msg(&mut send, &ServerFrame::Response { id, result: Ok(Reply::Authed { user_id: user, device_id: device }) })
-        .await?;
+    // The peer's flow control paces this write, so it has the auth deadline too: a peer
+    // that grants no room for it would otherwise hold its connection's place and one of
+    // its user's while out of revoke's and disable's reach (not attached yet).
+    let authed = ServerFrame::Response { id, result: Ok(Reply::Authed { user_id: user, device_id: device }) };
+    let deadline = Duration::from_millis(u64::from(AUTH_DEADLINE_MS));
+    match tokio::time::timeout(deadline, write_msg(&mut send, &authed)).await {
+        Ok(written) => written?,
+        Err(_) => return Err(Close(ErrorCode::TIMEOUT, "the authentication answer was not taken in time".into())),
+    }
     Ok((Authed { user, device, place, send, recv, decoder }, session))
 }
