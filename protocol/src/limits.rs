@@ -75,6 +75,10 @@ pub const MAX_CONTENT_TYPE_BYTES: u32 = 127;
 pub const MAX_LISTED_UPLOADS: u32 = 64;
 /// Most files one message carries.
 pub const MAX_FILES_PER_MESSAGE: u32 = 10;
+/// Most times one message may be edited. Deleting a message rewrites each of its edits
+/// (`Redacted`) in the same step, so without a bound one delete could cost as much as
+/// every edit before it together.
+pub const MAX_EDITS_PER_MESSAGE: u32 = 100;
 /// Most `Event::File` progress pushes per upload and audience per second (the final state
 /// is always sent).
 pub const FILE_PROGRESS_PER_SECOND: u32 = 4;

@@ -614,6 +614,24 @@ mod tests {
         assert_eq!(h.ack(stuck), Some(Err(ErrorCode::FORBIDDEN)), "the new owner hands over before leaving");
     }
 
+    /// Adding as an admin makes one: the owner's call, as with `SetRole` (before, an
+    /// admin could remove a member and add them back promoted).
+    #[test]
+    fn only_the_owner_adds_admins() {
+        let mut h = group();
+        h.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Admin });
+        h.commit();
+        let promoted = h.write(CAROL, Command::Add { users: vec![7], role: Role::Admin });
+        assert_eq!(h.ack(promoted), Some(Err(ErrorCode::FORBIDDEN)));
+        let added = h.write(CAROL, Command::Add { users: vec![7], role: Role::Member });
+        h.commit();
+        assert!(matches!(h.ack(added), Some(Ok(_))), "an admin adds members");
+        assert_eq!(
+            roles(&mut h),
+            vec![(OWNER, Role::Owner), (BOB, Role::Member), (CAROL, Role::Admin), (7, Role::Member)]
+        );
+    }
+
     #[test]
     fn a_direct_conversation_has_no_roles_to_change() {
         let mut h = Harness::new(ConversationKind::Direct, &[(OWNER, Role::Member), (BOB, Role::Member)]);
@@ -673,6 +691,41 @@ mod tests {
         h.commit();
         let served = h.history(OWNER);
         assert_eq!((served[1].1.clone(), served[2].1.clone()), (Body::Tombstone, Body::Redacted { target: 2 }));
+    }
+
+    /// A message is edited at most `MAX_EDITS_PER_MESSAGE` times (pending edits count):
+    /// its delete rewrites every edit in one step, which before had no bound (a million
+    /// edits made one delete read and rewrite two million entries and hold their texts).
+    #[test]
+    fn a_message_is_edited_at_most_max_edits_times() {
+        use switchboard_protocol::limits::MAX_EDITS_PER_MESSAGE;
+        let mut h = group();
+        h.write(BOB, Command::Send { client_id: [1; 16], text: "v0".into() });
+        h.commit();
+        let client_id = |i: u32| {
+            let mut id = [0xee; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            id
+        };
+        for i in 0..MAX_EDITS_PER_MESSAGE - 1 {
+            h.write(BOB, Command::Edit { client_id: client_id(i), target: 2, text: format!("v{i}") });
+        }
+        h.commit();
+        let last = MAX_EDITS_PER_MESSAGE - 1;
+        let pending = h.write(BOB, Command::Edit { client_id: client_id(last), target: 2, text: "last".into() });
+        let over = h.write(BOB, Command::Edit { client_id: client_id(last + 1), target: 2, text: "over".into() });
+        assert_eq!(h.ack(over), Some(Err(ErrorCode::INVALID)), "the pending edit counts");
+        h.commit();
+        assert!(matches!(h.ack(pending), Some(Ok(_))));
+        let again = h.write(BOB, Command::Edit { client_id: client_id(last + 2), target: 2, text: "over".into() });
+        assert_eq!(h.ack(again), Some(Err(ErrorCode::INVALID)));
+        // Deleting it still works, and redacts every edit.
+        let delete = h.write(BOB, Command::Delete { client_id: client_id(last + 3), target: 2 });
+        h.commit();
+        assert!(matches!(h.ack(delete), Some(Ok(_))));
+        let served = h.history(OWNER);
+        let redacted = served.iter().filter(|(_, b)| *b == Body::Redacted { target: 2 }).count();
+        assert_eq!(redacted, MAX_EDITS_PER_MESSAGE as usize);
     }
 
     #[test]

@@ -25,7 +25,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use switchboard_protocol::limits::{
-    CATCH_UP_PAGE_BYTES, CATCH_UP_PAGE_MAX, HISTORY_PAGE_MAX, MAX_FILES_PER_MESSAGE, MAX_GROUP_MEMBERS, MAX_TEXT_BYTES,
+    CATCH_UP_PAGE_BYTES, CATCH_UP_PAGE_MAX, HISTORY_PAGE_MAX, MAX_EDITS_PER_MESSAGE, MAX_FILES_PER_MESSAGE,
+    MAX_GROUP_MEMBERS, MAX_TEXT_BYTES,
 };
 use switchboard_protocol::{
     Body, CatchUpPage, ClientMsgId, ConvId, ConversationKind, DeviceId, Entry, ErrorBody, ErrorCode, Event, FileId,
@@ -439,6 +440,16 @@ impl<R> ConversationState<R> {
             }
             Err(e) => return vec![Effect::Reply(reply, Err(e))],
         };
+        if let Body::Edit { target: t, .. } = &entry.body {
+            match log.edits_of(self.id, *t) {
+                Ok(edits) if edits.len() >= MAX_EDITS_PER_MESSAGE as usize => {
+                    let message = format!("a message is edited at most {MAX_EDITS_PER_MESSAGE} times");
+                    return vec![Effect::Reply(reply, Err(err(ErrorCode::INVALID, &message)))];
+                }
+                Ok(_) => {}
+                Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
+            }
+        }
         let seq = entry.seq;
         let audience = if members.is_empty() {
             self.audience.clone()
@@ -913,6 +924,11 @@ impl<R> ConversationState<R> {
                 self.group_admin(role)?;
                 if new_role == Role::Owner {
                     return Err(err(ErrorCode::INVALID, "a group has one owner"));
+                }
+                // Adding as an admin makes one, which `SetRole` leaves to the owner (an
+                // admin could otherwise remove a member and add them back promoted).
+                if new_role == Role::Admin && role != Role::Owner {
+                    return Err(err(ErrorCode::FORBIDDEN, "only the owner makes admins"));
                 }
                 let mut added: Vec<(UserId, Role)> = Vec::new();
                 for u in users {
