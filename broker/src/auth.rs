@@ -113,11 +113,13 @@ impl Auth {
         })
     }
 
-    /// Checks a registration from `from` and hashes its password. The cheap refusals
-    /// come first, in this order: registration closed (`REGISTRATION_CLOSED`), a bad
-    /// name or password (`INVALID`), a taken name (`CONFLICT`), a bad device name, key or
-    /// signature (`INVALID`, `AUTH_FAILED`); then a full password queue (`OVERLOADED`)
-    /// and the address's registration allowance (`RATE_LIMITED`); only then the hash.
+    /// Checks a registration from `from` and hashes its password. In this order:
+    /// registration closed (`REGISTRATION_CLOSED`), a bad name or password (`INVALID`), a
+    /// bad device name, key or signature (`INVALID`, `AUTH_FAILED`), a full password
+    /// queue (`OVERLOADED`), the address's registration allowance (`RATE_LIMITED`), a
+    /// taken name (`CONFLICT`); then the hash. A taken name spends an allowance: asking
+    /// whether names exist is limited as password guesses are (before, it was free, which
+    /// made the decoy work of `check_login` for unknown names pointless).
     pub async fn check_register(
         &self,
         req: &Enroll,
@@ -129,12 +131,12 @@ impl Auth {
         }
         check_user_name(&req.user)?;
         check_password(&req.password)?;
-        if self.store.user_by_name(&req.user).map_err(internal)?.is_some() {
-            return Err(fail(ErrorCode::CONFLICT, "user name is taken"));
-        }
         let key = verify_enrollment(req, transcript)?;
         let turn = self.argon.turn()?;
         self.registrations.take(source(from), Instant::now())?;
+        if self.store.user_by_name(&req.user).map_err(internal)?.is_some() {
+            return Err(fail(ErrorCode::CONFLICT, "user name is taken"));
+        }
         let password = req.password.clone();
         let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
         Ok(Registration { key, hash: hash.await?.map_err(internal)? })
@@ -142,9 +144,14 @@ impl Auth {
 
     /// Checks a password login from `from`: returns the account, the verified device
     /// key to enroll, and the password hash the password was checked against (`enroll`
-    /// enrolls only while it is still the account's). Failures count against the source
-    /// address, and against the account if it exists (names that do not exist never
-    /// become keys, so the table holds real accounts and addresses only).
+    /// enrolls only while it is still the account's). Wrong passwords count against the
+    /// source address, and against the account if it exists (names that do not exist
+    /// never become keys, so the table holds real accounts and addresses only). A name
+    /// that exists and one that does not take the same checks in the same order, the
+    /// same work and the same count: a bad device key or signature is refused before
+    /// anything is counted, a password is counted once a hashing turn is taken. A name
+    /// that cannot exist (or a password too long for any account) is refused at once,
+    /// uncounted: nothing is guessed and no work is done.
     pub async fn check_login(
         &self,
         req: &Enroll,
@@ -160,20 +167,23 @@ impl Auth {
             None
         };
         let Some((user, record)) = user else {
-            self.passwords.record(&address, now)?;
-            if check_user_name(&req.user).is_ok() {
-                // The same checks and work as for an account that exists (see `decoy_phc`).
-                verify_enrollment(req, transcript)?;
-                let turn = self.argon.turn()?;
-                let (password, phc) = (req.password.clone(), self.decoy_phc.clone());
-                self.argon
-                    .run(turn, move |argon| {
-                        if let Ok(parsed) = PasswordHash::new(&phc) {
-                            let _ = argon.verify_password(password.as_bytes(), &parsed);
-                        }
-                    })
-                    .await?;
+            if check_user_name(&req.user).is_err() || req.password.len() > MAX_PASSWORD_BYTES as usize {
+                return Err(wrong_password());
             }
+            // The same checks, order and work as for an account that exists (see
+            // `decoy_phc`): before, the failure was counted first, so a bad signature
+            // counted for a name that does not exist and not for one that does.
+            verify_enrollment(req, transcript)?;
+            let turn = self.argon.turn()?;
+            self.passwords.record(&address, now)?;
+            let (password, phc) = (req.password.clone(), self.decoy_phc.clone());
+            self.argon
+                .run(turn, move |argon| {
+                    if let Ok(parsed) = PasswordHash::new(&phc) {
+                        let _ = argon.verify_password(password.as_bytes(), &parsed);
+                    }
+                })
+                .await?;
             return Err(wrong_password());
         };
         let key = verify_enrollment(req, transcript)?;

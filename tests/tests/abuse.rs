@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ed25519_dalek::{Signer, SigningKey};
+use switchboard_broker::limits::AUTH_FAILURES_PER_ADDRESS;
 use switchboard_client::{ClientError, Connector};
 use switchboard_protocol::limits::{AUTH_DEADLINE_MS, MAX_NAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
@@ -250,11 +251,53 @@ async fn registrations_are_limited_per_address() {
     }
     let refused = tb.connector().register("a4", tb.password, "d").await.err().unwrap();
     assert_eq!(refused.code(), Some(ErrorCode::RATE_LIMITED));
-    // Refusals that cost nothing are answered as before and spend no allowance.
+    // Past the allowance, whether a name is taken is not said either.
     let taken = tb.connector().register("a1", tb.password, "d").await.err().unwrap();
-    assert_eq!(taken.code(), Some(ErrorCode::CONFLICT));
+    assert_eq!(taken.code(), Some(ErrorCode::RATE_LIMITED));
     // Logging in is not registering.
     tb.login("a1").await;
+}
+
+/// Asking whether a name is taken spends the address's registration allowance, as a
+/// registration does (before, `CONFLICT` was answered free, for any number of names, so
+/// names could be listed at the speed of QUIC handshakes while logins spend a password
+/// hash on unknown names to hide them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_whether_names_are_taken_is_limited_like_registering() {
+    let tb = TestBroker::start_with(|c| {
+        c.registration_burst_per_address = 3;
+        c.registration_interval_ms = 3_600_000;
+    })
+    .await;
+    tb.register("a1").await;
+    for _ in 0..2 {
+        let taken = tb.connector().register("a1", tb.password, "d").await.err().unwrap();
+        assert_eq!(taken.code(), Some(ErrorCode::CONFLICT));
+    }
+    let refused = tb.connector().register("a1", tb.password, "d").await.err().unwrap();
+    assert_eq!(refused.code(), Some(ErrorCode::RATE_LIMITED), "the third question is past the allowance");
+}
+
+/// A login with a bad device signature is refused before anything is counted, whether
+/// its name exists or not (before, one for a name that does not exist was counted
+/// against the address and one for a name that exists was not: counting showed which
+/// names exist, and made filling the failure table cost no password hash).
+#[tokio::test]
+async fn bad_signatures_count_the_same_for_names_that_exist_and_not() {
+    let tb = TestBroker::start().await;
+    tb.register("alice").await;
+    let connector = tb.connector();
+    for i in 0..2 * (AUTH_FAILURES_PER_ADDRESS + 1) {
+        let name = if i % 2 == 0 { format!("nobody{i}") } else { "alice".to_owned() };
+        let mut raw = bare(&connector, addr(&tb)).await;
+        raw.hello("probe").await.unwrap();
+        let login = enroll(b"not this connection's transcript", &name, "a guessed password", 1);
+        let request = ClientFrame::Request(Request { id: 0, body: RequestBody::Login(login) });
+        raw.send.write_all(&encode_frame(&request).unwrap()).await.unwrap();
+        assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::AUTH_FAILED), "{name}");
+    }
+    // None of them counted: a right password from the same address is not refused.
+    tb.login("alice").await;
 }
 
 // ---- 3. handshakes that never finish take nobody's place ----
