@@ -165,7 +165,7 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
 /// closed too. Whether there was such a device.
 async fn revoke(ops: &Ops<'_>, user: u64, device: DeviceId) -> Result<bool, ErrorBody> {
     match ops.broker {
-        Some(shared) => match crate::catalog::revoke_device(shared, user, device).await {
+        Some(shared) => match crate::catalog::revoke_device(shared, user, device, None).await {
             Ok(_) => Ok(true),
             Err(e) if e.code == ErrorCode::NOT_FOUND => Ok(false),
             Err(e) => Err(e),

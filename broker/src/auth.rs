@@ -303,8 +303,15 @@ impl Auth {
     /// account's own: a stranger's failed logins never stop the owner's change. The new hash is stored only if the
     /// account's hash is still the one `current` was checked against, in the same
     /// catalog write: of two changes racing from the same password one wins, the other
-    /// is `AUTH_FAILED`. Durable when it returns.
-    pub async fn change_password(&self, user: UserId, current: &str, new: &str) -> Result<(), ErrorBody> {
+    /// is `AUTH_FAILED`. `device`, the one asking, must still be enrolled then, else
+    /// `DEVICE_REVOKED`. Durable when it returns.
+    pub async fn change_password(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        current: &str,
+        new: &str,
+    ) -> Result<(), ErrorBody> {
         check_password(new)?;
         let now = crate::now_ms();
         let keys = [LimitKey::Account(user)];
@@ -328,12 +335,18 @@ impl Auth {
             argon.hash_password(new.as_bytes()).map(|h| Some(h.to_string())).map_err(internal)
         });
         let Some(hash) = hashed.await?? else { return Err(wrong_current_password()) };
-        let set = crate::catalog::catalog_write(&self.store, move |s| match s.user(user) {
-            Ok(Some(account)) if account.password_hash == verified => Some(s.set_password(user, &hash)),
-            Ok(_) => None,
-            Err(e) => Some(Err(e)),
+        // The device asking must still be enrolled as the change is written (on the
+        // catalog thread, in order with revokes): a change in flight from a device
+        // revoked meanwhile must not land after its revoke was answered.
+        let set = crate::catalog::catalog_write(&self.store, move |s| match (s.user(user), s.device(user, device)) {
+            (Ok(_), Ok(None)) => Err(crate::catalog::revoked()),
+            (Ok(Some(account)), Ok(Some(_))) if account.password_hash == verified => {
+                Ok(Some(s.set_password(user, &hash)))
+            }
+            (Ok(_), Ok(_)) => Ok(None),
+            (Err(e), _) | (_, Err(e)) => Ok(Some(Err(e))),
         })
-        .await?;
+        .await??;
         let durable = set.ok_or_else(wrong_current_password)?.map_err(internal)?.ok_or_else(wrong_current_password)?;
         durable.await.map_err(internal)?;
         tracing::info!(user, "password changed by its user");

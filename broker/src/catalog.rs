@@ -358,11 +358,11 @@ pub(crate) async fn change_password(
     new: &str,
     sign_out_others: bool,
 ) -> Result<Reply, ErrorBody> {
-    shared.auth.change_password(caller.user, current, new).await?;
+    shared.auth.change_password(caller.user, caller.device, current, new).await?;
     if sign_out_others {
         let devices = shared.store.devices(caller.user).map_err(internal)?;
         for (device, _) in devices.into_iter().filter(|(d, _)| *d != caller.device) {
-            match revoke_device(shared, caller.user, device).await {
+            match revoke_device(shared, caller.user, device, Some(caller.device)).await {
                 Ok(_) => {}
                 // Revoked meanwhile by the user's own request or an operator.
                 Err(e) if e.code == ErrorCode::NOT_FOUND => {}
@@ -373,11 +373,33 @@ pub(crate) async fn change_password(
     Ok(Reply::Done)
 }
 
-pub(crate) async fn revoke_device(shared: &Shared, user: UserId, device: DeviceId) -> Result<Reply, ErrorBody> {
-    let durable = catalog_write(&shared.store, move |s| s.remove_device(user, device)).await?.map_err(internal)?;
+/// Revokes `device` of `user`, durably, and closes its connections; `NOT_FOUND` if there
+/// is no such device. `by`, the device asking (none for the operator), must still be
+/// enrolled when the revoke is written, on the catalog thread, else `DEVICE_REVOKED`:
+/// a request in flight from a device revoked meanwhile does nothing once its own revoke
+/// has been answered.
+pub(crate) async fn revoke_device(
+    shared: &Shared,
+    user: UserId,
+    device: DeviceId,
+    by: Option<DeviceId>,
+) -> Result<Reply, ErrorBody> {
+    let removed = catalog_write(&shared.store, move |s| match by.map(|by| s.device(user, by)) {
+        Some(Ok(None)) => Ok(None),
+        Some(Err(e)) => Err(e),
+        _ => s.remove_device(user, device).map(Some),
+    })
+    .await?
+    .map_err(internal)?;
+    let Some(durable) = removed else { return Err(revoked()) };
     let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };
     durable.await.map_err(internal)?;
     tracing::info!(user, device, "device revoked");
     shared.users.revoke(user, device);
     Ok(Reply::Done)
+}
+
+/// The answer to a request from a device revoked while it was in flight.
+pub(crate) fn revoked() -> ErrorBody {
+    ErrorBody::new(ErrorCode::DEVICE_REVOKED, "this device was revoked")
 }

@@ -361,3 +361,35 @@ async fn a_revoked_devices_requests_already_sent_are_not_carried_out() {
     })
     .await
 }
+
+/// A password change in flight from a device that is revoked meanwhile does not land
+/// once the revocation has been answered, nor do the revocations it asked for (before:
+/// a thief's change waiting for its password hash set the thief's password after the
+/// owner had revoked the thief's device, and signed the owner's devices out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_change_in_flight_from_a_revoked_device_does_not_land() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            // The change's two hashes take long enough for the revocation to come first.
+            c.argon2_memory_kib = 64 * 1024;
+            c.argon2_iterations = 2;
+        })
+        .await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        let password = tb.password;
+        let change = tokio::spawn(async move { phone.change_password(password, "the thief's passphrase", true).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        let _ = change.await.unwrap();
+        // The change's hashes end well within this; had it landed, it would have signed
+        // the laptop out.
+        let signed_out = tokio::time::timeout(Duration::from_secs(3), laptop.closed()).await;
+        assert!(signed_out.is_err(), "the laptop was signed out by a revoked device: {signed_out:?}");
+        laptop.ping().await.unwrap();
+        let refused = tb.connector().login("alice", "the thief's passphrase", "d").await.err().unwrap();
+        assert_eq!(refused.code(), Some(ErrorCode::AUTH_FAILED));
+        tb.connector().login("alice", tb.password, "d").await.unwrap();
+    })
+    .await
+}

@@ -293,7 +293,9 @@ impl Session {
             }
             RequestBody::RevokeDevice { device_id } => {
                 let shared = shared.clone();
-                tokio::spawn(async move { reply.send(catalog::revoke_device(&shared, caller.user, device_id).await) });
+                tokio::spawn(async move {
+                    reply.send(catalog::revoke_device(&shared, caller.user, device_id, Some(caller.device)).await)
+                });
             }
             RequestBody::Block { user, blocked } => {
                 let shared = shared.clone();
