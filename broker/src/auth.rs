@@ -148,10 +148,10 @@ impl Auth {
     /// source address, and against the account if it exists (names that do not exist
     /// never become keys, so the table holds real accounts and addresses only). A name
     /// that exists and one that does not take the same checks in the same order, the
-    /// same work and the same count: a bad device key or signature is refused before
-    /// anything is counted, a password is counted once a hashing turn is taken. A name
-    /// that cannot exist (or a password too long for any account) is refused at once,
-    /// uncounted: nothing is guessed and no work is done.
+    /// same work and the same count against the address: a bad device key or signature
+    /// is refused before anything is counted, a password is counted once a hashing turn
+    /// is taken. A name that cannot exist (or a password too long for any account) is
+    /// refused at once, uncounted: nothing is guessed and no work is done.
     pub async fn check_login(
         &self,
         req: &Enroll,
@@ -262,6 +262,12 @@ impl Auth {
         Ok(())
     }
 
+    /// Password hashes (registrations, logins, password changes) running or queued, of
+    /// at most `ARGON2_CONCURRENCY` + `Config::argon2_queue` (past that, `OVERLOADED`).
+    pub fn password_checks(&self) -> usize {
+        self.argon.in_use()
+    }
+
     /// Operator path: creates a user without a device (`switchboard user add`).
     pub async fn add_user(&self, name: &str, password: &str) -> Result<UserId, ErrorBody> {
         check_user_name(name)?;
@@ -303,8 +309,8 @@ impl Auth {
     /// account's own: a stranger's failed logins never stop the owner's change. The new hash is stored only if the
     /// account's hash is still the one `current` was checked against, in the same
     /// catalog write: of two changes racing from the same password one wins, the other
-    /// is `AUTH_FAILED`. `device`, the one asking, must still be enrolled then, else
-    /// `DEVICE_REVOKED`. Durable when it returns.
+    /// is `AUTH_FAILED`. `device`, the one asking, must still be enrolled and its account
+    /// enabled then (`catalog::refusal_to`). Durable when it returns.
     pub async fn change_password(
         &self,
         user: UserId,
@@ -338,13 +344,17 @@ impl Auth {
         // The device asking must still be enrolled as the change is written (on the
         // catalog thread, in order with revokes): a change in flight from a device
         // revoked meanwhile must not land after its revoke was answered.
-        let set = crate::catalog::catalog_write(&self.store, move |s| match (s.user(user), s.device(user, device)) {
-            (Ok(_), Ok(None)) => Err(crate::catalog::revoked()),
-            (Ok(Some(account)), Ok(Some(_))) if account.password_hash == verified => {
-                Ok(Some(s.set_password(user, &hash)))
+        let set = crate::catalog::catalog_write(&self.store, move |s| {
+            match crate::catalog::refusal_to(s, user, device) {
+                Ok(Some(refused)) => return Err(refused),
+                Ok(None) => {}
+                Err(e) => return Ok(Some(Err(e))),
             }
-            (Ok(_), Ok(_)) => Ok(None),
-            (Err(e), _) | (_, Err(e)) => Ok(Some(Err(e))),
+            match s.user(user) {
+                Ok(Some(account)) if account.password_hash == verified => Ok(Some(s.set_password(user, &hash))),
+                Ok(_) => Ok(None),
+                Err(e) => Ok(Some(Err(e))),
+            }
         })
         .await??;
         let durable = set.ok_or_else(wrong_current_password)?.map_err(internal)?.ok_or_else(wrong_current_password)?;
@@ -607,6 +617,11 @@ impl Argon2Pool {
             waiting: Arc::new(AtomicUsize::new(0)),
             queue,
         }
+    }
+
+    /// Hashes running or waiting for a slot.
+    fn in_use(&self) -> usize {
+        ARGON2_CONCURRENCY.saturating_sub(self.slots.available_permits()) + self.waiting.load(Ordering::SeqCst)
     }
 
     /// A turn, or `OVERLOADED` if every slot is busy and the queue is full.

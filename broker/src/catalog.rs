@@ -375,23 +375,23 @@ pub(crate) async fn change_password(
 
 /// Revokes `device` of `user`, durably, and closes its connections; `NOT_FOUND` if there
 /// is no such device. `by`, the device asking (none for the operator), must still be
-/// enrolled when the revoke is written, on the catalog thread, else `DEVICE_REVOKED`:
-/// a request in flight from a device revoked meanwhile does nothing once its own revoke
-/// has been answered.
+/// enrolled and its account enabled when the revoke is written (`refusal_to`): a
+/// request in flight from a device revoked or an account disabled meanwhile does nothing
+/// once that has been answered.
 pub(crate) async fn revoke_device(
     shared: &Shared,
     user: UserId,
     device: DeviceId,
     by: Option<DeviceId>,
 ) -> Result<Reply, ErrorBody> {
-    let removed = catalog_write(&shared.store, move |s| match by.map(|by| s.device(user, by)) {
-        Some(Ok(None)) => Ok(None),
-        Some(Err(e)) => Err(e),
-        _ => s.remove_device(user, device).map(Some),
+    let durable = catalog_write(&shared.store, move |s| {
+        if let Some(refused) = by.map(|by| refusal_to(s, user, by)).transpose()?.flatten() {
+            return Ok(Err(refused));
+        }
+        s.remove_device(user, device).map(Ok)
     })
     .await?
-    .map_err(internal)?;
-    let Some(durable) = removed else { return Err(revoked()) };
+    .map_err(internal)??;
     let Some(durable) = durable else { return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")) };
     durable.await.map_err(internal)?;
     tracing::info!(user, device, "device revoked");
@@ -399,7 +399,16 @@ pub(crate) async fn revoke_device(
     Ok(Reply::Done)
 }
 
-/// The answer to a request from a device revoked while it was in flight.
-pub(crate) fn revoked() -> ErrorBody {
-    ErrorBody::new(ErrorCode::DEVICE_REVOKED, "this device was revoked")
+/// On the catalog thread, in order with revocations and disables: why a request from
+/// `device` of `user` that was admitted earlier must not be carried out now, if it
+/// must not (`DEVICE_REVOKED`, `ACCOUNT_DISABLED`, each answered to the operator or
+/// the user before this runs).
+pub(crate) fn refusal_to(s: &Store, user: UserId, device: DeviceId) -> StoreResult<Option<ErrorBody>> {
+    if s.device(user, device)?.is_none() {
+        return Ok(Some(ErrorBody::new(ErrorCode::DEVICE_REVOKED, "this device was revoked")));
+    }
+    if s.disabled(user)? {
+        return Ok(Some(ErrorBody::new(ErrorCode::ACCOUNT_DISABLED, "this account was disabled")));
+    }
+    Ok(None)
 }

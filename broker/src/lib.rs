@@ -139,6 +139,8 @@ pub struct Status {
     pub presence_users: usize,
     /// Devices disconnected with `SLOW_CONSUMER` since the start.
     pub slow_consumers: u64,
+    /// Password hashes running or queued (`Auth::password_checks`).
+    pub password_checks: usize,
 }
 
 impl Shared {
@@ -157,6 +159,7 @@ impl Shared {
             chunk_bytes_held: self.files.queued_chunk_bytes(),
             presence_users: self.presence.users(),
             slow_consumers: self.counters.slow_consumers.total(),
+            password_checks: self.auth.password_checks(),
         }
     }
 }
@@ -180,6 +183,7 @@ async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
             chunk_bytes_held = s.chunk_bytes_held,
             presence_users = s.presence_users,
             slow_consumers = s.slow_consumers,
+            password_checks = s.password_checks,
             "status"
         );
     }

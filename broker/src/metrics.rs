@@ -459,6 +459,11 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
         gauge("switchboard_chunk_buffer_bytes", "Bytes of upload chunk buffers held.", s.chunk_bytes_held as f64),
         gauge("switchboard_chunk_buffer_bytes_max", "transfer_buffer_bytes.", c.transfer_buffer_bytes as f64),
         gauge("switchboard_presence_users", "Users with a presence entry.", s.presence_users as f64),
+        gauge(
+            "switchboard_password_checks",
+            "Password hashes running or queued (past their bound, OVERLOADED).",
+            s.password_checks as f64,
+        ),
         gauge("switchboard_commit_delay_seconds", "commit_delay_us, in seconds.", c.commit_delay_us as f64 / 1e6),
         counter("switchboard_sessions_started_total", "Sessions authenticated.", Counters::get(&n.sessions_started)),
         Family {

@@ -10,6 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::limits::DATAGRAM_BUFFER_BYTES;
+use switchboard_protocol::limits::PREAUTH_MAX_FRAME_BYTES;
 
 /// The certificate the broker serves, and where it came from.
 pub struct Identity {
@@ -169,10 +170,23 @@ pub const ACK_ELICITING_THRESHOLD: u32 = 9;
 /// Bytes one stream may have unread at the broker.
 const STREAM_WINDOW: u32 = 256 * 1024;
 
-/// Bytes a connection may have unread at the broker: a stream window for the control
-/// stream and one for each of `max_transfer_streams`.
+/// Bytes a connection may have unread at the broker once authenticated: a stream
+/// window for the control stream and one for each of `max_transfer_streams`.
 fn connection_window(max_transfer_streams: u32) -> u32 {
     STREAM_WINDOW.saturating_mul(max_transfer_streams.saturating_add(1))
+}
+
+/// Bytes a connection may have unread at the broker before it is authenticated: its
+/// hello and its auth request, each at most `PREAUTH_MAX_FRAME_BYTES`, twice over. With
+/// the session's window from the start, each of up to `max_unauthenticated_connections`
+/// could make the broker buffer a whole stream window (256 KiB) while its request waits
+/// for a password hash.
+pub const PREAUTH_WINDOW: u32 = 4 * PREAUTH_MAX_FRAME_BYTES;
+
+/// Opens `conn`'s receive window to the session's (`connection_window`): called once it
+/// is authenticated, before it is told so.
+pub fn open_session_window(conn: &quinn::Connection, config: &Config) {
+    conn.set_receive_window(connection_window(config.max_transfer_streams).into());
 }
 
 /// The transport knobs, each chosen rather than inherited.
@@ -187,10 +201,11 @@ fn transport(config: &Config) -> quinn::TransportConfig {
     // Per-stream window: a full client frame (64 KiB) several times over.
     t.stream_receive_window(STREAM_WINDOW.into());
     // quinn's default connection window is unbounded: cap what one client can make us
-    // buffer. One stream window for the control stream plus one per transfer stream, so
-    // transfers that fill theirs still leave the control stream its whole window
-    // (PROTOCOL.md section 12; 1 MiB with the default 3 transfer streams).
-    t.receive_window(connection_window(config.max_transfer_streams).into());
+    // buffer. Before authentication, `PREAUTH_WINDOW`; from then on
+    // (`open_session_window`) one stream window for the control stream plus one per
+    // transfer stream, so transfers that fill theirs still leave the control stream its
+    // whole window (PROTOCOL.md section 12; 1 MiB with the default 3 transfer streams).
+    t.receive_window(PREAUTH_WINDOW.into());
     // Bytes we buffer unacknowledged toward one client; outbound queue caps the rest.
     t.send_window(2 * 1024 * 1024);
     t.send_fairness(true);

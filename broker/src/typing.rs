@@ -387,31 +387,40 @@ impl Typing {
                 }
             };
             for (user, typing) in changes {
-                let change = if typing {
-                    let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if !members.iter().any(|&(u, _)| u == user) {
-                        state.handle_gone(conv, user)
-                    } else {
-                        state.is_typing(conv, user).then_some(TypingChange { conv, user, typing })
+                let change = TypingChange { conv, user, typing };
+                if typing && !members.iter().any(|&(u, _)| u == user) {
+                    let ended = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_gone(conv, user);
+                    if let Some(stop) = ended {
+                        self.deliver(&self.audience(&members, user), stop);
+                        pushed.push(stop);
                     }
-                } else {
-                    Some(TypingChange { conv, user, typing })
-                };
-                if let Some(change) = change {
-                    self.push(&members, change);
-                    pushed.push(change);
+                    continue;
                 }
+                let others = self.audience(&members, user);
+                if typing {
+                    // Checked and sent under the state's lock: a message delivered
+                    // after the check is delivered after this start is queued for each
+                    // receiver (`entry_delivered` takes the lock first), and clears it.
+                    let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if !state.is_typing(conv, user) {
+                        continue;
+                    }
+                    self.deliver(&others, change);
+                } else {
+                    self.deliver(&others, change);
+                }
+                pushed.push(change);
             }
         }
         pushed
     }
 
-    /// Pushes one change to the other online `members`, not to anyone who blocks the
-    /// typist or whom the typist blocks (a failed read counts as blocked: typing is never
-    /// worth a leak).
-    fn push(&self, members: &[(UserId, Role)], TypingChange { conv, user, typing }: TypingChange) {
+    /// The online `members` to tell of `user`'s typing: not `user`, not anyone who
+    /// blocks `user` or whom `user` blocks (a failed read counts as blocked: typing is
+    /// never worth a leak). Reads a block key per online member.
+    fn audience(&self, members: &[(UserId, Role)], user: UserId) -> Vec<UserId> {
         // The in-memory look first: block keys are read for online members only.
-        let others: Vec<UserId> = members
+        members
             .iter()
             .map(|&(u, _)| u)
             .filter(|&u| {
@@ -419,10 +428,14 @@ impl Typing {
                     && self.online.sessions(u).is_some()
                     && matches!(self.store.blocked_between(u, user), Ok(false))
             })
-            .collect();
+            .collect()
+    }
+
+    /// Sends `change` to `others`' online devices (no store reads).
+    fn deliver(&self, others: &[UserId], TypingChange { conv, user, typing }: TypingChange) {
         match encode_frame(&ServerFrame::Event(Event::Typing { conv, user, typing })) {
             Ok(frame) => {
-                self.online.deliver_ephemeral(&others, &frame);
+                self.online.deliver_ephemeral(others, &frame);
             }
             Err(e) => tracing::error!(error = %e, "a typing event did not encode"),
         }

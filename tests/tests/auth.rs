@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use switchboard_protocol::{ErrorCode, Page, Reply, RequestBody, ServerFrame, auth_transcript};
-use switchboard_tests::{PreAuth, TestBroker, authenticate, bounded, closed_with, request_frame};
+use switchboard_tests::{
+    PreAuth, STEP_DEADLINE, TestBroker, authenticate, bounded, closed_with, request_frame, within,
+};
 
 #[tokio::test]
 async fn revoked_device_is_disconnected_and_cannot_return() {
@@ -362,34 +364,56 @@ async fn a_revoked_devices_requests_already_sent_are_not_carried_out() {
     .await
 }
 
-/// A password change in flight from a device that is revoked meanwhile does not land
-/// once the revocation has been answered, nor do the revocations it asked for (before:
-/// a thief's change waiting for its password hash set the thief's password after the
-/// owner had revoked the thief's device, and signed the owner's devices out).
+/// A password change in flight from a device that is revoked meanwhile, or whose account
+/// the operator disables meanwhile, does not land once that has been answered, nor do
+/// the revocations it asked for (before: a thief's change waiting for its password hash
+/// set the thief's password after the owner had revoked the thief's device, and signed
+/// the owner's devices out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_change_in_flight_from_a_revoked_device_does_not_land() {
+    use switchboard_broker::admin::{AdminRequest, Ops, execute};
     bounded(async {
-        let tb = TestBroker::start_with(|c| {
-            // The change's two hashes take long enough for the revocation to come first.
-            c.argon2_memory_kib = 64 * 1024;
-            c.argon2_iterations = 2;
-        })
-        .await;
-        let (laptop, _) = tb.register("alice").await;
-        let (phone, phone_id) = tb.login("alice").await;
-        let password = tb.password;
-        let change = tokio::spawn(async move { phone.change_password(password, "the thief's passphrase", true).await });
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
-        let _ = change.await.unwrap();
-        // The change's hashes end well within this; had it landed, it would have signed
-        // the laptop out.
-        let signed_out = tokio::time::timeout(Duration::from_secs(3), laptop.closed()).await;
-        assert!(signed_out.is_err(), "the laptop was signed out by a revoked device: {signed_out:?}");
-        laptop.ping().await.unwrap();
-        let refused = tb.connector().login("alice", "the thief's passphrase", "d").await.err().unwrap();
-        assert_eq!(refused.code(), Some(ErrorCode::AUTH_FAILED));
-        tb.connector().login("alice", tb.password, "d").await.unwrap();
+        for disable in [false, true] {
+            let tb = TestBroker::start_with(|c| {
+                // The change's two hashes take long enough for the revocation to come first.
+                c.argon2_memory_kib = 64 * 1024;
+                c.argon2_iterations = 4;
+            })
+            .await;
+            let (laptop, _) = tb.register("alice").await;
+            let (phone, phone_id) = tb.login("alice").await;
+            let password = tb.password;
+            let change =
+                tokio::spawn(async move { phone.change_password(password, "the thief's passphrase", true).await });
+            // Revoked (or disabled) once the change is being hashed: admitted, in flight.
+            let shared = tb.shared();
+            let hashing = |busy: bool| async move {
+                while (shared.status().password_checks > 0) != busy {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            within(STEP_DEADLINE, "the change's hash", hashing(true)).await;
+            let ops = Ops { store: &shared.store, auth: &shared.auth, broker: Some(shared) };
+            let set_disabled = |disabled| AdminRequest::UserDisable { name: "alice".into(), disabled };
+            if disable {
+                execute(&ops, set_disabled(true)).await.unwrap_or_else(|e| panic!("{e}"));
+            } else {
+                laptop.revoke_device(phone_id.device_id).await.unwrap();
+            }
+            let _ = change.await.unwrap();
+            within(STEP_DEADLINE, "the change's end", hashing(false)).await;
+            if disable {
+                execute(&ops, set_disabled(false)).await.unwrap_or_else(|e| panic!("{e}"));
+            } else {
+                // Had the change landed, it would have signed the laptop out.
+                let signed_out = tokio::time::timeout(Duration::from_secs(1), laptop.closed()).await;
+                assert!(signed_out.is_err(), "the laptop was signed out by a revoked device: {signed_out:?}");
+                laptop.ping().await.unwrap();
+            }
+            let refused = tb.connector().login("alice", "the thief's passphrase", "d").await.err().unwrap();
+            assert_eq!(refused.code(), Some(ErrorCode::AUTH_FAILED), "disabled: {disable}");
+            tb.connector().login("alice", tb.password, "d").await.unwrap();
+        }
     })
     .await
 }

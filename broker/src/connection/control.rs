@@ -42,8 +42,11 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     let mut attached = Attached { shared: &shared, user, session, presence: false };
     // A revoke that ran between the signature check and the attach found no session
     // to close: look again now that the session is visible to revokes.
-    if !matches!(shared.store.device(user, device), Ok(Some(_))) {
-        return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into()));
+    match shared.store.device(user, device) {
+        Ok(Some(_)) => {}
+        Ok(None) => return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into())),
+        // Not told it was revoked: it was not, as far as anyone knows.
+        Err(_) => return close(&conn, Close(ErrorCode::INTERNAL, "internal error".into())),
     }
     // Likewise an account disabled meanwhile (its sessions were closed before this one
     // was visible).

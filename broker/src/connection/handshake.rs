@@ -132,6 +132,8 @@ pub(super) async fn authenticate(
     };
     // Disabled meanwhile: not told `Authed` (the session's attach checks once more).
     crate::auth::refuse_if_disabled(&shared.store, user)?;
+    // The session's receive window, before the client may send its first request.
+    crate::tls::open_session_window(conn, &shared.config);
     // The peer's flow control paces this write, so it has the auth deadline too: a peer
     // that grants no room for it would otherwise hold its connection's place and one of
     // its user's while out of revoke's and disable's reach (not attached yet).
