@@ -441,6 +441,12 @@ async fn connections_beyond_max_connections_are_refused() {
         }
         let addr = tb.broker.as_ref().unwrap().local_addr;
         let endpoint = tb.connector().endpoint().clone();
+        // The first was admitted before its address was proved (below half of the
+        // places, no Retry is asked): a newcomer that proves its address takes its place,
+        // and the broker closes it with OVERLOADED.
+        let _newcomer = within(STEP_DEADLINE, "connect", endpoint.connect(addr, "localhost").unwrap()).await.unwrap();
+        assert_eq!(closed_with(&open.remove(0).conn).await, Some(ErrorCode::OVERLOADED));
+        // Every place is held by a proved address, all of one source: refused.
         let refused = within(STEP_DEADLINE, "refused connect", endpoint.connect(addr, "localhost").unwrap())
             .await
             .expect_err("a connection beyond max_unauthenticated_connections is refused");

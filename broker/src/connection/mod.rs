@@ -14,11 +14,13 @@ mod handshake;
 mod transfer;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use bytes::Bytes;
 use switchboard_protocol::{ErrorBody, ErrorCode, FrameDecoder, decode, encode_frame};
@@ -72,8 +74,14 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, 
 
 /// Runs one incoming connection to its end.
 async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenticated, backlog: Arc<SocketBacklog>) {
+    let evicted = place.eviction();
     // Dropping an attempt that missed its deadline closes it.
-    let conn = match tokio::time::timeout(shared.config.quic_handshake_timeout(), incoming).await {
+    let handshake = tokio::time::timeout(shared.config.quic_handshake_timeout(), incoming);
+    let conn = tokio::select! {
+        _ = evicted.notified() => return,
+        conn = handshake => conn,
+    };
+    let conn = match conn {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
@@ -95,7 +103,13 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
         }
         close(&conn, c)
     };
-    let hello = match tokio::time::timeout(deadline, Box::pin(handshake::hello(&conn))).await {
+    // Its place taken for a newcomer (`Admission`): told so, and gone.
+    let gone = || refused(Close(ErrorCode::OVERLOADED, "every handshake place is taken; retry shortly".into()));
+    let hello = tokio::select! {
+        _ = evicted.notified() => return gone(),
+        hello = tokio::time::timeout(deadline, Box::pin(handshake::hello(&conn))) => hello,
+    };
+    let hello = match hello {
         Ok(Ok(h)) => h,
         Ok(Err(c)) => return refused(c),
         Err(_) => return refused(Close(ErrorCode::TIMEOUT, "authentication deadline passed".into())),
@@ -107,6 +121,7 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
     let authed = tokio::select! {
         biased;
         _ = conn.closed() => return,
+        _ = evicted.notified() => return gone(),
         authed = Box::pin(handshake::authenticate(&shared, &conn, hello, place)) => authed,
     };
     let (authed, _session) = match authed {
@@ -132,6 +147,11 @@ pub(crate) enum Verdict {
 /// Once half of the unauthenticated places are taken ("under load"), a connection from
 /// an address that has not proved it receives our packets is asked to (QUIC Retry), and
 /// one source address (an IPv6 /64) may hold at most `UNAUTHENTICATED_PER_ADDRESS`.
+/// When every place is taken, a newcomer that proved its address takes the place of one
+/// that has not (spoofed Initials cost nothing to send), else of the oldest connection
+/// of the source holding the most places, if that source holds at least two more than
+/// the newcomer's: a few sources cannot keep everyone else from signing in (before, 8
+/// sources of 64 places each plus spoofed Initials held every place).
 pub(crate) struct Admission {
     max_sessions: usize,
     max_unauthenticated: usize,
@@ -142,25 +162,71 @@ pub(crate) struct Admission {
 #[derive(Default)]
 struct Pending {
     total: usize,
-    by_source: HashMap<IpAddr, usize>,
+    /// Each source's places, oldest first.
+    by_source: HashMap<IpAddr, VecDeque<Held>>,
+    next_id: u64,
 }
 
-/// A place for a connection not yet authenticated; given back when dropped.
+/// One unauthenticated place as `Pending` holds it.
+struct Held {
+    id: u64,
+    validated: bool,
+    evict: Arc<Notify>,
+}
+
+impl Pending {
+    fn count(&self, source: &IpAddr) -> usize {
+        self.by_source.get(source).map_or(0, VecDeque::len)
+    }
+
+    /// Takes a place from someone for a validated newcomer from `source` (see
+    /// `Admission`), telling its connection to go; whether one was freed.
+    fn evict_for(&mut self, source: &IpAddr) -> bool {
+        let unvalidated =
+            self.by_source.iter().find_map(|(s, held)| held.iter().position(|h| !h.validated).map(|i| (*s, i)));
+        let victim = unvalidated.or_else(|| {
+            let (largest, held) = self.by_source.iter().max_by_key(|(_, held)| held.len())?;
+            (held.len() >= self.count(source) + 2).then_some((*largest, 0))
+        });
+        let Some((victim_source, index)) = victim else { return false };
+        let Some(held) = self.by_source.get_mut(&victim_source) else { return false };
+        let Some(victim) = held.remove(index) else { return false };
+        if held.is_empty() {
+            self.by_source.remove(&victim_source);
+        }
+        self.total -= 1;
+        victim.evict.notify_one();
+        true
+    }
+}
+
+/// A place for a connection not yet authenticated; given back when dropped (unless it
+/// was taken for a newcomer: then `evicted` fires).
 pub(crate) struct Unauthenticated {
     source: IpAddr,
+    id: u64,
+    evict: Arc<Notify>,
     pending: Arc<Mutex<Pending>>,
+}
+
+impl Unauthenticated {
+    /// What fires when this place is taken for a newcomer: its connection must close.
+    pub(crate) fn eviction(&self) -> Arc<Notify> {
+        self.evict.clone()
+    }
 }
 
 impl Drop for Unauthenticated {
     fn drop(&mut self) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.total -= 1;
-        if let Some(n) = pending.by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                pending.by_source.remove(&self.source);
-            }
+        let Some(held) = pending.by_source.get_mut(&self.source) else { return };
+        // Absent when it was taken for a newcomer (counted out then).
+        let Some(index) = held.iter().position(|h| h.id == self.id) else { return };
+        held.remove(index);
+        if held.is_empty() {
+            pending.by_source.remove(&self.source);
         }
+        pending.total -= 1;
     }
 }
 
@@ -192,20 +258,22 @@ impl Admission {
         }
         let source = crate::auth::source(from);
         let mut pending = self.unauthenticated.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.total >= self.max_unauthenticated {
-            return Verdict::Refuse;
-        }
         if pending.total * 2 >= self.max_unauthenticated {
             if !validated {
                 return Verdict::Retry;
             }
-            if pending.by_source.get(&source).copied().unwrap_or(0) >= UNAUTHENTICATED_PER_ADDRESS {
+            if pending.count(&source) >= UNAUTHENTICATED_PER_ADDRESS {
                 return Verdict::Refuse;
             }
         }
+        if pending.total >= self.max_unauthenticated && !pending.evict_for(&source) {
+            return Verdict::Refuse;
+        }
         pending.total += 1;
-        *pending.by_source.entry(source).or_insert(0) += 1;
-        Verdict::Admit(Unauthenticated { source, pending: self.unauthenticated.clone() })
+        let (id, evict) = (pending.next_id, Arc::new(Notify::new()));
+        pending.next_id += 1;
+        pending.by_source.entry(source).or_default().push_back(Held { id, validated, evict: evict.clone() });
+        Verdict::Admit(Unauthenticated { source, id, evict, pending: self.unauthenticated.clone() })
     }
 
     /// Sessions served now, and connections not yet authenticated.
@@ -284,16 +352,70 @@ mod tests {
         assert!(matches!(a.judge(ip(3), false), Verdict::Retry));
         let p3 = admitted(a.judge(ip(3), true));
         let p4 = admitted(a.judge(ip(4), true));
-        assert!(matches!(a.judge(ip(5), true), Verdict::Refuse), "every unauthenticated place is taken");
-        // Authenticated, they move to session places and free theirs.
-        let s1 = a.promote(p1).unwrap();
-        let s2 = a.promote(p2).unwrap();
-        assert_eq!(a.promote(p3).err().unwrap().code, ErrorCode::OVERLOADED);
-        assert!(matches!(a.judge(ip(5), true), Verdict::Refuse), "no session place would be free");
-        drop(s1);
+        // Every place taken: proved newcomers take the unproved ones' places, then none.
         let p5 = admitted(a.judge(ip(5), true));
-        drop((s2, p4, p5));
+        let p6 = admitted(a.judge(ip(6), true));
+        assert!(evicted(&a, &p1) && evicted(&a, &p2));
+        assert!(matches!(a.judge(ip(7), true), Verdict::Refuse), "every unauthenticated place is taken");
+        drop((p1, p2));
+        assert_eq!(a.unauthenticated.lock().unwrap().total, 4, "an evicted place was counted out once");
+        // Authenticated, they move to session places and free theirs.
+        let s1 = a.promote(p3).unwrap();
+        let s2 = a.promote(p4).unwrap();
+        assert_eq!(a.promote(p5).err().unwrap().code, ErrorCode::OVERLOADED);
+        assert!(matches!(a.judge(ip(7), true), Verdict::Refuse), "no session place would be free");
+        drop(s1);
+        let p7 = admitted(a.judge(ip(7), true));
+        drop((s2, p6, p7));
         assert_eq!(a.sessions.load(Ordering::SeqCst), 0);
+        assert_eq!(a.unauthenticated.lock().unwrap().total, 0);
+        assert!(a.unauthenticated.lock().unwrap().by_source.is_empty());
+    }
+
+    /// Whether `place` was taken for a newcomer (it no longer counts).
+    fn evicted(a: &Admission, place: &Unauthenticated) -> bool {
+        let pending = a.unauthenticated.lock().unwrap();
+        !pending.by_source.get(&place.source).is_some_and(|held| held.iter().any(|h| h.id == place.id))
+    }
+
+    /// Every place taken: a newcomer that proved its address takes the place of one that
+    /// has not, else of the oldest of the largest source, if that source holds two more
+    /// than the newcomer's; never a place of a source as small as its own. Before, a few
+    /// sources and spoofed Initials could hold every place, and everyone else was refused.
+    #[test]
+    fn when_full_a_newcomer_takes_the_place_of_an_unproved_or_crowding_one() {
+        let a = admission(10_000, 8);
+        // Below half, unproved addresses (spoofed Initials) take places freely.
+        let spoofed: Vec<Unauthenticated> = (0..4).map(|i| admitted(a.judge(ip(100 + i), false))).collect();
+        // Then one source takes the rest.
+        let crowd: Vec<Unauthenticated> = (0..4).map(|_| admitted(a.judge(ip(1), true))).collect();
+        assert!(matches!(a.judge(ip(2), false), Verdict::Retry), "unproved: asked to prove it first");
+        // Proved newcomers take the unproved places first, then the crowd's oldest.
+        let mut newcomers = Vec::new();
+        for i in 0..4 {
+            newcomers.push(admitted(a.judge(ip(2 + i), true)));
+            assert_eq!(spoofed.iter().filter(|p| evicted(&a, p)).count(), i as usize + 1);
+        }
+        assert!(crowd.iter().all(|p| !evicted(&a, p)));
+        newcomers.push(admitted(a.judge(ip(6), true)));
+        assert!(evicted(&a, &crowd[0]) && !evicted(&a, &crowd[1]), "the crowd's oldest goes first");
+        newcomers.push(admitted(a.judge(ip(7), true)));
+        assert!(evicted(&a, &crowd[1]));
+        // Its connection is told to go.
+        let evict = crowd[1].eviction();
+        let told = evict.notified();
+        tokio::pin!(told);
+        assert!(told.as_mut().enable(), "the evicted connection was not told");
+        // The crowd now holds two, each newcomer one: the crowd's next newcomer, or one
+        // from a source holding one, takes nobody's place; one from a new source takes
+        // the crowd's (two against none), and then every source holds one.
+        assert!(matches!(a.judge(ip(1), true), Verdict::Refuse));
+        assert!(matches!(a.judge(ip(2), true), Verdict::Refuse));
+        newcomers.push(admitted(a.judge(ip(8), true)));
+        assert!(evicted(&a, &crowd[2]) && !evicted(&a, &crowd[3]));
+        assert!(matches!(a.judge(ip(9), true), Verdict::Refuse), "nobody holds two more than a newcomer");
+        assert_eq!(a.unauthenticated.lock().unwrap().total, 8);
+        drop((spoofed, crowd, newcomers));
         assert_eq!(a.unauthenticated.lock().unwrap().total, 0);
         assert!(a.unauthenticated.lock().unwrap().by_source.is_empty());
     }
