@@ -82,7 +82,10 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
         conn = handshake => conn,
     };
     let conn = match conn {
-        Ok(Ok(c)) => c,
+        Ok(Ok(c)) => {
+            place.proved();
+            c
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
             return;
@@ -114,6 +117,9 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
         Ok(Err(c)) => return refused(c),
         Err(_) => return refused(Close(ErrorCode::TIMEOUT, "authentication deadline passed".into())),
     };
+    if !place.checking() {
+        return gone();
+    }
     // A peer that goes away abandons its request: waiting for a password-hashing turn
     // stops with it (a hash already running finishes, holding only its slot).
     // Boxed: the auth state is large and short-lived; inline it would stay in every
@@ -121,7 +127,6 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
     let authed = tokio::select! {
         biased;
         _ = conn.closed() => return,
-        _ = evicted.notified() => return gone(),
         authed = Box::pin(handshake::authenticate(&shared, &conn, hello, place)) => authed,
     };
     let (authed, _session) = match authed {
@@ -151,7 +156,8 @@ pub(crate) enum Verdict {
 /// that has not (spoofed Initials cost nothing to send), else of the oldest connection
 /// of the source holding the most places, if that source holds at least two more than
 /// the newcomer's: a few sources cannot keep everyone else from signing in (before, 8
-/// sources of 64 places each plus spoofed Initials held every place).
+/// sources of 64 places each plus spoofed Initials held every place). A place whose auth
+/// request is being checked is never taken.
 pub(crate) struct Admission {
     max_sessions: usize,
     max_unauthenticated: usize,
@@ -170,7 +176,11 @@ struct Pending {
 /// One unauthenticated place as `Pending` holds it.
 struct Held {
     id: u64,
+    /// Its peer proved its address: a Retry, or a QUIC handshake completed.
     validated: bool,
+    /// Its auth request is being checked: never taken for a newcomer (a cancelled check
+    /// would waste its password hash, or leave a device enrolled and never told).
+    checking: bool,
     evict: Arc<Notify>,
 }
 
@@ -186,7 +196,10 @@ impl Pending {
             self.by_source.iter().find_map(|(s, held)| held.iter().position(|h| !h.validated).map(|i| (*s, i)));
         let victim = unvalidated.or_else(|| {
             let (largest, held) = self.by_source.iter().max_by_key(|(_, held)| held.len())?;
-            (held.len() >= self.count(source) + 2).then_some((*largest, 0))
+            if held.len() < self.count(source) + 2 {
+                return None;
+            }
+            held.iter().position(|h| !h.checking).map(|i| (*largest, i))
         });
         let Some((victim_source, index)) = victim else { return false };
         let Some(held) = self.by_source.get_mut(&victim_source) else { return false };
@@ -213,6 +226,23 @@ impl Unauthenticated {
     /// What fires when this place is taken for a newcomer: its connection must close.
     pub(crate) fn eviction(&self) -> Arc<Notify> {
         self.evict.clone()
+    }
+
+    /// Its peer completed the QUIC handshake, so it receives packets at its address.
+    pub(crate) fn proved(&self) {
+        self.update(|held| held.validated = true);
+    }
+
+    /// Its auth request is about to be checked: from now on its place is never taken.
+    /// `false` if it was taken already (then `eviction` has fired).
+    pub(crate) fn checking(&self) -> bool {
+        self.update(|held| held.checking = true)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Held)) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let held = pending.by_source.get_mut(&self.source).and_then(|h| h.iter_mut().find(|h| h.id == self.id));
+        held.map(change).is_some()
     }
 }
 
@@ -272,7 +302,8 @@ impl Admission {
         pending.total += 1;
         let (id, evict) = (pending.next_id, Arc::new(Notify::new()));
         pending.next_id += 1;
-        pending.by_source.entry(source).or_default().push_back(Held { id, validated, evict: evict.clone() });
+        let held = Held { id, validated, checking: false, evict: evict.clone() };
+        pending.by_source.entry(source).or_default().push_back(held);
         Verdict::Admit(Unauthenticated { source, id, evict, pending: self.unauthenticated.clone() })
     }
 
@@ -380,15 +411,17 @@ mod tests {
 
     /// Every place taken: a newcomer that proved its address takes the place of one that
     /// has not, else of the oldest of the largest source, if that source holds two more
-    /// than the newcomer's; never a place of a source as small as its own. Before, a few
-    /// sources and spoofed Initials could hold every place, and everyone else was refused.
+    /// than the newcomer's; never a place of a source as small as its own, and never one
+    /// whose auth request is being checked. Before, a few sources and spoofed Initials
+    /// could hold every place, and everyone else was refused.
     #[test]
     fn when_full_a_newcomer_takes_the_place_of_an_unproved_or_crowding_one() {
         let a = admission(10_000, 8);
         // Below half, unproved addresses (spoofed Initials) take places freely.
         let spoofed: Vec<Unauthenticated> = (0..4).map(|i| admitted(a.judge(ip(100 + i), false))).collect();
-        // Then one source takes the rest.
+        // Then one source takes the rest; its oldest is having its auth request checked.
         let crowd: Vec<Unauthenticated> = (0..4).map(|_| admitted(a.judge(ip(1), true))).collect();
+        assert!(crowd[0].checking());
         assert!(matches!(a.judge(ip(2), false), Verdict::Retry), "unproved: asked to prove it first");
         // Proved newcomers take the unproved places first, then the crowd's oldest.
         let mut newcomers = Vec::new();
@@ -396,23 +429,25 @@ mod tests {
             newcomers.push(admitted(a.judge(ip(2 + i), true)));
             assert_eq!(spoofed.iter().filter(|p| evicted(&a, p)).count(), i as usize + 1);
         }
+        assert!(!spoofed[0].checking(), "an evicted place is not checked");
         assert!(crowd.iter().all(|p| !evicted(&a, p)));
         newcomers.push(admitted(a.judge(ip(6), true)));
-        assert!(evicted(&a, &crowd[0]) && !evicted(&a, &crowd[1]), "the crowd's oldest goes first");
+        assert!(!evicted(&a, &crowd[0]), "a place being checked is never taken");
+        assert!(evicted(&a, &crowd[1]) && !evicted(&a, &crowd[2]), "the crowd's oldest goes first");
         newcomers.push(admitted(a.judge(ip(7), true)));
-        assert!(evicted(&a, &crowd[1]));
+        assert!(evicted(&a, &crowd[2]));
         // Its connection is told to go.
-        let evict = crowd[1].eviction();
+        let evict = crowd[2].eviction();
         let told = evict.notified();
         tokio::pin!(told);
         assert!(told.as_mut().enable(), "the evicted connection was not told");
         // The crowd now holds two, each newcomer one: the crowd's next newcomer, or one
         // from a source holding one, takes nobody's place; one from a new source takes
-        // the crowd's (two against none), and then every source holds one.
+        // the crowd's (two against none), and then no source holds two.
         assert!(matches!(a.judge(ip(1), true), Verdict::Refuse));
         assert!(matches!(a.judge(ip(2), true), Verdict::Refuse));
         newcomers.push(admitted(a.judge(ip(8), true)));
-        assert!(evicted(&a, &crowd[2]) && !evicted(&a, &crowd[3]));
+        assert!(evicted(&a, &crowd[3]) && !evicted(&a, &crowd[0]));
         assert!(matches!(a.judge(ip(9), true), Verdict::Refuse), "nobody holds two more than a newcomer");
         assert_eq!(a.unauthenticated.lock().unwrap().total, 8);
         drop((spoofed, crowd, newcomers));
