@@ -214,7 +214,7 @@ impl Pending {
 }
 
 /// A place for a connection not yet authenticated; given back when dropped (unless it
-/// was taken for a newcomer: then `evicted` fires).
+/// was taken for a newcomer: then `eviction` fires).
 pub(crate) struct Unauthenticated {
     source: IpAddr,
     id: u64,
