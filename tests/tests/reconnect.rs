@@ -31,7 +31,29 @@ fn kick(tb: &TestBroker, user: UserId) {
 /// Starts the stopped broker again on `addr`, where its clients look for it.
 async fn start_again_at(tb: &mut TestBroker, addr: std::net::SocketAddr) {
     let config = Config { listen: addr, ..switchboard_tests::test_config(tb.data_dir()) };
-    tb.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+    tb.broker = Some(start_on_a_freed_port(config).await);
+}
+
+/// Starts a broker on `config.listen`, a port a broker just shut down was using: its
+/// socket is released when its endpoint's last connection is gone, which may be a
+/// moment after `shutdown` returned (a client reconnecting meanwhile holds one in its
+/// handshake; a flaky `AddrInUse` in CI's `reconnect`), so a bind refused for that is
+/// tried again.
+async fn start_on_a_freed_port(config: Config) -> Broker {
+    within(STEP_DEADLINE, "broker start on a freed port", async {
+        loop {
+            match Broker::start(config.clone()).await {
+                Ok(broker) => return broker,
+                Err(switchboard_broker::error::Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
 }
 
 /// Reads events until one matches `what`.
@@ -396,7 +418,7 @@ async fn a_refused_certificate_stops_only_a_session_that_never_connected() {
         // Another broker (its own certificate) at the same address.
         let other_dir = tempfile::tempdir().unwrap();
         let other = Config { listen: addr, ..switchboard_tests::test_config(other_dir.path().join("data")) };
-        let impostor = within(STEP_DEADLINE, "impostor start", Broker::start(other)).await.unwrap();
+        let impostor = start_on_a_freed_port(other).await;
         wait_for(
             &mut events,
             "a refused certificate",
