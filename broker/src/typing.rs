@@ -397,18 +397,15 @@ impl Typing {
                     continue;
                 }
                 let others = self.audience(&members, user);
-                if typing {
-                    // Checked and sent under the state's lock: a message delivered
-                    // after the check is delivered after this start is queued for each
-                    // receiver (`entry_delivered` takes the lock first), and clears it.
-                    let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if !state.is_typing(conv, user) {
-                        continue;
-                    }
-                    self.deliver(&others, change);
-                } else {
-                    self.deliver(&others, change);
+                // A start is checked and sent under the state's lock: a message delivered
+                // after the check is delivered after this start is queued for each
+                // receiver (`entry_delivered` takes the lock first), and clears it.
+                let standing = typing.then(|| self.state.lock().unwrap_or_else(|p| p.into_inner()));
+                if standing.as_ref().is_some_and(|state| !state.is_typing(conv, user)) {
+                    continue;
                 }
+                self.deliver(&others, change);
+                drop(standing);
                 pushed.push(change);
             }
         }
