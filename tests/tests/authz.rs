@@ -631,6 +631,16 @@ async fn a_member_without_the_role_is_refused() {
         }
         // The admin may remove a plain member: the refusals above were about rank.
         dave.remove_member(w.group, w.carol).await.unwrap();
+        // Names that resolve to nobody are told only to a member who may add them (before:
+        // NOT_FOUND to any member, the names checked before the role).
+        let unknown = vec!["nobody-here".to_string()];
+        let adds: [(&Client, Role, ErrorCode); 3] =
+            [(&w.bob, Role::Member, FORBIDDEN), (&dave, Role::Admin, FORBIDDEN), (&dave, Role::Member, NOT_FOUND)];
+        for (client, role, code) in adds {
+            let what = format!("adding an unknown name as {role:?} by user {}", client.user_id);
+            let add = RequestBody::AddMembers { conv: w.group, users: unknown.clone(), role };
+            assert_eq!(refusal(client.request(add).await, &what).code, code, "{what}");
+        }
     })
     .await
 }

@@ -268,11 +268,11 @@ impl Session {
             }
             // Names are resolved here, in order (a few index reads), not on a task: a
             // pipelined add then send must reach the conversation in that order. A name
-            // that does not resolve is said only to a member: anyone else is refused as
-            // by the conversation (membership comes before the rest).
+            // that does not resolve is said only to a member who may add: anyone else is
+            // refused as by the conversation (membership and role come before the rest).
             RequestBody::AddMembers { conv, users, role } => match catalog::resolve_users(shared, &users) {
                 Ok(users) => convs.write(shared, conv, caller, Command::Add { users, role }, reply).await,
-                Err(e) => reply.send(Err(convs.refusal(shared, conv, caller).unwrap_or(e))),
+                Err(e) => reply.send(Err(convs.add_refusal(shared, conv, caller, role).unwrap_or(e))),
             },
             RequestBody::History { conv, page, limit } => {
                 convs.read(shared, conv, caller, Read::History { page, limit }, reply).await

@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::limits::MAX_MARKS_PER_REQUEST;
-use switchboard_protocol::{ClientMsgId, ConvId, ErrorBody, ErrorCode, Reply, Seq, UserId};
+use switchboard_protocol::{ClientMsgId, ConvId, ErrorBody, ErrorCode, Reply, Role, Seq, UserId};
 use switchboard_storage::Store;
 
 use super::actor::{ConvArgs, ConvMsg, Conversation, MarkReply};
-use super::state::{Caller, Command, Mark, Read, not_a_member};
+use super::state::{Caller, Command, Mark, Read, may_add, not_a_member};
 use crate::Shared;
 use crate::reply::{Responder, internal};
 
@@ -145,12 +145,22 @@ impl ConvDirectory {
         self.request(shared, conv, caller, ConvMsg::Write(caller, cmd, reply)).await
     }
 
-    /// What a request of `caller` about `conv` that carries no client id would be
-    /// refused with before reaching the conversation, if anything (`gate`): for work done
-    /// before a request is handed over (resolving names) that must not answer a stranger
-    /// before the conversation would.
-    pub fn refusal(&self, shared: &Shared, conv: ConvId, caller: Caller) -> Option<ErrorBody> {
-        gate(shared, conv, caller, None).err()
+    /// What an `AddMembers` of `caller` to `conv` as `role` would be refused with by
+    /// the conversation whoever it names, if anything: not a member (`gate`), then
+    /// `may_add` on the caller's stored role. For the names resolved before the request
+    /// is handed over: an unknown name is told only to whom the conversation would tell
+    /// it (not to a stranger, nor to a member who may not add).
+    pub fn add_refusal(&self, shared: &Shared, conv: ConvId, caller: Caller, role: Role) -> Option<ErrorBody> {
+        if let Err(refused) = gate(shared, conv, caller, None) {
+            return Some(refused);
+        }
+        let store = &shared.store;
+        let (caller_role, record) = match (store.member(conv, caller.user), store.conversation(conv)) {
+            (Ok(Some(r)), Ok(Some(c))) => (r, c),
+            (Ok(_), Ok(_)) => return Some(not_a_member()),
+            (Err(e), _) | (_, Err(e)) => return Some(internal(e)),
+        };
+        may_add(record.kind, caller_role, role).err()
     }
 
     /// A read of `conv`'s durable state.

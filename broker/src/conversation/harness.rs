@@ -805,6 +805,32 @@ mod tests {
         assert_eq!(history[2], (3, Body::Redacted { target: 2 }));
     }
 
+    /// Edit and delete answer by what the target is first: a deleted message is
+    /// `NOT_FOUND` to everyone (PROTOCOL section 8), someone else's live one `FORBIDDEN`,
+    /// a membership entry `INVALID` to its sender. Before, a deleted message of someone
+    /// else's was `FORBIDDEN`.
+    #[test]
+    fn edit_and_delete_answer_by_what_the_target_is() {
+        let mut h = group();
+        h.send(BOB, 1, "gone soon");
+        h.send(BOB, 2, "stays");
+        h.commit();
+        h.write(BOB, Command::Delete { client_id: [3; 16], target: 2 });
+        h.commit();
+        let cases =
+            [(OWNER, 2, ErrorCode::NOT_FOUND), (BOB, 2, ErrorCode::NOT_FOUND), (OWNER, 3, ErrorCode::FORBIDDEN)];
+        for (i, (user, target, code)) in cases.into_iter().enumerate() {
+            let id = [10 + 2 * i as u8; 16];
+            let edit = h.write(user, Command::Edit { client_id: id, target, text: "x".into() });
+            let delete = h.write(user, Command::Delete { client_id: [11 + 2 * i as u8; 16], target });
+            h.commit();
+            let what = format!("user {user} on seq {target}");
+            assert_eq!((h.ack(edit), h.ack(delete)), (Some(Err(code)), Some(Err(code))), "{what}");
+        }
+        let on_creation = h.write(OWNER, Command::Delete { client_id: [30; 16], target: 1 });
+        assert_eq!(h.ack(on_creation), Some(Err(ErrorCode::INVALID)), "the creation entry is no message");
+    }
+
     #[test]
     fn a_successor_replays_each_undelivered_entry_to_the_members_as_of_that_entry() {
         let mut h = group();

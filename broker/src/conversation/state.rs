@@ -921,15 +921,7 @@ impl<R> ConversationState<R> {
                 Body::Delete { target: t }
             }
             Command::Add { users, role: new_role } => {
-                self.group_admin(role)?;
-                if new_role == Role::Owner {
-                    return Err(err(ErrorCode::INVALID, "a group has one owner"));
-                }
-                // Adding as an admin makes one, which `SetRole` leaves to the owner (an
-                // admin could otherwise remove a member and add them back promoted).
-                if new_role == Role::Admin && role != Role::Owner {
-                    return Err(err(ErrorCode::FORBIDDEN, "only the owner makes admins"));
-                }
+                may_add(self.kind, role, new_role)?;
                 let mut added: Vec<(UserId, Role)> = Vec::new();
                 for u in users {
                     if !self.members.contains_key(&u) && !added.iter().any(|(a, _)| *a == u) {
@@ -946,7 +938,7 @@ impl<R> ConversationState<R> {
                 Body::MembersAdded { members: added }
             }
             Command::Remove { user } => {
-                self.group_admin(role)?;
+                group_admin(self.kind, role)?;
                 let target_role =
                     self.members.get(&user).copied().ok_or_else(|| err(ErrorCode::NOT_FOUND, "not a member"))?;
                 if user == caller.user {
@@ -1040,16 +1032,33 @@ impl<R> ConversationState<R> {
         }
         Ok(None)
     }
+}
 
-    fn group_admin(&self, role: Role) -> Result<(), ErrorBody> {
-        if self.kind != ConversationKind::Group {
-            return Err(err(ErrorCode::INVALID, "direct conversations have fixed members"));
-        }
-        if role > Role::Admin {
-            return Err(err(ErrorCode::FORBIDDEN, "only the owner or an admin may change members"));
-        }
-        Ok(())
+fn group_admin(kind: ConversationKind, role: Role) -> Result<(), ErrorBody> {
+    if kind != ConversationKind::Group {
+        return Err(err(ErrorCode::INVALID, "direct conversations have fixed members"));
     }
+    if role > Role::Admin {
+        return Err(err(ErrorCode::FORBIDDEN, "only the owner or an admin may change members"));
+    }
+    Ok(())
+}
+
+/// Whether a member with `role` in a conversation of `kind` may add users as `new_role`,
+/// whoever they are: `INVALID` in a direct conversation or for `Owner` (a group has one),
+/// `FORBIDDEN` for a member below admin, or for an admin adding admins (which `SetRole`
+/// leaves to the owner: an admin could otherwise remove a member and add them back
+/// promoted). Checked before the names are resolved too, so an unknown name is told only
+/// to a member who may add (PROTOCOL section 8).
+pub fn may_add(kind: ConversationKind, role: Role, new_role: Role) -> Result<(), ErrorBody> {
+    group_admin(kind, role)?;
+    if new_role == Role::Owner {
+        return Err(err(ErrorCode::INVALID, "a group has one owner"));
+    }
+    if new_role == Role::Admin && role != Role::Owner {
+        return Err(err(ErrorCode::FORBIDDEN, "only the owner makes admins"));
+    }
+    Ok(())
 }
 
 /// Pushes, to each user of `hidden` (receipts without their read mark, sorted by user,
@@ -1195,15 +1204,19 @@ pub(crate) fn check_files(text: &str, files: &[FileRef]) -> Result<(), ErrorBody
     Ok(())
 }
 
-/// Checks that `target` is a live text message of `user`'s.
+/// Checks that `target` is a live text message of `user`'s: `NOT_FOUND` if there is no
+/// such entry or it was deleted (whoever sent it: a deleted message is no one's),
+/// `FORBIDDEN` if someone else sent it, `INVALID` if it is no message.
 fn own_text(target: Option<&Entry>, user: UserId, seq: Seq) -> Result<(), ErrorBody> {
     let stored = target.ok_or_else(|| err(ErrorCode::NOT_FOUND, &format!("no entry {seq}")))?;
+    if matches!(stored.body, Body::Tombstone) {
+        return Err(err(ErrorCode::NOT_FOUND, "message was deleted"));
+    }
     if stored.sender != user {
         return Err(err(ErrorCode::FORBIDDEN, "only the sender may edit or delete a message"));
     }
     match stored.body {
         Body::Text { .. } | Body::Files { .. } => Ok(()),
-        Body::Tombstone => Err(err(ErrorCode::NOT_FOUND, "message was deleted")),
         _ => Err(err(ErrorCode::INVALID, "only text messages can be edited or deleted")),
     }
 }
