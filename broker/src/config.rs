@@ -79,6 +79,11 @@ pub struct Config {
     /// whoever started it, then for the user of its newest request at each of its ticks
     /// (a quarter of `conversation_idle_ms`), until it retires.
     pub max_live_conversations_per_user: usize,
+    /// Member rows a user's reads that list members (`Members`, `Receipts`, a complete
+    /// `CatchUp` page, `EntryNames`) may read a second, with a burst of
+    /// `MEMBER_ROWS_BURST_SECS` seconds' worth; past it such reads are answered
+    /// `RATE_LIMITED` until the allowance refills (default `MEMBER_ROWS_PER_SEC`).
+    pub member_rows_per_sec: u32,
     /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership
     /// changes) admitted and not yet answered, over all connections; one more is
     /// answered `OVERLOADED` at once (`overload.rs`; default
@@ -209,6 +214,7 @@ impl Default for Config {
             conversation_mailbox_max: crate::limits::CONVERSATION_MAILBOX_MAX,
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
             max_live_conversations_per_user: crate::limits::MAX_LIVE_CONVERSATIONS_PER_USER,
+            member_rows_per_sec: crate::limits::MEMBER_ROWS_PER_SEC,
             max_sends_in_flight: crate::limits::MAX_SENDS_IN_FLIGHT,
             max_sends_in_flight_per_user: crate::limits::MAX_SENDS_IN_FLIGHT_PER_USER,
             send_delay_target_ms: crate::limits::SEND_DELAY_TARGET_MS,
@@ -337,6 +343,7 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("conversation_mailbox_max", config.conversation_mailbox_max as u64),
         ("max_live_conversations", config.max_live_conversations as u64),
         ("max_live_conversations_per_user", config.max_live_conversations_per_user as u64),
+        ("member_rows_per_sec", u64::from(config.member_rows_per_sec)),
         ("udp_sockets", config.udp_sockets as u64),
         ("max_file_bytes", config.max_file_bytes),
         ("max_uploads_per_user", config.max_uploads_per_user as u64),

@@ -283,13 +283,14 @@ impl Broker {
         let sends = overload::SendAdmission::new(&config);
         let presence = presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms);
         let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms);
+        let users = user::UserDirectory::new(online.clone(), config.member_rows_per_sec);
         let shared = Arc::new(Shared {
             config,
             store,
             presence,
             typing,
             auth,
-            users: user::UserDirectory::new(online.clone()),
+            users,
             online,
             convs: conversation::ConvDirectory::default(),
             files,

@@ -126,6 +126,17 @@ pub const CONVERSATION_CREATE_PER_S: f64 = 1.0;
 /// refilled (20 s after their user's last creation) are dropped, at most once a second;
 /// if none has, new users' creations get `RATE_LIMITED`. ~64 bytes each, ~4 MiB at most.
 pub const CREATION_BUCKETS_MAX: usize = 65_536;
+/// Default `member_rows_per_sec`: member rows a user's reads that list members
+/// (`Members`, `Receipts`, a complete `CatchUp` page, `EntryNames`) may read a second,
+/// each a store read or two on the conversation's actor, in line with every member's
+/// writes. A client that reconnects reads each of its conversations' receipts once; the
+/// burst (`MEMBER_ROWS_BURST_SECS`) covers 200 groups of 1,000 members at once.
+pub const MEMBER_ROWS_PER_SEC: u32 = 20_000;
+/// Seconds of `member_rows_per_sec` a user may read in one burst.
+pub const MEMBER_ROWS_BURST_SECS: f64 = 10.0;
+/// Users whose member-rows allowance is tracked at once: as `CREATION_BUCKETS_MAX`
+/// (buckets refill 10 s after their user's last such read).
+pub const MEMBER_ROWS_BUCKETS_MAX: usize = 65_536;
 /// Catalog writes (registrations, enrollments, revocations, new conversations) queued
 /// for the catalog thread at once; more wait for a slot without holding anything.
 pub const CATALOG_QUEUE: usize = 64;

@@ -15,6 +15,7 @@ use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
 
 use crate::limits::{
     CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, MAX_SESSIONS_PER_USER,
+    MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS,
 };
 
 use crate::fanout::{Online, SessionHandle};
@@ -30,7 +31,10 @@ pub struct UserDirectory {
     /// Places taken by handshakes that have not attached yet (see `reserve`).
     reserved: Arc<Mutex<HashMap<UserId, usize>>>,
     online: Arc<Online>,
-    creations: Mutex<Creations>,
+    /// Conversation creations and block changes (`allow_creation`).
+    creations: Allowances,
+    /// Store reads of reads that list members (`allow_member_rows`).
+    member_rows: Allowances,
 }
 
 /// A place among a user's sessions, taken during the handshake before `Authed` is sent
@@ -54,20 +58,60 @@ impl Drop for Reservation {
     }
 }
 
-/// Conversation-creation allowances of users who created recently, online or not (so
-/// reconnecting does not refill one). At most `CREATION_BUCKETS_MAX`; when it is full,
-/// refilled buckets are dropped (see `allow_creation`).
+/// Per-user token buckets of users who spent from them recently, online or not (so
+/// reconnecting does not refill one): at most `max`; when it is full, refilled buckets
+/// are dropped, at most once a second, and until one is, users without a bucket are
+/// refused (a full table fails closed; no live bucket is ever evicted).
+struct Allowances {
+    per_s: f64,
+    burst: f64,
+    max: usize,
+    table: Mutex<AllowanceTable>,
+}
+
 #[derive(Default)]
-struct Creations {
+struct AllowanceTable {
     buckets: HashMap<UserId, TokenBucket>,
     /// When `buckets` was last pruned.
     pruned: Option<Instant>,
 }
 
+impl Allowances {
+    fn new(per_s: f64, burst: f64, max: usize) -> Self {
+        Allowances { per_s, burst, max, table: Mutex::default() }
+    }
+
+    /// Runs `f` on `user`'s bucket (a full one if it had none), or returns `None` if the
+    /// table is full of buckets still refilling.
+    fn with<T>(&self, user: UserId, now: Instant, f: impl FnOnce(&mut TokenBucket) -> T) -> Option<T> {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let AllowanceTable { buckets, pruned } = &mut *table;
+        if buckets.len() >= self.max && !buckets.contains_key(&user) {
+            // Pruning walks the whole map, so at most once a second.
+            if pruned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
+                *pruned = Some(now);
+                buckets.retain(|_, b| !b.is_full(now, self.per_s, self.burst));
+            }
+            if buckets.len() >= self.max {
+                return None;
+            }
+        }
+        Some(f(buckets.entry(user).or_insert(TokenBucket::full(self.burst, now))))
+    }
+}
+
 impl UserDirectory {
-    /// An empty directory publishing into `online`.
-    pub fn new(online: Arc<Online>) -> Self {
-        UserDirectory { sessions: Mutex::default(), reserved: Arc::default(), online, creations: Mutex::default() }
+    /// An empty directory publishing into `online`; each user may read
+    /// `member_rows_per_sec` member rows a second (`allow_member_rows`).
+    pub fn new(online: Arc<Online>, member_rows_per_sec: u32) -> Self {
+        let rows = f64::from(member_rows_per_sec);
+        UserDirectory {
+            sessions: Mutex::default(),
+            reserved: Arc::default(),
+            online,
+            creations: Allowances::new(CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST, CREATION_BUCKETS_MAX),
+            member_rows: Allowances::new(rows, rows * MEMBER_ROWS_BURST_SECS, MEMBER_ROWS_BUCKETS_MAX),
+        }
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, usize>> {
@@ -146,35 +190,47 @@ impl UserDirectory {
     /// `RATE_LIMITED`. The allowance is shared by all of the user's connections and
     /// outlives them.
     pub fn allow_creation(&self, user: UserId) -> Result<(), ErrorBody> {
-        let (now, rate, burst) = (Instant::now(), CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST);
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
-        let mut creations = self.creations.lock().unwrap_or_else(|p| p.into_inner());
-        let Creations { buckets, pruned } = &mut *creations;
-        if buckets.len() >= CREATION_BUCKETS_MAX && !buckets.contains_key(&user) {
-            // A full bucket is the same as none. Pruning walks the whole map, so at most
-            // once a second; until then, and if nothing was full, new users wait.
-            if pruned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
-                *pruned = Some(now);
-                buckets.retain(|_, b| !b.is_full(now, rate, burst));
-            }
-            if buckets.len() >= CREATION_BUCKETS_MAX {
-                return limited("too many users are creating conversations; retry in a second");
-            }
-        }
-        let bucket = buckets.entry(user).or_insert(TokenBucket { tokens: burst, at: now });
-        if bucket.take(now, rate, burst) {
-            Ok(())
-        } else {
-            limited("creating conversations or blocking users too fast; retry in a second")
+        let (allowance, now) = (&self.creations, Instant::now());
+        match allowance.with(user, now, |b| b.take(now, allowance.per_s, allowance.burst)) {
+            Some(true) => Ok(()),
+            Some(false) => limited("creating conversations or blocking users too fast; retry in a second"),
+            None => limited("too many users are creating conversations; retry in a second"),
         }
     }
 
     /// Gives back a creation `allow_creation` granted but nothing was created for.
     pub fn refund_creation(&self, user: UserId) {
-        let mut creations = self.creations.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(bucket) = creations.buckets.get_mut(&user) {
-            bucket.tokens = (bucket.tokens + 1.0).min(CONVERSATION_CREATE_BURST);
+        let (allowance, now) = (&self.creations, Instant::now());
+        allowance.with(user, now, |b| b.tokens = (b.tokens + 1.0).min(allowance.burst));
+    }
+
+    /// Whether `user` may make a read that lists members (`Members`, `Receipts`,
+    /// `CatchUp`, `EntryNames`): each such read costs a store read or two per member it
+    /// lists (up to `MAX_GROUP_MEMBERS`), on the conversation's actor, in line with every
+    /// member's writes. `RATE_LIMITED` once the user's rows read (`charge_member_rows`)
+    /// have run past its allowance, until it refills (`member_rows_per_sec`, with a
+    /// burst of `MEMBER_ROWS_BURST_SECS` seconds' worth), so one member looping on such
+    /// reads cannot hold a large group's actor (or the store) for everyone. The read
+    /// that crosses the line is served whole: the allowance may run into debt by one
+    /// read's rows, and is not charged before it (the rows are known only after).
+    pub fn allow_member_rows(&self, user: UserId) -> Result<(), ErrorBody> {
+        let (allowance, now) = (&self.member_rows, Instant::now());
+        let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
+        match allowance.with(user, now, |b| b.tokens_at(now, allowance.per_s, allowance.burst) > 0.0) {
+            Some(true) => Ok(()),
+            Some(false) => limited("reading member lists, receipts or catch-up too fast; retry in a moment"),
+            None => limited("too many users are reading member lists; retry in a second"),
         }
+    }
+
+    /// Charges `rows` member rows read to `user`'s allowance (`allow_member_rows`).
+    pub fn charge_member_rows(&self, user: UserId, rows: usize) {
+        if rows == 0 {
+            return;
+        }
+        let (allowance, now) = (&self.member_rows, Instant::now());
+        allowance.with(user, now, |b| b.spend(now, allowance.per_s, allowance.burst, rows as f64));
     }
 }
 
@@ -197,6 +253,13 @@ impl TokenBucket {
 
     pub(crate) fn is_full(&self, now: Instant, per_s: f64, burst: f64) -> bool {
         self.tokens_at(now, per_s, burst) >= burst
+    }
+
+    /// Refills for the time since the last call, then spends `cost` tokens, into debt if
+    /// it holds fewer (refilling pays the debt first).
+    pub(crate) fn spend(&mut self, now: Instant, per_s: f64, burst: f64, cost: f64) {
+        self.tokens = self.tokens_at(now, per_s, burst) - cost;
+        self.at = now;
     }
 
     /// Refills for the time since the last call, then takes a token if there is one.
@@ -233,8 +296,37 @@ mod tests {
     }
 
     #[test]
+    fn spending_runs_into_debt_that_refilling_pays_first() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::full(30.0, start);
+        bucket.spend(start, 3.0, 30.0, 27.0);
+        assert!(bucket.tokens_at(start, 3.0, 30.0) > 0.0, "3 rows left");
+        bucket.spend(start, 3.0, 30.0, 1000.0);
+        assert_eq!(bucket.tokens_at(start, 3.0, 30.0), -997.0, "one large read runs into debt");
+        let later = start + Duration::from_secs(332);
+        assert!(bucket.tokens_at(later, 3.0, 30.0) < 0.0, "332 s repay 996 rows");
+        assert!(bucket.tokens_at(later + Duration::from_secs(1), 3.0, 30.0) > 0.0);
+    }
+
+    #[test]
+    fn a_full_allowance_table_refuses_newcomers_until_a_bucket_refills() {
+        let table = Allowances::new(1.0, 2.0, 2);
+        let start = Instant::now();
+        for user in [1, 2] {
+            assert!(table.with(user, start, |b| b.take(start, 1.0, 2.0)).unwrap());
+        }
+        assert_eq!(table.with(3, start, |_| ()), None, "two buckets refilling");
+        assert!(table.with(1, start, |b| b.take(start, 1.0, 2.0)).is_some(), "known users are still served");
+        // A second later user 2's bucket is full again (user 1 spent twice); the next
+        // prune drops it.
+        let later = start + Duration::from_secs(1);
+        assert_eq!(table.with(3, later, |_| ()), Some(()));
+        assert!(table.table.lock().unwrap().buckets.contains_key(&1), "a bucket still refilling is never dropped");
+    }
+
+    #[test]
     fn a_users_places_are_reserved_before_authed_and_given_back() {
-        let users = UserDirectory::new(Arc::default());
+        let users = UserDirectory::new(Arc::default(), 1000);
         let mut places: Vec<Reservation> = Vec::new();
         for _ in 0..MAX_SESSIONS_PER_USER {
             places.push(users.reserve(7).unwrap());

@@ -54,8 +54,10 @@ pub struct SessionConfig {
     /// Catch-up pages outstanding at once (4), so responses never crowd the broker's
     /// per-device queue.
     pub max_fetching: usize,
-    /// Times a request the broker refused with `OVERLOADED` (it is shedding load) is sent
-    /// again before the refusal reaches the caller (6), each after a reconnect-like
+    /// Times a request the broker refused with `OVERLOADED` (it is shedding load), or a
+    /// read that lists members refused with `RATE_LIMITED` (the user's allowance of
+    /// member rows), is sent again before the refusal reaches the caller (6), and a
+    /// catch-up page so refused is asked for again, each after a reconnect-like
     /// backoff (`backoff_min_ms` doubling up to `backoff_max_ms`, with jitter: about 6 s
     /// in all with the defaults; a new connection sends it at once). Only requests that
     /// are safe to repeat are sent again; a write carries the same client id, so it
@@ -175,8 +177,10 @@ impl SessionError {
 /// watermark updates are idempotent. Creating a group, adding or removing members,
 /// leaving and revoking a device are not sent again: they fail with
 /// `SessionError::Interrupted`. A request the broker refuses with `OVERLOADED` (past
-/// saturation it sheds writes rather than queue them) is sent again after a backoff
-/// when it is safe to repeat, up to `overload_retries` times. At most `max_pending`
+/// saturation it sheds writes rather than queue them), or a read that lists members
+/// refused with `RATE_LIMITED` (its allowance of member rows), is sent again after a
+/// backoff when it is safe to repeat, up to `overload_retries` times; so is a catch-up
+/// page. At most `max_pending`
 /// requests wait; beyond that a request fails with `SessionError::Busy`.
 ///
 /// ```no_run
@@ -400,6 +404,22 @@ fn unexpected(reply: Reply) -> SessionError {
 /// Whether a request may be sent again after its connection dropped: true when a
 /// repeat cannot have a second effect (a client id makes a write idempotent; reads,
 /// watermarks and settings are idempotent by nature).
+/// Whether a refusal with `code` of `body` says only that the broker shed it, so that
+/// after a backoff it may succeed unchanged: `OVERLOADED` (nothing was done), or
+/// `RATE_LIMITED` of a read that lists members (the user's allowance of member rows,
+/// which refills within seconds; other `RATE_LIMITED` allowances refill too slowly to
+/// wait for unasked).
+fn shed(code: ErrorCode, body: &RequestBody) -> bool {
+    let member_read = matches!(
+        body,
+        RequestBody::Members { .. }
+            | RequestBody::Receipts { .. }
+            | RequestBody::CatchUp { .. }
+            | RequestBody::EntryNames { .. }
+    );
+    code == ErrorCode::OVERLOADED || (code == ErrorCode::RATE_LIMITED && member_read)
+}
+
 pub fn retry_safe(body: &RequestBody) -> bool {
     use switchboard_protocol::NewConversation;
     match body {
@@ -817,7 +837,7 @@ impl Task {
             return;
         }
         if let Err(ClientError::Server(e)) = &result
-            && e.code == ErrorCode::OVERLOADED
+            && shed(e.code, &p.body)
             && p.overload_left > 0
         {
             // The broker is shedding: sent again after a backoff (at once on a new
@@ -997,9 +1017,21 @@ impl Task {
         let room = self.room();
         for fetch in self.merge.fetches(self.config.max_fetching, room) {
             let (client, generation, done) = (live.client.clone(), live.generation, self.done_tx.clone());
+            let (mut backoff, mut retries) = (Backoff::new(self.config.backoff_min_ms, self.config.backoff_max_ms), 0);
+            let retries_max = self.config.overload_retries;
             tokio::spawn(async move {
                 let body = RequestBody::CatchUp { conv: fetch.conv, after: fetch.after, limit: fetch.limit };
-                let result = client.request(body).await;
+                // A page refused for load is asked for again after a backoff: a refusal
+                // stalls the conversation's catch-up until the next connection.
+                let result = loop {
+                    match client.request(body.clone()).await {
+                        Err(ClientError::Server(e)) if shed(e.code, &body) && retries < retries_max => {
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(backoff.next_ms(random_u64()))).await;
+                        }
+                        result => break result,
+                    }
+                };
                 let _ = done.send(Done::Page { generation, fetch, result }).await;
             });
         }

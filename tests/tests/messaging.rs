@@ -2,7 +2,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use switchboard_client::new_client_id;
+use std::sync::Arc;
+
+use switchboard_client::{MemoryCursors, Session, SessionConfig, SessionEvent, new_client_id};
 use switchboard_protocol::{Body, ErrorCode, Page, Reply, RequestBody, Role};
 use switchboard_tests::{
     STEP_DEADLINE, TestBroker, bounded, closed_with, next_entry, next_response, no_event, request_frame, within,
@@ -239,6 +241,82 @@ async fn creating_conversations_in_a_loop_is_rate_limited_per_user() {
         for _ in 0..40 {
             assert_eq!(bob.create_direct("alice").await.unwrap().id, direct);
         }
+    })
+    .await
+}
+
+/// Reads that list members cost a store read per member on the conversation's actor, in
+/// line with everyone's writes: a member looping on them is refused once its allowance of
+/// member rows is spent, alone, and only for such reads. Before, nothing bounded them.
+#[tokio::test]
+async fn reading_member_lists_in_a_loop_is_rate_limited_per_user() {
+    bounded(async {
+        // 1 row a second, a burst of 10: three reads of a three-member list (and one
+        // more into debt), after which it takes seconds to be out of debt.
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 1).await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        tb.register("carol").await;
+        let conv = alice.create_group("g", &["bob".into(), "carol".into()]).await.unwrap().id;
+        let spend = async || {
+            let (mut read, mut refused) = (0, 0);
+            for _ in 0..40 {
+                match alice.members(conv).await {
+                    Ok(members) => {
+                        assert_eq!(members.len(), 3);
+                        read += 1;
+                    }
+                    Err(e) => {
+                        assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED), "{e}");
+                        refused += 1;
+                    }
+                }
+            }
+            (read, refused)
+        };
+        // Refilling 30 more reads' rows would take 90 s, so the loop is refused however
+        // slow this machine is; the burst always passes.
+        let (read, refused) = spend().await;
+        assert!(read >= 3 && refused > 0, "{read} read, {refused} refused");
+        // Every read that lists members is refused while the allowance is in debt...
+        let limited = [
+            RequestBody::Receipts { conv },
+            RequestBody::CatchUp { conv, after: 0, limit: 10 },
+            RequestBody::EntryNames { conv, seq: 1 },
+        ];
+        for body in limited {
+            let what = format!("{body:?}");
+            let e = alice.request(body).await.unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED), "{what}: {e}");
+        }
+        // ... but not history or writes, and not another member's reads.
+        let seq = alice.send(conv, "still here").await.unwrap();
+        let (entries, _) = alice.history(conv, Page::Latest, 10).await.unwrap();
+        assert_eq!(entries.last().map(|e| e.seq), Some(seq));
+        assert_eq!(bob.members(conv).await.unwrap().len(), 3);
+        // A `Session` waits for the allowance to refill (it retries such a refusal after a
+        // backoff) instead of failing the read or stalling its catch-up, which before
+        // ended with `CaughtUp` and no entries.
+        let (_, refused) = spend().await;
+        assert!(refused > 0);
+        let config =
+            SessionConfig { backoff_min_ms: 100, backoff_max_ms: 1000, overload_retries: 30, ..Default::default() };
+        let (session, mut events) =
+            Session::start(tb.connector(), alice_id, Arc::new(MemoryCursors::default()), config).unwrap();
+        match session.request(RequestBody::Members { conv }).await {
+            Ok(Reply::Members(members)) => assert_eq!(members.len(), 3),
+            other => panic!("{other:?}"),
+        }
+        let mut seqs = Vec::new();
+        loop {
+            match within(STEP_DEADLINE, "the session's catch-up", events.next()).await {
+                Some(SessionEvent::Entry(e)) => seqs.push(e.seq),
+                Some(SessionEvent::CaughtUp) => break,
+                Some(_) => {}
+                None => panic!("the session stopped"),
+            }
+        }
+        assert_eq!(seqs, (1..=seq).collect::<Vec<_>>());
     })
     .await
 }
