@@ -582,6 +582,20 @@ pub fn source(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The network a `source` belongs to, for weighing sources against each other: an IPv4
+/// address itself (addresses are scarce, and a /24 commonly holds unrelated users), the
+/// /48 of an IPv6 /64: a site's allocation (RFC 6177), which one party may get for
+/// free (a tunnel broker hands out /48s), holding 65,536 sources.
+pub fn network(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V4(_) => source,
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0))
+        }
+    }
+}
+
 /// argon2id work: at most `ARGON2_CONCURRENCY` hashes run at once (each on the blocking
 /// pool, holding its memory and a core) and at most `queue` requests wait for a turn;
 /// one more is refused at once with `OVERLOADED`. A waiter whose future is dropped (its
@@ -889,6 +903,11 @@ mod tests {
         assert_ne!(source(a), source(other));
         assert_eq!(source("::ffff:10.0.0.1".parse().unwrap()), IpAddr::from([10, 0, 0, 1]));
         assert_eq!(source(ip(9)), ip(9));
+        // Networks: an IPv6 source's /48, an IPv4 address itself.
+        assert_eq!(network(source(a)), network(source(other)));
+        assert_ne!(network(source(a)), network(source("2001:db8:2::1".parse().unwrap())));
+        assert_eq!(network(source(ip(9))), ip(9));
+        assert_ne!(network(ip(9)), network(ip(10)));
     }
 
     #[test]

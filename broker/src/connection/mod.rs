@@ -154,10 +154,12 @@ pub(crate) enum Verdict {
 /// one source address (an IPv6 /64) may hold at most `UNAUTHENTICATED_PER_ADDRESS`.
 /// When every place is taken, a newcomer that proved its address takes the place of one
 /// that has not (spoofed Initials cost nothing to send), else of the oldest connection
-/// of the source holding the most places, if that source holds at least two more than
-/// the newcomer's: a few sources cannot keep everyone else from signing in (before, 8
-/// sources of 64 places each plus spoofed Initials held every place). A place whose auth
-/// request is being checked is never taken.
+/// of the network (`auth::network`: an IPv4 address, an IPv6 /48) holding the most
+/// places, if that network holds at least two more than the newcomer's: a few sources
+/// cannot keep everyone else from signing in (before, 8 sources of 64 places each plus
+/// spoofed Initials held every place), nor can one party holding a /48 of 65,536
+/// sources with a place each. A place whose auth request is being checked is never
+/// taken.
 pub(crate) struct Admission {
     max_sessions: usize,
     max_unauthenticated: usize,
@@ -170,6 +172,8 @@ struct Pending {
     total: usize,
     /// Each source's places, oldest first.
     by_source: HashMap<IpAddr, VecDeque<Held>>,
+    /// Each network's places (`auth::network` of their sources), for eviction.
+    by_network: HashMap<IpAddr, usize>,
     next_id: u64,
 }
 
@@ -189,25 +193,51 @@ impl Pending {
         self.by_source.get(source).map_or(0, VecDeque::len)
     }
 
+    fn add(&mut self, source: IpAddr, held: Held) {
+        self.total += 1;
+        *self.by_network.entry(crate::auth::network(source)).or_default() += 1;
+        self.by_source.entry(source).or_default().push_back(held);
+    }
+
+    /// Removes `source`'s place `id`, if it holds it still.
+    fn remove(&mut self, source: IpAddr, id: u64) -> Option<Held> {
+        let held = self.by_source.get_mut(&source)?;
+        let index = held.iter().position(|h| h.id == id)?;
+        let removed = held.remove(index);
+        if held.is_empty() {
+            self.by_source.remove(&source);
+        }
+        let network = crate::auth::network(source);
+        if let Some(n) = self.by_network.get_mut(&network) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_network.remove(&network);
+            }
+        }
+        self.total -= 1;
+        removed
+    }
+
     /// Takes a place from someone for a validated newcomer from `source` (see
     /// `Admission`), telling its connection to go; whether one was freed.
     fn evict_for(&mut self, source: &IpAddr) -> bool {
         let unvalidated =
-            self.by_source.iter().find_map(|(s, held)| held.iter().position(|h| !h.validated).map(|i| (*s, i)));
+            self.by_source.iter().find_map(|(s, held)| held.iter().find(|h| !h.validated).map(|h| (*s, h.id)));
         let victim = unvalidated.or_else(|| {
-            let (largest, held) = self.by_source.iter().max_by_key(|(_, held)| held.len())?;
-            if held.len() < self.count(source) + 2 {
+            let (&largest, &places) = self.by_network.iter().max_by_key(|(_, places)| **places)?;
+            let newcomers = self.by_network.get(&crate::auth::network(*source)).copied().unwrap_or(0);
+            if places < newcomers + 2 {
                 return None;
             }
-            held.iter().position(|h| !h.checking).map(|i| (*largest, i))
+            // The network's oldest place not being checked (ids grow with age).
+            self.by_source
+                .iter()
+                .filter(|(s, _)| crate::auth::network(**s) == largest)
+                .filter_map(|(s, held)| held.iter().find(|h| !h.checking).map(|h| (*s, h.id)))
+                .min_by_key(|&(_, id)| id)
         });
-        let Some((victim_source, index)) = victim else { return false };
-        let Some(held) = self.by_source.get_mut(&victim_source) else { return false };
-        let Some(victim) = held.remove(index) else { return false };
-        if held.is_empty() {
-            self.by_source.remove(&victim_source);
-        }
-        self.total -= 1;
+        let Some((victim_source, id)) = victim else { return false };
+        let Some(victim) = self.remove(victim_source, id) else { return false };
         victim.evict.notify_one();
         true
     }
@@ -248,15 +278,8 @@ impl Unauthenticated {
 
 impl Drop for Unauthenticated {
     fn drop(&mut self) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(held) = pending.by_source.get_mut(&self.source) else { return };
         // Absent when it was taken for a newcomer (counted out then).
-        let Some(index) = held.iter().position(|h| h.id == self.id) else { return };
-        held.remove(index);
-        if held.is_empty() {
-            pending.by_source.remove(&self.source);
-        }
-        pending.total -= 1;
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(self.source, self.id);
     }
 }
 
@@ -299,11 +322,9 @@ impl Admission {
         if pending.total >= self.max_unauthenticated && !pending.evict_for(&source) {
             return Verdict::Refuse;
         }
-        pending.total += 1;
         let (id, evict) = (pending.next_id, Arc::new(Notify::new()));
         pending.next_id += 1;
-        let held = Held { id, validated, checking: false, evict: evict.clone() };
-        pending.by_source.entry(source).or_default().push_back(held);
+        pending.add(source, Held { id, validated, checking: false, evict: evict.clone() });
         Verdict::Admit(Unauthenticated { source, id, evict, pending: self.unauthenticated.clone() })
     }
 
@@ -453,6 +474,35 @@ mod tests {
         drop((spoofed, crowd, newcomers));
         assert_eq!(a.unauthenticated.lock().unwrap().total, 0);
         assert!(a.unauthenticated.lock().unwrap().by_source.is_empty());
+    }
+
+    /// One party holding an IPv6 /48 has 65,536 sources (/64s) of a place each: before,
+    /// with every place held so, no source held two more than a newcomer's and every
+    /// login was refused until they let go.
+    #[test]
+    fn a_network_of_many_sources_is_weighed_as_one() {
+        let a = admission(10_000, 8);
+        let v6 = |s: String| s.parse::<IpAddr>().unwrap();
+        let mut held: Vec<Unauthenticated> =
+            (0..8).map(|i| admitted(a.judge(v6(format!("2001:db8:1:{:x}::1", i + 1)), true))).collect();
+        assert!(held[0].checking());
+        // Another source of that /48 is refused: its network holds the most.
+        assert!(matches!(a.judge(v6("2001:db8:1:ff::1".into()), true), Verdict::Refuse));
+        // A proved newcomer from elsewhere takes its oldest place not being checked.
+        let newcomer = admitted(a.judge(ip(1), true));
+        assert!(!evicted(&a, &held[0]) && evicted(&a, &held[1]) && !evicted(&a, &held[2]));
+        let other = admitted(a.judge(v6("2001:db8:2::1".into()), true));
+        assert!(evicted(&a, &held[2]), "another /48 is another network");
+        {
+            let pending = a.unauthenticated.lock().unwrap();
+            let network = crate::auth::network(crate::auth::source(v6("2001:db8:1::1".into())));
+            assert_eq!((pending.total, pending.by_network[&network]), (8, 6));
+        }
+        drop((newcomer, other));
+        held.clear();
+        let pending = a.unauthenticated.lock().unwrap();
+        assert_eq!(pending.total, 0);
+        assert!(pending.by_source.is_empty() && pending.by_network.is_empty());
     }
 
     #[test]
