@@ -80,9 +80,10 @@ pub struct Config {
     /// (a quarter of `conversation_idle_ms`), until it retires.
     pub max_live_conversations_per_user: usize,
     /// Member rows a user's reads that list members (`Members`, `Receipts`, a complete
-    /// `CatchUp` page, `EntryNames`) may read a second, with a burst of
-    /// `MEMBER_ROWS_BURST_SECS` seconds' worth; past it such reads are answered
-    /// `RATE_LIMITED` until the allowance refills (default `MEMBER_ROWS_PER_SEC`).
+    /// `CatchUp` page, `EntryNames`) may return a second, with a burst of
+    /// `MEMBER_ROWS_BURST_SECS` seconds' worth; past it such reads (all `CatchUp` pages
+    /// included) are answered `RATE_LIMITED` until the allowance refills (default
+    /// `MEMBER_ROWS_PER_SEC`).
     pub member_rows_per_sec: u32,
     /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership
     /// changes) admitted and not yet answered, over all connections; one more is

@@ -126,16 +126,23 @@ pub const CONVERSATION_CREATE_PER_S: f64 = 1.0;
 /// refilled (20 s after their user's last creation) are dropped, at most once a second;
 /// if none has, new users' creations get `RATE_LIMITED`. ~64 bytes each, ~4 MiB at most.
 pub const CREATION_BUCKETS_MAX: usize = 65_536;
-/// Default `member_rows_per_sec`: member rows a user's reads that list members
-/// (`Members`, `Receipts`, a complete `CatchUp` page, `EntryNames`) may read a second,
-/// each a store read or two on the conversation's actor, in line with every member's
-/// writes. A client that reconnects reads each of its conversations' receipts once; the
-/// burst (`MEMBER_ROWS_BURST_SECS`) covers 200 groups of 1,000 members at once.
+/// Default `member_rows_per_sec`: member rows (a name; a member's receipts and setting)
+/// a user's reads that list members (`Members`, `Receipts`, a complete `CatchUp` page,
+/// `EntryNames`) may return a second, each a point read or two of the store on the
+/// conversation's actor, in line with every member's writes. A client that reconnects
+/// reads each conversation's receipts once; the burst (`MEMBER_ROWS_BURST_SECS`)
+/// covers 40 groups of 1,000 members at once, and `Session` retries past it. At least
+/// `MAX_GROUP_MEMBERS`, or one read of the largest group's receipts puts its reader in
+/// debt for over a second. Entries are not counted: a page of them is a range scan
+/// whose bytes the reader must take (`outbound_max_bytes`), and catch-up after a long
+/// time offline moves about 300,000 a second (docs/benchmarks.md).
 pub const MEMBER_ROWS_PER_SEC: u32 = 20_000;
-/// Seconds of `member_rows_per_sec` a user may read in one burst.
-pub const MEMBER_ROWS_BURST_SECS: f64 = 10.0;
-/// Users whose member-rows allowance is tracked at once: as `CREATION_BUCKETS_MAX`
-/// (buckets refill 10 s after their user's last such read).
+/// Seconds of `member_rows_per_sec` a user may read in one burst: also about the most
+/// one user's reads may hold one actor at once (40,000 rows, up to 80,000 store reads).
+pub const MEMBER_ROWS_BURST_SECS: f64 = 2.0;
+/// Users whose member-rows allowance is tracked at once (as `CREATION_BUCKETS_MAX`); a
+/// user's bucket may be dropped once it has refilled, `rows / member_rows_per_sec`
+/// seconds after its last such read.
 pub const MEMBER_ROWS_BUCKETS_MAX: usize = 65_536;
 /// Catalog writes (registrations, enrollments, revocations, new conversations) queued
 /// for the catalog thread at once; more wait for a slot without holding anything.

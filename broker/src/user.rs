@@ -33,7 +33,7 @@ pub struct UserDirectory {
     online: Arc<Online>,
     /// Conversation creations and block changes (`allow_creation`).
     creations: Allowances,
-    /// Store reads of reads that list members (`allow_member_rows`).
+    /// Member rows returned by reads that list members (`allow_member_reads`).
     member_rows: Allowances,
 }
 
@@ -58,7 +58,7 @@ impl Drop for Reservation {
     }
 }
 
-/// Per-user token buckets of users who spent from them recently, online or not (so
+/// Per-user token buckets of users who used them recently, online or not (so
 /// reconnecting does not refill one): at most `max`; when it is full, refilled buckets
 /// are dropped, at most once a second, and until one is, users without a bucket are
 /// refused (a full table fails closed; no live bucket is ever evicted).
@@ -101,8 +101,8 @@ impl Allowances {
 }
 
 impl UserDirectory {
-    /// An empty directory publishing into `online`; each user may read
-    /// `member_rows_per_sec` member rows a second (`allow_member_rows`).
+    /// An empty directory publishing into `online`; each user's reads that list members
+    /// may return `member_rows_per_sec` member rows a second (`allow_member_reads`).
     pub fn new(online: Arc<Online>, member_rows_per_sec: u32) -> Self {
         let rows = f64::from(member_rows_per_sec);
         UserDirectory {
@@ -205,16 +205,18 @@ impl UserDirectory {
         allowance.with(user, now, |b| b.tokens = (b.tokens + 1.0).min(allowance.burst));
     }
 
-    /// Whether `user` may make a read that lists members (`Members`, `Receipts`,
-    /// `CatchUp`, `EntryNames`): each such read costs a store read or two per member it
-    /// lists (up to `MAX_GROUP_MEMBERS`), on the conversation's actor, in line with every
-    /// member's writes. `RATE_LIMITED` once the user's rows read (`charge_member_rows`)
-    /// have run past its allowance, until it refills (`member_rows_per_sec`, with a
-    /// burst of `MEMBER_ROWS_BURST_SECS` seconds' worth), so one member looping on such
-    /// reads cannot hold a large group's actor (or the store) for everyone. The read
-    /// that crosses the line is served whole: the allowance may run into debt by one
-    /// read's rows, and is not charged before it (the rows are known only after).
-    pub fn allow_member_rows(&self, user: UserId) -> Result<(), ErrorBody> {
+    /// Whether `user` may make a read that lists members now (`Members`, `Receipts`,
+    /// `CatchUp`, `EntryNames`): each costs a point read or two of the store per member
+    /// row it returns (up to `MAX_GROUP_MEMBERS`), on the conversation's actor, in line
+    /// with every member's writes. `RATE_LIMITED` once the rows the user read
+    /// (`charge_member_reads`) have run past its allowance, until it refills
+    /// (`member_rows_per_sec`, with a burst of `MEMBER_ROWS_BURST_SECS` seconds' worth),
+    /// so one member looping on such reads cannot hold a large group's actor (or the
+    /// store) for everyone. A read allowed is served whole and charged after (its rows
+    /// are known only then): the allowance runs into debt by at most the reads allowed
+    /// at once, one per conversation actor running and per session checking before it
+    /// hands a read over.
+    pub fn allow_member_reads(&self, user: UserId) -> Result<(), ErrorBody> {
         let (allowance, now) = (&self.member_rows, Instant::now());
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
         match allowance.with(user, now, |b| b.tokens_at(now, allowance.per_s, allowance.burst) > 0.0) {
@@ -224,8 +226,8 @@ impl UserDirectory {
         }
     }
 
-    /// Charges `rows` member rows read to `user`'s allowance (`allow_member_rows`).
-    pub fn charge_member_rows(&self, user: UserId, rows: usize) {
+    /// Charges `rows` member rows read to `user`'s allowance (`allow_member_reads`).
+    pub fn charge_member_reads(&self, user: UserId, rows: usize) {
         if rows == 0 {
             return;
         }

@@ -401,25 +401,25 @@ fn unexpected(reply: Reply) -> SessionError {
     SessionError::Client(ClientError::Protocol(format!("unexpected reply {reply:?}")))
 }
 
-/// Whether a request may be sent again after its connection dropped: true when a
-/// repeat cannot have a second effect (a client id makes a write idempotent; reads,
-/// watermarks and settings are idempotent by nature).
 /// Whether a refusal with `code` of `body` says only that the broker shed it, so that
 /// after a backoff it may succeed unchanged: `OVERLOADED` (nothing was done), or
 /// `RATE_LIMITED` of a read that lists members (the user's allowance of member rows,
-/// which refills within seconds; other `RATE_LIMITED` allowances refill too slowly to
-/// wait for unasked).
+/// which refills within a second or two; other `RATE_LIMITED` allowances refill too
+/// slowly to wait for unasked).
 fn shed(code: ErrorCode, body: &RequestBody) -> bool {
-    let member_read = matches!(
+    let read = matches!(
         body,
         RequestBody::Members { .. }
             | RequestBody::Receipts { .. }
             | RequestBody::CatchUp { .. }
             | RequestBody::EntryNames { .. }
     );
-    code == ErrorCode::OVERLOADED || (code == ErrorCode::RATE_LIMITED && member_read)
+    code == ErrorCode::OVERLOADED || (code == ErrorCode::RATE_LIMITED && read)
 }
 
+/// Whether a request may be sent again after its connection dropped: true when a
+/// repeat cannot have a second effect (a client id makes a write idempotent; reads,
+/// watermarks and settings are idempotent by nature).
 pub fn retry_safe(body: &RequestBody) -> bool {
     use switchboard_protocol::NewConversation;
     match body {

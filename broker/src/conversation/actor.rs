@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use switchboard_protocol::{ConvId, Event, Reply, Seq, ServerFrame, UserId, encode_frame};
+use switchboard_protocol::{ConvId, Event, Seq, ServerFrame, UserId, encode_frame};
 use switchboard_storage::{ReceiptRecord, Store, StoreError};
 
 use super::directory::Registration;
@@ -211,17 +211,18 @@ impl Actor for Conversation {
                     return Ok(());
                 }
                 // A read that lists members spends the caller's allowance of member rows,
-                // checked before and charged after (`UserDirectory::allow_member_rows`).
+                // checked before (again: `ConvDirectory::read` checked before handing it
+                // over) and charged after (`UserDirectory::allow_member_reads`).
                 let users = &self.shared.users;
-                if !matches!(read, Read::History { .. })
-                    && let Err(refused) = users.allow_member_rows(caller.user)
+                if read.lists_members()
+                    && let Err(refused) = users.allow_member_reads(caller.user)
                 {
                     reply.send(Err(refused));
                     return Ok(());
                 }
                 let effect = state.state.handle_read(&log, caller, read, reply, crate::now_ms());
                 if let Effect::Reply(_, Ok(answer)) = &effect {
-                    users.charge_member_rows(caller.user, member_rows(answer));
+                    users.charge_member_reads(caller.user, read.rows(answer));
                 }
                 vec![effect]
             }
@@ -259,18 +260,6 @@ impl Actor for Conversation {
         };
         self.perform(&myself, state, effects);
         Ok(())
-    }
-}
-
-/// The member rows a read's answer listed, each a store read or two (a name; a receipt
-/// and a setting): what it charges to its reader's allowance.
-fn member_rows(answer: &Reply) -> usize {
-    match answer {
-        Reply::Members(members) => members.len(),
-        Reply::Receipts(receipts) => receipts.len(),
-        Reply::CatchUp(page) => page.receipts.len(),
-        Reply::Names(names) => names.len(),
-        _ => 0,
     }
 }
 

@@ -163,8 +163,16 @@ impl ConvDirectory {
         may_add(record.kind, caller_role, role).err()
     }
 
-    /// A read of `conv`'s durable state.
+    /// A read of `conv`'s durable state. One that lists members is refused
+    /// `RATE_LIMITED` here, taking no mailbox room and waking no actor, while the
+    /// caller's such reads are past their allowance (`UserDirectory::allow_member_reads`;
+    /// the actor checks again and charges the rows).
     pub async fn read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
+        if read.lists_members()
+            && let Err(refused) = shared.users.allow_member_reads(caller.user)
+        {
+            return reply.send(Err(refused));
+        }
         self.request(shared, conv, caller, ConvMsg::Read(caller, read, reply)).await
     }
 

@@ -147,6 +147,31 @@ pub enum Read {
     },
 }
 
+impl Read {
+    /// Whether it may list members (all but `History`): such reads spend the reader's
+    /// allowance of member rows (`UserDirectory::allow_member_reads`); a `CatchUp` page
+    /// lists them when it is complete, so every page is checked against the allowance.
+    pub fn lists_members(self) -> bool {
+        match self {
+            Read::History { .. } => false,
+            Read::Members | Read::CatchUp { .. } | Read::Receipts | Read::Names { .. } => true,
+        }
+    }
+
+    /// The member rows `answer`, this read's answer, returned: names, or members'
+    /// receipts, each a point read or two of the store. What the reader's allowance is
+    /// charged.
+    pub fn rows(self, answer: &Reply) -> usize {
+        match (self, answer) {
+            (Read::Members, Reply::Members(members)) => members.len(),
+            (Read::CatchUp { .. }, Reply::CatchUp(page)) => page.receipts.len(),
+            (Read::Receipts, Reply::Receipts(receipts)) => receipts.len(),
+            (Read::Names { .. }, Reply::Names(names)) => names.len(),
+            (Read::History { .. } | Read::Members | Read::CatchUp { .. } | Read::Receipts | Read::Names { .. }, _) => 0,
+        }
+    }
+}
+
 /// A receipt report by a member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mark {
