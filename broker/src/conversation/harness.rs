@@ -714,8 +714,9 @@ mod tests {
         let last = MAX_EDITS_PER_MESSAGE - 1;
         let pending = h.write(BOB, Command::Edit { client_id: client_id(last), target: 2, text: "last".into() });
         let over = h.write(BOB, Command::Edit { client_id: client_id(last + 1), target: 2, text: "over".into() });
-        assert_eq!(h.ack(over), Some(Err(ErrorCode::INVALID)), "the pending edit counts");
+        assert_eq!(h.ack(over), None, "answered once the edit it counted is durable");
         h.commit();
+        assert_eq!(h.ack(over), Some(Err(ErrorCode::INVALID)), "the pending edit counts");
         assert!(matches!(h.ack(pending), Some(Ok(_))));
         let again = h.write(BOB, Command::Edit { client_id: client_id(last + 2), target: 2, text: "over".into() });
         assert_eq!(h.ack(again), Some(Err(ErrorCode::INVALID)));
@@ -803,6 +804,36 @@ mod tests {
         assert!(!format!("{history:?}").contains("hunter2"), "{history:?}");
         assert_eq!(history[1], (2, Body::Tombstone));
         assert_eq!(history[2], (3, Body::Redacted { target: 2 }));
+    }
+
+    /// A refusal judged on entries not yet durable waits for them, as an ack does: a
+    /// crash before then undoes them, and would have made the refusal false. Before, a
+    /// retried removal was told `NOT_FOUND` at once (and the removed member that it is
+    /// none), and after a crash the member was still there.
+    #[test]
+    fn a_refusal_waits_for_the_entries_it_was_judged_on() {
+        let mut h = group();
+        let first = h.write(OWNER, Command::Remove { user: BOB });
+        let retried = h.write(OWNER, Command::Remove { user: BOB });
+        let bobs = h.send(BOB, 1, "still here?");
+        let invalid = h.send(OWNER, 2, "");
+        assert_eq!((h.ack(first), h.ack(retried), h.ack(bobs), h.ack(invalid)), (None, None, None, None));
+        h.commit();
+        assert_eq!(h.ack(first), Some(Ok((2, false))));
+        let refusals = (h.ack(retried), h.ack(bobs), h.ack(invalid));
+        let want = (Err(ErrorCode::NOT_FOUND), Err(ErrorCode::FORBIDDEN), Err(ErrorCode::INVALID));
+        assert_eq!(refusals, (Some(want.0), Some(want.1), Some(want.2)));
+        // The same before a crash: nothing is answered, the removal is lost, bob stays.
+        let mut h = group();
+        h.write(OWNER, Command::Remove { user: BOB });
+        let retried = h.write(OWNER, Command::Remove { user: BOB });
+        h.crash_broker();
+        assert_eq!(h.ack(retried), None, "no answer from a state that never became durable");
+        let Ok(Reply::Members(members)) = h.read(OWNER, Read::Members) else { panic!() };
+        assert!(members.iter().any(|m| m.user_id == BOB), "the removal was lost with the crash");
+        // With nothing pending a refusal is answered at once.
+        let at_once = h.send(OWNER, 3, "");
+        assert_eq!(h.ack(at_once), Some(Err(ErrorCode::INVALID)));
     }
 
     /// Edit and delete answer by what the target is first: a deleted message is

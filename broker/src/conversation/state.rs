@@ -388,7 +388,8 @@ impl<R> ConversationState<R> {
     }
 
     /// A write: answered from the idempotency key if it was applied before, else checked
-    /// and appended. Effects: at most one `Append`, or an immediate `Reply`.
+    /// and appended. Effects: at most one `Append`, or a `Reply` (a refusal once the
+    /// entries applied before it are durable: `refuse`).
     pub fn handle_write(
         &mut self,
         log: &impl Log,
@@ -436,7 +437,7 @@ impl<R> ConversationState<R> {
         // Strangers are refused before anything is read for them, and do not keep the
         // conversation awake.
         if !self.members.contains_key(&caller.user) {
-            return vec![Effect::Reply(reply, Err(not_a_member()))];
+            return self.refuse(reply, not_a_member());
         }
         self.last_activity_ms = now_ms;
         let target = match &cmd {
@@ -454,22 +455,15 @@ impl<R> ConversationState<R> {
             Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
         };
         let (entry, members) = match self.plan(caller, cmd, target.as_ref(), now_ms) {
-            Ok(_) if let Some(refused) = blocked => return vec![Effect::Reply(reply, Err(refused))],
+            Ok(_) if let Some(refused) = blocked => return self.refuse(reply, refused),
             Ok(p) => p,
-            // A conflict says that what was asked for holds already (members added, a
-            // role given): judged on entries not yet durable, it waits for them, as a
-            // resend's answer does, since a crash before then would undo them.
-            Err(e) if e.code == ErrorCode::CONFLICT && self.applied_seq > self.durable_seq => {
-                self.pending.push_back(Pending { seq: self.applied_seq, entry: None, reply: Some((reply, Err(e))) });
-                return Vec::new();
-            }
-            Err(e) => return vec![Effect::Reply(reply, Err(e))],
+            Err(e) => return self.refuse(reply, e),
         };
         if let Body::Edit { target: t, .. } = &entry.body {
             match log.edits_of(self.id, *t) {
                 Ok(edits) if edits.len() >= MAX_EDITS_PER_MESSAGE as usize => {
                     let message = format!("a message is edited at most {MAX_EDITS_PER_MESSAGE} times");
-                    return vec![Effect::Reply(reply, Err(err(ErrorCode::INVALID, &message)))];
+                    return self.refuse(reply, err(ErrorCode::INVALID, &message));
                 }
                 Ok(_) => {}
                 Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
@@ -722,6 +716,20 @@ impl<R> ConversationState<R> {
             .collect();
         effects.push(Effect::Fatal);
         effects
+    }
+
+    /// Answers a write refused by the rules: at once if every entry applied is durable,
+    /// else once they are, as a resend's answer waits. A refusal is judged on the
+    /// applied state, which a crash before those entries are durable would undo, and the
+    /// refusal with it: a `CONFLICT` saying members were added already, a retried
+    /// `RemoveMember` told `NOT_FOUND` or a retried `Leave` told `FORBIDDEN` (not a
+    /// member) while the first is in flight, and then the member is back.
+    fn refuse(&mut self, reply: R, refused: ErrorBody) -> Vec<Effect<R>> {
+        if self.applied_seq == self.durable_seq {
+            return vec![Effect::Reply(reply, Err(refused))];
+        }
+        self.pending.push_back(Pending { seq: self.applied_seq, entry: None, reply: Some((reply, Err(refused))) });
+        Vec::new()
     }
 
     /// Whether the conversation has been idle for `idle_ms` with nothing pending, so
