@@ -23,8 +23,9 @@
 //!   target again, or none is left in flight. A burst that drains within the interval
 //!   never triggers it; a commit slower than the target now and then neither. Only
 //!   writes answered `Ok` (applied) are timed: a write refused on a cheap check (not a
-//!   member, say) never waited in the queue, and timing it would let anyone switch the
-//!   rule off by sending writes to a conversation they are not in;
+//!   member, say) waits at most for the commit in flight, not in the queue, and timing
+//!   it would let anyone switch the rule off by sending writes to a conversation they
+//!   are not in;
 //! - a queue in the UDP socket: while every read of a connection's socket has returned
 //!   a full batch for longer than `socket_backlog_target_ms` (`SocketBacklog`), new
 //!   writes arriving on that socket are refused. The rule above cannot see this queue:

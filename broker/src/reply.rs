@@ -98,9 +98,10 @@ impl Responder {
 
 /// Whether a message write answered `result` went through the commit queue, so its
 /// admission-to-answer time is a sample of the queue's delay (`overload::SendRule`): only
-/// a newly appended entry. A refusal (not a member, say) is answered on a cheap check,
-/// and a resent client id whose entry is already durable is answered at once; timing
-/// either would let anyone keep the delay rule from ever starting by sending such writes.
+/// a newly appended entry. A refusal (not a member, say) is judged on a cheap check (and
+/// waits at most for the entries before it to be durable, not in the queue), and a
+/// resent client id whose entry is already durable is answered at once; timing either
+/// would let anyone keep the delay rule from ever starting by sending such writes.
 fn waited_in_the_queue(result: &Result<Reply, ErrorBody>) -> bool {
     matches!(result, Ok(Reply::Appended { duplicate: false, .. }))
 }

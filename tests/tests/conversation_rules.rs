@@ -92,6 +92,43 @@ async fn a_removed_sender_learns_that_its_message_landed() {
     assert_eq!(history.code(), Some(ErrorCode::FORBIDDEN), "the resend grants no reading");
 }
 
+/// A write refused as from no member, or a member who may not, is answered only once the
+/// entries it was judged on are durable: a crash before then would undo them, and the
+/// refusal would have lied (a retried `Leave` told the first took effect). The commit
+/// here waits 100 ms after the `Leave` asks for it, so a refusal sent at once comes
+/// before any commit; before, a retried `Leave` and the leaver's next message were
+/// refused at once, from member keys not yet durable.
+#[tokio::test]
+async fn a_refusal_comes_only_once_what_it_was_judged_on_is_durable() {
+    let tb = TestBroker::start_with(|c| c.commit_delay_us = 100_000).await;
+    let (alice, _) = tb.register("alice").await;
+    let (carol, _) = tb.register("carol").await;
+    let conv = alice.create_group("g", &["carol".into()]).await.unwrap().id;
+    let commits = || tb.shared().store.commit_stats().commits();
+    let before = commits();
+    let retry = async {
+        // The first `Leave` is applied (its member key is gone) well before its commit.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let retried = carol.leave(conv).await.unwrap_err();
+        assert_eq!(retried.code(), Some(ErrorCode::FORBIDDEN), "{retried}");
+        assert!(commits() > before, "a retried leave was refused before the first was durable");
+    };
+    let (first, ()) = tokio::join!(carol.leave(conv), retry);
+    first.unwrap();
+    // The same for a member whose removal is in flight.
+    let (dave, dave_id) = tb.register("dave").await;
+    alice.add_members(conv, &["dave".into()], Role::Member).await.unwrap();
+    let before = commits();
+    let send = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let refused = dave.send(conv, "still here?").await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::FORBIDDEN), "{refused}");
+        assert!(commits() > before, "a removed member was refused before its removal was durable");
+    };
+    let (removal, ()) = tokio::join!(alice.remove_member(conv, dave_id.user_id), send);
+    removal.unwrap();
+}
+
 /// History shows people who are members no longer; `Members` does not list them, and
 /// `EntryNames` names them from an entry a member may read (before, a client could only
 /// show `user#ID`). Neither the removed member nor a stranger learns names this way.

@@ -272,7 +272,7 @@ impl Session {
             // refused as by the conversation (membership and role come before the rest).
             RequestBody::AddMembers { conv, users, role } => match catalog::resolve_users(shared, &users) {
                 Ok(users) => convs.write(shared, conv, caller, Command::Add { users, role }, reply).await,
-                Err(e) => reply.send(Err(convs.add_refusal(shared, conv, caller, role).unwrap_or(e))),
+                Err(e) => reply.send(Err(convs.add_refusal(shared, conv, caller, role).await.unwrap_or(e))),
             },
             RequestBody::History { conv, page, limit } => {
                 convs.read(shared, conv, caller, Read::History { page, limit }, reply).await

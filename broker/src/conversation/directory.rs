@@ -147,20 +147,19 @@ impl ConvDirectory {
 
     /// What an `AddMembers` of `caller` to `conv` as `role` would be refused with by
     /// the conversation whoever it names, if anything: not a member (`gate`), then
-    /// `may_add` on the caller's stored role. For the names resolved before the request
+    /// `may_add` on the caller's stored role; answered once it is durable (`settled`). For the names resolved before the request
     /// is handed over: an unknown name is told only to whom the conversation would tell
     /// it (not to a stranger, nor to a member who may not add).
-    pub fn add_refusal(&self, shared: &Shared, conv: ConvId, caller: Caller, role: Role) -> Option<ErrorBody> {
-        if let Err(refused) = gate(shared, conv, caller, None) {
-            return Some(refused);
-        }
-        let store = &shared.store;
-        let (caller_role, record) = match (store.member(conv, caller.user), store.conversation(conv)) {
-            (Ok(Some(r)), Ok(Some(c))) => (r, c),
-            (Ok(_), Ok(_)) => return Some(not_a_member()),
-            (Err(e), _) | (_, Err(e)) => return Some(internal(e)),
-        };
-        may_add(record.kind, caller_role, role).err()
+    pub async fn add_refusal(&self, shared: &Shared, conv: ConvId, caller: Caller, role: Role) -> Option<ErrorBody> {
+        let refused = gate(shared, conv, caller, None).err().or_else(|| {
+            let store = &shared.store;
+            match (store.member(conv, caller.user), store.conversation(conv)) {
+                (Ok(Some(caller_role)), Ok(Some(record))) => may_add(record.kind, caller_role, role).err(),
+                (Ok(_), Ok(_)) => Some(not_a_member()),
+                (Err(e), _) | (_, Err(e)) => Some(internal(e)),
+            }
+        })?;
+        Some(settled(shared, refused).await)
     }
 
     /// A read of `conv`'s durable state. One that lists members is refused
@@ -259,6 +258,9 @@ impl ConvDirectory {
             _ => None,
         };
         if let Err(e) = gate(shared, conv, caller, resend) {
+            if matches!(msg, ConvMsg::Write(..)) {
+                return Err((msg, settled(shared, e).await));
+            }
             return Err((msg, e));
         }
         let mut dead = None;
@@ -550,6 +552,23 @@ fn raises_delivery(store: &Store, conv: ConvId, user: UserId, seq: Seq) -> Resul
 fn refuse(msg: ConvMsg, error: ErrorBody) {
     if let Some(reply) = msg.into_responder() {
         reply.send(Err(error));
+    }
+}
+
+/// `refused`, a write's refusal judged on the store, once everything applied so far is
+/// durable (`INTERNAL` if that fails): member keys are written with their entry, before
+/// it is durable, and a crash before then would make the refusal false (a retried
+/// `Leave` told `FORBIDDEN` while the first is in flight, or a removed member told it
+/// is none, and then the member is back), as `ConversationState::refuse` waits in the
+/// actor. Every such refusal waits the same, a stranger's too, so the wait tells nothing.
+pub(crate) async fn settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
+    let durable = match shared.store.barrier() {
+        Ok(durable) => durable.await,
+        Err(e) => Err(e),
+    };
+    match durable {
+        Ok(()) => refused,
+        Err(e) => internal(e),
     }
 }
 

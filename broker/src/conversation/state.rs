@@ -434,8 +434,8 @@ impl<R> ConversationState<R> {
                 Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
             }
         }
-        // Strangers are refused before anything is read for them, and do not keep the
-        // conversation awake.
+        // Strangers are refused before anything is read for them, and keep the
+        // conversation awake no longer than the entries their refusal waits for.
         if !self.members.contains_key(&caller.user) {
             return self.refuse(reply, not_a_member());
         }
