@@ -236,6 +236,16 @@ impl Committer {
         Ok(Durable(rx))
     }
 
+    /// Like `wait`, sharing the commit a conversation entry asked for (`notify_grouped`):
+    /// it does not end a commit delay early.
+    pub(crate) fn wait_grouped(&self) -> Result<Durable, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.notify_grouped(Box::new(move |r| {
+            let _ = tx.send(r);
+        }))?;
+        Ok(Durable(rx))
+    }
+
     /// Completes every queued waiter, then ends the thread.
     pub(crate) fn stop(&self) {
         drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());

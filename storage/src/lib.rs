@@ -254,6 +254,12 @@ impl Store {
         self.committer.wait()
     }
 
+    /// Like `barrier`, as a conversation entry waits: within `commit_delay_us` it shares
+    /// the next commit rather than start one at once (a barrier ends the delay).
+    pub fn barrier_grouped(&self) -> Result<Durable> {
+        self.committer.wait_grouped()
+    }
+
     /// Like `close`, and records that the store was closed cleanly, so the next open
     /// skips `repair_all`. Call only when nothing else can write any more.
     pub fn close_clean(&self) -> Result<()> {

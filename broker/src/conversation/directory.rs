@@ -560,9 +560,13 @@ fn refuse(msg: ConvMsg, error: ErrorBody) {
 /// it is durable, and a crash before then would make the refusal false (a retried
 /// `Leave` told `FORBIDDEN` while the first is in flight, or a removed member told it
 /// is none, and then the member is back), as `ConversationState::refuse` waits in the
-/// actor. Every such refusal waits the same, a stranger's too, so the wait tells nothing.
+/// actor. Every such refusal waits the same, a stranger's too, so the wait tells
+/// nothing (whether the conversation has entries in flight, say). The wait shares the
+/// next group commit as an entry does (it ends no commit delay), so a stranger looping
+/// on refused writes, each admitted as a write in flight, costs the broker no more than
+/// messages to a conversation of its own would.
 pub(crate) async fn settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
-    let durable = match shared.store.barrier() {
+    let durable = match shared.store.barrier_grouped() {
         Ok(durable) => durable.await,
         Err(e) => Err(e),
     };
