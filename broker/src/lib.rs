@@ -283,6 +283,12 @@ impl Broker {
         let sends = overload::SendAdmission::new(&config);
         let presence = presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms);
         let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms);
+        if config.member_rows_per_sec < switchboard_protocol::limits::MAX_GROUP_MEMBERS {
+            tracing::warn!(
+                member_rows_per_sec = config.member_rows_per_sec,
+                "member_rows_per_sec is below a group's largest member list: one read of it keeps its reader refused for over a second"
+            );
+        }
         let users = user::UserDirectory::new(online.clone(), config.member_rows_per_sec);
         let shared = Arc::new(Shared {
             config,

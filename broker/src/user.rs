@@ -213,9 +213,10 @@ impl UserDirectory {
     /// (`member_rows_per_sec`, with a burst of `MEMBER_ROWS_BURST_SECS` seconds' worth),
     /// so one member looping on such reads cannot hold a large group's actor (or the
     /// store) for everyone. A read allowed is served whole and charged after (its rows
-    /// are known only then): the allowance runs into debt by at most the reads allowed
-    /// at once, one per conversation actor running and per session checking before it
-    /// hands a read over.
+    /// are known only then): the allowance runs into debt by at most the reads that
+    /// conversation actors run for the user at once (each checks right before its read;
+    /// `ConvDirectory::read`'s check only spares the mailbox), so pipelined reads across
+    /// many large groups can put only their reader far into debt.
     pub fn allow_member_reads(&self, user: UserId) -> Result<(), ErrorBody> {
         let (allowance, now) = (&self.member_rows, Instant::now());
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));

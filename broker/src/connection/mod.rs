@@ -154,12 +154,12 @@ pub(crate) enum Verdict {
 /// one source address (an IPv6 /64) may hold at most `UNAUTHENTICATED_PER_ADDRESS`.
 /// When every place is taken, a newcomer that proved its address takes the place of one
 /// that has not (spoofed Initials cost nothing to send), else of the oldest connection
-/// of the network (`auth::network`: an IPv4 address, an IPv6 /48) holding the most
-/// places, if that network holds at least two more than the newcomer's: a few sources
-/// cannot keep everyone else from signing in (before, 8 sources of 64 places each plus
-/// spoofed Initials held every place), nor can one party holding a /48 of 65,536
-/// sources with a place each. A place whose auth request is being checked is never
-/// taken.
+/// of the source holding the most places, if that source holds at least two more than
+/// the newcomer's, else the same by network (`auth::network`: an IPv4 address, an IPv6
+/// /48): a few sources cannot keep everyone else from signing in (before, 8 sources of
+/// 64 places each plus spoofed Initials held every place), nor can one party holding a
+/// /48 of 65,536 sources with a place each. A place whose auth request is being checked
+/// is never taken.
 pub(crate) struct Admission {
     max_sessions: usize,
     max_unauthenticated: usize,
@@ -172,8 +172,6 @@ struct Pending {
     total: usize,
     /// Each source's places, oldest first.
     by_source: HashMap<IpAddr, VecDeque<Held>>,
-    /// Each network's places (`auth::network` of their sources), for eviction.
-    by_network: HashMap<IpAddr, usize>,
     next_id: u64,
 }
 
@@ -195,7 +193,6 @@ impl Pending {
 
     fn add(&mut self, source: IpAddr, held: Held) {
         self.total += 1;
-        *self.by_network.entry(crate::auth::network(source)).or_default() += 1;
         self.by_source.entry(source).or_default().push_back(held);
     }
 
@@ -207,39 +204,51 @@ impl Pending {
         if held.is_empty() {
             self.by_source.remove(&source);
         }
-        let network = crate::auth::network(source);
-        if let Some(n) = self.by_network.get_mut(&network) {
-            *n -= 1;
-            if *n == 0 {
-                self.by_network.remove(&network);
-            }
-        }
         self.total -= 1;
         removed
     }
 
     /// Takes a place from someone for a validated newcomer from `source` (see
-    /// `Admission`), telling its connection to go; whether one was freed.
+    /// `Admission`), telling its connection to go; whether one was freed: one that has
+    /// not proved its address, else the most crowded source's oldest (`crowding`), else
+    /// the most crowded network's, so a /48 of sources with a place each cannot hold
+    /// every place, while users who share a /48 (a carrier's pool, a campus) give way
+    /// only after every crowding source.
     fn evict_for(&mut self, source: &IpAddr) -> bool {
         let unvalidated =
             self.by_source.iter().find_map(|(s, held)| held.iter().find(|h| !h.validated).map(|h| (*s, h.id)));
-        let victim = unvalidated.or_else(|| {
-            let (&largest, &places) = self.by_network.iter().max_by_key(|(_, places)| **places)?;
-            let newcomers = self.by_network.get(&crate::auth::network(*source)).copied().unwrap_or(0);
-            if places < newcomers + 2 {
-                return None;
-            }
-            // The network's oldest place not being checked (ids grow with age).
-            self.by_source
-                .iter()
-                .filter(|(s, _)| crate::auth::network(**s) == largest)
-                .filter_map(|(s, held)| held.iter().find(|h| !h.checking).map(|h| (*s, h.id)))
-                .min_by_key(|&(_, id)| id)
-        });
+        let victim = unvalidated
+            .or_else(|| self.crowding(source, |s| s))
+            .or_else(|| self.crowding(source, crate::auth::network));
         let Some((victim_source, id)) = victim else { return false };
         let Some(victim) = self.remove(victim_source, id) else { return false };
         victim.evict.notify_one();
         true
+    }
+
+    /// The oldest place not being checked of the group (sources grouped by `group`)
+    /// holding the most places, if it holds at least two more than the newcomer's; the
+    /// next such group when every place of one is being checked. One pass over the
+    /// places (at most `max_unauthenticated_connections`).
+    fn crowding(&self, source: &IpAddr, group: impl Fn(IpAddr) -> IpAddr) -> Option<(IpAddr, u64)> {
+        // Per group: its places, and its oldest place not being checked (ids grow with age).
+        let mut groups: HashMap<IpAddr, (usize, Option<(u64, IpAddr)>)> = HashMap::new();
+        for (&s, held) in &self.by_source {
+            let (places, oldest) = groups.entry(group(s)).or_default();
+            *places += held.len();
+            if let Some(h) = held.iter().find(|h| !h.checking)
+                && oldest.is_none_or(|(id, _)| h.id < id)
+            {
+                *oldest = Some((h.id, s));
+            }
+        }
+        let floor = groups.get(&group(*source)).map_or(0, |(places, _)| *places) + 2;
+        groups
+            .into_values()
+            .filter(|(places, _)| *places >= floor)
+            .filter_map(|(places, oldest)| oldest.map(|(id, s)| (places, std::cmp::Reverse(id), s)))
+            .max()
+            .map(|(_, std::cmp::Reverse(id), s)| (s, id))
     }
 }
 
@@ -493,16 +502,30 @@ mod tests {
         assert!(!evicted(&a, &held[0]) && evicted(&a, &held[1]) && !evicted(&a, &held[2]));
         let other = admitted(a.judge(v6("2001:db8:2::1".into()), true));
         assert!(evicted(&a, &held[2]), "another /48 is another network");
-        {
-            let pending = a.unauthenticated.lock().unwrap();
-            let network = crate::auth::network(crate::auth::source(v6("2001:db8:1::1".into())));
-            assert_eq!((pending.total, pending.by_network[&network]), (8, 6));
+        // A crowding source goes before a crowded network: users sharing a /48 give way
+        // only when no source holds two more than the newcomer's.
+        let crowd: Vec<Unauthenticated> = (0..2).map(|_| admitted(a.judge(ip(9), true))).collect();
+        assert!(evicted(&a, &held[3]) && evicted(&a, &held[4]), "the /48 still held the most");
+        assert!(crowd.iter().all(|p| !evicted(&a, p)));
+        let third = admitted(a.judge(ip(10), true));
+        assert!(evicted(&a, &crowd[0]), "the source with two places goes before the /48's");
+        assert!(!evicted(&a, &held[5]));
+        // When every place of the largest network is being checked, the next one gives:
+        // here the second /48, once it holds two.
+        let second = admitted(a.judge(v6("2001:db8:2:1::1".into()), true));
+        assert!(evicted(&a, &held[5]));
+        for place in &held[6..] {
+            assert!(place.checking());
         }
-        drop((newcomer, other));
+        let fourth = admitted(a.judge(ip(11), true));
+        assert!(held[6..].iter().all(|p| !evicted(&a, p)), "places being checked are kept");
+        assert!(evicted(&a, &other) && !evicted(&a, &second), "the next network's oldest");
+        assert_eq!(a.unauthenticated.lock().unwrap().total, 8);
+        drop((newcomer, other, crowd, third, second, fourth));
         held.clear();
         let pending = a.unauthenticated.lock().unwrap();
         assert_eq!(pending.total, 0);
-        assert!(pending.by_source.is_empty() && pending.by_network.is_empty());
+        assert!(pending.by_source.is_empty());
     }
 
     #[test]
