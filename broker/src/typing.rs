@@ -10,8 +10,8 @@
 //! bounded per user (`TYPING_PER_USER_MAX`) and in total (`TYPING_ENTRIES_MAX`): a start
 //! beyond either is dropped.
 //!
-//! `SignalAllowance` is the rate limit: one token bucket per user, shared by all of the
-//! user's sessions, so more devices do not mean more signals.
+//! The rate limit is one token bucket per user (`user::Allowances`), shared by all of
+//! the user's sessions, so more devices do not mean more signals.
 //!
 //! `Typing` drives them: a signal beyond its user's allowance is dropped, membership is
 //! read from the store's member keys, and a change goes, from the blocking pool, to the
@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use switchboard_protocol::limits::MAX_DATAGRAM_BYTES;
 use switchboard_protocol::{
@@ -34,7 +34,7 @@ use crate::limits::{
     TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX, TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S,
 };
 use crate::presence::{Timed, spawn_timer};
-use crate::user::TokenBucket;
+use crate::user::Allowances;
 
 /// A typing change to push to the conversation's other members.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,65 +195,6 @@ impl TypingState {
     }
 }
 
-/// Typing signal allowances: a token bucket per user (`burst` signals, then `per_s` a
-/// second), shared by all of the user's sessions and outliving them. Bounded by
-/// `max_users` buckets: a full bucket is the same as none, so at the cap full buckets
-/// are dropped (at most once a second, since that walks the map), and while it is still
-/// at the cap a user without a bucket has no allowance.
-#[derive(Debug)]
-pub struct SignalAllowance {
-    burst: f64,
-    per_s: f64,
-    max_users: usize,
-    buckets: HashMap<UserId, TokenBucket>,
-    /// When full buckets were last dropped.
-    pruned: Option<Instant>,
-}
-
-impl SignalAllowance {
-    /// The broker's allowance (`TYPING_SIGNAL_BURST`, `TYPING_SIGNALS_PER_S`,
-    /// `TYPING_ALLOWANCES_MAX`).
-    pub fn new() -> Self {
-        Self::with_bounds(TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S, TYPING_ALLOWANCES_MAX)
-    }
-
-    /// Like `new` with explicit bounds (tests).
-    pub fn with_bounds(burst: f64, per_s: f64, max_users: usize) -> Self {
-        SignalAllowance { burst, per_s, max_users, buckets: HashMap::new(), pruned: None }
-    }
-
-    /// Takes one signal from `user`'s allowance at `now`; `false` if there is none left.
-    pub fn take(&mut self, user: UserId, now: Instant) -> bool {
-        let (burst, per_s) = (self.burst, self.per_s);
-        if self.buckets.len() >= self.max_users && !self.buckets.contains_key(&user) {
-            if self.pruned.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
-                self.pruned = Some(now);
-                self.buckets.retain(|_, b| !b.is_full(now, per_s, burst));
-            }
-            if self.buckets.len() >= self.max_users {
-                return false;
-            }
-        }
-        self.buckets.entry(user).or_insert_with(|| TokenBucket::full(burst, now)).take(now, per_s, burst)
-    }
-
-    /// Users with a bucket.
-    pub fn len(&self) -> usize {
-        self.buckets.len()
-    }
-
-    /// Whether no user has a bucket.
-    pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
-    }
-}
-
-impl Default for SignalAllowance {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// The typing driver: checks allowances and membership, feeds `TypingState`, and hands
 /// its changes to the pusher; runs the expiry timer task and the pusher task.
 ///
@@ -265,7 +206,9 @@ impl Default for SignalAllowance {
 /// indicator also takes back its start not yet pushed.
 pub struct Typing {
     state: Mutex<TypingState>,
-    allowance: Mutex<SignalAllowance>,
+    /// Signals per user (`TYPING_SIGNAL_BURST`, then `TYPING_SIGNALS_PER_S`; at most
+    /// `TYPING_ALLOWANCES_MAX` users' buckets).
+    allowance: Allowances,
     /// Changes not yet pushed: `true` started, `false` stopped. Starts are queued while
     /// it holds fewer than `TYPING_ENTRIES_MAX` keys, stops while fewer than twice that
     /// (one dropped past it: receivers end the indicator by their own timeout). Lock
@@ -300,7 +243,7 @@ impl Typing {
     fn new(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64) -> Typing {
         Typing {
             state: Mutex::new(TypingState::new(ttl_ms)),
-            allowance: Mutex::new(SignalAllowance::new()),
+            allowance: Allowances::new(TYPING_SIGNALS_PER_S, TYPING_SIGNAL_BURST, TYPING_ALLOWANCES_MAX),
             pending: Mutex::new(HashMap::new()),
             store,
             online,
@@ -310,11 +253,11 @@ impl Typing {
     }
 
     /// A signal from session `session` of `user`. A signal beyond the user's allowance
-    /// (`SignalAllowance`, shared by its sessions) or for a conversation the user is not
+    /// (`allowance`, shared by its sessions) or for a conversation the user is not
     /// a member of is dropped: signals have no answer, so nothing is said. One key read
     /// here; the push's reads are the pusher's.
     pub fn signal(&self, user: UserId, session: u64, signal: Signal) {
-        if !self.allowance.lock().unwrap_or_else(|p| p.into_inner()).take(user, Instant::now()) {
+        if !self.allowance.take(user, Instant::now()) {
             return;
         }
         let Signal::Typing { conv, typing } = signal;
@@ -520,6 +463,7 @@ impl Timed for Typing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const TTL: u64 = 6_000;
 
@@ -617,7 +561,7 @@ mod tests {
     #[test]
     fn the_allowance_is_per_user_whatever_its_sessions() {
         let start = Instant::now();
-        let mut allowance = SignalAllowance::with_bounds(8.0, 2.0, 16);
+        let allowance = Allowances::new(2.0, 8.0, 16);
         // The burst, whichever of the user's sessions sends: the driver asks by user only.
         assert!((0..8).all(|_| allowance.take(1, start)));
         assert!(!allowance.take(1, start), "the burst is spent");
@@ -631,7 +575,7 @@ mod tests {
     #[test]
     fn allowances_are_bounded_and_refilled_ones_make_room() {
         let start = Instant::now();
-        let mut allowance = SignalAllowance::with_bounds(8.0, 2.0, 2);
+        let allowance = Allowances::new(2.0, 8.0, 2);
         assert!(allowance.take(1, start));
         assert!(allowance.take(2, start));
         assert!(!allowance.take(3, start), "at the cap, with no bucket refilled");

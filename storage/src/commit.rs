@@ -229,20 +229,24 @@ impl Committer {
     }
 
     pub(crate) fn wait(&self) -> Result<Durable, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.notify(Box::new(move |r| {
-            let _ = tx.send(r);
-        }))?;
-        Ok(Durable(rx))
+        self.durable_by(Self::notify)
     }
 
     /// Like `wait`, sharing the commit a conversation entry asked for (`notify_grouped`):
     /// it does not end a commit delay early.
     pub(crate) fn wait_grouped(&self) -> Result<Durable, StoreError> {
+        self.durable_by(Self::notify_grouped)
+    }
+
+    /// A future of what `queue` (`notify` or `notify_grouped`) reports.
+    fn durable_by(&self, queue: fn(&Self, Done) -> Result<(), StoreError>) -> Result<Durable, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.notify_grouped(Box::new(move |r| {
-            let _ = tx.send(r);
-        }))?;
+        queue(
+            self,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
         Ok(Durable(rx))
     }
 

@@ -448,7 +448,7 @@ impl Session {
     }
 
     /// An ephemeral signal from the control stream or a datagram. Beyond the user's
-    /// allowance, shared by all of its sessions (`typing::SignalAllowance`), it is
+    /// allowance, shared by all of its sessions (`Typing`'s `allowance`), it is
     /// dropped; signals have no answer, so nothing is said.
     fn signal(&self, signal: Signal) {
         self.shared.typing.signal(self.caller.user, self.caller.session, signal);

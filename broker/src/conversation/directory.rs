@@ -147,9 +147,10 @@ impl ConvDirectory {
 
     /// What an `AddMembers` of `caller` to `conv` as `role` would be refused with by
     /// the conversation whoever it names, if anything: not a member (`gate`), then
-    /// `may_add` on the caller's stored role; answered once it is durable (`settled`). For the names resolved before the request
-    /// is handed over: an unknown name is told only to whom the conversation would tell
-    /// it (not to a stranger, nor to a member who may not add).
+    /// `may_add` on the caller's stored role, returned once that is durable
+    /// (`settled`). For the names resolved before the request is handed over: an
+    /// unknown name is told only to whom the conversation would tell it (not to a
+    /// stranger, nor to a member who may not add).
     pub async fn add_refusal(&self, shared: &Shared, conv: ConvId, caller: Caller, role: Role) -> Option<ErrorBody> {
         let refused = gate(shared, conv, caller, None).err().or_else(|| {
             let store = &shared.store;
@@ -244,7 +245,7 @@ impl ConvDirectory {
     /// Delivers a message to the conversation's actor, starting it if needed, or gives
     /// it back with its refusal: `FORBIDDEN` to a non-member and for no such
     /// conversation alike, before anything else (strangers learn nothing, never start or
-    /// wake actors and never take mailbox room); `OVERLOADED` for a full mailbox or too
+    /// wake actors and never take mailbox room; a write's, once `settled`); `OVERLOADED` for a full mailbox or too
     /// many live actors; `INTERNAL` once the store has failed.
     async fn hand(
         &self,
@@ -565,7 +566,7 @@ fn refuse(msg: ConvMsg, error: ErrorBody) {
 /// next group commit as an entry does (it ends no commit delay), so a stranger looping
 /// on refused writes, each admitted as a write in flight, costs the broker no more than
 /// messages to a conversation of its own would.
-pub(crate) async fn settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
+async fn settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
     let durable = match shared.store.barrier_grouped() {
         Ok(durable) => durable.await,
         Err(e) => Err(e),
