@@ -9,8 +9,10 @@
 //! The socket answers only the user the broker runs as (checked on each connection from
 //! the kernel's peer credentials; others get a refusal saying so), and the command line
 //! sends only to a broker running as its own user; at most `MAX_CONNECTIONS` at once,
-//! one request each: a `u32` little-endian length (at most `REQUEST_MAX_BYTES`)
-//! and an `AdminRequest` in postcard, answered the same way with an `AdminReply`.
+//! one request each: `PROTOCOL` (4 bytes), then a `u32` little-endian length (at most
+//! `REQUEST_MAX_BYTES`) and an `AdminRequest` in postcard, answered with a length and
+//! an `AdminReply` (a shape kept across versions). A request of another protocol (a
+//! command line of another version) is answered `UNSUPPORTED_VERSION`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,10 @@ use crate::auth::Auth;
 
 /// The socket's file name in the data dir.
 pub const SOCKET: &str = "admin.sock";
+/// The first four bytes of every request: the shape of `AdminRequest` this binary
+/// speaks. Change it with `AdminRequest`. Before it was sent, requests began with
+/// their length (at most `REQUEST_MAX_BYTES`), which never reads as a tag.
+pub const PROTOCOL: [u8; 4] = *b"SBA1";
 /// Longest request accepted, bytes (names and a password are far shorter).
 pub const REQUEST_MAX_BYTES: u32 = 64 * 1024;
 /// Connections served at once; more wait in the listen backlog.
@@ -64,7 +70,8 @@ pub type AdminReply = Result<Vec<String>, ErrorBody>;
 
 /// The command line's exit status for a failure with `code`, stable for scripts: 3 no
 /// such user or device, 4 the name is taken, 5 a name or password outside its rules, 6
-/// too many password checks under way (run it again), 1 anything else (the store, the
+/// too many password checks under way (run it again), 7 the running broker is of
+/// another version (run the command with its binary), 1 anything else (the store, the
 /// socket, the data dir; 2 is the command line's usage errors).
 pub fn exit_status(code: ErrorCode) -> i32 {
     match code {
@@ -72,6 +79,7 @@ pub fn exit_status(code: ErrorCode) -> i32 {
         ErrorCode::CONFLICT => 4,
         ErrorCode::INVALID => 5,
         ErrorCode::OVERLOADED => 6,
+        ErrorCode::UNSUPPORTED_VERSION => 7,
         _ => 1,
     }
 }
@@ -298,6 +306,20 @@ pub async fn serve(listener: UnixListener, shared: Weak<Shared>) {
 /// Reads one request, runs it, writes its reply. The broker's state is held only from
 /// the request on (a connection that sends nothing holds nothing).
 async fn answer(mut stream: UnixStream, shared: &Weak<Shared>) -> std::io::Result<()> {
+    let mut protocol = [0u8; 4];
+    match stream.read_exact(&mut protocol).await {
+        Ok(_) if protocol == PROTOCOL => {}
+        Ok(_) => {
+            let message = format!(
+                "this broker (switchboard {}) speaks another operator protocol than the command: run the command with the binary the broker runs",
+                env!("CARGO_PKG_VERSION")
+            );
+            let reply: AdminReply = Err(ErrorBody::new(ErrorCode::UNSUPPORTED_VERSION, &message));
+            return write_message(&mut stream, &reply).await;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+        Err(e) => return Err(e),
+    }
     let request: AdminRequest = match read_message(&mut stream, REQUEST_MAX_BYTES).await? {
         Some(request) => request,
         None => return Ok(()),
@@ -337,10 +359,13 @@ pub async fn request(data_dir: &Path, request: &AdminRequest) -> Option<std::io:
                 "the admin socket is served by uid {peer}, not this user (uid {me}): run the command as the broker's user"
             )));
         }
+        stream.write_all(&PROTOCOL).await?;
         write_message(&mut stream, request).await?;
-        read_message(&mut stream, REPLY_MAX_BYTES)
-            .await?
-            .ok_or_else(|| std::io::Error::other("the broker closed the admin socket without an answer"))
+        read_message(&mut stream, REPLY_MAX_BYTES).await?.ok_or_else(|| {
+            std::io::Error::other(
+                "the broker closed the admin socket without an answer (a broker of an older version? run the command with the binary it runs)",
+            )
+        })
     };
     Some(match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
         Ok(result) => result,
@@ -376,6 +401,27 @@ async fn read_message<T: serde::de::DeserializeOwned>(stream: &mut UnixStream, m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A command line of another version (here one that sends no protocol tag, as before
+    /// it existed) is told so, with its own reply shape, and the broker runs nothing.
+    #[tokio::test]
+    async fn a_request_of_another_protocol_is_answered_unsupported_version() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let answered = tokio::spawn(async move { answer(server, &Weak::new()).await });
+        write_message(&mut client, &AdminRequest::UserList).await.unwrap();
+        let reply: AdminReply = read_message(&mut client, REPLY_MAX_BYTES).await.unwrap().unwrap();
+        let refused = reply.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::UNSUPPORTED_VERSION, "{refused:?}");
+        assert_eq!(exit_status(refused.code), 7);
+        answered.await.unwrap().unwrap();
+        // With the tag, the request is read (and, the broker gone, not answered).
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let answered = tokio::spawn(async move { answer(server, &Weak::new()).await });
+        client.write_all(&PROTOCOL).await.unwrap();
+        write_message(&mut client, &AdminRequest::UserList).await.unwrap();
+        answered.await.unwrap().unwrap();
+        assert!(read_message::<AdminReply>(&mut client, REPLY_MAX_BYTES).await.unwrap().is_none());
+    }
 
     #[test]
     fn utc_dates() {
