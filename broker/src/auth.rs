@@ -309,12 +309,12 @@ impl Auth {
     /// account's own: a stranger's failed logins never stop the owner's change. The new hash is stored only if the
     /// account's hash is still the one `current` was checked against, in the same
     /// catalog write: of two changes racing from the same password one wins, the other
-    /// is `AUTH_FAILED`. `device`, the one asking, must still be enrolled and its account
-    /// enabled then (`catalog::refusal_to`). Durable when it returns.
-    pub async fn change_password(
+    /// is `AUTH_FAILED`. `asker`, the device asking, must not have been cut off since it
+    /// asked (`catalog::refusal_to`). Durable when it returns.
+    pub(crate) async fn change_password(
         &self,
         user: UserId,
-        device: DeviceId,
+        asker: crate::catalog::Asker,
         current: &str,
         new: &str,
     ) -> Result<(), ErrorBody> {
@@ -345,7 +345,7 @@ impl Auth {
         // catalog thread, in order with revokes): a change in flight from a device
         // revoked meanwhile must not land after its revoke was answered.
         let set = crate::catalog::catalog_write(&self.store, move |s| {
-            match crate::catalog::refusal_to(s, user, device) {
+            match crate::catalog::refusal_to(s, user, &asker) {
                 Ok(Some(refused)) => return Err(refused),
                 Ok(None) => {}
                 Err(e) => return Ok(Some(Err(e))),

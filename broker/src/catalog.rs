@@ -354,15 +354,16 @@ pub(crate) fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, Err
 pub(crate) async fn change_password(
     shared: &Shared,
     caller: Caller,
+    asker: Asker,
     current: &str,
     new: &str,
     sign_out_others: bool,
 ) -> Result<Reply, ErrorBody> {
-    shared.auth.change_password(caller.user, caller.device, current, new).await?;
+    shared.auth.change_password(caller.user, asker.clone(), current, new).await?;
     if sign_out_others {
         let devices = shared.store.devices(caller.user).map_err(internal)?;
         for (device, _) in devices.into_iter().filter(|(d, _)| *d != caller.device) {
-            match revoke_device(shared, caller.user, device, Some(caller.device)).await {
+            match revoke_device(shared, caller.user, device, Some(asker.clone())).await {
                 Ok(_) => {}
                 // Revoked meanwhile by the user's own request or an operator.
                 Err(e) if e.code == ErrorCode::NOT_FOUND => {}
@@ -374,18 +375,17 @@ pub(crate) async fn change_password(
 }
 
 /// Revokes `device` of `user`, durably, and closes its connections; `NOT_FOUND` if there
-/// is no such device. `by`, the device asking (none for the operator), must still be
-/// enrolled and its account enabled when the revoke is written (`refusal_to`): a
-/// request in flight from a device revoked or an account disabled meanwhile does nothing
-/// once that has been answered.
+/// is no such device. `by`, the device asking (none for the operator), must not have
+/// been cut off since it asked (`refusal_to`): a request in flight from a device
+/// revoked or an account disabled meanwhile does nothing once that has been answered.
 pub(crate) async fn revoke_device(
     shared: &Shared,
     user: UserId,
     device: DeviceId,
-    by: Option<DeviceId>,
+    by: Option<Asker>,
 ) -> Result<Reply, ErrorBody> {
     let durable = catalog_write(&shared.store, move |s| {
-        if let Some(refused) = by.map(|by| refusal_to(s, user, by)).transpose()?.flatten() {
+        if let Some(refused) = by.map(|by| refusal_to(s, user, &by)).transpose()?.flatten() {
             return Ok(Err(refused));
         }
         s.remove_device(user, device).map(Ok)
@@ -399,11 +399,27 @@ pub(crate) async fn revoke_device(
     Ok(Reply::Done)
 }
 
-/// On the catalog thread, in order with revocations and disables: why a request from
-/// `device` of `user` that was admitted earlier must not be carried out now, if it
+/// The device of a session asking for a catalog change, and whether that session has
+/// been closed by a revocation or disable since (`Responder::revocation`).
+#[derive(Clone)]
+pub(crate) struct Asker {
+    pub device: DeviceId,
+    pub revocation: crate::reply::Revocation,
+}
+
+/// On the catalog thread, in order with revocations and disables: why a request of
+/// `asker`, a device of `user`, admitted earlier must not be carried out now, if it
 /// must not (`DEVICE_REVOKED`, `ACCOUNT_DISABLED`, each answered to the operator or
-/// the user before this runs).
-pub(crate) fn refusal_to(s: &Store, user: UserId, device: DeviceId) -> StoreResult<Option<ErrorBody>> {
+/// the user before this runs): its session was closed by one (so an account disabled
+/// and enabled again meanwhile still refuses it), or, when its session has not been
+/// closed yet, the device is gone or the account disabled.
+pub(crate) fn refusal_to(s: &Store, user: UserId, asker: &Asker) -> StoreResult<Option<ErrorBody>> {
+    if let Some(code) = (asker.revocation)() {
+        let why =
+            if code == ErrorCode::DEVICE_REVOKED { "this device was revoked" } else { "this account was disabled" };
+        return Ok(Some(ErrorBody::new(code, why)));
+    }
+    let device = asker.device;
     if s.device(user, device)?.is_none() {
         return Ok(Some(ErrorBody::new(ErrorCode::DEVICE_REVOKED, "this device was revoked")));
     }

@@ -24,6 +24,14 @@ pub struct Responder {
     then: Option<AnswerHook>,
 }
 
+/// See `Responder::revocation`.
+pub type Revocation = Arc<dyn Fn() -> Option<ErrorCode> + Send + Sync>;
+
+fn closed_by_revocation(out: Option<&Outbound>) -> Option<ErrorCode> {
+    out.and_then(Outbound::closed)
+        .filter(|code| matches!(*code, ErrorCode::DEVICE_REVOKED | ErrorCode::ACCOUNT_DISABLED))
+}
+
 /// What `Responder::on_answer` runs with the answer.
 type AnswerHook = Box<dyn FnOnce(&Result<Reply, ErrorBody>) + Send>;
 
@@ -49,8 +57,16 @@ impl Responder {
     /// Whether the session that sent the request was closed because its device was
     /// revoked or its account disabled: what it sent is not carried out any more.
     pub fn revoked(&self) -> bool {
-        let closed = self.out.as_ref().and_then(|out| out.closed());
-        matches!(closed, Some(ErrorCode::DEVICE_REVOKED | ErrorCode::ACCOUNT_DISABLED))
+        closed_by_revocation(self.out.as_deref()).is_some()
+    }
+
+    /// `revoked` as a check that outlives this responder, for work finished elsewhere
+    /// (a catalog write): the code the session was closed with, `DEVICE_REVOKED` or
+    /// `ACCOUNT_DISABLED`, once it was. A closure stays closed, so the check holds
+    /// after an account disabled meanwhile is enabled again.
+    pub fn revocation(&self) -> Revocation {
+        let out = self.out.clone();
+        Arc::new(move || closed_by_revocation(out.as_deref()))
     }
 
     /// Whether nobody can take the answer any more (the session's outbound queue is

@@ -297,7 +297,8 @@ impl Session {
             RequestBody::RevokeDevice { device_id } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    reply.send(catalog::revoke_device(&shared, caller.user, device_id, Some(caller.device)).await)
+                    let by = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                    reply.send(catalog::revoke_device(&shared, caller.user, device_id, Some(by)).await)
                 });
             }
             RequestBody::Block { user, blocked } => {
@@ -311,7 +312,8 @@ impl Session {
             RequestBody::ChangePassword { current, new, sign_out_others } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let changed = catalog::change_password(&shared, caller, &current, &new, sign_out_others);
+                    let asker = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                    let changed = catalog::change_password(&shared, caller, asker, &current, &new, sign_out_others);
                     reply.send(changed.await);
                 });
             }
