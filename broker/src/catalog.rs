@@ -414,17 +414,12 @@ pub(crate) struct Asker {
 /// and enabled again meanwhile still refuses it), or, when its session has not been
 /// closed yet, the device is gone or the account disabled.
 pub(crate) fn refusal_to(s: &Store, user: UserId, asker: &Asker) -> StoreResult<Option<ErrorBody>> {
-    if let Some(code) = (asker.revocation)() {
-        let why =
-            if code == ErrorCode::DEVICE_REVOKED { "this device was revoked" } else { "this account was disabled" };
-        return Ok(Some(ErrorBody::new(code, why)));
-    }
-    let device = asker.device;
-    if s.device(user, device)?.is_none() {
-        return Ok(Some(ErrorBody::new(ErrorCode::DEVICE_REVOKED, "this device was revoked")));
-    }
-    if s.disabled(user)? {
-        return Ok(Some(ErrorBody::new(ErrorCode::ACCOUNT_DISABLED, "this account was disabled")));
-    }
-    Ok(None)
+    let code = match asker.revocation.code() {
+        Some(code) => code,
+        None if s.device(user, asker.device)?.is_none() => ErrorCode::DEVICE_REVOKED,
+        None if s.disabled(user)? => ErrorCode::ACCOUNT_DISABLED,
+        None => return Ok(None),
+    };
+    let why = if code == ErrorCode::DEVICE_REVOKED { "this device was revoked" } else { "this account was disabled" };
+    Ok(Some(ErrorBody::new(code, why)))
 }

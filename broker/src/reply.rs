@@ -24,8 +24,19 @@ pub struct Responder {
     then: Option<AnswerHook>,
 }
 
-/// See `Responder::revocation`.
-pub type Revocation = Arc<dyn Fn() -> Option<ErrorCode> + Send + Sync>;
+/// Whether the session that sent a request was closed by a revocation or a disable
+/// (`Responder::revocation`), checkable after its responder has moved on.
+#[derive(Clone)]
+pub struct Revocation(Option<Arc<Outbound>>);
+
+impl Revocation {
+    /// The code the session was closed with, `DEVICE_REVOKED` or `ACCOUNT_DISABLED`,
+    /// once it was. A closure stays closed, so this holds after an account disabled
+    /// meanwhile is enabled again.
+    pub fn code(&self) -> Option<ErrorCode> {
+        closed_by_revocation(self.0.as_deref())
+    }
+}
 
 fn closed_by_revocation(out: Option<&Outbound>) -> Option<ErrorCode> {
     out.and_then(Outbound::closed)
@@ -61,12 +72,9 @@ impl Responder {
     }
 
     /// `revoked` as a check that outlives this responder, for work finished elsewhere
-    /// (a catalog write): the code the session was closed with, `DEVICE_REVOKED` or
-    /// `ACCOUNT_DISABLED`, once it was. A closure stays closed, so the check holds
-    /// after an account disabled meanwhile is enabled again.
+    /// (a catalog write).
     pub fn revocation(&self) -> Revocation {
-        let out = self.out.clone();
-        Arc::new(move || closed_by_revocation(out.as_deref()))
+        Revocation(self.out.clone())
     }
 
     /// Whether nobody can take the answer any more (the session's outbound queue is

@@ -152,14 +152,16 @@ impl ConvDirectory {
     /// unknown name is told only to whom the conversation would tell it (not to a
     /// stranger, nor to a member who may not add).
     pub async fn add_refusal(&self, shared: &Shared, conv: ConvId, caller: Caller, role: Role) -> Option<ErrorBody> {
-        let refused = gate(shared, conv, caller, None).err().or_else(|| {
-            let store = &shared.store;
-            match (store.member(conv, caller.user), store.conversation(conv)) {
-                (Ok(Some(caller_role)), Ok(Some(record))) => may_add(record.kind, caller_role, role).err(),
-                (Ok(_), Ok(_)) => Some(not_a_member()),
-                (Err(e), _) | (_, Err(e)) => Some(internal(e)),
-            }
-        })?;
+        let refused = match gate(shared, conv, caller, None) {
+            Err(refused) => refused,
+            // Without a client id only a member passes the gate.
+            Ok(None) => not_a_member(),
+            Ok(Some(caller_role)) => match shared.store.conversation(conv) {
+                Ok(Some(record)) => may_add(record.kind, caller_role, role).err()?,
+                Ok(None) => not_a_member(),
+                Err(e) => internal(e),
+            },
+        };
         Some(settled(shared, refused).await)
     }
 
@@ -582,17 +584,23 @@ async fn settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
 /// succeeded may not serve reads or acknowledge anything once durability is lost), else
 /// `not_a_member` unless `caller` is a member (as far as the store knows, which may be
 /// ahead of the durable state; the actor checks again) or a former member resending
-/// (`resend`) a write that was applied (it is answered its original seq).
-fn gate(shared: &Shared, conv: ConvId, caller: Caller, resend: Option<&ClientMsgId>) -> Result<(), ErrorBody> {
+/// (`resend`) a write that was applied (it is answered its original seq). Passed, the
+/// caller's stored role (`None` for such a resend).
+fn gate(
+    shared: &Shared,
+    conv: ConvId,
+    caller: Caller,
+    resend: Option<&ClientMsgId>,
+) -> Result<Option<Role>, ErrorBody> {
     if shared.health.is_failed() {
         return Err(ErrorBody::new(ErrorCode::INTERNAL, "storage failure"));
     }
     let store = &shared.store;
-    if store.member(conv, caller.user).map_err(internal)?.is_some() {
-        return Ok(());
+    if let Some(role) = store.member(conv, caller.user).map_err(internal)? {
+        return Ok(Some(role));
     }
     match resend {
-        Some(id) if store.dedupe(conv, caller.user, id).map_err(internal)?.is_some() => Ok(()),
+        Some(id) if store.dedupe(conv, caller.user, id).map_err(internal)?.is_some() => Ok(None),
         _ => Err(not_a_member()),
     }
 }
