@@ -579,6 +579,13 @@ impl Client {
         self.appended(RequestBody::SetRole { conv, user, role }).await.map(|(s, _)| s)
     }
 
+    /// Renames a group (its owner or an admin); returns the seq of the `TitleChanged`
+    /// entry. `CONFLICT` when the group has that title already; `INVALID` for a direct
+    /// conversation or a title that is not a label (1 to 64 bytes of visible text).
+    pub async fn set_title(&self, conv: ConvId, title: &str) -> Result<Seq> {
+        self.appended(RequestBody::SetTitle { conv, title: title.to_owned() }).await.map(|(s, _)| s)
+    }
+
     /// Leaves a group.
     pub async fn leave(&self, conv: ConvId) -> Result<Seq> {
         self.appended(RequestBody::Leave { conv }).await.map(|(s, _)| s)

@@ -356,6 +356,13 @@ enum ConvCommand {
         #[arg(value_parser = ["owner", "admin", "member"])]
         role: String,
     },
+    /// Rename a group (its owner or an admin); every member sees the change.
+    Rename {
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
+        conv: ConvArg,
+        /// The new title: 1 to 64 bytes of visible text.
+        title: String,
+    },
     /// Leave a group.
     Leave {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
@@ -985,6 +992,10 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 };
                 out.seq(conv, client.set_role(conv, user, role).await?)
             }
+            ConvCommand::Rename { conv, title } => {
+                let conv = conv.resolve(client).await?;
+                out.seq(conv, client.set_title(conv, &title).await?)
+            }
             ConvCommand::Leave { conv } => {
                 let conv = conv.resolve(client).await?;
                 let left = client.leave(conv).await;
@@ -1554,6 +1565,7 @@ fn describe(body: &Body, named: &HashMap<UserId, String>, book: &FileBook) -> (&
                 members.iter().map(|(u, r)| format!("{} {}", name(u), role_name(*r))).collect::<Vec<_>>().join(", ")
             ),
         ),
+        Body::TitleChanged { title } => ("title_changed", format!("renamed the group to \"{title}\"")),
         Body::Redacted { target } => ("redacted", format!("(edit of deleted #{target})")),
         Body::Files { text, files, edited } => {
             let list: Vec<String> = files

@@ -455,6 +455,8 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::AddMembers { .. }
         | RequestBody::RemoveMember { .. }
         | RequestBody::SetRole { .. }
+        // A second rename to the same title is answered `CONFLICT`.
+        | RequestBody::SetTitle { .. }
         | RequestBody::Leave { .. }
         | RequestBody::RevokeDevice { .. }
         // A second change would be checked against the password the first one replaced.
@@ -869,6 +871,7 @@ impl Task {
             | RequestBody::AddMembers { conv, .. }
             | RequestBody::RemoveMember { conv, .. }
             | RequestBody::SetRole { conv, .. }
+            | RequestBody::SetTitle { conv, .. }
             | RequestBody::SendFiles { conv, .. }
             | RequestBody::Leave { conv } => Some(*conv),
             _ => None,

@@ -1320,6 +1320,27 @@ async fn a_download_into_dev_null_works_and_leaves_it_alone() {
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
 }
 
+/// `sb conv rename`: the owner or an admin renames a group; every member's list and
+/// history show the new title, and the group goes by it on the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_is_renamed_and_goes_by_its_new_title() {
+    let (_dir, broker, alice, bob) = alice_and_bob().await;
+    let conv = sb(&alice, &broker, &["conv", "create", "--title", "team", "bob"])[0]["conv"].as_u64().unwrap();
+    let refused = sb_output(&bob, &broker, &["conv", "rename", "team", "mine"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("FORBIDDEN"), "{refused:?}");
+    let renamed = sb(&alice, &broker, &["conv", "rename", "team", "ops"]);
+    assert_eq!((renamed[0]["conv"].as_u64(), renamed[0]["seq"].as_u64()), (Some(conv), Some(2)), "{renamed:?}");
+    let same = sb_output(&alice, &broker, &["conv", "rename", "ops", "ops"]);
+    assert!(String::from_utf8_lossy(&same.stderr).contains("CONFLICT"), "{same:?}");
+    let listed = sb(&bob, &broker, &["conv", "list"]);
+    assert_eq!(listed[0]["title"], "ops", "{listed:?}");
+    let history = sb(&bob, &broker, &["history", "ops"]);
+    let rename = history.iter().find(|e| e["kind"] == "title_changed").expect("in history");
+    assert_eq!((&rename["text"], &rename["sender_name"]), (&"renamed the group to \"ops\"".into(), &"alice".into()));
+    let old = sb_output(&bob, &broker, &["history", "team"]);
+    assert!(!old.status.success(), "the old title names nothing: {old:?}");
+}
+
 /// `sb conv role` and `sb conv remove` take member names; the owner hands the group over
 /// and may then leave; history shows the role changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

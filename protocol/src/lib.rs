@@ -18,7 +18,7 @@ pub const ALPN: &[u8] = b"switchboard/1";
 /// First bytes of the client hello, so a stray connection is told apart at once.
 pub const MAGIC: [u8; 4] = *b"SWBD";
 /// The one protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// TLS exporter label used to bind device signatures to one TLS session.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-switchboard-device-auth";
 /// Domain separation prefix for every device signature.

@@ -74,10 +74,11 @@ pub enum StoreError {
 /// message counts behind unread counts, 4 the index of each user's stored files, 5
 /// quotas counted in whole 4 KiB blocks (`files::charged_bytes`), 6 each conversation's
 /// member count in one key (`Key::member_count`: an older broker would change members
-/// without it, so it must not open a format-6 data dir). Opening a newer one
+/// without it, so it must not open a format-6 data dir), 7 the `TitleChanged` entry (a
+/// group renamed: an older broker could not decode it). Opening a newer one
 /// fails with `NewerFormat` (rolling a data dir back to an older broker is not
 /// supported).
-pub const FORMAT: u64 = 6;
+pub const FORMAT: u64 = 7;
 
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -200,6 +201,11 @@ impl Store {
         store.upgrade_to_format_4()?;
         store.upgrade_to_format_5()?;
         store.upgrade_to_format_6()?;
+        // Format 7 only adds an entry body: nothing to rewrite, the mark keeps older
+        // brokers out.
+        if store.db.get(Key::format())?.and_then(|v| keys::u64_from(&v)).is_some_and(|f| f < 7) {
+            store.db.insert(Key::format(), &7u64.to_be_bytes()[..])?;
+        }
         let promised = store.uploads_in_progress()?.iter().map(|(_, r)| r.size - r.offset().min(r.size)).sum();
         store.files.lock().unwrap_or_else(|p| p.into_inner()).promised = promised;
         Ok(store)
@@ -705,6 +711,32 @@ mod tests {
         let raw = store.db.get(Key::member_count(conv)).unwrap();
         assert_eq!(raw.as_deref(), Some(&3u64.to_be_bytes()[..]), "written by the format-6 upgrade");
         assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(FORMAT));
+    }
+
+    /// A rename rewrites the conversation's record (what lists show); a crash between the
+    /// entry and that write is repaired from the entry.
+    #[tokio::test]
+    async fn a_rename_rewrites_the_record_and_a_torn_one_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 7 };
+        let conv = {
+            let store = open(dir.path());
+            let (conv, _, durable) =
+                store.create_conversation(&record, &[(1, Role::Owner)], None, |id| text(id, 1, 1)).unwrap();
+            durable.await.unwrap();
+            append(&store, with_body(text(conv, 2, 1), Body::TitleChanged { title: "ops".into() })).await;
+            let shown = store.conversation(conv).unwrap().unwrap();
+            assert_eq!((shown.title.as_str(), shown.created_ms), ("ops", 7), "only the title changes");
+            // The crash left the newest rename without its record.
+            let renamed = with_body(text(conv, 3, 1), Body::TitleChanged { title: "ops 2".into() });
+            store.db.insert(Key::entry(conv, 3), encode(&renamed)).unwrap();
+            store.close().unwrap();
+            conv
+        };
+        let store = open(dir.path());
+        assert_eq!(store.conversation(conv).unwrap().unwrap().title, "ops");
+        store.repair_newest_entry(conv).unwrap();
+        assert_eq!(store.conversation(conv).unwrap().unwrap().title, "ops 2");
     }
 
     #[tokio::test]

@@ -59,6 +59,7 @@ enum Kind {
     ListFiles,
     WithdrawFile,
     EntryNames,
+    SetTitle,
 }
 
 /// The kind of a request. Exhaustive: a new request kind does not compile here until
@@ -104,6 +105,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::ListFiles { .. } => Kind::ListFiles,
         RequestBody::WithdrawFile { .. } => Kind::WithdrawFile,
         RequestBody::EntryNames { .. } => Kind::EntryNames,
+        RequestBody::SetTitle { .. } => Kind::SetTitle,
     }
 }
 
@@ -199,6 +201,7 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     // alice's file stays hers, wherever it was sent.
     (Kind::WithdrawFile,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
     (Kind::EntryNames,         Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
+    (Kind::SetTitle,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -367,6 +370,7 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::ListFiles => RequestBody::ListFiles { after: None },
         Kind::WithdrawFile => RequestBody::WithdrawFile { file },
         Kind::EntryNames => RequestBody::EntryNames { conv, seq: 1 },
+        Kind::SetTitle => RequestBody::SetTitle { conv, title: "taken over".into() },
     };
     assert_eq!(kind_of(&body), kind);
     body
@@ -512,7 +516,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 39] = [
+    const ALL: [Kind; 40] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -552,6 +556,7 @@ fn every_request_kind_has_one_row() {
         Kind::ListFiles,
         Kind::WithdrawFile,
         Kind::EntryNames,
+        Kind::SetTitle,
     ];
     for kind in ALL {
         assert_eq!(MATRIX.iter().filter(|r| r.0 == kind).count(), 1, "{kind:?}");

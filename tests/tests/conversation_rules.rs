@@ -181,6 +181,54 @@ async fn after_a_failed_fsync_nothing_is_acknowledged_again() {
     assert!(again.is_err(), "no new connection is served");
 }
 
+/// An admin renames a group: every online member hears of it as an entry, a member who
+/// was offline finds it in catch-up, and every list shows the new title, after a restart
+/// too. A plain member and a stranger are refused, and a direct conversation has no
+/// title to change. Before `SetTitle` a group kept the title it was created with.
+#[tokio::test]
+async fn an_admin_renames_a_group_and_every_member_sees_it() {
+    let mut tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, bob_id) = tb.register("bob").await;
+    let (carol, carol_id) = tb.register("carol").await;
+    let (eve, _) = tb.register("eve").await;
+    let mut alice_events = alice.events().unwrap();
+    let conv = alice.create_group("g", &["bob".into(), "carol".into()]).await.unwrap().id;
+    let code = |r: switchboard_client::Result<u64>| r.unwrap_err().code();
+    assert_eq!(code(bob.set_title(conv, "mine").await), Some(ErrorCode::FORBIDDEN), "a plain member");
+    assert_eq!(code(eve.set_title(conv, "mine").await), Some(ErrorCode::FORBIDDEN), "a stranger");
+    let direct = alice.create_direct("bob").await.unwrap().id;
+    assert_eq!(code(alice.set_title(direct, "bob!").await), Some(ErrorCode::INVALID), "a direct conversation");
+    let seen = carol.history(conv, Page::Latest, 10).await.unwrap().1;
+    drop(carol);
+
+    // alice's own write is answered, not pushed back to her.
+    alice.set_role(conv, bob_id.user_id, Role::Admin).await.unwrap();
+    assert_eq!(code(bob.set_title(conv, "\u{202E}gnp.exe").await), Some(ErrorCode::INVALID), "not a label");
+    let renamed = bob.set_title(conv, "ops").await.unwrap();
+    let heard = next_entry(&mut alice_events).await;
+    assert_eq!(
+        (heard.seq, heard.sender, heard.body),
+        (renamed, bob_id.user_id, Body::TitleChanged { title: "ops".into() })
+    );
+    assert_eq!(code(alice.set_title(conv, "ops").await), Some(ErrorCode::CONFLICT), "it holds already");
+    let title =
+        |list: Vec<switchboard_protocol::ConversationSummary>| list.into_iter().find(|c| c.id == conv).map(|c| c.title);
+    assert_eq!(title(alice.conversations().await.unwrap()).as_deref(), Some("ops"));
+
+    // carol was away: catch-up brings the rename, and her list has the new title.
+    let carol = tb.connector().connect(&carol_id).await.unwrap();
+    let page = carol.catch_up(conv, seen, 100).await.unwrap();
+    assert!(page.entries.iter().any(|e| e.body == Body::TitleChanged { title: "ops".into() }), "{page:?}");
+    assert_eq!(title(carol.conversations().await.unwrap()).as_deref(), Some("ops"));
+
+    tb.restart().await;
+    let bob = tb.connector().connect(&bob_id).await.unwrap();
+    assert_eq!(title(bob.conversations().await.unwrap()).as_deref(), Some("ops"), "after a restart");
+    let (latest, _) = bob.history(conv, Page::Latest, 1).await.unwrap();
+    assert_eq!(latest[0].body, Body::TitleChanged { title: "ops".into() });
+}
+
 /// The owner makes a member an admin (who may then add members), hands the group over
 /// (and may then leave), every member hears of each change as an entry, and the roles
 /// survive a restart. Before `SetRole` a role was fixed when the member was added, and

@@ -238,6 +238,7 @@ impl Session {
                 | RequestBody::RemoveMember { .. }
                 | RequestBody::Leave { .. }
                 | RequestBody::SetRole { .. }
+                | RequestBody::SetTitle { .. }
         ) {
             match shared.sends.admit(caller.user, &self.backlog) {
                 Ok(ticket) => reply = reply.admitted(ticket),
@@ -265,6 +266,9 @@ impl Session {
             RequestBody::Leave { conv } => convs.write(shared, conv, caller, Command::Leave, reply).await,
             RequestBody::SetRole { conv, user, role } => {
                 convs.write(shared, conv, caller, Command::SetRole { user, role }, reply).await
+            }
+            RequestBody::SetTitle { conv, title } => {
+                convs.write(shared, conv, caller, Command::SetTitle { title }, reply).await
             }
             // Names are resolved here, in order (a few index reads), not on a task: a
             // pipelined add then send must reach the conversation in that order. A name

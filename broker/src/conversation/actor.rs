@@ -161,8 +161,14 @@ impl Actor for Conversation {
             Some(after) => store.entries(id, after.saturating_add(1), last_seq, usize::MAX, false)?,
             None => Vec::new(),
         };
-        let (state, effects) =
-            ConversationState::recover(id, record.kind, members, last_seq, (replay, replay_except), crate::now_ms());
+        let (state, effects) = ConversationState::recover(
+            id,
+            (record.kind, record.title),
+            members,
+            last_seq,
+            (replay, replay_except),
+            crate::now_ms(),
+        );
         if replay_after.is_none() {
             // Everything in the log was delivered by predecessors.
             published.store(last_seq, Ordering::Release);

@@ -23,6 +23,8 @@ struct Contents {
     /// (target, edit) pairs.
     edits: BTreeSet<(Seq, Seq)>,
     members: HashMap<UserId, Role>,
+    /// The conversation record's title.
+    title: String,
 }
 
 /// An in-memory log: every append is visible at once; `durable` is what survives a
@@ -72,8 +74,12 @@ impl MemLog {
                 }
                 rewrite(c, *target, Body::Tombstone);
             }
-            Body::MembersAdded { members } | Body::Created { members, .. } | Body::RolesChanged { members } => {
+            Body::MembersAdded { members } | Body::RolesChanged { members } => {
                 c.members.extend(members.iter().copied())
+            }
+            Body::Created { members, title, .. } => {
+                c.members.extend(members.iter().copied());
+                c.title.clone_from(title);
             }
             Body::MemberRemoved { user } => {
                 c.members.remove(user);
@@ -81,6 +87,7 @@ impl MemLog {
             Body::MemberLeft => {
                 c.members.remove(&entry.sender);
             }
+            Body::TitleChanged { title } => c.title.clone_from(title),
             _ => {}
         }
         c.entries.insert(entry.seq, entry.clone());
@@ -189,7 +196,14 @@ impl Harness {
         };
         log.append(&created);
         log.durable = log.now.clone();
-        let (state, _) = ConversationState::recover(CONV, kind, log.now.members.clone(), 1, (Vec::new(), 0), 0);
+        let (state, _) = ConversationState::recover(
+            CONV,
+            (kind, log.now.title.clone()),
+            log.now.members.clone(),
+            1,
+            (Vec::new(), 0),
+            0,
+        );
         Harness {
             log,
             state,
@@ -313,8 +327,14 @@ impl Harness {
             Some(after) => self.log.entries(CONV, after + 1, last, usize::MAX, false).unwrap_or_default(),
             None => Vec::new(),
         };
-        let (state, effects) =
-            ConversationState::recover(CONV, self.kind, self.log.now.members.clone(), last, (replay, 0), self.now_ms);
+        let (state, effects) = ConversationState::recover(
+            CONV,
+            (self.kind, self.log.now.title.clone()),
+            self.log.now.members.clone(),
+            last,
+            (replay, 0),
+            self.now_ms,
+        );
         self.state = state;
         self.perform(effects);
     }
@@ -614,6 +634,54 @@ mod tests {
         assert_eq!(h.ack(stuck), Some(Err(ErrorCode::FORBIDDEN)), "the new owner hands over before leaving");
     }
 
+    /// A group is renamed by its owner or an admin, as an entry every member hears of; the
+    /// title a rename is judged against is the log's, so one lost in a crash may be asked
+    /// for again.
+    #[test]
+    fn the_owner_or_an_admin_renames_a_group() {
+        let mut h = group();
+        h.write(OWNER, Command::Add { users: vec![CAROL], role: Role::Admin });
+        h.commit();
+        let title = |t: &str| Command::SetTitle { title: t.into() };
+        let refused = [
+            (BOB, "ops", ErrorCode::FORBIDDEN),
+            (9, "ops", ErrorCode::FORBIDDEN),
+            (OWNER, "", ErrorCode::INVALID),
+            (OWNER, "pay\u{202E}fdp", ErrorCode::INVALID),
+            (CAROL, "t", ErrorCode::CONFLICT),
+        ];
+        for (who, t, code) in refused {
+            let id = h.write(who, title(t));
+            assert_eq!(h.ack(id), Some(Err(code)), "{who} renames to {t:?}");
+        }
+        let renamed = h.write(CAROL, title("ops"));
+        // A second asking while the first waits for its commit is judged on it, and told
+        // only once it is durable.
+        let again = h.write(OWNER, title("ops"));
+        assert_eq!((h.ack(renamed), h.ack(again)), (None, None));
+        h.commit();
+        assert_eq!((h.ack(renamed), h.ack(again)), (Some(Ok((3, false))), Some(Err(ErrorCode::CONFLICT))));
+        let heard = h.deliveries.last().expect("delivered");
+        assert_eq!((heard.seq, &heard.body), (3, &Body::TitleChanged { title: "ops".into() }));
+        assert_eq!(heard.audience, vec![OWNER, BOB, CAROL], "every member hears of it");
+        assert_eq!(h.log.now.title, "ops");
+        // Lost in a crash before its commit: the successor knows the durable title.
+        let lost = h.write(OWNER, title("lost"));
+        h.crash_broker();
+        assert_eq!(h.ack(lost), None);
+        assert_eq!(h.log.now.title, "ops");
+        let retry = h.write(OWNER, title("lost"));
+        h.commit();
+        assert_eq!(h.ack(retry), Some(Ok((4, false))), "asked again after the crash");
+        let back = h.write(OWNER, title("ops"));
+        h.commit();
+        assert_eq!(h.ack(back), Some(Ok((5, false))), "a former title is a change too");
+
+        let mut direct = Harness::new(ConversationKind::Direct, &[(OWNER, Role::Member), (BOB, Role::Member)]);
+        let id = direct.write(OWNER, title("ops"));
+        assert_eq!(direct.ack(id), Some(Err(ErrorCode::INVALID)), "a direct conversation shows its peer's name");
+    }
+
     /// Adding as an admin makes one: the owner's call, as with `SetRole` (before, an
     /// admin could remove a member and add them back promoted).
     #[test]
@@ -894,7 +962,7 @@ mod tests {
         let created = h.log.now.entries[&1].clone();
         let (mut state, effects) = ConversationState::<u32>::recover(
             CONV,
-            ConversationKind::Group,
+            (ConversationKind::Group, "t".into()),
             h.log.now.members.clone(),
             1,
             (vec![created], caller(OWNER).session),

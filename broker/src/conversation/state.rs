@@ -104,6 +104,11 @@ pub enum Command {
         /// The new role.
         role: Role,
     },
+    /// Rename the group (owner/admin).
+    SetTitle {
+        /// The new title (a label: `auth::check_label`).
+        title: String,
+    },
 }
 
 impl Command {
@@ -294,6 +299,8 @@ struct Overlay {
 pub struct ConversationState<R> {
     id: ConvId,
     kind: ConversationKind,
+    /// Group title as of the newest applied entry (empty for direct).
+    title: String,
     /// Members as of the newest applied entry: who may write next.
     members: HashMap<UserId, Role>,
     /// The same as a shared list: every message's fan-out reuses it.
@@ -331,7 +338,7 @@ impl<R> ConversationState<R> {
     /// effects.
     pub fn recover(
         id: ConvId,
-        kind: ConversationKind,
+        (kind, title): (ConversationKind, String),
         members: HashMap<UserId, Role>,
         last_seq: Seq,
         (replay, except): (Vec<Entry>, u64),
@@ -346,6 +353,7 @@ impl<R> ConversationState<R> {
         let state = ConversationState {
             id,
             kind,
+            title,
             audience: members.keys().copied().collect(),
             durable_members: members.clone(),
             members,
@@ -509,6 +517,9 @@ impl<R> ConversationState<R> {
         }
         let rewrites = rewrites.into_iter().map(|(seq, _, after)| (seq, after)).collect();
         self.applied_seq = seq;
+        if let Body::TitleChanged { title } = &entry.body {
+            self.title.clone_from(title);
+        }
         if !members.is_empty() {
             apply_members(&mut self.members, &members);
             self.audience = self.members.keys().copied().collect();
@@ -1026,6 +1037,23 @@ impl<R> ConversationState<R> {
                 }
                 members.extend(changed.iter().map(|&(u, r)| (u, Some(r))));
                 Body::RolesChanged { members: changed }
+            }
+            Command::SetTitle { title } => {
+                if self.kind != ConversationKind::Group {
+                    return Err(err(
+                        ErrorCode::INVALID,
+                        "a direct conversation has no title: it shows the peer's name",
+                    ));
+                }
+                if role > Role::Admin {
+                    return Err(err(ErrorCode::FORBIDDEN, "only the owner or an admin may rename the group"));
+                }
+                crate::auth::check_label(&title)?;
+                // A retry whose answer was lost is told that its change holds.
+                if title == self.title {
+                    return Err(err(ErrorCode::CONFLICT, "the group has that title already"));
+                }
+                Body::TitleChanged { title }
             }
         };
         let entry = Entry {

@@ -113,4 +113,9 @@ pub enum Body {
         /// Members and their new roles.
         members: Vec<(UserId, Role)>,
     },
+    /// An owner or admin (`sender`) renamed the group (`SetTitle`). Version 4.
+    TitleChanged {
+        /// The new title.
+        title: String,
+    },
 }

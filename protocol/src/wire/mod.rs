@@ -159,6 +159,8 @@ mod tests {
         "response_uploads",
         "request_set_role",
         "event_entry_roles_changed",
+        "request_set_title",
+        "event_entry_title_changed",
         "request_usage",
         "response_usage",
         "request_change_password",
@@ -510,6 +512,8 @@ mod tests {
                 }),
             ),
             "request_set_role" => req(32, RequestBody::SetRole { conv: CONV, user: 3, role: Role::Owner }),
+            "request_set_title" => req(40, RequestBody::SetTitle { conv: CONV, title: "ops".into() }),
+            "event_entry_title_changed" => event(14, Body::TitleChanged { title: "ops".into() }),
             "event_entry_roles_changed" => {
                 event(13, Body::RolesChanged { members: vec![(3, Role::Owner), (2, Role::Admin)] })
             }

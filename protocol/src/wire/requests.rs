@@ -283,6 +283,16 @@ pub enum RequestBody {
         /// The entry.
         seq: Seq,
     },
+    /// Rename a group (its owner or an admin): `title` is a label (1 to 64 bytes of
+    /// visible text). Replies `Appended` with the `TitleChanged` entry; `INVALID` for a
+    /// direct conversation or a bad title, `FORBIDDEN` for a plain member, `CONFLICT`
+    /// when the group already has that title (a retry whose answer was lost). Version 4.
+    SetTitle {
+        /// Conversation.
+        conv: ConvId,
+        /// The new title.
+        title: String,
+    },
 }
 
 /// Enrollment of a new device key, with the account password.
