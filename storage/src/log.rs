@@ -122,15 +122,16 @@ impl Store {
             Body::RolesChanged { members } => self.index_write(|| {
                 demotions_first(members).try_for_each(|(user, role)| set(Key::member(conv, *user), Some(encode(role))))
             }),
-            // A rename rewrites the conversation's record (what conversation lists show).
-            Body::TitleChanged { title } => {
+            // A rename rewrites the conversation's record, which conversation lists read
+            // (counted like the member keys: a list shows it only once it is durable).
+            Body::TitleChanged { title } => self.index_write(|| {
                 let key = Key::conversation(conv);
                 let Some(mut record) = self.conversation(conv)? else {
                     return Err(corrupt(key.as_ref(), "a rename of a conversation without a record"));
                 };
                 record.title.clone_from(title);
                 set(key, Some(encode(&record)))
-            }
+            }),
             // A message moves the running counts that unread counts are read from.
             Body::Text { .. } | Body::Files { .. } => {
                 if let Body::Files { files, .. } = &entry.body {
