@@ -63,7 +63,7 @@ pub(crate) fn endpoint(
     trust: Trust,
     options: &TransportOptions,
 ) -> Result<quinn::Endpoint, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(connect)?;
@@ -124,6 +124,22 @@ pub(crate) fn endpoint(
 }
 
 /// The roots to trust, or why there are none (said after the file's path, if any).
+/// rustls' *ring* provider with the TLS 1.3 suites offered cheapest first:
+/// `TLS13_AES_128_GCM_SHA256`, then `TLS13_CHACHA20_POLY1305_SHA256` and
+/// `TLS13_AES_256_GCM_SHA384` (rustls' own order puts AES-256 first). The broker takes
+/// the client's first choice, and the SHA-384 of the AES-256 suite has no hardware
+/// path in ring on x86-64 (`sha512_block_data_order_nohw` was 5.4% of the broker's CPU
+/// in a connection storm, docs/benchmarks.md "Cipher suites") where SHA-256 has, and
+/// AES-128 runs 10 rounds to AES-256's 14. AES-128-GCM-SHA256 is the suite every TLS 1.3
+/// stack must implement (RFC 8446 section 9.1) and the one QUIC's Initial packets use.
+pub(crate) fn provider() -> CryptoProvider {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_256_GCM_SHA384];
+    CryptoProvider { cipher_suites, ..rustls::crypto::ring::default_provider() }
+}
+
 fn roots(certs: Vec<CertificateDer<'static>>) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs {
