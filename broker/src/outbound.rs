@@ -1,7 +1,10 @@
 //! A device's outbound queue: frames encoded once (an event shared by every recipient
 //! is one `Bytes`), bounded in count and bytes. A device that falls that far behind is
 //! disconnected with `SLOW_CONSUMER` and catches up on reconnect; the broker's memory
-//! never grows with a reader that stopped reading.
+//! never grows with a reader that stopped reading. Answers count too, but a request
+//! whose answer may be large (a page, a list) is taken only with room reserved for it
+//! (`reserve_answer`, half the byte bound), so a client that reads is never cut off for
+//! the answers to what it may have in flight.
 //!
 //! Ephemeral state that a newer value replaces (file progress) does not queue: it sits
 //! in one slot per key, the latest value winning, written after the queued frames, and
@@ -9,7 +12,7 @@
 //! key beyond is dropped (a later value, or the final state, says where it is).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use switchboard_protocol::ErrorCode;
@@ -19,6 +22,9 @@ use tokio::sync::Notify;
 pub struct Outbound {
     queue: Mutex<Queue>,
     wake: Notify,
+    /// Signalled when room for answers may have come (frames drained, a reservation
+    /// given back, the queue closed), if a request waits for it (`Queue::room_wanted`).
+    room: Notify,
     /// Signalled when the queue is closed with an error: the writer may be blocked on
     /// a peer that does not read, and must abandon that write.
     abort: Notify,
@@ -33,6 +39,10 @@ struct Queue {
     closed: Option<ErrorCode>,
     /// Latest-wins ephemeral frames, one per key, not yet written.
     latest: Vec<(LatestKey, Bytes)>,
+    /// Bytes reserved for answers not yet queued (`reserve_answer`).
+    reserved: usize,
+    /// A request waits for answer room: the next drain or release signals `room`.
+    room_wanted: bool,
 }
 
 /// What a latest-wins frame replaces: a file's progress, to one audience (the uploader's
@@ -42,6 +52,19 @@ pub type LatestKey = (switchboard_protocol::FileId, Option<switchboard_protocol:
 /// Latest-wins frames waiting at once per device (each a small progress frame).
 pub const LATEST_SLOTS: usize = 64;
 
+/// Room for one answer in a device's queue (`Outbound::reserve_answer`), given back
+/// when dropped: once the answer is queued (where its bytes count instead), or unused.
+pub struct AnswerRoom {
+    out: Arc<Outbound>,
+    bytes: usize,
+}
+
+impl Drop for AnswerRoom {
+    fn drop(&mut self) {
+        self.out.release(self.bytes);
+    }
+}
+
 /// The frame was not queued: the queue is closed (now or before).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Closed(pub ErrorCode);
@@ -50,8 +73,16 @@ impl Outbound {
     /// An empty queue with the given bounds.
     pub fn new(max_frames: usize, max_bytes: usize) -> Self {
         Outbound {
-            queue: Mutex::new(Queue { frames: VecDeque::new(), bytes: 0, closed: None, latest: Vec::new() }),
+            queue: Mutex::new(Queue {
+                frames: VecDeque::new(),
+                bytes: 0,
+                closed: None,
+                latest: Vec::new(),
+                reserved: 0,
+                room_wanted: false,
+            }),
             wake: Notify::new(),
+            room: Notify::new(),
             abort: Notify::new(),
             max_frames,
             max_bytes,
@@ -110,6 +141,7 @@ impl Outbound {
             drop(q);
             self.wake.notify_one();
             self.abort.notify_one();
+            self.room.notify_waiters();
             return Err(Closed(ErrorCode::SLOW_CONSUMER));
         }
         q.bytes += frame.len();
@@ -131,8 +163,48 @@ impl Outbound {
         }
         drop(q);
         self.wake.notify_one();
+        self.room.notify_waiters();
         if code != ErrorCode::NO_ERROR {
             self.abort.notify_one();
+        }
+    }
+
+    /// Waits until the queue has room for an answer of up to `bytes` (at most
+    /// `MAX_SERVER_FRAME_BYTES`) and reserves it: the frames waiting, the answers
+    /// reserved and this one together stay within half the byte bound (the other half
+    /// is the events'). With nothing waiting or reserved there is always room, so one
+    /// such answer is always possible. The session takes a request whose answer may be
+    /// large only with such a reservation, so answers to requests the protocol allows in
+    /// flight (`MAX_INFLIGHT_REQUESTS`) can never make a reading client a slow consumer:
+    /// past the room, the session stops reading requests (flow control) until the
+    /// writer drains. `Err` once the queue is closed.
+    pub async fn reserve_answer(self: &Arc<Self>, bytes: usize) -> Result<AnswerRoom, Closed> {
+        let bytes = bytes.min(switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize);
+        let budget = (self.max_bytes / 2).max(bytes);
+        loop {
+            let notified = self.room.notified();
+            {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(code) = q.closed {
+                    return Err(Closed(code));
+                }
+                if q.bytes + q.reserved + bytes <= budget {
+                    q.reserved += bytes;
+                    return Ok(AnswerRoom { out: self.clone(), bytes });
+                }
+                q.room_wanted = true;
+            }
+            notified.await;
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.reserved = q.reserved.saturating_sub(bytes);
+        let wanted = std::mem::take(&mut q.room_wanted);
+        drop(q);
+        if wanted {
+            self.room.notify_waiters();
         }
     }
 
@@ -169,6 +241,9 @@ impl Outbound {
                     out.extend(q.frames.drain(..));
                     out.extend(q.latest.drain(..).map(|(_, frame)| frame));
                     q.bytes = 0;
+                    if std::mem::take(&mut q.room_wanted) {
+                        self.room.notify_waiters();
+                    }
                     return None;
                 }
                 if let Some(code) = q.closed {
@@ -183,6 +258,37 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn answer_room_waits_for_the_writer_and_ends_with_the_queue() {
+        // Half of 8,000 bytes is for answers.
+        let out = Arc::new(Outbound::new(100, 8_000));
+        let first = out.reserve_answer(3_000).await.unwrap();
+        out.push(Bytes::from(vec![0u8; 900])).unwrap();
+        let reserve = |bytes| {
+            let out = out.clone();
+            tokio::spawn(async move { out.reserve_answer(bytes).await.map(drop) })
+        };
+        let waiting = reserve(200);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "3,000 reserved + 900 queued + 200 is past 4,000");
+        let mut got = Vec::new();
+        assert_eq!(out.drain(&mut got).await, None);
+        assert_eq!(waiting.await.unwrap(), Ok(()), "the writer took the 900 bytes");
+        drop(first);
+        // Alone, an answer always has room, however large.
+        let whole = out.reserve_answer(4_000).await.unwrap();
+        let waiting = reserve(100);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        drop(whole);
+        assert_eq!(waiting.await.unwrap(), Ok(()), "a reservation given back makes room");
+        let whole = out.reserve_answer(4_000).await.unwrap();
+        let waiting = reserve(100);
+        out.close(ErrorCode::DEVICE_REVOKED);
+        assert_eq!(waiting.await.unwrap(), Err(Closed(ErrorCode::DEVICE_REVOKED)), "a closed queue ends the wait");
+        drop(whole);
+    }
 
     #[tokio::test]
     async fn overflow_closes_with_slow_consumer() {

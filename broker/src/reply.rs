@@ -9,7 +9,7 @@ use switchboard_protocol::{ErrorBody, ErrorCode, Reply, ServerFrame, encode_fram
 use tokio::sync::OwnedSemaphorePermit;
 
 pub use crate::error::internal;
-use crate::outbound::Outbound;
+use crate::outbound::{AnswerRoom, Outbound};
 use crate::overload::SendTicket;
 
 /// Sends exactly one response for one request.
@@ -22,6 +22,9 @@ pub struct Responder {
     ticket: Option<SendTicket>,
     /// Told the answer once it is queued (`on_answer`).
     then: Option<AnswerHook>,
+    /// Room reserved for a possibly large answer (`Outbound::reserve_answer`), given
+    /// back once the answer is queued.
+    room: Option<AnswerRoom>,
 }
 
 /// Whether the session that sent a request was closed by a revocation or a disable
@@ -48,7 +51,14 @@ type AnswerHook = Box<dyn FnOnce(&Result<Reply, ErrorBody>) + Send>;
 
 impl Responder {
     pub(crate) fn new(id: u32, out: Arc<Outbound>, permit: OwnedSemaphorePermit) -> Self {
-        Responder { id, out: Some(out), _permit: permit, ticket: None, then: None }
+        Responder { id, out: Some(out), _permit: permit, ticket: None, then: None, room: None }
+    }
+
+    /// Holds `room` (reserved in the session's queue for this answer) until the answer
+    /// is queued.
+    pub(crate) fn with_room(mut self, room: Option<AnswerRoom>) -> Self {
+        self.room = room;
+        self
     }
 
     /// Runs `then` with the answer once it is queued, wherever it is given (or the
@@ -114,6 +124,8 @@ impl Responder {
             // A closed queue means the connection is going away; nothing else to do.
             let _ = out.push(frame);
         }
+        // Queued, the answer's bytes count in the queue: its reservation goes.
+        drop(self.room.take());
         if let (Some(then), ServerFrame::Response { result, .. }) = (self.then.take(), &response) {
             then(result);
         }

@@ -45,6 +45,12 @@ pub const LIST_PAGE_MAX: u32 = 200;
 pub const MAX_MARKS_PER_REQUEST: u32 = 256;
 /// Most entries in one catch-up page.
 pub const CATCH_UP_PAGE_MAX: u32 = 1000;
+/// The most bytes one entry takes in a `History` or `CatchUp` page: its text (or a files
+/// message's caption, names and types together), at most 128 bytes of ids and headers,
+/// and 32 bytes of ids, size and prefixes per file. Every page's fit in one server frame
+/// is checked with it (below); the broker sizes the room it keeps for a page's answer by
+/// it (PROTOCOL section 7, slow consumers).
+pub const ENTRY_MAX_BYTES: u32 = MAX_TEXT_BYTES + 128 + MAX_FILES_PER_MESSAGE * 32;
 /// A catch-up page stops adding entries once their encoded size passes this (it always
 /// holds at least one), so a page of maximum-size texts still fits a server frame with
 /// every member's receipts.
@@ -104,12 +110,9 @@ const _: () = assert!(2 * MAX_NAME_BYTES + MAX_PASSWORD_BYTES + 128 <= PREAUTH_M
 // A files message holds at most `MAX_TEXT_BYTES` of caption, names and types together
 // (`SendFiles`), plus at most 32 bytes of ids, size and prefixes per file: a history page
 // and a catch-up page of such entries must still fit in one server frame.
-const _: () = assert!(HISTORY_PAGE_MAX * (MAX_TEXT_BYTES + 128 + MAX_FILES_PER_MESSAGE * 32) <= MAX_SERVER_FRAME_BYTES);
+const _: () = assert!(HISTORY_PAGE_MAX * ENTRY_MAX_BYTES <= MAX_SERVER_FRAME_BYTES);
 // A `ListUploads` page: each upload its name, media type, id, hash and four varints.
 const _: () = assert!(
     MAX_LISTED_UPLOADS * (MAX_FILE_NAME_BYTES + MAX_CONTENT_TYPE_BYTES + 16 + 32 + 64) <= MAX_SERVER_FRAME_BYTES
 );
-const _: () = assert!(
-    CATCH_UP_PAGE_BYTES + MAX_TEXT_BYTES + 128 + MAX_FILES_PER_MESSAGE * 32 + MAX_GROUP_MEMBERS * 40
-        <= MAX_SERVER_FRAME_BYTES
-);
+const _: () = assert!(CATCH_UP_PAGE_BYTES + ENTRY_MAX_BYTES + MAX_GROUP_MEMBERS * 40 <= MAX_SERVER_FRAME_BYTES);

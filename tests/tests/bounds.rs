@@ -18,7 +18,7 @@ use switchboard_broker::limits::{
     MAX_SESSIONS_PER_USER,
 };
 use switchboard_client::{Client, RawSession};
-use switchboard_protocol::limits::{MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS};
+use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS, MAX_TEXT_BYTES};
 use switchboard_protocol::{Body, ConvId, ErrorCode, Page, Reply, RequestBody};
 use switchboard_tests::{
     STEP_DEADLINE, TestBroker, bounded, close_code, closed_with, next_response, request_frame, within,
@@ -83,6 +83,44 @@ async fn a_65th_request_is_not_read_until_one_of_64_is_answered() {
                 assert!(ping_at >= 1, "with {outstanding} outstanding the ping was read before any answer: {order:?}");
             }
         }
+    })
+    .await
+}
+
+/// PROTOCOL.md section 7: answers count toward a device's outbound bound (8 MiB), and
+/// the broker keeps room for an answer that may be large before it takes its request.
+/// A client that pipelines 40 full history pages (200 entries of 4 KiB, about 0.8 MiB
+/// each: 32 MiB of answers, well within the 64 requests in flight it may have) and reads
+/// nothing for two seconds gets every page, in order, and stays connected. Before, the
+/// answers piled up in the queue and the reader was closed `SLOW_CONSUMER`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_full_pages_never_make_a_reader_a_slow_consumer() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let conv = alice.create_group("big", &[]).await.unwrap().id;
+        let text = "x".repeat(MAX_TEXT_BYTES as usize);
+        for _ in 0..HISTORY_PAGE_MAX {
+            alice.send(conv, &text).await.unwrap();
+        }
+        let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        const PAGES: u32 = 40;
+        let full_page = RequestBody::History { conv, page: Page::Latest, limit: HISTORY_PAGE_MAX as u16 };
+        let frames: Vec<Bytes> = (1..=PAGES).map(|id| request_frame(id, full_page.clone())).collect();
+        let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        within(STEP_DEADLINE, "pipelined write", raw.send.write_all(&bytes)).await.unwrap();
+        // Reading nothing meanwhile: the broker answers faster than the wire takes them.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for want in 1..=PAGES {
+            match next_response(&mut raw).await {
+                (id, Ok(Reply::History { entries, .. })) => {
+                    assert_eq!((id, entries.len()), (want, HISTORY_PAGE_MAX as usize), "a full page, in order");
+                }
+                other => panic!("page {want}: {other:?}"),
+            }
+        }
+        assert_eq!(tb.shared().counters.slow_consumers.total(), 0, "nobody was cut off");
+        assert!(raw.conn.close_reason().is_none(), "still connected");
     })
     .await
 }

@@ -1,8 +1,8 @@
 //! A measurement, run by hand: the latency of one member's messages in a group while
 //! another member loops on `History` pages of 200 entries of 4 KiB, or on catch-up
-//! pages from seq 0 (4 in flight, as PROTOCOL section 7 asks: the answers count toward
-//! the reader's outbound bound), of that group or, as the control that shares only the
-//! CPU, of another. Prints; asserts nothing about time.
+//! pages from seq 0 (60 in flight: the broker keeps room in the reader's outbound queue
+//! for their answers, PROTOCOL section 7), of that group or, as the control that shares
+//! only the CPU, of another. Prints; asserts nothing about time.
 //!
 //! ```sh
 //! cargo test --release -p switchboard-tests --test measure_history_reads -- --ignored --nocapture
@@ -31,7 +31,7 @@ async fn run(reader: bool, catch_up: bool, same_conv: bool) {
     let stop = Arc::new(AtomicBool::new(false));
     let (served, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut loops = Vec::new();
-    for _ in 0..if reader { 4 } else { 0 } {
+    for _ in 0..if reader { 60 } else { 0 } {
         let (alice, stop, served, refused) = (alice.clone(), stop.clone(), served.clone(), refused.clone());
         loops.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {

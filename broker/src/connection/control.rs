@@ -22,7 +22,7 @@ use crate::conversation::{Caller, Command, Read};
 use crate::fanout::SessionHandle;
 use crate::files::requests as files;
 use crate::metrics::Counters;
-use crate::outbound::Outbound;
+use crate::outbound::{AnswerRoom, Closed, Outbound};
 use crate::overload::SocketBacklog;
 use crate::reply::Responder;
 
@@ -186,7 +186,75 @@ async fn read_loop(
         if let Some(code) = session.ended() {
             return Close(code, "session closed".into());
         }
-        session.dispatch(req, permit).await;
+        // An answer that may be large waits for room in the outbound queue before the
+        // request is taken, so answers alone never overflow it (`reserve_answer`).
+        let room = match answer_bound(&req.body) {
+            0 => None,
+            bytes => match session.out.reserve_answer(bytes).await {
+                Ok(room) => Some(room),
+                Err(Closed(code)) => return Close(code, "session closed".into()),
+            },
+        };
+        session.dispatch(req, permit, room).await;
+    }
+}
+
+/// The most bytes the answer to `body` may encode to, for the requests whose answer is
+/// a page or a list (0 for the rest: an ack, a status, a single record, each a few
+/// hundred bytes at most). `History` and `CatchUp` are bounded by their `limit` (the
+/// per-entry bound of `protocol::limits::ENTRY_MAX_BYTES`, the bound every page's fit
+/// in a server frame is checked with); every other list by the frame bound. The match
+/// names every request, so a new one is placed here on purpose.
+fn answer_bound(body: &RequestBody) -> usize {
+    use switchboard_protocol::limits::{
+        CATCH_UP_PAGE_MAX, ENTRY_MAX_BYTES, HISTORY_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_SERVER_FRAME_BYTES,
+    };
+    let frame = MAX_SERVER_FRAME_BYTES as usize;
+    let entries = |limit: u16, max: u32| usize::from(limit).clamp(1, max as usize) * ENTRY_MAX_BYTES as usize;
+    match body {
+        RequestBody::History { limit, .. } => entries(*limit, HISTORY_PAGE_MAX).min(frame),
+        // Every member's receipts come with a complete page.
+        RequestBody::CatchUp { limit, .. } => {
+            (entries(*limit, CATCH_UP_PAGE_MAX) + MAX_GROUP_MEMBERS as usize * 40).min(frame)
+        }
+        RequestBody::ListConversations { .. }
+        | RequestBody::Members { .. }
+        | RequestBody::ListDevices
+        | RequestBody::Receipts { .. }
+        | RequestBody::ConversationStates { .. }
+        | RequestBody::Presence { .. }
+        | RequestBody::ListUploads { .. }
+        | RequestBody::BlockedUsers
+        | RequestBody::ListFiles { .. }
+        | RequestBody::EntryNames { .. } => frame,
+        RequestBody::Register(_)
+        | RequestBody::Login(_)
+        | RequestBody::Authenticate { .. }
+        | RequestBody::Ping
+        | RequestBody::CreateConversation(_)
+        | RequestBody::AddMembers { .. }
+        | RequestBody::RemoveMember { .. }
+        | RequestBody::Leave { .. }
+        | RequestBody::Send { .. }
+        | RequestBody::Edit { .. }
+        | RequestBody::Delete { .. }
+        | RequestBody::RevokeDevice { .. }
+        | RequestBody::MarkDelivered { .. }
+        | RequestBody::MarkRead { .. }
+        | RequestBody::SetPresence { .. }
+        | RequestBody::Settings { .. }
+        | RequestBody::BeginUpload(_)
+        | RequestBody::UploadStatus { .. }
+        | RequestBody::CancelUpload { .. }
+        | RequestBody::SendFiles { .. }
+        | RequestBody::FileInfo { .. }
+        | RequestBody::DeleteFile { .. }
+        | RequestBody::SetRole { .. }
+        | RequestBody::Usage
+        | RequestBody::ChangePassword { .. }
+        | RequestBody::Block { .. }
+        | RequestBody::WithdrawFile { .. }
+        | RequestBody::SetTitle { .. } => 0,
     }
 }
 
@@ -221,8 +289,8 @@ impl Session {
     /// handed to the conversation's actor before this returns, so one session's requests
     /// about one conversation take effect in the order sent; catalog requests run on
     /// tasks, so a slow one never holds up the next request.
-    async fn dispatch(&self, Request { id, body }: Request, permit: OwnedSemaphorePermit) {
-        let mut reply = Responder::new(id, self.out.clone(), permit);
+    async fn dispatch(&self, Request { id, body }: Request, permit: OwnedSemaphorePermit, room: Option<AnswerRoom>) {
+        let mut reply = Responder::new(id, self.out.clone(), permit).with_room(room);
         let (shared, caller) = (&self.shared, self.caller);
         // Writes to a conversation's log (messages and membership changes) pass the
         // broker's admission first (`overload.rs`): past saturation they are refused at
