@@ -123,7 +123,6 @@ pub(crate) fn endpoint(
     Ok(endpoint)
 }
 
-/// The roots to trust, or why there are none (said after the file's path, if any).
 /// rustls' *ring* provider with the TLS 1.3 suites offered cheapest first:
 /// `TLS13_AES_128_GCM_SHA256`, then `TLS13_CHACHA20_POLY1305_SHA256` and
 /// `TLS13_AES_256_GCM_SHA384` (rustls' own order puts AES-256 first). The broker takes
@@ -132,6 +131,7 @@ pub(crate) fn endpoint(
 /// in a connection storm, docs/benchmarks.md "Cipher suites") where SHA-256 has, and
 /// AES-128 runs 10 rounds to AES-256's 14. AES-128-GCM-SHA256 is the suite every TLS 1.3
 /// stack must implement (RFC 8446 section 9.1) and the one QUIC's Initial packets use.
+/// The order is fixed: a host without AES instructions still offers AES-128 first.
 pub(crate) fn provider() -> CryptoProvider {
     use rustls::crypto::ring::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
@@ -140,6 +140,7 @@ pub(crate) fn provider() -> CryptoProvider {
     CryptoProvider { cipher_suites, ..rustls::crypto::ring::default_provider() }
 }
 
+/// The roots to trust, or why there are none (said after the file's path, if any).
 fn roots(certs: Vec<CertificateDer<'static>>) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs {

@@ -121,6 +121,24 @@ async fn pipelined_full_pages_never_make_a_reader_a_slow_consumer() {
         }
         assert_eq!(tb.shared().counters.slow_consumers.total(), 0, "nobody was cut off");
         assert!(raw.conn.close_reason().is_none(), "still connected");
+
+        // A client that pipelines as many and is gone at once leaves nothing behind: the
+        // session waiting for answer room ends with the connection (before, it waited for
+        // a writer that was gone, holding the user's session place and presence).
+        drop((alice, raw));
+        let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        within(STEP_DEADLINE, "pipelined write", raw.send.write_all(&bytes)).await.unwrap();
+        // One answer read: every request has reached the broker, whose session now waits
+        // for room for the fifth or so.
+        assert!(matches!(next_response(&mut raw).await, (1, Ok(Reply::History { .. }))));
+        raw.conn.close(0u32.into(), b"gone");
+        drop(raw);
+        within(STEP_DEADLINE, "the session given back", async {
+            while tb.shared().status().sessions > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
     })
     .await
 }

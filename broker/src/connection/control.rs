@@ -188,16 +188,31 @@ async fn read_loop(
         }
         // An answer that may be large waits for room in the outbound queue before the
         // request is taken, so answers alone never overflow it (`reserve_answer`).
+        // The wait ends with the connection (nothing would drain the queue any more),
+        // and after `ANSWER_ROOM_WAIT` without room the device is a slow consumer, as it
+        // would be had the answers gone into the queue.
         let room = match answer_bound(&req.body) {
             0 => None,
-            bytes => match session.out.reserve_answer(bytes).await {
-                Ok(room) => Some(room),
-                Err(Closed(code)) => return Close(code, "session closed".into()),
+            bytes => tokio::select! {
+                room = tokio::time::timeout(ANSWER_ROOM_WAIT, session.out.reserve_answer(bytes)) => match room {
+                    Ok(Ok(room)) => Some(room),
+                    Ok(Err(Closed(code))) => return Close(code, "session closed".into()),
+                    Err(_) => {
+                        session.out.close(ErrorCode::SLOW_CONSUMER);
+                        return Close(ErrorCode::SLOW_CONSUMER, "answers not read".into());
+                    }
+                },
+                _ = conn.closed() => return Close(ErrorCode::NO_ERROR, "connection closed".into()),
             },
         };
         session.dispatch(req, permit, room).await;
     }
 }
+
+/// How long the session waits for room for an answer (`Outbound::reserve_answer`)
+/// before it closes the device as a slow consumer: 4 MiB of answers at about 0.5 Mbit/s.
+/// Room comes as soon as the writer drains, so a device that reads waits far less.
+const ANSWER_ROOM_WAIT: Duration = Duration::from_secs(60);
 
 /// The most bytes the answer to `body` may encode to, for the requests whose answer is
 /// a page or a list (0 for the rest: an ack, a status, a single record, each a few

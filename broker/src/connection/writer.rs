@@ -23,6 +23,10 @@ pub(super) async fn write_loop(
                 tokio::select! {
                     written = send.write_all_chunks(&mut batch) => {
                         if written.is_err() {
+                            // Nothing will drain the queue any more: closing it ends a
+                            // wait for answer room (`reserve_answer`) and tells
+                            // producers.
+                            out.close(ErrorCode::NO_ERROR);
                             return None;
                         }
                     }
