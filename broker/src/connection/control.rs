@@ -218,12 +218,18 @@ const ANSWER_ROOM_WAIT: Duration = Duration::from_secs(60);
 /// a page or a list (0 for the rest: an ack, a status, a single record, each a few
 /// hundred bytes at most). `History` and `CatchUp` are bounded by their `limit` (the
 /// per-entry bound of `protocol::limits::ENTRY_MAX_BYTES`, the bound every page's fit
-/// in a server frame is checked with); every other list by the frame bound. The match
+/// in a server frame is checked with); member, receipt, presence, block and upload
+/// lists by their item bounds; the lists without one by the frame bound. The match
 /// names every request, so a new one is placed here on purpose.
 fn answer_bound(body: &RequestBody) -> usize {
     use switchboard_protocol::limits::{
-        CATCH_UP_PAGE_MAX, ENTRY_MAX_BYTES, HISTORY_PAGE_MAX, MAX_GROUP_MEMBERS, MAX_SERVER_FRAME_BYTES,
+        CATCH_UP_PAGE_MAX, ENTRY_MAX_BYTES, HISTORY_PAGE_MAX, MAX_BLOCKED, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES,
+        MAX_GROUP_MEMBERS, MAX_LISTED_UPLOADS, MAX_NAME_BYTES, MAX_SERVER_FRAME_BYTES, PRESENCE_MAX,
     };
+    // A response's frame header, id, variant and list length.
+    const LIST: usize = 64;
+    // A `Receipt`: conv, user and two seqs as varints of at most 10 bytes, an option tag.
+    const RECEIPT_MAX_BYTES: usize = 48;
     let frame = MAX_SERVER_FRAME_BYTES as usize;
     let entries = |limit: u16, max: u32| usize::from(limit).clamp(1, max as usize) * ENTRY_MAX_BYTES as usize;
     match body {
@@ -232,14 +238,18 @@ fn answer_bound(body: &RequestBody) -> usize {
         RequestBody::CatchUp { limit, .. } => {
             (entries(*limit, CATCH_UP_PAGE_MAX) + MAX_GROUP_MEMBERS as usize * 40).min(frame)
         }
+        // Lists with a per-item bound in `protocol::limits` (the same as its check that
+        // each fits a frame), plus the response's own few bytes.
+        RequestBody::Members { .. } => LIST + (MAX_GROUP_MEMBERS * (MAX_NAME_BYTES + 16)) as usize,
+        RequestBody::Receipts { .. } => LIST + MAX_GROUP_MEMBERS as usize * RECEIPT_MAX_BYTES,
+        RequestBody::Presence { .. } => LIST + (PRESENCE_MAX * (MAX_NAME_BYTES + 32)) as usize,
+        RequestBody::BlockedUsers => LIST + (MAX_BLOCKED * (MAX_NAME_BYTES + 32)) as usize,
+        RequestBody::ListUploads { .. } => {
+            LIST + (MAX_LISTED_UPLOADS * (MAX_FILE_NAME_BYTES + MAX_CONTENT_TYPE_BYTES + 16 + 32 + 64)) as usize
+        }
         RequestBody::ListConversations { .. }
-        | RequestBody::Members { .. }
         | RequestBody::ListDevices
-        | RequestBody::Receipts { .. }
         | RequestBody::ConversationStates { .. }
-        | RequestBody::Presence { .. }
-        | RequestBody::ListUploads { .. }
-        | RequestBody::BlockedUsers
         | RequestBody::ListFiles { .. }
         | RequestBody::EntryNames { .. } => frame,
         RequestBody::Register(_)
