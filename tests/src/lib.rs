@@ -22,6 +22,90 @@ use switchboard_protocol::{
     Request, RequestBody, ServerFrame, ServerHello, TransferOpen, TransferReply, UploadStatus, decode, encode_frame,
 };
 
+/// What `sends_beside_readers` measured.
+pub struct BesideReaders {
+    /// The sender's acknowledgement latencies, ms, ascending.
+    pub send_ms: Vec<f64>,
+    /// Reads answered, and refused (any error), over the whole run.
+    pub served: u64,
+    /// See `served`.
+    pub refused: u64,
+    /// The run's length, s (the sender's time plus the readers' 0.5 s head start).
+    pub secs: f64,
+    /// The first refusal's error, if any.
+    pub first_refusal: Option<String>,
+}
+
+impl BesideReaders {
+    /// One line: the sender's p50, p99 and max, and what the readers got.
+    pub fn summary(&self, what: &str) -> String {
+        let ms = &self.send_ms;
+        let refusal = self.first_refusal.as_ref().map(|e| format!(" (first: {e})")).unwrap_or_default();
+        format!(
+            "send p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {what} served {} ({:.0}/s), refused {}{refusal}",
+            ms[ms.len() / 2],
+            ms[ms.len() * 99 / 100],
+            ms[ms.len() - 1],
+            self.served,
+            self.served as f64 / self.secs,
+            self.refused,
+        )
+    }
+}
+
+/// The core of a measurement run by hand (release mode; asserts nothing about time):
+/// `readers` tasks loop on `read()` as `reader`, and after 0.5 s of that `sender` sends
+/// 300 messages to `conv`, one at a time; then the readers stop.
+pub async fn sends_beside_readers(
+    sender: &Client,
+    conv: switchboard_protocol::ConvId,
+    reader: Arc<Client>,
+    readers: usize,
+    read: impl Fn() -> RequestBody + Clone + Send + 'static,
+) -> BesideReaders {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let first_refusal = Arc::new(std::sync::Mutex::new(None));
+    let mut loops = Vec::new();
+    for _ in 0..readers {
+        let (reader, stop, read) = (reader.clone(), stop.clone(), read.clone());
+        let (served, refused, first_refusal) = (served.clone(), refused.clone(), first_refusal.clone());
+        loops.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match reader.request(read()).await {
+                    Ok(_) => served.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        first_refusal.lock().unwrap().get_or_insert(e.to_string());
+                        refused.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (start, mut send_ms) = (std::time::Instant::now(), Vec::new());
+    for i in 0..300 {
+        let t = std::time::Instant::now();
+        sender.send(conv, &format!("m{i}")).await.unwrap();
+        send_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let secs = start.elapsed().as_secs_f64() + 0.5;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    send_ms.sort_by(f64::total_cmp);
+    let first_refusal = first_refusal.lock().unwrap().take();
+    BesideReaders {
+        send_ms,
+        served: served.load(Ordering::Relaxed),
+        refused: refused.load(Ordering::Relaxed),
+        secs,
+        first_refusal,
+    }
+}
+
 /// How long a whole end-to-end test may take before it counts as hung.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(120);
 /// How long one step (an answer, an event, a close) may take.

@@ -11,11 +11,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use switchboard_protocol::{Page, RequestBody};
-use switchboard_tests::TestBroker;
+use switchboard_tests::{TestBroker, sends_beside_readers};
 
 async fn run(reader: bool, catch_up: bool, same_conv: bool) {
     let tb = TestBroker::start().await;
@@ -28,52 +26,15 @@ async fn run(reader: bool, catch_up: bool, same_conv: bool) {
     for _ in 0..400 {
         alice.send(read_conv, &text).await.unwrap();
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let (served, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut loops = Vec::new();
-    for _ in 0..if reader { 60 } else { 0 } {
-        let (alice, stop, served, refused) = (alice.clone(), stop.clone(), served.clone(), refused.clone());
-        loops.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let body = if catch_up {
-                    RequestBody::CatchUp { conv: read_conv, after: 0, limit: 1000 }
-                } else {
-                    RequestBody::History { conv: read_conv, page: Page::Latest, limit: 200 }
-                };
-                match alice.request(body).await {
-                    Ok(_) => served.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        if refused.fetch_add(1, Ordering::Relaxed) == 0 {
-                            println!("refused: {e}");
-                        }
-                        1
-                    }
-                };
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (start, mut ms) = (Instant::now(), Vec::new());
-    for i in 0..300 {
-        let t = Instant::now();
-        bob.send(conv, &format!("m{i}")).await.unwrap();
-        ms.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    let secs = start.elapsed().as_secs_f64() + 0.5;
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        l.await.unwrap();
-    }
-    ms.sort_by(f64::total_cmp);
-    let (served, refused) = (served.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
-    println!(
-        "reader {reader} catch_up {catch_up} same_conv {same_conv}: send p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
-         pages served {served} ({:.0}/s), refused {refused}",
-        ms[ms.len() / 2],
-        ms[ms.len() * 99 / 100],
-        ms[ms.len() - 1],
-        served as f64 / secs,
-    );
+    let read = move || {
+        if catch_up {
+            RequestBody::CatchUp { conv: read_conv, after: 0, limit: 1000 }
+        } else {
+            RequestBody::History { conv: read_conv, page: Page::Latest, limit: 200 }
+        }
+    };
+    let measured = sends_beside_readers(&bob, conv, alice, if reader { 60 } else { 0 }, read).await;
+    println!("reader {reader} catch_up {catch_up} same_conv {same_conv}: {}", measured.summary("pages"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,11 +10,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use switchboard_protocol::{RequestBody, Role};
-use switchboard_tests::TestBroker;
+use switchboard_tests::{TestBroker, sends_beside_readers};
 
 const OFF: u32 = 2_000_000_000;
 
@@ -31,42 +29,11 @@ async fn run(member_rows_per_sec: u32, reader: bool) {
     for chunk in names.chunks(250) {
         alice.add_members(conv, chunk, Role::Member).await.unwrap();
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let (served, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut loops = Vec::new();
-    for _ in 0..if reader { 60 } else { 0 } {
-        let (alice, stop, served, refused) = (alice.clone(), stop.clone(), served.clone(), refused.clone());
-        loops.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let counter =
-                    if alice.request(RequestBody::Members { conv }).await.is_ok() { &served } else { &refused };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (start, mut ms) = (Instant::now(), Vec::new());
-    for i in 0..300 {
-        let t = Instant::now();
-        bob.send(conv, &format!("m{i}")).await.unwrap();
-        ms.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    let secs = start.elapsed().as_secs_f64() + 0.5;
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        l.await.unwrap();
-    }
-    ms.sort_by(f64::total_cmp);
-    let (served, refused) = (served.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
+    let measured =
+        sends_beside_readers(&bob, conv, alice, if reader { 60 } else { 0 }, move || RequestBody::Members { conv })
+            .await;
     let allowance = if member_rows_per_sec == OFF { "off".to_string() } else { member_rows_per_sec.to_string() };
-    println!(
-        "member_rows_per_sec {allowance}, reader {reader}: send p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
-         Members served {served} ({:.0}/s), refused {refused}",
-        ms[ms.len() / 2],
-        ms[ms.len() * 99 / 100],
-        ms[ms.len() - 1],
-        served as f64 / secs,
-    );
+    println!("member_rows_per_sec {allowance}, reader {reader}: {}", measured.summary("Members"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
