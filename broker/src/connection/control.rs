@@ -236,7 +236,7 @@ fn answer_bound(body: &RequestBody) -> usize {
         RequestBody::History { limit, .. } => entries(*limit, HISTORY_PAGE_MAX).min(frame),
         // Every member's receipts come with a complete page.
         RequestBody::CatchUp { limit, .. } => {
-            (entries(*limit, CATCH_UP_PAGE_MAX) + MAX_GROUP_MEMBERS as usize * 40).min(frame)
+            (entries(*limit, CATCH_UP_PAGE_MAX) + MAX_GROUP_MEMBERS as usize * RECEIPT_MAX_BYTES).min(frame)
         }
         // Lists with a per-item bound in `protocol::limits` (the same as its check that
         // each fits a frame), plus the response's own few bytes.
