@@ -145,13 +145,14 @@ impl Auth {
     /// Checks a password login from `from`: returns the account, the verified device
     /// key to enroll, and the password hash the password was checked against (`enroll`
     /// enrolls only while it is still the account's). Wrong passwords count against the
-    /// source address, and against the account if it exists (names that do not exist
-    /// never become keys, so the table holds real accounts and addresses only). A name
+    /// source address and against the name, whether an account has it or not: a name
     /// that exists and one that does not take the same checks in the same order, the
-    /// same work and the same count against the address: a bad device key or signature
-    /// is refused before anything is counted, a password is counted once a hashing turn
-    /// is taken. A name that cannot exist (or a password too long for any account) is
-    /// refused at once, uncounted: nothing is guessed and no work is done.
+    /// same work, the same counts and, after `AUTH_FAILURES_PER_ACCOUNT` failures, the
+    /// same `RATE_LIMITED` (before, only names that exist were counted, so the eleventh
+    /// wrong password said which names exist). A bad device key or signature is refused
+    /// before anything is counted, a password is counted once a hashing turn is taken.
+    /// A name that cannot exist (or a password too long for any account) is refused at
+    /// once, uncounted: nothing is guessed and no work is done.
     pub async fn check_login(
         &self,
         req: &Enroll,
@@ -159,23 +160,21 @@ impl Auth {
         from: IpAddr,
     ) -> Result<(UserId, [u8; 32], String), ErrorBody> {
         let now = crate::now_ms();
-        let address = [LimitKey::Address(source(from))];
-        self.passwords.check(&address, now)?;
-        let user = if check_user_name(&req.user).is_ok() && req.password.len() <= MAX_PASSWORD_BYTES as usize {
-            self.store.user_by_name(&req.user).map_err(internal)?
-        } else {
-            None
-        };
+        let address = LimitKey::Address(source(from));
+        self.passwords.check(&[address], now)?;
+        if check_user_name(&req.user).is_err() || req.password.len() > MAX_PASSWORD_BYTES as usize {
+            return Err(wrong_password());
+        }
+        let user = self.store.user_by_name(&req.user).map_err(internal)?;
+        let key = verify_enrollment(req, transcript)?;
+        let keys = [LimitKey::Name(*blake3::hash(req.user.as_bytes()).as_bytes()), address];
+        self.passwords.check(&keys, now)?;
+        let turn = self.argon.turn()?;
+        // Counted before the (slow) check so concurrent guesses cannot all pass the
+        // limit at once; refunded when the password is right.
+        self.passwords.record(&keys, now)?;
         let Some((user, record)) = user else {
-            if check_user_name(&req.user).is_err() || req.password.len() > MAX_PASSWORD_BYTES as usize {
-                return Err(wrong_password());
-            }
-            // The same checks, order and work as for an account that exists (see
-            // `decoy_phc`): before, the failure was counted first, so a bad signature
-            // counted for a name that does not exist and not for one that does.
-            verify_enrollment(req, transcript)?;
-            let turn = self.argon.turn()?;
-            self.passwords.record(&address, now)?;
+            // The same work as for an account that exists (see `decoy_phc`).
             let (password, phc) = (req.password.clone(), self.decoy_phc.clone());
             self.argon
                 .run(turn, move |argon| {
@@ -186,13 +185,6 @@ impl Auth {
                 .await?;
             return Err(wrong_password());
         };
-        let key = verify_enrollment(req, transcript)?;
-        let keys = [LimitKey::Account(user), LimitKey::Address(source(from))];
-        self.passwords.check(&keys, now)?;
-        let turn = self.argon.turn()?;
-        // Counted before the (slow) check so concurrent guesses cannot all pass the
-        // limit at once; refunded when the password is right.
-        self.passwords.record(&keys, now)?;
         let (password, phc) = (req.password.clone(), record.password_hash.clone());
         let right = self.argon.run(turn, move |argon| {
             let parsed = PasswordHash::new(&phc).map_err(internal)?;
@@ -675,8 +667,11 @@ impl Argon2Pool {
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum LimitKey {
-    /// An existing account, by id: a name that does not exist is never a key.
+    /// An existing account, by id (password changes).
     Account(UserId),
+    /// A user name tried at login, by its BLAKE3 hash (32 bytes whatever the name's
+    /// length), whether an account has it or not.
+    Name([u8; 32]),
     /// A source address (see `source`).
     Address(IpAddr),
 }
@@ -723,7 +718,7 @@ impl FailureLimiter {
 
     fn max_failures(&self, key: &LimitKey) -> u32 {
         match key {
-            LimitKey::Account(_) => self.per_account,
+            LimitKey::Account(_) | LimitKey::Name(_) => self.per_account,
             LimitKey::Address(_) => self.per_address,
         }
     }

@@ -75,6 +75,36 @@ async fn failed_logins_are_rate_limited() {
     .await
 }
 
+/// Failed logins for a name nobody has are limited exactly as for an account: ten
+/// `AUTH_FAILED`, then `RATE_LIMITED` (before, only names that exist were counted, so the
+/// eleventh wrong password told a stranger which names exist).
+#[tokio::test]
+async fn a_name_nobody_has_is_limited_like_an_account() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        tb.register("alice").await;
+        let mut codes = |name: &'static str| {
+            let connector = tb.connector();
+            async move {
+                let mut codes = Vec::new();
+                for _ in 0..12 {
+                    let e = connector.login(name, "wrong password", "d").await.err().unwrap();
+                    codes.push(e.code().unwrap());
+                }
+                codes
+            }
+        };
+        let (account, nobody) = (codes("alice").await, codes("nobody").await);
+        assert_eq!(account, nobody, "the answers show whether the name exists");
+        assert_eq!(nobody[10..], [ErrorCode::RATE_LIMITED, ErrorCode::RATE_LIMITED], "{nobody:?}");
+        // The name's count is its own: a name registered later starts where it stands.
+        assert!(tb.connector().register("nobody", tb.password, "d").await.is_ok());
+        let e = tb.connector().login("nobody", tb.password, "d").await.err().unwrap();
+        assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED));
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_key_other_than_the_devices_does_not_verify() {
     bounded(async {
