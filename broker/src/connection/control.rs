@@ -219,12 +219,14 @@ const ANSWER_ROOM_WAIT: Duration = Duration::from_secs(60);
 /// hundred bytes at most). `History` and `CatchUp` are bounded by their `limit` (the
 /// per-entry bound of `protocol::limits::ENTRY_MAX_BYTES`, the bound every page's fit
 /// in a server frame is checked with); member, receipt, presence, block and upload
-/// lists by their item bounds; the lists without one by the frame bound. The match
+/// lists by their item bounds (every list has one). The match
 /// names every request, so a new one is placed here on purpose.
 fn answer_bound(body: &RequestBody) -> usize {
+    use crate::limits::MAX_DEVICES_PER_USER;
     use switchboard_protocol::limits::{
-        CATCH_UP_PAGE_MAX, ENTRY_MAX_BYTES, HISTORY_PAGE_MAX, MAX_BLOCKED, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES,
-        MAX_GROUP_MEMBERS, MAX_LISTED_UPLOADS, MAX_NAME_BYTES, MAX_SERVER_FRAME_BYTES, PRESENCE_MAX,
+        CATCH_UP_PAGE_MAX, ENTRY_MAX_BYTES, HISTORY_PAGE_MAX, LIST_PAGE_MAX, MAX_BLOCKED, MAX_CONTENT_TYPE_BYTES,
+        MAX_FILE_NAME_BYTES, MAX_GROUP_MEMBERS, MAX_LISTED_UPLOADS, MAX_NAME_BYTES, MAX_SERVER_FRAME_BYTES,
+        PRESENCE_MAX,
     };
     // A response's frame header, id, variant and list length.
     const LIST: usize = 64;
@@ -244,14 +246,19 @@ fn answer_bound(body: &RequestBody) -> usize {
         RequestBody::Receipts { .. } => LIST + MAX_GROUP_MEMBERS as usize * RECEIPT_MAX_BYTES,
         RequestBody::Presence { .. } => LIST + (PRESENCE_MAX * (MAX_NAME_BYTES + 32)) as usize,
         RequestBody::BlockedUsers => LIST + (MAX_BLOCKED * (MAX_NAME_BYTES + 32)) as usize,
-        RequestBody::ListUploads { .. } => {
+        // An upload or a stored file: id, name, size, type, hash, times, flags.
+        RequestBody::ListUploads { .. } | RequestBody::ListFiles { .. } => {
             LIST + (MAX_LISTED_UPLOADS * (MAX_FILE_NAME_BYTES + MAX_CONTENT_TYPE_BYTES + 16 + 32 + 64)) as usize
         }
-        RequestBody::ListConversations { .. }
-        | RequestBody::ListDevices
-        | RequestBody::ConversationStates { .. }
-        | RequestBody::ListFiles { .. }
-        | RequestBody::EntryNames { .. } => frame,
+        // A summary: id, kind, a title of at most a name's bytes (a label, or the peer's
+        // name), last seq, member count, role (92 bytes at most); a state adds three
+        // varints.
+        RequestBody::ListConversations { .. } => LIST + (LIST_PAGE_MAX * (MAX_NAME_BYTES + 32)) as usize,
+        RequestBody::ConversationStates { .. } => LIST + (LIST_PAGE_MAX * (MAX_NAME_BYTES + 64)) as usize,
+        // Id, name, enrollment time, a flag.
+        RequestBody::ListDevices => LIST + MAX_DEVICES_PER_USER * (MAX_NAME_BYTES as usize + 32),
+        // The sender and the members an entry names, as `Members` lists them.
+        RequestBody::EntryNames { .. } => LIST + ((MAX_GROUP_MEMBERS + 1) * (MAX_NAME_BYTES + 16)) as usize,
         RequestBody::Register(_)
         | RequestBody::Login(_)
         | RequestBody::Authenticate { .. }
@@ -558,6 +565,148 @@ impl Session {
     fn datagram(&self, datagram: &[u8]) {
         if let Some(signal) = crate::typing::signal_from_datagram(datagram) {
             self.signal(signal);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_protocol::limits::{
+        LIST_PAGE_MAX, MAX_BLOCKED, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_GROUP_MEMBERS, MAX_LISTED_UPLOADS,
+        MAX_NAME_BYTES, PRESENCE_MAX,
+    };
+    use switchboard_protocol::{
+        BlockedUser, ConversationKind, ConversationState, ConversationSummary, DeviceInfo, FileRef, Member,
+        PresenceInfo, PresenceState, Receipt, Reply, RequestBody, Role, ServerFrame, StoredFile, UploadInfo, UserName,
+        encode_frame,
+    };
+
+    use super::answer_bound;
+    use crate::limits::MAX_DEVICES_PER_USER;
+
+    /// A string of `bytes` bytes; numbers at their largest (longest varints).
+    fn text(bytes: u32) -> String {
+        "x".repeat(bytes as usize)
+    }
+    const BIG: u64 = u64::MAX;
+
+    fn n(count: u32) -> impl Iterator<Item = u32> {
+        0..count
+    }
+
+    fn file() -> FileRef {
+        FileRef {
+            file: [0xff; 16],
+            name: text(MAX_FILE_NAME_BYTES),
+            size: BIG,
+            content_type: text(MAX_CONTENT_TYPE_BYTES),
+        }
+    }
+
+    fn summary() -> ConversationSummary {
+        ConversationSummary {
+            id: BIG,
+            kind: ConversationKind::Group,
+            title: text(MAX_NAME_BYTES),
+            last_seq: BIG,
+            member_count: u32::MAX,
+            my_role: Role::Member,
+        }
+    }
+
+    /// Every list answer, with the most items of the longest encoding the broker can
+    /// send, fits the room the session reserves for it: a bound too small would let
+    /// pipelined answers overflow the outbound queue (the slow-consumer close the answer
+    /// room exists to prevent).
+    #[test]
+    fn every_list_answer_fits_the_room_reserved_for_it() {
+        let name = || text(MAX_NAME_BYTES);
+        let receipt = || Receipt { conv: BIG, user: BIG, delivered_up_to: BIG, read_up_to: Some(BIG) };
+        let cases: Vec<(RequestBody, Reply)> = vec![
+            (
+                RequestBody::Members { conv: 1 },
+                Reply::Members(
+                    n(MAX_GROUP_MEMBERS).map(|_| Member { user_id: BIG, name: name(), role: Role::Member }).collect(),
+                ),
+            ),
+            (RequestBody::Receipts { conv: 1 }, Reply::Receipts(n(MAX_GROUP_MEMBERS).map(|_| receipt()).collect())),
+            (
+                RequestBody::Presence { users: vec![] },
+                Reply::Presence(
+                    n(PRESENCE_MAX)
+                        .map(|_| PresenceInfo {
+                            user: BIG,
+                            name: name(),
+                            state: PresenceState::Offline,
+                            last_seen_ms: BIG,
+                        })
+                        .collect(),
+                ),
+            ),
+            (
+                RequestBody::BlockedUsers,
+                Reply::BlockedUsers(n(MAX_BLOCKED).map(|_| BlockedUser { user_id: BIG, name: name() }).collect()),
+            ),
+            (
+                RequestBody::ListUploads { after: None },
+                Reply::Uploads {
+                    items: n(MAX_LISTED_UPLOADS)
+                        .map(|_| UploadInfo {
+                            file: file(),
+                            blake3: [0xff; 32],
+                            offset: BIG,
+                            created_ms: BIG,
+                            expires_ms: BIG,
+                        })
+                        .collect(),
+                    more: true,
+                },
+            ),
+            (
+                RequestBody::ListFiles { after: None },
+                Reply::Files {
+                    items: n(MAX_LISTED_UPLOADS)
+                        .map(|_| StoredFile { file: file(), blake3: [0xff; 32], created_ms: BIG, held: true })
+                        .collect(),
+                    more: true,
+                },
+            ),
+            (
+                RequestBody::ListConversations { after: None },
+                Reply::Conversations { items: n(LIST_PAGE_MAX).map(|_| summary()).collect(), more: true },
+            ),
+            (
+                RequestBody::ConversationStates { after: None },
+                Reply::ConversationStates {
+                    items: n(LIST_PAGE_MAX)
+                        .map(|_| ConversationState {
+                            summary: summary(),
+                            unread: BIG,
+                            delivered_up_to: BIG,
+                            read_up_to: BIG,
+                        })
+                        .collect(),
+                    more: true,
+                },
+            ),
+            (
+                RequestBody::ListDevices,
+                Reply::Devices(
+                    (0..MAX_DEVICES_PER_USER)
+                        .map(|_| DeviceInfo { device_id: BIG, name: name(), enrolled_ms: BIG, current: true })
+                        .collect(),
+                ),
+            ),
+            (
+                RequestBody::EntryNames { conv: 1, seq: 1 },
+                Reply::Names(n(MAX_GROUP_MEMBERS + 1).map(|_| UserName { user_id: BIG, name: name() }).collect()),
+            ),
+        ];
+        for (request, reply) in cases {
+            let frame = encode_frame(&ServerFrame::Response { id: u32::MAX, result: Ok(reply) }).unwrap();
+            let bound = answer_bound(&request);
+            assert!(frame.len() <= bound, "{request:?}: the answer is {} bytes, the room {bound}", frame.len());
+            assert!(bound < 1024 * 1024 / 4, "{request:?} reserves {bound} bytes: more than its list needs");
         }
     }
 }
