@@ -123,21 +123,48 @@ pub(crate) fn endpoint(
     Ok(endpoint)
 }
 
-/// rustls' *ring* provider with the TLS 1.3 suites offered cheapest first:
-/// `TLS13_AES_128_GCM_SHA256`, then `TLS13_CHACHA20_POLY1305_SHA256` and
-/// `TLS13_AES_256_GCM_SHA384` (rustls' own order puts AES-256 first). The broker takes
-/// the client's first choice, and the SHA-384 of the AES-256 suite has no hardware
-/// path in ring on x86-64 (`sha512_block_data_order_nohw` was 5.4% of the broker's CPU
-/// in a connection storm, docs/benchmarks.md "Cipher suites") where SHA-256 has, and
-/// AES-128 runs 10 rounds to AES-256's 14. AES-128-GCM-SHA256 is the suite every TLS 1.3
-/// stack must implement (RFC 8446 section 9.1) and the one QUIC's Initial packets use.
-/// The order is fixed: a host without AES instructions still offers AES-128 first.
+/// rustls' *ring* provider with the TLS 1.3 suites offered cheapest first for this
+/// host (`suites`). The broker takes the client's first choice.
 pub(crate) fn provider() -> CryptoProvider {
+    CryptoProvider { cipher_suites: suites(aes_in_hardware()), ..rustls::crypto::ring::default_provider() }
+}
+
+/// The TLS 1.3 suites in the order offered. With AES and carry-less multiply
+/// instructions (`aes_hw`): `TLS13_AES_128_GCM_SHA256`, `TLS13_CHACHA20_POLY1305_SHA256`,
+/// `TLS13_AES_256_GCM_SHA384` (rustls' own order puts AES-256 first, and the SHA-384 of
+/// that suite has no hardware path in ring on x86-64: `sha512_block_data_order_nohw`
+/// was 5.4% of the broker's CPU in a connection storm, docs/benchmarks.md "Cipher
+/// suites", where SHA-256 has; AES-128 runs 10 rounds to AES-256's 14). Without them,
+/// ChaCha20-Poly1305 first: constant-time software AES-GCM is several times slower than
+/// ChaCha20 (the reason RFC 8446 section 9.1 adds it as a SHOULD, and why TLS stacks
+/// prefer it on such hosts), then AES-128, then AES-256. Every order offers all three,
+/// and the broker accepts all three.
+fn suites(aes_hw: bool) -> Vec<rustls::SupportedCipherSuite> {
     use rustls::crypto::ring::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
-    let cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_256_GCM_SHA384];
-    CryptoProvider { cipher_suites, ..rustls::crypto::ring::default_provider() }
+    if aes_hw {
+        vec![TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_256_GCM_SHA384]
+    } else {
+        vec![TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384]
+    }
+}
+
+/// This CPU has the instructions ring's AES-GCM runs fast with: AES-NI and PCLMULQDQ on
+/// x86-64, AES and PMULL on aarch64; `false` on any other architecture.
+fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
 }
 
 /// The roots to trust, or why there are none (said after the file's path, if any).
@@ -262,5 +289,22 @@ impl ServerCertVerifier for PinVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
+
+    use super::suites;
+
+    fn order(aes_hw: bool) -> Vec<rustls::CipherSuite> {
+        suites(aes_hw).iter().map(|s| s.suite()).collect()
+    }
+
+    #[test]
+    fn the_cheapest_suite_for_the_host_comes_first_and_every_suite_is_offered() {
+        assert_eq!(order(true), [TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_256_GCM_SHA384]);
+        assert_eq!(order(false), [TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384]);
     }
 }
