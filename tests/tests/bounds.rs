@@ -19,7 +19,9 @@ use switchboard_broker::limits::{
 };
 use switchboard_client::{Client, RawSession};
 use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS, MAX_TEXT_BYTES};
-use switchboard_protocol::{Body, ConvId, ErrorCode, Page, Reply, RequestBody};
+use switchboard_protocol::{
+    Body, ClientFrame, ConvId, ErrorCode, Event, Page, Reply, RequestBody, Signal, encode_frame,
+};
 use switchboard_tests::{
     STEP_DEADLINE, TestBroker, bounded, close_code, closed_with, next_response, request_frame, within,
 };
@@ -87,6 +89,24 @@ async fn a_65th_request_is_not_read_until_one_of_64_is_answered() {
     .await
 }
 
+/// Full history pages pipelined in `full_pages`.
+const PAGES: u32 = 40;
+
+/// Sends a full history page of `MAX_TEXT_BYTES` messages into `conv`.
+async fn fill_a_page(sender: &Client, conv: ConvId) {
+    let text = "x".repeat(MAX_TEXT_BYTES as usize);
+    for _ in 0..HISTORY_PAGE_MAX {
+        sender.send(conv, &text).await.unwrap();
+    }
+}
+
+/// `PAGES` requests for the latest full page of `conv`, ids 1 to `PAGES`, in one write.
+fn full_pages(conv: ConvId) -> Vec<u8> {
+    let full_page = RequestBody::History { conv, page: Page::Latest, limit: HISTORY_PAGE_MAX as u16 };
+    let frames: Vec<Bytes> = (1..=PAGES).map(|id| request_frame(id, full_page.clone())).collect();
+    frames.iter().flat_map(|f| f.iter().copied()).collect()
+}
+
 /// PROTOCOL.md section 7: answers count toward a device's outbound bound (8 MiB), and
 /// the broker keeps room for an answer that may be large before it takes its request.
 /// A client that pipelines 40 full history pages (200 entries of 4 KiB, about 0.8 MiB
@@ -99,15 +119,9 @@ async fn pipelined_full_pages_never_make_a_reader_a_slow_consumer() {
         let tb = TestBroker::start().await;
         let (alice, alice_id) = tb.register("alice").await;
         let conv = alice.create_group("big", &[]).await.unwrap().id;
-        let text = "x".repeat(MAX_TEXT_BYTES as usize);
-        for _ in 0..HISTORY_PAGE_MAX {
-            alice.send(conv, &text).await.unwrap();
-        }
+        fill_a_page(&alice, conv).await;
         let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
-        const PAGES: u32 = 40;
-        let full_page = RequestBody::History { conv, page: Page::Latest, limit: HISTORY_PAGE_MAX as u16 };
-        let frames: Vec<Bytes> = (1..=PAGES).map(|id| request_frame(id, full_page.clone())).collect();
-        let bytes: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let bytes = full_pages(conv);
         within(STEP_DEADLINE, "pipelined write", raw.send.write_all(&bytes)).await.unwrap();
         // Reading nothing meanwhile: the broker answers faster than the wire takes them.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -139,6 +153,52 @@ async fn pipelined_full_pages_never_make_a_reader_a_slow_consumer() {
             }
         })
         .await;
+    })
+    .await
+}
+
+/// While the session waits for answer room (full pages pipelined, none read), the
+/// connection's datagrams are still taken: a typing signal sent as a datagram reaches
+/// the other member (before, it stayed in quinn until the client read its answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_answer_room_still_types() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("big", &["bob".to_owned()]).await.unwrap().id;
+        fill_a_page(&alice, conv).await;
+        let mut events = bob.events().unwrap();
+        let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        assert!(raw.conn.max_datagram_size().is_some(), "datagrams are negotiated");
+        within(STEP_DEADLINE, "pipelined write", raw.send.write_all(&full_pages(conv))).await.unwrap();
+        // Reading nothing: the session has room for a few pages and waits for the rest.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let typing = encode_frame(&ClientFrame::Signal(Signal::Typing { conv, typing: true })).unwrap();
+        within(STEP_DEADLINE, "the typing signal", async {
+            loop {
+                // A datagram may be lost: sent again until seen.
+                raw.conn.send_datagram(typing.clone()).unwrap();
+                let wait = tokio::time::sleep(Duration::from_millis(200));
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        _ = &mut wait => break,
+                        event = events.next() => match event {
+                            Some(Event::Typing { conv: c, typing: true, .. }) if c == conv => return,
+                            Some(_) => continue,
+                            None => panic!("bob's events ended"),
+                        },
+                    }
+                }
+            }
+        })
+        .await;
+        // Every page still arrives, in order.
+        for want in 1..=PAGES {
+            assert!(matches!(next_response(&mut raw).await, (id, Ok(Reply::History { .. })) if id == want));
+        }
+        assert_eq!(tb.shared().counters.slow_consumers.total(), 0, "nobody was cut off");
     })
     .await
 }

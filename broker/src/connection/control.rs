@@ -128,7 +128,9 @@ impl Drop for Attached<'_> {
     }
 }
 
-/// Reads the control stream and, between its frames, the connection's datagrams.
+/// Reads the control stream and, between its frames and while a request waits for a
+/// permit or for answer room, the connection's datagrams and new transfer streams
+/// (`other_traffic`): a client held back on its control stream still types and uploads.
 async fn read_loop(
     conn: &quinn::Connection,
     recv: &mut quinn::RecvStream,
@@ -139,31 +141,10 @@ async fn read_loop(
     // Off once the connection reports datagrams unusable (closed, or not negotiated).
     let mut datagrams = true;
     loop {
-        // Both are cancel-safe: `read_frame` keeps partial frames in `decoder`, and a
-        // datagram not yet returned stays queued in quinn.
-        let body = tokio::select! {
-            biased;
-            frame = read_frame(recv, decoder) => match frame {
-                Ok(b) => b,
-                Err(c) => return c,
-            },
-            // Transfer streams: the peer can open them only once a file request raised
-            // its stream credit (`Transfers::allow`).
-            stream = conn.accept_bi() => {
-                if let Ok((send, recv)) = stream {
-                    let transfers = session.transfers().clone();
-                    tokio::spawn(super::transfer::serve(session.shared.clone(), session.caller.user, transfers, send, recv));
-                }
-                continue;
-            }
-            datagram = conn.read_datagram(), if datagrams => {
-                match datagram {
-                    Ok(_) if let Some(code) = session.ended() => return Close(code, "session closed".into()),
-                    Ok(datagram) => session.datagram(&datagram),
-                    Err(_) => datagrams = false,
-                }
-                continue;
-            }
+        // Cancel-safe: `read_frame` keeps partial frames in `decoder`.
+        let body = match beside_other_traffic(read_frame(recv, decoder), conn, session, &mut datagrams).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(close)) | Err(close) => return close,
         };
         let req = match decode::<ClientFrame>(&body) {
             Ok(ClientFrame::Request(r)) => r,
@@ -177,8 +158,10 @@ async fn read_loop(
             Err(e) => return Close(e.code(), e.to_string()),
         };
         // At the in-flight cap this waits, so the client is slowed by flow control.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return Close(ErrorCode::INTERNAL, "internal error".into());
+        let permit = match beside_other_traffic(permits.clone().acquire_owned(), conn, session, &mut datagrams).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Close(ErrorCode::INTERNAL, "internal error".into()),
+            Err(close) => return close,
         };
         // A session closed from outside (its device revoked, its account disabled, a
         // slow consumer) carries out nothing more, not even the requests it had already
@@ -193,19 +176,76 @@ async fn read_loop(
         // would be had the answers gone into the queue.
         let room = match answer_bound(&req.body) {
             0 => None,
-            bytes => tokio::select! {
-                room = tokio::time::timeout(ANSWER_ROOM_WAIT, session.out.reserve_answer(bytes)) => match room {
-                    Ok(Ok(room)) => Some(room),
-                    Ok(Err(Closed(code))) => return Close(code, "session closed".into()),
-                    Err(_) => {
+            bytes => {
+                let wait = async {
+                    tokio::select! {
+                        room = tokio::time::timeout(ANSWER_ROOM_WAIT, session.out.reserve_answer(bytes)) => Some(room),
+                        _ = conn.closed() => None,
+                    }
+                };
+                match beside_other_traffic(wait, conn, session, &mut datagrams).await {
+                    Ok(Some(Ok(Ok(room)))) => Some(room),
+                    Ok(Some(Ok(Err(Closed(code))))) => return Close(code, "session closed".into()),
+                    Ok(Some(Err(_))) => {
                         session.out.close(ErrorCode::SLOW_CONSUMER);
                         return Close(ErrorCode::SLOW_CONSUMER, "answers not read".into());
                     }
-                },
-                _ = conn.closed() => return Close(ErrorCode::NO_ERROR, "connection closed".into()),
-            },
+                    Ok(None) => return Close(ErrorCode::NO_ERROR, "connection closed".into()),
+                    Err(close) => return close,
+                }
+            }
         };
         session.dispatch(req, permit, room).await;
+    }
+}
+
+/// Waits for `wait`, taking the connection's other traffic (`other_traffic`) meanwhile;
+/// `Err` when that traffic ends the session.
+async fn beside_other_traffic<F: std::future::Future>(
+    wait: F,
+    conn: &quinn::Connection,
+    session: &Session,
+    datagrams: &mut bool,
+) -> Result<F::Output, Close> {
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut wait => return Ok(done),
+            end = other_traffic(conn, session, datagrams) => if let Some(close) = end {
+                return Err(close);
+            },
+        }
+    }
+}
+
+/// Takes one piece of the connection's traffic besides the control stream: a transfer
+/// stream (served on a task of its own; the peer can open one only once a file request
+/// raised its stream credit, `Transfers::allow`) or a datagram (a signal, handled in
+/// place). `Some` when the session ends: the connection is gone (no stream can be
+/// accepted), or the session was closed from outside. Cancel-safe: a stream or datagram
+/// not yet returned stays queued in quinn.
+async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &mut bool) -> Option<Close> {
+    tokio::select! {
+        stream = conn.accept_bi() => match stream {
+            Ok((send, recv)) => {
+                let transfers = session.transfers().clone();
+                tokio::spawn(super::transfer::serve(session.shared.clone(), session.caller.user, transfers, send, recv));
+                None
+            }
+            Err(_) => Some(Close(ErrorCode::NO_ERROR, "connection closed".into())),
+        },
+        datagram = conn.read_datagram(), if *datagrams => match datagram {
+            Ok(_) if let Some(code) = session.ended() => Some(Close(code, "session closed".into())),
+            Ok(datagram) => {
+                session.datagram(&datagram);
+                None
+            }
+            Err(_) => {
+                *datagrams = false;
+                None
+            }
+        },
     }
 }
 
