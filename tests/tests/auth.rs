@@ -83,7 +83,7 @@ async fn a_name_nobody_has_is_limited_like_an_account() {
     bounded(async {
         let tb = TestBroker::start().await;
         tb.register("alice").await;
-        let mut codes = |name: &'static str| {
+        let codes = |name: &'static str| {
             let connector = tb.connector();
             async move {
                 let mut codes = Vec::new();
