@@ -9,7 +9,8 @@
 //! - Password hashing runs `ARGON2_CONCURRENCY` at a time with a short queue; a request
 //!   beyond the queue is refused at once with `OVERLOADED` (`Argon2Pool`). The caller
 //!   drops the future when the peer goes away, which takes it out of the queue.
-//! - Password failures are counted per account and per source address; device
+//! - Password failures are counted per name tried and per source address, once a
+//!   hashing slot is held (so no faster than the pool hashes); device
 //!   signatures are counted apart, per source address only (`FailureLimiter`). A device
 //!   that proves its key is never refused because others guessed the account's password.
 //! - Registrations are limited per source address (a token bucket, `RegistrationLimiter`).
@@ -40,7 +41,8 @@ use crate::user::TokenBucket;
 pub struct Auth {
     store: Arc<Store>,
     argon: Argon2Pool,
-    /// Wrong passwords, per account and per source address.
+    /// Wrong passwords, per name tried (whether an account has it or not) and per source
+    /// address.
     passwords: FailureLimiter,
     /// Bad device signatures, per source address only.
     signatures: FailureLimiter,
@@ -169,15 +171,21 @@ impl Auth {
         let key = verify_enrollment(req, transcript)?;
         let keys = [LimitKey::Name(*blake3::hash(req.user.as_bytes()).as_bytes()), address];
         self.passwords.check(&keys, now)?;
-        let turn = self.argon.turn()?;
-        // Counted before the (slow) check so concurrent guesses cannot all pass the
-        // limit at once; refunded when the password is right.
+        let slot = self.argon.slot(self.argon.turn()?).await?;
+        // Counted once a hashing slot is held and before the (slow) check: concurrent
+        // guesses cannot all pass the limit at once (checked again: others may have
+        // counted while this one waited), and every failure counted takes a whole hash
+        // of the pool's time, even if its peer leaves (a peer that leaves while queued
+        // counts nothing). So the failure table grows no faster than the pool hashes.
+        // Refunded when the password is right.
+        let now = crate::now_ms();
+        self.passwords.check(&keys, now)?;
         self.passwords.record(&keys, now)?;
         let Some((user, record)) = user else {
             // The same work as for an account that exists (see `decoy_phc`).
             let (password, phc) = (req.password.clone(), self.decoy_phc.clone());
             self.argon
-                .run(turn, move |argon| {
+                .run_holding(slot, move |argon| {
                     if let Ok(parsed) = PasswordHash::new(&phc) {
                         let _ = argon.verify_password(password.as_bytes(), &parsed);
                     }
@@ -186,7 +194,7 @@ impl Auth {
             return Err(wrong_password());
         };
         let (password, phc) = (req.password.clone(), record.password_hash.clone());
-        let right = self.argon.run(turn, move |argon| {
+        let right = self.argon.run_holding(slot, move |argon| {
             let parsed = PasswordHash::new(&phc).map_err(internal)?;
             Ok::<_, ErrorBody>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
         });
@@ -647,14 +655,29 @@ impl Argon2Pool {
         turn: Turn,
         job: impl FnOnce(&argon2::Argon2<'static>) -> T + Send + 'static,
     ) -> Result<T, ErrorBody> {
-        let slot = match turn {
-            Turn::Now(slot) => slot,
+        let slot = self.slot(turn).await?;
+        self.run_holding(slot, job).await
+    }
+
+    /// Waits for `turn`'s slot (at once for `Turn::Now`).
+    async fn slot(&self, turn: Turn) -> Result<OwnedSemaphorePermit, ErrorBody> {
+        match turn {
+            Turn::Now(slot) => Ok(slot),
             Turn::Queued(waiting) => {
                 let slot = self.slots.clone().acquire_owned().await.map_err(internal)?;
                 drop(waiting);
-                slot
+                Ok(slot)
             }
-        };
+        }
+    }
+
+    /// Runs `job` on the blocking pool holding `slot`: the slot is given back when the
+    /// hash ends, even if the caller stopped waiting for it.
+    async fn run_holding<T: Send + 'static>(
+        &self,
+        slot: OwnedSemaphorePermit,
+        job: impl FnOnce(&argon2::Argon2<'static>) -> T + Send + 'static,
+    ) -> Result<T, ErrorBody> {
         let argon = self.argon.clone();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
@@ -937,6 +960,35 @@ mod tests {
         assert_eq!(pool.run(second, |_| 1).await.unwrap(), 1);
         assert_eq!(pool.run(third, |_| 2).await.unwrap(), 2);
         assert!(matches!(pool.turn().unwrap(), Turn::Now(_)));
+    }
+
+    /// A wrong password is counted once its hash holds a slot: a login that queues and
+    /// leaves counts nothing (before, it was counted on entering the queue, so peers
+    /// that hung up could fill the failure table, and spend a name's allowance, at the
+    /// speed of handshakes with no hash done).
+    #[tokio::test]
+    async fn a_login_that_leaves_the_password_queue_counts_nothing() {
+        use ed25519_dalek::{Signer, SigningKey};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::open_store(&Config::ephemeral(dir.path())).unwrap();
+        let auth = Auth::new(store, &Config::ephemeral(dir.path())).unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let login = Enroll {
+            user: "nobody".into(),
+            password: "a wrong password".into(),
+            device_name: "d".into(),
+            public_key: bytes::Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+            signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
+        };
+        let counted = || auth.passwords.table.lock().unwrap().windows.values().map(|w| w.count).collect::<Vec<_>>();
+        let busy: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| auth.argon.turn().unwrap()).collect();
+        let queued = tokio::time::timeout(Duration::from_millis(50), auth.check_login(&login, b"t", ip(1))).await;
+        assert!(queued.is_err(), "waits for a slot");
+        assert_eq!(counted(), Vec::<u32>::new(), "the login that left was counted");
+        drop(busy);
+        let e = auth.check_login(&login, b"t", ip(1)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::AUTH_FAILED);
+        assert_eq!(counted(), [1, 1], "the name and the address, once each");
     }
 
     #[tokio::test]

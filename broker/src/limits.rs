@@ -49,8 +49,11 @@ pub const ARGON2_CONCURRENCY: usize = 2;
 /// login waits for a few hashes at most. Only password requests that pass every cheap
 /// check (name, shape, signature, name not taken, allowances) get this far.
 pub const ARGON2_QUEUE: usize = 2 * ARGON2_CONCURRENCY;
-/// Distinct keys (accounts, source addresses) whose failures are tracked at once, per
-/// table (passwords, device signatures). When a table is full even after dropping
+/// Distinct keys (names tried at login, accounts, source addresses) whose failures are
+/// tracked at once, per table (passwords, device signatures, password changes). A
+/// password failure is counted only while its hash holds a slot, so that table grows
+/// at most `ARGON2_CONCURRENCY` per hash time (at the default cost about 45 failures a
+/// second, two keys each: under 6,000 live keys per window). When a table is full even after dropping
 /// expired windows, an attempt that would need a new key is refused with
 /// `RATE_LIMITED`: a full table fails closed, and no live window is ever evicted, so
 /// filling the table cannot lift a limit an account or address has reached.

@@ -223,11 +223,12 @@ async fn beside_other_traffic<F: std::future::Future>(
 /// stream (served on a task of its own; the peer can open one only once a file request
 /// raised its stream credit, `Transfers::allow`) or a datagram (a signal, handled in
 /// place). `Some` when the session ends: the connection is gone (no stream can be
-/// accepted), or the session was closed from outside. Cancel-safe: a stream or datagram
+/// accepted), or the session was closed from outside (checked before either is taken). Cancel-safe: a stream or datagram
 /// not yet returned stays queued in quinn.
 async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &mut bool) -> Option<Close> {
     tokio::select! {
         stream = conn.accept_bi() => match stream {
+            Ok(_) if let Some(code) = session.ended() => Some(Close(code, "session closed".into())),
             Ok((send, recv)) => {
                 let transfers = session.transfers().clone();
                 tokio::spawn(super::transfer::serve(session.shared.clone(), session.caller.user, transfers, send, recv));
