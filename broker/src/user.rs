@@ -1,6 +1,6 @@
 //! The user directory: who is online with how many sessions, each user's places for
-//! connections still in their handshake, and per-user allowances that outlive a
-//! connection. It keeps the `Online` fan-out index in step with attach and detach.
+//! connections still in their handshake, per-user allowances that outlive a
+//! connection, and each user's store-read slots. It keeps the `Online` fan-out index in step with attach and detach.
 //!
 //! There is no per-user actor: everything a user's actor held now lives where it is
 //! used (sessions in `Online`, presence in its driver, typing in its own), and an idle
@@ -15,7 +15,7 @@ use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
 
 use crate::limits::{
     CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, MAX_SESSIONS_PER_USER,
-    MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS,
+    MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_READS_PER_USER,
 };
 
 use crate::fanout::{Online, SessionHandle};
@@ -35,6 +35,20 @@ pub struct UserDirectory {
     creations: Allowances,
     /// Member rows returned by reads that list members (`allow_member_reads`).
     member_rows: Allowances,
+    /// Each user's store-read slots (`read_slots`).
+    reads: Mutex<ReadSlots>,
+}
+
+/// Users' store-read slots, held weakly: a user's slots live while one of its sessions
+/// or a read it runs holds them, so every session of a user shares one set, however it
+/// reconnects. Entries whose slots are gone are dropped once the map has doubled since
+/// the last sweep (at least 1,024 entries), so it holds about twice the users with a
+/// session or a read at most.
+#[derive(Default)]
+struct ReadSlots {
+    by_user: HashMap<UserId, std::sync::Weak<tokio::sync::Semaphore>>,
+    /// Entries left by the last sweep.
+    swept: usize,
 }
 
 /// A place among a user's sessions, taken during the handshake before `Authed` is sent
@@ -124,7 +138,24 @@ impl UserDirectory {
             online,
             creations: Allowances::new(CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST, CREATION_BUCKETS_MAX),
             member_rows: Allowances::new(rows, rows * MEMBER_ROWS_BURST_SECS, MEMBER_ROWS_BUCKETS_MAX),
+            reads: Mutex::default(),
         }
+    }
+
+    /// `user`'s store-read slots (`STORE_READS_PER_USER`), the same for all its sessions
+    /// while any of them, or a read taken with them, is alive.
+    pub fn read_slots(&self, user: UserId) -> Arc<tokio::sync::Semaphore> {
+        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slots) = reads.by_user.get(&user).and_then(std::sync::Weak::upgrade) {
+            return slots;
+        }
+        if reads.by_user.len() >= (2 * reads.swept).max(1024) {
+            reads.by_user.retain(|_, slots| slots.strong_count() > 0);
+            reads.swept = reads.by_user.len();
+        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(STORE_READS_PER_USER));
+        reads.by_user.insert(user, Arc::downgrade(&slots));
+        slots
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, usize>> {
@@ -294,6 +325,27 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_users_read_slots_are_shared_while_held_and_swept_when_gone() {
+        let users = UserDirectory::new(Arc::default(), 1000);
+        let alice = users.read_slots(1);
+        assert!(Arc::ptr_eq(&alice, &users.read_slots(1)), "one set per user");
+        assert!(!Arc::ptr_eq(&alice, &users.read_slots(2)), "apart from other users'");
+        let permit = alice.clone().try_acquire_owned().unwrap();
+        drop(alice);
+        // A read still holding a slot keeps the set: a new session gets the same one.
+        assert_eq!(users.read_slots(1).available_permits(), STORE_READS_PER_USER - 1);
+        drop(permit);
+        assert_eq!(users.read_slots(1).available_permits(), STORE_READS_PER_USER, "a fresh set");
+        // Users gone leave no more than about twice the live entries behind.
+        let live: Vec<_> = (0..10).map(|u| users.read_slots(u)).collect();
+        for user in 100..5_000 {
+            users.read_slots(user);
+        }
+        let entries = users.reads.lock().unwrap().by_user.len();
+        assert!(entries <= 2 * 1024 + 1, "{entries} entries for {} live users", live.len());
+    }
 
     #[test]
     fn bucket_allows_a_burst_then_the_rate() {

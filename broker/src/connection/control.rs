@@ -85,6 +85,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         conn: conn.clone(),
         transfers: std::sync::OnceLock::new(),
         backlog,
+        reads: shared.users.read_slots(user),
     };
     decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
@@ -195,8 +196,38 @@ async fn read_loop(
                 }
             }
         };
-        session.dispatch(req, permit, room).await;
+        // A read of the store off the actors waits for one of the user's slots.
+        let read_slot = if reads_the_store(&req.body) {
+            match beside_other_traffic(session.reads.clone().acquire_owned(), conn, session, &mut datagrams).await {
+                Ok(Ok(slot)) => Some(slot),
+                Ok(Err(_)) => return Close(ErrorCode::INTERNAL, "internal error".into()),
+                Err(close) => return close,
+            }
+        } else {
+            None
+        };
+        session.dispatch(req, permit, room, read_slot).await;
     }
+}
+
+/// Whether `body` is served by a read of the store on the runtime's shared blocking
+/// pool, outside the conversation actors (whose mailboxes bound their reads), so it
+/// takes one of the user's store-read slots (`STORE_READS_PER_USER`).
+fn reads_the_store(body: &RequestBody) -> bool {
+    matches!(
+        body,
+        RequestBody::ListConversations { .. }
+            | RequestBody::ConversationStates { .. }
+            | RequestBody::ListDevices
+            | RequestBody::BlockedUsers
+            | RequestBody::Settings { .. }
+            | RequestBody::Presence { .. }
+            | RequestBody::UploadStatus { .. }
+            | RequestBody::FileInfo { .. }
+            | RequestBody::Usage
+            | RequestBody::ListFiles { .. }
+            | RequestBody::ListUploads { .. }
+    )
 }
 
 /// Waits for `wait`, taking the connection's other traffic (`other_traffic`) meanwhile;
@@ -349,6 +380,8 @@ struct Session {
     transfers: std::sync::OnceLock<Arc<Transfers>>,
     /// The queue of the socket this connection's datagrams arrive on.
     backlog: Arc<SocketBacklog>,
+    /// The user's store-read slots, shared by its sessions (`STORE_READS_PER_USER`).
+    reads: Arc<Semaphore>,
 }
 
 impl Session {
@@ -362,8 +395,14 @@ impl Session {
     /// handed to the conversation's actor before this returns, so one session's requests
     /// about one conversation take effect in the order sent; catalog requests run on
     /// tasks, so a slow one never holds up the next request.
-    async fn dispatch(&self, Request { id, body }: Request, permit: OwnedSemaphorePermit, room: Option<AnswerRoom>) {
-        let mut reply = Responder::new(id, self.out.clone(), permit).with_room(room);
+    async fn dispatch(
+        &self,
+        Request { id, body }: Request,
+        permit: OwnedSemaphorePermit,
+        room: Option<AnswerRoom>,
+        read_slot: Option<OwnedSemaphorePermit>,
+    ) {
+        let mut reply = Responder::new(id, self.out.clone(), permit).with_room(room).with_read_slot(read_slot);
         let (shared, caller) = (&self.shared, self.caller);
         // Writes to a conversation's log (messages and membership changes) pass the
         // broker's admission first (`overload.rs`): past saturation they are refused at
