@@ -173,14 +173,12 @@ impl Auth {
         self.passwords.check(&keys, now)?;
         let slot = self.argon.slot(self.argon.turn()?).await?;
         // Counted once a hashing slot is held and before the (slow) check: concurrent
-        // guesses cannot all pass the limit at once (checked again: others may have
-        // counted while this one waited), and every failure counted takes a whole hash
+        // guesses cannot all pass the limit at once (`record` checks it again: others
+        // may have counted while this one waited), and every failure counted takes a whole hash
         // of the pool's time, even if its peer leaves (a peer that leaves while queued
         // counts nothing). So the failure table grows no faster than the pool hashes.
         // Refunded when the password is right.
-        let now = crate::now_ms();
-        self.passwords.check(&keys, now)?;
-        self.passwords.record(&keys, now)?;
+        self.passwords.record(&keys, crate::now_ms())?;
         let Some((user, record)) = user else {
             // The same work as for an account that exists (see `decoy_phc`).
             let (password, phc) = (req.password.clone(), self.decoy_phc.clone());
@@ -760,11 +758,19 @@ impl FailureLimiter {
         Ok(())
     }
 
-    /// Counts one failure against every key, or none and `RATE_LIMITED` if a key is
-    /// new and the table has no room for it.
+    /// Counts one failure against every key, or none and `RATE_LIMITED` if a key has
+    /// used up its failures (checked under the same lock as the count, so attempts
+    /// checked at once cannot count past the bound) or is new and the table has no
+    /// room for it.
     fn record(&self, keys: &[LimitKey], now_ms: u64) -> Result<(), ErrorBody> {
         let mut guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let table = &mut *guard;
+        let spent = |key: &LimitKey| {
+            table.windows.get(key).is_some_and(|w| w.live(now_ms) && w.count >= self.max_failures(key))
+        };
+        if keys.iter().any(spent) {
+            return Err(too_many());
+        }
         let new = |t: &FailureTable| keys.iter().filter(|k| !t.windows.contains_key(k)).count();
         if table.windows.len() + new(table) > self.capacity {
             if table.pruned_ms.is_none_or(|at| now_ms.saturating_sub(at) >= 1000) {
@@ -880,6 +886,9 @@ mod tests {
             limiter.record(&keys, 1000).unwrap();
         }
         assert_eq!(limiter.check(&keys, 1000).unwrap_err().code, ErrorCode::RATE_LIMITED);
+        // Attempts that passed the check together cannot count past the bound.
+        assert_eq!(limiter.record(&keys, 1000).unwrap_err().code, ErrorCode::RATE_LIMITED);
+        assert!(limiter.table.lock().unwrap().windows.values().all(|w| w.count == AUTH_FAILURES_PER_ACCOUNT));
         // Another account from the same address is still allowed (address limit is higher).
         assert!(limiter.check(&[LimitKey::Account(2), LimitKey::Address(ip(1))], 1000).is_ok());
         // An expired window no longer counts.

@@ -147,16 +147,19 @@ pub const MEMBER_ROWS_BURST_SECS: f64 = 2.0;
 /// user's bucket may be dropped once it has refilled, `rows / member_rows_per_sec`
 /// seconds after its last such read.
 pub const MEMBER_ROWS_BUCKETS_MAX: usize = 65_536;
-/// Store reads one user's requests run at once, over all the user's sessions, for the
-/// requests served off the conversation actors on the runtime's shared blocking pool
-/// (conversation and device lists, blocks, settings, presence, file and upload lists
-/// and states). A session whose next request is such a read waits for a slot before it
-/// takes the request (and so stops reading its control stream, as at the in-flight
-/// cap). Before, one user's 64 sessions with 64 requests in flight each could queue
-/// 4,096 page reads (a `ConversationStates` page is up to ~2,500 point reads) ahead of
-/// every other user's reads and every password hash, which share that pool. A client
-/// reads such lists one page after another; four at once is more than it needs.
-pub const STORE_READS_PER_USER: usize = 4;
+/// Store jobs one user's requests run at once, over all the user's sessions, for the
+/// requests served off the conversation actors on the runtime's shared blocking pool:
+/// conversation and device lists, blocks, settings, presence, file and upload lists and
+/// states, and the file requests whose checks read the store there (`BeginUpload`,
+/// `SendFiles`, `DeleteFile`, `WithdrawFile`). A session whose next request is such a
+/// job waits for a slot before it takes the request (and so stops reading its control
+/// stream, as at the in-flight cap); the slot is held until the answer is sent, so
+/// through a group commit for the requests that wait for one. Before, one user's 64
+/// sessions with 64 requests in flight each could queue 4,096 page reads (a
+/// `ConversationStates` page is up to ~2,500 point reads) ahead of every other user's
+/// reads and every password hash, which share that pool. A client reads such lists one
+/// page after another; the reference client asks about four files at once.
+pub const STORE_JOBS_PER_USER: usize = 4;
 /// Catalog writes (registrations, enrollments, revocations, new conversations) queued
 /// for the catalog thread at once; more wait for a slot without holding anything.
 pub const CATALOG_QUEUE: usize = 64;

@@ -25,9 +25,9 @@ pub struct Responder {
     /// Room reserved for a possibly large answer (`Outbound::reserve_answer`), given
     /// back once the answer is queued.
     room: Option<AnswerRoom>,
-    /// One of the user's store-read slots (`UserDirectory::read_slots`), held until
+    /// One of the user's store slots (`UserDirectory::store_slots`), held until
     /// the answer is sent.
-    _read_slot: Option<OwnedSemaphorePermit>,
+    _store_slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Whether the session that sent a request was closed by a revocation or a disable
@@ -54,12 +54,12 @@ type AnswerHook = Box<dyn FnOnce(&Result<Reply, ErrorBody>) + Send>;
 
 impl Responder {
     pub(crate) fn new(id: u32, out: Arc<Outbound>, permit: OwnedSemaphorePermit) -> Self {
-        Responder { id, out: Some(out), _permit: permit, ticket: None, then: None, room: None, _read_slot: None }
+        Responder { id, out: Some(out), _permit: permit, ticket: None, then: None, room: None, _store_slot: None }
     }
 
-    /// Holds `slot`, one of the user's store-read slots, until the answer is sent.
-    pub(crate) fn with_read_slot(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
-        self._read_slot = slot;
+    /// Holds `slot`, one of the user's store slots, until the answer is sent.
+    pub(crate) fn with_store_slot(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
+        self._store_slot = slot;
         self
     }
 

@@ -1,6 +1,6 @@
 //! The user directory: who is online with how many sessions, each user's places for
 //! connections still in their handshake, per-user allowances that outlive a
-//! connection, and each user's store-read slots. It keeps the `Online` fan-out index in step with attach and detach.
+//! connection, and each user's store slots. It keeps the `Online` fan-out index in step with attach and detach.
 //!
 //! There is no per-user actor: everything a user's actor held now lives where it is
 //! used (sessions in `Online`, presence in its driver, typing in its own), and an idle
@@ -15,7 +15,7 @@ use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
 
 use crate::limits::{
     CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, MAX_SESSIONS_PER_USER,
-    MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_READS_PER_USER,
+    MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_JOBS_PER_USER,
 };
 
 use crate::fanout::{Online, SessionHandle};
@@ -35,17 +35,17 @@ pub struct UserDirectory {
     creations: Allowances,
     /// Member rows returned by reads that list members (`allow_member_reads`).
     member_rows: Allowances,
-    /// Each user's store-read slots (`read_slots`).
-    reads: Mutex<ReadSlots>,
+    /// Each user's store slots (`store_slots`).
+    store_slots: Mutex<StoreSlots>,
 }
 
-/// Users' store-read slots, held weakly: a user's slots live while one of its sessions
+/// Users' store slots, held weakly: a user's slots live while one of its sessions
 /// or a read it runs holds them, so every session of a user shares one set, however it
 /// reconnects. Entries whose slots are gone are dropped once the map has doubled since
 /// the last sweep (at least 1,024 entries), so it holds about twice the users with a
 /// session or a read at most.
 #[derive(Default)]
-struct ReadSlots {
+struct StoreSlots {
     by_user: HashMap<UserId, std::sync::Weak<tokio::sync::Semaphore>>,
     /// Entries left by the last sweep.
     swept: usize,
@@ -138,23 +138,23 @@ impl UserDirectory {
             online,
             creations: Allowances::new(CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST, CREATION_BUCKETS_MAX),
             member_rows: Allowances::new(rows, rows * MEMBER_ROWS_BURST_SECS, MEMBER_ROWS_BUCKETS_MAX),
-            reads: Mutex::default(),
+            store_slots: Mutex::default(),
         }
     }
 
-    /// `user`'s store-read slots (`STORE_READS_PER_USER`), the same for all its sessions
+    /// `user`'s store slots (`STORE_JOBS_PER_USER`), the same for all its sessions
     /// while any of them, or a read taken with them, is alive.
-    pub fn read_slots(&self, user: UserId) -> Arc<tokio::sync::Semaphore> {
-        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slots) = reads.by_user.get(&user).and_then(std::sync::Weak::upgrade) {
+    pub fn store_slots(&self, user: UserId) -> Arc<tokio::sync::Semaphore> {
+        let mut slots_of = self.store_slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slots) = slots_of.by_user.get(&user).and_then(std::sync::Weak::upgrade) {
             return slots;
         }
-        if reads.by_user.len() >= (2 * reads.swept).max(1024) {
-            reads.by_user.retain(|_, slots| slots.strong_count() > 0);
-            reads.swept = reads.by_user.len();
+        if slots_of.by_user.len() >= (2 * slots_of.swept).max(1024) {
+            slots_of.by_user.retain(|_, slots| slots.strong_count() > 0);
+            slots_of.swept = slots_of.by_user.len();
         }
-        let slots = Arc::new(tokio::sync::Semaphore::new(STORE_READS_PER_USER));
-        reads.by_user.insert(user, Arc::downgrade(&slots));
+        let slots = Arc::new(tokio::sync::Semaphore::new(STORE_JOBS_PER_USER));
+        slots_of.by_user.insert(user, Arc::downgrade(&slots));
         slots
     }
 
@@ -327,23 +327,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_users_read_slots_are_shared_while_held_and_swept_when_gone() {
+    fn a_users_store_slots_are_shared_while_held_and_swept_when_gone() {
         let users = UserDirectory::new(Arc::default(), 1000);
-        let alice = users.read_slots(1);
-        assert!(Arc::ptr_eq(&alice, &users.read_slots(1)), "one set per user");
-        assert!(!Arc::ptr_eq(&alice, &users.read_slots(2)), "apart from other users'");
+        let alice = users.store_slots(1);
+        assert!(Arc::ptr_eq(&alice, &users.store_slots(1)), "one set per user");
+        assert!(!Arc::ptr_eq(&alice, &users.store_slots(2)), "apart from other users'");
         let permit = alice.clone().try_acquire_owned().unwrap();
         drop(alice);
         // A read still holding a slot keeps the set: a new session gets the same one.
-        assert_eq!(users.read_slots(1).available_permits(), STORE_READS_PER_USER - 1);
+        assert_eq!(users.store_slots(1).available_permits(), STORE_JOBS_PER_USER - 1);
         drop(permit);
-        assert_eq!(users.read_slots(1).available_permits(), STORE_READS_PER_USER, "a fresh set");
+        assert_eq!(users.store_slots(1).available_permits(), STORE_JOBS_PER_USER, "a fresh set");
         // Users gone leave no more than about twice the live entries behind.
-        let live: Vec<_> = (0..10).map(|u| users.read_slots(u)).collect();
+        let live: Vec<_> = (0..10).map(|u| users.store_slots(u)).collect();
         for user in 100..5_000 {
-            users.read_slots(user);
+            users.store_slots(user);
         }
-        let entries = users.reads.lock().unwrap().by_user.len();
+        let entries = users.store_slots.lock().unwrap().by_user.len();
         assert!(entries <= 2 * 1024 + 1, "{entries} entries for {} live users", live.len());
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use switchboard_broker::limits::{
     AUTH_FAILURES_PER_ADDRESS, CREATION_BUCKETS_MAX, MAX_DEVICES_PER_USER, MAX_LIVE_CONVERSATIONS,
-    MAX_SESSIONS_PER_USER, STORE_READS_PER_USER,
+    MAX_SESSIONS_PER_USER, STORE_JOBS_PER_USER,
 };
 use switchboard_client::{Client, RawSession};
 use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS, MAX_TEXT_BYTES};
@@ -203,23 +203,23 @@ async fn a_client_waiting_for_answer_room_still_types() {
     .await
 }
 
-/// `STORE_READS_PER_USER`: a user's requests served by store reads off the actors
-/// (lists, settings, presence, file states) run at most four at once over all its
-/// sessions; past that the session waits for a slot, and other users are not held.
-/// (Before, one user's sessions could queue thousands of page reads ahead of everyone's
-/// reads and password hashes.) The test holds alice's four slots itself.
+/// `STORE_JOBS_PER_USER`: a user's requests served by store work off the actors
+/// (lists, settings, presence, file states and file requests) run at most four at once
+/// over all its sessions; past that the session waits for a slot, and other users are
+/// not held. (Before, one user's sessions could queue thousands of page reads ahead of
+/// everyone's reads and password hashes.) The test holds alice's four slots itself.
 #[tokio::test]
-async fn a_users_store_reads_wait_for_its_slots_and_nobody_elses() {
+async fn a_users_store_jobs_wait_for_its_slots_and_nobody_elses() {
     bounded(async {
         let tb = TestBroker::start().await;
         let (alice, alice_id) = tb.register("alice").await;
         let (other_device, _) = tb.login("alice").await;
         let (bob, _) = tb.register("bob").await;
-        let slots = tb.shared().users.read_slots(alice_id.user_id);
-        let held = slots.clone().acquire_many_owned(STORE_READS_PER_USER as u32).await.unwrap();
+        let slots = tb.shared().users.store_slots(alice_id.user_id);
+        let held = slots.clone().acquire_many_owned(STORE_JOBS_PER_USER as u32).await.unwrap();
         // Neither of alice's sessions is answered while her slots are taken...
         let lists = tokio::spawn(async move {
-            let (mine, other) = tokio::join!(alice.devices(), other_device.devices());
+            let (mine, other) = tokio::join!(alice.devices(), other_device.list_files());
             (mine.unwrap().len(), other.unwrap().len())
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -228,8 +228,8 @@ async fn a_users_store_reads_wait_for_its_slots_and_nobody_elses() {
         within(STEP_DEADLINE, "bob's list", bob.devices()).await.unwrap();
         within(STEP_DEADLINE, "bob's conversations", bob.conversations()).await.unwrap();
         drop(held);
-        assert_eq!(within(STEP_DEADLINE, "alice's lists", lists).await.unwrap(), (2, 2));
-        assert_eq!(slots.available_permits(), STORE_READS_PER_USER, "every slot given back");
+        assert_eq!(within(STEP_DEADLINE, "alice's lists", lists).await.unwrap(), (2, 0));
+        assert_eq!(slots.available_permits(), STORE_JOBS_PER_USER, "every slot given back");
     })
     .await
 }

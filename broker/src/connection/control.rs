@@ -85,7 +85,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         conn: conn.clone(),
         transfers: std::sync::OnceLock::new(),
         backlog,
-        reads: shared.users.read_slots(user),
+        store_slots: shared.users.store_slots(user),
     };
     decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
@@ -196,9 +196,10 @@ async fn read_loop(
                 }
             }
         };
-        // A read of the store off the actors waits for one of the user's slots.
-        let read_slot = if reads_the_store(&req.body) {
-            match beside_other_traffic(session.reads.clone().acquire_owned(), conn, session, &mut datagrams).await {
+        // Store work off the actors waits for one of the user's slots.
+        let store_slot = if takes_a_store_slot(&req.body) {
+            match beside_other_traffic(session.store_slots.clone().acquire_owned(), conn, session, &mut datagrams).await
+            {
                 Ok(Ok(slot)) => Some(slot),
                 Ok(Err(_)) => return Close(ErrorCode::INTERNAL, "internal error".into()),
                 Err(close) => return close,
@@ -206,17 +207,33 @@ async fn read_loop(
         } else {
             None
         };
-        session.dispatch(req, permit, room, read_slot).await;
+        // Checked again after the waits: a session closed meanwhile carries out nothing
+        // more (a `Settings` change waiting for a slot would land after a revocation
+        // was answered).
+        if let Some(code) = session.ended() {
+            return Close(code, "session closed".into());
+        }
+        session.dispatch(req, permit, room, store_slot).await;
     }
 }
 
-/// Whether `body` is served by a read of the store on the runtime's shared blocking
-/// pool, outside the conversation actors (whose mailboxes bound their reads), so it
-/// takes one of the user's store-read slots (`STORE_READS_PER_USER`).
-fn reads_the_store(body: &RequestBody) -> bool {
+/// Whether `body` is served by store work on the runtime's shared blocking pool outside
+/// the conversation actors (whose mailboxes bound theirs) and the catalog thread (whose
+/// queue bounds its writes): reads of lists and states, and the file requests whose
+/// checks read the store there (`BeginUpload` scans the user's uploads under the files
+/// lock, `SendFiles` each file's attachments, `DeleteFile` and `WithdrawFile` a file's
+/// holds and messages). Such a request takes one of the user's store slots
+/// (`STORE_JOBS_PER_USER`). The rest are bounded otherwise: creations and blocks by the
+/// catalog thread and an allowance, password changes by the hashing queue, revocations
+/// by the catalog thread, `CancelUpload` by its upload's actor.
+fn takes_a_store_slot(body: &RequestBody) -> bool {
     matches!(
         body,
-        RequestBody::ListConversations { .. }
+        RequestBody::BeginUpload(_)
+            | RequestBody::SendFiles { .. }
+            | RequestBody::DeleteFile { .. }
+            | RequestBody::WithdrawFile { .. }
+            | RequestBody::ListConversations { .. }
             | RequestBody::ConversationStates { .. }
             | RequestBody::ListDevices
             | RequestBody::BlockedUsers
@@ -380,8 +397,8 @@ struct Session {
     transfers: std::sync::OnceLock<Arc<Transfers>>,
     /// The queue of the socket this connection's datagrams arrive on.
     backlog: Arc<SocketBacklog>,
-    /// The user's store-read slots, shared by its sessions (`STORE_READS_PER_USER`).
-    reads: Arc<Semaphore>,
+    /// The user's store slots, shared by its sessions (`STORE_JOBS_PER_USER`).
+    store_slots: Arc<Semaphore>,
 }
 
 impl Session {
@@ -400,9 +417,9 @@ impl Session {
         Request { id, body }: Request,
         permit: OwnedSemaphorePermit,
         room: Option<AnswerRoom>,
-        read_slot: Option<OwnedSemaphorePermit>,
+        store_slot: Option<OwnedSemaphorePermit>,
     ) {
-        let mut reply = Responder::new(id, self.out.clone(), permit).with_room(room).with_read_slot(read_slot);
+        let mut reply = Responder::new(id, self.out.clone(), permit).with_room(room).with_store_slot(store_slot);
         let (shared, caller) = (&self.shared, self.caller);
         // Writes to a conversation's log (messages and membership changes) pass the
         // broker's admission first (`overload.rs`): past saturation they are refused at

@@ -1107,8 +1107,10 @@ struct KnownFile {
 
 /// Files a `FileBook` keeps before it starts over.
 const FILES_KNOWN: usize = 4096;
-/// `FileInfo` requests a `FileBook` has in flight at once.
-const LOOKUPS_AT_ONCE: usize = 16;
+/// `FileInfo` requests a `FileBook` has in flight at once: the broker runs four of a
+/// user's store jobs at once (`STORE_JOBS_PER_USER`), so more would only wait there,
+/// inside their `LOOKUP_TIMEOUT`.
+const LOOKUPS_AT_ONCE: usize = 4;
 /// How long a `FileBook` waits for one `FileInfo` answer (`sb tail` prints nothing
 /// meanwhile).
 const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
