@@ -152,7 +152,7 @@ impl Auth {
     /// same work, the same counts and, after `AUTH_FAILURES_PER_ACCOUNT` failures, the
     /// same `RATE_LIMITED` (before, only names that exist were counted, so the eleventh
     /// wrong password said which names exist). A bad device key or signature is refused
-    /// before anything is counted, a password is counted once a hashing turn is taken.
+    /// before anything is counted, a password is counted once its hash holds a slot.
     /// A name that cannot exist (or a password too long for any account) is refused at
     /// once, uncounted: nothing is guessed and no work is done.
     pub async fn check_login(
@@ -174,10 +174,10 @@ impl Auth {
         let slot = self.argon.slot(self.argon.turn()?).await?;
         // Counted once a hashing slot is held and before the (slow) check: concurrent
         // guesses cannot all pass the limit at once (`record` checks it again: others
-        // may have counted while this one waited), and every failure counted takes a whole hash
-        // of the pool's time, even if its peer leaves (a peer that leaves while queued
-        // counts nothing). So the failure table grows no faster than the pool hashes.
-        // Refunded when the password is right.
+        // may have counted while this one waited), and every failure counted takes a
+        // whole hash of the pool's time, even if its peer leaves (a peer that leaves
+        // while queued counts nothing). So the failure table grows no faster than the
+        // pool hashes. Refunded when the password is right.
         self.passwords.record(&keys, crate::now_ms())?;
         let Some((user, record)) = user else {
             // The same work as for an account that exists (see `decoy_phc`).

@@ -130,8 +130,9 @@ impl Drop for Attached<'_> {
 }
 
 /// Reads the control stream and, between its frames and while a request waits for a
-/// permit or for answer room, the connection's datagrams and new transfer streams
-/// (`other_traffic`): a client held back on its control stream still types and uploads.
+/// permit, answer room or a store slot, the connection's datagrams and new transfer
+/// streams (`other_traffic`): a client held back on its control stream still types and
+/// uploads.
 async fn read_loop(
     conn: &quinn::Connection,
     recv: &mut quinn::RecvStream,
@@ -164,12 +165,6 @@ async fn read_loop(
             Ok(Err(_)) => return Close(ErrorCode::INTERNAL, "internal error".into()),
             Err(close) => return close,
         };
-        // A session closed from outside (its device revoked, its account disabled, a
-        // slow consumer) carries out nothing more, not even the requests it had already
-        // read: they would take effect after the revocation was answered.
-        if let Some(code) = session.ended() {
-            return Close(code, "session closed".into());
-        }
         // An answer that may be large waits for room in the outbound queue before the
         // request is taken, so answers alone never overflow it (`reserve_answer`).
         // The wait ends with the connection (nothing would drain the queue any more),
@@ -207,9 +202,10 @@ async fn read_loop(
         } else {
             None
         };
-        // Checked again after the waits: a session closed meanwhile carries out nothing
-        // more (a `Settings` change waiting for a slot would land after a revocation
-        // was answered).
+        // A session closed from outside (its device revoked, its account disabled, a
+        // slow consumer) carries out nothing more, not even the requests it had already
+        // read or that were waiting above: they would take effect after the revocation
+        // was answered (a `Settings` change waiting for a store slot, say).
         if let Some(code) = session.ended() {
             return Close(code, "session closed".into());
         }
@@ -271,8 +267,8 @@ async fn beside_other_traffic<F: std::future::Future>(
 /// stream (served on a task of its own; the peer can open one only once a file request
 /// raised its stream credit, `Transfers::allow`) or a datagram (a signal, handled in
 /// place). `Some` when the session ends: the connection is gone (no stream can be
-/// accepted), or the session was closed from outside (checked before either is taken). Cancel-safe: a stream or datagram
-/// not yet returned stays queued in quinn.
+/// accepted), or the session was closed from outside (checked before either is
+/// taken). Cancel-safe: a stream or datagram not yet returned stays queued in quinn.
 async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &mut bool) -> Option<Close> {
     tokio::select! {
         stream = conn.accept_bi() => match stream {
