@@ -108,6 +108,7 @@ pub(crate) fn endpoint(
         transport.datagram_receive_buffer_size(None);
         transport.datagram_send_buffer_size(0);
     }
+    transport.mtu_discovery_config(Some(mtu_discovery()));
     config.transport_config(Arc::new(transport));
 
     let local = if server.is_ipv6() {
@@ -121,6 +122,23 @@ pub(crate) fn endpoint(
             .map_err(connect)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// Largest UDP payload the path MTU search tries (quinn's default: within Ethernet's 1,500
+/// bytes over IPv4 and IPv6).
+const MTU_UPPER_BOUND: u16 = 1452;
+
+/// How the path MTU toward the broker is searched (the broker searches its way the same;
+/// see its `tls::mtu_discovery` for the reasoning): a `minimum_change` of half the span
+/// from QUIC's 1,200 bytes plus one makes quinn probe `MTU_UPPER_BOUND` at once and, only
+/// if that is lost three times, the midpoint, instead of four sizes one after another
+/// (docs/benchmarks.md, "MTU probes").
+fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    const MIN_QUIC_MTU: u16 = 1200;
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    mtu.minimum_change((MTU_UPPER_BOUND - MIN_QUIC_MTU) / 2 + 1);
+    mtu
 }
 
 /// rustls' *ring* provider with the TLS 1.3 suites offered cheapest first for this

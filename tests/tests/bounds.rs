@@ -733,6 +733,41 @@ async fn the_broker_asks_clients_to_acknowledge_less_often() {
     .await
 }
 
+/// Each end finds the path MTU with one probe, not four: the search tries the upper
+/// bound (1,452 bytes) at once (`tls::mtu_discovery`, docs/benchmarks.md "MTU probes").
+/// Each probe is a padded packet acknowledged at once, so quinn's default search (1,326,
+/// 1,389, 1,420, 1,452) cost every connect six more datagrams. Seen from the client:
+/// its own probes, and the broker's (each carries an IMMEDIATE_ACK frame; a retransmit
+/// after a lost acknowledgement would make two).
+#[tokio::test]
+async fn each_end_finds_the_path_mtu_with_one_probe() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_alice, alice_id) = tb.register("alice").await;
+        let raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        let upper = switchboard_broker::tls::MTU_UPPER_BOUND;
+        within(STEP_DEADLINE, "both ends at the upper bound", async {
+            loop {
+                let stats = raw.conn.stats();
+                if stats.path.current_mtu == upper && stats.frame_rx.immediate_ack > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        // Room for the searches to go on, were they to (each step is one round trip).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stats = raw.conn.stats();
+        assert_eq!(stats.path.current_mtu, upper);
+        let ours = stats.path.sent_plpmtud_probes - stats.path.lost_plpmtud_probes;
+        assert_eq!(ours, 1, "the client's probes: {:?}", stats.path);
+        let theirs = stats.frame_rx.immediate_ack;
+        assert!((1..=2).contains(&theirs), "the broker's probes: {theirs}");
+    })
+    .await
+}
+
 /// `Shared::status` (the operator's `status` log line) counts what the broker holds:
 /// sessions, live conversations, presence entries; and gives them back as clients go.
 #[tokio::test]
