@@ -254,7 +254,7 @@ pub const MTU_UPPER_BOUND: u16 = 1452;
 /// try the midpoint (1,325), and stop. quinn's default step (20) probes 1,326, 1,389,
 /// 1,420 and 1,452 one after another, each a padded packet the peer acknowledges at
 /// once: on a path that carries 1,452 bytes (Ethernet, loopback) the same MTU for one
-/// probe instead of four, each way; in a connection storm, 18-20% more connections a
+/// probe instead of four, each way; in a connection storm, 20-45% more connections a
 /// second (docs/benchmarks.md, "MTU probes"). The search is repeated every 10 minutes
 /// (quinn's `interval`); at the upper bound it sends nothing.
 fn mtu_discovery() -> quinn::MtuDiscoveryConfig {

@@ -82,7 +82,8 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
                 datagrams += sent_and_received;
                 last_done = last_done.max(done_at);
             }
-            Ok((_, _, Err(e), _)) => {
+            Ok((_, done_at, Err(e), _)) => {
+                last_done = last_done.max(done_at);
                 errors += 1;
                 tracing::warn!(error = %e, "connect failed");
             }
