@@ -880,7 +880,7 @@ pub fn transient(error: &TransferError) -> bool {
             code.is_none() || transient_code || code == Some(ErrorCode::NO_ERROR)
         }
         TransferError::Client(ClientError::Connect(_)) | TransferError::Stream(_) | TransferError::Reset(_) => true,
-        TransferError::Client(ClientError::Protocol(_) | ClientError::Untrusted(_))
+        TransferError::Client(ClientError::Protocol(_) | ClientError::Untrusted(_) | ClientError::TooLarge { .. })
         | TransferError::Io(_)
         | TransferError::Mismatch(_) => false,
     }

@@ -27,12 +27,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use ed25519_dalek::{Signer, SigningKey};
 use serde::{Deserialize, Serialize};
-use switchboard_protocol::limits::{MAX_DATAGRAM_BYTES, MAX_SERVER_FRAME_BYTES};
+use switchboard_protocol::limits::{MAX_DATAGRAM_BYTES, MAX_SERVER_FRAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
     CatchUpPage, ClientFrame, ClientHello, ClientMsgId, ConvId, ConversationState, ConversationSummary, DeviceId,
-    DeviceInfo, Enroll, Entry, ErrorBody, ErrorCode, Event, FrameDecoder, Limits, Member, NewConversation, Page,
-    PresenceInfo, Receipt, Reply, Request, RequestBody, Role, Seq, ServerFrame, ServerHello, Settings, Signal, UserId,
-    decode, encode_frame,
+    DeviceInfo, Enroll, Entry, ErrorBody, ErrorCode, Event, FrameDecoder, FrameError, Limits, Member, NewConversation,
+    Page, PresenceInfo, Receipt, Reply, Request, RequestBody, Role, Seq, ServerFrame, ServerHello, Settings, Signal,
+    UserId, decode, encode_frame, encode_frame_within,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -83,6 +83,18 @@ pub enum ClientError {
     /// The broker sent something this client does not understand.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// This client did not send the request: it encodes to a frame body of `bytes`, over
+    /// the `limit` the broker announced in its hello (`max_client_frame_bytes`, or
+    /// `preauth_max_frame_bytes` before authentication), for which the broker would have
+    /// closed the connection with `FRAME_TOO_LARGE`. Nothing was sent, so nothing was
+    /// stored, and the connection stays open.
+    #[error("{}", coded(ErrorCode::FRAME_TOO_LARGE, &too_large(*bytes, *limit)))]
+    TooLarge {
+        /// The request's frame body, bytes.
+        bytes: u64,
+        /// The broker's limit, bytes.
+        limit: u32,
+    },
 }
 
 impl ClientError {
@@ -91,9 +103,15 @@ impl ClientError {
         match self {
             ClientError::Server(e) => Some(e.code),
             ClientError::Closed { code, .. } => *code,
+            ClientError::TooLarge { .. } => Some(ErrorCode::FRAME_TOO_LARGE),
             _ => None,
         }
     }
+}
+
+/// What `ClientError::TooLarge` says after its code.
+pub fn too_large(bytes: u64, limit: u32) -> String {
+    format!("not sent: the request is {bytes} bytes, over the broker's limit of {limit} bytes for one request")
 }
 
 /// `NAME (number): message`; the message is left out when the broker gave none.
@@ -379,7 +397,9 @@ struct Control {
 
 impl Control {
     async fn write<T: Serialize>(&mut self, conn: &quinn::Connection, msg: &T) -> Result<()> {
-        let frame = encode_frame(msg).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        // Before the broker's hello (which announces it), the protocol's own bound.
+        let limit = self.hello.as_ref().map_or(PREAUTH_MAX_FRAME_BYTES, |h| h.limits.preauth_max_frame_bytes);
+        let frame = frame_within(msg, limit)?;
         match self.send.write_all(&frame).await {
             Ok(()) => Ok(()),
             Err(_) => Err(closed(conn).await),
@@ -406,6 +426,15 @@ impl Control {
             other => Err(ClientError::Protocol(format!("unexpected {other:?}"))),
         }
     }
+}
+
+/// `msg` as one frame, or `TooLarge` if its body is over `limit` (the broker's announced
+/// bound, beyond which it closes the connection): refused here, before sending.
+fn frame_within<T: Serialize>(msg: &T, limit: u32) -> Result<Bytes> {
+    encode_frame_within(msg, limit).map_err(|e| match e {
+        FrameError::TooLarge { declared, limit } => ClientError::TooLarge { bytes: declared, limit },
+        e => ClientError::Protocol(e.to_string()),
+    })
 }
 
 /// The close reason once the connection has failed.
@@ -474,8 +503,7 @@ impl Client {
     /// Sends a request and waits for its response.
     pub async fn request(&self, body: RequestBody) -> Result<Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(&ClientFrame::Request(Request { id, body }))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let frame = frame_within(&ClientFrame::Request(Request { id, body }), self.limits.max_client_frame_bytes)?;
         let (tx, rx) = oneshot::channel();
         let registered = match self.waiters.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             Some(waiters) => {

@@ -480,9 +480,14 @@ fn error_json(e: &anyhow::Error) -> serde_json::Value {
         }
         _ => {}
     }
+    let too_large;
     let (code, message) = match client {
         Some(ClientError::Server(body)) => (body.code, &body.message),
         Some(ClientError::Closed { code: Some(code), reason }) => (*code, reason),
+        Some(ClientError::TooLarge { bytes, limit }) => {
+            too_large = switchboard_client::too_large(*bytes, *limit);
+            (ErrorCode::FRAME_TOO_LARGE, &too_large)
+        }
         _ => return json!({"code": null, "name": null, "message": format!("{e:#}")}),
     };
     json!({"code": code.0, "name": code.name(), "message": message})
@@ -754,10 +759,12 @@ fn worth_resending(error: &ClientError) -> bool {
 }
 
 /// Whether the broker answered that it did not store the message: a refusal, but not
-/// `INTERNAL` (after it "nothing unacknowledged can be assumed done"). A close, a lost
+/// `INTERNAL` (after it "nothing unacknowledged can be assumed done"); or the client
+/// library did not send it (`TooLarge`: over the broker's frame limit). A close, a lost
 /// connection or an answer sb cannot read is no answer.
 fn refused(error: &ClientError) -> bool {
     matches!(error, ClientError::Server(e) if e.code != ErrorCode::INTERNAL)
+        || matches!(error, ClientError::TooLarge { .. })
 }
 
 /// `--retry-for`: a number of seconds, 0 to one day.

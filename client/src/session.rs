@@ -495,7 +495,7 @@ fn connection_lost(error: &ClientError) -> bool {
     match error {
         ClientError::Closed { .. } | ClientError::Connect(_) => true,
         ClientError::Server(body) => body.code == ErrorCode::GOING_AWAY,
-        ClientError::Protocol(_) | ClientError::Untrusted(_) => false,
+        ClientError::Protocol(_) | ClientError::Untrusted(_) | ClientError::TooLarge { .. } => false,
     }
 }
 

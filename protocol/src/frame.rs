@@ -60,6 +60,19 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
     Ok(bytes)
 }
 
+/// Encodes `msg` as one frame (`encode_frame`) whose body is at most `limit` bytes, or
+/// `TooLarge` (the body's length as `declared`): a sender checks its frames against
+/// the peer's announced limit before sending, since the peer closes the stream on a
+/// larger one (`FRAME_TOO_LARGE`).
+pub fn encode_frame_within<T: Serialize>(msg: &T, limit: u32) -> Result<Bytes, FrameError> {
+    let frame = encode_frame(msg)?;
+    let (declared, _) = read_varint(&frame)?.ok_or(FrameError::BadPrefix)?;
+    if declared > u64::from(limit) {
+        return Err(FrameError::TooLarge { declared, limit });
+    }
+    Ok(frame)
+}
+
 /// Decodes one frame body (without its prefix).
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     postcard::from_bytes(body).map_err(|e| FrameError::BadBody(e.to_string()))
@@ -374,6 +387,28 @@ mod tests {
             assert_eq!(got, want, "chunk size {chunk}");
             assert_eq!(dec.buffered(), 0);
         }
+    }
+
+    /// A frame whose body is exactly the limit is encoded; one byte more is `TooLarge`
+    /// with the body's length, which is what a receiver at that limit would refuse.
+    #[test]
+    fn encode_frame_within_refuses_what_the_receiver_would() {
+        let body_len = |f: &Bytes| {
+            let mut dec = FrameDecoder::new(u32::MAX);
+            dec.push(f);
+            dec.next_frame().unwrap().unwrap().len() as u64
+        };
+        let frame = encode_frame(&ping(7)).unwrap();
+        let len = body_len(&frame);
+        let limit = u32::try_from(len).unwrap();
+        assert_eq!(encode_frame_within(&ping(7), limit).unwrap(), frame);
+        assert_eq!(
+            encode_frame_within(&ping(7), limit - 1),
+            Err(FrameError::TooLarge { declared: len, limit: limit - 1 })
+        );
+        let mut at_limit = FrameDecoder::new(limit - 1);
+        at_limit.push(&frame);
+        assert!(matches!(at_limit.next_frame(), Err(FrameError::TooLarge { .. })), "the receiver refuses it too");
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod limits;
 pub mod wire;
 
 pub use error::ErrorCode;
-pub use frame::{ChunkDecoder, ChunkStep, FrameDecoder, FrameError, decode, encode_frame};
+pub use frame::{ChunkDecoder, ChunkStep, FrameDecoder, FrameError, decode, encode_frame, encode_frame_within};
 pub use wire::*;
 
 /// ALPN protocol id negotiated in the TLS handshake.

@@ -17,7 +17,7 @@ use switchboard_broker::limits::{
     AUTH_FAILURES_PER_ADDRESS, CREATION_BUCKETS_MAX, MAX_DEVICES_PER_USER, MAX_LIVE_CONVERSATIONS,
     MAX_SESSIONS_PER_USER, STORE_JOBS_PER_USER,
 };
-use switchboard_client::{Client, RawSession};
+use switchboard_client::{Client, ClientError, RawSession};
 use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS, MAX_TEXT_BYTES};
 use switchboard_protocol::{
     Body, ClientFrame, ConvId, ErrorCode, Event, Page, Reply, RequestBody, Signal, encode_frame,
@@ -697,6 +697,30 @@ async fn a_frame_of_64_kib_plus_one_after_auth_is_too_large() {
         within(STEP_DEADLINE, "write", raw.send.write_all(&send_with_body_len(conv, max + 1))).await.unwrap();
         assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::FRAME_TOO_LARGE));
         alice.ping().await.unwrap();
+    })
+    .await
+}
+
+/// The client library keeps to the limit the broker announced: a request over it is
+/// refused before it is sent (`ClientError::TooLarge`, code `FRAME_TOO_LARGE`), so the
+/// connection stays open and nothing is stored. Before, it was sent, and the broker
+/// closed the connection, leaving the caller unsure whether it was stored.
+#[tokio::test]
+async fn the_client_refuses_a_request_over_the_frame_limit_before_sending_it() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let limit = alice.limits.max_client_frame_bytes;
+        let e = alice.send(conv, &"x".repeat(limit as usize)).await.unwrap_err();
+        match &e {
+            ClientError::TooLarge { bytes, limit: said } => assert!(*bytes > u64::from(limit) && *said == limit, "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.code(), Some(ErrorCode::FRAME_TOO_LARGE));
+        let before = alice.history(conv, Page::Latest, 10).await.unwrap().1;
+        let seq = alice.send(conv, "after").await.expect("the same connection still sends");
+        assert_eq!(seq, before + 1, "nothing stored in between");
     })
     .await
 }
