@@ -15,8 +15,10 @@
 //! retitle the window or reorder text, every line is printed through
 //! `terminal_safe`: control characters (C0, DEL, C1), Unicode direction controls
 //! (U+200E, U+200F, U+061C, U+202A–U+202E, U+2066–U+2069) and the line and paragraph
-//! separators (U+2028, U+2029) are shown as Rust escapes such as `\u{1b}`, and a
-//! backslash as `\\`, so the escaped form cannot be mistaken for text that was sent.
+//! separators (U+2028, U+2029) are shown as Rust escapes (`\n`, `\r` and `\t` for a
+//! line feed, carriage return and tab, so a multi-line message reads `one\ntwo`;
+//! `\u{1b}` and the like for the rest), and a backslash as `\\`, so the escaped form
+//! cannot be mistaken for text that was sent.
 //! Failures print to stderr as `error: CONFLICT (9): user name is taken`.
 
 use std::collections::HashMap;
@@ -1590,12 +1592,17 @@ fn describe(body: &Body, named: &HashMap<UserId, String>, book: &FileBook) -> (&
 }
 
 /// `text` with everything that could drive or reorder a terminal written as a Rust
-/// escape (`\u{1b}`), and `\` as `\\` so an escape cannot be forged by sending one.
+/// escape (`\n`, `\r` and `\t` for those three, `\u{1b}` for the rest), and `\` as `\\`
+/// so an escape cannot be forged by sending one.
 fn terminal_safe(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
+            // The common ones as a reader knows them: a multi-line message reads `one\ntwo`.
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
             c if is_terminal_unsafe(c) => out.extend(c.escape_unicode()),
             c => out.push(c),
         }
@@ -2229,9 +2236,12 @@ mod tests {
     fn terminal_safe_escapes_what_could_drive_a_terminal() {
         let check = |input: &str, expected: &str| assert_eq!(terminal_safe(input), expected, "{input:?}");
         check("plain text, ünïcode ✓ 日本", "plain text, ünïcode ✓ 日本");
-        check("erase\x1b[2K\rforged\n", r"erase\u{1b}[2K\u{d}forged\u{a}");
+        check("erase\x1b[2K\rforged\n", r"erase\u{1b}[2K\rforged\n");
+        check("one\ntwo", r"one\ntwo");
         check("title\x1b]0;pwned\x07", r"title\u{1b}]0;pwned\u{7}");
-        check("tab\tnul\0del\x7f", r"tab\u{9}nul\u{0}del\u{7f}");
+        check("tab\tnul\0del\x7f", r"tab\tnul\u{0}del\u{7f}");
+        // A sent backslash and n cannot pass for a line feed.
+        check(r"not\n", r"not\\n");
         check("c1 \u{80} \u{9b}2J \u{9f}", r"c1 \u{80} \u{9b}2J \u{9f}");
         check(
             "\u{202a}\u{202e}\u{2066}\u{2069}\u{200e}\u{200f}\u{61c}",

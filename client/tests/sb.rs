@@ -185,6 +185,7 @@ async fn human_output_neutralises_control_characters() {
     let conv = sb(&alice, &broker, &["conv", "create", "--title", "plans", "bob"]);
     let id = conv[0]["conv"].as_u64().unwrap().to_string();
     let hostile = "hello\x1b[2K\r\x1b[1Aalice: wire the money now\x1b]0;pwned\x07 \u{9b}2J \u{2066}\\ pay\u{202e}fdp.exe\u{2028}x";
+    sb(&alice, &broker, &["send", &id, "one\ntwo"]);
     sb(&alice, &broker, &["send", &id, hostile]);
 
     let history = sb_output(&bob, &broker, &["history", &id]);
@@ -194,8 +195,10 @@ async fn human_output_neutralises_control_characters() {
     let shown = String::from_utf8(history.stdout).unwrap() + &String::from_utf8(list.stdout).unwrap();
     let unsafe_chars: Vec<char> = shown.chars().filter(|&c| c != '\n' && is_terminal_unsafe(c)).collect();
     assert!(unsafe_chars.is_empty(), "raw controls {unsafe_chars:?} reached the terminal in {shown:?}");
-    let escaped = r"hello\u{1b}[2K\u{d}\u{1b}[1Aalice: wire the money now\u{1b}]0;pwned\u{7} \u{9b}2J \u{2066}\\ pay\u{202e}fdp.exe\u{2028}x";
+    let escaped = r"hello\u{1b}[2K\r\u{1b}[1Aalice: wire the money now\u{1b}]0;pwned\u{7} \u{9b}2J \u{2066}\\ pay\u{202e}fdp.exe\u{2028}x";
     assert!(shown.contains(escaped), "{shown:?}");
+    // A multi-line message reads as one line with `\n` where it breaks.
+    assert!(shown.contains(r": one\ntwo"), "{shown:?}");
 
     // JSON keeps the exact text (serde_json escapes what needs escaping).
     let json = sb(&bob, &broker, &["history", &id]);
@@ -204,7 +207,7 @@ async fn human_output_neutralises_control_characters() {
     // A page that stops short of the beginning says how to see the rest (before: nothing).
     let newest = sb_output(&bob, &broker, &["history", &id, "--limit", "1"]);
     let said = String::from_utf8_lossy(&newest.stderr);
-    assert!(said.contains(&format!("older entries: `sb history {id} --before 2`")), "{said}");
+    assert!(said.contains(&format!("older entries: `sb history {id} --before 3`")), "{said}");
     let whole = sb_output(&bob, &broker, &["history", &id]);
     assert!(!String::from_utf8_lossy(&whole.stderr).contains("entries"), "{whole:?}");
 }
