@@ -1,7 +1,7 @@
 //! Accounts and device proof. Passwords are argon2id PHC strings; a password is used
 //! only to enroll a device key. Every connection then proves the device by signing
-//! `auth_transcript(nonce, exporter)`: the nonce is fresh per connection and the TLS
-//! exporter value is unique to the session, so no bearer secret exists to steal.
+//! `auth_transcript_v5(exporter)` (version 4: `auth_transcript(nonce, exporter)`): the
+//! TLS exporter value is unique to the session, so no bearer secret exists to steal.
 //!
 //! What a peer can make the broker do before it is authenticated is bounded here:
 //! - Every request is checked cheaply (shape, name taken, registration open, the

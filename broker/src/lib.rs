@@ -256,7 +256,8 @@ impl Broker {
         // served, so conversation actors never serve an entry that could still vanish.
         store.barrier()?.await?;
         let identity = tls::load_or_generate(&config)?;
-        let server_config = tls::server_config(&identity, &config)?;
+        let tickets_opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let server_config = tls::server_config(&identity, &config, tickets_opened.clone())?;
         let sockets = tls::bind_udp(config.listen, config.udp_sockets)?;
         let endpoint_config = tls::endpoint_config(&config)?;
         let backlogs: Vec<_> = sockets.iter().map(|_| overload::SocketBacklog::new()).collect();
@@ -304,7 +305,7 @@ impl Broker {
             admission,
             sends,
             health,
-            counters: metrics::Counters::default(),
+            counters: metrics::Counters::with_tickets_opened(tickets_opened),
         });
         let mut accept: Vec<tokio::task::JoinHandle<()>> = endpoints
             .iter()

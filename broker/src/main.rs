@@ -21,7 +21,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// What `--version` prints: the release, the protocol version it speaks and the store
 /// format it writes (OPERATIONS.md, "Upgrading"); a test keeps the two numbers true.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 4, store format 7)");
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 5, also 4, store format 7)");
 
 #[derive(Parser)]
 #[command(name = "switchboard", version = VERSION, about = "Switchboard realtime messaging broker")]
@@ -401,7 +401,11 @@ fn close_admin_store(store: &Arc<Store>) -> anyhow::Result<()> {
 mod tests {
     #[test]
     fn the_version_names_the_protocol_and_the_store_format() {
-        let protocol = format!("(protocol {}, ", switchboard_protocol::PROTOCOL_VERSION);
+        let protocol = format!(
+            "(protocol {}, also {}, ",
+            switchboard_protocol::PROTOCOL_VERSION,
+            switchboard_protocol::OLDEST_PROTOCOL_VERSION
+        );
         let store = format!("store format {})", switchboard_storage::FORMAT);
         assert!(super::VERSION.contains(&protocol) && super::VERSION.ends_with(&store), "{}", super::VERSION);
     }

@@ -54,6 +54,9 @@ pub struct Counters {
     pub entry_deliveries: AtomicU64,
     /// Authenticated sessions started (a registration, a login, a device's proof).
     pub sessions_started: AtomicU64,
+    /// TLS resumption tickets presented by clients that the broker opened: about how
+    /// many QUIC handshakes resumed a session (no certificate signed or sent).
+    pub tls_tickets_opened: Arc<AtomicU64>,
     /// Handshakes refused after the hello, by code (`HANDSHAKE_CODES`, then any other).
     handshakes_refused: [AtomicU64; HANDSHAKE_CODES.len() + 1],
     /// Connection attempts refused before a handshake (the places of
@@ -62,6 +65,13 @@ pub struct Counters {
     /// Devices disconnected with `SLOW_CONSUMER` (their outbound queue overflowed), told
     /// in the log at most once a minute.
     pub slow_consumers: Tally,
+}
+
+impl Counters {
+    /// Zeroed counters around the TLS ticketer's count (`tls::server_config`).
+    pub fn with_tickets_opened(tls_tickets_opened: Arc<AtomicU64>) -> Counters {
+        Counters { tls_tickets_opened, ..Default::default() }
+    }
 }
 
 /// A count of events the operator is told about in the log without the log filling:
@@ -466,6 +476,11 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
         ),
         gauge("switchboard_commit_delay_seconds", "commit_delay_us, in seconds.", c.commit_delay_us as f64 / 1e6),
         counter("switchboard_sessions_started_total", "Sessions authenticated.", Counters::get(&n.sessions_started)),
+        counter(
+            "switchboard_tls_tickets_opened_total",
+            "TLS resumption tickets presented and opened: handshakes that resumed a session.",
+            Counters::get(&n.tls_tickets_opened),
+        ),
         Family {
             name: "switchboard_handshakes_refused_total",
             help: "Handshakes refused after the hello (wrong password or key, rate limits, a full password queue, ...), by code.",

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
@@ -136,7 +137,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Builds the QUIC server config. 0-RTT is refused: rustls' `max_early_data_size`
 /// stays 0, so no request can arrive before the handshake completes (and none could
 /// be replayed).
-pub fn server_config(identity: &Identity, config: &Config) -> Result<quinn::ServerConfig> {
+///
+/// `opened` counts the resumption tickets presented to the broker that it could open
+/// (`switchboard_tls_tickets_opened_total`): about how many handshakes resumed.
+pub fn server_config(identity: &Identity, config: &Config, opened: Arc<AtomicU64>) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -146,6 +150,17 @@ pub fn server_config(identity: &Identity, config: &Config) -> Result<quinn::Serv
         .map_err(Error::tls)?;
     tls.alpn_protocols = vec![switchboard_protocol::ALPN.to_vec()];
     tls.max_early_data_size = 0;
+    // Stateless resumption tickets (sealed with a key rustls rotates every 6 hours, good
+    // for 12): a device reconnecting within hours resumes its TLS session (no
+    // certificate to sign or verify, a 200-byte flight instead of 660) however many
+    // others connected meanwhile. rustls' default keeps resumable sessions in a cache of
+    // 256 on the broker, which a storm turns over in a tenth of a second: at 256
+    // connects in flight most connects missed it and paid a full handshake on both
+    // ends (docs/benchmarks.md, "One-flight authentication"). Resuming still runs a fresh
+    // key exchange (TLS 1.3 `psk_dhe_ke`), so the exporter a device signs stays unique to
+    // the connection, and 0-RTT stays refused.
+    tls.ticketer =
+        Arc::new(CountingTickets { inner: rustls::crypto::ring::Ticketer::new().map_err(Error::tls)?, opened });
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(Error::tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport(config)));
@@ -161,6 +176,36 @@ pub fn server_config(identity: &Identity, config: &Config) -> Result<quinn::Serv
     // within a few round trips; a short life limits replaying it from elsewhere.
     server.retry_token_lifetime(std::time::Duration::from_secs(15));
     Ok(server)
+}
+
+/// rustls' ticketer, counting the tickets it opens: a ticket it opens is one a client
+/// presented to resume (rustls then checks the binder, the ticket's age, SNI and ALPN).
+#[derive(Debug)]
+struct CountingTickets {
+    inner: Arc<dyn rustls::server::ProducesTickets>,
+    opened: Arc<AtomicU64>,
+}
+
+impl rustls::server::ProducesTickets for CountingTickets {
+    fn enabled(&self) -> bool {
+        self.inner.enabled()
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.inner.lifetime()
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.inner.encrypt(plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.inner.decrypt(cipher);
+        if plain.is_some() {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+        }
+        plain
+    }
 }
 
 /// Ack-eliciting packets a peer is asked to receive before it must acknowledge at once

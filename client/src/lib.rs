@@ -275,7 +275,13 @@ impl Connector {
     /// broker counts the connection among its unauthenticated ones until the close.
     pub async fn probe(&self) -> Result<Probe> {
         let started = std::time::Instant::now();
-        let (conn, stream, _) = self.in_time(self.open()).await?;
+        let (conn, stream, _) = self
+            .in_time(async {
+                let (conn, mut stream, transcript) = self.open().await?;
+                stream.exchange_hellos(&conn).await?;
+                Ok((conn, stream, transcript))
+            })
+            .await?;
         // The hello has just arrived: it was sent about half a round trip ago.
         let arrived_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -325,26 +331,20 @@ impl Connector {
         Ok((Client::start(conn, stream, user_id, device_id), identity))
     }
 
-    /// Connects, exchanges hellos and returns the transcript to sign.
+    /// Connects and opens the control stream; returns them with the transcript the
+    /// device signs on this connection (version 5: the TLS exporter's alone, so the auth
+    /// request goes out with the hello, `Control::authenticate`, a round trip before the
+    /// broker's hello could arrive).
     async fn open(&self) -> Result<(quinn::Connection, Control, Vec<u8>)> {
         let connecting =
             self.endpoint.connect(self.server, &self.server_name).map_err(|e| ClientError::Connect(e.to_string()))?;
         let conn = connecting.await.map_err(|e| tls::handshake_failure(&e))?;
         let (send, recv) = conn.open_bi().await?;
-        let mut stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), hello: None };
-        let hello = ClientHello {
-            magic: switchboard_protocol::MAGIC,
-            version: switchboard_protocol::PROTOCOL_VERSION,
-            agent: concat!("switchboard-client/", env!("CARGO_PKG_VERSION")).into(),
-        };
-        stream.write(&conn, &hello).await?;
-        let server: ServerHello = stream.read(&conn).await?;
+        let stream = Control { send, recv, decoder: FrameDecoder::new(MAX_SERVER_FRAME_BYTES), hello: None };
         let mut exporter = [0u8; 32];
         conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"")
             .map_err(|_| ClientError::Protocol("keying material export failed".into()))?;
-        let transcript = switchboard_protocol::auth_transcript(&server.nonce, &exporter);
-        stream.hello = Some(server);
-        Ok((conn, stream, transcript))
+        Ok((conn, stream, switchboard_protocol::auth_transcript_v5(&exporter)))
     }
 
     /// The underlying endpoint (to close it when done with all clients).
@@ -391,7 +391,7 @@ struct Control {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    /// The broker's hello (set by `open`).
+    /// The broker's hello (set by `read_hello`).
     hello: Option<ServerHello>,
 }
 
@@ -418,8 +418,40 @@ impl Control {
         }
     }
 
+    /// Our hello, as the first frame of the control stream.
+    fn hello() -> ClientHello {
+        ClientHello {
+            magic: switchboard_protocol::MAGIC,
+            version: switchboard_protocol::PROTOCOL_VERSION,
+            agent: concat!("switchboard-client/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+
+    /// Says hello and reads the broker's (a probe's whole exchange).
+    async fn exchange_hellos(&mut self, conn: &quinn::Connection) -> Result<()> {
+        self.write(conn, &Self::hello()).await?;
+        self.read_hello(conn).await
+    }
+
+    async fn read_hello(&mut self, conn: &quinn::Connection) -> Result<()> {
+        let hello: ServerHello = self.read(conn).await?;
+        if hello.version != switchboard_protocol::PROTOCOL_VERSION {
+            return Err(ClientError::Protocol(format!("the broker answered version {}", hello.version)));
+        }
+        self.hello = Some(hello);
+        Ok(())
+    }
+
+    /// Sends the hello and the auth request in one write (one flight, version 5), then
+    /// reads the broker's hello and its answer.
     async fn authenticate(&mut self, conn: &quinn::Connection, body: RequestBody) -> Result<(UserId, DeviceId)> {
-        self.write(conn, &ClientFrame::Request(Request { id: 0, body })).await?;
+        let mut flight = frame_within(&Self::hello(), PREAUTH_MAX_FRAME_BYTES)?.to_vec();
+        let request = ClientFrame::Request(Request { id: 0, body });
+        flight.extend_from_slice(&frame_within(&request, PREAUTH_MAX_FRAME_BYTES)?);
+        if self.send.write_all(&flight).await.is_err() {
+            return Err(closed(conn).await);
+        }
+        self.read_hello(conn).await?;
         match self.read(conn).await? {
             ServerFrame::Response { result: Ok(Reply::Authed { user_id, device_id }), .. } => Ok((user_id, device_id)),
             ServerFrame::Response { result: Err(e), .. } => Err(ClientError::Server(e)),
@@ -1016,16 +1048,19 @@ mod tests {
     #[test]
     fn device_signature_vectors_match() {
         let doc = include_str!("../../docs/PROTOCOL.md");
-        let transcript = switchboard_protocol::auth_transcript(&[7; 32], &[9; 32]);
+        let transcript = switchboard_protocol::auth_transcript_v5(&[9; 32]);
+        let transcript_v4 = switchboard_protocol::auth_transcript(&[7; 32], &[9; 32]);
         let key = SigningKey::from_bytes(&[0x42; 32]);
         let computed = [
             ("exporter, SHA-256, S = [0x5a; 32]", hex(&exporter(hkdf::HKDF_SHA256, &[0x5a; 32]))),
             ("exporter, SHA-384, S = [0x5a; 48]", hex(&exporter(hkdf::HKDF_SHA384, &[0x5a; 48]))),
-            ("transcript, nonce [7; 32], exporter [9; 32] (89 bytes)", hex(&transcript)),
             ("public key of the Ed25519 secret key [0x42; 32]", hex(key.verifying_key().as_bytes())),
-            ("its signature over that transcript", hex(&key.sign(&transcript).to_bytes())),
+            ("version 5 transcript, exporter [9; 32] (57 bytes)", hex(&transcript)),
+            ("its signature by that key", hex(&key.sign(&transcript).to_bytes())),
+            ("version 4 transcript, nonce [7; 32], exporter [9; 32] (89 bytes)", hex(&transcript_v4)),
+            ("its signature by that key, version 4", hex(&key.sign(&transcript_v4).to_bytes())),
         ];
-        assert_eq!(transcript.len(), 89);
+        assert_eq!((transcript.len(), transcript_v4.len()), (57, 89));
         for (what, value) in computed {
             let line = format!("\n{what}: {value}\n");
             assert!(doc.contains(&line), "docs/PROTOCOL.md lacks the line{line}");

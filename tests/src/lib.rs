@@ -207,7 +207,12 @@ impl TestBroker {
 
     /// A fresh QUIC connection with the hellos exchanged and nothing else sent.
     pub async fn preauth(&self) -> PreAuth {
-        within(STEP_DEADLINE, "hello exchange", PreAuth::open(self)).await
+        self.preauth_version(switchboard_protocol::PROTOCOL_VERSION).await
+    }
+
+    /// `preauth` with a hello that names `version` (the broker serves 4 and 5).
+    pub async fn preauth_version(&self, version: u16) -> PreAuth {
+        within(STEP_DEADLINE, "hello exchange", PreAuth::open(self, version)).await
     }
 }
 
@@ -296,28 +301,28 @@ pub struct PreAuth {
     decoder: FrameDecoder,
     /// The broker's hello.
     pub hello: ServerHello,
-    /// What a device must sign on this connection: `auth_transcript(nonce, exporter)`.
+    /// What a device must sign on this connection: `auth_transcript_v5(exporter)`
+    /// (version 4: `auth_transcript(nonce, exporter)`).
     pub transcript: Vec<u8>,
     /// This connection's TLS exporter value.
     pub exporter: [u8; 32],
 }
 
 impl PreAuth {
-    async fn open(tb: &TestBroker) -> PreAuth {
+    async fn open(tb: &TestBroker, version: u16) -> PreAuth {
         let addr = tb.broker.as_ref().unwrap().local_addr;
         let conn = tb.connector().endpoint().connect(addr, "localhost").unwrap().await.unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();
-        let hello = ClientHello {
-            magic: *b"SWBD",
-            version: switchboard_protocol::PROTOCOL_VERSION,
-            agent: "switchboard-tests".into(),
-        };
+        let hello = ClientHello { magic: *b"SWBD", version, agent: "switchboard-tests".into() };
         send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
         let (mut recv, mut decoder) = (recv, FrameDecoder::new(MAX_SERVER_FRAME_BYTES));
         let hello: ServerHello = decode(&read_frame(&mut recv, &mut decoder).await.expect("a server hello")).unwrap();
         let mut exporter = [0u8; 32];
         conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"").unwrap();
-        let transcript = switchboard_protocol::auth_transcript(&hello.nonce, &exporter);
+        let transcript = match version {
+            4 => switchboard_protocol::auth_transcript(&hello.nonce, &exporter),
+            _ => switchboard_protocol::auth_transcript_v5(&exporter),
+        };
         PreAuth { conn, send, recv, decoder, hello, transcript, exporter }
     }
 

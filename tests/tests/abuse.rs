@@ -68,10 +68,10 @@ impl Raw {
             agent: agent.into(),
         };
         self.send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
-        let server: ServerHello = decode(&self.read().await?).ok()?;
+        let _: ServerHello = decode(&self.read().await?).ok()?;
         let mut exporter = [0u8; 32];
         self.conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"").unwrap();
-        Some(switchboard_protocol::auth_transcript(&server.nonce, &exporter))
+        Some(switchboard_protocol::auth_transcript_v5(&exporter))
     }
 }
 

@@ -4,9 +4,14 @@
 
 use std::time::Duration;
 
-use switchboard_protocol::{ErrorCode, Page, Reply, RequestBody, ServerFrame, auth_transcript};
+use switchboard_client::{Connector, Trust};
+use switchboard_protocol::limits::{MAX_SERVER_FRAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
+use switchboard_protocol::{
+    ClientFrame, ClientHello, ErrorCode, FrameDecoder, MAGIC, Page, Reply, Request, RequestBody, ServerFrame,
+    ServerHello, auth_transcript, auth_transcript_v5, decode, encode_frame,
+};
 use switchboard_tests::{
-    PreAuth, STEP_DEADLINE, TestBroker, authenticate, bounded, closed_with, request_frame, within,
+    PreAuth, STEP_DEADLINE, TestBroker, authenticate, bounded, closed_with, read_frame, request_frame, within,
 };
 
 #[tokio::test]
@@ -118,8 +123,8 @@ async fn a_key_other_than_the_devices_does_not_verify() {
     .await
 }
 
-/// PROTOCOL.md section 4: the device signs `auth_transcript(nonce, exporter)` of its own
-/// connection, so its signature cannot be relayed to or replayed on another one. A
+/// PROTOCOL.md section 4: a version-4 device signs `auth_transcript(nonce, exporter)` of
+/// its own connection, so its signature cannot be relayed to or replayed on another one. A
 /// signature the device made for connection A is sent on a connection B: refused. So is
 /// one over B's nonce with A's TLS exporter (what a relay that terminates TLS could
 /// obtain: it proves the exporter binding) and one over A's nonce with B's exporter (it
@@ -132,7 +137,7 @@ async fn a_signature_made_for_another_connection_does_not_verify() {
     bounded(async {
         let tb = TestBroker::start().await;
         let (_c, alice) = tb.register("alice").await;
-        let mut a = tb.preauth().await;
+        let mut a = tb.preauth_version(4).await;
         let made_for_a = authenticate(&alice, &a.transcript);
         let (a_nonce, a_exporter) = (a.hello.nonce, a.exporter);
         let relayed: [(&str, SignedFor); 3] = [
@@ -147,7 +152,7 @@ async fn a_signature_made_for_another_connection_does_not_verify() {
             ),
         ];
         for (what, signed) in &relayed {
-            let mut b = tb.preauth().await;
+            let mut b = tb.preauth_version(4).await;
             assert_ne!(a_nonce, b.hello.nonce);
             assert_ne!(a_exporter, b.exporter);
             b.request(0, signed(&b)).await;
@@ -162,6 +167,162 @@ async fn a_signature_made_for_another_connection_does_not_verify() {
             matches!(a.next().await, Ok(ServerFrame::Response { id: 0, result: Ok(Reply::Authed { .. }) })),
             "the signature was valid for A"
         );
+    })
+    .await
+}
+
+/// Version 5 (PROTOCOL.md section 4): the device signs `auth_transcript_v5(exporter)`,
+/// bound to its connection by the exporter alone. A signature made for connection A is
+/// refused on B; on A, a signature over version 4's transcript (with the zero nonce a
+/// version-5 hello carries) is refused, and so is a version-5 signature on a version-4
+/// connection: neither version's proof passes for the other's. A's own proof works.
+#[tokio::test]
+async fn a_version_5_signature_proves_only_its_own_connection_and_version() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_c, alice) = tb.register("alice").await;
+        let mut a = tb.preauth().await;
+        assert_eq!((a.hello.version, a.hello.nonce), (5, [0; 32]), "a version-5 hello carries no nonce");
+        let made_for_a = authenticate(&alice, &a.transcript);
+
+        let mut b = tb.preauth().await;
+        assert_ne!(a.exporter, b.exporter);
+        b.request(0, made_for_a.clone()).await;
+        assert_eq!(b.next().await.err(), Some(Some(ErrorCode::AUTH_FAILED)), "A's signature on B");
+
+        let mut c = tb.preauth().await;
+        let as_version_4 = authenticate(&alice, &auth_transcript(&c.hello.nonce, &c.exporter));
+        c.request(0, as_version_4).await;
+        assert_eq!(c.next().await.err(), Some(Some(ErrorCode::AUTH_FAILED)), "version 4's transcript on version 5");
+
+        let mut d = tb.preauth_version(4).await;
+        let as_version_5 = authenticate(&alice, &auth_transcript_v5(&d.exporter));
+        d.request(0, as_version_5).await;
+        assert_eq!(d.next().await.err(), Some(Some(ErrorCode::AUTH_FAILED)), "version 5's transcript on version 4");
+
+        a.request(0, made_for_a).await;
+        assert!(
+            matches!(a.next().await, Ok(ServerFrame::Response { id: 0, result: Ok(Reply::Authed { .. }) })),
+            "the signature was valid for A"
+        );
+    })
+    .await
+}
+
+/// A version-5 client sends its hello and its auth request in one write, before
+/// anything has come back, and is answered with the broker's hello and then `Authed`:
+/// one round trip after the QUIC handshake instead of version 4's two.
+#[tokio::test]
+async fn a_version_5_client_sends_its_auth_request_with_its_hello() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_c, alice) = tb.register("alice").await;
+        let addr = tb.broker.as_ref().unwrap().local_addr;
+        let conn = tb.connector().endpoint().connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut exporter = [0u8; 32];
+        conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"").unwrap();
+        let hello = ClientHello { magic: MAGIC, version: 5, agent: "one-flight".into() };
+        let mut flight = encode_frame(&hello).unwrap().to_vec();
+        flight.extend_from_slice(&request_frame(7, authenticate(&alice, &auth_transcript_v5(&exporter))));
+        within(STEP_DEADLINE, "hello and request", send.write_all(&flight)).await.unwrap();
+
+        let mut decoder = FrameDecoder::new(MAX_SERVER_FRAME_BYTES);
+        let server: ServerHello = decode(&read_frame(&mut recv, &mut decoder).await.unwrap()).unwrap();
+        assert_eq!(server.version, 5);
+        let answer: ServerFrame = decode(&read_frame(&mut recv, &mut decoder).await.unwrap()).unwrap();
+        match answer {
+            ServerFrame::Response { id: 7, result: Ok(Reply::Authed { user_id, device_id }) } => {
+                assert_eq!((user_id, device_id), (alice.user_id, alice.device_id));
+            }
+            other => panic!("expected Authed, got {other:?}"),
+        }
+    })
+    .await
+}
+
+/// The reference client does so too: a broker that never sends its hello still gets the
+/// client's hello and auth request (a version-4 client would wait for the hello's nonce
+/// and send nothing more). The "broker" here is a bare QUIC endpoint with the broker's
+/// TLS setup that only reads.
+#[tokio::test]
+async fn the_client_sends_its_auth_request_without_waiting_for_the_brokers_hello() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_c, alice) = tb.register("alice").await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = switchboard_broker::Config { data_dir: dir.path().into(), ..Default::default() };
+        let identity = switchboard_broker::tls::load_or_generate(&config).unwrap();
+        let server_config = switchboard_broker::tls::server_config(&identity, &config, Default::default()).unwrap();
+        let silent = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let connector =
+            Connector::new(silent.local_addr().unwrap(), "localhost", Trust::CaFile(identity.cert_path.clone()))
+                .unwrap();
+        let device = alice.clone();
+        let client = tokio::spawn(async move { connector.connect(&device).await.err() });
+
+        let incoming = within(STEP_DEADLINE, "the client's connection", silent.accept()).await.unwrap();
+        let conn = within(STEP_DEADLINE, "its handshake", incoming.accept().unwrap()).await.unwrap();
+        let (_send, mut recv) = within(STEP_DEADLINE, "the control stream", conn.accept_bi()).await.unwrap();
+        let mut decoder = FrameDecoder::new(PREAUTH_MAX_FRAME_BYTES);
+        let hello: ClientHello = decode(&read_frame(&mut recv, &mut decoder).await.unwrap()).unwrap();
+        assert_eq!(hello.version, switchboard_protocol::PROTOCOL_VERSION);
+        let request =
+            within(STEP_DEADLINE, "the auth request before any hello of ours", read_frame(&mut recv, &mut decoder))
+                .await
+                .expect("the auth request");
+        let ClientFrame::Request(Request { body: RequestBody::Authenticate { signature, .. }, .. }) =
+            decode(&request).unwrap()
+        else {
+            panic!("expected Authenticate");
+        };
+        let mut exporter = [0u8; 32];
+        conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"").unwrap();
+        let secret: Vec<u8> =
+            (0..32).map(|i| u8::from_str_radix(&alice.secret_key[2 * i..2 * i + 2], 16).unwrap()).collect();
+        let key = ed25519_dalek::SigningKey::from_bytes(&secret.try_into().unwrap());
+        let signature = ed25519_dalek::Signature::from_slice(&signature).unwrap();
+        key.verifying_key()
+            .verify_strict(&auth_transcript_v5(&exporter), &signature)
+            .expect("signed for this connection");
+        conn.close(0u32.into(), b"done");
+        within(STEP_DEADLINE, "the client gives up", client).await.unwrap();
+    })
+    .await
+}
+
+/// A device that reconnects resumes its TLS session (no certificate signed, sent or
+/// checked), however many others connected meanwhile: the broker's resumption tickets
+/// are sealed, not kept. With rustls' default, a cache of 256 sessions on the broker (two
+/// per handshake), the 200 handshakes below evicted the phone's and its reconnect was a
+/// full handshake (`switchboard_tls_tickets_opened_total` did not move).
+#[tokio::test]
+async fn a_device_reconnecting_after_many_other_handshakes_resumes_its_tls_session() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_c, alice) = tb.register("alice").await;
+        let opened = || tb.shared().counters.tls_tickets_opened.load(std::sync::atomic::Ordering::Relaxed);
+        // The phone keeps its own tickets (its connector's session store).
+        let phone = tb.connector();
+        let first = within(STEP_DEADLINE, "first connect", phone.connect(&alice)).await.unwrap();
+        // The tickets come with the first packets after the handshake: once a round
+        // trip has been answered, they are in the phone's store.
+        first.ping().await.unwrap();
+        drop(first);
+
+        let addr = tb.broker.as_ref().unwrap().local_addr;
+        let elsewhere = tb.connector();
+        for _ in 0..200 {
+            let conn =
+                within(STEP_DEADLINE, "another handshake", elsewhere.endpoint().connect(addr, "localhost").unwrap())
+                    .await
+                    .unwrap();
+            conn.close(0u32.into(), b"bye");
+        }
+        let before = opened();
+        let again = within(STEP_DEADLINE, "reconnect", phone.connect(&alice)).await.unwrap();
+        again.ping().await.unwrap();
+        assert_eq!(opened(), before + 1, "the phone's reconnect resumed with its ticket");
     })
     .await
 }

@@ -114,7 +114,7 @@ async fn wrong_version_is_refused() {
         // ones carry a CRC-32; version 2, which knows no `RolesChanged` entry; version 3,
         // which knows no `TitleChanged`: told apart at the hello, not by a failed upload
         // or an entry it cannot decode.
-        for (version, agent) in [(99, "future"), (1, "version-1"), (2, "version-2"), (3, "version-3")] {
+        for (version, agent) in [(99, "future"), (6, "next"), (1, "version-1"), (2, "version-2"), (3, "version-3")] {
             let (conn, mut send, _recv) = bare(&tb).await;
             let hello = switchboard_protocol::ClientHello { magic: *b"SWBD", version, agent: agent.into() };
             send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();

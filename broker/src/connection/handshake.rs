@@ -1,6 +1,7 @@
-//! The handshake on the control stream: the client's hello, the server's hello with a
-//! fresh nonce, then exactly one auth request (register, login or a device signature)
-//! under a 4 KiB frame limit. The connection's deadline is applied by the caller.
+//! The handshake on the control stream: the client's hello, the server's hello (with a
+//! fresh nonce for a version-4 client), then exactly one auth request (register, login or
+//! a device signature) under a 4 KiB frame limit; a version-5 client may send that
+//! request with its hello. The connection's deadline is applied by the caller.
 //!
 //! Every refusal comes before `Authed` is sent and before anything is stored that the
 //! client would have to learn of: a session place (`max_connections`) and a place among
@@ -13,8 +14,8 @@ use std::time::Duration;
 
 use switchboard_protocol::limits::{AUTH_DEADLINE_MS, MAX_NAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
-    ClientFrame, ClientHello, DeviceId, ErrorCode, FrameDecoder, Limits, Reply, Request, RequestBody, ServerFrame,
-    ServerHello, UserId,
+    ClientFrame, ClientHello, DeviceId, ErrorCode, FrameDecoder, Limits, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Reply, Request, RequestBody, ServerFrame, ServerHello, UserId,
 };
 
 use super::{Close, Session, Unauthenticated, read_msg, write_msg};
@@ -49,32 +50,33 @@ pub(super) async fn hello(conn: &quinn::Connection) -> Result<Hello, Close> {
     if hello.magic != switchboard_protocol::MAGIC {
         return Err(Close(ErrorCode::BAD_FRAME, "not a switchboard client".into()));
     }
-    if hello.version != switchboard_protocol::PROTOCOL_VERSION {
+    let version = hello.version;
+    if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
         let msg = format!(
-            "version {} unsupported; this broker speaks {}",
-            hello.version,
-            switchboard_protocol::PROTOCOL_VERSION
+            "version {version} unsupported; this broker speaks {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
         );
         return Err(Close(ErrorCode::UNSUPPORTED_VERSION, msg));
     }
     if hello.agent.len() > MAX_NAME_BYTES as usize {
         return Err(Close(ErrorCode::INVALID, "agent is longer than 64 bytes".into()));
     }
+    // Version 4 signs a nonce of ours, so its client waits for this hello; version 5
+    // signs the exporter alone and may have sent its request with its hello.
     let mut nonce = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
-        .map_err(|_| Close(ErrorCode::INTERNAL, "no randomness".into()))?;
-    let server_hello = ServerHello {
-        version: switchboard_protocol::PROTOCOL_VERSION,
-        nonce,
-        limits: Limits::current(),
-        server_time_ms: crate::now_ms(),
-    };
+    if version == 4 {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| Close(ErrorCode::INTERNAL, "no randomness".into()))?;
+    }
+    let server_hello = ServerHello { version, nonce, limits: Limits::current(), server_time_ms: crate::now_ms() };
     write_msg(&mut send, &server_hello).await?;
 
     let mut exporter = [0u8; 32];
     conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"")
         .map_err(|_| Close(ErrorCode::INTERNAL, "keying material export failed".into()))?;
-    let transcript = switchboard_protocol::auth_transcript(&nonce, &exporter);
+    let transcript = match version {
+        4 => switchboard_protocol::auth_transcript(&nonce, &exporter),
+        _ => switchboard_protocol::auth_transcript_v5(&exporter),
+    };
 
     let ClientFrame::Request(request) = read_msg(&mut recv, &mut decoder).await? else {
         return Err(Close(ErrorCode::NOT_AUTHENTICATED, "authenticate first".into()));

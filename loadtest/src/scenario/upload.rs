@@ -571,7 +571,7 @@ pub const QUINN_SINK_COMMAND: &str = "__quinn-sink";
 fn bulk_server(dir: &Path) -> Result<(quinn::Endpoint, PathBuf, switchboard_broker::Config)> {
     let config = switchboard_broker::Config::ephemeral(dir.join("data"));
     let identity = switchboard_broker::tls::load_or_generate(&config)?;
-    let server_config = switchboard_broker::tls::server_config(&identity, &config)?;
+    let server_config = switchboard_broker::tls::server_config(&identity, &config, Default::default())?;
     let socket = switchboard_broker::tls::bind_udp(([127, 0, 0, 1], 0).into(), 1)?
         .pop()
         .ok_or_else(|| Error::Protocol("no UDP socket".into()))?;

@@ -17,9 +17,10 @@ pub struct ClientHello {
 /// First frame on the control stream, broker to client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerHello {
-    /// Protocol version the broker will speak on this connection.
+    /// Protocol version the broker will speak on this connection: the client hello's.
     pub version: u16,
-    /// Fresh random nonce the device signs (see `auth_transcript`).
+    /// Version 4: a fresh random nonce the device signs (see `auth_transcript`).
+    /// Version 5: all zeros, not signed (see `auth_transcript_v5`).
     pub nonce: [u8; 32],
     /// Bounds this broker enforces.
     pub limits: Limits,

@@ -232,7 +232,7 @@ mod tests {
             }),
             "server_hello" => Fixture::ServerHello(ServerHello {
                 version: crate::PROTOCOL_VERSION,
-                nonce: [7; 32],
+                nonce: [0; 32],
                 limits: Limits::current(),
                 server_time_ms: T,
             }),

@@ -37,7 +37,8 @@ pub enum RequestBody {
         user: String,
         /// Device id returned at enrollment.
         device_id: DeviceId,
-        /// Ed25519 signature over `auth_transcript(nonce, exporter)`, 64 bytes.
+        /// Ed25519 signature over `auth_transcript_v5(exporter)` (version 4:
+        /// `auth_transcript(nonce, exporter)`), 64 bytes.
         signature: Bytes,
     },
     /// Liveness check; replies `Pong`.
@@ -306,7 +307,8 @@ pub struct Enroll {
     pub device_name: String,
     /// Ed25519 public key, 32 bytes.
     pub public_key: Bytes,
-    /// Signature by that key over `auth_transcript(nonce, exporter)`, 64 bytes.
+    /// Signature by that key over `auth_transcript_v5(exporter)` (version 4:
+    /// `auth_transcript(nonce, exporter)`), 64 bytes.
     pub signature: Bytes,
 }
 
