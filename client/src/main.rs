@@ -221,8 +221,8 @@ enum Command {
     Typing {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
-        /// Stop after this many seconds.
-        #[arg(long, default_value_t = 10)]
+        /// Stop after this many seconds, 1 to 3600.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         seconds: u64,
     },
     /// My devices.
@@ -968,7 +968,11 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 out.conversation(&conv, None);
             }
             ConvCommand::List => {
-                for state in client.conversation_states().await? {
+                let states = client.conversation_states().await?;
+                if states.is_empty() {
+                    out.status(json!({"event": "no_conversations"}), || "no conversations yet".into());
+                }
+                for state in states {
                     out.conversation_state(&state);
                 }
             }
@@ -1114,19 +1118,27 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             out.line(json!({"event": "typing", "conv": conv, "typing": false}), || format!("stopped typing in {conv}"));
         }
         Command::Block { user: None, .. } => {
-            for b in client.blocked_users().await? {
+            let blocked = client.blocked_users().await?;
+            if blocked.is_empty() {
+                out.status(json!({"event": "no_blocked_users"}), || "I block nobody".into());
+            }
+            for b in blocked {
                 out.line(json!({"user_id": b.user_id, "name": b.name}), || {
                     format!("{:>6}  {}", b.user_id, terminal_safe(&b.name))
                 });
             }
         }
         Command::Block { user: Some(user), .. } => {
+            let already = client.blocked_users().await?.iter().any(|b| b.name == user);
             client.block(&user, true).await?;
-            out.line(json!({"event": "blocked", "user": user}), || format!("blocked {user}"));
+            let said = if already { "already blocked" } else { "blocked" };
+            out.line(json!({"event": "blocked", "user": user, "already": already}), || format!("{said} {user}"));
         }
         Command::Unblock { user } => {
+            let was = client.blocked_users().await?.iter().any(|b| b.name == user);
             client.block(&user, false).await?;
-            out.line(json!({"event": "unblocked", "user": user}), || format!("unblocked {user}"));
+            let said = if was { "unblocked" } else { "was not blocking" };
+            out.line(json!({"event": "unblocked", "user": user, "was_blocked": was}), || format!("{said} {user}"));
         }
         Command::Passwd { .. } => unreachable!("run by `passwd`, which asks before it connects"),
         Command::Devices { command } => match command.unwrap_or(DeviceCommand::List) {

@@ -1621,9 +1621,34 @@ async fn block_stops_a_stranger_and_unblock_lets_it_back() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("FORBIDDEN") && stderr.contains("alice does not accept messages from you"), "{stderr}");
-    sb(&alice, &broker, &["unblock", "mallory"]);
-    assert!(sb(&alice, &broker, &["block", "--list"]).is_empty());
+    let again = sb_output(&alice, &broker, &["block", "mallory"]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "already blocked mallory\n", "{again:?}");
+    let unblocked = sb(&alice, &broker, &["unblock", "mallory"]);
+    assert_eq!(unblocked[0]["was_blocked"], true, "{unblocked:?}");
+    let listed = sb(&alice, &broker, &["block", "--list"]);
+    assert_eq!(listed, [serde_json::json!({"event": "no_blocked_users"})]);
     sb(&mallory, &broker, &["send", &conv, "sorry"]);
+}
+
+/// A new user's trial: an empty `conv list` or `block --list` printed nothing, an
+/// `unblock` of someone never blocked said "unblocked", and `typing --seconds 0` was
+/// taken (a typing indicator that ends as it starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_lists_and_no_op_unblocks_say_so() {
+    let (_dir, broker, alice, _bob) = alice_and_bob().await;
+    let conversations = sb_output(&alice, &broker, &["conv", "list"]);
+    assert!(conversations.status.success() && conversations.stdout.is_empty(), "{conversations:?}");
+    assert_eq!(String::from_utf8_lossy(&conversations.stderr), "sb: no conversations yet\n");
+    assert_eq!(sb(&alice, &broker, &["conv", "list"]), [serde_json::json!({"event": "no_conversations"})]);
+    let blocked = sb_output(&alice, &broker, &["block", "--list"]);
+    assert_eq!(String::from_utf8_lossy(&blocked.stderr), "sb: I block nobody\n", "{blocked:?}");
+    let unblock = sb_output(&alice, &broker, &["unblock", "bob"]);
+    assert!(unblock.status.success(), "{unblock:?}");
+    assert_eq!(String::from_utf8_lossy(&unblock.stdout), "was not blocking bob\n");
+    let conv = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap().to_string();
+    let zero = sb_output(&alice, &broker, &["typing", &conv, "--seconds", "0"]);
+    assert!(!zero.status.success(), "{zero:?}");
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("1..=3600"), "{zero:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
