@@ -54,8 +54,11 @@ pub struct Counters {
     pub entry_deliveries: AtomicU64,
     /// Authenticated sessions started (a registration, a login, a device's proof).
     pub sessions_started: AtomicU64,
-    /// TLS resumption tickets presented by clients that the broker opened: about how
-    /// many QUIC handshakes resumed a session (no certificate signed or sent).
+    /// TLS resumption tickets presented by clients that the broker decrypted: an upper
+    /// bound on the QUIC handshakes that resumed a session (no certificate signed or
+    /// sent). rustls opens a ticket before it checks its server name, cipher suite and
+    /// binder, and quinn does not say whether a handshake resumed, so a ticket that was
+    /// then not used (or replayed by an onlooker in a handshake that failed) counts too.
     pub tls_tickets_opened: Arc<AtomicU64>,
     /// Handshakes refused after the hello, by code (`HANDSHAKE_CODES`, then any other).
     handshakes_refused: [AtomicU64; HANDSHAKE_CODES.len() + 1],
@@ -478,7 +481,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
         counter("switchboard_sessions_started_total", "Sessions authenticated.", Counters::get(&n.sessions_started)),
         counter(
             "switchboard_tls_tickets_opened_total",
-            "TLS resumption tickets presented and opened: handshakes that resumed a session.",
+            "TLS resumption tickets presented and decrypted: an upper bound on handshakes that resumed a session.",
             Counters::get(&n.tls_tickets_opened),
         ),
         Family {

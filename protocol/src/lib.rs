@@ -52,11 +52,41 @@ pub fn auth_transcript(nonce: &[u8; 32], exporter: &[u8; 32]) -> Vec<u8> {
 /// from the TLS 1.3 handshake's secrets and transcript (both sides' randoms and key
 /// shares), so it differs on every connection and a peer that relays the handshake
 /// cannot learn or choose it (RFC 8446 section 7.5; RFC 9261 binds its authenticators
-/// the same way). The broker's nonce added nothing to that, and waiting for it cost every
+/// the same way, with a per-authenticator context that one auth request per connection
+/// does not need). The broker's nonce added nothing to that, and waiting for it cost every
 /// connect a round trip.
 pub fn auth_transcript_v5(exporter: &[u8; 32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(AUTH_CONTEXT_V5.len() + 32);
     out.extend_from_slice(AUTH_CONTEXT_V5);
     out.extend_from_slice(exporter);
     out
+}
+
+/// What a device of protocol `version` signs on a connection whose broker hello carried
+/// `nonce` and whose TLS exporter value is `exporter`: `auth_transcript` for 4,
+/// `auth_transcript_v5` for 5, `None` for any other version, so a version added later
+/// must say what it signs instead of inheriting another's transcript.
+pub fn transcript_for(version: u16, nonce: &[u8; 32], exporter: &[u8; 32]) -> Option<Vec<u8>> {
+    match version {
+        4 => Some(auth_transcript(nonce, exporter)),
+        5 => Some(auth_transcript_v5(exporter)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_version_has_its_own_transcript_and_no_other_version_has_one() {
+        let (nonce, exporter) = ([7u8; 32], [9u8; 32]);
+        let served: Vec<Vec<u8>> = (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION)
+            .map(|v| transcript_for(v, &nonce, &exporter).unwrap_or_else(|| panic!("version {v} has no transcript")))
+            .collect();
+        assert_eq!(served, [auth_transcript(&nonce, &exporter), auth_transcript_v5(&exporter)]);
+        for v in [0, 1, 2, 3, PROTOCOL_VERSION + 1, u16::MAX] {
+            assert_eq!(transcript_for(v, &nonce, &exporter), None, "version {v}");
+        }
+    }
 }

@@ -212,7 +212,13 @@ impl TestBroker {
 
     /// `preauth` with a hello that names `version` (the broker serves 4 and 5).
     pub async fn preauth_version(&self, version: u16) -> PreAuth {
-        within(STEP_DEADLINE, "hello exchange", PreAuth::open(self, version)).await
+        self.preauth_through(&self.connector(), version).await
+    }
+
+    /// `preauth_version` through `connector`, whose endpoint keeps the TLS tickets of
+    /// its earlier connections: a second call resumes the first one's session.
+    pub async fn preauth_through(&self, connector: &Connector, version: u16) -> PreAuth {
+        within(STEP_DEADLINE, "hello exchange", PreAuth::open(self, connector, version)).await
     }
 }
 
@@ -309,9 +315,9 @@ pub struct PreAuth {
 }
 
 impl PreAuth {
-    async fn open(tb: &TestBroker, version: u16) -> PreAuth {
+    async fn open(tb: &TestBroker, connector: &Connector, version: u16) -> PreAuth {
         let addr = tb.broker.as_ref().unwrap().local_addr;
-        let conn = tb.connector().endpoint().connect(addr, "localhost").unwrap().await.unwrap();
+        let conn = connector.endpoint().connect(addr, "localhost").unwrap().await.unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();
         let hello = ClientHello { magic: *b"SWBD", version, agent: "switchboard-tests".into() };
         send.write_all(&encode_frame(&hello).unwrap()).await.unwrap();
@@ -319,10 +325,8 @@ impl PreAuth {
         let hello: ServerHello = decode(&read_frame(&mut recv, &mut decoder).await.expect("a server hello")).unwrap();
         let mut exporter = [0u8; 32];
         conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"").unwrap();
-        let transcript = match version {
-            4 => switchboard_protocol::auth_transcript(&hello.nonce, &exporter),
-            _ => switchboard_protocol::auth_transcript_v5(&exporter),
-        };
+        let transcript =
+            switchboard_protocol::transcript_for(version, &hello.nonce, &exporter).expect("a known version");
         PreAuth { conn, send, recv, decoder, hello, transcript, exporter }
     }
 

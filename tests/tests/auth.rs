@@ -209,6 +209,44 @@ async fn a_version_5_signature_proves_only_its_own_connection_and_version() {
     .await
 }
 
+/// A resumed TLS session (the device's connector kept the first connection's ticket)
+/// still gets an exporter of its own, so a signature made on the first connection does
+/// not authenticate the resumed one (an attacker who saw a ticket and a signature go by
+/// cannot replay both); the resumed connection's own signature does.
+#[tokio::test]
+async fn a_signature_from_an_earlier_connection_does_not_pass_on_a_resumed_one() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_c, alice) = tb.register("alice").await;
+        let opened = || tb.shared().counters.tls_tickets_opened.load(std::sync::atomic::Ordering::Relaxed);
+        let phone = tb.connector();
+        let mut first = tb.preauth_through(&phone, 5).await;
+        let made_for_first = authenticate(&alice, &first.transcript);
+        first.request(0, made_for_first.clone()).await;
+        assert!(matches!(first.next().await, Ok(ServerFrame::Response { id: 0, result: Ok(Reply::Authed { .. }) })));
+        // Answered on the session's stream: the tickets, sent with the broker's first
+        // packets after the handshake, are in the phone's store.
+        first.request(1, RequestBody::Ping).await;
+        assert!(first.next().await.is_ok());
+
+        let before = opened();
+        let mut resumed = tb.preauth_through(&phone, 5).await;
+        assert_eq!(opened(), before + 1, "the second connection resumed the first one's session");
+        assert_ne!(first.exporter, resumed.exporter, "a resumed session exports its own keying material");
+        resumed.request(0, made_for_first).await;
+        assert_eq!(resumed.next().await.err(), Some(Some(ErrorCode::AUTH_FAILED)), "the first connection's signature");
+
+        let mut again = tb.preauth_through(&phone, 5).await;
+        let own = authenticate(&alice, &again.transcript);
+        again.request(0, own).await;
+        assert!(
+            matches!(again.next().await, Ok(ServerFrame::Response { id: 0, result: Ok(Reply::Authed { .. }) })),
+            "a resumed connection's own signature"
+        );
+    })
+    .await
+}
+
 /// A version-5 client sends its hello and its auth request in one write, before
 /// anything has come back, and is answered with the broker's hello and then `Authed`:
 /// one round trip after the QUIC handshake instead of version 4's two.

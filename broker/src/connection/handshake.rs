@@ -73,10 +73,8 @@ pub(super) async fn hello(conn: &quinn::Connection) -> Result<Hello, Close> {
     let mut exporter = [0u8; 32];
     conn.export_keying_material(&mut exporter, switchboard_protocol::EXPORTER_LABEL, b"")
         .map_err(|_| Close(ErrorCode::INTERNAL, "keying material export failed".into()))?;
-    let transcript = match version {
-        4 => switchboard_protocol::auth_transcript(&nonce, &exporter),
-        _ => switchboard_protocol::auth_transcript_v5(&exporter),
-    };
+    let transcript = switchboard_protocol::transcript_for(version, &nonce, &exporter)
+        .ok_or_else(|| Close(ErrorCode::INTERNAL, format!("no transcript for version {version}")))?;
 
     let ClientFrame::Request(request) = read_msg(&mut recv, &mut decoder).await? else {
         return Err(Close(ErrorCode::NOT_AUTHENTICATED, "authenticate first".into()));
