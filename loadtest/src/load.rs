@@ -236,6 +236,12 @@ impl LoadSession {
         LoadSession { send: Some(send), plans, last_seq, reader, datagrams, conn }
     }
 
+    /// What this session's connection has carried so far (quinn's own counts).
+    pub fn packets(&self) -> Packets {
+        let s = self.conn.stats();
+        Packets { to_client: s.udp_rx.datagrams, from_client: s.udp_tx.datagrams, client_acks: s.frame_tx.acks }
+    }
+
     /// Waits for the reader to finish (after stop) and closes the connection.
     pub async fn finish(self) -> Result<ReaderOut> {
         let out = self.reader.await?;
@@ -244,6 +250,40 @@ impl LoadSession {
         }
         self.conn.close(0u32.into(), b"done");
         Ok(out)
+    }
+}
+
+/// Datagrams a harness connection carried, summed over sessions and subtracted between
+/// two moments (`Packets::since`): the packet price of a message, which transfers
+/// between machines where CPU time does not (docs/benchmarks.md, "Datagrams per
+/// delivery").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Packets {
+    /// UDP datagrams the broker sent to harness devices.
+    pub to_client: u64,
+    /// UDP datagrams harness devices sent to the broker.
+    pub from_client: u64,
+    /// ACK frames harness devices sent (alone in a datagram or with other frames).
+    pub client_acks: u64,
+}
+
+impl Packets {
+    /// The sum over `sessions`.
+    pub fn of(sessions: &[LoadSession]) -> Packets {
+        sessions.iter().map(LoadSession::packets).fold(Packets::default(), |a, b| Packets {
+            to_client: a.to_client + b.to_client,
+            from_client: a.from_client + b.from_client,
+            client_acks: a.client_acks + b.client_acks,
+        })
+    }
+
+    /// What was carried between `earlier` and `self`.
+    pub fn since(self, earlier: Packets) -> Packets {
+        Packets {
+            to_client: self.to_client.saturating_sub(earlier.to_client),
+            from_client: self.from_client.saturating_sub(earlier.from_client),
+            client_acks: self.client_acks.saturating_sub(earlier.client_acks),
+        }
     }
 }
 

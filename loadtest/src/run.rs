@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::Common;
 use crate::checker::{Acked, Tracker, undelivered, verdict};
 use crate::cost::{Usage, per_message};
-use crate::load::{EventHook, LoadSession, Membership, Population, SendPlan, write_phase};
+use crate::load::{EventHook, LoadSession, Membership, Packets, Population, SendPlan, write_phase};
 use crate::report::{Costs, Interval, Percentiles, RampStep, Report};
 use crate::resources::{Sample, Sampler};
 use crate::stats::{Clock, Stats};
@@ -33,6 +33,7 @@ pub struct MessageLoad {
     phases: u32,
     progress: Option<tokio::task::JoinHandle<()>>,
     udp_drops_at_start: Option<u64>,
+    packets_at_start: Packets,
     measured_from_s: f64,
     broker_where: &'static str,
     /// The users, to look up in the broker's store what was acknowledged but not delivered.
@@ -86,6 +87,7 @@ impl MessageLoad {
             progress,
             measured_from_s: 0.0,
             udp_drops_at_start: None,
+            packets_at_start: Packets::default(),
             broker_where: target.describe(),
             pop: pop.clone(),
         })
@@ -160,6 +162,7 @@ impl MessageLoad {
     pub fn mark_measured(&mut self) {
         self.measured_from_s = self.clock.now_ns() as f64 / 1e9;
         self.udp_drops_at_start = crate::resources::udp_receive_drops();
+        self.packets_at_start = Packets::of(&self.sessions);
         self.usage_at_start = self.usage();
     }
 
@@ -258,6 +261,7 @@ impl MessageLoad {
         self.drain(Duration::from_secs(10)).await;
         // The measured phase ends here: closing the sessions is not a message's cost.
         let usage_at_end = self.usage();
+        let packets = Packets::of(&self.sessions).since(self.packets_at_start);
         let _ = self.stop.send(crate::load::STOP);
         if let Some(p) = self.progress.take() {
             p.abort();
@@ -309,6 +313,12 @@ impl MessageLoad {
         };
         if let (Some(start), Some(end)) = (self.udp_drops_at_start, crate::resources::udp_receive_drops()) {
             report.extra.insert("udp_receive_buffer_drops".into(), end.saturating_sub(start) as f64);
+        }
+        if v.delivered > 0 {
+            let per_delivery = |n: u64| n as f64 / v.delivered as f64;
+            report.extra.insert("datagrams_to_devices_per_delivery".into(), per_delivery(packets.to_client));
+            report.extra.insert("datagrams_from_devices_per_delivery".into(), per_delivery(packets.from_client));
+            report.extra.insert("device_ack_frames_per_delivery".into(), per_delivery(packets.client_acks));
         }
         if v.lost > 0 {
             // Not delivered by the end of the drain: late, or lost from the store? Ask the

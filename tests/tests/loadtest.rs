@@ -26,6 +26,14 @@ async fn fanout_small() {
         assert!(report.acked >= 90, "{}", report.table());
         assert_eq!(report.delivered, report.acked * 7, "each message reaches the 7 other members");
         assert!(report.latency.count > 0 && report.latency.p99_ms > 0.0);
+        // Packets per delivery, counted on the devices' connections: a delivery to a
+        // member travels in a datagram to that member (several may share one), and
+        // devices acknowledge what they receive.
+        let per_delivery = |k: &str| report.extra.get(k).copied().unwrap_or_else(|| panic!("{k}: {}", report.table()));
+        let to_devices = per_delivery("datagrams_to_devices_per_delivery");
+        assert!((0.1..=5.0).contains(&to_devices), "{to_devices} datagrams to devices per delivery");
+        assert!(per_delivery("datagrams_from_devices_per_delivery") > 0.0, "{}", report.table());
+        assert!(per_delivery("device_ack_frames_per_delivery") > 0.0, "{}", report.table());
         // The broker runs inside the harness: its cost is the harness's, not a figure of its own.
         assert!(report.cost.broker.is_none(), "{}", report.table());
         assert!(report.table().contains("cost broker   not measured"), "{}", report.table());
