@@ -88,9 +88,16 @@ pub(crate) fn refuse_if_blocked(shared: &Shared, blocker: UserId, user: UserId, 
 }
 
 /// `Block`: `caller` blocks the user named `name` (or stops). `NOT_FOUND` for no such
-/// user, `INVALID` for oneself or past `MAX_BLOCKED`. Durable when answered; presence
+/// user, `INVALID` for oneself or past `MAX_BLOCKED`; nothing changes for `asker`, a
+/// device cut off since it asked (`refusal_to`). Durable when answered; presence
 /// contact sets of both are read again from then on.
-pub(crate) async fn block(shared: &Shared, caller: UserId, name: String, blocked: bool) -> Result<Reply, ErrorBody> {
+pub(crate) async fn block(
+    shared: &Shared,
+    caller: UserId,
+    asker: Asker,
+    name: String,
+    blocked: bool,
+) -> Result<Reply, ErrorBody> {
     let (user, _) = shared
         .store
         .user_by_name(&name)
@@ -101,8 +108,12 @@ pub(crate) async fn block(shared: &Shared, caller: UserId, name: String, blocked
     }
     shared.users.allow_creation(caller)?;
     let max = MAX_BLOCKED as usize;
-    let changed = catalog_write(&shared.store, move |s| s.set_block(caller, user, blocked, max)).await?;
-    match changed.map_err(internal)? {
+    let changed = catalog_write(&shared.store, move |s| match refusal_to(s, caller, &asker)? {
+        Some(refused) => Ok(Err(refused)),
+        None => s.set_block(caller, user, blocked, max).map(Ok),
+    })
+    .await?;
+    match changed.map_err(internal)?? {
         BlockChange::Done(durable) => durable.await.map_err(internal)?,
         BlockChange::Full => {
             return Err(ErrorBody::new(ErrorCode::INVALID, format!("at most {MAX_BLOCKED} blocked users")));
@@ -129,11 +140,20 @@ pub(crate) fn blocked_users(shared: &Shared, caller: UserId) -> Result<Reply, Er
 pub(crate) async fn create_conversation(
     shared: Arc<Shared>,
     caller: Caller,
+    asker: Asker,
     new: NewConversation,
 ) -> Result<Reply, ErrorBody> {
     shared.users.allow_creation(caller.user)?;
     let writer = shared.clone();
-    let written = catalog_write(&shared.store, move |_| write_conversation(&writer, caller, new)).await;
+    let written = catalog_write(&shared.store, move |s| {
+        match refusal_to(s, caller.user, &asker) {
+            Ok(Some(refused)) => return Err(refused),
+            Ok(None) => {}
+            Err(e) => return Err(internal(e)),
+        }
+        write_conversation(&writer, caller, new)
+    })
+    .await;
     // Only a conversation actually written counts: a refused request, or opening an
     // existing direct conversation, gives the allowance back.
     if !matches!(&written, Ok(Ok((_, true, _)))) {
@@ -323,10 +343,22 @@ pub(crate) async fn conversation_states(
     .await
 }
 
-/// `user`'s settings, replaced first by `set` (answered once durable).
-pub(crate) async fn settings(shared: &Arc<Shared>, user: UserId, set: Option<Settings>) -> Result<Reply, ErrorBody> {
+/// `user`'s settings, replaced first by `set` (answered once durable). The replacement
+/// is written on the catalog thread, in order with revocations: nothing changes for
+/// `asker`, a device cut off since it asked (`refusal_to`).
+pub(crate) async fn settings(
+    shared: &Arc<Shared>,
+    user: UserId,
+    asker: Asker,
+    set: Option<Settings>,
+) -> Result<Reply, ErrorBody> {
     if let Some(new) = set {
-        shared.store.set_settings(user, &new).map_err(internal)?.await.map_err(internal)?;
+        let written = catalog_write(&shared.store, move |s| match refusal_to(s, user, &asker)? {
+            Some(refused) => Ok(Err(refused)),
+            None => s.set_settings(user, &new).map(Ok),
+        })
+        .await?;
+        written.map_err(internal)??.await.map_err(internal)?;
     }
     durable_watermark_read(shared, move |shared| shared.store.settings(user)).await.map(Reply::Settings)
 }

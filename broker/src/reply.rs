@@ -42,6 +42,27 @@ impl Revocation {
     pub fn code(&self) -> Option<ErrorCode> {
         closed_by_revocation(self.0.as_deref())
     }
+
+    /// `code` as the answer to a request not carried out because of it: `Err` with
+    /// `DEVICE_REVOKED` or `ACCOUNT_DISABLED` once the session was closed by one. For
+    /// work off the catalog thread, checked right before its write (the catalog
+    /// thread's own writes use `catalog::refusal_to`, in order with the revocation).
+    pub fn refusal(&self) -> Result<(), ErrorBody> {
+        refusal(self.code())
+    }
+
+    /// For work no session asked for (the operator's, a test's): never cut off.
+    pub fn never() -> Revocation {
+        Revocation(None)
+    }
+}
+
+fn refusal(closed_by: Option<ErrorCode>) -> Result<(), ErrorBody> {
+    match closed_by {
+        None => Ok(()),
+        Some(ErrorCode::DEVICE_REVOKED) => Err(ErrorBody::new(ErrorCode::DEVICE_REVOKED, "this device was revoked")),
+        Some(code) => Err(ErrorBody::new(code, "this account was disabled")),
+    }
 }
 
 fn closed_by_revocation(out: Option<&Outbound>) -> Option<ErrorCode> {
@@ -84,14 +105,15 @@ impl Responder {
         self
     }
 
-    /// Whether the session that sent the request was closed because its device was
-    /// revoked or its account disabled: what it sent is not carried out any more.
-    pub fn revoked(&self) -> bool {
-        closed_by_revocation(self.out.as_deref()).is_some()
+    /// `Err` (`DEVICE_REVOKED` or `ACCOUNT_DISABLED`, the answer to give) once the
+    /// session that sent the request was closed because its device was revoked or its
+    /// account disabled: what it sent is not carried out any more.
+    pub fn refusal(&self) -> Result<(), ErrorBody> {
+        refusal(closed_by_revocation(self.out.as_deref()))
     }
 
-    /// `revoked` as a check that outlives this responder, for work finished elsewhere
-    /// (a catalog write).
+    /// `refusal` as a check that outlives this responder, for work finished elsewhere
+    /// (a catalog write, a file's store write).
     pub fn revocation(&self) -> Revocation {
         Revocation(self.out.clone())
     }

@@ -594,6 +594,50 @@ async fn a_revoked_devices_requests_already_sent_are_not_carried_out() {
     .await
 }
 
+/// The same for what a session hands to the catalog thread (blocks, new conversations):
+/// a revoked device's requests already on their way are refused there, in order with
+/// the revocation, instead of landing after it (before: the blocks and groups queued
+/// behind the revocation were all written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_devices_blocks_and_creations_queued_behind_its_revocation_do_not_land() {
+    bounded(async {
+        const EACH: usize = 10;
+        // Those the catalog thread takes before the revocation land, and on a loaded
+        // machine the revocation may reach it late: then the try says nothing and the
+        // test tries again (without the check all 20 land every time).
+        let mut landed = Vec::new();
+        for _ in 0..5 {
+            let tb = TestBroker::start().await;
+            let (laptop, _) = tb.register("alice").await;
+            for i in 0..EACH {
+                tb.register(&format!("u{i}")).await;
+            }
+            let (_phone, phone_id) = tb.login("alice").await;
+            let mut raw = tb.connector().connect_raw(&phone_id).await.unwrap();
+            // One write: the phone revokes itself, then 10 blocks and 10 new groups (20:
+            // the allowance of creations in a burst), all in flight beside the revocation.
+            let mut bytes = request_frame(1, RequestBody::RevokeDevice { device_id: phone_id.device_id }).to_vec();
+            for i in 0..EACH {
+                let block = RequestBody::Block { user: format!("u{i}"), blocked: true };
+                bytes.extend_from_slice(&request_frame(2 + 2 * i as u32, block));
+                let group = switchboard_protocol::NewConversation::Group { title: format!("g{i}"), members: vec![] };
+                bytes.extend_from_slice(&request_frame(3 + 2 * i as u32, RequestBody::CreateConversation(group)));
+            }
+            raw.send.write_all(&bytes).await.unwrap();
+            assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::DEVICE_REVOKED));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let blocked = laptop.blocked_users().await.unwrap().len();
+            let created = laptop.conversations().await.unwrap().len();
+            if blocked + created < EACH {
+                return;
+            }
+            landed.push((blocked, created));
+        }
+        panic!("(blocks, groups) of {} landed in each try, most after the device was revoked: {landed:?}", 2 * EACH);
+    })
+    .await
+}
+
 /// A password change in flight from a device that is revoked meanwhile, or whose account
 /// the operator disables meanwhile, does not land once that has been answered, nor do
 /// the revocations it asked for (before: a thief's change waiting for its password hash

@@ -420,7 +420,10 @@ async fn a_delivered_mark_its_stopping_actor_drops_is_handed_to_a_successor() {
         // The mark is cast into the live actor's mailbox, and the actor is stopped before
         // it runs again (this test's runtime has one thread, and nothing yields between
         // the two): stop signals go before queued messages, so the mark is dropped untaken.
-        let handed = shared.convs.mark_delivered(&shared, caller, vec![(conv, seq)]).await;
+        let handed = shared
+            .convs
+            .mark_delivered(&shared, caller, switchboard_broker::reply::Revocation::never(), vec![(conv, seq)])
+            .await;
         assert!(shared.convs.kill(conv), "the actor was live");
         let answer = within(STEP_DEADLINE, "the marks answered", handed.answer(&shared)).await;
         assert_eq!(answer, Ok(switchboard_protocol::Reply::Done));

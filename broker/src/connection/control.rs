@@ -481,7 +481,8 @@ impl Session {
             }
             RequestBody::CreateConversation(new) => {
                 let shared = shared.clone();
-                tokio::spawn(async move { reply.send(catalog::create_conversation(shared, caller, new).await) });
+                let asker = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                tokio::spawn(async move { reply.send(catalog::create_conversation(shared, caller, asker, new).await) });
             }
             RequestBody::ListConversations { after } => {
                 let shared = shared.clone();
@@ -500,7 +501,10 @@ impl Session {
             }
             RequestBody::Block { user, blocked } => {
                 let shared = shared.clone();
-                tokio::spawn(async move { reply.send(catalog::block(&shared, caller.user, user, blocked).await) });
+                let asker = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                tokio::spawn(
+                    async move { reply.send(catalog::block(&shared, caller.user, asker, user, blocked).await) },
+                );
             }
             RequestBody::BlockedUsers => {
                 let shared = shared.clone();
@@ -518,7 +522,7 @@ impl Session {
             // later MarkRead or read of one of them sees these marks; answered once the
             // actors took them.
             RequestBody::MarkDelivered { marks } => {
-                let mut handed = convs.mark_delivered(shared, caller, marks).await;
+                let mut handed = convs.mark_delivered(shared, caller, reply.revocation(), marks).await;
                 match handed.ready() {
                     Some(answer) => reply.send(answer),
                     None => {
@@ -537,7 +541,8 @@ impl Session {
             }
             RequestBody::Settings { set } => {
                 let shared = shared.clone();
-                tokio::spawn(async move { reply.send(catalog::settings(&shared, caller.user, set).await) });
+                let asker = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                tokio::spawn(async move { reply.send(catalog::settings(&shared, caller.user, asker, set).await) });
             }
             RequestBody::SetPresence { away } => {
                 shared.presence.set_away(caller.user, caller.session, away);
@@ -548,9 +553,9 @@ impl Session {
                 tokio::spawn(async move { reply.send(shared.presence.query(caller.user, users).await) });
             }
             RequestBody::BeginUpload(new) => {
-                let (shared, allow) = (shared.clone(), self.allow_transfers());
+                let (shared, allow, revocation) = (shared.clone(), self.allow_transfers(), reply.revocation());
                 tokio::spawn(async move {
-                    reply.send(allow(files::begin_upload(shared, caller.user, new).await));
+                    reply.send(allow(files::begin_upload(shared, caller.user, revocation, new).await));
                 });
             }
             RequestBody::UploadStatus { file } => {
@@ -576,16 +581,22 @@ impl Session {
                 tokio::task::spawn_blocking(move || reply.send(files::list_uploads(&shared, caller.user, after)));
             }
             RequestBody::CancelUpload { file } => {
-                let shared = shared.clone();
-                tokio::spawn(async move { reply.send(files::cancel_upload(shared, caller.user, file).await) });
+                let (shared, revocation) = (shared.clone(), reply.revocation());
+                tokio::spawn(
+                    async move { reply.send(files::cancel_upload(shared, caller.user, revocation, file).await) },
+                );
             }
             RequestBody::DeleteFile { file } => {
-                let shared = shared.clone();
-                tokio::spawn(async move { reply.send(files::delete_file(shared, caller.user, file).await) });
+                let (shared, revocation) = (shared.clone(), reply.revocation());
+                tokio::spawn(
+                    async move { reply.send(files::delete_file(shared, caller.user, revocation, file).await) },
+                );
             }
             RequestBody::WithdrawFile { file } => {
-                let shared = shared.clone();
-                tokio::spawn(async move { reply.send(files::withdraw_file(shared, caller.user, file).await) });
+                let (shared, revocation) = (shared.clone(), reply.revocation());
+                tokio::spawn(
+                    async move { reply.send(files::withdraw_file(shared, caller.user, revocation, file).await) },
+                );
             }
             // The files are resolved before the next request is read, like names for
             // AddMembers, so the message reaches the conversation in request order; their

@@ -60,8 +60,9 @@ pub enum MarkReply {
     Read(Responder),
     /// One mark of a `MarkDelivered`: fired once the actor has taken the mark into its
     /// receipt book, dropped unfired if the actor stopped first (the directory then
-    /// hands the mark to a successor; see `ConvDirectory::mark_delivered`).
-    Taken(tokio::sync::oneshot::Sender<()>),
+    /// hands the mark to a successor; see `ConvDirectory::mark_delivered`); with the
+    /// check whether the device that sent it was cut off since.
+    Taken(tokio::sync::oneshot::Sender<()>, crate::reply::Revocation),
 }
 
 /// What a conversation actor starts from.
@@ -204,8 +205,10 @@ impl Actor for Conversation {
             ConvMsg::Write(caller, cmd, reply) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
                 // Written by a device revoked (or an account disabled) since it was sent:
-                // not carried out (the revocation may have been answered already).
-                if reply.revoked() {
+                // not carried out (the revocation may have been answered already), and
+                // answered so (a `SendFiles` then lets go of the copies it made at once).
+                if let Err(refused) = reply.refusal() {
+                    reply.send(Err(refused));
                     return Ok(());
                 }
                 state.state.handle_write(&log, caller, cmd, reply, crate::now_ms())
@@ -234,10 +237,20 @@ impl Actor for Conversation {
             }
             ConvMsg::Mark(caller, mark, MarkReply::Read(reply)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
+                // As a write: a device cut off since it sent the mark raises nothing.
+                if let Err(refused) = reply.refusal() {
+                    reply.send(Err(refused));
+                    return Ok(());
+                }
                 state.state.handle_mark(&log, caller, mark, Some(reply), crate::now_ms())
             }
-            ConvMsg::Mark(caller, mark, MarkReply::Taken(taken)) => {
+            ConvMsg::Mark(caller, mark, MarkReply::Taken(taken, revocation)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
+                // Taken (so not handed on again) and dropped: its device was cut off.
+                if revocation.code().is_some() {
+                    let _ = taken.send(());
+                    return Ok(());
+                }
                 // A stranger's mark writes nothing and keeps nothing alive.
                 if state.state.is_member(caller.user) {
                     state.last_marker = Some(caller.user);

@@ -195,9 +195,10 @@ impl ConvDirectory {
         &self,
         shared: &Arc<Shared>,
         caller: Caller,
+        revocation: crate::reply::Revocation,
         mut marks: Vec<(ConvId, Seq)>,
     ) -> HandedMarks {
-        let mut handed = HandedMarks { caller, refused: None, pending: Vec::new() };
+        let mut handed = HandedMarks { caller, revocation, refused: None, pending: Vec::new() };
         if marks.len() > MAX_MARKS_PER_REQUEST as usize {
             handed.refused = Some(ErrorBody::new(ErrorCode::INVALID, "too many marks in one request"));
             return handed;
@@ -225,7 +226,8 @@ impl ConvDirectory {
     /// to wait for or the refusal (a stranger's mark is dropped).
     async fn hand_mark(&self, shared: &Arc<Shared>, handed: &mut HandedMarks, conv: ConvId, seq: Seq) {
         let (taken, on_taken) = tokio::sync::oneshot::channel();
-        let msg = ConvMsg::Mark(handed.caller, Mark::Delivered(seq), MarkReply::Taken(taken));
+        let msg =
+            ConvMsg::Mark(handed.caller, Mark::Delivered(seq), MarkReply::Taken(taken, handed.revocation.clone()));
         match self.hand(shared, conv, handed.caller, msg).await {
             Ok(()) => handed.pending.push((conv, seq, on_taken)),
             // A stranger's mark (or one for no conversation) is dropped.
@@ -493,6 +495,8 @@ impl ConvDirectory {
 /// until each actor has taken its mark.
 pub struct HandedMarks {
     caller: Caller,
+    /// Whether the device that sent the marks was cut off since (the actors check).
+    revocation: crate::reply::Revocation,
     /// The first refusal met (`INVALID`, `OVERLOADED`, `INTERNAL`).
     refused: Option<ErrorBody>,
     /// Marks cast to an actor, with the signal that it took them.

@@ -16,6 +16,7 @@ use switchboard_storage::{FileRecord, FileStage, Forwarded, Store, UploadRefusal
 use super::ATTACHMENT_SCAN;
 use crate::Shared;
 use crate::error::internal;
+use crate::reply::Revocation;
 
 fn err(code: ErrorCode, message: &str) -> ErrorBody {
     ErrorBody::new(code, message)
@@ -122,7 +123,12 @@ pub(crate) fn free_bytes(path: &std::path::Path) -> Result<u64, ErrorBody> {
 }
 
 /// `BeginUpload`: checks in the documented order, then records the upload.
-pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> Result<Reply, ErrorBody> {
+pub async fn begin_upload(
+    shared: Arc<Shared>,
+    user: UserId,
+    revocation: Revocation,
+    new: NewUpload,
+) -> Result<Reply, ErrorBody> {
     check_new_upload(&new)?;
     let config = &shared.config;
     if new.size > config.max_file_bytes {
@@ -163,6 +169,9 @@ pub async fn begin_upload(shared: Arc<Shared>, user: UserId, new: NewUpload) -> 
         // What the user's removed uploads and files left on the disk, not freed yet,
         // takes its share of the quota until it is (read under the store's files lock).
         let left = || quota.saturating_sub(s.files.blobs.unfreed_of(user));
+        // A device cut off while this waited (for a store slot, for this thread) begins
+        // nothing (`Revocation::refusal`).
+        revocation.refusal()?;
         match s.store.begin_upload(&id, &record, max_uploads, left, room).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
             Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
@@ -256,11 +265,17 @@ pub fn usage(shared: &Shared, user: UserId) -> Result<Reply, ErrorBody> {
 }
 
 /// `CancelUpload`: removes the caller's upload in progress.
-pub async fn cancel_upload(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
+pub async fn cancel_upload(
+    shared: Arc<Shared>,
+    user: UserId,
+    revocation: Revocation,
+    id: FileId,
+) -> Result<Reply, ErrorBody> {
     match shared.store.file(&id).map_err(internal)? {
         Some(record) if record.uploader == user && !record.is_complete() => {}
         _ => return Err(no_such_file()),
     }
+    revocation.refusal()?;
     match shared.files.remove(&shared, &id, "the upload was cancelled").await {
         Ok(true) => Ok(Reply::Done),
         Ok(false) => Err(no_such_file()),
@@ -294,14 +309,24 @@ pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, Er
 /// `DeleteFile`: the uploader drops its hold on its complete file; it is deleted once
 /// no message carries it (at once if none does: the uploader's devices are then told it
 /// is gone, `Event::File` with `Failed { NOT_FOUND }`).
-pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
+pub async fn delete_file(
+    shared: Arc<Shared>,
+    user: UserId,
+    revocation: Revocation,
+    id: FileId,
+) -> Result<Reply, ErrorBody> {
     let record = own_complete_file(&shared, user, &id)?;
     if !record.held {
         return Ok(Reply::Done);
     }
     let s = shared.clone();
-    let dropped = tokio::task::spawn_blocking(move || s.store.drop_hold(&id)).await.map_err(internal)?;
-    if let Some(durable) = dropped.map_err(internal)? {
+    let dropped = tokio::task::spawn_blocking(move || {
+        revocation.refusal()?;
+        s.store.drop_hold(&id).map_err(internal)
+    })
+    .await
+    .map_err(internal)?;
+    if let Some(durable) = dropped? {
         durable.await.map_err(internal)?;
     }
     let s = shared.clone();
@@ -328,17 +353,23 @@ pub async fn delete_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Resul
 /// it gone (a download under way is cut at its next access check). The members of the
 /// conversations that carried it are told it is gone (`Event::File`, `Failed` with
 /// `NOT_FOUND`), as they are of an upload cancelled or expired.
-pub async fn withdraw_file(shared: Arc<Shared>, user: UserId, id: FileId) -> Result<Reply, ErrorBody> {
+pub async fn withdraw_file(
+    shared: Arc<Shared>,
+    user: UserId,
+    revocation: Revocation,
+    id: FileId,
+) -> Result<Reply, ErrorBody> {
     let record = own_complete_file(&shared, user, &id)?;
     let s = shared.clone();
     let withdrawn = tokio::task::spawn_blocking(move || {
         // Read first: the withdrawal drops the attachments that name them.
-        let convs = s.store.attachment_convs(&id, ATTACHMENT_SCAN)?;
-        Ok::<_, switchboard_storage::StoreError>(s.store.withdraw_file(&id, user)?.map(|durable| (durable, convs)))
+        let convs = s.store.attachment_convs(&id, ATTACHMENT_SCAN).map_err(internal)?;
+        revocation.refusal()?;
+        Ok::<_, ErrorBody>(s.store.withdraw_file(&id, user).map_err(internal)?.map(|durable| (durable, convs)))
     })
     .await
     .map_err(internal)?;
-    let convs = match withdrawn.map_err(internal)? {
+    let convs = match withdrawn? {
         Some((durable, convs)) => {
             durable.await.map_err(internal)?;
             convs
