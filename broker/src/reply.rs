@@ -51,6 +51,11 @@ impl Revocation {
         refusal(self.code())
     }
 
+    /// Whether the session whose outbound queue is `out` was closed by a revocation.
+    pub(crate) fn of(out: Arc<Outbound>) -> Revocation {
+        Revocation(Some(out))
+    }
+
     /// For work no session asked for (the operator's, a test's): never cut off.
     pub fn never() -> Revocation {
         Revocation(None)

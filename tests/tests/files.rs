@@ -2334,3 +2334,55 @@ async fn one_users_stalled_streams_do_not_take_every_transfer_place() {
     })
     .await
 }
+
+/// A device revoked in the middle of an upload writes nothing more: the chunks it had
+/// sent that were still queued for the upload are not written once the revocation is
+/// answered, and the file is never published (before: the queued chunks were written,
+/// and had the last been among them the file would have been published after the
+/// revocation). A chunk being written as the revocation lands may still finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_devices_queued_chunks_are_not_written() {
+    bounded(async {
+        const CHUNK: usize = 1024 * 1024;
+        const CHUNKS: usize = 24;
+        let mut tries = Vec::new();
+        for _ in 0..5 {
+            let tb = TestBroker::start().await;
+            let (laptop, _) = tb.register("alice").await;
+            let (phone, phone_id) = tb.login("alice").await;
+            let data = bytes(CHUNKS * CHUNK, 9);
+            let begun = begin_upload(&phone, "big.bin", "application/octet-stream", &data).await;
+            let mut t = Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+            assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
+            // Every chunk at once, without waiting for any to be durable: the broker
+            // reads them as fast as the upload takes them.
+            let sender = tokio::spawn(async move {
+                for i in 0..CHUNKS {
+                    t.chunk((i * CHUNK) as u64, &data[i * CHUNK..(i + 1) * CHUNK], None).await;
+                }
+                t
+            });
+            within(STEP_DEADLINE, "two chunks durable", async {
+                while offset_of(status(&laptop, begun.file).await.unwrap()) < 2 * CHUNK as u64 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            laptop.revoke_device(phone_id.device_id).await.unwrap();
+            let at_revocation = offset_of(status(&laptop, begun.file).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let later = status(&laptop, begun.file).await.unwrap();
+            sender.abort();
+            let later = match later {
+                Reply::Upload(s) if !s.complete => s.offset,
+                other => panic!("the upload went on after its device was revoked: {other:?}"),
+            };
+            if later <= at_revocation + CHUNK as u64 {
+                return;
+            }
+            tries.push((at_revocation, later));
+        }
+        panic!("chunks were written after the revocation was answered in every try (offsets then, later): {tries:?}");
+    })
+    .await
+}

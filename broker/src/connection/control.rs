@@ -275,7 +275,9 @@ async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &
             Ok(_) if let Some(code) = session.ended() => Some(Close(code, "session closed".into())),
             Ok((send, recv)) => {
                 let transfers = session.transfers().clone();
-                tokio::spawn(super::transfer::serve(session.shared.clone(), session.caller.user, transfers, send, recv));
+                let revocation = crate::reply::Revocation::of(session.out.clone());
+                let (shared, user) = (session.shared.clone(), session.caller.user);
+                tokio::spawn(super::transfer::serve(shared, user, revocation, transfers, send, recv));
                 None
             }
             Err(_) => Some(Close(ErrorCode::NO_ERROR, "connection closed".into())),

@@ -134,6 +134,7 @@ impl Drop for OpenStream {
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     user: UserId,
+    revocation: crate::reply::Revocation,
     transfers: Arc<Transfers>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -172,7 +173,7 @@ pub(crate) async fn serve(
                 received: 0,
                 place,
             };
-            upload(&shared, user, file, offset, send, recv, reading).await
+            upload(&shared, user, &revocation, file, offset, send, recv, reading).await
         }
         TransferOpen::Download { file, offset, length } => {
             let _ = recv.stop(ErrorCode::NO_ERROR.0.into());
@@ -229,9 +230,11 @@ async fn last_reply(send: &mut quinn::SendStream, reply: &TransferReply) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn upload(
     shared: &Arc<Shared>,
     user: UserId,
+    revocation: &crate::reply::Revocation,
     file: FileId,
     offset: u64,
     mut send: quinn::SendStream,
@@ -338,9 +341,15 @@ async fn upload(
                             }
                         }
                     }
+                    // A device cut off since it opened the stream sends nothing more (the
+                    // upload's actor checks again before it writes).
+                    if let Some(code) = revocation.code() {
+                        reset(&mut send, &mut recv, code);
+                        break;
+                    }
                     deadline = tokio::time::Instant::now() + progress;
                     let matches = chunk_matches(&chunk);
-                    let msg = UploadMsg::Chunk { stream, chunk, matches, permit };
+                    let msg = UploadMsg::Chunk { stream, chunk, matches, permit, revocation: revocation.clone() };
                     if let Err(why) = shared.files.send(shared, &file, msg).await {
                         unreachable(&mut send, shared, &file, why).await;
                         break;

@@ -540,6 +540,8 @@ impl HandedMarks {
                 shared.convs.hand_mark(shared, &mut self, conv, seq).await;
             }
         }
+        // The actors dropped the marks of a device cut off since it sent them.
+        self.revocation.refusal()?;
         self.refused.map_or(Ok(Reply::Done), Err)
     }
 }

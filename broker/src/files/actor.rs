@@ -47,6 +47,8 @@ pub enum UploadMsg {
         matches: bool,
         /// Its place in the stream's queue and its bytes in the broker-wide budget.
         permit: ChunkPermits,
+        /// Whether the device that sent it was cut off since (then it is not written).
+        revocation: crate::reply::Revocation,
     },
     /// A stream ended.
     Closed {
@@ -207,10 +209,14 @@ impl Actor for Upload {
                 let effects = st.state.open(stream, offset);
                 self.perform(&myself, st, effects, None).await;
             }
-            UploadMsg::Chunk { stream, chunk, matches, permit } => {
-                let len = chunk.data.len() as u64;
-                let effects = st.state.chunk(stream, chunk.offset, len, matches);
-                self.perform(&myself, st, effects, Some(chunk)).await;
+            UploadMsg::Chunk { stream, chunk, matches, permit, revocation } => {
+                // Not written, nor (were it the last) the file verified and published,
+                // once the device that sent it was revoked: its stream is reset.
+                if revocation.code().is_none() {
+                    let len = chunk.data.len() as u64;
+                    let effects = st.state.chunk(stream, chunk.offset, len, matches);
+                    self.perform(&myself, st, effects, Some(chunk)).await;
+                }
                 drop(permit);
             }
             UploadMsg::Closed { stream } => {
