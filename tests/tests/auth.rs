@@ -638,6 +638,56 @@ async fn a_revoked_devices_blocks_and_creations_queued_behind_its_revocation_do_
     .await
 }
 
+/// A revoked device's `MarkRead` waiting in a busy conversation's mailbox does not
+/// raise its user's read watermark once the revocation was answered (before: it landed
+/// when the actor came to it, and the members were shown it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_devices_read_mark_queued_behind_other_work_does_not_land() {
+    bounded(async {
+        let mut tries = Vec::new();
+        for _ in 0..5 {
+            let tb = TestBroker::start_with(|c| c.outbound_max_bytes = 1 << 30).await;
+            let (laptop, alice) = tb.register("alice").await;
+            let (bob, _) = tb.register("bob").await;
+            let (_reader, reader_id) = tb.login("bob").await;
+            let conv = laptop.create_group("g", &["bob".into()]).await.unwrap().id;
+            let text = "x".repeat(4000);
+            let mut last = 0;
+            for _ in 0..200 {
+                last = laptop.send(conv, &text).await.unwrap();
+            }
+            let read_up_to = async || {
+                let Reply::Receipts(receipts) = bob.request(RequestBody::Receipts { conv }).await.unwrap() else {
+                    panic!("expected Receipts")
+                };
+                receipts.iter().find(|r| r.user == alice.user_id).and_then(|r| r.read_up_to).unwrap_or(0)
+            };
+            let before = read_up_to().await;
+            let (_phone, phone_id) = tb.login("alice").await;
+            let mut phone = tb.connector().connect_raw(&phone_id).await.unwrap();
+            let mut reader = tb.connector().connect_raw(&reader_id).await.unwrap();
+            // 60 pages of 200 entries of 4 KB each keep the conversation's actor busy;
+            // the phone's mark waits behind them in its mailbox.
+            let mut pages = Vec::new();
+            for i in 0..60 {
+                let body = RequestBody::History { conv, page: Page::Latest, limit: 200 };
+                pages.extend_from_slice(&request_frame(i, body));
+            }
+            reader.send.write_all(&pages).await.unwrap();
+            phone.send.write_all(&request_frame(1, RequestBody::MarkRead { conv, seq: last })).await.unwrap();
+            laptop.revoke_device(phone_id.device_id).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let after = read_up_to().await;
+            if after == before {
+                return;
+            }
+            tries.push((before, after));
+        }
+        panic!("the read mark landed after its device was revoked in every try (before, after): {tries:?}");
+    })
+    .await
+}
+
 /// A password change in flight from a device that is revoked meanwhile, or whose account
 /// the operator disables meanwhile, does not land once that has been answered, nor do
 /// the revocations it asked for (before: a thief's change waiting for its password hash
