@@ -108,9 +108,8 @@ pub(crate) async fn block(
     }
     shared.users.allow_creation(caller)?;
     let max = MAX_BLOCKED as usize;
-    let changed = catalog_write(&shared.store, move |s| match refusal_to(s, caller, &asker)? {
-        Some(refused) => Ok(Err(refused)),
-        None => s.set_block(caller, user, blocked, max).map(Ok),
+    let changed = catalog_write(&shared.store, move |s| {
+        unless_cut_off(s, caller, &asker, |s| s.set_block(caller, user, blocked, max))
     })
     .await?;
     match changed.map_err(internal)?? {
@@ -145,15 +144,12 @@ pub(crate) async fn create_conversation(
 ) -> Result<Reply, ErrorBody> {
     shared.users.allow_creation(caller.user)?;
     let writer = shared.clone();
-    let written = catalog_write(&shared.store, move |s| {
-        match refusal_to(s, caller.user, &asker) {
-            Ok(Some(refused)) => return Err(refused),
-            Ok(None) => {}
-            Err(e) => return Err(internal(e)),
-        }
-        write_conversation(&writer, caller, new)
-    })
-    .await;
+    let written =
+        catalog_write(&shared.store, move |s| match refusal_to(s, caller.user, &asker).map_err(internal)? {
+            Some(refused) => Err(refused),
+            None => write_conversation(&writer, caller, new),
+        })
+        .await;
     // Only a conversation actually written counts: a refused request, or opening an
     // existing direct conversation, gives the allowance back.
     if !matches!(&written, Ok(Ok((_, true, _)))) {
@@ -353,11 +349,9 @@ pub(crate) async fn settings(
     set: Option<Settings>,
 ) -> Result<Reply, ErrorBody> {
     if let Some(new) = set {
-        let written = catalog_write(&shared.store, move |s| match refusal_to(s, user, &asker)? {
-            Some(refused) => Ok(Err(refused)),
-            None => s.set_settings(user, &new).map(Ok),
-        })
-        .await?;
+        let written =
+            catalog_write(&shared.store, move |s| unless_cut_off(s, user, &asker, |s| s.set_settings(user, &new)))
+                .await?;
         written.map_err(internal)??.await.map_err(internal)?;
     }
     durable_watermark_read(shared, move |shared| shared.store.settings(user)).await.map(Reply::Settings)
@@ -416,11 +410,9 @@ pub(crate) async fn revoke_device(
     device: DeviceId,
     by: Option<Asker>,
 ) -> Result<Reply, ErrorBody> {
-    let durable = catalog_write(&shared.store, move |s| {
-        if let Some(refused) = by.map(|by| refusal_to(s, user, &by)).transpose()?.flatten() {
-            return Ok(Err(refused));
-        }
-        s.remove_device(user, device).map(Ok)
+    let durable = catalog_write(&shared.store, move |s| match by {
+        Some(by) => unless_cut_off(s, user, &by, |s| s.remove_device(user, device)),
+        None => s.remove_device(user, device).map(Ok),
     })
     .await?
     .map_err(internal)??;
@@ -439,6 +431,13 @@ pub(crate) struct Asker {
     pub revocation: crate::reply::Revocation,
 }
 
+impl Asker {
+    /// The device of `caller`, whose request `reply` answers.
+    pub(crate) fn of(caller: Caller, reply: &crate::reply::Responder) -> Asker {
+        Asker { device: caller.device, revocation: reply.revocation() }
+    }
+}
+
 /// On the catalog thread, in order with revocations and disables: why a request of
 /// `asker`, a device of `user`, admitted earlier must not be carried out now, if it
 /// must not (`DEVICE_REVOKED`, `ACCOUNT_DISABLED`, each answered to the operator or
@@ -452,6 +451,19 @@ pub(crate) fn refusal_to(s: &Store, user: UserId, asker: &Asker) -> StoreResult<
         None if s.disabled(user)? => ErrorCode::ACCOUNT_DISABLED,
         None => return Ok(None),
     };
-    let why = if code == ErrorCode::DEVICE_REVOKED { "this device was revoked" } else { "this account was disabled" };
-    Ok(Some(ErrorBody::new(code, why)))
+    Ok(Some(crate::reply::cut_off(code)))
+}
+
+/// On the catalog thread: `write`, unless `asker` was cut off since it asked
+/// (`refusal_to`), in which case the refusal.
+pub(crate) fn unless_cut_off<T>(
+    s: &Store,
+    user: UserId,
+    asker: &Asker,
+    write: impl FnOnce(&Store) -> StoreResult<T>,
+) -> StoreResult<Result<T, ErrorBody>> {
+    match refusal_to(s, user, asker)? {
+        Some(refused) => Ok(Err(refused)),
+        None => write(s).map(Ok),
+    }
 }

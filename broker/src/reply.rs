@@ -63,11 +63,14 @@ impl Revocation {
 }
 
 fn refusal(closed_by: Option<ErrorCode>) -> Result<(), ErrorBody> {
-    match closed_by {
-        None => Ok(()),
-        Some(ErrorCode::DEVICE_REVOKED) => Err(ErrorBody::new(ErrorCode::DEVICE_REVOKED, "this device was revoked")),
-        Some(code) => Err(ErrorBody::new(code, "this account was disabled")),
-    }
+    closed_by.map_or(Ok(()), |code| Err(cut_off(code)))
+}
+
+/// The answer to a request not carried out because its device was revoked
+/// (`DEVICE_REVOKED`) or its account disabled (`code`, `ACCOUNT_DISABLED`).
+pub(crate) fn cut_off(code: ErrorCode) -> ErrorBody {
+    let why = if code == ErrorCode::DEVICE_REVOKED { "this device was revoked" } else { "this account was disabled" };
+    ErrorBody::new(code, why)
 }
 
 fn closed_by_revocation(out: Option<&Outbound>) -> Option<ErrorCode> {

@@ -139,7 +139,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// be replayed).
 ///
 /// `opened` counts the resumption tickets presented to the broker that it could open
-/// (`switchboard_tls_tickets_opened_total`): about how many handshakes resumed.
+/// (`switchboard_tls_tickets_opened_total`): an upper bound on the handshakes that
+/// resumed (`CountingTickets`).
 pub fn server_config(identity: &Identity, config: &Config, opened: Arc<AtomicU64>) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -178,8 +179,9 @@ pub fn server_config(identity: &Identity, config: &Config, opened: Arc<AtomicU64
     Ok(server)
 }
 
-/// rustls' ticketer, counting the tickets it opens: a ticket it opens is one a client
-/// presented to resume (rustls then checks the binder, the ticket's age, SNI and ALPN).
+/// rustls' ticketer, counting the tickets it opens: one a client presented to resume,
+/// which rustls checks only after opening it (its server name, cipher suite and binder),
+/// so a ticket then not used, or replayed in a handshake that fails, counts too.
 #[derive(Debug)]
 struct CountingTickets {
     inner: Arc<dyn rustls::server::ProducesTickets>,

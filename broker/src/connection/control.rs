@@ -483,7 +483,7 @@ impl Session {
             }
             RequestBody::CreateConversation(new) => {
                 let shared = shared.clone();
-                let asker = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                let asker = catalog::Asker::of(caller, &reply);
                 tokio::spawn(async move { reply.send(catalog::create_conversation(shared, caller, asker, new).await) });
             }
             RequestBody::ListConversations { after } => {
@@ -497,13 +497,13 @@ impl Session {
             RequestBody::RevokeDevice { device_id } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let by = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                    let by = catalog::Asker::of(caller, &reply);
                     reply.send(catalog::revoke_device(&shared, caller.user, device_id, Some(by)).await)
                 });
             }
             RequestBody::Block { user, blocked } => {
                 let shared = shared.clone();
-                let asker = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                let asker = catalog::Asker::of(caller, &reply);
                 tokio::spawn(
                     async move { reply.send(catalog::block(&shared, caller.user, asker, user, blocked).await) },
                 );
@@ -515,7 +515,7 @@ impl Session {
             RequestBody::ChangePassword { current, new, sign_out_others } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let asker = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                    let asker = catalog::Asker::of(caller, &reply);
                     let changed = catalog::change_password(&shared, caller, asker, &current, &new, sign_out_others);
                     reply.send(changed.await);
                 });
@@ -543,7 +543,7 @@ impl Session {
             }
             RequestBody::Settings { set } => {
                 let shared = shared.clone();
-                let asker = catalog::Asker { device: caller.device, revocation: reply.revocation() };
+                let asker = catalog::Asker::of(caller, &reply);
                 tokio::spawn(async move { reply.send(catalog::settings(&shared, caller.user, asker, set).await) });
             }
             RequestBody::SetPresence { away } => {

@@ -341,14 +341,9 @@ async fn upload(
                             }
                         }
                     }
-                    // A device cut off since it opened the stream sends nothing more (the
-                    // upload's actor checks again before it writes).
-                    if let Some(code) = revocation.code() {
-                        reset(&mut send, &mut recv, code);
-                        break;
-                    }
                     deadline = tokio::time::Instant::now() + progress;
                     let matches = chunk_matches(&chunk);
+                    // The upload's actor writes it only if its device was not cut off by then.
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit, revocation: revocation.clone() };
                     if let Err(why) = shared.files.send(shared, &file, msg).await {
                         unreachable(&mut send, shared, &file, why).await;
