@@ -638,82 +638,131 @@ async fn a_revoked_devices_blocks_and_creations_queued_behind_its_revocation_do_
     .await
 }
 
+/// A `Settings` change sent right behind its device's revocation is refused on the
+/// catalog thread, where it queues behind the revocation (the session's own check has
+/// let it through: the session was not closed yet when it was handed on); before the
+/// catalog thread's check, it landed in every try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_devices_settings_change_queued_behind_its_revocation_does_not_land() {
+    use switchboard_protocol::Settings;
+    bounded(async {
+        let mut tries = 0;
+        for _ in 0..5 {
+            let tb = TestBroker::start().await;
+            let (laptop, _) = tb.register("alice").await;
+            let (_phone, phone_id) = tb.login("alice").await;
+            let mut raw = tb.connector().connect_raw(&phone_id).await.unwrap();
+            let mut bytes = request_frame(1, RequestBody::RevokeDevice { device_id: phone_id.device_id }).to_vec();
+            let private = Some(Settings { read_receipts_private: true });
+            bytes.extend_from_slice(&request_frame(2, RequestBody::Settings { set: private }));
+            raw.send.write_all(&bytes).await.unwrap();
+            assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::DEVICE_REVOKED));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !laptop.settings(None).await.unwrap().read_receipts_private {
+                return;
+            }
+            tries += 1;
+        }
+        panic!("the settings change landed after its device was revoked in each of {tries} tries");
+    })
+    .await
+}
+
 /// A revoked device's `MarkRead` waiting in a busy conversation's mailbox does not
 /// raise its user's read watermark once the revocation was answered (before: it landed
 /// when the actor came to it, and the members were shown it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_devices_read_mark_queued_behind_other_work_does_not_land() {
+    bounded(revoked_with_a_mark_queued(|conv, seq| RequestBody::MarkRead { conv, seq }, |r| r.read_up_to.unwrap_or(0)))
+        .await
+}
+
+/// The same for a `MarkDelivered` (before the actor's check, its delivered watermark
+/// rose in every try).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_devices_delivered_mark_queued_behind_other_work_does_not_land() {
+    bounded(revoked_with_a_mark_queued(
+        |conv, seq| RequestBody::MarkDelivered { marks: vec![(conv, seq)] },
+        |r| r.delivered_up_to,
+    ))
+    .await
+}
+
+/// Puts `mark(conv, last seq)` from alice's phone into the mailbox of a busy
+/// conversation, revokes the phone from her laptop, and checks that the watermark
+/// `shown` of alice's receipt did not move; panics if it moved in each of 5 tries.
 ///
 /// The mark is known to be in the mailbox before the revocation is asked for: the
 /// phone's `Ping`, sent behind it, is answered only after the session handed the mark
 /// to the actor, and the actor is busy with a reader's pages queued before it. (The
 /// first version raced the mark against the pages and the revocation: on a machine
-/// where the mark got to the actor first it landed before the revocation, legitimately,
-/// in every try.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_devices_read_mark_queued_behind_other_work_does_not_land() {
-    bounded(async {
-        let mut tries = Vec::new();
-        for _ in 0..5 {
-            let tb = TestBroker::start_with(|c| c.outbound_max_bytes = 1 << 30).await;
-            let (laptop, alice) = tb.register("alice").await;
-            let (bob, _) = tb.register("bob").await;
-            let (_reader, reader_id) = tb.login("bob").await;
-            let conv = laptop.create_group("g", &["bob".into()]).await.unwrap().id;
-            let text = "x".repeat(4000);
-            let mut last = 0;
-            for _ in 0..200 {
-                last = laptop.send(conv, &text).await.unwrap();
-            }
-            let read_up_to = async || {
-                let Reply::Receipts(receipts) = bob.request(RequestBody::Receipts { conv }).await.unwrap() else {
-                    panic!("expected Receipts")
-                };
-                receipts.iter().find(|r| r.user == alice.user_id).and_then(|r| r.read_up_to).unwrap_or(0)
-            };
-            let before = read_up_to().await;
-            let (_phone, phone_id) = tb.login("alice").await;
-            let mut phone = tb.connector().connect_raw(&phone_id).await.unwrap();
-            let mut reader = tb.connector().connect_raw(&reader_id).await.unwrap();
-            // 60 pages of 200 entries of 4 KB each keep the conversation's actor busy.
-            // Once the first is answered the others are in its mailbox (the session
-            // hands them over one after another without waiting for answers).
-            const PAGES: u32 = 60;
-            let mut pages = Vec::new();
-            for i in 0..PAGES {
-                let body = RequestBody::History { conv, page: Page::Latest, limit: 200 };
-                pages.extend_from_slice(&request_frame(i, body));
-            }
-            reader.send.write_all(&pages).await.unwrap();
-            let (first, first_answered) = tokio::sync::oneshot::channel();
-            let answers = tokio::spawn(async move {
-                let mut first = Some(first);
-                for _ in 0..PAGES {
-                    let (_, page) = switchboard_tests::next_response(&mut reader).await;
-                    assert!(matches!(page, Ok(Reply::History { .. })), "{page:?}");
-                    first.take().map(|first| first.send(()));
-                }
-            });
-            first_answered.await.unwrap();
-            // The mark, then a ping in the same write: the pong comes once the session
-            // has handed the mark to the actor, behind the remaining pages.
-            let mut bytes = request_frame(1, RequestBody::MarkRead { conv, seq: last }).to_vec();
-            bytes.extend_from_slice(&request_frame(2, RequestBody::Ping));
-            phone.send.write_all(&bytes).await.unwrap();
-            let (id, pong) = switchboard_tests::next_response(&mut phone).await;
-            assert!(id == 2 && matches!(pong, Ok(Reply::Pong { .. })), "the ping is answered first: {id} {pong:?}");
-            laptop.revoke_device(phone_id.device_id).await.unwrap();
-            // Whether the actor was still busy when the revocation was answered: if it
-            // had got through the pages already, the mark landed before it, rightly.
-            let busy = !answers.is_finished();
-            within(STEP_DEADLINE, "the pages", answers).await.unwrap();
-            let after = read_up_to().await;
-            if busy && after == before {
-                return;
-            }
-            tries.push((busy, before, after));
+/// where the mark got to the actor first it landed before the revocation, rightly, in
+/// every try.)
+async fn revoked_with_a_mark_queued(
+    mark: fn(switchboard_protocol::ConvId, switchboard_protocol::Seq) -> RequestBody,
+    shown: fn(&switchboard_protocol::Receipt) -> switchboard_protocol::Seq,
+) {
+    let mut tries = Vec::new();
+    for _ in 0..5 {
+        let tb = TestBroker::start_with(|c| c.outbound_max_bytes = 1 << 30).await;
+        let (laptop, alice) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (_reader, reader_id) = tb.login("bob").await;
+        let conv = laptop.create_group("g", &["bob".into()]).await.unwrap().id;
+        let text = "x".repeat(4000);
+        let mut last = 0;
+        for _ in 0..200 {
+            last = laptop.send(conv, &text).await.unwrap();
         }
-        panic!("the read mark landed after its device was revoked in every try (busy, before, after): {tries:?}");
-    })
-    .await
+        let alices = async || {
+            let Reply::Receipts(receipts) = bob.request(RequestBody::Receipts { conv }).await.unwrap() else {
+                panic!("expected Receipts")
+            };
+            receipts.iter().find(|r| r.user == alice.user_id).map(shown).unwrap_or(0)
+        };
+        let before = alices().await;
+        let (_phone, phone_id) = tb.login("alice").await;
+        let mut phone = tb.connector().connect_raw(&phone_id).await.unwrap();
+        let mut reader = tb.connector().connect_raw(&reader_id).await.unwrap();
+        // 60 pages of 200 entries of 4 KB each keep the conversation's actor busy.
+        // Once the first is answered the others are in its mailbox (the session hands
+        // them over one after another without waiting for answers).
+        const PAGES: u32 = 60;
+        let mut pages = Vec::new();
+        for i in 0..PAGES {
+            let body = RequestBody::History { conv, page: Page::Latest, limit: 200 };
+            pages.extend_from_slice(&request_frame(i, body));
+        }
+        reader.send.write_all(&pages).await.unwrap();
+        let (first, first_answered) = tokio::sync::oneshot::channel();
+        let answers = tokio::spawn(async move {
+            let mut first = Some(first);
+            for _ in 0..PAGES {
+                let (_, page) = switchboard_tests::next_response(&mut reader).await;
+                assert!(matches!(page, Ok(Reply::History { .. })), "{page:?}");
+                first.take().map(|first| first.send(()));
+            }
+        });
+        first_answered.await.unwrap();
+        // The mark, then a ping in the same write: the pong comes once the session has
+        // handed the mark to the actor, behind the remaining pages.
+        let mut bytes = request_frame(1, mark(conv, last)).to_vec();
+        bytes.extend_from_slice(&request_frame(2, RequestBody::Ping));
+        phone.send.write_all(&bytes).await.unwrap();
+        let (id, pong) = switchboard_tests::next_response(&mut phone).await;
+        assert!(id == 2 && matches!(pong, Ok(Reply::Pong { .. })), "the ping is answered first: {id} {pong:?}");
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        // Whether the actor was still busy when the revocation was answered: had it got
+        // through the pages already, the mark would have landed before it, rightly.
+        let busy = !answers.is_finished();
+        within(STEP_DEADLINE, "the pages", answers).await.unwrap();
+        let after = alices().await;
+        if busy && after == before {
+            return;
+        }
+        tries.push((busy, before, after));
+    }
+    panic!("the mark landed after its device was revoked in every try (busy, before, after): {tries:?}");
 }
 
 /// A password change in flight from a device that is revoked meanwhile, or whose account
