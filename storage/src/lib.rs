@@ -137,6 +137,8 @@ pub struct Store {
     /// offset), promised disk space `begin_upload` counts, and what batches handed to
     /// the committer but not yet applied change (see `files.rs`).
     files: Mutex<files::FilesLock>,
+    /// The newest text message counts written (`receipts::RunningCounts`).
+    counts: Mutex<receipts::RunningCounts>,
     /// Called by `collect_file` once it looked at the messages carrying a file, before
     /// it changes anything (tests write a delete there).
     #[cfg(test)]
@@ -182,6 +184,7 @@ impl Store {
             committer,
             catalog: Mutex::new(()),
             files: Mutex::new(files::FilesLock::default()),
+            counts: Mutex::default(),
             #[cfg(test)]
             collect_looked: std::sync::OnceLock::new(),
             path: config.path.clone(),

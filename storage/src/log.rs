@@ -142,7 +142,9 @@ impl Store {
                 }
                 let (total, mine) = self.counts_before(conv, entry.sender, entry.seq)?;
                 set(Key::text_count(conv, entry.seq), Some((total + 1).to_be_bytes().to_vec()))?;
-                set(Key::sender_count(conv, entry.sender, entry.seq), Some((mine + 1).to_be_bytes().to_vec()))
+                set(Key::sender_count(conv, entry.sender, entry.seq), Some((mine + 1).to_be_bytes().to_vec()))?;
+                self.counted(conv, entry.sender, entry.seq, total + 1, mine + 1);
+                Ok(())
             }
             // Tombstones imply nothing more; a creation is one atomic batch.
             Body::Tombstone | Body::Created { .. } | Body::Redacted { .. } => Ok(()),

@@ -65,13 +65,26 @@ impl Store {
         Ok(all.saturating_sub(own))
     }
 
-    /// The text message counts of `conv` before `seq`: all of them, and `sender`'s.
+    /// The text message counts of `conv` before `seq`: all of them, and `sender`'s. From
+    /// `RunningCounts` where it holds the newest count below `seq`, else read from the
+    /// count index (a reverse seek each).
     pub(crate) fn counts_before(&self, conv: ConvId, sender: UserId, seq: Seq) -> Result<(u64, u64)> {
         let before = seq.saturating_sub(1);
-        Ok((
-            self.count_at(Key::text_count(conv, 0), Key::text_count(conv, before))?,
-            self.count_at(Key::sender_count(conv, sender, 0), Key::sender_count(conv, sender, before))?,
-        ))
+        let (total, mine) = self.counts.lock().unwrap_or_else(|p| p.into_inner()).before(conv, sender, seq);
+        let total = match total {
+            Some(total) => total,
+            None => self.count_at(Key::text_count(conv, 0), Key::text_count(conv, before))?,
+        };
+        let mine = match mine {
+            Some(mine) => mine,
+            None => self.count_at(Key::sender_count(conv, sender, 0), Key::sender_count(conv, sender, before))?,
+        };
+        Ok((total, mine))
+    }
+
+    /// Records the counts just written for a text message at `seq` (`write_effects`).
+    pub(crate) fn counted(&self, conv: ConvId, sender: UserId, seq: Seq, total: u64, mine: u64) {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).counted(conv, sender, seq, total, mine);
     }
 
     /// The value of the newest count key in `from..=to` (0 if none).
@@ -124,6 +137,49 @@ impl Store {
             tracing::info!(messages = counted, "counted messages for format 3");
         }
         Ok(())
+    }
+}
+
+/// The newest running counts this process wrote, per conversation and per (conversation,
+/// sender), so that counting a new text message need not seek backwards through the count
+/// index: those two reverse seeks were 10% of the broker's CPU at `switchboard-load direct
+/// --users 10000` (a `perf` profile, docs/benchmarks.md "Running counts in memory").
+///
+/// An entry `(s, n)` says the count key at `s` holds `n` and was the newest when written.
+/// Counts are written by a conversation's one writer in seq order (its actor, or the
+/// repair of its newest entry before the actor takes writes), so for a later `seq` no key
+/// lies between `s` and `seq` and `n` is the count before `seq`; for `seq <= s` (a repair
+/// writing a message's counts again) the index is read. An entry only ever moves to a
+/// higher seq. Bounded: each map is emptied when it reaches `RUNNING_COUNTS_MAX` entries
+/// (a miss costs only the seek).
+#[derive(Default)]
+pub(crate) struct RunningCounts {
+    total: std::collections::HashMap<ConvId, (Seq, u64)>,
+    mine: std::collections::HashMap<(ConvId, UserId), (Seq, u64)>,
+}
+
+/// Entries per map of `RunningCounts` (about 40 bytes each).
+const RUNNING_COUNTS_MAX: usize = 65_536;
+
+impl RunningCounts {
+    /// The counts before `seq` where known: `(all, sender's)`.
+    fn before(&self, conv: ConvId, sender: UserId, seq: Seq) -> (Option<u64>, Option<u64>) {
+        let below = |held: Option<&(Seq, u64)>| held.filter(|(s, _)| *s < seq).map(|&(_, n)| n);
+        (below(self.total.get(&conv)), below(self.mine.get(&(conv, sender))))
+    }
+
+    fn counted(&mut self, conv: ConvId, sender: UserId, seq: Seq, total: u64, mine: u64) {
+        fn raise<K: std::hash::Hash + Eq>(map: &mut std::collections::HashMap<K, (Seq, u64)>, key: K, at: (Seq, u64)) {
+            if map.len() >= RUNNING_COUNTS_MAX && !map.contains_key(&key) {
+                map.clear();
+            }
+            let held = map.entry(key).or_insert(at);
+            if held.0 < at.0 {
+                *held = at;
+            }
+        }
+        raise(&mut self.total, conv, (seq, total));
+        raise(&mut self.mine, (conv, sender), (seq, mine));
     }
 }
 
@@ -218,6 +274,51 @@ mod tests {
         assert_eq!(store.unread(9, 2, 0, 8).unwrap(), 3, "seqs 1, 4 (deleted) and 6");
         assert_eq!(store.unread(9, 2, 0, 5).unwrap(), 2, "only up to last_seq");
         assert_eq!(store.unread(8, 2, 0, 5).unwrap(), 0, "another conversation");
+    }
+
+    /// Counts taken from `RunningCounts` agree with the log: senders interleaved, a
+    /// reopen (nothing held: read from the index), a repair of the newest message (its
+    /// counts written again, below what is held) and more messages after it.
+    #[tokio::test]
+    async fn running_counts_agree_with_the_log_across_reopens_and_repairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seq = 0;
+        for round in 0..3 {
+            let store = open(dir.path());
+            for i in 0..40u64 {
+                seq += 1;
+                // Senders 1..=3 in an uneven pattern, an edit now and then.
+                let body = if i % 7 == 6 {
+                    Body::Edit { target: seq - 1, text: "e".into() }
+                } else {
+                    Body::Text { text: format!("m{seq}"), edited: false }
+                };
+                append(&store, entry(seq, 1 + (i * i + round) % 3, body)).await;
+                if i % 13 == 0 {
+                    store.repair_newest_entry(9).unwrap();
+                }
+            }
+            for user in 1..=4 {
+                check_unread(&store, user);
+            }
+            store.close().unwrap();
+        }
+    }
+
+    #[test]
+    fn running_counts_hold_only_what_is_below_a_later_seq_and_stay_bounded() {
+        let mut counts = RunningCounts::default();
+        counts.counted(9, 1, 5, 3, 2);
+        assert_eq!(counts.before(9, 1, 6), (Some(3), Some(2)));
+        assert_eq!(counts.before(9, 1, 5), (None, None), "a message's own counts come from the index");
+        assert_eq!(counts.before(9, 2, 6), (Some(3), None), "another sender's are not held");
+        counts.counted(9, 1, 4, 2, 1);
+        assert_eq!(counts.before(9, 1, 6), (Some(3), Some(2)), "never moved back to an older seq");
+        for conv in 0..RUNNING_COUNTS_MAX as u64 {
+            counts.counted(100 + conv, 1, 1, 1, 1);
+        }
+        assert!(counts.total.len() <= RUNNING_COUNTS_MAX && counts.mine.len() <= RUNNING_COUNTS_MAX);
+        assert_eq!(counts.before(9, 1, 6), (None, None), "emptied when full");
     }
 
     #[tokio::test]
