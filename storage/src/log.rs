@@ -141,10 +141,17 @@ impl Store {
                     }
                 }
                 let (total, mine) = self.counts_before(conv, entry.sender, entry.seq)?;
-                set(Key::text_count(conv, entry.seq), Some((total + 1).to_be_bytes().to_vec()))?;
-                set(Key::sender_count(conv, entry.sender, entry.seq), Some((mine + 1).to_be_bytes().to_vec()))?;
-                self.counted(conv, entry.sender, entry.seq, total + 1, mine + 1);
-                Ok(())
+                let written =
+                    set(Key::text_count(conv, entry.seq), Some((total + 1).to_be_bytes().to_vec())).and_then(|()| {
+                        set(Key::sender_count(conv, entry.sender, entry.seq), Some((mine + 1).to_be_bytes().to_vec()))
+                    });
+                // Held only once both are written: one of the two alone would leave what
+                // is held behind the index for any later seq.
+                match &written {
+                    Ok(()) => self.counted(conv, entry.sender, entry.seq, total + 1, mine + 1),
+                    Err(_) => self.forget_counts(conv, entry.sender),
+                }
+                written
             }
             // Tombstones imply nothing more; a creation is one atomic batch.
             Body::Tombstone | Body::Created { .. } | Body::Redacted { .. } => Ok(()),

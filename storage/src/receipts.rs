@@ -87,6 +87,14 @@ impl Store {
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).counted(conv, sender, seq, total, mine);
     }
 
+    /// Lets go of the counts held for `conv` and `sender` (a write of a message's counts
+    /// failed half way: the index is read again from then on).
+    pub(crate) fn forget_counts(&self, conv: ConvId, sender: UserId) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.total.remove(&conv);
+        counts.mine.remove(&(conv, sender));
+    }
+
     /// The value of the newest count key in `from..=to` (0 if none).
     fn count_at(&self, from: Key, to: Key) -> Result<u64> {
         match self.db.range(from.as_ref()..=to.as_ref()).next_back() {
@@ -150,8 +158,11 @@ impl Store {
 /// repair of its newest entry before the actor takes writes), so for a later `seq` no key
 /// lies between `s` and `seq` and `n` is the count before `seq`; for `seq <= s` (a repair
 /// writing a message's counts again) the index is read. An entry only ever moves to a
-/// higher seq. Bounded: each map is emptied when it reaches `RUNNING_COUNTS_MAX` entries
-/// (a miss costs only the seek).
+/// higher seq (or is written again at the same one, by a repair). A message's counts are
+/// held once both of its keys are written, and a failed write of either lets go of both
+/// entries, so what is held is never behind the index: a writer that went on after such
+/// a failure (today's stop and repair first) would read the index. Bounded: each map is
+/// emptied when it reaches `RUNNING_COUNTS_MAX` entries (a miss costs only the seek).
 #[derive(Default)]
 pub(crate) struct RunningCounts {
     total: std::collections::HashMap<ConvId, (Seq, u64)>,
@@ -174,7 +185,7 @@ impl RunningCounts {
                 map.clear();
             }
             let held = map.entry(key).or_insert(at);
-            if held.0 < at.0 {
+            if held.0 <= at.0 {
                 *held = at;
             }
         }
@@ -319,6 +330,23 @@ mod tests {
         }
         assert!(counts.total.len() <= RUNNING_COUNTS_MAX && counts.mine.len() <= RUNNING_COUNTS_MAX);
         assert_eq!(counts.before(9, 1, 6), (None, None), "emptied when full");
+    }
+
+    /// After a failed write of a message's counts nothing is held for its conversation
+    /// and sender, and the next message is counted from the index.
+    #[tokio::test]
+    async fn a_failed_count_write_lets_go_of_what_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        mixed_log(&store).await;
+        let held = |store: &Store| store.counts.lock().unwrap().before(9, 2, 100);
+        assert_eq!(held(&store), (Some(5), Some(2)));
+        store.forget_counts(9, 2);
+        assert_eq!(held(&store), (None, None));
+        append(&store, text(9, 2)).await;
+        assert_eq!(held(&store), (Some(6), Some(3)));
+        check_unread(&store, 1);
+        check_unread(&store, 2);
     }
 
     #[tokio::test]
