@@ -210,6 +210,12 @@ impl TestBroker {
         self.preauth_version(switchboard_protocol::PROTOCOL_VERSION).await
     }
 
+    /// TLS resumption tickets the broker has opened so far
+    /// (`switchboard_tls_tickets_opened_total`: an upper bound on resumed handshakes).
+    pub fn tls_tickets_opened(&self) -> u64 {
+        self.shared().counters.tls_tickets_opened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// `preauth` with a hello that names `version` (the broker serves 4 and 5).
     pub async fn preauth_version(&self, version: u16) -> PreAuth {
         self.preauth_through(&self.connector(), version).await

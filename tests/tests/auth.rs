@@ -218,7 +218,6 @@ async fn a_signature_from_an_earlier_connection_does_not_pass_on_a_resumed_one()
     bounded(async {
         let tb = TestBroker::start().await;
         let (_c, alice) = tb.register("alice").await;
-        let opened = || tb.shared().counters.tls_tickets_opened.load(std::sync::atomic::Ordering::Relaxed);
         let phone = tb.connector();
         let mut first = tb.preauth_through(&phone, 5).await;
         let made_for_first = authenticate(&alice, &first.transcript);
@@ -229,9 +228,9 @@ async fn a_signature_from_an_earlier_connection_does_not_pass_on_a_resumed_one()
         first.request(1, RequestBody::Ping).await;
         assert!(first.next().await.is_ok());
 
-        let before = opened();
+        let before = tb.tls_tickets_opened();
         let mut resumed = tb.preauth_through(&phone, 5).await;
-        assert_eq!(opened(), before + 1, "the second connection resumed the first one's session");
+        assert_eq!(tb.tls_tickets_opened(), before + 1, "the second connection resumed the first one's session");
         assert_ne!(first.exporter, resumed.exporter, "a resumed session exports its own keying material");
         resumed.request(0, made_for_first).await;
         assert_eq!(resumed.next().await.err(), Some(Some(ErrorCode::AUTH_FAILED)), "the first connection's signature");
@@ -339,7 +338,6 @@ async fn a_device_reconnecting_after_many_other_handshakes_resumes_its_tls_sessi
     bounded(async {
         let tb = TestBroker::start().await;
         let (_c, alice) = tb.register("alice").await;
-        let opened = || tb.shared().counters.tls_tickets_opened.load(std::sync::atomic::Ordering::Relaxed);
         // The phone keeps its own tickets (its connector's session store).
         let phone = tb.connector();
         let first = within(STEP_DEADLINE, "first connect", phone.connect(&alice)).await.unwrap();
@@ -357,10 +355,10 @@ async fn a_device_reconnecting_after_many_other_handshakes_resumes_its_tls_sessi
                     .unwrap();
             conn.close(0u32.into(), b"bye");
         }
-        let before = opened();
+        let before = tb.tls_tickets_opened();
         let again = within(STEP_DEADLINE, "reconnect", phone.connect(&alice)).await.unwrap();
         again.ping().await.unwrap();
-        assert_eq!(opened(), before + 1, "the phone's reconnect resumed with its ticket");
+        assert_eq!(tb.tls_tickets_opened(), before + 1, "the phone's reconnect resumed with its ticket");
     })
     .await
 }
