@@ -349,6 +349,7 @@ pub(crate) async fn settings(
     set: Option<Settings>,
 ) -> Result<Reply, ErrorBody> {
     if let Some(new) = set {
+        shared.pauses.pass(crate::pauses::Point::Settings).await;
         let written =
             catalog_write(&shared.store, move |s| unless_cut_off(s, user, &asker, |s| s.set_settings(user, &new)))
                 .await?;

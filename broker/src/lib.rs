@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod overload;
+pub mod pauses;
 pub mod presence;
 pub mod reply;
 pub mod tls;
@@ -108,6 +109,10 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Totals for the metrics endpoint.
     pub counters: metrics::Counters,
+    /// Where a test may hold a request (`pauses.rs`); for tests only, none is held
+    /// otherwise.
+    #[doc(hidden)]
+    pub pauses: pauses::Pauses,
 }
 
 /// What the broker holds now, for the operator (`Shared::status`; logged every
@@ -306,6 +311,7 @@ impl Broker {
             sends,
             health,
             counters: metrics::Counters::with_tickets_opened(tickets_opened),
+            pauses: pauses::Pauses::default(),
         });
         let mut accept: Vec<tokio::task::JoinHandle<()>> = endpoints
             .iter()

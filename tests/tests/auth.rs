@@ -4,11 +4,13 @@
 
 use std::time::Duration;
 
+use switchboard_broker::limits::STORE_JOBS_PER_USER;
+use switchboard_broker::pauses::Point;
 use switchboard_client::{Connector, Trust};
 use switchboard_protocol::limits::{MAX_SERVER_FRAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
     ClientFrame, ClientHello, ErrorCode, FrameDecoder, MAGIC, Page, Reply, Request, RequestBody, ServerFrame,
-    ServerHello, auth_transcript, auth_transcript_v5, decode, encode_frame,
+    ServerHello, Settings, auth_transcript, auth_transcript_v5, decode, encode_frame,
 };
 use switchboard_tests::{
     PreAuth, STEP_DEADLINE, TestBroker, authenticate, bounded, closed_with, read_frame, request_frame, within,
@@ -632,6 +634,39 @@ async fn a_revoked_devices_blocks_and_creations_queued_behind_its_revocation_do_
             landed.push((blocked, created));
         }
         panic!("(blocks, groups) of {} landed in each try, most after the device was revoked: {landed:?}", 2 * EACH);
+    })
+    .await
+}
+
+/// A `Settings` change that its session let in before the revocation but that reaches
+/// the catalog thread after it is refused there (`catalog::refusal_to`): held between
+/// the two (`Point::Settings`) until the laptop's revocation of the phone is answered,
+/// then let go, it changes nothing (without `refusal_to`: written, in each of 3 runs;
+/// either of its two tests, the session closed or the device gone, refuses it alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_devices_settings_change_let_in_before_the_revocation_does_not_land() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, alice) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        let mut held = tb.shared().pauses.arm(Point::Settings);
+        let private = Settings { read_receipts_private: true };
+        let change = tokio::spawn(async move { phone.settings(Some(private)).await });
+        within(STEP_DEADLINE, "the phone's change held", held.reached()).await;
+        // The held change keeps one of alice's store slots until it is answered.
+        let slots = tb.shared().users.store_slots(alice.user_id);
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        held.release();
+        // The phone's connection was closed by the revocation: its answer never comes.
+        assert!(change.await.unwrap().is_err());
+        within(STEP_DEADLINE, "the phone's change carried out or refused", async {
+            while slots.available_permits() < STORE_JOBS_PER_USER {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let now = laptop.settings(None).await.unwrap();
+        assert_eq!(now, Settings::default(), "the revoked device's change was written after its revocation");
     })
     .await
 }

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use switchboard_broker::limits::STORE_JOBS_PER_USER;
+use switchboard_broker::pauses::Point;
 use switchboard_client::Client;
 use switchboard_protocol::{
     Body, ErrorCode, FileId, FileState, NewUpload, Page, Reply, RequestBody, TransferOpen, TransferReply,
@@ -2331,6 +2333,104 @@ async fn one_users_stalled_streams_do_not_take_every_transfer_place() {
         let (_, got) = download(bob.connection(), file, 0, 0).await.unwrap();
         assert_eq!(got, data);
         assert_eq!(stalled.len(), 4, "alice's other streams still held their places");
+    })
+    .await
+}
+
+/// Arms `point`, has a new device of alice's (the phone) send `body` and waits until it
+/// is held there, then revokes the phone from `laptop` and lets the request go on: the
+/// request was let in by its session before the revocation and reaches its last check
+/// after it. Returns once the request was carried out or refused, if it holds one of
+/// alice's store slots until then (all but `CancelUpload`).
+async fn revoked_while_held(tb: &TestBroker, laptop: &Client, point: Point, body: RequestBody) {
+    let (phone, id) = tb.login("alice").await;
+    let mut held = tb.shared().pauses.arm(point);
+    let asked = tokio::spawn(async move { phone.request(body).await });
+    within(STEP_DEADLINE, "the phone's request held", held.reached()).await;
+    let slots = tb.shared().users.store_slots(id.user_id);
+    laptop.revoke_device(id.device_id).await.unwrap();
+    held.release();
+    // The revocation closed the phone's connection: its answer never comes.
+    assert!(asked.await.unwrap().is_err());
+    within(STEP_DEADLINE, "the phone's request carried out or refused", async {
+        while slots.available_permits() < STORE_JOBS_PER_USER {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// The last checks of `BeginUpload`, `CancelUpload`, `DeleteFile` and `WithdrawFile`
+/// refuse a request that its session let in before its device was revoked but that
+/// reaches them after (`Revocation::refusal`): each held at its point (`Point`) until
+/// the revocation is answered, then let go, changes nothing. Each failed the test
+/// without its check: the upload was begun (the laptop's own was then refused
+/// `TOO_MANY_UPLOADS`), the upload cancelled, the file deleted, the file withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_requests_let_in_before_their_devices_revocation_do_not_land() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.max_uploads_per_user = 1).await;
+        let (laptop, _) = tb.register("alice").await;
+        let data = bytes(1000, 3);
+
+        let body = RequestBody::BeginUpload(new_upload("a.bin", "application/octet-stream", &data));
+        revoked_while_held(&tb, &laptop, Point::BeginUpload, body).await;
+        // The only upload in progress a user may have is free for the laptop.
+        let mine = match laptop.request(RequestBody::BeginUpload(new_upload("b.bin", "text/plain", &data))).await {
+            Ok(Reply::Upload(status)) => status,
+            other => panic!("the phone's upload was begun after its revocation (the laptop's: {other:?})"),
+        };
+
+        // A cancel holds no store slot: nothing says when it is done, so the upload is
+        // watched for half a second (without the check it went within milliseconds).
+        revoked_while_held(&tb, &laptop, Point::CancelUpload, RequestBody::CancelUpload { file: mine.file }).await;
+        for _ in 0..25 {
+            let still = matches!(status(&laptop, mine.file).await, Ok(Reply::Upload(s)) if !s.complete);
+            assert!(still, "the upload was cancelled after its canceller's revocation");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        laptop.cancel_upload(mine.file).await.unwrap();
+
+        // Alice's file: any device of hers may delete or withdraw it.
+        let file = upload(&laptop, "c.bin", &data).await;
+        revoked_while_held(&tb, &laptop, Point::DeleteFile, RequestBody::DeleteFile { file }).await;
+        assert!(file_info(&laptop, file).await.is_ok(), "the file was deleted after its deleter's revocation");
+        revoked_while_held(&tb, &laptop, Point::WithdrawFile, RequestBody::WithdrawFile { file }).await;
+        assert!(file_info(&laptop, file).await.is_ok(), "the file was withdrawn after its withdrawer's revocation");
+    })
+    .await
+}
+
+/// A chunk that reached its upload's actor before its device was revoked is not written
+/// if the actor comes to it after (the actor's check of `Revocation`): held there
+/// (`Point::UploadChunk`) until the revocation is answered, then let go, the whole file
+/// in one chunk writes nothing and publishes nothing (without the check: written and
+/// the file complete, in each of 3 runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_let_in_before_its_devices_revocation_is_not_written() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        let data = bytes(1000, 5);
+        let begun = begin_upload(&phone, "a.bin", "application/octet-stream", &data).await;
+        // Asking about an upload opens the laptop's connection to transfer streams.
+        assert_eq!(offset_of(status(&laptop, begun.file).await.unwrap()), 0);
+        let mut held = tb.shared().pauses.arm(Point::UploadChunk);
+        let mut t = Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
+        t.chunk(0, &data, None).await;
+        within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        held.release();
+        // The actor takes one message at a time: it answers the laptop's opening of the
+        // same upload once it is done with the chunk.
+        let mut resumed =
+            Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        match resumed.reply().await {
+            Some(TransferReply::Accepted { offset: 0 }) => {}
+            other => panic!("the chunk was written after its device's revocation: {other:?}"),
+        }
     })
     .await
 }

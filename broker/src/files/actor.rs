@@ -212,6 +212,7 @@ impl Actor for Upload {
             UploadMsg::Chunk { stream, chunk, matches, permit, revocation } => {
                 // Not written, nor (were it the last) the file verified and published,
                 // once the device that sent it was revoked (its connection is closing).
+                self.shared.pauses.pass(crate::pauses::Point::UploadChunk).await;
                 if revocation.code().is_none() {
                     let len = chunk.data.len() as u64;
                     let effects = st.state.chunk(stream, chunk.offset, len, matches);

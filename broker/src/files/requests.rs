@@ -16,6 +16,7 @@ use switchboard_storage::{FileRecord, FileStage, Forwarded, Store, UploadRefusal
 use super::ATTACHMENT_SCAN;
 use crate::Shared;
 use crate::error::internal;
+use crate::pauses::Point;
 use crate::reply::Revocation;
 
 fn err(code: ErrorCode, message: &str) -> ErrorBody {
@@ -171,6 +172,7 @@ pub async fn begin_upload(
         let left = || quota.saturating_sub(s.files.blobs.unfreed_of(user));
         // A device cut off while this waited (for a store slot, for this thread) begins
         // nothing (`Revocation::refusal`).
+        s.pauses.pass_blocking(Point::BeginUpload);
         revocation.refusal()?;
         match s.store.begin_upload(&id, &record, max_uploads, left, room).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
@@ -275,6 +277,7 @@ pub async fn cancel_upload(
         Some(record) if record.uploader == user && !record.is_complete() => {}
         _ => return Err(no_such_file()),
     }
+    shared.pauses.pass(Point::CancelUpload).await;
     revocation.refusal()?;
     match shared.files.remove(&shared, &id, "the upload was cancelled").await {
         Ok(true) => Ok(Reply::Done),
@@ -321,6 +324,7 @@ pub async fn delete_file(
     }
     let s = shared.clone();
     let dropped = tokio::task::spawn_blocking(move || {
+        s.pauses.pass_blocking(Point::DeleteFile);
         revocation.refusal()?;
         s.store.drop_hold(&id).map_err(internal)
     })
@@ -364,6 +368,7 @@ pub async fn withdraw_file(
     let withdrawn = tokio::task::spawn_blocking(move || {
         // Read first: the withdrawal drops the attachments that name them.
         let convs = s.store.attachment_convs(&id, ATTACHMENT_SCAN).map_err(internal)?;
+        s.pauses.pass_blocking(Point::WithdrawFile);
         revocation.refusal()?;
         Ok::<_, ErrorBody>(s.store.withdraw_file(&id, user).map_err(internal)?.map(|durable| (durable, convs)))
     })
