@@ -113,7 +113,9 @@ async fn membership_changes_are_ordered_entries() {
 #[tokio::test]
 async fn idle_conversation_actor_stops_and_restarts_on_use() {
     bounded(async {
-        let tb = TestBroker::start_with(|c| c.conversation_idle_ms = 100).await;
+        // Idle after 1 s: long enough that a slow commit does not retire the actor
+        // before the counts below.
+        let tb = TestBroker::start_with(|c| c.conversation_idle_ms = 1000).await;
         let (alice, _) = tb.register("alice").await;
         let (bob, _) = tb.register("bob").await;
         let mut bob_events = bob.events().unwrap();

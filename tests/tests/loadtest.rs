@@ -137,8 +137,10 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
             ramp: true,
             ramp_step: Duration::from_secs(1),
             ramp_factor: 4.0,
-            // Generous: met at 20 msg/s even on a loaded machine, missed once the rate is absurd.
-            ramp_p99_ms: 200.0,
+            // Generous: met at 20 msg/s even on a loaded machine (the first second of a
+            // debug broker beside this binary's other tests), missed once the rate is
+            // absurd.
+            ramp_p99_ms: 1000.0,
             ramp_beyond: 0,
             ..small()
         };
