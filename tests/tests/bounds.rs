@@ -658,27 +658,46 @@ async fn failed_logins_are_rate_limited_per_address() {
 #[tokio::test]
 async fn the_creation_allowance_table_is_capped() {
     bounded(async {
-        let tb = TestBroker::start().await;
-        let (alice, _) = tb.register("alice").await;
-        let users = &tb.shared().users;
-        // Ids far above any the store hands out.
-        let synthetic = 1u64 << 40;
-        for user in synthetic..synthetic + CREATION_BUCKETS_MAX as u64 {
-            users.allow_creation(user).unwrap();
-        }
-        let e = alice.create_group("g", &[]).await.unwrap_err();
-        assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED), "{e}");
-        users.allow_creation(synthetic).unwrap();
-        // A taken allowance refills in a second; refilled ones are dropped (at most once
-        // a second), which makes room.
-        within(STEP_DEADLINE, "room in the allowance table", async {
-            while alice.create_group("g", &[]).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        // The first allowance taken refills a second later: a try whose filling and
+        // creation took longer (a loaded machine, a debug build) may rightly find room,
+        // says nothing, and is made again on a fresh broker.
+        for _ in 0..5 {
+            let tb = TestBroker::start().await;
+            let (alice, _) = tb.register("alice").await;
+            let users = &tb.shared().users;
+            // Ids far above any the store hands out.
+            let synthetic = 1u64 << 40;
+            let filled = std::time::Instant::now();
+            for user in synthetic..synthetic + CREATION_BUCKETS_MAX as u64 {
+                users.allow_creation(user).unwrap();
             }
-        })
-        .await;
+            let created = alice.create_group("g", &[]).await;
+            if created.is_ok() && filled.elapsed() >= Duration::from_millis(900) {
+                continue;
+            }
+            let e = created.expect_err("a user not in the full table was served");
+            assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED), "{e}");
+            refills_and_makes_room(&alice, users, synthetic).await;
+            return;
+        }
+        panic!("filling the allowance table took over 900 ms in each try");
     })
     .await
+}
+
+/// The rest of `the_creation_allowance_table_is_capped`, the table full and `alice`
+/// refused: a user in it keeps its allowance, and once allowances have refilled, room is
+/// made for her.
+async fn refills_and_makes_room(alice: &Client, users: &switchboard_broker::user::UserDirectory, synthetic: u64) {
+    users.allow_creation(synthetic).unwrap();
+    // A taken allowance refills in a second; refilled ones are dropped (at most once a
+    // second), which makes room.
+    within(STEP_DEADLINE, "room in the allowance table", async {
+        while alice.create_group("g", &[]).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
 }
 
 /// PROTOCOL.md section 2: once authenticated, a frame body of 64 KiB is read (this one
