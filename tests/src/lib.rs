@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ed25519_dalek::{Signer, SigningKey};
+use switchboard_broker::limits::STORE_JOBS_PER_USER;
+use switchboard_broker::pauses::Point;
 use switchboard_broker::{Broker, Config, Shared};
 use switchboard_client::{Client, ClientError, Connector, Events, Identity, Trust};
 use switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES;
@@ -457,6 +459,30 @@ impl Transfer {
             }
         }
     }
+}
+
+/// Arms `point`, has a new device of `user` (the phone) send `body` and waits until it is
+/// held there, then revokes the phone from `by` (another device of `user`) and lets the
+/// request go on: the request was let in by its session before the revocation and
+/// reaches its last check after it. Returns once the request was carried out or
+/// refused, if it holds one of the user's store slots until then (all points but
+/// `CancelUpload` and `UploadChunk`).
+pub async fn revoked_while_held(tb: &TestBroker, by: &Client, user: &str, point: Point, body: RequestBody) {
+    let (phone, id) = tb.login(user).await;
+    let mut held = tb.shared().pauses.arm(point);
+    let asked = tokio::spawn(async move { phone.request(body).await });
+    within(STEP_DEADLINE, "the phone's request held", held.reached()).await;
+    let slots = tb.shared().users.store_slots(id.user_id);
+    by.revoke_device(id.device_id).await.unwrap();
+    held.release();
+    // The revocation closed the phone's connection: its answer never comes.
+    assert!(asked.await.unwrap().is_err());
+    within(STEP_DEADLINE, "the phone's request carried out or refused", async {
+        while slots.available_permits() < STORE_JOBS_PER_USER {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
 }
 
 /// What `BeginUpload` declares for `data`: its size and BLAKE3.

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use switchboard_broker::limits::STORE_JOBS_PER_USER;
 use switchboard_broker::pauses::Point;
 use switchboard_client::Client;
 use switchboard_protocol::{
@@ -15,7 +14,7 @@ use switchboard_protocol::{
 };
 use switchboard_tests::{
     STEP_DEADLINE, TestBroker, Transfer, begin_upload, bounded, download, new_upload, next_entry, no_event,
-    upload_range, upload_rest, within,
+    revoked_while_held, upload_range, upload_rest, within,
 };
 
 /// `n` bytes that differ from those of another `seed`.
@@ -2338,29 +2337,6 @@ async fn one_users_stalled_streams_do_not_take_every_transfer_place() {
     .await
 }
 
-/// Arms `point`, has a new device of alice's (the phone) send `body` and waits until it
-/// is held there, then revokes the phone from `laptop` and lets the request go on: the
-/// request was let in by its session before the revocation and reaches its last check
-/// after it. Returns once the request was carried out or refused, if it holds one of
-/// alice's store slots until then (all but `CancelUpload`).
-async fn revoked_while_held(tb: &TestBroker, laptop: &Client, point: Point, body: RequestBody) {
-    let (phone, id) = tb.login("alice").await;
-    let mut held = tb.shared().pauses.arm(point);
-    let asked = tokio::spawn(async move { phone.request(body).await });
-    within(STEP_DEADLINE, "the phone's request held", held.reached()).await;
-    let slots = tb.shared().users.store_slots(id.user_id);
-    laptop.revoke_device(id.device_id).await.unwrap();
-    held.release();
-    // The revocation closed the phone's connection: its answer never comes.
-    assert!(asked.await.unwrap().is_err());
-    within(STEP_DEADLINE, "the phone's request carried out or refused", async {
-        while slots.available_permits() < STORE_JOBS_PER_USER {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
-
 /// The last checks of `BeginUpload`, `CancelUpload`, `DeleteFile` and `WithdrawFile`
 /// refuse a request that its session let in before its device was revoked but that
 /// reaches them after (`Revocation::refusal`): each held at its point (`Point`) until
@@ -2375,7 +2351,7 @@ async fn file_requests_let_in_before_their_devices_revocation_do_not_land() {
         let data = bytes(1000, 3);
 
         let body = RequestBody::BeginUpload(new_upload("a.bin", "application/octet-stream", &data));
-        revoked_while_held(&tb, &laptop, Point::BeginUpload, body).await;
+        revoked_while_held(&tb, &laptop, "alice", Point::BeginUpload, body).await;
         // The only upload in progress a user may have is free for the laptop.
         let mine = match laptop.request(RequestBody::BeginUpload(new_upload("b.bin", "text/plain", &data))).await {
             Ok(Reply::Upload(status)) => status,
@@ -2384,7 +2360,8 @@ async fn file_requests_let_in_before_their_devices_revocation_do_not_land() {
 
         // A cancel holds no store slot: nothing says when it is done, so the upload is
         // watched for half a second (without the check it went within milliseconds).
-        revoked_while_held(&tb, &laptop, Point::CancelUpload, RequestBody::CancelUpload { file: mine.file }).await;
+        revoked_while_held(&tb, &laptop, "alice", Point::CancelUpload, RequestBody::CancelUpload { file: mine.file })
+            .await;
         for _ in 0..25 {
             let still = matches!(status(&laptop, mine.file).await, Ok(Reply::Upload(s)) if !s.complete);
             assert!(still, "the upload was cancelled after its canceller's revocation");
@@ -2394,9 +2371,9 @@ async fn file_requests_let_in_before_their_devices_revocation_do_not_land() {
 
         // Alice's file: any device of hers may delete or withdraw it.
         let file = upload(&laptop, "c.bin", &data).await;
-        revoked_while_held(&tb, &laptop, Point::DeleteFile, RequestBody::DeleteFile { file }).await;
+        revoked_while_held(&tb, &laptop, "alice", Point::DeleteFile, RequestBody::DeleteFile { file }).await;
         assert!(file_info(&laptop, file).await.is_ok(), "the file was deleted after its deleter's revocation");
-        revoked_while_held(&tb, &laptop, Point::WithdrawFile, RequestBody::WithdrawFile { file }).await;
+        revoked_while_held(&tb, &laptop, "alice", Point::WithdrawFile, RequestBody::WithdrawFile { file }).await;
         assert!(file_info(&laptop, file).await.is_ok(), "the file was withdrawn after its withdrawer's revocation");
     })
     .await
