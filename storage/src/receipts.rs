@@ -90,9 +90,7 @@ impl Store {
     /// Lets go of the counts held for `conv` and `sender` (a write of a message's counts
     /// failed half way: the index is read again from then on).
     pub(crate) fn forget_counts(&self, conv: ConvId, sender: UserId) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.total.remove(&conv);
-        counts.mine.remove(&(conv, sender));
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).forget(conv, sender);
     }
 
     /// The value of the newest count key in `from..=to` (0 if none).
@@ -191,6 +189,12 @@ impl RunningCounts {
         }
         raise(&mut self.total, conv, (seq, total));
         raise(&mut self.mine, (conv, sender), (seq, mine));
+    }
+
+    /// Holds nothing more for `conv` and for `sender` in it.
+    fn forget(&mut self, conv: ConvId, sender: UserId) {
+        self.total.remove(&conv);
+        self.mine.remove(&(conv, sender));
     }
 }
 
