@@ -44,6 +44,12 @@ pub struct Config {
     /// other writes (files, accounts, receipts) end the wait at once.
     /// docs/benchmarks.md ("Commit delay").
     pub commit_delay_us: u64,
+    /// The commit delay is waited only when at least this many other message writes are
+    /// already waiting for the commit (those that arrived while the last one ran: a
+    /// measure of the rate); 0: always. Like PostgreSQL's `commit_siblings`: a message
+    /// on a quiet broker is not held back for company that is not coming.
+    /// docs/benchmarks.md ("Commit siblings").
+    pub commit_siblings: u32,
     /// QUIC idle timeout: an abrupt disconnect is noticed within this (the effective
     /// timeout is the smaller of this and the client's). The broker sends a keep-alive
     /// after a third of it without traffic, so clients stay connected however short it is.
@@ -203,6 +209,7 @@ impl Default for Config {
             unconfirmed_device_grace_ms: crate::limits::UNCONFIRMED_DEVICE_GRACE_MS,
             store_cache_bytes: 256 * 1024 * 1024,
             commit_delay_us: 0,
+            commit_siblings: 0,
             idle_timeout_ms: 30_000,
             presence_coalesce_ms: crate::limits::PRESENCE_COALESCE_MS,
             typing_ttl_ms: u64::from(switchboard_protocol::limits::TYPING_TTL_MS),

@@ -201,6 +201,7 @@ pub fn open_store(config: &Config) -> Result<Arc<Store>> {
     let mut store_config = StoreConfig::new(config.data_dir.join("store"));
     store_config.cache_capacity_bytes = config.store_cache_bytes;
     store_config.commit_delay = std::time::Duration::from_micros(config.commit_delay_us);
+    store_config.commit_siblings = config.commit_siblings as usize;
     let store = Store::open(&store_config).map_err(|e| {
         Error::DataDir(format!("opening the store in {} (is another broker using it?): {e}", config.data_dir.display()))
     })?;

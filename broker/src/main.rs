@@ -299,7 +299,10 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
     // The two settings that trade latency and ceiling for wakeups (OPERATIONS.md).
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let per_core = if config.runtime_workers == 0 { " (one per core)" } else { "" };
-    println!("runtime threads: {workers}{per_core}; commit delay: {} us", config.commit_delay_us);
+    println!(
+        "runtime threads: {workers}{per_core}; commit delay: {} us with {} siblings",
+        config.commit_delay_us, config.commit_siblings
+    );
     tokio::select! {
         () = stop => {}
         () = broker.failed() => {

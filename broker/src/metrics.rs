@@ -478,6 +478,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             s.password_checks as f64,
         ),
         gauge("switchboard_commit_delay_seconds", "commit_delay_us, in seconds.", c.commit_delay_us as f64 / 1e6),
+        gauge("switchboard_commit_siblings", "commit_siblings.", f64::from(c.commit_siblings)),
         counter("switchboard_sessions_started_total", "Sessions authenticated.", Counters::get(&n.sessions_started)),
         counter(
             "switchboard_tls_tickets_opened_total",
@@ -551,6 +552,11 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             commits.writes as f64,
         ),
         counter("switchboard_group_commits_slow_total", "Group commits that took over 50 ms.", commits.slow() as f64),
+        counter(
+            "switchboard_group_commits_delayed_total",
+            "Group commits that waited out commit_delay_us (commit_siblings other writes were waiting).",
+            commits.delayed as f64,
+        ),
         gauge("switchboard_disk_reserve_bytes", "disk_reserve_bytes.", c.disk_reserve_bytes as f64),
     ];
     if let Ok(free) = crate::files::requests::free_bytes(shared.files.blobs.root()) {

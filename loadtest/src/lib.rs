@@ -76,6 +76,10 @@ pub struct Common {
     /// writes to share it (default: the broker's, 0).
     #[arg(long, global = true)]
     pub broker_commit_delay_us: Option<u64>,
+    /// The embedded broker's `commit_siblings`: how many other writes must already wait
+    /// for a commit before it waits out the commit delay (default: the broker's, 0).
+    #[arg(long, global = true)]
+    pub broker_commit_siblings: Option<u32>,
     /// Runtime threads of the broker the harness starts as a child process (its
     /// `runtime_workers`; default: one per core). Not for `--in-process`, which shares
     /// the harness's runtime.
@@ -149,6 +153,7 @@ impl Common {
             max_sends_in_flight: self.broker_max_sends_in_flight,
             send_delay_target_ms: self.broker_send_delay_target_ms,
             commit_delay_us: self.broker_commit_delay_us,
+            commit_siblings: self.broker_commit_siblings,
             socket_backlog_target_ms: self.broker_socket_backlog_target_ms,
             runtime_workers: self.broker_workers,
         };

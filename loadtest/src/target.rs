@@ -57,6 +57,8 @@ pub struct BrokerKnobs {
     pub send_delay_target_ms: Option<u64>,
     /// Its `commit_delay_us`; `None` keeps the broker's default.
     pub commit_delay_us: Option<u64>,
+    /// Its `commit_siblings`; `None` keeps the broker's default.
+    pub commit_siblings: Option<u32>,
     /// Its `socket_backlog_target_ms`; `None` keeps the broker's default.
     pub socket_backlog_target_ms: Option<u64>,
     /// Its `runtime_workers` (a child's runtime threads); `None`: one per core.
@@ -76,6 +78,9 @@ impl BrokerKnobs {
         if let Some(us) = self.commit_delay_us {
             config.commit_delay_us = us;
         }
+        if let Some(n) = self.commit_siblings {
+            config.commit_siblings = n;
+        }
         if let Some(ms) = self.socket_backlog_target_ms {
             config.socket_backlog_target_ms = ms;
         }
@@ -86,7 +91,7 @@ impl BrokerKnobs {
     }
 
     /// As arguments of the child command (after the data dir); `-` keeps a default.
-    fn args(&self) -> [String; 6] {
+    fn args(&self) -> [String; 7] {
         let or_default = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         [
             self.udp_sockets.to_string(),
@@ -95,6 +100,7 @@ impl BrokerKnobs {
             or_default(self.commit_delay_us.map(|v| v.to_string())),
             or_default(self.socket_backlog_target_ms.map(|v| v.to_string())),
             or_default(self.runtime_workers.map(|v| v.to_string())),
+            or_default(self.commit_siblings.map(|v| v.to_string())),
         ]
     }
 
@@ -108,6 +114,7 @@ impl BrokerKnobs {
             commit_delay_us: args.get(3).and_then(|v| v.parse().ok()),
             socket_backlog_target_ms: args.get(4).and_then(|v| v.parse().ok()),
             runtime_workers: args.get(5).and_then(|v| v.parse().ok()),
+            commit_siblings: args.get(6).and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -261,6 +268,15 @@ pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
         let mut stdin = tokio::io::stdin();
         let mut sink = [0u8; 4096];
         while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
+        // Over the whole run, setup included: what the commit delay did.
+        let c = broker.shared().store.commit_stats();
+        eprintln!(
+            "broker: {} group commits carried {} writes ({:.2} each); {} waited out the commit delay",
+            c.commits(),
+            c.writes,
+            c.writes as f64 / c.commits().max(1) as f64,
+            c.delayed
+        );
         Ok(broker.shutdown().await?)
     })
 }
@@ -278,11 +294,12 @@ mod tests {
             commit_delay_us: Some(1500),
             socket_backlog_target_ms: Some(7),
             runtime_workers: Some(1),
+            commit_siblings: Some(4),
         };
         assert_eq!(BrokerKnobs::parse(&set.args()), set);
         let config = set.config("unused".into());
         assert_eq!((config.max_sends_in_flight, config.send_delay_target_ms, config.commit_delay_us), (9, 0, 1500));
-        assert_eq!((config.socket_backlog_target_ms, config.runtime_workers), (7, 1));
+        assert_eq!((config.socket_backlog_target_ms, config.runtime_workers, config.commit_siblings), (7, 1, 4));
         // Unset ones keep the broker's defaults.
         let unset = BrokerKnobs { udp_sockets: 1, ..Default::default() };
         assert_eq!(BrokerKnobs::parse(&unset.args()), unset);

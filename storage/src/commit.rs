@@ -20,7 +20,7 @@ use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -68,6 +68,9 @@ struct Health {
     inject: AtomicBool,
     /// A job that must not wait out the commit delay was queued: the delay ends.
     urgent: AtomicBool,
+    /// Conversation entries queued (`Job::Grouped`) and not yet taken by a commit: how
+    /// many other entries a commit would carry, read against `siblings`.
+    grouped_waiting: AtomicUsize,
     hook: OnceLock<FailureHook>,
     /// What the commits so far did (`Store::commit_stats`).
     stats: Stats,
@@ -86,6 +89,7 @@ struct Health {
 struct Stats {
     writes: AtomicU64,
     busy_us: AtomicU64,
+    delayed: AtomicU64,
     /// Commits by duration (how many, and how many were slow, derive from them): `buckets[i]` counts those of at most `COMMIT_BUCKETS_US[i]`,
     /// the last those longer than every bound.
     buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
@@ -104,6 +108,9 @@ pub struct CommitStats {
     pub writes: u64,
     /// Time spent in them, flush plus fdatasync, microseconds.
     pub busy_us: u64,
+    /// Commits that waited out the commit delay (or part of it, until another kind of
+    /// write ended it) before they began: at most `commits()` plus failed ones.
+    pub delayed: u64,
     /// Commits that succeeded (each one flush and one fdatasync) by duration:
     /// `buckets[i]` those of at most `COMMIT_BUCKETS_US[i]` (and more than the bound
     /// before), the last those longer than every bound.
@@ -132,17 +139,27 @@ pub(crate) struct Committer {
     health: Arc<Health>,
 }
 
+/// When a commit that a conversation entry asked for waits before it flushes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Delay {
+    /// How long, counted from the entry's write (zero: never).
+    pub(crate) wait: Duration,
+    /// Only when at least this many other entries are already queued as the committer
+    /// takes the entry up (0: always). See `StoreConfig::commit_siblings`.
+    pub(crate) siblings: usize,
+}
+
 impl Committer {
     /// Starts the committer thread. Each of `gens` (index writes, watermark writes) is
     /// marked durable as far as each successful commit covers it. With a `delay`, a
-    /// commit that a conversation entry asked for (`notify_grouped`) begins that long
-    /// after the entry was queued, unless another kind of job comes first (see
-    /// `StoreConfig::commit_delay`).
+    /// commit that a conversation entry asked for (`notify_grouped`) begins `delay.wait`
+    /// after the entry was queued, if `delay.siblings` others were queued with it, unless
+    /// another kind of job comes first (see `StoreConfig::commit_delay`).
     pub(crate) fn start(
         db: sled::Db,
         data_file: PathBuf,
         gens: Vec<Arc<IndexGen>>,
-        delay: Duration,
+        delay: Delay,
     ) -> Result<Committer, StoreError> {
         // Open once up front: a missing data file is a startup error, not a per-batch one.
         let file =
@@ -155,7 +172,7 @@ impl Committer {
             .spawn(move || run(db, file, rx, &thread_health, &gens, delay))
             .map_err(|e| StoreError::NotDurable(e.to_string()))?;
         let parked = thread.thread().clone();
-        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), parked, delay, health })
+        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), parked, delay: delay.wait, health })
     }
 
     pub(crate) fn on_failure(&self, hook: FailureHook) {
@@ -171,6 +188,7 @@ impl Committer {
         CommitStats {
             writes: s.writes.load(Ordering::Relaxed),
             busy_us: s.busy_us.load(Ordering::Relaxed),
+            delayed: s.delayed.load(Ordering::Relaxed),
             buckets: std::array::from_fn(|i| s.buckets[i].load(Ordering::Relaxed)),
         }
     }
@@ -190,7 +208,11 @@ impl Committer {
         if self.delay.is_zero() {
             return self.notify(done);
         }
-        self.send(Job::Grouped(Instant::now(), done))
+        // Counted before it is queued, so the committer never sees it uncounted.
+        self.health.grouped_waiting.fetch_add(1, Ordering::SeqCst);
+        self.send(Job::Grouped(Instant::now(), done)).inspect_err(|_| {
+            self.health.grouped_waiting.fetch_sub(1, Ordering::SeqCst);
+        })
     }
 
     /// Has the committer thread apply `batch` between flushes; returns once it is
@@ -288,18 +310,22 @@ impl Drop for Committer {
     }
 }
 
-fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>], delay: Duration) {
+fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>], delay: Delay) {
     // Fail-stop: after one failed flush or fsync nothing is reported durable again. On
     // Linux a failed fsync may already have dropped the dirty pages it could not write,
     // so retrying and later succeeding would acknowledge writes that are gone.
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
+        // The entries queued while the last commit ran measure the rate of messages: a
+        // lone entry (a quiet broker) does not wait for company that is not coming.
         if let Job::Grouped(queued, _) = &first
-            && !delay.is_zero()
+            && !delay.wait.is_zero()
+            && health.grouped_waiting.load(Ordering::SeqCst).saturating_sub(1) >= delay.siblings
         {
             // Parked, not waiting on the queue: entries arriving meanwhile wake nobody,
             // and the commit below takes them all. Any other job ends the delay.
-            let until = *queued + delay;
+            health.stats.delayed.fetch_add(1, Ordering::Relaxed);
+            let until = *queued + delay.wait;
             while !health.urgent.load(Ordering::SeqCst) {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -311,9 +337,14 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
         // Jobs queued before this are taken below; a later one's flag ends the next delay.
         health.urgent.store(false, Ordering::SeqCst);
         let mut waiters = Vec::new();
+        let mut grouped = 0;
         for job in std::iter::once(first).chain(rx.try_iter()) {
             match job {
-                Job::Wait(done) | Job::Grouped(_, done) => waiters.push(done),
+                Job::Wait(done) => waiters.push(done),
+                Job::Grouped(_, done) => {
+                    grouped += 1;
+                    waiters.push(done);
+                }
                 Job::Apply(batch, applied, done) => {
                     // No flush is in progress on this thread: the batch's exclusive
                     // lock waits only for readers already inside sled.
@@ -329,6 +360,7 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
                 }
             }
         }
+        health.grouped_waiting.fetch_sub(grouped, Ordering::SeqCst);
         if waiters.is_empty() {
             continue;
         }
@@ -440,7 +472,11 @@ mod tests {
         start_with_delay(dir, Duration::ZERO)
     }
 
-    fn start_with_delay(dir: &Path, delay: Duration) -> (sled::Db, Committer) {
+    fn start_with_delay(dir: &Path, wait: Duration) -> (sled::Db, Committer) {
+        start_with(dir, Delay { wait, siblings: 0 })
+    }
+
+    fn start_with(dir: &Path, delay: Delay) -> (sled::Db, Committer) {
         let db = sled::Config::new().path(dir).flush_every_ms(None).open().unwrap();
         let committer =
             Committer::start(db.clone(), dir.join("db"), vec![Arc::new(IndexGen::default())], delay).unwrap();
@@ -506,7 +542,7 @@ mod tests {
         assert_eq!(late.recv_timeout(WAIT).unwrap(), (true, 2));
         // What monitoring reads: two commits carried seven writes, and took time.
         let stats = committer.stats();
-        assert_eq!((stats.commits(), stats.writes, stats.slow()), (2, 7, 0), "{stats:?}");
+        assert_eq!((stats.commits(), stats.writes, stats.slow(), stats.delayed), (2, 7, 0, 2), "{stats:?}");
         assert!(stats.busy_us > 0, "{stats:?}");
         assert_eq!(stats.buckets.iter().sum::<u64>(), 2, "each commit in one bucket: {stats:?}");
         // A failed commit makes nothing durable and is not counted.
@@ -538,6 +574,48 @@ mod tests {
         assert_eq!(entry.recv_timeout(WAIT).unwrap(), (true, 2));
         drop(durable);
         drop(db);
+    }
+
+    #[test]
+    fn the_commit_delay_waits_only_when_enough_other_entries_are_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        // A delay far longer than the test waits for anything: a commit that began
+        // within `WAIT` did not wait it out.
+        let (db, committer) = start_with(dir.path(), Delay { wait: Duration::from_secs(60), siblings: 2 });
+        // Every commit pauses as it begins until the test lets it go on.
+        let (started_tx, started) = channel();
+        let (go, paused) = channel::<()>();
+        let paused = Mutex::new(paused);
+        committer.on_commit_started(Box::new(move |n| {
+            started_tx.send(n).unwrap();
+            paused.lock().unwrap().recv_timeout(WAIT).unwrap();
+        }));
+        // A lone entry on a quiet store commits at once.
+        db.insert("a", "1").unwrap();
+        let a = grouped_waiter(&committer);
+        assert_eq!(started.recv_timeout(WAIT).unwrap(), 1, "a lone entry waited out the delay");
+        // Two entries queued while commit 1 runs: one other than the first, fewer than
+        // two, so commit 2 does not wait either.
+        let two: Vec<_> = (0..2).map(|_| grouped_waiter(&committer)).collect();
+        go.send(()).unwrap();
+        assert_eq!(a.recv_timeout(WAIT).unwrap(), (true, 1));
+        assert_eq!(started.recv_timeout(WAIT).unwrap(), 2, "two entries waited out the delay");
+        // Three queued while commit 2 runs: two others, so commit 3 waits ...
+        let three: Vec<_> = (0..3).map(|_| grouped_waiter(&committer)).collect();
+        go.send(()).unwrap();
+        for w in two {
+            assert_eq!(w.recv_timeout(WAIT).unwrap(), (true, 2));
+        }
+        assert!(started.recv_timeout(Duration::from_millis(300)).is_err(), "three entries did not wait");
+        // ... until another kind of job ends the wait, and they all share that commit.
+        let barrier = waiter(&committer);
+        assert_eq!(started.recv_timeout(WAIT).unwrap(), 3);
+        go.send(()).unwrap();
+        for w in three.into_iter().chain([barrier]) {
+            assert_eq!(w.recv_timeout(WAIT).unwrap(), (true, 3));
+        }
+        assert_eq!(committer.health.grouped_waiting.load(Ordering::SeqCst), 0, "every entry taken is counted out");
+        assert_eq!((committer.stats().commits(), committer.stats().delayed), (3, 1), "commit 3 waited");
     }
 
     /// A waiter that reports, when completed, its result and which commit completed it.

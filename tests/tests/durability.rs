@@ -242,3 +242,30 @@ async fn a_shutdown_after_an_actor_died_leaves_the_store_to_be_checked() {
     })
     .await
 }
+
+/// `commit_siblings` (PostgreSQL's rule): with it, a message sent alone is committed at
+/// once; without it, each waits out `commit_delay_us`. Seen in the commit totals that
+/// `/metrics` exports (`switchboard_group_commits_delayed_total`).
+#[tokio::test]
+async fn a_message_sent_alone_waits_out_the_commit_delay_only_without_commit_siblings() {
+    bounded(async {
+        for (siblings, waited) in [(0, 3), (1, 0)] {
+            let tb = TestBroker::start_with(|c| {
+                c.commit_delay_us = 50_000;
+                c.commit_siblings = siblings;
+            })
+            .await;
+            let (alice, _) = tb.register("alice").await;
+            tb.register("bob").await;
+            let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+            let delayed = || tb.shared().store.commit_stats().delayed;
+            let before = delayed();
+            // One at a time: each is alone in the store's queue when its commit is taken up.
+            for i in 0..3 {
+                alice.send(conv, &format!("m{i}")).await.unwrap();
+            }
+            assert_eq!(delayed() - before, waited, "commit_siblings = {siblings}");
+        }
+    })
+    .await;
+}
