@@ -108,8 +108,8 @@ pub struct CommitStats {
     pub writes: u64,
     /// Time spent in them, flush plus fdatasync, microseconds.
     pub busy_us: u64,
-    /// Commits that waited out the commit delay (or part of it, until another kind of
-    /// write ended it) before they began: at most `commits()` plus failed ones.
+    /// Commits that waited for the commit delay to pass (all of it, or until another kind
+    /// of write ended it) before they began: at most `commits()` plus failed ones.
     pub delayed: u64,
     /// Commits that succeeded (each one flush and one fdatasync) by duration:
     /// `buckets[i]` those of at most `COMMIT_BUCKETS_US[i]` (and more than the bound
@@ -324,8 +324,10 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
         {
             // Parked, not waiting on the queue: entries arriving meanwhile wake nobody,
             // and the commit below takes them all. Any other job ends the delay.
-            health.stats.delayed.fetch_add(1, Ordering::Relaxed);
             let until = *queued + delay.wait;
+            if Instant::now() < until {
+                health.stats.delayed.fetch_add(1, Ordering::Relaxed);
+            }
             while !health.urgent.load(Ordering::SeqCst) {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -582,14 +584,8 @@ mod tests {
         // A delay far longer than the test waits for anything: a commit that began
         // within `WAIT` did not wait it out.
         let (db, committer) = start_with(dir.path(), Delay { wait: Duration::from_secs(60), siblings: 2 });
-        // Every commit pauses as it begins until the test lets it go on.
-        let (started_tx, started) = channel();
-        let (go, paused) = channel::<()>();
-        let paused = Mutex::new(paused);
-        committer.on_commit_started(Box::new(move |n| {
-            started_tx.send(n).unwrap();
-            paused.lock().unwrap().recv_timeout(WAIT).unwrap();
-        }));
+        // Commits 1 to 3 pause as they begin until the test lets each go on.
+        let (go, started) = pause_commits(&committer, 3);
         // A lone entry on a quiet store commits at once.
         db.insert("a", "1").unwrap();
         let a = grouped_waiter(&committer);
@@ -656,16 +652,21 @@ mod tests {
     /// Pauses commit 1 as it begins until the returned sender is used; reports each
     /// commit's number as it begins.
     fn pause_first_commit(committer: &Committer) -> (std::sync::mpsc::Sender<()>, Receiver<u64>) {
+        pause_commits(committer, 1)
+    }
+
+    /// Pauses each of commits 1 to `through` as it begins until the returned sender is
+    /// used once for it; reports each commit's number as it begins.
+    fn pause_commits(committer: &Committer, through: u64) -> (std::sync::mpsc::Sender<()>, Receiver<u64>) {
         let (started_tx, started) = channel();
         let (go, paused) = channel::<()>();
         let paused = Mutex::new(paused);
-        let hook = Box::new(move |n| {
+        committer.on_commit_started(Box::new(move |n| {
             started_tx.send(n).unwrap();
-            if n == 1 {
+            if n <= through {
                 paused.lock().unwrap().recv_timeout(WAIT).unwrap();
             }
-        });
-        committer.health.commit_started.set(hook).unwrap_or_else(|_| panic!("hook set twice"));
+        }));
         (go, started)
     }
 

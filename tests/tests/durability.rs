@@ -251,7 +251,7 @@ async fn a_message_sent_alone_waits_out_the_commit_delay_only_without_commit_sib
     bounded(async {
         for (siblings, waited) in [(0, 3), (1, 0)] {
             let tb = TestBroker::start_with(|c| {
-                c.commit_delay_us = 50_000;
+                c.commit_delay_us = 100_000;
                 c.commit_siblings = siblings;
             })
             .await;
