@@ -40,13 +40,13 @@ pub struct Config {
     /// write, so that messages arriving meanwhile share its flush and fdatasync, µs (0:
     /// at once, the default; at most `MAX_COMMIT_DELAY_US`, and below half of
     /// `send_delay_target_ms` when that rule is on). Fewer thread wakeups and less CPU
-    /// per message at a steady rate, each acknowledgement later by about this much;
-    /// other writes (files, accounts, receipts) end the wait at once.
-    /// docs/benchmarks.md ("Commit delay").
+    /// per message at a steady rate, each acknowledgement whose commit waited later by
+    /// about this much (every one with `commit_siblings` 0); other writes (files,
+    /// accounts, receipts) end the wait at once. docs/benchmarks.md ("Commit delay").
     pub commit_delay_us: u64,
     /// The commit delay is waited only when at least this many other message writes are
     /// already waiting for the commit (those that arrived while the last one ran: a
-    /// measure of the rate); 0: always. Like PostgreSQL's `commit_siblings`: a message
+    /// measure of the rate); 0: always. Without `commit_delay_us` it does nothing. Like PostgreSQL's `commit_siblings`: a message
     /// on a quiet broker is not held back for company that is not coming.
     /// docs/benchmarks.md ("Commit siblings").
     pub commit_siblings: u32,

@@ -299,10 +299,12 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
     // The two settings that trade latency and ceiling for wakeups (OPERATIONS.md).
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let per_core = if config.runtime_workers == 0 { " (one per core)" } else { "" };
-    println!(
-        "runtime threads: {workers}{per_core}; commit delay: {} us with {} siblings",
-        config.commit_delay_us, config.commit_siblings
-    );
+    let delay = match (config.commit_delay_us, config.commit_siblings) {
+        (0, _) => "off".to_owned(),
+        (us, 0) => format!("{us} us"),
+        (us, n) => format!("{us} us when {n} other message writes wait"),
+    };
+    println!("runtime threads: {workers}{per_core}; commit delay: {delay}");
     tokio::select! {
         () = stop => {}
         () = broker.failed() => {

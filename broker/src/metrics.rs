@@ -554,7 +554,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
         counter("switchboard_group_commits_slow_total", "Group commits that took over 50 ms.", commits.slow() as f64),
         counter(
             "switchboard_group_commits_delayed_total",
-            "Group commits that waited out commit_delay_us (commit_siblings other writes were waiting).",
+            "Group commits that began a wait for commit_delay_us (at least commit_siblings other message writes were waiting).",
             commits.delayed as f64,
         ),
         gauge("switchboard_disk_reserve_bytes", "disk_reserve_bytes.", c.disk_reserve_bytes as f64),

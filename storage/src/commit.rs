@@ -66,11 +66,12 @@ struct Health {
     failed: AtomicBool,
     /// Fail the next commit (fault injection).
     inject: AtomicBool,
-    /// A job that must not wait out the commit delay was queued: the delay ends.
-    urgent: AtomicBool,
-    /// Conversation entries queued (`Job::Grouped`) and not yet taken by a commit: how
-    /// many other entries a commit would carry, read against `siblings`.
-    grouped_waiting: AtomicUsize,
+    /// Jobs queued and not yet taken by a commit, counted only while a commit delay is
+    /// set: `QUEUED_URGENT`, those that must not wait out the delay (one ends a delay
+    /// in progress), and `QUEUED_ENTRIES`, conversation entries (`Job::Grouped`, read
+    /// against `Delay::siblings`). Each is counted before it is sent and counted out
+    /// once taken, so neither is ever short of what is queued.
+    queued: [AtomicUsize; 2],
     hook: OnceLock<FailureHook>,
     /// What the commits so far did (`Store::commit_stats`).
     stats: Stats,
@@ -135,9 +136,12 @@ pub(crate) struct Committer {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The committer thread, unparked to end a commit delay early.
     parked: std::thread::Thread,
-    delay: Duration,
+    delay: Delay,
     health: Arc<Health>,
 }
+
+const QUEUED_URGENT: usize = 0;
+const QUEUED_ENTRIES: usize = 1;
 
 /// When a commit that a conversation entry asked for waits before it flushes.
 #[derive(Clone, Copy, Debug)]
@@ -172,7 +176,7 @@ impl Committer {
             .spawn(move || run(db, file, rx, &thread_health, &gens, delay))
             .map_err(|e| StoreError::NotDurable(e.to_string()))?;
         let parked = thread.thread().clone();
-        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), parked, delay: delay.wait, health })
+        Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), parked, delay, health })
     }
 
     pub(crate) fn on_failure(&self, hook: FailureHook) {
@@ -205,14 +209,10 @@ impl Committer {
     /// for more entries to share it.
     pub(crate) fn notify_grouped(&self, done: Done) -> Result<(), StoreError> {
         // Without a delay nothing waits: no clock read per message.
-        if self.delay.is_zero() {
+        if self.delay.wait.is_zero() {
             return self.notify(done);
         }
-        // Counted before it is queued, so the committer never sees it uncounted.
-        self.health.grouped_waiting.fetch_add(1, Ordering::SeqCst);
-        self.send(Job::Grouped(Instant::now(), done)).inspect_err(|_| {
-            self.health.grouped_waiting.fetch_sub(1, Ordering::SeqCst);
-        })
+        self.send(Job::Grouped(Instant::now(), done))
     }
 
     /// Has the committer thread apply `batch` between flushes; returns once it is
@@ -236,18 +236,26 @@ impl Committer {
     }
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
-        let urgent = !matches!(job, Job::Grouped(..));
+        let kind = if matches!(job, Job::Grouped(..)) { QUEUED_ENTRIES } else { QUEUED_URGENT };
+        // Counted before it is queued, so the committer never sees it uncounted.
+        let counted = (!self.delay.wait.is_zero()).then(|| &self.health.queued[kind]);
+        if let Some(count) = counted {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
-            Some(tx) => tx.send(job).map_err(|_| StoreError::Closed)?,
-            None => return Err(StoreError::Closed),
+        let sent = match guard.as_ref() {
+            Some(tx) => tx.send(job).map_err(|_| StoreError::Closed),
+            None => Err(StoreError::Closed),
+        };
+        if let Some(count) = counted {
+            if sent.is_err() {
+                count.fetch_sub(1, Ordering::SeqCst);
+            } else if kind == QUEUED_URGENT {
+                // A batch or a barrier (files, catalog, receipts) ends a delay in progress.
+                self.parked.unpark();
+            }
         }
-        if urgent && !self.delay.is_zero() {
-            // A batch or a barrier (files, catalog, receipts) ends a delay in progress.
-            self.health.urgent.store(true, Ordering::SeqCst);
-            self.parked.unpark();
-        }
-        Ok(())
+        sent
     }
 
     pub(crate) fn wait(&self) -> Result<Durable, StoreError> {
@@ -318,17 +326,18 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
     while let Ok(first) = rx.recv() {
         // The entries queued while the last commit ran measure the rate of messages: a
         // lone entry (a quiet broker) does not wait for company that is not coming.
+        let urgent_queued = || health.queued[QUEUED_URGENT].load(Ordering::SeqCst) > 0;
         if let Job::Grouped(queued, _) = &first
             && !delay.wait.is_zero()
-            && health.grouped_waiting.load(Ordering::SeqCst).saturating_sub(1) >= delay.siblings
+            && health.queued[QUEUED_ENTRIES].load(Ordering::SeqCst).saturating_sub(1) >= delay.siblings
         {
             // Parked, not waiting on the queue: entries arriving meanwhile wake nobody,
             // and the commit below takes them all. Any other job ends the delay.
             let until = *queued + delay.wait;
-            if Instant::now() < until {
+            if Instant::now() < until && !urgent_queued() {
                 health.stats.delayed.fetch_add(1, Ordering::Relaxed);
             }
-            while !health.urgent.load(Ordering::SeqCst) {
+            while !urgent_queued() {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
@@ -336,18 +345,20 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
                 std::thread::park_timeout(left);
             }
         }
-        // Jobs queued before this are taken below; a later one's flag ends the next delay.
-        health.urgent.store(false, Ordering::SeqCst);
         let mut waiters = Vec::new();
-        let mut grouped = 0;
+        let mut taken = [0; 2];
         for job in std::iter::once(first).chain(rx.try_iter()) {
             match job {
-                Job::Wait(done) => waiters.push(done),
+                Job::Wait(done) => {
+                    taken[QUEUED_URGENT] += 1;
+                    waiters.push(done);
+                }
                 Job::Grouped(_, done) => {
-                    grouped += 1;
+                    taken[QUEUED_ENTRIES] += 1;
                     waiters.push(done);
                 }
                 Job::Apply(batch, applied, done) => {
+                    taken[QUEUED_URGENT] += 1;
                     // No flush is in progress on this thread: the batch's exclusive
                     // lock waits only for readers already inside sled.
                     let r = match &failed {
@@ -362,7 +373,11 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
                 }
             }
         }
-        health.grouped_waiting.fetch_sub(grouped, Ordering::SeqCst);
+        if !delay.wait.is_zero() {
+            for (count, n) in health.queued.iter().zip(taken) {
+                count.fetch_sub(n, Ordering::SeqCst);
+            }
+        }
         if waiters.is_empty() {
             continue;
         }
@@ -610,8 +625,16 @@ mod tests {
         for w in three.into_iter().chain([barrier]) {
             assert_eq!(w.recv_timeout(WAIT).unwrap(), (true, 3));
         }
-        assert_eq!(committer.health.grouped_waiting.load(Ordering::SeqCst), 0, "every entry taken is counted out");
+        assert_eq!(
+            committer.health.queued[QUEUED_ENTRIES].load(Ordering::SeqCst),
+            0,
+            "every entry taken is counted out"
+        );
         assert_eq!((committer.stats().commits(), committer.stats().delayed), (3, 1), "commit 3 waited");
+        // An entry the stopped committer refuses is counted out again.
+        committer.stop();
+        assert!(committer.notify_grouped(Box::new(|_| {})).is_err());
+        assert_eq!(committer.health.queued[QUEUED_ENTRIES].load(Ordering::SeqCst), 0);
     }
 
     /// A waiter that reports, when completed, its result and which commit completed it.

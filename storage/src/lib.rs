@@ -93,15 +93,17 @@ pub struct StoreConfig {
     pub cache_capacity_bytes: u64,
     /// How long a group commit that a conversation entry asked for waits, counted from
     /// that entry's write, before it flushes (0: at once). Entries arriving meanwhile
-    /// share it: fewer flushes and thread wakeups per message, each acknowledgement
-    /// later by about this much (an entry that finds the committer idle waits all of
-    /// it). Any other write's barrier or batch (files, catalog, receipts) ends the wait
-    /// at once. Like PostgreSQL's `commit_delay`; `commit_siblings` says when it applies.
+    /// share it: fewer flushes and thread wakeups per message, each acknowledgement that
+    /// waited later by about this much (with `commit_siblings` 0, an entry that finds
+    /// the committer idle waits all of it). Any other write's barrier or batch (files,
+    /// catalog, receipts) ends the wait at once. Like PostgreSQL's `commit_delay`; `commit_siblings` says when it applies.
     /// docs/benchmarks.md ("Commit delay") has the trade measured.
     pub commit_delay: std::time::Duration,
     /// The commit delay is waited only when, as the committer takes up the entry that
     /// asked for a commit, at least this many other entries are queued too (those that
-    /// arrived while the last commit ran: a measure of the message rate); 0 waits always.
+    /// arrived while the last commit ran: a measure of the message rate; refusals that
+    /// wait for what they were judged on, `barrier_grouped`, count as entries); 0 waits
+    /// always.
     /// Like PostgreSQL's `commit_siblings`, which counts other open transactions: a lone
     /// message on a quiet broker is not held back for company that is not coming.
     pub commit_siblings: usize,

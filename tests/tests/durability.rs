@@ -256,11 +256,14 @@ async fn a_message_sent_alone_waits_out_the_commit_delay_only_without_commit_sib
             })
             .await;
             let (alice, _) = tb.register("alice").await;
-            tb.register("bob").await;
+            // Kept connected: a disconnect writes bob's last-seen, which ends a wait.
+            let (_bob, _) = tb.register("bob").await;
             let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
             let delayed = || tb.shared().store.commit_stats().delayed;
             let before = delayed();
             // One at a time: each is alone in the store's queue when its commit is taken up.
+            // A wait is counted if the committer takes the entry up within the delay (the
+            // 100 ms cap, so that even a slow machine's committer does).
             for i in 0..3 {
                 alice.send(conv, &format!("m{i}")).await.unwrap();
             }
