@@ -997,6 +997,19 @@ impl SegmentAccountant {
 
         trace!("advancing file tip from {} to {}", lid, self.tip);
 
+        // Switchboard patch: write the new segment at the end of the file once, as
+        // zeros (`MessageKind::Corrupted`, what recovery writes over a garbage segment,
+        // see `initialize_from_snapshot`), so that the log's writes into it overwrite
+        // written blocks. Otherwise every write into it grows the file, and every
+        // fdatasync of the file then writes its inode and allocation metadata too: on
+        // a virtio disk with ext4, 1.4 more sleeps and twice the time per fdatasync.
+        io_fail!(self.config, "zero new tip segment");
+        pwrite_all(
+            &self.config.file,
+            &*vec![MessageKind::Corrupted.into(); self.config.segment_size],
+            lid,
+        )?;
+
         Ok(lid)
     }
 
