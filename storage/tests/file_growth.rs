@@ -8,7 +8,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use switchboard_protocol::{Body, Entry};
+mod common;
+
+use switchboard_protocol::Body;
 use switchboard_storage::{Store, StoreConfig};
 
 /// Appends entries `seqs` of conversation 1, each in a commit of its own (acknowledged
@@ -17,15 +19,7 @@ use switchboard_storage::{Store, StoreConfig};
 async fn append_one_by_one(store: &Store, data_file: &Path, seqs: std::ops::RangeInclusive<u64>) -> Vec<u64> {
     let mut lengths = Vec::new();
     for seq in seqs {
-        let entry = Entry {
-            conv: 1,
-            seq,
-            sender: 1,
-            sender_device: 1,
-            client_id: [0; 16],
-            at_ms: 0,
-            body: Body::Text { text: text(seq), edited: false },
-        };
+        let entry = common::text_entry(seq, text(seq));
         let (tx, rx) = tokio::sync::oneshot::channel();
         store.append_then(&entry, move |r| tx.send(r).unwrap()).unwrap();
         rx.await.unwrap().unwrap();

@@ -7,7 +7,8 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 
-use switchboard_protocol::{Body, Entry};
+mod common;
+
 use switchboard_storage::{Store, StoreConfig};
 
 /// Voluntary context switches of all of sled's I/O threads (`sled-io-*`) so far.
@@ -32,15 +33,7 @@ async fn group_commits_do_not_wake_sleds_io_threads() {
     let store = Store::open(&StoreConfig::new(dir.path().join("db"))).unwrap();
     const COMMITS: u64 = 300;
     let append = |seq: u64| {
-        let entry = Entry {
-            conv: 1,
-            seq,
-            sender: 1,
-            sender_device: 1,
-            client_id: [0; 16],
-            at_ms: 0,
-            body: Body::Text { text: format!("m{seq}"), edited: false },
-        };
+        let entry = common::text_entry(seq, format!("m{seq}"));
         let (tx, rx) = tokio::sync::oneshot::channel();
         store.append_then(&entry, move |r| tx.send(r).unwrap()).unwrap();
         rx
