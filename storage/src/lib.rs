@@ -577,8 +577,15 @@ impl Txn {
     }
 }
 
+/// Room reserved for a record's encoding, bytes: a text message of a few hundred bytes
+/// fits. `postcard::to_allocvec` starts from an empty vector and grows it about eight
+/// times for such an entry, each time a new allocation and a copy (7% of the CPU of
+/// appending a message, `examples/append_cost.rs` under perf).
+const ENCODE_CAPACITY: usize = 512;
+
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_allocvec(value).expect("postcard encodes every record type into a Vec")
+    postcard::to_extend(value, Vec::with_capacity(ENCODE_CAPACITY))
+        .expect("postcard encodes every record type into a Vec")
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {

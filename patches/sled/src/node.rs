@@ -2,6 +2,15 @@ use std::{num::NonZeroU64, ops::Bound};
 
 use super::*;
 
+/// Switchboard patch: an index node splits above 64 children, not 256. Every split of a
+/// child writes its parent whole into the log again (`Tree::split_node`), so the parent's
+/// width is paid on every leaf split; leaves split every few inserts (16 keys). At 256
+/// children a parent is several KiB, and rewriting it was most of the log's bytes and of
+/// the segment cleaning they cause. Measured: see Switchboard's docs/benchmarks.md ("Index
+/// nodes of 64"). sled's own tests run with fanouts of 2 and 1, so narrow nodes are the
+/// tested case; nodes wider than this in an existing database split when next traversed.
+const INDEX_SPLIT_FANOUT: usize = 64;
+
 #[derive(Default, Debug, Clone, PartialEq)]
 pub struct Node {
     pub(crate) prefix_len: u8,
@@ -14,6 +23,34 @@ pub struct Node {
 }
 
 impl Node {
+    /// Switchboard patch: a copy whose leaf vectors have room for one more item.
+    /// `PageCache::link` copies the node and applies one link to the copy, and a copy
+    /// made by `clone` has no spare capacity, so a `Set` of a new key reallocated and
+    /// moved both vectors a second time.
+    pub(crate) fn clone_with_room(&self) -> Node {
+        fn with_room<T: Clone>(items: &[T]) -> Vec<T> {
+            let mut copy = Vec::with_capacity(items.len() + 1);
+            copy.extend_from_slice(items);
+            copy
+        }
+        let data = match &self.data {
+            Data::Leaf(leaf) => Data::Leaf(Leaf {
+                keys: with_room(&leaf.keys),
+                values: with_room(&leaf.values),
+            }),
+            Data::Index(index) => Data::Index(index.clone()),
+        };
+        Node {
+            prefix_len: self.prefix_len,
+            next: self.next,
+            merging_child: self.merging_child,
+            merging: self.merging,
+            lo: self.lo.clone(),
+            hi: self.hi.clone(),
+            data,
+        }
+    }
+
     pub(crate) fn new_hoisted_root(
         left: PageId,
         at: IVec,
@@ -600,7 +637,8 @@ impl Node {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
         } else if self.data.is_index() {
-            256
+            // Switchboard patch: 64, not 256 (see `INDEX_SPLIT_FANOUT`).
+            INDEX_SPLIT_FANOUT
         } else {
             16
         };
@@ -615,7 +653,8 @@ impl Node {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             1
         } else if self.data.is_index() {
-            64
+            // Switchboard patch: a quarter of the split fanout, as before (64 of 256).
+            INDEX_SPLIT_FANOUT / 4
         } else {
             4
         };

@@ -1032,7 +1032,8 @@ impl PageCache {
             }
         }
 
-        let mut node: Node = old.as_node().clone();
+        // Switchboard patch: `clone_with_room`, not `clone` (see there).
+        let mut node: Node = old.as_node().clone_with_room();
         node.apply(&new);
 
         // see if we should short-circuit replace

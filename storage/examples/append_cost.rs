@@ -1,0 +1,105 @@
+//! What the store spends per text message: CPU and log bytes of `Store::append_then`
+//! with the idempotency lookup before it, over many conversations appended to in turn, the
+//! way conversation actors append under `switchboard-load direct`. No network, no
+//! broker: the store alone, so a change to it (or to `patches/sled`) can be measured
+//! without the harness's noise.
+//!
+//! ```sh
+//! cargo run --release -p switchboard-storage --example append_cost
+//! CONVS=5000 N=100000 INFLIGHT=4 cargo run --release -p switchboard-storage --example append_cost
+//! ```
+//!
+//! - `CONVS`: conversations, two senders each (default 5,000);
+//! - `N`: appends in each of the two phases, a warm-up and the measured one (100,000);
+//! - `INFLIGHT`: appends that may wait for their group commit at once (4, about what
+//!   `direct --users 4000` keeps waiting; a large number lets the appender run ahead).
+//!
+//! Prints, per phase: process CPU per append (the appender, the committer and sled's
+//! threads; `/proc/self/stat`, 10 ms ticks), the appending thread's CPU per append
+//! (`/proc/thread-self/stat`), log bytes written per append (`wchar` of `/proc/self/io`),
+//! and the commits so far.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+
+use switchboard_protocol::{Body, Entry};
+use switchboard_storage::{Store, StoreConfig};
+
+/// utime + stime of a `/proc/.../stat` file, in clock ticks (10 ms).
+fn cpu_ticks(path: &str) -> u64 {
+    let stat = std::fs::read_to_string(path).expect("/proc is readable");
+    // Fields after the command name, which ends with the last ')': state is field 3.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("a stat line") + 2..].split_whitespace().collect();
+    fields[14 - 3].parse::<u64>().unwrap_or(0) + fields[15 - 3].parse::<u64>().unwrap_or(0)
+}
+
+/// Bytes this process passed to write calls so far.
+fn written() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").expect("/proc is readable");
+    io.lines().find_map(|line| line.strip_prefix("wchar: ")).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let convs = setting("CONVS", 5_000).max(1);
+    let n = setting("N", 100_000).max(1);
+    let inflight = setting("INFLIGHT", 4).max(1);
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let store = Store::open(&StoreConfig::new(dir.path().join("store"))).expect("the store opens");
+    let done = Arc::new(AtomicU64::new(0));
+    let (durable_tx, durable_rx) = mpsc::channel::<()>();
+    let text = "x".repeat(256);
+    let mut appended: u64 = 0;
+    for phase in ["warm-up", "measured"] {
+        let (process0, thread0, written0) =
+            (cpu_ticks("/proc/self/stat"), cpu_ticks("/proc/thread-self/stat"), written());
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            let conv = appended % convs + 1;
+            let seq = appended / convs + 1;
+            let sender = 2 * conv + seq % 2;
+            let mut client_id = [0u8; 16];
+            client_id[..8].copy_from_slice(&appended.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+            let known = store.dedupe(conv, sender, &client_id).expect("the lookup reads");
+            assert!(known.is_none(), "every client id is new");
+            let entry = Entry {
+                conv,
+                seq,
+                sender,
+                sender_device: sender,
+                client_id,
+                at_ms: appended,
+                body: Body::Text { text: text.clone(), edited: false },
+            };
+            let (counted, signal) = (done.clone(), durable_tx.clone());
+            store
+                .append_then(&entry, move |result| {
+                    result.expect("the commit succeeds");
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    let _ = signal.send(());
+                })
+                .expect("the append is written");
+            appended += 1;
+            while appended - done.load(Ordering::Relaxed) > inflight {
+                let _ = durable_rx.recv();
+            }
+        }
+        while done.load(Ordering::Relaxed) < appended {
+            let _ = durable_rx.recv();
+        }
+        let per_append = |ticks: u64| ticks as f64 * 10_000.0 / n as f64;
+        println!(
+            "{phase}: {n} appends over {convs} conversations in {:.2} s: process CPU {:.1} us per append, \
+             appending thread {:.1} us, log {:.0} bytes; {} commits so far",
+            started.elapsed().as_secs_f64(),
+            per_append(cpu_ticks("/proc/self/stat") - process0),
+            per_append(cpu_ticks("/proc/thread-self/stat") - thread0),
+            (written() - written0) as f64 / n as f64,
+            store.commit_stats().commits(),
+        );
+    }
+    store.close().expect("the store closes");
+}
