@@ -6,9 +6,10 @@ use super::*;
 /// child writes its parent whole into the log again (`Tree::split_node`), so the parent's
 /// width is paid on every leaf split; leaves split every few inserts (16 keys). At 256
 /// children a parent is several KiB, and rewriting it was most of the log's bytes and of
-/// the segment cleaning they cause. Measured: see Switchboard's docs/benchmarks.md ("Index
-/// nodes of 64"). sled's own tests run with fanouts of 2 and 1, so narrow nodes are the
-/// tested case; nodes wider than this in an existing database split when next traversed.
+/// the segment cleaning they cause. Measured: see Switchboard's docs/benchmarks.md ("The
+/// store's log: narrow index nodes"). sled's own tests run with fanouts of 2 and 1, so
+/// narrow nodes are the tested case; nodes wider than this in an existing database split
+/// when next traversed.
 const INDEX_SPLIT_FANOUT: usize = 64;
 
 #[derive(Default, Debug, Clone, PartialEq)]
