@@ -96,8 +96,9 @@ pub struct StoreConfig {
     /// share it: fewer flushes and thread wakeups per message, each acknowledgement that
     /// waited later by about this much (with `commit_siblings` 0, an entry that finds
     /// the committer idle waits all of it). Any other write's barrier or batch (files,
-    /// catalog, receipts) ends the wait at once. Like PostgreSQL's `commit_delay`; `commit_siblings` says when it applies.
-    /// docs/benchmarks.md ("Commit delay") has the trade measured.
+    /// catalog, receipts) ends the wait at once. Like PostgreSQL's `commit_delay`;
+    /// `commit_siblings` says when it applies. docs/benchmarks.md ("Commit delay") has
+    /// the trade measured.
     pub commit_delay: std::time::Duration,
     /// The commit delay is waited only when, as the committer takes up the entry that
     /// asked for a commit, at least this many other entries are queued too (those that

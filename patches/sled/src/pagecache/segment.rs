@@ -1001,7 +1001,9 @@ impl SegmentAccountant {
         // a virtio disk with ext4, 1.4 more sleeps and twice the time per fdatasync.
         // Before the tip moves, so a failed write leaves the accountant as it was.
         io_fail!(self.config, "zero new tip segment");
-        const ZEROS: [u8; 64 * 1024] = [MessageKind::Corrupted as u8; 64 * 1024];
+        // A `static`, not a `const`: slicing a `const` array at a runtime length builds
+        // the whole 64 KiB block on the stack at every use.
+        static ZEROS: [u8; 64 * 1024] = [MessageKind::Corrupted as u8; 64 * 1024];
         let mut at = lid;
         while at < lid + self.config.segment_size as LogOffset {
             let len = std::cmp::min(
