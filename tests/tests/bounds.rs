@@ -759,7 +759,7 @@ fn send_with_body_len(conv: u64, len: usize) -> Bytes {
     }
 }
 
-/// The broker asks each client to acknowledge only after ten ack-eliciting packets (or
+/// The broker asks each client to acknowledge only after four ack-eliciting packets (or
 /// its max_ack_delay) instead of every second one, so a member receiving a stream of
 /// deliveries sends the broker a fraction of the ACK-only packets (docs/benchmarks.md,
 /// "ACK frequency"). Seen from the client: the broker sent it an ACK_FREQUENCY frame.
