@@ -214,11 +214,12 @@ impl rustls::server::ProducesTickets for CountingTickets {
 /// (quinn's default is 1: an ACK for every second packet; we ask for one every fourth).
 ///
 /// Not more: a download over a lossy link runs at the congestion window that random
-/// loss leaves Cubic (about 13 packets at 1% loss and 20 ms, 8 at 3%), and a flight
-/// under the threshold + 1 gets no ACK until the client's 25 ms max_ack_delay runs out. With 9, downloads through
-/// an emulated link lost 6-25% of their rate against no request (0.1-3% loss, 5-60 ms RTT);
-/// with 3, 0-8%, while a member receiving 1,000 deliveries a second still sends half the
-/// ACK-only packets it would unasked (docs/benchmarks.md, "ACK frequency on a lossy link";
+/// loss leaves Cubic (about 12-20 packets of 1,452 bytes at 1% loss and 20 ms, 6 at
+/// 3%), and a flight under the threshold + 1 gets no ACK until the client's 25 ms
+/// max_ack_delay runs out. Through an emulated link with 1-3% loss (20-60 ms RTT),
+/// downloads ran 2-21% below their rate without the request with 9, and 0-10% with 3,
+/// while a member receiving 1,000 deliveries a second sends twice the ACK-only packets
+/// it sent with 9 (docs/benchmarks.md, "ACK frequency on a lossy link";
 /// `loadtest/examples/lossy_link.rs`).
 pub const ACK_ELICITING_THRESHOLD: u32 = 3;
 
@@ -247,6 +248,8 @@ pub fn open_session_window(conn: &quinn::Connection, config: &Config) {
 /// The transport knobs, each chosen rather than inherited: what `server_config` gives
 /// every connection. Public so that measurements can run a plain quinn endpoint with the
 /// broker's settings, or with one of them changed (`loadtest/examples/lossy_link.rs`).
+/// A connection's receive window starts at `PREAUTH_WINDOW` and opens to the session's
+/// only with `open_session_window`, as the broker does once a device is authenticated.
 pub fn transport_config(config: &Config) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // The control stream only. quinn allocates state up front for every stream the peer
@@ -271,10 +274,11 @@ pub fn transport_config(config: &Config) -> quinn::TransportConfig {
     // ack-eliciting packets or its max_ack_delay (25 ms), instead of every second packet.
     // A member receiving a stream of deliveries otherwise sends the broker an ACK-only
     // packet for every two, and each costs the broker a receive, a decryption and a
-    // connection wakeup (docs/benchmarks.md, "ACK frequency"). Loss detection is
-    // unchanged: the PTO already allows for the peer's max_ack_delay, and a gap in what
-    // the client receives still gets an ACK at once (quinn's reordering threshold, 2).
-    // Why the threshold is not higher: `ACK_ELICITING_THRESHOLD`.
+    // connection wakeup (docs/benchmarks.md, "ACK frequency"). Loss detection holds:
+    // the PTO already allows for the peer's max_ack_delay, and a gap in what the client
+    // receives gets an ACK as soon as it would let the broker declare a loss (the
+    // draft's reordering threshold; quinn asks for 2). Why the threshold is not higher:
+    // `ACK_ELICITING_THRESHOLD`.
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
     t.ack_frequency_config(Some(ack));
