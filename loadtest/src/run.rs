@@ -259,8 +259,11 @@ impl MessageLoad {
         common: &Common,
     ) -> crate::Result<Report> {
         self.drain(Duration::from_secs(10)).await;
-        // The measured phase ends here: closing the sessions is not a message's cost.
+        // The measured phase ends here: closing the sessions is not a message's cost, nor
+        // is its burst of CONNECTION_CLOSE datagrams (one per session, all at once) the
+        // load's, so UDP drops are counted up to here too, like CPU and packets.
         let usage_at_end = self.usage();
+        let udp_drops_at_end = crate::resources::udp_receive_drops();
         let packets = Packets::of(&self.sessions).since(self.packets_at_start);
         let _ = self.stop.send(crate::load::STOP);
         if let Some(p) = self.progress.take() {
@@ -311,7 +314,7 @@ impl MessageLoad {
             cost: costs,
             ..Report::default()
         };
-        if let (Some(start), Some(end)) = (self.udp_drops_at_start, crate::resources::udp_receive_drops()) {
+        if let (Some(start), Some(end)) = (self.udp_drops_at_start, udp_drops_at_end) {
             report.extra.insert("udp_receive_buffer_drops".into(), end.saturating_sub(start) as f64);
         }
         if v.delivered > 0 {
