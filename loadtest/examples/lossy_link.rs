@@ -16,7 +16,7 @@
 //! A server endpoint with the broker's TLS and transport settings
 //! (`switchboard_broker::tls::transport_config`) sends BYTES on one stream to a client
 //! endpoint with the client library's settings, through a relay in this process that
-//! emulates a link, each way alike:
+//! emulates a link (`switchboard_loadtest::link`), each way alike:
 //! - it drops each datagram with probability LOSS_PCT / 100, from a generator seeded per
 //!   run and direction: the n-th datagram each way meets the same draw in every variant
 //!   of a run, but the variants send different numbers of ACKs, so which packets are lost
@@ -36,112 +36,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switchboard_client::{Connector, Trust};
-use tokio::net::UdpSocket;
-
-/// The link emulated, each way.
-#[derive(Clone, Copy, Debug)]
-struct Link {
-    /// Probability that a datagram is dropped at random.
-    loss: f64,
-    /// Delay after the queue.
-    one_way: Duration,
-    /// Sending rate, bytes per second.
-    bytes_per_s: f64,
-    /// Longest wait in the queue before a datagram is dropped instead.
-    queue: Duration,
-}
-
-/// Datagrams the relay dropped, each way together.
-#[derive(Default)]
-struct Drops {
-    /// Drawn at random (`Link::loss`).
-    random: AtomicU64,
-    /// Over the queue's length (`Link::queue`).
-    queue: AtomicU64,
-    /// Sends that failed (e.g. the receiving socket's buffer was full).
-    send_failed: AtomicU64,
-}
+use switchboard_loadtest::link::{Link, Relay};
 
 /// Bound on one download: a stalled link fails the run instead of hanging it.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// A seed per run and direction (splitmix64 of both).
-fn seed(run: u64, direction: u64) -> u64 {
-    let mut z = (run << 1 | direction).wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) | 1
-}
-
-/// A UDP socket on 127.0.0.1 with the broker's 4 MiB buffers: the kernel's defaults
-/// drop loopback bursts, and such drops would go uncounted.
-fn relay_socket() -> anyhow::Result<Arc<UdpSocket>> {
-    let socket = switchboard_broker::tls::bind_udp(([127, 0, 0, 1], 0).into(), 1)?
-        .pop()
-        .ok_or_else(|| anyhow::anyhow!("no UDP socket"))?;
-    socket.set_nonblocking(true)?;
-    Ok(Arc::new(UdpSocket::from_std(socket)?))
-}
-
-/// xorshift64: a seeded sequence in [0, 1).
-struct Uniform(u64);
-
-impl Uniform {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// One direction of the link: what arrives on `from` leaves `to` for `dest`, until a
-/// receive fails (reported).
-async fn pipe(from: Arc<UdpSocket>, to: Arc<UdpSocket>, dest: SocketAddr, link: Link, seed: u64, drops: Arc<Drops>) {
-    // Holds at most (queue + one_way) x rate bytes: departures are paced at the rate.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let sent_drops = drops.clone();
-    let sender = tokio::spawn(async move {
-        while let Some((due, datagram)) = rx.recv().await {
-            tokio::time::sleep_until(due.into()).await;
-            if to.send_to(&datagram, dest).await.is_err() {
-                sent_drops.send_failed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    });
-    let mut uniform = Uniform(seed);
-    let mut busy_until = Instant::now();
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        let n = match from.recv_from(&mut buf).await {
-            Ok((n, _)) => n,
-            Err(e) => {
-                eprintln!("relay: receive failed, the link is down: {e}");
-                break;
-            }
-        };
-        if uniform.next() < link.loss {
-            drops.random.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let now = Instant::now();
-        let start = busy_until.max(now);
-        if start.duration_since(now) > link.queue {
-            drops.queue.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        busy_until = start + Duration::from_secs_f64(n as f64 / link.bytes_per_s);
-        if tx.send((busy_until + link.one_way, buf[..n].to_vec())).is_err() {
-            break;
-        }
-    }
-    sender.abort();
-}
 
 /// One download of `bytes` through `link`; prints a line.
 async fn download(bytes: u64, link: Link, run: u64, variant: Variant) -> anyhow::Result<()> {
@@ -173,14 +76,10 @@ async fn download(bytes: u64, link: Link, run: u64, variant: Variant) -> anyhow:
     )?;
     let server_addr = server.local_addr()?;
 
-    let front = relay_socket()?;
-    let back = relay_socket()?;
-    let front_addr = front.local_addr()?;
+    let relay = Relay::start(server_addr, link, run)?;
+    let front_addr: SocketAddr = relay.addr;
     let connector = Connector::new(front_addr, "localhost", Trust::CaFile(identity.cert_path.clone()))?;
-    let client_addr = SocketAddr::from(([127, 0, 0, 1], connector.endpoint().local_addr()?.port()));
-    let drops = Arc::new(Drops::default());
-    let up = tokio::spawn(pipe(front.clone(), back.clone(), server_addr, link, seed(run, 0), drops.clone()));
-    let down = tokio::spawn(pipe(back, front, client_addr, link, seed(run, 1), drops.clone()));
+    let drops = relay.drops.clone();
 
     let served = tokio::spawn(async move {
         let conn = server.accept().await.ok_or_else(|| anyhow::anyhow!("endpoint closed"))?.await?;
@@ -217,8 +116,7 @@ async fn download(bytes: u64, link: Link, run: u64, variant: Variant) -> anyhow:
     let client = conn.stats();
     conn.close(0u32.into(), b"done");
     let server = served.await??;
-    up.abort();
-    down.abort();
+    drop(relay);
     anyhow::ensure!(received == bytes, "received {received} of {bytes} bytes");
     println!(
         "{:<24} {:>7.2} MB/s ({:>5.1}% of the link)  server sent {:>6}, lost {:>5}  \
@@ -282,12 +180,7 @@ async fn main() -> anyhow::Result<()> {
     let variants: Vec<Variant> =
         args.get(5).map_or("broker,1,off", String::as_str).split(',').map(str::parse).collect::<anyhow::Result<_>>()?;
     anyhow::ensure!(bytes > 0 && (0.0..100.0).contains(&loss_pct) && rtt_ms >= 0.0 && mbit > 0.0, usage);
-    let link = Link {
-        loss: loss_pct / 100.0,
-        one_way: Duration::from_secs_f64(rtt_ms / 2000.0),
-        bytes_per_s: mbit * 1e6 / 8.0,
-        queue: Duration::from_secs_f64((rtt_ms / 1000.0).max(0.02)),
-    };
+    let link = Link::new(loss_pct, rtt_ms, mbit);
     println!("{bytes} bytes, {loss_pct}% loss each way, RTT {rtt_ms} ms, {mbit} Mbit/s, queue {:?}", link.queue);
     for run in 0..runs {
         println!("run {run}");

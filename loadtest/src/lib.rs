@@ -10,6 +10,7 @@ pub mod changes;
 pub mod checker;
 pub mod cost;
 pub mod error;
+pub mod link;
 pub mod load;
 pub mod nats;
 pub mod payload;
@@ -26,6 +27,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use error::{Error, Result};
+
+/// A task aborted when this is dropped, so that a measurement or relay that ends early
+/// (an error, a test that fails) stops what it started.
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Flags every scenario takes.
 #[derive(clap::Args, Clone, Debug)]

@@ -2464,3 +2464,52 @@ async fn a_revoked_devices_queued_chunks_are_not_written() {
     })
     .await
 }
+
+/// Phones upload from links that lose packets. Through a relay that drops 5% of the
+/// datagrams each way (10 ms round trip, 100 Mbit/s; `switchboard_loadtest::link`), the
+/// client library's `Uploader` carries a file to completion without one retry (QUIC
+/// repairs the losses; nothing at the transfer layer times out or fails), and the file
+/// downloads whole and from an offset over the same link, byte for byte.
+#[tokio::test]
+async fn a_file_crosses_a_link_that_drops_five_percent_of_datagrams_each_way_whole_and_without_a_retry() {
+    use switchboard_client::{Connector, Trust, UploadEvent, Uploader, UploaderConfig, new_upload};
+    use switchboard_loadtest::link::{Link, Relay};
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        drop(alice);
+        let broker = tb.broker.as_ref().unwrap();
+        let relay = Relay::start(broker.local_addr, Link::new(5.0, 10.0, 100.0), 7).unwrap();
+        let lossy = Connector::new(relay.addr, "localhost", Trust::CaFile(broker.cert_path.clone())).unwrap();
+        let data = bytes(1024 * 1024 + 17, 9);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lift.bin");
+        std::fs::write(&path, &data).unwrap();
+
+        let mut uploader = Uploader::new(lossy, alice_id, UploaderConfig::default());
+        let begun = uploader.begin(new_upload(&path, "application/octet-stream").await.unwrap()).await.unwrap();
+        let mut retries = Vec::new();
+        let published = uploader
+            .upload(begun.file, &path, |event| {
+                if let UploadEvent::Retrying { error, .. } = event {
+                    retries.push(error);
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!((published.file, published.size), (begun.file, data.len() as u64));
+        assert!(retries.is_empty(), "the upload was interrupted: {retries:?}");
+
+        let client = uploader.client().await.unwrap();
+        let mut whole = Vec::new();
+        client.download(begun.file, 0, 0, &mut whole, |_| {}).await.unwrap();
+        assert_eq!(blake3::hash(&whole), blake3::hash(&data));
+        let mut tail = Vec::new();
+        let from = 300_001;
+        client.download(begun.file, from, 0, &mut tail, |_| {}).await.unwrap();
+        assert_eq!(tail, data[from as usize..]);
+        let dropped = relay.drops.random.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(dropped > 20, "the link dropped only {dropped} datagrams");
+    })
+    .await
+}

@@ -54,7 +54,7 @@ use crate::load::{Population, create_group};
 use crate::report::{Percentiles, Report};
 use crate::resources::{Sampler, cpu_seconds};
 use crate::scenario::{SplitMix, params};
-use crate::{Common, Error, Result, payload, run_tag};
+use crate::{AbortOnDrop, Common, Error, Result, payload, run_tag};
 
 /// Bytes per MiB.
 const MIB: u64 = 1024 * 1024;
@@ -552,15 +552,6 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<Bulk> {
     (&mut server.0).await??;
     connector.endpoint().wait_idle().await;
     Ok(Bulk { up: rate(bytes, up_s), down: rate(bytes, down_s), client_cpu_ms_per_mb, server_cpu_ms_per_mb })
-}
-
-/// A task (and the sink process it waits for) stopped when the measurement ends early.
-struct AbortOnDrop(tokio::task::JoinHandle<Result<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The hidden subcommand that runs (a)'s server in a process of its own.

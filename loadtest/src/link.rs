@@ -1,0 +1,194 @@
+//! An emulated network link for one client: a UDP relay in this process between a
+//! client endpoint and a server address that drops datagrams at random, sends at a set
+//! rate from a drop-tail queue, and delays what it sends, each way alike. This machine's
+//! kernel has no `netem`; the relay stands in for it in `examples/lossy_link.rs` (docs/
+//! benchmarks.md, "ACK frequency on a lossy link") and in the end-to-end tests of
+//! transfers over a lossy link.
+//!
+//! Limits: tokio's timers fire on whole milliseconds, so datagrams leave in trains of up
+//! to a millisecond; rates above a few hundred megabits measure this machine, not the
+//! link. The relay serves one client endpoint at a time: datagrams from the server go to
+//! the address that last sent to the relay.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+
+use crate::{Error, Result};
+
+/// The link emulated, each way.
+#[derive(Clone, Copy, Debug)]
+pub struct Link {
+    /// Probability that a datagram is dropped at random, 0 to 1.
+    pub loss: f64,
+    /// Delay after the queue (half the round trip's share of the link).
+    pub one_way: Duration,
+    /// Sending rate, bytes per second.
+    pub bytes_per_s: f64,
+    /// Longest wait in the queue; a datagram that would wait longer is dropped.
+    pub queue: Duration,
+}
+
+impl Link {
+    /// A link of `loss_pct` % random loss each way, a round trip of `rtt_ms` ms and
+    /// `mbit` megabits per second, with a queue of one round trip (at least 20 ms).
+    pub fn new(loss_pct: f64, rtt_ms: f64, mbit: f64) -> Link {
+        Link {
+            loss: loss_pct / 100.0,
+            one_way: Duration::from_secs_f64(rtt_ms / 2000.0),
+            bytes_per_s: mbit * 1e6 / 8.0,
+            queue: Duration::from_secs_f64((rtt_ms / 1000.0).max(0.02)),
+        }
+    }
+}
+
+/// Datagrams the relay dropped, both ways together.
+#[derive(Debug, Default)]
+pub struct LinkDrops {
+    /// Drawn at random (`Link::loss`).
+    pub random: AtomicU64,
+    /// Over the queue's length (`Link::queue`).
+    pub queue: AtomicU64,
+    /// Sends that failed (e.g. the receiving socket's buffer was full).
+    pub send_failed: AtomicU64,
+}
+
+/// A running relay; stopped when dropped.
+pub struct Relay {
+    /// Where the client connects.
+    pub addr: SocketAddr,
+    /// What it dropped so far.
+    pub drops: Arc<LinkDrops>,
+    _tasks: [crate::AbortOnDrop<()>; 2],
+}
+
+impl Relay {
+    /// Starts relaying between clients that send to `Relay::addr` and `server`, through
+    /// `link`; `seed` picks the sequence of random drops (the n-th datagram each way meets
+    /// the same draw for the same seed).
+    pub fn start(server: SocketAddr, link: Link, seed: u64) -> Result<Relay> {
+        let front = relay_socket()?;
+        let back = relay_socket()?;
+        let addr = front.local_addr().map_err(Error::io("reading the relay's address"))?;
+        let client = Arc::new(Mutex::new(None));
+        let drops = Arc::new(LinkDrops::default());
+        let up = Pipe { from: front.clone(), to: back.clone(), link, seed: mix(seed, 0), drops: drops.clone() };
+        let down = Pipe { from: back, to: front, link, seed: mix(seed, 1), drops: drops.clone() };
+        let learned = client.clone();
+        let _tasks = [
+            crate::AbortOnDrop(tokio::spawn(up.run(Dest::Fixed(server), Some(learned)))),
+            crate::AbortOnDrop(tokio::spawn(down.run(Dest::Learned(client), None))),
+        ];
+        Ok(Relay { addr, drops, _tasks })
+    }
+}
+
+/// A UDP socket on 127.0.0.1 with the broker's 4 MiB buffers: the kernel's defaults drop
+/// loopback bursts, and such drops would go uncounted.
+fn relay_socket() -> Result<Arc<UdpSocket>> {
+    let socket = switchboard_broker::tls::bind_udp(([127, 0, 0, 1], 0).into(), 1)?
+        .pop()
+        .ok_or_else(|| Error::Protocol("no UDP socket".into()))?;
+    socket.set_nonblocking(true).map_err(Error::io("making the relay's socket non-blocking"))?;
+    Ok(Arc::new(UdpSocket::from_std(socket).map_err(Error::io("registering the relay's socket"))?))
+}
+
+/// A seed per relay seed and direction (splitmix64), never 0 (xorshift's fixed point).
+fn mix(seed: u64, direction: u64) -> u64 {
+    let mut z = (seed << 1 | direction).wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | 1
+}
+
+/// xorshift64: a seeded sequence in [0, 1).
+struct Uniform(u64);
+
+impl Uniform {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Where a direction sends.
+enum Dest {
+    /// The server.
+    Fixed(SocketAddr),
+    /// The client: the address that last sent to the relay (none yet: dropped).
+    Learned(Arc<Mutex<Option<SocketAddr>>>),
+}
+
+impl Dest {
+    fn get(&self) -> Option<SocketAddr> {
+        match self {
+            Dest::Fixed(addr) => Some(*addr),
+            Dest::Learned(addr) => *addr.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+}
+
+/// One direction of the link: what arrives on `from` leaves `to`.
+struct Pipe {
+    from: Arc<UdpSocket>,
+    to: Arc<UdpSocket>,
+    link: Link,
+    seed: u64,
+    drops: Arc<LinkDrops>,
+}
+
+impl Pipe {
+    /// Relays until a receive fails; `learn` records each sender's address.
+    async fn run(self, dest: Dest, learn: Option<Arc<Mutex<Option<SocketAddr>>>>) {
+        // Holds at most (queue + one_way) x rate bytes: departures are paced at the rate.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        let (to, drops) = (self.to.clone(), self.drops.clone());
+        let sender = tokio::spawn(async move {
+            while let Some((due, datagram)) = rx.recv().await {
+                tokio::time::sleep_until(due.into()).await;
+                let sent = match dest.get() {
+                    Some(addr) => to.send_to(&datagram, addr).await.is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    drops.send_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let _stop_sender = crate::AbortOnDrop(sender);
+        let mut uniform = Uniform(self.seed);
+        let mut busy_until = Instant::now();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (n, source) = match self.from.recv_from(&mut buf).await {
+                Ok(received) => received,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay: a receive failed, the link is down");
+                    return;
+                }
+            };
+            if let Some(learn) = &learn {
+                *learn.lock().unwrap_or_else(|p| p.into_inner()) = Some(source);
+            }
+            if uniform.next() < self.link.loss {
+                self.drops.random.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let now = Instant::now();
+            let start = busy_until.max(now);
+            if start.duration_since(now) > self.link.queue {
+                self.drops.queue.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            busy_until = start + Duration::from_secs_f64(n as f64 / self.link.bytes_per_s);
+            if tx.send((busy_until + self.link.one_way, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    }
+}
