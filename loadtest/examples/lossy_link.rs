@@ -180,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
     let variants: Vec<Variant> =
         args.get(5).map_or("broker,1,off", String::as_str).split(',').map(str::parse).collect::<anyhow::Result<_>>()?;
     anyhow::ensure!(bytes > 0 && (0.0..100.0).contains(&loss_pct) && rtt_ms >= 0.0 && mbit > 0.0, usage);
-    let link = Link::new(loss_pct, rtt_ms, mbit);
+    let link = Link::new(loss_pct, rtt_ms, mbit)?;
     println!("{bytes} bytes, {loss_pct}% loss each way, RTT {rtt_ms} ms, {mbit} Mbit/s, queue {:?}", link.queue);
     for run in 0..runs {
         println!("run {run}");

@@ -30,6 +30,7 @@ pub use error::{Error, Result};
 
 /// A task aborted when this is dropped, so that a measurement or relay that ends early
 /// (an error, a test that fails) stops what it started.
+#[must_use = "dropping it aborts the task at once"]
 pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {

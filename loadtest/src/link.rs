@@ -2,8 +2,8 @@
 //! client endpoint and a server address that drops datagrams at random, sends at a set
 //! rate from a drop-tail queue, and delays what it sends, each way alike. This machine's
 //! kernel has no `netem`; the relay stands in for it in `examples/lossy_link.rs` (docs/
-//! benchmarks.md, "ACK frequency on a lossy link") and in the end-to-end tests of
-//! transfers over a lossy link.
+//! benchmarks.md, "ACK frequency on a lossy link") and in the end-to-end test of a file
+//! over a lossy link (`tests/tests/files.rs`).
 //!
 //! Limits: tokio's timers fire on whole milliseconds, so datagrams leave in trains of up
 //! to a millisecond; rates above a few hundred megabits measure this machine, not the
@@ -24,7 +24,7 @@ use crate::{Error, Result};
 pub struct Link {
     /// Probability that a datagram is dropped at random, 0 to 1.
     pub loss: f64,
-    /// Delay after the queue (half the round trip's share of the link).
+    /// Delay after the queue: half the round trip.
     pub one_way: Duration,
     /// Sending rate, bytes per second.
     pub bytes_per_s: f64,
@@ -33,15 +33,25 @@ pub struct Link {
 }
 
 impl Link {
-    /// A link of `loss_pct` % random loss each way, a round trip of `rtt_ms` ms and
-    /// `mbit` megabits per second, with a queue of one round trip (at least 20 ms).
-    pub fn new(loss_pct: f64, rtt_ms: f64, mbit: f64) -> Link {
-        Link {
+    /// A link of `loss_pct` % random loss each way (0 to 100), a round trip of `rtt_ms`
+    /// ms (0 to an hour) and `mbit` megabits per second (above 0), with a queue of one
+    /// round trip (at least 20 ms). Other values are `Error::InvalidArgs`.
+    pub fn new(loss_pct: f64, rtt_ms: f64, mbit: f64) -> Result<Link> {
+        if !((0.0..=100.0).contains(&loss_pct)
+            && (0.0..=3_600_000.0).contains(&rtt_ms)
+            && mbit > 0.0
+            && mbit.is_finite())
+        {
+            return Err(Error::InvalidArgs(format!(
+                "a link needs 0-100% loss, an RTT of 0 ms to an hour and a positive rate: got {loss_pct}%, {rtt_ms} ms, {mbit} Mbit/s"
+            )));
+        }
+        Ok(Link {
             loss: loss_pct / 100.0,
             one_way: Duration::from_secs_f64(rtt_ms / 2000.0),
             bytes_per_s: mbit * 1e6 / 8.0,
             queue: Duration::from_secs_f64((rtt_ms / 1000.0).max(0.02)),
-        }
+        })
     }
 }
 
@@ -52,7 +62,8 @@ pub struct LinkDrops {
     pub random: AtomicU64,
     /// Over the queue's length (`Link::queue`).
     pub queue: AtomicU64,
-    /// Sends that failed (e.g. the receiving socket's buffer was full).
+    /// Sends that failed (e.g. the receiving socket's buffer was full), and datagrams
+    /// from the server before any client had sent to the relay.
     pub send_failed: AtomicU64,
 }
 
@@ -68,8 +79,13 @@ pub struct Relay {
 impl Relay {
     /// Starts relaying between clients that send to `Relay::addr` and `server`, through
     /// `link`; `seed` picks the sequence of random drops (the n-th datagram each way meets
-    /// the same draw for the same seed).
+    /// the same draw for the same seed). Runs on the current tokio runtime (panics
+    /// outside one). The relay is on 127.0.0.1: an IPv6 `server` is
+    /// `Error::InvalidArgs`.
     pub fn start(server: SocketAddr, link: Link, seed: u64) -> Result<Relay> {
+        if !server.is_ipv4() {
+            return Err(Error::InvalidArgs(format!("the relay reaches IPv4 servers only, not {server}")));
+        }
         let front = relay_socket()?;
         let back = relay_socket()?;
         let addr = front.local_addr().map_err(Error::io("reading the relay's address"))?;
@@ -189,6 +205,40 @@ impl Pipe {
             if tx.send((busy_until + self.link.one_way, buf[..n].to_vec())).is_err() {
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_outside_its_ranges_is_refused() {
+        assert!(Link::new(1.0, 20.0, 50.0).is_ok());
+        for (loss, rtt, mbit) in
+            [(-1.0, 20.0, 50.0), (101.0, 20.0, 50.0), (1.0, -5.0, 50.0), (1.0, 20.0, 0.0), (1.0, 20.0, f64::NAN)]
+        {
+            assert!(matches!(Link::new(loss, rtt, mbit), Err(Error::InvalidArgs(_))), "{loss} {rtt} {mbit}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_relay_refuses_an_ipv6_server() {
+        let link = Link::new(0.0, 0.0, 100.0).unwrap();
+        assert!(matches!(Relay::start("[::1]:443".parse().unwrap(), link, 1), Err(Error::InvalidArgs(_))));
+    }
+
+    #[test]
+    fn each_direction_draws_its_own_sequence_and_a_seed_repeats_it() {
+        assert_eq!(mix(3, 0), mix(3, 0));
+        assert_ne!(mix(3, 0), mix(3, 1));
+        assert_ne!(mix(0, 0), mix(1, 0));
+        let (mut a, mut b) = (Uniform(mix(3, 0)), Uniform(mix(3, 0)));
+        for _ in 0..100 {
+            let x = a.next();
+            assert!((0.0..1.0).contains(&x));
+            assert_eq!(x, b.next());
         }
     }
 }

@@ -2479,7 +2479,7 @@ async fn a_file_crosses_a_link_that_drops_five_percent_of_datagrams_each_way_who
         let (alice, alice_id) = tb.register("alice").await;
         drop(alice);
         let broker = tb.broker.as_ref().unwrap();
-        let relay = Relay::start(broker.local_addr, Link::new(5.0, 10.0, 100.0), 7).unwrap();
+        let relay = Relay::start(broker.local_addr, Link::new(5.0, 10.0, 100.0).unwrap(), 7).unwrap();
         let lossy = Connector::new(relay.addr, "localhost", Trust::CaFile(broker.cert_path.clone())).unwrap();
         let data = bytes(1024 * 1024 + 17, 9);
         let dir = tempfile::tempdir().unwrap();

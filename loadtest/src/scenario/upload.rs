@@ -519,6 +519,7 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<Bulk> {
             let status = child.wait().await.map_err(Error::io("waiting for the quinn sink"))?;
             if status.success() { Ok(()) } else { Err(quic(format!("the sink exited with {status}"))) }
         });
+        // Aborted early, the task drops the child, which kills the sink (`kill_on_drop`).
         (addr, PathBuf::from(cert), AbortOnDrop(served))
     } else {
         let (server, cert, config) = bulk_server(dir.path())?;
