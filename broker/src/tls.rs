@@ -214,10 +214,10 @@ impl rustls::server::ProducesTickets for CountingTickets {
 /// (quinn's default is 1: an ACK for every second packet; we ask for one every fourth).
 ///
 /// Not more: a download over a lossy link runs at the congestion window that random
-/// loss leaves Cubic (about 12-20 packets of 1,452 bytes at 1% loss and 20 ms, 6 at
+/// loss leaves Cubic (about 11-12 packets of 1,452 bytes at 1% loss and 20 ms, 7 at
 /// 3%), and a flight under the threshold + 1 gets no ACK until the client's 25 ms
 /// max_ack_delay runs out. Through an emulated link with 1-3% loss (20-60 ms RTT),
-/// downloads ran 2-21% below their rate without the request with 9, and 0-10% with 3,
+/// downloads ran 10-27% below their rate without the request with 9, and 0-10% with 3,
 /// while a member receiving 1,000 deliveries a second sends twice the ACK-only packets
 /// it sent with 9 (docs/benchmarks.md, "ACK frequency on a lossy link";
 /// `loadtest/examples/lossy_link.rs`).

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 
+use crate::scenario::SplitMix;
 use crate::{Error, Result};
 
 /// The link emulated, each way.
@@ -91,8 +92,8 @@ impl Relay {
         let addr = front.local_addr().map_err(Error::io("reading the relay's address"))?;
         let client = Arc::new(Mutex::new(None));
         let drops = Arc::new(LinkDrops::default());
-        let up = Pipe { from: front.clone(), to: back.clone(), link, seed: mix(seed, 0), drops: drops.clone() };
-        let down = Pipe { from: back, to: front, link, seed: mix(seed, 1), drops: drops.clone() };
+        let up = Pipe { from: front.clone(), to: back.clone(), link, seed: seed << 1, drops: drops.clone() };
+        let down = Pipe { from: back, to: front, link, seed: seed << 1 | 1, drops: drops.clone() };
         let learned = client.clone();
         let _tasks = [
             crate::AbortOnDrop(tokio::spawn(up.run(Dest::Fixed(server), Some(learned)))),
@@ -110,26 +111,6 @@ fn relay_socket() -> Result<Arc<UdpSocket>> {
         .ok_or_else(|| Error::Protocol("no UDP socket".into()))?;
     socket.set_nonblocking(true).map_err(Error::io("making the relay's socket non-blocking"))?;
     Ok(Arc::new(UdpSocket::from_std(socket).map_err(Error::io("registering the relay's socket"))?))
-}
-
-/// A seed per relay seed and direction (splitmix64), never 0 (xorshift's fixed point).
-fn mix(seed: u64, direction: u64) -> u64 {
-    let mut z = (seed << 1 | direction).wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) | 1
-}
-
-/// xorshift64: a seeded sequence in [0, 1).
-struct Uniform(u64);
-
-impl Uniform {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// Where a direction sends.
@@ -159,7 +140,8 @@ struct Pipe {
 }
 
 impl Pipe {
-    /// Relays until a receive fails; `learn` records each sender's address.
+    /// Relays until a receive fails; `learn` records each sender's address. The loss
+    /// draws come from `SplitMix(seed)`, one per datagram received.
     async fn run(self, dest: Dest, learn: Option<Arc<Mutex<Option<SocketAddr>>>>) {
         // Holds at most (queue + one_way) x rate bytes: departures are paced at the rate.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
@@ -177,7 +159,7 @@ impl Pipe {
             }
         });
         let _stop_sender = crate::AbortOnDrop(sender);
-        let mut uniform = Uniform(self.seed);
+        let mut draws = SplitMix(self.seed);
         let mut busy_until = Instant::now();
         let mut buf = vec![0u8; 65_536];
         loop {
@@ -191,7 +173,7 @@ impl Pipe {
             if let Some(learn) = &learn {
                 *learn.lock().unwrap_or_else(|p| p.into_inner()) = Some(source);
             }
-            if uniform.next() < self.link.loss {
+            if draws.unit() < self.link.loss {
                 self.drops.random.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -230,15 +212,13 @@ mod tests {
     }
 
     #[test]
-    fn each_direction_draws_its_own_sequence_and_a_seed_repeats_it() {
-        assert_eq!(mix(3, 0), mix(3, 0));
-        assert_ne!(mix(3, 0), mix(3, 1));
-        assert_ne!(mix(0, 0), mix(1, 0));
-        let (mut a, mut b) = (Uniform(mix(3, 0)), Uniform(mix(3, 0)));
-        for _ in 0..100 {
-            let x = a.next();
-            assert!((0.0..1.0).contains(&x));
-            assert_eq!(x, b.next());
-        }
+    fn loss_draws_are_uniform_in_the_unit_interval_and_repeat_with_the_seed() {
+        let (mut a, mut b) = (SplitMix(6), SplitMix(6));
+        let draws: Vec<f64> = (0..10_000).map(|_| a.unit()).collect();
+        assert!(draws.iter().all(|x| (0.0..1.0).contains(x)));
+        assert!(draws.iter().all(|x| *x == b.unit()));
+        let under_five_percent = draws.iter().filter(|x| **x < 0.05).count();
+        assert!((400..600).contains(&under_five_percent), "{under_five_percent} of 10,000 under 0.05");
+        assert_ne!(SplitMix(6).unit(), SplitMix(7).unit());
     }
 }
