@@ -522,7 +522,7 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<Bulk> {
         // Aborted early, the task drops the child, which kills the sink (`kill_on_drop`).
         (addr, PathBuf::from(cert), AbortOnDrop(served))
     } else {
-        let (server, cert, config) = bulk_server(dir.path())?;
+        let (server, cert, config) = bulk_server(dir.path(), None)?;
         let addr = server.local_addr().map_err(Error::io("reading the endpoint address"))?;
         (addr, cert, AbortOnDrop(tokio::spawn(serve_bulk(server, config, bytes))))
     };
@@ -559,11 +559,20 @@ async fn quinn_bulk(bytes: u64, two_processes: bool) -> Result<Bulk> {
 pub const QUINN_SINK_COMMAND: &str = "__quinn-sink";
 
 /// A server endpoint on 127.0.0.1 with the broker's TLS and transport settings (its
-/// certificate made under `dir`), and the certificate's path.
-fn bulk_server(dir: &Path) -> Result<(quinn::Endpoint, PathBuf, switchboard_broker::Config)> {
+/// certificate made under `dir`), or with `transport` instead of the broker's transport
+/// settings (`examples/lossy_link.rs` changes one), and the certificate's path. Its
+/// connections get the broker's pre-authentication receive window until
+/// `tls::open_session_window`.
+pub fn bulk_server(
+    dir: &Path,
+    transport: Option<quinn::TransportConfig>,
+) -> Result<(quinn::Endpoint, PathBuf, switchboard_broker::Config)> {
     let config = switchboard_broker::Config::ephemeral(dir.join("data"));
     let identity = switchboard_broker::tls::load_or_generate(&config)?;
-    let server_config = switchboard_broker::tls::server_config(&identity, &config, Default::default())?;
+    let mut server_config = switchboard_broker::tls::server_config(&identity, &config, Default::default())?;
+    if let Some(transport) = transport {
+        server_config.transport_config(Arc::new(transport));
+    }
     let socket = switchboard_broker::tls::bind_udp(([127, 0, 0, 1], 0).into(), 1)?
         .pop()
         .ok_or_else(|| Error::Protocol("no UDP socket".into()))?;
@@ -601,7 +610,7 @@ async fn serve_bulk(server: quinn::Endpoint, config: switchboard_broker::Config,
 /// its own, on a runtime like the broker's; prints `ADDR CERT_PATH`, serves one client.
 pub fn run_quinn_sink(dir: &Path, bytes: u64) -> Result<()> {
     crate::target::broker_runtime(&switchboard_broker::Config::default())?.block_on(async move {
-        let (server, cert, config) = bulk_server(dir)?;
+        let (server, cert, config) = bulk_server(dir, None)?;
         let addr = server.local_addr().map_err(Error::io("reading the endpoint address"))?;
         println!("{addr} {}", cert.display());
         serve_bulk(server, config, bytes).await
@@ -612,7 +621,8 @@ fn quic(e: impl std::fmt::Display) -> Error {
     Error::Protocol(format!("quinn bulk stream: {e}"))
 }
 
-async fn write_bytes(send: &mut quinn::SendStream, piece: &Bytes, bytes: u64) -> Result<()> {
+/// Writes `bytes` bytes to `send`, `piece` after `piece` (the last one cut short).
+pub async fn write_bytes(send: &mut quinn::SendStream, piece: &Bytes, bytes: u64) -> Result<()> {
     let mut left = bytes;
     while left > 0 {
         let n = left.min(piece.len() as u64);
@@ -622,7 +632,8 @@ async fn write_bytes(send: &mut quinn::SendStream, piece: &Bytes, bytes: u64) ->
     Ok(())
 }
 
-async fn drain(recv: &mut quinn::RecvStream) -> Result<u64> {
+/// Reads `recv` to its end; the bytes read.
+pub async fn drain(recv: &mut quinn::RecvStream) -> Result<u64> {
     let mut received = 0u64;
     while let Some(chunk) = recv.read_chunk(MIB as usize, true).await.map_err(quic)? {
         received += chunk.bytes.len() as u64;
