@@ -12,12 +12,16 @@
 //! - `CONVS`: conversations, two senders each (default 5,000);
 //! - `N`: appends in each of the two phases, a warm-up and the measured one (100,000);
 //! - `INFLIGHT`: appends that may wait for their group commit at once (4, about what
-//!   `direct --users 4000` keeps waiting; a large number lets the appender run ahead).
+//!   `direct --users 4000` keeps waiting; a large number lets the appender run ahead);
+//! - `CACHE_MIB`: sled's page cache (default the store's, 256 MiB). With a cache the
+//!   warm-up fills (8 MiB fills in about 20,000 appends), the measured phase's resident
+//!   growth is what the store keeps per message beyond its cache.
 //!
 //! Prints, per phase: process CPU per append (the appender, the committer and sled's
 //! threads; `/proc/self/stat`, 10 ms ticks), the appending thread's CPU per append
 //! (`/proc/thread-self/stat`), log bytes written per append (`wchar` of `/proc/self/io`),
-//! and the commits so far.
+//! the growth of resident memory per append (`VmRSS` of `/proc/self/status`, KiB), and
+//! the commits so far.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -39,6 +43,13 @@ fn written() -> u64 {
     io.lines().find_map(|line| line.strip_prefix("wchar: ")).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
+/// Resident memory of this process, in bytes.
+fn resident() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc is readable");
+    let kib = status.lines().find_map(|line| line.strip_prefix("VmRSS:")).and_then(|v| v.trim().strip_suffix("kB"));
+    kib.and_then(|n| n.trim().parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -48,14 +59,18 @@ fn main() {
     let n = setting("N", 100_000).max(1);
     let inflight = setting("INFLIGHT", 4).max(1);
     let dir = tempfile::tempdir().expect("a temp dir");
-    let store = Store::open(&StoreConfig::new(dir.path().join("store"))).expect("the store opens");
+    let mut config = StoreConfig::new(dir.path().join("store"));
+    if let Ok(mib) = std::env::var("CACHE_MIB") {
+        config.cache_capacity_bytes = mib.parse::<u64>().expect("CACHE_MIB is a number") * 1024 * 1024;
+    }
+    let store = Store::open(&config).expect("the store opens");
     let done = Arc::new(AtomicU64::new(0));
     let (durable_tx, durable_rx) = mpsc::channel::<()>();
     let text = "x".repeat(256);
     let mut appended: u64 = 0;
     for phase in ["warm-up", "measured"] {
-        let (process0, thread0, written0) =
-            (cpu_ticks("/proc/self/stat"), cpu_ticks("/proc/thread-self/stat"), written());
+        let (process0, thread0, written0, resident0) =
+            (cpu_ticks("/proc/self/stat"), cpu_ticks("/proc/thread-self/stat"), written(), resident());
         let started = std::time::Instant::now();
         for _ in 0..n {
             let conv = appended % convs + 1;
@@ -93,11 +108,12 @@ fn main() {
         let per_append = |ticks: u64| ticks as f64 * 10_000.0 / n as f64;
         println!(
             "{phase}: {n} appends over {convs} conversations in {:.2} s: process CPU {:.1} us per append, \
-             appending thread {:.1} us, log {:.0} bytes; {} commits so far",
+             appending thread {:.1} us, log {:.0} bytes, resident memory {:+.0} bytes; {} commits so far",
             started.elapsed().as_secs_f64(),
             per_append(cpu_ticks("/proc/self/stat") - process0),
             per_append(cpu_ticks("/proc/thread-self/stat") - thread0),
             (written() - written0) as f64 / n as f64,
+            (resident() as f64 - resident0 as f64) / n as f64,
             store.commit_stats().commits(),
         );
     }

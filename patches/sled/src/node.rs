@@ -12,6 +12,13 @@ use super::*;
 /// when next traversed.
 const INDEX_SPLIT_FANOUT: usize = 64;
 
+/// Switchboard patch: a leaf merges into its left sibling below this many keys (sled's
+/// own threshold, named so that `Node::split` can keep a right half that does not merge
+/// straight back).
+const fn leaf_merge_below() -> usize {
+    if cfg!(any(test, feature = "lock_free_delays")) { 1 } else { 4 }
+}
+
 #[derive(Default, Debug, Clone, PartialEq)]
 pub struct Node {
     pub(crate) prefix_len: u8,
@@ -201,18 +208,40 @@ impl Node {
         true
     }
 
-    pub(crate) fn split(mut self) -> (Node, Node) {
+    /// Switchboard patch: where a leaf splits depends on the key whose traversal found it
+    /// oversized. Switchboard's keys grow at the end of many ranges at once (one per
+    /// conversation, per sender), and nothing is inserted again below a range's end, so a
+    /// leaf split in half stayed 9 keys of 16 for good, and the first keys of the next
+    /// range rode along with the previous range's end, split after split. Every node
+    /// costs resident memory in sled's page table for as long as the database lives (it
+    /// is read from the log again at every start), and every leaf split writes its parent
+    /// again. So a leaf found by a key that continues a range (it shares at least two
+    /// more leading bytes with the key before it than that key shares with the one after
+    /// it, or with the leaf's upper bound) splits right where that range ends: the range
+    /// stays on the left, the next range goes right. A key past the leaf's last key keeps
+    /// all but `leaf_merge_below()` keys on the left. Both halves keep at least
+    /// `leaf_merge_below()` keys, so neither is merged straight back. Anything else (a
+    /// random key, which shares at most a byte more with either neighbour; an overwrite;
+    /// an index node) splits in half as before. sled handles any split point from 1 to
+    /// `len - 1` (its own tests split nodes of 3 keys). Measured: see Switchboard's
+    /// docs/benchmarks.md ("Memory that grows with the store").
+    pub(crate) fn split(mut self, key: &[u8]) -> (Node, Node) {
+        let split_point = match &self.data {
+            Data::Leaf(leaf) => self.leaf_split_point(&leaf.keys, key),
+            Data::Index(index) => index.keys.len() / 2 + 1,
+        };
+
         fn split_inner<T>(
             keys: &mut Vec<IVec>,
             values: &mut Vec<T>,
             old_prefix: &[u8],
             old_hi: &[u8],
             suffix_truncation: bool,
+            split_point: usize,
         ) -> (IVec, u8, Vec<IVec>, Vec<T>)
         where
             T: Clone + Ord,
         {
-            let split_point = keys.len() / 2 + 1;
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
             let right_min = &right_keys[0];
@@ -290,6 +319,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         false,
+                        split_point,
                     );
 
                 (
@@ -309,6 +339,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         true,
+                        split_point,
                     );
 
                 (
@@ -383,6 +414,46 @@ impl Node {
         }
 
         (self, right)
+    }
+
+    /// Switchboard patch: the split point of a leaf with (prefix-encoded) `keys`, found
+    /// oversized by a traversal for `key` (see `Node::split`).
+    fn leaf_split_point(&self, keys: &[IVec], key: &[u8]) -> usize {
+        fn shared(a: &[u8], b: &[u8]) -> usize {
+            a.iter().zip(b).take_while(|(x, y)| x == y).count()
+        }
+        let len = keys.len();
+        let half = len / 2 + 1;
+        let keep = leaf_merge_below().max(1);
+        if len < 2 * keep + 1 {
+            return half;
+        }
+        let outside = key < self.lo.as_ref()
+            || (!self.hi.is_empty() && key >= self.hi.as_ref());
+        if outside {
+            // Not this leaf's key (a split found half done): as before.
+            return half;
+        }
+        let encoded = &key[self.prefix_len as usize..];
+        let at = match keys.binary_search_by(|k| k.as_ref().cmp(encoded)) {
+            Err(at) if at > 0 => at,
+            // An overwrite, or a key before the first.
+            _ => return half,
+        };
+        let before = keys[at - 1].as_ref();
+        let after = if at < len {
+            Some(keys[at].as_ref())
+        } else if self.hi.is_empty() {
+            None
+        } else {
+            Some(&self.hi[self.prefix_len as usize..])
+        };
+        let ranges_part = after.map_or(0, |after| shared(before, after));
+        if shared(encoded, before) >= ranges_part + 2 {
+            at.clamp(keep, len - keep)
+        } else {
+            half
+        }
     }
 
     pub(crate) fn receive_merge(&self, right: &Node) -> Node {
@@ -657,7 +728,7 @@ impl Node {
             // Switchboard patch: a quarter of the split fanout, as before (64 of 256).
             INDEX_SPLIT_FANOUT / 4
         } else {
-            4
+            leaf_merge_below()
         };
 
         let size_checks = self.data.len() < threshold;

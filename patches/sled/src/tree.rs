@@ -1452,11 +1452,13 @@ impl Tree {
         view: &View<'g>,
         parent_view: &Option<View<'g>>,
         root_pid: PageId,
+        key: &[u8],
         guard: &'g Guard,
     ) -> Result<()> {
         trace!("splitting node {}", view.pid);
-        // split node
-        let (mut lhs, rhs) = view.deref().clone().split();
+        // split node (Switchboard patch: where depends on the key that found it
+        // oversized, see `Node::split`)
+        let (mut lhs, rhs) = view.deref().clone().split(key);
         let rhs_lo = rhs.lo.clone();
 
         // install right side
@@ -1671,7 +1673,13 @@ impl Tree {
             }
 
             if view.should_split() {
-                self.split_node(&view, &parent_view, root_pid, guard)?;
+                self.split_node(
+                    &view,
+                    &parent_view,
+                    root_pid,
+                    key.as_ref(),
+                    guard,
+                )?;
                 retry!();
             }
 
