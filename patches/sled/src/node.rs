@@ -215,14 +215,17 @@ impl Node {
     /// range rode along with the previous range's end, split after split. Every node
     /// costs resident memory in sled's page table for as long as the database lives (it
     /// is read from the log again at every start), and every leaf split writes its parent
-    /// again. So a leaf found by a key that continues a range (it shares at least two
-    /// more leading bytes with the key before it than that key shares with the one after
-    /// it, or with the leaf's upper bound) splits right where that range ends: the range
-    /// stays on the left, the next range goes right. A key past the leaf's last key keeps
-    /// all but `leaf_merge_below()` keys on the left. Both halves keep at least
-    /// `leaf_merge_below()` keys, so neither is merged straight back. Anything else (a
-    /// random key, which shares at most a byte more with either neighbour; an overwrite;
-    /// an index node) splits in half as before. sled handles any split point from 1 to
+    /// again. So when the key continues a range (it shares at least two more leading
+    /// bytes with the key before it than that key shares with the one after it, or with
+    /// the leaf's upper bound) and the leaf's first key is of that range too, the leaf
+    /// splits right where the range ends: the range, which will not grow below its end,
+    /// stays on the left; what follows goes right. Both halves keep at least
+    /// `leaf_merge_below()` keys, so neither is merged straight back (a key past the
+    /// leaf's last key keeps all but that many on the left). Anything else splits in half
+    /// as before: a range that begins inside the leaf (the ranges to its left may still
+    /// grow: short ranges appended in random order filled leaves worse when split at
+    /// their ends), a random key (it shares at most about a byte more with either
+    /// neighbour), an overwrite, an index node. sled handles any split point from 1 to
     /// `len - 1` (its own tests split nodes of 3 keys). Measured: see Switchboard's
     /// docs/benchmarks.md ("Memory that grows with the store").
     pub(crate) fn split(mut self, key: &[u8]) -> (Node, Node) {
@@ -448,8 +451,12 @@ impl Node {
         } else {
             Some(&self.hi[self.prefix_len as usize..])
         };
-        let ranges_part = after.map_or(0, |after| shared(before, after));
-        if shared(encoded, before) >= ranges_part + 2 {
+        // Leading bytes of the range: more than its last key shares with what follows.
+        let range = after.map_or(0, |after| shared(before, after)) + 2;
+        // The whole left part must be that range (the leaf's first key in it too): a
+        // range that begins inside the leaf has other ranges to its left that may still
+        // grow (short ranges appended in random order), and the leaf splits in half.
+        if shared(encoded, keys[0].as_ref()) >= range {
             at.clamp(keep, len - keep)
         } else {
             half
