@@ -2078,7 +2078,14 @@ impl PageCache {
 
             trace!("load_snapshot pid {} {:?}", pid, state);
 
-            let mut cache_infos = Vec::default();
+            // Switchboard patch: allocated to fit. A `Vec` grown by `push` from empty
+            // takes room for 4 `CacheInfo`s (192 bytes) at the first, and this record
+            // of every page of the database stays in memory for as long as it is open,
+            // while most pages read here have one location (their base, no fragments).
+            let mut cache_infos = Vec::with_capacity(match *state {
+                PageState::Present { ref frags, .. } => 1 + frags.len(),
+                _ => 1,
+            });
 
             let guard = pin();
 
