@@ -427,7 +427,7 @@ impl Node {
         }
         let len = keys.len();
         let half = len / 2 + 1;
-        let keep = leaf_merge_below().max(1);
+        let keep = leaf_merge_below();
         if len < 2 * keep + 1 {
             return half;
         }
