@@ -77,9 +77,12 @@ fn keys_per_leaf_after(pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> f
         db.insert(&k, &v[..]).unwrap();
         all.push((k, v));
     }
+    // Counted before the read-back: a traversal splits a leaf left oversized by the last
+    // insert into it, and a whole read would split them all by its own keys.
+    let per_leaf = all.len() as f64 / leaves(&db) as f64;
     all.sort();
     assert_eq!(read(&db), all);
-    all.len() as f64 / leaves(&db) as f64
+    per_leaf
 }
 
 /// `total` keys appended to `ranges` ranges, each to the end of range `pick(u)` for a
@@ -133,8 +136,8 @@ fn a_leaf_split_writes_a_narrow_parent() {
 /// `RANGES` ranges each append `ROUNDS` keys, in turn, as conversations append their
 /// entries: a leaf split by the next key of a range keeps that range's keys on the left,
 /// so the leaves a range leaves behind stay nearly full, where split in half they held 9
-/// keys for good: 12.8 keys per leaf here, against 9.4 unpatched (11.9 when the end of
-/// any range in a leaf's second half was a split point, whatever began the leaf).
+/// keys for good: 12.8 keys per leaf here, against 9.4 unpatched (12.2 with a first
+/// version that split at any range's end in the leaf).
 /// Fewer nodes are less of sled's resident memory per stored key and fewer parent
 /// rewrites. The tree reads back whole, in order, and again after a reopen.
 #[test]
@@ -161,22 +164,22 @@ fn leaves_that_ranges_grew_out_of_stay_nearly_full() {
 }
 
 /// Ranges of skewed activity, as conversations are (a few busy, most quiet), appended in
-/// random order: 11.7 keys per leaf, against 10.1 split in half (unpatched; the same
-/// over other seeds).
+/// random order: 12.2 keys per leaf, against 10.4 split in half (unpatched; five more
+/// seeds gave 12.1-12.2 against 10.4-10.5).
 #[test]
 fn ranges_of_skewed_activity_fill_their_leaves() {
     let per_leaf = keys_per_leaf_after(appended_at_random(2_000, 40_000, |u| (u.powi(3) * 2_000.0) as usize));
-    assert!(per_leaf > 11.0, "{per_leaf:.1} keys per leaf");
+    assert!(per_leaf > 11.5, "{per_leaf:.1} keys per leaf");
 }
 
-/// Many short ranges appended in random order (young conversations) fill leaves about as
-/// well as split in half: 11.1 keys per leaf, against 11.4 unpatched. Splitting at the
-/// end of a range that begins inside the leaf made it 10.3 (the ranges to its left
+/// Many short ranges appended in random order (young conversations) fill leaves almost as
+/// well as split in half: 11.5 keys per leaf, against 11.9 unpatched. Splitting at the
+/// end of a range that begins inside the leaf made it 10.8 (the ranges to its left
 /// still grow), which this test refuses.
 #[test]
 fn short_ranges_in_random_order_fill_leaves_about_as_before() {
     let per_leaf = keys_per_leaf_after(appended_at_random(3_000, 18_000, |u| (u * 3_000.0) as usize));
-    assert!(per_leaf > 10.9, "{per_leaf:.1} keys per leaf");
+    assert!(per_leaf > 11.2, "{per_leaf:.1} keys per leaf");
 }
 
 /// Keys in random order still split in half: a random key shares at most about a byte
