@@ -67,11 +67,9 @@ fn random() -> impl FnMut() -> u64 {
     }
 }
 
-/// Inserts `pairs` in their order into a new tree, checks it reads back whole and in key
-/// order, and returns its keys per leaf.
-fn keys_per_leaf_after(pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let db = open(dir.path());
+/// Inserts `pairs` in their order into `db` (empty), checks it reads back whole and in
+/// key order, and returns its keys per leaf.
+fn insert_counting_leaves(db: &sled::Db, pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> f64 {
     let mut all: Pairs = Vec::new();
     for (k, v) in pairs {
         db.insert(&k, &v[..]).unwrap();
@@ -79,10 +77,16 @@ fn keys_per_leaf_after(pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> f
     }
     // Counted before the read-back: a traversal splits a leaf left oversized by the last
     // insert into it, and a whole read would split them all by its own keys.
-    let per_leaf = all.len() as f64 / leaves(&db) as f64;
+    let per_leaf = all.len() as f64 / leaves(db) as f64;
     all.sort();
-    assert_eq!(read(&db), all);
+    assert_eq!(read(db), all);
     per_leaf
+}
+
+/// `insert_counting_leaves` into a new tree.
+fn keys_per_leaf_after(pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    insert_counting_leaves(&open(dir.path()), pairs)
 }
 
 /// `total` keys appended to `ranges` ranges, each to the end of range `pick(u)` for a
@@ -148,14 +152,9 @@ fn leaves_that_ranges_grew_out_of_stay_nearly_full() {
     let all = pairs(RANGES, 1..=ROUNDS, &|_, _| true);
     {
         let db = open(dir.path());
-        for seq in 1..=ROUNDS {
-            for range in 0..RANGES {
-                db.insert(key(range, seq), value(range, seq)).unwrap();
-            }
-        }
-        let per_leaf = all.len() as f64 / leaves(&db) as f64;
+        let in_turn = (1..=ROUNDS).flat_map(|seq| (0..RANGES).map(move |range| (key(range, seq), value(range, seq))));
+        let per_leaf = insert_counting_leaves(&db, in_turn);
         assert!(per_leaf > 12.0, "{per_leaf:.1} keys per leaf");
-        assert_eq!(read(&db), all);
         db.flush().unwrap();
     }
     let db = open(dir.path());
