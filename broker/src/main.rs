@@ -21,7 +21,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// What `--version` prints: the release, the protocol version it speaks and the store
 /// format it writes (OPERATIONS.md, "Upgrading"); a test keeps the two numbers true.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 5, also 4, store format 7)");
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 5, also 4, store format 8)");
 
 #[derive(Parser)]
 #[command(name = "switchboard", version = VERSION, about = "Switchboard realtime messaging broker")]

@@ -20,6 +20,8 @@ const FORMAT: u8 = 0x0d;
 const UNCONFIRMED: u8 = 0x0e;
 const RECEIPT: u8 = 0x0f;
 const SETTINGS: u8 = 0x10;
+// 0x11 held a text message count per text message (formats 3 to 7); the format-8
+// upgrade removes them (`Key::old_text_counts`).
 const TEXT_COUNT: u8 = 0x11;
 const SENDER_COUNT: u8 = 0x12;
 const LAST_SEEN: u8 = 0x13;
@@ -36,6 +38,7 @@ const DISABLED: u8 = 0x1d;
 const FORWARD_COPY: u8 = 0x1e;
 const COPY_OF: u8 = 0x1f;
 const MEMBER_COUNT: u8 = 0x20;
+const OTHER_COUNT: u8 = 0x21;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -126,10 +129,21 @@ impl Key {
     pub fn settings(user: UserId) -> Key {
         Key::with(SETTINGS, &[&user.to_be_bytes()])
     }
-    /// The number of text messages in `conv` up to and including `seq`, present for each
-    /// text message's seq.
-    pub fn text_count(conv: ConvId, seq: Seq) -> Key {
+    /// Prefix of the text message counts that formats 3 to 7 wrote, one per text message
+    /// (`(conv, seq)` to the count up to `seq`); the format-8 upgrade removes them.
+    pub fn old_text_counts() -> Key {
+        Key::with(TEXT_COUNT, &[])
+    }
+    /// What formats 3 to 7 wrote for the text message at `seq` (tests write it as they did).
+    #[cfg(test)]
+    pub fn old_text_count(conv: ConvId, seq: Seq) -> Key {
         Key::with(TEXT_COUNT, &[&conv.to_be_bytes(), &seq.to_be_bytes()])
+    }
+    /// The number of entries of `conv` up to and including `seq` that are not messages
+    /// (u64, big-endian; `counts_as_message`), present for each such entry's seq. Seqs are
+    /// gapless from 1, so the messages up to a seq are the seq less this count.
+    pub fn other_count(conv: ConvId, seq: Seq) -> Key {
+        Key::with(OTHER_COUNT, &[&conv.to_be_bytes(), &seq.to_be_bytes()])
     }
     /// The number of text messages `sender` wrote in `conv` up to and including `seq`,
     /// present for each of them.

@@ -75,10 +75,12 @@ pub enum StoreError {
 /// quotas counted in whole 4 KiB blocks (`files::charged_bytes`), 6 each conversation's
 /// member count in one key (`Key::member_count`: an older broker would change members
 /// without it, so it must not open a format-6 data dir), 7 the `TitleChanged` entry (a
-/// group renamed: an older broker could not decode it). Opening a newer one
-/// fails with `NewerFormat` (rolling a data dir back to an older broker is not
+/// group renamed: an older broker could not decode it), 8 the count of each entry that is
+/// not a message in place of a conversation count per text message (`Key::other_count`:
+/// an older broker would read unread counts from keys no longer written). Opening a
+/// newer one fails with `NewerFormat` (rolling a data dir back to an older broker is not
 /// supported).
-pub const FORMAT: u64 = 7;
+pub const FORMAT: u64 = 8;
 
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -219,6 +221,7 @@ impl Store {
         if store.db.get(Key::format())?.and_then(|v| keys::u64_from(&v)).is_some_and(|f| f < 7) {
             store.db.insert(Key::format(), &7u64.to_be_bytes()[..])?;
         }
+        store.upgrade_to_format_8()?;
         let promised = store.uploads_in_progress()?.iter().map(|(_, r)| r.size - r.offset().min(r.size)).sum();
         store.files.lock().unwrap_or_else(|p| p.into_inner()).promised = promised;
         Ok(store)
@@ -513,6 +516,10 @@ impl Store {
         txn.batch.insert(Key::member_count(id).as_ref(), &count.to_be_bytes()[..]);
         let entry = first_entry(id);
         txn.put(Key::entry(entry.conv, entry.seq), &entry);
+        if !log::counts_as_message(&entry.body) {
+            // What `write_effects` would write for it: the first entry that is not a message.
+            txn.batch.insert(Key::other_count(entry.conv, entry.seq).as_ref(), &1u64.to_be_bytes()[..]);
+        }
         Ok((id, true, self.commit(txn)?))
     }
 

@@ -1,6 +1,6 @@
 //! The conversation log: entries by `(conversation, seq)`, what each entry implies for
 //! other keys (idempotency key, rewritten edit and delete targets, the edit index,
-//! member keys, the message counts), and the crash repair of a conversation's newest
+//! member keys, the counts behind unread counts), and the crash repair of a conversation's newest
 //! entry.
 
 use switchboard_protocol::{Body, ClientMsgId, ConvId, Entry, Role, Seq, UserId};
@@ -29,8 +29,9 @@ impl Store {
     /// so). Calls happen in append order, so an actor that forwards them to itself
     /// receives them in order; `done` must be quick. What the entry implies is derived
     /// from it alone: its idempotency key `(sender, client_id)`, the rewritten target of
-    /// an edit or delete, the member keys of a membership change, and for a text message
-    /// its running counts (the counts before it plus one, so a repair writes the same).
+    /// an edit or delete, the member keys of a membership change, and a running count (the
+    /// count before it plus one, so a repair writes the same): its sender's for a text
+    /// message, the conversation's other entries' for any other entry.
     ///
     /// These are single-key writes, not a sled batch: sled 0.34's `apply_batch` takes a
     /// process-wide exclusive lock that waits for any flush in progress (stalling every
@@ -75,6 +76,11 @@ impl Store {
         };
         if entry.client_id != ClientMsgId::default() {
             set(Key::dedupe(conv, entry.sender, &entry.client_id), Some(entry.seq.to_be_bytes().to_vec()))?;
+        }
+        if !counts_as_message(&entry.body) {
+            // Unread counts read the messages up to a seq as the seq less this count.
+            let others = self.others_up_to(conv, entry.seq.saturating_sub(1))? + 1;
+            set(Key::other_count(conv, entry.seq), Some(others.to_be_bytes().to_vec()))?;
         }
         let rewrite = |target: Seq, body: &dyn Fn(&Body) -> Body| -> Result<()> {
             let key = Key::entry(conv, target);
@@ -132,7 +138,7 @@ impl Store {
                 record.title.clone_from(title);
                 set(key, Some(encode(&record)))
             }),
-            // A message moves the running counts that unread counts are read from.
+            // A message moves its sender's count and grants access to its files.
             Body::Text { .. } | Body::Files { .. } => {
                 if let Body::Files { files, .. } = &entry.body {
                     // Who may read a file: the members where a message carries it.
@@ -140,20 +146,18 @@ impl Store {
                         set(Key::attached(&f.file, conv, entry.seq), Some(Vec::new()))?;
                     }
                 }
-                let (total, mine) = self.counts_before(conv, entry.sender, entry.seq)?;
-                let written =
-                    set(Key::text_count(conv, entry.seq), Some((total + 1).to_be_bytes().to_vec())).and_then(|()| {
-                        set(Key::sender_count(conv, entry.sender, entry.seq), Some((mine + 1).to_be_bytes().to_vec()))
-                    });
-                // Held only once both are written: one of the two alone would leave what
-                // is held behind the index for any later seq.
+                // The conversation's count is the seq less its other entries' (written with
+                // those): a message writes its sender's only.
+                let mine = self.sent_before(conv, entry.sender, entry.seq)? + 1;
+                let written = set(Key::sender_count(conv, entry.sender, entry.seq), Some(mine.to_be_bytes().to_vec()));
                 match &written {
-                    Ok(()) => self.counted(conv, entry.sender, entry.seq, total + 1, mine + 1),
+                    Ok(()) => self.counted(conv, entry.sender, entry.seq, mine),
                     Err(_) => self.forget_counts(conv, entry.sender),
                 }
                 written
             }
-            // Tombstones imply nothing more; a creation is one atomic batch.
+            // Tombstones and redactions are rewrites, never appended; a creation is one
+            // atomic batch (with its count), and its repair writes the same count above.
             Body::Tombstone | Body::Created { .. } | Body::Redacted { .. } => Ok(()),
         }
     }
@@ -266,6 +270,25 @@ impl Store {
             tracing::info!(edits = indexed, "indexed edits for format 2");
         }
         Ok(())
+    }
+}
+
+/// Whether an entry counts as a message in unread counts: text, files, or one of them
+/// deleted (a tombstone keeps its count). Every other entry is counted under
+/// `Key::other_count`. Fixed for an entry's life: rewrites turn a message into a tombstone
+/// and an edit into `Redacted`, never one kind into the other.
+pub(crate) fn counts_as_message(body: &Body) -> bool {
+    match body {
+        Body::Text { .. } | Body::Files { .. } | Body::Tombstone => true,
+        Body::Edit { .. }
+        | Body::Delete { .. }
+        | Body::Created { .. }
+        | Body::MembersAdded { .. }
+        | Body::MemberRemoved { .. }
+        | Body::MemberLeft
+        | Body::Redacted { .. }
+        | Body::RolesChanged { .. }
+        | Body::TitleChanged { .. } => false,
     }
 }
 

@@ -6,14 +6,20 @@
 //! conversation actor (a `ConversationStates` page) that read one can wait for it to be
 //! durable with `watermark_barrier`.
 //!
-//! The counts are written with each text message (`write_effects`): under
-//! `text_count(conv, seq)` the number of text messages up to and including `seq`, and
-//! under `sender_count(conv, sender, seq)` the sender's own. An unread count is then four
-//! reverse seeks, whatever the number of messages: see `unread`.
+//! The counts are written with the entries (`write_effects`): with each text message,
+//! under `sender_count(conv, sender, seq)`, the number of text messages its sender wrote
+//! up to and including `seq`; with each entry that is not a message (a membership change,
+//! an edit, a delete, a rename), under `other_count(conv, seq)`, the number of such
+//! entries up to `seq`, so that the messages up to a seq are the seq less that count.
+//! An unread count is then four reverse seeks, whatever the number of messages: see
+//! `unread`. Until format 8 each text message also wrote its conversation's running
+//! count: one key of four per message, kept in memory by sled for as long as the store is
+//! open (docs/benchmarks.md, "Memory that grows with the store").
 
 use switchboard_protocol::{ConvId, Entry, Seq, Settings, UserId};
 
 use crate::keys::{self, Key};
+use crate::log::counts_as_message;
 use crate::{ReceiptRecord, Result, Store, StoreError, corrupt, decode, encode};
 
 impl Store {
@@ -54,41 +60,44 @@ impl Store {
     }
 
     /// Text messages in `conv` with seq in `(read_up_to, last_seq]` from users other than
-    /// `user`, deleted ones included (a deleted message keeps its count). Four reverse
-    /// seeks in the count index, whatever the range.
+    /// `user`, deleted ones included (a deleted message keeps its count). `last_seq` is an
+    /// entry's seq, the newest or older (the seqs before it are all entries, whose counts
+    /// are written with them). Four reverse seeks in the count index, whatever the range.
     pub fn unread(&self, conv: ConvId, user: UserId, read_up_to: Seq, last_seq: Seq) -> Result<u64> {
         let read = read_up_to.min(last_seq);
-        let total = |seq| self.count_at(Key::text_count(conv, 0), Key::text_count(conv, seq));
+        let total = |seq: Seq| Ok::<_, StoreError>(seq.saturating_sub(self.others_up_to(conv, seq)?));
         let mine = |seq| self.count_at(Key::sender_count(conv, user, 0), Key::sender_count(conv, user, seq));
         let all = total(last_seq)?.saturating_sub(total(read)?);
         let own = mine(last_seq)?.saturating_sub(mine(read)?);
         Ok(all.saturating_sub(own))
     }
 
-    /// The text message counts of `conv` before `seq`: all of them, and `sender`'s. From
-    /// `RunningCounts` where it holds the newest count below `seq`, else read from the
-    /// count index (a reverse seek each).
-    pub(crate) fn counts_before(&self, conv: ConvId, sender: UserId, seq: Seq) -> Result<(u64, u64)> {
-        let before = seq.saturating_sub(1);
-        let (total, mine) = self.counts.lock().unwrap_or_else(|p| p.into_inner()).before(conv, sender, seq);
-        let total = match total {
-            Some(total) => total,
-            None => self.count_at(Key::text_count(conv, 0), Key::text_count(conv, before))?,
-        };
-        let mine = match mine {
-            Some(mine) => mine,
-            None => self.count_at(Key::sender_count(conv, sender, 0), Key::sender_count(conv, sender, before))?,
-        };
-        Ok((total, mine))
+    /// The entries of `conv` up to and including `seq` that are not messages (a reverse
+    /// seek in the count index).
+    pub(crate) fn others_up_to(&self, conv: ConvId, seq: Seq) -> Result<u64> {
+        self.count_at(Key::other_count(conv, 0), Key::other_count(conv, seq))
     }
 
-    /// Records the counts just written for a text message at `seq` (`write_effects`).
-    pub(crate) fn counted(&self, conv: ConvId, sender: UserId, seq: Seq, total: u64, mine: u64) {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner()).counted(conv, sender, seq, total, mine);
+    /// The text messages `sender` wrote in `conv` before `seq`: from `RunningCounts` where
+    /// it holds the newest count below `seq`, else read from the count index (a reverse
+    /// seek).
+    pub(crate) fn sent_before(&self, conv: ConvId, sender: UserId, seq: Seq) -> Result<u64> {
+        match self.counts.lock().unwrap_or_else(|p| p.into_inner()).before(conv, sender, seq) {
+            Some(mine) => Ok(mine),
+            None => {
+                let before = seq.saturating_sub(1);
+                self.count_at(Key::sender_count(conv, sender, 0), Key::sender_count(conv, sender, before))
+            }
+        }
     }
 
-    /// Lets go of the counts held for `conv` and `sender` (a write of a message's counts
-    /// failed half way: the index is read again from then on).
+    /// Records the count just written for a text message at `seq` (`write_effects`).
+    pub(crate) fn counted(&self, conv: ConvId, sender: UserId, seq: Seq, mine: u64) {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).counted(conv, sender, seq, mine);
+    }
+
+    /// Lets go of the count held for `conv` and `sender` (its write failed: the index is
+    /// read again from then on).
     pub(crate) fn forget_counts(&self, conv: ConvId, sender: UserId) {
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).forget(conv, sender);
     }
@@ -105,15 +114,15 @@ impl Store {
     }
 
     /// Brings a data dir written before format 3 up to date: every text message (or
-    /// deleted one: a tombstone was a text message) gets its count keys. One pass over
-    /// the log, which is ordered by conversation then seq; runs once (the format key is
-    /// written last, so a crash midway runs it again, rewriting the same values).
+    /// deleted one: a tombstone was a text message) gets its sender's count key (the
+    /// other counts are format 8's). One pass over the log, which is ordered by
+    /// conversation then seq; runs once (the format key is written last, so a crash
+    /// midway runs it again, rewriting the same values).
     pub(crate) fn upgrade_to_format_3(&self) -> Result<()> {
         if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 3)) {
             return Ok(());
         }
         let mut conv = None;
-        let mut total = 0u64;
         // Per sender of the current conversation only: bounded by its members' history.
         let mut mine: std::collections::HashMap<UserId, u64> = std::collections::HashMap::new();
         let mut counted = 0usize;
@@ -121,19 +130,12 @@ impl Store {
             let (k, v) = item?;
             let entry: Entry = decode(&k, &v)?;
             if conv != Some(entry.conv) {
-                (conv, total) = (Some(entry.conv), 0);
+                conv = Some(entry.conv);
                 mine.clear();
             }
-            if matches!(
-                entry.body,
-                switchboard_protocol::Body::Text { .. }
-                    | switchboard_protocol::Body::Files { .. }
-                    | switchboard_protocol::Body::Tombstone
-            ) {
-                total += 1;
+            if counts_as_message(&entry.body) {
                 let own = mine.entry(entry.sender).or_insert(0);
                 *own += 1;
-                self.db.insert(Key::text_count(entry.conv, entry.seq), &total.to_be_bytes()[..])?;
                 self.db.insert(Key::sender_count(entry.conv, entry.sender, entry.seq), &own.to_be_bytes()[..])?;
                 counted += 1;
             }
@@ -144,56 +146,88 @@ impl Store {
         }
         Ok(())
     }
+
+    /// Brings a data dir written before format 8 up to date: every entry that is not a
+    /// message gets its count key (`Key::other_count`), then the per-message counts of
+    /// formats 3 to 7 go. One pass over the log, then one over the old counts. The format
+    /// key is written between the two, so a format-7 broker never reads a count index with
+    /// keys missing (it finds all of them, or format 8 and refuses to open), and a removal
+    /// cut short by a crash is finished at the next open (one seek when there is nothing
+    /// left).
+    pub(crate) fn upgrade_to_format_8(&self) -> Result<()> {
+        if self.db.get(Key::format())?.and_then(|v| keys::u64_from(&v)).unwrap_or(0) < 8 {
+            let (mut conv, mut others, mut counted) = (None, 0u64, 0usize);
+            for item in self.db.scan_prefix(Key::entries()) {
+                let (k, v) = item?;
+                let entry: Entry = decode(&k, &v)?;
+                if conv != Some(entry.conv) {
+                    (conv, others) = (Some(entry.conv), 0);
+                }
+                if !counts_as_message(&entry.body) {
+                    others += 1;
+                    self.db.insert(Key::other_count(entry.conv, entry.seq), &others.to_be_bytes()[..])?;
+                    counted += 1;
+                }
+            }
+            self.db.insert(Key::format(), &8u64.to_be_bytes()[..])?;
+            if counted > 0 {
+                tracing::info!(entries = counted, "counted the entries that are not messages for format 8");
+            }
+        }
+        let mut removed = 0usize;
+        for key in self.db.scan_prefix(Key::old_text_counts()).keys() {
+            self.db.remove(key?)?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::info!(keys = removed, "removed the text message counts of formats 3 to 7");
+        }
+        Ok(())
+    }
 }
 
-/// The newest running counts this process wrote, per conversation and per (conversation,
-/// sender), so that counting a new text message need not seek backwards through the count
-/// index: those two reverse seeks were 10% of the broker's CPU at `switchboard-load direct
-/// --users 10000` (a `perf` profile, docs/benchmarks.md "Running counts in memory").
+/// The newest sender counts this process wrote, per (conversation, sender), so that
+/// counting a new text message need not seek backwards through the count index: that
+/// seek and the conversation's (a key no longer written since format 8) were 10% of the
+/// broker's CPU at `switchboard-load direct --users 10000` (a `perf` profile,
+/// docs/benchmarks.md "Running counts in memory").
 ///
 /// An entry `(s, n)` says the count key at `s` holds `n` and was the newest when written.
 /// Counts are written by a conversation's one writer in seq order (its actor, or the
 /// repair of its newest entry before the actor takes writes), so for a later `seq` no key
 /// lies between `s` and `seq` and `n` is the count before `seq`; for `seq <= s` (a repair
-/// writing a message's counts again) the index is read. An entry only ever moves to a
-/// higher seq (or is written again at the same one, by a repair). A message's counts are
-/// held once both of its keys are written, and a failed write of either lets go of both
-/// entries, so what is held is never behind the index: a writer that went on after such
-/// a failure (today's stop and repair first) would read the index. Bounded: each map is
-/// emptied when it reaches `RUNNING_COUNTS_MAX` entries (a miss costs only the seek).
+/// writing a message's count again) the index is read. An entry only ever moves to a
+/// higher seq (or is written again at the same one, by a repair). A count is held once
+/// its key is written, and a failed write lets go of the entry, so what is held is never
+/// behind the index: a writer that went on after such a failure (today's stop and repair
+/// first) would read the index. Bounded: emptied when it reaches `RUNNING_COUNTS_MAX`
+/// entries (a miss costs only the seek).
 #[derive(Default)]
 pub(crate) struct RunningCounts {
-    total: std::collections::HashMap<ConvId, (Seq, u64)>,
     mine: std::collections::HashMap<(ConvId, UserId), (Seq, u64)>,
 }
 
-/// Entries per map of `RunningCounts` (about 40 bytes each).
+/// Entries of `RunningCounts` (about 40 bytes each).
 const RUNNING_COUNTS_MAX: usize = 65_536;
 
 impl RunningCounts {
-    /// The counts before `seq` where known: `(all, sender's)`.
-    fn before(&self, conv: ConvId, sender: UserId, seq: Seq) -> (Option<u64>, Option<u64>) {
-        let below = |held: Option<&(Seq, u64)>| held.filter(|(s, _)| *s < seq).map(|&(_, n)| n);
-        (below(self.total.get(&conv)), below(self.mine.get(&(conv, sender))))
+    /// The sender's count before `seq`, where known.
+    fn before(&self, conv: ConvId, sender: UserId, seq: Seq) -> Option<u64> {
+        self.mine.get(&(conv, sender)).filter(|(s, _)| *s < seq).map(|&(_, n)| n)
     }
 
-    fn counted(&mut self, conv: ConvId, sender: UserId, seq: Seq, total: u64, mine: u64) {
-        fn raise<K: std::hash::Hash + Eq>(map: &mut std::collections::HashMap<K, (Seq, u64)>, key: K, at: (Seq, u64)) {
-            if map.len() >= RUNNING_COUNTS_MAX && !map.contains_key(&key) {
-                map.clear();
-            }
-            let held = map.entry(key).or_insert(at);
-            if held.0 <= at.0 {
-                *held = at;
-            }
+    fn counted(&mut self, conv: ConvId, sender: UserId, seq: Seq, mine: u64) {
+        if self.mine.len() >= RUNNING_COUNTS_MAX && !self.mine.contains_key(&(conv, sender)) {
+            self.mine.clear();
         }
-        raise(&mut self.total, conv, (seq, total));
-        raise(&mut self.mine, (conv, sender), (seq, mine));
+        let held = self.mine.entry((conv, sender)).or_insert((seq, mine));
+        if held.0 <= seq {
+            *held = (seq, mine);
+        }
     }
 
-    /// Holds nothing more for `conv` and for `sender` in it.
+    /// Holds nothing more for `sender` in `conv`.
     fn forget(&mut self, conv: ConvId, sender: UserId) {
-        self.total.remove(&conv);
         self.mine.remove(&(conv, sender));
     }
 }
@@ -288,7 +322,11 @@ mod tests {
         assert_eq!(store.unread(9, 1, 0, 8).unwrap(), 3, "seqs 2, 6 and 8");
         assert_eq!(store.unread(9, 2, 0, 8).unwrap(), 3, "seqs 1, 4 (deleted) and 6");
         assert_eq!(store.unread(9, 2, 0, 5).unwrap(), 2, "only up to last_seq");
-        assert_eq!(store.unread(8, 2, 0, 5).unwrap(), 0, "another conversation");
+        // Another conversation's entries and counts are its own.
+        append(&store, Entry { conv: 8, ..text(1, 1) }).await;
+        append(&store, Entry { conv: 8, ..entry(2, 1, Body::MemberLeft) }).await;
+        assert_eq!(store.unread(8, 2, 0, 2).unwrap(), 1, "another conversation");
+        assert_eq!(store.unread(9, 2, 0, 8).unwrap(), 3);
     }
 
     /// Counts taken from `RunningCounts` agree with the log: senders interleaved, a
@@ -323,17 +361,17 @@ mod tests {
     #[test]
     fn running_counts_hold_only_what_is_below_a_later_seq_and_stay_bounded() {
         let mut counts = RunningCounts::default();
-        counts.counted(9, 1, 5, 3, 2);
-        assert_eq!(counts.before(9, 1, 6), (Some(3), Some(2)));
-        assert_eq!(counts.before(9, 1, 5), (None, None), "a message's own counts come from the index");
-        assert_eq!(counts.before(9, 2, 6), (Some(3), None), "another sender's are not held");
-        counts.counted(9, 1, 4, 2, 1);
-        assert_eq!(counts.before(9, 1, 6), (Some(3), Some(2)), "never moved back to an older seq");
+        counts.counted(9, 1, 5, 2);
+        assert_eq!(counts.before(9, 1, 6), Some(2));
+        assert_eq!(counts.before(9, 1, 5), None, "a message's own count comes from the index");
+        assert_eq!(counts.before(9, 2, 6), None, "another sender's is not held");
+        counts.counted(9, 1, 4, 1);
+        assert_eq!(counts.before(9, 1, 6), Some(2), "never moved back to an older seq");
         for conv in 0..RUNNING_COUNTS_MAX as u64 {
-            counts.counted(100 + conv, 1, 1, 1, 1);
+            counts.counted(100 + conv, 1, 1, 1);
         }
-        assert!(counts.total.len() <= RUNNING_COUNTS_MAX && counts.mine.len() <= RUNNING_COUNTS_MAX);
-        assert_eq!(counts.before(9, 1, 6), (None, None), "emptied when full");
+        assert!(counts.mine.len() <= RUNNING_COUNTS_MAX);
+        assert_eq!(counts.before(9, 1, 6), None, "emptied when full");
     }
 
     /// After a failed write of a message's counts nothing is held for its conversation
@@ -344,41 +382,54 @@ mod tests {
         let store = open(dir.path());
         mixed_log(&store).await;
         let held = |store: &Store| store.counts.lock().unwrap().before(9, 2, 100);
-        assert_eq!(held(&store), (Some(5), Some(2)));
+        assert_eq!(held(&store), Some(2));
         store.forget_counts(9, 2);
-        assert_eq!(held(&store), (None, None));
+        assert_eq!(held(&store), None);
         append(&store, text(9, 2)).await;
-        assert_eq!(held(&store), (Some(6), Some(3)));
+        assert_eq!(held(&store), Some(3));
         check_unread(&store, 1);
         check_unread(&store, 2);
     }
 
+    /// The keys of the count index, by their first byte: 0x11 the conversation's count per
+    /// text message (formats 3 to 7), 0x12 the sender's, 0x21 the other entries'.
+    fn count_keys(store: &Store, tag: u8) -> Vec<sled::IVec> {
+        store.db.scan_prefix([tag]).keys().map(|k| k.unwrap()).collect()
+    }
+
     #[tokio::test]
-    async fn a_crash_before_a_messages_counts_is_repaired_and_old_data_is_upgraded() {
+    async fn a_crash_before_an_entrys_counts_is_repaired_and_old_data_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = open(dir.path());
             mixed_log(&store).await;
-            // The crash left the newest message without its counts.
-            store.db.remove(Key::text_count(9, 8)).unwrap();
+            assert_eq!(count_keys(&store, 0x11).len(), 0, "no conversation count per message");
+            assert_eq!(count_keys(&store, 0x12).len(), 5, "one per text message");
+            assert_eq!(count_keys(&store, 0x21).len(), 3, "one per other entry: seqs 3, 5 and 7");
+            // The crash left the newest message without its count.
             store.db.remove(Key::sender_count(9, 2, 8)).unwrap();
             store.close().unwrap();
         }
         {
             let store = open(dir.path());
-            assert_eq!(store.unread(9, 1, 0, 8).unwrap(), 2, "seq 8 is not counted before the repair");
+            assert_eq!(store.unread(9, 2, 0, 8).unwrap(), 4, "seq 8 is not known as sender 2's before the repair");
             store.repair_newest_entry(9).unwrap();
             check_unread(&store, 1);
             check_unread(&store, 2);
+            // The newest entry not a message, its count lost: repaired the same way.
+            append(&store, entry(9, 1, Body::Edit { target: 8, text: "e".into() })).await;
+            store.db.remove(Key::other_count(9, 9)).unwrap();
+            assert_eq!(store.unread(9, 2, 0, 9).unwrap(), 4, "the edit counted as a message");
+            store.repair_newest_entry(9).unwrap();
+            for user in 1..=3 {
+                check_unread(&store, user);
+            }
             // What a format-2 broker left: no counts at all, and no format 3.
-            let counts: Vec<_> =
-                store.db.iter().keys().map(|k| k.unwrap()).filter(|k| k[0] == 0x11 || k[0] == 0x12).collect();
-            assert_eq!(counts.len(), 5 * 2, "one pair per text message");
-            for k in counts {
+            for k in count_keys(&store, 0x12).into_iter().chain(count_keys(&store, 0x21)) {
                 store.db.remove(k).unwrap();
             }
             store.db.insert(Key::format(), &2u64.to_be_bytes()[..]).unwrap();
-            assert_eq!(store.unread(9, 1, 0, 8).unwrap(), 0);
+            assert_eq!(store.unread(9, 1, 0, 9).unwrap(), 9, "without counts: every entry, none user 1's");
             store.close().unwrap();
         }
         let store = open(dir.path());
@@ -386,9 +437,49 @@ mod tests {
             check_unread(&store, user);
         }
         // And appends go on from the upgraded counts.
-        append(&store, text(9, 3)).await;
+        append(&store, text(10, 3)).await;
         check_unread(&store, 1);
         check_unread(&store, 3);
+    }
+
+    /// What formats 3 to 7 wrote (a conversation count per text message, none for other
+    /// entries) is upgraded at the next open: unread counts stay right, the old keys go,
+    /// and a removal cut short by a crash after the format key is finished by an open.
+    #[tokio::test]
+    async fn the_format_8_upgrade_counts_other_entries_and_removes_the_old_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            mixed_log(&store).await;
+            // Rewritten as format 7 left it.
+            for k in count_keys(&store, 0x21) {
+                store.db.remove(k).unwrap();
+            }
+            for (seq, total) in [(1, 1), (2, 2), (4, 3), (6, 4), (8, 5)] {
+                store.db.insert(Key::old_text_count(9, seq), &(total as u64).to_be_bytes()[..]).unwrap();
+            }
+            store.db.insert(Key::format(), &7u64.to_be_bytes()[..]).unwrap();
+            store.close().unwrap();
+        }
+        {
+            let store = open(dir.path());
+            assert_eq!(count_keys(&store, 0x11).len(), 0, "the old counts are gone");
+            assert_eq!(count_keys(&store, 0x21).len(), 3);
+            for user in 1..=4 {
+                check_unread(&store, user);
+            }
+            // A crash between the format key and the end of the removal.
+            store.db.insert(Key::old_text_count(9, 8), &5u64.to_be_bytes()[..]).unwrap();
+            store.close().unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(count_keys(&store, 0x11).len(), 0, "finished by the next open");
+        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(8));
+        append(&store, entry(9, 3, Body::MemberLeft)).await;
+        append(&store, text(10, 1)).await;
+        for user in 1..=4 {
+            check_unread(&store, user);
+        }
     }
 
     #[tokio::test]
