@@ -844,7 +844,7 @@ impl Store {
     /// before it existed (format 3), then records format 4. Crash-safe: the inserts are
     /// idempotent and the format is written last.
     pub(crate) fn upgrade_to_format_4(&self) -> Result<()> {
-        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 4)) {
+        if self.stored_format()? >= 4 {
             return Ok(());
         }
         let mut indexed = 0usize;
@@ -871,7 +871,7 @@ impl Store {
     /// Crash-safe: the values are computed from the records alone and the format is
     /// written last.
     pub(crate) fn upgrade_to_format_5(&self) -> Result<()> {
-        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 5)) {
+        if self.stored_format()? >= 5 {
             return Ok(());
         }
         let mut stored: HashMap<UserId, u64> = HashMap::new();
@@ -1047,7 +1047,7 @@ mod tests {
         let store = open(dir.path());
         assert_eq!(ids(&store.stored_files_page(7, None, 8).unwrap().0), vec![2, 3], "rebuilt at open");
         assert_eq!(ids(&store.stored_files_page(8, None, 8).unwrap().0), vec![9]);
-        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(crate::FORMAT));
+        assert_eq!(store.stored_format().unwrap(), crate::FORMAT);
     }
 
     #[tokio::test]
@@ -1083,7 +1083,7 @@ mod tests {
         let store = open(dir.path());
         let counted = [6, 7, 8].map(|u| store.stored_bytes(u).unwrap());
         assert_eq!(counted, [0, 4 * B, B], "one block per small file, two for B + 1 bytes, thumbnails free");
-        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(crate::FORMAT));
+        assert_eq!(store.stored_format().unwrap(), crate::FORMAT);
         // Counted as they go from now on.
         store.remove_upload(&[3; 16]).unwrap().unwrap().1.await.unwrap();
         assert_eq!(store.stored_bytes(7).unwrap(), 2 * B);

@@ -134,8 +134,8 @@ impl Key {
     pub fn old_text_counts() -> Key {
         Key::with(TEXT_COUNT, &[])
     }
-    /// What formats 3 to 7 wrote for the text message at `seq` (tests write it as they did).
-    #[cfg(test)]
+    /// What formats 3 to 7 wrote for the text message at `seq` (the format-3 upgrade writes
+    /// it as they did).
     pub fn old_text_count(conv: ConvId, seq: Seq) -> Key {
         Key::with(TEXT_COUNT, &[&conv.to_be_bytes(), &seq.to_be_bytes()])
     }

@@ -205,9 +205,8 @@ impl Store {
             index_gen,
             watermark_gen,
         };
-        if let Some(found) = store.db.get(Key::format())?.and_then(|v| keys::u64_from(&v))
-            && found > FORMAT
-        {
+        let found = store.stored_format()?;
+        if found > FORMAT {
             return Err(StoreError::NewerFormat { found });
         }
         // Made durable by the caller's first barrier, like crash repair.
@@ -218,7 +217,7 @@ impl Store {
         store.upgrade_to_format_6()?;
         // Format 7 only adds an entry body: nothing to rewrite, the mark keeps older
         // brokers out.
-        if store.db.get(Key::format())?.and_then(|v| keys::u64_from(&v)).is_some_and(|f| f < 7) {
+        if store.stored_format()? < 7 {
             store.db.insert(Key::format(), &7u64.to_be_bytes()[..])?;
         }
         store.upgrade_to_format_8()?;
@@ -517,8 +516,9 @@ impl Store {
         let entry = first_entry(id);
         txn.put(Key::entry(entry.conv, entry.seq), &entry);
         if !log::counts_as_message(&entry.body) {
-            // What `write_effects` would write for it: the first entry that is not a message.
-            txn.batch.insert(Key::other_count(entry.conv, entry.seq).as_ref(), &1u64.to_be_bytes()[..]);
+            // What `write_effects` writes for such an entry (here the first one).
+            let others = self.others_up_to(id, entry.seq.saturating_sub(1))? + 1;
+            txn.batch.insert(Key::other_count(id, entry.seq).as_ref(), &others.to_be_bytes()[..]);
         }
         Ok((id, true, self.commit(txn)?))
     }
@@ -531,6 +531,11 @@ impl Store {
     fn next_id(&self, counter: Counter) -> Result<u64> {
         let current = self.db.get(Key::counter(counter as u8))?.and_then(|v| keys::u64_from(&v)).unwrap_or(0);
         Ok(current + 1)
+    }
+
+    /// The data dir's format (`Key::format`), 0 when none is written (before format 2).
+    pub(crate) fn stored_format(&self) -> Result<u64> {
+        Ok(self.db.get(Key::format())?.and_then(|v| keys::u64_from(&v)).unwrap_or(0))
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, key: Key) -> Result<Option<T>> {
@@ -737,7 +742,7 @@ mod tests {
         let store = open(dir.path());
         let raw = store.db.get(Key::member_count(conv)).unwrap();
         assert_eq!(raw.as_deref(), Some(&3u64.to_be_bytes()[..]), "written by the format-6 upgrade");
-        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(FORMAT));
+        assert_eq!(store.stored_format().unwrap(), FORMAT);
     }
 
     /// A rename rewrites the conversation's record (what lists show); a crash between the

@@ -240,7 +240,7 @@ impl Store {
     /// format key is written after everything else, so a crash midway runs it again);
     /// one pass over the log.
     pub(crate) fn upgrade_to_format_2(&self) -> Result<()> {
-        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 2)) {
+        if self.stored_format()? >= 2 {
             return Ok(());
         }
         let mut deletes = Vec::new();

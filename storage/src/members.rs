@@ -74,7 +74,7 @@ impl Store {
 
     /// Format 6: writes every conversation's member count (`Key::member_count`).
     pub(crate) fn upgrade_to_format_6(&self) -> Result<()> {
-        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 6)) {
+        if self.stored_format()? >= 6 {
             return Ok(());
         }
         let mut counted = 0usize;

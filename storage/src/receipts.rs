@@ -114,15 +114,19 @@ impl Store {
     }
 
     /// Brings a data dir written before format 3 up to date: every text message (or
-    /// deleted one: a tombstone was a text message) gets its sender's count key (the
-    /// other counts are format 8's). One pass over the log, which is ordered by
-    /// conversation then seq; runs once (the format key is written last, so a crash
-    /// midway runs it again, rewriting the same values).
+    /// deleted one: a tombstone was a text message) gets its count keys as format 3 wrote
+    /// them, its sender's and its conversation's. One pass over the log, which is ordered
+    /// by conversation then seq; runs once (the format key is written last, so a crash
+    /// midway runs it again, rewriting the same values). The conversation's counts are
+    /// removed again by the format-8 upgrade, but until that one has written its format
+    /// key the store must read right to a format-3 to 7 broker, which a start cut short in
+    /// between leaves it to.
     pub(crate) fn upgrade_to_format_3(&self) -> Result<()> {
-        if self.db.get(Key::format())?.is_some_and(|v| keys::u64_from(&v).is_some_and(|f| f >= 3)) {
+        if self.stored_format()? >= 3 {
             return Ok(());
         }
         let mut conv = None;
+        let mut total = 0u64;
         // Per sender of the current conversation only: bounded by its members' history.
         let mut mine: std::collections::HashMap<UserId, u64> = std::collections::HashMap::new();
         let mut counted = 0usize;
@@ -130,12 +134,14 @@ impl Store {
             let (k, v) = item?;
             let entry: Entry = decode(&k, &v)?;
             if conv != Some(entry.conv) {
-                conv = Some(entry.conv);
+                (conv, total) = (Some(entry.conv), 0);
                 mine.clear();
             }
             if counts_as_message(&entry.body) {
+                total += 1;
                 let own = mine.entry(entry.sender).or_insert(0);
                 *own += 1;
+                self.db.insert(Key::old_text_count(entry.conv, entry.seq), &total.to_be_bytes()[..])?;
                 self.db.insert(Key::sender_count(entry.conv, entry.sender, entry.seq), &own.to_be_bytes()[..])?;
                 counted += 1;
             }
@@ -153,15 +159,23 @@ impl Store {
     /// key is written between the two, so a format-7 broker never reads a count index with
     /// keys missing (it finds all of them, or format 8 and refuses to open), and a removal
     /// cut short by a crash is finished at the next open (one seek when there is nothing
-    /// left).
+    /// left). A pass cut short starts again from the beginning.
+    ///
+    /// Unread counts read from these keys only if every conversation's seqs run from 1
+    /// without a gap (as the conversation actor hands them out), so the pass checks that
+    /// and fails with `Corrupt` where they do not.
     pub(crate) fn upgrade_to_format_8(&self) -> Result<()> {
-        if self.db.get(Key::format())?.and_then(|v| keys::u64_from(&v)).unwrap_or(0) < 8 {
-            let (mut conv, mut others, mut counted) = (None, 0u64, 0usize);
+        if self.stored_format()? < 8 {
+            let (mut conv, mut seq, mut others, mut counted) = (None, 0, 0u64, 0usize);
             for item in self.db.scan_prefix(Key::entries()) {
                 let (k, v) = item?;
                 let entry: Entry = decode(&k, &v)?;
                 if conv != Some(entry.conv) {
-                    (conv, others) = (Some(entry.conv), 0);
+                    (conv, seq, others) = (Some(entry.conv), 0, 0);
+                }
+                seq += 1;
+                if entry.seq != seq {
+                    return Err(corrupt(&k, "a conversation's seqs do not run from 1 without a gap"));
                 }
                 if !counts_as_message(&entry.body) {
                     others += 1;
@@ -267,7 +281,7 @@ mod tests {
             let want = log
                 .iter()
                 .filter(|e| e.seq > read && e.sender != user)
-                .filter(|e| matches!(e.body, Body::Text { .. } | Body::Tombstone))
+                .filter(|e| matches!(e.body, Body::Text { .. } | Body::Files { .. } | Body::Tombstone))
                 .count() as u64;
             assert_eq!(store.unread(9, user, read, last).unwrap(), want, "user {user} read up to {read}");
         }
@@ -442,6 +456,100 @@ mod tests {
         check_unread(&store, 3);
     }
 
+    /// The format-8 pass counts each conversation apart (files messages as messages), and
+    /// refuses a log whose seqs have a gap, which the counts could not be read from.
+    #[tokio::test]
+    async fn the_format_8_upgrade_counts_each_conversation_apart_and_refuses_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            mixed_log(&store).await;
+            let files = Body::Files { text: "f".into(), files: Vec::new(), edited: false };
+            let other = [
+                entry(1, 1, Body::MemberLeft),
+                entry(2, 2, files.clone()),
+                entry(3, 3, Body::RolesChanged { members: Vec::new() }),
+                text(4, 1),
+                entry(5, 2, files),
+            ];
+            for e in other {
+                append(&store, Entry { conv: 8, ..e }).await;
+            }
+            for k in count_keys(&store, 0x21) {
+                store.db.remove(k).unwrap();
+            }
+            store.db.insert(Key::format(), &7u64.to_be_bytes()[..]).unwrap();
+            store.close().unwrap();
+        }
+        {
+            let store = open(dir.path());
+            assert_eq!(count_keys(&store, 0x21).len(), 3 + 2);
+            for user in 1..=4 {
+                check_unread(&store, user);
+                let last = store.last_seq(8).unwrap();
+                let want = [(1, 2), (2, 1)].iter().find(|(u, _)| *u == user).map_or(3, |(_, n)| *n);
+                assert_eq!(store.unread(8, user, 0, last).unwrap(), want, "conversation 8, user {user}");
+            }
+            // A gap at seq 2 of conversation 7.
+            for e in [text(1, 1), text(3, 1)] {
+                store.db.insert(Key::entry(7, e.seq), encode(&Entry { conv: 7, ..e })).unwrap();
+            }
+            store.db.insert(Key::format(), &7u64.to_be_bytes()[..]).unwrap();
+            store.close().unwrap();
+        }
+        let mut config = StoreConfig::new(dir.path().join("db"));
+        config.cache_capacity_bytes = 1 << 20;
+        match Store::open(&config) {
+            Err(StoreError::Corrupt { detail, .. }) => assert!(detail.contains("without a gap"), "{detail}"),
+            other => panic!("opened a log with a gap: {:?}", other.map(|_| ())),
+        }
+    }
+
+    /// A data dir from before format 3 gets, at its format-3 step, the conversation counts
+    /// a format-3 to 7 broker reads: a start cut short before format 8 leaves a store such
+    /// a broker reads right.
+    #[tokio::test]
+    async fn the_format_3_step_writes_what_formats_3_to_7_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        mixed_log(&store).await;
+        for k in count_keys(&store, 0x12).into_iter().chain(count_keys(&store, 0x21)) {
+            store.db.remove(k).unwrap();
+        }
+        store.db.insert(Key::format(), &2u64.to_be_bytes()[..]).unwrap();
+        store.upgrade_to_format_3().unwrap();
+        let written: Vec<_> = store.db.scan_prefix(Key::old_text_counts()).map(|kv| kv.unwrap()).collect();
+        let want: Vec<_> = [(1, 1), (2, 2), (4, 3), (6, 4), (8, 5)]
+            .iter()
+            .map(|&(seq, n): &(Seq, u64)| (Key::old_text_count(9, seq).as_ref().to_vec(), n.to_be_bytes().to_vec()))
+            .collect();
+        assert_eq!(written.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect::<Vec<_>>(), want);
+        assert_eq!(count_keys(&store, 0x12).len(), 5);
+    }
+
+    /// A conversation made by `create_conversation` (its `Created` entry in the creation
+    /// batch, with its count) reads its unread counts right from the first message on.
+    #[tokio::test]
+    async fn a_created_conversation_counts_from_its_first_message() {
+        use switchboard_protocol::{ConversationKind, Role};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let record = crate::ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 0 };
+        let members = [(1, Role::Owner), (2, Role::Member)];
+        let created = |conv| Entry {
+            conv,
+            ..entry(1, 1, Body::Created { kind: ConversationKind::Group, title: "g".into(), members: members.to_vec() })
+        };
+        let (conv, _, durable) = store.create_conversation(&record, &members, None, created).unwrap();
+        durable.await.unwrap();
+        assert_eq!(store.unread(conv, 2, 0, 1).unwrap(), 0, "the creation is not a message");
+        append(&store, Entry { conv, ..text(2, 1) }).await;
+        append(&store, Entry { conv, ..text(3, 2) }).await;
+        assert_eq!(store.unread(conv, 2, 0, 3).unwrap(), 1);
+        assert_eq!(store.unread(conv, 1, 0, 3).unwrap(), 1);
+        assert_eq!(store.unread(conv, 1, 3, 3).unwrap(), 0);
+    }
+
     /// What formats 3 to 7 wrote (a conversation count per text message, none for other
     /// entries) is upgraded at the next open: unread counts stay right, the old keys go,
     /// and a removal cut short by a crash after the format key is finished by an open.
@@ -474,7 +582,7 @@ mod tests {
         }
         let store = open(dir.path());
         assert_eq!(count_keys(&store, 0x11).len(), 0, "finished by the next open");
-        assert_eq!(store.db.get(Key::format()).unwrap().and_then(|v| keys::u64_from(&v)), Some(8));
+        assert_eq!(store.stored_format().unwrap(), 8);
         append(&store, entry(9, 3, Body::MemberLeft)).await;
         append(&store, text(10, 1)).await;
         for user in 1..=4 {
