@@ -1,7 +1,7 @@
 //! The conversation log: entries by `(conversation, seq)`, what each entry implies for
 //! other keys (idempotency key, rewritten edit and delete targets, the edit index,
-//! member keys, the counts behind unread counts), and the crash repair of a conversation's newest
-//! entry.
+//! member keys, the counts behind unread counts), and the crash repair of a
+//! conversation's newest entry.
 
 use switchboard_protocol::{Body, ClientMsgId, ConvId, Entry, Role, Seq, UserId};
 

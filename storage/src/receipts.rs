@@ -13,8 +13,9 @@
 //! entries up to `seq`, so that the messages up to a seq are the seq less that count.
 //! An unread count is then four reverse seeks, whatever the number of messages: see
 //! `unread`. Until format 8 each text message also wrote its conversation's running
-//! count: one key of four per message, kept in memory by sled for as long as the store is
-//! open (docs/benchmarks.md, "Memory that grows with the store").
+//! count: one key of four per message, each with a record sled keeps in memory for the
+//! life of the data dir (docs/benchmarks.md, "Memory that grows with the store" and
+//! "Three keys per message").
 
 use switchboard_protocol::{ConvId, Entry, Seq, Settings, UserId};
 
