@@ -254,10 +254,14 @@ mod tests {
     use super::*;
     use crate::StoreConfig;
 
-    fn open(path: &std::path::Path) -> Store {
+    fn config(path: &std::path::Path) -> StoreConfig {
         let mut config = StoreConfig::new(path.join("db"));
         config.cache_capacity_bytes = 1 << 20;
-        Store::open(&config).unwrap()
+        config
+    }
+
+    fn open(path: &std::path::Path) -> Store {
+        Store::open(&config(path)).unwrap()
     }
 
     fn entry(seq: Seq, sender: UserId, body: Body) -> Entry {
@@ -287,6 +291,10 @@ mod tests {
             assert_eq!(store.unread(9, user, read, last).unwrap(), want, "user {user} read up to {read}");
         }
     }
+
+    /// `(seq, text messages up to it)` for each text message of `mixed_log`: what formats
+    /// 3 to 7 wrote under `Key::old_text_count`.
+    const MIXED_LOG_TEXT_COUNTS: [(Seq, u64); 5] = [(1, 1), (2, 2), (4, 3), (6, 4), (8, 5)];
 
     async fn mixed_log(store: &Store) {
         append(store, text(1, 1)).await;
@@ -498,9 +506,7 @@ mod tests {
             store.db.insert(Key::format(), &7u64.to_be_bytes()[..]).unwrap();
             store.close().unwrap();
         }
-        let mut config = StoreConfig::new(dir.path().join("db"));
-        config.cache_capacity_bytes = 1 << 20;
-        match Store::open(&config) {
+        match Store::open(&config(dir.path())) {
             Err(StoreError::Corrupt { detail, .. }) => assert!(detail.contains("without a gap"), "{detail}"),
             other => panic!("opened a log with a gap: {:?}", other.map(|_| ())),
         }
@@ -520,9 +526,9 @@ mod tests {
         store.db.insert(Key::format(), &2u64.to_be_bytes()[..]).unwrap();
         store.upgrade_to_format_3().unwrap();
         let written: Vec<_> = store.db.scan_prefix(Key::old_text_counts()).map(|kv| kv.unwrap()).collect();
-        let want: Vec<_> = [(1, 1), (2, 2), (4, 3), (6, 4), (8, 5)]
+        let want: Vec<_> = MIXED_LOG_TEXT_COUNTS
             .iter()
-            .map(|&(seq, n): &(Seq, u64)| (Key::old_text_count(9, seq).as_ref().to_vec(), n.to_be_bytes().to_vec()))
+            .map(|&(seq, n)| (Key::old_text_count(9, seq).as_ref().to_vec(), n.to_be_bytes().to_vec()))
             .collect();
         assert_eq!(written.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect::<Vec<_>>(), want);
         assert_eq!(count_keys(&store, 0x12).len(), 5);
@@ -564,8 +570,8 @@ mod tests {
             for k in count_keys(&store, 0x21) {
                 store.db.remove(k).unwrap();
             }
-            for (seq, total) in [(1, 1), (2, 2), (4, 3), (6, 4), (8, 5)] {
-                store.db.insert(Key::old_text_count(9, seq), &(total as u64).to_be_bytes()[..]).unwrap();
+            for (seq, total) in MIXED_LOG_TEXT_COUNTS {
+                store.db.insert(Key::old_text_count(9, seq), &total.to_be_bytes()[..]).unwrap();
             }
             store.db.insert(Key::format(), &7u64.to_be_bytes()[..]).unwrap();
             store.close().unwrap();
