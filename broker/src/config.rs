@@ -349,6 +349,7 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("outbound_max_frames", config.outbound_max_frames as u64),
         ("outbound_max_bytes", config.outbound_max_bytes as u64),
         ("conversation_mailbox_max", config.conversation_mailbox_max as u64),
+        ("max_sends_in_flight_per_user", config.max_sends_in_flight_per_user as u64),
         ("max_live_conversations", config.max_live_conversations as u64),
         ("max_live_conversations_per_user", config.max_live_conversations_per_user as u64),
         ("member_rows_per_sec", u64::from(config.member_rows_per_sec)),
@@ -455,6 +456,9 @@ mod tests {
         assert!(refused(|c| c.upload_expiry_secs = 0).contains("upload_expiry_secs = 0"));
         assert!(refused(|c| c.max_transfer_streams = 0).contains("max_transfer_streams = 0"));
         assert!(refused(|c| c.max_open_blob_files = 0).contains("max_open_blob_files = 0"));
+        // Was taken as 1 (one write at a time per user) without a word.
+        let said = refused(|c| c.max_sends_in_flight_per_user = 0);
+        assert!(said.contains("max_sends_in_flight_per_user = 0"), "{said}");
         assert!(refused(|c| c.commit_delay_us = MAX_COMMIT_DELAY_US + 1).contains("commit_delay_us"));
         assert!(refused(|c| c.status_log_secs = u64::MAX).contains("status_log_secs"));
         // A deployment's outbound queues hold what the broker sends (tests go lower).
