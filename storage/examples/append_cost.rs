@@ -15,13 +15,20 @@
 //!   `direct --users 4000` keeps waiting; a large number lets the appender run ahead);
 //! - `CACHE_MIB`: sled's page cache (default the store's, 256 MiB). With a cache the
 //!   warm-up fills (8 MiB fills in about 20,000 appends), the measured phase's resident
-//!   growth is what the store keeps per message beyond its cache.
+//!   growth is what the store keeps per message beyond its cache;
+//! - `REOPEN` (default 1; 0 to skip): then what a restart holds, a fresh process of this
+//!   program opening a copy of the data dir against one opening an empty dir (resident
+//!   memory 3 s after the open, per stored append);
+//! - `KEEP`: a directory to write the store to and leave behind, for a profiler:
+//!   `APPEND_COST_OPEN=DIR heaptrack append_cost` opens it, prints its resident memory and
+//!   exits holding it, so that what heaptrack reports as leaked is what the open store
+//!   holds.
 //!
 //! Prints, per phase: process CPU per append (the appender, the committer and sled's
 //! threads; `/proc/self/stat`, 10 ms ticks), the appending thread's CPU per append
 //! (`/proc/thread-self/stat`), log bytes written per append (`wchar` of `/proc/self/io`),
 //! the growth of resident memory per append (`VmRSS` of `/proc/self/status`, KiB), and
-//! the commits so far.
+//! the commits so far; then the `REOPEN` line.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -54,12 +61,31 @@ fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Opens the store at `path` in this process, waits for sled's start-up work to settle,
+/// and returns the resident memory (bytes).
+fn resident_after_open(path: &str) -> u64 {
+    let store = Store::open(&StoreConfig::new(std::path::PathBuf::from(path))).expect("the store opens");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let bytes = resident();
+    // Not closed: the process exits holding the store, so that a heap profiler's
+    // "leaked" is what the open store holds (`heaptrack`, docs/benchmarks.md).
+    std::mem::forget(store);
+    bytes
+}
+
 fn main() {
+    if let Ok(path) = std::env::var("APPEND_COST_OPEN") {
+        // A fresh process opening a data dir (see `REOPEN` below).
+        println!("{}", resident_after_open(&path));
+        return;
+    }
     let convs = setting("CONVS", 5_000).max(1);
     let n = setting("N", 100_000).max(1);
     let inflight = setting("INFLIGHT", 4).max(1);
     let dir = tempfile::tempdir().expect("a temp dir");
-    let mut config = StoreConfig::new(dir.path().join("store"));
+    // `KEEP`: a directory to write the store to and leave behind (for a profiler).
+    let path = std::env::var("KEEP").map(std::path::PathBuf::from).unwrap_or_else(|_| dir.path().join("store"));
+    let mut config = StoreConfig::new(path.clone());
     if let Ok(mib) = std::env::var("CACHE_MIB") {
         config.cache_capacity_bytes = mib.parse::<u64>().expect("CACHE_MIB is a number") * 1024 * 1024;
     }
@@ -118,4 +144,27 @@ fn main() {
         );
     }
     store.close().expect("the store closes");
+    if setting("REOPEN", 1) == 1 {
+        // What a restart holds: a fresh process opening this data dir against one opening
+        // an empty one, each measured after sled's start-up work.
+        let open = |path: &std::path::Path| {
+            let out = std::process::Command::new(std::env::current_exe().expect("this program"))
+                .env("APPEND_COST_OPEN", path)
+                .output()
+                .expect("the program runs again");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            stdout.trim().parse::<f64>().unwrap_or_else(|_| panic!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+        };
+        // sled may hold this process's file lock a while after the close: open a copy.
+        let copy = dir.path().join("copy");
+        let copied = std::process::Command::new("cp").arg("-a").arg(&path).arg(&copy).status();
+        assert!(copied.is_ok_and(|s| s.success()), "the data dir is copied");
+        let (stored, fresh) = (open(&copy), open(&dir.path().join("empty")));
+        println!(
+            "reopened: resident memory {:.1} MiB against {:.1} MiB empty, {:.0} bytes per stored append",
+            stored / 1048576.0,
+            fresh / 1048576.0,
+            (stored - fresh) / (2 * n) as f64,
+        );
+    }
 }
