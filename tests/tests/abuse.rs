@@ -14,7 +14,8 @@ use switchboard_broker::limits::AUTH_FAILURES_PER_ADDRESS;
 use switchboard_client::{ClientError, Connector};
 use switchboard_protocol::limits::{AUTH_DEADLINE_MS, MAX_NAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
-    ClientFrame, ClientHello, Enroll, ErrorCode, FrameDecoder, Request, RequestBody, ServerHello, decode, encode_frame,
+    ClientFrame, ClientHello, Enroll, ErrorCode, FrameDecoder, Request, RequestBody, ServerFrame, ServerHello, decode,
+    encode_frame,
 };
 use switchboard_tests::TestBroker;
 
@@ -258,6 +259,38 @@ async fn registrations_are_limited_per_address() {
     assert_eq!(taken.code(), Some(ErrorCode::RATE_LIMITED));
     // Logging in is not registering.
     tb.login("a1").await;
+}
+
+/// A registration counts against the address that completed the QUIC handshake, not one
+/// the connection moved to afterwards. quinn follows a peer to a new address on its first
+/// packet from there, before it has validated the path, so counting the address the auth
+/// request arrived from let a peer spend any address's allowance (and so lock everyone
+/// behind it out) by forging the source of one packet, and dodge its own. Here the client
+/// moves to 127.0.0.2 between its handshake and its hello (a rebind; a forged source is
+/// the same to the broker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_count_against_the_address_of_the_handshake() {
+    let tb = TestBroker::start_with(|c| {
+        c.registration_burst_per_address = 1;
+        c.registration_interval_ms = 3_600_000;
+    })
+    .await;
+    let moved = || std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    let connector = tb.connector();
+    let mut raw = bare(&connector, addr(&tb)).await;
+    connector.endpoint().rebind(moved()).unwrap();
+    let transcript = raw.hello("moved").await.unwrap();
+    let request =
+        ClientFrame::Request(Request { id: 0, body: RequestBody::Register(enroll(&transcript, "m1", tb.password, 7)) });
+    raw.send.write_all(&encode_frame(&request).unwrap()).await.unwrap();
+    let answer: ServerFrame = decode(&raw.read().await.unwrap()).unwrap();
+    assert!(matches!(answer, ServerFrame::Response { result: Ok(_), .. }), "{answer:?}");
+    // 127.0.0.1 spent its one registration; 127.0.0.2 has not.
+    let refused = tb.connector().register("m2", tb.password, "d").await.err().unwrap();
+    assert_eq!(refused.code(), Some(ErrorCode::RATE_LIMITED));
+    let elsewhere = tb.connector();
+    elsewhere.endpoint().rebind(moved()).unwrap();
+    elsewhere.register("m3", tb.password, "d").await.unwrap();
 }
 
 /// Asking whether a name is taken spends the address's registration allowance, as a

@@ -91,7 +91,12 @@ pub(super) async fn authenticate(
     unauthenticated: Unauthenticated,
 ) -> Result<(Authed, Session), Close> {
     let Hello { mut send, recv, decoder, transcript, request: Request { id, body } } = hello;
-    let from: IpAddr = conn.remote_address().ip();
+    // The address that completed the QUIC handshake (quinn drops packets from any other
+    // until then), never the connection's address now: quinn moves a connection to a new
+    // address on its first packet from there, before validating the path, so a peer
+    // could charge any address's allowances (and lock everyone behind it out) by forging
+    // the source of its auth request, and escape its own.
+    let from: IpAddr = unauthenticated.source;
     let auth = &shared.auth;
     let (user, device, place, session) = match body {
         RequestBody::Register(e) => {
