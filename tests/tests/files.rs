@@ -1484,6 +1484,35 @@ async fn a_stream_that_fell_behind_gives_its_place_to_a_newcomer() {
     .await
 }
 
+/// A stream that has not yet said what it wants gives its place up like any other once it
+/// is behind. Before, it kept its place until its open deadline (10 s), ignoring the
+/// newcomer's claim, so streams opened with a byte and left silent, opened again as each
+/// timed out, held every place and every other user's transfer was refused `OVERLOADED`.
+#[tokio::test]
+async fn a_stream_silent_since_it_opened_gives_its_place_to_a_newcomer() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_transfer_streams = 1;
+            c.transfer_progress_secs = 60;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let data = bytes(256 * 1024, 32);
+        let begun = begin_upload(&bob, "b.bin", "application/octet-stream", &data).await;
+        // A file request first (streams beyond the control stream are granted with them),
+        // then half a frame: the broker takes the stream (and a place) and waits for the rest.
+        begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
+        let (mut send, mut silent) = alice.connection().open_bi().await.unwrap();
+        send.write_all(&[0x05]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let done = upload_rest(bob.connection(), begun.file, &data, 0).await;
+        assert!(matches!(done, TransferReply::Complete(_)), "{done:?}");
+        assert_eq!(reset_code(&mut silent).await, ErrorCode::OVERLOADED);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn broker_wide_budgets_make_transfer_streams_wait_their_turn() {
     bounded(async {

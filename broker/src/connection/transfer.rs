@@ -155,7 +155,15 @@ pub(crate) async fn serve(
     let place = live.place.clone();
     let _ = send.set_priority(-1);
     let mut decoder = FrameDecoder::new(OPEN_FRAME_BYTES);
-    let open = match tokio::time::timeout(OPEN_DEADLINE, read::<TransferOpen>(&mut recv, &mut decoder)).await {
+    let first = tokio::select! {
+        first = tokio::time::timeout(OPEN_DEADLINE, read::<TransferOpen>(&mut recv, &mut decoder)) => first,
+        // A stream yet to say what it wants holds its place like any other: behind (it
+        // moved nothing) while every place is taken, it gives it up. Before, it kept it
+        // until `OPEN_DEADLINE`, so streams opened and left silent, opened again as each
+        // timed out, could hold every place and refuse everyone's transfers.
+        () = place.evicted() => return reset(&mut send, &mut recv, ErrorCode::OVERLOADED),
+    };
+    let open = match first {
         Ok(Ok(Some(open))) => open,
         Ok(Ok(None)) => return,
         Ok(Err(code)) => return reset(&mut send, &mut recv, code),
