@@ -144,11 +144,20 @@ fn main() {
     }
 }
 
+/// The log filter when `RUST_LOG` is unset: `info`, with only errors from quinn-proto,
+/// which logs a warning for each offending packet a peer sends ("illegal packet",
+/// "discarding Initial with invalid retry token"), so that at `warn` any peer could make
+/// the broker write a line per datagram, before any login (found by an attacker review).
+/// `RUST_LOG=info` shows them again.
+const DEFAULT_LOG_FILTER: &str = "info,quinn_proto=error";
+
 fn run() -> anyhow::Result<()> {
     // Logs go to stderr (stdout carries the broker's address and certificate for
     // scripts), with colour only when a person is watching.
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -404,6 +413,40 @@ fn close_admin_store(store: &Arc<Store>) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// Log lines written, for the filter test.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn by_default_a_peers_bad_packets_are_not_logged_one_line_each() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(super::DEFAULT_LOG_FILTER)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "quinn_proto::connection", "illegal packet: from a peer");
+            tracing::info!(target: "switchboard_broker::connection", "session started");
+            tracing::error!(target: "quinn_proto::endpoint", "a fault of quinn's own");
+        });
+        let written = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(!written.contains("illegal packet"), "{written}");
+        assert!(written.contains("session started") && written.contains("a fault of quinn's own"), "{written}");
+    }
+
     #[test]
     fn the_version_names_the_protocol_and_the_store_format() {
         let protocol = format!(
