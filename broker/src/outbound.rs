@@ -35,6 +35,9 @@ pub struct Outbound {
 struct Queue {
     frames: VecDeque<Bytes>,
     bytes: usize,
+    /// Bytes the writer drained and has not finished handing to QUIC (`drain` to
+    /// `written`): still held, so counted against both bounds with `bytes`.
+    writing: usize,
     /// Set once: the writer closes the connection with this code after draining.
     closed: Option<ErrorCode>,
     /// Latest-wins ephemeral frames, one per key, not yet written.
@@ -76,6 +79,7 @@ impl Outbound {
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
                 bytes: 0,
+                writing: 0,
                 closed: None,
                 latest: Vec::new(),
                 reserved: 0,
@@ -133,7 +137,7 @@ impl Outbound {
         if let Some(code) = q.closed {
             return Err(Closed(code));
         }
-        if q.frames.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
+        if q.frames.len() >= self.max_frames || q.bytes + q.writing + frame.len() > self.max_bytes {
             q.closed = Some(ErrorCode::SLOW_CONSUMER);
             q.frames.clear();
             q.latest.clear();
@@ -188,7 +192,7 @@ impl Outbound {
                 if let Some(code) = q.closed {
                     return Err(Closed(code));
                 }
-                if q.bytes + q.reserved + bytes <= budget {
+                if q.bytes + q.writing + q.reserved + bytes <= budget {
                     q.reserved += bytes;
                     return Ok(AnswerRoom { out: self.clone(), bytes });
                 }
@@ -219,6 +223,17 @@ impl Outbound {
         }
     }
 
+    /// The frames of the last `drain` were handed to QUIC: their bytes no longer count.
+    pub fn written(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.writing = 0;
+        let wanted = std::mem::take(&mut q.room_wanted);
+        drop(q);
+        if wanted {
+            self.room.notify_waiters();
+        }
+    }
+
     /// Whether the queue was closed, and why.
     pub fn closed(&self) -> Option<ErrorCode> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).closed
@@ -231,19 +246,20 @@ impl Outbound {
 
     /// Waits for frames, moves all queued ones into `out` (then the latest-wins ones)
     /// and returns `None`; or, once closed and drained, returns the close code. Only the
-    /// writer task calls this.
+    /// writer task calls this, and calls `written` once it has handed `out` to QUIC:
+    /// until then the drained bytes still count against the bounds (before, they did not,
+    /// so a peer that stopped reading held the queue's bound twice over: a bound's worth
+    /// stuck in the writer and another queued behind it, on each of its connections).
     pub async fn drain(&self, out: &mut Vec<Bytes>) -> Option<ErrorCode> {
         loop {
             let notified = self.wake.notified();
             {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 if !q.frames.is_empty() || !q.latest.is_empty() {
+                    let latest: usize = q.latest.iter().map(|(_, frame)| frame.len()).sum();
                     out.extend(q.frames.drain(..));
                     out.extend(q.latest.drain(..).map(|(_, frame)| frame));
-                    q.bytes = 0;
-                    if std::mem::take(&mut q.room_wanted) {
-                        self.room.notify_waiters();
-                    }
+                    q.writing += std::mem::take(&mut q.bytes) + latest;
                     return None;
                 }
                 if let Some(code) = q.closed {
@@ -258,6 +274,24 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that stops reading holds at most the byte bound: what the writer took and
+    /// cannot write counts with what is queued behind it (before, each was allowed the
+    /// whole bound, on every connection of the peer).
+    #[tokio::test]
+    async fn bytes_stuck_in_the_writer_count_against_the_bound() {
+        let out = Outbound::new(100, 8_000);
+        out.push(Bytes::from(vec![0u8; 5_000])).unwrap();
+        let mut got = Vec::new();
+        assert_eq!(out.drain(&mut got).await, None);
+        assert_eq!(out.push(Bytes::from(vec![0u8; 4_000])), Err(Closed(ErrorCode::SLOW_CONSUMER)));
+        // Once written they no longer count.
+        let out = Outbound::new(100, 8_000);
+        out.push(Bytes::from(vec![0u8; 5_000])).unwrap();
+        assert_eq!(out.drain(&mut got).await, None);
+        out.written();
+        assert_eq!(out.push(Bytes::from(vec![0u8; 4_000])), Ok(()));
+    }
 
     #[tokio::test]
     async fn answer_room_waits_for_the_writer_and_ends_with_the_queue() {
@@ -274,7 +308,10 @@ mod tests {
         assert!(!waiting.is_finished(), "3,000 reserved + 900 queued + 200 is past 4,000");
         let mut got = Vec::new();
         assert_eq!(out.drain(&mut got).await, None);
-        assert_eq!(waiting.await.unwrap(), Ok(()), "the writer took the 900 bytes");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "the 900 bytes are in the writer, not yet written");
+        out.written();
+        assert_eq!(waiting.await.unwrap(), Ok(()), "the writer wrote the 900 bytes");
         drop(first);
         // Alone, an answer always has room, however large.
         let whole = out.reserve_answer(4_000).await.unwrap();

@@ -298,7 +298,8 @@ async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &
 
 /// How long the session waits for room for an answer (`Outbound::reserve_answer`)
 /// before it closes the device as a slow consumer: 4 MiB of answers at about 0.5 Mbit/s.
-/// Room comes as soon as the writer drains, so a device that reads waits far less.
+/// Room comes as soon as the writer has handed what it took to QUIC, so a device that
+/// reads waits far less.
 const ANSWER_ROOM_WAIT: Duration = Duration::from_secs(60);
 
 /// The most bytes the answer to `body` may encode to, for the requests whose answer is

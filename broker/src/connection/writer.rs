@@ -37,6 +37,7 @@ pub(super) async fn write_loop(
                     }
                 }
                 batch.clear();
+                out.written();
             }
             Some(ErrorCode::NO_ERROR) => {
                 let _ = send.finish();
