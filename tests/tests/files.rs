@@ -1416,6 +1416,48 @@ async fn a_member_who_leaves_during_a_download_loses_the_rest_of_it() {
     .await
 }
 
+/// A reader removed while its download waited for a blob file gets none of the file:
+/// access is checked again before the first piece once a second has passed since the
+/// first check. Before, that clock started when the blob file opened, so a reader removed
+/// during a wait of up to 30 s (for a blob file, or to take the `Range`) still got a
+/// second's worth of the file, often all of it.
+#[tokio::test]
+async fn a_reader_removed_while_its_download_waited_for_a_blob_file_gets_none_of_it() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.max_open_blob_files = 1).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let held = upload(&alice, "held.bin", &bytes(16 * 1024 * 1024, 13)).await;
+        let data = bytes(512 * 1024, 14);
+        let file = upload(&alice, "small.bin", &data).await;
+        alice.send_files(conv, "", &[file]).await.unwrap();
+        // Alice holds the one blob file: a download of which she reads a little only.
+        let mut holding =
+            Transfer::open(alice.connection(), &TransferOpen::Download { file: held, offset: 0, length: 0 }).await;
+        within(STEP_DEADLINE, "the held download's first bytes", holding.recv.read_chunk(1024, true)).await.unwrap();
+        bob.file_info(file).await.unwrap();
+        let mut t = Transfer::open(bob.connection(), &TransferOpen::Download { file, offset: 0, length: 0 }).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        alice.remove_member(conv, bob_id.user_id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        drop(holding);
+        let mut got = 0;
+        let ended = loop {
+            match within(STEP_DEADLINE, "download bytes", t.recv.read_chunk(64 * 1024, true)).await {
+                Ok(Some(chunk)) => got += chunk.bytes.len(),
+                Ok(None) => break None,
+                Err(quinn::ReadError::Reset(code)) => break Some(ErrorCode(code.into_inner() as u16)),
+                Err(e) => panic!("the download failed otherwise: {e}"),
+            }
+        };
+        assert_eq!(ended, Some(ErrorCode::NOT_FOUND));
+        // The `Range` answer alone (a few bytes), none of the file's.
+        assert!(got < 64, "{got} bytes after the removal");
+    })
+    .await
+}
+
 #[tokio::test]
 async fn stalled_transfer_streams_are_reset_and_the_broker_serves_a_bounded_number() {
     bounded(async {

@@ -570,6 +570,11 @@ async fn download(
         Ok(Err(e)) => return fail(send, e, 0).await,
         Err(e) => return fail(send, crate::error::internal(e), 0).await,
     };
+    // The recheck clock runs from this check: the waits below (the reader taking the
+    // `Range`, a blob file) may each last up to the progress deadline, and access lost
+    // during them must stop the first piece too (before, the clock started once the blob
+    // file was open, so a reader removed in a wait still got a second of the file).
+    let mut checked = tokio::time::Instant::now();
     if !record.is_complete() {
         return fail(send, ErrorBody::new(ErrorCode::NOT_READY, "the upload is not complete"), 0).await;
     }
@@ -630,7 +635,6 @@ async fn download(
     };
     let mut at = offset;
     let end = offset + length;
-    let mut checked = tokio::time::Instant::now();
     while at < end {
         if place.is_evicted() {
             return evicted(send);
