@@ -83,7 +83,6 @@ fn main() {
     let n = setting("N", 100_000).max(1);
     let inflight = setting("INFLIGHT", 4).max(1);
     let dir = tempfile::tempdir().expect("a temp dir");
-    // `KEEP`: a directory to write the store to and leave behind (for a profiler).
     let path = std::env::var("KEEP").map(std::path::PathBuf::from).unwrap_or_else(|_| dir.path().join("store"));
     let mut config = StoreConfig::new(path.clone());
     if let Ok(mib) = std::env::var("CACHE_MIB") {

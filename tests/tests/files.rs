@@ -1326,12 +1326,22 @@ async fn the_type_check_sees_the_first_4_kib_however_small_the_first_chunk() {
 /// The reset code that ended `recv`, reading whatever comes first.
 async fn reset_code(recv: &mut quinn::RecvStream) -> ErrorCode {
     loop {
-        match within(STEP_DEADLINE, "the stream's end", recv.read_chunk(1024 * 1024, true)).await {
+        match next_chunk(recv, 1024 * 1024).await {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("the stream finished instead of being reset"),
-            Err(quinn::ReadError::Reset(code)) => return ErrorCode(code.into_inner() as u16),
-            Err(e) => panic!("the stream failed instead of being reset: {e}"),
+            Err(code) => return code,
         }
+    }
+}
+
+/// Reads what `recv` has next, at most `max` bytes: their count, `None` at the stream's
+/// end, or the code the stream was reset with (any other failure panics).
+async fn next_chunk(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<usize>, ErrorCode> {
+    match within(STEP_DEADLINE, "the stream's next bytes", recv.read_chunk(max, true)).await {
+        Ok(Some(chunk)) => Ok(Some(chunk.bytes.len())),
+        Ok(None) => Ok(None),
+        Err(quinn::ReadError::Reset(code)) => Err(ErrorCode(code.into_inner() as u16)),
+        Err(e) => panic!("the stream failed instead of being reset: {e}"),
     }
 }
 
@@ -1392,11 +1402,10 @@ async fn a_member_who_leaves_during_a_download_loses_the_rest_of_it() {
         let mut t = Transfer::open(bob.connection(), &TransferOpen::Download { file, offset: 0, length: 0 }).await;
         let (mut got, mut paced, mut left) = (0, 0, false);
         let ended = loop {
-            match within(STEP_DEADLINE, "download bytes", t.recv.read_chunk(64 * 1024, true)).await {
-                Ok(Some(chunk)) => got += chunk.bytes.len(),
+            match next_chunk(&mut t.recv, 64 * 1024).await {
+                Ok(Some(len)) => got += len,
                 Ok(None) => break None,
-                Err(quinn::ReadError::Reset(code)) => break Some(ErrorCode(code.into_inner() as u16)),
-                Err(e) => panic!("the download failed otherwise: {e}"),
+                Err(code) => break Some(code),
             }
             if !left && got >= 1024 * 1024 {
                 bob.leave(conv).await.unwrap();
@@ -1444,11 +1453,10 @@ async fn a_reader_removed_while_its_download_waited_for_a_blob_file_gets_none_of
         drop(holding);
         let mut got = 0;
         let ended = loop {
-            match within(STEP_DEADLINE, "download bytes", t.recv.read_chunk(64 * 1024, true)).await {
-                Ok(Some(chunk)) => got += chunk.bytes.len(),
+            match next_chunk(&mut t.recv, 64 * 1024).await {
+                Ok(Some(len)) => got += len,
                 Ok(None) => break None,
-                Err(quinn::ReadError::Reset(code)) => break Some(ErrorCode(code.into_inner() as u16)),
-                Err(e) => panic!("the download failed otherwise: {e}"),
+                Err(code) => break Some(code),
             }
         };
         assert_eq!(ended, Some(ErrorCode::NOT_FOUND));
