@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::limits::{
     ARGON2_CONCURRENCY, AUTH_FAILURE_KEYS_MAX, AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_PER_ACCOUNT,
     AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS, MAX_DEVICES_PER_USER, MIN_PASSWORD_BYTES,
-    PASSWORD_CHANGES_PER_ACCOUNT, REGISTRATION_BUCKETS_MAX,
+    PASSWORD_CHANGES_PER_ACCOUNT, REGISTRATION_BUCKETS_MAX, SOURCES_PER_NETWORK,
 };
 use crate::reply::internal;
 use crate::user::TokenBucket;
@@ -135,7 +135,7 @@ impl Auth {
         check_password(&req.password)?;
         let key = verify_enrollment(req, transcript)?;
         let turn = self.argon.turn()?;
-        self.registrations.take(source(from), Instant::now())?;
+        self.registrations.take(from, Instant::now())?;
         if self.store.user_by_name(&req.user).map_err(internal)?.is_some() {
             return Err(fail(ErrorCode::CONFLICT, "user name is taken"));
         }
@@ -162,14 +162,15 @@ impl Auth {
         from: IpAddr,
     ) -> Result<(UserId, [u8; 32], String), ErrorBody> {
         let now = crate::now_ms();
-        let address = LimitKey::Address(source(from));
-        self.passwords.check(&[address], now)?;
+        let addresses = address_keys(from);
+        self.passwords.check(&addresses, now)?;
         if check_user_name(&req.user).is_err() || req.password.len() > MAX_PASSWORD_BYTES as usize {
             return Err(wrong_password());
         }
         let user = self.store.user_by_name(&req.user).map_err(internal)?;
         let key = verify_enrollment(req, transcript)?;
-        let keys = [LimitKey::Name(*blake3::hash(req.user.as_bytes()).as_bytes()), address];
+        let mut keys = vec![LimitKey::Name(*blake3::hash(req.user.as_bytes()).as_bytes())];
+        keys.extend(addresses);
         self.passwords.check(&keys, now)?;
         let slot = self.argon.slot(self.argon.turn()?).await?;
         // Counted once a hashing slot is held and before the (slow) check: concurrent
@@ -695,6 +696,21 @@ enum LimitKey {
     Name([u8; 32]),
     /// A source address (see `source`).
     Address(IpAddr),
+    /// The /48 of an IPv6 source (see `network`), counted besides the source.
+    Network(IpAddr),
+}
+
+/// The address keys a failure from `from` counts against: its source, and for an IPv6
+/// source its /48 as well (`SOURCES_PER_NETWORK`).
+fn address_keys(from: IpAddr) -> Vec<LimitKey> {
+    let place = source(from);
+    let mut keys = vec![LimitKey::Address(place)];
+    // By kind, not by comparing addresses: a site's first /64 and the site itself are
+    // the same `IpAddr`, but two keys.
+    if place.is_ipv6() {
+        keys.push(LimitKey::Network(network(place)));
+    }
+    keys
 }
 
 /// Counts failures per key in fixed windows. Successes cost nothing, so a storm of
@@ -741,6 +757,7 @@ impl FailureLimiter {
         match key {
             LimitKey::Account(_) | LimitKey::Name(_) => self.per_account,
             LimitKey::Address(_) => self.per_address,
+            LimitKey::Network(_) => self.per_address.saturating_mul(SOURCES_PER_NETWORK),
         }
     }
 
@@ -821,7 +838,8 @@ struct RegistrationLimiter {
 
 #[derive(Default)]
 struct Buckets {
-    buckets: HashMap<IpAddr, TokenBucket>,
+    /// By source address, and by the /48 of IPv6 sources (`address_keys`).
+    buckets: HashMap<LimitKey, TokenBucket>,
     pruned: Option<Instant>,
 }
 
@@ -835,21 +853,50 @@ impl RegistrationLimiter {
         }
     }
 
+    /// The burst and refill rate (per second) of `key`'s allowance.
+    fn allowance(&self, key: &LimitKey) -> (f64, f64) {
+        match key {
+            LimitKey::Network(_) => {
+                let sources = f64::from(SOURCES_PER_NETWORK);
+                (self.burst * sources, self.per_s * sources)
+            }
+            _ => (self.burst, self.per_s),
+        }
+    }
+
+    /// Takes a registration from the allowance of `from`'s source and, for an IPv6
+    /// source, of its /48; `RATE_LIMITED` (and nothing taken) if either has none left or
+    /// the table has no room for a new one.
     fn take(&self, from: IpAddr, now: Instant) -> Result<(), ErrorBody> {
         let limited = || Err(fail(ErrorCode::RATE_LIMITED, "too many registrations from this address; try later"));
+        let keys = address_keys(from);
         let mut guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let Buckets { buckets, pruned } = &mut *guard;
-        if buckets.len() >= self.capacity && !buckets.contains_key(&from) {
+        let new = |b: &HashMap<LimitKey, TokenBucket>| keys.iter().filter(|k| !b.contains_key(k)).count();
+        if buckets.len() + new(buckets) > self.capacity {
             if pruned.is_none_or(|at| now.saturating_duration_since(at).as_secs() >= 1) {
                 *pruned = Some(now);
-                buckets.retain(|_, b| !b.is_full(now, self.per_s, self.burst));
+                buckets.retain(|key, b| {
+                    let (burst, per_s) = self.allowance(key);
+                    !b.is_full(now, per_s, burst)
+                });
             }
-            if buckets.len() >= self.capacity {
+            if buckets.len() + new(buckets) > self.capacity {
                 return limited();
             }
         }
-        let bucket = buckets.entry(from).or_insert_with(|| TokenBucket::full(self.burst, now));
-        if bucket.take(now, self.per_s, self.burst) { Ok(()) } else { limited() }
+        let has_token = |key: &LimitKey| {
+            let (burst, per_s) = self.allowance(key);
+            buckets.get(key).is_none_or(|b| b.has_token(now, per_s, burst))
+        };
+        if !keys.iter().all(has_token) {
+            return limited();
+        }
+        for key in &keys {
+            let (burst, per_s) = self.allowance(key);
+            buckets.entry(*key).or_insert_with(|| TokenBucket::full(burst, now)).take(now, per_s, burst);
+        }
+        Ok(())
     }
 }
 
@@ -950,6 +997,44 @@ mod tests {
         let later = start + Duration::from_secs(2);
         assert!(limiter.take(ip(1), later).is_ok(), "refilled");
         assert!(limiter.take(ip(3), later + Duration::from_secs(2)).is_ok());
+    }
+
+    /// The `n`th /64 of the IPv6 /48 `site`.
+    fn v6(site: u16, n: u16) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, site, n, 0, 0, 0, 1))
+    }
+
+    /// A /48's /64 sources share the /48's allowance (`SOURCES_PER_NETWORK` sources'
+    /// worth). Before, each /64 had its own and nothing else: a /48 (65,536 of them)
+    /// kept the password pool busy for everyone.
+    #[test]
+    fn the_sources_of_one_ipv6_site_share_its_allowance() {
+        let per_site = (2 * SOURCES_PER_NETWORK) as u16;
+        let passwords = FailureLimiter::new(1000, 10, 2);
+        for n in 0..per_site {
+            let keys = address_keys(v6(1, n / 2));
+            assert!(passwords.check(&keys, 0).is_ok() && passwords.record(&keys, 0).is_ok(), "failure {n}");
+        }
+        let fresh = address_keys(v6(1, 999));
+        assert_eq!(passwords.check(&fresh, 0).unwrap_err().code, ErrorCode::RATE_LIMITED, "a fresh /64 of the site");
+        assert!(passwords.check(&address_keys(v6(2, 0)), 0).is_ok(), "another site");
+        assert_eq!(address_keys(ip(9)), vec![LimitKey::Address(ip(9))], "IPv4: the address alone");
+
+        let registrations = RegistrationLimiter::new(1, 3_600_000, 1000);
+        let now = Instant::now();
+        for n in 0..SOURCES_PER_NETWORK as u16 {
+            assert!(registrations.take(v6(1, n), now).is_ok(), "source {n}");
+        }
+        assert!(registrations.take(v6(1, 999), now).is_err(), "the site's burst is spent");
+        assert!(registrations.take(v6(2, 0), now).is_ok(), "another site");
+        // A source refused for its site's allowance spent none of its own.
+        let registrations = RegistrationLimiter::new(2, 3_600_000, 1000);
+        for n in 0..2 * SOURCES_PER_NETWORK as u16 {
+            assert!(registrations.take(v6(3, n), now).is_ok());
+        }
+        assert!(registrations.take(v6(3, 999), now).is_err());
+        let later = now + Duration::from_secs(3_600 / u64::from(SOURCES_PER_NETWORK));
+        assert!(registrations.take(v6(3, 999), later).is_ok(), "the site refilled one");
     }
 
     #[tokio::test]

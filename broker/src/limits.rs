@@ -70,6 +70,14 @@ pub const AUTH_FAILURES_PER_ACCOUNT: u32 = 10;
 pub const PASSWORD_CHANGES_PER_ACCOUNT: u32 = 5;
 /// Failed password attempts per source address per window (any account, named or not).
 pub const AUTH_FAILURES_PER_ADDRESS: u32 = 30;
+/// An IPv6 /48's allowance of password work, as a multiple of one source's: failed
+/// password attempts and registrations from all of its /64 sources together are limited
+/// to this many sources' worth (240 failures a minute, a burst of 80 registrations then
+/// 8 a minute, by default). A /48 is a site's allocation, which one party can get for
+/// free, and holds 65,536 /64 sources: counted per /64 alone, one party could keep the
+/// broker's two password-hash slots busy and every other login and registration got
+/// `OVERLOADED` (an attacker review). IPv4 addresses are sources and networks at once.
+pub const SOURCES_PER_NETWORK: u32 = 8;
 /// Bad device signatures (unknown user or device, wrong key) per source address per
 /// window. A signature cannot be guessed; this bounds the lookups one address can make
 /// the broker do, and is generous so a revoked device retrying does not shut out other

@@ -298,6 +298,11 @@ impl TokenBucket {
         (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_s).min(burst)
     }
 
+    /// Whether `take` would take a token now (nothing changes).
+    pub(crate) fn has_token(&self, now: Instant, per_s: f64, burst: f64) -> bool {
+        self.tokens_at(now, per_s, burst) >= 1.0
+    }
+
     pub(crate) fn is_full(&self, now: Instant, per_s: f64, burst: f64) -> bool {
         self.tokens_at(now, per_s, burst) >= burst
     }
