@@ -174,14 +174,14 @@ impl Outbound {
     }
 
     /// Waits until the queue has room for an answer of up to `bytes` (at most
-    /// `MAX_SERVER_FRAME_BYTES`) and reserves it: the frames waiting, the answers
-    /// reserved and this one together stay within half the byte bound (the other half
-    /// is the events'). With nothing waiting or reserved there is always room, so one
-    /// such answer is always possible. The session takes a request whose answer may be
-    /// large only with such a reservation, so answers to requests the protocol allows in
-    /// flight (`MAX_INFLIGHT_REQUESTS`) can never make a reading client a slow consumer:
-    /// past the room, the session stops reading requests (flow control) until the
-    /// writer drains. `Err` once the queue is closed.
+    /// `MAX_SERVER_FRAME_BYTES`) and reserves it: the frames waiting or being written,
+    /// the answers reserved and this one together stay within half the byte bound (the
+    /// other half is the events'). With nothing waiting, being written or reserved there
+    /// is always room, so one such answer is always possible. The session takes a
+    /// request whose answer may be large only with such a reservation, so answers to
+    /// requests the protocol allows in flight (`MAX_INFLIGHT_REQUESTS`) can never make a
+    /// reading client a slow consumer: past the room, the session stops reading requests
+    /// (flow control) until the writer has written. `Err` once the queue is closed.
     pub async fn reserve_answer(self: &Arc<Self>, bytes: usize) -> Result<AnswerRoom, Closed> {
         let bytes = bytes.min(switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize);
         let budget = (self.max_bytes / 2).max(bytes);
