@@ -59,7 +59,8 @@ pub struct Config {
     pub presence_coalesce_ms: u64,
     /// A typing indicator not repeated for this long ends, with a pushed "stopped".
     pub typing_ttl_ms: u64,
-    /// A conversation actor with no traffic for this long stops (and restarts on use).
+    /// A conversation actor with no write or mark for this long stops (the next write or
+    /// mark restarts it; reads meanwhile are answered from the store).
     pub conversation_idle_ms: u64,
     /// Most authenticated connections at once; beyond this new ones are refused.
     pub max_connections: usize,
@@ -79,11 +80,13 @@ pub struct Config {
     /// Conversation actors alive at once; a request that would start another is
     /// answered `OVERLOADED` (default `MAX_LIVE_CONVERSATIONS`).
     pub max_live_conversations: usize,
-    /// Of those, actors one user's requests started and that are still alive; a request
-    /// of that user that would start another is answered `OVERLOADED`, other users' are
-    /// still served (default `MAX_LIVE_CONVERSATIONS_PER_USER`). An actor counts for
-    /// whoever started it, then for the user of its newest request at each of its ticks
-    /// (a quarter of `conversation_idle_ms`), until it retires.
+    /// Of those, actors one user's writes and read marks started and that are still
+    /// alive, and as many again for its delivered marks (`conversation::Share`); a
+    /// request of that user that would start another on a full share is answered
+    /// `OVERLOADED`, other users' are still served (default
+    /// `MAX_LIVE_CONVERSATIONS_PER_USER`). An actor counts for whoever started it, then
+    /// for the user of its newest write or mark at each of its ticks (a quarter of
+    /// `conversation_idle_ms`), until it retires. Reads start none.
     pub max_live_conversations_per_user: usize,
     /// Member rows a user's reads that list members (`Members`, `Receipts`, a complete
     /// `CatchUp` page, `EntryNames`) may return a second, with a burst of

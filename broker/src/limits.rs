@@ -34,10 +34,11 @@ pub const SOCKET_BACKLOG_TARGET_MS: u64 = 20;
 /// ones retire after `conversation_idle_ms`; at the cap, a request that would start
 /// another gets `OVERLOADED` rather than growing memory without bound.
 pub const MAX_LIVE_CONVERSATIONS: usize = 250_000;
-/// Of those, started by one user's requests (1/64 of the cap: at least 64 accounts to
-/// fill it, which registration limits per address make slow). A person is active in
-/// far fewer conversations within `conversation_idle_ms` (a minute); a bot in more
-/// raises it.
+/// Of those, started by one user's writes and read marks, and as many again by its
+/// delivered marks (`conversation::Share`; reads start none): 1/64 of the cap each, so
+/// at least 32 accounts to fill it, which registration limits per address make slow. A
+/// person is active in far fewer conversations within `conversation_idle_ms` (a
+/// minute); a bot in more raises it.
 pub const MAX_LIVE_CONVERSATIONS_PER_USER: usize = 4096;
 /// Concurrent argon2 computations: each takes `argon2_memory_kib` of memory and a core
 /// for tens of milliseconds; more than the cores only queues work and memory.
@@ -140,7 +141,8 @@ pub const CREATION_BUCKETS_MAX: usize = 65_536;
 /// Default `member_rows_per_sec`: member rows (a name; a member's receipts and setting)
 /// a user's reads that list members (`Members`, `Receipts`, a complete `CatchUp` page,
 /// `EntryNames`) may return a second, each a point read or two of the store on the
-/// conversation's actor, in line with every member's writes. A client that reconnects
+/// conversation's actor, in line with every member's writes (or on the blocking pool,
+/// for a conversation with no live actor). A client that reconnects
 /// reads each conversation's receipts once; the burst (`MEMBER_ROWS_BURST_SECS`)
 /// covers 40 groups of 1,000 members at once, and `Session` retries past it. At least
 /// `MAX_GROUP_MEMBERS`, or one read of the largest group's receipts puts its reader in

@@ -252,15 +252,15 @@ impl UserDirectory {
     /// Whether `user` may make a read that lists members now (`Members`, `Receipts`,
     /// `CatchUp`, `EntryNames`): each costs a point read or two of the store per member
     /// row it returns (up to `MAX_GROUP_MEMBERS`), on the conversation's actor, in line
-    /// with every member's writes. `RATE_LIMITED` once the rows the user read
+    /// with every member's writes (on the blocking pool if none is live). `RATE_LIMITED` once the rows the user read
     /// (`charge_member_reads`) have run past its allowance, until it refills
     /// (`member_rows_per_sec`, with a burst of `MEMBER_ROWS_BURST_SECS` seconds' worth),
     /// so one member looping on such reads cannot hold a large group's actor (or the
     /// store) for everyone. A read allowed is served whole and charged after (its rows
     /// are known only then): the allowance runs into debt by at most the reads that
-    /// conversation actors run for the user at once (each checks right before its read;
-    /// `ConvDirectory::read`'s check only spares the mailbox), so pipelined reads across
-    /// many large groups can put only their reader far into debt.
+    /// conversation actors and the blocking pool run for the user at once (each checks
+    /// right before its read; `ConvDirectory::read`'s check only spares the mailbox), so
+    /// pipelined reads across many large groups can put only their reader far into debt.
     pub fn allow_member_reads(&self, user: UserId) -> Result<(), ErrorBody> {
         let (allowance, now) = (&self.member_rows, Instant::now());
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));

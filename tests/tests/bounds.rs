@@ -355,10 +355,11 @@ async fn one_user_cannot_take_every_live_conversation_place() {
         alice.send(convs[2], "third").await.unwrap();
         assert_eq!(shared.convs.live(), 3);
         eventually("every actor retiring", || shared.convs.live() == 0).await;
-        // Retired actors gave alice's places back (bob reads: a read starts an actor too).
+        // Retired actors gave alice's places back.
         alice.send(convs[0], "again").await.unwrap();
         alice.send(convs[1], "again").await.unwrap();
         let (entries, _) = bob.history(convs[2], Page::After(0), 10).await.unwrap();
+        assert_eq!(shared.convs.live(), 2, "a read starts no actor");
         let texts: Vec<&str> = entries
             .iter()
             .filter_map(|e| match &e.body {
@@ -409,8 +410,9 @@ async fn a_dead_actor_gives_its_place_back() {
         assert!(shared.convs.kill(convs[0]), "the actor was live");
         within(STEP_DEADLINE, "alice's place back from the dead actor", async {
             loop {
-                // Kept busy, so its retiring frees nothing.
-                alice.history(convs[1], Page::After(0), 1).await.unwrap();
+                // Kept busy (a write: a read keeps no actor alive), so its retiring
+                // frees nothing.
+                alice.send(convs[1], "busy").await.unwrap();
                 match alice.send(convs[2], "third").await {
                     Ok(_) => break,
                     Err(e) => assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}"),
@@ -457,9 +459,9 @@ async fn starts_under_way_at_once_count_against_the_live_bound() {
 }
 
 /// An actor counts on the share of whoever keeps it alive, not of whoever started it:
-/// actors bob started and alice alone keeps using move to alice's share at their next
-/// tick, so bob can start another (before, anyone could keep actors a victim started,
-/// by its catch-up say, alive on the victim's share and lock it out).
+/// actors bob started and alice alone keeps writing to move to alice's share at their
+/// next tick, so bob can start another (before, anyone could keep actors a victim
+/// started alive on the victim's share and lock it out).
 #[tokio::test]
 async fn an_actor_counts_for_whoever_keeps_it_alive() {
     bounded(async {
@@ -474,7 +476,7 @@ async fn an_actor_counts_for_whoever_keeps_it_alive() {
         within(STEP_DEADLINE, "bob's place freed by alice's use", async {
             loop {
                 for conv in &convs[..2] {
-                    alice.history(*conv, Page::After(0), 1).await.unwrap();
+                    alice.send(*conv, "keeping it").await.unwrap();
                 }
                 match bob.send_with_id(convs[2], client_id, "third").await {
                     Ok(_) => break,
@@ -485,6 +487,53 @@ async fn an_actor_counts_for_whoever_keeps_it_alive() {
         })
         .await;
         assert_eq!(shared.convs.live(), 3, "alice's use kept the first two alive");
+    })
+    .await
+}
+
+/// What others put a user in takes none of the places its own writes need: bob, in
+/// groups alice made and wrote to, catches up on them (pages, history, members,
+/// receipts) with no actor started, and his delivered marks start theirs on his passive
+/// share, so with both of his two places' worth of such actors live his write to a third
+/// conversation is served. Before, every read started an actor on the reader's one
+/// share: strangers who put a victim in thousands of groups filled its places with its
+/// own catch-up, and its writes got `OVERLOADED` for the idle period after each.
+#[tokio::test]
+async fn conversations_others_put_a_user_in_take_none_of_its_write_places() {
+    bounded(async {
+        let (tb, alice, bob, convs) = three_idle_groups(MAX_LIVE_CONVERSATIONS).await;
+        let shared = tb.shared().clone();
+        let mut marks = Vec::new();
+        for conv in &convs[..2] {
+            marks.push((*conv, alice.send(*conv, "from alice").await.unwrap()));
+        }
+        eventually("alice's actors retiring", || shared.convs.live() == 0).await;
+        for conv in &convs[..2] {
+            let page = bob.catch_up(*conv, 0, 100).await.unwrap();
+            let texts: Vec<&str> = page
+                .entries
+                .iter()
+                .filter_map(|e| match &e.body {
+                    Body::Text { text, .. } => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(texts, ["from alice"], "answered from the store");
+            assert!(page.complete);
+            assert_eq!(bob.history(*conv, Page::After(0), 10).await.unwrap().0.len(), 2);
+            assert_eq!(bob.members(*conv).await.unwrap().len(), 2);
+            bob.receipts(*conv).await.unwrap();
+        }
+        assert_eq!(shared.convs.live(), 0, "reads start no actor");
+        // A stranger's read at rest is refused as ever.
+        let (carol, _) = tb.register("carol").await;
+        let e = carol.catch_up(convs[0], 0, 100).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::FORBIDDEN), "{e}");
+        bob.mark_delivered(&marks).await.unwrap();
+        assert_eq!(shared.convs.live(), 2, "the marks started two actors, on bob's passive share");
+        bob.send(convs[2], "mine").await.expect("bob's writes have their own places");
+        let page = alice.catch_up(convs[2], 0, 100).await.unwrap();
+        assert!(page.entries.iter().any(|e| matches!(&e.body, Body::Text { text, .. } if text == "mine")));
     })
     .await
 }

@@ -381,8 +381,9 @@ fn answer_bound(body: &RequestBody) -> usize {
 /// The session: one per connection, it owns the device's identity and outbound queue
 /// and handles that device's requests one at a time, in order, like an actor whose
 /// mailbox is the control stream (bounded by the in-flight permits). It never waits on
-/// a request's outcome: conversation work goes to conversation actors and catalog work
-/// (create, list, devices) to tasks, so a slow request never holds up the next one.
+/// a request's outcome: conversation work goes to conversation actors (a read of a
+/// conversation with none live, to the blocking pool) and catalog work (create, list,
+/// devices) to tasks, so a slow request never holds up the next one.
 ///
 /// It is deliberately not a ractor actor: every ractor actor costs about 6 KB (four
 /// unbounded channels and a task), which per connection would break the broker's memory

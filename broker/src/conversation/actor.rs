@@ -3,21 +3,21 @@
 //! in order: appends go to the store, replies to the requester's outbound queue,
 //! deliveries through `fanout`, and a fatal storage failure to the broker's health.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use switchboard_protocol::{ConvId, Event, Seq, ServerFrame, UserId, encode_frame};
+use switchboard_protocol::{ConvId, ErrorBody, Event, Reply, Role, Seq, ServerFrame, UserId, encode_frame};
 use switchboard_storage::{ReceiptRecord, Store, StoreError};
 
-use super::directory::Registration;
+use super::directory::{Registration, Share};
 use super::receipts::Marks;
-use super::state::{Caller, Command, ConversationState, Effect, Log, Mark, Read};
+use super::state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, not_a_member};
 use crate::Shared;
 use crate::metrics::Counters;
-use crate::reply::Responder;
+use crate::reply::{Responder, internal};
 
 /// Messages to a conversation actor.
 pub enum ConvMsg {
@@ -85,12 +85,13 @@ pub struct ConvActorState {
     /// Highest seq delivered, shared with the directory so a successor of a crashed
     /// actor knows which durable entries were never pushed to online devices.
     published: Arc<AtomicU64>,
-    /// The user of the newest write, read or read mark since the last tick (not a
-    /// delivered mark): the actor's place among `max_live_conversations_per_user` moves
-    /// to it at the tick (`ConvDirectory::recharge`).
+    /// The user of the newest write or read mark since the last tick (not a read, not a
+    /// delivered mark): the actor's place moves to that user's `Share::Active` at the
+    /// tick (`ConvDirectory::recharge`).
     last_user: Option<UserId>,
-    /// The user of the newest delivered mark since the last tick: charged instead when
-    /// only marks' writes keep the actor past its idle period (`idle_but_for_receipts`).
+    /// The user of the newest delivered mark since the last tick: charged instead, on
+    /// its `Share::Passive`, when only marks' writes keep the actor past its idle period
+    /// (`idle_but_for_receipts`).
     last_marker: Option<UserId>,
     /// Takes the actor out of the directory when it ends without retiring.
     _registration: Registration,
@@ -196,9 +197,9 @@ impl Actor for Conversation {
         // actors its writes keep alive. Nor does it keep the actor alive past its write
         // (`ConversationState::handle_mark`); only an actor past its idle period with a
         // mark's write in flight is charged to the marker (`last_marker`, at the tick).
-        if let ConvMsg::Write(caller, ..) | ConvMsg::Read(caller, ..) | ConvMsg::Mark(caller, _, MarkReply::Read(_)) =
-            &msg
-        {
+        // A read neither moves a place nor keeps the actor alive (`handle_read`): a
+        // client catches up on whatever conversations others put it in.
+        if let ConvMsg::Write(caller, ..) | ConvMsg::Mark(caller, _, MarkReply::Read(_)) = &msg {
             state.last_user = Some(caller.user);
         }
         let effects = match msg {
@@ -229,7 +230,7 @@ impl Actor for Conversation {
                     reply.send(Err(refused));
                     return Ok(());
                 }
-                let effect = state.state.handle_read(&log, caller, read, reply, crate::now_ms());
+                let effect = state.state.handle_read(&log, caller, read, reply);
                 if let Effect::Reply(_, Ok(answer)) = &effect {
                     users.charge_member_reads(caller.user, read.rows(answer));
                 }
@@ -270,8 +271,13 @@ impl Actor for Conversation {
                     myself.stop(Some("idle".into()));
                 } else {
                     let kept_by_marks = state.state.idle_but_for_receipts(now, idle);
-                    if let Some(user) = if kept_by_marks { marker.or(user) } else { user } {
-                        self.shared.convs.recharge(state.state.id(), myself.get_id(), user);
+                    let charged = match (kept_by_marks, marker, user) {
+                        (true, Some(marker), _) => Some((marker, Share::Passive)),
+                        (_, _, Some(user)) => Some((user, Share::Active)),
+                        _ => None,
+                    };
+                    if let Some(charged) = charged {
+                        self.shared.convs.recharge(state.state.id(), myself.get_id(), charged);
                     }
                 }
                 Vec::new()
@@ -279,6 +285,40 @@ impl Actor for Conversation {
         };
         self.perform(&myself, state, effects);
         Ok(())
+    }
+}
+
+/// The answer `conv`'s actor would give `read` by `caller` (a member as `role`, as the
+/// caller checked), from the store alone: what an actor's start loads (of the members,
+/// only the caller, unless the read lists them), and nothing kept. For a conversation
+/// at rest (`ConvDirectory::read_at_rest`), whose stored state is all durable.
+pub(super) fn answer_at_rest(
+    shared: &Shared,
+    conv: ConvId,
+    caller: Caller,
+    role: Role,
+    read: Read,
+) -> Result<Reply, ErrorBody> {
+    let store = &shared.store;
+    let Some(record) = store.conversation(conv).map_err(internal)? else { return Err(not_a_member()) };
+    let last_seq = store.last_seq(conv).map_err(internal)?;
+    let members = match read {
+        Read::Members | Read::Receipts | Read::CatchUp { .. } => {
+            store.members(conv).map_err(internal)?.into_iter().collect()
+        }
+        Read::History { .. } | Read::Names { .. } => HashMap::from([(caller.user, role)]),
+    };
+    let (mut state, _) = ConversationState::<()>::recover(
+        conv,
+        (record.kind, record.title),
+        members,
+        last_seq,
+        (Vec::new(), 0),
+        crate::now_ms(),
+    );
+    match state.handle_read(&StoreLog(store), caller, read, ()) {
+        Effect::Reply((), answer) => answer,
+        _ => Err(internal("a read answered with something else")),
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use ractor::{Actor, ActorRef};
 use switchboard_protocol::limits::MAX_MARKS_PER_REQUEST;
@@ -30,12 +30,12 @@ pub struct ConvDirectory {
     /// conversation: those of creations are bounded by the creation rate limit, those of
     /// dead actors (a panic, `kill`) by the conversations whose actor died.
     replay: std::sync::Mutex<HashMap<ConvId, Replay>>,
-    /// Live actors by the user whose request started each (`Slot::starter`), starts
-    /// under way included, for `max_live_conversations_per_user`: one user touching
-    /// thousands of its conversations must not take every place of
-    /// `max_live_conversations` from the others. Locked after `map` only; one entry per
-    /// user with a live actor (at most `max_live_conversations`).
-    started: std::sync::Mutex<HashMap<UserId, usize>>,
+    /// Live actors by the user and share whose request started each (`Slot::starter`),
+    /// starts under way included, for `max_live_conversations_per_user` (per share):
+    /// one user touching thousands of its conversations must not take every place of
+    /// `max_live_conversations` from the others. Locked after `map` only; at most two
+    /// entries per user with a live actor (at most `max_live_conversations`).
+    started: std::sync::Mutex<HashMap<(UserId, Share), usize>>,
     /// Starts under way (a place taken, the actor not yet registered), counted with the
     /// map's length against `max_live_conversations`; changed under the `map` lock when
     /// it grows, so starts of different shards waiting on their spawns at once cannot
@@ -44,6 +44,12 @@ pub struct ConvDirectory {
     /// Serialises starting an actor per conversation (sharded: a start may wait for a
     /// store barrier, and must not hold up unrelated conversations).
     spawn_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Actors registered so far, per shard of conversations (`AT_REST_SHARDS`); changed
+    /// under the `map` lock. A read answered from the store checks it did not move.
+    registered: Vec<AtomicU64>,
+    /// Set by `stop_all`: no read is answered at rest past it (the actors it stopped
+    /// may have left writes short, and it keeps no replay records for them).
+    closing: AtomicBool,
 }
 
 /// Where a conversation's next actor resumes delivery.
@@ -59,6 +65,27 @@ struct Replay {
 
 const SPAWN_SHARDS: usize = 64;
 
+/// Shards of `ConvDirectory::registered`: a read at rest is sent to the actors when any
+/// actor of its shard registers while it reads the store (1 in 1,024 conversations).
+const AT_REST_SHARDS: usize = 1024;
+
+/// Which of a user's two shares of `max_live_conversations_per_user` places an actor
+/// counts on. A user chooses what it writes to, but not which conversations others put
+/// it in, nor the delivered marks its client sends by itself for whatever reaches it:
+/// actors those marks start count apart, so strangers who add a user to thousands of
+/// groups and write there fill at most its passive share (its delivered marks for
+/// other conversations get `OVERLOADED` until those actors retire, and the client
+/// sends them again), never the places its own writes need. Reads take no place at
+/// all (`ConvDirectory::read`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Share {
+    /// Writes and read marks: what the user itself does in the conversation.
+    Active,
+    /// Delivered marks (and a read that must start an actor: a conversation just
+    /// created, or whose actor died).
+    Passive,
+}
+
 impl Default for ConvDirectory {
     fn default() -> Self {
         ConvDirectory {
@@ -67,6 +94,8 @@ impl Default for ConvDirectory {
             starting: AtomicUsize::new(0),
             replay: std::sync::Mutex::new(HashMap::new()),
             spawn_locks: (0..SPAWN_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            registered: (0..AT_REST_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            closing: AtomicBool::new(false),
         }
     }
 }
@@ -76,9 +105,9 @@ struct Slot {
     actor: ActorRef<ConvMsg>,
     depth: Arc<AtomicUsize>,
     published: Arc<AtomicU64>,
-    /// Whose share it counts on: the user whose request started it, then the user of
-    /// the newest request at each tick (`recharge`), until it is removed.
-    starter: UserId,
+    /// Whose share it counts on: the user (and share) whose request started it, then
+    /// the user of the newest write or mark at each tick (`recharge`), until removed.
+    starter: (UserId, Share),
 }
 
 /// One place of `max_live_conversations` and of a user's share of live actors, taken
@@ -86,9 +115,9 @@ struct Slot {
 /// back when dropped unless `keep` handed it to the registered slot (so a start that
 /// fails, or whose caller went away mid-start, gives it back).
 struct Place<'a> {
-    started: &'a std::sync::Mutex<HashMap<UserId, usize>>,
+    started: &'a std::sync::Mutex<HashMap<(UserId, Share), usize>>,
     starting: &'a AtomicUsize,
-    user: UserId,
+    user: (UserId, Share),
     kept: bool,
 }
 
@@ -108,8 +137,8 @@ impl Drop for Place<'_> {
     }
 }
 
-/// Gives back one of `user`'s places.
-fn release(started: &std::sync::Mutex<HashMap<UserId, usize>>, user: UserId) {
+/// Gives back one of `user`'s places (of one share).
+fn release(started: &std::sync::Mutex<HashMap<(UserId, Share), usize>>, user: (UserId, Share)) {
     let mut started = started.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(n) = started.get_mut(&user) {
         *n -= 1;
@@ -168,14 +197,87 @@ impl ConvDirectory {
     /// A read of `conv`'s durable state. One that lists members is refused
     /// `RATE_LIMITED` here, taking no mailbox room and waking no actor, while the
     /// caller's such reads are past their allowance (`UserDirectory::allow_member_reads`;
-    /// the actor checks again and charges the rows).
+    /// checked again where it is answered, and the rows charged). A read never starts an
+    /// actor, nor keeps one alive: it is handed to the live actor if there is one, and
+    /// otherwise answered from the store on the blocking pool (`read_at_rest`) once one
+    /// of the user's store slots is free (`STORE_JOBS_PER_USER`: so no user queues more
+    /// than that many jobs on the pool); the session goes on meanwhile, the read's task
+    /// waiting (as many as the user's requests in flight, as its mailbox places were).
+    /// Before, every read started an actor on the reader's share: strangers who
+    /// put a user in thousands of groups filled its places with its own catch-up, and
+    /// its writes got `OVERLOADED`.
     pub async fn read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
         if read.lists_members()
             && let Err(refused) = shared.users.allow_member_reads(caller.user)
         {
             return reply.send(Err(refused));
         }
-        self.request(shared, conv, caller, ConvMsg::Read(caller, read, reply)).await
+        if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv) {
+            return self.request(shared, conv, caller, ConvMsg::Read(caller, read, reply)).await;
+        }
+        let (shared, slots) = (shared.clone(), shared.users.store_slots(caller.user));
+        tokio::spawn(async move {
+            // Closed never: the semaphore lives as long as `slots`.
+            let Ok(slot) = slots.acquire_owned().await else { return };
+            let reply = reply.with_store_slot(Some(slot));
+            tokio::task::spawn_blocking(move || shared.convs.read_at_rest(&shared, conv, caller, read, reply));
+        });
+    }
+
+    /// Answers `read` from the store alone, as `conv`'s actor would, if it is at rest
+    /// (`at_rest`) from before the store is read until after: then everything stored of
+    /// it is durable (an actor that retired had nothing pending; entries of one that
+    /// died, or of a creation, wait for a successor, which the replay record shows) and
+    /// nothing is pending to show as before. Read optimistically: an actor registered
+    /// in between (in the same one of `AT_REST_SHARDS`) sends the read to the actors
+    /// instead, so a read takes no lock that starts wait on. On the blocking pool.
+    fn read_at_rest(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
+        if reply.abandoned() {
+            return;
+        }
+        // As `hand` would: strangers learn nothing.
+        let role = match gate(shared, conv, caller, None) {
+            Ok(Some(role)) => role,
+            Ok(None) => return reply.send(Err(not_a_member())),
+            Err(refused) => return reply.send(Err(refused)),
+        };
+        let Some(before) = self.at_rest(conv) else { return self.read_by_actor(shared, conv, caller, read, reply) };
+        let answer = super::actor::answer_at_rest(shared, conv, caller, role, read);
+        if self.at_rest(conv) != Some(before) {
+            return self.read_by_actor(shared, conv, caller, read, reply);
+        }
+        if shared.health.is_failed() {
+            return reply.send(Err(ErrorBody::new(ErrorCode::INTERNAL, "storage failure")));
+        }
+        if let Ok(answer) = &answer {
+            shared.users.charge_member_reads(caller.user, read.rows(answer));
+        }
+        reply.send(answer);
+    }
+
+    /// Hands a read that found `conv` not at rest to its actor (which the read may start,
+    /// on the reader's `Share::Passive`: a conversation just created or whose actor
+    /// died, or one whose actor started or retired while the store was read).
+    fn read_by_actor(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
+        let shared = shared.clone();
+        tokio::runtime::Handle::current().spawn(async move {
+            shared.convs.request(&shared, conv, caller, ConvMsg::Read(caller, read, reply)).await
+        });
+    }
+
+    /// Whether `conv` is at rest: no actor registered, no successor owed (no replay
+    /// record), not shutting down; if so, how many actors have registered in its shard
+    /// of `AT_REST_SHARDS` so far (an actor of `conv` writes only once registered, and
+    /// registering bumps the count).
+    fn at_rest(&self, conv: ConvId) -> Option<u64> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&conv)
+            || self.closing.load(Ordering::Acquire)
+            || self.replay.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv)
+        {
+            return None;
+        }
+        Some(self.registered[(conv as usize) % AT_REST_SHARDS].load(Ordering::Acquire))
     }
 
     /// A `MarkRead` (with its responder) of `conv`.
@@ -262,6 +364,10 @@ impl ConvDirectory {
             ConvMsg::Write(_, cmd, _) => cmd.client_id(),
             _ => None,
         };
+        let share = match &msg {
+            ConvMsg::Write(..) | ConvMsg::Mark(_, _, MarkReply::Read(_)) => Share::Active,
+            _ => Share::Passive,
+        };
         if let Err(e) = gate(shared, conv, caller, resend) {
             if matches!(msg, ConvMsg::Write(..)) {
                 return Err((msg, settled(shared, e).await));
@@ -302,7 +408,7 @@ impl ConvDirectory {
             }
             // Boxed: starting an actor is rare, and its future inline would be carried by
             // every session's task for its whole life (about 3 KB per connection).
-            if let Err(e) = Box::pin(self.spawn(shared, conv, dead.take(), caller.user)).await {
+            if let Err(e) = Box::pin(self.spawn(shared, conv, dead.take(), (caller.user, share))).await {
                 return Err((msg, e));
             }
         }
@@ -318,22 +424,22 @@ impl ConvDirectory {
     }
 
     /// Starts the actor of a conversation `created` named, which delivers seq 1, on
-    /// its `creator`'s share.
+    /// its `creator`'s active share.
     pub async fn start_created(&self, shared: &Arc<Shared>, conv: ConvId, creator: UserId) -> Result<(), ErrorBody> {
-        Box::pin(self.spawn(shared, conv, None, creator)).await
+        Box::pin(self.spawn(shared, conv, None, (creator, Share::Active))).await
     }
 
     /// Starts an actor for `conv` unless a live one is registered (the caller checked
     /// who may ask), on `starter`'s share of live actors. `dead` names an actor found
     /// dead: its successor resumes delivery from the dead actor's published watermark.
-    /// `OVERLOADED` at `max_live_conversations`, or when `starter` already started
-    /// `max_live_conversations_per_user` live ones.
+    /// `OVERLOADED` at `max_live_conversations`, or when `starter` already holds
+    /// `max_live_conversations_per_user` live ones on that share.
     async fn spawn(
         &self,
         shared: &Arc<Shared>,
         conv: ConvId,
         dead: Option<ractor::ActorId>,
-        starter: UserId,
+        starter: (UserId, Share),
     ) -> Result<(), ErrorBody> {
         let _guard = self.spawn_locks[(conv as usize) % SPAWN_SHARDS].lock().await;
         let place = {
@@ -390,6 +496,7 @@ impl ConvDirectory {
         let id = actor.get_id();
         let status = actor.get_status();
         map.insert(conv, Slot { actor, depth, published, starter });
+        self.registered[(conv as usize) % AT_REST_SHARDS].fetch_add(1, Ordering::AcqRel);
         place.keep();
         self.replay.lock().unwrap_or_else(|p| p.into_inner()).remove(&conv);
         // Died already (its first tick or a panic on another thread): its state's drop,
@@ -401,11 +508,11 @@ impl ConvDirectory {
     }
 
     /// Moves the place `actor` (if still registered for `conv`) takes among
-    /// `max_live_conversations_per_user` to `user`, whose request was its newest: an
-    /// actor counts for whoever keeps it alive, not for whoever happened to start it
-    /// (a member's catch-up, say), so nobody can keep actors alive on another's share.
-    /// Past `user`'s share if need be: only new starts are refused.
-    pub(super) fn recharge(&self, conv: ConvId, actor: ractor::ActorId, user: UserId) {
+    /// `max_live_conversations_per_user` to `user`'s share, whose write or mark was its
+    /// newest: an actor counts for whoever keeps it alive, not for whoever happened to
+    /// start it (a member's delivered mark, say), so nobody can keep actors alive on
+    /// another's share. Past that share if need be: only new starts are refused.
+    pub(super) fn recharge(&self, conv: ConvId, actor: ractor::ActorId, user: (UserId, Share)) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(slot) = map.get_mut(&conv)
             && slot.actor.get_id() == actor
@@ -478,6 +585,7 @@ impl ConvDirectory {
     pub fn stop_all(&self) -> bool {
         // The locks in `spawn`'s order, held together: a dead actor is in one or the other.
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        self.closing.store(true, Ordering::Release);
         let mut intact = self.replay.lock().unwrap_or_else(|p| p.into_inner()).values().all(|r| !r.repair);
         self.started.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for (_, slot) in map.drain() {

@@ -230,7 +230,7 @@ impl Harness {
 
     pub fn read(&mut self, user: UserId, read: Read) -> Result<Reply, ErrorBody> {
         self.next += 1;
-        let effect = self.state.handle_read(&self.log, caller(user), read, self.next, self.now_ms);
+        let effect = self.state.handle_read(&self.log, caller(user), read, self.next);
         self.perform(vec![effect]);
         self.reply(self.next).expect("reads are answered at once").clone()
     }
@@ -1206,6 +1206,16 @@ mod tests {
         h.mark(BOB, Mark::Read(3));
         h.commit_receipts();
         assert!(!h.state.handle_tick(10_999, 1_000), "a read mark is activity");
+    }
+
+    #[test]
+    fn a_read_keeps_nothing_alive() {
+        let mut h = chatty();
+        h.now_ms = 10_000;
+        h.history(BOB);
+        h.catch_up(BOB, 0, 10);
+        h.read(BOB, Read::Receipts).unwrap();
+        assert!(h.state.handle_tick(10_000, 1_000), "idle since the last write, however much was read since");
     }
 
     #[test]

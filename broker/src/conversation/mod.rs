@@ -11,7 +11,7 @@ mod receipts;
 mod state;
 
 pub use actor::{ConvMsg, MarkReply};
-pub use directory::{ConvDirectory, HandedMarks};
+pub use directory::{ConvDirectory, HandedMarks, Share};
 pub use receipts::Marks;
 pub(crate) use state::check_files;
 pub use state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, replay_audiences};

@@ -3,7 +3,8 @@
 //! effects the driver must perform, in order (write this entry, answer this request,
 //! deliver this entry to these users). The conversation actor is one driver; the
 //! deterministic harness in `harness.rs` is another, with an in-memory log, a virtual
-//! clock and a crash switch.
+//! clock and a crash switch; `actor::answer_at_rest` a third, for one read of a
+//! conversation with no live actor (a state loaded, asked, and dropped).
 //!
 //! The rules it keeps:
 //! - seqs are assigned here only, gapless, one append at a time;
@@ -539,14 +540,16 @@ impl<R> ConversationState<R> {
         vec![Effect::Append(entry)]
     }
 
-    /// A read of durable state, answered at once.
-    pub fn handle_read(&mut self, log: &impl Log, caller: Caller, read: Read, reply: R, now_ms: u64) -> Effect<R> {
+    /// A read of durable state, answered at once. It does not keep the conversation
+    /// alive (`handle_tick`): reads are answered without an actor when none is live
+    /// (`actor::read_at_rest`), so an actor's life, and the place it takes, follow writes
+    /// and marks only.
+    pub fn handle_read(&mut self, log: &impl Log, caller: Caller, read: Read, reply: R) -> Effect<R> {
         let result = if self.failed {
             Err(err(ErrorCode::INTERNAL, "storage failure"))
         } else if !self.is_member(caller.user) {
             Err(not_a_member())
         } else {
-            self.last_activity_ms = now_ms;
             match read {
                 Read::History { page, limit } => self.history(log, page, limit),
                 Read::Members => self.member_list(log),
