@@ -317,7 +317,8 @@ async fn presence_small() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catchup_small() {
     bounded(async {
-        let args = scenario::catchup::Args { messages: 2_500, convs: 2, page: 1000, fill_window: 64 };
+        let args =
+            scenario::catchup::Args { messages: 2_500, convs: 2, page: 1000, fill_window: 64, offline: Duration::ZERO };
         let report = scenario::catchup::run(&small(), &args).await.unwrap();
         let table = report.table();
         assert_passed(&report);

@@ -36,6 +36,13 @@ pub struct Args {
     /// Messages in flight while filling the conversations (not measured).
     #[arg(long, default_value_t = 256)]
     pub fill_window: usize,
+    /// How long the device stays offline after the last message, e.g. `75s` (not
+    /// measured). Past the broker's `conversation_idle_ms` and one tick (60 s and 15 s
+    /// by default) the conversations' actors have retired, as after any real time
+    /// offline, and the pages are answered from the store without them; at 0 (the
+    /// default) the actors that took the messages answer.
+    #[arg(long, default_value = "0s", value_parser = crate::parse_duration)]
+    pub offline: std::time::Duration,
 }
 
 /// What catching up one conversation gave.
@@ -71,6 +78,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     let fill_start = Instant::now();
     let sent = fill(&pop, writer, &convs, args.messages, args.fill_window, common.size).await?;
     let fill_s = fill_start.elapsed().as_secs_f64();
+    tokio::time::sleep(args.offline).await;
 
     let client = Arc::new(pop.client(reader).await?);
     let start = Instant::now();
@@ -106,6 +114,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             ("messages", args.messages.to_string()),
             ("convs", args.convs.to_string()),
             ("page", format!("{} entries", args.page)),
+            ("offline", format!("{:?}", args.offline)),
             ("size", format!("{} B", common.size)),
         ]),
         duration_s: catch_up_s,
