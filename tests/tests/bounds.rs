@@ -538,6 +538,43 @@ async fn conversations_others_put_a_user_in_take_none_of_its_write_places() {
     .await
 }
 
+/// Reads that list members, pipelined to a conversation with no live actor, are checked
+/// against the reader's allowance of member rows where they are answered, as an actor
+/// checks them: of 32 `Members` reads of a 10-member group sent at once, each passing
+/// the check on arrival (none is charged until answered), at most the user's
+/// `STORE_JOBS_PER_USER` running at once are answered before the first charge (10 rows,
+/// past the burst of 8) refuses the rest. Before, every one that passed on arrival was
+/// answered: 320 rows against an allowance of 8.
+#[tokio::test]
+async fn member_reads_pipelined_at_rest_are_checked_where_they_are_answered() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.member_rows_per_sec = 4;
+            c.conversation_idle_ms = 1000;
+        })
+        .await;
+        let shared = tb.shared().clone();
+        let (alice, alice_id) = tb.register("alice").await;
+        // 10 members: one read (10 rows) spends the whole burst (8 rows).
+        let mut names = Vec::new();
+        for i in 0..9 {
+            names.push(format!("member{i}"));
+            tb.register(&names[i]).await;
+        }
+        let conv = alice.create_group("g", &names).await.unwrap().id;
+        eventually("the creation's actor retiring", || shared.convs.live() == 0).await;
+        let mut raw = tb.connector().connect_raw(&alice_id).await.unwrap();
+        let frames: Vec<Bytes> = (1..=32).map(|id| request_frame(id, RequestBody::Members { conv })).collect();
+        let answers = pipeline(&mut raw, &frames).await;
+        let answered = answers.iter().filter(|(_, a)| matches!(a, Ok(Reply::Members(m)) if m.len() == 10)).count();
+        let refused = answers.iter().filter(|(_, a)| matches!(a, Err(e) if e.code == ErrorCode::RATE_LIMITED)).count();
+        assert_eq!(answered + refused, 32, "{answers:?}");
+        assert!((1..=STORE_JOBS_PER_USER).contains(&answered), "{answered} answered: {answers:?}");
+        assert_eq!(shared.convs.live(), 0, "answered at rest");
+    })
+    .await
+}
+
 /// `MAX_SESSIONS_PER_USER` (64) connections of one user at once; the next is closed
 /// with `SESSIONS_PER_USER_REFUSAL` right after authenticating, and once one of the 64
 /// goes, a new one is served.

@@ -205,11 +205,15 @@ impl ConvDirectory {
     /// waiting (as many as the user's requests in flight, as its mailbox places were).
     /// Before, every read started an actor on the reader's share: strangers who
     /// put a user in thousands of groups filled its places with its own catch-up, and
-    /// its writes got `OVERLOADED`.
+    /// its writes got `OVERLOADED`. A stranger is refused here, at once, live actor or
+    /// not: how long a refusal takes tells nothing.
     pub async fn read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
         if read.lists_members()
             && let Err(refused) = shared.users.allow_member_reads(caller.user)
         {
+            return reply.send(Err(refused));
+        }
+        if let Err(refused) = gate(shared, conv, caller, None) {
             return reply.send(Err(refused));
         }
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv) {
@@ -230,18 +234,26 @@ impl ConvDirectory {
     /// died, or of a creation, wait for a successor, which the replay record shows) and
     /// nothing is pending to show as before. Read optimistically: an actor registered
     /// in between (in the same one of `AT_REST_SHARDS`) sends the read to the actors
-    /// instead, so a read takes no lock that starts wait on. On the blocking pool.
+    /// instead, so a read takes no lock that starts wait on. On the blocking pool. The
+    /// allowance of member rows and the membership are checked again here, as an actor
+    /// checks them right before its read: the first, since reads pipelined before any
+    /// is charged all passed `read`'s check; the second after the snapshot, so it is
+    /// the membership the answer is read under.
     fn read_at_rest(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
         if reply.abandoned() {
             return;
         }
-        // As `hand` would: strangers learn nothing.
+        if read.lists_members()
+            && let Err(refused) = shared.users.allow_member_reads(caller.user)
+        {
+            return reply.send(Err(refused));
+        }
+        let Some(before) = self.at_rest(conv) else { return self.read_by_actor(shared, conv, caller, read, reply) };
         let role = match gate(shared, conv, caller, None) {
             Ok(Some(role)) => role,
             Ok(None) => return reply.send(Err(not_a_member())),
             Err(refused) => return reply.send(Err(refused)),
         };
-        let Some(before) = self.at_rest(conv) else { return self.read_by_actor(shared, conv, caller, read, reply) };
         let answer = super::actor::answer_at_rest(shared, conv, caller, role, read);
         if self.at_rest(conv) != Some(before) {
             return self.read_by_actor(shared, conv, caller, read, reply);
@@ -258,8 +270,9 @@ impl ConvDirectory {
     /// Hands a read that found `conv` not at rest to its actor (which the read may start,
     /// on the reader's `Share::Passive`: a conversation just created or whose actor
     /// died, or one whose actor started or retired while the store was read).
+    /// It gives its store slot back: it waits in the actor's mailbox, not on the pool.
     fn read_by_actor(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
-        let shared = shared.clone();
+        let (shared, reply) = (shared.clone(), reply.with_store_slot(None));
         tokio::runtime::Handle::current().spawn(async move {
             shared.convs.request(&shared, conv, caller, ConvMsg::Read(caller, read, reply)).await
         });
