@@ -20,7 +20,7 @@ use switchboard_broker::limits::{
 use switchboard_client::{Client, ClientError, RawSession};
 use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS, MAX_TEXT_BYTES};
 use switchboard_protocol::{
-    Body, ClientFrame, ConvId, ErrorCode, Event, Page, Reply, RequestBody, Signal, encode_frame,
+    Body, ClientFrame, ConvId, Entry, ErrorCode, Event, Page, Reply, RequestBody, Signal, encode_frame,
 };
 use switchboard_tests::{
     STEP_DEADLINE, TestBroker, bounded, close_code, closed_with, next_response, request_frame, within,
@@ -43,6 +43,17 @@ async fn pipeline(
         answers.push(next_response(raw).await);
     }
     answers
+}
+
+/// The texts of the text messages among `entries`, in order.
+fn texts(entries: &[Entry]) -> Vec<&str> {
+    entries
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::Text { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Polls `ready` every 20 ms until it holds, failing after `STEP_DEADLINE`.
@@ -360,14 +371,7 @@ async fn one_user_cannot_take_every_live_conversation_place() {
         alice.send(convs[1], "again").await.unwrap();
         let (entries, _) = bob.history(convs[2], Page::After(0), 10).await.unwrap();
         assert_eq!(shared.convs.live(), 2, "a read starts no actor");
-        let texts: Vec<&str> = entries
-            .iter()
-            .filter_map(|e| match &e.body {
-                Body::Text { text, .. } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(texts, ["bob's", "third"], "the refused send took no effect");
+        assert_eq!(texts(&entries), ["bob's", "third"], "the refused send took no effect");
     })
     .await
 }
@@ -510,15 +514,7 @@ async fn conversations_others_put_a_user_in_take_none_of_its_write_places() {
         eventually("alice's actors retiring", || shared.convs.live() == 0).await;
         for conv in &convs[..2] {
             let page = bob.catch_up(*conv, 0, 100).await.unwrap();
-            let texts: Vec<&str> = page
-                .entries
-                .iter()
-                .filter_map(|e| match &e.body {
-                    Body::Text { text, .. } => Some(text.as_str()),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(texts, ["from alice"], "answered from the store");
+            assert_eq!(texts(&page.entries), ["from alice"], "answered from the store");
             assert!(page.complete);
             assert_eq!(bob.history(*conv, Page::After(0), 10).await.unwrap().0.len(), 2);
             assert_eq!(bob.members(*conv).await.unwrap().len(), 2);
