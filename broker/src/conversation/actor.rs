@@ -230,11 +230,12 @@ impl Actor for Conversation {
                     reply.send(Err(refused));
                     return Ok(());
                 }
-                let effect = state.state.handle_read(&log, caller, read, reply);
-                if let Effect::Reply(_, Ok(answer)) = &effect {
+                let answer = state.state.handle_read(&log, caller, read);
+                if let Ok(answer) = &answer {
                     users.charge_member_reads(caller.user, read.rows(answer));
                 }
-                vec![effect]
+                reply.send(answer);
+                Vec::new()
             }
             ConvMsg::Mark(caller, mark, MarkReply::Read(reply)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -316,10 +317,7 @@ pub(super) fn answer_at_rest(
         (Vec::new(), 0),
         crate::now_ms(),
     );
-    match state.handle_read(&StoreLog(store), caller, read, ()) {
-        Effect::Reply((), answer) => answer,
-        _ => Err(internal("a read answered with something else")),
-    }
+    state.handle_read(&StoreLog(store), caller, read)
 }
 
 impl Conversation {

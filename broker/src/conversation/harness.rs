@@ -230,8 +230,8 @@ impl Harness {
 
     pub fn read(&mut self, user: UserId, read: Read) -> Result<Reply, ErrorBody> {
         self.next += 1;
-        let effect = self.state.handle_read(&self.log, caller(user), read, self.next);
-        self.perform(vec![effect]);
+        let answer = self.state.handle_read(&self.log, caller(user), read);
+        self.perform(vec![Effect::Reply(self.next, answer)]);
         self.reply(self.next).expect("reads are answered at once").clone()
     }
 

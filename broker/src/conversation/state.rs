@@ -540,12 +540,12 @@ impl<R> ConversationState<R> {
         vec![Effect::Append(entry)]
     }
 
-    /// A read of durable state, answered at once. It does not keep the conversation
-    /// alive (`handle_tick`): reads are answered without an actor when none is live
-    /// (`actor::read_at_rest`), so an actor's life, and the place it takes, follow writes
-    /// and marks only.
-    pub fn handle_read(&mut self, log: &impl Log, caller: Caller, read: Read, reply: R) -> Effect<R> {
-        let result = if self.failed {
+    /// A read of durable state: its answer, at once (no effect: the driver sends it). It
+    /// does not keep the conversation alive (`handle_tick`): reads are answered without
+    /// an actor when none is live (`actor::answer_at_rest`), so an actor's life, and the
+    /// place it takes, follow writes and marks only.
+    pub fn handle_read(&mut self, log: &impl Log, caller: Caller, read: Read) -> Result<Reply, ErrorBody> {
+        if self.failed {
             Err(err(ErrorCode::INTERNAL, "storage failure"))
         } else if !self.is_member(caller.user) {
             Err(not_a_member())
@@ -557,8 +557,7 @@ impl<R> ConversationState<R> {
                 Read::Receipts => self.receipt_list(log, caller.user).map(Reply::Receipts),
                 Read::Names { seq } => self.entry_names(log, seq),
             }
-        };
-        Effect::Reply(reply, result)
+        }
     }
 
     /// A receipt report by `caller`, clamped to the durable seq; lower values than held
