@@ -78,7 +78,8 @@ pub struct Config {
     /// that conversation is answered `OVERLOADED` (default `CONVERSATION_MAILBOX_MAX`).
     pub conversation_mailbox_max: usize,
     /// Conversation actors alive at once; a request that would start another is
-    /// answered `OVERLOADED` (default `MAX_LIVE_CONVERSATIONS`).
+    /// answered `OVERLOADED`, and idle actors then retire sooner for a while
+    /// (`limits::PRESSED_IDLE_DIVISOR`; default `MAX_LIVE_CONVERSATIONS`).
     pub max_live_conversations: usize,
     /// Of those, actors one user's writes and read marks started and that are still
     /// alive, and as many again for its delivered marks (`conversation::Share`); a

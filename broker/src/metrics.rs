@@ -68,6 +68,10 @@ pub struct Counters {
     /// Devices disconnected with `SLOW_CONSUMER` (their outbound queue overflowed), told
     /// in the log at most once a minute.
     pub slow_consumers: Tally,
+    /// Starts of a conversation actor refused `OVERLOADED` at `max_live_conversations`
+    /// (each shortens the idle period for a while: `limits::PRESSED_IDLE_DIVISOR`), told
+    /// in the log at most once a minute.
+    pub conversation_starts_refused_full: Tally,
 }
 
 impl Counters {
@@ -506,6 +510,11 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             "switchboard_slow_consumers_total",
             "Devices disconnected with SLOW_CONSUMER (outbound queue overflowed).",
             s.slow_consumers as f64,
+        ),
+        counter(
+            "switchboard_conversation_starts_refused_full_total",
+            "Conversation actor starts refused with OVERLOADED at max_live_conversations (idle actors then retire sooner).",
+            n.conversation_starts_refused_full.total() as f64,
         ),
         counter(
             "switchboard_entries_published_total",

@@ -326,6 +326,61 @@ async fn at_the_live_conversation_cap_starting_another_is_overloaded() {
     .await
 }
 
+/// At the live conversation cap, idle actors retire sooner (`PRESSED_IDLE_DIVISOR`):
+/// alice, writing to her two conversations every 400 ms (within `conversation_idle_ms`,
+/// 1 s, so they never retire idle), holds both places of a cap of 2. bob's send to a
+/// third is refused `OVERLOADED`, then served within a few ticks while alice goes on
+/// (her writes refused meanwhile are sent again with their ids); every write of both is
+/// in the log once. Before, bob was refused for as long as alice kept writing: accounts
+/// that filled the cap held it.
+#[tokio::test]
+async fn whoever_fills_the_live_conversation_cap_cannot_hold_it() {
+    bounded(async {
+        let (tb, alice, bob, convs) = three_idle_groups(2).await;
+        alice.send(convs[0], "0").await.unwrap();
+        alice.send(convs[1], "0").await.unwrap();
+        let e = bob.send(convs[2], "bob's").await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}");
+        assert!(e.to_string().contains("too many active conversations"), "{e}");
+        /// `text` to `conv` by `client` until it is not refused `OVERLOADED`, or for
+        /// `patience`; whether it was served.
+        async fn served(client: &Client, conv: ConvId, text: &str, patience: Duration) -> bool {
+            let (id, start) = (switchboard_client::new_client_id(), tokio::time::Instant::now());
+            loop {
+                match client.send_with_id(conv, id, text).await {
+                    Ok(_) => return true,
+                    Err(e) if e.code() == Some(ErrorCode::OVERLOADED) && start.elapsed() < patience => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::OVERLOADED) => return false,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        let alice_goes_on = async {
+            for round in 1..=10 {
+                for conv in &convs[..2] {
+                    assert!(served(&alice, *conv, &round.to_string(), STEP_DEADLINE).await, "alice locked out");
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+        };
+        let bob_served = served(&bob, convs[2], "bob's", Duration::from_secs(3));
+        let ((), bob_served) = tokio::join!(alice_goes_on, bob_served);
+        assert!(bob_served, "bob was refused for 3 s while alice held the cap");
+        let expected: Vec<String> = (0..=10).map(|round| round.to_string()).collect();
+        for conv in &convs[..2] {
+            let (entries, _) = alice.history(*conv, Page::After(0), 20).await.unwrap();
+            assert_eq!(texts(&entries), expected, "each of alice's writes once");
+        }
+        let (entries, _) = bob.history(convs[2], Page::After(0), 10).await.unwrap();
+        assert_eq!(texts(&entries), ["bob's"], "bob's write once");
+        let refused = tb.shared().counters.conversation_starts_refused_full.total();
+        assert!(refused >= 1, "the operator is told of the refusals at the cap: {refused}");
+    })
+    .await
+}
+
 /// A broker with `max_live` conversation actors, 2 a user, idle after 1 s; alice and bob
 /// in three groups alice created, whose actors have all retired.
 async fn three_idle_groups(max_live: usize) -> (TestBroker, Client, Client, Vec<ConvId>) {

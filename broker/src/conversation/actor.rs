@@ -179,8 +179,7 @@ impl Actor for Conversation {
         let mut state =
             ConvActorState { state, depth, published, last_user: None, last_marker: None, _registration: registration };
         self.perform(&myself, &mut state, effects);
-        let tick = Duration::from_millis((self.shared.config.conversation_idle_ms / 4).clamp(10, 15_000));
-        myself.send_interval(tick, || ConvMsg::Tick);
+        myself.send_interval(tick_period(&self.shared.config), || ConvMsg::Tick);
         Ok(state)
     }
 
@@ -266,7 +265,8 @@ impl Actor for Conversation {
             ConvMsg::Durable { ok: false, .. } => state.state.handle_failure(),
             ConvMsg::ReceiptsDurable { ok } => state.state.handle_receipts_durable(&log, ok),
             ConvMsg::Tick => {
-                let (now, idle) = (crate::now_ms(), self.shared.config.conversation_idle_ms);
+                let now = crate::now_ms();
+                let idle = self.shared.convs.idle_period(&self.shared.config, now);
                 let (user, marker) = (state.last_user.take(), state.last_marker.take());
                 if state.state.handle_tick(now, idle) && self.shared.convs.retire(state.state.id(), myself.get_id()) {
                     myself.stop(Some("idle".into()));
@@ -287,6 +287,12 @@ impl Actor for Conversation {
         self.perform(&myself, state, effects);
         Ok(())
     }
+}
+
+/// How often a conversation actor ticks (`ConvMsg::Tick`): a quarter of
+/// `conversation_idle_ms`, within 10 ms and 15 s.
+pub(super) fn tick_period(config: &crate::Config) -> Duration {
+    Duration::from_millis((config.conversation_idle_ms / 4).clamp(10, 15_000))
 }
 
 /// The answer `conv`'s actor would give `read` by `caller` (a member as `role`, as the

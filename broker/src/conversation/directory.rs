@@ -16,6 +16,7 @@ use switchboard_storage::Store;
 use super::actor::{ConvArgs, ConvMsg, Conversation, MarkReply};
 use super::state::{Caller, Command, Mark, Read, may_add, not_a_member};
 use crate::Shared;
+use crate::limits::{PRESSED_IDLE_DIVISOR, PRESSED_TICKS};
 use crate::reply::{Responder, internal};
 
 /// Live conversation actors.
@@ -50,6 +51,10 @@ pub struct ConvDirectory {
     /// Set by `stop_all`: no read is answered at rest past it (the actors it stopped
     /// may have left writes short, and it keeps no replay records for them).
     closing: AtomicBool,
+    /// Until when (ms since the Unix epoch) idle actors retire sooner
+    /// (`idle_period`): `PRESSED_TICKS` ticks past the newest start refused at
+    /// `max_live_conversations`.
+    pressed_until_ms: AtomicU64,
 }
 
 /// Where a conversation's next actor resumes delivery.
@@ -96,6 +101,7 @@ impl Default for ConvDirectory {
             spawn_locks: (0..SPAWN_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
             registered: (0..AT_REST_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             closing: AtomicBool::new(false),
+            pressed_until_ms: AtomicU64::new(0),
         }
     }
 }
@@ -464,7 +470,8 @@ impl ConvDirectory {
                 // Someone else already started one.
                 Some(_) => return Ok(()),
                 None if map.len() + self.starting.load(Ordering::Acquire) >= shared.config.max_live_conversations => {
-                    return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many active conversations; retry later"));
+                    drop(map);
+                    return Err(self.full(shared));
                 }
                 None => {}
             }
@@ -518,6 +525,39 @@ impl ConvDirectory {
             self.bury(&mut map, conv, id);
         }
         Ok(())
+    }
+
+    /// The refusal of a start at `max_live_conversations`. For `PRESSED_TICKS` ticks
+    /// from now, idle actors retire sooner (`idle_period`): the cap is a bound on
+    /// memory, and its places go to whoever needs one now, not to whoever touched the
+    /// most conversations in the last `conversation_idle_ms`. Before, accounts that kept
+    /// the cap full (32 of them at their shares' bound, each actor written to once a
+    /// minute) had every other user's writes to a conversation at rest refused for as
+    /// long as they kept on. Told in the log at most once a minute.
+    fn full(&self, shared: &Shared) -> ErrorBody {
+        let now = crate::now_ms();
+        let tick = super::actor::tick_period(&shared.config).as_millis() as u64;
+        self.pressed_until_ms.fetch_max(now + PRESSED_TICKS * tick, Ordering::AcqRel);
+        if let Some(refused) = shared.counters.conversation_starts_refused_full.count(now) {
+            tracing::warn!(
+                refused,
+                max_live_conversations = shared.config.max_live_conversations,
+                idle_ms = shared.config.conversation_idle_ms / PRESSED_IDLE_DIVISOR,
+                "conversation actor starts refused at max_live_conversations since the last warning; idle actors retire sooner meanwhile"
+            );
+        }
+        ErrorBody::new(ErrorCode::OVERLOADED, "too many active conversations; retry later")
+    }
+
+    /// How long an actor with nothing pending must have been idle, at `now_ms`, to
+    /// retire at its tick (ms): `conversation_idle_ms`, or `PRESSED_IDLE_DIVISOR` times
+    /// less while a start was refused at `max_live_conversations` lately (`full`).
+    pub(super) fn idle_period(&self, config: &crate::Config, now_ms: u64) -> u64 {
+        if now_ms < self.pressed_until_ms.load(Ordering::Acquire) {
+            config.conversation_idle_ms / PRESSED_IDLE_DIVISOR
+        } else {
+            config.conversation_idle_ms
+        }
     }
 
     /// Moves the place `actor` (if still registered for `conv`) takes among
