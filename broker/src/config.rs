@@ -59,8 +59,10 @@ pub struct Config {
     pub presence_coalesce_ms: u64,
     /// A typing indicator not repeated for this long ends, with a pushed "stopped".
     pub typing_ttl_ms: u64,
-    /// A conversation actor with no write or mark for this long stops (the next write or
-    /// mark restarts it; reads meanwhile are answered from the store).
+    /// A conversation actor with nothing pending and no write that appended nor read
+    /// mark that raised a watermark for this long stops (the next write or mark restarts
+    /// it; reads meanwhile are answered from the store). An eighth of it at the cap of
+    /// `max_live_conversations` for its largest holders (`limits::PRESSED_IDLE_DIVISOR`).
     pub conversation_idle_ms: u64,
     /// Most authenticated connections at once; beyond this new ones are refused.
     pub max_connections: usize,

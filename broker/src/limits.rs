@@ -33,24 +33,30 @@ pub const SOCKET_BACKLOG_TARGET_MS: u64 = 20;
 /// Conversation actors alive at once (~7 KB each plus state: ~2 GB at the cap). Idle
 /// ones retire after `conversation_idle_ms`; at the cap, a request that would start
 /// another gets `OVERLOADED` rather than growing memory without bound, and for
-/// `PRESSED_TICKS` ticks after it actors retire once idle for `1 /
-/// PRESSED_IDLE_DIVISOR` of that period, so the places go to whoever needs one now.
+/// `PRESSED_TICKS` ticks after it the actors of the largest holders retire once idle for
+/// `1 / PRESSED_IDLE_DIVISOR` of that period, so the places go to whoever needs one now.
 pub const MAX_LIVE_CONVERSATIONS: usize = 250_000;
 /// Of those, started by one user's writes and read marks, and as many again by its
 /// delivered marks (`conversation::Share`; reads start none): 1/64 of the cap each, so
-/// at least 32 accounts to fill it, which registration limits per address make slow,
-/// and which those accounts cannot hold (`PRESSED_IDLE_DIVISOR`). A person is active in
-/// far fewer conversations within `conversation_idle_ms` (a minute); a bot in more
-/// raises it.
+/// at least 31 accounts to fill it, which registration limits per address make slow,
+/// and which those accounts cannot hold against others (`PRESSED_IDLE_DIVISOR`). A
+/// person is active in far fewer conversations within `conversation_idle_ms` (a
+/// minute); a bot in more raises it.
 pub const MAX_LIVE_CONVERSATIONS_PER_USER: usize = 4096;
-/// While `max_live_conversations` is full, an actor with nothing pending retires at its
-/// tick once idle for `conversation_idle_ms / PRESSED_IDLE_DIVISOR` (7.5 s by default)
-/// instead of the whole period. Whoever fills the cap must then write to each of its
-/// actors that often to hold them (250,000 actors: over 33,000 writes a second, past
-/// what admission lets any few accounts send), so it cannot keep others out; a user's
-/// conversation that retired early only starts again (its store reads) on its next
-/// write. Below the tick (a quarter of the period), so an actor idle since its last
-/// tick retires at the next.
+/// While `max_live_conversations` is full, an actor with nothing pending that counts on
+/// a share holding at least an even part of the cap (the cap over the shares holding
+/// any: on average a full cap's shares hold exactly that, so the largest always do)
+/// retires at its tick once idle for `conversation_idle_ms / PRESSED_IDLE_DIVISOR` (7.5
+/// s by default) instead of the whole period; a user with a few conversations among
+/// many who hold thousands keeps its actors. Only a write that appends or a read mark
+/// that raises a watermark is activity (not a resend, a refused write, a read, a
+/// delivered mark, nor a read mark that repeats one), so whoever fills the cap must
+/// append to each of its conversations, or read further in it, that often to hold
+/// them: for 250,000 actors over 33,000 such writes a second, with the entries to read
+/// written first. An actor that retired early starts again on its next write or mark
+/// (its conversation record, newest seq and member list read from the store). With the
+/// default period the shorter one is below the tick (a quarter of the period, at most
+/// 15 s), so an actor idle since its last tick retires at the next.
 pub const PRESSED_IDLE_DIVISOR: u64 = 8;
 /// Ticks of a conversation actor (a quarter of `conversation_idle_ms`, 15 s by default)
 /// that the shorter idle period of `PRESSED_IDLE_DIVISOR` lasts after the last start

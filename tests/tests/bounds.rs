@@ -326,56 +326,97 @@ async fn at_the_live_conversation_cap_starting_another_is_overloaded() {
     .await
 }
 
-/// At the live conversation cap, idle actors retire sooner (`PRESSED_IDLE_DIVISOR`):
-/// alice, writing to her two conversations every 400 ms (within `conversation_idle_ms`,
-/// 1 s, so they never retire idle), holds both places of a cap of 2. bob's send to a
-/// third is refused `OVERLOADED`, then served within a few ticks while alice goes on
-/// (her writes refused meanwhile are sent again with their ids); every write of both is
-/// in the log once. Before, bob was refused for as long as alice kept writing: accounts
-/// that filled the cap held it.
+/// `text` to `conv` by `client`, sent again with its id while refused `OVERLOADED`, for
+/// `patience` at most: the refusals it met, or `None` if it was never served.
+async fn send_until_served(client: &Client, conv: ConvId, text: &str, patience: Duration) -> Option<usize> {
+    let (id, start) = (switchboard_client::new_client_id(), tokio::time::Instant::now());
+    let mut refused = 0;
+    loop {
+        match client.send_with_id(conv, id, text).await {
+            Ok(_) => return Some(refused),
+            Err(e) if e.code() == Some(ErrorCode::OVERLOADED) && start.elapsed() < patience => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) if e.code() == Some(ErrorCode::OVERLOADED) => return None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// At the live conversation cap, the largest holders' idle actors retire sooner
+/// (`PRESSED_IDLE_DIVISOR`). A cap of 4: alice writes to her three conversations and
+/// carol to her one every 600 ms (within `conversation_idle_ms`, 2 s, so none retires
+/// idle; beyond its eighth, so each would at the cap), so they hold every place. bob's
+/// send to one of his three is refused `OVERLOADED`, then served within a few ticks
+/// while both go on, and he goes on writing to all three likewise: alice and bob, who
+/// hold the most, give places back and take them again (their writes refused meanwhile
+/// are sent again with their ids); carol keeps hers and is never refused. Every write
+/// is in the log once. Before, bob was refused for as long as the others kept writing:
+/// accounts that filled the cap held it.
 #[tokio::test]
 async fn whoever_fills_the_live_conversation_cap_cannot_hold_it() {
     bounded(async {
-        let (tb, alice, bob, convs) = three_idle_groups(2).await;
-        alice.send(convs[0], "0").await.unwrap();
-        alice.send(convs[1], "0").await.unwrap();
-        let e = bob.send(convs[2], "bob's").await.unwrap_err();
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_conversations = 4;
+            c.max_live_conversations_per_user = 3;
+            c.conversation_idle_ms = 2000;
+        })
+        .await;
+        let shared = tb.shared().clone();
+        let (alice, _) = tb.register("alice").await;
+        let (carol, _) = tb.register("carol").await;
+        let (bob, _) = tb.register("bob").await;
+        let (mut alices, mut bobs) = (Vec::new(), Vec::new());
+        for title in ["one", "two", "three"] {
+            alices.push(alice.create_group(title, &[]).await.unwrap().id);
+        }
+        let carols = carol.create_group("carol's", &[]).await.unwrap().id;
+        eventually("the creations' actors retiring", || shared.convs.live() == 0).await;
+        for title in ["four", "five", "six"] {
+            bobs.push(bob.create_group(title, &[]).await.unwrap().id);
+        }
+        eventually("bob's creations' actors retiring", || shared.convs.live() == 0).await;
+        for conv in &alices {
+            alice.send(*conv, "0").await.unwrap();
+        }
+        carol.send(carols, "0").await.unwrap();
+        let e = bob.send(bobs[0], "0").await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::OVERLOADED), "{e}");
         assert!(e.to_string().contains("too many active conversations"), "{e}");
-        /// `text` to `conv` by `client` until it is not refused `OVERLOADED`, or for
-        /// `patience`; whether it was served.
-        async fn served(client: &Client, conv: ConvId, text: &str, patience: Duration) -> bool {
-            let (id, start) = (switchboard_client::new_client_id(), tokio::time::Instant::now());
-            loop {
-                match client.send_with_id(conv, id, text).await {
-                    Ok(_) => return true,
-                    Err(e) if e.code() == Some(ErrorCode::OVERLOADED) && start.elapsed() < patience => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) if e.code() == Some(ErrorCode::OVERLOADED) => return false,
-                    Err(e) => panic!("{e}"),
-                }
-            }
+        fn rounds(n: usize) -> Vec<String> {
+            (0..=n).map(|round| round.to_string()).collect()
         }
-        let alice_goes_on = async {
-            for round in 1..=10 {
-                for conv in &convs[..2] {
-                    assert!(served(&alice, *conv, &round.to_string(), STEP_DEADLINE).await, "alice locked out");
+        /// Each of `convs` by `client` every 600 ms for ten rounds: the refusals met.
+        async fn goes_on(name: &str, client: &Client, convs: &[ConvId]) -> usize {
+            let mut refused = 0;
+            for round in &rounds(10)[1..] {
+                for conv in convs {
+                    let sent = send_until_served(client, *conv, round, STEP_DEADLINE).await;
+                    refused += sent.unwrap_or_else(|| panic!("{name} locked out"));
                 }
-                tokio::time::sleep(Duration::from_millis(400)).await;
+                tokio::time::sleep(Duration::from_millis(600)).await;
             }
+            refused
+        }
+        let bob_goes_on = async {
+            send_until_served(&bob, bobs[0], "0", Duration::from_secs(4)).await?;
+            Some(goes_on("bob", &bob, &bobs).await)
         };
-        let bob_served = served(&bob, convs[2], "bob's", Duration::from_secs(3));
-        let ((), bob_served) = tokio::join!(alice_goes_on, bob_served);
-        assert!(bob_served, "bob was refused for 3 s while alice held the cap");
-        let expected: Vec<String> = (0..=10).map(|round| round.to_string()).collect();
-        for conv in &convs[..2] {
-            let (entries, _) = alice.history(*conv, Page::After(0), 20).await.unwrap();
-            assert_eq!(texts(&entries), expected, "each of alice's writes once");
+        let carol_goes_on = goes_on("carol", &carol, std::slice::from_ref(&carols));
+        let (_, carol_refused, bob_served) =
+            tokio::join!(goes_on("alice", &alice, &alices), carol_goes_on, bob_goes_on);
+        assert!(bob_served.is_some(), "bob was refused for 4 s while alice and carol held the cap");
+        assert_eq!(carol_refused, 0, "carol, holding one place of four, kept it");
+        for (client, conv) in alices.iter().map(|c| (&alice, *c)).chain([(&carol, carols), (&bob, bobs[0])]) {
+            let (entries, _) = client.history(conv, Page::After(0), 30).await.unwrap();
+            assert_eq!(texts(&entries), rounds(10), "each write once");
         }
-        let (entries, _) = bob.history(convs[2], Page::After(0), 10).await.unwrap();
-        assert_eq!(texts(&entries), ["bob's"], "bob's write once");
-        let refused = tb.shared().counters.conversation_starts_refused_full.total();
+        for conv in &bobs[1..] {
+            let (entries, _) = bob.history(*conv, Page::After(0), 30).await.unwrap();
+            assert_eq!(texts(&entries), rounds(10)[1..], "each write once");
+        }
+        let refused = shared.counters.conversation_starts_refused_full.total();
         assert!(refused >= 1, "the operator is told of the refusals at the cap: {refused}");
     })
     .await

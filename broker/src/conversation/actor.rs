@@ -266,7 +266,7 @@ impl Actor for Conversation {
             ConvMsg::ReceiptsDurable { ok } => state.state.handle_receipts_durable(&log, ok),
             ConvMsg::Tick => {
                 let now = crate::now_ms();
-                let idle = self.shared.convs.idle_period(&self.shared.config, now);
+                let idle = self.shared.convs.idle_period(&self.shared.config, state.state.id(), myself.get_id());
                 let (user, marker) = (state.last_user.take(), state.last_marker.take());
                 if state.state.handle_tick(now, idle) && self.shared.convs.retire(state.state.id(), myself.get_id()) {
                     myself.stop(Some("idle".into()));

@@ -51,10 +51,13 @@ pub struct ConvDirectory {
     /// Set by `stop_all`: no read is answered at rest past it (the actors it stopped
     /// may have left writes short, and it keeps no replay records for them).
     closing: AtomicBool,
-    /// Until when (ms since the Unix epoch) idle actors retire sooner
+    /// Until when (ms since `epoch`) idle actors of the largest shares retire sooner
     /// (`idle_period`): `PRESSED_TICKS` ticks past the newest start refused at
     /// `max_live_conversations`.
     pressed_until_ms: AtomicU64,
+    /// The monotonic clock `pressed_until_ms` counts from (a step of the wall clock
+    /// neither lengthens nor ends it).
+    epoch: std::time::Instant,
 }
 
 /// Where a conversation's next actor resumes delivery.
@@ -102,6 +105,7 @@ impl Default for ConvDirectory {
             registered: (0..AT_REST_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             closing: AtomicBool::new(false),
             pressed_until_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }
     }
 }
@@ -528,17 +532,18 @@ impl ConvDirectory {
     }
 
     /// The refusal of a start at `max_live_conversations`. For `PRESSED_TICKS` ticks
-    /// from now, idle actors retire sooner (`idle_period`): the cap is a bound on
-    /// memory, and its places go to whoever needs one now, not to whoever touched the
-    /// most conversations in the last `conversation_idle_ms`. Before, accounts that kept
-    /// the cap full (32 of them at their shares' bound, each actor written to once a
-    /// minute) had every other user's writes to a conversation at rest refused for as
-    /// long as they kept on. Told in the log at most once a minute.
+    /// from now, idle actors of the largest shares retire sooner (`idle_period`): the
+    /// cap is a bound on memory, and its places go to whoever needs one now, not to
+    /// whoever touched the most conversations in the last `conversation_idle_ms`.
+    /// Before, accounts that kept the cap full (31 of them at their shares' bound, each
+    /// actor touched once a minute, by any request) had every other user's writes to a
+    /// conversation at rest refused for as long as they kept on. Told in the log at most
+    /// once a minute.
     fn full(&self, shared: &Shared) -> ErrorBody {
-        let now = crate::now_ms();
         let tick = super::actor::tick_period(&shared.config).as_millis() as u64;
-        self.pressed_until_ms.fetch_max(now + PRESSED_TICKS * tick, Ordering::AcqRel);
-        if let Some(refused) = shared.counters.conversation_starts_refused_full.count(now) {
+        let until = self.epoch.elapsed().as_millis() as u64 + PRESSED_TICKS * tick;
+        self.pressed_until_ms.fetch_max(until, Ordering::AcqRel);
+        if let Some(refused) = shared.counters.conversation_starts_refused_full.count(crate::now_ms()) {
             tracing::warn!(
                 refused,
                 max_live_conversations = shared.config.max_live_conversations,
@@ -549,14 +554,26 @@ impl ConvDirectory {
         ErrorBody::new(ErrorCode::OVERLOADED, "too many active conversations; retry later")
     }
 
-    /// How long an actor with nothing pending must have been idle, at `now_ms`, to
-    /// retire at its tick (ms): `conversation_idle_ms`, or `PRESSED_IDLE_DIVISOR` times
-    /// less while a start was refused at `max_live_conversations` lately (`full`).
-    pub(super) fn idle_period(&self, config: &crate::Config, now_ms: u64) -> u64 {
-        if now_ms < self.pressed_until_ms.load(Ordering::Acquire) {
-            config.conversation_idle_ms / PRESSED_IDLE_DIVISOR
+    /// How long `conv`'s `actor`, with nothing pending, must have been idle to retire
+    /// at its tick (ms): `conversation_idle_ms`; while a start was refused at
+    /// `max_live_conversations` lately (`full`), `PRESSED_IDLE_DIVISOR` times less (at
+    /// least 1 ms) for an actor counted on a share that holds at least an even part of
+    /// the cap (`max_live_conversations` over the shares holding any). A full cap holds
+    /// on average exactly that, so the largest holders always give places back, and a
+    /// user with a few conversations among many who hold thousands keeps its actors.
+    pub(super) fn idle_period(&self, config: &crate::Config, conv: ConvId, actor: ractor::ActorId) -> u64 {
+        let idle = config.conversation_idle_ms;
+        if self.epoch.elapsed().as_millis() as u64 >= self.pressed_until_ms.load(Ordering::Acquire) {
+            return idle;
+        }
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = map.get(&conv).filter(|slot| slot.actor.get_id() == actor) else { return idle };
+        let started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        let held = started.get(&slot.starter).copied().unwrap_or(0);
+        if held.saturating_mul(started.len()) >= config.max_live_conversations {
+            (idle / PRESSED_IDLE_DIVISOR).max(1)
         } else {
-            config.conversation_idle_ms
+            idle
         }
     }
 

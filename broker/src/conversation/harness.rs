@@ -1219,6 +1219,30 @@ mod tests {
     }
 
     #[test]
+    fn only_what_changes_the_conversation_keeps_it_alive() {
+        let mut h = chatty();
+        h.now_ms = 5_000;
+        h.mark(BOB, Mark::Read(3));
+        h.commit_receipts();
+        h.now_ms = 9_000;
+        // A resend, a write the rules refuse, a read mark that raises nothing.
+        let resend = h.send(OWNER, 1, "m");
+        let refused = h.write(BOB, Command::Edit { client_id: [11; 16], target: 2, text: "not mine".into() });
+        let repeated = h.mark(BOB, Mark::Read(3));
+        assert_eq!(h.ack(resend), Some(Ok((2, true))));
+        assert!(matches!(h.ack(refused), Some(Err(_))), "{:?}", h.ack(refused));
+        assert_eq!(h.receipt_answer(repeated), Some(Ok((3, Some(3)))));
+        assert!(h.state.handle_tick(10_000, 5_000), "idle since the read mark at 5 s, whatever repeated since");
+        h.mark(BOB, Mark::Read(4));
+        h.commit_receipts();
+        assert!(!h.state.handle_tick(10_000, 5_000), "a read mark that raises is activity");
+        h.now_ms = 20_000;
+        h.send(CAROL, 1, "new");
+        h.commit();
+        assert!(!h.state.handle_tick(20_000, 5_000), "so is a write that appends");
+    }
+
+    #[test]
     fn a_crash_before_the_receipt_commit_loses_no_acknowledged_read_and_shows_nothing_undurable() {
         let mut h = chatty();
         let kept = h.mark(BOB, Mark::Read(3));

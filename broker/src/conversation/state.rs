@@ -432,7 +432,7 @@ impl<R> ConversationState<R> {
                         Ok(_) => Ok(Reply::Appended { seq, duplicate: true }),
                         Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
                     };
-                    self.last_activity_ms = now_ms;
+                    // A resend changes nothing: not activity (`handle_tick`).
                     if seq <= self.durable_seq {
                         return vec![Effect::Reply(reply, answer)];
                     }
@@ -448,7 +448,6 @@ impl<R> ConversationState<R> {
         if !self.members.contains_key(&caller.user) {
             return self.refuse(reply, not_a_member());
         }
-        self.last_activity_ms = now_ms;
         let target = match &cmd {
             Command::Edit { target, .. } | Command::Delete { target, .. } if *target <= self.applied_seq => {
                 match log.entry(self.id, *target) {
@@ -478,6 +477,9 @@ impl<R> ConversationState<R> {
                 Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
             }
         }
+        // Only a write that appends is activity (`handle_tick`): a refused one, like a
+        // resend, keeps the conversation awake no longer than its answer waits.
+        self.last_activity_ms = now_ms;
         let seq = entry.seq;
         let audience = if members.is_empty() {
             self.audience.clone()
@@ -584,12 +586,12 @@ impl<R> ConversationState<R> {
         // A delivered mark keeps the conversation alive only until its write is durable
         // (`receipts.idle`), not for an idle period: clients send one by themselves for
         // whatever reaches them, and the actor's place among its users' shares follows
-        // writes, reads and read marks only (`ConvDirectory::recharge`), so a member
-        // stepping its delivered watermark through an old backlog must not keep alive an
-        // actor charged to someone else (a later mark starts one on the marker's share).
-        if !matches!(mark, Mark::Delivered(_)) {
-            self.last_activity_ms = now_ms;
-        }
+        // writes and read marks only (`ConvDirectory::recharge`), so a member stepping
+        // its delivered watermark through an old backlog must not keep alive an actor
+        // charged to someone else (a later mark starts one on the marker's share). A read
+        // mark is activity only if it raises a watermark: one that repeats what is
+        // stored changes nothing, and must not hold a place for free
+        // (`limits::PRESSED_IDLE_DIVISOR`).
         if let Err(e) = self.load_receipt(log, caller.user) {
             return reply.map(|r| Effect::Reply(r, Err(e))).into_iter().collect();
         }
@@ -606,8 +608,12 @@ impl<R> ConversationState<R> {
             }
         };
         let mut effects = Vec::new();
+        let (before, read) = (self.receipts.current(caller.user), matches!(mark, Mark::Read(_)));
         if let Some(r) = self.receipts.mark(caller.user, marks, reply) {
             effects.push(Effect::Reply(r, Ok(Reply::Receipt(self.own_receipt(caller.user)))));
+        }
+        if read && self.receipts.current(caller.user) != before {
+            self.last_activity_ms = now_ms;
         }
         effects.extend(self.receipts.next_write().map(Effect::WriteReceipts));
         effects
