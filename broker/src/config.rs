@@ -59,10 +59,10 @@ pub struct Config {
     pub presence_coalesce_ms: u64,
     /// A typing indicator not repeated for this long ends, with a pushed "stopped".
     pub typing_ttl_ms: u64,
-    /// A conversation actor with nothing pending and no write that appended nor read
-    /// mark that raised a watermark for this long stops (the next write or mark restarts
-    /// it; reads meanwhile are answered from the store). An eighth of it at the cap of
-    /// `max_live_conversations` for its largest holders (`limits::PRESSED_IDLE_DIVISOR`).
+    /// A conversation actor with nothing pending and no write that appended for this
+    /// long stops (the next write or mark restarts it; reads meanwhile are answered from
+    /// the store). An eighth of it at the cap of `max_live_conversations` for its
+    /// largest holders (`limits::PRESSED_IDLE_DIVISOR`).
     pub conversation_idle_ms: u64,
     /// Most authenticated connections at once; beyond this new ones are refused.
     pub max_connections: usize,
@@ -88,7 +88,8 @@ pub struct Config {
     /// request of that user that would start another on a full share is answered
     /// `OVERLOADED`, other users' are still served (default
     /// `MAX_LIVE_CONVERSATIONS_PER_USER`). An actor counts for whoever started it, then
-    /// for the user of its newest write or mark at each of its ticks (a quarter of
+    /// for the user of its newest write that appended (or, kept alive by marks' writes
+    /// alone, of its newest mark) at each of its ticks (a quarter of
     /// `conversation_idle_ms`), until it retires. Reads start none.
     pub max_live_conversations_per_user: usize,
     /// Member rows a user's reads that list members (`Members`, `Receipts`, a complete

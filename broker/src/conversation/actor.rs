@@ -12,7 +12,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use switchboard_protocol::{ConvId, ErrorBody, Event, Reply, Role, Seq, ServerFrame, UserId, encode_frame};
 use switchboard_storage::{ReceiptRecord, Store, StoreError};
 
-use super::directory::{Registration, Share};
+use super::directory::{Registration, Share, pressed_idle_ms};
 use super::receipts::Marks;
 use super::state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, not_a_member};
 use crate::Shared;
@@ -85,16 +85,26 @@ pub struct ConvActorState {
     /// Highest seq delivered, shared with the directory so a successor of a crashed
     /// actor knows which durable entries were never pushed to online devices.
     published: Arc<AtomicU64>,
-    /// The user of the newest write or read mark since the last tick (not a read, not a
-    /// delivered mark): the actor's place moves to that user's `Share::Active` at the
-    /// tick (`ConvDirectory::recharge`).
+    /// The user of the newest write that appended since the last tick (not a read, a
+    /// mark, a resend nor a refused write: only that is activity): the actor's place
+    /// moves to that user's `Share::Active` at the tick (`ConvDirectory::recharge`).
     last_user: Option<UserId>,
-    /// The user of the newest delivered mark since the last tick: charged instead, on
-    /// its `Share::Passive`, when only marks' writes keep the actor past its idle period
+    /// The member of the newest mark since the last tick: charged instead, on its
+    /// `Share::Passive`, when only marks' writes keep the actor past its idle period
     /// (`idle_but_for_receipts`).
     last_marker: Option<UserId>,
     /// Takes the actor out of the directory when it ends without retiring.
     _registration: Registration,
+}
+
+impl ConvActorState {
+    /// A mark by `user` is handled: it is charged for the actor if only marks' writes
+    /// keep it alive (a stranger's mark writes nothing and keeps nothing alive).
+    fn marked_by(&mut self, user: UserId) {
+        if self.state.is_member(user) {
+            self.last_marker = Some(user);
+        }
+    }
 }
 
 /// The conversation actor.
@@ -190,17 +200,19 @@ impl Actor for Conversation {
         state: &mut ConvActorState,
     ) -> Result<(), ActorProcessingErr> {
         let log = StoreLog(&self.shared.store);
-        // A delivered mark moves no place while anything else keeps the actor alive:
-        // clients send one by themselves for every entry that reaches them, so anyone
-        // writing into groups holding a victim would otherwise charge the victim for the
-        // actors its writes keep alive. Nor does it keep the actor alive past its write
-        // (`ConversationState::handle_mark`); only an actor past its idle period with a
-        // mark's write in flight is charged to the marker (`last_marker`, at the tick).
-        // A read neither moves a place nor keeps the actor alive (`handle_read`): a
-        // client catches up on whatever conversations others put it in.
-        if let ConvMsg::Write(caller, ..) | ConvMsg::Mark(caller, _, MarkReply::Read(_)) = &msg {
-            state.last_user = Some(caller.user);
-        }
+        // Only a write that appends moves the actor's place (to its writer) and keeps it
+        // alive (`ConversationState::last_activity_ms`). A mark moves no place while
+        // anything else keeps the actor alive: clients send delivered marks by
+        // themselves for every entry that reaches them, so anyone writing into groups
+        // holding a victim would otherwise charge the victim for the actors its writes
+        // keep alive (and a resend or a repeated read mark by the victim would, before).
+        // Nor does a mark keep the actor alive past its write; only an actor past its
+        // idle period with a mark's write in flight is charged to the marker
+        // (`last_marker`, at the tick). A read neither moves a place nor keeps the
+        // actor alive (`handle_read`): a client catches up on whatever conversations
+        // others put it in.
+        let active_before = state.state.last_activity_ms();
+        let writer = if let ConvMsg::Write(caller, ..) = &msg { Some(caller.user) } else { None };
         let effects = match msg {
             ConvMsg::Write(caller, cmd, reply) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -243,7 +255,8 @@ impl Actor for Conversation {
                     reply.send(Err(refused));
                     return Ok(());
                 }
-                state.state.handle_mark(&log, caller, mark, Some(reply), crate::now_ms())
+                state.marked_by(caller.user);
+                state.state.handle_mark(&log, caller, mark, Some(reply))
             }
             ConvMsg::Mark(caller, mark, MarkReply::Taken(taken, revocation)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -252,11 +265,8 @@ impl Actor for Conversation {
                     let _ = taken.send(());
                     return Ok(());
                 }
-                // A stranger's mark writes nothing and keeps nothing alive.
-                if state.state.is_member(caller.user) {
-                    state.last_marker = Some(caller.user);
-                }
-                let effects = state.state.handle_mark(&log, caller, mark, None, crate::now_ms());
+                state.marked_by(caller.user);
+                let effects = state.state.handle_mark(&log, caller, mark, None);
                 // The requester may have stopped waiting (its connection closed).
                 let _ = taken.send(());
                 effects
@@ -265,10 +275,14 @@ impl Actor for Conversation {
             ConvMsg::Durable { ok: false, .. } => state.state.handle_failure(),
             ConvMsg::ReceiptsDurable { ok } => state.state.handle_receipts_durable(&log, ok),
             ConvMsg::Tick => {
-                let now = crate::now_ms();
-                let idle = self.shared.convs.idle_period(&self.shared.config, state.state.id(), myself.get_id());
+                let (now, config) = (crate::now_ms(), &self.shared.config);
+                let idle = config.conversation_idle_ms;
                 let (user, marker) = (state.last_user.take(), state.last_marker.take());
-                if state.state.handle_tick(now, idle) && self.shared.convs.retire(state.state.id(), myself.get_id()) {
+                // The directory is asked whether the shorter period applies only past it.
+                let retiring = state.state.handle_tick(now, idle)
+                    || (state.state.handle_tick(now, pressed_idle_ms(config))
+                        && self.shared.convs.pressed(config, state.state.id(), myself.get_id()));
+                if retiring && self.shared.convs.retire(state.state.id(), myself.get_id()) {
                     myself.stop(Some("idle".into()));
                 } else {
                     let kept_by_marks = state.state.idle_but_for_receipts(now, idle);
@@ -284,6 +298,11 @@ impl Actor for Conversation {
                 Vec::new()
             }
         };
+        if let Some(writer) = writer
+            && state.state.last_activity_ms() != active_before
+        {
+            state.last_user = Some(writer);
+        }
         self.perform(&myself, state, effects);
         Ok(())
     }

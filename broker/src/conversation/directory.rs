@@ -52,7 +52,7 @@ pub struct ConvDirectory {
     /// may have left writes short, and it keeps no replay records for them).
     closing: AtomicBool,
     /// Until when (ms since `epoch`) idle actors of the largest shares retire sooner
-    /// (`idle_period`): `PRESSED_TICKS` ticks past the newest start refused at
+    /// (`pressed`): `PRESSED_TICKS` ticks past the newest start refused at
     /// `max_live_conversations`.
     pressed_until_ms: AtomicU64,
     /// The monotonic clock `pressed_until_ms` counts from (a step of the wall clock
@@ -76,6 +76,18 @@ const SPAWN_SHARDS: usize = 64;
 /// Shards of `ConvDirectory::registered`: a read at rest is sent to the actors when any
 /// actor of its shard registers while it reads the store (1 in 1,024 conversations).
 const AT_REST_SHARDS: usize = 1024;
+
+/// The idle period after which a pressed actor retires (`ConvDirectory::pressed`), ms:
+/// `conversation_idle_ms / PRESSED_IDLE_DIVISOR`, at least 1.
+pub(super) fn pressed_idle_ms(config: &crate::Config) -> u64 {
+    (config.conversation_idle_ms / PRESSED_IDLE_DIVISOR).max(1)
+}
+
+/// How long the shorter idle period lasts after a start refused at the cap, ms:
+/// `PRESSED_TICKS` ticks, so every live actor ticks within it.
+fn pressed_window_ms(config: &crate::Config) -> u64 {
+    PRESSED_TICKS * super::actor::tick_period(config).as_millis() as u64
+}
 
 /// Which of a user's two shares of `max_live_conversations_per_user` places an actor
 /// counts on. A user chooses what it writes to, but not which conversations others put
@@ -532,7 +544,7 @@ impl ConvDirectory {
     }
 
     /// The refusal of a start at `max_live_conversations`. For `PRESSED_TICKS` ticks
-    /// from now, idle actors of the largest shares retire sooner (`idle_period`): the
+    /// from now, idle actors of the largest shares retire sooner (`pressed`): the
     /// cap is a bound on memory, and its places go to whoever needs one now, not to
     /// whoever touched the most conversations in the last `conversation_idle_ms`.
     /// Before, accounts that kept the cap full (31 of them at their shares' bound, each
@@ -540,48 +552,49 @@ impl ConvDirectory {
     /// conversation at rest refused for as long as they kept on. Told in the log at most
     /// once a minute.
     fn full(&self, shared: &Shared) -> ErrorBody {
-        let tick = super::actor::tick_period(&shared.config).as_millis() as u64;
-        let until = self.epoch.elapsed().as_millis() as u64 + PRESSED_TICKS * tick;
+        let until = self.epoch.elapsed().as_millis() as u64 + pressed_window_ms(&shared.config);
         self.pressed_until_ms.fetch_max(until, Ordering::AcqRel);
         if let Some(refused) = shared.counters.conversation_starts_refused_full.count(crate::now_ms()) {
             tracing::warn!(
                 refused,
                 max_live_conversations = shared.config.max_live_conversations,
-                idle_ms = shared.config.conversation_idle_ms / PRESSED_IDLE_DIVISOR,
+                idle_ms = pressed_idle_ms(&shared.config),
                 "conversation actor starts refused at max_live_conversations since the last warning; idle actors retire sooner meanwhile"
             );
         }
         ErrorBody::new(ErrorCode::OVERLOADED, "too many active conversations; retry later")
     }
 
-    /// How long `conv`'s `actor`, with nothing pending, must have been idle to retire
-    /// at its tick (ms): `conversation_idle_ms`; while a start was refused at
-    /// `max_live_conversations` lately (`full`), `PRESSED_IDLE_DIVISOR` times less (at
-    /// least 1 ms) for an actor counted on a share that holds at least an even part of
-    /// the cap (`max_live_conversations` over the shares holding any). A full cap holds
-    /// on average exactly that, so the largest holders always give places back, and a
-    /// user with a few conversations among many who hold thousands keeps its actors.
-    pub(super) fn idle_period(&self, config: &crate::Config, conv: ConvId, actor: ractor::ActorId) -> u64 {
-        let idle = config.conversation_idle_ms;
-        if self.epoch.elapsed().as_millis() as u64 >= self.pressed_until_ms.load(Ordering::Acquire) {
-            return idle;
+    /// Whether `conv`'s `actor` retires at its tick once idle for `pressed_idle_ms`
+    /// rather than `conversation_idle_ms`: while a start was refused at
+    /// `max_live_conversations` lately (`full`), an actor counted on a share that holds
+    /// at least an even part of the cap (`max_live_conversations` over the shares
+    /// holding any). A full cap holds on average exactly that, so the largest holders
+    /// always give places back and nobody is kept out by idle actors, however the places
+    /// are spread; a user with a few conversations among many who hold thousands keeps
+    /// its actors. (Accounts holding less than the even part each are not pressed: to
+    /// hold much of the cap so they must outnumber the users who hold more, tens of
+    /// thousands of accounts against the registration limits, and the users they leave
+    /// pressed still take each other's idle places.)
+    pub(super) fn pressed(&self, config: &crate::Config, conv: ConvId, actor: ractor::ActorId) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        if now >= self.pressed_until_ms.load(Ordering::Acquire) {
+            return false;
         }
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(slot) = map.get(&conv).filter(|slot| slot.actor.get_id() == actor) else { return idle };
+        let Some(slot) = map.get(&conv).filter(|slot| slot.actor.get_id() == actor) else { return false };
         let started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         let held = started.get(&slot.starter).copied().unwrap_or(0);
-        if held.saturating_mul(started.len()) >= config.max_live_conversations {
-            (idle / PRESSED_IDLE_DIVISOR).max(1)
-        } else {
-            idle
-        }
+        held.saturating_mul(started.len()) >= config.max_live_conversations
     }
 
     /// Moves the place `actor` (if still registered for `conv`) takes among
-    /// `max_live_conversations_per_user` to `user`'s share, whose write or mark was its
-    /// newest: an actor counts for whoever keeps it alive, not for whoever happened to
-    /// start it (a member's delivered mark, say), so nobody can keep actors alive on
-    /// another's share. Past that share if need be: only new starts are refused.
+    /// `max_live_conversations_per_user` to `user`'s share: the newest writer that
+    /// appended (active share), or, when only marks' writes keep it past its idle
+    /// period, the newest marker (passive share). An actor counts for whoever keeps it
+    /// alive, not for whoever happened to start it (a member's delivered mark, say), so
+    /// nobody can keep actors alive on another's share. Past that share if need be:
+    /// only new starts are refused.
     pub(super) fn recharge(&self, conv: ConvId, actor: ractor::ActorId, user: (UserId, Share)) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(slot) = map.get_mut(&conv)

@@ -239,7 +239,7 @@ impl Harness {
     pub fn mark(&mut self, user: UserId, mark: Mark) -> u32 {
         self.next += 1;
         let reply = matches!(mark, Mark::Read(_)).then_some(self.next);
-        let effects = self.state.handle_mark(&self.log, caller(user), mark, reply, self.now_ms);
+        let effects = self.state.handle_mark(&self.log, caller(user), mark, reply);
         self.perform(effects);
         self.next
     }
@@ -1204,8 +1204,9 @@ mod tests {
         h.commit_receipts();
         assert!(!h.state.idle_but_for_receipts(10_000, 1_000), "nothing in flight");
         h.mark(BOB, Mark::Read(3));
+        assert!(!h.state.handle_tick(10_999, 1_000), "a read mark's write is in flight");
         h.commit_receipts();
-        assert!(!h.state.handle_tick(10_999, 1_000), "a read mark is activity");
+        assert!(h.state.handle_tick(10_999, 1_000), "a read mark is no activity either");
     }
 
     #[test]
@@ -1219,27 +1220,29 @@ mod tests {
     }
 
     #[test]
-    fn only_what_changes_the_conversation_keeps_it_alive() {
+    fn only_a_write_that_appends_keeps_the_conversation_alive() {
         let mut h = chatty();
-        h.now_ms = 5_000;
-        h.mark(BOB, Mark::Read(3));
-        h.commit_receipts();
         h.now_ms = 9_000;
-        // A resend, a write the rules refuse, a read mark that raises nothing.
+        // A resend, a write the rules refuse, read marks (one that raises a watermark,
+        // one that repeats it): none is activity.
         let resend = h.send(OWNER, 1, "m");
         let refused = h.write(BOB, Command::Edit { client_id: [11; 16], target: 2, text: "not mine".into() });
+        let raised = h.mark(BOB, Mark::Read(3));
+        h.commit_receipts();
         let repeated = h.mark(BOB, Mark::Read(3));
         assert_eq!(h.ack(resend), Some(Ok((2, true))));
         assert!(matches!(h.ack(refused), Some(Err(_))), "{:?}", h.ack(refused));
+        assert_eq!(h.receipt_answer(raised), Some(Ok((3, Some(3)))));
         assert_eq!(h.receipt_answer(repeated), Some(Ok((3, Some(3)))));
-        assert!(h.state.handle_tick(10_000, 5_000), "idle since the read mark at 5 s, whatever repeated since");
-        h.mark(BOB, Mark::Read(4));
-        h.commit_receipts();
-        assert!(!h.state.handle_tick(10_000, 5_000), "a read mark that raises is activity");
-        h.now_ms = 20_000;
+        assert!(h.state.handle_tick(10_000, 10_000), "idle since the writes at 0, whatever came since");
+        // Nor is a start: an actor started by any request lives no idle period for it.
+        h.restart(None);
+        assert!(h.state.handle_tick(9_000, 9_000), "a start with nothing to deliver");
+        h.restart(Some(5));
+        assert!(!h.state.handle_tick(9_000, 9_000), "a start that delivers entries (a creation, a dead one's)");
         h.send(CAROL, 1, "new");
         h.commit();
-        assert!(!h.state.handle_tick(20_000, 5_000), "so is a write that appends");
+        assert!(!h.state.handle_tick(10_000, 10_000), "a write that appends is activity");
     }
 
     #[test]

@@ -345,6 +345,10 @@ impl<R> ConversationState<R> {
         (replay, except): (Vec<Entry>, u64),
         now_ms: u64,
     ) -> (Self, Vec<Effect<R>>) {
+        // A start is not activity (`handle_tick`), or any request that starts an actor
+        // (a mark, a resend) would hold a place for a whole idle period; the entries it
+        // delivers (a creation, a dead predecessor's last ones) are.
+        let last_activity_ms = if replay.is_empty() { 0 } else { now_ms };
         let audiences = replay_audiences(&members, &replay);
         let effects = replay
             .into_iter()
@@ -365,7 +369,7 @@ impl<R> ConversationState<R> {
             overlay: HashMap::new(),
             receipts: ReceiptBook::default(),
             failed: false,
-            last_activity_ms: now_ms,
+            last_activity_ms,
         };
         (state, effects)
     }
@@ -373,6 +377,13 @@ impl<R> ConversationState<R> {
     /// The conversation's id.
     pub fn id(&self) -> ConvId {
         self.id
+    }
+
+    /// When a write last appended to the conversation (ms; 0: none since the start).
+    /// Only that is activity (`handle_tick`): not a start, a read, a mark, a resend nor
+    /// a refused write.
+    pub fn last_activity_ms(&self) -> u64 {
+        self.last_activity_ms
     }
 
     /// Newest seq delivered to online devices (never ahead of the durable seq).
@@ -566,14 +577,7 @@ impl<R> ConversationState<R> {
     /// are ignored. `reply` (a `MarkRead`'s) is answered with the caller's watermarks
     /// once they are durable; a non-member's report is refused (`reply`) or dropped.
     /// Effects: at most a `Reply` and a `WriteReceipts`.
-    pub fn handle_mark(
-        &mut self,
-        log: &impl Log,
-        caller: Caller,
-        mark: Mark,
-        reply: Option<R>,
-        now_ms: u64,
-    ) -> Vec<Effect<R>> {
+    pub fn handle_mark(&mut self, log: &impl Log, caller: Caller, mark: Mark, reply: Option<R>) -> Vec<Effect<R>> {
         if self.failed {
             return reply
                 .map(|r| Effect::Reply(r, Err(err(ErrorCode::INTERNAL, "storage failure"))))
@@ -583,15 +587,14 @@ impl<R> ConversationState<R> {
         if !self.is_member(caller.user) {
             return reply.map(|r| Effect::Reply(r, Err(not_a_member()))).into_iter().collect();
         }
-        // A delivered mark keeps the conversation alive only until its write is durable
-        // (`receipts.idle`), not for an idle period: clients send one by themselves for
-        // whatever reaches them, and the actor's place among its users' shares follows
-        // writes and read marks only (`ConvDirectory::recharge`), so a member stepping
-        // its delivered watermark through an old backlog must not keep alive an actor
-        // charged to someone else (a later mark starts one on the marker's share). A read
-        // mark is activity only if it raises a watermark: one that repeats what is
-        // stored changes nothing, and must not hold a place for free
-        // (`limits::PRESSED_IDLE_DIVISOR`).
+        // A mark keeps the conversation alive only until its write is durable
+        // (`receipts.idle`), not for an idle period: clients send delivered marks by
+        // themselves for whatever reaches them, and every member may mark each entry
+        // read, so marks that held an actor for an idle period would let a member
+        // stepping through an old backlog, or many members marking one entry, keep
+        // alive for free an actor charged to someone else (`ConvDirectory::recharge`)
+        // or hold places at the cap (`limits::PRESSED_IDLE_DIVISOR`). A later mark
+        // starts the actor again.
         if let Err(e) = self.load_receipt(log, caller.user) {
             return reply.map(|r| Effect::Reply(r, Err(e))).into_iter().collect();
         }
@@ -608,12 +611,8 @@ impl<R> ConversationState<R> {
             }
         };
         let mut effects = Vec::new();
-        let (before, read) = (self.receipts.current(caller.user), matches!(mark, Mark::Read(_)));
         if let Some(r) = self.receipts.mark(caller.user, marks, reply) {
             effects.push(Effect::Reply(r, Ok(Reply::Receipt(self.own_receipt(caller.user)))));
-        }
-        if read && self.receipts.current(caller.user) != before {
-            self.last_activity_ms = now_ms;
         }
         effects.extend(self.receipts.next_write().map(Effect::WriteReceipts));
         effects
