@@ -50,8 +50,9 @@ pub const MAX_LIVE_CONVERSATIONS_PER_USER: usize = 4096;
 /// s by default) instead of the whole period; until then a user with a few
 /// conversations among many who hold thousands keeps its actors. Only a write that
 /// appends is activity (not a start, a read, a mark, a resend nor a refused write), so
-/// whoever fills the cap must append to each of its conversations about once a tick to
-/// hold it: for 250,000 actors some 16,700 admitted, durable messages a second. An
+/// whoever fills the cap must append to each of its conversations to hold it: once per
+/// shorter period at any time (for 250,000 actors some 33,000 admitted, durable
+/// messages a second), or once a tick timed just before each tick (16,700). An
 /// actor that retired early starts again on its next write or mark (its conversation
 /// record, newest seq and member list read from the store). With the default period
 /// the shorter one is below the tick (a quarter of the period, at most 15 s), so an

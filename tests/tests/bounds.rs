@@ -425,10 +425,15 @@ async fn whoever_fills_the_live_conversation_cap_cannot_hold_it() {
 /// A broker with `max_live` conversation actors, 2 a user, idle after 1 s; alice and bob
 /// in three groups alice created, whose actors have all retired.
 async fn three_idle_groups(max_live: usize) -> (TestBroker, Client, Client, Vec<ConvId>) {
+    three_groups_idle_after(max_live, 1000).await
+}
+
+/// `three_idle_groups`, the actors idle after `idle_ms`.
+async fn three_groups_idle_after(max_live: usize, idle_ms: u64) -> (TestBroker, Client, Client, Vec<ConvId>) {
     let tb = TestBroker::start_with(move |c| {
         c.max_live_conversations = max_live;
         c.max_live_conversations_per_user = 2;
-        c.conversation_idle_ms = 1000;
+        c.conversation_idle_ms = idle_ms;
     })
     .await;
     let (alice, _) = tb.register("alice").await;
@@ -601,7 +606,9 @@ async fn an_actor_counts_for_whoever_keeps_it_alive() {
 #[tokio::test]
 async fn conversations_others_put_a_user_in_take_none_of_its_write_places() {
     bounded(async {
-        let (tb, alice, bob, convs) = three_idle_groups(MAX_LIVE_CONVERSATIONS).await;
+        // Actors that marks started retire at their first tick (750 ms): time enough
+        // for bob's write below while they are live.
+        let (tb, alice, bob, convs) = three_groups_idle_after(MAX_LIVE_CONVERSATIONS, 3000).await;
         let shared = tb.shared().clone();
         let mut marks = Vec::new();
         for conv in &convs[..2] {

@@ -98,10 +98,13 @@ pub struct ConvActorState {
 }
 
 impl ConvActorState {
-    /// A mark by `user` is handled: it is charged for the actor if only marks' writes
-    /// keep it alive (a stranger's mark writes nothing and keeps nothing alive).
+    /// A mark by `user` was handled: if it raised `user`'s watermarks (a write of them
+    /// is pending), `user` is charged for the actor should only marks' writes keep it
+    /// alive. A mark that raised nothing (a stranger's, a repeated one) is charged for
+    /// nothing: else a victim re-marking a group read would take over an actor kept
+    /// alive by someone else stepping marks through a backlog.
     fn marked_by(&mut self, user: UserId) {
-        if self.state.is_member(user) {
+        if self.state.receipt_write_pending(user) {
             self.last_marker = Some(user);
         }
     }
@@ -173,6 +176,11 @@ impl Actor for Conversation {
             Some(after) => store.entries(id, after.saturating_add(1), last_seq, usize::MAX, false)?,
             None => Vec::new(),
         };
+        // The entries replayed are the start's activity (`recover`), charged to the
+        // newest one's writer at the first tick, not to whoever's request started it (a
+        // stranger's creation whose first start was refused, started by the catch-up
+        // of a member it put in).
+        let last_user = replay.last().map(|entry| entry.sender);
         let (state, effects) = ConversationState::recover(
             id,
             (record.kind, record.title),
@@ -187,7 +195,7 @@ impl Actor for Conversation {
         }
         let registration = Registration { shared: self.shared.clone(), conv: id, actor: myself.get_id() };
         let mut state =
-            ConvActorState { state, depth, published, last_user: None, last_marker: None, _registration: registration };
+            ConvActorState { state, depth, published, last_user, last_marker: None, _registration: registration };
         self.perform(&myself, &mut state, effects);
         myself.send_interval(tick_period(&self.shared.config), || ConvMsg::Tick);
         Ok(state)
@@ -211,7 +219,7 @@ impl Actor for Conversation {
         // (`last_marker`, at the tick). A read neither moves a place nor keeps the
         // actor alive (`handle_read`): a client catches up on whatever conversations
         // others put it in.
-        let active_before = state.state.last_activity_ms();
+        let applied_before = state.state.applied_seq();
         let writer = if let ConvMsg::Write(caller, ..) = &msg { Some(caller.user) } else { None };
         let effects = match msg {
             ConvMsg::Write(caller, cmd, reply) => {
@@ -255,8 +263,9 @@ impl Actor for Conversation {
                     reply.send(Err(refused));
                     return Ok(());
                 }
+                let effects = state.state.handle_mark(&log, caller, mark, Some(reply));
                 state.marked_by(caller.user);
-                state.state.handle_mark(&log, caller, mark, Some(reply))
+                effects
             }
             ConvMsg::Mark(caller, mark, MarkReply::Taken(taken, revocation)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -265,8 +274,8 @@ impl Actor for Conversation {
                     let _ = taken.send(());
                     return Ok(());
                 }
-                state.marked_by(caller.user);
                 let effects = state.state.handle_mark(&log, caller, mark, None);
+                state.marked_by(caller.user);
                 // The requester may have stopped waiting (its connection closed).
                 let _ = taken.send(());
                 effects
@@ -299,7 +308,7 @@ impl Actor for Conversation {
             }
         };
         if let Some(writer) = writer
-            && state.state.last_activity_ms() != active_before
+            && state.state.applied_seq() != applied_before
         {
             state.last_user = Some(writer);
         }

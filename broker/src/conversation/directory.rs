@@ -128,7 +128,8 @@ struct Slot {
     depth: Arc<AtomicUsize>,
     published: Arc<AtomicU64>,
     /// Whose share it counts on: the user (and share) whose request started it, then
-    /// the user of the newest write or mark at each tick (`recharge`), until removed.
+    /// at each tick the newest writer that appended, or the newest marker whose write
+    /// alone keeps it alive (`recharge`), until removed.
     starter: (UserId, Share),
 }
 

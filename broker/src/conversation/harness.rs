@@ -1246,6 +1246,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_mark_that_raises_a_watermark_has_a_receipt_write_pending() {
+        let mut h = chatty();
+        h.mark(BOB, Mark::Delivered(3));
+        assert!(h.state.receipt_write_pending(BOB), "in flight");
+        h.mark(BOB, Mark::Delivered(4));
+        assert!(h.state.receipt_write_pending(BOB), "next");
+        h.mark(CAROL, Mark::Delivered(0));
+        h.mark(OWNER, Mark::Read(0));
+        assert!(!h.state.receipt_write_pending(CAROL) && !h.state.receipt_write_pending(OWNER), "raised nothing");
+        h.commit_receipts();
+        h.commit_receipts();
+        assert!(!h.state.receipt_write_pending(BOB), "durable");
+        h.mark(BOB, Mark::Delivered(4));
+        assert!(!h.state.receipt_write_pending(BOB), "a repeat raises nothing");
+        let stranger = 99;
+        h.mark(stranger, Mark::Read(5));
+        assert!(!h.state.receipt_write_pending(stranger), "a stranger's writes nothing");
+    }
+
+    #[test]
     fn a_crash_before_the_receipt_commit_loses_no_acknowledged_read_and_shows_nothing_undurable() {
         let mut h = chatty();
         let kept = h.mark(BOB, Mark::Read(3));

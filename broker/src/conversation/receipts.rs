@@ -161,6 +161,11 @@ impl<R> ReceiptBook<R> {
         self.writing.is_none() && self.dirty.is_empty() && self.answers_next.is_empty()
     }
 
+    /// Whether `user`'s watermarks are in the write in flight or the next one.
+    pub fn writes(&self, user: UserId) -> bool {
+        self.dirty.contains(&user) || self.writing.as_ref().is_some_and(|w| w.iter().any(|(u, _)| *u == user))
+    }
+
     /// A write failed: every waiting answer, to be refused; nothing is pending after.
     pub fn fail(&mut self) -> Vec<R> {
         self.writing = None;

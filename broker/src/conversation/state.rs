@@ -379,11 +379,17 @@ impl<R> ConversationState<R> {
         self.id
     }
 
-    /// When a write last appended to the conversation (ms; 0: none since the start).
-    /// Only that is activity (`handle_tick`): not a start, a read, a mark, a resend nor
-    /// a refused write.
-    pub fn last_activity_ms(&self) -> u64 {
-        self.last_activity_ms
+    /// Newest seq appended (durable or not). Only an append is activity (`handle_tick`),
+    /// besides the entries a start replays: not a start, a read, a mark, a resend nor a
+    /// refused write.
+    pub fn applied_seq(&self) -> Seq {
+        self.applied_seq
+    }
+
+    /// Whether `user`'s watermarks wait in a receipt write, in flight or next: its mark
+    /// raised them, and the actor lives on for that write (`receipts.idle`).
+    pub fn receipt_write_pending(&self, user: UserId) -> bool {
+        self.receipts.writes(user)
     }
 
     /// Newest seq delivered to online devices (never ahead of the durable seq).
@@ -556,7 +562,7 @@ impl<R> ConversationState<R> {
     /// A read of durable state: its answer, at once (no effect: the driver sends it). It
     /// does not keep the conversation alive (`handle_tick`): reads are answered without
     /// an actor when none is live (`actor::answer_at_rest`), so an actor's life, and the
-    /// place it takes, follow writes and marks only.
+    /// place it takes, follow appends (and marks' writes in flight) only.
     pub fn handle_read(&mut self, log: &impl Log, caller: Caller, read: Read) -> Result<Reply, ErrorBody> {
         if self.failed {
             Err(err(ErrorCode::INTERNAL, "storage failure"))
