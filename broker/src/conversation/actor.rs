@@ -209,7 +209,7 @@ impl Actor for Conversation {
     ) -> Result<(), ActorProcessingErr> {
         let log = StoreLog(&self.shared.store);
         // Only a write that appends moves the actor's place (to its writer) and keeps it
-        // alive (`ConversationState::last_activity_ms`). A mark moves no place while
+        // alive (`ConversationState::handle_tick`). A mark moves no place while
         // anything else keeps the actor alive: clients send delivered marks by
         // themselves for every entry that reaches them, so anyone writing into groups
         // holding a victim would otherwise charge the victim for the actors its writes
