@@ -29,6 +29,9 @@ pub enum Point {
     /// A chunk in its upload's actor, before the actor's revocation check (the actor
     /// takes nothing else meanwhile).
     UploadChunk,
+    /// A request that started its conversation's actor, after the start and before the
+    /// request is cast to it (the actor ticks meanwhile).
+    ConversationStarted,
 }
 
 /// The armed points of one broker (`Shared::pauses`). For tests only: nothing else

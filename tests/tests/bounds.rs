@@ -17,6 +17,7 @@ use switchboard_broker::limits::{
     AUTH_FAILURES_PER_ADDRESS, CREATION_BUCKETS_MAX, MAX_DEVICES_PER_USER, MAX_LIVE_CONVERSATIONS,
     MAX_SESSIONS_PER_USER, STORE_JOBS_PER_USER,
 };
+use switchboard_broker::pauses::Point;
 use switchboard_client::{Client, ClientError, RawSession};
 use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS, MAX_TEXT_BYTES};
 use switchboard_protocol::{
@@ -418,6 +419,40 @@ async fn whoever_fills_the_live_conversation_cap_cannot_hold_it() {
         }
         let refused = shared.counters.conversation_starts_refused_full.total();
         assert!(refused >= 1, "the operator is told of the refusals at the cap: {refused}");
+    })
+    .await
+}
+
+/// A request that starts its conversation's actor is cast to that actor, however long
+/// it takes to get there: held after the start (`Point::ConversationStarted`) for six
+/// of the actor's ticks, alice's send is served. Before, a start was activity enough
+/// for a whole idle period, and once it was not, the new actor retired at its first
+/// tick (nothing queued, idle since ever) before the request reached it, and after a
+/// second start the same way the send got `INTERNAL` ("conversation unavailable").
+#[tokio::test]
+async fn a_request_that_starts_an_actor_reaches_it() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.conversation_idle_ms = 100).await;
+        let shared = tb.shared().clone();
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("quiet", &[]).await.unwrap().id;
+        eventually("the creation's actor retiring", || shared.convs.live() == 0).await;
+        let holds: Vec<_> = (0..3).map(|_| shared.pauses.arm(Point::ConversationStarted)).collect();
+        let hold_each = async {
+            let mut reached = 0;
+            for mut held in holds {
+                if tokio::time::timeout(Duration::from_millis(500), held.reached()).await.is_err() {
+                    break;
+                }
+                reached += 1;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                held.release();
+            }
+            reached
+        };
+        let (sent, reached) = tokio::join!(alice.send(conv, "after a pause"), hold_each);
+        sent.expect("served by the actor its request started");
+        assert_eq!(reached, 1, "one start");
     })
     .await
 }

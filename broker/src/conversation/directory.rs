@@ -411,15 +411,19 @@ impl ConvDirectory {
             return Err((msg, e));
         }
         let mut dead = None;
+        // An actor this request started, registered with its place in the mailbox
+        // taken: it cannot retire before the request is cast (a start is no activity).
+        let mut started = None;
         let mailbox_max = shared.config.conversation_mailbox_max;
-        for _ in 0..3 {
-            let slot = {
+        // Three tries, two starts: one more start would have nothing cast to it.
+        for attempt in 0..3 {
+            let slot = started.take().map(|slot| (slot, false)).or_else(|| {
                 let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
                 map.get(&conv).cloned().map(|slot| {
                     let over = slot.depth.fetch_add(1, Ordering::AcqRel) >= mailbox_max;
                     (slot, over)
                 })
-            };
+            });
             match slot {
                 Some((slot, true)) => {
                     slot.depth.fetch_sub(1, Ordering::AcqRel);
@@ -442,10 +446,17 @@ impl ConvDirectory {
                 },
                 None => {}
             }
+            if attempt == 2 {
+                break;
+            }
             // Boxed: starting an actor is rare, and its future inline would be carried by
             // every session's task for its whole life (about 3 KB per connection).
-            if let Err(e) = Box::pin(self.spawn(shared, conv, dead.take(), (caller.user, share))).await {
-                return Err((msg, e));
+            match Box::pin(self.spawn(shared, conv, dead.take(), (caller.user, share), true)).await {
+                Ok(slot) => started = slot,
+                Err(e) => return Err((msg, e)),
+            }
+            if started.is_some() {
+                shared.pauses.pass(crate::pauses::Point::ConversationStarted).await;
             }
         }
         Err((msg, ErrorBody::new(ErrorCode::INTERNAL, "conversation unavailable")))
@@ -462,7 +473,7 @@ impl ConvDirectory {
     /// Starts the actor of a conversation `created` named, which delivers seq 1, on
     /// its `creator`'s active share.
     pub async fn start_created(&self, shared: &Arc<Shared>, conv: ConvId, creator: UserId) -> Result<(), ErrorBody> {
-        Box::pin(self.spawn(shared, conv, None, (creator, Share::Active))).await
+        Box::pin(self.spawn(shared, conv, None, (creator, Share::Active), false)).await.map(|_| ())
     }
 
     /// Starts an actor for `conv` unless a live one is registered (the caller checked
@@ -476,7 +487,8 @@ impl ConvDirectory {
         conv: ConvId,
         dead: Option<ractor::ActorId>,
         starter: (UserId, Share),
-    ) -> Result<(), ErrorBody> {
+        reserve: bool,
+    ) -> Result<Option<Slot>, ErrorBody> {
         let _guard = self.spawn_locks[(conv as usize) % SPAWN_SHARDS].lock().await;
         let place = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -485,7 +497,7 @@ impl ConvDirectory {
             }
             match map.get(&conv) {
                 // Someone else already started one.
-                Some(_) => return Ok(()),
+                Some(_) => return Ok(None),
                 None if map.len() + self.starting.load(Ordering::Acquire) >= shared.config.max_live_conversations => {
                     drop(map);
                     return Err(self.full(shared));
@@ -532,7 +544,12 @@ impl ConvDirectory {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let id = actor.get_id();
         let status = actor.get_status();
-        map.insert(conv, Slot { actor, depth, published, starter });
+        if reserve {
+            // Under the map lock, where `retire` checks it.
+            depth.fetch_add(1, Ordering::AcqRel);
+        }
+        let slot = Slot { actor, depth, published, starter };
+        map.insert(conv, slot.clone());
         self.registered[(conv as usize) % AT_REST_SHARDS].fetch_add(1, Ordering::AcqRel);
         place.keep();
         self.replay.lock().unwrap_or_else(|p| p.into_inner()).remove(&conv);
@@ -540,8 +557,12 @@ impl ConvDirectory {
         // which may have run before the insert, found nothing to take out.
         if matches!(status, ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped) {
             self.bury(&mut map, conv, id);
+            if reserve {
+                slot.depth.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Ok(None);
         }
-        Ok(())
+        Ok(reserve.then_some(slot))
     }
 
     /// The refusal of a start at `max_live_conversations`. For `PRESSED_TICKS` ticks
