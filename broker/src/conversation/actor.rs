@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use switchboard_protocol::{ConvId, ErrorBody, Event, Reply, Role, Seq, ServerFrame, UserId, encode_frame};
+use switchboard_protocol::{ConvId, ErrorBody, Event, Reply, Role, Seq, ServerFrame, encode_frame};
 use switchboard_storage::{ReceiptRecord, Store, StoreError};
 
 use super::directory::{Registration, Share, pressed_idle_ms};
 use super::receipts::Marks;
-use super::state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, not_a_member};
+use super::state::{Caller, Charges, Command, ConversationState, Effect, Log, Mark, Read, not_a_member};
 use crate::Shared;
 use crate::metrics::Counters;
 use crate::reply::{Responder, internal};
@@ -85,29 +85,8 @@ pub struct ConvActorState {
     /// Highest seq delivered, shared with the directory so a successor of a crashed
     /// actor knows which durable entries were never pushed to online devices.
     published: Arc<AtomicU64>,
-    /// The user of the newest write that appended since the last tick (not a read, a
-    /// mark, a resend nor a refused write: only that is activity): the actor's place
-    /// moves to that user's `Share::Active` at the tick (`ConvDirectory::recharge`).
-    last_user: Option<UserId>,
-    /// The member of the newest mark since the last tick: charged instead, on its
-    /// `Share::Passive`, when only marks' writes keep the actor past its idle period
-    /// (`idle_but_for_receipts`).
-    last_marker: Option<UserId>,
     /// Takes the actor out of the directory when it ends without retiring.
     _registration: Registration,
-}
-
-impl ConvActorState {
-    /// A mark by `user` was handled: if it raised `user`'s watermarks (a write of them
-    /// is pending), `user` is charged for the actor should only marks' writes keep it
-    /// alive. A mark that raised nothing (a stranger's, a repeated one) is charged for
-    /// nothing: else a victim re-marking a group read would take over an actor kept
-    /// alive by someone else stepping marks through a backlog.
-    fn marked_by(&mut self, user: UserId) {
-        if self.state.receipt_write_pending(user) {
-            self.last_marker = Some(user);
-        }
-    }
 }
 
 /// The conversation actor.
@@ -176,11 +155,6 @@ impl Actor for Conversation {
             Some(after) => store.entries(id, after.saturating_add(1), last_seq, usize::MAX, false)?,
             None => Vec::new(),
         };
-        // The entries replayed are the start's activity (`recover`), charged to the
-        // newest one's writer at the first tick, not to whoever's request started it (a
-        // stranger's creation whose first start was refused, started by the catch-up
-        // of a member it put in).
-        let last_user = replay.last().map(|entry| entry.sender);
         let (state, effects) = ConversationState::recover(
             id,
             (record.kind, record.title),
@@ -194,8 +168,7 @@ impl Actor for Conversation {
             published.store(last_seq, Ordering::Release);
         }
         let registration = Registration { shared: self.shared.clone(), conv: id, actor: myself.get_id() };
-        let mut state =
-            ConvActorState { state, depth, published, last_user, last_marker: None, _registration: registration };
+        let mut state = ConvActorState { state, depth, published, _registration: registration };
         self.perform(&myself, &mut state, effects);
         myself.send_interval(tick_period(&self.shared.config), || ConvMsg::Tick);
         Ok(state)
@@ -208,19 +181,6 @@ impl Actor for Conversation {
         state: &mut ConvActorState,
     ) -> Result<(), ActorProcessingErr> {
         let log = StoreLog(&self.shared.store);
-        // Only a write that appends moves the actor's place (to its writer) and keeps it
-        // alive (`ConversationState::handle_tick`). A mark moves no place while
-        // anything else keeps the actor alive: clients send delivered marks by
-        // themselves for every entry that reaches them, so anyone writing into groups
-        // holding a victim would otherwise charge the victim for the actors its writes
-        // keep alive (and a resend or a repeated read mark by the victim would, before).
-        // Nor does a mark keep the actor alive past its write; only an actor past its
-        // idle period with a mark's write in flight is charged to the marker
-        // (`last_marker`, at the tick). A read neither moves a place nor keeps the
-        // actor alive (`handle_read`): a client catches up on whatever conversations
-        // others put it in.
-        let applied_before = state.state.applied_seq();
-        let writer = if let ConvMsg::Write(caller, ..) = &msg { Some(caller.user) } else { None };
         let effects = match msg {
             ConvMsg::Write(caller, cmd, reply) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -263,9 +223,7 @@ impl Actor for Conversation {
                     reply.send(Err(refused));
                     return Ok(());
                 }
-                let effects = state.state.handle_mark(&log, caller, mark, Some(reply));
-                state.marked_by(caller.user);
-                effects
+                state.state.handle_mark(&log, caller, mark, Some(reply))
             }
             ConvMsg::Mark(caller, mark, MarkReply::Taken(taken, revocation)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -275,7 +233,6 @@ impl Actor for Conversation {
                     return Ok(());
                 }
                 let effects = state.state.handle_mark(&log, caller, mark, None);
-                state.marked_by(caller.user);
                 // The requester may have stopped waiting (its connection closed).
                 let _ = taken.send(());
                 effects
@@ -286,7 +243,12 @@ impl Actor for Conversation {
             ConvMsg::Tick => {
                 let (now, config) = (crate::now_ms(), &self.shared.config);
                 let idle = config.conversation_idle_ms;
-                let (user, marker) = (state.last_user.take(), state.last_marker.take());
+                // The place moves to whoever kept the actor alive since the last tick
+                // (`ConversationState::take_charges`): the newest writer that appended,
+                // or, past the idle period with only marks' writes in flight, the
+                // newest marker, on its passive share. Reads, resends, refused writes
+                // and marks that raised nothing move no place.
+                let Charges { writer, marker } = state.state.take_charges();
                 // The directory is asked whether the shorter period applies only past it.
                 let retiring = state.state.handle_tick(now, idle)
                     || (state.state.handle_tick(now, pressed_idle_ms(config))
@@ -295,9 +257,9 @@ impl Actor for Conversation {
                     myself.stop(Some("idle".into()));
                 } else {
                     let kept_by_marks = state.state.idle_but_for_receipts(now, idle);
-                    let charged = match (kept_by_marks, marker, user) {
+                    let charged = match (kept_by_marks, marker, writer) {
                         (true, Some(marker), _) => Some((marker, Share::Passive)),
-                        (_, _, Some(user)) => Some((user, Share::Active)),
+                        (_, _, Some(writer)) => Some((writer, Share::Active)),
                         _ => None,
                     };
                     if let Some(charged) = charged {
@@ -307,11 +269,6 @@ impl Actor for Conversation {
                 Vec::new()
             }
         };
-        if let Some(writer) = writer
-            && state.state.applied_seq() != applied_before
-        {
-            state.last_user = Some(writer);
-        }
         self.perform(&myself, state, effects);
         Ok(())
     }

@@ -1235,34 +1235,39 @@ mod tests {
         assert_eq!(h.receipt_answer(raised), Some(Ok((3, Some(3)))));
         assert_eq!(h.receipt_answer(repeated), Some(Ok((3, Some(3)))));
         assert!(h.state.handle_tick(10_000, 10_000), "idle since the writes at 0, whatever came since");
+        assert_eq!(h.state.take_charges().writer, Some(OWNER), "charged to the writer of the appends at 0 only");
         // Nor is a start: an actor started by any request lives no idle period for it.
         h.restart(None);
         assert!(h.state.handle_tick(9_000, 9_000), "a start with nothing to deliver");
+        assert_eq!(h.state.take_charges().writer, None);
         h.restart(Some(5));
         assert!(!h.state.handle_tick(9_000, 9_000), "a start that delivers entries (a creation, a dead one's)");
+        assert_eq!(h.state.take_charges().writer, Some(OWNER), "charged to the replayed entries' writer");
         h.send(CAROL, 1, "new");
         h.commit();
         assert!(!h.state.handle_tick(10_000, 10_000), "a write that appends is activity");
+        assert_eq!(h.state.take_charges().writer, Some(CAROL));
     }
 
     #[test]
-    fn only_a_mark_that_raises_a_watermark_has_a_receipt_write_pending() {
+    fn only_a_mark_that_raises_a_watermark_charges_its_member() {
         let mut h = chatty();
+        h.state.take_charges();
+        let marker = |h: &mut Harness| h.state.take_charges().marker;
         h.mark(BOB, Mark::Delivered(3));
-        assert!(h.state.receipt_write_pending(BOB), "in flight");
+        assert_eq!(marker(&mut h), Some(BOB), "its write in flight");
         h.mark(BOB, Mark::Delivered(4));
-        assert!(h.state.receipt_write_pending(BOB), "next");
+        assert_eq!(marker(&mut h), Some(BOB), "its write next");
         h.mark(CAROL, Mark::Delivered(0));
         h.mark(OWNER, Mark::Read(0));
-        assert!(!h.state.receipt_write_pending(CAROL) && !h.state.receipt_write_pending(OWNER), "raised nothing");
+        assert_eq!(marker(&mut h), None, "raised nothing");
         h.commit_receipts();
         h.commit_receipts();
-        assert!(!h.state.receipt_write_pending(BOB), "durable");
         h.mark(BOB, Mark::Delivered(4));
-        assert!(!h.state.receipt_write_pending(BOB), "a repeat raises nothing");
+        assert_eq!(marker(&mut h), None, "a repeat raises nothing");
         let stranger = 99;
         h.mark(stranger, Mark::Read(5));
-        assert!(!h.state.receipt_write_pending(stranger), "a stranger's writes nothing");
+        assert_eq!(marker(&mut h), None, "a stranger's writes nothing");
     }
 
     #[test]

@@ -317,6 +317,23 @@ pub struct ConversationState<R> {
     receipts: ReceiptBook<R>,
     failed: bool,
     last_activity_ms: u64,
+    /// Who to charge for the actor since the last `take_charges` (`ConvDirectory::
+    /// recharge`): the member whose write last appended (or whose entry a start
+    /// replayed), and the member whose mark last raised a watermark.
+    charges: Charges,
+}
+
+/// Who keeps a conversation's actor alive, since the last tick (`take_charges`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Charges {
+    /// The member whose write last appended, or whose entry a start replayed: what
+    /// keeps the actor alive for its idle period.
+    pub writer: Option<UserId>,
+    /// The member whose mark last raised its watermarks (a write of them pending): what
+    /// keeps it alive, past that period, while the write is in flight. A mark that
+    /// raised nothing (a stranger's, a repeated one) is charged for nothing, or a victim
+    /// re-marking a group read would take over an actor kept alive by another's marks.
+    pub marker: Option<UserId>,
 }
 
 fn err(code: ErrorCode, msg: &str) -> ErrorBody {
@@ -349,6 +366,10 @@ impl<R> ConversationState<R> {
         // (a mark, a resend) would hold a place for a whole idle period; the entries it
         // delivers (a creation, a dead predecessor's last ones) are.
         let last_activity_ms = if replay.is_empty() { 0 } else { now_ms };
+        // Charged to the newest replayed entry's writer, not to whoever's request
+        // started it (a stranger's creation whose first start was refused, started by
+        // the catch-up of a member it put in).
+        let charges = Charges { writer: replay.last().map(|entry| entry.sender), marker: None };
         let audiences = replay_audiences(&members, &replay);
         let effects = replay
             .into_iter()
@@ -370,6 +391,7 @@ impl<R> ConversationState<R> {
             receipts: ReceiptBook::default(),
             failed: false,
             last_activity_ms,
+            charges,
         };
         (state, effects)
     }
@@ -379,17 +401,11 @@ impl<R> ConversationState<R> {
         self.id
     }
 
-    /// Newest seq appended (durable or not). Only an append is activity (`handle_tick`),
-    /// besides the entries a start replays: not a start, a read, a mark, a resend nor a
-    /// refused write.
-    pub fn applied_seq(&self) -> Seq {
-        self.applied_seq
-    }
-
-    /// Whether `user`'s watermarks wait in a receipt write, in flight or next: its mark
-    /// raised them, and the actor lives on for that write (`receipts.idle`).
-    pub fn receipt_write_pending(&self, user: UserId) -> bool {
-        self.receipts.writes(user)
+    /// Who kept the conversation alive since the last call (`Charges`), for the
+    /// actor's tick. Only an append is activity (`handle_tick`), besides the entries a
+    /// start replays: not a start, a read, a mark, a resend nor a refused write.
+    pub fn take_charges(&mut self) -> Charges {
+        std::mem::take(&mut self.charges)
     }
 
     /// Newest seq delivered to online devices (never ahead of the durable seq).
@@ -497,6 +513,7 @@ impl<R> ConversationState<R> {
         // Only a write that appends is activity (`handle_tick`): a refused one, like a
         // resend, keeps the conversation awake no longer than its answer waits.
         self.last_activity_ms = now_ms;
+        self.charges.writer = Some(caller.user);
         let seq = entry.seq;
         let audience = if members.is_empty() {
             self.audience.clone()
@@ -619,6 +636,9 @@ impl<R> ConversationState<R> {
         let mut effects = Vec::new();
         if let Some(r) = self.receipts.mark(caller.user, marks, reply) {
             effects.push(Effect::Reply(r, Ok(Reply::Receipt(self.own_receipt(caller.user)))));
+        }
+        if self.receipts.writes(caller.user) {
+            self.charges.marker = Some(caller.user);
         }
         effects.extend(self.receipts.next_write().map(Effect::WriteReceipts));
         effects
