@@ -40,6 +40,10 @@ struct Queue {
     writing: usize,
     /// Set once: the writer closes the connection with this code after draining.
     closed: Option<ErrorCode>,
+    /// `DEVICE_REVOKED` or `ACCOUNT_DISABLED` once a revocation closed the queue, even
+    /// one closed before for another reason (its writer gone, a slow consumer): what
+    /// the session carries out after that is refused (`Outbound::cut_off`).
+    cut_off: Option<ErrorCode>,
     /// Latest-wins ephemeral frames, one per key, not yet written.
     latest: Vec<(LatestKey, Bytes)>,
     /// Bytes reserved for answers not yet queued (`reserve_answer`).
@@ -51,6 +55,11 @@ struct Queue {
 /// What a latest-wins frame replaces: a file's progress, to one audience (the uploader's
 /// devices, `None`, or a conversation's members).
 pub type LatestKey = (switchboard_protocol::FileId, Option<switchboard_protocol::ConvId>);
+
+/// Whether `code` closes a session because its device or account lost its right to act.
+pub fn is_revocation(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::DEVICE_REVOKED | ErrorCode::ACCOUNT_DISABLED)
+}
 
 /// Latest-wins frames waiting at once per device (each a small progress frame).
 pub const LATEST_SLOTS: usize = 64;
@@ -81,6 +90,7 @@ impl Outbound {
                 bytes: 0,
                 writing: 0,
                 closed: None,
+                cut_off: None,
                 latest: Vec::new(),
                 reserved: 0,
                 room_wanted: false,
@@ -159,11 +169,15 @@ impl Outbound {
     }
 
     /// Closes the queue: the writer sends what is queued, then closes with `code`.
-    /// The first close wins.
+    /// The first close wins, except that a revocation (`DEVICE_REVOKED`,
+    /// `ACCOUNT_DISABLED`) is always kept for `cut_off`.
     pub fn close(&self, code: ErrorCode) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.closed.is_none() {
             q.closed = Some(code);
+        }
+        if q.cut_off.is_none() && is_revocation(code) {
+            q.cut_off = Some(code);
         }
         drop(q);
         self.wake.notify_one();
@@ -234,9 +248,16 @@ impl Outbound {
         }
     }
 
-    /// Whether the queue was closed, and why.
+    /// Whether the queue was closed, and why (the first close).
     pub fn closed(&self) -> Option<ErrorCode> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).closed
+    }
+
+    /// `DEVICE_REVOKED` or `ACCOUNT_DISABLED` once a revocation closed the queue,
+    /// whichever close came first (a queue its failed writer closed `NO_ERROR`, or a
+    /// slow consumer's, is still cut off by a revocation after it).
+    pub fn cut_off(&self) -> Option<ErrorCode> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).cut_off
     }
 
     /// Frames queued now (latest-wins slots not counted).
@@ -385,5 +406,25 @@ mod tests {
         assert_eq!(out.drain(&mut got).await, None);
         assert_eq!(got, vec![Bytes::from_static(b"a")]);
         assert_eq!(out.drain(&mut got).await, Some(ErrorCode::GOING_AWAY));
+    }
+
+    /// A revocation cuts a session off even when its queue was closed before for
+    /// another reason (a slow consumer, or `NO_ERROR` by a writer whose peer stopped
+    /// the control stream): before, the first close won, and the revoked device's
+    /// requests in flight were carried out as its user.
+    #[test]
+    fn a_revocation_after_another_close_still_cuts_off() {
+        for first in [ErrorCode::NO_ERROR, ErrorCode::SLOW_CONSUMER, ErrorCode::GOING_AWAY] {
+            let out = Arc::new(Outbound::new(100, 100));
+            let revocation = crate::reply::Revocation::of(out.clone());
+            out.close(first);
+            assert_eq!(revocation.refusal(), Ok(()), "closed {first} only");
+            out.close(ErrorCode::DEVICE_REVOKED);
+            assert_eq!(out.closed(), Some(first), "the first close is what the writer ends with");
+            assert_eq!(out.cut_off(), Some(ErrorCode::DEVICE_REVOKED));
+            assert_eq!(revocation.refusal().unwrap_err().code, ErrorCode::DEVICE_REVOKED);
+            out.close(ErrorCode::ACCOUNT_DISABLED);
+            assert_eq!(out.cut_off(), Some(ErrorCode::DEVICE_REVOKED), "the first revocation is kept");
+        }
     }
 }

@@ -74,8 +74,7 @@ pub(crate) fn cut_off(code: ErrorCode) -> ErrorBody {
 }
 
 fn closed_by_revocation(out: Option<&Outbound>) -> Option<ErrorCode> {
-    out.and_then(Outbound::closed)
-        .filter(|code| matches!(*code, ErrorCode::DEVICE_REVOKED | ErrorCode::ACCOUNT_DISABLED))
+    out.and_then(Outbound::cut_off)
 }
 
 /// What `Responder::on_answer` runs with the answer.

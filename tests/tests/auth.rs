@@ -41,6 +41,39 @@ async fn revoked_device_is_disconnected_and_cannot_return() {
     .await
 }
 
+/// A device that stops reading its control stream (`STOP_SENDING`) while keeping its
+/// connection alive loses the session: before, the broker's writer gave up on the
+/// stream but kept the connection, so the revocation that closes sessions through
+/// their outbound queue found it closed already and changed nothing, and the revoked
+/// device went on sending messages as its user.
+#[tokio::test]
+async fn a_device_that_stops_reading_its_control_stream_cannot_outlive_a_revocation() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = laptop.create_group("g", &["bob".into()]).await.unwrap().id;
+        let (_phone, phone_id) = tb.login("alice").await;
+        let mut raw = tb.connector().connect_raw(&phone_id).await.unwrap();
+        raw.recv.stop(0u32.into()).unwrap();
+        // The answer to the ping meets the stopped stream.
+        raw.send.write_all(&request_frame(1, RequestBody::Ping)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        let send = RequestBody::Send { conv, client_id: [7; 16], text: "after the revocation".into() };
+        let _ = raw.send.write_all(&request_frame(2, send)).await;
+        assert!(closed_with(&raw.conn).await.is_some(), "the broker closed the connection");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (page, _) = laptop.history(conv, Page::After(0), 100).await.unwrap();
+        assert!(
+            page.iter().all(|e| e.sender_device != phone_id.device_id),
+            "the revoked device wrote {:?}",
+            page.iter().filter(|e| e.sender_device == phone_id.device_id).collect::<Vec<_>>()
+        );
+    })
+    .await
+}
+
 #[tokio::test]
 async fn registration_rules() {
     bounded(async {

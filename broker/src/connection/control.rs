@@ -402,10 +402,13 @@ struct Session {
 }
 
 impl Session {
-    /// Why the session was closed from outside (its outbound queue closed with an
-    /// error code: `DEVICE_REVOKED`, `ACCOUNT_DISABLED`, `SLOW_CONSUMER`), if it was.
+    /// Why the session may carry out nothing more, once its outbound queue is closed:
+    /// a revocation (`DEVICE_REVOKED`, `ACCOUNT_DISABLED`, whatever closed the queue
+    /// first), `SLOW_CONSUMER`, `GOING_AWAY`, or `NO_ERROR` when its writer failed (the
+    /// peer stopped reading the control stream: nothing could be answered). The queue
+    /// is closed `NO_ERROR` by the session itself only after its read loop.
     fn ended(&self) -> Option<ErrorCode> {
-        self.out.closed().filter(|code| *code != ErrorCode::NO_ERROR)
+        self.out.cut_off().or_else(|| self.out.closed())
     }
 
     /// Routes one request to the one place that handles it. Conversation requests are

@@ -24,9 +24,14 @@ pub(super) async fn write_loop(
                     written = send.write_all_chunks(&mut batch) => {
                         if written.is_err() {
                             // Nothing will drain the queue any more: closing it ends a
-                            // wait for answer room (`reserve_answer`) and tells
-                            // producers.
+                            // wait for answer room (`reserve_answer`), tells producers
+                            // and ends the session's read loop (`Session::ended`). The
+                            // connection goes too: a peer that stopped reading the
+                            // control stream (`STOP_SENDING`) while keeping the
+                            // connection alive kept a session nothing could close, since
+                            // a revocation closes sessions through this queue.
                             out.close(ErrorCode::NO_ERROR);
+                            conn.close(ErrorCode::NO_ERROR.0.into(), b"control stream stopped");
                             return None;
                         }
                     }
