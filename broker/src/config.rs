@@ -142,7 +142,8 @@ pub struct Config {
     /// Uploads one user may have in progress at once (`TOO_MANY_UPLOADS` beyond).
     pub max_uploads_per_user: usize,
     /// Free space the data dir's disk keeps: an upload that would leave less is refused
-    /// with `STORAGE_FULL`, bytes.
+    /// with `STORAGE_FULL`, bytes. Above 0 the disk also keeps one inode in a hundred
+    /// free (`files::requests::INODE_RESERVE_DIVISOR`).
     pub disk_reserve_bytes: u64,
     /// An upload not complete this many seconds after it began is removed with its data.
     pub upload_expiry_secs: u64,
@@ -151,9 +152,10 @@ pub struct Config {
     /// group commit's fdatasyncs on a disk with online discard). Until freed they count
     /// against their user's quota and the free space the disk check sees.
     pub delete_bytes_per_sec: u64,
-    /// Small upload chunks (shorter than `limits::SMALL_CHUNK_BYTES`, 256 KiB, and not
-    /// their file's last) are written and fdatasynced at most this many a second over all
-    /// uploads; one beyond waits its turn (its stream reads nothing meanwhile). Chunks of
+    /// Small upload chunks (shorter than `limits::SMALL_CHUNK_BYTES`, 256 KiB, a file's
+    /// last and a small file's one included) are written and fdatasynced at most this
+    /// many a second over all uploads; one beyond waits its turn (its stream reads nothing
+    /// meanwhile), so small files complete at most this many a second too. Chunks of
     /// 256 KiB or more never wait (the reference client sends 1 MiB, halving only on a
     /// link below 64 KiB/s).
     pub small_chunk_syncs_per_sec: u64,

@@ -214,8 +214,9 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// holding bytes costs sending 64 KiB/s per MiB held. At this rate a 1 MiB chunk has
 /// 18 s.
 pub const MIN_CHUNK_BYTES_PER_SEC: u64 = 64 * 1024;
-/// An upload chunk shorter than this that does not end its file is a *small chunk*:
-/// its fdatasync waits its turn among all small chunks' (`small_chunk_syncs_per_sec`).
+/// An upload chunk shorter than this is a *small chunk* (a file's last, or a small
+/// file's one, too): its fdatasync waits its turn among all small chunks'
+/// (`small_chunk_syncs_per_sec`).
 /// Each chunk costs the broker one fdatasync of its partial file whatever its length,
 /// so a client sending 1-byte chunks made the disk sync once per byte it sent: a few
 /// streams of them kept the disk busy with syncs that every group commit (every chat
@@ -235,6 +236,12 @@ pub const CHUNK_LEASE_GRACE: std::time::Duration = std::time::Duration::from_sec
 /// many ms (the latest state wins; a trailing push follows a suppressed change), so a
 /// device that flaps costs each observer at most four events a second.
 pub const PRESENCE_COALESCE_MS: u64 = 250;
+/// How often the stored last-seen time of every user with a device connected is moved
+/// to now (ms): it is otherwise written only at a presence push, so a broker that crashed
+/// (or was killed) showed users connected for days as last seen when they came online.
+/// After a crash a user's last-seen is at most this old; one key write per connected user
+/// per period, riding the next group commit.
+pub const LAST_SEEN_REFRESH_MS: u64 = 60_000;
 /// Presence pushes one user may make in quick succession, and after them at most one per
 /// `PRESENCE_PUSH_WINDOWS` coalescing windows (2 s by default) until the burst refills:
 /// each push goes to up to `PRESENCE_CONTACTS_MAX` users, and `SetPresence` costs

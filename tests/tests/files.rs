@@ -1959,6 +1959,73 @@ async fn tiny_chunks_are_synced_no_faster_than_the_small_chunk_rate() {
     .await
 }
 
+/// A small file's one chunk takes a turn of the small-chunk pacer too, so tiny files
+/// complete no faster than `small_chunk_syncs_per_sec` (before: a chunk that ended its
+/// file never waited, and a flood of tiny uploads cost a chunk sync, a rename and two
+/// directory syncs each, unpaced). With nothing else syncing small chunks the first
+/// goes at once.
+#[tokio::test]
+async fn tiny_files_complete_no_faster_than_the_small_chunk_rate() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.small_chunk_syncs_per_sec = 10).await;
+        let (alice, _) = tb.register("alice").await;
+        let started = std::time::Instant::now();
+        for i in 0..8u8 {
+            let data = bytes(1024, 60 + i);
+            let begun = begin_upload(&alice, &format!("t{i}.bin"), "application/octet-stream", &data).await;
+            let last = upload_rest(alice.connection(), begun.file, &data, 0).await;
+            assert!(matches!(last, TransferReply::Complete(_)), "{last:?}");
+        }
+        let took = started.elapsed();
+        // 8 turns 100 ms apart, the first at once: 700 ms at least (before: milliseconds).
+        assert!(took >= Duration::from_millis(650), "8 one-chunk files completed in {took:?}");
+    })
+    .await
+}
+
+/// Descriptors this process holds open on files under `dir` (Linux: `/proc/self/fd`).
+#[cfg(target_os = "linux")]
+fn descriptors_under(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return 0 };
+    entries.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).filter(|target| target.starts_with(dir)).count()
+}
+
+/// An upload with no transfer stream open holds no file descriptor: before, each
+/// upload's actor kept two (its partial file, and the same with `O_DIRECT`) for the 10 s
+/// an idle actor lives, so accounts at `max_uploads_per_user` that touched their uploads
+/// every few seconds could exhaust the broker's descriptors, and every download, upload
+/// and directory sync then failed. A later stream opens the file again and the uploads
+/// complete.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn uploads_without_an_open_stream_hold_no_file_descriptors() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let uploads = std::fs::canonicalize(tb.data_dir().join("uploads")).unwrap();
+        let mut begun = Vec::new();
+        for i in 0..8u8 {
+            let data = bytes(512 * 1024, 40 + i);
+            let upload = begin_upload(&alice, &format!("f{i}.bin"), "application/octet-stream", &data).await;
+            let replies = upload_range(alice.connection(), upload.file, &data, 0, 256 * 1024, 64 * 1024).await;
+            assert!(matches!(replies.last(), Some(TransferReply::Durable { offset: 262_144 })), "{replies:?}");
+            begun.push((upload.file, data));
+        }
+        assert_eq!(tb.shared().files.live(), 8, "the actors live on, idle");
+        within(Duration::from_secs(3), "the partial files closed once their streams ended", async {
+            while descriptors_under(&uploads) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        for (file, data) in &begun {
+            let last = upload_rest(alice.connection(), *file, data, 256 * 1024).await;
+            assert!(matches!(last, TransferReply::Complete(_)), "{last:?}");
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn reopening_a_resumed_upload_reads_nothing_and_its_bytes_are_hashed_once() {
     bounded(async {
@@ -2454,6 +2521,42 @@ async fn file_requests_let_in_before_their_devices_revocation_do_not_land() {
         assert!(file_info(&laptop, file).await.is_ok(), "the file was deleted after its deleter's revocation");
         revoked_while_held(&tb, &laptop, "alice", Point::WithdrawFile, RequestBody::WithdrawFile { file }).await;
         assert!(file_info(&laptop, file).await.is_ok(), "the file was withdrawn after its withdrawer's revocation");
+    })
+    .await
+}
+
+/// A stream whose opening reached the upload's actor behind a cancellation gets a last
+/// reply (`NOT_FOUND`): the actor stops once the upload is removed, and the messages
+/// still in its mailbox go with it. Before, the stream was finished with no reply at
+/// all, which no client can tell from a network failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opened_behind_a_cancellation_is_answered_not_found() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(4096, 9);
+        let begun = begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
+        let mut held = tb.shared().pauses.arm(Point::UploadChunk);
+        let mut first = Transfer::open(alice.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(first.reply().await, Some(TransferReply::Accepted { .. })));
+        first.chunk(0, &data[..1024], None).await;
+        within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+        // Behind the chunk: the cancellation, then a second stream's opening.
+        let cancel = alice.request(RequestBody::CancelUpload { file: begun.file });
+        let open_then_release = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let second =
+                Transfer::open(alice.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            held.release();
+            second
+        };
+        let (cancelled, mut second) = tokio::join!(cancel, open_then_release);
+        assert!(cancelled.is_ok(), "cancelled: {cancelled:?}");
+        match second.reply().await {
+            Some(TransferReply::Failed { error, .. }) => assert_eq!(error.code, ErrorCode::NOT_FOUND),
+            other => panic!("expected Failed with NOT_FOUND, got {other:?}"),
+        }
     })
     .await
 }

@@ -264,6 +264,8 @@ async fn upload(
     }
     let permits = Arc::new(Semaphore::new(QUEUED_CHUNKS));
     let mut open = true;
+    // Whether the stream's last reply (`Complete` or `Failed`) was written.
+    let mut ended = false;
     let progress = progress_deadline(shared);
     let mut deadline = tokio::time::Instant::now() + progress;
     let place = reading.place.clone();
@@ -282,6 +284,7 @@ async fn upload(
             }
             reply = replies.recv() => match reply {
                 Some(reply) => {
+                    ended |= matches!(reply, TransferReply::Complete(_) | TransferReply::Failed { .. });
                     // A client that takes no replies must not keep a chunk's bytes by it;
                     // a stream waiting for the budget keeps its place in line meanwhile,
                     // and bytes granted to it are leased at once (nothing is read while
@@ -326,9 +329,26 @@ async fn upload(
                     }
                 }
                 // The actor let go of this stream after its last reply.
-                None => {
+                None if ended => {
                     let _ = send.finish();
                     let _ = recv.stop(ErrorCode::NO_ERROR.0.into());
+                    break;
+                }
+                // The actor stopped with this stream's `Open` (or its chunks) still in its
+                // mailbox, dropped unanswered: a removal (cancelled or expired meanwhile)
+                // or its own end after a completion. Answered as a new actor would have
+                // been (before, the stream was finished with no last reply at all).
+                None => {
+                    match shared.store.file(&file) {
+                        Ok(Some(r)) if r.is_complete() => {
+                            last_reply(&mut send, &TransferReply::Complete(file_ref(&file, &r))).await;
+                        }
+                        Ok(Some(r)) => {
+                            let retry = ErrorBody::new(ErrorCode::INTERNAL, "the upload's actor stopped; resume");
+                            fail(&mut send, retry, r.offset()).await;
+                        }
+                        _ => fail(&mut send, no_such_file(), 0).await,
+                    }
                     break;
                 }
             },
@@ -339,7 +359,7 @@ async fn upload(
                     // A small chunk waits its turn for its sync here, where those waiting
                     // are bounded by the streams served and its actor is not held up.
                     let len = chunk.data.len() as u64;
-                    if small_chunk(len, chunk.offset.saturating_add(len), record.size) {
+                    if small_chunk(len) {
                         let turn = place.waiting_for_broker(shared.files.small_syncs.wait());
                         tokio::select! {
                             () = turn => {}

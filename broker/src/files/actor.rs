@@ -80,7 +80,15 @@ pub struct UploadActorState {
     id: FileId,
     record: FileRecord,
     state: UploadState,
-    file: Arc<PartialFile>,
+    /// The partial file (two descriptors with `O_DIRECT`), held only while a transfer
+    /// stream is open on the upload (or verification reads it): an idle actor lets go of
+    /// it (`release_file`) and opens it again for its next stream, so the descriptors
+    /// uploads hold are bounded by the live transfer streams
+    /// (`max_live_transfer_streams`), not by the uploads in progress over all accounts
+    /// (before, each of them held two for the 10 s an idle actor lives, and
+    /// `max_uploads_per_user` times a few thousand accounts exhausted the broker's
+    /// descriptors: every download, upload and directory sync then failed).
+    file: Option<Arc<PartialFile>>,
     /// The whole-file hash so far: of every byte the actor wrote, when it started at
     /// offset 0. One that started later (a resumed upload) starts with nothing hashed
     /// and catches up, reading the durable prefix back beside each chunk it writes
@@ -95,6 +103,10 @@ pub struct UploadActorState {
     idle_ticks: u32,
     /// The published type the first bytes showed, recorded with the next offset.
     relabel: Option<String>,
+    /// The partial file was found gone when the actor opened it again: the upload was
+    /// rewound to offset 0 (`Upload::file`) and this actor stops after the message at
+    /// hand, so that the next starts from the rewound record.
+    rewound: bool,
 }
 
 /// A whole-file BLAKE3 of the upload's bytes `0..to`.
@@ -160,12 +172,13 @@ impl Actor for Upload {
             id,
             record,
             state,
-            file: Arc::new(file),
+            file: Some(Arc::new(file)),
             hashed,
             streams: HashMap::new(),
             depth,
             idle_ticks: 0,
             relabel: None,
+            rewound: false,
         })
     }
 
@@ -223,6 +236,7 @@ impl Actor for Upload {
             UploadMsg::Closed { stream } => {
                 st.streams.remove(&stream);
                 st.state.closed(stream);
+                release_file(st);
             }
             UploadMsg::Remove { reason, done } => {
                 let removed = !st.state.is_done() && self.remove(st).await;
@@ -240,6 +254,7 @@ impl Actor for Upload {
                 if st.state.is_done() {
                     myself.stop(None);
                 } else if st.state.is_idle() {
+                    release_file(st);
                     st.idle_ticks += 1;
                     if st.idle_ticks >= IDLE_TICKS && self.shared.files.retire(&st.id, myself.get_id()) {
                         myself.stop(Some("idle".into()));
@@ -247,11 +262,57 @@ impl Actor for Upload {
                 }
             }
         }
+        if st.rewound {
+            myself.stop(Some("rewound".into()));
+        }
         Ok(())
     }
 }
 
+/// Lets go of the partial file once no transfer stream is open on the upload (see
+/// `UploadActorState::file`). Nothing reads or writes it meanwhile: the actor awaits its
+/// writes and reads in place, so none is in flight between two messages.
+fn release_file(st: &mut UploadActorState) {
+    if st.streams.is_empty() {
+        st.file = None;
+    }
+}
+
 impl Upload {
+    /// The partial file, opened again if the actor let go of it (`release_file`).
+    async fn file(&self, st: &mut UploadActorState) -> Result<Arc<PartialFile>, String> {
+        if let Some(file) = &st.file {
+            return Ok(file.clone());
+        }
+        let (shared, id) = (self.shared.clone(), st.id);
+        let opened = tokio::task::spawn_blocking(move || match shared.files.blobs.reopen_partial(&id) {
+            Ok(file) => Ok(Ok(file)),
+            // Gone from under the running broker (a disk fault, an operator's mistake):
+            // its bytes are lost, and the upload starts over at offset 0 as it would at
+            // start (`blobs.rs`): an empty partial file, the record rewound.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::error!(file = hex(&id), "an upload's partial file is gone; it starts over");
+                shared.files.blobs.open_partial(&id, 0).map_err(|e| e.to_string())?;
+                shared.store.set_upload_offset(&id, 0, None).map_err(|e| e.to_string()).map(Err)
+            }
+            Err(e) => Err(e.to_string()),
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let file = match opened {
+            Ok(file) => Arc::new(file),
+            Err(rewound) => {
+                if let Some(durable) = rewound {
+                    durable.await.map_err(|e| e.to_string())?;
+                }
+                st.rewound = true;
+                return Err("the upload's bytes were lost; it starts over from offset 0".into());
+            }
+        };
+        st.file = Some(file.clone());
+        Ok(file)
+    }
+
     /// Performs `effects` in order; `chunk` is the data a `Write` names.
     async fn perform(
         &self,
@@ -326,12 +387,12 @@ impl Upload {
     /// from the partial file, then the start of `data` (the chunk at `offset`).
     async fn head(
         &self,
-        st: &UploadActorState,
+        st: &mut UploadActorState,
         offset: u64,
         data: &bytes::Bytes,
         need: u64,
     ) -> Result<Vec<u8>, String> {
-        let file = st.file.clone();
+        let file = self.file(st).await?;
         let mut head = tokio::task::spawn_blocking(move || Blobs::read(file.as_file(), 0, offset as usize))
             .await
             .map_err(|e| e.to_string())?
@@ -347,10 +408,11 @@ impl Upload {
     /// back from the file later: the bytes below the durable offset never change).
     async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
         let end = offset + data.len() as u64;
-        let (file, shared, id, relabel) = (st.file.clone(), self.shared.clone(), st.id, st.relabel.clone());
+        let file = self.file(st).await?;
+        let (shared, id, relabel) = (self.shared.clone(), st.id, st.relabel.clone());
         let mut hashing = st.hashed.clone();
         let step = catch_up_step(offset - hashing.to, st.record.size, end, end - offset);
-        let (chunk, prefix) = (data.clone(), st.file.clone());
+        let (chunk, prefix) = (data.clone(), file.clone());
         let hashed = tokio::task::spawn_blocking(move || {
             // Only bytes below `offset`, durable and never written again, are read back.
             Blobs::hash_range(prefix.as_file(), &mut hashing.hasher, hashing.to, hashing.to + step)?;
@@ -413,16 +475,18 @@ impl Upload {
         } else {
             // What the catch-up has not reached (all of it for an actor that started at
             // full size): every byte is durable in the file, hashed once now.
-            let (file, size, shared, mut hashed) =
-                (st.file.clone(), st.record.size, self.shared.clone(), st.hashed.clone());
-            tokio::task::spawn_blocking(move || {
-                Blobs::hash_range(file.as_file(), &mut hashed.hasher, hashed.to, size)?;
-                shared.files.hashed_bytes.fetch_add(size - hashed.to, Ordering::Relaxed);
-                Ok::<_, std::io::Error>(*hashed.hasher.finalize().as_bytes())
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|read| read.map_err(|e| e.to_string()))
+            let (size, shared, mut hashed) = (st.record.size, self.shared.clone(), st.hashed.clone());
+            match self.file(st).await {
+                Ok(file) => tokio::task::spawn_blocking(move || {
+                    Blobs::hash_range(file.as_file(), &mut hashed.hasher, hashed.to, size)?;
+                    shared.files.hashed_bytes.fetch_add(size - hashed.to, Ordering::Relaxed);
+                    Ok::<_, std::io::Error>(*hashed.hasher.finalize().as_bytes())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|read| read.map_err(|e| e.to_string())),
+                Err(e) => Err(e),
+            }
         };
         let result = match hash {
             Ok(hash) if hash == st.record.blake3 => self.publish(st).await,

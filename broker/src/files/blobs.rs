@@ -542,6 +542,16 @@ impl Blobs {
         Ok(PartialFile::new(file, &path))
     }
 
+    /// Opens an upload's partial file again, as it is, for the actor that opened it with
+    /// `open_partial` and let go of it while no stream was open (nothing past its durable
+    /// offset is read, and a later write overwrites from there). `NotFound` if the file
+    /// went.
+    pub fn reopen_partial(&self, id: &FileId) -> io::Result<PartialFile> {
+        let path = self.partial(id);
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        Ok(PartialFile::new(file, &path))
+    }
+
     /// Feeds bytes `from..to` of `file` to `hasher`, read in 256 KiB pieces.
     pub fn hash_range(file: &File, hasher: &mut blake3::Hasher, from: u64, to: u64) -> io::Result<()> {
         let mut buf = vec![0u8; (to.saturating_sub(from)).min(256 * 1024) as usize];

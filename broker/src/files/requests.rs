@@ -123,6 +123,21 @@ pub(crate) fn free_bytes(path: &std::path::Path) -> Result<u64, ErrorBody> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// Of a file system's inodes, the part an upload may not take while the disk reserve
+/// is kept (`disk_reserve_bytes` above 0): one in this many.
+pub const INODE_RESERVE_DIVISOR: u64 = 100;
+
+/// Whether a file system with `files` inodes, `available` of them free for unprivileged
+/// users, has room for an upload's files (its partial file, which becomes its blob, and
+/// a thumbnail) beyond its inode reserve (`INODE_RESERVE_DIVISOR`). A file system that
+/// reports no inode count (btrfs, which allocates them as needed) always has. Bytes
+/// alone did not keep the disk usable: every file is charged 4 KiB of quota, but ext4
+/// makes one inode per 16 KiB by default, so tiny files ran out of inodes at a quarter
+/// of the disk, and then no file could be created (sled's included).
+pub(crate) fn inodes_to_spare(files: u64, available: u64) -> bool {
+    files == 0 || available > files / INODE_RESERVE_DIVISOR + 2
+}
+
 /// `BeginUpload`: checks in the documented order, then records the upload.
 pub async fn begin_upload(
     shared: Arc<Shared>,
@@ -160,8 +175,13 @@ pub async fn begin_upload(
         // at once cannot promise the same free space twice.
         // Deleted bytes the deleter has not freed yet count as taken.
         let unfreed = s.files.blobs.unfreed_bytes();
-        let room = |promised: u64| match free_bytes(s.files.blobs.root()) {
-            Ok(free) => free.saturating_sub(promised).saturating_sub(unfreed) >= record.size.saturating_add(reserve),
+        let room = |promised: u64| match rustix::fs::statvfs(s.files.blobs.root()) {
+            Ok(stat) => {
+                let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+                let bytes =
+                    free.saturating_sub(promised).saturating_sub(unfreed) >= record.size.saturating_add(reserve);
+                bytes && (reserve == 0 || inodes_to_spare(stat.f_files, stat.f_favail))
+            }
             Err(e) => {
                 tracing::warn!(error = ?e, "reading the free disk space failed; refusing the upload");
                 false
@@ -195,7 +215,8 @@ pub async fn begin_upload(
                         refused,
                         disk_reserve_bytes = reserve,
                         free_bytes = free_bytes(s.files.blobs.root()).ok(),
-                        "uploads refused with STORAGE_FULL: the data dir's disk is within disk_reserve_bytes of full"
+                        "uploads refused with STORAGE_FULL: the data dir's disk is within disk_reserve_bytes of full, \
+                         or has fewer than one inode in a hundred free"
                     );
                 }
                 Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"))
@@ -591,5 +612,19 @@ mod tests {
             let refused = check_new_upload(&named(bad)).unwrap_err();
             assert_eq!(refused.code, ErrorCode::INVALID, "{bad:?}");
         }
+    }
+
+    /// Inodes are kept like bytes: a file system with one in a hundred or fewer free
+    /// refuses uploads (ext4's 16 KiB per inode met tiny files' 4 KiB quota charge), one
+    /// that does not count them (btrfs) never does for want of them.
+    #[test]
+    fn an_upload_needs_inodes_beyond_the_reserve() {
+        assert!(inodes_to_spare(1_000_000, 500_000));
+        assert!(inodes_to_spare(1_000_000, 10_003));
+        assert!(!inodes_to_spare(1_000_000, 10_002));
+        assert!(!inodes_to_spare(1_000_000, 0));
+        assert!(inodes_to_spare(0, 0), "no inode count: allocated as needed");
+        assert!(!inodes_to_spare(100, 3), "a tiny file system keeps room for one upload's files");
+        assert!(inodes_to_spare(100, 4));
     }
 }
