@@ -17,6 +17,7 @@
 //! `PRESENCE_PUSH_BURST` allowance intervals, 16 s by default).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -30,8 +31,8 @@ use tokio::sync::Notify;
 
 use crate::fanout::Online;
 use crate::limits::{
-    PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED,
-    PRESENCE_PUSH_BURST, PRESENCE_PUSH_WINDOWS,
+    LAST_SEEN_REFRESH_MS, PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED,
+    PRESENCE_MEMBERS_SCANNED, PRESENCE_PUSH_BURST, PRESENCE_PUSH_WINDOWS,
 };
 use crate::reply::internal;
 
@@ -199,6 +200,11 @@ impl PresenceState {
         Some((state, if state == Status::Offline { entry.offline_since_ms } else { now_ms }))
     }
 
+    /// Users with a device connected.
+    pub fn connected(&self) -> Vec<UserId> {
+        self.users.iter().filter(|(_, p)| !p.devices.is_empty()).map(|(&u, _)| u).collect()
+    }
+
     /// Whether `user` has an entry (connected, or left lately).
     pub fn is_known(&self, user: UserId) -> bool {
         self.users.contains_key(&user)
@@ -297,6 +303,9 @@ pub struct Presence {
     store: Arc<Store>,
     online: Arc<Online>,
     wake: Arc<Notify>,
+    /// When the connected users' stored last-seen times are next moved to now
+    /// (`LAST_SEEN_REFRESH_MS`; wall clock, ms since the epoch; 0 before the first).
+    refresh_due_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Contact sets of users with a presence entry, at most `PRESENCE_CACHED_CONTACTS_MAX`
@@ -390,6 +399,7 @@ impl Presence {
             store,
             online,
             wake: Arc::new(Notify::new()),
+            refresh_due_ms: std::sync::atomic::AtomicU64::new(0),
         });
         spawn_timer(Arc::downgrade(&presence), presence.wake.clone());
         presence
@@ -493,9 +503,31 @@ impl Presence {
         }
     }
 
-    /// Runs due timers and performs their pushes.
+    /// Moves the stored last-seen time of every user with a device connected to `now_ms`
+    /// (`LAST_SEEN_REFRESH_MS`); nothing is pushed (contacts are told a connected user is
+    /// online, seen now, from memory).
+    fn refresh_last_seen(&self, now_ms: u64) {
+        let connected = self.state.lock().unwrap_or_else(|p| p.into_inner()).connected();
+        for user in connected {
+            if let Err(e) = self.store.set_last_seen(user, now_ms) {
+                tracing::warn!(user, error = %e, "storing last seen failed");
+                return;
+            }
+        }
+    }
+
+    /// Runs due timers and performs their pushes; refreshes the stored last-seen times
+    /// when due. Returns the next deadline: the next timer's or the next refresh's.
     fn fire(&self) -> Option<u64> {
-        let fired = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_timeout(crate::now_ms());
+        let now = crate::now_ms();
+        let due = self.refresh_due_ms.load(Ordering::Relaxed);
+        // Also when the wall clock stepped back past a whole period.
+        if now >= due || due > now.saturating_add(LAST_SEEN_REFRESH_MS) {
+            self.refresh_last_seen(now);
+            self.refresh_due_ms.store(now.saturating_add(LAST_SEEN_REFRESH_MS), Ordering::Relaxed);
+        }
+        let refresh = self.refresh_due_ms.load(Ordering::Relaxed);
+        let fired = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_timeout(now);
         for change in fired.changes {
             self.push(change);
         }
@@ -507,7 +539,8 @@ impl Presence {
                 cache.drop_set(user);
             }
         }
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout()
+        let next = self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout();
+        Some(next.map_or(refresh, |at| at.min(refresh)))
     }
 
     /// Stores the change's last-seen time and pushes it to the user's online contacts.
@@ -596,13 +629,15 @@ impl Presence {
 /// A driver whose timers one task runs: `fire` performs what is due and says when to
 /// come back.
 pub(crate) trait Timed: Send + Sync + 'static {
-    /// Performs what is due now; returns the next deadline (ms since the epoch).
-    fn fire_due(&self) -> Option<u64>;
+    /// Performs what is due now; returns how long until the next deadline, measured on
+    /// the driver's own clock (presence's deadlines are on the wall clock, with which
+    /// its last-seen times are stamped; typing's on a monotonic one).
+    fn fire_due(&self) -> Option<Duration>;
 }
 
 impl Timed for Presence {
-    fn fire_due(&self) -> Option<u64> {
-        self.fire()
+    fn fire_due(&self) -> Option<Duration> {
+        self.fire().map(|at| Duration::from_millis(at.saturating_sub(crate::now_ms())))
     }
 }
 
@@ -610,11 +645,10 @@ impl Timed for Presence {
 /// wake-up (an input made an earlier deadline), and ends once the driver is dropped.
 pub(crate) fn spawn_timer<T: Timed>(driver: Weak<T>, wake: Arc<Notify>) {
     tokio::spawn(async move {
-        let mut next: Option<u64> = None;
+        let mut next: Option<Duration> = None;
         loop {
-            let wait = next.map(|at| Duration::from_millis(at.saturating_sub(crate::now_ms())));
             // A notify sent while we were firing is kept by `Notify` and ends this wait.
-            match wait {
+            match next {
                 Some(d) => {
                     let _ = tokio::time::timeout(d, wake.notified()).await;
                 }
@@ -863,5 +897,28 @@ mod tests {
         run_until(&mut p, 10_000);
         p.handle_away(1, 10, true, 5_000);
         assert_eq!(p.handle_timeout(5_000).changes, vec![change(1, Status::Away, 5_000)]);
+    }
+
+    /// The stored last-seen time of a user connected for long follows the clock
+    /// (`LAST_SEEN_REFRESH_MS`): before, it was written only at a push, so after a crash
+    /// a user connected for days was shown as last seen when it came online. Users not
+    /// connected keep theirs.
+    #[tokio::test]
+    async fn connected_users_last_seen_is_refreshed_in_the_store() {
+        use switchboard_storage::StoreConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::new(dir.path().join("store"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        let store = Arc::new(Store::open(&config).unwrap());
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        presence.attach(1, 10);
+        store.set_last_seen(2, 5_000).unwrap();
+        let now = crate::now_ms();
+        presence.refresh_last_seen(now + 3_600_000);
+        assert_eq!(store.last_seen(1).unwrap(), Some(now + 3_600_000), "connected: moved to now");
+        assert_eq!(store.last_seen(2).unwrap(), Some(5_000), "not connected: kept");
+        // The timer comes back for the next refresh even with no other deadline.
+        let next = presence.fire().unwrap();
+        assert!(next <= crate::now_ms() + LAST_SEEN_REFRESH_MS, "next deadline {next}");
     }
 }

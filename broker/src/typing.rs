@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use switchboard_protocol::limits::MAX_DATAGRAM_BYTES;
 use switchboard_protocol::{
@@ -220,6 +220,11 @@ pub struct Typing {
     wake: Arc<Notify>,
     /// Wakes the pusher task.
     push_wake: Arc<Notify>,
+    /// The indicators' clock (`clock_ms`): monotonic, so a wall clock stepping back
+    /// neither holds an indicator past its time (it stood for as long as the step, took
+    /// one of its typist's places, and the typist's next start counted as a repeat and
+    /// was not pushed) nor ends one early when it steps forward.
+    epoch: Instant,
 }
 
 impl Drop for Typing {
@@ -249,7 +254,13 @@ impl Typing {
             online,
             wake: Arc::new(Notify::new()),
             push_wake: Arc::new(Notify::new()),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Milliseconds on the indicators' monotonic clock (since the driver was made).
+    fn clock_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// A signal from session `session` of `user`. A signal beyond the user's allowance
@@ -381,7 +392,7 @@ impl Typing {
         }
     }
 
-    /// Applies `apply` to the state at the wall clock's now and queues the changes it
+    /// Applies `apply` to the state at `clock_ms` and queues the changes it
     /// returns for the pusher, under the state's lock; wakes the timer if the next
     /// expiry moved earlier.
     fn update<C: IntoIterator<Item = TypingChange>>(&self, apply: impl FnOnce(&mut TypingState, u64) -> C) {
@@ -390,7 +401,7 @@ impl Typing {
         let mut queued = false;
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            for TypingChange { conv, user, typing } in apply(&mut state, crate::now_ms()) {
+            for TypingChange { conv, user, typing } in apply(&mut state, self.clock_ms()) {
                 // Stops have room past the starts' bound: a stop dropped would leave a
                 // shown start standing until the receivers' own timeout.
                 let room = if typing { TYPING_ENTRIES_MAX } else { 2 * TYPING_ENTRIES_MAX };
@@ -454,9 +465,10 @@ pub fn signal_from_datagram(datagram: &[u8]) -> Option<Signal> {
 }
 
 impl Timed for Typing {
-    fn fire_due(&self) -> Option<u64> {
+    fn fire_due(&self) -> Option<Duration> {
         self.update(TypingState::handle_timeout);
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout()
+        let next = self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout();
+        next.map(|at| Duration::from_millis(at.saturating_sub(self.clock_ms())))
     }
 }
 
