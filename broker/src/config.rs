@@ -152,10 +152,11 @@ pub struct Config {
     /// group commit's fdatasyncs on a disk with online discard). Until freed they count
     /// against their user's quota and the free space the disk check sees.
     pub delete_bytes_per_sec: u64,
-    /// Small upload chunks (shorter than `limits::SMALL_CHUNK_BYTES`, 256 KiB, a file's
-    /// last and a small file's one included) are written and fdatasynced at most this
-    /// many a second over all uploads; one beyond waits its turn (its stream reads nothing
-    /// meanwhile), so small files complete at most this many a second too. Chunks of
+    /// Small upload chunks (shorter than `limits::SMALL_CHUNK_BYTES`, 256 KiB, and not
+    /// their file's last, or any chunk of a file smaller than that) are written and
+    /// fdatasynced at most this many a second over all uploads; one beyond waits its turn
+    /// (its stream reads nothing meanwhile), so small files complete at most this many a
+    /// second too. Chunks of
     /// 256 KiB or more never wait (the reference client sends 1 MiB, halving only on a
     /// link below 64 KiB/s).
     pub small_chunk_syncs_per_sec: u64,

@@ -214,9 +214,9 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// holding bytes costs sending 64 KiB/s per MiB held. At this rate a 1 MiB chunk has
 /// 18 s.
 pub const MIN_CHUNK_BYTES_PER_SEC: u64 = 64 * 1024;
-/// An upload chunk shorter than this is a *small chunk* (a file's last, or a small
-/// file's one, too): its fdatasync waits its turn among all small chunks'
-/// (`small_chunk_syncs_per_sec`).
+/// An upload chunk shorter than this that does not end its file, or any chunk of a file
+/// shorter than this, is a *small chunk*: its fdatasync waits its turn among all small
+/// chunks' (`small_chunk_syncs_per_sec`).
 /// Each chunk costs the broker one fdatasync of its partial file whatever its length,
 /// so a client sending 1-byte chunks made the disk sync once per byte it sent: a few
 /// streams of them kept the disk busy with syncs that every group commit (every chat

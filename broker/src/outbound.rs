@@ -30,6 +30,16 @@ pub struct Outbound {
     abort: Notify,
     max_frames: usize,
     max_bytes: usize,
+    /// The device whose session this queue serves (`with_owner`): asked of the store
+    /// once the queue is closed (`cut_off`).
+    owner: Option<Owner>,
+}
+
+/// A session's device, for `Outbound::cut_off` to ask the store about.
+struct Owner {
+    store: Arc<switchboard_storage::Store>,
+    user: switchboard_protocol::UserId,
+    device: switchboard_protocol::DeviceId,
 }
 
 struct Queue {
@@ -100,6 +110,7 @@ impl Outbound {
             abort: Notify::new(),
             max_frames,
             max_bytes,
+            owner: None,
         }
     }
 
@@ -255,9 +266,44 @@ impl Outbound {
 
     /// `DEVICE_REVOKED` or `ACCOUNT_DISABLED` once a revocation closed the queue,
     /// whichever close came first (a queue its failed writer closed `NO_ERROR`, or a
-    /// slow consumer's, is still cut off by a revocation after it).
+    /// slow consumer's, is still cut off by a revocation after it). Once the queue is
+    /// closed for another reason, a queue with an owner (`with_owner`) asks the store:
+    /// a session that ended is no longer among those a revocation closes, so its
+    /// requests still in flight (a write queued behind a busy actor, an upload chunk in
+    /// its actor's mailbox) learn of a revocation answered after it ended from the
+    /// device's record (gone) or the account's (disabled). One or two key reads, only
+    /// for the requests of a session already closed.
     pub fn cut_off(&self) -> Option<ErrorCode> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).cut_off
+        let (cut_off, closed) = {
+            let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            (q.cut_off, q.closed)
+        };
+        if cut_off.is_some() || closed.is_none() {
+            return cut_off;
+        }
+        let Owner { store, user, device } = self.owner.as_ref()?;
+        let code = match store.device(*user, *device) {
+            Ok(None) => Some(ErrorCode::DEVICE_REVOKED),
+            Ok(Some(_)) => crate::auth::refuse_if_disabled(store, *user).err().map(|e| e.code),
+            // A store that cannot be read stops the broker (`Health`).
+            Err(_) => None,
+        };
+        if let Some(code) = code {
+            self.queue.lock().unwrap_or_else(|p| p.into_inner()).cut_off.get_or_insert(code);
+        }
+        code
+    }
+
+    /// This queue serves a session of `device` of `user`: `cut_off` asks `store` about
+    /// them once the queue is closed.
+    pub fn with_owner(
+        mut self,
+        store: Arc<switchboard_storage::Store>,
+        user: switchboard_protocol::UserId,
+        device: switchboard_protocol::DeviceId,
+    ) -> Self {
+        self.owner = Some(Owner { store, user, device });
+        self
     }
 
     /// Frames queued now (latest-wins slots not counted).

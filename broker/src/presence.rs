@@ -9,7 +9,8 @@
 //! last push left it. `Presence` drives it: one timer task performs the pushes, keeps a
 //! contact set per user with a presence entry (built once from the store's indexes,
 //! dropped when a membership entry of one of the user's conversations is delivered or
-//! the user goes offline), and stores each pushed change's last-seen time.
+//! the user goes offline), and stores each pushed change's last-seen time, and once a
+//! minute that of every user with a device connected (`LAST_SEEN_REFRESH_MS`).
 //!
 //! What this module never does: read a conversation actor's state, write anything but
 //! last-seen times, or keep offline users (an entry outlives the user's last device by
@@ -520,13 +521,6 @@ impl Presence {
     /// when due. Returns the next deadline: the next timer's or the next refresh's.
     fn fire(&self) -> Option<u64> {
         let now = crate::now_ms();
-        let due = self.refresh_due_ms.load(Ordering::Relaxed);
-        // Also when the wall clock stepped back past a whole period.
-        if now >= due || due > now.saturating_add(LAST_SEEN_REFRESH_MS) {
-            self.refresh_last_seen(now);
-            self.refresh_due_ms.store(now.saturating_add(LAST_SEEN_REFRESH_MS), Ordering::Relaxed);
-        }
-        let refresh = self.refresh_due_ms.load(Ordering::Relaxed);
         let fired = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_timeout(now);
         for change in fired.changes {
             self.push(change);
@@ -539,6 +533,14 @@ impl Presence {
                 cache.drop_set(user);
             }
         }
+        // After the pushes, which must not wait behind a write per connected user.
+        let due = self.refresh_due_ms.load(Ordering::Relaxed);
+        // Also when the wall clock stepped back past a whole period.
+        if now >= due || due > now.saturating_add(LAST_SEEN_REFRESH_MS) {
+            self.refresh_last_seen(now);
+            self.refresh_due_ms.store(now.saturating_add(LAST_SEEN_REFRESH_MS), Ordering::Relaxed);
+        }
+        let refresh = self.refresh_due_ms.load(Ordering::Relaxed);
         let next = self.state.lock().unwrap_or_else(|p| p.into_inner()).poll_timeout();
         Some(next.map_or(refresh, |at| at.min(refresh)))
     }

@@ -2561,6 +2561,48 @@ async fn a_stream_opened_behind_a_cancellation_is_answered_not_found() {
     .await
 }
 
+/// An upload whose partial file went from under the running broker starts over at offset
+/// 0 when its actor next opens the file, and a cancellation queued behind that chunk is
+/// carried out (the actor stops after rewinding, and the removal it dropped is asked
+/// again of its successor; before, the cancel was answered `NOT_FOUND` and the upload
+/// stayed, holding its quota, until it expired).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_queued_behind_a_rewind_is_carried_out() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(512 * 1024, 12);
+        let begun = begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 64 * 1024).await;
+        // The stream ended: the actor let go of the file, which then goes.
+        within(STEP_DEADLINE, "the partial file closed", async {
+            let uploads = std::fs::canonicalize(tb.data_dir().join("uploads")).unwrap();
+            while descriptors_under(&uploads) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let hex: String = begun.file.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::remove_file(tb.data_dir().join("uploads").join(hex)).unwrap();
+        let mut held = tb.shared().pauses.arm(Point::UploadChunk);
+        let open = TransferOpen::Upload { file: begun.file, offset: 256 * 1024 };
+        let mut t = Transfer::open(alice.connection(), &open).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
+        t.chunk(256 * 1024, &data[256 * 1024..320 * 1024], None).await;
+        within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+        let cancel = alice.request(RequestBody::CancelUpload { file: begun.file });
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            held.release();
+        };
+        let (cancelled, ()) = tokio::join!(cancel, release);
+        assert!(cancelled.is_ok(), "cancelled: {cancelled:?}");
+        assert_eq!(code_of(status(&alice, begun.file).await), ErrorCode::NOT_FOUND, "removed");
+    })
+    .await
+}
+
 /// A chunk that reached its upload's actor before its device was revoked is not written
 /// if the actor comes to it after (the actor's check of `Revocation`): held there
 /// (`Point::UploadChunk`) until the revocation is answered, then let go, the whole file
@@ -2585,6 +2627,39 @@ async fn a_chunk_let_in_before_its_devices_revocation_is_not_written() {
         held.release();
         // The actor takes one message at a time: it answers the laptop's opening of the
         // same upload once it is done with the chunk.
+        let mut resumed =
+            Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        match resumed.reply().await {
+            Some(TransferReply::Accepted { offset: 0 }) => {}
+            other => panic!("the chunk was written after its device's revocation: {other:?}"),
+        }
+    })
+    .await
+}
+
+/// The same when the device's connection is gone before the revocation: its session had
+/// ended, so the revocation found no session to cut off, and the chunk held in the actor
+/// was written and the file published after the revocation was answered (the actor now
+/// asks the store once the session's queue is closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_let_in_before_its_device_left_and_was_revoked_is_not_written() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        let data = bytes(1000, 6);
+        let begun = begin_upload(&phone, "a.bin", "application/octet-stream", &data).await;
+        assert_eq!(offset_of(status(&laptop, begun.file).await.unwrap()), 0);
+        let mut held = tb.shared().pauses.arm(Point::UploadChunk);
+        let mut t = Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
+        t.chunk(0, &data, None).await;
+        within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+        phone.close();
+        // The phone's session ends (its connection closed, its writer done).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        held.release();
         let mut resumed =
             Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
         match resumed.reply().await {

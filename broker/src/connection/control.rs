@@ -32,7 +32,11 @@ const WRITER_DRAIN: Duration = Duration::from_secs(5);
 pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed, backlog: Arc<SocketBacklog>) {
     let Authed { user, device, place, send, mut recv, mut decoder } = authed;
     let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
-    let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes));
+    let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes).with_owner(
+        shared.store.clone(),
+        user,
+        device,
+    ));
     let handle = SessionHandle { id: session, device, out: out.clone(), conn: conn.clone() };
     if let Err(e) = shared.users.attach(place, handle) {
         let refusal: Close = e.into();

@@ -359,7 +359,7 @@ async fn upload(
                     // A small chunk waits its turn for its sync here, where those waiting
                     // are bounded by the streams served and its actor is not held up.
                     let len = chunk.data.len() as u64;
-                    if small_chunk(len) {
+                    if small_chunk(len, chunk.offset.saturating_add(len), record.size) {
                         let turn = place.waiting_for_broker(shared.files.small_syncs.wait());
                         tokio::select! {
                             () = turn => {}

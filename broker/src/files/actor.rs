@@ -238,8 +238,14 @@ impl Actor for Upload {
                 st.state.closed(stream);
                 release_file(st);
             }
+            // Finished (complete, or failed for the broker's sake with the upload left for
+            // a successor to finish): the removal is not this actor's to answer. `done`
+            // dropped unanswered makes `Files::remove` ask again, through the successor
+            // or the store (before: answered "nothing removed", and a cancel of an upload
+            // whose completion failed said `NOT_FOUND` while it stayed, holding quota).
+            UploadMsg::Remove { .. } if st.state.is_done() => myself.stop(None),
             UploadMsg::Remove { reason, done } => {
-                let removed = !st.state.is_done() && self.remove(st).await;
+                let removed = self.remove(st).await;
                 if removed {
                     let effects = st.state.finished(Err(ErrorBody::new(ErrorCode::NOT_FOUND, reason)));
                     self.perform(&myself, st, effects, None).await;
@@ -292,8 +298,11 @@ impl Upload {
             // start (`blobs.rs`): an empty partial file, the record rewound.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::error!(file = hex(&id), "an upload's partial file is gone; it starts over");
-                shared.files.blobs.open_partial(&id, 0).map_err(|e| e.to_string())?;
-                shared.store.set_upload_offset(&id, 0, None).map_err(|e| e.to_string()).map(Err)
+                let rewound = shared.store.set_upload_offset(&id, 0, None).map_err(|e| e.to_string())?;
+                if rewound.is_some() {
+                    shared.files.blobs.open_partial(&id, 0).map_err(|e| e.to_string())?;
+                }
+                Ok(Err(rewound))
             }
             Err(e) => Err(e.to_string()),
         })

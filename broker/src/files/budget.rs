@@ -270,15 +270,17 @@ pub fn most_behind<'a>(places: impl Iterator<Item = &'a Arc<Place>>, now: Instan
     places.filter(|p| !p.is_evicted()).filter_map(|p| Some((p.behind(now)?, p))).max_by_key(|(d, _)| *d).map(|(_, p)| p)
 }
 
-/// Whether a chunk of `len` bytes is a small chunk, whose fdatasync takes a turn of
-/// `SyncPacer`: shorter than `SMALL_CHUNK_BYTES`, a file's last chunk included. A small
-/// file's one chunk takes a turn too: before, it did not, and a flood of tiny uploads
-/// (eight at a time per account, thousands in a quota) cost each a chunk fdatasync and
-/// the syncs of its publication (a rename and two directory syncs) unpaced, the load
-/// the pacer exists to keep from the group commits. A turn is at once while the broker
-/// syncs fewer small chunks than `small_chunk_syncs_per_sec`.
-pub fn small_chunk(len: u64) -> bool {
-    len < SMALL_CHUNK_BYTES
+/// Whether a chunk of `len` bytes ending at `end` of a `size`-byte upload is a small
+/// chunk, whose fdatasync takes a turn of `SyncPacer`: shorter than `SMALL_CHUNK_BYTES`
+/// and not the file's last, or any chunk of a file smaller than that. A small file's
+/// chunks take turns too: before, its one chunk (its last) did not, and a flood of tiny
+/// uploads (eight at a time per account, thousands in a quota) cost each a chunk
+/// fdatasync and the syncs of its publication (a rename and two directory syncs)
+/// unpaced, the load the pacer exists to keep from the group commits. A larger file's
+/// last chunk never waits: the file cost 256 KiB at least per completion. A turn is at
+/// once while the broker syncs fewer small chunks than `small_chunk_syncs_per_sec`.
+pub fn small_chunk(len: u64, end: u64, size: u64) -> bool {
+    len < SMALL_CHUNK_BYTES && (end < size || size < SMALL_CHUNK_BYTES)
 }
 
 /// Turns for small chunks' fdatasyncs over all uploads: at most `per_sec` a second, one
@@ -379,11 +381,15 @@ mod tests {
     #[test]
     fn small_chunks_take_turns_and_the_others_never_wait() {
         let kib = 1024u64;
-        // Short of 256 KiB: small, a file's last chunk (or a small file's one) too.
-        assert!(small_chunk(1));
-        assert!(small_chunk(256 * kib - 1));
-        assert!(!small_chunk(256 * kib));
-        assert!(!small_chunk(1024 * kib));
+        // Short of 256 KiB and not the last: small. A whole chunk, or the last of a
+        // larger file: not. Any chunk of a small file: small.
+        assert!(small_chunk(1, 1, 100 * kib * kib));
+        assert!(small_chunk(256 * kib - 1, 256 * kib - 1, 10 * 1024 * kib));
+        assert!(!small_chunk(256 * kib, 256 * kib, 10 * 1024 * kib));
+        assert!(!small_chunk(1024 * kib, 2048 * kib, 10 * 1024 * kib));
+        assert!(!small_chunk(5, 300 * kib, 300 * kib), "a larger file's last chunk");
+        assert!(small_chunk(100, 100, 100), "a small file in one chunk");
+        assert!(small_chunk(5, 100, 100), "a small file's last chunk");
 
         // 256 a second: a burst of 512 syncs wanted at once spreads over two seconds,
         // 1/256 s apart, first come first served.

@@ -461,12 +461,26 @@ impl Files {
     pub async fn remove(&self, shared: &Arc<Shared>, id: &FileId, reason: &'static str) -> Result<bool, String> {
         let live = self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
         if live {
-            let (done, answer) = tokio::sync::oneshot::channel();
-            match self.send(shared, id, UploadMsg::Remove { reason, done }).await {
-                Ok(()) => return Ok(answer.await.unwrap_or(false)),
-                Err(Unreachable::NoUpload) => return Ok(false),
-                Err(Unreachable::Failed(e)) => return Err(e),
+            // An actor that stops with the removal in its mailbox (finished, or rewound)
+            // drops it unanswered: then ask again (its successor, or the store), a few
+            // times at most.
+            for attempt in 0..3u64 {
+                if attempt > 0 {
+                    // The stopping actor leaves the map as it stops.
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+                }
+                let (done, answer) = tokio::sync::oneshot::channel();
+                match self.send(shared, id, UploadMsg::Remove { reason, done }).await {
+                    Ok(()) => {
+                        if let Ok(removed) = answer.await {
+                            return Ok(removed);
+                        }
+                    }
+                    Err(Unreachable::NoUpload) => return Ok(false),
+                    Err(Unreachable::Failed(e)) => return Err(e),
+                }
             }
+            return Err("the upload's actor stopped before removing it; try again".into());
         }
         // No actor: none may start while this removes.
         let _guard = self.lock_upload(id).await;
