@@ -233,7 +233,8 @@ enum Command {
     /// Upload a file; prints its id, and with --conv sends a message carrying it and
     /// prints its seq. Resumes by itself after a dropped connection. An unfinished
     /// upload of the same file (same path, size and BLAKE3) started by an earlier sb
-    /// in this home is resumed, not started again.
+    /// in this home is resumed, not started again. The broker limits a file's size
+    /// (100 MiB by default: FILE_TOO_LARGE beyond) and your stored bytes (`sb quota`).
     Upload {
         /// The file (with --resume, may be left out: the file this home began it from).
         #[arg(required_unless_present = "resume")]
@@ -269,7 +270,8 @@ enum Command {
     /// any of them.
     Uploads,
     /// Download a file (or a byte range of it) into OUT. A whole file is checked against
-    /// its BLAKE3.
+    /// its BLAKE3. OUT `-` (or any path naming standard output) writes the bytes to
+    /// standard output and every report to standard error.
     Download {
         file: String,
         out: PathBuf,
@@ -500,7 +502,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut state = load_state(&home)?;
     cli.broker.apply(&mut state);
     fill_defaults(&mut state);
-    let out = Out { json: cli.json };
+    let out = Out { json: cli.json, stderr: false };
     // `probe --timeout` bounds the connect itself.
     let options = match cli.command {
         Command::Probe { timeout } => {
@@ -553,7 +555,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
             let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
             result = result.context(format!(
-                "this device is not enrolled at {server} any more (revoked from another device, or is this another broker?): `sb login {user}` enrolls it again"
+                "this device is not enrolled at {server} any more (revoked, by `sb devices revoke` here or from another device, or is this another broker?): `sb login {user}` enrolls it again"
             ));
         }
     }
@@ -636,8 +638,9 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
             let offset_ms = probe.clock_offset_ms.round() as i64;
             out.line(
-                json!({"event": "probe", "server": server, "version": probe.version, "answered_ms": probe.answered_ms,
-                    "round_trip_ms": probe.round_trip_ms, "clock_offset_ms": offset_ms}),
+                json!({"event": "probe", "server": server, "version": probe.version,
+                    "answered_ms": (probe.answered_ms * 1000.0).round() / 1000.0,
+                    "round_trip_ms": (probe.round_trip_ms * 1000.0).round() / 1000.0, "clock_offset_ms": offset_ms}),
                 || {
                     format!(
                         "broker at {server} answered in {:.1} ms: protocol {}, round trip {:.2} ms, its clock {offset_ms:+} ms from ours",
@@ -1224,23 +1227,38 @@ fn say(line: impl std::fmt::Display) {
 /// Printing in human or JSON form.
 struct Out {
     json: bool,
+    /// Every line goes to stderr: stdout carries a download's bytes (`sb download F -`).
+    stderr: bool,
 }
 
 impl Out {
+    /// The same output with every line on stderr.
+    fn to_stderr(&self) -> Out {
+        Out { json: self.json, stderr: true }
+    }
+
+    fn say(&self, line: impl std::fmt::Display) {
+        if self.stderr {
+            eprintln!("{line}");
+        } else {
+            say(line);
+        }
+    }
+
     /// Every line goes through here. Human lines are made terminal-safe whole, so a
     /// field added later cannot forget it.
     fn line(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
         if self.json {
-            say(value);
+            self.say(value);
         } else {
-            say(terminal_safe(&human()));
+            self.say(terminal_safe(&human()));
         }
     }
 
     /// A line for people only (nothing with `--json`), if there is one.
     fn text(&self, line: Option<String>) {
         if let Some(line) = line.filter(|_| !self.json) {
-            say(terminal_safe(&line));
+            self.say(terminal_safe(&line));
         }
     }
 
@@ -1248,7 +1266,7 @@ impl Out {
     /// keeps only what happened in conversations).
     fn status(&self, value: serde_json::Value, human: impl FnOnce() -> String) {
         if self.json {
-            say(value);
+            self.say(value);
         } else {
             eprintln!("sb: {}", terminal_safe(&human()));
         }

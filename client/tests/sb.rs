@@ -1349,6 +1349,31 @@ async fn a_download_into_dev_null_works_and_leaves_it_alone() {
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
 }
 
+/// `sb download ID -` writes the file's bytes, and only them, to standard output: its
+/// reports go to standard error (before, the last report followed the bytes on stdout,
+/// and `-` made a file named `-`). A range past the end says it was cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_to_standard_output_carries_the_bytes_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let alice = dir.path().join("alice");
+    sb(&alice, &broker, &["register", "alice"]);
+    let data = pseudo_random_bytes(300_000, 11);
+    let id = uploaded(&alice, &broker, &dir.path().join("f.bin"), &data);
+    let piped =
+        sb_command(&alice, &broker).current_dir(dir.path()).args(["--json", "download", &id, "-"]).output().unwrap();
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert!(piped.stdout == data, "stdout holds {} bytes, the file {}", piped.stdout.len(), data.len());
+    assert!(!dir.path().join("-").exists(), "no file named -");
+    let reports = String::from_utf8_lossy(&piped.stderr);
+    assert!(reports.contains("\"event\":\"downloaded\""), "the report is on stderr: {reports}");
+    let human = sb_output(&alice, &broker, &["download", &id, "-", "--offset", "299990", "--length", "100"]);
+    assert!(human.status.success(), "{}", String::from_utf8_lossy(&human.stderr));
+    assert_eq!(human.stdout, &data[299_990..], "the range's 10 bytes, alone");
+    let said = String::from_utf8_lossy(&human.stderr);
+    assert!(said.contains("90 bytes short of --length"), "the cut is said: {said}");
+}
+
 /// `sb conv rename`: the owner or an admin renames a group; every member's list and
 /// history show the new title, and the group goes by it on the command line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

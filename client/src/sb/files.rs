@@ -523,6 +523,12 @@ pub async fn download(
     length: u64,
 ) -> anyhow::Result<()> {
     let file = parse_file_id(id)?;
+    // The bytes go to standard output: every report goes to standard error, so that a
+    // pipe carries the file's bytes alone (before, the last report followed them).
+    let (path, on_stderr) =
+        if path == Path::new("-") { (Path::new("/dev/stdout"), true) } else { (path, is_stdout(path)) };
+    let to_stderr = out.to_stderr();
+    let out = if on_stderr { &to_stderr } else { out };
     // `OUT/` names a directory: one that is not there is said now, not after the
     // bytes came (they could not be renamed into it).
     let raw = path.as_os_str().to_string_lossy();
@@ -591,7 +597,9 @@ pub async fn download(
         );
     }
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
-    let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
+    // Written in place, with nothing kept for a later run: a device, a pipe, or standard
+    // output whatever it is (a file the shell opened for it has no directory of ours).
+    let special = on_stderr || std::fs::metadata(path).is_ok_and(|m| !m.is_file());
     let partial = if special { path.to_owned() } else { partial_path(path, &file, offset, expected) };
     // Only a whole file's bytes are kept for a later run: its BLAKE3 checks them.
     let whole = offset == 0 && expected == size;
@@ -717,13 +725,20 @@ pub async fn download(
             )));
         }
     };
+    // A range past the end of the file is cut at its end: said, not silent.
+    let short = length.saturating_sub(range.length);
     out.line(
         json!({"event": "downloaded", "file": hex(&file), "out": path.display().to_string(), "offset": range.offset,
-            "length": range.length, "size": range.size, "verified": whole}),
+            "length": range.length, "size": range.size, "verified": whole, "short_of_length": short}),
         || {
             let check = if whole { ", BLAKE3 verified" } else { "" };
+            let cut = if short > 0 {
+                format!("; the file ends there, {short} bytes short of --length")
+            } else {
+                String::new()
+            };
             format!(
-                "wrote {} bytes ({}..{} of {}) to {}{check}",
+                "wrote {} bytes ({}..{} of {}) to {}{check}{cut}",
                 range.length,
                 range.offset,
                 range.offset + range.length,
@@ -733,6 +748,16 @@ pub async fn download(
         },
     );
     Ok(())
+}
+
+/// Whether `path` names this process's standard output (the same file, pipe or device
+/// as `/dev/stdout`).
+fn is_stdout(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), std::fs::metadata("/dev/stdout")) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// How long `sb download` keeps resuming a download that makes no progress.
@@ -905,7 +930,8 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
                     && matches!(info.state, FileState::Complete { .. })
                 {
                     bail!(
-                        "{file} is complete, not an upload in progress: `sb file delete {file}` lets go of a file you uploaded"
+                        "{file} is complete, not an upload in progress: nothing to cancel (`sb file delete {file}` lets \
+                         go of it if you uploaded it)"
                     );
                 }
                 if e.code() == Some(ErrorCode::NOT_FOUND) {
@@ -1230,8 +1256,8 @@ fn saved_path(home: &Path, id: &str) -> anyhow::Result<PathBuf> {
     match state.uploads.iter().find(|u| u.file == file).and_then(|u| key_path(&u.key)) {
         Some(path) => Ok(PathBuf::from(path)),
         None => bail!(
-            "upload {file} was not begun from this home, or is finished here: name its file \
-             (`sb upload --resume {file} FILE`; `sb uploads` lists the unfinished ones)"
+            "upload {file} is not saved in this home (begun elsewhere, or finished, cancelled or expired): name \
+             its file to resume it (`sb upload --resume {file} FILE`; `sb uploads` lists the unfinished ones)"
         ),
     }
 }
