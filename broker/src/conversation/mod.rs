@@ -14,4 +14,4 @@ pub use actor::{ConvMsg, MarkReply};
 pub use directory::{ConvDirectory, HandedMarks, Share};
 pub use receipts::Marks;
 pub(crate) use state::check_files;
-pub use state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, replay_audiences};
+pub use state::{Caller, Command, ConversationState, Effect, Log, Mark, Read, not_a_member, replay_audiences};

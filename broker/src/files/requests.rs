@@ -439,8 +439,10 @@ pub type Counted = Vec<FileId>;
 /// (`Store::forward_file`: the uploader's quota never pays for what others forward,
 /// the forwarder's does, `QUOTA_EXCEEDED` beyond), with the files counted in
 /// (`Counted`: `settle_sent` them once the send is answered). `None` when the conversation actor answers alone: a
-/// resend of an applied client id, or a caller who is not a member (refused there the
-/// same way as for any write). Blocking.
+/// resend of an applied client id. A caller who is not a member is refused here with the
+/// `FORBIDDEN` every write of a stranger gets (before, it went on with no files, and if
+/// it was added meanwhile the actor answered `INVALID`, which a client does not retry).
+/// Blocking.
 pub fn files_to_send(
     shared: &Arc<Shared>,
     conv: ConvId,
@@ -450,10 +452,11 @@ pub fn files_to_send(
     text: &str,
 ) -> Result<Option<(Vec<FileRef>, Counted)>, ErrorBody> {
     let store = &shared.store;
-    if store.dedupe(conv, user, client_id).map_err(internal)?.is_some()
-        || store.member(conv, user).map_err(internal)?.is_none()
-    {
+    if store.dedupe(conv, user, client_id).map_err(internal)?.is_some() {
         return Ok(None);
+    }
+    if store.member(conv, user).map_err(internal)?.is_none() {
+        return Err(crate::conversation::not_a_member());
     }
     if files.is_empty() || files.len() > MAX_FILES_PER_MESSAGE as usize {
         return Err(err(ErrorCode::INVALID, "a message carries 1..=10 files"));
