@@ -116,20 +116,20 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
             blocking(move || list_users(&store)).await
         }
         AdminRequest::UserPasswd { name, password, revoke_devices } => {
-            let user = ops.auth.set_password(&name, &password).await?;
+            // The password and the revocations are one write: an exchange cut short (its
+            // timeout) cannot leave the password set and some devices kept.
+            let (user, revoked) = ops.auth.set_password(&name, &password, revoke_devices).await?;
             if !revoke_devices {
                 return Ok(vec![format!(
                     "set a new password for {name} (its devices still work: --revoke-devices revokes them)"
                 )]);
             }
-            let mut revoked = 0;
-            let devices = ops.store.devices(user).map_err(failed)?;
-            for (device, _) in devices {
-                if revoke(ops, user, device).await? {
-                    revoked += 1;
+            if let Some(shared) = ops.broker {
+                for &device in &revoked {
+                    shared.users.revoke(user, device);
                 }
             }
-            Ok(vec![format!("set a new password for {name} and revoked its {revoked} devices")])
+            Ok(vec![format!("set a new password for {name} and revoked its {} devices", revoked.len())])
         }
         AdminRequest::UserDisable { name, disabled } => {
             let (user, _) = ops.store.user_by_name(&name).map_err(failed)?.ok_or_else(|| no_user(&name))?;

@@ -25,7 +25,7 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash}
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use switchboard_protocol::limits::{MAX_NAME_BYTES, MAX_PASSWORD_BYTES};
 use switchboard_protocol::{DeviceId, Enroll, ErrorBody, ErrorCode, UserId};
-use switchboard_storage::{DeviceRecord, Replace, Store, StoreError};
+use switchboard_storage::{DeviceRecord, Replace, SignOut, Store, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
@@ -208,9 +208,10 @@ impl Auth {
     /// Verifies an enrolled device's signature over `transcript`.
     ///
     /// Device proof is limited per source address only, by its own count of bad
-    /// signatures: a valid signature always succeeds unless that address has used up
-    /// its bad-signature budget (`BAD_SIGNATURES_PER_ADDRESS` a window). Wrong
-    /// passwords, for the account or from the address, never count here. A user name
+    /// signatures: a failed proof is `RATE_LIMITED` once that address has used up its
+    /// bad-signature budget (`BAD_SIGNATURES_PER_ADDRESS` a window); a valid signature
+    /// always succeeds. Wrong passwords, for the account or from the address, never
+    /// count here. A user name
     /// that cannot exist is `AUTH_FAILED`, counted against the address like any bad
     /// signature, and never looked up or kept.
     pub fn authenticate(
@@ -223,7 +224,6 @@ impl Auth {
     ) -> Result<UserId, ErrorBody> {
         let now = crate::now_ms();
         let address = [LimitKey::Address(source(from))];
-        self.signatures.check(&address, now)?;
         let found = match check_user_name(user_name) {
             Ok(()) => match self.store.user_by_name(user_name).map_err(internal)? {
                 Some((user, _)) => self.store.device(user, device).map_err(internal)?.map(|d| (user, d)),
@@ -241,7 +241,14 @@ impl Auth {
                 refuse_if_disabled(&self.store, user)?;
                 Ok(user)
             }
+            // Only a failed proof meets the address's budget: a device that proves its key
+            // is never refused for what others at its address (a carrier NAT, an IPv6
+            // /64) guessed (before, the budget was checked first, and 300 bad signatures
+            // a minute from one host locked every device behind the same address out).
+            // The lookup and the check cost tens of microseconds, a small part of the
+            // QUIC and TLS handshake each attempt must make first.
             None => {
+                self.signatures.check(&address, now)?;
                 self.signatures.record(&address, now)?;
                 Err(fail(ErrorCode::AUTH_FAILED, "unknown device or bad signature"))
             }
@@ -279,8 +286,15 @@ impl Auth {
 
     /// Replaces the password of account `name` (an operator's reset); `NOT_FOUND` if
     /// there is none, `INVALID` for a password outside 8..=256 bytes. Durable when it
-    /// returns. The account's devices keep working: revoke them too to lock someone out.
-    pub async fn set_password(&self, name: &str, password: &str) -> Result<UserId, ErrorBody> {
+    /// returns. With `revoke_devices` every device of the account is removed in the same
+    /// write (the caller closes their connections: the ids are returned); without, they
+    /// keep working.
+    pub async fn set_password(
+        &self,
+        name: &str,
+        password: &str,
+        revoke_devices: bool,
+    ) -> Result<(UserId, Vec<DeviceId>), ErrorBody> {
         check_password(password)?;
         let (user, _) = self
             .store
@@ -291,11 +305,12 @@ impl Auth {
         let password = password.to_owned();
         let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
         let hash = hash.await?.map_err(internal)?;
-        let set = crate::catalog::catalog_write(&self.store, move |s| s.set_password(user, &hash)).await?;
-        let durable = set.map_err(internal)?.ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
+        let sign_out = if revoke_devices { SignOut::Everyone } else { SignOut::Nobody };
+        let set = crate::catalog::catalog_write(&self.store, move |s| s.set_password(user, &hash, sign_out)).await?;
+        let (durable, revoked) = set.map_err(internal)?.ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
         durable.await.map_err(internal)?;
-        tracing::info!(user, "password reset");
-        Ok(user)
+        tracing::info!(user, revoked = revoked.len(), "password reset");
+        Ok((user, revoked))
     }
 
     /// A signed-in user's own password change (`ChangePassword`). Checked in this order:
@@ -309,14 +324,17 @@ impl Auth {
     /// account's hash is still the one `current` was checked against, in the same
     /// catalog write: of two changes racing from the same password one wins, the other
     /// is `AUTH_FAILED`. `asker`, the device asking, must not have been cut off since it
-    /// asked (`catalog::refusal_to`). Durable when it returns.
+    /// asked (`catalog::refusal_to`). With `sign_out_others` every other device of the
+    /// account is removed in the same write, and returned (the caller closes their
+    /// connections). Durable when it returns.
     pub(crate) async fn change_password(
         &self,
         user: UserId,
         asker: crate::catalog::Asker,
         current: &str,
         new: &str,
-    ) -> Result<(), ErrorBody> {
+        sign_out_others: bool,
+    ) -> Result<Vec<DeviceId>, ErrorBody> {
         check_password(new)?;
         let now = crate::now_ms();
         let keys = [LimitKey::Account(user)];
@@ -327,7 +345,9 @@ impl Auth {
         self.password_changes.check(&keys, now).map_err(too_many)?;
         self.password_changes.record(&keys, now).map_err(too_many)?;
         let record = self.store.user(user).map_err(internal)?.ok_or_else(wrong_current_password)?;
-        let turn = self.argon.turn()?;
+        // No turn (`OVERLOADED`, others' logins filling the queue): nothing was tried, so
+        // the change is not counted against the owner's allowance.
+        let turn = self.argon.turn().inspect_err(|_| self.password_changes.refund(&keys))?;
         let (current, new, verified) = (current.to_owned(), new.to_owned(), record.password_hash);
         let phc = verified.clone();
         let hashed = self.argon.run(turn, move |argon| {
@@ -343,6 +363,7 @@ impl Auth {
         // The device asking must still be enrolled as the change is written (on the
         // catalog thread, in order with revokes): a change in flight from a device
         // revoked meanwhile must not land after its revoke was answered.
+        let sign_out = if sign_out_others { SignOut::AllBut(asker.device) } else { SignOut::Nobody };
         let set = crate::catalog::catalog_write(&self.store, move |s| {
             match crate::catalog::refusal_to(s, user, &asker) {
                 Ok(Some(refused)) => return Err(refused),
@@ -350,16 +371,19 @@ impl Auth {
                 Err(e) => return Ok(Some(Err(e))),
             }
             match s.user(user) {
-                Ok(Some(account)) if account.password_hash == verified => Ok(Some(s.set_password(user, &hash))),
+                Ok(Some(account)) if account.password_hash == verified => {
+                    Ok(Some(s.set_password(user, &hash, sign_out)))
+                }
                 Ok(_) => Ok(None),
                 Err(e) => Ok(Some(Err(e))),
             }
         })
         .await??;
-        let durable = set.ok_or_else(wrong_current_password)?.map_err(internal)?.ok_or_else(wrong_current_password)?;
+        let (durable, revoked) =
+            set.ok_or_else(wrong_current_password)?.map_err(internal)?.ok_or_else(wrong_current_password)?;
         durable.await.map_err(internal)?;
-        tracing::info!(user, "password changed by its user");
-        Ok(())
+        tracing::info!(user, revoked = revoked.len(), "password changed by its user");
+        Ok(revoked)
     }
 
     /// Stores a new account; `CONFLICT` if the name is taken. Durable when it returns.
@@ -387,7 +411,9 @@ impl Auth {
     /// device is added only if it is still the account's, in the same catalog write (the
     /// catalog writes are serialised), so a login whose slow check began before an
     /// operator's password reset can no longer enroll after the reset revoked the
-    /// account's devices; it is refused like a wrong password.
+    /// account's devices; it is refused like a wrong password. Likewise an account the
+    /// operator disabled meanwhile gets no device (`ACCOUNT_DISABLED`): before, one was
+    /// enrolled and never told to its client, and worked once the account was enabled.
     pub async fn enroll(
         &self,
         user: UserId,
@@ -399,15 +425,21 @@ impl Auth {
         let now = crate::now_ms();
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: now };
         let enrolled_before_ms = now.saturating_sub(self.unconfirmed_device_grace_ms);
-        let added = crate::catalog::catalog_write(&self.store, move |s| {
+        let added = crate::catalog::catalog_write(&self.store, move |s| -> Result<Option<_>, ErrorBody> {
             match s.user(user) {
                 Ok(Some(account)) if account.password_hash == verified => {}
-                Ok(_) => return None,
-                Err(e) => return Some(Err(e)),
+                Ok(_) => return Ok(None),
+                Err(e) => return Ok(Some(Err(e))),
             }
-            Some(s.add_device(user, &record, MAX_DEVICES_PER_USER, &Replace { enrolled_before_ms, in_use: &in_use }))
+            refuse_if_disabled(s, user)?;
+            Ok(Some(s.add_device(
+                user,
+                &record,
+                MAX_DEVICES_PER_USER,
+                &Replace { enrolled_before_ms, in_use: &in_use },
+            )))
         })
-        .await?;
+        .await??;
         let Some(added) = added else { return Err(wrong_password()) };
         let (device, replaced, durable) = match added {
             Ok(v) => v,

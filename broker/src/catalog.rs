@@ -373,11 +373,13 @@ pub(crate) fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, Err
     ))
 }
 
-/// `ChangePassword`: the new password (`Auth::change_password`), then with
-/// `sign_out_others` every device of the account but the caller's revoked, each closing
-/// its connections with `DEVICE_REVOKED`. The devices are listed once the new password
-/// is durable: an enrollment with the old one can no longer land after that (`Auth::enroll`
-/// compares the hash in its write), so none is missed. `Done`.
+/// `ChangePassword`: the new password (`Auth::change_password`), and with
+/// `sign_out_others` every device of the account but the caller's revoked in the same
+/// write, then their connections closed with `DEVICE_REVOKED`. One write, so the change
+/// cannot stop half-way with the password set and a device kept (before, the devices
+/// were revoked one write each after it, and a stolen device revoked last could revoke
+/// the asking one in between and stay); an enrollment with the old password cannot land
+/// after it (`Auth::enroll` compares the hash in its write). `Done`.
 pub(crate) async fn change_password(
     shared: &Shared,
     caller: Caller,
@@ -386,17 +388,10 @@ pub(crate) async fn change_password(
     new: &str,
     sign_out_others: bool,
 ) -> Result<Reply, ErrorBody> {
-    shared.auth.change_password(caller.user, asker.clone(), current, new).await?;
-    if sign_out_others {
-        let devices = shared.store.devices(caller.user).map_err(internal)?;
-        for (device, _) in devices.into_iter().filter(|(d, _)| *d != caller.device) {
-            match revoke_device(shared, caller.user, device, Some(asker.clone())).await {
-                Ok(_) => {}
-                // Revoked meanwhile by the user's own request or an operator.
-                Err(e) if e.code == ErrorCode::NOT_FOUND => {}
-                Err(e) => return Err(e),
-            }
-        }
+    let revoked = shared.auth.change_password(caller.user, asker, current, new, sign_out_others).await?;
+    for device in revoked {
+        tracing::info!(user = caller.user, device, "device revoked by a password change");
+        shared.users.revoke(caller.user, device);
     }
     Ok(Reply::Done)
 }

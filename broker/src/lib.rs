@@ -194,10 +194,35 @@ async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
     }
 }
 
+/// Creates `dir`, the data directory, readable by this user only (mode 0700, and so any
+/// parents it creates): it holds every message, every password hash and every uploaded
+/// file, and the files in it are made with the process's umask (sled's included), so
+/// only the directory keeps other local users out. An existing one is left as the
+/// operator made it, with a warning if others may enter it.
+pub fn create_data_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::io(format!("creating {}", dir.display())))?;
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the data dir may be entered by other local users, who could then read every message, password \
+             hash and file: chmod 700 it"
+        );
+    }
+    Ok(())
+}
+
 /// Opens the data directory's store with the configured cache.
 pub fn open_store(config: &Config) -> Result<Arc<Store>> {
     config::check(config)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
+    create_data_dir(&config.data_dir)?;
     let mut store_config = StoreConfig::new(config.data_dir.join("store"));
     store_config.cache_capacity_bytes = config.store_cache_bytes;
     store_config.commit_delay = std::time::Duration::from_micros(config.commit_delay_us);

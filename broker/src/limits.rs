@@ -102,9 +102,10 @@ pub const AUTH_FAILURES_PER_ADDRESS: u32 = 30;
 /// `OVERLOADED` (an attacker review). IPv4 addresses are sources and networks at once.
 pub const SOURCES_PER_NETWORK: u32 = 8;
 /// Bad device signatures (unknown user or device, wrong key) per source address per
-/// window. A signature cannot be guessed; this bounds the lookups one address can make
-/// the broker do, and is generous so a revoked device retrying does not shut out other
-/// devices behind the same address.
+/// window; past it a failed proof is `RATE_LIMITED`, a valid one still gets in (only
+/// failures meet the budget). A signature cannot be guessed; this slows a peer probing
+/// names and device ids, and a valid device behind the same address (a carrier NAT)
+/// is never shut out by it.
 pub const BAD_SIGNATURES_PER_ADDRESS: u32 = 300;
 /// Window for the failure counts.
 pub const AUTH_FAILURE_WINDOW_MS: u64 = 60_000;

@@ -33,8 +33,19 @@ pub fn load_or_generate(config: &Config) -> Result<Identity> {
         (None, None) => {
             let c = config.data_dir.join("cert.pem");
             let k = config.data_dir.join("key.pem");
-            if !c.exists() || !k.exists() {
-                generate(&c, &k)?;
+            match (c.exists(), k.exists()) {
+                (false, false) => generate(&c, &k)?,
+                (true, true) => {}
+                // Generating both would replace the broker's identity silently (clients
+                // that pinned it refuse the new one) and rewrite the key in place.
+                _ => {
+                    return Err(Error::Config(format!(
+                        "{} and {} go together and one is missing: restore it, or remove the other too to \
+                         generate a new certificate (clients that pinned the old one will refuse the new one)",
+                        c.display(),
+                        k.display()
+                    )));
+                }
             }
             (c, k)
         }
@@ -63,7 +74,13 @@ fn generate(cert_path: &Path, key_path: &Path) -> Result<()> {
     let certified =
         rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(format!("generating certificate: {e}")))?;
     if let Some(dir) = cert_path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        // Private when made here (by default it is the data dir: `create_data_dir`).
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(Error::io(format!("creating {}", dir.display())))?;
     }
     write_private(key_path, certified.signing_key.serialize_pem().as_bytes())
         .map_err(Error::io(format!("writing {}", key_path.display())))?;
@@ -103,8 +120,7 @@ pub fn endpoint_config(config: &Config) -> Result<quinn::EndpointConfig> {
             let mut secret = vec![0u8; ENDPOINT_SECRET_BYTES];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
                 .map_err(|_| Error::Tls("no randomness for the endpoint secret".into()))?;
-            std::fs::create_dir_all(&config.data_dir)
-                .map_err(Error::io(format!("creating {}", config.data_dir.display())))?;
+            crate::create_data_dir(&config.data_dir)?;
             write_private(&path, &secret).map_err(Error::io(format!("writing {}", path.display())))?;
             secret
         }
@@ -387,5 +403,30 @@ mod tests {
             assert_eq!(window, u64::from(STREAM_WINDOW) * (u64::from(transfers) + 1));
         }
         assert_eq!(connection_window(u32::MAX), u32::MAX, "saturates instead of wrapping");
+    }
+
+    /// A fresh data dir (and the parents made for it) is private, and a data dir left
+    /// with a certificate but no key (or the reverse) is refused rather than given a new
+    /// identity in place: before, the directories took the umask (0755: every local user
+    /// could read the store and the files), and a missing `cert.pem` rewrote `key.pem`.
+    #[test]
+    fn a_fresh_data_dir_is_private_and_half_an_identity_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("parent").join("data");
+        let config = Config::ephemeral(&data);
+        let identity = load_or_generate(&config);
+        assert!(identity.is_ok());
+        for dir in [&data, &tmp.path().join("parent")] {
+            let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", dir.display());
+        }
+        let key = std::fs::read(data.join("key.pem")).unwrap();
+        std::fs::remove_file(data.join("cert.pem")).unwrap();
+        match load_or_generate(&config) {
+            Err(Error::Config(why)) => assert!(why.contains("go together"), "{why}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(std::fs::read(data.join("key.pem")).unwrap(), key, "the key is left as it was");
     }
 }

@@ -337,15 +337,34 @@ impl Store {
         Ok(out)
     }
 
-    /// Replaces a user's password hash (an argon2id PHC string); `None` if there is no
-    /// such user. Durable when the future resolves.
-    pub fn set_password(&self, user: UserId, password_hash: &str) -> Result<Option<Durable>> {
+    /// Replaces a user's password hash (an argon2id PHC string) and, in the same batch,
+    /// removes the devices `sign_out` names, returning them; `None` if there is no such
+    /// user. Durable when the future resolves. One batch, so a password change that
+    /// signs out the other devices cannot stop half-way (a device still enrolled
+    /// revoking the one that asked, a failure between two revocations) with the new
+    /// password set and a stolen device kept.
+    pub fn set_password(
+        &self,
+        user: UserId,
+        password_hash: &str,
+        sign_out: SignOut,
+    ) -> Result<Option<(Durable, Vec<DeviceId>)>> {
         let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.user(user)? else { return Ok(None) };
         record.password_hash = password_hash.to_owned();
         let mut txn = Txn::new();
         txn.put(Key::user(user), &record);
-        Ok(Some(self.commit(txn)?))
+        let mut removed = Vec::new();
+        if sign_out != SignOut::Nobody {
+            for (device, _) in self.devices(user)? {
+                if sign_out != SignOut::AllBut(device) {
+                    txn.batch.remove(Key::device(user, device).as_ref());
+                    txn.batch.remove(Key::unconfirmed(user, device).as_ref());
+                    removed.push(device);
+                }
+            }
+        }
+        Ok(Some((self.commit(txn)?, removed)))
     }
 
     /// Whether the operator has disabled `user`'s account. One point read.
@@ -544,6 +563,17 @@ impl Store {
             None => Ok(None),
         }
     }
+}
+
+/// Which devices a password change removes in its own batch (`Store::set_password`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignOut {
+    /// None: they keep working.
+    Nobody,
+    /// Every device of the account but this one (the device that asked).
+    AllBut(DeviceId),
+    /// Every device of the account (an operator's reset).
+    Everyone,
 }
 
 /// What an enrollment at the device limit may replace (`Store::add_device`).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ed25519_dalek::{Signer, SigningKey};
-use switchboard_broker::limits::AUTH_FAILURES_PER_ADDRESS;
+use switchboard_broker::limits::{AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS};
 use switchboard_client::{ClientError, Connector};
 use switchboard_protocol::limits::{AUTH_DEADLINE_MS, MAX_NAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
@@ -333,6 +333,27 @@ async fn bad_signatures_count_the_same_for_names_that_exist_and_not() {
     }
     // None of them counted: a right password from the same address is not refused.
     tb.login("alice").await;
+}
+
+/// A device that proves its key gets in however many bad signatures its address sent:
+/// only failed proofs meet the address's budget (before, the budget was checked first,
+/// so a host behind the same address as someone's devices, a carrier NAT or an IPv6
+/// /64, locked them all out with 300 bad signatures a minute).
+#[tokio::test]
+async fn bad_signatures_from_an_address_never_lock_out_a_device_that_proves_its_key() {
+    let tb = TestBroker::start().await;
+    let (_alice, alice) = tb.register("alice").await;
+    let mut codes = Vec::new();
+    for _ in 0..=BAD_SIGNATURES_PER_ADDRESS {
+        let mut guess = tb.preauth().await;
+        guess.request(0, switchboard_tests::authenticate(&alice, b"not this connection's transcript")).await;
+        codes.push(guess.next().await.err().flatten());
+    }
+    assert_eq!(codes[0], Some(ErrorCode::AUTH_FAILED));
+    assert_eq!(codes.last(), Some(&Some(ErrorCode::RATE_LIMITED)), "past the address's budget");
+    // From the same address, the device that proves its key.
+    let device = tb.connector().connect(&alice).await.unwrap();
+    device.ping().await.unwrap();
 }
 
 // ---- 3. handshakes that never finish take nobody's place ----

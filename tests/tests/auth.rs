@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use switchboard_broker::pauses::Point;
-use switchboard_client::{Connector, Trust};
+use switchboard_client::{Client, Connector, Identity, RawSession, Trust};
 use switchboard_protocol::limits::{MAX_SERVER_FRAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
-    ClientFrame, ClientHello, ErrorCode, FrameDecoder, MAGIC, Page, Reply, Request, RequestBody, ServerFrame,
+    ClientFrame, ClientHello, ConvId, ErrorCode, FrameDecoder, MAGIC, Page, Reply, Request, RequestBody, ServerFrame,
     ServerHello, Settings, auth_transcript, auth_transcript_v5, decode, encode_frame,
 };
 use switchboard_tests::{
@@ -50,11 +50,7 @@ async fn revoked_device_is_disconnected_and_cannot_return() {
 async fn a_device_that_stops_reading_its_control_stream_cannot_outlive_a_revocation() {
     bounded(async {
         let tb = TestBroker::start().await;
-        let (laptop, _) = tb.register("alice").await;
-        tb.register("bob").await;
-        let conv = laptop.create_group("g", &["bob".into()]).await.unwrap().id;
-        let (_phone, phone_id) = tb.login("alice").await;
-        let mut raw = tb.connector().connect_raw(&phone_id).await.unwrap();
+        let (laptop, conv, phone_id, mut raw, _phone) = group_and_a_raw_phone(&tb).await;
         raw.recv.stop(0u32.into()).unwrap();
         // The answer to the ping meets the stopped stream.
         raw.send.write_all(&request_frame(1, RequestBody::Ping)).await.unwrap();
@@ -72,6 +68,17 @@ async fn a_device_that_stops_reading_its_control_stream_cannot_outlive_a_revocat
         );
     })
     .await
+}
+
+/// Alice (her laptop) in group `g` with bob, and a second device of alice's (her phone,
+/// kept connected) with a bare session of its own.
+async fn group_and_a_raw_phone(tb: &TestBroker) -> (Client, ConvId, Identity, RawSession, Client) {
+    let (laptop, _) = tb.register("alice").await;
+    tb.register("bob").await;
+    let conv = laptop.create_group("g", &["bob".into()]).await.unwrap().id;
+    let (phone, phone_id) = tb.login("alice").await;
+    let raw = tb.connector().connect_raw(&phone_id).await.unwrap();
+    (laptop, conv, phone_id, raw, phone)
 }
 
 #[tokio::test]
@@ -430,13 +437,35 @@ async fn a_login_checked_against_a_password_since_reset_enrolls_nothing() {
         let auth = &tb.shared().auth;
         let store = &tb.shared().store;
         let checked_against = store.user(identity.user_id).unwrap().unwrap().password_hash;
-        auth.set_password("carol", "a brand new passphrase").await.unwrap();
+        auth.set_password("carol", "a brand new passphrase", false).await.unwrap();
         let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against).await;
         assert_eq!(late.unwrap_err().code, ErrorCode::AUTH_FAILED);
         assert_eq!(store.devices(identity.user_id).unwrap().len(), 1, "only the registering device");
         // Checked against the password in force, the same enrollment goes through.
         let current = store.user(identity.user_id).unwrap().unwrap().password_hash;
         auth.enroll(identity.user_id, "desk", [8; 32], Vec::new(), current).await.unwrap();
+        assert_eq!(store.devices(identity.user_id).unwrap().len(), 2);
+    })
+    .await
+}
+
+/// Likewise an account the operator disabled between a login's password check and its
+/// enrollment gets no device (before, one was enrolled, never told to its client, and
+/// worked once the account was enabled again: its key could be the guesser's).
+#[tokio::test]
+async fn a_login_checked_before_its_account_was_disabled_enrolls_nothing() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_carol, identity) = tb.register("carol").await;
+        let auth = &tb.shared().auth;
+        let store = &tb.shared().store;
+        let checked_against = store.user(identity.user_id).unwrap().unwrap().password_hash;
+        store.set_disabled(identity.user_id, true, 1).unwrap().unwrap().await.unwrap();
+        let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against.clone()).await;
+        assert_eq!(late.unwrap_err().code, ErrorCode::ACCOUNT_DISABLED);
+        assert_eq!(store.devices(identity.user_id).unwrap().len(), 1, "only the registering device");
+        store.set_disabled(identity.user_id, false, 2).unwrap().unwrap().await.unwrap();
+        auth.enroll(identity.user_id, "desk", [8; 32], Vec::new(), checked_against).await.unwrap();
         assert_eq!(store.devices(identity.user_id).unwrap().len(), 2);
     })
     .await
@@ -602,11 +631,7 @@ async fn a_revoked_devices_requests_already_sent_are_not_carried_out() {
         let mut tries = Vec::new();
         for _ in 0..5 {
             let tb = TestBroker::start().await;
-            let (laptop, _) = tb.register("alice").await;
-            tb.register("bob").await;
-            let conv = laptop.create_group("g", &["bob".into()]).await.unwrap().id;
-            let (_phone, phone_id) = tb.login("alice").await;
-            let mut raw = tb.connector().connect_raw(&phone_id).await.unwrap();
+            let (laptop, conv, phone_id, mut raw, _phone) = group_and_a_raw_phone(&tb).await;
             let mut bytes = request_frame(1, RequestBody::RevokeDevice { device_id: phone_id.device_id }).to_vec();
             for i in 0..SENT {
                 let mut client_id = [1u8; 16];

@@ -2610,31 +2610,7 @@ async fn a_cancel_queued_behind_a_rewind_is_carried_out() {
 /// the file complete, in each of 3 runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_let_in_before_its_devices_revocation_is_not_written() {
-    bounded(async {
-        let tb = TestBroker::start().await;
-        let (laptop, _) = tb.register("alice").await;
-        let (phone, phone_id) = tb.login("alice").await;
-        let data = bytes(1000, 5);
-        let begun = begin_upload(&phone, "a.bin", "application/octet-stream", &data).await;
-        // Asking about an upload opens the laptop's connection to transfer streams.
-        assert_eq!(offset_of(status(&laptop, begun.file).await.unwrap()), 0);
-        let mut held = tb.shared().pauses.arm(Point::UploadChunk);
-        let mut t = Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
-        t.chunk(0, &data, None).await;
-        within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
-        held.release();
-        // The actor takes one message at a time: it answers the laptop's opening of the
-        // same upload once it is done with the chunk.
-        let mut resumed =
-            Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        match resumed.reply().await {
-            Some(TransferReply::Accepted { offset: 0 }) => {}
-            other => panic!("the chunk was written after its device's revocation: {other:?}"),
-        }
-    })
-    .await
+    bounded(chunk_held_then_revoked(false)).await
 }
 
 /// The same when the device's connection is gone before the revocation: its session had
@@ -2643,31 +2619,39 @@ async fn a_chunk_let_in_before_its_devices_revocation_is_not_written() {
 /// asks the store once the session's queue is closed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_let_in_before_its_device_left_and_was_revoked_is_not_written() {
-    bounded(async {
-        let tb = TestBroker::start().await;
-        let (laptop, _) = tb.register("alice").await;
-        let (phone, phone_id) = tb.login("alice").await;
-        let data = bytes(1000, 6);
-        let begun = begin_upload(&phone, "a.bin", "application/octet-stream", &data).await;
-        assert_eq!(offset_of(status(&laptop, begun.file).await.unwrap()), 0);
-        let mut held = tb.shared().pauses.arm(Point::UploadChunk);
-        let mut t = Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
-        t.chunk(0, &data, None).await;
-        within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+    bounded(chunk_held_then_revoked(true)).await
+}
+
+/// Alice's phone sends a whole file in one chunk, held in the upload's actor; the phone
+/// leaves first if `leave_first`; her laptop revokes the phone, the chunk goes on, and
+/// the laptop's opening of the upload must find nothing written.
+async fn chunk_held_then_revoked(leave_first: bool) {
+    let tb = TestBroker::start().await;
+    let (laptop, _) = tb.register("alice").await;
+    let (phone, phone_id) = tb.login("alice").await;
+    let data = bytes(1000, 5);
+    let begun = begin_upload(&phone, "a.bin", "application/octet-stream", &data).await;
+    // Asking about an upload opens the laptop's connection to transfer streams.
+    assert_eq!(offset_of(status(&laptop, begun.file).await.unwrap()), 0);
+    let mut held = tb.shared().pauses.arm(Point::UploadChunk);
+    let mut t = Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+    assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
+    t.chunk(0, &data, None).await;
+    within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+    if leave_first {
         phone.close();
         // The phone's session ends (its connection closed, its writer done).
         tokio::time::sleep(Duration::from_millis(500)).await;
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
-        held.release();
-        let mut resumed =
-            Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        match resumed.reply().await {
-            Some(TransferReply::Accepted { offset: 0 }) => {}
-            other => panic!("the chunk was written after its device's revocation: {other:?}"),
-        }
-    })
-    .await
+    }
+    laptop.revoke_device(phone_id.device_id).await.unwrap();
+    held.release();
+    // The actor takes one message at a time: it answers the laptop's opening of the
+    // same upload once it is done with the chunk.
+    let mut resumed = Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+    match resumed.reply().await {
+        Some(TransferReply::Accepted { offset: 0 }) => {}
+        other => panic!("the chunk was written after its device's revocation: {other:?}"),
+    }
 }
 
 /// A device revoked in the middle of an upload writes nothing more: the chunks it had
