@@ -117,17 +117,19 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
         }
         AdminRequest::UserPasswd { name, password, revoke_devices } => {
             // The password and the revocations are one write: an exchange cut short (its
-            // timeout) cannot leave the password set and some devices kept.
+            // timeout) cannot leave the password set and some devices kept in the store;
+            // a retry closes any of their sessions left open (`revoke_all_but`).
             let (user, revoked) = ops.auth.set_password(&name, &password, revoke_devices).await?;
             if !revoke_devices {
                 return Ok(vec![format!(
                     "set a new password for {name} (its devices still work: --revoke-devices revokes them)"
                 )]);
             }
+            for &device in &revoked {
+                tracing::info!(user, device, "device revoked by an operator's password reset");
+            }
             if let Some(shared) = ops.broker {
-                for &device in &revoked {
-                    shared.users.revoke(user, device);
-                }
+                shared.users.revoke_all_but(user, None);
             }
             Ok(vec![format!("set a new password for {name} and revoked its {} devices", revoked.len())])
         }

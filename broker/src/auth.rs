@@ -84,6 +84,15 @@ pub(crate) fn refuse_if_disabled(store: &Store, user: UserId) -> Result<(), Erro
     Ok(())
 }
 
+/// The key a device proof is checked against when its name or device does not exist
+/// (`Auth::authenticate`), so that the check costs the same either way. Its secret is
+/// no secret (it is here): a signature that verifies against it proves nothing, since
+/// there is no device for it to let in.
+fn decoy_key() -> VerifyingKey {
+    static DECOY: std::sync::OnceLock<VerifyingKey> = std::sync::OnceLock::new();
+    *DECOY.get_or_init(|| ed25519_dalek::SigningKey::from_bytes(&[0x5b; 32]).verifying_key())
+}
+
 fn wrong_current_password() -> ErrorBody {
     fail(ErrorCode::AUTH_FAILED, "wrong current password")
 }
@@ -227,15 +236,23 @@ impl Auth {
         let found = match check_user_name(user_name) {
             Ok(()) => match self.store.user_by_name(user_name).map_err(internal)? {
                 Some((user, _)) => self.store.device(user, device).map_err(internal)?.map(|d| (user, d)),
-                None => None,
+                // The same reads and check as for a name that exists, against a decoy
+                // key: past the address's budget a probe still costs the broker a check,
+                // and its time must not tell which names and devices exist.
+                None => {
+                    let _ = self.store.device(0, device);
+                    None
+                }
             },
             Err(_) => None,
         };
-        let verified = found.and_then(|(user, d)| {
-            let key = VerifyingKey::from_bytes(&d.public_key).ok()?;
-            let sig = Signature::from_slice(signature).ok()?;
-            key.verify(transcript, &sig).ok().map(|_| user)
-        });
+        let key = match &found {
+            Some((_, d)) => VerifyingKey::from_bytes(&d.public_key).ok(),
+            None => Some(decoy_key()),
+        };
+        let proved = key
+            .is_some_and(|key| Signature::from_slice(signature).is_ok_and(|sig| key.verify(transcript, &sig).is_ok()));
+        let verified = found.filter(|_| proved).map(|(user, _)| user);
         match verified {
             Some(user) => {
                 refuse_if_disabled(&self.store, user)?;
@@ -340,8 +357,9 @@ impl Auth {
         let keys = [LimitKey::Account(user)];
         let too_many =
             |_| fail(ErrorCode::RATE_LIMITED, "too many password changes for this account; try again in a minute");
-        // Counted before any work, and never refunded: concurrent requests cannot all
-        // pass the check before one is counted.
+        // Counted before any work, and refunded only when no password was checked (no
+        // hashing turn): concurrent requests cannot all pass the check before one is
+        // counted.
         self.password_changes.check(&keys, now).map_err(too_many)?;
         self.password_changes.record(&keys, now).map_err(too_many)?;
         let record = self.store.user(user).map_err(internal)?.ok_or_else(wrong_current_password)?;

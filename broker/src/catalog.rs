@@ -391,7 +391,9 @@ pub(crate) async fn change_password(
     let revoked = shared.auth.change_password(caller.user, asker, current, new, sign_out_others).await?;
     for device in revoked {
         tracing::info!(user = caller.user, device, "device revoked by a password change");
-        shared.users.revoke(caller.user, device);
+    }
+    if sign_out_others {
+        shared.users.revoke_all_but(caller.user, Some(caller.device));
     }
     Ok(Reply::Done)
 }

@@ -33,6 +33,9 @@ pub fn load_or_generate(config: &Config) -> Result<Identity> {
         (None, None) => {
             let c = config.data_dir.join("cert.pem");
             let k = config.data_dir.join("key.pem");
+            if c.exists() && !k.exists() {
+                finish_generation(&c, &k)?;
+            }
             match (c.exists(), k.exists()) {
                 (false, false) => generate(&c, &k)?,
                 (true, true) => {}
@@ -82,9 +85,37 @@ fn generate(cert_path: &Path, key_path: &Path) -> Result<()> {
             .create(dir)
             .map_err(Error::io(format!("creating {}", dir.display())))?;
     }
-    write_private(key_path, certified.signing_key.serialize_pem().as_bytes())
-        .map_err(Error::io(format!("writing {}", key_path.display())))?;
-    std::fs::write(cert_path, certified.cert.pem()).map_err(Error::io(format!("writing {}", cert_path.display())))?;
+    // Both written and synced under temporary names, then the certificate renamed into
+    // place and the key last: a start cut short leaves neither (generated again), or the
+    // certificate and the key's temporary file (`finish_generation` completes it), never
+    // half an identity that a start would refuse.
+    let (key_tmp, cert_tmp) = (generating(key_path), generating(cert_path));
+    write_private(&key_tmp, certified.signing_key.serialize_pem().as_bytes())
+        .map_err(Error::io(format!("writing {}", key_tmp.display())))?;
+    std::fs::write(&cert_tmp, certified.cert.pem())
+        .and_then(|()| std::fs::File::open(&cert_tmp)?.sync_all())
+        .map_err(Error::io(format!("writing {}", cert_tmp.display())))?;
+    std::fs::rename(&cert_tmp, cert_path).map_err(Error::io(format!("writing {}", cert_path.display())))?;
+    finish_generation(cert_path, key_path)
+}
+
+/// Where `generate` writes `path` before renaming it into place.
+fn generating(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".new");
+    path.with_file_name(name)
+}
+
+/// Renames a generated key into place when its certificate is there already (a start
+/// cut short between the two renames), and syncs the directory.
+fn finish_generation(cert_path: &Path, key_path: &Path) -> Result<()> {
+    let key_tmp = generating(key_path);
+    if cert_path.exists() && !key_path.exists() && key_tmp.exists() {
+        std::fs::rename(&key_tmp, key_path).map_err(Error::io(format!("writing {}", key_path.display())))?;
+    }
+    if let Some(dir) = key_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io(format!("syncing {}", dir.display())))?;
+    }
     Ok(())
 }
 
@@ -409,6 +440,7 @@ mod tests {
     /// with a certificate but no key (or the reverse) is refused rather than given a new
     /// identity in place: before, the directories took the umask (0755: every local user
     /// could read the store and the files), and a missing `cert.pem` rewrote `key.pem`.
+    /// A first start cut short while generating them is completed.
     #[test]
     fn a_fresh_data_dir_is_private_and_half_an_identity_is_refused() {
         use std::os::unix::fs::PermissionsExt;
@@ -422,6 +454,10 @@ mod tests {
             assert_eq!(mode, 0o700, "{}", dir.display());
         }
         let key = std::fs::read(data.join("key.pem")).unwrap();
+        // A first start cut short between its two renames is completed, not refused.
+        std::fs::rename(data.join("key.pem"), data.join("key.pem.new")).unwrap();
+        assert!(load_or_generate(&config).is_ok());
+        assert_eq!(std::fs::read(data.join("key.pem")).unwrap(), key, "the generated key, renamed into place");
         std::fs::remove_file(data.join("cert.pem")).unwrap();
         match load_or_generate(&config) {
             Err(Error::Config(why)) => assert!(why.contains("go together"), "{why}"),

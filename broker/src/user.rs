@@ -219,6 +219,20 @@ impl UserDirectory {
         self.close(user, None, ErrorCode::ACCOUNT_DISABLED);
     }
 
+    /// Closes the connections of every device of `user` but `keep` with
+    /// `DEVICE_REVOKED`, after a password change signed them out in its write. All of
+    /// them, not only those the write removed: idempotent, so an operator's reset retried
+    /// after its exchange was cut short (the devices removed, their sessions not closed
+    /// yet) closes what is left.
+    pub fn revoke_all_but(&self, user: UserId, keep: Option<DeviceId>) {
+        let _attaching = self.sessions();
+        for s in self.online.sessions(user).iter().flat_map(|s| s.iter()) {
+            if keep != Some(s.device) {
+                s.out.close(ErrorCode::DEVICE_REVOKED);
+            }
+        }
+    }
+
     fn close(&self, user: UserId, device: Option<DeviceId>, code: ErrorCode) {
         let _attaching = self.sessions();
         tracing::debug!(user, ?device, %code, "closing connections");

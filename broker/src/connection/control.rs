@@ -644,6 +644,19 @@ impl Session {
                         };
                         convs.write(shared, conv, caller, Command::SendFiles { client_id, text, files }, reply).await
                     }
+                    // Not a member as the store stands: a removal it read may not be
+                    // durable yet (member keys are written as an entry is applied), and
+                    // a refusal is final for the client, so it waits for the membership
+                    // indexes to be, as the actor's refusals wait for the log.
+                    Err(e) if e.code == ErrorCode::FORBIDDEN => {
+                        let barrier = shared.store.index_barrier().map_err(crate::error::internal);
+                        let settled = match barrier {
+                            Ok(Some(barrier)) => barrier.await.map_err(crate::error::internal),
+                            Ok(None) => Ok(()),
+                            Err(failed) => Err(failed),
+                        };
+                        reply.send(settled.and(Err(e)))
+                    }
                     Err(e) => reply.send(Err(e)),
                 }
             }
