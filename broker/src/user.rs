@@ -210,13 +210,13 @@ impl UserDirectory {
     /// `Done` has already cut the device off: nothing more reaches it and its connection
     /// is closing.
     pub fn revoke(&self, user: UserId, device: DeviceId) {
-        self.close(user, Some(device), ErrorCode::DEVICE_REVOKED);
+        self.close(user, |d| d == device, ErrorCode::DEVICE_REVOKED);
     }
 
     /// Closes every live connection of a disabled account (`ACCOUNT_DISABLED`), the same
     /// way as `revoke`.
     pub fn disable(&self, user: UserId) {
-        self.close(user, None, ErrorCode::ACCOUNT_DISABLED);
+        self.close(user, |_| true, ErrorCode::ACCOUNT_DISABLED);
     }
 
     /// Closes the connections of every device of `user` but `keep` with
@@ -225,19 +225,15 @@ impl UserDirectory {
     /// after its exchange was cut short (the devices removed, their sessions not closed
     /// yet) closes what is left.
     pub fn revoke_all_but(&self, user: UserId, keep: Option<DeviceId>) {
-        let _attaching = self.sessions();
-        for s in self.online.sessions(user).iter().flat_map(|s| s.iter()) {
-            if keep != Some(s.device) {
-                s.out.close(ErrorCode::DEVICE_REVOKED);
-            }
-        }
+        self.close(user, |d| keep != Some(d), ErrorCode::DEVICE_REVOKED);
     }
 
-    fn close(&self, user: UserId, device: Option<DeviceId>, code: ErrorCode) {
+    /// Closes with `code` the live connections of `user`'s devices that `which` picks.
+    fn close(&self, user: UserId, which: impl Fn(DeviceId) -> bool, code: ErrorCode) {
         let _attaching = self.sessions();
-        tracing::debug!(user, ?device, %code, "closing connections");
+        tracing::debug!(user, %code, "closing connections");
         for s in self.online.sessions(user).iter().flat_map(|s| s.iter()) {
-            if device.is_none_or(|d| s.device == d) {
+            if which(s.device) {
                 s.out.close(code);
             }
         }

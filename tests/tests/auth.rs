@@ -423,6 +423,15 @@ async fn a_revoked_device_is_cut_off_before_the_revocation_is_answered() {
     .await
 }
 
+/// A broker with carol registered, and the password hash a login of hers checked its
+/// password against (a login's slow check, stood in for).
+async fn carol_with_her_password_checked() -> (TestBroker, Identity, String) {
+    let tb = TestBroker::start().await;
+    let (_carol, identity) = tb.register("carol").await;
+    let checked_against = tb.shared().store.user(identity.user_id).unwrap().unwrap().password_hash;
+    (tb, identity, checked_against)
+}
+
 /// A login checks the password, slowly, then enrolls its device. An operator's reset
 /// (`switchboard user passwd NAME --revoke-devices`, which a running broker now serves)
 /// that lands between the two must not let the device in after it revoked the account's
@@ -432,11 +441,8 @@ async fn a_revoked_device_is_cut_off_before_the_revocation_is_answered() {
 #[tokio::test]
 async fn a_login_checked_against_a_password_since_reset_enrolls_nothing() {
     bounded(async {
-        let tb = TestBroker::start().await;
-        let (_carol, identity) = tb.register("carol").await;
-        let auth = &tb.shared().auth;
-        let store = &tb.shared().store;
-        let checked_against = store.user(identity.user_id).unwrap().unwrap().password_hash;
+        let (tb, identity, checked_against) = carol_with_her_password_checked().await;
+        let (auth, store) = (&tb.shared().auth, &tb.shared().store);
         auth.set_password("carol", "a brand new passphrase", false).await.unwrap();
         let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against).await;
         assert_eq!(late.unwrap_err().code, ErrorCode::AUTH_FAILED);
@@ -455,11 +461,8 @@ async fn a_login_checked_against_a_password_since_reset_enrolls_nothing() {
 #[tokio::test]
 async fn a_login_checked_before_its_account_was_disabled_enrolls_nothing() {
     bounded(async {
-        let tb = TestBroker::start().await;
-        let (_carol, identity) = tb.register("carol").await;
-        let auth = &tb.shared().auth;
-        let store = &tb.shared().store;
-        let checked_against = store.user(identity.user_id).unwrap().unwrap().password_hash;
+        let (tb, identity, checked_against) = carol_with_her_password_checked().await;
+        let (auth, store) = (&tb.shared().auth, &tb.shared().store);
         store.set_disabled(identity.user_id, true, 1).unwrap().unwrap().await.unwrap();
         let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against.clone()).await;
         assert_eq!(late.unwrap_err().code, ErrorCode::ACCOUNT_DISABLED);
