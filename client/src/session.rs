@@ -180,7 +180,9 @@ impl SessionError {
 /// saturation it sheds writes rather than queue them), or a read that lists members
 /// refused with `RATE_LIMITED` (its allowance of member rows), is sent again after a
 /// backoff when it is safe to repeat, up to `overload_retries` times; so is a catch-up
-/// page. At most `max_pending`
+/// page, and a write with a client id answered `INTERNAL` (its conversation's owner
+/// failed: the write may or may not have landed, and the same id says which, once).
+/// At most `max_pending`
 /// requests wait; beyond that a request fails with `SessionError::Busy`.
 ///
 /// ```no_run
@@ -405,8 +407,19 @@ fn unexpected(reply: Reply) -> SessionError {
 /// after a backoff it may succeed unchanged: `OVERLOADED` (nothing was done), or
 /// `RATE_LIMITED` of a read that lists members (the user's allowance of member rows,
 /// which refills within a second or two; other `RATE_LIMITED` allowances refill too
-/// slowly to wait for unasked).
+/// slowly to wait for unasked), or `INTERNAL` of a write that carries a client id: its
+/// conversation's actor failed with it in flight (PROTOCOL.md: retry with the same id),
+/// so it may have landed, and the same id sent again lands it once or answers its seq
+/// (before, the caller was told it failed, had no id to retry with, and a retry of its
+/// own wrote the message twice).
 fn shed(code: ErrorCode, body: &RequestBody) -> bool {
+    let keyed_write = matches!(
+        body,
+        RequestBody::Send { .. }
+            | RequestBody::Edit { .. }
+            | RequestBody::Delete { .. }
+            | RequestBody::SendFiles { .. }
+    );
     let read = matches!(
         body,
         RequestBody::Members { .. }
@@ -414,7 +427,9 @@ fn shed(code: ErrorCode, body: &RequestBody) -> bool {
             | RequestBody::CatchUp { .. }
             | RequestBody::EntryNames { .. }
     );
-    code == ErrorCode::OVERLOADED || (code == ErrorCode::RATE_LIMITED && read)
+    code == ErrorCode::OVERLOADED
+        || (code == ErrorCode::RATE_LIMITED && read)
+        || (code == ErrorCode::INTERNAL && keyed_write)
 }
 
 /// Whether a request may be sent again after its connection dropped: true when a

@@ -28,6 +28,56 @@ fn kick(tb: &TestBroker, user: UserId) {
     }
 }
 
+/// Writes with a client id answered `INTERNAL` (their conversation's actor failed with
+/// them in flight) are sent again by the session with the same id, so each lands once
+/// and its caller is told its seq; before, the caller got `INTERNAL` for writes that
+/// may have landed, with no id to retry with (a retry of its own wrote them twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_in_flight_when_their_conversation_actor_fails_land_once_and_succeed() {
+    bounded(async {
+        const SENT: usize = 200;
+        let tb = TestBroker::start().await;
+        let (alice_client, alice) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = alice_client.create_group("g", &["bob".into()]).await.unwrap().id;
+        let (session, _events) = start(&tb, &alice);
+        let session = Arc::new(session);
+        assert_eq!(session.send(conv, "warm up").await.unwrap(), 2);
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut sends = tokio::task::JoinSet::new();
+        for i in 0..SENT {
+            let (session, done) = (session.clone(), done.clone());
+            sends.spawn(async move {
+                let sent = session.send(conv, &format!("m{i}")).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                sent
+            });
+        }
+        // Killed once the first answers are back: the rest are queued, applied or
+        // waiting for their commit.
+        within(STEP_DEADLINE, "the first 20 answers", async {
+            while done.load(Ordering::SeqCst) < 20 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(tb.shared().convs.kill(conv), "the conversation actor was live");
+        let answers = within(STEP_DEADLINE * 3, "every send answered", sends.join_all()).await;
+        let seqs: BTreeSet<u64> = answers.into_iter().map(|a| a.expect("every send succeeds")).collect();
+        assert_eq!(seqs.len(), SENT, "each send has a seq of its own");
+        let (page, _) = alice_client.history(conv, Page::After(2), 500).await.unwrap();
+        let texts: BTreeSet<String> = page
+            .iter()
+            .filter_map(|e| match &e.body {
+                Body::Text { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!((page.len(), texts.len()), (SENT, SENT), "each message written once");
+    })
+    .await
+}
+
 /// Starts the stopped broker again on `addr`, where its clients look for it.
 async fn start_again_at(tb: &mut TestBroker, addr: std::net::SocketAddr) {
     let config = Config { listen: addr, ..switchboard_tests::test_config(tb.data_dir()) };
