@@ -852,19 +852,35 @@ impl UploadPlan {
                 let delay_ms = if self.refusals == 1 { 0 } else { self.backoff.next_ms(random) };
                 UploadStep::Send { offset: *offset, delay_ms }
             }
-            error if transient(error) => UploadStep::Reconnect { delay_ms: self.backoff.next_ms(random) },
+            error if transient(error) => {
+                // An `INTERNAL` (a storage fault the broker restarted from, an upload
+                // actor that stopped) may pass with the next connection; one that keeps
+                // coming with no new durable byte is counted like a refusal.
+                if error.code() == Some(ErrorCode::INTERNAL) {
+                    self.refusals += 1;
+                    if self.refusals > self.max_refusals {
+                        return UploadStep::Stop;
+                    }
+                }
+                UploadStep::Reconnect { delay_ms: self.backoff.next_ms(random) }
+            }
             _ => UploadStep::Stop,
         }
     }
 }
 
 /// Failures a new connection can get past (a transfer is then resumed, not failed).
+/// `INTERNAL` is one: the close every connection gets when the broker stops after a
+/// storage fault (it restarts and recovers), and the answer of an upload whose actor
+/// stopped or whose completion failed for the broker's sake; the broker says "try
+/// again" (before, an upload that could resume stopped there).
 pub fn transient(error: &TransferError) -> bool {
     let code = error.code();
     let transient_code = matches!(
         code,
         Some(
-            ErrorCode::GOING_AWAY
+            ErrorCode::INTERNAL
+                | ErrorCode::GOING_AWAY
                 | ErrorCode::OVERLOADED
                 | ErrorCode::RATE_LIMITED
                 | ErrorCode::TIMEOUT
@@ -1189,6 +1205,22 @@ mod tests {
             p.failed(&failed(ErrorCode::CHUNK_CORRUPT, 3 * MIB), 0),
             UploadStep::Send { offset: 3 * MIB, delay_ms: 0 }
         );
+    }
+
+    /// `INTERNAL` (a broker that restarted after a storage fault, an upload actor that
+    /// stopped) is resumed over a new connection, up to `max_refusals` times in a row
+    /// without a new durable byte (before: the upload stopped at the first).
+    #[test]
+    fn internal_failures_reconnect_until_they_repeat_without_progress() {
+        let mut p = UploadPlan::new(&UploaderConfig { max_refusals: 2, ..UploaderConfig::default() });
+        p.status(&status(MIB, false));
+        let internal = || failed(ErrorCode::INTERNAL, MIB);
+        assert!(matches!(p.failed(&internal(), 0), UploadStep::Reconnect { .. }));
+        assert!(matches!(p.failed(&closed(Some(ErrorCode::INTERNAL)), 0), UploadStep::Reconnect { .. }));
+        assert_eq!(p.failed(&internal(), 0), UploadStep::Stop);
+        // Progress resets the count.
+        p.durable(2 * MIB);
+        assert!(matches!(p.failed(&internal(), 0), UploadStep::Reconnect { .. }));
     }
 
     #[test]
