@@ -124,11 +124,19 @@ impl Merge {
     }
 
     /// The catch-up of `conv` failed (the request was refused or its connection
-    /// dropped). It is asked for again after the next connect.
+    /// dropped). It is asked for again after `unstall` (the session calls it a backoff
+    /// later) or the next connect.
     pub fn fetch_failed(&mut self, conv: ConvId) {
         if let Some(t) = self.convs.get_mut(&conv) {
             t.fetching = false;
             t.stalled = true;
+        }
+    }
+
+    /// Conversations whose catch-up failed may be fetched again (`fetches`).
+    pub fn unstall(&mut self) {
+        for t in self.convs.values_mut() {
+            t.stalled = false;
         }
     }
 
@@ -435,16 +443,22 @@ mod tests {
         assert!(m.fetches(10, 0).is_empty());
     }
 
+    /// A failed page stalls its conversation until the session's retry (`unstall`, a
+    /// backoff later on the same connection; before, nothing asked again until the next
+    /// connection, however long the link stayed up) or the next connect.
     #[test]
-    fn a_failed_fetch_stalls_that_conversation_until_the_next_connect() {
+    fn a_failed_fetch_stalls_that_conversation_until_it_is_retried_or_reconnected() {
         let mut m = Merge::new([(1, 0), (2, 0)], 100);
         m.known(1, 5);
         m.known(2, 5);
         assert_eq!(m.fetches(4, ROOM).len(), 2);
         m.fetch_failed(1);
-        assert!(m.fetches(4, ROOM).is_empty(), "not asked again on this connection");
+        assert!(m.fetches(4, ROOM).is_empty(), "not asked again at once");
         m.page(page(2, 1..=5, 5), ROOM);
-        assert!(m.caught_up(), "nothing more can happen on this connection");
+        assert!(m.caught_up(), "nothing more to fetch until the retry");
+        m.unstall();
+        assert_eq!(m.fetches(4, ROOM), [fetch(1, 0, 5)], "asked again on the same connection");
+        m.fetch_failed(1);
         m.disconnected();
         assert_eq!(m.fetches(4, ROOM), [fetch(1, 0, 5)]);
     }

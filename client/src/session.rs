@@ -307,6 +307,7 @@ impl Session {
             away: false,
             states_done: false,
             caught_up_sent: false,
+            pages_retry_set: false,
             marks_outstanding: 0,
             mark_at: None,
             persist_at: None,
@@ -617,6 +618,12 @@ enum Done {
         cursors: Cursors,
         ok: bool,
     },
+    /// A backoff after a failed catch-up page or `ConversationStates` on connection
+    /// `generation` ended: asked for again on the same connection.
+    Retry {
+        generation: u64,
+        states: bool,
+    },
 }
 
 /// The one task that owns a session's state.
@@ -644,6 +651,8 @@ struct Task {
     away: bool,
     states_done: bool,
     caught_up_sent: bool,
+    /// A timer to ask for stalled catch-up pages again is set (`retry_later`).
+    pages_retry_set: bool,
     /// Delivered receipts: what the broker accepted, per conversation.
     reported: Cursors,
     marks_outstanding: usize,
@@ -769,10 +778,28 @@ impl Task {
                             self.merge.known(s.summary.id, s.summary.last_seq);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "conversation states failed; live events only"),
+                    Err(e) => {
+                        // Asked for again a backoff later on this connection: without it
+                        // a conversation that moved while offline and is quiet now would
+                        // not be caught up until the next connection.
+                        tracing::warn!(error = %e, "conversation states failed; live events only until asked again");
+                        self.retry_later(generation, true);
+                    }
                 }
                 self.states_done = true;
                 self.pump();
+            }
+            Done::Retry { generation, states } => {
+                if !self.current(generation) {
+                    return;
+                }
+                if states {
+                    self.ask_states();
+                } else {
+                    self.pages_retry_set = false;
+                    self.merge.unstall();
+                    self.pump();
+                }
             }
             Done::Page { generation, fetch, result } => {
                 if !self.current(generation) {
@@ -790,10 +817,15 @@ impl Task {
                     Ok(other) => {
                         tracing::warn!(conv = fetch.conv, reply = ?other, "unexpected catch-up reply");
                         self.merge.fetch_failed(fetch.conv);
+                        self.retry_later(generation, false);
                     }
                     Err(e) => {
+                        // Asked for again a backoff later on this connection (before: not
+                        // until the next connection, and the conversation's later live
+                        // entries were held beyond the gap, then dropped).
                         tracing::warn!(conv = fetch.conv, error = %e, "catch-up failed");
                         self.merge.fetch_failed(fetch.conv);
+                        self.retry_later(generation, false);
                     }
                 }
                 self.pump();
@@ -975,14 +1007,10 @@ impl Task {
         self.live = Some(Live { client: client.clone(), events, generation: self.generation });
         self.states_done = false;
         self.caught_up_sent = false;
+        self.pages_retry_set = false;
         self.emit(SessionEvent::Connected);
+        self.ask_states();
         let (generation, done) = (self.generation, self.done_tx.clone());
-        let c = client.clone();
-        tokio::spawn(async move {
-            let result = c.conversation_states().await;
-            let _ = done.send(Done::States { generation, result }).await;
-        });
-        let done = self.done_tx.clone();
         tokio::spawn(async move {
             let result = client.request(RequestBody::Presence { users: Vec::new() }).await;
             let _ = done.send(Done::Presence { generation, result }).await;
@@ -1028,6 +1056,33 @@ impl Task {
         }
     }
 
+    /// Asks the live connection for `ConversationStates` (`Done::States`).
+    fn ask_states(&self) {
+        let Some(live) = &self.live else { return };
+        let (client, generation, done) = (live.client.clone(), live.generation, self.done_tx.clone());
+        tokio::spawn(async move {
+            let result = client.conversation_states().await;
+            let _ = done.send(Done::States { generation, result }).await;
+        });
+    }
+
+    /// Asks again, `backoff_max_ms` later on connection `generation`, for
+    /// `ConversationStates` (`states`) or the stalled catch-up pages; one timer at a
+    /// time for the pages (`pages_retry_set`).
+    fn retry_later(&mut self, generation: u64, states: bool) {
+        if !states {
+            if self.pages_retry_set {
+                return;
+            }
+            self.pages_retry_set = true;
+        }
+        let (delay, done) = (self.config.backoff_max_ms, self.done_tx.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let _ = done.send(Done::Retry { generation, states }).await;
+        });
+    }
+
     /// Asks for the catch-up pages the merge wants, and says `CaughtUp` once there is
     /// nothing more to fetch on this connection.
     fn pump(&mut self) {
@@ -1039,8 +1094,9 @@ impl Task {
             let retries_max = self.config.overload_retries;
             tokio::spawn(async move {
                 let body = RequestBody::CatchUp { conv: fetch.conv, after: fetch.after, limit: fetch.limit };
-                // A page refused for load is asked for again after a backoff: a refusal
-                // stalls the conversation's catch-up until the next connection.
+                // A page refused for load is asked for again after a backoff; one that
+                // fails for good stalls the conversation's catch-up until `retry_later`
+                // asks again on this connection, or the next connection does.
                 let result = loop {
                     match client.request(body.clone()).await {
                         Err(ClientError::Server(e)) if shed(e.code, &body) && retries < retries_max => {
