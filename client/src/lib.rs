@@ -806,6 +806,19 @@ impl Client {
         }
     }
 
+    /// `typing` without waiting: as a datagram, else on the control stream if its write
+    /// queue has room, else dropped (a late typing signal is worth nothing, and the
+    /// broker ends an indicator by itself). Whether it was sent.
+    pub fn try_typing(&self, conv: ConvId, typing: bool) -> bool {
+        let Ok(frame) = encode_frame(&ClientFrame::Signal(Signal::Typing { conv, typing })) else { return false };
+        if self.conn.max_datagram_size().is_some_and(|max| max >= frame.len())
+            && self.conn.send_datagram(frame.clone()).is_ok()
+        {
+            return true;
+        }
+        self.writes.try_send(frame).is_ok()
+    }
+
     /// Says I started (`true`) or stopped typing in `conv`; repeat `true` at least every
     /// `typing_ttl_ms / 2` (3 s by default) while typing. Sent as a QUIC datagram when the
     /// connection has them (both ends enabled datagrams), else as `Client::signal` on the

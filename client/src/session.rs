@@ -13,7 +13,7 @@ use std::time::Duration;
 use switchboard_protocol::limits::{MAX_MARKS_PER_REQUEST, TYPING_TTL_MS};
 use switchboard_protocol::{
     ClientMsgId, ConvId, ConversationState, DeviceId, Entry, ErrorCode, Event, FileProgress, PresenceInfo, Receipt,
-    Reply, RequestBody, Seq, Signal, UserId,
+    Reply, RequestBody, Seq, UserId,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
@@ -305,6 +305,8 @@ impl Session {
             pending: BTreeMap::new(),
             next_token: 0,
             away: false,
+            away_sent: None,
+            away_in_flight: false,
             states_done: false,
             caught_up_sent: false,
             pages_retry_set: false,
@@ -618,6 +620,12 @@ enum Done {
         cursors: Cursors,
         ok: bool,
     },
+    /// The `SetPresence` of `away` sent on connection `generation` was answered.
+    Away {
+        generation: u64,
+        away: bool,
+        ok: bool,
+    },
     /// A backoff after a failed catch-up page or `ConversationStates` on connection
     /// `generation` ended: asked for again on the same connection.
     Retry {
@@ -649,6 +657,11 @@ struct Task {
     pending: BTreeMap<u64, Pending>,
     next_token: u64,
     away: bool,
+    /// The away state the broker last confirmed, on which connection (a new connection
+    /// starts not away).
+    away_sent: Option<(u64, bool)>,
+    /// A `SetPresence` is in flight (`sync_away`): one at a time, so they keep their order.
+    away_in_flight: bool,
     states_done: bool,
     caught_up_sent: bool,
     /// A timer to ask for stalled catch-up pages again is set (`retry_later`).
@@ -725,16 +738,17 @@ impl Task {
                 self.send_pending(token);
             }
             Command::Typing { conv, typing } => {
-                // Awaited here, not spawned, so a start and a stop keep their order.
+                // Never waited for: a full write queue (a broker that stopped reading)
+                // held the whole session (events, commands, timers) here before.
                 if let Some(live) = &self.live
-                    && let Err(e) = live.client.signal(Signal::Typing { conv, typing }).await
+                    && !live.client.try_typing(conv, typing)
                 {
-                    tracing::debug!(error = %e, "typing signal not sent");
+                    tracing::debug!(conv, typing, "typing signal dropped");
                 }
             }
             Command::Away(away) => {
                 self.away = away;
-                self.background_set_away();
+                self.sync_away();
             }
             Command::Close(_) => unreachable!("handled by run"),
         }
@@ -837,6 +851,21 @@ impl Task {
                         let r = self.reported.entry(conv).or_default();
                         *r = (*r).max(seq);
                     }
+                } else {
+                    // Reported again a backoff later (before: only when the application
+                    // next took an entry, so others could see "not delivered" for good).
+                    self.mark_at.get_or_insert(Instant::now() + Duration::from_millis(self.config.backoff_max_ms));
+                }
+            }
+            Done::Away { generation, away, ok } => {
+                self.away_in_flight = false;
+                if ok {
+                    self.away_sent = Some((generation, away));
+                }
+                // A failure on the live connection is not retried at once (it would
+                // loop); the next change or connection sends it.
+                if ok || !self.current(generation) {
+                    self.sync_away();
                 }
             }
             Done::Presence { generation, result } => match result {
@@ -1015,9 +1044,7 @@ impl Task {
             let result = client.request(RequestBody::Presence { users: Vec::new() }).await;
             let _ = done.send(Done::Presence { generation, result }).await;
         });
-        if self.away {
-            self.background_set_away();
-        }
+        self.sync_away();
         let unsent: Vec<u64> = self.pending.iter().filter(|(_, p)| p.sent_on.is_none()).map(|(&t, _)| t).collect();
         for token in unsent {
             self.send_pending(token);
@@ -1045,15 +1072,30 @@ impl Task {
         });
     }
 
-    fn background_set_away(&self) {
-        if let Some(live) = &self.live {
-            let (client, away) = (live.client.clone(), self.away);
-            tokio::spawn(async move {
-                if let Err(e) = client.set_away(away).await {
-                    tracing::debug!(error = %e, "set away failed");
-                }
-            });
+    /// Tells the live connection the away state the application last set, if the
+    /// broker believes otherwise: one `SetPresence` at a time, the next sent when it is
+    /// answered (`Done::Away`), so a quick away-then-back cannot reach the broker in the
+    /// other order (before, each change was a task of its own, and a device could stay
+    /// shown away while its user was back).
+    fn sync_away(&mut self) {
+        let Some(live) = &self.live else { return };
+        if self.away_in_flight {
+            return;
         }
+        let believed = match self.away_sent {
+            Some((generation, away)) if generation == live.generation => away,
+            _ => false,
+        };
+        if self.away == believed {
+            return;
+        }
+        self.away_in_flight = true;
+        let (client, away, generation, done) = (live.client.clone(), self.away, live.generation, self.done_tx.clone());
+        tokio::spawn(async move {
+            let ok =
+                client.set_away(away).await.inspect_err(|e| tracing::debug!(error = %e, "set away failed")).is_ok();
+            let _ = done.send(Done::Away { generation, away, ok }).await;
+        });
     }
 
     /// Asks the live connection for `ConversationStates` (`Done::States`).
