@@ -3,7 +3,7 @@
 //! pending request; `Session` handles talk to it through a bounded channel, and the
 //! application reads one gap-free, duplicate-free `SessionEvents` stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -307,6 +307,7 @@ impl Session {
             away: false,
             away_sent: None,
             away_in_flight: false,
+            presence_since_snapshot: None,
             states_done: false,
             caught_up_sent: false,
             pages_retry_set: false,
@@ -525,6 +526,11 @@ fn connection_lost(error: &ClientError) -> bool {
 /// attempt was refused, and devices came back that much after the broker.
 pub const RESTART_RETRY_MAX_MS: u64 = 1_000;
 
+/// Users remembered as changed live while a presence snapshot is asked for (a
+/// snapshot answers at most `PRESENCE_MAX`, 256, users; past this, later live changes
+/// may be replaced by the snapshot's older rows until their next change).
+const PRESENCE_SEEN_MAX: usize = 4096;
+
 /// How long after a `GOING_AWAY` reconnects stay within `RESTART_RETRY_MAX_MS`, ms; past
 /// it the broker is down for longer than a restart (maintenance, gone) and the usual
 /// backoff resumes, so a fleet of devices does not retry every second for good.
@@ -662,6 +668,9 @@ struct Task {
     away_sent: Option<(u64, bool)>,
     /// A `SetPresence` is in flight (`sync_away`): one at a time, so they keep their order.
     away_in_flight: bool,
+    /// While a presence snapshot is asked for: users a live presence event came for
+    /// since (at most `PRESENCE_SEEN_MAX`), whose rows of the snapshot are older.
+    presence_since_snapshot: Option<HashSet<UserId>>,
     states_done: bool,
     caught_up_sent: bool,
     /// A timer to ask for stalled catch-up pages again is set (`retry_later`).
@@ -868,15 +877,23 @@ impl Task {
                     self.sync_away();
                 }
             }
-            Done::Presence { generation, result } => match result {
-                Ok(Reply::Presence(list)) if self.current(generation) => {
-                    for p in list {
-                        self.emit(SessionEvent::Presence(p));
-                    }
+            Done::Presence { generation, result } => {
+                if !self.current(generation) {
+                    return;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "presence snapshot failed"),
-            },
+                // Users whose live change came after the snapshot was asked for: the
+                // snapshot may be older, and must not replace what was shown.
+                let newer = std::mem::take(&mut self.presence_since_snapshot);
+                match result {
+                    Ok(Reply::Presence(list)) => {
+                        for p in list.into_iter().filter(|p| newer.as_ref().is_none_or(|n| !n.contains(&p.user))) {
+                            self.emit(SessionEvent::Presence(p));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "presence snapshot failed"),
+                }
+            }
             Done::Saved { cursors, ok } => {
                 self.saving = false;
                 if ok {
@@ -975,7 +992,14 @@ impl Task {
                     self.emit(SessionEvent::Receipt(r));
                 }
             }
-            Some(Event::Presence(p)) => self.emit(SessionEvent::Presence(p)),
+            Some(Event::Presence(p)) => {
+                if let Some(newer) = &mut self.presence_since_snapshot
+                    && newer.len() < PRESENCE_SEEN_MAX
+                {
+                    newer.insert(p.user);
+                }
+                self.emit(SessionEvent::Presence(p))
+            }
             Some(Event::Typing { conv, user, typing }) => self.emit(SessionEvent::Typing { conv, user, typing }),
             Some(Event::File(progress)) => self.emit(SessionEvent::File(progress)),
             None => {
@@ -1040,6 +1064,7 @@ impl Task {
         self.emit(SessionEvent::Connected);
         self.ask_states();
         let (generation, done) = (self.generation, self.done_tx.clone());
+        self.presence_since_snapshot = Some(HashSet::new());
         tokio::spawn(async move {
             let result = client.request(RequestBody::Presence { users: Vec::new() }).await;
             let _ = done.send(Done::Presence { generation, result }).await;
