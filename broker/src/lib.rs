@@ -219,6 +219,14 @@ pub fn create_data_dir(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// For unit tests: a store under `dir` with a small cache.
+#[cfg(test)]
+pub(crate) fn test_store(dir: &std::path::Path) -> Store {
+    let mut config = StoreConfig::new(dir.join("store"));
+    config.cache_capacity_bytes = 4 * 1024 * 1024;
+    Store::open(&config).expect("a store in a temp dir")
+}
+
 /// Opens the data directory's store with the configured cache.
 pub fn open_store(config: &Config) -> Result<Arc<Store>> {
     config::check(config)?;

@@ -907,11 +907,8 @@ mod tests {
     /// connected keep theirs.
     #[tokio::test]
     async fn connected_users_last_seen_is_refreshed_in_the_store() {
-        use switchboard_storage::StoreConfig;
         let dir = tempfile::tempdir().unwrap();
-        let mut config = StoreConfig::new(dir.path().join("store"));
-        config.cache_capacity_bytes = 4 * 1024 * 1024;
-        let store = Arc::new(Store::open(&config).unwrap());
+        let store = Arc::new(crate::test_store(dir.path()));
         let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
         presence.attach(1, 10);
         store.set_last_seen(2, 5_000).unwrap();

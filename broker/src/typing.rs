@@ -625,11 +625,9 @@ mod tests {
     #[tokio::test]
     async fn the_pusher_sends_what_stands_when_it_pushes() {
         use switchboard_protocol::{ConversationKind, Role};
-        use switchboard_storage::{ConversationRecord, StoreConfig};
+        use switchboard_storage::ConversationRecord;
         let dir = tempfile::tempdir().unwrap();
-        let mut config = StoreConfig::new(dir.path().join("store"));
-        config.cache_capacity_bytes = 4 * 1024 * 1024;
-        let store = Arc::new(Store::open(&config).unwrap());
+        let store = Arc::new(crate::test_store(dir.path()));
         let entry = |conv, seq, sender, body| Entry {
             conv,
             seq,

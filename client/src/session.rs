@@ -417,13 +417,6 @@ fn unexpected(reply: Reply) -> SessionError {
 /// (before, the caller was told it failed, had no id to retry with, and a retry of its
 /// own wrote the message twice).
 fn shed(code: ErrorCode, body: &RequestBody) -> bool {
-    let keyed_write = matches!(
-        body,
-        RequestBody::Send { .. }
-            | RequestBody::Edit { .. }
-            | RequestBody::Delete { .. }
-            | RequestBody::SendFiles { .. }
-    );
     let read = matches!(
         body,
         RequestBody::Members { .. }
@@ -433,7 +426,18 @@ fn shed(code: ErrorCode, body: &RequestBody) -> bool {
     );
     code == ErrorCode::OVERLOADED
         || (code == ErrorCode::RATE_LIMITED && read)
-        || (code == ErrorCode::INTERNAL && keyed_write)
+        || (code == ErrorCode::INTERNAL && keyed_write(body))
+}
+
+/// Whether `body` is a write that carries a client id (the same id takes effect once).
+fn keyed_write(body: &RequestBody) -> bool {
+    matches!(
+        body,
+        RequestBody::Send { .. }
+            | RequestBody::Edit { .. }
+            | RequestBody::Delete { .. }
+            | RequestBody::SendFiles { .. }
+    )
 }
 
 /// Whether a request may be sent again after its connection dropped: true when a

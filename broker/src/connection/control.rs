@@ -412,7 +412,8 @@ impl Session {
     /// peer stopped reading the control stream: nothing could be answered). The queue
     /// is closed `NO_ERROR` by the session itself only after its read loop.
     fn ended(&self) -> Option<ErrorCode> {
-        self.out.cut_off().or_else(|| self.out.closed())
+        // One lock while the queue is open (asked per request, signal and datagram).
+        self.out.closed().map(|first| self.out.cut_off().unwrap_or(first))
     }
 
     /// Routes one request to the one place that handles it. Conversation requests are

@@ -791,12 +791,10 @@ mod tests {
     //! repair makes of each: either "still uploading at offset X" or "complete".
 
     use super::*;
-    use switchboard_storage::{FileStage, StoreConfig};
+    use switchboard_storage::FileStage;
 
     fn open(dir: &Path) -> (Store, Blobs) {
-        let mut config = StoreConfig::new(dir.join("store"));
-        config.cache_capacity_bytes = 4 * 1024 * 1024;
-        (Store::open(&config).unwrap(), Blobs::open(dir, DELETE_BYTES_PER_SEC).unwrap())
+        (crate::test_store(dir), Blobs::open(dir, DELETE_BYTES_PER_SEC).unwrap())
     }
 
     fn record(data: &[u8]) -> FileRecord {
