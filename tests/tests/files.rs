@@ -2111,8 +2111,12 @@ async fn a_completion_that_failed_while_running_is_finished_by_a_later_stream_no
         let hex: String = begun.file.iter().map(|b| format!("{b:02x}")).collect();
         std::fs::remove_file(tb.data_dir().join("uploads").join(hex)).unwrap();
         let replies = upload_range(alice.connection(), begun.file, &data, size - 1, size, 64 * 1024).await;
+        // The stream is told the upload starts over from 0 (before: the offset whose
+        // bytes were lost, then WRONG_OFFSET on the next try).
         match replies.last() {
-            Some(TransferReply::Failed { error, .. }) => assert_eq!(error.code, ErrorCode::INTERNAL),
+            Some(TransferReply::Failed { error, offset }) => {
+                assert_eq!((error.code, *offset), (ErrorCode::INTERNAL, 0))
+            }
             other => panic!("expected INTERNAL, got {other:?}"),
         }
         // The client tries again from what it is told: the upload, whose bytes are
@@ -2138,14 +2142,15 @@ async fn a_completion_that_failed_while_running_is_finished_by_a_later_stream_no
         let (_, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
         assert_eq!(got, data);
         // Her other device was never told the file failed: an internal failure is not
-        // the upload's end.
+        // the upload's end. It was told the upload went back to 0 before it completed.
         within(STEP_DEADLINE, "the file's events", async {
+            let mut back_to_zero = false;
             loop {
                 match phone_events.next().await {
                     Some(switchboard_protocol::Event::File(p)) if p.file == begun.file => match p.state {
-                        FileState::Complete { .. } => return,
+                        FileState::Complete { .. } => return assert!(back_to_zero, "never told the upload restarted"),
                         FileState::Failed { code } => panic!("told it failed ({code}), though it completed"),
-                        FileState::Uploading { .. } => {}
+                        FileState::Uploading { offset } => back_to_zero |= offset == 0,
                     },
                     Some(_) => {}
                     None => panic!("events ended"),

@@ -275,6 +275,12 @@ impl Actor for Upload {
     }
 }
 
+/// What a chunk that could not be written leads to: the stream told the durable offset,
+/// or 0 when the upload was rewound because its bytes were lost (`Upload::file`).
+fn failed_write(st: &mut UploadActorState) -> Vec<Effect> {
+    if st.rewound { st.state.rewound() } else { st.state.write_failed() }
+}
+
 /// Lets go of the partial file once no transfer stream is open on the upload (see
 /// `UploadActorState::file`). Nothing reads or writes it meanwhile: the actor awaits its
 /// writes and reads in place, so none is in flight between two messages.
@@ -354,7 +360,7 @@ impl Upload {
                             Ok(head) => head,
                             Err(e) => {
                                 tracing::error!(file = hex(&st.id), error = %e, "reading an upload's first bytes failed");
-                                queue.extend(st.state.write_failed());
+                                queue.extend(failed_write(st));
                                 continue;
                             }
                         };
@@ -378,7 +384,7 @@ impl Upload {
                         Ok(()) => st.state.written(offset + len, crate::now_ms()),
                         Err(e) => {
                             tracing::error!(file = hex(&st.id), error = %e, "an upload chunk was not stored");
-                            st.state.write_failed()
+                            failed_write(st)
                         }
                     };
                     queue.extend(more);
@@ -497,6 +503,11 @@ impl Upload {
                 Err(e) => Err(e),
             }
         };
+        if hash.is_err() && st.rewound {
+            let effects = st.state.rewound();
+            self.perform(myself, st, effects, None).await;
+            return;
+        }
         let result = match hash {
             Ok(hash) if hash == st.record.blake3 => self.publish(st).await,
             Ok(_) => {

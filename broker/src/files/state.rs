@@ -177,6 +177,27 @@ impl UploadState {
         }
     }
 
+    /// The upload's stored bytes were found lost (its partial file gone) and it was
+    /// rewound to offset 0 in the store: the stream is told to start over from 0 and
+    /// ends, and the uploader's devices are told the upload is back at 0 at once (past
+    /// the throttle: before, the stream was told the old offset, a wasted round trip,
+    /// and other devices kept showing the lost progress).
+    pub fn rewound(&mut self) -> Vec<Effect> {
+        self.writing = false;
+        self.durable = 0;
+        self.throttle.pending = None;
+        let mut effects: Vec<Effect> = self
+            .stream
+            .take()
+            .map(|stream| {
+                failed(stream, ErrorCode::INTERNAL, "the upload's bytes were lost; it starts over from offset 0", 0)
+            })
+            .into_iter()
+            .collect();
+        effects.push(Effect::Progress(FileState::Uploading { offset: 0 }));
+        effects
+    }
+
     /// The whole file was checked: `Ok` with the published file, or `Err` with why it
     /// failed (`HASH_MISMATCH`, `TYPE_MISMATCH`, a storage failure). Either way this
     /// state takes no more input; the final state goes out at once, except after an
@@ -343,6 +364,21 @@ mod tests {
         assert_eq!(e[1], Effect::Progress(FileState::Complete { thumbnail: None }));
         assert!(s.is_done() && s.is_idle());
         assert_eq!(code(&s.open(2, SIZE)[0]).map(|c| c.1), Some(ErrorCode::NOT_FOUND));
+    }
+
+    #[test]
+    fn lost_bytes_send_the_stream_and_the_devices_back_to_offset_zero() {
+        let mut s = UploadState::new(SIZE, 0, 4);
+        s.open(1, 0);
+        s.chunk(1, 0, 4, true);
+        s.written(4, 0);
+        s.chunk(1, 4, 4, true);
+        // Within the throttle's interval of the last push: the rewind goes out anyway.
+        let e = s.rewound();
+        assert_eq!(code(&e[0]), Some((1, ErrorCode::INTERNAL, 0)));
+        assert_eq!(e[1], Effect::Progress(FileState::Uploading { offset: 0 }));
+        assert_eq!(s.durable(), 0);
+        assert_eq!(code(&s.open(2, 4)[0]), Some((2, ErrorCode::WRONG_OFFSET, 0)));
     }
 
     #[test]
