@@ -17,9 +17,11 @@ pub type Cursors = HashMap<ConvId, Seq>;
 pub trait CursorStore: Send + Sync + 'static {
     /// The saved cursors (empty when nothing was saved yet).
     fn load(&self) -> std::io::Result<Cursors>;
-    /// Replaces the saved cursors. A store shared by several processes keeps the
-    /// higher cursor of each conversation (cursors only grow).
-    fn save(&self, cursors: &Cursors) -> std::io::Result<()>;
+    /// Drops the cursors of `forget` (conversations the user is no longer a member of:
+    /// `SessionEvent::Left`), then saves `cursors`. A store shared by several processes
+    /// keeps the higher cursor of each conversation (cursors only grow) and the cursors
+    /// of conversations neither names.
+    fn save(&self, cursors: &Cursors, forget: &[ConvId]) -> std::io::Result<()>;
 }
 
 /// Cursors in memory only: a restarted process starts from nothing.
@@ -43,8 +45,11 @@ impl CursorStore for MemoryCursors {
         Ok(self.saved())
     }
 
-    fn save(&self, cursors: &Cursors) -> std::io::Result<()> {
+    fn save(&self, cursors: &Cursors, forget: &[ConvId]) -> std::io::Result<()> {
         let mut saved = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for conv in forget {
+            saved.remove(conv);
+        }
         for (&conv, &seq) in cursors {
             let s = saved.entry(conv).or_default();
             *s = (*s).max(seq);
@@ -105,7 +110,7 @@ impl CursorStore for FileCursors {
         self.read()
     }
 
-    fn save(&self, cursors: &Cursors) -> std::io::Result<()> {
+    fn save(&self, cursors: &Cursors, forget: &[ConvId]) -> std::io::Result<()> {
         let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
         let mut lock_name = self.path.clone().into_os_string();
@@ -113,6 +118,9 @@ impl CursorStore for FileCursors {
         let lock = owner_only().write(true).create(true).truncate(false).open(PathBuf::from(lock_name))?;
         lock.lock()?;
         let mut merged = self.read().unwrap_or_default();
+        for conv in forget {
+            merged.remove(conv);
+        }
         for (&conv, &seq) in cursors {
             let s = merged.entry(conv).or_default();
             *s = (*s).max(seq);
@@ -162,15 +170,15 @@ mod tests {
         let path = dir.path().join("sub").join("cursors.json");
         let store = FileCursors::new(&path, 1, 3);
         assert!(store.load().unwrap().is_empty());
-        store.save(&Cursors::from([(42, 17), (7, 3)])).unwrap();
+        store.save(&Cursors::from([(42, 17), (7, 3)]), &[]).unwrap();
         assert_eq!(store.load().unwrap(), Cursors::from([(42, 17), (7, 3)]));
         // Another process of the same device saved less for 42: the higher one stays.
-        store.save(&Cursors::from([(42, 5), (9, 1)])).unwrap();
+        store.save(&Cursors::from([(42, 5), (9, 1)]), &[]).unwrap();
         assert_eq!(store.load().unwrap(), Cursors::from([(42, 17), (7, 3), (9, 1)]));
         // Another device's view of the same file starts empty and takes it over.
         let other = FileCursors::new(&path, 1, 4);
         assert!(other.load().unwrap().is_empty());
-        other.save(&Cursors::from([(42, 2)])).unwrap();
+        other.save(&Cursors::from([(42, 2)]), &[]).unwrap();
         assert_eq!(other.load().unwrap(), Cursors::from([(42, 2)]));
         assert!(store.load().unwrap().is_empty());
         let mut names: Vec<String> = std::fs::read_dir(path.parent().unwrap())
@@ -197,7 +205,7 @@ mod tests {
     #[test]
     fn memory_cursors_keep_the_higher() {
         let store = MemoryCursors::new(Cursors::from([(1, 5)]));
-        store.save(&Cursors::from([(1, 3), (2, 2)])).unwrap();
+        store.save(&Cursors::from([(1, 3), (2, 2)]), &[]).unwrap();
         assert_eq!(store.load().unwrap(), Cursors::from([(1, 5), (2, 2)]));
     }
 }

@@ -1526,6 +1526,9 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                     },
                 )
             }
+            Some(SessionEvent::Left { conv }) => out.line(json!({"event": "left", "conv": conv}), || {
+                format!("[{conv}] you are no longer a member (you left, or were removed)")
+            }),
             Some(SessionEvent::Connected) => out.status(json!({"event": "connected"}), || "connected".into()),
             Some(SessionEvent::CaughtUp) => out.status(json!({"event": "caught_up"}), || "caught up".into()),
             Some(SessionEvent::Disconnected { error, retry_in_ms }) => {

@@ -45,6 +45,10 @@ struct Track {
     fetching: bool,
     /// Catch-up failed on this connection; retried only after the next connect.
     stalled: bool,
+    /// Not listed by `ConversationStates`: one page is asked for, even with nothing
+    /// known beyond the cursor, to learn whether this user is still a member
+    /// (`probe`).
+    probe: bool,
 }
 
 /// A catch-up page to ask for: `CatchUp { conv, after, limit }`.
@@ -88,6 +92,23 @@ impl Merge {
         t.known = t.known.max(last_seq);
     }
 
+    /// `conv` was tracked but `ConversationStates` did not list it: this user left it
+    /// or was removed while away, or joined it after the states were read. One page is
+    /// asked for to tell which (the broker answers a former member `FORBIDDEN`: the
+    /// session then calls `forget`). Untracked conversations are not probed.
+    pub fn probe(&mut self, conv: ConvId) {
+        if let Some(t) = self.convs.get_mut(&conv) {
+            t.probe = true;
+        }
+    }
+
+    /// Stops tracking `conv` (this user is no longer a member): its held entries go.
+    pub fn forget(&mut self, conv: ConvId) {
+        if let Some(t) = self.convs.remove(&conv) {
+            self.held -= t.held.len();
+        }
+    }
+
     /// This device's own write to `conv` was acknowledged at `seq`: the broker does not
     /// push it to this connection, so it is fetched by catch-up.
     pub fn appended(&mut self, conv: ConvId, seq: Seq) {
@@ -111,6 +132,7 @@ impl Merge {
         let conv = page.conv;
         let t = self.convs.entry(conv).or_default();
         t.fetching = false;
+        t.probe = false;
         t.known = t.known.max(page.last_seq);
         let mut out = Vec::new();
         for entry in page.entries {
@@ -146,6 +168,7 @@ impl Merge {
         for t in self.convs.values_mut() {
             t.fetching = false;
             t.stalled = false;
+            t.probe = false;
         }
     }
 
@@ -162,10 +185,10 @@ impl Merge {
                 break;
             }
             let closable = t.held.first_key_value().is_some_and(|(&s, _)| s == t.cursor + 1);
-            if t.fetching || t.stalled || t.cursor >= t.known || closable {
+            if t.fetching || t.stalled || (t.cursor >= t.known && !t.probe) || closable {
                 continue;
             }
-            let wanted = usize::try_from(t.known - t.cursor).unwrap_or(usize::MAX);
+            let wanted = usize::try_from(t.known.saturating_sub(t.cursor)).unwrap_or(usize::MAX).max(1);
             let limit = wanted.min(room).min(CATCH_UP_PAGE_MAX as usize);
             let limit = u16::try_from(limit).unwrap_or(u16::MAX);
             t.fetching = true;
@@ -195,7 +218,7 @@ impl Merge {
     /// Nothing is outstanding and nothing more can be fetched on this connection: every
     /// conversation is at its known seq, or stalled.
     pub fn caught_up(&self) -> bool {
-        self.convs.values().all(|t| !t.fetching && (t.cursor >= t.known || t.stalled))
+        self.convs.values().all(|t| !t.fetching && ((t.cursor >= t.known && !t.probe) || t.stalled))
     }
 
     /// Places `entry`: dropped at or below the cursor or when already held, held
@@ -266,6 +289,29 @@ mod tests {
 
     fn fetch(conv: ConvId, after: Seq, limit: u16) -> Fetch {
         Fetch { conv, after, limit }
+    }
+
+    #[test]
+    fn a_conversation_not_listed_is_probed_once_and_forgotten_when_refused() {
+        let mut m = Merge::new([(7, 3), (8, 5)], 100);
+        m.known(8, 5);
+        m.probe(7);
+        m.probe(9);
+        assert!(!m.caught_up(), "the probe is outstanding");
+        assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 1)], "one page, of the tracked conversation only");
+        // Still a member (joined after the states were read): the page ends the probe.
+        let nothing_new =
+            CatchUpPage { conv: 7, entries: Vec::new(), last_seq: 3, complete: true, receipts: Vec::new() };
+        assert!(m.page(nothing_new, ROOM).is_empty());
+        assert!(m.caught_up());
+        assert!(m.fetches(4, ROOM).is_empty());
+        // A member no more: forgotten, with what it held beyond a gap.
+        assert!(m.live(e(7, 9), ROOM).is_empty());
+        assert_eq!(m.held(), 1);
+        m.forget(7);
+        assert_eq!(m.held(), 0);
+        assert_eq!(m.cursors().collect::<Vec<_>>(), [(8, 5)]);
+        assert!(m.caught_up());
     }
 
     #[test]

@@ -104,6 +104,17 @@ pub enum SessionEvent {
         /// Started or stopped.
         typing: bool,
     },
+    /// This user is no longer a member of `conv`: it left (from any device) or was
+    /// removed, found after a connect (`ConversationStates` no longer lists it) or when
+    /// its catch-up was refused. The conversation's cursor is dropped when this is taken
+    /// (so it comes again after a restart only if the cursors were not saved since),
+    /// and nothing more of it comes unless the user is added back. The
+    /// entry that removed the user is shown only if it came live before this: a former
+    /// member reads nothing of the conversation.
+    Left {
+        /// Conversation.
+        conv: ConvId,
+    },
     /// An upload of mine, or one attached in a conversation of mine, moved (throttled by
     /// the broker; the final state always arrives). Not replayed after a reconnect: ask
     /// `FileInfo` for the current state.
@@ -220,6 +231,9 @@ pub struct SessionEvents {
 /// What the application has taken, shared between the stream and the session task.
 struct Taken {
     cursors: Mutex<Cursors>,
+    /// Conversations whose `Left` was taken and whose saved cursors are not yet
+    /// dropped (`CursorStore::save`).
+    left: Mutex<Vec<ConvId>>,
     /// Set when the stream has something new for the task; cleared by the task.
     pending: AtomicBool,
     notify: Notify,
@@ -234,10 +248,17 @@ impl SessionEvents {
     fn poll_next_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
         let polled = self.rx.poll_recv(cx);
         if let Poll::Ready(Some(event)) = &polled {
-            if let SessionEvent::Entry(e) = event {
-                let mut cursors = self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner());
-                let c = cursors.entry(e.conv).or_default();
-                *c = (*c).max(e.seq);
+            match event {
+                SessionEvent::Entry(e) => {
+                    let mut cursors = self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner());
+                    let c = cursors.entry(e.conv).or_default();
+                    *c = (*c).max(e.seq);
+                }
+                SessionEvent::Left { conv } => {
+                    self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner()).remove(conv);
+                    self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).push(*conv);
+                }
+                _ => {}
             }
             // One wake-up of the task per batch of taken events, not one per event.
             if !self.taken.pending.swap(true, Ordering::AcqRel) {
@@ -278,6 +299,7 @@ impl Session {
         let (out, rx) = mpsc::channel(config.event_queue.max(1));
         let taken = Arc::new(Taken {
             cursors: Mutex::new(cursors.clone()),
+            left: Mutex::new(Vec::new()),
             pending: AtomicBool::new(false),
             notify: Notify::new(),
         });
@@ -628,6 +650,7 @@ enum Done {
     },
     Saved {
         cursors: Cursors,
+        forgot: Vec<ConvId>,
         ok: bool,
     },
     /// The `SetPresence` of `away` sent on connection `generation` was answered.
@@ -801,8 +824,16 @@ impl Task {
                 }
                 match result {
                     Ok(states) => {
+                        let listed: HashSet<ConvId> = states.iter().map(|s| s.summary.id).collect();
                         for s in states {
                             self.merge.known(s.summary.id, s.summary.last_seq);
+                        }
+                        // Left or removed while away (from another device too), or
+                        // joined after the states were read: one page tells which.
+                        let unlisted: Vec<ConvId> =
+                            self.merge.cursors().map(|(conv, _)| conv).filter(|c| !listed.contains(c)).collect();
+                        for conv in unlisted {
+                            self.merge.probe(conv);
                         }
                     }
                     Err(e) => {
@@ -845,6 +876,16 @@ impl Task {
                         tracing::warn!(conv = fetch.conv, reply = ?other, "unexpected catch-up reply");
                         self.merge.fetch_failed(fetch.conv);
                         self.retry_later(generation, false);
+                    }
+                    // No longer a member (left from another device, or removed): the
+                    // application is told once it has room (else asked again later),
+                    // and the conversation is no longer tracked. Before, it was never
+                    // told, and a removal that came live beyond a gap had that gap
+                    // asked for again every `backoff_max_ms`, for good.
+                    Err(ClientError::Server(e)) if e.code == ErrorCode::FORBIDDEN && self.room() > 0 => {
+                        self.merge.forget(fetch.conv);
+                        self.reported.remove(&fetch.conv);
+                        self.emit(SessionEvent::Left { conv: fetch.conv });
                     }
                     Err(e) => {
                         // Asked for again a backoff later on this connection (before: not
@@ -898,10 +939,11 @@ impl Task {
                     Err(e) => tracing::debug!(error = %e, "presence snapshot failed"),
                 }
             }
-            Done::Saved { cursors, ok } => {
+            Done::Saved { cursors, forgot, ok } => {
                 self.saving = false;
                 if ok {
                     self.persisted = cursors;
+                    self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).retain(|c| !forgot.contains(c));
                 } else {
                     self.arm_persist();
                 }
@@ -1210,6 +1252,11 @@ impl Task {
         self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Conversations left whose saved cursors are still to be dropped.
+    fn taken_left(&self) -> Vec<ConvId> {
+        self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Reports the highest taken seq of each conversation that moved, in requests of at
     /// most `MAX_MARKS_PER_REQUEST` pairs; what fails is reported at the next flush.
     fn flush_marks(&mut self) {
@@ -1243,15 +1290,15 @@ impl Task {
             self.arm_persist();
             return;
         }
-        let cursors = self.taken_cursors();
-        if cursors == self.persisted {
+        let (cursors, forgot) = (self.taken_cursors(), self.taken_left());
+        if cursors == self.persisted && forgot.is_empty() {
             return;
         }
         self.saving = true;
         let (store, done) = (self.store.clone(), self.done_tx.clone());
         tokio::spawn(async move {
-            let c = cursors.clone();
-            let ok = match tokio::task::spawn_blocking(move || store.save(&c)).await {
+            let (c, f) = (cursors.clone(), forgot.clone());
+            let ok = match tokio::task::spawn_blocking(move || store.save(&c, &f)).await {
                 Ok(Ok(())) => true,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "saving cursors failed");
@@ -1259,7 +1306,7 @@ impl Task {
                 }
                 Err(_) => false,
             };
-            let _ = done.send(Done::Saved { cursors, ok }).await;
+            let _ = done.send(Done::Saved { cursors, forgot, ok }).await;
         });
     }
 
@@ -1279,9 +1326,10 @@ impl Task {
             }
             live.client.close();
         }
-        if cursors != self.persisted {
+        let forgot = self.taken_left();
+        if cursors != self.persisted || !forgot.is_empty() {
             let store = self.store.clone();
-            match tokio::task::spawn_blocking(move || store.save(&cursors)).await {
+            match tokio::task::spawn_blocking(move || store.save(&cursors, &forgot)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "saving cursors failed"),
                 Err(e) => tracing::warn!(error = %e, "saving cursors failed"),

@@ -248,6 +248,61 @@ async fn a_restarted_session_resumes_from_its_saved_cursors() {
     .await;
 }
 
+/// Conversations the user was removed from, or left, while its session was away are
+/// reported once each as `Left` before `CaughtUp` (no longer listed, their catch-up
+/// refused), and their cursors are dropped; the conversation it still holds goes on as
+/// before. Before, nothing was said and the cursors stayed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_left_while_away_are_reported_and_forgotten() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let alice = Arc::new(alice);
+        let convs = groups(&alice, "bob", 3).await;
+        let last = write(&alice, &convs, 3, "first").await;
+        let path = tb.dir.path().join("bob-cursors.json");
+        let store = || Arc::new(FileCursors::new(&path, bob_id.user_id, bob_id.device_id));
+        let (session, mut events) = Session::start(tb.connector(), bob_id.clone(), store(), config()).unwrap();
+        Seen::default().until(&mut events, &last).await;
+        session.close().await;
+
+        alice.remove_member(convs[0], bob_id.user_id).await.unwrap();
+        alice.send(convs[0], "after bob").await.unwrap();
+        bob.leave(convs[1]).await.unwrap();
+        let more = write(&alice, &convs[2..], 2, "second").await;
+        let until_caught_up = |mut events: SessionEvents| async move {
+            let (mut left, mut entries) = (Vec::new(), Vec::new());
+            within(STEP_DEADLINE, "catching up", async {
+                loop {
+                    match events.next().await.expect("the session is running") {
+                        SessionEvent::Left { conv } => left.push(conv),
+                        SessionEvent::Entry(e) => entries.push((e.conv, e.seq)),
+                        SessionEvent::CaughtUp => return,
+                        SessionEvent::Stopped(e) => panic!("the session stopped: {e}"),
+                        _ => {}
+                    }
+                }
+            })
+            .await;
+            left.sort_unstable();
+            (left, entries)
+        };
+        let (session, events) = Session::start(tb.connector(), bob_id.clone(), store(), config()).unwrap();
+        let (left, entries) = until_caught_up(events).await;
+        assert_eq!(left, convs[..2], "told of both, once each");
+        let want: Vec<(ConvId, Seq)> = (last[&convs[2]] + 1..=more[&convs[2]]).map(|s| (convs[2], s)).collect();
+        assert_eq!(entries, want, "the conversation still held goes on");
+        session.close().await;
+        assert_eq!(store().load_for_test().into_keys().collect::<Vec<_>>(), [convs[2]], "their cursors dropped");
+
+        let (session, events) = Session::start(tb.connector(), bob_id.clone(), store(), config()).unwrap();
+        assert_eq!(until_caught_up(events).await, (Vec::new(), Vec::new()), "told once");
+        session.close().await;
+    })
+    .await;
+}
+
 /// What one of my devices writes shows on my other device live, and on its own stream
 /// too (fetched after the ack, since the broker does not push it back); my reads from
 /// one device reach the other as my own receipt.
