@@ -3,7 +3,7 @@
 //! pending request; `Session` handles talk to it through a bounded channel, and the
 //! application reads one gap-free, duplicate-free `SessionEvents` stream.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,8 +90,12 @@ pub enum SessionEvent {
     /// reconnects and restarts (from the saved cursors). Entries this device wrote come
     /// too (fetched after their ack, since the broker does not push them back).
     Entry(Entry),
-    /// A member's receipt watermarks (mine too, as my other devices move them); after a
-    /// catch-up, every member's receipts of that conversation.
+    /// A member's receipt watermarks (mine too, as my other devices move them). After
+    /// each connect, every member's receipts of every conversation: with the page that
+    /// completes its catch-up, or, for one with nothing new, asked for after `CaughtUp`
+    /// (at most `max_fetching` at a time, each once the event queue has room for all of
+    /// its members). Watermarks only grow: keep the higher of what you hold and what
+    /// comes (an answer read before a live change may arrive after it).
     Receipt(Receipt),
     /// A contact's presence; after each connect, one for every contact (a snapshot).
     Presence(PresenceInfo),
@@ -333,6 +337,8 @@ impl Session {
             states_done: false,
             caught_up_sent: false,
             pages_retry_set: false,
+            receipts_due: VecDeque::new(),
+            receipts_outstanding: 0,
             marks_outstanding: 0,
             mark_at: None,
             persist_at: None,
@@ -659,6 +665,12 @@ enum Done {
         away: bool,
         ok: bool,
     },
+    /// The receipts of `conv` asked for on connection `generation` (`ask_receipts`).
+    Receipts {
+        generation: u64,
+        conv: ConvId,
+        result: Result<Reply, ClientError>,
+    },
     /// A backoff after a failed catch-up page or `ConversationStates` on connection
     /// `generation` ended: asked for again on the same connection.
     Retry {
@@ -702,6 +714,13 @@ struct Task {
     caught_up_sent: bool,
     /// A timer to ask for stalled catch-up pages again is set (`retry_later`).
     pages_retry_set: bool,
+    /// Conversations whose receipts are to be asked for on this connection, with the
+    /// rows expected (its member count): those no completing catch-up page brings
+    /// (nothing new since the cursor, though members may have read or received since),
+    /// and those whose receipts did not fit the application's queue.
+    receipts_due: VecDeque<(ConvId, u32)>,
+    /// `Receipts` requests outstanding on this connection.
+    receipts_outstanding: usize,
     /// Delivered receipts: what the broker accepted, per conversation.
     reported: Cursors,
     marks_outstanding: usize,
@@ -826,7 +845,15 @@ impl Task {
                     Ok(states) => {
                         let listed: HashSet<ConvId> = states.iter().map(|s| s.summary.id).collect();
                         for s in states {
-                            self.merge.known(s.summary.id, s.summary.last_seq);
+                            let (conv, last_seq) = (s.summary.id, s.summary.last_seq);
+                            // Nothing new to page through, but members may have received
+                            // or read since this device last heard: asked for after the
+                            // catch-up. (A conversation with something new gets them
+                            // with its completing page.)
+                            if last_seq > 0 && last_seq <= self.merge.cursor(conv) {
+                                self.receipts_due.push_back((conv, s.summary.member_count));
+                            }
+                            self.merge.known(conv, last_seq);
                         }
                         // Left or removed while away (from another device too), or
                         // joined after the states were read: one page tells which.
@@ -847,6 +874,23 @@ impl Task {
                 self.states_done = true;
                 self.pump();
             }
+            Done::Receipts { generation, conv, result } => {
+                if !self.current(generation) {
+                    return;
+                }
+                self.receipts_outstanding -= 1;
+                match result {
+                    Ok(Reply::Receipts(receipts)) => {
+                        let receipts: Vec<Receipt> = receipts.into_iter().filter(|r| r.conv == conv).collect();
+                        self.receipts(conv, receipts);
+                    }
+                    // A conversation left meanwhile (its probe reports it), or one
+                    // refused past the retries: shown as the live events leave it until
+                    // the next connection asks again.
+                    other => tracing::debug!(conv, reply = ?other, "receipts not refreshed"),
+                }
+                self.pump();
+            }
             Done::Retry { generation, states } => {
                 if !self.current(generation) {
                     return;
@@ -865,11 +909,11 @@ impl Task {
                 }
                 match result {
                     Ok(Reply::CatchUp(page)) if page.conv == fetch.conv => {
-                        let receipts = page.receipts.clone();
+                        let (complete, receipts) = (page.complete, page.receipts.clone());
                         let entries = self.merge.page(page, self.room());
                         self.emit_entries(entries);
-                        for r in receipts {
-                            self.emit(SessionEvent::Receipt(r));
+                        if complete {
+                            self.receipts(fetch.conv, receipts);
                         }
                     }
                     Ok(other) => {
@@ -1107,6 +1151,8 @@ impl Task {
         self.states_done = false;
         self.caught_up_sent = false;
         self.pages_retry_set = false;
+        self.receipts_due.clear();
+        self.receipts_outstanding = 0;
         self.emit(SessionEvent::Connected);
         self.ask_states();
         let (generation, done) = (self.generation, self.done_tx.clone());
@@ -1196,36 +1242,85 @@ impl Task {
         });
     }
 
-    /// Asks for the catch-up pages the merge wants, and says `CaughtUp` once there is
-    /// nothing more to fetch on this connection.
-    fn pump(&mut self) {
+    /// Sends the read `body` on the live connection and hands its answer to `done`; one
+    /// refused for load is sent again after a backoff, up to `overload_retries` times.
+    fn read_in_background(
+        &self,
+        body: RequestBody,
+        done: impl FnOnce(Result<Reply, ClientError>) -> Done + Send + 'static,
+    ) {
         let Some(live) = &self.live else { return };
-        let room = self.room();
-        for fetch in self.merge.fetches(self.config.max_fetching, room) {
-            let (client, generation, done) = (live.client.clone(), live.generation, self.done_tx.clone());
-            let (mut backoff, mut retries) = (Backoff::new(self.config.backoff_min_ms, self.config.backoff_max_ms), 0);
-            let retries_max = self.config.overload_retries;
-            tokio::spawn(async move {
-                let body = RequestBody::CatchUp { conv: fetch.conv, after: fetch.after, limit: fetch.limit };
-                // A page refused for load is asked for again after a backoff; one that
-                // fails for good stalls the conversation's catch-up until `retry_later`
-                // asks again on this connection, or the next connection does.
-                let result = loop {
-                    match client.request(body.clone()).await {
-                        Err(ClientError::Server(e)) if shed(e.code, &body) && retries < retries_max => {
-                            retries += 1;
-                            tokio::time::sleep(Duration::from_millis(backoff.next_ms(random_u64()))).await;
-                        }
-                        result => break result,
+        let (client, done_tx) = (live.client.clone(), self.done_tx.clone());
+        let (mut backoff, mut retries) = (Backoff::new(self.config.backoff_min_ms, self.config.backoff_max_ms), 0);
+        let retries_max = self.config.overload_retries;
+        tokio::spawn(async move {
+            let result = loop {
+                match client.request(body.clone()).await {
+                    Err(ClientError::Server(e)) if shed(e.code, &body) && retries < retries_max => {
+                        retries += 1;
+                        tokio::time::sleep(Duration::from_millis(backoff.next_ms(random_u64()))).await;
                     }
-                };
-                let _ = done.send(Done::Page { generation, fetch, result }).await;
-            });
+                    result => break result,
+                }
+            };
+            let _ = done_tx.send(done(result)).await;
+        });
+    }
+
+    /// Asks for the catch-up pages the merge wants, says `CaughtUp` once there is
+    /// nothing more to fetch on this connection, and then asks for the receipts due.
+    fn pump(&mut self) {
+        let Some(generation) = self.live.as_ref().map(|l| l.generation) else { return };
+        let room = self.room();
+        // A page that fails for good stalls the conversation's catch-up until
+        // `retry_later` asks again on this connection, or the next connection does.
+        for fetch in self.merge.fetches(self.config.max_fetching, room) {
+            let body = RequestBody::CatchUp { conv: fetch.conv, after: fetch.after, limit: fetch.limit };
+            self.read_in_background(body, move |result| Done::Page { generation, fetch, result });
         }
         if self.states_done && !self.caught_up_sent && self.merge.caught_up() {
             self.caught_up_sent = true;
             self.backoff.reset();
             self.emit(SessionEvent::CaughtUp);
+        }
+        if self.caught_up_sent {
+            self.ask_receipts(generation);
+        }
+    }
+
+    /// After the catch-up, asks for the receipts of the conversations no complete page
+    /// brought them for (`receipts_due`): at most `max_fetching` at a time, each once
+    /// the application's queue has room for all of its members' rows, so none is
+    /// dropped.
+    fn ask_receipts(&mut self, generation: u64) {
+        while self.receipts_outstanding < self.config.max_fetching {
+            let Some(&(conv, rows)) = self.receipts_due.front() else { break };
+            if usize::try_from(rows).unwrap_or(usize::MAX) > self.room() {
+                break;
+            }
+            self.receipts_due.pop_front();
+            self.receipts_outstanding += 1;
+            self.read_in_background(RequestBody::Receipts { conv }, move |result| Done::Receipts {
+                generation,
+                conv,
+                result,
+            });
+        }
+    }
+
+    /// Receipts of `conv` came (from `Receipts` or a completing catch-up page): each
+    /// goes to the application, or, when its queue has no room for all of them, they are
+    /// asked for again once it has (before, those that did not fit were dropped).
+    fn receipts(&mut self, conv: ConvId, receipts: Vec<Receipt>) {
+        if receipts.len() > self.room() {
+            let rows = u32::try_from(receipts.len()).unwrap_or(u32::MAX);
+            if !self.receipts_due.iter().any(|&(c, _)| c == conv) {
+                self.receipts_due.push_back((conv, rows));
+            }
+            return;
+        }
+        for r in receipts {
+            self.emit(SessionEvent::Receipt(r));
         }
     }
 

@@ -303,6 +303,47 @@ async fn conversations_left_while_away_are_reported_and_forgotten() {
     .await;
 }
 
+/// Receipts that moved while the device was away, in conversations with nothing new to
+/// page through, come after the catch-up (asked for with `Receipts`); before, only a
+/// conversation with new entries had its receipts refreshed, and the others showed
+/// what was last heard live until the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_that_moved_while_away_come_after_the_catch_up() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let alice = Arc::new(alice);
+        let convs = groups(&alice, "bob", 2).await;
+        let last = write(&alice, &convs, 3, "first").await;
+        let cursors = Arc::new(MemoryCursors::default());
+        let (session, mut events) = Session::start(tb.connector(), bob_id.clone(), cursors.clone(), config()).unwrap();
+        Seen::default().until(&mut events, &last).await;
+        session.close().await;
+
+        // Away: alice's reads move; nothing new is written.
+        for &conv in &convs {
+            alice.mark_read(conv, last[&conv]).await.unwrap();
+        }
+        let (session, mut events) = Session::start(tb.connector(), bob_id.clone(), cursors, config()).unwrap();
+        let mut seen = Seen::default();
+        within(STEP_DEADLINE, "alice's reads in both conversations", async {
+            while convs.iter().any(|&conv| {
+                !seen
+                    .receipts
+                    .iter()
+                    .any(|r| r.conv == conv && r.user == alice_id.user_id && r.read_up_to == Some(last[&conv]))
+            }) {
+                seen.take(events.next().await.expect("the session is running"));
+            }
+        })
+        .await;
+        assert!(seen.seqs.is_empty(), "nothing new was paged through");
+        session.close().await;
+    })
+    .await;
+}
+
 /// What one of my devices writes shows on my other device live, and on its own stream
 /// too (fetched after the ack, since the broker does not push it back); my reads from
 /// one device reach the other as my own receipt.
