@@ -1295,7 +1295,8 @@ impl Task {
     fn ask_receipts(&mut self, generation: u64) {
         while self.receipts_outstanding < self.config.max_fetching {
             let Some(&(conv, rows)) = self.receipts_due.front() else { break };
-            if usize::try_from(rows).unwrap_or(usize::MAX) > self.room() {
+            // (A queue configured smaller than a conversation takes what fits.)
+            if usize::try_from(rows).unwrap_or(usize::MAX).min(self.out.max_capacity()) > self.room() {
                 break;
             }
             self.receipts_due.pop_front();
@@ -1312,7 +1313,7 @@ impl Task {
     /// goes to the application, or, when its queue has no room for all of them, they are
     /// asked for again once it has (before, those that did not fit were dropped).
     fn receipts(&mut self, conv: ConvId, receipts: Vec<Receipt>) {
-        if receipts.len() > self.room() {
+        if receipts.len().min(self.out.max_capacity()) > self.room() {
             let rows = u32::try_from(receipts.len()).unwrap_or(u32::MAX);
             if !self.receipts_due.iter().any(|&(c, _)| c == conv) {
                 self.receipts_due.push_back((conv, rows));
