@@ -161,6 +161,16 @@ pub const CONVERSATION_CREATE_PER_S: f64 = 1.0;
 /// refilled (20 s after their user's last creation) are dropped, at most once a second;
 /// if none has, new users' creations get `RATE_LIMITED`. ~64 bytes each, ~4 MiB at most.
 pub const CREATION_BUCKETS_MAX: usize = 65_536;
+/// A conversation's receipt writes start at most one per this many µs per member (a
+/// 1,000-member group: one per 50 ms; under 20 members: unpaced, at the next group
+/// commit). Each write is pushed to every member, so however often members mark (a
+/// member stepping `MarkRead` through a long history, one `MarkDelivered` naming 256
+/// groups), the receipt pushes of one conversation stay under about 20,000 deliveries
+/// a second; unpaced, a write per group commit (0.5–2 ms) was up to 2 million a
+/// second in a 1,000-member group, from one member's marks, which no write admission
+/// counts. Changes meanwhile coalesce into the next write (each member once, latest
+/// value); a `MarkRead` waits for its write.
+pub const RECEIPT_WRITE_US_PER_MEMBER: u64 = 50;
 /// Default `member_rows_per_sec`: member rows (a name; a member's receipts and setting)
 /// a user's reads that list members (`Members`, `Receipts`, a complete `CatchUp` page,
 /// `EntryNames`) may return a second, each a point read or two of the store on the

@@ -39,6 +39,9 @@ pub enum ConvMsg {
         /// Whether it became durable.
         ok: bool,
     },
+    /// The receipt write that waited for its pace may start (`Effect::ReceiptsAt`; one
+    /// at a time).
+    ReceiptsDue,
     /// Periodic idle check.
     Tick,
 }
@@ -223,7 +226,7 @@ impl Actor for Conversation {
                     reply.send(Err(refused));
                     return Ok(());
                 }
-                state.state.handle_mark(&log, caller, mark, Some(reply))
+                state.state.handle_mark(&log, caller, mark, Some(reply), crate::now_ms())
             }
             ConvMsg::Mark(caller, mark, MarkReply::Taken(taken, revocation)) => {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -232,14 +235,15 @@ impl Actor for Conversation {
                     let _ = taken.send(());
                     return Ok(());
                 }
-                let effects = state.state.handle_mark(&log, caller, mark, None);
+                let effects = state.state.handle_mark(&log, caller, mark, None, crate::now_ms());
                 // The requester may have stopped waiting (its connection closed).
                 let _ = taken.send(());
                 effects
             }
             ConvMsg::Durable { seq, ok: true } => state.state.handle_durable(seq),
             ConvMsg::Durable { ok: false, .. } => state.state.handle_failure(),
-            ConvMsg::ReceiptsDurable { ok } => state.state.handle_receipts_durable(&log, ok),
+            ConvMsg::ReceiptsDurable { ok } => state.state.handle_receipts_durable(&log, ok, crate::now_ms()),
+            ConvMsg::ReceiptsDue => state.state.handle_receipts_due(crate::now_ms()),
             ConvMsg::Tick => {
                 let (now, config) = (crate::now_ms(), &self.shared.config);
                 let idle = config.conversation_idle_ms;
@@ -362,6 +366,10 @@ impl Conversation {
                         tracing::error!(conv = state.state.id(), error = %e, "receipt write failed");
                         queue.extend(state.state.handle_failure());
                     }
+                }
+                Effect::ReceiptsAt(at_ms) => {
+                    let wait = Duration::from_millis(at_ms.saturating_sub(crate::now_ms()));
+                    myself.send_after(wait, || ConvMsg::ReceiptsDue);
                 }
                 Effect::Notify { event, audience } => match encode_frame(&ServerFrame::Event(event)) {
                     Ok(frame) => {

@@ -173,6 +173,8 @@ pub struct Harness {
     pub released_to: Vec<Vec<UserId>>,
     /// A receipt write is waiting for a commit.
     receipts_in_flight: bool,
+    /// When the state asked to start its next receipt write (`Effect::ReceiptsAt`).
+    pub receipts_at: Option<u64>,
     pub fatal: bool,
     next: u32,
 }
@@ -216,6 +218,7 @@ impl Harness {
             released: Vec::new(),
             released_to: Vec::new(),
             receipts_in_flight: false,
+            receipts_at: None,
             fatal: false,
             next: 0,
         }
@@ -239,7 +242,7 @@ impl Harness {
     pub fn mark(&mut self, user: UserId, mark: Mark) -> u32 {
         self.next += 1;
         let reply = matches!(mark, Mark::Read(_)).then_some(self.next);
-        let effects = self.state.handle_mark(&self.log, caller(user), mark, reply);
+        let effects = self.state.handle_mark(&self.log, caller(user), mark, reply, self.now_ms);
         self.perform(effects);
         self.next
     }
@@ -282,7 +285,7 @@ impl Harness {
     pub fn commit_receipts(&mut self) {
         if std::mem::take(&mut self.receipts_in_flight) {
             self.log.durable_receipts = self.log.receipts.clone();
-            let effects = self.state.handle_receipts_durable(&self.log, true);
+            let effects = self.state.handle_receipts_durable(&self.log, true, self.now_ms);
             self.perform(effects);
         }
     }
@@ -296,7 +299,7 @@ impl Harness {
     /// A group commit covering the receipt write in flight fails.
     pub fn fail_receipts_commit(&mut self) {
         self.receipts_in_flight = false;
-        let effects = self.state.handle_receipts_durable(&self.log, false);
+        let effects = self.state.handle_receipts_durable(&self.log, false, self.now_ms);
         self.perform(effects);
     }
 
@@ -321,7 +324,17 @@ impl Harness {
         self.restart(None);
     }
 
+    /// The time the state asked for (`Effect::ReceiptsAt`) comes: its paced receipt
+    /// write starts.
+    pub fn receipts_due(&mut self) {
+        let at = self.receipts_at.take().expect("a receipt write waits for its pace");
+        self.now_ms = self.now_ms.max(at);
+        let effects = self.state.handle_receipts_due(self.now_ms);
+        self.perform(effects);
+    }
+
     fn restart(&mut self, replay_after: Option<Seq>) {
+        self.receipts_at = None;
         let last = self.log.last_seq();
         let replay = match replay_after {
             Some(after) => self.log.entries(CONV, after + 1, last, usize::MAX, false).unwrap_or_default(),
@@ -354,6 +367,9 @@ impl Harness {
                     self.receipts_in_flight = true;
                     self.log.receipts.extend(marks.iter().copied());
                     self.receipt_writes.push(marks);
+                }
+                Effect::ReceiptsAt(at) => {
+                    assert!(self.receipts_at.replace(at).is_none(), "one wake-up at a time");
                 }
                 Effect::Notify { event, audience } => {
                     let mut audience = audience.to_vec();
@@ -1178,6 +1194,45 @@ mod tests {
         assert!(h.state.handle_tick(h.now_ms + 1_000_000, 1), "idle once everything is durable");
     }
 
+    /// In a group of 1,000 a receipt write starts at most every 50 ms
+    /// (`limits::RECEIPT_WRITE_US_PER_MEMBER`): each is pushed to every member, and
+    /// unpaced, one member stepping `MarkRead` through the history had one pushed to
+    /// all 1,000 per group commit. What comes meanwhile coalesces; a small group is not
+    /// paced (the tests above).
+    #[test]
+    fn a_large_groups_receipt_writes_are_paced_by_its_size() {
+        let mut members = vec![(OWNER, Role::Owner)];
+        members.extend((100..1099).map(|u| (u, Role::Member)));
+        let mut h = Harness::new(ConversationKind::Group, &members);
+        for i in 0..5 {
+            h.send(OWNER, i + 1, "m");
+        }
+        h.commit();
+        h.now_ms = 1_000;
+        h.mark(100, Mark::Read(2));
+        assert_eq!(h.receipt_writes.len(), 1, "the first goes at once");
+        h.now_ms = 1_010;
+        let mut reads: Vec<u32> = (3..=6).map(|seq| h.mark(100, Mark::Read(seq))).collect();
+        h.commit_receipts();
+        assert_eq!(h.receipt_writes.len(), 1, "the next waits for its pace");
+        assert_eq!(h.receipts_at, Some(1_050), "50 ms after the last one started");
+        reads.push(h.mark(101, Mark::Read(6)));
+        h.mark(102, Mark::Delivered(4));
+        assert_eq!(h.receipts_at, Some(1_050), "asked once");
+        assert!(reads.iter().all(|r| h.receipt_answer(*r).is_none()));
+        h.receipts_due();
+        assert_eq!(h.receipt_writes.len(), 2);
+        assert_eq!(h.receipt_writes[1].len(), 3, "everything meanwhile in one write, each member once");
+        h.commit_receipts();
+        assert_eq!(h.receipt_answer(reads[3]), Some(Ok((6, Some(6)))));
+        assert_eq!(h.receipt_answer(reads[4]), Some(Ok((6, Some(6)))));
+        assert_eq!(h.receipts_at, None, "nothing left to write");
+        // Quiet for longer than the pace: the next goes at once.
+        h.now_ms = 2_000;
+        h.mark(103, Mark::Delivered(6));
+        assert_eq!((h.receipt_writes.len(), h.receipts_at), (3, None));
+    }
+
     #[test]
     fn a_pending_receipt_write_keeps_the_conversation_alive() {
         let mut h = chatty();
@@ -1413,6 +1468,8 @@ mod tests {
         }
         h.mark(CAROL, Mark::Read(4));
         h.commit_receipts();
+        // (67 members: the next write starts 3 ms after the first.)
+        h.receipts_due();
         h.notices.clear();
         h.commit_receipts();
         assert_eq!(h.receipt_writes.last().map(Vec::len), Some(65), "one write of 65 changes");

@@ -156,6 +156,11 @@ impl<R> ReceiptBook<R> {
         !pending && self.entries.remove(&user).is_some()
     }
 
+    /// Whether `next_write` would give a write: none in flight and something changed.
+    pub fn wants_write(&self) -> bool {
+        self.writing.is_none() && !self.dirty.is_empty()
+    }
+
     /// Whether nothing is pending (no write in flight, nothing changed, nobody waiting).
     pub fn idle(&self) -> bool {
         self.writing.is_none() && self.dirty.is_empty() && self.answers_next.is_empty()

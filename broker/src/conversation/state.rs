@@ -243,6 +243,10 @@ pub enum Effect<R> {
     /// `handle_receipts_durable` once a group commit covers them, with whether it did.
     /// At most one such write is in flight.
     WriteReceipts(Vec<(UserId, Marks)>),
+    /// Call `handle_receipts_due` at this time (ms since the epoch, the clock the
+    /// handlers are given): the next receipt write waits for its pace
+    /// (`limits::RECEIPT_WRITE_US_PER_MEMBER`). At most one is outstanding.
+    ReceiptsAt(u64),
     /// Push a (durable) event to every online device of `audience`.
     Notify {
         /// The event.
@@ -315,6 +319,11 @@ pub struct ConversationState<R> {
     overlay: HashMap<Seq, Overlay>,
     /// Members' receipt watermarks.
     receipts: ReceiptBook<R>,
+    /// The next receipt write starts no earlier than this (ms): the last one's start
+    /// plus its pace (`receipt_pace_ms`).
+    receipts_next_ms: u64,
+    /// An `Effect::ReceiptsAt` is outstanding.
+    receipts_wake: bool,
     failed: bool,
     last_activity_ms: u64,
     /// Who to charge for the actor since the last `take_charges` (`ConvDirectory::
@@ -341,6 +350,12 @@ fn err(code: ErrorCode, msg: &str) -> ErrorBody {
 }
 
 /// The refusal a non-member gets, the same whether or not the conversation exists.
+/// The least time between the starts of two receipt writes of a conversation of
+/// `members` members, ms (`limits::RECEIPT_WRITE_US_PER_MEMBER`).
+fn receipt_pace_ms(members: usize) -> u64 {
+    (members as u64).saturating_mul(crate::limits::RECEIPT_WRITE_US_PER_MEMBER) / 1000
+}
+
 pub fn not_a_member() -> ErrorBody {
     err(
         ErrorCode::FORBIDDEN,
@@ -389,6 +404,8 @@ impl<R> ConversationState<R> {
             pending: VecDeque::new(),
             overlay: HashMap::new(),
             receipts: ReceiptBook::default(),
+            receipts_next_ms: 0,
+            receipts_wake: false,
             failed: false,
             last_activity_ms,
             charges,
@@ -600,7 +617,14 @@ impl<R> ConversationState<R> {
     /// are ignored. `reply` (a `MarkRead`'s) is answered with the caller's watermarks
     /// once they are durable; a non-member's report is refused (`reply`) or dropped.
     /// Effects: at most a `Reply` and a `WriteReceipts`.
-    pub fn handle_mark(&mut self, log: &impl Log, caller: Caller, mark: Mark, reply: Option<R>) -> Vec<Effect<R>> {
+    pub fn handle_mark(
+        &mut self,
+        log: &impl Log,
+        caller: Caller,
+        mark: Mark,
+        reply: Option<R>,
+        now_ms: u64,
+    ) -> Vec<Effect<R>> {
         if self.failed {
             return reply
                 .map(|r| Effect::Reply(r, Err(err(ErrorCode::INTERNAL, "storage failure"))))
@@ -640,8 +664,33 @@ impl<R> ConversationState<R> {
         if self.receipts.writes(caller.user) {
             self.charges.marker = Some(caller.user);
         }
-        effects.extend(self.receipts.next_write().map(Effect::WriteReceipts));
+        effects.extend(self.start_receipts(now_ms));
         effects
+    }
+
+    /// The time an `Effect::ReceiptsAt` named came: the receipt write that waited for
+    /// its pace starts (if anything is still to write).
+    pub fn handle_receipts_due(&mut self, now_ms: u64) -> Vec<Effect<R>> {
+        self.receipts_wake = false;
+        if self.failed {
+            return Vec::new();
+        }
+        self.start_receipts(now_ms).into_iter().collect()
+    }
+
+    /// The next receipt write, if one is wanted and its pace allows it at `now_ms`;
+    /// else, once, when to ask again.
+    fn start_receipts(&mut self, now_ms: u64) -> Option<Effect<R>> {
+        if !self.receipts.wants_write() {
+            return None;
+        }
+        if now_ms < self.receipts_next_ms {
+            let ask = !std::mem::replace(&mut self.receipts_wake, true);
+            return ask.then_some(Effect::ReceiptsAt(self.receipts_next_ms));
+        }
+        let batch = self.receipts.next_write()?;
+        self.receipts_next_ms = now_ms + receipt_pace_ms(self.durable_members.len());
+        Some(Effect::WriteReceipts(batch))
     }
 
     /// The receipt write in flight became durable (`ok`) or failed. Effects: the changed
@@ -654,7 +703,7 @@ impl<R> ConversationState<R> {
     /// a private member's own full watermarks to its devices only. So every frame is
     /// shared and a write encodes O(changes × log changes) receipts, not one frame per
     /// private member holding every change (members² bytes in a large group).
-    pub fn handle_receipts_durable(&mut self, log: &impl Log, ok: bool) -> Vec<Effect<R>> {
+    pub fn handle_receipts_durable(&mut self, log: &impl Log, ok: bool, now_ms: u64) -> Vec<Effect<R>> {
         if self.failed {
             return Vec::new();
         }
@@ -714,7 +763,7 @@ impl<R> ConversationState<R> {
         for (r, receipt) in answers {
             effects.push(Effect::Reply(r, Ok(Reply::Receipt(receipt))));
         }
-        effects.extend(self.receipts.next_write().map(Effect::WriteReceipts));
+        effects.extend(self.start_receipts(now_ms));
         effects
     }
 
