@@ -93,7 +93,8 @@ pub struct Config {
     /// `conversation_idle_ms`), until it retires. Reads start none.
     pub max_live_conversations_per_user: usize,
     /// Member rows a user's reads that list members (`Members`, `Receipts`, a complete
-    /// `CatchUp` page, `EntryNames`) may return a second, with a burst of
+    /// `CatchUp` page, `EntryNames`; and the memberships a file's access check reads,
+    /// `files::requests::readable`) may return a second, with a burst of
     /// `MEMBER_ROWS_BURST_SECS` seconds' worth; past it such reads (all `CatchUp` pages
     /// included) are answered `RATE_LIMITED` until the allowance refills (default
     /// `MEMBER_ROWS_PER_SEC`).

@@ -481,6 +481,43 @@ async fn only_the_uploader_and_members_where_it_is_attached_may_read_a_file() {
     .await
 }
 
+/// Asking about a file costs its member lookups from the asker's allowance of member
+/// rows: a stranger asking over and over about a file carried in many conversations
+/// (each ask a seek and a membership read per conversation, on the blocking pool) is
+/// refused `RATE_LIMITED` once it is spent, before anything is read, and a member is
+/// still answered. Before, nothing bounded how often one asked.
+#[tokio::test]
+async fn strangers_asking_about_a_widely_carried_file_spend_their_own_allowance() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 50).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (eve, _) = tb.register("eve").await;
+        let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 3)).await;
+        for i in 0..10 {
+            let conv = alice.create_group(&format!("g{i}"), &["bob".into()]).await.unwrap().id;
+            let send = RequestBody::SendFiles {
+                conv,
+                client_id: switchboard_client::new_client_id(),
+                text: String::new(),
+                files: vec![file],
+            };
+            alice.request(send).await.unwrap();
+        }
+        // Ten conversations looked at per ask: the burst (100 rows) lasts about ten.
+        let mut codes = Vec::new();
+        for _ in 0..30 {
+            codes.push(code_of(file_info(&eve, file).await));
+        }
+        assert!(codes.iter().all(|c| [ErrorCode::NOT_FOUND, ErrorCode::RATE_LIMITED].contains(c)), "{codes:?}");
+        assert!(codes.contains(&ErrorCode::RATE_LIMITED), "never limited: {codes:?}");
+        // The same refusal for a file that does not exist: it tells nothing.
+        assert_eq!(code_of(file_info(&eve, [0x77; 16]).await), ErrorCode::RATE_LIMITED);
+        assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)), "a member is answered");
+    })
+    .await
+}
+
 #[tokio::test]
 async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
     bounded(async {

@@ -584,7 +584,7 @@ async fn download(
 ) {
     // Who may read it: up to `ATTACHMENT_SCAN` seeks, off the runtime threads.
     let s = shared.clone();
-    let record = match tokio::task::spawn_blocking(move || readable(&s.store, user, &file)).await {
+    let record = match tokio::task::spawn_blocking(move || readable(&s, user, &file, true)).await {
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => return fail(send, no_such_file(), 0).await,
         Ok(Err(e)) => return fail(send, e, 0).await,
@@ -662,7 +662,7 @@ async fn download(
         if checked.elapsed() >= ACCESS_RECHECK {
             // Access goes with membership (section 12), a long download's too.
             let s = shared.clone();
-            match tokio::task::spawn_blocking(move || readable(&s.store, user, &file)).await {
+            match tokio::task::spawn_blocking(move || readable(&s, user, &file, false)).await {
                 Ok(Ok(Some(_))) => checked = tokio::time::Instant::now(),
                 Ok(Ok(None)) => {
                     let _ = send.reset(ErrorCode::NOT_FOUND.0.into());

@@ -11,7 +11,7 @@ use switchboard_protocol::{
     ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, StoredFile,
     UploadInfo, UploadStatus, Usage, UserId,
 };
-use switchboard_storage::{FileRecord, FileStage, Forwarded, Store, UploadRefusal, charged_bytes};
+use switchboard_storage::{FileRecord, FileStage, Forwarded, UploadRefusal, charged_bytes};
 
 use super::ATTACHMENT_SCAN;
 use crate::Shared;
@@ -30,19 +30,41 @@ pub fn no_such_file() -> ErrorBody {
 
 /// The record of `id` if `user` may read it: its uploader, or a member of a
 /// conversation where a message that is not deleted carries it (for a thumbnail: its
-/// file). Looks at most `ATTACHMENT_SCAN` conversations, one seek each.
-pub fn readable(store: &Store, user: UserId, id: &FileId) -> Result<Option<FileRecord>, ErrorBody> {
+/// file). Looks at most `ATTACHMENT_SCAN` conversations, a seek and a membership read
+/// each; each conversation looked at is charged to `user`'s allowance of member rows
+/// (`UserDirectory::charge_member_reads`: a stranger's check of a file carried in 1,024
+/// conversations reads 2,048 keys, and nothing else bounded how often one asked). With
+/// `gate`, `RATE_LIMITED` while that allowance is spent, before anything is read (so
+/// it tells nothing of the file); a download's periodic re-check is charged, not
+/// refused. Blocking.
+pub fn readable(shared: &Shared, user: UserId, id: &FileId, gate: bool) -> Result<Option<FileRecord>, ErrorBody> {
+    if gate {
+        shared.users.allow_member_reads(user)?;
+    }
+    let store = &shared.store;
     let Some(record) = store.file(id).map_err(internal)? else { return Ok(None) };
     if record.uploader == user {
         return Ok(Some(record));
     }
     let subject = record.parent.unwrap_or(*id);
+    let mut looked = 0;
+    let mut found = None;
     for conv in store.attachment_convs(&subject, ATTACHMENT_SCAN).map_err(internal)? {
-        if store.member(conv, user).map_err(internal)?.is_some() {
-            return Ok(Some(record));
+        looked += 1;
+        match store.member(conv, user) {
+            Ok(Some(_)) => {
+                found = Some(record);
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                shared.users.charge_member_reads(user, looked);
+                return Err(internal(e));
+            }
         }
     }
-    Ok(None)
+    shared.users.charge_member_reads(user, looked);
+    Ok(found)
 }
 
 /// A file as a message carries it.
@@ -309,7 +331,7 @@ pub async fn cancel_upload(
 
 /// `FileInfo`: a file the caller may read.
 pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, ErrorBody> {
-    let record = readable(&shared.store, user, id)?.ok_or_else(no_such_file)?;
+    let record = readable(shared, user, id, true)?.ok_or_else(no_such_file)?;
     let state = match &record.stage {
         FileStage::Uploading { offset } => FileState::Uploading { offset: *offset },
         FileStage::Publishing => FileState::Uploading { offset: record.size },
@@ -467,7 +489,7 @@ pub fn files_to_send(
         if files[..i].contains(id) {
             return Err(err(ErrorCode::INVALID, "a file appears twice"));
         }
-        let record = readable(store, user, id)?.ok_or_else(no_such_file)?;
+        let record = readable(shared, user, id, true)?.ok_or_else(no_such_file)?;
         if record.parent.is_some() {
             // Its thumbnail goes with the file, and only with it.
             return Err(err(ErrorCode::INVALID, "a thumbnail is sent with its file: send the file"));
