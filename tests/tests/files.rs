@@ -482,10 +482,12 @@ async fn only_the_uploader_and_members_where_it_is_attached_may_read_a_file() {
 }
 
 /// Asking about a file costs its member lookups from the asker's allowance of member
-/// rows: a stranger asking over and over about a file carried in many conversations
-/// (each ask a seek and a membership read per conversation, on the blocking pool) is
-/// refused `RATE_LIMITED` once it is spent, before anything is read, and a member is
-/// still answered. Before, nothing bounded how often one asked.
+/// rows (a refusal the most a check can look at, file or no file): a stranger asking
+/// over and over about a file carried in many conversations (each ask a seek and a
+/// membership read per conversation, on the blocking pool) is refused `RATE_LIMITED`
+/// once it is spent, before anything is read, while a member is still answered, and so
+/// is the uploader about her own file whatever her allowance. Before, nothing bounded
+/// how often one asked.
 #[tokio::test]
 async fn strangers_asking_about_a_widely_carried_file_spend_their_own_allowance() {
     bounded(async {
@@ -514,6 +516,9 @@ async fn strangers_asking_about_a_widely_carried_file_spend_their_own_allowance(
         // The same refusal for a file that does not exist: it tells nothing.
         assert_eq!(code_of(file_info(&eve, [0x77; 16]).await), ErrorCode::RATE_LIMITED);
         assert!(matches!(file_info(&bob, file).await.unwrap(), Reply::File(_)), "a member is answered");
+        assert_eq!(code_of(file_info(&alice, [0x77; 16]).await), ErrorCode::NOT_FOUND);
+        assert_eq!(code_of(file_info(&alice, [0x77; 16]).await), ErrorCode::RATE_LIMITED, "her allowance is spent");
+        assert!(matches!(file_info(&alice, file).await.unwrap(), Reply::File(_)), "her own file is answered");
     })
     .await
 }

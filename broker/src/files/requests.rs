@@ -31,40 +31,51 @@ pub fn no_such_file() -> ErrorBody {
 /// The record of `id` if `user` may read it: its uploader, or a member of a
 /// conversation where a message that is not deleted carries it (for a thumbnail: its
 /// file). Looks at most `ATTACHMENT_SCAN` conversations, a seek and a membership read
-/// each; each conversation looked at is charged to `user`'s allowance of member rows
-/// (`UserDirectory::charge_member_reads`: a stranger's check of a file carried in 1,024
-/// conversations reads 2,048 keys, and nothing else bounded how often one asked). With
-/// `gate`, `RATE_LIMITED` while that allowance is spent, before anything is read (so
-/// it tells nothing of the file); a download's periodic re-check is charged, not
-/// refused. Blocking.
+/// each, charged to `user`'s allowance of member rows (`UserDirectory::
+/// charge_member_reads`: a stranger's check of a file carried in 1,024 conversations
+/// reads 2,048 keys, and nothing else bounded how often one asked): the conversations
+/// looked at when it may read the file, `ATTACHMENT_SCAN` whenever it may not, so
+/// that what a refusal costs tells nothing of whether the file exists or where it is
+/// carried. The uploader's own file costs nothing. With `gate`, a check that is not the
+/// uploader's is refused `RATE_LIMITED` while that allowance is spent, before any
+/// membership is read (the same for a missing file); a download's periodic re-check is
+/// charged, not refused. Blocking.
 pub fn readable(shared: &Shared, user: UserId, id: &FileId, gate: bool) -> Result<Option<FileRecord>, ErrorBody> {
+    let store = &shared.store;
+    let record = store.file(id).map_err(internal)?;
+    if let Some(record) = record.as_ref().filter(|r| r.uploader == user) {
+        return Ok(Some(record.clone()));
+    }
     if gate {
         shared.users.allow_member_reads(user)?;
     }
-    let store = &shared.store;
-    let Some(record) = store.file(id).map_err(internal)? else { return Ok(None) };
-    if record.uploader == user {
-        return Ok(Some(record));
-    }
-    let subject = record.parent.unwrap_or(*id);
     let mut looked = 0;
-    let mut found = None;
-    for conv in store.attachment_convs(&subject, ATTACHMENT_SCAN).map_err(internal)? {
-        looked += 1;
-        match store.member(conv, user) {
-            Ok(Some(_)) => {
-                found = Some(record);
-                break;
+    let found = match record {
+        Some(record) => {
+            let subject = record.parent.unwrap_or(*id);
+            let convs = store.attachment_convs(&subject, ATTACHMENT_SCAN);
+            let mut found = Ok(None);
+            for conv in convs.map_err(internal)? {
+                looked += 1;
+                match store.member(conv, user) {
+                    Ok(Some(_)) => {
+                        found = Ok(Some(record));
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        found = Err(internal(e));
+                        break;
+                    }
+                }
             }
-            Ok(None) => {}
-            Err(e) => {
-                shared.users.charge_member_reads(user, looked);
-                return Err(internal(e));
-            }
+            found
         }
-    }
-    shared.users.charge_member_reads(user, looked);
-    Ok(found)
+        None => Ok(None),
+    };
+    let charge = if matches!(found, Ok(Some(_))) { looked } else { ATTACHMENT_SCAN };
+    shared.users.charge_member_reads(user, charge);
+    found
 }
 
 /// A file as a message carries it.
