@@ -13,7 +13,11 @@
 //! - **Images wait in a bounded line.** At most `QUEUED_PER_USER` of one uploader's and
 //!   `QUEUED_MAX` of all are waiting for or in a decode; an image beyond either gets no
 //!   thumbnail (the file itself is published as always) and the operator is told
-//!   (`skipped`, the metrics). Decodes run one at a time (`MAX_CONCURRENT_DECODES`).
+//!   (`skipped`, the metrics). Once the line is half full, only an uploader with no
+//!   image in it gets a place: a few accounts keeping slow-to-decode images coming
+//!   could otherwise hold every place, and everyone else's images went without a
+//!   thumbnail (an attacker review: 16 accounts sufficed; now the second half takes as
+//!   many accounts as places). Decodes run one at a time (`MAX_CONCURRENT_DECODES`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -59,9 +63,11 @@ pub(crate) struct Line {
 }
 
 impl Line {
-    /// A place in the line for `user`'s image, if both bounds allow.
+    /// A place in the line for `user`'s image, if both bounds allow: `QUEUED_PER_USER`
+    /// each while the line is under half full, one each past it.
     pub(crate) fn enter(&mut self, user: UserId) -> bool {
-        if self.total >= QUEUED_MAX || !self.queued.take(user, QUEUED_PER_USER) {
+        let share = if self.total >= QUEUED_MAX / 2 { 1 } else { QUEUED_PER_USER };
+        if self.total >= QUEUED_MAX || !self.queued.take(user, share) {
             return false;
         }
         self.total += 1;
@@ -262,10 +268,18 @@ mod tests {
         assert!(line.enter(2), "another uploader still gets in");
         line.leave(1);
         assert!(line.enter(1), "a place given back is taken again");
-        for user in 3.. {
+        let mut n = 0;
+        while line.total < QUEUED_MAX / 2 {
+            assert!(line.enter(100 + n / QUEUED_PER_USER as UserId), "under half full: each its share");
+            n += 1;
+        }
+        // Past half: one place each, for uploaders with none.
+        assert!(!line.enter(2), "one held already");
+        for user in 1000.. {
             if !line.enter(user) {
                 break;
             }
+            assert!(!line.enter(user), "one each");
         }
         assert_eq!(line.total, QUEUED_MAX);
         assert!(!line.enter(1_000_000), "a newcomer too, once the line is full");
