@@ -64,6 +64,11 @@ pub struct SessionConfig {
     /// still takes effect once. A request whose caller stopped waiting is dropped
     /// instead of sent again, and gives its `max_pending` place back.
     pub overload_retries: u32,
+    /// Member rows of the receipts asked for after each connect, for conversations with
+    /// nothing new to page through (20,000: half the broker's default burst of member
+    /// rows, which catch-up pages and member lists draw on too): the conversations with
+    /// the fewest members first; the rest show what live events and later pages bring.
+    pub receipts_rows_per_connect: u32,
 }
 
 impl Default for SessionConfig {
@@ -79,6 +84,7 @@ impl Default for SessionConfig {
             max_pending: 256,
             max_fetching: 4,
             overload_retries: 6,
+            receipts_rows_per_connect: 20_000,
         }
     }
 }
@@ -91,11 +97,13 @@ pub enum SessionEvent {
     /// too (fetched after their ack, since the broker does not push them back).
     Entry(Entry),
     /// A member's receipt watermarks (mine too, as my other devices move them). After
-    /// each connect, every member's receipts of every conversation: with the page that
-    /// completes its catch-up, or, for one with nothing new, asked for after `CaughtUp`
-    /// (at most `max_fetching` at a time, each once the event queue has room for all of
-    /// its members). Watermarks only grow: keep the higher of what you hold and what
-    /// comes (an answer read before a live change may arrive after it).
+    /// each connect, every member's receipts of each conversation with something new,
+    /// with the page that completes its catch-up, and of those with nothing new, asked
+    /// for after `CaughtUp`, fewest members first, up to
+    /// `SessionConfig::receipts_rows_per_connect` rows (at most `max_fetching` at a
+    /// time, each once the event queue has room for all of its members). Watermarks
+    /// only grow: keep the higher of what you hold and what comes (an answer read
+    /// before a live change may arrive after it).
     Receipt(Receipt),
     /// A contact's presence; after each connect, one for every contact (a snapshot).
     Presence(PresenceInfo),
@@ -844,6 +852,7 @@ impl Task {
                 match result {
                     Ok(states) => {
                         let listed: HashSet<ConvId> = states.iter().map(|s| s.summary.id).collect();
+                        let mut quiet = Vec::new();
                         for s in states {
                             let (conv, last_seq) = (s.summary.id, s.summary.last_seq);
                             // Nothing new to page through, but members may have received
@@ -851,9 +860,19 @@ impl Task {
                             // catch-up. (A conversation with something new gets them
                             // with its completing page.)
                             if last_seq > 0 && last_seq <= self.merge.cursor(conv) {
-                                self.receipts_due.push_back((conv, s.summary.member_count));
+                                quiet.push((conv, s.summary.member_count));
                             }
                             self.merge.known(conv, last_seq);
+                        }
+                        // Within the budget, fewest members first: a reconnect does not
+                        // spend the user's allowance of member rows (which its catch-up
+                        // pages and member lists need too) on receipts of large groups.
+                        quiet.sort_by_key(|&(conv, rows)| (rows, conv));
+                        let mut budget = u64::from(self.config.receipts_rows_per_connect);
+                        for (conv, rows) in quiet {
+                            let Some(left) = budget.checked_sub(u64::from(rows)) else { break };
+                            budget = left;
+                            self.receipts_due.push_back((conv, rows));
                         }
                         // Left or removed while away (from another device too), or
                         // joined after the states were read: one page tells which.

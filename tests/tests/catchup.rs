@@ -304,9 +304,10 @@ async fn conversations_left_while_away_are_reported_and_forgotten() {
 }
 
 /// Receipts that moved while the device was away, in conversations with nothing new to
-/// page through, come after the catch-up (asked for with `Receipts`); before, only a
-/// conversation with new entries had its receipts refreshed, and the others showed
-/// what was last heard live until the next change.
+/// page through, come after the catch-up (asked for with `Receipts`, within a budget of
+/// member rows per connect); before, only a conversation with new entries had its
+/// receipts refreshed, and the others showed what was last heard live until the next
+/// change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_that_moved_while_away_come_after_the_catch_up() {
     bounded(async {
@@ -325,15 +326,34 @@ async fn receipts_that_moved_while_away_come_after_the_catch_up() {
         for &conv in &convs {
             alice.mark_read(conv, last[&conv]).await.unwrap();
         }
+        let has_read = |seen: &Seen, conv: ConvId| {
+            seen.receipts
+                .iter()
+                .any(|r| r.conv == conv && r.user == alice_id.user_id && r.read_up_to == Some(last[&conv]))
+        };
+        // A budget of two member rows: the first conversation's receipts only.
+        let budget = SessionConfig { receipts_rows_per_connect: 2, ..config() };
+        let (session, mut events) = Session::start(tb.connector(), bob_id.clone(), cursors.clone(), budget).unwrap();
+        let mut seen = Seen::default();
+        within(STEP_DEADLINE, "alice's read in the first conversation", async {
+            while !has_read(&seen, convs[0]) {
+                seen.take(events.next().await.expect("the session is running"));
+            }
+        })
+        .await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                seen.take(events.next().await.expect("the session is running"));
+            }
+        })
+        .await;
+        assert!(!has_read(&seen, convs[1]), "beyond the budget");
+        session.close().await;
+
         let (session, mut events) = Session::start(tb.connector(), bob_id.clone(), cursors, config()).unwrap();
         let mut seen = Seen::default();
         within(STEP_DEADLINE, "alice's reads in both conversations", async {
-            while convs.iter().any(|&conv| {
-                !seen
-                    .receipts
-                    .iter()
-                    .any(|r| r.conv == conv && r.user == alice_id.user_id && r.read_up_to == Some(last[&conv]))
-            }) {
+            while convs.iter().any(|&conv| !has_read(&seen, conv)) {
                 seen.take(events.next().await.expect("the session is running"));
             }
         })

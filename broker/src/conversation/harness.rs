@@ -1231,6 +1231,14 @@ mod tests {
         h.now_ms = 2_000;
         h.mark(103, Mark::Delivered(6));
         assert_eq!((h.receipt_writes.len(), h.receipts_at), (3, None));
+        h.commit_receipts();
+        // The wall clock steps back an hour: the next write waits one pace, no more.
+        h.now_ms = 1_000_000_000;
+        h.mark(104, Mark::Delivered(6));
+        h.commit_receipts();
+        h.now_ms -= 3_600_000;
+        h.mark(105, Mark::Delivered(6));
+        assert_eq!(h.receipts_at, Some(h.now_ms + 50));
     }
 
     #[test]

@@ -684,12 +684,15 @@ impl<R> ConversationState<R> {
         if !self.receipts.wants_write() {
             return None;
         }
+        let pace = receipt_pace_ms(self.durable_members.len());
+        // A wall clock stepped back holds the next write one pace at most.
+        self.receipts_next_ms = self.receipts_next_ms.min(now_ms.saturating_add(pace));
         if now_ms < self.receipts_next_ms {
             let ask = !std::mem::replace(&mut self.receipts_wake, true);
             return ask.then_some(Effect::ReceiptsAt(self.receipts_next_ms));
         }
         let batch = self.receipts.next_write()?;
-        self.receipts_next_ms = now_ms + receipt_pace_ms(self.durable_members.len());
+        self.receipts_next_ms = now_ms.saturating_add(pace);
         Some(Effect::WriteReceipts(batch))
     }
 
