@@ -55,8 +55,8 @@ pub struct SessionConfig {
     /// per-device queue.
     pub max_fetching: usize,
     /// Times a request the broker refused with `OVERLOADED` (it is shedding load), or a
-    /// read that lists members refused with `RATE_LIMITED` (the user's allowance of
-    /// member rows), is sent again before the refusal reaches the caller (6), and a
+    /// read that lists members, a `FileInfo` or a `SendFiles` refused with
+    /// `RATE_LIMITED` (the user's allowance of member rows), is sent again before the refusal reaches the caller (6), and a
     /// catch-up page so refused is asked for again, each after a reconnect-like
     /// backoff (`backoff_min_ms` doubling up to `backoff_max_ms`, with jitter: about 6 s
     /// in all with the defaults; a new connection sends it at once). Only requests that
@@ -445,9 +445,10 @@ fn unexpected(reply: Reply) -> SessionError {
 
 /// Whether a refusal with `code` of `body` says only that the broker shed it, so that
 /// after a backoff it may succeed unchanged: `OVERLOADED` (nothing was done), or
-/// `RATE_LIMITED` of a read that lists members (the user's allowance of member rows,
-/// which refills within a second or two; other `RATE_LIMITED` allowances refill too
-/// slowly to wait for unasked), or `INTERNAL` of a write that carries a client id: its
+/// `RATE_LIMITED` of a request that draws on the user's allowance of member rows (a
+/// read that lists members, or one that decides who may read a file: `FileInfo`,
+/// `SendFiles`; it refills within a second or two; other `RATE_LIMITED` allowances
+/// refill too slowly to wait for unasked), or `INTERNAL` of a write that carries a client id: its
 /// conversation's actor failed with it in flight (PROTOCOL.md: retry with the same id),
 /// so it may have landed, and the same id sent again lands it once or answers its seq
 /// (before, the caller was told it failed, had no id to retry with, and a retry of its
@@ -459,6 +460,8 @@ fn shed(code: ErrorCode, body: &RequestBody) -> bool {
             | RequestBody::Receipts { .. }
             | RequestBody::CatchUp { .. }
             | RequestBody::EntryNames { .. }
+            | RequestBody::FileInfo { .. }
+            | RequestBody::SendFiles { .. }
     );
     code == ErrorCode::OVERLOADED
         || (code == ErrorCode::RATE_LIMITED && read)

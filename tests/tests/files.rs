@@ -523,6 +523,41 @@ async fn strangers_asking_about_a_widely_carried_file_spend_their_own_allowance(
     .await
 }
 
+/// A `Session` asks again, after a backoff, for a `FileInfo` refused `RATE_LIMITED` (the
+/// allowance of member rows refills within moments): the caller gets its answer, not the
+/// refusal.
+#[tokio::test]
+async fn a_session_asks_again_for_a_file_check_refused_for_its_allowance() {
+    use std::sync::Arc;
+    use switchboard_client::{MemoryCursors, Session, SessionConfig};
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 1000).await;
+        let (alice, _) = tb.register("alice").await;
+        let (_eve, eve_id) = tb.register("eve").await;
+        let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 3)).await;
+        let conv = alice.create_group("g", &["eve".into()]).await.unwrap().id;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![file],
+        };
+        alice.request(send).await.unwrap();
+        let config = SessionConfig { backoff_min_ms: 20, backoff_max_ms: 200, ..SessionConfig::default() };
+        let (session, _events) =
+            Session::start(tb.connector(), eve_id, Arc::new(MemoryCursors::default()), config).unwrap();
+        // Two checks of a file she may not read spend her burst (2,000 rows) and more.
+        for _ in 0..2 {
+            let refused = session.request(RequestBody::FileInfo { file: [0x77; 16] }).await.unwrap_err();
+            assert!(format!("{refused}").contains("NOT_FOUND"), "{refused}");
+        }
+        let answer = session.request(RequestBody::FileInfo { file }).await;
+        assert!(matches!(answer, Ok(Reply::File(_))), "{answer:?}");
+        session.close().await;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
     bounded(async {
