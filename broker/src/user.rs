@@ -276,7 +276,9 @@ impl UserDirectory {
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
         match allowance.with(user, now, |b| b.tokens_at(now, allowance.per_s, allowance.burst) > 0.0) {
             Some(true) => Ok(()),
-            Some(false) => limited("reading member lists, receipts, catch-up or who may read files too fast; retry in a moment"),
+            Some(false) => {
+                limited("reading member lists, receipts, catch-up or who may read files too fast; retry in a moment")
+            }
             None => limited("too many users are reading member lists; retry in a second"),
         }
     }

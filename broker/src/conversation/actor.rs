@@ -143,21 +143,30 @@ impl Actor for Conversation {
 
     async fn pre_start(&self, myself: ActorRef<ConvMsg>, args: ConvArgs) -> Result<ConvActorState, ActorProcessingErr> {
         let ConvArgs { id, depth, published, replay_after, replay_except } = args;
-        let store = &self.shared.store;
-        let record = store.conversation(id)?.ok_or("conversation vanished")?;
         // A predecessor that died may have applied entries it never saw durable (and a
         // creation may still be on its way to disk): make them durable before serving
         // them. An actor that retired idle had nothing pending, and `Broker::start` made
         // everything recovered durable, so a plain start skips this barrier.
         if replay_after.is_some() {
-            store.barrier()?.await?;
+            self.shared.store.barrier()?.await?;
         }
-        let last_seq = store.last_seq(id)?;
-        let members = store.members(id)?.into_iter().collect();
-        let replay = match replay_after {
-            Some(after) => store.entries(id, after.saturating_add(1), last_seq, usize::MAX, false)?,
-            None => Vec::new(),
-        };
+        // Off the runtime's threads: a large group's member list is a thousand reads
+        // (more from disk when cold), and starts come in bursts (a `MarkDelivered` names
+        // up to 256 conversations); read on a worker, they held up every connection on
+        // it meanwhile.
+        let shared = self.shared.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<_, ActorProcessingErr> {
+            let store = &shared.store;
+            let record = store.conversation(id)?.ok_or("conversation vanished")?;
+            let last_seq = store.last_seq(id)?;
+            let members: HashMap<switchboard_protocol::UserId, Role> = store.members(id)?.into_iter().collect();
+            let replay = match replay_after {
+                Some(after) => store.entries(id, after.saturating_add(1), last_seq, usize::MAX, false)?,
+                None => Vec::new(),
+            };
+            Ok((record, last_seq, members, replay))
+        });
+        let (record, last_seq, members, replay) = read.await??;
         let (state, effects) = ConversationState::recover(
             id,
             (record.kind, record.title),
