@@ -17,6 +17,46 @@ fn code(result: Result<impl std::fmt::Debug, ClientError>) -> Option<ErrorCode> 
     }
 }
 
+/// Read with no conversation actor running (answered from the store), a catch-up page
+/// that completes carries every member's receipts, however small its limit, and one
+/// that does not carries none (and reads no member list).
+#[tokio::test]
+async fn catch_up_pages_at_rest_carry_every_members_receipts_when_they_complete() {
+    use switchboard_protocol::{Reply, RequestBody};
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.conversation_idle_ms = 100).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        tb.register("carol").await;
+        let conv = alice.create_group("g", &["bob".into(), "carol".into()]).await.unwrap().id;
+        for i in 0..5 {
+            alice.send(conv, &format!("m{i}")).await.unwrap();
+        }
+        let shared = tb.shared().clone();
+        within(STEP_DEADLINE, "the actor retiring", async {
+            while shared.convs.live() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let page = |after, limit| {
+            let bob = &bob;
+            async move {
+                match bob.request(RequestBody::CatchUp { conv, after, limit }).await.unwrap() {
+                    Reply::CatchUp(p) => (p.entries.len(), p.complete, p.receipts.len()),
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        assert_eq!(page(0, 2).await, (2, false, 0));
+        assert_eq!(page(0, 6).await, (6, true, 3));
+        assert_eq!(page(5, 0).await, (1, true, 3), "a limit of 0 is 1");
+        assert_eq!(page(6, 1).await, (0, true, 3));
+        assert_eq!(shared.convs.live(), 0, "all read at rest");
+    })
+    .await
+}
+
 #[tokio::test]
 async fn catch_up_pages_through_the_log_and_merges_with_live_events() {
     bounded(async {

@@ -308,10 +308,17 @@ pub(super) fn answer_at_rest(
     let Some(record) = store.conversation(conv).map_err(internal)? else { return Err(not_a_member()) };
     let last_seq = store.last_seq(conv).map_err(internal)?;
     let members = match read {
-        Read::Members | Read::Receipts | Read::CatchUp { .. } => {
+        Read::Members | Read::Receipts => store.members(conv).map_err(internal)?.into_iter().collect(),
+        // Only a page that completes the catch-up carries every member's receipts: one
+        // that cannot reach `last_seq` needs the reader's membership alone (before, each
+        // page of a long catch-up in a large group read the whole member list).
+        Read::CatchUp { after, limit }
+            if last_seq.saturating_sub(after)
+                <= u64::from(u32::from(limit).clamp(1, switchboard_protocol::limits::CATCH_UP_PAGE_MAX)) =>
+        {
             store.members(conv).map_err(internal)?.into_iter().collect()
         }
-        Read::History { .. } | Read::Names { .. } => HashMap::from([(caller.user, role)]),
+        Read::CatchUp { .. } | Read::History { .. } | Read::Names { .. } => HashMap::from([(caller.user, role)]),
     };
     let (mut state, _) = ConversationState::<()>::recover(
         conv,
