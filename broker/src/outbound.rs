@@ -237,12 +237,19 @@ impl Outbound {
         }
     }
 
-    /// Resolves once the queue is closed with an error code (not `NO_ERROR`).
+    /// Resolves once the queue is closed with an error code (not `NO_ERROR`), or a
+    /// revocation came after it was closed `NO_ERROR`: the code to close the connection
+    /// with. (Before, a session draining after a `NO_ERROR` end, its peer no longer
+    /// reading, kept its connection, downloads and datagrams for the drain's 5 s after
+    /// its device was revoked and the revocation answered.)
     pub async fn aborted(&self) -> ErrorCode {
         loop {
             let notified = self.abort.notified();
-            if let Some(code) = self.closed().filter(|c| *c != ErrorCode::NO_ERROR) {
-                return code;
+            {
+                let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(code) = q.closed.filter(|c| *c != ErrorCode::NO_ERROR).or(q.cut_off) {
+                    return code;
+                }
             }
             notified.await;
         }

@@ -70,6 +70,41 @@ async fn a_device_that_stops_reading_its_control_stream_cannot_outlive_a_revocat
     .await
 }
 
+/// A device that ends its control stream with answers still queued (more than its
+/// receive window holds) and does not read them is closed at once with
+/// `DEVICE_REVOKED` when revoked: before, the session, draining toward a `NO_ERROR`
+/// end, kept its connection (its downloads, its datagrams) for the 5 s drain after the
+/// revocation was answered, and then ended as if nothing happened.
+#[tokio::test]
+async fn a_revocation_closes_a_session_draining_to_a_peer_that_does_not_read() {
+    bounded(async {
+        // Room for every answer at once: the session reads every request and the end of
+        // the stream, whatever the writer has written.
+        let tb = TestBroker::start_with(|c| c.outbound_max_bytes = 64 << 20).await;
+        let (laptop, conv, phone_id, mut raw, _phone) = group_and_a_raw_phone(&tb).await;
+        let text = "x".repeat(4000);
+        for _ in 0..200 {
+            laptop.send(conv, &text).await.unwrap();
+        }
+        // Eight pages of about 800 KB: more than the client's 2 MiB stream window and the
+        // broker's 2 MiB send buffer take.
+        for id in 1..=8 {
+            let history = RequestBody::History { conv, page: Page::After(0), limit: 200 };
+            raw.send.write_all(&request_frame(id, history)).await.unwrap();
+        }
+        // Answered (the answers queued) before the stream's end is read.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        raw.send.finish().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(raw.conn.close_reason().is_none(), "the session is draining");
+        let began = std::time::Instant::now();
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::DEVICE_REVOKED));
+        assert!(began.elapsed() < Duration::from_secs(2), "closed {:?} after the revocation", began.elapsed());
+    })
+    .await
+}
+
 /// Alice (her laptop) in group `g` with bob, and a second device of alice's (her phone,
 /// kept connected) with a bare session of its own.
 async fn group_and_a_raw_phone(tb: &TestBroker) -> (Client, ConvId, Identity, RawSession, Client) {

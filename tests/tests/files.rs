@@ -588,6 +588,43 @@ async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
     .await
 }
 
+/// In a direct conversation, a block ends the other's file events too: an upload
+/// attached while running tells the blocker nothing more (its progress would tell when
+/// its uploader is online, as receipts would). Before, the blocked uploader's progress,
+/// completion and thumbnail kept reaching the blocker.
+#[tokio::test]
+async fn a_block_silences_file_events_in_a_direct_conversation() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (sam, _) = tb.register("sam").await;
+        let (vic, _) = tb.register("vic").await;
+        let conv = sam.create_direct("vic").await.unwrap().id;
+        let data = bytes(2 * 1024 * 1024, 6);
+        let begun = begin_upload(&sam, "v.bin", "application/octet-stream", &data).await;
+        upload_range(sam.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![begun.file],
+        };
+        sam.request(send).await.unwrap();
+        vic.block("sam", true).await.unwrap();
+        let mut vic_events = vic.events().unwrap();
+        let offset = offset_of(status(&sam, begun.file).await.unwrap());
+        assert!(matches!(upload_rest(sam.connection(), begun.file, &data, offset).await, TransferReply::Complete(_)));
+        let quiet = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(event) = vic_events.next().await {
+                if let switchboard_protocol::Event::File(p) = event {
+                    panic!("the blocker was told of the blocked user's file: {p:?}");
+                }
+            }
+        });
+        assert!(quiet.await.is_err(), "the event stream ended");
+    })
+    .await
+}
+
 /// Waits for the event giving `file` its final `state`, as sent to `conv`'s audience.
 async fn final_state(events: &mut switchboard_client::Events, conv: Option<u64>, file: FileId, state: &FileState) {
     within(STEP_DEADLINE, "the final file event", async {
@@ -2707,6 +2744,42 @@ async fn a_chunk_let_in_before_its_device_left_and_was_revoked_is_not_written() 
 /// Alice's phone sends a whole file in one chunk, held in the upload's actor; the phone
 /// leaves first if `leave_first`; her laptop revokes the phone, the chunk goes on, and
 /// the laptop's opening of the upload must find nothing written.
+/// An upload stream opened by a device revoked while its opening waited in the upload's
+/// mailbox takes nothing over: it is answered with the revocation, and the upload's live
+/// stream from the owner's other device goes on. Before, the opening took the upload
+/// over after the revocation was answered, and the live stream was failed `CONFLICT`.
+#[tokio::test]
+async fn an_upload_opening_queued_before_its_device_was_revoked_takes_nothing_over() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        let data = bytes(2000, 5);
+        let begun = begin_upload(&laptop, "a.bin", "application/octet-stream", &data).await;
+        // Asking about the upload opens the phone's connection to transfer streams.
+        assert_eq!(offset_of(status(&phone, begun.file).await.unwrap()), 0);
+        let mut held = tb.shared().pauses.arm(Point::UploadChunk);
+        let mut live = Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+        assert!(matches!(live.reply().await, Some(TransferReply::Accepted { .. })));
+        live.chunk(0, &data[..1000], None).await;
+        within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+        // The phone's opening waits behind the held chunk; then the phone is revoked.
+        let mut queued =
+            Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 1000 }).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        held.release();
+        assert!(matches!(live.reply().await, Some(TransferReply::Durable { offset: 1000 })));
+        live.chunk(1000, &data[1000..], None).await;
+        match live.reply().await {
+            Some(TransferReply::Durable { offset: 2000 }) => {}
+            other => panic!("the live stream was taken over: {other:?}"),
+        }
+        assert!(!matches!(queued.reply().await, Some(TransferReply::Accepted { .. })));
+    })
+    .await
+}
+
 async fn chunk_held_then_revoked(leave_first: bool) {
     let tb = TestBroker::start().await;
     let (laptop, _) = tb.register("alice").await;

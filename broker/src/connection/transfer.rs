@@ -259,7 +259,8 @@ async fn upload(
     }
     let stream = shared.files.next_stream();
     let (out, mut replies) = mpsc::unbounded_channel();
-    if let Err(why) = shared.files.send(shared, &file, UploadMsg::Open { stream, offset, out }).await {
+    let open = UploadMsg::Open { stream, offset, out, revocation: revocation.clone() };
+    if let Err(why) = shared.files.send(shared, &file, open).await {
         return unreachable(&mut send, shared, &file, why).await;
     }
     let permits = Arc::new(Semaphore::new(QUEUED_CHUNKS));

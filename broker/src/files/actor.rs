@@ -35,6 +35,9 @@ pub enum UploadMsg {
         offset: u64,
         /// Where its replies go (bounded by the protocol: one per chunk plus one).
         out: mpsc::UnboundedSender<TransferReply>,
+        /// Says whether the device that opened it was revoked (or its account disabled)
+        /// since: then the stream does not take over the upload.
+        revocation: crate::reply::Revocation,
     },
     /// A chunk from `stream`; `matches` says whether its data matched its checksum. The
     /// permits are released once it is handled.
@@ -201,6 +204,14 @@ impl Actor for Upload {
             st.depth.fetch_sub(1, Ordering::AcqRel);
         }
         match msg {
+            UploadMsg::Open { out, revocation, .. } if revocation.code().is_some() => {
+                // Its device was revoked (or its account disabled) while this waited: it
+                // takes nothing over (the owner's live stream from another device goes
+                // on; before, it was failed `CONFLICT` after the revocation was answered).
+                if let Err(error) = revocation.refusal() {
+                    let _ = out.send(TransferReply::Failed { error, offset: st.state.durable() });
+                }
+            }
             UploadMsg::Open { out, .. } if st.state.is_done() => {
                 // Finished just before this stream came: answer as a new actor would. An
                 // upload still there failed for the broker's sake (its completion could
@@ -216,7 +227,7 @@ impl Actor for Upload {
                 };
                 let _ = out.send(reply);
             }
-            UploadMsg::Open { stream, offset, out } => {
+            UploadMsg::Open { stream, offset, out, .. } => {
                 st.idle_ticks = 0;
                 st.streams.insert(stream, out);
                 let effects = st.state.open(stream, offset);

@@ -30,7 +30,9 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use switchboard_protocol::{ConvId, Event, FileId, FileProgress, FileState, ServerFrame, UserId, encode_frame};
+use switchboard_protocol::{
+    ConvId, ConversationKind, Event, FileId, FileProgress, FileState, ServerFrame, UserId, encode_frame,
+};
 
 use super::ATTACHMENT_SCAN;
 use crate::Shared;
@@ -216,9 +218,24 @@ fn deliver(job: &Job) {
         }
     };
     let given = |conv| job.convs.as_ref()?.iter().find(|(c, _)| *c == conv)?.1.clone();
-    let members = |conv| match given(conv) {
-        Some(users) => Ok(users.to_vec()),
-        None => job.shared.store.members(conv).map(|m| m.into_iter().map(|(u, _)| u).collect()),
+    let members = |conv| {
+        let mut users: Vec<UserId> = match given(conv) {
+            Some(users) => users.to_vec(),
+            None => job.shared.store.members(conv)?.into_iter().map(|(u, _)| u).collect(),
+        };
+        // In a direct conversation between two users one of whom blocks the other, the
+        // other is told nothing of the file (an upload's progress would tell when its
+        // uploader is online, as receipts would: PROTOCOL.md, "Blocking"). A failed
+        // read counts as blocked.
+        if users.len() == 2 && users.contains(&job.uploader) {
+            let store = &job.shared.store;
+            let direct = store.conversation(conv)?.is_none_or(|c| c.kind == ConversationKind::Direct);
+            let (a, b) = (users[0], users[1]);
+            if direct && store.blocked_between(a, b).unwrap_or(true) {
+                users.retain(|u| *u == job.uploader);
+            }
+        }
+        Ok::<_, switchboard_storage::StoreError>(users)
     };
     let (audience, unread) = audience(job.uploader, job.is_progress(), &convs, AUDIENCE_READ, members);
     if unread > 0 {
