@@ -32,6 +32,8 @@ pub enum Point {
     /// A request that started its conversation's actor, after the start and before the
     /// request is cast to it (the actor ticks meanwhile).
     ConversationStarted,
+    /// A `Presence` request, after its contacts were read and their barrier passed.
+    PresenceQuery,
 }
 
 /// The armed points of one broker (`Shared::pauses`). For tests only: nothing else

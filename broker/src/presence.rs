@@ -453,7 +453,12 @@ impl Presence {
     /// than `PRESENCE_MAX` names. The store is read on the blocking pool: a contact set
     /// rebuilt after a membership change reads up to `PRESENCE_MEMBERS_SCANNED` keys,
     /// milliseconds a runtime thread must not spend.
-    pub async fn query(self: &Arc<Self>, caller: UserId, users: Vec<UserId>) -> Result<Reply, ErrorBody> {
+    pub async fn query(
+        self: &Arc<Self>,
+        caller: UserId,
+        users: Vec<UserId>,
+        pauses: &crate::pauses::Pauses,
+    ) -> Result<Reply, ErrorBody> {
         if users.len() > PRESENCE_MAX as usize {
             return Err(ErrorBody::new(ErrorCode::INVALID, format!("at most {PRESENCE_MAX} users per request")));
         }
@@ -464,8 +469,18 @@ impl Presence {
         if let Some(barrier) = self.store.index_barrier().map_err(internal)? {
             barrier.await.map_err(internal)?;
         }
+        pauses.pass(crate::pauses::Point::PresenceQuery).await;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.answer(&contacts, users)).await.map_err(internal)?
+        tokio::task::spawn_blocking(move || {
+            // And none lost meanwhile: a removal or a block answered while this waited on
+            // the barrier (its commit is the barrier's) dropped the set read before it,
+            // which showed them still (before: answered from that set alone).
+            let now = this.contacts_of(caller).map_err(internal)?;
+            let both = Contacts { users: contacts.users().iter().copied().filter(|&u| now.contains(u)).collect() };
+            this.answer(&both, users)
+        })
+        .await
+        .map_err(internal)?
     }
 
     /// The `Presence` answer about `users` (every contact if none) among `contacts`.
@@ -574,25 +589,33 @@ impl Presence {
     /// `user`'s contacts: cached, or read from the user's conversation index and each
     /// conversation's members (`read_contacts`). Kept only while the user has a presence
     /// entry, no change to the user's set raced the reads, and within the cache's bound.
+    /// A set a change raced is read again, once (before, it was used as read: a removal
+    /// or block acknowledged during the read still got that push).
     fn contacts_of(&self, user: UserId) -> switchboard_storage::Result<Arc<Contacts>> {
-        {
-            let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(set) = cache.sets.get(&user) {
-                return Ok(set.clone());
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            {
+                let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(set) = cache.sets.get(&user) {
+                    return Ok(set.clone());
+                }
+                cache.begin(user);
             }
-            cache.begin(user);
+            let built = self.read_contacts(user).map(Arc::new);
+            let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
+            let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = cache.end(user);
+            if let Ok(set) = &built
+                && known
+                && fresh
+            {
+                cache.keep(user, set);
+            }
+            if fresh || built.is_err() || attempts >= 2 {
+                return built;
+            }
         }
-        let built = self.read_contacts(user).map(Arc::new);
-        let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
-        let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = cache.end(user);
-        if let Ok(set) = &built
-            && known
-            && fresh
-        {
-            cache.keep(user, set);
-        }
-        built
     }
 
     /// `user`'s contacts from the store: at most `PRESENCE_CONVERSATIONS_SCANNED`

@@ -240,6 +240,35 @@ async fn a_flapping_device_produces_a_bounded_number_of_presence_events() {
 }
 
 /// Collects alice's presence states until one arrives after the flapping ended (away).
+/// A `Presence` answer shows nobody its asker stopped sharing a conversation with while
+/// it was being answered: a removal acknowledged while the request waited on its
+/// barrier (or a block) is honoured. Before, the answer came from the contacts read
+/// before it, and showed the former contact.
+#[tokio::test]
+async fn a_presence_answer_shows_no_contact_lost_while_it_was_answered() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (_carol, carol_id) = tb.register("carol").await;
+        let conv = alice.create_group("g", &["bob".into(), "carol".into()]).await.unwrap().id;
+        let ask = switchboard_protocol::RequestBody::Presence { users: vec![carol_id.user_id] };
+        let shown = |reply| match reply {
+            switchboard_protocol::Reply::Presence(list) => list.iter().map(|p| p.user).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(shown(bob.request(ask.clone()).await.unwrap()), [carol_id.user_id]);
+        let mut held = tb.shared().pauses.arm(switchboard_broker::pauses::Point::PresenceQuery);
+        let asking = tokio::spawn(async move { bob.request(ask).await });
+        within(STEP_DEADLINE, "the query held", held.reached()).await;
+        alice.remove_member(conv, carol_id.user_id).await.unwrap();
+        held.release();
+        let answer = within(STEP_DEADLINE, "the answer", asking).await.unwrap().unwrap();
+        assert!(shown(answer).is_empty(), "carol shown after she left the only conversation they shared");
+    })
+    .await
+}
+
 async fn presence_becomes_counting(events: &mut Events, user: UserId, seen: &mut Vec<PresenceState>) -> PresenceState {
     within(STEP_DEADLINE, "the trailing presence event", async {
         loop {

@@ -562,7 +562,9 @@ impl Session {
             }
             RequestBody::Presence { users } => {
                 let shared = shared.clone();
-                tokio::spawn(async move { reply.send(shared.presence.query(caller.user, users).await) });
+                tokio::spawn(
+                    async move { reply.send(shared.presence.query(caller.user, users, &shared.pauses).await) },
+                );
             }
             RequestBody::BeginUpload(new) => {
                 let (shared, allow, revocation) = (shared.clone(), self.allow_transfers(), reply.revocation());
