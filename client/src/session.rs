@@ -200,8 +200,9 @@ impl SessionError {
 /// watermark updates are idempotent. Creating a group, adding or removing members,
 /// leaving and revoking a device are not sent again: they fail with
 /// `SessionError::Interrupted`. A request the broker refuses with `OVERLOADED` (past
-/// saturation it sheds writes rather than queue them), or a read that lists members
-/// refused with `RATE_LIMITED` (its allowance of member rows), is sent again after a
+/// saturation it sheds writes rather than queue them), or a read that lists members, a
+/// `FileInfo` or a `SendFiles` refused with `RATE_LIMITED` (the allowance of member rows
+/// these draw on), is sent again after a
 /// backoff when it is safe to repeat, up to `overload_retries` times; so is a catch-up
 /// page, and a write with a client id answered `INTERNAL` (its conversation's owner
 /// failed: the write may or may not have landed, and the same id says which, once).
@@ -347,6 +348,7 @@ impl Session {
             pages_retry_set: false,
             receipts_due: VecDeque::new(),
             receipts_outstanding: 0,
+            receipts_rows_in_flight: 0,
             marks_outstanding: 0,
             mark_at: None,
             persist_at: None,
@@ -680,6 +682,8 @@ enum Done {
     Receipts {
         generation: u64,
         conv: ConvId,
+        /// The rows counted for it in `receipts_rows_in_flight`.
+        rows: usize,
         result: Result<Reply, ClientError>,
     },
     /// A backoff after a failed catch-up page or `ConversationStates` on connection
@@ -730,8 +734,10 @@ struct Task {
     /// (nothing new since the cursor, though members may have read or received since),
     /// and those whose receipts did not fit the application's queue.
     receipts_due: VecDeque<(ConvId, u32)>,
-    /// `Receipts` requests outstanding on this connection.
+    /// `Receipts` requests outstanding on this connection, and the rows their answers
+    /// may bring (each counted against the event queue's room before it is sent).
     receipts_outstanding: usize,
+    receipts_rows_in_flight: usize,
     /// Delivered receipts: what the broker accepted, per conversation.
     reported: Cursors,
     marks_outstanding: usize,
@@ -896,11 +902,12 @@ impl Task {
                 self.states_done = true;
                 self.pump();
             }
-            Done::Receipts { generation, conv, result } => {
+            Done::Receipts { generation, conv, rows, result } => {
                 if !self.current(generation) {
                     return;
                 }
                 self.receipts_outstanding -= 1;
+                self.receipts_rows_in_flight -= rows;
                 match result {
                     Ok(Reply::Receipts(receipts)) => {
                         let receipts: Vec<Receipt> = receipts.into_iter().filter(|r| r.conv == conv).collect();
@@ -1175,6 +1182,7 @@ impl Task {
         self.pages_retry_set = false;
         self.receipts_due.clear();
         self.receipts_outstanding = 0;
+        self.receipts_rows_in_flight = 0;
         self.emit(SessionEvent::Connected);
         self.ask_states();
         let (generation, done) = (self.generation, self.done_tx.clone());
@@ -1318,14 +1326,17 @@ impl Task {
         while self.receipts_outstanding < self.config.max_fetching {
             let Some(&(conv, rows)) = self.receipts_due.front() else { break };
             // (A queue configured smaller than a conversation takes what fits.)
-            if usize::try_from(rows).unwrap_or(usize::MAX).min(self.out.max_capacity()) > self.room() {
+            let rows = usize::try_from(rows).unwrap_or(usize::MAX).min(self.out.max_capacity());
+            if self.receipts_rows_in_flight + rows > self.room() {
                 break;
             }
             self.receipts_due.pop_front();
             self.receipts_outstanding += 1;
+            self.receipts_rows_in_flight += rows;
             self.read_in_background(RequestBody::Receipts { conv }, move |result| Done::Receipts {
                 generation,
                 conv,
+                rows,
                 result,
             });
         }
@@ -1335,7 +1346,8 @@ impl Task {
     /// goes to the application, or, when its queue has no room for all of them, they are
     /// asked for again once it has (before, those that did not fit were dropped).
     fn receipts(&mut self, conv: ConvId, receipts: Vec<Receipt>) {
-        if receipts.len().min(self.out.max_capacity()) > self.room() {
+        // The room kept for `Receipts` answers still to come is not theirs to take.
+        if receipts.len().min(self.out.max_capacity()) + self.receipts_rows_in_flight > self.room() {
             let rows = u32::try_from(receipts.len()).unwrap_or(u32::MAX);
             if !self.receipts_due.iter().any(|&(c, _)| c == conv) {
                 self.receipts_due.push_back((conv, rows));
@@ -1370,9 +1382,13 @@ impl Task {
         self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Conversations left whose saved cursors are still to be dropped.
-    fn taken_left(&self) -> Vec<ConvId> {
-        self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// What to save: the taken cursors, and the conversations left whose saved cursors
+    /// are still to be dropped. Those are read first: a `Left` taken between the two
+    /// reads then shows in neither (and is saved next time), never only in the second,
+    /// where its cursor would be dropped and saved back in one save.
+    fn taken_to_save(&self) -> (Cursors, Vec<ConvId>) {
+        let forgot = self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (self.taken_cursors(), forgot)
     }
 
     /// Reports the highest taken seq of each conversation that moved, in requests of at
@@ -1408,7 +1424,7 @@ impl Task {
             self.arm_persist();
             return;
         }
-        let (cursors, forgot) = (self.taken_cursors(), self.taken_left());
+        let (cursors, forgot) = self.taken_to_save();
         if cursors == self.persisted && forgot.is_empty() {
             return;
         }
@@ -1432,7 +1448,7 @@ impl Task {
         for (_, p) in std::mem::take(&mut self.pending) {
             let _ = p.reply.send(Err(SessionError::Stopped));
         }
-        let cursors = self.taken_cursors();
+        let (cursors, forgot) = self.taken_to_save();
         if let Some(live) = self.live.take() {
             let marks: Vec<(ConvId, Seq)> = cursors
                 .iter()
@@ -1444,7 +1460,6 @@ impl Task {
             }
             live.client.close();
         }
-        let forgot = self.taken_left();
         if cursors != self.persisted || !forgot.is_empty() {
             let store = self.store.clone();
             match tokio::task::spawn_blocking(move || store.save(&cursors, &forgot)).await {

@@ -312,10 +312,7 @@ pub(super) fn answer_at_rest(
         // Only a page that completes the catch-up carries every member's receipts: one
         // that cannot reach `last_seq` needs the reader's membership alone (before, each
         // page of a long catch-up in a large group read the whole member list).
-        Read::CatchUp { after, limit }
-            if last_seq.saturating_sub(after)
-                <= u64::from(u32::from(limit).clamp(1, switchboard_protocol::limits::CATCH_UP_PAGE_MAX)) =>
-        {
+        Read::CatchUp { after, limit } if last_seq.saturating_sub(after) <= super::state::page_limit(limit) as u64 => {
             store.members(conv).map_err(internal)?.into_iter().collect()
         }
         Read::CatchUp { .. } | Read::History { .. } | Read::Names { .. } => HashMap::from([(caller.user, role)]),

@@ -120,7 +120,7 @@ impl<R> ReceiptBook<R> {
     /// The next write, if none is in flight and something changed: every changed
     /// member's latest value. The caller writes it and calls `written` once durable.
     pub fn next_write(&mut self) -> Option<Batch> {
-        if self.writing.is_some() || self.dirty.is_empty() {
+        if !self.wants_write() {
             return None;
         }
         let batch: Vec<(UserId, Marks)> = std::mem::take(&mut self.dirty)

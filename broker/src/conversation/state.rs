@@ -349,13 +349,19 @@ fn err(code: ErrorCode, msg: &str) -> ErrorBody {
     ErrorBody::new(code, msg)
 }
 
-/// The refusal a non-member gets, the same whether or not the conversation exists.
 /// The least time between the starts of two receipt writes of a conversation of
 /// `members` members, ms (`limits::RECEIPT_WRITE_US_PER_MEMBER`).
 fn receipt_pace_ms(members: usize) -> u64 {
     (members as u64).saturating_mul(crate::limits::RECEIPT_WRITE_US_PER_MEMBER) / 1000
 }
 
+/// A catch-up page's entry limit as asked (`Read::CatchUp::limit`), as served: 1 to
+/// `CATCH_UP_PAGE_MAX`.
+pub(super) fn page_limit(limit: u16) -> usize {
+    usize::from(limit).clamp(1, CATCH_UP_PAGE_MAX as usize)
+}
+
+/// The refusal a non-member gets, the same whether or not the conversation exists.
 pub fn not_a_member() -> ErrorBody {
     err(
         ErrorCode::FORBIDDEN,
@@ -616,7 +622,8 @@ impl<R> ConversationState<R> {
     /// A receipt report by `caller`, clamped to the durable seq; lower values than held
     /// are ignored. `reply` (a `MarkRead`'s) is answered with the caller's watermarks
     /// once they are durable; a non-member's report is refused (`reply`) or dropped.
-    /// Effects: at most a `Reply` and a `WriteReceipts`.
+    /// Effects: at most a `Reply`, and a `WriteReceipts` or (its pace not yet come) a
+    /// `ReceiptsAt`.
     pub fn handle_mark(
         &mut self,
         log: &impl Log,
@@ -699,7 +706,7 @@ impl<R> ConversationState<R> {
     /// The receipt write in flight became durable (`ok`) or failed. Effects: the changed
     /// members' watermarks pushed to the members (`Event::Receipt` for one change,
     /// `Event::Receipts` for several), then the `MarkRead` answers that waited for it,
-    /// then the next write if changes arrived meanwhile. What is pushed: the public
+    /// then the next write if changes arrived meanwhile (or a `ReceiptsAt` for it). What is pushed: the public
     /// members' watermarks in one frame to every member; the delivery of members who keep
     /// reads private (`read_up_to: None`) in one frame to everyone but them, and to each
     /// of them the others' in `sibling_frames` (about log2 of their number frames each);
@@ -868,7 +875,7 @@ impl<R> ConversationState<R> {
     fn catch_up(&mut self, log: &impl Log, viewer: UserId, after: Seq, limit: u16) -> Result<Reply, ErrorBody> {
         const CHUNK: usize = 64;
         let last = self.durable_seq;
-        let limit = usize::from(limit).clamp(1, CATCH_UP_PAGE_MAX as usize);
+        let limit = page_limit(limit);
         let mut entries: Vec<Entry> = Vec::new();
         let mut bytes = 0usize;
         let mut next = after.saturating_add(1);

@@ -20,6 +20,9 @@
 //! first `ATTACHMENT_SCAN`, by id) until `AUDIENCE_READ` members are read, so a file
 //! attached in a thousand groups costs bounded work per event; members of conversations
 //! past that bound get no push (logged) and see the state in `FileInfo` or a download.
+//! In a conversation of the uploader and one other user who is online, the two's block
+//! keys are read too (and, if one blocks the other, the conversation's kind: a direct
+//! conversation's other member is then told nothing).
 //! Progress goes to each conversation's members as that conversation's (`conv: Some`),
 //! waiting in latest-wins slots. A final state reaches each device once however many
 //! conversations carry the file: the uploader's devices as `conv: None`, every other
@@ -226,14 +229,21 @@ fn deliver(job: &Job) {
         // In a direct conversation between two users one of whom blocks the other, the
         // other is told nothing of the file (an upload's progress would tell when its
         // uploader is online, as receipts would: PROTOCOL.md, "Blocking"). A failed
-        // read counts as blocked.
-        if users.len() == 2 && users.contains(&job.uploader) {
-            let store = &job.shared.store;
-            let direct = store.conversation(conv)?.is_none_or(|c| c.kind == ConversationKind::Direct);
-            let (a, b) = (users[0], users[1]);
-            if direct && store.blocked_between(a, b).unwrap_or(true) {
-                users.retain(|u| *u == job.uploader);
-            }
+        // read counts as blocked. The in-memory look first, as for typing: the block
+        // keys are read only for another member online, the conversation's kind only
+        // when one is set.
+        let store = &job.shared.store;
+        let other = match users[..] {
+            [a, b] if a == job.uploader => Some(b),
+            [a, b] if b == job.uploader => Some(a),
+            _ => None,
+        };
+        if let Some(other) = other
+            && job.shared.online.sessions(other).is_some()
+            && !matches!(store.blocked_between(other, job.uploader), Ok(false))
+            && store.conversation(conv)?.is_none_or(|c| c.kind == ConversationKind::Direct)
+        {
+            users.retain(|u| *u == job.uploader);
         }
         Ok::<_, switchboard_storage::StoreError>(users)
     };

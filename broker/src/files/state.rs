@@ -170,11 +170,18 @@ impl UploadState {
     /// the durable offset counts, and the stream is told so and ends (the client
     /// resumes from the durable offset).
     pub fn write_failed(&mut self) -> Vec<Effect> {
+        self.end_stream("the chunk could not be stored")
+    }
+
+    /// The chunk being written is given up: the stream is told `INTERNAL` with the
+    /// durable offset and ends.
+    fn end_stream(&mut self, message: &str) -> Vec<Effect> {
         self.writing = false;
-        match self.stream.take() {
-            Some(stream) => vec![failed(stream, ErrorCode::INTERNAL, "the chunk could not be stored", self.durable)],
-            None => Vec::new(),
-        }
+        self.stream
+            .take()
+            .map(|stream| failed(stream, ErrorCode::INTERNAL, message, self.durable))
+            .into_iter()
+            .collect()
     }
 
     /// The upload's stored bytes were found lost (its partial file gone) and it was
@@ -183,17 +190,9 @@ impl UploadState {
     /// the throttle: before, the stream was told the old offset, a wasted round trip,
     /// and other devices kept showing the lost progress).
     pub fn rewound(&mut self) -> Vec<Effect> {
-        self.writing = false;
         self.durable = 0;
         self.throttle.pending = None;
-        let mut effects: Vec<Effect> = self
-            .stream
-            .take()
-            .map(|stream| {
-                failed(stream, ErrorCode::INTERNAL, "the upload's bytes were lost; it starts over from offset 0", 0)
-            })
-            .into_iter()
-            .collect();
+        let mut effects = self.end_stream("the upload's bytes were lost; it starts over from offset 0");
         effects.push(Effect::Progress(FileState::Uploading { offset: 0 }));
         effects
     }

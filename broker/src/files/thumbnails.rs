@@ -30,7 +30,8 @@ use crate::Shared;
 use crate::limits::PerUser;
 use crate::metrics::Tally;
 
-/// Images one uploader may have waiting for or in a decode.
+/// Images one uploader may have waiting for or in a decode while the line is under half
+/// full (one past it: `Line::enter`).
 pub(crate) const QUEUED_PER_USER: usize = 8;
 /// Images waiting for or in a decode, over all uploaders.
 pub(crate) const QUEUED_MAX: usize = 128;
