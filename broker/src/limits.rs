@@ -266,8 +266,9 @@ pub const PRESENCE_PUSH_WINDOWS: u64 = 8;
 /// the contacts found first (by ascending conversation id) are kept and the rest neither
 /// receive that user's presence pushes nor see that user in a `Presence` reply. 8 bytes
 /// each: at most 32 KiB per online user; a user can be added to groups by anyone, so the
-/// set must not grow with what others do.
-pub const PRESENCE_CONTACTS_MAX: usize = 4096;
+/// set must not grow with what others do. A snapshot (`Presence { users: [] }`) answers
+/// all of them.
+pub const PRESENCE_CONTACTS_MAX: usize = switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize;
 /// Contact ids kept in presence's cache of contact sets over all users (8 bytes each:
 /// 64 MiB). Without it every online user could be made to hold `PRESENCE_CONTACTS_MAX`
 /// (32 KiB, where an idle connection costs 34 KiB) by strangers adding it to groups;

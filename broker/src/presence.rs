@@ -489,7 +489,7 @@ impl Presence {
     /// The `Presence` answer about `users` (every contact if none) among `contacts`.
     fn answer(&self, contacts: &Contacts, users: Vec<UserId>) -> Result<Reply, ErrorBody> {
         let wanted: Vec<UserId> = if users.is_empty() {
-            contacts.users().iter().copied().take(PRESENCE_MAX as usize).collect()
+            contacts.users().to_vec()
         } else {
             let mut asked: Vec<UserId> = users.into_iter().filter(|&u| contacts.contains(u)).collect();
             asked.sort_unstable();

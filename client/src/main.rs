@@ -1738,7 +1738,7 @@ impl ReceiptLine {
 }
 
 /// Contacts whose last printed presence `sb tail` keeps (a snapshot answers at most
-/// `PRESENCE_MAX`).
+/// `PRESENCE_SNAPSHOT_MAX`).
 const PRESENCE_SAID: usize = 4096;
 
 /// How long a receipt line waits for more members saying the same, ms.

@@ -464,6 +464,7 @@ fn shed(code: ErrorCode, body: &RequestBody) -> bool {
             | RequestBody::EntryNames { .. }
             | RequestBody::FileInfo { .. }
             | RequestBody::SendFiles { .. }
+            | RequestBody::Presence { .. }
     );
     code == ErrorCode::OVERLOADED
         || (code == ErrorCode::RATE_LIMITED && read)
@@ -572,8 +573,8 @@ fn connection_lost(error: &ClientError) -> bool {
 pub const RESTART_RETRY_MAX_MS: u64 = 1_000;
 
 /// Users remembered as changed live while a presence snapshot is asked for (a
-/// snapshot answers at most `PRESENCE_MAX`, 256, users; past this, later live changes
-/// may be replaced by the snapshot's older rows until their next change).
+/// snapshot answers at most `PRESENCE_SNAPSHOT_MAX`, 4,096, users; past this, later
+/// live changes may be replaced by the snapshot's older rows until their next change).
 const PRESENCE_SEEN_MAX: usize = 4096;
 
 /// How long after a `GOING_AWAY` reconnects stay within `RESTART_RETRY_MAX_MS`, ms; past
@@ -1185,12 +1186,10 @@ impl Task {
         self.receipts_rows_in_flight = 0;
         self.emit(SessionEvent::Connected);
         self.ask_states();
-        let (generation, done) = (self.generation, self.done_tx.clone());
+        let generation = self.generation;
         self.presence_since_snapshot = Some(HashSet::new());
-        tokio::spawn(async move {
-            let result = client.request(RequestBody::Presence { users: Vec::new() }).await;
-            let _ = done.send(Done::Presence { generation, result }).await;
-        });
+        let snapshot = RequestBody::Presence { users: Vec::new() };
+        self.read_in_background(snapshot, move |result| Done::Presence { generation, result });
         self.sync_away();
         let unsent: Vec<u64> = self.pending.iter().filter(|(_, p)| p.sent_on.is_none()).map(|(&t, _)| t).collect();
         for token in unsent {

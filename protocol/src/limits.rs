@@ -55,8 +55,12 @@ pub const ENTRY_MAX_BYTES: u32 = MAX_TEXT_BYTES + 128 + MAX_FILES_PER_MESSAGE * 
 /// holds at least one), so a page of maximum-size texts still fits a server frame with
 /// every member's receipts.
 pub const CATCH_UP_PAGE_BYTES: u32 = 768 * 1024;
-/// Most users in one presence reply.
+/// Most users one `Presence { users }` may name (and so in its reply).
 pub const PRESENCE_MAX: u32 = 256;
+/// Most users in the reply to `Presence { users: [] }`, the snapshot a device asks for
+/// when it connects: every contact the broker keeps for a user (it keeps at most this
+/// many), so a snapshot misses nobody a push would reach.
+pub const PRESENCE_SNAPSHOT_MAX: u32 = 4096;
 /// Most users one user may block (`Block`); `BlockedUsers` lists them all in one reply.
 /// A thousand covers anyone's harassers many times over and keeps the reply small.
 pub const MAX_BLOCKED: u32 = 1024;
@@ -99,7 +103,7 @@ const _: () = assert!(HISTORY_PAGE_MAX * (MAX_TEXT_BYTES + 128) <= MAX_SERVER_FR
 // every member's receipts must fit in one server frame.
 const _: () = assert!(CATCH_UP_PAGE_BYTES + MAX_TEXT_BYTES + 128 + MAX_GROUP_MEMBERS * 40 <= MAX_SERVER_FRAME_BYTES);
 // A presence reply must fit in one server frame.
-const _: () = assert!(PRESENCE_MAX * (MAX_NAME_BYTES + 32) <= MAX_SERVER_FRAME_BYTES);
+const _: () = assert!(PRESENCE_SNAPSHOT_MAX * (MAX_NAME_BYTES + 32) <= MAX_SERVER_FRAME_BYTES);
 const _: () = assert!(MAX_BLOCKED * (MAX_NAME_BYTES + 32) <= MAX_SERVER_FRAME_BYTES);
 // A maximum-size send must fit in one client frame.
 const _: () = assert!(MAX_TEXT_BYTES + 256 <= MAX_CLIENT_FRAME_BYTES);

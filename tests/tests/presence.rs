@@ -269,6 +269,31 @@ async fn a_presence_answer_shows_no_contact_lost_while_it_was_answered() {
     .await
 }
 
+/// The snapshot a device asks for (`Presence { users: [] }`) holds every contact, not
+/// the first 256: before, a user sharing groups with 300 people never learnt the state
+/// of the last 44 until each changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_presence_snapshot_holds_every_contact() {
+    bounded(async {
+        const CONTACTS: usize = 300;
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let mut names = Vec::new();
+        for i in 0..CONTACTS {
+            names.push(format!("c{i}"));
+            tb.register(&names[i]).await.0.close();
+        }
+        let conv = alice.create_group("many", &names[..200]).await.unwrap().id;
+        alice.add_members(conv, &names[200..], Role::Member).await.unwrap();
+        let snapshot = alice.presence(&[]).await.unwrap();
+        assert_eq!(snapshot.len(), CONTACTS, "every contact");
+        assert!(snapshot.windows(2).all(|w| w[0].user < w[1].user), "by id");
+        let named = alice.presence(&[snapshot[0].user, snapshot[CONTACTS - 1].user]).await.unwrap();
+        assert_eq!(named.len(), 2);
+    })
+    .await
+}
+
 async fn presence_becomes_counting(events: &mut Events, user: UserId, seen: &mut Vec<PresenceState>) -> PresenceState {
     within(STEP_DEADLINE, "the trailing presence event", async {
         loop {

@@ -318,7 +318,7 @@ fn answer_bound(body: &RequestBody) -> usize {
     use switchboard_protocol::limits::{
         CATCH_UP_PAGE_MAX, ENTRY_MAX_BYTES, HISTORY_PAGE_MAX, LIST_PAGE_MAX, MAX_BLOCKED, MAX_CONTENT_TYPE_BYTES,
         MAX_FILE_NAME_BYTES, MAX_GROUP_MEMBERS, MAX_LISTED_UPLOADS, MAX_NAME_BYTES, MAX_SERVER_FRAME_BYTES,
-        PRESENCE_MAX,
+        PRESENCE_MAX, PRESENCE_SNAPSHOT_MAX,
     };
     // A response's frame header, id, variant and list length.
     const LIST: usize = 64;
@@ -336,6 +336,9 @@ fn answer_bound(body: &RequestBody) -> usize {
         // each fits a frame), plus the response's own few bytes.
         RequestBody::Members { .. } => LIST + (MAX_GROUP_MEMBERS * (MAX_NAME_BYTES + 16)) as usize,
         RequestBody::Receipts { .. } => LIST + MAX_GROUP_MEMBERS as usize * RECEIPT_MAX_BYTES,
+        RequestBody::Presence { users } if users.is_empty() => {
+            LIST + (PRESENCE_SNAPSHOT_MAX * (MAX_NAME_BYTES + 32)) as usize
+        }
         RequestBody::Presence { .. } => LIST + (PRESENCE_MAX * (MAX_NAME_BYTES + 32)) as usize,
         RequestBody::BlockedUsers => LIST + (MAX_BLOCKED * (MAX_NAME_BYTES + 32)) as usize,
         // An upload or a stored file: id, name, size, type, hash, times, flags.
@@ -562,9 +565,19 @@ impl Session {
             }
             RequestBody::Presence { users } => {
                 let shared = shared.clone();
-                tokio::spawn(
-                    async move { reply.send(shared.presence.query(caller.user, users, &shared.pauses).await) },
-                );
+                tokio::spawn(async move {
+                    // A snapshot (every contact, up to 4,096, a read or two each) draws on
+                    // the allowance of member rows, as member lists do.
+                    let snapshot = users.is_empty();
+                    if snapshot && let Err(refused) = shared.users.allow_member_reads(caller.user) {
+                        return reply.send(Err(refused));
+                    }
+                    let answer = shared.presence.query(caller.user, users, &shared.pauses).await;
+                    if snapshot && let Ok(Reply::Presence(list)) = &answer {
+                        shared.users.charge_member_reads(caller.user, list.len());
+                    }
+                    reply.send(answer)
+                });
             }
             RequestBody::BeginUpload(new) => {
                 let (shared, allow, revocation) = (shared.clone(), self.allow_transfers(), reply.revocation());
@@ -704,7 +717,7 @@ impl Session {
 mod tests {
     use switchboard_protocol::limits::{
         LIST_PAGE_MAX, MAX_BLOCKED, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_GROUP_MEMBERS, MAX_LISTED_UPLOADS,
-        MAX_NAME_BYTES, PRESENCE_MAX,
+        MAX_NAME_BYTES, PRESENCE_MAX, PRESENCE_SNAPSHOT_MAX,
     };
     use switchboard_protocol::{
         BlockedUser, ConversationKind, ConversationState, ConversationSummary, DeviceInfo, FileRef, Member,
@@ -753,6 +766,7 @@ mod tests {
     fn every_list_answer_fits_the_room_reserved_for_it() {
         let name = || text(MAX_NAME_BYTES);
         let receipt = || Receipt { conv: BIG, user: BIG, delivered_up_to: BIG, read_up_to: Some(BIG) };
+        let presence = |_| PresenceInfo { user: BIG, name: name(), state: PresenceState::Offline, last_seen_ms: BIG };
         let cases: Vec<(RequestBody, Reply)> = vec![
             (
                 RequestBody::Members { conv: 1 },
@@ -763,17 +777,9 @@ mod tests {
             (RequestBody::Receipts { conv: 1 }, Reply::Receipts(n(MAX_GROUP_MEMBERS).map(|_| receipt()).collect())),
             (
                 RequestBody::Presence { users: vec![] },
-                Reply::Presence(
-                    n(PRESENCE_MAX)
-                        .map(|_| PresenceInfo {
-                            user: BIG,
-                            name: name(),
-                            state: PresenceState::Offline,
-                            last_seen_ms: BIG,
-                        })
-                        .collect(),
-                ),
+                Reply::Presence(n(PRESENCE_SNAPSHOT_MAX).map(presence).collect()),
             ),
+            (RequestBody::Presence { users: vec![1] }, Reply::Presence(n(PRESENCE_MAX).map(presence).collect())),
             (
                 RequestBody::BlockedUsers,
                 Reply::BlockedUsers(n(MAX_BLOCKED).map(|_| BlockedUser { user_id: BIG, name: name() }).collect()),
@@ -837,7 +843,7 @@ mod tests {
             let frame = encode_frame(&ServerFrame::Response { id: u32::MAX, result: Ok(reply) }).unwrap();
             let bound = answer_bound(&request);
             assert!(frame.len() <= bound, "{request:?}: the answer is {} bytes, the room {bound}", frame.len());
-            assert!(bound < 1024 * 1024 / 4, "{request:?} reserves {bound} bytes: more than its list needs");
+            assert!(bound < 1024 * 1024 / 2, "{request:?} reserves {bound} bytes: more than its list needs");
         }
     }
 }
