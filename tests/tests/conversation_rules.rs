@@ -127,6 +127,21 @@ async fn a_refusal_comes_only_once_what_it_was_judged_on_is_durable() {
     };
     let (removal, ()) = tokio::join!(alice.remove_member(conv, dave_id.user_id), send);
     removal.unwrap();
+    // And a read or a read mark of a member whose removal is in flight: a client takes a
+    // refused catch-up as having left (before, refused at once, from the member key).
+    let (erin, erin_id) = tb.register("erin").await;
+    alice.add_members(conv, &["erin".into()], Role::Member).await.unwrap();
+    let before = commits();
+    let read = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let refused = erin.catch_up(conv, 0, 10).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::FORBIDDEN), "{refused}");
+        assert!(commits() > before, "a removed member's read was refused before its removal was durable");
+        let refused = erin.mark_read(conv, 1).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::FORBIDDEN), "{refused}");
+    };
+    let (removal, ()) = tokio::join!(alice.remove_member(conv, erin_id.user_id), read);
+    removal.unwrap();
 }
 
 /// History shows people who are members no longer; `Members` does not list them, and

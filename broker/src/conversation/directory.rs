@@ -237,7 +237,7 @@ impl ConvDirectory {
             return reply.send(Err(refused));
         }
         if let Err(refused) = gate(shared, conv, caller, None) {
-            return reply.send(Err(refused));
+            return reply.send(Err(read_settled(shared, refused).await));
         }
         if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv) {
             return self.request(shared, conv, caller, ConvMsg::Read(caller, read, reply)).await;
@@ -274,8 +274,14 @@ impl ConvDirectory {
         let Some(before) = self.at_rest(conv) else { return self.read_by_actor(shared, conv, caller, read, reply) };
         let role = match gate(shared, conv, caller, None) {
             Ok(Some(role)) => role,
-            Ok(None) => return reply.send(Err(not_a_member())),
-            Err(refused) => return reply.send(Err(refused)),
+            // On the blocking pool: the refusal waits there (`read_settled`).
+            Ok(None) => {
+                return reply
+                    .send(Err(tokio::runtime::Handle::current().block_on(read_settled(shared, not_a_member()))));
+            }
+            Err(refused) => {
+                return reply.send(Err(tokio::runtime::Handle::current().block_on(read_settled(shared, refused))));
+            }
         };
         let answer = super::actor::answer_at_rest(shared, conv, caller, role, read);
         if self.at_rest(conv) != Some(before) {
@@ -408,7 +414,7 @@ impl ConvDirectory {
             if matches!(msg, ConvMsg::Write(..)) {
                 return Err((msg, settled(shared, e).await));
             }
-            return Err((msg, e));
+            return Err((msg, read_settled(shared, e).await));
         }
         let mut dead = None;
         // An actor this request started, registered with its place in the mailbox
@@ -790,6 +796,24 @@ fn refuse(msg: ConvMsg, error: ErrorBody) {
 async fn settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
     let durable = match shared.store.barrier_grouped() {
         Ok(durable) => durable.await,
+        Err(e) => Err(e),
+    };
+    match durable {
+        Ok(()) => refused,
+        Err(e) => internal(e),
+    }
+}
+
+/// `refused`, a read's or a mark's refusal judged on the store, once the membership
+/// writes applied so far are durable (`Store::index_barrier`: at once when none is in
+/// flight, so a stranger's refused reads force no commit). Before, only writes waited:
+/// a member whose removal was applied but not yet durable was refused a catch-up page
+/// at once, a client takes that as having left (`SessionEvent::Left`), and a crash
+/// before the commit took the removal back.
+async fn read_settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
+    let durable = match shared.store.index_barrier() {
+        Ok(Some(durable)) => durable.await,
+        Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
     match durable {
