@@ -2276,6 +2276,40 @@ async fn a_completion_that_failed_while_running_is_finished_by_a_later_stream_no
     .await
 }
 
+/// An upload whose partial file went missing while no actor held it (its actor retired
+/// idle) starts over at offset 0 when a stream comes, as the start-up repair does; before,
+/// the new actor made the file again as that many zeros, accepted the stream at the old
+/// offset, and the upload could only fail its hash.
+#[tokio::test]
+async fn a_partial_file_lost_while_no_actor_held_it_starts_the_upload_over() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(300 * 1024, 7);
+        let begun = begin_upload(&alice, "a.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, 128 * 1024, 64 * 1024).await;
+        let shared = tb.shared().clone();
+        within(Duration::from_secs(30), "the upload's actor retiring idle", async {
+            while shared.files.live() > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        let hex: String = begun.file.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::remove_file(tb.data_dir().join("uploads").join(hex)).unwrap();
+        let mut t =
+            Transfer::open(alice.connection(), &TransferOpen::Upload { file: begun.file, offset: 128 * 1024 }).await;
+        match t.reply().await {
+            Some(TransferReply::Failed { error, offset: 0 }) => assert_eq!(error.code, ErrorCode::WRONG_OFFSET),
+            other => panic!("expected WRONG_OFFSET at 0, got {other:?}"),
+        }
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &data, 0).await, TransferReply::Complete(_)));
+        let (_, got) = download(alice.connection(), begun.file, 0, 0).await.unwrap();
+        assert_eq!(got, data);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn an_image_whose_completion_a_crash_cut_short_gets_its_thumbnail_at_start() {
     use std::os::unix::fs::FileExt;

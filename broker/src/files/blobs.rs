@@ -521,6 +521,36 @@ impl Blobs {
         self.uploads.join(hex(id))
     }
 
+    /// Makes upload `id`'s record, at `offset`, agree with its partial file: a file
+    /// shorter than that (its tail lost) moves the offset back to its length; a missing
+    /// one starts the upload over at 0 (with an empty file); otherwise bytes past the
+    /// offset are cut off. The offset's write, if one was made (its durability for the
+    /// caller to await). At start (`repair`) and before an upload's actor starts
+    /// (`Files::spawn`): a partial file lost while the broker ran was otherwise made
+    /// again as `offset` zeros, which verification then failed. Blocking.
+    pub fn reconcile_partial(&self, store: &Store, id: &FileId, offset: u64) -> Result<Option<Durable>, String> {
+        match std::fs::metadata(self.partial(id)) {
+            Ok(meta) if meta.len() < offset => {
+                tracing::warn!(
+                    file = hex(id),
+                    recorded = offset,
+                    found = meta.len(),
+                    "partial upload shorter than recorded"
+                );
+                store.set_upload_offset(id, meta.len(), None).map_err(|e| e.to_string())
+            }
+            Ok(_) => self.open_partial(id, offset).map(|_| None).map_err(|e| e.to_string()),
+            Err(_) => {
+                if offset > 0 {
+                    tracing::error!(file = hex(id), "an upload's partial file is gone; it starts over");
+                }
+                let rewound = store.set_upload_offset(id, 0, None).map_err(|e| e.to_string())?;
+                self.open_partial(id, 0).map_err(|e| e.to_string())?;
+                Ok(rewound)
+            }
+        }
+    }
+
     /// A complete file's bytes.
     pub fn blob(&self, hash: &Blake3) -> PathBuf {
         self.blobs.join(hex(hash))
@@ -708,26 +738,8 @@ impl Blobs {
                 }
                 continue;
             }
-            let offset = record.offset();
-            let path = self.partial(id);
-            match std::fs::metadata(&path) {
-                Ok(meta) if meta.len() < offset => {
-                    tracing::warn!(
-                        file = hex(id),
-                        recorded = offset,
-                        found = meta.len(),
-                        "partial upload shorter than recorded"
-                    );
-                    store.set_upload_offset(id, meta.len(), None).map_err(|e| e.to_string())?;
-                }
-                Ok(_) => {
-                    self.open_partial(id, offset).map_err(|e| e.to_string())?;
-                }
-                Err(_) => {
-                    store.set_upload_offset(id, 0, None).map_err(|e| e.to_string())?;
-                    self.open_partial(id, 0).map_err(|e| e.to_string())?;
-                }
-            }
+            // Durable with the store's barrier before anything is served.
+            drop(self.reconcile_partial(store, id, record.offset())?);
             live.insert(hex(id));
         }
         for entry in std::fs::read_dir(&self.uploads).map_err(|e| e.to_string())? {

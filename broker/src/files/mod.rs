@@ -405,6 +405,22 @@ impl Files {
             // repair would, rather than verify bytes that may have moved to the blob.
             record = self.finish_publishing(shared, id, record).await?;
         }
+        // Its partial file as the record says (lost or cut short since the broker
+        // started: the upload goes back to what is there), the offset's write durable
+        // before a stream is told it.
+        let (s, file, offset) = (shared.clone(), *id, record.offset());
+        let reconciled = tokio::task::spawn_blocking(move || s.files.blobs.reconcile_partial(&s.store, &file, offset))
+            .await
+            .map_err(|e| Unreachable::Failed(e.to_string()))?
+            .map_err(Unreachable::Failed)?;
+        if let Some(durable) = reconciled {
+            durable.await.map_err(|e| Unreachable::Failed(e.to_string()))?;
+            record = match shared.store.file(id) {
+                Ok(Some(r)) if !r.is_complete() => r,
+                Ok(_) => return Err(Unreachable::NoUpload),
+                Err(e) => return Err(Unreachable::Failed(e.to_string())),
+            };
+        }
         let depth = Arc::new(AtomicUsize::new(0));
         let args = UploadArgs { id: *id, record, depth: depth.clone() };
         let (actor, _) = Actor::spawn(None, Upload { shared: shared.clone() }, args)
