@@ -268,16 +268,16 @@ fn summary(shared: &Shared, me: UserId, conv: ConvId) -> StoreResult<Option<Conv
             None => String::new(),
         },
     };
+    // A live actor may have applied entries that are not durable yet: show only what
+    // devices could have been sent. The store is read first: an actor that registers and
+    // appends after it is then seen by `published` (read the other way round, the store
+    // could be read after such an append and show an entry not yet durable).
+    let stored = store.last_seq(conv)?;
     Ok(Some(ConversationSummary {
         id: conv,
         kind: record.kind,
         title,
-        // A live actor may have applied entries that are not durable yet: show only what
-        // devices could have been sent.
-        last_seq: match shared.convs.published(conv) {
-            Some(seq) => seq,
-            None => store.last_seq(conv)?,
-        },
+        last_seq: shared.convs.published(conv).unwrap_or(stored),
         member_count: store.member_count(conv)? as u32,
         my_role,
     }))

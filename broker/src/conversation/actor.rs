@@ -346,6 +346,10 @@ impl Conversation {
                     }
                 }
                 Effect::Reply(reply, result) => reply.send(result),
+                Effect::RefuseOnceDurable(reply, refused) => {
+                    let shared = self.shared.clone();
+                    tokio::spawn(async move { reply.send(Err(super::directory::settled(&shared, refused).await)) });
+                }
                 Effect::Deliver { entry, audience, except } => {
                     let seq = entry.seq;
                     self.shared.typing.entry_delivered(&entry);

@@ -793,7 +793,7 @@ fn refuse(msg: ConvMsg, error: ErrorBody) {
 /// next group commit as an entry does (it ends no commit delay), so a stranger looping
 /// on refused writes, each admitted as a write in flight, costs the broker no more than
 /// messages to a conversation of its own would.
-async fn settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
+pub(super) async fn settled(shared: &Shared, refused: ErrorBody) -> ErrorBody {
     let durable = match shared.store.barrier_grouped() {
         Ok(durable) => durable.await,
         Err(e) => Err(e),

@@ -357,6 +357,7 @@ impl Harness {
             match effect {
                 Effect::Append(entry) => self.log.append(&entry),
                 Effect::Reply(id, result) => self.replies.push((id, result)),
+                Effect::RefuseOnceDurable(id, refused) => self.replies.push((id, Err(refused))),
                 Effect::Deliver { entry, audience, except } => {
                     let mut audience = audience.to_vec();
                     audience.sort_unstable();

@@ -230,6 +230,11 @@ pub enum Effect<R> {
     Append(Entry),
     /// Answer a request.
     Reply(R, Result<Reply, ErrorBody>),
+    /// Refuse a request once everything applied to the store so far is durable: a
+    /// refusal judged on a block, whose key is written before it is durable (a crash
+    /// before then would make the refusal false: the block gone, the message never
+    /// written).
+    RefuseOnceDurable(R, ErrorBody),
     /// Push a durable entry to the online devices of `audience`, except session `except`.
     Deliver {
         /// The entry, as durable.
@@ -519,7 +524,7 @@ impl<R> ConversationState<R> {
             Err(e) => return vec![Effect::Reply(reply, Err(internal(e)))],
         };
         let (entry, members) = match self.plan(caller, cmd, target.as_ref(), now_ms) {
-            Ok(_) if let Some(refused) = blocked => return self.refuse(reply, refused),
+            Ok(_) if let Some(refused) = blocked => return vec![Effect::RefuseOnceDurable(reply, refused)],
             Ok(p) => p,
             Err(e) => return self.refuse(reply, e),
         };
