@@ -51,6 +51,32 @@ async fn upload(client: &Client, name: &str, data: &[u8]) -> FileId {
     begun.file
 }
 
+/// Sends a message carrying `file` (text empty) to `conv`.
+async fn attach(client: &Client, conv: switchboard_protocol::ConvId, file: FileId) {
+    let send = RequestBody::SendFiles {
+        conv,
+        client_id: switchboard_client::new_client_id(),
+        text: String::new(),
+        files: vec![file],
+    };
+    client.request(send).await.unwrap();
+}
+
+/// Begins an upload of `data`, sends its first 256 KiB and attaches it in `conv` while it
+/// is still uploading; then `finish` sends the rest.
+async fn attached_while_uploading(client: &Client, conv: switchboard_protocol::ConvId, data: &[u8]) -> FileId {
+    let begun = begin_upload(client, "v.bin", "application/octet-stream", data).await;
+    upload_range(client.connection(), begun.file, data, 0, 256 * 1024, 256 * 1024).await;
+    attach(client, conv, begun.file).await;
+    begun.file
+}
+
+/// Sends the rest of an upload from its durable offset: it completes.
+async fn finish(client: &Client, file: FileId, data: &[u8]) {
+    let offset = offset_of(status(client, file).await.unwrap());
+    assert!(matches!(upload_rest(client.connection(), file, data, offset).await, TransferReply::Complete(_)));
+}
+
 fn files_in(dir: std::path::PathBuf) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
@@ -498,13 +524,7 @@ async fn strangers_asking_about_a_widely_carried_file_spend_their_own_allowance(
         let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 3)).await;
         for i in 0..10 {
             let conv = alice.create_group(&format!("g{i}"), &["bob".into()]).await.unwrap().id;
-            let send = RequestBody::SendFiles {
-                conv,
-                client_id: switchboard_client::new_client_id(),
-                text: String::new(),
-                files: vec![file],
-            };
-            alice.request(send).await.unwrap();
+            attach(&alice, conv, file).await;
         }
         // Ten conversations looked at per ask: the burst (100 rows) lasts about ten.
         let mut codes = Vec::new();
@@ -536,13 +556,7 @@ async fn a_session_asks_again_for_a_file_check_refused_for_its_allowance() {
         let (_eve, eve_id) = tb.register("eve").await;
         let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 3)).await;
         let conv = alice.create_group("g", &["eve".into()]).await.unwrap().id;
-        let send = RequestBody::SendFiles {
-            conv,
-            client_id: switchboard_client::new_client_id(),
-            text: String::new(),
-            files: vec![file],
-        };
-        alice.request(send).await.unwrap();
+        attach(&alice, conv, file).await;
         let config = SessionConfig { backoff_min_ms: 20, backoff_max_ms: 200, ..SessionConfig::default() };
         let (session, _events) =
             Session::start(tb.connector(), eve_id, Arc::new(MemoryCursors::default()), config).unwrap();
@@ -569,21 +583,12 @@ async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
         let mut phone_events = phone.events().unwrap();
         let mut bob_events = bob.events().unwrap();
         let data = bytes(2 * 1024 * 1024, 6);
-        let begun = begin_upload(&alice, "v.bin", "application/octet-stream", &data).await;
-        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
         // Attached while still uploading: the members hear of its progress too.
-        let send = RequestBody::SendFiles {
-            conv,
-            client_id: switchboard_client::new_client_id(),
-            text: String::new(),
-            files: vec![begun.file],
-        };
-        alice.request(send).await.unwrap();
-        let offset = offset_of(status(&alice, begun.file).await.unwrap());
-        assert!(matches!(upload_rest(alice.connection(), begun.file, &data, offset).await, TransferReply::Complete(_)));
+        let file = attached_while_uploading(&alice, conv, &data).await;
+        finish(&alice, file, &data).await;
         let complete = FileState::Complete { thumbnail: None };
-        final_state(&mut phone_events, None, begun.file, &complete).await;
-        final_state(&mut bob_events, Some(conv), begun.file, &complete).await;
+        final_state(&mut phone_events, None, file, &complete).await;
+        final_state(&mut bob_events, Some(conv), file, &complete).await;
     })
     .await
 }
@@ -600,19 +605,10 @@ async fn a_block_silences_file_events_in_a_direct_conversation() {
         let (vic, _) = tb.register("vic").await;
         let conv = sam.create_direct("vic").await.unwrap().id;
         let data = bytes(2 * 1024 * 1024, 6);
-        let begun = begin_upload(&sam, "v.bin", "application/octet-stream", &data).await;
-        upload_range(sam.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
-        let send = RequestBody::SendFiles {
-            conv,
-            client_id: switchboard_client::new_client_id(),
-            text: String::new(),
-            files: vec![begun.file],
-        };
-        sam.request(send).await.unwrap();
+        let file = attached_while_uploading(&sam, conv, &data).await;
         vic.block("sam", true).await.unwrap();
         let mut vic_events = vic.events().unwrap();
-        let offset = offset_of(status(&sam, begun.file).await.unwrap());
-        assert!(matches!(upload_rest(sam.connection(), begun.file, &data, offset).await, TransferReply::Complete(_)));
+        finish(&sam, file, &data).await;
         let quiet = tokio::time::timeout(Duration::from_millis(500), async {
             while let Some(event) = vic_events.next().await {
                 if let switchboard_protocol::Event::File(p) = event {
