@@ -447,8 +447,8 @@ impl Presence {
         cache.drop_set(b);
     }
 
-    /// Answers `Presence { users }` for `caller`: the users asked about (all contacts,
-    /// the first `PRESENCE_MAX` by id, if none are named) who share a conversation with
+    /// Answers `Presence { users }` for `caller`: the users asked about (every contact,
+    /// by id, if none are named) who share a conversation with
     /// the caller, by id; the caller and everyone else are left out. `INVALID` for more
     /// than `PRESENCE_MAX` names. The store is read on the blocking pool: a contact set
     /// rebuilt after a membership change reads up to `PRESENCE_MEMBERS_SCANNED` keys,

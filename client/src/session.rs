@@ -343,6 +343,7 @@ impl Session {
             away_sent: None,
             away_in_flight: false,
             presence_since_snapshot: None,
+            presence_backlog: BTreeMap::new(),
             states_done: false,
             caught_up_sent: false,
             pages_retry_set: false,
@@ -577,6 +578,10 @@ pub const RESTART_RETRY_MAX_MS: u64 = 1_000;
 /// live changes may be replaced by the snapshot's older rows until their next change).
 const PRESENCE_SEEN_MAX: usize = 4096;
 
+/// Presence states kept to hand on while the event queue is full (a snapshot's rows and
+/// live changes, the latest per user); past it a live change is dropped.
+const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize;
+
 /// How long after a `GOING_AWAY` reconnects stay within `RESTART_RETRY_MAX_MS`, ms; past
 /// it the broker is down for longer than a restart (maintenance, gone) and the usual
 /// backoff resumes, so a fleet of devices does not retry every second for good.
@@ -726,6 +731,11 @@ struct Task {
     /// While a presence snapshot is asked for: users a live presence event came for
     /// since (at most `PRESENCE_SEEN_MAX`), whose rows of the snapshot are older.
     presence_since_snapshot: Option<HashSet<UserId>>,
+    /// Presence not yet handed on for want of room in the event queue, by user: the
+    /// last snapshot's rows and live changes (a live one replaces the user's row: it is
+    /// newer), at most `PRESENCE_BACKLOG_MAX`, handed on as the application takes
+    /// events.
+    presence_backlog: BTreeMap<UserId, PresenceInfo>,
     states_done: bool,
     caught_up_sent: bool,
     /// A timer to ask for stalled catch-up pages again is set (`retry_later`).
@@ -1005,9 +1015,9 @@ impl Task {
                 let newer = std::mem::take(&mut self.presence_since_snapshot);
                 match result {
                     Ok(Reply::Presence(list)) => {
-                        for p in list.into_iter().filter(|p| newer.as_ref().is_none_or(|n| !n.contains(&p.user))) {
-                            self.emit(SessionEvent::Presence(p));
-                        }
+                        let rows = list.into_iter().filter(|p| newer.as_ref().is_none_or(|n| !n.contains(&p.user)));
+                        self.presence_backlog = rows.map(|p| (p.user, p)).collect();
+                        self.release_presence();
                     }
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "presence snapshot failed"),
@@ -1118,7 +1128,15 @@ impl Task {
                 {
                     newer.insert(p.user);
                 }
-                self.emit(SessionEvent::Presence(p))
+                // Newer than any row of the snapshot still waiting; kept to hand on when
+                // the queue has no room (before, dropped, and the snapshot's row for the
+                // user skipped as older: the user's state was never shown).
+                self.presence_backlog.remove(&p.user);
+                if self.room() > 0 {
+                    self.emit(SessionEvent::Presence(p));
+                } else if self.presence_backlog.len() < PRESENCE_BACKLOG_MAX {
+                    self.presence_backlog.insert(p.user, p);
+                }
             }
             Some(Event::Typing { conv, user, typing }) => self.emit(SessionEvent::Typing { conv, user, typing }),
             Some(Event::File(progress)) => self.emit(SessionEvent::File(progress)),
@@ -1188,6 +1206,7 @@ impl Task {
         self.ask_states();
         let generation = self.generation;
         self.presence_since_snapshot = Some(HashSet::new());
+        self.presence_backlog.clear();
         let snapshot = RequestBody::Presence { users: Vec::new() };
         self.read_in_background(snapshot, move |result| Done::Presence { generation, result });
         self.sync_away();
@@ -1341,6 +1360,17 @@ impl Task {
         }
     }
 
+    /// Hands on the snapshot's rows still waiting, as many as the event queue has room
+    /// for (before, a snapshot larger than the room, as a 4,096-contact one can be, lost
+    /// the rows that did not fit until each user next changed). Receipts that then find
+    /// no room are asked for again once there is (`receipts`).
+    fn release_presence(&mut self) {
+        while self.room() > 0 {
+            let Some((_, p)) = self.presence_backlog.pop_first() else { break };
+            self.emit(SessionEvent::Presence(p));
+        }
+    }
+
     /// Receipts of `conv` came (from `Receipts` or a completing catch-up page): each
     /// goes to the application, or, when its queue has no room for all of them, they are
     /// asked for again once it has (before, those that did not fit were dropped).
@@ -1368,6 +1398,7 @@ impl Task {
         self.arm_persist();
         let entries = self.merge.release(self.room());
         self.emit_entries(entries);
+        self.release_presence();
         self.pump();
     }
 

@@ -277,7 +277,7 @@ async fn the_presence_snapshot_holds_every_contact() {
     bounded(async {
         const CONTACTS: usize = 300;
         let tb = TestBroker::start().await;
-        let (alice, _) = tb.register("alice").await;
+        let (alice, alice_id) = tb.register("alice").await;
         let mut names = Vec::new();
         for i in 0..CONTACTS {
             names.push(format!("c{i}"));
@@ -290,6 +290,24 @@ async fn the_presence_snapshot_holds_every_contact() {
         assert!(snapshot.windows(2).all(|w| w[0].user < w[1].user), "by id");
         let named = alice.presence(&[snapshot[0].user, snapshot[CONTACTS - 1].user]).await.unwrap();
         assert_eq!(named.len(), 2);
+        // A session whose event queue is smaller than the snapshot hands every row on as
+        // the application takes events (before, the rows past the queue's room were
+        // dropped).
+        let config = switchboard_client::SessionConfig { event_queue: 64, ..Default::default() };
+        let cursors = Arc::new(switchboard_client::MemoryCursors::default());
+        let (session, mut events) =
+            switchboard_client::Session::start(tb.connector(), alice_id, cursors, config).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut seen = std::collections::HashSet::new();
+        within(STEP_DEADLINE, "every contact's presence", async {
+            while seen.len() < CONTACTS {
+                if let Some(switchboard_client::SessionEvent::Presence(p)) = events.next().await {
+                    seen.insert(p.user);
+                }
+            }
+        })
+        .await;
+        session.close().await;
     })
     .await
 }

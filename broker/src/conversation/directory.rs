@@ -228,8 +228,9 @@ impl ConvDirectory {
     /// waiting (as many as the user's requests in flight, as its mailbox places were).
     /// Before, every read started an actor on the reader's share: strangers who
     /// put a user in thousands of groups filled its places with its own catch-up, and
-    /// its writes got `OVERLOADED`. A stranger is refused here, at once, live actor or
-    /// not: how long a refusal takes tells nothing.
+    /// its writes got `OVERLOADED`. A stranger is refused here, live actor or not, once
+    /// the membership writes applied so far are durable (`read_settled`): how long a
+    /// refusal takes tells nothing of this conversation.
     pub async fn read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
         if read.lists_members()
             && let Err(refused) = shared.users.allow_member_reads(caller.user)
@@ -411,10 +412,12 @@ impl ConvDirectory {
             _ => Share::Passive,
         };
         if let Err(e) = gate(shared, conv, caller, resend) {
-            if matches!(msg, ConvMsg::Write(..)) {
-                return Err((msg, settled(shared, e).await));
-            }
-            return Err((msg, read_settled(shared, e).await));
+            return match &msg {
+                ConvMsg::Write(..) => Err((msg, settled(shared, e).await)),
+                // Dropped unanswered (`MarkDelivered`): nothing to wait for.
+                ConvMsg::Mark(_, _, MarkReply::Taken(..)) => Err((msg, e)),
+                _ => Err((msg, read_settled(shared, e).await)),
+            };
         }
         let mut dead = None;
         // An actor this request started, registered with its place in the mailbox

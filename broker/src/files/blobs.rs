@@ -540,14 +540,19 @@ impl Blobs {
                 store.set_upload_offset(id, meta.len(), None).map_err(|e| e.to_string())
             }
             Ok(_) => self.open_partial(id, offset).map(|_| None).map_err(|e| e.to_string()),
-            Err(_) => {
+            // Gone, and only then: any other error fails the start (the next stream tries
+            // again), never costs the upload its bytes.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if offset > 0 {
                     tracing::error!(file = hex(id), "an upload's partial file is gone; it starts over");
                 }
                 let rewound = store.set_upload_offset(id, 0, None).map_err(|e| e.to_string())?;
-                self.open_partial(id, 0).map_err(|e| e.to_string())?;
+                if rewound.is_some() || offset == 0 {
+                    self.open_partial(id, 0).map_err(|e| e.to_string())?;
+                }
                 Ok(rewound)
             }
+            Err(e) => Err(e.to_string()),
         }
     }
 

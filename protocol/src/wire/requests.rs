@@ -163,8 +163,9 @@ pub enum RequestBody {
         away: bool,
     },
     /// Presence of users who share a conversation with me, at most `PRESENCE_MAX`;
-    /// an empty list asks for all of them (the first `PRESENCE_MAX` by id). Other users
-    /// are left out of the reply, as unknown ones are.
+    /// an empty list asks for all of them (every contact the broker keeps, at most
+    /// `PRESENCE_SNAPSHOT_MAX`, by id). Other users are left out of the reply, as unknown
+    /// ones are.
     Presence {
         /// Users asked about.
         users: Vec<UserId>,
