@@ -2785,17 +2785,9 @@ async fn an_upload_opening_queued_before_its_device_was_revoked_takes_nothing_ov
         let (laptop, _) = tb.register("alice").await;
         let (phone, phone_id) = tb.login("alice").await;
         let data = bytes(2000, 5);
-        let begun = begin_upload(&laptop, "a.bin", "application/octet-stream", &data).await;
-        // Asking about the upload opens the phone's connection to transfer streams.
-        assert_eq!(offset_of(status(&phone, begun.file).await.unwrap()), 0);
-        let mut held = tb.shared().pauses.arm(Point::UploadChunk);
-        let mut live = Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-        assert!(matches!(live.reply().await, Some(TransferReply::Accepted { .. })));
-        live.chunk(0, &data[..1000], None).await;
-        within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+        let (file, mut live, held) = first_chunk_held(&tb, &laptop, &phone, &data, 1000).await;
         // The phone's opening waits behind the held chunk; then the phone is revoked.
-        let mut queued =
-            Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 1000 }).await;
+        let mut queued = Transfer::open(phone.connection(), &TransferOpen::Upload { file, offset: 1000 }).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         laptop.revoke_device(phone_id.device_id).await.unwrap();
         held.release();
@@ -2810,19 +2802,33 @@ async fn an_upload_opening_queued_before_its_device_was_revoked_takes_nothing_ov
     .await
 }
 
+/// `uploader` begins an upload of `data` and sends its first `first` bytes at offset 0
+/// on a stream, which the upload's actor holds (`Point::UploadChunk`) until released;
+/// `other`, a second device of the same user, may open transfer streams (it asked
+/// about the upload). The upload, the stream and the hold.
+async fn first_chunk_held(
+    tb: &TestBroker,
+    uploader: &Client,
+    other: &Client,
+    data: &[u8],
+    first: usize,
+) -> (FileId, Transfer, switchboard_broker::pauses::Held) {
+    let begun = begin_upload(uploader, "a.bin", "application/octet-stream", data).await;
+    assert_eq!(offset_of(status(other, begun.file).await.unwrap()), 0);
+    let mut held = tb.shared().pauses.arm(Point::UploadChunk);
+    let mut t = Transfer::open(uploader.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+    assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
+    t.chunk(0, &data[..first], None).await;
+    within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+    (begun.file, t, held)
+}
+
 async fn chunk_held_then_revoked(leave_first: bool) {
     let tb = TestBroker::start().await;
     let (laptop, _) = tb.register("alice").await;
     let (phone, phone_id) = tb.login("alice").await;
     let data = bytes(1000, 5);
-    let begun = begin_upload(&phone, "a.bin", "application/octet-stream", &data).await;
-    // Asking about an upload opens the laptop's connection to transfer streams.
-    assert_eq!(offset_of(status(&laptop, begun.file).await.unwrap()), 0);
-    let mut held = tb.shared().pauses.arm(Point::UploadChunk);
-    let mut t = Transfer::open(phone.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
-    assert!(matches!(t.reply().await, Some(TransferReply::Accepted { .. })));
-    t.chunk(0, &data, None).await;
-    within(STEP_DEADLINE, "the chunk held in the actor", held.reached()).await;
+    let (file, _t, held) = first_chunk_held(&tb, &phone, &laptop, &data, data.len()).await;
     if leave_first {
         phone.close();
         // The phone's session ends (its connection closed, its writer done).
@@ -2832,7 +2838,7 @@ async fn chunk_held_then_revoked(leave_first: bool) {
     held.release();
     // The actor takes one message at a time: it answers the laptop's opening of the
     // same upload once it is done with the chunk.
-    let mut resumed = Transfer::open(laptop.connection(), &TransferOpen::Upload { file: begun.file, offset: 0 }).await;
+    let mut resumed = Transfer::open(laptop.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
     match resumed.reply().await {
         Some(TransferReply::Accepted { offset: 0 }) => {}
         other => panic!("the chunk was written after its device's revocation: {other:?}"),
