@@ -274,9 +274,13 @@ pub const PRESENCE_CONTACTS_MAX: usize = switchboard_protocol::limits::PRESENCE_
 /// (32 KiB, where an idle connection costs 34 KiB) by strangers adding it to groups;
 /// past it a set is built for each push or request and not kept.
 pub const PRESENCE_CACHED_CONTACTS_MAX: usize = 8 << 20;
-/// Most conversations read to build one user's contact set (each one member scan);
+/// Most conversations listed to build one user's contact set (each one key read, its
+/// member count, then one member scan, smallest first, within `PRESENCE_MEMBERS_SCANNED`);
 /// bounds the store work per build. Conversations past it (by id) are not looked at.
-pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 1024;
+/// 4,096: a stranger's two-member groups (one made a second after a burst of 20,
+/// `CONVERSATION_CREATE_PER_S`) take over an hour to crowd a user's later conversations
+/// out of the list.
+pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 4096;
 /// Most member keys read to build one user's contact set, over all its conversations:
 /// without it, 1024 groups sharing the same 999 members (anyone can add anyone) cost
 /// about a million reads per build without reaching `PRESENCE_CONTACTS_MAX`. 16,384

@@ -605,7 +605,7 @@ impl Presence {
                 }
                 cache.begin(user);
             }
-            let built = self.read_contacts(user).map(Arc::new);
+            let built = read_contacts(&self.store, user).map(Arc::new);
             let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
             let fresh = cache.end(user);
@@ -620,38 +620,49 @@ impl Presence {
             }
         }
     }
+}
 
-    /// `user`'s contacts from the store: at most `PRESENCE_CONVERSATIONS_SCANNED`
-    /// conversations, `PRESENCE_MEMBERS_SCANNED` member keys and `PRESENCE_CONTACTS_MAX`
-    /// contacts, the first found kept.
-    fn read_contacts(&self, user: UserId) -> switchboard_storage::Result<Contacts> {
-        let mut found = BTreeSet::new();
-        let mut scanned = 0usize;
-        // Neither sees the other while one blocks the other: the user's own blocks read
-        // once, and each contact's of the user one key each.
-        let mut excluded: HashSet<UserId> =
-            self.store.blocked_users(user, switchboard_protocol::limits::MAX_BLOCKED as usize)?.into_iter().collect();
-        'convs: for conv in self.store.user_conversations(user, None, PRESENCE_CONVERSATIONS_SCANNED)? {
-            for (member, _) in self.store.members(conv)? {
-                scanned += 1;
-                if scanned > PRESENCE_MEMBERS_SCANNED {
-                    break 'convs;
-                }
-                if member == user || found.contains(&member) || excluded.contains(&member) {
-                    continue;
-                }
-                if self.store.blocks(member, user)? {
-                    excluded.insert(member);
-                    continue;
-                }
-                found.insert(member);
-                if found.len() >= PRESENCE_CONTACTS_MAX {
-                    break 'convs;
-                }
+/// `user`'s contacts from the store: the members of at most
+/// `PRESENCE_CONVERSATIONS_SCANNED` of its conversations (the first by id), smallest
+/// first (fewest members, then oldest), reading at most `PRESENCE_MEMBERS_SCANNED`
+/// member keys and keeping at most `PRESENCE_CONTACTS_MAX` contacts. Smallest first
+/// because anyone can add anyone to groups: in id order a stranger's few 1,000-member
+/// groups, made before the user's later conversations, spent the whole member scan and
+/// none of the later ones counted, a direct conversation's peer included. Now a direct
+/// peer or a small group's member is found before any large group is read. One key read
+/// per conversation listed (its member count).
+fn read_contacts(store: &Store, user: UserId) -> switchboard_storage::Result<Contacts> {
+    let mut found = BTreeSet::new();
+    let mut scanned = 0usize;
+    // Neither sees the other while one blocks the other: the user's own blocks read
+    // once, and each contact's of the user one key each.
+    let mut excluded: HashSet<UserId> =
+        store.blocked_users(user, switchboard_protocol::limits::MAX_BLOCKED as usize)?.into_iter().collect();
+    let mut convs = Vec::new();
+    for conv in store.user_conversations(user, None, PRESENCE_CONVERSATIONS_SCANNED)? {
+        convs.push((store.member_count(conv)?, conv));
+    }
+    convs.sort_unstable();
+    'convs: for (_, conv) in convs {
+        for (member, _) in store.members(conv)? {
+            scanned += 1;
+            if scanned > PRESENCE_MEMBERS_SCANNED {
+                break 'convs;
+            }
+            if member == user || found.contains(&member) || excluded.contains(&member) {
+                continue;
+            }
+            if store.blocks(member, user)? {
+                excluded.insert(member);
+                continue;
+            }
+            found.insert(member);
+            if found.len() >= PRESENCE_CONTACTS_MAX {
+                break 'convs;
             }
         }
-        Ok(Contacts { users: found.into_iter().collect() })
     }
+    Ok(Contacts { users: found.into_iter().collect() })
 }
 
 /// A driver whose timers one task runs: `fire` performs what is due and says when to
@@ -945,5 +956,48 @@ mod tests {
         // The timer comes back for the next refresh even with no other deadline.
         let next = presence.fire().unwrap();
         assert!(next <= crate::now_ms() + LAST_SEEN_REFRESH_MS, "next deadline {next}");
+    }
+
+    /// A stranger's large groups, made before the user's later conversations, no longer
+    /// take the whole contact set or member scan: the smallest conversations are read
+    /// first (before, in id order, five groups of 1,000 filled the 4,096 contacts, 17 all
+    /// 16,384 reads, and a later direct peer and a small group's members were no
+    /// contacts: no presence either way).
+    #[test]
+    fn a_strangers_large_groups_do_not_crowd_out_small_conversations() {
+        use switchboard_protocol::{Body, ConversationKind, Entry, Role};
+        use switchboard_storage::ConversationRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::test_store(dir.path());
+        let create = |kind, members: Vec<(UserId, Role)>, pair| {
+            let record = ConversationRecord { kind, title: "c".into(), created_ms: 0 };
+            let first = |conv| Entry {
+                conv,
+                seq: 1,
+                sender: members[0].0,
+                sender_device: 1,
+                client_id: [0; 16],
+                at_ms: 0,
+                body: Body::Text { text: "hi".into(), edited: false },
+            };
+            store.create_conversation(&record, &members, pair, first).unwrap().0
+        };
+        // Stranger 2 adds user 1 to groups with 998 others each, more than the scan reads.
+        let groups = PRESENCE_MEMBERS_SCANNED / 1000 + 1;
+        for g in 0..groups as u64 {
+            let mut members = vec![(2, Role::Owner), (1, Role::Member)];
+            members.extend((0..998).map(|i| (10_000 + g * 1000 + i, Role::Member)));
+            create(ConversationKind::Group, members, None);
+        }
+        // Then user 1's own: a direct conversation with 3, a group with 4 and 5.
+        create(ConversationKind::Direct, vec![(1, Role::Member), (3, Role::Member)], Some((1, 3)));
+        create(ConversationKind::Group, vec![(1, Role::Owner), (4, Role::Member), (5, Role::Member)], None);
+        let contacts = read_contacts(&store, 1).unwrap();
+        for user in [2, 3, 4, 5] {
+            assert!(contacts.contains(user), "user {user} is a contact");
+        }
+        assert!(!contacts.contains(1), "not one's own contact");
+        // The bound holds: the large groups' members fill what remains of it.
+        assert_eq!(contacts.users.len(), PRESENCE_CONTACTS_MAX);
     }
 }

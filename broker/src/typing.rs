@@ -47,8 +47,8 @@ pub struct TypingChange {
     pub typing: bool,
 }
 
-/// Every live typing indicator. Times are ms (any monotonic-enough clock the caller
-/// chooses; the driver uses the wall clock).
+/// Every live typing indicator. Times are ms on any clock the caller chooses that does
+/// not step back (the driver's is monotonic, `Typing::clock_ms`).
 #[derive(Debug)]
 pub struct TypingState {
     ttl_ms: u64,
