@@ -561,6 +561,24 @@ mod tests {
         assert_eq!(h.delivered_seqs(), vec![2], "delivered once");
     }
 
+    /// A resend's answer waits for its original only, not for entries appended after
+    /// the original that are still pending (before, it queued behind them, and a
+    /// conversation written to steadily could hold it a commit or more).
+    #[test]
+    fn a_resend_does_not_wait_for_later_entries() {
+        let mut h = group();
+        let first = h.send(BOB, 9, "x");
+        let later = h.send(OWNER, 1, "y");
+        let again = h.send(BOB, 9, "x");
+        h.commit_to(2);
+        assert_eq!(h.ack(first), Some(Ok((2, false))));
+        assert_eq!(h.ack(again), Some(Ok((2, true))), "answered with its original");
+        assert_eq!(h.ack(later), None, "seq 3 is not durable yet");
+        h.commit();
+        assert_eq!(h.ack(later), Some(Ok((3, false))));
+        assert_eq!(h.delivered_seqs(), vec![2, 3]);
+    }
+
     #[test]
     fn pipelined_membership_changes_take_effect_in_order() {
         let mut h = group();

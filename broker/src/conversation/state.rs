@@ -320,6 +320,8 @@ pub struct ConversationState<R> {
     applied_seq: Seq,
     durable_seq: Seq,
     published_seq: Seq,
+    /// What waits for durability, in seq order: appended entries, answers of resends
+    /// (behind their original) and refusals (behind what they were judged on).
     pending: VecDeque<Pending<R>>,
     overlay: HashMap<Seq, Overlay>,
     /// Members' receipt watermarks.
@@ -497,7 +499,10 @@ impl<R> ConversationState<R> {
                     if seq <= self.durable_seq {
                         return vec![Effect::Reply(reply, answer)];
                     }
-                    self.pending.push_back(Pending { seq, entry: None, reply: Some((reply, answer)) });
+                    // Behind its original, before any later entry still pending: the
+                    // queue stays in seq order, and the answer waits for nothing else.
+                    let at = self.pending.partition_point(|p| p.seq <= seq);
+                    self.pending.insert(at, Pending { seq, entry: None, reply: Some((reply, answer)) });
                     return Vec::new();
                 }
                 Ok(None) => {}
