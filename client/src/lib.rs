@@ -592,6 +592,10 @@ impl Client {
         loop {
             match self.request(RequestBody::ListConversations { after }).await? {
                 Reply::Conversations { items, more } => {
+                    if !ascending_after(after, items.iter().map(|c| c.id)) {
+                        // A broker repeating a page would have this loop for ever.
+                        return Err(unexpected(Reply::Conversations { items, more }));
+                    }
                     after = items.last().map(|c| c.id);
                     all.extend(items);
                     if !more || after.is_none() {
@@ -974,6 +978,10 @@ where
     loop {
         match request(RequestBody::ConversationStates { after }).await? {
             Reply::ConversationStates { items, more } => {
+                if !ascending_after(after, items.iter().map(|c| c.summary.id)) {
+                    // A broker repeating a page would have this loop for ever.
+                    return Err(unexpected(Reply::ConversationStates { items, more }));
+                }
                 after = items.last().map(|c| c.summary.id);
                 all.extend(items);
                 if !more || after.is_none() {
@@ -983,6 +991,18 @@ where
             other => return Err(unexpected(other)),
         }
     }
+}
+
+/// Whether `ids` ascend strictly, all past `after`: what a page of a listing must be.
+fn ascending_after(after: Option<ConvId>, ids: impl Iterator<Item = ConvId>) -> bool {
+    let mut last = after;
+    for id in ids {
+        if last.is_some_and(|l| id <= l) {
+            return false;
+        }
+        last = Some(id);
+    }
+    true
 }
 
 fn unexpected(reply: Reply) -> ClientError {
@@ -1026,6 +1046,46 @@ mod tests {
     use ring::{digest, hkdf};
 
     use super::*;
+
+    /// A broker that repeats a page (or pages backwards) ends the walk with an error
+    /// after that page; before, the walk asked for ever and held every page it got.
+    #[tokio::test]
+    async fn a_listing_that_does_not_move_on_is_refused() {
+        use switchboard_protocol::{ConversationKind, ConversationState, ConversationSummary, Role};
+        let state = |id| ConversationState {
+            summary: ConversationSummary {
+                id,
+                kind: ConversationKind::Group,
+                title: "g".into(),
+                last_seq: 0,
+                member_count: 2,
+                my_role: Role::Member,
+            },
+            unread: 0,
+            delivered_up_to: 0,
+            read_up_to: 0,
+        };
+        let asked = std::cell::Cell::new(0);
+        let repeating = |_| {
+            asked.set(asked.get() + 1);
+            std::future::ready(Ok::<_, ClientError>(Reply::ConversationStates {
+                items: vec![state(3), state(4)],
+                more: true,
+            }))
+        };
+        let walked = every_conversation_state(repeating, unexpected).await;
+        assert!(walked.is_err());
+        assert_eq!(asked.get(), 2, "refused at the first page that did not move on");
+        let pages = std::cell::RefCell::new(vec![vec![state(5)], vec![state(1), state(2)]]);
+        let honest = |_| {
+            let items = pages.borrow_mut().pop().unwrap_or_default();
+            let more = !pages.borrow().is_empty();
+            std::future::ready(Ok::<_, ClientError>(Reply::ConversationStates { items, more }))
+        };
+        let all = every_conversation_state(honest, unexpected).await.unwrap();
+        assert_eq!(all.iter().map(|s| s.summary.id).collect::<Vec<_>>(), vec![1, 2, 5]);
+        assert!(!ascending_after(Some(5), [5].into_iter()) && !ascending_after(None, [2, 2].into_iter()));
+    }
 
     /// The output length `ring`'s HKDF expands to.
     struct Len(usize);

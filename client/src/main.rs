@@ -1643,11 +1643,18 @@ fn terminal_safe(text: &str) -> String {
     out
 }
 
-/// Controls (C0, DEL, C1), direction controls, and line and paragraph separators.
+/// Controls (C0, DEL, C1), direction controls, line and paragraph separators, and
+/// characters that print as nothing, so that a text could hide in it what a reader takes
+/// for another (zero-width space, word joiner and invisible operators, byte-order mark,
+/// interlinear annotation marks, Hangul fillers, Mongolian vowel separator). The
+/// zero-width joiner and non-joiner are kept: emoji sequences and Persian and Indic
+/// scripts need them.
 fn is_terminal_unsafe(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{200e}' | '\u{200f}' | '\u{61c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
         || matches!(c, '\u{2028}' | '\u{2029}')
+        || matches!(c, '\u{200b}' | '\u{2060}'..='\u{2064}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}' | '\u{180e}')
+        || matches!(c, '\u{115f}' | '\u{1160}' | '\u{3164}' | '\u{ffa0}')
 }
 
 /// Where names come from: a plain connection or a session.
@@ -1791,12 +1798,25 @@ impl ReceiptLines {
     }
 }
 
-/// User names per conversation: its members' (fetched when a user shows up who may have
-/// joined since) and, for people who are members no longer, the names an entry gives
-/// (`EntryNames`). Names never change, so a name learnt is kept; a user no answer named
-/// is shown as `user#ID` and not asked about again until someone joins.
+/// User names per conversation: its members' (fetched when a user shows up unnamed, at
+/// most once per `MEMBERS_REFETCH` per conversation) and those an entry gives
+/// (`EntryNames`: its sender and the users its body names, members or not, at the cost
+/// of those users only). Names never change, so a name learnt is kept; a user no answer
+/// named is shown as `user#ID` and not asked about again.
 #[derive(Default)]
-struct Names(HashMap<ConvId, HashMap<UserId, Known>>);
+struct Names {
+    known: HashMap<ConvId, HashMap<UserId, Known>>,
+    /// When each conversation's members were last asked for.
+    fetched: HashMap<ConvId, std::time::Instant>,
+}
+
+/// How often `sb tail` may ask a conversation's whole member list for names. Each ask is
+/// a row of the caller's member-rows allowance per member (which its catch-up and
+/// downloads draw on too): before, every entry adding someone asked again, so whoever
+/// administers a 1,000-member group could spend every member's allowance by adding users
+/// (and have the broker read a thousand rows for each member, each time). Entries that
+/// name users are named by `EntryNames` instead.
+const MEMBERS_REFETCH: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What `Names` knows of a user in a conversation.
 #[derive(Clone)]
@@ -1810,16 +1830,16 @@ enum Known {
 
 impl Names {
     fn state(&self, conv: ConvId, user: UserId) -> Option<&Known> {
-        self.0.get(&conv)?.get(&user)
+        self.known.get(&conv)?.get(&user)
     }
 
     fn learn(&mut self, conv: ConvId, names: HashMap<UserId, String>) {
-        self.0.entry(conv).or_default().extend(names.into_iter().map(|(u, n)| (u, Known::Named(n))));
+        self.known.entry(conv).or_default().extend(names.into_iter().map(|(u, n)| (u, Known::Named(n))));
     }
 
     /// Marks those of `users` not named and not marked unnamed as `how`.
     fn mark(&mut self, conv: ConvId, users: &[UserId], how: Known) {
-        let known = self.0.entry(conv).or_default();
+        let known = self.known.entry(conv).or_default();
         for u in users {
             // Never back from unnamed to asking again.
             if matches!(known.get(u), None | Some(Known::NotMember)) {
@@ -1835,11 +1855,16 @@ impl Names {
         }
     }
 
-    /// Fetches the members if one of `users` was never looked for.
+    /// Fetches the members if one of `users` was never looked for and the conversation's
+    /// were not asked for within `MEMBERS_REFETCH` (asked or not, answered or not).
     async fn look_up_members(&mut self, source: &impl Lookups, conv: ConvId, users: &[UserId]) {
-        if users.iter().any(|u| self.state(conv, *u).is_none())
-            && let Some(members) = source.member_names(conv).await
+        if !users.iter().any(|u| self.state(conv, *u).is_none())
+            || self.fetched.get(&conv).is_some_and(|at| at.elapsed() < MEMBERS_REFETCH)
         {
+            return;
+        }
+        self.fetched.insert(conv, std::time::Instant::now());
+        if let Some(members) = source.member_names(conv).await {
             self.learn(conv, members);
             self.mark(conv, users, Known::NotMember);
         }
@@ -1856,12 +1881,6 @@ impl Names {
     /// given a role): the members' names, and for anyone who is a member no longer the
     /// names the entry itself gives (`EntryNames`).
     async fn of_entry(&mut self, source: &impl Lookups, e: &Entry) -> (String, HashMap<UserId, String>) {
-        // Someone not found may have joined since: ask again.
-        if matches!(e.body, Body::MembersAdded { .. } | Body::Created { .. })
-            && let Some(known) = self.0.get_mut(&e.conv)
-        {
-            known.retain(|_, k| matches!(k, Known::Named(_)));
-        }
         let named_users: Vec<UserId> = match &e.body {
             Body::MembersAdded { members } | Body::Created { members, .. } | Body::RolesChanged { members } => {
                 members.iter().map(|(u, _)| *u).collect()
@@ -1870,7 +1889,11 @@ impl Names {
             _ => Vec::new(),
         };
         let users: Vec<UserId> = std::iter::once(e.sender).chain(named_users.iter().copied()).collect();
-        self.look_up_members(source, e.conv, &users).await;
+        // An entry that names users (someone added may be new to us, or back) is named by
+        // its own names; only a plain entry's sender may have the members fetched.
+        if named_users.is_empty() {
+            self.look_up_members(source, e.conv, &users).await;
+        }
         if users.iter().any(|u| matches!(self.state(e.conv, *u), None | Some(Known::NotMember)))
             && let Some(named) = source.entry_names(e.conv, e.seq).await
         {
@@ -2136,8 +2159,9 @@ mod tests {
         assert_eq!(&seen[..4], ["ten", "eleven", "user#12", "owner"]);
         assert_eq!(seen.iter().filter(|n| *n == "ten").count(), 50);
         // Before: the members were fetched again for every entry of a former member,
-        // which dropped the names learnt (two requests an entry).
-        assert_eq!((source.members.get(), source.entries.get()), (3, 3), "one look each");
+        // which dropped the names learnt (two requests an entry). The members are
+        // fetched once (`MEMBERS_REFETCH`), each former member named by an entry once.
+        assert_eq!((source.members.get(), source.entries.get()), (1, 3), "one look each");
         // A body's users: only real names (the account gone is left out, not `user#12`).
         let roles = Entry {
             body: Body::RolesChanged { members: vec![(10, Role::Member), (12, Role::Member)] },
@@ -2146,6 +2170,40 @@ mod tests {
         let (_, named) = names.of_entry(&source, &roles).await;
         assert_eq!(named, HashMap::from([(10, "ten".to_string())]));
         assert_eq!(describe(&roles.body, &named, &FileBook::default()).1, "made ten member, user#12 member");
+    }
+
+    /// Whoever administers a group cannot make `sb tail` ask for the whole member list
+    /// at each user it adds (each ask spends a row of the watcher's allowance per
+    /// member): entries naming users are named by their own names, and the members are
+    /// asked for at most once per `MEMBERS_REFETCH` per conversation.
+    #[tokio::test]
+    async fn adding_users_does_not_have_the_member_list_fetched_each_time() {
+        let source = Counted::default();
+        let mut names = Names::default();
+        let entry = |seq: Seq, sender: UserId, body| Entry {
+            conv: 7,
+            seq,
+            sender,
+            sender_device: 1,
+            client_id: [0; 16],
+            at_ms: 0,
+            body,
+        };
+        let text = || Body::Text { text: "hi".into(), edited: false };
+        names.of_entry(&source, &entry(1, 1, text())).await;
+        for seq in 2..102 {
+            let added = Body::MembersAdded { members: vec![(1000 + seq, Role::Member)] };
+            names.of_entry(&source, &entry(seq, 1, added)).await;
+        }
+        assert_eq!((source.members.get(), source.entries.get()), (1, 100), "one entry's names each");
+        // A plain entry of someone unnamed within the interval: its own names, not the list.
+        names.of_entry(&source, &entry(103, 50, text())).await;
+        assert_eq!((source.members.get(), source.entries.get()), (1, 101));
+        // The interval passes.
+        let asked = names.fetched.get_mut(&7).unwrap();
+        *asked = asked.checked_sub(MEMBERS_REFETCH).unwrap();
+        names.of_entry(&source, &entry(104, 51, text())).await;
+        assert_eq!(source.members.get(), 2, "asked again once the interval passed");
     }
 
     #[test]
@@ -2281,6 +2339,9 @@ mod tests {
             r"\u{202a}\u{202e}\u{2066}\u{2069}\u{200e}\u{200f}\u{61c}",
         );
         check("line\u{2028}para\u{2029}", r"line\u{2028}para\u{2029}");
+        // What prints as nothing; the joiners emoji and scripts need stay.
+        check("b\u{200b}ob\u{feff}\u{2060}\u{3164}", r"b\u{200b}ob\u{feff}\u{2060}\u{3164}");
+        check("👩\u{200d}💻 \u{200c}", "👩\u{200d}💻 \u{200c}");
         // A sent backslash cannot pass for an escape.
         check(r"\u{1b}", r"\\u{1b}");
         // Neighbours of the escaped ranges are printable and stay.

@@ -1,9 +1,11 @@
 //! A conversation as `sb` takes it on the command line: its number (what `sb conv list`
 //! shows) or its title (a group's title, or for a direct conversation the other
 //! member's name), looked up among the caller's conversations. A title matches
-//! whatever its letter case; one that matches several conversations (two groups, or a
-//! group and a direct one) is refused with their numbers, never guessed. A title made
-//! only of digits reads as a number.
+//! whatever its letter case. A user's name means the direct conversation with that
+//! user where there is one, whatever groups share the title (anyone can add anyone to
+//! a group of any title: a stranger's group titled "bob" made `sb send bob` refuse, or,
+//! with no direct conversation, go to it). Two or more groups matching are refused with
+//! their numbers, never guessed. A title made only of digits reads as a number.
 
 use anyhow::bail;
 use switchboard_client::Client;
@@ -51,7 +53,8 @@ impl ConvArg {
             ConvArg::Id(id) => Ok(*id),
             ConvArg::Title(title) => {
                 let found = pick(title, convs)?;
-                eprintln!("{title:?} is conversation {}", describe(found));
+                // Errors are made safe where they are printed; this line here.
+                eprintln!("{}", crate::terminal_safe(&format!("\"{title}\" is conversation {}", describe(found))));
                 Ok(found.id)
             }
         }
@@ -72,15 +75,20 @@ impl std::fmt::Display for ConvArg {
 fn describe(c: &ConversationSummary) -> String {
     match c.kind {
         ConversationKind::Direct => format!("{}, the direct one with {}", c.id, c.title),
-        ConversationKind::Group => format!("{}, a group titled {:?}", c.id, c.title),
+        ConversationKind::Group => format!("{}, a group titled \"{}\"", c.id, c.title),
     }
 }
 
 /// The one of `convs` whose title is `title`, whatever its letter case (user names and
-/// titles differing only in case are likely one person or team to whoever types them).
+/// titles differing only in case are likely one person or team to whoever types them):
+/// the direct conversation with a user of that name if there is one (a user's name is
+/// unique, a group's title is not), else the one group.
 pub fn pick<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result<&'a ConversationSummary> {
     let lower = title.to_lowercase();
-    let found: Vec<&ConversationSummary> = convs.iter().filter(|c| c.title.to_lowercase() == lower).collect();
+    let mut found: Vec<&ConversationSummary> = convs.iter().filter(|c| c.title.to_lowercase() == lower).collect();
+    if found.iter().any(|c| c.kind == ConversationKind::Direct) {
+        found.retain(|c| c.kind == ConversationKind::Direct);
+    }
     match found.as_slice() {
         [one] => Ok(one),
         [] => bail!(
@@ -125,12 +133,12 @@ mod tests {
         // A direct conversation goes by the other member's name.
         assert_eq!(id("bob").unwrap(), 4);
         assert_eq!(id("ops").unwrap(), 7);
-        // Several, whatever the case, are refused: the trial's "Dave" went to a group
-        // dave was not in while a direct conversation with dave existed.
+        // Several groups, whatever the case, are refused.
         let several = id("trip").unwrap_err().to_string();
         assert!(several.contains("5, a group titled \"Trip\"; 6, a group titled \"trip\""), "{several}");
-        let several = id("Dave").unwrap_err().to_string();
-        assert!(several.contains("8, a group titled \"Dave\"; 9, the direct one with dave"), "{several}");
+        // A user's name is the direct conversation with that user: a trial's "Dave" went
+        // to a group dave was not in, and a stranger's group titled so made it refused.
+        assert_eq!(id("Dave").unwrap(), 9);
         let none = id("carol").unwrap_err().to_string();
         assert!(none.contains("sb conv list") && none.contains("sb conv create NAME"), "{none}");
     }

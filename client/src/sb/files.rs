@@ -527,6 +527,11 @@ pub async fn download(
     // pipe carries the file's bytes alone (before, the last report followed them).
     let (path, on_stderr) =
         if path == Path::new("-") { (Path::new("/dev/stdout"), true) } else { (path, is_stdout(path)) };
+    if on_stderr && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        // The bytes are the uploader's: on a terminal they could drive it (rewrite what
+        // it shows, set its title, answer back), as curl refuses binary output there.
+        bail!("standard output is a terminal: nothing downloaded; give OUT a file name, or pipe it (`| less`)");
+    }
     let to_stderr = out.to_stderr();
     let out = if on_stderr { &to_stderr } else { out };
     // `OUT/` names a directory: one that is not there is said now, not after the
@@ -575,7 +580,8 @@ pub async fn download(
     // uploader chose: never a hidden one (`.bashrc`), never one with a path in it (a
     // broker refuses those; this does not rely on it), never over a file already there.
     let named;
-    let path = if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+    let into_dir = std::fs::metadata(path).is_ok_and(|m| m.is_dir());
+    let path = if into_dir {
         let name = &info.file.name;
         if name.starts_with('.') || name.contains(['/', '\\']) || name.chars().any(char::is_control) {
             bail!("{id} is named {name:?}: give OUT a file name to download it");
@@ -698,7 +704,13 @@ pub async fn download(
         if let Ok(old) = std::fs::metadata(path) {
             std::fs::set_permissions(&partial, old.permissions()).map_err(|e| local(e, "setting the permissions of"))?;
         }
-        std::fs::rename(&partial, path).map_err(|e| local(e, "renaming into place"))?;
+        // Into a directory, never over a file made under the name since it was looked at.
+        if !put_in_place(&partial, path, into_dir).map_err(|e| local(e, "renaming into place"))? {
+            return Err(Failure::DropBytes(anyhow!(
+                "{} was made while the file downloaded: nothing replaced (give OUT as a file name)",
+                path.display()
+            )));
+        }
         Ok((range, whole))
     }
     .await;
@@ -775,23 +787,71 @@ enum Failure {
 
 /// The name beside `path` of the partial download of `expected` bytes of `file` from
 /// `offset`: `.NAME.ID.OFFSET+LENGTH.sb-part` (`ID`: the file id's first 16 hex
-/// digits), so only a run of the same download resumes it.
+/// digits), so only a run of the same download resumes it. `NAME` is OUT's name cut to
+/// `PARTIAL_NAME_MAX` bytes (a 255-byte name, which an uploader may choose, made a
+/// partial name past the file system's limit, and every download into a directory
+/// failed).
 fn partial_path(path: &Path, file: &FileId, offset: u64, expected: u64) -> PathBuf {
+    path.with_file_name(format!(".{}.{}.{offset}+{expected}.sb-part", partial_stem(path), &hex(file)[..16]))
+}
+
+/// Puts the finished `partial` at `path`, replacing what is there unless `keep` (then
+/// `false` if the name is taken, `partial` left as it was). Kept by linking, which fails
+/// if the name is taken where a rename replaces (another download of a file of the same
+/// name into the same directory, or anything made under it meanwhile, was replaced);
+/// on a file system without links, looked at once more, then renamed.
+fn put_in_place(partial: &Path, path: &Path, keep: bool) -> std::io::Result<bool> {
+    if keep {
+        match std::fs::hard_link(partial, path) {
+            Ok(()) => {
+                std::fs::remove_file(partial)?;
+                return Ok(true);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(_) if std::fs::symlink_metadata(path).is_ok() => return Ok(false),
+            Err(_) => {}
+        }
+    }
+    std::fs::rename(partial, path)?;
+    Ok(true)
+}
+
+/// Bytes of OUT's name a partial file's name keeps: with the rest (at most 69 bytes)
+/// within the 255 of a file name.
+const PARTIAL_NAME_MAX: usize = 160;
+
+/// OUT's name as a partial file's name carries it (`partial_path`).
+fn partial_stem(path: &Path) -> String {
     let name = path.file_name().map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{name}.{}.{offset}+{expected}.sb-part", &hex(file)[..16]))
+    let mut end = name.len().min(PARTIAL_NAME_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
 }
 
 /// Removes the partial files of whole downloads of `file` into `path` (any size: the
-/// file's is not known any more); returns how many went.
+/// file's is not known any more); returns how many went. Into a directory, a download
+/// took the file's own name there, which a refusal no longer tells: any name in it.
 fn drop_partials(path: &Path, file: &FileId) -> usize {
-    let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) else { return 0 };
-    let name = path.file_name().map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
-    let prefix = format!(".{name}.{}.0+", &hex(file)[..16]);
+    let id = &hex(file)[..16];
+    let (dir, prefix) = if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        (path, None)
+    } else {
+        let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) else {
+            return 0;
+        };
+        (dir, Some(format!(".{}.{id}.0+", partial_stem(path))))
+    };
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let mut dropped = 0;
     for entry in entries.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        if n.starts_with(&prefix) && n.ends_with(".sb-part") && std::fs::remove_file(entry.path()).is_ok() {
+        let ours = match &prefix {
+            Some(prefix) => n.starts_with(prefix.as_str()),
+            None => n.starts_with('.') && n.contains(&format!(".{id}.0+")),
+        };
+        if ours && n.ends_with(".sb-part") && std::fs::remove_file(entry.path()).is_ok() {
             dropped += 1;
         }
     }
@@ -1397,6 +1457,51 @@ fn resume_command(reach: &Rerun, id: &str) -> Rerun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A download into a directory takes the file's name there only if it is still free
+    /// when the download ends (before, the rename replaced a file made meanwhile: two
+    /// downloads of files of the same name into one directory kept the second).
+    #[test]
+    fn a_download_into_a_directory_never_replaces_a_file_made_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let (partial, out) = (dir.path().join(".a.part"), dir.path().join("report.pdf"));
+        std::fs::write(&partial, b"downloaded").unwrap();
+        std::fs::write(&out, b"made meanwhile").unwrap();
+        assert!(!put_in_place(&partial, &out, true).unwrap());
+        assert_eq!(std::fs::read(&out).unwrap(), b"made meanwhile");
+        assert!(partial.exists(), "left for the caller to drop");
+        std::fs::remove_file(&out).unwrap();
+        assert!(put_in_place(&partial, &out, true).unwrap());
+        assert_eq!(std::fs::read(&out).unwrap(), b"downloaded");
+        assert!(!partial.exists());
+        // OUT given as a file name: replaced, as asked.
+        std::fs::write(&partial, b"again").unwrap();
+        assert!(put_in_place(&partial, &out, false).unwrap());
+        assert_eq!(std::fs::read(&out).unwrap(), b"again");
+    }
+
+    /// A partial file's name stays within a file name's 255 bytes whatever the name the
+    /// uploader chose (at most 255 bytes, which made it 300 and failed every download
+    /// into a directory), and the partials of a file downloaded into a directory are
+    /// found there when it is gone (before, they were looked for beside the directory).
+    #[test]
+    fn partial_names_fit_and_are_found_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file: FileId = [0xab; 16];
+        let long = "é".repeat(127) + "x";
+        let partial = partial_path(&dir.path().join(&long), &file, 0, u64::MAX);
+        let name = partial.file_name().unwrap().len();
+        assert!(name <= 255, "{name} bytes");
+        std::fs::write(&partial, b"bytes").unwrap();
+        let other = partial_path(&dir.path().join("other.bin"), &[0xcd; 16], 0, 5);
+        std::fs::write(&other, b"bytes").unwrap();
+        assert_eq!(drop_partials(dir.path(), &file), 1, "found by the file's id in the directory");
+        assert!(!partial.exists() && other.exists(), "another file's partial stays");
+        // OUT given as a file name: the partial beside it.
+        let named = partial_path(&dir.path().join(&long), &file, 0, 9);
+        std::fs::write(&named, b"bytes").unwrap();
+        assert_eq!(drop_partials(&dir.path().join(&long), &file), 1);
+    }
 
     #[test]
     fn file_ids_are_32_hex_digits() {
