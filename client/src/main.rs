@@ -655,6 +655,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             if let Command::Tail = command {
                 tail(connector, identity, home, out).await?;
             } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
+                check_text(caption.as_deref().unwrap_or_default(), 0)?;
                 let upload = UploadArgs { path: file, conv, content_type, caption, no_send, resume };
                 files::upload(connector, identity, home, out, &reach, upload).await?;
             } else if let Command::Passwd { sign_out_others } = command {
@@ -662,6 +663,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             } else if let Command::Download { file, out: path, offset, length } = command {
                 files::download(connector, identity, out, &file, &path, offset, length).await?;
             } else if let Command::Send { conv, text, client_id, retry_for } = command {
+                check_text(&text, 1)?;
                 let message =
                     Message { conv, text, client_id, retry_for: std::time::Duration::from_secs_f64(retry_for) };
                 send(connector, identity, out, &reach, message).await?;
@@ -673,6 +675,17 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 authed(&client, home, out, command).await?;
             }
         }
+    }
+    Ok(())
+}
+
+/// A text the broker takes: `least` (1 for a message, 0 for a caption) to
+/// `MAX_TEXT_BYTES` bytes. Said before anything is sent: a text past the broker's frame
+/// limit was refused only as a request too large for a frame.
+fn check_text(text: &str, least: usize) -> anyhow::Result<()> {
+    let most = switchboard_protocol::limits::MAX_TEXT_BYTES as usize;
+    if !(least..=most).contains(&text.len()) {
+        bail!("a text must be {least} to {most} bytes (UTF-8); this one is {}: nothing sent", text.len());
     }
     Ok(())
 }
@@ -1031,6 +1044,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
         },
         Command::Send { .. } => unreachable!("sent by `send`, which reconnects"),
         Command::Edit { conv, seq, text } => {
+            check_text(&text, 1)?;
             let conv = conv.resolve(client).await?;
             out.seq(conv, client.edit(conv, seq, &text).await?)
         }
@@ -1091,7 +1105,9 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 match all.iter().find(|p| &p.name == name) {
                     Some(p) => out.presence(p, now),
                     None => out.line(json!({"name": name, "state": null}), || {
-                        format!("{name}: unknown, or shares no conversation with me")
+                        format!(
+                            "{name}: not shown (unknown, no conversation shared with me, or one of us blocks the other)"
+                        )
                     }),
                 }
             }

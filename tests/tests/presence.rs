@@ -606,6 +606,9 @@ async fn a_blocked_stranger_loses_every_way_to_reach_or_watch_its_blocker() {
         // No message, no new conversation, no re-adding.
         let sent = refusal(mallory.send(dm, "hello?").await);
         assert_eq!(sent, (ErrorCode::FORBIDDEN, "alice does not accept messages from you".to_owned()));
+        // Nor from the blocker: unblock to write (before, alice wrote on to mallory).
+        let sent = refusal(alice.send(dm, "go away").await);
+        assert_eq!(sent, (ErrorCode::FORBIDDEN, "you block mallory: unblock them to write here".to_owned()));
         let opened = refusal(mallory.create_direct("alice").await);
         assert_eq!(opened, (ErrorCode::FORBIDDEN, "alice does not accept conversations from you".to_owned()));
         let grouped = refusal(mallory.create_group("spam2", &["alice".into()]).await);

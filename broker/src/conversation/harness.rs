@@ -1396,26 +1396,32 @@ mod tests {
         let files = h.write(BOB, Command::SendFiles { client_id: [4; 16], text: String::new(), files: vec![file] });
         assert_eq!(h.ack(files), Some(Err(ErrorCode::FORBIDDEN)));
         // A resend of what landed before the block still gets its answer, and bob may
-        // still take back his own words; the blocker writes as before.
+        // still take back his own words; the blocker writes nothing to whom it blocks
+        // (before, it wrote on to someone who could not answer), and may delete its own.
         let resend = h.send(BOB, 1, "hi");
         assert_eq!(h.ack(resend), Some(Ok((2, true))));
         let delete = h.write(BOB, Command::Delete { client_id: [5; 16], target: 2 });
         let owner = h.send(OWNER, 6, "go away");
+        let Some(Err(said)) = h.reply(owner).cloned() else { panic!("the blocker's message was not refused") };
+        let refusal = (said.code, said.message.as_str());
+        assert_eq!(refusal, (ErrorCode::FORBIDDEN, "you block user2: unblock them to write here"));
         h.commit();
-        assert_eq!((h.ack(delete), h.ack(owner)), (Some(Ok((3, false))), Some(Ok((4, false)))));
-        assert_eq!(h.delivered_seqs(), vec![2, 3, 4], "nothing refused was delivered");
+        assert_eq!(h.ack(delete), Some(Ok((3, false))));
+        assert_eq!(h.delivered_seqs(), vec![2, 3], "nothing refused was delivered");
         // Receipts would tell bob when the owner was online: each hears only of its own.
         h.notices.clear();
-        h.mark(OWNER, Mark::Delivered(4));
+        h.mark(OWNER, Mark::Delivered(3));
         h.commit_receipts();
-        assert_eq!(receipt_events(&h), vec![(OWNER, 4, Some(0), vec![OWNER])]);
+        assert_eq!(receipt_events(&h), vec![(OWNER, 3, Some(0), vec![OWNER])]);
         assert_eq!(h.receipts(BOB)[0], (OWNER, 0, None), "read as if the owner never reported");
-        assert_eq!(h.receipts(OWNER)[0], (OWNER, 4, Some(0)), "the owner's own, as they are");
+        assert_eq!(h.receipts(OWNER)[0], (OWNER, 3, Some(0)), "the owner's own, as they are");
         h.log.blocks.clear();
-        assert_eq!(h.receipts(BOB)[0], (OWNER, 4, Some(0)), "shown again once unblocked");
+        assert_eq!(h.receipts(BOB)[0], (OWNER, 3, Some(0)), "shown again once unblocked");
         let after = h.send(BOB, 7, "sorry");
+        let owner = h.send(OWNER, 6, "go away");
         h.commit();
-        assert_eq!(h.ack(after), Some(Ok((5, false))), "unblocked: bob writes again");
+        assert_eq!(h.ack(after), Some(Ok((4, false))), "unblocked: bob writes again");
+        assert_eq!(h.ack(owner), Some(Ok((5, false))), "and so does the owner");
 
         // In a group: an admin cannot add someone who blocks them; a plain member is
         // told only that it may not add anyone (the block is not its business).

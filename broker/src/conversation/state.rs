@@ -1172,9 +1172,22 @@ impl<R> ConversationState<R> {
 
     /// The refusal of a write that a block forbids (`Block`), read from the log: in a
     /// direct conversation the peer who blocks the caller gets no message, edit or files
-    /// from it (a delete of the caller's own message still goes through), and nobody
-    /// who blocks the caller is added by it to a group. `FORBIDDEN`, naming the user.
+    /// from it, and the caller gets none to a peer it blocks (as messaging apps do:
+    /// unblock to write; before, the blocker wrote on to someone who could not answer),
+    /// a delete of the caller's own message still going through; nobody who blocks the
+    /// caller is added by it to a group. `FORBIDDEN`, naming the user.
     fn blocked<L: Log>(&self, log: &L, caller: UserId, cmd: &Command) -> Result<Option<ErrorBody>, L::Error> {
+        if matches!(cmd, Command::Send { .. } | Command::SendFiles { .. } | Command::Edit { .. })
+            && self.kind == ConversationKind::Direct
+        {
+            for peer in self.members.keys().copied().filter(|&u| u != caller) {
+                if log.blocks(caller, peer)? {
+                    let name = log.user_name(peer)?.unwrap_or_else(|| peer.to_string());
+                    let message = format!("you block {name}: unblock them to write here");
+                    return Ok(Some(err(ErrorCode::FORBIDDEN, &message)));
+                }
+            }
+        }
         let (candidates, why): (Vec<UserId>, &str) = match cmd {
             Command::Send { .. } | Command::SendFiles { .. } | Command::Edit { .. }
                 if self.kind == ConversationKind::Direct =>

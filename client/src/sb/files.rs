@@ -255,7 +255,9 @@ pub async fn upload(
     if target.is_none() && args.resume.is_some() && !args.no_send {
         out.status(json!({"event": "not_sent", "file": hex(&published.file)}), || {
             let command = resume_command(reach, &hex(&published.file)).then("--conv").blank("CONV", "the conversation");
-            format!("not sent to any conversation: {command} sends it")
+            // A message may carry it already (`sb file send` while it uploaded): this
+            // run cannot tell, so it says what it did, not where the file is.
+            format!("not sent by this run (unless `sb file send` sent it already, {command} sends it)")
         });
     }
     if let Some(t) = target {
