@@ -3,7 +3,7 @@
 //! pending request; `Session` handles talk to it through a bounded channel, and the
 //! application reads one gap-free, duplicate-free `SessionEvents` stream.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use switchboard_protocol::limits::{MAX_MARKS_PER_REQUEST, TYPING_TTL_MS};
 use switchboard_protocol::{
-    ClientMsgId, ConvId, ConversationState, DeviceId, Entry, ErrorCode, Event, FileProgress, PresenceInfo, Receipt,
-    Reply, RequestBody, Seq, UserId,
+    ClientMsgId, ConvId, ConversationState, DeviceId, Entry, ErrorCode, Event, FileId, FileProgress, FileState,
+    PresenceInfo, Receipt, Reply, RequestBody, Seq, UserId,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
@@ -128,8 +128,10 @@ pub enum SessionEvent {
         conv: ConvId,
     },
     /// An upload of mine, or one attached in a conversation of mine, moved (throttled by
-    /// the broker; the final state always arrives). Not replayed after a reconnect: ask
-    /// `FileInfo` for the current state.
+    /// the broker; the final state always arrives while connected). Events are not
+    /// replayed after a reconnect: for each upload last seen in progress (per audience,
+    /// up to `FILES_UNSETTLED_MAX`), the session asks `FileInfo` once caught up and
+    /// says its state now, if it moved (a file gone as `Failed` with `NOT_FOUND`).
     File(FileProgress),
     /// Connected and authenticated; catch-up starts.
     Connected,
@@ -350,6 +352,10 @@ impl Session {
             receipts_due: VecDeque::new(),
             receipts_outstanding: 0,
             receipts_rows_in_flight: 0,
+            files_unsettled: HashMap::new(),
+            files_due: VecDeque::new(),
+            files_outstanding: 0,
+            files_events_in_flight: 0,
             marks_outstanding: 0,
             mark_at: None,
             persist_at: None,
@@ -582,6 +588,17 @@ const PRESENCE_SEEN_MAX: usize = 4096;
 /// live changes, the latest per user); past it a live change is dropped.
 const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize;
 
+/// Uploads last seen in progress (per file and audience) whose state the session asks
+/// for after a reconnect: what moved while no connection was up is not replayed, and
+/// before, an application kept showing such an upload in progress after it completed
+/// (a broker restarted during it: the uploader's other devices saw it stop at the
+/// percentage of the crash). Past it, later uploads are not followed across reconnects.
+pub const FILES_UNSETTLED_MAX: usize = 1024;
+
+/// `FileInfo` requests the session has outstanding at once after a reconnect (the
+/// broker runs four store jobs of a user at once).
+const FILE_ASKS_AT_ONCE: usize = 4;
+
 /// How long after a `GOING_AWAY` reconnects stay within `RESTART_RETRY_MAX_MS`, ms; past
 /// it the broker is down for longer than a restart (maintenance, gone) and the usual
 /// backoff resumes, so a fleet of devices does not retry every second for good.
@@ -684,6 +701,14 @@ enum Done {
         away: bool,
         ok: bool,
     },
+    /// The `FileInfo` of `file` asked for on connection `generation` (`ask_files`).
+    FileState {
+        generation: u64,
+        file: FileId,
+        /// The events counted for it in `files_events_in_flight`.
+        events: usize,
+        result: Result<Reply, ClientError>,
+    },
     /// The receipts of `conv` asked for on connection `generation` (`ask_receipts`).
     Receipts {
         generation: u64,
@@ -749,6 +774,15 @@ struct Task {
     /// may bring (each counted against the event queue's room before it is sent).
     receipts_outstanding: usize,
     receipts_rows_in_flight: usize,
+    /// The last `Uploading` event of each upload and audience not settled since
+    /// (`FILES_UNSETTLED_MAX`), asked about after a reconnect.
+    files_unsettled: HashMap<(FileId, Option<ConvId>), FileProgress>,
+    /// Files to ask `FileInfo` about on this connection once caught up, and the asks
+    /// outstanding with the events their answers may bring (counted against the
+    /// event queue's room before each is sent).
+    files_due: VecDeque<FileId>,
+    files_outstanding: usize,
+    files_events_in_flight: usize,
     /// Delivered receipts: what the broker accepted, per conversation.
     reported: Cursors,
     marks_outstanding: usize,
@@ -929,6 +963,28 @@ impl Task {
                     // the next connection asks again.
                     other => tracing::debug!(conv, reply = ?other, "receipts not refreshed"),
                 }
+                self.pump();
+            }
+            Done::FileState { generation, file, events, result } => {
+                if !self.current(generation) {
+                    return;
+                }
+                self.files_outstanding -= 1;
+                self.files_events_in_flight -= events;
+                let now = match result {
+                    Ok(Reply::File(info)) => info.state,
+                    Err(ClientError::Server(e)) if e.code == ErrorCode::NOT_FOUND => {
+                        FileState::Failed { code: ErrorCode::NOT_FOUND }
+                    }
+                    // Refused past the retries, or the connection went: the next
+                    // connection asks again.
+                    other => {
+                        tracing::debug!(reply = ?other, "an upload's state not refreshed");
+                        self.pump();
+                        return;
+                    }
+                };
+                self.file_state_now(file, now);
                 self.pump();
             }
             Done::Retry { generation, states } => {
@@ -1139,7 +1195,10 @@ impl Task {
                 }
             }
             Some(Event::Typing { conv, user, typing }) => self.emit(SessionEvent::Typing { conv, user, typing }),
-            Some(Event::File(progress)) => self.emit(SessionEvent::File(progress)),
+            Some(Event::File(progress)) => {
+                self.file_event(&progress);
+                self.emit(SessionEvent::File(progress));
+            }
             None => {
                 let live = self.live.take().expect("next_event yields only while connected");
                 let error = live.client.closed().await;
@@ -1202,6 +1261,12 @@ impl Task {
         self.receipts_due.clear();
         self.receipts_outstanding = 0;
         self.receipts_rows_in_flight = 0;
+        let mut unsettled: Vec<FileId> = self.files_unsettled.keys().map(|(file, _)| *file).collect();
+        unsettled.sort_unstable();
+        unsettled.dedup();
+        self.files_due = unsettled.into();
+        self.files_outstanding = 0;
+        self.files_events_in_flight = 0;
         self.emit(SessionEvent::Connected);
         self.ask_states();
         let generation = self.generation;
@@ -1333,6 +1398,66 @@ impl Task {
         }
         if self.caught_up_sent {
             self.ask_receipts(generation);
+            self.ask_files(generation);
+        }
+    }
+
+    /// After the catch-up, asks `FileInfo` for the uploads last seen in progress
+    /// (`files_due`): `FILE_ASKS_AT_ONCE` at a time, each once the application's queue
+    /// has room for the events its answer may bring.
+    fn ask_files(&mut self, generation: u64) {
+        while self.files_outstanding < FILE_ASKS_AT_ONCE {
+            let Some(&file) = self.files_due.front() else { break };
+            let events = self.files_unsettled.keys().filter(|(f, _)| *f == file).count();
+            if events > 0 && self.files_events_in_flight + events > self.room() {
+                break;
+            }
+            self.files_due.pop_front();
+            if events == 0 {
+                // Settled by a live event since the connect.
+                continue;
+            }
+            self.files_outstanding += 1;
+            self.files_events_in_flight += events;
+            self.read_in_background(RequestBody::FileInfo { file }, move |result| Done::FileState {
+                generation,
+                file,
+                events,
+                result,
+            });
+        }
+    }
+
+    /// A live file event: an upload in progress is followed (the latest per audience),
+    /// one that ended is not any more, in any audience (its final state reaches a device
+    /// once, in one audience).
+    fn file_event(&mut self, progress: &FileProgress) {
+        let key = (progress.file, progress.conv);
+        if matches!(progress.state, FileState::Uploading { .. }) {
+            if self.files_unsettled.len() < FILES_UNSETTLED_MAX || self.files_unsettled.contains_key(&key) {
+                self.files_unsettled.insert(key, progress.clone());
+            }
+        } else {
+            self.files_unsettled.retain(|(file, _), _| *file != progress.file);
+        }
+    }
+
+    /// `file`'s state `now` (asked after a reconnect): said in each audience it was
+    /// last seen in where it moved since, and no longer followed once it ended.
+    fn file_state_now(&mut self, file: FileId, now: FileState) {
+        let keys: Vec<(FileId, Option<ConvId>)> =
+            self.files_unsettled.keys().filter(|(f, _)| *f == file).copied().collect();
+        let ended = !matches!(now, FileState::Uploading { .. });
+        for key in keys {
+            let Some(last) = self.files_unsettled.get_mut(&key) else { continue };
+            if last.state != now {
+                last.state = now.clone();
+                let event = last.clone();
+                self.emit(SessionEvent::File(event));
+            }
+            if ended {
+                self.files_unsettled.remove(&key);
+            }
         }
     }
 

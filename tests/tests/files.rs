@@ -593,6 +593,72 @@ async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
     .await
 }
 
+/// A `Session` says where an upload it last saw in progress stands after a reconnect,
+/// in the audience it saw it in: file events are not replayed, and before, one that
+/// completed while the device was disconnected (a broker restarted mid-upload, found by
+/// a keep-alive seconds later) stayed in progress for the application for good. Both
+/// audiences: the uploader's other device and a member where the file was attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
+    use std::sync::Arc;
+    use switchboard_client::{MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents};
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (_phone, phone_id) = tb.login("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        // A dropped session reconnects 1.5 to 3 s later: the upload completes meanwhile.
+        let config = SessionConfig { backoff_min_ms: 3000, backoff_max_ms: 3000, ..SessionConfig::default() };
+        let start = |id| Session::start(tb.connector(), id, Arc::new(MemoryCursors::default()), config.clone());
+        let (phone, mut phone_events) = start(phone_id.clone()).unwrap();
+        let (bob, mut bob_events) = start(bob_id.clone()).unwrap();
+        async fn until(events: &mut SessionEvents, what: &str, mut wanted: impl FnMut(&SessionEvent) -> bool) {
+            within(STEP_DEADLINE, what, async { while !wanted(&events.next().await.expect("the session runs")) {} })
+                .await
+        }
+        until(&mut phone_events, "the phone caught up", |e| matches!(e, SessionEvent::CaughtUp)).await;
+        until(&mut bob_events, "bob caught up", |e| matches!(e, SessionEvent::CaughtUp)).await;
+        let data = bytes(2 * 1024 * 1024, 9);
+        let file = attached_while_uploading(&alice, conv, &data).await;
+        // A chunk after the attachment: its progress reaches the members too.
+        upload_range(alice.connection(), file, &data, 256 * 1024, 512 * 1024, 256 * 1024).await;
+        let progress = |conv: Option<u64>| {
+            move |e: &SessionEvent| {
+                matches!(e, SessionEvent::File(p) if p.file == file && p.conv == conv
+                    && matches!(p.state, FileState::Uploading { .. }))
+            }
+        };
+        until(&mut phone_events, "the phone's progress", progress(None)).await;
+        until(&mut bob_events, "bob's progress", progress(Some(conv))).await;
+        // Both drop (with a code that is no restart: the usual backoff), and the upload
+        // completes before either is back.
+        let online = tb.shared().online.clone();
+        for (user, device) in [(phone_id.user_id, phone_id.device_id), (bob_id.user_id, bob_id.device_id)] {
+            for s in online.sessions(user).into_iter().flat_map(|l| l.to_vec()).filter(|s| s.device == device) {
+                s.out.close(ErrorCode::INTERNAL);
+            }
+        }
+        until(&mut phone_events, "the phone's drop", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
+        until(&mut bob_events, "bob's drop", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
+        let alice = tb.connector().connect(&alice_id).await.unwrap();
+        finish(&alice, file, &data).await;
+        let complete = |conv: Option<u64>| {
+            move |e: &SessionEvent| {
+                matches!(e, SessionEvent::File(p) if p.file == file && p.conv == conv
+                    && p.state == FileState::Complete { thumbnail: None })
+            }
+        };
+        for (events, conv) in [(&mut phone_events, None), (&mut bob_events, Some(conv))] {
+            until(events, "the reconnect", |e| matches!(e, SessionEvent::Connected)).await;
+            until(events, "the upload's state after it", complete(conv)).await;
+        }
+        phone.close().await;
+        bob.close().await;
+    })
+    .await
+}
+
 /// In a direct conversation, a block ends the other's file events too: an upload
 /// attached while running tells the blocker nothing more (its progress would tell when
 /// its uploader is online, as receipts would). Before, the blocked uploader's progress,
