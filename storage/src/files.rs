@@ -919,9 +919,9 @@ impl Store {
     }
 
     /// Conversations where a message that is not deleted carries `file`, at most
-    /// `limit`, ascending: one seek per conversation, however many messages of one
-    /// conversation carry it.
-    pub fn attachment_convs(&self, file: &FileId, limit: usize) -> Result<Vec<ConvId>> {
+    /// `limit`, ascending, each with the seq of its first such message: one seek per
+    /// conversation, however many messages of one conversation carry it.
+    pub fn attachment_convs(&self, file: &FileId, limit: usize) -> Result<Vec<(ConvId, Seq)>> {
         let mut out = Vec::new();
         let end = Key::attached(file, ConvId::MAX, Seq::MAX);
         let mut from = Key::attached(file, 0, 0);
@@ -929,7 +929,8 @@ impl Store {
             let Some(item) = self.db.range(from.as_ref()..=end.as_ref()).next() else { break };
             let (k, _) = item?;
             let conv = keys::u64_from(&k[17..25]).ok_or_else(|| corrupt(&k, "attachment key"))?;
-            out.push(conv);
+            let seq = keys::u64_from(&k[25..33]).ok_or_else(|| corrupt(&k, "attachment key"))?;
+            out.push((conv, seq));
             if conv == ConvId::MAX {
                 break;
             }
@@ -958,6 +959,10 @@ fn file_id_at(k: &[u8], at: usize) -> Result<FileId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn convs_of(firsts: Vec<(ConvId, Seq)>) -> Vec<ConvId> {
+        firsts.into_iter().map(|(conv, _)| conv).collect()
+    }
     use crate::StoreConfig;
     use switchboard_protocol::{Body, Entry, FileRef};
 
@@ -1141,7 +1146,7 @@ mod tests {
             append(&store, Entry { sender: 7, ..entry(9 + seq % 2, seq, body()) }).await;
         }
         append(&store, Entry { sender: 8, ..entry(11, 1, body()) }).await;
-        assert_eq!(store.attachment_convs(&a, 10).unwrap(), vec![9, 10, 11]);
+        assert_eq!(convs_of(store.attachment_convs(&a, 10).unwrap()), vec![9, 10, 11]);
         assert!(store.withdraw_file(&[2; 16], 7).unwrap().is_none(), "no such file");
         assert!(store.withdraw_file(&a, 8).unwrap().is_none(), "not user 8's");
         store.withdraw_file(&a, 7).unwrap().unwrap().await.unwrap();
@@ -1301,8 +1306,8 @@ mod tests {
             let body = Body::Files { text: String::new(), files: files.clone(), edited: false };
             append(&store, entry(conv, seq, body)).await;
         }
-        assert_eq!(store.attachment_convs(&a, 10).unwrap(), vec![9, 11], "one per conversation");
-        assert_eq!(store.attachment_convs(&a, 1).unwrap(), vec![9]);
+        assert_eq!(store.attachment_convs(&a, 10).unwrap(), vec![(9, 1), (11, 1)], "one per conversation, its first");
+        assert_eq!(convs_of(store.attachment_convs(&a, 1).unwrap()), vec![9]);
         assert!(store.attachment_convs(&[2; 16], 10).unwrap().is_empty());
     }
 

@@ -543,6 +543,61 @@ async fn strangers_asking_about_a_widely_carried_file_spend_their_own_allowance(
     .await
 }
 
+/// A file becomes readable through a message only once the message is published (sent
+/// to the members, so durable): while the message waits for its group commit (held here
+/// by a 100 ms commit delay), a member asking `FileInfo` is answered as for a file it
+/// may not read. Before, the attachment counted as soon as it was in the store, and a
+/// crash in that window lost the message but not what its members had read through it
+/// (file events to its members were sent the same way: the same rule decides them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_is_readable_through_a_message_only_once_the_message_is_published() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.commit_delay_us = 100_000;
+            c.send_delay_target_ms = 0;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 4)).await;
+        let mut bob_events = bob.events().unwrap();
+        let attached = std::cell::Cell::new(false);
+        let attaching = async {
+            attach(&alice, conv, file).await;
+            attached.set(true);
+        };
+        // Bob asks all along; each answer that lets him read comes after the message.
+        let asking = async {
+            let (mut refused, mut readable, mut seen) = (0, 0, false);
+            while !attached.get() {
+                let answer = file_info(&bob, file).await;
+                while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, bob_events.next()).await {
+                    if let switchboard_protocol::Event::Entry(entry) = event {
+                        seen |= matches!(entry.body, Body::Files { .. });
+                    }
+                }
+                match answer {
+                    Ok(Reply::File(_)) => {
+                        assert!(seen, "readable through a message bob was not sent");
+                        readable += 1;
+                    }
+                    other => {
+                        assert_eq!(code_of(other), ErrorCode::NOT_FOUND);
+                        refused += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (refused, readable)
+        };
+        let ((), (refused, _)) = tokio::join!(attaching, asking);
+        assert!(refused > 0, "bob asked while the message waited");
+        assert!(matches!(file_info(&bob, file).await, Ok(Reply::File(_))), "readable once it is his");
+    })
+    .await
+}
+
 /// A `Session` asks again, after a backoff, for a `FileInfo` refused `RATE_LIMITED` (the
 /// allowance of member rows refills within moments): the caller gets its answer, not the
 /// refusal.
@@ -604,7 +659,7 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
     use switchboard_client::{MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents};
     bounded(async {
         let tb = TestBroker::start().await;
-        let (alice, alice_id) = tb.register("alice").await;
+        let (alice, _) = tb.register("alice").await;
         let (_phone, phone_id) = tb.login("alice").await;
         let (_bob, bob_id) = tb.register("bob").await;
         let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
@@ -641,8 +696,13 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
         }
         until(&mut phone_events, "the phone's drop", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
         until(&mut bob_events, "bob's drop", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
-        let alice = tb.connector().connect(&alice_id).await.unwrap();
         finish(&alice, file, &data).await;
+        // Neither is back yet, so neither was told live (else this tests nothing).
+        for who in [&phone_id, &bob_id] {
+            let back =
+                online.sessions(who.user_id).into_iter().flat_map(|l| l.to_vec()).any(|s| s.device == who.device_id);
+            assert!(!back, "{} reconnected before the upload completed", who.user);
+        }
         let complete = |conv: Option<u64>| {
             move |e: &SessionEvent| {
                 matches!(e, SessionEvent::File(p) if p.file == file && p.conv == conv

@@ -17,7 +17,10 @@
 //! a gone file come back.
 //!
 //! Each announcement reads the members of the conversations carrying the file (the
-//! first `ATTACHMENT_SCAN`, by id) until `AUDIENCE_READ` members are read, so a file
+//! first `ATTACHMENT_SCAN`, by id, where a message carrying it has been published:
+//! `published_carriers`; members hear of a file only after the message that shows it
+//! to them, and one published later finds the state in `FileInfo`, since a state is
+//! durable before it is announced) until `AUDIENCE_READ` members are read, so a file
 //! attached in a thousand groups costs bounded work per event; members of conversations
 //! past that bound get no push (logged) and see the state in `FileInfo` or a download.
 //! In a conversation of the uploader and one other user who is online, the two's block
@@ -37,7 +40,6 @@ use switchboard_protocol::{
     ConvId, ConversationKind, Event, FileId, FileProgress, FileState, ServerFrame, UserId, encode_frame,
 };
 
-use super::ATTACHMENT_SCAN;
 use crate::Shared;
 
 /// Progress announcements waiting for the thread at once, over all uploads.
@@ -211,7 +213,7 @@ fn deliver(job: &Job) {
     }
     let read = match &job.convs {
         Some(convs) => Ok(convs.iter().map(|(conv, _)| *conv).collect()),
-        None => job.shared.store.attachment_convs(&job.file, ATTACHMENT_SCAN),
+        None => super::published_carriers(&job.shared, &job.file),
     };
     let convs: Vec<ConvId> = match read {
         Ok(c) => c,

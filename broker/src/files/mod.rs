@@ -38,6 +38,22 @@ use crate::Shared;
 /// readable through the first ones only (by conversation id).
 pub const ATTACHMENT_SCAN: usize = 1024;
 
+/// The conversations whose messages carry file `id` (the first `ATTACHMENT_SCAN`, by id)
+/// where one such message has been published: sent to the members' online devices,
+/// which only a durable entry is (`Directory::published`; a conversation without an
+/// actor has published all it holds). A message still waiting for its group commit is
+/// in the store already, but a crash could lose it: before, its members were told of
+/// the file's progress, and could read the file, through a message they had not been
+/// given and might never be. Blocking (a seek per conversation).
+pub(crate) fn published_carriers(shared: &Shared, id: &FileId) -> switchboard_storage::Result<Vec<ConvId>> {
+    let carriers = shared.store.attachment_convs(id, ATTACHMENT_SCAN)?;
+    Ok(carriers
+        .into_iter()
+        .filter(|&(conv, seq)| shared.convs.published(conv).is_none_or(|published| seq <= published))
+        .map(|(conv, _)| conv)
+        .collect())
+}
+
 /// How long a blob file given up for a waiting download counts as on its way to it.
 const EVICTION_HOLD: Duration = Duration::from_millis(500);
 

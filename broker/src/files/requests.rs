@@ -53,7 +53,7 @@ pub fn readable(shared: &Shared, user: UserId, id: &FileId, gate: bool) -> Resul
     let found = match record {
         Some(record) => {
             let subject = record.parent.unwrap_or(*id);
-            let convs = store.attachment_convs(&subject, ATTACHMENT_SCAN);
+            let convs = super::published_carriers(shared, &subject);
             let mut found = Ok(None);
             for conv in convs.map_err(internal)? {
                 looked += 1;
@@ -421,7 +421,8 @@ pub async fn withdraw_file(
     let s = shared.clone();
     let withdrawn = tokio::task::spawn_blocking(move || {
         // Read first: the withdrawal drops the attachments that name them.
-        let convs = s.store.attachment_convs(&id, ATTACHMENT_SCAN).map_err(internal)?;
+        let convs: Vec<ConvId> =
+            s.store.attachment_convs(&id, ATTACHMENT_SCAN).map_err(internal)?.into_iter().map(|(c, _)| c).collect();
         s.pauses.pass_blocking(Point::WithdrawFile);
         revocation.refusal()?;
         Ok::<_, ErrorBody>(s.store.withdraw_file(&id, user).map_err(internal)?.map(|durable| (durable, convs)))
