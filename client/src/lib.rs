@@ -1073,7 +1073,8 @@ mod tests {
                 more: true,
             }))
         };
-        let walked = every_conversation_state(repeating, unexpected).await;
+        let walk = every_conversation_state(repeating, unexpected);
+        let walked = tokio::time::timeout(std::time::Duration::from_secs(5), walk).await.expect("the walk ended");
         assert!(walked.is_err());
         assert_eq!(asked.get(), 2, "refused at the first page that did not move on");
         let pages = std::cell::RefCell::new(vec![vec![state(5)], vec![state(1), state(2)]]);

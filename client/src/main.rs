@@ -655,7 +655,6 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             if let Command::Tail = command {
                 tail(connector, identity, home, out).await?;
             } else if let Command::Upload { file, conv, content_type, caption, no_send, resume } = command {
-                check_text(caption.as_deref().unwrap_or_default(), 0)?;
                 let upload = UploadArgs { path: file, conv, content_type, caption, no_send, resume };
                 files::upload(connector, identity, home, out, &reach, upload).await?;
             } else if let Command::Passwd { sign_out_others } = command {
@@ -663,7 +662,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             } else if let Command::Download { file, out: path, offset, length } = command {
                 files::download(connector, identity, out, &file, &path, offset, length).await?;
             } else if let Command::Send { conv, text, client_id, retry_for } = command {
-                check_text(&text, 1)?;
+                check_text(&text)?;
                 let message =
                     Message { conv, text, client_id, retry_for: std::time::Duration::from_secs_f64(retry_for) };
                 send(connector, identity, out, &reach, message).await?;
@@ -679,13 +678,13 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
     Ok(())
 }
 
-/// A text the broker takes: `least` (1 for a message, 0 for a caption) to
-/// `MAX_TEXT_BYTES` bytes. Said before anything is sent: a text past the broker's frame
-/// limit was refused only as a request too large for a frame.
-fn check_text(text: &str, least: usize) -> anyhow::Result<()> {
+/// A message's text as the broker takes it: 1 to `MAX_TEXT_BYTES` bytes. Said before
+/// anything is sent: a text past the broker's frame limit was refused only as a request
+/// too large for a frame.
+fn check_text(text: &str) -> anyhow::Result<()> {
     let most = switchboard_protocol::limits::MAX_TEXT_BYTES as usize;
-    if !(least..=most).contains(&text.len()) {
-        bail!("a text must be {least} to {most} bytes (UTF-8); this one is {}: nothing sent", text.len());
+    if !(1..=most).contains(&text.len()) {
+        bail!("a text must be 1 to {most} bytes (UTF-8); this one is {}: nothing sent", text.len());
     }
     Ok(())
 }
@@ -1002,17 +1001,17 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 }
             }
             ConvCommand::Add { conv, users, admin } => {
-                let conv = conv.resolve(client).await?;
+                let conv = conv.resolve_group(client).await?;
                 let seq = client.add_members(conv, &users, if admin { Role::Admin } else { Role::Member }).await?;
                 out.seq(conv, seq);
             }
             ConvCommand::Remove { conv, user } => {
-                let conv = conv.resolve(client).await?;
+                let conv = conv.resolve_group(client).await?;
                 let user = member_id(client, conv, &user).await?;
                 out.seq(conv, client.remove_member(conv, user).await?)
             }
             ConvCommand::Role { conv, user, role } => {
-                let conv = conv.resolve(client).await?;
+                let conv = conv.resolve_group(client).await?;
                 let user = member_id(client, conv, &user).await?;
                 let role = match role.as_str() {
                     "owner" => Role::Owner,
@@ -1022,11 +1021,11 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 out.seq(conv, client.set_role(conv, user, role).await?)
             }
             ConvCommand::Rename { conv, title } => {
-                let conv = conv.resolve(client).await?;
+                let conv = conv.resolve_group(client).await?;
                 out.seq(conv, client.set_title(conv, &title).await?)
             }
             ConvCommand::Leave { conv } => {
-                let conv = conv.resolve(client).await?;
+                let conv = conv.resolve_group(client).await?;
                 let left = client.leave(conv).await;
                 let forbidden = matches!(left.as_ref().err().and_then(ClientError::code), Some(ErrorCode::FORBIDDEN));
                 // A group refuses to let its owner go while others remain: say how to hand it over.
@@ -1044,7 +1043,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
         },
         Command::Send { .. } => unreachable!("sent by `send`, which reconnects"),
         Command::Edit { conv, seq, text } => {
-            check_text(&text, 1)?;
+            check_text(&text)?;
             let conv = conv.resolve(client).await?;
             out.seq(conv, client.edit(conv, seq, &text).await?)
         }
@@ -1662,7 +1661,9 @@ fn terminal_safe(text: &str) -> String {
 /// Controls (C0, DEL, C1), direction controls, line and paragraph separators, and
 /// characters that print as nothing, so that a text could hide in it what a reader takes
 /// for another (zero-width space, word joiner and invisible operators, byte-order mark,
-/// interlinear annotation marks, Hangul fillers, Mongolian vowel separator). The
+/// interlinear annotation marks, Hangul fillers, Mongolian vowel separator, soft
+/// hyphen, combining grapheme joiner, deprecated format controls, tag characters, the
+/// blank braille pattern). The
 /// zero-width joiner and non-joiner are kept: emoji sequences and Persian and Indic
 /// scripts need them.
 fn is_terminal_unsafe(c: char) -> bool {
@@ -1670,7 +1671,8 @@ fn is_terminal_unsafe(c: char) -> bool {
         || matches!(c, '\u{200e}' | '\u{200f}' | '\u{61c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
         || matches!(c, '\u{2028}' | '\u{2029}')
         || matches!(c, '\u{200b}' | '\u{2060}'..='\u{2064}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}' | '\u{180e}')
-        || matches!(c, '\u{115f}' | '\u{1160}' | '\u{3164}' | '\u{ffa0}')
+        || matches!(c, '\u{115f}' | '\u{1160}' | '\u{3164}' | '\u{ffa0}' | '\u{2800}' | '\u{ad}' | '\u{34f}')
+        || matches!(c, '\u{206a}'..='\u{206f}' | '\u{e0000}'..='\u{e007f}')
 }
 
 /// Where names come from: a plain connection or a session.
@@ -2357,10 +2359,11 @@ mod tests {
         check("line\u{2028}para\u{2029}", r"line\u{2028}para\u{2029}");
         // What prints as nothing; the joiners emoji and scripts need stay.
         check("b\u{200b}ob\u{feff}\u{2060}\u{3164}", r"b\u{200b}ob\u{feff}\u{2060}\u{3164}");
+        check("\u{e0041}\u{2800}\u{ad}", r"\u{e0041}\u{2800}\u{ad}");
         check("👩\u{200d}💻 \u{200c}", "👩\u{200d}💻 \u{200c}");
         // A sent backslash cannot pass for an escape.
         check(r"\u{1b}", r"\\u{1b}");
         // Neighbours of the escaped ranges are printable and stay.
-        check("\u{a0}\u{2027}\u{202f}\u{2065}\u{206a}", "\u{a0}\u{2027}\u{202f}\u{2065}\u{206a}");
+        check("\u{a0}\u{2027}\u{202f}\u{2065}\u{2070}", "\u{a0}\u{2027}\u{202f}\u{2065}\u{2070}");
     }
 }

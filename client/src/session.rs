@@ -595,6 +595,11 @@ const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_S
 /// percentage of the crash). Past it, later uploads are not followed across reconnects.
 pub const FILES_UNSETTLED_MAX: usize = 1024;
 
+/// Uploads in one conversation followed across reconnects (`FILES_UNSETTLED_MAX`):
+/// anyone may add the user to a group and attach uploads there, and each one followed
+/// is a `FileInfo` at the next connect.
+pub const FILES_UNSETTLED_PER_CONV: usize = 16;
+
 /// `FileInfo` requests the session has outstanding at once after a reconnect (the
 /// broker runs four store jobs of a user at once).
 const FILE_ASKS_AT_ONCE: usize = 4;
@@ -1025,6 +1030,7 @@ impl Task {
                     Err(ClientError::Server(e)) if e.code == ErrorCode::FORBIDDEN && self.room() > 0 => {
                         self.merge.forget(fetch.conv);
                         self.reported.remove(&fetch.conv);
+                        self.forget_files_of(fetch.conv);
                         self.emit(SessionEvent::Left { conv: fetch.conv });
                     }
                     Err(e) => {
@@ -1195,10 +1201,7 @@ impl Task {
                 }
             }
             Some(Event::Typing { conv, user, typing }) => self.emit(SessionEvent::Typing { conv, user, typing }),
-            Some(Event::File(progress)) => {
-                self.file_event(&progress);
-                self.emit(SessionEvent::File(progress));
-            }
+            Some(Event::File(progress)) => self.file_event(progress),
             None => {
                 let live = self.live.take().expect("next_event yields only while connected");
                 let error = live.client.closed().await;
@@ -1408,7 +1411,8 @@ impl Task {
     fn ask_files(&mut self, generation: u64) {
         while self.files_outstanding < FILE_ASKS_AT_ONCE {
             let Some(&file) = self.files_due.front() else { break };
-            let events = self.files_unsettled.keys().filter(|(f, _)| *f == file).count();
+            // (A queue configured smaller than a file's audiences takes what fits.)
+            let events = self.files_unsettled.keys().filter(|(f, _)| *f == file).count().min(self.out.max_capacity());
             if events > 0 && self.files_events_in_flight + events > self.room() {
                 break;
             }
@@ -1428,37 +1432,80 @@ impl Task {
         }
     }
 
-    /// A live file event: an upload in progress is followed (the latest per audience),
-    /// one that ended is not any more, in any audience (its final state reaches a device
-    /// once, in one audience).
-    fn file_event(&mut self, progress: &FileProgress) {
-        let key = (progress.file, progress.conv);
-        if matches!(progress.state, FileState::Uploading { .. }) {
-            if self.files_unsettled.len() < FILES_UNSETTLED_MAX || self.files_unsettled.contains_key(&key) {
-                self.files_unsettled.insert(key, progress.clone());
+    /// A live file event, handed on: an upload in progress is followed (the latest per
+    /// audience; in a conversation at most `FILES_UNSETTLED_PER_CONV` uploads and
+    /// `FILES_UNSETTLED_MAX / 2` over all of them, so whoever attaches uploads in a
+    /// group the user is in cannot crowd its own out), one that ended is not any more,
+    /// in any audience (its final state reaches a device once, in one audience), unless
+    /// the application's queue had no room for it: then it is asked for (`FileInfo`)
+    /// once there is.
+    fn file_event(&mut self, progress: FileProgress) {
+        let (key, file) = ((progress.file, progress.conv), progress.file);
+        let ended = !matches!(progress.state, FileState::Uploading { .. });
+        let handed = self.out.try_send(SessionEvent::File(progress.clone())).is_ok();
+        if ended && handed {
+            self.files_unsettled.retain(|(f, _), _| *f != file);
+            return;
+        }
+        if !self.files_unsettled.contains_key(&key) && !self.room_to_follow(progress.conv) {
+            return;
+        }
+        if ended {
+            // Lost for want of room: asked for once there is, and said in this audience
+            // (its last state here unknown, so any answer is news).
+            let unknown = FileProgress { state: FileState::Uploading { offset: u64::MAX }, ..progress };
+            self.files_unsettled.insert(key, unknown);
+            if !self.files_due.contains(&file) {
+                self.files_due.push_back(file);
             }
         } else {
-            self.files_unsettled.retain(|(file, _), _| *file != progress.file);
+            self.files_unsettled.insert(key, progress);
         }
     }
 
+    /// Whether one more upload may be followed in audience `conv` (`file_event`).
+    fn room_to_follow(&self, conv: Option<ConvId>) -> bool {
+        if self.files_unsettled.len() >= FILES_UNSETTLED_MAX {
+            return false;
+        }
+        let Some(conv) = conv else { return true };
+        let (mut all, mut here) = (0, 0);
+        for (_, c) in self.files_unsettled.keys().filter(|(_, c)| c.is_some()) {
+            all += 1;
+            here += usize::from(*c == Some(conv));
+        }
+        all < FILES_UNSETTLED_MAX / 2 && here < FILES_UNSETTLED_PER_CONV
+    }
+
     /// `file`'s state `now` (asked after a reconnect): said in each audience it was
-    /// last seen in where it moved since, and no longer followed once it ended.
+    /// last seen in where it moved since, and no longer followed once it ended there;
+    /// an audience whose event finds no room in the application's queue keeps its last
+    /// state and the file is asked about again once there is room.
     fn file_state_now(&mut self, file: FileId, now: FileState) {
         let keys: Vec<(FileId, Option<ConvId>)> =
             self.files_unsettled.keys().filter(|(f, _)| *f == file).copied().collect();
         let ended = !matches!(now, FileState::Uploading { .. });
         for key in keys {
-            let Some(last) = self.files_unsettled.get_mut(&key) else { continue };
+            let Some(last) = self.files_unsettled.get(&key) else { continue };
             if last.state != now {
-                last.state = now.clone();
-                let event = last.clone();
-                self.emit(SessionEvent::File(event));
+                let event = FileProgress { state: now.clone(), ..last.clone() };
+                if self.out.try_send(SessionEvent::File(event.clone())).is_err() {
+                    if !self.files_due.contains(&file) {
+                        self.files_due.push_back(file);
+                    }
+                    continue;
+                }
+                self.files_unsettled.insert(key, event);
             }
             if ended {
                 self.files_unsettled.remove(&key);
             }
         }
+    }
+
+    /// `conv` was left: its uploads are followed no more.
+    fn forget_files_of(&mut self, conv: ConvId) {
+        self.files_unsettled.retain(|(_, c), _| *c != Some(conv));
     }
 
     /// After the catch-up, asks for the receipts of the conversations no complete page

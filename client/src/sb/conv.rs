@@ -1,7 +1,7 @@
 //! A conversation as `sb` takes it on the command line: its number (what `sb conv list`
 //! shows) or its title (a group's title, or for a direct conversation the other
 //! member's name), looked up among the caller's conversations. A title matches
-//! whatever its letter case. A user's name means the direct conversation with that
+//! whatever its ASCII letter case. A user's name means the direct conversation with that
 //! user where there is one, whatever groups share the title (anyone can add anyone to
 //! a group of any title: a stranger's group titled "bob" made `sb send bob` refuse, or,
 //! with no direct conversation, go to it). Two or more groups matching are refused with
@@ -47,6 +47,21 @@ impl ConvArg {
         }
     }
 
+    /// `resolve` for what only a group takes (adding, removing, roles, renaming,
+    /// leaving): a title names one of the caller's groups, never the direct conversation
+    /// with a user of that name (where a title is shared, those were refused or went to
+    /// the direct one, which refuses them).
+    pub async fn resolve_group(&self, client: &Client) -> anyhow::Result<ConvId> {
+        match self {
+            ConvArg::Id(id) => Ok(*id),
+            ConvArg::Title(_) => {
+                let mut convs = client.conversations().await?;
+                convs.retain(|c| c.kind == ConversationKind::Group);
+                self.among(&convs)
+            }
+        }
+    }
+
     /// `resolve` among `convs`, the caller's conversations.
     pub fn among(&self, convs: &[ConversationSummary]) -> anyhow::Result<ConvId> {
         match self {
@@ -79,13 +94,14 @@ fn describe(c: &ConversationSummary) -> String {
     }
 }
 
-/// The one of `convs` whose title is `title`, whatever its letter case (user names and
-/// titles differing only in case are likely one person or team to whoever types them):
+/// The one of `convs` whose title is `title`, whatever its ASCII letter case (user names
+/// and titles differing only in case are likely one person or team to whoever types
+/// them; other characters must match as they are, so a title of look-alikes, such as
+/// the Kelvin sign for K, is not taken for a name):
 /// the direct conversation with a user of that name if there is one (a user's name is
 /// unique, a group's title is not), else the one group.
 pub fn pick<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result<&'a ConversationSummary> {
-    let lower = title.to_lowercase();
-    let mut found: Vec<&ConversationSummary> = convs.iter().filter(|c| c.title.to_lowercase() == lower).collect();
+    let mut found: Vec<&ConversationSummary> = convs.iter().filter(|c| c.title.eq_ignore_ascii_case(title)).collect();
     if found.iter().any(|c| c.kind == ConversationKind::Direct) {
         found.retain(|c| c.kind == ConversationKind::Direct);
     }
@@ -139,6 +155,10 @@ mod tests {
         // A user's name is the direct conversation with that user: a trial's "Dave" went
         // to a group dave was not in, and a stranger's group titled so made it refused.
         assert_eq!(id("Dave").unwrap(), 9);
+        // ASCII case only: a look-alike title is no name.
+        let kelvin = [conv(10, ConversationKind::Group, "\u{212a}ate")];
+        assert!(pick("kate", &kelvin).is_err());
+        assert_eq!(pick("\u{212a}ate", &kelvin).unwrap().id, 10);
         let none = id("carol").unwrap_err().to_string();
         assert!(none.contains("sb conv list") && none.contains("sb conv create NAME"), "{none}");
     }

@@ -62,6 +62,19 @@ pub async fn upload(
         (None, Some(id)) => format!("reading {} (moved? {})", path.display(), resume_command(reach, id)),
         _ => format!("reading {}", path.display()),
     })?;
+    if args.conv.is_some() && !args.no_send {
+        // The message's caption, file name and type share one bound (the broker's): said
+        // before any byte is sent, not after the whole file went up.
+        let caption = args.caption.as_deref().unwrap_or_default().len();
+        let named = new.name.len() + new.content_type.len();
+        let most = switchboard_protocol::limits::MAX_TEXT_BYTES as usize;
+        if caption + named > most {
+            bail!(
+                "the caption ({caption} bytes) with the file's name and type ({named} bytes) pass the {most} bytes \
+                 a message carries: nothing uploaded"
+            );
+        }
+    }
     let size = new.size;
     let key = upload_key(&path, size, &new.blake3);
     // Two sb uploading one file would take the upload from each other (`CONFLICT`).
@@ -806,7 +819,9 @@ fn put_in_place(partial: &Path, path: &Path, keep: bool) -> std::io::Result<bool
     if keep {
         match std::fs::hard_link(partial, path) {
             Ok(()) => {
-                std::fs::remove_file(partial)?;
+                // In place: a partial left by a failed removal is found complete and
+                // put in place again by a later run, or dropped with its file.
+                let _ = std::fs::remove_file(partial);
                 return Ok(true);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
@@ -849,15 +864,22 @@ fn drop_partials(path: &Path, file: &FileId) -> usize {
     let mut dropped = 0;
     for entry in entries.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        let ours = match &prefix {
-            Some(prefix) => n.starts_with(prefix.as_str()),
-            None => n.starts_with('.') && n.contains(&format!(".{id}.0+")),
-        };
-        if ours && n.ends_with(".sb-part") && std::fs::remove_file(entry.path()).is_ok() {
+        let ours = whole_partial_of(&n, id) && prefix.as_ref().is_none_or(|p| n.starts_with(p.as_str()));
+        if ours && std::fs::remove_file(entry.path()).is_ok() {
             dropped += 1;
         }
     }
     dropped
+}
+
+/// Whether `name` is a partial file's of a whole download of the file whose id starts
+/// with `id`: `.NAME.ID.0+LENGTH.sb-part`, read from its end (a name containing the id
+/// elsewhere, which another file's uploader may choose, is not).
+fn whole_partial_of(name: &str, id: &str) -> bool {
+    let Some(rest) = name.strip_suffix(".sb-part") else { return false };
+    let Some((rest, range)) = rest.rsplit_once('.') else { return false };
+    let whole = range.strip_prefix("0+").is_some_and(|len| !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit()));
+    whole && name.starts_with('.') && rest.rsplit_once('.').is_some_and(|(stem, found)| found == id && stem.len() > 1)
 }
 
 /// Opens (or creates) the partial file of a download of `expected` bytes, locked for
@@ -1490,15 +1512,19 @@ mod tests {
     fn partial_names_fit_and_are_found_again() {
         let dir = tempfile::tempdir().unwrap();
         let file: FileId = [0xab; 16];
-        let long = "é".repeat(127) + "x";
+        // Two-byte characters cut where the 160th byte falls mid-character.
+        let long = "x".to_owned() + &"é".repeat(127);
         let partial = partial_path(&dir.path().join(&long), &file, 0, u64::MAX);
         let name = partial.file_name().unwrap().len();
         assert!(name <= 255, "{name} bytes");
         std::fs::write(&partial, b"bytes").unwrap();
         let other = partial_path(&dir.path().join("other.bin"), &[0xcd; 16], 0, 5);
         std::fs::write(&other, b"bytes").unwrap();
+        // Another file's, named by its uploader to hold this id: not this file's.
+        let named_so = partial_path(&dir.path().join(format!("a.{}.0+", &hex(&file)[..16])), &[0xcd; 16], 0, 5);
+        std::fs::write(&named_so, b"bytes").unwrap();
         assert_eq!(drop_partials(dir.path(), &file), 1, "found by the file's id in the directory");
-        assert!(!partial.exists() && other.exists(), "another file's partial stays");
+        assert!(!partial.exists() && other.exists() && named_so.exists(), "other files' partials stay");
         // OUT given as a file name: the partial beside it.
         let named = partial_path(&dir.path().join(&long), &file, 0, 9);
         std::fs::write(&named, b"bytes").unwrap();
