@@ -1735,7 +1735,16 @@ impl Lookups for Session {
 #[derive(Default)]
 struct ReceiptLines {
     pending: Option<ReceiptLine>,
+    /// The highest each member was shown to have received and read, per conversation (at
+    /// most `RECEIPTS_SHOWN_MAX`, then started over): a receipt at or below it says
+    /// nothing new. A receipt answer read before a live change can arrive after it (the
+    /// client library hands both on); before, a reconnect printed "received up to #42"
+    /// after "#43".
+    shown: HashMap<(ConvId, UserId), (Seq, Seq)>,
 }
+
+/// Members whose receipts `sb tail` remembers before it starts over.
+const RECEIPTS_SHOWN_MAX: usize = 65_536;
 
 /// A receipt line waiting for more of the same.
 struct ReceiptLine {
@@ -1780,7 +1789,16 @@ impl ReceiptLines {
         if r.delivered_up_to == 0 && read.is_none() {
             return None;
         }
-        let says = (r.conv, r.delivered_up_to, read);
+        if self.shown.len() >= RECEIPTS_SHOWN_MAX && !self.shown.contains_key(&(r.conv, r.user)) {
+            self.shown.clear();
+        }
+        let shown = self.shown.entry((r.conv, r.user)).or_default();
+        if r.delivered_up_to <= shown.0 && read.unwrap_or(0) <= shown.1 {
+            return None;
+        }
+        *shown = (shown.0.max(r.delivered_up_to), shown.1.max(read.unwrap_or(0)));
+        // The highest shown, never less (a read news with a delivered behind it).
+        let says = (r.conv, shown.0, (shown.1 > 0).then_some(shown.1));
         if let Some(line) = &mut self.pending
             && line.says == says
         {
@@ -2333,12 +2351,19 @@ mod tests {
         assert_eq!(lines.take(), None);
         // A large group is not listed whole.
         for user in 0..13 {
-            lines.add(&receipt(user, 9, None), format!("u{user}"), now);
+            lines.add(&receipt(100 + user, 9, None), format!("u{user}"), now);
         }
         assert_eq!(
             lines.take().as_deref(),
             Some("[7] u0, u1, u2, u3, u4, u5, u6, u7, u8, u9 and 3 more received up to #9")
         );
+        // Behind what was shown: nothing new (an answer read before a live change can
+        // come after it; a reconnect printed #42 after #43).
+        assert_eq!(lines.add(&receipt(20, 43, None), "eve".into(), now), None);
+        assert_eq!(lines.add(&receipt(20, 42, None), "eve".into(), now), None);
+        assert_eq!(lines.take().as_deref(), Some("[7] eve received up to #43"));
+        assert_eq!(lines.add(&receipt(20, 42, Some(40)), "eve".into(), now), None, "a read is news");
+        assert_eq!(lines.take().as_deref(), Some("[7] eve read up to #40 (delivered #43)"));
     }
 
     #[test]
