@@ -34,6 +34,9 @@ pub enum Point {
     ConversationStarted,
     /// A `Presence` request, after its contacts were read and their barrier passed.
     PresenceQuery,
+    /// An entry in its conversation's actor, just after it was sent to the members'
+    /// online devices (the actor takes nothing else meanwhile).
+    EntrySent,
 }
 
 /// The armed points of one broker (`Shared::pauses`). For tests only: nothing else

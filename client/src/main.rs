@@ -190,7 +190,9 @@ enum Command {
         limit: u16,
     },
     /// Print what happens, until interrupted: messages (first every one not printed
-    /// before by a tail of this device, in order), receipts, presence and typing.
+    /// before by a tail of this device, in order; a conversation this device was told
+    /// it left, then joined again, is printed from its start), receipts, presence and
+    /// typing.
     /// Reconnects by itself; stops for good only if the device is revoked, its proof
     /// refused or its account disabled by the operator. What was
     /// printed is saved about once a second and at every clean stop (Ctrl-C, SIGTERM):
@@ -2173,19 +2175,20 @@ mod tests {
         }
     }
 
+    /// Entry `seq` of conversation 7, by `sender`.
+    fn entry_of(seq: Seq, sender: UserId, body: Body) -> Entry {
+        Entry { conv: 7, seq, sender, sender_device: 1, client_id: [0; 16], at_ms: 0, body }
+    }
+
+    fn hi() -> Body {
+        Body::Text { text: "hi".into(), edited: false }
+    }
+
     #[tokio::test]
     async fn former_members_are_named_once_each_however_their_entries_interleave() {
         let source = Counted::default();
         let mut names = Names::default();
-        let entry = |seq: Seq, sender: UserId| Entry {
-            conv: 7,
-            seq,
-            sender,
-            sender_device: 1,
-            client_id: [0; 16],
-            at_ms: 0,
-            body: Body::Text { text: "hi".into(), edited: false },
-        };
+        let entry = |seq: Seq, sender: UserId| entry_of(seq, sender, hi());
         let mut seen = Vec::new();
         for round in 0..50 {
             for (seq, sender) in [(3 * round + 3, 10), (3 * round + 4, 11), (3 * round + 5, 12), (3 * round + 6, 1)] {
@@ -2216,16 +2219,7 @@ mod tests {
     async fn adding_users_does_not_have_the_member_list_fetched_each_time() {
         let source = Counted::default();
         let mut names = Names::default();
-        let entry = |seq: Seq, sender: UserId, body| Entry {
-            conv: 7,
-            seq,
-            sender,
-            sender_device: 1,
-            client_id: [0; 16],
-            at_ms: 0,
-            body,
-        };
-        let text = || Body::Text { text: "hi".into(), edited: false };
+        let (entry, text) = (entry_of, hi);
         names.of_entry(&source, &entry(1, 1, text())).await;
         for seq in 2..102 {
             let added = Body::MembersAdded { members: vec![(1000 + seq, Role::Member)] };
@@ -2244,18 +2238,8 @@ mod tests {
 
     #[test]
     fn a_history_page_that_stops_short_says_how_to_see_more() {
-        let page_of = |seqs: std::ops::RangeInclusive<Seq>| -> Vec<Entry> {
-            seqs.map(|seq| Entry {
-                conv: 7,
-                seq,
-                sender: 1,
-                sender_device: 1,
-                client_id: [0; 16],
-                at_ms: 0,
-                body: Body::Text { text: "hi".into(), edited: false },
-            })
-            .collect()
-        };
+        let page_of =
+            |seqs: std::ops::RangeInclusive<Seq>| -> Vec<Entry> { seqs.map(|seq| entry_of(seq, 1, hi())).collect() };
         let more = |page, seqs, limit| more_history(page, &page_of(seqs), limit, 120);
         // The newest 50 of 120: older ones before 71.
         assert_eq!(more(Page::Latest, 71..=120, 50), Some(MoreHistory::Older(71)));

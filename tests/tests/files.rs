@@ -598,6 +598,42 @@ async fn a_file_is_readable_through_a_message_only_once_the_message_is_published
     .await
 }
 
+/// A member who gets a message carrying a file (here a forwarded copy, readable through
+/// that message alone) may read the file as soon as the message arrives: the
+/// conversation counts as carrying it from before the message is sent to anyone. With
+/// `3ec08ee` it counted only once the message had gone to every member's devices, and a
+/// reader asking `FileInfo` on its arrival was at times told the copy did not exist (a
+/// second new user's trial saw `sb tail` show it gone, 3 times in 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_reads_a_file_as_soon_as_the_message_carrying_it_arrives() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (dave, _) = tb.register("dave").await;
+        let direct = alice.create_direct("bob").await.unwrap().id;
+        let group = bob.create_group("g", &["dave".into()]).await.unwrap().id;
+        let mut dave_events = dave.events().unwrap();
+        let file = upload(&alice, "f.bin", &bytes(4096, 5)).await;
+        attach(&alice, direct, file).await;
+        // Bob forwards alice's file: his own copy, carried by this message only. Its
+        // conversation's actor is held just after sending it, before anything else.
+        let mut sent = tb.shared().pauses.arm(Point::EntrySent);
+        let forward = tokio::spawn(async move { attach(&bob, group, file).await });
+        let copy = loop {
+            if let Body::Files { files, .. } = next_entry(&mut dave_events).await.body {
+                break files[0].file;
+            }
+        };
+        sent.reached().await;
+        let answer = file_info(&dave, copy).await;
+        assert!(matches!(answer, Ok(Reply::File(_))), "readable as the message arrives: {answer:?}");
+        sent.release();
+        within(STEP_DEADLINE, "the forward's answer", forward).await.unwrap();
+    })
+    .await
+}
+
 /// A `Session` asks again, after a backoff, for a `FileInfo` refused `RATE_LIMITED` (the
 /// allowance of member rows refills within moments): the caller gets its answer, not the
 /// refusal.

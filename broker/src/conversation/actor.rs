@@ -17,6 +17,7 @@ use super::receipts::Marks;
 use super::state::{Caller, Charges, Command, ConversationState, Effect, Log, Mark, Read, not_a_member};
 use crate::Shared;
 use crate::metrics::Counters;
+use crate::pauses::Point;
 use crate::reply::{Responder, internal};
 
 /// Messages to a conversation actor.
@@ -181,7 +182,7 @@ impl Actor for Conversation {
         }
         let registration = Registration { shared: self.shared.clone(), conv: id, actor: myself.get_id() };
         let mut state = ConvActorState { state, depth, published, _registration: registration };
-        self.perform(&myself, &mut state, effects);
+        self.perform(&myself, &mut state, effects).await;
         myself.send_interval(tick_period(&self.shared.config), || ConvMsg::Tick);
         Ok(state)
     }
@@ -282,7 +283,7 @@ impl Actor for Conversation {
                 Vec::new()
             }
         };
-        self.perform(&myself, state, effects);
+        self.perform(&myself, state, effects).await;
         Ok(())
     }
 }
@@ -329,7 +330,7 @@ pub(super) fn answer_at_rest(
 }
 
 impl Conversation {
-    fn perform(&self, myself: &ActorRef<ConvMsg>, state: &mut ConvActorState, effects: Vec<Effect<Responder>>) {
+    async fn perform(&self, myself: &ActorRef<ConvMsg>, state: &mut ConvActorState, effects: Vec<Effect<Responder>>) {
         let mut queue = VecDeque::from(effects);
         while let Some(effect) = queue.pop_front() {
             match effect {
@@ -351,7 +352,15 @@ impl Conversation {
                     tokio::spawn(async move { reply.send(Err(super::directory::settled(&shared, refused).await)) });
                 }
                 Effect::Deliver { entry, audience, except } => {
-                    let seq = entry.seq;
+                    // Before the entry is sent, not after: whoever gets it may act on it
+                    // at once, and what it makes readable (a file it carries:
+                    // `files::published_carriers`) must be so by then (with the store
+                    // after, a member asking `FileInfo` on its arrival was at times told
+                    // the file did not exist). Per entry, not after the batch: a
+                    // successor of an actor that panics midway must not deliver this
+                    // entry again (a panic while sending it leaves it to the devices'
+                    // catch-up, which a later entry's gap or the next connect asks for).
+                    state.published.store(entry.seq, Ordering::Release);
                     self.shared.typing.entry_delivered(&entry);
                     self.shared.presence.entry_delivered(&entry, &audience);
                     match encode_frame(&ServerFrame::Event(Event::Entry(entry))) {
@@ -363,9 +372,7 @@ impl Conversation {
                         }
                         Err(e) => tracing::error!(error = %e, "an entry did not encode"),
                     }
-                    // At once, not after the batch: a successor of an actor that panics
-                    // midway must not deliver this entry again.
-                    state.published.store(seq, Ordering::Release);
+                    self.shared.pauses.pass(Point::EntrySent).await;
                 }
                 Effect::WriteReceipts(marks) => {
                     let me = myself.clone();

@@ -678,8 +678,9 @@ impl ConvDirectory {
         slot.map(|s| s.actor.kill()).is_some()
     }
 
-    /// The newest seq of `conv` that online devices have been sent, if an actor is
-    /// registered or about to resume it (never ahead of what is durable).
+    /// The newest seq of `conv` that online devices have been sent or are being sent
+    /// (stored just before an entry goes out), if an actor is registered or about to
+    /// resume it (never ahead of what is durable).
     pub fn published(&self, conv: ConvId) -> Option<Seq> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(&conv) {

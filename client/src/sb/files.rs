@@ -666,9 +666,16 @@ pub async fn download(
                 // Answered or reset mid-way: the file is gone, or no longer ours to read.
                 // Its bytes are worthless and trying again cannot help (before, a reset
                 // was retried, and the retry's refusal said the same command resumes).
+                // Written in place (standard output, a pipe, a device): nothing to
+                // delete, and what went out is short.
+                let bytes = if special {
+                    format!("{} of the {expected} bytes went out: the output is incomplete", done)
+                } else {
+                    "the bytes downloaded so far are deleted".to_owned()
+                };
                 return Err(Failure::DropBytes(anyhow::Error::new(error).context(format!(
                     "{} cannot be read any more: it was deleted, or you are no longer in a conversation \
-                     that carries it; the bytes downloaded so far are deleted",
+                     that carries it; {bytes}",
                     hex(&file)
                 ))));
             }
