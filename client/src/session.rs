@@ -1413,7 +1413,7 @@ impl Task {
             let Some(&file) = self.files_due.front() else { break };
             // (A queue configured smaller than a file's audiences takes what fits.)
             let events = self.files_unsettled.keys().filter(|(f, _)| *f == file).count().min(self.out.max_capacity());
-            if events > 0 && self.files_events_in_flight + events > self.room() {
+            if events > 0 && self.reserved() + events > self.room() {
                 break;
             }
             self.files_due.pop_front();
@@ -1430,6 +1430,13 @@ impl Task {
                 result,
             });
         }
+    }
+
+    /// Room in the application's queue that answers asked for on this connection may
+    /// take: receipt rows and file states in flight (each ask counts both, so neither
+    /// kind is given room the other already holds).
+    fn reserved(&self) -> usize {
+        self.receipts_rows_in_flight + self.files_events_in_flight
     }
 
     /// A live file event, handed on: an upload in progress is followed (the latest per
@@ -1517,7 +1524,7 @@ impl Task {
             let Some(&(conv, rows)) = self.receipts_due.front() else { break };
             // (A queue configured smaller than a conversation takes what fits.)
             let rows = usize::try_from(rows).unwrap_or(usize::MAX).min(self.out.max_capacity());
-            if self.receipts_rows_in_flight + rows > self.room() {
+            if self.reserved() + rows > self.room() {
                 break;
             }
             self.receipts_due.pop_front();
