@@ -668,13 +668,29 @@ impl Client {
 
     /// Replaces the text of my message `target`.
     pub async fn edit(&self, conv: ConvId, target: Seq, text: &str) -> Result<Seq> {
-        let body = RequestBody::Edit { conv, client_id: new_client_id(), target, text: text.to_owned() };
-        self.appended(body).await.map(|(s, _)| s)
+        self.edit_with_id(conv, new_client_id(), target, text).await.map(|(s, _)| s)
+    }
+
+    /// `edit` with a given idempotency key: the same key again (for the same edit)
+    /// returns the edit's seq and `true`; another write with it is `CONFLICT`.
+    pub async fn edit_with_id(
+        &self,
+        conv: ConvId,
+        client_id: ClientMsgId,
+        target: Seq,
+        text: &str,
+    ) -> Result<(Seq, bool)> {
+        self.appended(RequestBody::Edit { conv, client_id, target, text: text.to_owned() }).await
     }
 
     /// Deletes my message `target`.
     pub async fn delete(&self, conv: ConvId, target: Seq) -> Result<Seq> {
-        self.appended(RequestBody::Delete { conv, client_id: new_client_id(), target }).await.map(|(s, _)| s)
+        self.delete_with_id(conv, new_client_id(), target).await.map(|(s, _)| s)
+    }
+
+    /// `delete` with a given idempotency key, as `edit_with_id`.
+    pub async fn delete_with_id(&self, conv: ConvId, client_id: ClientMsgId, target: Seq) -> Result<(Seq, bool)> {
+        self.appended(RequestBody::Delete { conv, client_id, target }).await
     }
 
     async fn appended(&self, body: RequestBody) -> Result<(Seq, bool)> {

@@ -45,8 +45,8 @@ use switchboard_client::{
     TYPING_REFRESH_MS, TransferError, TransportOptions, Trust, hex, new_client_id, unhex,
 };
 use switchboard_protocol::{
-    Body, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, FileId, FileInfo, Page,
-    PresenceInfo, PresenceState, Receipt, RequestBody, Role, Seq, Signal, UserId,
+    Body, ClientMsgId, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, FileId,
+    FileInfo, Page, PresenceInfo, PresenceState, Receipt, RequestBody, Role, Seq, Signal, UserId,
 };
 
 #[derive(Parser)]
@@ -168,12 +168,20 @@ enum Command {
         conv: ConvArg,
         seq: Seq,
         text: String,
+        /// Idempotency key, 32 hex digits, as for `send`: the same edit again with the
+        /// same key changes nothing and prints the same seq (`duplicate`), so a script
+        /// may retry safely. Default: a fresh random key (printed with --json).
+        #[arg(long)]
+        client_id: Option<String>,
     },
     /// Delete one of my messages.
     Delete {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         seq: Seq,
+        /// Idempotency key, 32 hex digits, as for `edit`.
+        #[arg(long)]
+        client_id: Option<String>,
     },
     /// Show history (newest page by default).
     History {
@@ -821,12 +829,7 @@ async fn send(
     let Message { conv, text, client_id, retry_for } = message;
     let given_id = client_id.is_some();
     let text = text.as_str();
-    let client_id = match client_id {
-        Some(h) => unhex(&h)
-            .and_then(|b| <[u8; 16]>::try_from(b).ok())
-            .context("--client-id takes 32 hex digits (16 bytes)")?,
-        None => new_client_id(),
-    };
+    let client_id = client_id_or_new(client_id.as_deref())?;
     let deadline = tokio::time::Instant::now() + retry_for;
     let mut backoff = switchboard_client::Backoff::new(100, 2_000);
     // Whether an attempt got as far as sending: until then the broker has nothing (from
@@ -941,10 +944,18 @@ async fn send(
         );
         tokio::time::sleep(delay).await;
     };
-    out.line(json!({"conv": conv, "seq": seq, "client_id": hex(&client_id), "duplicate": duplicate}), || {
-        format!("conv {conv} seq {seq}{}", if duplicate { " (sent before)" } else { "" })
-    });
+    out.appended(conv, seq, &client_id, duplicate);
     Ok(())
+}
+
+/// The `--client-id` given (32 hex digits), or a fresh one.
+fn client_id_or_new(given: Option<&str>) -> anyhow::Result<ClientMsgId> {
+    match given {
+        Some(h) => {
+            unhex(h).and_then(|b| <[u8; 16]>::try_from(b).ok()).context("--client-id takes 32 hex digits (16 bytes)")
+        }
+        None => Ok(new_client_id()),
+    }
 }
 
 /// A member of `conv` named by user name, or by user id as `#ID` (or a bare number that
@@ -1044,14 +1055,18 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             }
         },
         Command::Send { .. } => unreachable!("sent by `send`, which reconnects"),
-        Command::Edit { conv, seq, text } => {
+        Command::Edit { conv, seq, text, client_id } => {
             check_text(&text)?;
+            let client_id = client_id_or_new(client_id.as_deref())?;
             let conv = conv.resolve(client).await?;
-            out.seq(conv, client.edit(conv, seq, &text).await?)
+            let (seq, duplicate) = client.edit_with_id(conv, client_id, seq, &text).await?;
+            out.appended(conv, seq, &client_id, duplicate);
         }
-        Command::Delete { conv, seq } => {
+        Command::Delete { conv, seq, client_id } => {
+            let client_id = client_id_or_new(client_id.as_deref())?;
             let conv = conv.resolve(client).await?;
-            out.seq(conv, client.delete(conv, seq).await?)
+            let (seq, duplicate) = client.delete_with_id(conv, client_id, seq).await?;
+            out.appended(conv, seq, &client_id, duplicate);
         }
         Command::History { conv, before, after, limit } => {
             let conv = conv.resolve(client).await?;
@@ -1291,6 +1306,13 @@ impl Out {
 
     fn seq(&self, conv: ConvId, seq: Seq) {
         self.line(json!({"conv": conv, "seq": seq}), || format!("conv {conv} seq {seq}"));
+    }
+
+    /// A write with an idempotency key: its seq, the key, and whether it was made before.
+    fn appended(&self, conv: ConvId, seq: Seq, client_id: &ClientMsgId, duplicate: bool) {
+        self.line(json!({"conv": conv, "seq": seq, "client_id": hex(client_id), "duplicate": duplicate}), || {
+            format!("conv {conv} seq {seq}{}", if duplicate { " (sent before)" } else { "" })
+        });
     }
 
     fn conversation(&self, c: &ConversationSummary, state: Option<&ConversationState>) {

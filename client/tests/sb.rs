@@ -365,6 +365,31 @@ async fn a_text_over_the_frame_limit_is_not_sent_and_sb_says_so() {
     assert_eq!(sent, 2, "{:?}", sb(&alice, &broker, &["history", &conv]));
 }
 
+/// `sb edit` and `sb delete --client-id` are safe to retry like a send: the same key
+/// gives the same seq, once (before, they took no key, so a script retrying an edit
+/// after a lost answer edited twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_and_delete_with_a_client_id_are_safe_to_retry() {
+    let (_dir, broker, alice, bob) = alice_and_bob().await;
+    let id = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap().to_string();
+    let sent = sb(&alice, &broker, &["send", &id, "meet at 6"])[0]["seq"].as_u64().unwrap().to_string();
+    let (edit_key, delete_key) = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210");
+    let edit = ["edit", &id, &sent, "meet at 7", "--client-id", edit_key];
+    let first = sb(&alice, &broker, &edit);
+    let again = sb(&alice, &broker, &edit);
+    assert_eq!((&first[0]["duplicate"], &again[0]["duplicate"]), (&false.into(), &true.into()));
+    assert_eq!((&again[0]["seq"], &again[0]["client_id"]), (&first[0]["seq"], &edit_key.into()));
+    let delete = ["delete", &id, &sent, "--client-id", delete_key];
+    let first = sb(&alice, &broker, &delete);
+    let again = sb(&alice, &broker, &delete);
+    assert_eq!((&first[0]["duplicate"], &again[0]["duplicate"]), (&false.into(), &true.into()));
+    assert_eq!(again[0]["seq"], first[0]["seq"]);
+    // One edit and one delete in the log: the creation, the message, then those two.
+    let history = sb(&bob, &broker, &["history", &id]);
+    assert_eq!(history.last().unwrap()["seq"], first[0]["seq"]);
+    assert_eq!(first[0]["seq"].as_u64(), Some(4), "{history:?}");
+}
+
 /// `sb send --client-id` is safe to retry: the same id gives the same seq, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_with_a_client_id_is_safe_to_retry() {
