@@ -230,6 +230,24 @@ impl TestBroker {
     }
 }
 
+/// Reads a `Session`'s events until one matches `matches` (`what`, said if none does
+/// within `STEP_DEADLINE`).
+pub async fn wait_for(
+    events: &mut switchboard_client::SessionEvents,
+    what: &str,
+    mut matches: impl FnMut(&switchboard_client::SessionEvent) -> bool,
+) {
+    within(STEP_DEADLINE, what, async {
+        loop {
+            let event = events.next().await.expect("the session is running");
+            if matches(&event) {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
 /// Waits up to 10 s for the next entry event, passing over presence and typing events:
 /// they come on their own schedule (a user whose client was dropped a moment before
 /// goes offline when the broker sees the connection close, which may be after a test's

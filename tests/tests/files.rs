@@ -692,7 +692,8 @@ async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
     use std::sync::Arc;
-    use switchboard_client::{MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents};
+    use switchboard_client::{MemoryCursors, Session, SessionConfig, SessionEvent};
+    use switchboard_tests::wait_for;
     bounded(async {
         let tb = TestBroker::start().await;
         let (alice, _) = tb.register("alice").await;
@@ -704,12 +705,8 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
         let start = |id| Session::start(tb.connector(), id, Arc::new(MemoryCursors::default()), config.clone());
         let (phone, mut phone_events) = start(phone_id.clone()).unwrap();
         let (bob, mut bob_events) = start(bob_id.clone()).unwrap();
-        async fn until(events: &mut SessionEvents, what: &str, mut wanted: impl FnMut(&SessionEvent) -> bool) {
-            within(STEP_DEADLINE, what, async { while !wanted(&events.next().await.expect("the session runs")) {} })
-                .await
-        }
-        until(&mut phone_events, "the phone caught up", |e| matches!(e, SessionEvent::CaughtUp)).await;
-        until(&mut bob_events, "bob caught up", |e| matches!(e, SessionEvent::CaughtUp)).await;
+        wait_for(&mut phone_events, "the phone caught up", |e| matches!(e, SessionEvent::CaughtUp)).await;
+        wait_for(&mut bob_events, "bob caught up", |e| matches!(e, SessionEvent::CaughtUp)).await;
         let data = bytes(2 * 1024 * 1024, 9);
         let file = attached_while_uploading(&alice, conv, &data).await;
         // A chunk after the attachment: its progress reaches the members too.
@@ -720,8 +717,8 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
                     && matches!(p.state, FileState::Uploading { .. }))
             }
         };
-        until(&mut phone_events, "the phone's progress", progress(None)).await;
-        until(&mut bob_events, "bob's progress", progress(Some(conv))).await;
+        wait_for(&mut phone_events, "the phone's progress", progress(None)).await;
+        wait_for(&mut bob_events, "bob's progress", progress(Some(conv))).await;
         // Both drop (with a code that is no restart: the usual backoff), and the upload
         // completes before either is back.
         let online = tb.shared().online.clone();
@@ -730,8 +727,8 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
                 s.out.close(ErrorCode::INTERNAL);
             }
         }
-        until(&mut phone_events, "the phone's drop", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
-        until(&mut bob_events, "bob's drop", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
+        wait_for(&mut phone_events, "the phone's drop", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
+        wait_for(&mut bob_events, "bob's drop", |e| matches!(e, SessionEvent::Disconnected { .. })).await;
         finish(&alice, file, &data).await;
         // Neither is back yet, so neither was told live (else this tests nothing).
         for who in [&phone_id, &bob_id] {
@@ -746,8 +743,8 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
             }
         };
         for (events, conv) in [(&mut phone_events, None), (&mut bob_events, Some(conv))] {
-            until(events, "the reconnect", |e| matches!(e, SessionEvent::Connected)).await;
-            until(events, "the upload's state after it", complete(conv)).await;
+            wait_for(events, "the reconnect", |e| matches!(e, SessionEvent::Connected)).await;
+            wait_for(events, "the upload's state after it", complete(conv)).await;
         }
         phone.close().await;
         bob.close().await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use switchboard_broker::{Broker, Config};
 use switchboard_client::{Identity, MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents};
 use switchboard_protocol::{Body, ErrorCode, Page, UserId};
-use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
+use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, wait_for, within};
 
 fn config() -> SessionConfig {
     SessionConfig { backoff_min_ms: 20, backoff_max_ms: 200, ..SessionConfig::default() }
@@ -104,19 +104,6 @@ async fn start_on_a_freed_port(config: Config) -> Broker {
         }
     })
     .await
-}
-
-/// Reads events until one matches `what`.
-async fn wait_for(events: &mut SessionEvents, what: &str, mut matches: impl FnMut(&SessionEvent) -> bool) {
-    within(STEP_DEADLINE, what, async {
-        loop {
-            let event = events.next().await.expect("the session is running");
-            if matches(&event) {
-                return;
-            }
-        }
-    })
-    .await;
 }
 
 /// 200 sends are outstanding when the broker drops the connection: each is sent again
