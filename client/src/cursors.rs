@@ -12,54 +12,97 @@ use switchboard_protocol::{ConvId, DeviceId, Seq, UserId};
 /// Saved cursors: `conv → seq`, everything up to `seq` was taken by the application.
 pub type Cursors = HashMap<ConvId, Seq>;
 
+/// How many cursors of conversations left a device keeps (the newest left), so one it
+/// is added back to resumes where it was rather than at the start. A bound, because
+/// anyone may add a user to a group and remove it again: at most 1,024 pairs, about
+/// 30 KB of JSON.
+pub const LEFT_CURSORS_MAX: usize = 1024;
+
+/// What a store holds: the cursors of the conversations the user is a member of, and
+/// those of conversations it left (`(conv, seq)`, oldest left first, at most
+/// `LEFT_CURSORS_MAX`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Saved {
+    /// Conversations the user is a member of.
+    pub cursors: Cursors,
+    /// Conversations left or removed from, oldest first.
+    pub left: Vec<(ConvId, Seq)>,
+}
+
+impl Saved {
+    /// Applies a save: each of `left` moves out of `cursors` into the left ones (at the
+    /// highest of its cursor, what was kept and the seq given; the oldest left go past
+    /// `LEFT_CURSORS_MAX`), then each of `cursors` is kept at the higher of the two (one
+    /// among the left ones was joined again, and moves back).
+    fn apply(&mut self, cursors: &Cursors, left: &[(ConvId, Seq)]) {
+        for &(conv, seq) in left {
+            let was = self.cursors.remove(&conv).unwrap_or(0).max(self.take_left(conv));
+            let seq = seq.max(was);
+            if seq > 0 {
+                self.left.push((conv, seq));
+            }
+        }
+        let over = self.left.len().saturating_sub(LEFT_CURSORS_MAX);
+        self.left.drain(..over);
+        for (&conv, &seq) in cursors {
+            let kept = self.take_left(conv);
+            let s = self.cursors.entry(conv).or_default();
+            *s = (*s).max(seq).max(kept);
+        }
+    }
+
+    /// Removes `conv` from the left ones; its cursor there (0: none).
+    fn take_left(&mut self, conv: ConvId) -> Seq {
+        match self.left.iter().position(|&(c, _)| c == conv) {
+            Some(i) => self.left.remove(i).1,
+            None => 0,
+        }
+    }
+}
+
 /// A place to keep cursors. `save` is called from a blocking thread, debounced (at most
 /// once per `SessionConfig::persist_ms`), and once more when the session closes.
 pub trait CursorStore: Send + Sync + 'static {
-    /// The saved cursors (empty when nothing was saved yet).
-    fn load(&self) -> std::io::Result<Cursors>;
-    /// Drops the cursors of `forget` (conversations the user is no longer a member of:
-    /// `SessionEvent::Left`), then saves `cursors`. A store shared by several processes
-    /// keeps the higher cursor of each conversation (cursors only grow) and the cursors
-    /// of conversations neither names.
-    fn save(&self, cursors: &Cursors, forget: &[ConvId]) -> std::io::Result<()>;
+    /// What was saved (empty when nothing was saved yet).
+    fn load(&self) -> std::io::Result<Saved>;
+    /// Moves the cursors of `left` (conversations the user is no longer a member of:
+    /// `SessionEvent::Left`, with the cursor it had) among the left ones, then saves
+    /// `cursors` (`Saved::apply`). A store shared by several processes keeps the higher
+    /// cursor of each conversation (cursors only grow) and the cursors of conversations
+    /// neither names.
+    fn save(&self, cursors: &Cursors, left: &[(ConvId, Seq)]) -> std::io::Result<()>;
 }
 
 /// Cursors in memory only: a restarted process starts from nothing.
 #[derive(Default)]
-pub struct MemoryCursors(Mutex<Cursors>);
+pub struct MemoryCursors(Mutex<Saved>);
 
 impl MemoryCursors {
     /// Starts with `cursors`.
     pub fn new(cursors: Cursors) -> MemoryCursors {
-        MemoryCursors(Mutex::new(cursors))
+        MemoryCursors(Mutex::new(Saved { cursors, left: Vec::new() }))
     }
 
     /// What was saved last.
-    pub fn saved(&self) -> Cursors {
+    pub fn saved(&self) -> Saved {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
 impl CursorStore for MemoryCursors {
-    fn load(&self) -> std::io::Result<Cursors> {
+    fn load(&self) -> std::io::Result<Saved> {
         Ok(self.saved())
     }
 
-    fn save(&self, cursors: &Cursors, forget: &[ConvId]) -> std::io::Result<()> {
-        let mut saved = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for conv in forget {
-            saved.remove(conv);
-        }
-        for (&conv, &seq) in cursors {
-            let s = saved.entry(conv).or_default();
-            *s = (*s).max(seq);
-        }
+    fn save(&self, cursors: &Cursors, left: &[(ConvId, Seq)]) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).apply(cursors, left);
         Ok(())
     }
 }
 
 /// Cursors in a JSON file, e.g. next to the device identity:
-/// `{"user_id": 1, "device_id": 3, "cursors": {"42": 17}}`. The file belongs to one
+/// `{"user_id": 1, "device_id": 3, "cursors": {"42": 17}, "left": [[9, 4]]}` (`left`
+/// may be missing: none). The file belongs to one
 /// device: a file of another user or device is ignored on load and replaced on save.
 /// Writes go to a temp file (one name per process), are fsynced and renamed over the
 /// file, and the directory is fsynced, so a reader sees the old file or the new one,
@@ -76,6 +119,8 @@ struct CursorFile {
     user_id: UserId,
     device_id: DeviceId,
     cursors: Cursors,
+    #[serde(default)]
+    left: Vec<(ConvId, Seq)>,
 }
 
 impl FileCursors {
@@ -89,43 +134,38 @@ impl FileCursors {
         &self.path
     }
 
-    fn read(&self) -> std::io::Result<Cursors> {
+    fn read(&self) -> std::io::Result<Saved> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cursors::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Saved::default()),
             Err(e) => return Err(e),
         };
         let file: CursorFile = serde_json::from_slice(&bytes).map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", self.path.display()))
         })?;
         if file.user_id != self.user_id || file.device_id != self.device_id {
-            return Ok(Cursors::new());
+            return Ok(Saved::default());
         }
-        Ok(file.cursors)
+        Ok(Saved { cursors: file.cursors, left: file.left })
     }
 }
 
 impl CursorStore for FileCursors {
-    fn load(&self) -> std::io::Result<Cursors> {
+    fn load(&self) -> std::io::Result<Saved> {
         self.read()
     }
 
-    fn save(&self, cursors: &Cursors, forget: &[ConvId]) -> std::io::Result<()> {
+    fn save(&self, cursors: &Cursors, left: &[(ConvId, Seq)]) -> std::io::Result<()> {
         let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
         let mut lock_name = self.path.clone().into_os_string();
         lock_name.push(".lock");
         let lock = owner_only().write(true).create(true).truncate(false).open(PathBuf::from(lock_name))?;
         lock.lock()?;
-        let mut merged = self.read().unwrap_or_default();
-        for conv in forget {
-            merged.remove(conv);
-        }
-        for (&conv, &seq) in cursors {
-            let s = merged.entry(conv).or_default();
-            *s = (*s).max(seq);
-        }
-        let file = CursorFile { user_id: self.user_id, device_id: self.device_id, cursors: merged };
+        let mut saved = self.read().unwrap_or_default();
+        saved.apply(cursors, left);
+        let file =
+            CursorFile { user_id: self.user_id, device_id: self.device_id, cursors: saved.cursors, left: saved.left };
         let mut tmp_name = self.path.clone().into_os_string();
         tmp_name.push(format!(".{}.tmp", std::process::id()));
         let tmp = PathBuf::from(tmp_name);
@@ -169,18 +209,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("cursors.json");
         let store = FileCursors::new(&path, 1, 3);
-        assert!(store.load().unwrap().is_empty());
+        assert!(store.load().unwrap().cursors.is_empty());
         store.save(&Cursors::from([(42, 17), (7, 3)]), &[]).unwrap();
-        assert_eq!(store.load().unwrap(), Cursors::from([(42, 17), (7, 3)]));
+        assert_eq!(store.load().unwrap().cursors, Cursors::from([(42, 17), (7, 3)]));
         // Another process of the same device saved less for 42: the higher one stays.
         store.save(&Cursors::from([(42, 5), (9, 1)]), &[]).unwrap();
-        assert_eq!(store.load().unwrap(), Cursors::from([(42, 17), (7, 3), (9, 1)]));
+        assert_eq!(store.load().unwrap().cursors, Cursors::from([(42, 17), (7, 3), (9, 1)]));
         // Another device's view of the same file starts empty and takes it over.
         let other = FileCursors::new(&path, 1, 4);
-        assert!(other.load().unwrap().is_empty());
+        assert!(other.load().unwrap().cursors.is_empty());
         other.save(&Cursors::from([(42, 2)]), &[]).unwrap();
-        assert_eq!(other.load().unwrap(), Cursors::from([(42, 2)]));
-        assert!(store.load().unwrap().is_empty());
+        assert_eq!(other.load().unwrap().cursors, Cursors::from([(42, 2)]));
+        assert!(store.load().unwrap().cursors.is_empty());
         let mut names: Vec<String> = std::fs::read_dir(path.parent().unwrap())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -206,6 +246,37 @@ mod tests {
     fn memory_cursors_keep_the_higher() {
         let store = MemoryCursors::new(Cursors::from([(1, 5)]));
         store.save(&Cursors::from([(1, 3), (2, 2)]), &[]).unwrap();
-        assert_eq!(store.load().unwrap(), Cursors::from([(1, 5), (2, 2)]));
+        assert_eq!(store.load().unwrap().cursors, Cursors::from([(1, 5), (2, 2)]));
+    }
+
+    #[test]
+    fn cursors_of_conversations_left_are_kept_boundedly_and_move_back_when_joined_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cursors.json");
+        // A file written before `left` existed still reads.
+        std::fs::write(&path, br#"{"user_id":1,"device_id":3,"cursors":{"42":17,"7":3}}"#).unwrap();
+        let store = FileCursors::new(&path, 1, 3);
+        assert_eq!(store.load().unwrap(), Saved { cursors: Cursors::from([(42, 17), (7, 3)]), left: vec![] });
+        // Left at 15 by this process, while another sharing the file had taken 17: the
+        // higher is kept. A conversation left with nothing taken keeps nothing.
+        store.save(&Cursors::new(), &[(42, 15), (8, 0)]).unwrap();
+        assert_eq!(store.load().unwrap(), Saved { cursors: Cursors::from([(7, 3)]), left: vec![(42, 17)] });
+        // Joined again and read on: back among the cursors, at the higher.
+        store.save(&Cursors::from([(42, 20)]), &[]).unwrap();
+        assert_eq!(store.load().unwrap(), Saved { cursors: Cursors::from([(7, 3), (42, 20)]), left: vec![] });
+        // Joined again with nothing taken yet: the kept cursor is the one it moves back at.
+        store.save(&Cursors::new(), &[(42, 20)]).unwrap();
+        store.save(&Cursors::from([(42, 1)]), &[]).unwrap();
+        assert_eq!(store.load().unwrap().cursors[&42], 20);
+
+        // Anyone may add a user and remove it again: the newest LEFT_CURSORS_MAX stay.
+        let memory = MemoryCursors::default();
+        let n = LEFT_CURSORS_MAX as u64 + 10;
+        for conv in 1..=n {
+            memory.save(&Cursors::new(), &[(conv, conv)]).unwrap();
+        }
+        let left = memory.load().unwrap().left;
+        assert_eq!(left.len(), LEFT_CURSORS_MAX);
+        assert_eq!((left[0], left[LEFT_CURSORS_MAX - 1]), ((11, 11), (n, n)), "the oldest left went");
     }
 }

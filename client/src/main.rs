@@ -198,9 +198,9 @@ enum Command {
         limit: u16,
     },
     /// Print what happens, until interrupted: messages (first every one not printed
-    /// before by a tail of this device, in order; a conversation this device was told
-    /// it left, then joined again, is printed from its start), receipts, presence and
-    /// typing.
+    /// before by a tail of this device, in order; a conversation left and joined again
+    /// goes on after what was printed before it was left, with what was sent while out),
+    /// receipts, presence and typing.
     /// Reconnects by itself; stops for good only if the device is revoked, its proof
     /// refused or its account disabled by the operator. What was
     /// printed is saved about once a second and at every clean stop (Ctrl-C, SIGTERM):

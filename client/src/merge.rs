@@ -12,9 +12,11 @@
 //! conversation's cursor is below its known seq, and nothing held can close the gap, the
 //! merge asks for a catch-up page after the cursor.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use switchboard_protocol::limits::CATCH_UP_PAGE_MAX;
+
+use crate::cursors::LEFT_CURSORS_MAX;
 use switchboard_protocol::{CatchUpPage, ConvId, Entry, Seq};
 
 /// The merge state of all my conversations.
@@ -28,6 +30,10 @@ use switchboard_protocol::{CatchUpPage, ConvId, Entry, Seq};
 #[derive(Debug)]
 pub struct Merge {
     convs: BTreeMap<ConvId, Track>,
+    /// Cursors of conversations this user left or was removed from, oldest first, at
+    /// most `LEFT_CURSORS_MAX`: one added back resumes at its cursor (PROTOCOL.md: a
+    /// member added back reads the whole history), not at its start.
+    left: VecDeque<(ConvId, Seq)>,
     held: usize,
     max_held: usize,
 }
@@ -68,7 +74,19 @@ impl Merge {
     pub fn new(cursors: impl IntoIterator<Item = (ConvId, Seq)>, max_held: usize) -> Merge {
         let convs =
             cursors.into_iter().map(|(conv, cursor)| (conv, Track { cursor, known: cursor, ..Track::default() }));
-        Merge { convs: convs.collect(), held: 0, max_held }
+        Merge { convs: convs.collect(), left: VecDeque::new(), held: 0, max_held }
+    }
+
+    /// Also keeps `left` (`(conv, cursor)` of conversations left, oldest first; the
+    /// newest `LEFT_CURSORS_MAX` are kept): a conversation among them that comes back
+    /// (listed, paged or live: the user was added back) resumes at its cursor.
+    pub fn with_left(mut self, left: impl IntoIterator<Item = (ConvId, Seq)>) -> Merge {
+        for (conv, cursor) in left {
+            if !self.convs.contains_key(&conv) {
+                keep_left(&mut self.left, conv, cursor);
+            }
+        }
+        self
     }
 
     /// Each conversation's cursor, ascending by conversation.
@@ -88,7 +106,7 @@ impl Merge {
 
     /// `conv` has entries up to `last_seq` (from `ConversationStates` after a connect).
     pub fn known(&mut self, conv: ConvId, last_seq: Seq) {
-        let t = self.convs.entry(conv).or_default();
+        let t = track(&mut self.convs, &mut self.left, conv);
         t.known = t.known.max(last_seq);
     }
 
@@ -102,11 +120,19 @@ impl Merge {
         }
     }
 
-    /// Stops tracking `conv` (this user is no longer a member): its held entries go.
+    /// Stops tracking `conv` (this user is no longer a member): its held entries go,
+    /// its cursor is kept among the left ones (the oldest one goes past
+    /// `LEFT_CURSORS_MAX`).
     pub fn forget(&mut self, conv: ConvId) {
         if let Some(t) = self.convs.remove(&conv) {
             self.held -= t.held.len();
+            keep_left(&mut self.left, conv, t.cursor);
         }
+    }
+
+    /// The cursors kept of conversations left, oldest first.
+    pub fn left(&self) -> impl Iterator<Item = (ConvId, Seq)> + '_ {
+        self.left.iter().copied()
     }
 
     /// This device's own write to `conv` was acknowledged at `seq`: the broker does not
@@ -130,7 +156,7 @@ impl Merge {
     /// held while the bound allows and fetched again otherwise.
     pub fn page(&mut self, page: CatchUpPage, room: usize) -> Vec<Entry> {
         let conv = page.conv;
-        let t = self.convs.entry(conv).or_default();
+        let t = track(&mut self.convs, &mut self.left, conv);
         t.fetching = false;
         t.probe = false;
         t.known = t.known.max(page.last_seq);
@@ -227,7 +253,7 @@ impl Merge {
     /// so at most one per conversation is held past the bound, and only while the
     /// application's queue is full.
     fn insert(&mut self, entry: Entry) {
-        let t = self.convs.entry(entry.conv).or_default();
+        let t = track(&mut self.convs, &mut self.left, entry.conv);
         t.known = t.known.max(entry.seq);
         let next = entry.seq == t.cursor + 1;
         if entry.seq <= t.cursor || t.held.contains_key(&entry.seq) || (self.held >= self.max_held && !next) {
@@ -250,6 +276,30 @@ impl Merge {
             taken += 1;
             out.push(entry);
         }
+    }
+}
+
+/// `conv`'s track, made at the cursor kept when it was left (the user was added back),
+/// or at nothing.
+fn track<'a>(
+    convs: &'a mut BTreeMap<ConvId, Track>,
+    left: &mut VecDeque<(ConvId, Seq)>,
+    conv: ConvId,
+) -> &'a mut Track {
+    convs.entry(conv).or_insert_with(|| {
+        let cursor = left.iter().position(|&(c, _)| c == conv).and_then(|i| left.remove(i)).map_or(0, |(_, s)| s);
+        Track { cursor, known: cursor, ..Track::default() }
+    })
+}
+
+/// Keeps `cursor` as `conv`'s cursor when left, newest last, within `LEFT_CURSORS_MAX`.
+fn keep_left(left: &mut VecDeque<(ConvId, Seq)>, conv: ConvId, cursor: Seq) {
+    left.retain(|&(c, _)| c != conv);
+    if cursor > 0 {
+        left.push_back((conv, cursor));
+    }
+    while left.len() > LEFT_CURSORS_MAX {
+        left.pop_front();
     }
 }
 
@@ -312,6 +362,33 @@ mod tests {
         assert_eq!(m.held(), 0);
         assert_eq!(m.cursors().collect::<Vec<_>>(), [(8, 5)]);
         assert!(m.caught_up());
+    }
+
+    #[test]
+    fn a_conversation_joined_again_resumes_at_the_cursor_it_was_left_at() {
+        let mut m = Merge::new([(7, 3), (8, 5)], 100).with_left([(9, 4), (8, 1)]);
+        assert_eq!(m.left().collect::<Vec<_>>(), [(9, 4)], "one tracked is not left");
+        m.forget(7);
+        assert_eq!(m.left().collect::<Vec<_>>(), [(9, 4), (7, 3)]);
+        assert!(m.fetches(4, ROOM).is_empty(), "left ones are not probed");
+        // Added back to 7 live: the entry adding the user is beyond a gap from the
+        // kept cursor, and the gap is fetched from there, not from the start.
+        assert!(m.live(e(7, 12), ROOM).is_empty());
+        assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 9)]);
+        assert_eq!(seqs(&m.page(page(7, 4..=11, 12), ROOM)), (4..=12).map(|s| (7, s)).collect::<Vec<_>>());
+        // Added back to 9 while away: listed again after a connect.
+        m.known(9, 6);
+        assert_eq!(m.fetches(4, ROOM), [fetch(9, 4, 2)]);
+        assert_eq!(m.left().count(), 0);
+        // Bounded: the oldest left go first.
+        let mut m = Merge::new([], 100);
+        for conv in 1..=LEFT_CURSORS_MAX as u64 + 2 {
+            m.known(conv, 1);
+            assert_eq!(seqs(&m.live(e(conv, 1), ROOM)), [(conv, 1)]);
+            m.forget(conv);
+        }
+        assert_eq!(m.left().count(), LEFT_CURSORS_MAX);
+        assert_eq!(m.left().next(), Some((3, 1)));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use switchboard_protocol::{
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::cursors::{CursorStore, Cursors};
+use crate::cursors::{CursorStore, Cursors, Saved};
 use crate::merge::{Fetch, Merge};
 use crate::{Client, ClientError, Connector, Events, Identity, new_client_id};
 
@@ -118,9 +118,11 @@ pub enum SessionEvent {
     },
     /// This user is no longer a member of `conv`: it left (from any device) or was
     /// removed, found after a connect (`ConversationStates` no longer lists it) or when
-    /// its catch-up was refused. The conversation's cursor is dropped when this is taken
-    /// (so it comes again after a restart only if the cursors were not saved since),
-    /// and nothing more of it comes unless the user is added back. The
+    /// its catch-up was refused. When this is taken the conversation's cursor moves
+    /// among those of conversations left (the newest `LEFT_CURSORS_MAX` are kept, saved
+    /// with the others), and nothing more of it comes unless the user is added back:
+    /// then its entries resume after that cursor, those sent while the user was out
+    /// included (a member added back reads the whole history), not from its start. The
     /// entry that removed the user is shown only if it came live before this: a former
     /// member reads nothing of the conversation.
     Left {
@@ -246,9 +248,9 @@ pub struct SessionEvents {
 /// What the application has taken, shared between the stream and the session task.
 struct Taken {
     cursors: Mutex<Cursors>,
-    /// Conversations whose `Left` was taken and whose saved cursors are not yet
-    /// dropped (`CursorStore::save`).
-    left: Mutex<Vec<ConvId>>,
+    /// Conversations whose `Left` was taken, with the cursor taken then, not yet moved
+    /// among the left ones in the store (`CursorStore::save`).
+    left: Mutex<Vec<(ConvId, Seq)>>,
     /// Set when the stream has something new for the task; cleared by the task.
     pending: AtomicBool,
     notify: Notify,
@@ -270,8 +272,8 @@ impl SessionEvents {
                     *c = (*c).max(e.seq);
                 }
                 SessionEvent::Left { conv } => {
-                    self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner()).remove(conv);
-                    self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).push(*conv);
+                    let cursor = self.taken.cursors.lock().unwrap_or_else(|p| p.into_inner()).remove(conv);
+                    self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).push((*conv, cursor.unwrap_or(0)));
                 }
                 _ => {}
             }
@@ -309,7 +311,7 @@ impl Session {
         store: Arc<dyn CursorStore>,
         config: SessionConfig,
     ) -> std::io::Result<(Session, SessionEvents)> {
-        let cursors = store.load()?;
+        let Saved { cursors, left } = store.load()?;
         let (commands, command_rx) = mpsc::channel(64);
         let (out, rx) = mpsc::channel(config.event_queue.max(1));
         let taken = Arc::new(Taken {
@@ -321,7 +323,7 @@ impl Session {
         let session = Session { commands, user_id: identity.user_id, device_id: identity.device_id };
         let (done_tx, done_rx) = mpsc::channel(config.max_pending + config.max_fetching + 16);
         let task = Task {
-            merge: Merge::new(cursors.iter().map(|(&c, &s)| (c, s)), config.max_held),
+            merge: Merge::new(cursors.iter().map(|(&c, &s)| (c, s)), config.max_held).with_left(left),
             backoff: Backoff::new(config.backoff_min_ms, config.backoff_max_ms),
             reported: cursors.clone(),
             persisted: cursors,
@@ -697,7 +699,7 @@ enum Done {
     },
     Saved {
         cursors: Cursors,
-        forgot: Vec<ConvId>,
+        forgot: Vec<(ConvId, Seq)>,
         ok: bool,
     },
     /// The `SetPresence` of `away` sent on connection `generation` was answered.
@@ -1595,7 +1597,7 @@ impl Task {
     /// are still to be dropped. Those are read first: a `Left` taken between the two
     /// reads then shows in neither (and is saved next time), never only in the second,
     /// where its cursor would be dropped and saved back in one save.
-    fn taken_to_save(&self) -> (Cursors, Vec<ConvId>) {
+    fn taken_to_save(&self) -> (Cursors, Vec<(ConvId, Seq)>) {
         let forgot = self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).clone();
         (self.taken_cursors(), forgot)
     }

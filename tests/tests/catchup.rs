@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_client::{
-    Client, FileCursors, Identity, MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents,
+    Client, FileCursors, Identity, MemoryCursors, Saved, Session, SessionConfig, SessionEvent, SessionEvents,
 };
-use switchboard_protocol::{ConvId, ErrorCode, Receipt, Seq, UserId};
+use switchboard_protocol::{ConvId, ErrorCode, Receipt, Role, Seq, UserId};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
 
 /// Quick reconnects for tests.
@@ -234,7 +234,7 @@ async fn a_restarted_session_resumes_from_its_saved_cursors() {
         let mut seen = Seen::default();
         seen.until(&mut events, &last).await;
         session.close().await;
-        assert_eq!(store().load_for_test(), last);
+        assert_eq!(store().load_for_test().cursors, last);
 
         let more = write(&alice, &convs, 10, "second").await;
         let (session, mut events) = Session::start(tb.connector(), bob_id.clone(), store(), config()).unwrap();
@@ -253,7 +253,7 @@ async fn a_restarted_session_resumes_from_its_saved_cursors() {
 /// refused), and their cursors are dropped; the conversation it still holds goes on as
 /// before. Before, nothing was said and the cursors stayed for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conversations_left_while_away_are_reported_and_forgotten() {
+async fn conversations_left_while_away_are_reported_and_resume_where_they_were_if_joined_again() {
     bounded(async {
         let tb = TestBroker::start().await;
         let (alice, _) = tb.register("alice").await;
@@ -294,11 +294,30 @@ async fn conversations_left_while_away_are_reported_and_forgotten() {
         let want: Vec<(ConvId, Seq)> = (last[&convs[2]] + 1..=more[&convs[2]]).map(|s| (convs[2], s)).collect();
         assert_eq!(entries, want, "the conversation still held goes on");
         session.close().await;
-        assert_eq!(store().load_for_test().into_keys().collect::<Vec<_>>(), [convs[2]], "their cursors dropped");
+        let saved = store().load_for_test();
+        assert_eq!(saved.cursors.into_keys().collect::<Vec<_>>(), [convs[2]], "their cursors moved out");
+        let mut kept = saved.left.clone();
+        kept.sort_unstable();
+        assert_eq!(kept, [(convs[0], last[&convs[0]]), (convs[1], last[&convs[1]])], "kept as left");
 
         let (session, events) = Session::start(tb.connector(), bob_id.clone(), store(), config()).unwrap();
         assert_eq!(until_caught_up(events).await, (Vec::new(), Vec::new()), "told once");
         session.close().await;
+
+        // Added back while away: the conversation resumes where this device was, with
+        // what was sent while bob was out (as history shows it), not from its start.
+        // Before, its cursor was dropped at `Left` and every entry came again.
+        alice.add_members(convs[0], &["bob".to_string()], Role::Member).await.unwrap();
+        let back = alice.send(convs[0], "welcome back").await.unwrap();
+        let (session, events) = Session::start(tb.connector(), bob_id.clone(), store(), config()).unwrap();
+        let (left, entries) = until_caught_up(events).await;
+        assert!(left.is_empty());
+        let want: Vec<(ConvId, Seq)> = (last[&convs[0]] + 1..=back).map(|s| (convs[0], s)).collect();
+        assert_eq!(entries, want, "resumed after the cursor it had when it was removed");
+        session.close().await;
+        let saved = store().load_for_test();
+        assert_eq!(saved.cursors.get(&convs[0]), Some(&back), "a member again");
+        assert_eq!(saved.left, [(convs[1], last[&convs[1]])]);
     })
     .await;
 }
@@ -408,11 +427,11 @@ async fn my_writes_and_reads_show_on_all_my_devices() {
 }
 
 trait LoadForTest {
-    fn load_for_test(&self) -> HashMap<ConvId, Seq>;
+    fn load_for_test(&self) -> Saved;
 }
 
 impl LoadForTest for FileCursors {
-    fn load_for_test(&self) -> HashMap<ConvId, Seq> {
+    fn load_for_test(&self) -> Saved {
         switchboard_client::CursorStore::load(self).unwrap()
     }
 }
