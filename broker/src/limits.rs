@@ -201,7 +201,11 @@ pub const MEMBER_ROWS_BUCKETS_MAX: usize = 65_536;
 /// sessions with 64 requests in flight each could queue 4,096 page reads (a
 /// `ConversationStates` page is up to ~2,500 point reads) ahead of every other user's
 /// reads and every password hash, which share that pool. A client reads such lists one
-/// page after another; the reference client asks about four files at once.
+/// page after another; the reference client asks about four files at once. A user's
+/// conversation reads take these slots too, once the session has handed them on
+/// (`ConvDirectory::read`): answered at rest on the pool, or by a live actor on its
+/// runtime thread, where before they queued in its mailbox without a bound of their
+/// own, ahead of its members' writes.
 pub const STORE_JOBS_PER_USER: usize = 4;
 /// Catalog writes (registrations, enrollments, revocations, new conversations) queued
 /// for the catalog thread at once; more wait for a slot without holding anything.

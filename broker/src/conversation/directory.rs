@@ -221,11 +221,12 @@ impl ConvDirectory {
     /// `RATE_LIMITED` here, taking no mailbox room and waking no actor, while the
     /// caller's such reads are past their allowance (`UserDirectory::allow_member_reads`;
     /// checked again where it is answered, and the rows charged). A read never starts an
-    /// actor, nor keeps one alive: it is handed to the live actor if there is one, and
-    /// otherwise answered from the store on the blocking pool (`read_at_rest`) once one
-    /// of the user's store slots is free (`STORE_JOBS_PER_USER`: so no user queues more
-    /// than that many jobs on the pool); the session goes on meanwhile, the read's task
-    /// waiting (as many as the user's requests in flight, as its mailbox places were).
+    /// actor, nor keeps one alive: once one of the user's store slots is free
+    /// (`STORE_JOBS_PER_USER`: so no user has more than that many reads on the pool and
+    /// in actors' mailboxes together) it is handed to the live actor if there is one,
+    /// and otherwise answered from the store on the blocking pool (`read_at_rest`); the
+    /// session goes on meanwhile, the read's task waiting (as many as the user's
+    /// requests in flight, as its mailbox places were).
     /// Before, every read started an actor on the reader's share: strangers who
     /// put a user in thousands of groups filled its places with its own catch-up, and
     /// its writes got `OVERLOADED`. A stranger is refused here, live actor or not, once
@@ -240,14 +241,18 @@ impl ConvDirectory {
         if let Err(refused) = gate(shared, conv, caller, None) {
             return reply.send(Err(read_settled(shared, refused).await));
         }
-        if self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv) {
-            return self.request(shared, conv, caller, ConvMsg::Read(caller, read, reply)).await;
-        }
         let (shared, slots) = (shared.clone(), shared.users.store_slots(caller.user));
         tokio::spawn(async move {
             // Closed never: the semaphore lives as long as `slots`.
             let Ok(slot) = slots.acquire_owned().await else { return };
             let reply = reply.with_store_slot(Some(slot));
+            if shared.convs.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv) {
+                // Waits in the actor's mailbox holding the slot: the actor reads the
+                // store on its runtime thread, between its members' writes, so a user
+                // looping pages from many sessions (64 pages each in flight) would
+                // otherwise queue thousands there, and every write waited behind them.
+                return shared.convs.request(&shared, conv, caller, ConvMsg::Read(caller, read, reply)).await;
+            }
             tokio::task::spawn_blocking(move || shared.convs.read_at_rest(&shared, conv, caller, read, reply));
         });
     }
@@ -300,9 +305,9 @@ impl ConvDirectory {
     /// Hands a read that found `conv` not at rest to its actor (which the read may start,
     /// on the reader's `Share::Passive`: a conversation just created or whose actor
     /// died, or one whose actor started or retired while the store was read).
-    /// It gives its store slot back: it waits in the actor's mailbox, not on the pool.
+    /// It keeps its store slot: the actor reads the store too (see `read`).
     fn read_by_actor(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
-        let (shared, reply) = (shared.clone(), reply.with_store_slot(None));
+        let shared = shared.clone();
         tokio::runtime::Handle::current().spawn(async move {
             shared.convs.request(&shared, conv, caller, ConvMsg::Read(caller, read, reply)).await
         });
@@ -687,6 +692,12 @@ impl ConvDirectory {
             Some(slot) => Some(slot.published.load(Ordering::Acquire)),
             None => self.replay.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).map(|r| r.after),
         }
+    }
+
+    /// How many messages wait in `conv`'s actor's mailbox (`None`: no live actor). For
+    /// tests and diagnostics.
+    pub fn mailbox_depth(&self, conv: ConvId) -> Option<usize> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&conv).map(|slot| slot.depth.load(Ordering::Acquire))
     }
 
     /// Number of live conversation actors.
