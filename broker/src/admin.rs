@@ -344,6 +344,9 @@ pub async fn request(data_dir: &Path, request: &AdminRequest) -> Option<std::io:
     let mut stream = match UnixStream::connect(socket_path(data_dir)).await {
         Ok(stream) => stream,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => return None,
+        // Too long for a socket address (`sun_path`, 108 bytes): a broker could not
+        // bind it either (it warned at start), so only the store can serve.
+        Err(e) if e.kind() == ErrorKind::InvalidInput => return None,
         Err(e) if e.kind() == ErrorKind::PermissionDenied => {
             return Some(Err(std::io::Error::other(format!(
                 "the admin socket {} belongs to the user the broker runs as: run the command as that user ({e})",

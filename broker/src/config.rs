@@ -332,6 +332,15 @@ pub const MIN_OUTBOUND_MAX_BYTES: usize = 2 * switchboard_protocol::limits::MAX_
 /// (`MAX_INFLIGHT_REQUESTS`) twice over, with room for events between them.
 pub const MIN_OUTBOUND_MAX_FRAMES: usize = 2 * switchboard_protocol::limits::MAX_INFLIGHT_REQUESTS as usize;
 
+/// Largest `argon2_memory_kib`: 1 GiB per hash. Each of the `ARGON2_CONCURRENCY` hashes
+/// at once holds that much, and one is made at start (the decoy for unknown names): an
+/// operator trial's extra zeros (4294967295) grew the broker to the machine's 24 GB, and
+/// the kernel killed it. OWASP asks for 19 MiB; 1 GiB is fifty times that.
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 1 << 20;
+/// Largest `argon2_iterations`: each is a pass over the memory, and a login waits for
+/// all of them (OWASP: 2 at 19 MiB, 5 at 7 MiB).
+pub const MAX_ARGON2_ITERATIONS: u32 = 64;
+
 /// Shortest `idle_timeout_ms`: below a second a client on an ordinary network times out
 /// between keep-alives (0 would mean no connection ever completes).
 pub const MIN_IDLE_TIMEOUT_MS: u64 = 1_000;
@@ -379,6 +388,32 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("conversation_idle_ms", config.conversation_idle_ms),
         ("typing_ttl_ms", config.typing_ttl_ms),
     ];
+    if config.data_dir.as_os_str().is_empty() {
+        return Err(crate::Error::Config(
+            "data_dir is empty: name a directory (the default is switchboard-data, beside where the broker starts)"
+                .into(),
+        ));
+    }
+    if config.cert.is_some() != config.key.is_some() {
+        return Err(crate::Error::Config(
+            "cert and key go together: set both (`cert` and `key` in the file, or --cert and --key), or neither \
+             for the certificate the broker generates in its data dir"
+                .into(),
+        ));
+    }
+    if config.argon2_memory_kib > MAX_ARGON2_MEMORY_KIB {
+        return Err(crate::Error::Config(format!(
+            "argon2_memory_kib = {}: at most {MAX_ARGON2_MEMORY_KIB} (1 GiB per hash, two hashes at once; \
+             the default is 19456, OWASP's 19 MiB)",
+            config.argon2_memory_kib
+        )));
+    }
+    if config.argon2_iterations > MAX_ARGON2_ITERATIONS {
+        return Err(crate::Error::Config(format!(
+            "argon2_iterations = {}: at most {MAX_ARGON2_ITERATIONS} (each login waits for all of them; the default is 2)",
+            config.argon2_iterations
+        )));
+    }
     if config.runtime_workers > MAX_RUNTIME_WORKERS {
         return Err(crate::Error::Config(format!(
             "runtime_workers = {}: at most {MAX_RUNTIME_WORKERS} (0: one per core)",
@@ -397,6 +432,14 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
              leave it out for the default"
         )));
     }
+    // What argon2 itself refuses (memory below 8 KiB), refused here too: before, `config`
+    // passed it and only a start failed.
+    argon2::Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None).map_err(|e| {
+        crate::Error::Config(format!(
+            "argon2_memory_kib = {}, argon2_iterations = {}: {e}",
+            config.argon2_memory_kib, config.argon2_iterations
+        ))
+    })?;
     check_commit_delay(config)
 }
 
@@ -405,6 +448,11 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
 /// outbound queues that hold what the broker itself sends.
 pub fn check_deployment(config: &Config) -> crate::error::Result<()> {
     check(config)?;
+    // A certificate and key named are read as a start would read them (`switchboard
+    // config` passed a missing file before).
+    if let (Some(cert), Some(key)) = (&config.cert, &config.key) {
+        crate::tls::load(cert, key)?;
+    }
     if config.outbound_max_bytes < MIN_OUTBOUND_MAX_BYTES {
         return Err(crate::Error::Config(format!(
             "outbound_max_bytes = {}: at least {MIN_OUTBOUND_MAX_BYTES} (two of the largest frames the broker \
@@ -492,6 +540,39 @@ mod tests {
             ..Config::default()
         };
         assert!(check(&choices).is_ok());
+    }
+
+    /// An operator trial: `argon2_memory_kib = 4294967295` passed `switchboard config`
+    /// and the start grew to the machine's memory until the kernel killed it; a memory
+    /// cost of 7, an empty data dir and a certificate without its key passed `config` and
+    /// failed only at start (or, for the empty dir, filled the current directory).
+    #[test]
+    fn settings_a_start_would_fail_on_or_be_hurt_by_are_refused_by_config() {
+        let refused = |change: &dyn Fn(&mut Config)| {
+            let mut config = Config::default();
+            change(&mut config);
+            check_deployment(&config).unwrap_err().to_string()
+        };
+        let said = refused(&|c| c.argon2_memory_kib = u32::MAX);
+        assert!(said.contains("argon2_memory_kib = 4294967295: at most 1048576"), "{said}");
+        assert!(refused(&|c| c.argon2_iterations = 1000).contains("argon2_iterations = 1000: at most 64"));
+        let said = refused(&|c| c.argon2_memory_kib = 7);
+        assert!(said.contains("argon2_memory_kib = 7") && said.contains("too small"), "{said}");
+        assert!(refused(&|c| c.data_dir = PathBuf::new()).contains("data_dir is empty"));
+        let said = refused(&|c| c.cert = Some("cert.pem".into()));
+        assert!(said.contains("cert and key go together"), "{said}");
+        assert!(refused(&|c| c.key = Some("key.pem".into())).contains("cert and key go together"));
+        let said = refused(&|c| {
+            c.cert = Some("/nonexistent/cert.pem".into());
+            c.key = Some("/nonexistent/key.pem".into());
+        });
+        assert!(said.contains("/nonexistent/cert.pem"), "{said}");
+        let largest = Config {
+            argon2_memory_kib: MAX_ARGON2_MEMORY_KIB,
+            argon2_iterations: MAX_ARGON2_ITERATIONS,
+            ..Config::default()
+        };
+        assert!(check(&largest).is_ok());
     }
 
     #[test]

@@ -11,14 +11,14 @@ pub enum Error {
     /// The store failed (I/O, corruption, durability lost).
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    /// A file or socket operation failed.
-    #[error("{context}: {source}")]
+    /// A file or socket operation failed. The OS error is in the message, not also
+    /// the error's source: printed with its causes (`{:#}`) it was said twice.
+    #[error("{context}: {error}")]
     Io {
         /// What was being done, e.g. "binding UDP 127.0.0.1:4433".
         context: String,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The certificate, key or TLS/QUIC configuration is unusable.
     #[error("TLS: {0}")]
@@ -41,7 +41,7 @@ impl Error {
     /// An I/O error with what was being done.
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
-        move |source| Error::Io { context, source }
+        move |error| Error::Io { context, error }
     }
 
     /// A TLS or certificate error.

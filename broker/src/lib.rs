@@ -123,6 +123,9 @@ pub struct Status {
     pub sessions: usize,
     /// Connections in their handshake (of `max_unauthenticated_connections`).
     pub unauthenticated: usize,
+    /// Connection attempts refused since the start (QUIC `CONNECTION_REFUSED`: at
+    /// `max_connections`, at the handshake bounds, or after a storage failure).
+    pub connections_refused: u64,
     /// Conversation actors alive (of `max_live_conversations`).
     pub conversations: usize,
     /// Message and membership writes admitted and not yet answered (of
@@ -155,6 +158,7 @@ impl Shared {
         Status {
             sessions,
             unauthenticated,
+            connections_refused: self.counters.connections_refused.load(std::sync::atomic::Ordering::Relaxed),
             conversations: self.convs.live(),
             writes_in_flight: self.sends.in_flight(),
             writes_refused: self.sends.refused(),
@@ -169,17 +173,30 @@ impl Shared {
     }
 }
 
-/// Logs `Shared::status` at info every `every` until the broker is gone.
+/// Logs `Shared::status` at info every `every` until the broker is gone, and a warning
+/// when connections were refused since the last line (before, only `/metrics` counted
+/// them: an operator trial found a full broker's log silent).
 async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refused_before = 0;
     loop {
         ticks.tick().await;
         let Some(shared) = shared.upgrade() else { return };
         let s = shared.status();
+        if s.connections_refused > refused_before {
+            tracing::warn!(
+                refused = s.connections_refused - refused_before,
+                sessions = s.sessions,
+                max_connections = shared.config.max_connections,
+                "refused connections since the last status line (at max_connections, or past the handshake bounds)"
+            );
+        }
+        refused_before = s.connections_refused;
         tracing::info!(
             sessions = s.sessions,
             unauthenticated = s.unauthenticated,
+            connections_refused = s.connections_refused,
             conversations = s.conversations,
             writes_in_flight = s.writes_in_flight,
             writes_refused = s.writes_refused,
@@ -231,6 +248,11 @@ pub(crate) fn test_store(dir: &std::path::Path) -> Store {
 pub fn open_store(config: &Config) -> Result<Arc<Store>> {
     config::check(config)?;
     create_data_dir(&config.data_dir)?;
+    open_store_in_data_dir(config)
+}
+
+/// `open_store` once the configuration is checked and the data dir made.
+fn open_store_in_data_dir(config: &Config) -> Result<Arc<Store>> {
     let mut store_config = StoreConfig::new(config.data_dir.join("store"));
     store_config.cache_capacity_bytes = config.store_cache_bytes;
     store_config.commit_delay = std::time::Duration::from_micros(config.commit_delay_us);
@@ -269,7 +291,18 @@ impl Broker {
             }
             None => None,
         };
-        let store = open_store(&config)?;
+        // Then the certificate and the QUIC address, for the same reason: a start that
+        // fails on them (a port in use, a key that does not match) must not have opened
+        // the store, or the next start takes it for an unclean stop (an operator trial:
+        // "checked after an unclean stop" after a start refused for its port).
+        config::check(&config)?;
+        create_data_dir(&config.data_dir)?;
+        let identity = tls::load_or_generate(&config)?;
+        let tickets_opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let server_config = tls::server_config(&identity, &config, tickets_opened.clone())?;
+        let sockets = tls::bind_udp(config.listen, config.udp_sockets)?;
+        let endpoint_config = tls::endpoint_config(&config)?;
+        let store = open_store_in_data_dir(&config)?;
         // A store created just now had no previous run to check.
         if !store.opened_clean() && !store.created() {
             // A crash may have cut a conversation's newest entry short; finish it before
@@ -294,11 +327,6 @@ impl Broker {
         // Whatever survived a crash in sled's file is made durable before anything is
         // served, so conversation actors never serve an entry that could still vanish.
         store.barrier()?.await?;
-        let identity = tls::load_or_generate(&config)?;
-        let tickets_opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let server_config = tls::server_config(&identity, &config, tickets_opened.clone())?;
-        let sockets = tls::bind_udp(config.listen, config.udp_sockets)?;
-        let endpoint_config = tls::endpoint_config(&config)?;
         let backlogs: Vec<_> = sockets.iter().map(|_| overload::SocketBacklog::new()).collect();
         let endpoints = sockets
             .into_iter()

@@ -164,7 +164,8 @@ fn run() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let mut config = match &cli.config {
-        Some(path) => Config::from_toml_file(path).with_context(|| format!("reading {}", path.display()))?,
+        // Its errors name the file already.
+        Some(path) => Config::from_toml_file(path)?,
         None => Config::default(),
     };
     if let Some(data) = cli.data {
@@ -357,7 +358,18 @@ async fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<()> {
     let reply = match admin::request(&config.data_dir, &request).await {
         Some(reply) => reply.context("asking the running broker over its admin socket")?,
         None => {
-            let store = switchboard_broker::open_store(config)?;
+            let store = match switchboard_broker::open_store(config) {
+                Ok(store) => store,
+                // Locked: a broker runs there without its admin socket.
+                Err(e @ switchboard_broker::Error::DataDir(_)) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "no broker answered on the admin socket {}: a broker running without it (its start-up \
+                         log says why, e.g. a path too long for a Unix socket) must be stopped first",
+                        admin::socket_path(&config.data_dir).display()
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
             let auth = switchboard_broker::auth::Auth::new(store.clone(), config)?;
             let reply = admin::execute(&admin::Ops { store: &store, auth: &auth, broker: None }, request).await;
             close_admin_store(&store)?;

@@ -52,19 +52,53 @@ pub fn load_or_generate(config: &Config) -> Result<Identity> {
             }
             (c, k)
         }
-        _ => return Err(Error::Config("--cert and --key go together".into())),
+        // Refused by `config::check` first, with the settings' names.
+        _ => return Err(Error::Config("cert and key go together: set both or neither".into())),
     };
+    load(&cert_path, &key_path)
+}
+
+/// Reads the certificate chain at `cert_path` and the private key at `key_path` (PEM).
+pub fn load(cert_path: &Path, key_path: &Path) -> Result<Identity> {
     fn pem(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> Error + '_ {
         move |e| Error::Tls(format!("{}: {e}", path.display()))
     }
-    let chain = CertificateDer::pem_file_iter(&cert_path)
-        .map_err(pem(&cert_path))?
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .map_err(pem(cert_path))?
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(pem(&cert_path))?;
+        .map_err(pem(cert_path))?;
     let leaf = chain.first().ok_or_else(|| Error::Tls(format!("no certificate in {}", cert_path.display())))?;
+    if let Some(why) = refused_as_server_certificate(leaf) {
+        tracing::warn!(cert = %cert_path.display(), "{why}");
+    }
     let fingerprint = fingerprint(leaf);
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(pem(&key_path))?;
-    Ok(Identity { chain, key, cert_path, fingerprint })
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem(key_path))?;
+    Ok(Identity { chain, key, cert_path: cert_path.to_path_buf(), fingerprint })
+}
+
+/// Why clients that verify `leaf` against a CA file (`--ca`) will refuse it as a
+/// server's certificate whatever the CA, if they will: a CA certificate (basic
+/// constraints `CA:TRUE`, which `openssl req -x509` makes unless told otherwise) is
+/// refused as an end entity (webpki's `CaUsedAsEndEntity`; RFC 5280 section 4.2.1.9).
+/// Checked as rustls' verifier checks, with `leaf` as its own anchor: other findings
+/// depend on the CA the clients are given, and are not judged here. Pinned clients
+/// (`--pin`) accept it.
+pub fn refused_as_server_certificate(leaf: &CertificateDer<'_>) -> Option<String> {
+    let end_entity = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let anchor = webpki::anchor_from_trusted_cert(leaf).ok()?;
+    let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    let now = rustls::pki_types::UnixTime::now();
+    let usage = webpki::KeyUsage::server_auth();
+    match end_entity.verify_for_usage(algorithms, &[anchor], &[], now, usage, None, None) {
+        Err(webpki::Error::CaUsedAsEndEntity) => Some(
+            "the certificate is a CA certificate (basicConstraints CA:TRUE): clients given a CA file refuse it \
+             as a server's (CaUsedAsEndEntity), only pinned ones (--pin) connect. Make a server certificate \
+             (openssl: -addext basicConstraints=critical,CA:FALSE), or leave cert and key out for the one the \
+             broker generates"
+                .into(),
+        ),
+        _ => None,
+    }
 }
 
 /// SHA-256 of a certificate's DER, lowercase hex.
@@ -422,6 +456,20 @@ pub fn bind_udp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocke
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An operator trial's `openssl req -x509` certificate (a CA) was served, and every
+    /// client given it as `--ca` refused it; the broker now says why at start.
+    #[test]
+    fn a_ca_certificate_is_said_to_be_refused_by_clients() {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap();
+        let why = refused_as_server_certificate(ca.der()).expect("a CA certificate is refused");
+        assert!(why.contains("CA:TRUE") && why.contains("CA:FALSE"), "{why}");
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        assert_eq!(refused_as_server_certificate(generated.cert.der()), None);
+    }
 
     /// Transfer streams that fill their windows leave the control stream a whole window:
     /// the connection's window is one stream window per stream that may be open, and

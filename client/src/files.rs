@@ -895,7 +895,9 @@ pub fn transient(error: &TransferError) -> bool {
         TransferError::Client(ClientError::Closed { .. }) => {
             code.is_none() || transient_code || code == Some(ErrorCode::NO_ERROR)
         }
-        TransferError::Client(ClientError::Connect(_)) | TransferError::Stream(_) | TransferError::Reset(_) => true,
+        TransferError::Client(ClientError::Connect(_) | ClientError::Refused(_))
+        | TransferError::Stream(_)
+        | TransferError::Reset(_) => true,
         TransferError::Client(ClientError::Protocol(_) | ClientError::Untrusted(_) | ClientError::TooLarge { .. })
         | TransferError::Io(_)
         | TransferError::Mismatch(_) => false,

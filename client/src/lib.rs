@@ -75,6 +75,11 @@ pub enum ClientError {
     /// Could not connect (address, timeout, TLS).
     #[error("connect: {0}")]
     Connect(String),
+    /// The broker refused the connection before its handshake (QUIC
+    /// `CONNECTION_REFUSED`): it is up, but at its connection limit
+    /// (`max_connections`), or failing. A later attempt may be taken.
+    #[error("the broker refused the connection: it is up, but at its connection limit (or failing): {0}")]
+    Refused(String),
     /// This client refused the broker's certificate (the handshake ended with a TLS
     /// certificate alert): the trust it was given (a CA file, a pin) is not this
     /// broker's, or another server answered. Connecting again cannot help.

@@ -132,8 +132,10 @@ enum Command {
     },
     /// Check that a broker answers (QUIC, TLS and the protocol's hello), without an
     /// account: prints its protocol version, how long it took to answer and how far its
-    /// clock is from ours; exits non-zero if it does not answer within --timeout. For
-    /// health checks (`sb --server HOST:PORT --ca CERT probe --timeout 2`).
+    /// clock is from ours; exits non-zero if it does not answer within --timeout. A
+    /// broker at its connection limit refuses the connection: that is said (`"full":
+    /// true` with --json) with status 0, since it is up. For health checks (`sb --server
+    /// HOST:PORT --ca CERT probe --timeout 2`).
     Probe {
         /// Seconds to wait for the answer (a QUIC client cannot tell a broker that is
         /// down from one that is slow: it only sees no answer). 0.1 to 300.
@@ -576,7 +578,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // A connect that failed left nothing the broker counts: no close to wait for.
     let connected = !matches!(
         result.as_ref().err().and_then(client_error),
-        Some(ClientError::Connect(_) | ClientError::Untrusted(_))
+        Some(ClientError::Connect(_) | ClientError::Refused(_) | ClientError::Untrusted(_))
     );
     if connected {
         // Someone who interrupts wants out: the close is sent at once and not waited on
@@ -644,8 +646,22 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             );
         }
         Command::Probe { .. } => {
-            let probe = connector.probe().await?;
             let server = state.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into());
+            let probe = match connector.probe().await {
+                Ok(probe) => probe,
+                // It answered: up, and full. A health check that restarted it now would
+                // do so when it is busiest (an operator trial).
+                Err(ClientError::Refused(_)) => {
+                    out.line(json!({"event": "probe", "server": server, "full": true}), || {
+                        format!(
+                            "broker at {server} is up but refused this connection: it is at its connection limit \
+                             (max_connections), or failing (see its log)"
+                        )
+                    });
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
             let offset_ms = probe.clock_offset_ms.round() as i64;
             out.line(
                 json!({"event": "probe", "server": server, "version": probe.version,
@@ -773,7 +789,7 @@ async fn passwd(connector: &Connector, identity: &Identity, out: &Out, sign_out_
 /// refusal, a certificate not trusted, or a connection the broker closed on purpose
 /// (any close code but `GOING_AWAY`) is final.
 fn connection_lost(error: &ClientError) -> bool {
-    matches!(error, ClientError::Connect(_))
+    matches!(error, ClientError::Connect(_) | ClientError::Refused(_))
         || matches!(error, ClientError::Closed { code, .. } if code.is_none_or(|c| c == ErrorCode::GOING_AWAY))
 }
 
@@ -937,7 +953,9 @@ async fn send(
             json!({"event": "resending", "conv": looked_up.map_or_else(|| json!(conv.to_string()), |id| json!(id)),
                 "client_id": hex(&client_id), "error": error.to_string()}),
             || match error {
-                ClientError::Connect(_) => format!("no connection ({error}); trying again in {} ms", delay.as_millis()),
+                ClientError::Connect(_) | ClientError::Refused(_) => {
+                    format!("no connection ({error}); trying again in {} ms", delay.as_millis())
+                }
                 ClientError::Server(_) => format!("{error}; sending again in {} ms", delay.as_millis()),
                 _ => format!("connection lost before the answer ({error}); sending again in {} ms", delay.as_millis()),
             },

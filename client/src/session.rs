@@ -567,7 +567,7 @@ pub fn permanent(error: &ClientError) -> bool {
 /// a broker that is shutting down.
 fn connection_lost(error: &ClientError) -> bool {
     match error {
-        ClientError::Closed { .. } | ClientError::Connect(_) => true,
+        ClientError::Closed { .. } | ClientError::Connect(_) | ClientError::Refused(_) => true,
         ClientError::Server(body) => body.code == ErrorCode::GOING_AWAY,
         ClientError::Protocol(_) | ClientError::Untrusted(_) | ClientError::TooLarge { .. } => false,
     }

@@ -250,6 +250,11 @@ pub(crate) fn handshake_failure(e: &quinn::ConnectionError) -> ClientError {
     };
     match e {
         quinn::ConnectionError::TransportError(t) if is_certificate_alert(t.code) => ClientError::Untrusted(text),
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            ClientError::Refused(text)
+        }
         _ => ClientError::Connect(text),
     }
 }

@@ -1559,6 +1559,31 @@ async fn probe_answers_without_an_account() {
     assert!(said.contains("the broker presented a certificate with sha256") && !said.contains("OtherError"), "{said}");
 }
 
+/// A broker at its connection limit refuses the probe's connection: `sb probe` says it
+/// is up and full, with status 0 (an operator trial: it failed, "aborted by peer", and a
+/// health check would have restarted the broker when it was busiest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_says_a_full_broker_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(dir.path().join("data"));
+    config.max_connections = 1;
+    let broker = Broker::start(config).await.unwrap();
+    let connector = switchboard_client::Connector::new(
+        broker.local_addr,
+        "localhost",
+        switchboard_client::Trust::CaFile(broker.cert_path.clone()),
+    )
+    .unwrap();
+    let (held, _) = connector.register("alice", "correct horse battery", "d").await.unwrap();
+    let nobody = dir.path().join("nobody");
+    let probe = sb(&nobody, &broker, &["probe"]);
+    assert_eq!((&probe[0]["event"], &probe[0]["full"]), (&serde_json::json!("probe"), &serde_json::json!(true)));
+    let human = sb_output(&nobody, &broker, &["probe"]);
+    assert!(human.status.success());
+    assert!(String::from_utf8_lossy(&human.stdout).contains("is up but refused this connection"), "{human:?}");
+    drop(held);
+}
+
 /// `sb probe --timeout` bounds the wait for a broker that does not answer (a health
 /// check's own deadline is often a second or two; the default is 10 s), naming the
 /// address; a timeout out of range is refused before anything is sent.

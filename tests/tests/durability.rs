@@ -243,6 +243,36 @@ async fn a_shutdown_after_an_actor_died_leaves_the_store_to_be_checked() {
     .await
 }
 
+/// A start refused for its address (another process holds the port) opens no store: a
+/// new data dir gets none, and a store a clean stop left stays clean. Before, the store
+/// was opened first, and the next start logged "checked after an unclean stop" and
+/// repaired every conversation (an operator trial).
+#[tokio::test]
+async fn a_start_refused_for_its_port_leaves_the_store_as_it_was() {
+    bounded(async {
+        use switchboard_broker::{Broker, Config};
+        use switchboard_storage::{Store, StoreConfig};
+        let holder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let taken = holder.local_addr().unwrap();
+        let start_on_taken =
+            |data: std::path::PathBuf| Broker::start(Config { listen: taken, ..Config::ephemeral(data) });
+        let mut tb = TestBroker::start().await;
+        let fresh = tb.dir.path().join("fresh");
+        let refused = start_on_taken(fresh.clone()).await;
+        assert!(matches!(refused, Err(switchboard_broker::Error::Io { .. })), "{:?}", refused.map(|_| ()));
+        assert!(!fresh.join("store").exists(), "a refused start made a store");
+
+        let (alice, _) = tb.register("alice").await;
+        alice.create_group("g", &[]).await.unwrap();
+        drop(alice);
+        tb.stop().await;
+        assert!(start_on_taken(tb.data_dir()).await.is_err());
+        let store = Store::open(&StoreConfig::new(tb.data_dir().join("store"))).unwrap();
+        assert!(store.opened_clean(), "a refused start left the store to be checked");
+    })
+    .await
+}
+
 /// `commit_siblings` (PostgreSQL's rule): with it, a message sent alone is committed at
 /// once; without it, each waits out `commit_delay_us`. Seen in the commit totals that
 /// `/metrics` exports (`switchboard_group_commits_delayed_total`).

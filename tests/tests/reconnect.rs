@@ -94,8 +94,8 @@ async fn start_on_a_freed_port(config: Config) -> Broker {
         loop {
             match Broker::start(config.clone()).await {
                 Ok(broker) => return broker,
-                Err(switchboard_broker::error::Error::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                Err(switchboard_broker::error::Error::Io { error, .. })
+                    if error.kind() == std::io::ErrorKind::AddrInUse =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }

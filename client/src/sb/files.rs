@@ -508,7 +508,7 @@ async fn send_files(
         };
         match sent {
             Ok((seq, _)) => return Ok(seq),
-            Err(e @ (ClientError::Closed { .. } | ClientError::Connect(_)))
+            Err(e @ (ClientError::Closed { .. } | ClientError::Connect(_) | ClientError::Refused(_)))
                 if attempt < SEND_ATTEMPTS && !permanent(&e) =>
             {
                 let jitter = u64::from_le_bytes(new_client_id()[..8].try_into().unwrap_or_default());
