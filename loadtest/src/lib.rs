@@ -28,6 +28,10 @@ use std::time::Duration;
 
 pub use error::{Error, Result};
 
+/// How long a scenario waits, at its end, for its connections' closings to be sent
+/// (`Population::wait_idle`): on loopback they go in milliseconds.
+pub const CLOSING_WAIT: Duration = Duration::from_secs(3);
+
 /// A task aborted when this is dropped, so that a measurement or relay that ends early
 /// (an error, a test that fails) stops what it started.
 #[must_use = "dropping it aborts the task at once"]

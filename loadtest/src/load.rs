@@ -61,6 +61,19 @@ impl Population {
         Ok(Population { users, connectors })
     }
 
+    /// Waits, at most `limit`, until every connection made through this population's
+    /// endpoints is closed and its closing sent. A harness that exits first leaves a
+    /// remote broker holding those sessions until its idle timeout (`storm` and
+    /// `presence` left their users online there for 30 s).
+    pub async fn wait_idle(&self, limit: Duration) {
+        let all = async {
+            for connector in &self.connectors {
+                connector.endpoint().wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all).await;
+    }
+
     /// Name of user `i`.
     pub fn name(&self, i: usize) -> &str {
         &self.users[i].user

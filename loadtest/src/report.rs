@@ -219,6 +219,11 @@ pub struct Report {
     pub ramp: Vec<RampStep>,
     /// Pass/fail checks; the run fails if any fails.
     pub checks: Vec<Check>,
+    /// Performance aims (an issue's target, e.g. "upload at least 0.75 of the limit"):
+    /// reported met or not, never deciding the run's result, which says only whether
+    /// work was lost, duplicated, reordered or failed (figures move from machine to
+    /// machine and run to run; a check must not).
+    pub aims: Vec<Check>,
     /// The same workload run against another server in the same run (`fanout
     /// --against`); its own checks do not decide this run's result.
     pub against: Option<Box<Report>>,
@@ -233,6 +238,11 @@ impl Report {
     /// Adds a check.
     pub fn check(&mut self, name: &str, ok: bool, detail: String) {
         self.checks.push(Check { name: name.into(), ok, detail });
+    }
+
+    /// Adds an aim: reported, not deciding the result (`aims`).
+    pub fn aim(&mut self, name: &str, met: bool, detail: String) {
+        self.aims.push(Check { name: name.into(), ok: met, detail });
     }
 
     /// The standard delivery checks: nothing lost, duplicated, reordered or failed.
@@ -341,6 +351,9 @@ impl Report {
         for c in &self.checks {
             let _ = writeln!(s, "[{}] {} ({})", if c.ok { "pass" } else { "FAIL" }, c.name, c.detail);
         }
+        for a in &self.aims {
+            let _ = writeln!(s, "[aim {}] {} ({})", if a.ok { "met" } else { "not met" }, a.name, a.detail);
+        }
         if let Some(other) = &self.against {
             s.push_str(&self.comparison(other));
         }
@@ -434,6 +447,19 @@ fn cost_line(cost: Option<&Cost>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_aim_not_met_is_reported_and_does_not_fail_the_run() {
+        let mut report = Report::default();
+        report.check("no duplicate delivery", true, "0 duplicated".into());
+        report.aim("upload at least 0.75 of min(quinn, fsync)", false, "0.50".into());
+        assert!(report.passed(), "an aim decides nothing");
+        let table = report.table();
+        assert!(table.contains("[aim not met] upload at least 0.75"), "{table}");
+        assert!(table.contains("result        PASS"), "{table}");
+        report.check("per-conversation order", false, "1 out of order".into());
+        assert!(!report.passed());
+    }
 
     #[test]
     fn comparison_sets_figures_side_by_side_with_ratios() {

@@ -535,6 +535,13 @@ where
     let measured_s =
         if common.ramp { ramp.len() as f64 * common.ramp_step.as_secs_f64() } else { common.duration.as_secs_f64() };
     let mut report = load.finish(scenario, params, measured_s, common).await?;
+    // Nothing sent, nothing checked: a run of `--duration 0s` or `--rate 0` passed every
+    // delivery check with nothing to check.
+    report.check(
+        "messages were sent and measured",
+        report.sent > 0,
+        format!("{} sent in {measured_s:.1} s at {rate} msg/s offered", report.sent),
+    );
     if common.ramp {
         // The last step is the one that broke the bound: only dup/order must hold there.
         report.check("no duplicate delivery", report.duplicated == 0, format!("{} duplicated", report.duplicated));

@@ -258,6 +258,9 @@ pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        // Colour only when a person watches (the harness's stderr is inherited): a run
+        // redirected to a file got escape codes in it.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = knobs.config(data_dir);
     broker_runtime(&config)?.block_on(async move {

@@ -400,8 +400,12 @@ async fn upload_small() {
             let c = report.checks.iter().find(|c| c.name == check).unwrap_or_else(|| panic!("no check {check}"));
             assert!(c.ok, "{check}: {table}");
         }
-        assert!(report.checks.iter().any(|c| c.name.starts_with("aim: upload")), "{table}");
-        assert!(report.checks.iter().any(|c| c.name.starts_with("aim: chat p99")), "{table}");
+        // The aims are reported beside the checks, and decide nothing (a run on a busy
+        // machine failed on them before, though nothing went wrong).
+        assert!(report.aims.iter().any(|c| c.name.starts_with("upload at least")), "{table}");
+        assert!(report.aims.iter().any(|c| c.name.starts_with("chat p99")), "{table}");
+        assert!(table.contains("[aim "), "{table}");
+        assert!(!report.checks.iter().any(|c| c.name.contains("aim")), "{table}");
         assert_eq!(report.delivered, 80, "{table}");
         assert!(report.event_latency["chat idle"].count == 40 && report.event_latency["chat+upload"].count == 40);
         assert!(report.event_latency["disk alone"].count == 40, "{table}");

@@ -63,6 +63,14 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     if args.interval < Duration::from_millis(10) {
         return Err(Error::InvalidArgs("--interval must be at least 10ms".into()));
     }
+    if !common.ramp && common.duration <= args.interval {
+        return Err(Error::InvalidArgs(format!(
+            "--duration ({} ms) must be longer than --interval ({} ms): the first presence or typing change \
+             comes one interval after the start, so nothing would be measured",
+            common.duration.as_millis(),
+            args.interval.as_millis()
+        )));
+    }
     let target = common.target().await?;
     let pop = Population::enroll(&target, &run_tag(), args.members).await?;
     let users: Arc<Vec<UserId>> = Arc::new(pop.users.iter().map(|u| u.user_id).collect());
@@ -114,10 +122,12 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     let message_senders = (0..args.senders).map(|s| (s, vec![conv])).collect();
     let side = move |done: tokio::sync::watch::Receiver<bool>| toggle(actors, ctx, done);
     let run = run_messages_alongside(load, message_senders, args.rate, "presence", p, common, side).await;
-    target.stop().await?;
     // The actors' control streams come back from the side task and close only here:
     // a finished stream ends its session, which would lose the last deliveries.
-    let (mut report, _streams) = run?;
+    let (mut report, streams) = run?;
+    drop(streams);
+    pop.wait_idle(crate::CLOSING_WAIT).await;
+    target.stop().await?;
     let others = |actor: UserId| (0..users.len()).filter(|&i| users[i] != actor).collect::<Vec<_>>();
     if args.flappers > 0 {
         add_outcome(

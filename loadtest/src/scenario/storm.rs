@@ -11,7 +11,7 @@ use crate::load::Population;
 use crate::report::{Percentiles, Report};
 use crate::resources::{Sampler, rss_mib};
 use crate::scenario::params;
-use crate::{Common, run_tag};
+use crate::{CLOSING_WAIT, Common, run_tag};
 
 /// Time after its connect when a connection's datagrams are counted: its MTU probes are
 /// answered by then, and no keep-alive (10 s idle) has begun.
@@ -101,6 +101,7 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
         s.conn.close(0u32.into(), b"done");
     }
     drop(sessions);
+    pop.wait_idle(CLOSING_WAIT).await;
 
     let mut report = Report {
         scenario: "storm".into(),
