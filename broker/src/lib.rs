@@ -267,6 +267,8 @@ fn open_store_in_data_dir(config: &Config) -> Result<Arc<Store>> {
 pub struct Broker {
     shared: Arc<Shared>,
     endpoints: Vec<quinn::Endpoint>,
+    /// The endpoints' UDP sockets, gone once closed (`shutdown` waits for it).
+    sockets: Vec<std::sync::Weak<dyn quinn::AsyncUdpSocket>>,
     accept: Vec<tokio::task::JoinHandle<()>>,
     /// Address the broker listens on (the real port when configured with port 0).
     pub local_addr: SocketAddr,
@@ -328,14 +330,17 @@ impl Broker {
         // served, so conversation actors never serve an entry that could still vanish.
         store.barrier()?.await?;
         let backlogs: Vec<_> = sockets.iter().map(|_| overload::SocketBacklog::new()).collect();
+        let mut open_sockets = Vec::with_capacity(sockets.len());
         let endpoints = sockets
             .into_iter()
             .zip(&backlogs)
             .map(|(socket, backlog)| {
+                let socket = overload::MeteredSocket::new(socket, backlog.clone())?;
+                open_sockets.push(socket.closed_watch());
                 quinn::Endpoint::new_with_abstract_socket(
                     endpoint_config.clone(),
                     Some(server_config.clone()),
-                    overload::MeteredSocket::new(socket, backlog.clone())?,
+                    socket,
                     Arc::new(quinn::TokioRuntime),
                 )
             })
@@ -416,6 +421,7 @@ impl Broker {
         Ok(Broker {
             shared,
             endpoints,
+            sockets: open_sockets,
             accept,
             local_addr,
             cert_path: identity.cert_path,
@@ -455,6 +461,14 @@ impl Broker {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(3), idle).await;
+        // The port is free when this returns, so a restart can bind it at once (a test
+        // restarting on the same port met `AddrInUse` when the endpoint's driver had not
+        // yet dropped the socket).
+        drop(self.endpoints);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.sockets.iter().any(|s| s.strong_count() > 0) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let intact = self.shared.convs.stop_all();
         self.shared.files.stop_all();
         // Actors and session tasks hold the shared state; once they are gone nothing can

@@ -412,6 +412,12 @@ impl MeteredSocket {
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
         Ok(Arc::new(MeteredSocket { inner, backlog }))
     }
+
+    /// Gone once the socket is closed (its endpoint's driver and pollers dropped it):
+    /// only then is its port free for another bind.
+    pub fn closed_watch(&self) -> std::sync::Weak<dyn quinn::AsyncUdpSocket> {
+        Arc::downgrade(&self.inner)
+    }
 }
 
 impl quinn::AsyncUdpSocket for MeteredSocket {
