@@ -182,10 +182,12 @@ fn run() -> anyhow::Result<()> {
         env.clone().then(early.clone()).then(typed)
     };
     if early.given() && matches!(cli.command, Some(Command::User { .. } | Command::Device { .. })) {
-        anyhow::bail!(
-            "--listen, --cert, --key, --closed-registration and --metrics-listen apply to running the broker \
-             (`serve`, `config`), not to `user` or `device` commands"
+        // A mistyped command line: status 2, as clap's own refusals (OPERATIONS.md).
+        eprintln!(
+            "error: --listen, --cert, --key, --closed-registration and --metrics-listen apply to running the \
+             broker (`serve`, `config`), not to `user` or `device` commands"
         );
+        std::process::exit(2);
     }
     // An operator command makes a store only when asked to: a mistyped --data would
     // otherwise take an account (or answer an empty list) where no broker looks.

@@ -519,6 +519,20 @@ fn the_configuration_is_checked_and_printed_by_name() {
     let serve = run(dir.path(), &["--config", "bad.toml", "--listen", "127.0.0.1:0"]);
     assert!(!serve.status.success(), "the broker refuses to start");
     assert!(String::from_utf8_lossy(&serve.stderr).contains("idle_timeout_ms = 0"));
+
+    // An operator trial's typo: passed by `config`, and the start grew to the machine's
+    // memory until the kernel killed it.
+    std::fs::write(dir.path().join("huge.toml"), "argon2_memory_kib = 4294967295\n").unwrap();
+    for args in [&["--config", "huge.toml", "config"][..], &["--config", "huge.toml", "--listen", "127.0.0.1:0"]] {
+        let refused = run(dir.path(), args);
+        assert!(!refused.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("argon2_memory_kib = 4294967295: at most"));
+    }
+    // A missing file is said once (it was said twice, with its path twice).
+    let missing = run(dir.path(), &["--config", "missing.toml", "config"]);
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(said.matches("No such file").count(), 1, "{said}");
+    assert_eq!(said.matches("missing.toml").count(), 1, "{said}");
 }
 
 /// `user add` takes the password from a pipe when there is no terminal (before: it
@@ -667,7 +681,7 @@ fn serve_flags_count_before_the_subcommand_too() {
     let both = printed(&["--listen", "127.0.0.1:15433", "config", "--listen", "127.0.0.1:15434"]);
     assert!(both.lines().any(|l| l == "listen = \"127.0.0.1:15434\""), "the later flag wins: {both}");
     let refused = run(dir.path(), &["--listen", "127.0.0.1:15433", "user", "list"]);
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(2), "a mistyped command line, as OPERATIONS.md says");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not to `user` or `device` commands"));
     // The environment is not typed flags: it neither stops `user` nor beats a typed flag.
     let with_env = |args: &[&str]| {

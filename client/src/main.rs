@@ -1375,7 +1375,8 @@ impl Out {
     fn presence(&self, p: &PresenceInfo, now_ms: u64) {
         let state = presence_name(p.state);
         self.line(
-            json!({"event": "presence", "user": p.user, "name": p.name, "state": state, "last_seen_ms": p.last_seen_ms}),
+            // `user_name` as receipt and typing lines name the user (`name` kept for scripts).
+            json!({"event": "presence", "user": p.user, "user_name": p.name, "name": p.name, "state": state, "last_seen_ms": p.last_seen_ms}),
             || match (p.state, p.last_seen_ms) {
                 (PresenceState::Online, _) => format!("{} is online", p.name),
                 (_, 0) => format!("{} is {state} (never seen)", p.name),
@@ -1394,6 +1395,8 @@ impl Out {
         let (kind, text) = describe(&e.body, named, files);
         self.line(
             json!({
+                // Every line `tail` prints says what it is; an entry's did not (a trial).
+                "event": "entry",
                 "conv": e.conv, "seq": e.seq, "sender": e.sender, "sender_name": sender,
                 "sender_device": e.sender_device, "client_id": hex(&e.client_id), "at_ms": e.at_ms,
                 "kind": kind, "body": body_json(&e.body, files), "text": text,

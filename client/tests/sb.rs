@@ -48,7 +48,7 @@ fn sb_command(home: &Path, broker: &Broker) -> Command {
 }
 
 /// Reads a `--json tail`'s lines until the entry `conv`/`seq`; returns the entries
-/// (lines without an `event` key), skipping connection, receipt and presence lines.
+/// (lines whose `event` is `entry`), skipping connection, receipt and presence lines.
 fn entries_until(
     lines: &mut impl Iterator<Item = std::io::Result<String>>,
     conv: u64,
@@ -58,7 +58,7 @@ fn entries_until(
     loop {
         let line = lines.next().expect("the tail is running").unwrap();
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if value.get("event").is_some() {
+        if value["event"] != "entry" {
             continue;
         }
         let done = value["conv"].as_u64() == Some(conv) && value["seq"].as_u64() == Some(seq);

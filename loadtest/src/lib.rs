@@ -105,13 +105,13 @@ pub struct Common {
     #[arg(long, requires = "trust", global = true)]
     pub target: Option<SocketAddr>,
     /// Certificate to trust for `--target`.
-    #[arg(long, group = "trust", global = true)]
+    #[arg(long, group = "trust", requires = "target", global = true)]
     pub ca: Option<PathBuf>,
     /// Certificate SHA-256 to trust for `--target`.
-    #[arg(long, group = "trust", global = true)]
+    #[arg(long, group = "trust", requires = "target", global = true)]
     pub pin: Option<String>,
     /// Sample this broker process's CPU and memory (with `--target`).
-    #[arg(long, global = true)]
+    #[arg(long, requires = "target", global = true)]
     pub broker_pid: Option<u32>,
     /// Run the broker inside the harness process instead of as a child process.
     #[arg(long, global = true)]

@@ -79,7 +79,17 @@ fn main() -> anyhow::Result<()> {
             Scenario::Catchup(a) => scenario::catchup::run(&common, a).await,
             Scenario::Upload(a) => scenario::upload::run(&common, a).await,
         }
-    })?;
+    });
+    let report = match report {
+        Ok(report) => report,
+        // Flags that do not go together are a mistyped command line, as clap's own
+        // refusals are: status 2, not a failed run's 1.
+        Err(e @ switchboard_loadtest::Error::InvalidArgs(_)) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!("{}", report.table());
     if let Some(path) = &common.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;

@@ -266,9 +266,10 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(s, "scenario      {}", self.scenario);
         for (k, v) in &self.params {
-            let _ = writeln!(s, "  {k:<12}{v}");
+            let _ = writeln!(s, "  {k:<12} {v}");
         }
-        let _ = writeln!(s, "duration      {:.1} s", self.duration_s);
+        // A catch-up of a few thousand entries takes a fraction of a second.
+        let _ = writeln!(s, "duration      {:.*} s", if self.duration_s < 10.0 { 3 } else { 1 }, self.duration_s);
         if self.sent > 0 || self.delivered > 0 {
             let _ = writeln!(
                 s,
@@ -319,11 +320,16 @@ impl Report {
             );
         }
         let h = &self.harness;
-        let _ = writeln!(
-            s,
-            "harness       cpu mean {:.0}% max {:.0}%   rss peak {:.1} MiB",
-            h.cpu_pct_mean, h.cpu_pct_max, h.rss_mib_peak
-        );
+        if h.rss_mib_peak > 0.0 {
+            let _ = writeln!(
+                s,
+                "harness       cpu mean {:.0}% max {:.0}%   rss peak {:.1} MiB",
+                h.cpu_pct_mean, h.cpu_pct_max, h.rss_mib_peak
+            );
+        } else {
+            // Zeros would read as an idle harness (the `catchup` report showed them).
+            let _ = writeln!(s, "harness       not sampled in this scenario");
+        }
         if let Some(b) = &self.broker {
             let total = b.cpu_pct_mean + h.cpu_pct_mean;
             if total > 0.0 {

@@ -111,14 +111,15 @@ impl MessageLoad {
         // exactly its messages (a ramp step's delivered/s is not diluted by a partial second).
         let earliest = (self.clock.now_ns() + 200_000_000).saturating_sub(self.stats.start_ns);
         let start_ns = self.stats.start_ns + earliest.div_ceil(1_000_000_000) * 1_000_000_000;
-        let count = (duration.as_nanos() as u64 / interval_ns.max(1)).min(u64::from(u32::MAX >> 8)) as u32;
+        let counts = sends_per_sender(rate, duration, senders.len());
         let mut writers = tokio::task::JoinSet::new();
         for (k, (session, convs)) in senders.iter().enumerate() {
+            let offset_ns = interval_ns * k as u64 / senders.len() as u64;
             let plan = Arc::new(SendPlan {
                 convs: convs.clone(),
-                start_ns: start_ns + interval_ns * k as u64 / senders.len() as u64,
+                start_ns: start_ns + offset_ns,
                 interval_ns,
-                count,
+                count: counts[k],
                 size,
             });
             let s = &mut self.sessions[*session];
@@ -492,6 +493,20 @@ async fn progress(stats: Arc<Stats>) {
     }
 }
 
+/// How many messages each of `senders` sends in a phase of `duration` at `rate` msg/s
+/// in all, each sender one every `senders / rate` s from its staggered offset (sender k
+/// at k/senders of an interval): the sends that fall inside the phase, together `rate` x
+/// `duration`. Before, each sent the whole intervals only, the same number for all: 100
+/// senders at 0.5 msg/s each sent 100 in 3 s, not 150 (an operator trial's `groups`).
+pub fn sends_per_sender(rate: f64, duration: Duration, senders: usize) -> Vec<u32> {
+    let n = senders.max(1) as f64;
+    // In intervals, exact (not from the interval rounded to whole nanoseconds).
+    let per_sender = duration.as_secs_f64() * rate.max(1e-3) / n;
+    (0..senders)
+        .map(|k| (per_sender - k as f64 / n - 1e-9).ceil().clamp(0.0, f64::from(u32::MAX >> 8)) as u32)
+        .collect()
+}
+
 /// Finishes a message scenario the same way for all: normal run or ramp, then report.
 pub async fn run_messages(
     load: MessageLoad,
@@ -560,6 +575,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_senders_together_send_the_rate_times_the_duration() {
+        let total =
+            |rate, secs, senders| sends_per_sender(rate, Duration::from_secs(secs), senders).iter().sum::<u32>();
+        assert_eq!(total(50.0, 3, 100), 150, "100 senders at 0.5 msg/s for 3 s");
+        assert_eq!(total(5120.0, 1, 1), 5120, "one sender at a rate whose interval is not whole nanoseconds");
+        assert_eq!(total(1000.0, 10, 7), 10_000);
+        assert_eq!(total(1.0, 1, 10), 1, "fewer sends than senders");
+        assert_eq!(sends_per_sender(0.5, Duration::from_secs(3), 2), [1, 1]);
+    }
 
     /// A step at `rate` whose p99 grows with the rate and which refuses sends above 400
     /// msg/s, as a broker shedding load would.

@@ -114,12 +114,14 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             ("messages", args.messages.to_string()),
             ("convs", args.convs.to_string()),
             ("page", format!("{} entries", args.page)),
-            ("offline", format!("{:?}", args.offline)),
+            ("offline", format!("{} ms", args.offline.as_millis())),
             ("size", format!("{} B", common.size)),
         ]),
         duration_s: catch_up_s,
         sent,
         acked: sent,
+        // Acknowledged while the reader was away (the fill), delivered by its catch-up.
+        acked_per_s: sent as f64 / fill_s.max(1e-9),
         delivered: texts,
         delivered_per_s: texts as f64 / catch_up_s,
         ..Report::default()

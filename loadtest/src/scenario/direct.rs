@@ -10,12 +10,21 @@ use crate::{Common, run_tag};
 /// `direct` flags.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// Users (rounded up to even), each one connected device.
-    #[arg(long, default_value_t = 1000)]
+    /// Users (rounded up to even, at least 2), each one connected device.
+    #[arg(long, default_value_t = 1000, value_parser = at_least_two)]
     pub users: usize,
     /// Messages per second per user.
     #[arg(long, default_value_t = 1.0)]
     pub rate: f64,
+}
+
+/// `--users`: a direct conversation needs two (0 ran with 2 without a word).
+fn at_least_two(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        Ok(n) => Err(format!("{n}: at least 2 (one direct conversation)")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Runs the scenario.

@@ -33,6 +33,9 @@ pub struct Args {
 
 /// Runs the scenario.
 pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
+    if common.ramp {
+        return Err(crate::Error::InvalidArgs("storm has no rate to ramp (it connects --clients at once)".into()));
+    }
     let target = common.target().await?;
     let pop = Arc::new(Population::enroll(&target, &run_tag(), args.clients).await?);
     // Memory is measured on the broker's own process; in-process it includes the

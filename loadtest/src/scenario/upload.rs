@@ -215,7 +215,10 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
         report.check(
             &format!("the single upload completed (round {})", round + 1),
             upload_ok,
-            format!("{:?}", uploaded.as_ref().map(|f| f.size)),
+            match &uploaded {
+                Ok(f) => format!("{} of {file_bytes} bytes", f.size),
+                Err(e) => e.to_string(),
+            },
         );
         rounds.push(UploadRound {
             quinn_up: quinn.up,
@@ -320,7 +323,11 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     let download_s = start.elapsed().as_secs_f64();
     let cpu_download = cpu_per_mb(broker_pid.as_deref(), cpu, file_bytes);
     let download_ok = matches!(&downloaded, Ok(r) if r.length == file_bytes);
-    report.check("the download returned every byte", download_ok, format!("{downloaded:?}"));
+    let detail = match &downloaded {
+        Ok(r) => format!("{} of {file_bytes} bytes", r.length),
+        Err(e) => e.to_string(),
+    };
+    report.check("the download returned every byte", download_ok, detail);
     let download = rate(file_bytes, download_s);
     report.extra.insert("d_download_mb_per_s".into(), download);
     report.extra.insert("d_download_over_a".into(), download / quinn_down.max(f64::MIN_POSITIVE));
