@@ -240,6 +240,15 @@ impl Report {
         self.checks.push(Check { name: name.into(), ok, detail });
     }
 
+    /// Records what `resources::settle_writeback` wrote back before measuring: MB pending
+    /// and the milliseconds the sync took.
+    pub fn writeback_settled(&mut self, settled: Option<(u64, f64)>) {
+        if let Some((bytes, ms)) = settled {
+            self.extra.insert("writeback_settled_before_mb".into(), bytes as f64 / 1e6);
+            self.extra.insert("writeback_settle_ms".into(), ms);
+        }
+    }
+
     /// Adds an aim: reported, not deciding the result (`aims`).
     pub fn aim(&mut self, name: &str, met: bool, detail: String) {
         self.aims.push(Check { name: name.into(), ok: met, detail });

@@ -120,9 +120,53 @@ pub fn udp_receive_drops() -> Option<u64> {
     values.split_whitespace().nth(column)?.parse().ok()
 }
 
+/// Page cache the machine has yet to write to disk (`Dirty` + `Writeback` of
+/// /proc/meminfo), bytes; `None` if unreadable.
+pub fn pending_writeback_bytes() -> Option<u64> {
+    pending_writeback_of(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn pending_writeback_of(meminfo: &str) -> Option<u64> {
+    let kib = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.split(':').next() == Some(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((kib("Dirty")? + kib("Writeback")?) * 1024)
+}
+
+/// Pending writeback above which a run writes it back before measuring.
+pub const SETTLE_WRITEBACK_ABOVE_BYTES: u64 = 64 << 20;
+
+/// Writes back what the machine has pending (`sync`) when it is over
+/// `SETTLE_WRITEBACK_ABOVE_BYTES`, before a measured phase: what other processes left
+/// dirty (a build's gigabytes, a previous run's files) is otherwise written back by the
+/// kernel about 30 s later (`vm.dirty_expire_centisecs`), inside the run, and the
+/// broker's fdatasyncs wait behind it on the same disk. Measured: 1.5 GB written just
+/// before `direct --users 10000` put two seconds of its measured phase at p99 290 and
+/// 360 ms (group commits of 100–190 ms) and had 4,340 writes refused `OVERLOADED`; with
+/// the same 1.5 GB synced first, p99 4.8 ms and 81 refused (docs/benchmarks.md, "Other
+/// processes' writeback"). Returns (bytes pending, milliseconds the sync took) when it
+/// synced.
+pub async fn settle_writeback() -> Option<(u64, f64)> {
+    let pending = pending_writeback_bytes()?;
+    if pending <= SETTLE_WRITEBACK_ABOVE_BYTES {
+        return None;
+    }
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(rustix::fs::sync).await.ok()?;
+    Some((pending, started.elapsed().as_secs_f64() * 1000.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_writeback_is_dirty_plus_writeback() {
+        let meminfo = "MemTotal:       24000000 kB\nDirty:           1536020 kB\nWriteback:         90112 kB\n";
+        assert_eq!(pending_writeback_of(meminfo), Some((1_536_020 + 90_112) * 1024));
+        assert_eq!(pending_writeback_of("Dirty: 1 kB\n"), None);
+    }
 
     #[test]
     fn cpu_ticks_from_stat() {

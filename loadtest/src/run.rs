@@ -535,6 +535,7 @@ where
     F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
+    let settled = crate::resources::settle_writeback().await;
     load.mark_measured();
     let (done, done_rx) = watch::channel(false);
     let side = tokio::spawn(side(done_rx));
@@ -550,6 +551,7 @@ where
     let measured_s =
         if common.ramp { ramp.len() as f64 * common.ramp_step.as_secs_f64() } else { common.duration.as_secs_f64() };
     let mut report = load.finish(scenario, params, measured_s, common).await?;
+    report.writeback_settled(settled);
     // Nothing sent, nothing checked: a run of `--duration 0s` or `--rate 0` passed every
     // delivery check with nothing to check.
     report.check(

@@ -165,6 +165,9 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             scratch.path().to_owned()
         }
     };
+    // Other processes' pending writeback would land in these disk figures (see
+    // `settle_writeback`): written back first.
+    report.writeback_settled(crate::resources::settle_writeback().await);
     // Both ways of appending; the limit is the faster (the broker writes the second way).
     let (buffered, direct) = tokio::task::spawn_blocking(move || {
         Ok::<_, std::io::Error>((
