@@ -453,17 +453,23 @@ impl Presence {
     /// than `PRESENCE_MAX` names. The store is read on the blocking pool: a contact set
     /// rebuilt after a membership change reads up to `PRESENCE_MEMBERS_SCANNED` keys,
     /// milliseconds a runtime thread must not spend.
+    ///
+    /// Also returns the keys read to rebuild the caller's contact set (0 when it was
+    /// cached), which the caller's allowance of member rows pays: a set dropped by a
+    /// membership change is rebuilt by the next query, up to ~25,000 reads for a user in
+    /// 4,096 conversations, and a user could drop its own with each add or removal in a
+    /// group of its own (an attacker review).
     pub async fn query(
         self: &Arc<Self>,
         caller: UserId,
         users: Vec<UserId>,
         pauses: &crate::pauses::Pauses,
-    ) -> Result<Reply, ErrorBody> {
+    ) -> Result<(Reply, usize), ErrorBody> {
         if users.len() > PRESENCE_MAX as usize {
             return Err(ErrorBody::new(ErrorCode::INVALID, format!("at most {PRESENCE_MAX} users per request")));
         }
         let this = self.clone();
-        let contacts =
+        let (contacts, rebuilt) =
             tokio::task::spawn_blocking(move || this.contacts_of(caller)).await.map_err(internal)?.map_err(internal)?;
         // Contacts come from the membership indexes: show none that a crash could take back.
         if let Some(barrier) = self.store.index_barrier().map_err(internal)? {
@@ -475,12 +481,13 @@ impl Presence {
             // And none lost meanwhile: a removal or a block answered while this waited on
             // the barrier (its commit is the barrier's) dropped the set read before it,
             // which showed them still (before: answered from that set alone).
-            let now = this.contacts_of(caller).map_err(internal)?;
+            let (now, rebuilt_again) = this.contacts_of(caller).map_err(internal)?;
+            let rebuilt = rebuilt + rebuilt_again;
             if Arc::ptr_eq(&contacts, &now) {
-                return this.answer(&now, users);
+                return this.answer(&now, users).map(|reply| (reply, rebuilt));
             }
             let both = Contacts { users: contacts.users().iter().copied().filter(|&u| now.contains(u)).collect() };
-            this.answer(&both, users)
+            this.answer(&both, users).map(|reply| (reply, rebuilt))
         })
         .await
         .map_err(internal)?
@@ -570,7 +577,7 @@ impl Presence {
             tracing::warn!(user, error = %e, "storing last seen failed");
         }
         let contacts = match self.contacts_of(user) {
-            Ok(c) => c,
+            Ok((c, _)) => c,
             Err(e) => {
                 tracing::warn!(user, error = %e, "reading contacts failed; presence not pushed");
                 return;
@@ -594,18 +601,22 @@ impl Presence {
     /// entry, no change to the user's set raced the reads, and within the cache's bound.
     /// A set a change raced is read again, once (before, it was used as read: a removal
     /// or block acknowledged during the read still got that push).
-    fn contacts_of(&self, user: UserId) -> switchboard_storage::Result<Arc<Contacts>> {
-        let mut attempts = 0;
+    /// With it, the keys read (0: cached).
+    fn contacts_of(&self, user: UserId) -> switchboard_storage::Result<(Arc<Contacts>, usize)> {
+        let (mut attempts, mut read) = (0, 0);
         loop {
             attempts += 1;
             {
                 let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(set) = cache.sets.get(&user) {
-                    return Ok(set.clone());
+                    return Ok((set.clone(), read));
                 }
                 cache.begin(user);
             }
-            let built = read_contacts(&self.store, user).map(Arc::new);
+            let built = read_contacts(&self.store, user).map(|(set, keys)| {
+                read += keys;
+                Arc::new(set)
+            });
             let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
             let fresh = cache.end(user);
@@ -616,7 +627,7 @@ impl Presence {
                 cache.keep(user, set);
             }
             if fresh || built.is_err() || attempts >= 2 {
-                return built;
+                return built.map(|set| (set, read));
             }
         }
     }
@@ -630,8 +641,9 @@ impl Presence {
 /// groups, made before the user's later conversations, spent the whole member scan and
 /// none of the later ones counted, a direct conversation's peer included. Now a direct
 /// peer or a small group's member is found before any large group is read. One key read
-/// per conversation listed (its member count).
-fn read_contacts(store: &Store, user: UserId) -> switchboard_storage::Result<Contacts> {
+/// per conversation listed (its member count). With the set, the keys read (conversations
+/// listed, member keys, block keys).
+fn read_contacts(store: &Store, user: UserId) -> switchboard_storage::Result<(Contacts, usize)> {
     let mut found = BTreeSet::new();
     let mut scanned = 0usize;
     // Neither sees the other while one blocks the other: the user's own blocks read
@@ -643,6 +655,7 @@ fn read_contacts(store: &Store, user: UserId) -> switchboard_storage::Result<Con
         convs.push((store.member_count(conv)?, conv));
     }
     convs.sort_unstable();
+    let convs_listed = convs.len();
     'convs: for (_, conv) in convs {
         for (member, _) in store.members(conv)? {
             scanned += 1;
@@ -662,7 +675,11 @@ fn read_contacts(store: &Store, user: UserId) -> switchboard_storage::Result<Con
             }
         }
     }
-    Ok(Contacts { users: found.into_iter().collect() })
+    let blocks_read = found.len() + excluded.len();
+    Ok((
+        Contacts { users: found.into_iter().collect() },
+        convs_listed + scanned.min(PRESENCE_MEMBERS_SCANNED) + blocks_read,
+    ))
 }
 
 /// A driver whose timers one task runs: `fire` performs what is due and says when to
@@ -992,12 +1009,51 @@ mod tests {
         // Then user 1's own: a direct conversation with 3, a group with 4 and 5.
         create(ConversationKind::Direct, vec![(1, Role::Member), (3, Role::Member)], Some((1, 3)));
         create(ConversationKind::Group, vec![(1, Role::Owner), (4, Role::Member), (5, Role::Member)], None);
-        let contacts = read_contacts(&store, 1).unwrap();
+        let (contacts, _) = read_contacts(&store, 1).unwrap();
         for user in [2, 3, 4, 5] {
             assert!(contacts.contains(user), "user {user} is a contact");
         }
         assert!(!contacts.contains(1), "not one's own contact");
         // The bound holds: the large groups' members fill what remains of it.
         assert_eq!(contacts.users.len(), PRESENCE_CONTACTS_MAX);
+    }
+
+    /// A query says how many keys rebuilding the caller's contact set read, which its
+    /// allowance of member rows pays (control.rs): nothing while the set is cached,
+    /// everything again after a membership change dropped it. Before, a query naming
+    /// users was never charged, and a user dropping its own set with each add or removal
+    /// in a group of its own had the broker read it again for free each time.
+    #[tokio::test]
+    async fn a_query_tells_what_rebuilding_the_callers_contacts_read() {
+        use switchboard_protocol::{Body, ConversationKind, Entry, Role};
+        use switchboard_storage::ConversationRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::test_store(dir.path()));
+        let members: Vec<(UserId, Role)> =
+            std::iter::once((1, Role::Owner)).chain((2..=500).map(|u| (u, Role::Member))).collect();
+        let record = ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 0 };
+        let first = |conv| Entry {
+            conv,
+            seq: 1,
+            sender: 1,
+            sender_device: 1,
+            client_id: [0; 16],
+            at_ms: 0,
+            body: Body::Text { text: "hi".into(), edited: false },
+        };
+        let _ = store.create_conversation(&record, &members, None, first).unwrap();
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        presence.attach(1, 10);
+        let pauses = crate::pauses::Pauses::default();
+        let rebuilt = |answer: Result<(Reply, usize), ErrorBody>| answer.unwrap().1;
+        let first_read = rebuilt(presence.query(1, vec![2], &pauses).await);
+        assert!(first_read >= 500, "one conversation, 500 member keys, the blocks: {first_read}");
+        assert_eq!(rebuilt(presence.query(1, vec![2], &pauses).await), 0, "cached");
+        let removal = Entry { body: Body::MemberRemoved { user: 500 }, ..first(1) };
+        presence.entry_delivered(&removal, &[1]);
+        // At least once more (the query reads the set again after its barrier, and the
+        // timer task's push of user 1's arrival may build it beside it).
+        let again = rebuilt(presence.query(1, vec![2], &pauses).await);
+        assert!(again >= first_read, "dropped, read again: {again} against {first_read}");
     }
 }

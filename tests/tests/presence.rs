@@ -647,3 +647,25 @@ async fn a_blocked_stranger_loses_every_way_to_reach_or_watch_its_blocker() {
     })
     .await
 }
+
+/// A presence query naming users draws on the allowance of member rows too (it may
+/// rebuild the caller's contact set, thousands of reads): past the allowance it is
+/// refused `RATE_LIMITED`, as a snapshot and member lists are. Before, only a snapshot
+/// was checked (an attacker review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_query_naming_users_draws_on_the_member_rows_allowance() {
+    bounded(async {
+        // A burst of 2 rows, refilled at 1 a second.
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 1).await;
+        let (alice, _) = tb.register("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        assert_eq!(alice.members(conv).await.unwrap().len(), 2, "two rows: the allowance spent");
+        // Refilled a little meanwhile (any allowance left lets a read through): once more,
+        // into debt for two seconds.
+        let _ = alice.members(conv).await;
+        let refused = alice.presence(&[bob_id.user_id]).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::RATE_LIMITED), "{refused}");
+    })
+    .await
+}

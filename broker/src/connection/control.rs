@@ -567,15 +567,21 @@ impl Session {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     // A snapshot (every contact, up to 4,096, a read or two each) draws on
-                    // the allowance of member rows, as member lists do.
+                    // the allowance of member rows, as member lists do; so does any
+                    // query's rebuild of the caller's contact set (`Presence::query`).
                     let snapshot = users.is_empty();
-                    if snapshot && let Err(refused) = shared.users.allow_member_reads(caller.user) {
+                    if let Err(refused) = shared.users.allow_member_reads(caller.user) {
                         return reply.send(Err(refused));
                     }
                     let answer = shared.presence.query(caller.user, users, &shared.pauses).await;
-                    if snapshot && let Ok(Reply::Presence(list)) = &answer {
-                        shared.users.charge_member_reads(caller.user, list.len());
-                    }
+                    let answer = answer.map(|(reply, rebuilt)| {
+                        let listed = match &reply {
+                            Reply::Presence(list) if snapshot => list.len(),
+                            _ => 0,
+                        };
+                        shared.users.charge_member_reads(caller.user, listed + rebuilt);
+                        reply
+                    });
                     reply.send(answer)
                 });
             }
