@@ -244,6 +244,29 @@ pub(crate) fn test_store(dir: &std::path::Path) -> Store {
     Store::open(&config).expect("a store in a temp dir")
 }
 
+/// Locks `dir` for one broker (`DATA_DIR_LOCK` in it, an advisory lock held while the
+/// file is open): `DataDir` if another broker holds it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = dir.join(DATA_DIR_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(Error::io(format!("opening {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::DataDir(format!(
+            "another broker is running on {} (it holds {DATA_DIR_LOCK}); stop it first",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()))(e)),
+    }
+}
+
+/// The file in the data dir a running broker holds locked (`lock_data_dir`).
+pub const DATA_DIR_LOCK: &str = "broker.lock";
+
 /// Opens the data directory's store with the configured cache.
 pub fn open_store(config: &Config) -> Result<Arc<Store>> {
     config::check(config)?;
@@ -269,6 +292,8 @@ pub struct Broker {
     endpoints: Vec<quinn::Endpoint>,
     /// The endpoints' UDP sockets, gone once closed (`shutdown` waits for it).
     sockets: Vec<std::sync::Weak<dyn quinn::AsyncUdpSocket>>,
+    /// `lock_data_dir`'s lock, held until the broker is dropped.
+    _data_dir_lock: std::fs::File,
     accept: Vec<tokio::task::JoinHandle<()>>,
     /// Address the broker listens on (the real port when configured with port 0).
     pub local_addr: SocketAddr,
@@ -299,6 +324,11 @@ impl Broker {
         // "checked after an unclean stop" after a start refused for its port).
         config::check(&config)?;
         create_data_dir(&config.data_dir)?;
+        // One broker per data dir, settled before the port is bound: with `udp_sockets`
+        // over 1 the sockets are SO_REUSEPORT, and a second start on a running broker's
+        // data dir and port would join its group, taking part of its clients' packets,
+        // until it failed on the store's lock (a review of the start order above).
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let identity = tls::load_or_generate(&config)?;
         let tickets_opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let server_config = tls::server_config(&identity, &config, tickets_opened.clone())?;
@@ -422,6 +452,7 @@ impl Broker {
             shared,
             endpoints,
             sockets: open_sockets,
+            _data_dir_lock: data_dir_lock,
             accept,
             local_addr,
             cert_path: identity.cert_path,
@@ -468,6 +499,9 @@ impl Broker {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while self.sockets.iter().any(|s| s.strong_count() > 0) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if self.sockets.iter().any(|s| s.strong_count() > 0) {
+            tracing::warn!("the UDP port is still held after 2 s: a restart at once may find it in use");
         }
         let intact = self.shared.convs.stop_all();
         self.shared.files.stop_all();

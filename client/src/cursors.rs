@@ -1,7 +1,7 @@
 //! Where a `Session` keeps its per-conversation cursors between runs: what the
 //! application has taken from the event stream, so a restarted process resumes there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -18,45 +18,96 @@ pub type Cursors = HashMap<ConvId, Seq>;
 /// 30 KB of JSON.
 pub const LEFT_CURSORS_MAX: usize = 1024;
 
+/// Cursors of conversations left, oldest left first, one per conversation: where a
+/// conversation the user is added back to resumes. Kept within `LEFT_CURSORS_MAX` by
+/// `trim` (the oldest go). Used by the store (`Saved`) and by the merge alike.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeftCursors(VecDeque<(ConvId, Seq)>);
+
+impl LeftCursors {
+    /// Keeps `cursor` as `conv`'s, newest last (the higher of it and one kept before);
+    /// a cursor of 0 keeps nothing. Does not trim.
+    pub fn keep(&mut self, conv: ConvId, cursor: Seq) {
+        let cursor = cursor.max(self.take(conv));
+        if cursor > 0 {
+            self.0.push_back((conv, cursor));
+        }
+    }
+
+    /// Removes `conv`; the cursor kept for it (0: none).
+    pub fn take(&mut self, conv: ConvId) -> Seq {
+        match self.0.iter().position(|&(c, _)| c == conv) {
+            Some(i) => self.0.remove(i).map_or(0, |(_, s)| s),
+            None => 0,
+        }
+    }
+
+    /// Whether a cursor is kept for `conv`.
+    pub fn contains(&self, conv: ConvId) -> bool {
+        self.0.iter().any(|&(c, _)| c == conv)
+    }
+
+    /// Drops the oldest beyond `LEFT_CURSORS_MAX`.
+    pub fn trim(&mut self) {
+        let over = self.0.len().saturating_sub(LEFT_CURSORS_MAX);
+        self.0.drain(..over);
+    }
+
+    /// `(conv, cursor)`, oldest left first.
+    pub fn iter(&self) -> impl Iterator<Item = (ConvId, Seq)> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// How many are kept.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// None kept.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(ConvId, Seq)> for LeftCursors {
+    /// Oldest first; trimmed.
+    fn from_iter<I: IntoIterator<Item = (ConvId, Seq)>>(pairs: I) -> LeftCursors {
+        let mut left = LeftCursors::default();
+        for (conv, cursor) in pairs {
+            left.keep(conv, cursor);
+        }
+        left.trim();
+        left
+    }
+}
+
 /// What a store holds: the cursors of the conversations the user is a member of, and
-/// those of conversations it left (`(conv, seq)`, oldest left first, at most
-/// `LEFT_CURSORS_MAX`).
+/// those of conversations it left.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Saved {
     /// Conversations the user is a member of.
     pub cursors: Cursors,
-    /// Conversations left or removed from, oldest first.
-    pub left: Vec<(ConvId, Seq)>,
+    /// Conversations left or removed from, oldest first, at most `LEFT_CURSORS_MAX`.
+    pub left: LeftCursors,
 }
 
 impl Saved {
     /// Applies a save: each of `left` moves out of `cursors` into the left ones (at the
-    /// highest of its cursor, what was kept and the seq given; the oldest left go past
-    /// `LEFT_CURSORS_MAX`), then each of `cursors` is kept at the higher of the two (one
-    /// among the left ones was joined again, and moves back).
+    /// highest of its cursor, what was kept and the seq given), then each of `cursors` is
+    /// kept at the higher of the two (one among the left ones was joined again, and moves
+    /// back, with its kept cursor), and only then are the oldest left trimmed: a
+    /// conversation joined again keeps its cursor even if it was the oldest.
     fn apply(&mut self, cursors: &Cursors, left: &[(ConvId, Seq)]) {
         for &(conv, seq) in left {
-            let was = self.cursors.remove(&conv).unwrap_or(0).max(self.take_left(conv));
-            let seq = seq.max(was);
-            if seq > 0 {
-                self.left.push((conv, seq));
-            }
+            let was = self.cursors.remove(&conv).unwrap_or(0);
+            self.left.keep(conv, seq.max(was));
         }
-        let over = self.left.len().saturating_sub(LEFT_CURSORS_MAX);
-        self.left.drain(..over);
         for (&conv, &seq) in cursors {
-            let kept = self.take_left(conv);
+            let kept = self.left.take(conv);
             let s = self.cursors.entry(conv).or_default();
             *s = (*s).max(seq).max(kept);
         }
-    }
-
-    /// Removes `conv` from the left ones; its cursor there (0: none).
-    fn take_left(&mut self, conv: ConvId) -> Seq {
-        match self.left.iter().position(|&(c, _)| c == conv) {
-            Some(i) => self.left.remove(i).1,
-            None => 0,
-        }
+        self.left.trim();
     }
 }
 
@@ -80,7 +131,7 @@ pub struct MemoryCursors(Mutex<Saved>);
 impl MemoryCursors {
     /// Starts with `cursors`.
     pub fn new(cursors: Cursors) -> MemoryCursors {
-        MemoryCursors(Mutex::new(Saved { cursors, left: Vec::new() }))
+        MemoryCursors(Mutex::new(Saved { cursors, left: LeftCursors::default() }))
     }
 
     /// What was saved last.
@@ -146,7 +197,7 @@ impl FileCursors {
         if file.user_id != self.user_id || file.device_id != self.device_id {
             return Ok(Saved::default());
         }
-        Ok(Saved { cursors: file.cursors, left: file.left })
+        Ok(Saved { cursors: file.cursors, left: file.left.into_iter().collect() })
     }
 }
 
@@ -164,8 +215,8 @@ impl CursorStore for FileCursors {
         lock.lock()?;
         let mut saved = self.read().unwrap_or_default();
         saved.apply(cursors, left);
-        let file =
-            CursorFile { user_id: self.user_id, device_id: self.device_id, cursors: saved.cursors, left: saved.left };
+        let left = saved.left.iter().collect();
+        let file = CursorFile { user_id: self.user_id, device_id: self.device_id, cursors: saved.cursors, left };
         let mut tmp_name = self.path.clone().into_os_string();
         tmp_name.push(format!(".{}.tmp", std::process::id()));
         let tmp = PathBuf::from(tmp_name);
@@ -256,14 +307,18 @@ mod tests {
         // A file written before `left` existed still reads.
         std::fs::write(&path, br#"{"user_id":1,"device_id":3,"cursors":{"42":17,"7":3}}"#).unwrap();
         let store = FileCursors::new(&path, 1, 3);
-        assert_eq!(store.load().unwrap(), Saved { cursors: Cursors::from([(42, 17), (7, 3)]), left: vec![] });
+        let saved = |cursors: &[(ConvId, Seq)], left: &[(ConvId, Seq)]| Saved {
+            cursors: cursors.iter().copied().collect(),
+            left: left.iter().copied().collect(),
+        };
+        assert_eq!(store.load().unwrap(), saved(&[(42, 17), (7, 3)], &[]));
         // Left at 15 by this process, while another sharing the file had taken 17: the
         // higher is kept. A conversation left with nothing taken keeps nothing.
         store.save(&Cursors::new(), &[(42, 15), (8, 0)]).unwrap();
-        assert_eq!(store.load().unwrap(), Saved { cursors: Cursors::from([(7, 3)]), left: vec![(42, 17)] });
+        assert_eq!(store.load().unwrap(), saved(&[(7, 3)], &[(42, 17)]));
         // Joined again and read on: back among the cursors, at the higher.
         store.save(&Cursors::from([(42, 20)]), &[]).unwrap();
-        assert_eq!(store.load().unwrap(), Saved { cursors: Cursors::from([(7, 3), (42, 20)]), left: vec![] });
+        assert_eq!(store.load().unwrap(), saved(&[(7, 3), (42, 20)], &[]));
         // Joined again with nothing taken yet: the kept cursor is the one it moves back at.
         store.save(&Cursors::new(), &[(42, 20)]).unwrap();
         store.save(&Cursors::from([(42, 1)]), &[]).unwrap();
@@ -275,8 +330,14 @@ mod tests {
         for conv in 1..=n {
             memory.save(&Cursors::new(), &[(conv, conv)]).unwrap();
         }
-        let left = memory.load().unwrap().left;
+        let left: Vec<(ConvId, Seq)> = memory.load().unwrap().left.iter().collect();
         assert_eq!(left.len(), LEFT_CURSORS_MAX);
         assert_eq!((left[0], left[LEFT_CURSORS_MAX - 1]), ((11, 11), (n, n)), "the oldest left went");
+        // A conversation joined again in the save that leaves another keeps its cursor,
+        // even as the oldest left (the trim comes after it moved back).
+        memory.save(&Cursors::from([(11, 5)]), &[(n + 1, 1)]).unwrap();
+        let after = memory.load().unwrap();
+        assert_eq!(after.cursors[&11], 11, "the kept cursor, higher than the stale 5");
+        assert_eq!(after.left.len(), LEFT_CURSORS_MAX);
     }
 }

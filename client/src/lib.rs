@@ -36,7 +36,7 @@ use switchboard_protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-pub use cursors::{CursorStore, Cursors, FileCursors, LEFT_CURSORS_MAX, MemoryCursors, Saved};
+pub use cursors::{CursorStore, Cursors, FileCursors, LEFT_CURSORS_MAX, LeftCursors, MemoryCursors, Saved};
 pub use files::{
     ChunkWindow, DownloadRange, MAX_CHUNKS_IN_FLIGHT, TRANSFER_STALL, TransferError, UploadEvent, UploadPlan,
     UploadStep, Uploader, UploaderConfig, hash_file, new_upload, transient,

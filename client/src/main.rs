@@ -654,8 +654,9 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 Err(ClientError::Refused(_)) => {
                     out.line(json!({"event": "probe", "server": server, "full": true}), || {
                         format!(
-                            "broker at {server} is up but refused this connection: it is at its connection limit \
-                             (max_connections), or failing (see its log)"
+                            "broker at {server} is up but refused this connection, as a broker at its connection \
+                             limit (max_connections) does (the refusal comes before TLS: not proof of which server \
+                             answered; its log and status line say)"
                         )
                     });
                     return Ok(());

@@ -12,11 +12,11 @@
 //! conversation's cursor is below its known seq, and nothing held can close the gap, the
 //! merge asks for a catch-up page after the cursor.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use switchboard_protocol::limits::CATCH_UP_PAGE_MAX;
 
-use crate::cursors::LEFT_CURSORS_MAX;
+use crate::cursors::LeftCursors;
 use switchboard_protocol::{CatchUpPage, ConvId, Entry, Seq};
 
 /// The merge state of all my conversations.
@@ -33,7 +33,7 @@ pub struct Merge {
     /// Cursors of conversations this user left or was removed from, oldest first, at
     /// most `LEFT_CURSORS_MAX`: one added back resumes at its cursor (PROTOCOL.md: a
     /// member added back reads the whole history), not at its start.
-    left: VecDeque<(ConvId, Seq)>,
+    left: LeftCursors,
     held: usize,
     max_held: usize,
 }
@@ -74,7 +74,7 @@ impl Merge {
     pub fn new(cursors: impl IntoIterator<Item = (ConvId, Seq)>, max_held: usize) -> Merge {
         let convs =
             cursors.into_iter().map(|(conv, cursor)| (conv, Track { cursor, known: cursor, ..Track::default() }));
-        Merge { convs: convs.collect(), left: VecDeque::new(), held: 0, max_held }
+        Merge { convs: convs.collect(), left: LeftCursors::default(), held: 0, max_held }
     }
 
     /// Also keeps `left` (`(conv, cursor)` of conversations left, oldest first; the
@@ -83,9 +83,10 @@ impl Merge {
     pub fn with_left(mut self, left: impl IntoIterator<Item = (ConvId, Seq)>) -> Merge {
         for (conv, cursor) in left {
             if !self.convs.contains_key(&conv) {
-                keep_left(&mut self.left, conv, cursor);
+                self.left.keep(conv, cursor);
             }
         }
+        self.left.trim();
         self
     }
 
@@ -126,13 +127,14 @@ impl Merge {
     pub fn forget(&mut self, conv: ConvId) {
         if let Some(t) = self.convs.remove(&conv) {
             self.held -= t.held.len();
-            keep_left(&mut self.left, conv, t.cursor);
+            self.left.keep(conv, t.cursor);
+            self.left.trim();
         }
     }
 
     /// The cursors kept of conversations left, oldest first.
     pub fn left(&self) -> impl Iterator<Item = (ConvId, Seq)> + '_ {
-        self.left.iter().copied()
+        self.left.iter()
     }
 
     /// This device's own write to `conv` was acknowledged at `seq`: the broker does not
@@ -253,6 +255,16 @@ impl Merge {
     /// so at most one per conversation is held past the bound, and only while the
     /// application's queue is full.
     fn insert(&mut self, entry: Entry) {
+        // A left conversation comes back with the entry adding the user (or when a
+        // connect lists it again); any other entry of it came after its `Left` (the
+        // removal, pushed live, overtaken by the refused page that told of it) and is
+        // stale: kept, it would revive the conversation and be shown after `Left`.
+        if !self.convs.contains_key(&entry.conv)
+            && self.left.contains(entry.conv)
+            && !matches!(entry.body, switchboard_protocol::Body::MembersAdded { .. })
+        {
+            return;
+        }
         let t = track(&mut self.convs, &mut self.left, entry.conv);
         t.known = t.known.max(entry.seq);
         let next = entry.seq == t.cursor + 1;
@@ -281,26 +293,11 @@ impl Merge {
 
 /// `conv`'s track, made at the cursor kept when it was left (the user was added back),
 /// or at nothing.
-fn track<'a>(
-    convs: &'a mut BTreeMap<ConvId, Track>,
-    left: &mut VecDeque<(ConvId, Seq)>,
-    conv: ConvId,
-) -> &'a mut Track {
+fn track<'a>(convs: &'a mut BTreeMap<ConvId, Track>, left: &mut LeftCursors, conv: ConvId) -> &'a mut Track {
     convs.entry(conv).or_insert_with(|| {
-        let cursor = left.iter().position(|&(c, _)| c == conv).and_then(|i| left.remove(i)).map_or(0, |(_, s)| s);
+        let cursor = left.take(conv);
         Track { cursor, known: cursor, ..Track::default() }
     })
-}
-
-/// Keeps `cursor` as `conv`'s cursor when left, newest last, within `LEFT_CURSORS_MAX`.
-fn keep_left(left: &mut VecDeque<(ConvId, Seq)>, conv: ConvId, cursor: Seq) {
-    left.retain(|&(c, _)| c != conv);
-    if cursor > 0 {
-        left.push_back((conv, cursor));
-    }
-    while left.len() > LEFT_CURSORS_MAX {
-        left.pop_front();
-    }
 }
 
 #[cfg(test)]
@@ -321,6 +318,11 @@ mod tests {
             at_ms: 1_700_000_000_000 + seq,
             body: Body::Text { text: format!("{conv}/{seq}"), edited: false },
         }
+    }
+
+    /// The entry adding user 1 to `conv`, at `seq`.
+    fn added(conv: ConvId, seq: Seq) -> Entry {
+        Entry { body: Body::MembersAdded { members: vec![(1, switchboard_protocol::Role::Member)] }, ..e(conv, seq) }
     }
 
     fn page(conv: ConvId, seqs: std::ops::RangeInclusive<Seq>, last_seq: Seq) -> CatchUpPage {
@@ -373,7 +375,7 @@ mod tests {
         assert!(m.fetches(4, ROOM).is_empty(), "left ones are not probed");
         // Added back to 7 live: the entry adding the user is beyond a gap from the
         // kept cursor, and the gap is fetched from there, not from the start.
-        assert!(m.live(e(7, 12), ROOM).is_empty());
+        assert!(m.live(added(7, 12), ROOM).is_empty());
         assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 9)]);
         assert_eq!(seqs(&m.page(page(7, 4..=11, 12), ROOM)), (4..=12).map(|s| (7, s)).collect::<Vec<_>>());
         // Added back to 9 while away: listed again after a connect.
@@ -382,13 +384,22 @@ mod tests {
         assert_eq!(m.left().count(), 0);
         // Bounded: the oldest left go first.
         let mut m = Merge::new([], 100);
-        for conv in 1..=LEFT_CURSORS_MAX as u64 + 2 {
+        for conv in 1..=crate::LEFT_CURSORS_MAX as u64 + 2 {
             m.known(conv, 1);
             assert_eq!(seqs(&m.live(e(conv, 1), ROOM)), [(conv, 1)]);
             m.forget(conv);
         }
-        assert_eq!(m.left().count(), LEFT_CURSORS_MAX);
+        assert_eq!(m.left().count(), crate::LEFT_CURSORS_MAX);
         assert_eq!(m.left().next(), Some((3, 1)));
+        // An entry of a left conversation that comes after its `Left` (the removal,
+        // pushed live, overtaken by the refused page) is stale: it revives nothing. The
+        // entry adding the user back does.
+        let mut m = Merge::new([(7, 3)], 100);
+        m.forget(7);
+        assert!(m.live(e(7, 4), ROOM).is_empty());
+        assert!(m.cursors().next().is_none() && m.fetches(4, ROOM).is_empty(), "not tracked again");
+        assert!(m.live(added(7, 9), ROOM).is_empty());
+        assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 6)]);
     }
 
     #[test]

@@ -323,7 +323,7 @@ impl Session {
         let session = Session { commands, user_id: identity.user_id, device_id: identity.device_id };
         let (done_tx, done_rx) = mpsc::channel(config.max_pending + config.max_fetching + 16);
         let task = Task {
-            merge: Merge::new(cursors.iter().map(|(&c, &s)| (c, s)), config.max_held).with_left(left),
+            merge: Merge::new(cursors.iter().map(|(&c, &s)| (c, s)), config.max_held).with_left(left.iter()),
             backoff: Backoff::new(config.backoff_min_ms, config.backoff_max_ms),
             reported: cursors.clone(),
             persisted: cursors,
@@ -1594,9 +1594,9 @@ impl Task {
     }
 
     /// What to save: the taken cursors, and the conversations left whose saved cursors
-    /// are still to be dropped. Those are read first: a `Left` taken between the two
-    /// reads then shows in neither (and is saved next time), never only in the second,
-    /// where its cursor would be dropped and saved back in one save.
+    /// are still to be moved among the left ones. Those are read first: a `Left` taken
+    /// between the two reads then shows in neither (and is saved next time), never only
+    /// in the second, where its cursor would be moved out and saved back in one save.
     fn taken_to_save(&self) -> (Cursors, Vec<(ConvId, Seq)>) {
         let forgot = self.taken.left.lock().unwrap_or_else(|p| p.into_inner()).clone();
         (self.taken_cursors(), forgot)

@@ -1580,7 +1580,11 @@ async fn probe_says_a_full_broker_is_up() {
     assert_eq!((&probe[0]["event"], &probe[0]["full"]), (&serde_json::json!("probe"), &serde_json::json!(true)));
     let human = sb_output(&nobody, &broker, &["probe"]);
     assert!(human.status.success());
-    assert!(String::from_utf8_lossy(&human.stdout).contains("is up but refused this connection"), "{human:?}");
+    assert!(
+        String::from_utf8_lossy(&human.stdout)
+            .contains("is up but refused this connection, as a broker at its connection limit"),
+        "{human:?}"
+    );
     drop(held);
 }
 

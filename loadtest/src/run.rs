@@ -536,6 +536,10 @@ where
     T: Send + 'static,
 {
     let settled = crate::resources::settle_writeback().await;
+    // `--rate 0` sent one message and passed (a review): nothing to measure.
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(crate::Error::InvalidArgs(format!("the rate must be above 0 messages a second, not {rate}")));
+    }
     load.mark_measured();
     let (done, done_rx) = watch::channel(false);
     let side = tokio::spawn(side(done_rx));

@@ -273,6 +273,26 @@ async fn a_start_refused_for_its_port_leaves_the_store_as_it_was() {
     .await
 }
 
+/// A second start on a running broker's data dir is refused before it binds anything:
+/// with `udp_sockets` over 1 the sockets are SO_REUSEPORT, and binding first would have
+/// joined the running broker's group on its port, taking part of its clients' packets,
+/// until the store's lock refused the start.
+#[tokio::test]
+async fn a_second_broker_on_a_data_dir_is_refused_before_it_binds() {
+    bounded(async {
+        use switchboard_broker::{Broker, Config};
+        let tb = TestBroker::start_with(|c| c.udp_sockets = 2).await;
+        let running = tb.broker.as_ref().unwrap().local_addr;
+        let second = Config { listen: running, udp_sockets: 2, ..Config::ephemeral(tb.data_dir()) };
+        let refused = Broker::start(second).await.map(|_| ()).unwrap_err().to_string();
+        assert!(refused.contains("another broker is running on"), "{refused}");
+        // The running one still serves.
+        let (alice, _) = tb.register("alice").await;
+        alice.ping().await.unwrap();
+    })
+    .await
+}
+
 /// `commit_siblings` (PostgreSQL's rule): with it, a message sent alone is committed at
 /// once; without it, each waits out `commit_delay_us`. Seen in the commit totals that
 /// `/metrics` exports (`switchboard_group_commits_delayed_total`).

@@ -50,6 +50,7 @@ fn close(conn: &quinn::Connection, Close(code, reason): Close) {
 pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, backlog: Arc<SocketBacklog>) {
     while let Some(incoming) = endpoint.accept().await {
         if shared.health.is_failed() {
+            Counters::add(&shared.counters.connections_refused, 1);
             incoming.refuse();
             continue;
         }

@@ -245,6 +245,10 @@ impl ConvDirectory {
         tokio::spawn(async move {
             // Closed never: the semaphore lives as long as `slots`.
             let Ok(slot) = slots.acquire_owned().await else { return };
+            // The session ended while this waited: nobody takes the answer.
+            if reply.abandoned() {
+                return;
+            }
             let reply = reply.with_store_slot(Some(slot));
             if shared.convs.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv) {
                 // Waits in the actor's mailbox holding the slot: the actor reads the
