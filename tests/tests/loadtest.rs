@@ -366,6 +366,7 @@ async fn upload_small() {
             "g_disk_sync_p99_ms_alone",
             "g_disk_sync_p99_ms_beside_appends",
             "g_disk_sync_p99_ratio",
+            "cpu_tick_ms_per_mb",
         ] {
             let value = report.extra.get(figure).copied();
             assert!(value.is_some_and(|v| v.is_finite() && v > 0.0), "{figure} missing or not positive: {table}");

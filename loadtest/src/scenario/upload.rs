@@ -264,6 +264,10 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             .extra
             .insert("a2_quinn_two_processes_download_mb_per_s".into(), median_of(&|r| r.quinn2.map(|q| q.down)));
     }
+    // What one CPU-time tick (/proc: 10 ms) is per MB of the file: every CPU figure per
+    // MB below moves in steps of this (a trial read 0.95, 1.91 and 2.86 for a 10 MiB
+    // file as figures, and they were 1, 2 and 3 ticks).
+    report.extra.insert("cpu_tick_ms_per_mb".into(), 1000.0 / crate::resources::TICKS_PER_S / (file_bytes as f64 / MB));
     // What each end spends per MB, beside the rates: the broker's receive side against
     // a bare quinn server's, and the client library's send side against a bare quinn
     // client's (the harness's CPU clock ticks are 10 ms, so each round's figure is
