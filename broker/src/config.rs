@@ -320,6 +320,11 @@ pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 /// memory and wakeups.
 pub const MAX_RUNTIME_WORKERS: usize = 1024;
 
+/// Most `udp_sockets`: one per core is the point (SO_REUSEPORT spreads peers over them);
+/// far more only cost file descriptors (a trial's 100000 passed `config` and the start
+/// failed with "Too many open files").
+pub const MAX_UDP_SOCKETS: usize = 256;
+
 /// Longest `status_log_secs`: a day.
 pub const MAX_STATUS_LOG_SECS: u64 = 86_400;
 
@@ -420,6 +425,12 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
             config.runtime_workers
         )));
     }
+    if config.udp_sockets > MAX_UDP_SOCKETS {
+        return Err(crate::Error::Config(format!(
+            "udp_sockets = {}: at most {MAX_UDP_SOCKETS} (one per core is the point; the default is 1)",
+            config.udp_sockets
+        )));
+    }
     if config.status_log_secs > MAX_STATUS_LOG_SECS {
         return Err(crate::Error::Config(format!(
             "status_log_secs = {}: at most {MAX_STATUS_LOG_SECS} (a day; 0 turns the status line off)",
@@ -510,6 +521,7 @@ mod tests {
         assert!(refused(|c| c.idle_timeout_ms = 999).contains("idle_timeout_ms"));
         assert!(refused(|c| c.max_connections = 0).contains("max_connections = 0"));
         assert!(refused(|c| c.udp_sockets = 0).contains("udp_sockets = 0"));
+        assert!(refused(|c| c.udp_sockets = 100_000).contains("udp_sockets = 100000: at most 256"));
         assert!(refused(|c| c.runtime_workers = MAX_RUNTIME_WORKERS + 1).contains("runtime_workers = 1025"));
         assert!(refused(|c| c.max_file_bytes = 0).contains("max_file_bytes = 0"));
         assert!(refused(|c| c.upload_expiry_secs = 0).contains("upload_expiry_secs = 0"));

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use switchboard_protocol::limits::{MAX_MARKS_PER_REQUEST, TYPING_TTL_MS};
 use switchboard_protocol::{
-    ClientMsgId, ConvId, ConversationState, DeviceId, Entry, ErrorCode, Event, FileId, FileProgress, FileState,
+    Body, ClientMsgId, ConvId, ConversationState, DeviceId, Entry, ErrorCode, Event, FileId, FileProgress, FileState,
     PresenceInfo, Receipt, Reply, RequestBody, Seq, UserId,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -117,8 +117,9 @@ pub enum SessionEvent {
         typing: bool,
     },
     /// This user is no longer a member of `conv`: it left (from any device) or was
-    /// removed, found after a connect (`ConversationStates` no longer lists it) or when
-    /// its catch-up was refused. When this is taken the conversation's cursor moves
+    /// removed: right after the entry saying so when that entry is handed on (live or in
+    /// a page), else found after a connect (`ConversationStates` no longer lists it) or
+    /// when its catch-up was refused. When this is taken the conversation's cursor moves
     /// among those of conversations left (the newest `LEFT_CURSORS_MAX` are kept, saved
     /// with the others), and nothing more of it comes unless the user is added back:
     /// then its entries resume after that cursor, those sent while the user was out
@@ -1687,12 +1688,45 @@ impl Task {
     }
 
     fn emit_entries(&mut self, entries: Vec<Entry>) {
+        let me = self.identity.user_id;
+        // The entries that end this user's membership, each the last of its
+        // conversation in this batch (one followed by more was undone: the user was
+        // added back before they were read).
+        let ends = |i: usize, e: &Entry| {
+            let gone = match &e.body {
+                Body::MemberRemoved { user } => *user == me,
+                Body::MemberLeft => e.sender == me,
+                _ => false,
+            };
+            gone && !entries[i + 1..].iter().any(|later| later.conv == e.conv)
+        };
+        let left: Vec<ConvId> = entries.iter().enumerate().filter(|&(i, e)| ends(i, e)).map(|(_, e)| e.conv).collect();
         for e in entries {
             // `room` bounded the merge's output, and only this task sends.
             if self.out.try_send(SessionEvent::Entry(e)).is_err() {
                 tracing::error!("event queue full despite room");
             }
         }
+        for conv in left {
+            self.left_live(conv);
+        }
+    }
+
+    /// This user was removed from `conv`, or left it from one of its devices, and the
+    /// entry saying so was just handed on: `Left` follows it, and the conversation is no
+    /// longer tracked (its cursor kept among the left ones). Before, a removal seen live
+    /// was told only at the next connect, and a script watching for `Left` missed it
+    /// (a new user's trial). Without room for `Left`, the conversation is probed: its
+    /// next page is refused, which tells it then.
+    fn left_live(&mut self, conv: ConvId) {
+        if self.room() == 0 {
+            self.merge.probe(conv);
+            return;
+        }
+        self.merge.forget(conv);
+        self.reported.remove(&conv);
+        self.forget_files_of(conv);
+        self.emit(SessionEvent::Left { conv });
     }
 
     /// Queues an event that is not an entry; dropped when the queue is full.

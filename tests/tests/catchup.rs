@@ -11,7 +11,7 @@ use std::time::Duration;
 use switchboard_client::{
     Client, FileCursors, Identity, MemoryCursors, Saved, Session, SessionConfig, SessionEvent, SessionEvents,
 };
-use switchboard_protocol::{ConvId, ErrorCode, Receipt, Role, Seq, UserId};
+use switchboard_protocol::{Body, ConvId, ErrorCode, Receipt, Role, Seq, UserId};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
 
 /// Quick reconnects for tests.
@@ -322,6 +322,53 @@ async fn conversations_left_while_away_are_reported_and_resume_where_they_were_i
         assert_eq!(saved.left.iter().collect::<Vec<_>>(), [(convs[1], last[&convs[1]])]);
     })
     .await;
+}
+
+/// A removal seen live is told at once: the entry removing the user, then `Left` (before,
+/// only at the next connect, and a script watching for it missed removals made while it
+/// ran: a new user's trial). Added back live, the conversation resumes after the removal,
+/// with what was sent while the user was out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_seen_live_is_told_at_once_and_a_live_re_add_resumes() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let alice = Arc::new(alice);
+        let conv = groups(&alice, "bob", 1).await[0];
+        let last = write(&alice, &[conv], 2, "before").await[&conv];
+        let (session, mut events) = start(&tb, &bob_id);
+        let next = async |events: &mut SessionEvents| {
+            within(STEP_DEADLINE, "the next event", async {
+                loop {
+                    match events.next().await.expect("the session is running") {
+                        SessionEvent::Entry(e) => return Some(e),
+                        SessionEvent::Left { conv: c } => {
+                            assert_eq!(c, conv);
+                            return None;
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .await
+        };
+        for seq in 1..=last {
+            assert_eq!(next(&mut events).await.map(|e| e.seq), Some(seq));
+        }
+        let removed = alice.remove_member(conv, bob_id.user_id).await.unwrap();
+        let entry = next(&mut events).await.expect("the removal first");
+        assert_eq!(entry.seq, removed);
+        assert!(matches!(entry.body, Body::MemberRemoved { user } if user == bob_id.user_id));
+        assert!(next(&mut events).await.is_none(), "then Left, at once");
+        let out = alice.send(conv, "while bob is out").await.unwrap();
+        let back = alice.add_members(conv, &["bob".to_string()], Role::Member).await.unwrap();
+        for seq in [out, back] {
+            assert_eq!(next(&mut events).await.map(|e| e.seq), Some(seq), "resumed after the removal");
+        }
+        session.close().await;
+    })
+    .await
 }
 
 /// Receipts that moved while the device was away, in conversations with nothing new to

@@ -54,10 +54,11 @@ impl ConvArg {
     pub async fn resolve_group(&self, client: &Client) -> anyhow::Result<ConvId> {
         match self {
             ConvArg::Id(id) => Ok(*id),
-            ConvArg::Title(_) => {
-                let mut convs = client.conversations().await?;
-                convs.retain(|c| c.kind == ConversationKind::Group);
-                self.among(&convs)
+            ConvArg::Title(title) => {
+                let convs = client.conversations().await?;
+                let found = pick_group(title, &convs)?;
+                eprintln!("{}", crate::terminal_safe(&format!("\"{title}\" is conversation {}", describe(found))));
+                Ok(found.id)
             }
         }
     }
@@ -91,6 +92,26 @@ fn describe(c: &ConversationSummary) -> String {
     match c.kind {
         ConversationKind::Direct => format!("{}, the direct one with {}", c.id, c.title),
         ConversationKind::Group => format!("{}, a group titled \"{}\"", c.id, c.title),
+    }
+}
+
+/// `pick` among the groups of `convs`: a title names a group, never the direct
+/// conversation with a user of that name, and a name that only a direct conversation
+/// goes by says so (a trial got "none of my conversations is titled bob" with a direct
+/// conversation with bob there).
+pub fn pick_group<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result<&'a ConversationSummary> {
+    let groups: Vec<ConversationSummary> =
+        convs.iter().filter(|c| c.kind == ConversationKind::Group).cloned().collect();
+    let picked = pick(title, &groups).map(|c| c.id);
+    let direct = convs.iter().find(|c| c.kind == ConversationKind::Direct && c.title.eq_ignore_ascii_case(title));
+    match (picked, direct) {
+        (Ok(id), _) => convs.iter().find(|c| c.id == id).ok_or_else(|| anyhow::anyhow!("conversation {id} vanished")),
+        (Err(_), Some(direct)) => bail!(
+            "{title:?} is the direct conversation with {} ({}): this command takes a group (its number or title)",
+            direct.title,
+            direct.id
+        ),
+        (Err(e), None) => Err(e),
     }
 }
 
@@ -159,6 +180,10 @@ mod tests {
         let kelvin = [conv(10, ConversationKind::Group, "\u{212a}ate")];
         assert!(pick("kate", &kelvin).is_err());
         assert_eq!(pick("\u{212a}ate", &kelvin).unwrap().id, 10);
+        // Group commands look among groups only, and say so for a user's name.
+        assert_eq!(pick_group("Dave", &convs).unwrap().id, 8);
+        let direct = pick_group("bob", &convs).unwrap_err().to_string();
+        assert!(direct.contains("\"bob\" is the direct conversation with bob (4)"), "{direct}");
         let none = id("carol").unwrap_err().to_string();
         assert!(none.contains("sb conv list") && none.contains("sb conv create NAME"), "{none}");
     }
