@@ -1,7 +1,7 @@
 //! Where a `Session` keeps its per-conversation cursors between runs: what the
 //! application has taken from the event stream, so a restarted process resumes there.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -102,8 +102,11 @@ impl Saved {
             let was = self.cursors.remove(&conv).unwrap_or(0);
             self.left.keep(conv, seq.max(was));
         }
+        // Looked up once: a user in thousands of conversations saves them all each time,
+        // and each `take` is a walk of up to `LEFT_CURSORS_MAX` pairs.
+        let left: HashSet<ConvId> = self.left.iter().map(|(conv, _)| conv).collect();
         for (&conv, &seq) in cursors {
-            let kept = self.left.take(conv);
+            let kept = if left.contains(&conv) { self.left.take(conv) } else { 0 };
             let s = self.cursors.entry(conv).or_default();
             *s = (*s).max(seq).max(kept);
         }

@@ -231,21 +231,21 @@ impl TestBroker {
 }
 
 /// Reads a `Session`'s events until one matches `matches` (`what`, said if none does
-/// within `STEP_DEADLINE`).
+/// within `STEP_DEADLINE`), and returns it.
 pub async fn wait_for(
     events: &mut switchboard_client::SessionEvents,
     what: &str,
     mut matches: impl FnMut(&switchboard_client::SessionEvent) -> bool,
-) {
+) -> switchboard_client::SessionEvent {
     within(STEP_DEADLINE, what, async {
         loop {
             let event = events.next().await.expect("the session is running");
             if matches(&event) {
-                return;
+                return event;
             }
         }
     })
-    .await;
+    .await
 }
 
 /// Waits up to 10 s for the next entry event, passing over presence and typing events:

@@ -338,20 +338,20 @@ async fn a_removal_seen_live_is_told_at_once_and_a_live_re_add_resumes() {
         let conv = groups(&alice, "bob", 1).await[0];
         let last = write(&alice, &[conv], 2, "before").await[&conv];
         let (session, mut events) = start(&tb, &bob_id);
+        // The next entry, or `None` for `Left`.
         let next = async |events: &mut SessionEvents| {
-            within(STEP_DEADLINE, "the next event", async {
-                loop {
-                    match events.next().await.expect("the session is running") {
-                        SessionEvent::Entry(e) => return Some(e),
-                        SessionEvent::Left { conv: c } => {
-                            assert_eq!(c, conv);
-                            return None;
-                        }
-                        _ => {}
-                    }
-                }
+            let event = switchboard_tests::wait_for(events, "the next entry or Left", |e| {
+                matches!(e, SessionEvent::Entry(_) | SessionEvent::Left { .. })
             })
-            .await
+            .await;
+            match event {
+                SessionEvent::Entry(e) => Some(e),
+                SessionEvent::Left { conv: c } => {
+                    assert_eq!(c, conv);
+                    None
+                }
+                other => panic!("{other:?}"),
+            }
         };
         for seq in 1..=last {
             assert_eq!(next(&mut events).await.map(|e| e.seq), Some(seq));
