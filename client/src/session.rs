@@ -1031,10 +1031,7 @@ impl Task {
                     // told, and a removal that came live beyond a gap had that gap
                     // asked for again every `backoff_max_ms`, for good.
                     Err(ClientError::Server(e)) if e.code == ErrorCode::FORBIDDEN && self.room() > 0 => {
-                        self.merge.forget(fetch.conv);
-                        self.reported.remove(&fetch.conv);
-                        self.forget_files_of(fetch.conv);
-                        self.emit(SessionEvent::Left { conv: fetch.conv });
+                        self.tell_left(fetch.conv);
                     }
                     Err(e) => {
                         // Asked for again a backoff later on this connection (before: not
@@ -1723,6 +1720,12 @@ impl Task {
             self.merge.probe(conv);
             return;
         }
+        self.tell_left(conv);
+    }
+
+    /// Stops tracking `conv` (this user is no longer a member; its cursor is kept among
+    /// the left ones) and queues `Left` for it; the caller made sure of room for it.
+    fn tell_left(&mut self, conv: ConvId) {
         self.merge.forget(conv);
         self.reported.remove(&conv);
         self.forget_files_of(conv);

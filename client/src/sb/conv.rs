@@ -57,7 +57,7 @@ impl ConvArg {
             ConvArg::Title(title) => {
                 let convs = client.conversations().await?;
                 let found = pick_group(title, &convs)?;
-                eprintln!("{}", crate::terminal_safe(&format!("\"{title}\" is conversation {}", describe(found))));
+                say_taken(title, found);
                 Ok(found.id)
             }
         }
@@ -69,8 +69,7 @@ impl ConvArg {
             ConvArg::Id(id) => Ok(*id),
             ConvArg::Title(title) => {
                 let found = pick(title, convs)?;
-                // Errors are made safe where they are printed; this line here.
-                eprintln!("{}", crate::terminal_safe(&format!("\"{title}\" is conversation {}", describe(found))));
+                say_taken(title, found);
                 Ok(found.id)
             }
         }
@@ -85,6 +84,12 @@ impl std::fmt::Display for ConvArg {
             ConvArg::Title(title) => write!(f, "{title}"),
         }
     }
+}
+
+/// Says on standard error what a title was taken for (errors are made safe where they
+/// are printed; this line here).
+fn say_taken(title: &str, found: &ConversationSummary) {
+    eprintln!("{}", crate::terminal_safe(&format!("\"{title}\" is conversation {}", describe(found))));
 }
 
 /// `12, a group titled "team"` or `4, the direct one with bob`.
