@@ -292,9 +292,14 @@ pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 4096;
 pub const PRESENCE_MEMBERS_SCANNED: usize = 16_384;
 /// Conversations one user may be shown typing in at once; a start beyond it is dropped.
 pub const TYPING_PER_USER_MAX: usize = 16;
-/// Typing indicators alive at once in the whole broker (~100 bytes each); a start
-/// beyond it is dropped until some expire.
+/// Typing indicators alive at once in the whole broker (~100 bytes each, and 16 per
+/// typing device); a start beyond it is dropped until some expire.
 pub const TYPING_ENTRIES_MAX: usize = 65_536;
+/// Sessions (devices) of one user tracked as typing in one conversation: the indicator
+/// stands while any of them is typing. A start from one more replaces the session whose
+/// typing ends soonest (the indicator stands either way; that session's stop then ends
+/// nothing). 8 × 16 bytes per indicator at most.
+pub const TYPING_SESSIONS_PER_INDICATOR: usize = 8;
 /// Typing signals one user may send in a burst, and per second after it, from all of
 /// its devices together; signals beyond are dropped. A start or stop fans out to up to
 /// `MAX_GROUP_MEMBERS` devices' users, so this (with "only changes are pushed") bounds

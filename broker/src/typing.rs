@@ -3,12 +3,16 @@
 //!
 //! `TypingState` holds the rules with no I/O: a start makes an indicator (pushed), a
 //! repeat only extends it (not pushed), a stop ends it (pushed), so only changes fan
-//! out; an indicator not repeated for `ttl_ms` ends with a pushed "stopped"; the user's
-//! next message in the conversation clears it without a push (receivers clear it on the
-//! message itself, and no "stopped" can follow later); leaving or being removed from the
-//! conversation, or the session that set it ending, stops it with a push. State is
-//! bounded per user (`TYPING_PER_USER_MAX`) and in total (`TYPING_ENTRIES_MAX`): a start
-//! beyond either is dropped.
+//! out. An indicator stands while any of its user's sessions (devices) is typing: each
+//! session's start, repeat, stop and `ttl_ms` are its own, and the indicator ends, with
+//! a pushed "stopped", when the last of them stops, expires or ends (before, a stop or
+//! the end of one device ended it while another was still typing, and that device's next
+//! repeat started it again: the receivers saw it flicker). The user's next message in
+//! the conversation, from any device, clears it without a push (receivers clear it on
+//! the message itself, and no "stopped" can follow later); leaving or being removed from
+//! the conversation stops it with a push. State is bounded per user
+//! (`TYPING_PER_USER_MAX`), per indicator (`TYPING_SESSIONS_PER_INDICATOR`) and in total
+//! (`TYPING_ENTRIES_MAX`): a start beyond the first or the last is dropped.
 //!
 //! The rate limit is one token bucket per user (`user::Allowances`), shared by all of
 //! the user's sessions, so more devices do not mean more signals.
@@ -31,7 +35,8 @@ use tokio::sync::Notify;
 
 use crate::fanout::Online;
 use crate::limits::{
-    TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX, TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S,
+    TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX, TYPING_SESSIONS_PER_INDICATOR, TYPING_SIGNAL_BURST,
+    TYPING_SIGNALS_PER_S,
 };
 use crate::presence::{Timed, spawn_timer};
 use crate::user::Allowances;
@@ -61,11 +66,23 @@ pub struct TypingState {
     timers: BTreeSet<(u64, ConvId, UserId)>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Typer {
+    /// When the indicator ends: the latest of `sessions`' ends (the key in `timers`).
     until_ms: u64,
-    /// The session that last started or repeated it.
-    session: u64,
+    /// `(session, until_ms)`: each of the user's sessions typing here and when its typing
+    /// ends; at most `TYPING_SESSIONS_PER_INDICATOR`, never empty.
+    sessions: Vec<(u64, u64)>,
+}
+
+impl Typer {
+    /// Drops `session` and any session whose typing ended by `now_ms`; returns whether
+    /// any is left typing.
+    fn drop_session(&mut self, session: u64, now_ms: u64) -> bool {
+        self.sessions.retain(|&(s, until)| s != session && until > now_ms);
+        self.until_ms = self.sessions.iter().map(|&(_, until)| until).max().unwrap_or(0);
+        !self.sessions.is_empty()
+    }
 }
 
 impl TypingState {
@@ -86,8 +103,9 @@ impl TypingState {
         }
     }
 
-    /// A member's signal (the caller checked membership). Returns the change to push:
-    /// a start when not typing, a stop when typing; a repeat only extends the time.
+    /// A member's signal from session `session` (the caller checked membership). Returns
+    /// the change to push: a start when not typing, a stop when this session was the last
+    /// typing; a repeat, or a start from another session, only extends the time.
     pub fn handle_signal(
         &mut self,
         conv: ConvId,
@@ -98,19 +116,26 @@ impl TypingState {
     ) -> Option<TypingChange> {
         let until_ms = now_ms.saturating_add(self.ttl_ms);
         if !typing {
-            return self.remove(conv, user).then_some(TypingChange { conv, user, typing: false });
+            return self.drop_session(conv, user, session, now_ms);
         }
         if let Some(typer) = self.entries.get_mut(&(conv, user)) {
             self.timers.remove(&(typer.until_ms, conv, user));
-            *typer = Typer { until_ms, session };
-            self.timers.insert((until_ms, conv, user));
+            if let Some(own) = typer.sessions.iter_mut().find(|(s, _)| *s == session) {
+                own.1 = until_ms;
+            } else if typer.sessions.len() < TYPING_SESSIONS_PER_INDICATOR {
+                typer.sessions.push((session, until_ms));
+            } else if let Some(soonest) = typer.sessions.iter_mut().min_by_key(|(_, until)| *until) {
+                *soonest = (session, until_ms);
+            }
+            typer.until_ms = typer.until_ms.max(until_ms);
+            self.timers.insert((typer.until_ms, conv, user));
             return None;
         }
         let convs = self.by_user.get(&user).map_or(0, |c| c.len());
         if convs >= self.per_user_max || self.entries.len() >= self.total_max {
             return None;
         }
-        self.entries.insert((conv, user), Typer { until_ms, session });
+        self.entries.insert((conv, user), Typer { until_ms, sessions: vec![(session, until_ms)] });
         self.by_user.entry(user).or_default().push(conv);
         self.timers.insert((until_ms, conv, user));
         Some(TypingChange { conv, user, typing: true })
@@ -127,24 +152,11 @@ impl TypingState {
         self.remove(conv, user).then_some(TypingChange { conv, user, typing: false })
     }
 
-    /// Session `session` of `user` ended: the indicators it set last end, pushed.
-    pub fn handle_session_end(&mut self, user: UserId, session: u64) -> Vec<TypingChange> {
-        let convs: Vec<ConvId> = self
-            .by_user
-            .get(&user)
-            .map(|convs| {
-                convs
-                    .iter()
-                    .copied()
-                    .filter(|&conv| self.entries.get(&(conv, user)).is_some_and(|t| t.session == session))
-                    .collect()
-            })
-            .unwrap_or_default();
-        convs
-            .into_iter()
-            .filter(|&conv| self.remove(conv, user))
-            .map(|conv| TypingChange { conv, user, typing: false })
-            .collect()
+    /// Session `session` of `user` ended at `now_ms`: its typing ends everywhere; the
+    /// indicators no other session of the user is typing in end, pushed.
+    pub fn handle_session_end(&mut self, user: UserId, session: u64, now_ms: u64) -> Vec<TypingChange> {
+        let convs = self.by_user.get(&user).cloned().unwrap_or_default();
+        convs.into_iter().filter_map(|conv| self.drop_session(conv, user, session, now_ms)).collect()
     }
 
     /// Ends every indicator not repeated in time; each is pushed as stopped.
@@ -180,6 +192,25 @@ impl TypingState {
     /// Whether no one is typing.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// `session` of `user` stops typing in `conv` at `now_ms`: the indicator ends
+    /// (returned, to push) if no other session is still typing there.
+    fn drop_session(&mut self, conv: ConvId, user: UserId, session: u64, now_ms: u64) -> Option<TypingChange> {
+        let typer = self.entries.get_mut(&(conv, user))?;
+        let before = typer.until_ms;
+        if !typer.sessions.iter().any(|&(s, _)| s == session) {
+            return None;
+        }
+        if typer.drop_session(session, now_ms) {
+            let after = typer.until_ms;
+            self.timers.remove(&(before, conv, user));
+            self.timers.insert((after, conv, user));
+            return None;
+        }
+        // The entry's key in `timers` is still `before`: `remove` takes it out.
+        typer.until_ms = before;
+        self.remove(conv, user).then_some(TypingChange { conv, user, typing: false })
     }
 
     fn remove(&mut self, conv: ConvId, user: UserId) -> bool {
@@ -285,7 +316,7 @@ impl Typing {
 
     /// A session ended: stop what it was typing.
     pub fn session_ended(&self, user: UserId, session: u64) {
-        self.update(|state, _| state.handle_session_end(user, session));
+        self.update(|state, now| state.handle_session_end(user, session, now));
     }
 
     /// A conversation entry was delivered: the sender's message ends its indicator (no
@@ -495,7 +526,8 @@ mod tests {
         assert_eq!(t.handle_signal(42, 1, 11, true, 200), None, "nor from another device");
         assert_eq!(t.handle_signal(42, 2, 20, true, 200), started(42, 2), "per user");
         assert_eq!(t.handle_signal(43, 1, 10, true, 200), started(43, 1), "per conversation");
-        assert_eq!(t.handle_signal(42, 1, 10, false, 300), stopped(42, 1));
+        assert_eq!(t.handle_signal(42, 1, 10, false, 300), None, "the other device is still typing");
+        assert_eq!(t.handle_signal(42, 1, 11, false, 300), stopped(42, 1));
         assert_eq!(t.handle_signal(42, 1, 10, false, 400), None, "stopping when stopped is not pushed");
         assert!(!t.is_typing(42, 1));
         assert_eq!(t.len(), 2);
@@ -541,9 +573,73 @@ mod tests {
         assert_eq!(t.handle_gone(42, 1), stopped(42, 1));
         assert_eq!(t.handle_gone(42, 1), None);
         // Session 10 ends: only what it set ends.
-        assert_eq!(t.handle_session_end(1, 10), vec![TypingChange { conv: 43, user: 1, typing: false }]);
+        assert_eq!(t.handle_session_end(1, 10, 1), vec![TypingChange { conv: 43, user: 1, typing: false }]);
         assert!(t.is_typing(44, 1));
-        assert!(t.handle_session_end(1, 10).is_empty());
+        assert!(t.handle_session_end(1, 10, 1).is_empty());
+    }
+
+    /// A user typing on two devices: the indicator stands until the last of them stops,
+    /// expires or ends, and neither device's stop makes the receivers' indicator flicker
+    /// (before, device B's stop ended it while A typed, and A's next repeat started it
+    /// again).
+    #[test]
+    fn an_indicator_stands_while_any_of_its_users_devices_is_typing() {
+        let mut t = TypingState::new(TTL);
+        assert_eq!(t.handle_signal(42, 1, 10, true, 0), started(42, 1));
+        assert_eq!(t.handle_signal(42, 1, 11, true, 1_000), None);
+        assert_eq!(t.handle_signal(42, 1, 11, false, 2_000), None, "device 10 still types");
+        assert_eq!(t.handle_signal(42, 1, 10, true, 3_000), None, "a repeat, not a new start");
+        assert_eq!(t.handle_signal(42, 1, 10, false, 4_000), stopped(42, 1), "the last device stopped");
+
+        // A session's end takes only its own part.
+        t.handle_signal(42, 1, 10, true, 10_000);
+        t.handle_signal(42, 1, 11, true, 10_000);
+        assert!(t.handle_session_end(1, 10, 10_500).is_empty());
+        assert!(t.is_typing(42, 1));
+        assert_eq!(t.handle_session_end(1, 11, 11_000), vec![TypingChange { conv: 42, user: 1, typing: false }]);
+
+        // Each device's typing expires on its own: device 10 went quiet at 20 s, device 11
+        // repeats until 25 s; the indicator ends at 25 s + TTL, not before.
+        t.handle_signal(42, 1, 10, true, 20_000);
+        t.handle_signal(42, 1, 11, true, 25_000);
+        assert!(t.handle_timeout(20_000 + TTL).is_empty());
+        assert_eq!(t.poll_timeout(), Some(25_000 + TTL));
+        assert_eq!(t.handle_timeout(25_000 + TTL), vec![TypingChange { conv: 42, user: 1, typing: false }]);
+        // Device 11 stops after device 10's time ran out: nothing is left typing.
+        t.handle_signal(42, 1, 10, true, 40_000);
+        t.handle_signal(42, 1, 11, true, 43_000);
+        assert_eq!(t.handle_signal(42, 1, 11, false, 40_000 + TTL + 1), stopped(42, 1));
+        assert_eq!(t.poll_timeout(), None, "no timer left behind");
+        // A stop from a device that was not typing ends nothing.
+        t.handle_signal(42, 1, 10, true, 50_000);
+        assert_eq!(t.handle_signal(42, 1, 12, false, 50_001), None);
+        assert!(t.is_typing(42, 1));
+        // Any device's message clears it.
+        t.handle_signal(42, 1, 11, true, 50_002);
+        assert!(t.handle_message(42, 1));
+        assert!(t.is_empty());
+        assert_eq!(t.poll_timeout(), None);
+    }
+
+    /// At most `TYPING_SESSIONS_PER_INDICATOR` sessions per indicator: one more replaces
+    /// the one whose typing ends soonest, and the indicator still ends when the rest do.
+    #[test]
+    fn the_sessions_of_one_indicator_are_bounded() {
+        let mut t = TypingState::new(TTL);
+        let n = TYPING_SESSIONS_PER_INDICATOR as u64;
+        for s in 0..=n {
+            t.handle_signal(42, 1, s, true, s * 10);
+        }
+        let typer = &t.entries[&(42, 1)];
+        assert_eq!(typer.sessions.len(), TYPING_SESSIONS_PER_INDICATOR);
+        assert!(!typer.sessions.iter().any(|&(s, _)| s == 0), "the soonest to end was replaced");
+        // The replaced session's stop ends nothing; the others' stops end it at the last.
+        assert_eq!(t.handle_signal(42, 1, 0, false, 200), None);
+        for s in 1..n {
+            assert_eq!(t.handle_signal(42, 1, s, false, 200), None);
+        }
+        assert_eq!(t.handle_signal(42, 1, n, false, 200), stopped(42, 1));
+        assert!(t.timers.is_empty());
     }
 
     #[test]

@@ -461,6 +461,37 @@ async fn a_message_clears_typing_and_no_late_stop_follows() {
     .await
 }
 
+/// alice types on two devices: bob's indicator stands until the last device stops.
+/// Before, the second device's stop (or its closing) ended it while the first still
+/// typed, and the first's next repeat started it again: bob saw it flicker.
+#[tokio::test]
+async fn typing_on_two_devices_stands_until_the_last_one_stops() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (a1, _) = tb.register("alice").await;
+        let (a2, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        let conv = direct(&a1, "bob", &mut bob_events).await;
+        let alice = a1.user_id;
+
+        a1.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice, true));
+        a2.typing(conv, true).await.unwrap();
+        a2.typing(conv, false).await.unwrap();
+        no_typing(&mut bob_events, 400).await;
+        a1.typing(conv, true).await.unwrap();
+        no_typing(&mut bob_events, 300).await;
+        // The second device starts again and goes away: its end is not alice's.
+        a2.typing(conv, true).await.unwrap();
+        a2.close();
+        no_typing(&mut bob_events, 400).await;
+        a1.typing(conv, false).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice, false));
+    })
+    .await
+}
+
 #[tokio::test]
 async fn typing_does_not_survive_a_restart() {
     bounded(async {
