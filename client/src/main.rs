@@ -861,6 +861,15 @@ async fn send(
         ConvArg::Id(id) => Some(id),
         ConvArg::Title(_) => None,
     };
+    // Ctrl-C (or SIGTERM, SIGHUP) while an attempt runs or between attempts gives up as
+    // running out of `--retry-for` does, printing what became of the message and the
+    // command that sends it at most once (before, it said only "interrupted", and a user
+    // who gave up on a broker that was down did not learn the command).
+    let stop = interrupted();
+    tokio::pin!(stop);
+    // Set as an attempt hands the message to the broker: one interrupted past that point
+    // may have stored it.
+    let handing = std::cell::Cell::new(false);
     let (conv, seq, duplicate) = loop {
         let attempt = async {
             // Within `--retry-for` (the connect timeout alone is 10 s), at least a second.
@@ -889,26 +898,35 @@ async fn send(
                     }
                 }
             };
+            handing.set(true);
             let sent = client.send_with_id(id, client_id, text).await;
             client.close();
             sent.map(|sent| Ok((id, sent))).map_err(|e| (e, Some(id), true))
         };
-        let error = match attempt.await {
-            Ok(Ok((id, (seq, duplicate)))) => break (id, seq, duplicate),
-            Ok(Err(e)) => return Err(e),
-            Err((e, id, sent)) => {
+        let outcome = tokio::select! {
+            outcome = attempt => Some(outcome),
+            _ = &mut stop => None,
+        };
+        let error = match outcome {
+            Some(Ok(Ok((id, (seq, duplicate))))) => break (id, seq, duplicate),
+            Some(Ok(Err(e))) => return Err(e),
+            None => {
+                maybe_stored |= handing.get();
+                None
+            }
+            Some(Err((e, id, sent))) => {
                 // Sent, and no answer came that says it was not stored: it may be.
                 let said_no = refused(&e);
                 maybe_stored |= sent && !said_no;
                 refused_once |= sent && said_no;
                 looked_up = looked_up.or(id);
-                e
+                Some(e)
             }
         };
         // What became of the message and the command that sends it at most once, for a
         // run that gives up (a refusal by the broker of a first attempt needs neither:
         // nothing was stored).
-        let give_up = |error: ClientError| {
+        let give_up = |error: anyhow::Error| {
             let conv_word = looked_up.map_or_else(|| conv.to_string(), |id| id.to_string());
             let again = reach
                 .clone()
@@ -934,21 +952,22 @@ async fn send(
                 }
                 _ => String::new(),
             };
-            anyhow::Error::new(error).context(format!("{said}{unchecked}"))
+            error.context(format!("{said}{unchecked}"))
         };
+        let Some(error) = error else { return Err(give_up(anyhow::anyhow!("interrupted"))) };
         if !worth_resending(&error) {
             // After an attempt that may have stored it (a resend refused, a certificate
             // refused on the next connection), the command is what the user needs; else
             // the error alone (a certificate refused on the first connection: the same
             // --ca or --pin again would not do).
             if maybe_stored {
-                return Err(give_up(error));
+                return Err(give_up(error.into()));
             }
             return Err(error.into());
         }
         let delay = std::time::Duration::from_millis(backoff.next_ms(switchboard_client::random_u64()));
         if tokio::time::Instant::now() + delay >= deadline {
-            return Err(give_up(error));
+            return Err(give_up(error.into()));
         }
         out.status(
             json!({"event": "resending", "conv": looked_up.map_or_else(|| json!(conv.to_string()), |id| json!(id)),
@@ -961,7 +980,10 @@ async fn send(
                 _ => format!("connection lost before the answer ({error}); sending again in {} ms", delay.as_millis()),
             },
         );
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut stop => return Err(give_up(anyhow::anyhow!("interrupted while waiting to send again"))),
+        }
     };
     out.appended(conv, seq, &client_id, duplicate);
     Ok(())

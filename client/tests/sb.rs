@@ -1850,6 +1850,37 @@ async fn send_to_a_broker_never_reached_says_not_sent_and_prints_a_command_that_
     assert_eq!(history.iter().filter(|e| e["text"] == text).count(), 1, "{history:?}");
 }
 
+/// `sb send` interrupted (Ctrl-C) while it waits for a broker that is down says what
+/// became of the message and prints the command that sends it at most once, as running
+/// out of `--retry-for` does. Before, it said only "interrupted".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_interrupted_while_retrying_says_not_sent_and_how_to_send_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _data_dir, alice, _bob, conv) = a_broker_with_alice_and_bob_direct(dir.path()).await;
+    let mut send = sb_command(&alice, &broker);
+    send.args(["send", "--retry-for", "60", "--", &conv.to_string(), "later"]).stderr(Stdio::piped());
+    broker.shutdown().await.unwrap();
+    let mut child = send.spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let waiting = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        while stderr.read_line(&mut line).unwrap() > 0 && !line.contains("trying again") {
+            line.clear();
+        }
+        (stderr, line)
+    });
+    let (mut stderr, line) = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap();
+    assert!(line.contains("trying again"), "sb send ended before it retried: {line}");
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(!status.success(), "{rest}");
+    assert!(rest.contains("not sent (no attempt got as far as sending it)"), "{rest}");
+    assert!(rest.contains("interrupted") && rest.contains("send --client-id"), "{rest}");
+}
+
 /// Mistakes a user makes are said before any work, in words: a conversation one is not
 /// in before a whole file is uploaded to it or a typing signal vanishes, an `add` with
 /// nobody to add, a server without a port; and a password comes from standard input
