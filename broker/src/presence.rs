@@ -78,8 +78,11 @@ struct UserPresence {
     published: Status,
     /// When the last push was made.
     last_push_ms: Option<u64>,
-    /// When the last device left (meaningful while `devices` is empty).
+    /// When the last device left (meaningful while `devices` is empty): the latest time
+    /// any of the devices that left was last heard from.
     offline_since_ms: u64,
+    /// The latest time a device that left was last heard from (0: none left yet).
+    last_left_ms: u64,
     /// This user's entry in `timers`.
     timer: Option<u64>,
     /// Its push allowance (`PRESENCE_PUSH_BURST`) as a GCRA theoretical arrival time:
@@ -112,6 +115,7 @@ impl PresenceState {
             published: Status::Offline,
             last_push_ms: None,
             offline_since_ms: now_ms,
+            last_left_ms: 0,
             timer: None,
             allowance_tat: 0,
         });
@@ -121,13 +125,21 @@ impl PresenceState {
         self.settle(user, now_ms);
     }
 
-    /// Session `session` of `user` ended (closed, timed out or cut off).
-    pub fn handle_detach(&mut self, user: UserId, session: u64, now_ms: u64) {
+    /// Session `session` of `user` ended (closed, timed out or cut off) at `now_ms`; its
+    /// device was last heard from at `heard_ms` (`now_ms` for a session that closed, the
+    /// idle timeout earlier for one that timed out). An offline user's last seen is the
+    /// latest time any of its devices was last heard from, so a device that died
+    /// without closing is not shown as seen when the broker gave up on it (before: "last
+    /// seen 0 s ago", 30–40 s after it vanished).
+    pub fn handle_detach(&mut self, user: UserId, session: u64, heard_ms: u64, now_ms: u64) {
         let Some(entry) = self.users.get_mut(&user) else { return };
         let before = entry.devices.len();
         entry.devices.retain(|&(s, _)| s != session);
+        if entry.devices.len() < before {
+            entry.last_left_ms = entry.last_left_ms.max(heard_ms.min(now_ms));
+        }
         if entry.devices.is_empty() && before > 0 {
-            entry.offline_since_ms = now_ms;
+            entry.offline_since_ms = entry.last_left_ms;
         }
         self.settle(user, now_ms);
     }
@@ -416,9 +428,10 @@ impl Presence {
         self.update(|state, now| state.handle_attach(user, session, now));
     }
 
-    /// A session of `user` ended.
-    pub fn detach(&self, user: UserId, session: u64) {
-        self.update(|state, now| state.handle_detach(user, session, now));
+    /// A session of `user` ended; its device was last heard from `silent_ms` before now
+    /// (0 for a session that closed; the idle timeout for one that timed out).
+    pub fn detach(&self, user: UserId, session: u64, silent_ms: u64) {
+        self.update(|state, now| state.handle_detach(user, session, now.saturating_sub(silent_ms), now));
     }
 
     /// A session of `user` is away or back (`SetPresence`).
@@ -754,6 +767,32 @@ mod tests {
         out
     }
 
+    /// A device that timed out was last seen when it was last heard from, not when the
+    /// broker gave up on it; with several devices, the latest of them counts.
+    #[test]
+    fn last_seen_is_when_the_last_device_was_last_heard_from() {
+        let mut p = PresenceState::new(0);
+        p.handle_attach(1, 10, 1_000);
+        p.handle_timeout(1_000);
+        // Timed out at 31.5 s, last heard from at 1.5 s.
+        p.handle_detach(1, 10, 1_500, 31_500);
+        assert_eq!(p.handle_timeout(31_500).changes, vec![change(1, Status::Offline, 1_500)]);
+
+        // Two devices: one closes at 50 s, the other dies, heard last at 45 s, and times
+        // out at 75 s: last seen 50 s (the latest either was heard).
+        p.handle_attach(2, 20, 40_000);
+        p.handle_attach(2, 21, 40_000);
+        p.handle_timeout(40_000);
+        p.handle_detach(2, 20, 50_000, 50_000);
+        p.handle_detach(2, 21, 45_000, 75_000);
+        assert_eq!(p.handle_timeout(75_000).changes, vec![change(2, Status::Offline, 50_000)]);
+        // Back and gone again: the new leave counts, not the old one.
+        p.handle_attach(2, 22, 80_000);
+        p.handle_timeout(80_000);
+        p.handle_detach(2, 22, 90_000, 90_000);
+        assert_eq!(p.handle_timeout(90_000).changes, vec![change(2, Status::Offline, 90_000)]);
+    }
+
     #[test]
     fn aggregate_over_devices_away_only_when_all_are() {
         let mut p = PresenceState::new(0);
@@ -765,20 +804,20 @@ mod tests {
         assert_eq!(p.current(1, 1002), Some((Status::Online, 1002)));
         p.handle_away(1, 11, true, 1003);
         assert_eq!(p.handle_timeout(1003).changes, vec![change(1, Status::Away, 1003)]);
-        p.handle_detach(1, 11, 1004);
+        p.handle_detach(1, 11, 1004, 1004);
         assert_eq!(p.poll_timeout(), None, "the remaining device is away too");
         p.handle_attach(1, 12, 1005);
         assert_eq!(p.handle_timeout(1005).changes, vec![change(1, Status::Online, 1005)], "a new device is online");
-        p.handle_detach(1, 12, 1006);
+        p.handle_detach(1, 12, 1006, 1006);
         assert_eq!(p.handle_timeout(1006).changes, vec![change(1, Status::Away, 1006)]);
-        p.handle_detach(1, 10, 1007);
+        p.handle_detach(1, 10, 1007, 1007);
         assert_eq!(p.current(1, 1008), Some((Status::Offline, 1007)));
         let fired = p.handle_timeout(1008);
         assert_eq!(fired.changes, vec![change(1, Status::Offline, 1007)], "last seen: the last leave");
         assert_eq!(fired.forgotten, vec![1], "with no window an offline user is forgotten at once");
         // Unknown sessions and users change nothing.
         p.handle_away(1, 99, true, 1008);
-        p.handle_detach(2, 5, 1008);
+        p.handle_detach(2, 5, 1008, 1008);
         assert!(p.handle_timeout(1008).changes.is_empty());
     }
 
@@ -833,7 +872,7 @@ mod tests {
         for (i, t) in (0..60_000).step_by(4 * W as usize).enumerate() {
             p.handle_attach(1, i as u64, t);
             pushes.extend(run_until(&mut p, t + W));
-            p.handle_detach(1, i as u64, t + W);
+            p.handle_detach(1, i as u64, t + W, t + W);
             pushes.extend(run_until(&mut p, t + 4 * W - 1));
         }
         pushes.extend(run_until(&mut p, 200_000));
@@ -922,13 +961,13 @@ mod tests {
         let mut p = PresenceState::new(W);
         p.handle_attach(1, 10, 0);
         run_until(&mut p, 0);
-        p.handle_detach(1, 10, 300);
+        p.handle_detach(1, 10, 300, 300);
         assert_eq!(p.handle_timeout(300).changes, vec![change(1, Status::Offline, 300)]);
         // Back at once: held to the window after the offline push.
         p.handle_attach(1, 11, 310);
         assert!(p.handle_timeout(320).changes.is_empty());
         assert_eq!(p.handle_timeout(550).changes, vec![change(1, Status::Online, 550)]);
-        p.handle_detach(1, 11, 600);
+        p.handle_detach(1, 11, 600, 600);
         let offline = p.handle_timeout(800);
         assert_eq!(offline.changes, vec![change(1, Status::Offline, 600)], "last seen is the leave, not the push");
         assert!(p.is_known(1));
@@ -940,7 +979,7 @@ mod tests {
         assert_eq!(p.poll_timeout(), None);
         // Connect and leave before the first push: nothing to tell anyone.
         p.handle_attach(2, 20, 2000);
-        p.handle_detach(2, 20, 2000);
+        p.handle_detach(2, 20, 2000, 2000);
         let fired = p.handle_timeout(2000);
         assert!(fired.changes.is_empty());
         assert_eq!(fired.forgotten, vec![2]);

@@ -43,7 +43,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         shared.counters.handshake_refused(refusal.0);
         return close(&conn, refusal);
     }
-    let mut attached = Attached { shared: &shared, user, session, presence: false };
+    let mut attached = Attached { shared: &shared, user, session, presence: false, silent_ms: 0 };
     // A revoke that ran between the signature check and the attach found no session
     // to close: look again now that the session is visible to revokes.
     match shared.store.device(user, device) {
@@ -65,6 +65,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     Counters::add(&shared.counters.sessions_started, 1);
     shared.presence.attach(user, session);
     attached.presence = true;
+    let started = std::time::Instant::now();
     let writer = {
         let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());
         tokio::spawn(async move {
@@ -94,6 +95,13 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
     let end = read_loop(&conn, &mut recv, &mut decoder, &permits, &session_state).await;
+    // A device whose connection timed out was last heard from at least the idle timeout
+    // ago (the smaller of ours and its own, which the broker cannot read; quinn restarts
+    // the timer once more when it sends after the last packet received, so up to a third
+    // more with our keep-alive): its last seen is then, not now.
+    if matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+        attached.silent_ms = shared.config.idle_timeout_ms.min(started.elapsed().as_millis() as u64);
+    }
     if end.0 != ErrorCode::NO_ERROR {
         tracing::debug!(session, code = %end.0, reason = %end.1, "closing connection");
         close(&conn, end);
@@ -120,14 +128,16 @@ struct Attached<'a> {
     session: u64,
     /// Presence and typing know the session too.
     presence: bool,
+    /// How long before its end the device was last heard from, ms (0: it closed).
+    silent_ms: u64,
 }
 
 impl Drop for Attached<'_> {
     fn drop(&mut self) {
-        let Attached { shared, user, session, presence } = *self;
+        let Attached { shared, user, session, presence, silent_ms } = *self;
         shared.users.detach(user, session);
         if presence {
-            shared.presence.detach(user, session);
+            shared.presence.detach(user, session, silent_ms);
             shared.typing.session_ended(user, session);
         }
     }
