@@ -107,8 +107,9 @@ impl Online {
     /// Sends an ephemeral event frame (typing) to every session of every user in
     /// `users`: as one QUIC datagram where the device enabled datagrams and the frame
     /// fits, else queued like any event. A datagram may be lost, and one that finds quinn's
-    /// send buffer full pushes out the oldest queued one; the receiver's indicator then
-    /// ends by its timeout. Returns the number of copies sent or queued.
+    /// send buffer full pushes out the oldest queued one: only typing starts go this way
+    /// (a start lost is not shown; stops go by `deliver`). Returns the number of copies
+    /// sent or queued.
     pub fn deliver_ephemeral(&self, users: &[UserId], frame: &Bytes) -> usize {
         let mut delivered = 0;
         for &user in users {

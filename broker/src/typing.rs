@@ -242,7 +242,9 @@ pub struct Typing {
     allowance: Allowances,
     /// Changes not yet pushed: `true` started, `false` stopped. Starts are queued while
     /// it holds fewer than `TYPING_ENTRIES_MAX` keys, stops while fewer than twice that
-    /// (one dropped past it: receivers end the indicator by their own timeout). Lock
+    /// (one dropped past it leaves its indicator shown until the typist's next change or
+    /// the receiver reconnects; stops come only for standing indicators, so this takes a
+    /// pusher stalled while more end than can stand at once). Lock
     /// order: `state`, then this.
     pending: Mutex<HashMap<(ConvId, UserId), bool>>,
     store: Arc<Store>,
@@ -413,11 +415,18 @@ impl Typing {
             .collect()
     }
 
-    /// Sends `change` to `others`' online devices (no store reads).
+    /// Sends `change` to `others`' online devices (no store reads): a start as a QUIC
+    /// datagram where the device enabled them (a lost one leaves an indicator unshown),
+    /// a stop always on the control stream, so that it cannot be lost and no indicator
+    /// stays shown (before, a stop was a datagram too, and a lost one left the typist
+    /// shown typing until its next change, which could be never).
     fn deliver(&self, others: &[UserId], TypingChange { conv, user, typing }: TypingChange) {
         match encode_frame(&ServerFrame::Event(Event::Typing { conv, user, typing })) {
-            Ok(frame) => {
+            Ok(frame) if typing => {
                 self.online.deliver_ephemeral(others, &frame);
+            }
+            Ok(frame) => {
+                self.online.deliver(others, &frame, 0);
             }
             Err(e) => tracing::error!(error = %e, "a typing event did not encode"),
         }
@@ -434,7 +443,7 @@ impl Typing {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             for TypingChange { conv, user, typing } in apply(&mut state, self.clock_ms()) {
                 // Stops have room past the starts' bound: a stop dropped would leave a
-                // shown start standing until the receivers' own timeout.
+                // shown start standing until the typist's next change.
                 let room = if typing { TYPING_ENTRIES_MAX } else { 2 * TYPING_ENTRIES_MAX };
                 if pending.len() < room || pending.contains_key(&(conv, user)) {
                     pending.insert((conv, user), typing);

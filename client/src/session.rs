@@ -3,7 +3,7 @@
 //! pending request; `Session` handles talk to it through a bounded channel, and the
 //! application reads one gap-free, duplicate-free `SessionEvents` stream.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -107,7 +107,10 @@ pub enum SessionEvent {
     Receipt(Receipt),
     /// A contact's presence; after each connect, one for every contact (a snapshot).
     Presence(PresenceInfo),
-    /// A member started or stopped typing.
+    /// A member started or stopped typing. Each start handed on is followed by its stop,
+    /// at the latest when the connection ends or `Left` is told of the conversation (the
+    /// broker forgets indicators when it restarts, and a stop pushed while disconnected
+    /// is not sent again), so no indicator stays shown.
     Typing {
         /// Conversation.
         conv: ConvId,
@@ -349,6 +352,8 @@ impl Session {
             away_in_flight: false,
             presence_since_snapshot: None,
             presence_backlog: BTreeMap::new(),
+            typing_shown: HashSet::new(),
+            typing_owed: BTreeSet::new(),
             states_done: false,
             caught_up_sent: false,
             pages_retry_set: false,
@@ -591,6 +596,11 @@ const PRESENCE_SEEN_MAX: usize = 4096;
 /// live changes, the latest per user); past it a live change is dropped.
 const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize;
 
+/// Typing indicators a `Session` tracks as shown (to stop them when its connection
+/// ends); a start beyond is not handed on. The broker lets a user type in at most 16
+/// conversations at once, so this is 256 typists at their most.
+const TYPING_SHOWN_MAX: usize = 4096;
+
 /// Uploads last seen in progress (per file and audience) whose state the session asks
 /// for after a reconnect: what moved while no connection was up is not replayed, and
 /// before, an application kept showing such an upload in progress after it completed
@@ -769,6 +779,13 @@ struct Task {
     /// newer), at most `PRESENCE_BACKLOG_MAX`, handed on as the application takes
     /// events.
     presence_backlog: BTreeMap<UserId, PresenceInfo>,
+    /// Typing indicators handed on as started and not yet as stopped (together with
+    /// `typing_owed`, at most `TYPING_SHOWN_MAX`).
+    typing_shown: HashSet<(ConvId, UserId)>,
+    /// Those whose stop is owed (it found no room in the event queue, or the connection
+    /// ended): handed on before anything else that waits for room, so no indicator
+    /// stays shown.
+    typing_owed: BTreeSet<(ConvId, UserId)>,
     states_done: bool,
     caught_up_sent: bool,
     /// A timer to ask for stalled catch-up pages again is set (`retry_later`).
@@ -1200,13 +1217,17 @@ impl Task {
                     self.presence_backlog.insert(p.user, p);
                 }
             }
-            Some(Event::Typing { conv, user, typing }) => self.emit(SessionEvent::Typing { conv, user, typing }),
+            Some(Event::Typing { conv, user, typing }) => self.typing(conv, user, typing),
             Some(Event::File(progress)) => self.file_event(progress),
             None => {
                 let live = self.live.take().expect("next_event yields only while connected");
                 let error = live.client.closed().await;
                 self.merge.disconnected();
                 self.states_done = false;
+                // What the broker told of typing no longer holds: it forgets indicators
+                // when it restarts, and a stop pushed meanwhile is not sent again.
+                self.typing_owed.extend(self.typing_shown.drain());
+                self.release_typing_stops();
                 if permanent(&error) {
                     self.stop(error);
                     return true;
@@ -1544,9 +1565,38 @@ impl Task {
     /// the rows that did not fit until each user next changed). Receipts that then find
     /// no room are asked for again once there is (`receipts`).
     fn release_presence(&mut self) {
+        self.release_typing_stops();
         while self.room() > 0 {
             let Some((_, p)) = self.presence_backlog.pop_first() else { break };
             self.emit(SessionEvent::Presence(p));
+        }
+    }
+
+    /// A typing change from the broker: a start is handed on (and tracked) if the queue
+    /// and `TYPING_SHOWN_MAX` have room; a stop only for an indicator handed on, and
+    /// owed until the queue has room.
+    fn typing(&mut self, conv: ConvId, user: UserId, typing: bool) {
+        let key = (conv, user);
+        if typing {
+            // An owed stop is not owed any more: the indicator is shown and stands.
+            let known = self.typing_owed.remove(&key) || self.typing_shown.contains(&key);
+            let room = known || self.typing_shown.len() + self.typing_owed.len() < TYPING_SHOWN_MAX;
+            if room && (self.out.try_send(SessionEvent::Typing { conv, user, typing }).is_ok() || known) {
+                self.typing_shown.insert(key);
+            }
+        } else if self.typing_shown.remove(&key) {
+            self.typing_owed.insert(key);
+            self.release_typing_stops();
+        }
+    }
+
+    /// Hands on the typing stops owed, as the event queue has room.
+    fn release_typing_stops(&mut self) {
+        while let Some(&(conv, user)) = self.typing_owed.first() {
+            if self.out.try_send(SessionEvent::Typing { conv, user, typing: false }).is_err() {
+                return;
+            }
+            self.typing_owed.pop_first();
         }
     }
 
@@ -1729,6 +1779,14 @@ impl Task {
         self.merge.forget(conv);
         self.reported.remove(&conv);
         self.forget_files_of(conv);
+        // Typing in it is no longer told: its indicators stop (before `Left`, as room
+        // allows; the rest as the application takes events).
+        let typists: Vec<_> = self.typing_shown.iter().filter(|&&(c, _)| c == conv).copied().collect();
+        for key in typists {
+            self.typing_shown.remove(&key);
+            self.typing_owed.insert(key);
+        }
+        self.release_typing_stops();
         self.emit(SessionEvent::Left { conv });
     }
 

@@ -384,10 +384,13 @@ async fn typing_reaches_other_members_over_datagrams_repeats_extend_and_it_expir
             alice.typing(conv, true).await.unwrap();
             no_typing(&mut bob_events, 200).await;
         }
-        // No more repeats: it stops by itself, pushed.
+        // No more repeats: it stops by itself, pushed, on the control stream (a lost
+        // datagram would leave it shown: before, stops were datagrams too).
         let quiet = Instant::now();
+        let datagrams = bob.connection().stats().frame_rx.datagram;
         assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, false));
         assert!(quiet.elapsed() < Duration::from_millis(3_000), "stopped after {:?}", quiet.elapsed());
+        assert_eq!(bob.connection().stats().frame_rx.datagram, datagrams, "the stop came as a datagram");
         // A stranger's signal for the conversation is dropped.
         carol.typing(conv, true).await.unwrap();
         carol.signal(switchboard_protocol::Signal::Typing { conv, typing: true }).await.unwrap();

@@ -486,3 +486,40 @@ async fn a_refused_certificate_stops_only_a_session_that_never_connected() {
     })
     .await
 }
+
+/// A typing indicator a `Session` handed on is stopped when its connection ends: the
+/// broker forgets indicators when it restarts, and a stop pushed while the device was
+/// away is not sent again. Before, `sb tail` showed a typist typing for good after a
+/// broker restart (a new user's trial).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_shown_is_stopped_when_the_connection_ends() {
+    bounded(async {
+        // An indicator that does not expire within the test: no stop comes from the broker.
+        let tb = TestBroker::start_with(|c| c.typing_ttl_ms = 120_000).await;
+        let (alice_client, _) = tb.register("alice").await;
+        let (bob_client, bob) = tb.register("bob").await;
+        drop(bob_client);
+        let conv = alice_client.create_group("plans", &["bob".into()]).await.unwrap().id;
+        let (bob_session, mut bob_events) = start(&tb, &bob);
+        wait_for(&mut bob_events, "bob's catch-up", |e| matches!(e, SessionEvent::CaughtUp)).await;
+
+        alice_client.typing(conv, true).await.unwrap();
+        let alice = alice_client.user_id;
+        let typing = |on: bool| move |e: &SessionEvent| matches!(e, SessionEvent::Typing { conv: c, user, typing } if *c == conv && *user == alice && *typing == on);
+        wait_for(&mut bob_events, "alice typing", typing(true)).await;
+        kick(&tb, bob.user_id);
+        // Both the stop and the disconnect are told (the stop first); alice is still
+        // typing as far as the broker knows, so it pushes no stop.
+        let (mut stopped, mut disconnected) = (false, false);
+        within(STEP_DEADLINE, "the stop and the disconnect", async {
+            while !(stopped && disconnected) {
+                let event = bob_events.next().await.unwrap();
+                stopped |= typing(false)(&event);
+                disconnected |= matches!(event, SessionEvent::Disconnected { .. });
+            }
+        })
+        .await;
+        bob_session.close().await;
+    })
+    .await;
+}
