@@ -328,7 +328,10 @@ pub(crate) async fn conversation_states(
             let Some(summary) = summary(shared, me, conv)? else { continue };
             let last = summary.last_seq;
             let marks = store.receipt(conv, me)?.unwrap_or_default();
-            let (delivered_up_to, read_up_to) = (marks.delivered_up_to.min(last), marks.read_up_to.min(last));
+            // My own view: delivered never below read (a member who keeps reads private
+            // has them stored apart: `ConversationState::own_receipt`).
+            let read_up_to = marks.read_up_to.min(last);
+            let delivered_up_to = marks.delivered_up_to.min(last).max(read_up_to);
             // A member added later counts only what came after the addition as unread.
             let joined = store.joined_at(me, conv)?.unwrap_or(0);
             let unread = store.unread(conv, me, read_up_to.max(joined), last)?;

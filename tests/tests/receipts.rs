@@ -308,7 +308,15 @@ async fn private_read_receipts_are_hidden_from_others_and_shown_to_own_devices()
         }
         // alice is told nothing when bob reads: the next receipt she sees is the next delivery.
         let later = alice.send(conv, "again").await.unwrap();
-        bob.mark_read(conv, later).await.unwrap();
+        let mine = bob.mark_read(conv, later).await.unwrap();
+        // Bob's own view: delivered never below read (before: delivered `seq`, read `later`).
+        assert_eq!((mine.delivered_up_to, mine.read_up_to), (later, Some(later)));
+        let state = phone.conversation_states().await.unwrap().into_iter().find(|s| s.summary.id == conv).unwrap();
+        assert_eq!((state.delivered_up_to, state.read_up_to), (later, later));
+        let own = phone.receipts(conv).await.unwrap();
+        assert_eq!(own.iter().find(|r| r.user == bob.user_id).unwrap().delivered_up_to, later);
+        let listed = alice.receipts(conv).await.unwrap();
+        assert_eq!(listed.iter().find(|r| r.user == bob.user_id).unwrap().delivered_up_to, seq, "not to others");
         bob.mark_delivered(&[(conv, later)]).await.unwrap();
         let next = next_receipt(&mut alice_events).await;
         assert_eq!(

@@ -1457,15 +1457,17 @@ mod tests {
         h.notices.clear();
         let read = h.mark(BOB, Mark::Read(4));
         h.commit_receipts();
-        assert_eq!(h.receipt_answer(read), Some(Ok((2, Some(4)))), "bob's own answer shows it");
+        // Bob's own devices are shown delivered never below read (PROTOCOL.md 5.3;
+        // before: delivered 2, read 4); the others still see delivered 2.
+        assert_eq!(h.receipt_answer(read), Some(Ok((4, Some(4)))), "bob's own answer shows it");
         assert_eq!(
             receipt_events(&h),
-            vec![(BOB, 2, Some(4), vec![BOB])],
+            vec![(BOB, 4, Some(4), vec![BOB])],
             "bob's devices see his read mark; the others hear nothing when only it moved, \
              and a private read does not raise delivery, which they would see"
         );
         assert_eq!(h.receipts(OWNER)[1], (BOB, 2, None));
-        assert_eq!(h.receipts(BOB)[1], (BOB, 2, Some(4)));
+        assert_eq!(h.receipts(BOB)[1], (BOB, 4, Some(4)));
         h.notices.clear();
         h.mark(BOB, Mark::Delivered(4));
         h.commit_receipts();

@@ -754,7 +754,7 @@ impl<R> ConversationState<R> {
                 // Others hear of delivery only: a push when just the read mark moved would
                 // tell them when the user read.
                 if after.delivered_up_to != before.delivered_up_to {
-                    delivered_only.push(Receipt { read_up_to: None, ..own.clone() });
+                    delivered_only.push(self.raw_delivered(user));
                 }
                 private_own.push(own);
             } else {
@@ -927,17 +927,28 @@ impl<R> ConversationState<R> {
                 receipt.delivered_up_to = 0;
                 receipt.read_up_to = None;
             } else if user != viewer && self.private(log, user) {
-                receipt.read_up_to = None;
+                receipt = self.raw_delivered(user);
             }
             out.push(receipt);
         }
         Ok(out)
     }
 
-    /// `user`'s durable watermarks with `read_up_to` shown (as its own devices see them).
+    /// `user`'s durable watermarks as its own devices see them: `read_up_to` shown, and
+    /// `delivered_up_to` never below it (PROTOCOL.md section 5.3). A member who keeps
+    /// read receipts private has its read mark stored apart from its delivered one
+    /// (`raw_delivered`), and before, its own devices were shown delivered 0, read 4.
     fn own_receipt(&self, user: UserId) -> Receipt {
         let m = self.receipts.durable(user);
-        Receipt { conv: self.id, user, delivered_up_to: m.delivered_up_to, read_up_to: Some(m.read_up_to) }
+        let delivered_up_to = m.delivered_up_to.max(m.read_up_to);
+        Receipt { conv: self.id, user, delivered_up_to, read_up_to: Some(m.read_up_to) }
+    }
+
+    /// `user`'s delivered watermark as others may see it when its read mark is hidden:
+    /// moved by delivery reports only, so it tells nothing of its reads.
+    fn raw_delivered(&self, user: UserId) -> Receipt {
+        let m = self.receipts.durable(user);
+        Receipt { conv: self.id, user, delivered_up_to: m.delivered_up_to, read_up_to: None }
     }
 
     /// Reads a member's stored watermarks into the book if it holds none for it (first
