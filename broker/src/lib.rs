@@ -484,7 +484,7 @@ impl Broker {
         }
         self.shared.online.close_all(ErrorCode::GOING_AWAY);
         for endpoint in &self.endpoints {
-            endpoint.close(ErrorCode::GOING_AWAY.0.into(), b"broker shutting down");
+            endpoint.close(ErrorCode::GOING_AWAY.0.into(), ErrorCode::GOING_AWAY.name().as_bytes());
         }
         let idle = async {
             for endpoint in &self.endpoints {

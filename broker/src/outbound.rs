@@ -58,6 +58,8 @@ struct Queue {
     latest: Vec<(LatestKey, Bytes)>,
     /// Bytes reserved for answers not yet queued (`reserve_answer`).
     reserved: usize,
+    /// Answers reserved and not yet queued: one frame each.
+    reserved_frames: usize,
     /// A request waits for answer room: the next drain or release signals `room`.
     room_wanted: bool,
 }
@@ -103,6 +105,7 @@ impl Outbound {
                 cut_off: None,
                 latest: Vec::new(),
                 reserved: 0,
+                reserved_frames: 0,
                 room_wanted: false,
             }),
             wake: Notify::new(),
@@ -208,28 +211,43 @@ impl Outbound {
     /// reading client a slow consumer: past the room, the session stops reading requests
     /// (flow control) until the writer has written. `Err` once the queue is closed.
     pub async fn reserve_answer(self: &Arc<Self>, bytes: usize) -> Result<AnswerRoom, Closed> {
-        let bytes = bytes.min(switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize);
-        let budget = (self.max_bytes / 2).max(bytes);
         loop {
             let notified = self.room.notified();
-            {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(code) = q.closed {
-                    return Err(Closed(code));
-                }
-                if q.bytes + q.writing + q.reserved + bytes <= budget {
-                    q.reserved += bytes;
-                    return Ok(AnswerRoom { out: self.clone(), bytes });
-                }
-                q.room_wanted = true;
+            if let Some(room) = self.try_reserve_answer(bytes)? {
+                return Ok(room);
             }
             notified.await;
         }
     }
 
+    /// `reserve_answer` without waiting: `Ok(None)` when there is no room now (a waiter
+    /// is then signalled by the next drain or release). Every answer takes one frame of
+    /// the half of the frame bound that answers may hold, whatever its bytes, so that
+    /// small answers a client does not read (8,000 pipelined `Ping`s) fill no more than
+    /// their half either: before, only answers that may be large reserved, and a client
+    /// that stopped reading was cut off as a slow consumer by answers alone.
+    pub fn try_reserve_answer(self: &Arc<Self>, bytes: usize) -> Result<Option<AnswerRoom>, Closed> {
+        let bytes = bytes.min(switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES as usize);
+        let budget = (self.max_bytes / 2).max(bytes);
+        let frame_budget = (self.max_frames / 2).max(1);
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(code) = q.closed {
+            return Err(Closed(code));
+        }
+        let frames_room = q.frames.len() + q.reserved_frames < frame_budget;
+        if frames_room && q.bytes + q.writing + q.reserved + bytes <= budget {
+            q.reserved += bytes;
+            q.reserved_frames += 1;
+            return Ok(Some(AnswerRoom { out: self.clone(), bytes }));
+        }
+        q.room_wanted = true;
+        Ok(None)
+    }
+
     fn release(&self, bytes: usize) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         q.reserved = q.reserved.saturating_sub(bytes);
+        q.reserved_frames = q.reserved_frames.saturating_sub(1);
         let wanted = std::mem::take(&mut q.room_wanted);
         drop(q);
         if wanted {

@@ -45,6 +45,11 @@ pub struct TransportOptions {
     /// proof) the broker has not answered in this long (`Connect` error naming the
     /// address), instead of waiting out the idle timeout. Default 10 s.
     pub connect_timeout: Duration,
+    /// Bytes of one stream the broker may send ahead of what this client has read (its
+    /// QUIC stream receive window). Default 2 MiB: a history page is up to 1 MiB, room
+    /// for two in flight. A smaller window holds less in memory; the broker keeps what
+    /// does not fit in the device's outbound queue (PROTOCOL.md section 7).
+    pub stream_receive_window: u32,
 }
 
 impl Default for TransportOptions {
@@ -54,6 +59,7 @@ impl Default for TransportOptions {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            stream_receive_window: 2 * 1024 * 1024,
         }
     }
 }
@@ -94,8 +100,7 @@ pub(crate) fn endpoint(
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(0u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
-    // A history page is up to 1 MiB: room for two in flight.
-    transport.stream_receive_window((2u32 * 1024 * 1024).into());
+    transport.stream_receive_window(options.stream_receive_window.into());
     transport.receive_window((4u32 * 1024 * 1024).into());
     transport.send_window(1024 * 1024);
     let idle = quinn::IdleTimeout::try_from(options.idle_timeout).map_err(connect)?;

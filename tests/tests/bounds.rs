@@ -21,10 +21,11 @@ use switchboard_broker::pauses::Point;
 use switchboard_client::{Client, ClientError, RawSession};
 use switchboard_protocol::limits::{HISTORY_PAGE_MAX, MAX_CLIENT_FRAME_BYTES, MAX_INFLIGHT_REQUESTS, MAX_TEXT_BYTES};
 use switchboard_protocol::{
-    Body, ClientFrame, ConvId, Entry, ErrorCode, Event, Page, Reply, RequestBody, Signal, encode_frame,
+    Body, ClientFrame, ConvId, Entry, ErrorCode, Event, Page, Reply, RequestBody, ServerFrame, Signal, decode,
+    encode_frame,
 };
 use switchboard_tests::{
-    STEP_DEADLINE, TestBroker, bounded, close_code, closed_with, next_response, request_frame, within,
+    STEP_DEADLINE, TestBroker, bounded, close_code, closed_with, next_response, read_frame, request_frame, within,
 };
 
 /// The code a connection beyond `MAX_SESSIONS_PER_USER` is closed with. Named once
@@ -170,6 +171,55 @@ async fn pipelined_full_pages_never_make_a_reader_a_slow_consumer() {
             }
         })
         .await;
+    })
+    .await
+}
+
+/// PROTOCOL.md section 7 again, for small answers: a client with a small receive window
+/// that pipelines 8,000 `Ping`s and reads nothing for a second gets every answer and
+/// stays connected (the broker stops taking its requests while half the outbound queue's
+/// frames are its answers). Before, only answers that may be large reserved room, and
+/// about 4,100 unread pongs closed the client `SLOW_CONSUMER` (an attacker's fuzzing
+/// with aioquic found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_small_answers_never_make_a_reader_a_slow_consumer() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_alice, alice_id) = tb.register("alice").await;
+        let small = switchboard_client::TransportOptions { stream_receive_window: 16 * 1024, ..Default::default() };
+        let b = tb.broker.as_ref().unwrap();
+        let connector = switchboard_client::Connector::with_transport(
+            b.local_addr,
+            "localhost",
+            switchboard_client::Trust::CaFile(b.cert_path.clone()),
+            &small,
+        )
+        .unwrap();
+        let mut raw = connector.connect_raw(&alice_id).await.unwrap();
+        const PINGS: u32 = 8_000;
+        let bytes: Vec<u8> =
+            (1..=PINGS).flat_map(|id| request_frame(id, RequestBody::Ping).to_vec()).collect::<Vec<u8>>();
+        let mut send = raw.send;
+        // The broker stops reading at its bound, so the write completes only as answers
+        // are read.
+        let writer = tokio::spawn(async move {
+            send.write_all(&bytes).await.unwrap();
+            send
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut answered = 0;
+        while answered < PINGS {
+            match within(STEP_DEADLINE, "a pong", read_frame(&mut raw.recv, &mut raw.decoder)).await {
+                Some(frame) => {
+                    assert!(matches!(decode::<ServerFrame>(&frame).unwrap(), ServerFrame::Response { .. }));
+                    answered += 1;
+                }
+                None => panic!("closed after {answered} answers: {:?}", raw.conn.close_reason()),
+            }
+        }
+        within(STEP_DEADLINE, "the pipelined write", writer).await.unwrap();
+        assert_eq!(tb.shared().counters.slow_consumers.total(), 0, "nobody was cut off");
+        assert!(raw.conn.close_reason().is_none(), "still connected");
     })
     .await
 }

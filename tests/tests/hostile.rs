@@ -326,3 +326,38 @@ impl rustls::client::ClientSessionStore for Tickets {
         Some(ticket)
     }
 }
+
+/// PROTOCOL.md section 9: when the broker closes an established session, the close
+/// reason is the code's name. Before, a shutdown said "broker shutting down" or
+/// "session closed", and a revocation "session closed", depending on which path got
+/// there first (an attacker's fuzzing with aioquic noticed).
+#[tokio::test]
+async fn an_established_sessions_close_reason_is_its_codes_name() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (_phone, phone_id) = tb.login("alice").await;
+        let reason = |conn: &quinn::Connection| match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                (ErrorCode(close.error_code.into_inner() as u16), String::from_utf8_lossy(&close.reason).into_owned())
+            }
+            other => panic!("{other:?}"),
+        };
+        let revoked = tb.connector().connect_raw(&phone_id).await.unwrap();
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        closed_with(&revoked.conn).await;
+        assert_eq!(reason(&revoked.conn), (ErrorCode::DEVICE_REVOKED, "DEVICE_REVOKED".into()));
+        let (_, alice_id) = tb.login("alice").await;
+        let raws = [
+            tb.connector().connect_raw(&alice_id).await.unwrap(),
+            tb.connector().connect_raw(&alice_id).await.unwrap(),
+            tb.connector().connect_raw(&alice_id).await.unwrap(),
+        ];
+        tb.stop().await;
+        for raw in &raws {
+            closed_with(&raw.conn).await;
+            assert_eq!(reason(&raw.conn), (ErrorCode::GOING_AWAY, "GOING_AWAY".into()));
+        }
+    })
+    .await
+}

@@ -166,7 +166,7 @@ async fn read_loop(
             Ok(ClientFrame::Request(r)) => r,
             Ok(ClientFrame::Signal(signal)) => {
                 if let Some(code) = session.ended() {
-                    return Close(code, "session closed".into());
+                    return Close(code, code.name().into());
                 }
                 session.signal(signal);
                 continue;
@@ -179,14 +179,17 @@ async fn read_loop(
             Ok(Err(_)) => return Close(ErrorCode::INTERNAL, "internal error".into()),
             Err(close) => return close,
         };
-        // An answer that may be large waits for room in the outbound queue before the
-        // request is taken, so answers alone never overflow it (`reserve_answer`).
-        // The wait ends with the connection (nothing would drain the queue any more),
-        // and after `ANSWER_ROOM_WAIT` without room the device is a slow consumer, as it
-        // would be had the answers gone into the queue.
-        let room = match answer_bound(&req.body) {
-            0 => None,
-            bytes => {
+        // Every answer has room in the outbound queue before its request is taken, so
+        // answers alone never overflow it (`reserve_answer`): at once when there is
+        // room (no timer on the message path), else waited for. The wait ends with the
+        // connection (nothing would drain the queue any more), and after
+        // `ANSWER_ROOM_WAIT` without room the device is a slow consumer, as it would be
+        // had the answers gone into the queue.
+        let bytes = answer_bound(&req.body).max(SMALL_ANSWER_BYTES);
+        let room = match session.out.try_reserve_answer(bytes) {
+            Ok(Some(room)) => Some(room),
+            Err(Closed(code)) => return Close(code, code.name().into()),
+            Ok(None) => {
                 let wait = async {
                     tokio::select! {
                         room = tokio::time::timeout(ANSWER_ROOM_WAIT, session.out.reserve_answer(bytes)) => Some(room),
@@ -195,10 +198,10 @@ async fn read_loop(
                 };
                 match beside_other_traffic(wait, conn, session, &mut datagrams).await {
                     Ok(Some(Ok(Ok(room)))) => Some(room),
-                    Ok(Some(Ok(Err(Closed(code))))) => return Close(code, "session closed".into()),
+                    Ok(Some(Ok(Err(Closed(code))))) => return Close(code, code.name().into()),
                     Ok(Some(Err(_))) => {
                         session.out.close(ErrorCode::SLOW_CONSUMER);
-                        return Close(ErrorCode::SLOW_CONSUMER, "answers not read".into());
+                        return Close(ErrorCode::SLOW_CONSUMER, ErrorCode::SLOW_CONSUMER.name().into());
                     }
                     Ok(None) => return Close(ErrorCode::NO_ERROR, "connection closed".into()),
                     Err(close) => return close,
@@ -221,7 +224,7 @@ async fn read_loop(
         // read or that were waiting above: they would take effect after the revocation
         // was answered (a `Settings` change waiting for a store slot, say).
         if let Some(code) = session.ended() {
-            return Close(code, "session closed".into());
+            return Close(code, code.name().into());
         }
         session.dispatch(req, permit, room, store_slot).await;
     }
@@ -286,7 +289,7 @@ async fn beside_other_traffic<F: std::future::Future>(
 async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &mut bool) -> Option<Close> {
     tokio::select! {
         stream = conn.accept_bi() => match stream {
-            Ok(_) if let Some(code) = session.ended() => Some(Close(code, "session closed".into())),
+            Ok(_) if let Some(code) = session.ended() => Some(Close(code, code.name().into())),
             Ok((send, recv)) => {
                 let transfers = session.transfers().clone();
                 let revocation = crate::reply::Revocation::of(session.out.clone());
@@ -297,7 +300,7 @@ async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &
             Err(_) => Some(Close(ErrorCode::NO_ERROR, "connection closed".into())),
         },
         datagram = conn.read_datagram(), if *datagrams => match datagram {
-            Ok(_) if let Some(code) = session.ended() => Some(Close(code, "session closed".into())),
+            Ok(_) if let Some(code) = session.ended() => Some(Close(code, code.name().into())),
             Ok(datagram) => {
                 session.datagram(&datagram);
                 None
@@ -315,6 +318,10 @@ async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &
 /// Room comes as soon as the writer has handed what it took to QUIC, so a device that
 /// reads waits far less.
 const ANSWER_ROOM_WAIT: Duration = Duration::from_secs(60);
+
+/// Room reserved for an answer that is not a page or a list (`answer_bound` 0): an ack,
+/// a status, a single record or an error, each a few hundred bytes at most.
+const SMALL_ANSWER_BYTES: usize = 1024;
 
 /// The most bytes the answer to `body` may encode to, for the requests whose answer is
 /// a page or a list (0 for the rest: an ack, a status, a single record, each a few
