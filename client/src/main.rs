@@ -528,10 +528,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("no device here yet: run `sb register NAME` or `sb login NAME`");
     }
     let connector = connector(&state, &options).await?;
-    // `tail` and `typing` end on Ctrl-C or SIGTERM themselves (tail saves its cursors);
-    // any other command is cut short here, so that its connection is closed below too.
-    let own_interrupt = matches!(cli.command, Command::Tail | Command::Typing { .. });
+    // `tail`, `typing` and `send` end on Ctrl-C or SIGTERM themselves (tail saves its
+    // cursors, send says how to send again); any other command is cut short here, so
+    // that its connection is closed below too. (Both listening, either may take the
+    // signal: CI's run of the send test got this one's bare "interrupted".)
+    let own_interrupt = matches!(cli.command, Command::Tail | Command::Typing { .. } | Command::Send { .. });
     let downloading = matches!(cli.command, Command::Download { .. });
+    let uploading = matches!(cli.command, Command::Upload { .. });
     // Whose account a refusal is about: the one being enrolled, else this home's.
     let account = match &cli.command {
         Command::Register { name, .. } | Command::Login { name, .. } => Some(name.clone()),
@@ -544,6 +547,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             was_interrupted = true;
             Err(Interrupted(if downloading {
                 "interrupted; the bytes downloaded so far are kept beside OUT: the same command resumes"
+            } else if uploading {
+                // Before, "interrupted" alone: a new user did not know the upload was kept.
+                "interrupted; the upload is kept on the broker until it expires (`sb uploads` lists it): the same \
+                 command continues it"
             } else {
                 "interrupted"
             })
@@ -693,6 +700,8 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 let message =
                     Message { conv, text, client_id, retry_for: std::time::Duration::from_secs_f64(retry_for) };
                 send(connector, identity, out, &reach, message).await?;
+            } else if let Command::Typing { conv, seconds } = command {
+                typing(connector, identity, out, conv, std::time::Duration::from_secs(seconds)).await?;
             } else if let Command::Uploads = command {
                 let client = connector.connect(identity).await?;
                 files::uploads(&client, home, out, &reach).await?;
@@ -989,6 +998,101 @@ async fn send(
     Ok(())
 }
 
+/// `sb typing`: says I am typing in `conv` until interrupted or for `seconds`, with a
+/// repeat every `TYPING_REFRESH_MS` (the indicator expires after twice that), then a
+/// stop. A lost connection (a broker restart) is ridden out: it connects again and says
+/// so again, as `tail` does (before, it ended with the connection's error).
+async fn typing(
+    connector: &Connector,
+    identity: &Identity,
+    out: &Out,
+    conv: ConvArg,
+    seconds: std::time::Duration,
+) -> anyhow::Result<()> {
+    let until = tokio::time::Instant::now() + seconds;
+    let stop = interrupted();
+    tokio::pin!(stop);
+    let mut backoff = switchboard_client::Backoff::new(100, 2_000);
+    let mut looked_up = None;
+    loop {
+        let attempt = async {
+            let client = connector.connect(identity).await?;
+            let id = match looked_up {
+                Some(id) => id,
+                None => {
+                    let id = conv.resolve(&client).await?;
+                    // A signal has no answer (the broker drops one for a conversation I
+                    // am not in): ask first, so a wrong conversation is an error here.
+                    client.members(id).await?;
+                    out.line(json!({"event": "typing", "conv": id, "typing": true}), || format!("typing in {id}"));
+                    id
+                }
+            };
+            anyhow::Ok((client, id))
+        };
+        // Time up or interrupted while not connected: the broker ended the indicator
+        // with the session (or never had it).
+        let stopped = |id: Option<ConvId>| -> anyhow::Result<()> {
+            if let Some(id) = id {
+                out.line(json!({"event": "typing", "conv": id, "typing": false}), || format!("stopped typing in {id}"));
+            }
+            Ok(())
+        };
+        let connected = tokio::select! {
+            connected = attempt => connected,
+            _ = tokio::time::sleep_until(until) => return stopped(looked_up),
+            _ = &mut stop => return stopped(looked_up),
+        };
+        let (client, id) = match connected {
+            Ok(c) => c,
+            // A title that names nothing, a conversation I am not in, a revoked device:
+            // final. A broker that is down or going away is waited for.
+            Err(e) if !client_error(&e).is_some_and(worth_resending) => return Err(e),
+            Err(e) => {
+                let delay = backoff.next_ms(switchboard_client::random_u64());
+                out.status(
+                    json!({"event": "reconnect_failed", "error": format!("{e:#}"), "retry_in_ms": delay}),
+                    || format!("cannot reach the broker ({e:#}); trying again in {delay} ms"),
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(delay)) => continue,
+                    _ = tokio::time::sleep_until(until) => return stopped(looked_up),
+                    _ = &mut stop => return stopped(looked_up),
+                }
+            }
+        };
+        if looked_up.is_some() {
+            out.status(json!({"event": "connected"}), || "connected; typing again".into());
+        }
+        looked_up = Some(id);
+        backoff.reset();
+        let mut refresh = tokio::time::interval(std::time::Duration::from_millis(TYPING_REFRESH_MS));
+        let lost = loop {
+            tokio::select! {
+                _ = refresh.tick() => if let Err(e) = client.signal(Signal::Typing { conv: id, typing: true }).await {
+                    break Some(e);
+                },
+                _ = tokio::time::sleep_until(until) => break None,
+                _ = &mut stop => break None,
+                e = client.closed() => break Some(e),
+            }
+        };
+        let Some(lost) = lost else {
+            client.signal(Signal::Typing { conv: id, typing: false }).await?;
+            // The answer comes after the broker has read the stop signal before it.
+            client.ping().await?;
+            out.line(json!({"event": "typing", "conv": id, "typing": false}), || format!("stopped typing in {id}"));
+            return Ok(());
+        };
+        if !worth_resending(&lost) {
+            return Err(lost.into());
+        }
+        out.status(json!({"event": "disconnected", "error": lost.to_string()}), || {
+            format!("connection lost ({lost}); connecting again")
+        });
+    }
+}
+
 /// The `--client-id` given (32 hex digits), or a fresh one.
 fn client_id_or_new(given: Option<&str>) -> anyhow::Result<ClientMsgId> {
     match given {
@@ -1169,30 +1273,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 }
             }
         }
-        Command::Typing { conv, seconds } => {
-            let conv = conv.resolve(client).await?;
-            // A signal has no answer (the broker drops one for a conversation I am not
-            // in): ask first, so a wrong conversation is an error here.
-            client.members(conv).await?;
-            // A repeat every TYPING_REFRESH_MS keeps the indicator up (it expires after
-            // twice that); a stop ends it at once.
-            client.signal(Signal::Typing { conv, typing: true }).await?;
-            out.line(json!({"event": "typing", "conv": conv, "typing": true}), || format!("typing in {conv}"));
-            let until = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
-            let mut refresh = tokio::time::interval(std::time::Duration::from_millis(TYPING_REFRESH_MS));
-            refresh.tick().await;
-            loop {
-                tokio::select! {
-                    _ = refresh.tick() => client.signal(Signal::Typing { conv, typing: true }).await?,
-                    _ = tokio::time::sleep_until(until) => break,
-                    _ = interrupted() => break,
-                }
-            }
-            client.signal(Signal::Typing { conv, typing: false }).await?;
-            // The answer comes after the broker has read the stop signal before it.
-            client.ping().await?;
-            out.line(json!({"event": "typing", "conv": conv, "typing": false}), || format!("stopped typing in {conv}"));
-        }
+        Command::Typing { .. } => unreachable!("run by `typing`, which reconnects"),
         Command::Block { user: None, .. } => {
             let blocked = client.blocked_users().await?;
             if blocked.is_empty() {

@@ -1065,6 +1065,16 @@ async fn unfinished_uploads_are_listed_and_resume_to_their_conversation() {
     let continues = text.split('`').nth(1).unwrap_or_else(|| panic!("no command in: {text}"));
     let expected = format!("SWITCHBOARD_HOME={} sb --server {} --ca", alice.display(), broker.local_addr);
     assert!(continues.starts_with(&expected) && continues.contains(" upload /"), "{continues}");
+    assert_eq!(u["path_changed"], false);
+    // The file changed since: `sb upload PATH` would start another upload, so the listing
+    // says to resume by id from a copy of the original (before: "`sb upload PATH`
+    // continues it", which sent the whole file again as a new upload).
+    let original = std::fs::read(&path).unwrap();
+    std::fs::write(&path, [&original[..], b"extra"].concat()).unwrap();
+    assert_eq!(sb(&alice, &broker, &["uploads"])[0]["path_changed"], true);
+    let text = String::from_utf8_lossy(&sb_output(&alice, &broker, &["uploads"]).stdout).into_owned();
+    assert!(text.contains("is no longer the file it began from") && text.contains("upload --resume"), "{text}");
+    std::fs::write(&path, &original).unwrap();
     // The quota counts it at its declared size, in whole 4 KiB blocks.
     let quota = sb(&alice, &broker, &["quota"]);
     assert_eq!(quota[0]["uploads_in_progress"].as_u64(), Some(1), "{quota:?}");
@@ -2123,4 +2133,64 @@ async fn a_closed_output_pipe_ends_sb_quietly() {
     // What it was asked to do was done all the same.
     let listed = sb(&alice, &broker, &["conv", "list"]);
     assert!(listed.iter().any(|c| c["title"] == "g"), "{listed:?}");
+}
+
+/// `sb typing` rides out a broker restart: it says the connection was lost, connects
+/// again and says it is typing again (the restarted broker forgot it), until its time
+/// is up or it is interrupted. Before, it ended with the connection's error (a new
+/// user's trial).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_rides_out_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, data_dir, alice, _bob, conv) = a_broker_with_alice_and_bob_direct(dir.path()).await;
+    let mut typing = sb_command(&alice, &broker);
+    typing
+        .args(["--json", "typing", &conv.to_string(), "--seconds", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut typing = typing.spawn().unwrap();
+    // Its lines, read on a thread of their own so that every wait has a deadline.
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let lines = BufReader::new(typing.stdout.take().unwrap()).lines();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+    let next = |event: &'static str| {
+        let rx = rx.clone();
+        tokio::task::spawn_blocking(move || {
+            let rx = rx.lock().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let value = rx.recv_timeout(left).unwrap_or_else(|e| panic!("no {event} line ({e})"));
+                if value["event"] == event {
+                    return value;
+                }
+            }
+        })
+    };
+    assert_eq!(next("typing").await.unwrap()["typing"], true);
+    let addr = broker.local_addr;
+    broker.shutdown().await.unwrap();
+    next("disconnected").await.unwrap();
+    let broker = loop {
+        match Broker::start(Config { listen: addr, ..common::test_config(data_dir.clone()) }).await {
+            Ok(b) => break b,
+            Err(switchboard_broker::error::Error::Io { error, .. })
+                if error.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    next("connected").await.unwrap();
+    tokio::task::spawn_blocking(move || interrupt(typing)).await.unwrap();
+    assert_eq!(next("typing").await.unwrap()["typing"], false, "stopped once interrupted");
+    drop(broker);
 }

@@ -195,8 +195,7 @@ pub async fn upload(
         .upload(file, &path, |event| match event {
             UploadEvent::Resumed { offset, .. } => {
                 // After a stall the rate and ETA start over rather than average it in.
-                bar.reset_eta();
-                bar.set_position(offset);
+                resume_at(&bar, offset);
                 let event = if first && fresh { "started" } else { "resumed" };
                 first = false;
                 if out.json {
@@ -389,19 +388,34 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out, reach: &Rerun) -> 
         let id = hex(&u.file.file);
         let here = state.uploads.iter().find(|s| s.file == id);
         let path = here.and_then(|s| key_path(&s.key));
+        // `sb upload PATH` continues it only while the file there is the one it began
+        // from (same size, same BLAKE3): else it starts another upload (before, this
+        // said it continued it, and following that sent the whole file again).
+        let changed = match path {
+            Some(p) => match switchboard_client::hash_file(Path::new(p)).await {
+                Ok((size, hash)) => size != u.file.size || hash != u.blake3,
+                Err(_) => true,
+            },
+            None => false,
+        };
         let conv = here.and_then(|s| s.conv);
         let percent = percent(u.offset, u.file.size);
         out.line(
             json!({"file": id, "name": u.file.name, "size": u.file.size, "offset": u.offset,
                 "content_type": u.file.content_type, "blake3": hex(&u.blake3), "created_ms": u.created_ms,
-                "expires_ms": u.expires_ms, "path": path, "conv": conv}),
+                "expires_ms": u.expires_ms, "path": path, "path_changed": path.map(|_| changed), "conv": conv}),
             || {
                 let left = super::span(u.expires_ms.saturating_sub(now));
                 let local = path.map_or(String::new(), |p| format!("  from {p}"));
                 let then = conv.map_or(String::new(), |c| format!(" for conv {c}"));
                 // What finishes it from here, or from anywhere with the file.
                 let next = match path {
-                    Some(p) => format!("{} continues it", upload_command(reach, p.as_ref())),
+                    Some(p) if !changed => format!("{} continues it", upload_command(reach, p.as_ref())),
+                    Some(p) => format!(
+                        "{p} is no longer the file it began from (changed or gone; `sb upload` of it now starts \
+                         another upload): {} with a copy of the original continues it",
+                        resume_command(reach, &id)
+                    ),
                     None => format!("{} continues it", resume_command(reach, &id)),
                 };
                 format!(
@@ -638,7 +652,7 @@ pub async fn download(
     let written: Result<_, Failure> = async {
         let bar = progress_bar(out, expected);
         let mut done = kept;
-        bar.set_position(done);
+        resume_at(&bar, done);
         let mut backoff = Backoff::new(200, 5_000);
         let mut last_progress = std::time::Instant::now();
         // Resumed where the bytes written so far end, on a new connection, after any
@@ -687,9 +701,10 @@ pub async fn download(
                 return Err(Failure::KeepBytes(error.into()));
             }
             let delay = backoff.next_ms(switchboard_client::random_u64());
-            out.status(json!({"event": "download_interrupted", "file": hex(&file), "at": offset + done, "error": error.to_string(), "retry_in_ms": delay}), || {
+            // Said on a line of its own, not after the bar's (as the upload does).
+            bar.suspend(|| out.status(json!({"event": "download_interrupted", "file": hex(&file), "at": offset + done, "error": error.to_string(), "retry_in_ms": delay}), || {
                 format!("download interrupted at byte {} ({error}); resuming in {delay} ms", offset + done)
-            });
+            }));
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
             client.close();
             client = loop {
@@ -697,9 +712,9 @@ pub async fn download(
                     Ok(c) => break c,
                     Err(e) if last_progress.elapsed() <= DOWNLOAD_GIVE_UP && !permanent(&e) => {
                         let delay = backoff.next_ms(switchboard_client::random_u64());
-                        out.status(json!({"event": "reconnect_failed", "error": e.to_string(), "retry_in_ms": delay}), || {
+                        bar.suspend(|| out.status(json!({"event": "reconnect_failed", "error": e.to_string(), "retry_in_ms": delay}), || {
                             format!("cannot reach the broker ({e}); trying again in {delay} ms")
-                        });
+                        }));
                         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
                     }
                     Err(e) => return Err(Failure::KeepBytes(e.into())),
@@ -958,7 +973,10 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
             let info = client.file_info(parse_file_id(&file)?).await.map_err(|e| cannot_read(&file, e))?;
             // Someone else's: a member of a conversation that carries it, so one of my
             // contacts, named by presence (unless it has left since).
-            let uploader = if info.uploader == client.user_id {
+            let mine = info.uploader == client.user_id;
+            // My own name, from this home's identity, for --json (before: null there).
+            let my_name = if mine { super::load_state(home)?.identity.map(|i| i.user) } else { None };
+            let uploader = if mine {
                 Some("you".to_string())
             } else {
                 let contacts = client.presence(&[info.uploader]).await.unwrap_or_default();
@@ -972,7 +990,7 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
             out.line(
                 json!({"file": hex(&f.file), "name": f.name, "size": f.size, "content_type": f.content_type,
                     "blake3": hex(&info.blake3), "uploader": info.uploader,
-                    "uploader_name": uploader.as_deref().filter(|_| info.uploader != client.user_id),
+                    "uploader_name": if mine { my_name.as_deref() } else { uploader.as_deref() },
                     "created_ms": info.created_ms,
                     "state": state_name(&info.state), "offset": state_offset(&info.state, f.size),
                     "thumbnail": thumbnail.map(|t| hex(&t.file)), "error": state_error(&info.state)}),
@@ -1320,14 +1338,33 @@ fn parse_file_id(s: &str) -> anyhow::Result<FileId> {
     unhex(s).and_then(|b| FileId::try_from(b).ok()).context("a file id is 32 hex digits (16 bytes)")
 }
 
-/// Bytes on stderr, drawn only on a terminal and never with `--json`.
+/// Bytes on stderr, drawn only on a terminal and never with `--json`. The ETA says `?`
+/// while no rate is known (at the start, after `resume_at`, while nothing moves):
+/// indicatif's own says "0s" then.
 fn progress_bar(out: &Out, total: u64) -> ProgressBar {
     let target = if out.json { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
     let bar = ProgressBar::with_draw_target(Some(total), target);
+    let eta = |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = if state.per_sec() >= 1.0 {
+            write!(w, "{:#}", indicatif::HumanDuration(state.eta()))
+        } else {
+            write!(w, "?")
+        };
+    };
     if let Ok(style) = ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}") {
-        bar.set_style(style);
+        bar.set_style(style.with_key("eta", eta));
     }
     bar
+}
+
+/// Moves `bar` to `offset` (where a resumed transfer starts) without counting the jump
+/// as speed: the estimator takes the new position, then starts over. Before, the bytes
+/// of an earlier run showed as "576.93 GiB/s eta 0s", and the rate took seconds to fall
+/// to the link's.
+fn resume_at(bar: &ProgressBar, offset: u64) {
+    bar.set_position(offset);
+    bar.tick();
+    bar.reset_eta();
 }
 
 /// The key of a saved upload: the same path with the same size and content.
