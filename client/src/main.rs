@@ -46,7 +46,7 @@ use switchboard_client::{
 };
 use switchboard_protocol::{
     Body, ClientMsgId, ConvId, ConversationKind, ConversationState, ConversationSummary, Entry, ErrorCode, FileId,
-    FileInfo, Page, PresenceInfo, PresenceState, Receipt, RequestBody, Role, Seq, Signal, UserId,
+    FileInfo, Page, PresenceInfo, PresenceState, Receipt, RequestBody, Role, Seq, Settings, Signal, UserId,
 };
 
 #[derive(Parser)]
@@ -214,6 +214,19 @@ enum Command {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         seq: Seq,
+    },
+    /// Who in a conversation has received and read what: each member's delivered and
+    /// read watermarks (a member who keeps reads private shows its read as private).
+    Receipts {
+        #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
+        conv: ConvArg,
+    },
+    /// My settings, or change them: `--private-reads on` keeps my read marks from other
+    /// members (they still see what reached me; my own devices see everything).
+    Settings {
+        /// Keep my read receipts private (`on`) or show them (`off`).
+        #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
+        private_reads: Option<bool>,
     },
     /// Presence of users (names) who share a conversation with me; all of them if none.
     Presence { users: Vec<String> },
@@ -590,7 +603,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if connected {
         // Someone who interrupts wants out: the close is sent at once and not waited on
         // for long (a connect cut short would hold the exit for its whole drain).
-        let wait = if was_interrupted { INTERRUPTED_CLOSE_WAIT } else { CLOSE_WAIT };
+        let interrupted = was_interrupted || result.as_ref().is_err_and(|e| e.downcast_ref::<Interrupted>().is_some());
+        let wait = if interrupted { INTERRUPTED_CLOSE_WAIT } else { CLOSE_WAIT };
         let _ = tokio::time::timeout(wait, connector.endpoint().wait_idle()).await;
     }
     result
@@ -963,7 +977,7 @@ async fn send(
             };
             error.context(format!("{said}{unchecked}"))
         };
-        let Some(error) = error else { return Err(give_up(anyhow::anyhow!("interrupted"))) };
+        let Some(error) = error else { return Err(give_up(Interrupted("interrupted").into())) };
         if !worth_resending(&error) {
             // After an attempt that may have stored it (a resend refused, a certificate
             // refused on the next connection), the command is what the user needs; else
@@ -991,7 +1005,7 @@ async fn send(
         );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = &mut stop => return Err(give_up(anyhow::anyhow!("interrupted while waiting to send again"))),
+            _ = &mut stop => return Err(give_up(Interrupted("interrupted while waiting to send again").into())),
         }
     };
     out.appended(conv, seq, &client_id, duplicate);
@@ -1033,9 +1047,9 @@ async fn typing(
         // Time up or interrupted while not connected: the broker ended the indicator
         // with the session (or never had it).
         let stopped = |id: Option<ConvId>| -> anyhow::Result<()> {
-            if let Some(id) = id {
-                out.line(json!({"event": "typing", "conv": id, "typing": false}), || format!("stopped typing in {id}"));
-            }
+            // Never connected: nothing was said, and that is no success.
+            let Some(id) = id else { bail!("never reached the broker: nobody was told I was typing") };
+            out.line(json!({"event": "typing", "conv": id, "typing": false}), || format!("stopped typing in {id}"));
             Ok(())
         };
         let connected = tokio::select! {
@@ -1065,7 +1079,7 @@ async fn typing(
             out.status(json!({"event": "connected"}), || "connected; typing again".into());
         }
         looked_up = Some(id);
-        backoff.reset();
+        let connected_at = tokio::time::Instant::now();
         let mut refresh = tokio::time::interval(std::time::Duration::from_millis(TYPING_REFRESH_MS));
         let lost = loop {
             tokio::select! {
@@ -1087,9 +1101,20 @@ async fn typing(
         if !worth_resending(&lost) {
             return Err(lost.into());
         }
-        out.status(json!({"event": "disconnected", "error": lost.to_string()}), || {
-            format!("connection lost ({lost}); connecting again")
+        // A connection that lasted a while starts the backoff over; one closed at once
+        // (a broker failing each session it takes) is dialled again no faster than it.
+        if connected_at.elapsed() >= std::time::Duration::from_millis(TYPING_REFRESH_MS) {
+            backoff.reset();
+        }
+        let delay = backoff.next_ms(switchboard_client::random_u64());
+        out.status(json!({"event": "disconnected", "error": lost.to_string(), "retry_in_ms": delay}), || {
+            format!("connection lost ({lost}); connecting again in {delay} ms")
         });
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(delay)) => {}
+            _ = tokio::time::sleep_until(until) => return stopped(looked_up),
+            _ = &mut stop => return stopped(looked_up),
+        }
     }
 }
 
@@ -1240,6 +1265,31 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
         Command::Files => files::files(client, out).await?,
         Command::Download { .. } => unreachable!("run by `files::download`, which reconnects"),
         Command::File { command } => files::file_command(client, home, out, command).await?,
+        Command::Receipts { conv } => {
+            let conv = conv.resolve(client).await?;
+            let receipts = client.receipts(conv).await?;
+            let members = client.members(conv).await?;
+            for r in receipts {
+                let name = members.iter().find(|m| m.user_id == r.user).map(|m| m.name.clone());
+                out.line(
+                    json!({"conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to,
+                        "read_up_to": r.read_up_to}),
+                    || {
+                        let who = name.clone().unwrap_or_else(|| format!("user#{}", r.user));
+                        let read = r.read_up_to.map_or_else(|| "private".to_owned(), |seq| format!("#{seq}"));
+                        format!("{who}  delivered up to #{}  read up to {read}", r.delivered_up_to)
+                    },
+                );
+            }
+        }
+        Command::Settings { private_reads } => {
+            let set = private_reads.map(|private| Settings { read_receipts_private: private });
+            let settings = client.settings(set).await?;
+            out.line(json!({"read_receipts_private": settings.read_receipts_private}), || {
+                let how = if settings.read_receipts_private { "private" } else { "shown to the other members" };
+                format!("read receipts: {how}")
+            });
+        }
         Command::Read { conv, seq } => {
             let conv = conv.resolve(client).await?;
             let r = client.mark_read(conv, seq).await?;

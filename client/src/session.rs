@@ -354,6 +354,7 @@ impl Session {
             presence_backlog: BTreeMap::new(),
             typing_shown: HashSet::new(),
             typing_owed: BTreeSet::new(),
+            typing_stopped_at: HashMap::new(),
             states_done: false,
             caught_up_sent: false,
             pages_retry_set: false,
@@ -601,6 +602,14 @@ const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_S
 /// conversations at once, so this is 256 typists at their most.
 const TYPING_SHOWN_MAX: usize = 4096;
 
+/// A typing start that comes this soon after a stop of the same typist is taken for one
+/// the stop overtook, and not shown, ms. The broker sends a start as a datagram and a
+/// stop on the control stream, and the client reads them in two tasks, so a start sent
+/// just before a stop can come after it; shown, it would stand until the connection
+/// ended. A typist who stops and starts again this quickly is shown from its next start
+/// (after a stop or an expiry), as a lost start datagram is.
+const TYPING_REORDER_MS: u64 = 100;
+
 /// Uploads last seen in progress (per file and audience) whose state the session asks
 /// for after a reconnect: what moved while no connection was up is not replayed, and
 /// before, an application kept showing such an upload in progress after it completed
@@ -783,9 +792,13 @@ struct Task {
     /// `typing_owed`, at most `TYPING_SHOWN_MAX`).
     typing_shown: HashSet<(ConvId, UserId)>,
     /// Those whose stop is owed (it found no room in the event queue, or the connection
-    /// ended): handed on before anything else that waits for room, so no indicator
-    /// stays shown.
+    /// ended): handed on as the queue has room, so no indicator stays shown.
     typing_owed: BTreeSet<(ConvId, UserId)>,
+    /// When a stop last came for each typist, lately (`TYPING_REORDER_MS`; at most
+    /// `TYPING_SHOWN_MAX`): a start within that time after its stop is taken for one the
+    /// stop overtook (starts come as datagrams, stops on the stream, read by two tasks),
+    /// and not shown.
+    typing_stopped_at: HashMap<(ConvId, UserId), Instant>,
     states_done: bool,
     caught_up_sent: bool,
     /// A timer to ask for stalled catch-up pages again is set (`retry_later`).
@@ -1225,16 +1238,18 @@ impl Task {
                 self.merge.disconnected();
                 self.states_done = false;
                 // What the broker told of typing no longer holds: it forgets indicators
-                // when it restarts, and a stop pushed meanwhile is not sent again.
+                // when it restarts, and a stop pushed meanwhile is not sent again. Handed
+                // on after `Disconnected`, as room allows.
                 self.typing_owed.extend(self.typing_shown.drain());
-                self.release_typing_stops();
                 if permanent(&error) {
                     self.stop(error);
+                    self.release_typing_stops();
                     return true;
                 }
                 self.restarting_until = (error.code() == Some(ErrorCode::GOING_AWAY))
                     .then(|| Instant::now() + Duration::from_millis(RESTART_WINDOW_MS));
                 self.schedule_retry(error);
+                self.release_typing_stops();
             }
         }
         false
@@ -1577,6 +1592,19 @@ impl Task {
     /// owed until the queue has room.
     fn typing(&mut self, conv: ConvId, user: UserId, typing: bool) {
         let key = (conv, user);
+        let now = Instant::now();
+        let window = Duration::from_millis(TYPING_REORDER_MS);
+        if typing && self.typing_stopped_at.get(&key).is_some_and(|&at| now.duration_since(at) < window) {
+            return;
+        }
+        if !typing {
+            if self.typing_stopped_at.len() >= TYPING_SHOWN_MAX {
+                self.typing_stopped_at.retain(|_, at| now.duration_since(*at) < window);
+            }
+            if self.typing_stopped_at.len() < TYPING_SHOWN_MAX {
+                self.typing_stopped_at.insert(key, now);
+            }
+        }
         if typing {
             // An owed stop is not owed any more: the indicator is shown and stands.
             let known = self.typing_owed.remove(&key) || self.typing_shown.contains(&key);
@@ -1749,6 +1777,15 @@ impl Task {
         };
         let left: Vec<ConvId> = entries.iter().enumerate().filter(|&(i, e)| ends(i, e)).map(|(_, e)| e.conv).collect();
         for e in entries {
+            // A message ends its sender's indicator (the broker pushes no stop for it: the
+            // receiver clears it on the message), so it is no longer tracked as shown
+            // (before, every typist who then sent stayed tracked until the connection
+            // ended, and past `TYPING_SHOWN_MAX` of them new typists were not shown).
+            if matches!(e.body, Body::Text { .. } | Body::Files { .. }) {
+                let key = (e.conv, e.sender);
+                self.typing_shown.remove(&key);
+                self.typing_owed.remove(&key);
+            }
             // `room` bounded the merge's output, and only this task sends.
             if self.out.try_send(SessionEvent::Entry(e)).is_err() {
                 tracing::error!("event queue full despite room");
@@ -1779,15 +1816,15 @@ impl Task {
         self.merge.forget(conv);
         self.reported.remove(&conv);
         self.forget_files_of(conv);
-        // Typing in it is no longer told: its indicators stop (before `Left`, as room
-        // allows; the rest as the application takes events).
+        self.emit(SessionEvent::Left { conv });
+        // Typing in it is no longer told: its indicators stop, after `Left` (which the
+        // caller made room for), as room allows.
         let typists: Vec<_> = self.typing_shown.iter().filter(|&&(c, _)| c == conv).copied().collect();
         for key in typists {
             self.typing_shown.remove(&key);
             self.typing_owed.insert(key);
         }
         self.release_typing_stops();
-        self.emit(SessionEvent::Left { conv });
     }
 
     /// Queues an event that is not an entry; dropped when the queue is full.

@@ -1886,7 +1886,7 @@ async fn send_interrupted_while_retrying_says_not_sent_and_how_to_send_it() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
-    assert!(!status.success(), "{rest}");
+    assert_eq!(status.code(), Some(130), "as a command Ctrl-C ended: {rest}");
     assert!(rest.contains("not sent (no attempt got as far as sending it)"), "{rest}");
     assert!(rest.contains("interrupted") && rest.contains("send --client-id"), "{rest}");
 }
@@ -2193,4 +2193,27 @@ async fn typing_rides_out_a_broker_restart() {
     tokio::task::spawn_blocking(move || interrupt(typing)).await.unwrap();
     assert_eq!(next("typing").await.unwrap()["typing"], false, "stopped once interrupted");
     drop(broker);
+}
+
+/// `sb receipts` shows who received and read what, and `sb settings --private-reads on`
+/// hides my read marks from the others (not from my own devices). Before, only `sb tail`
+/// showed receipts, and no command changed the setting (a new user's trial).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_and_the_private_reads_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _data_dir, alice, bob, conv) = a_broker_with_alice_and_bob_direct(dir.path()).await;
+    let c = conv.to_string();
+    let seq = sb(&alice, &broker, &["send", &c, "hello"])[0]["seq"].as_u64().unwrap();
+    sb(&bob, &broker, &["read", &c, &seq.to_string()]);
+    let of = |rows: Vec<serde_json::Value>, who: &str| rows.into_iter().find(|r| r["user_name"] == who).unwrap();
+    let shown = of(sb(&alice, &broker, &["receipts", &c]), "bob");
+    assert_eq!((shown["delivered_up_to"].as_u64(), shown["read_up_to"].as_u64()), (Some(seq), Some(seq)));
+    assert_eq!(sb(&bob, &broker, &["settings"])[0]["read_receipts_private"], false);
+    assert_eq!(sb(&bob, &broker, &["settings", "--private-reads", "on"])[0]["read_receipts_private"], true);
+    let hidden = of(sb(&alice, &broker, &["receipts", &c]), "bob");
+    assert_eq!((hidden["delivered_up_to"].as_u64(), hidden["read_up_to"].is_null()), (Some(seq), true));
+    let own = of(sb(&bob, &broker, &["receipts", &c]), "bob");
+    assert_eq!(own["read_up_to"].as_u64(), Some(seq), "my own devices see my read mark");
+    let human = String::from_utf8_lossy(&sb_output(&alice, &broker, &["receipts", &c]).stdout).into_owned();
+    assert!(human.contains("bob  delivered up to #") && human.contains("read up to private"), "{human}");
 }

@@ -519,6 +519,28 @@ async fn typing_shown_is_stopped_when_the_connection_ends() {
             }
         })
         .await;
+        wait_for(&mut bob_events, "the reconnect", |e| matches!(e, SessionEvent::CaughtUp)).await;
+        // A message ends its sender's indicator (no stop is pushed for it): not stopped
+        // again at the next disconnect (before, it stayed tracked as shown, and such
+        // typists filled the Session's bound of shown indicators).
+        alice_client.typing(conv, false).await.unwrap();
+        // Past the window in which a start after a stop is taken for a reordered one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        alice_client.typing(conv, true).await.unwrap();
+        wait_for(&mut bob_events, "alice typing again", typing(true)).await;
+        alice_client.send(conv, "done typing").await.unwrap();
+        wait_for(&mut bob_events, "her message", |e| matches!(e, SessionEvent::Entry(x) if x.sender == alice)).await;
+        kick(&tb, bob.user_id);
+        within(STEP_DEADLINE, "the second disconnect and reconnect", async {
+            loop {
+                match bob_events.next().await.unwrap() {
+                    SessionEvent::Typing { .. } => panic!("a stop for an indicator her message ended"),
+                    SessionEvent::CaughtUp => break,
+                    _ => {}
+                }
+            }
+        })
+        .await;
         bob_session.close().await;
     })
     .await;

@@ -91,6 +91,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         transfers: std::sync::OnceLock::new(),
         backlog,
         store_slots: shared.users.store_slots(user),
+        heard_ms: std::sync::atomic::AtomicU64::new(crate::now_ms()),
     };
     decoder.set_limit(MAX_CLIENT_FRAME_BYTES);
     let permits = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS as usize));
@@ -99,8 +100,10 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     // ago (the smaller of ours and its own, which the broker cannot read; quinn restarts
     // the timer once more when it sends after the last packet received, so up to a third
     // more with our keep-alive): its last seen is then, not now.
+    // The client's own timeout may be shorter than ours: never before its last frame.
     if matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
-        attached.silent_ms = shared.config.idle_timeout_ms.min(started.elapsed().as_millis() as u64);
+        let since_frame = crate::now_ms().saturating_sub(session_state.heard_ms.load(Ordering::Relaxed));
+        attached.silent_ms = shared.config.idle_timeout_ms.min(started.elapsed().as_millis() as u64).min(since_frame);
     }
     if end.0 != ErrorCode::NO_ERROR {
         tracing::debug!(session, code = %end.0, reason = %end.1, "closing connection");
@@ -162,6 +165,7 @@ async fn read_loop(
             Ok(Ok(body)) => body,
             Ok(Err(close)) | Err(close) => return close,
         };
+        session.heard_ms.store(crate::now_ms(), Ordering::Relaxed);
         let req = match decode::<ClientFrame>(&body) {
             Ok(ClientFrame::Request(r)) => r,
             Ok(ClientFrame::Signal(signal)) => {
@@ -423,6 +427,9 @@ struct Session {
     backlog: Arc<SocketBacklog>,
     /// The user's store slots, shared by its sessions (`STORE_JOBS_PER_USER`).
     store_slots: Arc<Semaphore>,
+    /// When the last frame came on the control stream (`crate::now_ms`): a device
+    /// whose connection times out was heard from no earlier.
+    heard_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Session {

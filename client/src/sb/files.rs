@@ -391,10 +391,16 @@ pub async fn uploads(client: &Client, home: &Path, out: &Out, reach: &Rerun) -> 
         // `sb upload PATH` continues it only while the file there is the one it began
         // from (same size, same BLAKE3): else it starts another upload (before, this
         // said it continued it, and following that sent the whole file again).
+        // The size first: a file of another size (or a FIFO, a device) is not read.
         let changed = match path {
-            Some(p) => match switchboard_client::hash_file(Path::new(p)).await {
-                Ok((size, hash)) => size != u.file.size || hash != u.blake3,
-                Err(_) => true,
+            Some(p) => match std::fs::metadata(p) {
+                Ok(m) if m.is_file() && m.len() == u.file.size => {
+                    match switchboard_client::hash_file(Path::new(p)).await {
+                        Ok((size, hash)) => size != u.file.size || hash != u.blake3,
+                        Err(_) => true,
+                    }
+                }
+                _ => true,
             },
             None => false,
         };
