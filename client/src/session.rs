@@ -1781,7 +1781,8 @@ impl Task {
             // receiver clears it on the message), so it is no longer tracked as shown
             // (before, every typist who then sent stayed tracked until the connection
             // ended, and past `TYPING_SHOWN_MAX` of them new typists were not shown).
-            if matches!(e.body, Body::Text { .. } | Body::Files { .. }) {
+            let tracked = !self.typing_shown.is_empty() || !self.typing_owed.is_empty();
+            if tracked && matches!(e.body, Body::Text { .. } | Body::Files { .. }) {
                 let key = (e.conv, e.sender);
                 self.typing_shown.remove(&key);
                 self.typing_owed.remove(&key);

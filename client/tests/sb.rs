@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use switchboard_broker::{Broker, Config};
+use switchboard_broker::Broker;
 use switchboard_protocol::ErrorCode;
 
 /// Runs `sb --json ARGS` and returns its output lines, asserting success.
@@ -893,7 +893,7 @@ async fn upload_rides_out_a_broker_restart() {
     }
     let addr = broker.local_addr;
     broker.shutdown().await.unwrap();
-    let broker = Broker::start(Config { listen: addr, ..common::test_config(data_dir) }).await.unwrap();
+    let broker = common::restart_on(addr, data_dir).await;
     while let Some(line) = next_line(&mut rx).await {
         seen.push(line);
     }
@@ -1817,7 +1817,7 @@ async fn send_by_title_rides_out_a_broker_that_is_down() {
     let child = send.spawn().unwrap();
     // Past the first connection's 10 s timeout: the lookup's connection fails.
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let broker = Broker::start(Config { listen: addr, ..common::test_config(data_dir) }).await.unwrap();
+    let broker = common::restart_on(addr, data_dir).await;
     let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let history = sb(&bob, &broker, &["history", "alice"]);
@@ -1846,7 +1846,7 @@ async fn send_to_a_broker_never_reached_says_not_sent_and_prints_a_command_that_
     let again = stderr.split('`').nth(1).unwrap_or_else(|| panic!("no command in: {stderr}"));
     let expected = format!("SWITCHBOARD_HOME={} sb --server {addr} --ca {}", alice.display(), cert.display());
     assert!(again.starts_with(&expected), "{again}");
-    let broker = Broker::start(Config { listen: addr, ..common::test_config(data_dir) }).await.unwrap();
+    let broker = common::restart_on(addr, data_dir).await;
     // As a user would: pasted into a shell, with only SWITCHBOARD_HOME set.
     let sb_dir = std::path::Path::new(env!("CARGO_BIN_EXE_sb")).parent().unwrap().to_owned();
     let path = format!("{}:{}", sb_dir.display(), std::env::var("PATH").unwrap_or_default());
@@ -2178,17 +2178,7 @@ async fn typing_rides_out_a_broker_restart() {
     let addr = broker.local_addr;
     broker.shutdown().await.unwrap();
     next("disconnected").await.unwrap();
-    let broker = loop {
-        match Broker::start(Config { listen: addr, ..common::test_config(data_dir.clone()) }).await {
-            Ok(b) => break b,
-            Err(switchboard_broker::error::Error::Io { error, .. })
-                if error.kind() == std::io::ErrorKind::AddrInUse =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let broker = common::restart_on(addr, data_dir).await;
     next("connected").await.unwrap();
     tokio::task::spawn_blocking(move || interrupt(typing)).await.unwrap();
     assert_eq!(next("typing").await.unwrap()["typing"], false, "stopped once interrupted");

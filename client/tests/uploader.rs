@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use switchboard_broker::{Broker, Config};
+use switchboard_broker::Broker;
 use switchboard_client::{
     Client, Connector, Identity, TransferError, Trust, UploadEvent, Uploader, UploaderConfig, new_upload,
 };
@@ -138,9 +138,7 @@ async fn an_upload_survives_a_broker_restart() {
     within("the first durable chunk", first_rx).await.unwrap();
     within("the broker shutdown", broker.shutdown()).await.unwrap();
     let restarted = events.lock().unwrap().len();
-    let broker = within("the broker restart", Broker::start(Config { listen: addr, ..common::test_config(data_dir) }))
-        .await
-        .unwrap();
+    let broker = common::restart_on(addr, data_dir).await;
 
     let published = within("the upload", task).await.unwrap().unwrap();
     assert_eq!(published.size, data.len() as u64);

@@ -24,3 +24,24 @@ pub fn test_config(data_dir: std::path::PathBuf) -> switchboard_broker::Config {
     config.socket_backlog_target_ms = 0;
     config
 }
+
+/// Starts a broker on `addr`, which a broker just shut down was using, with the data in
+/// `data_dir` (a restart as clients see it). The old socket is released when its
+/// endpoint's last connection is gone, which may be a moment after `shutdown` returned
+/// (a client reconnecting meanwhile holds one in its handshake), so a bind refused with
+/// `AddrInUse` is tried again, for up to 30 s.
+pub async fn restart_on(addr: std::net::SocketAddr, data_dir: std::path::PathBuf) -> switchboard_broker::Broker {
+    let config = switchboard_broker::Config { listen: addr, ..test_config(data_dir) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match switchboard_broker::Broker::start(config.clone()).await {
+            Ok(broker) => return broker,
+            Err(switchboard_broker::error::Error::Io { error, .. })
+                if error.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the broker did not start again on {addr}: {e}"),
+        }
+    }
+}
