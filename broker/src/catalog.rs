@@ -119,6 +119,9 @@ pub(crate) async fn block(
         }
     }
     shared.presence.blocks_changed(caller, user);
+    if blocked {
+        shared.typing.blocked(caller, user);
+    }
     Ok(Reply::Done)
 }
 

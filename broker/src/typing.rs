@@ -179,6 +179,11 @@ impl TypingState {
         self.timers.first().map(|&(at, _, _)| at)
     }
 
+    /// The conversations `user` is shown typing in (at most `per_user_max`).
+    pub fn typing_in(&self, user: UserId) -> Vec<ConvId> {
+        self.by_user.get(&user).cloned().unwrap_or_default()
+    }
+
     /// Whether `user` is shown typing in `conv`.
     pub fn is_typing(&self, conv: ConvId, user: UserId) -> bool {
         self.entries.contains_key(&(conv, user))
@@ -314,6 +319,26 @@ impl Typing {
             }
         }
         self.update(|state, now| state.handle_signal(conv, user, session, typing, now));
+    }
+
+    /// `a` blocked `b`: neither is told of the other's typing from now on (`audience`),
+    /// and each one's indicators standing now are stopped on the other's devices here,
+    /// in the conversations the other is a member of, since the stop the typist's next
+    /// change brings is filtered like any event between the two (before, the blocker saw
+    /// the blocked user typing until it reconnected: a review of this change). Reads a
+    /// member key per conversation either is typing in (at most 2 × 16).
+    pub fn blocked(&self, a: UserId, b: UserId) {
+        for (typist, viewer) in [(a, b), (b, a)] {
+            if self.online.sessions(viewer).is_none() {
+                continue;
+            }
+            let convs = self.state.lock().unwrap_or_else(|p| p.into_inner()).typing_in(typist);
+            for conv in convs {
+                if matches!(self.store.member(conv, viewer), Ok(Some(_))) {
+                    self.deliver(&[viewer], TypingChange { conv, user: typist, typing: false });
+                }
+            }
+        }
     }
 
     /// A session ended: stop what it was typing.

@@ -500,6 +500,31 @@ async fn typing_on_two_devices_stands_until_the_last_one_stops() {
     .await
 }
 
+/// A typist's indicator standing when a member blocks it is stopped on the blocker's
+/// devices at once (the typist's own stop, later, is filtered like any event between
+/// the two); the other members still see it. Before, the blocker saw the blocked user
+/// typing until it reconnected (a review of this session's change).
+#[tokio::test]
+async fn blocking_a_typist_stops_its_indicator_for_the_blocker_only() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.typing_ttl_ms = 60_000).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (carol, _) = tb.register("carol").await;
+        let mut alice_events = alice.events().unwrap();
+        let mut carol_events = carol.events().unwrap();
+        let conv = alice.create_group("team", &["bob".into(), "carol".into()]).await.unwrap().id;
+        assert_eq!(next_entry(&mut carol_events).await.conv, conv);
+        bob.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut alice_events).await, (conv, bob.user_id, true));
+        assert_eq!(next_typing(&mut carol_events).await, (conv, bob.user_id, true));
+        alice.block("bob", true).await.unwrap();
+        assert_eq!(next_typing(&mut alice_events).await, (conv, bob.user_id, false));
+        no_typing(&mut carol_events, 300).await;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn typing_does_not_survive_a_restart() {
     bounded(async {
