@@ -203,18 +203,15 @@ impl TypingState {
     /// (returned, to push) if no other session is still typing there.
     fn drop_session(&mut self, conv: ConvId, user: UserId, session: u64, now_ms: u64) -> Option<TypingChange> {
         let typer = self.entries.get_mut(&(conv, user))?;
-        let before = typer.until_ms;
         if !typer.sessions.iter().any(|&(s, _)| s == session) {
             return None;
         }
+        self.timers.remove(&(typer.until_ms, conv, user));
         if typer.drop_session(session, now_ms) {
-            let after = typer.until_ms;
-            self.timers.remove(&(before, conv, user));
-            self.timers.insert((after, conv, user));
+            self.timers.insert((typer.until_ms, conv, user));
             return None;
         }
-        // The entry's key in `timers` is still `before`: `remove` takes it out.
-        typer.until_ms = before;
+        // Its timer is gone already (`remove` finds none to take).
         self.remove(conv, user).then_some(TypingChange { conv, user, typing: false })
     }
 

@@ -1024,8 +1024,14 @@ async fn typing(
     seconds: std::time::Duration,
 ) -> anyhow::Result<()> {
     let until = tokio::time::Instant::now() + seconds;
-    let stop = interrupted();
-    tokio::pin!(stop);
+    // Its time is up or it was interrupted: one future for both, every wait races it.
+    let halt = async {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = interrupted() => {}
+        }
+    };
+    tokio::pin!(halt);
     let mut backoff = switchboard_client::Backoff::new(100, 2_000);
     let mut looked_up = None;
     loop {
@@ -1054,8 +1060,7 @@ async fn typing(
         };
         let connected = tokio::select! {
             connected = attempt => connected,
-            _ = tokio::time::sleep_until(until) => return stopped(looked_up),
-            _ = &mut stop => return stopped(looked_up),
+            _ = &mut halt => return stopped(looked_up),
         };
         let (client, id) = match connected {
             Ok(c) => c,
@@ -1070,8 +1075,7 @@ async fn typing(
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_millis(delay)) => continue,
-                    _ = tokio::time::sleep_until(until) => return stopped(looked_up),
-                    _ = &mut stop => return stopped(looked_up),
+                    _ = &mut halt => return stopped(looked_up),
                 }
             }
         };
@@ -1086,8 +1090,7 @@ async fn typing(
                 _ = refresh.tick() => if let Err(e) = client.signal(Signal::Typing { conv: id, typing: true }).await {
                     break Some(e);
                 },
-                _ = tokio::time::sleep_until(until) => break None,
-                _ = &mut stop => break None,
+                _ = &mut halt => break None,
                 e = client.closed() => break Some(e),
             }
         };
@@ -1112,8 +1115,7 @@ async fn typing(
         });
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(delay)) => {}
-            _ = tokio::time::sleep_until(until) => return stopped(looked_up),
-            _ = &mut stop => return stopped(looked_up),
+            _ = &mut halt => return stopped(looked_up),
         }
     }
 }

@@ -65,7 +65,6 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     Counters::add(&shared.counters.sessions_started, 1);
     shared.presence.attach(user, session);
     attached.presence = true;
-    let started = std::time::Instant::now();
     let writer = {
         let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());
         tokio::spawn(async move {
@@ -99,11 +98,12 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     // A device whose connection timed out was last heard from at least the idle timeout
     // ago (the smaller of ours and its own, which the broker cannot read; quinn restarts
     // the timer once more when it sends after the last packet received, so up to a third
-    // more with our keep-alive): its last seen is then, not now.
-    // The client's own timeout may be shorter than ours: never before its last frame.
+    // more with our keep-alive): its last seen is then, not now; and never before its
+    // last frame (`heard_ms`, the session's start until one comes), as a client with a
+    // shorter timeout than ours would otherwise get.
     if matches!(conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
         let since_frame = crate::now_ms().saturating_sub(session_state.heard_ms.load(Ordering::Relaxed));
-        attached.silent_ms = shared.config.idle_timeout_ms.min(started.elapsed().as_millis() as u64).min(since_frame);
+        attached.silent_ms = shared.config.idle_timeout_ms.min(since_frame);
     }
     if end.0 != ErrorCode::NO_ERROR {
         tracing::debug!(session, code = %end.0, reason = %end.1, "closing connection");
