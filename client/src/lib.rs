@@ -16,6 +16,7 @@ mod files;
 mod merge;
 mod session;
 mod tls;
+mod typing_shown;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

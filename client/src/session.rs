@@ -3,7 +3,7 @@
 //! pending request; `Session` handles talk to it through a bounded channel, and the
 //! application reads one gap-free, duplicate-free `SessionEvents` stream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,8 @@ use switchboard_protocol::{
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
+
+use crate::typing_shown::TypingShown;
 
 use crate::cursors::{CursorStore, Cursors, Saved};
 use crate::merge::{Fetch, Merge};
@@ -352,9 +354,7 @@ impl Session {
             away_in_flight: false,
             presence_since_snapshot: None,
             presence_backlog: BTreeMap::new(),
-            typing_shown: HashSet::new(),
-            typing_owed: BTreeSet::new(),
-            typing_stopped_at: HashMap::new(),
+            typing: TypingShown::default(),
             states_done: false,
             caught_up_sent: false,
             pages_retry_set: false,
@@ -597,19 +597,6 @@ const PRESENCE_SEEN_MAX: usize = 4096;
 /// live changes, the latest per user); past it a live change is dropped.
 const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize;
 
-/// Typing indicators a `Session` tracks as shown (to stop them when its connection
-/// ends); a start beyond is not handed on. The broker lets a user type in at most 16
-/// conversations at once, so this is 256 typists at their most.
-const TYPING_SHOWN_MAX: usize = 4096;
-
-/// A typing start that comes this soon after a stop of the same typist is taken for one
-/// the stop overtook, and not shown, ms. The broker sends a start as a datagram and a
-/// stop on the control stream, and the client reads them in two tasks, so a start sent
-/// just before a stop can come after it; shown, it would stand until the connection
-/// ended. A typist who stops and starts again this quickly is shown from its next start
-/// (after a stop or an expiry), as a lost start datagram is.
-const TYPING_REORDER_MS: u64 = 100;
-
 /// Uploads last seen in progress (per file and audience) whose state the session asks
 /// for after a reconnect: what moved while no connection was up is not replayed, and
 /// before, an application kept showing such an upload in progress after it completed
@@ -788,17 +775,8 @@ struct Task {
     /// newer), at most `PRESENCE_BACKLOG_MAX`, handed on as the application takes
     /// events.
     presence_backlog: BTreeMap<UserId, PresenceInfo>,
-    /// Typing indicators handed on as started and not yet as stopped (together with
-    /// `typing_owed`, at most `TYPING_SHOWN_MAX`).
-    typing_shown: HashSet<(ConvId, UserId)>,
-    /// Those whose stop is owed (it found no room in the event queue, or the connection
-    /// ended): handed on as the queue has room, so no indicator stays shown.
-    typing_owed: BTreeSet<(ConvId, UserId)>,
-    /// When a stop last came for each typist, lately (`TYPING_REORDER_MS`; at most
-    /// `TYPING_SHOWN_MAX`): a start within that time after its stop is taken for one the
-    /// stop overtook (starts come as datagrams, stops on the stream, read by two tasks),
-    /// and not shown.
-    typing_stopped_at: HashMap<(ConvId, UserId), Instant>,
+    /// The typing indicators handed on, so that each is stopped (`TypingShown`).
+    typing: TypingShown,
     states_done: bool,
     caught_up_sent: bool,
     /// A timer to ask for stalled catch-up pages again is set (`retry_later`).
@@ -1240,7 +1218,7 @@ impl Task {
                 // What the broker told of typing no longer holds: it forgets indicators
                 // when it restarts, and a stop pushed meanwhile is not sent again. Handed
                 // on after `Disconnected`, as room allows.
-                self.typing_owed.extend(self.typing_shown.drain());
+                self.typing.connection_ended();
                 if permanent(&error) {
                     self.stop(error);
                     self.release_typing_stops();
@@ -1587,45 +1565,22 @@ impl Task {
         }
     }
 
-    /// A typing change from the broker: a start is handed on (and tracked) if the queue
-    /// and `TYPING_SHOWN_MAX` have room; a stop only for an indicator handed on, and
-    /// owed until the queue has room.
+    /// A typing change from the broker, through `TypingShown`.
     fn typing(&mut self, conv: ConvId, user: UserId, typing: bool) {
-        let key = (conv, user);
         let now = Instant::now();
-        let window = Duration::from_millis(TYPING_REORDER_MS);
-        if typing && self.typing_stopped_at.get(&key).is_some_and(|&at| now.duration_since(at) < window) {
-            return;
-        }
-        if !typing {
-            if self.typing_stopped_at.len() >= TYPING_SHOWN_MAX {
-                self.typing_stopped_at.retain(|_, at| now.duration_since(*at) < window);
-            }
-            if self.typing_stopped_at.len() < TYPING_SHOWN_MAX {
-                self.typing_stopped_at.insert(key, now);
-            }
-        }
         if typing {
-            // An owed stop is not owed any more: the indicator is shown and stands.
-            let known = self.typing_owed.remove(&key) || self.typing_shown.contains(&key);
-            let room = known || self.typing_shown.len() + self.typing_owed.len() < TYPING_SHOWN_MAX;
-            if room && (self.out.try_send(SessionEvent::Typing { conv, user, typing }).is_ok() || known) {
-                self.typing_shown.insert(key);
-            }
-        } else if self.typing_shown.remove(&key) {
-            self.typing_owed.insert(key);
+            let out = &self.out;
+            self.typing.start((conv, user), now, || out.try_send(SessionEvent::Typing { conv, user, typing }).is_ok());
+        } else {
+            self.typing.stop((conv, user), now);
             self.release_typing_stops();
         }
     }
 
     /// Hands on the typing stops owed, as the event queue has room.
     fn release_typing_stops(&mut self) {
-        while let Some(&(conv, user)) = self.typing_owed.first() {
-            if self.out.try_send(SessionEvent::Typing { conv, user, typing: false }).is_err() {
-                return;
-            }
-            self.typing_owed.pop_first();
-        }
+        let out = &self.out;
+        self.typing.release(|(conv, user)| out.try_send(SessionEvent::Typing { conv, user, typing: false }).is_ok());
     }
 
     /// Receipts of `conv` came (from `Receipts` or a completing catch-up page): each
@@ -1781,11 +1736,8 @@ impl Task {
             // receiver clears it on the message), so it is no longer tracked as shown
             // (before, every typist who then sent stayed tracked until the connection
             // ended, and past `TYPING_SHOWN_MAX` of them new typists were not shown).
-            let tracked = !self.typing_shown.is_empty() || !self.typing_owed.is_empty();
-            if tracked && matches!(e.body, Body::Text { .. } | Body::Files { .. }) {
-                let key = (e.conv, e.sender);
-                self.typing_shown.remove(&key);
-                self.typing_owed.remove(&key);
+            if matches!(e.body, Body::Text { .. } | Body::Files { .. }) {
+                self.typing.message((e.conv, e.sender));
             }
             // `room` bounded the merge's output, and only this task sends.
             if self.out.try_send(SessionEvent::Entry(e)).is_err() {
@@ -1820,11 +1772,7 @@ impl Task {
         self.emit(SessionEvent::Left { conv });
         // Typing in it is no longer told: its indicators stop, after `Left` (which the
         // caller made room for), as room allows.
-        let typists: Vec<_> = self.typing_shown.iter().filter(|&&(c, _)| c == conv).copied().collect();
-        for key in typists {
-            self.typing_shown.remove(&key);
-            self.typing_owed.insert(key);
-        }
+        self.typing.left(conv);
         self.release_typing_stops();
     }
 
