@@ -148,6 +148,12 @@ pub struct Config {
     pub disk_reserve_bytes: u64,
     /// An upload not complete this many seconds after it began is removed with its data.
     pub upload_expiry_secs: u64,
+    /// The disk space promised to an upload in progress (what `STORAGE_FULL` counts
+    /// besides the free space) holds this many seconds after the upload began and after
+    /// each 4 MiB it stores, then lapses until its next 4 MiB: uploads declared and not
+    /// sent stop holding the disk against everyone else's (`switchboard_storage`'s
+    /// `promises` module says why).
+    pub upload_promise_secs: u64,
     /// How fast deleted file bytes are freed on the disk, bytes a second (in 4 MiB cuts,
     /// each fdatasynced: `files::blobs::remove_paced` says why; 32 MiB/s spared the
     /// group commit's fdatasyncs on a disk with online discard). Until freed they count
@@ -247,6 +253,7 @@ impl Default for Config {
             delete_bytes_per_sec: crate::files::blobs::DELETE_BYTES_PER_SEC,
             small_chunk_syncs_per_sec: crate::limits::SMALL_CHUNK_SYNCS_PER_SEC,
             upload_expiry_secs: 24 * 60 * 60,
+            upload_promise_secs: switchboard_storage::PROMISE_HOLD.as_secs(),
             max_transfer_streams: 3,
             transfer_progress_secs: 30,
             max_live_transfer_streams: 256,
@@ -382,6 +389,7 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("max_file_bytes", config.max_file_bytes),
         ("max_uploads_per_user", config.max_uploads_per_user as u64),
         ("upload_expiry_secs", config.upload_expiry_secs),
+        ("upload_promise_secs", config.upload_promise_secs),
         ("delete_bytes_per_sec", config.delete_bytes_per_sec),
         ("small_chunk_syncs_per_sec", config.small_chunk_syncs_per_sec),
         ("max_transfer_streams", u64::from(config.max_transfer_streams)),
@@ -525,6 +533,7 @@ mod tests {
         assert!(refused(|c| c.runtime_workers = MAX_RUNTIME_WORKERS + 1).contains("runtime_workers = 1025"));
         assert!(refused(|c| c.max_file_bytes = 0).contains("max_file_bytes = 0"));
         assert!(refused(|c| c.upload_expiry_secs = 0).contains("upload_expiry_secs = 0"));
+        assert!(refused(|c| c.upload_promise_secs = 0).contains("upload_promise_secs = 0"));
         assert!(refused(|c| c.max_transfer_streams = 0).contains("max_transfer_streams = 0"));
         assert!(refused(|c| c.max_open_blob_files = 0).contains("max_open_blob_files = 0"));
         // Was taken as 1 (one write at a time per user) without a word.

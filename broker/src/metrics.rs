@@ -567,6 +567,11 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             commits.delayed as f64,
         ),
         gauge("switchboard_disk_reserve_bytes", "disk_reserve_bytes.", c.disk_reserve_bytes as f64),
+        gauge(
+            "switchboard_upload_promised_bytes",
+            "Bytes the uploads in progress that moved within upload_promise_secs may still write (counted against the free space).",
+            shared.store.promised_bytes() as f64,
+        ),
     ];
     if let Ok(free) = crate::files::requests::free_bytes(shared.files.blobs.root()) {
         families.push(gauge(

@@ -26,6 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::MutexGuard;
 
 use crate::keys::{self, Key};
+use crate::promises::Promises;
 use crate::{Durable, Result, Store, Txn, corrupt, decode, encode};
 
 pub use switchboard_protocol::limits::{QUOTA_BLOCK, charged_bytes};
@@ -33,9 +34,9 @@ pub use switchboard_protocol::limits::{QUOTA_BLOCK, charged_bytes};
 /// What the store's files lock guards.
 #[derive(Default)]
 pub(crate) struct FilesLock {
-    /// Bytes still to come of every upload in progress (declared size minus durable
-    /// offset): disk space promised, as `begin_upload` counts it.
-    pub(crate) promised: u64,
+    /// Bytes still to come of the uploads in progress that moved lately (declared size
+    /// minus durable offset): disk space promised, as `begin_upload` counts it.
+    pub(crate) promises: Promises,
     /// Per user, what batches handed to the committer and not yet applied change in the
     /// keys the checks read.
     pending: HashMap<UserId, Pending>,
@@ -198,7 +199,7 @@ impl Store {
         quota_bytes: impl FnOnce() -> u64,
         room: impl FnOnce(u64) -> bool,
     ) -> Result<std::result::Result<Durable, UploadRefusal>> {
-        let lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let user = record.uploader;
         if self.uploads_now(&lock, user, max_uploads)? >= max_uploads {
             return Ok(Err(UploadRefusal::TooManyUploads));
@@ -207,7 +208,8 @@ impl Store {
         if stored.saturating_add(charged_bytes(record.size)) > quota_bytes() {
             return Ok(Err(UploadRefusal::QuotaExceeded { used: stored }));
         }
-        if !room(lock.promised) {
+        let now = std::time::Instant::now();
+        if !room(lock.promises.held(now)) {
             return Ok(Err(UploadRefusal::StorageFull));
         }
         let mut txn = Txn::new();
@@ -216,14 +218,15 @@ impl Store {
         txn.batch.insert(Key::file_expiry(record.expires_ms, id).as_ref(), &[][..]);
         let stored = stored + charged_bytes(record.size);
         txn.batch.insert(Key::stored_bytes(user).as_ref(), &stored.to_be_bytes()[..]);
-        let promised = lock.promised + (record.size - record.offset().min(record.size));
-        Ok(Ok(self.commit_pending(lock, txn, user, stored, (*id, true), promised)?))
+        let (offset, size) = (record.offset().min(record.size), record.size);
+        let promise = |p: &mut Promises| p.promise(*id, size - offset, offset, now);
+        Ok(Ok(self.commit_pending(lock, txn, user, stored, (*id, true), promise)?))
     }
 
     /// Hands `txn` to the committer under the files lock `lock` (so batches are applied
     /// in the order their checks ran), records it as pending for `user` (its stored
-    /// bytes become `stored`, `upload` is added or removed) and the promised bytes as
-    /// `promised`, lets the lock go and waits until it is applied, then drops it from
+    /// bytes become `stored`, `upload` is added or removed) and changes the promises by
+    /// `promise`, lets the lock go and waits until it is applied, then drops it from
     /// the pending changes. Blocking.
     fn commit_pending(
         &self,
@@ -232,7 +235,7 @@ impl Store {
         user: UserId,
         stored: u64,
         upload: (FileId, bool),
-        promised: u64,
+        promise: impl FnOnce(&mut Promises),
     ) -> Result<Durable> {
         self.index_write(move || {
             let applying = self.committer.send_apply(txn.batch)?;
@@ -242,7 +245,7 @@ impl Store {
             pending.stored = stored;
             pending.uploads.push((batch, upload.0, upload.1));
             pending.batches += 1;
-            lock.promised = promised;
+            promise(&mut lock.promises);
             drop(lock);
             let applied = applying.wait();
             let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -298,10 +301,11 @@ impl Store {
             .is_some_and(|(_, _, a)| !a)
     }
 
-    /// Bytes still to come of every upload in progress (declared size minus durable
-    /// offset), as `begin_upload` counts them.
+    /// Bytes still to come of the uploads in progress whose promises hold (declared
+    /// size minus durable offset; `promises` says which hold), as `begin_upload` counts
+    /// them.
     pub fn promised_bytes(&self) -> u64 {
-        self.files.lock().unwrap_or_else(|p| p.into_inner()).promised
+        self.files.lock().unwrap_or_else(|p| p.into_inner()).promises.held(std::time::Instant::now())
     }
 
     /// How many uploads `user` has in progress, counting at most `limit`.
@@ -377,7 +381,7 @@ impl Store {
     pub fn set_upload_offset(&self, id: &FileId, offset: u64, content_type: Option<&str>) -> Result<Option<Durable>> {
         let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
-        let FileStage::Uploading { offset: before } = record.stage else { return Ok(None) };
+        let FileStage::Uploading { .. } = record.stage else { return Ok(None) };
         if Self::removal_pending(&lock, record.uploader, id) {
             return Ok(None);
         }
@@ -386,7 +390,7 @@ impl Store {
             record.content_type = t.to_owned();
         }
         self.db.insert(Key::file(id), encode(&record))?;
-        lock.promised = (lock.promised + before.min(record.size)).saturating_sub(offset.min(record.size));
+        lock.promises.advance(*id, record.size, offset, std::time::Instant::now());
         Ok(Some(self.barrier()?))
     }
 
@@ -428,8 +432,8 @@ impl Store {
         record.expires_ms = 0;
         txn.put(Key::file(id), &record);
         // Its quota stays counted; it leaves the uploads in progress.
-        let (user, stored, promised) = (record.uploader, self.stored_now(&lock, record.uploader)?, lock.promised);
-        let durable = self.commit_pending(lock, txn, user, stored, (*id, false), promised)?;
+        let (user, stored) = (record.uploader, self.stored_now(&lock, record.uploader)?);
+        let durable = self.commit_pending(lock, txn, user, stored, (*id, false), |p| p.remove(id))?;
         Ok(Some((record, durable)))
     }
 
@@ -450,7 +454,7 @@ impl Store {
         record.stage = FileStage::Uploading { offset: 0 };
         txn.put(Key::file(id), &record);
         let durable = self.commit(txn)?;
-        lock.promised += record.size;
+        lock.promises.promise(*id, record.size, 0, std::time::Instant::now());
         Ok(Some(durable))
     }
 
@@ -495,8 +499,7 @@ impl Store {
         txn.batch.remove(Key::file_expiry(record.expires_ms, id).as_ref());
         let stored = self.stored_now(&lock, record.uploader)?.saturating_sub(charged_bytes(record.size));
         txn.batch.insert(Key::stored_bytes(record.uploader).as_ref(), &stored.to_be_bytes()[..]);
-        let promised = lock.promised.saturating_sub(record.size - record.offset().min(record.size));
-        let durable = self.commit_pending(lock, txn, record.uploader, stored, (*id, false), promised)?;
+        let durable = self.commit_pending(lock, txn, record.uploader, stored, (*id, false), |p| p.remove(id))?;
         Ok(Some((record, durable)))
     }
 
@@ -964,6 +967,7 @@ mod tests {
         firsts.into_iter().map(|(conv, _)| conv).collect()
     }
     use crate::StoreConfig;
+    use std::time::Duration;
     use switchboard_protocol::{Body, Entry, FileRef};
 
     fn open(dir: &std::path::Path) -> Store {
@@ -1234,7 +1238,7 @@ mod tests {
 
     #[test]
     fn begin_complete_and_remove_let_the_files_lock_go_while_the_committer_finishes_a_flush() {
-        use std::time::{Duration, Instant};
+        use std::time::Instant;
         const WAIT: Duration = Duration::from_secs(10);
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
@@ -1354,7 +1358,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn forwards_let_the_files_lock_go_while_the_committer_finishes_a_flush() {
         use std::sync::atomic::{AtomicBool, Ordering};
-        use std::time::{Duration, Instant};
+        use std::time::Instant;
         const WAIT: Duration = Duration::from_secs(10);
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
@@ -1631,5 +1635,50 @@ mod tests {
         drop(store);
         let store = open(dir.path());
         assert_eq!(store.promised_bytes(), 20);
+    }
+
+    #[tokio::test]
+    async fn an_upload_that_sends_nothing_stops_holding_the_disk() {
+        // Declared and never sent: after its hold, uploads begun later no longer count
+        // it, so accounts that begin uploads and walk away cannot refuse everyone's.
+        const MIB: u64 = 1024 * 1024;
+        let hold = Duration::from_millis(300);
+        let dir = tempfile::tempdir().unwrap();
+        let with_hold = |dir: &std::path::Path| {
+            let mut config = StoreConfig::new(dir.join("db"));
+            config.cache_capacity_bytes = 4 * 1024 * 1024;
+            config.upload_promise_hold = hold;
+            Store::open(&config).unwrap()
+        };
+        let store = with_hold(dir.path());
+        let (a, b) = ([1; 16], [2; 16]);
+        // A disk with 150 MiB free.
+        let room = |size: u64| move |promised: u64| 150 * MIB - promised.min(150 * MIB) >= size;
+        store
+            .begin_upload(&a, &record(7, 100 * MIB, 1), 8, || u64::MAX, room(100 * MIB))
+            .unwrap()
+            .unwrap()
+            .await
+            .unwrap();
+        let refused = store.begin_upload(&b, &record(8, 100 * MIB, 2), 8, || u64::MAX, room(100 * MIB)).unwrap();
+        assert_eq!(refused.unwrap_err(), UploadRefusal::StorageFull, "100 MiB promised to `a`");
+        std::thread::sleep(hold);
+        assert_eq!(store.promised_bytes(), 0, "`a` sent nothing for its hold");
+        store
+            .begin_upload(&b, &record(8, 100 * MIB, 2), 8, || u64::MAX, room(100 * MIB))
+            .unwrap()
+            .unwrap()
+            .await
+            .unwrap();
+        // `a` comes back: its first 4 MiB take its room again, and it is counted.
+        store.set_upload_offset(&a, 4 * MIB, None).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 196 * MIB);
+        // After a restart every upload in progress holds its room for a hold again.
+        store.close().unwrap();
+        drop(store);
+        let store = with_hold(dir.path());
+        assert_eq!(store.promised_bytes(), 196 * MIB);
+        std::thread::sleep(hold);
+        assert_eq!(store.promised_bytes(), 0);
     }
 }

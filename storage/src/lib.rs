@@ -18,6 +18,7 @@ mod keys;
 mod log;
 mod members;
 mod presence;
+mod promises;
 mod receipts;
 mod records;
 
@@ -30,6 +31,8 @@ use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 pub use blocks::BlockChange;
 pub use commit::{COMMIT_BUCKETS_US, CommitStats, Durable, FailureHook};
 pub use files::{Collected, FileRecord, FileStage, Forwarded, QUOTA_BLOCK, UploadRefusal, charged_bytes};
+use promises::Promises;
+pub use promises::{PROMISE_HOLD, PROMISE_RENEW_BYTES};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};
 
 use commit::{Committer, IndexGen};
@@ -110,6 +113,10 @@ pub struct StoreConfig {
     /// Like PostgreSQL's `commit_siblings`, which counts other open transactions: a lone
     /// message on a quiet broker is not held back for company that is not coming.
     pub commit_siblings: usize,
+    /// How long the disk space promised to an upload in progress holds after it began
+    /// and after each `PROMISE_RENEW_BYTES` (4 MiB) it stores; then it lapses, and uploads
+    /// begun later no longer count it (`promises` says why). Default `PROMISE_HOLD`, 60 s.
+    pub upload_promise_hold: std::time::Duration,
 }
 
 impl StoreConfig {
@@ -120,6 +127,7 @@ impl StoreConfig {
             cache_capacity_bytes: 256 * 1024 * 1024,
             commit_delay: std::time::Duration::ZERO,
             commit_siblings: 0,
+            upload_promise_hold: PROMISE_HOLD,
         }
     }
 }
@@ -221,8 +229,15 @@ impl Store {
             store.db.insert(Key::format(), &7u64.to_be_bytes()[..])?;
         }
         store.upgrade_to_format_8()?;
-        let promised = store.uploads_in_progress()?.iter().map(|(_, r)| r.size - r.offset().min(r.size)).sum();
-        store.files.lock().unwrap_or_else(|p| p.into_inner()).promised = promised;
+        // Each upload in progress holds its room for a hold from the start: its client
+        // has that long to come back and resume.
+        let mut promises = Promises::new(config.upload_promise_hold);
+        let now = std::time::Instant::now();
+        for (id, r) in store.uploads_in_progress()? {
+            let offset = r.offset().min(r.size);
+            promises.promise(id, r.size - offset, offset, now);
+        }
+        store.files.lock().unwrap_or_else(|p| p.into_inner()).promises = promises;
         Ok(store)
     }
 

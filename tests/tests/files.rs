@@ -421,6 +421,46 @@ async fn the_disk_reserve_refuses_uploads_with_storage_full() {
 }
 
 #[tokio::test]
+async fn uploads_declared_and_never_sent_stop_holding_the_disk() {
+    bounded(async {
+        // Accounts that declare big uploads and send nothing (registration is open)
+        // held their room on the disk for the uploads' whole 24 h, and everyone's
+        // uploads were refused STORAGE_FULL meanwhile. The reserve here leaves room for
+        // one upload of a quarter of the free space (room for 7/8 of it must stay).
+        let free = switchboard_broker::files::free_bytes(&std::env::temp_dir()).unwrap();
+        let size = free / 4;
+        let tb = TestBroker::start_with(|c| {
+            c.disk_reserve_bytes = free - size - free / 8;
+            c.max_file_bytes = size;
+            c.quota_bytes = u64::MAX / 2;
+            c.upload_promise_secs = 2;
+        })
+        .await;
+        let declare = || {
+            RequestBody::BeginUpload(NewUpload {
+                name: "big.bin".into(),
+                size,
+                content_type: "application/octet-stream".into(),
+                blake3: [0; 32],
+            })
+        };
+        let (mallory, _) = tb.register("mallory").await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let Reply::Upload(held) = mallory.request(declare()).await.unwrap() else { panic!() };
+        assert_eq!(code_of(alice.request(declare()).await), ErrorCode::STORAGE_FULL, "mallory's upload holds the room");
+        // Mallory sends nothing for the hold (2 s here, 60 s by default): its room lapses.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let Reply::Upload(_) = alice.request(declare()).await.unwrap() else { panic!() };
+        // Alice's upload, just begun, holds its room as mallory's did.
+        assert_eq!(code_of(bob.request(declare()).await), ErrorCode::STORAGE_FULL);
+        // Mallory's upload is still there to resume (only its room lapsed).
+        assert_eq!(offset_of(status(&mallory, held.file).await.unwrap()), 0);
+    })
+    .await
+}
+
+#[tokio::test]
 async fn only_the_uploader_and_members_where_it_is_attached_may_read_a_file() {
     bounded(async {
         let tb = TestBroker::start().await;

@@ -17,6 +17,8 @@ pub mod state;
 pub(crate) mod thumbnail;
 pub mod thumbnails;
 
+pub use requests::free_bytes;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};

@@ -150,8 +150,9 @@ pub fn check_new_upload(new: &NewUpload) -> Result<(), ErrorBody> {
     Ok(())
 }
 
-/// Free bytes on the disk holding `path` (for unprivileged users).
-pub(crate) fn free_bytes(path: &std::path::Path) -> Result<u64, ErrorBody> {
+/// Free bytes on the disk holding `path` (for unprivileged users), as the disk check of
+/// `BeginUpload` reads them. Errors: `INTERNAL` if the file system cannot be asked.
+pub fn free_bytes(path: &std::path::Path) -> Result<u64, ErrorBody> {
     let stat = rustix::fs::statvfs(path).map_err(internal)?;
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
