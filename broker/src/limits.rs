@@ -295,6 +295,18 @@ pub const TYPING_PER_USER_MAX: usize = 16;
 /// Typing indicators alive at once in the whole broker (~100 bytes each, and 16 per
 /// typing device); a start beyond it is dropped until some expire.
 pub const TYPING_ENTRIES_MAX: usize = 65_536;
+/// Devices that connected and wait to be told the typing indicators standing in their
+/// conversations (`typing::Typing::session_started`); one more connecting is told none
+/// (as if its starts were lost datagrams: it sees a typist from the typist's next
+/// change). Served by the typing pusher, one after another.
+pub const TYPING_SNAPSHOTS_WAITING_MAX: usize = 1024;
+/// When at most this many conversations have an indicator standing, a connecting
+/// device's snapshot reads its membership in each (one key each); with more, it reads
+/// its own conversations instead, at most `PRESENCE_CONVERSATIONS_SCANNED` of them (the
+/// first by id), and indicators in its later ones are not told.
+pub const TYPING_SNAPSHOT_MEMBER_READS: usize = 256;
+/// Most indicators one snapshot tells (each costs a block check and a frame).
+pub const TYPING_SNAPSHOT_MAX: usize = 256;
 /// Sessions (devices) of one user tracked as typing in one conversation: the indicator
 /// stands while any of them is typing. A start from one more replaces the session whose
 /// typing ends soonest (the indicator stands either way; that session's stop then ends

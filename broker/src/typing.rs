@@ -20,7 +20,10 @@
 //! `Typing` drives them: a signal beyond its user's allowance is dropped, membership is
 //! read from the store's member keys, and a change goes, from the blocking pool, to the
 //! other members' online devices as a QUIC datagram where the device enabled them, else
-//! on its control stream. The sender's own devices are not told (they know).
+//! on its control stream. The sender's own devices are not told (they know). A device
+//! that connects is told the indicators standing in its conversations
+//! (`Typing::session_started`), so one connecting mid-typing does not wait for the
+//! typist's next change.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -35,9 +38,11 @@ use tokio::sync::Notify;
 
 use crate::fanout::Online;
 use crate::limits::{
-    TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX, TYPING_SESSIONS_PER_INDICATOR, TYPING_SIGNAL_BURST,
-    TYPING_SIGNALS_PER_S,
+    PRESENCE_CONVERSATIONS_SCANNED, TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX,
+    TYPING_SESSIONS_PER_INDICATOR, TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S, TYPING_SNAPSHOT_MAX,
+    TYPING_SNAPSHOT_MEMBER_READS, TYPING_SNAPSHOTS_WAITING_MAX,
 };
+use crate::outbound::Outbound;
 use crate::presence::{Timed, spawn_timer};
 use crate::user::Allowances;
 
@@ -62,6 +67,9 @@ pub struct TypingState {
     entries: HashMap<(ConvId, UserId), Typer>,
     /// Conversations each user is typing in (at most `per_user_max`).
     by_user: HashMap<UserId, Vec<ConvId>>,
+    /// Who is typing in each conversation with an indicator standing (what a device
+    /// that connects is told, `Typing::session_started`).
+    by_conv: HashMap<ConvId, Vec<UserId>>,
     /// `(expiry, conv, user)`, one per entry.
     timers: BTreeSet<(u64, ConvId, UserId)>,
 }
@@ -99,6 +107,7 @@ impl TypingState {
             total_max,
             entries: HashMap::new(),
             by_user: HashMap::new(),
+            by_conv: HashMap::new(),
             timers: BTreeSet::new(),
         }
     }
@@ -137,6 +146,7 @@ impl TypingState {
         }
         self.entries.insert((conv, user), Typer { until_ms, sessions: vec![(session, until_ms)] });
         self.by_user.entry(user).or_default().push(conv);
+        self.by_conv.entry(conv).or_default().push(user);
         self.timers.insert((until_ms, conv, user));
         Some(TypingChange { conv, user, typing: true })
     }
@@ -184,6 +194,21 @@ impl TypingState {
         self.by_user.get(&user).cloned().unwrap_or_default()
     }
 
+    /// The conversations with an indicator standing, at most `limit` of them (any).
+    pub fn conversations(&self, limit: usize) -> Vec<ConvId> {
+        self.by_conv.keys().take(limit).copied().collect()
+    }
+
+    /// How many conversations have an indicator standing.
+    pub fn conversation_count(&self) -> usize {
+        self.by_conv.len()
+    }
+
+    /// Who is shown typing in `conv`.
+    pub fn typists(&self, conv: ConvId) -> &[UserId] {
+        self.by_conv.get(&conv).map_or(&[], |t| &t[..])
+    }
+
     /// Whether `user` is shown typing in `conv`.
     pub fn is_typing(&self, conv: ConvId, user: UserId) -> bool {
         self.entries.contains_key(&(conv, user))
@@ -224,6 +249,12 @@ impl TypingState {
                 self.by_user.remove(&user);
             }
         }
+        if let Some(typists) = self.by_conv.get_mut(&conv) {
+            typists.retain(|&u| u != user);
+            if typists.is_empty() {
+                self.by_conv.remove(&conv);
+            }
+        }
         true
     }
 }
@@ -249,6 +280,9 @@ pub struct Typing {
     /// pusher stalled while more end than can stand at once). Lock
     /// order: `state`, then this.
     pending: Mutex<HashMap<(ConvId, UserId), bool>>,
+    /// Devices that connected while indicators stood, waiting to be told them
+    /// (`session_started`; at most `TYPING_SNAPSHOTS_WAITING_MAX`).
+    snapshots: Mutex<Vec<(UserId, Arc<Outbound>)>>,
     store: Arc<Store>,
     online: Arc<Online>,
     /// Wakes the timer task.
@@ -285,6 +319,7 @@ impl Typing {
             state: Mutex::new(TypingState::new(ttl_ms)),
             allowance: Allowances::new(TYPING_SIGNALS_PER_S, TYPING_SIGNAL_BURST, TYPING_ALLOWANCES_MAX),
             pending: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(Vec::new()),
             store,
             online,
             wake: Arc::new(Notify::new()),
@@ -336,6 +371,83 @@ impl Typing {
                 }
             }
         }
+    }
+
+    /// A device of `viewer` connected, its events going to `out`: it is told, as starts on
+    /// its control stream, the indicators standing in its user's conversations (before,
+    /// a device that connected while someone typed saw nothing until the typist's next
+    /// change, which could be its message). Served by the pusher (`tell_standing`); a
+    /// no-op while nobody types.
+    pub fn session_started(&self, viewer: UserId, out: Arc<Outbound>) {
+        if self.state.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            return;
+        }
+        let mut waiting = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        if waiting.len() < TYPING_SNAPSHOTS_WAITING_MAX {
+            waiting.push((viewer, out));
+            drop(waiting);
+            self.push_wake.notify_one();
+        }
+    }
+
+    /// Serves the snapshots waiting (`session_started`); returns how many starts each
+    /// told. Blocking: reads the store.
+    fn serve_snapshots(&self) -> Vec<usize> {
+        let waiting = std::mem::take(&mut *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()));
+        waiting.into_iter().map(|(viewer, out)| self.tell_standing(viewer, &out)).collect()
+    }
+
+    /// Tells `out`, a device of `viewer`, the indicators standing in `viewer`'s
+    /// conversations, except its own and those of users either blocks, at most
+    /// `TYPING_SNAPSHOT_MAX`; returns how many. Each start is checked and queued under
+    /// the state's lock, as `push_changes` does, so a stop of it queued later is pushed
+    /// behind it, and one pushed earlier means it is not told. Reads a member key per
+    /// conversation with an indicator (at most `TYPING_SNAPSHOT_MEMBER_READS`, else the
+    /// viewer's conversations, at most `PRESENCE_CONVERSATIONS_SCANNED`) and a block
+    /// key per typist told.
+    fn tell_standing(&self, viewer: UserId, out: &Outbound) -> usize {
+        let (count, convs) = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            (state.conversation_count(), state.conversations(TYPING_SNAPSHOT_MEMBER_READS))
+        };
+        let visible: Vec<ConvId> = if count <= TYPING_SNAPSHOT_MEMBER_READS {
+            convs.into_iter().filter(|&conv| matches!(self.store.member(conv, viewer), Ok(Some(_)))).collect()
+        } else {
+            match self.store.user_conversations(viewer, None, PRESENCE_CONVERSATIONS_SCANNED) {
+                Ok(mine) => {
+                    let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    mine.into_iter().filter(|&conv| !state.typists(conv).is_empty()).collect()
+                }
+                Err(e) => {
+                    tracing::warn!(user = viewer, error = %e, "conversation list read failed; typing snapshot not told");
+                    return 0;
+                }
+            }
+        };
+        let mut told = 0;
+        for conv in visible {
+            let typists = self.state.lock().unwrap_or_else(|p| p.into_inner()).typists(conv).to_vec();
+            for user in typists {
+                if told >= TYPING_SNAPSHOT_MAX {
+                    return told;
+                }
+                if user == viewer || !matches!(self.store.blocked_between(viewer, user), Ok(false)) {
+                    continue;
+                }
+                let Ok(frame) = encode_frame(&ServerFrame::Event(Event::Typing { conv, user, typing: true })) else {
+                    continue;
+                };
+                let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if state.is_typing(conv, user) {
+                    if out.push(frame).is_err() {
+                        // The device is gone (or was closed as a slow consumer).
+                        return told;
+                    }
+                    told += 1;
+                }
+            }
+        }
+        told
     }
 
     /// A session ended: stop what it was typing.
@@ -492,7 +604,11 @@ fn spawn_pusher(driver: Weak<Typing>, wake: Arc<Notify>) {
             // A notify sent while a drain ran is kept by `Notify` and starts the next.
             wake.notified().await;
             let Some(driver) = driver.upgrade() else { return };
-            match tokio::task::spawn_blocking(move || driver.push_pending()).await {
+            let drained = move || {
+                driver.push_pending();
+                driver.serve_snapshots();
+            };
+            match tokio::task::spawn_blocking(drained).await {
                 Ok(_) => {}
                 // The changes it held are lost (receivers end them by their timeout);
                 // later ones are still pushed.
@@ -547,6 +663,32 @@ mod tests {
 
     fn stopped(conv: ConvId, user: UserId) -> Option<TypingChange> {
         Some(TypingChange { conv, user, typing: false })
+    }
+
+    #[test]
+    fn who_types_where_is_indexed_by_conversation() {
+        let mut t = TypingState::new(TTL);
+        t.handle_signal(1, 10, 100, true, 0);
+        t.handle_signal(1, 11, 110, true, 0);
+        t.handle_signal(2, 10, 100, true, 0);
+        let mut convs = t.conversations(8);
+        convs.sort();
+        assert_eq!((convs, t.conversation_count()), (vec![1, 2], 2));
+        assert_eq!(t.typists(1), [10, 11]);
+        // Each way an indicator ends takes it out: a stop, a message, a leave, a session's
+        // end, a timeout.
+        t.handle_signal(1, 10, 100, false, 1);
+        assert_eq!(t.typists(1), [11]);
+        t.handle_message(1, 11);
+        assert!(t.typists(1).is_empty());
+        assert_eq!(t.conversations(8), vec![2], "no conversation without a typist is kept");
+        t.handle_signal(3, 12, 120, true, 1);
+        t.handle_gone(3, 12);
+        t.handle_signal(4, 13, 130, true, 1);
+        t.handle_session_end(13, 130, 2);
+        assert_eq!(t.conversations(8), vec![2]);
+        t.handle_timeout(TTL);
+        assert_eq!((t.conversation_count(), t.is_empty()), (0, true));
     }
 
     #[test]
@@ -810,5 +952,75 @@ mod tests {
         typing.entry_delivered(&message);
         assert!(typing.push_changes(taken).is_empty(), "a start the message ended while its drain ran");
         assert!(!is_typing(3));
+    }
+
+    /// A device that connects is told the indicators standing in its conversations, not
+    /// its own user's, not those of a user either side blocks, none in conversations it
+    /// is not in; the same whether few conversations have one (a member key read for
+    /// each) or many (the viewer's own conversations read instead).
+    #[tokio::test]
+    async fn a_device_that_connects_is_told_who_is_typing_in_its_conversations() {
+        use switchboard_protocol::{ConversationKind, FrameDecoder};
+        use switchboard_storage::ConversationRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::test_store(dir.path()));
+        let record = ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 0 };
+        let create = |members: &[(UserId, Role)]| {
+            let first = |conv| Entry {
+                conv,
+                seq: 1,
+                sender: members[0].0,
+                sender_device: 1,
+                client_id: [1; 16],
+                at_ms: 0,
+                body: Body::Text { text: "hi".into(), edited: false },
+            };
+            store.create_conversation(&record, members, None, first).unwrap().0
+        };
+        let team = create(&[(1, Role::Owner), (2, Role::Member), (3, Role::Member)]);
+        let pair = create(&[(1, Role::Owner), (4, Role::Member)]);
+        let others = create(&[(5, Role::Owner), (6, Role::Member)]);
+        store.set_block(2, 3, true, 16).unwrap();
+        let typing = Typing::new(store.clone(), Arc::new(Online::default()), TTL);
+        for (conv, user) in [(team, 1), (team, 3), (pair, 4), (others, 6)] {
+            typing.signal(user, user * 10, Signal::Typing { conv, typing: true });
+        }
+        let told = |viewer: UserId| {
+            let out = Arc::new(Outbound::new(64, 1 << 20));
+            typing.session_started(viewer, out.clone());
+            typing.serve_snapshots();
+            out.close(switchboard_protocol::ErrorCode::NO_ERROR);
+            async move {
+                let mut frames = Vec::new();
+                out.drain(&mut frames).await;
+                let mut decoder = FrameDecoder::new(1 << 20);
+                frames.iter().for_each(|f| decoder.push(f));
+                let mut starts = Vec::new();
+                while let Some(body) = decoder.next_frame().unwrap() {
+                    match decode::<ServerFrame>(&body).unwrap() {
+                        ServerFrame::Event(Event::Typing { conv, user, typing: true }) => starts.push((conv, user)),
+                        other => panic!("only starts are told: {other:?}"),
+                    }
+                }
+                starts.sort();
+                starts
+            }
+        };
+        assert_eq!(told(1).await, vec![(team, 3), (pair, 4)], "not its own, both its conversations");
+        assert_eq!(told(2).await, vec![(team, 1)], "not the user it blocks");
+        assert_eq!(told(3).await, vec![(team, 1)], "not the user who blocks it");
+        assert_eq!(told(7).await, vec![], "a stranger is told nothing");
+        // Many conversations with a typist: the viewer's own conversations are read.
+        {
+            let mut state = typing.state.lock().unwrap();
+            for i in 0..TYPING_SNAPSHOT_MEMBER_READS as u64 {
+                state.handle_signal(1_000 + i, 1_000 + i, 1, true, typing.clock_ms());
+            }
+            assert!(state.conversation_count() > TYPING_SNAPSHOT_MEMBER_READS);
+        }
+        assert_eq!(told(1).await, vec![(team, 3), (pair, 4)]);
+        // An indicator that ended is not told.
+        typing.signal(3, 30, Signal::Typing { conv: team, typing: false });
+        assert_eq!(told(1).await, vec![(pair, 4)]);
     }
 }

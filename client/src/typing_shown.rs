@@ -83,9 +83,13 @@ impl TypingShown {
         }
     }
 
-    /// The connection ended: every indicator shown is owed a stop.
+    /// The connection ended: every indicator shown is owed a stop. The stops remembered
+    /// are forgotten: a start and a stop are reordered within one connection only, and
+    /// the next connection begins with the starts standing then (the broker tells a
+    /// device that connects who is typing), which must be shown however soon they come.
     pub fn connection_ended(&mut self) {
         self.owed.extend(self.shown.drain());
+        self.stopped_at.clear();
     }
 
     /// `conv` was left: its indicators are owed a stop.
@@ -195,6 +199,27 @@ mod tests {
         });
         assert!(!handed && t.is_empty(), "not shown: it would stand");
         t.start(A, now + Duration::from_millis(TYPING_REORDER_MS), || true);
+        t.connection_ended();
+        assert_eq!(owed(&mut t), [A]);
+    }
+
+    /// The broker tells a device that connects who is typing: such a start, just after
+    /// a stop on the connection before, is shown (a reorder happens within one
+    /// connection only).
+    #[test]
+    fn a_start_told_on_a_new_connection_is_shown_however_soon() {
+        let now = Instant::now();
+        let mut t = TypingShown::default();
+        t.start(A, now, || true);
+        t.stop(A, now);
+        owed(&mut t);
+        t.connection_ended();
+        let mut handed = false;
+        t.start(A, now + Duration::from_millis(1), || {
+            handed = true;
+            true
+        });
+        assert!(handed, "the snapshot's start is shown");
         t.connection_ended();
         assert_eq!(owed(&mut t), [A]);
     }

@@ -525,6 +525,34 @@ async fn blocking_a_typist_stops_its_indicator_for_the_blocker_only() {
     .await
 }
 
+/// A device that connects while someone types in one of its conversations is told so
+/// at once (before, it saw nothing until the typist's next change, which could be the
+/// message itself: a new user's trial); a stranger connecting is told nothing, and the
+/// stop still follows.
+#[tokio::test]
+async fn a_device_that_connects_is_told_who_is_typing() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.typing_ttl_ms = 60_000).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let (carol, carol_id) = tb.register("carol").await;
+        drop((bob, carol));
+        let conv = alice.create_group("plans", &["bob".into()]).await.unwrap().id;
+        alice.typing(conv, true).await.unwrap();
+        // Past the pusher's drain of the start (nobody else was online to get it).
+        alice.ping().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let bob = within(STEP_DEADLINE, "bob connects", tb.connector().connect(&bob_id)).await.unwrap();
+        let carol = within(STEP_DEADLINE, "carol connects", tb.connector().connect(&carol_id)).await.unwrap();
+        let (mut bob_events, mut carol_events) = (bob.events().unwrap(), carol.events().unwrap());
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, true));
+        alice.typing(conv, false).await.unwrap();
+        assert_eq!(next_typing(&mut bob_events).await, (conv, alice.user_id, false));
+        no_typing(&mut carol_events, 300).await;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn typing_does_not_survive_a_restart() {
     bounded(async {

@@ -65,6 +65,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     Counters::add(&shared.counters.sessions_started, 1);
     shared.presence.attach(user, session);
     attached.presence = true;
+    shared.typing.session_started(user, out.clone());
     let writer = {
         let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());
         tokio::spawn(async move {
