@@ -1302,6 +1302,9 @@ mod tests {
             ErrorCode::TYPE_MISMATCH,
             ErrorCode::FILE_TOO_LARGE,
             ErrorCode::QUOTA_EXCEEDED,
+            // The broker's disk is full: retrying at once would not help; the upload
+            // is kept for a later resume.
+            ErrorCode::STORAGE_FULL,
             ErrorCode::NOT_FOUND,
             ErrorCode::CONFLICT,
             ErrorCode::INVALID,

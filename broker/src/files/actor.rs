@@ -286,10 +286,47 @@ impl Actor for Upload {
     }
 }
 
-/// What a chunk that could not be written leads to: the stream told the durable offset,
-/// or 0 when the upload was rewound because its bytes were lost (`Upload::file`).
-fn failed_write(st: &mut UploadActorState) -> Vec<Effect> {
-    if st.rewound { st.state.rewound() } else { st.state.write_failed() }
+/// What a chunk that could not be written leads to: the stream told the durable offset
+/// (`STORAGE_FULL` if the disk was full), or 0 when the upload was rewound because its
+/// bytes were lost (`Upload::file`).
+fn failed_write(st: &mut UploadActorState, error: &ChunkError) -> Vec<Effect> {
+    match error {
+        _ if st.rewound => st.state.rewound(),
+        ChunkError::DiskFull => st.state.disk_full(),
+        ChunkError::Failed(_) => st.state.write_failed(),
+    }
+}
+
+/// Why a chunk was not stored.
+#[derive(Debug)]
+enum ChunkError {
+    /// Its write found no space on the disk (`ENOSPC`).
+    DiskFull,
+    /// Anything else: a read, a write, a sync, the store.
+    Failed(String),
+}
+
+impl From<String> for ChunkError {
+    fn from(e: String) -> Self {
+        ChunkError::Failed(e)
+    }
+}
+
+impl std::fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChunkError::DiskFull => f.write_str("no space left on the data dir's disk"),
+            ChunkError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A chunk's write error as a `ChunkError`: a full disk is told apart.
+fn chunk_error(e: std::io::Error) -> ChunkError {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => ChunkError::DiskFull,
+        _ => ChunkError::Failed(e.to_string()),
+    }
 }
 
 /// Lets go of the partial file once no transfer stream is open on the upload (see
@@ -371,7 +408,7 @@ impl Upload {
                             Ok(head) => head,
                             Err(e) => {
                                 tracing::error!(file = hex(&st.id), error = %e, "reading an upload's first bytes failed");
-                                queue.extend(failed_write(st));
+                                queue.extend(failed_write(st, &ChunkError::Failed(e)));
                                 continue;
                             }
                         };
@@ -395,7 +432,7 @@ impl Upload {
                         Ok(()) => st.state.written(offset + len, crate::now_ms()),
                         Err(e) => {
                             tracing::error!(file = hex(&st.id), error = %e, "an upload chunk was not stored");
-                            failed_write(st)
+                            failed_write(st, &e)
                         }
                     };
                     queue.extend(more);
@@ -432,7 +469,7 @@ impl Upload {
     /// the durable prefix (`catch_up_step`) if the actor resumed the upload; it is kept
     /// only if the chunk becomes durable and nothing failed (else what it lacks is read
     /// back from the file later: the bytes below the durable offset never change).
-    async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), String> {
+    async fn write(&self, st: &mut UploadActorState, offset: u64, data: bytes::Bytes) -> Result<(), ChunkError> {
         let end = offset + data.len() as u64;
         let file = self.file(st).await?;
         let (shared, id, relabel) = (self.shared.clone(), st.id, st.relabel.clone());
@@ -452,19 +489,19 @@ impl Upload {
         // Off the runtime threads: the write and its fdatasync, then recording the offset
         // (which takes the store's files lock).
         let stored = tokio::task::spawn_blocking(move || {
-            file.write_chunk(offset, &data).map_err(|e| e.to_string())?;
+            file.write_chunk(offset, &data).map_err(chunk_error)?;
             // The bytes are durable in the file: now the offset, in the next group commit.
             match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
                 Ok(Some(durable)) => Ok(durable),
-                Ok(None) => Err("the upload is gone".to_owned()),
-                Err(e) => Err(e.to_string()),
+                Ok(None) => Err(ChunkError::Failed("the upload is gone".to_owned())),
+                Err(e) => Err(ChunkError::Failed(e.to_string())),
             }
         });
         let (hashed, stored) = tokio::join!(hashed, stored);
         let recorded = match stored {
-            Ok(Ok(durable)) => durable.await.map_err(|e| e.to_string()),
+            Ok(Ok(durable)) => durable.await.map_err(|e| ChunkError::Failed(e.to_string())),
             Ok(Err(e)) => Err(e),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(ChunkError::Failed(e.to_string())),
         };
         let hashed = hashed.map_err(|e| e.to_string()).and_then(|read| read.map_err(|e| e.to_string()));
         match (recorded, hashed) {
@@ -582,6 +619,16 @@ impl Upload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that found the disk full (`ENOSPC`, 28 on Linux) is told apart, so its
+    /// stream says `STORAGE_FULL` (the client stops and says why) rather than
+    /// `INTERNAL` (which it retries).
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_write_errors() {
+        assert!(matches!(chunk_error(std::io::Error::from_raw_os_error(28)), ChunkError::DiskFull));
+        let other = chunk_error(std::io::Error::from_raw_os_error(5));
+        assert!(matches!(other, ChunkError::Failed(ref e) if e.contains("os error 5")), "{other}");
+    }
 
     /// Runs the catch-up of an upload of `size` bytes resumed at `from`, written in
     /// chunks of `len`: how far the hash got by the end of the last chunk, and the most

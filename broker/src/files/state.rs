@@ -170,18 +170,23 @@ impl UploadState {
     /// the durable offset counts, and the stream is told so and ends (the client
     /// resumes from the durable offset).
     pub fn write_failed(&mut self) -> Vec<Effect> {
-        self.end_stream("the chunk could not be stored")
+        self.end_stream(ErrorCode::INTERNAL, "the chunk could not be stored")
     }
 
-    /// The chunk being written is given up: the stream is told `INTERNAL` with the
-    /// durable offset and ends.
-    fn end_stream(&mut self, message: &str) -> Vec<Effect> {
+    /// The chunk being written found the disk full (`ENOSPC`): as `write_failed`, but
+    /// the stream is told `STORAGE_FULL`, which a client does not retry at once. An
+    /// upload's room on the disk lapses while it stands still (`upload_promise_secs`),
+    /// so one resumed after a pause can meet a disk that filled meanwhile; the upload
+    /// stays, to resume once there is room.
+    pub fn disk_full(&mut self) -> Vec<Effect> {
+        self.end_stream(ErrorCode::STORAGE_FULL, "the broker's disk is full: the upload is kept; resume it later")
+    }
+
+    /// The chunk being written is given up: the stream is told `code` with the durable
+    /// offset and ends.
+    fn end_stream(&mut self, code: ErrorCode, message: &str) -> Vec<Effect> {
         self.writing = false;
-        self.stream
-            .take()
-            .map(|stream| failed(stream, ErrorCode::INTERNAL, message, self.durable))
-            .into_iter()
-            .collect()
+        self.stream.take().map(|stream| failed(stream, code, message, self.durable)).into_iter().collect()
     }
 
     /// The upload's stored bytes were found lost (its partial file gone) and it was
@@ -192,7 +197,8 @@ impl UploadState {
     pub fn rewound(&mut self) -> Vec<Effect> {
         self.durable = 0;
         self.throttle.pending = None;
-        let mut effects = self.end_stream("the upload's bytes were lost; it starts over from offset 0");
+        let mut effects =
+            self.end_stream(ErrorCode::INTERNAL, "the upload's bytes were lost; it starts over from offset 0");
         effects.push(Effect::Progress(FileState::Uploading { offset: 0 }));
         effects
     }
@@ -439,6 +445,17 @@ mod tests {
         s.open(1, 4);
         s.chunk(1, 4, 4, true);
         assert_eq!(code(&s.write_failed()[0]), Some((1, ErrorCode::INTERNAL, 4)));
+        assert!(s.is_idle());
+        s.open(2, 4);
+        assert_eq!(s.chunk(2, 4, 4, true), vec![Effect::Write { offset: 4, len: 4 }]);
+    }
+
+    #[test]
+    fn a_chunk_the_full_disk_refused_says_storage_full_and_the_upload_resumes_later() {
+        let mut s = UploadState::new(SIZE, 4, 4);
+        s.open(1, 4);
+        s.chunk(1, 4, 4, true);
+        assert_eq!(code(&s.disk_full()[0]), Some((1, ErrorCode::STORAGE_FULL, 4)));
         assert!(s.is_idle());
         s.open(2, 4);
         assert_eq!(s.chunk(2, 4, 4, true), vec![Effect::Write { offset: 4, len: 4 }]);
