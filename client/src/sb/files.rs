@@ -237,6 +237,14 @@ pub async fn upload(
                 if target.is_some() { ", or to send it once it is complete (at most once)" } else { "" }
             )));
         }
+        Err(e) if e.code() == Some(ErrorCode::STORAGE_FULL) => {
+            // The broker's disk filled while the upload stood still: it is kept there,
+            // and here, for the same command to continue once there is room.
+            return Err(anyhow::Error::new(e).context(format!(
+                "upload {} is kept at what the broker stored: run the same command again later to continue it",
+                hex(&file)
+            )));
+        }
         Err(e) => {
             // Retrying cannot finish it: forget it, so the next `sb upload` starts afresh.
             if !matches!(
