@@ -152,7 +152,7 @@ pub struct Config {
     /// besides the free space) holds this many seconds after the upload began and after
     /// each 4 MiB it stores, then lapses until its next 4 MiB: uploads declared and not
     /// sent stop holding the disk against everyone else's (`switchboard_storage`'s
-    /// `promises` module says why).
+    /// `promises` module says why). Taken as `upload_expiry_secs` where that is shorter.
     pub upload_promise_secs: u64,
     /// How fast deleted file bytes are freed on the disk, bytes a second (in 4 MiB cuts,
     /// each fdatasynced: `files::blobs::remove_paced` says why; 32 MiB/s spared the

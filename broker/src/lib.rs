@@ -280,7 +280,9 @@ fn open_store_in_data_dir(config: &Config) -> Result<Arc<Store>> {
     store_config.cache_capacity_bytes = config.store_cache_bytes;
     store_config.commit_delay = std::time::Duration::from_micros(config.commit_delay_us);
     store_config.commit_siblings = config.commit_siblings as usize;
-    store_config.upload_promise_hold = std::time::Duration::from_secs(config.upload_promise_secs);
+    // An upload's room holds at most as long as the upload.
+    store_config.upload_promise_hold =
+        std::time::Duration::from_secs(config.upload_promise_secs.min(config.upload_expiry_secs));
     let store = Store::open(&store_config).map_err(|e| {
         Error::DataDir(format!("opening the store in {} (is another broker using it?): {e}", config.data_dir.display()))
     })?;

@@ -295,6 +295,16 @@ pub const TYPING_PER_USER_MAX: usize = 16;
 /// Typing indicators alive at once in the whole broker (~100 bytes each, and 16 per
 /// typing device); a start beyond it is dropped until some expire.
 pub const TYPING_ENTRIES_MAX: usize = 65_536;
+/// Uploads a user may begin holding room on the disk (`switchboard_storage`'s
+/// `promises`): a burst of this many, then `UPLOAD_HOLDS_PER_HOUR`. A begin beyond it is
+/// taken, but holds no room until its first 4 MiB are stored, so cancelling and
+/// beginning uploads again and again holds no room for nothing (an attacker's review).
+pub const UPLOAD_HOLDS_BURST: f64 = 8.0;
+/// See `UPLOAD_HOLDS_BURST`: 16 an hour, twice a user's uploads in progress.
+pub const UPLOAD_HOLDS_PER_HOUR: f64 = 16.0;
+/// Users whose allowance of holds is tracked at once; a user beyond (the table full of
+/// allowances still refilling) begins its uploads without a hold.
+pub const UPLOAD_HOLD_ALLOWANCES_MAX: usize = 65_536;
 /// Devices that connected and wait to be told the typing indicators standing in their
 /// conversations (`typing::Typing::session_started`); one more connecting is told none
 /// (as if its starts were lost datagrams: it sees a typist from the typist's next

@@ -188,9 +188,11 @@ impl Store {
     /// pass `quota_bytes()` (asked under the files lock, so what the caller counts against
     /// the user outside the store, taken before a removal gives quota back here, is seen
     /// whatever the order), or `room` says the disk has no room: it is given the bytes still to
-    /// come of every upload in progress (promised, not yet on disk) and answers whether
-    /// the disk holds those plus this upload's size. The checks and the write are one
-    /// step, under the files lock. Blocking (a catalog batch).
+    /// come of the uploads in progress whose promises hold (`promises`: promised, not yet
+    /// on disk) and answers whether the disk holds those plus this upload's size. The
+    /// upload's own promise holds from now if `hold` (its user's allowance of holds had
+    /// one), else it begins lapsed. The checks and the write are one step, under the
+    /// files lock. Blocking (a catalog batch).
     pub fn begin_upload(
         &self,
         id: &FileId,
@@ -198,6 +200,7 @@ impl Store {
         max_uploads: usize,
         quota_bytes: impl FnOnce() -> u64,
         room: impl FnOnce(u64) -> bool,
+        hold: bool,
     ) -> Result<std::result::Result<Durable, UploadRefusal>> {
         let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let user = record.uploader;
@@ -219,7 +222,7 @@ impl Store {
         let stored = stored + charged_bytes(record.size);
         txn.batch.insert(Key::stored_bytes(user).as_ref(), &stored.to_be_bytes()[..]);
         let (offset, size) = (record.offset().min(record.size), record.size);
-        let promise = |p: &mut Promises| p.promise(*id, size - offset, offset, now);
+        let promise = |p: &mut Promises| p.promise(*id, size - offset, offset, now, hold);
         Ok(Ok(self.commit_pending(lock, txn, user, stored, (*id, true), promise)?))
     }
 
@@ -301,6 +304,18 @@ impl Store {
             .is_some_and(|(_, _, a)| !a)
     }
 
+    /// Whether upload `id` may write a chunk of `len` bytes: at once if its promise holds
+    /// (its bytes are counted already), else only if `room`, given the bytes the
+    /// uploads' promises hold, says the disk has room for `len` beside them and the
+    /// reserve, so a lapsed upload writes on spare room only and never into what others
+    /// hold. Two lapsed uploads checking at once may both write one chunk: the
+    /// overshoot is bounded by the chunks being written at once (`transfer_buffer_bytes`).
+    pub fn chunk_room(&self, id: &FileId, len: u64, room: impl FnOnce(u64, u64) -> bool) -> bool {
+        let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        lock.promises.holds(id, now) || room(lock.promises.held(now), len)
+    }
+
     /// Bytes still to come of the uploads in progress whose promises hold (declared
     /// size minus durable offset; `promises` says which hold), as `begin_upload` counts
     /// them.
@@ -377,8 +392,23 @@ impl Store {
     /// Records that an upload's bytes below `offset` are durable in its partial file (the
     /// caller fsynced them), and its published type if the first bytes changed it. A
     /// single-key write; the returned future resolves once a group commit covers it.
-    /// `None` if the upload is no longer in progress (cancelled, expired, complete).
+    /// `None` if the upload is no longer in progress (cancelled, expired, complete). A
+    /// lapsed promise is not taken again here (`set_upload_offset_within` does that):
+    /// for rewinds and repairs.
     pub fn set_upload_offset(&self, id: &FileId, offset: u64, content_type: Option<&str>) -> Result<Option<Durable>> {
+        self.set_upload_offset_within(id, offset, content_type, |_, _| false)
+    }
+
+    /// `set_upload_offset` for bytes an upload's stream stored: a lapsed promise due for
+    /// renewal (`Promises::advance`) is taken again if `room`, given the bytes the other
+    /// uploads hold and the rest of this one, says the disk has room for the rest.
+    pub fn set_upload_offset_within(
+        &self,
+        id: &FileId,
+        offset: u64,
+        content_type: Option<&str>,
+        room: impl FnOnce(u64, u64) -> bool,
+    ) -> Result<Option<Durable>> {
         let mut lock = self.files.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut record) = self.file(id)? else { return Ok(None) };
         let FileStage::Uploading { .. } = record.stage else { return Ok(None) };
@@ -390,7 +420,7 @@ impl Store {
             record.content_type = t.to_owned();
         }
         self.db.insert(Key::file(id), encode(&record))?;
-        lock.promises.advance(*id, record.size, offset, std::time::Instant::now());
+        lock.promises.advance(*id, record.size, offset, std::time::Instant::now(), room);
         Ok(Some(self.barrier()?))
     }
 
@@ -454,7 +484,7 @@ impl Store {
         record.stage = FileStage::Uploading { offset: 0 };
         txn.put(Key::file(id), &record);
         let durable = self.commit(txn)?;
-        lock.promises.promise(*id, record.size, 0, std::time::Instant::now());
+        lock.promises.promise(*id, record.size, 0, std::time::Instant::now(), true);
         Ok(Some(durable))
     }
 
@@ -1007,9 +1037,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         for id in [[3; 16], [1; 16], [2; 16]] {
-            store.begin_upload(&id, &record(7, 10, id[0]), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+            store
+                .begin_upload(&id, &record(7, 10, id[0]), 8, || u64::MAX, |_| true, true)
+                .unwrap()
+                .unwrap()
+                .await
+                .unwrap();
         }
-        store.begin_upload(&[9; 16], &record(8, 10, 9), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store
+            .begin_upload(&[9; 16], &record(8, 10, 9), 8, || u64::MAX, |_| true, true)
+            .unwrap()
+            .unwrap()
+            .await
+            .unwrap();
         let ids = |page: &[(FileId, FileRecord)]| page.iter().map(|(id, _)| id[0]).collect::<Vec<_>>();
         assert_eq!(ids(&store.uploads_page(8, None, 8).unwrap().0), vec![9], "another user's are left out");
         let (page, more) = store.uploads_page(7, None, 2).unwrap();
@@ -1032,7 +1072,12 @@ mod tests {
 
     /// Begins, fills and completes an upload of `user`.
     async fn stored(store: &Store, id: FileId, user: UserId, hash: u8) {
-        store.begin_upload(&id, &record(user, 10, hash), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store
+            .begin_upload(&id, &record(user, 10, hash), 8, || u64::MAX, |_| true, true)
+            .unwrap()
+            .unwrap()
+            .await
+            .unwrap();
         store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
         store.begin_publish(&id).unwrap().unwrap().await.unwrap();
         store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
@@ -1048,7 +1093,12 @@ mod tests {
                 stored(&store, id, 7, hash).await;
             }
             stored(&store, [9; 16], 8, 9).await;
-            store.begin_upload(&[5; 16], &record(7, 10, 5), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+            store
+                .begin_upload(&[5; 16], &record(7, 10, 5), 8, || u64::MAX, |_| true, true)
+                .unwrap()
+                .unwrap()
+                .await
+                .unwrap();
             let (page, more) = store.stored_files_page(7, None, 2).unwrap();
             assert_eq!((ids(&page), more), (vec![1, 2], true), "complete ones only, ascending");
             let (page, more) = store.stored_files_page(7, Some(&[2; 16]), 2).unwrap();
@@ -1090,7 +1140,7 @@ mod tests {
             (thumb.parent, thumb.held, thumb.expires_ms) = (Some([1; 16]), false, 0);
             store.add_thumbnail(&[1; 16], &[9; 16], &thumb).unwrap().unwrap().1.await.unwrap();
             store
-                .begin_upload(&[3; 16], &record(7, B + 1, 3), 8, || u64::MAX, |_| true)
+                .begin_upload(&[3; 16], &record(7, B + 1, 3), 8, || u64::MAX, |_| true, true)
                 .unwrap()
                 .unwrap()
                 .await
@@ -1180,14 +1230,14 @@ mod tests {
         let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
         // Each file is charged whole 4 KiB blocks, at least one.
         const B: u64 = QUOTA_BLOCK;
-        store.begin_upload(&a, &record(7, 60, 1), 2, || 2 * B, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&a, &record(7, 60, 1), 2, || 2 * B, |_| true, true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&b, &record(7, B + 1, 2), 2, || 2 * B, |_| true).unwrap().unwrap_err(),
+            store.begin_upload(&b, &record(7, B + 1, 2), 2, || 2 * B, |_| true, true).unwrap().unwrap_err(),
             UploadRefusal::QuotaExceeded { used: B }
         );
-        store.begin_upload(&b, &record(7, 40, 2), 2, || 2 * B, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&b, &record(7, 40, 2), 2, || 2 * B, |_| true, true).unwrap().unwrap().await.unwrap();
         assert_eq!(
-            store.begin_upload(&c, &record(7, 1, 3), 2, || 1000, |_| true).unwrap().unwrap_err(),
+            store.begin_upload(&c, &record(7, 1, 3), 2, || 1000, |_| true, true).unwrap().unwrap_err(),
             UploadRefusal::TooManyUploads
         );
         assert_eq!(store.stored_bytes(7).unwrap(), 2 * B);
@@ -1268,18 +1318,20 @@ mod tests {
             began.elapsed()
         };
         std::thread::scope(|scope| {
-            let first =
-                scope.spawn(|| store.begin_upload(&a, &record(7, 60, 1), 2, || 2 * B, |_| true).unwrap().unwrap());
+            let first = scope
+                .spawn(|| store.begin_upload(&a, &record(7, 60, 1), 2, || 2 * B, |_| true, true).unwrap().unwrap());
             // `a` waits to be applied: the lock is free meanwhile, and checks count `a`.
             assert!(promised(60) < Duration::from_secs(2), "the files lock was held while the committer flushed");
-            let refusal = store.begin_upload(&b, &record(7, B + 1, 2), 2, || 2 * B, |_| true).unwrap().unwrap_err();
+            let refusal =
+                store.begin_upload(&b, &record(7, B + 1, 2), 2, || 2 * B, |_| true, true).unwrap().unwrap_err();
             assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: B }, "a block of two is promised to `a`");
-            let refusal = store.begin_upload(&b, &record(7, 40, 2), 1, || 2 * B, |_| true).unwrap().unwrap_err();
+            let refusal = store.begin_upload(&b, &record(7, 40, 2), 1, || 2 * B, |_| true, true).unwrap().unwrap_err();
             assert_eq!(refusal, UploadRefusal::TooManyUploads, "`a` is in progress");
-            let second =
-                scope.spawn(|| store.begin_upload(&b, &record(7, 40, 2), 2, || 2 * B, |_| true).unwrap().unwrap());
+            let second = scope
+                .spawn(|| store.begin_upload(&b, &record(7, 40, 2), 2, || 2 * B, |_| true, true).unwrap().unwrap());
             assert!(promised(100) < Duration::from_secs(2));
-            let refusal = store.begin_upload(&[3; 16], &record(7, 1, 3), 8, || 2 * B, |_| true).unwrap().unwrap_err();
+            let refusal =
+                store.begin_upload(&[3; 16], &record(7, 1, 3), 8, || 2 * B, |_| true, true).unwrap().unwrap_err();
             assert_eq!(refusal, UploadRefusal::QuotaExceeded { used: 2 * B }, "both pending uploads count");
             go.send(()).unwrap();
             for handle in [first, second] {
@@ -1321,7 +1373,7 @@ mod tests {
         let store = open(dir.path());
         let (a, b, t) = ([1; 16], [2; 16], [3; 16]);
         for id in [a, b] {
-            store.begin_upload(&id, &record(7, 10, 5), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+            store.begin_upload(&id, &record(7, 10, 5), 8, || u64::MAX, |_| true, true).unwrap().unwrap().await.unwrap();
             store.set_upload_offset(&id, 10, None).unwrap().unwrap().await.unwrap();
             store.begin_publish(&id).unwrap().unwrap().await.unwrap();
             store.complete_upload(&id).unwrap().unwrap().1.await.unwrap();
@@ -1610,17 +1662,17 @@ mod tests {
         let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
         // A disk with 150 free bytes: each upload must fit beside what is promised.
         let room = |size: u64| move |promised: u64| 150u64.saturating_sub(promised) >= size;
-        store.begin_upload(&a, &record(7, 100, 1), 8, || u64::MAX, room(100)).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&a, &record(7, 100, 1), 8, || u64::MAX, room(100), true).unwrap().unwrap().await.unwrap();
         assert_eq!(store.promised_bytes(), 100);
         assert_eq!(
-            store.begin_upload(&b, &record(8, 60, 2), 8, || u64::MAX, room(60)).unwrap().unwrap_err(),
+            store.begin_upload(&b, &record(8, 60, 2), 8, || u64::MAX, room(60), true).unwrap().unwrap_err(),
             UploadRefusal::StorageFull,
             "100 promised: 50 left"
         );
         // 40 of `a` are on disk: 60 still to come.
         store.set_upload_offset(&a, 40, None).unwrap().unwrap().await.unwrap();
         assert_eq!(store.promised_bytes(), 60);
-        store.begin_upload(&b, &record(8, 60, 2), 8, || u64::MAX, room(60)).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&b, &record(8, 60, 2), 8, || u64::MAX, room(60), true).unwrap().unwrap().await.unwrap();
         assert_eq!(store.promised_bytes(), 120);
         store.remove_upload(&b).unwrap().unwrap().1.await.unwrap();
         assert_eq!(store.promised_bytes(), 60);
@@ -1628,7 +1680,7 @@ mod tests {
         store.begin_publish(&a).unwrap().unwrap().await.unwrap();
         store.complete_upload(&a).unwrap().unwrap().1.await.unwrap();
         assert_eq!(store.promised_bytes(), 0);
-        store.begin_upload(&c, &record(9, 30, 3), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(&c, &record(9, 30, 3), 8, || u64::MAX, |_| true, true).unwrap().unwrap().await.unwrap();
         store.set_upload_offset(&c, 10, None).unwrap().unwrap().await.unwrap();
         // Counted again from the records when the store opens.
         store.close().unwrap();
@@ -1640,9 +1692,10 @@ mod tests {
     #[tokio::test]
     async fn an_upload_that_sends_nothing_stops_holding_the_disk() {
         // Declared and never sent: after its hold, uploads begun later no longer count
-        // it, so accounts that begin uploads and walk away cannot refuse everyone's.
+        // it, so accounts that begin uploads and walk away cannot refuse everyone's. It
+        // comes back on spare room only: never into what others hold.
         const MIB: u64 = 1024 * 1024;
-        let hold = Duration::from_millis(300);
+        let hold = Duration::from_millis(1500);
         let dir = tempfile::tempdir().unwrap();
         let with_hold = |dir: &std::path::Path| {
             let mut config = StoreConfig::new(dir.join("db"));
@@ -1651,33 +1704,37 @@ mod tests {
             Store::open(&config).unwrap()
         };
         let store = with_hold(dir.path());
-        let (a, b) = ([1; 16], [2; 16]);
-        // A disk with 150 MiB free.
+        let (a, b, c) = ([1; 16], [2; 16], [3; 16]);
+        // A disk with 150 MiB free (beside its reserve).
         let room = |size: u64| move |promised: u64| 150 * MIB - promised.min(150 * MIB) >= size;
-        store
-            .begin_upload(&a, &record(7, 100 * MIB, 1), 8, || u64::MAX, room(100 * MIB))
-            .unwrap()
-            .unwrap()
-            .await
-            .unwrap();
-        let refused = store.begin_upload(&b, &record(8, 100 * MIB, 2), 8, || u64::MAX, room(100 * MIB)).unwrap();
-        assert_eq!(refused.unwrap_err(), UploadRefusal::StorageFull, "100 MiB promised to `a`");
+        let fits = |held: u64, bytes: u64| 150 * MIB - held.min(150 * MIB) >= bytes;
+        let begin = |id, user, size, hold| {
+            store.begin_upload(id, &record(user, size, id[0]), 8, || u64::MAX, room(size), hold).unwrap()
+        };
+        begin(&a, 7, 100 * MIB, true).unwrap().await.unwrap();
+        assert_eq!(begin(&b, 8, 100 * MIB, true).unwrap_err(), UploadRefusal::StorageFull, "100 MiB promised to `a`");
         std::thread::sleep(hold);
         assert_eq!(store.promised_bytes(), 0, "`a` sent nothing for its hold");
-        store
-            .begin_upload(&b, &record(8, 100 * MIB, 2), 8, || u64::MAX, room(100 * MIB))
-            .unwrap()
-            .unwrap()
-            .await
-            .unwrap();
-        // `a` comes back: its first 4 MiB take its room again, and it is counted.
-        store.set_upload_offset(&a, 4 * MIB, None).unwrap().unwrap().await.unwrap();
-        assert_eq!(store.promised_bytes(), 196 * MIB);
+        begin(&b, 8, 100 * MIB, true).unwrap().await.unwrap();
+        // `a` comes back: its chunks fit in the 50 MiB nobody holds, not past them, and
+        // its next 4 MiB do not take its room again while its rest (96 MiB) does not fit.
+        assert!(store.chunk_room(&a, MIB, fits));
+        assert!(!store.chunk_room(&a, 60 * MIB, fits), "into the room `b` holds");
+        assert!(store.chunk_room(&b, 60 * MIB, fits), "`b` writes within its own");
+        store.set_upload_offset_within(&a, 4 * MIB, None, fits).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 100 * MIB, "`a` stays lapsed");
+        // Once `b` is gone, `a`'s next 4 MiB take its room again.
+        store.remove_upload(&b).unwrap().unwrap().1.await.unwrap();
+        store.set_upload_offset_within(&a, 8 * MIB, None, fits).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 92 * MIB);
+        // A begin beyond its user's allowance holds nothing.
+        begin(&c, 9, 10 * MIB, false).unwrap().await.unwrap();
+        assert_eq!(store.promised_bytes(), 92 * MIB);
         // After a restart every upload in progress holds its room for a hold again.
         store.close().unwrap();
         drop(store);
         let store = with_hold(dir.path());
-        assert_eq!(store.promised_bytes(), 196 * MIB);
+        assert_eq!(store.promised_bytes(), 102 * MIB);
         std::thread::sleep(hold);
         assert_eq!(store.promised_bytes(), 0);
     }

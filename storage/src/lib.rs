@@ -153,8 +153,8 @@ pub struct Store {
     catalog: Mutex<()>,
     /// Serialises changes to file records and their indexes (quota, uploads in
     /// progress, blob references), so each is checked and changed in one step. Holds
-    /// the bytes still to come of every upload in progress (declared size minus durable
-    /// offset), promised disk space `begin_upload` counts, and what batches handed to
+    /// the disk space promised to the uploads in progress (`promises`: the bytes still
+    /// to come of those whose promise holds), which `begin_upload` counts, and what batches handed to
     /// the committer but not yet applied change (see `files.rs`).
     files: Mutex<files::FilesLock>,
     /// The newest text message counts written (`receipts::RunningCounts`).
@@ -235,7 +235,7 @@ impl Store {
         let now = std::time::Instant::now();
         for (id, r) in store.uploads_in_progress()? {
             let offset = r.offset().min(r.size);
-            promises.promise(id, r.size - offset, offset, now);
+            promises.promise(id, r.size - offset, offset, now, true);
         }
         store.files.lock().unwrap_or_else(|p| p.into_inner()).promises = promises;
         Ok(store)

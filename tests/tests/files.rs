@@ -461,6 +461,42 @@ async fn uploads_declared_and_never_sent_stop_holding_the_disk() {
 }
 
 #[tokio::test]
+async fn cancelling_and_beginning_again_holds_no_room_for_nothing() {
+    bounded(async {
+        // The lapse alone was sidestepped by cancelling each upload before its hold ended
+        // and beginning it again (an attacker's review): a user's begins hold room only
+        // within an allowance (8, then 16 an hour). Room for one upload, as above.
+        let free = switchboard_broker::files::free_bytes(&std::env::temp_dir()).unwrap();
+        let size = free / 4;
+        let tb = TestBroker::start_with(|c| {
+            c.disk_reserve_bytes = free - size - free / 8;
+            c.max_file_bytes = size;
+            c.quota_bytes = u64::MAX / 2;
+        })
+        .await;
+        let declare = || {
+            RequestBody::BeginUpload(NewUpload {
+                name: "big.bin".into(),
+                size,
+                content_type: "application/octet-stream".into(),
+                blake3: [0; 32],
+            })
+        };
+        let (mallory, _) = tb.register("mallory").await;
+        let (alice, _) = tb.register("alice").await;
+        for _ in 0..8 {
+            let Reply::Upload(held) = mallory.request(declare()).await.unwrap() else { panic!() };
+            assert_eq!(code_of(alice.request(declare()).await), ErrorCode::STORAGE_FULL, "mallory's begin holds");
+            mallory.cancel_upload(held.file).await.unwrap();
+        }
+        // The ninth begins, holding nothing: alice's upload is taken beside it.
+        let Reply::Upload(_) = mallory.request(declare()).await.unwrap() else { panic!() };
+        let Reply::Upload(_) = alice.request(declare()).await.unwrap() else { panic!() };
+    })
+    .await
+}
+
+#[tokio::test]
 async fn only_the_uploader_and_members_where_it_is_attached_may_read_a_file() {
     bounded(async {
         let tb = TestBroker::start().await;

@@ -489,9 +489,16 @@ impl Upload {
         // Off the runtime threads: the write and its fdatasync, then recording the offset
         // (which takes the store's files lock).
         let stored = tokio::task::spawn_blocking(move || {
+            // An upload whose room lapsed writes on spare room only (`Store::chunk_room`).
+            let len = data.len() as u64;
+            if !shared.store.chunk_room(&id, len, |held, len| super::requests::disk_room(&shared, held, len)) {
+                return Err(ChunkError::DiskFull);
+            }
             file.write_chunk(offset, &data).map_err(chunk_error)?;
-            // The bytes are durable in the file: now the offset, in the next group commit.
-            match shared.store.set_upload_offset(&id, end, relabel.as_deref()) {
+            // The bytes are durable in the file: now the offset, in the next group commit
+            // (a lapsed room taken again if the rest of the file fits).
+            let room = |held, rest| super::requests::disk_room(&shared, held, rest);
+            match shared.store.set_upload_offset_within(&id, end, relabel.as_deref(), room) {
                 Ok(Some(durable)) => Ok(durable),
                 Ok(None) => Err(ChunkError::Failed("the upload is gone".to_owned())),
                 Err(e) => Err(ChunkError::Failed(e.to_string())),

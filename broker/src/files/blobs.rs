@@ -831,7 +831,7 @@ mod tests {
     }
 
     async fn begin(store: &Store, id: &FileId, data: &[u8]) {
-        store.begin_upload(id, &record(data), 8, || u64::MAX, |_| true).unwrap().unwrap().await.unwrap();
+        store.begin_upload(id, &record(data), 8, || u64::MAX, |_| true, true).unwrap().unwrap().await.unwrap();
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub struct Files {
     blob_evictions: std::sync::Mutex<Vec<tokio::time::Instant>>,
     /// Uploads refused with `STORAGE_FULL`, told to the operator at most once a minute.
     pub(crate) storage_full: crate::metrics::Tally,
+    /// Per user, the begins that may hold room on the disk (`UPLOAD_HOLDS_BURST`).
+    pub(crate) upload_holds: crate::user::Allowances,
     /// Bytes of uploads hashed for their whole-file BLAKE3 since the start.
     pub(crate) hashed_bytes: AtomicU64,
     /// Which completed images get a thumbnail made, and when.
@@ -267,6 +269,11 @@ impl Files {
             spawning: std::sync::Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
             storage_full: crate::metrics::Tally::default(),
+            upload_holds: crate::user::Allowances::new(
+                crate::limits::UPLOAD_HOLDS_PER_HOUR / 3600.0,
+                crate::limits::UPLOAD_HOLDS_BURST,
+                crate::limits::UPLOAD_HOLD_ALLOWANCES_MAX,
+            ),
             hashed_bytes: AtomicU64::new(0),
             thumbnails: thumbnails::Thumbnails::default(),
             released: std::sync::Mutex::new(Released::default()),

@@ -150,6 +150,28 @@ pub fn check_new_upload(new: &NewUpload) -> Result<(), ErrorBody> {
     Ok(())
 }
 
+/// Whether the data dir's disk has room for `bytes` more beside `promised` (the bytes the
+/// uploads holding room may still write), the deleted bytes not freed yet and
+/// `disk_reserve_bytes` (with a reserve, also an inode in a hundred free): the check of
+/// `BeginUpload`, and of each chunk of an upload whose room lapsed
+/// (`Store::chunk_room`). A failed `statvfs` says no (logged).
+pub(crate) fn disk_room(shared: &Shared, promised: u64, bytes: u64) -> bool {
+    let reserve = shared.config.disk_reserve_bytes;
+    // Deleted bytes the deleter has not freed yet count as taken.
+    let unfreed = shared.files.blobs.unfreed_bytes();
+    match rustix::fs::statvfs(shared.files.blobs.root()) {
+        Ok(stat) => {
+            let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+            let fits = free.saturating_sub(promised).saturating_sub(unfreed) >= bytes.saturating_add(reserve);
+            fits && (reserve == 0 || inodes_to_spare(stat.f_files, stat.f_favail))
+        }
+        Err(e) => {
+            tracing::warn!(error = ?e, "reading the free disk space failed; taken as full");
+            false
+        }
+    }
+}
+
 /// Free bytes on the disk holding `path` (for unprivileged users), as the disk check of
 /// `BeginUpload` reads them. Errors: `INTERNAL` if the file system cannot be asked.
 pub fn free_bytes(path: &std::path::Path) -> Result<u64, ErrorBody> {
@@ -205,22 +227,12 @@ pub async fn begin_upload(
         let (max_uploads, quota, reserve) =
             (s.config.max_uploads_per_user, s.config.quota_bytes, s.config.disk_reserve_bytes);
         // The disk check, last in the documented order, runs under the store's files
-        // lock with the bytes every upload in progress may still write: uploads begun
-        // at once cannot promise the same free space twice.
-        // Deleted bytes the deleter has not freed yet count as taken.
-        let unfreed = s.files.blobs.unfreed_bytes();
-        let room = |promised: u64| match rustix::fs::statvfs(s.files.blobs.root()) {
-            Ok(stat) => {
-                let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-                let bytes =
-                    free.saturating_sub(promised).saturating_sub(unfreed) >= record.size.saturating_add(reserve);
-                bytes && (reserve == 0 || inodes_to_spare(stat.f_files, stat.f_favail))
-            }
-            Err(e) => {
-                tracing::warn!(error = ?e, "reading the free disk space failed; refusing the upload");
-                false
-            }
-        };
+        // lock with the bytes the uploads in progress that hold room may still write:
+        // uploads begun at once cannot promise the same free space twice.
+        let room = |promised: u64| disk_room(&s, promised, record.size);
+        // A begin beyond the user's allowance of holds is taken, holding no room until
+        // it moves (`UPLOAD_HOLDS_BURST`).
+        let hold = s.files.upload_holds.take(user, std::time::Instant::now());
         // What the user's removed uploads and files left on the disk, not freed yet,
         // takes its share of the quota until it is (read under the store's files lock).
         let left = || quota.saturating_sub(s.files.blobs.unfreed_of(user));
@@ -228,7 +240,7 @@ pub async fn begin_upload(
         // nothing (`Revocation::refusal`).
         s.pauses.pass_blocking(Point::BeginUpload);
         revocation.refusal()?;
-        match s.store.begin_upload(&id, &record, max_uploads, left, room).map_err(internal)? {
+        match s.store.begin_upload(&id, &record, max_uploads, left, room, hold).map_err(internal)? {
             Ok(durable) => Ok((record, durable)),
             Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
             Err(UploadRefusal::QuotaExceeded { used }) => Err(err(
