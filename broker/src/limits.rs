@@ -312,11 +312,19 @@ pub const UPLOAD_HOLD_ALLOWANCES_MAX: usize = 65_536;
 pub const TYPING_SNAPSHOTS_WAITING_MAX: usize = 1024;
 /// When at most this many conversations have an indicator standing, a connecting
 /// device's snapshot reads its membership in each (one key each); with more, it reads
-/// its own conversations instead, at most `PRESENCE_CONVERSATIONS_SCANNED` of them (the
-/// first by id), and indicators in its later ones are not told.
-pub const TYPING_SNAPSHOT_MEMBER_READS: usize = 256;
-/// Most indicators one snapshot tells (each costs a block check and a frame).
-pub const TYPING_SNAPSHOT_MAX: usize = 256;
+/// its own conversations instead (one key each, as many as it has, so a typical user's
+/// few dozen), at most `PRESENCE_CONVERSATIONS_SCANNED` of them (the first by id), and
+/// indicators in its later ones are not told.
+pub const TYPING_SNAPSHOT_MEMBER_READS: usize = 32;
+/// Most typists one snapshot looks at (each costs a block check and a member check),
+/// told or not (its own user, users either side blocks).
+pub const TYPING_SNAPSHOT_EXAMINED: usize = 256;
+/// Most indicators one snapshot tells: a frame each, queued at once on a queue that may
+/// be as short as 128 frames (`outbound_max_frames`), which must not overflow it.
+pub const TYPING_SNAPSHOT_MAX: usize = 32;
+/// Snapshots served per drain of the typing pusher; more wait for its next drain, so
+/// pushes of typing changes are not held up behind a crowd connecting.
+pub const TYPING_SNAPSHOTS_PER_DRAIN: usize = 32;
 /// Sessions (devices) of one user tracked as typing in one conversation: the indicator
 /// stands while any of them is typing. A start from one more replaces the session whose
 /// typing ends soonest (the indicator stands either way; that session's stop then ends

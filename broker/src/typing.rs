@@ -39,8 +39,8 @@ use tokio::sync::Notify;
 use crate::fanout::Online;
 use crate::limits::{
     PRESENCE_CONVERSATIONS_SCANNED, TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX,
-    TYPING_SESSIONS_PER_INDICATOR, TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S, TYPING_SNAPSHOT_MAX,
-    TYPING_SNAPSHOT_MEMBER_READS, TYPING_SNAPSHOTS_WAITING_MAX,
+    TYPING_SESSIONS_PER_INDICATOR, TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S, TYPING_SNAPSHOT_EXAMINED,
+    TYPING_SNAPSHOT_MAX, TYPING_SNAPSHOT_MEMBER_READS, TYPING_SNAPSHOTS_PER_DRAIN, TYPING_SNAPSHOTS_WAITING_MAX,
 };
 use crate::outbound::Outbound;
 use crate::presence::{Timed, spawn_timer};
@@ -364,8 +364,11 @@ impl Typing {
             if self.online.sessions(viewer).is_none() {
                 continue;
             }
-            let convs = self.state.lock().unwrap_or_else(|p| p.into_inner()).typing_in(typist);
-            for conv in convs {
+            // Under the state's lock: a snapshot's start (`tell_standing`) checked
+            // before the block is queued before this stop, and one checked after sees
+            // the block.
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            for conv in state.typing_in(typist) {
                 if matches!(self.store.member(conv, viewer), Ok(Some(_))) {
                     self.deliver(&[viewer], TypingChange { conv, user: typist, typing: false });
                 }
@@ -390,55 +393,74 @@ impl Typing {
         }
     }
 
-    /// Serves the snapshots waiting (`session_started`); returns how many starts each
-    /// told. Blocking: reads the store.
+    /// Serves the snapshots waiting (`session_started`), at most
+    /// `TYPING_SNAPSHOTS_PER_DRAIN` (the pusher is woken again for the rest); returns how
+    /// many starts each told. Blocking: reads the store.
     fn serve_snapshots(&self) -> Vec<usize> {
-        let waiting = std::mem::take(&mut *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()));
-        waiting.into_iter().map(|(viewer, out)| self.tell_standing(viewer, &out)).collect()
+        let taken: Vec<(UserId, Arc<Outbound>)> = {
+            let mut waiting = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+            let n = waiting.len().min(TYPING_SNAPSHOTS_PER_DRAIN);
+            if waiting.len() > n {
+                self.push_wake.notify_one();
+            }
+            waiting.drain(..n).collect()
+        };
+        taken.into_iter().map(|(viewer, out)| self.tell_standing(viewer, &out)).collect()
     }
 
     /// Tells `out`, a device of `viewer`, the indicators standing in `viewer`'s
-    /// conversations, except its own and those of users either blocks, at most
-    /// `TYPING_SNAPSHOT_MAX`; returns how many. Each start is checked and queued under
-    /// the state's lock, as `push_changes` does, so a stop of it queued later is pushed
-    /// behind it, and one pushed earlier means it is not told. Reads a member key per
-    /// conversation with an indicator (at most `TYPING_SNAPSHOT_MEMBER_READS`, else the
-    /// viewer's conversations, at most `PRESENCE_CONVERSATIONS_SCANNED`) and a block
-    /// key per typist told.
+    /// conversations, except its own user's and those of users either side blocks: at
+    /// most `TYPING_SNAPSHOT_MAX` told of at most `TYPING_SNAPSHOT_EXAMINED` looked at;
+    /// returns how many. Nothing for a device gone meanwhile. Each start is checked
+    /// (membership, blocks, still standing) and queued under the state's lock, as
+    /// `push_changes` does, so a stop of it queued later is pushed behind it, a block or
+    /// a removal made before is seen (`blocked` sends its stops under the lock too, and
+    /// a removal's entry is handed to `entry_delivered`, which takes it, before it is
+    /// fanned out), and one that ended is not told. Reads a member key per conversation
+    /// with an indicator (at most `TYPING_SNAPSHOT_MEMBER_READS`, else the viewer's
+    /// conversations, at most `PRESENCE_CONVERSATIONS_SCANNED`), then three keys per
+    /// typist looked at.
     fn tell_standing(&self, viewer: UserId, out: &Outbound) -> usize {
+        if out.closed().is_some() {
+            return 0;
+        }
         let (count, convs) = {
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             (state.conversation_count(), state.conversations(TYPING_SNAPSHOT_MEMBER_READS))
         };
-        let visible: Vec<ConvId> = if count <= TYPING_SNAPSHOT_MEMBER_READS {
+        let candidates: Vec<ConvId> = if count <= TYPING_SNAPSHOT_MEMBER_READS {
             convs.into_iter().filter(|&conv| matches!(self.store.member(conv, viewer), Ok(Some(_)))).collect()
         } else {
             match self.store.user_conversations(viewer, None, PRESENCE_CONVERSATIONS_SCANNED) {
-                Ok(mine) => {
-                    let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    mine.into_iter().filter(|&conv| !state.typists(conv).is_empty()).collect()
-                }
+                Ok(mine) => mine
+                    .chunks(256)
+                    .flat_map(|part| {
+                        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                        part.iter().filter(|&&conv| !state.typists(conv).is_empty()).copied().collect::<Vec<_>>()
+                    })
+                    .collect(),
                 Err(e) => {
                     tracing::warn!(user = viewer, error = %e, "conversation list read failed; typing snapshot not told");
                     return 0;
                 }
             }
         };
-        let mut told = 0;
-        for conv in visible {
+        let (mut told, mut examined) = (0, 0);
+        for conv in candidates {
             let typists = self.state.lock().unwrap_or_else(|p| p.into_inner()).typists(conv).to_vec();
-            for user in typists {
-                if told >= TYPING_SNAPSHOT_MAX {
+            for user in typists.into_iter().filter(|&u| u != viewer) {
+                if told >= TYPING_SNAPSHOT_MAX || examined >= TYPING_SNAPSHOT_EXAMINED {
                     return told;
                 }
-                if user == viewer || !matches!(self.store.blocked_between(viewer, user), Ok(false)) {
-                    continue;
-                }
+                examined += 1;
                 let Ok(frame) = encode_frame(&ServerFrame::Event(Event::Typing { conv, user, typing: true })) else {
                     continue;
                 };
                 let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                if state.is_typing(conv, user) {
+                let visible = state.is_typing(conv, user)
+                    && matches!(self.store.member(conv, viewer), Ok(Some(_)))
+                    && matches!(self.store.blocked_between(viewer, user), Ok(false));
+                if visible {
                     if out.push(frame).is_err() {
                         // The device is gone (or was closed as a slow consumer).
                         return told;
@@ -982,11 +1004,11 @@ mod tests {
         let others = create(&[(5, Role::Owner), (6, Role::Member)]);
         store.set_block(2, 3, true, 16).unwrap();
         let typing = Typing::new(store.clone(), Arc::new(Online::default()), TTL);
-        for (conv, user) in [(team, 1), (team, 3), (pair, 4), (others, 6)] {
+        for (conv, user) in [(team, 1), (team, 2), (team, 3), (pair, 4), (others, 6)] {
             typing.signal(user, user * 10, Signal::Typing { conv, typing: true });
         }
         let told = |viewer: UserId| {
-            let out = Arc::new(Outbound::new(64, 1 << 20));
+            let out = Arc::new(Outbound::new(128, 1 << 20));
             typing.session_started(viewer, out.clone());
             typing.serve_snapshots();
             out.close(switchboard_protocol::ErrorCode::NO_ERROR);
@@ -1006,9 +1028,14 @@ mod tests {
                 starts
             }
         };
-        assert_eq!(told(1).await, vec![(team, 3), (pair, 4)], "not its own, both its conversations");
+        assert_eq!(told(1).await, vec![(team, 2), (team, 3), (pair, 4)], "not its own, both its conversations");
         assert_eq!(told(2).await, vec![(team, 1)], "not the user it blocks");
         assert_eq!(told(3).await, vec![(team, 1)], "not the user who blocks it");
+        // A device gone before its snapshot is served costs nothing.
+        let gone = Arc::new(Outbound::new(128, 1 << 20));
+        gone.close(switchboard_protocol::ErrorCode::DEVICE_REVOKED);
+        typing.session_started(1, gone);
+        assert_eq!(typing.serve_snapshots(), vec![0]);
         assert_eq!(told(7).await, vec![], "a stranger is told nothing");
         // Many conversations with a typist: the viewer's own conversations are read.
         {
@@ -1018,9 +1045,22 @@ mod tests {
             }
             assert!(state.conversation_count() > TYPING_SNAPSHOT_MEMBER_READS);
         }
-        assert_eq!(told(1).await, vec![(team, 3), (pair, 4)]);
+        assert_eq!(told(1).await, vec![(team, 2), (team, 3), (pair, 4)]);
         // An indicator that ended is not told.
         typing.signal(3, 30, Signal::Typing { conv: team, typing: false });
-        assert_eq!(told(1).await, vec![(pair, 4)]);
+        assert_eq!(told(1).await, vec![(team, 2), (pair, 4)]);
+        // A crowd typing in one group: at most `TYPING_SNAPSHOT_MAX` told.
+        let crowd: Vec<(UserId, Role)> = (100..200).map(|u| (u, Role::Member)).chain([(1, Role::Owner)]).collect();
+        let big = create(&crowd);
+        for user in 100..200 {
+            typing.signal(user, user, Signal::Typing { conv: big, typing: true });
+        }
+        assert_eq!(told(1).await.len(), TYPING_SNAPSHOT_MAX);
+        // Snapshots are served a drain's worth at a time.
+        for _ in 0..TYPING_SNAPSHOTS_PER_DRAIN + 3 {
+            typing.session_started(7, Arc::new(Outbound::new(128, 1 << 20)));
+        }
+        assert_eq!(typing.serve_snapshots().len(), TYPING_SNAPSHOTS_PER_DRAIN);
+        assert_eq!(typing.serve_snapshots().len(), 3);
     }
 }
