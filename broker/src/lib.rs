@@ -284,7 +284,10 @@ fn open_store_in_data_dir(config: &Config) -> Result<Arc<Store>> {
     store_config.upload_promise_hold =
         std::time::Duration::from_secs(config.upload_promise_secs.min(config.upload_expiry_secs));
     let store = Store::open(&store_config).map_err(|e| {
-        Error::DataDir(format!("opening the store in {} (is another broker using it?): {e}", config.data_dir.display()))
+        Error::DataDir(format!(
+            "opening the store in {}: {e} (is another process using it, or its disk full?)",
+            config.data_dir.display()
+        ))
     })?;
     Ok(Arc::new(store))
 }

@@ -457,6 +457,12 @@ pub fn read_snapshot_or_default(config: &RunningConfig) -> Result<Snapshot> {
 /// Returns `Ok(Some(snapshot))` if there was nothing written.
 fn read_snapshot(config: &RunningConfig) -> Result<Option<Snapshot>> {
     let mut candidates = config.get_snapshot_files()?;
+    // Switchboard patch: a `.generating` file is a snapshot whose write did not finish
+    // (a crash, or a full disk, before `write_snapshot` renamed it); the snapshot before
+    // it is still there (old ones are removed only after the rename), so it is skipped,
+    // not read as the newest and refused as corrupt, which kept the database from
+    // opening at all. The next snapshot written removes it.
+    candidates.retain(|path| !path.to_string_lossy().ends_with(".generating"));
     if candidates.is_empty() {
         debug!("no previous snapshot found");
         return Ok(None);
