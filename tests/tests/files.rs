@@ -420,40 +420,43 @@ async fn the_disk_reserve_refuses_uploads_with_storage_full() {
     .await
 }
 
+/// A broker whose disk has room for one upload of `size`, a quarter of the temp dir's
+/// free space (the reserve leaves that much, and room for 7/8 of it must stay), with
+/// `adjust` applied; and a `BeginUpload` of `size` that is never sent.
+async fn room_for_one_upload(
+    adjust: impl FnOnce(&mut switchboard_broker::config::Config),
+) -> (TestBroker, RequestBody) {
+    let free = switchboard_broker::files::free_bytes(&std::env::temp_dir()).unwrap();
+    let size = free / 4;
+    let tb = TestBroker::start_with(|c| {
+        c.disk_reserve_bytes = free - size - free / 8;
+        c.max_file_bytes = size;
+        c.quota_bytes = u64::MAX / 2;
+        adjust(c);
+    })
+    .await;
+    let content_type = "application/octet-stream".into();
+    (tb, RequestBody::BeginUpload(NewUpload { name: "big.bin".into(), size, content_type, blake3: [0; 32] }))
+}
+
 #[tokio::test]
 async fn uploads_declared_and_never_sent_stop_holding_the_disk() {
     bounded(async {
         // Accounts that declare big uploads and send nothing (registration is open)
         // held their room on the disk for the uploads' whole 24 h, and everyone's
-        // uploads were refused STORAGE_FULL meanwhile. The reserve here leaves room for
-        // one upload of a quarter of the free space (room for 7/8 of it must stay).
-        let free = switchboard_broker::files::free_bytes(&std::env::temp_dir()).unwrap();
-        let size = free / 4;
-        let tb = TestBroker::start_with(|c| {
-            c.disk_reserve_bytes = free - size - free / 8;
-            c.max_file_bytes = size;
-            c.quota_bytes = u64::MAX / 2;
-            c.upload_promise_secs = 2;
-        })
-        .await;
-        let declare = || {
-            RequestBody::BeginUpload(NewUpload {
-                name: "big.bin".into(),
-                size,
-                content_type: "application/octet-stream".into(),
-                blake3: [0; 32],
-            })
-        };
+        // uploads were refused STORAGE_FULL meanwhile.
+        let (tb, declare) = room_for_one_upload(|c| c.upload_promise_secs = 2).await;
         let (mallory, _) = tb.register("mallory").await;
         let (alice, _) = tb.register("alice").await;
         let (bob, _) = tb.register("bob").await;
-        let Reply::Upload(held) = mallory.request(declare()).await.unwrap() else { panic!() };
-        assert_eq!(code_of(alice.request(declare()).await), ErrorCode::STORAGE_FULL, "mallory's upload holds the room");
+        let Reply::Upload(held) = mallory.request(declare.clone()).await.unwrap() else { panic!() };
+        let refused = code_of(alice.request(declare.clone()).await);
+        assert_eq!(refused, ErrorCode::STORAGE_FULL, "mallory's upload holds the room");
         // Mallory sends nothing for the hold (2 s here, 60 s by default): its room lapses.
         tokio::time::sleep(Duration::from_millis(2100)).await;
-        let Reply::Upload(_) = alice.request(declare()).await.unwrap() else { panic!() };
+        let Reply::Upload(_) = alice.request(declare.clone()).await.unwrap() else { panic!() };
         // Alice's upload, just begun, holds its room as mallory's did.
-        assert_eq!(code_of(bob.request(declare()).await), ErrorCode::STORAGE_FULL);
+        assert_eq!(code_of(bob.request(declare).await), ErrorCode::STORAGE_FULL);
         // Mallory's upload is still there to resume (only its room lapsed).
         assert_eq!(offset_of(status(&mallory, held.file).await.unwrap()), 0);
     })
@@ -465,33 +468,19 @@ async fn cancelling_and_beginning_again_holds_no_room_for_nothing() {
     bounded(async {
         // The lapse alone was sidestepped by cancelling each upload before its hold ended
         // and beginning it again (an attacker's review): a user's begins hold room only
-        // within an allowance (8, then 16 an hour). Room for one upload, as above.
-        let free = switchboard_broker::files::free_bytes(&std::env::temp_dir()).unwrap();
-        let size = free / 4;
-        let tb = TestBroker::start_with(|c| {
-            c.disk_reserve_bytes = free - size - free / 8;
-            c.max_file_bytes = size;
-            c.quota_bytes = u64::MAX / 2;
-        })
-        .await;
-        let declare = || {
-            RequestBody::BeginUpload(NewUpload {
-                name: "big.bin".into(),
-                size,
-                content_type: "application/octet-stream".into(),
-                blake3: [0; 32],
-            })
-        };
+        // within an allowance (8, then 16 an hour).
+        let (tb, declare) = room_for_one_upload(|_| {}).await;
         let (mallory, _) = tb.register("mallory").await;
         let (alice, _) = tb.register("alice").await;
         for _ in 0..8 {
-            let Reply::Upload(held) = mallory.request(declare()).await.unwrap() else { panic!() };
-            assert_eq!(code_of(alice.request(declare()).await), ErrorCode::STORAGE_FULL, "mallory's begin holds");
+            let Reply::Upload(held) = mallory.request(declare.clone()).await.unwrap() else { panic!() };
+            let refused = code_of(alice.request(declare.clone()).await);
+            assert_eq!(refused, ErrorCode::STORAGE_FULL, "mallory's begin holds");
             mallory.cancel_upload(held.file).await.unwrap();
         }
         // The ninth begins, holding nothing: alice's upload is taken beside it.
-        let Reply::Upload(_) = mallory.request(declare()).await.unwrap() else { panic!() };
-        let Reply::Upload(_) = alice.request(declare()).await.unwrap() else { panic!() };
+        let Reply::Upload(_) = mallory.request(declare.clone()).await.unwrap() else { panic!() };
+        let Reply::Upload(_) = alice.request(declare).await.unwrap() else { panic!() };
     })
     .await
 }
