@@ -135,7 +135,7 @@ pub struct Status {
     pub writes_refused: u64,
     /// Upload actors alive (uploads being written or waited on).
     pub uploads: usize,
-    /// Uploads refused with `STORAGE_FULL` since the start.
+    /// Uploads refused (at their begin) or stopped (a chunk) with `STORAGE_FULL` since the start.
     pub uploads_refused_storage_full: u64,
     /// Bytes of uploads hashed for their whole-file BLAKE3 since the start: as they are
     /// written (an actor that started at offset 0), and each resumed upload's whole file

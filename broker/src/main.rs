@@ -363,12 +363,13 @@ async fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<()> {
             let store = match switchboard_broker::open_store(config) {
                 Ok(store) => store,
                 // Locked: a broker runs there without its admin socket.
+                // The store's own error first: a full disk or a damaged store says so.
                 Err(e @ switchboard_broker::Error::DataDir(_)) => {
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "no broker answered on the admin socket {}: a broker running without it (its start-up \
-                         log says why, e.g. a path too long for a Unix socket) must be stopped first",
+                    return Err(anyhow::anyhow!(
+                        "{e}; no broker answered on the admin socket {}: if one runs on this data dir without it \
+                         (its start-up log says why, e.g. a path too long for a Unix socket), stop it first",
                         admin::socket_path(&config.data_dir).display()
-                    )));
+                    ));
                 }
                 Err(e) => return Err(e.into()),
             };

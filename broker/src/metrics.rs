@@ -533,7 +533,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
         ),
         counter(
             "switchboard_uploads_refused_storage_full_total",
-            "Uploads refused with STORAGE_FULL (the disk within disk_reserve_bytes of full).",
+            "Uploads refused (BeginUpload) or stopped (a chunk) with STORAGE_FULL: the disk within disk_reserve_bytes of full.",
             s.uploads_refused_storage_full as f64,
         ),
         counter(

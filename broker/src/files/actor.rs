@@ -292,7 +292,7 @@ impl Actor for Upload {
 fn failed_write(st: &mut UploadActorState, error: &ChunkError) -> Vec<Effect> {
     match error {
         _ if st.rewound => st.state.rewound(),
-        ChunkError::DiskFull => st.state.disk_full(),
+        ChunkError::DiskFull | ChunkError::NoRoom => st.state.disk_full(),
         ChunkError::Failed(_) => st.state.write_failed(),
     }
 }
@@ -302,6 +302,9 @@ fn failed_write(st: &mut UploadActorState, error: &ChunkError) -> Vec<Effect> {
 enum ChunkError {
     /// Its write found no space on the disk (`ENOSPC`).
     DiskFull,
+    /// Its upload's room lapsed and the disk's spare room (beside the room other
+    /// uploads hold and the reserve) cannot take it (`Store::chunk_room`): not written.
+    NoRoom,
     /// Anything else: a read, a write, a sync, the store.
     Failed(String),
 }
@@ -316,6 +319,10 @@ impl std::fmt::Display for ChunkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ChunkError::DiskFull => f.write_str("no space left on the data dir's disk"),
+            ChunkError::NoRoom => f.write_str(
+                "its upload's room lapsed and the disk has no spare room beside the room other uploads hold and \
+                 disk_reserve_bytes",
+            ),
             ChunkError::Failed(e) => f.write_str(e),
         }
     }
@@ -431,7 +438,22 @@ impl Upload {
                     let more = match written {
                         Ok(()) => st.state.written(offset + len, crate::now_ms()),
                         Err(e) => {
-                            tracing::error!(file = hex(&st.id), error = %e, "an upload chunk was not stored");
+                            match e {
+                                ChunkError::Failed(_) => {
+                                    tracing::error!(file = hex(&st.id), error = %e, "an upload chunk was not stored")
+                                }
+                                // The operator's business, as a begin refused: counted, and
+                                // told at most once a minute.
+                                ChunkError::DiskFull | ChunkError::NoRoom => {
+                                    if let Some(refused) = self.shared.files.storage_full.count(crate::now_ms()) {
+                                        tracing::warn!(
+                                            refused,
+                                            reason = %e,
+                                            "uploads refused or stopped with STORAGE_FULL since the last warning"
+                                        );
+                                    }
+                                }
+                            }
                             failed_write(st, &e)
                         }
                     };
@@ -492,7 +514,7 @@ impl Upload {
             // An upload whose room lapsed writes on spare room only (`Store::chunk_room`).
             let len = data.len() as u64;
             if !shared.store.chunk_room(&id, len, |held, len| super::requests::disk_room(&shared, held, len)) {
-                return Err(ChunkError::DiskFull);
+                return Err(ChunkError::NoRoom);
             }
             file.write_chunk(offset, &data).map_err(chunk_error)?;
             // The bytes are durable in the file: now the offset, in the next group commit
