@@ -244,6 +244,28 @@ pub(crate) fn test_store(dir: &std::path::Path) -> Store {
     Store::open(&config).expect("a store in a temp dir")
 }
 
+/// For unit tests: a conversation of `kind` made in `store` with `members` (the first
+/// its creator, with a text as its first entry; `pair` for a direct one); its id.
+#[cfg(test)]
+pub(crate) fn test_conversation(
+    store: &Store,
+    kind: switchboard_protocol::ConversationKind,
+    members: &[(switchboard_protocol::UserId, switchboard_protocol::Role)],
+    pair: Option<(switchboard_protocol::UserId, switchboard_protocol::UserId)>,
+) -> switchboard_protocol::ConvId {
+    let record = switchboard_storage::ConversationRecord { kind, title: "c".into(), created_ms: 0 };
+    let first = |conv| switchboard_protocol::Entry {
+        conv,
+        seq: 1,
+        sender: members[0].0,
+        sender_device: 1,
+        client_id: [0; 16],
+        at_ms: 0,
+        body: switchboard_protocol::Body::Text { text: "hi".into(), edited: false },
+    };
+    store.create_conversation(&record, members, pair, first).expect("a conversation in a test store").0
+}
+
 /// Locks `dir` for one broker (`DATA_DIR_LOCK` in it, an advisory lock held while the
 /// file is open): `DataDir` if another broker holds it.
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {

@@ -1021,23 +1021,10 @@ mod tests {
     /// contacts: no presence either way).
     #[test]
     fn a_strangers_large_groups_do_not_crowd_out_small_conversations() {
-        use switchboard_protocol::{Body, ConversationKind, Entry, Role};
-        use switchboard_storage::ConversationRecord;
+        use switchboard_protocol::{ConversationKind, Role};
         let dir = tempfile::tempdir().unwrap();
         let store = crate::test_store(dir.path());
-        let create = |kind, members: Vec<(UserId, Role)>, pair| {
-            let record = ConversationRecord { kind, title: "c".into(), created_ms: 0 };
-            let first = |conv| Entry {
-                conv,
-                seq: 1,
-                sender: members[0].0,
-                sender_device: 1,
-                client_id: [0; 16],
-                at_ms: 0,
-                body: Body::Text { text: "hi".into(), edited: false },
-            };
-            store.create_conversation(&record, &members, pair, first).unwrap().0
-        };
+        let create = |kind, members: Vec<(UserId, Role)>, pair| crate::test_conversation(&store, kind, &members, pair);
         // Stranger 2 adds user 1 to groups with 998 others each, more than the scan reads.
         let groups = PRESENCE_MEMBERS_SCANNED / 1000 + 1;
         for g in 0..groups as u64 {

@@ -983,22 +983,10 @@ mod tests {
     #[tokio::test]
     async fn a_device_that_connects_is_told_who_is_typing_in_its_conversations() {
         use switchboard_protocol::{ConversationKind, FrameDecoder};
-        use switchboard_storage::ConversationRecord;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::test_store(dir.path()));
-        let record = ConversationRecord { kind: ConversationKind::Group, title: "g".into(), created_ms: 0 };
-        let create = |members: &[(UserId, Role)]| {
-            let first = |conv| Entry {
-                conv,
-                seq: 1,
-                sender: members[0].0,
-                sender_device: 1,
-                client_id: [1; 16],
-                at_ms: 0,
-                body: Body::Text { text: "hi".into(), edited: false },
-            };
-            store.create_conversation(&record, members, None, first).unwrap().0
-        };
+        let create =
+            |members: &[(UserId, Role)]| crate::test_conversation(&store, ConversationKind::Group, members, None);
         let team = create(&[(1, Role::Owner), (2, Role::Member), (3, Role::Member)]);
         let pair = create(&[(1, Role::Owner), (4, Role::Member)]);
         let others = create(&[(5, Role::Owner), (6, Role::Member)]);
