@@ -48,9 +48,9 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     // to close: look again now that the session is visible to revokes.
     match shared.store.device(user, device) {
         Ok(Some(_)) => {}
-        Ok(None) => return close(&conn, Close(ErrorCode::DEVICE_REVOKED, "device revoked".into())),
+        Ok(None) => return close(&conn, Close::named(ErrorCode::DEVICE_REVOKED)),
         // Not told it was revoked: it was not, as far as anyone knows.
-        Err(_) => return close(&conn, Close(ErrorCode::INTERNAL, "internal error".into())),
+        Err(_) => return close(&conn, Close::named(ErrorCode::INTERNAL)),
     }
     // Likewise an account disabled meanwhile (its sessions were closed before this one
     // was visible).
@@ -59,7 +59,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     }
     // Likewise a storage failure that closed every session just before this attach.
     if shared.health.is_failed() {
-        return close(&conn, Close(ErrorCode::INTERNAL, "storage failure".into()));
+        return close(&conn, Close::named(ErrorCode::INTERNAL));
     }
     tracing::debug!(user, device, session, remote = %conn.remote_address(), "session started");
     Counters::add(&shared.counters.sessions_started, 1);
@@ -171,7 +171,7 @@ async fn read_loop(
             Ok(ClientFrame::Request(r)) => r,
             Ok(ClientFrame::Signal(signal)) => {
                 if let Some(code) = session.ended() {
-                    return Close(code, code.name().into());
+                    return Close::named(code);
                 }
                 session.signal(signal);
                 continue;
@@ -181,7 +181,7 @@ async fn read_loop(
         // At the in-flight cap this waits, so the client is slowed by flow control.
         let permit = match beside_other_traffic(permits.clone().acquire_owned(), conn, session, &mut datagrams).await {
             Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Close(ErrorCode::INTERNAL, "internal error".into()),
+            Ok(Err(_)) => return Close::named(ErrorCode::INTERNAL),
             Err(close) => return close,
         };
         // Every answer has room in the outbound queue before its request is taken, so
@@ -193,7 +193,7 @@ async fn read_loop(
         let bytes = answer_bound(&req.body).max(SMALL_ANSWER_BYTES);
         let room = match session.out.try_reserve_answer(bytes) {
             Ok(Some(room)) => Some(room),
-            Err(Closed(code)) => return Close(code, code.name().into()),
+            Err(Closed(code)) => return Close::named(code),
             Ok(None) => {
                 let wait = async {
                     tokio::select! {
@@ -203,10 +203,10 @@ async fn read_loop(
                 };
                 match beside_other_traffic(wait, conn, session, &mut datagrams).await {
                     Ok(Some(Ok(Ok(room)))) => Some(room),
-                    Ok(Some(Ok(Err(Closed(code))))) => return Close(code, code.name().into()),
+                    Ok(Some(Ok(Err(Closed(code))))) => return Close::named(code),
                     Ok(Some(Err(_))) => {
                         session.out.close(ErrorCode::SLOW_CONSUMER);
-                        return Close(ErrorCode::SLOW_CONSUMER, ErrorCode::SLOW_CONSUMER.name().into());
+                        return Close::named(ErrorCode::SLOW_CONSUMER);
                     }
                     Ok(None) => return Close(ErrorCode::NO_ERROR, "connection closed".into()),
                     Err(close) => return close,
@@ -218,7 +218,7 @@ async fn read_loop(
             match beside_other_traffic(session.store_slots.clone().acquire_owned(), conn, session, &mut datagrams).await
             {
                 Ok(Ok(slot)) => Some(slot),
-                Ok(Err(_)) => return Close(ErrorCode::INTERNAL, "internal error".into()),
+                Ok(Err(_)) => return Close::named(ErrorCode::INTERNAL),
                 Err(close) => return close,
             }
         } else {
@@ -229,7 +229,7 @@ async fn read_loop(
         // read or that were waiting above: they would take effect after the revocation
         // was answered (a `Settings` change waiting for a store slot, say).
         if let Some(code) = session.ended() {
-            return Close(code, code.name().into());
+            return Close::named(code);
         }
         session.dispatch(req, permit, room, store_slot).await;
     }
@@ -294,7 +294,7 @@ async fn beside_other_traffic<F: std::future::Future>(
 async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &mut bool) -> Option<Close> {
     tokio::select! {
         stream = conn.accept_bi() => match stream {
-            Ok(_) if let Some(code) = session.ended() => Some(Close(code, code.name().into())),
+            Ok(_) if let Some(code) = session.ended() => Some(Close::named(code)),
             Ok((send, recv)) => {
                 let transfers = session.transfers().clone();
                 let revocation = crate::reply::Revocation::of(session.out.clone());
@@ -305,7 +305,7 @@ async fn other_traffic(conn: &quinn::Connection, session: &Session, datagrams: &
             Err(_) => Some(Close(ErrorCode::NO_ERROR, "connection closed".into())),
         },
         datagram = conn.read_datagram(), if *datagrams => match datagram {
-            Ok(_) if let Some(code) = session.ended() => Some(Close(code, code.name().into())),
+            Ok(_) if let Some(code) = session.ended() => Some(Close::named(code)),
             Ok(datagram) => {
                 session.datagram(&datagram);
                 None

@@ -35,6 +35,14 @@ use switchboard_protocol::limits::AUTH_DEADLINE_MS;
 /// Why a connection ends: a stable code and a short reason for the peer.
 struct Close(ErrorCode, String);
 
+impl Close {
+    /// A close whose reason is the code's name: how the broker closes an established
+    /// session (PROTOCOL.md section 9, "Close reasons").
+    fn named(code: ErrorCode) -> Self {
+        Close(code, code.name().into())
+    }
+}
+
 impl From<ErrorBody> for Close {
     fn from(e: ErrorBody) -> Self {
         Close(e.code, e.message)
