@@ -486,6 +486,56 @@ async fn cancelling_and_beginning_again_holds_no_room_for_nothing() {
 }
 
 #[tokio::test]
+async fn an_upload_whose_room_lapsed_writes_only_into_spare_room() {
+    bounded(async {
+        // An upload whose room lapsed, resumed, wrote its chunks into the room another
+        // upload held and into the disk reserve: uploads admitted past the reserve filled
+        // the disk (a live attack). Each of its chunks now has to fit in the spare room.
+        const MIB: u64 = 1024 * 1024;
+        let reserve = MIB;
+        let tb = TestBroker::start_with(|c| {
+            c.upload_promise_secs = 1;
+            c.disk_reserve_bytes = reserve;
+            c.quota_bytes = u64::MAX / 2;
+        })
+        .await;
+        // The disk as the checks see it (a shared disk's free space moves by more than
+        // a chunk while the test runs).
+        tb.shared().files.pretend_free_bytes(Some(1 << 40));
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let data = bytes(512 * 1024, 9);
+        let lapsed = begin_upload(&alice, "lapsed.bin", "application/octet-stream", &data).await.file;
+        // Alice sends nothing within the hold: her upload's room lapses.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let held = 64 * MIB;
+        let declare = NewUpload {
+            name: "big.bin".into(),
+            size: held,
+            content_type: "application/octet-stream".into(),
+            blake3: [0; 32],
+        };
+        let Reply::Upload(_) = bob.request(RequestBody::BeginUpload(declare)).await.unwrap() else { panic!() };
+        // Beside bob's held room and the reserve, less than a chunk is spare.
+        tb.shared().files.pretend_free_bytes(Some(held + reserve + 100 * 1024));
+        let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file: lapsed, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        t.chunk(0, &data[..256 * 1024], None).await;
+        match t.reply().await {
+            Some(TransferReply::Failed { error, offset }) => {
+                assert_eq!((error.code, offset), (ErrorCode::STORAGE_FULL, 0), "{error:?}")
+            }
+            other => panic!("expected STORAGE_FULL, got {other:?}"),
+        }
+        // Nothing was stored, the upload is kept, and with room again it resumes.
+        assert_eq!(offset_of(status(&alice, lapsed).await.unwrap()), 0);
+        tb.shared().files.pretend_free_bytes(Some(1 << 40));
+        assert!(matches!(upload_rest(alice.connection(), lapsed, &data, 0).await, TransferReply::Complete(_)));
+    })
+    .await
+}
+
+#[tokio::test]
 async fn only_the_uploader_and_members_where_it_is_attached_may_read_a_file() {
     bounded(async {
         let tb = TestBroker::start().await;

@@ -117,6 +117,9 @@ pub struct Files {
     pub thumbnails: thumbnails::Thumbnails,
     /// Files deleted messages let go of, for `collect_soon`'s one worker.
     released: std::sync::Mutex<Released>,
+    /// The free bytes a test makes the disk checks see (`pretend_free_bytes`); `u64::MAX`
+    /// (always, outside tests): read the disk.
+    pretended_free: AtomicU64,
 }
 
 /// How long a stream that had a place taken away for it waits for that place (the
@@ -277,7 +280,23 @@ impl Files {
             hashed_bytes: AtomicU64::new(0),
             thumbnails: thumbnails::Thumbnails::default(),
             released: std::sync::Mutex::new(Released::default()),
+            pretended_free: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// For tests only: makes the disk checks of uploads (`BeginUpload`'s, and each chunk's
+    /// of an upload whose room lapsed) see `free` bytes free on the data dir's disk
+    /// instead of reading it, or read it again (`None`). A shared disk's free space moves
+    /// by more than a chunk while a test runs, so a check at a chunk's granularity cannot
+    /// be tested against it.
+    #[doc(hidden)]
+    pub fn pretend_free_bytes(&self, free: Option<u64>) {
+        self.pretended_free.store(free.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The free bytes a test set with `pretend_free_bytes`, if any.
+    pub(crate) fn pretended_free_bytes(&self) -> Option<u64> {
+        Some(self.pretended_free.load(Ordering::Relaxed)).filter(|&free| free != u64::MAX)
     }
 
     /// A place among `max_live_transfer_streams` for a transfer stream, held while the
