@@ -662,7 +662,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
             })?;
             let (event, verb) = if register { ("registered", "registered") } else { ("logged_in", "logged in as") };
             out.line(
-                json!({"event": event, "user": name, "user_id": identity.user_id, "device_id": identity.device_id}),
+                json!({"event": event, "user": name, "user_id": identity.user_id, "user_name": name, "device_id": identity.device_id}),
                 || format!("{verb} {name} (user {}, device {})", identity.user_id, identity.device_id),
             );
         }
@@ -1180,7 +1180,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 let conv = conv.resolve(client).await?;
                 for m in client.members(conv).await? {
                     out.line(
-                        json!({"user_id": m.user_id, "name": m.name, "role": format!("{:?}", m.role).to_lowercase()}),
+                        json!({"user_id": m.user_id, "user_name": m.name, "name": m.name, "role": format!("{:?}", m.role).to_lowercase()}),
                         || format!("{:>6}  {:<20} {:?}", m.user_id, m.name, m.role),
                     );
                 }
@@ -1274,8 +1274,8 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             for r in receipts {
                 let name = members.iter().find(|m| m.user_id == r.user).map(|m| m.name.clone());
                 out.line(
-                    json!({"conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to,
-                        "read_up_to": r.read_up_to}),
+                    json!({"conv": r.conv, "user": r.user, "user_id": r.user, "user_name": name,
+                        "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
                     || {
                         let who = name.clone().unwrap_or_else(|| format!("user#{}", r.user));
                         let read = r.read_up_to.map_or_else(|| "private".to_owned(), |seq| format!("#{seq}"));
@@ -1297,7 +1297,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             let r = client.mark_read(conv, seq).await?;
             let read = r.read_up_to.unwrap_or(seq);
             out.line(
-                json!({"conv": r.conv, "user": r.user, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
+                json!({"conv": r.conv, "user": r.user, "user_id": r.user, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
                 || match read.cmp(&seq) {
                     // A read mark never goes back, nor past the newest message.
                     std::cmp::Ordering::Greater => format!("conv {} read up to {read} already", r.conv),
@@ -1317,7 +1317,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             for name in &users {
                 match all.iter().find(|p| &p.name == name) {
                     Some(p) => out.presence(p, now),
-                    None => out.line(json!({"name": name, "state": null}), || {
+                    None => out.line(json!({"user_name": name, "name": name, "state": null}), || {
                         format!(
                             "{name}: not shown (unknown, no conversation shared with me, or one of us blocks the other)"
                         )
@@ -1332,7 +1332,7 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
                 out.status(json!({"event": "no_blocked_users"}), || "I block nobody".into());
             }
             for b in blocked {
-                out.line(json!({"user_id": b.user_id, "name": b.name}), || {
+                out.line(json!({"user_id": b.user_id, "user_name": b.name, "name": b.name}), || {
                     format!("{:>6}  {}", b.user_id, terminal_safe(&b.name))
                 });
             }
@@ -1341,13 +1341,17 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             let already = client.blocked_users().await?.iter().any(|b| b.name == user);
             client.block(&user, true).await?;
             let said = if already { "already blocked" } else { "blocked" };
-            out.line(json!({"event": "blocked", "user": user, "already": already}), || format!("{said} {user}"));
+            out.line(json!({"event": "blocked", "user": user, "user_name": user, "already": already}), || {
+                format!("{said} {user}")
+            });
         }
         Command::Unblock { user } => {
             let was = client.blocked_users().await?.iter().any(|b| b.name == user);
             client.block(&user, false).await?;
             let said = if was { "unblocked" } else { "was not blocking" };
-            out.line(json!({"event": "unblocked", "user": user, "was_blocked": was}), || format!("{said} {user}"));
+            out.line(json!({"event": "unblocked", "user": user, "user_name": user, "was_blocked": was}), || {
+                format!("{said} {user}")
+            });
         }
         Command::Passwd { .. } => unreachable!("run by `passwd`, which asks before it connects"),
         Command::Devices { command } => match command.unwrap_or(DeviceCommand::List) {
@@ -1519,7 +1523,7 @@ impl Out {
         if self.json {
             // No human line: `lines` words those.
             self.line(
-                json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
+                json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_id": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
                 String::new,
             );
         } else {
@@ -1531,8 +1535,9 @@ impl Out {
     fn presence(&self, p: &PresenceInfo, now_ms: u64) {
         let state = presence_name(p.state);
         self.line(
-            // `user_name` as receipt and typing lines name the user (`name` kept for scripts).
-            json!({"event": "presence", "user": p.user, "user_name": p.name, "name": p.name, "state": state, "last_seen_ms": p.last_seen_ms}),
+            // `user_id` and `user_name` as every line about a user (`user` and `name` kept
+            // for scripts).
+            json!({"event": "presence", "user": p.user, "user_id": p.user, "user_name": p.name, "name": p.name, "state": state, "last_seen_ms": p.last_seen_ms}),
             || match (p.state, p.last_seen_ms) {
                 (PresenceState::Online, _) => format!("{} is online", p.name),
                 (_, 0) => format!("{} is {state} (never seen)", p.name),
@@ -1542,7 +1547,7 @@ impl Out {
     }
 
     fn typing(&self, conv: ConvId, user: UserId, name: &str, typing: bool) {
-        self.line(json!({"event": "typing", "conv": conv, "user": user, "user_name": name, "typing": typing}), || {
+        self.line(json!({"event": "typing", "conv": conv, "user": user, "user_id": user, "user_name": name, "typing": typing}), || {
             if typing { format!("{name} is typing in {conv}") } else { format!("{name} stopped typing in {conv}") }
         });
     }

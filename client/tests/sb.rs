@@ -526,7 +526,16 @@ async fn tail_shows_typing_presence_and_reads() {
     let presence = sb(&alice, &broker, &["presence", "bob", "nobody"]);
     assert_eq!(presence[0]["name"], "bob");
     assert_eq!(presence[0]["state"], "online");
-    assert_eq!(presence[1], serde_json::json!({"name": "nobody", "state": null}));
+    assert_eq!(presence[1], serde_json::json!({"user_name": "nobody", "name": "nobody", "state": null}));
+    // Every line about a user names it the same way: `user_id` and `user_name` (the
+    // keys were `user`, `user_id`, `name` or `user_name`, and `user` was an id on some
+    // lines and a name on others).
+    let bob = sb(&alice, &broker, &["conv", "members", &conv]).into_iter().find(|m| m["user_name"] == "bob").unwrap();
+    assert_eq!(
+        (presence[0]["user_id"].as_u64(), presence[0]["user_name"].as_str()),
+        (bob["user_id"].as_u64(), Some("bob"))
+    );
+    assert!(bob["user_id"].as_u64().is_some(), "{bob}");
     interrupt(tail.0.take().unwrap());
     // bob's own receipts (his tail receiving) are not printed to him (before, nearly half
     // the lines of a tail).
@@ -1708,6 +1717,8 @@ async fn block_stops_a_stranger_and_unblock_lets_it_back() {
     sb(&alice, &broker, &["block", "mallory"]);
     let listed = sb(&alice, &broker, &["block", "--list"]);
     assert_eq!(listed.iter().map(|b| b["name"].as_str().unwrap()).collect::<Vec<_>>(), ["mallory"]);
+    assert_eq!(listed[0]["user_name"], "mallory", "{listed:?}");
+    assert!(listed[0]["user_id"].as_u64().is_some(), "{listed:?}");
     let refused = sb_output(&mallory, &broker, &["send", &conv, "hello?"]);
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -1715,7 +1726,10 @@ async fn block_stops_a_stranger_and_unblock_lets_it_back() {
     let again = sb_output(&alice, &broker, &["block", "mallory"]);
     assert_eq!(String::from_utf8_lossy(&again.stdout), "already blocked mallory\n", "{again:?}");
     let unblocked = sb(&alice, &broker, &["unblock", "mallory"]);
-    assert_eq!(unblocked[0]["was_blocked"], true, "{unblocked:?}");
+    assert_eq!(
+        (&unblocked[0]["was_blocked"], &unblocked[0]["user_name"]),
+        (&serde_json::json!(true), &serde_json::json!("mallory"))
+    );
     let listed = sb(&alice, &broker, &["block", "--list"]);
     assert_eq!(listed, [serde_json::json!({"event": "no_blocked_users"})]);
     sb(&mallory, &broker, &["send", &conv, "sorry"]);
