@@ -316,7 +316,11 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
         (us, 0) => format!("{us} us"),
         (us, n) => format!("{us} us when {n} other message writes wait"),
     };
-    println!("runtime threads: {workers}{per_core}; commit delay: {delay}");
+    let scheduling = match config.runtime_scheduling {
+        switchboard_broker::config::Scheduling::Batch => "batch",
+        switchboard_broker::config::Scheduling::Normal => "normal",
+    };
+    println!("runtime threads: {workers}{per_core}, scheduling {scheduling}; commit delay: {delay}");
     tokio::select! {
         () = stop => {}
         () = broker.failed() => {

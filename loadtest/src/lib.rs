@@ -101,6 +101,10 @@ pub struct Common {
     /// the harness's runtime.
     #[arg(long, global = true)]
     pub broker_workers: Option<usize>,
+    /// Scheduling policy of the child broker's runtime threads (its `runtime_scheduling`:
+    /// `batch` or `normal`; default: the broker's, batch). Not for `--in-process`.
+    #[arg(long, global = true, value_parser = target::parse_scheduling)]
+    pub broker_scheduling: Option<switchboard_broker::config::Scheduling>,
     /// Use a running broker at this address instead of starting one.
     #[arg(long, requires = "trust", global = true)]
     pub target: Option<SocketAddr>,
@@ -172,6 +176,7 @@ impl Common {
             commit_siblings: self.broker_commit_siblings,
             socket_backlog_target_ms: self.broker_socket_backlog_target_ms,
             runtime_workers: self.broker_workers,
+            runtime_scheduling: self.broker_scheduling,
         };
         if self.in_process { target::Target::in_process(knobs).await } else { target::Target::child(knobs).await }
     }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 
+use switchboard_broker::config::Scheduling;
 use switchboard_broker::{Broker, Config};
 use switchboard_client::{Connector, Trust};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -63,6 +64,8 @@ pub struct BrokerKnobs {
     pub socket_backlog_target_ms: Option<u64>,
     /// Its `runtime_workers` (a child's runtime threads); `None`: one per core.
     pub runtime_workers: Option<usize>,
+    /// Its `runtime_scheduling`; `None` keeps the broker's default.
+    pub runtime_scheduling: Option<Scheduling>,
 }
 
 impl BrokerKnobs {
@@ -87,11 +90,14 @@ impl BrokerKnobs {
         if let Some(n) = self.runtime_workers {
             config.runtime_workers = n;
         }
+        if let Some(scheduling) = self.runtime_scheduling {
+            config.runtime_scheduling = scheduling;
+        }
         config
     }
 
     /// As arguments of the child command (after the data dir); `-` keeps a default.
-    fn args(&self) -> [String; 7] {
+    fn args(&self) -> [String; 8] {
         let or_default = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         [
             self.udp_sockets.to_string(),
@@ -101,6 +107,7 @@ impl BrokerKnobs {
             or_default(self.socket_backlog_target_ms.map(|v| v.to_string())),
             or_default(self.runtime_workers.map(|v| v.to_string())),
             or_default(self.commit_siblings.map(|v| v.to_string())),
+            or_default(self.runtime_scheduling.map(|v| scheduling_name(v).to_owned())),
         ]
     }
 
@@ -115,7 +122,25 @@ impl BrokerKnobs {
             socket_backlog_target_ms: args.get(4).and_then(|v| v.parse().ok()),
             runtime_workers: args.get(5).and_then(|v| v.parse().ok()),
             commit_siblings: args.get(6).and_then(|v| v.parse().ok()),
+            runtime_scheduling: args.get(7).and_then(|v| parse_scheduling(v).ok()),
         }
+    }
+}
+
+/// `batch` or `normal`, as `runtime_scheduling` is written in the broker's TOML.
+pub fn scheduling_name(scheduling: Scheduling) -> &'static str {
+    match scheduling {
+        Scheduling::Batch => "batch",
+        Scheduling::Normal => "normal",
+    }
+}
+
+/// The `--broker-scheduling` value parser: `batch` or `normal`.
+pub fn parse_scheduling(s: &str) -> std::result::Result<Scheduling, String> {
+    match s {
+        "batch" => Ok(Scheduling::Batch),
+        "normal" => Ok(Scheduling::Normal),
+        other => Err(format!("{other}: batch or normal")),
     }
 }
 
@@ -298,15 +323,18 @@ mod tests {
             socket_backlog_target_ms: Some(7),
             runtime_workers: Some(1),
             commit_siblings: Some(4),
+            runtime_scheduling: Some(Scheduling::Normal),
         };
         assert_eq!(BrokerKnobs::parse(&set.args()), set);
         let config = set.config("unused".into());
         assert_eq!((config.max_sends_in_flight, config.send_delay_target_ms, config.commit_delay_us), (9, 0, 1500));
         assert_eq!((config.socket_backlog_target_ms, config.runtime_workers, config.commit_siblings), (7, 1, 4));
+        assert_eq!(config.runtime_scheduling, Scheduling::Normal);
         // Unset ones keep the broker's defaults.
         let unset = BrokerKnobs { udp_sockets: 1, ..Default::default() };
         assert_eq!(BrokerKnobs::parse(&unset.args()), unset);
         assert_eq!(unset.config("unused".into()).commit_delay_us, Config::ephemeral("unused").commit_delay_us);
+        assert_eq!(unset.config("unused".into()).runtime_scheduling, Scheduling::Batch);
         assert_eq!(
             unset.config("unused".into()).socket_backlog_target_ms,
             Config::ephemeral("unused").socket_backlog_target_ms
