@@ -136,14 +136,19 @@ pub struct Config {
     /// broker has the machine to itself. At most `MAX_RUNTIME_WORKERS`.
     pub runtime_workers: usize,
     /// The Linux scheduling policy of the async runtime's threads (workers and blocking
-    /// pool): `batch` (default, `SCHED_BATCH`) or `normal` (`SCHED_OTHER`). A `batch`
-    /// thread woken does not preempt the thread running on its core: it runs when that
-    /// one blocks or its slice ends, so the work a wakeup brings meets more work
-    /// already queued. Measured on two cores (docs/benchmarks.md, "Runtime threads
-    /// that do not preempt"): about a third fewer context switches per message at
-    /// 1,000 messages a second into 10 members, over half fewer at 100 members, less CPU
-    /// per message, the same latency. Same priority (nice) as before; not a real-time
-    /// policy, no privilege needed. Elsewhere than Linux: ignored.
+    /// pool): `batch` (default) puts each under `SCHED_BATCH` as it starts, if it runs
+    /// under `SCHED_OTHER` (a policy set by whoever started the broker, `chrt` or
+    /// systemd's `CPUSchedulingPolicy`, is left as it is); `normal` leaves every thread
+    /// under the policy the process started with. A `batch` thread woken does not preempt
+    /// the thread running on its core: it runs when that one blocks or its slice ends,
+    /// so the work a wakeup brings meets more work already queued. Measured on two cores
+    /// (docs/benchmarks.md, "Runtime threads that do not preempt"): a third fewer context
+    /// switches per message at 1,000 messages a second into 10 members, about half at
+    /// 100 members and at `groups`, 3–20% less CPU per message at those; latency within
+    /// the runs' spread except perhaps a tenth on the p99 at 100 members. Same nice value;
+    /// not a real-time policy, no privilege needed. Elsewhere than Linux: ignored.
+    /// Threads the runtime's threads start (`sb-catalog`, `sb-announce`, some of sled's
+    /// I/O threads) inherit the policy; the committer, started with the store, does not.
     pub runtime_scheduling: Scheduling,
     /// Largest file `BeginUpload` accepts, bytes (`FILE_TOO_LARGE` beyond).
     pub max_file_bytes: u64,
@@ -286,34 +291,104 @@ impl Default for Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduling {
-    /// `SCHED_BATCH`: a thread woken waits for the running one instead of preempting it.
+    /// `SCHED_BATCH` where the thread runs under `SCHED_OTHER`: a thread woken waits for
+    /// the running one instead of preempting it.
     Batch,
-    /// `SCHED_OTHER`, the kernel's default.
+    /// The policy the process started with (`SCHED_OTHER`, the kernel's default, unless
+    /// whoever started it chose another).
     Normal,
 }
 
-/// Puts the calling thread under `SCHED_BATCH` (sched(7)): woken, it does not preempt
-/// the thread running on its core. A refusal (a sandbox that forbids the call) is logged
-/// and the thread goes on under its policy as it was.
+/// What `Scheduling::Batch` came to in this process (`batch_outcome`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// No runtime thread under `Scheduling::Batch` has started.
+    NotTried,
+    /// The runtime's threads run under `SCHED_BATCH`.
+    Applied,
+    /// The threads started under a policy other than `SCHED_OTHER` and were left so.
+    LeftAsStarted,
+    /// The kernel or a sandbox refused the change (logged once); threads run as started.
+    Refused,
+    /// Not Linux: nothing to do.
+    Unsupported,
+}
+
+const OUTCOMES: [BatchOutcome; 5] = [
+    BatchOutcome::NotTried,
+    BatchOutcome::Applied,
+    BatchOutcome::LeftAsStarted,
+    BatchOutcome::Refused,
+    BatchOutcome::Unsupported,
+];
+
+/// The latest `BatchOutcome` of a runtime thread's start, as an index into `OUTCOMES`.
+static BATCH_OUTCOME: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// What `runtime_scheduling = "batch"` came to in this process, for the start line.
+pub fn batch_outcome() -> BatchOutcome {
+    OUTCOMES[BATCH_OUTCOME.load(std::sync::atomic::Ordering::Relaxed)]
+}
+
+fn record(outcome: BatchOutcome) -> BatchOutcome {
+    let index = OUTCOMES.iter().position(|&o| o == outcome).unwrap_or(0);
+    OUTCOMES[BATCH_OUTCOME.swap(index, std::sync::atomic::Ordering::Relaxed)]
+}
+
+/// Puts the calling thread under `SCHED_BATCH` (sched(7)) if it runs under `SCHED_OTHER`:
+/// woken, it does not preempt the thread running on its core. The nice value is kept. A
+/// refusal (a sandbox that forbids the call) is logged once, and no later thread tries
+/// again (the blocking pool starts threads as it needs them).
 #[allow(unsafe_code)]
 fn batch_scheduling() {
     #[cfg(target_os = "linux")]
     {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: a plain system call; `param` lives across it and is only read, and pid
-        // 0 names the calling thread. The nice value is kept.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
-            let error = std::io::Error::last_os_error();
-            tracing::warn!(%error, "runtime thread not put under SCHED_BATCH (runtime_scheduling); it runs as normal");
+        if batch_outcome() == BatchOutcome::Refused {
+            return;
         }
+        // pthread_*schedparam rather than sched_*scheduler: musl's sched_setscheduler is a
+        // stub that always fails; both are the same system call on glibc.
+        let (mut policy, mut param) = (0, libc::sched_param { sched_priority: 0 });
+        // SAFETY: `pthread_self()` is the calling thread, alive across the call; `policy`
+        // and `param` are valid for writes for its duration.
+        let read = unsafe { libc::pthread_getschedparam(libc::pthread_self(), &mut policy, &mut param) };
+        let outcome = match (read, policy) {
+            (0, libc::SCHED_BATCH) => BatchOutcome::Applied,
+            (0, libc::SCHED_OTHER) => {
+                let batch = libc::sched_param { sched_priority: 0 };
+                // SAFETY: as above; `batch` is only read.
+                match unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_BATCH, &batch) } {
+                    0 => BatchOutcome::Applied,
+                    error => {
+                        if record(BatchOutcome::Refused) != BatchOutcome::Refused {
+                            let error = std::io::Error::from_raw_os_error(error);
+                            tracing::warn!(%error, "runtime threads not put under SCHED_BATCH (runtime_scheduling = \"batch\"); they run under the policy the broker started with");
+                        }
+                        return;
+                    }
+                }
+            }
+            (0, _) => BatchOutcome::LeftAsStarted,
+            (error, _) => {
+                if record(BatchOutcome::Refused) != BatchOutcome::Refused {
+                    let error = std::io::Error::from_raw_os_error(error);
+                    tracing::warn!(%error, "reading a runtime thread's scheduling policy failed; runtime_scheduling = \"batch\" not applied");
+                }
+                return;
+            }
+        };
+        record(outcome);
     }
+    #[cfg(not(target_os = "linux"))]
+    record(BatchOutcome::Unsupported);
 }
 
 impl Config {
     /// The async runtime a broker with this configuration serves on: multi-thread,
     /// `runtime_workers` threads (0: one per core; at most `MAX_RUNTIME_WORKERS`), I/O
-    /// and time enabled. The `switchboard` binary and the harness's child broker both
-    /// build theirs here.
+    /// and time enabled, its threads under `runtime_scheduling` (an `on_thread_start`
+    /// hook: an embedder who sets its own replaces it). The `switchboard` binary and the
+    /// harness's child broker both build theirs here.
     pub fn runtime_builder(&self) -> tokio::runtime::Builder {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         if self.runtime_workers > 0 {
@@ -565,20 +640,46 @@ mod tests {
         after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap()
     }
 
+    /// Puts the calling thread under `policy` (one an unprivileged thread may take).
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn set_policy_of_this_thread(policy: libc::c_int) {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: the calling thread, alive across the call; `param` only read.
+        assert_eq!(unsafe { libc::pthread_setschedparam(libc::pthread_self(), policy, &param) }, 0);
+    }
+
+    /// The policies of a worker and of a blocking thread of the runtime `scheduling`
+    /// builds, from a thread under `started_as`.
+    #[cfg(target_os = "linux")]
+    fn policies_of_runtime_threads(scheduling: Scheduling, started_as: libc::c_int) -> (u32, u32) {
+        std::thread::spawn(move || {
+            set_policy_of_this_thread(started_as);
+            let config = Config { runtime_workers: 1, runtime_scheduling: scheduling, ..Config::default() };
+            let runtime = config.runtime_builder().build().unwrap();
+            runtime.block_on(async {
+                let worker = tokio::spawn(async { policy_of_this_thread() }).await.unwrap();
+                (worker, tokio::task::spawn_blocking(policy_of_this_thread).await.unwrap())
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn the_runtime_threads_run_under_the_configured_scheduling_policy() {
-        const SCHED_OTHER: u32 = 0;
-        const SCHED_BATCH: u32 = 3;
-        for (scheduling, want) in [(Scheduling::Batch, SCHED_BATCH), (Scheduling::Normal, SCHED_OTHER)] {
-            let config = Config { runtime_workers: 1, runtime_scheduling: scheduling, ..Config::default() };
-            let runtime = config.runtime_builder().build().unwrap();
-            let (worker, blocking) = runtime.block_on(async {
-                let worker = tokio::spawn(async { policy_of_this_thread() }).await.unwrap();
-                (worker, tokio::task::spawn_blocking(policy_of_this_thread).await.unwrap())
-            });
-            assert_eq!((worker, blocking), (want, want), "{scheduling:?}");
-        }
+        const SCHED_OTHER: u32 = libc::SCHED_OTHER as u32;
+        const SCHED_BATCH: u32 = libc::SCHED_BATCH as u32;
+        const SCHED_IDLE: u32 = libc::SCHED_IDLE as u32;
+        let other = libc::SCHED_OTHER;
+        assert_eq!(policies_of_runtime_threads(Scheduling::Batch, other), (SCHED_BATCH, SCHED_BATCH));
+        assert_eq!(batch_outcome(), BatchOutcome::Applied);
+        assert_eq!(policies_of_runtime_threads(Scheduling::Normal, other), (SCHED_OTHER, SCHED_OTHER));
+        // A policy whoever started the broker chose is theirs to keep (it was overridden).
+        let idle = libc::SCHED_IDLE;
+        assert_eq!(policies_of_runtime_threads(Scheduling::Batch, idle), (SCHED_IDLE, SCHED_IDLE));
+        assert_eq!(policies_of_runtime_threads(Scheduling::Normal, idle), (SCHED_IDLE, SCHED_IDLE));
         // The default is batch (docs/benchmarks.md, "Runtime threads that do not preempt").
         assert_eq!(Config::default().runtime_scheduling, Scheduling::Batch);
     }

@@ -316,9 +316,15 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
         (us, 0) => format!("{us} us"),
         (us, n) => format!("{us} us when {n} other message writes wait"),
     };
-    let scheduling = match config.runtime_scheduling {
-        switchboard_broker::config::Scheduling::Batch => "batch",
-        switchboard_broker::config::Scheduling::Normal => "normal",
+    let scheduling = {
+        use switchboard_broker::config::{BatchOutcome, Scheduling, batch_outcome};
+        match (config.runtime_scheduling, batch_outcome()) {
+            (Scheduling::Normal, _) => "normal (as started)",
+            (Scheduling::Batch, BatchOutcome::Applied | BatchOutcome::NotTried) => "batch",
+            (Scheduling::Batch, BatchOutcome::LeftAsStarted) => "as started (not SCHED_OTHER: left as it is)",
+            (Scheduling::Batch, BatchOutcome::Refused) => "as started (SCHED_BATCH refused)",
+            (Scheduling::Batch, BatchOutcome::Unsupported) => "as started (not Linux)",
+        }
     };
     println!("runtime threads: {workers}{per_core}, scheduling {scheduling}; commit delay: {delay}");
     tokio::select! {

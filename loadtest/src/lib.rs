@@ -155,9 +155,11 @@ impl Common {
 
     /// Resolves the broker to test: `--target`, in-process, or a child process.
     pub async fn target(&self) -> Result<target::Target> {
-        if self.broker_workers.is_some() && (self.in_process || self.target.is_some()) {
+        if (self.broker_workers.is_some() || self.broker_scheduling.is_some())
+            && (self.in_process || self.target.is_some())
+        {
             return Err(Error::InvalidArgs(
-                "--broker-workers sets the runtime of the broker the harness starts as a child process".into(),
+                "--broker-workers and --broker-scheduling set the runtime of the broker the harness starts as a child process".into(),
             ));
         }
         if let Some(addr) = self.target {
@@ -251,5 +253,21 @@ mod tests {
         assert_eq!(parse_size("16"), Ok(16));
         assert!(parse_size("15").is_err());
         assert!(parse_size("5000").is_err());
+    }
+
+    #[tokio::test]
+    async fn runtime_knobs_are_refused_for_a_broker_the_harness_does_not_start() {
+        // A run against `--target` recorded `--broker-scheduling normal` on its command
+        // line while the broker ran as it was configured.
+        let target = Some("127.0.0.1:4433".parse().unwrap());
+        let scheduling = Some(switchboard_broker::config::Scheduling::Normal);
+        for common in [
+            Common { target, pin: Some("00".into()), broker_scheduling: scheduling, ..Common::default() },
+            Common { in_process: true, broker_scheduling: scheduling, ..Common::default() },
+            Common { in_process: true, broker_workers: Some(1), ..Common::default() },
+        ] {
+            let refused = common.target().await.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(refused.contains("--broker-scheduling set the runtime"), "{refused}");
+        }
     }
 }

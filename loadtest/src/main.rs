@@ -45,7 +45,7 @@ enum Scenario {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(target::CHILD_COMMAND) {
-        let usage = "DATA_DIR [UDP_SOCKETS MAX_SENDS_IN_FLIGHT SEND_DELAY_TARGET_MS COMMIT_DELAY_US SOCKET_BACKLOG_TARGET_MS RUNTIME_WORKERS COMMIT_SIBLINGS]";
+        let usage = "DATA_DIR [UDP_SOCKETS MAX_SENDS_IN_FLIGHT SEND_DELAY_TARGET_MS COMMIT_DELAY_US SOCKET_BACKLOG_TARGET_MS RUNTIME_WORKERS COMMIT_SIBLINGS RUNTIME_SCHEDULING]";
         let dir = args.get(2).ok_or_else(|| anyhow::anyhow!("usage: {} {usage}", target::CHILD_COMMAND))?;
         let knobs = target::BrokerKnobs::parse(args.get(3..).unwrap_or_default());
         return Ok(target::run_child(dir.into(), knobs)?);

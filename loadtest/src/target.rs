@@ -277,8 +277,9 @@ pub fn broker_runtime(config: &Config) -> Result<tokio::runtime::Runtime> {
 }
 
 /// Body of the hidden `__broker DATA_DIR UDP_SOCKETS MAX_SENDS_IN_FLIGHT
-/// SEND_DELAY_TARGET_MS COMMIT_DELAY_US SOCKET_BACKLOG_TARGET_MS` subcommand (`-`: the
-/// default): run until stdin closes.
+/// SEND_DELAY_TARGET_MS COMMIT_DELAY_US SOCKET_BACKLOG_TARGET_MS RUNTIME_WORKERS
+/// COMMIT_SIBLINGS RUNTIME_SCHEDULING` subcommand (`-`: the default): run until stdin
+/// closes.
 pub fn run_child(data_dir: PathBuf, knobs: BrokerKnobs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
