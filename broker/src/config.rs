@@ -314,6 +314,7 @@ pub enum BatchOutcome {
     Unsupported,
 }
 
+/// Every `BatchOutcome`, in declaration order (`outcome as usize` is its index).
 const OUTCOMES: [BatchOutcome; 5] = [
     BatchOutcome::NotTried,
     BatchOutcome::Applied,
@@ -330,9 +331,9 @@ pub fn batch_outcome() -> BatchOutcome {
     OUTCOMES[BATCH_OUTCOME.load(std::sync::atomic::Ordering::Relaxed)]
 }
 
+/// Records `outcome` and returns the one before it.
 fn record(outcome: BatchOutcome) -> BatchOutcome {
-    let index = OUTCOMES.iter().position(|&o| o == outcome).unwrap_or(0);
-    OUTCOMES[BATCH_OUTCOME.swap(index, std::sync::atomic::Ordering::Relaxed)]
+    OUTCOMES[BATCH_OUTCOME.swap(outcome as usize, std::sync::atomic::Ordering::Relaxed)]
 }
 
 /// Puts the calling thread under `SCHED_BATCH` (sched(7)) if it runs under `SCHED_OTHER`:
@@ -353,31 +354,29 @@ fn batch_scheduling() {
         // and `param` are valid for writes for its duration.
         let read = unsafe { libc::pthread_getschedparam(libc::pthread_self(), &mut policy, &mut param) };
         let outcome = match (read, policy) {
-            (0, libc::SCHED_BATCH) => BatchOutcome::Applied,
+            (0, libc::SCHED_BATCH) => Ok(BatchOutcome::Applied),
             (0, libc::SCHED_OTHER) => {
                 let batch = libc::sched_param { sched_priority: 0 };
                 // SAFETY: as above; `batch` is only read.
                 match unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_BATCH, &batch) } {
-                    0 => BatchOutcome::Applied,
-                    error => {
-                        if record(BatchOutcome::Refused) != BatchOutcome::Refused {
-                            let error = std::io::Error::from_raw_os_error(error);
-                            tracing::warn!(%error, "runtime threads not put under SCHED_BATCH (runtime_scheduling = \"batch\"); they run under the policy the broker started with");
-                        }
-                        return;
-                    }
+                    0 => Ok(BatchOutcome::Applied),
+                    error => Err(error),
                 }
             }
-            (0, _) => BatchOutcome::LeftAsStarted,
-            (error, _) => {
+            (0, _) => Ok(BatchOutcome::LeftAsStarted),
+            (error, _) => Err(error),
+        };
+        match outcome {
+            Ok(outcome) => {
+                record(outcome);
+            }
+            Err(error) => {
                 if record(BatchOutcome::Refused) != BatchOutcome::Refused {
                     let error = std::io::Error::from_raw_os_error(error);
-                    tracing::warn!(%error, "reading a runtime thread's scheduling policy failed; runtime_scheduling = \"batch\" not applied");
+                    tracing::warn!(%error, "runtime threads not put under SCHED_BATCH (runtime_scheduling = \"batch\"); they run under the policy the broker started with");
                 }
-                return;
             }
-        };
-        record(outcome);
+        }
     }
     #[cfg(not(target_os = "linux"))]
     record(BatchOutcome::Unsupported);
