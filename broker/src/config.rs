@@ -299,6 +299,29 @@ pub enum Scheduling {
     Normal,
 }
 
+impl Scheduling {
+    /// As `runtime_scheduling` is written in the TOML (and `switchboard-load
+    /// --broker-scheduling` takes it): `batch` or `normal`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduling::Batch => "batch",
+            Scheduling::Normal => "normal",
+        }
+    }
+}
+
+impl std::str::FromStr for Scheduling {
+    type Err = String;
+
+    /// `name`'s inverse. Errors: anything else, said with the two names.
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Scheduling::Batch, Scheduling::Normal]
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| format!("{s}: batch or normal"))
+    }
+}
+
 /// What `Scheduling::Batch` came to in this process (`batch_outcome`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchOutcome {
@@ -681,6 +704,17 @@ mod tests {
         assert_eq!(policies_of_runtime_threads(Scheduling::Normal, idle), (SCHED_IDLE, SCHED_IDLE));
         // The default is batch (docs/benchmarks.md, "Runtime threads that do not preempt").
         assert_eq!(Config::default().runtime_scheduling, Scheduling::Batch);
+    }
+
+    #[test]
+    fn a_scheduling_policy_is_named_as_the_toml_writes_it() {
+        for scheduling in [Scheduling::Batch, Scheduling::Normal] {
+            let config = Config { runtime_scheduling: scheduling, ..Config::default() };
+            let toml = toml::to_string(&config).unwrap();
+            assert!(toml.contains(&format!("runtime_scheduling = \"{}\"", scheduling.name())), "{toml}");
+            assert_eq!(scheduling.name().parse(), Ok(scheduling));
+        }
+        assert!("fifo".parse::<Scheduling>().unwrap_err().contains("batch or normal"));
     }
 
     #[test]

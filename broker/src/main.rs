@@ -320,7 +320,7 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
         use switchboard_broker::config::{BatchOutcome, Scheduling, batch_outcome};
         match (config.runtime_scheduling, batch_outcome()) {
             (Scheduling::Normal, _) => "normal (as started)",
-            (Scheduling::Batch, BatchOutcome::Applied | BatchOutcome::NotTried) => "batch",
+            (Scheduling::Batch, BatchOutcome::Applied | BatchOutcome::NotTried) => Scheduling::Batch.name(),
             (Scheduling::Batch, BatchOutcome::LeftAsStarted) => "as started (not SCHED_OTHER: left as it is)",
             (Scheduling::Batch, BatchOutcome::Refused) => "as started (SCHED_BATCH refused)",
             (Scheduling::Batch, BatchOutcome::Unsupported) => "as started (not Linux)",

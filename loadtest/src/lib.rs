@@ -103,7 +103,7 @@ pub struct Common {
     pub broker_workers: Option<usize>,
     /// Scheduling policy of the child broker's runtime threads (its `runtime_scheduling`:
     /// `batch` or `normal`; default: the broker's, batch). Not for `--in-process`.
-    #[arg(long, global = true, value_parser = target::parse_scheduling)]
+    #[arg(long, global = true)]
     pub broker_scheduling: Option<switchboard_broker::config::Scheduling>,
     /// Use a running broker at this address instead of starting one.
     #[arg(long, requires = "trust", global = true)]

@@ -107,7 +107,7 @@ impl BrokerKnobs {
             or_default(self.socket_backlog_target_ms.map(|v| v.to_string())),
             or_default(self.runtime_workers.map(|v| v.to_string())),
             or_default(self.commit_siblings.map(|v| v.to_string())),
-            or_default(self.runtime_scheduling.map(|v| scheduling_name(v).to_owned())),
+            or_default(self.runtime_scheduling.map(|v| v.name().to_owned())),
         ]
     }
 
@@ -122,25 +122,8 @@ impl BrokerKnobs {
             socket_backlog_target_ms: args.get(4).and_then(|v| v.parse().ok()),
             runtime_workers: args.get(5).and_then(|v| v.parse().ok()),
             commit_siblings: args.get(6).and_then(|v| v.parse().ok()),
-            runtime_scheduling: args.get(7).and_then(|v| parse_scheduling(v).ok()),
+            runtime_scheduling: args.get(7).and_then(|v| v.parse().ok()),
         }
-    }
-}
-
-/// `batch` or `normal`, as `runtime_scheduling` is written in the broker's TOML.
-pub fn scheduling_name(scheduling: Scheduling) -> &'static str {
-    match scheduling {
-        Scheduling::Batch => "batch",
-        Scheduling::Normal => "normal",
-    }
-}
-
-/// The `--broker-scheduling` value parser: `batch` or `normal`.
-pub fn parse_scheduling(s: &str) -> std::result::Result<Scheduling, String> {
-    match s {
-        "batch" => Ok(Scheduling::Batch),
-        "normal" => Ok(Scheduling::Normal),
-        other => Err(format!("{other}: batch or normal")),
     }
 }
 

@@ -161,8 +161,7 @@ pub(crate) fn disk_room(shared: &Shared, promised: u64, bytes: u64) -> bool {
     let unfreed = shared.files.blobs.unfreed_bytes();
     match rustix::fs::statvfs(shared.files.blobs.root()) {
         Ok(stat) => {
-            let free =
-                (shared.files.pretended_free_bytes()).unwrap_or_else(|| stat.f_bavail.saturating_mul(stat.f_frsize));
+            let free = shared.files.pretended_free_bytes().unwrap_or(stat.f_bavail.saturating_mul(stat.f_frsize));
             let fits = free.saturating_sub(promised).saturating_sub(unfreed) >= bytes.saturating_add(reserve);
             fits && (reserve == 0 || inodes_to_spare(stat.f_files, stat.f_favail))
         }
