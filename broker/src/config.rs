@@ -363,31 +363,18 @@ fn record(outcome: BatchOutcome) -> BatchOutcome {
 /// woken, it does not preempt the thread running on its core. The nice value is kept. A
 /// refusal (a sandbox that forbids the call) is logged once, and no later thread tries
 /// again (the blocking pool starts threads as it needs them).
-#[allow(unsafe_code)]
 fn batch_scheduling() {
     #[cfg(target_os = "linux")]
     {
+        use crate::sched::{own_policy, set_own_policy};
         if batch_outcome() == BatchOutcome::Refused {
             return;
         }
-        // pthread_*schedparam rather than sched_*scheduler: musl's sched_setscheduler is a
-        // stub that always fails; both are the same system call on glibc.
-        let (mut policy, mut param) = (0, libc::sched_param { sched_priority: 0 });
-        // SAFETY: `pthread_self()` is the calling thread, alive across the call; `policy`
-        // and `param` are valid for writes for its duration.
-        let read = unsafe { libc::pthread_getschedparam(libc::pthread_self(), &mut policy, &mut param) };
-        let outcome = match (read, policy) {
-            (0, libc::SCHED_BATCH) => Ok(BatchOutcome::Applied),
-            (0, libc::SCHED_OTHER) => {
-                let batch = libc::sched_param { sched_priority: 0 };
-                // SAFETY: as above; `batch` is only read.
-                match unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_BATCH, &batch) } {
-                    0 => Ok(BatchOutcome::Applied),
-                    error => Err(error),
-                }
-            }
-            (0, _) => Ok(BatchOutcome::LeftAsStarted),
-            (error, _) => Err(error),
+        let outcome = match own_policy() {
+            Ok(libc::SCHED_BATCH) => Ok(BatchOutcome::Applied),
+            Ok(libc::SCHED_OTHER) => set_own_policy(libc::SCHED_BATCH).map(|()| BatchOutcome::Applied),
+            Ok(_) => Ok(BatchOutcome::LeftAsStarted),
+            Err(error) => Err(error),
         };
         match outcome {
             Ok(outcome) => {
@@ -395,7 +382,6 @@ fn batch_scheduling() {
             }
             Err(error) => {
                 if record(BatchOutcome::Refused) != BatchOutcome::Refused {
-                    let error = std::io::Error::from_raw_os_error(error);
                     tracing::warn!(%error, "runtime threads not put under SCHED_BATCH (runtime_scheduling = \"batch\"); they run under the policy the broker started with");
                 }
             }
@@ -662,21 +648,12 @@ mod tests {
         after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap()
     }
 
-    /// Puts the calling thread under `policy` (one an unprivileged thread may take).
-    #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    fn set_policy_of_this_thread(policy: libc::c_int) {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: the calling thread, alive across the call; `param` only read.
-        assert_eq!(unsafe { libc::pthread_setschedparam(libc::pthread_self(), policy, &param) }, 0);
-    }
-
     /// The policies of a worker and of a blocking thread of the runtime `scheduling`
     /// builds, from a thread under `started_as`.
     #[cfg(target_os = "linux")]
     fn policies_of_runtime_threads(scheduling: Scheduling, started_as: libc::c_int) -> (u32, u32) {
         std::thread::spawn(move || {
-            set_policy_of_this_thread(started_as);
+            crate::sched::set_own_policy(started_as).unwrap();
             let config = Config { runtime_workers: 1, runtime_scheduling: scheduling, ..Config::default() };
             let runtime = config.runtime_builder().build().unwrap();
             runtime.block_on(async {

@@ -18,6 +18,8 @@ pub mod overload;
 pub mod pauses;
 pub mod presence;
 pub mod reply;
+#[cfg(target_os = "linux")]
+mod sched;
 pub mod tls;
 pub mod typing;
 pub mod user;
