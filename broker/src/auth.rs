@@ -28,7 +28,8 @@ use switchboard_protocol::{DeviceId, Enroll, ErrorBody, ErrorCode, UserId};
 use switchboard_storage::{DeviceRecord, Replace, SignOut, Store, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Config;
+use crate::background::BackgroundThreads;
+use crate::config::{Config, Scheduling};
 use crate::limits::{
     ARGON2_CONCURRENCY, AUTH_FAILURE_KEYS_MAX, AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_PER_ACCOUNT,
     AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS, MAX_DEVICES_PER_USER, MIN_PASSWORD_BYTES,
@@ -110,7 +111,7 @@ impl Auth {
         Ok(Auth {
             decoy_phc,
             store,
-            argon: Argon2Pool::new(argon, config.argon2_queue)
+            argon: Argon2Pool::new(argon, config.argon2_queue, config.runtime_scheduling == Scheduling::Batch)
                 .map_err(|error| crate::Error::Io { context: "starting the password hashing threads".into(), error })?,
             passwords: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS),
             signatures: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, BAD_SIGNATURES_PER_ADDRESS),
@@ -646,8 +647,8 @@ pub fn network(source: IpAddr) -> IpAddr {
     }
 }
 
-/// argon2id work: at most `ARGON2_CONCURRENCY` hashes run at once (each on a
-/// `Hashers` thread, holding its memory and a core) and at most `queue` requests wait for
+/// argon2id work: at most `ARGON2_CONCURRENCY` hashes run at once (each on one of its
+/// idle threads, holding its memory and a core) and at most `queue` requests wait for
 /// a turn; one more is refused at once with `OVERLOADED`. A waiter whose future is
 /// dropped (its connection closed) leaves the queue; a hash already running finishes,
 /// holding its slot, so abandoned work never exceeds the slots.
@@ -656,7 +657,9 @@ struct Argon2Pool {
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     queue: usize,
-    hashers: Hashers,
+    /// The `ARGON2_CONCURRENCY` threads (`sb-password`, under `SCHED_IDLE`) that hash:
+    /// a flood of logins slows logins, not the chat of those connected.
+    hashers: BackgroundThreads,
 }
 
 /// A turn in the pool: a slot now, or a place in the queue.
@@ -675,13 +678,15 @@ impl Drop for Waiting {
 }
 
 impl Argon2Pool {
-    fn new(argon: argon2::Argon2<'static>, queue: usize) -> std::io::Result<Self> {
+    /// Hashing threads under `SCHED_IDLE` if `idle` (the runtime's threads under
+    /// `SCHED_BATCH`), else as the caller runs (`BackgroundThreads`).
+    fn new(argon: argon2::Argon2<'static>, queue: usize, idle: bool) -> std::io::Result<Self> {
         Ok(Argon2Pool {
             argon,
             slots: Arc::new(Semaphore::new(ARGON2_CONCURRENCY)),
             waiting: Arc::new(AtomicUsize::new(0)),
             queue,
-            hashers: Hashers::start()?,
+            hashers: BackgroundThreads::start("sb-password", ARGON2_CONCURRENCY, idle)?,
         })
     }
 
@@ -731,72 +736,15 @@ impl Argon2Pool {
         job: impl FnOnce(&argon2::Argon2<'static>) -> T + Send + 'static,
     ) -> Result<T, ErrorBody> {
         let argon = self.argon.clone();
-        let (done, result) = tokio::sync::oneshot::channel();
-        self.hashers.run(Box::new(move || {
-            // The slot is given back before the answer (also when `job` panics and
-            // `done` is dropped unanswered): a caller that got its answer finds it free.
-            let answer = {
+        // The slot is given back before the answer (also when `job` panics): a caller
+        // that got its answer finds it free.
+        self.hashers
+            .run(move || {
                 let _slot = slot;
                 job(&argon)
-            };
-            let _ = done.send(answer);
-        }))?;
-        result.await.map_err(internal)
-    }
-}
-
-/// A job for a hasher thread.
-type HashJob = Box<dyn FnOnce() + Send>;
-
-/// The `ARGON2_CONCURRENCY` threads (`sb-password`) that compute password hashes, under
-/// `SCHED_IDLE` (sched(7)): a hash gets every core nothing else wants, and any broker
-/// thread woken on its core (a runtime thread, even under `SCHED_BATCH`) preempts it at
-/// once. Before, hashes ran on the async runtime's blocking pool at the runtime's own
-/// priority, so a flood of logins or registrations (up to `ARGON2_CONCURRENCY` hashes at
-/// once, a core each) took the cores from the chat at equal weight, and under
-/// `SCHED_BATCH` a woken runtime thread waited for a hash's time slice to end: chat p90
-/// 7.8–8.9 ms beside continuous hashing, against 2.3–2.6 with the hashers idle
-/// (docs/benchmarks.md, "Password hashes below the message path"). The price: on cores
-/// the message path keeps busy, logins wait (and, past `argon2_queue`, are refused
-/// `OVERLOADED`); device proofs, every reconnection, hash nothing. The threads end when the
-/// pool is dropped (the broker stops), each after the job it is running.
-struct Hashers {
-    /// Bounded by the slots, not by the channel: a job is sent only holding a slot, so at
-    /// most `ARGON2_CONCURRENCY` are queued or running and a send never finds it full.
-    jobs: std::sync::mpsc::SyncSender<HashJob>,
-}
-
-impl Hashers {
-    fn start() -> std::io::Result<Self> {
-        let (jobs, queued) = std::sync::mpsc::sync_channel::<HashJob>(ARGON2_CONCURRENCY);
-        let queued = Arc::new(Mutex::new(queued));
-        for _ in 0..ARGON2_CONCURRENCY {
-            let queued = queued.clone();
-            std::thread::Builder::new().name("sb-password".into()).spawn(move || {
-                run_when_idle();
-                loop {
-                    let next = queued.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv();
-                    let Ok(job) = next else { return };
-                    // A panicking hash drops its answer (the caller reads INTERNAL) and
-                    // leaves the thread serving.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                }
-            })?;
-        }
-        Ok(Hashers { jobs })
-    }
-
-    fn run(&self, job: HashJob) -> Result<(), ErrorBody> {
-        self.jobs.try_send(job).map_err(|e| internal(format!("password hashers: {e}")))
-    }
-}
-
-/// Puts the calling thread under `SCHED_IDLE` (Linux; elsewhere it runs as started). A
-/// refusal (a sandbox) is logged and the thread runs as it started.
-fn run_when_idle() {
-    #[cfg(target_os = "linux")]
-    if let Err(error) = crate::sched::set_own_policy(libc::SCHED_IDLE) {
-        tracing::warn!(%error, "password hashing runs at the broker's own CPU priority: SCHED_IDLE refused");
+            })
+            .await
+            .map_err(internal)
     }
 }
 
@@ -1153,8 +1101,8 @@ mod tests {
     #[tokio::test]
     async fn the_password_queue_is_bounded_and_its_waiters_can_leave() {
         let params = argon2::Params::new(8, 1, 1, None).unwrap();
-        let pool = Argon2Pool::new(argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params), 2)
-            .unwrap();
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let pool = Argon2Pool::new(argon, 2, true).unwrap();
         let running: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| pool.turn().unwrap()).collect();
         assert!(running.iter().all(|t| matches!(t, Turn::Now(_))));
         let queued = [pool.turn().unwrap(), pool.turn().unwrap()];
@@ -1170,54 +1118,26 @@ mod tests {
         assert!(matches!(pool.turn().unwrap(), Turn::Now(_)));
     }
 
-    fn cheap_pool() -> Argon2Pool {
-        let params = argon2::Params::new(8, 1, 1, None).unwrap();
-        Argon2Pool::new(argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params), 2).unwrap()
-    }
-
-    /// A password hash runs under `SCHED_IDLE`, so any broker thread woken on its core
-    /// preempts it (before: on the runtime's blocking pool, under the runtime's policy).
+    /// Password hashes run under `SCHED_IDLE` when the runtime's threads run under
+    /// `SCHED_BATCH` (the default), so any broker thread woken on their core preempts
+    /// them; under `normal` they keep the policy the broker started with (on a shared
+    /// host an idle-policy hash would wait for every other process). Before, they ran on
+    /// the runtime's blocking pool, under the runtime's policy.
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn password_hashes_run_only_when_nothing_else_wants_the_core() {
-        let started_as = crate::sched::own_policy().unwrap();
-        assert_ne!(started_as, libc::SCHED_IDLE);
-        let pool = cheap_pool();
-        for _ in 0..2 * ARGON2_CONCURRENCY {
-            let turn = pool.turn().unwrap();
-            let hashed_under = pool.run(turn, |_| crate::sched::own_policy().unwrap()).await.unwrap();
-            assert_eq!(hashed_under, libc::SCHED_IDLE);
-        }
-        assert_eq!(crate::sched::own_policy().unwrap(), started_as, "the caller's own policy is untouched");
-    }
-
-    /// A hash that panics answers `INTERNAL` and leaves its slot and its thread serving.
-    #[tokio::test]
-    async fn a_panicking_hash_fails_alone() {
-        let pool = cheap_pool();
-        for _ in 0..2 * ARGON2_CONCURRENCY {
-            let turn = pool.turn().unwrap();
-            let e = pool.run(turn, |_| -> u32 { panic!("a hash that fails") }).await.unwrap_err();
-            assert_eq!(e.code, ErrorCode::INTERNAL);
-        }
-        // Every slot was given back, and every thread still serves: two hashes that each
-        // wait to see the other one running end only if they run on two threads at once.
-        const _: () = assert!(ARGON2_CONCURRENCY == 2);
-        let (a, b) = (pool.turn().unwrap(), pool.turn().unwrap());
-        assert!(matches!((&a, &b), (Turn::Now(_), Turn::Now(_))), "every slot given back");
-        let running = Arc::new(AtomicUsize::new(0));
-        let both_at_once = |running: Arc<AtomicUsize>| {
-            move |_: &argon2::Argon2<'static>| {
-                running.fetch_add(1, Ordering::SeqCst);
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while running.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                running.load(Ordering::SeqCst) == 2
+    async fn password_hashes_run_below_the_message_path_on_cores_of_its_own() {
+        let started_as = crate::sched::kernel_policy_of_this_thread();
+        for (scheduling, hashed_under) in [(Scheduling::Batch, libc::SCHED_IDLE), (Scheduling::Normal, started_as)] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = Config { runtime_scheduling: scheduling, ..Config::ephemeral(dir.path()) };
+            let auth = Auth::new(crate::open_store(&config).unwrap(), &config).unwrap();
+            for _ in 0..2 * ARGON2_CONCURRENCY {
+                let turn = auth.argon.turn().unwrap();
+                let policy = auth.argon.run(turn, |_| crate::sched::kernel_policy_of_this_thread()).await.unwrap();
+                assert_eq!(policy, hashed_under, "{scheduling:?}");
             }
-        };
-        let (a, b) = tokio::join!(pool.run(a, both_at_once(running.clone())), pool.run(b, both_at_once(running)));
-        assert!(a.unwrap() && b.unwrap(), "a thread stopped serving after a panic");
+        }
+        assert_eq!(crate::sched::kernel_policy_of_this_thread(), started_as, "the caller's own policy is untouched");
     }
 
     /// A wrong password is counted once its hash holds a slot: a login that queues and

@@ -639,13 +639,10 @@ pub fn check_commit_delay(config: &Config) -> crate::error::Result<()> {
 mod tests {
     use super::*;
 
-    /// The scheduling policy of the calling thread: field 41 of its `stat` (proc(5)).
+    /// The scheduling policy of the calling thread, as the kernel has it.
     #[cfg(target_os = "linux")]
     fn policy_of_this_thread() -> u32 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        // The command name (field 2) may hold spaces: count from after its ')'.
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+        crate::sched::kernel_policy_of_this_thread() as u32
     }
 
     /// The policies of a worker and of a blocking thread of the runtime `scheduling`

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+mod background;
 pub mod catalog;
 pub mod config;
 mod connection;

@@ -35,3 +35,13 @@ pub(crate) fn set_own_policy(policy: libc::c_int) -> std::io::Result<()> {
         error => Err(std::io::Error::from_raw_os_error(error)),
     }
 }
+
+/// The calling thread's policy as the kernel has it: field 41 of its `stat` (proc(5));
+/// glibc's pthread_getschedparam may answer from a cache of its own.
+#[cfg(test)]
+pub(crate) fn kernel_policy_of_this_thread() -> libc::c_int {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // The command name (field 2) may hold spaces: count from after its ')'.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+}

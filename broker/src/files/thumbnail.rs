@@ -2,8 +2,10 @@
 //! complete PNG, JPEG, GIF (first frame) or WebP file.
 //!
 //! Images come from strangers, so decoding is bounded on every axis:
-//! - **Threads:** decoding runs on tokio's blocking pool (`spawn_blocking`), never on the
-//!   runtime threads that carry chat.
+//! - **Threads:** decoding runs on a thread of its own under `SCHED_IDLE`
+//!   (`BackgroundThreads`), never on the runtime threads that carry chat, and any broker thread
+//!   woken on its core preempts it (on tokio's blocking pool it ran at the runtime's own
+//!   policy: one decode took a core from the chat at equal weight).
 //! - **Pixels and memory:** the header's dimensions are read and checked against
 //!   `max_input_pixels`, and the decoded size against `max_alloc_bytes`, before any pixel
 //!   is decoded; the `image` crate's `Limits` (`max_alloc`, per-side maximums) make the
@@ -11,20 +13,23 @@
 //!   is what bounds the work: a decompression bomb declares its size in the header and
 //!   fails there, without allocating.
 //! - **Time:** the caller waits at most `timeout` for a slot and the result together. A
-//!   blocking thread cannot be killed, so a decode that times out runs on until it ends
-//!   (bounded by the pixel and memory limits) and keeps its slot until then.
+//!   thread cannot be killed, so a decode that times out runs on until it ends (bounded
+//!   by the pixel and memory limits) and keeps its slot until then.
 //! - **Concurrency:** at most `MAX_CONCURRENT_DECODES` decodes run at once, broker-wide;
 //!   a caller that finds them all busy for its whole timeout gets `Busy`.
 
 // The upload actor calls `make` after a file completes.
 
 use std::io::Cursor;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+
+use crate::background::{BackgroundThreads, JobLost};
 
 /// Decodes running at once, broker-wide: one, so that on a two-core machine thumbnails
 /// never take more than one core from chat (two took both: an attacker review measured
@@ -33,6 +38,17 @@ pub(crate) const MAX_CONCURRENT_DECODES: usize = 1;
 
 /// The slots of `MAX_CONCURRENT_DECODES`.
 static DECODES: Semaphore = Semaphore::const_new(MAX_CONCURRENT_DECODES);
+
+/// The threads that decode (`sb-thumbnail`, one per slot), started with the first
+/// thumbnail, under `SCHED_IDLE` if the runtime's threads run under `SCHED_BATCH`
+/// (`BackgroundThreads`); `None` if the OS refused them (logged once: no thumbnails,
+/// files unharmed).
+static DECODERS: LazyLock<Option<BackgroundThreads>> = LazyLock::new(|| {
+    let idle = crate::config::batch_outcome() == crate::config::BatchOutcome::Applied;
+    BackgroundThreads::start("sb-thumbnail", MAX_CONCURRENT_DECODES, idle)
+        .inspect_err(|error| tracing::error!(%error, "thumbnail threads not started: no thumbnails will be made"))
+        .ok()
+});
 
 /// Whether the broker makes thumbnails of files of this content type (as published, that
 /// is after the type check: lowercase without parameters).
@@ -101,14 +117,16 @@ pub(crate) enum ThumbnailError {
 /// `Unsupported`, `TooLarge` and `Corrupt` as the bytes are; `Busy` when no decode slot
 /// frees within `limits.timeout`; `TimedOut` when the decode does not end within it.
 pub(crate) async fn make(bytes: Bytes, limits: ThumbnailLimits) -> Result<Vec<u8>, ThumbnailError> {
-    bounded(&DECODES, limits.timeout, move || thumbnail(&bytes, &limits)).await?
+    let Some(decoders) = DECODERS.as_ref() else { return Err(ThumbnailError::Busy) };
+    bounded(&DECODES, decoders, limits.timeout, move || thumbnail(&bytes, &limits)).await?
 }
 
-/// Runs `work` on the blocking pool once a slot of `slots` is free, waiting at most
-/// `timeout` for the slot and the result together. The slot is held until `work` ends,
-/// even after the caller stopped waiting.
+/// Runs `work` on one of `threads` once a slot of `slots` (at most as many as the
+/// threads) is free, waiting at most `timeout` for the slot and the result together. The
+/// slot is held until `work` ends, even after the caller stopped waiting.
 async fn bounded<T: Send + 'static>(
     slots: &'static Semaphore,
+    threads: &BackgroundThreads,
     timeout: Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ThumbnailError> {
@@ -118,14 +136,16 @@ async fn bounded<T: Send + 'static>(
         // The semaphore is never closed; a closed one has no slot to give either.
         Ok(Err(_)) | Err(_) => return Err(ThumbnailError::Busy),
     };
-    let task = tokio::task::spawn_blocking(move || {
+    let task = threads.run(move || {
         let _slot = permit;
         work()
     });
     match tokio::time::timeout_at(deadline, task).await {
         Ok(Ok(result)) => Ok(result),
         // A panic in a decoder is a bug in it triggered by these bytes.
-        Ok(Err(_)) => Err(ThumbnailError::Corrupt),
+        Ok(Err(JobLost::Panicked)) => Err(ThumbnailError::Corrupt),
+        // More slots than threads, or threads gone: no decode could run.
+        Ok(Err(JobLost::Full | JobLost::Stopped)) => Err(ThumbnailError::Busy),
         Err(_) => Err(ThumbnailError::TimedOut),
     }
 }
@@ -358,15 +378,21 @@ mod tests {
         assert_eq!(outcome(bmp, ThumbnailLimits::default()).await, Err(ThumbnailError::Unsupported));
     }
 
+    /// Decoding threads of one test's own (its slots are its own too), for its lifetime.
+    fn threads_of_a_test(count: usize) -> &'static BackgroundThreads {
+        Box::leak(Box::new(BackgroundThreads::start("sb-test", count, false).expect("threads start")))
+    }
+
     /// Starts `bounded` work on `slots` that blocks until its sender is dropped or sends,
     /// and returns once it holds its slot.
     async fn blocked(
         slots: &'static Semaphore,
+        threads: &'static BackgroundThreads,
         timeout: Duration,
     ) -> (mpsc::Sender<()>, tokio::task::JoinHandle<Result<(), ThumbnailError>>) {
         let (release, wait) = mpsc::channel::<()>();
         let (started, on_start) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(bounded(slots, timeout, move || {
+        let handle = tokio::spawn(bounded(slots, threads, timeout, move || {
             let _ = started.send(());
             let _ = wait.recv();
         }));
@@ -378,16 +404,17 @@ mod tests {
     async fn with_two_slots_a_third_decode_waits_then_is_busy() {
         // The mechanism with two slots (the broker has `MAX_CONCURRENT_DECODES`).
         static SLOTS: Semaphore = Semaphore::const_new(2);
+        let threads = threads_of_a_test(2);
         let long = Duration::from_secs(30);
-        let (release_a, a) = blocked(&SLOTS, long).await;
-        let (release_b, b) = blocked(&SLOTS, long).await;
+        let (release_a, a) = blocked(&SLOTS, threads, long).await;
+        let (release_b, b) = blocked(&SLOTS, threads, long).await;
         assert_eq!(SLOTS.available_permits(), 0);
 
-        let third = bounded(&SLOTS, Duration::from_millis(50), || ()).await;
+        let third = bounded(&SLOTS, threads, Duration::from_millis(50), || ()).await;
         assert_eq!(third, Err(ThumbnailError::Busy));
 
         // A caller that waits long enough gets the slot freed meanwhile.
-        let waiting = tokio::spawn(bounded(&SLOTS, long, || 7));
+        let waiting = tokio::spawn(bounded(&SLOTS, threads, long, || 7));
         release_a.send(()).expect("a is running");
         assert_eq!(waiting.await.expect("joins"), Ok(7));
         assert_eq!(a.await.expect("joins"), Ok(()));
@@ -399,9 +426,10 @@ mod tests {
     #[tokio::test]
     async fn a_slow_decode_times_out_and_keeps_its_slot_until_it_ends() {
         static SLOTS: Semaphore = Semaphore::const_new(MAX_CONCURRENT_DECODES);
-        let (release, slow) = blocked(&SLOTS, Duration::from_millis(50)).await;
+        let threads = threads_of_a_test(MAX_CONCURRENT_DECODES);
+        let (release, slow) = blocked(&SLOTS, threads, Duration::from_millis(50)).await;
         assert_eq!(slow.await.expect("joins"), Err(ThumbnailError::TimedOut));
-        // The blocking thread cannot be stopped: it still holds its slot.
+        // The thread cannot be stopped: it still holds its slot.
         assert_eq!(SLOTS.available_permits(), MAX_CONCURRENT_DECODES - 1);
         release.send(()).expect("the work is still running");
         let freed = tokio::time::timeout(Duration::from_secs(10), async {
