@@ -648,7 +648,7 @@ pub fn network(source: IpAddr) -> IpAddr {
 }
 
 /// argon2id work: at most `ARGON2_CONCURRENCY` hashes run at once (each on one of its
-/// idle threads, holding its memory and a core) and at most `queue` requests wait for
+/// threads, holding its memory and a core) and at most `queue` requests wait for
 /// a turn; one more is refused at once with `OVERLOADED`. A waiter whose future is
 /// dropped (its connection closed) leaves the queue; a hash already running finishes,
 /// holding its slot, so abandoned work never exceeds the slots.
@@ -657,8 +657,9 @@ struct Argon2Pool {
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     queue: usize,
-    /// The `ARGON2_CONCURRENCY` threads (`sb-password`, under `SCHED_IDLE`) that hash:
-    /// a flood of logins slows logins, not the chat of those connected.
+    /// The `ARGON2_CONCURRENCY` threads (`sb-password`) that hash, under `SCHED_IDLE`
+    /// when the runtime runs under `SCHED_BATCH`: a flood of logins slows logins, not the
+    /// chat of those connected.
     hashers: BackgroundThreads,
 }
 

@@ -165,24 +165,31 @@ mod tests {
         assert!(a.unwrap() && b.unwrap(), "a thread stopped serving after a panic");
     }
 
+    /// Starts a job on `threads` that runs until the sender is used or dropped, and
+    /// returns once it runs.
+    async fn keep_busy(
+        threads: &Arc<BackgroundThreads>,
+    ) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<Result<(), JobLost>>) {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started, on_start) = tokio::sync::oneshot::channel();
+        let threads = threads.clone();
+        let blocked = tokio::spawn(async move {
+            threads
+                .run(move || {
+                    let _ = started.send(());
+                    let _ = wait.recv();
+                })
+                .await
+        });
+        on_start.await.unwrap();
+        (release, blocked)
+    }
+
     /// A job whose caller left before it began is not run, and what it held is given back.
     #[tokio::test]
     async fn a_job_nobody_waits_for_any_more_is_not_run() {
         let threads = Arc::new(BackgroundThreads::start("sb-test", 1, false).unwrap());
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started, on_start) = tokio::sync::oneshot::channel();
-        let blocked = tokio::spawn({
-            let threads = threads.clone();
-            async move {
-                threads
-                    .run(move || {
-                        let _ = started.send(());
-                        let _ = wait.recv();
-                    })
-                    .await
-            }
-        });
-        on_start.await.unwrap();
+        let (release, blocked) = keep_busy(&threads).await;
         let ran = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(());
         let left = tokio::spawn({
@@ -220,20 +227,7 @@ mod tests {
     #[tokio::test]
     async fn jobs_past_the_threads_and_their_queue_are_refused() {
         let threads = Arc::new(BackgroundThreads::start("sb-test", 1, false).unwrap());
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let (started, on_start) = tokio::sync::oneshot::channel();
-        let blocked = tokio::spawn({
-            let threads = threads.clone();
-            async move {
-                threads
-                    .run(move || {
-                        let _ = started.send(());
-                        let _ = wait.recv();
-                    })
-                    .await
-            }
-        });
-        on_start.await.unwrap();
+        let (release, blocked) = keep_busy(&threads).await;
         let queued = tokio::spawn({
             let threads = threads.clone();
             async move { threads.run(|| 2).await }

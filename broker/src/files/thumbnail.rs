@@ -2,10 +2,11 @@
 //! complete PNG, JPEG, GIF (first frame) or WebP file.
 //!
 //! Images come from strangers, so decoding is bounded on every axis:
-//! - **Threads:** decoding runs on a thread of its own under `SCHED_IDLE`
-//!   (`BackgroundThreads`), never on the runtime threads that carry chat, and any broker thread
-//!   woken on its core preempts it (on tokio's blocking pool it ran at the runtime's own
-//!   policy: one decode took a core from the chat at equal weight).
+//! - **Threads:** decoding runs on a thread of its own (`BackgroundThreads`), never on
+//!   the runtime threads that carry chat; when those run under `SCHED_BATCH` it runs
+//!   under `SCHED_IDLE`, and any broker thread woken on its core preempts it (on tokio's
+//!   blocking pool it ran at the runtime's own policy: one decode took a core from the
+//!   chat at equal weight).
 //! - **Pixels and memory:** the header's dimensions are read and checked against
 //!   `max_input_pixels`, and the decoded size against `max_alloc_bytes`, before any pixel
 //!   is decoded; the `image` crate's `Limits` (`max_alloc`, per-side maximums) make the
@@ -42,7 +43,9 @@ static DECODES: Semaphore = Semaphore::const_new(MAX_CONCURRENT_DECODES);
 /// The threads that decode (`sb-thumbnail`, one per slot), started with the first
 /// thumbnail, under `SCHED_IDLE` if the runtime's threads run under `SCHED_BATCH`
 /// (`BackgroundThreads`); `None` if the OS refused them (logged once: no thumbnails,
-/// files unharmed).
+/// files unharmed). Process-wide like their slots, so they go by what the process's
+/// runtime threads came to (`batch_outcome`), where the password threads, one set per
+/// broker, go by its configuration.
 static DECODERS: LazyLock<Option<BackgroundThreads>> = LazyLock::new(|| {
     let idle = crate::config::batch_outcome() == crate::config::BatchOutcome::Applied;
     BackgroundThreads::start("sb-thumbnail", MAX_CONCURRENT_DECODES, idle)
