@@ -132,10 +132,15 @@ pub async fn bounded<F: Future>(fut: F) -> F::Output {
 /// debug-build broker's socket may keep a queue past 20 ms: those rules would then
 /// refuse writes (`OVERLOADED`) in tests about something else. They are tested on the
 /// pure rule (`overload::SendRule`, `SocketBacklog`) and by the harness's ramp tests.
+///
+/// `runtime_scheduling` is `normal`: a test's broker runs on the test's own runtime (not
+/// one `runtime_builder` made), and under `batch` its password hashes and thumbnails would
+/// run under `SCHED_IDLE`, waiting behind every other test's threads on the shared cores.
 pub fn test_config(data_dir: PathBuf) -> Config {
     let mut config = Config::ephemeral(data_dir);
     config.send_delay_target_ms = 0;
     config.socket_backlog_target_ms = 0;
+    config.runtime_scheduling = switchboard_broker::config::Scheduling::Normal;
     config
 }
 

@@ -177,6 +177,9 @@ pub struct TransferLimits {
     pub delete_bytes_per_sec: u64,
     /// Small chunks' fdatasyncs a second over all uploads (`small_chunk_syncs_per_sec`).
     pub small_chunk_syncs_per_sec: u64,
+    /// Whether the thumbnail decoder runs under `SCHED_IDLE` (`BackgroundThreads`): when
+    /// the runtime's threads run under `SCHED_BATCH` (`runtime_scheduling`).
+    pub idle_decoder: bool,
 }
 
 impl TransferLimits {
@@ -189,6 +192,7 @@ impl TransferLimits {
             streams_per_user: config.max_transfer_streams_per_user,
             delete_bytes_per_sec: config.delete_bytes_per_sec,
             small_chunk_syncs_per_sec: config.small_chunk_syncs_per_sec,
+            idle_decoder: config.runtime_scheduling == crate::config::Scheduling::Batch,
         }
     }
 }
@@ -278,7 +282,7 @@ impl Files {
                 crate::limits::UPLOAD_HOLD_ALLOWANCES_MAX,
             ),
             hashed_bytes: AtomicU64::new(0),
-            thumbnails: thumbnails::Thumbnails::default(),
+            thumbnails: thumbnails::Thumbnails::start(limits.idle_decoder)?,
             released: std::sync::Mutex::new(Released::default()),
             pretended_free: AtomicU64::new(u64::MAX),
         })
@@ -870,6 +874,7 @@ mod tests {
             streams_per_user: 2,
             delete_bytes_per_sec: blobs::DELETE_BYTES_PER_SEC,
             small_chunk_syncs_per_sec: crate::limits::SMALL_CHUNK_SYNCS_PER_SEC,
+            idle_decoder: false,
         };
         Files::open(dir, limits).unwrap()
     }
@@ -941,6 +946,7 @@ mod tests {
                 streams_per_user: 0,
                 delete_bytes_per_sec: blobs::DELETE_BYTES_PER_SEC,
                 small_chunk_syncs_per_sec: crate::limits::SMALL_CHUNK_SYNCS_PER_SEC,
+                idle_decoder: false,
             },
         )
         .unwrap();

@@ -14,15 +14,15 @@
 //!   is what bounds the work: a decompression bomb declares its size in the header and
 //!   fails there, without allocating.
 //! - **Time:** the caller waits at most `timeout` for a slot and the result together. A
-//!   thread cannot be killed, so a decode that times out runs on until it ends (bounded
-//!   by the pixel and memory limits) and keeps its slot until then.
+//!   thread cannot be killed, so a decode that times out after it began runs on until it
+//!   ends (bounded by the pixel and memory limits) and keeps its slot until then; one that
+//!   had not begun is dropped unrun when its thread takes it, giving its slot back.
 //! - **Concurrency:** at most `MAX_CONCURRENT_DECODES` decodes run at once, broker-wide;
 //!   a caller that finds them all busy for its whole timeout gets `Busy`.
 
 // The upload actor calls `make` after a file completes.
 
 use std::io::Cursor;
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,19 +39,6 @@ pub(crate) const MAX_CONCURRENT_DECODES: usize = 1;
 
 /// The slots of `MAX_CONCURRENT_DECODES`.
 static DECODES: Semaphore = Semaphore::const_new(MAX_CONCURRENT_DECODES);
-
-/// The threads that decode (`sb-thumbnail`, one per slot), started with the first
-/// thumbnail, under `SCHED_IDLE` if the runtime's threads run under `SCHED_BATCH`
-/// (`BackgroundThreads`); `None` if the OS refused them (logged once: no thumbnails,
-/// files unharmed). Process-wide like their slots, so they go by what the process's
-/// runtime threads came to (`batch_outcome`), where the password threads, one set per
-/// broker, go by its configuration.
-static DECODERS: LazyLock<Option<BackgroundThreads>> = LazyLock::new(|| {
-    let idle = crate::config::batch_outcome() == crate::config::BatchOutcome::Applied;
-    BackgroundThreads::start("sb-thumbnail", MAX_CONCURRENT_DECODES, idle)
-        .inspect_err(|error| tracing::error!(%error, "thumbnail threads not started: no thumbnails will be made"))
-        .ok()
-});
 
 /// Whether the broker makes thumbnails of files of this content type (as published, that
 /// is after the type check: lowercase without parameters).
@@ -119,8 +106,11 @@ pub(crate) enum ThumbnailError {
 /// # Errors
 /// `Unsupported`, `TooLarge` and `Corrupt` as the bytes are; `Busy` when no decode slot
 /// frees within `limits.timeout`; `TimedOut` when the decode does not end within it.
-pub(crate) async fn make(bytes: Bytes, limits: ThumbnailLimits) -> Result<Vec<u8>, ThumbnailError> {
-    let Some(decoders) = DECODERS.as_ref() else { return Err(ThumbnailError::Busy) };
+pub(crate) async fn make(
+    bytes: Bytes,
+    limits: ThumbnailLimits,
+    decoders: &BackgroundThreads,
+) -> Result<Vec<u8>, ThumbnailError> {
     bounded(&DECODES, decoders, limits.timeout, move || thumbnail(&bytes, &limits)).await?
 }
 
@@ -243,7 +233,7 @@ mod tests {
 
     /// `make` without the thumbnail's bytes, for readable assertion failures.
     async fn outcome(bytes: Bytes, limits: ThumbnailLimits) -> Result<(), ThumbnailError> {
-        make(bytes, limits).await.map(|_| ())
+        make(bytes, limits, decoders()).await.map(|_| ())
     }
 
     #[test]
@@ -269,14 +259,14 @@ mod tests {
     #[tokio::test]
     async fn a_large_png_becomes_a_256_px_png() {
         let png = encode(&picture(1000, 500), ImageFormat::Png);
-        let thumb = make(png, ThumbnailLimits::default()).await.expect("thumbnail");
+        let thumb = make(png, ThumbnailLimits::default(), decoders()).await.expect("thumbnail");
         assert_eq!(decoded(&thumb), (ImageFormat::Png, 256, 128));
     }
 
     #[tokio::test]
     async fn a_small_image_is_not_enlarged() {
         let png = encode(&picture(100, 50), ImageFormat::Png);
-        let thumb = make(png, ThumbnailLimits::default()).await.expect("thumbnail");
+        let thumb = make(png, ThumbnailLimits::default(), decoders()).await.expect("thumbnail");
         assert_eq!(decoded(&thumb), (ImageFormat::Png, 100, 50));
     }
 
@@ -284,7 +274,8 @@ mod tests {
     async fn jpeg_gif_and_webp_inputs_become_pngs() {
         for format in [ImageFormat::Jpeg, ImageFormat::Gif, ImageFormat::WebP] {
             let input = encode(&picture(300, 450), format);
-            let thumb = make(input, ThumbnailLimits::default()).await.unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            let thumb =
+                make(input, ThumbnailLimits::default(), decoders()).await.unwrap_or_else(|e| panic!("{format:?}: {e}"));
             assert_eq!(decoded(&thumb), (ImageFormat::Png, 171, 256), "{format:?}");
         }
     }
@@ -299,7 +290,7 @@ mod tests {
             let frames = [red, blue].into_iter().map(image::Frame::new);
             encoder.encode_frames(frames).expect("encoding a test gif");
         }
-        let thumb = make(Bytes::from(gif), ThumbnailLimits::default()).await.expect("thumbnail");
+        let thumb = make(Bytes::from(gif), ThumbnailLimits::default(), decoders()).await.expect("thumbnail");
         let first = image::load_from_memory(&thumb).expect("decodes").into_rgba8();
         assert_eq!(first.dimensions(), (40, 20));
         assert_eq!(first.get_pixel(20, 10).0, [255, 0, 0, 255]);
@@ -308,7 +299,8 @@ mod tests {
     #[tokio::test]
     async fn transparency_is_kept() {
         let image = DynamicImage::ImageRgba8(RgbaImage::from_pixel(512, 512, image::Rgba([10, 20, 30, 0])));
-        let thumb = make(encode(&image, ImageFormat::Png), ThumbnailLimits::default()).await.expect("thumbnail");
+        let thumb =
+            make(encode(&image, ImageFormat::Png), ThumbnailLimits::default(), decoders()).await.expect("thumbnail");
         let thumb = image::load_from_memory(&thumb).expect("decodes");
         assert!(thumb.color().has_alpha());
         assert_eq!(thumb.into_rgba8().get_pixel(0, 0).0[3], 0);
@@ -379,6 +371,15 @@ mod tests {
         assert_eq!(outcome(text, ThumbnailLimits::default()).await, Err(ThumbnailError::Unsupported));
         let bmp = Bytes::from_static(b"BM\x3a\0\0\0\0\0\0\0\x36\0\0\0\x28\0\0\0");
         assert_eq!(outcome(bmp, ThumbnailLimits::default()).await, Err(ThumbnailError::Unsupported));
+    }
+
+    /// The decoding thread of the tests that go through `make` (like the broker's, one
+    /// per slot of `DECODES`, which they share).
+    fn decoders() -> &'static BackgroundThreads {
+        static DECODERS: std::sync::LazyLock<BackgroundThreads> = std::sync::LazyLock::new(|| {
+            BackgroundThreads::start("sb-test", MAX_CONCURRENT_DECODES, false).expect("threads start")
+        });
+        &DECODERS
     }
 
     /// Decoding threads of one test's own (its slots are its own too), for its lifetime.

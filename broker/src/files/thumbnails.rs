@@ -27,6 +27,7 @@ use switchboard_storage::FileRecord;
 
 use super::{announce, blobs, requests, thumbnail};
 use crate::Shared;
+use crate::background::BackgroundThreads;
 use crate::limits::PerUser;
 use crate::metrics::Tally;
 
@@ -109,9 +110,22 @@ pub struct Thumbnails {
     pub decoded: std::sync::atomic::AtomicU64,
     /// Images given the thumbnail of the same bytes seen before, without a decode.
     pub reused: std::sync::atomic::AtomicU64,
+    /// The thread that decodes (`sb-thumbnail`, one per `MAX_CONCURRENT_DECODES`);
+    /// `None` only in tests of the line.
+    decoders: Option<BackgroundThreads>,
 }
 
 impl Thumbnails {
+    /// The broker's thumbnails, decoded on a thread of their own, under `SCHED_IDLE` if
+    /// `idle` (`BackgroundThreads`).
+    ///
+    /// # Errors
+    /// The OS refused the thread.
+    pub fn start(idle: bool) -> std::io::Result<Thumbnails> {
+        let decoders = BackgroundThreads::start("sb-thumbnail", thumbnail::MAX_CONCURRENT_DECODES, idle)?;
+        Ok(Thumbnails { decoders: Some(decoders), ..Thumbnails::default() })
+    }
+
     /// Whether what became of the image with this BLAKE3 is remembered (its next upload
     /// costs no decode).
     pub fn remembers(&self, image: &Blake3) -> bool {
@@ -179,6 +193,7 @@ async fn png_for(shared: &Shared, id: &FileId, record: &FileRecord) -> Option<by
         }
         None => {}
     }
+    let decoders = thumbnails.decoders.as_ref()?;
     let Ok(_reading) = READS.acquire().await else { return None };
     let path = shared.files.blobs.blob(&record.blake3);
     let bytes = match tokio::fs::read(&path).await {
@@ -189,7 +204,7 @@ async fn png_for(shared: &Shared, id: &FileId, record: &FileRecord) -> Option<by
         }
     };
     thumbnails.decoded.fetch_add(1, Relaxed);
-    match thumbnail::make(bytes, thumbnail::ThumbnailLimits::default()).await {
+    match thumbnail::make(bytes, thumbnail::ThumbnailLimits::default(), decoders).await {
         Ok(png) => {
             thumbnails.line().remember(record.blake3, Outcome::Made(*blake3::hash(&png).as_bytes()));
             Some(png.into())
@@ -258,6 +273,20 @@ async fn store(shared: &Arc<Shared>, id: FileId, record: &FileRecord, png: bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Images decode under `SCHED_IDLE` when the runtime runs under `SCHED_BATCH` (so any
+    /// broker thread woken on the decoder's core preempts it), else under the broker's
+    /// own policy; before, on the blocking pool under the runtime's.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn images_decode_below_the_message_path_under_batch() {
+        let started_as = crate::sched::kernel_policy_of_this_thread();
+        for (idle, expected) in [(true, libc::SCHED_IDLE), (false, started_as)] {
+            let thumbnails = Thumbnails::start(idle).unwrap();
+            let decoders = thumbnails.decoders.as_ref().unwrap();
+            assert_eq!(decoders.run(crate::sched::kernel_policy_of_this_thread).await.unwrap(), expected);
+        }
+    }
 
     #[test]
     fn the_line_holds_a_share_per_uploader_and_a_bound_in_all() {
