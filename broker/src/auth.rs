@@ -29,7 +29,7 @@ use switchboard_storage::{DeviceRecord, Replace, SignOut, Store, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::background::BackgroundThreads;
-use crate::config::{Config, Scheduling};
+use crate::config::Config;
 use crate::limits::{
     ARGON2_CONCURRENCY, AUTH_FAILURE_KEYS_MAX, AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_PER_ACCOUNT,
     AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS, MAX_DEVICES_PER_USER, MIN_PASSWORD_BYTES,
@@ -111,7 +111,7 @@ impl Auth {
         Ok(Auth {
             decoy_phc,
             store,
-            argon: Argon2Pool::new(argon, config.argon2_queue, config.runtime_scheduling == Scheduling::Batch)
+            argon: Argon2Pool::new(argon, config.argon2_queue, config.idle_background_work())
                 .map_err(|error| crate::Error::Io { context: "starting the password hashing threads".into(), error })?,
             passwords: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS),
             signatures: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, BAD_SIGNATURES_PER_ADDRESS),
@@ -1127,6 +1127,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn password_hashes_run_below_the_message_path_on_cores_of_its_own() {
+        use crate::config::Scheduling;
         let started_as = crate::sched::kernel_policy_of_this_thread();
         for (scheduling, hashed_under) in [(Scheduling::Batch, libc::SCHED_IDLE), (Scheduling::Normal, started_as)] {
             let dir = tempfile::tempdir().unwrap();

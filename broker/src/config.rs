@@ -409,6 +409,15 @@ impl Config {
         builder
     }
 
+    /// Whether CPU-heavy work a client can start (password hashes, thumbnails) runs under
+    /// `SCHED_IDLE` (`background::BackgroundThreads`): when the runtime's threads run under
+    /// `SCHED_BATCH` (a woken `SCHED_BATCH` thread preempts only an idle-policy one);
+    /// under `normal` (a shared host) an idle-policy thread would wait for every other
+    /// process.
+    pub fn idle_background_work(&self) -> bool {
+        self.runtime_scheduling == Scheduling::Batch
+    }
+
     /// Reads a TOML file; absent keys keep their defaults.
     pub fn from_toml_file(path: &std::path::Path) -> crate::error::Result<Config> {
         let text = std::fs::read_to_string(path).map_err(crate::Error::io(format!("reading {}", path.display())))?;

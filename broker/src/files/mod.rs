@@ -192,7 +192,7 @@ impl TransferLimits {
             streams_per_user: config.max_transfer_streams_per_user,
             delete_bytes_per_sec: config.delete_bytes_per_sec,
             small_chunk_syncs_per_sec: config.small_chunk_syncs_per_sec,
-            idle_decoder: config.runtime_scheduling == crate::config::Scheduling::Batch,
+            idle_decoder: config.idle_background_work(),
         }
     }
 }
