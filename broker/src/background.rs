@@ -19,7 +19,7 @@
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
-/// A job for an idle thread.
+/// A job for a background thread.
 type Job = Box<dyn FnOnce() + Send>;
 
 /// `threads` threads, each running one job at a time, under `SCHED_IDLE` or as started.
@@ -35,10 +35,10 @@ pub(crate) struct BackgroundThreads {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum JobLost {
     /// More jobs than threads were queued (a caller's bound is wrong).
-    #[error("every idle thread is busy and its queue full")]
+    #[error("every background thread is busy and its queue full")]
     Full,
     /// The threads are gone.
-    #[error("the idle threads have stopped")]
+    #[error("the background threads have stopped")]
     Stopped,
     /// The job panicked; its thread serves on.
     #[error("the job panicked")]

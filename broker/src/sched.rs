@@ -1,7 +1,7 @@
 //! The calling thread's CPU scheduling policy (sched(7)), on Linux: the one module of the
 //! broker with `unsafe` code (two libc calls that neither std nor rustix wraps). The
 //! async runtime's threads take `SCHED_BATCH` here (`config::runtime_scheduling`), the
-//! password hashing threads `SCHED_IDLE` (`auth`).
+//! password hashing and thumbnail threads `SCHED_IDLE` (`background`).
 #![allow(unsafe_code)]
 
 /// The calling thread's policy (`libc::SCHED_OTHER`, `SCHED_BATCH`, `SCHED_IDLE`, ...).
