@@ -145,7 +145,7 @@ impl Auth {
         check_user_name(&req.user)?;
         check_password(&req.password)?;
         let key = verify_enrollment(req, transcript)?;
-        let turn = self.argon.turn()?;
+        let turn = self.argon.turn(Some(from))?;
         self.registrations.take(from, Instant::now())?;
         if self.store.user_by_name(&req.user).map_err(internal)?.is_some() {
             return Err(fail(ErrorCode::CONFLICT, "user name is taken"));
@@ -183,7 +183,7 @@ impl Auth {
         let mut keys = vec![LimitKey::Name(*blake3::hash(req.user.as_bytes()).as_bytes())];
         keys.extend(addresses);
         self.passwords.check(&keys, now)?;
-        let slot = self.argon.slot(self.argon.turn()?).await?;
+        let slot = self.argon.slot(self.argon.turn(Some(from))?).await?;
         // Counted once a hashing slot is held and before the (slow) check: concurrent
         // guesses cannot all pass the limit at once (`record` checks it again: others
         // may have counted while this one waited), and every failure counted takes a
@@ -297,7 +297,7 @@ impl Auth {
     pub async fn add_user(&self, name: &str, password: &str) -> Result<UserId, ErrorBody> {
         check_user_name(name)?;
         check_password(password)?;
-        let turn = self.argon.turn()?;
+        let turn = self.argon.turn(None)?;
         let password = password.to_owned();
         let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
         self.create_user(name, hash.await?.map_err(internal)?).await
@@ -320,7 +320,7 @@ impl Auth {
             .user_by_name(name)
             .map_err(internal)?
             .ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
-        let turn = self.argon.turn()?;
+        let turn = self.argon.turn(None)?;
         let password = password.to_owned();
         let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
         let hash = hash.await?.map_err(internal)?;
@@ -367,7 +367,7 @@ impl Auth {
         let record = self.store.user(user).map_err(internal)?.ok_or_else(wrong_current_password)?;
         // No turn (`OVERLOADED`, others' logins filling the queue): nothing was tried, so
         // the change is not counted against the owner's allowance.
-        let turn = self.argon.turn().inspect_err(|_| self.password_changes.refund(&keys))?;
+        let turn = self.argon.turn(None).inspect_err(|_| self.password_changes.refund(&keys))?;
         let (current, new, verified) = (current.to_owned(), new.to_owned(), record.password_hash);
         let phc = verified.clone();
         let hashed = self.argon.run(turn, move |argon| {
@@ -651,22 +651,87 @@ pub fn network(source: IpAddr) -> IpAddr {
 /// threads, holding its memory and a core) and at most `queue` requests wait for
 /// a turn; one more is refused at once with `OVERLOADED`. A waiter whose future is
 /// dropped (its connection closed) leaves the queue; a hash already running finishes,
-/// holding its slot, so abandoned work never exceeds the slots.
+/// holding its slot, so abandoned work never exceeds the slots. One source (an IPv4
+/// address, an IPv6 /48) holds at most half of the turns (`Shares`).
 struct Argon2Pool {
     argon: argon2::Argon2<'static>,
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     queue: usize,
+    shares: Arc<Shares>,
     /// The `ARGON2_CONCURRENCY` threads (`sb-password`) that hash, under `SCHED_IDLE`
     /// when the runtime runs under `SCHED_BATCH`: a flood of logins slows logins, not the
     /// chat of those connected.
     hashers: BackgroundThreads,
 }
 
-/// A turn in the pool: a slot now, or a place in the queue.
-enum Turn {
+/// A turn in the pool, and the share of its source that it holds until its hash ends.
+struct Turn {
+    place: Place,
+    share: Option<Share>,
+}
+
+/// Where a turn stands: a slot now, or a place in the queue.
+enum Place {
     Now(OwnedSemaphorePermit),
     Queued(Waiting),
+}
+
+/// A slot to hash in, and the share of its source, held together until the hash ends.
+struct Slot {
+    permit: OwnedSemaphorePermit,
+    share: Option<Share>,
+}
+
+/// Turns of the password pool held per source (`source_network`): at most `per_source`
+/// each, half of the slots and the queue. Without it one address could hold every turn
+/// for good: failed passwords are limited per address (`AUTH_FAILURES_PER_ADDRESS`), but
+/// a right one is refunded, so a peer logging in to its own account over and over kept
+/// every other login and registration of the broker answered `OVERLOADED`. The table
+/// holds only sources with a turn, so it is never larger than the turns.
+struct Shares {
+    per_source: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One turn's part of its source's share, given back when dropped.
+struct Share {
+    shares: Arc<Shares>,
+    source: IpAddr,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut held = self.shares.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl Shares {
+    /// A share for `source`, or `OVERLOADED` if it holds `per_source` turns already.
+    fn take(self: &Arc<Self>, source: IpAddr) -> Result<Share, ErrorBody> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(source).or_insert(0);
+        if *n >= self.per_source {
+            return Err(fail(
+                ErrorCode::OVERLOADED,
+                "too many password checks from this address in progress; retry shortly",
+            ));
+        }
+        *n += 1;
+        Ok(Share { shares: self.clone(), source })
+    }
+}
+
+/// The source a password turn is counted against: an IPv4 address, or an IPv6 source's
+/// /48 (a site, which can use any of its 65,536 /64s: `network`).
+fn source_network(from: IpAddr) -> IpAddr {
+    network(source(from))
 }
 
 /// A place in the queue, given back when dropped.
@@ -682,11 +747,13 @@ impl Argon2Pool {
     /// Hashing threads under `SCHED_IDLE` if `idle` (the runtime's threads under
     /// `SCHED_BATCH`), else as the caller runs (`BackgroundThreads`).
     fn new(argon: argon2::Argon2<'static>, queue: usize, idle: bool) -> std::io::Result<Self> {
+        let per_source = ((ARGON2_CONCURRENCY + queue) / 2).max(1);
         Ok(Argon2Pool {
             argon,
             slots: Arc::new(Semaphore::new(ARGON2_CONCURRENCY)),
             waiting: Arc::new(AtomicUsize::new(0)),
             queue,
+            shares: Arc::new(Shares { per_source, held: Mutex::default() }),
             hashers: BackgroundThreads::start("sb-password", ARGON2_CONCURRENCY, idle)?,
         })
     }
@@ -696,15 +763,18 @@ impl Argon2Pool {
         ARGON2_CONCURRENCY.saturating_sub(self.slots.available_permits()) + self.waiting.load(Ordering::SeqCst)
     }
 
-    /// A turn, or `OVERLOADED` if every slot is busy and the queue is full.
-    fn turn(&self) -> Result<Turn, ErrorBody> {
+    /// A turn for a request from `from` (`None`: an operator's, or a signed-in user's
+    /// password change, limited per account), or `OVERLOADED` if its source holds its
+    /// share of turns already (`Shares`), or every slot is busy and the queue is full.
+    fn turn(&self, from: Option<IpAddr>) -> Result<Turn, ErrorBody> {
+        let share = from.map(|from| self.shares.take(source_network(from))).transpose()?;
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            return Ok(Turn::Now(slot));
+            return Ok(Turn { place: Place::Now(slot), share });
         }
         self.waiting
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w < self.queue).then_some(w + 1))
             .map_err(|_| fail(ErrorCode::OVERLOADED, "too many password checks in progress; retry shortly"))?;
-        Ok(Turn::Queued(Waiting(self.waiting.clone())))
+        Ok(Turn { place: Place::Queued(Waiting(self.waiting.clone())), share })
     }
 
     /// Waits for `turn`'s slot, then runs `job` on a hasher thread holding it.
@@ -717,23 +787,24 @@ impl Argon2Pool {
         self.run_holding(slot, job).await
     }
 
-    /// Waits for `turn`'s slot (at once for `Turn::Now`).
-    async fn slot(&self, turn: Turn) -> Result<OwnedSemaphorePermit, ErrorBody> {
-        match turn {
-            Turn::Now(slot) => Ok(slot),
-            Turn::Queued(waiting) => {
+    /// Waits for `turn`'s slot (at once for `Place::Now`).
+    async fn slot(&self, turn: Turn) -> Result<Slot, ErrorBody> {
+        let permit = match turn.place {
+            Place::Now(slot) => slot,
+            Place::Queued(waiting) => {
                 let slot = self.slots.clone().acquire_owned().await.map_err(internal)?;
                 drop(waiting);
-                Ok(slot)
+                slot
             }
-        }
+        };
+        Ok(Slot { permit, share: turn.share })
     }
 
-    /// Runs `job` on a hasher thread holding `slot`: the slot is given back when the
-    /// hash ends, even if the caller stopped waiting for it.
+    /// Runs `job` on a hasher thread holding `slot`: the slot and its source's share are
+    /// given back when the hash ends, even if the caller stopped waiting for it.
     async fn run_holding<T: Send + 'static>(
         &self,
-        slot: OwnedSemaphorePermit,
+        slot: Slot,
         job: impl FnOnce(&argon2::Argon2<'static>) -> T + Send + 'static,
     ) -> Result<T, ErrorBody> {
         let argon = self.argon.clone();
@@ -741,7 +812,7 @@ impl Argon2Pool {
         // that got its answer finds it free.
         self.hashers
             .run(move || {
-                let _slot = slot;
+                let Slot { permit: _permit, share: _share } = slot;
                 job(&argon)
             })
             .await
@@ -1104,19 +1175,49 @@ mod tests {
         let params = argon2::Params::new(8, 1, 1, None).unwrap();
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let pool = Argon2Pool::new(argon, 2, true).unwrap();
-        let running: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| pool.turn().unwrap()).collect();
-        assert!(running.iter().all(|t| matches!(t, Turn::Now(_))));
-        let queued = [pool.turn().unwrap(), pool.turn().unwrap()];
-        assert_eq!(pool.turn().err().unwrap().code, ErrorCode::OVERLOADED);
+        let running: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| pool.turn(None).unwrap()).collect();
+        assert!(running.iter().all(|t| matches!(t.place, Place::Now(_))));
+        let queued = [pool.turn(None).unwrap(), pool.turn(None).unwrap()];
+        assert_eq!(pool.turn(None).err().unwrap().code, ErrorCode::OVERLOADED);
         // A waiter that gives up makes room.
         let [first, second] = queued;
         drop(first);
-        let third = pool.turn().unwrap();
+        let third = pool.turn(None).unwrap();
         drop(running);
         // The queued ones run once slots free up.
         assert_eq!(pool.run(second, |_| 1).await.unwrap(), 1);
         assert_eq!(pool.run(third, |_| 2).await.unwrap(), 2);
-        assert!(matches!(pool.turn().unwrap(), Turn::Now(_)));
+        assert!(matches!(pool.turn(None).unwrap().place, Place::Now(_)));
+    }
+
+    /// One source holds at most half of the pool's turns (two slots and a queue of
+    /// four: three), an IPv6 site all its /64s together; the others stay for everyone
+    /// else, and a share comes back when its hash ends. Before, one address logging in
+    /// to its own account in a loop (a right password is never counted) held every turn,
+    /// and every other login and registration was refused `OVERLOADED`.
+    #[tokio::test]
+    async fn one_source_holds_at_most_half_of_the_password_turns() {
+        let params = argon2::Params::new(8, 1, 1, None).unwrap();
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let pool = Argon2Pool::new(argon, 4, false).unwrap();
+        let greedy: Vec<Turn> = (0..3).map(|_| pool.turn(Some(ip(1))).unwrap()).collect();
+        let refused = pool.turn(Some(ip(1))).err().unwrap();
+        assert_eq!(refused.code, ErrorCode::OVERLOADED);
+        assert!(refused.message.contains("from this address"), "{}", refused.message);
+        let others: Vec<Turn> = (0..3).map(|_| pool.turn(Some(ip(2))).unwrap()).collect();
+        assert_eq!(pool.turn(Some(ip(3))).err().unwrap().code, ErrorCode::OVERLOADED, "the pool itself is full");
+        drop(others);
+        // An IPv6 site's /64s share one site's half.
+        let site = |host: u16| -> IpAddr { std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, host, 0, 0, 0, 1).into() };
+        let v6: Vec<Turn> = (0..3).map(|i| pool.turn(Some(site(i))).unwrap()).collect();
+        assert_eq!(pool.turn(Some(site(99))).err().unwrap().code, ErrorCode::OVERLOADED);
+        drop(v6);
+        // A share is given back when its hash ends, not when it leaves the queue.
+        let mut greedy = greedy.into_iter();
+        assert_eq!(pool.run(greedy.next().unwrap(), |_| 1).await.unwrap(), 1);
+        let again = pool.turn(Some(ip(1))).unwrap();
+        drop((greedy, again));
+        assert!(pool.shares.held.lock().unwrap().is_empty(), "only sources holding a turn are kept");
     }
 
     /// Password hashes run under `SCHED_IDLE` when the runtime's threads run under
@@ -1134,7 +1235,7 @@ mod tests {
             let config = Config { runtime_scheduling: scheduling, ..Config::ephemeral(dir.path()) };
             let auth = Auth::new(crate::open_store(&config).unwrap(), &config).unwrap();
             for _ in 0..2 * ARGON2_CONCURRENCY {
-                let turn = auth.argon.turn().unwrap();
+                let turn = auth.argon.turn(None).unwrap();
                 let policy = auth.argon.run(turn, |_| crate::sched::kernel_policy_of_this_thread()).await.unwrap();
                 assert_eq!(policy, hashed_under, "{scheduling:?}");
             }
@@ -1161,7 +1262,7 @@ mod tests {
             signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
         };
         let counted = || auth.passwords.table.lock().unwrap().windows.values().map(|w| w.count).collect::<Vec<_>>();
-        let busy: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| auth.argon.turn().unwrap()).collect();
+        let busy: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| auth.argon.turn(None).unwrap()).collect();
         let queued = tokio::time::timeout(Duration::from_millis(50), auth.check_login(&login, b"t", ip(1))).await;
         assert!(queued.is_err(), "waits for a slot");
         assert_eq!(counted(), Vec::<u32>::new(), "the login that left was counted");

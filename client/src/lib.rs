@@ -171,6 +171,7 @@ pub struct Connector {
     server: SocketAddr,
     server_name: String,
     connect_timeout: std::time::Duration,
+    enroll_retry_for: std::time::Duration,
 }
 
 impl Connector {
@@ -193,6 +194,7 @@ impl Connector {
             server,
             server_name: server_name.to_owned(),
             connect_timeout: options.connect_timeout,
+            enroll_retry_for: options.enroll_retry_for,
         })
     }
 
@@ -308,7 +310,36 @@ impl Connector {
         Ok(RawSession { conn, send, recv, decoder })
     }
 
+    /// `enroll_once`, again after a backoff while the broker answers `OVERLOADED`, for
+    /// up to `TransportOptions::enroll_retry_for` (a retry that would start past it is not
+    /// made). Any other failure is returned at once: after a lost connection the account
+    /// or device may exist, and a second `register` would say `CONFLICT`.
     async fn enroll(
+        &self,
+        user: &str,
+        password: &str,
+        device_name: &str,
+        register: bool,
+    ) -> Result<(Client, Identity)> {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Backoff::new(ENROLL_BACKOFF_MIN_MS, ENROLL_BACKOFF_MAX_MS);
+        loop {
+            match self.enroll_once(user, password, device_name, register).await {
+                Err(e) if e.code() == Some(ErrorCode::OVERLOADED) => {
+                    let wait = std::time::Duration::from_millis(backoff.next_ms(random_u64()));
+                    if started.elapsed() + wait > self.enroll_retry_for {
+                        return Err(e);
+                    }
+                    tracing::debug!(wait_ms = wait.as_millis() as u64, "enrolling again: the broker is overloaded");
+                    tokio::time::sleep(wait).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// One attempt at `enroll`, with a fresh device key.
+    async fn enroll_once(
         &self,
         user: &str,
         password: &str,
@@ -358,6 +389,14 @@ impl Connector {
         &self.endpoint
     }
 }
+
+/// First backoff of `Connector::register` and `login` after an `OVERLOADED` answer, ms
+/// (drawn from half of it to all of it, doubling each time).
+pub const ENROLL_BACKOFF_MIN_MS: u64 = 100;
+
+/// Longest backoff of `Connector::register` and `login` between `OVERLOADED` answers, ms:
+/// a hash takes tens of milliseconds and a full queue drains within a second or two.
+pub const ENROLL_BACKOFF_MAX_MS: u64 = 2_000;
 
 /// How long the first attempt at authenticating a connection runs alone before a fresh
 /// one joins it (`Connector::connect`; the first of the two to finish wins). Two seconds

@@ -50,6 +50,12 @@ pub struct TransportOptions {
     /// for two in flight. A smaller window holds less in memory; the broker keeps what
     /// does not fit in the device's outbound queue (PROTOCOL.md section 7).
     pub stream_receive_window: u32,
+    /// How long `Connector::register` and `Connector::login` keep trying while the
+    /// broker answers `OVERLOADED` (its password queue, or this address's share of it, is
+    /// full: nothing was created or enrolled, so trying again is safe), with backoff from
+    /// `ENROLL_BACKOFF_MIN_MS` doubling to `ENROLL_BACKOFF_MAX_MS`, with jitter. Zero:
+    /// one attempt, the `OVERLOADED` error returned. Default 30 s.
+    pub enroll_retry_for: Duration,
 }
 
 impl Default for TransportOptions {
@@ -60,6 +66,7 @@ impl Default for TransportOptions {
             keep_alive: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             stream_receive_window: 2 * 1024 * 1024,
+            enroll_retry_for: Duration::from_secs(30),
         }
     }
 }

@@ -48,7 +48,7 @@ impl Population {
                 let connector = connectors[i % endpoints].clone();
                 let name = format!("{tag}u{i}");
                 set.spawn(async move {
-                    let (client, identity) = register_retrying(&connector, &name).await?;
+                    let (client, identity) = connector.register(&name, "load-test-password", "load").await?;
                     client.close();
                     Ok((i, identity))
                 });
@@ -472,25 +472,3 @@ pub async fn write_frame(send: &mut quinn::SendStream, frame: &ClientFrame, stat
 
 /// Which sessions belong to which conversation (for the loss check).
 pub type Membership = HashMap<ConvId, Vec<usize>>;
-
-/// Longest the harness keeps registering one user answered `OVERLOADED` (a broker's full
-/// password queue, `argon2_queue`: nothing was created, so a retry is safe).
-const ENROLL_RETRY_FOR: Duration = Duration::from_secs(60);
-
-/// Registers `name`, again after a backoff while the broker answers `OVERLOADED`.
-async fn register_retrying(
-    connector: &Connector,
-    name: &str,
-) -> std::result::Result<(switchboard_client::Client, Identity), ClientError> {
-    let started = tokio::time::Instant::now();
-    let mut wait = Duration::from_millis(20);
-    loop {
-        match connector.register(name, "load-test-password", "load").await {
-            Err(e) if e.code() == Some(ErrorCode::OVERLOADED) && started.elapsed() < ENROLL_RETRY_FOR => {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(1));
-            }
-            other => return other,
-        }
-    }
-}

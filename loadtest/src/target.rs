@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 use switchboard_broker::config::Scheduling;
 use switchboard_broker::{Broker, Config};
-use switchboard_client::{Connector, Trust};
+use switchboard_client::{Connector, TransportOptions, Trust};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::error::{Error, Result};
@@ -17,6 +17,12 @@ use crate::error::{Error, Result};
 pub const CHILD_COMMAND: &str = "__broker";
 /// An owned broker's data dir, inside its temp dir.
 const DATA_DIR: &str = "data";
+
+/// Longest the harness keeps registering one user answered `OVERLOADED` (a broker's full
+/// password queue, `argon2_queue`, or its share per address: the harness registers every
+/// user from one address), with the client library's backoff
+/// (`TransportOptions::enroll_retry_for`).
+const ENROLL_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where the broker is.
 pub struct Target {
@@ -215,9 +221,11 @@ impl Target {
         }
     }
 
-    /// A new client endpoint for this broker.
+    /// A new client endpoint for this broker, registering users again while it answers
+    /// `OVERLOADED` for up to `ENROLL_RETRY_FOR`.
     pub fn connector(&self) -> Result<Connector> {
-        Ok(Connector::new(self.addr, &self.server_name, self.trust.clone())?)
+        let options = TransportOptions { enroll_retry_for: ENROLL_RETRY_FOR, ..TransportOptions::default() };
+        Ok(Connector::with_transport(self.addr, &self.server_name, self.trust.clone(), &options)?)
     }
 
     /// Stops an owned broker (closing stdin asks the child to shut down cleanly).

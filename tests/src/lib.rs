@@ -17,7 +17,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use switchboard_broker::limits::STORE_JOBS_PER_USER;
 use switchboard_broker::pauses::Point;
 use switchboard_broker::{Broker, Config, Shared};
-use switchboard_client::{Client, ClientError, Connector, Events, Identity, Trust};
+use switchboard_client::{Client, ClientError, Connector, Events, Identity, TransportOptions, Trust};
 use switchboard_protocol::limits::MAX_SERVER_FRAME_BYTES;
 use switchboard_protocol::{
     Chunk, ClientFrame, ClientHello, Entry, ErrorBody, ErrorCode, Event, FileId, FrameDecoder, NewUpload, Reply,
@@ -183,8 +183,19 @@ impl TestBroker {
 
     /// A connector trusting the broker's certificate file.
     pub fn connector(&self) -> Connector {
+        self.connector_with(&TransportOptions::default())
+    }
+
+    /// A client endpoint trusting this broker, with `options`.
+    pub fn connector_with(&self, options: &TransportOptions) -> Connector {
         let b = self.broker.as_ref().unwrap();
-        Connector::new(b.local_addr, "localhost", Trust::CaFile(b.cert_path.clone())).unwrap()
+        Connector::with_transport(b.local_addr, "localhost", Trust::CaFile(b.cert_path.clone()), options).unwrap()
+    }
+
+    /// A client endpoint whose `register` and `login` make one attempt: an `OVERLOADED`
+    /// answer is returned, not waited out (`TransportOptions::enroll_retry_for`).
+    pub fn connector_enrolling_once(&self) -> Connector {
+        self.connector_with(&TransportOptions { enroll_retry_for: Duration::ZERO, ..TransportOptions::default() })
     }
 
     /// Registers `name` and returns its first device.

@@ -902,8 +902,10 @@ async fn connections_beyond_max_connections_are_refused() {
         for name in ["alice", "bob", "carol"] {
             sessions.push(tb.register(name).await);
         }
-        let e =
-            within(STEP_DEADLINE, "login", tb.connector().login("alice", tb.password, "fourth")).await.err().unwrap();
+        let e = within(STEP_DEADLINE, "login", tb.connector_enrolling_once().login("alice", tb.password, "fourth"))
+            .await
+            .err()
+            .unwrap();
         // Refused at the QUIC handshake (no session place is free), or with OVERLOADED
         // if the last place went while this connection was authenticating.
         let refused = e.code() == Some(ErrorCode::OVERLOADED) || e.to_string().contains("refused to accept");
