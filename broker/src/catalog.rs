@@ -390,11 +390,12 @@ pub(crate) async fn change_password(
     shared: &Shared,
     caller: Caller,
     asker: Asker,
+    from: std::net::IpAddr,
     current: &str,
     new: &str,
     sign_out_others: bool,
 ) -> Result<Reply, ErrorBody> {
-    let revoked = shared.auth.change_password(caller.user, asker, current, new, sign_out_others).await?;
+    let revoked = shared.auth.change_password(caller.user, asker, from, current, new, sign_out_others).await?;
     for device in revoked {
         tracing::info!(user = caller.user, device, "device revoked by a password change");
     }

@@ -51,6 +51,12 @@ struct StoreSlots {
     swept: usize,
 }
 
+/// The answer to a connection beyond `MAX_SESSIONS_PER_USER` (`RATE_LIMITED`, like too
+/// many of a user's transfer streams: the user's own bound, which no retry clears until
+/// one of its connections closes; it was `OVERLOADED`, which clients retry with backoff
+/// as the broker's capacity, so `sb login` waited out its retries, a hash each).
+const TOO_MANY_CONNECTIONS: &str = "too many connections for this user; close one first";
+
 /// A place among a user's sessions, taken during the handshake before `Authed` is sent
 /// (and before a login enrolls anything), so a connection beyond
 /// `MAX_SESSIONS_PER_USER` is refused as a handshake failure, never after it was told
@@ -163,7 +169,7 @@ impl UserDirectory {
     }
 
     /// Takes a place among `user`'s sessions for a connection in its handshake, or
-    /// `OVERLOADED` if its sessions and the places already taken reach
+    /// `RATE_LIMITED` if its sessions and the places already taken reach
     /// `MAX_SESSIONS_PER_USER`.
     pub fn reserve(&self, user: UserId) -> Result<Reservation, ErrorBody> {
         let sessions = self.sessions();
@@ -171,7 +177,7 @@ impl UserDirectory {
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let taken = reserved.get(&user).copied().unwrap_or(0);
         if attached + taken >= MAX_SESSIONS_PER_USER {
-            return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many connections for this user"));
+            return Err(ErrorBody::new(ErrorCode::RATE_LIMITED, TOO_MANY_CONNECTIONS));
         }
         reserved.insert(user, taken + 1);
         Ok(Reservation { user, reserved: self.reserved.clone() })
@@ -183,7 +189,7 @@ impl UserDirectory {
         let mut sessions = self.sessions();
         let attached = sessions.entry(user).or_insert(0);
         if *attached >= MAX_SESSIONS_PER_USER {
-            return Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many connections for this user"));
+            return Err(ErrorBody::new(ErrorCode::RATE_LIMITED, TOO_MANY_CONNECTIONS));
         }
         self.online.add(user, session);
         *attached += 1;
@@ -326,6 +332,13 @@ impl TokenBucket {
         self.at = now;
     }
 
+    /// Refills for the time since the last call, then gives back one token taken (at
+    /// most to a whole burst).
+    pub(crate) fn give_back(&mut self, now: Instant, per_s: f64, burst: f64) {
+        self.tokens = (self.tokens_at(now, per_s, burst) + 1.0).min(burst);
+        self.at = now;
+    }
+
     /// Refills for the time since the last call, then takes a token if there is one.
     pub(crate) fn take(&mut self, now: Instant, per_s: f64, burst: f64) -> bool {
         self.tokens = self.tokens_at(now, per_s, burst);
@@ -400,7 +413,7 @@ mod tests {
         for _ in 0..MAX_SESSIONS_PER_USER {
             places.push(users.reserve(7).unwrap());
         }
-        assert_eq!(users.reserve(7).err().unwrap().code, ErrorCode::OVERLOADED);
+        assert_eq!(users.reserve(7).err().unwrap().code, ErrorCode::RATE_LIMITED);
         assert!(users.reserve(8).is_ok(), "another user has its own places");
         places.pop();
         let again = users.reserve(7).unwrap();

@@ -223,7 +223,8 @@ impl Connector {
     /// connection, and QUIC resets only short-header packets), so that attempt alone
     /// would wait out the whole `connect_timeout`, while a slow link or a loaded broker
     /// may still answer it. Authenticating twice is harmless (the loser's connection is
-    /// dropped); enrolling is not, so `enroll` makes one attempt.
+    /// dropped); enrolling is not, so `enroll` makes one attempt at a time, and another
+    /// only after an `OVERLOADED` answer (nothing was enrolled).
     async fn authenticated(&self, identity: &Identity) -> Result<(quinn::Connection, Control, (UserId, DeviceId))> {
         let key = signing_key(&identity.secret_key)?;
         let attempt = || async {

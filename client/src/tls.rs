@@ -43,7 +43,9 @@ pub struct TransportOptions {
     pub keep_alive: Duration,
     /// Give up on a connect (the QUIC handshake, the hellos and the login or device
     /// proof) the broker has not answered in this long (`Connect` error naming the
-    /// address), instead of waiting out the idle timeout. Default 10 s.
+    /// address), instead of waiting out the idle timeout. Default 10 s. Per attempt: a
+    /// register or login answered `OVERLOADED` tries again (`enroll_retry_for`), so one
+    /// may take up to the sum of the two.
     pub connect_timeout: Duration,
     /// Bytes of one stream the broker may send ahead of what this client has read (its
     /// QUIC stream receive window). Default 2 MiB: a history page is up to 1 MiB, room

@@ -19,7 +19,7 @@ pub const CHILD_COMMAND: &str = "__broker";
 const DATA_DIR: &str = "data";
 
 /// Longest the harness keeps registering one user answered `OVERLOADED` (a broker's full
-/// password queue, `argon2_queue`, or its share per address: the harness registers every
+/// password queue, `argon2_queue`, or its quarter per address: the harness registers every
 /// user from one address), with the client library's backoff
 /// (`TransportOptions::enroll_retry_for`).
 const ENROLL_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(60);

@@ -30,7 +30,7 @@ use switchboard_tests::{
 
 /// The code a connection beyond `MAX_SESSIONS_PER_USER` is closed with. Named once
 /// here: if the broker's choice changes, this is the line to change.
-const SESSIONS_PER_USER_REFUSAL: ErrorCode = ErrorCode::OVERLOADED;
+const SESSIONS_PER_USER_REFUSAL: ErrorCode = ErrorCode::RATE_LIMITED;
 
 /// Writes `frames` in one write, then collects one response per request, in arrival
 /// order.

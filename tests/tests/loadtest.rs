@@ -440,7 +440,9 @@ async fn undelivered_messages_are_looked_up_in_the_store() {
 
 /// Against a broker it does not own, with a password queue of one, the harness's
 /// registrations answered `OVERLOADED` are retried (the operator trial's `fanout --target`
-/// against a default broker stopped at the first one): every user is enrolled.
+/// against a default broker stopped at the first one): every user is enrolled. All come
+/// from one address, whose share of the pool is one turn of the three: most refusals
+/// here are that share's, the rest the queue's; the client library retries both alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolling_retries_a_full_password_queue() {
     bounded(async {

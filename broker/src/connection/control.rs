@@ -30,7 +30,7 @@ use crate::reply::Responder;
 const WRITER_DRAIN: Duration = Duration::from_secs(5);
 
 pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed, backlog: Arc<SocketBacklog>) {
-    let Authed { user, device, place, send, mut recv, mut decoder } = authed;
+    let Authed { user, device, place, send, mut recv, mut decoder, source } = authed;
     let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
     let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes).with_owner(
         shared.store.clone(),
@@ -86,6 +86,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     let session_state = Session {
         shared: shared.clone(),
         caller: Caller { user, device, session },
+        source,
         out: out.clone(),
         conn: conn.clone(),
         transfers: std::sync::OnceLock::new(),
@@ -420,6 +421,8 @@ fn answer_bound(body: &RequestBody) -> usize {
 struct Session {
     shared: Arc<Shared>,
     caller: Caller,
+    /// The address that completed the connection's QUIC handshake.
+    source: std::net::IpAddr,
     out: Arc<Outbound>,
     conn: quinn::Connection,
     /// Made at the first transfer: an idle connection pays nothing for transfers.
@@ -551,10 +554,11 @@ impl Session {
                 tokio::task::spawn_blocking(move || reply.send(catalog::blocked_users(&shared, caller.user)));
             }
             RequestBody::ChangePassword { current, new, sign_out_others } => {
-                let shared = shared.clone();
+                let (shared, from) = (shared.clone(), self.source);
                 tokio::spawn(async move {
                     let asker = catalog::Asker::of(caller, &reply);
-                    let changed = catalog::change_password(&shared, caller, asker, &current, &new, sign_out_others);
+                    let changed =
+                        catalog::change_password(&shared, caller, asker, from, &current, &new, sign_out_others);
                     reply.send(changed.await);
                 });
             }

@@ -30,6 +30,9 @@ pub(super) struct Authed {
     pub(super) send: quinn::SendStream,
     pub(super) recv: quinn::RecvStream,
     pub(super) decoder: FrameDecoder,
+    /// The address that completed the QUIC handshake (`Unauthenticated::source`): the
+    /// session's password changes count against its share of the password pool.
+    pub(super) source: IpAddr,
 }
 
 /// A connection that said hello and sent its auth request.
@@ -100,11 +103,14 @@ pub(super) async fn authenticate(
     let auth = &shared.auth;
     let (user, device, place, session) = match body {
         RequestBody::Register(e) => {
-            // Every `OVERLOADED` a registration can get (the password queue, the session
-            // places) comes before `create_user`: the account does not exist yet, so a
-            // client may simply retry (the load harness does: `register_retrying`).
+            // Every `OVERLOADED` a registration can get (the password queue or its
+            // source's share of it, the session places) comes before `create_user`: the
+            // account does not exist yet, so a client may simply retry (the client
+            // library does: `TransportOptions::enroll_retry_for`). The session places
+            // are full only after the address's registration was taken: given back.
             let checked = auth.check_register(&e, &transcript, from).await?;
-            let session = shared.admission.promote(unauthenticated)?;
+            let session = shared.admission.promote(unauthenticated);
+            let session = session.inspect_err(|_| auth.registration_not_made(from))?;
             let user = auth.create_user(&e.user, checked.hash.clone()).await?;
             let place = shared.users.reserve(user)?;
             let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new(), checked.hash).await?;
@@ -148,5 +154,5 @@ pub(super) async fn authenticate(
         Ok(written) => written?,
         Err(_) => return Err(Close(ErrorCode::TIMEOUT, "the authentication answer was not taken in time".into())),
     }
-    Ok((Authed { user, device, place, send, recv, decoder }, session))
+    Ok((Authed { user, device, place, send, recv, decoder, source: from }, session))
 }
