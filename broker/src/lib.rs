@@ -416,6 +416,10 @@ impl Broker {
         let admission = connection::Admission::new(&config);
         let sends = overload::SendAdmission::new(&config);
         let presence = presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms);
+        if let Err(e) = presence.presume_from_last_stop() {
+            // A nicety: a start does not fail for it (users go offline and back instead).
+            tracing::warn!(error = %e, "reading who was connected at the last stop failed");
+        }
         let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms);
         if config.member_rows_per_sec < switchboard_protocol::limits::MAX_GROUP_MEMBERS {
             tracing::warn!(
@@ -513,6 +517,9 @@ impl Broker {
         for endpoint in &self.endpoints {
             endpoint.set_server_config(None);
         }
+        // Before any session closes: who is connected now is shown so after the restart
+        // until each reconnects (`Presence::presume_from_last_stop`).
+        self.shared.presence.record_at_stop();
         self.shared.online.close_all(ErrorCode::GOING_AWAY);
         for endpoint in &self.endpoints {
             endpoint.close(ErrorCode::GOING_AWAY.0.into(), ErrorCode::GOING_AWAY.name().as_bytes());

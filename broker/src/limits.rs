@@ -257,6 +257,20 @@ pub const PRESENCE_COALESCE_MS: u64 = 250;
 /// After a crash a user's last-seen is at most this old; one key write per connected user
 /// per period, riding the next group commit.
 pub const LAST_SEEN_REFRESH_MS: u64 = 60_000;
+/// How long after a start the users who had a device connected when the broker last
+/// stopped cleanly are shown as they were, unless a device of theirs connects first
+/// (ms): then offline, last seen at the stop. Clients reconnect within a second of a
+/// restart (`RESTART_RETRY_MAX_MS` of the client library), a phone on a slow network
+/// within a few; past this the user is offline for real.
+pub const PRESENCE_RESTART_GRACE_MS: u64 = 10_000;
+/// A clean stop longer ago than this (ms) presumes nothing at the next start: every
+/// device was told `GOING_AWAY`, and a broker down for longer than a restart has its
+/// users offline for real.
+pub const PRESENCE_RESTART_MAX_DOWN_MS: u64 = 60_000;
+/// Users kept in the record of who was connected at a stop (9 bytes each: 900 KB at
+/// most); past it the rest are not presumed (they go offline and back across the
+/// restart, as all users did before the record).
+pub const PRESENCE_AT_STOP_MAX: usize = 100_000;
 /// Presence pushes one user may make in quick succession, and after them at most one per
 /// `PRESENCE_PUSH_WINDOWS` coalescing windows (2 s by default) until the burst refills:
 /// each push goes to up to `PRESENCE_CONTACTS_MAX` users, and `SetPresence` costs

@@ -32,8 +32,9 @@ use tokio::sync::Notify;
 
 use crate::fanout::Online;
 use crate::limits::{
-    LAST_SEEN_REFRESH_MS, PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX, PRESENCE_CONVERSATIONS_SCANNED,
-    PRESENCE_MEMBERS_SCANNED, PRESENCE_PUSH_BURST, PRESENCE_PUSH_WINDOWS,
+    LAST_SEEN_REFRESH_MS, PRESENCE_AT_STOP_MAX, PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX,
+    PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PUSH_BURST, PRESENCE_PUSH_WINDOWS,
+    PRESENCE_RESTART_GRACE_MS, PRESENCE_RESTART_MAX_DOWN_MS,
 };
 use crate::reply::internal;
 
@@ -88,12 +89,26 @@ struct UserPresence {
     /// Its push allowance (`PRESENCE_PUSH_BURST`) as a GCRA theoretical arrival time:
     /// the next push is allowed from `allowance_tat - burst span` (0: a full burst).
     allowance_tat: u64,
+    /// Connected when the broker last stopped, no device back yet (`handle_presumed`).
+    presumed: Option<Presumed>,
+}
+
+/// A user shown as it was when the broker last stopped, until a device of its connects
+/// or `until_ms` passes.
+#[derive(Clone, Copy, Debug)]
+struct Presumed {
+    away: bool,
+    until_ms: u64,
 }
 
 impl UserPresence {
     fn aggregate(&self) -> Status {
         if self.devices.is_empty() {
-            Status::Offline
+            match self.presumed {
+                Some(Presumed { away: true, .. }) => Status::Away,
+                Some(Presumed { away: false, .. }) => Status::Online,
+                None => Status::Offline,
+            }
         } else if self.devices.iter().all(|&(_, away)| away) {
             Status::Away
         } else {
@@ -118,7 +133,10 @@ impl PresenceState {
             last_left_ms: 0,
             timer: None,
             allowance_tat: 0,
+            presumed: None,
         });
+        // A device of its own now says what the user is.
+        entry.presumed = None;
         if !entry.devices.iter().any(|&(s, _)| s == session) {
             entry.devices.push((session, false));
         }
@@ -153,6 +171,48 @@ impl PresenceState {
         self.settle(user, now_ms);
     }
 
+    /// `user` had a device connected when the broker last stopped, at `stopped_ms`, all
+    /// of them away if `away`: until a device of its connects, or until `until_ms`, it is
+    /// shown as it was (its contacts were told so, and nothing since), then offline, last
+    /// seen at `stopped_ms`. Without it every user went offline and back across a
+    /// restart: a contact whose device reconnected first saw everyone else offline, then
+    /// each one online again as its devices came back. A user with an entry already is
+    /// left as it is.
+    pub fn handle_presumed(&mut self, user: UserId, away: bool, stopped_ms: u64, until_ms: u64) {
+        if self.users.contains_key(&user) {
+            return;
+        }
+        let published = if away { Status::Away } else { Status::Online };
+        self.users.insert(
+            user,
+            UserPresence {
+                devices: Vec::new(),
+                published,
+                last_push_ms: None,
+                offline_since_ms: stopped_ms,
+                last_left_ms: stopped_ms,
+                timer: None,
+                allowance_tat: 0,
+                presumed: Some(Presumed { away, until_ms }),
+            },
+        );
+        self.schedule(user, until_ms);
+    }
+
+    /// Users with a device connected, each with whether all of its devices are away
+    /// (what `handle_presumed` takes at the next start), ascending. Users only presumed
+    /// are left out: a presumption is not carried over a second restart.
+    pub fn connected_states(&self) -> Vec<(UserId, bool)> {
+        let mut users: Vec<(UserId, bool)> = self
+            .users
+            .iter()
+            .filter(|(_, p)| !p.devices.is_empty())
+            .map(|(&u, p)| (u, p.aggregate() == Status::Away))
+            .collect();
+        users.sort_unstable();
+        users
+    }
+
     /// When `handle_timeout` next has work, if ever.
     pub fn poll_timeout(&self) -> Option<u64> {
         self.timers.first().map(|&(at, _)| at)
@@ -162,6 +222,7 @@ impl PresenceState {
     /// drops entries of users who stayed offline for a window after their last push.
     pub fn handle_timeout(&mut self, now_ms: u64) -> Fired {
         let mut fired = Fired::default();
+        let mut presumed = Vec::new();
         while let Some(&(at, user)) = self.timers.first() {
             if at > now_ms {
                 break;
@@ -170,6 +231,12 @@ impl PresenceState {
             let (interval, burst_span) = self.allowance();
             let Some(entry) = self.users.get_mut(&user) else { continue };
             entry.timer = None;
+            match entry.presumed {
+                Some(p) if p.until_ms <= now_ms => entry.presumed = None,
+                // Its presumption's end is this user's timer again, after the rest.
+                Some(p) => presumed.push((user, p.until_ms)),
+                None => {}
+            }
             let actual = entry.aggregate();
             if actual != entry.published {
                 let allowed = allowed_at(entry, now_ms, interval, burst_span);
@@ -200,6 +267,9 @@ impl PresenceState {
                     self.schedule(user, forget_at);
                 }
             }
+        }
+        for (user, until_ms) in presumed {
+            self.schedule(user, until_ms);
         }
         fired
     }
@@ -421,6 +491,38 @@ impl Presence {
     /// Users with a presence entry (connected, or left lately).
     pub fn users(&self) -> usize {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Records who has a device connected as the broker stops (at most
+    /// `PRESENCE_AT_STOP_MAX` users), for `presume_from_last_stop` at the next start.
+    /// Called before the sessions are closed; durable with the store's closing flush.
+    pub fn record_at_stop(&self) {
+        let mut users = self.state.lock().unwrap_or_else(|p| p.into_inner()).connected_states();
+        users.truncate(PRESENCE_AT_STOP_MAX);
+        let at_stop = switchboard_storage::PresenceAtStop { stopped_ms: crate::now_ms(), users };
+        if let Err(e) = self.store.set_presence_at_stop(&at_stop) {
+            tracing::warn!(error = %e, "storing who is connected failed: presence will flap across the restart");
+        }
+    }
+
+    /// At a start: shows the users connected at the last stop as they were
+    /// (`PresenceState::handle_presumed`) for `PRESENCE_RESTART_GRACE_MS`, if that stop
+    /// was clean and at most `PRESENCE_RESTART_MAX_DOWN_MS` ago. The record is read once.
+    pub fn presume_from_last_stop(&self) -> switchboard_storage::Result<()> {
+        let Some(at_stop) = self.store.take_presence_at_stop()? else { return Ok(()) };
+        let now = crate::now_ms();
+        if now.saturating_sub(at_stop.stopped_ms) > PRESENCE_RESTART_MAX_DOWN_MS || at_stop.stopped_ms > now {
+            return Ok(());
+        }
+        let until = now.saturating_add(PRESENCE_RESTART_GRACE_MS);
+        let presumed = at_stop.users.len();
+        self.update(|state, _| {
+            for (user, away) in at_stop.users {
+                state.handle_presumed(user, away, at_stop.stopped_ms, until);
+            }
+        });
+        tracing::info!(presumed, "users connected at the last stop are shown as they were until they reconnect");
+        Ok(())
     }
 
     /// A session of `user` is connected.
@@ -791,6 +893,48 @@ mod tests {
         p.handle_timeout(80_000);
         p.handle_detach(2, 22, 90_000, 90_000);
         assert_eq!(p.handle_timeout(90_000).changes, vec![change(2, Status::Offline, 90_000)]);
+    }
+
+    /// Users connected at the last stop are shown as they were until a device of theirs
+    /// connects (no push: nothing changed for their contacts) or the grace ends (offline,
+    /// last seen at the stop). Before, every one of them was offline at the start and
+    /// pushed online again as its devices came back.
+    #[test]
+    fn users_connected_at_the_last_stop_stay_as_they_were_until_they_reconnect() {
+        let (stopped, start, until) = (1_000_000, 1_003_000, 1_013_000);
+        let mut p = PresenceState::new(W);
+        p.handle_presumed(1, false, stopped, until);
+        p.handle_presumed(2, true, stopped, until);
+        p.handle_presumed(3, false, stopped, until);
+        assert_eq!(p.current(1, start), Some((Status::Online, start)));
+        assert_eq!(p.current(2, start), Some((Status::Away, start)));
+        assert!(p.connected_states().is_empty(), "a presumption is not carried over a second stop");
+        // User 1 is back: nothing to tell anyone.
+        p.handle_attach(1, 10, start + 500);
+        assert!(run_until(&mut p, until - 1).is_empty());
+        // User 2 comes back online from away: a change, pushed.
+        p.handle_attach(2, 20, until - 1);
+        assert_eq!(run_until(&mut p, until - 1), vec![(until - 1, change(2, Status::Online, until - 1))]);
+        // User 3 never comes back: offline at the grace's end, last seen at the stop.
+        assert_eq!(run_until(&mut p, until), vec![(until, change(3, Status::Offline, stopped))]);
+        assert_eq!(p.current(3, until), Some((Status::Offline, stopped)));
+        assert_eq!(p.connected_states(), vec![(1, false), (2, false)]);
+        // A user already known (a device connected before the record was read) is left
+        // as it is.
+        p.handle_presumed(1, true, stopped, until + 20_000);
+        assert_eq!(p.current(1, until), Some((Status::Online, until)));
+    }
+
+    /// A presumed user's timer that fires before its grace ends (here: its push timer
+    /// after a device came and went) does not lose the grace's end.
+    #[test]
+    fn a_presumption_ends_on_time_whatever_other_timer_its_user_had() {
+        let mut p = PresenceState::new(W);
+        p.handle_presumed(1, false, 0, 10_000);
+        p.schedule(1, 5_000);
+        assert!(run_until(&mut p, 9_999).is_empty());
+        assert_eq!(p.poll_timeout(), Some(10_000));
+        assert_eq!(run_until(&mut p, 10_000), vec![(10_000, change(1, Status::Offline, 0))]);
     }
 
     #[test]

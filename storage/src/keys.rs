@@ -39,6 +39,7 @@ const FORWARD_COPY: u8 = 0x1e;
 const COPY_OF: u8 = 0x1f;
 const MEMBER_COUNT: u8 = 0x20;
 const OTHER_COUNT: u8 = 0x21;
+const PRESENCE_AT_STOP: u8 = 0x22;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -165,6 +166,10 @@ impl Key {
     /// Every conversation record starts with this.
     pub fn conversations() -> Key {
         Key::with(CONVERSATION, &[])
+    }
+    /// Who was connected when the broker last stopped (`Store::set_presence_at_stop`).
+    pub fn presence_at_stop() -> Key {
+        Key::with(PRESENCE_AT_STOP, &[])
     }
     /// When a user was last online or away (ms since the epoch, big-endian u64).
     pub fn last_seen(user: UserId) -> Key {

@@ -31,6 +31,7 @@ use switchboard_protocol::{ConvId, DeviceId, Entry, Role, UserId};
 pub use blocks::BlockChange;
 pub use commit::{COMMIT_BUCKETS_US, CommitStats, Durable, FailureHook};
 pub use files::{Collected, FileRecord, FileStage, Forwarded, QUOTA_BLOCK, UploadRefusal, charged_bytes};
+pub use presence::PresenceAtStop;
 use promises::Promises;
 pub use promises::{PROMISE_HOLD, PROMISE_RENEW_BYTES};
 pub use records::{ConversationRecord, DeviceRecord, ReceiptRecord, UserRecord};

@@ -1,7 +1,7 @@
-//! Presence's one stored value: when each user was last seen. Like receipts, it is not a
-//! log entry: a plain single-key write made durable by the next group commit (or the
-//! clean shutdown's flush), never waited for. A crash may lose the newest value; the
-//! previous one stays.
+//! Presence's stored values: when each user was last seen, and who was connected when
+//! the broker last stopped. Like receipts, they are not log entries: plain single-key
+//! writes made durable by the next group commit (or the shutdown's flush), never waited
+//! for. A crash may lose the newest value; the previous one stays.
 
 use switchboard_protocol::UserId;
 
@@ -28,6 +28,57 @@ impl Store {
         })?;
         Ok(())
     }
+
+    /// Records who had a device connected as the broker stops (`PresenceAtStop`),
+    /// replacing any earlier record. Durable with the shutdown's flush.
+    pub fn set_presence_at_stop(&self, at_stop: &PresenceAtStop) -> Result<()> {
+        let mut value = Vec::with_capacity(8 + 9 * at_stop.users.len());
+        value.extend_from_slice(&at_stop.stopped_ms.to_be_bytes());
+        for &(user, away) in &at_stop.users {
+            value.extend_from_slice(&user.to_be_bytes());
+            value.push(u8::from(away));
+        }
+        self.db.insert(Key::presence_at_stop(), value)?;
+        Ok(())
+    }
+
+    /// Reads and removes the record `set_presence_at_stop` left (`None` if there is
+    /// none: the broker never stopped cleanly, or this was read once already). The
+    /// removal is durable with the next group commit; until then a crash may leave the
+    /// record for the next start, whose `stopped_ms` shows how old it is.
+    pub fn take_presence_at_stop(&self) -> Result<Option<PresenceAtStop>> {
+        let key = Key::presence_at_stop();
+        let Some(value) = self.db.remove(&key)? else { return Ok(None) };
+        let bad = || corrupt(key.as_ref(), "presence at stop");
+        let (stopped, rows) = value.split_at_checked(8).ok_or_else(bad)?;
+        if rows.len() % 9 != 0 {
+            return Err(bad());
+        }
+        let stopped_ms = keys::u64_from(stopped).ok_or_else(bad)?;
+        let mut users = Vec::with_capacity(rows.len() / 9);
+        for row in rows.chunks_exact(9) {
+            let user = keys::u64_from(&row[..8]).ok_or_else(bad)?;
+            let away = match row[8] {
+                0 => false,
+                1 => true,
+                _ => return Err(bad()),
+            };
+            users.push((user, away));
+        }
+        Ok(Some(PresenceAtStop { stopped_ms, users }))
+    }
+}
+
+/// Who had a device connected when the broker last stopped: the users, each with whether
+/// all of its devices were away, and when (ms since the Unix epoch). Encoded as
+/// `stopped_ms` (u64, big-endian), then per user its id (u64, big-endian) and one byte
+/// (1: away, 0: online).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PresenceAtStop {
+    /// When the broker stopped, ms since the Unix epoch.
+    pub stopped_ms: u64,
+    /// `(user, away)`, ascending by user.
+    pub users: Vec<(UserId, bool)>,
 }
 
 #[cfg(test)]
@@ -50,5 +101,25 @@ mod tests {
         }
         let store = Store::open(&config).unwrap();
         assert_eq!(store.last_seen(7).unwrap(), Some(1_000));
+    }
+
+    #[test]
+    fn presence_at_stop_survives_the_shutdown_and_is_read_once() {
+        use super::PresenceAtStop;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::new(dir.path().join("db"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        let at_stop = PresenceAtStop { stopped_ms: 1_700_000_000_000, users: vec![(3, false), (9, true)] };
+        {
+            let store = Store::open(&config).unwrap();
+            assert_eq!(store.take_presence_at_stop().unwrap(), None);
+            store.set_presence_at_stop(&at_stop).unwrap();
+            store.close_clean().unwrap();
+        }
+        let store = Store::open(&config).unwrap();
+        assert_eq!(store.take_presence_at_stop().unwrap(), Some(at_stop));
+        assert_eq!(store.take_presence_at_stop().unwrap(), None, "read once");
+        store.set_presence_at_stop(&PresenceAtStop::default()).unwrap();
+        assert_eq!(store.take_presence_at_stop().unwrap(), Some(PresenceAtStop::default()), "nobody connected");
     }
 }

@@ -360,6 +360,43 @@ async fn last_seen_survives_a_restart() {
     .await
 }
 
+/// Across a clean restart a user connected at the stop is shown as it was, not offline,
+/// to a contact whose device is back first, and its own return pushes nothing (nothing
+/// changed for its contacts); one that was away is still away. Before, everyone was
+/// offline at the start and pushed online again as each device came back.
+#[tokio::test]
+async fn presence_holds_across_a_restart_until_each_user_is_back() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (carol, carol_id) = tb.register("carol").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        direct(&alice, "bob", &mut bob_events).await;
+        direct(&carol, "bob", &mut bob_events).await;
+        carol.set_away(true).await.unwrap();
+        presence_becomes(&mut bob_events, carol_id.user_id, PresenceState::Away).await;
+        // Connected as the broker stops (it closes them with `GOING_AWAY`).
+        tb.restart().await;
+        drop((alice, carol, bob, bob_events));
+        let bob = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&bob_id)).await.unwrap();
+        let mut bob_events = bob.events().unwrap();
+        let shown = bob.presence(&[alice_id.user_id, carol_id.user_id]).await.unwrap();
+        let state_of = |user| shown.iter().find(|p| p.user == user).map(|p| p.state);
+        assert_eq!(state_of(alice_id.user_id), Some(PresenceState::Online), "{shown:?}");
+        assert_eq!(state_of(carol_id.user_id), Some(PresenceState::Away), "{shown:?}");
+        let _alice = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&alice_id)).await.unwrap();
+        let window = tb.shared().config.presence_coalesce_ms;
+        let pushed: Vec<Event> = events_within(&mut bob_events, 2 * window + 500)
+            .await
+            .into_iter()
+            .filter(|e| matches!(e, Event::Presence(p) if p.user == alice_id.user_id))
+            .collect();
+        assert!(pushed.is_empty(), "alice's return was pushed: {pushed:?}");
+    })
+    .await
+}
+
 #[tokio::test]
 async fn typing_reaches_other_members_over_datagrams_repeats_extend_and_it_expires() {
     bounded(async {
