@@ -263,6 +263,10 @@ pub const LAST_SEEN_REFRESH_MS: u64 = 60_000;
 /// restart (`RESTART_RETRY_MAX_MS` of the client library), a phone on a slow network
 /// within a few; past this the user is offline for real.
 pub const PRESENCE_RESTART_GRACE_MS: u64 = 10_000;
+/// Presumptions after a restart end over this long past `PRESENCE_RESTART_GRACE_MS`
+/// (ms), spread by user id: those users who do not come back are pushed offline over
+/// 5 s, not all in one go (each push reads the user's contacts).
+pub const PRESENCE_RESTART_SPREAD_MS: u64 = 5_000;
 /// A clean stop longer ago than this (ms) presumes nothing at the next start: every
 /// device was told `GOING_AWAY`, and a broker down for longer than a restart has its
 /// users offline for real.

@@ -34,7 +34,7 @@ use crate::fanout::Online;
 use crate::limits::{
     LAST_SEEN_REFRESH_MS, PRESENCE_AT_STOP_MAX, PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX,
     PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PUSH_BURST, PRESENCE_PUSH_WINDOWS,
-    PRESENCE_RESTART_GRACE_MS, PRESENCE_RESTART_MAX_DOWN_MS,
+    PRESENCE_RESTART_GRACE_MS, PRESENCE_RESTART_MAX_DOWN_MS, PRESENCE_RESTART_SPREAD_MS,
 };
 use crate::reply::internal;
 
@@ -68,6 +68,9 @@ pub struct PresenceState {
     users: HashMap<UserId, UserPresence>,
     /// `(due, user)`; each user has at most one (mirrored in `UserPresence::timer`).
     timers: BTreeSet<(u64, UserId)>,
+    /// The latest end of a presumption made (`handle_presumed`; 0: none), to see the
+    /// wall clock step back past them.
+    presumed_latest_ms: u64,
 }
 
 #[derive(Debug)]
@@ -94,19 +97,18 @@ struct UserPresence {
 }
 
 /// A user shown as it was when the broker last stopped, until a device of its connects
-/// or `until_ms` passes.
+/// or its timer (the presumption's end) fires.
 #[derive(Clone, Copy, Debug)]
 struct Presumed {
     away: bool,
-    until_ms: u64,
 }
 
 impl UserPresence {
     fn aggregate(&self) -> Status {
         if self.devices.is_empty() {
             match self.presumed {
-                Some(Presumed { away: true, .. }) => Status::Away,
-                Some(Presumed { away: false, .. }) => Status::Online,
+                Some(Presumed { away: true }) => Status::Away,
+                Some(Presumed { away: false }) => Status::Online,
                 None => Status::Offline,
             }
         } else if self.devices.iter().all(|&(_, away)| away) {
@@ -120,7 +122,7 @@ impl UserPresence {
 impl PresenceState {
     /// No one online; at most one push per user per `coalesce_ms`.
     pub fn new(coalesce_ms: u64) -> Self {
-        PresenceState { coalesce_ms, users: HashMap::new(), timers: BTreeSet::new() }
+        PresenceState { coalesce_ms, users: HashMap::new(), timers: BTreeSet::new(), presumed_latest_ms: 0 }
     }
 
     /// A device of `user` connected (as session `session`); it starts online.
@@ -135,8 +137,13 @@ impl PresenceState {
             allowance_tat: 0,
             presumed: None,
         });
-        // A device of its own now says what the user is.
-        entry.presumed = None;
+        // A device of its own now says what the user is; what it says is pushed no
+        // sooner than a coalescing window later, as after a push: a device comes back
+        // online and says it is away a round trip later (`SetPresence`), and a user
+        // presumed away whose away device is back is not shown online in between.
+        if entry.presumed.take().is_some() {
+            entry.last_push_ms = Some(now_ms);
+        }
         if !entry.devices.iter().any(|&(s, _)| s == session) {
             entry.devices.push((session, false));
         }
@@ -171,17 +178,19 @@ impl PresenceState {
         self.settle(user, now_ms);
     }
 
-    /// `user` had a device connected when the broker last stopped, at `stopped_ms`, all
-    /// of them away if `away`: until a device of its connects, or until `until_ms`, it is
-    /// shown as it was (its contacts were told so, and nothing since), then offline, last
-    /// seen at `stopped_ms`. Without it every user went offline and back across a
-    /// restart: a contact whose device reconnected first saw everyone else offline, then
-    /// each one online again as its devices came back. A user with an entry already is
-    /// left as it is.
-    pub fn handle_presumed(&mut self, user: UserId, away: bool, stopped_ms: u64, until_ms: u64) {
+    /// `user` had a device connected when the broker last stopped, all of them away if
+    /// `away`, and was last seen at `last_seen_ms`: until a device of its connects, or
+    /// until `until_ms`, it is shown as it was (its contacts were told so, and nothing
+    /// since), then offline, last seen at `last_seen_ms`. A device that connects settles
+    /// it after a coalescing window (`handle_attach`). Without it every user went offline
+    /// and back across a restart: a contact whose device reconnected first saw everyone
+    /// else offline, then each one online again as its devices came back. A user with an
+    /// entry already is left as it is.
+    pub fn handle_presumed(&mut self, user: UserId, away: bool, last_seen_ms: u64, until_ms: u64) {
         if self.users.contains_key(&user) {
             return;
         }
+        self.presumed_latest_ms = self.presumed_latest_ms.max(until_ms);
         let published = if away { Status::Away } else { Status::Online };
         self.users.insert(
             user,
@@ -189,11 +198,11 @@ impl PresenceState {
                 devices: Vec::new(),
                 published,
                 last_push_ms: None,
-                offline_since_ms: stopped_ms,
-                last_left_ms: stopped_ms,
+                offline_since_ms: last_seen_ms,
+                last_left_ms: last_seen_ms,
                 timer: None,
                 allowance_tat: 0,
-                presumed: Some(Presumed { away, until_ms }),
+                presumed: Some(Presumed { away }),
             },
         );
         self.schedule(user, until_ms);
@@ -222,7 +231,12 @@ impl PresenceState {
     /// drops entries of users who stayed offline for a window after their last push.
     pub fn handle_timeout(&mut self, now_ms: u64) -> Fired {
         let mut fired = Fired::default();
-        let mut presumed = Vec::new();
+        let horizon = PRESENCE_RESTART_GRACE_MS.saturating_add(PRESENCE_RESTART_SPREAD_MS);
+        if self.presumed_latest_ms > now_ms.saturating_add(horizon) {
+            // The wall clock stepped back past the presumptions' ends: they end now, not
+            // when it has caught up (an hour's step kept users shown online an hour).
+            self.end_presumptions(now_ms);
+        }
         while let Some(&(at, user)) = self.timers.first() {
             if at > now_ms {
                 break;
@@ -231,12 +245,9 @@ impl PresenceState {
             let (interval, burst_span) = self.allowance();
             let Some(entry) = self.users.get_mut(&user) else { continue };
             entry.timer = None;
-            match entry.presumed {
-                Some(p) if p.until_ms <= now_ms => entry.presumed = None,
-                // Its presumption's end is this user's timer again, after the rest.
-                Some(p) => presumed.push((user, p.until_ms)),
-                None => {}
-            }
+            // A presumed user's one timer is its presumption's end (`handle_presumed`;
+            // an attach ends the presumption before it could set another).
+            entry.presumed = None;
             let actual = entry.aggregate();
             if actual != entry.published {
                 let allowed = allowed_at(entry, now_ms, interval, burst_span);
@@ -268,10 +279,21 @@ impl PresenceState {
                 }
             }
         }
-        for (user, until_ms) in presumed {
-            self.schedule(user, until_ms);
-        }
         fired
+    }
+
+    /// Ends every presumption at `now_ms`: each presumed user's timer is moved to now.
+    fn end_presumptions(&mut self, now_ms: u64) {
+        let presumed: Vec<UserId> = self.users.iter().filter(|(_, p)| p.presumed.is_some()).map(|(&u, _)| u).collect();
+        for user in presumed {
+            if let Some(entry) = self.users.get_mut(&user)
+                && let Some(old) = entry.timer.take()
+            {
+                self.timers.remove(&(old, user));
+            }
+            self.schedule(user, now_ms);
+        }
+        self.presumed_latest_ms = 0;
     }
 
     /// `user`'s aggregate now and its last-seen time (`now_ms` unless offline), or
@@ -506,21 +528,39 @@ impl Presence {
     }
 
     /// At a start: shows the users connected at the last stop as they were
-    /// (`PresenceState::handle_presumed`) for `PRESENCE_RESTART_GRACE_MS`, if that stop
-    /// was clean and at most `PRESENCE_RESTART_MAX_DOWN_MS` ago. The record is read once.
+    /// (`PresenceState::handle_presumed`) for `PRESENCE_RESTART_GRACE_MS` and up to
+    /// `PRESENCE_RESTART_SPREAD_MS` more (spread by user, so those who do not come back
+    /// are not all pushed offline in one go), if the store was closed cleanly (after a
+    /// crash, even one soon after such a start, nothing is presumed) at most
+    /// `PRESENCE_RESTART_MAX_DOWN_MS` ago. Users disabled or left without a device
+    /// meanwhile (operator commands work on a stopped broker's store) are not presumed:
+    /// they cannot come back. The record is read once: 3 key reads per user in it.
     pub fn presume_from_last_stop(&self) -> switchboard_storage::Result<()> {
         let Some(at_stop) = self.store.take_presence_at_stop()? else { return Ok(()) };
         let now = crate::now_ms();
-        if now.saturating_sub(at_stop.stopped_ms) > PRESENCE_RESTART_MAX_DOWN_MS || at_stop.stopped_ms > now {
+        let stale = now.saturating_sub(at_stop.stopped_ms) > PRESENCE_RESTART_MAX_DOWN_MS || at_stop.stopped_ms > now;
+        if stale || !self.store.opened_clean() {
             return Ok(());
         }
-        let until = now.saturating_add(PRESENCE_RESTART_GRACE_MS);
-        let presumed = at_stop.users.len();
+        let mut presumed = Vec::with_capacity(at_stop.users.len());
+        for (user, away) in at_stop.users {
+            if self.store.disabled(user)? || self.store.devices(user)?.is_empty() {
+                continue;
+            }
+            // The time of its last device's close at the stop, stored after the record.
+            let last_seen = self.store.last_seen(user)?.unwrap_or(0).max(at_stop.stopped_ms);
+            let spread = user.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+            let until =
+                now.saturating_add(PRESENCE_RESTART_GRACE_MS).saturating_add(spread % PRESENCE_RESTART_SPREAD_MS);
+            presumed.push((user, away, last_seen, until));
+        }
+        let count = presumed.len();
         self.update(|state, _| {
-            for (user, away) in at_stop.users {
-                state.handle_presumed(user, away, at_stop.stopped_ms, until);
+            for (user, away, last_seen, until) in presumed {
+                state.handle_presumed(user, away, last_seen, until);
             }
         });
+        let presumed = count;
         tracing::info!(presumed, "users connected at the last stop are shown as they were until they reconnect");
         Ok(())
     }
@@ -896,45 +936,53 @@ mod tests {
     }
 
     /// Users connected at the last stop are shown as they were until a device of theirs
-    /// connects (no push: nothing changed for their contacts) or the grace ends (offline,
-    /// last seen at the stop). Before, every one of them was offline at the start and
-    /// pushed online again as its devices came back.
+    /// connects and has said whether it is away (no push when that is what they were)
+    /// or the grace ends (offline, last seen at the stop). Before, every one of them was
+    /// offline at the start and pushed online again as its devices came back.
     #[test]
     fn users_connected_at_the_last_stop_stay_as_they_were_until_they_reconnect() {
         let (stopped, start, until) = (1_000_000, 1_003_000, 1_013_000);
         let mut p = PresenceState::new(W);
-        p.handle_presumed(1, false, stopped, until);
-        p.handle_presumed(2, true, stopped, until);
-        p.handle_presumed(3, false, stopped, until);
+        for (user, away) in [(1, false), (2, true), (3, false), (4, true)] {
+            p.handle_presumed(user, away, stopped, until);
+        }
         assert_eq!(p.current(1, start), Some((Status::Online, start)));
         assert_eq!(p.current(2, start), Some((Status::Away, start)));
         assert!(p.connected_states().is_empty(), "a presumption is not carried over a second stop");
-        // User 1 is back: nothing to tell anyone.
+        // User 1 is back online: nothing to tell anyone.
         p.handle_attach(1, 10, start + 500);
-        assert!(run_until(&mut p, until - 1).is_empty());
-        // User 2 comes back online from away: a change, pushed.
-        p.handle_attach(2, 20, until - 1);
-        assert_eq!(run_until(&mut p, until - 1), vec![(until - 1, change(2, Status::Online, until - 1))]);
+        assert!(run_until(&mut p, start + 500 + W).is_empty());
+        // User 2 is back and says it is away a round trip later: nothing either (before
+        // the window, its new connection's "online" was pushed, then "away").
+        p.handle_attach(2, 20, start + 600);
+        p.handle_away(2, 20, true, start + 650);
+        assert!(run_until(&mut p, start + 600 + W).is_empty());
+        // User 4 comes back and stays online: a change, pushed a window later.
+        p.handle_attach(4, 40, start + 800);
+        assert_eq!(
+            run_until(&mut p, start + 800 + W),
+            vec![(start + 800 + W, change(4, Status::Online, start + 800 + W))]
+        );
         // User 3 never comes back: offline at the grace's end, last seen at the stop.
         assert_eq!(run_until(&mut p, until), vec![(until, change(3, Status::Offline, stopped))]);
         assert_eq!(p.current(3, until), Some((Status::Offline, stopped)));
-        assert_eq!(p.connected_states(), vec![(1, false), (2, false)]);
+        assert_eq!(p.connected_states(), vec![(1, false), (2, true), (4, false)]);
         // A user already known (a device connected before the record was read) is left
         // as it is.
         p.handle_presumed(1, true, stopped, until + 20_000);
         assert_eq!(p.current(1, until), Some((Status::Online, until)));
     }
 
-    /// A presumed user's timer that fires before its grace ends (here: its push timer
-    /// after a device came and went) does not lose the grace's end.
+    /// A wall clock that steps back past the presumptions' ends does not keep the
+    /// presumed users shown as they were until it has caught up: they end at once.
     #[test]
-    fn a_presumption_ends_on_time_whatever_other_timer_its_user_had() {
+    fn a_clock_stepping_back_ends_presumptions() {
         let mut p = PresenceState::new(W);
-        p.handle_presumed(1, false, 0, 10_000);
-        p.schedule(1, 5_000);
-        assert!(run_until(&mut p, 9_999).is_empty());
-        assert_eq!(p.poll_timeout(), Some(10_000));
-        assert_eq!(run_until(&mut p, 10_000), vec![(10_000, change(1, Status::Offline, 0))]);
+        p.handle_presumed(1, false, 10_000_000, 10_013_000);
+        assert!(p.handle_timeout(10_012_999).changes.is_empty(), "not before its end");
+        // An hour back.
+        let fired = p.handle_timeout(10_013_000 - 3_600_000);
+        assert_eq!(fired.changes, vec![change(1, Status::Offline, 10_000_000)]);
     }
 
     #[test]

@@ -223,6 +223,16 @@ impl TestBroker {
         self.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
     }
 
+    /// Stops the broker, runs `offline` on its configuration while it is stopped (an
+    /// operator's command on the stopped broker's store), then starts it again as
+    /// `restart` does.
+    pub async fn restart_after(&mut self, offline: impl AsyncFnOnce(&Config)) {
+        self.stop().await;
+        let config = self.config.clone();
+        offline(&config).await;
+        self.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+    }
+
     /// A fresh QUIC connection with the hellos exchanged and nothing else sent.
     pub async fn preauth(&self) -> PreAuth {
         self.preauth_version(switchboard_protocol::PROTOCOL_VERSION).await

@@ -370,21 +370,34 @@ async fn presence_holds_across_a_restart_until_each_user_is_back() {
         let mut tb = TestBroker::start().await;
         let (alice, alice_id) = tb.register("alice").await;
         let (carol, carol_id) = tb.register("carol").await;
+        let (dave, dave_id) = tb.register("dave").await;
         let (bob, bob_id) = tb.register("bob").await;
         let mut bob_events = bob.events().unwrap();
         direct(&alice, "bob", &mut bob_events).await;
         direct(&carol, "bob", &mut bob_events).await;
+        direct(&dave, "bob", &mut bob_events).await;
         carol.set_away(true).await.unwrap();
         presence_becomes(&mut bob_events, carol_id.user_id, PresenceState::Away).await;
-        // Connected as the broker stops (it closes them with `GOING_AWAY`).
-        tb.restart().await;
-        drop((alice, carol, bob, bob_events));
+        // Connected as the broker stops (it closes them with `GOING_AWAY`); the operator
+        // disables dave while it is stopped: he cannot come back, so is not presumed.
+        tb.restart_after(async |config| {
+            use switchboard_broker::admin::{AdminRequest, Ops, execute};
+            let store = switchboard_broker::open_store(config).unwrap();
+            let auth = switchboard_broker::auth::Auth::new(store.clone(), config).unwrap();
+            let ops = Ops { store: &store, auth: &auth, broker: None };
+            execute(&ops, AdminRequest::UserDisable { name: "dave".into(), disabled: true }).await.unwrap();
+            drop(auth);
+            store.close_clean().unwrap();
+        })
+        .await;
+        drop((alice, carol, dave, bob, bob_events));
         let bob = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&bob_id)).await.unwrap();
         let mut bob_events = bob.events().unwrap();
-        let shown = bob.presence(&[alice_id.user_id, carol_id.user_id]).await.unwrap();
+        let shown = bob.presence(&[alice_id.user_id, carol_id.user_id, dave_id.user_id]).await.unwrap();
         let state_of = |user| shown.iter().find(|p| p.user == user).map(|p| p.state);
         assert_eq!(state_of(alice_id.user_id), Some(PresenceState::Online), "{shown:?}");
         assert_eq!(state_of(carol_id.user_id), Some(PresenceState::Away), "{shown:?}");
+        assert_eq!(state_of(dave_id.user_id), Some(PresenceState::Offline), "disabled while stopped: {shown:?}");
         let _alice = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&alice_id)).await.unwrap();
         let window = tb.shared().config.presence_coalesce_ms;
         let pushed: Vec<Event> = events_within(&mut bob_events, 2 * window + 500)
