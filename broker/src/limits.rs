@@ -271,8 +271,8 @@ pub const PRESENCE_RESTART_SPREAD_MS: u64 = 5_000;
 /// device was told `GOING_AWAY`, and a broker down for longer than a restart has its
 /// users offline for real.
 pub const PRESENCE_RESTART_MAX_DOWN_MS: u64 = 60_000;
-/// Users kept in the record of who was connected at a stop (9 bytes each: 900 KB at
-/// most); past it the rest are not presumed (they go offline and back across the
+/// Users kept in the record of who was connected at a stop (at most 11 bytes each: 1.1 MB
+/// at most); past it the rest are not presumed (they go offline and back across the
 /// restart, as all users did before the record).
 pub const PRESENCE_AT_STOP_MAX: usize = 100_000;
 /// Presence pushes one user may make in quick succession, and after them at most one per

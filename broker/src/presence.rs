@@ -92,25 +92,15 @@ struct UserPresence {
     /// Its push allowance (`PRESENCE_PUSH_BURST`) as a GCRA theoretical arrival time:
     /// the next push is allowed from `allowance_tat - burst span` (0: a full burst).
     allowance_tat: u64,
-    /// Connected when the broker last stopped, no device back yet (`handle_presumed`).
-    presumed: Option<Presumed>,
-}
-
-/// A user shown as it was when the broker last stopped, until a device of its connects
-/// or its timer (the presumption's end) fires.
-#[derive(Clone, Copy, Debug)]
-struct Presumed {
-    away: bool,
+    /// What it was when the broker last stopped (`Online` or `Away`), shown while no
+    /// device of its is back, until its timer fires (`handle_presumed`).
+    presumed: Option<Status>,
 }
 
 impl UserPresence {
     fn aggregate(&self) -> Status {
         if self.devices.is_empty() {
-            match self.presumed {
-                Some(Presumed { away: true }) => Status::Away,
-                Some(Presumed { away: false }) => Status::Online,
-                None => Status::Offline,
-            }
+            self.presumed.unwrap_or(Status::Offline)
         } else if self.devices.iter().all(|&(_, away)| away) {
             Status::Away
         } else {
@@ -191,18 +181,18 @@ impl PresenceState {
             return;
         }
         self.presumed_latest_ms = self.presumed_latest_ms.max(until_ms);
-        let published = if away { Status::Away } else { Status::Online };
+        let was = if away { Status::Away } else { Status::Online };
         self.users.insert(
             user,
             UserPresence {
                 devices: Vec::new(),
-                published,
+                published: was,
                 last_push_ms: None,
                 offline_since_ms: last_seen_ms,
                 last_left_ms: last_seen_ms,
                 timer: None,
                 allowance_tat: 0,
-                presumed: Some(Presumed { away }),
+                presumed: Some(was),
             },
         );
         self.schedule(user, until_ms);

@@ -32,13 +32,7 @@ impl Store {
     /// Records who had a device connected as the broker stops (`PresenceAtStop`),
     /// replacing any earlier record. Durable with the shutdown's flush.
     pub fn set_presence_at_stop(&self, at_stop: &PresenceAtStop) -> Result<()> {
-        let mut value = Vec::with_capacity(8 + 9 * at_stop.users.len());
-        value.extend_from_slice(&at_stop.stopped_ms.to_be_bytes());
-        for &(user, away) in &at_stop.users {
-            value.extend_from_slice(&user.to_be_bytes());
-            value.push(u8::from(away));
-        }
-        self.db.insert(Key::presence_at_stop(), value)?;
+        self.db.insert(Key::presence_at_stop(), crate::encode(at_stop))?;
         Ok(())
     }
 
@@ -48,32 +42,16 @@ impl Store {
     /// record for the next start, whose `stopped_ms` shows how old it is.
     pub fn take_presence_at_stop(&self) -> Result<Option<PresenceAtStop>> {
         let key = Key::presence_at_stop();
-        let Some(value) = self.db.remove(&key)? else { return Ok(None) };
-        let bad = || corrupt(key.as_ref(), "presence at stop");
-        let (stopped, rows) = value.split_at_checked(8).ok_or_else(bad)?;
-        if rows.len() % 9 != 0 {
-            return Err(bad());
+        match self.db.remove(&key)? {
+            Some(value) => Ok(Some(crate::decode(key.as_ref(), &value)?)),
+            None => Ok(None),
         }
-        let stopped_ms = keys::u64_from(stopped).ok_or_else(bad)?;
-        let mut users = Vec::with_capacity(rows.len() / 9);
-        for row in rows.chunks_exact(9) {
-            let user = keys::u64_from(&row[..8]).ok_or_else(bad)?;
-            let away = match row[8] {
-                0 => false,
-                1 => true,
-                _ => return Err(bad()),
-            };
-            users.push((user, away));
-        }
-        Ok(Some(PresenceAtStop { stopped_ms, users }))
     }
 }
 
 /// Who had a device connected when the broker last stopped: the users, each with whether
-/// all of its devices were away, and when (ms since the Unix epoch). Encoded as
-/// `stopped_ms` (u64, big-endian), then per user its id (u64, big-endian) and one byte
-/// (1: away, 0: online).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// all of its devices were away, and when. A record (postcard), about 9 bytes a user.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PresenceAtStop {
     /// When the broker stopped, ms since the Unix epoch.
     pub stopped_ms: u64,
