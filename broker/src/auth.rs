@@ -15,6 +15,8 @@
 //!   signatures are counted apart, per source address only (`FailureLimiter`). A device
 //!   that proves its key is never refused because others guessed the account's password.
 //! - Registrations are limited per source address (a token bucket, `RegistrationLimiter`).
+//! - Right passwords are limited per account (`LOGINS_PER_ACCOUNT`), so knowing one
+//!   password does not buy unbounded hashing from many addresses.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -33,8 +35,8 @@ use crate::background::BackgroundThreads;
 use crate::config::Config;
 use crate::limits::{
     ARGON2_CONCURRENCY, AUTH_FAILURE_KEYS_MAX, AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_PER_ACCOUNT,
-    AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS, MAX_DEVICES_PER_USER, MIN_PASSWORD_BYTES,
-    PASSWORD_CHANGES_PER_ACCOUNT, REGISTRATION_BUCKETS_MAX, SOURCES_PER_NETWORK,
+    AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS, LOGINS_PER_ACCOUNT, MAX_DEVICES_PER_USER,
+    MIN_PASSWORD_BYTES, PASSWORD_CHANGES_PER_ACCOUNT, REGISTRATION_BUCKETS_MAX, SOURCES_PER_NETWORK,
 };
 use crate::reply::internal;
 use crate::user::TokenBucket;
@@ -50,6 +52,8 @@ pub struct Auth {
     signatures: FailureLimiter,
     /// Password changes, right or wrong, per account only.
     password_changes: FailureLimiter,
+    /// Logins with the right password, per account only (`LOGINS_PER_ACCOUNT`).
+    logins: FailureLimiter,
     registrations: RegistrationLimiter,
     registration_open: bool,
     unconfirmed_device_grace_ms: u64,
@@ -117,6 +121,7 @@ impl Auth {
             passwords: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS),
             signatures: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, BAD_SIGNATURES_PER_ADDRESS),
             password_changes: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, PASSWORD_CHANGES_PER_ACCOUNT, 0),
+            logins: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, LOGINS_PER_ACCOUNT, 0),
             registrations: RegistrationLimiter::new(
                 config.registration_burst_per_address,
                 config.registration_interval_ms,
@@ -166,7 +171,9 @@ impl Auth {
     /// wrong password said which names exist). A bad device key or signature is refused
     /// before anything is counted, a password is counted once its hash holds a slot.
     /// A name that cannot exist (or a password too long for any account) is refused at
-    /// once, uncounted: nothing is guessed and no work is done.
+    /// once, uncounted: nothing is guessed and no work is done. A right password spends
+    /// the account's allowance of logins (`LOGINS_PER_ACCOUNT` a window, from any
+    /// address): past it, `RATE_LIMITED` before the hash.
     pub async fn check_login(
         &self,
         req: &Enroll,
@@ -184,6 +191,12 @@ impl Auth {
         let mut keys = vec![LimitKey::Name(*blake3::hash(req.user.as_bytes()).as_bytes())];
         keys.extend(addresses);
         self.passwords.check(&keys, now)?;
+        // Only a right password spends this, so only whoever knows it can make a name
+        // answer `RATE_LIMITED` here.
+        let account = user.as_ref().map(|&(id, _)| [LimitKey::Account(id)]);
+        if let Some(account) = &account {
+            self.logins.check(account, now).map_err(|_| too_many_logins())?;
+        }
         let slot = self.argon.slot(self.argon.turn(Some(from))?).await?;
         // Counted once a hashing slot is held and before the (slow) check: concurrent
         // guesses cannot all pass the limit at once (`record` checks it again: others
@@ -213,6 +226,9 @@ impl Auth {
             return Err(wrong_password());
         }
         self.passwords.refund(&keys);
+        if let Some(account) = &account {
+            self.logins.record(account, crate::now_ms()).map_err(|_| too_many_logins())?;
+        }
         refuse_if_disabled(&self.store, user)?;
         Ok((user, key, record.password_hash))
     }
@@ -891,6 +907,11 @@ impl Window {
     }
 }
 
+/// Past `LOGINS_PER_ACCOUNT`.
+fn too_many_logins() -> ErrorBody {
+    fail(ErrorCode::RATE_LIMITED, "too many logins to this account; try again in a minute")
+}
+
 fn too_many() -> ErrorBody {
     fail(ErrorCode::RATE_LIMITED, "too many failed attempts; try again later")
 }
@@ -1303,6 +1324,42 @@ mod tests {
         let e = auth.check_login(&login, b"t", ip(1)).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::AUTH_FAILED);
         assert_eq!(counted(), [1, 1], "the name and the address, once each");
+    }
+
+    /// A right password spends its account's allowance of logins, from any address:
+    /// past `LOGINS_PER_ACCOUNT` a window, a login to it is refused before its password
+    /// is hashed. Before, a right password was never counted, so whoever knew one could
+    /// have the broker hash it for good (one address is held to its share of the pool;
+    /// many were not). Other accounts are not affected.
+    #[tokio::test]
+    async fn right_passwords_are_limited_per_account() {
+        use ed25519_dalek::{Signer, SigningKey};
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::ephemeral(dir.path());
+        let auth = Auth::new(crate::open_store(&config).unwrap(), &config).unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let login = |user: &str| Enroll {
+            user: user.into(),
+            password: "correct horse battery".into(),
+            device_name: "d".into(),
+            public_key: bytes::Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+            signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
+        };
+        for name in ["alice", "bob"] {
+            auth.add_user(name, "correct horse battery").await.unwrap();
+        }
+        for i in 0..LOGINS_PER_ACCOUNT {
+            auth.check_login(&login("alice"), b"t", ip(1 + (i % 200) as u8)).await.unwrap();
+        }
+        // Refused without a hash: with every hashing slot held, it does not wait for one.
+        let busy: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| auth.argon.turn(None).unwrap()).collect();
+        let again = login("alice");
+        let refused = tokio::time::timeout(Duration::from_millis(500), auth.check_login(&again, b"t", ip(250)));
+        let refused = refused.await.expect("waited for a hash").unwrap_err();
+        drop(busy);
+        assert_eq!(refused.code, ErrorCode::RATE_LIMITED);
+        assert!(refused.message.contains("logins to this account"), "{}", refused.message);
+        auth.check_login(&login("bob"), b"t", ip(250)).await.unwrap();
     }
 
     #[tokio::test]

@@ -85,6 +85,14 @@ pub const AUTH_FAILURE_KEYS_MAX: usize = 65_536;
 /// Device signatures never consult this count: guessing a password cannot lock out the
 /// account's enrolled devices.
 pub const AUTH_FAILURES_PER_ACCOUNT: u32 = 10;
+/// Logins with the right password per account per window (`AUTH_FAILURE_WINDOW_MS`),
+/// whether or not a device is enrolled after (at `MAX_DEVICES_PER_USER` none may be):
+/// past it a login to the account is `RATE_LIMITED` before its password is hashed.
+/// Failures are limited apart (`AUTH_FAILURES_PER_ACCOUNT`), but a right password was
+/// never counted, so whoever knew one could have the broker hash it over and over, from
+/// any number of addresses (the password pool's share per source bounds one address, not
+/// many). Twice the devices an account may have: enrolling all of them in a minute fits.
+pub const LOGINS_PER_ACCOUNT: u32 = 2 * MAX_DEVICES_PER_USER as u32;
 /// `ChangePassword` attempts per account per window, right or wrong: each costs two
 /// password hashes, and a signed-in user must not be able to keep the password pool
 /// busy (every login and registration of the broker waits on it), nor guess the
