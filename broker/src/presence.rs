@@ -544,14 +544,15 @@ impl Presence {
                 now.saturating_add(PRESENCE_RESTART_GRACE_MS).saturating_add(spread % PRESENCE_RESTART_SPREAD_MS);
             presumed.push((user, away, last_seen, until));
         }
-        let count = presumed.len();
+        tracing::info!(
+            presumed = presumed.len(),
+            "users connected at the last stop are shown as they were until they reconnect"
+        );
         self.update(|state, _| {
             for (user, away, last_seen, until) in presumed {
                 state.handle_presumed(user, away, last_seen, until);
             }
         });
-        let presumed = count;
-        tracing::info!(presumed, "users connected at the last stop are shown as they were until they reconnect");
         Ok(())
     }
 

@@ -218,9 +218,7 @@ impl TestBroker {
     /// Restarts on the same data dir with the same config (a new port). Before, a
     /// restart dropped what `start_with` adjusted.
     pub async fn restart(&mut self) {
-        self.stop().await;
-        let config = self.config.clone();
-        self.broker = Some(within(STEP_DEADLINE, "broker restart", Broker::start(config)).await.unwrap());
+        self.restart_after(async |_| {}).await;
     }
 
     /// Stops the broker, runs `offline` on its configuration while it is stopped (an
