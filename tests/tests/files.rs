@@ -1921,6 +1921,37 @@ async fn a_stream_that_fell_behind_gives_its_place_to_a_newcomer() {
     .await
 }
 
+/// A stream of small chunks, each waiting its turn of the broker-wide small-chunk pacer,
+/// falls behind like any other and gives its place to a newcomer. Before, the turns
+/// counted as waiting for the broker (the place's clock stopped), and a stream sending
+/// 1-byte chunks back to back was almost always waiting for one: about 43 accounts (six
+/// streams each) filled every place and the pacer's queue at a few hundred bytes a
+/// second, and every other user's transfer was refused `OVERLOADED` (an attacker review).
+#[tokio::test]
+async fn a_stream_of_tiny_chunks_waiting_for_sync_turns_gives_its_place_to_a_newcomer() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.max_live_transfer_streams = 1;
+            c.transfer_progress_secs = 60;
+            c.small_chunk_syncs_per_sec = 1;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let data = bytes(1024 * 1024, 33);
+        let begun = begin_upload(&bob, "b.bin", "application/octet-stream", &data).await;
+        let (_, mut tiny) = open_upload(&alice, "a.bin", &data).await;
+        let frames: Vec<u8> = (0..64u64).flat_map(|i| chunk_frame(i, &data[i as usize..i as usize + 1])).collect();
+        tiny.send.write_all(&frames).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        // Three or four bytes in 3.5 s: far behind 64 KiB/s, though always waiting its turn.
+        let done = upload_rest(bob.connection(), begun.file, &data, 0).await;
+        assert!(matches!(done, TransferReply::Complete(_)), "{done:?}");
+        assert_eq!(reset_code(&mut tiny.recv).await, ErrorCode::OVERLOADED);
+    })
+    .await
+}
+
 /// A stream that has not yet said what it wants gives its place up like any other once it
 /// is behind. Before, it kept its place until its open deadline (10 s), ignoring the
 /// newcomer's claim, so streams opened with a byte and left silent, opened again as each

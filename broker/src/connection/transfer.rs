@@ -358,12 +358,15 @@ async fn upload(
             read = next_chunk(&mut reading, &mut recv, shared, &permits), if open => match read {
                 Read::Chunk(chunk, permit) => {
                     // A small chunk waits its turn for its sync here, where those waiting
-                    // are bounded by the streams served and its actor is not held up.
+                    // are bounded by the streams served and its actor is not held up. The
+                    // wait counts against the stream's place: small chunks queued back to
+                    // back are what make the queue, so a stream sending them is always
+                    // waiting for a turn, and with its clock stopped meanwhile (before)
+                    // a few dozen accounts sending 1-byte chunks held every place.
                     let len = chunk.data.len() as u64;
                     if small_chunk(len, chunk.offset.saturating_add(len), record.size) {
-                        let turn = place.waiting_for_broker(shared.files.small_syncs.wait());
                         tokio::select! {
-                            () = turn => {}
+                            () = shared.files.small_syncs.wait() => {}
                             () = place.evicted() => {
                                 reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
                                 break;

@@ -170,8 +170,9 @@ impl Drop for Waiting<'_> {
 /// accounts could keep every other upload and download refused). A place taken from
 /// another stream has no grace (else streams that keep taking each other's places would
 /// never be behind), and time spent waiting for the broker (a chunk's bytes of the
-/// budget, a small chunk's turn, a blob file) does not count against a place: it is not
-/// a candidate meanwhile, and the wait is added to its lease.
+/// budget, a blob file) does not count against a place: it is not a candidate meanwhile,
+/// and the wait is added to its lease. A small chunk's turn for its sync (`SyncPacer`)
+/// does count: small chunks sent back to back make that queue themselves.
 #[derive(Debug)]
 pub struct Place {
     since: Instant,
