@@ -1259,6 +1259,71 @@ async fn an_image_gets_a_thumbnail_readable_like_its_file_and_a_bomb_gets_none()
     .await
 }
 
+/// A `width` x `height` JPEG of noise: its PNG re-encoding is several times its size.
+fn noise_jpeg(width: u32, height: u32) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let picture = image::RgbImage::from_fn(width, height, |_, _| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        image::Rgb([x as u8, (x >> 8) as u8, (x >> 16) as u8])
+    });
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(picture).write_to(std::io::Cursor::new(&mut out), image::ImageFormat::Jpeg).unwrap();
+    out
+}
+
+/// Waits until the outcome of the image with these bytes is remembered (decoded).
+async fn decoded(tb: &TestBroker, image: &[u8]) {
+    let hash = *blake3::hash(image).as_bytes();
+    within(STEP_DEADLINE, "the image's decode", async {
+        while !tb.shared().files.thumbnails.remembers(&hash) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// Thumbnails are not charged to the quota, so each costs the disk at most what its
+/// image was charged: an image whose thumbnail would be larger than itself gets none
+/// (before, a 200 px noise JPEG of ~30 KB stored a ~120 KB PNG beside it, and a quota
+/// filled with small images held many times its size on the disk: an attacker review).
+/// And no thumbnail is written into the disk reserve (before, it was, unchecked).
+#[tokio::test]
+async fn thumbnails_are_never_larger_than_their_image_nor_written_into_the_disk_reserve() {
+    bounded(async {
+        let reserve = 64 * 1024 * 1024;
+        let tb = TestBroker::start_with(|c| c.disk_reserve_bytes = reserve).await;
+        let (alice, _) = tb.register("alice").await;
+        let state = async |file| match file_info(&alice, file).await.unwrap() {
+            Reply::File(info) => info.state,
+            other => panic!("{other:?}"),
+        };
+        let noise = noise_jpeg(200, 200);
+        let begun = begin_upload(&alice, "noise.jpg", "image/jpeg", &noise).await;
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &noise, 0).await, TransferReply::Complete(_)));
+        decoded(&tb, &noise).await;
+        assert_eq!(state(begun.file).await, FileState::Complete { thumbnail: None }, "{} bytes", noise.len());
+
+        // The disk down to its reserve once the upload has its room: the upload completes,
+        // its thumbnail is not written.
+        let picture = png(600, 300);
+        let begun = begin_upload(&alice, "cat.png", "image/png", &picture).await;
+        tb.shared().files.pretend_free_bytes(Some(reserve));
+        assert!(matches!(upload_rest(alice.connection(), begun.file, &picture, 0).await, TransferReply::Complete(_)));
+        decoded(&tb, &picture).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(state(begun.file).await, FileState::Complete { thumbnail: None });
+        // With room again the same bytes get one.
+        tb.shared().files.pretend_free_bytes(None);
+        let mut events = alice.events().unwrap();
+        let again = begin_upload(&alice, "cat-again.png", "image/png", &picture).await;
+        assert!(matches!(upload_rest(alice.connection(), again.file, &picture, 0).await, TransferReply::Complete(_)));
+        thumbnail_event(&mut events, again.file).await;
+    })
+    .await
+}
+
 /// Waits for the `Event::File` that gives `file` a thumbnail.
 async fn thumbnail_event(events: &mut switchboard_client::Events, file: FileId) -> switchboard_protocol::FileRef {
     within(STEP_DEADLINE, "the thumbnail event", async {

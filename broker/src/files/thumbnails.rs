@@ -205,6 +205,20 @@ async fn png_for(shared: &Shared, id: &FileId, record: &FileRecord) -> Option<by
     };
     thumbnails.decoded.fetch_add(1, Relaxed);
     match thumbnail::make(bytes, thumbnail::ThumbnailLimits::default(), decoders).await {
+        // A thumbnail larger than its image is none: the image itself shows better, and
+        // thumbnails are not charged to the quota, so each may cost at most what its image
+        // was charged (before, 4 KiB images each stored a PNG of up to 256 KiB: a quota
+        // filled with them held up to 64 times its size on the disk; an attacker review).
+        Ok(png) if png.len() as u64 > record.size => {
+            tracing::debug!(
+                file = blobs::hex(id),
+                png = png.len(),
+                image = record.size,
+                "no thumbnail: larger than its image"
+            );
+            thumbnails.line().remember(record.blake3, Outcome::None);
+            None
+        }
         Ok(png) => {
             thumbnails.line().remember(record.blake3, Outcome::Made(*blake3::hash(&png).as_bytes()));
             Some(png.into())
@@ -251,6 +265,12 @@ async fn store(shared: &Arc<Shared>, id: FileId, record: &FileRecord, png: bytes
     };
     let s = shared.clone();
     let stored = tokio::task::spawn_blocking(move || {
+        // Within the disk reserve, like an upload's begin (before, thumbnails were written
+        // into it): best effort, so none then.
+        if !requests::disk_room(&s, s.store.promised_bytes(), thumb.size) {
+            tracing::warn!(file = blobs::hex(&id), "no thumbnail: the disk is within its reserve");
+            return Ok(None);
+        }
         // The file may have gone meanwhile: then so does its thumbnail's blob.
         let added = s.files.blobs.store_thumbnail(&s.store, &id, &thumb_id, &thumb, &png)?;
         Ok::<_, String>(added.map(|(_, durable)| (durable, thumb)))
