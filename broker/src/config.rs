@@ -99,6 +99,12 @@ pub struct Config {
     /// included) are answered `RATE_LIMITED` until the allowance refills (default
     /// `MEMBER_ROWS_PER_SEC`).
     pub member_rows_per_sec: u32,
+    /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership and
+    /// title changes) one user may make a second over all its devices, with a burst of
+    /// `WRITE_BURST_SECS` seconds' worth; one more is answered `RATE_LIMITED` before it
+    /// is admitted (default `limits::WRITES_PER_SEC`). 0: no limit (`Config::ephemeral`,
+    /// which tests and the load harness start, has none).
+    pub writes_per_sec: u32,
     /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership
     /// changes) admitted and not yet answered, over all connections; one more is
     /// answered `OVERLOADED` at once (`overload.rs`; default
@@ -255,6 +261,7 @@ impl Default for Config {
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
             max_live_conversations_per_user: crate::limits::MAX_LIVE_CONVERSATIONS_PER_USER,
             member_rows_per_sec: crate::limits::MEMBER_ROWS_PER_SEC,
+            writes_per_sec: crate::limits::WRITES_PER_SEC,
             max_sends_in_flight: crate::limits::MAX_SENDS_IN_FLIGHT,
             max_sends_in_flight_per_user: crate::limits::MAX_SENDS_IN_FLIGHT_PER_USER,
             send_delay_target_ms: crate::limits::SEND_DELAY_TARGET_MS,
@@ -427,7 +434,9 @@ impl Config {
     /// A configuration for tests and embedded use: ephemeral port, given dir, cheap
     /// argon2 and a small cache. A test harness enrolls many users from one address at
     /// once, so the password queue and the per-address registration allowance are
-    /// effectively unbounded here; tests of those bounds set them.
+    /// effectively unbounded here, and a load test writes as fast as the broker takes
+    /// it, so users' writes are not limited (`writes_per_sec`); tests of those bounds
+    /// set them.
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -436,6 +445,7 @@ impl Config {
             argon2_iterations: 1,
             argon2_queue: 1 << 16,
             registration_burst_per_address: u32::MAX,
+            writes_per_sec: 0,
             store_cache_bytes: 16 * 1024 * 1024,
             // A test machine's disk may be nearly full; tests of the reserve set one.
             disk_reserve_bytes: 0,

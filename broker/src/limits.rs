@@ -198,6 +198,23 @@ pub const MEMBER_ROWS_BURST_SECS: f64 = 2.0;
 /// user's bucket may be dropped once it has refilled, `rows / member_rows_per_sec`
 /// seconds after its last such read.
 pub const MEMBER_ROWS_BUCKETS_MAX: usize = 65_536;
+/// Default `writes_per_sec`: conversation log writes (a message, a file message, an
+/// edit, a delete, a membership or title change) one user may make a second, over all
+/// its devices, with a burst of `WRITE_BURST_SECS` seconds' worth (200). A person
+/// writes a few a minute, a client flushing what it wrote offline a few dozen at once;
+/// before there was no rate at all, only `max_sends_in_flight_per_user` in flight, and
+/// one account could write as fast as the broker acknowledged into a group of strangers
+/// it had added (256 at a time), closing their devices as slow consumers and filling
+/// the disk (an attacker review). Matrix's Synapse limits messages per user the same
+/// way (`rc_message`, far lower by default); a bot or bridge needs it raised.
+pub const WRITES_PER_SEC: u32 = 20;
+/// Seconds of `writes_per_sec` one user may write in a burst.
+pub const WRITE_BURST_SECS: f64 = 10.0;
+/// Users whose write allowance is tracked at once: those who wrote within the last
+/// `WRITE_BURST_SECS` (a bucket refilled is dropped). At the cap a user without a bucket
+/// is refused `OVERLOADED` (a broker-wide bound, not the user's doing) until one is
+/// dropped. 48 bytes or so each: about 12 MiB full.
+pub const WRITE_BUCKETS_MAX: usize = 262_144;
 /// Store jobs one user's requests run at once, over all the user's sessions, for the
 /// requests served off the conversation actors on the runtime's shared blocking pool:
 /// conversation and device lists, blocks, settings, presence, file and upload lists and

@@ -15,7 +15,7 @@ use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
 
 use crate::limits::{
     CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, MAX_SESSIONS_PER_USER,
-    MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_JOBS_PER_USER,
+    MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_JOBS_PER_USER, WRITE_BUCKETS_MAX, WRITE_BURST_SECS,
 };
 
 use crate::fanout::{Online, SessionHandle};
@@ -35,6 +35,8 @@ pub struct UserDirectory {
     creations: Allowances,
     /// Member rows returned by reads that list members (`allow_member_reads`).
     member_rows: Allowances,
+    /// Conversation log writes (`allow_write`); `None`: not limited.
+    writes: Option<Allowances>,
     /// Each user's store slots (`store_slots`).
     store_slots: Mutex<StoreSlots>,
 }
@@ -108,6 +110,11 @@ impl Allowances {
         self.with(user, now, |b| b.take(now, self.per_s, self.burst)).unwrap_or(false)
     }
 
+    /// Gives back one token `take` took from `user`'s bucket (up to the burst).
+    pub(crate) fn give_back(&self, user: UserId, now: Instant) {
+        self.with(user, now, |b| b.tokens = (b.tokens + 1.0).min(self.burst));
+    }
+
     /// Users with a bucket.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -135,15 +142,19 @@ impl Allowances {
 
 impl UserDirectory {
     /// An empty directory publishing into `online`; each user's reads that list members
-    /// may return `member_rows_per_sec` member rows a second (`allow_member_reads`).
-    pub fn new(online: Arc<Online>, member_rows_per_sec: u32) -> Self {
+    /// may return `member_rows_per_sec` member rows a second (`allow_member_reads`), and
+    /// each user may make `writes_per_sec` log writes a second (`allow_write`; 0: any).
+    pub fn new(online: Arc<Online>, member_rows_per_sec: u32, writes_per_sec: u32) -> Self {
         let rows = f64::from(member_rows_per_sec);
+        let writes = f64::from(writes_per_sec);
         UserDirectory {
             sessions: Mutex::default(),
             reserved: Arc::default(),
             online,
             creations: Allowances::new(CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST, CREATION_BUCKETS_MAX),
             member_rows: Allowances::new(rows, rows * MEMBER_ROWS_BURST_SECS, MEMBER_ROWS_BUCKETS_MAX),
+            writes: (writes_per_sec > 0)
+                .then(|| Allowances::new(writes, (writes * WRITE_BURST_SECS).max(1.0), WRITE_BUCKETS_MAX)),
             store_slots: Mutex::default(),
         }
     }
@@ -259,10 +270,34 @@ impl UserDirectory {
         }
     }
 
+    /// Takes one conversation log write from `user`'s allowance (`writes_per_sec`, shared
+    /// by all its connections, outliving them), or says `RATE_LIMITED` (retry the same
+    /// write, with the same client id, after a backoff: it refills `writes_per_sec` a
+    /// second), or `OVERLOADED` when `WRITE_BUCKETS_MAX` other users have written within
+    /// the burst's refill time.
+    pub fn allow_write(&self, user: UserId) -> Result<(), ErrorBody> {
+        let Some(allowance) = &self.writes else { return Ok(()) };
+        let now = Instant::now();
+        match allowance.with(user, now, |b| b.take(now, allowance.per_s, allowance.burst)) {
+            Some(true) => Ok(()),
+            Some(false) => Err(ErrorBody::new(
+                ErrorCode::RATE_LIMITED,
+                format!("writing faster than {} a second; retry in a second", allowance.per_s),
+            )),
+            None => Err(ErrorBody::new(ErrorCode::OVERLOADED, "too many users are writing; retry in a second")),
+        }
+    }
+
+    /// Gives back a write `allow_write` granted but the broker did not admit.
+    pub fn refund_write(&self, user: UserId) {
+        if let Some(allowance) = &self.writes {
+            allowance.give_back(user, Instant::now());
+        }
+    }
+
     /// Gives back a creation `allow_creation` granted but nothing was created for.
     pub fn refund_creation(&self, user: UserId) {
-        let (allowance, now) = (&self.creations, Instant::now());
-        allowance.with(user, now, |b| b.tokens = (b.tokens + 1.0).min(allowance.burst));
+        self.creations.give_back(user, Instant::now());
     }
 
     /// Whether `user` may make a read that lists members now (`Members`, `Receipts`,
@@ -358,7 +393,7 @@ mod tests {
 
     #[test]
     fn a_users_store_slots_are_shared_while_held_and_swept_when_gone() {
-        let users = UserDirectory::new(Arc::default(), 1000);
+        let users = UserDirectory::new(Arc::default(), 1000, 0);
         let alice = users.store_slots(1);
         assert!(Arc::ptr_eq(&alice, &users.store_slots(1)), "one set per user");
         assert!(!Arc::ptr_eq(&alice, &users.store_slots(2)), "apart from other users'");
@@ -408,7 +443,7 @@ mod tests {
 
     #[test]
     fn a_users_places_are_reserved_before_authed_and_given_back() {
-        let users = UserDirectory::new(Arc::default(), 1000);
+        let users = UserDirectory::new(Arc::default(), 1000, 0);
         let mut places: Vec<Reservation> = Vec::new();
         for _ in 0..MAX_SESSIONS_PER_USER {
             places.push(users.reserve(7).unwrap());

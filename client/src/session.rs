@@ -56,9 +56,11 @@ pub struct SessionConfig {
     /// Catch-up pages outstanding at once (4), so responses never crowd the broker's
     /// per-device queue.
     pub max_fetching: usize,
-    /// Times a request the broker refused with `OVERLOADED` (it is shedding load), or a
+    /// Times a request the broker refused with `OVERLOADED` (it is shedding load), a
     /// read that lists members, a `FileInfo` or a `SendFiles` refused with
-    /// `RATE_LIMITED` (the user's allowance of member rows), is sent again before the refusal reaches the caller (6), and a
+    /// `RATE_LIMITED` (the user's allowance of member rows), or a message write (`Send`,
+    /// `SendFiles`, `Edit`, `Delete`) refused with `RATE_LIMITED` (the user's allowance of
+    /// writes), is sent again before the refusal reaches the caller (6), and a
     /// catch-up page so refused is asked for again, each after a reconnect-like
     /// backoff (`backoff_min_ms` doubling up to `backoff_max_ms`, with jitter: about 6 s
     /// in all with the defaults; a new connection sends it at once). Only requests that
@@ -212,7 +214,8 @@ impl SessionError {
 /// `SessionError::Interrupted`. A request the broker refuses with `OVERLOADED` (past
 /// saturation it sheds writes rather than queue them), or a read that lists members, a
 /// `FileInfo` or a `SendFiles` refused with `RATE_LIMITED` (the allowance of member rows
-/// these draw on), is sent again after a
+/// these draw on), or a write with a client id refused with `RATE_LIMITED` (the user's
+/// allowance of writes), is sent again after a
 /// backoff when it is safe to repeat, up to `overload_retries` times; so is a catch-up
 /// page, and a write with a client id answered `INTERNAL` (its conversation's owner
 /// failed: the write may or may not have landed, and the same id says which, once).
@@ -465,8 +468,10 @@ fn unexpected(reply: Reply) -> SessionError {
 /// after a backoff it may succeed unchanged: `OVERLOADED` (nothing was done), or
 /// `RATE_LIMITED` of a request that draws on the user's allowance of member rows (a
 /// read that lists members, or one that decides who may read a file: `FileInfo`,
-/// `SendFiles`; it refills within a second or two; other `RATE_LIMITED` allowances
-/// refill too slowly to wait for unasked), or `INTERNAL` of a write that carries a client id: its
+/// `SendFiles`; it refills within a second or two), `RATE_LIMITED` of a write that
+/// carries a client id (the user's allowance of writes, `writes_per_sec`: it refills
+/// several a second, and the same id sent again lands the write once; other
+/// `RATE_LIMITED` allowances refill too slowly to wait for unasked), or `INTERNAL` of a write that carries a client id: its
 /// conversation's actor failed with it in flight (PROTOCOL.md: retry with the same id),
 /// so it may have landed, and the same id sent again lands it once or answers its seq
 /// (before, the caller was told it failed, had no id to retry with, and a retry of its
@@ -483,7 +488,7 @@ fn shed(code: ErrorCode, body: &RequestBody) -> bool {
             | RequestBody::Presence { .. }
     );
     code == ErrorCode::OVERLOADED
-        || (code == ErrorCode::RATE_LIMITED && read)
+        || (code == ErrorCode::RATE_LIMITED && (read || keyed_write(body)))
         || (code == ErrorCode::INTERNAL && keyed_write(body))
 }
 

@@ -374,6 +374,16 @@ async fn read_loop(
                 Ok(ServerFrame::Response { result: Err(e), .. }) if e.code == ErrorCode::OVERLOADED => {
                     stats.refused_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                // A broker not started by the harness limits each user's writes (the
+                // harness's own broker does not): a failure, and the setting to change.
+                Ok(ServerFrame::Response { result: Err(e), .. }) if e.code == ErrorCode::RATE_LIMITED => {
+                    tracing::warn!(
+                        error = %e,
+                        "request failed: the broker limits each user's writes; give a broker load-tested with \
+                         --target writes_per_sec = 0 (README, \"Load testing\")"
+                    );
+                    stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(ServerFrame::Response { result: Err(e), .. }) => {
                     tracing::warn!(error = %e, "request failed");
                     stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -384,3 +384,62 @@ where
     }
     out
 }
+
+/// A user's conversation log writes are limited to `writes_per_sec` over all its
+/// connections, with a burst of ten seconds' worth: past it a write is `RATE_LIMITED`
+/// before it is admitted, other users write on, and the allowance refills. Before, only
+/// the writes in flight were bounded, and one account wrote as fast as the broker
+/// acknowledged into a group of strangers it had added (an attacker review). The client
+/// library's `Session` sends a write so refused again later with the same client id, so
+/// each lands once and the caller sees only its seq.
+#[tokio::test]
+async fn a_users_writes_past_its_rate_are_rate_limited_and_a_session_sends_them_later() {
+    bounded(async {
+        const RATE: u32 = 2;
+        let tb = TestBroker::start_with(|c| c.writes_per_sec = RATE).await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let started = std::time::Instant::now();
+        let mut written = 0u32;
+        let refused = loop {
+            match alice.send(conv, &format!("m{written}")).await {
+                Ok(_) => written += 1,
+                Err(e) => break e,
+            }
+            assert!(written < 100, "100 writes at {RATE} a second: none refused");
+        };
+        assert_eq!(refused.code(), Some(ErrorCode::RATE_LIMITED), "{refused}");
+        // The burst (ten seconds' worth), and what refilled while they were written.
+        let refilled = (started.elapsed().as_secs_f64() * f64::from(RATE)).ceil() as u32;
+        assert!((10 * RATE..=10 * RATE + refilled).contains(&written), "{written} written");
+        // Another connection of the same user shares the allowance; another user has its own.
+        let again = tb.connector().connect(&alice_id).await.unwrap();
+        assert_eq!(again.send(conv, "x").await.unwrap_err().code(), Some(ErrorCode::RATE_LIMITED));
+        bob.send(conv, "bob writes on").await.unwrap();
+        // It refills.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        alice.send(conv, "a second later").await.unwrap();
+
+        let config =
+            SessionConfig { backoff_min_ms: 100, backoff_max_ms: 1000, overload_retries: 50, ..Default::default() };
+        let (session, _events) =
+            Session::start(tb.connector(), alice_id, Arc::new(MemoryCursors::default()), config).unwrap();
+        let sends = (0..6).map(|i| {
+            let session = session.clone();
+            async move { session.send(conv, &format!("s{i}")).await }
+        });
+        let seqs: Vec<u64> = futures_join_all(sends).await.into_iter().map(Result::unwrap).collect();
+        let (entries, _) = alice.history(conv, Page::Latest, 200).await.unwrap();
+        let mut texts: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match &e.body {
+                Body::Text { text, .. } if text.starts_with('s') => Some(text.clone()),
+                _ => None,
+            })
+            .collect();
+        texts.sort();
+        assert_eq!(texts, (0..6).map(|i| format!("s{i}")).collect::<Vec<_>>(), "each stored once: {seqs:?}");
+    })
+    .await
+}

@@ -476,9 +476,18 @@ impl Session {
                 | RequestBody::SetRole { .. }
                 | RequestBody::SetTitle { .. }
         ) {
+            // The user's rate first (`writes_per_sec`): a write refused for it takes no
+            // place in flight; one the broker sheds gives its allowance back (the client
+            // sends it again after a backoff).
+            if let Err(refused) = shared.users.allow_write(caller.user) {
+                return reply.send(Err(refused));
+            }
             match shared.sends.admit(caller.user, &self.backlog) {
                 Ok(ticket) => reply = reply.admitted(ticket),
-                Err(refused) => return reply.send(Err(refused)),
+                Err(refused) => {
+                    shared.users.refund_write(caller.user);
+                    return reply.send(Err(refused));
+                }
             }
         }
         let convs = &shared.convs;
