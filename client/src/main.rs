@@ -721,7 +721,7 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 files::uploads(&client, home, out, &reach).await?;
             } else {
                 let client = connector.connect(identity).await?;
-                authed(&client, home, out, command).await?;
+                authed(&client, identity, home, out, command).await?;
             }
         }
     }
@@ -1150,7 +1150,8 @@ async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<
     }
 }
 
-async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> anyhow::Result<()> {
+/// Runs `command` as `me` (this home's identity) on `client`.
+async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Register { .. } | Command::Login { .. } | Command::Probe { .. } => {
             unreachable!("handled before connecting")
@@ -1297,7 +1298,8 @@ async fn authed(client: &Client, home: &Path, out: &Out, command: Command) -> an
             let r = client.mark_read(conv, seq).await?;
             let read = r.read_up_to.unwrap_or(seq);
             out.line(
-                json!({"conv": r.conv, "user": r.user, "user_id": r.user, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
+                // `user_name` as every line about a user (it was missing: a trial).
+                json!({"conv": r.conv, "user": r.user, "user_id": r.user, "user_name": me.user, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
                 || match read.cmp(&seq) {
                     // A read mark never goes back, nor past the newest message.
                     std::cmp::Ordering::Greater => format!("conv {} read up to {read} already", r.conv),
@@ -2003,8 +2005,11 @@ impl ReceiptLines {
             return None;
         }
         *shown = (shown.0.max(r.delivered_up_to), shown.1.max(read.unwrap_or(0)));
-        // The highest shown, never less (a read news with a delivered behind it).
-        let says = (r.conv, shown.0, (shown.1 > 0).then_some(shown.1));
+        // The highest shown, never less (a read news with a delivered behind it); no read
+        // when this receipt shows none (the member keeps reads private now: before, the
+        // read shown before the change was printed again with every delivery, as if
+        // current).
+        let says = (r.conv, shown.0, read.map(|_| shown.1));
         if let Some(line) = &mut self.pending
             && line.says == says
         {
@@ -2552,6 +2557,9 @@ mod tests {
         assert_eq!(lines.take().as_deref(), Some("[7] eve received up to #43"));
         assert_eq!(lines.add(&receipt(20, 42, Some(40)), "eve".into(), now), None, "a read is news");
         assert_eq!(lines.take().as_deref(), Some("[7] eve read up to #40 (delivered #43)"));
+        // Eve turns private reads on: her deliveries no longer carry the read shown before.
+        assert_eq!(lines.add(&receipt(20, 44, None), "eve".into(), now), None);
+        assert_eq!(lines.take().as_deref(), Some("[7] eve received up to #44"));
     }
 
     #[test]

@@ -437,6 +437,7 @@ async fn read_moves_the_unread_count_in_conv_list() {
 
     let read = sb(&bob, &broker, &["read", &conv, "3"]);
     assert_eq!(read[0]["read_up_to"].as_u64(), Some(3));
+    assert_eq!(read[0]["user_name"], "bob", "named as every line about a user");
     let list = sb(&bob, &broker, &["conv", "list"]);
     assert_eq!(list[0]["unread"].as_u64(), Some(1), "seq 4 is still unread");
     // Alice's own messages are never unread for her.

@@ -180,11 +180,13 @@ pub async fn upload(
         || {
             let then = match conv {
                 Some(c) if remembered => {
-                    format!(", then sending it to conv {c} as the run that began it was asked (--no-send: do not)")
+                    format!(" (then sending it to conv {c} as the run that began it was asked; --no-send: do not)")
                 }
-                Some(c) => format!(", then sending it to conv {c}"),
+                Some(c) => format!(" (then sending it to conv {c})"),
                 None => String::new(),
             };
+            // The id stands alone, ended by a space or the line's end (a script takes the
+            // word after "as"; it was followed by a comma).
             format!("uploading {} as {}{then}", path.display(), hex(&file))
         },
     );
