@@ -459,6 +459,13 @@ pub(crate) fn sync_file(path: &Path) -> std::io::Result<()> {
 pub struct Durable(oneshot::Receiver<Result<(), StoreError>>);
 
 impl Durable {
+    /// Blocks the calling thread until the write is durable: for blocking code (a
+    /// `spawn_blocking` thread, or a plain thread outside any runtime, where
+    /// `Handle::current().block_on` panics). Panics if called on a runtime worker.
+    pub fn wait_blocking(self) -> Result<(), StoreError> {
+        self.0.blocking_recv().unwrap_or(Err(StoreError::Closed))
+    }
+
     /// One that is resolved already (nothing was written to wait for).
     pub(crate) fn ready() -> Durable {
         let (tx, rx) = oneshot::channel();
@@ -516,6 +523,19 @@ mod tests {
             let _ = tx.send((n, std::time::Instant::now()));
         }));
         rx
+    }
+
+    /// A commit is waited for on a plain thread (no runtime: `Handle::current` panics
+    /// there), and a committer that stopped says `Closed` rather than hang.
+    #[test]
+    fn a_commit_is_waited_for_on_a_plain_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, committer) = start(dir.path());
+        let durable = committer.wait().unwrap();
+        std::thread::spawn(move || durable.wait_blocking()).join().unwrap().unwrap();
+        let (tx, rx) = oneshot::channel::<Result<(), StoreError>>();
+        drop(tx);
+        assert!(matches!(Durable(rx).wait_blocking(), Err(StoreError::Closed)));
     }
 
     #[test]

@@ -609,7 +609,7 @@ impl Upload {
             // Durably publishing (the record refers to the blob) before the partial file
             // goes: only such an upload is completed by the start-up repair.
             match shared.store.begin_publish(&id).map_err(|e| e.to_string())? {
-                Some(durable) => tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?,
+                Some(durable) => durable.wait_blocking().map_err(|e| e.to_string())?,
                 None => return Ok(None),
             }
             shared.files.blobs.publish(&shared.store, &id, &hash, owner)

@@ -646,7 +646,7 @@ fn remove_upload(shared: &Shared, id: &FileId) -> Result<Option<switchboard_stor
             // The record goes first and durably: a crash before the file goes leaves an
             // orphan file, which the start-up repair deletes. Deleting the file first
             // could bring back the record without its bytes.
-            tokio::runtime::Handle::current().block_on(durable).map_err(|e| e.to_string())?;
+            durable.wait_blocking().map_err(|e| e.to_string())?;
             shared.files.blobs.remove_partial(id, Some(record.uploader)).map_err(|e| e.to_string())?;
             Ok(Some(record))
         }
@@ -669,8 +669,9 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<bool, String> {
     }
     // The references are gone on disk before the bytes are: a crash in between leaves
     // only unreferenced blobs, deleted at the next start.
-    let rt = tokio::runtime::Handle::current();
-    rt.block_on(collected.durable).map_err(|e| e.to_string())?;
+    // Waited for without a runtime handle: `settle_sent` may run here on a plain thread
+    // (an answer given off the runtime), where `Handle::current` panics.
+    collected.durable.wait_blocking().map_err(|e| e.to_string())?;
     for hash in collected.unreferenced {
         // Another upload of the same bytes may have published onto it since.
         let owner = collected.owner.filter(|(_, blob)| *blob == hash).map(|(user, _)| user);
@@ -684,7 +685,7 @@ pub(crate) fn collect(shared: &Shared, id: &FileId) -> Result<bool, String> {
 /// it is durable. Blocking.
 fn wait_durable(shared: &Shared) -> Result<(), String> {
     let barrier = shared.store.barrier().map_err(|e| e.to_string())?;
-    tokio::runtime::Handle::current().block_on(barrier).map_err(|e| e.to_string())
+    barrier.wait_blocking().map_err(|e| e.to_string())
 }
 
 /// `collect`, with the file's record if this call deleted it (to tell whoever saw it).
