@@ -115,7 +115,7 @@ pub struct Shared {
     /// Where a test may hold a request (`pauses.rs`); for tests only, none is held
     /// otherwise.
     #[doc(hidden)]
-    pub pauses: pauses::Pauses,
+    pub pauses: Arc<pauses::Pauses>,
 }
 
 /// What the broker holds now, for the operator (`Shared::status`; logged every
@@ -420,7 +420,8 @@ impl Broker {
             // A nicety: a start does not fail for it (users go offline and back instead).
             tracing::warn!(error = %e, "reading who was connected at the last stop failed");
         }
-        let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms);
+        let pauses = Arc::new(pauses::Pauses::default());
+        let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms, pauses.clone());
         if config.member_rows_per_sec < switchboard_protocol::limits::MAX_GROUP_MEMBERS {
             tracing::warn!(
                 member_rows_per_sec = config.member_rows_per_sec,
@@ -443,7 +444,7 @@ impl Broker {
             sends,
             health,
             counters: metrics::Counters::with_tickets_opened(tickets_opened),
-            pauses: pauses::Pauses::default(),
+            pauses,
         });
         let mut accept: Vec<tokio::task::JoinHandle<()>> = endpoints
             .iter()

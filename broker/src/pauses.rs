@@ -37,6 +37,12 @@ pub enum Point {
     /// An entry in its conversation's actor, just after it was sent to the members'
     /// online devices (the actor takes nothing else meanwhile).
     EntrySent,
+    /// The typing pusher, after it took the changes waiting and before it read any
+    /// conversation's members (on its blocking thread).
+    TypingDrain,
+    /// The typing pusher, after it read a start's audience (members, blocks) and before
+    /// it takes the state's lock to send it.
+    TypingAudience,
 }
 
 /// The armed points of one broker (`Shared::pauses`). For tests only: nothing else

@@ -26,6 +26,7 @@
 //! typist's next change.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,7 @@ use crate::limits::{
     TYPING_SNAPSHOT_MAX, TYPING_SNAPSHOT_MEMBER_READS, TYPING_SNAPSHOTS_PER_DRAIN, TYPING_SNAPSHOTS_WAITING_MAX,
 };
 use crate::outbound::Outbound;
+use crate::pauses::{Pauses, Point};
 use crate::presence::{Timed, spawn_timer};
 use crate::user::Allowances;
 
@@ -278,8 +280,12 @@ pub struct Typing {
     /// (one dropped past it leaves its indicator shown until the typist's next change or
     /// the receiver reconnects; stops come only for standing indicators, so this takes a
     /// pusher stalled while more end than can stand at once). Lock
-    /// order: `state`, then this.
+    /// order: `state`, then this, then `in_flight`.
     pending: Mutex<HashMap<(ConvId, UserId), bool>>,
+    /// The stops the pusher took from `pending` and has not pushed yet (set under
+    /// `pending`'s lock as they are taken): `blocked` sends those too, since the pusher's
+    /// audience, if read after the block, leaves the blocked side out.
+    in_flight: Mutex<Vec<(ConvId, UserId)>>,
     /// Devices that connected while indicators stood, waiting to be told them
     /// (`session_started`; at most `TYPING_SNAPSHOTS_WAITING_MAX`).
     snapshots: Mutex<Vec<(UserId, Arc<Outbound>)>>,
@@ -294,6 +300,13 @@ pub struct Typing {
     /// one of its typist's places, and the typist's next start counted as a repeat and
     /// was not pushed) nor ends one early when it steps forward.
     epoch: Instant,
+    /// Blocks made and departures delivered (a member who left or was removed), counted
+    /// under the state's lock: a start whose audience was read before one is told only
+    /// to an audience read again under the lock (`push_changes`), since the block's
+    /// stops (`blocked`) or the departure's entry may have gone out before it.
+    departures: AtomicU64,
+    /// Where a test may hold the pusher (`Point::TypingDrain`, `Point::TypingAudience`).
+    pauses: Arc<Pauses>,
 }
 
 impl Drop for Typing {
@@ -306,25 +319,28 @@ impl Drop for Typing {
 impl Typing {
     /// A driver with indicators lasting `ttl_ms`, its timer and pusher tasks spawned on
     /// the current tokio runtime (they end when the driver is dropped).
-    pub fn start(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64) -> Arc<Typing> {
-        let typing = Arc::new(Typing::new(store, online, ttl_ms));
+    pub fn start(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64, pauses: Arc<Pauses>) -> Arc<Typing> {
+        let typing = Arc::new(Typing::new(store, online, ttl_ms, pauses));
         spawn_timer(Arc::downgrade(&typing), typing.wake.clone());
         spawn_pusher(Arc::downgrade(&typing), typing.push_wake.clone());
         typing
     }
 
     /// The driver without its tasks (tests run `push_pending` by hand).
-    fn new(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64) -> Typing {
+    fn new(store: Arc<Store>, online: Arc<Online>, ttl_ms: u64, pauses: Arc<Pauses>) -> Typing {
         Typing {
             state: Mutex::new(TypingState::new(ttl_ms)),
             allowance: Allowances::new(TYPING_SIGNALS_PER_S, TYPING_SIGNAL_BURST, TYPING_ALLOWANCES_MAX),
             pending: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(Vec::new()),
             snapshots: Mutex::new(Vec::new()),
             store,
             online,
             wake: Arc::new(Notify::new()),
             push_wake: Arc::new(Notify::new()),
             epoch: Instant::now(),
+            departures: AtomicU64::new(0),
+            pauses,
         }
     }
 
@@ -357,18 +373,31 @@ impl Typing {
     /// and each one's indicators standing now are stopped on the other's devices here,
     /// in the conversations the other is a member of, since the stop the typist's next
     /// change brings is filtered like any event between the two (before, the blocker saw
-    /// the blocked user typing until it reconnected: a review of this change). Reads a
-    /// member key per conversation either is typing in (at most 2 × 16).
+    /// the blocked user typing until it reconnected: a review of this change). So are
+    /// the typist's stops waiting for the pusher or taken by it and not pushed yet,
+    /// which would be filtered too (before, an indicator that ended just before the
+    /// block stayed shown: an attacker review). Reads a member key per conversation either is typing in (at most 2 × 16)
+    /// or has a stop waiting in.
     pub fn blocked(&self, a: UserId, b: UserId) {
         for (typist, viewer) in [(a, b), (b, a)] {
+            // Under the state's lock: a snapshot's start (`tell_standing`) checked
+            // before the block is queued before this stop, and one checked after sees
+            // the block; a start the pusher read its audience for before the block is
+            // told to an audience read again (`departures`).
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            self.departures.fetch_add(1, Ordering::SeqCst);
             if self.online.sessions(viewer).is_none() {
                 continue;
             }
-            // Under the state's lock: a snapshot's start (`tell_standing`) checked
-            // before the block is queued before this stop, and one checked after sees
-            // the block.
-            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            for conv in state.typing_in(typist) {
+            let mut convs: BTreeSet<ConvId> = state.typing_in(typist).into_iter().collect();
+            {
+                let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let waiting = pending.iter().filter(|&(&(_, user), &typing)| user == typist && !typing);
+                convs.extend(waiting.map(|(&(conv, _), _)| conv));
+                let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                convs.extend(in_flight.iter().filter(|&&(_, user)| user == typist).map(|&(conv, _)| conv));
+            }
+            for conv in convs {
                 if matches!(self.store.member(conv, viewer), Ok(Some(_))) {
                     self.deliver(&[viewer], TypingChange { conv, user: typist, typing: false });
                 }
@@ -493,19 +522,32 @@ impl Typing {
             Body::MemberRemoved { user } => user,
             _ => return,
         };
-        self.update(|state, _| state.handle_gone(entry.conv, gone));
+        self.update(|state, _| {
+            // Before the entry goes out: a start whose audience still had them is told to
+            // one read again (`push_changes`), or queued before the entry.
+            self.departures.fetch_add(1, Ordering::SeqCst);
+            state.handle_gone(entry.conv, gone)
+        });
     }
 
     /// Pushes the changes waiting (`take_pending`, then `push_changes`); returns them as
     /// pushed. Blocking: reads the store.
     fn push_pending(&self) -> Vec<TypingChange> {
         let taken = self.take_pending();
-        self.push_changes(taken)
+        self.pauses.pass_blocking(Point::TypingDrain);
+        let pushed = self.push_changes(taken);
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        pushed
     }
 
     /// Takes the changes waiting.
+    /// Takes the changes waiting, the stops among them counted in flight until pushed.
     fn take_pending(&self) -> HashMap<(ConvId, UserId), bool> {
-        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = std::mem::take(&mut *pending);
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        *in_flight = taken.iter().filter(|&(_, &typing)| !typing).map(|(&key, _)| key).collect();
+        taken
     }
 
     /// Pushes `changes`, each to its conversation's other members' online devices,
@@ -522,6 +564,8 @@ impl Typing {
         }
         let mut pushed = Vec::new();
         for (conv, changes) in by_conv {
+            // Read before the members and the blocks are.
+            let departures = self.departures.load(Ordering::SeqCst);
             let members = match self.store.members(conv) {
                 Ok(m) => m,
                 Err(e) => {
@@ -539,13 +583,27 @@ impl Typing {
                     }
                     continue;
                 }
-                let others = self.audience(&members, user);
+                let mut others = self.audience(&members, user);
+                if typing {
+                    self.pauses.pass_blocking(Point::TypingAudience);
+                }
                 // A start is checked and sent under the state's lock: a message delivered
                 // after the check is delivered after this start is queued for each
-                // receiver (`entry_delivered` takes the lock first), and clears it.
+                // receiver (`entry_delivered` takes the lock first), and clears it; so is
+                // a departure's entry, and a block's stops (`blocked`).
                 let standing = typing.then(|| self.state.lock().unwrap_or_else(|p| p.into_inner()));
                 if standing.as_ref().is_some_and(|state| !state.is_typing(conv, user)) {
                     continue;
+                }
+                if standing.is_some() && self.departures.load(Ordering::SeqCst) != departures {
+                    // A block or a departure since the audience was read: read again
+                    // (rare; under the lock, so none comes between). Before, a start
+                    // read for a member who then left or blocked its typist reached it
+                    // after its departure or the block's stops, and stood for good.
+                    match self.store.members(conv) {
+                        Ok(now) if now.iter().any(|&(u, _)| u == user) => others = self.audience(&now, user),
+                        _ => continue,
+                    }
                 }
                 self.deliver(&others, change);
                 drop(standing);
@@ -939,7 +997,7 @@ mod tests {
             store.append_then(&entry(conv, seq, 1, Body::MemberRemoved { user }), move |r| drop(tx.send(r))).unwrap();
             rx.recv().unwrap().unwrap();
         };
-        let typing = Typing::new(store.clone(), Arc::new(Online::default()), TTL);
+        let typing = Typing::new(store.clone(), Arc::new(Online::default()), TTL, Arc::default());
         let is_typing = |user| typing.state.lock().unwrap().is_typing(conv, user);
         let start = |user| typing.signal(user, user * 10, Signal::Typing { conv, typing: true });
         let change = |user, typing| TypingChange { conv, user, typing };
@@ -991,7 +1049,7 @@ mod tests {
         let pair = create(&[(1, Role::Owner), (4, Role::Member)]);
         let others = create(&[(5, Role::Owner), (6, Role::Member)]);
         store.set_block(2, 3, true, 16).unwrap();
-        let typing = Typing::new(store.clone(), Arc::new(Online::default()), TTL);
+        let typing = Typing::new(store.clone(), Arc::new(Online::default()), TTL, Arc::default());
         for (conv, user) in [(team, 1), (team, 2), (team, 3), (pair, 4), (others, 6)] {
             typing.signal(user, user * 10, Signal::Typing { conv, typing: true });
         }

@@ -132,6 +132,12 @@ impl Merge {
         }
     }
 
+    /// Whether this user left `conv` (or was removed) as far as the merge has seen, and
+    /// was not added back since.
+    pub fn has_left(&self, conv: ConvId) -> bool {
+        !self.convs.contains_key(&conv) && self.left.contains(conv)
+    }
+
     /// The cursors kept of conversations left, oldest first.
     pub fn left(&self) -> impl Iterator<Item = (ConvId, Seq)> + '_ {
         self.left.iter()
@@ -370,12 +376,15 @@ mod tests {
     fn a_conversation_joined_again_resumes_at_the_cursor_it_was_left_at() {
         let mut m = Merge::new([(7, 3), (8, 5)], 100).with_left([(9, 4), (8, 1)]);
         assert_eq!(m.left().collect::<Vec<_>>(), [(9, 4)], "one tracked is not left");
+        assert!(!m.has_left(7));
         m.forget(7);
         assert_eq!(m.left().collect::<Vec<_>>(), [(9, 4), (7, 3)]);
+        assert!(m.has_left(7) && m.has_left(9) && !m.has_left(8), "what typing starts are dropped for");
         assert!(m.fetches(4, ROOM).is_empty(), "left ones are not probed");
         // Added back to 7 live: the entry adding the user is beyond a gap from the
         // kept cursor, and the gap is fetched from there, not from the start.
         assert!(m.live(added(7, 12), ROOM).is_empty());
+        assert!(!m.has_left(7), "added back");
         assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 9)]);
         assert_eq!(seqs(&m.page(page(7, 4..=11, 12), ROOM)), (4..=12).map(|s| (7, s)).collect::<Vec<_>>());
         // Added back to 9 while away: listed again after a connect.

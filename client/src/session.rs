@@ -1573,6 +1573,13 @@ impl Task {
     /// A typing change from the broker, through `TypingShown`.
     fn typing(&mut self, conv: ConvId, user: UserId, typing: bool) {
         let now = Instant::now();
+        // A start in a conversation this user has left is not shown: it would stand for
+        // good (its stop is not sent to a former member). A start, a datagram, is not
+        // ordered with the entries on the control stream: one sent just before the
+        // departure can come after the entry saying so (an attacker review).
+        if typing && self.merge.has_left(conv) {
+            return;
+        }
         if typing {
             let out = &self.out;
             self.typing.start((conv, user), now, || out.try_send(SessionEvent::Typing { conv, user, typing }).is_ok());

@@ -575,6 +575,80 @@ async fn blocking_a_typist_stops_its_indicator_for_the_blocker_only() {
     .await
 }
 
+/// Typing events for `ms` (others skipped): what `events` was told of typing meanwhile.
+async fn typing_for(events: &mut Events, ms: u64) -> Vec<(ConvId, UserId, bool)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    let mut told = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return told,
+            Ok(Some(Event::Typing { conv, user, typing })) => told.push((conv, user, typing)),
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the event stream closed"),
+        }
+    }
+}
+
+/// An indicator that ended just before a block, its stop taken by the pusher and not yet
+/// pushed, is stopped for the blocker by the block. Before, the block stopped only the
+/// indicators still standing, the pusher's audience (read after the block) left the
+/// blocker out, and the blocker saw the typist typing until it reconnected (an attacker
+/// review).
+#[tokio::test]
+async fn an_indicator_that_ended_just_before_a_block_is_stopped_for_the_blocker() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.typing_ttl_ms = 60_000).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut alice_events = alice.events().unwrap();
+        let conv = alice.create_group("team", &["bob".into()]).await.unwrap().id;
+        bob.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut alice_events).await, (conv, bob.user_id, true));
+        let mut held = tb.shared().pauses.arm(switchboard_broker::pauses::Point::TypingDrain);
+        bob.typing(conv, false).await.unwrap();
+        held.reached().await;
+        alice.block("bob", true).await.unwrap();
+        held.release();
+        assert_eq!(next_typing(&mut alice_events).await, (conv, bob.user_id, false));
+    })
+    .await
+}
+
+/// A start whose audience the pusher read before a block or a departure reaches neither
+/// the blocker nor the member who left. Before, it went out after the block's stop or
+/// the removal's entry, and stood for good on their devices (no stop follows for them:
+/// an attacker review).
+#[tokio::test]
+async fn a_start_read_for_an_audience_before_a_block_or_a_removal_reaches_neither() {
+    bounded(async {
+        use switchboard_broker::pauses::Point;
+        let tb = TestBroker::start_with(|c| c.typing_ttl_ms = 60_000).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (carol, _) = tb.register("carol").await;
+        let (dave, _) = tb.register("dave").await;
+        let (mut alice_events, mut carol_events) = (alice.events().unwrap(), carol.events().unwrap());
+        let mut dave_events = dave.events().unwrap();
+        let conv = alice.create_group("team", &["bob".into(), "carol".into(), "dave".into()]).await.unwrap().id;
+        assert_eq!(next_entry(&mut carol_events).await.conv, conv);
+        assert_eq!(next_entry(&mut dave_events).await.conv, conv);
+
+        let mut held = tb.shared().pauses.arm(Point::TypingAudience);
+        bob.typing(conv, true).await.unwrap();
+        held.reached().await;
+        alice.block("bob", true).await.unwrap();
+        alice.remove_member(conv, carol.user_id).await.unwrap();
+        assert!(matches!(next_entry(&mut carol_events).await.body, Body::MemberRemoved { .. }));
+        held.release();
+        assert_eq!(next_typing(&mut dave_events).await, (conv, bob.user_id, true), "a member is told");
+        let to_alice = typing_for(&mut alice_events, 600).await;
+        assert!(to_alice.iter().all(|&(_, _, typing)| !typing), "the blocker was told a start: {to_alice:?}");
+        let to_carol = typing_for(&mut carol_events, 0).await;
+        assert!(to_carol.is_empty(), "the removed member was told: {to_carol:?}");
+    })
+    .await
+}
+
 /// A device that connects while someone types in one of its conversations is told so
 /// at once (before, it saw nothing until the typist's next change, which could be the
 /// message itself: a new user's trial); a stranger connecting is told nothing, and the
