@@ -810,6 +810,14 @@ async fn download_resumes_from_what_a_killed_run_left() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is a link: refused (not followed)"), "{refused:?}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     std::fs::remove_file(&partial).unwrap();
+    // So is a hard link: a second name for a file of mine (before, the file was emptied
+    // or written into: an attacker review).
+    std::fs::hard_link(&victim, &partial).unwrap();
+    let refused = sb_output(&alice, &broker, &["download", &id, out.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a file of yours alone"), "{refused:?}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    std::fs::remove_file(&partial).unwrap();
     // A range's bytes are not kept (nothing would check them): it starts over.
     let ranged = dir.path().join(format!(".copy.bin.{}.10+100.sb-part", &id[..16]));
     std::fs::write(&ranged, vec![0u8; 50]).unwrap();
@@ -1391,9 +1399,20 @@ async fn a_download_into_dev_null_works_and_leaves_it_alone() {
     sb(&alice, &broker, &["register", "alice"]);
     let id = uploaded(&alice, &broker, &dir.path().join("f.bin"), &pseudo_random_bytes(100_000, 8));
     let down = sb(&alice, &broker, &["download", &id, "/dev/null"]);
-    assert_eq!((down[0]["length"].as_u64(), down[0]["verified"].as_bool()), (Some(100_000), Some(false)));
+    // Verified as the bytes went out (before, a whole file written in place was not).
+    assert_eq!((down[0]["length"].as_u64(), down[0]["verified"].as_bool()), (Some(100_000), Some(true)));
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    // A pipe someone else made at OUT (in a shared directory, ahead of the download) is
+    // refused: its reader is theirs (before, every byte went to it). Made here as
+    // another user's when this runs as root (chown); otherwise that part cannot be set up.
+    let fifo = dir.path().join("report.pdf");
+    rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o666), 0).unwrap();
+    if std::os::unix::fs::chown(&fifo, Some(65534), Some(65534)).is_ok() {
+        let refused = sb_output(&alice, &broker, &["download", &id, fifo.to_str().unwrap()]);
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("a pipe or socket of another user's"), "{refused:?}");
+    }
 }
 
 /// `sb download ID -` writes the file's bytes, and only them, to standard output: its

@@ -650,16 +650,29 @@ pub async fn download(
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
     // Written in place, with nothing kept for a later run: a device, a pipe, or standard
     // output whatever it is (a file the shell opened for it has no directory of ours).
-    let special = on_stderr || std::fs::metadata(path).is_ok_and(|m| !m.is_file());
+    // A pipe or socket someone else made is refused: its reader is theirs (a FIFO made
+    // ahead in a shared directory at a likely name got every byte: an attacker review).
+    let target = std::fs::metadata(path);
+    let special = on_stderr || target.as_ref().is_ok_and(|m| !m.is_file());
+    #[cfg(unix)]
+    if !on_stderr && let Ok(m) = &target {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let (kind, mine) = (m.file_type(), m.uid() == rustix::process::geteuid().as_raw());
+        if (kind.is_fifo() || kind.is_socket()) && !mine {
+            bail!("{} is a pipe or socket of another user's: nothing downloaded", path.display());
+        }
+    }
     let partial = if special { path.to_owned() } else { partial_path(path, &file, offset, expected) };
     // Only a whole file's bytes are kept for a later run: its BLAKE3 checks them.
     let whole = offset == 0 && expected == size;
-    let (mut sink, kept) = if special {
+    let (sink, kept) = if special {
         let sink = tokio::fs::OpenOptions::new().write(true).open(path).await;
         (sink.with_context(|| format!("opening {}", path.display()))?, 0)
     } else {
         open_partial(&partial, path, expected, whole).await?
     };
+    // What goes out in place is hashed as it goes: nothing is kept to check after.
+    let mut sink = Hashing { inner: sink, hasher: blake3::Hasher::new() };
     if kept > 0 {
         out.status(json!({"event": "download_resumed", "file": hex(&file), "at": offset + kept}), || {
             format!("resuming the download at byte {} from {}", offset + kept, partial.display())
@@ -685,7 +698,17 @@ pub async fn download(
                 .await;
             done += got.get();
             let error = match range {
-                Ok(_) => break,
+                Ok(_) if done >= expected => break,
+                // The broker said the range was whole short of what was asked (a
+                // broker's fault; before, the loop ended and the bytes were said written).
+                Ok(r) => {
+                    return Err(Failure::KeepBytes(anyhow!(
+                        "the broker ended the download at byte {} of {} (it gave the file's size as {})",
+                        offset + done,
+                        offset + expected,
+                        r.size
+                    )));
+                }
                 Err(e) => e,
             };
             if got.get() > 0 {
@@ -740,10 +763,18 @@ pub async fn download(
         bar.finish_and_clear();
         let range = switchboard_client::DownloadRange { offset, length: expected, size };
         if special {
-            return Ok((range, false));
+            // A whole file written in place is checked too (before, `download ID - | tar
+            // x` took damaged bytes and exited 0): the output is not the file.
+            if whole && sink.hasher.finalize().as_bytes() != &info.blake3 {
+                return Err(Failure::KeepBytes(anyhow!(
+                    "the bytes written to {} do not match the file's BLAKE3: the output is not the file",
+                    path.display()
+                )));
+            }
+            return Ok((range, whole));
         }
         let local = |e: std::io::Error, what: &str| Failure::KeepBytes(anyhow::Error::new(e).context(format!("{what} {}", partial.display())));
-        sink.sync_all().await.map_err(|e| local(e, "writing"))?;
+        sink.inner.sync_all().await.map_err(|e| local(e, "writing"))?;
         if whole {
             let (_, hash) = hash_file(&partial).await.map_err(|e| local(e, "reading"))?;
             if hash != info.blake3 {
@@ -956,8 +987,15 @@ async fn open_partial(
     let theirs = std::os::unix::fs::MetadataExt::uid(&meta) != rustix::process::geteuid().as_raw();
     #[cfg(not(unix))]
     let theirs = false;
-    if !meta.is_file() || theirs {
-        bail!("{} is not a file of yours; remove it and download again", partial.display());
+    // A second name for the file (a hard link someone made at this predictable name to
+    // a file of mine) would have it emptied or written into: refused (an attacker
+    // review; `O_NOFOLLOW` stops symbolic links only).
+    #[cfg(unix)]
+    let linked = std::os::unix::fs::MetadataExt::nlink(&meta) > 1;
+    #[cfg(not(unix))]
+    let linked = false;
+    if !meta.is_file() || theirs || linked {
+        bail!("{} is not a file of yours alone; remove it and download again", partial.display());
     }
     match file.try_lock() {
         Ok(()) => {}
@@ -980,6 +1018,41 @@ async fn open_partial(
         .await
         .with_context(|| format!("reading {}", partial.display()))?;
     Ok((file, kept))
+}
+
+/// A sink that hashes (BLAKE3) what it writes.
+struct Hashing<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Hashing<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            this.hasher.update(&buf[..n]);
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// `sb file info|cancel|delete`.
