@@ -107,6 +107,9 @@ pub(crate) async fn block(
         return Err(ErrorBody::new(ErrorCode::INVALID, "one cannot block oneself"));
     }
     shared.users.allow_creation(caller)?;
+    // Stops pushed while the block is stored still reach both (`Typing::blocking`),
+    // until `blocked` below has stopped what stands.
+    let _in_progress = blocked.then(|| shared.typing.blocking(caller, user));
     let max = MAX_BLOCKED as usize;
     let changed = catalog_write(&shared.store, move |s| {
         unless_cut_off(s, caller, &asker, |s| s.set_block(caller, user, blocked, max))
@@ -118,6 +121,7 @@ pub(crate) async fn block(
             return Err(ErrorBody::new(ErrorCode::INVALID, format!("at most {MAX_BLOCKED} blocked users")));
         }
     }
+    shared.pauses.pass(crate::pauses::Point::BlockStored).await;
     shared.presence.blocks_changed(caller, user);
     if blocked {
         shared.typing.blocked(caller, user);

@@ -210,8 +210,9 @@ pub const MEMBER_ROWS_BUCKETS_MAX: usize = 65_536;
 pub const WRITES_PER_SEC: u32 = 20;
 /// Seconds of `writes_per_sec` one user may write in a burst.
 pub const WRITE_BURST_SECS: f64 = 10.0;
-/// Users whose write allowance is tracked at once: those who wrote within the last
-/// `WRITE_BURST_SECS` (a bucket refilled is dropped). At the cap a user without a bucket
+/// Users whose write allowance is tracked at once: those whose bucket has not refilled
+/// since they last wrote (a twentieth of a second after one write at the default rate,
+/// `WRITE_BURST_SECS` after a whole burst; a bucket refilled may be dropped). At the cap a user without a bucket
 /// is refused `OVERLOADED` (a broker-wide bound, not the user's doing) until one is
 /// dropped. 48 bytes or so each: about 12 MiB full.
 pub const WRITE_BUCKETS_MAX: usize = 262_144;

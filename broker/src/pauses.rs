@@ -37,6 +37,8 @@ pub enum Point {
     /// An entry in its conversation's actor, just after it was sent to the members'
     /// online devices (the actor takes nothing else meanwhile).
     EntrySent,
+    /// A `Block`, once stored and durable, before typing and presence are told of it.
+    BlockStored,
     /// The typing pusher, after it took the changes waiting and before it read any
     /// conversation's members (on its blocking thread).
     TypingDrain,

@@ -300,13 +300,51 @@ pub struct Typing {
     /// one of its typist's places, and the typist's next start counted as a repeat and
     /// was not pushed) nor ends one early when it steps forward.
     epoch: Instant,
-    /// Blocks made and departures delivered (a member who left or was removed), counted
-    /// under the state's lock: a start whose audience was read before one is told only
-    /// to an audience read again under the lock (`push_changes`), since the block's
-    /// stops (`blocked`) or the departure's entry may have gone out before it.
-    departures: AtomicU64,
+    /// Departures delivered (a member who left or was removed), counted by conversation
+    /// (`STAMP_SHARDS` shards) under the state's lock: a start whose audience was read
+    /// before one is sent only to an audience read again (`push_changes`), since the
+    /// departure's entry may have gone out before it.
+    departures: [AtomicU64; STAMP_SHARDS],
+    /// Blocks made, counted by each of the two users under the state's lock: likewise
+    /// for a start of either (the block's stops, `blocked`, may have gone out before it).
+    blocks: [AtomicU64; STAMP_SHARDS],
+    /// Blocks being made (the pair, lower id first, and how many of each), from before
+    /// the block is stored until `blocked` ran: a stop pushed meanwhile still goes to
+    /// the other side (the pusher sees the stored block first, and `blocked` then finds
+    /// the indicator ended and its stop gone: the stop was lost for good; a review).
+    blocking: Mutex<HashMap<(UserId, UserId), usize>>,
     /// Where a test may hold the pusher (`Point::TypingDrain`, `Point::TypingAudience`).
     pauses: Arc<Pauses>,
+}
+
+/// Shards of the stamps that tell a start to read its audience again (`departures`,
+/// `blocks`): churn in one conversation, or one user's blocks, seldom moves another's.
+const STAMP_SHARDS: usize = 64;
+
+/// Times a start's audience is read before the start is dropped (`push_start`).
+const START_READS: usize = 3;
+
+/// The stamp shard of a conversation or a user id.
+fn stamp_shard(id: u64) -> usize {
+    (id % STAMP_SHARDS as u64) as usize
+}
+
+/// A block being made (`Typing::blocking`), until dropped.
+pub struct BlockInProgress {
+    typing: Arc<Typing>,
+    pair: (UserId, UserId),
+}
+
+impl Drop for BlockInProgress {
+    fn drop(&mut self) {
+        let mut blocking = self.typing.blocking.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = blocking.get_mut(&self.pair) {
+            *n -= 1;
+            if *n == 0 {
+                blocking.remove(&self.pair);
+            }
+        }
+    }
 }
 
 impl Drop for Typing {
@@ -339,7 +377,9 @@ impl Typing {
             wake: Arc::new(Notify::new()),
             push_wake: Arc::new(Notify::new()),
             epoch: Instant::now(),
-            departures: AtomicU64::new(0),
+            departures: std::array::from_fn(|_| AtomicU64::new(0)),
+            blocks: std::array::from_fn(|_| AtomicU64::new(0)),
+            blocking: Mutex::new(HashMap::new()),
             pauses,
         }
     }
@@ -383,9 +423,9 @@ impl Typing {
             // Under the state's lock: a snapshot's start (`tell_standing`) checked
             // before the block is queued before this stop, and one checked after sees
             // the block; a start the pusher read its audience for before the block is
-            // told to an audience read again (`departures`).
+            // told to an audience read again (`blocks`).
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            self.departures.fetch_add(1, Ordering::SeqCst);
+            self.blocks[stamp_shard(typist)].fetch_add(1, Ordering::SeqCst);
             if self.online.sessions(viewer).is_none() {
                 continue;
             }
@@ -525,7 +565,7 @@ impl Typing {
         self.update(|state, _| {
             // Before the entry goes out: a start whose audience still had them is told to
             // one read again (`push_changes`), or queued before the entry.
-            self.departures.fetch_add(1, Ordering::SeqCst);
+            self.departures[stamp_shard(entry.conv)].fetch_add(1, Ordering::SeqCst);
             state.handle_gone(entry.conv, gone)
         });
     }
@@ -564,8 +604,8 @@ impl Typing {
         }
         let mut pushed = Vec::new();
         for (conv, changes) in by_conv {
-            // Read before the members and the blocks are.
-            let departures = self.departures.load(Ordering::SeqCst);
+            // Read before the members are.
+            let departures = self.departures[stamp_shard(conv)].load(Ordering::SeqCst);
             let members = match self.store.members(conv) {
                 Ok(m) => m,
                 Err(e) => {
@@ -578,45 +618,77 @@ impl Typing {
                 if typing && !members.iter().any(|&(u, _)| u == user) {
                     let ended = self.state.lock().unwrap_or_else(|p| p.into_inner()).handle_gone(conv, user);
                     if let Some(stop) = ended {
-                        self.deliver(&self.audience(&members, user), stop);
+                        self.deliver(&self.audience(&members, user, true), stop);
                         pushed.push(stop);
                     }
                     continue;
                 }
-                let mut others = self.audience(&members, user);
-                if typing {
-                    self.pauses.pass_blocking(Point::TypingAudience);
+                if !typing {
+                    self.deliver(&self.audience(&members, user, true), change);
+                    pushed.push(change);
+                } else if self.push_start(conv, user, &members, departures) {
+                    pushed.push(change);
                 }
-                // A start is checked and sent under the state's lock: a message delivered
-                // after the check is delivered after this start is queued for each
-                // receiver (`entry_delivered` takes the lock first), and clears it; so is
-                // a departure's entry, and a block's stops (`blocked`).
-                let standing = typing.then(|| self.state.lock().unwrap_or_else(|p| p.into_inner()));
-                if standing.as_ref().is_some_and(|state| !state.is_typing(conv, user)) {
-                    continue;
-                }
-                if standing.is_some() && self.departures.load(Ordering::SeqCst) != departures {
-                    // A block or a departure since the audience was read: read again
-                    // (rare; under the lock, so none comes between). Before, a start
-                    // read for a member who then left or blocked its typist reached it
-                    // after its departure or the block's stops, and stood for good.
-                    match self.store.members(conv) {
-                        Ok(now) if now.iter().any(|&(u, _)| u == user) => others = self.audience(&now, user),
-                        _ => continue,
-                    }
-                }
-                self.deliver(&others, change);
-                drop(standing);
-                pushed.push(change);
             }
         }
         pushed
     }
 
+    /// Pushes `user`'s start in `conv` to the online `members` (read after `departures`
+    /// was) who may see it; whether it went. It is checked and sent under the state's
+    /// lock: a message delivered after the check is delivered after this start is
+    /// queued for each receiver (`entry_delivered` takes the lock first), and clears it;
+    /// so is a departure's entry, and a block's stops (`blocked`). A departure or a block
+    /// counted since the audience was read (its shard's stamp moved) has it read again,
+    /// outside the lock, at most `START_READS` times, then the start is dropped (typing
+    /// is best effort; a start is a datagram anyway). Before, a start read for a member
+    /// who then left or blocked its typist reached it after its departure or the block's
+    /// stops, and stood for good (an attacker review).
+    fn push_start(&self, conv: ConvId, user: UserId, members: &[(UserId, Role)], departures: u64) -> bool {
+        let (mut members, mut departures) = (std::borrow::Cow::Borrowed(members), departures);
+        for read in 1..=START_READS {
+            let blocks = self.blocks[stamp_shard(user)].load(Ordering::SeqCst);
+            let others = self.audience(&members, user, false);
+            if read == 1 {
+                self.pauses.pass_blocking(Point::TypingAudience);
+            }
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if !state.is_typing(conv, user) {
+                return false;
+            }
+            let unmoved = self.departures[stamp_shard(conv)].load(Ordering::SeqCst) == departures
+                && self.blocks[stamp_shard(user)].load(Ordering::SeqCst) == blocks;
+            if unmoved {
+                self.deliver(&others, TypingChange { conv, user, typing: true });
+                return true;
+            }
+            drop(state);
+            departures = self.departures[stamp_shard(conv)].load(Ordering::SeqCst);
+            match self.store.members(conv) {
+                Ok(now) if now.iter().any(|&(u, _)| u == user) => members = std::borrow::Cow::Owned(now),
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// Marks a block of `b` by `a` (or of `a` by `b`) as being made until the returned
+    /// guard is dropped, after `blocked`: stops pushed meanwhile still reach the other
+    /// side (`blocking`).
+    pub fn blocking(self: &Arc<Self>, a: UserId, b: UserId) -> BlockInProgress {
+        let pair = (a.min(b), a.max(b));
+        *self.blocking.lock().unwrap_or_else(|p| p.into_inner()).entry(pair).or_default() += 1;
+        BlockInProgress { typing: self.clone(), pair }
+    }
+
     /// The online `members` to tell of `user`'s typing: not `user`, not anyone who
     /// blocks `user` or whom `user` blocks (a failed read counts as blocked: typing is
-    /// never worth a leak). Reads a block key per online member.
-    fn audience(&self, members: &[(UserId, Role)], user: UserId) -> Vec<UserId> {
+    /// never worth a leak), except, for a `stop`, one whose block with `user` is being
+    /// made (`blocking`). Reads a block key per online member.
+    fn audience(&self, members: &[(UserId, Role)], user: UserId, stop: bool) -> Vec<UserId> {
+        let in_progress = |u: UserId| {
+            stop && self.blocking.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(u.min(user), u.max(user)))
+        };
         // The in-memory look first: block keys are read for online members only.
         members
             .iter()
@@ -624,7 +696,7 @@ impl Typing {
             .filter(|&u| {
                 u != user
                     && self.online.sessions(u).is_some()
-                    && matches!(self.store.blocked_between(u, user), Ok(false))
+                    && (matches!(self.store.blocked_between(u, user), Ok(false)) || in_progress(u))
             })
             .collect()
     }

@@ -1259,7 +1259,8 @@ async fn an_image_gets_a_thumbnail_readable_like_its_file_and_a_bomb_gets_none()
     .await
 }
 
-/// A `width` x `height` JPEG of noise: its PNG re-encoding is several times its size.
+/// A `width` x `height` JPEG of noise at quality 10: its PNG re-encoding is ten times
+/// its size or more.
 fn noise_jpeg(width: u32, height: u32) -> Vec<u8> {
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let picture = image::RgbImage::from_fn(width, height, |_, _| {
@@ -1269,7 +1270,7 @@ fn noise_jpeg(width: u32, height: u32) -> Vec<u8> {
         image::Rgb([x as u8, (x >> 8) as u8, (x >> 16) as u8])
     });
     let mut out = Vec::new();
-    image::DynamicImage::ImageRgb8(picture).write_to(std::io::Cursor::new(&mut out), image::ImageFormat::Jpeg).unwrap();
+    picture.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 10)).unwrap();
     out
 }
 
@@ -1284,9 +1285,9 @@ async fn decoded(tb: &TestBroker, image: &[u8]) {
     .await;
 }
 
-/// Thumbnails are not charged to the quota, so each costs the disk at most what its
-/// image was charged: an image whose thumbnail would be larger than itself gets none
-/// (before, a 200 px noise JPEG of ~30 KB stored a ~120 KB PNG beside it, and a quota
+/// Thumbnails are not charged to the quota, so each costs the disk at most four times
+/// what its image was charged: an image whose thumbnail would be larger gets none
+/// (before, a 200 px noise JPEG of ~10 KB stored a ~120 KB PNG beside it, and a quota
 /// filled with small images held many times its size on the disk: an attacker review).
 /// And no thumbnail is written into the disk reserve (before, it was, unchecked).
 #[tokio::test]
@@ -1303,7 +1304,9 @@ async fn thumbnails_are_never_larger_than_their_image_nor_written_into_the_disk_
         let begun = begin_upload(&alice, "noise.jpg", "image/jpeg", &noise).await;
         assert!(matches!(upload_rest(alice.connection(), begun.file, &noise, 0).await, TransferReply::Complete(_)));
         decoded(&tb, &noise).await;
-        assert_eq!(state(begun.file).await, FileState::Complete { thumbnail: None }, "{} bytes", noise.len());
+        let hash = *blake3::hash(&noise).as_bytes();
+        assert_eq!(tb.shared().files.thumbnails.made(&hash), Some(false), "{} bytes", noise.len());
+        assert_eq!(state(begun.file).await, FileState::Complete { thumbnail: None });
 
         // The disk down to its reserve once the upload has its room: the upload completes,
         // its thumbnail is not written.

@@ -610,6 +610,26 @@ async fn an_indicator_that_ended_just_before_a_block_is_stopped_for_the_blocker(
         alice.block("bob", true).await.unwrap();
         held.release();
         assert_eq!(next_typing(&mut alice_events).await, (conv, bob.user_id, false));
+
+        // An indicator that ends while the block is being stored (the pusher sees the
+        // stored block before the block has stopped anything): its stop still reaches
+        // the blocker. Before, the pusher left the blocker out, the block then found
+        // nothing standing, and the stop was lost (a review).
+        let (carol, _) = tb.register("carol").await;
+        let conv = alice.create_group("two", &["carol".into()]).await.unwrap().id;
+        carol.typing(conv, true).await.unwrap();
+        assert_eq!(next_typing(&mut alice_events).await, (conv, carol.user_id, true));
+        let mut held = tb.shared().pauses.arm(switchboard_broker::pauses::Point::BlockStored);
+        let stopped = async {
+            held.reached().await;
+            carol.typing(conv, false).await.unwrap();
+            let told = next_typing(&mut alice_events).await;
+            held.release();
+            told
+        };
+        let (blocked, told) = tokio::join!(alice.block("carol", true), stopped);
+        blocked.unwrap();
+        assert_eq!(told, (conv, carol.user_id, false));
     })
     .await
 }

@@ -41,7 +41,7 @@ use crate::files::blobs::DIRECT_ALIGN;
 use crate::files::budget::{ChunkBudget, Place, Revoked, lease_end, small_chunk};
 use crate::files::requests::{file_ref, no_such_file, readable};
 use crate::files::{ChunkPermits, Unreachable, UploadMsg};
-use crate::limits::READ_CHUNK_BYTES;
+use crate::limits::{MIN_CHUNK_BYTES_PER_SEC, READ_CHUNK_BYTES};
 
 /// Time the first frame of a transfer stream has to arrive.
 const OPEN_DEADLINE: Duration = Duration::from_secs(10);
@@ -359,14 +359,27 @@ async fn upload(
                 Read::Chunk(chunk, permit) => {
                     // A small chunk waits its turn for its sync here, where those waiting
                     // are bounded by the streams served and its actor is not held up. The
-                    // wait counts against the stream's place: small chunks queued back to
-                    // back are what make the queue, so a stream sending them is always
-                    // waiting for a turn, and with its clock stopped meanwhile (before)
-                    // a few dozen accounts sending 1-byte chunks held every place.
+                    // wait is credited to the stream's place only up to what the chunk's
+                    // bytes are worth at the minimum rate (a 64 KiB chunk: a second; a
+                    // byte: 15 µs; one turn more let 1-byte chunks through a slow pacer,
+                    // whose every wait is a turn): small chunks
+                    // queued back to back are what make the queue, and with the whole
+                    // wait credited (before) a few dozen accounts sending 1-byte chunks
+                    // held every place. A file's last chunk, one per upload begun, waits
+                    // with the clock stopped, as before (a small file's place has no other
+                    // bytes to earn its lease with).
                     let len = chunk.data.len() as u64;
-                    if small_chunk(len, chunk.offset.saturating_add(len), record.size) {
+                    let end = chunk.offset.saturating_add(len);
+                    if small_chunk(len, end, record.size) {
+                        let turn = shared.files.small_syncs.wait();
+                        let waited: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if end >= record.size {
+                            Box::pin(place.waiting_for_broker(turn))
+                        } else {
+                            let worth = Duration::from_secs_f64(len as f64 / MIN_CHUNK_BYTES_PER_SEC as f64);
+                            Box::pin(place.credited_wait(worth, turn))
+                        };
                         tokio::select! {
-                            () = shared.files.small_syncs.wait() => {}
+                            () = waited => {}
                             () = place.evicted() => {
                                 reset(&mut send, &mut recv, ErrorCode::OVERLOADED);
                                 break;

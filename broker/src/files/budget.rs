@@ -172,7 +172,8 @@ impl Drop for Waiting<'_> {
 /// never be behind), and time spent waiting for the broker (a chunk's bytes of the
 /// budget, a blob file) does not count against a place: it is not a candidate meanwhile,
 /// and the wait is added to its lease. A small chunk's turn for its sync (`SyncPacer`)
-/// does count: small chunks sent back to back make that queue themselves.
+/// counts, but for what the chunk's bytes are worth at the minimum rate
+/// (`credited_wait`): small chunks sent back to back make that queue themselves.
 #[derive(Debug)]
 pub struct Place {
     since: Instant,
@@ -221,6 +222,18 @@ impl Place {
     pub async fn waiting_for_broker<T>(&self, wait: impl Future<Output = T>) -> T {
         let _waiting = BrokerWait::start(self);
         wait.await
+    }
+
+    /// Runs `wait` (a small chunk's turn for its sync) with the place's clock running,
+    /// then adds to its lease as much of the wait as `worth` (the chunk's bytes at the
+    /// minimum rate). Cancel-safe: a wait dropped half way is credited
+    /// nothing.
+    pub async fn credited_wait<T>(&self, worth: Duration, wait: impl Future<Output = T>) -> T {
+        let began = Instant::now();
+        let out = wait.await;
+        let credit = began.elapsed().min(worth);
+        self.waited_us.fetch_add(credit.as_micros().min(u128::from(u64::MAX / 2)) as u64, Ordering::Relaxed);
+        out
     }
 
     /// Takes the place away (its stream is reset with `OVERLOADED`); false if it already

@@ -30,6 +30,7 @@ use crate::Shared;
 use crate::background::BackgroundThreads;
 use crate::limits::PerUser;
 use crate::metrics::Tally;
+use switchboard_protocol::limits::charged_bytes;
 
 /// Images one uploader may have waiting for or in a decode while the line is under half
 /// full (one past it: `Line::enter`).
@@ -38,6 +39,12 @@ pub(crate) const QUEUED_PER_USER: usize = 8;
 pub(crate) const QUEUED_MAX: usize = 128;
 /// Outcomes remembered by image BLAKE3 (64 bytes each with the order: 256 KiB at most).
 pub(crate) const OUTCOMES_KEPT: usize = 4096;
+/// A thumbnail takes at most this many times the quota its image was charged
+/// (`charged_bytes`: whole 4 KiB blocks), else the image gets none: thumbnails are not
+/// charged, so a quota of images holds at most this many times more on the disk. A
+/// 256 px PNG of a photo is 60-190 KB, so a well-compressed 30 KB WebP sticker or JPEG
+/// still gets one (at the size of the image, as a review found, it did not).
+pub(crate) const THUMBNAIL_PER_CHARGED: u64 = 4;
 /// Files larger than this get no thumbnail: the whole file is read into memory first.
 const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -132,6 +139,12 @@ impl Thumbnails {
         self.line().outcome(image).is_some()
     }
 
+    /// What became of the image with this BLAKE3, if remembered: whether it got a
+    /// thumbnail made.
+    pub fn made(&self, image: &Blake3) -> Option<bool> {
+        self.line().outcome(image).map(|o| matches!(o, Outcome::Made(_)))
+    }
+
     fn line(&self) -> std::sync::MutexGuard<'_, Line> {
         self.line.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -205,16 +218,17 @@ async fn png_for(shared: &Shared, id: &FileId, record: &FileRecord) -> Option<by
     };
     thumbnails.decoded.fetch_add(1, Relaxed);
     match thumbnail::make(bytes, thumbnail::ThumbnailLimits::default(), decoders).await {
-        // A thumbnail larger than its image is none: the image itself shows better, and
-        // thumbnails are not charged to the quota, so each may cost at most what its image
-        // was charged (before, 4 KiB images each stored a PNG of up to 256 KiB: a quota
-        // filled with them held up to 64 times its size on the disk; an attacker review).
-        Ok(png) if png.len() as u64 > record.size => {
+        // Thumbnails are not charged to the quota, so each may take at most
+        // `THUMBNAIL_PER_CHARGED` times what its image was charged (before, 4 KiB images
+        // each stored a PNG of up to 256 KiB: a quota filled with them held up to 64
+        // times its size on the disk; an attacker review). A small image past it shows
+        // as it is.
+        Ok(png) if png.len() as u64 > THUMBNAIL_PER_CHARGED * charged_bytes(record.size) => {
             tracing::debug!(
                 file = blobs::hex(id),
                 png = png.len(),
                 image = record.size,
-                "no thumbnail: larger than its image"
+                "no thumbnail: too large for its image"
             );
             thumbnails.line().remember(record.blake3, Outcome::None);
             None
