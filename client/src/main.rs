@@ -2168,14 +2168,28 @@ fn fill_defaults(state: &mut State) {
     if state.server.is_none() {
         state.server = Some(DEFAULT_SERVER.into());
     }
-    let default_ca = Path::new("switchboard-data/cert.pem");
-    if state.pin.is_none() && state.ca.is_none() && default_ca.exists() {
+    // Only for a broker on this machine: a `switchboard-data/cert.pem` in whatever
+    // directory sb runs in (a cloned repository, a shared one) was trusted for any
+    // `--server`, also while `register` or `login` sent the password (an attacker review).
+    let default_ca = Path::new(DEFAULT_CA);
+    let local = state.server.as_deref().is_some_and(is_local);
+    if state.pin.is_none() && state.ca.is_none() && local && default_ca.exists() {
         state.ca = Some(std::path::absolute(default_ca).unwrap_or_else(|_| default_ca.to_owned()));
     }
 }
 
 /// Where the broker listens by default.
 const DEFAULT_SERVER: &str = "127.0.0.1:4433";
+
+/// The certificate a broker started with its defaults keeps, relative to the directory
+/// it started in: trusted without `--ca` or `--pin` for a broker on this machine only.
+const DEFAULT_CA: &str = "switchboard-data/cert.pem";
+
+/// Whether `server` (`HOST:PORT`) is on this machine: a loopback address or `localhost`.
+fn is_local(server: &str) -> bool {
+    let host = server.rsplit_once(':').map_or(server, |(host, _)| host).trim_matches(['[', ']']);
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
 
 /// `--timeout` of `sb probe`: seconds, 0.1 to 300.
 fn probe_timeout(text: &str) -> Result<f64, String> {
@@ -2202,7 +2216,10 @@ async fn connector(state: &State, options: &TransportOptions) -> anyhow::Result<
     let trust = match (&state.pin, &state.ca) {
         (Some(pin), _) => Trust::Pin(pin.clone()),
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
-        (None, None) => bail!("pass --ca FILE or --pin SHA256 (the broker prints both at start)"),
+        (None, None) => bail!(
+            "pass --ca FILE or --pin SHA256 (the broker prints both at start; ./{DEFAULT_CA} is taken by itself \
+             only for a broker on this machine)"
+        ),
     };
     Ok(Connector::with_transport(addr, name, trust, options)?)
 }
@@ -2337,6 +2354,18 @@ fn device_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The current directory's broker certificate is taken by itself for a broker on
+    /// this machine only (before, for any `--server`).
+    #[test]
+    fn the_default_certificate_is_for_a_local_broker_only() {
+        for local in ["127.0.0.1:4433", "localhost:9", "LOCALHOST:1", "[::1]:4433", "127.8.0.1:1"] {
+            assert!(is_local(local), "{local}");
+        }
+        for remote in ["chat.example.com:4433", "10.0.0.1:4433", "[2001:db8::1]:4433", "localhost.evil.com:1"] {
+            assert!(!is_local(remote), "{remote}");
+        }
+    }
 
     /// A conversation whose only member is user 1; entries name users 10 and 11 (members
     /// no longer) and 12 (an account gone). Counts the requests made.

@@ -1409,10 +1409,23 @@ async fn a_download_into_dev_null_works_and_leaves_it_alone() {
     let fifo = dir.path().join("report.pdf");
     rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o666), 0).unwrap();
     if std::os::unix::fs::chown(&fifo, Some(65534), Some(65534)).is_ok() {
+        // Its owner reads it (else the open fails at once for want of a reader).
+        use std::os::unix::fs::OpenOptionsExt;
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(&fifo)
+            .unwrap();
         let refused = sb_output(&alice, &broker, &["download", &id, fifo.to_str().unwrap()]);
         assert!(!refused.status.success());
         assert!(String::from_utf8_lossy(&refused.stderr).contains("a pipe or socket of another user's"), "{refused:?}");
     }
+    // A pipe nobody reads: an error at once, not a hang.
+    let unread = dir.path().join("unread.fifo");
+    rustix::fs::mknodat(rustix::fs::CWD, &unread, rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o600), 0)
+        .unwrap();
+    let refused = sb_output(&alice, &broker, &["download", &id, unread.to_str().unwrap()]);
+    assert!(!refused.status.success(), "{refused:?}");
 }
 
 /// `sb download ID -` writes the file's bytes, and only them, to standard output: its

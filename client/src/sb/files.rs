@@ -650,24 +650,12 @@ pub async fn download(
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
     // Written in place, with nothing kept for a later run: a device, a pipe, or standard
     // output whatever it is (a file the shell opened for it has no directory of ours).
-    // A pipe or socket someone else made is refused: its reader is theirs (a FIFO made
-    // ahead in a shared directory at a likely name got every byte: an attacker review).
-    let target = std::fs::metadata(path);
-    let special = on_stderr || target.as_ref().is_ok_and(|m| !m.is_file());
-    #[cfg(unix)]
-    if !on_stderr && let Ok(m) = &target {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let (kind, mine) = (m.file_type(), m.uid() == rustix::process::geteuid().as_raw());
-        if (kind.is_fifo() || kind.is_socket()) && !mine {
-            bail!("{} is a pipe or socket of another user's: nothing downloaded", path.display());
-        }
-    }
+    let special = on_stderr || std::fs::metadata(path).is_ok_and(|m| !m.is_file());
     let partial = if special { path.to_owned() } else { partial_path(path, &file, offset, expected) };
     // Only a whole file's bytes are kept for a later run: its BLAKE3 checks them.
     let whole = offset == 0 && expected == size;
     let (sink, kept) = if special {
-        let sink = tokio::fs::OpenOptions::new().write(true).open(path).await;
-        (sink.with_context(|| format!("opening {}", path.display()))?, 0)
+        (open_in_place(path).with_context(|| format!("opening {}", path.display()))?, 0)
     } else {
         open_partial(&partial, path, expected, whole).await?
     };
@@ -1018,6 +1006,37 @@ async fn open_partial(
         .await
         .with_context(|| format!("reading {}", partial.display()))?;
     Ok((file, kept))
+}
+
+/// Opens `path`, not a regular file (a device, a pipe, standard output), to write a
+/// download into. A pipe or socket someone else made is refused, checked on what was
+/// opened: its reader is theirs (a FIFO made ahead in a shared directory at a likely
+/// name got every byte: an attacker review); this process's own descriptors
+/// (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`) are whatever its caller gave it. A
+/// pipe nobody reads is an error at once (opened without blocking), not a hang.
+fn open_in_place(path: &Path) -> anyhow::Result<tokio::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+    }
+    let file = opts.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let own = ["/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/self/fd/"];
+        let ours = own.iter().any(|p| path.to_str().is_some_and(|s| s.starts_with(p)));
+        let meta = file.metadata()?;
+        let (kind, mine) = (meta.file_type(), meta.uid() == rustix::process::geteuid().as_raw());
+        if (kind.is_fifo() || kind.is_socket()) && !mine && !ours {
+            bail!("a pipe or socket of another user's: nothing downloaded (`-` writes to standard output)");
+        }
+        let flags = rustix::fs::fcntl_getfl(&file)?;
+        rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)?;
+    }
+    Ok(tokio::fs::File::from_std(file))
 }
 
 /// A sink that hashes (BLAKE3) what it writes.
