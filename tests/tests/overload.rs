@@ -188,34 +188,47 @@ async fn a_session_sends_refused_writes_again_and_each_is_stored_once() {
         let (alice, alice_id) = tb.register("alice").await;
         tb.register("bob").await;
         let conv = alice.create_direct("bob").await.unwrap().id;
-        let config =
-            SessionConfig { backoff_min_ms: 5, backoff_max_ms: 50, overload_retries: 50, ..Default::default() };
-        let (session, _events) =
-            Session::start(tb.connector(), alice_id, Arc::new(MemoryCursors::default()), config).unwrap();
-        let sends = (0..20).map(|i| {
-            let session = session.clone();
-            async move { session.send(conv, &format!("m{i}")).await }
-        });
-        let seqs: Vec<u64> = futures_join_all(sends).await.into_iter().map(Result::unwrap).collect();
+        sent_once_through_a_session(&tb, &alice, alice_id, conv, 'm', 20, (5, 50)).await;
         assert!(tb.shared().sends.refused() > 0, "20 concurrent writes past a bound of 1: none refused");
-        let mut sorted = seqs.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 20, "each write has a seq of its own: {seqs:?}");
-        let (entries, _) = alice.history(conv, Page::After(0), 100).await.unwrap();
-        let mut texts: Vec<String> = entries
-            .iter()
-            .filter_map(|e| match &e.body {
-                Body::Text { text, .. } => Some(text.clone()),
-                _ => None,
-            })
-            .collect();
-        texts.sort();
-        let mut expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
-        expected.sort();
-        assert_eq!(texts, expected, "each write stored exactly once");
     })
     .await
+}
+
+/// Sends `n` messages to `conv` at once through a `Session` of `user` (`client` is one
+/// of its connections), backing off `backoff` (min, max ms) after a refusal: each is
+/// answered its own seq and stored exactly once (texts `{prefix}0`, `{prefix}1`, ...).
+async fn sent_once_through_a_session(
+    tb: &TestBroker,
+    client: &switchboard_client::Client,
+    user: switchboard_client::Identity,
+    conv: switchboard_protocol::ConvId,
+    prefix: char,
+    n: usize,
+    (backoff_min_ms, backoff_max_ms): (u64, u64),
+) {
+    let config = SessionConfig { backoff_min_ms, backoff_max_ms, overload_retries: 50, ..Default::default() };
+    let (session, _events) = Session::start(tb.connector(), user, Arc::new(MemoryCursors::default()), config).unwrap();
+    let sends = (0..n).map(|i| {
+        let session = session.clone();
+        async move { session.send(conv, &format!("{prefix}{i}")).await }
+    });
+    let seqs: Vec<u64> = futures_join_all(sends).await.into_iter().map(Result::unwrap).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), n, "each write has a seq of its own: {seqs:?}");
+    let (entries, _) = client.history(conv, Page::Latest, 1000).await.unwrap();
+    let mut texts: Vec<String> = entries
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::Text { text, .. } if text.starts_with(prefix) => Some(text.clone()),
+            _ => None,
+        })
+        .collect();
+    texts.sort();
+    let mut expected: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    expected.sort();
+    assert_eq!(texts, expected, "each write stored exactly once");
 }
 
 /// A write refused with `OVERLOADED` whose caller gave up during its backoff is not sent
@@ -421,25 +434,7 @@ async fn a_users_writes_past_its_rate_are_rate_limited_and_a_session_sends_them_
         tokio::time::sleep(Duration::from_millis(1100)).await;
         alice.send(conv, "a second later").await.unwrap();
 
-        let config =
-            SessionConfig { backoff_min_ms: 100, backoff_max_ms: 1000, overload_retries: 50, ..Default::default() };
-        let (session, _events) =
-            Session::start(tb.connector(), alice_id, Arc::new(MemoryCursors::default()), config).unwrap();
-        let sends = (0..6).map(|i| {
-            let session = session.clone();
-            async move { session.send(conv, &format!("s{i}")).await }
-        });
-        let seqs: Vec<u64> = futures_join_all(sends).await.into_iter().map(Result::unwrap).collect();
-        let (entries, _) = alice.history(conv, Page::Latest, 200).await.unwrap();
-        let mut texts: Vec<String> = entries
-            .iter()
-            .filter_map(|e| match &e.body {
-                Body::Text { text, .. } if text.starts_with('s') => Some(text.clone()),
-                _ => None,
-            })
-            .collect();
-        texts.sort();
-        assert_eq!(texts, (0..6).map(|i| format!("s{i}")).collect::<Vec<_>>(), "each stored once: {seqs:?}");
+        sent_once_through_a_session(&tb, &alice, alice_id, conv, 's', 6, (100, 1000)).await;
     })
     .await
 }

@@ -45,17 +45,8 @@ async fn next_typing(events: &mut Events) -> (ConvId, UserId, bool) {
 
 /// Asserts that no typing event arrives within `ms` (other events are skipped).
 async fn no_typing(events: &mut Events, ms: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
-    loop {
-        match tokio::time::timeout_at(deadline, events.next()).await {
-            Err(_) => return,
-            Ok(Some(Event::Typing { conv, user, typing })) => {
-                panic!("unexpected typing event: conv {conv}, user {user}, typing {typing}")
-            }
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the event stream closed while it was expected to stay open"),
-        }
-    }
+    let told = typing_for(events, ms).await;
+    assert!(told.is_empty(), "unexpected typing events (conv, user, typing): {told:?}");
 }
 
 fn connector(tb: &TestBroker, options: &TransportOptions) -> Connector {
