@@ -416,8 +416,8 @@ impl Typing {
     /// the blocked user typing until it reconnected: a review of this change). So are
     /// the typist's stops waiting for the pusher or taken by it and not pushed yet,
     /// which would be filtered too (before, an indicator that ended just before the
-    /// block stayed shown: an attacker review). Reads a member key per conversation either is typing in (at most 2 × 16)
-    /// or has a stop waiting in.
+    /// block stayed shown: an attacker review). Reads a member key per conversation
+    /// either is typing in (at most 2 × 16) or has a stop waiting in.
     pub fn blocked(&self, a: UserId, b: UserId) {
         for (typist, viewer) in [(a, b), (b, a)] {
             // Under the state's lock: a snapshot's start (`tell_standing`) checked
@@ -580,7 +580,6 @@ impl Typing {
         pushed
     }
 
-    /// Takes the changes waiting.
     /// Takes the changes waiting, the stops among them counted in flight until pushed.
     fn take_pending(&self) -> HashMap<(ConvId, UserId), bool> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());

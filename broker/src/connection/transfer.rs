@@ -361,13 +361,11 @@ async fn upload(
                     // are bounded by the streams served and its actor is not held up. The
                     // wait is credited to the stream's place only up to what the chunk's
                     // bytes are worth at the minimum rate (a 64 KiB chunk: a second; a
-                    // byte: 15 µs; one turn more let 1-byte chunks through a slow pacer,
-                    // whose every wait is a turn): small chunks
-                    // queued back to back are what make the queue, and with the whole
-                    // wait credited (before) a few dozen accounts sending 1-byte chunks
-                    // held every place. A file's last chunk, one per upload begun, waits
-                    // with the clock stopped, as before (a small file's place has no other
-                    // bytes to earn its lease with).
+                    // byte: 15 µs): small chunks queued back to back make the queue, and
+                    // with the whole wait credited (before) a few dozen accounts sending
+                    // 1-byte chunks held every place. A file's last chunk, one per upload
+                    // begun, waits with the clock stopped, as before (a small file's place
+                    // has no other bytes to earn its lease with).
                     let len = chunk.data.len() as u64;
                     let end = chunk.offset.saturating_add(len);
                     if small_chunk(len, end, record.size) {

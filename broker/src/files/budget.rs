@@ -226,8 +226,7 @@ impl Place {
 
     /// Runs `wait` (a small chunk's turn for its sync) with the place's clock running,
     /// then adds to its lease as much of the wait as `worth` (the chunk's bytes at the
-    /// minimum rate). Cancel-safe: a wait dropped half way is credited
-    /// nothing.
+    /// minimum rate). Cancel-safe: a wait dropped half way is credited nothing.
     pub async fn credited_wait<T>(&self, worth: Duration, wait: impl Future<Output = T>) -> T {
         let began = Instant::now();
         let out = wait.await;
