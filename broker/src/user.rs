@@ -112,7 +112,7 @@ impl Allowances {
 
     /// Gives back one token `take` took from `user`'s bucket (up to the burst).
     pub(crate) fn give_back(&self, user: UserId, now: Instant) {
-        self.with(user, now, |b| b.tokens = (b.tokens + 1.0).min(self.burst));
+        self.with(user, now, |b| b.give_back(now, self.per_s, self.burst));
     }
 
     /// Users with a bucket.

@@ -438,3 +438,31 @@ async fn a_users_writes_past_its_rate_are_rate_limited_and_a_session_sends_them_
     })
     .await
 }
+
+/// A write the broker sheds (`OVERLOADED`) gives back the allowance of writes it took:
+/// a client retrying through a spell of shedding is not then refused `RATE_LIMITED` for
+/// writes that never took effect.
+#[tokio::test]
+async fn a_shed_write_gives_its_allowance_back() {
+    bounded(async {
+        const RATE: u32 = 1;
+        // Every write is shed: none may be in flight.
+        let tb = TestBroker::start_with(|c| {
+            c.max_sends_in_flight = 0;
+            c.writes_per_sec = RATE;
+        })
+        .await;
+        let (alice, _) = tb.register("alice").await;
+        tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        for i in 0..3 * 10 * RATE {
+            let refused = alice.send(conv, &format!("m{i}")).await.unwrap_err();
+            assert_eq!(refused.code(), Some(ErrorCode::OVERLOADED), "write {i}: {refused}");
+        }
+        // The whole burst (ten seconds' worth) is still there.
+        let users = &tb.shared().users;
+        assert!((0..10 * RATE).all(|_| users.allow_write(alice.user_id).is_ok()), "the burst was spent on shed writes");
+        assert_eq!(users.allow_write(alice.user_id).unwrap_err().code, ErrorCode::RATE_LIMITED);
+    })
+    .await
+}
