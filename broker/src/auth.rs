@@ -724,7 +724,7 @@ struct Slot {
 /// sources with a turn, so it is never larger than the turns.
 struct Shares {
     per_source: usize,
-    held: Mutex<HashMap<IpAddr, usize>>,
+    held: Mutex<crate::limits::PerUser<IpAddr>>,
 }
 
 /// One turn's part of its source's share, given back when dropped.
@@ -735,28 +735,19 @@ struct Share {
 
 impl Drop for Share {
     fn drop(&mut self) {
-        let mut held = self.shares.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = held.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.source);
-            }
-        }
+        self.shares.held.lock().unwrap_or_else(|p| p.into_inner()).give_back(self.source);
     }
 }
 
 impl Shares {
     /// A share for `source`, or `OVERLOADED` if it holds `per_source` turns already.
     fn take(self: &Arc<Self>, source: IpAddr) -> Result<Share, ErrorBody> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let n = held.entry(source).or_insert(0);
-        if *n >= self.per_source {
+        if !self.held.lock().unwrap_or_else(|p| p.into_inner()).take(source, self.per_source) {
             return Err(fail(
                 ErrorCode::OVERLOADED,
                 "too many password checks from this address in progress; retry shortly",
             ));
         }
-        *n += 1;
         Ok(Share { shares: self.clone(), source })
     }
 }
@@ -1260,7 +1251,7 @@ mod tests {
         assert!(!share_refused(full), "the pool itself is full");
         drop((v6, others, more));
         // A queued turn keeps its share while it waits and while it hashes.
-        let held = |source| pool.shares.held.lock().unwrap().get(&source).copied().unwrap_or(0);
+        let held = |source| pool.shares.held.lock().unwrap().held(source);
         let queued = greedy.pop().unwrap();
         assert!(matches!(queued.place, Place::Queued(_)));
         greedy.pop();
@@ -1269,7 +1260,7 @@ mod tests {
         assert_eq!(pool.run_holding(slot, |_| 1).await.unwrap(), 1);
         assert_eq!(held(ip(1)), 1, "not given back when its hash ended");
         drop(greedy);
-        assert!(pool.shares.held.lock().unwrap().is_empty(), "only sources holding a turn are kept");
+        assert_eq!(pool.shares.held.lock().unwrap().users(), 0, "only sources holding a turn are kept");
     }
 
     /// Password hashes run under `SCHED_IDLE` when the runtime's threads run under

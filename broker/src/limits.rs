@@ -403,16 +403,23 @@ const _: () = assert!(OUTBOUND_MAX_BYTES >= switchboard_protocol::limits::MAX_SE
 // A datagram of the largest allowed size fits quinn's buffer with its bookkeeping.
 const _: () = assert!(DATAGRAM_BUFFER_BYTES >= 4 * switchboard_protocol::limits::MAX_DATAGRAM_BYTES as usize);
 
-/// How many of something each user holds now (writes in flight, transfer streams), for
-/// per-user shares of a broker-wide bound. A user's entry goes when its count returns
-/// to 0, so the map holds one entry per user holding at least one: it is bounded by the
-/// things counted, never by how many users ever came.
-#[derive(Clone, Debug, Default)]
-pub struct PerUser(std::collections::HashMap<switchboard_protocol::UserId, usize>);
+/// How many of something each user (or other key: a source address, a pair of users)
+/// holds now (writes in flight, transfer streams, password turns, blocks being made),
+/// for shares of a broker-wide bound. A key's entry goes when its count returns to 0, so
+/// the map holds one entry per key holding at least one: it is bounded by the things
+/// counted, never by how many keys ever came.
+#[derive(Clone, Debug)]
+pub struct PerUser<K = switchboard_protocol::UserId>(std::collections::HashMap<K, usize>);
 
-impl PerUser {
+impl<K> Default for PerUser<K> {
+    fn default() -> Self {
+        PerUser(std::collections::HashMap::new())
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy> PerUser<K> {
     /// Counts one more for `user` if it holds fewer than `max`; whether it did.
-    pub fn take(&mut self, user: switchboard_protocol::UserId, max: usize) -> bool {
+    pub fn take(&mut self, user: K, max: usize) -> bool {
         if self.held(user) >= max {
             return false;
         }
@@ -421,7 +428,7 @@ impl PerUser {
     }
 
     /// Counts one fewer for `user` (nothing if it holds none).
-    pub fn give_back(&mut self, user: switchboard_protocol::UserId) {
+    pub fn give_back(&mut self, user: K) {
         if let Some(n) = self.0.get_mut(&user) {
             *n -= 1;
             if *n == 0 {
@@ -431,7 +438,7 @@ impl PerUser {
     }
 
     /// What `user` holds now.
-    pub fn held(&self, user: switchboard_protocol::UserId) -> usize {
+    pub fn held(&self, user: K) -> usize {
         self.0.get(&user).copied().unwrap_or(0)
     }
 

@@ -39,7 +39,7 @@ use tokio::sync::Notify;
 
 use crate::fanout::Online;
 use crate::limits::{
-    PRESENCE_CONVERSATIONS_SCANNED, TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX,
+    PRESENCE_CONVERSATIONS_SCANNED, PerUser, TYPING_ALLOWANCES_MAX, TYPING_ENTRIES_MAX, TYPING_PER_USER_MAX,
     TYPING_SESSIONS_PER_INDICATOR, TYPING_SIGNAL_BURST, TYPING_SIGNALS_PER_S, TYPING_SNAPSHOT_EXAMINED,
     TYPING_SNAPSHOT_MAX, TYPING_SNAPSHOT_MEMBER_READS, TYPING_SNAPSHOTS_PER_DRAIN, TYPING_SNAPSHOTS_WAITING_MAX,
 };
@@ -312,7 +312,7 @@ pub struct Typing {
     /// the block is stored until `blocked` ran: a stop pushed meanwhile still goes to
     /// the other side (the pusher sees the stored block first, and `blocked` then finds
     /// the indicator ended and its stop gone: the stop was lost for good; a review).
-    blocking: Mutex<HashMap<(UserId, UserId), usize>>,
+    blocking: Mutex<PerUser<(UserId, UserId)>>,
     /// Where a test may hold the pusher (`Point::TypingDrain`, `Point::TypingAudience`).
     pauses: Arc<Pauses>,
 }
@@ -337,13 +337,7 @@ pub struct BlockInProgress {
 
 impl Drop for BlockInProgress {
     fn drop(&mut self) {
-        let mut blocking = self.typing.blocking.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = blocking.get_mut(&self.pair) {
-            *n -= 1;
-            if *n == 0 {
-                blocking.remove(&self.pair);
-            }
-        }
+        self.typing.blocking.lock().unwrap_or_else(|p| p.into_inner()).give_back(self.pair);
     }
 }
 
@@ -379,7 +373,7 @@ impl Typing {
             epoch: Instant::now(),
             departures: std::array::from_fn(|_| AtomicU64::new(0)),
             blocks: std::array::from_fn(|_| AtomicU64::new(0)),
-            blocking: Mutex::new(HashMap::new()),
+            blocking: Mutex::default(),
             pauses,
         }
     }
@@ -676,7 +670,7 @@ impl Typing {
     /// side (`blocking`).
     pub fn blocking(self: &Arc<Self>, a: UserId, b: UserId) -> BlockInProgress {
         let pair = (a.min(b), a.max(b));
-        *self.blocking.lock().unwrap_or_else(|p| p.into_inner()).entry(pair).or_default() += 1;
+        self.blocking.lock().unwrap_or_else(|p| p.into_inner()).take(pair, usize::MAX);
         BlockInProgress { typing: self.clone(), pair }
     }
 
@@ -686,7 +680,7 @@ impl Typing {
     /// made (`blocking`). Reads a block key per online member.
     fn audience(&self, members: &[(UserId, Role)], user: UserId, stop: bool) -> Vec<UserId> {
         let in_progress = |u: UserId| {
-            stop && self.blocking.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(u.min(user), u.max(user)))
+            stop && self.blocking.lock().unwrap_or_else(|p| p.into_inner()).held((u.min(user), u.max(user))) > 0
         };
         // The in-memory look first: block keys are read for online members only.
         members
