@@ -301,7 +301,8 @@ impl UserDirectory {
     }
 
     /// Whether `user` may make a read that lists members now (`Members`, `Receipts`,
-    /// `CatchUp`, `EntryNames`): each costs a point read or two of the store per member
+    /// `CatchUp`, `EntryNames`; also `MarkDelivered`, a row per conversation named, and
+    /// the other reads PROTOCOL.md section 8 lists): each costs a point read or two of the store per member
     /// row it returns (up to `MAX_GROUP_MEMBERS`), on the conversation's actor, in line
     /// with every member's writes (on the blocking pool if none is live). `RATE_LIMITED` once the rows the user read
     /// (`charge_member_reads`) have run past its allowance, until it refills
@@ -317,9 +318,9 @@ impl UserDirectory {
         let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
         match allowance.with(user, now, |b| b.tokens_at(now, allowance.per_s, allowance.burst) > 0.0) {
             Some(true) => Ok(()),
-            Some(false) => {
-                limited("reading member lists, receipts, catch-up or who may read files too fast; retry in a moment")
-            }
+            Some(false) => limited(
+                "reading member lists, receipts, catch-up, delivered marks or who may read files too fast; retry in a moment",
+            ),
             None => limited("too many users are reading member lists; retry in a second"),
         }
     }

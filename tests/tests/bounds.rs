@@ -821,6 +821,52 @@ async fn member_reads_pipelined_at_rest_are_checked_where_they_are_answered() {
     .await
 }
 
+/// `MarkDelivered` reads two store keys per conversation it names, on the session's
+/// thread, so it spends the member-rows allowance a row per conversation: a loop of
+/// 256-mark requests naming conversations that do not exist (no actor, nothing stored)
+/// is `RATE_LIMITED` once past it, and a real mark refused meanwhile is taken once the
+/// allowance refills. Before, every request was `Done`, each one 512 reads.
+#[tokio::test]
+async fn delivered_marks_spend_the_member_rows_allowance() {
+    bounded(async {
+        // A burst of 2,000 rows: the 8th request of 256 runs past it.
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 1000).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_identity) = tb.register("bob").await;
+        let bob_id = bob_identity.user_id;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        let seq = bob.send(conv, "hello").await.unwrap();
+        let strangers: Vec<(ConvId, u64)> = (1_000_000..1_000_256).map(|c| (c, 1)).collect();
+        let mut refused = None;
+        for sent in 1..=16 {
+            if let Err(e) = alice.mark_delivered(&strangers).await {
+                refused = Some((sent, e.code()));
+                break;
+            }
+        }
+        let (sent, code) = refused.expect("never refused");
+        assert_eq!(code, Some(ErrorCode::RATE_LIMITED));
+        assert!((8..=9).contains(&sent), "refused at request {sent}");
+        // Nobody else is affected.
+        bob.mark_delivered(&[(conv, seq)]).await.unwrap();
+        // The real mark: refused while the allowance is spent, taken once it refills.
+        within(STEP_DEADLINE, "the allowance refilling", async {
+            while alice.mark_delivered(&[(conv, seq)]).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        // Shown to bob once durable.
+        within(STEP_DEADLINE, "alice's delivered mark shown", async {
+            while !bob.receipts(conv).await.unwrap().iter().any(|r| r.user != bob_id && r.delivered_up_to == seq) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
+
 /// `MAX_SESSIONS_PER_USER` (64) connections of one user at once; the next is closed
 /// with `SESSIONS_PER_USER_REFUSAL` right after authenticating, and once one of the 64
 /// goes, a new one is served.

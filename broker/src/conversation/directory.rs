@@ -343,8 +343,11 @@ impl ConvDirectory {
     /// cannot raise the caller's stored delivered watermark (at or below it, or the
     /// conversation has nothing after it) is skipped: it wakes no actor and writes
     /// nothing. Marks for conversations `caller` is not a member of, or that do not
-    /// exist, are dropped without a word (and start no actor). `HandedMarks::answer`
-    /// gives the request's answer once the actors have taken the marks.
+    /// exist, are dropped without a word (and start no actor). Each distinct
+    /// conversation named spends a row of the caller's member-rows allowance
+    /// (`UserDirectory::allow_member_reads`): `RATE_LIMITED`, nothing taken, while it
+    /// is spent. `HandedMarks::answer` gives the request's answer once the actors have
+    /// taken the marks.
     pub async fn mark_delivered(
         &self,
         shared: &Arc<Shared>,
@@ -364,6 +367,14 @@ impl ConvDirectory {
         // Highest seq first per conversation, so the dedup below keeps it.
         marks.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         marks.dedup_by_key(|m| m.0);
+        // Each mark costs two point reads of the store on the session's thread, before
+        // any actor: a row of the member-rows allowance each (before, a loop of 256-mark
+        // requests read without bound, strangers' conversations as much as its own).
+        if let Err(refused) = shared.users.allow_member_reads(caller.user) {
+            handed.refused = Some(refused);
+            return handed;
+        }
+        shared.users.charge_member_reads(caller.user, marks.len());
         for (conv, seq) in marks {
             match raises_delivery(&shared.store, conv, caller.user, seq) {
                 Ok(true) => self.hand_mark(shared, &mut handed, conv, seq).await,
