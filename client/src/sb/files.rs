@@ -473,10 +473,10 @@ pub async fn files(client: &Client, out: &Out) -> anyhow::Result<()> {
 /// `charged_bytes`), and the rest, bytes of mine the broker removed and has not freed yet.
 pub async fn quota(client: &Client, out: &Out) -> anyhow::Result<()> {
     let u = client.usage().await?;
-    let files: u64 = client.list_files().await?.iter().map(|f| charged_bytes(f.file.size)).sum();
-    let uploads: u64 = client.list_uploads().await?.iter().map(|u| charged_bytes(u.file.size)).sum();
+    let files = charged_total(client.list_files().await?.iter().map(|f| f.file.size));
+    let uploads = charged_total(client.list_uploads().await?.iter().map(|u| u.file.size));
     // Read one after the other: a change in between may show for a moment.
-    let unfreed = u.stored_bytes.saturating_sub(files + uploads);
+    let unfreed = u.stored_bytes.saturating_sub(files.saturating_add(uploads));
     let percent = percent(u.stored_bytes, u.quota_bytes);
     out.line(
         json!({"stored_bytes": u.stored_bytes, "quota_bytes": u.quota_bytes,
@@ -1432,6 +1432,13 @@ impl FileBook {
 }
 
 /// `part` of `whole` in whole percent (0 for an empty whole).
+/// What files of these sizes count against the quota together (`charged_bytes` each),
+/// at most `u64::MAX`: sizes are the broker's word, and a hostile or broken broker's
+/// sizes near `u64::MAX` made `sb quota` panic on the overflow of a plain sum.
+fn charged_total(sizes: impl IntoIterator<Item = u64>) -> u64 {
+    sizes.into_iter().fold(0, |sum, size| sum.saturating_add(charged_bytes(size)))
+}
+
 fn percent(part: u64, whole: u64) -> u64 {
     part.saturating_mul(100) / whole.max(1)
 }
@@ -1633,6 +1640,15 @@ fn resume_command(reach: &Rerun, id: &str) -> Rerun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sb quota` sums the sizes the broker lists in whole 4 KiB blocks, and sizes near
+    /// `u64::MAX` (a broken or hostile broker's) saturate instead of panicking.
+    #[test]
+    fn quota_sums_of_listed_sizes_never_overflow() {
+        assert_eq!(charged_total([1, 4096, 4097]), 4096 * 4);
+        assert_eq!(charged_total([]), 0);
+        assert_eq!(charged_total([u64::MAX - 10, u64::MAX, 5]), u64::MAX);
+    }
 
     /// A download into a directory takes the file's name there only if it is still free
     /// when the download ends (before, the rename replaced a file made meanwhile: two
