@@ -49,7 +49,8 @@ struct Track {
     held: BTreeMap<Seq, Entry>,
     /// A catch-up page for this conversation is outstanding.
     fetching: bool,
-    /// Catch-up failed on this connection; retried only after the next connect.
+    /// Catch-up failed on this connection, or a page brought nothing new: asked again
+    /// only after `unstall` (a backoff later) or the next connect.
     stalled: bool,
     /// Not listed by `ConversationStates`: one page is asked for, even with nothing
     /// known beyond the cursor, to learn whether this user is still a member
@@ -162,12 +163,23 @@ impl Merge {
     /// A catch-up page arrived (the answer to a `Fetch`). Returns what may be handed on
     /// now, in order: at most `room` entries. Entries of the page that do not fit are
     /// held while the bound allows and fetched again otherwise.
+    ///
+    /// A page with no entry beyond the cursor while more is known to exist (a broken or
+    /// hostile broker's, or one that lost entries it had shown) stalls the conversation
+    /// as a failed fetch does (`fetch_failed`): asked again only after `unstall`. Before,
+    /// it was asked again at once, a request per round trip for as long as the broker
+    /// answered so.
     pub fn page(&mut self, page: CatchUpPage, room: usize) -> Vec<Entry> {
         let conv = page.conv;
         let t = track(&mut self.convs, &mut self.left, conv);
         t.fetching = false;
         t.probe = false;
         t.known = t.known.max(page.last_seq);
+        let cursor = t.cursor;
+        if !page.entries.iter().any(|e| e.conv == conv && e.seq > cursor) && t.cursor < t.known {
+            let closable = t.held.first_key_value().is_some_and(|(&s, _)| s == t.cursor + 1);
+            t.stalled = !closable;
+        }
         let mut out = Vec::new();
         for entry in page.entries {
             if entry.conv != conv {
@@ -187,6 +199,12 @@ impl Merge {
             t.fetching = false;
             t.stalled = true;
         }
+    }
+
+    /// Whether `conv`'s catch-up is stalled (failed, or a page brought nothing new)
+    /// until `unstall`.
+    pub fn is_stalled(&self, conv: ConvId) -> bool {
+        self.convs.get(&conv).is_some_and(|t| t.stalled)
     }
 
     /// Conversations whose catch-up failed may be fetched again (`fetches`).
@@ -347,6 +365,35 @@ mod tests {
 
     fn fetch(conv: ConvId, after: Seq, limit: u16) -> Fetch {
         Fetch { conv, after, limit }
+    }
+
+    #[test]
+    fn a_page_with_nothing_new_is_asked_again_only_after_a_backoff() {
+        let mut m = Merge::new([(7, 3)], 100);
+        m.known(7, 10);
+        assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 7)]);
+        // Nothing beyond the cursor, though 10 exists: not asked again at once (before:
+        // the same page asked again on every answer).
+        let empty = CatchUpPage { conv: 7, entries: Vec::new(), last_seq: 10, complete: false, receipts: Vec::new() };
+        assert!(m.page(empty, ROOM).is_empty());
+        assert!(m.is_stalled(7));
+        assert!(m.fetches(4, ROOM).is_empty());
+        // Only entries at or below the cursor: the same.
+        m.unstall();
+        assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 7)]);
+        assert!(m.page(page(7, 2..=3, 10), ROOM).is_empty());
+        assert!(m.fetches(4, ROOM).is_empty());
+        // A backoff later the page comes whole.
+        m.unstall();
+        assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 7)]);
+        assert_eq!(m.page(page(7, 4..=10, 10), ROOM).len(), 7);
+        assert!(!m.is_stalled(7) && m.caught_up());
+        // An entry held beyond the gap that the page closes is no stall.
+        let mut m = Merge::new([(8, 3)], 100);
+        assert!(m.live(e(8, 5), ROOM).is_empty());
+        assert_eq!(m.fetches(4, ROOM), [fetch(8, 3, 2)]);
+        assert_eq!(seqs(&m.page(page(8, 4..=4, 5), ROOM)), [(8, 4), (8, 5)]);
+        assert!(!m.is_stalled(8));
     }
 
     #[test]

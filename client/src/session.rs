@@ -1032,6 +1032,10 @@ impl Task {
                         if complete {
                             self.receipts(fetch.conv, receipts);
                         }
+                        if self.merge.is_stalled(fetch.conv) {
+                            tracing::warn!(conv = fetch.conv, "a catch-up page brought nothing new");
+                            self.retry_later(generation, false);
+                        }
                     }
                     Ok(other) => {
                         tracing::warn!(conv = fetch.conv, reply = ?other, "unexpected catch-up reply");
