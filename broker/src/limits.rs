@@ -137,6 +137,16 @@ pub const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 1024;
 /// unauthenticated connections; below half, neither applies (a Retry costs every client
 /// a round trip).
 pub const UNAUTHENTICATED_PER_ADDRESS: usize = 64;
+/// Default `max_connections_per_address`: authenticated connections from one source (an
+/// IPv4 address, an IPv6 /64). Without it, accounts from open registration (64
+/// connections each, `MAX_SESSIONS_PER_USER`) held every one of `max_connections` from
+/// one address, and every other device was refused (an attacker review: about 1,600
+/// accounts for 100,000 places). Room for a NAT of a thousand devices at once; an
+/// operator whose users share fewer addresses (NAT64, a carrier's pool) raises it.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
+/// An IPv6 /48 (`auth::network`, which one party may hold whole) may hold this many
+/// times `max_connections_per_address`.
+pub const CONNECTIONS_PER_NETWORK_FACTOR: usize = 8;
 /// Time a QUIC handshake may take, from its first packet, by default
 /// (`Config::quic_handshake_timeout_ms`). A loss-free handshake takes one or two round
 /// trips; this leaves room for several lost flights on a poor link, and frees the place

@@ -78,8 +78,11 @@ pub enum ClientError {
     Connect(String),
     /// The broker refused the connection before its handshake (QUIC
     /// `CONNECTION_REFUSED`): it is up, but at its connection limit
-    /// (`max_connections`), or failing. A later attempt may be taken.
-    #[error("the broker refused the connection: it is up, but at its connection limit (or failing): {0}")]
+    /// (`max_connections`, or `max_connections_per_address` for this client's address),
+    /// or failing. A later attempt may be taken.
+    #[error(
+        "the broker refused the connection: it is up, but at its connection limit (or this address's), or failing: {0}"
+    )]
     Refused(String),
     /// This client refused the broker's certificate (the handshake ended with a TLS
     /// certificate alert): the trust it was given (a CA file, a pin) is not this

@@ -91,8 +91,14 @@ impl<E: std::error::Error + Send + Sync> From<plotters::drawing::DrawingAreaErro
     }
 }
 
-/// What to change when a broker the harness does not own refuses its registrations.
+/// What to change when a broker the harness does not own refuses its registrations (or
+/// their connections).
 fn enroll_hint(e: &ClientError) -> &'static str {
+    if matches!(e, ClientError::Refused(_)) {
+        return " (the broker refused the connection: a broker load-tested with --target needs \
+                 max_connections_per_address = 0, all simulated devices coming from one address, and \
+                 max_connections above the run's devices; README, \"Load testing\")";
+    }
     match e.code() {
         Some(switchboard_protocol::ErrorCode::RATE_LIMITED) => {
             " (the broker limits registrations per address: a broker load-tested with --target needs \

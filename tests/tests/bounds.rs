@@ -867,6 +867,42 @@ async fn delivered_marks_spend_the_member_rows_allowance() {
     .await
 }
 
+/// `max_connections_per_address` sessions from one address (here 127.0.0.1), whoever's
+/// accounts they are: one more connection is refused before its handshake (the client
+/// library's `Refused`), and once one ends a new one is served. Before, only
+/// `max_connections` was counted, and accounts from one address could take every place.
+#[tokio::test]
+async fn sessions_from_one_address_are_bounded() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.max_connections_per_address = 3).await;
+        let connector = tb.connector();
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let third = connector.connect(&alice_id).await.unwrap();
+        third.ping().await.unwrap();
+        for who in [&alice_id, &bob_id] {
+            let refused = within(STEP_DEADLINE, "a fourth connection", connector.connect(who)).await;
+            assert!(matches!(refused, Err(ClientError::Refused(_))), "{:?}", refused.map(|_| ()));
+        }
+        // Those connected are served.
+        alice.ping().await.unwrap();
+        bob.ping().await.unwrap();
+        third.close();
+        within(STEP_DEADLINE, "a connection after one closed", async {
+            loop {
+                if let Ok(client) = connector.connect(&bob_id).await
+                    && client.ping().await.is_ok()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    })
+    .await
+}
+
 /// `MAX_SESSIONS_PER_USER` (64) connections of one user at once; the next is closed
 /// with `SESSIONS_PER_USER_REFUSAL` right after authenticating, and once one of the 64
 /// goes, a new one is served.

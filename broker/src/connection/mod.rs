@@ -27,7 +27,7 @@ use switchboard_protocol::{ErrorBody, ErrorCode, FrameDecoder, decode, encode_fr
 
 use crate::Shared;
 use crate::config::Config;
-use crate::limits::{READ_CHUNK_BYTES, UNAUTHENTICATED_PER_ADDRESS};
+use crate::limits::{CONNECTIONS_PER_NETWORK_FACTOR, READ_CHUNK_BYTES, UNAUTHENTICATED_PER_ADDRESS};
 use crate::metrics::Counters;
 use crate::overload::SocketBacklog;
 use switchboard_protocol::limits::AUTH_DEADLINE_MS;
@@ -169,11 +169,65 @@ pub(crate) enum Verdict {
 /// 64 places each plus spoofed Initials held every place), nor can one party holding a
 /// /48 of 65,536 sources with a place each. A place whose auth request is being checked
 /// is never taken.
+///
+/// Sessions are also counted per source and per network: at most
+/// `max_connections_per_address` from one source, eight times that from one IPv6 /48
+/// (`CONNECTIONS_PER_NETWORK_FACTOR`), so accounts made by open registration from a few
+/// addresses cannot hold every session place.
 pub(crate) struct Admission {
     max_sessions: usize,
     max_unauthenticated: usize,
+    /// `max_connections_per_address`; 0: no such bound.
+    per_address: usize,
     sessions: Arc<AtomicUsize>,
+    addresses: Arc<Mutex<AddressSessions>>,
     unauthenticated: Arc<Mutex<Pending>>,
+}
+
+/// Sessions served per source (`auth::source`) and, for IPv6, per network
+/// (`auth::network`; an IPv4 source is its own network). Kept apart: a /64 whose fourth
+/// group is 0 has the same address as its /48 (the test's first /64 is one). Entries go when their count returns to 0,
+/// so the maps hold at most one entry per session.
+#[derive(Default)]
+struct AddressSessions {
+    sources: HashMap<IpAddr, usize>,
+    networks: HashMap<IpAddr, usize>,
+}
+
+impl AddressSessions {
+    /// Whether one more session from `source` fits under `per_address` (0: always).
+    fn fits(&self, source: IpAddr, per_address: usize) -> bool {
+        if per_address == 0 {
+            return true;
+        }
+        let network = crate::auth::network(source);
+        self.sources.get(&source).copied().unwrap_or(0) < per_address
+            && (source.is_ipv4()
+                || self.networks.get(&network).copied().unwrap_or(0)
+                    < per_address.saturating_mul(CONNECTIONS_PER_NETWORK_FACTOR))
+    }
+
+    fn add(&mut self, source: IpAddr) {
+        *self.sources.entry(source).or_default() += 1;
+        if source.is_ipv6() {
+            *self.networks.entry(crate::auth::network(source)).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, source: IpAddr) {
+        let down = |map: &mut HashMap<IpAddr, usize>, key: IpAddr| {
+            if let Some(n) = map.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&key);
+                }
+            }
+        };
+        down(&mut self.sources, source);
+        if source.is_ipv6() {
+            down(&mut self.networks, crate::auth::network(source));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -301,12 +355,18 @@ impl Drop for Unauthenticated {
     }
 }
 
-/// A session's place among `max_connections`; given back when dropped.
-pub(crate) struct Session(Arc<AtomicUsize>);
+/// A session's place among `max_connections` and its source's
+/// (`max_connections_per_address`); given back when dropped.
+pub(crate) struct Session {
+    sessions: Arc<AtomicUsize>,
+    source: IpAddr,
+    addresses: Arc<Mutex<AddressSessions>>,
+}
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.addresses.lock().unwrap_or_else(|p| p.into_inner()).remove(self.source);
+        self.sessions.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -315,7 +375,9 @@ impl Admission {
         Admission {
             max_sessions: config.max_connections,
             max_unauthenticated: config.max_unauthenticated_connections,
+            per_address: config.max_connections_per_address,
             sessions: Arc::default(),
+            addresses: Arc::default(),
             unauthenticated: Arc::default(),
         }
     }
@@ -328,6 +390,10 @@ impl Admission {
             return Verdict::Refuse;
         }
         let source = crate::auth::source(from);
+        // Nor would one for its source (checked again when it authenticates).
+        if !self.addresses.lock().unwrap_or_else(|p| p.into_inner()).fits(source, self.per_address) {
+            return Verdict::Refuse;
+        }
         let mut pending = self.unauthenticated.lock().unwrap_or_else(|p| p.into_inner());
         if pending.total * 2 >= self.max_unauthenticated {
             if !validated {
@@ -353,13 +419,25 @@ impl Admission {
     }
 
     /// Moves an authenticated connection from its unauthenticated place to a session
-    /// place, or `OVERLOADED` if `max_connections` sessions are being served.
+    /// place: `RATE_LIMITED` if its source (or network) has its
+    /// `max_connections_per_address` sessions, `OVERLOADED` if `max_connections`
+    /// sessions are being served.
     pub(crate) fn promote(&self, place: Unauthenticated) -> Result<Session, ErrorBody> {
+        let source = place.source;
+        let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        if !addresses.fits(source, self.per_address) {
+            return Err(ErrorBody::new(
+                ErrorCode::RATE_LIMITED,
+                "too many connections from this address (max_connections_per_address); retry later",
+            ));
+        }
         self.sessions
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_sessions).then_some(n + 1))
             .map_err(|_| ErrorBody::new(ErrorCode::OVERLOADED, "the broker is at its connection limit"))?;
+        addresses.add(source);
+        drop(addresses);
         drop(place);
-        Ok(Session(self.sessions.clone()))
+        Ok(Session { sessions: self.sessions.clone(), source, addresses: self.addresses.clone() })
     }
 }
 
@@ -440,6 +518,47 @@ mod tests {
         assert_eq!(a.sessions.load(Ordering::SeqCst), 0);
         assert_eq!(a.unauthenticated.lock().unwrap().total, 0);
         assert!(a.unauthenticated.lock().unwrap().by_source.is_empty());
+    }
+
+    /// At most `max_connections_per_address` sessions from one source, eight times that
+    /// from one IPv6 /48; a source at its bound is refused before its handshake, and a
+    /// session that ends frees its place. Before, only `max_connections` was counted, and
+    /// accounts from one address could hold every session place.
+    #[test]
+    fn sessions_are_bounded_per_address_and_per_network() {
+        let mut config = Config::ephemeral("unused");
+        config.max_connections_per_address = 3;
+        let a = Admission::new(&config);
+        let mut held: Vec<Session> = (0..3).map(|_| a.promote(admitted(a.judge(ip(1), true))).unwrap()).collect();
+        assert!(matches!(a.judge(ip(1), true), Verdict::Refuse), "refused before its handshake");
+        // One admitted before the others authenticated is refused when it does.
+        held.pop();
+        let late = admitted(a.judge(ip(1), true));
+        held.push(a.promote(admitted(a.judge(ip(1), true))).unwrap());
+        assert_eq!(a.promote(late).err().unwrap().code, ErrorCode::RATE_LIMITED);
+        // Other addresses are not affected; a session that ends frees its place.
+        let other = a.promote(admitted(a.judge(ip(2), true))).unwrap();
+        held.pop();
+        held.push(a.promote(admitted(a.judge(ip(1), true))).unwrap());
+        // IPv6: 3 per /64, 24 per /48 over its /64s.
+        let v6 = |net: u16, host: u16| IpAddr::from([0x2001, 0xdb8, 7, net, 0, 0, 0, host]);
+        for net in 0..8 {
+            for host in 0..3 {
+                held.push(a.promote(admitted(a.judge(v6(net, host), true))).unwrap());
+            }
+            assert!(matches!(a.judge(v6(net, 9), true), Verdict::Refuse), "a /64 holds 3");
+        }
+        assert!(matches!(a.judge(v6(8, 0), true), Verdict::Refuse), "a /48 holds 24");
+        assert!(a.promote(admitted(a.judge(IpAddr::from([0x2001, 0xdb8, 8, 0, 0, 0, 0, 1]), true))).is_ok());
+        drop((held, other));
+        let addresses = a.addresses.lock().unwrap();
+        assert!(addresses.sources.is_empty() && addresses.networks.is_empty(), "entries go at 0");
+        assert_eq!(a.sessions.load(Ordering::SeqCst), 0);
+        // 0: no bound (the harness's own broker).
+        let mut config = Config::ephemeral("unused");
+        config.max_connections_per_address = 0;
+        let a = Admission::new(&config);
+        let _many: Vec<Session> = (0..100).map(|_| a.promote(admitted(a.judge(ip(1), true))).unwrap()).collect();
     }
 
     /// Whether `place` was taken for a newcomer (it no longer counts).
