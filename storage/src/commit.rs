@@ -1,6 +1,11 @@
 //! Group commit. Exactly one thread flushes sled (sled 0.34 hangs when several tasks
-//! flush at once) and then fdatasyncs sled's data file, because sled's flush uses
-//! `sync_file_range`, which does not flush the disk's write cache.
+//! flush at once). sled's flush returns once every log write up to it is stable, and
+//! the patched sled (patches/README.md, change 11) fdatasyncs each log write, so stable
+//! means durable: a flush is the commit. (Released sled uses `sync_file_range`, which
+//! leaves the write in the disk's volatile cache; this thread then fdatasynced the file
+//! after the flush, which made acknowledgements durable but not sled's own reuse of the
+//! segments whose pages it relocated: after a power cut an old segment's overwrite could
+//! be on the disk and the relocated pages not.)
 //!
 //! A writer applies its writes first and then enqueues a waiter. The thread takes every
 //! waiter queued so far, flushes once and syncs once, then completes them all in queue
@@ -16,9 +21,7 @@
 //! The queue is bounded by the callers: every waiter belongs to an in-flight request,
 //! and each session caps those; batch writers are few (see the broker's `catalog_write`).
 
-use std::fs::File;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -159,21 +162,13 @@ impl Committer {
     /// commit that a conversation entry asked for (`notify_grouped`) begins `delay.wait`
     /// after the entry was queued, if `delay.siblings` others were queued with it, unless
     /// another kind of job comes first (see `StoreConfig::commit_delay`).
-    pub(crate) fn start(
-        db: sled::Db,
-        data_file: PathBuf,
-        gens: Vec<Arc<IndexGen>>,
-        delay: Delay,
-    ) -> Result<Committer, StoreError> {
-        // Open once up front: a missing data file is a startup error, not a per-batch one.
-        let file =
-            File::open(&data_file).map_err(|e| StoreError::NotDurable(format!("{}: {e}", data_file.display())))?;
+    pub(crate) fn start(db: sled::Db, gens: Vec<Arc<IndexGen>>, delay: Delay) -> Result<Committer, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let health = Arc::new(Health::default());
         let thread_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("sb-committer".into())
-            .spawn(move || run(db, file, rx, &thread_health, &gens, delay))
+            .spawn(move || run(db, rx, &thread_health, &gens, delay))
             .map_err(|e| StoreError::NotDurable(e.to_string()))?;
         let parked = thread.thread().clone();
         Ok(Committer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), parked, delay, health })
@@ -318,7 +313,7 @@ impl Drop for Committer {
     }
 }
 
-fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>], delay: Delay) {
+fn run(db: sled::Db, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<IndexGen>], delay: Delay) {
     // Fail-stop: after one failed flush or fsync nothing is reported durable again. On
     // Linux a failed fsync may already have dropped the dirty pages it could not write,
     // so retrying and later succeeding would acknowledge writes that are gone.
@@ -401,7 +396,7 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
         let result = match &failed {
             Some(e) => Err(e.clone()),
             None if health.inject.swap(false, Ordering::SeqCst) => Err("injected commit failure".to_owned()),
-            None => commit_once(&db, &file, waiters.len(), &health.stats),
+            None => commit_once(&db, waiters.len(), &health.stats),
         };
         if let (Err(e), None) = (&result, &failed) {
             tracing::error!(error = %e, waiters = waiters.len(), "group commit failed; the store refuses writes until restarted");
@@ -424,11 +419,10 @@ fn run(db: sled::Db, file: File, rx: mpsc::Receiver<Job>, health: &Health, gens:
     }
 }
 
-fn commit_once(db: &sled::Db, file: &File, waiters: usize, stats: &Stats) -> Result<(), String> {
+/// One commit: sled's flush, whose log writes fdatasync (the module's comment).
+fn commit_once(db: &sled::Db, waiters: usize, stats: &Stats) -> Result<(), String> {
     let started = std::time::Instant::now();
     db.flush().map_err(|e| e.to_string())?;
-    let flush_time = started.elapsed();
-    file.sync_data().map_err(|e| e.to_string())?;
     let total = started.elapsed();
     stats.writes.fetch_add(waiters as u64, Ordering::Relaxed);
     let us = u64::try_from(total.as_micros()).unwrap_or(u64::MAX);
@@ -438,19 +432,9 @@ fn commit_once(db: &sled::Db, file: &File, waiters: usize, stats: &Stats) -> Res
     // Judged in whole microseconds, as the buckets are, so `CommitStats::slow` counts
     // exactly the commits logged here.
     if u128::from(us) > SLOW_COMMIT.as_micros() {
-        tracing::warn!(
-            flush_ms = flush_time.as_millis() as u64,
-            total_ms = total.as_millis() as u64,
-            waiters,
-            "slow group commit"
-        );
+        tracing::warn!(total_ms = total.as_millis() as u64, waiters, "slow group commit");
     }
     Ok(())
-}
-
-/// fdatasyncs one file.
-pub(crate) fn sync_file(path: &Path) -> std::io::Result<()> {
-    File::open(path)?.sync_data()
 }
 
 /// Resolves once the writes applied before it was created are durable.
@@ -492,18 +476,17 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(10);
 
     /// A committer over a fresh sled database in `dir`, set up as `Store::open` does.
-    fn start(dir: &Path) -> (sled::Db, Committer) {
+    fn start(dir: &std::path::Path) -> (sled::Db, Committer) {
         start_with_delay(dir, Duration::ZERO)
     }
 
-    fn start_with_delay(dir: &Path, wait: Duration) -> (sled::Db, Committer) {
+    fn start_with_delay(dir: &std::path::Path, wait: Duration) -> (sled::Db, Committer) {
         start_with(dir, Delay { wait, siblings: 0 })
     }
 
-    fn start_with(dir: &Path, delay: Delay) -> (sled::Db, Committer) {
+    fn start_with(dir: &std::path::Path, delay: Delay) -> (sled::Db, Committer) {
         let db = sled::Config::new().path(dir).flush_every_ms(None).open().unwrap();
-        let committer =
-            Committer::start(db.clone(), dir.join("db"), vec![Arc::new(IndexGen::default())], delay).unwrap();
+        let committer = Committer::start(db.clone(), vec![Arc::new(IndexGen::default())], delay).unwrap();
         (db, committer)
     }
 

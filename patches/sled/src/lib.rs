@@ -287,6 +287,17 @@ static ALLOCATOR: measure_allocs::TrackingAllocator =
 
 const DEFAULT_TREE_ID: &[u8] = b"__sled__default";
 
+/// Switchboard patch: fdatasyncs of the log made by this process's log writes (every
+/// non-temporary one is, since `write_to_log` fdatasyncs instead of `sync_file_range`);
+/// see patches/README.md, change 11. Only counted: a test reads it.
+pub static LOG_SYNCS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// Switchboard patch: how many log writes fdatasynced so far (`LOG_SYNCS`).
+pub fn log_syncs() -> u64 {
+    LOG_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// hidden re-export of items for testing purposes
 #[doc(hidden)]
 pub use {

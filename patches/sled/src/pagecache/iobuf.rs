@@ -729,31 +729,16 @@ impl IoBufs {
             let f = &self.config.file;
             pwrite_all(f, data, log_offset)?;
             if !self.config.temporary {
-                #[cfg(target_os = "linux")]
-                {
-                    use std::os::unix::io::AsRawFd;
-                    let ret = unsafe {
-                        libc::sync_file_range(
-                            f.as_raw_fd(),
-                            i64::try_from(log_offset).unwrap(),
-                            i64::try_from(total_len).unwrap(),
-                            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                                | libc::SYNC_FILE_RANGE_WRITE
-                                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                        )
-                    };
-                    if ret < 0 {
-                        let err = std::io::Error::last_os_error();
-                        if let Some(libc::ENOSYS) = err.raw_os_error() {
-                            f.sync_all()?;
-                        } else {
-                            return Err(err.into());
-                        }
-                    }
-                }
-
-                #[cfg(not(target_os = "linux"))]
-                f.sync_all()?;
+                // Switchboard patch: fdatasync, not `sync_file_range`. What this write
+                // makes "stable" lets sled free the segments whose pages it relocated
+                // and write over them; `sync_file_range` leaves the write in the disk's
+                // volatile cache, so after a power cut the overwrite of an old segment
+                // could be on the disk and the relocated copy not (an acknowledged page
+                // lost). With this, stable means durable, and a flush is a commit:
+                // Switchboard's committer no longer fdatasyncs after it, so a commit
+                // costs what it did (patches/README.md, change 11).
+                f.sync_data()?;
+                crate::LOG_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
         io_fail!(self, "buffer write post");
