@@ -79,11 +79,9 @@ struct Health {
     /// What the commits so far did (`Store::commit_stats`).
     stats: Stats,
     /// Commits begun so far (tests read it to tell which commit completed a waiter).
-    #[cfg(test)]
     commits: AtomicU64,
     /// Called on the committer thread as each commit begins, after its waiters were
     /// taken and before the flush, with the commit's number (tests pause it there).
-    #[cfg(test)]
     commit_started: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
@@ -298,7 +296,6 @@ impl Applying {
     }
 }
 
-#[cfg(test)]
 impl Committer {
     /// Calls `hook` with each commit's number as it begins, on the committer thread
     /// (tests pause the committer with it). Set once.
@@ -386,12 +383,9 @@ fn run(db: sled::Db, rx: mpsc::Receiver<Job>, health: &Health, gens: &[Arc<Index
                 (g.started.load(Ordering::SeqCst) == finished).then_some(finished)
             })
             .collect();
-        #[cfg(test)]
-        {
-            let n = health.commits.fetch_add(1, Ordering::SeqCst) + 1;
-            if let Some(hook) = health.commit_started.get() {
-                hook(n);
-            }
+        let n = health.commits.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(hook) = health.commit_started.get() {
+            hook(n);
         }
         let result = match &failed {
             Some(e) => Err(e.clone()),

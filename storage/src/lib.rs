@@ -188,6 +188,20 @@ impl Store {
             .flush_every_ms(None)
             .mode(sled::Mode::HighThroughput);
         let db = open_when_unlocked(&sled_config)?;
+        // What sled recovered may have been written and never synced before a crash of
+        // the process (the page cache keeps it): synced now, before the start's repairs
+        // act on it and before anything is served from it. A flush with nothing to write
+        // syncs nothing (sled syncs its log writes only), so the start's barrier alone
+        // would not.
+        if !created {
+            let file = config.path.join("db");
+            match std::fs::File::open(&file).and_then(|f| f.sync_data()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::NotDurable(format!("{}: {e}", file.display())));
+                }
+                _ => {}
+            }
+        }
         // The marker goes first: any later write that survives a crash implies its
         // removal survived too (sled recovers a prefix of its log).
         let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
@@ -250,6 +264,13 @@ impl Store {
     /// fault-injection tests of the fail-stop path.
     pub fn inject_commit_failure(&self) {
         self.committer.inject_failure();
+    }
+
+    /// A test aid: calls `hook` with each group commit's number as it begins, on the
+    /// committer thread, before its flush (a hook that blocks holds every commit, so
+    /// nothing applied meanwhile becomes durable). Set at most once; panics if set twice.
+    pub fn on_commit_started(&self, hook: Box<dyn Fn(u64) + Send + Sync>) {
+        self.committer.on_commit_started(hook);
     }
 
     /// Whether a commit has failed: nothing is durable from then on.

@@ -1474,6 +1474,58 @@ async fn an_upload_without_its_first_chunk_cannot_be_sent_and_an_incomplete_one_
     .await
 }
 
+/// An upload's offset is written to the store before its group commit, so a status read
+/// then could tell a client an offset that a crash takes back. `UploadStatus`,
+/// `ListUploads` and `FileInfo` answer only once it is durable: while commits are held,
+/// a chunk's new offset (applied, not yet durable) is not told, and it is once they go
+/// on. Before, `UploadStatus` answered 512 KiB with the commit still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_offset_is_told_only_once_durable() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(600 * 1024, 4);
+        let begun = begin_upload(&alice, "n.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
+        // Commits pause as they begin while `hold` is set, until told to go on.
+        let store = tb.shared().store.clone();
+        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (go, paused) = std::sync::mpsc::channel::<()>();
+        let paused = std::sync::Mutex::new(paused);
+        let held = hold.clone();
+        store.on_commit_started(Box::new(move |_| {
+            if held.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = paused.lock().unwrap().recv_timeout(Duration::from_secs(20));
+            }
+        }));
+        hold.store(true, std::sync::atomic::Ordering::SeqCst);
+        let conn = alice.connection().clone();
+        let (file, more) = (begun.file, data.clone());
+        let second =
+            tokio::spawn(async move { upload_range(&conn, file, &more, 256 * 1024, 512 * 1024, 256 * 1024).await });
+        within(STEP_DEADLINE, "the chunk's offset applied", async {
+            while store.file(&begun.file).unwrap().unwrap().offset() != 512 * 1024 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let early = tokio::time::timeout(Duration::from_millis(300), status(&alice, begun.file)).await;
+        assert!(early.is_err(), "told before durable: {early:?}");
+        let listed = tokio::time::timeout(Duration::from_millis(100), alice.list_uploads()).await;
+        assert!(listed.is_err(), "listed before durable: {listed:?}");
+        // Commits go on: told now, and durable.
+        hold.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = go.send(());
+        assert_eq!(offset_of(status(&alice, begun.file).await.unwrap()), 512 * 1024);
+        second.await.unwrap();
+        match file_info(&alice, begun.file).await.unwrap() {
+            Reply::File(info) => assert_eq!(info.state, FileState::Uploading { offset: 512 * 1024 }),
+            other => panic!("{other:?}"),
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_member_who_left_withdraws_its_file_from_the_group_and_gets_its_quota_back() {
     bounded(async {

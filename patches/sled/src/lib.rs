@@ -298,6 +298,16 @@ pub fn log_syncs() -> u64 {
     LOG_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Switchboard patch: blob files (values too large for a log message) synced with
+/// their directory (patches/README.md, change 12). Only counted: a test reads it.
+pub static BLOB_SYNCS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// Switchboard patch: how many blob files were synced so far (`BLOB_SYNCS`).
+pub fn blob_syncs() -> u64 {
+    BLOB_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// hidden re-export of items for testing purposes
 #[doc(hidden)]
 pub use {

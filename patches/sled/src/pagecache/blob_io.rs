@@ -90,12 +90,21 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+    // Switchboard patch: the blob and its name are made durable before the log message
+    // that points to it is written (and fdatasynced, change 11). sled synced neither:
+    // after a power cut the log could name a blob file that is empty or gone, and the
+    // node stored in it (a leaf, and the keys under it) was unreadable
+    // (patches/README.md, change 12).
+    if !config.temporary {
+        f.sync_all()?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        crate::BLOB_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
