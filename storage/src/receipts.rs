@@ -26,7 +26,11 @@ use crate::{ReceiptRecord, Result, Store, StoreError, corrupt, decode, encode};
 impl Store {
     /// A member's stored watermarks in `conv` (`None` if it never reported any).
     pub fn receipt(&self, conv: ConvId, user: UserId) -> Result<Option<ReceiptRecord>> {
-        self.get(Key::receipt(conv, user))
+        let key = Key::receipt(conv, user);
+        match self.db.get(&key)? {
+            Some(v) => Ok(Some(ReceiptRecord::decode(key.as_ref(), &v)?)),
+            None => Ok(None),
+        }
     }
 
     /// Writes watermarks of members of `conv` (single-key writes, not a batch: see
@@ -42,7 +46,7 @@ impl Store {
     ) -> Result<()> {
         self.watermark_write(|| {
             marks.iter().try_for_each(|(user, record)| {
-                self.db.insert(Key::receipt(conv, *user), encode(record))?;
+                self.db.insert(Key::receipt(conv, *user), record.encode())?;
                 Ok::<_, StoreError>(())
             })
         })?;
@@ -320,7 +324,7 @@ mod tests {
         }
         assert!(store.index_barrier().unwrap().is_none());
         assert!(store.watermark_barrier().unwrap().is_none());
-        let record = ReceiptRecord { delivered_up_to: 3, read_up_to: 2 };
+        let record = ReceiptRecord { delivered_up_to: 3, read_up_to: 2, shown_read_up_to: 2 };
         let (tx, rx) = tokio::sync::oneshot::channel();
         store.write_receipts(9, &[(4, record)], move |r| drop(tx.send(r))).unwrap();
         assert!(store.index_barrier().unwrap().is_none(), "a membership reader does not wait for receipts");
@@ -605,9 +609,11 @@ mod tests {
             assert_eq!(store.receipt(9, 1).unwrap(), None);
             assert_eq!(store.settings(1).unwrap(), Settings::default());
             let marks = [
-                (1, ReceiptRecord { delivered_up_to: 5, read_up_to: 3 }),
-                (2, ReceiptRecord { delivered_up_to: 2, read_up_to: 0 }),
+                (1, ReceiptRecord { delivered_up_to: 5, read_up_to: 3, shown_read_up_to: 3 }),
+                (2, ReceiptRecord { delivered_up_to: 2, read_up_to: 4, shown_read_up_to: 1 }),
             ];
+            // A record written before `shown_read_up_to` existed reads it as its read mark.
+            store.db.insert(Key::receipt(9, 3), encode(&(7u64, 6u64))).unwrap();
             let (tx, rx) = tokio::sync::oneshot::channel();
             store.write_receipts(9, &marks, move |r| tx.send(r).unwrap()).unwrap();
             rx.await.unwrap().unwrap();
@@ -615,8 +621,18 @@ mod tests {
             store.close().unwrap();
         }
         let store = open(dir.path());
-        assert_eq!(store.receipt(9, 1).unwrap(), Some(ReceiptRecord { delivered_up_to: 5, read_up_to: 3 }));
-        assert_eq!(store.receipt(9, 2).unwrap(), Some(ReceiptRecord { delivered_up_to: 2, read_up_to: 0 }));
+        assert_eq!(
+            store.receipt(9, 1).unwrap(),
+            Some(ReceiptRecord { delivered_up_to: 5, read_up_to: 3, shown_read_up_to: 3 })
+        );
+        assert_eq!(
+            store.receipt(9, 2).unwrap(),
+            Some(ReceiptRecord { delivered_up_to: 2, read_up_to: 4, shown_read_up_to: 1 })
+        );
+        assert_eq!(
+            store.receipt(9, 3).unwrap(),
+            Some(ReceiptRecord { delivered_up_to: 7, read_up_to: 6, shown_read_up_to: 6 })
+        );
         assert_eq!(store.receipt(8, 1).unwrap(), None, "per conversation");
         assert!(store.settings(2).unwrap().read_receipts_private);
         assert!(!store.settings(1).unwrap().read_receipts_private);

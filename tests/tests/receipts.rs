@@ -331,10 +331,18 @@ async fn private_read_receipts_are_hidden_from_others_and_shown_to_own_devices()
         let page = alice.catch_up(conv, 0, 100).await.unwrap();
         assert!(page.complete);
         assert_eq!(page.receipts, listed, "catch-up shows receipts as Receipts does");
-        // Public again: shown.
+        // Public again: what bob read while private stays hidden (before, `later` was
+        // shown at once), his own devices still see it, and his next read is shown.
         bob.settings(Some(Settings { read_receipts_private: false })).await.unwrap();
         let listed = alice.receipts(conv).await.unwrap();
-        assert_eq!(listed.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(later));
+        assert_eq!(listed.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(0));
+        let own = phone.receipts(conv).await.unwrap();
+        assert_eq!(own.iter().find(|r| r.user == bob.user_id).unwrap().read_up_to, Some(later));
+        let last = alice.send(conv, "and now?").await.unwrap();
+        bob.mark_read(conv, last).await.unwrap();
+        let listed = alice.receipts(conv).await.unwrap();
+        let shown = listed.iter().find(|r| r.user == bob.user_id).unwrap();
+        assert_eq!((shown.delivered_up_to, shown.read_up_to), (last, Some(last)));
     })
     .await
 }

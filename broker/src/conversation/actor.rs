@@ -127,7 +127,11 @@ impl Log for StoreLog<'_> {
     }
     fn receipt(&self, conv: ConvId, user: u64) -> Result<Option<Marks>, StoreError> {
         let stored = self.0.receipt(conv, user)?;
-        Ok(stored.map(|r| Marks { delivered_up_to: r.delivered_up_to, read_up_to: r.read_up_to }))
+        Ok(stored.map(|r| Marks {
+            delivered_up_to: r.delivered_up_to,
+            read_up_to: r.read_up_to,
+            shown_read_up_to: r.shown_read_up_to,
+        }))
     }
     fn receipts_private(&self, user: u64) -> Result<bool, StoreError> {
         Ok(self.0.settings(user)?.read_receipts_private)
@@ -379,7 +383,12 @@ impl Conversation {
                     let records: Vec<(u64, ReceiptRecord)> = marks
                         .into_iter()
                         .map(|(user, m)| {
-                            (user, ReceiptRecord { delivered_up_to: m.delivered_up_to, read_up_to: m.read_up_to })
+                            let record = ReceiptRecord {
+                                delivered_up_to: m.delivered_up_to,
+                                read_up_to: m.read_up_to,
+                                shown_read_up_to: m.shown_read_up_to,
+                            };
+                            (user, record)
                         })
                         .collect();
                     // Joins the next group commit; no fsync of its own.

@@ -1192,8 +1192,8 @@ mod tests {
         assert_eq!(
             h.receipt_writes[1],
             vec![
-                (BOB, Marks { delivered_up_to: 6, read_up_to: 6 }),
-                (CAROL, Marks { delivered_up_to: 6, read_up_to: 0 }),
+                (BOB, Marks { delivered_up_to: 6, read_up_to: 6, shown_read_up_to: 6 }),
+                (CAROL, Marks { delivered_up_to: 6, read_up_to: 0, shown_read_up_to: 0 }),
             ],
             "the latest value per member, once"
         );
@@ -1479,8 +1479,61 @@ mod tests {
         let Ok(Reply::CatchUp(page)) = h.read(CAROL, Read::CatchUp { after: 0, limit: 100 }) else { panic!() };
         assert!(page.complete);
         assert_eq!(page.receipts.iter().find(|r| r.user == BOB).map(|r| r.read_up_to), Some(None));
+        // Reads made while private stay hidden once bob's receipts are public again
+        // (before: read 4 shown at once, telling when he turned them public).
         h.log.private.clear();
-        assert_eq!(h.receipts(OWNER)[1], (BOB, 4, Some(4)), "shown again once bob stops hiding it");
+        assert_eq!(h.receipts(OWNER)[1], (BOB, 4, Some(0)));
+        assert_eq!(h.receipts(BOB)[1], (BOB, 4, Some(4)), "his own devices see them");
+        // His next read while public is shown.
+        h.notices.clear();
+        h.mark(BOB, Mark::Read(4));
+        h.commit_receipts();
+        assert_eq!(receipt_events(&h), vec![(BOB, 4, Some(4), vec![OWNER, BOB, CAROL])]);
+        assert_eq!(h.receipts(OWNER)[1], (BOB, 4, Some(4)));
+    }
+
+    /// A member who read 2 in public, then 4 while private, is shown read 2 once public
+    /// again, a delivery of 3 meanwhile shown to others without the read; a later public
+    /// read is shown whole. The store keeps the shown mark apart (`shown_read_up_to`).
+    #[test]
+    fn reads_made_while_private_are_never_shown() {
+        let mut h = chatty();
+        h.mark(BOB, Mark::Read(2));
+        h.commit_receipts();
+        h.log.private.insert(BOB);
+        h.mark(BOB, Mark::Read(4));
+        h.commit_receipts();
+        h.log.private.clear();
+        assert_eq!(h.receipts(CAROL)[1], (BOB, 2, Some(2)));
+        h.notices.clear();
+        // A delivery mark moves what others see, not the read mark.
+        h.mark(BOB, Mark::Delivered(3));
+        h.commit_receipts();
+        assert_eq!(
+            receipt_events(&h),
+            vec![(BOB, 3, Some(2), vec![OWNER, CAROL]), (BOB, 4, Some(4), vec![BOB])],
+            "the others see delivered 3, read 2; bob's devices his own"
+        );
+        let Ok(Reply::CatchUp(page)) = h.read(CAROL, Read::CatchUp { after: 0, limit: 100 }) else { panic!() };
+        let bob = page.receipts.iter().find(|r| r.user == BOB).unwrap();
+        assert_eq!((bob.delivered_up_to, bob.read_up_to), (3, Some(2)));
+        // A read while private pushes nothing to the others.
+        h.notices.clear();
+        h.log.private.insert(BOB);
+        h.mark(BOB, Mark::Read(5));
+        h.commit_receipts();
+        assert_eq!(receipt_events(&h), vec![(BOB, 5, Some(5), vec![BOB])]);
+        h.log.private.clear();
+        h.notices.clear();
+        h.mark(BOB, Mark::Delivered(4));
+        h.commit_receipts();
+        assert_eq!(receipt_events(&h), vec![(BOB, 4, Some(2), vec![OWNER, CAROL]), (BOB, 5, Some(5), vec![BOB])]);
+        assert_eq!(h.receipts(OWNER)[1], (BOB, 4, Some(2)));
+        // Read publicly: shown.
+        h.mark(BOB, Mark::Read(5));
+        h.commit_receipts();
+        assert_eq!(h.receipts(OWNER)[1], (BOB, 5, Some(5)));
+        assert_eq!(h.receipts(BOB)[1], (BOB, 5, Some(5)));
     }
 
     #[test]

@@ -26,17 +26,23 @@ use switchboard_protocol::{Seq, UserId};
 pub struct Marks {
     /// Highest seq one of the member's devices holds with no gap below it.
     pub delivered_up_to: Seq,
-    /// Highest seq the member marked read (above `delivered_up_to` only for a member who
-    /// keeps read receipts private).
+    /// Highest seq the member marked read (above `delivered_up_to` only for reads made
+    /// while it kept read receipts private).
     pub read_up_to: Seq,
+    /// Highest seq the member marked read while it did not keep read receipts private:
+    /// what others are shown as its read mark. Reads made while private are never shown,
+    /// also once the member's receipts are public again (before, turning them public
+    /// showed everything read meanwhile, with the time of the change).
+    pub shown_read_up_to: Seq,
 }
 
 impl Marks {
-    /// Both watermarks raised to `other`'s where it is higher.
+    /// Each watermark raised to `other`'s where it is higher.
     fn max(self, other: Marks) -> Marks {
         Marks {
             delivered_up_to: self.delivered_up_to.max(other.delivered_up_to),
             read_up_to: self.read_up_to.max(other.read_up_to),
+            shown_read_up_to: self.shown_read_up_to.max(other.shown_read_up_to),
         }
     }
 }

@@ -663,15 +663,16 @@ impl<R> ConversationState<R> {
             return reply.map(|r| Effect::Reply(r, Err(e))).into_iter().collect();
         }
         let marks = match mark {
-            Mark::Delivered(seq) => Marks { delivered_up_to: seq.min(self.durable_seq), read_up_to: 0 },
+            Mark::Delivered(seq) => Marks { delivered_up_to: seq.min(self.durable_seq), ..Marks::default() },
             // Reading implies delivery, except for a reader who keeps read receipts
             // private: others would read the read mark off a delivered mark it raised.
+            // Nor is such a read ever shown, also once its receipts are public again.
             Mark::Read(seq) if self.private(log, caller.user) => {
-                Marks { delivered_up_to: 0, read_up_to: seq.min(self.durable_seq) }
+                Marks { read_up_to: seq.min(self.durable_seq), ..Marks::default() }
             }
             Mark::Read(seq) => {
                 let seq = seq.min(self.durable_seq);
-                Marks { delivered_up_to: seq, read_up_to: seq }
+                Marks { delivered_up_to: seq, read_up_to: seq, shown_read_up_to: seq }
             }
         };
         let mut effects = Vec::new();
@@ -755,6 +756,14 @@ impl<R> ConversationState<R> {
                 // tell them when the user read.
                 if after.delivered_up_to != before.delivered_up_to {
                     delivered_only.push(self.raw_delivered(user));
+                }
+                private_own.push(own);
+            } else if after.shown_read_up_to != after.read_up_to {
+                // Public again, with reads made while private above what others may see:
+                // they are shown the read mark from before (and nothing when only a
+                // hidden read moved), its own devices the whole.
+                if shown_of(after) != shown_of(before) {
+                    delivered_only.push(self.shown_receipt(user));
                 }
                 private_own.push(own);
             } else {
@@ -928,6 +937,8 @@ impl<R> ConversationState<R> {
                 receipt.read_up_to = None;
             } else if user != viewer && self.private(log, user) {
                 receipt = self.raw_delivered(user);
+            } else if user != viewer {
+                receipt = self.shown_receipt(user);
             }
             out.push(receipt);
         }
@@ -942,6 +953,16 @@ impl<R> ConversationState<R> {
         let m = self.receipts.durable(user);
         let delivered_up_to = m.delivered_up_to.max(m.read_up_to);
         Receipt { conv: self.id, user, delivered_up_to, read_up_to: Some(m.read_up_to) }
+    }
+
+    /// `user`'s durable watermarks as others see them while it does not keep read
+    /// receipts private: its read mark of reads made while public (`shown_read_up_to`),
+    /// and the delivered mark never below it; the same as `own_receipt` unless it read
+    /// while private. Reads made while private raised no delivered mark (`raw_delivered`),
+    /// so neither shows them.
+    fn shown_receipt(&self, user: UserId) -> Receipt {
+        let (delivered_up_to, read_up_to) = shown_of(self.receipts.durable(user));
+        Receipt { conv: self.id, user, delivered_up_to, read_up_to: Some(read_up_to) }
     }
 
     /// `user`'s delivered watermark as others may see it when its read mark is hidden:
@@ -1264,6 +1285,12 @@ fn sibling_frames<R>(hidden: &[Receipt], effects: &mut Vec<Effect<R>>) {
     }
     sibling_frames(left, effects);
     sibling_frames(right, effects);
+}
+
+/// What others are shown of a member who does not keep read receipts private:
+/// `(delivered_up_to, read_up_to)` (`ConversationState::shown_receipt`).
+fn shown_of(m: Marks) -> (Seq, Seq) {
+    (m.delivered_up_to.max(m.shown_read_up_to), m.shown_read_up_to)
 }
 
 /// The event for receipts changed by one write: `Receipt` for one, `Receipts` for more.
