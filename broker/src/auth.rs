@@ -52,6 +52,9 @@ pub struct Auth {
     signatures: FailureLimiter,
     /// Password changes, right or wrong, per account only.
     password_changes: FailureLimiter,
+    /// Password checks, right or wrong, per source address and network
+    /// (`Config::password_checks_per_address`; `None`: no such bound).
+    hashes: Option<FailureLimiter>,
     /// Logins with the right password, per account only (`LOGINS_PER_ACCOUNT`).
     logins: FailureLimiter,
     registrations: RegistrationLimiter,
@@ -74,6 +77,11 @@ pub struct Registration {
 
 fn fail(code: ErrorCode, msg: &str) -> ErrorBody {
     ErrorBody::new(code, msg)
+}
+
+/// An address's password checks are spent (`Config::password_checks_per_address`).
+fn hashes_spent() -> ErrorBody {
+    fail(ErrorCode::RATE_LIMITED, "too many password checks from this address; try again in a minute")
 }
 
 fn wrong_password() -> ErrorBody {
@@ -121,6 +129,8 @@ impl Auth {
             passwords: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS),
             signatures: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, BAD_SIGNATURES_PER_ADDRESS),
             password_changes: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, PASSWORD_CHANGES_PER_ACCOUNT, 0),
+            hashes: (config.password_checks_per_address > 0)
+                .then(|| FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, config.password_checks_per_address)),
             logins: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, LOGINS_PER_ACCOUNT, 0),
             registrations: RegistrationLimiter::new(
                 config.registration_burst_per_address,
@@ -191,7 +201,7 @@ impl Auth {
         let user = self.store.user_by_name(&req.user).map_err(internal)?;
         let key = verify_enrollment(req, transcript)?;
         let mut keys = vec![LimitKey::Name(*blake3::hash(req.user.as_bytes()).as_bytes())];
-        keys.extend(addresses);
+        keys.extend(addresses.iter().cloned());
         self.passwords.check(&keys, now)?;
         // Only a right password spends this, so only whoever knows it can make a name
         // answer `RATE_LIMITED` here, and with the very answer ten wrong guesses at any
@@ -200,7 +210,9 @@ impl Auth {
         if let Some(account) = &account {
             self.logins.check(account, now)?;
         }
+        self.hash_allowed(&addresses, now)?;
         let slot = self.argon.slot(self.argon.turn(Some(from))?).await?;
+        self.charge_hash(&addresses, crate::now_ms())?;
         // Counted once a hashing slot is held and before the (slow) check: concurrent
         // guesses cannot all pass the limit at once (`record` checks it again: others
         // may have counted while this one waited), and every failure counted takes a
@@ -352,9 +364,30 @@ impl Auth {
         Ok((user, revoked))
     }
 
+    /// Whether the asker's address keys (`address_keys`) may have one more password
+    /// checked (`Config::password_checks_per_address`), before it asks for a turn.
+    fn hash_allowed(&self, addresses: &[LimitKey], now_ms: u64) -> Result<(), ErrorBody> {
+        match &self.hashes {
+            Some(hashes) => hashes.check(addresses, now_ms).map_err(|_| hashes_spent()),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts one password check against the asker's address keys, once its hashing
+    /// slot is held (a turn refused, or given up while queued, costs nothing: the
+    /// client library retries those), or `RATE_LIMITED` (the slot let go) if others
+    /// counted the last one meanwhile.
+    fn charge_hash(&self, addresses: &[LimitKey], now_ms: u64) -> Result<(), ErrorBody> {
+        match &self.hashes {
+            Some(hashes) => hashes.record(addresses, now_ms).map_err(|_| hashes_spent()),
+            None => Ok(()),
+        }
+    }
+
     /// A signed-in user's own password change (`ChangePassword`). Checked in this order:
     /// the new password's length (`INVALID`, before any work), the account's allowance of
     /// changes (`PASSWORD_CHANGES_PER_ACCOUNT` a window, right or wrong: `RATE_LIMITED`),
+    /// `from`'s password checks (`Config::password_checks_per_address`: `RATE_LIMITED`),
     /// a full password queue, or `from`'s share of it (the address the session's
     /// handshake came from: `OVERLOADED`); then one turn of the password pool checks
     /// `current` and hashes `new`. A wrong `current` is `AUTH_FAILED`: an unlocked device
@@ -387,12 +420,17 @@ impl Auth {
         self.password_changes.check(&keys, now).map_err(too_many)?;
         self.password_changes.record(&keys, now).map_err(too_many)?;
         let record = self.store.user(user).map_err(internal)?.ok_or_else(wrong_current_password)?;
-        // No turn (`OVERLOADED`, others' logins filling the queue): nothing was tried, so
-        // the change is not counted against the owner's allowance.
+        // No turn (`OVERLOADED`, others' logins filling the queue, or the address's hashes
+        // spent): nothing was tried, so the change is not counted against the owner's
+        // allowance.
+        let addresses = address_keys(from);
+        self.hash_allowed(&addresses, now).inspect_err(|_| self.password_changes.refund(&keys))?;
         let turn = self.argon.turn(Some(from)).inspect_err(|_| self.password_changes.refund(&keys))?;
+        let slot = self.argon.slot(turn).await?;
+        self.charge_hash(&addresses, crate::now_ms()).inspect_err(|_| self.password_changes.refund(&keys))?;
         let (current, new, verified) = (current.to_owned(), new.to_owned(), record.password_hash);
         let phc = verified.clone();
-        let hashed = self.argon.run(turn, move |argon| {
+        let hashed = self.argon.run_holding(slot, move |argon| {
             let parsed = PasswordHash::new(&phc).map_err(internal)?;
             if current.len() > MAX_PASSWORD_BYTES as usize
                 || argon.verify_password(current.as_bytes(), &parsed).is_err()
@@ -787,16 +825,20 @@ impl Argon2Pool {
         ARGON2_CONCURRENCY.saturating_sub(self.slots.available_permits()) + self.waiting.load(Ordering::SeqCst)
     }
 
-    /// A turn for a request from `from` (`None`: an operator's), or `OVERLOADED` if its
-    /// source holds its share of turns already (`Shares`), or every slot is busy and the
-    /// queue is full.
+    /// A turn for a request from `from` (`None`: an operator's, which always queues), or
+    /// `OVERLOADED` if its source holds its share of turns already (`Shares`), or every
+    /// slot is busy and the queue is full.
     fn turn(&self, from: Option<IpAddr>) -> Result<Turn, ErrorBody> {
         let share = from.map(|from| self.shares.take(source_network(from))).transpose()?;
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             return Ok(Turn { place: Place::Now(slot), share });
         }
+        // An operator's turn (the admin socket: two at a time) always queues: a queue full
+        // of clients' checks refused `user add` and `user passwd`, so an operator could not
+        // reset a password while the broker was being flooded (an attacker review).
+        let bound = if from.is_some() { self.queue } else { usize::MAX };
         self.waiting
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w < self.queue).then_some(w + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w < bound).then_some(w + 1))
             .map_err(|_| fail(ErrorCode::OVERLOADED, "too many password checks in progress; retry shortly"))?;
         Ok(Turn { place: Place::Queued(Waiting(self.waiting.clone())), share })
     }
@@ -1211,14 +1253,21 @@ mod tests {
         let params = argon2::Params::new(8, 1, 1, None).unwrap();
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let pool = Argon2Pool::new(argon, 2, true).unwrap();
-        let running: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| pool.turn(None).unwrap()).collect();
+        // Clients from different sources (one source may hold only a share).
+        let client = |n: u8| pool.turn(Some(ip(n)));
+        let running: Vec<Turn> = (0..ARGON2_CONCURRENCY as u8).map(|n| client(n).unwrap()).collect();
         assert!(running.iter().all(|t| matches!(t.place, Place::Now(_))));
-        let queued = [pool.turn(None).unwrap(), pool.turn(None).unwrap()];
-        assert_eq!(pool.turn(None).err().unwrap().code, ErrorCode::OVERLOADED);
+        let queued = [client(10).unwrap(), client(11).unwrap()];
+        assert_eq!(client(12).err().unwrap().code, ErrorCode::OVERLOADED);
+        // An operator's turn queues all the same: a queue full of clients' checks
+        // refused `user add` and `user passwd` (an attacker review).
+        let operator = pool.turn(None).unwrap();
+        assert!(matches!(operator.place, Place::Queued(_)));
+        drop(operator);
         // A waiter that gives up makes room.
         let [first, second] = queued;
         drop(first);
-        let third = pool.turn(None).unwrap();
+        let third = client(13).unwrap();
         drop(running);
         // The queued ones run once slots free up.
         assert_eq!(pool.run(second, |_| 1).await.unwrap(), 1);

@@ -98,15 +98,19 @@ pub(crate) async fn block(
     name: String,
     blocked: bool,
 ) -> Result<Reply, ErrorBody> {
+    // Spent before the name is looked up, and kept for a name nobody has: a lookup free
+    // for unknown names and limited for known ones told which names exist, at any rate
+    // (an attacker review).
+    shared.users.allow_creation(caller)?;
     let (user, _) = shared
         .store
         .user_by_name(&name)
         .map_err(internal)?
         .ok_or_else(|| ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {name:?}")))?;
     if user == caller {
+        shared.users.refund_creation(caller);
         return Err(ErrorBody::new(ErrorCode::INVALID, "one cannot block oneself"));
     }
-    shared.users.allow_creation(caller)?;
     // Stops pushed while the block is stored still reach both (`Typing::blocking`),
     // until `blocked` below has stopped what stands.
     let _in_progress = blocked.then(|| shared.typing.blocking(caller, user));
@@ -158,8 +162,12 @@ pub(crate) async fn create_conversation(
         })
         .await;
     // Only a conversation actually written counts: a refused request, or opening an
-    // existing direct conversation, gives the allowance back.
-    if !matches!(&written, Ok(Ok((_, true, _)))) {
+    // existing direct conversation, gives the allowance back; but not a name nobody has
+    // (`NOT_FOUND`): each name is a store read on the catalog thread, and free unknown
+    // names made the request a free, unbounded way to learn which names exist (an
+    // attacker review).
+    let unknown_name = matches!(&written, Ok(Err(e)) if e.code == ErrorCode::NOT_FOUND);
+    if !matches!(&written, Ok(Ok((_, true, _)))) && !unknown_name {
         shared.users.refund_creation(caller.user);
     }
     let (conv, created, durable) = written??;

@@ -66,6 +66,11 @@ pub struct Config {
     pub conversation_idle_ms: u64,
     /// Most authenticated connections at once; beyond this new ones are refused.
     pub max_connections: usize,
+    /// Passwords one source address (an IPv4 address or an IPv6 /64) may have checked a
+    /// minute, right or wrong (`Login`, `ChangePassword`), eight times as many from one
+    /// IPv6 /48; one more is `RATE_LIMITED`. 0: no such bound (`Config::ephemeral`).
+    /// Default `limits::PASSWORD_CHECKS_PER_ADDRESS`.
+    pub password_checks_per_address: u32,
     /// Most authenticated connections from one source (an IPv4 address or an IPv6 /64)
     /// at once, and eight times as many from one network (an IPv6 /48); one more is
     /// refused before its handshake, or closed `RATE_LIMITED` once authenticated. 0: no
@@ -260,6 +265,7 @@ impl Default for Config {
             conversation_idle_ms: 60_000,
             max_connections: 100_000,
             max_connections_per_address: crate::limits::MAX_CONNECTIONS_PER_ADDRESS,
+            password_checks_per_address: crate::limits::PASSWORD_CHECKS_PER_ADDRESS,
             max_unauthenticated_connections: crate::limits::MAX_UNAUTHENTICATED_CONNECTIONS,
             quic_handshake_timeout_ms: crate::limits::QUIC_HANDSHAKE_TIMEOUT_MS,
             outbound_max_frames: crate::limits::OUTBOUND_MAX_FRAMES,
@@ -440,8 +446,8 @@ impl Config {
 
     /// A configuration for tests and embedded use: ephemeral port, given dir, cheap
     /// argon2 and a small cache. A test harness enrolls many users from one address at
-    /// once, so the password queue, the per-address registration allowance and the
-    /// connections per address are effectively unbounded here, and a load test writes as fast as the broker takes
+    /// once, so the password queue, the per-address registration allowance, password
+    /// checks and connections per address are effectively unbounded here, and a load test writes as fast as the broker takes
     /// it, so users' writes are limited at a rate nothing reaches (`writes_per_sec`);
     /// tests of those bounds set them.
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Config {
@@ -456,6 +462,7 @@ impl Config {
             writes_per_sec: u32::MAX,
             // Every client of a test or load test comes from 127.0.0.1.
             max_connections_per_address: 0,
+            password_checks_per_address: 0,
             store_cache_bytes: 16 * 1024 * 1024,
             // A test machine's disk may be nearly full; tests of the reserve set one.
             disk_reserve_bytes: 0,

@@ -101,6 +101,16 @@ pub const LOGINS_PER_ACCOUNT: u32 = 2 * MAX_DEVICES_PER_USER as u32;
 pub const PASSWORD_CHANGES_PER_ACCOUNT: u32 = 5;
 /// Failed password attempts per source address per window (any account, named or not).
 pub const AUTH_FAILURES_PER_ADDRESS: u32 = 30;
+/// Default `password_checks_per_address`: passwords a source address may have the broker
+/// check per window (`AUTH_FAILURE_WINDOW_MS`), right or wrong, for logins and password
+/// changes (an IPv6 /48: `SOURCES_PER_NETWORK` times as many); one more is
+/// `RATE_LIMITED` before it takes a turn. Right passwords were counted per account only,
+/// so a few addresses with some 60 accounts logging in with their right passwords kept
+/// the two hashing slots busy (about 44 hashes a second at 45 ms each), and every other
+/// login, registration and the operator's commands were `OVERLOADED` (an attacker
+/// review). A minute's worth for a NAT of users enrolling new devices; registrations
+/// have their own bound.
+pub const PASSWORD_CHECKS_PER_ADDRESS: u32 = 60;
 /// An IPv6 /48's allowance of password work, as a multiple of one source's: failed
 /// password attempts and registrations from all of its /64 sources together are limited
 /// to this many sources' worth (240 failures a minute, a burst of 80 registrations then

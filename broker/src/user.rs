@@ -115,6 +115,13 @@ impl Allowances {
         self.with(user, now, |b| b.give_back(now, self.per_s, self.burst));
     }
 
+    /// Whether `user`'s bucket is empty now, without making one (a user with none has a
+    /// full one), so asking adds no user to the table.
+    pub(crate) fn spent(&self, user: UserId, now: Instant) -> bool {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table.buckets.get(&user).is_some_and(|b| b.tokens_at(now, self.per_s, self.burst) <= 0.0)
+    }
+
     /// Users with a bucket.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -301,8 +308,8 @@ impl UserDirectory {
     }
 
     /// Whether `user` may make a read that lists members now (`Members`, `Receipts`,
-    /// `CatchUp`, `EntryNames`; also `MarkDelivered`, a row per conversation named, and
-    /// the other reads PROTOCOL.md section 8 lists): each costs a point read or two of the store per member
+    /// `CatchUp`, `EntryNames`; also `MarkDelivered`, a row per mark that raised nothing,
+    /// and the other reads PROTOCOL.md section 8 lists): each costs a point read or two of the store per member
     /// row it returns (up to `MAX_GROUP_MEMBERS`), on the conversation's actor, in line
     /// with every member's writes (on the blocking pool if none is live). `RATE_LIMITED` once the rows the user read
     /// (`charge_member_reads`) have run past its allowance, until it refills
@@ -323,6 +330,13 @@ impl UserDirectory {
             ),
             None => limited("too many users are reading member lists; retry in a second"),
         }
+    }
+
+    /// Whether `user` has spent its member-rows allowance (`allow_member_reads`), asked
+    /// without adding the user to the allowances' table: for a request that is charged
+    /// only for the work it wastes (`MarkDelivered`), which most users' never do.
+    pub fn member_reads_spent(&self, user: UserId) -> bool {
+        self.member_rows.spent(user, Instant::now())
     }
 
     /// Charges `rows` member rows read to `user`'s allowance (`allow_member_reads`).

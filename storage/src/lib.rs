@@ -187,12 +187,12 @@ impl Store {
             // unsynchronised flushes (and sled hangs with concurrent flushers).
             .flush_every_ms(None)
             .mode(sled::Mode::HighThroughput);
-        let db = open_when_unlocked(&sled_config)?;
-        // What sled recovered may have been written and never synced before a crash of
-        // the process (the page cache keeps it): synced now, before the start's repairs
-        // act on it and before anything is served from it. A flush with nothing to write
-        // syncs nothing (sled syncs its log writes only), so the start's barrier alone
-        // would not.
+        // What sled will recover may have been written and never synced before a crash
+        // of the process (the page cache keeps it): synced before sled opens it (its
+        // recovery zeroes segments it finds free, unsynced, judged from that log), before
+        // the start's repairs act on it and before anything is served from it. A flush
+        // with nothing to write syncs nothing (sled syncs its log writes only), so the
+        // start's barrier alone would not.
         if !created {
             let file = config.path.join("db");
             match std::fs::File::open(&file).and_then(|f| f.sync_data()) {
@@ -202,6 +202,7 @@ impl Store {
                 _ => {}
             }
         }
+        let db = open_when_unlocked(&sled_config)?;
         // The marker goes first: any later write that survives a crash implies its
         // removal survived too (sled recovers a prefix of its log).
         let opened_clean = db.remove(Key::clean_shutdown())?.is_some();
@@ -1008,7 +1009,7 @@ mod tests {
             append(&store, text(9, 1, 3)).await;
             store.inject_commit_failure();
             let (tx, rx) = std::sync::mpsc::channel();
-            let marks = [(3, ReceiptRecord { delivered_up_to: 1, read_up_to: 1 })];
+            let marks = [(3, ReceiptRecord { delivered_up_to: 1, read_up_to: 1, shown_read_up_to: 1 })];
             store.write_receipts(9, &marks, move |r| tx.send(r.is_ok()).unwrap()).unwrap();
             assert!(matches!(store.close_clean(), Err(StoreError::NotDurable(_))));
             assert!(!rx.recv().unwrap(), "the drained write failed");

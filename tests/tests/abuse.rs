@@ -272,8 +272,9 @@ async fn a_full_password_queue_answers_overloaded() {
 }
 
 /// One source address holds at most a quarter of the password pool's turns. A peer logging
-/// in to its own account over and over (a right password is never counted against its
-/// address) from 127.0.0.2 keeps the pool as busy as it can; logins from 127.0.0.1 still
+/// in to its own account over and over (with `password_checks_per_address` off, as in
+/// `Config::ephemeral`, nothing else counts its right passwords) from 127.0.0.2 keeps the
+/// pool as busy as it can; logins from 127.0.0.1 still
 /// find a turn at once. Before, the peer held every turn and every other login and
 /// registration of the broker was refused `OVERLOADED` for as long as it kept on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,4 +668,29 @@ async fn before_authentication_the_broker_takes_little_data() {
     let _ = raw.send.write_all(&[0u8; 64 * 1024]).await;
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(50), "64 KiB more were taken at once, before authentication ({waited:?})");
+}
+
+/// Whether a name exists is as slow to learn as creating conversations: a `Block` or a
+/// `CreateConversation` naming a user nobody is spends the creation allowance (20 at
+/// once, then one a second), the same as one naming a real user. Before, an unknown name
+/// cost nothing (`Block` looked it up before the allowance, and a refused creation gave
+/// it back), while a known one spent it: a free, unbounded oracle of which names exist.
+#[tokio::test]
+async fn unknown_names_spend_the_creation_allowance() {
+    let tb = TestBroker::start().await;
+    let (mallory, _) = tb.register("mallory").await;
+    let mut codes = Vec::new();
+    for i in 0..21 {
+        codes.push(mallory.block(&format!("nobody{i}"), true).await.unwrap_err().code());
+    }
+    assert!(codes[..20].iter().all(|c| *c == Some(ErrorCode::NOT_FOUND)), "{codes:?}");
+    assert_eq!(codes[20], Some(ErrorCode::RATE_LIMITED), "{codes:?}");
+    let group = mallory.create_group("g", &["nobody".into()]).await.unwrap_err();
+    assert_eq!(group.code(), Some(ErrorCode::RATE_LIMITED));
+    // Another user's allowance is its own; a creation naming nobody spends it.
+    let (alice, _) = tb.register("alice").await;
+    for i in 0..20 {
+        assert_eq!(alice.create_direct(&format!("ghost{i}")).await.unwrap_err().code(), Some(ErrorCode::NOT_FOUND));
+    }
+    assert_eq!(alice.create_direct("mallory").await.unwrap_err().code(), Some(ErrorCode::RATE_LIMITED));
 }

@@ -551,6 +551,37 @@ async fn a_user_changes_the_password_and_signs_out_a_lost_device() {
     .await
 }
 
+/// Every password a login has the broker check, right or wrong, counts against its
+/// address: 60 a minute (`password_checks_per_address`), then `RATE_LIMITED` before the
+/// check, whichever account it names. Before, right passwords were counted per account
+/// only, so a few addresses with a few dozen accounts logging in over and over kept the
+/// broker's two hashing slots busy for everyone. Device keys (`Authenticate`) are not
+/// password checks and still connect.
+#[tokio::test]
+async fn password_checks_from_one_address_are_bounded_right_or_wrong() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.password_checks_per_address = 60).await;
+        let mut ids = Vec::new();
+        for name in ["a1", "a2", "a3"] {
+            ids.push(tb.register(name).await.1);
+        }
+        let connector = tb.connector();
+        let mut refused = Vec::new();
+        for i in 0..61 {
+            // 20 new devices an account, of the 32 it may have.
+            let name = ["a1", "a2", "a3"][i % 3];
+            if let Err(e) = connector.login(name, tb.password, "d").await {
+                refused.push((i, e.code()));
+            }
+        }
+        assert_eq!(refused, [(60, Some(ErrorCode::RATE_LIMITED))]);
+        let wrong = connector.login("a1", "a wrong password", "d").await.err().map(|e| e.code());
+        assert_eq!(wrong, Some(Some(ErrorCode::RATE_LIMITED)), "wrong ones too, before any check");
+        connector.connect(&ids[0]).await.unwrap().ping().await.unwrap();
+    })
+    .await
+}
+
 #[tokio::test]
 async fn password_changes_are_limited_per_account_right_or_wrong() {
     bounded(async {

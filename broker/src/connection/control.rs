@@ -519,9 +519,21 @@ impl Session {
             // pipelined add then send must reach the conversation in that order. A name
             // that does not resolve is said only to a member who may add: anyone else is
             // refused as by the conversation (membership and role come before the rest).
+            // A name nobody has, said to one who may add, spends a creation from the
+            // caller's allowance (`RATE_LIMITED` once spent), as a creation or a block
+            // naming one does: else the request told which names exist at any rate.
             RequestBody::AddMembers { conv, users, role } => match catalog::resolve_users(shared, &users) {
                 Ok(users) => convs.write(shared, conv, caller, Command::Add { users, role }, reply).await,
-                Err(e) => reply.send(Err(convs.add_refusal(shared, conv, caller, role).await.unwrap_or(e))),
+                Err(e) => {
+                    let refused = match convs.add_refusal(shared, conv, caller, role).await {
+                        Some(refused) => refused,
+                        None if e.code == ErrorCode::NOT_FOUND => {
+                            shared.users.allow_creation(caller.user).err().unwrap_or(e)
+                        }
+                        None => e,
+                    };
+                    reply.send(Err(refused))
+                }
             },
             RequestBody::History { conv, page, limit } => {
                 convs.read(shared, conv, caller, Read::History { page, limit }, reply).await
@@ -629,15 +641,21 @@ impl Session {
                     reply.send(allow(files::begin_upload(shared, caller.user, revocation, new).await));
                 });
             }
+            // Read on the blocking pool, answered once durable (`files::once_durable`),
+            // waiting on this task, not on a pool thread.
             RequestBody::UploadStatus { file } => {
                 let (shared, allow) = (shared.clone(), self.allow_transfers());
-                tokio::task::spawn_blocking(move || {
-                    reply.send(allow(files::upload_status(&shared, caller.user, &file)));
+                tokio::spawn(async move {
+                    let answer = files::read_durably(&shared, move |s| files::upload_status(s, caller.user, &file));
+                    reply.send(allow(answer.await));
                 });
             }
             RequestBody::FileInfo { file } => {
                 let (shared, allow) = (shared.clone(), self.allow_transfers());
-                tokio::task::spawn_blocking(move || reply.send(allow(files::file_info(&shared, caller.user, &file))));
+                tokio::spawn(async move {
+                    let answer = files::read_durably(&shared, move |s| files::file_info(s, caller.user, &file));
+                    reply.send(allow(answer.await));
+                });
             }
             RequestBody::Usage => {
                 let shared = shared.clone();
@@ -649,7 +667,10 @@ impl Session {
             }
             RequestBody::ListUploads { after } => {
                 let shared = shared.clone();
-                tokio::task::spawn_blocking(move || reply.send(files::list_uploads(&shared, caller.user, after)));
+                tokio::spawn(async move {
+                    let answer = files::read_durably(&shared, move |s| files::list_uploads(s, caller.user, after));
+                    reply.send(answer.await);
+                });
             }
             RequestBody::CancelUpload { file } => {
                 let (shared, revocation) = (shared.clone(), reply.revocation());

@@ -160,7 +160,8 @@ pub(crate) enum Verdict {
 /// own bound, so connections that never finish their handshake take no session's place.
 /// Once half of the unauthenticated places are taken ("under load"), a connection from
 /// an address that has not proved it receives our packets is asked to (QUIC Retry), and
-/// one source address (an IPv6 /64) may hold at most `UNAUTHENTICATED_PER_ADDRESS`.
+/// one source address (an IPv6 /64) may hold at most `UNAUTHENTICATED_PER_ADDRESS` (a
+/// newcomer that proved it takes the place of one of its source's that has not).
 /// When every place is taken, a newcomer that proved its address takes the place of one
 /// that has not (spoofed Initials cost nothing to send), else of the oldest connection
 /// of the source holding the most places, if that source holds at least two more than
@@ -257,6 +258,22 @@ impl Pending {
     fn add(&mut self, source: IpAddr, held: Held) {
         self.total += 1;
         self.by_source.entry(source).or_default().push_back(held);
+    }
+
+    /// Takes the oldest place of `source` that has not proved its address, telling its
+    /// connection to go; whether there was one.
+    fn evict_unvalidated_of(&mut self, source: &IpAddr) -> bool {
+        let Some(id) = self.by_source.get(source).and_then(|held| held.iter().find(|h| !h.validated)).map(|h| h.id)
+        else {
+            return false;
+        };
+        match self.remove(*source, id) {
+            Some(victim) => {
+                victim.evict.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Removes `source`'s place `id`, if it holds it still.
@@ -399,7 +416,11 @@ impl Admission {
             if !validated {
                 return Verdict::Retry;
             }
-            if pending.count(&source) >= UNAUTHENTICATED_PER_ADDRESS {
+            // Only places that proved their address count against it: spoofed Initials
+            // carrying a victim's address (a NAT's, say) held its share and kept everyone
+            // behind it out (an attacker review). A proved newcomer takes the place of one
+            // of its source's unproved ones instead.
+            if pending.count(&source) >= UNAUTHENTICATED_PER_ADDRESS && !pending.evict_unvalidated_of(&source) {
                 return Verdict::Refuse;
             }
         }
@@ -662,8 +683,14 @@ mod tests {
         let mut places: Vec<Unauthenticated> =
             (0..UNAUTHENTICATED_PER_ADDRESS).map(|_| admitted(a.judge(ip(1), false))).collect();
         places.extend((0..UNAUTHENTICATED_PER_ADDRESS).map(|_| admitted(a.judge(ip(2), false))));
-        // Half full: validated addresses only, and only up to their share.
-        assert!(matches!(a.judge(ip(1), true), Verdict::Refuse));
+        // Half full: validated addresses only, and only up to their share of places that
+        // proved their address. Unproved places of the source (spoofed Initials with its
+        // address) give way to a proved newcomer: before, it was refused, and spoofing an
+        // address's share kept it out.
+        let proved: Vec<Unauthenticated> =
+            (0..UNAUTHENTICATED_PER_ADDRESS).map(|_| admitted(a.judge(ip(1), true))).collect();
+        assert_eq!(places.iter().filter(|p| evicted(&a, p)).count(), UNAUTHENTICATED_PER_ADDRESS);
+        assert!(matches!(a.judge(ip(1), true), Verdict::Refuse), "its share of proved places");
         let other = admitted(a.judge(ip(3), true));
         // IPv6 addresses of one /64 are one source.
         let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
@@ -671,7 +698,7 @@ mod tests {
             .map(|i| admitted(a.judge(v6(&format!("2001:db8::{:x}", i + 1)), true)))
             .collect();
         assert!(matches!(a.judge(v6("2001:db8::ffff:1"), true), Verdict::Refuse));
-        drop((places, other, mine));
+        drop((places, proved, other, mine));
         assert_eq!(a.unauthenticated.lock().unwrap().total, 0);
     }
 }

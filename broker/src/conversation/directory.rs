@@ -343,8 +343,8 @@ impl ConvDirectory {
     /// cannot raise the caller's stored delivered watermark (at or below it, or the
     /// conversation has nothing after it) is skipped: it wakes no actor and writes
     /// nothing. Marks for conversations `caller` is not a member of, or that do not
-    /// exist, are dropped without a word (and start no actor). Each distinct
-    /// conversation named spends a row of the caller's member-rows allowance
+    /// exist, are dropped without a word (and start no actor). Each such mark, and each
+    /// one skipped, spends a row of the caller's member-rows allowance
     /// (`UserDirectory::allow_member_reads`): `RATE_LIMITED`, nothing taken, while it
     /// is spent. `HandedMarks::answer` gives the request's answer once the actors have
     /// taken the marks.
@@ -368,39 +368,52 @@ impl ConvDirectory {
         marks.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         marks.dedup_by_key(|m| m.0);
         // Each mark costs two point reads of the store on the session's thread, before
-        // any actor: a row of the member-rows allowance each (before, a loop of 256-mark
-        // requests read without bound, strangers' conversations as much as its own).
-        if let Err(refused) = shared.users.allow_member_reads(caller.user) {
-            handed.refused = Some(refused);
+        // any actor: a mark that raised nothing (a repeat, a stranger's conversation)
+        // spends a row of the member-rows allowance (before, a loop of 256-mark requests
+        // read without bound). Marks that raise a watermark are not charged: each leads to
+        // a receipt write, paced per conversation, and every device sends them for what
+        // reaches it, so charging them put every marking user in the allowances' table
+        // (65,536 a second at most).
+        if shared.users.member_reads_spent(caller.user) {
+            handed.refused = Some(ErrorBody::new(
+                ErrorCode::RATE_LIMITED,
+                "delivered marks that raise nothing, too fast; retry in a moment",
+            ));
             return handed;
         }
-        shared.users.charge_member_reads(caller.user, marks.len());
+        let mut wasted = 0;
         for (conv, seq) in marks {
             match raises_delivery(&shared.store, conv, caller.user, seq) {
-                Ok(true) => self.hand_mark(shared, &mut handed, conv, seq).await,
-                Ok(false) => {}
+                Ok(true) => {
+                    if !self.hand_mark(shared, &mut handed, conv, seq).await {
+                        wasted += 1;
+                    }
+                }
+                Ok(false) => wasted += 1,
                 Err(e) => {
                     handed.refused.get_or_insert(e);
                 }
             }
         }
+        shared.users.charge_member_reads(caller.user, wasted);
         handed
     }
 
     /// Hands one delivered mark to its conversation's actor, recording in `handed` what
-    /// to wait for or the refusal (a stranger's mark is dropped).
-    async fn hand_mark(&self, shared: &Arc<Shared>, handed: &mut HandedMarks, conv: ConvId, seq: Seq) {
+    /// to wait for or the refusal (a stranger's mark is dropped: `false`).
+    async fn hand_mark(&self, shared: &Arc<Shared>, handed: &mut HandedMarks, conv: ConvId, seq: Seq) -> bool {
         let (taken, on_taken) = tokio::sync::oneshot::channel();
         let msg =
             ConvMsg::Mark(handed.caller, Mark::Delivered(seq), MarkReply::Taken(taken, handed.revocation.clone()));
         match self.hand(shared, conv, handed.caller, msg).await {
             Ok(()) => handed.pending.push((conv, seq, on_taken)),
             // A stranger's mark (or one for no conversation) is dropped.
-            Err((_, e)) if e.code == ErrorCode::FORBIDDEN => {}
+            Err((_, e)) if e.code == ErrorCode::FORBIDDEN => return false,
             Err((_, e)) => {
                 handed.refused.get_or_insert(e);
             }
         }
+        true
     }
 
     /// Delivers a request to the conversation's actor (see `hand`), or answers its

@@ -276,36 +276,36 @@ pub async fn begin_upload(
     Ok(Reply::Upload(status(&id, &record)))
 }
 
-/// Answers `answer` once what it was read from is durable: a record's offset (and a
-/// hold, a stage) is written before its group commit and read by others at once, so an
-/// answer given then could show an offset a crash takes back (a client told 512 KiB
-/// resumes there, is refused `WRONG_OFFSET` after the restart, and may have let go of
-/// the bytes below). Blocking: waits for the next group commit, which began after the
-/// read, as an entry does (within `commit_delay_us` it shares it).
-fn once_durable(shared: &Shared, answer: Result<Reply, ErrorBody>) -> Result<Reply, ErrorBody> {
-    if answer.is_ok() {
-        shared.store.barrier_grouped().map_err(internal)?.wait_blocking().map_err(internal)?;
-    }
-    answer
+/// Runs the blocking read `read` on the blocking pool and answers it once what it read
+/// is durable: a record's offset (and a hold, a stage) is written before its group
+/// commit and read by others at once, so an answer given then could show an offset a
+/// crash takes back (a client told 512 KiB resumes there, is refused `WRONG_OFFSET`
+/// after the restart, and may have let go of the bytes below). Waits, on the calling
+/// task (a pool thread held for a commit each let a few accounts' pipelined reads take
+/// the pool), for the next group commit, which began after the read, as an entry does
+/// (within `commit_delay_us` it shares it).
+pub async fn read_durably(
+    shared: &Arc<Shared>,
+    read: impl FnOnce(&Shared) -> Result<Reply, ErrorBody> + Send + 'static,
+) -> Result<Reply, ErrorBody> {
+    let s = shared.clone();
+    let answer = tokio::task::spawn_blocking(move || read(&s)).await.map_err(internal)??;
+    shared.store.barrier_grouped().map_err(internal)?.await.map_err(internal)?;
+    Ok(answer)
 }
 
-/// `UploadStatus`: the uploader's view of its upload, once durable (`once_durable`).
+/// `UploadStatus`: the uploader's view of its upload (answer it with `read_durably`).
 /// Blocking.
 pub fn upload_status(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, ErrorBody> {
-    let answer = match shared.store.file(id).map_err(internal)? {
+    match shared.store.file(id).map_err(internal)? {
         Some(record) if record.uploader == user && record.parent.is_none() => Ok(Reply::Upload(status(id, &record))),
         _ => Err(no_such_file()),
-    };
-    once_durable(shared, answer)
+    }
 }
 
 /// `ListUploads`: the caller's uploads in progress with ids above `after`, a page of at
-/// most `MAX_LISTED_UPLOADS`, once durable (`once_durable`). Blocking.
+/// most `MAX_LISTED_UPLOADS` (answer it with `read_durably`). Blocking.
 pub fn list_uploads(shared: &Shared, user: UserId, after: Option<FileId>) -> Result<Reply, ErrorBody> {
-    once_durable(shared, uploads_page(shared, user, after))
-}
-
-fn uploads_page(shared: &Shared, user: UserId, after: Option<FileId>) -> Result<Reply, ErrorBody> {
     let (page, more) =
         shared.store.uploads_page(user, after.as_ref(), MAX_LISTED_UPLOADS as usize).map_err(internal)?;
     let items = page
@@ -372,12 +372,8 @@ pub async fn cancel_upload(
     }
 }
 
-/// `FileInfo`: a file the caller may read, once durable (`once_durable`). Blocking.
+/// `FileInfo`: a file the caller may read (answer it with `read_durably`). Blocking.
 pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, ErrorBody> {
-    once_durable(shared, file_state(shared, user, id))
-}
-
-fn file_state(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, ErrorBody> {
     let record = readable(shared, user, id, true)?.ok_or_else(no_such_file)?;
     let state = match &record.stage {
         FileStage::Uploading { offset } => FileState::Uploading { offset: *offset },

@@ -1431,7 +1431,6 @@ impl FileBook {
     }
 }
 
-/// `part` of `whole` in whole percent (0 for an empty whole).
 /// What files of these sizes count against the quota together (`charged_bytes` each),
 /// at most `u64::MAX`: sizes are the broker's word, and a hostile or broken broker's
 /// sizes near `u64::MAX` made `sb quota` panic on the overflow of a plain sum.
@@ -1439,6 +1438,7 @@ fn charged_total(sizes: impl IntoIterator<Item = u64>) -> u64 {
     sizes.into_iter().fold(0, |sum, size| sum.saturating_add(charged_bytes(size)))
 }
 
+/// `part` of `whole` in whole percent (0 for an empty whole).
 fn percent(part: u64, whole: u64) -> u64 {
     part.saturating_mul(100) / whole.max(1)
 }

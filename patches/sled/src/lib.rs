@@ -287,6 +287,11 @@ static ALLOCATOR: measure_allocs::TrackingAllocator =
 
 const DEFAULT_TREE_ID: &[u8] = b"__sled__default";
 
+// Switchboard patch: the `io_uring` write path still only `sync_file_range`s (change 11
+// is on the plain path), and Switchboard's committer relies on a flush being durable.
+#[cfg(feature = "io_uring")]
+compile_error!("the io_uring path of this patched sled does not fdatasync its log writes (patches/README.md, change 11)");
+
 /// Switchboard patch: fdatasyncs of the log made by this process's log writes (every
 /// non-temporary one is, since `write_to_log` fdatasyncs instead of `sync_file_range`);
 /// see patches/README.md, change 11. Only counted: a test reads it.

@@ -442,6 +442,13 @@ impl Log {
                         lsn, e
                     );
                     iobufs.config.set_global_error(e);
+                    // Switchboard patch: wake the threads waiting for this write to
+                    // become stable, as every other write path does after an error: a
+                    // flush waiting here slept until its 30 s panic, and the store's
+                    // failure was seen by no one meanwhile (patches/README.md, change 13).
+                    let intervals = iobufs.intervals.lock();
+                    drop(intervals);
+                    let _notified = iobufs.interval_updated.notify_all();
                 }
             })?;
 
