@@ -340,12 +340,14 @@ impl UserDirectory {
     }
 
     /// Charges `rows` member rows read to `user`'s allowance (`allow_member_reads`).
-    pub fn charge_member_reads(&self, user: UserId, rows: usize) {
+    /// `false` when the charge could not be recorded: the table is full of users still
+    /// refilling (`MEMBER_ROWS_BUCKETS_MAX`).
+    pub fn charge_member_reads(&self, user: UserId, rows: usize) -> bool {
         if rows == 0 {
-            return;
+            return true;
         }
         let (allowance, now) = (&self.member_rows, Instant::now());
-        allowance.with(user, now, |b| b.spend(now, allowance.per_s, allowance.burst, rows as f64));
+        allowance.with(user, now, |b| b.spend(now, allowance.per_s, allowance.burst, rows as f64)).is_some()
     }
 }
 

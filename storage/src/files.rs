@@ -559,8 +559,9 @@ impl Store {
     /// commit. The messages themselves are not changed. `None` if it is not a complete
     /// file of `uploader` (a thumbnail neither). Blocking; resolves once all of it is
     /// durable. A message written meanwhile that carries it (a send racing this) keeps
-    /// it; so may the newest entry of a conversation rewritten by the crash repair before
-    /// the file is collected: withdrawing again takes it back.
+    /// it. Each message it is taken from is marked first (`Key::withdrawn`, until the
+    /// file is collected), so the crash repair of a conversation's newest entry does not
+    /// give it back (before, it did).
     pub fn withdraw_file(&self, id: &FileId, uploader: UserId) -> Result<Option<Durable>> {
         {
             let _guard = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -579,6 +580,9 @@ impl Store {
             let conv = keys::u64_from(&key[17..25]).ok_or_else(|| corrupt(&key, "attachment key"))?;
             let seq = keys::u64_from(&key[25..33]).ok_or_else(|| corrupt(&key, "attachment key"))?;
             if self.entry(conv, seq)?.is_none_or(|e| e.sender == uploader) {
+                // Before the access goes (sled recovers a prefix of its log): the repair
+                // after a crash must not write it back for the newest entry (`write_effects`).
+                self.db.insert(Key::withdrawn(id, conv, seq), &[][..])?;
                 self.db.remove(key)?;
             }
         }
@@ -800,6 +804,9 @@ impl Store {
             let mut refs: HashMap<Blake3, u64> = HashMap::new();
             for (file, record) in files {
                 txn.batch.remove(Key::file(&file).as_ref());
+                for withdrawn in self.db.scan_prefix(Key::withdrawn_of(&file)).keys() {
+                    txn.batch.remove(withdrawn?);
+                }
                 if record.parent.is_none() {
                     txn.batch.remove(Key::stored_file(record.uploader, &file).as_ref());
                     // Its bytes go: the uploader's quota stops counting them. Handed over
@@ -1205,6 +1212,18 @@ mod tests {
         assert!(store.withdraw_file(&a, 8).unwrap().is_none(), "not user 8's");
         store.withdraw_file(&a, 7).unwrap().unwrap().await.unwrap();
         assert_eq!(store.attachments(&a, 400).unwrap(), vec![(11, 1)], "user 8's message keeps it");
+        // The repair after a crash writes the newest entry's effects again: not the access
+        // its uploader took back (before, conversation 10's newest message got it back).
+        store.repair_newest_entry(9).unwrap();
+        store.repair_newest_entry(10).unwrap();
+        assert_eq!(store.attachments(&a, 400).unwrap(), vec![(11, 1)], "given back by a repair");
+        // A message of the uploader's carrying it after the withdraw (a racing send) whose
+        // access a crash cut short is repaired as any.
+        append(&store, Entry { sender: 7, ..entry(12, 1, body()) }).await;
+        store.db.remove(Key::attached(&a, 12, 1)).unwrap();
+        store.repair_newest_entry(12).unwrap();
+        assert_eq!(store.attachments(&a, 400).unwrap(), vec![(11, 1), (12, 1)]);
+        store.db.remove(Key::attached(&a, 12, 1)).unwrap();
         assert!(!store.file(&a).unwrap().unwrap().held);
         assert_eq!(store.unheld_files(None, 10).unwrap(), vec![a]);
         // With that one gone too, it is collected.
@@ -1215,6 +1234,7 @@ mod tests {
             (gone.unreferenced, store.file(&a).unwrap(), store.stored_bytes(7).unwrap()),
             (vec![[5; 32]], None, 0)
         );
+        assert_eq!(store.db.scan_prefix(Key::withdrawn_of(&a)).count(), 0, "the marks go with the file");
     }
 
     #[test]

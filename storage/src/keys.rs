@@ -40,6 +40,7 @@ const COPY_OF: u8 = 0x1f;
 const MEMBER_COUNT: u8 = 0x20;
 const OTHER_COUNT: u8 = 0x21;
 const PRESENCE_AT_STOP: u8 = 0x22;
+const WITHDRAWN: u8 = 0x23;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -238,6 +239,16 @@ impl Key {
     /// checked, and deleted if so, by `Store::collect_file`.
     pub fn file_unheld(file: &FileId) -> Key {
         Key::with(FILE_UNHELD, &[file])
+    }
+    /// A message (`conv`, `seq`) its uploader withdrew `file` from (`Store::withdraw_file`),
+    /// until the file is collected: the repair of a conversation's newest entry does not
+    /// write that access back. One per message withdrawn from, so a later message
+    /// carrying the file is repaired as any.
+    pub fn withdrawn(file: &FileId, conv: ConvId, seq: Seq) -> Key {
+        Key::with(WITHDRAWN, &[file, &conv.to_be_bytes(), &seq.to_be_bytes()])
+    }
+    pub fn withdrawn_of(file: &FileId) -> Key {
+        Key::with(WITHDRAWN, &[file])
     }
     pub fn files_unheld() -> Key {
         Key::with(FILE_UNHELD, &[])

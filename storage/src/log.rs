@@ -141,8 +141,12 @@ impl Store {
             // A message moves its sender's count and grants access to its files.
             Body::Text { .. } | Body::Files { .. } => {
                 if let Body::Files { files, .. } = &entry.body {
-                    // Who may read a file: the members where a message carries it.
+                    // Who may read a file: the members where a message carries it. Not
+                    // given back by a repair to its uploader's message once withdrawn.
                     for f in files {
+                        if repair && self.db.contains_key(Key::withdrawn(&f.file, conv, entry.seq))? {
+                            continue;
+                        }
                         set(Key::attached(&f.file, conv, entry.seq), Some(Vec::new()))?;
                     }
                 }

@@ -69,7 +69,16 @@ impl ReceiptRecord {
     pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> crate::Result<ReceiptRecord> {
         let corrupt = |e: postcard::Error| crate::corrupt(key, &e.to_string());
         let ((delivered_up_to, read_up_to), rest) = postcard::take_from_bytes::<(u64, u64)>(bytes).map_err(corrupt)?;
-        let shown_read_up_to = if rest.is_empty() { read_up_to } else { crate::decode(key, rest)? };
+        let shown_read_up_to = if rest.is_empty() {
+            read_up_to
+        } else {
+            let (shown, rest) = postcard::take_from_bytes::<u64>(rest).map_err(corrupt)?;
+            if !rest.is_empty() {
+                return Err(crate::corrupt(key, "bytes after a receipt record"));
+            }
+            // Never above the read mark: the shown one is a part of it.
+            shown.min(read_up_to)
+        };
         Ok(ReceiptRecord { delivered_up_to, read_up_to, shown_read_up_to })
     }
 }

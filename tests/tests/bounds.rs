@@ -867,6 +867,51 @@ async fn delivered_marks_spend_the_member_rows_allowance() {
     .await
 }
 
+/// A delivered mark its actor takes but that raises nothing (a repeat of one accepted and
+/// not yet written: the store's check lets it through) is charged too: with the receipt
+/// write held in flight, repeating a mark is `RATE_LIMITED` once past the allowance.
+/// Before, such repeats were free, each two store reads and a place in the group's
+/// mailbox (a review of the first version, which charged only marks the store's check
+/// skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_delivered_marks_not_yet_written_spend_the_allowance() {
+    bounded(async {
+        // A burst of 200 rows.
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 100).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_direct("bob").await.unwrap().id;
+        bob.send(conv, "one").await.unwrap();
+        let two = bob.send(conv, "two").await.unwrap();
+        // Commits pause as they begin while `hold` is set: the write of the first mark
+        // stays in flight, and the next mark waits in the actor, accepted, unwritten.
+        let store = tb.shared().store.clone();
+        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (go, paused) = std::sync::mpsc::channel::<()>();
+        let paused = std::sync::Mutex::new(paused);
+        let held = hold.clone();
+        store.on_commit_started(Box::new(move |_| {
+            if held.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = paused.lock().unwrap().recv_timeout(Duration::from_secs(20));
+            }
+        }));
+        alice.mark_delivered(&[(conv, two - 1)]).await.unwrap();
+        let mut refused = None;
+        for sent in 1..=400 {
+            if let Err(e) = alice.mark_delivered(&[(conv, two)]).await {
+                refused = Some((sent, e.code()));
+                break;
+            }
+        }
+        hold.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = go.send(());
+        let (sent, code) = refused.expect("repeats were never charged");
+        assert_eq!(code, Some(ErrorCode::RATE_LIMITED));
+        assert!(sent > 150, "refused after {sent}: marks that raised were charged");
+    })
+    .await
+}
+
 /// `max_connections_per_address` sessions from one address (here 127.0.0.1), whoever's
 /// accounts they are: one more connection is refused before its handshake (the client
 /// library's `Refused`), and once one ends a new one is served. Before, only

@@ -641,7 +641,7 @@ impl Session {
                     reply.send(allow(files::begin_upload(shared, caller.user, revocation, new).await));
                 });
             }
-            // Read on the blocking pool, answered once durable (`files::once_durable`),
+            // Read on the blocking pool, answered once durable (`files::read_durably`),
             // waiting on this task, not on a pool thread.
             RequestBody::UploadStatus { file } => {
                 let (shared, allow) = (shared.clone(), self.allow_transfers());

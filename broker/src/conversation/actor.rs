@@ -66,7 +66,7 @@ pub enum MarkReply {
     /// receipt book, dropped unfired if the actor stopped first (the directory then
     /// hands the mark to a successor; see `ConvDirectory::mark_delivered`); with the
     /// check whether the device that sent it was cut off since.
-    Taken(tokio::sync::oneshot::Sender<()>, crate::reply::Revocation),
+    Taken(tokio::sync::oneshot::Sender<bool>, crate::reply::Revocation),
 }
 
 /// What a conversation actor starts from.
@@ -246,12 +246,14 @@ impl Actor for Conversation {
                 state.depth.fetch_sub(1, Ordering::AcqRel);
                 // Taken (so not handed on again) and dropped: its device was cut off.
                 if revocation.code().is_some() {
-                    let _ = taken.send(());
+                    let _ = taken.send(true);
                     return Ok(());
                 }
+                let before = state.state.delivered_now(caller.user);
                 let effects = state.state.handle_mark(&log, caller, mark, None, crate::now_ms());
-                // The requester may have stopped waiting (its connection closed).
-                let _ = taken.send(());
+                // Whether it raised the watermark (a repeat of one not yet written does
+                // not); the requester may have stopped waiting (its connection closed).
+                let _ = taken.send(state.state.delivered_now(caller.user) > before);
                 effects
             }
             ConvMsg::Durable { seq, ok: true } => state.state.handle_durable(seq),

@@ -395,7 +395,9 @@ impl ConvDirectory {
                 }
             }
         }
-        shared.users.charge_member_reads(caller.user, wasted);
+        if !shared.users.charge_member_reads(caller.user, wasted) {
+            handed.refused.get_or_insert(table_full());
+        }
         handed
     }
 
@@ -761,8 +763,9 @@ pub struct HandedMarks {
     revocation: crate::reply::Revocation,
     /// The first refusal met (`INVALID`, `OVERLOADED`, `INTERNAL`).
     refused: Option<ErrorBody>,
-    /// Marks cast to an actor, with the signal that it took them.
-    pending: Vec<(ConvId, Seq, tokio::sync::oneshot::Receiver<()>)>,
+    /// Marks cast to an actor, with the signal that it took them (and whether they
+    /// raised the watermark).
+    pending: Vec<(ConvId, Seq, tokio::sync::oneshot::Receiver<bool>)>,
 }
 
 /// How many times one delivered mark is handed to its conversation's actors before the
@@ -783,11 +786,15 @@ impl HandedMarks {
     /// `INTERNAL` once the store has failed. Taken is not durable: the watermark is
     /// shown once the next commit covers it.
     pub async fn answer(mut self, shared: &Arc<Shared>) -> Result<Reply, ErrorBody> {
+        // Marks the actors took that raised nothing (repeats of a mark not yet written,
+        // which the store's check let through): charged as the skipped ones were.
+        let mut wasted = 0;
         for handoff in 1..=MARK_HANDOFFS {
             let mut lost = Vec::new();
             for (conv, seq, taken) in std::mem::take(&mut self.pending) {
-                if taken.await.is_err() {
-                    lost.push((conv, seq));
+                match taken.await {
+                    Ok(raised) => wasted += usize::from(!raised),
+                    Err(_) => lost.push((conv, seq)),
                 }
             }
             if lost.is_empty() {
@@ -802,10 +809,20 @@ impl HandedMarks {
                 shared.convs.hand_mark(shared, &mut self, conv, seq).await;
             }
         }
+        if !shared.users.charge_member_reads(self.caller.user, wasted) {
+            self.refused.get_or_insert(table_full());
+        }
         // The actors dropped the marks of a device cut off since it sent them.
         self.revocation.refusal()?;
         self.refused.map_or(Ok(Reply::Done), Err)
     }
+}
+
+/// A charge of marks that raised nothing could not be recorded: the allowances' table
+/// is full of users still refilling (`MEMBER_ROWS_BUCKETS_MAX`), so, as a read would be,
+/// the request is refused rather than left uncounted.
+fn table_full() -> ErrorBody {
+    ErrorBody::new(ErrorCode::RATE_LIMITED, "too many users are reading member lists; retry in a second")
 }
 
 /// Whether `user`'s delivered mark at `seq` in `conv` could raise its stored watermark:

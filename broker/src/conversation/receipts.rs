@@ -98,6 +98,12 @@ impl<R> ReceiptBook<R> {
         self.entries.entry(user).or_insert(Entry { durable: stored, current: stored });
     }
 
+    /// `user`'s newest accepted watermarks, written or not (zero if none were ever
+    /// reported or loaded).
+    pub fn current(&self, user: UserId) -> Marks {
+        self.entries.get(&user).map_or_else(Marks::default, |e| e.current)
+    }
+
     /// `user`'s durable watermarks (zero if none were ever reported).
     pub fn durable(&self, user: UserId) -> Marks {
         self.entries.get(&user).map_or_else(Marks::default, |e| e.durable)

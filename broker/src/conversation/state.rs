@@ -448,6 +448,13 @@ impl<R> ConversationState<R> {
         self.durable_seq
     }
 
+    /// `user`'s delivered watermark as the actor holds it now (accepted, maybe not yet
+    /// written): whether a delivered mark raised it (`MarkDelivered`'s charge for marks
+    /// that raise nothing).
+    pub fn delivered_now(&self, user: UserId) -> Seq {
+        self.receipts.current(user).delivered_up_to
+    }
+
     /// Number of members' watermarks held (bounded by the members plus one write).
     #[cfg(test)]
     pub fn receipt_entries(&self) -> usize {
@@ -1269,8 +1276,9 @@ pub fn may_add(kind: ConversationKind, role: Role, new_role: Role) -> Result<(),
     Ok(())
 }
 
-/// Pushes, to each user of `hidden` (receipts without their read mark, sorted by user,
-/// one per user), every receipt of `hidden` but its own, in shared frames: the list is
+/// Pushes, to each user of `hidden` (receipts as others may see them: without the read
+/// mark, or with the one of reads made while public; sorted by user, one per user), every
+/// receipt of `hidden` but its own, in shared frames: the list is
 /// halved, each half's receipts go to the other half's users, and each half again, so a
 /// user gets one frame per halving (about log2 of the list's length) and the frames hold
 /// the list about log2 times over in all.
