@@ -164,7 +164,12 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
         AdminRequest::DeviceRevoke { user, device } => {
             let (id, _) = ops.store.user_by_name(&user).map_err(failed)?.ok_or_else(|| no_user(&user))?;
             if !revoke(ops, id, device).await? {
-                return Err(ErrorBody::new(ErrorCode::NOT_FOUND, format!("{user} has no device {device}")));
+                return Err(ErrorBody::new(
+                    ErrorCode::NOT_FOUND,
+                    format!(
+                        "{user} has no device {device} (or it was revoked already: `device list` shows those left)"
+                    ),
+                ));
             }
             Ok(vec![format!("revoked device {device} of {user}")])
         }

@@ -126,12 +126,28 @@ impl Auth {
             store,
             argon: Argon2Pool::new(argon, config.argon2_queue, config.idle_background_work())
                 .map_err(|error| crate::Error::Io { context: "starting the password hashing threads".into(), error })?,
-            passwords: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS),
-            signatures: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, BAD_SIGNATURES_PER_ADDRESS),
-            password_changes: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, PASSWORD_CHANGES_PER_ACCOUNT, 0),
-            hashes: (config.password_checks_per_address > 0)
-                .then(|| FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, 0, config.password_checks_per_address)),
-            logins: FailureLimiter::new(AUTH_FAILURE_KEYS_MAX, LOGINS_PER_ACCOUNT, 0),
+            passwords: FailureLimiter::new(
+                "failed passwords",
+                AUTH_FAILURE_KEYS_MAX,
+                AUTH_FAILURES_PER_ACCOUNT,
+                AUTH_FAILURES_PER_ADDRESS,
+            ),
+            signatures: FailureLimiter::new(
+                "bad device signatures",
+                AUTH_FAILURE_KEYS_MAX,
+                0,
+                BAD_SIGNATURES_PER_ADDRESS,
+            ),
+            password_changes: FailureLimiter::new(
+                "password changes",
+                AUTH_FAILURE_KEYS_MAX,
+                PASSWORD_CHANGES_PER_ACCOUNT,
+                0,
+            ),
+            hashes: (config.password_checks_per_address > 0).then(|| {
+                FailureLimiter::new("password checks", AUTH_FAILURE_KEYS_MAX, 0, config.password_checks_per_address)
+            }),
+            logins: FailureLimiter::new("logins with the right password", AUTH_FAILURE_KEYS_MAX, LOGINS_PER_ACCOUNT, 0),
             registrations: RegistrationLimiter::new(
                 config.registration_burst_per_address,
                 config.registration_interval_ms,
@@ -918,6 +934,8 @@ fn address_keys(from: IpAddr) -> Vec<LimitKey> {
 /// second), the attempt is refused with `RATE_LIMITED` instead of going uncounted.
 /// A live window is never evicted, so filling the table cannot lift a limit.
 struct FailureLimiter {
+    /// What it limits, for the log.
+    what: &'static str,
     capacity: usize,
     per_account: u32,
     per_address: u32,
@@ -935,6 +953,8 @@ struct FailureTable {
 struct Window {
     start_ms: u64,
     count: u32,
+    /// Its reaching the bound was logged (once a window: refusals are not logged each).
+    logged: bool,
 }
 
 impl Window {
@@ -944,12 +964,25 @@ impl Window {
 }
 
 fn too_many() -> ErrorBody {
-    fail(ErrorCode::RATE_LIMITED, "too many failed attempts; try again later")
+    fail(ErrorCode::RATE_LIMITED, "too many attempts with this name or from this address; try again in a minute")
+}
+
+impl std::fmt::Display for LimitKey {
+    /// For the log: an account by id, a name only as "a user name" (the table keeps its
+    /// hash), an address or network as it is.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitKey::Account(id) => write!(f, "account {id}"),
+            LimitKey::Name(_) => write!(f, "a user name"),
+            LimitKey::Address(ip) => write!(f, "address {ip}"),
+            LimitKey::Network(ip) => write!(f, "network {ip}/48"),
+        }
+    }
 }
 
 impl FailureLimiter {
-    fn new(capacity: usize, per_account: u32, per_address: u32) -> Self {
-        FailureLimiter { capacity, per_account, per_address, table: Mutex::default() }
+    fn new(what: &'static str, capacity: usize, per_account: u32, per_address: u32) -> Self {
+        FailureLimiter { what, capacity, per_account, per_address, table: Mutex::default() }
     }
 
     fn max_failures(&self, key: &LimitKey) -> u32 {
@@ -1004,11 +1037,16 @@ impl FailureLimiter {
             }
         }
         for key in keys {
-            let w = table.windows.entry(*key).or_insert(Window { start_ms: now_ms, count: 0 });
+            let w = table.windows.entry(*key).or_insert(Window { start_ms: now_ms, count: 0, logged: false });
             if !w.live(now_ms) {
-                *w = Window { start_ms: now_ms, count: 0 };
+                *w = Window { start_ms: now_ms, count: 0, logged: false };
             }
             w.count = w.count.saturating_add(1);
+            if w.count >= self.max_failures(key) && !w.logged {
+                // What an operator looks for when users say they are refused.
+                w.logged = true;
+                tracing::warn!(limit = self.what, key = %key, "limit reached; refused until the minute ends");
+            }
         }
         Ok(())
     }
@@ -1132,7 +1170,7 @@ mod tests {
     }
 
     fn password_limiter(capacity: usize) -> FailureLimiter {
-        FailureLimiter::new(capacity, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS)
+        FailureLimiter::new("failed passwords", capacity, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS)
     }
 
     #[test]
@@ -1221,7 +1259,7 @@ mod tests {
     #[test]
     fn the_sources_of_one_ipv6_site_share_its_allowance() {
         let per_site = (2 * SOURCES_PER_NETWORK) as u16;
-        let passwords = FailureLimiter::new(1000, 10, 2);
+        let passwords = FailureLimiter::new("failed passwords", 1000, 10, 2);
         for n in 0..per_site {
             let keys = address_keys(v6(1, n / 2));
             assert!(passwords.check(&keys, 0).is_ok() && passwords.record(&keys, 0).is_ok(), "failure {n}");

@@ -2216,6 +2216,10 @@ async fn connector(state: &State, options: &TransportOptions) -> anyhow::Result<
     let trust = match (&state.pin, &state.ca) {
         (Some(pin), _) => Trust::Pin(pin.clone()),
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
+        (None, None) if is_local(&server) => bail!(
+            "no ./{DEFAULT_CA} here to trust the broker by: run sb in the directory the broker was started in, or \
+             pass --ca FILE or --pin SHA256 (the broker prints both at start)"
+        ),
         (None, None) => bail!(
             "pass --ca FILE or --pin SHA256 (the broker prints both at start; ./{DEFAULT_CA} is taken by itself \
              only for a broker on this machine)"

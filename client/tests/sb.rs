@@ -1578,6 +1578,21 @@ async fn the_default_certificate_is_saved_as_an_absolute_path() {
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     let state = std::fs::read_to_string(home.join("state.json")).unwrap();
     assert!(state.contains(&beside.join("switchboard-data/cert.pem").display().to_string()), "{state}");
+    // A new home in a directory without the certificate, for a broker on this machine:
+    // told that the file is not here (a trial got only "pass --ca FILE or --pin SHA256
+    // (... taken by itself only for a broker on this machine)", and the broker was).
+    let refused = Command::new(env!("CARGO_BIN_EXE_sb"))
+        .current_dir(&elsewhere)
+        .env("SWITCHBOARD_HOME", dir.path().join("bob"))
+        .env("SWITCHBOARD_PASSWORD", "correct horse battery")
+        .env_remove("SWITCHBOARD_CA")
+        .env_remove("SWITCHBOARD_PIN")
+        .env_remove("SWITCHBOARD_SERVER")
+        .args(["--server", &addr, "register", "bob"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("no ./switchboard-data/cert.pem here"), "{said}");
 }
 
 /// `sb probe` checks that a broker answers without an account (a health check): its

@@ -156,6 +156,20 @@ pub struct TestBroker {
     config: Config,
 }
 
+/// Group commits held by `TestBroker::hold_commits`.
+pub struct HeldCommits {
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    go: std::sync::mpsc::Sender<()>,
+}
+
+impl HeldCommits {
+    /// Lets the held commit, and every later one, go on.
+    pub fn release(self) {
+        self.hold.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.go.send(());
+    }
+}
+
 impl TestBroker {
     /// Starts a broker with the test defaults.
     pub async fn start() -> TestBroker {
@@ -179,6 +193,22 @@ impl TestBroker {
     /// The broker's shared state.
     pub fn shared(&self) -> &Arc<Shared> {
         self.broker.as_ref().unwrap().shared()
+    }
+
+    /// Holds the broker's group commits from now on, each as it begins (nothing applied
+    /// meanwhile becomes durable), until `HeldCommits::release` (or 20 s). Over
+    /// `Store::on_commit_started`, which a broker takes once: one hold per test broker.
+    pub fn hold_commits(&self) -> HeldCommits {
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (go, paused) = std::sync::mpsc::channel::<()>();
+        let paused = std::sync::Mutex::new(paused);
+        let held = hold.clone();
+        self.shared().store.on_commit_started(Box::new(move |_| {
+            if held.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = paused.lock().unwrap_or_else(|p| p.into_inner()).recv_timeout(Duration::from_secs(20));
+            }
+        }));
+        HeldCommits { hold, go }
     }
 
     /// A connector trusting the broker's certificate file.

@@ -883,18 +883,9 @@ async fn repeated_delivered_marks_not_yet_written_spend_the_allowance() {
         let conv = alice.create_direct("bob").await.unwrap().id;
         bob.send(conv, "one").await.unwrap();
         let two = bob.send(conv, "two").await.unwrap();
-        // Commits pause as they begin while `hold` is set: the write of the first mark
-        // stays in flight, and the next mark waits in the actor, accepted, unwritten.
-        let store = tb.shared().store.clone();
-        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (go, paused) = std::sync::mpsc::channel::<()>();
-        let paused = std::sync::Mutex::new(paused);
-        let held = hold.clone();
-        store.on_commit_started(Box::new(move |_| {
-            if held.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = paused.lock().unwrap().recv_timeout(Duration::from_secs(20));
-            }
-        }));
+        // Commits held: the write of the first mark stays in flight, and the next mark
+        // waits in the actor, accepted, unwritten.
+        let held = tb.hold_commits();
         alice.mark_delivered(&[(conv, two - 1)]).await.unwrap();
         let mut refused = None;
         for sent in 1..=400 {
@@ -903,8 +894,7 @@ async fn repeated_delivered_marks_not_yet_written_spend_the_allowance() {
                 break;
             }
         }
-        hold.store(false, std::sync::atomic::Ordering::SeqCst);
-        let _ = go.send(());
+        held.release();
         let (sent, code) = refused.expect("repeats were never charged");
         assert_eq!(code, Some(ErrorCode::RATE_LIMITED));
         assert!(sent > 150, "refused after {sent}: marks that raised were charged");

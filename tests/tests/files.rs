@@ -1487,18 +1487,8 @@ async fn an_upload_offset_is_told_only_once_durable() {
         let data = bytes(600 * 1024, 4);
         let begun = begin_upload(&alice, "n.bin", "application/octet-stream", &data).await;
         upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
-        // Commits pause as they begin while `hold` is set, until told to go on.
         let store = tb.shared().store.clone();
-        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (go, paused) = std::sync::mpsc::channel::<()>();
-        let paused = std::sync::Mutex::new(paused);
-        let held = hold.clone();
-        store.on_commit_started(Box::new(move |_| {
-            if held.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = paused.lock().unwrap().recv_timeout(Duration::from_secs(20));
-            }
-        }));
-        hold.store(true, std::sync::atomic::Ordering::SeqCst);
+        let held = tb.hold_commits();
         let conn = alice.connection().clone();
         let (file, more) = (begun.file, data.clone());
         let second =
@@ -1514,8 +1504,7 @@ async fn an_upload_offset_is_told_only_once_durable() {
         let listed = tokio::time::timeout(Duration::from_millis(100), alice.list_uploads()).await;
         assert!(listed.is_err(), "listed before durable: {listed:?}");
         // Commits go on: told now, and durable.
-        hold.store(false, std::sync::atomic::Ordering::SeqCst);
-        let _ = go.send(());
+        held.release();
         assert_eq!(offset_of(status(&alice, begun.file).await.unwrap()), 512 * 1024);
         second.await.unwrap();
         match file_info(&alice, begun.file).await.unwrap() {
