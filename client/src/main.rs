@@ -471,7 +471,7 @@ fn main() {
             say(json!({ "error": error_json(&e) }));
         }
         // 128 + SIGINT, as shells report a command Ctrl-C ended.
-        std::process::exit(if e.downcast_ref::<Interrupted>().is_some() { 130 } else { 1 });
+        std::process::exit(if e.downcast_ref::<Interrupted>().is_some() { 130 } else { exit_status(&e) });
     }
     if STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed) {
         std::process::exit(141);
@@ -494,6 +494,33 @@ fn client_error(e: &anyhow::Error) -> Option<&ClientError> {
             Some(TransferError::Client(c)) => Some(c),
             _ => None,
         })
+}
+
+/// sb's exit status for a failure, by the broker's refusal where there is one (README,
+/// "Exit status"; the operator commands' statuses where they mean the same): 3 not found,
+/// 4 conflict, 5 invalid, 6 try again later (`OVERLOADED`, `RATE_LIMITED`), 7
+/// forbidden, 8 this device may not act (`AUTH_FAILED`, `DEVICE_REVOKED`,
+/// `ACCOUNT_DISABLED`), 1 anything else. Before, every failure was 1 and scripts had to
+/// read the message.
+fn exit_status(e: &anyhow::Error) -> i32 {
+    let code = match e.downcast_ref::<TransferError>() {
+        Some(TransferError::Failed { error, .. }) => Some(error.code),
+        Some(TransferError::Reset(code)) => Some(*code),
+        _ => match client_error(e) {
+            Some(ClientError::Server(body)) => Some(body.code),
+            Some(ClientError::Closed { code, .. }) => *code,
+            _ => None,
+        },
+    };
+    match code {
+        Some(ErrorCode::NOT_FOUND) => 3,
+        Some(ErrorCode::CONFLICT) => 4,
+        Some(ErrorCode::INVALID) => 5,
+        Some(ErrorCode::OVERLOADED | ErrorCode::RATE_LIMITED) => 6,
+        Some(ErrorCode::FORBIDDEN) => 7,
+        Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED | ErrorCode::ACCOUNT_DISABLED) => 8,
+        _ => 1,
+    }
 }
 
 /// The `error` object of a JSON error line: the broker's code, its name and the

@@ -2269,3 +2269,25 @@ async fn receipts_and_the_private_reads_setting() {
     let human = String::from_utf8_lossy(&sb_output(&alice, &broker, &["receipts", &c]).stdout).into_owned();
     assert!(human.contains("bob  delivered up to #") && human.contains("read up to private"), "{human}");
 }
+
+/// sb's exit status says what the broker refused (README, "Exit status"), so a script
+/// need not read the message: 3 for a user nobody is, 7 for a conversation that is not
+/// mine, 8 for a wrong password, 1 for a failure of sb's own. Before, every failure
+/// exited 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exit_status_says_what_was_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(common::test_config(dir.path().join("data"))).await.unwrap();
+    let (alice, stranger) = (dir.path().join("alice"), dir.path().join("stranger"));
+    sb(&alice, &broker, &["register", "alice"]);
+    let status = |home: &Path, args: &[&str]| sb_output(home, &broker, args).status.code();
+    assert_eq!(status(&alice, &["conv", "create", "nobody"]), Some(3));
+    assert_eq!(status(&alice, &["history", "424242"]), Some(7));
+    let wrong = sb_command(&stranger, &broker)
+        .env("SWITCHBOARD_PASSWORD", "not alice's password")
+        .args(["login", "alice"])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(8), "{}", String::from_utf8_lossy(&wrong.stderr));
+    assert_eq!(status(&alice, &["download", "00", "-"]), Some(1), "sb's own refusal: not a file id");
+}
