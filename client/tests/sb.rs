@@ -1559,10 +1559,10 @@ async fn the_default_certificate_is_saved_as_an_absolute_path() {
     std::fs::create_dir_all(beside.join("switchboard-data")).unwrap();
     std::fs::create_dir_all(&elsewhere).unwrap();
     std::fs::copy(&broker.cert_path, beside.join("switchboard-data/cert.pem")).unwrap();
-    let run = |cwd: &Path, args: &[&str]| {
+    let run_as = |home: &Path, cwd: &Path, args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_sb"))
             .current_dir(cwd)
-            .env("SWITCHBOARD_HOME", &home)
+            .env("SWITCHBOARD_HOME", home)
             .env("SWITCHBOARD_PASSWORD", "correct horse battery")
             .env_remove("SWITCHBOARD_CA")
             .env_remove("SWITCHBOARD_PIN")
@@ -1571,6 +1571,7 @@ async fn the_default_certificate_is_saved_as_an_absolute_path() {
             .output()
             .unwrap()
     };
+    let run = |cwd: &Path, args: &[&str]| run_as(&home, cwd, args);
     let addr = broker.local_addr.to_string();
     let registered = run(&beside, &["--server", &addr, "register", "alice"]);
     assert!(registered.status.success(), "{}", String::from_utf8_lossy(&registered.stderr));
@@ -1581,16 +1582,7 @@ async fn the_default_certificate_is_saved_as_an_absolute_path() {
     // A new home in a directory without the certificate, for a broker on this machine:
     // told that the file is not here (a trial got only "pass --ca FILE or --pin SHA256
     // (... taken by itself only for a broker on this machine)", and the broker was).
-    let refused = Command::new(env!("CARGO_BIN_EXE_sb"))
-        .current_dir(&elsewhere)
-        .env("SWITCHBOARD_HOME", dir.path().join("bob"))
-        .env("SWITCHBOARD_PASSWORD", "correct horse battery")
-        .env_remove("SWITCHBOARD_CA")
-        .env_remove("SWITCHBOARD_PIN")
-        .env_remove("SWITCHBOARD_SERVER")
-        .args(["--server", &addr, "register", "bob"])
-        .output()
-        .unwrap();
+    let refused = run_as(&dir.path().join("bob"), &elsewhere, &["--server", &addr, "register", "bob"]);
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && said.contains("no ./switchboard-data/cert.pem here"), "{said}");
 }

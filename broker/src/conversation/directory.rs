@@ -806,7 +806,10 @@ impl HandedMarks {
                 break;
             }
             for (conv, seq) in lost {
-                shared.convs.hand_mark(shared, &mut self, conv, seq).await;
+                // A successor that finds the caller no member drops it: wasted as any.
+                if !shared.convs.hand_mark(shared, &mut self, conv, seq).await {
+                    wasted += 1;
+                }
             }
         }
         if !shared.users.charge_member_reads(self.caller.user, wasted) {
