@@ -478,6 +478,14 @@ fn main() {
     }
 }
 
+/// Something named on the command line that sb looked up itself and did not find: a
+/// conversation title, a member's name, a user whose presence is not shown. sb exits
+/// with status 3, as for the broker's `NOT_FOUND` (a script told them apart from a
+/// failure only by the message before).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
 /// Ctrl-C, SIGTERM or SIGHUP cut the command short (sb exits with status 130).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -498,11 +506,14 @@ fn client_error(e: &anyhow::Error) -> Option<&ClientError> {
 
 /// sb's exit status for a failure, by the broker's refusal where there is one (README,
 /// "Exit status"; the operator commands' statuses where they mean the same): 3 not found,
-/// 4 conflict, 5 invalid, 6 try again later (`OVERLOADED`, `RATE_LIMITED`), 7
+/// 4 conflict, 5 invalid (and sb's own lookups that find nothing, `NotFound`: 3), 6 try again later (`OVERLOADED`, `RATE_LIMITED`), 7
 /// forbidden, 8 this device may not act (`AUTH_FAILED`, `DEVICE_REVOKED`,
 /// `ACCOUNT_DISABLED`), 1 anything else. Before, every failure was 1 and scripts had to
 /// read the message.
 fn exit_status(e: &anyhow::Error) -> i32 {
+    if e.downcast_ref::<NotFound>().is_some() {
+        return 3;
+    }
     let code = match e.downcast_ref::<TransferError>() {
         Some(TransferError::Failed { error, .. }) => Some(error.code),
         Some(TransferError::Reset(code)) => Some(*code),
@@ -1173,7 +1184,7 @@ async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<
             bail!("{user:?} is a member's name (user {a}) and another member's id: say {user:?}'s id as #{a} or #{b}")
         }
         (Some(id), _) | (None, Some(id)) => Ok(id),
-        (None, None) => bail!("{user:?} is not a member of conversation {conv}"),
+        (None, None) => Err(NotFound(format!("{user:?} is not a member of conversation {conv}")).into()),
     }
 }
 
@@ -1343,15 +1354,24 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
                     out.presence(p, now);
                 }
             }
+            let mut not_shown = 0usize;
             for name in &users {
                 match all.iter().find(|p| &p.name == name) {
                     Some(p) => out.presence(p, now),
-                    None => out.line(json!({"user_name": name, "name": name, "state": null}), || {
-                        format!(
-                            "{name}: not shown (unknown, no conversation shared with me, or one of us blocks the other)"
-                        )
-                    }),
+                    None => {
+                        not_shown += 1;
+                        out.line(json!({"user_name": name, "name": name, "state": null}), || {
+                            format!(
+                                "{name}: not shown (unknown, no conversation shared with me, or one of us blocks the other)"
+                            )
+                        })
+                    }
                 }
+            }
+            // Every line is printed first; then the status says not all were found, as
+            // grep's does (a trial saw `sb presence nobody` exit 0).
+            if not_shown > 0 {
+                return Err(NotFound(format!("{not_shown} of the {} users asked for not shown", users.len())).into());
             }
         }
         Command::Typing { .. } => unreachable!("run by `typing`, which reconnects"),

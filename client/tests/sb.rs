@@ -2274,6 +2274,10 @@ async fn the_exit_status_says_what_was_refused() {
     sb(&alice, &broker, &["register", "alice"]);
     let status = |home: &Path, args: &[&str]| sb_output(home, &broker, args).status.code();
     assert_eq!(status(&alice, &["conv", "create", "nobody"]), Some(3));
+    // sb's own lookups that find nothing say so the same way (they exited 1, and
+    // `presence` of an unknown name 0).
+    assert_eq!(status(&alice, &["history", "no such title"]), Some(3));
+    assert_eq!(status(&alice, &["presence", "nobody"]), Some(3));
     assert_eq!(status(&alice, &["history", "424242"]), Some(7));
     let wrong = sb_command(&stranger, &broker)
         .env("SWITCHBOARD_PASSWORD", "not alice's password")

@@ -133,9 +133,10 @@ pub fn pick<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result
     }
     match found.as_slice() {
         [one] => Ok(one),
-        [] => bail!(
+        [] => Err(crate::NotFound(format!(
             "none of my conversations is titled {title:?} or is a direct one with a user of that name (`sb conv list` shows them; `sb conv create NAME` starts a direct one)"
-        ),
+        ))
+        .into()),
         several => {
             let which: Vec<String> = several.iter().map(|c| describe(c)).collect();
             bail!("several conversations go by {title:?}: {}; give its number", which.join("; "))
