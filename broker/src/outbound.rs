@@ -40,6 +40,9 @@ struct Owner {
     store: Arc<switchboard_storage::Store>,
     user: switchboard_protocol::UserId,
     device: switchboard_protocol::DeviceId,
+    /// The account's disables in this run, and when the session started.
+    disables: Arc<crate::user::Disables>,
+    started: std::time::Instant,
 }
 
 struct Queue {
@@ -296,8 +299,9 @@ impl Outbound {
     /// a session that ended is no longer among those a revocation closes, so its
     /// requests still in flight (a write queued behind a busy actor, an upload chunk in
     /// its actor's mailbox) learn of a revocation answered after it ended from the
-    /// device's record (gone) or the account's (disabled). One or two key reads, only
-    /// for the requests of a session already closed.
+    /// device's record (gone) or the account's (disabled, now or since the session
+    /// began: `UserDirectory::disable` remembers). One or two key reads, only for the
+    /// requests of a session already closed.
     pub fn cut_off(&self) -> Option<ErrorCode> {
         let (cut_off, closed) = {
             let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -306,9 +310,11 @@ impl Outbound {
         if cut_off.is_some() || closed.is_none() {
             return cut_off;
         }
-        let Owner { store, user, device } = self.owner.as_ref()?;
+        let Owner { store, user, device, disables, started } = self.owner.as_ref()?;
         let code = match store.device(*user, *device) {
             Ok(None) => Some(ErrorCode::DEVICE_REVOKED),
+            // Disabled after the session began, even if enabled again since.
+            Ok(Some(_)) if disables.disabled_since(*user, *started) => Some(ErrorCode::ACCOUNT_DISABLED),
             Ok(Some(_)) => crate::auth::refuse_if_disabled(store, *user).err().map(|e| e.code),
             // A store that cannot be read stops the broker (`Health`).
             Err(_) => None,
@@ -319,15 +325,17 @@ impl Outbound {
         code
     }
 
-    /// This queue serves a session of `device` of `user`: `cut_off` asks `store` about
-    /// them once the queue is closed.
+    /// This queue serves a session, starting now, of `device` of `user`: `cut_off` asks
+    /// `store` about them once the queue is closed, and `disables` whether the account
+    /// was disabled since the start.
     pub fn with_owner(
         mut self,
         store: Arc<switchboard_storage::Store>,
         user: switchboard_protocol::UserId,
         device: switchboard_protocol::DeviceId,
+        disables: Arc<crate::user::Disables>,
     ) -> Self {
-        self.owner = Some(Owner { store, user, device });
+        self.owner = Some(Owner { store, user, device, disables, started: std::time::Instant::now() });
         self
     }
 

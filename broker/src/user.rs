@@ -39,6 +39,42 @@ pub struct UserDirectory {
     writes: Option<Allowances>,
     /// Each user's store slots (`store_slots`).
     store_slots: Mutex<StoreSlots>,
+    /// When accounts were disabled in this run (`disable`).
+    disables: Arc<Disables>,
+}
+
+/// When each account was last disabled in this run (`UserDirectory::disable`), so that
+/// a request still in flight from a session that had ended before the disable (a write
+/// queued behind a busy conversation actor, a chunk in its upload actor's mailbox) is
+/// refused `ACCOUNT_DISABLED` even once the account is enabled again (PROTOCOL section
+/// 8): a session that ended is no longer among those the disable closes, and the
+/// store's disabled key is gone after the enable (an attacker review found such
+/// writes landing after a disable and enable). In memory only: no session outlives the
+/// run. Entries older than `DISABLES_KEPT` go when the map reaches `DISABLES_SWEEP_AT`
+/// (disables are operator acts; no request stays in flight that long).
+#[derive(Default)]
+pub struct Disables {
+    at: Mutex<HashMap<UserId, Instant>>,
+}
+
+/// How long a disable is remembered for requests of sessions that ended before it.
+const DISABLES_KEPT: Duration = Duration::from_secs(3600);
+/// Remembered disables beyond which those older than `DISABLES_KEPT` are dropped.
+const DISABLES_SWEEP_AT: usize = 4096;
+
+impl Disables {
+    fn record(&self, user: UserId) {
+        let mut at = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        if at.len() >= DISABLES_SWEEP_AT {
+            at.retain(|_, when| when.elapsed() < DISABLES_KEPT);
+        }
+        at.insert(user, Instant::now());
+    }
+
+    /// Whether `user`'s account was disabled at or after `started` (a session's start).
+    pub fn disabled_since(&self, user: UserId, started: Instant) -> bool {
+        self.at.lock().unwrap_or_else(|p| p.into_inner()).get(&user).is_some_and(|when| *when >= started)
+    }
 }
 
 /// Users' store slots, held weakly: a user's slots live while one of its sessions
@@ -163,7 +199,13 @@ impl UserDirectory {
             writes: (writes_per_sec > 0)
                 .then(|| Allowances::new(writes, (writes * WRITE_BURST_SECS).max(1.0), WRITE_BUCKETS_MAX)),
             store_slots: Mutex::default(),
+            disables: Arc::default(),
         }
+    }
+
+    /// The disables of this run, for sessions' outbound queues (`Outbound::with_owner`).
+    pub fn disables(&self) -> Arc<Disables> {
+        self.disables.clone()
     }
 
     /// `user`'s store slots (`STORE_JOBS_PER_USER`), the same for all its sessions
@@ -240,6 +282,8 @@ impl UserDirectory {
     /// Closes every live connection of a disabled account (`ACCOUNT_DISABLED`), the same
     /// way as `revoke`.
     pub fn disable(&self, user: UserId) {
+        // Recorded first: a session that ends meanwhile is cut off by the record.
+        self.disables.record(user);
         self.close(user, |_| true, ErrorCode::ACCOUNT_DISABLED);
     }
 

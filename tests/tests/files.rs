@@ -898,6 +898,40 @@ async fn a_block_silences_file_events_in_a_direct_conversation() {
     .await
 }
 
+/// Nor does `FileInfo` tell it: to the blocker (and to the blocked, of the blocker's
+/// uploads) an upload carried only in their direct conversation stays at offset 0 while
+/// it runs, and shows its progress again in a group both are in. Before, polling
+/// `FileInfo` showed the offset rise whenever the uploader was online (an attacker
+/// review).
+#[tokio::test]
+async fn a_block_hides_upload_progress_from_file_info_in_a_direct_conversation() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (sam, _) = tb.register("sam").await;
+        let (vic, _) = tb.register("vic").await;
+        let conv = sam.create_direct("vic").await.unwrap().id;
+        let data = bytes(2 * 1024 * 1024, 6);
+        let file = attached_while_uploading(&sam, conv, &data).await;
+        let offset_seen = |reply: Reply| match reply {
+            Reply::File(info) => match info.state {
+                FileState::Uploading { offset } => offset,
+                other => panic!("expected Uploading, got {other:?}"),
+            },
+            other => panic!("expected File, got {other:?}"),
+        };
+        assert_eq!(offset_seen(file_info(&vic, file).await.unwrap()), 256 * 1024, "shown before the block");
+        vic.block("sam", true).await.unwrap();
+        assert_eq!(offset_seen(file_info(&vic, file).await.unwrap()), 0, "the blocker sees no progress");
+        assert_eq!(offset_seen(file_info(&sam, file).await.unwrap()), 256 * 1024, "the uploader sees its own");
+        // Carried in a group both are in too: shown, as to everyone there.
+        // (The block keeps sam from adding vic: vic makes the group.)
+        let group = vic.create_group("both", &["sam".into()]).await.unwrap().id;
+        attach(&sam, group, file).await;
+        assert_eq!(offset_seen(file_info(&vic, file).await.unwrap()), 256 * 1024, "shown through the group");
+    })
+    .await
+}
+
 /// Waits for the event giving `file` its final `state`, as sent to `conv`'s audience.
 async fn final_state(events: &mut switchboard_client::Events, conv: Option<u64>, file: FileId, state: &FileState) {
     within(STEP_DEADLINE, "the final file event", async {
@@ -3260,6 +3294,45 @@ async fn chunk_held_then_revoked(leave_first: bool) {
         Some(TransferReply::Accepted { offset: 0 }) => {}
         other => panic!("the chunk was written after its device's revocation: {other:?}"),
     }
+}
+
+/// The same when the phone's session ended and then the operator disabled the account
+/// and enabled it again before the chunk came up: the disable found no session of the
+/// phone to cut off and the account's disabled key was gone again, so the chunk was
+/// written after the disable (an attacker review; PROTOCOL section 8 says a request in
+/// flight is not carried out once its account was disabled, enabled again or not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_let_in_before_its_session_ended_and_its_account_was_disabled_is_not_written() {
+    use switchboard_broker::admin::{AdminRequest, Ops, execute};
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let data = bytes(1000, 5);
+        let (file, _t, held) = first_chunk_held(&tb, &phone, &laptop, &data, data.len()).await;
+        phone.close();
+        // The phone's session ends (its connection closed, its writer done).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let shared = tb.shared();
+        let ops = Ops { store: &shared.store, auth: &shared.auth, broker: Some(shared) };
+        for disabled in [true, false] {
+            execute(&ops, AdminRequest::UserDisable { name: "alice".into(), disabled })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        held.release();
+        // A new session, after the enable: the actor answers its opening once done
+        // with the chunk.
+        let (again, _) = tb.login("alice").await;
+        // (A device opens transfer streams once its session has made a request.)
+        assert_eq!(offset_of(status(&again, file).await.unwrap()), 0);
+        let mut resumed = Transfer::open(again.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
+        match resumed.reply().await {
+            Some(TransferReply::Accepted { offset: 0 }) => {}
+            other => panic!("the chunk was written after its account was disabled: {other:?}"),
+        }
+    })
+    .await
 }
 
 /// A device revoked in the middle of an upload writes nothing more: the chunks it had

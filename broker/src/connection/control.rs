@@ -36,6 +36,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         shared.store.clone(),
         user,
         device,
+        shared.users.disables(),
     ));
     let handle = SessionHandle { id: session, device, out: out.clone(), conn: conn.clone() };
     if let Err(e) = shared.users.attach(place, handle) {

@@ -8,8 +8,8 @@ use switchboard_protocol::limits::{
     MAX_CHUNK_BYTES, MAX_CONTENT_TYPE_BYTES, MAX_FILE_NAME_BYTES, MAX_FILES_PER_MESSAGE, MAX_LISTED_UPLOADS,
 };
 use switchboard_protocol::{
-    ClientMsgId, ConvId, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload, Reply, StoredFile,
-    UploadInfo, UploadStatus, Usage, UserId,
+    ClientMsgId, ConvId, ConversationKind, ErrorBody, ErrorCode, FileId, FileInfo, FileRef, FileState, NewUpload,
+    Reply, StoredFile, UploadInfo, UploadStatus, Usage, UserId,
 };
 use switchboard_storage::{FileRecord, FileStage, Forwarded, UploadRefusal, charged_bytes};
 
@@ -373,11 +373,16 @@ pub async fn cancel_upload(
 }
 
 /// `FileInfo`: a file the caller may read (answer it with `read_durably`). Blocking.
+/// An upload's progress is shown as offset 0 to a caller who reads it only through a
+/// direct conversation with an uploader one of the two blocks (`progress_hidden`).
 pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, ErrorBody> {
     let record = readable(shared, user, id, true)?.ok_or_else(no_such_file)?;
+    let hidden = |offset: u64| -> Result<u64, ErrorBody> {
+        Ok(if progress_hidden(shared, user, id, &record)? { 0 } else { offset })
+    };
     let state = match &record.stage {
-        FileStage::Uploading { offset } => FileState::Uploading { offset: *offset },
-        FileStage::Publishing => FileState::Uploading { offset: record.size },
+        FileStage::Uploading { offset } => FileState::Uploading { offset: hidden(*offset)? },
+        FileStage::Publishing => FileState::Uploading { offset: hidden(record.size)? },
         FileStage::Complete { thumbnail } => {
             let thumbnail = match thumbnail {
                 Some(t) => shared.store.file(t).map_err(internal)?.map(|r| file_ref(t, &r)),
@@ -393,6 +398,27 @@ pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, Er
         created_ms: record.created_ms,
         state,
     }))
+}
+
+/// Whether `user`, who may read `record` (file `id`) and is not its uploader, is kept
+/// from seeing its upload's progress: while one of the two blocks the other, unless a
+/// group carrying the file has `user` as a member (in a group both are in, nothing is
+/// hidden). As for the pushed file events (`announce`), a progress that rises tells when
+/// the uploader is online (PROTOCOL.md, "Blocking"; an attacker review found a blocked
+/// user polling `FileInfo` for it). A failed read counts as blocked. Two block reads,
+/// and a membership and a conversation read per carrier only for a blocked pair.
+fn progress_hidden(shared: &Shared, user: UserId, id: &FileId, record: &FileRecord) -> Result<bool, ErrorBody> {
+    let store = &shared.store;
+    if record.uploader == user || matches!(store.blocked_between(user, record.uploader), Ok(false)) {
+        return Ok(false);
+    }
+    for conv in super::published_carriers(shared, &record.parent.unwrap_or(*id)).map_err(internal)? {
+        let member = store.member(conv, user).map_err(internal)?.is_some();
+        if member && store.conversation(conv).map_err(internal)?.is_some_and(|c| c.kind == ConversationKind::Group) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// `DeleteFile`: the uploader drops its hold on its complete file; it is deleted once
