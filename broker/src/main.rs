@@ -295,19 +295,38 @@ impl ServeArgs {
     }
 }
 
+/// A line of the broker's start-up and stop messages on standard output; a failed
+/// write is ignored. `println!` panics on one, so a closed pipe (the reader of the
+/// broker's output gone, say `switchboard | head`) turned the next line, "shutting down"
+/// at SIGTERM, into a panic and an unclean stop (an operator trial).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `say!` on standard error.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
     let config = args.apply(config);
     switchboard_broker::config::check_deployment(&config)?;
     let stop = signals()?;
     let broker = Broker::start(config.clone()).await?;
-    println!("switchboard listening on {}", broker.local_addr);
+    say!("switchboard listening on {}", broker.local_addr);
     if let Some(addr) = broker.metrics_addr {
-        println!("metrics: http://{addr}{}", switchboard_broker::metrics::PATH);
+        say!("metrics: http://{addr}{}", switchboard_broker::metrics::PATH);
     }
-    println!("data directory: {}", config.data_dir.display());
-    println!("certificate: {}", broker.cert_path.display());
-    println!("certificate sha256: {}", broker.fingerprint);
-    println!("registration: {}", if config.registration_open { "open" } else { "closed" });
+    say!("data directory: {}", config.data_dir.display());
+    say!("certificate: {}", broker.cert_path.display());
+    say!("certificate sha256: {}", broker.fingerprint);
+    say!("registration: {}", if config.registration_open { "open" } else { "closed" });
     // The two settings that trade latency and ceiling for wakeups (OPERATIONS.md).
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let per_core = if config.runtime_workers == 0 { " (one per core)" } else { "" };
@@ -326,17 +345,17 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
             (Scheduling::Batch, BatchOutcome::Unsupported) => "as started (not Linux)",
         }
     };
-    println!("runtime threads: {workers}{per_core}, scheduling {scheduling}; commit delay: {delay}");
+    say!("runtime threads: {workers}{per_core}, scheduling {scheduling}; commit delay: {delay}");
     tokio::select! {
         () = stop => {}
         () = broker.failed() => {
             // Nothing may be acknowledged as durable again in this process: exit, and let
             // the next start recover from what is on disk (an unclean stop).
-            eprintln!("switchboard: storage failure (a flush or fdatasync failed); exiting");
+            say_err!("switchboard: storage failure (a flush or fdatasync failed); exiting");
             std::process::exit(1);
         }
     }
-    println!("shutting down");
+    say!("shutting down");
     Ok(broker.shutdown().await?)
 }
 

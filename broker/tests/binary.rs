@@ -557,6 +557,31 @@ fn user_add_reads_the_password_from_a_pipe() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("created user carol"));
 }
 
+/// A broker whose standard output nobody reads any more (`switchboard | head`, a log
+/// reader gone) still stops cleanly on SIGTERM: before, its "shutting down" line
+/// panicked on the closed pipe and the next start found an unclean stop.
+#[tokio::test]
+async fn a_closed_standard_output_does_not_spoil_the_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while !lines.next().expect("the start-up lines").unwrap().starts_with("runtime threads: ") {}
+    drop(lines);
+    signal(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let (_, log) = logs_of_one_run(dir.path());
+    let log = String::from_utf8_lossy(&log);
+    assert!(!log.contains("unclean stop"), "{log}");
+}
+
 /// SIGHUP (log rotation, a service manager's reload) is logged and ignored: the broker
 /// keeps serving and still stops cleanly on SIGTERM (before: SIGHUP killed it at once,
 /// with no clean stop).
