@@ -140,6 +140,9 @@ pub struct Status {
     pub uploads: usize,
     /// Uploads refused (at their begin) or stopped (a chunk) with `STORAGE_FULL` since the start.
     pub uploads_refused_storage_full: u64,
+    /// Log writes (messages, edits, members, titles) refused with `STORAGE_FULL` since the
+    /// start: the disk below a quarter of `disk_reserve_bytes` free.
+    pub writes_refused_storage_full: u64,
     /// Bytes of uploads hashed for their whole-file BLAKE3 since the start: as they are
     /// written (an actor that started at offset 0), and each resumed upload's whole file
     /// once at its completion. Reopening an upload hashes nothing.
@@ -167,6 +170,7 @@ impl Shared {
             writes_refused: self.sends.refused(),
             uploads: self.files.live(),
             uploads_refused_storage_full: self.files.storage_full.total(),
+            writes_refused_storage_full: self.files.writes_storage_full.total(),
             upload_bytes_hashed: self.files.hashed_bytes.load(std::sync::atomic::Ordering::Relaxed),
             chunk_bytes_held: self.files.queued_chunk_bytes(),
             presence_users: self.presence.users(),
@@ -205,6 +209,7 @@ async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
             writes_refused = s.writes_refused,
             uploads = s.uploads,
             uploads_refused_storage_full = s.uploads_refused_storage_full,
+            writes_refused_storage_full = s.writes_refused_storage_full,
             chunk_bytes_held = s.chunk_bytes_held,
             presence_users = s.presence_users,
             slow_consumers = s.slow_consumers,
@@ -457,6 +462,7 @@ impl Broker {
                 tokio::spawn(files::thumbnails::make_thumbnail(shared.clone(), id, record));
             }
         }
+        accept.push(tokio::spawn(files::watch_disk(Arc::downgrade(&shared))));
         let interval = files::sweep_interval(shared.config.upload_expiry_secs);
         accept.push(tokio::spawn(files::sweeper(Arc::downgrade(&shared), interval)));
         if shared.config.status_log_secs > 0 {

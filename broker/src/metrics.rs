@@ -537,6 +537,11 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             s.uploads_refused_storage_full as f64,
         ),
         counter(
+            "switchboard_writes_refused_storage_full_total",
+            "Messages, edits, member additions and titles refused with STORAGE_FULL: the disk within a quarter of disk_reserve_bytes of full.",
+            s.writes_refused_storage_full as f64,
+        ),
+        counter(
             "switchboard_upload_hashed_bytes_total",
             "Bytes of uploads hashed for their whole-file BLAKE3 (as written from offset 0; a resumed upload whole, once, at completion).",
             s.upload_bytes_hashed as f64,

@@ -506,7 +506,7 @@ fn client_error(e: &anyhow::Error) -> Option<&ClientError> {
 
 /// sb's exit status for a failure, by the broker's refusal where there is one (README,
 /// "Exit status"; the operator commands' statuses where they mean the same): 3 not found,
-/// 4 conflict, 5 invalid (and sb's own lookups that find nothing, `NotFound`: 3), 6 try again later (`OVERLOADED`, `RATE_LIMITED`), 7
+/// 4 conflict, 5 invalid (and sb's own lookups that find nothing, `NotFound`: 3), 6 try again later (`OVERLOADED`, `RATE_LIMITED`, `STORAGE_FULL`), 7
 /// forbidden, 8 this device may not act (`AUTH_FAILED`, `DEVICE_REVOKED`,
 /// `ACCOUNT_DISABLED`), 1 anything else. Before, every failure was 1 and scripts had to
 /// read the message.
@@ -527,7 +527,7 @@ fn exit_status(e: &anyhow::Error) -> i32 {
         Some(ErrorCode::NOT_FOUND) => 3,
         Some(ErrorCode::CONFLICT) => 4,
         Some(ErrorCode::INVALID) => 5,
-        Some(ErrorCode::OVERLOADED | ErrorCode::RATE_LIMITED) => 6,
+        Some(ErrorCode::OVERLOADED | ErrorCode::RATE_LIMITED | ErrorCode::STORAGE_FULL) => 6,
         Some(ErrorCode::FORBIDDEN) => 7,
         Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED | ErrorCode::ACCOUNT_DISABLED) => 8,
         _ => 1,

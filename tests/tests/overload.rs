@@ -466,3 +466,67 @@ async fn a_shed_write_gives_its_allowance_back() {
     })
     .await
 }
+
+/// A nearly full disk refuses new content and nothing else: once the data dir's disk is
+/// below a quarter of `disk_reserve_bytes` free, `Send`, `Edit`, `AddMembers` and
+/// `SetTitle` are `STORAGE_FULL` and write nothing, while deletes, reads and leaving go
+/// on; with room again, messages are taken again. Before, only uploads were refused:
+/// messages filled the disk until a commit failed and the broker exited (an operator
+/// trial), to be refused a restart while the disk stayed full.
+#[tokio::test]
+async fn a_nearly_full_disk_refuses_new_messages_and_nothing_else() {
+    bounded(async {
+        const RESERVE: u64 = 1 << 30;
+        let tb = TestBroker::start_with(|c| c.disk_reserve_bytes = RESERVE).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        tb.register("carol").await;
+        let conv = alice.create_group("team", &["bob".into()]).await.unwrap().id;
+        let first = alice.send(conv, "before").await.unwrap();
+        // Below the floor (a quarter of the reserve); the broker looks once a second.
+        tb.shared().files.pretend_free_bytes(Some(RESERVE / 4 - 1));
+        let refused = within(STEP_DEADLINE, "the refusal", async {
+            loop {
+                match alice.send(conv, "while full").await {
+                    Err(e) if e.code() == Some(ErrorCode::STORAGE_FULL) => return e,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => panic!("expected STORAGE_FULL, got {e:?}"),
+                }
+            }
+        })
+        .await;
+        assert!(refused.to_string().contains("nearly full"), "{refused}");
+        let (_, newest) = bob.history(conv, Page::Latest, 100).await.unwrap();
+        for (what, body) in [
+            (
+                "an edit",
+                RequestBody::Edit {
+                    conv,
+                    client_id: switchboard_client::new_client_id(),
+                    target: first,
+                    text: "x".into(),
+                },
+            ),
+            ("an addition", RequestBody::AddMembers { conv, users: vec!["carol".into()], role: Role::Member }),
+            ("a title", RequestBody::SetTitle { conv, title: "renamed".into() }),
+        ] {
+            let e = alice.request(body).await.err().unwrap_or_else(|| panic!("{what} was taken"));
+            assert_eq!(e.code(), Some(ErrorCode::STORAGE_FULL), "{what}");
+        }
+        let (_, unchanged) = bob.history(conv, Page::Latest, 100).await.unwrap();
+        assert_eq!(unchanged, newest, "a refused write wrote something");
+        // What takes back or lets go still goes.
+        alice.delete(conv, first).await.unwrap();
+        bob.leave(conv).await.unwrap();
+        // Room again: taken again within a look or two.
+        tb.shared().files.pretend_free_bytes(Some(RESERVE));
+        within(STEP_DEADLINE, "messages taken again", async {
+            while alice.send(conv, "room again").await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(tb.shared().status().writes_refused_storage_full >= 4);
+    })
+    .await
+}

@@ -477,6 +477,19 @@ impl Session {
                 | RequestBody::SetRole { .. }
                 | RequestBody::SetTitle { .. }
         ) {
+            // A nearly full disk takes no new content (`Files::refuse_log_write`); what
+            // lets a member go or take something back still goes.
+            if matches!(
+                body,
+                RequestBody::Send { .. }
+                    | RequestBody::SendFiles { .. }
+                    | RequestBody::Edit { .. }
+                    | RequestBody::AddMembers { .. }
+                    | RequestBody::SetTitle { .. }
+            ) && let Err(refused) = shared.files.refuse_log_write()
+            {
+                return reply.send(Err(refused));
+            }
             // The user's rate first (`writes_per_sec`): a write refused for it takes no
             // place in flight; one the broker sheds gives its allowance back (the client
             // sends it again after a backoff).

@@ -120,6 +120,72 @@ pub struct Files {
     /// The free bytes a test makes the disk checks see (`pretend_free_bytes`); `u64::MAX`
     /// (always, outside tests): read the disk.
     pretended_free: AtomicU64,
+    /// Whether the data dir's disk had less than `log_write_floor` free at the last look
+    /// (`watch_disk`): new messages are refused meanwhile (`refuse_log_write`).
+    disk_low: std::sync::atomic::AtomicBool,
+    /// Log writes refused for it, told to the operator at most once a minute.
+    pub(crate) writes_storage_full: crate::metrics::Tally,
+}
+
+/// How often `watch_disk` reads the data dir's free space. At the floor's smallest
+/// useful size (tens of MiB) no message rate fills it in this time; uploads, which can,
+/// are checked against `disk_reserve_bytes` as they go.
+const DISK_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The free bytes below which log writes that add content are refused: a quarter of
+/// `disk_reserve_bytes` (256 MiB at the default 1 GiB; no floor without a reserve).
+/// Uploads stop at the reserve, so messages go on within it, and stop short of the
+/// disk's end: before, only uploads were refused and messages filled the disk until a
+/// commit failed and the broker exited (its fail-stop), to be refused a restart while
+/// the disk stayed full (an operator trial). What remains below the floor is for the
+/// writes still allowed (deletes, leaving, removals, roles, receipts, accounts) and for
+/// the store's own upkeep (sled's segment rewrites).
+pub fn log_write_floor(disk_reserve_bytes: u64) -> u64 {
+    disk_reserve_bytes / 4
+}
+
+/// Reads the data dir's free space every `DISK_WATCH_INTERVAL` while the broker runs, and
+/// says whether it is below `log_write_floor` (`Files::disk_low`), logging each change of
+/// that at `WARN`. A failed read leaves the last answer (logged).
+pub(crate) async fn watch_disk(shared: std::sync::Weak<crate::Shared>) {
+    let mut tick = tokio::time::interval(DISK_WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(s) = shared.upgrade() else { return };
+        let floor = log_write_floor(s.config.disk_reserve_bytes);
+        if floor == 0 {
+            return;
+        }
+        let root = s.files.blobs.root().to_path_buf();
+        let pretended = s.files.pretended_free_bytes();
+        let free = match pretended {
+            Some(free) => Ok(free),
+            None => tokio::task::spawn_blocking(move || requests::free_bytes(&root)).await.unwrap_or_else(|e| {
+                Err(switchboard_protocol::ErrorBody::new(switchboard_protocol::ErrorCode::INTERNAL, e.to_string()))
+            }),
+        };
+        let free = match free {
+            Ok(free) => free,
+            Err(e) => {
+                tracing::warn!(error = %e.message, "reading the free disk space failed");
+                continue;
+            }
+        };
+        let low = free < floor;
+        if s.files.disk_low.swap(low, Ordering::Relaxed) != low {
+            if low {
+                tracing::warn!(
+                    free_bytes = free,
+                    floor_bytes = floor,
+                    "new messages refused with STORAGE_FULL: the data dir's disk is within a quarter of \
+                     disk_reserve_bytes of full; free space to take them again"
+                );
+            } else {
+                tracing::warn!(free_bytes = free, floor_bytes = floor, "new messages taken again: the disk has room");
+            }
+        }
+    }
 }
 
 /// How long a stream that had a place taken away for it waits for that place (the
@@ -285,17 +351,35 @@ impl Files {
             thumbnails: thumbnails::Thumbnails::start(limits.idle_decoder)?,
             released: std::sync::Mutex::new(Released::default()),
             pretended_free: AtomicU64::new(u64::MAX),
+            disk_low: std::sync::atomic::AtomicBool::new(false),
+            writes_storage_full: crate::metrics::Tally::default(),
         })
     }
 
     /// For tests only: makes the disk checks of uploads (`BeginUpload`'s, and each chunk's
-    /// of an upload whose room lapsed) see `free` bytes free on the data dir's disk
+    /// of an upload whose room lapsed) and `watch_disk`'s next look see `free` bytes free on the data dir's disk
     /// instead of reading it, or read it again (`None`). A shared disk's free space moves
     /// by more than a chunk while a test runs, so a check at a chunk's granularity cannot
     /// be tested against it.
     #[doc(hidden)]
     pub fn pretend_free_bytes(&self, free: Option<u64>) {
         self.pretended_free.store(free.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// `STORAGE_FULL` for a log write that adds content (a message, an edit, members,
+    /// a title) while the data dir's disk is below
+    /// `log_write_floor` (`watch_disk`); counted, and logged at most once a minute.
+    pub(crate) fn refuse_log_write(&self) -> Result<(), switchboard_protocol::ErrorBody> {
+        if !self.disk_low.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Some(refused) = self.writes_storage_full.count(crate::now_ms()) {
+            tracing::warn!(refused, "messages refused with STORAGE_FULL: the data dir's disk is nearly full");
+        }
+        Err(switchboard_protocol::ErrorBody::new(
+            switchboard_protocol::ErrorCode::STORAGE_FULL,
+            "the broker's disk is nearly full: new messages are refused until it has room; try later",
+        ))
     }
 
     /// The free bytes a test set with `pretend_free_bytes`, if any.
