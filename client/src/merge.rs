@@ -101,6 +101,11 @@ impl Merge {
         self.convs.get(&conv).map_or(0, |t| t.cursor)
     }
 
+    /// The newest seq known of `conv` (0 if untracked).
+    pub fn known_seq(&self, conv: ConvId) -> Seq {
+        self.convs.get(&conv).map_or(0, |t| t.known)
+    }
+
     /// Entries held beyond gaps, in all conversations.
     pub fn held(&self) -> usize {
         self.held

@@ -107,7 +107,8 @@ pub enum SessionEvent {
     /// `SessionConfig::receipts_rows_per_connect` rows (at most `max_fetching` at a
     /// time, each once the event queue has room for all of its members). Watermarks
     /// only grow: keep the higher of what you hold and what comes (an answer read
-    /// before a live change may arrive after it).
+    /// before a live change may arrive after it). A live one that finds the queue full
+    /// is not lost: its conversation's receipts are asked for again once there is room.
     Receipt(Receipt),
     /// A contact's presence; after each connect, one for every contact (a snapshot).
     Presence(PresenceInfo),
@@ -143,7 +144,10 @@ pub enum SessionEvent {
     /// up to `FILES_UNSETTLED_MAX`), the session asks `FileInfo` once caught up and
     /// says its state now, if it moved (a file gone as `Failed` with `NOT_FOUND`).
     File(FileProgress),
-    /// Connected and authenticated; catch-up starts.
+    /// Connected and authenticated; catch-up starts. This, `CaughtUp` and `Disconnected`
+    /// are never dropped for a full queue: they wait for room, ahead of what comes after
+    /// them (of several drops and reconnects while the application does not read, the
+    /// last `Disconnected` and `Connected` are kept).
     Connected,
     /// Every conversation is caught up to what the broker had at the connect; from now
     /// on entries are live.
@@ -357,6 +361,7 @@ impl Session {
             away_in_flight: false,
             presence_since_snapshot: None,
             presence_backlog: BTreeMap::new(),
+            lifecycle: VecDeque::new(),
             typing: TypingShown::default(),
             states_done: false,
             caught_up_sent: false,
@@ -598,6 +603,10 @@ pub const RESTART_RETRY_MAX_MS: u64 = 1_000;
 /// live changes may be replaced by the snapshot's older rows until their next change).
 const PRESENCE_SEEN_MAX: usize = 4096;
 
+/// `Connected` and `Disconnected` events kept while the application's queue is full:
+/// the last drop and reconnect.
+const LIFECYCLE_WAITING_MAX: usize = 2;
+
 /// Presence states kept to hand on while the event queue is full (a snapshot's rows and
 /// live changes, the latest per user); past it a live change is dropped.
 const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize;
@@ -736,12 +745,23 @@ enum Done {
         rows: usize,
         result: Result<Reply, ClientError>,
     },
-    /// A backoff after a failed catch-up page or `ConversationStates` on connection
-    /// `generation` ended: asked for again on the same connection.
+    /// A backoff after a failed catch-up page, `ConversationStates` or presence
+    /// snapshot on connection `generation` ended: asked for again on the same connection.
     Retry {
         generation: u64,
-        states: bool,
+        what: Again,
     },
+}
+
+/// What `Task::retry_later` asks for again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Again {
+    /// `ConversationStates`.
+    States,
+    /// The stalled catch-up pages.
+    Pages,
+    /// The presence snapshot.
+    Presence,
 }
 
 /// The one task that owns a session's state.
@@ -780,6 +800,9 @@ struct Task {
     /// newer), at most `PRESENCE_BACKLOG_MAX`, handed on as the application takes
     /// events.
     presence_backlog: BTreeMap<UserId, PresenceInfo>,
+    /// `Connected` and `Disconnected` events waiting for room (`emit_lifecycle`), at
+    /// most `LIFECYCLE_WAITING_MAX`.
+    lifecycle: VecDeque<SessionEvent>,
     /// The typing indicators handed on, so that each is stopped (`TypingShown`).
     typing: TypingShown,
     states_done: bool,
@@ -938,6 +961,16 @@ impl Task {
                                 quiet.push((conv, s.summary.member_count));
                             }
                             self.merge.known(conv, last_seq);
+                            // What the broker holds of my delivered mark: entries taken
+                            // while no connection was up (and the application closed or
+                            // restarted before one came) are reported now. Before, the
+                            // marks started from the saved cursors, and those entries
+                            // stayed "not delivered" for their senders (a review).
+                            if let Some(r) = self.reported.get_mut(&conv) {
+                                *r = (*r).min(s.delivered_up_to);
+                            } else {
+                                self.reported.insert(conv, s.delivered_up_to);
+                            }
                         }
                         // Within the budget, fewest members first: a reconnect does not
                         // spend the user's allowance of member rows (which its catch-up
@@ -962,10 +995,11 @@ impl Task {
                         // a conversation that moved while offline and is quiet now would
                         // not be caught up until the next connection.
                         tracing::warn!(error = %e, "conversation states failed; live events only until asked again");
-                        self.retry_later(generation, true);
+                        self.retry_later(generation, Again::States);
                     }
                 }
                 self.states_done = true;
+                self.flush_marks();
                 self.pump();
             }
             Done::Receipts { generation, conv, rows, result } => {
@@ -1008,16 +1042,18 @@ impl Task {
                 self.file_state_now(file, now);
                 self.pump();
             }
-            Done::Retry { generation, states } => {
+            Done::Retry { generation, what } => {
                 if !self.current(generation) {
                     return;
                 }
-                if states {
-                    self.ask_states();
-                } else {
-                    self.pages_retry_set = false;
-                    self.merge.unstall();
-                    self.pump();
+                match what {
+                    Again::States => self.ask_states(),
+                    Again::Pages => {
+                        self.pages_retry_set = false;
+                        self.merge.unstall();
+                        self.pump();
+                    }
+                    Again::Presence => self.ask_presence(),
                 }
             }
             Done::Page { generation, fetch, result } => {
@@ -1034,13 +1070,13 @@ impl Task {
                         }
                         if self.merge.is_stalled(fetch.conv) {
                             tracing::warn!(conv = fetch.conv, "a catch-up page brought nothing new");
-                            self.retry_later(generation, false);
+                            self.retry_later(generation, Again::Pages);
                         }
                     }
                     Ok(other) => {
                         tracing::warn!(conv = fetch.conv, reply = ?other, "unexpected catch-up reply");
                         self.merge.fetch_failed(fetch.conv);
-                        self.retry_later(generation, false);
+                        self.retry_later(generation, Again::Pages);
                     }
                     // No longer a member (left from another device, or removed): the
                     // application is told once it has room (else asked again later),
@@ -1056,7 +1092,7 @@ impl Task {
                         // entries were held beyond the gap, then dropped).
                         tracing::warn!(conv = fetch.conv, error = %e, "catch-up failed");
                         self.merge.fetch_failed(fetch.conv);
-                        self.retry_later(generation, false);
+                        self.retry_later(generation, Again::Pages);
                     }
                 }
                 self.pump();
@@ -1094,12 +1130,25 @@ impl Task {
                 let newer = std::mem::take(&mut self.presence_since_snapshot);
                 match result {
                     Ok(Reply::Presence(list)) => {
+                        // Into what waits for room, not over it: a live change kept there
+                        // (its user is among `newer`) is newer than the snapshot's row
+                        // (before, the snapshot replaced it, and the user was shown as
+                        // before the disconnect until its next change: a review).
                         let rows = list.into_iter().filter(|p| newer.as_ref().is_none_or(|n| !n.contains(&p.user)));
-                        self.presence_backlog = rows.map(|p| (p.user, p)).collect();
+                        for p in rows {
+                            self.presence_backlog.entry(p.user).or_insert(p);
+                        }
                         self.release_presence();
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "presence snapshot failed"),
+                    Err(e) => {
+                        // Asked again a backoff later on this connection (before, the
+                        // contacts' presence stayed as before the disconnect until the
+                        // next connection: the snapshot is refused `RATE_LIMITED` while
+                        // the catch-up spends the user's allowance of member rows).
+                        tracing::debug!(error = %e, "presence snapshot failed; asked again later");
+                        self.retry_later(generation, Again::Presence);
+                    }
                 }
             }
             Done::Saved { cursors, forgot, ok } => {
@@ -1195,12 +1244,8 @@ impl Task {
                 self.emit_entries(entries);
                 self.pump();
             }
-            Some(Event::Receipt(r)) => self.emit(SessionEvent::Receipt(r)),
-            Some(Event::Receipts(rs)) => {
-                for r in rs {
-                    self.emit(SessionEvent::Receipt(r));
-                }
-            }
+            Some(Event::Receipt(r)) => self.live_receipts(vec![r]),
+            Some(Event::Receipts(rs)) => self.live_receipts(rs),
             Some(Event::Presence(p)) => {
                 if let Some(newer) = &mut self.presence_since_snapshot
                     && newer.len() < PRESENCE_SEEN_MAX
@@ -1293,13 +1338,10 @@ impl Task {
         self.files_due = unsettled.into();
         self.files_outstanding = 0;
         self.files_events_in_flight = 0;
-        self.emit(SessionEvent::Connected);
+        self.emit_lifecycle(SessionEvent::Connected);
         self.ask_states();
-        let generation = self.generation;
-        self.presence_since_snapshot = Some(HashSet::new());
         self.presence_backlog.clear();
-        let snapshot = RequestBody::Presence { users: Vec::new() };
-        self.read_in_background(snapshot, move |result| Done::Presence { generation, result });
+        self.ask_presence();
         self.sync_away();
         let unsent: Vec<u64> = self.pending.iter().filter(|(_, p)| p.sent_on.is_none()).map(|(&t, _)| t).collect();
         for token in unsent {
@@ -1310,13 +1352,22 @@ impl Task {
         false
     }
 
+    /// Asks the live connection for the presence snapshot (`Done::Presence`); the live
+    /// changes that come meanwhile are newer than its rows.
+    fn ask_presence(&mut self) {
+        let generation = self.generation;
+        self.presence_since_snapshot = Some(HashSet::new());
+        let snapshot = RequestBody::Presence { users: Vec::new() };
+        self.read_in_background(snapshot, move |result| Done::Presence { generation, result });
+    }
+
     fn schedule_retry(&mut self, error: ClientError) {
         let restarting = self.restarting_until.is_some_and(|until| Instant::now() < until);
         let ceiling = if restarting { RESTART_RETRY_MAX_MS } else { self.config.backoff_max_ms };
         let delay = self.backoff.next_ms_within(random_u64(), ceiling);
         tracing::debug!(error = %error, delay_ms = delay, "reconnecting");
         self.retry_at = Some(Instant::now() + Duration::from_millis(delay));
-        self.emit(SessionEvent::Disconnected { error, retry_in_ms: delay });
+        self.emit_lifecycle(SessionEvent::Disconnected { error, retry_in_ms: delay });
     }
 
     fn stop(&mut self, error: ClientError) {
@@ -1367,8 +1418,8 @@ impl Task {
     /// Asks again, `backoff_max_ms` later on connection `generation`, for
     /// `ConversationStates` (`states`) or the stalled catch-up pages; one timer at a
     /// time for the pages (`pages_retry_set`).
-    fn retry_later(&mut self, generation: u64, states: bool) {
-        if !states {
+    fn retry_later(&mut self, generation: u64, what: Again) {
+        if what == Again::Pages {
             if self.pages_retry_set {
                 return;
             }
@@ -1377,7 +1428,7 @@ impl Task {
         let (delay, done) = (self.config.backoff_max_ms, self.done_tx.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(delay)).await;
-            let _ = done.send(Done::Retry { generation, states }).await;
+            let _ = done.send(Done::Retry { generation, what }).await;
         });
     }
 
@@ -1417,7 +1468,10 @@ impl Task {
             let body = RequestBody::CatchUp { conv: fetch.conv, after: fetch.after, limit: fetch.limit };
             self.read_in_background(body, move |result| Done::Page { generation, fetch, result });
         }
-        if self.states_done && !self.caught_up_sent && self.merge.caught_up() {
+        // Said once there is room for it (before, a completing page that filled the
+        // queue dropped it, and the application waited for it all connection long: a
+        // review); the next `pump`, when the application takes events, says it then.
+        if self.states_done && !self.caught_up_sent && self.merge.caught_up() && self.room() > 0 {
             self.caught_up_sent = true;
             self.backoff.reset();
             self.emit(SessionEvent::CaughtUp);
@@ -1599,6 +1653,20 @@ impl Task {
         self.typing.release(|(conv, user)| out.try_send(SessionEvent::Typing { conv, user, typing: false }).is_ok());
     }
 
+    /// Live receipts: handed on as room allows; a conversation whose receipts find no
+    /// room is asked for again once there is (`receipts_due`: before, they were dropped
+    /// and the ticks stayed stale until that member moved again: a review).
+    fn live_receipts(&mut self, receipts: Vec<Receipt>) {
+        let count = receipts.len();
+        for r in receipts {
+            let conv = r.conv;
+            let dropped = self.room() == 0 || self.out.try_send(SessionEvent::Receipt(r)).is_err();
+            if dropped && !self.receipts_due.iter().any(|&(c, _)| c == conv) && !self.merge.has_left(conv) {
+                self.receipts_due.push_back((conv, u32::try_from(count).unwrap_or(u32::MAX)));
+            }
+        }
+    }
+
     /// Receipts of `conv` came (from `Receipts` or a completing catch-up page): each
     /// goes to the application, or, when its queue has no room for all of them, they are
     /// asked for again once it has (before, those that did not fit were dropped).
@@ -1624,6 +1692,7 @@ impl Task {
             self.mark_at = Some(Instant::now() + Duration::from_millis(self.config.delivered_batch_ms));
         }
         self.arm_persist();
+        self.release_lifecycle();
         let entries = self.merge.release(self.room());
         self.emit_entries(entries);
         self.release_presence();
@@ -1728,23 +1797,59 @@ impl Task {
         }
     }
 
-    /// Free places in the application's queue.
+    /// Free places in the application's queue, less those owed to `Connected` and
+    /// `Disconnected` events waiting for them (`emit_lifecycle`).
     fn room(&self) -> usize {
-        if self.out.is_closed() { 0 } else { self.out.capacity() }
+        if self.out.is_closed() { 0 } else { self.out.capacity().saturating_sub(self.lifecycle.len()) }
+    }
+
+    /// Queues `Connected` or `Disconnected`; when the queue is full, it waits for room
+    /// ahead of everything else (`release_lifecycle`). Of several waiting, the last
+    /// `LIFECYCLE_WAITING_MAX` are kept (a flapping link while the application is busy
+    /// shows as its last drop and reconnect). Before, they were dropped on a full queue,
+    /// and an application never learned it had been disconnected (a review).
+    fn emit_lifecycle(&mut self, event: SessionEvent) {
+        let event = if self.lifecycle.is_empty() {
+            match self.out.try_send(event) {
+                Ok(()) => return,
+                Err(full) => full.into_inner(),
+            }
+        } else {
+            event
+        };
+        if self.lifecycle.len() >= LIFECYCLE_WAITING_MAX {
+            self.lifecycle.pop_front();
+        }
+        self.lifecycle.push_back(event);
+    }
+
+    /// Hands on the `Connected` and `Disconnected` events waiting, as room allows.
+    fn release_lifecycle(&mut self) {
+        while let Some(event) = self.lifecycle.pop_front() {
+            if let Err(full) = self.out.try_send(event) {
+                self.lifecycle.push_front(full.into_inner());
+                return;
+            }
+        }
     }
 
     fn emit_entries(&mut self, entries: Vec<Entry>) {
         let me = self.identity.user_id;
         // The entries that end this user's membership, each the last of its
-        // conversation in this batch (one followed by more was undone: the user was
-        // added back before they were read).
+        // conversation in this batch and in what is known of it (one followed by more
+        // was undone: the user was added back before they were read). A page cut right
+        // after the removal, by the application's room or the page bound, while the
+        // conversation is known to go on, ended nothing (before, `Left` was told and
+        // the conversation's live entries dropped for the rest of the connection: a
+        // review).
+        let merge = &self.merge;
         let ends = |i: usize, e: &Entry| {
             let gone = match &e.body {
                 Body::MemberRemoved { user } => *user == me,
                 Body::MemberLeft => e.sender == me,
                 _ => false,
             };
-            gone && !entries[i + 1..].iter().any(|later| later.conv == e.conv)
+            gone && !entries[i + 1..].iter().any(|later| later.conv == e.conv) && merge.known_seq(e.conv) <= e.seq
         };
         let left: Vec<ConvId> = entries.iter().enumerate().filter(|&(i, e)| ends(i, e)).map(|(_, e)| e.conv).collect();
         for e in entries {

@@ -524,7 +524,10 @@ async fn tail_shows_typing_presence_and_reads() {
     let gone = format!("[{id}] file small.bin (id {file}, 5 bytes): gone (");
     wait_until(&gone, &|line| line.starts_with(&gone));
     // Bob is online while his tail runs.
-    let presence = sb(&alice, &broker, &["presence", "bob", "nobody"]);
+    // Every line printed, then the status says one was not found (3).
+    let asked = sb_command(&alice, &broker).args(["--json", "presence", "bob", "nobody"]).output().unwrap();
+    assert_eq!(asked.status.code(), Some(3), "{}", String::from_utf8_lossy(&asked.stderr));
+    let presence = json_lines(&asked.stdout);
     assert_eq!(presence[0]["name"], "bob");
     assert_eq!(presence[0]["state"], "online");
     assert_eq!(presence[1], serde_json::json!({"user_name": "nobody", "name": "nobody", "state": null}));

@@ -484,3 +484,176 @@ impl LoadForTest for FileCursors {
         switchboard_client::CursorStore::load(self).unwrap()
     }
 }
+
+/// A catch-up page that ends right at this user's removal, while the conversation is
+/// known to go on (the user was added back), tells no `Left`: the entries after it and
+/// the live ones keep coming. Before, `Left` was told (the removal was the page's last
+/// entry) and every later entry of the conversation was dropped for the rest of the
+/// connection. The page is cut there by its bound of 1,000 entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_ending_at_a_removal_undone_later_tells_no_left() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.writes_per_sec = u32::MAX).await;
+        let (alice, _) = tb.register("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let alice = Arc::new(alice);
+        let conv = groups(&alice, "bob", 1).await[0];
+        let created = alice.history(conv, switchboard_protocol::Page::Latest, 1).await.unwrap().1;
+        // Bob's device has everything so far; then, while it is away, 999 messages, his
+        // removal (the 1,000th entry after its cursor), his return, and one more.
+        let cursors = MemoryCursors::new([(conv, created)].into_iter().collect());
+        let written = write(&alice, &[conv], 999, "away").await[&conv];
+        let removed = alice.remove_member(conv, bob_id.user_id).await.unwrap();
+        assert_eq!(removed, created + 1000);
+        alice.add_members(conv, &["bob".to_string()], Role::Member).await.unwrap();
+        let last = alice.send(conv, "welcome back").await.unwrap();
+        assert!(written < removed);
+        let (session, mut events) =
+            Session::start(tb.connector(), bob_id.clone(), Arc::new(cursors), config()).unwrap();
+        let mut seen = Vec::new();
+        within(STEP_DEADLINE, "the catch-up", async {
+            loop {
+                match events.next().await.expect("the session is running") {
+                    SessionEvent::Entry(e) => seen.push(e.seq),
+                    SessionEvent::Left { conv } => panic!("told Left of {conv} at {:?}", seen.last()),
+                    SessionEvent::CaughtUp => return,
+                    SessionEvent::Stopped(e) => panic!("the session stopped: {e}"),
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert_eq!(seen, (created + 1..=last).collect::<Vec<_>>());
+        // And live.
+        let live = alice.send(conv, "live").await.unwrap();
+        let entry =
+            switchboard_tests::wait_for(&mut events, "the live entry", |e| matches!(e, SessionEvent::Entry(_))).await;
+        assert!(matches!(entry, SessionEvent::Entry(e) if e.seq == live));
+        session.close().await;
+    })
+    .await
+}
+
+/// `CaughtUp`, `Disconnected` and `Connected` wait for room in a full event queue rather
+/// than being dropped: an application that reads late still learns it caught up, and
+/// that it was disconnected and connected again. Before, a completing page that filled
+/// the queue dropped `CaughtUp` for the whole connection, and a drop while the queue was
+/// full was never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_wait_for_room_in_a_full_queue() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let alice = Arc::new(alice);
+        let conv = groups(&alice, "bob", 1).await[0];
+        let last = write(&alice, &[conv], 3, "before").await[&conv];
+        let config = SessionConfig { event_queue: 4, ..config() };
+        let (session, mut events) =
+            Session::start(tb.connector(), bob_id.clone(), Arc::new(MemoryCursors::default()), config).unwrap();
+        // Not read while it connects and pages: `Connected` and the page fill the queue.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Every connection of bob's closed from the broker's side (the session's, and
+        // the registering client's).
+        for s in tb.shared().online.sessions(bob_id.user_id).unwrap().iter() {
+            s.out.close(ErrorCode::GOING_AWAY);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut order = Vec::new();
+        within(STEP_DEADLINE, "every entry, the drop, the reconnect and CaughtUp", async {
+            loop {
+                let event = events.next().await.expect("the session is running");
+                order.push(match &event {
+                    SessionEvent::Entry(e) => format!("entry {}", e.seq),
+                    SessionEvent::CaughtUp => "caught up".into(),
+                    SessionEvent::Connected => "connected".into(),
+                    SessionEvent::Disconnected { .. } => "disconnected".into(),
+                    SessionEvent::Stopped(e) => panic!("the session stopped: {e}"),
+                    _ => continue,
+                });
+                // (The first connection was cut before its catch-up was done.)
+                let connects = order.iter().filter(|e| *e == "connected").count();
+                if connects == 2 && order.last().is_some_and(|e| e == "caught up") {
+                    return;
+                }
+            }
+        })
+        .await;
+        let entries: Vec<&String> = order.iter().filter(|e| e.starts_with("entry")).collect();
+        assert_eq!(entries.len(), usize::try_from(last).unwrap(), "each once: {order:?}");
+        let disconnected = order.iter().position(|e| e == "disconnected").unwrap_or_else(|| panic!("{order:?}"));
+        assert_eq!(order[disconnected + 1], "connected", "{order:?}");
+        session.close().await;
+    })
+    .await
+}
+
+/// Entries this device took while no connection was up are reported delivered at the
+/// next connect, even when the application was restarted meanwhile: the marks start
+/// from what the broker holds, not from the saved cursors. Before, the saved cursor was
+/// taken as reported, and the sender saw those messages "not delivered" until the next
+/// one came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_taken_offline_are_reported_delivered_after_a_restart() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let alice = Arc::new(alice);
+        let conv = groups(&alice, "bob", 1).await[0];
+        let last = write(&alice, &[conv], 3, "taken offline").await[&conv];
+        // As saved by a session whose application took them with no connection up.
+        let cursors = MemoryCursors::new([(conv, last)].into_iter().collect());
+        let (session, mut events) =
+            Session::start(tb.connector(), bob_id.clone(), Arc::new(cursors), config()).unwrap();
+        switchboard_tests::wait_for(&mut events, "the catch-up", |e| matches!(e, SessionEvent::CaughtUp)).await;
+        within(STEP_DEADLINE, "bob's delivered mark", async {
+            loop {
+                let receipts = alice.receipts(conv).await.unwrap();
+                if receipts.iter().any(|r| r.user == bob_id.user_id && r.delivered_up_to == last) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        session.close().await;
+    })
+    .await
+}
+
+/// A live receipt that finds the application's queue full is asked for again once it
+/// has room, so the ticks it shows catch up. Before, it was dropped, and the member's
+/// read mark stayed unshown until that member moved it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_that_finds_the_queue_full_is_shown_once_there_is_room() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (_bob, bob_id) = tb.register("bob").await;
+        let (carol, carol_id) = tb.register("carol").await;
+        let alice = Arc::new(alice);
+        let conv = alice.create_group("g", &["bob".into(), "carol".into()]).await.unwrap().id;
+        let config = SessionConfig { event_queue: 4, ..config() };
+        let (session, mut events) =
+            Session::start(tb.connector(), bob_id.clone(), Arc::new(MemoryCursors::default()), config).unwrap();
+        switchboard_tests::wait_for(&mut events, "the catch-up", |e| matches!(e, SessionEvent::CaughtUp)).await;
+        // Not read now: the entries fill bob's queue, and carol's receipt finds it full.
+        let last = write(&alice, &[conv], 6, "filling").await[&conv];
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        carol.mark_read(conv, last).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        within(STEP_DEADLINE, "carol's read mark", async {
+            loop {
+                match events.next().await.expect("the session is running") {
+                    SessionEvent::Receipt(r) if r.user == carol_id.user_id && r.read_up_to == Some(last) => return,
+                    SessionEvent::Stopped(e) => panic!("the session stopped: {e}"),
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        session.close().await;
+    })
+    .await
+}
