@@ -169,8 +169,8 @@ impl Merge {
     /// now, in order: at most `room` entries. Entries of the page that do not fit are
     /// held while the bound allows and fetched again otherwise.
     ///
-    /// A page with no entry beyond the cursor while more is known to exist (a broken or
-    /// hostile broker's, or one that lost entries it had shown) stalls the conversation
+    /// A page with no entry right after the cursor while more is known to exist (a broken
+    /// or hostile broker's, or one that lost entries it had shown) stalls the conversation
     /// as a failed fetch does (`fetch_failed`): asked again only after `unstall`. Before,
     /// it was asked again at once, a request per round trip for as long as the broker
     /// answered so.
@@ -181,7 +181,11 @@ impl Merge {
         t.probe = false;
         t.known = t.known.max(page.last_seq);
         let cursor = t.cursor;
-        if !page.entries.iter().any(|e| e.conv == conv && e.seq > cursor) && t.cursor < t.known {
+        // A page that does not start right after the cursor (a broken broker's, or a
+        // log with a hole) moves nothing either: held entries beyond a gap that the next
+        // page would not fill. Stalled the same way (before, it was asked again at once,
+        // every round trip, for as long as the broker answered so: a review).
+        if !page.entries.iter().any(|e| e.conv == conv && e.seq == cursor + 1) && t.cursor < t.known {
             let closable = t.held.first_key_value().is_some_and(|(&s, _)| s == t.cursor + 1);
             t.stalled = !closable;
         }
@@ -387,6 +391,12 @@ mod tests {
         m.unstall();
         assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 7)]);
         assert!(m.page(page(7, 2..=3, 10), ROOM).is_empty());
+        assert!(m.fetches(4, ROOM).is_empty());
+        // Entries beyond the cursor but not right after it: the same (they are held).
+        m.unstall();
+        assert_eq!(m.fetches(4, ROOM), [fetch(7, 3, 7)]);
+        assert!(m.page(page(7, 5..=6, 10), ROOM).is_empty());
+        assert!(m.is_stalled(7));
         assert!(m.fetches(4, ROOM).is_empty());
         // A backoff later the page comes whole.
         m.unstall();
