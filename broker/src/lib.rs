@@ -366,6 +366,7 @@ impl Broker {
         // until it failed on the store's lock (a review of the start order above).
         let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let identity = tls::load_or_generate(&config)?;
+        tls::warn_of_names_missing(&identity, config.listen);
         let tickets_opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let server_config = tls::server_config(&identity, &config, tickets_opened.clone())?;
         let sockets = tls::bind_udp(config.listen, config.udp_sockets)?;

@@ -37,7 +37,7 @@ pub fn load_or_generate(config: &Config) -> Result<Identity> {
                 finish_generation(&c, &k)?;
             }
             match (c.exists(), k.exists()) {
-                (false, false) => generate(&c, &k)?,
+                (false, false) => generate(&c, &k, &generated_names(config.listen))?,
                 (true, true) => {}
                 // Generating both would replace the broker's identity silently (clients
                 // that pinned it refuse the new one) and rewrite the key in place.
@@ -106,8 +106,65 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     ring::digest::digest(&ring::digest::SHA256, cert.as_ref()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn generate(cert_path: &Path, key_path: &Path) -> Result<()> {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+/// The names a certificate generated for a broker listening on `listen` is made for:
+/// `localhost` and the loopback addresses, this host's name (`/proc/sys/kernel/hostname`,
+/// if it is a DNS name), and `listen`'s address when it is a specific one beyond
+/// loopback. Before, only the first three: a broker listening on a LAN address served
+/// a certificate no remote client given `--ca` could accept (an operator trial).
+pub fn generated_names(listen: std::net::SocketAddr) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    if !host.is_empty()
+        && host != "localhost"
+        && rustls::pki_types::DnsName::try_from(host).is_ok()
+        && host.parse::<std::net::IpAddr>().is_err()
+    {
+        names.push(host.to_owned());
+    }
+    let ip = listen.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        names.push(ip.to_string());
+    }
+    names
+}
+
+/// Whether `leaf` names `name` (a DNS name or an IP address), as a client verifying it
+/// for that server name checks (webpki). `false` for a certificate webpki cannot read.
+pub fn certificate_names(leaf: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else { return false };
+    match rustls::pki_types::ServerName::try_from(name) {
+        Ok(server_name) => cert.verify_is_valid_for_subject_name(&server_name).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// At start, for a broker reachable beyond this host (listening on all addresses, or on
+/// a specific one its certificate does not name): says at `WARN` which of the names a
+/// client may use the certificate has (of `localhost`, the loopback addresses, this
+/// host's name and the listen address), and what to do (OPERATIONS.md, "Certificates").
+/// A client given `--ca` refuses a certificate that does not name what it connects to;
+/// one given `--pin` accepts it whatever it names.
+pub fn warn_of_names_missing(identity: &Identity, listen: std::net::SocketAddr) {
+    let ip = listen.ip();
+    let Some(leaf) = identity.chain.first() else { return };
+    if ip.is_loopback() || (!ip.is_unspecified() && certificate_names(leaf, &ip.to_string())) {
+        return;
+    }
+    let named: Vec<String> = generated_names(listen).into_iter().filter(|n| certificate_names(leaf, n)).collect();
+    tracing::warn!(
+        listen = %listen,
+        cert = %identity.cert_path.display(),
+        names = ?named,
+        "clients on other hosts given this certificate as --ca accept it only when they connect by one of \
+         `names`; by any other name or address they refuse it (not valid for that name). They can trust it \
+         by --pin (the sha256 printed at start) instead, or the broker can be given a certificate for the \
+         names they use (cert and key; OPERATIONS.md, Certificates)"
+    );
+}
+
+fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<()> {
+    let names = names.to_vec();
     let certified =
         rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(format!("generating certificate: {e}")))?;
     if let Some(dir) = cert_path.parent() {
@@ -492,6 +549,29 @@ mod tests {
     /// with a certificate but no key (or the reverse) is refused rather than given a new
     /// identity in place: before, the directories took the umask (0755: every local user
     /// could read the store and the files), and a missing `cert.pem` rewrote `key.pem`.
+    /// The generated certificate names the listen address when it is a specific one
+    /// beyond loopback, and this host's name: before, only localhost and the loopback
+    /// addresses, and a client on another host given it as `--ca` refused it for the
+    /// broker's LAN address (an operator trial).
+    #[test]
+    fn the_generated_certificate_names_a_specific_listen_address_and_the_host() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = Config::ephemeral(tmp.path());
+        config.listen = "192.0.2.7:4433".parse().unwrap();
+        let identity = load_or_generate(&config).unwrap();
+        let leaf = &identity.chain[0];
+        for name in ["localhost", "127.0.0.1", "::1", "192.0.2.7"] {
+            assert!(certificate_names(leaf, name), "{name}");
+        }
+        assert!(!certificate_names(leaf, "192.0.2.8"));
+        // This host's name too, where it has one.
+        for name in generated_names(config.listen) {
+            assert!(certificate_names(leaf, &name), "{name}");
+        }
+        // On all addresses: no address of its own in the certificate.
+        assert!(!generated_names("0.0.0.0:4433".parse().unwrap()).iter().any(|n| n == "0.0.0.0"));
+    }
+
     /// A first start cut short while generating them is completed.
     #[test]
     fn a_fresh_data_dir_is_private_and_half_an_identity_is_refused() {

@@ -462,10 +462,20 @@ fn main() {
     if let Err(e) = result {
         // Broker messages are untrusted text too.
         eprintln!("error: {}", terminal_safe(&format!("{e:#}")));
-        if matches!(client_error(&e), Some(ClientError::Untrusted(_))) {
-            eprintln!(
-                "sb: check --ca (the broker's cert.pem) or --pin (the sha256 the broker prints at start), and --server"
-            );
+        if let Some(ClientError::Untrusted(why)) = client_error(&e) {
+            if why.contains("not valid for name") {
+                // The right file, for another name: a new --ca will not help (an operator
+                // trial was sent to check its file).
+                eprintln!(
+                    "sb: the broker's certificate does not name the host in --server: connect by a name it has (the \
+                     broker lists them at start when it listens beyond loopback), or trust it by --pin (the sha256 \
+                     the broker prints at start)"
+                );
+            } else {
+                eprintln!(
+                    "sb: check --ca (the broker's cert.pem) or --pin (the sha256 the broker prints at start), and --server"
+                );
+            }
         }
         if json {
             say(json!({ "error": error_json(&e) }));
