@@ -149,7 +149,10 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
                     return Ok(vec![format!("{name} was disabled already (since {})", utc(since))]);
                 }
                 tracing::info!(user, "account disabled by the operator");
-                Ok(vec![format!("disabled {name}: its devices cannot sign in and its connections were closed")])
+                // With no broker running there were no connections to close (an operator
+                // trial was told they were).
+                let closed = if ops.broker.is_some() { " and its connections were closed" } else { "" };
+                Ok(vec![format!("disabled {name}: its devices cannot sign in{closed}")])
             } else if since.is_none() {
                 Ok(vec![format!("{name} was not disabled")])
             } else {

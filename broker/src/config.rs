@@ -630,7 +630,7 @@ pub fn check_deployment(config: &Config) -> crate::error::Result<()> {
     // A certificate and key named are read as a start would read them (`switchboard
     // config` passed a missing file before).
     if let (Some(cert), Some(key)) = (&config.cert, &config.key) {
-        crate::tls::load(cert, key)?;
+        crate::tls::read(cert, key)?;
     }
     if config.outbound_max_bytes < MIN_OUTBOUND_MAX_BYTES {
         return Err(crate::Error::Config(format!(

@@ -226,6 +226,13 @@ async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
 /// operator made it, with a warning if others may enter it.
 pub fn create_data_dir(dir: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    // Said as it is (an operator trial got "creating PATH: File exists").
+    if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(Error::Config(format!(
+            "data_dir {}: not a directory (it must be one, or not exist yet)",
+            dir.display()
+        )));
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -366,7 +373,7 @@ impl Broker {
         // until it failed on the store's lock (a review of the start order above).
         let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let identity = tls::load_or_generate(&config)?;
-        tls::warn_of_names_missing(&identity, config.listen);
+        tls::warn_of_names_missing(&identity, &config);
         let tickets_opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let server_config = tls::server_config(&identity, &config, tickets_opened.clone())?;
         let sockets = tls::bind_udp(config.listen, config.udp_sockets)?;

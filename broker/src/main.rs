@@ -212,7 +212,9 @@ fn run() -> anyhow::Result<()> {
         Some(Command::Config(args)) => {
             let config = later(args, "config").apply(config);
             switchboard_broker::config::check_deployment(&config)?;
-            print!("{}", toml::to_string(&config).context("writing the configuration as TOML")?);
+            let toml = toml::to_string(&config).context("writing the configuration as TOML")?;
+            // A closed pipe (`switchboard config | head`) is no failure of the command.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), toml.as_bytes());
             Ok(())
         }
         Some(Command::User { command: UserCommand::Add { name, .. } }) => {
@@ -409,7 +411,7 @@ async fn admin(config: &Config, request: AdminRequest) -> anyhow::Result<()> {
         }
     };
     for line in reply? {
-        println!("{line}");
+        say!("{line}");
     }
     Ok(())
 }

@@ -325,17 +325,18 @@ impl Outbound {
         code
     }
 
-    /// This queue serves a session, starting now, of `device` of `user`: `cut_off` asks
-    /// `store` about them once the queue is closed, and `disables` whether the account
-    /// was disabled since the start.
+    /// This queue serves a session of `device` of `user` that `started` (its handshake's
+    /// last check of the account): `cut_off` asks `store` about them once the queue is
+    /// closed, and `disables` whether the account was disabled since the start.
     pub fn with_owner(
         mut self,
         store: Arc<switchboard_storage::Store>,
         user: switchboard_protocol::UserId,
         device: switchboard_protocol::DeviceId,
         disables: Arc<crate::user::Disables>,
+        started: std::time::Instant,
     ) -> Self {
-        self.owner = Some(Owner { store, user, device, disables, started: std::time::Instant::now() });
+        self.owner = Some(Owner { store, user, device, disables, started });
         self
     }
 

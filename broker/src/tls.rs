@@ -58,8 +58,19 @@ pub fn load_or_generate(config: &Config) -> Result<Identity> {
     load(&cert_path, &key_path)
 }
 
-/// Reads the certificate chain at `cert_path` and the private key at `key_path` (PEM).
+/// Reads the certificate chain at `cert_path` and the private key at `key_path` (PEM),
+/// warning of a certificate clients given it as `--ca` will refuse.
 pub fn load(cert_path: &Path, key_path: &Path) -> Result<Identity> {
+    let identity = read(cert_path, key_path)?;
+    if let Some(why) = identity.chain.first().and_then(refused_as_server_certificate) {
+        tracing::warn!(cert = %cert_path.display(), "{why}");
+    }
+    Ok(identity)
+}
+
+/// `load` without its warning: the check of a configuration before a start (which
+/// warns as it loads them; the warning came twice).
+pub fn read(cert_path: &Path, key_path: &Path) -> Result<Identity> {
     fn pem(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> Error + '_ {
         move |e| Error::Tls(format!("{}: {e}", path.display()))
     }
@@ -68,9 +79,6 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<Identity> {
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(pem(cert_path))?;
     let leaf = chain.first().ok_or_else(|| Error::Tls(format!("no certificate in {}", cert_path.display())))?;
-    if let Some(why) = refused_as_server_certificate(leaf) {
-        tracing::warn!(cert = %cert_path.display(), "{why}");
-    }
     let fingerprint = fingerprint(leaf);
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem(key_path))?;
     Ok(Identity { chain, key, cert_path: cert_path.to_path_buf(), fingerprint })
@@ -139,13 +147,19 @@ pub fn certificate_names(leaf: &CertificateDer<'_>, name: &str) -> bool {
     }
 }
 
-/// At start, for a broker reachable beyond this host (listening on all addresses, or on
-/// a specific one its certificate does not name): says at `WARN` which of the names a
+/// At start, for a broker with the generated certificate reachable beyond this host
+/// (listening on all addresses, or on a specific one the certificate does not name): says at `WARN` which of the names a
 /// client may use the certificate has (of `localhost`, the loopback addresses, this
 /// host's name and the listen address), and what to do (OPERATIONS.md, "Certificates").
 /// A client given `--ca` refuses a certificate that does not name what it connects to;
 /// one given `--pin` accepts it whatever it names.
-pub fn warn_of_names_missing(identity: &Identity, listen: std::net::SocketAddr) {
+pub fn warn_of_names_missing(identity: &Identity, config: &Config) {
+    // An operator's certificate names what the operator chose (a review: listing which
+    // of the generated names it has said "only `[]`" of a good one).
+    if config.cert.is_some() {
+        return;
+    }
+    let listen = config.listen;
     let ip = listen.ip();
     let Some(leaf) = identity.chain.first() else { return };
     if ip.is_loopback() || (!ip.is_unspecified() && certificate_names(leaf, &ip.to_string())) {
@@ -545,10 +559,6 @@ mod tests {
         assert_eq!(connection_window(u32::MAX), u32::MAX, "saturates instead of wrapping");
     }
 
-    /// A fresh data dir (and the parents made for it) is private, and a data dir left
-    /// with a certificate but no key (or the reverse) is refused rather than given a new
-    /// identity in place: before, the directories took the umask (0755: every local user
-    /// could read the store and the files), and a missing `cert.pem` rewrote `key.pem`.
     /// The generated certificate names the listen address when it is a specific one
     /// beyond loopback, and this host's name: before, only localhost and the loopback
     /// addresses, and a client on another host given it as `--ca` refused it for the
@@ -572,6 +582,10 @@ mod tests {
         assert!(!generated_names("0.0.0.0:4433".parse().unwrap()).iter().any(|n| n == "0.0.0.0"));
     }
 
+    /// A fresh data dir (and the parents made for it) is private, and a data dir left
+    /// with a certificate but no key (or the reverse) is refused rather than given a new
+    /// identity in place: before, the directories took the umask (0755: every local user
+    /// could read the store and the files), and a missing `cert.pem` rewrote `key.pem`.
     /// A first start cut short while generating them is completed.
     #[test]
     fn a_fresh_data_dir_is_private_and_half_an_identity_is_refused() {

@@ -355,6 +355,18 @@ fn run(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A data dir that is a file is refused as not a directory (it was "creating PATH: File
+/// exists", an operator trial).
+#[test]
+fn a_data_dir_that_is_a_file_is_refused_as_not_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("afile"), b"not a directory").unwrap();
+    let out = run(dir.path(), &["--listen", "127.0.0.1:0", "--data", "afile"]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("afile: not a directory"), "{said}");
+}
+
 /// An operator command on a data dir with no store (a mistyped `--data`) is refused and
 /// makes nothing there; only `user add --new-store` makes a store (before: `user add`
 /// made an account in a new store no broker read, and `user list` printed nothing).
@@ -806,7 +818,8 @@ async fn operators_manage_accounts_while_the_broker_runs() {
     desk.ping().await.unwrap();
     // Disabled: cut off at once and told why; enabled: back.
     let disabled = run(dir.path(), &["user", "disable", "carol"]);
-    assert!(String::from_utf8_lossy(&disabled.stdout).starts_with("disabled carol"), "{disabled:?}");
+    let said = String::from_utf8_lossy(&disabled.stdout);
+    assert!(said.starts_with("disabled carol") && said.contains("connections were closed"), "{disabled:?}");
     let closed = tokio::time::timeout(Duration::from_secs(10), desk.closed()).await.expect("the desk was cut off");
     assert_eq!(closed.code(), Some(switchboard_protocol::ErrorCode::ACCOUNT_DISABLED));
     assert_eq!(
@@ -820,6 +833,11 @@ async fn operators_manage_accounts_while_the_broker_runs() {
     assert!(broker.child.wait().unwrap().success());
     assert!(!socket.exists(), "a stopped broker leaves no socket");
     assert!(run(dir.path(), &["user", "add", "dave"]).status.success(), "offline, the store is opened here");
+    // With no broker running, no connections are said to be closed (they were).
+    let offline = run(dir.path(), &["user", "disable", "dave"]);
+    let said = String::from_utf8_lossy(&offline.stdout);
+    assert!(said.starts_with("disabled dave") && !said.contains("connections"), "{said}");
+    assert!(run(dir.path(), &["user", "enable", "dave"]).status.success());
 
     // kill -9 leaves the socket file behind; nothing answers on it.
     let mut broker = start(dir.path());

@@ -515,8 +515,9 @@ fn client_error(e: &anyhow::Error) -> Option<&ClientError> {
 }
 
 /// sb's exit status for a failure, by the broker's refusal where there is one (README,
-/// "Exit status"; the operator commands' statuses where they mean the same): 3 not found,
-/// 4 conflict, 5 invalid (and sb's own lookups that find nothing, `NotFound`: 3), 6 try again later (`OVERLOADED`, `RATE_LIMITED`, `STORAGE_FULL`), 7
+/// "Exit status"; the operator commands' statuses where they mean the same): 3 not found
+/// (also sb's own lookups that find nothing, `NotFound`), 4 conflict, 5 invalid, 6 try
+/// again later (`OVERLOADED`, `RATE_LIMITED`, `STORAGE_FULL`), 7
 /// forbidden, 8 this device may not act (`AUTH_FAILED`, `DEVICE_REVOKED`,
 /// `ACCOUNT_DISABLED`), 1 anything else. Before, every failure was 1 and scripts had to
 /// read the message.
@@ -556,6 +557,10 @@ fn error_json(e: &anyhow::Error) -> serde_json::Value {
             return json!({"code": code.0, "name": code.name(), "message": format!("{e:#}")});
         }
         _ => {}
+    }
+    // sb's own lookup, told as the broker's `NOT_FOUND` is (its exit status is the same).
+    if let Some(NotFound(message)) = e.downcast_ref::<NotFound>() {
+        return json!({"code": ErrorCode::NOT_FOUND.0, "name": ErrorCode::NOT_FOUND.name(), "message": message});
     }
     let too_large;
     let (code, message) = match client {
@@ -635,7 +640,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
             let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
             result = result.context(format!(
-                "this device is not enrolled at {server} any more (revoked, by `sb devices revoke` here or from another device, or is this another broker?): `sb login {user}` enrolls it again"
+                "this device is not enrolled at {server} any more (revoked, by `sb devices revoke` here or from another device; or the account is gone, say after the broker's data was restored from a backup; or is this another broker?): `sb login {user}` enrolls it again if the account is there, else `sb register {user}` makes it again"
             ));
         }
     }

@@ -362,6 +362,7 @@ impl Session {
             presence_since_snapshot: None,
             presence_backlog: BTreeMap::new(),
             lifecycle: VecDeque::new(),
+            member_counts: HashMap::new(),
             typing: TypingShown::default(),
             states_done: false,
             caught_up_sent: false,
@@ -603,10 +604,6 @@ pub const RESTART_RETRY_MAX_MS: u64 = 1_000;
 /// live changes may be replaced by the snapshot's older rows until their next change).
 const PRESENCE_SEEN_MAX: usize = 4096;
 
-/// `Connected` and `Disconnected` events kept while the application's queue is full:
-/// the last drop and reconnect.
-const LIFECYCLE_WAITING_MAX: usize = 2;
-
 /// Presence states kept to hand on while the event queue is full (a snapshot's rows and
 /// live changes, the latest per user); past it a live change is dropped.
 const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize;
@@ -800,9 +797,11 @@ struct Task {
     /// newer), at most `PRESENCE_BACKLOG_MAX`, handed on as the application takes
     /// events.
     presence_backlog: BTreeMap<UserId, PresenceInfo>,
-    /// `Connected` and `Disconnected` events waiting for room (`emit_lifecycle`), at
-    /// most `LIFECYCLE_WAITING_MAX`.
+    /// `Connected` and `Disconnected` events waiting for room (`emit_lifecycle`): at most
+    /// a `Disconnected` and the `Connected` after it.
     lifecycle: VecDeque<SessionEvent>,
+    /// Members per conversation, as the last `ConversationStates` listed them.
+    member_counts: HashMap<ConvId, u32>,
     /// The typing indicators handed on, so that each is stopped (`TypingShown`).
     typing: TypingShown,
     states_done: bool,
@@ -841,6 +840,8 @@ impl Task {
     async fn run(mut self) {
         let closer = loop {
             let far = Instant::now() + Duration::from_secs(3600);
+            // Room the application made is theirs first.
+            self.release_lifecycle();
             tokio::select! {
                 command = self.commands.recv() => match command {
                     Some(Command::Close(tx)) => break Some(tx),
@@ -950,6 +951,7 @@ impl Task {
                 match result {
                     Ok(states) => {
                         let listed: HashSet<ConvId> = states.iter().map(|s| s.summary.id).collect();
+                        self.member_counts = states.iter().map(|s| (s.summary.id, s.summary.member_count)).collect();
                         let mut quiet = Vec::new();
                         for s in states {
                             let (conv, last_seq) = (s.summary.id, s.summary.last_seq);
@@ -1142,12 +1144,19 @@ impl Task {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        // Asked again a backoff later on this connection (before, the
-                        // contacts' presence stayed as before the disconnect until the
-                        // next connection: the snapshot is refused `RATE_LIMITED` while
-                        // the catch-up spends the user's allowance of member rows).
-                        tracing::debug!(error = %e, "presence snapshot failed; asked again later");
-                        self.retry_later(generation, Again::Presence);
+                        // Refused for load: asked again a backoff later on this
+                        // connection (before, the contacts' presence stayed as before
+                        // the disconnect until the next connection: the snapshot is
+                        // refused `RATE_LIMITED` while the catch-up spends the user's
+                        // allowance of member rows). Anything else waits for the next.
+                        let transient = matches!(
+                            e.code(),
+                            Some(ErrorCode::RATE_LIMITED | ErrorCode::OVERLOADED | ErrorCode::INTERNAL)
+                        );
+                        tracing::debug!(error = %e, transient, "presence snapshot failed");
+                        if transient {
+                            self.retry_later(generation, Again::Presence);
+                        }
                     }
                 }
             }
@@ -1526,7 +1535,7 @@ impl Task {
     fn file_event(&mut self, progress: FileProgress) {
         let (key, file) = ((progress.file, progress.conv), progress.file);
         let ended = !matches!(progress.state, FileState::Uploading { .. });
-        let handed = self.out.try_send(SessionEvent::File(progress.clone())).is_ok();
+        let handed = self.lifecycle.is_empty() && self.out.try_send(SessionEvent::File(progress.clone())).is_ok();
         if ended && handed {
             self.files_unsettled.retain(|(f, _), _| *f != file);
             return;
@@ -1573,7 +1582,7 @@ impl Task {
             let Some(last) = self.files_unsettled.get(&key) else { continue };
             if last.state != now {
                 let event = FileProgress { state: now.clone(), ..last.clone() };
-                if self.out.try_send(SessionEvent::File(event.clone())).is_err() {
+                if !self.lifecycle.is_empty() || self.out.try_send(SessionEvent::File(event.clone())).is_err() {
                     if !self.files_due.contains(&file) {
                         self.files_due.push_back(file);
                     }
@@ -1640,7 +1649,10 @@ impl Task {
         }
         if typing {
             let out = &self.out;
-            self.typing.start((conv, user), now, || out.try_send(SessionEvent::Typing { conv, user, typing }).is_ok());
+            let waiting = !self.lifecycle.is_empty();
+            self.typing.start((conv, user), now, || {
+                !waiting && out.try_send(SessionEvent::Typing { conv, user, typing }).is_ok()
+            });
         } else {
             self.typing.stop((conv, user), now);
             self.release_typing_stops();
@@ -1650,7 +1662,10 @@ impl Task {
     /// Hands on the typing stops owed, as the event queue has room.
     fn release_typing_stops(&mut self) {
         let out = &self.out;
-        self.typing.release(|(conv, user)| out.try_send(SessionEvent::Typing { conv, user, typing: false }).is_ok());
+        let waiting = !self.lifecycle.is_empty();
+        self.typing.release(|(conv, user)| {
+            !waiting && out.try_send(SessionEvent::Typing { conv, user, typing: false }).is_ok()
+        });
     }
 
     /// Live receipts: handed on as room allows; a conversation whose receipts find no
@@ -1662,7 +1677,10 @@ impl Task {
             let conv = r.conv;
             let dropped = self.room() == 0 || self.out.try_send(SessionEvent::Receipt(r)).is_err();
             if dropped && !self.receipts_due.iter().any(|&(c, _)| c == conv) && !self.merge.has_left(conv) {
-                self.receipts_due.push_back((conv, u32::try_from(count).unwrap_or(u32::MAX)));
+                // The answer holds a row per member (a review: the frame's count made
+                // the answer not fit, asked twice).
+                let rows = self.member_counts.get(&conv).copied().unwrap_or(u32::try_from(count).unwrap_or(u32::MAX));
+                self.receipts_due.push_back((conv, rows));
             }
         }
     }
@@ -1797,17 +1815,19 @@ impl Task {
         }
     }
 
-    /// Free places in the application's queue, less those owed to `Connected` and
-    /// `Disconnected` events waiting for them (`emit_lifecycle`).
+    /// Free places in the application's queue; none while `Connected` or `Disconnected`
+    /// events wait for room (`emit_lifecycle`): nothing overtakes them.
     fn room(&self) -> usize {
-        if self.out.is_closed() { 0 } else { self.out.capacity().saturating_sub(self.lifecycle.len()) }
+        if self.out.is_closed() || !self.lifecycle.is_empty() { 0 } else { self.out.capacity() }
     }
 
     /// Queues `Connected` or `Disconnected`; when the queue is full, it waits for room
-    /// ahead of everything else (`release_lifecycle`). Of several waiting, the last
-    /// `LIFECYCLE_WAITING_MAX` are kept (a flapping link while the application is busy
-    /// shows as its last drop and reconnect). Before, they were dropped on a full queue,
-    /// and an application never learned it had been disconnected (a review).
+    /// ahead of everything else (`release_lifecycle`; `room` is 0 meanwhile). What waits
+    /// is at most a `Disconnected` and the `Connected` after it: a newer drop replaces
+    /// all that waits (the application learns the link is down, with the latest error),
+    /// so a link flapping while the application is busy shows as its last drop and
+    /// reconnect. Before, they were dropped on a full queue, and an application never
+    /// learned it had been disconnected (a review).
     fn emit_lifecycle(&mut self, event: SessionEvent) {
         let event = if self.lifecycle.is_empty() {
             match self.out.try_send(event) {
@@ -1817,8 +1837,10 @@ impl Task {
         } else {
             event
         };
-        if self.lifecycle.len() >= LIFECYCLE_WAITING_MAX {
-            self.lifecycle.pop_front();
+        if matches!(event, SessionEvent::Disconnected { .. }) {
+            self.lifecycle.clear();
+        } else if matches!(self.lifecycle.back(), Some(SessionEvent::Connected)) {
+            self.lifecycle.pop_back();
         }
         self.lifecycle.push_back(event);
     }

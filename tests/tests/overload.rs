@@ -468,8 +468,8 @@ async fn a_shed_write_gives_its_allowance_back() {
 }
 
 /// A nearly full disk refuses new content and nothing else: once the data dir's disk is
-/// below a quarter of `disk_reserve_bytes` free, `Send`, `Edit`, `AddMembers` and
-/// `SetTitle` are `STORAGE_FULL` and write nothing, while deletes, reads and leaving go
+/// below a quarter of `disk_reserve_bytes` free, `Send`, `Edit`, `AddMembers`,
+/// `SetTitle` and a new group are `STORAGE_FULL` and write nothing, while deletes, reads and leaving go
 /// on; with room again, messages are taken again. Before, only uploads were refused:
 /// messages filled the disk until a commit failed and the broker exited (an operator
 /// trial), to be refused a restart while the disk stayed full.
@@ -509,6 +509,13 @@ async fn a_nearly_full_disk_refuses_new_messages_and_nothing_else() {
             ),
             ("an addition", RequestBody::AddMembers { conv, users: vec!["carol".into()], role: Role::Member }),
             ("a title", RequestBody::SetTitle { conv, title: "renamed".into() }),
+            (
+                "a group",
+                RequestBody::CreateConversation(switchboard_protocol::NewConversation::Group {
+                    title: "new".into(),
+                    members: vec!["bob".into()],
+                }),
+            ),
         ] {
             let e = alice.request(body).await.err().unwrap_or_else(|| panic!("{what} was taken"));
             assert_eq!(e.code(), Some(ErrorCode::STORAGE_FULL), "{what}");
@@ -526,7 +533,7 @@ async fn a_nearly_full_disk_refuses_new_messages_and_nothing_else() {
             }
         })
         .await;
-        assert!(tb.shared().status().writes_refused_storage_full >= 4);
+        assert!(tb.shared().status().writes_refused_storage_full >= 5);
     })
     .await
 }

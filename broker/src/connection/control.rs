@@ -30,13 +30,14 @@ use crate::reply::Responder;
 const WRITER_DRAIN: Duration = Duration::from_secs(5);
 
 pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Authed, backlog: Arc<SocketBacklog>) {
-    let Authed { user, device, place, send, mut recv, mut decoder, source } = authed;
+    let Authed { user, device, place, send, mut recv, mut decoder, source, checked } = authed;
     let session = shared.next_session_id.fetch_add(1, Ordering::Relaxed);
     let out = Arc::new(Outbound::new(shared.config.outbound_max_frames, shared.config.outbound_max_bytes).with_owner(
         shared.store.clone(),
         user,
         device,
         shared.users.disables(),
+        checked,
     ));
     let handle = SessionHandle { id: session, device, out: out.clone(), conn: conn.clone() };
     if let Err(e) = shared.users.attach(place, handle) {
@@ -54,9 +55,12 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
         Err(_) => return close(&conn, Close::named(ErrorCode::INTERNAL)),
     }
     // Likewise an account disabled meanwhile (its sessions were closed before this one
-    // was visible).
+    // was visible), even if enabled again since (a review).
     if let Err(e) = crate::auth::refuse_if_disabled(&shared.store, user) {
         return close(&conn, Close(e.code, e.message));
+    }
+    if shared.users.disables().disabled_since(user, checked) {
+        return close(&conn, Close::named(ErrorCode::ACCOUNT_DISABLED));
     }
     // Likewise a storage failure that closed every session just before this attach.
     if shared.health.is_failed() {
@@ -503,6 +507,14 @@ impl Session {
                     return reply.send(Err(refused));
                 }
             }
+        }
+        // A new group writes its members, their index keys and its first entry: as new
+        // content, refused on a nearly full disk (a review; a direct conversation, at
+        // most one per pair and often there already, is not).
+        if matches!(body, RequestBody::CreateConversation(switchboard_protocol::NewConversation::Group { .. }))
+            && let Err(refused) = shared.files.refuse_log_write()
+        {
+            return reply.send(Err(refused));
         }
         let convs = &shared.convs;
         match body {

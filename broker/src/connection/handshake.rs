@@ -33,6 +33,10 @@ pub(super) struct Authed {
     /// The address that completed the QUIC handshake (`Unauthenticated::source`): the
     /// session's password changes count against its share of the password pool.
     pub(super) source: IpAddr,
+    /// Just before the handshake's last check that the account is not disabled: a
+    /// disable after it, even one undone before the session attaches, cuts the session
+    /// off (`UserDirectory::disables`).
+    pub(super) checked: std::time::Instant,
 }
 
 /// A connection that said hello and sent its auth request.
@@ -142,6 +146,7 @@ pub(super) async fn authenticate(
         _ => return Err(Close(ErrorCode::NOT_AUTHENTICATED, "authenticate first".into())),
     };
     // Disabled meanwhile: not told `Authed` (the session's attach checks once more).
+    let checked = std::time::Instant::now();
     crate::auth::refuse_if_disabled(&shared.store, user)?;
     // The session's receive window, before the client may send its first request.
     crate::tls::open_session_window(conn, &shared.config);
@@ -154,5 +159,5 @@ pub(super) async fn authenticate(
         Ok(written) => written?,
         Err(_) => return Err(Close(ErrorCode::TIMEOUT, "the authentication answer was not taken in time".into())),
     }
-    Ok((Authed { user, device, place, send, recv, decoder, source: from }, session))
+    Ok((Authed { user, device, place, send, recv, decoder, source: from, checked }, session))
 }

@@ -566,14 +566,16 @@ pub fn files_to_send(
             // Its thumbnail goes with the file, and only with it.
             return Err(err(ErrorCode::INVALID, "a thumbnail is sent with its file: send the file"));
         }
+        // Only its uploader attaches a file still uploading: another reader would keep
+        // access to bytes that arrive after its own access ended. Checked first, so
+        // that another reader learns nothing of the upload's progress (the two answers
+        // told whether its first 4 KiB were stored: a review).
+        if !record.is_complete() && record.uploader != user {
+            return Err(err(ErrorCode::NOT_READY, "the file is not complete yet"));
+        }
         if record.offset() < record.size.min(super::sniff::HEAD_BYTES) {
             // Its type is checked once these are stored.
             return Err(err(ErrorCode::NOT_READY, "the file's first 4 KiB are not stored yet"));
-        }
-        // Only its uploader attaches a file still uploading: another reader would keep
-        // access to bytes that arrive after its own access ended.
-        if !record.is_complete() && record.uploader != user {
-            return Err(err(ErrorCode::NOT_READY, "the file is not complete yet"));
         }
         checked.push((id, record));
     }
