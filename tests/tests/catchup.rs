@@ -552,6 +552,12 @@ async fn lifecycle_events_wait_for_room_in_a_full_queue() {
         let (session, mut events) =
             Session::start(tb.connector(), bob_id.clone(), Arc::new(MemoryCursors::default()), config).unwrap();
         // Not read while it connects and pages: `Connected` and the page fill the queue.
+        within(STEP_DEADLINE, "the session connecting", async {
+            while tb.shared().online.sessions(bob_id.user_id).is_none_or(|s| s.len() < 2) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Every connection of bob's closed from the broker's side (the session's, and
         // the registering client's).

@@ -178,8 +178,9 @@ pub(crate) async fn watch_disk(shared: std::sync::Weak<crate::Shared>) {
                 tracing::warn!(
                     free_bytes = free,
                     floor_bytes = floor,
-                    "new messages refused with STORAGE_FULL: the data dir's disk is within a quarter of \
-                     disk_reserve_bytes of full; free space to take them again"
+                    "new messages refused with STORAGE_FULL: the data dir's disk has less than a quarter of \
+                     disk_reserve_bytes free; free space (or lower disk_reserve_bytes, OPERATIONS.md \
+                     \"A full disk\") to take them again"
                 );
             } else {
                 tracing::warn!(free_bytes = free, floor_bytes = floor, "new messages taken again: the disk has room");
