@@ -401,6 +401,9 @@ pub struct Presence {
     /// When the connected users' stored last-seen times are next moved to now
     /// (`LAST_SEEN_REFRESH_MS`; wall clock, ms since the epoch; 0 before the first).
     refresh_due_ms: std::sync::atomic::AtomicU64,
+    /// Whether the refresh also records who is connected (`checkpoint`): from the first
+    /// `presume_from_last_stop` on, which takes the record the last run left first.
+    checkpoints: std::sync::atomic::AtomicBool,
 }
 
 /// Contact sets of users with a presence entry, at most `PRESENCE_CACHED_CONTACTS_MAX`
@@ -495,6 +498,7 @@ impl Presence {
             online,
             wake: Arc::new(Notify::new()),
             refresh_due_ms: std::sync::atomic::AtomicU64::new(0),
+            checkpoints: std::sync::atomic::AtomicBool::new(false),
         });
         spawn_timer(Arc::downgrade(&presence), presence.wake.clone());
         presence
@@ -509,27 +513,53 @@ impl Presence {
     /// `PRESENCE_AT_STOP_MAX` users), for `presume_from_last_stop` at the next start.
     /// Called before the sessions are closed; durable with the store's closing flush.
     pub fn record_at_stop(&self) {
+        self.record_connected(crate::now_ms());
+    }
+
+    /// Records who has a device connected now (`now_ms`), as `record_at_stop` does, so
+    /// that a start after a crash finds who was connected at most one refresh
+    /// (`LAST_SEEN_REFRESH_MS`) before it. Before, only a clean stop recorded them:
+    /// after a crash every user was shown offline at the start and online again as each
+    /// device came back. Written with the refresh of last-seen times, once a minute: a
+    /// value of about 9 bytes per connected user, up to `PRESENCE_AT_STOP_MAX` users.
+    fn checkpoint(&self, now_ms: u64) {
+        if self.checkpoints.load(Ordering::Relaxed) {
+            self.record_connected(now_ms);
+        }
+    }
+
+    fn record_connected(&self, now_ms: u64) {
         let mut users = self.state.lock().unwrap_or_else(|p| p.into_inner()).connected_states();
         users.truncate(PRESENCE_AT_STOP_MAX);
-        let at_stop = switchboard_storage::PresenceAtStop { stopped_ms: crate::now_ms(), users };
+        let at_stop = switchboard_storage::PresenceAtStop { stopped_ms: now_ms, users };
         if let Err(e) = self.store.set_presence_at_stop(&at_stop) {
-            tracing::warn!(error = %e, "storing who is connected failed: presence will flap across the restart");
+            tracing::warn!(error = %e, "storing who is connected failed: presence will flap across a restart");
         }
     }
 
     /// At a start: shows the users connected at the last stop as they were
     /// (`PresenceState::handle_presumed`) for `PRESENCE_RESTART_GRACE_MS` and up to
     /// `PRESENCE_RESTART_SPREAD_MS` more (spread by user, so those who do not come back
-    /// are not all pushed offline in one go), if the store was closed cleanly (after a
-    /// crash, even one soon after such a start, nothing is presumed) at most
-    /// `PRESENCE_RESTART_MAX_DOWN_MS` ago. Users disabled or left without a device
-    /// meanwhile (operator commands work on a stopped broker's store) are not presumed:
-    /// they cannot come back. The record is read once: 3 key reads per user in it.
+    /// are not all pushed offline in one go), if the record was made at most
+    /// `PRESENCE_RESTART_MAX_DOWN_MS` ago: at the clean stop, or, after a crash, at the
+    /// last `checkpoint` (then up to `LAST_SEEN_REFRESH_MS` more: the record is up to
+    /// that much older than the crash; a user who left in that time is shown as it was
+    /// for the grace, then offline, last seen when it left). Users disabled or left
+    /// without a device meanwhile (operator commands work on a stopped broker's store)
+    /// are not presumed: they cannot come back. The record is read once: 3 key reads per
+    /// user in it. From then on the record is kept once a minute (`checkpoint`).
     pub fn presume_from_last_stop(&self) -> switchboard_storage::Result<()> {
-        let Some(at_stop) = self.store.take_presence_at_stop()? else { return Ok(()) };
+        let taken = self.store.take_presence_at_stop();
+        self.checkpoints.store(true, Ordering::Relaxed);
+        let Some(at_stop) = taken? else { return Ok(()) };
         let now = crate::now_ms();
-        let stale = now.saturating_sub(at_stop.stopped_ms) > PRESENCE_RESTART_MAX_DOWN_MS || at_stop.stopped_ms > now;
-        if stale || !self.store.opened_clean() {
+        let max_age = if self.store.opened_clean() {
+            PRESENCE_RESTART_MAX_DOWN_MS
+        } else {
+            PRESENCE_RESTART_MAX_DOWN_MS + LAST_SEEN_REFRESH_MS
+        };
+        let stale = now.saturating_sub(at_stop.stopped_ms) > max_age || at_stop.stopped_ms > now;
+        if stale {
             return Ok(());
         }
         let mut presumed = Vec::with_capacity(at_stop.users.len());
@@ -686,6 +716,7 @@ impl Presence {
                 return;
             }
         }
+        self.checkpoint(now_ms);
     }
 
     /// Runs due timers and performs their pushes; refreshes the stored last-seen times
@@ -1195,6 +1226,44 @@ mod tests {
         // The timer comes back for the next refresh even with no other deadline.
         let next = presence.fire().unwrap();
         assert!(next <= crate::now_ms() + LAST_SEEN_REFRESH_MS, "next deadline {next}");
+    }
+
+    /// Who is connected is recorded with each refresh, so a start after a crash shows
+    /// them as they were until they are back (the crash: the store reopened without a
+    /// clean close). Before, only a clean stop recorded them, and after a crash every
+    /// user was offline at the start and pushed online again as its devices came back.
+    #[tokio::test]
+    async fn users_connected_before_a_crash_are_presumed_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = switchboard_storage::StoreConfig::new(dir.path().join("store"));
+        config.cache_capacity_bytes = 4 * 1024 * 1024;
+        let device = switchboard_storage::DeviceRecord { name: "d".into(), public_key: [1; 32], enrolled_ms: 1 };
+        {
+            let store = Arc::new(switchboard_storage::Store::open(&config).unwrap());
+            for user in [1, 2] {
+                let (_, _, durable) =
+                    store.add_device(user, &device, 8, &switchboard_storage::Replace::default()).unwrap();
+                durable.await.unwrap();
+            }
+            let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+            presence.presume_from_last_stop().unwrap();
+            presence.attach(1, 10);
+            presence.attach(2, 20);
+            presence.set_away(2, 20, true);
+            presence.refresh_last_seen(crate::now_ms());
+            store.barrier().unwrap().await.unwrap();
+            // Crash: no record at stop, no clean close.
+            drop(presence);
+            drop(store);
+        }
+        let store = Arc::new(switchboard_storage::Store::open(&config).unwrap());
+        assert!(!store.opened_clean());
+        let presence = Presence::start(store, Arc::new(Online::default()), W);
+        presence.presume_from_last_stop().unwrap();
+        let now = crate::now_ms();
+        let state = presence.state.lock().unwrap();
+        assert_eq!(state.current(1, now).map(|(s, _)| s), Some(Status::Online));
+        assert_eq!(state.current(2, now).map(|(s, _)| s), Some(Status::Away));
     }
 
     /// A stranger's large groups, made before the user's later conversations, no longer

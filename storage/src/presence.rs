@@ -37,7 +37,7 @@ impl Store {
     }
 
     /// Reads and removes the record `set_presence_at_stop` left (`None` if there is
-    /// none: the broker never stopped cleanly, or this was read once already). The
+    /// none: no run made one, or this was read once already). The
     /// removal is durable with the next group commit; until then a crash may leave the
     /// record for the next start, whose `stopped_ms` shows how old it is.
     pub fn take_presence_at_stop(&self) -> Result<Option<PresenceAtStop>> {
@@ -49,11 +49,12 @@ impl Store {
     }
 }
 
-/// Who had a device connected when the broker last stopped: the users, each with whether
+/// Who had a device connected when the broker last stopped, or at its last record of
+/// them before a crash (the broker makes one once a minute): the users, each with whether
 /// all of its devices were away, and when. A record (postcard), about 9 bytes a user.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PresenceAtStop {
-    /// When the broker stopped, ms since the Unix epoch.
+    /// When the broker stopped (or made the record), ms since the Unix epoch.
     pub stopped_ms: u64,
     /// `(user, away)`, ascending by user.
     pub users: Vec<(UserId, bool)>,
