@@ -488,13 +488,28 @@ fn main() {
     }
 }
 
-/// Something named on the command line that sb looked up itself and did not find: a
-/// conversation title, a member's name, a user whose presence is not shown. sb exits
-/// with status 3, as for the broker's `NOT_FOUND` (a script told them apart from a
-/// failure only by the message before).
+/// What sb refused by itself, with the code the broker would give the same refusal:
+/// `NOT_FOUND` for something named on the command line that sb looked up and did not
+/// find (a conversation title, a member's name, a user whose presence is not shown),
+/// `CONFLICT` for a home enrolled already, `INVALID` for a text the broker would refuse.
+/// sb exits with that code's status and `--json` names it (a script told these from any
+/// other failure only by the message before: trials).
+#[derive(Debug, thiserror::Error)]
+#[error("{1}")]
+pub struct Refused(pub ErrorCode, pub String);
+
+impl Refused {
+    /// sb's own `NOT_FOUND`.
+    pub fn not_found(message: String) -> Refused {
+        Refused(ErrorCode::NOT_FOUND, message)
+    }
+}
+
+/// A command line sb cannot use (a `--server` or `--pin` of the wrong form): status 2,
+/// as clap's own refusals.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct NotFound(pub String);
+struct Usage(String);
 
 /// Ctrl-C, SIGTERM or SIGHUP cut the command short (sb exits with status 130).
 #[derive(Debug, thiserror::Error)]
@@ -522,12 +537,13 @@ fn client_error(e: &anyhow::Error) -> Option<&ClientError> {
 /// `ACCOUNT_DISABLED`), 1 anything else. Before, every failure was 1 and scripts had to
 /// read the message.
 fn exit_status(e: &anyhow::Error) -> i32 {
-    if e.downcast_ref::<NotFound>().is_some() {
-        return 3;
+    if e.downcast_ref::<Usage>().is_some() {
+        return 2;
     }
-    let code = match e.downcast_ref::<TransferError>() {
-        Some(TransferError::Failed { error, .. }) => Some(error.code),
-        Some(TransferError::Reset(code)) => Some(*code),
+    let code = match (e.downcast_ref::<Refused>(), e.downcast_ref::<TransferError>()) {
+        (Some(Refused(code, _)), _) => Some(*code),
+        (_, Some(TransferError::Failed { error, .. })) => Some(error.code),
+        (_, Some(TransferError::Reset(code))) => Some(*code),
         _ => match client_error(e) {
             Some(ClientError::Server(body)) => Some(body.code),
             Some(ClientError::Closed { code, .. }) => *code,
@@ -545,8 +561,10 @@ fn exit_status(e: &anyhow::Error) -> i32 {
     }
 }
 
-/// The `error` object of a JSON error line: the broker's code, its name and the
-/// broker's own message, or `null` code and name for a failure of sb's own.
+/// The `error` object of a JSON error line: the broker's code (the wire code, PROTOCOL.md
+/// section 9; not the exit status), its name and the broker's own message; for sb's
+/// own refusals (`Refused`) the code the broker would give; `null` code and name for
+/// any other failure of sb's own.
 fn error_json(e: &anyhow::Error) -> serde_json::Value {
     let client = client_error(e);
     match e.downcast_ref::<TransferError>() {
@@ -559,8 +577,8 @@ fn error_json(e: &anyhow::Error) -> serde_json::Value {
         _ => {}
     }
     // sb's own lookup, told as the broker's `NOT_FOUND` is (its exit status is the same).
-    if let Some(NotFound(message)) = e.downcast_ref::<NotFound>() {
-        return json!({"code": ErrorCode::NOT_FOUND.0, "name": ErrorCode::NOT_FOUND.name(), "message": message});
+    if let Some(Refused(code, message)) = e.downcast_ref::<Refused>() {
+        return json!({"code": code.0, "name": code.name(), "message": message});
     }
     let too_large;
     let (code, message) = match client {
@@ -686,11 +704,14 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
                 match connector.connect(current).await {
                     Ok(client) => {
                         client.close();
-                        bail!(
-                            "this home is logged in as {} already (device {}); use another SWITCHBOARD_HOME for another device",
-                            current.user,
-                            current.device_id
-                        );
+                        return Err(Refused(
+                            ErrorCode::CONFLICT,
+                            format!(
+                                "this home is logged in as {} already (device {}); use another SWITCHBOARD_HOME for another device",
+                                current.user, current.device_id
+                            ),
+                        )
+                        .into());
                     }
                     Err(e) if matches!(e.code(), Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED)) => {}
                     Err(e) => return Err(e.into()),
@@ -787,7 +808,11 @@ async fn command(cli: Cli, home: &Path, state: &State, out: &Out, connector: &Co
 fn check_text(text: &str) -> anyhow::Result<()> {
     let most = switchboard_protocol::limits::MAX_TEXT_BYTES as usize;
     if !(1..=most).contains(&text.len()) {
-        bail!("a text must be 1 to {most} bytes (UTF-8); this one is {}: nothing sent", text.len());
+        return Err(Refused(
+            ErrorCode::INVALID,
+            format!("a text must be 1 to {most} bytes (UTF-8); this one is {}: nothing sent", text.len()),
+        )
+        .into());
     }
     Ok(())
 }
@@ -1199,7 +1224,7 @@ async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<
             bail!("{user:?} is a member's name (user {a}) and another member's id: say {user:?}'s id as #{a} or #{b}")
         }
         (Some(id), _) | (None, Some(id)) => Ok(id),
-        (None, None) => Err(NotFound(format!("{user:?} is not a member of conversation {conv}")).into()),
+        (None, None) => Err(Refused::not_found(format!("{user:?} is not a member of conversation {conv}")).into()),
     }
 }
 
@@ -1375,7 +1400,9 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
                     Some(p) => out.presence(p, now),
                     None => {
                         not_shown += 1;
-                        out.line(json!({"user_name": name, "name": name, "state": null}), || {
+                        // Shaped as a shown user's line, so scripts that pick lines by
+                        // `event` see it (a trial).
+                        out.line(json!({"event": "presence", "user": null, "user_id": null, "user_name": name, "name": name, "state": null}), || {
                             format!(
                                 "{name}: not shown (unknown, no conversation shared with me, or one of us blocks the other)"
                             )
@@ -1386,7 +1413,11 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
             // Every line is printed first; then the status says not all were found, as
             // grep's does (a trial saw `sb presence nobody` exit 0).
             if not_shown > 0 {
-                return Err(NotFound(format!("{not_shown} of the {} users asked for not shown", users.len())).into());
+                return Err(Refused::not_found(format!(
+                    "{not_shown} of the {} users asked for not shown",
+                    users.len()
+                ))
+                .into());
             }
         }
         Command::Typing { .. } => unreachable!("run by `typing`, which reconnects"),
@@ -2265,7 +2296,10 @@ async fn connector(state: &State, options: &TransportOptions) -> anyhow::Result<
         .rsplit_once(':')
         .is_none_or(|(host, port)| host.is_empty() || host.ends_with(':') || port.parse::<u16>().is_err())
     {
-        bail!("--server {server:?}: give a host and a UDP port, like 127.0.0.1:4433 or example.com:4433");
+        return Err(Usage(format!(
+            "--server {server:?}: give a host and a UDP port, like 127.0.0.1:4433 or example.com:4433"
+        ))
+        .into());
     }
     let addr: SocketAddr = tokio::net::lookup_host(&server)
         .await
@@ -2276,7 +2310,15 @@ async fn connector(state: &State, options: &TransportOptions) -> anyhow::Result<
     // The generated certificate names localhost and the loopback addresses.
     let name = if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) { "localhost" } else { host };
     let trust = match (&state.pin, &state.ca) {
-        (Some(pin), _) => Trust::Pin(pin.clone()),
+        (Some(pin), _) => {
+            if switchboard_client::unhex(&pin.replace(':', "")).is_none_or(|p| p.len() != 32) {
+                return Err(Usage(format!(
+                    "--pin {pin:?}: give the broker's certificate SHA-256 as 64 hex digits (it prints it at start)"
+                ))
+                .into());
+            }
+            Trust::Pin(pin.clone())
+        }
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
         (None, None) if is_local(&server) => bail!(
             "no ./{DEFAULT_CA} here to trust the broker by: run sb in the directory the broker was started in, or \

@@ -358,7 +358,8 @@ async fn a_text_over_the_frame_limit_is_not_sent_and_sb_says_so() {
         let out = sb_output(&alice, &broker, &["--json", "send", &conv, &text]);
         let lines = json_lines(&out.stdout);
         let error = &lines.last().unwrap()["error"];
-        assert_eq!(error["code"], serde_json::json!(null), "a local refusal has no code");
+        // sb's own refusal, with the code the broker would give (it had none).
+        assert_eq!((&error["code"], &error["name"]), (&serde_json::json!(10), &serde_json::json!("INVALID")));
     }
     // Nothing stored: the next message follows the group's creation (seq 1).
     let sent = sb(&alice, &broker, &["send", &conv, "short"])[0]["seq"].as_u64().unwrap();
@@ -530,7 +531,10 @@ async fn tail_shows_typing_presence_and_reads() {
     let presence = json_lines(&asked.stdout);
     assert_eq!(presence[0]["name"], "bob");
     assert_eq!(presence[0]["state"], "online");
-    assert_eq!(presence[1], serde_json::json!({"user_name": "nobody", "name": "nobody", "state": null}));
+    assert_eq!(
+        presence[1],
+        serde_json::json!({"event": "presence", "user": null, "user_id": null, "user_name": "nobody", "name": "nobody", "state": null})
+    );
     // Every line about a user names it the same way: `user_id` and `user_name` (the
     // keys were `user`, `user_id`, `name` or `user_name`, and `user` was an id on some
     // lines and a name on others).
@@ -2281,6 +2285,18 @@ async fn the_exit_status_says_what_was_refused() {
     // `presence` of an unknown name 0).
     assert_eq!(status(&alice, &["history", "no such title"]), Some(3));
     assert_eq!(status(&alice, &["presence", "nobody"]), Some(3));
+    // sb's own checks say the broker's codes too: a home enrolled already (4), a text
+    // the broker would refuse (5), a command line it cannot use (2); they exited 1.
+    assert_eq!(status(&alice, &["register", "alice2"]), Some(4));
+    assert_eq!(status(&alice, &["send", "1", ""]), Some(5));
+    let fresh = dir.path().join("fresh");
+    let addr = broker.local_addr.to_string();
+    for args in
+        [["--server", addr.as_str(), "--pin", "deadbeef", "probe"], ["--server", "127.0.0.1", "--pin", "00", "probe"]]
+    {
+        let out = Command::new(env!("CARGO_BIN_EXE_sb")).env("SWITCHBOARD_HOME", &fresh).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     assert_eq!(status(&alice, &["history", "424242"]), Some(7));
     let wrong = sb_command(&stranger, &broker)
         .env("SWITCHBOARD_PASSWORD", "not alice's password")

@@ -133,7 +133,7 @@ pub fn pick<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result
     }
     match found.as_slice() {
         [one] => Ok(one),
-        [] => Err(crate::NotFound(format!(
+        [] => Err(crate::Refused::not_found(format!(
             "none of my conversations is titled {title:?} or is a direct one with a user of that name (`sb conv list` shows them; `sb conv create NAME` starts a direct one)"
         ))
         .into()),
