@@ -104,6 +104,16 @@ async fn groups(alice: &Client, peer: &str, n: usize) -> Vec<ConvId> {
     convs
 }
 
+/// Alice and bob registered on `tb` (bob's registering client kept connected) and a
+/// group alice made with bob.
+async fn alice_and_bob_in_a_group(tb: &TestBroker) -> (Arc<Client>, Client, Identity, ConvId) {
+    let (alice, _) = tb.register("alice").await;
+    let (bob, bob_id) = tb.register("bob").await;
+    let alice = Arc::new(alice);
+    let conv = groups(&alice, "bob", 1).await[0];
+    (alice, bob, bob_id, conv)
+}
+
 /// Closes the connection of `user` from the broker side, once the session has one.
 async fn kick(tb: &TestBroker, user: UserId) {
     let sessions = within(STEP_DEADLINE, "the session (re)connecting", async {
@@ -332,10 +342,7 @@ async fn conversations_left_while_away_are_reported_and_resume_where_they_were_i
 async fn a_removal_seen_live_is_told_at_once_and_a_live_re_add_resumes() {
     bounded(async {
         let tb = TestBroker::start().await;
-        let (alice, _) = tb.register("alice").await;
-        let (_bob, bob_id) = tb.register("bob").await;
-        let alice = Arc::new(alice);
-        let conv = groups(&alice, "bob", 1).await[0];
+        let (alice, _bob, bob_id, conv) = alice_and_bob_in_a_group(&tb).await;
         let last = write(&alice, &[conv], 2, "before").await[&conv];
         let (session, mut events) = start(&tb, &bob_id);
         // The next entry, or `None` for `Left`.
@@ -543,10 +550,7 @@ async fn a_page_ending_at_a_removal_undone_later_tells_no_left() {
 async fn lifecycle_events_wait_for_room_in_a_full_queue() {
     bounded(async {
         let tb = TestBroker::start().await;
-        let (alice, _) = tb.register("alice").await;
-        let (_bob, bob_id) = tb.register("bob").await;
-        let alice = Arc::new(alice);
-        let conv = groups(&alice, "bob", 1).await[0];
+        let (alice, _bob, bob_id, conv) = alice_and_bob_in_a_group(&tb).await;
         let last = write(&alice, &[conv], 3, "before").await[&conv];
         let config = SessionConfig { event_queue: 4, ..config() };
         let (session, mut events) =
@@ -603,10 +607,7 @@ async fn lifecycle_events_wait_for_room_in_a_full_queue() {
 async fn entries_taken_offline_are_reported_delivered_after_a_restart() {
     bounded(async {
         let tb = TestBroker::start().await;
-        let (alice, _) = tb.register("alice").await;
-        let (_bob, bob_id) = tb.register("bob").await;
-        let alice = Arc::new(alice);
-        let conv = groups(&alice, "bob", 1).await[0];
+        let (alice, _bob, bob_id, conv) = alice_and_bob_in_a_group(&tb).await;
         let last = write(&alice, &[conv], 3, "taken offline").await[&conv];
         // As saved by a session whose application took them with no connection up.
         let cursors = MemoryCursors::new([(conv, last)].into_iter().collect());

@@ -867,6 +867,17 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
     .await
 }
 
+/// Sam and vic, and 2 MiB sam uploads, attached in their direct conversation with its
+/// first 256 KiB sent: the clients, the data and the file.
+async fn upload_attached_between_sam_and_vic(tb: &TestBroker) -> (Client, Client, Vec<u8>, FileId) {
+    let (sam, _) = tb.register("sam").await;
+    let (vic, _) = tb.register("vic").await;
+    let conv = sam.create_direct("vic").await.unwrap().id;
+    let data = bytes(2 * 1024 * 1024, 6);
+    let file = attached_while_uploading(&sam, conv, &data).await;
+    (sam, vic, data, file)
+}
+
 /// In a direct conversation, a block ends the other's file events too: an upload
 /// attached while running tells the blocker nothing more (its progress would tell when
 /// its uploader is online, as receipts would). Before, the blocked uploader's progress,
@@ -875,11 +886,7 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
 async fn a_block_silences_file_events_in_a_direct_conversation() {
     bounded(async {
         let tb = TestBroker::start().await;
-        let (sam, _) = tb.register("sam").await;
-        let (vic, _) = tb.register("vic").await;
-        let conv = sam.create_direct("vic").await.unwrap().id;
-        let data = bytes(2 * 1024 * 1024, 6);
-        let file = attached_while_uploading(&sam, conv, &data).await;
+        let (sam, vic, data, file) = upload_attached_between_sam_and_vic(&tb).await;
         let mut vic_events = vic.events().unwrap();
         vic.block("sam", true).await.unwrap();
         // What came before the block's answer came before the block (the attachment's
@@ -907,11 +914,7 @@ async fn a_block_silences_file_events_in_a_direct_conversation() {
 async fn a_block_hides_upload_progress_from_file_info_in_a_direct_conversation() {
     bounded(async {
         let tb = TestBroker::start().await;
-        let (sam, _) = tb.register("sam").await;
-        let (vic, _) = tb.register("vic").await;
-        let conv = sam.create_direct("vic").await.unwrap().id;
-        let data = bytes(2 * 1024 * 1024, 6);
-        let file = attached_while_uploading(&sam, conv, &data).await;
+        let (sam, vic, _, file) = upload_attached_between_sam_and_vic(&tb).await;
         let offset_seen = |reply: Reply| match reply {
             Reply::File(info) => match info.state {
                 FileState::Uploading { offset } => offset,

@@ -465,6 +465,13 @@ impl Session {
     ) {
         let mut reply = Responder::new(id, self.out.clone(), permit).with_room(room).with_store_slot(store_slot);
         let (shared, caller) = (&self.shared, self.caller);
+        // A nearly full disk takes no new content (`Files::refuse_log_write`); what lets
+        // a member go or takes something back still goes.
+        if adds_content(&body)
+            && let Err(refused) = shared.files.refuse_log_write()
+        {
+            return reply.send(Err(refused));
+        }
         // Writes to a conversation's log (messages and membership changes) pass the
         // broker's admission first (`overload.rs`): past saturation they are refused at
         // once, before any store or actor work. The refusal is the same for every
@@ -481,19 +488,6 @@ impl Session {
                 | RequestBody::SetRole { .. }
                 | RequestBody::SetTitle { .. }
         ) {
-            // A nearly full disk takes no new content (`Files::refuse_log_write`); what
-            // lets a member go or take something back still goes.
-            if matches!(
-                body,
-                RequestBody::Send { .. }
-                    | RequestBody::SendFiles { .. }
-                    | RequestBody::Edit { .. }
-                    | RequestBody::AddMembers { .. }
-                    | RequestBody::SetTitle { .. }
-            ) && let Err(refused) = shared.files.refuse_log_write()
-            {
-                return reply.send(Err(refused));
-            }
             // The user's rate first (`writes_per_sec`): a write refused for it takes no
             // place in flight; one the broker sheds gives its allowance back (the client
             // sends it again after a backoff).
@@ -507,14 +501,6 @@ impl Session {
                     return reply.send(Err(refused));
                 }
             }
-        }
-        // A new group writes its members, their index keys and its first entry: as new
-        // content, refused on a nearly full disk (a review; a direct conversation, at
-        // most one per pair and often there already, is not).
-        if matches!(body, RequestBody::CreateConversation(switchboard_protocol::NewConversation::Group { .. }))
-            && let Err(refused) = shared.files.refuse_log_write()
-        {
-            return reply.send(Err(refused));
         }
         let convs = &shared.convs;
         match body {
@@ -802,6 +788,22 @@ impl Session {
             self.signal(signal);
         }
     }
+}
+
+/// Whether `body` adds content to the store: a message, an edit, members, a title, a
+/// new group (its members, their index keys and its first entry). Refused while the
+/// disk is nearly full; a direct conversation (at most one per pair, often there
+/// already), deletes, leaving, removals and roles are not.
+fn adds_content(body: &RequestBody) -> bool {
+    matches!(
+        body,
+        RequestBody::Send { .. }
+            | RequestBody::SendFiles { .. }
+            | RequestBody::Edit { .. }
+            | RequestBody::AddMembers { .. }
+            | RequestBody::SetTitle { .. }
+            | RequestBody::CreateConversation(switchboard_protocol::NewConversation::Group { .. })
+    )
 }
 
 #[cfg(test)]
