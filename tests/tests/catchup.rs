@@ -650,14 +650,9 @@ async fn a_receipt_that_finds_the_queue_full_is_shown_once_there_is_room() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         carol.mark_read(conv, last).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        within(STEP_DEADLINE, "carol's read mark", async {
-            loop {
-                match events.next().await.expect("the session is running") {
-                    SessionEvent::Receipt(r) if r.user == carol_id.user_id && r.read_up_to == Some(last) => return,
-                    SessionEvent::Stopped(e) => panic!("the session stopped: {e}"),
-                    _ => {}
-                }
-            }
+        switchboard_tests::wait_for(&mut events, "carol's read mark", |e| {
+            assert!(!matches!(e, SessionEvent::Stopped(_)), "the session stopped: {e:?}");
+            matches!(e, SessionEvent::Receipt(r) if r.user == carol_id.user_id && r.read_up_to == Some(last))
         })
         .await;
         session.close().await;

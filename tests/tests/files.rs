@@ -3213,7 +3213,7 @@ async fn a_cancel_queued_behind_a_rewind_is_carried_out() {
 /// the file complete, in each of 3 runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_let_in_before_its_devices_revocation_is_not_written() {
-    bounded(chunk_held_then_revoked(false)).await
+    bounded(chunk_held_then_cut_off(CutOff::Revoked)).await
 }
 
 /// The same when the device's connection is gone before the revocation: its session had
@@ -3222,12 +3222,9 @@ async fn a_chunk_let_in_before_its_devices_revocation_is_not_written() {
 /// asks the store once the session's queue is closed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_let_in_before_its_device_left_and_was_revoked_is_not_written() {
-    bounded(chunk_held_then_revoked(true)).await
+    bounded(chunk_held_then_cut_off(CutOff::RevokedAfterLeaving)).await
 }
 
-/// Alice's phone sends a whole file in one chunk, held in the upload's actor; the phone
-/// leaves first if `leave_first`; her laptop revokes the phone, the chunk goes on, and
-/// the laptop's opening of the upload must find nothing written.
 /// An upload stream opened by a device revoked while its opening waited in the upload's
 /// mailbox takes nothing over: it is answered with the revocation, and the upload's live
 /// stream from the owner's other device goes on. Before, the opening took the upload
@@ -3277,28 +3274,6 @@ async fn first_chunk_held(
     (begun.file, t, held)
 }
 
-async fn chunk_held_then_revoked(leave_first: bool) {
-    let tb = TestBroker::start().await;
-    let (laptop, _) = tb.register("alice").await;
-    let (phone, phone_id) = tb.login("alice").await;
-    let data = bytes(1000, 5);
-    let (file, _t, held) = first_chunk_held(&tb, &phone, &laptop, &data, data.len()).await;
-    if leave_first {
-        phone.close();
-        // The phone's session ends (its connection closed, its writer done).
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    laptop.revoke_device(phone_id.device_id).await.unwrap();
-    held.release();
-    // The actor takes one message at a time: it answers the laptop's opening of the
-    // same upload once it is done with the chunk.
-    let mut resumed = Transfer::open(laptop.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
-    match resumed.reply().await {
-        Some(TransferReply::Accepted { offset: 0 }) => {}
-        other => panic!("the chunk was written after its device's revocation: {other:?}"),
-    }
-}
-
 /// The same when the phone's session ended and then the operator disabled the account
 /// and enabled it again before the chunk came up: the disable found no session of the
 /// phone to cut off and the account's disabled key was gone again, so the chunk was
@@ -3306,16 +3281,37 @@ async fn chunk_held_then_revoked(leave_first: bool) {
 /// flight is not carried out once its account was disabled, enabled again or not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_let_in_before_its_session_ended_and_its_account_was_disabled_is_not_written() {
+    bounded(chunk_held_then_cut_off(CutOff::DisabledAndEnabledAfterLeaving)).await
+}
+
+/// How `chunk_held_then_cut_off` cuts the phone off.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CutOff {
+    /// The laptop revokes the phone, still connected.
+    Revoked,
+    /// The phone leaves, then the laptop revokes it.
+    RevokedAfterLeaving,
+    /// The phone leaves, then the operator disables the account and enables it again.
+    DisabledAndEnabledAfterLeaving,
+}
+
+/// Alice's phone sends a whole file in one chunk, held in the upload's actor; it is cut
+/// off as `how` says, the chunk goes on, and an opening of the upload by a device still
+/// allowed (the laptop; after a disable, which closes the laptop too, a new login) must
+/// find nothing written.
+async fn chunk_held_then_cut_off(how: CutOff) {
     use switchboard_broker::admin::{AdminRequest, Ops, execute};
-    bounded(async {
-        let tb = TestBroker::start().await;
-        let (laptop, _) = tb.register("alice").await;
-        let (phone, _) = tb.login("alice").await;
-        let data = bytes(1000, 5);
-        let (file, _t, held) = first_chunk_held(&tb, &phone, &laptop, &data, data.len()).await;
+    let tb = TestBroker::start().await;
+    let (laptop, _) = tb.register("alice").await;
+    let (phone, phone_id) = tb.login("alice").await;
+    let data = bytes(1000, 5);
+    let (file, _t, held) = first_chunk_held(&tb, &phone, &laptop, &data, data.len()).await;
+    if how != CutOff::Revoked {
         phone.close();
         // The phone's session ends (its connection closed, its writer done).
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let opener = if how == CutOff::DisabledAndEnabledAfterLeaving {
         let shared = tb.shared();
         let ops = Ops { store: &shared.store, auth: &shared.auth, broker: Some(shared) };
         for disabled in [true, false] {
@@ -3323,19 +3319,22 @@ async fn a_chunk_let_in_before_its_session_ended_and_its_account_was_disabled_is
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
         }
-        held.release();
-        // A new session, after the enable: the actor answers its opening once done
-        // with the chunk.
         let (again, _) = tb.login("alice").await;
         // (A device opens transfer streams once its session has made a request.)
         assert_eq!(offset_of(status(&again, file).await.unwrap()), 0);
-        let mut resumed = Transfer::open(again.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
-        match resumed.reply().await {
-            Some(TransferReply::Accepted { offset: 0 }) => {}
-            other => panic!("the chunk was written after its account was disabled: {other:?}"),
-        }
-    })
-    .await
+        again
+    } else {
+        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        laptop
+    };
+    held.release();
+    // The actor takes one message at a time: it answers the opening of the same upload
+    // once it is done with the chunk.
+    let mut resumed = Transfer::open(opener.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
+    match resumed.reply().await {
+        Some(TransferReply::Accepted { offset: 0 }) => {}
+        other => panic!("the chunk was written after its device was cut off: {other:?}"),
+    }
 }
 
 /// A device revoked in the middle of an upload writes nothing more: the chunks it had
