@@ -175,6 +175,7 @@ pub struct Connector {
     server_name: String,
     connect_timeout: std::time::Duration,
     enroll_retry_for: std::time::Duration,
+    request_timeout: std::time::Duration,
 }
 
 impl Connector {
@@ -198,6 +199,7 @@ impl Connector {
             server_name: server_name.to_owned(),
             connect_timeout: options.connect_timeout,
             enroll_retry_for: options.enroll_retry_for,
+            request_timeout: options.request_timeout,
         })
     }
 
@@ -214,7 +216,7 @@ impl Connector {
     /// Connects as an enrolled device.
     pub async fn connect(&self, identity: &Identity) -> Result<Client> {
         let (conn, stream, (user_id, device_id)) = self.authenticated(identity).await?;
-        Ok(Client::start(conn, stream, user_id, device_id))
+        Ok(Client::start(conn, stream, user_id, device_id, self.request_timeout))
     }
 
     /// Connects and proves `identity`'s device key: the connection, its control stream
@@ -369,7 +371,7 @@ impl Connector {
             })
             .await?;
         let identity = Identity { user: user.to_owned(), user_id, device_id, secret_key: hex(&secret) };
-        Ok((Client::start(conn, stream, user_id, device_id), identity))
+        Ok((Client::start(conn, stream, user_id, device_id, self.request_timeout), identity))
     }
 
     /// Connects and opens the control stream; returns them with the transcript the
@@ -546,10 +548,18 @@ pub struct Client {
     pub device_id: DeviceId,
     /// The broker's announced limits.
     pub limits: Limits,
+    /// `TransportOptions::request_timeout`.
+    request_timeout: std::time::Duration,
 }
 
 impl Client {
-    fn start(conn: quinn::Connection, stream: Control, user_id: UserId, device_id: DeviceId) -> Client {
+    fn start(
+        conn: quinn::Connection,
+        stream: Control,
+        user_id: UserId,
+        device_id: DeviceId,
+        request_timeout: std::time::Duration,
+    ) -> Client {
         let Control { send, recv, decoder, hello } = stream;
         let waiters: Arc<Waiters> = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -568,6 +578,7 @@ impl Client {
             user_id,
             device_id,
             limits: hello.expect("open() keeps the server hello before start").limits,
+            request_timeout,
         }
     }
 
@@ -581,7 +592,11 @@ impl Client {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).take().map(|rx| Events { rx })
     }
 
-    /// Sends a request and waits for its response.
+    /// Sends a request and waits for its response, at most
+    /// `TransportOptions::request_timeout`: past it the connection is closed and the
+    /// error is `Closed` with no code (the request may or may not have been carried out:
+    /// send it again on a new connection, as after any lost connection; writes are
+    /// idempotent by their client message ids).
     pub async fn request(&self, body: RequestBody) -> Result<Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = frame_within(&ClientFrame::Request(Request { id, body }), self.limits.max_client_frame_bytes)?;
@@ -602,10 +617,18 @@ impl Client {
             }
             return Err(closed(&self.conn).await);
         }
-        match rx.await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => Err(ClientError::Server(e)),
-            Err(_) => Err(closed(&self.conn).await),
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(e))) => Err(ClientError::Server(e)),
+            Ok(Err(_)) => Err(closed(&self.conn).await),
+            Err(_) => {
+                let reason = format!(
+                    "the broker did not answer a request within {} s: this client closed the connection",
+                    self.request_timeout.as_secs_f64()
+                );
+                self.conn.close(ErrorCode::TIMEOUT.0.into(), reason.as_bytes());
+                Err(ClientError::Closed { code: None, reason })
+            }
         }
     }
 

@@ -58,6 +58,15 @@ pub struct TransportOptions {
     /// `ENROLL_BACKOFF_MIN_MS` doubling to `ENROLL_BACKOFF_MAX_MS`, with jitter. Zero:
     /// one attempt, the `OVERLOADED` error returned. Default 30 s.
     pub enroll_retry_for: Duration,
+    /// How long a request on an authenticated connection may go unanswered before this
+    /// client takes the connection for broken: it closes it (close code `TIMEOUT`) and
+    /// the request, with every other one waiting on that connection, fails as
+    /// `ClientError::Closed` with no code, as for a lost connection, so what retries a
+    /// lost connection (the `Session`, `sb --retry-for`, the uploader) retries this. A
+    /// broker answers every request, with an error when it cannot take it (`OVERLOADED`,
+    /// `RATE_LIMITED`); one that does not within this long is stuck or gone. Default
+    /// 60 s, twice the idle timeout: a dead broker is found by the idle timeout first.
+    pub request_timeout: Duration,
 }
 
 impl Default for TransportOptions {
@@ -69,6 +78,7 @@ impl Default for TransportOptions {
             connect_timeout: Duration::from_secs(10),
             stream_receive_window: 2 * 1024 * 1024,
             enroll_retry_for: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -9,9 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use switchboard_broker::pauses::Point;
 use switchboard_broker::{Broker, Config};
-use switchboard_client::{Identity, MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents};
-use switchboard_protocol::{Body, ErrorCode, Page, UserId};
+use switchboard_client::{
+    ClientError, Identity, MemoryCursors, Session, SessionConfig, SessionEvent, SessionEvents, TransportOptions,
+};
+use switchboard_protocol::{Body, ErrorCode, Page, Settings, UserId};
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, wait_for, within};
 
 fn config() -> SessionConfig {
@@ -544,4 +547,82 @@ async fn typing_shown_is_stopped_when_the_connection_ends() {
         bob_session.close().await;
     })
     .await;
+}
+
+/// A connector whose requests wait at most 300 ms for their answers.
+fn impatient(tb: &TestBroker) -> switchboard_client::Connector {
+    tb.connector_with(&TransportOptions { request_timeout: Duration::from_millis(300), ..TransportOptions::default() })
+}
+
+/// A request the broker holds and never answers fails once the request timeout has
+/// passed, as a lost connection (`Closed` with no code), and the connection is closed,
+/// so what retries lost connections retries it; before, the caller waited for ever on a
+/// live connection (keep-alives kept it open). A new connection works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_broker_never_answers_fails_as_a_lost_connection() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (_, alice) = tb.register("alice").await;
+        let client = within(STEP_DEADLINE, "connect", impatient(&tb).connect(&alice)).await.unwrap();
+        let mut held = tb.shared().pauses.arm(Point::Settings);
+        let private = Settings { read_receipts_private: true };
+        let started = std::time::Instant::now();
+        let asked = client.settings(Some(private.clone()));
+        tokio::pin!(asked);
+        tokio::select! {
+            () = held.reached() => {}
+            answered = &mut asked => panic!("answered while held: {answered:?}"),
+        }
+        let failed = within(STEP_DEADLINE, "the unanswered request", asked).await.unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(300), "failed before its timeout: {failed:?}");
+        match &failed {
+            ClientError::Closed { code: None, reason } => assert!(reason.contains("did not answer"), "{reason}"),
+            other => panic!("expected a lost connection, got {other:?}"),
+        }
+        within(STEP_DEADLINE, "the close", client.closed()).await;
+        assert!(client.ping().await.is_err(), "the connection stayed usable");
+        held.release();
+        let again = within(STEP_DEADLINE, "connect again", impatient(&tb).connect(&alice)).await.unwrap();
+        assert!(again.ping().await.is_ok());
+    })
+    .await
+}
+
+/// A `Send` the broker holds (its conversation's actor was being started) is given up
+/// by the session after the request timeout, sent again with the same client id on a
+/// new connection, and lands once; the caller is told its seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_the_broker_never_answers_is_sent_again_on_a_new_connection_and_lands_once() {
+    bounded(async {
+        let mut tb = TestBroker::start().await;
+        let (alice_client, alice) = tb.register("alice").await;
+        let (_bob, _) = tb.register("bob").await;
+        let conv = alice_client.create_direct("bob").await.unwrap().id;
+        drop(alice_client);
+        // After a restart no conversation actor is live: the send starts one.
+        tb.restart().await;
+        let mut held = tb.shared().pauses.arm(Point::ConversationStarted);
+        let (session, mut events) =
+            Session::start(impatient(&tb), alice.clone(), Arc::new(MemoryCursors::default()), config()).unwrap();
+        wait_for(&mut events, "connected", |e| matches!(e, SessionEvent::Connected)).await;
+        let send = session.send(conv, "hello");
+        tokio::pin!(send);
+        tokio::select! {
+            () = held.reached() => {}
+            sent = &mut send => panic!("sent while held: {sent:?}"),
+        }
+        let seq = within(STEP_DEADLINE, "the send on a new connection", send).await.unwrap();
+        held.release();
+        let reader = tb.connector().connect(&alice).await.unwrap();
+        let (entries, last) = reader.history(conv, Page::Latest, 50).await.unwrap();
+        let hellos: Vec<_> = entries
+            .iter()
+            .filter(|e| matches!(&e.body, Body::Text { text, .. } if text == "hello"))
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(hellos, vec![seq], "the held send and its resend landed as {hellos:?}");
+        assert_eq!(last, seq);
+        session.close().await;
+    })
+    .await
 }
