@@ -211,7 +211,9 @@ impl Auth {
         let now = crate::now_ms();
         let addresses = address_keys(from);
         self.passwords.check(&addresses, now)?;
-        if check_user_name(&req.user).is_err() || req.password.len() > MAX_PASSWORD_BYTES as usize {
+        // No account has such a name or password (registration and every password
+        // change check the same rules): wrong, said at once, with no hash and no count.
+        if check_user_name(&req.user).is_err() || check_password(&req.password).is_err() {
             return Err(wrong_password());
         }
         let user = self.store.user_by_name(&req.user).map_err(internal)?;

@@ -157,6 +157,28 @@ async fn failed_logins_are_rate_limited() {
     .await
 }
 
+/// A login with a password no account can have (under 8 or over 256 bytes: the rules
+/// every password was set by) is `AUTH_FAILED` at once, hashed and counted as nothing,
+/// so it neither spends the broker's password checks nor moves the name toward
+/// `RATE_LIMITED`; before, one under 8 bytes was hashed and counted, and the eleventh
+/// was refused (and the right password after it).
+#[tokio::test]
+async fn a_login_with_a_password_no_account_can_have_is_refused_uncounted() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        tb.register("alice").await;
+        let long = "x".repeat(257);
+        for password in ["short", long.as_str()] {
+            for _ in 0..11 {
+                let e = tb.connector().login("alice", password, "d").await.err().unwrap();
+                assert_eq!(e.code(), Some(ErrorCode::AUTH_FAILED), "{}-byte password", password.len());
+            }
+        }
+        tb.login("alice").await;
+    })
+    .await
+}
+
 /// Failed logins for a name nobody has are limited exactly as for an account: ten
 /// `AUTH_FAILED`, then `RATE_LIMITED` (before, only names that exist were counted, so the
 /// eleventh wrong password told a stranger which names exist).
