@@ -112,6 +112,9 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// Totals for the metrics endpoint.
     pub counters: metrics::Counters,
+    /// The served certificate's notAfter, seconds since the Unix epoch (`None`: not
+    /// read), for the metrics endpoint.
+    pub certificate_not_after_s: Option<u64>,
     /// Where a test may hold a request (`pauses.rs`); for tests only, none is held
     /// otherwise.
     #[doc(hidden)]
@@ -457,6 +460,7 @@ impl Broker {
             sends,
             health,
             counters: metrics::Counters::with_tickets_opened(tickets_opened),
+            certificate_not_after_s: identity.not_after_s,
             pauses,
         });
         let mut accept: Vec<tokio::task::JoinHandle<()>> = endpoints
@@ -471,6 +475,10 @@ impl Broker {
             }
         }
         accept.push(tokio::spawn(files::watch_disk(Arc::downgrade(&shared))));
+        if let Some(not_after_s) = identity.not_after_s {
+            let cert = identity.cert_path.clone();
+            accept.push(tokio::spawn(tls::watch_expiry(cert, not_after_s, Arc::downgrade(&shared))));
+        }
         let interval = files::sweep_interval(shared.config.upload_expiry_secs);
         accept.push(tokio::spawn(files::sweeper(Arc::downgrade(&shared), interval)));
         if shared.config.status_log_secs > 0 {

@@ -328,6 +328,10 @@ async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<()> {
     say!("data directory: {}", config.data_dir.display());
     say!("certificate: {}", broker.cert_path.display());
     say!("certificate sha256: {}", broker.fingerprint);
+    // The generated one is valid to 4096; an operator's has a date to watch.
+    if let (Some(_), Some(not_after_s)) = (&config.cert, broker.shared().certificate_not_after_s) {
+        say!("certificate valid until: {}", switchboard_broker::admin::utc(not_after_s.saturating_mul(1000)));
+    }
     say!("registration: {}", if config.registration_open { "open" } else { "closed" });
     // The two settings that trade latency and ceiling for wakeups (OPERATIONS.md).
     let workers = tokio::runtime::Handle::current().metrics().num_workers();

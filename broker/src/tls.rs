@@ -23,6 +23,9 @@ pub struct Identity {
     pub cert_path: PathBuf,
     /// SHA-256 of the leaf certificate DER, lowercase hex (clients pass it as `--pin`).
     pub fingerprint: String,
+    /// The leaf's notAfter, seconds since the Unix epoch (`None` when webpki cannot read
+    /// it: such a certificate is refused by every client given it as `--ca`).
+    pub not_after_s: Option<u64>,
 }
 
 /// Loads the configured certificate, or the generated one in the data dir, generating
@@ -65,7 +68,91 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<Identity> {
     if let Some(why) = identity.chain.first().and_then(refused_as_server_certificate) {
         tracing::warn!(cert = %cert_path.display(), "{why}");
     }
+    if let Some(not_after_s) = identity.not_after_s {
+        warn_of_expiry(cert_path, not_after_s, crate::now_ms() / 1000);
+    }
     Ok(identity)
+}
+
+/// From this many days before its notAfter the broker warns that its certificate
+/// expires (at start and once a day, `watch_expiry`): time to make and install the next
+/// one (OPERATIONS.md, "Certificates").
+pub const CERT_EXPIRY_WARN_DAYS: u64 = 30;
+
+/// How often a running broker looks at its certificate's expiry again.
+pub const CERT_EXPIRY_CHECK: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// What to say, at `now_s`, of a certificate whose notAfter is `not_after_s` (seconds
+/// since the Unix epoch): `Some((true, ..))` once it has expired, `Some((false, ..))`
+/// within `CERT_EXPIRY_WARN_DAYS` of it, else `None`.
+pub fn expiry_notice(not_after_s: u64, now_s: u64) -> Option<(bool, String)> {
+    let date = crate::admin::utc(not_after_s.saturating_mul(1000));
+    if now_s > not_after_s {
+        return Some((
+            true,
+            format!(
+                "the certificate expired at {date}: clients given it or its CA as --ca refuse the broker (\"certificate \
+                 expired\"); only pinned ones (--pin) connect. Install a new certificate and key and restart \
+                 (OPERATIONS.md, Certificates)"
+            ),
+        ));
+    }
+    let left_s = not_after_s - now_s;
+    (left_s <= CERT_EXPIRY_WARN_DAYS * 86_400).then(|| {
+        (
+            false,
+            format!(
+                "the certificate expires at {date}, in {} days: past it clients given it or its CA as --ca refuse \
+                 the broker; install the next certificate and key before then and restart (OPERATIONS.md, \
+                 Certificates)",
+                left_s / 86_400
+            ),
+        )
+    })
+}
+
+/// Logs `expiry_notice` at `now_s` of the certificate at `cert`: `ERROR` once expired,
+/// `WARN` within `CERT_EXPIRY_WARN_DAYS`.
+fn warn_of_expiry(cert: &Path, not_after_s: u64, now_s: u64) {
+    match expiry_notice(not_after_s, now_s) {
+        Some((true, said)) => tracing::error!(cert = %cert.display(), "{said}"),
+        Some((false, said)) => tracing::warn!(cert = %cert.display(), "{said}"),
+        None => {}
+    }
+}
+
+/// Says once a day (`CERT_EXPIRY_CHECK`) what `expiry_notice` says of the certificate
+/// at `cert`, whose notAfter is `not_after_s`, while the broker runs: a broker runs for
+/// months, and a warning seen only at its start is seen by nobody.
+pub(crate) async fn watch_expiry(cert: PathBuf, not_after_s: u64, shared: std::sync::Weak<crate::Shared>) {
+    let mut tick = tokio::time::interval(CERT_EXPIRY_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now, and the start said it already.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if shared.strong_count() == 0 {
+            return;
+        }
+        warn_of_expiry(&cert, not_after_s, crate::now_ms() / 1000);
+    }
+}
+
+/// The leaf's notAfter, seconds since the Unix epoch: what webpki reports when it checks
+/// the leaf (as its own anchor, as `refused_as_server_certificate` does) at the last
+/// time it can read, after every notAfter (RFC 5280 section 4.1.2.5: 9999-12-31). `None`
+/// for a certificate webpki cannot read, or one valid even then.
+pub fn not_after(leaf: &CertificateDer<'_>) -> Option<u64> {
+    let end_entity = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let anchor = webpki::anchor_from_trusted_cert(leaf).ok()?;
+    let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    // 10000-01-01T00:00:00Z.
+    let last = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(253_402_300_800));
+    let usage = webpki::KeyUsage::server_auth();
+    match end_entity.verify_for_usage(algorithms, &[anchor], &[], last, usage, None, None) {
+        Err(webpki::Error::CertExpired { not_after, .. }) => Some(not_after.as_secs()),
+        _ => None,
+    }
 }
 
 /// `load` without its warning: the check of a configuration before a start (which
@@ -81,7 +168,8 @@ pub fn read(cert_path: &Path, key_path: &Path) -> Result<Identity> {
     let leaf = chain.first().ok_or_else(|| Error::Tls(format!("no certificate in {}", cert_path.display())))?;
     let fingerprint = fingerprint(leaf);
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem(key_path))?;
-    Ok(Identity { chain, key, cert_path: cert_path.to_path_buf(), fingerprint })
+    let not_after_s = not_after(leaf);
+    Ok(Identity { chain, key, cert_path: cert_path.to_path_buf(), fingerprint, not_after_s })
 }
 
 /// Why clients that verify `leaf` against a CA file (`--ca`) will refuse it as a
@@ -550,6 +638,27 @@ mod tests {
         assert!(why.contains("CA:TRUE") && why.contains("CA:FALSE"), "{why}");
         let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         assert_eq!(refused_as_server_certificate(generated.cert.der()), None);
+    }
+
+    /// A certificate's notAfter is read, warned of within 30 days of it and an error
+    /// past it; the generated one (valid to 4096) is never warned of.
+    #[test]
+    fn a_certificate_near_its_expiry_is_warned_of_and_one_past_it_is_an_error() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let cert = params.self_signed(&key).unwrap();
+        let at = 1_893_456_000; // 2030-01-01T00:00:00Z
+        assert_eq!(not_after(cert.der()), Some(at));
+        assert_eq!(expiry_notice(at, at - 31 * 86_400), None);
+        let (expired, said) = expiry_notice(at, at - 10 * 86_400).unwrap();
+        assert!(!expired && said.contains("expires at 2030-01-01T00:00:00Z, in 10 days"), "{said}");
+        let (expired, said) = expiry_notice(at, at + 1).unwrap();
+        assert!(expired && said.contains("expired at 2030-01-01T00:00:00Z") && said.contains("--pin"), "{said}");
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let far = not_after(generated.cert.der()).expect("the generated certificate's notAfter");
+        assert!(far > 60_000_000_000, "valid to 4096: {far}");
+        assert_eq!(expiry_notice(far, crate::now_ms() / 1000), None);
     }
 
     /// Transfer streams that fill their windows leave the control stream a whole window:

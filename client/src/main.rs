@@ -471,6 +471,14 @@ fn main() {
                      broker lists them at start when it listens beyond loopback), or trust it by --pin (the sha256 \
                      the broker prints at start)"
                 );
+            } else if why.contains("expired") || why.contains("not valid yet") {
+                // The right certificate, out of its dates (or this host's clock is off):
+                // another --ca file will not help either.
+                eprintln!(
+                    "sb: the broker's certificate is outside its validity dates (or this computer's clock is wrong): \
+                     its operator must install a new one; until then --pin (the sha256 the broker prints at start) \
+                     connects"
+                );
             } else {
                 eprintln!(
                     "sb: check --ca (the broker's cert.pem) or --pin (the sha256 the broker prints at start), and --server"

@@ -248,3 +248,40 @@ async fn a_metrics_address_in_use_fails_the_start_by_name() {
     })
     .await
 }
+
+/// An operator's certificate past its notAfter: the broker still starts (pinned clients
+/// connect), the metrics endpoint shows the notAfter for an alert, and clients given the
+/// certificate as `--ca` refuse the broker, saying it expired.
+#[tokio::test]
+async fn an_expired_operator_certificate_is_shown_and_refused_by_ca_clients_only() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let tb = TestBroker::start_with(|c| {
+            c.metrics_listen = Some(([127, 0, 0, 1], 0).into());
+            c.cert = Some(cert_path.clone());
+            c.key = Some(key_path.clone());
+        })
+        .await;
+        let broker = tb.broker.as_ref().unwrap();
+        let samples = scrape(broker.metrics_addr.unwrap()).await;
+        assert_eq!(samples["switchboard_certificate_expiry_timestamp_seconds"], 1_609_459_200.0); // 2021-01-01
+        let refused = tb.connector().register("alice", tb.password, "d").await.err().expect("an expired certificate");
+        assert!(refused.to_string().contains("expired"), "{refused}");
+        let pinned = switchboard_client::Connector::new(
+            broker.local_addr,
+            "localhost",
+            switchboard_client::Trust::Pin(broker.fingerprint.clone()),
+        )
+        .unwrap();
+        within(STEP_DEADLINE, "a pinned register", pinned.register("alice", tb.password, "d")).await.unwrap();
+    })
+    .await
+}
