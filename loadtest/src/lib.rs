@@ -47,7 +47,7 @@ impl<T> Drop for AbortOnDrop<T> {
 #[derive(clap::Args, Clone, Debug)]
 pub struct Common {
     /// Measured sending time, e.g. `10s`, `2m`, `500ms`.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration, global = true)]
     pub duration: Duration,
     /// Message size in bytes: at least 16 (the payload carries its send time), at most
     /// the broker's text limit.
@@ -56,25 +56,25 @@ pub struct Common {
     /// Write every figure as JSON to this file.
     #[arg(long, global = true)]
     pub json: Option<PathBuf>,
-    /// Draw latency and throughput over time into this PNG.
-    #[arg(long, global = true)]
+    /// Draw latency and throughput over time into this PNG (the name ends in `.png`).
+    #[arg(long, global = true, value_parser = parse_png_path)]
     pub plot: Option<PathBuf>,
     /// Raise the rate step by step until p99 passes `--ramp-p99-ms` or errors appear.
     #[arg(long, global = true)]
     pub ramp: bool,
-    /// The p99 bound for `--ramp`.
-    #[arg(long, default_value_t = 50.0, global = true)]
+    /// The p99 bound for `--ramp`, ms.
+    #[arg(long, default_value_t = 50.0, value_parser = parse_rate, global = true)]
     pub ramp_p99_ms: f64,
     /// Length of one ramp step, in whole seconds (a step's figures are read from whole
     /// seconds of the run).
     #[arg(long, default_value = "5s", value_parser = parse_whole_seconds, global = true)]
     pub ramp_step: Duration,
-    /// Rate multiplier between ramp steps.
-    #[arg(long, default_value_t = 1.25, global = true)]
+    /// Rate multiplier between ramp steps (above 1).
+    #[arg(long, default_value_t = 1.25, value_parser = parse_ramp_factor, global = true)]
     pub ramp_factor: f64,
     /// Steps the ramp keeps raising the rate after its first failed step, to show what
-    /// happens past saturation (refusals, latency, drops); the result is still the
-    /// fastest step that kept up.
+    /// happens past saturation (refusals, latency, drops); the result is the fastest
+    /// step before the first failed one, whatever these show.
     #[arg(long, default_value_t = 2, global = true)]
     pub ramp_beyond: usize,
     /// The embedded broker's `max_sends_in_flight` (default: the broker's).
@@ -105,8 +105,9 @@ pub struct Common {
     /// `batch` or `normal`; default: the broker's, batch). Not for `--in-process`.
     #[arg(long, global = true)]
     pub broker_scheduling: Option<switchboard_broker::config::Scheduling>,
-    /// Use a running broker at this address instead of starting one.
-    #[arg(long, requires = "trust", global = true)]
+    /// Use a running broker at this address (`HOST:PORT`; a host name is resolved,
+    /// the first address taken) instead of starting one.
+    #[arg(long, requires = "trust", global = true, value_parser = parse_target)]
     pub target: Option<SocketAddr>,
     /// Certificate to trust for `--target`.
     #[arg(long, group = "trust", requires = "target", global = true)]
@@ -114,14 +115,15 @@ pub struct Common {
     /// Certificate SHA-256 to trust for `--target`.
     #[arg(long, group = "trust", requires = "target", global = true)]
     pub pin: Option<String>,
-    /// Sample this broker process's CPU and memory (with `--target`).
-    #[arg(long, requires = "target", global = true)]
+    /// Sample this broker process's CPU and memory (with `--target`; a process of this
+    /// machine, checked at the start).
+    #[arg(long, requires = "target", global = true, value_parser = parse_pid)]
     pub broker_pid: Option<u32>,
     /// Run the broker inside the harness process instead of as a child process.
     #[arg(long, global = true)]
     pub in_process: bool,
     /// UDP sockets the embedded broker listens on (its `udp_sockets` setting).
-    #[arg(long, default_value_t = 1, global = true)]
+    #[arg(long, default_value_t = 1, global = true, value_parser = parse_count)]
     pub broker_udp_sockets: usize,
     /// The command line, for the report.
     #[arg(skip)]
@@ -153,8 +155,51 @@ impl Common {
         self.duration.as_secs() as usize + ramp + 120
     }
 
+    /// Checks what clap cannot check flag by flag, before anything starts: the output
+    /// files' directories (a run of minutes ended in "No such file or directory" with
+    /// its figures unwritten: a load tester's trial) and the flags that only set the
+    /// broker the harness starts, given with `--target` (ignored silently before).
+    pub fn check(&self) -> Result<()> {
+        for path in self.json.iter().chain(&self.plot) {
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir,
+                _ => std::path::Path::new("."),
+            };
+            if !dir.is_dir() {
+                return Err(Error::InvalidArgs(format!(
+                    "{} cannot be written: {} is not a directory",
+                    path.display(),
+                    dir.display()
+                )));
+            }
+        }
+        if self.target.is_some() {
+            let set: Vec<&str> = [
+                ("--in-process", self.in_process),
+                ("--broker-max-sends-in-flight", self.broker_max_sends_in_flight.is_some()),
+                ("--broker-send-delay-target-ms", self.broker_send_delay_target_ms.is_some()),
+                ("--broker-socket-backlog-target-ms", self.broker_socket_backlog_target_ms.is_some()),
+                ("--broker-commit-delay-us", self.broker_commit_delay_us.is_some()),
+                ("--broker-commit-siblings", self.broker_commit_siblings.is_some()),
+                ("--broker-udp-sockets", self.broker_udp_sockets != 1),
+            ]
+            .into_iter()
+            .filter_map(|(flag, given)| given.then_some(flag))
+            .collect();
+            if !set.is_empty() {
+                return Err(Error::InvalidArgs(format!(
+                    "{} set the broker the harness starts; with --target the broker runs as it was configured \
+                     (set those in its config file)",
+                    set.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves the broker to test: `--target`, in-process, or a child process.
     pub async fn target(&self) -> Result<target::Target> {
+        self.check()?;
         if (self.broker_workers.is_some() || self.broker_scheduling.is_some())
             && (self.in_process || self.target.is_some())
         {
@@ -192,6 +237,68 @@ pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
         Ok(n) if (payload::MIN_SIZE..=max).contains(&n) => Ok(n),
         _ => Err(format!("size must be {}..={max} bytes", payload::MIN_SIZE)),
     }
+}
+
+/// Parses a duration (as `parse_duration`) above zero: a run of `0s` measures nothing.
+pub fn parse_positive_duration(s: &str) -> std::result::Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: the run must last longer than zero"));
+    }
+    Ok(d)
+}
+
+/// Parses a rate or bound: a finite number above 0 (`--rate 0` measured nothing, after
+/// enrolling every user).
+pub fn parse_rate(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number above 0")),
+    }
+}
+
+/// Parses the ramp's factor: above 1 (a factor of 0.5 ramped down to 0 messages a
+/// second, for 40 steps).
+pub fn parse_ramp_factor(s: &str) -> std::result::Result<f64, String> {
+    match parse_rate(s) {
+        Ok(v) if v > 1.0 => Ok(v),
+        _ => Err(format!("{s:?}: the ramp raises the rate, so its factor is above 1 (e.g. 1.25)")),
+    }
+}
+
+/// Parses a count of at least 1.
+pub fn parse_count(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number of at least 1")),
+    }
+}
+
+/// Parses the plot's file name: a PNG, named so (`--plot out.svg` wrote PNG bytes under
+/// an SVG name).
+pub fn parse_png_path(s: &str) -> std::result::Result<PathBuf, String> {
+    if s.to_ascii_lowercase().ends_with(".png") {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(format!("{s:?}: the plot is a PNG image; name it FILE.png"))
+    }
+}
+
+/// Parses `HOST:PORT`, resolving a host name (the first address it has).
+pub fn parse_target(s: &str) -> std::result::Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = s.to_socket_addrs().map_err(|e| format!("{s:?} is not HOST:PORT of a reachable name: {e}"))?;
+    addrs.next().ok_or_else(|| format!("{s:?} names no address"))
+}
+
+/// Parses a process id of a running process of this machine (`/proc/PID`): a pid that
+/// named nothing measured "0% CPU" and passed.
+pub fn parse_pid(s: &str) -> std::result::Result<u32, String> {
+    let pid: u32 = s.trim().parse().map_err(|_| format!("{s:?} is not a process id"))?;
+    if !std::path::Path::new(&format!("/proc/{pid}/stat")).exists() {
+        return Err(format!("no process {pid} runs on this machine (the broker's pid, from `pgrep switchboard`)"));
+    }
+    Ok(pid)
 }
 
 /// Parses a duration (as `parse_duration`) that is a whole number of seconds, at least 1.
@@ -244,6 +351,38 @@ mod tests {
         assert!(parse_whole_seconds("1.5s").is_err());
         assert!(parse_whole_seconds("500ms").is_err());
         assert!(parse_whole_seconds("0s").is_err());
+    }
+
+    /// What a trial got accepted silently: a ramp factor that lowers the rate, rates and
+    /// durations of 0, a plot under another image type's name, a pid of nothing.
+    #[test]
+    fn values_that_measure_nothing_are_refused() {
+        assert!(parse_ramp_factor("0.5").is_err() && parse_ramp_factor("1").is_err());
+        assert_eq!(parse_ramp_factor("1.5"), Ok(1.5));
+        for bad in ["0", "-1", "NaN", "inf", "x"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_rate("0.5"), Ok(0.5));
+        assert!(parse_positive_duration("0s").is_err());
+        assert_eq!(parse_positive_duration("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_count("0").is_err());
+        assert!(parse_png_path("out.svg").is_err());
+        assert_eq!(parse_png_path("out.PNG"), Ok(PathBuf::from("out.PNG")));
+        assert_eq!(parse_target("localhost:4433").map(|a| a.port()), Ok(4433));
+        assert!(parse_target("localhost").is_err());
+        assert_eq!(parse_pid(&std::process::id().to_string()), Ok(std::process::id()));
+        assert!(parse_pid("4294967295").is_err());
+    }
+
+    #[tokio::test]
+    async fn output_files_in_a_missing_directory_and_broker_flags_with_target_are_refused() {
+        let missing = Common { json: Some("/nonexistent/dir/x.json".into()), ..Common::default() };
+        let said = missing.check().unwrap_err().to_string();
+        assert!(said.contains("/nonexistent/dir is not a directory"), "{said}");
+        let target = Some("127.0.0.1:4433".parse().unwrap());
+        let remote = Common { target, pin: Some("00".into()), broker_commit_delay_us: Some(1000), ..Common::default() };
+        let said = remote.target().await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(said.contains("--broker-commit-delay-us set the broker the harness starts"), "{said}");
     }
 
     #[test]

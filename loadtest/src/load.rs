@@ -403,7 +403,14 @@ async fn read_loop(
         tokio::select! {
             chunk = recv.read_chunk(64 * 1024, true) => match chunk {
                 Ok(Some(c)) => decoder.push(&c.bytes),
-                _ => break,
+                Ok(None) => {
+                    stats.connection_lost(clock.now_ns(), "the broker finished the stream");
+                    break;
+                }
+                Err(e) => {
+                    stats.connection_lost(clock.now_ns(), &e.to_string());
+                    break;
+                }
             },
             changed = stop.changed() => {
                 // A change asks for a flush (drain polls totals); `STOP` ends the reader.

@@ -42,6 +42,24 @@ enum Scenario {
     Upload(scenario::upload::Args),
 }
 
+/// Waits for Ctrl-C or SIGTERM; the exit status a shell gives a process they end
+/// (128 + the signal's number).
+async fn interrupted() -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => 130,
+        () = terminate => 143,
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(target::CHILD_COMMAND) {
@@ -67,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     common.command = args.join(" ");
     common.progress = true;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sb-load").build()?;
-    let report = runtime.block_on(async {
+    let run = async {
         match &cli.scenario {
             Scenario::Fanout(a) => scenario::fanout::run(&common, a).await,
             Scenario::Direct(a) => scenario::direct::run(&common, a).await,
@@ -79,7 +97,24 @@ fn main() -> anyhow::Result<()> {
             Scenario::Catchup(a) => scenario::catchup::run(&common, a).await,
             Scenario::Upload(a) => scenario::upload::run(&common, a).await,
         }
+    };
+    // Ctrl-C or SIGTERM drops the run, so what it started goes as on any other end: the
+    // broker child (killed on drop) and its temp data dir, the upload's scratch files
+    // (before, the default handlers ended the process with those left in /tmp: a trial).
+    let report = runtime.block_on(async {
+        tokio::select! {
+            report = run => Ok(report),
+            status = interrupted() => Err(status),
+        }
     });
+    let report = match report {
+        Ok(report) => report,
+        Err(status) => {
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            eprintln!("interrupted: the run was stopped before its end; nothing reported");
+            std::process::exit(status);
+        }
+    };
     let report = match report {
         Ok(report) => report,
         // Flags that do not go together are a mistyped command line, as clap's own
@@ -92,7 +127,13 @@ fn main() -> anyhow::Result<()> {
     };
     println!("{}", report.table());
     if let Some(path) = &common.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        // The result with the figures, as the exit status says it.
+        let mut json = serde_json::to_value(&report)?;
+        if let Some(object) = json.as_object_mut() {
+            object.insert("result".into(), (if report.passed() { "PASS" } else { "FAIL" }).into());
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .map_err(|e| anyhow::anyhow!("writing the JSON report {}: {e}", path.display()))?;
         println!("json: {}", path.display());
     }
     if let Some(path) = &common.plot {

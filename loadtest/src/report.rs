@@ -181,6 +181,12 @@ pub struct Report {
     pub errors: u64,
     /// Sends the broker refused with `OVERLOADED` (past saturation: shed load).
     pub refused: u64,
+    /// Harness connections lost before the run ended them (a broker stopped mid-run,
+    /// a device closed as a slow consumer): the figures after the first are not of a
+    /// running broker's work.
+    pub connections_lost: u64,
+    /// When the first was lost, seconds from the harness's start.
+    pub first_connection_loss_s: Option<f64>,
     /// Deliveries received.
     pub delivered: u64,
     /// Acknowledged messages some member never received.
@@ -268,6 +274,13 @@ impl Report {
         self.check("no duplicate delivery", dup == 0, format!("{dup} duplicated"));
         self.check("per-conversation order", ooo == 0, format!("{ooo} out of order"));
         self.check("no request errors", errors == 0, format!("{errors} errors"));
+        let lost = self.connections_lost;
+        let when = self.first_connection_loss_s.map_or(String::new(), |s| format!(", the first at t={s:.1} s"));
+        self.check(
+            "no connection to the broker lost",
+            lost == 0,
+            format!("{lost} lost{when} (a broker stopped or restarted mid-run, or devices closed as slow consumers)"),
+        );
     }
 
     /// A human-readable summary table.
@@ -285,6 +298,24 @@ impl Report {
                 "sent          {}   acked {}   refused (OVERLOADED) {}   errors {}",
                 self.sent, self.acked, self.refused, self.errors
             );
+            if self.refused > 0 {
+                // Shed load is the broker's designed answer past saturation, not a failed
+                // check; but a PASS with most sends refused read as a broker keeping up.
+                let _ = writeln!(
+                    s,
+                    "  note: {:.1}% of the sends were refused OVERLOADED: the offered load is past what this \
+                     broker took here; the latency figures are of the acknowledged part",
+                    100.0 * self.refused as f64 / self.sent.max(1) as f64
+                );
+            }
+            if self.connections_lost > 0 {
+                let _ = writeln!(
+                    s,
+                    "  connections lost before the run ended them: {}{}",
+                    self.connections_lost,
+                    self.first_connection_loss_s.map_or(String::new(), |t| format!(" (the first at t={t:.1} s)"))
+                );
+            }
             let _ = writeln!(
                 s,
                 "delivered     {}   lost {}   duplicated {}   out of order {}",

@@ -66,6 +66,11 @@ pub struct Stats {
     pub errors_total: AtomicU64,
     /// Sends the broker refused with `OVERLOADED` so far: shed load, not failures.
     pub refused_total: AtomicU64,
+    /// Harness connections the broker closed (or that were lost) before the run ended
+    /// them: a broker stopped or killed mid-run, or a device closed as a slow consumer.
+    pub connections_lost: AtomicU64,
+    /// When the first of those was lost, harness clock ns (`u64::MAX`: none).
+    pub first_loss_ns: AtomicU64,
 }
 
 struct Inner {
@@ -87,7 +92,28 @@ impl Stats {
             acked_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             refused_total: AtomicU64::new(0),
+            connections_lost: AtomicU64::new(0),
+            first_loss_ns: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Counts a connection lost at `now_ns` for `why`; the first is logged (a broker
+    /// killed mid-run went unsaid: a load tester's trial).
+    pub fn connection_lost(&self, now_ns: u64, why: &str) {
+        self.connections_lost.fetch_add(1, Ordering::Relaxed);
+        if self.first_loss_ns.compare_exchange(u64::MAX, now_ns, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(
+                at_s = format!("{:.1}", now_ns.saturating_sub(self.start_ns) as f64 / 1e9),
+                "a connection to the broker was lost before the run ended it: {why} (later ones are counted)"
+            );
+        }
+    }
+
+    /// The connections lost so far and when the first was, seconds from the start.
+    pub fn losses(&self) -> (u64, Option<f64>) {
+        let first = self.first_loss_ns.load(Ordering::Relaxed);
+        let at = (first != u64::MAX).then(|| first.saturating_sub(self.start_ns) as f64 / 1e9);
+        (self.connections_lost.load(Ordering::Relaxed), at)
     }
 
     /// The second (from start) a schedule time falls in.

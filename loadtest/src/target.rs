@@ -213,11 +213,12 @@ impl Target {
     }
 
     /// Where the broker runs and whether its resources are measured, for the report.
-    pub fn describe(&self) -> &'static str {
+    pub fn describe(&self) -> String {
         match (&self.owned, self.pid) {
-            (Owned::InProcess(..), _) => "in this process: the harness figures include it",
-            (_, Some(_)) => "own process, measured",
-            (_, None) => "remote, not measured (give --broker-pid)",
+            (Owned::InProcess(..), _) => "in this process: the harness figures include it".into(),
+            (Owned::Child(..), _) => "own process, measured".into(),
+            (Owned::None, Some(pid)) => format!("remote, measured (pid {pid})"),
+            (Owned::None, None) => "remote, not measured (give --broker-pid)".into(),
         }
     }
 

@@ -162,7 +162,9 @@ async fn wrong_passwords_never_lock_out_enrolled_devices() {
     assert_eq!(codes.last(), Some(&ErrorCode::RATE_LIMITED), "guessing is still limited: {codes:?}");
     // Guesses at made-up names use up this address's password allowance too.
     for i in 0..25 {
-        codes.push(tb.connector().login(&format!("nobody{i}"), "guess", "d").await.err().unwrap().code().unwrap());
+        codes.push(
+            tb.connector().login(&format!("nobody{i}"), "a wrong guess", "d").await.err().unwrap().code().unwrap(),
+        );
     }
     assert_eq!(codes.last(), Some(&ErrorCode::RATE_LIMITED), "guessing from this address is limited: {codes:?}");
     // The device proves its key, from that same address: no one's guesses stop it.

@@ -466,3 +466,38 @@ async fn enrolling_retries_a_full_password_queue() {
     })
     .await
 }
+
+/// A broker stopped in the middle of a run fails the run with the loss said (when, how
+/// many connections): before, a load tester's trial saw only a failed store look-up of
+/// "0 of 0" and a timeline that stopped, and could not tell lost from late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stopped_mid_run_fails_the_run_and_says_when() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = target::embedded_config(dir.path().join("data"), 1);
+        let broker = switchboard_broker::Broker::start(config).await.unwrap();
+        let common = Common {
+            in_process: false,
+            target: Some(broker.local_addr),
+            ca: Some(broker.cert_path.clone()),
+            duration: Duration::from_secs(4),
+            ..small()
+        };
+        let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, ..Default::default() };
+        let stop = async {
+            // Set-up (enrolling, the group) takes well under this; the measured phase
+            // then runs a second or more before the stop.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            broker.shutdown().await.unwrap();
+        };
+        let (report, ()) = tokio::join!(scenario::fanout::run(&common, &args), stop);
+        let report = report.unwrap();
+        assert!(!report.passed(), "{}", report.table());
+        assert!(report.connections_lost >= 4, "{}", report.table());
+        assert!(report.first_connection_loss_s.is_some_and(|t| t > 0.0), "{}", report.table());
+        let check = report.checks.iter().find(|c| c.name == "no connection to the broker lost").unwrap();
+        assert!(!check.ok && check.detail.contains("the first at t="), "{check:?}");
+        assert!(report.table().contains("connections lost before the run ended them"), "{}", report.table());
+    })
+    .await
+}

@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub convs: usize,
     /// Entries per `CatchUp` page asked for (the broker caps pages at 1000 entries).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=i64::from(switchboard_protocol::limits::CATCH_UP_PAGE_MAX)))]
     pub page: u16,
     /// Messages in flight while filling the conversations (not measured).
     #[arg(long, default_value_t = 256)]

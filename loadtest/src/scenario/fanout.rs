@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub senders: usize,
     /// Messages per second, all senders together (open loop).
-    #[arg(long, default_value_t = 1000.0)]
+    #[arg(long, default_value_t = 1000.0, value_parser = crate::parse_rate)]
     pub rate: f64,
     /// After the Switchboard run, run the same workload against this running NATS
     /// server (`nats://HOST:PORT`, core pub/sub) and print both side by side. Needs
@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long, value_parser = nats::parse_url)]
     pub against: Option<String>,
     /// The NATS server's process id, to sample its CPU and memory (with `--against`).
-    #[arg(long, requires = "against")]
+    #[arg(long, requires = "against", value_parser = crate::parse_pid)]
     pub nats_pid: Option<u32>,
 }
 

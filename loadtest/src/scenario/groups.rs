@@ -21,8 +21,9 @@ pub struct Args {
     /// Group size distribution, `size:weight,...`.
     #[arg(long, default_value = "3:40,8:30,25:20,100:10")]
     pub sizes: String,
-    /// Messages per second per user.
-    #[arg(long, default_value_t = 0.5)]
+    /// Messages per second per user who is in a group (the groups are drawn at random, so
+    /// a few users may be in none and send nothing).
+    #[arg(long, default_value_t = 0.5, value_parser = crate::parse_rate)]
     pub rate: f64,
     /// Seed for the group draw.
     #[arg(long, default_value_t = 1)]
@@ -92,7 +93,10 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
         ("users", args.users.to_string()),
         ("groups", args.groups.to_string()),
         ("sizes", args.sizes.clone()),
-        ("rate", format!("{} msg/s per user ({total:.0} total)", args.rate)),
+        (
+            "rate",
+            format!("{} msg/s per user in a group ({} of {}: {total:.0} total)", args.rate, senders.len(), args.users),
+        ),
     ]);
     let report = run_messages(load, senders, total, "groups", p, common).await;
     target.stop().await?;

@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub senders: usize,
     /// Messages per second, all senders together (open loop).
-    #[arg(long, default_value_t = 200.0)]
+    #[arg(long, default_value_t = 200.0, value_parser = crate::parse_rate)]
     pub rate: f64,
     /// Members that go away and come back (after the senders).
     #[arg(long, default_value_t = 4)]

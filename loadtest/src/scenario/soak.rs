@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(long, default_value_t = 200)]
     pub direct_users: usize,
     /// Messages per second per user.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::parse_rate)]
     pub rate: f64,
 }
 

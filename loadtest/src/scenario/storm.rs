@@ -21,10 +21,10 @@ const CONNECT_SETTLES: Duration = Duration::from_secs(1);
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
     /// Devices that connect.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = crate::parse_count)]
     pub clients: usize,
     /// Connection attempts in flight at once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::parse_count)]
     pub concurrency: usize,
     /// Seconds to hold the connections idle before measuring memory.
     #[arg(long, default_value_t = 3)]
@@ -112,7 +112,7 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
         params: params([
             ("clients", args.clients.to_string()),
             ("concurrency", args.concurrency.to_string()),
-            ("broker", target.describe().into()),
+            ("broker", target.describe()),
         ]),
         duration_s: elapsed,
         errors,

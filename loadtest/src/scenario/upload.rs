@@ -89,7 +89,7 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     pub clients: usize,
     /// Chat messages per second, in each chat phase (open loop).
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = crate::parse_rate)]
     pub chat_rate: f64,
     /// Chat messages in each chat phase. The default makes p99 the 15th slowest: with
     /// 500 (the default before) it was the 5th, and moved by a third from run to run
@@ -150,7 +150,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
 
     let target = common.target().await?;
     let broker_pid = target.pid.map(|p| p.to_string());
-    report.params.insert("broker".into(), target.describe().into());
+    report.params.insert("broker".into(), target.describe());
     // Memory and CPU over the broker phases, both processes (peak RSS shows whether
     // transfers are streamed rather than held).
     let broker_sampler = broker_pid.clone().map(|pid| Sampler::start(pid, Duration::from_millis(250)));
