@@ -403,7 +403,8 @@ impl Auth {
     }
 
     /// A signed-in user's own password change (`ChangePassword`). Checked in this order:
-    /// the new password's length (`INVALID`, before any work), the account's allowance of
+    /// the new password's length (`INVALID`, before any work), the current one's
+    /// (`AUTH_FAILED` outside 8 to 256 bytes, uncounted: no account has one), the account's allowance of
     /// changes (`PASSWORD_CHANGES_PER_ACCOUNT` a window, right or wrong: `RATE_LIMITED`),
     /// `from`'s password checks (`Config::password_checks_per_address`: `RATE_LIMITED`),
     /// a full password queue, or `from`'s share of it (the address the session's
@@ -428,6 +429,11 @@ impl Auth {
         sign_out_others: bool,
     ) -> Result<Vec<DeviceId>, ErrorBody> {
         check_password(new)?;
+        // No account has such a password (as in `check_login`): wrong, at once, with no
+        // hash and nothing counted.
+        if check_password(current).is_err() {
+            return Err(wrong_current_password());
+        }
         let now = crate::now_ms();
         let keys = [LimitKey::Account(user)];
         let too_many =

@@ -588,7 +588,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
     if let Some(not_after_s) = shared.certificate_not_after_s {
         families.push(gauge(
             "switchboard_certificate_expiry_timestamp_seconds",
-            "The served certificate's notAfter, seconds since the Unix epoch (alert well before it: clients given it as --ca refuse it past it).",
+            "The served chain's earliest notAfter, seconds since the Unix epoch (alert well before it: clients given it as --ca refuse it past it).",
             not_after_s as f64,
         ));
     }

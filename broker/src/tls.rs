@@ -23,9 +23,13 @@ pub struct Identity {
     pub cert_path: PathBuf,
     /// SHA-256 of the leaf certificate DER, lowercase hex (clients pass it as `--pin`).
     pub fingerprint: String,
-    /// The leaf's notAfter, seconds since the Unix epoch (`None` when webpki cannot read
-    /// it: such a certificate is refused by every client given it as `--ca`).
+    /// The earliest notAfter of the served chain (the leaf's, or an intermediate's that
+    /// ends first: clients refuse the chain past either), seconds since the Unix epoch
+    /// (`None` when webpki can read no certificate of it: such a chain is refused by
+    /// every client given it as `--ca`).
     pub not_after_s: Option<u64>,
+    /// The latest notBefore of the served chain, seconds since the Unix epoch.
+    pub not_before_s: Option<u64>,
 }
 
 /// Loads the configured certificate, or the generated one in the data dir, generating
@@ -68,8 +72,22 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<Identity> {
     if let Some(why) = identity.chain.first().and_then(refused_as_server_certificate) {
         tracing::warn!(cert = %cert_path.display(), "{why}");
     }
-    if let Some(not_after_s) = identity.not_after_s {
-        warn_of_expiry(cert_path, not_after_s, crate::now_ms() / 1000);
+    let now_s = crate::now_ms() / 1000;
+    match identity.not_after_s {
+        Some(not_after_s) => warn_of_expiry(cert_path, not_after_s, now_s),
+        None => tracing::warn!(
+            cert = %cert_path.display(),
+            "the certificate's validity dates could not be read: its expiry is not watched (no warning, no \
+             switchboard_certificate_expiry_timestamp_seconds)"
+        ),
+    }
+    if let Some(not_before_s) = identity.not_before_s.filter(|&at| at > now_s) {
+        tracing::warn!(
+            cert = %cert_path.display(),
+            "the certificate is not valid before {}: until then clients given it or its CA as --ca refuse the \
+             broker (\"not valid yet\"), or this host's clock is wrong",
+            crate::admin::utc(not_before_s.saturating_mul(1000))
+        );
     }
     Ok(identity)
 }
@@ -138,21 +156,38 @@ pub(crate) async fn watch_expiry(cert: PathBuf, not_after_s: u64, shared: std::s
     }
 }
 
-/// The leaf's notAfter, seconds since the Unix epoch: what webpki reports when it checks
-/// the leaf (as its own anchor, as `refused_as_server_certificate` does) at the last
-/// time it can read, after every notAfter (RFC 5280 section 4.1.2.5: 9999-12-31). `None`
-/// for a certificate webpki cannot read, or one valid even then.
-pub fn not_after(leaf: &CertificateDer<'_>) -> Option<u64> {
-    let end_entity = webpki::EndEntityCert::try_from(leaf).ok()?;
-    let anchor = webpki::anchor_from_trusted_cert(leaf).ok()?;
-    let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+/// A certificate's notAfter, seconds since the Unix epoch: what webpki reports when it
+/// checks the certificate (as its own anchor, as `refused_as_server_certificate` does;
+/// its validity is checked before anything else, a CA's too) at the last time it can
+/// read, after every notAfter (RFC 5280 section 4.1.2.5: 9999-12-31). `None` for a
+/// certificate webpki cannot read, or one valid even then.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<u64> {
     // 10000-01-01T00:00:00Z.
-    let last = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(253_402_300_800));
-    let usage = webpki::KeyUsage::server_auth();
-    match end_entity.verify_for_usage(algorithms, &[anchor], &[], last, usage, None, None) {
-        Err(webpki::Error::CertExpired { not_after, .. }) => Some(not_after.as_secs()),
+    match checked_at(cert, 253_402_300_800)? {
+        webpki::Error::CertExpired { not_after, .. } => Some(not_after.as_secs()),
         _ => None,
     }
+}
+
+/// A certificate's notBefore, seconds since the Unix epoch (`not_after`'s way, at the
+/// epoch); `None` for one webpki cannot read.
+pub fn not_before(cert: &CertificateDer<'_>) -> Option<u64> {
+    webpki::EndEntityCert::try_from(cert).ok()?;
+    match checked_at(cert, 0) {
+        Some(webpki::Error::CertNotValidYet { not_before, .. }) => Some(not_before.as_secs()),
+        // Valid at the epoch itself.
+        _ => Some(0),
+    }
+}
+
+/// The error webpki gives checking `cert` at `at_s`, if any.
+fn checked_at(cert: &CertificateDer<'_>, at_s: u64) -> Option<webpki::Error> {
+    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
+    let anchor = webpki::anchor_from_trusted_cert(cert).ok()?;
+    let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    let at = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(at_s));
+    let usage = webpki::KeyUsage::server_auth();
+    end_entity.verify_for_usage(algorithms, &[anchor], &[], at, usage, None, None).err()
 }
 
 /// `load` without its warning: the check of a configuration before a start (which
@@ -168,8 +203,9 @@ pub fn read(cert_path: &Path, key_path: &Path) -> Result<Identity> {
     let leaf = chain.first().ok_or_else(|| Error::Tls(format!("no certificate in {}", cert_path.display())))?;
     let fingerprint = fingerprint(leaf);
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem(key_path))?;
-    let not_after_s = not_after(leaf);
-    Ok(Identity { chain, key, cert_path: cert_path.to_path_buf(), fingerprint, not_after_s })
+    let not_after_s = chain.iter().filter_map(not_after).min();
+    let not_before_s = chain.iter().filter_map(not_before).max();
+    Ok(Identity { chain, key, cert_path: cert_path.to_path_buf(), fingerprint, not_after_s, not_before_s })
 }
 
 /// Why clients that verify `leaf` against a CA file (`--ca`) will refuse it as a
@@ -650,6 +686,20 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         let at = 1_893_456_000; // 2030-01-01T00:00:00Z
         assert_eq!(not_after(cert.der()), Some(at));
+        params.not_before = rcgen::date_time_ymd(2029, 1, 1);
+        let later = params.self_signed(&key).unwrap();
+        assert_eq!(not_before(later.der()), Some(1_861_920_000)); // 2029-01-01
+        // A chain is as good as the certificate of it that ends first.
+        let tmp = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+        let mut ca_params = rcgen::CertificateParams::new(vec!["ca".into()]).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.not_after = rcgen::date_time_ymd(2028, 1, 1);
+        let ca = ca_params.self_signed(&key).unwrap();
+        std::fs::write(&cert_path, format!("{}{}", cert.pem(), ca.pem())).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let identity = read(&cert_path, &key_path).unwrap();
+        assert_eq!(identity.not_after_s, Some(1_830_297_600)); // 2028-01-01, the CA's
         assert_eq!(expiry_notice(at, at - 31 * 86_400), None);
         let (expired, said) = expiry_notice(at, at - 10 * 86_400).unwrap();
         assert!(!expired && said.contains("expires at 2030-01-01T00:00:00Z, in 10 days"), "{said}");

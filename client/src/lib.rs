@@ -550,6 +550,31 @@ pub struct Client {
     pub limits: Limits,
     /// `TransportOptions::request_timeout`.
     request_timeout: std::time::Duration,
+    /// When the control stream last carried anything from the broker.
+    heard: Arc<Heard>,
+}
+
+/// When a connection's control stream last brought bytes: one relaxed store per chunk
+/// read, read only when a request's timeout passes.
+struct Heard {
+    since: std::time::Instant,
+    /// Milliseconds after `since`.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard { since: std::time::Instant::now(), last_ms: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    fn now(&self) {
+        self.last_ms.store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last)
+    }
 }
 
 impl Client {
@@ -564,8 +589,11 @@ impl Client {
         let waiters: Arc<Waiters> = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let events_taken = Arc::new(AtomicBool::new(false));
+        let heard = Arc::new(Heard::new());
         tokio::spawn(datagram_loop(conn.clone(), tx.clone()));
-        tokio::spawn(read_loop(conn.clone(), recv, decoder, waiters.clone(), tx, events_taken.clone()));
+        let reader =
+            Reader { waiters: waiters.clone(), events: tx, events_taken: events_taken.clone(), heard: heard.clone() };
+        tokio::spawn(read_loop(conn.clone(), recv, decoder, reader));
         let (writes, queued) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_loop(send, queued));
         Client {
@@ -579,6 +607,7 @@ impl Client {
             device_id,
             limits: hello.expect("open() keeps the server hello before start").limits,
             request_timeout,
+            heard,
         }
     }
 
@@ -617,13 +646,36 @@ impl Client {
             }
             return Err(closed(&self.conn).await);
         }
-        match tokio::time::timeout(self.request_timeout, rx).await {
-            Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(e))) => Err(ClientError::Server(e)),
-            Ok(Err(_)) => Err(closed(&self.conn).await),
-            Err(_) => {
+        let mut rx = rx;
+        let mut wait = self.request_timeout;
+        let answer = loop {
+            if self.request_timeout.is_zero() {
+                break Some(rx.await);
+            }
+            match tokio::time::timeout(wait, &mut rx).await {
+                Ok(answer) => break Some(answer),
+                Err(_) => {
+                    // The answer may wait behind what the stream is still carrying (a
+                    // slow link, pages and events queued before it): only silence for
+                    // the whole timeout means a stuck broker.
+                    let silent = self.heard.silent_for();
+                    if silent >= self.request_timeout {
+                        break None;
+                    }
+                    wait = self.request_timeout - silent;
+                }
+            }
+        };
+        match answer {
+            Some(Ok(Ok(reply))) => Ok(reply),
+            Some(Ok(Err(e))) => Err(ClientError::Server(e)),
+            Some(Err(_)) => Err(closed(&self.conn).await),
+            // Closing already (revoked, going away): that reason, not ours.
+            None if self.conn.close_reason().is_some() => Err(closed(&self.conn).await),
+            None => {
                 let reason = format!(
-                    "the broker did not answer a request within {} s: this client closed the connection",
+                    "the broker sent nothing for {} s while a request waited for its answer: this client closed \
+                     the connection",
                     self.request_timeout.as_secs_f64()
                 );
                 self.conn.close(ErrorCode::TIMEOUT.0.into(), reason.as_bytes());
@@ -949,14 +1001,16 @@ impl Drop for Client {
     }
 }
 
-async fn read_loop(
-    conn: quinn::Connection,
-    mut recv: quinn::RecvStream,
-    mut decoder: FrameDecoder,
+/// What the control stream's reader hands its frames to.
+struct Reader {
     waiters: Arc<Waiters>,
     events: mpsc::Sender<Event>,
     events_taken: Arc<AtomicBool>,
-) {
+    heard: Arc<Heard>,
+}
+
+async fn read_loop(conn: quinn::Connection, mut recv: quinn::RecvStream, mut decoder: FrameDecoder, reader: Reader) {
+    let Reader { waiters, events, events_taken, heard } = reader;
     'read: loop {
         loop {
             let body = match decoder.next_frame() {
@@ -989,7 +1043,10 @@ async fn read_loop(
             }
         }
         match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                heard.now();
+                decoder.push(&chunk.bytes);
+            }
             Ok(None) | Err(_) => break,
         }
     }

@@ -58,14 +58,17 @@ pub struct TransportOptions {
     /// `ENROLL_BACKOFF_MIN_MS` doubling to `ENROLL_BACKOFF_MAX_MS`, with jitter. Zero:
     /// one attempt, the `OVERLOADED` error returned. Default 30 s.
     pub enroll_retry_for: Duration,
-    /// How long a request on an authenticated connection may go unanswered before this
-    /// client takes the connection for broken: it closes it (close code `TIMEOUT`) and
-    /// the request, with every other one waiting on that connection, fails as
-    /// `ClientError::Closed` with no code, as for a lost connection, so what retries a
-    /// lost connection (the `Session`, `sb --retry-for`, the uploader) retries this. A
-    /// broker answers every request, with an error when it cannot take it (`OVERLOADED`,
-    /// `RATE_LIMITED`); one that does not within this long is stuck or gone. Default
-    /// 60 s, twice the idle timeout: a dead broker is found by the idle timeout first.
+    /// How long the broker may send nothing on the control stream while a request waits
+    /// for its answer before this client takes the connection for broken: it closes it
+    /// (close code `TIMEOUT`) and the request, with every other one waiting on that
+    /// connection, fails as `ClientError::Closed` with no code, as for a lost
+    /// connection, so what retries a lost connection (the `Session`, `sb --retry-for`,
+    /// the uploader) retries it (a write with the same client id). Silence, not the
+    /// answer's own time: an answer queued behind pages and events on a slow link
+    /// arrives late but the stream keeps moving, and a request the broker holds (behind
+    /// the user's store jobs, waiting for room: PROTOCOL.md section 7) is answered within
+    /// this when the broker is not stuck. Default 60 s, twice the idle timeout: a dead
+    /// broker is found by the idle timeout first. Zero: no deadline.
     pub request_timeout: Duration,
 }
 

@@ -105,10 +105,11 @@ pub struct Common {
     /// `batch` or `normal`; default: the broker's, batch). Not for `--in-process`.
     #[arg(long, global = true)]
     pub broker_scheduling: Option<switchboard_broker::config::Scheduling>,
-    /// Use a running broker at this address (`HOST:PORT`; a host name is resolved,
-    /// the first address taken) instead of starting one.
+    /// Use a running broker at this address (`HOST:PORT`; a host name is resolved, its
+    /// first IPv4 address taken if it has one, and is the name the broker's certificate
+    /// is checked for) instead of starting one.
     #[arg(long, requires = "trust", global = true, value_parser = parse_target)]
-    pub target: Option<SocketAddr>,
+    pub target: Option<String>,
     /// Certificate to trust for `--target`.
     #[arg(long, group = "trust", requires = "target", global = true)]
     pub ca: Option<PathBuf>,
@@ -207,13 +208,14 @@ impl Common {
                 "--broker-workers and --broker-scheduling set the runtime of the broker the harness starts as a child process".into(),
             ));
         }
-        if let Some(addr) = self.target {
+        if let Some(given) = &self.target {
             let trust = match (&self.ca, &self.pin) {
                 (Some(ca), _) => switchboard_client::Trust::CaFile(ca.clone()),
                 (None, Some(pin)) => switchboard_client::Trust::Pin(pin.clone()),
                 (None, None) => return Err(Error::InvalidArgs("--target needs --ca or --pin".into())),
             };
-            return Ok(target::Target::remote(addr, trust, self.broker_pid));
+            let (addr, server_name) = resolve_target(given).map_err(Error::InvalidArgs)?;
+            return Ok(target::Target::remote(addr, &server_name, trust, self.broker_pid));
         }
         let knobs = target::BrokerKnobs {
             udp_sockets: self.broker_udp_sockets,
@@ -284,11 +286,31 @@ pub fn parse_png_path(s: &str) -> std::result::Result<PathBuf, String> {
     }
 }
 
-/// Parses `HOST:PORT`, resolving a host name (the first address it has).
-pub fn parse_target(s: &str) -> std::result::Result<SocketAddr, String> {
+/// Parses `HOST:PORT`, checking that it resolves (`resolve_target`).
+pub fn parse_target(s: &str) -> std::result::Result<String, String> {
+    resolve_target(s).map(|_| s.to_owned())
+}
+
+/// The address of `HOST:PORT` (a host name's first IPv4 address if it has one: a broker
+/// listens on 127.0.0.1 by default, and `localhost` resolves to `::1` first on some
+/// hosts) and the name to check the broker's certificate for: the host as given, or
+/// `localhost` for a loopback address (as `sb` does).
+pub fn resolve_target(s: &str) -> std::result::Result<(SocketAddr, String), String> {
     use std::net::ToSocketAddrs;
-    let mut addrs = s.to_socket_addrs().map_err(|e| format!("{s:?} is not HOST:PORT of a reachable name: {e}"))?;
-    addrs.next().ok_or_else(|| format!("{s:?} names no address"))
+    let addrs: Vec<SocketAddr> =
+        s.to_socket_addrs().map_err(|e| format!("{s:?} is not HOST:PORT of a name that resolves: {e}"))?.collect();
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} names no address"))?;
+    let host = s.rsplit_once(':').map_or(s, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
+    let name = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => "localhost".to_owned(),
+        _ => host.to_owned(),
+    };
+    Ok((addr, name))
 }
 
 /// Parses a process id of a running process of this machine (`/proc/PID`): a pid that
@@ -368,7 +390,12 @@ mod tests {
         assert!(parse_count("0").is_err());
         assert!(parse_png_path("out.svg").is_err());
         assert_eq!(parse_png_path("out.PNG"), Ok(PathBuf::from("out.PNG")));
-        assert_eq!(parse_target("localhost:4433").map(|a| a.port()), Ok(4433));
+        let (addr, name) = resolve_target("localhost:4433").unwrap();
+        assert_eq!((addr.port(), name.as_str()), (4433, "localhost"));
+        assert!(addr.is_ipv4(), "{addr}");
+        assert_eq!(resolve_target("127.0.0.1:4433").unwrap().1, "localhost");
+        assert_eq!(resolve_target("192.0.2.7:4433").unwrap().1, "192.0.2.7");
+        assert_eq!(resolve_target("[::1]:4433").unwrap().1, "localhost");
         assert!(parse_target("localhost").is_err());
         assert_eq!(parse_pid(&std::process::id().to_string()), Ok(std::process::id()));
         assert!(parse_pid("4294967295").is_err());
@@ -379,7 +406,7 @@ mod tests {
         let missing = Common { json: Some("/nonexistent/dir/x.json".into()), ..Common::default() };
         let said = missing.check().unwrap_err().to_string();
         assert!(said.contains("/nonexistent/dir is not a directory"), "{said}");
-        let target = Some("127.0.0.1:4433".parse().unwrap());
+        let target = Some("127.0.0.1:4433".to_owned());
         let remote = Common { target, pin: Some("00".into()), broker_commit_delay_us: Some(1000), ..Common::default() };
         let said = remote.target().await.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(said.contains("--broker-commit-delay-us set the broker the harness starts"), "{said}");
@@ -398,7 +425,7 @@ mod tests {
     async fn runtime_knobs_are_refused_for_a_broker_the_harness_does_not_start() {
         // A run against `--target` recorded `--broker-scheduling normal` on its command
         // line while the broker ran as it was configured.
-        let target = Some("127.0.0.1:4433".parse().unwrap());
+        let target = Some("127.0.0.1:4433".to_owned());
         let scheduling = Some(switchboard_broker::config::Scheduling::Normal);
         for common in [
             Common { target, pin: Some("00".into()), broker_scheduling: scheduling, ..Common::default() },

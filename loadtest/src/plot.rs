@@ -215,8 +215,11 @@ fn header_bottom(area: &Area<'_>) -> i32 {
 
 fn latency_panel(area: &Area<'_>, report: &Report) -> Result<()> {
     let tl = &report.timeline;
-    let p50 = series(tl, |i| i.p50_ms);
-    let p99 = series(tl, |i| i.p99_ms);
+    // Seconds with no delivery have no latency: leaving them out, not drawing them as
+    // 0 ms (a ramp's pauses between steps made a sawtooth: a trial).
+    let delivered: Vec<Interval> = tl.iter().filter(|i| i.delivered_per_s > 0.0).cloned().collect();
+    let p50 = series(&delivered, |i| i.p50_ms);
+    let p99 = series(&delivered, |i| i.p99_ms);
     let keys = [
         Key::line(format!("p99 (peak {:.2} ms)", max_of(&p99)), C_RED),
         Key::line(format!("p50 (peak {:.2} ms)", max_of(&p50)), C_BLUE),

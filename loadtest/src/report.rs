@@ -139,7 +139,7 @@ pub struct RampStep {
     pub p99_ms: f64,
     /// Sends of the step refused with `OVERLOADED` (shed load).
     pub refused: u64,
-    /// Requests of the step that failed otherwise.
+    /// Requests of the step that failed otherwise, and connections lost in it.
     pub errors: u64,
     /// Datagrams the kernel dropped for a full UDP receive buffer during the step (all
     /// sockets of the machine: `RcvbufErrors` of /proc/net/snmp); `None` if unreadable.
@@ -274,6 +274,11 @@ impl Report {
         self.check("no duplicate delivery", dup == 0, format!("{dup} duplicated"));
         self.check("per-conversation order", ooo == 0, format!("{ooo} out of order"));
         self.check("no request errors", errors == 0, format!("{errors} errors"));
+        self.connection_check();
+    }
+
+    /// Fails the run if a harness connection was lost before the run ended it.
+    pub fn connection_check(&mut self) {
         let lost = self.connections_lost;
         let when = self.first_connection_loss_s.map_or(String::new(), |s| format!(", the first at t={s:.1} s"));
         self.check(

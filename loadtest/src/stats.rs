@@ -62,7 +62,8 @@ pub struct Stats {
     pub delivered_total: AtomicU64,
     /// Acknowledgements so far.
     pub acked_total: AtomicU64,
-    /// Failed requests so far (`OVERLOADED` refusals are counted apart).
+    /// Failed requests so far (`OVERLOADED` refusals and lost connections are counted
+    /// apart).
     pub errors_total: AtomicU64,
     /// Sends the broker refused with `OVERLOADED` so far: shed load, not failures.
     pub refused_total: AtomicU64,

@@ -40,8 +40,29 @@ pub struct Target {
 
 enum Owned {
     None,
-    Child(tokio::process::Child, tempfile::TempDir),
+    /// The child before its data: dropped in this order, the child is gone before its
+    /// data dir is removed.
+    Child(Reaped, tempfile::TempDir),
     InProcess(Box<Broker>, tempfile::TempDir),
+}
+
+/// A broker child that, dropped (a run interrupted or failed), is killed and waited for
+/// (up to a second), so that its data dir, removed next, is not written to meanwhile
+/// (kill-on-drop alone only sends the signal).
+struct Reaped(tokio::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(Some(_))) {
+            let _ = self.0.start_kill();
+            for _ in 0..100 {
+                if matches!(self.0.try_wait(), Ok(Some(_)) | Err(_)) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
 }
 
 /// The broker configuration the harness embeds: ephemeral port, cheap argon2 (the
@@ -171,7 +192,7 @@ impl Target {
             trust: Trust::CaFile(cert),
             server_name: "localhost".into(),
             pid,
-            owned: Owned::Child(child, dir),
+            owned: Owned::Child(Reaped(child), dir),
         })
     }
 
@@ -188,9 +209,9 @@ impl Target {
         })
     }
 
-    /// A running broker.
-    pub fn remote(addr: SocketAddr, trust: Trust, pid: Option<u32>) -> Target {
-        Target { addr, trust, server_name: "localhost".into(), pid, owned: Owned::None }
+    /// A running broker at `addr`, its certificate checked for `server_name`.
+    pub fn remote(addr: SocketAddr, server_name: &str, trust: Trust, pid: Option<u32>) -> Target {
+        Target { addr, trust, server_name: server_name.to_owned(), pid, owned: Owned::None }
     }
 
     /// The directory holding an owned broker's data dir (`data` inside it), so on the
@@ -241,6 +262,7 @@ impl Target {
         match self.owned {
             Owned::None => Ok(None),
             Owned::Child(mut child, dir) => {
+                let child = &mut child.0;
                 drop(child.stdin.take());
                 match tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await {
                     Ok(status) => {

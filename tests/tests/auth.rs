@@ -609,9 +609,15 @@ async fn password_changes_are_limited_per_account_right_or_wrong() {
     bounded(async {
         let tb = TestBroker::start().await;
         let (stolen, _) = tb.register("alice").await;
+        // A current password no account can have is wrong at once, and not counted.
+        for _ in 0..6 {
+            let short = stolen.change_password("guess", "a new passphrase", false).await.unwrap_err();
+            assert_eq!(short.code(), Some(ErrorCode::AUTH_FAILED));
+        }
         let mut codes = Vec::new();
         for _ in 0..6 {
-            codes.push(stolen.change_password("guess", "a new passphrase", false).await.unwrap_err().code().unwrap());
+            let wrong = stolen.change_password("a wrong guess", "a new passphrase", false).await.unwrap_err();
+            codes.push(wrong.code().unwrap());
         }
         // Each attempt costs two password hashes: an unlocked device in a thief's hands
         // guesses at most five a minute, and cannot keep the hashing pool busy.

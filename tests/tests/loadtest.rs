@@ -52,7 +52,7 @@ async fn cost_per_message_of_a_broker_process() {
         let broker = switchboard_broker::Broker::start(config).await.unwrap();
         let common = Common {
             in_process: false,
-            target: Some(broker.local_addr),
+            target: Some(broker.local_addr.to_string()),
             ca: Some(broker.cert_path.clone()),
             broker_pid: Some(std::process::id()),
             ..small()
@@ -456,6 +456,7 @@ async fn enrolling_retries_a_full_password_queue() {
         let broker = tb.broker.as_ref().unwrap();
         let remote = target::Target::remote(
             broker.local_addr,
+            "localhost",
             switchboard_client::Trust::CaFile(broker.cert_path.clone()),
             None,
         );
@@ -478,7 +479,7 @@ async fn a_broker_stopped_mid_run_fails_the_run_and_says_when() {
         let broker = switchboard_broker::Broker::start(config).await.unwrap();
         let common = Common {
             in_process: false,
-            target: Some(broker.local_addr),
+            target: Some(broker.local_addr.to_string()),
             ca: Some(broker.cert_path.clone()),
             duration: Duration::from_secs(4),
             ..small()
