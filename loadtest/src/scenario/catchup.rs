@@ -189,7 +189,7 @@ async fn fill(
             }
         }
         let (client, text, conv) = (client.clone(), text.clone(), convs[(i % convs.len() as u64) as usize]);
-        set.spawn(async move { client.send(conv, &text).await });
+        set.spawn(async move { send_taken(&client, conv, &text).await });
     }
     while let Some(done) = set.join_next().await {
         done??;
@@ -197,6 +197,24 @@ async fn fill(
     }
     client.close();
     Ok(acked)
+}
+
+/// Sends `text` to `conv` until the broker takes it: a send refused `OVERLOADED` (its
+/// admission sheds writes while its commits run behind, as on a machine busy with other
+/// work) is sent again with the same client id after a pause, at most 50 times. The
+/// fill is set-up, not the measured part: a refusal failed the whole run before.
+async fn send_taken(client: &switchboard_client::Client, conv: ConvId, text: &str) -> Result<()> {
+    let id = switchboard_client::new_client_id();
+    let mut refused = 0;
+    loop {
+        match client.send_with_id(conv, id, text).await {
+            Err(e) if e.code() == Some(switchboard_protocol::ErrorCode::OVERLOADED) && refused < 50 => {
+                refused += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20 * refused)).await;
+            }
+            other => return other.map(drop).map_err(Error::from),
+        }
+    }
 }
 
 /// Catches up `conv` after `after`, `page` entries at a time, until a page completes.
