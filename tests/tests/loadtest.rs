@@ -13,6 +13,20 @@ fn small() -> Common {
     Common { duration: Duration::from_secs(2), in_process: true, size: 64, ..Common::default() }
 }
 
+/// A broker of the harness's embedded configuration in `dir`, started apart from the
+/// harness, and `small()` flags pointing the harness at it (`--target`, `--ca`).
+async fn own_broker(dir: &tempfile::TempDir) -> (switchboard_broker::Broker, Common) {
+    let config = target::embedded_config(dir.path().join("data"), 1);
+    let broker = switchboard_broker::Broker::start(config).await.unwrap();
+    let common = Common {
+        in_process: false,
+        target: Some(broker.local_addr.to_string()),
+        ca: Some(broker.cert_path.clone()),
+        ..small()
+    };
+    (broker, common)
+}
+
 fn assert_passed(report: &Report) {
     assert!(report.passed(), "{}", report.table());
 }
@@ -48,15 +62,8 @@ async fn fanout_small() {
 async fn cost_per_message_of_a_broker_process() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
-        let config = target::embedded_config(dir.path().join("data"), 1);
-        let broker = switchboard_broker::Broker::start(config).await.unwrap();
-        let common = Common {
-            in_process: false,
-            target: Some(broker.local_addr.to_string()),
-            ca: Some(broker.cert_path.clone()),
-            broker_pid: Some(std::process::id()),
-            ..small()
-        };
+        let (broker, common) = own_broker(&dir).await;
+        let common = Common { broker_pid: Some(std::process::id()), ..common };
         let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, ..Default::default() };
         let report = scenario::fanout::run(&common, &args).await.unwrap();
         assert_passed(&report);
@@ -475,15 +482,8 @@ async fn enrolling_retries_a_full_password_queue() {
 async fn a_broker_stopped_mid_run_fails_the_run_and_says_when() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
-        let config = target::embedded_config(dir.path().join("data"), 1);
-        let broker = switchboard_broker::Broker::start(config).await.unwrap();
-        let common = Common {
-            in_process: false,
-            target: Some(broker.local_addr.to_string()),
-            ca: Some(broker.cert_path.clone()),
-            duration: Duration::from_secs(4),
-            ..small()
-        };
+        let (broker, common) = own_broker(&dir).await;
+        let common = Common { duration: Duration::from_secs(4), ..common };
         let args = scenario::fanout::Args { members: 4, senders: 1, rate: 20.0, ..Default::default() };
         let stop = async {
             // Set-up (enrolling, the group) takes well under this; the measured phase

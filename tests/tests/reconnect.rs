@@ -554,6 +554,32 @@ fn impatient(tb: &TestBroker) -> switchboard_client::Connector {
     tb.connector_with(&TransportOptions { request_timeout: Duration::from_millis(300), ..TransportOptions::default() })
 }
 
+/// The settings `a_settings_change_held` asks for.
+const PRIVATE: Settings = Settings { read_receipts_private: true };
+
+/// Alice connected with the impatient connector, her `Settings` change (to `PRIVATE`)
+/// held by the broker at `Point::Settings`: the connection, the hold and the change's
+/// answer to come.
+async fn a_settings_change_held(
+    tb: &TestBroker,
+    alice: &Identity,
+) -> (
+    Arc<switchboard_client::Client>,
+    switchboard_broker::pauses::Held,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Settings, ClientError>> + Send>>,
+) {
+    let client = Arc::new(within(STEP_DEADLINE, "connect", impatient(tb).connect(alice)).await.unwrap());
+    let mut held = tb.shared().pauses.arm(Point::Settings);
+    let asking = client.clone();
+    let mut asked: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(async move { asking.settings(Some(PRIVATE)).await });
+    tokio::select! {
+        () = held.reached() => {}
+        answered = &mut asked => panic!("answered while held: {answered:?}"),
+    }
+    (client, held, asked)
+}
+
 /// A request the broker holds and never answers fails once the request timeout has
 /// passed, as a lost connection (`Closed` with no code), and the connection is closed,
 /// so what retries lost connections retries it; before, the caller waited for ever on a
@@ -563,16 +589,8 @@ async fn a_request_the_broker_never_answers_fails_as_a_lost_connection() {
     bounded(async {
         let tb = TestBroker::start().await;
         let (_, alice) = tb.register("alice").await;
-        let client = within(STEP_DEADLINE, "connect", impatient(&tb).connect(&alice)).await.unwrap();
-        let mut held = tb.shared().pauses.arm(Point::Settings);
-        let private = Settings { read_receipts_private: true };
         let started = std::time::Instant::now();
-        let asked = client.settings(Some(private.clone()));
-        tokio::pin!(asked);
-        tokio::select! {
-            () = held.reached() => {}
-            answered = &mut asked => panic!("answered while held: {answered:?}"),
-        }
+        let (client, held, asked) = a_settings_change_held(&tb, &alice).await;
         let failed = within(STEP_DEADLINE, "the unanswered request", asked).await.unwrap_err();
         assert!(started.elapsed() >= Duration::from_millis(300), "failed before its timeout: {failed:?}");
         match &failed {
@@ -601,15 +619,7 @@ async fn a_request_held_while_the_stream_keeps_moving_is_waited_for() {
         let (_, alice) = tb.register("alice").await;
         let (bob, _) = tb.register("bob").await;
         let conv = bob.create_direct("alice").await.unwrap().id;
-        let client = within(STEP_DEADLINE, "connect", impatient(&tb).connect(&alice)).await.unwrap();
-        let mut held = tb.shared().pauses.arm(Point::Settings);
-        let private = Settings { read_receipts_private: true };
-        let asked = client.settings(Some(private.clone()));
-        tokio::pin!(asked);
-        tokio::select! {
-            () = held.reached() => {}
-            answered = &mut asked => panic!("answered while held: {answered:?}"),
-        }
+        let (client, held, asked) = a_settings_change_held(&tb, &alice).await;
         let writing = async {
             for _ in 0..24 {
                 bob.send(conv, "still here").await.unwrap();
@@ -618,7 +628,7 @@ async fn a_request_held_while_the_stream_keeps_moving_is_waited_for() {
             held.release();
         };
         let (answered, ()) = tokio::join!(asked, writing);
-        assert_eq!(answered.unwrap(), private);
+        assert_eq!(answered.unwrap(), PRIVATE);
         assert!(client.ping().await.is_ok(), "the connection was closed");
     })
     .await
