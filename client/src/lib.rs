@@ -621,15 +621,15 @@ impl Client {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).take().map(|rx| Events { rx })
     }
 
-    /// Sends a request and waits for its response, at most
-    /// `TransportOptions::request_timeout`: past it the connection is closed and the
-    /// error is `Closed` with no code (the request may or may not have been carried out:
-    /// send it again on a new connection, as after any lost connection; writes are
-    /// idempotent by their client message ids).
+    /// Sends a request and waits for its response, until the broker has sent nothing on
+    /// the control stream for `TransportOptions::request_timeout` while it waits: then
+    /// the connection is closed and the error is `Closed` with no code (the request may
+    /// or may not have been carried out: send it again on a new connection, as after any
+    /// lost connection; writes are idempotent by their client message ids).
     pub async fn request(&self, body: RequestBody) -> Result<Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = frame_within(&ClientFrame::Request(Request { id, body }), self.limits.max_client_frame_bytes)?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         let registered = match self.waiters.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             Some(waiters) => {
                 waiters.insert(id, tx);
@@ -646,7 +646,6 @@ impl Client {
             }
             return Err(closed(&self.conn).await);
         }
-        let mut rx = rx;
         let mut wait = self.request_timeout;
         let answer = loop {
             if self.request_timeout.is_zero() {
