@@ -277,10 +277,15 @@ impl Report {
         self.connection_check();
     }
 
+    /// When the first harness connection was lost, as the check and the table say it.
+    fn first_loss(&self) -> Option<String> {
+        self.first_connection_loss_s.map(|t| format!("the first at t={t:.1} s"))
+    }
+
     /// Fails the run if a harness connection was lost before the run ended it.
     pub fn connection_check(&mut self) {
         let lost = self.connections_lost;
-        let when = self.first_connection_loss_s.map_or(String::new(), |s| format!(", the first at t={s:.1} s"));
+        let when = self.first_loss().map_or(String::new(), |first| format!(", {first}"));
         self.check(
             "no connection to the broker lost",
             lost == 0,
@@ -318,7 +323,7 @@ impl Report {
                     s,
                     "  connections lost before the run ended them: {}{}",
                     self.connections_lost,
-                    self.first_connection_loss_s.map_or(String::new(), |t| format!(" (the first at t={t:.1} s)"))
+                    self.first_loss().map_or(String::new(), |first| format!(" ({first})"))
                 );
             }
             let _ = writeln!(

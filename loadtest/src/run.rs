@@ -295,6 +295,7 @@ impl MessageLoad {
         let timeline = timeline(&self.stats, &broker_samples, &self.harness.samples());
         let duration_s = measured_s.max(1e-3);
         let sent = self.stats.sent_total.load(Ordering::Relaxed);
+        let (connections_lost, first_connection_loss_s) = self.stats.losses();
         params.insert("broker".into(), self.broker_where.clone());
         let mut report = Report {
             scenario: scenario.into(),
@@ -305,8 +306,8 @@ impl MessageLoad {
             acked: acked.len() as u64,
             errors: self.stats.errors_total.load(Ordering::Relaxed),
             refused: self.stats.refused_total.load(Ordering::Relaxed),
-            connections_lost: self.stats.losses().0,
-            first_connection_loss_s: self.stats.losses().1,
+            connections_lost,
+            first_connection_loss_s,
             delivered: v.delivered,
             lost: v.lost,
             duplicated: v.duplicated,
