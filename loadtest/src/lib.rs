@@ -59,7 +59,9 @@ pub struct Common {
     /// Draw latency and throughput over time into this PNG (the name ends in `.png`).
     #[arg(long, global = true, value_parser = parse_png_path)]
     pub plot: Option<PathBuf>,
-    /// Raise the rate step by step until p99 passes `--ramp-p99-ms` or errors appear.
+    /// Raise the rate step by step until a step's p99 over every delivery it should have
+    /// made (one refused or dropped counts as later than any bound) passes
+    /// `--ramp-p99-ms`, or errors appear.
     #[arg(long, global = true)]
     pub ramp: bool,
     /// The p99 bound for `--ramp`, ms.

@@ -35,7 +35,7 @@ use crate::load::{Membership, STOP};
 use crate::payload;
 use crate::report::{Costs, Percentiles, Report};
 use crate::resources::Sampler;
-use crate::run::{ramp_report, ramp_steps, timeline};
+use crate::run::{ramp_report, ramp_steps, step_window, timeline};
 use crate::stats::{BATCH, Clock, Stats};
 use crate::{Common, run_tag};
 
@@ -218,11 +218,6 @@ impl NatsLoad {
     fn errors(&self) -> u64 {
         self.stats.errors_total.load(Ordering::Relaxed)
     }
-
-    fn window(&self, (from, to): (usize, usize)) -> (Percentiles, f64) {
-        let (h, n) = self.stats.window(from, to);
-        (Percentiles::from_us(&h), n as f64 / (to - from).max(1) as f64)
-    }
 }
 
 async fn connect(url: &str, name: String, counters: Arc<Counters>) -> Result<Client> {
@@ -341,17 +336,16 @@ pub async fn fanout(f: &Fanout, common: &Common) -> Result<Report> {
     let ramp = if common.ramp {
         let per_message = (f.members - 1) as f64;
         ramp_steps(f.rate, per_message, common, async |rate| {
-            let errors_before = load.errors();
+            // A lost connection fails the step as on the broker's side.
+            let failures = |load: &NatsLoad| load.errors() + load.counters.disconnects.load(Ordering::Relaxed);
+            let errors_before = failures(&load);
             let window = load.phase(rate, common.ramp_step, common.size).await;
             load.drain(Duration::from_secs(5)).await;
-            let (p, delivered_per_s) = load.window(window);
-            // NATS core refuses nothing and acknowledges nothing: no refusals, no acks.
+            // NATS core refuses nothing and acknowledges nothing: no refusals, no acks;
+            // what it dropped is in the deliveries not made.
             crate::report::RampStep {
-                delivered_per_s,
-                p50_ms: p.p50_ms,
-                p99_ms: p.p99_ms,
-                errors: load.errors() - errors_before,
-                ..crate::report::RampStep::default()
+                errors: failures(&load) - errors_before,
+                ..step_window(&load.stats, window, per_message)
             }
         })
         .await

@@ -135,8 +135,19 @@ pub struct RampStep {
     pub acked_per_s: f64,
     /// Median delivery latency of the step (admitted messages only).
     pub p50_ms: f64,
-    /// p99 latency of the step.
+    /// p99 latency of the step's deliveries made.
     pub p99_ms: f64,
+    /// Deliveries the step's sends should have made: messages sent (scheduled) in the
+    /// step's window times recipients, whether accepted, refused or dropped.
+    pub offered_deliveries: u64,
+    /// Deliveries made of messages scheduled in the step's window (a duplicate counts
+    /// again; there are none when the run's checks pass).
+    pub delivered: u64,
+    /// p99 latency over `offered_deliveries`, a delivery never made counting as later
+    /// than any bound, ms; `None` when more than 1% were never made. The same rule
+    /// for every server: a refusal (`OVERLOADED`), a drop (a NATS slow consumer) or a
+    /// loss each count as a delivery not made.
+    pub p99_offered_ms: Option<f64>,
     /// Sends of the step refused with `OVERLOADED` (shed load).
     pub refused: u64,
     /// Requests of the step that failed otherwise, and connections lost in it.
@@ -147,8 +158,12 @@ pub struct RampStep {
     /// The broker's CPU and context switches per acknowledged message over the step
     /// and its drain; `None` where the broker is not measured.
     pub broker_cost: Option<Cost>,
-    /// The step met the bound with no errors, refusals or loss.
+    /// The step met the bound: `p99_offered_ms` within `--ramp-p99-ms`, and no request
+    /// failed (a refusal is not a failure: it counts as a delivery not made).
     pub ok: bool,
+    /// The step met the bound with every offered delivery made: no refusal, drop or
+    /// loss (the stricter rule; the ramp stops on `ok`).
+    pub lossless: bool,
 }
 
 /// One pass/fail check of the run.
@@ -448,39 +463,50 @@ impl Report {
         let peak = |r: &Report| r.broker.as_ref().map(|b| b.rss_mib_peak);
         line("server rss peak MiB", peak(self), peak(other));
         // With --ramp the whole-run figures mix steps; the ceiling is the comparison.
-        let ceiling = |r: &Report| r.extra.get("ramp_max_sustained_deliveries_per_s").copied();
-        if ceiling(self).is_some() || ceiling(other).is_some() {
-            line("ramp max sustained deliv./s", ceiling(self), ceiling(other));
+        let ceiling = |r: &Report, key: &str| r.extra.get(key).copied();
+        let sustained = "ramp_max_sustained_deliveries_per_s";
+        if ceiling(self, sustained).is_some() || ceiling(other, sustained).is_some() {
+            line("ramp max sustained deliv./s", ceiling(self, sustained), ceiling(other, sustained));
+            let lossless = "ramp_max_lossless_deliveries_per_s";
+            line("  with every delivery made", ceiling(self, lossless), ceiling(other, lossless));
         }
         s
     }
 }
 
 /// The ramp's steps, one line each: offered against achieved, latency of what was
-/// admitted, what was shed, the kernel's drops and the broker's cost per message.
+/// admitted and over what was offered, what was shed or not delivered, the kernel's
+/// drops and the broker's cost per message. `ok` is the ramp's rule (`yes`, or
+/// `yes, all` when every offered delivery was made too).
 fn ramp_table(ramp: &[RampStep]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "ramp     offered msg/s   acked msg/s    refused  offered deliv/s  delivered/s   p50 ms   p99 ms  udp drops  broker µs/ack  ctx sw/ack  ok"
+        "ramp     offered msg/s   acked msg/s    refused  offered deliv/s  delivered/s  not made   p50 ms   p99 ms  p99 all ms  udp drops  broker µs/ack  ctx sw/ack  ok"
     );
     let opt = |v: Option<f64>, decimals: usize| v.map_or("-".to_owned(), |v| format!("{v:.decimals$}"));
     for r in ramp {
         let cost = r.broker_cost.as_ref();
         let _ = writeln!(
             s,
-            "         {:>13.0}  {:>12.0}  {:>9}  {:>15.0}  {:>11.0}  {:>7.2}  {:>7.2}  {:>9}  {:>13}  {:>10}  {}",
+            "         {:>13.0}  {:>12.0}  {:>9}  {:>15.0}  {:>11.0}  {:>8}  {:>7.2}  {:>7.2}  {:>10}  {:>9}  {:>13}  {:>10}  {}",
             r.offered_rate,
             r.acked_per_s,
             r.refused,
             r.offered_deliveries_per_s,
             r.delivered_per_s,
+            r.offered_deliveries.saturating_sub(r.delivered),
             r.p50_ms,
             r.p99_ms,
+            r.p99_offered_ms.map_or(">1% lost".to_owned(), |p| format!("{p:.2}")),
             r.udp_drops.map_or("-".to_owned(), |d| d.to_string()),
             opt(cost.map(|c| c.cpu_us_per_ack), 1),
             opt(cost.map(|c| c.ctx_switches_per_ack), 2),
-            if r.ok { "yes" } else { "no" },
+            match (r.ok, r.lossless) {
+                (true, true) => "yes, all",
+                (true, false) => "yes",
+                (false, _) => "no",
+            },
         );
     }
     s

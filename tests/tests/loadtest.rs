@@ -167,11 +167,15 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
             assert_eq!(step.offered_rate, 20.0 * 4f64.powi(i as i32), "{table}");
             assert_eq!(step.offered_deliveries_per_s, step.offered_rate * 3.0, "{table}");
             assert_eq!(step.delivered_per_s, step.offered_deliveries_per_s, "{table}");
+            assert_eq!(step.delivered, step.offered_deliveries, "{table}");
+            assert_eq!(step.p99_offered_ms, Some(step.p99_ms), "all made: the same p99 {table}");
+            assert!(step.lossless, "{table}");
         }
         // The result is the fastest step that kept up.
         let best = kept_up.last().unwrap();
         assert_eq!(report.extra["ramp_max_sustained_rate_msgs_per_s"], best.offered_rate, "{table}");
         assert_eq!(report.extra["ramp_max_sustained_deliveries_per_s"], best.delivered_per_s, "{table}");
+        assert_eq!(report.extra["ramp_max_lossless_deliveries_per_s"], best.delivered_per_s, "{table}");
     })
     .await
 }
@@ -209,7 +213,14 @@ async fn direct_ramp_past_saturation_sheds_with_overloaded() {
             let acked = step.acked_per_s * common.ramp_step.as_secs_f64();
             assert_eq!(acked + step.refused as f64, offered, "{table}");
             assert_eq!(step.delivered_per_s, step.acked_per_s, "{table}");
-            assert_eq!(step.ok, step.refused == 0 && step.p99_ms <= 1000.0, "{table}");
+            // A refused send is a delivery not made: the step fails past 1% of them,
+            // and is lossless only with none.
+            assert_eq!(step.offered_deliveries as f64, offered, "{table}");
+            assert_eq!(step.delivered + step.refused, step.offered_deliveries, "{table}");
+            let over_one_percent = 100 * step.delivered < 99 * step.offered_deliveries;
+            assert_eq!(step.p99_offered_ms.is_none(), over_one_percent, "{table}");
+            assert_eq!(step.ok, step.p99_offered_ms.is_some_and(|p| p <= 1000.0), "{table}");
+            assert_eq!(step.lossless, step.refused == 0 && step.p99_ms <= 1000.0, "{table}");
         }
         assert!(table.contains("refused (OVERLOADED)"), "{table}");
     })
