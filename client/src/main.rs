@@ -976,20 +976,17 @@ async fn send(
     // who gave up on a broker that was down did not learn the command).
     let stop = interrupted();
     tokio::pin!(stop);
-    // Set as an attempt hands the message to the broker: one interrupted past that point
-    // may have stored it.
-    let handing = std::cell::Cell::new(false);
+    // Set to the conversation as an attempt hands the message to the broker: one
+    // interrupted or out of time past that point may have stored it.
+    let handing = std::cell::Cell::new(None);
     let (conv, seq, duplicate) = loop {
+        // The whole attempt, its answer too, within `--retry-for` (the connect timeout
+        // alone is 10 s, and a broker that never answers is given up only after the
+        // client's 60 s of silence), at least a second.
+        let until = deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+        handing.set(None);
         let attempt = async {
-            // Within `--retry-for` (the connect timeout alone is 10 s), at least a second.
-            let until = deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
-            let client = match tokio::time::timeout_at(until, connector.connect(identity)).await {
-                Ok(connected) => connected.map_err(|e| (e, None, false))?,
-                Err(_) => {
-                    let waited = ClientError::Connect("no broker answered within --retry-for".into());
-                    return Err((waited, None, false));
-                }
-            };
+            let client = connector.connect(identity).await.map_err(|e| (e, None, false))?;
             let id = match looked_up {
                 Some(id) => id,
                 None => {
@@ -1007,20 +1004,26 @@ async fn send(
                     }
                 }
             };
-            handing.set(true);
+            handing.set(Some(id));
             let sent = client.send_with_id(id, client_id, text).await;
             client.close();
             sent.map(|sent| Ok((id, sent))).map_err(|e| (e, Some(id), true))
         };
         let outcome = tokio::select! {
-            outcome = attempt => Some(outcome),
+            outcome = tokio::time::timeout_at(until, attempt) => Some(outcome.unwrap_or_else(|_| {
+                let waited = match handing.get() {
+                    None => ClientError::Connect("no broker answered within --retry-for".into()),
+                    Some(_) => ClientError::Closed { code: None, reason: "no answer within --retry-for".into() },
+                };
+                Err((waited, handing.get(), handing.get().is_some()))
+            })),
             _ = &mut stop => None,
         };
         let error = match outcome {
             Some(Ok(Ok((id, (seq, duplicate))))) => break (id, seq, duplicate),
             Some(Ok(Err(e))) => return Err(e),
             None => {
-                maybe_stored |= handing.get();
+                maybe_stored |= handing.get().is_some();
                 None
             }
             Some(Err((e, id, sent))) => {

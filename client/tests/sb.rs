@@ -1909,10 +1909,8 @@ async fn send_to_a_broker_never_reached_says_not_sent_and_prints_a_command_that_
     assert!(again.starts_with(&expected), "{again}");
     let broker = common::restart_on(addr, data_dir).await;
     // As a user would: pasted into a shell, with only SWITCHBOARD_HOME set.
-    let sb_dir = std::path::Path::new(env!("CARGO_BIN_EXE_sb")).parent().unwrap().to_owned();
-    let path = format!("{}:{}", sb_dir.display(), std::env::var("PATH").unwrap_or_default());
     let mut shell = Command::new("sh");
-    shell.args(["-c", again]).env_remove("SWITCHBOARD_HOME").env("PATH", path);
+    shell.args(["-c", again]).env_remove("SWITCHBOARD_HOME").env("PATH", sb_path());
     for _ in 0..2 {
         let out = shell.output().unwrap();
         assert!(out.status.success(), "{again}: {}", String::from_utf8_lossy(&out.stderr));
@@ -2133,6 +2131,56 @@ async fn a_send_the_broker_failed_on_may_be_stored_and_sb_says_how_to_resend_it(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("may have stored it") && stderr.contains("--client-id"), "{stderr}");
+}
+
+/// `sb send --retry-for` bounds each attempt's wait for its answer too: a send the broker
+/// stored and never answered (its commit held) is given up within `--retry-for`, saying it
+/// may be stored and how to send it again at most once. Before, an attempt waited for its
+/// answer as long as the connection lived (up to the client's 60 s of silence): here it
+/// reported the send done when the hold let go, 20 s later, against `--retry-for 2`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_never_answered_is_given_up_within_retry_for() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _data_dir, alice, bob, conv) = a_broker_with_alice_and_bob_direct(dir.path()).await;
+    let before = broker.shared().store.last_seq(conv).unwrap();
+    // Commits go on (sb's connection, its login) until the message is written; then
+    // they wait, so the message is never acknowledged while the hold lasts (20 s at most).
+    let hold = std::sync::Arc::new(AtomicBool::new(true));
+    let (held, store) = (hold.clone(), std::sync::Arc::downgrade(&broker.shared().store));
+    broker.shared().store.on_commit_started(Box::new(move |_| {
+        let started = Instant::now();
+        let Some(store) = store.upgrade() else { return };
+        while held.load(SeqCst)
+            && store.last_seq(conv).is_ok_and(|seq| seq > before)
+            && started.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }));
+    let started = Instant::now();
+    let mut send = sb_command(&alice, &broker);
+    send.args(["send", "--retry-for", "2", "--", &conv.to_string(), "held"]);
+    let out = tokio::task::spawn_blocking(move || send.output().unwrap()).await.unwrap();
+    let took = started.elapsed();
+    hold.store(false, SeqCst);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "answered after {took:?}: {stderr}");
+    assert!(stderr.contains("may have stored it") && stderr.contains("--client-id"), "{stderr}");
+    assert!(stderr.contains("no answer within --retry-for"), "{stderr}");
+    assert!(took < Duration::from_secs(15), "given up after {took:?}, not within --retry-for: {stderr}");
+    // It was stored: the command printed sends it again at most once.
+    let again = stderr.split('`').nth(1).unwrap_or_else(|| panic!("no command in: {stderr}"));
+    let out = Command::new("sh").args(["-c", again]).env("PATH", sb_path()).output().unwrap();
+    assert!(out.status.success(), "{again}: {}", String::from_utf8_lossy(&out.stderr));
+    let history = sb(&bob, &broker, &["history", "alice"]);
+    assert_eq!(history.iter().filter(|e| e["text"] == "held").count(), 1, "{history:?}");
+}
+
+/// `PATH` with the `sb` under test first, for a command printed to be run as printed.
+fn sb_path() -> String {
+    let sb_dir = std::path::Path::new(env!("CARGO_BIN_EXE_sb")).parent().unwrap().to_owned();
+    format!("{}:{}", sb_dir.display(), std::env::var("PATH").unwrap_or_default())
 }
 
 /// `sb tail | head -1`: once its reader has gone the tail stops, status 141, before it

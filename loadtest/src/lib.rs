@@ -243,14 +243,23 @@ pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
-/// Parses a duration (as `parse_duration`) above zero: a run of `0s` measures nothing.
+/// Parses a duration (as `parse_duration`) above zero and at most a day: a run of `0s`
+/// measures nothing, and the figures are kept per second for a day at most (`99999h`
+/// was taken, and its seconds past the first day would have been counted as the last).
 pub fn parse_positive_duration(s: &str) -> std::result::Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() {
         return Err(format!("{s:?}: the run must last longer than zero"));
     }
+    if d > MAX_RUN {
+        return Err(format!("{s:?}: a run lasts at most 23h"));
+    }
     Ok(d)
 }
+
+/// The longest `--duration`: the figures kept per second (`stats::MAX_SECONDS`) cover
+/// it with room for the set-up and the drain.
+pub const MAX_RUN: Duration = Duration::from_secs(23 * 3600);
 
 /// Parses a rate or bound: a finite number above 0 (`--rate 0` measured nothing, after
 /// enrolling every user).
@@ -398,6 +407,8 @@ mod tests {
         assert_eq!(parse_rate("0.5"), Ok(0.5));
         assert!(parse_positive_duration("0s").is_err());
         assert_eq!(parse_positive_duration("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_positive_duration("99999h").is_err() && parse_positive_duration("24h").is_err());
+        assert_eq!(parse_positive_duration("23h"), Ok(MAX_RUN));
         assert!(parse_count("0").is_err());
         assert!(parse_png_path("out.svg").is_err());
         assert_eq!(parse_png_path("out.PNG"), Ok(PathBuf::from("out.PNG")));
