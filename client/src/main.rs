@@ -1024,6 +1024,9 @@ async fn send(
             Some(Ok(Err(e))) => return Err(e),
             None => {
                 maybe_stored |= handing.get().is_some();
+                // The command printed sends to the number the title was taken for (the
+                // title may since name another conversation).
+                looked_up = looked_up.or(handing.get());
                 None
             }
             Some(Err((e, id, sent))) => {

@@ -2137,7 +2137,7 @@ async fn a_send_the_broker_failed_on_may_be_stored_and_sb_says_how_to_resend_it(
 /// stored and never answered (its commit held) is given up within `--retry-for`, saying it
 /// may be stored and how to send it again at most once. Before, an attempt waited for its
 /// answer as long as the connection lived (up to the client's 60 s of silence): here it
-/// reported the send done when the hold let go, 20 s later, against `--retry-for 2`.
+/// reported the send done when the hold let go, 20 s later, against `--retry-for 5`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_never_answered_is_given_up_within_retry_for() {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -2160,7 +2160,7 @@ async fn a_send_never_answered_is_given_up_within_retry_for() {
     }));
     let started = Instant::now();
     let mut send = sb_command(&alice, &broker);
-    send.args(["send", "--retry-for", "2", "--", &conv.to_string(), "held"]);
+    send.args(["send", "--retry-for", "5", "--", &conv.to_string(), "held"]);
     let out = tokio::task::spawn_blocking(move || send.output().unwrap()).await.unwrap();
     let took = started.elapsed();
     hold.store(false, SeqCst);

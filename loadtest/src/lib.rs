@@ -60,7 +60,7 @@ pub struct Common {
     #[arg(long, global = true, value_parser = parse_png_path)]
     pub plot: Option<PathBuf>,
     /// Raise the rate step by step until a step's p99 over every delivery it should have
-    /// made (one refused or dropped counts as later than any bound) passes
+    /// made (one refused or lost counts as later than any bound) passes
     /// `--ramp-p99-ms`, or errors appear.
     #[arg(long, global = true)]
     pub ramp: bool,
@@ -197,6 +197,16 @@ impl Common {
                 )));
             }
         }
+        // The figures are kept per second for a day: a ramp of long steps ran past it and
+        // its later steps, offered nothing as counted, passed with nothing measured.
+        if self.max_seconds() > stats::MAX_SECONDS {
+            return Err(Error::InvalidArgs(format!(
+                "the run could last {} s with its ramp (--ramp-step x up to {} steps), over the {} s the                  harness keeps figures for: shorten --ramp-step or --ramp-beyond",
+                self.max_seconds(),
+                run::RAMP_MAX_STEPS + self.ramp_beyond,
+                stats::MAX_SECONDS
+            )));
+        }
         Ok(())
     }
 
@@ -260,6 +270,7 @@ pub fn parse_positive_duration(s: &str) -> std::result::Result<Duration, String>
 /// The longest `--duration`: the figures kept per second (`stats::MAX_SECONDS`) cover
 /// it with room for the set-up and the drain.
 pub const MAX_RUN: Duration = Duration::from_secs(23 * 3600);
+const _: () = assert!(MAX_RUN.as_secs() as usize + 3600 <= stats::MAX_SECONDS);
 
 /// Parses a rate or bound: a finite number above 0 (`--rate 0` measured nothing, after
 /// enrolling every user).
@@ -364,10 +375,8 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         "h" => value * 3600.0,
         _ => return Err(format!("unknown unit in {s:?} (ms, s, m, h)")),
     };
-    if !(secs.is_finite() && secs >= 0.0) {
-        return Err(format!("not a duration: {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    // `try_`: `1e20s` is finite but no `Duration` (`from_secs_f64` panicked).
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("not a duration: {s:?}"))
 }
 
 /// A short tag so user names of repeated runs against one broker never clash.
@@ -389,6 +398,7 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("10y").is_err());
+        assert!(parse_duration("1e20s").is_err(), "no Duration: it panicked");
         assert_eq!(parse_whole_seconds("5s"), Ok(Duration::from_secs(5)));
         assert!(parse_whole_seconds("1.5s").is_err());
         assert!(parse_whole_seconds("500ms").is_err());
@@ -432,6 +442,11 @@ mod tests {
         let remote = Common { target, pin: Some("00".into()), broker_commit_delay_us: Some(1000), ..Common::default() };
         let said = remote.target().await.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(said.contains("--broker-commit-delay-us set the broker the harness starts"), "{said}");
+        let long_ramp = Common { ramp: true, ramp_step: Duration::from_secs(3600), ..Common::default() };
+        let said = long_ramp.check().unwrap_err().to_string();
+        assert!(said.contains("shorten --ramp-step"), "{said}");
+        let ramp = Common { ramp: true, ramp_step: Duration::from_secs(60), ..Common::default() };
+        assert!(ramp.check().is_ok());
     }
 
     #[test]

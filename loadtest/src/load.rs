@@ -170,6 +170,9 @@ pub async fn create_directs(pop: &std::sync::Arc<Population>, pairs: &[(usize, u
 pub struct SendPlan {
     /// Conversations to send into.
     pub convs: Vec<ConvId>,
+    /// Deliveries a message to each of `convs` should make (its members but the
+    /// sender), by the same index.
+    pub recipients: Vec<u64>,
     /// First scheduled send, harness clock.
     pub start_ns: u64,
     /// Spacing.
@@ -190,8 +193,16 @@ impl SendPlan {
     }
 
     fn conv(&self, i: u32) -> ConvId {
+        self.convs[self.conv_index(i)]
+    }
+
+    fn recipients(&self, i: u32) -> u64 {
+        self.recipients.get(self.conv_index(i)).copied().unwrap_or(0)
+    }
+
+    fn conv_index(&self, i: u32) -> usize {
         // A multiplicative hash spreads consecutive messages over the conversations.
-        self.convs[(i.wrapping_mul(2_654_435_761) as usize) % self.convs.len()]
+        (i.wrapping_mul(2_654_435_761) as usize) % self.convs.len()
     }
 }
 
@@ -459,7 +470,7 @@ pub async fn write_phase(
             if let Ok(frame) = encode_frame(&request) {
                 frames.push(frame);
             }
-            stats.sent(sched);
+            stats.sent(sched, plan.recipients(i));
             i += 1;
         }
         if send.write_all_chunks(&mut frames).await.is_err() {

@@ -116,6 +116,8 @@ struct NatsLoad {
     stop: watch::Sender<u64>,
     counters: Arc<Counters>,
     url: String,
+    /// Deliveries one message makes: every member but its sender.
+    recipients: u64,
 }
 
 impl NatsLoad {
@@ -159,6 +161,7 @@ impl NatsLoad {
             stop,
             counters,
             url: f.url.clone(),
+            recipients: f.members.saturating_sub(1) as u64,
         })
     }
 
@@ -169,11 +172,13 @@ impl NatsLoad {
         let interval_ns = ((n / rate.max(1e-3)) * 1e9) as u64;
         let earliest = (self.clock.now_ns() + 200_000_000).saturating_sub(self.stats.start_ns);
         let start_ns = self.stats.start_ns + earliest.div_ceil(1_000_000_000) * 1_000_000_000;
-        let count = (duration.as_nanos() as u64 / interval_ns.max(1)).min(u64::from(u32::MAX >> 8)) as u32;
+        // As many as the broker's senders send (`sends_per_sender`): the same offered load.
+        let counts = crate::run::sends_per_sender(rate, duration, self.senders.len());
         let mut writers = tokio::task::JoinSet::new();
         let total = self.senders.len() as u64;
         for (k, sender) in self.senders.iter().enumerate() {
-            let schedule = Schedule { start_ns: start_ns + interval_ns * k as u64 / total, interval_ns, count, size };
+            let start_ns = start_ns + interval_ns * k as u64 / total;
+            let schedule = Schedule { start_ns, interval_ns, count: counts[k], size, recipients: self.recipients };
             let (client, subject, first) = (sender.client.clone(), self.subject.clone(), sender.next);
             let (stats, clock) = (self.stats.clone(), self.clock);
             writers
@@ -181,7 +186,7 @@ impl NatsLoad {
         }
         while let Some(done) = writers.join_next().await {
             if let Ok((k, numbers)) = done {
-                self.senders[k].next += count;
+                self.senders[k].next += counts[k];
                 self.published.extend(numbers.into_iter().map(|n| Acked {
                     conv: k as u64,
                     seq: u64::from(n),
@@ -245,13 +250,15 @@ async fn connect(url: &str, name: String, counters: Arc<Counters>) -> Result<Cli
         .map_err(|e| nats_error(url, "connecting")(e.to_string()))
 }
 
-/// One sender's phase: `count` messages evenly spaced from `start_ns`.
+/// One sender's phase: `count` messages evenly spaced from `start_ns`, each for
+/// `recipients` members.
 #[derive(Clone, Copy)]
 struct Schedule {
     start_ns: u64,
     interval_ns: u64,
     count: u32,
     size: usize,
+    recipients: u64,
 }
 
 /// Publishes one phase on its open-loop schedule; returns the numbers published.
@@ -278,7 +285,7 @@ async fn write_phase(
         while i < plan.count && sched_ns(i) <= now {
             let number = first + i;
             payload::fill_numbered(&mut text, sched_ns(i), sender, number, plan.size);
-            stats.sent(sched_ns(i));
+            stats.sent(sched_ns(i), plan.recipients);
             match client.publish(subject.clone(), Bytes::copy_from_slice(text.as_bytes())).await {
                 Ok(()) => published.push(number),
                 Err(e) => {
@@ -334,19 +341,23 @@ pub async fn fanout(f: &Fanout, common: &Common) -> Result<Report> {
     let harness = Sampler::start("self".into(), period);
     let usage_at_start = (server_pid.as_deref().and_then(Usage::read), Usage::read("self"));
     let ramp = if common.ramp {
-        let per_message = (f.members - 1) as f64;
-        ramp_steps(f.rate, per_message, common, async |rate| {
-            // A lost connection fails the step as on the broker's side.
-            let failures = |load: &NatsLoad| load.errors() + load.counters.disconnects.load(Ordering::Relaxed);
+        ramp_steps(f.rate, load.recipients as f64, common, async |rate| {
+            // A lost connection fails the step as on the broker's side (where the server
+            // drops a slow consumer's messages it closes its connection), and so do the
+            // harness's own client's drops (its subscription buffer full: the harness
+            // fell behind, not the server).
+            let failures = |load: &NatsLoad| {
+                let counters = &load.counters;
+                load.errors()
+                    + counters.disconnects.load(Ordering::Relaxed)
+                    + counters.harness_drops.load(Ordering::Relaxed)
+            };
             let errors_before = failures(&load);
             let window = load.phase(rate, common.ramp_step, common.size).await;
             load.drain(Duration::from_secs(5)).await;
             // NATS core refuses nothing and acknowledges nothing: no refusals, no acks;
-            // what it dropped is in the deliveries not made.
-            crate::report::RampStep {
-                errors: failures(&load) - errors_before,
-                ..step_window(&load.stats, window, per_message)
-            }
+            // what it lost is in the deliveries not made.
+            crate::report::RampStep { errors: failures(&load) - errors_before, ..step_window(&load.stats, window) }
         })
         .await
     } else {

@@ -144,9 +144,10 @@ pub struct RampStep {
     /// again; there are none when the run's checks pass).
     pub delivered: u64,
     /// p99 latency over `offered_deliveries`, a delivery never made counting as later
-    /// than any bound, ms; `None` when more than 1% were never made. The same rule
-    /// for every server: a refusal (`OVERLOADED`), a drop (a NATS slow consumer) or a
-    /// loss each count as a delivery not made.
+    /// than any bound, ms; `None` when more than 1% were never made, or nothing was
+    /// offered. The same rule for every server: a send refused (`OVERLOADED`) or a
+    /// delivery lost (NATS is at most once) counts as a delivery not made; a lost
+    /// connection (a NATS server closes a slow consumer's) is an error.
     pub p99_offered_ms: Option<f64>,
     /// Sends of the step refused with `OVERLOADED` (shed load).
     pub refused: u64,

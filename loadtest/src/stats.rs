@@ -13,7 +13,7 @@ const MAX_LATENCY_US: u64 = 60_000_000;
 /// Samples a reader buffers before handing them over.
 pub const BATCH: usize = 256;
 /// Seconds of timeline kept (longer runs fold into the last bucket).
-const MAX_SECONDS: usize = 24 * 3600;
+pub const MAX_SECONDS: usize = 24 * 3600;
 
 /// Monotonic nanoseconds since the harness started.
 #[derive(Clone, Copy)]
@@ -56,6 +56,9 @@ pub struct Stats {
     inner: Mutex<Inner>,
     /// Messages written, by second of their schedule.
     sent: Vec<AtomicU64>,
+    /// Deliveries the messages written should make (each message's recipients), by
+    /// second of their schedule.
+    offered: Vec<AtomicU64>,
     /// Totals for the live progress line.
     pub sent_total: AtomicU64,
     /// Deliveries so far.
@@ -88,6 +91,7 @@ impl Stats {
             start_ns,
             inner: Mutex::new(Inner { latency: histogram(3), ack_latency: histogram(3), seconds: Vec::new() }),
             sent: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
+            offered: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
             sent_total: AtomicU64::new(0),
             delivered_total: AtomicU64::new(0),
             acked_total: AtomicU64::new(0),
@@ -122,11 +126,18 @@ impl Stats {
         (ns.saturating_sub(self.start_ns) / 1_000_000_000) as usize
     }
 
-    /// Counts a sent message.
-    pub fn sent(&self, sched_ns: u64) {
+    /// Counts a sent message that should make `deliveries` deliveries (its
+    /// conversation's members but the sender).
+    pub fn sent(&self, sched_ns: u64, deliveries: u64) {
         let s = self.second_of(sched_ns).min(self.sent.len() - 1);
         self.sent[s].fetch_add(1, Ordering::Relaxed);
+        self.offered[s].fetch_add(deliveries, Ordering::Relaxed);
         self.sent_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Deliveries that the messages sent in second `s` should make.
+    pub fn offered_in(&self, s: usize) -> u64 {
+        self.offered.get(s).map_or(0, |a| a.load(Ordering::Relaxed))
     }
 
     /// Messages sent in second `s`.

@@ -161,21 +161,27 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
         assert!(!last.ok, "the ramp stops at the first step over the bound: {table}");
         assert!(kept_up.iter().all(|s| s.ok), "it stops at the first: {table}");
         for (i, step) in kept_up.iter().enumerate() {
-            // Each step offers `ramp_factor` times the last, three recipients per message;
-            // a step that kept up delivered all it offered (each step starts on a whole
-            // second, so its window holds exactly its messages).
+            // Each step offers `ramp_factor` times the last, three recipients per message
+            // (each step starts on a whole second, so its window holds exactly its
+            // messages); a step that kept up made what it offered but what was refused
+            // (up to 1% of it may be, under the ramp's rule), and with none refused it
+            // made all of it.
             assert_eq!(step.offered_rate, 20.0 * 4f64.powi(i as i32), "{table}");
             assert_eq!(step.offered_deliveries_per_s, step.offered_rate * 3.0, "{table}");
-            assert_eq!(step.delivered_per_s, step.offered_deliveries_per_s, "{table}");
-            assert_eq!(step.delivered, step.offered_deliveries, "{table}");
-            assert_eq!(step.p99_offered_ms, Some(step.p99_ms), "all made: the same p99 {table}");
-            assert!(step.lossless, "{table}");
+            assert_eq!(step.offered_deliveries as f64, step.offered_deliveries_per_s, "{table}");
+            assert!(step.delivered + 3 * step.refused <= step.offered_deliveries, "{table}");
+            assert!(100 * step.delivered >= 99 * step.offered_deliveries, "{table}");
+            if step.lossless {
+                assert_eq!(step.delivered, step.offered_deliveries, "{table}");
+                assert_eq!(step.p99_offered_ms, Some(step.p99_ms), "all made: the same p99 {table}");
+            }
         }
         // The result is the fastest step that kept up.
         let best = kept_up.last().unwrap();
         assert_eq!(report.extra["ramp_max_sustained_rate_msgs_per_s"], best.offered_rate, "{table}");
         assert_eq!(report.extra["ramp_max_sustained_deliveries_per_s"], best.delivered_per_s, "{table}");
-        assert_eq!(report.extra["ramp_max_lossless_deliveries_per_s"], best.delivered_per_s, "{table}");
+        let lossless = report.ramp.iter().take_while(|s| s.lossless).map(|s| s.delivered_per_s).reduce(f64::max);
+        assert_eq!(report.extra["ramp_max_lossless_deliveries_per_s"], lossless.unwrap_or(0.0), "{table}");
     })
     .await
 }
