@@ -79,6 +79,12 @@ pub struct Common {
     /// step before the first failed one, whatever these show.
     #[arg(long, default_value_t = 2, global = true)]
     pub ramp_beyond: usize,
+    /// Times a failed ramp step is run again at the same rate before its failure counts
+    /// (0: the first failure ends the ramp). A failure that a repeat does not confirm
+    /// was a moment of the machine's (one slow second on shared cores), not the
+    /// server's ceiling: one such spike at an eighth of the ceiling ended a ramp.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=3), global = true)]
+    pub ramp_repeats: u8,
     /// The embedded broker's `max_sends_in_flight` (default: the broker's).
     #[arg(long, global = true)]
     pub broker_max_sends_in_flight: Option<usize>,
@@ -152,8 +158,9 @@ impl Default for Common {
 impl Common {
     /// An upper bound on the run's length in seconds (for per-second buffers).
     pub fn max_seconds(&self) -> usize {
-        // Per step: the step, up to 1.2 s to start on a whole second, up to 5 s of drain.
-        let steps = run::RAMP_MAX_STEPS + self.ramp_beyond;
+        // Per step: the step, up to 1.2 s to start on a whole second, up to 5 s of drain;
+        // the last failure's repeats come on top of `RAMP_MAX_STEPS`.
+        let steps = run::RAMP_MAX_STEPS + usize::from(self.ramp_repeats) + self.ramp_beyond;
         let ramp = if self.ramp { steps * (self.ramp_step.as_secs() as usize + 7) + 60 } else { 0 };
         self.duration.as_secs() as usize + ramp + 120
     }
@@ -203,7 +210,7 @@ impl Common {
             return Err(Error::InvalidArgs(format!(
                 "the run could last {} s with its ramp (--ramp-step x up to {} steps), over the {} s the                  harness keeps figures for: shorten --ramp-step or --ramp-beyond",
                 self.max_seconds(),
-                run::RAMP_MAX_STEPS + self.ramp_beyond,
+                run::RAMP_MAX_STEPS + usize::from(self.ramp_repeats) + self.ramp_beyond,
                 stats::MAX_SECONDS
             )));
         }

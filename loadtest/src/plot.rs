@@ -262,13 +262,14 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> Result<()> {
     let mut steps: Vec<&RampStep> = ramp.iter().filter(|s| s.offered_rate.is_finite()).collect();
     steps.sort_by(|a, b| a.offered_rate.total_cmp(&b.offered_rate));
     let ok = steps.iter().filter(|s| s.ok).count();
-    let best = steps.iter().filter(|s| s.ok).map(|s| s.offered_rate).reduce(f64::max);
-    let best_deliveries = steps.iter().filter(|s| s.ok).map(|s| s.delivered_per_s).reduce(f64::max);
-    let title = match (best, best_deliveries) {
-        (Some(b), Some(d)) => {
-            format!("Ramp: {} steps, {ok} ok, highest ok {} msgs/s = {} deliveries/s", steps.len(), si(b), si(d))
+    // The report's result (the fastest step before the first failure), not the highest
+    // step that passed anywhere: a step past a failure that passed again is no
+    // sustained rate.
+    let title = match crate::run::sustained(ramp, |s| s.ok) {
+        (b, d) if d > 0.0 => {
+            format!("Ramp: {} steps, {ok} ok, sustained {} msgs/s = {} deliveries/s", steps.len(), si(b), si(d))
         }
-        _ => format!("Ramp: {} steps, none ok", steps.len()),
+        _ => format!("Ramp: {} steps, none sustained", steps.len()),
     };
     let keys = [
         Key::line("delivered/s", C_GREEN),

@@ -165,6 +165,9 @@ pub struct RampStep {
     /// The step met the bound with every offered delivery made: no refusal, drop or
     /// loss (the stricter rule; the ramp stops on `ok`).
     pub lossless: bool,
+    /// The step failed and a repeat at the same rate right after it passed
+    /// (`--ramp-repeats`): a failure of a moment, which does not end the ramp.
+    pub transient: bool,
 }
 
 /// One pass/fail check of the run.
@@ -478,7 +481,8 @@ impl Report {
 /// The ramp's steps, one line each: offered against achieved, latency of what was
 /// admitted and over what was offered, what was shed or not delivered, the kernel's
 /// drops and the broker's cost per message. `ok` is the ramp's rule (`yes`, or
-/// `yes, all` when every offered delivery was made too).
+/// `yes, all` when every offered delivery was made too; `no, repeated` for a failure
+/// that the repeat at the same rate did not confirm).
 fn ramp_table(ramp: &[RampStep]) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -503,10 +507,11 @@ fn ramp_table(ramp: &[RampStep]) -> String {
             r.udp_drops.map_or("-".to_owned(), |d| d.to_string()),
             opt(cost.map(|c| c.cpu_us_per_ack), 1),
             opt(cost.map(|c| c.ctx_switches_per_ack), 2),
-            match (r.ok, r.lossless) {
-                (true, true) => "yes, all",
-                (true, false) => "yes",
-                (false, _) => "no",
+            match (r.ok, r.lossless, r.transient) {
+                (true, true, _) => "yes, all",
+                (true, false, _) => "yes",
+                (false, _, true) => "no, repeated",
+                (false, _, false) => "no",
             },
         );
     }

@@ -436,17 +436,22 @@ pub const RAMP_MAX_STEPS: usize = 40;
 /// a server that loses deliveries (NATS core is at most once), which the bound
 /// tolerates up to 1% of as it tolerates 1% of late ones. Before, a step failed on one
 /// refusal while NATS's losses failed nothing; the stricter rule, every delivery
-/// made, is kept as `lossless`.
+/// made, is kept as `lossless`. A failed step is run again at the same rate, up to
+/// `common.ramp_repeats` times, and its failure counts only when every repeat fails
+/// too; one that a repeat passed is kept, marked `transient`.
 pub async fn ramp_steps(
     start_rate: f64,
     per_message: f64,
     common: &Common,
     mut step: impl AsyncFnMut(f64) -> RampStep,
 ) -> Vec<RampStep> {
-    let mut steps = Vec::new();
+    let mut steps: Vec<RampStep> = Vec::new();
     let mut rate = start_rate;
     let mut beyond = None;
-    for _ in 0..RAMP_MAX_STEPS + common.ramp_beyond {
+    // The failed runs of the current rate not yet confirmed (`--ramp-repeats`).
+    let mut unconfirmed: Vec<usize> = Vec::new();
+    let repeats = usize::from(common.ramp_repeats);
+    for _ in 0..RAMP_MAX_STEPS + repeats + common.ramp_beyond {
         let measured = step(rate).await;
         let ok = measured.errors == 0 && measured.p99_offered_ms.is_some_and(|p| p <= common.ramp_p99_ms);
         let lossless = ok
@@ -460,8 +465,20 @@ pub async fn ramp_steps(
             lossless,
             ..measured
         });
-        if !ok && beyond.is_none() {
-            beyond = Some(common.ramp_beyond);
+        if beyond.is_none() {
+            if !ok && unconfirmed.len() < repeats {
+                // Again at the same rate: a failure counts once a repeat confirms it.
+                unconfirmed.push(steps.len() - 1);
+                continue;
+            }
+            if ok {
+                for failed in unconfirmed.drain(..) {
+                    steps[failed].transient = true;
+                }
+            } else {
+                unconfirmed.clear();
+                beyond = Some(common.ramp_beyond);
+            }
         }
         match &mut beyond {
             Some(0) => break,
@@ -493,12 +510,14 @@ pub fn ramp_report(report: &mut Report, ramp: Vec<RampStep>, common: &Common) {
 }
 
 /// The ramp's result under a rule (`passed`: `ok` or `lossless`), `(offered msg/s,
-/// deliveries/s)`: the fastest of the steps before the first that failed; none if the
-/// first failed. A step past a failed one that passes again (the steps `--ramp-beyond`
-/// adds, or a failure the machine caused) is not a sustained rate: a trial's ramp
-/// reported 2,441 msg/s above a failed step at 1,953.
+/// deliveries/s)`: the fastest of the steps before the first that failed (a failure its
+/// repeat did not confirm, `transient`, aside); none if the first failed. A step past a
+/// failed one that passes again (the steps `--ramp-beyond` adds, or a failure the
+/// machine caused) is not a sustained rate: a trial's ramp reported 2,441 msg/s above a
+/// failed step at 1,953.
 pub fn sustained(ramp: &[RampStep], passed: impl Fn(&RampStep) -> bool) -> (f64, f64) {
     ramp.iter()
+        .filter(|s| !s.transient)
         .take_while(|s| passed(s))
         .map(|s| (s.offered_rate, s.delivered_per_s))
         .fold((0.0, 0.0), |a, b| if b.1 > a.1 { b } else { a })
@@ -735,7 +754,8 @@ mod tests {
     /// server that drops as many deliveries does.
     #[tokio::test]
     async fn a_step_fails_on_deliveries_not_made_past_one_percent() {
-        let common = Common { ramp_factor: 2.0, ramp_p99_ms: 50.0, ramp_beyond: 0, ..Common::default() };
+        let common =
+            Common { ramp_factor: 2.0, ramp_p99_ms: 50.0, ramp_beyond: 0, ramp_repeats: 0, ..Common::default() };
         let few = |rate: f64| RampStep {
             delivered_per_s: rate * 0.995,
             p99_ms: 2.0,
@@ -756,7 +776,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_ramp_goes_beyond_its_first_failed_step_by_ramp_beyond() {
-        let common = Common { ramp_factor: 2.0, ramp_p99_ms: 50.0, ramp_beyond: 2, ..Common::default() };
+        let common =
+            Common { ramp_factor: 2.0, ramp_p99_ms: 50.0, ramp_beyond: 2, ramp_repeats: 0, ..Common::default() };
         let steps = ramp_steps(100.0, 3.0, &common, async |rate| shedding_broker(rate)).await;
         let rates: Vec<f64> = steps.iter().map(|s| s.offered_rate).collect();
         // 100, 200, 400 kept up; 800 refuses 2% (its p99 of 8 ms is within the bound);
@@ -767,9 +788,57 @@ mod tests {
         assert!(steps.iter().all(|s| s.offered_deliveries_per_s == s.offered_rate * 3.0));
     }
 
+    /// A failed step is run again at the same rate: a failure its repeat does not
+    /// confirm (one slow second) does not end the ramp; one it confirms does, and the
+    /// result is the fastest step before it.
+    #[tokio::test]
+    async fn a_failure_counts_once_a_repeat_at_the_same_rate_confirms_it() {
+        let common = Common { ramp_factor: 2.0, ramp_p99_ms: 50.0, ramp_beyond: 1, ..Common::default() };
+        assert_eq!(common.ramp_repeats, 1, "the default");
+        // 200 msg/s has one slow step, then passes; 800 fails for good (2% refused).
+        let steps = with_one_slow_step_at_200(&common).await;
+        let seen: Vec<(f64, bool, bool)> = steps.iter().map(|s| (s.offered_rate, s.ok, s.transient)).collect();
+        assert_eq!(
+            seen,
+            [
+                (100.0, true, false),
+                (200.0, false, true),
+                (200.0, true, false),
+                (400.0, true, false),
+                (800.0, false, false),
+                (800.0, false, false),
+                (1600.0, false, false),
+            ]
+        );
+        assert_eq!(sustained(&steps, |s| s.ok).0, 400.0);
+        assert!(report_table_says(&steps, "no, repeated"));
+        // Without repeats the slow second ends it.
+        let steps = with_one_slow_step_at_200(&Common { ramp_repeats: 0, ..common }).await;
+        assert_eq!(sustained(&steps, |s| s.ok).0, 100.0);
+    }
+
+    /// A ramp of `shedding_broker` whose first step at 200 msg/s has a p99 of 90 ms.
+    async fn with_one_slow_step_at_200(common: &Common) -> Vec<RampStep> {
+        let mut slow_once = true;
+        ramp_steps(100.0, 1.0, common, async |rate| {
+            let mut step = shedding_broker(rate);
+            if rate == 200.0 && std::mem::take(&mut slow_once) {
+                step.p99_offered_ms = Some(90.0);
+            }
+            step
+        })
+        .await
+    }
+
+    fn report_table_says(steps: &[RampStep], what: &str) -> bool {
+        let report = Report { ramp: steps.to_vec(), ..Report::default() };
+        report.table().contains(what)
+    }
+
     #[tokio::test]
     async fn without_beyond_the_ramp_stops_at_its_first_failed_step() {
-        let common = Common { ramp_factor: 2.0, ramp_p99_ms: 3.0, ramp_beyond: 0, ..Common::default() };
+        let common =
+            Common { ramp_factor: 2.0, ramp_p99_ms: 3.0, ramp_beyond: 0, ramp_repeats: 0, ..Common::default() };
         let steps = ramp_steps(100.0, 1.0, &common, async |rate| shedding_broker(rate)).await;
         let rates: Vec<f64> = steps.iter().map(|s| s.offered_rate).collect();
         // 400 msg/s has a p99 of 4 ms, over the 3 ms bound.

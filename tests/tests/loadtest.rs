@@ -149,6 +149,8 @@ async fn ramp_finds_a_ceiling_and_reports_steps() {
             // absurd.
             ramp_p99_ms: 1000.0,
             ramp_beyond: 0,
+            // The first failure ends it (a repeat is `ramp_steps`' own test's).
+            ramp_repeats: 0,
             ..small()
         };
         let report = scenario::fanout::run(&common, &args).await.unwrap();
@@ -201,6 +203,7 @@ async fn direct_ramp_past_saturation_sheds_with_overloaded() {
             ramp_factor: 8.0,
             ramp_p99_ms: 1000.0,
             ramp_beyond: 1,
+            ramp_repeats: 0,
             broker_max_sends_in_flight: Some(2),
             ..small()
         };
