@@ -79,10 +79,11 @@ pub struct Common {
     /// step before the first failed one, whatever these show.
     #[arg(long, default_value_t = 2, global = true)]
     pub ramp_beyond: usize,
-    /// Times a failed ramp step is run again at the same rate before its failure counts
-    /// (0: the first failure ends the ramp). A failure that a repeat does not confirm
-    /// was a moment of the machine's (one slow second on shared cores), not the
-    /// server's ceiling: one such spike at an eighth of the ceiling ended a ramp.
+    /// Repeats a ramp may make: a step failed on latency or on deliveries not made (not
+    /// on errors) is run again at the same rate, and its failure counts only if the
+    /// repeat fails too (0: the first failure ends the ramp). A failure a repeat does
+    /// not confirm was a moment of the machine's (one slow second on shared cores), not
+    /// the server's ceiling: one such spike at a third of the ceiling ended a ramp.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=3), global = true)]
     pub ramp_repeats: u8,
     /// The embedded broker's `max_sends_in_flight` (default: the broker's).
@@ -208,7 +209,8 @@ impl Common {
         // its later steps, offered nothing as counted, passed with nothing measured.
         if self.max_seconds() > stats::MAX_SECONDS {
             return Err(Error::InvalidArgs(format!(
-                "the run could last {} s with its ramp (--ramp-step x up to {} steps), over the {} s the                  harness keeps figures for: shorten --ramp-step or --ramp-beyond",
+                "the run could last {} s with its ramp (--ramp-step x up to {} steps), over the {} s the \
+                 harness keeps figures for: shorten --ramp-step, --ramp-beyond or --ramp-repeats",
                 self.max_seconds(),
                 run::RAMP_MAX_STEPS + usize::from(self.ramp_repeats) + self.ramp_beyond,
                 stats::MAX_SECONDS

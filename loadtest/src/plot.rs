@@ -265,7 +265,7 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> Result<()> {
     // The report's result (the fastest step before the first failure), not the highest
     // step that passed anywhere: a step past a failure that passed again is no
     // sustained rate.
-    let title = match crate::run::sustained(ramp, |s| s.ok) {
+    let title = match crate::run::sustained(ramp, |s| s.ok, true) {
         (b, d) if d > 0.0 => {
             format!("Ramp: {} steps, {ok} ok, sustained {} msgs/s = {} deliveries/s", steps.len(), si(b), si(d))
         }

@@ -166,7 +166,8 @@ pub struct RampStep {
     /// loss (the stricter rule; the ramp stops on `ok`).
     pub lossless: bool,
     /// The step failed and a repeat at the same rate right after it passed
-    /// (`--ramp-repeats`): a failure of a moment, which does not end the ramp.
+    /// (`--ramp-repeats`): a failure of a moment, which does not end the ramp's result
+    /// (the `lossless` figure forgives nothing).
     pub transient: bool,
 }
 
