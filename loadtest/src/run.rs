@@ -458,7 +458,8 @@ pub async fn ramp_steps(
     let mut repeats_left = repeats;
     for _ in 0..RAMP_MAX_STEPS + repeats + common.ramp_beyond {
         let measured = step(rate).await;
-        let ok = measured.errors == 0 && measured.p99_offered_ms.is_some_and(|p| p <= common.ramp_p99_ms);
+        let erred = measured.errors > 0;
+        let ok = !erred && measured.p99_offered_ms.is_some_and(|p| p <= common.ramp_p99_ms);
         let lossless = ok
             && measured.refused == 0
             && measured.delivered >= measured.offered_deliveries
@@ -475,7 +476,7 @@ pub async fn ramp_steps(
             // step that failed on latency or deliveries not made: an error or a lost
             // connection is the server's, and a reconnected client passing the repeat
             // would not make it a moment's.
-            if !ok && steps.last().is_some_and(|s| s.errors == 0) && repeats_left > 0 {
+            if !ok && !erred && repeats_left > 0 {
                 repeats_left -= 1;
                 unconfirmed.push(steps.len() - 1);
                 continue;
