@@ -159,11 +159,15 @@ impl Default for Common {
 impl Common {
     /// An upper bound on the run's length in seconds (for per-second buffers).
     pub fn max_seconds(&self) -> usize {
-        // Per step: the step, up to 1.2 s to start on a whole second, up to 5 s of drain;
-        // the last failure's repeats come on top of `RAMP_MAX_STEPS`.
-        let steps = run::RAMP_MAX_STEPS + usize::from(self.ramp_repeats) + self.ramp_beyond;
-        let ramp = if self.ramp { steps * (self.ramp_step.as_secs() as usize + 7) + 60 } else { 0 };
+        // Per step: the step, up to 1.2 s to start on a whole second, up to 5 s of drain.
+        let ramp = if self.ramp { self.ramp_max_steps() * (self.ramp_step.as_secs() as usize + 7) + 60 } else { 0 };
         self.duration.as_secs() as usize + ramp + 120
+    }
+
+    /// The most steps a ramp runs: `run::RAMP_MAX_STEPS` to its first confirmed failure,
+    /// the repeats of failed steps (`--ramp-repeats`, on top), then `--ramp-beyond`.
+    pub fn ramp_max_steps(&self) -> usize {
+        run::RAMP_MAX_STEPS + usize::from(self.ramp_repeats) + self.ramp_beyond
     }
 
     /// Checks what clap cannot check flag by flag, before anything starts: the output
@@ -212,7 +216,7 @@ impl Common {
                 "the run could last {} s with its ramp (--ramp-step x up to {} steps), over the {} s the \
                  harness keeps figures for: shorten --ramp-step, --ramp-beyond or --ramp-repeats",
                 self.max_seconds(),
-                run::RAMP_MAX_STEPS + usize::from(self.ramp_repeats) + self.ramp_beyond,
+                self.ramp_max_steps(),
                 stats::MAX_SECONDS
             )));
         }

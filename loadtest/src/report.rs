@@ -504,7 +504,11 @@ fn ramp_table(ramp: &[RampStep]) -> String {
             r.offered_deliveries.saturating_sub(r.delivered),
             r.p50_ms,
             r.p99_ms,
-            r.p99_offered_ms.map_or(">1% lost".to_owned(), |p| format!("{p:.2}")),
+            match r.p99_offered_ms {
+                Some(p) => format!("{p:.2}"),
+                None if r.offered_deliveries == 0 => "-".to_owned(),
+                None => ">1% lost".to_owned(),
+            },
             r.udp_drops.map_or("-".to_owned(), |d| d.to_string()),
             opt(cost.map(|c| c.cpu_us_per_ack), 1),
             opt(cost.map(|c| c.ctx_switches_per_ack), 2),

@@ -452,11 +452,10 @@ pub async fn ramp_steps(
     let mut beyond = None;
     // The failed runs of the current rate not yet confirmed (`--ramp-repeats`).
     let mut unconfirmed: Vec<usize> = Vec::new();
-    let repeats = usize::from(common.ramp_repeats);
     // Repeats left in this ramp: a budget, not one per failure, so a server that fails
     // every other step is not carried to `RAMP_MAX_STEPS` by its passing repeats.
-    let mut repeats_left = repeats;
-    for _ in 0..RAMP_MAX_STEPS + repeats + common.ramp_beyond {
+    let mut repeats_left = usize::from(common.ramp_repeats);
+    for _ in 0..common.ramp_max_steps() {
         let measured = step(rate).await;
         let erred = measured.errors > 0;
         let ok = !erred && measured.p99_offered_ms.is_some_and(|p| p <= common.ramp_p99_ms);
