@@ -474,6 +474,12 @@ pub async fn write_phase(
             i += 1;
         }
         if send.write_all_chunks(&mut frames).await.is_err() {
+            // The stream failed (the connection is lost, counted by the reader): an
+            // error of the run, and the rest of the schedule offered and not made.
+            stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for rest in i..plan.count {
+                stats.unsent(plan.sched_ns(rest), plan.recipients(rest));
+            }
             break;
         }
         frames.clear();

@@ -271,12 +271,15 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> Result<()> {
         }
         _ => format!("Ramp: {} steps, none sustained", steps.len()),
     };
-    let keys = [
+    let mut keys = vec![
         Key::line("delivered/s", C_GREEN),
         Key::dashed("offered deliveries/s", C_GREY),
         Key::line("p99 ms (right axis)", C_ORANGE),
         Key::dot("step failed", C_RED),
     ];
+    if steps.iter().any(|s| s.transient) {
+        keys.push(Key::dot("failed, its repeat passed", C_PURPLE));
+    }
     let rest = heading(area, &title, &keys)?;
     if steps.is_empty() {
         return no_samples(&rest, "no ramp steps");
@@ -321,16 +324,27 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> Result<()> {
         steps
             .iter()
             .filter(|s| s.delivered_per_s.is_finite())
-            .map(|s| Circle::new((s.offered_rate, s.delivered_per_s), 5, if s.ok { C_GREEN } else { C_RED }.filled())),
+            .map(|s| Circle::new((s.offered_rate, s.delivered_per_s), 5, step_colour(s, C_GREEN).filled())),
     )?;
     chart.draw_secondary_series(LineSeries::new(p99.iter().copied(), C_ORANGE.stroke_width(2)))?;
     chart.draw_secondary_series(
         steps
             .iter()
             .filter(|s| s.p99_ms.is_finite())
-            .map(|s| TriangleMarker::new((s.offered_rate, s.p99_ms), 6, if s.ok { C_ORANGE } else { C_RED }.filled())),
+            .map(|s| TriangleMarker::new((s.offered_rate, s.p99_ms), 6, step_colour(s, C_ORANGE).filled())),
     )?;
     Ok(())
+}
+
+/// A ramp step's marker: `passed` if it passed, purple if it failed and its repeat at
+/// the same rate passed (`transient`: it did not end the ramp), red if its failure
+/// counted. A transient step was drawn red, as if it had ended the ramp (a review).
+fn step_colour(step: &RampStep, passed: RGBColor) -> RGBColor {
+    match (step.ok, step.transient) {
+        (true, _) => passed,
+        (false, true) => C_PURPLE,
+        (false, false) => C_RED,
+    }
 }
 
 fn resource_panel(area: &Area<'_>, report: &Report) -> Result<()> {
@@ -585,4 +599,17 @@ fn group(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_its_repeat_did_not_confirm_is_drawn_apart_from_one_that_counted() {
+        let step = |ok, transient| RampStep { ok, transient, ..RampStep::default() };
+        assert_eq!(step_colour(&step(true, false), C_GREEN), C_GREEN);
+        assert_eq!(step_colour(&step(false, false), C_GREEN), C_RED);
+        assert_eq!(step_colour(&step(false, true), C_ORANGE), C_PURPLE);
+    }
 }

@@ -460,6 +460,9 @@ impl Report {
         line("delivery p99.9 ms", Some(self.latency.p999_ms), Some(other.latency.p999_ms));
         line("deliveries/s", Some(self.delivered_per_s), Some(other.delivered_per_s));
         line("messages sent", Some(self.sent as f64), Some(other.sent as f64));
+        // nats-server never refuses (it drops instead: the row below); ours sheds past
+        // saturation with `OVERLOADED`, which the table did not show beside it.
+        line("refused (OVERLOADED)", Some(self.refused as f64), Some(other.refused as f64));
         line("lost (message, member) pairs", Some(self.lost as f64), Some(other.lost as f64));
         let cpu = |r: &Report| r.broker.as_ref().map(|b| b.cpu_pct_mean);
         line("server cpu mean % of a core", cpu(self), cpu(other));
@@ -568,6 +571,7 @@ mod tests {
         let mut ours = Report {
             latency: p(1.0, 5.0, 6.0),
             delivered_per_s: 990.0,
+            refused: 7,
             broker: Some(Resources { cpu_pct_mean: 40.0, ..Resources::default() }),
             ..Report::default()
         };
@@ -583,6 +587,7 @@ mod tests {
         assert_eq!(cells("deliveries/s"), "0.99 1000.00 990.00", "{table}");
         // Not measured on one side: no figure there and no ratio.
         assert_eq!(cells("lost (message, member) pairs"), "0.00 3.00 0.00", "{table}");
+        assert_eq!(cells("refused (OVERLOADED)"), "- 0.00 7.00", "{table}");
         assert_eq!(cells("server cpu mean % of a core"), "- - 40.00", "{table}");
         assert!(table.contains("against       fanout (nats) (nats://127.0.0.1:4222)"), "{table}");
         assert!(!table.contains("ramp max sustained"), "no ramp, no ceiling row: {table}");

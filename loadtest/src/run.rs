@@ -759,6 +759,11 @@ mod tests {
         let step = step_window(&stats, (1, 3));
         assert_eq!((step.offered_deliveries, step.delivered), (15, 10), "the second message to 5 made none");
         assert_eq!(step.p99_offered_ms, None);
+        // A message its writer never sent (the stream failed) is offered and not made,
+        // and not counted as sent.
+        stats.unsent(2 * second, 4);
+        assert_eq!((stats.offered_in(2), stats.sent_in(2)), (9, 1));
+        assert_eq!(step_window(&stats, (1, 3)).offered_deliveries, 19);
     }
 
     /// A step that refuses a few sends passes while the p99 over what it offered stays

@@ -135,6 +135,15 @@ impl Stats {
         self.sent_total.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a message the schedule offered at `sched_ns` that was never sent (its
+    /// writer's stream failed first): its `deliveries` are offered and never made, as
+    /// a refused message's are, so a ramp step's p99 over every offered delivery counts
+    /// them (a writer that stopped left the rest of its schedule out of the step).
+    pub fn unsent(&self, sched_ns: u64, deliveries: u64) {
+        let s = self.second_of(sched_ns).min(self.sent.len() - 1);
+        self.offered[s].fetch_add(deliveries, Ordering::Relaxed);
+    }
+
     /// Deliveries that the messages sent in second `s` should make.
     pub fn offered_in(&self, s: usize) -> u64 {
         self.offered.get(s).map_or(0, |a| a.load(Ordering::Relaxed))

@@ -515,6 +515,8 @@ async fn a_broker_stopped_mid_run_fails_the_run_and_says_when() {
         let report = report.unwrap();
         assert!(!report.passed(), "{}", report.table());
         assert!(report.connections_lost >= 4, "{}", report.table());
+        // The sender's write that failed is an error of the run (it stopped unsaid).
+        assert!(report.errors >= 1, "{}", report.table());
         assert!(report.first_connection_loss_s.is_some_and(|t| t > 0.0), "{}", report.table());
         let check = report.checks.iter().find(|c| c.name == "no connection to the broker lost").unwrap();
         assert!(!check.ok && check.detail.contains("the first at t="), "{check:?}");
