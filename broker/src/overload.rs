@@ -38,7 +38,11 @@
 //!   catches up and the socket empties. Measured with `direct --users 10000 --ramp`
 //!   (docs/benchmarks.md, "Shedding at the socket"): 0 datagrams dropped and p99 of
 //!   tens of milliseconds up to twice the sustainable load, against 55,000 to 105,000
-//!   drops and p99 of 3-7 s without. Whatever fills the socket counts, a flood of junk
+//!   drops and p99 of 3-7 s without. That bound is the machine's: a refusal still costs
+//!   a third to a half of a write (its datagram read and decrypted, the answer sent,
+//!   their acknowledgements), so where the harness leaves the broker less CPU the rule
+//!   held at 1.25 times the sustainable load and collapsed at about 1.5 ("`direct` past
+//!   saturation on a slower hour"). Whatever fills the socket counts, a flood of junk
 //!   datagrams too: while it keeps the socket queued, writes arriving there are refused
 //!   (the client library retries them with backoff). That frees only the CPU the
 //!   writes would have taken: a flood faster than the broker reads still overflows the
