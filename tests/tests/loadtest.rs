@@ -373,6 +373,7 @@ async fn upload_small() {
             chat_rate: 50.0,
             chat_messages: 40,
             rounds: 2,
+            image_mpx: 1,
         };
         let report = scenario::upload::run(&small(), &args).await.unwrap();
         let table = report.table();
@@ -393,6 +394,9 @@ async fn upload_small() {
             "g_disk_sync_p99_ms_alone",
             "g_disk_sync_p99_ms_beside_appends",
             "g_disk_sync_p99_ratio",
+            "h_chat_p99_ms_beside_thumbnails",
+            "h_chat_p99_ratio",
+            "h_thumbnails_per_s",
             "cpu_tick_ms_per_mb",
         ] {
             let value = report.extra.get(figure).copied();
@@ -424,6 +428,8 @@ async fn upload_small() {
             "every concurrent upload completed",
             "every chat message delivered",
             "an upload ran throughout the busy chat phase",
+            "every chat message delivered beside thumbnails",
+            "images were thumbnailed throughout the chat phase beside them",
         ] {
             let c = report.checks.iter().find(|c| c.name == check).unwrap_or_else(|| panic!("no check {check}"));
             assert!(c.ok, "{check}: {table}");
@@ -431,11 +437,14 @@ async fn upload_small() {
         // The aims are reported beside the checks, and decide nothing (a run on a busy
         // machine failed on them before, though nothing went wrong).
         assert!(report.aims.iter().any(|c| c.name.starts_with("upload at least")), "{table}");
-        assert!(report.aims.iter().any(|c| c.name.starts_with("chat p99")), "{table}");
+        assert!(report.aims.iter().any(|c| c.name.starts_with("chat p99 during")), "{table}");
+        assert!(report.aims.iter().any(|c| c.name.starts_with("chat p99 beside thumbnails")), "{table}");
+        assert!(report.extra["h_images_thumbnailed"] >= 1.0, "{table}");
         assert!(table.contains("[aim "), "{table}");
         assert!(!report.checks.iter().any(|c| c.name.contains("aim")), "{table}");
-        assert_eq!(report.delivered, 80, "{table}");
+        assert_eq!(report.delivered, 120, "{table}");
         assert!(report.event_latency["chat idle"].count == 40 && report.event_latency["chat+upload"].count == 40);
+        assert_eq!(report.event_latency["chat+thumbnails"].count, 40, "{table}");
         assert!(report.event_latency["disk alone"].count == 40, "{table}");
         assert!(report.event_latency["disk+appends"].count == 40, "{table}");
         // The broker runs inside the harness here: no CPU figure of its own.

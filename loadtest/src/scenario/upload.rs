@@ -24,6 +24,11 @@
 //! - (f) chat latency (open-loop send to delivery at a second client) with no upload,
 //!   then again while the sender's own connection uploads `--file-mib` files back to
 //!   back (p99 ratio; aim: at most 2x);
+//! - (h) chat latency again while another user uploads images back to back, each a
+//!   distinct PNG of `--image-mpx` million pixels (one colour: a few hundred KB on the
+//!   wire, a whole decode for the broker), the next once the broker has made the last
+//!   one's thumbnail, so that the broker's decoder is busy throughout (p99 ratio to the
+//!   idle phase of (f); aim: at most 2x; 0 skips the phase);
 //! - (g) the disk alone, after the broker stopped: the latency of a small append with an
 //!   fdatasync every 1/`--chat-rate` s (what one group commit asks of the disk), alone
 //!   and then beside 1 MiB appends fdatasynced back to back the way the broker writes
@@ -100,6 +105,11 @@ pub struct Args {
     /// (1 to 50).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Million pixels of each image in (h), the chat phase beside thumbnails (at most 50,
+    /// the broker's default `max_input_pixels`; 0 skips the phase). 48: a phone camera's
+    /// photo, about 0.2 s of a core to decode (release).
+    #[arg(long, default_value_t = 48)]
+    pub image_mpx: u32,
 }
 
 impl Default for Args {
@@ -139,6 +149,11 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     if !(1..=50).contains(&args.rounds) {
         return Err(Error::InvalidArgs("--rounds must be 1 to 50".into()));
     }
+    if args.image_mpx > 50 {
+        return Err(Error::InvalidArgs(
+            "--image-mpx is at most 50 (the broker's default max_input_pixels: larger images get no thumbnail)".into(),
+        ));
+    }
     if !(args.chat_rate > 0.0 && args.chat_messages >= 1) {
         return Err(Error::InvalidArgs("need a positive --chat-rate and 1+ --chat-messages".into()));
     }
@@ -151,6 +166,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             ("file", format!("{} MiB", args.file_mib)),
             ("concurrent", format!("{} x {} MiB from {} clients", args.concurrent, args.concurrent_mib, args.clients)),
             ("chat", format!("{} msgs at {} msg/s, {size} B", args.chat_messages, args.chat_rate)),
+            ("images", format!("{} MP each, thumbnailed back to back (h)", args.image_mpx)),
         ]),
         latency_label: "chat".into(),
         ..Report::default()
@@ -190,7 +206,8 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     report.extra.insert("b_fsync_append_as_broker_mb_per_s".into(), direct);
     report.extra.insert("b_fsync_append_mb_per_s".into(), fsync);
 
-    let users = args.clients.max(2);
+    // The chat's sender and receiver, and (h)'s image uploader.
+    let users = args.clients.max(3);
     let pop = Population::enroll(&target, &run_tag(), users).await?;
     let conv = create_group(&pop, 0, &[0, 1], "upload").await?;
     let sender = Arc::new(pop.client(0).await?);
@@ -373,6 +390,17 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
     let chat = Chat { conv, rate: args.chat_rate, messages: args.chat_messages, size };
     let idle = chat.run(&sender, &mut events).await?;
     let busy = chat_beside_upload(&chat, &sender, &mut events, &base, file_bytes).await?;
+    // (h) Chat beside thumbnails: another user's images decoded back to back.
+    let images = if args.image_mpx > 0 {
+        let imager = Arc::new(pop.client(2).await?);
+        let mpx = args.image_mpx;
+        let png = tokio::task::spawn_blocking(move || one_colour_png(mpx)).await??;
+        let result = chat_beside_images(&chat, &sender, &mut events, &imager, Arc::new(png)).await;
+        imager.close();
+        Some(result?)
+    } else {
+        None
+    };
     receiver.close();
     sender.close();
     report.broker = broker_sampler.map(|s| s.summary(0.0));
@@ -431,12 +459,41 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
         ratio <= CHAT_P99_AIM,
         format!("{:.2} ms against {:.2} ms; the disk alone (g): {disk_ratio:.1}x", busy_p.p99_ms, idle_p.p99_ms),
     );
-    report.sent = 2 * u64::from(args.chat_messages);
-    report.acked = idle.acked + busy.chat.acked;
-    report.delivered = idle.delivered + busy.chat.delivered;
-    report.errors = idle.errors + busy.chat.errors;
-    report.duration_s = upload_s + download_s + concurrent_s + idle.seconds + busy.chat.seconds;
-    let chat_s = (idle.seconds + busy.chat.seconds).max(1e-9);
+    let mut chats = vec![&idle, &busy.chat];
+    if let Some(images) = &images {
+        let p = Percentiles::from_us(&images.chat.latency);
+        let ratio = p.p99_ms / idle_p.p99_ms.max(1e-3);
+        report.extra.insert("h_chat_p99_ms_beside_thumbnails".into(), p.p99_ms);
+        report.extra.insert("h_chat_p99_ratio".into(), ratio);
+        report.extra.insert("h_images_thumbnailed".into(), images.thumbnailed as f64);
+        report.extra.insert("h_thumbnails_per_s".into(), images.thumbnailed as f64 / images.chat.seconds.max(1e-9));
+        report.check(
+            "every chat message delivered beside thumbnails",
+            images.chat.delivered == u64::from(args.chat_messages),
+            format!("{} of {}", images.chat.delivered, args.chat_messages),
+        );
+        report.check(
+            "images were thumbnailed throughout the chat phase beside them",
+            images.stopped.is_none() && images.thumbnailed > 0,
+            match &images.stopped {
+                Some(why) => format!("{} thumbnails, then the uploads ended: {why}", images.thumbnailed),
+                None => format!("{} thumbnails of {} MP images", images.thumbnailed, args.image_mpx),
+            },
+        );
+        report.aim(
+            &format!("chat p99 beside thumbnails within {CHAT_P99_AIM}x of without"),
+            ratio <= CHAT_P99_AIM,
+            format!("{:.2} ms against {:.2} ms", p.p99_ms, idle_p.p99_ms),
+        );
+        report.event_latency.insert("chat+thumbnails".into(), p);
+        chats.push(&images.chat);
+    }
+    report.sent = chats.len() as u64 * u64::from(args.chat_messages);
+    report.acked = chats.iter().map(|c| c.acked).sum();
+    report.delivered = chats.iter().map(|c| c.delivered).sum();
+    report.errors = chats.iter().map(|c| c.errors).sum();
+    let chat_s = chats.iter().map(|c| c.seconds).sum::<f64>().max(1e-9);
+    report.duration_s = upload_s + download_s + concurrent_s + chat_s;
     report.acked_per_s = report.acked as f64 / chat_s;
     report.delivered_per_s = report.delivered as f64 / chat_s;
     report.latency = busy_p.clone();
@@ -1037,6 +1094,134 @@ async fn chat_beside_upload(
     Ok(BusyChat { chat: result?, uploaded_bytes, uploading_at_end, upload_stopped, quota_wait_s })
 }
 
+/// What the chat phase beside thumbnails measured.
+struct ImageChat {
+    chat: ChatResult,
+    /// Images whose thumbnail the broker made while the chat phase ran.
+    thumbnailed: usize,
+    /// Why the uploads stopped before the chat phase ended, if they did.
+    stopped: Option<String>,
+}
+
+/// Longest (h)'s uploader waits for one image's thumbnail: past the broker's default
+/// decode timeout (20 s), so a missing thumbnail is a failure, not a slow one.
+const THUMBNAIL_WAIT: Duration = Duration::from_secs(30);
+
+/// A PNG of `mpx` million pixels (8,000 wide), one colour, compressed: what a decode
+/// costs is its pixels, not its bytes (`files::thumbnails`' module doc), so a small
+/// upload keeps the broker's decoder busy.
+fn one_colour_png(mpx: u32) -> Result<Vec<u8>> {
+    let width = 8_000u32;
+    let height = (u64::from(mpx) * 1_000_000 / u64::from(width)).max(1) as u32;
+    let pixels = image::RgbImage::from_pixel(width, height, image::Rgb([40, 120, 200]));
+    let mut png = Vec::new();
+    let encoder = image::codecs::png::PngEncoder::new_with_quality(
+        &mut png,
+        image::codecs::png::CompressionType::Best,
+        image::codecs::png::FilterType::NoFilter,
+    );
+    image::ImageEncoder::write_image(encoder, pixels.as_raw(), width, height, image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::Protocol(format!("encoding the benchmark image: {e}")))?;
+    Ok(png)
+}
+
+/// `png` with a `tEXt` chunk carrying `salt` after its header (PNG, section 11.3.4.3):
+/// the same pixels as different bytes, so the broker's content addressing and its
+/// outcomes by BLAKE3 never skip a decode.
+fn salted_png(png: &[u8], salt: u64) -> Vec<u8> {
+    // The 8-byte signature and the IHDR chunk (length, type, 13 bytes, CRC) come first.
+    const AFTER_IHDR: usize = 8 + 4 + 4 + 13 + 4;
+    let text = format!("salt\0{salt}");
+    let mut chunk = Vec::with_capacity(12 + text.len());
+    chunk.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    chunk.extend_from_slice(b"tEXt");
+    chunk.extend_from_slice(text.as_bytes());
+    let crc = crc32fast::hash(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    [&png[..AFTER_IHDR], &chunk, &png[AFTER_IHDR..]].concat()
+}
+
+/// (h): `imager` uploads salted copies of `png` one after another, each once the
+/// broker has made the one before's thumbnail (polled with `FileInfo`); once the first
+/// is made, the chat phase runs beside them. Each image is deleted once thumbnailed.
+async fn chat_beside_images(
+    chat: &Chat,
+    sender: &Arc<Client>,
+    events: &mut switchboard_client::Events,
+    imager: &Arc<Client>,
+    png: Arc<Vec<u8>>,
+) -> Result<ImageChat> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let thumbnailed = Arc::new(AtomicU64::new(0));
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let uploads = {
+        let (client, stop, thumbnailed) = (imager.clone(), stop.clone(), thumbnailed.clone());
+        tokio::spawn(async move {
+            let mut started_tx = Some(started_tx);
+            let mut salt = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                salt += 1;
+                let bytes = salted_png(&png, salt);
+                let new = NewUpload {
+                    name: format!("bench-image-{salt}.png"),
+                    size: bytes.len() as u64,
+                    content_type: "image/png".into(),
+                    blake3: *blake3::hash(&bytes).as_bytes(),
+                };
+                let status = client.begin_upload(new).await?;
+                client
+                    .upload_from(status.file, 0, &mut std::io::Cursor::new(bytes), |_| {})
+                    .await
+                    .map_err(|e| Error::Protocol(format!("image upload beside the chat: {e}")))?;
+                let asked = Instant::now();
+                loop {
+                    let info = client.file_info(status.file).await?;
+                    match info.state {
+                        switchboard_protocol::FileState::Complete { thumbnail: Some(_) } => break,
+                        _ if asked.elapsed() > THUMBNAIL_WAIT => {
+                            return Err(Error::Protocol(format!(
+                                "no thumbnail of image {salt} within {} s",
+                                THUMBNAIL_WAIT.as_secs()
+                            )));
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+                client.delete_file(status.file).await?;
+                thumbnailed.fetch_add(1, Ordering::Relaxed);
+                if let Some(tx) = started_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok::<_, Error>(())
+        })
+    };
+    if started.await.is_err() {
+        return match uploads.await? {
+            Err(e) => Err(e),
+            Ok(()) => Err(Error::Protocol("no image was thumbnailed before the chat beside them".into())),
+        };
+    }
+    let before = thumbnailed.load(Ordering::Relaxed);
+    let result = chat.run(sender, events).await;
+    let made = thumbnailed.load(Ordering::Relaxed) - before;
+    let running = !uploads.is_finished();
+    stop.store(true, Ordering::Release);
+    let stopped = if running {
+        // The image in progress is abandoned with its task (the broker expires it, or
+        // its file stays until the run's broker is gone).
+        uploads.abort();
+        None
+    } else {
+        Some(match uploads.await {
+            Ok(Ok(())) => "stopped".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        })
+    };
+    Ok(ImageChat { chat: result?, thumbnailed: made as usize, stopped })
+}
+
 /// File contents for the harness: a 1 MiB pseudo-random block repeated, with the first
 /// 8 bytes replaced by a salt so that every upload is a different file. Read through
 /// `AsyncRead`/`AsyncSeek` like a file, without holding the file in memory.
@@ -1159,6 +1344,22 @@ mod tests {
         let (na, nb) = (a.new_upload("a").await.unwrap(), b.new_upload("b").await.unwrap());
         assert_eq!(na.blake3, *blake3::hash(&all).as_bytes());
         assert_ne!(na.blake3, nb.blake3);
+    }
+
+    /// (h)'s images: the same pixels under different bytes, each a PNG a decoder takes
+    /// (a chunk with a wrong CRC, or one inserted in the wrong place, fails the decode,
+    /// and the broker would make no thumbnail).
+    #[test]
+    fn salted_images_decode_to_the_same_pixels_under_different_hashes() {
+        let png = one_colour_png(1).unwrap();
+        let (a, b) = (salted_png(&png, 1), salted_png(&png, 2));
+        assert_ne!(blake3::hash(&a), blake3::hash(&b));
+        for bytes in [&png, &a, &b] {
+            let decoded = image::load_from_memory_with_format(bytes, image::ImageFormat::Png).unwrap().to_rgb8();
+            assert_eq!(decoded.dimensions(), (8_000, 125));
+            assert_eq!(decoded.get_pixel(7_999, 124), &image::Rgb([40, 120, 200]));
+        }
+        assert!(a.len() < 64 * 1024, "one colour compresses: {} bytes", a.len());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
