@@ -457,6 +457,7 @@ pub async fn write_phase(
         }
         // Everything due by now goes out in one write (behind schedule: all at once).
         let now = clock.now_ns();
+        let batch_start = i;
         while i < plan.count && plan.sched_ns(i) <= now && frames.len() < 64 {
             let sched = plan.sched_ns(i);
             payload::fill(&mut text, sched, plan.size);
@@ -470,21 +471,31 @@ pub async fn write_phase(
             if let Ok(frame) = encode_frame(&request) {
                 frames.push(frame);
             }
-            stats.sent(sched, plan.recipients(i));
             i += 1;
         }
-        if send.write_all_chunks(&mut frames).await.is_err() {
-            // The stream failed (the connection is lost, counted by the reader): an
-            // error of the run, and the rest of the schedule offered and not made.
-            stats.errors_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            for rest in i..plan.count {
-                stats.unsent(plan.sched_ns(rest), plan.recipients(rest));
-            }
+        let written = send.write_all_chunks(&mut frames).await.is_ok();
+        // What was handed to QUIC counts as sent; once the stream failed (the
+        // connection is lost, which the reader counts), the batch and the rest of the
+        // schedule are offered and never sent, so a ramp step's p99 over its offered
+        // deliveries counts them as not made.
+        count_sends(&stats, &plan, batch_start..if written { i } else { plan.count }, written);
+        if !written {
             break;
         }
         frames.clear();
     }
     send
+}
+
+/// Counts messages `range` of `plan` as sent (`written`) or as offered and never sent.
+fn count_sends(stats: &Stats, plan: &SendPlan, range: std::ops::Range<u32>, written: bool) {
+    for i in range {
+        if written {
+            stats.sent(plan.sched_ns(i), plan.recipients(i));
+        } else {
+            stats.unsent(plan.sched_ns(i), plan.recipients(i));
+        }
+    }
 }
 
 /// Request ids a scenario's own requests use alongside the message load: their top
@@ -506,3 +517,31 @@ pub async fn write_frame(send: &mut quinn::SendStream, frame: &ClientFrame, stat
 
 /// Which sessions belong to which conversation (for the loss check).
 pub type Membership = HashMap<ConvId, Vec<usize>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose stream failed counted the failed batch as sent and left the rest of
+    /// its schedule out of the offered deliveries (a review): now what was written is
+    /// sent, and the rest offered and never sent.
+    #[test]
+    fn a_failed_write_leaves_its_batch_and_the_rest_offered_and_unsent() {
+        let second = 1_000_000_000;
+        let stats = Stats::new(0, 10);
+        let plan = SendPlan {
+            convs: vec![1, 2],
+            recipients: vec![3, 5],
+            start_ns: second,
+            interval_ns: second / 2,
+            count: 6,
+            size: 64,
+        };
+        count_sends(&stats, &plan, 0..2, true);
+        count_sends(&stats, &plan, 2..plan.count, false);
+        assert_eq!((stats.sent_in(1), stats.offered_in(1)), (2, 8));
+        assert_eq!((stats.sent_in(2), stats.offered_in(2)), (0, 8));
+        assert_eq!((stats.sent_in(3), stats.offered_in(3)), (0, 8));
+        assert_eq!(stats.sent_total.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+}

@@ -46,6 +46,7 @@ const C_GREEN: RGBColor = RGBColor(44, 160, 44);
 const C_RED: RGBColor = RGBColor(214, 39, 40);
 const C_PURPLE: RGBColor = RGBColor(148, 103, 189);
 const C_GREY: RGBColor = RGBColor(127, 127, 127);
+const C_BROWN: RGBColor = RGBColor(140, 86, 75);
 const C_TEXT: RGBColor = RGBColor(45, 45, 45);
 
 type Area<'p> = DrawingArea<BitMapBackend<'p>, Shift>;
@@ -278,7 +279,7 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> Result<()> {
         Key::dot("step failed", C_RED),
     ];
     if steps.iter().any(|s| s.transient) {
-        keys.push(Key::dot("failed, its repeat passed", C_PURPLE));
+        keys.push(Key::dot("failed, its repeat passed", C_BROWN));
     }
     let rest = heading(area, &title, &keys)?;
     if steps.is_empty() {
@@ -336,13 +337,13 @@ fn ramp_panel(area: &Area<'_>, ramp: &[RampStep]) -> Result<()> {
     Ok(())
 }
 
-/// A ramp step's marker: `passed` if it passed, purple if it failed and its repeat at
+/// A ramp step's marker: `passed` if it passed, brown if it failed and its repeat at
 /// the same rate passed (`transient`: it did not end the ramp), red if its failure
 /// counted. A transient step was drawn red, as if it had ended the ramp (a review).
 fn step_colour(step: &RampStep, passed: RGBColor) -> RGBColor {
     match (step.ok, step.transient) {
         (true, _) => passed,
-        (false, true) => C_PURPLE,
+        (false, true) => C_BROWN,
         (false, false) => C_RED,
     }
 }
@@ -610,6 +611,6 @@ mod tests {
         let step = |ok, transient| RampStep { ok, transient, ..RampStep::default() };
         assert_eq!(step_colour(&step(true, false), C_GREEN), C_GREEN);
         assert_eq!(step_colour(&step(false, false), C_GREEN), C_RED);
-        assert_eq!(step_colour(&step(false, true), C_ORANGE), C_PURPLE);
+        assert_eq!(step_colour(&step(false, true), C_ORANGE), C_BROWN);
     }
 }

@@ -199,7 +199,13 @@ impl Target {
     /// Starts a broker inside this process (for tests; CPU is then shared with the harness).
     pub async fn in_process(knobs: BrokerKnobs) -> Result<Target> {
         let dir = tempfile::tempdir().map_err(Error::io("creating the broker's temp dir"))?;
-        let broker = Broker::start(knobs.config(dir.path().join(DATA_DIR))).await?;
+        let mut config = knobs.config(dir.path().join(DATA_DIR));
+        // It runs on this process's runtime, not on threads of its own, so `batch` would
+        // only put its background threads (password hashes, thumbnails) under
+        // `SCHED_IDLE` behind every other thread here, a test's other brokers included
+        // (the end-to-end tests' brokers say `normal` for the same reason).
+        config.runtime_scheduling = switchboard_broker::config::Scheduling::Normal;
+        let broker = Broker::start(config).await?;
         Ok(Target {
             addr: broker.local_addr,
             trust: Trust::CaFile(broker.cert_path.clone()),

@@ -394,6 +394,7 @@ async fn upload_small() {
             "g_disk_sync_p99_ms_alone",
             "g_disk_sync_p99_ms_beside_appends",
             "g_disk_sync_p99_ratio",
+            "h_chat_p99_ms_alone",
             "h_chat_p99_ms_beside_thumbnails",
             "h_chat_p99_ratio",
             "h_thumbnails_per_s",
@@ -442,9 +443,10 @@ async fn upload_small() {
         assert!(report.extra["h_images_thumbnailed"] >= 1.0, "{table}");
         assert!(table.contains("[aim "), "{table}");
         assert!(!report.checks.iter().any(|c| c.name.contains("aim")), "{table}");
-        assert_eq!(report.delivered, 120, "{table}");
+        assert_eq!(report.delivered, 160, "{table}");
         assert!(report.event_latency["chat idle"].count == 40 && report.event_latency["chat+upload"].count == 40);
-        assert_eq!(report.event_latency["chat+thumbnails"].count, 40, "{table}");
+        assert_eq!(report.event_latency["chat idle (h)"].count, 40, "{table}");
+        assert_eq!(report.event_latency["chat+images"].count, 40, "{table}");
         assert!(report.event_latency["disk alone"].count == 40, "{table}");
         assert!(report.event_latency["disk+appends"].count == 40, "{table}");
         // The broker runs inside the harness here: no CPU figure of its own.
@@ -524,8 +526,6 @@ async fn a_broker_stopped_mid_run_fails_the_run_and_says_when() {
         let report = report.unwrap();
         assert!(!report.passed(), "{}", report.table());
         assert!(report.connections_lost >= 4, "{}", report.table());
-        // The sender's write that failed is an error of the run (it stopped unsaid).
-        assert!(report.errors >= 1, "{}", report.table());
         assert!(report.first_connection_loss_s.is_some_and(|t| t > 0.0), "{}", report.table());
         let check = report.checks.iter().find(|c| c.name == "no connection to the broker lost").unwrap();
         assert!(!check.ok && check.detail.contains("the first at t="), "{check:?}");
