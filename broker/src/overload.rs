@@ -39,14 +39,15 @@
 //!   (docs/benchmarks.md, "Shedding at the socket"): 0 datagrams dropped and p99 of
 //!   tens of milliseconds up to twice the sustainable load, against 55,000 to 105,000
 //!   drops and p99 of 3-7 s without. That bound is the machine's: a refusal still costs
-//!   a third to a half of a write (its datagram read and decrypted, the answer sent,
-//!   their acknowledgements), so where the harness leaves the broker less CPU the rule
-//!   held at 1.25 times the sustainable load and collapsed at about 1.5 ("`direct` past
-//!   saturation on a slower hour"). Whatever fills the socket counts, a flood of junk
-//!   datagrams too: while it keeps the socket queued, writes arriving there are refused
-//!   (the client library retries them with backoff). That frees only the CPU the
-//!   writes would have taken: a flood faster than the broker reads still overflows the
-//!   socket, rule or not. `socket_backlog_target_ms = 0` turns the rule off.
+//!   about half a write (its datagram read and decrypted, the answer sent, their
+//!   acknowledgements), so on a slower machine, carrying 10,000 writes a second beside
+//!   the harness, the rule held with 12,500 offered and collapsed with 15,625 in 7 of 8
+//!   runs ("`direct` past saturation on this machine"). Whatever fills the socket
+//!   counts, a flood of junk datagrams too: while it keeps the socket queued, writes
+//!   arriving there are refused (the client library retries them with backoff). That
+//!   frees only the CPU the writes would have taken: a flood faster than the broker
+//!   reads still overflows the socket, rule or not. `socket_backlog_target_ms = 0`
+//!   turns the rule off.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
