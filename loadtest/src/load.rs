@@ -449,6 +449,8 @@ pub async fn write_phase(
 ) -> quinn::SendStream {
     let mut text = String::with_capacity(plan.size);
     let mut frames: Vec<bytes::Bytes> = Vec::with_capacity(16);
+    // The message each of `frames` carries.
+    let mut batch: Vec<u32> = Vec::with_capacity(16);
     let mut i = 0u32;
     while i < plan.count {
         let due = plan.sched_ns(i);
@@ -457,7 +459,6 @@ pub async fn write_phase(
         }
         // Everything due by now goes out in one write (behind schedule: all at once).
         let now = clock.now_ns();
-        let batch_start = i;
         while i < plan.count && plan.sched_ns(i) <= now && frames.len() < 64 {
             let sched = plan.sched_ns(i);
             payload::fill(&mut text, sched, plan.size);
@@ -468,33 +469,47 @@ pub async fn write_phase(
             client_id[12..].copy_from_slice(&i.to_be_bytes());
             let body = RequestBody::Send { conv: plan.conv(i), client_id, text: text.clone() };
             let request = ClientFrame::Request(Request { id: (phase << PHASE_SHIFT) | i, body });
-            if let Ok(frame) = encode_frame(&request) {
-                frames.push(frame);
+            match encode_frame(&request) {
+                Ok(frame) => {
+                    frames.push(frame);
+                    batch.push(i);
+                }
+                Err(_) => stats.unsent(sched, plan.recipients(i)),
             }
             i += 1;
         }
-        let written = send.write_all_chunks(&mut frames).await.is_ok();
-        // What was handed to QUIC counts as sent; once the stream failed (the
-        // connection is lost, which the reader counts), the batch and the rest of the
-        // schedule are offered and never sent, so a ramp step's p99 over its offered
-        // deliveries counts them as not made.
-        count_sends(&stats, &plan, batch_start..if written { i } else { plan.count }, written);
-        if !written {
+        let written = send.write_all_chunks(&mut frames).await;
+        // What was handed to QUIC counts as sent (quinn empties each frame it took);
+        // once the stream failed (a lost connection, which the reader counts), the rest
+        // of the batch and of the schedule are offered and never sent, so a ramp step's
+        // p99 over its offered deliveries counts them as not made.
+        let taken = frames.iter().take_while(|f| f.is_empty()).count();
+        let rest = if written.is_ok() { Ok(()) } else { Err(i..plan.count) };
+        count_sends(&stats, &plan, &batch, taken, rest);
+        if let Err(e) = written {
+            tracing::warn!(error = %e, sender = sender_index, "a writer's stream failed: the rest of its schedule is not sent");
             break;
         }
         frames.clear();
+        batch.clear();
     }
     send
 }
 
-/// Counts messages `range` of `plan` as sent (`written`) or as offered and never sent.
-fn count_sends(stats: &Stats, plan: &SendPlan, range: std::ops::Range<u32>, written: bool) {
-    for i in range {
-        if written {
-            stats.sent(plan.sched_ns(i), plan.recipients(i));
-        } else {
-            stats.unsent(plan.sched_ns(i), plan.recipients(i));
-        }
+/// Counts the messages of `batch` (by index in `plan`) as sent, the first `taken` of
+/// them where the write failed (`Err` with the rest of the schedule), and the others and
+/// that rest as offered and never sent.
+fn count_sends(stats: &Stats, plan: &SendPlan, batch: &[u32], taken: usize, written: Result<(), std::ops::Range<u32>>) {
+    let (sent, unsent) = match &written {
+        Ok(()) => (batch, &[][..]),
+        Err(_) => batch.split_at(taken.min(batch.len())),
+    };
+    for &i in sent {
+        stats.sent(plan.sched_ns(i), plan.recipients(i));
+    }
+    let rest = written.err().unwrap_or(0..0);
+    for i in unsent.iter().copied().chain(rest) {
+        stats.unsent(plan.sched_ns(i), plan.recipients(i));
     }
 }
 
@@ -537,11 +552,12 @@ mod tests {
             count: 6,
             size: 64,
         };
-        count_sends(&stats, &plan, 0..2, true);
-        count_sends(&stats, &plan, 2..plan.count, false);
+        count_sends(&stats, &plan, &[0, 1], 0, Ok(()));
+        // Of a batch of two, quinn took the first before the stream failed.
+        count_sends(&stats, &plan, &[2, 3], 1, Err(4..plan.count));
         assert_eq!((stats.sent_in(1), stats.offered_in(1)), (2, 8));
-        assert_eq!((stats.sent_in(2), stats.offered_in(2)), (0, 8));
+        assert_eq!((stats.sent_in(2), stats.offered_in(2)), (1, 8));
         assert_eq!((stats.sent_in(3), stats.offered_in(3)), (0, 8));
-        assert_eq!(stats.sent_total.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(stats.sent_total.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 }
