@@ -483,8 +483,10 @@ pub async fn write_phase(
         // once the stream failed (a lost connection, which the reader counts), the rest
         // of the batch and of the schedule are offered and never sent, so a ramp step's
         // p99 over its offered deliveries counts them as not made.
-        let taken = frames.iter().take_while(|f| f.is_empty()).count();
-        let rest = if written.is_ok() { Ok(()) } else { Err(i..plan.count) };
+        let (taken, rest) = match written {
+            Ok(()) => (batch.len(), i..i),
+            Err(_) => (frames.iter().take_while(|f| f.is_empty()).count(), i..plan.count),
+        };
         count_sends(&stats, &plan, &batch, taken, rest);
         if let Err(e) = written {
             tracing::warn!(error = %e, sender = sender_index, "a writer's stream failed: the rest of its schedule is not sent");
@@ -496,18 +498,13 @@ pub async fn write_phase(
     send
 }
 
-/// Counts the messages of `batch` (by index in `plan`) as sent, the first `taken` of
-/// them where the write failed (`Err` with the rest of the schedule), and the others and
-/// that rest as offered and never sent.
-fn count_sends(stats: &Stats, plan: &SendPlan, batch: &[u32], taken: usize, written: Result<(), std::ops::Range<u32>>) {
-    let (sent, unsent) = match &written {
-        Ok(()) => (batch, &[][..]),
-        Err(_) => batch.split_at(taken.min(batch.len())),
-    };
+/// Counts the first `taken` messages of `batch` (indices in `plan`) as sent, and the
+/// others and `rest` as offered and never sent.
+fn count_sends(stats: &Stats, plan: &SendPlan, batch: &[u32], taken: usize, rest: std::ops::Range<u32>) {
+    let (sent, unsent) = batch.split_at(taken.min(batch.len()));
     for &i in sent {
         stats.sent(plan.sched_ns(i), plan.recipients(i));
     }
-    let rest = written.err().unwrap_or(0..0);
     for i in unsent.iter().copied().chain(rest) {
         stats.unsent(plan.sched_ns(i), plan.recipients(i));
     }
@@ -552,9 +549,9 @@ mod tests {
             count: 6,
             size: 64,
         };
-        count_sends(&stats, &plan, &[0, 1], 0, Ok(()));
+        count_sends(&stats, &plan, &[0, 1], 2, 2..2);
         // Of a batch of two, quinn took the first before the stream failed.
-        count_sends(&stats, &plan, &[2, 3], 1, Err(4..plan.count));
+        count_sends(&stats, &plan, &[2, 3], 1, 4..plan.count);
         assert_eq!((stats.sent_in(1), stats.offered_in(1)), (2, 8));
         assert_eq!((stats.sent_in(2), stats.offered_in(2)), (1, 8));
         assert_eq!((stats.sent_in(3), stats.offered_in(3)), (0, 8));

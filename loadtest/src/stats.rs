@@ -129,10 +129,15 @@ impl Stats {
     /// Counts a sent message that should make `deliveries` deliveries (its
     /// conversation's members but the sender).
     pub fn sent(&self, sched_ns: u64, deliveries: u64) {
-        let s = self.second_of(sched_ns).min(self.sent.len() - 1);
-        self.sent[s].fetch_add(1, Ordering::Relaxed);
-        self.offered[s].fetch_add(deliveries, Ordering::Relaxed);
+        self.unsent(sched_ns, deliveries);
+        self.sent[self.slot_of(sched_ns)].fetch_add(1, Ordering::Relaxed);
         self.sent_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The per-second slot of a schedule time, the last for any later one (a payload
+    /// claiming a far-off schedule cannot allocate a day of buckets).
+    fn slot_of(&self, ns: u64) -> usize {
+        self.second_of(ns).min(self.sent.len() - 1)
     }
 
     /// Counts a message the schedule offered at `sched_ns` that was never sent (its
@@ -140,8 +145,7 @@ impl Stats {
     /// a refused message's are, so a ramp step's p99 over every offered delivery counts
     /// them (a writer that stopped left the rest of its schedule out of the step).
     pub fn unsent(&self, sched_ns: u64, deliveries: u64) {
-        let s = self.second_of(sched_ns).min(self.sent.len() - 1);
-        self.offered[s].fetch_add(deliveries, Ordering::Relaxed);
+        self.offered[self.slot_of(sched_ns)].fetch_add(deliveries, Ordering::Relaxed);
     }
 
     /// Deliveries that the messages sent in second `s` should make.
@@ -164,9 +168,9 @@ impl Stats {
         for &(sched, us) in batch.iter() {
             let us = us.clamp(1, MAX_LATENCY_US);
             let _ = inner.latency.record(us);
-            // Same bound as the sent counters: a payload claiming a far-off schedule
-            // (another writer in a shared conversation) cannot allocate a day of buckets.
-            let s = self.second_of(sched).min(self.sent.len() - 1);
+            // Same bound as the sent counters (another writer in a shared conversation
+            // may claim any schedule).
+            let s = self.slot_of(sched);
             while inner.seconds.len() <= s {
                 inner.seconds.push(Second { latency: histogram(2), delivered: 0 });
             }

@@ -492,7 +492,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             report.extra.insert("h_chat_p99_ratio".into(), ratio);
             report.extra.insert("h_images_thumbnailed".into(), images.thumbnailed as f64);
             report.extra.insert("h_thumbnails_per_s".into(), images.thumbnailed as f64 / images.seconds.max(1e-9));
-            report.extra.insert("h_longest_gap_between_thumbnails_s".into(), images.longest_gap_s);
+            report.extra.insert("h_longest_gap_between_thumbnails_s".into(), images.gaps.longest_s);
             report.check(
                 "every chat message delivered beside thumbnails",
                 alone.delivered == u64::from(args.chat_messages)
@@ -503,7 +503,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             // and the one open at its end) over `THUMBNAIL_GAP`, or over five times the
             // usual one when there are enough between two to say what usual is. A phase
             // shorter than one decode may see none: its one wait is then the phase.
-            let bound = images.gap_bound_s();
+            let bound = images.gaps.bound_s();
             let left = if images.left_behind > 0 {
                 format!("; {} images could not be deleted", images.left_behind)
             } else {
@@ -511,12 +511,12 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             };
             report.check(
                 "images were thumbnailed throughout the chat phase beside them",
-                images.stopped.is_none() && images.longest_gap_s <= bound && images.left_behind == 0,
+                images.stopped.is_none() && images.gaps.longest_s <= bound && images.left_behind == 0,
                 match &images.stopped {
                     Some(why) => format!("{} thumbnails, then the uploads ended: {why}{left}", images.thumbnailed),
                     None => format!(
                         "{} thumbnails of {} MP images, at most {:.2} s apart (bound {bound:.2} s){left}",
-                        images.thumbnailed, args.image_mpx, images.longest_gap_s
+                        images.thumbnailed, args.image_mpx, images.gaps.longest_s
                     ),
                 },
             );
@@ -1157,21 +1157,12 @@ struct ImageChat {
     seconds: f64,
     /// Images whose thumbnail the broker made while the chat phase ran.
     thumbnailed: usize,
-    /// The waits for a thumbnail during the phase (`gaps`).
+    /// The waits for a thumbnail during the phase.
     gaps: Gaps,
-    /// The longest of them, seconds.
-    longest_gap_s: f64,
     /// Why the uploads stopped before the chat phase ended, if they did.
     stopped: Option<String>,
     /// Images the uploader could not delete when it stopped.
     left_behind: usize,
-}
-
-impl ImageChat {
-    /// The longest wait for a thumbnail that still counts as "throughout", seconds.
-    fn gap_bound_s(&self) -> f64 {
-        self.gaps.bound_s()
-    }
 }
 
 /// Longest (h)'s uploader waits for one image's thumbnail: past the broker's default
@@ -1235,7 +1226,7 @@ async fn chat_beside_images(
     // When each thumbnail was seen, from the phase's clock.
     let made: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
     let (started_tx, started) = tokio::sync::oneshot::channel();
-    let uploads = {
+    let mut uploads = {
         let (client, stop, made) = (imager.clone(), stop.clone(), made.clone());
         let tag = run_tag();
         tokio::spawn(async move {
@@ -1305,7 +1296,6 @@ async fn chat_beside_images(
             result.map(|()| left_behind)
         })
     };
-    let mut uploads = uploads;
     if started.await.is_err() {
         return match (&mut uploads).await? {
             Err(e) => Err(e),
@@ -1339,13 +1329,11 @@ async fn chat_beside_images(
         .copied()
         .filter(|t| (begun..=ended).contains(t))
         .collect();
-    let gaps = Gaps::of(begun, &times, ended);
     Ok(ImageChat {
         chat: result?,
         seconds: ended.duration_since(begun).as_secs_f64(),
         thumbnailed: times.len(),
-        longest_gap_s: gaps.longest_s,
-        gaps,
+        gaps: Gaps::of(begun, &times, ended),
         stopped,
         left_behind,
     })
