@@ -474,7 +474,7 @@ pub async fn write_phase(
                     frames.push(frame);
                     batch.push(i);
                 }
-                Err(_) => stats.unsent(sched, plan.recipients(i)),
+                Err(_) => stats.offer(sched, plan.recipients(i)),
             }
             i += 1;
         }
@@ -506,7 +506,7 @@ fn count_sends(stats: &Stats, plan: &SendPlan, batch: &[u32], taken: usize, rest
         stats.sent(plan.sched_ns(i), plan.recipients(i));
     }
     for i in unsent.iter().copied().chain(rest) {
-        stats.unsent(plan.sched_ns(i), plan.recipients(i));
+        stats.offer(plan.sched_ns(i), plan.recipients(i));
     }
 }
 

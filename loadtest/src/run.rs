@@ -761,7 +761,7 @@ mod tests {
         assert_eq!(step.p99_offered_ms, None);
         // A message its writer never sent (the stream failed) is offered and not made,
         // and not counted as sent.
-        stats.unsent(2 * second, 4);
+        stats.offer(2 * second, 4);
         assert_eq!((stats.offered_in(2), stats.sent_in(2)), (9, 1));
         assert_eq!(step_window(&stats, (1, 3)).offered_deliveries, 19);
     }

@@ -129,7 +129,7 @@ impl Stats {
     /// Counts a sent message that should make `deliveries` deliveries (its
     /// conversation's members but the sender).
     pub fn sent(&self, sched_ns: u64, deliveries: u64) {
-        self.unsent(sched_ns, deliveries);
+        self.offer(sched_ns, deliveries);
         self.sent[self.slot_of(sched_ns)].fetch_add(1, Ordering::Relaxed);
         self.sent_total.fetch_add(1, Ordering::Relaxed);
     }
@@ -140,11 +140,11 @@ impl Stats {
         self.second_of(ns).min(self.sent.len() - 1)
     }
 
-    /// Counts a message the schedule offered at `sched_ns` that was never sent (its
-    /// writer's stream failed first): its `deliveries` are offered and never made, as
-    /// a refused message's are, so a ramp step's p99 over every offered delivery counts
-    /// them (a writer that stopped left the rest of its schedule out of the step).
-    pub fn unsent(&self, sched_ns: u64, deliveries: u64) {
+    /// Counts the `deliveries` of a message the schedule offered at `sched_ns`, sent or
+    /// not: one its writer never sent (the stream failed first) is offered and never
+    /// made, as a refused one is, so a ramp step's p99 over every offered delivery
+    /// counts it (a writer that stopped left the rest of its schedule out of the step).
+    pub fn offer(&self, sched_ns: u64, deliveries: u64) {
         self.offered[self.slot_of(sched_ns)].fetch_add(deliveries, Ordering::Relaxed);
     }
 

@@ -483,7 +483,31 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
         format!("{:.2} ms against {:.2} ms; the disk alone (g): {disk_ratio:.1}x", busy_p.p99_ms, idle_p.p99_ms),
     );
     let mut chats = vec![&idle, &busy.chat];
-    match &images {
+    chats.extend(report_images(&mut report, args, &images));
+    report.sent = chats.len() as u64 * u64::from(args.chat_messages);
+    report.acked = chats.iter().map(|c| c.acked).sum();
+    report.delivered = chats.iter().map(|c| c.delivered).sum();
+    report.errors = chats.iter().map(|c| c.errors).sum();
+    let chat_s = chats.iter().map(|c| c.seconds).sum::<f64>().max(1e-9);
+    report.duration_s = upload_s + download_s + concurrent_s + chat_s;
+    report.acked_per_s = report.acked as f64 / chat_s;
+    report.delivered_per_s = report.delivered as f64 / chat_s;
+    report.latency = busy_p.clone();
+    report.event_latency.insert("chat idle".into(), idle_p);
+    report.event_latency.insert("chat+upload".into(), busy_p);
+    Ok(report)
+}
+
+/// (h)'s figures, checks and aim into `report`; the chat phases it ran, for the run's
+/// totals. A phase that failed is its failed check (with the chat alone's p99 if that
+/// ran); the figures of (a) to (g) stand.
+fn report_images<'a>(
+    report: &mut Report,
+    args: &Args,
+    images: &'a Option<(Option<ChatResult>, Result<ImageChat>)>,
+) -> Vec<&'a ChatResult> {
+    let mut chats = Vec::new();
+    match images {
         Some((Some(alone), Ok(images))) => {
             let (alone_p, p) = (Percentiles::from_us(&alone.latency), Percentiles::from_us(&images.chat.latency));
             let ratio = p.p99_ms / alone_p.p99_ms.max(1e-3);
@@ -530,7 +554,6 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
             chats.push(alone);
             chats.push(&images.chat);
         }
-        // The figures of (a) to (g) stand; the phase's failure is said, not raised.
         Some((alone, beside)) => {
             let why = match beside {
                 Err(e) => e.to_string(),
@@ -544,18 +567,7 @@ pub async fn run(common: &Common, args: &Args) -> Result<Report> {
         }
         None => {}
     }
-    report.sent = chats.len() as u64 * u64::from(args.chat_messages);
-    report.acked = chats.iter().map(|c| c.acked).sum();
-    report.delivered = chats.iter().map(|c| c.delivered).sum();
-    report.errors = chats.iter().map(|c| c.errors).sum();
-    let chat_s = chats.iter().map(|c| c.seconds).sum::<f64>().max(1e-9);
-    report.duration_s = upload_s + download_s + concurrent_s + chat_s;
-    report.acked_per_s = report.acked as f64 / chat_s;
-    report.delivered_per_s = report.delivered as f64 / chat_s;
-    report.latency = busy_p.clone();
-    report.event_latency.insert("chat idle".into(), idle_p);
-    report.event_latency.insert("chat+upload".into(), busy_p);
-    Ok(report)
+    chats
 }
 
 /// One round of (a), (a2) and (c).
