@@ -195,7 +195,14 @@ impl FileCursors {
             Err(e) => return Err(e),
         };
         let file: CursorFile = serde_json::from_slice(&bytes).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", self.path.display()))
+            // What to do, said with it (a review: sb tail stopped on this with no way on).
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{}: {e} (not a cursor file: move it away to start over, and what the broker holds is caught up and printed again)",
+                    self.path.display()
+                ),
+            )
         })?;
         if file.user_id != self.user_id || file.device_id != self.device_id {
             return Ok(Saved::default());
@@ -293,7 +300,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cursors.json");
         std::fs::write(&path, b"{not json").unwrap();
-        assert_eq!(FileCursors::new(&path, 1, 3).load().unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        let error = FileCursors::new(&path, 1, 3).load().unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+        // And says what to do.
+        assert!(error.to_string().contains("move it away to start over"), "{error}");
     }
 
     #[test]

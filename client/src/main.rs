@@ -229,19 +229,25 @@ enum Command {
         private_reads: Option<bool>,
     },
     /// Presence of users (names) who share a conversation with me; all of them if none.
-    Presence { users: Vec<String> },
+    Presence {
+        #[arg(value_parser = user_name_arg)]
+        users: Vec<String>,
+    },
     /// Block a user (by name): they can no longer start a direct conversation with me,
     /// write in ours or add me to a group, and neither of us sees the other's presence or
     /// typing. `sb block --list` lists whom I block.
     Block {
-        #[arg(required_unless_present = "list")]
+        #[arg(required_unless_present = "list", value_parser = user_name_arg)]
         user: Option<String>,
         /// List the users I block instead.
         #[arg(long, conflicts_with = "user")]
         list: bool,
     },
     /// Stop blocking a user (by name).
-    Unblock { user: String },
+    Unblock {
+        #[arg(value_parser = user_name_arg)]
+        user: String,
+    },
     /// Say I am typing in a conversation, until interrupted or for --seconds.
     Typing {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
@@ -350,7 +356,7 @@ enum ConvCommand {
         #[arg(long)]
         title: Option<String>,
         /// Other members.
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = user_name_arg)]
         users: Vec<String>,
     },
     /// List my conversations with their unread counts.
@@ -364,7 +370,7 @@ enum ConvCommand {
     Add {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = user_name_arg)]
         users: Vec<String>,
         /// Make them admins.
         #[arg(long)]
@@ -374,6 +380,7 @@ enum ConvCommand {
     Remove {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
+        #[arg(value_parser = user_name_arg)]
         user: String,
     },
     /// Change a member's role (by name or user id) in a group I own: admin or member,
@@ -381,6 +388,7 @@ enum ConvCommand {
     Role {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
+        #[arg(value_parser = user_name_arg)]
         user: String,
         #[arg(value_parser = ["owner", "admin", "member"])]
         role: String,
@@ -991,7 +999,7 @@ async fn send(
                 Some(id) => id,
                 None => {
                     let convs = client.conversations().await;
-                    match convs.map(|convs| conv.among(&convs)) {
+                    match convs.map(|convs| conv.among_to_write(&convs)) {
                         Ok(Ok(id)) => id,
                         Ok(Err(e)) => {
                             client.close();
@@ -1132,7 +1140,7 @@ async fn typing(
             let id = match looked_up {
                 Some(id) => id,
                 None => {
-                    let id = conv.resolve(&client).await?;
+                    let id = conv.resolve_to_write(&client).await?;
                     // A signal has no answer (the broker drops one for a conversation I
                     // am not in): ask first, so a wrong conversation is an error here.
                     client.members(id).await?;
@@ -1225,6 +1233,15 @@ fn client_id_or_new(given: Option<&str>) -> anyhow::Result<ClientMsgId> {
 /// A member of `conv` named by user name, or by user id as `#ID` (or a bare number that
 /// is no member's name). A name that is also another member's id is refused as
 /// ambiguous: names may be all digits, and history shows members by id.
+/// The clap value parser of a user's name: in ASCII lower case, as every user name is
+/// (the broker's rule: `a-z 0-9 _ . -`). Before, `sb send Bob` found the direct
+/// conversation with bob (titles match whatever their case) while `sb presence Bob` said
+/// "not shown", `sb conv remove team Bob` "not a member" and `sb block Bob` was refused
+/// (a review).
+fn user_name_arg(s: &str) -> Result<String, String> {
+    Ok(s.to_ascii_lowercase())
+}
+
 async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<UserId> {
     let members = client.members(conv).await?;
     if let Some(id) = user.strip_prefix('#') {
@@ -1630,6 +1647,9 @@ impl Out {
     /// the same in one line).
     fn receipt(&self, r: &Receipt, name: String, lines: &mut ReceiptLines) {
         if self.json {
+            if !lines.news(r) {
+                return;
+            }
             // No human line: `lines` words those.
             self.line(
                 json!({"event": "receipt", "conv": r.conv, "user": r.user, "user_id": r.user, "user_name": name, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
@@ -1771,6 +1791,7 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
     let mut names = Names::default();
     let mut files = FileBook::default();
     let mut receipts = ReceiptLines::default();
+    let lookups = TailLookups { session: &session, up: std::cell::Cell::new(true) };
     // The last presence printed per contact (at most `PRESENCE_SAID`, then forgotten).
     let mut presence_said: HashMap<UserId, (PresenceState, u64)> = HashMap::new();
     let stop = interrupted();
@@ -1801,15 +1822,15 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
         }
         match event {
             Some(SessionEvent::Entry(e)) => {
-                let (sender, named) = names.of_entry(&session, &e).await;
-                files.look_up_entries(&session, [&e]).await;
+                let (sender, named) = names.of_entry(&lookups, &e).await;
+                files.look_up_entries(&lookups, [&e]).await;
                 out.entry(&e, &sender, &named, &files);
             }
             // My own (my devices receiving and reading) in a terminal are noise: nearly
             // half the lines of the trial's tail. `--json` keeps them.
             Some(SessionEvent::Receipt(r)) if r.user == identity.user_id && !out.json => {}
             Some(SessionEvent::Receipt(r)) => {
-                let name = names.of(&session, r.conv, r.user).await;
+                let name = names.of(&lookups, r.conv, r.user).await;
                 out.receipt(&r, name, &mut receipts);
             }
             Some(SessionEvent::Presence(p)) => {
@@ -1820,12 +1841,14 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                 if presence_said.len() >= PRESENCE_SAID {
                     presence_said.clear();
                 }
-                if out.json || presence_said.insert(p.user, said) != Some(said) {
+                // In JSON too: a script waiting for "online" was told again of every
+                // contact at each reconnect (a review).
+                if presence_said.insert(p.user, said) != Some(said) {
                     out.presence(&p, now_ms());
                 }
             }
             Some(SessionEvent::Typing { conv, user, typing }) => {
-                let name = names.of(&session, conv, user).await;
+                let name = names.of(&lookups, conv, user).await;
                 out.typing(conv, user, &name, typing);
             }
             Some(SessionEvent::File(p)) => {
@@ -1834,7 +1857,7 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                     continue;
                 }
                 // Its name, asked once if no entry gave it (an upload of mine elsewhere).
-                files.look_up(&session, [p.file]).await;
+                files.look_up(&lookups, [p.file]).await;
                 let name = files.name(&p.file);
                 let thumbnail = match &p.state {
                     switchboard_protocol::FileState::Complete { thumbnail: Some(t) } => Some(hex(&t.file)),
@@ -1859,9 +1882,13 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
             Some(SessionEvent::Left { conv }) => out.line(json!({"event": "left", "conv": conv}), || {
                 format!("[{conv}] you are no longer a member (you left, or were removed)")
             }),
-            Some(SessionEvent::Connected) => out.status(json!({"event": "connected"}), || "connected".into()),
+            Some(SessionEvent::Connected) => {
+                lookups.up.set(true);
+                out.status(json!({"event": "connected"}), || "connected".into())
+            }
             Some(SessionEvent::CaughtUp) => out.status(json!({"event": "caught_up"}), || "caught up".into()),
             Some(SessionEvent::Disconnected { error, retry_in_ms }) => {
+                lookups.up.set(false);
                 let e = anyhow::Error::from(error);
                 out.status(
                     json!({"event": "disconnected", "error": error_json(&e), "retry_in_ms": retry_in_ms}),
@@ -1998,6 +2025,11 @@ trait Lookups {
     async fn entry_names(&self, conv: ConvId, seq: Seq) -> Option<HashMap<UserId, String>>;
     /// `FileInfo`: the file, or the broker's refusal; `None` when nobody answered.
     async fn file_info(&self, file: FileId) -> Option<Result<FileInfo, ErrorCode>>;
+    /// Whether an unanswered lookup may have been the broker's answer (`false`: nobody
+    /// was there to ask, so it is asked again once someone is).
+    fn answering(&self) -> bool {
+        true
+    }
 }
 
 impl Lookups for Client {
@@ -2014,6 +2046,51 @@ impl Lookups for Client {
             Ok(info) => Some(Ok(info)),
             Err(e) => e.code().map(Err),
         }
+    }
+}
+
+/// `sb tail`'s lookups: through its session, each waited for at most `LOOKUP_TIMEOUT`,
+/// and none asked while the session is down (from a lookup that timed out or a
+/// `Disconnected` until the next `Connected`): a name looked up for an entry already
+/// taken (its cursor moved, reported delivered) waited for the reconnect, with Ctrl-C
+/// not heard meanwhile and the entry lost to a kill (a review). Unnamed users print as
+/// `user#ID`.
+struct TailLookups<'a> {
+    session: &'a Session,
+    up: std::cell::Cell<bool>,
+}
+
+/// How long `sb tail` waits for a name's lookup before it prints the line without it.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl TailLookups<'_> {
+    async fn within<T>(&self, lookup: impl std::future::Future<Output = Option<T>>) -> Option<T> {
+        if !self.up.get() {
+            return None;
+        }
+        let answer = tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await;
+        if answer.is_err() {
+            self.up.set(false);
+        }
+        answer.ok().flatten()
+    }
+}
+
+impl Lookups for TailLookups<'_> {
+    async fn member_names(&self, conv: ConvId) -> Option<HashMap<UserId, String>> {
+        self.within(self.session.member_names(conv)).await
+    }
+
+    async fn entry_names(&self, conv: ConvId, seq: Seq) -> Option<HashMap<UserId, String>> {
+        self.within(self.session.entry_names(conv, seq)).await
+    }
+
+    async fn file_info(&self, file: FileId) -> Option<Result<FileInfo, ErrorCode>> {
+        self.within(self.session.file_info(file)).await
+    }
+
+    fn answering(&self) -> bool {
+        self.up.get()
     }
 }
 
@@ -2046,10 +2123,14 @@ impl Lookups for Session {
 /// printed when a different one or any other event comes, or `RECEIPT_LINE_MS` after the
 /// first (before, a group of ten printed nine lines per message). A receipt of nothing
 /// received (a member just added) is not printed, nor my own. `--json` prints every
-/// receipt.
+/// receipt that differs from the one printed before for that member (`news`).
 #[derive(Default)]
 struct ReceiptLines {
     pending: Option<ReceiptLine>,
+    /// `--json`: the last receipt printed per member and conversation (at most
+    /// `RECEIPTS_SHOWN_MAX`, then started over). A reconnect reads every quiet
+    /// conversation's receipts again, and each came out again as a line (a review).
+    said: HashMap<(ConvId, UserId), (Seq, Option<Seq>)>,
     /// The highest each member was shown to have received and read, per conversation (at
     /// most `RECEIPTS_SHOWN_MAX`, then started over): a receipt at or below it says
     /// nothing new. A receipt answer read before a live change can arrive after it (the
@@ -2098,6 +2179,16 @@ const RECEIPT_LINE_NAMES: usize = 10;
 const RECEIPT_LINE_USERS: usize = switchboard_protocol::limits::MAX_GROUP_MEMBERS as usize;
 
 impl ReceiptLines {
+    /// `--json`: whether `r` says something else than the receipt printed last for its
+    /// member (and remembers it).
+    fn news(&mut self, r: &Receipt) -> bool {
+        if self.said.len() >= RECEIPTS_SHOWN_MAX && !self.said.contains_key(&(r.conv, r.user)) {
+            self.said.clear();
+        }
+        let says = (r.delivered_up_to, r.read_up_to);
+        self.said.insert((r.conv, r.user), says) != Some(says)
+    }
+
     /// Adds `r` (from user `name`); returns the line it ends, if it starts another.
     fn add(&mut self, r: &Receipt, name: String, now: tokio::time::Instant) -> Option<String> {
         let read = r.read_up_to.filter(|&seq| seq > 0);
@@ -2221,6 +2312,9 @@ impl Names {
         if let Some(members) = source.member_names(conv).await {
             self.learn(conv, members);
             self.mark(conv, users, Known::NotMember);
+        } else if !source.answering() {
+            // Nobody was asked: asked again once someone is there.
+            self.fetched.remove(&conv);
         }
     }
 
@@ -2487,6 +2581,22 @@ mod tests {
         for remote in ["chat.example.com:4433", "10.0.0.1:4433", "[2001:db8::1]:4433", "localhost.evil.com:1"] {
             assert!(!is_local(remote), "{remote}");
         }
+    }
+
+    /// A user's name on the command line is in lower case, as every user name is (before,
+    /// `sb presence Bob` said bob was not shown while `sb send Bob` reached him).
+    #[test]
+    fn user_names_on_the_command_line_are_taken_in_lower_case() {
+        let cli = Cli::try_parse_from(["sb", "presence", "Bob", "carol"]).expect("parses");
+        assert!(matches!(&cli.command, Command::Presence { users } if users == &["bob", "carol"]));
+        let cli = Cli::try_parse_from(["sb", "conv", "remove", "Team", "Dave"]).expect("parses");
+        // The conversation's title keeps its case (it is matched whatever its case).
+        assert!(
+            matches!(&cli.command, Command::Conv { command: ConvCommand::Remove { conv: ConvArg::Title(t), user } }
+            if t == "Team" && user == "dave")
+        );
+        let cli = Cli::try_parse_from(["sb", "block", "EVE"]).expect("parses");
+        assert!(matches!(&cli.command, Command::Block { user: Some(u), .. } if u == "eve"));
     }
 
     /// A conversation whose only member is user 1; entries name users 10 and 11 (members

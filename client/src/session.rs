@@ -991,6 +991,10 @@ impl Task {
                         for conv in unlisted {
                             self.merge.probe(conv);
                         }
+                        // Only a read of the states lets `CaughtUp` out: set on a
+                        // refusal too, it said caught up with the conversations that
+                        // moved while offline still unread (a review).
+                        self.states_done = true;
                     }
                     Err(e) => {
                         // Asked for again a backoff later on this connection: without it
@@ -1000,7 +1004,6 @@ impl Task {
                         self.retry_later(generation, Again::States);
                     }
                 }
-                self.states_done = true;
                 self.flush_marks();
                 self.pump();
             }

@@ -445,6 +445,90 @@ async fn read_moves_the_unread_count_in_conv_list() {
     assert_eq!(sb(&alice, &broker, &["conv", "list"])[0]["unread"].as_u64(), Some(0));
 }
 
+/// A `--json tail` that reconnects prints a member's receipt once, not again with each
+/// connection's read of the quiet conversations' receipts (before: every member's
+/// receipts again after every reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_tail_prints_a_receipt_once_across_a_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, data_dir, alice, bob, conv) = a_broker_with_alice_and_bob_direct(dir.path()).await;
+    let seq = sb(&alice, &broker, &["send", &conv.to_string(), "one"])[0]["seq"].as_u64().unwrap();
+    sb(&bob, &broker, &["read", &conv.to_string(), &seq.to_string()]);
+    let (tail, lines) = spawn_tail(&alice);
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in lines {
+            let Ok(line) = line else { return };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let wait_for = |event: &str, seen: &mut Vec<serde_json::Value>| loop {
+        let value = rx.recv_timeout(Duration::from_secs(30)).expect("the tail goes on");
+        let found = value["event"] == event;
+        seen.push(value);
+        if found {
+            return;
+        }
+    };
+    wait_for("caught_up", &mut seen);
+    // Bob's receipt comes after the catch-up.
+    let bobs = |seen: &[serde_json::Value]| {
+        seen.iter()
+            .filter(|v| v["event"] == "receipt" && v["user_name"] == "bob" && v["read_up_to"].as_u64() == Some(seq))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bobs(&seen) == 0 {
+        assert!(Instant::now() < deadline, "no receipt of bob's: {seen:?}");
+        if let Ok(value) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen.push(value);
+        }
+    }
+    let addr = broker.local_addr;
+    broker.shutdown().await.unwrap();
+    wait_for("disconnected", &mut seen);
+    let _broker = common::restart_on(addr, data_dir).await;
+    wait_for("caught_up", &mut seen);
+    // The receipts the reconnect reads again come after its catch-up.
+    let until = Instant::now() + Duration::from_secs(3);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if let Ok(value) = rx.recv_timeout(left) {
+            seen.push(value);
+        }
+    }
+    interrupt(tail);
+    assert_eq!(bobs(&seen), 1, "{seen:?}");
+}
+
+/// A user's name that is also the title of a stranger's group sends nothing there: with
+/// no direct conversation with bob, mallory's group titled "bob" took alice's `sb send
+/// bob` (before: sent, and mallory read it). The group by its number, and the user once a
+/// direct conversation is there, are written to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_sends_nothing_to_a_strangers_group_titled_so() {
+    let (dir, broker, alice, bob) = alice_and_bob().await;
+    let mallory = dir.path().join("mallory");
+    sb(&mallory, &broker, &["register", "mallory"]);
+    let trap = sb(&mallory, &broker, &["conv", "create", "--title", "Bob", "alice"])[0]["conv"].as_u64().unwrap();
+    let sent = sb_output(&alice, &broker, &["send", "bob", "secret"]);
+    assert_eq!(sent.status.code(), Some(3), "{}", String::from_utf8_lossy(&sent.stderr));
+    let said = String::from_utf8_lossy(&sent.stderr);
+    assert!(said.contains(&format!("{trap}, a group titled \"Bob\"")) && said.contains("sb conv create bob"), "{said}");
+    let history = sb(&mallory, &broker, &["history", &trap.to_string()]);
+    assert!(history.iter().all(|e| e["text"] != "secret"), "{history:?}");
+    // Reads still take the title; the group by its number takes a write.
+    assert!(sb_output(&alice, &broker, &["history", "bob"]).status.success());
+    sb(&alice, &broker, &["send", &trap.to_string(), "hello mallory"]);
+    // With a direct conversation with bob, his name is his.
+    let direct = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
+    sb(&alice, &broker, &["send", "bob", "hi bob"]);
+    let history = sb(&bob, &broker, &["history", &direct.to_string()]);
+    assert!(history.iter().any(|e| e["text"] == "hi bob"), "{history:?}");
+}
+
 /// A tail interrupted and started again prints only what it has not printed before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_resumes_where_it_stopped() {

@@ -6,10 +6,16 @@
 //! a group of any title: a stranger's group titled "bob" made `sb send bob` refuse, or,
 //! with no direct conversation, go to it). Two or more groups matching are refused with
 //! their numbers, never guessed. A title made only of digits reads as a number.
+//!
+//! What writes (`send`, `upload --conv`, `files send`, `typing`) takes a group by its title
+//! only where the title cannot be a user's name or the caller owns the group (owners
+//! choose titles): with no direct conversation with bob, a stranger's group titled "bob"
+//! took `sb send bob secret` (an attacker review), so a group another member named with
+//! a name's shape is given by its number for a write.
 
 use anyhow::bail;
 use switchboard_client::Client;
-use switchboard_protocol::{ConvId, ConversationKind, ConversationSummary};
+use switchboard_protocol::{ConvId, ConversationKind, ConversationSummary, Role};
 
 /// The help of a conversation argument.
 pub const HELP: &str = "The conversation: its number, or its title (a direct one: the other member's name; a title of digits only: give its number)";
@@ -44,6 +50,26 @@ impl ConvArg {
         match self {
             ConvArg::Id(id) => Ok(*id),
             ConvArg::Title(_) => self.among(&client.conversations().await?),
+        }
+    }
+
+    /// `resolve` for what writes into the conversation (`pick_to_write`'s rule).
+    pub async fn resolve_to_write(&self, client: &Client) -> anyhow::Result<ConvId> {
+        match self {
+            ConvArg::Id(id) => Ok(*id),
+            ConvArg::Title(_) => self.among_to_write(&client.conversations().await?),
+        }
+    }
+
+    /// `resolve_to_write` among `convs`, the caller's conversations.
+    pub fn among_to_write(&self, convs: &[ConversationSummary]) -> anyhow::Result<ConvId> {
+        match self {
+            ConvArg::Id(id) => Ok(*id),
+            ConvArg::Title(title) => {
+                let found = pick_to_write(title, convs)?;
+                say_taken(title, found);
+                Ok(found.id)
+            }
         }
     }
 
@@ -108,16 +134,46 @@ pub fn pick_group<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::
     let groups: Vec<ConversationSummary> =
         convs.iter().filter(|c| c.kind == ConversationKind::Group).cloned().collect();
     let picked = pick(title, &groups).map(|c| c.id);
+    // Only where no group goes by it: several groups and a direct conversation going by
+    // one title were refused as "the direct conversation" (a review), not with the
+    // groups' numbers.
+    let no_group = !groups.iter().any(|c| c.title.eq_ignore_ascii_case(title));
     let direct = convs.iter().find(|c| c.kind == ConversationKind::Direct && c.title.eq_ignore_ascii_case(title));
     match (picked, direct) {
         (Ok(id), _) => convs.iter().find(|c| c.id == id).ok_or_else(|| anyhow::anyhow!("conversation {id} vanished")),
-        (Err(_), Some(direct)) => bail!(
+        (Err(_), Some(direct)) if no_group => bail!(
             "{title:?} is the direct conversation with {} ({}): this command takes a group (its number or title)",
             direct.title,
             direct.id
         ),
-        (Err(e), None) => Err(e),
+        (Err(e), _) => Err(e),
     }
+}
+
+/// `pick` for a write: a group found by a title that could be a user's name (the title
+/// in lower case a valid user name: 1-64 of `a-z 0-9 _ . -`), with no direct conversation
+/// going by it, is taken only if the caller owns the group. Anyone may add anyone to a
+/// group of any title, so the name of a user the caller has not written to yet would
+/// otherwise send to whoever named a group after that user. Refused with both ways on.
+pub fn pick_to_write<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result<&'a ConversationSummary> {
+    let found = pick(title, convs)?;
+    if found.kind == ConversationKind::Group && found.my_role != Role::Owner && could_be_user_name(title) {
+        let name = title.to_ascii_lowercase();
+        return Err(crate::Refused::not_found(format!(
+            "{title:?} is conversation {}, which another member named, and could be the user {name}, with whom I have no direct conversation: give the group's number to write there, or `sb conv create {name}` to start one with the user",
+            describe(found)
+        ))
+        .into());
+    }
+    Ok(found)
+}
+
+/// Whether `title` in lower case is a valid user name (the broker's `check_user_name`:
+/// 1-64 bytes of `a-z 0-9 _ . -`); user names match titles whatever their ASCII case.
+fn could_be_user_name(title: &str) -> bool {
+    !title.is_empty()
+        && title.len() <= switchboard_protocol::limits::MAX_NAME_BYTES as usize
+        && title.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 /// The one of `convs` whose title is `title`, whatever its ASCII letter case (user names
@@ -148,7 +204,6 @@ pub fn pick<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use switchboard_protocol::Role;
 
     fn conv(id: ConvId, kind: ConversationKind, title: &str) -> ConversationSummary {
         ConversationSummary { id, kind, title: title.into(), last_seq: 0, member_count: 2, my_role: Role::Member }
@@ -190,7 +245,40 @@ mod tests {
         assert_eq!(pick_group("Dave", &convs).unwrap().id, 8);
         let direct = pick_group("bob", &convs).unwrap_err().to_string();
         assert!(direct.contains("\"bob\" is the direct conversation with bob (4)"), "{direct}");
+        // Several groups beside a direct conversation: the groups' numbers.
+        let several = [
+            conv(11, ConversationKind::Group, "eve"),
+            conv(12, ConversationKind::Group, "Eve"),
+            conv(13, ConversationKind::Direct, "eve"),
+        ];
+        let groups = pick_group("eve", &several).unwrap_err().to_string();
+        assert!(groups.contains("11, a group titled \"eve\"; 12, a group titled \"Eve\""), "{groups}");
         let none = id("carol").unwrap_err().to_string();
         assert!(none.contains("sb conv list") && none.contains("sb conv create NAME"), "{none}");
+    }
+
+    #[test]
+    fn a_write_takes_a_group_by_a_name_shaped_title_only_from_its_owner() {
+        let owned =
+            |id, title: &str| ConversationSummary { my_role: Role::Owner, ..conv(id, ConversationKind::Group, title) };
+        let convs = [
+            // A stranger's group named after a user I have no direct conversation with.
+            conv(3, ConversationKind::Group, "bob"),
+            conv(4, ConversationKind::Direct, "carol"),
+            conv(5, ConversationKind::Group, "carol"),
+            conv(6, ConversationKind::Group, "Trip 2026"),
+            owned(7, "team"),
+        ];
+        let write = |title| pick_to_write(title, &convs).map(|c| c.id);
+        // Before: group 3, and the message went to whoever named it.
+        let refused = write("Bob").unwrap_err().to_string();
+        assert!(refused.contains("3, a group titled \"bob\"") && refused.contains("sb conv create bob"), "{refused}");
+        // Reads still take it; a direct conversation still wins; a title no user can
+        // have, or a group I own, is taken.
+        assert_eq!(pick("bob", &convs).unwrap().id, 3);
+        assert_eq!(write("carol").unwrap(), 4);
+        assert_eq!(write("trip 2026").unwrap(), 6);
+        assert_eq!(write("team").unwrap(), 7);
+        assert!(could_be_user_name("a.b-c_9") && !could_be_user_name("") && !could_be_user_name(&"x".repeat(65)));
     }
 }

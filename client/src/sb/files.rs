@@ -85,7 +85,7 @@ pub async fn upload(
     let asked = match (&args.conv, args.no_send) {
         (Some(conv), false) => {
             let client = uploader.client().await?;
-            let conv = conv.resolve(&client).await.context("nothing uploaded")?;
+            let conv = conv.resolve_to_write(&client).await.context("nothing uploaded")?;
             client.members(conv).await.with_context(|| format!("conversation {conv}: nothing uploaded"))?;
             Some(conv)
         }
@@ -1199,7 +1199,7 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
             });
         }
         FileCommand::Send { conv, files, text } => {
-            let conv = conv.resolve(client).await?;
+            let conv = conv.resolve_to_write(client).await?;
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
             let seq = match client.send_files(conv, &text, &ids).await {
                 Ok(seq) => seq,
@@ -1371,15 +1371,21 @@ impl FileBook {
             .buffered(LOOKUPS_AT_ONCE)
             .collect()
             .await;
+        // Nobody there to ask (`sb tail` between connections): asked again later.
+        let nobody = !source.answering();
         for (file, answer) in answers {
             let known = self.entry(file);
-            // Asked once, answered or not (`sb tail` does not stall on it again).
-            known.asked = true;
             let (name, state) = match answer {
                 Ok(Some(Ok(info))) => (Some(info.file.name), info.state),
                 Ok(Some(Err(ErrorCode::NOT_FOUND))) => (None, FileState::Failed { code: ErrorCode::NOT_FOUND }),
-                _ => continue,
+                Ok(None) | Err(_) if nobody => continue,
+                _ => {
+                    // Asked once, answered or not (`sb tail` does not stall on it again).
+                    known.asked = true;
+                    continue;
+                }
             };
+            known.asked = true;
             known.name = known.name.take().or(name);
             known.state = known.state.take().or(Some(state));
         }
