@@ -473,7 +473,8 @@ fn unexpected(reply: Reply) -> SessionError {
 /// Whether a refusal with `code` of `body` says only that the broker shed it, so that
 /// after a backoff it may succeed unchanged: `OVERLOADED` (nothing was done), or
 /// `RATE_LIMITED` of a request that draws on the user's allowance of member rows (a
-/// read that lists members, or one that decides who may read a file: `FileInfo`,
+/// read that lists members, a `MarkRead` that raised nothing, or one that decides who
+/// may read a file: `FileInfo`,
 /// `SendFiles`; it refills within a second or two), `RATE_LIMITED` of a write that
 /// carries a client id (the user's allowance of writes, `writes_per_sec`: it refills
 /// several a second, and the same id sent again lands the write once; other
@@ -487,6 +488,7 @@ fn shed(code: ErrorCode, body: &RequestBody) -> bool {
         body,
         RequestBody::Members { .. }
             | RequestBody::Receipts { .. }
+            | RequestBody::MarkRead { .. }
             | RequestBody::CatchUp { .. }
             | RequestBody::EntryNames { .. }
             | RequestBody::FileInfo { .. }

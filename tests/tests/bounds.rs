@@ -363,6 +363,51 @@ async fn a_members_reads_take_a_few_places_in_a_live_conversations_mailbox() {
     .await
 }
 
+/// The same for read marks: each holds one of the member's store slots until answered,
+/// so a member's pipelined `MarkRead`s take at most `STORE_JOBS_PER_USER` places in a
+/// live conversation's mailbox (before, all of them: 64 sessions of four to six members
+/// kept one group's mailbox full, and the other members' writes were `OVERLOADED`; an
+/// attacker review). All are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_read_marks_take_a_few_places_in_a_live_conversations_mailbox() {
+    bounded(async {
+        const MARKS: u32 = 32;
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let (_, bob_id) = tb.register("bob").await;
+        let alice = std::sync::Arc::new(alice);
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        alice.send(conv, "first").await.unwrap();
+        let mut sent = tb.shared().pauses.arm(Point::EntrySent);
+        let second = tokio::spawn({
+            let alice = alice.clone();
+            async move { alice.send(conv, "second").await }
+        });
+        sent.reached().await;
+        let mut raw = tb.connector().connect_raw(&bob_id).await.unwrap();
+        let frames: Vec<u8> =
+            (1..=MARKS).flat_map(|id| request_frame(id, RequestBody::MarkRead { conv, seq: 2 }).to_vec()).collect();
+        within(STEP_DEADLINE, "pipelined marks", raw.send.write_all(&frames)).await.unwrap();
+        let depth = || tb.shared().convs.mailbox_depth(conv).unwrap();
+        eventually("the marks reach the mailbox", || depth() >= STORE_JOBS_PER_USER).await;
+        let mut most = 0;
+        for _ in 0..30 {
+            most = most.max(depth());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(most, STORE_JOBS_PER_USER, "{MARKS} read marks pipelined by one member");
+        sent.release();
+        assert!(within(STEP_DEADLINE, "alice's send", second).await.unwrap().is_ok());
+        for _ in 1..=MARKS {
+            match next_response(&mut raw).await {
+                (_, Ok(Reply::Receipt(r))) => assert_eq!(r.read_up_to, Some(2)),
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await
+}
+
 /// `Config::conversation_mailbox_max` (default `CONVERSATION_MAILBOX_MAX`): requests
 /// beyond it are answered `OVERLOADED` and take no effect; up to it, all are served.
 #[tokio::test]
@@ -817,6 +862,53 @@ async fn member_reads_pipelined_at_rest_are_checked_where_they_are_answered() {
         assert_eq!(answered + refused, 32, "{answers:?}");
         assert!((1..=STORE_JOBS_PER_USER).contains(&answered), "{answered} answered: {answers:?}");
         assert_eq!(shared.convs.live(), 0, "answered at rest");
+    })
+    .await
+}
+
+/// A `MarkRead` that raises nothing, for a conversation with no live actor, is answered
+/// from the store with the member's watermarks and starts no actor, each a row of the
+/// member-rows allowance (`RATE_LIMITED` past it); one that raises a watermark still
+/// starts the actor and is stored. Before, every one started an actor (which reads the
+/// whole member list, and retired at its next tick), uncharged: a member looping them
+/// over thousands of groups kept the broker starting actors and the live places full (an
+/// attacker review).
+#[tokio::test]
+async fn read_marks_that_raise_nothing_start_no_actor_and_are_charged() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| {
+            c.member_rows_per_sec = 4;
+            c.conversation_idle_ms = 1000;
+        })
+        .await;
+        let shared = tb.shared().clone();
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let seq = alice.send(conv, "hi").await.unwrap();
+        assert_eq!(bob.mark_read(conv, seq).await.unwrap().read_up_to, Some(seq));
+        eventually("the actor retiring", || shared.convs.live() == 0).await;
+        let mut raw = tb.connector().connect_raw(&bob_id).await.unwrap();
+        let frames: Vec<Bytes> =
+            (1..=32).map(|id| request_frame(id, RequestBody::MarkRead { conv, seq: u64::from(id) % 3 })).collect();
+        let answers = pipeline(&mut raw, &frames).await;
+        let answered = answers
+            .iter()
+            .filter(
+                |(_, a)| matches!(a, Ok(Reply::Receipt(r)) if r.read_up_to == Some(seq) && r.delivered_up_to == seq),
+            )
+            .count();
+        let refused = answers.iter().filter(|(_, a)| matches!(a, Err(e) if e.code == ErrorCode::RATE_LIMITED)).count();
+        assert_eq!(answered + refused, 32, "{answers:?}");
+        assert!(answered >= 1 && refused >= 1, "{answered} answered, {refused} refused: {answers:?}");
+        assert_eq!(shared.convs.live(), 0, "answered at rest");
+        // A mark that raises is taken, the allowance or not (it is a write, not a read).
+        let next = alice.send(conv, "again").await.unwrap();
+        eventually("the actor retiring", || shared.convs.live() == 0).await;
+        let read = bob.mark_read(conv, next).await.unwrap();
+        assert_eq!((read.delivered_up_to, read.read_up_to), (next, Some(next)));
+        let stored = alice.receipts(conv).await.unwrap();
+        assert!(stored.iter().any(|r| r.user == read.user && r.read_up_to == Some(next)), "{stored:?}");
     })
     .await
 }

@@ -304,6 +304,13 @@ pub(super) fn tick_period(config: &crate::Config) -> Duration {
 /// caller checked), from the store alone: what an actor's start loads (of the members,
 /// only the caller, unless the read lists them), and nothing kept. For a conversation
 /// at rest (`ConvDirectory::read_at_rest`), whose stored state is all durable.
+/// Whether a `MarkRead` of `seq` by `user` would raise any of its watermarks stored for
+/// `conv` (`state::read_raises`), for a conversation at rest: three point reads.
+pub(super) fn read_raises_at_rest(store: &Store, conv: ConvId, user: u64, seq: Seq) -> Result<bool, ErrorBody> {
+    let last_seq = store.last_seq(conv).map_err(internal)?;
+    super::state::read_raises(&StoreLog(store), conv, user, seq, last_seq).map_err(internal)
+}
+
 pub(super) fn answer_at_rest(
     shared: &Shared,
     conv: ConvId,
@@ -322,7 +329,9 @@ pub(super) fn answer_at_rest(
         Read::CatchUp { after, limit } if last_seq.saturating_sub(after) <= super::state::page_limit(limit) as u64 => {
             store.members(conv).map_err(internal)?.into_iter().collect()
         }
-        Read::CatchUp { .. } | Read::History { .. } | Read::Names { .. } => HashMap::from([(caller.user, role)]),
+        Read::CatchUp { .. } | Read::History { .. } | Read::Names { .. } | Read::OwnReceipt => {
+            HashMap::from([(caller.user, role)])
+        }
     };
     let (mut state, _) = ConversationState::<()>::recover(
         conv,

@@ -332,8 +332,34 @@ impl ConvDirectory {
         Some(self.registered[(conv as usize) % AT_REST_SHARDS].load(Ordering::Acquire))
     }
 
-    /// A `MarkRead` (with its responder) of `conv`.
+    /// A `MarkRead` (with its responder, which holds one of the caller's store slots:
+    /// `takes_a_store_slot`, so a user's marks in actors' mailboxes are as bounded as its
+    /// reads) of `conv`. One that raises none of the caller's watermarks while the
+    /// conversation has no live actor is answered from the store as a read
+    /// (`Read::OwnReceipt`, a row of the caller's allowance of member rows: `read_at_rest`)
+    /// and starts no actor. Before, a member looping `MarkRead { seq: 0 }` over its
+    /// thousands of groups started an actor each time (each reading the whole member list,
+    /// and retired at its next tick), uncharged, and could keep the live-actor places
+    /// full; 64 sessions of it could fill one group's mailbox (an attacker review). A mark
+    /// that raises a watermark goes to the actor, starting it: each is a receipt write, at
+    /// most one per entry and member.
     pub async fn mark_read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, seq: Seq, reply: Responder) {
+        let live = self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv);
+        if !live {
+            if let Err(refused) = gate(shared, conv, caller, None) {
+                return reply.send(Err(read_settled(shared, refused).await));
+            }
+            if matches!(super::actor::read_raises_at_rest(&shared.store, conv, caller.user, seq), Ok(false)) {
+                if let Err(refused) = shared.users.allow_member_reads(caller.user) {
+                    return reply.send(Err(refused));
+                }
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    shared.convs.read_at_rest(&shared, conv, caller, Read::OwnReceipt, reply)
+                });
+                return;
+            }
+        }
         self.request(shared, conv, caller, ConvMsg::Mark(caller, Mark::Read(seq), MarkReply::Read(reply))).await
     }
 

@@ -1171,6 +1171,38 @@ mod tests {
         assert_eq!(h.receipts(CAROL)[2], (CAROL, 0, Some(0)), "every member is listed");
     }
 
+    /// What `ConvDirectory::mark_read` decides at rest from the log alone agrees with
+    /// the actor: a read mark the actor would answer at once, writing nothing, is one
+    /// `read_raises` says raises nothing, and `Read::OwnReceipt` answers it the same.
+    /// Public and private readers alike.
+    #[test]
+    fn a_read_mark_that_raises_nothing_is_told_and_answered_from_the_log() {
+        let mut h = chatty();
+        h.mark(BOB, Mark::Read(3));
+        h.commit();
+        h.log.private.insert(CAROL);
+        h.mark(CAROL, Mark::Read(4));
+        h.commit();
+        let last = h.log.last_seq();
+        let writes = h.receipt_writes.len();
+        for (user, seq) in [(BOB, 0), (BOB, 2), (BOB, 3), (CAROL, 1), (CAROL, 4), (BOB, 100), (CAROL, 5), (OWNER, 1)] {
+            let raises = crate::conversation::state::read_raises(&h.log, CONV, user, seq, last).unwrap();
+            let answer = h.read(user, Read::OwnReceipt).map(|r| match r {
+                Reply::Receipt(r) => (r.delivered_up_to, r.read_up_to),
+                other => panic!("{other:?}"),
+            });
+            let read = h.mark(user, Mark::Read(seq));
+            let wrote = h.receipt_writes.len() > writes;
+            assert_eq!(raises, wrote, "user {user} seq {seq}");
+            if !raises {
+                assert_eq!(h.receipt_answer(read).map(|a| a.unwrap()), Some(answer.unwrap()), "user {user} seq {seq}");
+            }
+            h.commit();
+        }
+        // A stranger's is refused as any read is.
+        assert_eq!(h.read(9, Read::OwnReceipt).unwrap_err(), not_a_member());
+    }
+
     #[test]
     fn marks_during_a_write_are_coalesced_into_one_write_and_one_push() {
         let mut h = chatty();

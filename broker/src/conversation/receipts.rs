@@ -38,7 +38,7 @@ pub struct Marks {
 
 impl Marks {
     /// Each watermark raised to `other`'s where it is higher.
-    fn max(self, other: Marks) -> Marks {
+    pub(super) fn max(self, other: Marks) -> Marks {
         Marks {
             delivered_up_to: self.delivered_up_to.max(other.delivered_up_to),
             read_up_to: self.read_up_to.max(other.read_up_to),

@@ -151,6 +151,10 @@ pub enum Read {
         /// The entry.
         seq: Seq,
     },
+    /// The caller's own durable watermarks: the answer to a `MarkRead` that raises
+    /// nothing, served as a read (`ConvDirectory::mark_read`), so that it starts no
+    /// actor.
+    OwnReceipt,
 }
 
 impl Read {
@@ -160,7 +164,7 @@ impl Read {
     pub fn lists_members(self) -> bool {
         match self {
             Read::History { .. } => false,
-            Read::Members | Read::CatchUp { .. } | Read::Receipts | Read::Names { .. } => true,
+            Read::Members | Read::CatchUp { .. } | Read::Receipts | Read::Names { .. } | Read::OwnReceipt => true,
         }
     }
 
@@ -173,7 +177,16 @@ impl Read {
             (Read::CatchUp { .. }, Reply::CatchUp(page)) => page.receipts.len(),
             (Read::Receipts, Reply::Receipts(receipts)) => receipts.len(),
             (Read::Names { .. }, Reply::Names(names)) => names.len(),
-            (Read::History { .. } | Read::Members | Read::CatchUp { .. } | Read::Receipts | Read::Names { .. }, _) => 0,
+            (Read::OwnReceipt, Reply::Receipt(_)) => 1,
+            (
+                Read::History { .. }
+                | Read::Members
+                | Read::CatchUp { .. }
+                | Read::Receipts
+                | Read::Names { .. }
+                | Read::OwnReceipt,
+                _,
+            ) => 0,
         }
     }
 }
@@ -185,6 +198,34 @@ pub enum Mark {
     Delivered(Seq),
     /// The member read up to this seq (`MarkRead`; implies delivered).
     Read(Seq),
+}
+
+/// The watermarks a `MarkRead` of `seq` reports, clamped to `durable_seq`. Reading
+/// implies delivery, except for a reader who keeps read receipts private (`private`):
+/// others would read the read mark off a delivered mark it raised. Nor is such a read
+/// ever shown, also once its receipts are public again.
+pub(super) fn read_marks(seq: Seq, durable_seq: Seq, private: bool) -> Marks {
+    let seq = seq.min(durable_seq);
+    if private {
+        Marks { read_up_to: seq, ..Marks::default() }
+    } else {
+        Marks { delivered_up_to: seq, read_up_to: seq, shown_read_up_to: seq }
+    }
+}
+
+/// Whether a `MarkRead` of `seq` by `user` would raise any of its stored watermarks, read
+/// from `log` as a conversation at rest holds them (everything stored durable) with
+/// `last_seq` its newest entry.
+pub(super) fn read_raises<L: Log>(
+    log: &L,
+    conv: ConvId,
+    user: UserId,
+    seq: Seq,
+    last_seq: Seq,
+) -> Result<bool, L::Error> {
+    let stored = log.receipt(conv, user)?.unwrap_or_default();
+    let marks = read_marks(seq, last_seq, log.receipts_private(user)?);
+    Ok(stored.max(marks) != stored)
 }
 
 /// Membership changes an entry makes (`None` removes).
@@ -632,6 +673,10 @@ impl<R> ConversationState<R> {
                 Read::CatchUp { after, limit } => self.catch_up(log, caller.user, after, limit),
                 Read::Receipts => self.receipt_list(log, caller.user).map(Reply::Receipts),
                 Read::Names { seq } => self.entry_names(log, seq),
+                Read::OwnReceipt => {
+                    self.load_receipt(log, caller.user)?;
+                    Ok(Reply::Receipt(self.own_receipt(caller.user)))
+                }
             }
         }
     }
@@ -671,16 +716,7 @@ impl<R> ConversationState<R> {
         }
         let marks = match mark {
             Mark::Delivered(seq) => Marks { delivered_up_to: seq.min(self.durable_seq), ..Marks::default() },
-            // Reading implies delivery, except for a reader who keeps read receipts
-            // private: others would read the read mark off a delivered mark it raised.
-            // Nor is such a read ever shown, also once its receipts are public again.
-            Mark::Read(seq) if self.private(log, caller.user) => {
-                Marks { read_up_to: seq.min(self.durable_seq), ..Marks::default() }
-            }
-            Mark::Read(seq) => {
-                let seq = seq.min(self.durable_seq);
-                Marks { delivered_up_to: seq, read_up_to: seq, shown_read_up_to: seq }
-            }
+            Mark::Read(seq) => read_marks(seq, self.durable_seq, self.private(log, caller.user)),
         };
         let mut effects = Vec::new();
         if let Some(r) = self.receipts.mark(caller.user, marks, reply) {
