@@ -191,6 +191,55 @@ async fn a_group_of_five_reaches_delivered_to_4_of_4_and_read_by_2() {
     .await
 }
 
+/// In a group, a member's receipts do not reach the members it blocks, live or read
+/// (at rest too: the actor retired in between), while the others see them and the
+/// blocker sees the blocked member's. Before, bob was told when carol, who blocks him,
+/// came online and what she read.
+#[tokio::test]
+async fn a_group_members_receipts_do_not_reach_whom_it_blocks() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.conversation_idle_ms = 100).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let (carol, carol_id) = tb.register("carol").await;
+        carol.block("bob", true).await.unwrap();
+        let conv = alice.create_group("g", &["bob".into(), "carol".into()]).await.unwrap().id;
+        let mut bob_events = bob.events().unwrap();
+        let seq = alice.send(conv, "hello").await.unwrap();
+        next_entry(&mut bob_events).await;
+        carol.mark_read(conv, seq).await.unwrap();
+        bob.mark_read(conv, seq).await.unwrap();
+        // Bob hears his own receipt, and nothing of carol's before or after it.
+        let mut heard = Vec::new();
+        within(STEP_DEADLINE, "bob's own receipt", async {
+            while !heard.contains(&bob_id.user_id) {
+                match bob_events.next().await {
+                    Some(Event::Receipt(r)) => heard.push(r.user),
+                    Some(Event::Receipts(list)) => heard.extend(list.iter().map(|r| r.user)),
+                    Some(_) => continue,
+                    None => panic!("the event stream ended"),
+                }
+            }
+        })
+        .await;
+        assert!(!heard.contains(&carol_id.user_id), "{heard:?}");
+        let shared = tb.shared().clone();
+        within(STEP_DEADLINE, "the actor retiring", async {
+            while shared.convs.live() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let of = |list: Vec<Receipt>, user: UserId| {
+            list.into_iter().find(|r| r.user == user).map(|r| (r.delivered_up_to, r.read_up_to)).unwrap()
+        };
+        assert_eq!(of(bob.receipts(conv).await.unwrap(), carol_id.user_id), (0, None), "hidden from bob");
+        assert_eq!(of(alice.receipts(conv).await.unwrap(), carol_id.user_id), (seq, Some(seq)));
+        assert_eq!(of(carol.receipts(conv).await.unwrap(), bob_id.user_id), (seq, Some(seq)), "carol sees bob's");
+    })
+    .await
+}
+
 async fn unread(client: &Client, conv: u64) -> (u64, u64, u64) {
     let states = client.conversation_states().await.unwrap();
     let s = states.iter().find(|s| s.summary.id == conv).expect("the conversation is listed");

@@ -139,6 +139,9 @@ impl Log for StoreLog<'_> {
     fn blocks(&self, blocker: u64, user: u64) -> Result<bool, StoreError> {
         self.0.blocks(blocker, user)
     }
+    fn blocked_by(&self, blocker: u64) -> Result<Vec<u64>, StoreError> {
+        self.0.blocked_users(blocker, switchboard_protocol::limits::MAX_BLOCKED as usize)
+    }
 }
 
 impl Actor for Conversation {

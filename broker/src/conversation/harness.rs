@@ -137,6 +137,9 @@ impl Log for MemLog {
     fn blocks(&self, blocker: UserId, user: UserId) -> Result<bool, Self::Error> {
         Ok(self.blocks.contains(&(blocker, user)))
     }
+    fn blocked_by(&self, blocker: UserId) -> Result<Vec<UserId>, Self::Error> {
+        Ok(self.blocks.iter().filter(|(b, _)| *b == blocker).map(|(_, u)| *u).collect())
+    }
 }
 
 /// One delivery: the entry's seq, the users it went to, the session it skipped.
@@ -1478,6 +1481,43 @@ mod tests {
         g.commit();
         assert_eq!(g.ack(said), Some(Ok((3, false))));
         assert!(g.deliveries.last().unwrap().audience.contains(&CAROL));
+    }
+
+    /// In a group, a member's receipts are not shown to the members it blocks, as its
+    /// presence is not: carol blocks bob, so bob hears nothing of her reads and sees
+    /// her as one that never reported; the owner sees them, and carol sees bob's.
+    /// Before, bob was pushed when carol came online and what she read.
+    #[test]
+    fn a_groups_receipts_are_not_shown_to_whom_the_marker_blocks() {
+        let mut h = chatty();
+        h.log.blocks.insert((CAROL, BOB));
+        h.notices.clear();
+        h.mark(CAROL, Mark::Read(3));
+        h.commit_receipts();
+        assert_eq!(receipt_events(&h), vec![(CAROL, 3, Some(3), vec![OWNER]), (CAROL, 3, Some(3), vec![CAROL])]);
+        let carol_as_seen_by = |h: &mut Harness, viewer| h.receipts(viewer).into_iter().find(|r| r.0 == CAROL).unwrap();
+        assert_eq!(carol_as_seen_by(&mut h, BOB), (CAROL, 0, None));
+        assert_eq!(carol_as_seen_by(&mut h, OWNER), (CAROL, 3, Some(3)));
+        let Ok(Reply::CatchUp(page)) = h.read(BOB, Read::CatchUp { after: 0, limit: 100 }) else { panic!() };
+        assert_eq!(
+            page.receipts.iter().find(|r| r.user == CAROL).map(|r| (r.delivered_up_to, r.read_up_to)),
+            Some((0, None))
+        );
+        // Bob's receipts reach carol as everyone's do.
+        h.notices.clear();
+        h.mark(BOB, Mark::Read(2));
+        h.commit_receipts();
+        assert_eq!(receipt_events(&h), vec![(BOB, 2, Some(2), vec![OWNER, BOB, CAROL])]);
+        // A private member who blocks: the others who may see its delivery, but not bob.
+        h.log.private.insert(CAROL);
+        h.notices.clear();
+        h.mark(CAROL, Mark::Delivered(5));
+        h.commit_receipts();
+        assert_eq!(receipt_events(&h), vec![(CAROL, 5, None, vec![OWNER]), (CAROL, 5, Some(3), vec![CAROL])]);
+        // Unblocked: shown to all again.
+        h.log.blocks.clear();
+        h.log.private.clear();
+        assert_eq!(carol_as_seen_by(&mut h, BOB), (CAROL, 5, Some(3)));
     }
 
     #[test]

@@ -260,6 +260,8 @@ pub trait Log {
     fn receipts_private(&self, user: UserId) -> Result<bool, Self::Error>;
     /// Whether `blocker` blocks `user` (`Block`).
     fn blocks(&self, blocker: UserId, user: UserId) -> Result<bool, Self::Error>;
+    /// The users `blocker` blocks (at most `MAX_BLOCKED`).
+    fn blocked_by(&self, blocker: UserId) -> Result<Vec<UserId>, Self::Error>;
 }
 
 /// What the driver must do, in the order given. `R` is the driver's way to answer one
@@ -783,6 +785,8 @@ impl<R> ConversationState<R> {
         let mut delivered_only = Vec::new();
         let mut private_own = Vec::new();
         let blocked = self.blocked_pair(log);
+        let everyone = self.audience_of_durable();
+        let mut effects = Vec::new();
         for (user, before, after) in written {
             if !self.durable_members.contains_key(&user) {
                 // Removed meanwhile: its watermarks are no longer shown.
@@ -790,7 +794,17 @@ impl<R> ConversationState<R> {
                 continue;
             }
             let own = self.own_receipt(user);
-            if blocked {
+            if let Some(hidden) = self.hidden_from(log, user) {
+                // A group member who blocks others here: what the rest see, in a frame
+                // of its own that leaves them out.
+                let seen = self.seen_change(log, user, before, after);
+                let audience: Arc<[UserId]> =
+                    everyone.iter().copied().filter(|u| *u != user && !hidden.contains(u)).collect();
+                if let Some(seen) = seen.filter(|_| !audience.is_empty()) {
+                    effects.push(Effect::Notify { event: receipt_event(vec![seen]), audience });
+                }
+                private_own.push(own);
+            } else if blocked {
                 // Between two users one of whom blocks the other, a receipt would say
                 // when the other was online: each user's devices alone hear of it.
                 private_own.push(own);
@@ -813,8 +827,6 @@ impl<R> ConversationState<R> {
                 shown.push(own);
             }
         }
-        let mut effects = Vec::new();
-        let everyone = self.audience_of_durable();
         if !shown.is_empty() {
             effects.push(Effect::Notify { event: receipt_event(shown), audience: everyone.iter().copied().collect() });
         }
@@ -970,11 +982,15 @@ impl<R> ConversationState<R> {
         let mut users: Vec<UserId> = self.durable_members.keys().copied().collect();
         users.sort_unstable();
         let blocked = self.blocked_pair(log);
+        let group = self.kind == ConversationKind::Group;
         let mut out = Vec::with_capacity(users.len());
         for user in users {
             self.load_receipt(log, user)?;
             let mut receipt = self.own_receipt(user);
-            if user != viewer && blocked {
+            // In a group, a member who blocks the viewer is shown to it as one that never
+            // reported (`hidden_from`); a failed read counts as a block.
+            let hides = group && user != viewer && !matches!(log.blocks(user, viewer), Ok(false));
+            if user != viewer && (blocked || hides) {
                 // See `handle_receipts_durable`: nothing delivered shown, the read hidden.
                 receipt.delivered_up_to = 0;
                 receipt.read_up_to = None;
@@ -1023,6 +1039,44 @@ impl<R> ConversationState<R> {
             self.receipts.load(user, stored);
         }
         Ok(())
+    }
+
+    /// In a group, the members `user` blocks (`Block`), if any: they are not shown its
+    /// receipts, which would tell when it was online, as its presence is not (before, a
+    /// blocker's receipts in a shared group told whom it blocks when it came online and
+    /// what it read: an attacker review). `user` still sees theirs: a block is about
+    /// what reaches the blocker and what it shows, and a group's messages reach all
+    /// members. `None` when it blocks none of them (or in a direct conversation:
+    /// `blocked_pair`); a failed read hides its receipts from everyone.
+    fn hidden_from(&self, log: &impl Log, user: UserId) -> Option<BTreeSet<UserId>> {
+        if self.kind != ConversationKind::Group {
+            return None;
+        }
+        match log.blocked_by(user) {
+            Ok(blocked) => {
+                let hidden: BTreeSet<UserId> =
+                    blocked.into_iter().filter(|u| self.durable_members.contains_key(u)).collect();
+                (!hidden.is_empty()).then_some(hidden)
+            }
+            Err(e) => {
+                tracing::warn!(user, error = %e, "reading blocks failed; its receipts shown to nobody else");
+                Some(self.durable_members.keys().copied().collect())
+            }
+        }
+    }
+
+    /// What the other members are shown of `user`'s receipt write from `before` to
+    /// `after`, if anything changed for them (the cases of `handle_receipts_durable`):
+    /// the delivery alone of a member who keeps reads private, the read mark of reads
+    /// made while public, else everything.
+    fn seen_change(&self, log: &impl Log, user: UserId, before: Marks, after: Marks) -> Option<Receipt> {
+        if self.private(log, user) {
+            (after.delivered_up_to != before.delivered_up_to).then(|| self.raw_delivered(user))
+        } else if after.shown_read_up_to != after.read_up_to {
+            (shown_of(after) != shown_of(before)).then(|| self.shown_receipt(user))
+        } else {
+            Some(self.own_receipt(user))
+        }
     }
 
     /// Whether this is a direct conversation one of whose two users blocks the other
