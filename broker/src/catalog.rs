@@ -427,6 +427,12 @@ pub(crate) async fn revoke_device(
     device: DeviceId,
     by: Option<Asker>,
 ) -> Result<Reply, ErrorBody> {
+    // A device that is not there is told from one store read, without the catalog
+    // thread, whose one queue a loop of such revocations kept busy for free (an attacker
+    // review). One there is removed under the catalog lock, which checks again.
+    if shared.store.device(user, device).map_err(internal)?.is_none() {
+        return Err(ErrorBody::new(ErrorCode::NOT_FOUND, "no such device"));
+    }
     let durable = catalog_write(&shared.store, move |s| match by {
         Some(by) => unless_cut_off(s, user, &by, |s| s.remove_device(user, device)),
         None => s.remove_device(user, device).map(Ok),

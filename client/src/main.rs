@@ -1140,7 +1140,7 @@ async fn typing(
             let id = match looked_up {
                 Some(id) => id,
                 None => {
-                    let id = conv.resolve_to_write(&client).await?;
+                    let id = conv.resolve(&client).await?;
                     // A signal has no answer (the broker drops one for a conversation I
                     // am not in): ask first, so a wrong conversation is an error here.
                     client.members(id).await?;
@@ -1791,7 +1791,7 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
     let mut names = Names::default();
     let mut files = FileBook::default();
     let mut receipts = ReceiptLines::default();
-    let lookups = TailLookups { session: &session, up: std::cell::Cell::new(true) };
+    let lookups = TailLookups { session: &session, up: std::cell::Cell::new(true), paused_until: Default::default() };
     // The last presence printed per contact (at most `PRESENCE_SAID`, then forgotten).
     let mut presence_said: HashMap<UserId, (PresenceState, u64)> = HashMap::new();
     let stop = interrupted();
@@ -1884,6 +1884,7 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
             }),
             Some(SessionEvent::Connected) => {
                 lookups.up.set(true);
+                lookups.paused_until.set(None);
                 out.status(json!({"event": "connected"}), || "connected".into())
             }
             Some(SessionEvent::CaughtUp) => out.status(json!({"event": "caught_up"}), || "caught up".into()),
@@ -2050,27 +2051,34 @@ impl Lookups for Client {
 }
 
 /// `sb tail`'s lookups: through its session, each waited for at most `LOOKUP_TIMEOUT`,
-/// and none asked while the session is down (from a lookup that timed out or a
-/// `Disconnected` until the next `Connected`): a name looked up for an entry already
-/// taken (its cursor moved, reported delivered) waited for the reconnect, with Ctrl-C
-/// not heard meanwhile and the entry lost to a kill (a review). Unnamed users print as
-/// `user#ID`.
+/// and none asked while the session is down (from a `Disconnected` until the next
+/// `Connected`) or within `LOOKUP_PAUSE` after one timed out: a name looked up for an
+/// entry already taken (its cursor moved, reported delivered) waited for the reconnect,
+/// with Ctrl-C not heard meanwhile and the entry lost to a kill (a review). A timeout
+/// pauses lookups for a while only, not until the next connection: a lookup the
+/// session backs off (`RATE_LIMITED`) would otherwise have left every later name
+/// `user#ID` for the connection's life (a second review).
 struct TailLookups<'a> {
     session: &'a Session,
     up: std::cell::Cell<bool>,
+    /// Lookups are skipped until then, after one timed out.
+    paused_until: std::cell::Cell<Option<std::time::Instant>>,
 }
+
+/// How long `sb tail` asks no name after a lookup timed out.
+const LOOKUP_PAUSE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long `sb tail` waits for a name's lookup before it prints the line without it.
 const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl TailLookups<'_> {
     async fn within<T>(&self, lookup: impl std::future::Future<Output = Option<T>>) -> Option<T> {
-        if !self.up.get() {
+        if !self.answering() {
             return None;
         }
         let answer = tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await;
         if answer.is_err() {
-            self.up.set(false);
+            self.paused_until.set(Some(std::time::Instant::now() + LOOKUP_PAUSE));
         }
         answer.ok().flatten()
     }
@@ -2090,7 +2098,7 @@ impl Lookups for TailLookups<'_> {
     }
 
     fn answering(&self) -> bool {
-        self.up.get()
+        self.up.get() && self.paused_until.get().is_none_or(|until| std::time::Instant::now() >= until)
     }
 }
 

@@ -521,6 +521,10 @@ async fn a_name_sends_nothing_to_a_strangers_group_titled_so() {
     assert!(history.iter().all(|e| e["text"] != "secret"), "{history:?}");
     // Reads still take the title; the group by its number takes a write.
     assert!(sb_output(&alice, &broker, &["history", "bob"]).status.success());
+    // Handed the group (mallory stays an admin, who may rename it): still refused.
+    sb(&mallory, &broker, &["conv", "role", &trap.to_string(), "alice", "owner"]);
+    let sent = sb_output(&alice, &broker, &["send", "bob", "secret"]);
+    assert_eq!(sent.status.code(), Some(3), "{}", String::from_utf8_lossy(&sent.stderr));
     sb(&alice, &broker, &["send", &trap.to_string(), "hello mallory"]);
     // With a direct conversation with bob, his name is his.
     let direct = sb(&alice, &broker, &["conv", "create", "bob"])[0]["conv"].as_u64().unwrap();
@@ -2070,11 +2074,16 @@ async fn mistakes_are_said_before_any_work() {
     let typing = sb_output(&carol, &broker, &["typing", &conv, "--seconds", "1"]);
     assert!(!typing.status.success() && String::from_utf8_lossy(&typing.stderr).contains("FORBIDDEN"), "{typing:?}");
     // A conversation goes by its title too (before, "invalid digit found in string"),
-    // a direct one by the other member's name; one the user has none of is said.
-    let sent = sb(&alice, &broker, &["send", "g", "by title"]);
+    // a direct one by the other member's name; one the user has none of is said. A
+    // group titled like a user name is written to by its number (anyone can name a
+    // group after a user), and read by its title.
+    let refused = sb_output(&alice, &broker, &["send", "g", "by title"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(refused.status.code() == Some(3) && said.contains("give the group's number"), "{said}");
+    let sent = sb(&alice, &broker, &["send", &conv, "by number"]);
     assert_eq!(sent[0]["conv"].as_u64().unwrap().to_string(), conv);
     let history = sb(&alice, &broker, &["history", "g"]);
-    assert!(history.iter().any(|e| e["text"] == "by title"), "{history:?}");
+    assert!(history.iter().any(|e| e["text"] == "by number"), "{history:?}");
     let direct = sb(&alice, &broker, &["conv", "create", "carol"])[0]["conv"].as_u64().unwrap();
     assert_eq!(sb(&alice, &broker, &["send", "carol", "hi"])[0]["conv"].as_u64().unwrap(), direct);
     let read = sb(&carol, &broker, &["history", "alice"]);

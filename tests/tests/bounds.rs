@@ -902,8 +902,15 @@ async fn read_marks_that_raise_nothing_start_no_actor_and_are_charged() {
         assert_eq!(answered + refused, 32, "{answers:?}");
         assert!(answered >= 1 && refused >= 1, "{answered} answered, {refused} refused: {answers:?}");
         assert_eq!(shared.convs.live(), 0, "answered at rest");
-        // A mark that raises is taken, the allowance or not (it is a write, not a read).
+        // With the actor live, the same marks are charged the same: a refusal tells
+        // nothing of whether it runs (before, a live actor answered them all, free).
         let next = alice.send(conv, "again").await.unwrap();
+        assert_eq!(shared.convs.live(), 1);
+        let frames: Vec<Bytes> =
+            (33..=40).map(|id| request_frame(id, RequestBody::MarkRead { conv, seq: u64::from(id) % 3 })).collect();
+        let answers = pipeline(&mut raw, &frames).await;
+        assert!(answers.iter().any(|(_, a)| matches!(a, Err(e) if e.code == ErrorCode::RATE_LIMITED)), "{answers:?}");
+        // A mark that raises is taken, the allowance or not (it is a write, not a read).
         eventually("the actor retiring", || shared.convs.live() == 0).await;
         let read = bob.mark_read(conv, next).await.unwrap();
         assert_eq!((read.delivered_up_to, read.read_up_to), (next, Some(next)));

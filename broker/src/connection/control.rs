@@ -247,16 +247,19 @@ async fn read_loop(
 /// checks read the store there (`BeginUpload` scans the user's uploads under the files
 /// lock, `SendFiles` each file's attachments, `DeleteFile` and `WithdrawFile` a file's
 /// holds and messages). Such a request takes one of the user's store slots
-/// (`STORE_JOBS_PER_USER`). So does every request served on the catalog thread
-/// (creations, blocks, settings, revocations, password changes): its queue is one for
-/// all users, first come first served, and before, one user's sessions could keep
-/// thousands of refused creations or revocations of unknown devices waiting in it, each
+/// (`STORE_JOBS_PER_USER`). So do creations, blocks and settings changes, served on the
+/// catalog thread: its queue is one for all users, first come first served, and before,
+/// one user's sessions could keep thousands of refused creations waiting in it, each
 /// free, ahead of everyone's logins, blocks and the operator's `user disable` (an
-/// attacker review). A `MarkRead` takes one too: it reads the store on the session's
-/// thread, and either is answered at rest or waits in its conversation's actor (before,
-/// one user's sessions could hold thousands there: an attacker review). The rest are
-/// bounded otherwise: `CancelUpload` by its upload's actor, conversation requests by
-/// their actors' mailboxes and write admission.
+/// attacker review). Not a revocation or a password change: they are how an owner
+/// takes an account back from a stolen device, which could otherwise hold the slots
+/// with reads (a review); a revocation of a device that is not there is answered from
+/// one store read before the catalog thread (`catalog::revoke_device`), and password
+/// changes are bounded per account and by the hashing queue. A `MarkRead` takes one
+/// too: it reads the store on the session's thread, and either is answered at rest or
+/// waits in its conversation's actor (before, one user's sessions could hold thousands
+/// there: an attacker review). The rest are bounded otherwise: `CancelUpload` by its
+/// upload's actor, conversation requests by their actors' mailboxes and write admission.
 fn takes_a_store_slot(body: &RequestBody) -> bool {
     matches!(
         body,
@@ -264,8 +267,6 @@ fn takes_a_store_slot(body: &RequestBody) -> bool {
             | RequestBody::MarkRead { .. }
             | RequestBody::CreateConversation(_)
             | RequestBody::Block { .. }
-            | RequestBody::RevokeDevice { .. }
-            | RequestBody::ChangePassword { .. }
             | RequestBody::SendFiles { .. }
             | RequestBody::DeleteFile { .. }
             | RequestBody::WithdrawFile { .. }
@@ -833,11 +834,11 @@ mod tests {
     use super::answer_bound;
     use crate::limits::MAX_DEVICES_PER_USER;
 
-    /// Requests served on the catalog thread (one queue for all users), and read marks
-    /// (the store read on the session's thread, a place in an actor's mailbox), wait for
-    /// one of the user's store slots: a user has at most `STORE_JOBS_PER_USER` of them
-    /// in flight, however many sessions it pipelines them on (before, creations refused
-    /// or reopened, revocations of unknown devices, blocks and read marks took none).
+    /// Creations, blocks and settings changes (the catalog thread, one queue for all
+    /// users), and read marks (the store read on the session's thread, a place in an
+    /// actor's mailbox), wait for one of the user's store slots: a user has at most
+    /// `STORE_JOBS_PER_USER` of them in flight, however many sessions it pipelines them
+    /// on (before, creations refused or reopened, blocks and read marks took none).
     #[test]
     fn catalog_requests_and_read_marks_take_a_store_slot() {
         use switchboard_protocol::NewConversation;
@@ -845,12 +846,17 @@ mod tests {
         for body in [
             RequestBody::CreateConversation(direct),
             RequestBody::Block { user: "bob".into(), blocked: true },
-            RequestBody::RevokeDevice { device_id: 9 },
-            RequestBody::ChangePassword { current: "a".into(), new: "b".into(), sign_out_others: false },
             RequestBody::Settings { set: None },
             RequestBody::MarkRead { conv: 1, seq: 0 },
         ] {
             assert!(super::takes_a_store_slot(&body), "{body:?}");
+        }
+        // Taking an account back from a stolen device waits for none of its slots.
+        for body in [
+            RequestBody::RevokeDevice { device_id: 9 },
+            RequestBody::ChangePassword { current: "a".into(), new: "b".into(), sign_out_others: true },
+        ] {
+            assert!(!super::takes_a_store_slot(&body), "{body:?}");
         }
         // Writes to a conversation are bounded by its mailbox and write admission.
         assert!(!super::takes_a_store_slot(&RequestBody::Send { conv: 1, client_id: [0; 16], text: "hi".into() }));

@@ -343,21 +343,33 @@ impl ConvDirectory {
     /// full; 64 sessions of it could fill one group's mailbox (an attacker review). A mark
     /// that raises a watermark goes to the actor, starting it: each is a receipt write, at
     /// most one per entry and member.
+    ///
+    /// Whether a mark raises anything is judged on the store for every mark, live actor
+    /// or not, and one that raises nothing is charged either way, so a `RATE_LIMITED`
+    /// tells nothing of whether the conversation's actor runs (which marks, other
+    /// members' too, start: a review). The at-rest answer is given only if the
+    /// conversation stayed at rest from before the store was read until after (`at_rest`):
+    /// else an actor may have written a mark of another device of the caller that is
+    /// not durable yet, and the mark goes to the actor, which answers once it is.
     pub async fn mark_read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, seq: Seq, reply: Responder) {
-        let live = self.map.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&conv);
-        if !live {
-            if let Err(refused) = gate(shared, conv, caller, None) {
-                return reply.send(Err(read_settled(shared, refused).await));
+        if let Err(refused) = gate(shared, conv, caller, None) {
+            return reply.send(Err(read_settled(shared, refused).await));
+        }
+        let rest = self.at_rest(conv);
+        if matches!(super::actor::read_raises_at_rest(&shared.store, conv, caller.user, seq), Ok(false)) {
+            if let Err(refused) = shared.users.allow_member_reads(caller.user) {
+                return reply.send(Err(refused));
             }
-            if matches!(super::actor::read_raises_at_rest(&shared.store, conv, caller.user, seq), Ok(false)) {
-                if let Err(refused) = shared.users.allow_member_reads(caller.user) {
-                    return reply.send(Err(refused));
-                }
+            if rest.is_some() && self.at_rest(conv) == rest {
+                // Charged where it is answered (`Read::rows`).
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || {
                     shared.convs.read_at_rest(&shared, conv, caller, Read::OwnReceipt, reply)
                 });
                 return;
+            }
+            if !shared.users.charge_member_reads(caller.user, 1) {
+                return reply.send(Err(table_full()));
             }
         }
         self.request(shared, conv, caller, ConvMsg::Mark(caller, Mark::Read(seq), MarkReply::Read(reply))).await

@@ -1187,8 +1187,8 @@ mod tests {
         h.mark(CAROL, Mark::Read(4));
         h.commit();
         let last = h.log.last_seq();
-        let writes = h.receipt_writes.len();
         for (user, seq) in [(BOB, 0), (BOB, 2), (BOB, 3), (CAROL, 1), (CAROL, 4), (BOB, 100), (CAROL, 5), (OWNER, 1)] {
+            let writes = h.receipt_writes.len();
             let raises = crate::conversation::state::read_raises(&h.log, CONV, user, seq, last).unwrap();
             let answer = h.read(user, Read::OwnReceipt).map(|r| match r {
                 Reply::Receipt(r) => (r.delivered_up_to, r.read_up_to),
@@ -1494,7 +1494,7 @@ mod tests {
         h.notices.clear();
         h.mark(CAROL, Mark::Read(3));
         h.commit_receipts();
-        assert_eq!(receipt_events(&h), vec![(CAROL, 3, Some(3), vec![OWNER]), (CAROL, 3, Some(3), vec![CAROL])]);
+        assert_eq!(receipt_events(&h), vec![(CAROL, 3, Some(3), vec![OWNER, CAROL])]);
         let carol_as_seen_by = |h: &mut Harness, viewer| h.receipts(viewer).into_iter().find(|r| r.0 == CAROL).unwrap();
         assert_eq!(carol_as_seen_by(&mut h, BOB), (CAROL, 0, None));
         assert_eq!(carol_as_seen_by(&mut h, OWNER), (CAROL, 3, Some(3)));
@@ -1518,6 +1518,41 @@ mod tests {
         h.log.blocks.clear();
         h.log.private.clear();
         assert_eq!(carol_as_seen_by(&mut h, BOB), (CAROL, 5, Some(3)));
+    }
+
+    /// Many members blocking one: a write's receipts go in one frame to everyone but the
+    /// blocked member, and one frame to it of what it may see (before, a frame per
+    /// blocking writer to nearly every member).
+    #[test]
+    fn receipts_of_many_who_block_one_member_share_a_frame() {
+        const DAVE: UserId = 4;
+        const ERIN: UserId = 5;
+        let members = [
+            (OWNER, Role::Owner),
+            (BOB, Role::Member),
+            (CAROL, Role::Member),
+            (DAVE, Role::Member),
+            (ERIN, Role::Member),
+        ];
+        let mut h = Harness::new(ConversationKind::Group, &members);
+        h.send(OWNER, 1, "m");
+        h.commit();
+        for blocker in [CAROL, DAVE, ERIN] {
+            h.log.blocks.insert((blocker, BOB));
+        }
+        // Bob's mark is written first; the others wait and share the next write.
+        h.mark(BOB, Mark::Delivered(2));
+        for user in [OWNER, CAROL, DAVE, ERIN] {
+            h.mark(user, Mark::Read(2));
+        }
+        h.commit_receipts();
+        h.notices.clear();
+        h.commit_receipts();
+        let frames: Vec<&Vec<UserId>> = h.notices.iter().map(|n| &n.audience).collect();
+        assert_eq!(frames, vec![&vec![OWNER, CAROL, DAVE, ERIN], &vec![BOB]], "a shared frame, and one for bob");
+        let to_bob: Vec<UserId> = receipt_events(&h).into_iter().filter(|e| e.3 == [BOB]).map(|e| e.0).collect();
+        assert_eq!(to_bob, vec![OWNER], "bob is shown the owner's receipt alone");
+        assert_eq!(receipt_events(&h).len(), 5);
     }
 
     #[test]

@@ -785,8 +785,10 @@ impl<R> ConversationState<R> {
         let mut delivered_only = Vec::new();
         let mut private_own = Vec::new();
         let blocked = self.blocked_pair(log);
-        let everyone = self.audience_of_durable();
-        let mut effects = Vec::new();
+        // In a group, the members each writer here blocks (`hidden_from`), and all of
+        // them together: those get a frame of their own below, the rest the shared ones.
+        let mut hides: Vec<(UserId, BTreeSet<UserId>)> = Vec::new();
+        let mut hidden_any = BTreeSet::new();
         for (user, before, after) in written {
             if !self.durable_members.contains_key(&user) {
                 // Removed meanwhile: its watermarks are no longer shown.
@@ -795,16 +797,10 @@ impl<R> ConversationState<R> {
             }
             let own = self.own_receipt(user);
             if let Some(hidden) = self.hidden_from(log, user) {
-                // A group member who blocks others here: what the rest see, in a frame
-                // of its own that leaves them out.
-                let seen = self.seen_change(log, user, before, after);
-                let audience: Arc<[UserId]> =
-                    everyone.iter().copied().filter(|u| *u != user && !hidden.contains(u)).collect();
-                if let Some(seen) = seen.filter(|_| !audience.is_empty()) {
-                    effects.push(Effect::Notify { event: receipt_event(vec![seen]), audience });
-                }
-                private_own.push(own);
-            } else if blocked {
+                hidden_any.extend(hidden.iter().copied());
+                hides.push((user, hidden));
+            }
+            if blocked {
                 // Between two users one of whom blocks the other, a receipt would say
                 // when the other was online: each user's devices alone hear of it.
                 private_own.push(own);
@@ -827,18 +823,39 @@ impl<R> ConversationState<R> {
                 shown.push(own);
             }
         }
-        if !shown.is_empty() {
-            effects.push(Effect::Notify { event: receipt_event(shown), audience: everyone.iter().copied().collect() });
+        let mut effects = Vec::new();
+        let everyone = self.audience_of_durable();
+        let shared: Vec<UserId> = everyone.iter().copied().filter(|u| !hidden_any.contains(u)).collect();
+        if !shown.is_empty() && !shared.is_empty() {
+            effects.push(Effect::Notify {
+                event: receipt_event(shown.clone()),
+                audience: shared.iter().copied().collect(),
+            });
         }
         if !delivered_only.is_empty() {
             // Each private member's own devices must never see its read mark hidden.
             let hiding: BTreeSet<UserId> = delivered_only.iter().map(|r| r.user).collect();
-            let others: Arc<[UserId]> = everyone.iter().copied().filter(|u| !hiding.contains(u)).collect();
+            let others: Arc<[UserId]> = shared.iter().copied().filter(|u| !hiding.contains(u)).collect();
             if !others.is_empty() {
                 effects.push(Effect::Notify { event: receipt_event(delivered_only.clone()), audience: others });
             }
             delivered_only.sort_by_key(|r| r.user);
-            sibling_frames(&delivered_only, &mut effects);
+            sibling_frames(&delivered_only, &hidden_any, &mut effects);
+        }
+        // Each member someone here blocks: one frame of all it may see (before, one frame
+        // per blocking writer to nearly every member: a group where many block one troll
+        // pushed each write's receipts a frame per blocker; now a frame per blocked).
+        for viewer in &hidden_any {
+            let hidden_by = |r: &Receipt| hides.iter().any(|(b, h)| *b == r.user && h.contains(viewer));
+            let seen: Vec<Receipt> = shown
+                .iter()
+                .chain(delivered_only.iter().filter(|r| r.user != *viewer))
+                .filter(|r| !hidden_by(r))
+                .cloned()
+                .collect();
+            if !seen.is_empty() {
+                effects.push(Effect::Notify { event: receipt_event(seen), audience: Arc::from([*viewer]) });
+            }
         }
         for own in private_own {
             let user = own.user;
@@ -1060,22 +1077,8 @@ impl<R> ConversationState<R> {
             }
             Err(e) => {
                 tracing::warn!(user, error = %e, "reading blocks failed; its receipts shown to nobody else");
-                Some(self.durable_members.keys().copied().collect())
+                Some(self.durable_members.keys().copied().filter(|u| *u != user).collect())
             }
-        }
-    }
-
-    /// What the other members are shown of `user`'s receipt write from `before` to
-    /// `after`, if anything changed for them (the cases of `handle_receipts_durable`):
-    /// the delivery alone of a member who keeps reads private, the read mark of reads
-    /// made while public, else everything.
-    fn seen_change(&self, log: &impl Log, user: UserId, before: Marks, after: Marks) -> Option<Receipt> {
-        if self.private(log, user) {
-            (after.delivered_up_to != before.delivered_up_to).then(|| self.raw_delivered(user))
-        } else if after.shown_read_up_to != after.read_up_to {
-            (shown_of(after) != shown_of(before)).then(|| self.shown_receipt(user))
-        } else {
-            Some(self.own_receipt(user))
         }
     }
 
@@ -1372,17 +1375,20 @@ pub fn may_add(kind: ConversationKind, role: Role, new_role: Role) -> Result<(),
 /// halved, each half's receipts go to the other half's users, and each half again, so a
 /// user gets one frame per halving (about log2 of the list's length) and the frames hold
 /// the list about log2 times over in all.
-fn sibling_frames<R>(hidden: &[Receipt], effects: &mut Vec<Effect<R>>) {
+/// Users of `except` get none of these frames (they get one of their own).
+fn sibling_frames<R>(hidden: &[Receipt], except: &BTreeSet<UserId>, effects: &mut Vec<Effect<R>>) {
     if hidden.len() < 2 {
         return;
     }
     let (left, right) = hidden.split_at(hidden.len() / 2);
     for (receipts, to) in [(left, right), (right, left)] {
-        let audience: Arc<[UserId]> = to.iter().map(|r| r.user).collect();
-        effects.push(Effect::Notify { event: receipt_event(receipts.to_vec()), audience });
+        let audience: Arc<[UserId]> = to.iter().map(|r| r.user).filter(|u| !except.contains(u)).collect();
+        if !audience.is_empty() {
+            effects.push(Effect::Notify { event: receipt_event(receipts.to_vec()), audience });
+        }
     }
-    sibling_frames(left, effects);
-    sibling_frames(right, effects);
+    sibling_frames(left, except, effects);
+    sibling_frames(right, except, effects);
 }
 
 /// What others are shown of a member who does not keep read receipts private:

@@ -7,15 +7,15 @@
 //! with no direct conversation, go to it). Two or more groups matching are refused with
 //! their numbers, never guessed. A title made only of digits reads as a number.
 //!
-//! What writes (`send`, `upload --conv`, `files send`, `typing`) takes a group by its title
-//! only where the title cannot be a user's name or the caller owns the group (owners
-//! choose titles): with no direct conversation with bob, a stranger's group titled "bob"
-//! took `sb send bob secret` (an attacker review), so a group another member named with
-//! a name's shape is given by its number for a write.
+//! What writes (`send`, `upload --conv`, `file send`) takes a group by its title
+//! only where the title cannot be a user's name: with no direct conversation with bob, a
+//! stranger's group titled "bob" took `sb send bob secret` (a review), so a group whose
+//! title has a name's shape is given by its number for a write. Owning the group is no
+//! exception: ownership is handed over without consent, and admins rename groups.
 
 use anyhow::bail;
 use switchboard_client::Client;
-use switchboard_protocol::{ConvId, ConversationKind, ConversationSummary, Role};
+use switchboard_protocol::{ConvId, ConversationKind, ConversationSummary};
 
 /// The help of a conversation argument.
 pub const HELP: &str = "The conversation: its number, or its title (a direct one: the other member's name; a title of digits only: give its number)";
@@ -152,15 +152,17 @@ pub fn pick_group<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::
 
 /// `pick` for a write: a group found by a title that could be a user's name (the title
 /// in lower case a valid user name: 1-64 of `a-z 0-9 _ . -`), with no direct conversation
-/// going by it, is taken only if the caller owns the group. Anyone may add anyone to a
-/// group of any title, so the name of a user the caller has not written to yet would
-/// otherwise send to whoever named a group after that user. Refused with both ways on.
+/// going by it, is refused with both ways on (its number, or starting the direct one).
+/// Anyone may add anyone to a group of any title, so the name of a user the caller has
+/// not written to yet would otherwise send to whoever named a group after that user; and
+/// being its owner proves nothing (before, owners were let through: a stranger can hand
+/// a group over and stay an admin, who may rename it).
 pub fn pick_to_write<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result<&'a ConversationSummary> {
     let found = pick(title, convs)?;
-    if found.kind == ConversationKind::Group && found.my_role != Role::Owner && could_be_user_name(title) {
+    if found.kind == ConversationKind::Group && could_be_user_name(title) {
         let name = title.to_ascii_lowercase();
         return Err(crate::Refused::not_found(format!(
-            "{title:?} is conversation {}, which another member named, and could be the user {name}, with whom I have no direct conversation: give the group's number to write there, or `sb conv create {name}` to start one with the user",
+            "{title:?} is conversation {}, and could be the user {name}, with whom I have no direct conversation: give the group's number to write there, or `sb conv create {name}` to start one with the user",
             describe(found)
         ))
         .into());
@@ -204,6 +206,7 @@ pub fn pick<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use switchboard_protocol::Role;
 
     fn conv(id: ConvId, kind: ConversationKind, title: &str) -> ConversationSummary {
         ConversationSummary { id, kind, title: title.into(), last_seq: 0, member_count: 2, my_role: Role::Member }
@@ -258,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn a_write_takes_a_group_by_a_name_shaped_title_only_from_its_owner() {
+    fn a_write_takes_no_group_by_a_name_shaped_title() {
         let owned =
             |id, title: &str| ConversationSummary { my_role: Role::Owner, ..conv(id, ConversationKind::Group, title) };
         let convs = [
@@ -274,11 +277,12 @@ mod tests {
         let refused = write("Bob").unwrap_err().to_string();
         assert!(refused.contains("3, a group titled \"bob\"") && refused.contains("sb conv create bob"), "{refused}");
         // Reads still take it; a direct conversation still wins; a title no user can
-        // have, or a group I own, is taken.
+        // have is taken.
         assert_eq!(pick("bob", &convs).unwrap().id, 3);
         assert_eq!(write("carol").unwrap(), 4);
         assert_eq!(write("trip 2026").unwrap(), 6);
-        assert_eq!(write("team").unwrap(), 7);
+        // Owning it proves nothing: a group can be handed over, and admins rename.
+        assert!(write("team").is_err());
         assert!(could_be_user_name("a.b-c_9") && !could_be_user_name("") && !could_be_user_name(&"x".repeat(65)));
     }
 }
