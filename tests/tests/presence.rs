@@ -351,6 +351,39 @@ async fn last_seen_survives_a_restart() {
     .await
 }
 
+/// A user whose going offline the push allowance held back when the broker stopped is
+/// shown after the restart last seen when its last device left, not at an earlier push
+/// (before, the held change was lost with the stop).
+#[tokio::test]
+async fn a_last_seen_held_back_at_a_clean_stop_survives_it() {
+    bounded(async {
+        let mut tb = TestBroker::start_with(|c| c.presence_coalesce_ms = 60_000).await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        let mut bob_events = bob.events().unwrap();
+        direct(&alice, "bob", &mut bob_events).await;
+        alice.close();
+        // Alice comes and goes until her pushes are held back (a burst of 8).
+        for _ in 0..6 {
+            let again = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&alice_id)).await.unwrap();
+            again.close();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let left = now_ms();
+        let shown = bob.presence(&[alice_id.user_id]).await.unwrap();
+        assert_eq!(shown[0].state, PresenceState::Offline);
+        assert!(shown[0].last_seen_ms + 1_000 >= left, "{shown:?}");
+        drop((alice, bob, bob_events));
+        tb.restart().await;
+        let bob = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&bob_id)).await.unwrap();
+        let after = bob.presence(&[alice_id.user_id]).await.unwrap();
+        assert_eq!(after[0].state, PresenceState::Offline);
+        assert_eq!(after[0].last_seen_ms, shown[0].last_seen_ms, "as shown before the stop");
+    })
+    .await
+}
+
 /// Across a clean restart a user connected at the stop is shown as it was, not offline,
 /// to a contact whose device is back first, and its own return pushes nothing (nothing
 /// changed for its contacts); one that was away is still away. Before, everyone was
