@@ -55,9 +55,11 @@ pub struct Change {
 pub struct Fired {
     /// Changes to push, in user order of their timers.
     pub changes: Vec<Change>,
-    /// Users whose entry was dropped (offline and quiet for a coalescing window): their
-    /// cached contacts can go too.
-    pub forgotten: Vec<UserId>,
+    /// Users whose entry was dropped (offline and quiet for a coalescing window), each
+    /// with its last-seen time, which is stored (a reconnect and leave within the window
+    /// moved it without a push: before, it was lost with the entry); their cached
+    /// contacts can go too.
+    pub forgotten: Vec<(UserId, u64)>,
 }
 
 /// Presence rules for every user with a connected device (or one that left lately, see
@@ -212,13 +214,14 @@ impl PresenceState {
         users
     }
 
-    /// Users whose last device left and whose going offline was not pushed yet (held by
-    /// the push allowance), each with its last-seen time, ascending.
-    pub fn offline_unpublished(&self) -> Vec<(UserId, u64)> {
+    /// Users whose last device left lately (an entry kept for the coalescing window),
+    /// each with its last-seen time, ascending: its going offline may not be pushed (and
+    /// stored) yet, or a reconnect and leave within the window moved it without a push.
+    pub fn left_lately(&self) -> Vec<(UserId, u64)> {
         let mut users: Vec<(UserId, u64)> = self
             .users
             .iter()
-            .filter(|(_, p)| p.devices.is_empty() && p.presumed.is_none() && p.published != Status::Offline)
+            .filter(|(_, p)| p.devices.is_empty() && p.presumed.is_none())
             .map(|(&u, p)| (u, p.offline_since_ms))
             .collect();
         users.sort_unstable();
@@ -275,8 +278,9 @@ impl PresenceState {
                 let refilled = refilled_at(entry, now_ms, interval, burst_span);
                 let forget_at = quiet_since.saturating_add(self.coalesce_ms).max(refilled);
                 if now_ms >= forget_at || now_ms < quiet_since {
+                    let seen = entry.offline_since_ms;
                     self.users.remove(&user);
-                    fired.forgotten.push(user);
+                    fired.forgotten.push((user, seen));
                 } else {
                     self.schedule(user, forget_at);
                 }
@@ -525,12 +529,13 @@ impl Presence {
     /// Records who has a device connected as the broker stops (at most
     /// `PRESENCE_AT_STOP_MAX` users), for `presume_from_last_stop` at the next start.
     /// Called before the sessions are closed; durable with the store's closing flush.
-    /// Also stores the last-seen time of each user whose going offline was held back
-    /// and not pushed yet: before, it was lost with the broker's stop, and after the start
-    /// such a user was shown last seen at an earlier push (a trial: 350 ms earlier than
-    /// shown before the stop).
+    /// Also stores the last-seen time of each user whose last device left lately
+    /// (`left_lately`; the store keeps the later of two): before, a going offline held
+    /// back and not pushed yet was lost with the broker's stop, and after the start such
+    /// a user was shown last seen at an earlier push (a trial: 350 ms earlier than shown
+    /// before the stop).
     pub fn record_at_stop(&self) {
-        let left = self.state.lock().unwrap_or_else(|p| p.into_inner()).offline_unpublished();
+        let left = self.state.lock().unwrap_or_else(|p| p.into_inner()).left_lately();
         for (user, last_seen_ms) in left {
             if let Err(e) = self.store.set_last_seen(user, last_seen_ms) {
                 tracing::warn!(user, error = %e, "storing last seen failed");
@@ -752,10 +757,15 @@ impl Presence {
             self.push(change);
         }
         if !fired.forgotten.is_empty() {
+            for &(user, seen) in &fired.forgotten {
+                if let Err(e) = self.store.set_last_seen(user, seen) {
+                    tracing::warn!(user, error = %e, "storing last seen failed");
+                }
+            }
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
             // A build that began before this and ends after it must not keep a set for a
             // user just forgotten (it would stay until that user's next offline).
-            for user in fired.forgotten {
+            for (user, _) in fired.forgotten {
                 cache.drop_set(user);
             }
         }
@@ -1052,7 +1062,11 @@ mod tests {
         assert_eq!(p.current(1, 1008), Some((Status::Offline, 1007)));
         let fired = p.handle_timeout(1008);
         assert_eq!(fired.changes, vec![change(1, Status::Offline, 1007)], "last seen: the last leave");
-        assert_eq!(fired.forgotten, vec![1], "with no window an offline user is forgotten at once");
+        assert_eq!(
+            fired.forgotten.iter().map(|f| f.0).collect::<Vec<_>>(),
+            vec![1],
+            "with no window an offline user is forgotten at once"
+        );
         // Unknown sessions and users change nothing.
         p.handle_away(1, 99, true, 1008);
         p.handle_detach(2, 5, 1008, 1008);
@@ -1212,7 +1226,7 @@ mod tests {
         assert!(p.handle_timeout(1050).forgotten.is_empty(), "kept until its push allowance refilled");
         // Four pushes (at 0, 300, 550, 800), each an allowance interval.
         let forgotten = p.handle_timeout(4 * W * PRESENCE_PUSH_WINDOWS);
-        assert_eq!(forgotten.forgotten, vec![1]);
+        assert_eq!(forgotten.forgotten, vec![(1, 600)], "with the last seen to store");
         assert!(p.is_empty(), "no entry is kept for an offline user");
         assert_eq!(p.poll_timeout(), None);
         // Connect and leave before the first push: nothing to tell anyone.
@@ -1220,7 +1234,7 @@ mod tests {
         p.handle_detach(2, 20, 2000, 2000);
         let fired = p.handle_timeout(2000);
         assert!(fired.changes.is_empty());
-        assert_eq!(fired.forgotten, vec![2]);
+        assert_eq!(fired.forgotten, vec![(2, 2000)], "seen, though nobody was told");
     }
 
     #[test]

@@ -909,6 +909,7 @@ async fn read_marks_that_raise_nothing_start_no_actor_and_are_charged() {
         let frames: Vec<Bytes> =
             (33..=40).map(|id| request_frame(id, RequestBody::MarkRead { conv, seq: u64::from(id) % 3 })).collect();
         let answers = pipeline(&mut raw, &frames).await;
+        assert_eq!(shared.convs.live(), 1, "still live: the marks went the live way");
         assert!(answers.iter().any(|(_, a)| matches!(a, Err(e) if e.code == ErrorCode::RATE_LIMITED)), "{answers:?}");
         // A mark that raises is taken, the allowance or not (it is a write, not a read).
         eventually("the actor retiring", || shared.convs.live() == 0).await;

@@ -363,7 +363,8 @@ async fn a_last_seen_held_back_at_a_clean_stop_survives_it() {
         let mut bob_events = bob.events().unwrap();
         direct(&alice, "bob", &mut bob_events).await;
         alice.close();
-        // Alice comes and goes until her pushes are held back (a burst of 8).
+        // Alice comes and goes within the coalescing window: her last going offline is
+        // held back, not pushed (nor stored) before the stop.
         for _ in 0..6 {
             let again = within(STEP_DEADLINE, "reconnect", tb.connector().connect(&alice_id)).await.unwrap();
             again.close();

@@ -1555,6 +1555,51 @@ mod tests {
         assert_eq!(receipt_events(&h).len(), 5);
     }
 
+    /// One member blocking all the others: its receipts go to nobody else, and the others'
+    /// still in shared frames (one for the members it hides from, not one each).
+    /// Private members it hides from still see the other private members' delivery,
+    /// and their own full marks only on their own devices.
+    #[test]
+    fn a_member_who_blocks_everyone_makes_one_frame_more_not_one_per_member() {
+        const DAVE: UserId = 4;
+        const ERIN: UserId = 5;
+        let members = [
+            (OWNER, Role::Owner),
+            (BOB, Role::Member),
+            (CAROL, Role::Member),
+            (DAVE, Role::Member),
+            (ERIN, Role::Member),
+        ];
+        let mut h = Harness::new(ConversationKind::Group, &members);
+        h.send(OWNER, 1, "m");
+        h.commit();
+        for other in [OWNER, CAROL, DAVE, ERIN] {
+            h.log.blocks.insert((BOB, other));
+        }
+        h.log.private.insert(DAVE);
+        h.log.private.insert(ERIN);
+        h.mark(OWNER, Mark::Delivered(1));
+        for user in [BOB, CAROL, DAVE, ERIN] {
+            h.mark(user, Mark::Delivered(2));
+        }
+        h.commit_receipts();
+        h.notices.clear();
+        h.commit_receipts();
+        let events = receipt_events(&h);
+        // Bob's receipt reaches bob alone.
+        assert_eq!(events.iter().filter(|e| e.0 == BOB).map(|e| e.3.clone()).collect::<Vec<_>>(), vec![vec![BOB]]);
+        // Dave sees erin's delivery and his own once each, and nothing of bob's.
+        let to_dave: Vec<(UserId, Option<Seq>)> =
+            events.iter().filter(|e| e.3.contains(&DAVE)).map(|e| (e.0, e.2)).collect();
+        assert_eq!(to_dave.iter().filter(|e| e.0 == ERIN).count(), 1, "{events:?}");
+        assert_eq!(to_dave.iter().filter(|e| e.0 == DAVE).collect::<Vec<_>>(), vec![&(DAVE, Some(0))], "{events:?}");
+        assert!(to_dave.iter().all(|e| e.0 != BOB));
+        // Frames: two to bob (the public receipts, the private members' delivery), one
+        // for all the public members bob hides from, one for each of the two private
+        // ones, and each private member's own: seven, however many public members.
+        assert_eq!(h.notices.len(), 7, "{:?}", h.notices);
+    }
+
     #[test]
     fn private_read_receipts_are_shown_to_their_owner_only() {
         let mut h = chatty();

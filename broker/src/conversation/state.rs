@@ -22,7 +22,7 @@
 //!   shown to that reader alone;
 //! - after a failed write or commit nothing is acknowledged again (`Effect::Fatal`).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use switchboard_protocol::limits::{
@@ -768,7 +768,12 @@ impl<R> ConversationState<R> {
     /// of them the others' in `sibling_frames` (about log2 of their number frames each);
     /// a private member's own full watermarks to its devices only. So every frame is
     /// shared and a write encodes O(changes × log changes) receipts, not one frame per
-    /// private member holding every change (members² bytes in a large group).
+    /// private member holding every change (members² bytes in a large group). In a group,
+    /// members that some writer of this write blocks (`hidden_from`) are left out of
+    /// those frames and get what they may see in one frame per set of writers hiding
+    /// from them (plus one per such private member): as many frames as there are
+    /// different such sets, which blocks between members make (at most one per member
+    /// of them).
     pub fn handle_receipts_durable(&mut self, log: &impl Log, ok: bool, now_ms: u64) -> Vec<Effect<R>> {
         if self.failed {
             return Vec::new();
@@ -842,19 +847,28 @@ impl<R> ConversationState<R> {
             delivered_only.sort_by_key(|r| r.user);
             sibling_frames(&delivered_only, &hidden_any, &mut effects);
         }
-        // Each member someone here blocks: one frame of all it may see (before, one frame
-        // per blocking writer to nearly every member: a group where many block one troll
-        // pushed each write's receipts a frame per blocker; now a frame per blocked).
+        // The members someone here blocks: all they may see, one frame per group of them
+        // that the same writers hide from (and one for each whose own delivery is among
+        // `delivered_only`, without it: its devices get the whole from `private_own`).
+        // Before, one frame per blocking writer went to nearly every member (many
+        // blocking one troll), and then one per blocked member (one blocking everyone):
+        // now as many frames as there are different sets of hiding writers.
+        let private: BTreeSet<UserId> = delivered_only.iter().map(|r| r.user).collect();
+        let mut alike: BTreeMap<(Vec<UserId>, Option<UserId>), Vec<UserId>> = BTreeMap::new();
         for viewer in &hidden_any {
-            let hidden_by = |r: &Receipt| hides.iter().any(|(b, h)| *b == r.user && h.contains(viewer));
+            let hiders: Vec<UserId> = hides.iter().filter(|(_, h)| h.contains(viewer)).map(|(b, _)| *b).collect();
+            let own = private.contains(viewer).then_some(*viewer);
+            alike.entry((hiders, own)).or_default().push(*viewer);
+        }
+        for ((hiders, own), audience) in alike {
             let seen: Vec<Receipt> = shown
                 .iter()
-                .chain(delivered_only.iter().filter(|r| r.user != *viewer))
-                .filter(|r| !hidden_by(r))
+                .chain(delivered_only.iter())
+                .filter(|r| !hiders.contains(&r.user) && Some(r.user) != own)
                 .cloned()
                 .collect();
             if !seen.is_empty() {
-                effects.push(Effect::Notify { event: receipt_event(seen), audience: Arc::from([*viewer]) });
+                effects.push(Effect::Notify { event: receipt_event(seen), audience: audience.into() });
             }
         }
         for own in private_own {
