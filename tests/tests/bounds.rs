@@ -324,42 +324,10 @@ async fn a_users_store_jobs_wait_for_its_slots_and_nobody_elses() {
 /// entry) while the reads arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_members_reads_take_a_few_places_in_a_live_conversations_mailbox() {
-    bounded(async {
-        const READS: u32 = 32;
-        let tb = TestBroker::start().await;
-        let (alice, _) = tb.register("alice").await;
-        let (_, bob_id) = tb.register("bob").await;
-        let alice = std::sync::Arc::new(alice);
-        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
-        alice.send(conv, "first").await.unwrap();
-        let mut sent = tb.shared().pauses.arm(Point::EntrySent);
-        let second = tokio::spawn({
-            let alice = alice.clone();
-            async move { alice.send(conv, "second").await }
-        });
-        sent.reached().await;
-        let mut raw = tb.connector().connect_raw(&bob_id).await.unwrap();
-        let frames: Vec<u8> = (1..=READS)
-            .flat_map(|id| request_frame(id, RequestBody::History { conv, page: Page::Latest, limit: 10 }).to_vec())
-            .collect();
-        within(STEP_DEADLINE, "pipelined reads", raw.send.write_all(&frames)).await.unwrap();
-        let depth = || tb.shared().convs.mailbox_depth(conv).unwrap();
-        eventually("the reads reach the mailbox", || depth() >= STORE_JOBS_PER_USER).await;
-        let mut most = 0;
-        for _ in 0..30 {
-            most = most.max(depth());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(most, STORE_JOBS_PER_USER, "{READS} reads pipelined by one member");
-        sent.release();
-        assert!(within(STEP_DEADLINE, "alice's send", second).await.unwrap().is_ok());
-        for _ in 1..=READS {
-            match next_response(&mut raw).await {
-                (_, Ok(Reply::History { entries, .. })) => assert!(!entries.is_empty()),
-                other => panic!("{other:?}"),
-            }
-        }
-    })
+    pipelined_into_a_held_mailbox(
+        |conv| RequestBody::History { conv, page: Page::Latest, limit: 10 },
+        |answer| assert!(matches!(answer, Ok(Reply::History { entries, .. }) if !entries.is_empty()), "{answer:?}"),
+    )
     .await
 }
 
@@ -370,8 +338,22 @@ async fn a_members_reads_take_a_few_places_in_a_live_conversations_mailbox() {
 /// attacker review). All are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_members_read_marks_take_a_few_places_in_a_live_conversations_mailbox() {
+    pipelined_into_a_held_mailbox(
+        |conv| RequestBody::MarkRead { conv, seq: 2 },
+        |answer| assert!(matches!(answer, Ok(Reply::Receipt(r)) if r.read_up_to == Some(2)), "{answer:?}"),
+    )
+    .await
+}
+
+/// Bob pipelines 32 of `request` into a group alice's actor is held in (just after
+/// sending an entry): at most `STORE_JOBS_PER_USER` of them reach its mailbox, and once
+/// the actor goes on each is answered (`check`), as is alice's send.
+async fn pipelined_into_a_held_mailbox(
+    request: impl Fn(ConvId) -> RequestBody,
+    check: impl Fn(&Result<Reply, switchboard_protocol::ErrorBody>),
+) {
     bounded(async {
-        const MARKS: u32 = 32;
+        const REQUESTS: u32 = 32;
         let tb = TestBroker::start().await;
         let (alice, _) = tb.register("alice").await;
         let (_, bob_id) = tb.register("bob").await;
@@ -385,24 +367,20 @@ async fn a_members_read_marks_take_a_few_places_in_a_live_conversations_mailbox(
         });
         sent.reached().await;
         let mut raw = tb.connector().connect_raw(&bob_id).await.unwrap();
-        let frames: Vec<u8> =
-            (1..=MARKS).flat_map(|id| request_frame(id, RequestBody::MarkRead { conv, seq: 2 }).to_vec()).collect();
-        within(STEP_DEADLINE, "pipelined marks", raw.send.write_all(&frames)).await.unwrap();
+        let frames: Vec<u8> = (1..=REQUESTS).flat_map(|id| request_frame(id, request(conv)).to_vec()).collect();
+        within(STEP_DEADLINE, "pipelined requests", raw.send.write_all(&frames)).await.unwrap();
         let depth = || tb.shared().convs.mailbox_depth(conv).unwrap();
-        eventually("the marks reach the mailbox", || depth() >= STORE_JOBS_PER_USER).await;
+        eventually("the requests reach the mailbox", || depth() >= STORE_JOBS_PER_USER).await;
         let mut most = 0;
         for _ in 0..30 {
             most = most.max(depth());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(most, STORE_JOBS_PER_USER, "{MARKS} read marks pipelined by one member");
+        assert_eq!(most, STORE_JOBS_PER_USER, "{REQUESTS} requests pipelined by one member");
         sent.release();
         assert!(within(STEP_DEADLINE, "alice's send", second).await.unwrap().is_ok());
-        for _ in 1..=MARKS {
-            match next_response(&mut raw).await {
-                (_, Ok(Reply::Receipt(r))) => assert_eq!(r.read_up_to, Some(2)),
-                other => panic!("{other:?}"),
-            }
+        for _ in 1..=REQUESTS {
+            check(&next_response(&mut raw).await.1);
         }
     })
     .await

@@ -1520,13 +1520,11 @@ mod tests {
         assert_eq!(carol_as_seen_by(&mut h, BOB), (CAROL, 5, Some(3)));
     }
 
-    /// Many members blocking one: a write's receipts go in one frame to everyone but the
-    /// blocked member, and one frame to it of what it may see (before, a frame per
-    /// blocking writer to nearly every member).
-    #[test]
-    fn receipts_of_many_who_block_one_member_share_a_frame() {
-        const DAVE: UserId = 4;
-        const ERIN: UserId = 5;
+    const DAVE: UserId = 4;
+    const ERIN: UserId = 5;
+
+    /// A group of five (the owner, bob, carol, dave, erin) with one durable message (seq 2).
+    fn five() -> Harness {
         let members = [
             (OWNER, Role::Owner),
             (BOB, Role::Member),
@@ -1537,6 +1535,15 @@ mod tests {
         let mut h = Harness::new(ConversationKind::Group, &members);
         h.send(OWNER, 1, "m");
         h.commit();
+        h
+    }
+
+    /// Many members blocking one: a write's receipts go in one frame to everyone but the
+    /// blocked member, and one frame to it of what it may see (before, a frame per
+    /// blocking writer to nearly every member).
+    #[test]
+    fn receipts_of_many_who_block_one_member_share_a_frame() {
+        let mut h = five();
         for blocker in [CAROL, DAVE, ERIN] {
             h.log.blocks.insert((blocker, BOB));
         }
@@ -1561,18 +1568,7 @@ mod tests {
     /// and their own full marks only on their own devices.
     #[test]
     fn a_member_who_blocks_everyone_makes_one_frame_more_not_one_per_member() {
-        const DAVE: UserId = 4;
-        const ERIN: UserId = 5;
-        let members = [
-            (OWNER, Role::Owner),
-            (BOB, Role::Member),
-            (CAROL, Role::Member),
-            (DAVE, Role::Member),
-            (ERIN, Role::Member),
-        ];
-        let mut h = Harness::new(ConversationKind::Group, &members);
-        h.send(OWNER, 1, "m");
-        h.commit();
+        let mut h = five();
         for other in [OWNER, CAROL, DAVE, ERIN] {
             h.log.blocks.insert((BOB, other));
         }

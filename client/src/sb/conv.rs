@@ -47,30 +47,12 @@ impl ConvArg {
     /// error (`"team" is conversation 12, a group`). Errors: no conversation of the
     /// caller's has that title, or several do (each listed with its number).
     pub async fn resolve(&self, client: &Client) -> anyhow::Result<ConvId> {
-        match self {
-            ConvArg::Id(id) => Ok(*id),
-            ConvArg::Title(_) => self.among(&client.conversations().await?),
-        }
+        self.resolve_by(client, pick).await
     }
 
     /// `resolve` for what writes into the conversation (`pick_to_write`'s rule).
     pub async fn resolve_to_write(&self, client: &Client) -> anyhow::Result<ConvId> {
-        match self {
-            ConvArg::Id(id) => Ok(*id),
-            ConvArg::Title(_) => self.among_to_write(&client.conversations().await?),
-        }
-    }
-
-    /// `resolve_to_write` among `convs`, the caller's conversations.
-    pub fn among_to_write(&self, convs: &[ConversationSummary]) -> anyhow::Result<ConvId> {
-        match self {
-            ConvArg::Id(id) => Ok(*id),
-            ConvArg::Title(title) => {
-                let found = pick_to_write(title, convs)?;
-                say_taken(title, found);
-                Ok(found.id)
-            }
-        }
+        self.resolve_by(client, pick_to_write).await
     }
 
     /// `resolve` for what only a group takes (adding, removing, roles, renaming,
@@ -78,29 +60,38 @@ impl ConvArg {
     /// with a user of that name (where a title is shared, those were refused or went to
     /// the direct one, which refuses them).
     pub async fn resolve_group(&self, client: &Client) -> anyhow::Result<ConvId> {
+        self.resolve_by(client, pick_group).await
+    }
+
+    /// `resolve_to_write` among `convs`, the caller's conversations.
+    pub fn among_to_write(&self, convs: &[ConversationSummary]) -> anyhow::Result<ConvId> {
+        self.among_by(convs, pick_to_write)
+    }
+
+    async fn resolve_by(&self, client: &Client, how: Pick) -> anyhow::Result<ConvId> {
         match self {
             ConvArg::Id(id) => Ok(*id),
-            ConvArg::Title(title) => {
-                let convs = client.conversations().await?;
-                let found = pick_group(title, &convs)?;
-                say_taken(title, found);
-                Ok(found.id)
-            }
+            ConvArg::Title(_) => self.among_by(&client.conversations().await?, how),
         }
     }
 
-    /// `resolve` among `convs`, the caller's conversations.
-    pub fn among(&self, convs: &[ConversationSummary]) -> anyhow::Result<ConvId> {
+    /// The number, or the conversation of `convs` that `how` takes the title for (said
+    /// on standard error).
+    fn among_by(&self, convs: &[ConversationSummary], how: Pick) -> anyhow::Result<ConvId> {
         match self {
             ConvArg::Id(id) => Ok(*id),
             ConvArg::Title(title) => {
-                let found = pick(title, convs)?;
+                let found = how(title, convs)?;
                 say_taken(title, found);
                 Ok(found.id)
             }
         }
     }
 }
+
+/// How a title is looked up among the caller's conversations: `pick` (any),
+/// `pick_to_write`, `pick_group`.
+type Pick = for<'a> fn(&str, &'a [ConversationSummary]) -> anyhow::Result<&'a ConversationSummary>;
 
 impl std::fmt::Display for ConvArg {
     /// As given: the number, or the title.
