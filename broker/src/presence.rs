@@ -537,8 +537,7 @@ impl Presence {
     pub fn record_at_stop(&self) {
         let left = self.state.lock().unwrap_or_else(|p| p.into_inner()).left_lately();
         for (user, last_seen_ms) in left {
-            if let Err(e) = self.store.set_last_seen(user, last_seen_ms) {
-                tracing::warn!(user, error = %e, "storing last seen failed");
+            if !self.store_last_seen(user, last_seen_ms) {
                 break;
             }
         }
@@ -740,8 +739,7 @@ impl Presence {
     fn refresh_last_seen(&self, now_ms: u64) {
         let connected = self.state.lock().unwrap_or_else(|p| p.into_inner()).connected();
         for user in connected {
-            if let Err(e) = self.store.set_last_seen(user, now_ms) {
-                tracing::warn!(user, error = %e, "storing last seen failed");
+            if !self.store_last_seen(user, now_ms) {
                 return;
             }
         }
@@ -758,9 +756,7 @@ impl Presence {
         }
         if !fired.forgotten.is_empty() {
             for &(user, seen) in &fired.forgotten {
-                if let Err(e) = self.store.set_last_seen(user, seen) {
-                    tracing::warn!(user, error = %e, "storing last seen failed");
-                }
+                self.store_last_seen(user, seen);
             }
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
             // A build that began before this and ends after it must not keep a set for a
@@ -781,12 +777,20 @@ impl Presence {
         Some(next.map_or(refresh, |at| at.min(refresh)))
     }
 
+    /// Stores `user`'s last-seen time (the store keeps the later of two; not waited for:
+    /// it rides the next group commit); `false`, said in the log, if that failed.
+    fn store_last_seen(&self, user: UserId, at_ms: u64) -> bool {
+        let stored = self.store.set_last_seen(user, at_ms);
+        if let Err(e) = &stored {
+            tracing::warn!(user, error = %e, "storing last seen failed");
+        }
+        stored.is_ok()
+    }
+
     /// Stores the change's last-seen time and pushes it to the user's online contacts.
     fn push(&self, change: Change) {
         let Change { user, state, last_seen_ms } = change;
-        if let Err(e) = self.store.set_last_seen(user, last_seen_ms) {
-            tracing::warn!(user, error = %e, "storing last seen failed");
-        }
+        self.store_last_seen(user, last_seen_ms);
         let contacts = match self.contacts_of(user) {
             Ok((c, _)) => c,
             Err(e) => {

@@ -1230,9 +1230,6 @@ fn client_id_or_new(given: Option<&str>) -> anyhow::Result<ClientMsgId> {
     }
 }
 
-/// A member of `conv` named by user name, or by user id as `#ID` (or a bare number that
-/// is no member's name). A name that is also another member's id is refused as
-/// ambiguous: names may be all digits, and history shows members by id.
 /// The clap value parser of a user's name: in ASCII lower case, as every user name is
 /// (the broker's rule: `a-z 0-9 _ . -`). Before, `sb send Bob` found the direct
 /// conversation with bob (titles match whatever their case) while `sb presence Bob` said
@@ -1242,6 +1239,9 @@ fn user_name_arg(s: &str) -> Result<String, String> {
     Ok(s.to_ascii_lowercase())
 }
 
+/// A member of `conv` named by user name, or by user id as `#ID` (or a bare number that
+/// is no member's name). A name that is also another member's id is refused as
+/// ambiguous: names may be all digits, and history shows members by id.
 async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<UserId> {
     let members = client.members(conv).await?;
     if let Some(id) = user.strip_prefix('#') {
@@ -1838,12 +1838,9 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                 // live event may have said already.
                 // Away carries the time of the report; only Offline's last seen is news.
                 let said = (p.state, if p.state == PresenceState::Offline { p.last_seen_ms } else { 0 });
-                if presence_said.len() >= PRESENCE_SAID {
-                    presence_said.clear();
-                }
                 // In JSON too: a script waiting for "online" was told again of every
                 // contact at each reconnect (a review).
-                if presence_said.insert(p.user, said) != Some(said) {
+                if says_news(&mut presence_said, p.user, said, PRESENCE_SAID) {
                     out.presence(&p, now_ms());
                 }
             }
@@ -2068,15 +2065,12 @@ struct TailLookups<'a> {
 /// How long `sb tail` asks no name after a lookup timed out.
 const LOOKUP_PAUSE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How long `sb tail` waits for a name's lookup before it prints the line without it.
-const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
 impl TailLookups<'_> {
     async fn within<T>(&self, lookup: impl std::future::Future<Output = Option<T>>) -> Option<T> {
         if !self.answering() {
             return None;
         }
-        let answer = tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await;
+        let answer = tokio::time::timeout(files::LOOKUP_TIMEOUT, lookup).await;
         if answer.is_err() {
             self.paused_until.set(Some(std::time::Instant::now() + LOOKUP_PAUSE));
         }
@@ -2175,6 +2169,21 @@ impl ReceiptLine {
     }
 }
 
+/// Whether `says` differs from what `said` holds for `key` (and keeps it): the line is
+/// news. At most `max` keys are kept; past that `said` starts over (and repeats once).
+fn says_news<K: std::hash::Hash + Eq, V: PartialEq>(said: &mut HashMap<K, V>, key: K, says: V, max: usize) -> bool {
+    if said.len() >= max && !said.contains_key(&key) {
+        said.clear();
+    }
+    match said.get(&key) {
+        Some(before) if *before == says => false,
+        _ => {
+            said.insert(key, says);
+            true
+        }
+    }
+}
+
 /// Contacts whose last printed presence `sb tail` keeps (a snapshot answers at most
 /// `PRESENCE_SNAPSHOT_MAX`).
 const PRESENCE_SAID: usize = 4096;
@@ -2190,11 +2199,7 @@ impl ReceiptLines {
     /// `--json`: whether `r` says something else than the receipt printed last for its
     /// member (and remembers it).
     fn news(&mut self, r: &Receipt) -> bool {
-        if self.said.len() >= RECEIPTS_SHOWN_MAX && !self.said.contains_key(&(r.conv, r.user)) {
-            self.said.clear();
-        }
-        let says = (r.delivered_up_to, r.read_up_to);
-        self.said.insert((r.conv, r.user), says) != Some(says)
+        says_news(&mut self.said, (r.conv, r.user), (r.delivered_up_to, r.read_up_to), RECEIPTS_SHOWN_MAX)
     }
 
     /// Adds `r` (from user `name`); returns the line it ends, if it starts another.

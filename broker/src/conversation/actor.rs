@@ -303,10 +303,6 @@ pub(super) fn tick_period(config: &crate::Config) -> Duration {
     Duration::from_millis((config.conversation_idle_ms / 4).clamp(10, 15_000))
 }
 
-/// The answer `conv`'s actor would give `read` by `caller` (a member as `role`, as the
-/// caller checked), from the store alone: what an actor's start loads (of the members,
-/// only the caller, unless the read lists them), and nothing kept. For a conversation
-/// at rest (`ConvDirectory::read_at_rest`), whose stored state is all durable.
 /// Whether a `MarkRead` of `seq` by `user` would raise any of its watermarks stored for
 /// `conv` (`state::read_raises`), for a conversation at rest: three point reads.
 pub(super) fn read_raises_at_rest(store: &Store, conv: ConvId, user: u64, seq: Seq) -> Result<bool, ErrorBody> {
@@ -314,6 +310,10 @@ pub(super) fn read_raises_at_rest(store: &Store, conv: ConvId, user: u64, seq: S
     super::state::read_raises(&StoreLog(store), conv, user, seq, last_seq).map_err(internal)
 }
 
+/// The answer `conv`'s actor would give `read` by `caller` (a member as `role`, as the
+/// caller checked), from the store alone: what an actor's start loads (of the members,
+/// only the caller, unless the read lists them), and nothing kept. For a conversation
+/// at rest (`ConvDirectory::read_at_rest`), whose stored state is all durable.
 pub(super) fn answer_at_rest(
     shared: &Shared,
     conv: ConvId,

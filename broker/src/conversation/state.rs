@@ -831,6 +831,9 @@ impl<R> ConversationState<R> {
         let mut effects = Vec::new();
         let everyone = self.audience_of_durable();
         let shared: Vec<UserId> = everyone.iter().copied().filter(|u| !hidden_any.contains(u)).collect();
+        // Members whose delivery alone others see: their own devices get the whole from
+        // `private_own`, never a frame with their read mark hidden.
+        let private: BTreeSet<UserId> = delivered_only.iter().map(|r| r.user).collect();
         if !shown.is_empty() && !shared.is_empty() {
             effects.push(Effect::Notify {
                 event: receipt_event(shown.clone()),
@@ -838,9 +841,7 @@ impl<R> ConversationState<R> {
             });
         }
         if !delivered_only.is_empty() {
-            // Each private member's own devices must never see its read mark hidden.
-            let hiding: BTreeSet<UserId> = delivered_only.iter().map(|r| r.user).collect();
-            let others: Arc<[UserId]> = shared.iter().copied().filter(|u| !hiding.contains(u)).collect();
+            let others: Arc<[UserId]> = shared.iter().copied().filter(|u| !private.contains(u)).collect();
             if !others.is_empty() {
                 effects.push(Effect::Notify { event: receipt_event(delivered_only.clone()), audience: others });
             }
@@ -853,7 +854,6 @@ impl<R> ConversationState<R> {
         // Before, one frame per blocking writer went to nearly every member (many
         // blocking one troll), and then one per blocked member (one blocking everyone):
         // now as many frames as there are different sets of hiding writers.
-        let private: BTreeSet<UserId> = delivered_only.iter().map(|r| r.user).collect();
         let mut alike: BTreeMap<(Vec<UserId>, Option<UserId>), Vec<UserId>> = BTreeMap::new();
         for viewer in &hidden_any {
             let hiders: Vec<UserId> = hides.iter().filter(|(_, h)| h.contains(viewer)).map(|(b, _)| *b).collect();

@@ -1356,7 +1356,7 @@ const FILES_KNOWN: usize = 4096;
 const LOOKUPS_AT_ONCE: usize = 4;
 /// How long a `FileBook` waits for one `FileInfo` answer (`sb tail` prints nothing
 /// meanwhile).
-const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl FileBook {
     /// Asks `FileInfo` about each of `files` not asked yet, and fills in its name and
@@ -1374,18 +1374,17 @@ impl FileBook {
         // Nobody there to ask (`sb tail` between connections): asked again later.
         let nobody = !source.answering();
         for (file, answer) in answers {
+            if nobody && !matches!(answer, Ok(Some(_))) {
+                continue;
+            }
             let known = self.entry(file);
+            // Asked once, answered or not (`sb tail` does not stall on it again).
+            known.asked = true;
             let (name, state) = match answer {
                 Ok(Some(Ok(info))) => (Some(info.file.name), info.state),
                 Ok(Some(Err(ErrorCode::NOT_FOUND))) => (None, FileState::Failed { code: ErrorCode::NOT_FOUND }),
-                Ok(None) | Err(_) if nobody => continue,
-                _ => {
-                    // Asked once, answered or not (`sb tail` does not stall on it again).
-                    known.asked = true;
-                    continue;
-                }
+                _ => continue,
             };
-            known.asked = true;
             known.name = known.name.take().or(name);
             known.state = known.state.take().or(Some(state));
         }
