@@ -354,6 +354,12 @@ pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 4096;
 /// about a million reads per build without reaching `PRESENCE_CONTACTS_MAX`. 16,384
 /// reads take a few ms; members past it are not looked at.
 pub const PRESENCE_MEMBERS_SCANNED: usize = 16_384;
+/// Most steps (ids looked at) one membership change spends updating the kept contact
+/// sets of its conversation's members in place (`Presence::entry_delivered`, on the
+/// conversation's actor); sets past it are dropped and read again at their next use.
+/// About a millisecond: a creation of a 1,000-member group whose members all have a set
+/// kept looks at up to 5,000 ids per set (its members and the set's own).
+pub const PRESENCE_UPDATE_STEPS: usize = 1 << 20;
 /// Conversations one user may be shown typing in at once; a start beyond it is dropped.
 pub const TYPING_PER_USER_MAX: usize = 16;
 /// Typing indicators alive at once in the whole broker (~100 bytes each, and 16 per

@@ -8,8 +8,9 @@
 //! is pushed when its window ends (a trailing push), unless the user is back where the
 //! last push left it. `Presence` drives it: one timer task performs the pushes, keeps a
 //! contact set per user with a presence entry (built once from the store's indexes,
-//! dropped when a membership entry of one of the user's conversations is delivered or
-//! the user goes offline), and stores each pushed change's last-seen time, and once a
+//! updated in place when a membership entry of one of the user's conversations is
+//! delivered, read again when the user itself joins or leaves one or a block between it
+//! and anyone changes, dropped when the user goes offline), and stores each pushed change's last-seen time, and once a
 //! minute that of every user with a device connected (`LAST_SEEN_REFRESH_MS`).
 //!
 //! What this module never does: read a conversation actor's state, write anything but
@@ -17,15 +18,15 @@
 //! two coalescing windows, or until its push allowance has refilled: at most
 //! `PRESENCE_PUSH_BURST` allowance intervals, 16 s by default).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use switchboard_protocol::limits::PRESENCE_MAX;
 use switchboard_protocol::{
-    Body, Entry, ErrorBody, ErrorCode, Event, PresenceInfo, PresenceState as Status, Reply, ServerFrame, UserId,
-    encode_frame,
+    Body, ConvId, Entry, ErrorBody, ErrorCode, Event, PresenceInfo, PresenceState as Status, Reply, ServerFrame,
+    UserId, encode_frame,
 };
 use switchboard_storage::Store;
 use tokio::sync::Notify;
@@ -34,7 +35,7 @@ use crate::fanout::Online;
 use crate::limits::{
     LAST_SEEN_REFRESH_MS, PRESENCE_AT_STOP_MAX, PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX,
     PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PUSH_BURST, PRESENCE_PUSH_WINDOWS,
-    PRESENCE_RESTART_GRACE_MS, PRESENCE_RESTART_MAX_DOWN_MS, PRESENCE_RESTART_SPREAD_MS,
+    PRESENCE_RESTART_GRACE_MS, PRESENCE_RESTART_MAX_DOWN_MS, PRESENCE_RESTART_SPREAD_MS, PRESENCE_UPDATE_STEPS,
 };
 use crate::reply::internal;
 
@@ -389,13 +390,56 @@ fn refilled_at(entry: &mut UserPresence, now_ms: u64, interval: u64, burst_span:
     entry.allowance_tat
 }
 
-/// The users who share a conversation with one user, ascending, without the user.
-#[derive(Debug, Default)]
+/// The users who share a conversation with one user, ascending, without the user, and
+/// what a membership change needs to update them in place (`Membership`).
+#[derive(Clone, Debug, Default)]
 pub struct Contacts {
     users: Vec<UserId>,
+    /// Per user (same order): the member count of the smallest conversation it was found
+    /// in, as read. A full set (`PRESENCE_CONTACTS_MAX`) makes room for the members of a
+    /// smaller conversation by letting go of those ranked after it, as a read would
+    /// (smallest conversations first: `read_contacts`).
+    ranks: Vec<u32>,
+    /// The user's conversations, ascending: those listed when the set was read (at most
+    /// `PRESENCE_CONVERSATIONS_SCANNED`) and those created with the user since. A member
+    /// leaving one of them stays a contact if it is in another.
+    convs: Vec<ConvId>,
+    /// Whom the user blocks (at most `MAX_BLOCKED`), ascending: never added as a contact.
+    blocks: Vec<UserId>,
 }
 
 impl Contacts {
+    /// A set of `users` alone (an answer's, not kept).
+    fn of(users: Vec<UserId>) -> Contacts {
+        Contacts { ranks: vec![0; users.len()], users, ..Contacts::default() }
+    }
+
+    /// Adds `new` (not among them) ranked `rank`, within `PRESENCE_CONTACTS_MAX`: past
+    /// it, those ranked after `rank` make room (the largest first), and what still does
+    /// not fit of `new` is left out.
+    fn add(&mut self, new: Vec<UserId>, rank: u32) {
+        if new.is_empty() {
+            return;
+        }
+        // By rank, those already in before the new ones of the same rank (a read keeps
+        // what it found first).
+        let mut all: Vec<(u32, bool, UserId)> =
+            self.ranks.iter().zip(&self.users).map(|(&r, &u)| (r, false, u)).collect();
+        all.extend(new.into_iter().map(|u| (rank, true, u)));
+        if all.len() > PRESENCE_CONTACTS_MAX {
+            all.sort_unstable();
+            all.truncate(PRESENCE_CONTACTS_MAX);
+        }
+        let mut kept: Vec<(UserId, u32)> = all.into_iter().map(|(r, _, u)| (u, r)).collect();
+        kept.sort_unstable();
+        (self.users, self.ranks) = kept.into_iter().unzip();
+    }
+
+    /// Ids held, what the cache's bound counts.
+    fn ids(&self) -> usize {
+        self.users.len() + self.convs.len() + self.blocks.len()
+    }
+
     /// Whether `user` is among them.
     pub fn contains(&self, user: UserId) -> bool {
         self.users.binary_search(&user).is_ok()
@@ -460,7 +504,7 @@ impl ContactCache {
     /// Takes `user`'s set out, its ids out of `held`.
     fn remove(&mut self, user: UserId) {
         if let Some(set) = self.sets.remove(&user) {
-            self.held -= set.users.len();
+            self.held -= set.ids();
         }
     }
 
@@ -484,16 +528,155 @@ impl ContactCache {
     /// first the map yields (no order of arrival, so whoever filled the cache first does
     /// not keep it: the others' sets would be rebuilt on every use).
     fn keep(&mut self, user: UserId, set: &Arc<Contacts>) {
-        if set.users.len() > self.max_held {
+        if set.ids() > self.max_held {
             return;
         }
         self.remove(user);
-        while self.held + set.users.len() > self.max_held {
+        while self.held + set.ids() > self.max_held {
             let Some(&evicted) = self.sets.keys().next() else { break };
             self.remove(evicted);
         }
-        self.held += set.users.len();
+        self.held += set.ids();
         self.sets.insert(user, set.clone());
+    }
+
+    /// Applies `change` to `user`'s kept set in place (with `read`, its store reads),
+    /// within `budget` (steps left, spent here). A set the budget does not reach, or grown
+    /// past the cache's bound, is dropped, to be read again at its next use.
+    fn update(&mut self, user: UserId, change: &Membership, read: &MembershipReads, budget: &mut usize) {
+        let Some(set) = self.sets.get_mut(&user) else { return };
+        let before = set.ids();
+        let applied = change.apply(user, Arc::make_mut(set), read, budget);
+        let after = set.ids();
+        self.held = self.held + after - before;
+        if !applied || self.held > self.max_held {
+            self.remove(user);
+        }
+    }
+}
+
+/// A membership change as the kept contact sets see it.
+#[derive(Debug)]
+enum Membership {
+    /// `added` joined `conv`, of `members` members now: each other member's set gains
+    /// them (but those it blocks or who block it), ranked `members`; `created`: every
+    /// member joined, so each one's set gains the others and `conv`, and nobody's is read
+    /// again.
+    Joined { conv: ConvId, added: Vec<UserId>, created: bool, members: u32 },
+    /// `user` left or was removed: it stops being a contact of each member that shares
+    /// no other conversation with it (of the member's listed ones, `Contacts::convs`,
+    /// and the first `PRESENCE_CONVERSATIONS_SCANNED` of its own).
+    Left { user: UserId },
+}
+
+/// What applying a `Membership` needs from the store, read once for every set.
+#[derive(Debug)]
+enum MembershipReads {
+    /// Whom each user that joined blocks (only those who block someone), ascending.
+    Blocks(HashMap<UserId, Vec<UserId>>),
+    /// The conversations of the user that left, ascending.
+    Convs(Vec<ConvId>),
+}
+
+impl Membership {
+    /// The membership change `entry` makes, if any; `audience`, the members before and
+    /// after it.
+    fn of(entry: &Entry, audience: &[UserId]) -> Option<Membership> {
+        let ids = |members: &[(UserId, switchboard_protocol::Role)]| members.iter().map(|&(u, _)| u).collect();
+        let (conv, size) = (entry.conv, u32::try_from(audience.len()).unwrap_or(u32::MAX));
+        Some(match &entry.body {
+            Body::Created { members, .. } => {
+                Membership::Joined { conv, added: ids(members), created: true, members: size }
+            }
+            Body::MembersAdded { members } => {
+                Membership::Joined { conv, added: ids(members), created: false, members: size }
+            }
+            Body::MemberRemoved { user } => Membership::Left { user: *user },
+            Body::MemberLeft => Membership::Left { user: entry.sender },
+            _ => return None,
+        })
+    }
+
+    /// Whether `user`'s own set is read again rather than updated: it was added to a
+    /// conversation that exists (its set gains every member, whose blocks of it are not
+    /// read here) or it left one.
+    fn rebuilds(&self, user: UserId) -> bool {
+        match self {
+            Membership::Joined { added, created, .. } => !created && added.contains(&user),
+            Membership::Left { user: left } => *left == user,
+        }
+    }
+
+    /// The store reads every set's update needs: the block lists of the users that
+    /// joined (one prefix scan each, at most `MAX_BLOCKED` keys), or the first
+    /// `PRESENCE_CONVERSATIONS_SCANNED` conversations of the user that left.
+    fn read(&self, store: &Store) -> switchboard_storage::Result<MembershipReads> {
+        match self {
+            Membership::Joined { added, .. } => {
+                let mut blocks = HashMap::new();
+                for &user in added {
+                    let mut blocked = store.blocked_users(user, switchboard_protocol::limits::MAX_BLOCKED as usize)?;
+                    if !blocked.is_empty() {
+                        blocked.sort_unstable();
+                        blocks.insert(user, blocked);
+                    }
+                }
+                Ok(MembershipReads::Blocks(blocks))
+            }
+            Membership::Left { user } => {
+                let mut convs = store.user_conversations(*user, None, PRESENCE_CONVERSATIONS_SCANNED)?;
+                convs.sort_unstable();
+                Ok(MembershipReads::Convs(convs))
+            }
+        }
+    }
+
+    /// Applies the change to `user`'s set, spending steps (ids looked at) from `budget`;
+    /// `false` if the budget ran out first (the set is then part-updated: drop it).
+    fn apply(&self, user: UserId, set: &mut Contacts, read: &MembershipReads, budget: &mut usize) -> bool {
+        match (self, read) {
+            (Membership::Joined { conv, added, created, members }, MembershipReads::Blocks(blocks)) => {
+                let cost = added.len() + set.users.len() + set.blocks.len();
+                if cost > *budget {
+                    return false;
+                }
+                *budget -= cost;
+                let blocked_by = |other: UserId| blocks.get(&other).is_some_and(|b| b.binary_search(&user).is_ok());
+                let mut new: Vec<UserId> = added
+                    .iter()
+                    .copied()
+                    .filter(|&other| {
+                        other != user
+                            && set.users.binary_search(&other).is_err()
+                            && set.blocks.binary_search(&other).is_err()
+                            && !blocked_by(other)
+                    })
+                    .collect();
+                new.sort_unstable();
+                new.dedup();
+                set.add(new, *members);
+                if *created
+                    && set.convs.len() < PRESENCE_CONVERSATIONS_SCANNED
+                    && let Err(at) = set.convs.binary_search(conv)
+                {
+                    set.convs.insert(at, *conv);
+                }
+                true
+            }
+            (Membership::Left { user: left }, MembershipReads::Convs(theirs)) => {
+                let Ok(at) = set.users.binary_search(left) else { return true };
+                if set.convs.len() > *budget {
+                    return false;
+                }
+                *budget -= set.convs.len();
+                if !set.convs.iter().any(|c| theirs.binary_search(c).is_ok()) {
+                    set.users.remove(at);
+                    set.ranks.remove(at);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -631,15 +814,47 @@ impl Presence {
     }
 
     /// A conversation entry was delivered to `audience` (its members before and after
-    /// it): a membership change makes their cached contact sets stale.
+    /// it): a membership change updates their kept contact sets in place (`Membership`),
+    /// and drops those of the users it added or removed (read again at their next use).
+    /// Before, it dropped every member's: one add or removal in a 1,000-member group had
+    /// a thousand sets read again, up to `PRESENCE_MEMBERS_SCANNED` keys each, charged
+    /// to nobody (an attacker review). Now it reads the block lists of the users added (a
+    /// creation: of every member) or the conversation list of the one removed, once, and
+    /// spends at most `PRESENCE_UPDATE_STEPS` steps in memory; past them, the remaining
+    /// sets are dropped as before. Runs on the conversation's actor, after the entry is
+    /// durable.
     pub fn entry_delivered(&self, entry: &Entry, audience: &[UserId]) {
-        if matches!(
-            entry.body,
-            Body::Created { .. } | Body::MembersAdded { .. } | Body::MemberRemoved { .. } | Body::MemberLeft
-        ) {
+        let Some(change) = Membership::of(entry, audience) else { return };
+        // Sets a build is reading now may have been read before the change: not kept.
+        // The sets to update are marked as being built, so that a drop meanwhile (a block
+        // acknowledged while the reads below run) is seen and the update not applied.
+        let updating: Vec<UserId> = {
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-            for user in audience {
-                cache.drop_set(*user);
+            let mut updating = Vec::new();
+            for &user in audience {
+                if change.rebuilds(user) || cache.building.contains_key(&user) {
+                    cache.drop_set(user);
+                } else if cache.sets.contains_key(&user) {
+                    cache.begin(user);
+                    updating.push(user);
+                }
+            }
+            updating
+        };
+        if updating.is_empty() {
+            return;
+        }
+        let read = change.read(&self.store);
+        if let Err(e) = &read {
+            tracing::warn!(conv = entry.conv, error = %e, "reading a membership change's users failed; contact sets dropped");
+        }
+        let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut budget = PRESENCE_UPDATE_STEPS;
+        for user in updating {
+            let fresh = cache.end(user);
+            match &read {
+                Ok(read) if fresh => cache.update(user, &change, read, &mut budget),
+                _ => cache.drop_set(user),
             }
         }
     }
@@ -690,7 +905,7 @@ impl Presence {
             if Arc::ptr_eq(&contacts, &now) {
                 return this.answer(&now, users).map(|reply| (reply, rebuilt));
             }
-            let both = Contacts { users: contacts.users().iter().copied().filter(|&u| now.contains(u)).collect() };
+            let both = Contacts::of(contacts.users().iter().copied().filter(|&u| now.contains(u)).collect());
             this.answer(&both, users).map(|reply| (reply, rebuilt))
         })
         .await
@@ -859,32 +1074,35 @@ impl Presence {
 /// per conversation listed (its member count). With the set, the keys read (conversations
 /// listed, member keys, block keys).
 fn read_contacts(store: &Store, user: UserId) -> switchboard_storage::Result<(Contacts, usize)> {
-    let mut found = BTreeSet::new();
+    let mut found = BTreeMap::new();
     let mut scanned = 0usize;
     // Neither sees the other while one blocks the other: the user's own blocks read
     // once, and each contact's of the user one key each.
-    let mut excluded: HashSet<UserId> =
-        store.blocked_users(user, switchboard_protocol::limits::MAX_BLOCKED as usize)?.into_iter().collect();
-    let mut convs = Vec::new();
-    for conv in store.user_conversations(user, None, PRESENCE_CONVERSATIONS_SCANNED)? {
+    let mut blocks = store.blocked_users(user, switchboard_protocol::limits::MAX_BLOCKED as usize)?;
+    blocks.sort_unstable();
+    let mut excluded: HashSet<UserId> = blocks.iter().copied().collect();
+    let mut listed = store.user_conversations(user, None, PRESENCE_CONVERSATIONS_SCANNED)?;
+    listed.sort_unstable();
+    let mut convs = Vec::with_capacity(listed.len());
+    for &conv in &listed {
         convs.push((store.member_count(conv)?, conv));
     }
     convs.sort_unstable();
     let convs_listed = convs.len();
-    'convs: for (_, conv) in convs {
+    'convs: for (count, conv) in convs {
         for (member, _) in store.members(conv)? {
             scanned += 1;
             if scanned > PRESENCE_MEMBERS_SCANNED {
                 break 'convs;
             }
-            if member == user || found.contains(&member) || excluded.contains(&member) {
+            if member == user || found.contains_key(&member) || excluded.contains(&member) {
                 continue;
             }
             if store.blocks(member, user)? {
                 excluded.insert(member);
                 continue;
             }
-            found.insert(member);
+            found.insert(member, u32::try_from(count).unwrap_or(u32::MAX));
             if found.len() >= PRESENCE_CONTACTS_MAX {
                 break 'convs;
             }
@@ -892,7 +1110,12 @@ fn read_contacts(store: &Store, user: UserId) -> switchboard_storage::Result<(Co
     }
     let blocks_read = found.len() + excluded.len();
     Ok((
-        Contacts { users: found.into_iter().collect() },
+        Contacts {
+            users: found.keys().copied().collect(),
+            ranks: found.into_values().collect(),
+            convs: listed,
+            blocks,
+        },
         convs_listed + scanned.min(PRESENCE_MEMBERS_SCANNED) + blocks_read,
     ))
 }
@@ -1154,7 +1377,7 @@ mod tests {
     }
 
     fn set(users: &[UserId]) -> Arc<Contacts> {
-        Arc::new(Contacts { users: users.to_vec() })
+        Arc::new(Contacts::of(users.to_vec()))
     }
 
     /// A set built while the user's own set was dropped is used once, not kept; a drop of
@@ -1340,9 +1563,10 @@ mod tests {
 
     /// A query says how many keys rebuilding the caller's contact set read, which its
     /// allowance of member rows pays (control.rs): nothing while the set is cached,
-    /// everything again after a membership change dropped it. Before, a query naming
-    /// users was never charged, and a user dropping its own set with each add or removal
-    /// in a group of its own had the broker read it again for free each time.
+    /// everything again after a membership change of the caller's dropped it. Before, a
+    /// query naming users was never charged, and a user dropping its own set with each
+    /// add or removal in a group of its own had the broker read it again for free each
+    /// time.
     #[tokio::test]
     async fn a_query_tells_what_rebuilding_the_callers_contacts_read() {
         use switchboard_protocol::{Body, ConversationKind, Entry, Role};
@@ -1369,11 +1593,110 @@ mod tests {
         let first_read = rebuilt(presence.query(1, vec![2], &pauses).await);
         assert!(first_read >= 500, "one conversation, 500 member keys, the blocks: {first_read}");
         assert_eq!(rebuilt(presence.query(1, vec![2], &pauses).await), 0, "cached");
-        let removal = Entry { body: Body::MemberRemoved { user: 500 }, ..first(1) };
+        // The caller's own removal from a conversation drops its set (another member's
+        // removal updates it in place: `a_membership_change_updates_...`).
+        let removal = Entry { body: Body::MemberRemoved { user: 1 }, ..first(1) };
         presence.entry_delivered(&removal, &[1]);
         // At least once more (the query reads the set again after its barrier, and the
         // timer task's push of user 1's arrival may build it beside it).
         let again = rebuilt(presence.query(1, vec![2], &pauses).await);
         assert!(again >= first_read, "dropped, read again: {again} against {first_read}");
+    }
+
+    /// A membership change updates the kept contact sets of the conversation's members in
+    /// place, reading none of them again: those added become contacts (but of whom they
+    /// block or who blocks them), one removed stops being a contact of those it shares
+    /// nothing else with, and only its own set is read again. Before, each change dropped
+    /// every member's set, and each was read again (here 50 sets, of 50 to 52 member keys
+    /// each; in a 1,000-member group up to `PRESENCE_MEMBERS_SCANNED` keys each).
+    #[tokio::test]
+    async fn a_membership_change_updates_the_members_contacts_without_reading_them_again() {
+        use switchboard_protocol::{ConversationKind, Role};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::test_store(dir.path()));
+        let members: Vec<(UserId, Role)> =
+            std::iter::once((1, Role::Owner)).chain((2..=50).map(|u| (u, Role::Member))).collect();
+        let conv = crate::test_conversation(&store, ConversationKind::Group, &members, None);
+        // 60 shares a direct conversation with 2; 61 blocks 3; 4 blocks 60.
+        crate::test_conversation(
+            &store,
+            ConversationKind::Direct,
+            &[(2, Role::Member), (60, Role::Member)],
+            Some((2, 60)),
+        );
+        store.set_block(61, 3, true, 8).unwrap();
+        store.set_block(4, 60, true, 8).unwrap();
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        for user in (1..=50).chain([60]) {
+            presence.attach(user, user * 10);
+            assert!(presence.contacts_of(user).unwrap().1 > 0, "built");
+        }
+        let written = |seq, sender, body| {
+            let entry = Entry { conv, seq, sender, sender_device: 1, client_id: [seq as u8; 16], at_ms: 0, body };
+            store.append_then(&entry, |_| ()).unwrap();
+            entry
+        };
+        let mut audience: Vec<UserId> = (1..=50).chain([60, 61]).collect();
+        let added = written(2, 1, Body::MembersAdded { members: vec![(60, Role::Member), (61, Role::Member)] });
+        presence.entry_delivered(&added, &audience);
+        for user in 1..=50 {
+            let (set, read) = presence.contacts_of(user).unwrap();
+            assert_eq!(read, 0, "user {user}'s set updated in place, not read again");
+            assert_eq!(set.contains(60), user != 4, "user {user} and 60 (4 blocks 60)");
+            assert_eq!(set.contains(61), user != 3, "user {user} and 61 (61 blocks 3)");
+            assert_eq!(set.users().len(), 50 + usize::from(user != 3 && user != 4), "user {user}");
+        }
+        let (set, read) = presence.contacts_of(60).unwrap();
+        assert!(read > 0 && set.contains(1) && set.contains(61) && !set.contains(4), "the added user's read again");
+
+        let removed = written(3, 1, Body::MemberRemoved { user: 60 });
+        presence.entry_delivered(&removed, &audience);
+        audience.retain(|&u| u != 60);
+        for user in 1..=50 {
+            let (set, read) = presence.contacts_of(user).unwrap();
+            assert_eq!(read, 0, "user {user}'s set updated in place, not read again");
+            assert_eq!(set.contains(60), user == 2, "user {user}: 2 shares a direct conversation with 60");
+        }
+        let (set, read) = presence.contacts_of(60).unwrap();
+        assert!(read > 0 && set.users() == [2], "the removed user's read again: {:?}", set.users());
+        let left = written(4, 61, Body::MemberLeft);
+        presence.entry_delivered(&left, &audience);
+        assert!((1..=50).all(|u| !presence.contacts_of(u).unwrap().0.contains(61)), "61 left");
+        let cache = presence.contacts.lock().unwrap();
+        assert_eq!(cache.held, cache.sets.values().map(|s| s.ids()).sum::<usize>());
+    }
+
+    /// A full set (`PRESENCE_CONTACTS_MAX`) gains the members of a conversation smaller
+    /// than those some of its contacts came from by letting the largest go, as a read
+    /// (smallest conversations first) would; members of one no smaller are left out.
+    #[test]
+    fn a_full_contact_set_makes_room_for_a_smaller_conversations_members() {
+        let mut set = Contacts::default();
+        set.add((1..=PRESENCE_CONTACTS_MAX as UserId).collect(), 1000);
+        set.add(vec![1_000_000, 1_000_001], 1000);
+        assert!(!set.contains(1_000_000), "no smaller: left out");
+        set.add(vec![2_000_000, 2_000_001], 3);
+        assert_eq!(set.users().len(), PRESENCE_CONTACTS_MAX);
+        assert!(set.contains(2_000_000) && set.contains(2_000_001), "a small group's members made room");
+        assert_eq!(set.users().windows(2).filter(|w| w[0] >= w[1]).count(), 0, "ascending");
+        assert_eq!(set.ranks.iter().filter(|&&r| r == 3).count(), 2);
+    }
+
+    /// An update the budget does not reach drops the set (read again at its next use),
+    /// and the cache's count of ids follows every update.
+    #[test]
+    fn an_update_past_its_budget_drops_the_set() {
+        let mut cache = ContactCache::default();
+        cache.keep(1, &set(&[2, 3]));
+        cache.keep(4, &set(&[2]));
+        let change = Membership::Joined { conv: 9, added: vec![5, 6], created: false, members: 4 };
+        let read = MembershipReads::Blocks(HashMap::new());
+        let mut budget = 4;
+        cache.update(1, &change, &read, &mut budget);
+        assert_eq!(cache.sets[&1].users(), [2, 3, 5, 6]);
+        assert_eq!(budget, 0);
+        cache.update(4, &change, &read, &mut budget);
+        assert!(!cache.sets.contains_key(&4), "past the budget: dropped");
+        assert_eq!(cache.held, 4);
     }
 }

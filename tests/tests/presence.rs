@@ -931,3 +931,56 @@ async fn a_presence_query_naming_users_draws_on_the_member_rows_allowance() {
     })
     .await
 }
+
+/// Presence follows a group's membership both ways while its members stay online (their
+/// contact sets are updated in place as the membership entries are delivered, not read
+/// again): a member added is shown to the others and its changes reach them, but not
+/// those it blocks; one removed is shown to nobody it shares nothing else with, while a
+/// member it shares a direct conversation with still sees it.
+#[tokio::test]
+async fn presence_follows_a_groups_membership_while_its_members_stay_online() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.presence_coalesce_ms = 20).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (carol, _) = tb.register("carol").await;
+        let (dave, dave_id) = tb.register("dave").await;
+        let (erin, erin_id) = tb.register("erin").await;
+        let mut bob_events = bob.events().unwrap();
+        let mut carol_events = carol.events().unwrap();
+        let mut dave_events = dave.events().unwrap();
+        erin.block("bob", true).await.unwrap();
+        direct(&carol, "dave", &mut dave_events).await;
+        let conv = alice.create_group("g", &["bob".into(), "carol".into()]).await.unwrap().id;
+        assert_eq!(next_entry(&mut bob_events).await.conv, conv);
+        // Each member's contact set is kept from here on.
+        assert!(bob.presence(&[dave_id.user_id, erin_id.user_id]).await.unwrap().is_empty(), "no contacts yet");
+        assert_eq!(carol.presence(&[]).await.unwrap().len(), 3, "alice, bob, dave");
+
+        alice.add_members(conv, &["dave".into(), "erin".into()], Role::Member).await.unwrap();
+        assert!(matches!(next_entry(&mut bob_events).await.body, Body::MembersAdded { .. }));
+        let shown: Vec<UserId> = bob.presence(&[]).await.unwrap().iter().map(|p| p.user).collect();
+        assert!(shown.contains(&dave_id.user_id), "the added member is shown: {shown:?}");
+        assert!(!shown.contains(&erin_id.user_id), "erin blocks bob: {shown:?}");
+        dave.set_away(true).await.unwrap();
+        presence_becomes(&mut bob_events, dave_id.user_id, PresenceState::Away).await;
+        erin.set_away(true).await.unwrap();
+        let erins = |events: Vec<Event>| {
+            events.into_iter().filter(|e| matches!(e, Event::Presence(p) if p.user == erin_id.user_id)).count()
+        };
+        assert_eq!(erins(events_within(&mut bob_events, 300).await), 0, "erin's presence reached bob");
+
+        alice.remove_member(conv, dave_id.user_id).await.unwrap();
+        assert!(matches!(next_entry(&mut bob_events).await.body, Body::MemberRemoved { .. }));
+        assert!(bob.presence(&[dave_id.user_id]).await.unwrap().is_empty(), "removed: not shown");
+        dave.set_away(false).await.unwrap();
+        presence_becomes(&mut carol_events, dave_id.user_id, PresenceState::Online).await;
+        let daves = events_within(&mut bob_events, 300).await;
+        assert!(
+            !daves.iter().any(|e| matches!(e, Event::Presence(p) if p.user == dave_id.user_id)),
+            "dave's presence reached bob after his removal: {daves:?}"
+        );
+        assert_eq!(carol.presence(&[dave_id.user_id]).await.unwrap().len(), 1, "still a direct contact");
+    })
+    .await
+}
