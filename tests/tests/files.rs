@@ -935,6 +935,47 @@ async fn a_block_hides_upload_progress_from_file_info_in_a_direct_conversation()
     .await
 }
 
+/// In a group, the uploads of a member who blocks another tell the blocked one nothing,
+/// as its receipts do not: no file event (progress or completion) and no progress in
+/// `FileInfo`, while the group's other members see both. Before, the blocker's upload
+/// progress reached the member it blocks, telling when the blocker was online.
+#[tokio::test]
+async fn a_blockers_uploads_in_a_group_tell_the_blocked_member_nothing() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (vic, _) = tb.register("vic").await;
+        let (sam, _) = tb.register("sam").await;
+        let (walt, _) = tb.register("walt").await;
+        let group = vic.create_group("g", &["sam".into(), "walt".into()]).await.unwrap().id;
+        vic.block("sam", true).await.unwrap();
+        let (mut sam_events, mut walt_events) = (sam.events().unwrap(), walt.events().unwrap());
+        let data = bytes(2 * 1024 * 1024, 7);
+        let file = attached_while_uploading(&vic, group, &data).await;
+        let offset_seen = |reply: Reply| match reply {
+            Reply::File(info) => match info.state {
+                FileState::Uploading { offset } => offset,
+                other => panic!("expected Uploading, got {other:?}"),
+            },
+            other => panic!("expected File, got {other:?}"),
+        };
+        assert_eq!(offset_seen(file_info(&walt, file).await.unwrap()), 256 * 1024, "the others see it");
+        assert_eq!(offset_seen(file_info(&sam, file).await.unwrap()), 0, "the blocked member sees no progress");
+        finish(&vic, file, &data).await;
+        final_state(&mut walt_events, Some(group), file, &FileState::Complete { thumbnail: None }).await;
+        let quiet = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(event) = sam_events.next().await {
+                if let switchboard_protocol::Event::File(p) = event {
+                    panic!("the blocked member was told of the blocker's file: {p:?}");
+                }
+            }
+        });
+        assert!(quiet.await.is_err(), "the event stream ended");
+        // Complete, it reads as complete to every member (once, not at every chunk).
+        assert!(matches!(file_info(&sam, file).await.unwrap(), Reply::File(info) if info.state == FileState::Complete { thumbnail: None }));
+    })
+    .await
+}
+
 /// Waits for the event giving `file` its final `state`, as sent to `conv`'s audience.
 async fn final_state(events: &mut switchboard_client::Events, conv: Option<u64>, file: FileId, state: &FileState) {
     within(STEP_DEADLINE, "the final file event", async {

@@ -25,7 +25,8 @@
 //! past that bound get no push (logged) and see the state in `FileInfo` or a download.
 //! In a conversation of the uploader and one other user who is online, the two's block
 //! keys are read too (and, if one blocks the other, the conversation's kind: a direct
-//! conversation's other member is then told nothing).
+//! conversation's other member is then told nothing); in any conversation, the users the
+//! uploader blocks are told nothing (its block list read once per announcement).
 //! Progress goes to each conversation's members as that conversation's (`conv: Some`),
 //! waiting in latest-wins slots. A final state reaches each device once however many
 //! conversations carry the file: the uploader's devices as `conv: None`, every other
@@ -222,12 +223,27 @@ fn deliver(job: &Job) {
             return;
         }
     };
+    // Nothing of the uploader's reaches whom it blocks, in a group too (its file events
+    // would tell when it is online, as its receipts would: PROTOCOL.md, "Blocking").
+    // One prefix scan, empty for most; a failed read tells the conversations nothing.
+    let blocked: HashSet<UserId> = match job
+        .shared
+        .store
+        .blocked_users(job.uploader, switchboard_protocol::limits::MAX_BLOCKED as usize)
+    {
+        Ok(blocked) => blocked.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the uploader's blocks failed; progress not pushed to conversations");
+            return;
+        }
+    };
     let given = |conv| job.convs.as_ref()?.iter().find(|(c, _)| *c == conv)?.1.clone();
     let members = |conv| {
         let mut users: Vec<UserId> = match given(conv) {
             Some(users) => users.to_vec(),
             None => job.shared.store.members(conv)?.into_iter().map(|(u, _)| u).collect(),
         };
+        users.retain(|u| !blocked.contains(u));
         // In a direct conversation between two users one of whom blocks the other, the
         // other is told nothing of the file (an upload's progress would tell when its
         // uploader is online, as receipts would: PROTOCOL.md, "Blocking"). A failed

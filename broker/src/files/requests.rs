@@ -401,15 +401,22 @@ pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, Er
 }
 
 /// Whether `user`, who may read `record` (file `id`) and is not its uploader, is kept
-/// from seeing its upload's progress: while one of the two blocks the other, unless a
-/// group carrying the file has `user` as a member (in a group both are in, nothing is
-/// hidden). As for the pushed file events (`announce`), a progress that rises tells when
-/// the uploader is online (PROTOCOL.md, "Blocking"; an attacker review found a blocked
-/// user polling `FileInfo` for it). A failed read counts as blocked. Two block reads,
-/// and a membership and a conversation read per carrier only for a blocked pair.
+/// from seeing its upload's progress: while the uploader blocks `user`, and while `user`
+/// blocks the uploader unless a group carrying the file has `user` as a member (in a
+/// group both are in, the blocked member's uploads reach the blocker, as its receipts
+/// do). As for the pushed file events (`announce`), a progress that rises tells when the
+/// uploader is online (PROTOCOL.md, "Blocking"; an attacker review found a blocked user
+/// polling `FileInfo` for it). A failed read counts as blocked. Two block reads, and a
+/// membership and a conversation read per carrier only for a blocked pair.
 fn progress_hidden(shared: &Shared, user: UserId, id: &FileId, record: &FileRecord) -> Result<bool, ErrorBody> {
     let store = &shared.store;
-    if record.uploader == user || matches!(store.blocked_between(user, record.uploader), Ok(false)) {
+    if record.uploader == user {
+        return Ok(false);
+    }
+    if !matches!(store.blocks(record.uploader, user), Ok(false)) {
+        return Ok(true);
+    }
+    if matches!(store.blocks(user, record.uploader), Ok(false)) {
         return Ok(false);
     }
     for conv in super::published_carriers(shared, &record.parent.unwrap_or(*id)).map_err(internal)? {
