@@ -1140,7 +1140,10 @@ async fn typing(
             let id = match looked_up {
                 Some(id) => id,
                 None => {
-                    let id = conv.resolve(&client).await?;
+                    // The write rule: a typing signal tells its audience I am here and
+                    // writing (before, `sb typing bob` with no direct conversation with bob
+                    // told a stranger's group titled "bob").
+                    let id = conv.resolve_to_write(&client).await?;
                     // A signal has no answer (the broker drops one for a conversation I
                     // am not in): ask first, so a wrong conversation is an error here.
                     client.members(id).await?;
