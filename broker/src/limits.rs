@@ -354,12 +354,17 @@ pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 4096;
 /// about a million reads per build without reaching `PRESENCE_CONTACTS_MAX`. 16,384
 /// reads take a few ms; members past it are not looked at.
 pub const PRESENCE_MEMBERS_SCANNED: usize = 16_384;
-/// Most steps (ids looked at) one membership change spends updating the kept contact
-/// sets of its conversation's members in place (`Presence::entry_delivered`, on the
-/// conversation's actor); sets past it are dropped and read again at their next use.
-/// About a millisecond: a creation of a 1,000-member group whose members all have a set
-/// kept looks at up to 5,000 ids per set (its members and the set's own).
-pub const PRESENCE_UPDATE_STEPS: usize = 1 << 20;
+/// Reads of one user's contact set again after membership changes made it short
+/// (`Presence::entry_delivered`): a burst of this many, then one per
+/// `PRESENCE_REBUILD_INTERVAL_MS`; past it the short set is used as it is (it may lack a
+/// new contact, never holds a former one). Others change a user's conversations as
+/// often as they like (anyone can add anyone to groups), and each read is up to
+/// `PRESENCE_MEMBERS_SCANNED` keys; a user's first read, and one after its set was
+/// dropped (offline, a block), are not counted.
+pub const PRESENCE_REBUILD_BURST: u64 = 3;
+/// See `PRESENCE_REBUILD_BURST`: 30 s, so a contact made in a burst of changes is shown
+/// within half a minute.
+pub const PRESENCE_REBUILD_INTERVAL_MS: u64 = 30_000;
 /// Conversations one user may be shown typing in at once; a start beyond it is dropped.
 pub const TYPING_PER_USER_MAX: usize = 16;
 /// Typing indicators alive at once in the whole broker (~100 bytes each, and 16 per
