@@ -126,7 +126,7 @@ pub(crate) async fn block(
         }
     }
     shared.pauses.pass(crate::pauses::Point::BlockStored).await;
-    shared.presence.blocks_changed(caller, user);
+    shared.presence.blocks_changed(caller, user, blocked);
     if blocked {
         shared.typing.blocked(caller, user);
     }

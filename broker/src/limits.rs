@@ -354,18 +354,25 @@ pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 4096;
 /// about a million reads per build without reaching `PRESENCE_CONTACTS_MAX`. 16,384
 /// reads take a few ms; members past it are not looked at.
 pub const PRESENCE_MEMBERS_SCANNED: usize = 16_384;
-/// Reads of one user's contact set again after membership changes made it short
-/// (`Presence::entry_delivered`): a burst of this many, then one per
-/// `PRESENCE_REBUILD_INTERVAL_MS`; past it the short set is used as it is (it may lack a
-/// new contact, never holds a former one). Others change a user's conversations as
-/// often as they like (anyone can add anyone to groups), and each read is up to
-/// `PRESENCE_MEMBERS_SCANNED` keys; a user's first read, and one after its set was
-/// dropped (offline, a block), are not counted.
+/// Whole reads of one user's contact set again after changes made it short (more joined
+/// its conversations than `PRESENCE_PENDING_MAX`, or it joined one, or a block ended):
+/// a burst of this many, then one per `PRESENCE_REBUILD_INTERVAL_MS`; past it the short
+/// set is used as it is (it may lack a new contact, never holds a former one). Others
+/// change a user's conversations as often as they like (anyone can add anyone to
+/// groups), and each read is up to `PRESENCE_MEMBERS_SCANNED` keys. A user's first read,
+/// and one after its set was evicted from the cache (`PRESENCE_CACHED_CONTACTS_MAX`),
+/// are not counted.
 pub const PRESENCE_REBUILD_BURST: u64 = 3;
-/// See `PRESENCE_REBUILD_BURST`: 30 s, so a contact made in a burst of changes is shown
-/// within half a minute.
+/// See `PRESENCE_REBUILD_BURST`: 30 s.
 pub const PRESENCE_REBUILD_INTERVAL_MS: u64 = 30_000;
+/// Users who joined a user's conversations since its contact set was read, kept to be
+/// checked at the set's next use (two key reads each) rather than reading it whole; a
+/// change past it marks the set short (`PRESENCE_REBUILD_BURST`). 64: a direct
+/// conversation or a group of friends made or grown, 8 bytes each.
+pub const PRESENCE_PENDING_MAX: usize = 64;
 /// Conversations one user may be shown typing in at once; a start beyond it is dropped.
+/// One while `TYPING_ENTRIES_MAX` is half taken, so filling the table takes tens of
+/// thousands of accounts typing, not 4,096.
 pub const TYPING_PER_USER_MAX: usize = 16;
 /// Typing indicators alive at once in the whole broker (~100 bytes each, and 16 per
 /// typing device); a start beyond it is dropped until some expire.

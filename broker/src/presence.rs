@@ -7,12 +7,10 @@
 //! however often a device flaps; the latest state wins, and a change that was held back
 //! is pushed when its window ends (a trailing push), unless the user is back where the
 //! last push left it. `Presence` drives it: one timer task performs the pushes, keeps a
-//! contact set per user with a presence entry (built from the store's indexes; a
-//! membership entry of one of the user's conversations, when delivered, takes out of it
-//! whoever left and marks it short, to be read again at its next use within the user's
-//! allowance of reads; dropped when the user goes offline or a block touching it
-//! changes), and stores each pushed change's last-seen time, and once a
-//! minute that of every user with a device connected (`LAST_SEEN_REFRESH_MS`).
+//! contact set per user with a presence entry (read from the store's indexes, then kept
+//! up to date from the membership entries and blocks delivered: `ContactCache`; dropped
+//! when the user goes offline), and stores each pushed change's last-seen time, and
+//! once a minute that of every user with a device connected (`LAST_SEEN_REFRESH_MS`).
 //!
 //! What this module never does: read a conversation actor's state, write anything but
 //! last-seen times, or keep offline users (an entry outlives the user's last device by
@@ -35,9 +33,9 @@ use tokio::sync::Notify;
 use crate::fanout::Online;
 use crate::limits::{
     LAST_SEEN_REFRESH_MS, PRESENCE_AT_STOP_MAX, PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX,
-    PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PUSH_BURST, PRESENCE_PUSH_WINDOWS,
-    PRESENCE_REBUILD_BURST, PRESENCE_REBUILD_INTERVAL_MS, PRESENCE_RESTART_GRACE_MS, PRESENCE_RESTART_MAX_DOWN_MS,
-    PRESENCE_RESTART_SPREAD_MS,
+    PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PENDING_MAX, PRESENCE_PUSH_BURST,
+    PRESENCE_PUSH_WINDOWS, PRESENCE_REBUILD_BURST, PRESENCE_REBUILD_INTERVAL_MS, PRESENCE_RESTART_GRACE_MS,
+    PRESENCE_RESTART_MAX_DOWN_MS, PRESENCE_RESTART_SPREAD_MS,
 };
 use crate::reply::internal;
 
@@ -427,12 +425,21 @@ pub struct Presence {
 }
 
 /// Contact sets of users with a presence entry, at most `PRESENCE_CACHED_CONTACTS_MAX`
-/// ids in all: a user's set is up to `PRESENCE_CONTACTS_MAX` ids, and anyone can add
-/// anyone to groups, so the sets of every online user must not grow with what others do
-/// (past the bound a set is built for each use and not kept).
+/// ids in all (sets and pending lists): a user's set is up to `PRESENCE_CONTACTS_MAX`
+/// ids, and anyone can add anyone to groups, so the sets of every online user must not
+/// grow with what others do (past the bound a set is built for each use and not kept).
+///
+/// A membership change reads nothing where it is delivered (`Presence::entry_delivered`):
+/// whoever left is taken out of the kept sets at once, whoever joined is put on the
+/// members' pending lists, checked for blocks at the set's next use (`Kept::pending`),
+/// and a change too large for that marks the set short, read again whole at its next use
+/// within the user's allowance (`allowances`). So a set never holds a former contact or
+/// one a block stands between, and others' changes cost a user's set two key reads per
+/// user added, or a whole read at most `PRESENCE_REBUILD_BURST` times and then once per
+/// `PRESENCE_REBUILD_INTERVAL_MS`, however many changes there are.
 struct ContactCache {
     sets: HashMap<UserId, Kept>,
-    /// Ids `sets` holds, at most `max_held`.
+    /// Ids `sets` holds (their sets' and pending lists'), at most `max_held`.
     held: usize,
     max_held: usize,
     /// Builds under way per user, and whether the user's set was dropped since one of
@@ -442,25 +449,45 @@ struct ContactCache {
     /// anywhere meant every push rebuilt its set). One entry per user being built: the
     /// timer's pushes, one at a time, and `Presence` requests, at most one per session.
     building: HashMap<UserId, (u32, bool)>,
+    /// Per user whose short set was read again: its allowance of such reads
+    /// (`PRESENCE_REBUILD_BURST`, then one per `PRESENCE_REBUILD_INTERVAL_MS`), a GCRA
+    /// theoretical arrival time (ms since the epoch). Apart from `sets`, so an eviction
+    /// or a drop does not refill it; forgotten with the user's presence entry (`forget`).
+    allowances: HashMap<UserId, u64>,
 }
 
 impl Default for ContactCache {
     fn default() -> Self {
-        ContactCache { sets: HashMap::new(), held: 0, max_held: PRESENCE_CACHED_CONTACTS_MAX, building: HashMap::new() }
+        ContactCache {
+            sets: HashMap::new(),
+            held: 0,
+            max_held: PRESENCE_CACHED_CONTACTS_MAX,
+            building: HashMap::new(),
+            allowances: HashMap::new(),
+        }
     }
 }
 
 /// A kept contact set.
 struct Kept {
     set: Arc<Contacts>,
-    /// A membership change since it was read may have made contacts it lacks (it never
-    /// holds one it should not: whoever left was taken out): read again at its next use,
-    /// if the user's allowance of reads allows, else used as it is.
+    /// Users who joined a conversation of the user's since the set was read, at most
+    /// `PRESENCE_PENDING_MAX`: contacts unless a block stands between them, which the
+    /// set's next use checks (two key reads each) before it is used.
+    pending: Vec<UserId>,
+    /// A change since the set was read made more contacts than `pending` holds (the user
+    /// joined a conversation, a large group was made or grew, a block ended): read again
+    /// whole at its next use within the user's allowance, else used as it is (it may lack
+    /// new contacts, never holds a former one).
     short: bool,
-    /// The user's allowance of reads of its set (`PRESENCE_REBUILD_BURST`, then one per
-    /// `PRESENCE_REBUILD_INTERVAL_MS`), as a GCRA theoretical arrival time (ms since the
-    /// epoch; 0: a full burst).
-    rebuild_tat: u64,
+}
+
+/// What a use of a kept set must do first.
+enum Refresh {
+    /// Check these pending contacts (`Kept::pending`).
+    Pending(Vec<UserId>),
+    /// Read the set whole.
+    Whole,
 }
 
 impl ContactCache {
@@ -471,6 +498,12 @@ impl ContactCache {
         self.changed(user);
     }
 
+    /// `user`'s presence entry is gone: its set and its allowance of reads with it.
+    fn forget(&mut self, user: UserId) {
+        self.drop_set(user);
+        self.allowances.remove(&user);
+    }
+
     /// Keeps builds of `user`'s set under way from keeping theirs (read before a change).
     fn changed(&mut self, user: UserId) {
         if let Some((_, stale)) = self.building.get_mut(&user) {
@@ -478,36 +511,137 @@ impl ContactCache {
         }
     }
 
-    /// Takes `gone` out of `user`'s kept set and marks it short (`Kept::short`).
-    fn take_out(&mut self, user: UserId, gone: impl Fn(UserId) -> bool) {
+    /// Takes `gone` out of `user`'s kept set and pending list; marks the set short if it
+    /// held `gone` and `short` (someone who leaves one conversation may share another).
+    fn take_out_one(&mut self, user: UserId, gone: UserId, short: bool) {
         let Some(kept) = self.sets.get_mut(&user) else { return };
-        kept.short = true;
-        if kept.set.users.iter().any(|&u| gone(u)) {
-            let set = Arc::make_mut(&mut kept.set);
-            let before = set.users.len();
-            set.users.retain(|&u| !gone(u));
-            self.held -= before - set.users.len();
+        if let Some(at) = kept.pending.iter().position(|&u| u == gone) {
+            kept.pending.swap_remove(at);
+            self.held -= 1;
+        }
+        if let Ok(at) = kept.set.users.binary_search(&gone) {
+            Arc::make_mut(&mut kept.set).users.remove(at);
+            self.held -= 1;
+            kept.short |= short;
+        }
+    }
+
+    /// Takes every one of `gone` out of `user`'s kept set and pending list, marking the
+    /// set short if it held any (the user left a conversation of theirs).
+    fn take_out_all(&mut self, user: UserId, gone: &HashSet<UserId>) {
+        let Some(kept) = self.sets.get_mut(&user) else { return };
+        let before = kept.pending.len() + kept.set.users.len();
+        kept.pending.retain(|u| !gone.contains(u));
+        if kept.set.users.iter().any(|u| gone.contains(u)) {
+            Arc::make_mut(&mut kept.set).users.retain(|u| !gone.contains(u));
+            kept.short = true;
+        }
+        self.held -= before - kept.pending.len() - kept.set.users.len();
+    }
+
+    /// Puts `joined` (a conversation of `user`'s now has them) on `user`'s pending list,
+    /// or marks its set short if they do not all fit (`PRESENCE_PENDING_MAX`).
+    fn add_pending(&mut self, user: UserId, joined: &[UserId]) {
+        let Some(kept) = self.sets.get_mut(&user) else { return };
+        if kept.short {
+            return;
+        }
+        if kept.pending.len() + joined.len() > PRESENCE_PENDING_MAX {
+            self.held -= kept.pending.len();
+            kept.pending = Vec::new();
+            kept.short = true;
+            return;
+        }
+        for &other in joined {
+            if other != user && !kept.pending.contains(&other) && !kept.set.contains(other) {
+                kept.pending.push(other);
+                self.held += 1;
+            }
+        }
+    }
+
+    /// Marks `user`'s kept set short (`Kept::short`).
+    fn mark_short(&mut self, user: UserId) {
+        if let Some(kept) = self.sets.get_mut(&user) {
+            self.held -= kept.pending.len();
+            kept.pending = Vec::new();
+            kept.short = true;
         }
     }
 
     /// Takes `user`'s set out, its ids out of `held`.
     fn remove(&mut self, user: UserId) {
         if let Some(kept) = self.sets.remove(&user) {
-            self.held -= kept.set.users.len();
+            self.held -= kept.set.users.len() + kept.pending.len();
         }
     }
 
-    /// `user`'s kept set if it is to be used as it is at `now_ms`: not short, or short
-    /// with the user's allowance of reads spent. With `Err`, the set is to be read again,
-    /// and the allowance to keep with it (one read charged).
-    fn usable(&mut self, user: UserId, now_ms: u64) -> Result<Arc<Contacts>, u64> {
-        let Some(kept) = self.sets.get_mut(&user) else { return Err(0) };
-        let burst_span = (PRESENCE_REBUILD_BURST - 1) * PRESENCE_REBUILD_INTERVAL_MS;
-        if !kept.short || kept.rebuild_tat > now_ms.saturating_add(burst_span) {
-            return Ok(kept.set.clone());
+    /// `user`'s kept set if it is to be used as it is at `now_ms` (`Ok`): nothing
+    /// pending and not short, or short with the user's allowance of whole reads spent.
+    /// Else what to do first (`Err`): a whole read is charged to the allowance here; a
+    /// pending list is taken out of the set (put back as a short mark if its check is
+    /// overtaken by a change).
+    fn usable(&mut self, user: UserId, now_ms: u64) -> Result<Arc<Contacts>, Refresh> {
+        let Some(kept) = self.sets.get_mut(&user) else { return Err(Refresh::Whole) };
+        if !kept.short {
+            if kept.pending.is_empty() {
+                return Ok(kept.set.clone());
+            }
+            self.held -= kept.pending.len();
+            return Err(Refresh::Pending(std::mem::take(&mut kept.pending)));
         }
-        kept.rebuild_tat = kept.rebuild_tat.max(now_ms) + PRESENCE_REBUILD_INTERVAL_MS;
-        Err(kept.rebuild_tat)
+        let set = kept.set.clone();
+        let burst_span = (PRESENCE_REBUILD_BURST - 1) * PRESENCE_REBUILD_INTERVAL_MS;
+        let tat = self.allowances.entry(user).or_insert(0);
+        // A wall clock that stepped back does not hold the reads back for as long.
+        if *tat > now_ms.saturating_add(burst_span + PRESENCE_REBUILD_INTERVAL_MS) {
+            *tat = now_ms;
+        }
+        if *tat > now_ms.saturating_add(burst_span) {
+            return Ok(set);
+        }
+        *tat = (*tat).max(now_ms) + PRESENCE_REBUILD_INTERVAL_MS;
+        Err(Refresh::Whole)
+    }
+
+    /// Adds `found` (checked for blocks since `user`'s pending list was taken out, with
+    /// nothing changed meanwhile) to its kept set; a set that would pass
+    /// `PRESENCE_CONTACTS_MAX` is marked short instead (a whole read keeps the smallest
+    /// conversations' members). The set as it is then, if kept.
+    fn add_found(&mut self, user: UserId, found: &[UserId]) -> Option<Arc<Contacts>> {
+        let kept = self.sets.get_mut(&user)?;
+        let new: Vec<UserId> = found.iter().copied().filter(|&u| !kept.set.contains(u)).collect();
+        if kept.set.users.len() + new.len() > PRESENCE_CONTACTS_MAX || self.held + new.len() > self.max_held {
+            kept.short = true;
+            return Some(kept.set.clone());
+        }
+        if !new.is_empty() {
+            let set = Arc::make_mut(&mut kept.set);
+            set.users.extend(&new);
+            set.users.sort_unstable();
+            self.held += new.len();
+        }
+        Some(kept.set.clone())
+    }
+
+    /// `user`'s set was just read whole and kept: `user` goes into the kept sets of its
+    /// contacts that lack it (within their bounds). The read checked what they share and
+    /// the blocks both ways, and nothing changed since (else it would not be kept); a
+    /// contact whose own set was short, with its reads spent, pushed its presence to a set
+    /// without `user`, who was never told again (an attacker review).
+    fn introduce(&mut self, user: UserId, set: &Contacts) {
+        for &contact in set.users() {
+            if self.held >= self.max_held {
+                return;
+            }
+            let Some(kept) = self.sets.get_mut(&contact) else { continue };
+            if let Err(at) = kept.set.users.binary_search(&user)
+                && kept.set.users.len() < PRESENCE_CONTACTS_MAX
+            {
+                Arc::make_mut(&mut kept.set).users.insert(at, user);
+                self.held += 1;
+            }
+        }
     }
 
     /// A build of `user`'s set begins.
@@ -529,8 +663,7 @@ impl ContactCache {
     /// Keeps `set` as `user`'s, within `max_held`: other users' sets make room, the
     /// first the map yields (no order of arrival, so whoever filled the cache first does
     /// not keep it: the others' sets would be rebuilt on every use).
-    /// With it, the user's allowance of reads (`Kept::rebuild_tat`).
-    fn keep(&mut self, user: UserId, set: &Arc<Contacts>, rebuild_tat: u64) {
+    fn keep(&mut self, user: UserId, set: &Arc<Contacts>) {
         if set.users.len() > self.max_held {
             return;
         }
@@ -540,7 +673,7 @@ impl ContactCache {
             self.remove(evicted);
         }
         self.held += set.users.len();
-        self.sets.insert(user, Kept { set: set.clone(), short: false, rebuild_tat });
+        self.sets.insert(user, Kept { set: set.clone(), pending: Vec::new(), short: false });
     }
 }
 
@@ -678,56 +811,80 @@ impl Presence {
     }
 
     /// A conversation entry was delivered to `audience` (its members before and after
-    /// it). A membership change marks their kept contact sets short (`Kept::short`), to be
-    /// read again at their next use within each user's allowance of reads, and a member
-    /// who left or was removed is taken out of them at once (and they out of its own):
-    /// a set may lack a contact for a while, never hold one it should not. Nothing is
-    /// read here. Before, the change dropped every member's set, each read again at its
-    /// next use (up to `PRESENCE_MEMBERS_SCANNED` keys), so one add or removal in a
-    /// 1,000-member group cost a thousand such reads, repeated by every change, charged
-    /// to nobody (an attacker review); now a user's set is read again at most
-    /// `PRESENCE_REBUILD_BURST` times, then once per `PRESENCE_REBUILD_INTERVAL_MS`,
-    /// however often others change its conversations.
+    /// it). A membership change reads nothing here (`ContactCache`): a member who left or
+    /// was removed is taken out of the others' kept sets at once, and they out of its
+    /// own; those who joined go on the others' pending lists, and the others on theirs
+    /// (a change too large for the lists marks the sets short). Before, the change dropped
+    /// every member's set, each read again whole at its next use (up to
+    /// `PRESENCE_MEMBERS_SCANNED` keys), so one add or removal in a 1,000-member group
+    /// cost a thousand such reads, and every change again, charged to nobody (an
+    /// attacker review).
     pub fn entry_delivered(&self, entry: &Entry, audience: &[UserId]) {
-        let left = match &entry.body {
-            Body::Created { .. } | Body::MembersAdded { .. } => None,
-            Body::MemberRemoved { user } => Some(*user),
-            Body::MemberLeft => Some(entry.sender),
+        let joined: HashSet<UserId> = match &entry.body {
+            Body::Created { members, .. } | Body::MembersAdded { members } => members.iter().map(|&(u, _)| u).collect(),
+            Body::MemberRemoved { user } => return self.left(*user, audience),
+            Body::MemberLeft => return self.left(entry.sender, audience),
             _ => return,
         };
-        let members: HashSet<UserId> = if left.is_some() { audience.iter().copied().collect() } else { HashSet::new() };
+        let list: Vec<UserId> = joined.iter().copied().collect();
         let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
         for &user in audience {
             // A build under way may have read before the change: used once, not kept.
             cache.changed(user);
-            match left {
-                None => cache.take_out(user, |_| false),
-                // Those who shared only this conversation with it are contacts no more; those
-                // who share another come back when its set is read again.
-                Some(gone) if gone == user => cache.take_out(user, |u| members.contains(&u)),
-                Some(gone) => cache.take_out(user, |u| u == gone),
+            if !joined.contains(&user) {
+                cache.add_pending(user, &list);
+            } else if audience.len() > PRESENCE_PENDING_MAX + 1 {
+                // Joined a large conversation: its members do not fit a pending list.
+                cache.mark_short(user);
+            } else {
+                cache.add_pending(user, audience);
             }
         }
     }
 
-    /// `a` started or stopped blocking `b`: their contact sets are read again.
-    pub fn blocks_changed(&self, a: UserId, b: UserId) {
+    /// `gone` left a conversation of `audience` (its members before): out of their kept
+    /// sets and pending lists, and they out of its own.
+    fn left(&self, gone: UserId, audience: &[UserId]) {
+        let members: HashSet<UserId> = audience.iter().copied().filter(|&u| u != gone).collect();
         let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-        cache.drop_set(a);
-        cache.drop_set(b);
+        for &user in audience {
+            cache.changed(user);
+            if user == gone {
+                cache.take_out_all(user, &members);
+            } else {
+                cache.take_out_one(user, gone, true);
+            }
+        }
+    }
+
+    /// `a` started (`blocked`) or stopped blocking `b`. A block takes each out of the
+    /// other's kept set at once (nothing read); its end marks both sets short, read
+    /// again whole at their next use within their allowances.
+    pub fn blocks_changed(&self, a: UserId, b: UserId, blocked: bool) {
+        let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        cache.changed(a);
+        cache.changed(b);
+        if blocked {
+            cache.take_out_one(a, b, false);
+            cache.take_out_one(b, a, false);
+        } else {
+            cache.mark_short(a);
+            cache.mark_short(b);
+        }
     }
 
     /// Answers `Presence { users }` for `caller`: the users asked about (every contact,
     /// by id, if none are named) who share a conversation with
     /// the caller, by id; the caller and everyone else are left out. `INVALID` for more
     /// than `PRESENCE_MAX` names. The store is read on the blocking pool: a contact set
-    /// rebuilt after a membership change reads up to `PRESENCE_MEMBERS_SCANNED` keys,
+    /// read whole after a membership change reads up to `PRESENCE_MEMBERS_SCANNED` keys,
     /// milliseconds a runtime thread must not spend.
     ///
-    /// Also returns the keys read to rebuild the caller's contact set (0 when it was
-    /// cached), which the caller's allowance of member rows pays: a set dropped by a
-    /// membership change is rebuilt by the next query, up to ~25,000 reads for a user in
-    /// 4,096 conversations, and a user could drop its own with each add or removal in a
+    /// Also returns the keys read to bring the caller's contact set up to date (0 when it
+    /// was), which the caller's allowance of member rows pays: a set made short by a
+    /// membership change is read whole by the next query (within the caller's allowance
+    /// of such reads, `ContactCache`), up to ~25,000 reads for a user in 4,096
+    /// conversations, and a user could make its own short with each add or removal in a
     /// group of its own (an attacker review).
     pub async fn query(
         self: &Arc<Self>,
@@ -828,7 +985,7 @@ impl Presence {
             // A build that began before this and ends after it must not keep a set for a
             // user just forgotten (it would stay until that user's next offline).
             for (user, _) in fired.forgotten {
-                cache.drop_set(user);
+                cache.forget(user);
             }
         }
         // After the pushes, which must not wait behind a write per connected user.
@@ -893,15 +1050,42 @@ impl Presence {
         let (mut attempts, mut read) = (0, 0);
         loop {
             attempts += 1;
-            let rebuild_tat = {
+            let refresh = {
                 let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-                let rebuild_tat = match cache.usable(user, now_ms) {
+                let refresh = match cache.usable(user, now_ms) {
                     Ok(set) => return Ok((set, read)),
-                    Err(tat) => tat,
+                    Err(refresh) => refresh,
                 };
                 cache.begin(user);
-                rebuild_tat
+                refresh
             };
+            if let Refresh::Pending(pending) = refresh {
+                // Contacts unless a block stands between them: two keys each.
+                let mut found = Vec::with_capacity(pending.len());
+                let mut checked = Ok(());
+                for other in pending {
+                    read += 2;
+                    match self.store.blocked_between(user, other) {
+                        Ok(false) => found.push(other),
+                        Ok(true) => {}
+                        Err(e) => checked = Err(e),
+                    }
+                }
+                let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+                let fresh = cache.end(user);
+                if fresh && checked.is_ok() {
+                    if let Some(set) = cache.add_found(user, &found) {
+                        return Ok((set, read));
+                    }
+                } else {
+                    // A change overtook the check (or a read failed): read whole.
+                    cache.mark_short(user);
+                }
+                if attempts >= 2 {
+                    checked?;
+                }
+                continue;
+            }
             let built = read_contacts(&self.store, user).map(|(set, keys)| {
                 read += keys;
                 Arc::new(set)
@@ -913,7 +1097,8 @@ impl Presence {
                 && known
                 && fresh
             {
-                cache.keep(user, set, rebuild_tat);
+                cache.keep(user, set);
+                cache.introduce(user, set);
             }
             if fresh || built.is_err() || attempts >= 2 {
                 return built.map(|set| (set, read));
@@ -1255,15 +1440,15 @@ mod tests {
     #[test]
     fn the_contact_cache_keeps_at_most_its_bound_of_ids() {
         let mut cache = ContactCache { max_held: 5, ..ContactCache::default() };
-        cache.keep(1, &set(&[2, 3, 4]), 0);
-        cache.keep(2, &set(&[1, 3]), 0);
+        cache.keep(1, &set(&[2, 3, 4]));
+        cache.keep(2, &set(&[1, 3]));
         assert_eq!((cache.held, cache.sets.len()), (5, 2));
-        cache.keep(3, &set(&[1, 2, 4]), 0);
+        cache.keep(3, &set(&[1, 2, 4]));
         assert!(cache.sets.contains_key(&3), "the newcomer is kept");
         assert!(cache.held <= 5 && cache.held == cache.sets.values().map(|k| k.set.users.len()).sum::<usize>());
-        cache.keep(4, &set(&[1, 2, 3, 5, 6, 7]), 0);
+        cache.keep(4, &set(&[1, 2, 3, 5, 6, 7]));
         assert!(!cache.sets.contains_key(&4), "larger than the whole cache");
-        cache.keep(3, &set(&[1]), 0);
+        cache.keep(3, &set(&[1]));
         assert_eq!(cache.sets[&3].set.users.len(), 1, "replaced");
         assert_eq!(cache.held, cache.sets.values().map(|k| k.set.users.len()).sum::<usize>());
         for user in [1, 2, 3] {
@@ -1414,7 +1599,7 @@ mod tests {
 
     /// A query says how many keys rebuilding the caller's contact set read, which its
     /// allowance of member rows pays (control.rs): nothing while the set is cached,
-    /// everything again after a membership change dropped it. Before, a query naming
+    /// everything again after a membership change made it short. Before, a query naming
     /// users was never charged, and a user dropping its own set with each add or removal
     /// in a group of its own had the broker read it again for free each time.
     #[tokio::test]
@@ -1480,84 +1665,159 @@ mod tests {
         (dir, presence, written)
     }
 
-    /// Membership changes made by others read a member's contact set again at most
-    /// `PRESENCE_REBUILD_BURST` times, then once per `PRESENCE_REBUILD_INTERVAL_MS`,
-    /// however many there are; a contact they made is shown from the next read on, and
-    /// one who blocks the user never. Before, every change dropped every member's set and
-    /// each use read it again: here 10 adds, 10 reads of each of 50 sets (in a
-    /// 1,000-member group, a thousand reads of up to `PRESENCE_MEMBERS_SCANNED` keys per
-    /// change, charged to nobody: an attacker review).
+    /// `PRESENCE_PENDING_MAX + 1` users joining (too many for the pending lists), ids
+    /// from `1000 + 100 * round`, as entry `seq` of the group; `audience` grows by them.
+    fn large_add(
+        written: &impl Fn(u64, UserId, Body) -> Entry,
+        audience: &mut Vec<UserId>,
+        round: u64,
+        seq: u64,
+    ) -> Entry {
+        use switchboard_protocol::Role;
+        let batch: Vec<(UserId, Role)> =
+            (0..PRESENCE_PENDING_MAX as u64 + 1).map(|i| (1000 + round * 100 + i, Role::Member)).collect();
+        audience.extend(batch.iter().map(|&(u, _)| u));
+        audience.sort_unstable();
+        written(seq, 1, Body::MembersAdded { members: batch })
+    }
+
+    /// Others adding users to a member's conversations cost its kept set two key reads
+    /// per user added (a block check) at its next use, never a whole read, and one who
+    /// blocks the member never becomes its contact. Before, every change dropped every
+    /// member's set, each read whole again at its next use: here 11 adds, 11 reads of
+    /// 50 to 60 keys for each of 50 sets (in a 1,000-member group, a thousand reads of up
+    /// to `PRESENCE_MEMBERS_SCANNED` keys per change, charged to nobody: an attacker
+    /// review).
     #[tokio::test]
-    async fn others_membership_changes_read_a_contact_set_again_within_an_allowance() {
+    async fn others_adds_cost_a_kept_set_a_block_check_each() {
         use switchboard_protocol::Role;
         let (_dir, presence, written) = fifty_with_sets();
         let now = crate::now_ms();
         let mut audience: Vec<UserId> = (1..=50).collect();
-        let mut reads = vec![0u64; 51];
-        for (i, added) in (100..110).enumerate() {
+        for (i, added) in (100..110).chain([61]).enumerate() {
             let entry = written(2 + i as u64, 1, Body::MembersAdded { members: vec![(added, Role::Member)] });
             audience.push(added);
             presence.entry_delivered(&entry, &audience);
             for user in 1..=50 {
                 let (set, read) = presence.contacts_at(user, now).unwrap();
-                if read > 0 {
-                    reads[user as usize] += 1;
-                    assert!(set.contains(added), "read again: user {user} sees {added}");
-                } else {
-                    assert!(!set.contains(added), "kept as it was: nobody added");
-                }
+                assert_eq!(read, 2, "user {user}: one block check for {added}");
+                assert_eq!(set.contains(added), !(added == 61 && user == 3), "user {user} and {added} (61 blocks 3)");
+                assert_eq!(presence.contacts_at(user, now).unwrap().1, 0, "then as kept");
             }
         }
-        assert!(reads[1..].iter().all(|&n| n == PRESENCE_REBUILD_BURST), "reads per user: {reads:?}");
-        // The allowance refills: the next use reads the set again, with every contact.
+    }
+
+    /// A change too large for the pending lists has each member's set read whole at its
+    /// next use at most `PRESENCE_REBUILD_BURST` times, then once per
+    /// `PRESENCE_REBUILD_INTERVAL_MS`, however many such changes there are; in between
+    /// the set is used as it is (lacking the newcomers, never holding anyone it should
+    /// not).
+    #[tokio::test]
+    async fn large_changes_read_a_set_whole_within_an_allowance() {
+        let (_dir, presence, written) = fifty_with_sets();
+        let now = crate::now_ms();
+        let mut audience: Vec<UserId> = (1..=50).collect();
+        let mut whole = vec![0u64; 51];
+        for round in 0..6 {
+            let entry = large_add(&written, &mut audience, round, 2 + round);
+            presence.entry_delivered(&entry, &audience);
+            let first = 1000 + round * 100;
+            for user in 1..=50 {
+                let (set, read) = presence.contacts_at(user, now).unwrap();
+                whole[user as usize] += u64::from(read > 0);
+                assert_eq!(set.contains(first), read > 0, "user {user}, round {round}");
+            }
+        }
+        assert!(whole[1..].iter().all(|&n| n == PRESENCE_REBUILD_BURST), "whole reads per user: {whole:?}");
         let (set, read) = presence.contacts_at(1, now + PRESENCE_REBUILD_INTERVAL_MS).unwrap();
-        assert!(read > 0 && (100..110).all(|u| set.contains(u)), "read again after the interval");
-        let added = written(12, 1, Body::MembersAdded { members: vec![(61, Role::Member)] });
-        audience.push(61);
-        presence.entry_delivered(&added, &audience);
-        let later = now + 10 * PRESENCE_REBUILD_INTERVAL_MS;
-        let (set, read) = presence.contacts_at(3, later).unwrap();
-        assert!(read > 0 && !set.contains(61), "61 blocks 3: never a contact");
-        assert!(presence.contacts_at(4, later).unwrap().0.contains(61));
+        assert!(read > 0 && set.contains(1500), "read whole again once the allowance refilled");
     }
 
     /// A member who leaves or is removed is taken out of the others' kept sets when the
-    /// change is delivered, with their allowance of reads spent or not (it must get no
-    /// more of their presence), and they out of its own; a contact it still shares
-    /// another conversation with is back when that set is next read.
+    /// change is delivered, and they out of its own, with nothing read (their whole
+    /// reads spent here): it gets no more of their presence, nor they of its. A contact
+    /// it still shares another conversation with is back at the next whole read.
     #[tokio::test]
     async fn one_who_leaves_is_no_contact_from_the_delivery_on() {
         use switchboard_protocol::Role;
         let (_dir, presence, written) = fifty_with_sets();
         let now = crate::now_ms();
-        let mut audience: Vec<UserId> = (1..=50).chain([60]).collect();
         presence.attach(60, 600);
+        presence.contacts_at(60, now).unwrap();
+        let mut audience: Vec<UserId> = (1..=50).chain([60]).collect();
         let added = written(2, 1, Body::MembersAdded { members: vec![(60, Role::Member)] });
         presence.entry_delivered(&added, &audience);
-        // Spend 2's allowance, seeing 60 from its first read on.
-        for _ in 0..PRESENCE_REBUILD_BURST {
-            presence.entry_delivered(&added, &audience);
-            assert!(presence.contacts_at(2, now).unwrap().0.contains(60));
+        let with_sets: Vec<UserId> = (1..=50).chain([60]).collect();
+        for round in 0..PRESENCE_REBUILD_BURST {
+            let entry = large_add(&written, &mut audience, round, 3 + round);
+            presence.entry_delivered(&entry, &audience);
+            for &user in &with_sets {
+                assert!(presence.contacts_at(user, now).unwrap().1 > 0, "a whole read");
+            }
         }
-        assert!(presence.contacts_at(60, now).unwrap().0.contains(1));
-        let removed = written(3, 1, Body::MemberRemoved { user: 60 });
+        assert!((1..=50).all(|u| presence.contacts_at(u, now).unwrap().0.contains(60)));
+        let removed = written(3 + PRESENCE_REBUILD_BURST, 1, Body::MemberRemoved { user: 60 });
         presence.entry_delivered(&removed, &audience);
         audience.retain(|&u| u != 60);
-        let (set, read) = presence.contacts_at(2, now).unwrap();
-        assert_eq!(read, 0, "the allowance is spent");
-        assert!(!set.contains(60), "taken out at once");
-        for user in 3..=50 {
-            assert!(!presence.contacts_at(user, now).unwrap().0.contains(60), "user {user}");
+        for user in 1..=50 {
+            let (set, read) = presence.contacts_at(user, now).unwrap();
+            assert_eq!(read, 0, "user {user}: its whole reads are spent");
+            assert!(!set.contains(60), "user {user}: 60 taken out at once");
         }
-        let (set, _) = presence.contacts_at(60, now).unwrap();
-        assert_eq!(set.users(), [2], "60's own: only the direct peer");
-        // 2 shares a direct conversation with 60: back once its set is read again.
-        let (set, read) = presence.contacts_at(2, now + 2 * PRESENCE_REBUILD_INTERVAL_MS).unwrap();
-        assert!(read > 0 && set.contains(60));
-        let left = written(4, 5, Body::MemberLeft);
+        let (set, read) = presence.contacts_at(60, now).unwrap();
+        assert!(read == 0 && set.users().is_empty(), "60's own: the group taken out: {:?}", set.users());
+        let left = written(4 + PRESENCE_REBUILD_BURST, 5, Body::MemberLeft);
         presence.entry_delivered(&left, &audience);
-        assert!((1..=50).filter(|&u| u != 5).all(|u| !presence.contacts_at(u, now).unwrap().0.contains(5)));
+        for user in (1..=50).filter(|&u| u != 5) {
+            let (set, read) = presence.contacts_at(user, now).unwrap();
+            assert!(read == 0 && !set.contains(5), "user {user} after 5 left");
+        }
+        // 2 shares a direct conversation with 60: contacts again at the next whole reads.
+        let later = now + 2 * PRESENCE_REBUILD_INTERVAL_MS;
+        assert_eq!(presence.contacts_at(60, later).unwrap().0.users(), [2]);
+        assert!(presence.contacts_at(2, later).unwrap().0.contains(60));
+        assert!(!presence.contacts_at(3, later).unwrap().0.contains(60));
         let cache = presence.contacts.lock().unwrap();
-        assert_eq!(cache.held, cache.sets.values().map(|k| k.set.users.len()).sum::<usize>());
+        let ids: usize = cache.sets.values().map(|k| k.set.users.len() + k.pending.len()).sum();
+        assert_eq!(cache.held, ids);
+    }
+
+    /// A block takes each out of the other's kept set at once, reading nothing (before:
+    /// both sets dropped and read whole again); its end has both read whole again.
+    #[tokio::test]
+    async fn a_block_takes_each_out_of_the_others_set_at_once() {
+        let (_dir, presence, _written) = fifty_with_sets();
+        let now = crate::now_ms();
+        presence.blocks_changed(4, 5, true);
+        let (four, read_four) = presence.contacts_at(4, now).unwrap();
+        let (five, read_five) = presence.contacts_at(5, now).unwrap();
+        assert_eq!((read_four, read_five), (0, 0), "nothing read");
+        assert!(!four.contains(5) && !five.contains(4) && four.contains(6));
+        presence.blocks_changed(4, 5, false);
+        let (four, read_four) = presence.contacts_at(4, now).unwrap();
+        assert!(read_four > 0 && four.contains(5), "read whole after the unblock");
+    }
+
+    /// A whole read puts its user into the kept sets of the contacts it found, short
+    /// ones with their reads spent included: before, such a contact's presence changes
+    /// went to its set without the user, who had been shown the contact by its own read
+    /// and was never told of a change again (an attacker review).
+    #[tokio::test]
+    async fn a_whole_read_puts_its_user_into_its_contacts_kept_sets() {
+        let (_dir, presence, written) = fifty_with_sets();
+        let now = crate::now_ms();
+        let mut audience: Vec<UserId> = (1..=50).collect();
+        for round in 0..=PRESENCE_REBUILD_BURST {
+            let entry = large_add(&written, &mut audience, round, 2 + round);
+            presence.entry_delivered(&entry, &audience);
+            presence.contacts_at(1, now).unwrap();
+        }
+        let newcomer = 1000 + PRESENCE_REBUILD_BURST * 100;
+        let (set, read) = presence.contacts_at(1, now).unwrap();
+        assert!(read == 0 && !set.contains(newcomer), "1's reads are spent: it lacks the newcomer");
+        presence.attach(newcomer, 7);
+        assert!(presence.contacts_at(newcomer, now).unwrap().0.contains(1));
+        let (set, read) = presence.contacts_at(1, now).unwrap();
+        assert!(read == 0 && set.contains(newcomer), "put in by the newcomer's read");
     }
 }

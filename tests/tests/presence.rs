@@ -933,10 +933,11 @@ async fn a_presence_query_naming_users_draws_on_the_member_rows_allowance() {
 }
 
 /// Presence follows a group's membership both ways while its members stay online (their
-/// contact sets are updated in place as the membership entries are delivered, not read
-/// again): a member added is shown to the others and its changes reach them, but not
-/// those it blocks; one removed is shown to nobody it shares nothing else with, while a
-/// member it shares a direct conversation with still sees it.
+/// kept contact sets are brought up to date from the membership entries delivered, the
+/// newcomers checked for blocks, rather than read whole again): a member added is shown
+/// to the others and its changes reach them, but not those it blocks; one removed is
+/// shown to nobody it shares nothing else with, while a member it shares a direct
+/// conversation with still sees it.
 #[tokio::test]
 async fn presence_follows_a_groups_membership_while_its_members_stay_online() {
     bounded(async {

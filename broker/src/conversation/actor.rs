@@ -379,8 +379,11 @@ impl Conversation {
                     // entry again (a panic while sending it leaves it to the devices'
                     // catch-up, which a later entry's gap or the next connect asks for).
                     state.published.store(entry.seq, Ordering::Release);
-                    self.shared.typing.entry_delivered(&entry);
+                    // Presence first: a removal must take the member out of the kept
+                    // contact sets even if the typing hook panics (a successor does not
+                    // deliver this entry again).
                     self.shared.presence.entry_delivered(&entry, &audience);
+                    self.shared.typing.entry_delivered(&entry);
                     match encode_frame(&ServerFrame::Event(Event::Entry(entry))) {
                         Ok(frame) => {
                             let delivered = self.shared.online.deliver(&audience, &frame, except);
