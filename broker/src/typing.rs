@@ -11,8 +11,9 @@
 //! the conversation, from any device, clears it without a push (receivers clear it on
 //! the message itself, and no "stopped" can follow later); leaving or being removed from
 //! the conversation stops it with a push. State is bounded per user
-//! (`TYPING_PER_USER_MAX`), per indicator (`TYPING_SESSIONS_PER_INDICATOR`) and in total
-//! (`TYPING_ENTRIES_MAX`): a start beyond the first or the last is dropped.
+//! (`TYPING_PER_USER_MAX`, one while the table is half full or more), per indicator
+//! (`TYPING_SESSIONS_PER_INDICATOR`) and in total (`TYPING_ENTRIES_MAX`): a start
+//! beyond the first or the last is dropped.
 //!
 //! The rate limit is one token bucket per user (`user::Allowances`), shared by all of
 //! the user's sessions, so more devices do not mean more signals.
@@ -142,8 +143,13 @@ impl TypingState {
             self.timers.insert((typer.until_ms, conv, user));
             return None;
         }
+        // Half full or more, a user takes one indicator at most: before, 4,096 accounts
+        // typing in 16 conversations each filled the table, and nobody else's typing was
+        // shown until theirs expired; now that takes about 34,800 (2,048 at 16, the rest
+        // at one), while a user typing in one conversation, as people do, never notices.
         let convs = self.by_user.get(&user).map_or(0, |c| c.len());
-        if convs >= self.per_user_max || self.entries.len() >= self.total_max {
+        let per_user = if self.entries.len() >= self.total_max / 2 { 1 } else { self.per_user_max };
+        if convs >= per_user || self.entries.len() >= self.total_max {
             return None;
         }
         self.entries.insert((conv, user), Typer { until_ms, sessions: vec![(session, until_ms)] });
@@ -1015,19 +1021,27 @@ mod tests {
         assert_eq!(allowance.len(), 2);
     }
 
+    /// Bounded per user, in total, and per user at one once the table is half full: a
+    /// crowd of accounts typing in many conversations each cannot take the whole table
+    /// (before, user 2 took a second here, and the table filled with fewer users).
     #[test]
     fn bounded_per_user_and_in_total() {
-        let mut t = TypingState::with_bounds(TTL, 2, 3);
+        let mut t = TypingState::with_bounds(TTL, 2, 6);
         assert!(t.handle_signal(1, 1, 10, true, 0).is_some());
         assert!(t.handle_signal(2, 1, 10, true, 0).is_some());
         assert_eq!(t.handle_signal(3, 1, 10, true, 0), None, "per-user bound");
         assert_eq!(t.handle_signal(1, 1, 10, true, 0), None, "a repeat still extends");
         assert!(t.handle_signal(1, 2, 20, true, 0).is_some());
-        assert_eq!(t.handle_signal(2, 3, 30, true, 0), None, "total bound");
-        assert_eq!(t.len(), 3);
+        assert_eq!(t.len(), 3, "half full");
+        assert_eq!(t.handle_signal(2, 2, 20, true, 0), None, "one per user from half full on");
+        for user in 3..=5 {
+            assert!(t.handle_signal(1, user, user * 10, true, 0).is_some(), "user {user}'s first");
+        }
+        assert_eq!(t.handle_signal(1, 6, 60, true, 0), None, "total bound");
+        assert_eq!(t.len(), 6);
         // Room again once one ends.
         t.handle_signal(1, 1, 10, false, 1);
-        assert!(t.handle_signal(2, 3, 30, true, 1).is_some());
+        assert!(t.handle_signal(1, 6, 60, true, 1).is_some());
     }
 
     /// The pusher against the store as it is when it pushes: a start whose typist was

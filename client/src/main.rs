@@ -1343,13 +1343,13 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
         Command::Edit { conv, seq, text, client_id } => {
             check_text(&text)?;
             let client_id = client_id_or_new(client_id.as_deref())?;
-            let conv = conv.resolve(client).await?;
+            let conv = conv.resolve_to_write(client).await?;
             let (seq, duplicate) = client.edit_with_id(conv, client_id, seq, &text).await?;
             out.appended(conv, seq, &client_id, duplicate);
         }
         Command::Delete { conv, seq, client_id } => {
             let client_id = client_id_or_new(client_id.as_deref())?;
-            let conv = conv.resolve(client).await?;
+            let conv = conv.resolve_to_write(client).await?;
             let (seq, duplicate) = client.delete_with_id(conv, client_id, seq).await?;
             out.appended(conv, seq, &client_id, duplicate);
         }
@@ -1406,7 +1406,9 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
             });
         }
         Command::Read { conv, seq } => {
-            let conv = conv.resolve(client).await?;
+            // The write rule: a read mark is a receipt its conversation's members see (it
+            // tells them I am here and what I read).
+            let conv = conv.resolve_to_write(client).await?;
             let r = client.mark_read(conv, seq).await?;
             let read = r.read_up_to.unwrap_or(seq);
             out.line(

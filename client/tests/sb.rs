@@ -519,9 +519,12 @@ async fn a_name_sends_nothing_to_a_strangers_group_titled_so() {
     assert!(said.contains(&format!("{trap}, a group titled \"Bob\"")) && said.contains("sb conv create bob"), "{said}");
     let history = sb(&mallory, &broker, &["history", &trap.to_string()]);
     assert!(history.iter().all(|e| e["text"] != "secret"), "{history:?}");
-    // Nor does a typing indicator go there (it tells whoever gets it that alice is here).
+    // Nor does a typing indicator or a read mark go there (each tells its members alice
+    // is here).
     let typed = sb_output(&alice, &broker, &["typing", "bob", "--seconds", "1"]);
     assert_eq!(typed.status.code(), Some(3), "{}", String::from_utf8_lossy(&typed.stderr));
+    let marked = sb_output(&alice, &broker, &["read", "bob", "1"]);
+    assert_eq!(marked.status.code(), Some(3), "{}", String::from_utf8_lossy(&marked.stderr));
     // Reads still take the title; the group by its number takes a write.
     assert!(sb_output(&alice, &broker, &["history", "bob"]).status.success());
     // Handed the group (mallory stays an admin, who may rename it): still refused.

@@ -223,6 +223,9 @@ fn deliver(job: &Job) {
             return;
         }
     };
+    if convs.is_empty() {
+        return;
+    }
     // Nothing of the uploader's reaches whom it blocks, in a group too (its file events
     // would tell when it is online, as its receipts would: PROTOCOL.md, "Blocking").
     // One prefix scan, empty for most; a failed read tells the conversations nothing.

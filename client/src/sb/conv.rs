@@ -7,10 +7,11 @@
 //! with no direct conversation, go to it). Two or more groups matching are refused with
 //! their numbers, never guessed. A title made only of digits reads as a number.
 //!
-//! What writes (`send`, `upload --conv`, `file send`, `typing`) takes a group by its title
-//! only where the title cannot be a user's name: with no direct conversation with bob, a
-//! stranger's group titled "bob" took `sb send bob secret` (a review), so a group whose
-//! title has a name's shape is given by its number for a write. Owning the group is no
+//! What writes or tells its members something (`send`, `edit`, `delete`, `read`,
+//! `upload --conv`, `file send`, `typing`) takes a group by its title only where the
+//! title cannot be a user's name: with no direct conversation with bob, a stranger's
+//! group titled "bob" took `sb send bob secret` (a review), so a group whose title has a
+//! name's shape is given by its number for a write. Owning the group is no
 //! exception: ownership is handed over without consent, and admins rename groups.
 
 use anyhow::bail;
