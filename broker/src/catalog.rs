@@ -119,14 +119,26 @@ pub(crate) async fn block(
         unless_cut_off(s, caller, &asker, |s| s.set_block(caller, user, blocked, max))
     })
     .await?;
-    match changed.map_err(internal)?? {
-        BlockChange::Done(durable) => durable.await.map_err(internal)?,
+    let changed = match changed.map_err(internal)?? {
+        BlockChange::Done(durable) => {
+            durable.await.map_err(internal)?;
+            true
+        }
+        BlockChange::Same(durable) => {
+            durable.await.map_err(internal)?;
+            false
+        }
         BlockChange::Full => {
             return Err(ErrorBody::new(ErrorCode::INVALID, format!("at most {MAX_BLOCKED} blocked users")));
         }
-    }
+    };
     shared.pauses.pass(crate::pauses::Point::BlockStored).await;
-    shared.presence.blocks_changed(caller, user, blocked);
+    // Only a block that changed touches the contact sets: an unblock of someone never
+    // blocked (anyone may name anyone) marked both sets short, spending the other's
+    // whole reads (an attacker review).
+    if changed {
+        shared.presence.blocks_changed(caller, user, blocked);
+    }
     if blocked {
         shared.typing.blocked(caller, user);
     }

@@ -370,6 +370,15 @@ pub const PRESENCE_REBUILD_INTERVAL_MS: u64 = 30_000;
 /// change past it marks the set short (`PRESENCE_REBUILD_BURST`). 64: a direct
 /// conversation or a group of friends made or grown, 8 bytes each.
 pub const PRESENCE_PENDING_MAX: usize = 64;
+/// Keys the broker reads per second, over all users, to read short contact sets again
+/// whole (`PRESENCE_REBUILD_BURST`); past it, and its burst, a short set is used as it
+/// is until the allowance has refilled. Every whole read is charged, first reads
+/// included (those always run: a user needs a set). 200,000 keys: about a tenth of a
+/// core of point reads on this machine; one creation of a 1,000-member group can make a
+/// thousand sets short, each up to 25,000 keys to read (an attacker review).
+pub const PRESENCE_WHOLE_READ_KEYS_PER_S: u64 = 200_000;
+/// See `PRESENCE_WHOLE_READ_KEYS_PER_S`: a burst of a million keys (5 s of it).
+pub const PRESENCE_WHOLE_READ_BURST_KEYS: u64 = 1_000_000;
 /// Conversations one user may be shown typing in at once; a start beyond it is dropped.
 /// One while `TYPING_ENTRIES_MAX` is half taken, so filling the table takes tens of
 /// thousands of accounts typing, not 4,096.

@@ -35,7 +35,8 @@ use crate::limits::{
     LAST_SEEN_REFRESH_MS, PRESENCE_AT_STOP_MAX, PRESENCE_CACHED_CONTACTS_MAX, PRESENCE_CONTACTS_MAX,
     PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PENDING_MAX, PRESENCE_PUSH_BURST,
     PRESENCE_PUSH_WINDOWS, PRESENCE_REBUILD_BURST, PRESENCE_REBUILD_INTERVAL_MS, PRESENCE_RESTART_GRACE_MS,
-    PRESENCE_RESTART_MAX_DOWN_MS, PRESENCE_RESTART_SPREAD_MS,
+    PRESENCE_RESTART_MAX_DOWN_MS, PRESENCE_RESTART_SPREAD_MS, PRESENCE_WHOLE_READ_BURST_KEYS,
+    PRESENCE_WHOLE_READ_KEYS_PER_S,
 };
 use crate::reply::internal;
 
@@ -454,6 +455,13 @@ struct ContactCache {
     /// theoretical arrival time (ms since the epoch). Apart from `sets`, so an eviction
     /// or a drop does not refill it; forgotten with the user's presence entry (`forget`).
     allowances: HashMap<UserId, u64>,
+    /// The broker's allowance of keys read by whole reads (`PRESENCE_WHOLE_READ_KEYS_PER_S`,
+    /// a burst of `PRESENCE_WHOLE_READ_BURST_KEYS`), a GCRA theoretical arrival time in µs
+    /// since the epoch: every whole read is charged after it ran; a short set is read
+    /// again only while it is not spent. The per-user allowance bounds how often others
+    /// make one user's set read, not how many users they reach: one creation puts a
+    /// thousand users in a group (an attacker review).
+    whole_reads_tat_us: u64,
 }
 
 impl Default for ContactCache {
@@ -464,6 +472,7 @@ impl Default for ContactCache {
             max_held: PRESENCE_CACHED_CONTACTS_MAX,
             building: HashMap::new(),
             allowances: HashMap::new(),
+            whole_reads_tat_us: 0,
         }
     }
 }
@@ -516,8 +525,11 @@ impl ContactCache {
     fn take_out_one(&mut self, user: UserId, gone: UserId, short: bool) {
         let Some(kept) = self.sets.get_mut(&user) else { return };
         if let Some(at) = kept.pending.iter().position(|&u| u == gone) {
+            // Pending through this conversation, and maybe through another that made it
+            // pending again meanwhile (nothing is pending twice): read whole to know.
             kept.pending.swap_remove(at);
             self.held -= 1;
+            kept.short |= short;
         }
         if let Ok(at) = kept.set.users.binary_search(&gone) {
             Arc::make_mut(&mut kept.set).users.remove(at);
@@ -534,30 +546,40 @@ impl ContactCache {
         kept.pending.retain(|u| !gone.contains(u));
         if kept.set.users.iter().any(|u| gone.contains(u)) {
             Arc::make_mut(&mut kept.set).users.retain(|u| !gone.contains(u));
-            kept.short = true;
         }
-        self.held -= before - kept.pending.len() - kept.set.users.len();
+        let after = kept.pending.len() + kept.set.users.len();
+        kept.short |= after < before;
+        self.held -= before - after;
     }
 
-    /// Puts `joined` (a conversation of `user`'s now has them) on `user`'s pending list,
-    /// or marks its set short if they do not all fit (`PRESENCE_PENDING_MAX`).
+    /// Puts `joined` (a conversation of `user`'s now has them; `user` may be among them)
+    /// on `user`'s pending list, those it does not hold yet; marks its set short if they
+    /// do not fit (`PRESENCE_PENDING_MAX`, or the cache's bound). At most 65 looked at.
     fn add_pending(&mut self, user: UserId, joined: &[UserId]) {
         let Some(kept) = self.sets.get_mut(&user) else { return };
         if kept.short {
             return;
         }
-        if kept.pending.len() + joined.len() > PRESENCE_PENDING_MAX {
+        let new: Vec<UserId> = if joined.len() > PRESENCE_PENDING_MAX + 1 {
+            Vec::new()
+        } else {
+            joined
+                .iter()
+                .copied()
+                .filter(|&other| other != user && !kept.set.contains(other) && !kept.pending.contains(&other))
+                .collect()
+        };
+        let fits = joined.len() <= PRESENCE_PENDING_MAX + 1
+            && kept.pending.len() + new.len() <= PRESENCE_PENDING_MAX
+            && self.held + new.len() <= self.max_held;
+        if !fits {
             self.held -= kept.pending.len();
             kept.pending = Vec::new();
             kept.short = true;
             return;
         }
-        for &other in joined {
-            if other != user && !kept.pending.contains(&other) && !kept.set.contains(other) {
-                kept.pending.push(other);
-                self.held += 1;
-            }
-        }
+        self.held += new.len();
+        kept.pending.extend(new);
     }
 
     /// Marks `user`'s kept set short (`Kept::short`).
@@ -591,6 +613,15 @@ impl ContactCache {
             return Err(Refresh::Pending(std::mem::take(&mut kept.pending)));
         }
         let set = kept.set.clone();
+        let now_us = now_ms.saturating_mul(1000);
+        let whole_burst_us = PRESENCE_WHOLE_READ_BURST_KEYS * 1_000_000 / PRESENCE_WHOLE_READ_KEYS_PER_S;
+        if self.whole_reads_tat_us > now_us.saturating_add(2 * whole_burst_us) {
+            // The wall clock stepped back.
+            self.whole_reads_tat_us = now_us;
+        }
+        if self.whole_reads_tat_us > now_us.saturating_add(whole_burst_us) {
+            return Ok(set);
+        }
         let burst_span = (PRESENCE_REBUILD_BURST - 1) * PRESENCE_REBUILD_INTERVAL_MS;
         let tat = self.allowances.entry(user).or_insert(0);
         // A wall clock that stepped back does not hold the reads back for as long.
@@ -642,6 +673,13 @@ impl ContactCache {
                 self.held += 1;
             }
         }
+    }
+
+    /// Charges a whole read of `keys` keys, ended at `now_ms`, to the broker's allowance
+    /// (`whole_reads_tat_us`).
+    fn charge_whole_read(&mut self, keys: usize, now_ms: u64) {
+        let cost_us = (keys as u64).saturating_mul(1_000_000) / PRESENCE_WHOLE_READ_KEYS_PER_S;
+        self.whole_reads_tat_us = self.whole_reads_tat_us.max(now_ms.saturating_mul(1000)).saturating_add(cost_us);
     }
 
     /// A build of `user`'s set begins.
@@ -831,14 +869,8 @@ impl Presence {
         for &user in audience {
             // A build under way may have read before the change: used once, not kept.
             cache.changed(user);
-            if !joined.contains(&user) {
-                cache.add_pending(user, &list);
-            } else if audience.len() > PRESENCE_PENDING_MAX + 1 {
-                // Joined a large conversation: its members do not fit a pending list.
-                cache.mark_short(user);
-            } else {
-                cache.add_pending(user, audience);
-            }
+            // One who joined gains every member; the others, those who joined.
+            cache.add_pending(user, if joined.contains(&user) { audience } else { &list });
         }
     }
 
@@ -1086,12 +1118,14 @@ impl Presence {
                 }
                 continue;
             }
+            let before = read;
             let built = read_contacts(&self.store, user).map(|(set, keys)| {
                 read += keys;
                 Arc::new(set)
             });
             let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            cache.charge_whole_read(read - before, now_ms);
             let fresh = cache.end(user);
             if let Ok(set) = &built
                 && known
@@ -1734,9 +1768,10 @@ mod tests {
     }
 
     /// A member who leaves or is removed is taken out of the others' kept sets when the
-    /// change is delivered, and they out of its own, with nothing read (their whole
-    /// reads spent here): it gets no more of their presence, nor they of its. A contact
-    /// it still shares another conversation with is back at the next whole read.
+    /// change is delivered, and they out of its own, not at a later read: with every
+    /// user's whole reads spent, the sets used as they are lack it at once (it gets no
+    /// more of their presence, nor they of its). A contact it still shares another
+    /// conversation with is back at the next whole read.
     #[tokio::test]
     async fn one_who_leaves_is_no_contact_from_the_delivery_on() {
         use switchboard_protocol::Role;
@@ -1783,19 +1818,84 @@ mod tests {
     }
 
     /// A block takes each out of the other's kept set at once, reading nothing (before:
-    /// both sets dropped and read whole again); its end has both read whole again.
+    /// both sets dropped and read whole again), and a whole read leaves each out of the
+    /// other's; its end has both read whole again, each in the other's.
     #[tokio::test]
     async fn a_block_takes_each_out_of_the_others_set_at_once() {
         let (_dir, presence, _written) = fifty_with_sets();
         let now = crate::now_ms();
+        presence.store.set_block(4, 5, true, 8).unwrap();
         presence.blocks_changed(4, 5, true);
         let (four, read_four) = presence.contacts_at(4, now).unwrap();
         let (five, read_five) = presence.contacts_at(5, now).unwrap();
         assert_eq!((read_four, read_five), (0, 0), "nothing read");
         assert!(!four.contains(5) && !five.contains(4) && four.contains(6));
+        for (user, other) in [(4, 5), (5, 4)] {
+            let whole = read_contacts(&presence.store, user).unwrap().0;
+            assert!(!whole.contains(other) && whole.contains(6), "a whole read of {user}'s leaves {other} out");
+        }
+        presence.store.set_block(4, 5, false, 8).unwrap();
         presence.blocks_changed(4, 5, false);
-        let (four, read_four) = presence.contacts_at(4, now).unwrap();
-        assert!(read_four > 0 && four.contains(5), "read whole after the unblock");
+        for (user, other) in [(4, 5), (5, 4)] {
+            let (set, read) = presence.contacts_at(user, now).unwrap();
+            assert!(read > 0 && set.contains(other), "{user}'s read whole after the unblock");
+        }
+    }
+
+    /// A user pending in a member's set through a conversation it then leaves may share
+    /// another made meanwhile (pending once, however many): the set is read whole at its
+    /// next use. Before, it was only taken off the list, and the two, sharing a direct
+    /// conversation, were no contacts of each other until a whole read for another
+    /// reason (an attacker review).
+    #[tokio::test]
+    async fn one_pending_through_a_conversation_it_leaves_is_looked_for_again() {
+        use switchboard_protocol::{ConversationKind, Role};
+        let (_dir, presence, written) = fifty_with_sets();
+        let now = crate::now_ms();
+        presence.attach(70, 700);
+        assert!(!presence.contacts_at(70, now).unwrap().0.contains(1));
+        let mut audience: Vec<UserId> = (1..=50).chain([70]).collect();
+        let added = written(2, 1, Body::MembersAdded { members: vec![(70, Role::Member)] });
+        presence.entry_delivered(&added, &audience);
+        // Before either set is used, 1 and 70 start a direct conversation.
+        let pair = [(1, Role::Member), (70, Role::Member)];
+        let direct = crate::test_conversation(&presence.store, ConversationKind::Direct, &pair, Some((1, 70)));
+        let created = Entry {
+            conv: direct,
+            seq: 1,
+            sender: 1,
+            sender_device: 1,
+            client_id: [1; 16],
+            at_ms: 0,
+            body: Body::Created { kind: ConversationKind::Direct, title: String::new(), members: pair.to_vec() },
+        };
+        presence.entry_delivered(&created, &[1, 70]);
+        let left = written(3, 70, Body::MemberLeft);
+        presence.entry_delivered(&left, &audience);
+        audience.retain(|&u| u != 70);
+        let (set, read) = presence.contacts_at(1, now).unwrap();
+        assert!(read > 2 && set.contains(70), "read whole: the direct peer found ({read} keys)");
+        let (set, read) = presence.contacts_at(70, now).unwrap();
+        assert!(read > 2 && set.users() == [1], "70's own read whole: {:?}", set.users());
+        assert!(!presence.contacts_at(2, now).unwrap().0.contains(70), "no other share");
+    }
+
+    /// While the broker's allowance of whole-read keys is spent, a short set is used as it
+    /// is (a thousand sets made short by one creation are read again at
+    /// `PRESENCE_WHOLE_READ_KEYS_PER_S`, not at once); once it refills, read whole.
+    #[test]
+    fn whole_reads_wait_while_the_brokers_allowance_is_spent() {
+        let mut cache = ContactCache::default();
+        cache.keep(1, &set(&[2, 3]));
+        cache.mark_short(1);
+        let now = 1_000_000;
+        cache.charge_whole_read(2 * PRESENCE_WHOLE_READ_BURST_KEYS as usize, now);
+        assert!(cache.usable(1, now).is_ok(), "spent: used as it is");
+        let refilled = now + 2 * 1000 * PRESENCE_WHOLE_READ_BURST_KEYS / PRESENCE_WHOLE_READ_KEYS_PER_S;
+        assert!(matches!(cache.usable(1, refilled), Err(Refresh::Whole)), "refilled: read whole");
+        // A wall clock stepped far back does not hold them for as long.
+        cache.charge_whole_read(2 * PRESENCE_WHOLE_READ_BURST_KEYS as usize, refilled);
+        assert!(matches!(cache.usable(1, 1_000), Err(Refresh::Whole)));
     }
 
     /// A whole read puts its user into the kept sets of the contacts it found, short

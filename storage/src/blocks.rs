@@ -10,8 +10,11 @@ use crate::{Durable, Result, Store, corrupt};
 /// What `Store::set_block` did.
 #[derive(Debug)]
 pub enum BlockChange {
-    /// Written (or it held already); durable when the future resolves.
+    /// Written; durable when the future resolves.
     Done(Durable),
+    /// It held already (blocking what is blocked, unblocking what is not): nothing
+    /// written; what was written of it is durable when the future resolves.
+    Same(Durable),
     /// Refused: the blocker blocks the most users allowed already.
     Full,
 }
@@ -44,17 +47,19 @@ impl Store {
     pub fn set_block(&self, blocker: UserId, blocked: UserId, block: bool, max: usize) -> Result<BlockChange> {
         let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
         let key = Key::block(blocker, blocked);
-        if block {
-            if !self.db.contains_key(&key)?
-                && self.db.scan_prefix(Key::blocks_of(blocker)).keys().take(max).count() >= max
-            {
-                return Ok(BlockChange::Full);
-            }
-            self.index_write(|| Ok(self.db.insert(&key, &[][..]).map(|_| ())?))?;
-        } else {
-            self.index_write(|| Ok(self.db.remove(&key).map(|_| ())?))?;
+        if block
+            && !self.db.contains_key(&key)?
+            && self.db.scan_prefix(Key::blocks_of(blocker)).keys().take(max).count() >= max
+        {
+            return Ok(BlockChange::Full);
         }
-        Ok(BlockChange::Done(self.barrier()?))
+        let changed = if block {
+            self.index_write(|| Ok(self.db.insert(&key, &[][..])?.is_none()))?
+        } else {
+            self.index_write(|| Ok(self.db.remove(&key)?.is_some()))?
+        };
+        let durable = self.barrier()?;
+        Ok(if changed { BlockChange::Done(durable) } else { BlockChange::Same(durable) })
     }
 }
 
@@ -72,7 +77,8 @@ mod tests {
         assert!(store.blocked_between(2, 1).unwrap());
         assert!(matches!(store.set_block(1, 3, true, 2).unwrap(), BlockChange::Done(_)));
         assert!(matches!(store.set_block(1, 4, true, 2).unwrap(), BlockChange::Full));
-        assert!(matches!(store.set_block(1, 3, true, 2).unwrap(), BlockChange::Done(_)), "again: no new key");
+        assert!(matches!(store.set_block(1, 3, true, 2).unwrap(), BlockChange::Same(_)), "again: no new key");
+        assert!(matches!(store.set_block(1, 5, false, 2).unwrap(), BlockChange::Same(_)), "never blocked");
         assert_eq!(store.blocked_users(1, 10).unwrap(), [2, 3]);
         assert!(matches!(store.set_block(1, 2, false, 2).unwrap(), BlockChange::Done(_)));
         assert!(!store.blocks(1, 2).unwrap());
