@@ -8,7 +8,9 @@
 //! that have exited). Linux counts context switches per thread, so they are summed over
 //! /proc/PID/task/*/status: a thread that exits inside the window takes its count with
 //! it, and one that starts and exits inside it is never seen. `Cost::threads_exited`
-//! counts the first kind, so a reader can tell when the figure is low.
+//! counts the first kind, so a reader can tell when the figure is low. The switches are
+//! also given per kind of thread (its name without a trailing number: `sb-committer`,
+//! `sled-io`), so a run says where its wakeups are, not only how many (issue 10, item 1).
 
 use std::collections::BTreeMap;
 
@@ -22,6 +24,8 @@ pub struct Usage {
     pub cpu_ticks: u64,
     /// (voluntary, involuntary) context switches so far, by thread id.
     pub switches: BTreeMap<u32, (u64, u64)>,
+    /// Each thread's kind (`thread_kind`), by thread id.
+    pub kinds: BTreeMap<u32, String>,
 }
 
 impl Usage {
@@ -29,17 +33,26 @@ impl Usage {
     /// can read.
     pub fn read(pid: &str) -> Option<Usage> {
         let cpu_ticks = cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
-        let mut switches = BTreeMap::new();
+        let (mut switches, mut kinds) = (BTreeMap::new(), BTreeMap::new());
         for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
             let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else { continue };
             // A thread that exits between the listing and this read is not counted.
             let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
             if let Some(counts) = context_switches(&status) {
                 switches.insert(tid, counts);
+                kinds.insert(tid, thread_kind(&status));
             }
         }
-        Some(Usage { cpu_ticks, switches })
+        Some(Usage { cpu_ticks, switches, kinds })
     }
+}
+
+/// A thread's kind: the name on the `Name:` line of its /proc status without a trailing
+/// number (`sled-io-3` and `sled-io-4` are `sled-io`); `?` without a name.
+pub fn thread_kind(status: &str) -> String {
+    let name = status.lines().find_map(|l| l.strip_prefix("Name:")).map_or("", str::trim);
+    let kind = name.trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches(['-', '_', '#', ' ']);
+    if kind.is_empty() { "?".into() } else { kind.into() }
 }
 
 /// The cost per message of the window from `start` to `end`; `None` without an
@@ -49,12 +62,18 @@ pub fn per_message(start: &Usage, end: &Usage, acks: u64, deliveries: u64) -> Op
         return None;
     }
     let (mut voluntary, mut involuntary) = (0, 0);
+    let mut by_kind: BTreeMap<&str, u64> = BTreeMap::new();
     for (tid, &(v, i)) in &end.switches {
         // A thread born inside the window counts from zero.
         let (v0, i0) = start.switches.get(tid).copied().unwrap_or_default();
-        voluntary += v.saturating_sub(v0);
-        involuntary += i.saturating_sub(i0);
+        let (v, i) = (v.saturating_sub(v0), i.saturating_sub(i0));
+        voluntary += v;
+        involuntary += i;
+        *by_kind.entry(end.kinds.get(tid).map_or("?", String::as_str)).or_default() += v + i;
     }
+    let mut by_thread: Vec<(String, f64)> =
+        by_kind.into_iter().map(|(kind, n)| (kind.to_owned(), n as f64 / acks as f64)).collect();
+    by_thread.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let cpu_us = end.cpu_ticks.saturating_sub(start.cpu_ticks) as f64 / TICKS_PER_S * 1e6;
     let acks = acks as f64;
     Some(Cost {
@@ -63,6 +82,7 @@ pub fn per_message(start: &Usage, end: &Usage, acks: u64, deliveries: u64) -> Op
         ctx_switches_per_ack: (voluntary + involuntary) as f64 / acks,
         voluntary_ctx_switches_per_ack: voluntary as f64 / acks,
         involuntary_ctx_switches_per_ack: involuntary as f64 / acks,
+        ctx_switches_per_ack_by_thread: by_thread,
         threads_exited: start.switches.keys().filter(|tid| !end.switches.contains_key(tid)).count() as u64,
     })
 }
@@ -72,7 +92,12 @@ mod tests {
     use super::*;
 
     fn usage(cpu_ticks: u64, threads: &[(u32, u64, u64)]) -> Usage {
-        Usage { cpu_ticks, switches: threads.iter().map(|&(tid, v, i)| (tid, (v, i))).collect() }
+        let kind = |tid: u32| if tid == 1 { "sb-broker".to_owned() } else { format!("sled-io-{tid}") };
+        Usage {
+            cpu_ticks,
+            switches: threads.iter().map(|&(tid, v, i)| (tid, (v, i))).collect(),
+            kinds: threads.iter().map(|&(tid, ..)| (tid, thread_kind(&format!("Name:\t{}\n", kind(tid))))).collect(),
+        }
     }
 
     #[test]
@@ -87,6 +112,16 @@ mod tests {
         assert_eq!(cost.involuntary_ctx_switches_per_ack, 0.04, "(20 + 20) / 1,000");
         assert_eq!(cost.ctx_switches_per_ack, 0.44);
         assert_eq!(cost.threads_exited, 1);
+        // By kind, the most first: thread 1 (sb-broker) 320, thread 3 (sled-io-3) 120.
+        assert_eq!(cost.ctx_switches_per_ack_by_thread, [("sb-broker".to_owned(), 0.32), ("sled-io".to_owned(), 0.12)]);
+    }
+
+    #[test]
+    fn thread_kinds_drop_their_number() {
+        assert_eq!(thread_kind("Name:\tsled-io-3\nState:\tS\n"), "sled-io");
+        assert_eq!(thread_kind("Name:\tsb-committer\n"), "sb-committer");
+        assert_eq!(thread_kind("Name:\ttokio-runtime-w\n"), "tokio-runtime-w");
+        assert_eq!(thread_kind("State:\tS\n"), "?");
     }
 
     #[test]

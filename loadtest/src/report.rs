@@ -87,6 +87,9 @@ pub struct Cost {
     pub voluntary_ctx_switches_per_ack: f64,
     /// Of which involuntary: the thread was preempted.
     pub involuntary_ctx_switches_per_ack: f64,
+    /// Context switches per acknowledged message by kind of thread (its name without a
+    /// trailing number), the most first.
+    pub ctx_switches_per_ack_by_thread: Vec<(String, f64)>,
     /// Threads that exited inside the window; their switches are missing from the above.
     pub threads_exited: u64,
 }
@@ -115,6 +118,9 @@ impl Serialize for Costs {
             entry("ctx_switches_per_ack", cost.as_ref().map(|c| c.ctx_switches_per_ack))?;
             entry("voluntary_ctx_switches_per_ack", cost.as_ref().map(|c| c.voluntary_ctx_switches_per_ack))?;
             entry("involuntary_ctx_switches_per_ack", cost.as_ref().map(|c| c.involuntary_ctx_switches_per_ack))?;
+            let by_thread: Option<BTreeMap<&str, f64>> =
+                cost.as_ref().map(|c| c.ctx_switches_per_ack_by_thread.iter().map(|(k, v)| (k.as_str(), *v)).collect());
+            map.serialize_entry(&format!("{process}_ctx_switches_per_ack_by_thread"), &by_thread)?;
             map.serialize_entry(&format!("{process}_threads_exited"), &cost.as_ref().map(|c| c.threads_exited))?;
         }
         map.end()
@@ -536,6 +542,16 @@ fn cost_line(cost: Option<&Cost>) -> String {
     );
     if c.threads_exited > 0 {
         let _ = write!(line, "; {} threads exited, their switches are missing", c.threads_exited);
+    }
+    // Where they are: the kinds of thread with at least 0.01 per ack, the most first.
+    let kinds: Vec<String> = c
+        .ctx_switches_per_ack_by_thread
+        .iter()
+        .filter(|(_, n)| *n >= 0.01)
+        .map(|(kind, n)| format!("{kind} {n:.2}"))
+        .collect();
+    if !kinds.is_empty() {
+        let _ = write!(line, "\n{:<14}by thread: {}", "", kinds.join(", "));
     }
     line
 }
