@@ -89,8 +89,8 @@ pub(crate) fn refuse_if_blocked(shared: &Shared, blocker: UserId, user: UserId, 
 
 /// `Block`: `caller` blocks the user named `name` (or stops). `NOT_FOUND` for no such
 /// user, `INVALID` for oneself or past `MAX_BLOCKED`; nothing changes for `asker`, a
-/// device cut off since it asked (`refusal_to`). Durable when answered; presence
-/// contact sets of both are read again from then on.
+/// device cut off since it asked (`refusal_to`). Durable when answered; from then on
+/// neither is in the other's presence contact set (`Presence::blocks_changed`).
 pub(crate) async fn block(
     shared: &Shared,
     caller: UserId,
@@ -133,10 +133,12 @@ pub(crate) async fn block(
         }
     };
     shared.pauses.pass(crate::pauses::Point::BlockStored).await;
-    // Only a block that changed touches the contact sets: an unblock of someone never
+    // An unblock that changed nothing touches no contact set: one of someone never
     // blocked (anyone may name anyone) marked both sets short, spending the other's
-    // whole reads (an attacker review).
-    if changed {
+    // whole reads (an attacker review). A block always takes each out of the other's
+    // (nothing read): a second device's block of the same user is answered `Same`,
+    // maybe before the first one's take-out.
+    if changed || blocked {
         shared.presence.blocks_changed(caller, user, blocked);
     }
     if blocked {

@@ -355,7 +355,8 @@ pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 4096;
 /// reads take a few ms; members past it are not looked at.
 pub const PRESENCE_MEMBERS_SCANNED: usize = 16_384;
 /// Whole reads of one user's contact set again after changes made it short (more joined
-/// its conversations than `PRESENCE_PENDING_MAX`, or it joined one, or a block ended):
+/// its conversations than `PRESENCE_PENDING_MAX` since its last use, a block ended, or
+/// one who left a conversation of its may share another):
 /// a burst of this many, then one per `PRESENCE_REBUILD_INTERVAL_MS`; past it the short
 /// set is used as it is (it may lack a new contact, never holds a former one). Others
 /// change a user's conversations as often as they like (anyone can add anyone to
@@ -372,13 +373,21 @@ pub const PRESENCE_REBUILD_INTERVAL_MS: u64 = 30_000;
 pub const PRESENCE_PENDING_MAX: usize = 64;
 /// Keys the broker reads per second, over all users, to read short contact sets again
 /// whole (`PRESENCE_REBUILD_BURST`); past it, and its burst, a short set is used as it
-/// is until the allowance has refilled. Every whole read is charged, first reads
-/// included (those always run: a user needs a set). 200,000 keys: about a tenth of a
-/// core of point reads on this machine; one creation of a 1,000-member group can make a
-/// thousand sets short, each up to 25,000 keys to read (an attacker review).
+/// is until the allowance is back within its burst (its pending contacts are still
+/// checked, two keys each). Every whole read is charged, first reads included (those
+/// always run: a user needs a set). 200,000 keys: about a tenth of a core of point reads
+/// on this machine; one creation of a 1,000-member group can make a thousand sets
+/// short, each up to about 38,000 keys to read (4,096 conversations, 16,384 members, a
+/// block key per member and the user's own blocks; an attacker review).
 pub const PRESENCE_WHOLE_READ_KEYS_PER_S: u64 = 200_000;
-/// See `PRESENCE_WHOLE_READ_KEYS_PER_S`: a burst of a million keys (5 s of it).
+/// See `PRESENCE_WHOLE_READ_KEYS_PER_S`: a burst of a million keys (5 s of it). Charges
+/// are held within twice the burst, so a crowd of first reads after a start holds
+/// re-reads back for at most 10 s.
 pub const PRESENCE_WHOLE_READ_BURST_KEYS: u64 = 1_000_000;
+/// Keys a whole re-read is charged when it is let through, settled once it ran, so
+/// re-reads let through together see each other's cost (charging only after let a
+/// crowd of them through at once).
+pub const PRESENCE_WHOLE_READ_ESTIMATE_KEYS: usize = 4096;
 /// Conversations one user may be shown typing in at once; a start beyond it is dropped.
 /// One while `TYPING_ENTRIES_MAX` is half taken, so filling the table takes tens of
 /// thousands of accounts typing, not 4,096.

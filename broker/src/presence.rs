@@ -36,7 +36,7 @@ use crate::limits::{
     PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_PENDING_MAX, PRESENCE_PUSH_BURST,
     PRESENCE_PUSH_WINDOWS, PRESENCE_REBUILD_BURST, PRESENCE_REBUILD_INTERVAL_MS, PRESENCE_RESTART_GRACE_MS,
     PRESENCE_RESTART_MAX_DOWN_MS, PRESENCE_RESTART_SPREAD_MS, PRESENCE_WHOLE_READ_BURST_KEYS,
-    PRESENCE_WHOLE_READ_KEYS_PER_S,
+    PRESENCE_WHOLE_READ_ESTIMATE_KEYS, PRESENCE_WHOLE_READ_KEYS_PER_S,
 };
 use crate::reply::internal;
 
@@ -484,12 +484,16 @@ struct Kept {
     /// `PRESENCE_PENDING_MAX`: contacts unless a block stands between them, which the
     /// set's next use checks (two key reads each) before it is used.
     pending: Vec<UserId>,
-    /// A change since the set was read made more contacts than `pending` holds (the user
-    /// joined a conversation, a large group was made or grew, a block ended): read again
-    /// whole at its next use within the user's allowance, else used as it is (it may lack
-    /// new contacts, never holds a former one).
+    /// A change since the set was read may have made more contacts than `pending` holds
+    /// (more joined than fit, a block ended, one who left may share another
+    /// conversation): read again whole at its next use within the user's and the
+    /// broker's allowances (`ContactCache::whole_read_allowed`), else used as it is with
+    /// its pending contacts checked (it may lack new contacts, never holds a former one).
     short: bool,
 }
+
+/// `PRESENCE_WHOLE_READ_BURST_KEYS` as time, µs.
+const WHOLE_READ_BURST_US: u64 = PRESENCE_WHOLE_READ_BURST_KEYS * 1_000_000 / PRESENCE_WHOLE_READ_KEYS_PER_S;
 
 /// What a use of a kept set must do first.
 enum Refresh {
@@ -555,11 +559,10 @@ impl ContactCache {
     /// Puts `joined` (a conversation of `user`'s now has them; `user` may be among them)
     /// on `user`'s pending list, those it does not hold yet; marks its set short if they
     /// do not fit (`PRESENCE_PENDING_MAX`, or the cache's bound). At most 65 looked at.
+    /// A short set keeps taking them while they fit: they are checked when its whole read
+    /// is refused, so a user others keep short still gains a new direct peer (a review).
     fn add_pending(&mut self, user: UserId, joined: &[UserId]) {
         let Some(kept) = self.sets.get_mut(&user) else { return };
-        if kept.short {
-            return;
-        }
         let new: Vec<UserId> = if joined.len() > PRESENCE_PENDING_MAX + 1 {
             Vec::new()
         } else {
@@ -573,8 +576,6 @@ impl ContactCache {
             && kept.pending.len() + new.len() <= PRESENCE_PENDING_MAX
             && self.held + new.len() <= self.max_held;
         if !fits {
-            self.held -= kept.pending.len();
-            kept.pending = Vec::new();
             kept.short = true;
             return;
         }
@@ -582,11 +583,10 @@ impl ContactCache {
         kept.pending.extend(new);
     }
 
-    /// Marks `user`'s kept set short (`Kept::short`).
+    /// Marks `user`'s kept set short (`Kept::short`); its pending list stays (checked
+    /// while a whole read is refused).
     fn mark_short(&mut self, user: UserId) {
         if let Some(kept) = self.sets.get_mut(&user) {
-            self.held -= kept.pending.len();
-            kept.pending = Vec::new();
             kept.short = true;
         }
     }
@@ -604,23 +604,31 @@ impl ContactCache {
     /// pending list is taken out of the set (put back as a short mark if its check is
     /// overtaken by a change).
     fn usable(&mut self, user: UserId, now_ms: u64) -> Result<Arc<Contacts>, Refresh> {
-        let Some(kept) = self.sets.get_mut(&user) else { return Err(Refresh::Whole) };
-        if !kept.short {
-            if kept.pending.is_empty() {
-                return Ok(kept.set.clone());
-            }
-            self.held -= kept.pending.len();
-            return Err(Refresh::Pending(std::mem::take(&mut kept.pending)));
+        let Some(short) = self.sets.get(&user).map(|kept| kept.short) else { return Err(Refresh::Whole) };
+        if short && self.whole_read_allowed(user, now_ms) {
+            return Err(Refresh::Whole);
         }
-        let set = kept.set.clone();
+        let Some(kept) = self.sets.get_mut(&user) else { return Err(Refresh::Whole) };
+        if kept.pending.is_empty() {
+            return Ok(kept.set.clone());
+        }
+        self.held -= kept.pending.len();
+        Err(Refresh::Pending(std::mem::take(&mut kept.pending)))
+    }
+
+    /// Whether `user`'s short set may be read whole at `now_ms`, within the broker's
+    /// allowance of keys and the user's of whole reads; if so both are charged (the
+    /// broker's with `PRESENCE_WHOLE_READ_ESTIMATE_KEYS`, settled by `charge_whole_read`
+    /// once the read ran, so reads admitted together see each other).
+    fn whole_read_allowed(&mut self, user: UserId, now_ms: u64) -> bool {
         let now_us = now_ms.saturating_mul(1000);
-        let whole_burst_us = PRESENCE_WHOLE_READ_BURST_KEYS * 1_000_000 / PRESENCE_WHOLE_READ_KEYS_PER_S;
-        if self.whole_reads_tat_us > now_us.saturating_add(2 * whole_burst_us) {
-            // The wall clock stepped back.
+        // Charges are held within twice the burst of now (`charge_whole_read`), so more
+        // than that ahead means the wall clock stepped back.
+        if self.whole_reads_tat_us > now_us.saturating_add(2 * WHOLE_READ_BURST_US) {
             self.whole_reads_tat_us = now_us;
         }
-        if self.whole_reads_tat_us > now_us.saturating_add(whole_burst_us) {
-            return Ok(set);
+        if self.whole_reads_tat_us > now_us.saturating_add(WHOLE_READ_BURST_US) {
+            return false;
         }
         let burst_span = (PRESENCE_REBUILD_BURST - 1) * PRESENCE_REBUILD_INTERVAL_MS;
         let tat = self.allowances.entry(user).or_insert(0);
@@ -629,10 +637,11 @@ impl ContactCache {
             *tat = now_ms;
         }
         if *tat > now_ms.saturating_add(burst_span) {
-            return Ok(set);
+            return false;
         }
-        *tat = (*tat).max(now_ms) + PRESENCE_REBUILD_INTERVAL_MS;
-        Err(Refresh::Whole)
+        *tat = (*tat).max(now_ms).saturating_add(PRESENCE_REBUILD_INTERVAL_MS);
+        self.charge_keys(PRESENCE_WHOLE_READ_ESTIMATE_KEYS as u64, now_us);
+        true
     }
 
     /// Adds `found` (checked for blocks since `user`'s pending list was taken out, with
@@ -676,10 +685,18 @@ impl ContactCache {
     }
 
     /// Charges a whole read of `keys` keys, ended at `now_ms`, to the broker's allowance
-    /// (`whole_reads_tat_us`).
-    fn charge_whole_read(&mut self, keys: usize, now_ms: u64) {
-        let cost_us = (keys as u64).saturating_mul(1_000_000) / PRESENCE_WHOLE_READ_KEYS_PER_S;
-        self.whole_reads_tat_us = self.whole_reads_tat_us.max(now_ms.saturating_mul(1000)).saturating_add(cost_us);
+    /// (`whole_reads_tat_us`); `estimated`, what its admission charged already.
+    fn charge_whole_read(&mut self, keys: usize, estimated: bool, now_ms: u64) {
+        let already = if estimated { PRESENCE_WHOLE_READ_ESTIMATE_KEYS } else { 0 };
+        self.charge_keys(keys.saturating_sub(already) as u64, now_ms.saturating_mul(1000));
+    }
+
+    /// Adds `keys` to the broker's allowance, held within twice its burst of `now_us` (a
+    /// crowd of first reads after a start must not hold re-reads back for minutes).
+    fn charge_keys(&mut self, keys: u64, now_us: u64) {
+        let cost_us = keys.saturating_mul(1_000_000) / PRESENCE_WHOLE_READ_KEYS_PER_S;
+        let tat = self.whole_reads_tat_us.max(now_us).saturating_add(cost_us);
+        self.whole_reads_tat_us = tat.min(now_us.saturating_add(2 * WHOLE_READ_BURST_US));
     }
 
     /// A build of `user`'s set begins.
@@ -1082,14 +1099,17 @@ impl Presence {
         let (mut attempts, mut read) = (0, 0);
         loop {
             attempts += 1;
-            let refresh = {
+            let (refresh, estimated) = {
                 let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+                // A short set read whole was admitted with an estimate charged; a first read
+                // (no set kept) was not.
+                let kept = cache.sets.contains_key(&user);
                 let refresh = match cache.usable(user, now_ms) {
                     Ok(set) => return Ok((set, read)),
                     Err(refresh) => refresh,
                 };
                 cache.begin(user);
-                refresh
+                (refresh, kept)
             };
             if let Refresh::Pending(pending) = refresh {
                 // Contacts unless a block stands between them: two keys each.
@@ -1125,7 +1145,7 @@ impl Presence {
             });
             let known = self.state.lock().unwrap_or_else(|p| p.into_inner()).is_known(user);
             let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
-            cache.charge_whole_read(read - before, now_ms);
+            cache.charge_whole_read(read - before, estimated, now_ms);
             let fresh = cache.end(user);
             if let Ok(set) = &built
                 && known
@@ -1889,13 +1909,21 @@ mod tests {
         cache.keep(1, &set(&[2, 3]));
         cache.mark_short(1);
         let now = 1_000_000;
-        cache.charge_whole_read(2 * PRESENCE_WHOLE_READ_BURST_KEYS as usize, now);
+        // However much is charged (a crowd of first reads), held within twice the burst.
+        cache.charge_whole_read(100 * PRESENCE_WHOLE_READ_BURST_KEYS as usize, false, now);
         assert!(cache.usable(1, now).is_ok(), "spent: used as it is");
-        let refilled = now + 2 * 1000 * PRESENCE_WHOLE_READ_BURST_KEYS / PRESENCE_WHOLE_READ_KEYS_PER_S;
+        // Its pending contacts are still checked meanwhile (a user kept short by others
+        // still gains a new direct peer).
+        cache.add_pending(1, &[4]);
+        assert!(matches!(cache.usable(1, now), Err(Refresh::Pending(p)) if p == [4]));
+        assert!(cache.add_found(1, &[4]).unwrap().contains(4));
+        assert!(cache.usable(1, now).is_ok(), "still short, still spent");
+        let refilled = now + 2 * WHOLE_READ_BURST_US / 1000;
         assert!(matches!(cache.usable(1, refilled), Err(Refresh::Whole)), "refilled: read whole");
         // A wall clock stepped far back does not hold them for as long.
-        cache.charge_whole_read(2 * PRESENCE_WHOLE_READ_BURST_KEYS as usize, refilled);
+        cache.charge_whole_read(100 * PRESENCE_WHOLE_READ_BURST_KEYS as usize, true, refilled);
         assert!(matches!(cache.usable(1, 1_000), Err(Refresh::Whole)));
+        assert_eq!(cache.held, 3, "2, 3 and 4");
     }
 
     /// A whole read puts its user into the kept sets of the contacts it found, short
