@@ -258,7 +258,7 @@ impl PresenceState {
             entry.presumed = None;
             let actual = entry.aggregate();
             if actual != entry.published {
-                let allowed = allowed_at(entry, now_ms, interval, burst_span);
+                let allowed = allowed_at(&mut entry.allowance_tat, now_ms, interval, burst_span);
                 if allowed > now_ms {
                     self.schedule(user, allowed);
                     continue;
@@ -348,7 +348,7 @@ impl PresenceState {
             Some(last) if now_ms >= last => now_ms.max(last.saturating_add(self.coalesce_ms)),
             _ => now_ms,
         };
-        let due = due.max(allowed_at(entry, now_ms, interval, burst_span));
+        let due = due.max(allowed_at(&mut entry.allowance_tat, now_ms, interval, burst_span));
         self.schedule(user, due);
     }
 
@@ -373,21 +373,22 @@ impl PresenceState {
     }
 }
 
-/// When `entry` may push next under its allowance (GCRA: a push at `now_ms` is allowed
-/// once `allowance_tat - burst_span` has passed). A theoretical arrival time further
-/// ahead than any push could have set means the wall clock stepped back: the allowance
-/// starts again from now (left ahead, each push would move it further and the check
-/// would never hold again).
-fn allowed_at(entry: &mut UserPresence, now_ms: u64, interval: u64, burst_span: u64) -> u64 {
-    if entry.allowance_tat > now_ms.saturating_add(interval).saturating_add(burst_span) {
-        entry.allowance_tat = now_ms;
+/// When the next use of an allowance may come (GCRA, `tat` its theoretical arrival
+/// time: one at `now_ms` is allowed once `tat - burst_span` has passed; each use moves
+/// `tat` on by `interval` from `max(tat, now)`). A `tat` further ahead than any use could
+/// have set means the wall clock stepped back: the allowance starts again from now (left
+/// ahead, each use would move it further and the check would never hold again). Used for
+/// a user's pushes and for its whole reads of contacts.
+fn allowed_at(tat: &mut u64, now_ms: u64, interval: u64, burst_span: u64) -> u64 {
+    if *tat > now_ms.saturating_add(interval).saturating_add(burst_span) {
+        *tat = now_ms;
     }
-    entry.allowance_tat.saturating_sub(burst_span)
+    tat.saturating_sub(burst_span)
 }
 
 /// When `entry`'s allowance is a whole burst again (so forgetting it loses nothing).
 fn refilled_at(entry: &mut UserPresence, now_ms: u64, interval: u64, burst_span: u64) -> u64 {
-    allowed_at(entry, now_ms, interval, burst_span);
+    allowed_at(&mut entry.allowance_tat, now_ms, interval, burst_span);
     entry.allowance_tat
 }
 
@@ -630,16 +631,13 @@ impl ContactCache {
         if self.whole_reads_tat_us > now_us.saturating_add(WHOLE_READ_BURST_US) {
             return false;
         }
-        let burst_span = (PRESENCE_REBUILD_BURST - 1) * PRESENCE_REBUILD_INTERVAL_MS;
+        let (interval, burst_span) =
+            (PRESENCE_REBUILD_INTERVAL_MS, (PRESENCE_REBUILD_BURST - 1) * PRESENCE_REBUILD_INTERVAL_MS);
         let tat = self.allowances.entry(user).or_insert(0);
-        // A wall clock that stepped back does not hold the reads back for as long.
-        if *tat > now_ms.saturating_add(burst_span + PRESENCE_REBUILD_INTERVAL_MS) {
-            *tat = now_ms;
-        }
-        if *tat > now_ms.saturating_add(burst_span) {
+        if allowed_at(tat, now_ms, interval, burst_span) > now_ms {
             return false;
         }
-        *tat = (*tat).max(now_ms).saturating_add(PRESENCE_REBUILD_INTERVAL_MS);
+        *tat = (*tat).max(now_ms).saturating_add(interval);
         self.charge_keys(PRESENCE_WHOLE_READ_ESTIMATE_KEYS as u64, now_us);
         true
     }

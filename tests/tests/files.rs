@@ -867,6 +867,29 @@ async fn a_session_tells_where_an_upload_that_moved_while_it_was_away_stands() {
     .await
 }
 
+/// The offset a `FileInfo` answer shows for an upload still running.
+fn offset_seen(reply: Reply) -> u64 {
+    match reply {
+        Reply::File(info) => match info.state {
+            FileState::Uploading { offset } => offset,
+            other => panic!("expected Uploading, got {other:?}"),
+        },
+        other => panic!("expected File, got {other:?}"),
+    }
+}
+
+/// Asserts that no file event arrives within 500 ms (`what`: the failure's message).
+async fn no_file_event(events: &mut switchboard_client::Events, what: &str) {
+    let quiet = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Some(event) = events.next().await {
+            if let switchboard_protocol::Event::File(p) = event {
+                panic!("{what}: {p:?}");
+            }
+        }
+    });
+    assert!(quiet.await.is_err(), "the event stream ended");
+}
+
 /// Sam and vic, and 2 MiB sam uploads, attached in their direct conversation with its
 /// first 256 KiB sent: the clients, the data and the file.
 async fn upload_attached_between_sam_and_vic(tb: &TestBroker) -> (Client, Client, Vec<u8>, FileId) {
@@ -893,14 +916,7 @@ async fn a_block_silences_file_events_in_a_direct_conversation() {
         // first "uploading" may: CI at f47e8fa saw it, and took it for one after).
         while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, vic_events.next()).await {}
         finish(&sam, file, &data).await;
-        let quiet = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Some(event) = vic_events.next().await {
-                if let switchboard_protocol::Event::File(p) = event {
-                    panic!("the blocker was told of the blocked user's file: {p:?}");
-                }
-            }
-        });
-        assert!(quiet.await.is_err(), "the event stream ended");
+        no_file_event(&mut vic_events, "the blocker was told of the blocked user's file").await;
     })
     .await
 }
@@ -915,13 +931,6 @@ async fn a_block_hides_upload_progress_from_file_info_in_a_direct_conversation()
     bounded(async {
         let tb = TestBroker::start().await;
         let (sam, vic, _, file) = upload_attached_between_sam_and_vic(&tb).await;
-        let offset_seen = |reply: Reply| match reply {
-            Reply::File(info) => match info.state {
-                FileState::Uploading { offset } => offset,
-                other => panic!("expected Uploading, got {other:?}"),
-            },
-            other => panic!("expected File, got {other:?}"),
-        };
         assert_eq!(offset_seen(file_info(&vic, file).await.unwrap()), 256 * 1024, "shown before the block");
         vic.block("sam", true).await.unwrap();
         assert_eq!(offset_seen(file_info(&vic, file).await.unwrap()), 0, "the blocker sees no progress");
@@ -951,25 +960,11 @@ async fn a_blockers_uploads_in_a_group_tell_the_blocked_member_nothing() {
         let (mut sam_events, mut walt_events) = (sam.events().unwrap(), walt.events().unwrap());
         let data = bytes(2 * 1024 * 1024, 7);
         let file = attached_while_uploading(&vic, group, &data).await;
-        let offset_seen = |reply: Reply| match reply {
-            Reply::File(info) => match info.state {
-                FileState::Uploading { offset } => offset,
-                other => panic!("expected Uploading, got {other:?}"),
-            },
-            other => panic!("expected File, got {other:?}"),
-        };
         assert_eq!(offset_seen(file_info(&walt, file).await.unwrap()), 256 * 1024, "the others see it");
         assert_eq!(offset_seen(file_info(&sam, file).await.unwrap()), 0, "the blocked member sees no progress");
         finish(&vic, file, &data).await;
         final_state(&mut walt_events, Some(group), file, &FileState::Complete { thumbnail: None }).await;
-        let quiet = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Some(event) = sam_events.next().await {
-                if let switchboard_protocol::Event::File(p) = event {
-                    panic!("the blocked member was told of the blocker's file: {p:?}");
-                }
-            }
-        });
-        assert!(quiet.await.is_err(), "the event stream ended");
+        no_file_event(&mut sam_events, "the blocked member was told of the blocker's file").await;
         // Complete, it reads as complete to every member (once, not at every chunk).
         assert!(matches!(file_info(&sam, file).await.unwrap(), Reply::File(info) if info.state == FileState::Complete { thumbnail: None }));
     })
