@@ -1946,4 +1946,89 @@ mod tests {
         let (set, read) = presence.contacts_at(1, now).unwrap();
         assert!(read == 0 && set.contains(newcomer), "put in by the newcomer's read");
     }
+
+    /// Membership changes and blocks on one thread (one conversation's entries in seq
+    /// order, as its actor delivers them) while two threads use every user's set at once
+    /// (pushes and `Presence` requests): once all is quiet, no kept set holds anyone its
+    /// user shares no conversation with or a block stands between (what a whole read
+    /// finds now), and the cache's count of ids is right. The rules' races (a use's
+    /// pending check or whole read overtaken by a change, two uses of one set) run here
+    /// for real; a leak would show as a kept set larger than the truth.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_racing_uses_leave_no_former_contact_in_a_kept_set() {
+        use switchboard_protocol::{ConversationKind, Role};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::test_store(dir.path()));
+        let first: Vec<(UserId, Role)> =
+            std::iter::once((1, Role::Owner)).chain((2..=12).map(|u| (u, Role::Member))).collect();
+        let conv = crate::test_conversation(&store, ConversationKind::Group, &first, None);
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        let users: Vec<UserId> = (1..=24).collect();
+        for &user in &users {
+            presence.attach(user, user * 10);
+        }
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2u64)
+            .map(|r| {
+                let (presence, done, users) = (presence.clone(), done.clone(), users.clone());
+                std::thread::spawn(move || {
+                    let mut i = r as usize;
+                    while !done.load(Ordering::Relaxed) {
+                        presence.contacts_at(users[i % users.len()], crate::now_ms()).unwrap();
+                        i = i.wrapping_mul(31).wrapping_add(7);
+                    }
+                })
+            })
+            .collect();
+        let mut members: BTreeSet<UserId> = first.iter().map(|&(u, _)| u).collect();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for seq in 2..400u64 {
+            let user = 2 + next() % 23;
+            let roll = next() % 10;
+            if roll < 2 {
+                let other = 1 + next() % 24;
+                let block = !store.blocks(user, other).unwrap();
+                if other != user {
+                    store.set_block(user, other, block, 64).unwrap();
+                    presence.blocks_changed(user, other, block);
+                }
+                continue;
+            }
+            let body = if members.contains(&user) {
+                Body::MemberRemoved { user }
+            } else {
+                Body::MembersAdded { members: vec![(user, Role::Member)] }
+            };
+            let entry = Entry { conv, seq, sender: 1, sender_device: 1, client_id: [0; 16], at_ms: 0, body };
+            store.append_then(&entry, |_| ()).unwrap();
+            let mut audience = members.clone();
+            audience.insert(user);
+            if !members.remove(&user) {
+                members.insert(user);
+            }
+            presence.entry_delivered(&entry, &audience.into_iter().collect::<Vec<_>>());
+            if seq % 50 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        let cache = presence.contacts.lock().unwrap();
+        for (&user, kept) in &cache.sets {
+            let truth = read_contacts(&store, user).unwrap().0;
+            let extra: Vec<UserId> = kept.set.users().iter().copied().filter(|&u| !truth.contains(u)).collect();
+            assert!(extra.is_empty(), "user {user} keeps {extra:?}, who share nothing with it or block");
+            assert!(kept.pending.iter().all(|&u| u != user));
+        }
+        let ids: usize = cache.sets.values().map(|k| k.set.users.len() + k.pending.len()).sum();
+        assert_eq!(cache.held, ids);
+    }
 }
