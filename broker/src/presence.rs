@@ -435,18 +435,20 @@ pub struct Presence {
 /// whoever left is taken out of the kept sets at once, whoever joined is put on the
 /// members' pending lists, checked for blocks at the set's next use (`Kept::pending`),
 /// and a change too large for that marks the set short, read again whole at its next use
-/// within the user's allowance (`allowances`). So a set never holds a former contact or
-/// one a block stands between, and others' changes cost a user's set two key reads per
-/// user added, or a whole read at most `PRESENCE_REBUILD_BURST` times and then once per
-/// `PRESENCE_REBUILD_INTERVAL_MS`, however many changes there are.
+/// within the user's allowance (`allowances`) and the broker's (`whole_reads_tat_us`).
+/// So a set never holds a former contact or one a block stands between, and others'
+/// changes cost a user's set two key reads per user added, or a whole read at most
+/// `PRESENCE_REBUILD_BURST` times and then once per `PRESENCE_REBUILD_INTERVAL_MS`,
+/// however many changes there are, and all such reads at most
+/// `PRESENCE_WHOLE_READ_KEYS_PER_S`.
 struct ContactCache {
     sets: HashMap<UserId, Kept>,
     /// Ids `sets` holds (their sets' and pending lists'), at most `max_held`.
     held: usize,
     max_held: usize,
-    /// Builds under way per user, and whether the user's set was dropped since one of
-    /// them began: a set built from reads that began before the drop may be stale and is
-    /// used once, not kept. Per user, so a membership change elsewhere does not keep
+    /// Builds under way per user (whole reads and pending checks), and whether a change
+    /// touched the user's set since one of them began (`changed`): a set built from reads
+    /// that began before the change may be stale and is used once, not kept. Per user, so a membership change elsewhere does not keep
     /// everyone's sets from being kept (with a broker-wide counter, steady churn
     /// anywhere meant every push rebuilt its set). One entry per user being built: the
     /// timer's pushes, one at a time, and `Presence` requests, at most one per session.
@@ -505,16 +507,11 @@ enum Refresh {
 }
 
 impl ContactCache {
-    /// Drops `user`'s set (a change made it stale), and keeps builds under way from
-    /// keeping theirs.
-    fn drop_set(&mut self, user: UserId) {
+    /// `user`'s presence entry is gone: its set and its allowance of reads with it, and
+    /// builds under way keep theirs no more.
+    fn forget(&mut self, user: UserId) {
         self.remove(user);
         self.changed(user);
-    }
-
-    /// `user`'s presence entry is gone: its set and its allowance of reads with it.
-    fn forget(&mut self, user: UserId) {
-        self.drop_set(user);
         self.allowances.remove(&user);
     }
 
@@ -1475,11 +1472,11 @@ mod tests {
     fn only_a_change_to_the_users_own_set_keeps_a_build_from_being_kept() {
         let mut cache = ContactCache::default();
         cache.begin(1);
-        cache.drop_set(2);
+        cache.forget(2);
         assert!(cache.end(1), "another user's change");
         cache.begin(1);
         cache.begin(1);
-        cache.drop_set(1);
+        cache.forget(1);
         assert!(!cache.end(1));
         assert!(!cache.end(1), "both builds overlapped the change");
         assert!(cache.building.is_empty());
@@ -1504,7 +1501,7 @@ mod tests {
         assert_eq!(cache.sets[&3].set.users.len(), 1, "replaced");
         assert_eq!(cache.held, cache.sets.values().map(|k| k.set.users.len()).sum::<usize>());
         for user in [1, 2, 3] {
-            cache.drop_set(user);
+            cache.forget(user);
         }
         assert_eq!((cache.held, cache.sets.len()), (0, 0));
     }

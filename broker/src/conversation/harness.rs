@@ -1523,6 +1523,18 @@ mod tests {
     const DAVE: UserId = 4;
     const ERIN: UserId = 5;
 
+    /// `first`'s mark is written alone, then `then`'s marks (`mark` each), which waited
+    /// behind it, in one write: `h.notices` holds that second write's pushes.
+    fn second_receipt_write(h: &mut Harness, first: (UserId, Mark), then: [UserId; 4], mark: Mark) {
+        h.mark(first.0, first.1);
+        for user in then {
+            h.mark(user, mark);
+        }
+        h.commit_receipts();
+        h.notices.clear();
+        h.commit_receipts();
+    }
+
     /// A group of five (the owner, bob, carol, dave, erin) with one durable message (seq 2).
     fn five() -> Harness {
         let members = [
@@ -1548,13 +1560,7 @@ mod tests {
             h.log.blocks.insert((blocker, BOB));
         }
         // Bob's mark is written first; the others wait and share the next write.
-        h.mark(BOB, Mark::Delivered(2));
-        for user in [OWNER, CAROL, DAVE, ERIN] {
-            h.mark(user, Mark::Read(2));
-        }
-        h.commit_receipts();
-        h.notices.clear();
-        h.commit_receipts();
+        second_receipt_write(&mut h, (BOB, Mark::Delivered(2)), [OWNER, CAROL, DAVE, ERIN], Mark::Read(2));
         let frames: Vec<&Vec<UserId>> = h.notices.iter().map(|n| &n.audience).collect();
         assert_eq!(frames, vec![&vec![OWNER, CAROL, DAVE, ERIN], &vec![BOB]], "a shared frame, and one for bob");
         let to_bob: Vec<UserId> = receipt_events(&h).into_iter().filter(|e| e.3 == [BOB]).map(|e| e.0).collect();
@@ -1574,13 +1580,7 @@ mod tests {
         }
         h.log.private.insert(DAVE);
         h.log.private.insert(ERIN);
-        h.mark(OWNER, Mark::Delivered(1));
-        for user in [BOB, CAROL, DAVE, ERIN] {
-            h.mark(user, Mark::Delivered(2));
-        }
-        h.commit_receipts();
-        h.notices.clear();
-        h.commit_receipts();
+        second_receipt_write(&mut h, (OWNER, Mark::Delivered(1)), [BOB, CAROL, DAVE, ERIN], Mark::Delivered(2));
         let events = receipt_events(&h);
         // Bob's receipt reaches bob alone.
         assert_eq!(events.iter().filter(|e| e.0 == BOB).map(|e| e.3.clone()).collect::<Vec<_>>(), vec![vec![BOB]]);
