@@ -106,15 +106,19 @@ impl BrokerFlags {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create an account and enroll this device (password: SWITCHBOARD_PASSWORD or prompt).
+    /// Create an account and enroll this device (password: SWITCHBOARD_PASSWORD, else
+    /// asked on the terminal, else the first line of standard input).
     Register {
+        /// The account's name: 1 to 64 of a-z, 0-9, `_`, `.`, `-` (upper case is taken as
+        /// lower).
         name: String,
         /// This device's name in `sb devices` (default: sb@HOSTNAME).
         #[arg(long)]
         device: Option<String>,
     },
-    /// Enroll this device into an existing account.
+    /// Enroll this device into an existing account (password as for `register`).
     Login {
+        /// The account's name.
         name: String,
         /// This device's name in `sb devices` (default: sb@HOSTNAME).
         #[arg(long)]
@@ -156,7 +160,7 @@ enum Command {
         /// sends nothing new and prints the same seq (`duplicate`), so a script may retry
         /// safely; another text with a used key is refused (`CONFLICT`).
         /// Default: a fresh random key (printed with --json).
-        #[arg(long)]
+        #[arg(long, value_parser = client_id_arg)]
         client_id: Option<String>,
         /// Seconds to keep sending it again across lost connections and broker restarts
         /// before giving up (the message is stored at most once however often).
@@ -173,7 +177,7 @@ enum Command {
         /// Idempotency key, 32 hex digits, as for `send`: the same edit again with the
         /// same key changes nothing and prints the same seq (`duplicate`), so a script
         /// may retry safely. Default: a fresh random key (printed with --json).
-        #[arg(long)]
+        #[arg(long, value_parser = client_id_arg)]
         client_id: Option<String>,
     },
     /// Delete one of my messages.
@@ -182,7 +186,7 @@ enum Command {
         conv: ConvArg,
         seq: Seq,
         /// Idempotency key, 32 hex digits, as for `edit`.
-        #[arg(long)]
+        #[arg(long, value_parser = client_id_arg)]
         client_id: Option<String>,
     },
     /// Show history (newest page by default).
@@ -225,7 +229,7 @@ enum Command {
     /// members (they still see what reached me; my own devices see everything).
     Settings {
         /// Keep my read receipts private (`on`) or show them (`off`).
-        #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
+        #[arg(long, value_parser = on_off())]
         private_reads: Option<bool>,
     },
     /// Presence of users (names) who share a conversation with me; all of them if none.
@@ -287,7 +291,7 @@ enum Command {
         /// Continue the upload with this id (32 hex digits), e.g. after sb was killed or
         /// from another device (`sb uploads` lists them). Without --conv, it is sent
         /// where the sb that began it here was asked to send it.
-        #[arg(long)]
+        #[arg(long, value_parser = file_id_arg)]
         resume: Option<String>,
     },
     /// How much of my storage quota my files take, and my upload limits.
@@ -304,7 +308,11 @@ enum Command {
     /// its BLAKE3. OUT `-` (or any path naming standard output) writes the bytes to
     /// standard output and every report to standard error.
     Download {
+        /// The file's id: 32 hex digits (`sb files`, `sb history` and `sb tail` show them).
+        #[arg(value_parser = file_id_arg)]
         file: String,
+        /// Where to write it: a file name (replaced once the download is complete), a
+        /// directory (the file's own name in it, if free), or `-` for standard output.
         out: PathBuf,
         /// First byte.
         #[arg(long, default_value_t = 0)]
@@ -323,16 +331,32 @@ enum Command {
 #[derive(Subcommand)]
 enum FileCommand {
     /// A file's name, size, type, BLAKE3, uploader and state.
-    Info { file: String },
+    Info {
+        /// The file's id: 32 hex digits.
+        #[arg(value_parser = file_id_arg)]
+        file: String,
+    },
     /// Abandon one of my unfinished uploads.
-    Cancel { file: String },
+    Cancel {
+        /// The file's id: 32 hex digits.
+        #[arg(value_parser = file_id_arg)]
+        file: String,
+    },
     /// Drop my hold on a file I uploaded (messages that carry it keep it).
-    Delete { file: String },
+    Delete {
+        /// The file's id: 32 hex digits.
+        #[arg(value_parser = file_id_arg)]
+        file: String,
+    },
     /// Take a file I uploaded back from every message that carries it, in conversations
     /// I left too, and delete it: nobody can read it from those any more, and my quota
     /// has it back. Copies others forwarded are theirs (a forward sends the forwarder's
     /// own copy, on their quota) and stay.
-    Withdraw { file: String },
+    Withdraw {
+        /// The file's id: 32 hex digits.
+        #[arg(value_parser = file_id_arg)]
+        file: String,
+    },
     /// Send files already uploaded in one message; prints its seq. A file someone else
     /// uploaded (one a message showed me) goes as my own copy of it, counted in my quota
     /// until the last message carrying it is deleted.
@@ -340,7 +364,7 @@ enum FileCommand {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
         /// 1 to 10 file ids, 32 hex digits each.
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = file_id_arg)]
         files: Vec<String>,
         /// A caption.
         #[arg(long, default_value = "")]
@@ -1240,6 +1264,35 @@ fn client_id_or_new(given: Option<&str>) -> anyhow::Result<ClientMsgId> {
 /// (a review).
 fn user_name_arg(s: &str) -> Result<String, String> {
     Ok(s.to_ascii_lowercase())
+}
+
+/// A file id on the command line: 32 hex digits (taken in lower case), else refused as a
+/// mistyped command line (status 2, as clap's own refusals; a trial got status 1 for
+/// `sb download zzzz OUT`, which README's table calls a usage error).
+fn file_id_arg(s: &str) -> Result<String, String> {
+    hex16_arg(s, "a file id")
+}
+
+/// A `--client-id` (idempotency key): 32 hex digits, refused as `file_id_arg` is.
+fn client_id_arg(s: &str) -> Result<String, String> {
+    hex16_arg(s, "an idempotency key")
+}
+
+/// `s` if it is 32 hex digits (16 bytes), in lower case; else what `what` is.
+fn hex16_arg(s: &str, what: &str) -> Result<String, String> {
+    if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("{what} is 32 hex digits (16 bytes)"))
+    }
+}
+
+/// `on` or `off` (what `sb settings` prints) as a bool; its help lists exactly those two
+/// (clap's boolish parser took `yes`, `false`, `1` and showed `true, false` while the
+/// command's own help said `on`/`off`: a trial).
+fn on_off() -> impl clap::builder::TypedValueParser<Value = bool> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["on", "off"]).map(|v| v == "on")
 }
 
 /// A member of `conv` named by user name, or by user id as `#ID` (or a bare number that

@@ -658,13 +658,13 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The line of `lines` with `"event": event`.
 /// Writes `data` to `path` and uploads it with `sb upload` from `home`; its file id.
 fn uploaded(home: &Path, broker: &Broker, path: &Path, data: &[u8]) -> String {
     std::fs::write(path, data).unwrap();
     event(&sb(home, broker, &["upload", path.to_str().unwrap()]), "uploaded")["file"].as_str().unwrap().to_owned()
 }
 
+/// The line of `lines` with `"event": event`.
 fn event<'a>(lines: &'a [serde_json::Value], event: &str) -> &'a serde_json::Value {
     lines.iter().find(|l| l["event"] == event).unwrap_or_else(|| panic!("no {event} line in {lines:?}"))
 }
@@ -855,6 +855,14 @@ async fn file_send_forwards_a_file_as_my_copy() {
     let said = String::from_utf8_lossy(&which.stderr);
     assert!(!which.status.success() && said.contains(&format!("{unknown} cannot be read")), "{said}");
     assert!(!said.contains(&id), "{said}");
+    // One alone is explained the same way (it said only "no such file": a trial), and a
+    // delete of it by its own words, not a download's.
+    let one = sb_output(&bob, &broker, &["file", "send", &theirs, unknown]);
+    let said = String::from_utf8_lossy(&one.stderr);
+    assert!(one.status.code() == Some(3) && said.contains(&format!("{unknown} cannot be read")), "{said}");
+    let delete = sb_output(&bob, &broker, &["file", "delete", unknown]);
+    let said = String::from_utf8_lossy(&delete.stderr);
+    assert!(delete.status.code() == Some(3) && said.contains("is no file of yours"), "{said}");
     // bob takes his copy back: carol cannot read it any more.
     assert_eq!(sb(&bob, &broker, &["file", "withdraw", &copy])[0]["event"], "withdrawn");
     let gone = sb_output(&carol, &broker, &["download", &copy, out.to_str().unwrap()]);
@@ -2418,8 +2426,8 @@ async fn receipts_and_the_private_reads_setting() {
 
 /// sb's exit status says what the broker refused (README, "Exit status"), so a script
 /// need not read the message: 3 for a user nobody is, 7 for a conversation that is not
-/// mine, 8 for a wrong password, 1 for a failure of sb's own. Before, every failure
-/// exited 1.
+/// mine, 8 for a wrong password, 2 for a command line sb cannot use. Before, every
+/// failure exited 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exit_status_says_what_was_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -2451,5 +2459,22 @@ async fn the_exit_status_says_what_was_refused() {
         .output()
         .unwrap();
     assert_eq!(wrong.status.code(), Some(8), "{}", String::from_utf8_lossy(&wrong.stderr));
-    assert_eq!(status(&alice, &["download", "00", "-"]), Some(1), "sb's own refusal: not a file id");
+    // A file id or key of the wrong form and a setting other than on/off are refused as
+    // a mistyped command line (2), and sb's own refusals of what the broker would refuse
+    // with the status of its code: a group's command on a direct conversation (5), a
+    // range past the end (5), a cancel of a complete file (the broker's `NOT_FOUND`, 3).
+    // Each exited 1 before (a trial).
+    assert_eq!(status(&alice, &["download", "00", "-"]), Some(2), "not a file id");
+    assert_eq!(status(&alice, &["file", "info", "nothex"]), Some(2));
+    assert_eq!(status(&alice, &["send", "1", "hi", "--client-id", "xyz"]), Some(2));
+    assert_eq!(status(&alice, &["settings", "--private-reads", "yes"]), Some(2));
+    let bob = dir.path().join("bob");
+    sb(&bob, &broker, &["register", "bob"]);
+    sb(&alice, &broker, &["conv", "create", "bob"]);
+    assert_eq!(status(&alice, &["conv", "remove", "bob", "bob"]), Some(5));
+    let file = uploaded(&alice, &broker, &dir.path().join("five.txt"), b"12345");
+    let out = dir.path().join("out.txt");
+    assert_eq!(status(&alice, &["download", &file, out.to_str().unwrap(), "--offset", "5"]), Some(5));
+    assert!(!out.exists());
+    assert_eq!(status(&alice, &["file", "cancel", &file]), Some(3));
 }

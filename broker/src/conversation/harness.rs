@@ -476,6 +476,23 @@ mod tests {
         assert_eq!(h.ack(fresh), Some(Err(ErrorCode::FORBIDDEN)));
     }
 
+    /// A membership entry (here the creation, seq 1) is no message: its sender's edit or
+    /// delete is refused `INVALID` saying so (it said "only text messages", of a log
+    /// where file messages can be edited too: a trial).
+    #[test]
+    fn a_membership_entry_is_no_message_to_edit_or_delete() {
+        let mut h = group();
+        let edit = h.write(OWNER, Command::Edit { client_id: [3; 16], target: 1, text: "renamed".into() });
+        let delete = h.write(OWNER, Command::Delete { client_id: [4; 16], target: 1 });
+        for id in [edit, delete] {
+            let Some(Err(refused)) = h.reply(id) else { panic!("refused at once: {:?}", h.reply(id)) };
+            assert_eq!(refused.code, ErrorCode::INVALID);
+            assert!(refused.message.contains("membership or title change"), "{}", refused.message);
+        }
+        h.commit();
+        assert!(h.deliveries.is_empty(), "nothing was written");
+    }
+
     #[test]
     fn an_all_zero_client_id_is_refused_as_it_would_not_be_remembered() {
         let mut h = group();

@@ -1538,7 +1538,8 @@ pub(crate) fn check_files(text: &str, files: &[FileRef]) -> Result<(), ErrorBody
 
 /// Checks that `target` is a live text message of `user`'s: `NOT_FOUND` if there is no
 /// such entry or it was deleted (whoever sent it: a deleted message is no one's),
-/// `FORBIDDEN` if someone else sent it, `INVALID` if it is no message.
+/// `FORBIDDEN` if someone else sent it, `INVALID` if it is no message (a membership or
+/// title change: a trial was told "only text messages", of a file message it could edit).
 fn own_text(target: Option<&Entry>, user: UserId, seq: Seq) -> Result<(), ErrorBody> {
     let stored = target.ok_or_else(|| err(ErrorCode::NOT_FOUND, &format!("no entry {seq}")))?;
     if matches!(stored.body, Body::Tombstone) {
@@ -1549,7 +1550,12 @@ fn own_text(target: Option<&Entry>, user: UserId, seq: Seq) -> Result<(), ErrorB
     }
     match stored.body {
         Body::Text { .. } | Body::Files { .. } => Ok(()),
-        _ => Err(err(ErrorCode::INVALID, "only text messages can be edited or deleted")),
+        _ => Err(err(
+            ErrorCode::INVALID,
+            &format!(
+                "entry {seq} is a membership or title change: only messages (text or files) can be edited or deleted"
+            ),
+        )),
     }
 }
 

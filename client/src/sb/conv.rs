@@ -133,11 +133,16 @@ pub fn pick_group<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::
     let direct = convs.iter().find(|c| c.kind == ConversationKind::Direct && c.title.eq_ignore_ascii_case(title));
     match (picked, direct) {
         (Ok(id), _) => convs.iter().find(|c| c.id == id).ok_or_else(|| anyhow::anyhow!("conversation {id} vanished")),
-        (Err(_), Some(direct)) if no_group => bail!(
-            "{title:?} is the direct conversation with {} ({}): this command takes a group (its number or title)",
-            direct.title,
-            direct.id
-        ),
+        // `INVALID`, as the broker refuses a group's command on a direct conversation
+        // (status 5; it was 1: a trial).
+        (Err(_), Some(direct)) if no_group => Err(crate::Refused(
+            switchboard_protocol::ErrorCode::INVALID,
+            format!(
+                "{title:?} is the direct conversation with {} ({}): this command takes a group (its number or title)",
+                direct.title, direct.id
+            ),
+        )
+        .into()),
         (Err(e), _) => Err(e),
     }
 }

@@ -641,11 +641,16 @@ pub async fn download(
     };
     let size = info.file.size;
     if offset > 0 && offset >= size {
-        // An empty range would replace OUT with an empty file.
-        bail!(
-            "--offset {offset} is at or past the end of the file ({size} bytes): nothing to download, {} not written",
-            path.display()
-        );
+        // An empty range would replace OUT with an empty file. `INVALID`, as the broker
+        // answers such an offset (status 5; it was 1: a trial).
+        return Err(crate::Refused(
+            ErrorCode::INVALID,
+            format!(
+                "--offset {offset} is at or past the end of the file ({size} bytes): nothing to download, {} not written",
+                path.display()
+            ),
+        )
+        .into());
     }
     let expected = if length == 0 { size.saturating_sub(offset) } else { length.min(size.saturating_sub(offset)) };
     // Written in place, with nothing kept for a later run: a device, a pipe, or standard
@@ -1146,10 +1151,11 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
                     && let Ok(info) = client.file_info(id).await
                     && matches!(info.state, FileState::Complete { .. })
                 {
-                    bail!(
+                    // The broker's `NOT_FOUND` kept (status 3, the code in --json).
+                    return Err(anyhow::Error::new(e).context(format!(
                         "{file} is complete, not an upload in progress: nothing to cancel (`sb file delete {file}` lets \
                          go of it if you uploaded it)"
-                    );
+                    )));
                 }
                 if e.code() == Some(ErrorCode::NOT_FOUND) {
                     return Err(anyhow::Error::new(e).context(format!(
@@ -1203,7 +1209,11 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
             let seq = match client.send_files(conv, &text, &ids).await {
                 Ok(seq) => seq,
-                Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) && ids.len() > 1 => {
+                // One file: the broker's terse "no such file" said why it may be (a trial).
+                Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) && ids.len() == 1 => {
+                    return Err(cannot_read(&files[0], e));
+                }
+                Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => {
                     // Say which (the broker's answer names none).
                     let mut unreadable = Vec::new();
                     for (id, given) in ids.iter().zip(&files) {
@@ -1270,7 +1280,11 @@ async fn not_mine(client: &Client, id: &str, e: ClientError) -> anyhow::Error {
         ));
     }
     if e.code() == Some(ErrorCode::NOT_FOUND) {
-        return cannot_read(id, e);
+        // Not `cannot_read`'s words: this was no download (a trial).
+        return anyhow::Error::new(e).context(format!(
+            "{id} is no file of yours: no such file, or it is gone (cancelled, expired or withdrawn), or another \
+             user uploaded it (only its uploader may delete or withdraw it)"
+        ));
     }
     e.into()
 }
