@@ -369,6 +369,12 @@ enum FileCommand {
         /// A caption.
         #[arg(long, default_value = "")]
         text: String,
+        /// Idempotency key, 32 hex digits, as for `send`: the same files and caption
+        /// again with the same key send nothing new and print the same seq. Default: a
+        /// fresh random key (printed with --json, and with the command to send again when
+        /// the answer was lost).
+        #[arg(long, value_parser = client_id_arg)]
+        client_id: Option<String>,
     },
 }
 
@@ -939,7 +945,7 @@ fn connection_lost(error: &ClientError) -> bool {
 /// never came), or the broker was over a bound (`OVERLOADED`: nothing done, retry with
 /// backoff) or failed inside (`INTERNAL`: a conversation's actor that died; retry with
 /// the same id), as PROTOCOL.md's table of codes says.
-fn worth_resending(error: &ClientError) -> bool {
+pub(crate) fn worth_resending(error: &ClientError) -> bool {
     connection_lost(error) || matches!(error.code(), Some(ErrorCode::OVERLOADED | ErrorCode::INTERNAL))
 }
 
@@ -947,7 +953,7 @@ fn worth_resending(error: &ClientError) -> bool {
 /// `INTERNAL` (after it "nothing unacknowledged can be assumed done"); or the client
 /// library did not send it (`TooLarge`: over the broker's frame limit). A close, a lost
 /// connection or an answer sb cannot read is no answer.
-fn refused(error: &ClientError) -> bool {
+pub(crate) fn refused(error: &ClientError) -> bool {
     matches!(error, ClientError::Server(e) if e.code != ErrorCode::INTERNAL)
         || matches!(error, ClientError::TooLarge { .. })
 }
@@ -1248,7 +1254,7 @@ async fn typing(
 }
 
 /// The `--client-id` given (32 hex digits), or a fresh one.
-fn client_id_or_new(given: Option<&str>) -> anyhow::Result<ClientMsgId> {
+pub(crate) fn client_id_or_new(given: Option<&str>) -> anyhow::Result<ClientMsgId> {
     match given {
         Some(h) => {
             unhex(h).and_then(|b| <[u8; 16]>::try_from(b).ok()).context("--client-id takes 32 hex digits (16 bytes)")

@@ -839,6 +839,14 @@ async fn file_send_forwards_a_file_as_my_copy() {
     let copy = message["body"]["Files"]["files"][0]["file"].as_str().unwrap().to_owned();
     assert_ne!(copy, id, "bob's copy, not alice's file");
     assert_eq!(printed, copy, "sb says which id the message carries");
+    // Sent again under its key (printed with --json): the same seq, nothing new (it had
+    // no --client-id: a rerun after a lost answer sent the files twice).
+    let key = event(&sent, "sent")["client_id"].as_str().unwrap().to_owned();
+    let again = sb(&bob, &broker, &["file", "send", &theirs, &id, "--text", "from alice", "--client-id", &key]);
+    assert_eq!(event(&again, "sent")["seq"], event(&sent, "sent")["seq"]);
+    assert_eq!(event(&again, "sent")["duplicate"], true);
+    let history = sb(&carol, &broker, &["history", &theirs]);
+    assert_eq!(history.iter().filter(|e| e["kind"] == "files").count(), 1, "{history:?}");
     let out = dir.path().join("got.txt");
     sb(&carol, &broker, &["download", &copy, out.to_str().unwrap()]);
     assert_eq!(std::fs::read(&out).unwrap(), b"soup, bread, cheese");

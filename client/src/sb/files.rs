@@ -287,10 +287,14 @@ pub async fn upload(
         let seq = match send_files(&mut uploader, t.conv, t.client_id, caption, published.file).await {
             Ok(seq) => seq,
             Err(e) => {
-                // Kept for a run again after a lost connection (the same key sends it
-                // at most once); a refusal (no longer a member, say) is final.
+                // Kept for a run again after a lost connection or an answer that asks
+                // for a retry (the same key sends it at most once); a refusal (no longer
+                // a member, say) is final: the broker checks the key first, so a resend
+                // refused was stored by no attempt. `INTERNAL` may have stored it: it was
+                // taken for a refusal, the key forgotten and "not sent" said, and the
+                // `sb file send` advised sent it twice (a review).
                 let id = hex(&published.file);
-                if matches!(e, ClientError::Server(_)) {
+                if refused_for_good(&e) {
                     forget_upload(home, &key)?;
                     return Err(anyhow::Error::new(e).context(format!(
                         "uploaded as {id}, but not sent to conversation {}: the file is kept on your quota \
@@ -301,7 +305,8 @@ pub async fn upload(
                 // It may have been sent already: deleting the file now could leave the
                 // message without it.
                 return Err(anyhow::Error::new(e).context(format!(
-                    "uploaded as {id}; sending it to conversation {} was cut off: run the same command again to send it (at most once)",
+                    "uploaded as {id}; sending it to conversation {} did not finish (it may be stored): run the same \
+                     command again to send it (at most once)",
                     t.conv
                 )));
             }
@@ -518,8 +523,16 @@ struct Target {
     client_id: ClientMsgId,
 }
 
-/// Sends the files message, again on a new connection (same client id, so at most
-/// once) when the connection drops before the answer, up to `SEND_ATTEMPTS` times.
+/// Whether a send of an uploaded file's message that failed with `e` stored nothing, and
+/// no resend would: a refusal, not an answer asking for a retry (`OVERLOADED`, and
+/// `INTERNAL`, after which it may be stored) nor a lost connection.
+fn refused_for_good(e: &ClientError) -> bool {
+    crate::refused(e) && !crate::worth_resending(e)
+}
+
+/// Sends the files message, again (same client id, so at most once) when the connection
+/// drops before the answer or the broker asks for a retry (`worth_resending`), up to
+/// `SEND_ATTEMPTS` times.
 async fn send_files(
     uploader: &mut Uploader,
     conv: ConvId,
@@ -538,9 +551,10 @@ async fn send_files(
         };
         match sent {
             Ok((seq, _)) => return Ok(seq),
-            Err(e @ (ClientError::Closed { .. } | ClientError::Connect(_) | ClientError::Refused(_)))
-                if attempt < SEND_ATTEMPTS && !permanent(&e) =>
-            {
+            // As `sb send` does: a lost connection, and the broker's `OVERLOADED` (nothing
+            // done) or `INTERNAL` (may be done: the same key finds it). Both were final
+            // here (a review).
+            Err(e) if attempt < SEND_ATTEMPTS && crate::worth_resending(&e) && !permanent(&e) => {
                 let jitter = u64::from_le_bytes(new_client_id()[..8].try_into().unwrap_or_default());
                 tokio::time::sleep(std::time::Duration::from_millis(backoff.next_ms(jitter))).await;
             }
@@ -1204,11 +1218,12 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
                 )
             });
         }
-        FileCommand::Send { conv, files, text } => {
+        FileCommand::Send { conv, files, text, client_id } => {
+            let client_id = crate::client_id_or_new(client_id.as_deref())?;
             let conv = conv.resolve_to_write(client).await?;
             let ids = files.iter().map(|f| parse_file_id(f)).collect::<anyhow::Result<Vec<_>>>()?;
-            let seq = match client.send_files(conv, &text, &ids).await {
-                Ok(seq) => seq,
+            let (seq, duplicate) = match client.send_files_with_id(conv, client_id, &text, &ids).await {
+                Ok(sent) => sent,
                 // One file: the broker's terse "no such file" said why it may be (a trial).
                 Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) && ids.len() == 1 => {
                     return Err(cannot_read(&files[0], e));
@@ -1226,7 +1241,17 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
                     }
                     return Err(cannot_read(&unreadable.join(", "), e));
                 }
-                Err(e) => return Err(with_limit_hint(e)),
+                Err(e) if refused_for_good(&e) => return Err(with_limit_hint(e)),
+                // No answer, or one after which it may be stored: a run under a fresh
+                // key would send it twice (it was one attempt under a key never shown:
+                // a review).
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "the broker may have stored it: the same command with --client-id {} sends it again at most \
+                         once",
+                        hex(&client_id)
+                    )));
+                }
             };
             // The ids as the message carries them: another's file goes as my copy. Sent
             // whatever this read does (a failure here must not make anyone send again).
@@ -1240,9 +1265,11 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
                     _ => Vec::new(),
                 })
                 .collect();
-            out.line(json!({"event": "sent", "conv": conv, "seq": seq, "files": carried}), || {
-                format!("conv {conv} seq {seq}: {}", carried.join(" "))
-            });
+            out.line(
+                json!({"event": "sent", "conv": conv, "seq": seq, "files": carried, "client_id": hex(&client_id),
+                    "duplicate": duplicate}),
+                || format!("conv {conv} seq {seq}: {}{}", carried.join(" "), if duplicate { " (sent before)" } else { "" }),
+            );
         }
     }
     Ok(())
@@ -1716,6 +1743,18 @@ mod tests {
         let named = partial_path(&dir.path().join(&long), &file, 0, 9);
         std::fs::write(&named, b"bytes").unwrap();
         assert_eq!(drop_partials(&dir.path().join(&long), &file), 1);
+    }
+
+    #[test]
+    fn only_a_refusal_drops_a_sends_key() {
+        let answer = |code| ClientError::Server(switchboard_protocol::ErrorBody::new(code, "x"));
+        assert!(refused_for_good(&answer(ErrorCode::FORBIDDEN)));
+        // May be stored, or nothing done and worth another try: kept (INTERNAL was taken
+        // for a refusal, the key dropped and a second send advised: a review).
+        for kept in [ErrorCode::INTERNAL, ErrorCode::OVERLOADED] {
+            assert!(!refused_for_good(&answer(kept)), "{kept:?}");
+        }
+        assert!(!refused_for_good(&ClientError::Closed { code: None, reason: "lost".into() }));
     }
 
     #[test]
