@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 
 use crate::Shared;
 use crate::auth::Auth;
+use crate::catalog::no_user;
 
 /// The socket's file name in the data dir.
 pub const SOCKET: &str = "admin.sock";
@@ -87,10 +88,6 @@ pub fn exit_status(code: ErrorCode) -> i32 {
 /// A store failure, as the commands report it.
 fn failed(e: impl std::fmt::Display) -> ErrorBody {
     ErrorBody::new(ErrorCode::INTERNAL, e.to_string())
-}
-
-fn no_user(name: &str) -> ErrorBody {
-    ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {name:?}"))
 }
 
 /// What the commands work on: the store and its accounts, and with a broker running,

@@ -13,7 +13,7 @@ use switchboard_protocol::{
 use switchboard_storage::{BlockChange, ConversationRecord, Durable, Result as StoreResult, Store};
 
 use crate::Shared;
-use crate::auth::check_label;
+use crate::auth::{check_label, check_user_name};
 use crate::conversation::Caller;
 use crate::limits;
 use crate::reply::internal;
@@ -63,19 +63,30 @@ pub(crate) async fn catalog_write<T: Send + 'static>(
     done_rx.await.map_err(internal)
 }
 
-/// Resolves user names to ids; `NOT_FOUND` names the first unknown one.
+/// Resolves user names to ids; `NOT_FOUND` names the first unknown one (`no_user`).
 pub(crate) fn resolve_users(shared: &Shared, names: &[String]) -> Result<Vec<UserId>, ErrorBody> {
     if names.len() > MAX_USERS_PER_REQUEST as usize {
         return Err(ErrorBody::new(ErrorCode::INVALID, "too many users in one request"));
     }
     names
         .iter()
-        .map(|n| match shared.store.user_by_name(n) {
-            Ok(Some((id, _))) => Ok(id),
-            Ok(None) => Err(ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {n:?}"))),
-            Err(e) => Err(internal(e)),
+        .map(|n| match check_user_name(n).map(|()| shared.store.user_by_name(n)) {
+            Ok(Ok(Some((id, _)))) => Ok(id),
+            Err(_) | Ok(Ok(None)) => Err(no_user(n)),
+            Ok(Err(e)) => Err(internal(e)),
         })
         .collect()
+}
+
+/// `NOT_FOUND` for a user named `name`: the name said back only if it is a valid one (at
+/// most 64 bytes). Any name was quoted back with `{:?}`, six bytes for each control
+/// byte, so a 64 KiB name made a 390 KB answer where 1 KiB was reserved (an attacker
+/// review); an invalid name is looked up no more.
+pub(crate) fn no_user(name: &str) -> ErrorBody {
+    match check_user_name(name) {
+        Ok(()) => ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {name:?}")),
+        Err(_) => ErrorBody::new(ErrorCode::NOT_FOUND, "no user: a name given is no user name (1-64 of a-z 0-9 _ . -)"),
+    }
 }
 
 /// `FORBIDDEN` ("NAME `why`") if `blocker` blocks `user`.
@@ -102,11 +113,7 @@ pub(crate) async fn block(
     // for unknown names and limited for known ones told which names exist, at any rate
     // (an attacker review).
     shared.users.allow_creation(caller)?;
-    let (user, _) = shared
-        .store
-        .user_by_name(&name)
-        .map_err(internal)?
-        .ok_or_else(|| ErrorBody::new(ErrorCode::NOT_FOUND, format!("no user {name:?}")))?;
+    let user = resolve_users(shared, std::slice::from_ref(&name))?[0];
     if user == caller {
         shared.users.refund_creation(caller);
         return Err(ErrorBody::new(ErrorCode::INVALID, "one cannot block oneself"));
@@ -175,13 +182,14 @@ pub(crate) async fn create_conversation(
             None => write_conversation(&writer, caller, new),
         })
         .await;
-    // Only a conversation actually written counts: a refused request, or opening an
-    // existing direct conversation, gives the allowance back; but not a name nobody has
-    // (`NOT_FOUND`): each name is a store read on the catalog thread, and free unknown
-    // names made the request a free, unbounded way to learn which names exist (an
-    // attacker review).
-    let unknown_name = matches!(&written, Ok(Err(e)) if e.code == ErrorCode::NOT_FOUND);
-    if !matches!(&written, Ok(Ok((_, true, _)))) && !unknown_name {
+    // Opening an existing direct conversation gives the allowance back; a refusal does
+    // not. Not a name nobody has (`NOT_FOUND`): each name is a store read on the catalog
+    // thread, and free unknown names made the request a free, unbounded way to learn
+    // which names exist (an attacker review); nor any other refusal: 255 names read and
+    // then one who blocks the caller (`FORBIDDEN`) cost the catalog thread about 770
+    // reads, refunded, so one account pipelining them kept the thread that also serves
+    // registrations, revocations and the operator's commands busy (another review).
+    if matches!(&written, Ok(Ok((_, false, _)))) {
         shared.users.refund_creation(caller.user);
     }
     let (conv, created, durable) = written??;

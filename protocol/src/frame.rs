@@ -78,6 +78,11 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     postcard::from_bytes(body).map_err(|e| FrameError::BadBody(e.to_string()))
 }
 
+/// Capacity a `FrameDecoder` keeps once every byte it holds was taken as a frame: what
+/// the frames of a chatting session need (most are under 1 KiB), not what its largest
+/// frame needed.
+const KEEP_CAPACITY_BYTES: usize = 8 * 1024;
+
 /// Accumulates stream bytes and yields whole frame bodies.
 #[derive(Debug)]
 pub struct FrameDecoder {
@@ -129,6 +134,12 @@ impl FrameDecoder {
         }
         let mut frame = self.buf.split_to(total);
         frame.advance(prefix_len);
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY_BYTES {
+            // Let the allocation go with the frame: an empty buffer left pointing into
+            // it took all of it back at the next push, so one large frame (a 64 KiB
+            // `Ping`) kept 64-128 KiB for the rest of a session (an attacker review).
+            self.buf = BytesMut::new();
+        }
         Ok(Some(frame.freeze()))
     }
 
@@ -409,6 +420,21 @@ mod tests {
         let mut at_limit = FrameDecoder::new(limit - 1);
         at_limit.push(&frame);
         assert!(matches!(at_limit.next_frame(), Err(FrameError::TooLarge { .. })), "the receiver refuses it too");
+    }
+
+    /// After a large frame is taken and nothing follows it, the decoder keeps at most
+    /// `KEEP_CAPACITY_BYTES` (before, all of the largest frame's buffer, for good).
+    #[test]
+    fn a_large_frame_taken_leaves_no_large_buffer_behind() {
+        let mut dec = FrameDecoder::new(2 * 1024 * 1024);
+        let mut prefix = [0u8; MAX_PREFIX_BYTES];
+        let n = write_varint(64 * 1024, &mut prefix);
+        dec.push(&prefix[..n]);
+        dec.push(&vec![7u8; 64 * 1024]);
+        drop(dec.next_frame().unwrap().expect("a frame"));
+        dec.push(&encode_frame(&ping(1)).unwrap());
+        assert!(dec.next_frame().unwrap().is_some());
+        assert!(dec.capacity() <= KEEP_CAPACITY_BYTES, "{} bytes kept", dec.capacity());
     }
 
     #[test]

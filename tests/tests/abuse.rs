@@ -696,3 +696,49 @@ async fn unknown_names_spend_the_creation_allowance() {
     }
     assert_eq!(alice.create_direct("mallory").await.unwrap_err().code(), Some(ErrorCode::RATE_LIMITED));
 }
+
+/// A creation refused after its names were read spends the creation allowance too: a
+/// group naming a user who blocks the caller is refused `FORBIDDEN` after every name
+/// before it was read on the catalog thread (up to 255), and was refunded, so one
+/// account could keep that thread busy at no cost (an attacker review). Opening an
+/// existing direct conversation still costs nothing. A name that is no user name is
+/// `NOT_FOUND` without being said back: quoted with `{:?}`, 64 KiB of control bytes made
+/// a 390 KB answer where 1 KiB was reserved (another review).
+#[tokio::test]
+async fn refused_creations_spend_the_allowance_and_bad_names_are_not_said_back() {
+    let tb = TestBroker::start().await;
+    let (mallory, _) = tb.register("mallory").await;
+    let (alice, _) = tb.register("alice").await;
+    alice.block("mallory", true).await.unwrap();
+    let conv = mallory.create_direct("bob").await.map(|_| ()).unwrap_err();
+    assert_eq!(conv.code(), Some(ErrorCode::NOT_FOUND));
+    let (_bob, _) = tb.register("bob").await;
+    mallory.create_direct("bob").await.unwrap();
+    // 2 spent (the unknown name, the creation): 18 refusals spend the burst of 20, plus
+    // one for each second the test took; opening the existing direct conversation
+    // between them spends nothing. Before, refusals never ran out.
+    let started = std::time::Instant::now();
+    let mut refused = 0u64;
+    let code = loop {
+        let code = mallory.create_group("g", &["bob".into(), "alice".into()]).await.unwrap_err().code();
+        if code != Some(ErrorCode::FORBIDDEN) || refused == 60 {
+            break code;
+        }
+        refused += 1;
+        if refused == 9 {
+            mallory.create_direct("bob").await.expect("opening an existing one is free");
+        }
+    };
+    assert_eq!(code, Some(ErrorCode::RATE_LIMITED), "after {refused} refusals");
+    assert!(refused <= 18 + started.elapsed().as_secs() + 1, "{refused} refusals");
+
+    let (carol, _) = tb.register("carol").await;
+    let long = "\u{7f}".repeat(60_000);
+    let refused = carol.block(&long, true).await.unwrap_err();
+    let ClientError::Server(body) = &refused else { panic!("{refused:?}") };
+    assert_eq!(body.code, ErrorCode::NOT_FOUND);
+    assert!(body.message.len() < 200, "{} bytes said back", body.message.len());
+    let refused = carol.create_group("g", &["mallory".into(), long]).await.unwrap_err();
+    let ClientError::Server(body) = &refused else { panic!("{refused:?}") };
+    assert!(body.code == ErrorCode::NOT_FOUND && body.message.len() < 200, "{body:?}");
+}

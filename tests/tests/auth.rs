@@ -8,8 +8,8 @@ use switchboard_broker::pauses::Point;
 use switchboard_client::{Client, Connector, Identity, RawSession, Trust};
 use switchboard_protocol::limits::{MAX_SERVER_FRAME_BYTES, PREAUTH_MAX_FRAME_BYTES};
 use switchboard_protocol::{
-    ClientFrame, ClientHello, ConvId, ErrorCode, FrameDecoder, MAGIC, Page, Reply, Request, RequestBody, ServerFrame,
-    ServerHello, Settings, auth_transcript, auth_transcript_v5, decode, encode_frame,
+    Body, ClientFrame, ClientHello, ConvId, ErrorCode, FrameDecoder, MAGIC, Page, Reply, Request, RequestBody,
+    ServerFrame, ServerHello, Settings, auth_transcript, auth_transcript_v5, decode, encode_frame,
 };
 use switchboard_tests::{
     PreAuth, STEP_DEADLINE, TestBroker, authenticate, bounded, closed_with, read_frame, request_frame,
@@ -66,6 +66,29 @@ async fn a_device_that_stops_reading_its_control_stream_cannot_outlive_a_revocat
             "the revoked device wrote {:?}",
             page.iter().filter(|e| e.sender_device == phone_id.device_id).collect::<Vec<_>>()
         );
+    })
+    .await
+}
+
+/// A device that stops reading its control stream is closed as soon as the broker sees
+/// the stop, with nothing to write: a message it sends afterwards is not stored. Before,
+/// only the broker's next write on the stream noticed the stop, so an idle session went
+/// on carrying out requests whose answers could never arrive (an attacker review).
+#[tokio::test]
+async fn a_stopped_control_stream_closes_an_idle_session_at_once() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, conv, _phone_id, mut raw, _phone) = group_and_a_raw_phone(&tb).await;
+        // What the session pushes as it starts (presence, typing) has been written.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        raw.recv.stop(0u32.into()).unwrap();
+        let closed = within(Duration::from_secs(2), "the connection closed without a write", raw.conn.closed()).await;
+        assert!(closed.to_string().contains("control stream stopped"), "{closed}");
+        let send = RequestBody::Send { conv, client_id: [9; 16], text: "after the stop".into() };
+        let _ = raw.send.write_all(&request_frame(1, send)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (page, _) = laptop.history(conv, Page::After(0), 100).await.unwrap();
+        assert!(page.iter().all(|e| !matches!(&e.body, Body::Text { text, .. } if text == "after the stop")));
     })
     .await
 }

@@ -17,8 +17,23 @@ pub(super) async fn write_loop(
 ) -> Option<ErrorCode> {
     // Grows to the largest burst drained at once; idle connections keep none.
     let mut batch = Vec::new();
+    // The peer's `STOP_SENDING` on the control stream, seen while nothing is queued too:
+    // before, only the next write noticed it, and requests read meanwhile were carried
+    // out though their answers could never arrive (an attacker review; PROTOCOL.md,
+    // section 1, "Ending").
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
     loop {
-        match out.drain(&mut batch).await {
+        let drained = tokio::select! {
+            biased;
+            drained = out.drain(&mut batch) => drained,
+            _ = &mut stopped => {
+                out.close(ErrorCode::NO_ERROR);
+                conn.close(ErrorCode::NO_ERROR.0.into(), b"control stream stopped");
+                return None;
+            }
+        };
+        match drained {
             None => {
                 tokio::select! {
                     written = send.write_all_chunks(&mut batch) => {

@@ -1567,6 +1567,30 @@ mod tests {
         h
     }
 
+    /// Writers with long block lists hold their group's next receipt write back by what
+    /// reading the lists cost (`limits::RECEIPT_WRITE_US_PER_BLOCK_UNIT` per key), however
+    /// small the group; a write of members who block nobody holds nothing back. Before,
+    /// every write read every writer's whole list at the member pace alone (none in a
+    /// group this small), uncharged: an attacker review.
+    #[test]
+    fn long_block_lists_hold_the_next_receipt_write_back() {
+        let mut h = five();
+        h.now_ms = 1_000;
+        for blocker in [CAROL, DAVE, ERIN] {
+            h.log.blocks.extend((10_000..11_024).map(|u| (blocker, u)));
+        }
+        second_receipt_write(&mut h, (OWNER, Mark::Delivered(1)), [BOB, CAROL, DAVE, ERIN], Mark::Delivered(2));
+        assert_eq!(h.receipt_writes.len(), 2, "the owner's write, blocking nobody, held nothing back");
+        h.mark(BOB, Mark::Read(2));
+        assert_eq!(h.receipt_writes.len(), 2, "the next waits for what the blocks cost");
+        assert_eq!(h.receipts_at, Some(1_003), "3 x 1,024 keys at 1 µs each");
+        h.receipts_due();
+        assert_eq!(h.receipt_writes.len(), 3);
+        h.commit_receipts();
+        h.mark(OWNER, Mark::Read(2));
+        assert_eq!((h.receipt_writes.len(), h.receipts_at), (4, None), "bob blocks nobody: at once");
+    }
+
     /// Many members blocking one: a write's receipts go in one frame to everyone but the
     /// blocked member, and one frame to it of what it may see (before, a frame per
     /// blocking writer to nearly every member).

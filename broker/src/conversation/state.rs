@@ -370,8 +370,13 @@ pub struct ConversationState<R> {
     /// Members' receipt watermarks.
     receipts: ReceiptBook<R>,
     /// The next receipt write starts no earlier than this (ms): the last one's start
-    /// plus its pace (`receipt_pace_ms`).
+    /// plus its pace (`receipt_pace_ms`), plus what its blocks cost
+    /// (`receipts_charge_ms`).
     receipts_next_ms: u64,
+    /// What the last receipt write's blocks cost beyond its pace, ms
+    /// (`RECEIPT_WRITE_US_PER_BLOCK_UNIT` per block key read and per receipt put into a
+    /// frame of its own for members some writer blocks).
+    receipts_charge_ms: u64,
     /// An `Effect::ReceiptsAt` is outstanding.
     receipts_wake: bool,
     failed: bool,
@@ -461,6 +466,7 @@ impl<R> ConversationState<R> {
             overlay: HashMap::new(),
             receipts: ReceiptBook::default(),
             receipts_next_ms: 0,
+            receipts_charge_ms: 0,
             receipts_wake: false,
             failed: false,
             last_activity_ms,
@@ -748,14 +754,15 @@ impl<R> ConversationState<R> {
             return None;
         }
         let pace = receipt_pace_ms(self.durable_members.len());
-        // A wall clock stepped back holds the next write one pace at most.
-        self.receipts_next_ms = self.receipts_next_ms.min(now_ms.saturating_add(pace));
+        // A wall clock stepped back holds the next write one pace (and charge) at most.
+        self.receipts_next_ms = self.receipts_next_ms.min(now_ms.saturating_add(pace + self.receipts_charge_ms));
         if now_ms < self.receipts_next_ms {
             let ask = !std::mem::replace(&mut self.receipts_wake, true);
             return ask.then_some(Effect::ReceiptsAt(self.receipts_next_ms));
         }
         let batch = self.receipts.next_write()?;
         self.receipts_next_ms = now_ms.saturating_add(pace);
+        self.receipts_charge_ms = 0;
         Some(Effect::WriteReceipts(batch))
     }
 
@@ -794,6 +801,9 @@ impl<R> ConversationState<R> {
         // them together: those get a frame of their own below, the rest the shared ones.
         let mut hides: Vec<(UserId, BTreeSet<UserId>)> = Vec::new();
         let mut hidden_any = BTreeSet::new();
+        // Block keys read and receipts put into frames of their own for hidden members:
+        // charged to the next write's start (`receipts_charge_ms`).
+        let mut work = 0u64;
         for (user, before, after) in written {
             if !self.durable_members.contains_key(&user) {
                 // Removed meanwhile: its watermarks are no longer shown.
@@ -801,7 +811,7 @@ impl<R> ConversationState<R> {
                 continue;
             }
             let own = self.own_receipt(user);
-            if let Some(hidden) = self.hidden_from(log, user) {
+            if let Some(hidden) = self.hidden_from(log, user, &mut work) {
                 hidden_any.extend(hidden.iter().copied());
                 hides.push((user, hidden));
             }
@@ -854,9 +864,11 @@ impl<R> ConversationState<R> {
         // Before, one frame per blocking writer went to nearly every member (many
         // blocking one troll), and then one per blocked member (one blocking everyone):
         // now as many frames as there are different sets of hiding writers.
-        let mut alike: BTreeMap<(Vec<UserId>, Option<UserId>), Vec<UserId>> = BTreeMap::new();
+        // Hiders as sets: with a `Vec`, writers each blocking the members after them made
+        // a write of m changes cost about m³ comparisons (an attacker review).
+        let mut alike: BTreeMap<(BTreeSet<UserId>, Option<UserId>), Vec<UserId>> = BTreeMap::new();
         for viewer in &hidden_any {
-            let hiders: Vec<UserId> = hides.iter().filter(|(_, h)| h.contains(viewer)).map(|(b, _)| *b).collect();
+            let hiders: BTreeSet<UserId> = hides.iter().filter(|(_, h)| h.contains(viewer)).map(|(b, _)| *b).collect();
             let own = private.contains(viewer).then_some(*viewer);
             alike.entry((hiders, own)).or_default().push(*viewer);
         }
@@ -867,6 +879,7 @@ impl<R> ConversationState<R> {
                 .filter(|r| !hiders.contains(&r.user) && Some(r.user) != own)
                 .cloned()
                 .collect();
+            work += seen.len() as u64;
             if !seen.is_empty() {
                 effects.push(Effect::Notify { event: receipt_event(seen), audience: audience.into() });
             }
@@ -878,6 +891,12 @@ impl<R> ConversationState<R> {
         for (r, receipt) in answers {
             effects.push(Effect::Reply(r, Ok(Reply::Receipt(receipt))));
         }
+        // What the blocks cost holds the next write back, past its pace: writers who
+        // each block 1,024 users made every write of a group read all their lists, up to
+        // a thousand times 1,024 keys per write at the member pace, uncharged (an
+        // attacker review). Members who block nobody cost nothing here.
+        self.receipts_charge_ms = work.saturating_mul(crate::limits::RECEIPT_WRITE_US_PER_BLOCK_UNIT) / 1000;
+        self.receipts_next_ms = self.receipts_next_ms.max(now_ms).saturating_add(self.receipts_charge_ms);
         effects.extend(self.start_receipts(now_ms));
         effects
     }
@@ -1079,12 +1098,14 @@ impl<R> ConversationState<R> {
     /// what reaches the blocker and what it shows, and a group's messages reach all
     /// members. `None` when it blocks none of them (or in a direct conversation:
     /// `blocked_pair`); a failed read hides its receipts from everyone.
-    fn hidden_from(&self, log: &impl Log, user: UserId) -> Option<BTreeSet<UserId>> {
+    /// `keys` grows by the block keys read.
+    fn hidden_from(&self, log: &impl Log, user: UserId, keys: &mut u64) -> Option<BTreeSet<UserId>> {
         if self.kind != ConversationKind::Group {
             return None;
         }
         match log.blocked_by(user) {
             Ok(blocked) => {
+                *keys += blocked.len() as u64;
                 let hidden: BTreeSet<UserId> =
                     blocked.into_iter().filter(|u| self.durable_members.contains_key(u)).collect();
                 (!hidden.is_empty()).then_some(hidden)

@@ -1268,7 +1268,13 @@ pub async fn file_command(client: &Client, home: &Path, out: &Out, command: File
             out.line(
                 json!({"event": "sent", "conv": conv, "seq": seq, "files": carried, "client_id": hex(&client_id),
                     "duplicate": duplicate}),
-                || format!("conv {conv} seq {seq}: {}{}", carried.join(" "), if duplicate { " (sent before)" } else { "" }),
+                || {
+                    format!(
+                        "conv {conv} seq {seq}: {}{}",
+                        carried.join(" "),
+                        if duplicate { " (sent before)" } else { "" }
+                    )
+                },
             );
         }
     }
