@@ -1254,6 +1254,9 @@ impl Task {
     async fn event(&mut self, event: Option<Event>) -> bool {
         match event {
             Some(Event::Entry(entry)) => {
+                if matches!(entry.body, Body::Text { .. } | Body::Files { .. }) {
+                    self.typing.message_arrived((entry.conv, entry.sender), Instant::now());
+                }
                 let entries = self.merge.live(entry, self.room());
                 self.emit_entries(entries);
                 self.pump();

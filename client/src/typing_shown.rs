@@ -4,9 +4,11 @@
 //!
 //! The rules it keeps:
 //! - a start is handed on if there is room (`TYPING_SHOWN_MAX` tracked at once); one
-//!   that comes within `TYPING_REORDER_MS` after a stop of the same typist is taken for
-//!   one the stop overtook and dropped (the broker sends starts as datagrams and stops
-//!   on the control stream, and the client reads them in two tasks);
+//!   that comes within `TYPING_REORDER_MS` after a stop of the same typist, or after a
+//!   message of its that came live, is taken for one the stop or message overtook and
+//!   dropped (the broker sends starts as datagrams, and stops and messages on the
+//!   control stream, and the client reads them in two tasks; a message ends its
+//!   typist's indicator with no stop, so a start it overtook stood for good: a review);
 //! - a stop is handed on only for an indicator handed on; it is owed until the event
 //!   queue takes it (`release`);
 //! - a message from the typist ends its indicator with no stop (the application clears
@@ -41,7 +43,7 @@ pub struct TypingShown {
     shown: HashSet<Typist>,
     /// Whose stop is owed (not yet taken by the event queue).
     owed: BTreeSet<Typist>,
-    /// When a stop last came for each typist, lately.
+    /// When a stop, or a message that came live, last came for each typist, lately.
     stopped_at: HashMap<Typist, Instant>,
 }
 
@@ -63,15 +65,28 @@ impl TypingShown {
 
     /// A stop from the broker at `now`: owed if its start was handed on.
     pub fn stop(&mut self, typist: Typist, now: Instant) {
+        self.ended(typist, now);
+        if self.shown.remove(&typist) {
+            self.owed.insert(typist);
+        }
+    }
+
+    /// A message of the typist's came live (pushed, not read from a catch-up page) at
+    /// `now`: a start within `TYPING_REORDER_MS` after it is one it overtook. The
+    /// message ends the indicator when it is handed on (`message`).
+    pub fn message_arrived(&mut self, typist: Typist, now: Instant) {
+        self.ended(typist, now);
+    }
+
+    /// Remembers that the typist's indicator ended at `now` (`TYPING_SHOWN_MAX` of them,
+    /// the oldest past the window forgotten first).
+    fn ended(&mut self, typist: Typist, now: Instant) {
         let window = Duration::from_millis(TYPING_REORDER_MS);
         if self.stopped_at.len() >= TYPING_SHOWN_MAX {
             self.stopped_at.retain(|_, at| now.duration_since(*at) < window);
         }
         if self.stopped_at.len() < TYPING_SHOWN_MAX {
             self.stopped_at.insert(typist, now);
-        }
-        if self.shown.remove(&typist) {
-            self.owed.insert(typist);
         }
     }
 
@@ -201,6 +216,27 @@ mod tests {
         t.start(A, now + Duration::from_millis(TYPING_REORDER_MS), || true);
         t.connection_ended();
         assert_eq!(owed(&mut t), [A]);
+    }
+
+    /// A start that comes just after its typist's message came live is the one the
+    /// message overtook (the broker pushes no stop after a message): not shown, where it
+    /// would stand for good; one after the window is a start again.
+    #[test]
+    fn a_start_just_after_its_typists_message_is_taken_for_a_reordered_one() {
+        let now = Instant::now();
+        let mut t = TypingShown::default();
+        t.message_arrived(A, now);
+        t.message(A);
+        let mut handed = false;
+        t.start(A, now + Duration::from_millis(TYPING_REORDER_MS - 1), || {
+            handed = true;
+            true
+        });
+        assert!(!handed && t.is_empty(), "not shown: no stop would follow it");
+        t.start(B, now + Duration::from_millis(1), || true);
+        t.start(A, now + Duration::from_millis(TYPING_REORDER_MS), || true);
+        t.connection_ended();
+        assert_eq!(owed(&mut t), [A, B], "another typist's start, and a later one, are shown");
     }
 
     /// The broker tells a device that connects who is typing: such a start, just after
