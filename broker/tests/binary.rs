@@ -420,7 +420,7 @@ async fn operators_list_and_revoke_devices_while_the_broker_is_stopped() {
     assert_eq!(run(dir.path(), &["device", "revoke", "carol", &phone]).status.code(), Some(3), "revoked twice");
     let unknown = run(dir.path(), &["device", "list", "nobody"]);
     assert_eq!(unknown.status.code(), Some(3), "an unknown user");
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("NOT_FOUND(8): no user \"nobody\""));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("NOT_FOUND (8): no user \"nobody\""));
     assert_eq!(listed_devices(dir.path(), "carol"), vec![laptop_id.device_id]);
 
     let mut broker = start(dir.path());
@@ -796,7 +796,7 @@ async fn operators_manage_accounts_while_the_broker_runs() {
     let twice = run(dir.path(), &["device", "revoke", "carol", &phone_device]);
     assert_eq!(twice.status.code(), Some(3), "no such device, said by the running broker");
     let said = String::from_utf8_lossy(&twice.stderr);
-    assert!(said.contains("NOT_FOUND(8): carol has no device") && said.contains("revoked already"), "{said}");
+    assert!(said.contains("NOT_FOUND (8): carol has no device") && said.contains("revoked already"), "{said}");
     laptop.ping().await.unwrap();
 
     // A new password and every device revoked: the laptop is cut off, the old password

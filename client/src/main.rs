@@ -1908,6 +1908,14 @@ async fn tail(connector: &Connector, identity: &Identity, home: &Path, out: &Out
                     out.presence(&p, now_ms());
                 }
             }
+            Some(SessionEvent::PresenceGone { user, name }) => {
+                // Told again from the next presence of theirs, whatever it says.
+                presence_said.remove(&user);
+                out.line(
+                    json!({"event": "presence_gone", "user": user, "user_id": user, "user_name": name, "name": name}),
+                    || format!("{name}: presence no longer shown (no conversation shared now, or a block)"),
+                );
+            }
             Some(SessionEvent::Typing { conv, user, typing }) => {
                 let name = names.of(&lookups, conv, user).await;
                 out.typing(conv, user, &name, typing);

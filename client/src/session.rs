@@ -112,6 +112,18 @@ pub enum SessionEvent {
     Receipt(Receipt),
     /// A contact's presence; after each connect, one for every contact (a snapshot).
     Presence(PresenceInfo),
+    /// A user whose presence was handed on is no contact any more (a block, either way,
+    /// or no conversation shared now), as the snapshot after a connect found: it leaves
+    /// such a user out. Show its presence as unknown, not as last told (which stood for
+    /// good, "online" included: a review). Nothing is pushed live when someone stops
+    /// being a contact: until the next connect the last state told stands (PROTOCOL.md,
+    /// "Blocking").
+    PresenceGone {
+        /// Who.
+        user: UserId,
+        /// Its name, as its last presence gave it.
+        name: String,
+    },
     /// A member started or stopped typing. Each start handed on is followed by its stop,
     /// at the latest when the connection ends or `Left` is told of the conversation (the
     /// broker forgets indicators when it restarts, and a stop pushed while disconnected
@@ -361,6 +373,8 @@ impl Session {
             away_in_flight: false,
             presence_since_snapshot: None,
             presence_backlog: BTreeMap::new(),
+            presence_shown: HashMap::new(),
+            presence_gone: BTreeMap::new(),
             lifecycle: VecDeque::new(),
             member_counts: HashMap::new(),
             typing: TypingShown::default(),
@@ -610,6 +624,11 @@ const PRESENCE_SEEN_MAX: usize = 4096;
 /// live changes, the latest per user); past it a live change is dropped.
 const PRESENCE_BACKLOG_MAX: usize = 2 * switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize;
 
+/// Users whose presence was handed on, remembered (with their names) to tell when the
+/// next snapshot leaves one out (`SessionEvent::PresenceGone`); past it, later ones are
+/// not, until the next snapshot starts the list again from its rows.
+const PRESENCE_SHOWN_MAX: usize = PRESENCE_BACKLOG_MAX;
+
 /// Uploads last seen in progress (per file and audience) whose state the session asks
 /// for after a reconnect: what moved while no connection was up is not replayed, and
 /// before, an application kept showing such an upload in progress after it completed
@@ -799,6 +818,11 @@ struct Task {
     /// newer), at most `PRESENCE_BACKLOG_MAX`, handed on as the application takes
     /// events.
     presence_backlog: BTreeMap<UserId, PresenceInfo>,
+    /// Users whose presence was handed on, with their names (`PRESENCE_SHOWN_MAX`).
+    presence_shown: HashMap<UserId, String>,
+    /// Former contacts (`SessionEvent::PresenceGone`) not yet handed on for want of
+    /// room, at most `PRESENCE_SHOWN_MAX`.
+    presence_gone: BTreeMap<UserId, String>,
     /// `Connected` and `Disconnected` events waiting for room (`emit_lifecycle`): at most
     /// a `Disconnected` and the `Connected` after it.
     lifecycle: VecDeque<SessionEvent>,
@@ -1067,12 +1091,22 @@ impl Task {
                 if !self.current(generation) {
                     return;
                 }
+                // `Left` was told of the conversation since this was asked (its removal came
+                // live): `Left` is the last of it. Before, a page then put it back among
+                // those tracked (and the next connect told `Left` again), and a refusal
+                // told `Left` twice (a review).
+                if self.merge.has_left(fetch.conv) {
+                    self.pump();
+                    return;
+                }
                 match result {
                     Ok(Reply::CatchUp(page)) if page.conv == fetch.conv => {
                         let (complete, receipts) = (page.complete, page.receipts.clone());
                         let entries = self.merge.page(page, self.room());
                         self.emit_entries(entries);
-                        if complete {
+                        // Not after the `Left` that the page's entries may have told
+                        // (before, its receipts followed it: a review).
+                        if complete && !self.merge.has_left(fetch.conv) {
                             self.receipts(fetch.conv, receipts);
                         }
                         if self.merge.is_stalled(fetch.conv) {
@@ -1137,6 +1171,7 @@ impl Task {
                 let newer = std::mem::take(&mut self.presence_since_snapshot);
                 match result {
                     Ok(Reply::Presence(list)) => {
+                        self.former_contacts(&list, newer.as_ref());
                         // Into what waits for room, not over it: a live change kept there
                         // (its user is among `newer`) is newer than the snapshot's row
                         // (before, the snapshot replaced it, and the user was shown as
@@ -1273,8 +1308,9 @@ impl Task {
                 // the queue has no room (before, dropped, and the snapshot's row for the
                 // user skipped as older: the user's state was never shown).
                 self.presence_backlog.remove(&p.user);
+                self.presence_gone.remove(&p.user);
                 if self.room() > 0 {
-                    self.emit(SessionEvent::Presence(p));
+                    self.emit_presence(p);
                 } else if self.presence_backlog.len() < PRESENCE_BACKLOG_MAX {
                     self.presence_backlog.insert(p.user, p);
                 }
@@ -1641,7 +1677,42 @@ impl Task {
         self.release_typing_stops();
         while self.room() > 0 {
             let Some((_, p)) = self.presence_backlog.pop_first() else { break };
-            self.emit(SessionEvent::Presence(p));
+            self.emit_presence(p);
+        }
+        while self.room() > 0 {
+            let Some((user, name)) = self.presence_gone.pop_first() else { break };
+            self.emit(SessionEvent::PresenceGone { user, name });
+        }
+    }
+
+    /// Hands on a contact's presence, remembering whom it was shown for.
+    fn emit_presence(&mut self, p: PresenceInfo) {
+        if self.presence_shown.len() < PRESENCE_SHOWN_MAX || self.presence_shown.contains_key(&p.user) {
+            self.presence_shown.insert(p.user, p.name.clone());
+        }
+        self.emit(SessionEvent::Presence(p));
+    }
+
+    /// A snapshot came (`list`, asked for after a connect; `newer`: users changed live
+    /// since it was asked): users shown before whom it leaves out, and who did not change
+    /// live since, are contacts no more (`SessionEvent::PresenceGone`, handed on after
+    /// its rows). The list of users shown starts again from the snapshot's. A snapshot
+    /// cut at `PRESENCE_SNAPSHOT_MAX` rows tells nothing of those left out.
+    fn former_contacts(&mut self, list: &[PresenceInfo], newer: Option<&HashSet<UserId>>) {
+        for p in list {
+            self.presence_gone.remove(&p.user);
+        }
+        if list.len() >= switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize {
+            return;
+        }
+        let listed: HashSet<UserId> = list.iter().map(|p| p.user).collect();
+        let shown = std::mem::take(&mut self.presence_shown);
+        for (user, name) in shown {
+            if listed.contains(&user) || newer.is_some_and(|n| n.contains(&user)) {
+                self.presence_shown.insert(user, name);
+            } else if self.presence_gone.len() < PRESENCE_SHOWN_MAX {
+                self.presence_gone.insert(user, name);
+            }
         }
     }
 

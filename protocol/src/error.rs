@@ -102,7 +102,8 @@ codes! {
 
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}({})", self.name(), self.0)
+        // "NAME (n)", as sb prints a code (a trial read two forms as two things).
+        write!(f, "{} ({})", self.name(), self.0)
     }
 }
 

@@ -672,3 +672,49 @@ async fn a_send_the_broker_never_answers_is_sent_again_on_a_new_connection_and_l
     })
     .await
 }
+
+/// A contact shown online who then blocks me is told gone at the next connect
+/// (`SessionEvent::PresenceGone`): the snapshot leaves it out. Before, the session handed
+/// on nothing for it, and the application showed it online for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_who_blocks_me_is_told_gone_at_the_next_connect() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, bob_id) = tb.register("bob").await;
+        alice.create_direct("bob").await.unwrap();
+        let (session, mut events) = start(&tb, &alice_id);
+        within(STEP_DEADLINE, "bob shown online", async {
+            loop {
+                match events.next().await {
+                    Some(SessionEvent::Presence(p)) if p.user == bob_id.user_id => {
+                        if p.state == switchboard_protocol::PresenceState::Online {
+                            return;
+                        }
+                    }
+                    Some(_) => continue,
+                    None => panic!("the session ended"),
+                }
+            }
+        })
+        .await;
+        bob.block("alice", true).await.unwrap();
+        kick(&tb, alice_id.user_id);
+        within(STEP_DEADLINE, "bob told gone", async {
+            loop {
+                match events.next().await {
+                    Some(SessionEvent::PresenceGone { user, name }) => {
+                        assert_eq!((user, name.as_str()), (bob_id.user_id, "bob"));
+                        return;
+                    }
+                    Some(SessionEvent::Presence(p)) if p.user == bob_id.user_id => panic!("bob shown: {p:?}"),
+                    Some(_) => continue,
+                    None => panic!("the session ended"),
+                }
+            }
+        })
+        .await;
+        session.close().await;
+    })
+    .await
+}
