@@ -128,7 +128,8 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
             if let Some(shared) = ops.broker {
                 shared.users.revoke_all_but(user, None);
             }
-            Ok(vec![format!("set a new password for {name} and revoked its {} devices", revoked.len())])
+            let devices = if revoked.len() == 1 { "device" } else { "devices" };
+            Ok(vec![format!("set a new password for {name} and revoked its {} {devices}", revoked.len())])
         }
         AdminRequest::UserDisable { name, disabled } => {
             let (user, _) = ops.store.user_by_name(&name).map_err(failed)?.ok_or_else(|| no_user(&name))?;

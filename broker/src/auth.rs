@@ -248,6 +248,9 @@ impl Auth {
                     }
                 })
                 .await?;
+            // Logged at debug, as every refused proof (an operator's trial found a wrong
+            // password logged nowhere): names are not, as the limits do not keep them.
+            tracing::debug!(from = %from, "login refused: no account has the name");
             return Err(wrong_password());
         };
         let (password, phc) = (req.password.clone(), record.password_hash.clone());
@@ -256,6 +259,7 @@ impl Auth {
             Ok::<_, ErrorBody>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
         });
         if !right.await?? {
+            tracing::debug!(user, from = %from, "login refused: wrong password");
             return Err(wrong_password());
         }
         self.passwords.refund(&keys);
@@ -317,6 +321,7 @@ impl Auth {
             // The lookup and the check cost tens of microseconds, a small part of the
             // QUIC and TLS handshake each attempt must make first.
             None => {
+                tracing::debug!(device, from = %from, "device proof refused: unknown device or bad signature");
                 self.signatures.check(&address, now)?;
                 self.signatures.record(&address, now)?;
                 Err(fail(ErrorCode::AUTH_FAILED, "unknown device or bad signature"))
@@ -1051,9 +1056,13 @@ impl FailureLimiter {
             }
             w.count = w.count.saturating_add(1);
             if w.count >= self.max_failures(key) && !w.logged {
-                // What an operator looks for when users say they are refused.
+                // What an operator looks for when users say they are refused, with where
+                // the attempt that reached it came from (a name's limit said only "a user
+                // name": an operator's trial could not tell who was guessing).
                 w.logged = true;
-                tracing::warn!(limit = self.what, key = %key, "limit reached; refused until the minute ends");
+                let from = keys.iter().filter(|k| matches!(k, LimitKey::Address(_))).map(ToString::to_string);
+                let from = from.collect::<Vec<_>>().join(", ");
+                tracing::warn!(limit = self.what, key = %key, from = %from, "limit reached; refused until the minute ends");
             }
         }
         Ok(())

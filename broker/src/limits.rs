@@ -357,12 +357,12 @@ pub const PRESENCE_CACHED_CONTACTS_MAX: usize = 8 << 20;
 /// 4,096: a stranger's two-member groups (one made a second after a burst of 20,
 /// `CONVERSATION_CREATE_PER_S`) take over an hour to crowd a user's later conversations
 /// out of the list.
-pub const PRESENCE_CONVERSATIONS_SCANNED: usize = 4096;
+pub const PRESENCE_CONVERSATIONS_SCANNED: usize = switchboard_protocol::limits::PRESENCE_CONVERSATIONS_SCANNED as usize;
 /// Most member keys read to build one user's contact set, over all its conversations:
 /// without it, 1024 groups sharing the same 999 members (anyone can add anyone) cost
 /// about a million reads per build without reaching `PRESENCE_CONTACTS_MAX`. 16,384
 /// reads take a few ms; members past it are not looked at.
-pub const PRESENCE_MEMBERS_SCANNED: usize = 16_384;
+pub const PRESENCE_MEMBERS_SCANNED: usize = switchboard_protocol::limits::PRESENCE_MEMBERS_SCANNED as usize;
 /// Whole reads of one user's contact set again after changes made it short (more joined
 /// its conversations than `PRESENCE_PENDING_MAX` since its last use, a block ended, or
 /// one who left a conversation of its may share another):

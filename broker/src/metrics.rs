@@ -65,6 +65,11 @@ pub struct Counters {
     /// Connection attempts refused before a handshake (the places of
     /// `max_unauthenticated_connections`, and per address).
     pub connections_refused: AtomicU64,
+    /// QUIC handshakes (TLS included) that failed or passed `quic_handshake_timeout`: a
+    /// client that does not trust the certificate, speaks another ALPN, or went away.
+    /// Before, nothing counted or logged them above debug, and a certificate rotation
+    /// that clients did not trust was invisible on the broker (an operator's trial).
+    pub quic_handshakes_failed: AtomicU64,
     /// Devices disconnected with `SLOW_CONSUMER` (their outbound queue overflowed), told
     /// in the log at most once a minute.
     pub slow_consumers: Tally,
@@ -507,6 +512,11 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
             Counters::get(&n.connections_refused),
         ),
         counter(
+            "switchboard_quic_handshakes_failed_total",
+            "QUIC/TLS handshakes that failed or timed out (a client that does not trust the certificate, a peer that went away).",
+            Counters::get(&n.quic_handshakes_failed),
+        ),
+        counter(
             "switchboard_slow_consumers_total",
             "Devices disconnected with SLOW_CONSUMER (outbound queue overflowed).",
             s.slow_consumers as f64,
@@ -538,7 +548,7 @@ pub fn render(shared: &Shared, started: SystemTime) -> String {
         ),
         counter(
             "switchboard_writes_refused_storage_full_total",
-            "Messages, edits, member additions and titles refused with STORAGE_FULL: the disk within a quarter of disk_reserve_bytes of full.",
+            "Messages, edits, member additions, titles and new groups refused with STORAGE_FULL: the disk within a quarter of disk_reserve_bytes of full.",
             s.writes_refused_storage_full as f64,
         ),
         counter(

@@ -832,10 +832,14 @@ impl Presence {
                 now.saturating_add(PRESENCE_RESTART_GRACE_MS).saturating_add(spread % PRESENCE_RESTART_SPREAD_MS);
             presumed.push((user, away, last_seen, until));
         }
-        tracing::info!(
-            presumed = presumed.len(),
-            "users connected at the last stop are shown as they were until they reconnect"
-        );
+        // Said only when someone is (it was said at every start, "presumed=0" too: an
+        // operator's trial).
+        if !presumed.is_empty() {
+            tracing::info!(
+                presumed = presumed.len(),
+                "users connected at the last stop are shown as they were until they reconnect"
+            );
+        }
         self.update(|state, _| {
             for (user, away, last_seen, until) in presumed {
                 state.handle_presumed(user, away, last_seen, until);

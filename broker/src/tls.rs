@@ -203,6 +203,12 @@ pub fn read(cert_path: &Path, key_path: &Path) -> Result<Identity> {
     let leaf = chain.first().ok_or_else(|| Error::Tls(format!("no certificate in {}", cert_path.display())))?;
     let fingerprint = fingerprint(leaf);
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem(key_path))?;
+    // The key must be the certificate's: `switchboard config` passed a pair that was
+    // not, and the start then failed with rustls' bare "keys may not be consistent:
+    // KeyMismatch", naming neither file (an operator's trial).
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider)
+        .map_err(|e| Error::Tls(format!("{} is not the key of {}: {e}", key_path.display(), cert_path.display())))?;
     let not_after_s = chain.iter().filter_map(not_after).min();
     let not_before_s = chain.iter().filter_map(not_before).max();
     Ok(Identity { chain, key, cert_path: cert_path.to_path_buf(), fingerprint, not_after_s, not_before_s })
@@ -705,6 +711,11 @@ mod tests {
         assert!(!expired && said.contains("expires at 2030-01-01T00:00:00Z, in 10 days"), "{said}");
         let (expired, said) = expiry_notice(at, at + 1).unwrap();
         assert!(expired && said.contains("expired at 2030-01-01T00:00:00Z") && said.contains("--pin"), "{said}");
+        // Another key than the certificate's is refused, naming both files.
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&key_path, other.serialize_pem()).unwrap();
+        let said = read(&cert_path, &key_path).err().expect("a key that is not the certificate's").to_string();
+        assert!(said.contains("key.pem is not the key of") && said.contains("cert.pem"), "{said}");
         let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let far = not_after(generated.cert.der()).expect("the generated certificate's notAfter");
         assert!(far > 60_000_000_000, "valid to 4096: {far}");

@@ -651,7 +651,7 @@ async fn operators_list_users_and_reset_a_password() {
     assert_eq!(passwd("nobody", false).status.code(), Some(3), "an unknown user");
     let reset = passwd("carol", true);
     assert!(reset.status.success(), "{}", String::from_utf8_lossy(&reset.stderr));
-    assert!(String::from_utf8_lossy(&reset.stdout).contains("revoked its 1 devices"));
+    assert!(String::from_utf8_lossy(&reset.stdout).contains("revoked its 1 device"));
 
     let mut broker = start(dir.path());
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
@@ -809,7 +809,7 @@ async fn operators_manage_accounts_while_the_broker_runs() {
         .output()
         .unwrap();
     assert!(passwd.status.success(), "{}", String::from_utf8_lossy(&passwd.stderr));
-    assert!(String::from_utf8_lossy(&passwd.stdout).contains("revoked its 1 devices"));
+    assert!(String::from_utf8_lossy(&passwd.stdout).contains("revoked its 1 device"));
     let closed = tokio::time::timeout(Duration::from_secs(10), laptop.closed()).await.expect("the laptop was cut off");
     assert_eq!(closed.code(), Some(switchboard_protocol::ErrorCode::DEVICE_REVOKED));
     let old = connector.login("carol", "correct horse battery", "thief").await.err().unwrap();

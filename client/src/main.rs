@@ -577,9 +577,11 @@ fn client_error(e: &anyhow::Error) -> Option<&ClientError> {
 
 /// sb's exit status for a failure, by the broker's refusal where there is one (README,
 /// "Exit status"; the operator commands' statuses where they mean the same): 3 not found
-/// (also sb's own lookups that find nothing, `NotFound`), 4 conflict, 5 invalid, 6 try
-/// again later (`OVERLOADED`, `RATE_LIMITED`, `STORAGE_FULL`), 7
-/// forbidden, 8 this device may not act (`AUTH_FAILED`, `DEVICE_REVOKED`,
+/// (also sb's own lookups that find nothing, `NotFound`), 4 conflict, 5 invalid (a file
+/// too large, of a refused type, or not matching its hash too), 6 try again later
+/// (`OVERLOADED`, `RATE_LIMITED`, `STORAGE_FULL`; `QUOTA_EXCEEDED`, `TOO_MANY_UPLOADS`,
+/// `NOT_READY` once something is freed or finished), 7 forbidden (registration closed
+/// too), 8 this device may not act (`AUTH_FAILED`, `DEVICE_REVOKED`,
 /// `ACCOUNT_DISABLED`), 1 anything else. Before, every failure was 1 and scripts had to
 /// read the message.
 fn exit_status(e: &anyhow::Error) -> i32 {
@@ -599,9 +601,20 @@ fn exit_status(e: &anyhow::Error) -> i32 {
     match code {
         Some(ErrorCode::NOT_FOUND) => 3,
         Some(ErrorCode::CONFLICT) => 4,
-        Some(ErrorCode::INVALID) => 5,
-        Some(ErrorCode::OVERLOADED | ErrorCode::RATE_LIMITED | ErrorCode::STORAGE_FULL) => 6,
-        Some(ErrorCode::FORBIDDEN) => 7,
+        // A file refused for what it is, as a request refused for what it says (they
+        // and `REGISTRATION_CLOSED` exited 1: an operator's trial).
+        Some(ErrorCode::INVALID | ErrorCode::FILE_TOO_LARGE | ErrorCode::TYPE_MISMATCH | ErrorCode::HASH_MISMATCH) => 5,
+        // A bound of the broker's or the user's, reached: later, or once something is
+        // freed or finished.
+        Some(
+            ErrorCode::OVERLOADED
+            | ErrorCode::RATE_LIMITED
+            | ErrorCode::STORAGE_FULL
+            | ErrorCode::QUOTA_EXCEEDED
+            | ErrorCode::TOO_MANY_UPLOADS
+            | ErrorCode::NOT_READY,
+        ) => 6,
+        Some(ErrorCode::FORBIDDEN | ErrorCode::REGISTRATION_CLOSED) => 7,
         Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED | ErrorCode::ACCOUNT_DISABLED) => 8,
         _ => 1,
     }
@@ -2500,8 +2513,11 @@ async fn connector(state: &State, options: &TransportOptions) -> anyhow::Result<
         .next()
         .with_context(|| format!("no address for {server}"))?;
     let host = server.rsplit_once(':').map_or(server.as_str(), |(h, _)| h).trim_matches(['[', ']']);
-    // The generated certificate names localhost and the loopback addresses.
-    let name = if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) { "localhost" } else { host };
+    // The host as given, an address too: the generated certificate names the loopback
+    // addresses as well as localhost, and an operator's own may name only the address
+    // (before, a loopback address was checked as "localhost", and such a certificate
+    // was refused for `--server 127.0.0.1:PORT`: an operator's trial).
+    let name = host;
     let trust = match (&state.pin, &state.ca) {
         (Some(pin), _) => {
             if switchboard_client::unhex(&pin.replace(':', "")).is_none_or(|p| p.len() != 32) {

@@ -1697,12 +1697,23 @@ impl Task {
     /// since it was asked): users shown before whom it leaves out, and who did not change
     /// live since, are contacts no more (`SessionEvent::PresenceGone`, handed on after
     /// its rows). The list of users shown starts again from the snapshot's. A snapshot
-    /// cut at `PRESENCE_SNAPSHOT_MAX` rows tells nothing of those left out.
+    /// cut at `PRESENCE_SNAPSHOT_MAX` rows, or of a user whose conversations pass the
+    /// bounds the broker gathers contacts within, tells nothing of those left out.
     fn former_contacts(&mut self, list: &[PresenceInfo], newer: Option<&HashSet<UserId>>) {
+        use switchboard_protocol::limits::{
+            PRESENCE_CONVERSATIONS_SCANNED, PRESENCE_MEMBERS_SCANNED, PRESENCE_SNAPSHOT_MAX,
+        };
         for p in list {
             self.presence_gone.remove(&p.user);
         }
-        if list.len() >= switchboard_protocol::limits::PRESENCE_SNAPSHOT_MAX as usize {
+        // The broker gathers contacts within bounds: past them (as the last states
+        // listed this user's conversations) the snapshot may leave out users it still
+        // shares a conversation with (a review).
+        let members: u64 = self.member_counts.values().map(|&n| u64::from(n)).sum();
+        if list.len() >= PRESENCE_SNAPSHOT_MAX as usize
+            || self.member_counts.len() >= PRESENCE_CONVERSATIONS_SCANNED as usize
+            || members >= u64::from(PRESENCE_MEMBERS_SCANNED)
+        {
             return;
         }
         let listed: HashSet<UserId> = list.iter().map(|p| p.user).collect();

@@ -28,10 +28,11 @@ use tokio::time::Instant;
 /// at most 16 conversations at once, so this is 256 typists at their most.
 pub const TYPING_SHOWN_MAX: usize = 4096;
 
-/// A typing start that comes this soon after a stop of the same typist is taken for one
-/// the stop overtook, and not shown, ms. Shown, it would stand until the connection
-/// ended. A typist who stops and starts again this quickly is shown from its next start
-/// (after a stop or an expiry), as a lost start datagram is.
+/// A typing start that comes this soon after a stop, or a message that came live, of the
+/// same typist is taken for one the stop or message overtook, and not shown, ms. Shown,
+/// it would stand until the connection ended (no stop follows it). A typist who stops,
+/// or sends, and starts again this quickly is shown from its next start (after a stop or
+/// an expiry), as a lost start datagram is: the broker pushes changes only.
 pub const TYPING_REORDER_MS: u64 = 100;
 
 type Typist = (ConvId, UserId);

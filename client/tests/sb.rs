@@ -1280,7 +1280,7 @@ async fn an_upload_refused_for_the_quota_says_what_holds_it() {
     let second = dir.path().join("second.bin");
     std::fs::write(&second, pseudo_random_bytes(16 * 1024 * 1024, 4)).unwrap();
     let refused = sb_output(&alice, &broker, &["upload", second.to_str().unwrap()]);
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(6), "once something is freed (it exited 1: a trial)");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         stderr.contains("QUOTA_EXCEEDED") && stderr.contains("sb uploads") && stderr.contains("sb file cancel"),
@@ -1734,6 +1734,34 @@ async fn probe_answers_without_an_account() {
     assert!(said.contains(&broker.fingerprint) && said.contains(&"00".repeat(32)), "{said}");
     // In words, not a Rust debug dump of rustls' wrapper.
     assert!(said.contains("the broker presented a certificate with sha256") && !said.contains("OtherError"), "{said}");
+}
+
+/// An operator's own certificate that names the broker by its address only is trusted by
+/// `--ca` at that address: before, sb checked a loopback address as "localhost" and
+/// refused it (an operator's trial).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_certificate_naming_only_the_address_is_trusted_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["chat.example.org".into(), "127.0.0.1".into()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let mut config = common::test_config(dir.path().join("data"));
+    config.cert = Some(cert_path.clone());
+    config.key = Some(key_path);
+    let broker = Broker::start(config).await.unwrap();
+    let port = broker.local_addr.port();
+    let probe = |server: String| {
+        Command::new(env!("CARGO_BIN_EXE_sb"))
+            .env("SWITCHBOARD_HOME", dir.path().join("nobody"))
+            .args(["--server", &server, "--ca", cert_path.to_str().unwrap(), "probe"])
+            .output()
+            .unwrap()
+    };
+    let at_address = probe(format!("127.0.0.1:{port}"));
+    assert!(at_address.status.success(), "{}", String::from_utf8_lossy(&at_address.stderr));
 }
 
 /// A broker at its connection limit refuses the probe's connection: `sb probe` says it

@@ -88,12 +88,14 @@ const KEEP_CAPACITY_BYTES: usize = 8 * 1024;
 pub struct FrameDecoder {
     buf: BytesMut,
     max_frame_bytes: u32,
+    /// The buffer's allocation grew past `KEEP_CAPACITY_BYTES` since it was last let go.
+    grown: bool,
 }
 
 impl FrameDecoder {
     /// A decoder that rejects frames whose body is longer than `max_frame_bytes`.
     pub fn new(max_frame_bytes: u32) -> Self {
-        FrameDecoder { buf: BytesMut::new(), max_frame_bytes }
+        FrameDecoder { buf: BytesMut::new(), max_frame_bytes, grown: false }
     }
 
     /// Changes the limit, e.g. from the pre-auth limit to the session limit.
@@ -114,6 +116,10 @@ impl FrameDecoder {
     /// Appends bytes received from the transport.
     pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
+        // Seen here, while the buffer still spans its allocation: once frames are split
+        // off, `capacity` counts only what follows them, and an empty buffer left at the
+        // end of a large allocation reports none of it.
+        self.grown |= self.buf.capacity() > KEEP_CAPACITY_BYTES;
     }
 
     /// Takes the next complete frame body out, `Ok(None)` if more bytes are needed.
@@ -134,11 +140,14 @@ impl FrameDecoder {
         }
         let mut frame = self.buf.split_to(total);
         frame.advance(prefix_len);
-        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY_BYTES {
+        if self.buf.is_empty() && self.grown {
             // Let the allocation go with the frame: an empty buffer left pointing into
-            // it took all of it back at the next push, so one large frame (a 64 KiB
-            // `Ping`) kept 64-128 KiB for the rest of a session (an attacker review).
+            // it kept it (and took all of it back at the next push), so one large frame
+            // (a 64 KiB `Ping`) held 64-128 KiB for the rest of a session (attacker
+            // reviews; the first mend looked at `capacity`, which an exact push leaves
+            // at 0).
             self.buf = BytesMut::new();
+            self.grown = false;
         }
         Ok(Some(frame.freeze()))
     }
@@ -422,19 +431,26 @@ mod tests {
         assert!(matches!(at_limit.next_frame(), Err(FrameError::TooLarge { .. })), "the receiver refuses it too");
     }
 
-    /// After a large frame is taken and nothing follows it, the decoder keeps at most
-    /// `KEEP_CAPACITY_BYTES` (before, all of the largest frame's buffer, for good).
+    /// After a large frame is taken and nothing follows it, the decoder holds no large
+    /// allocation (before, all of the largest frame's buffer, for good), whether the
+    /// frame came in pieces or in one push that it filled exactly.
     #[test]
     fn a_large_frame_taken_leaves_no_large_buffer_behind() {
-        let mut dec = FrameDecoder::new(2 * 1024 * 1024);
         let mut prefix = [0u8; MAX_PREFIX_BYTES];
         let n = write_varint(64 * 1024, &mut prefix);
-        dec.push(&prefix[..n]);
-        dec.push(&vec![7u8; 64 * 1024]);
-        drop(dec.next_frame().unwrap().expect("a frame"));
-        dec.push(&encode_frame(&ping(1)).unwrap());
-        assert!(dec.next_frame().unwrap().is_some());
-        assert!(dec.capacity() <= KEEP_CAPACITY_BYTES, "{} bytes kept", dec.capacity());
+        let whole: Vec<u8> = prefix[..n].iter().copied().chain(std::iter::repeat_n(7u8, 64 * 1024)).collect();
+        for pieces in [vec![&whole[..n], &whole[n..]], vec![&whole[..]]] {
+            let mut dec = FrameDecoder::new(2 * 1024 * 1024);
+            for piece in pieces {
+                dec.push(piece);
+            }
+            drop(dec.next_frame().unwrap().expect("a frame"));
+            assert!(!dec.grown, "let go as the frame was taken");
+            // A buffer still pointing into the frame's allocation takes it all back here.
+            dec.push(&encode_frame(&ping(1)).unwrap());
+            assert!(dec.next_frame().unwrap().is_some());
+            assert!(dec.capacity() <= KEEP_CAPACITY_BYTES, "{} bytes kept", dec.capacity());
+        }
     }
 
     #[test]

@@ -61,6 +61,12 @@ pub const PRESENCE_MAX: u32 = 256;
 /// when it connects: every contact the broker keeps for a user (it keeps at most this
 /// many), so a snapshot misses nobody a push would reach.
 pub const PRESENCE_SNAPSHOT_MAX: u32 = 4096;
+/// A user's contacts are gathered from at most this many of its conversations (the first
+/// by id, smallest first; PROTOCOL.md section 11): one in more may have contacts the
+/// snapshot leaves out.
+pub const PRESENCE_CONVERSATIONS_SCANNED: u32 = 4096;
+/// ... and from at most this many member entries over them: past it, too.
+pub const PRESENCE_MEMBERS_SCANNED: u32 = 16_384;
 /// Most users one user may block (`Block`); `BlockedUsers` lists them all in one reply.
 /// A thousand covers anyone's harassers many times over and keeps the reply small.
 pub const MAX_BLOCKED: u32 = 1024;

@@ -275,6 +275,19 @@ async fn an_expired_operator_certificate_is_shown_and_refused_by_ca_clients_only
         assert_eq!(samples["switchboard_certificate_expiry_timestamp_seconds"], 1_609_459_200.0); // 2021-01-01
         let refused = tb.connector().register("alice", tb.password, "d").await.err().expect("an expired certificate");
         assert!(refused.to_string().contains("expired"), "{refused}");
+        // The client's refusal is a failed handshake on the broker too: counted (before,
+        // nothing counted it, and a rotation clients did not trust went unseen: an
+        // operator's trial).
+        within(STEP_DEADLINE, "the failed handshake counted", async {
+            loop {
+                tokio::time::sleep(RENDER_REUSE * 2).await;
+                let after = scrape(broker.metrics_addr.unwrap()).await;
+                if after["switchboard_quic_handshakes_failed_total"] >= 1.0 {
+                    return;
+                }
+            }
+        })
+        .await;
         let pinned = switchboard_client::Connector::new(
             broker.local_addr,
             "localhost",

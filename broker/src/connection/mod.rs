@@ -96,10 +96,12 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Unauthenti
             c
         }
         Ok(Err(e)) => {
+            shared.counters.quic_handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(error = %e, "handshake failed");
             return;
         }
         Err(_) => {
+            shared.counters.quic_handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!("QUIC handshake deadline passed");
             return;
         }

@@ -21,16 +21,24 @@ pub(super) async fn write_loop(
     // before, only the next write noticed it, and requests read meanwhile were carried
     // out though their answers could never arrive (an attacker review; PROTOCOL.md,
     // section 1, "Ending").
+    // Only a stop: a connection lost (timed out) ends `stopped` too, and closing it here
+    // replaced its `TimedOut` with a local close before the session read it, so the
+    // device's last seen became the time of the timeout (a review).
     let stopped = send.stopped();
     tokio::pin!(stopped);
+    let mut watching = true;
     loop {
         let drained = tokio::select! {
             biased;
             drained = out.drain(&mut batch) => drained,
-            _ = &mut stopped => {
-                out.close(ErrorCode::NO_ERROR);
-                conn.close(ErrorCode::NO_ERROR.0.into(), b"control stream stopped");
-                return None;
+            why = &mut stopped, if watching => {
+                watching = false;
+                if matches!(why, Ok(Some(_))) {
+                    out.close(ErrorCode::NO_ERROR);
+                    conn.close(ErrorCode::NO_ERROR.0.into(), b"control stream stopped");
+                    return None;
+                }
+                continue;
             }
         };
         match drained {

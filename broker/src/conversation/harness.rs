@@ -487,7 +487,7 @@ mod tests {
         for id in [edit, delete] {
             let Some(Err(refused)) = h.reply(id) else { panic!("refused at once: {:?}", h.reply(id)) };
             assert_eq!(refused.code, ErrorCode::INVALID);
-            assert!(refused.message.contains("membership or title change"), "{}", refused.message);
+            assert!(refused.message.contains("entry 1 is no message"), "{}", refused.message);
         }
         h.commit();
         assert!(h.deliveries.is_empty(), "nothing was written");

@@ -377,6 +377,9 @@ pub struct ConversationState<R> {
     /// (`RECEIPT_WRITE_US_PER_BLOCK_UNIT` per block key read and per receipt put into a
     /// frame of its own for members some writer blocks).
     receipts_charge_ms: u64,
+    /// What of the charges fell short of a whole ms, µs (under 1,000), carried to the
+    /// next write's (whole ms alone left up to 999 key reads a write uncharged).
+    receipts_charge_us: u64,
     /// An `Effect::ReceiptsAt` is outstanding.
     receipts_wake: bool,
     failed: bool,
@@ -467,6 +470,7 @@ impl<R> ConversationState<R> {
             receipts: ReceiptBook::default(),
             receipts_next_ms: 0,
             receipts_charge_ms: 0,
+            receipts_charge_us: 0,
             receipts_wake: false,
             failed: false,
             last_activity_ms,
@@ -895,7 +899,8 @@ impl<R> ConversationState<R> {
         // each block 1,024 users made every write of a group read all their lists, up to
         // a thousand times 1,024 keys per write at the member pace, uncharged (an
         // attacker review). Members who block nobody cost nothing here.
-        self.receipts_charge_ms = work.saturating_mul(crate::limits::RECEIPT_WRITE_US_PER_BLOCK_UNIT) / 1000;
+        let owed_us = work.saturating_mul(crate::limits::RECEIPT_WRITE_US_PER_BLOCK_UNIT) + self.receipts_charge_us;
+        (self.receipts_charge_ms, self.receipts_charge_us) = (owed_us / 1000, owed_us % 1000);
         self.receipts_next_ms = self.receipts_next_ms.max(now_ms).saturating_add(self.receipts_charge_ms);
         effects.extend(self.start_receipts(now_ms));
         effects
@@ -1560,7 +1565,8 @@ pub(crate) fn check_files(text: &str, files: &[FileRef]) -> Result<(), ErrorBody
 /// Checks that `target` is a live text message of `user`'s: `NOT_FOUND` if there is no
 /// such entry or it was deleted (whoever sent it: a deleted message is no one's),
 /// `FORBIDDEN` if someone else sent it, `INVALID` if it is no message (a membership or
-/// title change: a trial was told "only text messages", of a file message it could edit).
+/// title change, an edit or delete: a trial was told "only text messages", of a file
+/// message it could edit).
 fn own_text(target: Option<&Entry>, user: UserId, seq: Seq) -> Result<(), ErrorBody> {
     let stored = target.ok_or_else(|| err(ErrorCode::NOT_FOUND, &format!("no entry {seq}")))?;
     if matches!(stored.body, Body::Tombstone) {
@@ -1574,7 +1580,8 @@ fn own_text(target: Option<&Entry>, user: UserId, seq: Seq) -> Result<(), ErrorB
         _ => Err(err(
             ErrorCode::INVALID,
             &format!(
-                "entry {seq} is a membership or title change: only messages (text or files) can be edited or deleted"
+                "entry {seq} is no message (a membership or title change, an edit or a delete): only messages (text \
+                 or files) can be edited or deleted"
             ),
         )),
     }

@@ -286,15 +286,16 @@ pub async fn upload(
         let caption = t.caption.as_deref().unwrap_or("");
         let seq = match send_files(&mut uploader, t.conv, t.client_id, caption, published.file).await {
             Ok(seq) => seq,
-            Err(e) => {
+            Err((e, maybe_stored)) => {
                 // Kept for a run again after a lost connection or an answer that asks
                 // for a retry (the same key sends it at most once); a refusal (no longer
-                // a member, say) is final: the broker checks the key first, so a resend
-                // refused was stored by no attempt. `INTERNAL` may have stored it: it was
-                // taken for a refusal, the key forgotten and "not sent" said, and the
-                // `sb file send` advised sent it twice (a review).
+                // a member, say) of a message no attempt may have stored is final.
+                // `INTERNAL` may have stored it: it was taken for a refusal, the key
+                // forgotten and "not sent" said, and the `sb file send` advised sent it
+                // twice; so may an attempt cut off before a refusal the broker makes
+                // before it looks at the key (`RATE_LIMITED`, `STORAGE_FULL`): reviews.
                 let id = hex(&published.file);
-                if refused_for_good(&e) {
+                if refused_for_good(&e) && !maybe_stored {
                     forget_upload(home, &key)?;
                     return Err(anyhow::Error::new(e).context(format!(
                         "uploaded as {id}, but not sent to conversation {}: the file is kept on your quota \
@@ -532,21 +533,28 @@ fn refused_for_good(e: &ClientError) -> bool {
 
 /// Sends the files message, again (same client id, so at most once) when the connection
 /// drops before the answer or the broker asks for a retry (`worth_resending`), up to
-/// `SEND_ATTEMPTS` times.
+/// `SEND_ATTEMPTS` times. A failure says too whether an attempt may have stored it
+/// (sent, and answered with no refusal): then the last answer, even a refusal checked
+/// before the key (`RATE_LIMITED`, `STORAGE_FULL`), does not say it was not.
 async fn send_files(
     uploader: &mut Uploader,
     conv: ConvId,
     client_id: ClientMsgId,
     caption: &str,
     file: FileId,
-) -> Result<u64, ClientError> {
+) -> Result<u64, (ClientError, bool)> {
     const SEND_ATTEMPTS: u32 = 8;
     let mut backoff = Backoff::new(100, 5_000);
     let mut attempt = 0;
+    let mut maybe_stored = false;
     loop {
         attempt += 1;
         let sent = match uploader.client().await {
-            Ok(client) => client.send_files_with_id(conv, client_id, caption, &[file]).await,
+            Ok(client) => {
+                let sent = client.send_files_with_id(conv, client_id, caption, &[file]).await;
+                maybe_stored |= sent.as_ref().is_err_and(|e| !crate::refused(e));
+                sent
+            }
             Err(e) => Err(e),
         };
         match sent {
@@ -558,7 +566,7 @@ async fn send_files(
                 let jitter = u64::from_le_bytes(new_client_id()[..8].try_into().unwrap_or_default());
                 tokio::time::sleep(std::time::Duration::from_millis(backoff.next_ms(jitter))).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err((e, maybe_stored)),
         }
     }
 }
