@@ -3473,3 +3473,84 @@ async fn a_file_crosses_a_link_that_drops_five_percent_of_datagrams_each_way_who
     })
     .await
 }
+
+/// A label the type check gave bytes whose write then failed does not stay: an
+/// executable sent after them is kept as declared (`application/octet-stream`). Before,
+/// PNG bytes refused `STORAGE_FULL` left "image/png", recorded with the executable's
+/// first write and published so (an attacker review).
+#[tokio::test]
+async fn a_label_from_bytes_whose_write_failed_does_not_stay() {
+    bounded(async {
+        const MIB: u64 = 1024 * 1024;
+        let reserve = MIB;
+        let tb = TestBroker::start_with(|c| {
+            c.upload_promise_secs = 1;
+            c.disk_reserve_bytes = reserve;
+            c.quota_bytes = u64::MAX / 2;
+        })
+        .await;
+        tb.shared().files.pretend_free_bytes(Some(1 << 40));
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let mut elf = bytes(512 * 1024, 3);
+        elf[..20].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0");
+        let lapsed = begin_upload(&alice, "tool", "application/octet-stream", &elf).await.file;
+        // Its room lapses; bob's upload holds nearly all that is left.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let held = 64 * MIB;
+        let declare = NewUpload {
+            name: "big.bin".into(),
+            size: held,
+            content_type: "application/octet-stream".into(),
+            blake3: [0; 32],
+        };
+        let Reply::Upload(_) = bob.request(RequestBody::BeginUpload(declare)).await.unwrap() else { panic!() };
+        tb.shared().files.pretend_free_bytes(Some(held + reserve + 100 * 1024));
+        let mut png = bytes(256 * 1024, 4);
+        png[..33].copy_from_slice(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89");
+        let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file: lapsed, offset: 0 }).await;
+        assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
+        t.chunk(0, &png, None).await;
+        match t.reply().await {
+            Some(TransferReply::Failed { error, .. }) => assert_eq!(error.code, ErrorCode::STORAGE_FULL, "{error:?}"),
+            other => panic!("expected STORAGE_FULL, got {other:?}"),
+        }
+        tb.shared().files.pretend_free_bytes(Some(1 << 40));
+        match upload_rest(alice.connection(), lapsed, &elf, 0).await {
+            TransferReply::Complete(f) => assert_eq!(f.content_type, "application/octet-stream"),
+            other => panic!("expected the upload complete, got {other:?}"),
+        }
+    })
+    .await
+}
+
+/// A member's check of a widely carried file is charged every carrier it reads, not
+/// only the memberships it looks at: a member of the first of ten carriers was charged 1
+/// per ask for 11 reads, about a hundredth of their cost with 1,024 carriers (an
+/// attacker review). Ten carriers and a burst of 100 rows: limited within 30 asks.
+#[tokio::test]
+async fn a_members_checks_of_a_widely_carried_file_spend_every_carrier_read() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 50).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 3)).await;
+        for i in 0..10 {
+            let conv = alice.create_group(&format!("g{i}"), &["bob".into()]).await.unwrap().id;
+            attach(&alice, conv, file).await;
+        }
+        let mut limited = false;
+        for _ in 0..30 {
+            match file_info(&bob, file).await {
+                Ok(Reply::File(_)) => {}
+                other => {
+                    assert_eq!(code_of(other), ErrorCode::RATE_LIMITED);
+                    limited = true;
+                    break;
+                }
+            }
+        }
+        assert!(limited, "30 asks of 11 reads each within a burst of 100 rows");
+    })
+    .await
+}

@@ -420,7 +420,18 @@ impl Upload {
                             }
                         };
                         match sniff::check(&st.record.declared_type, &head) {
-                            Verdict::Keep => {}
+                            // The declared type stands, whatever label earlier bytes got:
+                            // a relabel whose write failed, or that a partial file cut
+                            // back below the first bytes, stayed and was recorded with
+                            // the next write (an executable sent after PNG bytes whose
+                            // write failed was published as image/png: an attacker
+                            // review).
+                            Verdict::Keep => {
+                                if st.record.content_type != st.record.declared_type {
+                                    st.record.content_type = st.record.declared_type.clone();
+                                    st.relabel = Some(st.record.declared_type.clone());
+                                }
+                            }
                             Verdict::Relabel(found) => {
                                 st.record.content_type = found.clone();
                                 st.relabel = Some(found);

@@ -33,8 +33,9 @@ pub fn no_such_file() -> ErrorBody {
 /// file). Looks at most `ATTACHMENT_SCAN` conversations, a seek and a membership read
 /// each, charged to `user`'s allowance of member rows (`UserDirectory::
 /// charge_member_reads`: a stranger's check of a file carried in 1,024 conversations
-/// reads 2,048 keys, and nothing else bounded how often one asked): the conversations
-/// looked at when it may read the file, `ATTACHMENT_SCAN` whenever it may not, so
+/// reads 2,048 keys, and nothing else bounded how often one asked): the carriers read
+/// and the memberships looked at when it may read the file, `ATTACHMENT_SCAN` whenever
+/// it may not, so
 /// that what a refusal costs tells nothing of whether the file exists or where it is
 /// carried. The uploader's own file costs nothing. With `gate`, a check that is not the
 /// uploader's is refused `RATE_LIMITED` while that allowance is spent, before any
@@ -53,9 +54,13 @@ pub fn readable(shared: &Shared, user: UserId, id: &FileId, gate: bool) -> Resul
     let found = match record {
         Some(record) => {
             let subject = record.parent.unwrap_or(*id);
-            let convs = super::published_carriers(shared, &subject);
+            let convs = super::published_carriers(shared, &subject).map_err(internal)?;
+            // Each carrier was read before any membership: charged too (a member of the
+            // first of 1,024 carriers was charged 1 for about 1,025 reads: an attacker
+            // review).
+            looked += convs.len();
             let mut found = Ok(None);
-            for conv in convs.map_err(internal)? {
+            for conv in convs {
                 looked += 1;
                 match store.member(conv, user) {
                     Ok(Some(_)) => {
@@ -406,8 +411,9 @@ pub fn file_info(shared: &Shared, user: UserId, id: &FileId) -> Result<Reply, Er
 /// group both are in, the blocked member's uploads reach the blocker, as its receipts
 /// do). As for the pushed file events (`announce`), a progress that rises tells when the
 /// uploader is online (PROTOCOL.md, "Blocking"; an attacker review found a blocked user
-/// polling `FileInfo` for it). A failed read counts as blocked. Two block reads, and a
-/// membership and a conversation read per carrier only for a blocked pair.
+/// polling `FileInfo` for it). A failed read counts as blocked. Two block reads, and for
+/// a blocked pair the carriers and a membership and a conversation read per carrier,
+/// charged to `user`'s member reads.
 fn progress_hidden(shared: &Shared, user: UserId, id: &FileId, record: &FileRecord) -> Result<bool, ErrorBody> {
     let store = &shared.store;
     if record.uploader == user {
@@ -419,13 +425,21 @@ fn progress_hidden(shared: &Shared, user: UserId, id: &FileId, record: &FileReco
     if matches!(store.blocks(user, record.uploader), Ok(false)) {
         return Ok(false);
     }
-    for conv in super::published_carriers(shared, &record.parent.unwrap_or(*id)).map_err(internal)? {
+    // Charged as the member reads they are (they were free: an attacker review): the
+    // carriers, and a membership and a conversation read each until one is a group.
+    let carriers = super::published_carriers(shared, &record.parent.unwrap_or(*id)).map_err(internal)?;
+    let mut reads = carriers.len();
+    let mut hidden = true;
+    for conv in carriers {
+        reads += 2;
         let member = store.member(conv, user).map_err(internal)?.is_some();
         if member && store.conversation(conv).map_err(internal)?.is_some_and(|c| c.kind == ConversationKind::Group) {
-            return Ok(false);
+            hidden = false;
+            break;
         }
     }
-    Ok(true)
+    shared.users.charge_member_reads(user, reads);
+    Ok(hidden)
 }
 
 /// `DeleteFile`: the uploader drops its hold on its complete file; it is deleted once
