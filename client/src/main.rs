@@ -1306,7 +1306,7 @@ fn hex16_arg(s: &str, what: &str) -> Result<String, String> {
     }
 }
 
-/// `on` or `off` (what `sb settings` prints) as a bool; its help lists exactly those two
+/// `on` or `off` (as the command's help says) as a bool; its help lists exactly those two
 /// (clap's boolish parser took `yes`, `false`, `1` and showed `true, false` while the
 /// command's own help said `on`/`off`: a trial).
 fn on_off() -> impl clap::builder::TypedValueParser<Value = bool> {

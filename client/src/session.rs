@@ -1671,8 +1671,9 @@ impl Task {
 
     /// Hands on the snapshot's rows still waiting, as many as the event queue has room
     /// for (before, a snapshot larger than the room, as a 4,096-contact one can be, lost
-    /// the rows that did not fit until each user next changed). Receipts that then find
-    /// no room are asked for again once there is (`receipts`).
+    /// the rows that did not fit until each user next changed), then the former
+    /// contacts it left out (`PresenceGone`). Receipts that then find no room are asked
+    /// for again once there is (`receipts`).
     fn release_presence(&mut self) {
         self.release_typing_stops();
         while self.room() > 0 {

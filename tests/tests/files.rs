@@ -485,39 +485,45 @@ async fn cancelling_and_beginning_again_holds_no_room_for_nothing() {
     .await
 }
 
+/// A broker with a 1 MiB disk reserve on which alice began an upload of `data` (declared
+/// `application/octet-stream`) whose room then lapsed, and bob's begin of 64 MiB holds
+/// all but 100 KiB of the spare room (the disk as the checks see it: a shared disk's free
+/// space moves by more than a chunk while a test runs).
+async fn a_lapsed_upload_beside_held_room(data: &[u8]) -> (TestBroker, Client, FileId) {
+    const MIB: u64 = 1024 * 1024;
+    let reserve = MIB;
+    let tb = TestBroker::start_with(|c| {
+        c.upload_promise_secs = 1;
+        c.disk_reserve_bytes = reserve;
+        c.quota_bytes = u64::MAX / 2;
+    })
+    .await;
+    tb.shared().files.pretend_free_bytes(Some(1 << 40));
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let lapsed = begin_upload(&alice, "lapsed.bin", "application/octet-stream", data).await.file;
+    // Alice sends nothing within the hold: her upload's room lapses.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = 64 * MIB;
+    let declare = NewUpload {
+        name: "big.bin".into(),
+        size: held,
+        content_type: "application/octet-stream".into(),
+        blake3: [0; 32],
+    };
+    let Reply::Upload(_) = bob.request(RequestBody::BeginUpload(declare)).await.unwrap() else { panic!() };
+    tb.shared().files.pretend_free_bytes(Some(held + reserve + 100 * 1024));
+    (tb, alice, lapsed)
+}
+
 #[tokio::test]
 async fn an_upload_whose_room_lapsed_writes_only_into_spare_room() {
     bounded(async {
         // An upload whose room lapsed, resumed, wrote its chunks into the room another
         // upload held and into the disk reserve: uploads admitted past the reserve filled
         // the disk (a live attack). Each of its chunks now has to fit in the spare room.
-        const MIB: u64 = 1024 * 1024;
-        let reserve = MIB;
-        let tb = TestBroker::start_with(|c| {
-            c.upload_promise_secs = 1;
-            c.disk_reserve_bytes = reserve;
-            c.quota_bytes = u64::MAX / 2;
-        })
-        .await;
-        // The disk as the checks see it (a shared disk's free space moves by more than
-        // a chunk while the test runs).
-        tb.shared().files.pretend_free_bytes(Some(1 << 40));
-        let (alice, _) = tb.register("alice").await;
-        let (bob, _) = tb.register("bob").await;
         let data = bytes(512 * 1024, 9);
-        let lapsed = begin_upload(&alice, "lapsed.bin", "application/octet-stream", &data).await.file;
-        // Alice sends nothing within the hold: her upload's room lapses.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let held = 64 * MIB;
-        let declare = NewUpload {
-            name: "big.bin".into(),
-            size: held,
-            content_type: "application/octet-stream".into(),
-            blake3: [0; 32],
-        };
-        let Reply::Upload(_) = bob.request(RequestBody::BeginUpload(declare)).await.unwrap() else { panic!() };
-        // Beside bob's held room and the reserve, less than a chunk is spare.
-        tb.shared().files.pretend_free_bytes(Some(held + reserve + 100 * 1024));
+        let (tb, alice, lapsed) = a_lapsed_upload_beside_held_room(&data).await;
         let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file: lapsed, offset: 0 }).await;
         assert!(matches!(t.reply().await, Some(TransferReply::Accepted { offset: 0 })));
         t.chunk(0, &data[..256 * 1024], None).await;
@@ -3481,31 +3487,9 @@ async fn a_file_crosses_a_link_that_drops_five_percent_of_datagrams_each_way_who
 #[tokio::test]
 async fn a_label_from_bytes_whose_write_failed_does_not_stay() {
     bounded(async {
-        const MIB: u64 = 1024 * 1024;
-        let reserve = MIB;
-        let tb = TestBroker::start_with(|c| {
-            c.upload_promise_secs = 1;
-            c.disk_reserve_bytes = reserve;
-            c.quota_bytes = u64::MAX / 2;
-        })
-        .await;
-        tb.shared().files.pretend_free_bytes(Some(1 << 40));
-        let (alice, _) = tb.register("alice").await;
-        let (bob, _) = tb.register("bob").await;
         let mut elf = bytes(512 * 1024, 3);
         elf[..20].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x3e\0");
-        let lapsed = begin_upload(&alice, "tool", "application/octet-stream", &elf).await.file;
-        // Its room lapses; bob's upload holds nearly all that is left.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let held = 64 * MIB;
-        let declare = NewUpload {
-            name: "big.bin".into(),
-            size: held,
-            content_type: "application/octet-stream".into(),
-            blake3: [0; 32],
-        };
-        let Reply::Upload(_) = bob.request(RequestBody::BeginUpload(declare)).await.unwrap() else { panic!() };
-        tb.shared().files.pretend_free_bytes(Some(held + reserve + 100 * 1024));
+        let (tb, alice, lapsed) = a_lapsed_upload_beside_held_room(&elf).await;
         let mut png = bytes(256 * 1024, 4);
         png[..33].copy_from_slice(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89");
         let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file: lapsed, offset: 0 }).await;
