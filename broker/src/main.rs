@@ -196,6 +196,18 @@ fn run() -> anyhow::Result<()> {
         let data = &config.data_dir;
         match std::fs::metadata(data.join("store")) {
             Ok(store) if store.is_dir() => {}
+            // The data dir is the broker user's alone (0700): say whose command this is,
+            // as the admin socket's refusal does (an operator's trial got only
+            // "Permission denied").
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "reading the store in {}: run the command as the user the broker runs as (its data dir is \
+                         that user's alone)",
+                        data.display()
+                    )
+                });
+            }
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("reading the store in {}", data.display()));
             }
