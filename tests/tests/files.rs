@@ -628,6 +628,20 @@ async fn only_the_uploader_and_members_where_it_is_attached_may_read_a_file() {
     .await
 }
 
+/// A broker allowing 50 member rows a second (a burst of 100) where alice's file is
+/// attached in ten groups of hers that bob is in.
+async fn a_file_in_ten_groups_with_bob() -> (TestBroker, Client, Client, FileId) {
+    let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 50).await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 3)).await;
+    for i in 0..10 {
+        let conv = alice.create_group(&format!("g{i}"), &["bob".into()]).await.unwrap().id;
+        attach(&alice, conv, file).await;
+    }
+    (tb, alice, bob, file)
+}
+
 /// Asking about a file costs its member lookups from the asker's allowance of member
 /// rows (a refusal the most a check can look at, file or no file): a stranger asking
 /// over and over about a file carried in many conversations (each ask a seek and a
@@ -638,15 +652,8 @@ async fn only_the_uploader_and_members_where_it_is_attached_may_read_a_file() {
 #[tokio::test]
 async fn strangers_asking_about_a_widely_carried_file_spend_their_own_allowance() {
     bounded(async {
-        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 50).await;
-        let (alice, _) = tb.register("alice").await;
-        let (bob, _) = tb.register("bob").await;
+        let (tb, alice, bob, file) = a_file_in_ten_groups_with_bob().await;
         let (eve, _) = tb.register("eve").await;
-        let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 3)).await;
-        for i in 0..10 {
-            let conv = alice.create_group(&format!("g{i}"), &["bob".into()]).await.unwrap().id;
-            attach(&alice, conv, file).await;
-        }
         // Ten conversations looked at per ask: the burst (100 rows) lasts about ten.
         let mut codes = Vec::new();
         for _ in 0..30 {
@@ -3515,14 +3522,7 @@ async fn a_label_from_bytes_whose_write_failed_does_not_stay() {
 #[tokio::test]
 async fn a_members_checks_of_a_widely_carried_file_spend_every_carrier_read() {
     bounded(async {
-        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 50).await;
-        let (alice, _) = tb.register("alice").await;
-        let (bob, _) = tb.register("bob").await;
-        let file = upload(&alice, "plan.pdf", &bytes(10 * 1024, 3)).await;
-        for i in 0..10 {
-            let conv = alice.create_group(&format!("g{i}"), &["bob".into()]).await.unwrap().id;
-            attach(&alice, conv, file).await;
-        }
+        let (_tb, _alice, bob, file) = a_file_in_ten_groups_with_bob().await;
         let mut limited = false;
         for _ in 0..30 {
             match file_info(&bob, file).await {
