@@ -126,11 +126,8 @@ pub fn too_large(bytes: u64, limit: u32) -> String {
 /// `NAME (number): message`; the message is left out when the broker gave none.
 fn coded(code: ErrorCode, message: &str) -> String {
     // A close reason that only repeats the code's name says nothing more.
-    if message.is_empty() || message == code.name() {
-        format!("{} ({})", code.name(), code.0)
-    } else {
-        format!("{} ({}): {message}", code.name(), code.0)
-    }
+    // `ErrorCode`'s own `NAME (n)`, which the broker's output shares since 2026-12-07.
+    if message.is_empty() || message == code.name() { code.to_string() } else { format!("{code}: {message}") }
 }
 
 impl From<quinn::ConnectionError> for ClientError {
