@@ -228,7 +228,25 @@ async fn log_status(shared: std::sync::Weak<Shared>, every: Duration) {
 /// only the directory keeps other local users out. An existing one is left as the
 /// operator made it, with a warning if others may enter it.
 pub fn create_data_dir(dir: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
+    make_data_dir(dir)?;
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the data dir may be entered by other local users, who could then read every message, password \
+             hash and file: chmod 700 it"
+        );
+    }
+    Ok(())
+}
+
+/// `create_data_dir` without its warning, for a second making in the same start (the
+/// endpoint secret's first write: the warning was said twice).
+pub(crate) fn make_data_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     // Said as it is (an operator trial got "creating PATH: File exists").
     if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
         return Err(Error::Config(format!(
@@ -241,16 +259,6 @@ pub fn create_data_dir(dir: &std::path::Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .map_err(Error::io(format!("creating {}", dir.display())))?;
-    if let Ok(meta) = std::fs::metadata(dir)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(
-            dir = %dir.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "the data dir may be entered by other local users, who could then read every message, password \
-             hash and file: chmod 700 it"
-        );
-    }
     Ok(())
 }
 

@@ -32,10 +32,25 @@ struct Cli {
     /// Data directory (store, certificate).
     #[arg(long, global = true, env = "SWITCHBOARD_DATA")]
     data: Option<PathBuf>,
+    /// How log lines are written to stderr: `text` (one line per event, for people) or
+    /// `json` (one JSON object per line, for a log collector).
+    #[arg(long, global = true, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+/// The shape of the broker's log lines on stderr (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum LogFormat {
+    /// `2026-12-07T14:41:34.123456Z  INFO switchboard_broker: listening addr=...`.
+    Text,
+    /// `{"timestamp":"2026-12-07T14:41:34.123456Z","level":"INFO","message":"listening",
+    /// "addr":"...","target":"switchboard_broker"}`: the event's fields at the top level
+    /// beside `timestamp`, `level`, `message` and `target`.
+    Json,
 }
 
 #[derive(clap::Args, Clone, Default)]
@@ -151,18 +166,22 @@ fn main() {
 /// `RUST_LOG=info` shows them again.
 const DEFAULT_LOG_FILTER: &str = "info,quinn_proto=error";
 
+/// Sends log lines to stderr (stdout carries the broker's address and certificate for
+/// scripts) in `format`, filtered by `RUST_LOG` or else `DEFAULT_LOG_FILTER`; text is
+/// coloured only when a person is watching.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
 fn run() -> anyhow::Result<()> {
-    // Logs go to stderr (stdout carries the broker's address and certificate for
-    // scripts), with colour only when a person is watching.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    init_logs(cli.log_format);
     let mut config = match &cli.config {
         // Its errors name the file already.
         Some(path) => Config::from_toml_file(path)?,

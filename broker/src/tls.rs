@@ -392,7 +392,7 @@ pub fn endpoint_config(config: &Config) -> Result<quinn::EndpointConfig> {
             let mut secret = vec![0u8; ENDPOINT_SECRET_BYTES];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
                 .map_err(|_| Error::Tls("no randomness for the endpoint secret".into()))?;
-            crate::create_data_dir(&config.data_dir)?;
+            crate::make_data_dir(&config.data_dir)?;
             write_private(&path, &secret).map_err(Error::io(format!("writing {}", path.display())))?;
             secret
         }

@@ -485,6 +485,37 @@ fn logs_are_plain_text_on_stderr() {
 }
 
 #[test]
+fn json_logs_are_one_object_per_line_with_the_fields_at_the_top() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = logs_of_a_run(dir.path(), &["--log-format", "json"], Duration::ZERO);
+    let err = String::from_utf8(err).unwrap();
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON object: {line:?}: {e}")))
+        .collect();
+    let listening = lines.iter().find(|l| l["message"] == "listening").unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(listening["level"], "INFO");
+    assert!(listening["timestamp"].is_string() && listening["target"].is_string(), "{listening}");
+    assert!(listening["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{listening}");
+    assert!(!String::from_utf8(out).unwrap().contains('{'), "log lines stay off stdout");
+}
+
+#[test]
+fn a_shared_data_dir_is_warned_of_once_per_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("shared");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The first start (which also writes the endpoint secret) and a later one.
+    for start in ["first", "second"] {
+        let (_, err) = logs_of_a_run(dir.path(), &["--data", data.to_str().unwrap()], Duration::ZERO);
+        let err = String::from_utf8(err).unwrap();
+        assert_eq!(err.matches("may be entered by other local users").count(), 1, "{start} start: {err}");
+    }
+}
+
+#[test]
 fn a_new_data_dir_is_not_reported_as_an_unclean_stop() {
     // A brand-new data dir, and one that `user add` created.
     for user_add_first in [false, true] {
