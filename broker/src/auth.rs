@@ -107,6 +107,14 @@ fn decoy_key() -> VerifyingKey {
     *DECOY.get_or_init(|| ed25519_dalek::SigningKey::from_bytes(&[0x5b; 32]).verifying_key())
 }
 
+/// Which key a device proof is checked against (`Auth::authenticate`).
+enum Proof {
+    /// The device's own: a proof lets it in.
+    Enrolled,
+    /// The key the device had before it was removed: a proof is `DEVICE_REVOKED`.
+    Revoked,
+}
+
 fn wrong_current_password() -> ErrorBody {
     fail(ErrorCode::AUTH_FAILED, "wrong current password")
 }
@@ -272,6 +280,11 @@ impl Auth {
 
     /// Verifies an enrolled device's signature over `transcript`.
     ///
+    /// A signature by the key of a device since removed (revoked by the user or the
+    /// operator, signed out by a password change, or given way to a new enrollment; the
+    /// user's `switchboard_storage::REVOKED_KEYS_KEPT` newest) is `DEVICE_REVOKED`, so its client stops and
+    /// says why; by any other key, `AUTH_FAILED`.
+    ///
     /// Device proof is limited per source address only, by its own count of bad
     /// signatures: a failed proof is `RATE_LIMITED` once that address has used up its
     /// bad-signature budget (`BAD_SIGNATURES_PER_ADDRESS` a window); a valid signature
@@ -289,30 +302,42 @@ impl Auth {
     ) -> Result<UserId, ErrorBody> {
         let now = crate::now_ms();
         let address = [LimitKey::Address(source(from))];
+        // The device's key, or else its key kept since its revocation (`Revoked`).
         let found = match check_user_name(user_name) {
             Ok(()) => match self.store.user_by_name(user_name).map_err(internal)? {
-                Some((user, _)) => self.store.device(user, device).map_err(internal)?.map(|d| (user, d)),
+                Some((user, _)) => match self.store.device(user, device).map_err(internal)? {
+                    Some(d) => Some((user, Proof::Enrolled, d.public_key)),
+                    None => self.store.revoked_key(user, device).map_err(internal)?.map(|k| (user, Proof::Revoked, k)),
+                },
                 // The same reads and check as for a name that exists, against a decoy
                 // key: past the address's budget a probe still costs the broker a check,
                 // and its time must not tell which names and devices exist.
                 None => {
                     let _ = self.store.device(0, device);
+                    let _ = self.store.revoked_key(0, device);
                     None
                 }
             },
             Err(_) => None,
         };
         let key = match &found {
-            Some((_, d)) => VerifyingKey::from_bytes(&d.public_key).ok(),
+            Some((_, _, public_key)) => VerifyingKey::from_bytes(public_key).ok(),
             None => Some(decoy_key()),
         };
         let proved = key
             .is_some_and(|key| Signature::from_slice(signature).is_ok_and(|sig| key.verify(transcript, &sig).is_ok()));
-        let verified = found.filter(|_| proved).map(|(user, _)| user);
+        let verified = found.filter(|_| proved).map(|(user, proof, _)| (user, proof));
         match verified {
-            Some(user) => {
+            Some((user, Proof::Enrolled)) => {
                 refuse_if_disabled(&self.store, user)?;
                 Ok(user)
+            }
+            // Only the holder of the revoked key learns it was revoked (anyone else naming
+            // the device is refused as for one never enrolled), and it is not a guess, so
+            // the address's budget is not spent: a client told this stops for good.
+            Some((_, Proof::Revoked)) => {
+                tracing::debug!(device, from = %from, "device proof refused: the device was revoked");
+                Err(fail(ErrorCode::DEVICE_REVOKED, "this device was revoked: sign in again to enroll a new one"))
             }
             // Only a failed proof meets the address's budget: a device that proves its key
             // is never refused for what others at its address (a carrier NAT, an IPv6

@@ -121,8 +121,9 @@ impl Tally {
 }
 
 /// The codes a refused handshake is counted under; any other is counted as `other`.
-const HANDSHAKE_CODES: [ErrorCode; 9] = [
+const HANDSHAKE_CODES: [ErrorCode; 10] = [
     ErrorCode::AUTH_FAILED,
+    ErrorCode::DEVICE_REVOKED,
     ErrorCode::ACCOUNT_DISABLED,
     ErrorCode::RATE_LIMITED,
     ErrorCode::REGISTRATION_CLOSED,

@@ -713,11 +713,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // `AUTH_FAILED` too).
         let refused = client_error(e).filter(|c| !matches!(c, ClientError::Server(_)));
         let code = refused.and_then(ClientError::code);
-        if matches!(code, Some(ErrorCode::AUTH_FAILED | ErrorCode::DEVICE_REVOKED)) {
-            let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
-            let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
+        let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
+        let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
+        if code == Some(ErrorCode::DEVICE_REVOKED) {
             result = result.context(format!(
-                "this device is not enrolled at {server} any more (revoked, by `sb devices revoke` here or from another device; or the account is gone, say after the broker's data was restored from a backup; or is this another broker?): `sb login {user}` enrolls it again if the account is there, else `sb register {user}` makes it again"
+                "this device was removed from {user}'s account at {server} (by `sb devices revoke` from another device, a password change that signed out the other devices, or the operator): `sb login {user}` enrolls it again"
+            ));
+        } else if code == Some(ErrorCode::AUTH_FAILED) {
+            result = result.context(format!(
+                "this device is not enrolled at {server} any more (revoked long ago, or the account is gone, say after the broker's data was restored from a backup; or is this another broker?): `sb login {user}` enrolls it again if the account is there, else `sb register {user}` makes it again"
             ));
         }
     }

@@ -1474,7 +1474,9 @@ async fn revoking_this_device_takes_a_flag_and_then_says_how_to_come_back() {
     let after = sb_output(&phone, &broker, &["devices"]);
     assert!(!after.status.success());
     let stderr = String::from_utf8_lossy(&after.stderr);
-    assert!(stderr.contains("`sb login alice` enrolls it again") && stderr.contains("AUTH_FAILED"), "{stderr}");
+    assert!(stderr.contains("`sb login alice` enrolls it again") && stderr.contains("DEVICE_REVOKED"), "{stderr}");
+    assert!(stderr.contains("this device was removed from alice's account"), "{stderr}");
+    assert_eq!(after.status.code(), Some(8), "{stderr}");
     // A dead device may be replaced, by another user's too (before, the home refused
     // any other user for good)...
     let spare = dir.path().join("spare");

@@ -41,6 +41,7 @@ const MEMBER_COUNT: u8 = 0x20;
 const OTHER_COUNT: u8 = 0x21;
 const PRESENCE_AT_STOP: u8 = 0x22;
 const WITHDRAWN: u8 = 0x23;
+const REVOKED: u8 = 0x24;
 
 /// A key: at most 1 + 8 + 8 + 16 bytes, or a prefixed name.
 pub struct Key(Vec<u8>);
@@ -86,6 +87,14 @@ impl Key {
     }
     pub fn unconfirmed_of(user: UserId) -> Key {
         Key::with(UNCONFIRMED, &[&user.to_be_bytes()])
+    }
+    /// A removed device's Ed25519 public key (32 bytes), kept so that its holder is told
+    /// it was revoked (`Store::revoked_key`).
+    pub fn revoked(user: UserId, device: DeviceId) -> Key {
+        Key::with(REVOKED, &[&user.to_be_bytes(), &device.to_be_bytes()])
+    }
+    pub fn revoked_of(user: UserId) -> Key {
+        Key::with(REVOKED, &[&user.to_be_bytes()])
     }
     pub fn conversation(id: ConvId) -> Key {
         Key::with(CONVERSATION, &[&id.to_be_bytes()])

@@ -86,6 +86,13 @@ pub enum StoreError {
 /// supported).
 pub const FORMAT: u64 = 8;
 
+/// Removed devices whose public keys a user keeps (`Store::revoked_key`): as many as an
+/// account may have devices at once (the broker's `MAX_DEVICES_PER_USER`), so a whole account signed
+/// out by a password change is told so device by device. Past it the oldest enrollments'
+/// keys go, and their holders are told `AUTH_FAILED` as for a device never enrolled.
+/// 32 keys of 49 bytes each (17 of key, 32 of value) per user at most.
+pub const REVOKED_KEYS_KEPT: usize = 32;
+
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -399,15 +406,14 @@ impl Store {
         txn.put(Key::user(user), &record);
         let mut removed = Vec::new();
         if sign_out != SignOut::Nobody {
-            for (device, _) in self.devices(user)? {
+            for (device, record) in self.devices(user)? {
                 if sign_out != SignOut::AllBut(device) {
-                    txn.batch.remove(Key::device(user, device).as_ref());
-                    txn.batch.remove(Key::unconfirmed(user, device).as_ref());
-                    removed.push(device);
+                    removed.push((device, record.public_key));
                 }
             }
         }
-        Ok(Some((self.commit(txn)?, removed)))
+        self.revoke_devices(&mut txn, user, &removed)?;
+        Ok(Some((self.commit(txn)?, removed.into_iter().map(|(device, _)| device).collect())))
     }
 
     /// Whether the operator has disabled `user`'s account. One point read.
@@ -463,16 +469,16 @@ impl Store {
                 }
                 match self.device(user, id)? {
                     Some(d) if d.enrolled_ms < replace.enrolled_before_ms => {
-                        replaced = Some(id);
+                        replaced = Some((id, d.public_key));
                         break;
                     }
                     _ => {}
                 }
             }
             let Some(old) = replaced else { return Err(StoreError::LimitReached) };
-            txn.batch.remove(Key::device(user, old).as_ref());
-            txn.batch.remove(Key::unconfirmed(user, old).as_ref());
+            self.revoke_devices(&mut txn, user, &[old])?;
         }
+        let replaced = replaced.map(|(id, _)| id);
         let id = self.next_id(Counter::Device)?;
         txn.set_counter(Counter::Device, id);
         txn.put(Key::device(user, id), record);
@@ -531,17 +537,53 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes a device; `None` if it did not exist.
+    /// Removes a device, keeping its key as revoked (`revoked_key`); `None` if it did
+    /// not exist.
     pub fn remove_device(&self, user: UserId, device: DeviceId) -> Result<Option<Durable>> {
         let _guard = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
-        let key = Key::device(user, device);
-        if !self.db.contains_key(&key)? {
-            return Ok(None);
-        }
+        let Some(record) = self.device(user, device)? else { return Ok(None) };
         let mut txn = Txn::new();
-        txn.batch.remove(key.as_ref());
-        txn.batch.remove(Key::unconfirmed(user, device).as_ref());
+        self.revoke_devices(&mut txn, user, &[(device, record.public_key)])?;
         Ok(Some(self.commit(txn)?))
+    }
+
+    /// The public key of `user`'s device `device` if it was removed (revoked, signed out
+    /// by a password change, or given way to a new enrollment) and is among the user's
+    /// `REVOKED_KEYS_KEPT` newest removed devices. One point read.
+    pub fn revoked_key(&self, user: UserId, device: DeviceId) -> Result<Option<[u8; 32]>> {
+        let Some(value) = self.db.get(Key::revoked(user, device))? else { return Ok(None) };
+        match <[u8; 32]>::try_from(value.as_ref()) {
+            Ok(key) => Ok(Some(key)),
+            Err(_) => Err(corrupt(Key::revoked(user, device).as_ref(), "revoked device key")),
+        }
+    }
+
+    /// Adds to `txn` the removal of `removed` devices of `user` (with their public keys),
+    /// keeping each key as revoked and, past `REVOKED_KEYS_KEPT` kept for the user,
+    /// dropping the kept keys of the lowest device ids (the oldest enrollments). Called
+    /// under the catalog lock.
+    fn revoke_devices(&self, txn: &mut Txn, user: UserId, removed: &[(DeviceId, [u8; 32])]) -> Result<()> {
+        if removed.is_empty() {
+            return Ok(());
+        }
+        let mut kept = Vec::new();
+        for item in self.db.scan_prefix(Key::revoked_of(user)) {
+            let (k, _) = item?;
+            kept.push(keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "revoked device key"))?);
+        }
+        for (device, public_key) in removed {
+            txn.batch.remove(Key::device(user, *device).as_ref());
+            txn.batch.remove(Key::unconfirmed(user, *device).as_ref());
+            txn.batch.insert(Key::revoked(user, *device).as_ref(), &public_key[..]);
+            kept.push(*device);
+        }
+        kept.sort_unstable();
+        kept.dedup();
+        let over = kept.len().saturating_sub(REVOKED_KEYS_KEPT);
+        for device in &kept[..over] {
+            txn.batch.remove(Key::revoked(user, *device).as_ref());
+        }
+        Ok(())
     }
 
     // ---- conversations ----
@@ -1208,5 +1250,46 @@ mod tests {
         store.close().unwrap();
         drop(store);
         assert!(!open(dir.path()).created());
+    }
+
+    #[tokio::test]
+    async fn removed_devices_keep_their_keys_the_newest_enrollments_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (user, d) = store.create_user("alice", "hash", 1).unwrap();
+        d.await.unwrap();
+        let record = |key: u8| DeviceRecord { name: "d".into(), public_key: [key; 32], enrolled_ms: 1 };
+        let add = |key| store.add_device(user, &record(key), 64, &Replace::default()).unwrap().0;
+        // Revoked by a device or the operator.
+        let first = add(1);
+        assert_eq!(store.revoked_key(user, first).unwrap(), None, "enrolled, not revoked");
+        store.remove_device(user, first).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.revoked_key(user, first).unwrap(), Some([1; 32]));
+        assert!(store.remove_device(user, first).unwrap().is_none(), "removed once");
+        // Given way to a new enrollment.
+        let unconfirmed = add(2);
+        let kept = add(3);
+        store.confirm_device(user, kept).unwrap().unwrap().await.unwrap();
+        let (_, replaced, d) =
+            store.add_device(user, &record(4), 2, &Replace { enrolled_before_ms: 2, in_use: &[] }).unwrap();
+        d.await.unwrap();
+        assert_eq!(replaced, Some(unconfirmed));
+        assert_eq!(store.revoked_key(user, unconfirmed).unwrap(), Some([2; 32]));
+        // Signed out by a password change: every device but the one kept.
+        let many: Vec<DeviceId> = (0..REVOKED_KEYS_KEPT as u8).map(|i| add(10 + i)).collect();
+        let (d, signed_out) = store.set_password(user, "new hash", SignOut::AllBut(kept)).unwrap().unwrap();
+        d.await.unwrap();
+        assert_eq!(signed_out.len(), REVOKED_KEYS_KEPT + 1, "the 32 and the one that replaced");
+        assert_eq!(store.revoked_key(user, kept).unwrap(), None, "the device kept is not revoked");
+        assert!(store.device(user, kept).unwrap().is_some());
+        // At most REVOKED_KEYS_KEPT kept: the lowest ids (oldest enrollments) went first.
+        for (i, &id) in many.iter().enumerate() {
+            assert_eq!(store.revoked_key(user, id).unwrap(), Some([10 + i as u8; 32]), "device {i}");
+        }
+        for gone in [first, unconfirmed] {
+            assert_eq!(store.revoked_key(user, gone).unwrap(), None, "the oldest keys go past the bound");
+        }
+        let kept_keys = store.db.scan_prefix(Key::revoked_of(user)).count();
+        assert_eq!(kept_keys, REVOKED_KEYS_KEPT);
     }
 }

@@ -132,7 +132,7 @@ const INVALID: ErrorCode = ErrorCode::INVALID;
 const FORBIDDEN: ErrorCode = ErrorCode::FORBIDDEN;
 const NOT_FOUND: ErrorCode = ErrorCode::NOT_FOUND;
 const NOT_AUTHENTICATED: ErrorCode = ErrorCode::NOT_AUTHENTICATED;
-const AUTH_FAILED: ErrorCode = ErrorCode::AUTH_FAILED;
+const DEVICE_REVOKED: ErrorCode = ErrorCode::DEVICE_REVOKED;
 
 /// Who asks. `Member` is bob, a plain member of alice's group: no role to change
 /// members, not the sender of alice's message.
@@ -155,53 +155,53 @@ enum Who {
 #[rustfmt::skip]
 const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     // kind                        unauthenticated           stranger            member without role  revoked device
-    (Kind::Register,           Served,                   Refused(INVALID),   Refused(INVALID),    Closed(AUTH_FAILED)),
-    (Kind::Login,              Served,                   Refused(INVALID),   Refused(INVALID),    Closed(AUTH_FAILED)),
-    (Kind::Authenticate,       Served,                   Refused(INVALID),   Refused(INVALID),    Closed(AUTH_FAILED)),
-    (Kind::Ping,               Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
-    (Kind::CreateConversation, Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
-    (Kind::ListConversations,  Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
-    (Kind::Members,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
-    (Kind::AddMembers,         Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
-    (Kind::RemoveMember,       Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
-    (Kind::Leave,              Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
-    (Kind::Send,               Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
-    (Kind::Edit,               Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
-    (Kind::Delete,             Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
-    (Kind::History,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
-    (Kind::ListDevices,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
-    (Kind::RevokeDevice,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    (Kind::Register,           Served,                   Refused(INVALID),   Refused(INVALID),    Closed(DEVICE_REVOKED)),
+    (Kind::Login,              Served,                   Refused(INVALID),   Refused(INVALID),    Closed(DEVICE_REVOKED)),
+    (Kind::Authenticate,       Served,                   Refused(INVALID),   Refused(INVALID),    Closed(DEVICE_REVOKED)),
+    (Kind::Ping,               Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
+    (Kind::CreateConversation, Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
+    (Kind::ListConversations,  Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(DEVICE_REVOKED)),
+    (Kind::Members,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
+    (Kind::AddMembers,         Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(DEVICE_REVOKED)),
+    (Kind::RemoveMember,       Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(DEVICE_REVOKED)),
+    (Kind::Leave,              Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
+    (Kind::Send,               Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
+    (Kind::Edit,               Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(DEVICE_REVOKED)),
+    (Kind::Delete,             Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(DEVICE_REVOKED)),
+    (Kind::History,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
+    (Kind::ListDevices,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(DEVICE_REVOKED)),
+    (Kind::RevokeDevice,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
     // Marks are batched over conversations: a stranger's are dropped, not refused.
-    (Kind::MarkDelivered,      Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
-    (Kind::MarkRead,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
-    (Kind::Receipts,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
-    (Kind::ConversationStates, Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
-    (Kind::CatchUp,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
-    (Kind::SetPresence,        Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    (Kind::MarkDelivered,      Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
+    (Kind::MarkRead,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
+    (Kind::Receipts,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
+    (Kind::ConversationStates, Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(DEVICE_REVOKED)),
+    (Kind::CatchUp,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
+    (Kind::SetPresence,        Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
     // Presence of users who share no conversation with the caller is left out.
-    (Kind::Presence,           Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
-    (Kind::Settings,           Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
-    (Kind::BeginUpload,        Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
-    (Kind::UploadStatus,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
-    (Kind::CancelUpload,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
-    (Kind::SendFiles,          Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
-    (Kind::FileInfo,           Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
-    (Kind::DeleteFile,         Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
+    (Kind::Presence,           Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(DEVICE_REVOKED)),
+    (Kind::Settings,           Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
+    (Kind::BeginUpload,        Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
+    (Kind::UploadStatus,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
+    (Kind::CancelUpload,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
+    (Kind::SendFiles,          Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
+    (Kind::FileInfo,           Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
+    (Kind::DeleteFile,         Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
     // Only the caller's own uploads in progress (never alice's).
-    (Kind::ListUploads,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
-    (Kind::SetRole,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
-    (Kind::Usage,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    (Kind::ListUploads,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(DEVICE_REVOKED)),
+    (Kind::SetRole,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(DEVICE_REVOKED)),
+    (Kind::Usage,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
     // The caller's own password (set to itself here): never alice's.
-    (Kind::ChangePassword,     Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    (Kind::ChangePassword,     Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
     // The caller's own blocks (alice unblocked here: nothing changes for the rows after).
-    (Kind::Block,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
-    (Kind::BlockedUsers,       Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(AUTH_FAILED)),
+    (Kind::Block,              Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
+    (Kind::BlockedUsers,       Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
     // Only the caller's own stored files (never alice's).
-    (Kind::ListFiles,          Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(AUTH_FAILED)),
+    (Kind::ListFiles,          Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(DEVICE_REVOKED)),
     // alice's file stays hers, wherever it was sent.
-    (Kind::WithdrawFile,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(AUTH_FAILED)),
-    (Kind::EntryNames,         Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(AUTH_FAILED)),
-    (Kind::SetTitle,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(AUTH_FAILED)),
+    (Kind::WithdrawFile,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
+    (Kind::EntryNames,         Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
+    (Kind::SetTitle,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(DEVICE_REVOKED)),
 ];
 
 fn expect(row: &(Kind, Expect, Expect, Expect, Expect), who: Who) -> Expect {
@@ -654,8 +654,7 @@ async fn a_member_without_the_role_is_refused() {
 async fn a_revoked_device_is_closed_and_cannot_authenticate_again() {
     bounded(async {
         let mut w = world().await;
-        // One account per kind: each refused proof counts against its account's failed
-        // login limit (10), which must not turn AUTH_FAILED into RATE_LIMITED here.
+        // One account per kind, so that each row's revoked device is its own.
         let names: Vec<String> = (0..MATRIX.len()).map(|i| format!("r{i}")).collect();
         let mut laptops = Vec::new();
         for name in &names {
