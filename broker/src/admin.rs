@@ -113,10 +113,11 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
             blocking(move || list_users(&store)).await
         }
         AdminRequest::UserPasswd { name, password, revoke_devices } => {
-            // The password and the revocations are one write: an exchange cut short (its
-            // timeout) cannot leave the password set and some devices kept in the store;
-            // a retry closes any of their sessions left open (`revoke_all_but`).
-            let (user, revoked) = ops.auth.set_password(&name, &password, revoke_devices).await?;
+            // The password and the revocations are one write, and their sessions are
+            // closed in it (`Closer`): an exchange cut short (its timeout) cannot leave
+            // the password set and some devices kept in the store, or their sessions open.
+            let closer = ops.broker.map(|shared| shared.users.closer());
+            let (user, revoked) = ops.auth.set_password(&name, &password, revoke_devices, closer).await?;
             if !revoke_devices {
                 return Ok(vec![format!(
                     "set a new password for {name} (its devices still work: --revoke-devices revokes them)"
@@ -125,24 +126,26 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
             for &device in &revoked {
                 tracing::info!(user, device, "device revoked by an operator's password reset");
             }
-            if let Some(shared) = ops.broker {
-                shared.users.revoke_all_but(user, None);
-            }
             let devices = if revoked.len() == 1 { "device" } else { "devices" };
             Ok(vec![format!("set a new password for {name} and revoked its {} {devices}", revoked.len())])
         }
         AdminRequest::UserDisable { name, disabled } => {
             let (user, _) = ops.store.user_by_name(&name).map_err(failed)?.ok_or_else(|| no_user(&name))?;
             let since = ops.store.disabled_since(user).map_err(failed)?;
-            let set =
-                crate::catalog::catalog_write(ops.store, move |s| s.set_disabled(user, disabled, crate::now_ms()))
-                    .await?;
+            // A running broker's sessions of the account are closed in the write
+            // (`Closer`), so an exchange cut short cannot leave them open.
+            let closer = ops.broker.map(|shared| shared.users.closer());
+            let set = crate::catalog::catalog_write(ops.store, move |s| {
+                let set = s.set_disabled(user, disabled, crate::now_ms());
+                if let (Ok(Some(_)), true, Some(closer)) = (&set, disabled, closer) {
+                    closer.disable(user);
+                }
+                set
+            })
+            .await?;
             let durable = set.map_err(failed)?.ok_or_else(|| no_user(&name))?;
             durable.await.map_err(failed)?;
             if disabled {
-                if let Some(shared) = ops.broker {
-                    shared.users.disable(user);
-                }
                 if let Some(since) = since {
                     return Ok(vec![format!("{name} was disabled already (since {})", utc(since))]);
                 }

@@ -386,13 +386,14 @@ impl Auth {
     /// Replaces the password of account `name` (an operator's reset); `NOT_FOUND` if
     /// there is none, `INVALID` for a password outside 8..=256 bytes. Durable when it
     /// returns. With `revoke_devices` every device of the account is removed in the same
-    /// write (the caller closes their connections: the ids are returned); without, they
-    /// keep working.
+    /// write, their connections closed by `closer` (a running broker's) in it, and
+    /// their ids returned; without, they keep working.
     pub async fn set_password(
         &self,
         name: &str,
         password: &str,
         revoke_devices: bool,
+        closer: Option<crate::user::Closer>,
     ) -> Result<(UserId, Vec<DeviceId>), ErrorBody> {
         check_password(password)?;
         let (user, _) = self
@@ -405,7 +406,14 @@ impl Auth {
         let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
         let hash = hash.await?.map_err(internal)?;
         let sign_out = if revoke_devices { SignOut::Everyone } else { SignOut::Nobody };
-        let set = crate::catalog::catalog_write(&self.store, move |s| s.set_password(user, &hash, sign_out)).await?;
+        let set = crate::catalog::catalog_write(&self.store, move |s| {
+            let set = s.set_password(user, &hash, sign_out);
+            if let (Ok(Some(_)), SignOut::Everyone, Some(closer)) = (&set, sign_out, closer) {
+                closer.revoke_all_but(user, None);
+            }
+            set
+        })
+        .await?;
         let (durable, revoked) = set.map_err(internal)?.ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
         durable.await.map_err(internal)?;
         tracing::info!(user, revoked = revoked.len(), "password reset");
@@ -446,9 +454,9 @@ impl Auth {
     /// account's hash is still the one `current` was checked against, in the same
     /// catalog write: of two changes racing from the same password one wins, the other
     /// is `AUTH_FAILED`. `asker`, the device asking, must not have been cut off since it
-    /// asked (`catalog::refusal_to`). With `sign_out_others` every other device of the
-    /// account is removed in the same write, and returned (the caller closes their
-    /// connections). Durable when it returns.
+    /// asked (`catalog::refusal_to`). With `sign_out_others` (the closer of their
+    /// sessions) every other device of the account is removed in the same write, their
+    /// connections closed in it, and returned. Durable when it returns.
     pub(crate) async fn change_password(
         &self,
         user: UserId,
@@ -456,7 +464,7 @@ impl Auth {
         from: IpAddr,
         current: &str,
         new: &str,
-        sign_out_others: bool,
+        sign_out_others: Option<crate::user::Closer>,
     ) -> Result<Vec<DeviceId>, ErrorBody> {
         check_password(new)?;
         // No account has such a password (as in `check_login`): wrong, at once, with no
@@ -497,7 +505,7 @@ impl Auth {
         // The device asking must still be enrolled as the change is written (on the
         // catalog thread, in order with revokes): a change in flight from a device
         // revoked meanwhile must not land after its revoke was answered.
-        let sign_out = if sign_out_others { SignOut::AllBut(asker.device) } else { SignOut::Nobody };
+        let sign_out = if sign_out_others.is_some() { SignOut::AllBut(asker.device) } else { SignOut::Nobody };
         let set = crate::catalog::catalog_write(&self.store, move |s| {
             match crate::catalog::refusal_to(s, user, &asker) {
                 Ok(Some(refused)) => return Err(refused),
@@ -506,7 +514,11 @@ impl Auth {
             }
             match s.user(user) {
                 Ok(Some(account)) if account.password_hash == verified => {
-                    Ok(Some(s.set_password(user, &hash, sign_out)))
+                    let set = s.set_password(user, &hash, sign_out);
+                    if let (Ok(Some(_)), Some(closer)) = (&set, sign_out_others) {
+                        closer.revoke_all_but(user, Some(asker.device));
+                    }
+                    Ok(Some(set))
                 }
                 Ok(_) => Ok(None),
                 Err(e) => Ok(Some(Err(e))),
@@ -563,6 +575,7 @@ impl Auth {
         key: [u8; 32],
         in_use: Vec<DeviceId>,
         verified: String,
+        closer: Option<crate::user::Closer>,
     ) -> Result<(DeviceId, Option<DeviceId>), ErrorBody> {
         let now = crate::now_ms();
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: now };
@@ -574,12 +587,14 @@ impl Auth {
                 Err(e) => return Ok(Some(Err(e))),
             }
             refuse_if_disabled(s, user)?;
-            Ok(Some(s.add_device(
-                user,
-                &record,
-                MAX_DEVICES_PER_USER,
-                &Replace { enrolled_before_ms, in_use: &in_use },
-            )))
+            let added =
+                s.add_device(user, &record, MAX_DEVICES_PER_USER, &Replace { enrolled_before_ms, in_use: &in_use });
+            // Connected devices are never replaced; one that connected meanwhile is
+            // closed here, or finds its device gone when it attaches.
+            if let (Ok((_, Some(old), _)), Some(closer)) = (&added, closer) {
+                closer.revoke(user, *old);
+            }
+            Ok(Some(added))
         })
         .await??;
         let Some(added) = added else { return Err(wrong_password()) };

@@ -26,8 +26,8 @@ use crate::fanout::{Online, SessionHandle};
 /// device or disabled account when it checks the store again after attaching (the
 /// session task does, before it serves anything), so no session outlives either.
 pub struct UserDirectory {
-    /// Attached sessions per online user.
-    sessions: Mutex<HashMap<UserId, usize>>,
+    /// Attached sessions per online user (shared with `Closer`s).
+    sessions: Arc<Mutex<HashMap<UserId, usize>>>,
     /// Places taken by handshakes that have not attached yet (see `reserve`).
     reserved: Arc<Mutex<HashMap<UserId, usize>>>,
     online: Arc<Online>,
@@ -183,6 +183,55 @@ impl Allowances {
     }
 }
 
+/// Closes a user's connections from a catalog write, in the job that removed their
+/// devices (`UserDirectory::closer`): closed there, a removal cannot be left with its
+/// sessions open by a caller that stopped waiting for it (an operator's command past its
+/// exchange timeout, a `ChangePassword` or `RevokeDevice` whose connection dropped, a
+/// login's handshake given up), which nothing would retry: the device is gone from the
+/// store, so a second revocation finds nothing to do (an attacker review). Closing before
+/// the removal is durable loses nothing: a session closed for a removal that a crash then
+/// undoes connects again.
+#[derive(Clone)]
+pub struct Closer {
+    sessions: Arc<Mutex<HashMap<UserId, usize>>>,
+    online: Arc<Online>,
+    disables: Arc<Disables>,
+}
+
+impl Closer {
+    /// Closes every live connection of a disabled account (`ACCOUNT_DISABLED`), the same
+    /// way as `revoke`.
+    pub fn disable(&self, user: UserId) {
+        // Recorded first: a session that ends meanwhile is cut off by the record.
+        self.disables.record(user);
+        self.close(user, |_| true, ErrorCode::ACCOUNT_DISABLED);
+    }
+
+    /// `UserDirectory::revoke`: the live connections of a removed device.
+    pub fn revoke(&self, user: UserId, device: DeviceId) {
+        self.close(user, |d| d == device, ErrorCode::DEVICE_REVOKED);
+    }
+
+    /// Closes the connections of every device of `user` but `keep` with
+    /// `DEVICE_REVOKED`, after a password change signed them out in its write. All of
+    /// them, not only those the write removed.
+    pub fn revoke_all_but(&self, user: UserId, keep: Option<DeviceId>) {
+        self.close(user, |d| keep != Some(d), ErrorCode::DEVICE_REVOKED);
+    }
+
+    /// Closes with `code` the live connections of `user`'s devices that `which` picks,
+    /// under the directory's lock, so that no session attaches meanwhile.
+    fn close(&self, user: UserId, which: impl Fn(DeviceId) -> bool, code: ErrorCode) {
+        let _attaching = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        tracing::debug!(user, %code, "closing connections");
+        for s in self.online.sessions(user).iter().flat_map(|s| s.iter()) {
+            if which(s.device) {
+                s.out.close(code);
+            }
+        }
+    }
+}
+
 impl UserDirectory {
     /// An empty directory publishing into `online`; each user's reads that list members
     /// may return `member_rows_per_sec` member rows a second (`allow_member_reads`), and
@@ -191,7 +240,7 @@ impl UserDirectory {
         let rows = f64::from(member_rows_per_sec);
         let writes = f64::from(writes_per_sec);
         UserDirectory {
-            sessions: Mutex::default(),
+            sessions: Arc::default(),
             reserved: Arc::default(),
             online,
             creations: Allowances::new(CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST, CREATION_BUCKETS_MAX),
@@ -276,35 +325,13 @@ impl UserDirectory {
     /// `Done` has already cut the device off: nothing more reaches it and its connection
     /// is closing.
     pub fn revoke(&self, user: UserId, device: DeviceId) {
-        self.close(user, |d| d == device, ErrorCode::DEVICE_REVOKED);
+        self.closer().revoke(user, device);
     }
 
-    /// Closes every live connection of a disabled account (`ACCOUNT_DISABLED`), the same
-    /// way as `revoke`.
-    pub fn disable(&self, user: UserId) {
-        // Recorded first: a session that ends meanwhile is cut off by the record.
-        self.disables.record(user);
-        self.close(user, |_| true, ErrorCode::ACCOUNT_DISABLED);
-    }
-
-    /// Closes the connections of every device of `user` but `keep` with
-    /// `DEVICE_REVOKED`, after a password change signed them out in its write. All of
-    /// them, not only those the write removed: idempotent, so an operator's reset retried
-    /// after its exchange was cut short (the devices removed, their sessions not closed
-    /// yet) closes what is left.
-    pub fn revoke_all_but(&self, user: UserId, keep: Option<DeviceId>) {
-        self.close(user, |d| keep != Some(d), ErrorCode::DEVICE_REVOKED);
-    }
-
-    /// Closes with `code` the live connections of `user`'s devices that `which` picks.
-    fn close(&self, user: UserId, which: impl Fn(DeviceId) -> bool, code: ErrorCode) {
-        let _attaching = self.sessions();
-        tracing::debug!(user, %code, "closing connections");
-        for s in self.online.sessions(user).iter().flat_map(|s| s.iter()) {
-            if which(s.device) {
-                s.out.close(code);
-            }
-        }
+    /// A handle that closes connections as `revoke` does, for the catalog write that
+    /// removes devices or disables an account to call in the same job (`Closer`).
+    pub fn closer(&self) -> Closer {
+        Closer { sessions: self.sessions.clone(), online: self.online.clone(), disables: self.disables.clone() }
     }
 
     /// Takes one conversation creation (or one `Block` change, which rebuilds presence

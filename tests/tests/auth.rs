@@ -526,13 +526,13 @@ async fn a_login_checked_against_a_password_since_reset_enrolls_nothing() {
     bounded(async {
         let (tb, identity, checked_against) = carol_with_her_password_checked().await;
         let (auth, store) = (&tb.shared().auth, &tb.shared().store);
-        auth.set_password("carol", "a brand new passphrase", false).await.unwrap();
-        let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against).await;
+        auth.set_password("carol", "a brand new passphrase", false, None).await.unwrap();
+        let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against, None).await;
         assert_eq!(late.unwrap_err().code, ErrorCode::AUTH_FAILED);
         assert_eq!(store.devices(identity.user_id).unwrap().len(), 1, "only the registering device");
         // Checked against the password in force, the same enrollment goes through.
         let current = store.user(identity.user_id).unwrap().unwrap().password_hash;
-        auth.enroll(identity.user_id, "desk", [8; 32], Vec::new(), current).await.unwrap();
+        auth.enroll(identity.user_id, "desk", [8; 32], Vec::new(), current, None).await.unwrap();
         assert_eq!(store.devices(identity.user_id).unwrap().len(), 2);
     })
     .await
@@ -547,11 +547,11 @@ async fn a_login_checked_before_its_account_was_disabled_enrolls_nothing() {
         let (tb, identity, checked_against) = carol_with_her_password_checked().await;
         let (auth, store) = (&tb.shared().auth, &tb.shared().store);
         store.set_disabled(identity.user_id, true, 1).unwrap().unwrap().await.unwrap();
-        let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against.clone()).await;
+        let late = auth.enroll(identity.user_id, "late", [7; 32], Vec::new(), checked_against.clone(), None).await;
         assert_eq!(late.unwrap_err().code, ErrorCode::ACCOUNT_DISABLED);
         assert_eq!(store.devices(identity.user_id).unwrap().len(), 1, "only the registering device");
         store.set_disabled(identity.user_id, false, 2).unwrap().unwrap().await.unwrap();
-        auth.enroll(identity.user_id, "desk", [8; 32], Vec::new(), checked_against).await.unwrap();
+        auth.enroll(identity.user_id, "desk", [8; 32], Vec::new(), checked_against, None).await.unwrap();
         assert_eq!(store.devices(identity.user_id).unwrap().len(), 2);
     })
     .await
@@ -686,6 +686,96 @@ async fn of_two_changes_from_the_same_password_one_wins() {
             other => panic!("exactly one change must win: {other:?}"),
         };
         tb.connector().login("alice", won, "d").await.unwrap();
+    })
+    .await
+}
+
+/// An operator's revocation, password reset or disable whose command stopped waiting
+/// once its write was handed to the catalog thread (its exchange timed out with the
+/// store slow) still closes the sessions it cuts off: before, they were closed only after
+/// the write was durable, by the future dropped, and a second revocation found no device
+/// and closed nothing, so the revoked device went on sending (an attacker review).
+#[tokio::test]
+async fn an_operators_write_abandoned_as_it_waits_still_closes_the_sessions() {
+    use switchboard_broker::admin::{AdminRequest, Ops, execute};
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let shared = tb.shared();
+        let store = &shared.store;
+        let ops = Ops { store, auth: &shared.auth, broker: Some(shared) };
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        let (carol, carol_id) = tb.register("carol").await;
+        let (dora, dora_id) = tb.register("dora").await;
+        let hash = |user| store.user(user).unwrap().unwrap().password_hash;
+        let carols_hash = hash(carol_id.user_id);
+        let cases: [(AdminRequest, &Client, ErrorCode, Box<dyn Fn() -> bool>); 3] = [
+            (
+                AdminRequest::DeviceRevoke { user: "alice".into(), device: phone_id.device_id },
+                &phone,
+                ErrorCode::DEVICE_REVOKED,
+                Box::new(|| store.device(phone_id.user_id, phone_id.device_id).unwrap().is_none()),
+            ),
+            (
+                AdminRequest::UserPasswd {
+                    name: "carol".into(),
+                    password: "a reset passphrase".into(),
+                    revoke_devices: true,
+                },
+                &carol,
+                ErrorCode::DEVICE_REVOKED,
+                Box::new(|| hash(carol_id.user_id) != carols_hash),
+            ),
+            (
+                AdminRequest::UserDisable { name: "dora".into(), disabled: true },
+                &dora,
+                ErrorCode::ACCOUNT_DISABLED,
+                Box::new(|| store.disabled(dora_id.user_id).unwrap()),
+            ),
+        ];
+        for (request, client, code, written) in cases {
+            // Polled until its write is applied on the catalog thread (a reset hashes the
+            // password first), then dropped: never polled again.
+            let command = execute(&ops, request);
+            tokio::pin!(command);
+            while !written() {
+                let mut polled = command.as_mut();
+                let pending = std::future::poll_fn(|cx| std::task::Poll::Ready(polled.as_mut().poll(cx).is_pending()));
+                assert!(pending.await, "the command finished before its write was seen");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let closed = tokio::time::timeout(Duration::from_secs(10), client.closed()).await;
+            assert_eq!(closed.map(|e| e.code()), Ok(Some(code)), "a session outlived its cut-off");
+        }
+        laptop.ping().await.unwrap();
+    })
+    .await
+}
+
+/// A device removed from the store with a session left open (as a write did before its
+/// sessions were closed in it) is closed by the next revocation, which finds no device:
+/// before, it answered `NOT_FOUND` and the session went on being served.
+#[tokio::test]
+async fn a_revocation_finding_no_device_still_closes_its_sessions() {
+    use switchboard_broker::admin::{AdminRequest, Ops, execute};
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let shared = tb.shared();
+        let ops = Ops { store: &shared.store, auth: &shared.auth, broker: Some(shared) };
+        let (laptop, _) = tb.register("alice").await;
+        let (phone, phone_id) = tb.login("alice").await;
+        shared.store.remove_device(phone_id.user_id, phone_id.device_id).unwrap().unwrap().await.unwrap();
+        let revoke = AdminRequest::DeviceRevoke { user: "alice".into(), device: phone_id.device_id };
+        let refused = execute(&ops, revoke).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::NOT_FOUND);
+        let closed = tokio::time::timeout(Duration::from_secs(10), phone.closed()).await;
+        assert_eq!(closed.map(|e| e.code()), Ok(Some(ErrorCode::DEVICE_REVOKED)));
+        // And by the device's own user, from another device.
+        let (tablet, tablet_id) = tb.login("alice").await;
+        shared.store.remove_device(tablet_id.user_id, tablet_id.device_id).unwrap().unwrap().await.unwrap();
+        assert_eq!(laptop.revoke_device(tablet_id.device_id).await.unwrap_err().code(), Some(ErrorCode::NOT_FOUND));
+        let closed = tokio::time::timeout(Duration::from_secs(10), tablet.closed()).await;
+        assert_eq!(closed.map(|e| e.code()), Ok(Some(ErrorCode::DEVICE_REVOKED)));
     })
     .await
 }

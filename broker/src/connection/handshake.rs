@@ -117,7 +117,7 @@ pub(super) async fn authenticate(
             let session = session.inspect_err(|_| auth.registration_not_made(from))?;
             let user = auth.create_user(&e.user, checked.hash.clone()).await?;
             let place = shared.users.reserve(user)?;
-            let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new(), checked.hash).await?;
+            let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new(), checked.hash, None).await?;
             (user, device, place, session)
         }
         RequestBody::Login(e) => {
@@ -127,12 +127,9 @@ pub(super) async fn authenticate(
             // Disabled while the password was checked: no device is enrolled.
             crate::auth::refuse_if_disabled(&shared.store, user)?;
             let in_use = shared.online.sessions(user).map(|s| s.iter().map(|s| s.device).collect()).unwrap_or_default();
-            let (device, replaced) = auth.enroll(user, &e.device_name, key, in_use, verified).await?;
-            if let Some(old) = replaced {
-                // Connected devices are never replaced; one that connected meanwhile
-                // finds its device gone when it attaches.
-                shared.users.revoke(user, old);
-            }
+            // A device given way is closed in the write (`Closer`).
+            let closer = Some(shared.users.closer());
+            let (device, _) = auth.enroll(user, &e.device_name, key, in_use, verified, closer).await?;
             (user, device, place, session)
         }
         RequestBody::Authenticate { user, device_id, signature } => {
