@@ -422,8 +422,9 @@ pub struct Presence {
     /// (`LAST_SEEN_REFRESH_MS`; wall clock, ms since the epoch; 0 before the first).
     refresh_due_ms: std::sync::atomic::AtomicU64,
     /// Whether the refresh also records who is connected (`checkpoint`): from the first
-    /// `presume_from_last_stop` on, which takes the record the last run left first.
-    checkpoints: std::sync::atomic::AtomicBool,
+    /// `presume_from_last_stop` on, which takes the record the last run left first, until
+    /// `record_at_stop`. Held while a record is written, so none lands after the stop's.
+    checkpoints: Mutex<bool>,
 }
 
 /// Contact sets of users with a presence entry, at most `PRESENCE_CACHED_CONTACTS_MAX`
@@ -745,7 +746,7 @@ impl Presence {
             online,
             wake: Arc::new(Notify::new()),
             refresh_due_ms: std::sync::atomic::AtomicU64::new(0),
-            checkpoints: std::sync::atomic::AtomicBool::new(false),
+            checkpoints: Mutex::new(false),
         });
         spawn_timer(Arc::downgrade(&presence), presence.wake.clone());
         presence
@@ -764,6 +765,12 @@ impl Presence {
     /// back and not pushed yet was lost with the broker's stop, and after the start such
     /// a user was shown last seen at an earlier push (a trial: 350 ms earlier than shown
     /// before the stop).
+    ///
+    /// The checkpoints stop with it: the refresh went on while the sessions closed (up
+    /// to half a minute), and one falling due then replaced the record with the users
+    /// still connected, nearly none, so at the start after a clean stop nobody was
+    /// presumed and every contact was pushed each user offline and online again (an
+    /// attacker review).
     pub fn record_at_stop(&self) {
         let left = self.state.lock().unwrap_or_else(|p| p.into_inner()).left_lately();
         for (user, last_seen_ms) in left {
@@ -771,6 +778,8 @@ impl Presence {
                 break;
             }
         }
+        let mut checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        *checkpoints = false;
         self.record_connected(crate::now_ms());
     }
 
@@ -781,7 +790,8 @@ impl Presence {
     /// device came back. Written with the refresh of last-seen times, once a minute: a
     /// value of about 9 bytes per connected user, up to `PRESENCE_AT_STOP_MAX` users.
     fn checkpoint(&self, now_ms: u64) {
-        if self.checkpoints.load(Ordering::Relaxed) {
+        let checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if *checkpoints {
             self.record_connected(now_ms);
         }
     }
@@ -808,7 +818,7 @@ impl Presence {
     /// user in it. From then on the record is kept once a minute (`checkpoint`).
     pub fn presume_from_last_stop(&self) -> switchboard_storage::Result<()> {
         let taken = self.store.take_presence_at_stop();
-        self.checkpoints.store(true, Ordering::Relaxed);
+        *self.checkpoints.lock().unwrap_or_else(|p| p.into_inner()) = true;
         let Some(at_stop) = taken? else { return Ok(()) };
         let now = crate::now_ms();
         let max_age = if self.store.opened_clean() {
@@ -1618,6 +1628,26 @@ mod tests {
         let state = presence.state.lock().unwrap();
         assert_eq!(state.current(1, now).map(|(s, _)| s), Some(Status::Online));
         assert_eq!(state.current(2, now).map(|(s, _)| s), Some(Status::Away));
+    }
+
+    /// A refresh falling due while the sessions close at a clean stop leaves the stop's
+    /// record of who was connected as it was: before, it replaced it with the users still
+    /// connected then (none), and the next start presumed nobody.
+    #[tokio::test]
+    async fn a_refresh_during_the_stop_keeps_the_record_of_who_was_connected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::test_store(dir.path()));
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        presence.presume_from_last_stop().unwrap();
+        presence.attach(1, 10);
+        presence.attach(2, 20);
+        presence.record_at_stop();
+        presence.detach(1, 10, 0);
+        presence.detach(2, 20, 0);
+        presence.refresh_due_ms.store(0, Ordering::Relaxed);
+        presence.fire();
+        let record = store.take_presence_at_stop().unwrap().expect("a record");
+        assert_eq!(record.users, vec![(1, false), (2, false)]);
     }
 
     /// A stranger's large groups, made before the user's later conversations, no longer

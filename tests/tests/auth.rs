@@ -709,7 +709,9 @@ async fn an_operators_write_abandoned_as_it_waits_still_closes_the_sessions() {
         let (dora, dora_id) = tb.register("dora").await;
         let hash = |user| store.user(user).unwrap().unwrap().password_hash;
         let carols_hash = hash(carol_id.user_id);
-        let cases: [(AdminRequest, &Client, ErrorCode, Box<dyn Fn() -> bool>); 3] = [
+        // Whether the command's write has been applied.
+        type Written<'a> = Box<dyn Fn() -> bool + 'a>;
+        let cases: [(AdminRequest, &Client, ErrorCode, Written); 3] = [
             (
                 AdminRequest::DeviceRevoke { user: "alice".into(), device: phone_id.device_id },
                 &phone,

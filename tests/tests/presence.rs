@@ -936,6 +936,38 @@ async fn a_presence_query_naming_users_draws_on_the_member_rows_allowance() {
     .await
 }
 
+/// Each user a named presence query shows spends a row of the member-rows allowance, as
+/// a snapshot's do: before, only the rebuild of the caller's contacts was charged, and
+/// the same contacts asked for over and over (up to 256 a query, two reads each) were
+/// never refused (an attacker review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_user_a_named_presence_query_shows_is_charged() {
+    bounded(async {
+        // A burst of 200 rows, refilled at 100 a second.
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 100).await;
+        let (alice, _) = tb.register("alice").await;
+        let mut named = Vec::new();
+        for name in ["bob", "carol", "dave"] {
+            let (_, id) = tb.register(name).await;
+            named.push(id.user_id);
+        }
+        alice.create_group("g", &["bob".into(), "carol".into(), "dave".into()]).await.unwrap();
+        // 200 queries of three rows: 600 rows against 200 and what refills meanwhile.
+        for query in 0..200 {
+            match alice.presence(&named).await {
+                Ok(shown) => assert_eq!(shown.len(), 3),
+                Err(e) => {
+                    assert_eq!(e.code(), Some(ErrorCode::RATE_LIMITED), "{e}");
+                    assert!(query > 30, "refused at query {query}: the rows were not the cost");
+                    return;
+                }
+            }
+        }
+        panic!("200 named queries of three users each were never refused");
+    })
+    .await
+}
+
 /// Presence follows a group's membership both ways while its members stay online (their
 /// kept contact sets are brought up to date from the membership entries delivered, the
 /// newcomers checked for blocks, rather than read whole again): a member added is shown

@@ -641,17 +641,19 @@ impl Session {
             RequestBody::Presence { users } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    // A snapshot (every contact, up to 4,096, a read or two each) draws on
-                    // the allowance of member rows, as member lists do; so does any
-                    // query's rebuild of the caller's contact set (`Presence::query`).
-                    let snapshot = users.is_empty();
+                    // Every answer's rows (a snapshot's up to 4,096 contacts, a named
+                    // query's up to 256, two reads each) draw on the allowance of member
+                    // rows, as member lists do; so does any query's rebuild of the
+                    // caller's contact set (`Presence::query`). Before, named queries were
+                    // free: 256 contacts asked for over and over, or a snapshot split into
+                    // 16 of them, was never `RATE_LIMITED` (an attacker review).
                     if let Err(refused) = shared.users.allow_member_reads(caller.user) {
                         return reply.send(Err(refused));
                     }
                     let answer = shared.presence.query(caller.user, users, &shared.pauses).await;
                     let answer = answer.map(|(reply, rebuilt)| {
                         let listed = match &reply {
-                            Reply::Presence(list) if snapshot => list.len(),
+                            Reply::Presence(list) => list.len(),
                             _ => 0,
                         };
                         shared.users.charge_member_reads(caller.user, listed + rebuilt);
