@@ -407,6 +407,40 @@ async fn a_registration_refused_for_want_of_room_is_given_back() {
     once.register("r3", tb.password, "d").await.unwrap();
 }
 
+/// An address at its `max_connections_per_address` sessions is refused a registration
+/// before anything is spent or looked up: before, the refusal came after the name was
+/// looked up and the password hashed, and the registration was given back, so an address
+/// kept at its cap had the broker hash passwords for it without end (an attacker review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_at_its_session_cap_is_refused_a_registration_before_any_work() {
+    let tb = TestBroker::start_with(|c| {
+        c.max_connections_per_address = 1;
+        c.registration_burst_per_address = 1;
+        c.registration_interval_ms = 3_600_000;
+    })
+    .await;
+    tb.shared().auth.add_user("holder", tb.password).await.unwrap();
+    let connector = tb.connector();
+    let mut raw = bare(&connector, addr(&tb)).await;
+    let transcript = raw.hello("at its cap").await.unwrap();
+    // The address's one session place taken.
+    let (holder, _) = tb.connector().login("holder", tb.password, "d").await.unwrap();
+    // A taken name: before, answered `CONFLICT`, the address's one registration spent.
+    let body = RequestBody::Register(enroll(&transcript, "holder", tb.password, 7));
+    raw.send.write_all(&encode_frame(&ClientFrame::Request(Request { id: 0, body })).unwrap()).await.unwrap();
+    assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::RATE_LIMITED));
+    holder.close();
+    let shared = tb.shared();
+    switchboard_tests::within(WAIT, "the session's end", async {
+        while shared.status().sessions > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Nothing was spent: the address's one registration is there.
+    tb.connector().register("newcomer", tb.password, "d").await.unwrap();
+}
+
 /// Asking whether a name is taken spends the address's registration allowance, as a
 /// registration does (before, `CONFLICT` was answered free, for any number of names, so
 /// names could be listed at the speed of QUIC handshakes while logins spend a password

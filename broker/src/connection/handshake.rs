@@ -110,17 +110,27 @@ pub(super) async fn authenticate(
             // Every `OVERLOADED` a registration can get (the password queue or its
             // source's share of it, the session places) comes before `create_user`: the
             // account does not exist yet, so a client may simply retry (the client
-            // library does: `TransportOptions::enroll_retry_for`). The session places
-            // are full only after the address's registration was taken: given back.
+            // library does: `TransportOptions::enroll_retry_for`). The broker's session
+            // places full only after the address's registration was taken: given back.
+            // An address at its own cap is refused before anything is spent or looked
+            // up, and one that reached it while the password was hashed keeps its
+            // registration spent: before, that was given back too, and an address kept
+            // at its cap had passwords hashed for it without end (an attacker review).
+            shared.admission.source_fits(&unauthenticated)?;
             let checked = auth.check_register(&e, &transcript, from).await?;
-            let session = shared.admission.promote(unauthenticated);
-            let session = session.inspect_err(|_| auth.registration_not_made(from))?;
+            let session = shared.admission.promote(unauthenticated).inspect_err(|refused| {
+                if refused.code == ErrorCode::OVERLOADED {
+                    auth.registration_not_made(from);
+                }
+            })?;
             let user = auth.create_user(&e.user, checked.hash.clone()).await?;
             let place = shared.users.reserve(user)?;
             let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new(), checked.hash, None).await?;
             (user, device, place, session)
         }
         RequestBody::Login(e) => {
+            // No hash for a place the address cannot take.
+            shared.admission.source_fits(&unauthenticated)?;
             let (user, key, verified) = auth.check_login(&e, &transcript, from).await?;
             let session = shared.admission.promote(unauthenticated)?;
             let place = shared.users.reserve(user)?;

@@ -441,6 +441,15 @@ impl Admission {
         (self.sessions.load(Ordering::SeqCst), unauthenticated)
     }
 
+    /// `RATE_LIMITED`, as `promote` would answer, while `place`'s source (or network) has
+    /// its `max_connections_per_address` sessions: asked before a password is hashed for
+    /// it, so that an address kept at its cap has no hash made for a place it cannot
+    /// take (`promote` checks again).
+    pub(crate) fn source_fits(&self, place: &Unauthenticated) -> Result<(), ErrorBody> {
+        let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        if addresses.fits(place.source, self.per_address) { Ok(()) } else { Err(address_full()) }
+    }
+
     /// Moves an authenticated connection from its unauthenticated place to a session
     /// place: `RATE_LIMITED` if its source (or network) has its
     /// `max_connections_per_address` sessions, `OVERLOADED` if `max_connections`
@@ -449,10 +458,7 @@ impl Admission {
         let source = place.source;
         let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
         if !addresses.fits(source, self.per_address) {
-            return Err(ErrorBody::new(
-                ErrorCode::RATE_LIMITED,
-                "too many connections from this address (max_connections_per_address); retry later",
-            ));
+            return Err(address_full());
         }
         self.sessions
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max_sessions).then_some(n + 1))
@@ -462,6 +468,14 @@ impl Admission {
         drop(place);
         Ok(Session { sessions: self.sessions.clone(), source, addresses: self.addresses.clone() })
     }
+}
+
+/// The refusal of a session place to a source at its `max_connections_per_address`.
+fn address_full() -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::RATE_LIMITED,
+        "too many connections from this address (max_connections_per_address); retry later",
+    )
 }
 
 async fn write_msg<T: serde::Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), Close> {
