@@ -426,7 +426,7 @@ async fn operators_list_and_revoke_devices_while_the_broker_is_stopped() {
     let mut broker = start(dir.path());
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
     let refused = connector.connect(&phone_id).await.err().unwrap();
-    assert_eq!(refused.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED));
+    assert_eq!(refused.code(), Some(switchboard_protocol::ErrorCode::DEVICE_REVOKED));
     connector.connect(&laptop_id).await.unwrap().ping().await.unwrap();
     signal(&broker.child, "-TERM");
     assert!(broker.child.wait().unwrap().success());
@@ -687,7 +687,7 @@ async fn operators_list_users_and_reset_a_password() {
     let mut broker = start(dir.path());
     let connector = Connector::new(broker.addr, "localhost", Trust::CaFile(broker.cert.clone())).unwrap();
     let device = connector.connect(&laptop_id).await.err().unwrap();
-    assert_eq!(device.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED), "the device is revoked");
+    assert_eq!(device.code(), Some(switchboard_protocol::ErrorCode::DEVICE_REVOKED), "the device is revoked");
     let old = connector.login("carol", "correct horse battery", "thief").await.err().unwrap();
     assert_eq!(old.code(), Some(switchboard_protocol::ErrorCode::AUTH_FAILED), "the old password is refused");
     connector.login("carol", "a brand new passphrase", "phone").await.unwrap();

@@ -96,6 +96,44 @@ pub const REVOKED_KEYS_KEPT: usize = 32;
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Makes what sled will recover from the files in its directory `dir` (its log `db`, its
+/// snapshots, its blob files) what is on the disk, before sled opens them: each is
+/// synced, then its pages are dropped from the page cache (`POSIX_FADV_DONTNEED`), so
+/// that sled's recovery reads the disk. `NotDurable` if a sync fails.
+///
+/// Synced: what a crash of the process left written and never synced (the page cache
+/// keeps it) is made durable before sled's recovery acts on it (it zeroes segments it
+/// finds free, judged from that log), before the start's repairs and before anything is
+/// served from it. A flush with nothing to write syncs nothing (sled syncs its log writes
+/// only), so the start's barrier alone would not. Dropped: after an fdatasync that failed
+/// (the committer stops the broker, and a supervisor starts it again without a reboot)
+/// Linux keeps the pages whose write-back failed in the cache, marked clean, and a later
+/// sync reports nothing: sled would recover the entry that never reached the disk from
+/// them and answer its resend as stored, and the next reboot would lose it and every
+/// write acknowledged after it (a durability review; "fsyncgate"). Advice the kernel
+/// cannot follow (a page dirtied meanwhile, a file system that keeps no cache) is let be.
+pub fn settle_for_recovery(dir: &std::path::Path) -> Result<()> {
+    let blobs = dir.join("blobs");
+    let files = [dir, blobs.as_path()]
+        .into_iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+        .map(|entry| entry.path());
+    for file in files {
+        let opened = std::fs::File::open(&file).and_then(|f| f.sync_data().map(|()| f));
+        match opened {
+            Ok(f) => {
+                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::NotDurable(format!("{}: {e}", file.display()))),
+        }
+    }
+    Ok(())
+}
+
 /// Knobs set explicitly at open; see `StoreConfig::default` for the reasons.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -194,20 +232,8 @@ impl Store {
             // unsynchronised flushes (and sled hangs with concurrent flushers).
             .flush_every_ms(None)
             .mode(sled::Mode::HighThroughput);
-        // What sled will recover may have been written and never synced before a crash
-        // of the process (the page cache keeps it): synced before sled opens it (its
-        // recovery zeroes segments it finds free, unsynced, judged from that log), before
-        // the start's repairs act on it and before anything is served from it. A flush
-        // with nothing to write syncs nothing (sled syncs its log writes only), so the
-        // start's barrier alone would not.
         if !created {
-            let file = config.path.join("db");
-            match std::fs::File::open(&file).and_then(|f| f.sync_data()) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(StoreError::NotDurable(format!("{}: {e}", file.display())));
-                }
-                _ => {}
-            }
+            settle_for_recovery(&config.path)?;
         }
         let db = open_when_unlocked(&sled_config)?;
         // The marker goes first: any later write that survives a crash implies its

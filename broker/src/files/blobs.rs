@@ -52,8 +52,17 @@ fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// Makes the entries of `dir` (files renamed into or out of it) durable.
 fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    SYNCED_DIRS.with(|synced| synced.borrow_mut().push(dir.to_owned()));
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The directories `sync_dir` synced on this thread, for tests.
+    static SYNCED_DIRS: std::cell::RefCell<Vec<std::path::PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Alignment of direct writes: of the file offset, the length and the buffer's address.
@@ -310,7 +319,8 @@ fn charge(owed: &Owed, owner: Option<UserId>, len: u64, add: bool) {
 }
 
 impl Deleter {
-    fn start(trash: PathBuf, bytes_per_sec: u64) -> io::Result<Deleter> {
+    /// The thread deleting what is moved into `trash` from `sources`.
+    fn start(trash: PathBuf, sources: Vec<PathBuf>, bytes_per_sec: u64) -> io::Result<Deleter> {
         // What a crash left counts from the start, charged to whom it was.
         let counts = Arc::new(Counts::default());
         for entry in std::fs::read_dir(&trash)?.filter_map(|e| e.ok()) {
@@ -330,7 +340,7 @@ impl Deleter {
                 if ours.stop.load(Ordering::Acquire) {
                     return;
                 }
-                if let Err(e) = empty(&trash, bytes_per_sec, &ours) {
+                if let Err(e) = empty(&trash, &sources, bytes_per_sec, &ours) {
                     tracing::warn!(error = %e, dir = %trash.display(), "reading the trash failed; retried at the next delete");
                 }
                 if woken.recv().is_err() {
@@ -379,7 +389,12 @@ impl Counts {
 /// never hold another's small one behind them for long. A file that cannot be deleted
 /// is logged and skipped (tried again at the next wake-up). Returns early once told to
 /// stop.
-fn empty(trash: &Path, bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
+///
+/// Each pass first syncs `trash` and the `sources` its files were moved from, so that
+/// no cut is made before the move is durable: a crash cannot bring a file back under its
+/// old name cut short, on a file system that does not keep a rename ahead of a later
+/// truncation (a durability review: a blob cut short could come back in `blobs/`).
+fn empty(trash: &Path, sources: &[PathBuf], bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
     /// Bytes freed, and turns taken, between two reads of the trash dir (whichever
     /// comes first: many tiny files end a pass as soon as a few big pieces).
     const PASS_BYTES: u64 = 16 * DELETE_PIECE;
@@ -401,6 +416,9 @@ fn empty(trash: &Path, bytes_per_sec: u64, counts: &Counts) -> io::Result<()> {
         }
         if owners.is_empty() {
             return Ok(());
+        }
+        for dir in std::iter::once(trash).chain(sources.iter().map(PathBuf::as_path)) {
+            sync_dir(dir)?;
         }
         let mut queues: Vec<_> = owners.into_iter().collect();
         for (_, files) in &mut queues {
@@ -450,17 +468,18 @@ impl Blobs {
     /// files at `delete_bytes_per_sec` (it first deletes what a crash left in the trash).
     pub fn open(data_dir: &Path, delete_bytes_per_sec: u64) -> io::Result<Blobs> {
         let trash = trash_dir(data_dir);
-        std::fs::create_dir_all(&trash)?;
-        let blobs = Blobs {
-            uploads: data_dir.join("uploads"),
-            blobs: data_dir.join("blobs"),
+        let (uploads, blobs) = (data_dir.join("uploads"), data_dir.join("blobs"));
+        for dir in [&trash, &uploads, &blobs] {
+            std::fs::create_dir_all(dir)?;
+        }
+        let sources = vec![uploads.clone(), blobs.clone()];
+        Ok(Blobs {
+            uploads,
+            blobs,
             trash: trash.clone(),
             refs: std::sync::Mutex::new(()),
-            deleter: Deleter::start(trash, delete_bytes_per_sec.max(1))?,
-        };
-        std::fs::create_dir_all(&blobs.uploads)?;
-        std::fs::create_dir_all(&blobs.blobs)?;
-        Ok(blobs)
+            deleter: Deleter::start(trash, sources, delete_bytes_per_sec.max(1))?,
+        })
     }
 
     /// Deletes the file at `path` (none there is fine): it is gone from `path` at once
@@ -603,10 +622,19 @@ impl Blobs {
     /// Makes the bytes of an upload marked publishing (`Store::begin_publish`, durable:
     /// the record already refers to the blob) the blob of `hash`, and records the file
     /// complete (`Store::complete_upload`): renames the partial file into place, or drops
-    /// it when that blob exists (the same bytes are stored once), and syncs both
-    /// directories. Under the lock `remove_unreferenced` takes, so a blob found here is
-    /// never unlinked under the file. A dropped partial file is charged to `owner`, its
-    /// uploader, until freed. `None` if the upload is not publishing.
+    /// it when that blob exists whole (the same bytes are stored once), and syncs both
+    /// directories, whichever it did. Under the lock `remove_unreferenced` takes, so a
+    /// blob found here is never unlinked under the file. A dropped partial file is
+    /// charged to `owner`, its uploader, until freed. `None` if the upload is not
+    /// publishing.
+    ///
+    /// Both directories are synced even when the blob was there already: it may have
+    /// been renamed in by this upload's earlier attempt whose sync failed, or by a run
+    /// that stopped before its sync, and before, the file was then recorded complete with
+    /// no sync of `blobs/` ever made. A blob of another length than the file's (cut
+    /// short: a crash undid its move into the trash but kept the deleter's cut, which a
+    /// file system need not order) is replaced by the partial file, verified against the
+    /// same hash, where there is one (both from a durability review).
     pub fn publish(
         &self,
         store: &Store,
@@ -616,12 +644,14 @@ impl Blobs {
     ) -> Result<Option<(FileRecord, Durable)>, String> {
         let (partial, blob) = (self.partial(id), self.blob(hash));
         let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
-        if blob.exists() {
+        let size = store.file(id).map_err(|e| e.to_string())?.map(|record| record.size);
+        let whole = std::fs::metadata(&blob).is_ok_and(|m| size.is_none_or(|size| m.len() == size));
+        if whole || (blob.exists() && !partial.exists()) {
             self.remove(&partial, Some(owner)).map_err(|e| e.to_string())?;
         } else {
             std::fs::rename(&partial, &blob).map_err(|e| e.to_string())?;
-            sync_dir(&self.blobs).map_err(|e| e.to_string())?;
         }
+        sync_dir(&self.blobs).map_err(|e| e.to_string())?;
         sync_dir(&self.uploads).map_err(|e| e.to_string())?;
         store.complete_upload(id).map_err(|e| e.to_string())
     }
@@ -1137,6 +1167,48 @@ mod tests {
         collected.durable.await.unwrap();
         assert!(blobs.remove_unreferenced(&store, &hash, None).unwrap());
         assert!(!blobs.blob(&hash).exists());
+    }
+
+    /// The deleter syncs the trash and the directories its files came from before it
+    /// cuts any of them (before, a cut could reach the disk ahead of the move).
+    #[test]
+    fn the_trash_is_synced_with_where_its_files_came_from_before_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (trash, source) = (dir.path().join("trash"), dir.path().join("blobs"));
+        for d in [&trash, &source] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let path = trash.join(trash_name(1, None, "gone"));
+        std::fs::write(&path, vec![1u8; 2 * DELETE_PIECE as usize]).unwrap();
+        SYNCED_DIRS.with(|synced| synced.borrow_mut().clear());
+        empty(&trash, std::slice::from_ref(&source), u64::MAX, &Counts::default()).unwrap();
+        assert!(!path.exists());
+        let synced = SYNCED_DIRS.with(|synced| synced.borrow().clone());
+        assert_eq!(synced, vec![trash, source], "each once, for the one pass");
+    }
+
+    /// Publishing onto a blob that is there already syncs `blobs/` too, and a blob cut
+    /// short is replaced by the verified partial file rather than adopted. Before, the
+    /// first published with only `uploads/` synced, and the second onto the short blob.
+    #[tokio::test]
+    async fn publishing_onto_an_existing_blob_syncs_it_and_a_short_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let data = b"bytes whose blob is there already".to_vec();
+        let hash = record(&data).blake3;
+        for (id, blob) in [([1; 16], data.clone()), ([2; 16], data[..10].to_vec())] {
+            std::fs::write(blobs.blob(&hash), &blob).unwrap();
+            uploaded(&store, &blobs, &id, &data).await;
+            store.begin_publish(&id).unwrap().unwrap().await.unwrap();
+            SYNCED_DIRS.with(|synced| synced.borrow_mut().clear());
+            let (done, durable) = blobs.publish(&store, &id, &hash, 7).unwrap().unwrap();
+            durable.await.unwrap();
+            assert!(done.is_complete());
+            let synced = SYNCED_DIRS.with(|synced| synced.borrow().clone());
+            assert!(synced.contains(&blobs.blobs) && synced.contains(&blobs.uploads), "{synced:?}");
+            assert_eq!(std::fs::read(blobs.blob(&hash)).unwrap(), data, "the blob holds the whole file");
+            assert!(!blobs.partial(&id).exists());
+        }
     }
 
     #[tokio::test]
