@@ -114,8 +114,9 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
         }
         AdminRequest::UserPasswd { name, password, revoke_devices } => {
             // The password and the revocations are one write, and their sessions are
-            // closed in it (`Closer`): an exchange cut short (its timeout) cannot leave
-            // the password set and some devices kept in the store, or their sessions open.
+            // closed once it is durable, even if the exchange is cut short (its timeout):
+            // it cannot leave the password set and some devices kept in the store, or
+            // their sessions open (`catalog::to_the_end`).
             let closer = ops.broker.map(|shared| shared.users.closer());
             let (user, revoked) = ops.auth.set_password(&name, &password, revoke_devices, closer).await?;
             if !revoke_devices {
@@ -132,19 +133,20 @@ pub async fn execute(ops: &Ops<'_>, request: AdminRequest) -> AdminReply {
         AdminRequest::UserDisable { name, disabled } => {
             let (user, _) = ops.store.user_by_name(&name).map_err(failed)?.ok_or_else(|| no_user(&name))?;
             let since = ops.store.disabled_since(user).map_err(failed)?;
-            // A running broker's sessions of the account are closed in the write
-            // (`Closer`), so an exchange cut short cannot leave them open.
-            let closer = ops.broker.map(|shared| shared.users.closer());
-            let set = crate::catalog::catalog_write(ops.store, move |s| {
-                let set = s.set_disabled(user, disabled, crate::now_ms());
-                if let (Ok(Some(_)), true, Some(closer)) = (&set, disabled, closer) {
+            // A running broker's sessions of the account are closed once the write is
+            // durable, even if this exchange is cut short (`catalog::to_the_end`).
+            let (store, closer, known) = (ops.store.clone(), ops.broker.map(|b| b.users.closer()), name.clone());
+            crate::catalog::to_the_end(async move {
+                let set =
+                    crate::catalog::catalog_write(&store, move |s| s.set_disabled(user, disabled, crate::now_ms()));
+                let durable = set.await?.map_err(failed)?.ok_or_else(|| no_user(&known))?;
+                durable.await.map_err(failed)?;
+                if let (true, Some(closer)) = (disabled, closer) {
                     closer.disable(user);
                 }
-                set
+                Ok(())
             })
             .await?;
-            let durable = set.map_err(failed)?.ok_or_else(|| no_user(&name))?;
-            durable.await.map_err(failed)?;
             if disabled {
                 if let Some(since) = since {
                     return Ok(vec![format!("{name} was disabled already (since {})", utc(since))]);

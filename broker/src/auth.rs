@@ -107,6 +107,14 @@ fn decoy_key() -> VerifyingKey {
     *DECOY.get_or_init(|| ed25519_dalek::SigningKey::from_bytes(&[0x5b; 32]).verifying_key())
 }
 
+/// Whether `hash` was made under `params`' memory, passes and lanes (the broker's
+/// argon2 cost now); a hash whose parameters cannot be read counts as another cost.
+fn same_cost(hash: &PasswordHash, params: &argon2::Params) -> bool {
+    argon2::Params::try_from(hash).is_ok_and(|made| {
+        (made.m_cost(), made.t_cost(), made.p_cost()) == (params.m_cost(), params.t_cost(), params.p_cost())
+    })
+}
+
 /// Which key a device proof is checked against (`Auth::authenticate`).
 enum Proof {
     /// The device's own: a proof lets it in.
@@ -264,25 +272,35 @@ impl Auth {
         let (password, phc) = (req.password.clone(), record.password_hash.clone());
         let right = self.argon.run_holding(slot, move |argon| {
             let parsed = PasswordHash::new(&phc).map_err(internal)?;
-            Ok::<_, ErrorBody>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
+            if argon.verify_password(password.as_bytes(), &parsed).is_err() {
+                return Ok::<_, ErrorBody>(None);
+            }
+            // Made again under the broker's cost if it was made under another.
+            let rehash = !same_cost(&parsed, argon.params());
+            let rehashed = rehash.then(|| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
+            Ok(Some(rehashed.transpose().map_err(internal)?))
         });
-        if !right.await?? {
+        let Some(rehashed) = right.await?? else {
             tracing::debug!(user, from = %from, "login refused: wrong password");
             return Err(wrong_password());
-        }
+        };
         self.passwords.refund(&keys);
         if let Some(account) = &account {
             self.logins.record(account, crate::now_ms())?;
         }
         refuse_if_disabled(&self.store, user)?;
-        Ok((user, key, record.password_hash))
+        let verified = match rehashed {
+            Some(new) => self.store_rehash(user, record.password_hash, new).await?,
+            None => record.password_hash,
+        };
+        Ok((user, key, verified))
     }
 
     /// Verifies an enrolled device's signature over `transcript`.
     ///
     /// A signature by the key of a device since removed (revoked by the user or the
     /// operator, signed out by a password change, or given way to a new enrollment; the
-    /// user's `switchboard_storage::REVOKED_KEYS_KEPT` newest) is `DEVICE_REVOKED`, so its client stops and
+    /// user's `switchboard_storage::REVOKED_KEYS_KEPT` removed most lately) is `DEVICE_REVOKED`, so its client stops and
     /// says why; by any other key, `AUTH_FAILED`.
     ///
     /// Device proof is limited per source address only, by its own count of bad
@@ -305,10 +323,16 @@ impl Auth {
         // The device's key, or else its key kept since its revocation (`Revoked`).
         let found = match check_user_name(user_name) {
             Ok(()) => match self.store.user_by_name(user_name).map_err(internal)? {
-                Some((user, _)) => match self.store.device(user, device).map_err(internal)? {
-                    Some(d) => Some((user, Proof::Enrolled, d.public_key)),
-                    None => self.store.revoked_key(user, device).map_err(internal)?.map(|k| (user, Proof::Revoked, k)),
-                },
+                Some((user, _)) => {
+                    // Both read whatever the first finds: the same reads for every name and
+                    // device, enrolled, revoked or neither.
+                    let enrolled = self.store.device(user, device).map_err(internal)?;
+                    let revoked = self.store.revoked_key(user, device).map_err(internal)?;
+                    match enrolled {
+                        Some(d) => Some((user, Proof::Enrolled, d.public_key)),
+                        None => revoked.map(|key| (user, Proof::Revoked, key)),
+                    }
+                }
                 // The same reads and check as for a name that exists, against a decoy
                 // key: past the address's budget a probe still costs the broker a check,
                 // and its time must not tell which names and devices exist.
@@ -386,8 +410,9 @@ impl Auth {
     /// Replaces the password of account `name` (an operator's reset); `NOT_FOUND` if
     /// there is none, `INVALID` for a password outside 8..=256 bytes. Durable when it
     /// returns. With `revoke_devices` every device of the account is removed in the same
-    /// write, their connections closed by `closer` (a running broker's) in it, and
-    /// their ids returned; without, they keep working.
+    /// write, their connections closed by `closer` (a running broker's) once it is
+    /// durable (`catalog::to_the_end`), and their ids returned; without, they keep
+    /// working.
     pub async fn set_password(
         &self,
         name: &str,
@@ -406,18 +431,19 @@ impl Auth {
         let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
         let hash = hash.await?.map_err(internal)?;
         let sign_out = if revoke_devices { SignOut::Everyone } else { SignOut::Nobody };
-        let set = crate::catalog::catalog_write(&self.store, move |s| {
-            let set = s.set_password(user, &hash, sign_out);
-            if let (Ok(Some(_)), SignOut::Everyone, Some(closer)) = (&set, sign_out, closer) {
+        let store = self.store.clone();
+        crate::catalog::to_the_end(async move {
+            let set = crate::catalog::catalog_write(&store, move |s| s.set_password(user, &hash, sign_out)).await?;
+            let (durable, revoked) =
+                set.map_err(internal)?.ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
+            durable.await.map_err(internal)?;
+            tracing::info!(user, revoked = revoked.len(), "password reset");
+            if let (SignOut::Everyone, Some(closer)) = (sign_out, closer) {
                 closer.revoke_all_but(user, None);
             }
-            set
+            Ok((user, revoked))
         })
-        .await?;
-        let (durable, revoked) = set.map_err(internal)?.ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
-        durable.await.map_err(internal)?;
-        tracing::info!(user, revoked = revoked.len(), "password reset");
-        Ok((user, revoked))
+        .await
     }
 
     /// Whether the asker's address keys (`address_keys`) may have one more password
@@ -456,7 +482,8 @@ impl Auth {
     /// is `AUTH_FAILED`. `asker`, the device asking, must not have been cut off since it
     /// asked (`catalog::refusal_to`). With `sign_out_others` (the closer of their
     /// sessions) every other device of the account is removed in the same write, their
-    /// connections closed in it, and returned. Durable when it returns.
+    /// connections closed once it is durable (`catalog::to_the_end`), and returned.
+    /// Durable when it returns.
     pub(crate) async fn change_password(
         &self,
         user: UserId,
@@ -506,30 +533,67 @@ impl Auth {
         // catalog thread, in order with revokes): a change in flight from a device
         // revoked meanwhile must not land after its revoke was answered.
         let sign_out = if sign_out_others.is_some() { SignOut::AllBut(asker.device) } else { SignOut::Nobody };
-        let set = crate::catalog::catalog_write(&self.store, move |s| {
-            match crate::catalog::refusal_to(s, user, &asker) {
-                Ok(Some(refused)) => return Err(refused),
-                Ok(None) => {}
-                Err(e) => return Ok(Some(Err(e))),
-            }
-            match s.user(user) {
-                Ok(Some(account)) if account.password_hash == verified => {
-                    let set = s.set_password(user, &hash, sign_out);
-                    if let (Ok(Some(_)), Some(closer)) = (&set, sign_out_others) {
-                        closer.revoke_all_but(user, Some(asker.device));
-                    }
-                    Ok(Some(set))
+        let (store, keep) = (self.store.clone(), asker.device);
+        crate::catalog::to_the_end(async move {
+            let set = crate::catalog::catalog_write(&store, move |s| {
+                match crate::catalog::refusal_to(s, user, &asker) {
+                    Ok(Some(refused)) => return Err(refused),
+                    Ok(None) => {}
+                    Err(e) => return Ok(Some(Err(e))),
                 }
-                Ok(_) => Ok(None),
-                Err(e) => Ok(Some(Err(e))),
+                match s.user(user) {
+                    Ok(Some(account)) if account.password_hash == verified => {
+                        Ok(Some(s.set_password(user, &hash, sign_out)))
+                    }
+                    Ok(_) => Ok(None),
+                    Err(e) => Ok(Some(Err(e))),
+                }
+            })
+            .await??;
+            let (durable, revoked) =
+                set.ok_or_else(wrong_current_password)?.map_err(internal)?.ok_or_else(wrong_current_password)?;
+            durable.await.map_err(internal)?;
+            tracing::info!(user, revoked = revoked.len(), "password changed by its user");
+            if let Some(closer) = sign_out_others {
+                closer.revoke_all_but(user, Some(keep));
             }
+            Ok(revoked)
         })
-        .await??;
-        let (durable, revoked) =
-            set.ok_or_else(wrong_current_password)?.map_err(internal)?.ok_or_else(wrong_current_password)?;
-        durable.await.map_err(internal)?;
-        tracing::info!(user, revoked = revoked.len(), "password changed by its user");
-        Ok(revoked)
+        .await
+    }
+
+    /// Replaces `user`'s password hash `verified`, made under another argon2 cost than the
+    /// broker's (`argon2_memory_kib`, `argon2_iterations` changed since), with `new`, the
+    /// same password hashed under the broker's, if it is still the account's (a change or
+    /// reset meanwhile wins); the hash the login was checked against then: the one stored.
+    /// Durable when it returns.
+    ///
+    /// Why: a login for a name no account has is checked against a decoy hashed under
+    /// the broker's cost (`decoy_phc`), so its time tells nothing; an account whose hash
+    /// was made under another cost took a time of its own, and once the operator changed
+    /// the cost, a wrong password's time told which names had such accounts (an attacker
+    /// review). Each account is hashed again at its first login since: accounts that
+    /// never log in keep their old cost (OPERATIONS.md says so).
+    async fn store_rehash(&self, user: UserId, verified: String, new: String) -> Result<String, ErrorBody> {
+        let stored = new.clone();
+        let set = crate::catalog::catalog_write(&self.store, move |s| match s.user(user) {
+            Ok(Some(account)) if account.password_hash == verified => {
+                s.set_password(user, &new, SignOut::Nobody).map(|set| set.map(|(durable, _)| durable))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await?;
+        match set.map_err(internal)? {
+            Some(durable) => {
+                durable.await.map_err(internal)?;
+                tracing::info!(user, "password hash made again under the broker's argon2 cost");
+                Ok(stored)
+            }
+            // Changed meanwhile: the enrollment that follows is refused as for a
+            // password since reset (`enroll`).
+            None => Err(wrong_password()),
+        }
     }
 
     /// A registration from `from` that passed `check_register` was refused for want of
@@ -558,7 +622,8 @@ impl Auth {
     /// Stores a device whose request `check_register` or `check_login` accepted,
     /// unconfirmed. At `MAX_DEVICES_PER_USER`, the oldest unconfirmed device enrolled
     /// more than `unconfirmed_device_grace_ms` ago and not in `in_use` gives way (its
-    /// id is returned second; its connections, if any, must be closed); if there is
+    /// id is returned second; its connections are closed by `closer` once that is
+    /// durable, even if the caller stopped waiting: `catalog::to_the_end`); if there is
     /// none, `FORBIDDEN`. Durable when it returns.
     ///
     /// `verified` is the password hash the enrolling password was checked against: the
@@ -580,37 +645,40 @@ impl Auth {
         let now = crate::now_ms();
         let record = DeviceRecord { name: device_name.to_owned(), public_key: key, enrolled_ms: now };
         let enrolled_before_ms = now.saturating_sub(self.unconfirmed_device_grace_ms);
-        let added = crate::catalog::catalog_write(&self.store, move |s| -> Result<Option<_>, ErrorBody> {
-            match s.user(user) {
-                Ok(Some(account)) if account.password_hash == verified => {}
-                Ok(_) => return Ok(None),
-                Err(e) => return Ok(Some(Err(e))),
+        let store = self.store.clone();
+        crate::catalog::to_the_end(async move {
+            let added = crate::catalog::catalog_write(&store, move |s| -> Result<Option<_>, ErrorBody> {
+                match s.user(user) {
+                    Ok(Some(account)) if account.password_hash == verified => {}
+                    Ok(_) => return Ok(None),
+                    Err(e) => return Ok(Some(Err(e))),
+                }
+                refuse_if_disabled(s, user)?;
+                let replace = Replace { enrolled_before_ms, in_use: &in_use };
+                Ok(Some(s.add_device(user, &record, MAX_DEVICES_PER_USER, &replace)))
+            })
+            .await??;
+            let Some(added) = added else { return Err(wrong_password()) };
+            let (device, replaced, durable) = match added {
+                Ok(v) => v,
+                Err(StoreError::LimitReached) => {
+                    return Err(fail(ErrorCode::FORBIDDEN, "device limit reached; revoke a device first"));
+                }
+                Err(e) => return Err(internal(e)),
+            };
+            durable.await.map_err(internal)?;
+            tracing::info!(user, device, "device enrolled");
+            if let Some(old) = replaced {
+                tracing::info!(user, device = old, "an enrollment replaced a device that never authenticated");
+                // Connected devices are never replaced; one that connected meanwhile is
+                // closed here, or finds its device gone when it attaches.
+                if let Some(closer) = closer {
+                    closer.revoke(user, old);
+                }
             }
-            refuse_if_disabled(s, user)?;
-            let added =
-                s.add_device(user, &record, MAX_DEVICES_PER_USER, &Replace { enrolled_before_ms, in_use: &in_use });
-            // Connected devices are never replaced; one that connected meanwhile is
-            // closed here, or finds its device gone when it attaches.
-            if let (Ok((_, Some(old), _)), Some(closer)) = (&added, closer) {
-                closer.revoke(user, *old);
-            }
-            Ok(Some(added))
+            Ok((device, replaced))
         })
-        .await??;
-        let Some(added) = added else { return Err(wrong_password()) };
-        let (device, replaced, durable) = match added {
-            Ok(v) => v,
-            Err(StoreError::LimitReached) => {
-                return Err(fail(ErrorCode::FORBIDDEN, "device limit reached; revoke a device first"));
-            }
-            Err(e) => return Err(internal(e)),
-        };
-        durable.await.map_err(internal)?;
-        tracing::info!(user, device, "device enrolled");
-        if let Some(old) = replaced {
-            tracing::info!(user, device = old, "an enrollment replaced a device that never authenticated");
-        }
-        Ok((device, replaced))
+        .await
     }
 }
 
@@ -1493,6 +1561,48 @@ mod tests {
         assert_eq!(refused.code, ErrorCode::RATE_LIMITED);
         assert_eq!(refused.message, too_many().message, "the answer to a name guessed ten times wrong");
         auth.check_login(&login("bob"), b"t", ip(250)).await.unwrap();
+    }
+
+    /// A login made under an argon2 cost the operator has changed since stores its
+    /// password hashed under the new one (before, the old hash stayed, and a wrong
+    /// password's time told such accounts from names nobody has, checked against a
+    /// decoy made under the new cost). A login under the broker's cost changes nothing.
+    #[tokio::test]
+    async fn a_login_hashes_its_password_again_under_a_changed_cost() {
+        use ed25519_dalek::{Signer, SigningKey};
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::ephemeral(dir.path());
+        let store = crate::open_store(&config).unwrap();
+        let before = Auth::new(store.clone(), &config).unwrap();
+        let user = before.add_user("alice", "correct horse battery").await.unwrap();
+        let old = store.user(user).unwrap().unwrap().password_hash;
+        let mut changed = config.clone();
+        changed.argon2_memory_kib = 2 * config.argon2_memory_kib;
+        changed.argon2_iterations = config.argon2_iterations + 1;
+        let after = Auth::new(store.clone(), &changed).unwrap();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let login = Enroll {
+            user: "alice".into(),
+            password: "correct horse battery".into(),
+            device_name: "d".into(),
+            public_key: bytes::Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+            signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
+        };
+        let (_, _, verified) = after.check_login(&login, b"t", ip(1)).await.unwrap();
+        let stored = store.user(user).unwrap().unwrap().password_hash;
+        assert_ne!(stored, old, "hashed again");
+        assert_eq!(verified, stored, "the enrollment compares against the new hash");
+        let cost = |phc: &str| argon2::Params::try_from(&PasswordHash::new(phc).unwrap()).unwrap();
+        assert_eq!(
+            (cost(&stored).m_cost(), cost(&stored).t_cost()),
+            (changed.argon2_memory_kib, changed.argon2_iterations)
+        );
+        after.enroll(user, "d", [7; 32], Vec::new(), verified, None).await.unwrap();
+        // The same password goes on working, and a login under the same cost again
+        // leaves the hash as it is.
+        let (_, _, again) = after.check_login(&login, b"t", ip(1)).await.unwrap();
+        assert_eq!(again, stored);
+        assert_eq!(store.user(user).unwrap().unwrap().password_hash, stored);
     }
 
     #[tokio::test]

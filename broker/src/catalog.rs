@@ -17,6 +17,7 @@ use crate::auth::{check_label, check_user_name};
 use crate::conversation::Caller;
 use crate::limits;
 use crate::reply::internal;
+use crate::user::Closer;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -450,33 +451,45 @@ pub(crate) async fn revoke_device(
     // A device that is not there is told from one store read, without the catalog
     // thread, whose one queue a loop of such revocations kept busy for free (an attacker
     // review). One there is removed under the catalog lock, which checks again. Either
-    // way any session of a device not in the store is closed (a few map reads): one left
-    // open by a removal from before this run's closes were made in its write.
-    let not_found = || {
-        shared.users.revoke(user, device);
+    // way any session of a device not in the store is closed (a few map reads), whatever
+    // left it open.
+    let closer = shared.users.closer();
+    let not_found = move |closer: &Closer| {
+        closer.revoke(user, device);
         ErrorBody::new(ErrorCode::NOT_FOUND, "no such device")
     };
     if shared.store.device(user, device).map_err(internal)?.is_none() {
-        return Err(not_found());
+        return Err(not_found(&closer));
     }
-    // Its sessions are closed in the write's job (`Closer`).
-    let closer = shared.users.closer();
-    let durable = catalog_write(&shared.store, move |s| {
-        let removed = match by {
+    let store = shared.store.clone();
+    to_the_end(async move {
+        let durable = catalog_write(&store, move |s| match by {
             Some(by) => unless_cut_off(s, user, &by, |s| s.remove_device(user, device)),
             None => s.remove_device(user, device).map(Ok),
-        };
-        if let Ok(Ok(Some(_))) = &removed {
-            closer.revoke(user, device);
-        }
-        removed
+        })
+        .await?
+        .map_err(internal)??;
+        let Some(durable) = durable else { return Err(not_found(&closer)) };
+        durable.await.map_err(internal)?;
+        tracing::info!(user, device, "device revoked");
+        closer.revoke(user, device);
+        Ok(Reply::Done)
     })
-    .await?
-    .map_err(internal)??;
-    let Some(durable) = durable else { return Err(not_found()) };
-    durable.await.map_err(internal)?;
-    tracing::info!(user, device, "device revoked");
-    Ok(Reply::Done)
+    .await
+}
+
+/// Runs `work` to its end in a task of its own, and waits for it. For a catalog write
+/// and what must follow its durability (closing the sessions it cuts off): a caller
+/// that stops waiting (an operator's command past its exchange timeout, a request
+/// whose connection dropped, a login's handshake given up) drops only its wait, not the
+/// work. Before, the write landed and the sessions stayed open, and a second revocation
+/// found no device and closed nothing (an attacker review). The sessions are closed
+/// once the write is durable, not before: their clients take `DEVICE_REVOKED` and
+/// `ACCOUNT_DISABLED` as final, and a crash may undo a write that is not.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ErrorBody>> + Send + 'static,
+) -> Result<T, ErrorBody> {
+    tokio::spawn(work).await.map_err(internal)?
 }
 
 /// The device of a session asking for a catalog change, and whether that session has

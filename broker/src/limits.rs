@@ -460,6 +460,8 @@ pub const DATAGRAM_BUFFER_BYTES: usize = 4096;
 
 // A user's connections must fit the devices it may have, each reconnecting once.
 const _: () = assert!(MAX_SESSIONS_PER_USER >= MAX_DEVICES_PER_USER);
+// A password change that signs out every other device keeps every one's revoked key.
+const _: () = assert!(switchboard_storage::REVOKED_KEYS_KEPT >= MAX_DEVICES_PER_USER);
 // Under load one address must not be able to hold every unauthenticated place.
 const _: () = assert!(UNAUTHENTICATED_PER_ADDRESS * 2 <= MAX_UNAUTHENTICATED_CONNECTIONS);
 

@@ -183,14 +183,9 @@ impl Allowances {
     }
 }
 
-/// Closes a user's connections from a catalog write, in the job that removed their
-/// devices (`UserDirectory::closer`): closed there, a removal cannot be left with its
-/// sessions open by a caller that stopped waiting for it (an operator's command past its
-/// exchange timeout, a `ChangePassword` or `RevokeDevice` whose connection dropped, a
-/// login's handshake given up), which nothing would retry: the device is gone from the
-/// store, so a second revocation finds nothing to do (an attacker review). Closing before
-/// the removal is durable loses nothing: a session closed for a removal that a crash then
-/// undoes connects again.
+/// Closes a user's connections as `UserDirectory::revoke` does, owned: for the task that
+/// carries a catalog write through its durability to this close, which the caller's
+/// going away does not stop (`catalog::to_the_end`).
 #[derive(Clone)]
 pub struct Closer {
     sessions: Arc<Mutex<HashMap<UserId, usize>>>,
@@ -328,8 +323,8 @@ impl UserDirectory {
         self.closer().revoke(user, device);
     }
 
-    /// A handle that closes connections as `revoke` does, for the catalog write that
-    /// removes devices or disables an account to call in the same job (`Closer`).
+    /// A handle that closes connections as `revoke` does, for the task that removes
+    /// devices or disables an account (`Closer`).
     pub fn closer(&self) -> Closer {
         Closer { sessions: self.sessions.clone(), online: self.online.clone(), disables: self.disables.clone() }
     }
