@@ -641,4 +641,28 @@ mod recovery_tests {
         switchboard_storage::settle_for_recovery(&dir.path().join("store")).unwrap();
         assert_eq!(resident_pages(&db), 0, "{before} pages were resident");
     }
+
+    /// A second open of a store in use waits for it and gives up without settling its
+    /// files: before, it synced them and dropped their pages from under the store in use
+    /// (an operator's command as the broker stopped), then failed on sled's lock.
+    #[tokio::test]
+    async fn a_second_open_of_a_store_in_use_leaves_its_files_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::test_store(dir.path());
+        for i in 0u32..2_000 {
+            store.set_last_seen(u64::from(i), 1).unwrap();
+        }
+        store.barrier().unwrap().await.unwrap();
+        let db = dir.path().join("store").join("db");
+        let _ = std::fs::read(&db).unwrap();
+        let before = resident_pages(&db);
+        let config = switchboard_storage::StoreConfig::new(dir.path().join("store"));
+        let second = tokio::task::spawn_blocking(move || switchboard_storage::Store::open(&config).err());
+        let refused = second.await.unwrap().expect("refused while the first is open");
+        assert!(refused.to_string().contains("could not acquire lock"), "{refused}");
+        if before > 0 {
+            assert_eq!(resident_pages(&db), before, "the second open dropped the store's pages");
+        }
+        drop(store);
+    }
 }

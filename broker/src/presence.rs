@@ -761,7 +761,7 @@ impl Presence {
     /// `PRESENCE_AT_STOP_MAX` users), for `presume_from_last_stop` at the next start.
     /// Called before the sessions are closed; durable with the store's closing flush.
     /// Also stores the last-seen time of each user whose last device left lately
-    /// (`left_lately`; the store keeps the later of two): before, a going offline held
+    /// (`left_lately`): before, a going offline held
     /// back and not pushed yet was lost with the broker's stop, and after the start such
     /// a user was shown last seen at an earlier push (a trial: 350 ms earlier than shown
     /// before the stop).
@@ -1058,7 +1058,7 @@ impl Presence {
         Some(next.map_or(refresh, |at| at.min(refresh)))
     }
 
-    /// Stores `user`'s last-seen time (the store keeps the later of two; not waited for:
+    /// Stores `user`'s last-seen time (replacing the one stored; not waited for:
     /// it rides the next group commit); `false`, said in the log, if that failed.
     fn store_last_seen(&self, user: UserId, at_ms: u64) -> bool {
         let stored = self.store.set_last_seen(user, at_ms);
@@ -1628,6 +1628,32 @@ mod tests {
         let state = presence.state.lock().unwrap();
         assert_eq!(state.current(1, now).map(|(s, _)| s), Some(Status::Online));
         assert_eq!(state.current(2, now).map(|(s, _)| s), Some(Status::Away));
+    }
+
+    /// A device that went silent is stored last seen when it was last heard from once its
+    /// timeout ends it, though a refresh stored it seen later while it was silent: before,
+    /// the store kept the later time, and the user was shown seen up to the idle timeout
+    /// after it vanished, for good once its entry was forgotten.
+    #[tokio::test]
+    async fn a_silent_devices_last_seen_is_when_it_was_heard_not_the_refresh_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::test_store(dir.path()));
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        presence.attach(1, 10);
+        let now = crate::now_ms();
+        presence.refresh_last_seen(now);
+        assert_eq!(store.last_seen(1).unwrap(), Some(now));
+        presence.detach(1, 10, 30_000);
+        let heard = now - 30_000;
+        for _ in 0..200 {
+            let seen = store.last_seen(1).unwrap().unwrap();
+            if seen < now {
+                assert!(seen.abs_diff(heard) < 1_000, "last seen {seen}, heard at {heard}");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("still stored last seen at the refresh: {:?}", store.last_seen(1).unwrap());
     }
 
     /// A refresh falling due while the sessions close at a clean stop leaves the stop's

@@ -1235,6 +1235,12 @@ mod tests {
             (vec![[5; 32]], None, 0)
         );
         assert_eq!(store.db.scan_prefix(Key::withdrawn_of(&a)).count(), 0, "the marks go with the file");
+        // A repair after the collection gives no access back either: before, with the
+        // marks gone, the newest message of conversations 9 and 10 got its key back, for
+        // a file that no longer exists, and nothing removed it again.
+        store.repair_newest_entry(9).unwrap();
+        store.repair_newest_entry(10).unwrap();
+        assert_eq!(store.attachments(&a, 400).unwrap(), vec![]);
     }
 
     #[test]

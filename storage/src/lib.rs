@@ -87,11 +87,19 @@ pub enum StoreError {
 pub const FORMAT: u64 = 8;
 
 /// Removed devices whose public keys a user keeps (`Store::revoked_key`): as many as an
-/// account may have devices at once (the broker's `MAX_DEVICES_PER_USER`), so a whole account signed
-/// out by a password change is told so device by device. Past it the oldest enrollments'
-/// keys go, and their holders are told `AUTH_FAILED` as for a device never enrolled.
-/// 32 keys of 49 bytes each (17 of key, 32 of value) per user at most.
+/// account may have devices at once (the broker's `MAX_DEVICES_PER_USER`, asserted
+/// there), so a whole account signed out by a password change is told so device by
+/// device. Past it the keys removed longest ago go, and their holders are told
+/// `AUTH_FAILED` as for a device never enrolled. 32 keys of 57 bytes each (17 of key, 40
+/// of value: the public key and its removal's number) per user at most.
 pub const REVOKED_KEYS_KEPT: usize = 32;
+
+/// A kept revoked key's value: the device's public key, then the number of its removal
+/// among the user's (u64, big-endian), by which the oldest go first.
+fn revoked_value(value: &[u8]) -> Option<([u8; 32], u64)> {
+    let (public_key, number) = value.split_first_chunk::<32>()?;
+    Some((*public_key, keys::u64_from(number)?))
+}
 
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -112,6 +120,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// them and answer its resend as stored, and the next reboot would lose it and every
 /// write acknowledged after it (a durability review; "fsyncgate"). Advice the kernel
 /// cannot follow (a page dirtied meanwhile, a file system that keeps no cache) is let be.
+/// `Store::open` calls it holding `STORE_LOCK`, so never under a store in use.
 pub fn settle_for_recovery(dir: &std::path::Path) -> Result<()> {
     let blobs = dir.join("blobs");
     let files = [dir, blobs.as_path()]
@@ -219,6 +228,9 @@ pub struct Store {
     /// catalog alone (conversation lists, presence contacts) do not wait for a commit
     /// every time a device reports a delivered mark (see `watermark_barrier`).
     watermark_gen: Arc<IndexGen>,
+    /// `STORE_LOCK` in the store's directory, locked while the store is open
+    /// (`lock_store_dir`). Last, so released after the database.
+    _open_lock: std::fs::File,
 }
 
 impl Store {
@@ -232,6 +244,10 @@ impl Store {
             // unsynchronised flushes (and sled hangs with concurrent flushers).
             .flush_every_ms(None)
             .mode(sled::Mode::HighThroughput);
+        // Held before the files are settled, so that a second opener (an operator's
+        // command as the broker stops, a supervisor's restart before the old process is
+        // gone) waits here instead of syncing and dropping the cache under a store in use.
+        let open_lock = lock_store_dir(&config.path)?;
         if !created {
             settle_for_recovery(&config.path)?;
         }
@@ -258,6 +274,7 @@ impl Store {
             created,
             index_gen,
             watermark_gen,
+            _open_lock: open_lock,
         };
         let found = store.stored_format()?;
         if found > FORMAT {
@@ -575,38 +592,43 @@ impl Store {
 
     /// The public key of `user`'s device `device` if it was removed (revoked, signed out
     /// by a password change, or given way to a new enrollment) and is among the user's
-    /// `REVOKED_KEYS_KEPT` newest removed devices. One point read.
+    /// `REVOKED_KEYS_KEPT` removed most lately. One point read.
     pub fn revoked_key(&self, user: UserId, device: DeviceId) -> Result<Option<[u8; 32]>> {
-        let Some(value) = self.db.get(Key::revoked(user, device))? else { return Ok(None) };
-        match <[u8; 32]>::try_from(value.as_ref()) {
-            Ok(key) => Ok(Some(key)),
-            Err(_) => Err(corrupt(Key::revoked(user, device).as_ref(), "revoked device key")),
-        }
+        let key = Key::revoked(user, device);
+        let Some(value) = self.db.get(&key)? else { return Ok(None) };
+        let (public_key, _) = revoked_value(&value).ok_or_else(|| corrupt(key.as_ref(), "revoked device key"))?;
+        Ok(Some(public_key))
     }
 
     /// Adds to `txn` the removal of `removed` devices of `user` (with their public keys),
-    /// keeping each key as revoked and, past `REVOKED_KEYS_KEPT` kept for the user,
-    /// dropping the kept keys of the lowest device ids (the oldest enrollments). Called
-    /// under the catalog lock.
+    /// keeping each key as revoked, numbered after those the user has kept, and past
+    /// `REVOKED_KEYS_KEPT` kept for the user dropping the kept keys removed longest ago
+    /// (lowest numbers). Called under the catalog lock.
     fn revoke_devices(&self, txn: &mut Txn, user: UserId, removed: &[(DeviceId, [u8; 32])]) -> Result<()> {
         if removed.is_empty() {
             return Ok(());
         }
+        // (removal number, device) of each key kept.
         let mut kept = Vec::new();
         for item in self.db.scan_prefix(Key::revoked_of(user)) {
-            let (k, _) = item?;
-            kept.push(keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "revoked device key"))?);
+            let (k, v) = item?;
+            let device = keys::u64_from(&k[k.len() - 8..]).ok_or_else(|| corrupt(&k, "revoked device key"))?;
+            let (_, number) = revoked_value(&v).ok_or_else(|| corrupt(&k, "revoked device key"))?;
+            kept.push((number, device));
         }
-        for (device, public_key) in removed {
+        let first = kept.iter().map(|&(number, _)| number + 1).max().unwrap_or(0);
+        for (next, (device, public_key)) in (first..).zip(removed) {
             txn.batch.remove(Key::device(user, *device).as_ref());
             txn.batch.remove(Key::unconfirmed(user, *device).as_ref());
-            txn.batch.insert(Key::revoked(user, *device).as_ref(), &public_key[..]);
-            kept.push(*device);
+            let mut value = public_key.to_vec();
+            value.extend_from_slice(&next.to_be_bytes());
+            txn.batch.insert(Key::revoked(user, *device).as_ref(), value);
+            kept.retain(|&(_, d)| d != *device);
+            kept.push((next, *device));
         }
         kept.sort_unstable();
-        kept.dedup();
         let over = kept.len().saturating_sub(REVOKED_KEYS_KEPT);
-        for device in &kept[..over] {
+        for (_, device) in &kept[..over] {
             txn.batch.remove(Key::revoked(user, *device).as_ref());
         }
         Ok(())
@@ -748,6 +770,33 @@ fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T>
 
 /// How long `Store::open` keeps trying while the database's file lock is held.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The file in a store's directory its opener holds locked (`flock`, exclusive) from
+/// before its files are settled (`settle_for_recovery`) until the store is dropped.
+pub const STORE_LOCK: &str = "open.lock";
+
+/// Creates `dir` if missing and locks its `STORE_LOCK`, waiting up to `LOCK_WAIT` while
+/// another opener holds it; then `could not acquire lock`, as sled says.
+fn lock_store_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    use rustix::fs::{FlockOperation, flock};
+    std::fs::create_dir_all(dir).map_err(sled::Error::Io)?;
+    let path = dir.join(STORE_LOCK);
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path);
+    let file = file.map_err(sled::Error::Io)?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                let said = format!("could not acquire lock on {}: {e}", path.display());
+                return Err(sled::Error::Io(std::io::Error::other(said)).into());
+            }
+        }
+    }
+}
 
 /// Opens sled, waiting up to `LOCK_WAIT` while its file lock is held. A store closed and
 /// dropped a moment ago in this process may still hold the lock: sled's I/O threads
@@ -1308,14 +1357,20 @@ mod tests {
         assert_eq!(signed_out.len(), REVOKED_KEYS_KEPT + 1, "the 32 and the one that replaced");
         assert_eq!(store.revoked_key(user, kept).unwrap(), None, "the device kept is not revoked");
         assert!(store.device(user, kept).unwrap().is_some());
-        // At most REVOKED_KEYS_KEPT kept: the lowest ids (oldest enrollments) went first.
+        // At most REVOKED_KEYS_KEPT kept: those removed longest ago went first.
         for (i, &id) in many.iter().enumerate() {
             assert_eq!(store.revoked_key(user, id).unwrap(), Some([10 + i as u8; 32]), "device {i}");
         }
         for gone in [first, unconfirmed] {
             assert_eq!(store.revoked_key(user, gone).unwrap(), None, "the oldest keys go past the bound");
         }
-        let kept_keys = store.db.scan_prefix(Key::revoked_of(user)).count();
-        assert_eq!(kept_keys, REVOKED_KEYS_KEPT);
+        let kept_keys = || store.db.scan_prefix(Key::revoked_of(user)).count();
+        assert_eq!(kept_keys(), REVOKED_KEYS_KEPT);
+        // The device enrolled before all of them, revoked now, is kept: the removal is
+        // the newest (before, keys were kept by device id, and this one went at once).
+        store.remove_device(user, kept).unwrap().unwrap().await.unwrap();
+        assert_eq!(store.revoked_key(user, kept).unwrap(), Some([3; 32]));
+        assert_eq!(store.revoked_key(user, many[0]).unwrap(), None, "the oldest removal made room");
+        assert_eq!(kept_keys(), REVOKED_KEYS_KEPT);
     }
 }

@@ -142,9 +142,13 @@ impl Store {
             Body::Text { .. } | Body::Files { .. } => {
                 if let Body::Files { files, .. } = &entry.body {
                     // Who may read a file: the members where a message carries it. Not
-                    // given back by a repair to its uploader's message once withdrawn.
+                    // given back by a repair to its uploader's message once withdrawn, nor
+                    // for a file collected since (its withdrawn marks went with it).
                     for f in files {
-                        if repair && self.db.contains_key(Key::withdrawn(&f.file, conv, entry.seq))? {
+                        if repair
+                            && (self.db.contains_key(Key::withdrawn(&f.file, conv, entry.seq))?
+                                || !self.db.contains_key(Key::file(&f.file))?)
+                        {
                             continue;
                         }
                         set(Key::attached(&f.file, conv, entry.seq), Some(Vec::new()))?;

@@ -18,14 +18,19 @@ impl Store {
         }
     }
 
-    /// Records when `user` was last online or away. Not waited for: durable with the next
-    /// group commit. An older value than the stored one is ignored (clocks may step back).
+    /// Records when `user` was last online or away, replacing the value stored. Not
+    /// waited for: durable with the next group commit.
+    ///
+    /// Replacing, even with an earlier time: the broker writes a user's times in the
+    /// order it learns them (now, once a minute, while a device is connected; once the
+    /// last one is gone, when it was last heard from), and the last one is right. Before,
+    /// the later of the two was kept: a device that died without closing was shown, once
+    /// its timeout ended it, last seen at the refresh made while it was silent (up to the
+    /// idle timeout after it was last heard), and a wall clock stepped forward and back
+    /// kept every connected user seen in the future until the clock caught up (an attacker
+    /// review).
     pub fn set_last_seen(&self, user: UserId, at_ms: u64) -> Result<()> {
-        let key = Key::last_seen(user);
-        self.db.fetch_and_update(&key, |old| {
-            let old = old.and_then(keys::u64_from).unwrap_or(0);
-            Some(old.max(at_ms).to_be_bytes().to_vec())
-        })?;
+        self.db.insert(Key::last_seen(user), &at_ms.to_be_bytes()[..])?;
         Ok(())
     }
 
@@ -65,21 +70,22 @@ mod tests {
     use crate::{Store, StoreConfig};
 
     #[test]
-    fn last_seen_survives_reopen_and_never_goes_back() {
+    fn last_seen_survives_reopen_and_the_last_written_stands() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = StoreConfig::new(dir.path().join("db"));
         config.cache_capacity_bytes = 4 * 1024 * 1024;
         {
             let store = Store::open(&config).unwrap();
             assert_eq!(store.last_seen(7).unwrap(), None);
-            store.set_last_seen(7, 1_000).unwrap();
+            // Written in the future by a clock stepped forward, then set right.
+            store.set_last_seen(7, 86_400_000 + 1_000).unwrap();
             store.set_last_seen(7, 900).unwrap();
-            assert_eq!(store.last_seen(7).unwrap(), Some(1_000));
+            assert_eq!(store.last_seen(7).unwrap(), Some(900));
             assert_eq!(store.last_seen(8).unwrap(), None, "per user");
             store.close_clean().unwrap();
         }
         let store = Store::open(&config).unwrap();
-        assert_eq!(store.last_seen(7).unwrap(), Some(1_000));
+        assert_eq!(store.last_seen(7).unwrap(), Some(900));
     }
 
     /// The record of 100,000 users (about 600 KiB) is larger than a sled log message may

@@ -61,7 +61,8 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 thread_local! {
-    /// The directories `sync_dir` synced on this thread, for tests.
+    /// The directories `sync_dir` synced on this thread, and the files `cut_piece` cut,
+    /// in order, for tests.
     static SYNCED_DIRS: std::cell::RefCell<Vec<std::path::PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -236,6 +237,8 @@ fn cut_piece(path: &Path) -> io::Result<(u64, bool)> {
         file => file?,
     };
     let len = file.metadata()?.len();
+    #[cfg(test)]
+    SYNCED_DIRS.with(|synced| synced.borrow_mut().push(path.to_owned()));
     if len > DELETE_PIECE {
         file.set_len(len - DELETE_PIECE)?;
         file.sync_data()?;
@@ -694,7 +697,8 @@ impl Blobs {
     /// was not done): by a crash (`repair`), or by a failure of `publish` at run time,
     /// after which its next actor calls this instead of verifying bytes that may have
     /// moved. Verified and referenced before: published now, if its partial file or its
-    /// blob is there; otherwise its bytes are lost and it starts over from offset 0 (its
+    /// blob (at the file's length) is there; otherwise its bytes are lost and it starts
+    /// over from offset 0 (its
     /// blob reference dropped, an empty partial file made). `owner` is its uploader.
     /// Blocking.
     pub fn finish_publishing(
@@ -704,7 +708,11 @@ impl Blobs {
         hash: &Blake3,
         owner: UserId,
     ) -> Result<Finished, String> {
-        if self.partial(id).exists() || self.blob(hash).exists() {
+        // A blob of another length than the file's is no copy of its bytes (cut short:
+        // `publish`); with no partial file either, the upload starts over.
+        let size = store.file(id).map_err(|e| e.to_string())?.map(|record| record.size);
+        let whole_blob = std::fs::metadata(self.blob(hash)).is_ok_and(|m| size.is_none_or(|size| m.len() == size));
+        if self.partial(id).exists() || whole_blob {
             return Ok(match self.publish(store, id, hash, owner)? {
                 Some((record, durable)) => {
                     tracing::info!(file = hex(id), "finished a completion cut short");
@@ -1183,8 +1191,8 @@ mod tests {
         SYNCED_DIRS.with(|synced| synced.borrow_mut().clear());
         empty(&trash, std::slice::from_ref(&source), u64::MAX, &Counts::default()).unwrap();
         assert!(!path.exists());
-        let synced = SYNCED_DIRS.with(|synced| synced.borrow().clone());
-        assert_eq!(synced, vec![trash, source], "each once, for the one pass");
+        let trace = SYNCED_DIRS.with(|synced| synced.borrow().clone());
+        assert_eq!(trace, vec![trash, source, path.clone(), path], "both synced once, then two cuts");
     }
 
     /// Publishing onto a blob that is there already syncs `blobs/` too, and a blob cut
@@ -1209,6 +1217,24 @@ mod tests {
             assert_eq!(std::fs::read(blobs.blob(&hash)).unwrap(), data, "the blob holds the whole file");
             assert!(!blobs.partial(&id).exists());
         }
+    }
+
+    /// An upload left publishing whose partial file is gone and whose blob is there but
+    /// cut short starts over: before, the short blob was taken for its bytes and the
+    /// file recorded complete on it.
+    #[tokio::test]
+    async fn a_publishing_upload_with_only_a_short_blob_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blobs) = open(dir.path());
+        let data = b"bytes whose blob came back cut short".to_vec();
+        let (id, hash) = ([3; 16], record(&data).blake3);
+        uploaded(&store, &blobs, &id, &data).await;
+        store.begin_publish(&id).unwrap().unwrap().await.unwrap();
+        std::fs::remove_file(blobs.partial(&id)).unwrap();
+        std::fs::write(blobs.blob(&hash), &data[..7]).unwrap();
+        let finished = blobs.finish_publishing(&store, &id, &hash, 7).unwrap();
+        assert!(!matches!(finished, Finished::Completed(..)), "completed on a short blob");
+        assert_eq!(store.file(&id).unwrap().unwrap().stage, FileStage::Uploading { offset: 0 });
     }
 
     #[tokio::test]
