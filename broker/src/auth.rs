@@ -361,7 +361,7 @@ impl Auth {
             // the address's budget is not spent: a client told this stops for good.
             Some((_, Proof::Revoked)) => {
                 tracing::debug!(device, from = %from, "device proof refused: the device was revoked");
-                Err(fail(ErrorCode::DEVICE_REVOKED, "this device was revoked: sign in again to enroll a new one"))
+                Err(fail(ErrorCode::DEVICE_REVOKED, "this device was revoked"))
             }
             // Only a failed proof meets the address's budget: a device that proves its key
             // is never refused for what others at its address (a carrier NAT, an IPv6
@@ -421,21 +421,17 @@ impl Auth {
         closer: Option<crate::user::Closer>,
     ) -> Result<(UserId, Vec<DeviceId>), ErrorBody> {
         check_password(password)?;
-        let (user, _) = self
-            .store
-            .user_by_name(name)
-            .map_err(internal)?
-            .ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
+        let (user, _) =
+            self.store.user_by_name(name).map_err(internal)?.ok_or_else(|| crate::catalog::no_user(name))?;
         let turn = self.argon.turn(None)?;
         let password = password.to_owned();
         let hash = self.argon.run(turn, move |argon| argon.hash_password(password.as_bytes()).map(|h| h.to_string()));
         let hash = hash.await?.map_err(internal)?;
         let sign_out = if revoke_devices { SignOut::Everyone } else { SignOut::Nobody };
-        let store = self.store.clone();
+        let (store, gone) = (self.store.clone(), crate::catalog::no_user(name));
         crate::catalog::to_the_end(async move {
             let set = crate::catalog::catalog_write(&store, move |s| s.set_password(user, &hash, sign_out)).await?;
-            let (durable, revoked) =
-                set.map_err(internal)?.ok_or_else(|| fail(ErrorCode::NOT_FOUND, "no such user"))?;
+            let (durable, revoked) = set.map_err(internal)?.ok_or(gone)?;
             durable.await.map_err(internal)?;
             tracing::info!(user, revoked = revoked.len(), "password reset");
             if let (SignOut::Everyone, Some(closer)) = (sign_out, closer) {

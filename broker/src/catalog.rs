@@ -462,6 +462,8 @@ pub(crate) async fn revoke_device(
         return Err(not_found(&closer));
     }
     let store = shared.store.clone();
+    // Said in the log: who revoked it (an operator's trial could not tell).
+    let by_whom = by.as_ref().map_or_else(|| "the operator".to_owned(), |asker| format!("device {}", asker.device));
     to_the_end(async move {
         let durable = catalog_write(&store, move |s| match by {
             Some(by) => unless_cut_off(s, user, &by, |s| s.remove_device(user, device)),
@@ -471,7 +473,7 @@ pub(crate) async fn revoke_device(
         .map_err(internal)??;
         let Some(durable) = durable else { return Err(not_found(&closer)) };
         durable.await.map_err(internal)?;
-        tracing::info!(user, device, "device revoked");
+        tracing::info!(user, device, by = %by_whom, "device revoked");
         closer.revoke(user, device);
         Ok(Reply::Done)
     })

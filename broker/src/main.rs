@@ -34,7 +34,7 @@ struct Cli {
     data: Option<PathBuf>,
     /// How log lines are written to stderr: `text` (one line per event, for people) or
     /// `json` (one JSON object per line, for a log collector).
-    #[arg(long, global = true, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, env = "SWITCHBOARD_LOG_FORMAT", value_enum, ignore_case = true, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -42,14 +42,17 @@ struct Cli {
     serve: ServeArgs,
 }
 
+/// Whether the log lines are JSON (`init_logs`), for the last error's line (`main`).
+static LOGS_IN_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The shape of the broker's log lines on stderr (`--log-format`).
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
 enum LogFormat {
     /// `2026-12-07T14:41:34.123456Z  INFO switchboard_broker: listening addr=...`.
     Text,
-    /// `{"timestamp":"2026-12-07T14:41:34.123456Z","level":"INFO","message":"listening",
-    /// "addr":"...","target":"switchboard_broker"}`: the event's fields at the top level
-    /// beside `timestamp`, `level`, `message` and `target`.
+    /// `{"timestamp":"2026-12-07T14:41:34.123456Z","level":"INFO","message":"listening","addr":"...","target":"switchboard_broker"}`:
+    /// the event's fields at the top level beside `timestamp`, `level`, `message` and
+    /// `target`; a failed start's reason is such a line too, at `ERROR`.
     Json,
 }
 
@@ -151,8 +154,14 @@ enum UserCommand {
 fn main() {
     if let Err(e) = run() {
         // The message and its causes, not `Result`'s debug print (which adds a backtrace
-        // where RUST_BACKTRACE is set: noise to an operator fixing a setting).
-        eprintln!("error: {e:#}");
+        // where RUST_BACKTRACE is set: noise to an operator fixing a setting). With JSON
+        // logs, as a log line too: the reason a start failed is the line a collector
+        // most needs (an operator's trial found it the one plain line on stderr).
+        if LOGS_IN_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!("{e:#}");
+        } else {
+            eprintln!("error: {e:#}");
+        }
         // An operator command's failure says its code in its status (`admin::exit_status`).
         let code = e.downcast_ref::<switchboard_protocol::ErrorBody>().map(|body| body.code);
         std::process::exit(code.map_or(1, admin::exit_status));
@@ -170,6 +179,7 @@ const DEFAULT_LOG_FILTER: &str = "info,quinn_proto=error";
 /// scripts) in `format`, filtered by `RUST_LOG` or else `DEFAULT_LOG_FILTER`; text is
 /// coloured only when a person is watching.
 fn init_logs(format: LogFormat) {
+    LOGS_IN_JSON.store(format == LogFormat::Json, std::sync::atomic::Ordering::Relaxed);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {

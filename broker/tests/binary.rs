@@ -498,6 +498,20 @@ fn json_logs_are_one_object_per_line_with_the_fields_at_the_top() {
     assert!(listening["timestamp"].is_string() && listening["target"].is_string(), "{listening}");
     assert!(listening["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{listening}");
     assert!(!String::from_utf8(out).unwrap().contains('{'), "log lines stay off stdout");
+    // A refused start says why in a JSON line too (it was the one plain line), and the
+    // format's name is taken in any case.
+    let refused = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["config", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("SWITCHBOARD_LOG_FORMAT", "JSON")
+        .env("SWITCHBOARD_CONFIG", dir.path().join("no such file.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8(refused.stderr).unwrap();
+    let line: serde_json::Value = serde_json::from_str(said.trim()).unwrap_or_else(|e| panic!("{said:?}: {e}"));
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert!(line["message"].as_str().is_some_and(|m| m.contains("no such file.toml")), "{line}");
 }
 
 #[test]

@@ -717,7 +717,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
         if code == Some(ErrorCode::DEVICE_REVOKED) {
             result = result.context(format!(
-                "this device was removed from {user}'s account at {server} (by `sb devices revoke` from another device, a password change that signed out the other devices, the operator, or, for one that never connected after its login, a newer login at the account's device limit): `sb login {user}` enrolls it again"
+                "this device was removed from {user}'s account at {server} (by `sb devices revoke` from another device, a password change that signed out the other devices, the operator, or, for one that never connected after its login, a newer login at the account's device limit): `sb login {user}` enrolls it again, with the account's password (a new one if it was changed)"
             ));
         } else if code == Some(ErrorCode::AUTH_FAILED) {
             result = result.context(format!(
