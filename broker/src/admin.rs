@@ -379,7 +379,7 @@ pub async fn request(data_dir: &Path, request: &AdminRequest) -> Option<std::io:
         write_message(&mut stream, request).await?;
         read_message(&mut stream, REPLY_MAX_BYTES).await?.ok_or_else(|| {
             std::io::Error::other(
-                "the broker closed the admin socket without an answer (a broker of an older version? run the command with the binary it runs)",
+                "the broker closed the admin socket without an answer: it stopped or failed during the command, which may have been carried out (`user list` or `device list` tells), or it is of an older version (run the command with the binary it runs)",
             )
         })
     };

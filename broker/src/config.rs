@@ -494,6 +494,9 @@ pub const MAX_UDP_SOCKETS: usize = 256;
 
 /// Longest `status_log_secs`: a day.
 pub const MAX_STATUS_LOG_SECS: u64 = 86_400;
+/// Longest `idle_timeout_ms`, `quic_handshake_timeout_ms` and `transfer_progress_secs`,
+/// seconds: a day.
+pub const MAX_DURATION_SECS: u64 = 86_400;
 
 /// Smallest `outbound_max_bytes`: two of the largest frames the broker sends (a history
 /// or catch-up page, `MAX_SERVER_FRAME_BYTES`). Below it a device catching up is cut off
@@ -598,6 +601,25 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
             "udp_sockets = {}: at most {MAX_UDP_SOCKETS} (one per core is the point; the default is 1)",
             config.udp_sockets
         )));
+    }
+    // Durations added to a clock: past these an upload stream's deadline overflowed the
+    // clock and panicked every upload (`transfer_progress_secs` = i64::MAX, "never"), and
+    // an idle timeout past QUIC's range was replaced by 30 s without a word (an attacker
+    // review). A day is more than any of them wants.
+    let at_most = [
+        ("idle_timeout_ms", config.idle_timeout_ms, MAX_DURATION_SECS * 1000),
+        ("transfer_progress_secs", config.transfer_progress_secs, MAX_DURATION_SECS),
+        ("quic_handshake_timeout_ms", config.quic_handshake_timeout_ms, MAX_DURATION_SECS * 1000),
+    ];
+    if let Some((name, value, most)) = at_most.iter().find(|(_, value, most)| value > most) {
+        return Err(crate::Error::Config(format!("{name} = {value}: at most {most} (a day)")));
+    }
+    // Read as "no limit" by its neighbours' zeros, it meant one registration per address
+    // for good (a bucket of no tokens that never refills): refused by name.
+    if config.registration_burst_per_address == 0 {
+        return Err(crate::Error::Config(
+            "registration_burst_per_address = 0: at least 1 (registration_open = false closes registration)".into(),
+        ));
     }
     if config.status_log_secs > MAX_STATUS_LOG_SECS {
         return Err(crate::Error::Config(format!(
@@ -753,6 +775,13 @@ mod tests {
         assert!(said.contains("max_sends_in_flight_per_user = 0"), "{said}");
         assert!(refused(|c| c.commit_delay_us = MAX_COMMIT_DELAY_US + 1).contains("commit_delay_us"));
         assert!(refused(|c| c.status_log_secs = u64::MAX).contains("status_log_secs"));
+        // Passed, then panicked every upload stream, or were replaced without a word.
+        let said = refused(|c| c.transfer_progress_secs = i64::MAX as u64);
+        assert!(said.contains("transfer_progress_secs = 9223372036854775807: at most 86400"), "{said}");
+        assert!(refused(|c| c.idle_timeout_ms = 1 << 62).contains("idle_timeout_ms"));
+        assert!(refused(|c| c.quic_handshake_timeout_ms = u64::MAX).contains("quic_handshake_timeout_ms"));
+        // Meant one registration per address for good.
+        assert!(refused(|c| c.registration_burst_per_address = 0).contains("registration_burst_per_address = 0"));
         // A deployment's outbound queues hold what the broker sends (tests go lower).
         let deployed = |change: fn(&mut Config)| {
             let mut config = Config::default();

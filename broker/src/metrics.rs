@@ -41,6 +41,33 @@ pub const RENDER_REUSE: Duration = Duration::from_millis(100);
 pub const PATH: &str = "/metrics";
 /// Accept failures (out of descriptors) are logged at most this often.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
+/// Connections answered and still reading what their client sent after its head (up to
+/// 100 ms, so that closing does not reset the answer in flight), at most this many at
+/// once over all endpoints; past it one is closed at once. Before, they held no place,
+/// and a client sending requests and never reading the answers kept a tenth of a
+/// second's worth of sockets open, as many as it could send, of the descriptors the
+/// broker's files need (an attacker review).
+pub const DRAINING_MAX: usize = 16;
+
+/// Connections draining now (`DRAINING_MAX`).
+static DRAINING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of `DRAINING`, given back when dropped.
+struct Draining;
+
+impl Draining {
+    /// A place among the draining connections, or `None` when `DRAINING_MAX` hold them.
+    fn take() -> Option<Draining> {
+        let taken = DRAINING.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < DRAINING_MAX).then_some(n + 1));
+        taken.ok().map(|_| Draining)
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        DRAINING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Totals the broker counts as it works, for the endpoint (each one relaxed atomic add
 /// where it happens: per published entry, per refused handshake or connection, per slow
@@ -325,7 +352,8 @@ async fn answer(
     answered();
     // Closing with request bytes unread (a body, a pipelined request, the rest of a head
     // too long) would reset the connection and could destroy the answer in flight: read
-    // a little of what is left first.
+    // a little of what is left first, while `DRAINING_MAX` others do not.
+    let Some(_draining) = Draining::take() else { return Ok(()) };
     let _ = tokio::time::timeout(Duration::from_millis(100), async {
         let mut sink = [0u8; 1024];
         let mut drained = 0;

@@ -393,7 +393,14 @@ pub fn endpoint_config(config: &Config) -> Result<quinn::EndpointConfig> {
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
                 .map_err(|_| Error::Tls("no randomness for the endpoint secret".into()))?;
             crate::make_data_dir(&config.data_dir)?;
-            write_private(&path, &secret).map_err(Error::io(format!("writing {}", path.display())))?;
+            // Written and synced under a temporary name, then renamed into place: a
+            // first start cut short left a short file that every later start refused
+            // until removed by hand (an attacker review).
+            let tmp = generating(&path);
+            write_private(&tmp, &secret)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .and_then(|()| std::fs::File::open(&config.data_dir)?.sync_all())
+                .map_err(Error::io(format!("writing {}", path.display())))?;
             secret
         }
         Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
@@ -628,10 +635,20 @@ const MIN_QUIC_MTU: u16 = 1200;
 /// kernel spreads peers over them by address, so each socket (and its quinn endpoint
 /// task) carries a share of the load. The price: a peer whose address changes (NAT
 /// rebinding, a network switch) may land on a socket whose endpoint does not know its
-/// connection, and must reconnect; with `count == 1` QUIC migration keeps working.
+/// connection, and must reconnect; with `count == 1` QUIC migration keeps working. A
+/// port in use, by a group of sockets too, is refused (`binding UDP ADDR: Address
+/// already in use`).
 pub fn bind_udp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>> {
     use socket2::{Domain, Protocol, Socket, Type};
     const BUFFER_BYTES: usize = 4 * 1024 * 1024;
+    // A port group is joined by any socket of the same user that sets SO_REUSEPORT: a
+    // second broker (another data dir, the same `listen`, `udp_sockets` over 1) joined
+    // this one's and took about half of its clients' packets, stalling their
+    // connections (an attacker review). A socket without the option finds the port in
+    // use, as a second broker with one socket does.
+    if count > 1 && addr.port() != 0 {
+        std::net::UdpSocket::bind(addr).map_err(Error::io(format!("binding UDP {addr}")))?;
+    }
     let mut sockets = Vec::with_capacity(count.max(1));
     let mut bind_to = addr;
     for _ in 0..count.max(1) {
@@ -756,6 +773,21 @@ mod tests {
         }
         // On all addresses: no address of its own in the certificate.
         assert!(!generated_names("0.0.0.0:4433".parse().unwrap()).iter().any(|n| n == "0.0.0.0"));
+    }
+
+    /// A second broker's group of sockets (another data dir, the same `listen`) finds
+    /// the port in use: before, it joined the first one's group and took about half of
+    /// its clients' packets.
+    #[test]
+    fn a_port_held_by_a_group_of_sockets_is_not_joined() {
+        let held = bind_udp("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let port = held[0].local_addr().unwrap();
+        for count in [1, 2] {
+            let e = bind_udp(port, count).unwrap_err().to_string();
+            assert!(e.contains("Address already in use"), "{count} sockets: {e}");
+        }
+        drop(held);
+        assert_eq!(bind_udp(port, 2).unwrap().len(), 2, "free again");
     }
 
     /// A fresh data dir (and the parents made for it) is private, and a data dir left

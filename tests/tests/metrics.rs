@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use switchboard_broker::metrics::{
-    HEAD_TIMEOUT, MAX_SCRAPES, MIN_HOLD, RENDER_REUSE, REQUEST_MAX_BYTES, REQUEST_TIMEOUT,
+    DRAINING_MAX, HEAD_TIMEOUT, MAX_SCRAPES, MIN_HOLD, RENDER_REUSE, REQUEST_MAX_BYTES, REQUEST_TIMEOUT,
 };
 use switchboard_tests::{STEP_DEADLINE, TestBroker, bounded, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -204,6 +204,27 @@ async fn the_metrics_endpoint_refuses_what_it_does_not_serve_and_stays_bounded()
         assert_eq!(scrape(addr).await["switchboard_sessions"], 1.0);
     })
     .await
+}
+
+/// Clients that send a request and never read the answer nor close hold few of the
+/// endpoint's sockets once answered (`DRAINING_MAX`): before, every one answered held its
+/// socket for a tenth of a second more, as many as the clients could send in that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_clients_that_never_read_hold_few_sockets() {
+    let (_tb, addr) = metrics_broker().await;
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = fds();
+    let (mut held, mut most) = (Vec::new(), 0);
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(300) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: broker\r\n\r\n").await.unwrap();
+        held.push(stream);
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        most = most.max(fds().saturating_sub(before + held.len()));
+    }
+    let bound = DRAINING_MAX + MAX_SCRAPES + 8;
+    assert!(most <= bound, "the endpoint held {most} sockets for {} clients (bound {bound})", held.len());
 }
 
 /// A head that arrives in pieces is answered once its blank line is in, wherever the
