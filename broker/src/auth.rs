@@ -1290,6 +1290,20 @@ mod tests {
         IpAddr::from([127, 0, 0, last])
     }
 
+    /// A `Login` of `user` with `password`, enrolling key `[7; 32]`'s device, signed over
+    /// the transcript `b"t"`.
+    fn login_request(user: &str, password: &str) -> Enroll {
+        use ed25519_dalek::{Signer, SigningKey};
+        let key = SigningKey::from_bytes(&[7; 32]);
+        Enroll {
+            user: user.into(),
+            password: password.into(),
+            device_name: "d".into(),
+            public_key: bytes::Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+            signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
+        }
+    }
+
     fn password_limiter(capacity: usize) -> FailureLimiter {
         FailureLimiter::new("failed passwords", capacity, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_ADDRESS)
     }
@@ -1500,18 +1514,10 @@ mod tests {
     /// speed of handshakes with no hash done).
     #[tokio::test]
     async fn a_login_that_leaves_the_password_queue_counts_nothing() {
-        use ed25519_dalek::{Signer, SigningKey};
         let dir = tempfile::tempdir().unwrap();
         let store = crate::open_store(&Config::ephemeral(dir.path())).unwrap();
         let auth = Auth::new(store, &Config::ephemeral(dir.path())).unwrap();
-        let key = SigningKey::from_bytes(&[7; 32]);
-        let login = Enroll {
-            user: "nobody".into(),
-            password: "a wrong password".into(),
-            device_name: "d".into(),
-            public_key: bytes::Bytes::copy_from_slice(key.verifying_key().as_bytes()),
-            signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
-        };
+        let login = login_request("nobody", "a wrong password");
         let counted = || auth.passwords.table.lock().unwrap().windows.values().map(|w| w.count).collect::<Vec<_>>();
         let busy: Vec<Turn> = (0..ARGON2_CONCURRENCY).map(|_| auth.argon.turn(None).unwrap()).collect();
         let queued = tokio::time::timeout(Duration::from_millis(50), auth.check_login(&login, b"t", ip(1))).await;
@@ -1530,18 +1536,10 @@ mod tests {
     /// many were not). Other accounts are not affected.
     #[tokio::test]
     async fn right_passwords_are_limited_per_account() {
-        use ed25519_dalek::{Signer, SigningKey};
         let dir = tempfile::tempdir().unwrap();
         let config = Config::ephemeral(dir.path());
         let auth = Auth::new(crate::open_store(&config).unwrap(), &config).unwrap();
-        let key = SigningKey::from_bytes(&[7; 32]);
-        let login = |user: &str| Enroll {
-            user: user.into(),
-            password: "correct horse battery".into(),
-            device_name: "d".into(),
-            public_key: bytes::Bytes::copy_from_slice(key.verifying_key().as_bytes()),
-            signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
-        };
+        let login = |user: &str| login_request(user, "correct horse battery");
         for name in ["alice", "bob"] {
             auth.add_user(name, "correct horse battery").await.unwrap();
         }
@@ -1565,7 +1563,6 @@ mod tests {
     /// decoy made under the new cost). A login under the broker's cost changes nothing.
     #[tokio::test]
     async fn a_login_hashes_its_password_again_under_a_changed_cost() {
-        use ed25519_dalek::{Signer, SigningKey};
         let dir = tempfile::tempdir().unwrap();
         let config = Config::ephemeral(dir.path());
         let store = crate::open_store(&config).unwrap();
@@ -1576,14 +1573,7 @@ mod tests {
         changed.argon2_memory_kib = 2 * config.argon2_memory_kib;
         changed.argon2_iterations = config.argon2_iterations + 1;
         let after = Auth::new(store.clone(), &changed).unwrap();
-        let key = SigningKey::from_bytes(&[7; 32]);
-        let login = Enroll {
-            user: "alice".into(),
-            password: "correct horse battery".into(),
-            device_name: "d".into(),
-            public_key: bytes::Bytes::copy_from_slice(key.verifying_key().as_bytes()),
-            signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
-        };
+        let login = login_request("alice", "correct horse battery");
         let (_, _, verified) = after.check_login(&login, b"t", ip(1)).await.unwrap();
         let stored = store.user(user).unwrap().unwrap().password_hash;
         assert_ne!(stored, old, "hashed again");

@@ -416,7 +416,8 @@ pub(crate) fn list_devices(shared: &Shared, caller: Caller) -> Result<Reply, Err
 
 /// `ChangePassword`: the new password (`Auth::change_password`), and with
 /// `sign_out_others` every device of the account but the caller's revoked in the same
-/// write, their connections closed with `DEVICE_REVOKED` in it. One write, so the change
+/// write, their connections closed with `DEVICE_REVOKED` once it is durable (even if
+/// the asking connection is gone by then: `to_the_end`). One write, so the change
 /// cannot stop half-way with the password set and a device kept (before, the devices
 /// were revoked one write each after it, and a stolen device revoked last could revoke
 /// the asking one in between and stay); an enrollment with the old password cannot land

@@ -617,6 +617,16 @@ mod recovery_tests {
         vec.iter().filter(|&&b| b & 1 == 1).count()
     }
 
+    /// A store in `dir` with a few thousand durable writes, and the path of its log.
+    async fn written_store(dir: &std::path::Path) -> (switchboard_storage::Store, std::path::PathBuf) {
+        let store = crate::test_store(dir);
+        for i in 0u32..2_000 {
+            store.set_last_seen(u64::from(i), 1).unwrap();
+        }
+        store.barrier().unwrap().await.unwrap();
+        (store, dir.join("store").join("db"))
+    }
+
     /// A store's files are read from the disk at its next open, not from the page
     /// cache, which may hold pages whose write-back failed (marked clean, never on the
     /// disk): `settle_for_recovery` drops them (before, they stayed, and sled recovered
@@ -625,14 +635,9 @@ mod recovery_tests {
     #[tokio::test]
     async fn a_stores_files_are_dropped_from_the_page_cache_before_it_opens() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::test_store(dir.path());
-        for i in 0u32..2_000 {
-            store.set_last_seen(u64::from(i), 1).unwrap();
-        }
-        store.barrier().unwrap().await.unwrap();
+        let (store, db) = written_store(dir.path()).await;
         store.close().unwrap();
         drop(store);
-        let db = dir.path().join("store").join("db");
         let _ = std::fs::read(&db).unwrap();
         let before = resident_pages(&db);
         if before == 0 {
@@ -648,12 +653,7 @@ mod recovery_tests {
     #[tokio::test]
     async fn a_second_open_of_a_store_in_use_leaves_its_files_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::test_store(dir.path());
-        for i in 0u32..2_000 {
-            store.set_last_seen(u64::from(i), 1).unwrap();
-        }
-        store.barrier().unwrap().await.unwrap();
-        let db = dir.path().join("store").join("db");
+        let (store, db) = written_store(dir.path()).await;
         let _ = std::fs::read(&db).unwrap();
         let before = resident_pages(&db);
         let config = switchboard_storage::StoreConfig::new(dir.path().join("store"));

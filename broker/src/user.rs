@@ -183,9 +183,11 @@ impl Allowances {
     }
 }
 
-/// Closes a user's connections as `UserDirectory::revoke` does, owned: for the task that
-/// carries a catalog write through its durability to this close, which the caller's
-/// going away does not stop (`catalog::to_the_end`).
+/// Closes a user's connections, owned: for the task that carries a catalog write through
+/// its durability to this close, which the caller's going away does not stop
+/// (`catalog::to_the_end`). Their outbound queues are closed before a call returns, so a
+/// revocation answered `Done` has already cut the device off: nothing more reaches it and
+/// its connection is closing.
 #[derive(Clone)]
 pub struct Closer {
     sessions: Arc<Mutex<HashMap<UserId, usize>>>,
@@ -202,7 +204,7 @@ impl Closer {
         self.close(user, |_| true, ErrorCode::ACCOUNT_DISABLED);
     }
 
-    /// `UserDirectory::revoke`: the live connections of a removed device.
+    /// Closes the live connections of a removed device (`DEVICE_REVOKED`).
     pub fn revoke(&self, user: UserId, device: DeviceId) {
         self.close(user, |d| d == device, ErrorCode::DEVICE_REVOKED);
     }
@@ -314,17 +316,8 @@ impl UserDirectory {
         }
     }
 
-    /// Closes the live connections of a revoked device.
-    ///
-    /// Their outbound queues are closed before this returns, so a revocation answered
-    /// `Done` has already cut the device off: nothing more reaches it and its connection
-    /// is closing.
-    pub fn revoke(&self, user: UserId, device: DeviceId) {
-        self.closer().revoke(user, device);
-    }
-
-    /// A handle that closes connections as `revoke` does, for the task that removes
-    /// devices or disables an account (`Closer`).
+    /// A handle that closes connections, for the task that removes devices or disables
+    /// an account (`Closer`).
     pub fn closer(&self) -> Closer {
         Closer { sessions: self.sessions.clone(), online: self.online.clone(), disables: self.disables.clone() }
     }

@@ -238,6 +238,16 @@ impl TestBroker {
         within(STEP_DEADLINE, "login", self.connector().login(name, self.password, "another-device")).await.unwrap()
     }
 
+    /// Waits until the broker serves no session (each closed one given back).
+    pub async fn sessions_ended(&self) {
+        within(STEP_DEADLINE, "the sessions' end", async {
+            while self.shared().status().sessions > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
     /// Shuts the broker down cleanly.
     pub async fn stop(&mut self) {
         if let Some(b) = self.broker.take() {

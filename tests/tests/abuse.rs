@@ -396,13 +396,7 @@ async fn a_registration_refused_for_want_of_room_is_given_back() {
     let refusal = refused.into_iter().next().unwrap().err().unwrap();
     assert_eq!(refusal.code(), Some(ErrorCode::OVERLOADED), "{refusal}");
     made.pop().unwrap().unwrap().0.close();
-    let shared = tb.shared();
-    switchboard_tests::within(WAIT, "the session's end", async {
-        while shared.status().sessions > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    tb.sessions_ended().await;
     // The address made one registration of its two.
     once.register("r3", tb.password, "d").await.unwrap();
 }
@@ -430,13 +424,7 @@ async fn an_address_at_its_session_cap_is_refused_a_registration_before_any_work
     raw.send.write_all(&encode_frame(&ClientFrame::Request(Request { id: 0, body })).unwrap()).await.unwrap();
     assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::RATE_LIMITED));
     holder.close();
-    let shared = tb.shared();
-    switchboard_tests::within(WAIT, "the session's end", async {
-        while shared.status().sessions > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    tb.sessions_ended().await;
     // Nothing was spent: the address's one registration is there.
     tb.connector().register("newcomer", tb.password, "d").await.unwrap();
 }

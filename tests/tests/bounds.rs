@@ -165,12 +165,7 @@ async fn pipelined_full_pages_never_make_a_reader_a_slow_consumer() {
         assert!(matches!(next_response(&mut raw).await, (_, Ok(Reply::History { .. }))));
         raw.conn.close(0u32.into(), b"gone");
         drop(raw);
-        within(STEP_DEADLINE, "the session given back", async {
-            while tb.shared().status().sessions > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        tb.sessions_ended().await;
     })
     .await
 }
@@ -1363,12 +1358,7 @@ async fn the_status_counts_what_the_broker_holds() {
         assert_eq!((status.sessions, status.conversations, status.presence_users), (2, 1, 2), "{status:?}");
         assert_eq!((status.writes_in_flight, status.writes_refused, status.uploads), (0, 0, 0), "{status:?}");
         drop((alice, bob));
-        within(STEP_DEADLINE, "sessions given back", async {
-            while tb.shared().status().sessions > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        tb.sessions_ended().await;
     })
     .await
 }
