@@ -647,9 +647,7 @@ impl Blobs {
     ) -> Result<Option<(FileRecord, Durable)>, String> {
         let (partial, blob) = (self.partial(id), self.blob(hash));
         let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
-        let size = store.file(id).map_err(|e| e.to_string())?.map(|record| record.size);
-        let whole = std::fs::metadata(&blob).is_ok_and(|m| size.is_none_or(|size| m.len() == size));
-        if whole || (blob.exists() && !partial.exists()) {
+        if self.blob_is_whole(store, id, hash)? || (blob.exists() && !partial.exists()) {
             self.remove(&partial, Some(owner)).map_err(|e| e.to_string())?;
         } else {
             std::fs::rename(&partial, &blob).map_err(|e| e.to_string())?;
@@ -657,6 +655,13 @@ impl Blobs {
         sync_dir(&self.blobs).map_err(|e| e.to_string())?;
         sync_dir(&self.uploads).map_err(|e| e.to_string())?;
         store.complete_upload(id).map_err(|e| e.to_string())
+    }
+
+    /// Whether the blob of `hash` is there at upload `id`'s length (any length if its
+    /// record is gone): one of another length is no copy of its bytes (`publish`).
+    fn blob_is_whole(&self, store: &Store, id: &FileId, hash: &Blake3) -> Result<bool, String> {
+        let size = store.file(id).map_err(|e| e.to_string())?.map(|record| record.size);
+        Ok(std::fs::metadata(self.blob(hash)).is_ok_and(|m| size.is_none_or(|size| m.len() == size)))
     }
 
     /// Stores `bytes` as the blob of `hash` (a thumbnail), durably unless it exists, and
@@ -710,9 +715,7 @@ impl Blobs {
     ) -> Result<Finished, String> {
         // A blob of another length than the file's is no copy of its bytes (cut short:
         // `publish`); with no partial file either, the upload starts over.
-        let size = store.file(id).map_err(|e| e.to_string())?.map(|record| record.size);
-        let whole_blob = std::fs::metadata(self.blob(hash)).is_ok_and(|m| size.is_none_or(|size| m.len() == size));
-        if self.partial(id).exists() || whole_blob {
+        if self.partial(id).exists() || self.blob_is_whole(store, id, hash)? {
             return Ok(match self.publish(store, id, hash, owner)? {
                 Some((record, durable)) => {
                     tracing::info!(file = hex(id), "finished a completion cut short");
