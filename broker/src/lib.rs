@@ -439,12 +439,13 @@ impl Broker {
         let auth = auth::Auth::new(store.clone(), &config)?;
         let admission = connection::Admission::new(&config);
         let sends = overload::SendAdmission::new(&config);
-        let presence = presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms);
+        let pauses = Arc::new(pauses::Pauses::default());
+        let presence =
+            presence::Presence::start(store.clone(), online.clone(), config.presence_coalesce_ms, pauses.clone());
         if let Err(e) = presence.presume_from_last_stop() {
             // A nicety: a start does not fail for it (users go offline and back instead).
             tracing::warn!(error = %e, "reading who was connected at the last stop failed");
         }
-        let pauses = Arc::new(pauses::Pauses::default());
         let typing = typing::Typing::start(store.clone(), online.clone(), config.typing_ttl_ms, pauses.clone());
         if config.member_rows_per_sec < switchboard_protocol::limits::MAX_GROUP_MEMBERS {
             tracing::warn!(

@@ -45,6 +45,9 @@ pub enum Point {
     /// The typing pusher, after it read a start's audience (members, blocks) and before
     /// it takes the state's lock to send it.
     TypingAudience,
+    /// The presence pusher, after it read the contacts a change goes to and before it
+    /// sends it (on its blocking thread).
+    PresencePush,
 }
 
 /// The armed points of one broker (`Shared::pauses`). For tests only: nothing else

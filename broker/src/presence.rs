@@ -18,7 +18,7 @@
 //! `PRESENCE_PUSH_BURST` allowance intervals, 16 s by default).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -38,7 +38,9 @@ use crate::limits::{
     PRESENCE_RESTART_MAX_DOWN_MS, PRESENCE_RESTART_SPREAD_MS, PRESENCE_WHOLE_READ_BURST_KEYS,
     PRESENCE_WHOLE_READ_ESTIMATE_KEYS, PRESENCE_WHOLE_READ_KEYS_PER_S,
 };
+use crate::pauses::{Pauses, Point};
 use crate::reply::internal;
+use crate::typing::{STAMP_SHARDS, stamp_shard};
 
 /// One presence change to push to the user's online contacts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,7 +427,18 @@ pub struct Presence {
     /// `presume_from_last_stop` on, which takes the record the last run left first, until
     /// `record_at_stop`. Held while a record is written, so none lands after the stop's.
     checkpoints: Mutex<bool>,
+    /// Changes that took users out of others' contact sets (a departure from a
+    /// conversation, a block), counted under the contacts' lock by each user whose set
+    /// they changed (`STAMP_SHARDS` shards): a push whose contacts were read before one
+    /// is sent to contacts read again (`push`).
+    moved: [AtomicU64; STAMP_SHARDS],
+    /// Where a test may hold the pusher (`Point::PresencePush`).
+    pauses: Arc<Pauses>,
 }
+
+/// Times a push's contacts are read while departures or blocks keep moving its user's
+/// stamp (`Presence::moved`); the last read is sent to whatever it showed.
+const PUSH_READS: usize = 3;
 
 /// Contact sets of users with a presence entry, at most `PRESENCE_CACHED_CONTACTS_MAX`
 /// ids in all (sets and pending lists): a user's set is up to `PRESENCE_CONTACTS_MAX`
@@ -738,7 +751,7 @@ impl Drop for Presence {
 impl Presence {
     /// A driver pushing through `online`, with its timer task spawned on the current
     /// tokio runtime (the task ends when the driver is dropped).
-    pub fn start(store: Arc<Store>, online: Arc<Online>, coalesce_ms: u64) -> Arc<Presence> {
+    pub fn start(store: Arc<Store>, online: Arc<Online>, coalesce_ms: u64, pauses: Arc<Pauses>) -> Arc<Presence> {
         let presence = Arc::new(Presence {
             state: Mutex::new(PresenceState::new(coalesce_ms)),
             contacts: Mutex::default(),
@@ -747,6 +760,8 @@ impl Presence {
             wake: Arc::new(Notify::new()),
             refresh_due_ms: std::sync::atomic::AtomicU64::new(0),
             checkpoints: Mutex::new(false),
+            moved: std::array::from_fn(|_| AtomicU64::new(0)),
+            pauses,
         });
         spawn_timer(Arc::downgrade(&presence), presence.wake.clone());
         presence
@@ -907,6 +922,7 @@ impl Presence {
         let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
         for &user in audience {
             cache.changed(user);
+            self.moved[stamp_shard(user)].fetch_add(1, Ordering::SeqCst);
             if user == gone {
                 cache.take_out_all(user, &members);
             } else {
@@ -923,6 +939,8 @@ impl Presence {
         cache.changed(a);
         cache.changed(b);
         if blocked {
+            self.moved[stamp_shard(a)].fetch_add(1, Ordering::SeqCst);
+            self.moved[stamp_shard(b)].fetch_add(1, Ordering::SeqCst);
             cache.take_out_one(a, b, false);
             cache.take_out_one(b, a, false);
         } else {
@@ -1078,26 +1096,41 @@ impl Presence {
     }
 
     /// Stores the change's last-seen time and pushes it to the user's online contacts.
+    /// Sent under the contacts' lock, which a departure or a block counts itself under
+    /// (`moved`): one counted since the contacts were read has them read again, up to
+    /// `PUSH_READS` times, and one counted after the send finds the event queued before
+    /// its own answer or entry. Before, a push whose contacts were read just before a
+    /// block reached the blocker after the block was answered, and one read before a
+    /// removal reached the removed member after its removal (a review).
     fn push(&self, change: Change) {
         let Change { user, state, last_seen_ms } = change;
         self.store_last_seen(user, last_seen_ms);
-        let contacts = match self.contacts_of(user) {
-            Ok((c, _)) => c,
-            Err(e) => {
-                tracing::warn!(user, error = %e, "reading contacts failed; presence not pushed");
-                return;
-            }
-        };
         let name = match self.store.user(user) {
             Ok(Some(record)) => record.name,
             _ => return,
         };
         let event = ServerFrame::Event(Event::Presence(PresenceInfo { user, name, state, last_seen_ms }));
-        match encode_frame(&event) {
-            Ok(frame) => {
-                self.online.deliver(contacts.users(), &frame, 0);
+        let frame = match encode_frame(&event) {
+            Ok(frame) => frame,
+            Err(e) => return tracing::error!(error = %e, "a presence event did not encode"),
+        };
+        for read in 1..=PUSH_READS {
+            let moved = self.moved[stamp_shard(user)].load(Ordering::SeqCst);
+            let contacts = match self.contacts_of(user) {
+                Ok((c, _)) => c,
+                Err(e) => return tracing::warn!(user, error = %e, "reading contacts failed; presence not pushed"),
+            };
+            if read == 1 {
+                self.pauses.pass_blocking(Point::PresencePush);
             }
-            Err(e) => tracing::error!(error = %e, "a presence event did not encode"),
+            let _cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            // The last read is sent as it is: a presence change is never dropped (it
+            // would stand wrong until the next), and a user's stamp moving between each
+            // of its reads takes a block or a departure within microseconds of each.
+            if read == PUSH_READS || self.moved[stamp_shard(user)].load(Ordering::SeqCst) == moved {
+                self.online.deliver(contacts.users(), &frame, 0);
+                return;
+            }
         }
     }
 
@@ -1589,7 +1622,7 @@ mod tests {
     async fn connected_users_last_seen_is_refreshed_in_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::test_store(dir.path()));
-        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W, Arc::default());
         presence.attach(1, 10);
         store.set_last_seen(2, 5_000).unwrap();
         let now = crate::now_ms();
@@ -1618,7 +1651,7 @@ mod tests {
                     store.add_device(user, &device, 8, &switchboard_storage::Replace::default()).unwrap();
                 durable.await.unwrap();
             }
-            let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+            let presence = Presence::start(store.clone(), Arc::new(Online::default()), W, Arc::default());
             presence.presume_from_last_stop().unwrap();
             presence.attach(1, 10);
             presence.attach(2, 20);
@@ -1631,7 +1664,7 @@ mod tests {
         }
         let store = Arc::new(switchboard_storage::Store::open(&config).unwrap());
         assert!(!store.opened_clean());
-        let presence = Presence::start(store, Arc::new(Online::default()), W);
+        let presence = Presence::start(store, Arc::new(Online::default()), W, Arc::default());
         presence.presume_from_last_stop().unwrap();
         let now = crate::now_ms();
         let state = presence.state.lock().unwrap();
@@ -1650,7 +1683,7 @@ mod tests {
         store.on_commit_started(Box::new(move |_| {
             counted.fetch_add(1, Ordering::SeqCst);
         }));
-        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W, Arc::default());
         presence.presume_from_last_stop().unwrap();
         presence.attach(1, 10);
         let before = commits.load(Ordering::SeqCst);
@@ -1672,7 +1705,7 @@ mod tests {
     async fn a_silent_devices_last_seen_is_when_it_was_heard_not_the_refresh_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::test_store(dir.path()));
-        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W, Arc::default());
         presence.attach(1, 10);
         let now = crate::now_ms();
         presence.refresh_last_seen(now);
@@ -1697,7 +1730,7 @@ mod tests {
     async fn a_refresh_during_the_stop_keeps_the_record_of_who_was_connected() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::test_store(dir.path()));
-        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W, Arc::default());
         presence.presume_from_last_stop().unwrap();
         presence.attach(1, 10);
         presence.attach(2, 20);
@@ -1764,7 +1797,7 @@ mod tests {
             body: Body::Text { text: "hi".into(), edited: false },
         };
         let _ = store.create_conversation(&record, &members, None, first).unwrap();
-        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W, Arc::default());
         presence.attach(1, 10);
         let pauses = crate::pauses::Pauses::default();
         let rebuilt = |answer: Result<(Reply, usize), ErrorBody>| answer.unwrap().1;
@@ -1792,7 +1825,7 @@ mod tests {
         let pair = [(2, Role::Member), (60, Role::Member)];
         crate::test_conversation(&store, ConversationKind::Direct, &pair, Some((2, 60)));
         store.set_block(61, 3, true, 8).unwrap();
-        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W, Arc::default());
         for user in 1..=50 {
             presence.attach(user, user * 10);
             assert!(presence.contacts_of(user).unwrap().1 > 0, "built");
@@ -2053,7 +2086,7 @@ mod tests {
         let first: Vec<(UserId, Role)> =
             std::iter::once((1, Role::Owner)).chain((2..=12).map(|u| (u, Role::Member))).collect();
         let conv = crate::test_conversation(&store, ConversationKind::Group, &first, None);
-        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W);
+        let presence = Presence::start(store.clone(), Arc::new(Online::default()), W, Arc::default());
         let users: Vec<UserId> = (1..=24).collect();
         for &user in &users {
             presence.attach(user, user * 10);

@@ -325,13 +325,13 @@ pub struct Typing {
 
 /// Shards of the stamps that tell a start to read its audience again (`departures`,
 /// `blocks`): churn in one conversation, or one user's blocks, seldom moves another's.
-const STAMP_SHARDS: usize = 64;
+pub(crate) const STAMP_SHARDS: usize = 64;
 
 /// Times a start's audience is read before the start is dropped (`push_start`).
 const START_READS: usize = 3;
 
 /// The stamp shard of a conversation or a user id.
-fn stamp_shard(id: u64) -> usize {
+pub(crate) fn stamp_shard(id: u64) -> usize {
     (id % STAMP_SHARDS as u64) as usize
 }
 

@@ -698,6 +698,56 @@ async fn a_start_read_for_an_audience_before_a_block_or_a_removal_reaches_neithe
     .await
 }
 
+/// A presence change whose contacts the pusher read before a removal or a block reaches
+/// neither the removed member nor the blocker; the other contacts are told. Before, it
+/// went out after the removal's entry and after the block was answered (a review).
+#[tokio::test]
+async fn a_presence_change_read_for_contacts_before_a_removal_or_a_block_reaches_neither() {
+    bounded(async {
+        use switchboard_broker::pauses::Point;
+        let tb = TestBroker::start_with(|c| c.presence_coalesce_ms = 20).await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let (carol, _) = tb.register("carol").await;
+        let (dave, _) = tb.register("dave").await;
+        let (mut alice_events, mut carol_events) = (alice.events().unwrap(), carol.events().unwrap());
+        let mut dave_events = dave.events().unwrap();
+        let conv = alice.create_group("team", &["bob".into(), "carol".into(), "dave".into()]).await.unwrap().id;
+        assert_eq!(next_entry(&mut carol_events).await.conv, conv);
+        assert_eq!(next_entry(&mut dave_events).await.conv, conv);
+        // Every push due before this one (the connects') has gone by the time it arrives,
+        // so each one held below is bob's.
+        bob.set_away(true).await.unwrap();
+        for events in [&mut alice_events, &mut carol_events, &mut dave_events] {
+            presence_becomes(events, bob.user_id, PresenceState::Away).await;
+        }
+        let bobs = |events: Vec<Event>| -> Vec<Event> {
+            events.into_iter().filter(|e| matches!(e, Event::Presence(p) if p.user == bob.user_id)).collect()
+        };
+
+        let mut held = tb.shared().pauses.arm(Point::PresencePush);
+        bob.set_away(false).await.unwrap();
+        held.reached().await;
+        alice.remove_member(conv, carol.user_id).await.unwrap();
+        assert!(matches!(next_entry(&mut carol_events).await.body, Body::MemberRemoved { .. }));
+        held.release();
+        presence_becomes(&mut dave_events, bob.user_id, PresenceState::Online).await;
+        presence_becomes(&mut alice_events, bob.user_id, PresenceState::Online).await;
+        let to_carol = bobs(events_within(&mut carol_events, 300).await);
+        assert!(to_carol.is_empty(), "the removed member was told: {to_carol:?}");
+
+        let mut held = tb.shared().pauses.arm(Point::PresencePush);
+        bob.set_away(true).await.unwrap();
+        held.reached().await;
+        alice.block("bob", true).await.unwrap();
+        held.release();
+        presence_becomes(&mut dave_events, bob.user_id, PresenceState::Away).await;
+        let to_alice = bobs(events_within(&mut alice_events, 300).await);
+        assert!(to_alice.is_empty(), "the blocker was told: {to_alice:?}");
+    })
+    .await
+}
+
 /// A device that connects while someone types in one of its conversations is told so
 /// at once (before, it saw nothing until the typist's next change, which could be the
 /// message itself: a new user's trial); a stranger connecting is told nothing, and the
