@@ -485,6 +485,29 @@ async fn cancelling_and_beginning_again_holds_no_room_for_nothing() {
     .await
 }
 
+/// Begins refused (here `STORAGE_FULL`: another's upload holds the room) spend none of
+/// the user's allowance of begins that hold room: the one let in later holds its room.
+/// Before, each refusal spent one, and a user who retried while the disk was full began
+/// its upload holding nothing, to be refused `STORAGE_FULL` part-way through (an
+/// attacker review).
+#[tokio::test]
+async fn refused_begins_spend_none_of_the_allowance_of_held_room() {
+    bounded(async {
+        let (tb, declare) = room_for_one_upload(|_| {}).await;
+        let (mallory, _) = tb.register("mallory").await;
+        let (alice, _) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let Reply::Upload(held) = mallory.request(declare.clone()).await.unwrap() else { panic!() };
+        for _ in 0..10 {
+            assert_eq!(code_of(alice.request(declare.clone()).await), ErrorCode::STORAGE_FULL);
+        }
+        mallory.cancel_upload(held.file).await.unwrap();
+        let Reply::Upload(_) = alice.request(declare.clone()).await.unwrap() else { panic!() };
+        assert_eq!(code_of(bob.request(declare).await), ErrorCode::STORAGE_FULL, "alice's begin holds its room");
+    })
+    .await
+}
+
 /// A broker with a 1 MiB disk reserve on which alice began an upload of `data` (declared
 /// `application/octet-stream`) whose room then lapsed, and bob's begin of 64 MiB holds
 /// all but 100 KiB of the spare room (the disk as the checks see it: a shared disk's free
@@ -808,6 +831,53 @@ async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
         let complete = FileState::Complete { thumbnail: None };
         final_state(&mut phone_events, None, file, &complete).await;
         final_state(&mut bob_events, Some(conv), file, &complete).await;
+    })
+    .await
+}
+
+/// Waits for a progress event of `conv`'s audience (`None`: the uploader's) at `offset`.
+async fn progress_at(events: &mut switchboard_client::Events, conv: Option<u64>, offset: u64) {
+    use switchboard_protocol::Event;
+    within(STEP_DEADLINE, "a progress event", async {
+        loop {
+            match events.next().await {
+                Some(Event::File(p)) if p.conv == conv && p.state == (FileState::Uploading { offset }) => return,
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        }
+    })
+    .await
+}
+
+/// An upload's progress to the conversations carrying it is charged to the uploader's
+/// member rows (a row per carrier and per member read), and while they are spent it
+/// reaches the uploader's devices only; the final state reaches the members all the
+/// same. Before, it was free: a few uploads attached in a thousand conversations each
+/// had every value read a thousand carriers and their members on the one thread that
+/// tells every user's file events (an attacker review).
+#[tokio::test]
+async fn progress_to_conversations_is_charged_to_the_uploaders_member_rows() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 50).await;
+        let (alice, _) = tb.register("alice").await;
+        let (phone, _) = tb.login("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("g", &["bob".into()]).await.unwrap().id;
+        let (mut phone_events, mut bob_events) = (phone.events().unwrap(), bob.events().unwrap());
+        let data = bytes(2 * 1024 * 1024, 6);
+        let file = attached_while_uploading(&alice, conv, &data).await;
+        // A chunk after the attachment: its progress reaches the member.
+        upload_range(alice.connection(), file, &data, 256 * 1024, 512 * 1024, 256 * 1024).await;
+        progress_at(&mut bob_events, Some(conv), 512 * 1024).await;
+        // Asking about a file nobody has costs what a check reads at most (1,024 rows):
+        // her allowance (a burst of 100, 50 a second) is spent for about 20 s.
+        assert_eq!(code_of(file_info(&alice, [0x77; 16]).await), ErrorCode::NOT_FOUND);
+        upload_range(alice.connection(), file, &data, 512 * 1024, 768 * 1024, 256 * 1024).await;
+        progress_at(&mut phone_events, None, 768 * 1024).await;
+        no_file_event(&mut bob_events, "progress reached the member with the uploader's rows spent").await;
+        finish(&alice, file, &data).await;
+        final_state(&mut bob_events, Some(conv), file, &FileState::Complete { thumbnail: None }).await;
     })
     .await
 }
@@ -1702,6 +1772,41 @@ async fn a_dropped_file_lives_while_a_message_carries_it_and_goes_with_the_messa
         })
         .await;
         assert!(matches!(alice.request(RequestBody::BeginUpload(next)).await.unwrap(), Reply::Upload(_)));
+    })
+    .await
+}
+
+/// A message's delete marks its files for collection without looking whether they still
+/// exist; a mark for a file gone already (an upload attached, then cancelled) is taken
+/// away once looked at. Before, such marks stayed for good (only a collection took them
+/// away, and none ran for a missing file): the store grew with each, and the sweeper
+/// read every one of them on every pass before the marks of files really waiting (an
+/// attacker review).
+#[tokio::test]
+async fn a_deleted_messages_mark_for_a_file_gone_already_does_not_stay() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (alice, _) = tb.register("alice").await;
+        let conv = alice.create_group("g", &[]).await.unwrap().id;
+        let data = bytes(600 * 1024, 21);
+        let begun = begin_upload(&alice, "v.bin", "application/octet-stream", &data).await;
+        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
+        let send = RequestBody::SendFiles {
+            conv,
+            client_id: switchboard_client::new_client_id(),
+            text: String::new(),
+            files: vec![begun.file],
+        };
+        let Reply::Appended { seq, .. } = alice.request(send).await.unwrap() else { panic!() };
+        alice.request(RequestBody::CancelUpload { file: begun.file }).await.unwrap();
+        alice.delete(conv, seq).await.unwrap();
+        let store = tb.shared().store.clone();
+        within(STEP_DEADLINE, "the mark taken away", async {
+            while !store.unheld_files(None, 8).unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
     })
     .await
 }

@@ -3,8 +3,10 @@
 //! file. The audience is read from the store (a seek per conversation, then its member
 //! keys), which must not run on the runtime threads: one `sb-announce` thread reads it
 //! and delivers, in the order the announcements were made, so a file's progress never
-//! overtakes its final state. Progress beyond `QUEUED_PROGRESS` waiting is dropped (a
-//! later value, or the final state, says where the upload is); a final state of an
+//! overtakes its final state. Progress is latest-wins while it waits: a file's new value
+//! takes the place of its value still waiting, so one upload has one progress job
+//! waiting at most, and beyond `QUEUED_PROGRESS` files' waiting it is dropped (a later
+//! value, or the final state, says where the upload is); a final state of an
 //! upload always waits its turn (there is one per upload that ends, and one per
 //! thumbnail made). That a complete file is gone (withdrawn, or with the last message
 //! carrying it) is dropped beyond `QUEUED_GONE` waiting: a forward's copy costs its
@@ -23,6 +25,9 @@
 //! durable before it is announced) until `AUDIENCE_READ` members are read, so a file
 //! attached in a thousand groups costs bounded work per event; members of conversations
 //! past that bound get no push (logged) and see the state in `FileInfo` or a download.
+//! Progress to the conversations is charged to the uploader's allowance of member rows
+//! (a row per carrier and per member read), and while that is spent goes to the
+//! uploader's devices only (a final state always goes: one per upload that ends).
 //! In a conversation of the uploader and one other user who is online, the two's block
 //! keys are read too (and, if one blocks the other, the conversation's kind: a direct
 //! conversation's other member is then told nothing); in any conversation, the users the
@@ -90,37 +95,21 @@ fn queue(job: Job) {
     queue_within(job, QUEUED_GONE);
 }
 
-/// Queues `job`; one telling a file is gone only while fewer than `gone_bound` such
-/// jobs wait (dropped, logged once per thousand, beyond).
+/// Queues `job` (`Queue::push`) and wakes the thread.
 fn queue_within(job: Job, gone_bound: usize) {
     let Some(announcer) = announcer() else {
         // No thread could be started: deliver here rather than not at all.
         return deliver(&job);
     };
-    let mut queue = announcer.queue.lock().unwrap_or_else(|p| p.into_inner());
-    if job.is_progress() {
-        if queue.progress >= QUEUED_PROGRESS {
-            return;
-        }
-        queue.progress += 1;
+    let queued = announcer.queue.lock().unwrap_or_else(|p| p.into_inner()).push(job, gone_bound);
+    if queued {
+        announcer.ready.notify_one();
     }
-    if job.gone {
-        if queue.gone >= gone_bound {
-            queue.gone_dropped += 1;
-            if queue.gone_dropped % 1000 == 1 {
-                tracing::warn!(dropped = queue.gone_dropped, "file-gone announcements past their bound were dropped");
-            }
-            return;
-        }
-        queue.gone += 1;
-    }
-    queue.jobs.push_back(job);
-    drop(queue);
-    announcer.ready.notify_one();
 }
 
-struct Job {
-    shared: Arc<Shared>,
+/// An announcement waiting for the thread; `S` is the broker it is of (a unit in tests).
+struct Job<S = Arc<Shared>> {
+    shared: S,
     file: FileId,
     uploader: UserId,
     size: u64,
@@ -132,21 +121,64 @@ struct Job {
     gone: bool,
 }
 
-impl Job {
+impl<S> Job<S> {
     fn is_progress(&self) -> bool {
         matches!(self.state, FileState::Uploading { .. })
     }
 }
 
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Job>,
+struct Queue<S = Arc<Shared>> {
+    jobs: VecDeque<Job<S>>,
     /// Progress jobs among `jobs`.
     progress: usize,
     /// Jobs telling that a file is gone among `jobs`.
     gone: usize,
     /// Such jobs dropped past their bound, since the start.
     gone_dropped: u64,
+}
+
+impl<S> Default for Queue<S> {
+    fn default() -> Self {
+        Queue { jobs: VecDeque::new(), progress: 0, gone: 0, gone_dropped: 0 }
+    }
+}
+
+impl<S> Queue<S> {
+    /// Queues `job`; one telling a file is gone only while fewer than `gone_bound` such
+    /// jobs wait (dropped, logged once per thousand, beyond). Progress of a file whose
+    /// progress still waits takes that one's place (its new state, in the old one's turn,
+    /// still before the file's final state, which comes after every progress of its
+    /// upload): before, each value queued a job of its own, and a few uploads attached in
+    /// many conversations and reporting fast held every other file's events behind up
+    /// to `QUEUED_PROGRESS` of theirs, each reading the whole audience (an attacker
+    /// review). Whether a job was added (the thread is to be woken).
+    fn push(&mut self, job: Job<S>, gone_bound: usize) -> bool {
+        if job.is_progress() {
+            if let Some(waiting) = self.jobs.iter_mut().find(|w| w.is_progress() && w.file == job.file) {
+                (waiting.state, waiting.size) = (job.state, job.size);
+                return false;
+            }
+            if self.progress >= QUEUED_PROGRESS {
+                return false;
+            }
+            self.progress += 1;
+        }
+        if job.gone {
+            if self.gone >= gone_bound {
+                self.gone_dropped += 1;
+                if self.gone_dropped % 1000 == 1 {
+                    tracing::warn!(
+                        dropped = self.gone_dropped,
+                        "file-gone announcements past their bound were dropped"
+                    );
+                }
+                return false;
+            }
+            self.gone += 1;
+        }
+        self.jobs.push_back(job);
+        true
+    }
 }
 
 struct Announcer {
@@ -209,9 +241,20 @@ fn deliver(job: &Job) {
     }
     let progress = |conv| FileProgress { conv, file: job.file, size: job.size, state: job.state.clone() };
     push(&job.shared, &[job.uploader], progress(None));
-    if job.shared.health.is_failed() {
+    // Progress to the conversations is charged to the uploader's member rows, and goes
+    // to its devices only while they are spent: before, it was free, and an uploader's
+    // few uploads attached in a thousand conversations each had every value read a
+    // thousand carriers and their members on this one thread (an attacker review).
+    let charged = job.is_progress() && job.convs.is_none();
+    if job.shared.health.is_failed() || (charged && job.shared.users.member_reads_spent(job.uploader)) {
         return;
     }
+    let rows = std::cell::Cell::new(0usize);
+    let charge = || {
+        if charged {
+            job.shared.users.charge_member_reads(job.uploader, rows.get());
+        }
+    };
     let read = match &job.convs {
         Some(convs) => Ok(convs.iter().map(|(conv, _)| *conv).collect()),
         None => super::published_carriers(&job.shared, &job.file),
@@ -223,8 +266,9 @@ fn deliver(job: &Job) {
             return;
         }
     };
+    rows.set(convs.len());
     if convs.is_empty() {
-        return;
+        return charge();
     }
     // Nothing of the uploader's reaches whom it blocks, in a group too (its file events
     // would tell when it is online, as its receipts would: PROTOCOL.md, "Blocking").
@@ -237,14 +281,18 @@ fn deliver(job: &Job) {
         Ok(blocked) => blocked.into_iter().collect(),
         Err(e) => {
             tracing::warn!(error = %e, "reading the uploader's blocks failed; progress not pushed to conversations");
-            return;
+            return charge();
         }
     };
     let given = |conv| job.convs.as_ref()?.iter().find(|(c, _)| *c == conv)?.1.clone();
     let members = |conv| {
         let mut users: Vec<UserId> = match given(conv) {
             Some(users) => users.to_vec(),
-            None => job.shared.store.members(conv)?.into_iter().map(|(u, _)| u).collect(),
+            None => {
+                let members = job.shared.store.members(conv)?;
+                rows.set(rows.get() + members.len());
+                members.into_iter().map(|(u, _)| u).collect()
+            }
         };
         users.retain(|u| !blocked.contains(u));
         // In a direct conversation between two users one of whom blocks the other, the
@@ -269,6 +317,7 @@ fn deliver(job: &Job) {
         Ok::<_, switchboard_storage::StoreError>(users)
     };
     let (audience, unread) = audience(job.uploader, job.is_progress(), &convs, AUDIENCE_READ, members);
+    charge();
     if unread > 0 {
         tracing::warn!(
             file = super::blobs::hex(&job.file),
@@ -355,6 +404,38 @@ mod tests {
             users.extend([7, 8]);
             Ok(users)
         }
+    }
+
+    fn job(file: u8, state: FileState) -> Job<()> {
+        Job { shared: (), file: [file; 16], uploader: 7, size: 100, state, convs: None, gone: false }
+    }
+
+    fn uploading(offset: u64) -> FileState {
+        FileState::Uploading { offset }
+    }
+
+    /// A file's progress waits once: a newer value takes the waiting one's place (and
+    /// turn), never behind its final state. Before, every value queued a job of its own,
+    /// so one upload's values filled the queue ahead of every other file's events.
+    #[test]
+    fn a_files_progress_waits_once_the_latest_value_in_its_turn() {
+        let mut queue: Queue<()> = Queue::default();
+        assert!(queue.push(job(1, uploading(10)), QUEUED_GONE));
+        assert!(queue.push(job(2, uploading(5)), QUEUED_GONE));
+        for offset in 11..1000 {
+            assert!(!queue.push(job(1, uploading(offset)), QUEUED_GONE), "the waiting job took it");
+        }
+        let final_state = FileState::Failed { code: switchboard_protocol::ErrorCode::HASH_MISMATCH };
+        assert!(queue.push(job(1, final_state.clone()), QUEUED_GONE));
+        let order: Vec<(u8, FileState)> = queue.jobs.iter().map(|j| (j.file[0], j.state.clone())).collect();
+        assert_eq!(order, vec![(1, uploading(999)), (2, uploading(5)), (1, final_state)]);
+        assert_eq!(queue.progress, 2);
+        // Once taken, the next value queues again, behind what waits.
+        let taken = queue.jobs.pop_front().unwrap();
+        queue.progress -= 1;
+        assert_eq!(taken.state, uploading(999));
+        assert!(queue.push(job(1, uploading(1000)), QUEUED_GONE));
+        assert_eq!(queue.jobs.back().map(|j| j.state.clone()), Some(uploading(1000)));
     }
 
     #[test]

@@ -774,10 +774,15 @@ fn wait_durable(shared: &Shared) -> Result<(), String> {
 }
 
 /// `collect`, with the file's record if this call deleted it (to tell whoever saw it).
-/// Blocking.
+/// A file gone already is collected too, which takes its mark away: a message's delete
+/// marks its files without looking whether they exist (an upload attached, then
+/// cancelled), and before, only a collection took a mark away and none ran for a
+/// missing file: such marks stayed for good, and the sweeper read each on every pass
+/// (an attacker review). Blocking.
 pub(crate) fn collect_record(shared: &Shared, id: &FileId) -> Result<Option<FileRecord>, String> {
-    let Some(record) = shared.store.file(id).map_err(|e| e.to_string())? else { return Ok(None) };
-    Ok(collect(shared, id)?.then_some(record))
+    let record = shared.store.file(id).map_err(|e| e.to_string())?;
+    let deleted = collect(shared, id)?;
+    Ok(record.filter(|_| deleted))
 }
 
 /// Deletes those of `files` that nothing holds or carries any more: `Effect::Released`,

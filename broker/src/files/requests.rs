@@ -234,45 +234,56 @@ pub async fn begin_upload(
         // The disk check, last in the documented order, runs under the store's files
         // lock with the bytes the uploads in progress that hold room may still write:
         // uploads begun at once cannot promise the same free space twice.
-        let room = |promised: u64| disk_room(&s, promised, record.size);
+        let size = record.size;
+        let room = |promised: u64| disk_room(&s, promised, size);
         // A begin beyond the user's allowance of holds is taken, holding no room until
         // it moves (`UPLOAD_HOLDS_BURST`).
         let hold = s.files.upload_holds.take(user, std::time::Instant::now());
         // What the user's removed uploads and files left on the disk, not freed yet,
         // takes its share of the quota until it is (read under the store's files lock).
         let left = || quota.saturating_sub(s.files.blobs.unfreed_of(user));
-        // A device cut off while this waited (for a store slot, for this thread) begins
-        // nothing (`Revocation::refusal`).
-        s.pauses.pass_blocking(Point::BeginUpload);
-        revocation.refusal()?;
-        match s.store.begin_upload(&id, &record, max_uploads, left, room, hold).map_err(internal)? {
-            Ok(durable) => Ok((record, durable)),
-            Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
-            Err(UploadRefusal::QuotaExceeded { used }) => Err(err(
-                ErrorCode::QUOTA_EXCEEDED,
-                &format!(
-                    "the upload ({} bytes, counted as {}) would pass your storage quota ({quota} bytes): {} bytes \
-                     are in use (uploads in progress, files you hold, files you dropped that messages still \
-                     carry, each in whole 4 KiB blocks, and deleted bytes not freed yet)",
-                    record.size,
-                    charged_bytes(record.size),
-                    used.saturating_add(s.files.blobs.unfreed_of(user))
-                ),
-            )),
-            Err(UploadRefusal::StorageFull) => {
-                // The operator's business before it is the user's: say so in the log.
-                if let Some(refused) = s.files.storage_full.count(crate::now_ms()) {
-                    tracing::warn!(
-                        refused,
-                        disk_reserve_bytes = reserve,
-                        free_bytes = free_bytes(s.files.blobs.root()).ok(),
-                        "uploads refused with STORAGE_FULL: the data dir's disk is within disk_reserve_bytes of full, \
-                         or has fewer than one inode in a hundred free"
-                    );
+        let begin = || {
+            // A device cut off while this waited (for a store slot, for this thread) begins
+            // nothing (`Revocation::refusal`).
+            s.pauses.pass_blocking(Point::BeginUpload);
+            revocation.refusal()?;
+            match s.store.begin_upload(&id, &record, max_uploads, left, room, hold).map_err(internal)? {
+                Ok(durable) => Ok((record, durable)),
+                Err(UploadRefusal::TooManyUploads) => Err(err(ErrorCode::TOO_MANY_UPLOADS, "too many uploads in progress")),
+                Err(UploadRefusal::QuotaExceeded { used }) => Err(err(
+                    ErrorCode::QUOTA_EXCEEDED,
+                    &format!(
+                        "the upload ({} bytes, counted as {}) would pass your storage quota ({quota} bytes): {} bytes \
+                         are in use (uploads in progress, files you hold, files you dropped that messages still \
+                         carry, each in whole 4 KiB blocks, and deleted bytes not freed yet)",
+                        record.size,
+                        charged_bytes(record.size),
+                        used.saturating_add(s.files.blobs.unfreed_of(user))
+                    ),
+                )),
+                Err(UploadRefusal::StorageFull) => {
+                    // The operator's business before it is the user's: say so in the log.
+                    if let Some(refused) = s.files.storage_full.count(crate::now_ms()) {
+                        tracing::warn!(
+                            refused,
+                            disk_reserve_bytes = reserve,
+                            free_bytes = free_bytes(s.files.blobs.root()).ok(),
+                            "uploads refused with STORAGE_FULL: the data dir's disk is within disk_reserve_bytes of full, \
+                             or has fewer than one inode in a hundred free"
+                        );
+                    }
+                    Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"))
                 }
-                Err(err(ErrorCode::STORAGE_FULL, "the broker has no room for this upload; try later"))
             }
+        };
+        let begun = begin();
+        // A begin refused spends nothing: a user retrying while the disk is full (or at
+        // its quota) would otherwise begin its upload, once let in, holding no room, to
+        // be refused `STORAGE_FULL` part-way through (an attacker review).
+        if hold && begun.is_err() {
+            s.files.upload_holds.give_back(user, std::time::Instant::now());
         }
+        begun
     })
     .await
     .map_err(internal)?;
