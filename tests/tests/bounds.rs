@@ -170,6 +170,39 @@ async fn pipelined_full_pages_never_make_a_reader_a_slow_consumer() {
     .await
 }
 
+/// A connector whose connections take 16 KiB of a stream before its reader reads.
+fn small_window(tb: &TestBroker) -> switchboard_client::Connector {
+    let small = switchboard_client::TransportOptions { stream_receive_window: 16 * 1024, ..Default::default() };
+    let b = tb.broker.as_ref().unwrap();
+    let trust = switchboard_client::Trust::CaFile(b.cert_path.clone());
+    switchboard_client::Connector::with_transport(b.local_addr, "localhost", trust, &small).unwrap()
+}
+
+/// A client that pipelines full pages and then reads nothing at all, its connection kept
+/// alive (its QUIC stack acknowledges the broker's keep-alives), is closed
+/// `SLOW_CONSUMER` once the broker's writes to it have made no progress for twice the
+/// idle timeout, and counted. Before, nothing closed it: no event came to overflow its
+/// queue, and the wait for answer room is a further request's, which it never sends, so
+/// up to half of `outbound_max_bytes` of answers stayed held per connection for good (an
+/// attacker review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_is_closed_as_a_slow_consumer() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.idle_timeout_ms = 1000).await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let conv = alice.create_group("big", &[]).await.unwrap().id;
+        fill_a_page(&alice, conv).await;
+        let mut raw = small_window(&tb).connect_raw(&alice_id).await.unwrap();
+        within(STEP_DEADLINE, "pipelined write", raw.send.write_all(&full_pages(conv))).await.unwrap();
+        let closed = within(STEP_DEADLINE, "the connection closed", raw.conn.closed()).await;
+        assert_eq!(ClientError::from(closed).code(), Some(ErrorCode::SLOW_CONSUMER));
+        eventually("the slow consumer counted", || tb.shared().counters.slow_consumers.total() == 1).await;
+        // The account is served as before.
+        assert!(alice.send(conv, "still here").await.is_ok());
+    })
+    .await
+}
+
 /// PROTOCOL.md section 7 again, for small answers: a client with a small receive window
 /// that pipelines 8,000 `Ping`s and reads nothing for a second gets every answer and
 /// stays connected (the broker stops taking its requests while half the outbound queue's
@@ -181,16 +214,7 @@ async fn pipelined_small_answers_never_make_a_reader_a_slow_consumer() {
     bounded(async {
         let tb = TestBroker::start().await;
         let (_alice, alice_id) = tb.register("alice").await;
-        let small = switchboard_client::TransportOptions { stream_receive_window: 16 * 1024, ..Default::default() };
-        let b = tb.broker.as_ref().unwrap();
-        let connector = switchboard_client::Connector::with_transport(
-            b.local_addr,
-            "localhost",
-            switchboard_client::Trust::CaFile(b.cert_path.clone()),
-            &small,
-        )
-        .unwrap();
-        let mut raw = connector.connect_raw(&alice_id).await.unwrap();
+        let mut raw = small_window(&tb).connect_raw(&alice_id).await.unwrap();
         const PINGS: u32 = 8_000;
         let bytes: Vec<u8> =
             (1..=PINGS).flat_map(|id| request_frame(id, RequestBody::Ping).to_vec()).collect::<Vec<u8>>();

@@ -74,7 +74,8 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     let writer = {
         let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());
         tokio::spawn(async move {
-            if write_loop(conn, send, out).await == Some(ErrorCode::SLOW_CONSUMER)
+            let stall = shared.config.idle_timeout().saturating_mul(2);
+            if write_loop(conn, send, out, stall).await == Some(ErrorCode::SLOW_CONSUMER)
                 && let Some(devices) = shared.counters.slow_consumers.count(crate::now_ms())
             {
                 // The device reconnects and catches up; many of them, or one over and
@@ -83,7 +84,8 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
                     devices,
                     outbound_max_frames = shared.config.outbound_max_frames,
                     outbound_max_bytes = shared.config.outbound_max_bytes,
-                    "devices disconnected with SLOW_CONSUMER (outbound queue overflowed) since the last warning"
+                    "devices disconnected with SLOW_CONSUMER (outbound queue overflowed, or nothing of it taken for twice \
+                     idle_timeout_ms) since the last warning"
                 );
             }
         })

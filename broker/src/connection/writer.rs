@@ -2,18 +2,26 @@
 //! control stream, several frames per write.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use switchboard_protocol::ErrorCode;
 
 use crate::outbound::Outbound;
 
 /// Drains `out` onto `send` until the queue closes; a queue closed with an error code
 /// (slow consumer, revoked, going away) closes the connection with that code, which is
-/// returned.
+/// returned. A write of which the peer takes no byte for `stall` (`SlowConsumer`,
+/// twice the idle timeout) closes the queue and the connection with `SLOW_CONSUMER`:
+/// before, only a queue that overflowed did, and a client that asked for answers and
+/// then read nothing while it kept the connection alive (QUIC keep-alives are
+/// acknowledged by its stack) held them, up to half of `outbound_max_bytes` per
+/// connection, for good (an attacker review).
 pub(super) async fn write_loop(
     conn: quinn::Connection,
     mut send: quinn::SendStream,
     out: Arc<Outbound>,
+    stall: Duration,
 ) -> Option<ErrorCode> {
     // Grows to the largest burst drained at once; idle connections keep none.
     let mut batch = Vec::new();
@@ -44,7 +52,13 @@ pub(super) async fn write_loop(
         match drained {
             None => {
                 tokio::select! {
-                    written = send.write_all_chunks(&mut batch) => {
+                    written = write_progressing(&mut send, &mut batch, stall) => {
+                        if written == Err(Written::Stalled) {
+                            out.close(ErrorCode::SLOW_CONSUMER);
+                            let code = ErrorCode::SLOW_CONSUMER;
+                            conn.close(code.0.into(), code.name().as_bytes());
+                            return Some(code);
+                        }
                         if written.is_err() {
                             // Nothing will drain the queue any more: closing it ends a
                             // wait for answer room (`reserve_answer`), tells producers
@@ -77,4 +91,35 @@ pub(super) async fn write_loop(
             }
         }
     }
+}
+
+/// Why a write ended short.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    /// The stream or the connection failed.
+    Lost,
+    /// The peer took no byte for the stall time.
+    Stalled,
+}
+
+/// Writes all of `bufs` onto `send`, each step within `stall` of the last: `Stalled` when
+/// the peer took no byte for that long. A write that finds room at once sets no timer
+/// (the select is biased, and its sleep is polled only while the write waits).
+async fn write_progressing(
+    send: &mut quinn::SendStream,
+    mut bufs: &mut [Bytes],
+    stall: Duration,
+) -> Result<(), Written> {
+    while !bufs.is_empty() {
+        let sleep = tokio::time::sleep(stall);
+        tokio::select! {
+            biased;
+            written = send.write_chunks(bufs) => match written {
+                Ok(written) => bufs = &mut bufs[written.chunks..],
+                Err(_) => return Err(Written::Lost),
+            },
+            () = sleep => return Err(Written::Stalled),
+        }
+    }
+    Ok(())
 }
