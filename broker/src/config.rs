@@ -110,6 +110,11 @@ pub struct Config {
     /// included) are answered `RATE_LIMITED` until the allowance refills (default
     /// `MEMBER_ROWS_PER_SEC`).
     pub member_rows_per_sec: u32,
+    /// Log entries (`History` and `CatchUp` pages) one user's reads may return a second,
+    /// with a burst of `limits::ENTRIES_READ_BURST_SECS` seconds' worth; past it such
+    /// reads are answered `RATE_LIMITED` until the allowance refills (default
+    /// `limits::ENTRIES_READ_PER_SEC`).
+    pub entries_read_per_sec: u32,
     /// Conversation log writes (`Send`, `SendFiles`, `Edit`, `Delete` and membership and
     /// title changes) one user may make a second over all its devices, with a burst of
     /// `WRITE_BURST_SECS` seconds' worth; one more is answered `RATE_LIMITED` before it
@@ -274,6 +279,7 @@ impl Default for Config {
             max_live_conversations: crate::limits::MAX_LIVE_CONVERSATIONS,
             max_live_conversations_per_user: crate::limits::MAX_LIVE_CONVERSATIONS_PER_USER,
             member_rows_per_sec: crate::limits::MEMBER_ROWS_PER_SEC,
+            entries_read_per_sec: crate::limits::ENTRIES_READ_PER_SEC,
             writes_per_sec: crate::limits::WRITES_PER_SEC,
             max_sends_in_flight: crate::limits::MAX_SENDS_IN_FLIGHT,
             max_sends_in_flight_per_user: crate::limits::MAX_SENDS_IN_FLIGHT_PER_USER,
@@ -548,6 +554,7 @@ pub fn check(config: &Config) -> crate::error::Result<()> {
         ("max_live_conversations", config.max_live_conversations as u64),
         ("max_live_conversations_per_user", config.max_live_conversations_per_user as u64),
         ("member_rows_per_sec", u64::from(config.member_rows_per_sec)),
+        ("entries_read_per_sec", u64::from(config.entries_read_per_sec)),
         ("udp_sockets", config.udp_sockets as u64),
         ("max_file_bytes", config.max_file_bytes),
         ("max_uploads_per_user", config.max_uploads_per_user as u64),

@@ -453,7 +453,12 @@ impl Broker {
                 "member_rows_per_sec is below a group's largest member list: one read of it keeps its reader refused for over a second"
             );
         }
-        let users = user::UserDirectory::new(online.clone(), config.member_rows_per_sec, config.writes_per_sec);
+        let users = user::UserDirectory::new(
+            online.clone(),
+            config.member_rows_per_sec,
+            config.writes_per_sec,
+            config.entries_read_per_sec,
+        );
         let shared = Arc::new(Shared {
             config,
             store,

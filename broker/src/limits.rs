@@ -216,10 +216,21 @@ pub const RECEIPT_WRITE_US_PER_BLOCK_UNIT: u64 = 1;
 /// reads each conversation's receipts once; the burst (`MEMBER_ROWS_BURST_SECS`)
 /// covers 40 groups of 1,000 members at once, and `Session` retries past it. At least
 /// `MAX_GROUP_MEMBERS`, or one read of the largest group's receipts puts its reader in
-/// debt for over a second. Entries are not counted: a page of them is a range scan
-/// whose bytes the reader must take (`outbound_max_bytes`), and catch-up after a long
-/// time offline moves about 300,000 a second (docs/benchmarks.md).
+/// debt for over a second. Entries have an allowance of their own
+/// (`ENTRIES_READ_PER_SEC`).
 pub const MEMBER_ROWS_PER_SEC: u32 = 20_000;
+/// Default `entries_read_per_sec`: log entries a user's `History` and `CatchUp` pages
+/// may return a second, after a burst of `ENTRIES_READ_BURST_SECS` seconds' worth
+/// (1,000,000 at the default), so a catch-up after a long time offline still runs at
+/// the store's pace (about 300,000 entries a second: docs/benchmarks.md, "catchup")
+/// while a user reading without end costs a few percent of a core. Each entry costs a
+/// few µs of range scan and encoding. Before, entries were not counted, on the ground
+/// that the reader must take a page's bytes; it need not (a page of small entries
+/// answers small, and a reconnection drops what is queued), and one account's pipelined
+/// pages kept a core busy (an attacker review).
+pub const ENTRIES_READ_PER_SEC: u32 = 20_000;
+/// Seconds of `entries_read_per_sec` a user may read in one burst.
+pub const ENTRIES_READ_BURST_SECS: f64 = 50.0;
 /// Seconds of `member_rows_per_sec` a user may read in one burst: also about the most
 /// one user's reads may hold one actor at once (40,000 rows, up to 80,000 store reads).
 pub const MEMBER_ROWS_BURST_SECS: f64 = 2.0;

@@ -11,11 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, UserId};
+use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, Reply, UserId};
 
+use crate::conversation::Read;
 use crate::limits::{
-    CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, MAX_SESSIONS_PER_USER,
-    MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_JOBS_PER_USER, WRITE_BUCKETS_MAX, WRITE_BURST_SECS,
+    CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, ENTRIES_READ_BURST_SECS,
+    MAX_SESSIONS_PER_USER, MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_JOBS_PER_USER, WRITE_BUCKETS_MAX,
+    WRITE_BURST_SECS,
 };
 
 use crate::fanout::{Online, SessionHandle};
@@ -35,6 +37,8 @@ pub struct UserDirectory {
     creations: Allowances,
     /// Member rows returned by reads that list members (`allow_member_reads`).
     member_rows: Allowances,
+    /// Log entries returned by `History` and `CatchUp` (`allow_read`).
+    entries: Allowances,
     /// Conversation log writes (`allow_write`); `None`: not limited.
     writes: Option<Allowances>,
     /// Each user's store slots (`store_slots`).
@@ -232,9 +236,11 @@ impl Closer {
 impl UserDirectory {
     /// An empty directory publishing into `online`; each user's reads that list members
     /// may return `member_rows_per_sec` member rows a second (`allow_member_reads`), and
-    /// each user may make `writes_per_sec` log writes a second (`allow_write`; 0: any).
-    pub fn new(online: Arc<Online>, member_rows_per_sec: u32, writes_per_sec: u32) -> Self {
+    /// each user may make `writes_per_sec` log writes a second (`allow_write`; 0: any)
+    /// and read `entries_read_per_sec` log entries a second (`allow_read`).
+    pub fn new(online: Arc<Online>, member_rows_per_sec: u32, writes_per_sec: u32, entries_read_per_sec: u32) -> Self {
         let rows = f64::from(member_rows_per_sec);
+        let entries = f64::from(entries_read_per_sec);
         let writes = f64::from(writes_per_sec);
         UserDirectory {
             sessions: Arc::default(),
@@ -242,6 +248,7 @@ impl UserDirectory {
             online,
             creations: Allowances::new(CONVERSATION_CREATE_PER_S, CONVERSATION_CREATE_BURST, CREATION_BUCKETS_MAX),
             member_rows: Allowances::new(rows, rows * MEMBER_ROWS_BURST_SECS, MEMBER_ROWS_BUCKETS_MAX),
+            entries: Allowances::new(entries, entries * ENTRIES_READ_BURST_SECS, MEMBER_ROWS_BUCKETS_MAX),
             writes: (writes_per_sec > 0)
                 .then(|| Allowances::new(writes, (writes * WRITE_BURST_SECS).max(1.0), WRITE_BUCKETS_MAX)),
             store_slots: Mutex::default(),
@@ -391,6 +398,38 @@ impl UserDirectory {
         }
     }
 
+    /// `read` for `user` within its allowances: of member rows for a read that lists
+    /// members (`allow_member_reads`), and of log entries for one that returns them
+    /// (`History`, `CatchUp`: `entries_read_per_sec`, with a burst of
+    /// `ENTRIES_READ_BURST_SECS` seconds' worth). `RATE_LIMITED` while either is spent;
+    /// a read allowed is served whole and charged after (`charge_read`).
+    pub fn allow_read(&self, user: UserId, read: Read) -> Result<(), ErrorBody> {
+        if read.lists_members() {
+            self.allow_member_reads(user)?;
+        }
+        if !read.returns_entries() {
+            return Ok(());
+        }
+        let (allowance, now) = (&self.entries, Instant::now());
+        let limited = |msg| Err(ErrorBody::new(ErrorCode::RATE_LIMITED, msg));
+        match allowance.with(user, now, |b| b.tokens_at(now, allowance.per_s, allowance.burst) > 0.0) {
+            Some(true) => Ok(()),
+            Some(false) => limited("reading history or catch-up pages too fast; retry in a moment"),
+            None => limited("too many users are reading history; retry in a second"),
+        }
+    }
+
+    /// Charges what `answer`, the answer to `read`, returned to `user`'s allowances
+    /// (`allow_read`).
+    pub fn charge_read(&self, user: UserId, read: Read, answer: &Reply) {
+        self.charge_member_reads(user, read.rows(answer));
+        let entries = read.entries(answer);
+        if entries > 0 {
+            let (allowance, now) = (&self.entries, Instant::now());
+            allowance.with(user, now, |b| b.spend(now, allowance.per_s, allowance.burst, entries as f64));
+        }
+    }
+
     /// Whether `user` has spent its member-rows allowance (`allow_member_reads`), asked
     /// without adding the user to the allowances' table: for a request that is charged
     /// only for the work it wastes (`MarkDelivered`), which most users' never do.
@@ -469,7 +508,7 @@ mod tests {
 
     #[test]
     fn a_users_store_slots_are_shared_while_held_and_swept_when_gone() {
-        let users = UserDirectory::new(Arc::default(), 1000, 0);
+        let users = UserDirectory::new(Arc::default(), 1000, 0, 1000);
         let alice = users.store_slots(1);
         assert!(Arc::ptr_eq(&alice, &users.store_slots(1)), "one set per user");
         assert!(!Arc::ptr_eq(&alice, &users.store_slots(2)), "apart from other users'");
@@ -519,7 +558,7 @@ mod tests {
 
     #[test]
     fn a_users_places_are_reserved_before_authed_and_given_back() {
-        let users = UserDirectory::new(Arc::default(), 1000, 0);
+        let users = UserDirectory::new(Arc::default(), 1000, 0, 1000);
         let mut places: Vec<Reservation> = Vec::new();
         for _ in 0..MAX_SESSIONS_PER_USER {
             places.push(users.reserve(7).unwrap());

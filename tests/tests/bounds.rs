@@ -170,6 +170,36 @@ async fn pipelined_full_pages_never_make_a_reader_a_slow_consumer() {
     .await
 }
 
+/// The entries a user's `History` and `CatchUp` pages return spend an allowance of its
+/// own (`entries_read_per_sec`, a burst of 50 seconds' worth): past it both are
+/// `RATE_LIMITED`, whichever conversation and connection they come from, and another
+/// member reads on. Before, entries were not counted (the reader was thought to have to
+/// take the pages' bytes, which it need not), and one account's pipelined pages kept a
+/// core busy (an attacker review).
+#[tokio::test]
+async fn history_and_catch_up_pages_spend_an_allowance_of_entries() {
+    bounded(async {
+        // A burst of 500 entries: two full pages and part of a third.
+        let tb = TestBroker::start_with(|c| c.entries_read_per_sec = 10).await;
+        let (alice, alice_id) = tb.register("alice").await;
+        let (bob, _) = tb.register("bob").await;
+        let conv = alice.create_group("big", &["bob".into()]).await.unwrap().id;
+        fill_a_page(&alice, conv).await;
+        let limit = HISTORY_PAGE_MAX as u16;
+        for _ in 0..3 {
+            assert_eq!(alice.history(conv, Page::Latest, limit).await.unwrap().0.len(), limit as usize);
+        }
+        let refused = alice.history(conv, Page::Latest, limit).await.map(|(entries, _)| entries.len()).unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::RATE_LIMITED), "{refused}");
+        // Another connection of hers, and a catch-up page: the same allowance.
+        let phone = tb.connector().connect(&alice_id).await.unwrap();
+        let refused = phone.catch_up(conv, 0, 100).await.map(|page| page.entries.len()).unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::RATE_LIMITED), "{refused}");
+        assert_eq!(bob.history(conv, Page::Latest, limit).await.unwrap().0.len(), limit as usize, "bob reads on");
+    })
+    .await
+}
+
 /// A connector whose connections take 16 KiB of a stream before its reader reads.
 fn small_window(tb: &TestBroker) -> switchboard_client::Connector {
     let small = switchboard_client::TransportOptions { stream_receive_window: 16 * 1024, ..Default::default() };

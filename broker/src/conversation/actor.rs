@@ -223,15 +223,13 @@ impl Actor for Conversation {
                 // checked before (again: `ConvDirectory::read` checked before handing it
                 // over) and charged after (`UserDirectory::allow_member_reads`).
                 let users = &self.shared.users;
-                if read.lists_members()
-                    && let Err(refused) = users.allow_member_reads(caller.user)
-                {
+                if let Err(refused) = users.allow_read(caller.user, read) {
                     reply.send(Err(refused));
                     return Ok(());
                 }
                 let answer = state.state.handle_read(&log, caller, read);
                 if let Ok(answer) = &answer {
-                    users.charge_member_reads(caller.user, read.rows(answer));
+                    users.charge_read(caller.user, read, answer);
                 }
                 reply.send(answer);
                 Vec::new()

@@ -233,9 +233,7 @@ impl ConvDirectory {
     /// the membership writes applied so far are durable (`read_settled`): how long a
     /// refusal takes tells nothing of this conversation.
     pub async fn read(&self, shared: &Arc<Shared>, conv: ConvId, caller: Caller, read: Read, reply: Responder) {
-        if read.lists_members()
-            && let Err(refused) = shared.users.allow_member_reads(caller.user)
-        {
+        if let Err(refused) = shared.users.allow_read(caller.user, read) {
             return reply.send(Err(refused));
         }
         if let Err(refused) = gate(shared, conv, caller, None) {
@@ -276,9 +274,7 @@ impl ConvDirectory {
         if reply.abandoned() {
             return;
         }
-        if read.lists_members()
-            && let Err(refused) = shared.users.allow_member_reads(caller.user)
-        {
+        if let Err(refused) = shared.users.allow_read(caller.user, read) {
             return reply.send(Err(refused));
         }
         let Some(before) = self.at_rest(conv) else { return self.read_by_actor(shared, conv, caller, read, reply) };
@@ -301,7 +297,7 @@ impl ConvDirectory {
             return reply.send(Err(ErrorBody::new(ErrorCode::INTERNAL, "storage failure")));
         }
         if let Ok(answer) = &answer {
-            shared.users.charge_member_reads(caller.user, read.rows(answer));
+            shared.users.charge_read(caller.user, read, answer);
         }
         reply.send(answer);
     }

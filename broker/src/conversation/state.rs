@@ -168,6 +168,22 @@ impl Read {
         }
     }
 
+    /// Whether it returns log entries (`History`, `CatchUp`): such reads spend the
+    /// reader's allowance of entries (`UserDirectory::allow_read`).
+    pub fn returns_entries(self) -> bool {
+        matches!(self, Read::History { .. } | Read::CatchUp { .. })
+    }
+
+    /// The log entries `answer`, this read's answer, returned: what the reader's
+    /// allowance of entries is charged.
+    pub fn entries(self, answer: &Reply) -> usize {
+        match answer {
+            Reply::History { entries, .. } if self.returns_entries() => entries.len(),
+            Reply::CatchUp(page) if self.returns_entries() => page.entries.len(),
+            _ => 0,
+        }
+    }
+
     /// The member rows `answer`, this read's answer, returned: names, or members'
     /// receipts, each a point read or two of the store. What the reader's allowance is
     /// charged.
