@@ -466,6 +466,7 @@ impl Config {
             registration_burst_per_address: u32::MAX,
             // Kept, at a rate nothing reaches: the harness measures the allowance's cost.
             writes_per_sec: u32::MAX,
+            entries_read_per_sec: u32::MAX,
             // Every client of a test or load test comes from 127.0.0.1.
             max_connections_per_address: 0,
             password_checks_per_address: 0,
@@ -478,6 +479,16 @@ impl Config {
 
     pub(crate) fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// How long the writer waits for a client to take any byte of its control stream
+    /// before it closes it `SLOW_CONSUMER` (`connection::writer`): twice the idle
+    /// timeout, and at least the idle timeout past `transfer_progress_secs`, since
+    /// transfers share the connection's flow-control credit and a stalled download is
+    /// reset only after that (60 s at the defaults).
+    pub(crate) fn write_stall(&self) -> Duration {
+        let progress = Duration::from_secs(self.transfer_progress_secs);
+        self.idle_timeout().saturating_mul(2).max(progress.saturating_add(self.idle_timeout()))
     }
 
     pub(crate) fn quic_handshake_timeout(&self) -> Duration {

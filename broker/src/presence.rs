@@ -428,10 +428,15 @@ pub struct Presence {
     /// `record_at_stop`. Held while a record is written, so none lands after the stop's.
     checkpoints: Mutex<bool>,
     /// Changes that took users out of others' contact sets (a departure from a
-    /// conversation, a block), counted under the contacts' lock by each user whose set
-    /// they changed (`STAMP_SHARDS` shards): a push whose contacts were read before one
-    /// is sent to contacts read again (`push`).
+    /// conversation, a block), counted under `push_gate` by each user whose set they
+    /// changed (`STAMP_SHARDS` shards), once the sets show them: a push whose contacts
+    /// were read before one is sent to contacts read again (`push`).
     moved: [AtomicU64; STAMP_SHARDS],
+    /// Held shared while a push is checked and sent, and alone while a change is
+    /// counted (`count_moved`): apart from the contacts' lock, so that joins and contact
+    /// reads never wait for a push's fan-out (a review); a departure or a block waits
+    /// for the one being sent.
+    push_gate: std::sync::RwLock<()>,
     /// Where a test may hold the pusher (`Point::PresencePush`).
     pauses: Arc<Pauses>,
 }
@@ -761,6 +766,7 @@ impl Presence {
             refresh_due_ms: std::sync::atomic::AtomicU64::new(0),
             checkpoints: Mutex::new(false),
             moved: std::array::from_fn(|_| AtomicU64::new(0)),
+            push_gate: std::sync::RwLock::new(()),
             pauses,
         });
         spawn_timer(Arc::downgrade(&presence), presence.wake.clone());
@@ -922,12 +928,23 @@ impl Presence {
         let mut cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
         for &user in audience {
             cache.changed(user);
-            self.moved[stamp_shard(user)].fetch_add(1, Ordering::SeqCst);
             if user == gone {
                 cache.take_out_all(user, &members);
             } else {
                 cache.take_out_one(user, gone, true);
             }
+        }
+        drop(cache);
+        self.count_moved(audience);
+    }
+
+    /// Counts a change that took users out of `users`' contact sets (`moved`), once the
+    /// sets show it, under the push gate: a push that read its contacts before sees the
+    /// count and reads them again, or was sent before this returns.
+    fn count_moved(&self, users: &[UserId]) {
+        let _gate = self.push_gate.write().unwrap_or_else(|p| p.into_inner());
+        for &user in users {
+            self.moved[stamp_shard(user)].fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -939,10 +956,10 @@ impl Presence {
         cache.changed(a);
         cache.changed(b);
         if blocked {
-            self.moved[stamp_shard(a)].fetch_add(1, Ordering::SeqCst);
-            self.moved[stamp_shard(b)].fetch_add(1, Ordering::SeqCst);
             cache.take_out_one(a, b, false);
             cache.take_out_one(b, a, false);
+            drop(cache);
+            self.count_moved(&[a, b]);
         } else {
             cache.mark_short(a);
             cache.mark_short(b);
@@ -1096,8 +1113,8 @@ impl Presence {
     }
 
     /// Stores the change's last-seen time and pushes it to the user's online contacts.
-    /// Sent under the contacts' lock, which a departure or a block counts itself under
-    /// (`moved`): one counted since the contacts were read has them read again, up to
+    /// Sent under the push gate, which a departure or a block counts itself under
+    /// (`moved`, `count_moved`): one counted since the contacts were read has them read again, up to
     /// `PUSH_READS` times, and one counted after the send finds the event queued before
     /// its own answer or entry. Before, a push whose contacts were read just before a
     /// block reached the blocker after the block was answered, and one read before a
@@ -1123,7 +1140,7 @@ impl Presence {
             if read == 1 {
                 self.pauses.pass_blocking(Point::PresencePush);
             }
-            let _cache = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+            let _gate = self.push_gate.read().unwrap_or_else(|p| p.into_inner());
             // The last read is sent as it is: a presence change is never dropped (it
             // would stand wrong until the next), and a user's stamp moving between each
             // of its reads takes a block or a departure within microseconds of each.

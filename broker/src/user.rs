@@ -158,8 +158,13 @@ impl Allowances {
     /// Whether `user`'s bucket is empty now, without making one (a user with none has a
     /// full one), so asking adds no user to the table.
     pub(crate) fn spent(&self, user: UserId, now: Instant) -> bool {
+        self.below(user, now, 0.0)
+    }
+
+    /// Whether `user`'s bucket holds `fraction` of its burst or less now (`spent`'s way).
+    pub(crate) fn below(&self, user: UserId, now: Instant, fraction: f64) -> bool {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        table.buckets.get(&user).is_some_and(|b| b.tokens_at(now, self.per_s, self.burst) <= 0.0)
+        table.buckets.get(&user).is_some_and(|b| b.tokens_at(now, self.per_s, self.burst) <= self.burst * fraction)
     }
 
     /// Users with a bucket.
@@ -435,6 +440,15 @@ impl UserDirectory {
     /// only for the work it wastes (`MarkDelivered`), which most users' never do.
     pub fn member_reads_spent(&self, user: UserId) -> bool {
         self.member_rows.spent(user, Instant::now())
+    }
+
+    /// Whether `user`'s member-rows allowance is down to half its burst or less: what is
+    /// spent only on the user's behalf, not at its asking (its uploads' progress pushed
+    /// to their conversations), waits while it is, so it never pushes the user's own
+    /// reads into refusal (a review: progress fanned out to thousands of members kept the
+    /// allowance at zero, and the uploader's catch-up pages were refused half the time).
+    pub fn member_reads_below_half(&self, user: UserId) -> bool {
+        self.member_rows.below(user, Instant::now(), 0.5)
     }
 
     /// Charges `rows` member rows read to `user`'s allowance (`allow_member_reads`).

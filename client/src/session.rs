@@ -58,7 +58,8 @@ pub struct SessionConfig {
     pub max_fetching: usize,
     /// Times a request the broker refused with `OVERLOADED` (it is shedding load), a
     /// read that lists members, a `FileInfo` or a `SendFiles` refused with
-    /// `RATE_LIMITED` (the user's allowance of member rows), or a message write (`Send`,
+    /// `RATE_LIMITED` (the user's allowance of member rows), a `History` page so refused
+    /// (its allowance of log entries), or a message write (`Send`,
     /// `SendFiles`, `Edit`, `Delete`) refused with `RATE_LIMITED` (the user's allowance of
     /// writes), is sent again before the refusal reaches the caller (6), and a
     /// catch-up page so refused is asked for again, each after a reconnect-like
@@ -230,7 +231,8 @@ impl SessionError {
 /// `SessionError::Interrupted`. A request the broker refuses with `OVERLOADED` (past
 /// saturation it sheds writes rather than queue them), or a read that lists members, a
 /// `FileInfo` or a `SendFiles` refused with `RATE_LIMITED` (the allowance of member rows
-/// these draw on), or a write with a client id refused with `RATE_LIMITED` (the user's
+/// these draw on), a `History` page so refused (the allowance of log entries), or a
+/// write with a client id refused with `RATE_LIMITED` (the user's
 /// allowance of writes), is sent again after a
 /// backoff when it is safe to repeat, up to `overload_retries` times; so is a catch-up
 /// page, and a write with a client id answered `INTERNAL` (its conversation's owner
@@ -489,7 +491,8 @@ fn unexpected(reply: Reply) -> SessionError {
 /// `RATE_LIMITED` of a request that draws on the user's allowance of member rows (a
 /// read that lists members, a `MarkRead` that raised nothing, or one that decides who
 /// may read a file: `FileInfo`,
-/// `SendFiles`; it refills within a second or two), `RATE_LIMITED` of a write that
+/// `SendFiles`; it refills within a second or two) or of log entries (`History`,
+/// `CatchUp`: it refills 20,000 entries a second), `RATE_LIMITED` of a write that
 /// carries a client id (the user's allowance of writes, `writes_per_sec`: it refills
 /// several a second, and the same id sent again lands the write once; other
 /// `RATE_LIMITED` allowances refill too slowly to wait for unasked), or `INTERNAL` of a write that carries a client id: its
@@ -501,6 +504,7 @@ fn shed(code: ErrorCode, body: &RequestBody) -> bool {
     let read = matches!(
         body,
         RequestBody::Members { .. }
+            | RequestBody::History { .. }
             | RequestBody::Receipts { .. }
             | RequestBody::MarkRead { .. }
             | RequestBody::CatchUp { .. }

@@ -42,12 +42,14 @@ enum Scenario {
     Upload(scenario::upload::Args),
 }
 
-/// Waits for Ctrl-C or SIGTERM; the exit status a shell gives a process they end
+/// Waits for Ctrl-C, SIGTERM or SIGHUP (a closed terminal or a dropped SSH session:
+/// before, it ended the harness with its temporary data dir left behind, gigabytes after
+/// a big run: a load tester's trial); the exit status a shell gives a process they end
 /// (128 + the signal's number).
 async fn interrupted() -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
-    let terminate = async {
-        match signal(SignalKind::terminate()) {
+    let on = |kind: SignalKind| async move {
+        match signal(kind) {
             Ok(mut s) => {
                 s.recv().await;
             }
@@ -56,7 +58,8 @@ async fn interrupted() -> i32 {
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => 130,
-        () = terminate => 143,
+        () = on(SignalKind::terminate()) => 143,
+        () = on(SignalKind::hangup()) => 129,
     }
 }
 

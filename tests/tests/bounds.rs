@@ -208,27 +208,66 @@ fn small_window(tb: &TestBroker) -> switchboard_client::Connector {
     switchboard_client::Connector::with_transport(b.local_addr, "localhost", trust, &small).unwrap()
 }
 
+/// A broker whose writer gives a client 2 s (`Config::write_stall`: twice a 1 s idle
+/// timeout, a 1 s transfer deadline past it), alice with a full page in a group, and a
+/// connection of hers with a 16 KiB stream window that has asked for 40 full pages
+/// (about 32 MiB of answers) and read nothing yet.
+async fn pages_asked_on_a_small_window() -> (TestBroker, Client, RawSession) {
+    let tb = TestBroker::start_with(|c| {
+        c.idle_timeout_ms = 1000;
+        c.transfer_progress_secs = 1;
+    })
+    .await;
+    let (alice, alice_id) = tb.register("alice").await;
+    let conv = alice.create_group("big", &[]).await.unwrap().id;
+    fill_a_page(&alice, conv).await;
+    let mut raw = small_window(&tb).connect_raw(&alice_id).await.unwrap();
+    within(STEP_DEADLINE, "pipelined write", raw.send.write_all(&full_pages(conv))).await.unwrap();
+    (tb, alice, raw)
+}
+
 /// A client that pipelines full pages and then reads nothing at all, its connection kept
 /// alive (its QUIC stack acknowledges the broker's keep-alives), is closed
-/// `SLOW_CONSUMER` once the broker's writes to it have made no progress for twice the
-/// idle timeout, and counted. Before, nothing closed it: no event came to overflow its
-/// queue, and the wait for answer room is a further request's, which it never sends, so
-/// up to half of `outbound_max_bytes` of answers stayed held per connection for good (an
-/// attacker review).
+/// `SLOW_CONSUMER` once the broker's writes to it have made no progress for the stall
+/// time, and counted; the account is served on. Before, nothing closed it: no event came
+/// to overflow its queue, and the wait for answer room is a further request's, which it
+/// never sends, so up to half of `outbound_max_bytes` of answers stayed held per
+/// connection for good (an attacker review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_its_answers_is_closed_as_a_slow_consumer() {
     bounded(async {
-        let tb = TestBroker::start_with(|c| c.idle_timeout_ms = 1000).await;
-        let (alice, alice_id) = tb.register("alice").await;
-        let conv = alice.create_group("big", &[]).await.unwrap().id;
-        fill_a_page(&alice, conv).await;
-        let mut raw = small_window(&tb).connect_raw(&alice_id).await.unwrap();
-        within(STEP_DEADLINE, "pipelined write", raw.send.write_all(&full_pages(conv))).await.unwrap();
+        let (tb, alice, raw) = pages_asked_on_a_small_window().await;
         let closed = within(STEP_DEADLINE, "the connection closed", raw.conn.closed()).await;
         assert_eq!(ClientError::from(closed).code(), Some(ErrorCode::SLOW_CONSUMER));
         eventually("the slow consumer counted", || tb.shared().counters.slow_consumers.total() == 1).await;
-        // The account is served as before.
+        let conv = alice.conversations().await.unwrap()[0].id;
         assert!(alice.send(conv, "still here").await.is_ok());
+    })
+    .await
+}
+
+/// The same client reading a trickle (2 KiB a second, so the broker's writes move every
+/// second, within the stall time) is closed `SLOW_CONSUMER` too, once it has taken less
+/// than 8 KiB a second on average past the stall time. Before, any byte taken restarted
+/// the wait, and a client reading a little now and then held its answers for good (a
+/// review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_a_trickle_of_its_answers_is_closed_as_a_slow_consumer() {
+    bounded(async {
+        let (_tb, _alice, mut raw) = pages_asked_on_a_small_window().await;
+        // Until the connection is closed (what it buffered stays readable a while after).
+        let trickle = async {
+            let mut buf = [0u8; 2048];
+            while raw.conn.close_reason().is_none() {
+                match raw.recv.read(&mut buf).await {
+                    Ok(Some(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        };
+        within(STEP_DEADLINE, "the connection closed", trickle).await;
+        let closed = raw.conn.close_reason().expect("closed");
+        assert_eq!(ClientError::from(closed).code(), Some(ErrorCode::SLOW_CONSUMER));
     })
     .await
 }

@@ -74,7 +74,7 @@ pub(super) async fn run(shared: Arc<Shared>, conn: quinn::Connection, authed: Au
     let writer = {
         let (shared, conn, out) = (shared.clone(), conn.clone(), out.clone());
         tokio::spawn(async move {
-            let stall = shared.config.idle_timeout().saturating_mul(2);
+            let stall = shared.config.write_stall();
             if write_loop(conn, send, out, stall).await == Some(ErrorCode::SLOW_CONSUMER)
                 && let Some(devices) = shared.counters.slow_consumers.count(crate::now_ms())
             {

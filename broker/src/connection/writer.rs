@@ -11,12 +11,13 @@ use crate::outbound::Outbound;
 
 /// Drains `out` onto `send` until the queue closes; a queue closed with an error code
 /// (slow consumer, revoked, going away) closes the connection with that code, which is
-/// returned. A write of which the peer takes no byte for `stall` (`SlowConsumer`,
-/// twice the idle timeout) closes the queue and the connection with `SLOW_CONSUMER`:
+/// returned. A write of which the peer takes no byte for `stall` (`Config::write_stall`),
+/// or less than `MIN_WRITE_BYTES_PER_SEC` on average past `stall` from its start
+/// (`write_progressing`), closes the queue and the connection with `SLOW_CONSUMER`:
 /// before, only a queue that overflowed did, and a client that asked for answers and
-/// then read nothing while it kept the connection alive (QUIC keep-alives are
-/// acknowledged by its stack) held them, up to half of `outbound_max_bytes` per
-/// connection, for good (an attacker review).
+/// then read nothing (or a trickle) while it kept the connection alive (QUIC
+/// keep-alives are acknowledged by its stack) held them, up to half of
+/// `outbound_max_bytes` per connection, for good (attacker reviews).
 pub(super) async fn write_loop(
     conn: quinn::Connection,
     mut send: quinn::SendStream,
@@ -102,20 +103,29 @@ enum Written {
     Stalled,
 }
 
-/// Writes all of `bufs` onto `send`, each step within `stall` of the last: `Stalled` when
-/// the peer took no byte for that long. A write that finds room at once sets no timer
-/// (the select is biased, and its sleep is polled only while the write waits).
+/// Writes all of `bufs` onto `send`: `Stalled` when the peer took no byte for `stall`,
+/// or when, `stall` after the write began, it has taken less than
+/// `MIN_WRITE_BYTES_PER_SEC` for every second past that (a client reading a trickle, a
+/// little every `stall`, kept its answers held as long as it liked: a review). A write
+/// that finds room at once sets no timer (the select is biased, and its sleep is
+/// polled only while the write waits).
 async fn write_progressing(
     send: &mut quinn::SendStream,
     mut bufs: &mut [Bytes],
     stall: Duration,
 ) -> Result<(), Written> {
+    let started = tokio::time::Instant::now();
+    let mut taken = 0u64;
     while !bufs.is_empty() {
-        let sleep = tokio::time::sleep(stall);
+        let behind = started + stall + Duration::from_secs_f64(taken as f64 / MIN_WRITE_BYTES_PER_SEC as f64);
+        let sleep = tokio::time::sleep_until((tokio::time::Instant::now() + stall).min(behind));
         tokio::select! {
             biased;
             written = send.write_chunks(bufs) => match written {
-                Ok(written) => bufs = &mut bufs[written.chunks..],
+                Ok(written) => {
+                    taken += written.bytes as u64;
+                    bufs = &mut bufs[written.chunks..];
+                }
                 Err(_) => return Err(Written::Lost),
             },
             () = sleep => return Err(Written::Stalled),
@@ -123,3 +133,9 @@ async fn write_progressing(
     }
     Ok(())
 }
+
+/// The least a client must take of what the broker writes to its control stream, on
+/// average, once a write has waited `stall` (`write_progressing`): 8 KiB a second, a
+/// 64 kbit/s link. A device slower than that while answers or events wait for it is
+/// closed `SLOW_CONSUMER` and catches up when it reconnects.
+pub(crate) const MIN_WRITE_BYTES_PER_SEC: u64 = 8 * 1024;

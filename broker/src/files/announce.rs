@@ -26,8 +26,8 @@
 //! attached in a thousand groups costs bounded work per event; members of conversations
 //! past that bound get no push (logged) and see the state in `FileInfo` or a download.
 //! Progress to the conversations is charged to the uploader's allowance of member rows
-//! (a row per carrier and per member read), and while that is spent goes to the
-//! uploader's devices only (a final state always goes: one per upload that ends).
+//! (a row per carrier and per member read), and while that is down to half its burst
+//! goes to the uploader's devices only (a final state always goes: one per upload that ends).
 //! In a conversation of the uploader and one other user who is online, the two's block
 //! keys are read too (and, if one blocks the other, the conversation's kind: a direct
 //! conversation's other member is then told nothing); in any conversation, the users the
@@ -242,11 +242,12 @@ fn deliver(job: &Job) {
     let progress = |conv| FileProgress { conv, file: job.file, size: job.size, state: job.state.clone() };
     push(&job.shared, &[job.uploader], progress(None));
     // Progress to the conversations is charged to the uploader's member rows, and goes
-    // to its devices only while they are spent: before, it was free, and an uploader's
+    // to its devices only while they are down to half their burst (so it never pushes
+    // the uploader's own reads into refusal): before, it was free, and an uploader's
     // few uploads attached in a thousand conversations each had every value read a
     // thousand carriers and their members on this one thread (an attacker review).
     let charged = job.is_progress() && job.convs.is_none();
-    if job.shared.health.is_failed() || (charged && job.shared.users.member_reads_spent(job.uploader)) {
+    if job.shared.health.is_failed() || (charged && job.shared.users.member_reads_below_half(job.uploader)) {
         return;
     }
     let rows = std::cell::Cell::new(0usize);
