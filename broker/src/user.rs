@@ -444,8 +444,9 @@ impl UserDirectory {
 
     /// Whether `user`'s member-rows allowance is down to half its burst or less: what is
     /// spent only on the user's behalf, not at its asking (its uploads' progress pushed
-    /// to their conversations), waits while it is, so it never pushes the user's own
-    /// reads into refusal (a review: progress fanned out to thousands of members kept the
+    /// to their conversations), waits while it is, so it seldom pushes the user's own
+    /// reads into refusal (one such push reads up to about 6,000 rows, a sixth of the
+    /// default burst; a review: progress fanned out to thousands of members kept the
     /// allowance at zero, and the uploader's catch-up pages were refused half the time).
     pub fn member_reads_below_half(&self, user: UserId) -> bool {
         self.member_rows.below(user, Instant::now(), 0.5)

@@ -45,7 +45,9 @@ enum Scenario {
 /// Waits for Ctrl-C, SIGTERM or SIGHUP (a closed terminal or a dropped SSH session:
 /// before, it ended the harness with its temporary data dir left behind, gigabytes after
 /// a big run: a load tester's trial); the exit status a shell gives a process they end
-/// (128 + the signal's number).
+/// (128 + the signal's number). SIGHUP only while stderr is a terminal, the one that
+/// can hang up: `nohup` (which redirects it) asks for SIGHUP to be ignored, and a
+/// handler would undo that (a review).
 async fn interrupted() -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
     let on = |kind: SignalKind| async move {
@@ -59,7 +61,7 @@ async fn interrupted() -> i32 {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => 130,
         () = on(SignalKind::terminate()) => 143,
-        () = on(SignalKind::hangup()) => 129,
+        () = on(SignalKind::hangup()), if std::io::IsTerminal::is_terminal(&std::io::stderr()) => 129,
     }
 }
 

@@ -46,6 +46,8 @@ pub fn rss_mib(pid: &str) -> Option<f64> {
 pub struct Sampler {
     samples: Arc<Mutex<Vec<Sample>>>,
     task: tokio::task::JoinHandle<()>,
+    /// What the samples' `t_s` count from.
+    started: std::time::Instant,
 }
 
 impl Sampler {
@@ -53,8 +55,9 @@ impl Sampler {
     pub fn start(pid: String, period: Duration) -> Sampler {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let out = samples.clone();
+        let started = std::time::Instant::now();
         let task = tokio::spawn(async move {
-            let start = std::time::Instant::now();
+            let start = started;
             let mut last_cpu = cpu_seconds(&pid).unwrap_or(0.0);
             let mut last_t = start;
             let mut tick = tokio::time::interval(period);
@@ -73,7 +76,7 @@ impl Sampler {
                 out.lock().unwrap_or_else(|p| p.into_inner()).push(sample);
             }
         });
-        Sampler { samples, task }
+        Sampler { samples, task, started }
     }
 
     /// Readings so far.
@@ -84,6 +87,17 @@ impl Sampler {
     /// Summary of the readings from `from_s` on.
     pub fn summary(&self, from_s: f64) -> Resources {
         summarize(&self.samples().into_iter().filter(|s| s.t_s >= from_s).collect::<Vec<_>>())
+    }
+
+    /// Summary of the readings of the intervals from `from` to `to` (each reading covers
+    /// the period before it, so those up to a period after `to`, `period` long). A run's
+    /// figures over its measured phase: before, they also took the drain after it (the
+    /// CPU falling to nothing) and counted from a different origin, so a run whose every
+    /// second showed 85% reported a mean of 72% (a load tester's trial).
+    pub fn summary_within(&self, from: std::time::Instant, to: std::time::Instant, period: Duration) -> Resources {
+        let at = |i: std::time::Instant| i.saturating_duration_since(self.started).as_secs_f64();
+        let (from_s, to_s) = (at(from), at(to) + period.as_secs_f64());
+        summarize(&self.samples().into_iter().filter(|s| s.t_s > from_s && s.t_s <= to_s).collect::<Vec<_>>())
     }
 }
 

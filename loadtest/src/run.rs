@@ -34,7 +34,9 @@ pub struct MessageLoad {
     progress: Option<tokio::task::JoinHandle<()>>,
     udp_drops_at_start: Option<u64>,
     packets_at_start: Packets,
-    measured_from_s: f64,
+    /// When the measured phase began (`mark_measured`), and when the last phase's sends
+    /// were all written: the span the resource summaries cover.
+    measured: (std::time::Instant, std::time::Instant),
     /// Messages the phases so far planned to send.
     scheduled: u64,
     /// Seconds the last phase's sends took, from its first planned send until every
@@ -45,6 +47,9 @@ pub struct MessageLoad {
     /// The users, to look up in the broker's store what was acknowledged but not delivered.
     pop: Population,
 }
+
+/// How often the broker's and the harness's CPU and memory are read.
+const SAMPLE_PERIOD: Duration = Duration::from_secs(1);
 
 impl MessageLoad {
     /// Connects every user of `pop` as a raw session and starts reading.
@@ -74,10 +79,9 @@ impl MessageLoad {
             .enumerate()
             .map(|(i, raw)| LoadSession::start(i, raw, stats.clone(), clock, stop_rx.clone(), hook.clone()))
             .collect();
-        let period = Duration::from_secs(1);
         let broker_pid = target.pid.map(|pid| pid.to_string());
-        let broker = broker_pid.clone().map(|pid| Sampler::start(pid, period));
-        let harness = Sampler::start("self".into(), period);
+        let broker = broker_pid.clone().map(|pid| Sampler::start(pid, SAMPLE_PERIOD));
+        let harness = Sampler::start("self".into(), SAMPLE_PERIOD);
         let progress = common.progress.then(|| tokio::spawn(progress(stats.clone())));
         Ok(MessageLoad {
             sessions,
@@ -91,7 +95,7 @@ impl MessageLoad {
             usage_at_start: (None, None),
             phases: 0,
             progress,
-            measured_from_s: 0.0,
+            measured: (std::time::Instant::now(), std::time::Instant::now()),
             sent_in_s: 0.0,
             scheduled: 0,
             udp_drops_at_start: None,
@@ -144,6 +148,7 @@ impl MessageLoad {
             }
         }
         self.sent_in_s = self.clock.now_ns().saturating_sub(start_ns) as f64 / 1e9;
+        self.measured.1 = std::time::Instant::now();
         let from = self.stats.second_of(start_ns);
         (from, from + duration.as_secs().max(1) as usize)
     }
@@ -172,7 +177,7 @@ impl MessageLoad {
 
     /// Marks the start of the measured phase for resource summaries (after set-up).
     pub fn mark_measured(&mut self) {
-        self.measured_from_s = self.clock.now_ns() as f64 / 1e9;
+        self.measured = (std::time::Instant::now(), std::time::Instant::now());
         self.udp_drops_at_start = crate::resources::udp_receive_drops();
         self.packets_at_start = Packets::of(&self.sessions);
         self.usage_at_start = self.usage();
@@ -324,8 +329,8 @@ impl MessageLoad {
             latency: Percentiles::from_us(&latency),
             ack_latency: Percentiles::from_us(&ack_latency),
             timeline,
-            broker: self.broker.as_ref().map(|b| b.summary(self.measured_from_s)),
-            harness: self.harness.summary(self.measured_from_s),
+            broker: self.broker.as_ref().map(|b| b.summary_within(self.measured.0, self.measured.1, SAMPLE_PERIOD)),
+            harness: self.harness.summary_within(self.measured.0, self.measured.1, SAMPLE_PERIOD),
             cost: costs,
             ..Report::default()
         };
@@ -677,13 +682,17 @@ where
     let side = side.await?;
     params.insert("size".into(), format!("{} B", common.size));
     // What the rates are over: the time the sends took, when the harness could not send
-    // them in the time asked (a rate past what the machine carries: before, the report
-    // gave the offered rate as achieved, next to seconds of latency).
+    // them in the time asked, a tenth more (a rate past what the machine carries: before,
+    // the report gave the offered rate as achieved, next to seconds of latency); a run
+    // that kept time, its duration, whatever lag its last send had.
     let scheduled = load.scheduled;
+    let asked_s = common.duration.as_secs_f64();
     let measured_s = if common.ramp {
         ramp.len() as f64 * common.ramp_step.as_secs_f64()
+    } else if load.sent_in_s > asked_s * 1.1 {
+        load.sent_in_s
     } else {
-        common.duration.as_secs_f64().max(load.sent_in_s)
+        asked_s
     };
     let mut report = load.finish(scenario, params, measured_s, common).await?;
     report.writeback_settled(settled);

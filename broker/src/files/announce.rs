@@ -242,7 +242,7 @@ fn deliver(job: &Job) {
     let progress = |conv| FileProgress { conv, file: job.file, size: job.size, state: job.state.clone() };
     push(&job.shared, &[job.uploader], progress(None));
     // Progress to the conversations is charged to the uploader's member rows, and goes
-    // to its devices only while they are down to half their burst (so it never pushes
+    // to its devices only while they are down to half their burst (so it seldom pushes
     // the uploader's own reads into refusal): before, it was free, and an uploader's
     // few uploads attached in a thousand conversations each had every value read a
     // thousand carriers and their members on this one thread (an attacker review).
