@@ -391,17 +391,7 @@ pub async fn fanout(f: &Fanout, common: &Common) -> Result<Report> {
         (Some(start), Some(end)) => per_message(start, end, published, v.delivered),
         _ => None,
     };
-    // As the broker's half (`run_messages_alongside`): over the time the publishes took
-    // when over a tenth longer than asked.
-    let asked_s = common.duration.as_secs_f64();
-    let measured_s = if common.ramp {
-        ramp.len() as f64 * common.ramp_step.as_secs_f64()
-    } else if load.sent_in_s > asked_s * 1.1 {
-        load.sent_in_s
-    } else {
-        asked_s
-    }
-    .max(1e-3);
+    let measured_s = crate::run::measured_seconds(common, ramp.len(), load.sent_in_s).max(1e-3);
     let server_samples = server.as_ref().map(Sampler::samples).unwrap_or_default();
     let (latency, _) = load.stats.totals();
     let mut params = BTreeMap::from([

@@ -636,6 +636,22 @@ pub async fn run_messages(
     Ok(run_messages_alongside(load, senders, rate, scenario, params, common, |_| async {}).await?.0)
 }
 
+/// What a run's rates are over: its ramp's steps, or the time its sends took
+/// (`sent_in_s`) when the harness could not send them in the time asked, a tenth more (a
+/// rate past what the machine carries: before, the report gave the offered rate as
+/// achieved, next to seconds of latency); for a run that kept time, its duration,
+/// whatever lag its last send had. The broker's half and the NATS half alike.
+pub fn measured_seconds(common: &Common, ramp_steps: usize, sent_in_s: f64) -> f64 {
+    let asked_s = common.duration.as_secs_f64();
+    if common.ramp {
+        ramp_steps as f64 * common.ramp_step.as_secs_f64()
+    } else if sent_in_s > asked_s * 1.1 {
+        sent_in_s
+    } else {
+        asked_s
+    }
+}
+
 /// As `run_messages`, with `side` running for as long as messages are sent: it is
 /// started with a receiver that turns `true` when the sending ends (before the drain, so
 /// the events it caused are still read), and awaited before the report is made.
@@ -681,19 +697,8 @@ where
     let _ = done.send(true);
     let side = side.await?;
     params.insert("size".into(), format!("{} B", common.size));
-    // What the rates are over: the time the sends took, when the harness could not send
-    // them in the time asked, a tenth more (a rate past what the machine carries: before,
-    // the report gave the offered rate as achieved, next to seconds of latency); a run
-    // that kept time, its duration, whatever lag its last send had.
     let scheduled = load.scheduled;
-    let asked_s = common.duration.as_secs_f64();
-    let measured_s = if common.ramp {
-        ramp.len() as f64 * common.ramp_step.as_secs_f64()
-    } else if load.sent_in_s > asked_s * 1.1 {
-        load.sent_in_s
-    } else {
-        asked_s
-    };
+    let measured_s = measured_seconds(common, ramp.len(), load.sent_in_s);
     let mut report = load.finish(scenario, params, measured_s, common).await?;
     report.writeback_settled(settled);
     // Nothing sent, nothing checked: a run of `--duration 0s` or `--rate 0` passed every

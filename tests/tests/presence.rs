@@ -663,6 +663,32 @@ async fn an_indicator_that_ended_just_before_a_block_is_stopped_for_the_blocker(
     .await
 }
 
+/// Alice's group "team" with bob, carol and dave, once carol and dave have its entry.
+struct Team {
+    alice: Client,
+    bob: Client,
+    carol: Client,
+    /// Connected, so that dave's events come.
+    _dave: Client,
+    alice_events: Events,
+    carol_events: Events,
+    dave_events: Events,
+    conv: ConvId,
+}
+
+async fn team(tb: &TestBroker) -> Team {
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let (carol, _) = tb.register("carol").await;
+    let (dave, _) = tb.register("dave").await;
+    let (alice_events, mut carol_events) = (alice.events().unwrap(), carol.events().unwrap());
+    let mut dave_events = dave.events().unwrap();
+    let conv = alice.create_group("team", &["bob".into(), "carol".into(), "dave".into()]).await.unwrap().id;
+    assert_eq!(next_entry(&mut carol_events).await.conv, conv);
+    assert_eq!(next_entry(&mut dave_events).await.conv, conv);
+    Team { alice, bob, carol, _dave: dave, alice_events, carol_events, dave_events, conv }
+}
+
 /// A start whose audience the pusher read before a block or a departure reaches neither
 /// the blocker nor the member who left. Before, it went out after the block's stop or
 /// the removal's entry, and stood for good on their devices (no stop follows for them:
@@ -672,15 +698,8 @@ async fn a_start_read_for_an_audience_before_a_block_or_a_removal_reaches_neithe
     bounded(async {
         use switchboard_broker::pauses::Point;
         let tb = TestBroker::start_with(|c| c.typing_ttl_ms = 60_000).await;
-        let (alice, _) = tb.register("alice").await;
-        let (bob, _) = tb.register("bob").await;
-        let (carol, _) = tb.register("carol").await;
-        let (dave, _) = tb.register("dave").await;
-        let (mut alice_events, mut carol_events) = (alice.events().unwrap(), carol.events().unwrap());
-        let mut dave_events = dave.events().unwrap();
-        let conv = alice.create_group("team", &["bob".into(), "carol".into(), "dave".into()]).await.unwrap().id;
-        assert_eq!(next_entry(&mut carol_events).await.conv, conv);
-        assert_eq!(next_entry(&mut dave_events).await.conv, conv);
+        let Team { alice, bob, carol, _dave, mut alice_events, mut carol_events, mut dave_events, conv } =
+            team(&tb).await;
 
         let mut held = tb.shared().pauses.arm(Point::TypingAudience);
         bob.typing(conv, true).await.unwrap();
@@ -706,15 +725,8 @@ async fn a_presence_change_read_for_contacts_before_a_removal_or_a_block_reaches
     bounded(async {
         use switchboard_broker::pauses::Point;
         let tb = TestBroker::start_with(|c| c.presence_coalesce_ms = 20).await;
-        let (alice, _) = tb.register("alice").await;
-        let (bob, _) = tb.register("bob").await;
-        let (carol, _) = tb.register("carol").await;
-        let (dave, _) = tb.register("dave").await;
-        let (mut alice_events, mut carol_events) = (alice.events().unwrap(), carol.events().unwrap());
-        let mut dave_events = dave.events().unwrap();
-        let conv = alice.create_group("team", &["bob".into(), "carol".into(), "dave".into()]).await.unwrap().id;
-        assert_eq!(next_entry(&mut carol_events).await.conv, conv);
-        assert_eq!(next_entry(&mut dave_events).await.conv, conv);
+        let Team { alice, bob, carol, _dave, mut alice_events, mut carol_events, mut dave_events, conv } =
+            team(&tb).await;
         // Every push due before this one (the connects') has gone by the time it arrives,
         // so each one held below is bob's.
         bob.set_away(true).await.unwrap();
