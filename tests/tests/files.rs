@@ -2677,6 +2677,37 @@ async fn tiny_chunks_are_synced_no_faster_than_the_small_chunk_rate() {
     .await
 }
 
+/// Chunks the upload's actor refuses (here at another offset than the stream's next,
+/// claiming to end the file) go to it at once, taking no turn of the small-chunk
+/// pacer: before, each took one without a sync (with the stream's clock stopped, as a
+/// file's last chunk), so streams of such chunks, each ended by its refusal, held
+/// everyone's small chunks back (an attacker review).
+#[tokio::test]
+async fn chunks_the_actor_refuses_take_no_turn_of_the_small_chunk_pacer() {
+    bounded(async {
+        let tb = TestBroker::start_with(|c| c.small_chunk_syncs_per_sec = 1).await;
+        let (alice, _) = tb.register("alice").await;
+        let data = bytes(2, 7);
+        let file = begin_upload(&alice, "t.bin", "application/octet-stream", &data).await.file;
+        let started = std::time::Instant::now();
+        for _ in 0..4 {
+            let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file, offset: 0 }).await;
+            t.chunk(1, &data[1..], None).await;
+            let replies = [t.reply().await, t.reply().await];
+            assert!(
+                matches!(&replies[1], Some(TransferReply::Failed { error, offset: 0 }) if error.code == ErrorCode::WRONG_OFFSET),
+                "{replies:?}"
+            );
+        }
+        // Four turns a second apart would take 3 s at least.
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(2000), "four refused chunks took {took:?}");
+        // The upload is untouched, and its one real chunk still completes it.
+        assert!(matches!(upload_rest(alice.connection(), file, &data, 0).await, TransferReply::Complete(_)));
+    })
+    .await
+}
+
 /// A small file's one chunk takes a turn of the small-chunk pacer too, so tiny files
 /// complete no faster than `small_chunk_syncs_per_sec` (before: a chunk that ended its
 /// file never waited, and a flood of tiny uploads cost a chunk sync, a rename and two

@@ -264,6 +264,10 @@ async fn upload(
         return unreachable(&mut send, shared, &file, why).await;
     }
     let permits = Arc::new(Semaphore::new(QUEUED_CHUNKS));
+    // Where the stream's next chunk must start to be written: the open's offset, then
+    // each chunk handed on's end (the actor takes a stream's chunks in order, from the
+    // offset it accepted).
+    let mut next_offset = offset;
     let mut open = true;
     // Whether the stream's last reply (`Complete` or `Failed`) was written.
     let mut ended = false;
@@ -368,7 +372,17 @@ async fn upload(
                     // has no other bytes to earn its lease with).
                     let len = chunk.data.len() as u64;
                     let end = chunk.offset.saturating_add(len);
-                    if small_chunk(len, end, record.size) {
+                    // A chunk the actor will refuse (empty, past the file, corrupt, at
+                    // another offset) goes to it at once, taking no turn: before, each
+                    // took one without a sync (one claiming to end its file with the
+                    // stream's clock stopped), so streams of such chunks, each ended by
+                    // its refusal, held everyone's small chunks back (an attacker review).
+                    let matches = chunk_matches(&chunk);
+                    let writable = matches && len > 0 && chunk.offset == next_offset && end <= record.size;
+                    if writable {
+                        next_offset = end;
+                    }
+                    if writable && small_chunk(len, end, record.size) {
                         let turn = shared.files.small_syncs.wait();
                         let waited: Pin<Box<dyn Future<Output = ()> + Send + '_>> = if end >= record.size {
                             Box::pin(place.waiting_for_broker(turn))
@@ -385,7 +399,6 @@ async fn upload(
                         }
                     }
                     deadline = tokio::time::Instant::now() + progress;
-                    let matches = chunk_matches(&chunk);
                     // The upload's actor writes it only if its device was not cut off by then.
                     let msg = UploadMsg::Chunk { stream, chunk, matches, permit, revocation: revocation.clone() };
                     if let Err(why) = shared.files.send(shared, &file, msg).await {
