@@ -837,17 +837,7 @@ async fn progress_reaches_the_uploader_and_the_conversation_once_attached() {
 
 /// Waits for a progress event of `conv`'s audience (`None`: the uploader's) at `offset`.
 async fn progress_at(events: &mut switchboard_client::Events, conv: Option<u64>, offset: u64) {
-    use switchboard_protocol::Event;
-    within(STEP_DEADLINE, "a progress event", async {
-        loop {
-            match events.next().await {
-                Some(Event::File(p)) if p.conv == conv && p.state == (FileState::Uploading { offset }) => return,
-                Some(_) => {}
-                None => panic!("events ended"),
-            }
-        }
-    })
-    .await
+    file_event(events, "a progress event", |p| p.conv == conv && p.state == (FileState::Uploading { offset })).await;
 }
 
 /// An upload's progress to the conversations carrying it is charged to the uploader's
@@ -1056,13 +1046,20 @@ async fn a_blockers_uploads_in_a_group_tell_the_blocked_member_nothing() {
 
 /// Waits for the event giving `file` its final `state`, as sent to `conv`'s audience.
 async fn final_state(events: &mut switchboard_client::Events, conv: Option<u64>, file: FileId, state: &FileState) {
-    within(STEP_DEADLINE, "the final file event", async {
+    let p = file_event(events, "the final file event", |p| &p.state == state).await;
+    assert_eq!((p.conv, p.file), (conv, file));
+}
+
+/// Waits for the next file event `matching` (others skipped), `what` naming it.
+async fn file_event(
+    events: &mut switchboard_client::Events,
+    what: &str,
+    matching: impl Fn(&switchboard_protocol::FileProgress) -> bool,
+) -> switchboard_protocol::FileProgress {
+    within(STEP_DEADLINE, what, async {
         loop {
             match events.next().await {
-                Some(switchboard_protocol::Event::File(p)) if &p.state == state => {
-                    assert_eq!((p.conv, p.file), (conv, file));
-                    return;
-                }
+                Some(switchboard_protocol::Event::File(p)) if matching(&p) => return p,
                 Some(_) => {}
                 None => panic!("events ended"),
             }
