@@ -1785,17 +1785,9 @@ async fn a_deleted_messages_mark_for_a_file_gone_already_does_not_stay() {
         let tb = TestBroker::start().await;
         let (alice, _) = tb.register("alice").await;
         let conv = alice.create_group("g", &[]).await.unwrap().id;
-        let data = bytes(600 * 1024, 21);
-        let begun = begin_upload(&alice, "v.bin", "application/octet-stream", &data).await;
-        upload_range(alice.connection(), begun.file, &data, 0, 256 * 1024, 256 * 1024).await;
-        let send = RequestBody::SendFiles {
-            conv,
-            client_id: switchboard_client::new_client_id(),
-            text: String::new(),
-            files: vec![begun.file],
-        };
-        let Reply::Appended { seq, .. } = alice.request(send).await.unwrap() else { panic!() };
-        alice.request(RequestBody::CancelUpload { file: begun.file }).await.unwrap();
+        let file = attached_while_uploading(&alice, conv, &bytes(600 * 1024, 21)).await;
+        let seq = alice.history(conv, Page::Latest, 1).await.unwrap().0[0].seq;
+        alice.request(RequestBody::CancelUpload { file }).await.unwrap();
         alice.delete(conv, seq).await.unwrap();
         let store = tb.shared().store.clone();
         within(STEP_DEADLINE, "the mark taken away", async {
