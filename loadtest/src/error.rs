@@ -94,6 +94,12 @@ impl<E: std::error::Error + Send + Sync> From<plotters::drawing::DrawingAreaErro
 /// What to change when a broker the harness does not own refuses its registrations (or
 /// their connections).
 fn enroll_hint(e: &ClientError) -> &'static str {
+    if matches!(e, ClientError::Untrusted(_)) {
+        // rustls's own words (`BadSignature`, `UnknownIssuer`) do not say which flag to
+        // change (a load tester's trial).
+        return " (--ca or --pin is not the certificate of the broker at --target: give its cert.pem, from its \
+                 data dir, or the sha256 it prints at start)";
+    }
     if matches!(e, ClientError::Refused(_)) {
         return " (the broker refused the connection: a broker load-tested with --target needs \
                  max_connections_per_address = 0, all simulated devices coming from one address, and \
@@ -109,5 +115,19 @@ fn enroll_hint(e: &ClientError) -> &'static str {
              argon2_memory_kib for a test broker; README, \"Load testing\")"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA or pin that is not the broker's names the flags to change, not only rustls's
+    /// words for the signature.
+    #[test]
+    fn an_untrusted_broker_names_the_trust_flags() {
+        let e = Error::Enroll(ClientError::Untrusted("invalid peer certificate: BadSignature".into()));
+        let text = format!("{e}");
+        assert!(text.contains("--ca or --pin is not the certificate of the broker at --target"), "{text}");
     }
 }

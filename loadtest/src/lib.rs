@@ -46,9 +46,14 @@ impl<T> Drop for AbortOnDrop<T> {
 /// Flags every scenario takes.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Common {
-    /// Measured sending time, e.g. `10s`, `2m`, `500ms`.
+    /// Measured sending time, e.g. `10s`, `2m`, `500ms`, of the scenarios that send at a
+    /// rate (storm, catchup and upload run a set amount of work and refuse it).
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration, global = true)]
     pub duration: Duration,
+    /// Whether `--duration` was on the command line (set by the binary from clap's
+    /// matches), so a scenario that has no use for it can say so.
+    #[arg(skip)]
+    pub duration_given: bool,
     /// Message size in bytes: at least 16 (the payload carries its send time), at most
     /// the broker's text limit.
     #[arg(long, default_value_t = 256, global = true, value_parser = parse_size)]
@@ -141,6 +146,11 @@ pub struct Common {
     /// Show a live progress line.
     #[arg(skip)]
     pub progress: bool,
+    /// A finished part of a run that has another to go (`fanout --against`'s broker
+    /// half while the NATS half runs), which the binary prints if the run is
+    /// interrupted (it was discarded with the rest: a load tester's trial).
+    #[arg(skip)]
+    pub finished_part: std::sync::Arc<std::sync::Mutex<Option<report::Report>>>,
 }
 
 impl Default for Common {
@@ -218,6 +228,27 @@ impl Common {
                 self.max_seconds(),
                 self.ramp_max_steps(),
                 stats::MAX_SECONDS
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses the flags of the rate-driven scenarios in one that runs a set amount of
+    /// work (`scenario`, named in the message, does `work`): `--ramp`, `--plot` (its
+    /// figures are not per second: a trial's plot of one said only "no samples") and a
+    /// `--duration` given (a trial's `storm --duration 60s` ran its usual few seconds).
+    /// `InvalidArgs` names the flag.
+    pub fn refuse_rate_flags(&self, scenario: &str, work: &str) -> Result<()> {
+        if self.ramp {
+            return Err(Error::InvalidArgs(format!("{scenario} has no rate to ramp (it {work})")));
+        }
+        if self.duration_given {
+            return Err(Error::InvalidArgs(format!("{scenario} takes no --duration (it {work})")));
+        }
+        if self.plot.is_some() {
+            return Err(Error::InvalidArgs(format!(
+                "{scenario} records no timeline to plot: --plot draws the message scenarios (fanout, direct, \
+                 groups, soak, receipts, presence); --json has every figure"
             )));
         }
         Ok(())

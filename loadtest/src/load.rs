@@ -499,7 +499,22 @@ pub async fn write_phase(
             }
             i += 1;
         }
-        let written = send.write_all_chunks(&mut frames).await;
+        // A broker that takes nothing (stopped, or stalled on its disk) blocks the write
+        // on flow control, where the check above is never reached (a load tester's
+        // trial): the write is given up at the same time, and the stream reset, since a
+        // frame may be half written (the broker then closes the connection, which the
+        // reader counts as lost).
+        let written = match tokio::time::timeout_at(clock.instant(give_up_ns), send.write_all_chunks(&mut frames)).await
+        {
+            Ok(written) => written.map_err(|e| e.to_string()),
+            Err(_) => {
+                let _ = send.reset(quinn::VarInt::from_u32(0));
+                Err(format!(
+                    "the broker took none of it for {} s past the schedule",
+                    give_up_ns.saturating_sub(plan.sched_ns(plan.count)) / 1_000_000_000
+                ))
+            }
+        };
         // What was handed to QUIC counts as sent (quinn empties each frame it took);
         // once the stream failed (a lost connection, which the reader counts), the rest
         // of the batch and of the schedule are offered and never sent, so a ramp step's

@@ -1,6 +1,6 @@
 //! `switchboard-load SCENARIO [flags]`: see `--help`.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use switchboard_loadtest::{Common, plot, scenario, target};
 
 /// jemalloc instead of the system allocator: less CPU per message and more connections
@@ -85,8 +85,15 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let mut common = cli.common;
+    // `--duration` is global: given after the scenario's name it is in the scenario's
+    // matches.
+    common.duration_given = [Some(&matches), matches.subcommand().map(|(_, m)| m)]
+        .into_iter()
+        .flatten()
+        .any(|m| m.value_source("duration") == Some(clap::parser::ValueSource::CommandLine));
     common.command = args.join(" ");
     common.progress = true;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("sb-load").build()?;
@@ -116,7 +123,14 @@ fn main() -> anyhow::Result<()> {
         Ok(report) => report,
         Err(status) => {
             runtime.shutdown_timeout(std::time::Duration::from_secs(5));
-            eprintln!("interrupted: the run was stopped before its end; nothing reported");
+            match common.finished_part.lock().ok().and_then(|mut part| part.take()) {
+                Some(part) => {
+                    eprintln!("interrupted: the run was stopped before its end; its finished part follows");
+                    println!("{}", part.table());
+                    write_files(&part, &common, "INTERRUPTED")?;
+                }
+                None => eprintln!("interrupted: the run was stopped before its end; nothing reported"),
+            }
             std::process::exit(status);
         }
     };
@@ -131,22 +145,28 @@ fn main() -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     println!("{}", report.table());
+    write_files(&report, &common, if report.passed() { "PASS" } else { "FAIL" })?;
+    if !report.passed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Writes `--json` (the figures with `result`, as the exit status says it: `PASS`,
+/// `FAIL`, or `INTERRUPTED` for a finished part) and `--plot`.
+fn write_files(report: &switchboard_loadtest::report::Report, common: &Common, result: &str) -> anyhow::Result<()> {
     if let Some(path) = &common.json {
-        // The result with the figures, as the exit status says it.
-        let mut json = serde_json::to_value(&report)?;
+        let mut json = serde_json::to_value(report)?;
         if let Some(object) = json.as_object_mut() {
-            object.insert("result".into(), (if report.passed() { "PASS" } else { "FAIL" }).into());
+            object.insert("result".into(), result.into());
         }
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .map_err(|e| anyhow::anyhow!("writing the JSON report {}: {e}", path.display()))?;
         println!("json: {}", path.display());
     }
     if let Some(path) = &common.plot {
-        plot::write_png(&report, path)?;
+        plot::write_png(report, path)?;
         println!("plot: {}", path.display());
-    }
-    if !report.passed() {
-        std::process::exit(1);
     }
     Ok(())
 }

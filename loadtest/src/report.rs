@@ -484,6 +484,11 @@ impl Report {
             let lossless = "ramp_max_lossless_deliveries_per_s";
             line("  with every delivery made", ceiling(self, lossless), ceiling(other, lossless));
         }
+        // Its steps as ours are printed (they were in the JSON only: a trial).
+        if !other.ramp.is_empty() {
+            let _ = writeln!(s, "  {name}'s ramp:");
+            s.push_str(&ramp_table(&other.ramp));
+        }
         s
     }
 }
@@ -629,8 +634,17 @@ mod tests {
         assert_eq!(cells("server cpu mean % of a core"), "- - 40.00", "{table}");
         assert!(table.contains("against       fanout (nats) (nats://127.0.0.1:4222)"), "{table}");
         assert!(!table.contains("ramp max sustained"), "no ramp, no ceiling row: {table}");
+        assert!(!table.contains("'s ramp:"), "no ramp, no steps: {table}");
         let json = serde_json::to_value(&ours).unwrap();
         assert_eq!(json["against"]["lost"], 3, "the other run is in the JSON in full");
+        // A ramp against it prints its steps under its name, after the comparison.
+        let step = RampStep { offered_rate: 4321.0, ok: true, ..RampStep::default() };
+        if let Some(nats) = ours.against.as_mut() {
+            nats.ramp = vec![step];
+        }
+        let table = ours.table();
+        let steps = table.split("nats://127.0.0.1:4222's ramp:").nth(1).unwrap_or_default();
+        assert!(steps.lines().any(|l| l.trim_start().starts_with("4321 ")), "{table}");
     }
 
     #[test]

@@ -60,17 +60,7 @@ struct Caught {
 
 /// Runs the scenario.
 pub async fn run(common: &Common, args: &Args) -> Result<Report> {
-    if common.ramp {
-        return Err(Error::InvalidArgs("catchup has no rate to ramp".into()));
-    }
-    if common.plot.is_some() {
-        // Its figures are not per second (a trial's plot of one said only "no samples").
-        return Err(Error::InvalidArgs(
-            "catchup records no timeline to plot: --plot draws the message scenarios (fanout, direct, groups, soak, \
-             receipts, presence); --json has every figure"
-                .into(),
-        ));
-    }
+    common.refuse_rate_flags("catchup", "catches up on --messages once")?;
     if !(args.messages >= 1 && args.convs >= 1 && args.page >= 1 && args.fill_window >= 1) {
         return Err(Error::InvalidArgs("need 1+ messages, convs, page and fill window".into()));
     }

@@ -80,6 +80,9 @@ pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
     target.stop().await?;
     let mut report = report?;
     if let Some(f) = against {
+        if let Ok(mut part) = common.finished_part.lock() {
+            *part = Some(report.clone());
+        }
         let other = nats::fanout(&f, common).await?;
         let failed: Vec<&str> = other.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
         let detail = if failed.is_empty() { "its own checks held".to_owned() } else { failed.join(", ") };

@@ -12,11 +12,12 @@ use crate::{Error, Result};
 /// `groups` flags.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// Users in the community.
-    #[arg(long, default_value_t = 500)]
+    /// Users in the community (at least 1).
+    #[arg(long, default_value_t = 500, value_parser = crate::parse_count)]
     pub users: usize,
-    /// Groups.
-    #[arg(long, default_value_t = 100)]
+    /// Groups (at least 1: `--groups 0` enrolled every user and then said the rate was
+    /// zero).
+    #[arg(long, default_value_t = 100, value_parser = crate::parse_count)]
     pub groups: usize,
     /// Group size distribution, `size:weight,...`.
     #[arg(long, default_value = "3:40,8:30,25:20,100:10")]

@@ -33,17 +33,7 @@ pub struct Args {
 
 /// Runs the scenario.
 pub async fn run(common: &Common, args: &Args) -> crate::Result<Report> {
-    if common.ramp {
-        return Err(crate::Error::InvalidArgs("storm has no rate to ramp (it connects --clients at once)".into()));
-    }
-    if common.plot.is_some() {
-        // Its figures are not per second (a trial's plot of one said only "no samples").
-        return Err(crate::Error::InvalidArgs(
-            "storm records no timeline to plot: --plot draws the message scenarios (fanout, direct, groups, soak, \
-             receipts, presence); --json has every figure"
-                .into(),
-        ));
-    }
+    common.refuse_rate_flags("storm", "connects --clients at once")?;
     let target = common.target().await?;
     let pop = Arc::new(Population::enroll(&target, &run_tag(), args.clients).await?);
     // Memory is measured on the broker's own process; in-process it includes the

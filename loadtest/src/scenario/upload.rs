@@ -129,17 +129,7 @@ impl Default for Args {
 
 /// Runs the scenario.
 pub async fn run(common: &Common, args: &Args) -> Result<Report> {
-    if common.ramp {
-        return Err(Error::InvalidArgs("upload has no rate to ramp".into()));
-    }
-    if common.plot.is_some() {
-        // Its figures are not per second (a trial's plot of one said only "no samples").
-        return Err(Error::InvalidArgs(
-            "upload records no timeline to plot: --plot draws the message scenarios (fanout, direct, groups, soak, \
-             receipts, presence); --json has every figure"
-                .into(),
-        ));
-    }
+    common.refuse_rate_flags("upload", "moves its files once per round")?;
     if !(args.file_mib >= 1 && args.concurrent >= 1 && args.concurrent_mib >= 1 && args.clients >= 1) {
         return Err(Error::InvalidArgs("need 1+ MiB files, concurrent uploads and clients".into()));
     }
