@@ -571,6 +571,24 @@ mod tests {
         assert!(bucket.tokens_at(later + Duration::from_secs(1), 3.0, 30.0) > 0.0);
     }
 
+    /// What is spent on a user's behalf (its uploads' progress to their conversations)
+    /// waits once its member rows are down to half their burst, not only once spent:
+    /// that kept its own reads refused half the time (a review).
+    #[test]
+    fn member_reads_count_as_below_half_from_half_the_burst_down() {
+        // 2 rows a second, a burst of 4: a row's margin either side is half a second.
+        let users = UserDirectory::new(Arc::default(), 2, 0, 1000);
+        assert_eq!(2.0 * MEMBER_ROWS_BURST_SECS, 4.0);
+        assert!(!users.member_reads_below_half(1), "a user with no bucket has a full one");
+        assert!(users.charge_member_reads(1, 1));
+        assert!(!users.member_reads_below_half(1), "3 of 4 left");
+        assert!(!users.member_reads_spent(1));
+        assert!(users.charge_member_reads(1, 2));
+        assert!(users.member_reads_below_half(1), "1 of 4 left");
+        assert!(!users.member_reads_spent(1), "not spent: the user's own reads still go");
+        assert!(!users.member_reads_below_half(2), "another user's bucket is its own");
+    }
+
     #[test]
     fn a_users_places_are_reserved_before_authed_and_given_back() {
         let users = UserDirectory::new(Arc::default(), 1000, 0, 1000);

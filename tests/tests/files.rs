@@ -2688,9 +2688,21 @@ async fn chunks_the_actor_refuses_take_no_turn_of_the_small_chunk_pacer() {
                 "{replies:?}"
             );
         }
-        // Four turns a second apart would take 3 s at least.
+        // Nor do the chunks of a stream opened at another offset than the durable one
+        // (the open is refused): before, its first chunk, at the offset it opened at,
+        // took a turn.
+        for _ in 0..4 {
+            let mut t = Transfer::open(alice.connection(), &TransferOpen::Upload { file, offset: 1 }).await;
+            t.chunk(1, &data[1..], None).await;
+            let reply = t.reply().await;
+            assert!(
+                matches!(&reply, Some(TransferReply::Failed { error, offset: 0 }) if error.code == ErrorCode::WRONG_OFFSET),
+                "{reply:?}"
+            );
+        }
+        // Eight turns a second apart would take 7 s at least; four, 3 s.
         let took = started.elapsed();
-        assert!(took < Duration::from_millis(2000), "four refused chunks took {took:?}");
+        assert!(took < Duration::from_millis(2000), "eight refused chunks took {took:?}");
         // The upload is untouched, and its one real chunk still completes it.
         assert!(matches!(upload_rest(alice.connection(), file, &data, 0).await, TransferReply::Complete(_)));
     })

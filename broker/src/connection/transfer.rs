@@ -268,6 +268,11 @@ async fn upload(
     // each chunk handed on's end (the actor takes a stream's chunks in order, from the
     // offset it accepted).
     let mut next_offset = offset;
+    // An open at another offset than the durable one just read is most likely refused
+    // (unless a stream it takes over from moved the offset there meanwhile): no chunk
+    // of it is read before the actor has answered. Before, its first chunk took a turn
+    // of the small-chunk pacer on its way to the refusal.
+    let mut awaiting_open = offset != record.offset();
     let mut open = true;
     // Whether the stream's last reply (`Complete` or `Failed`) was written.
     let mut ended = false;
@@ -290,6 +295,7 @@ async fn upload(
             reply = replies.recv() => match reply {
                 Some(reply) => {
                     ended |= matches!(reply, TransferReply::Complete(_) | TransferReply::Failed { .. });
+                    awaiting_open &= !matches!(reply, TransferReply::Accepted { .. });
                     // A client that takes no replies must not keep a chunk's bytes by it;
                     // a stream waiting for the budget keeps its place in line meanwhile,
                     // and bytes granted to it are leased at once (nothing is read while
@@ -359,7 +365,7 @@ async fn upload(
             },
             // The client stopped reading, or the connection is gone: nobody to answer.
             _ = send.stopped() => break,
-            read = next_chunk(&mut reading, &mut recv, shared, &permits), if open => match read {
+            read = next_chunk(&mut reading, &mut recv, shared, &permits), if open && !awaiting_open => match read {
                 Read::Chunk(chunk, permit) => {
                     // A small chunk waits its turn for its sync here, where those waiting
                     // are bounded by the streams served and its actor is not held up. The
