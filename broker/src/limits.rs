@@ -175,9 +175,17 @@ pub const MAX_DEVICES_PER_USER: usize = 32;
 /// Connections one user may have at once (devices may reconnect before their old
 /// connection times out, hence twice the device limit). Bounds one user's share of the
 /// broker and the fan-out work per event for that user. Checked during the handshake,
-/// before `Authed` is sent or a device enrolled: one more is refused with `OVERLOADED`,
+/// before `Authed` is sent or a device enrolled: one more is refused with `RATE_LIMITED`,
 /// which closes it like every handshake failure.
 pub const MAX_SESSIONS_PER_USER: usize = 2 * MAX_DEVICES_PER_USER;
+/// Connections one device may have at once, counted with those in their handshake (the
+/// same check as `MAX_SESSIONS_PER_USER`, the same refusal). Without it one device, a
+/// stolen phone say, could hold all of its account's `MAX_SESSIONS_PER_USER` places with
+/// its key alone, and every other device of the owner, and every login, was refused
+/// until it let go, so the owner could not reach `ChangePassword` to sign it out (an
+/// attacker review). Eight leave room for a device that reconnects a few times before
+/// its old connections time out, and for a few `sb` commands at once beside `sb tail`.
+pub const MAX_SESSIONS_PER_DEVICE: usize = 8;
 /// Conversations one user may create in a burst, and the rate the allowance refills at
 /// (per second). Creating one is a catalog write (a sled batch, which holds up every
 /// other store access while it waits for a flush) and adds to the store for good, so a

@@ -16,7 +16,7 @@ use switchboard_protocol::{DeviceId, ErrorBody, ErrorCode, Reply, UserId};
 use crate::conversation::Read;
 use crate::limits::{
     CONVERSATION_CREATE_BURST, CONVERSATION_CREATE_PER_S, CREATION_BUCKETS_MAX, ENTRIES_READ_BURST_SECS,
-    MAX_SESSIONS_PER_USER, MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_JOBS_PER_USER, WRITE_BUCKETS_MAX,
+    MAX_SESSIONS_PER_DEVICE, MAX_SESSIONS_PER_USER, MEMBER_ROWS_BUCKETS_MAX, MEMBER_ROWS_BURST_SECS, STORE_JOBS_PER_USER, WRITE_BUCKETS_MAX,
     WRITE_BURST_SECS,
 };
 
@@ -31,7 +31,7 @@ pub struct UserDirectory {
     /// Attached sessions per online user (shared with `Closer`s).
     sessions: Arc<Mutex<HashMap<UserId, usize>>>,
     /// Places taken by handshakes that have not attached yet (see `reserve`).
-    reserved: Arc<Mutex<HashMap<UserId, usize>>>,
+    reserved: Arc<Mutex<Reserved>>,
     online: Arc<Online>,
     /// Conversation creations and block changes (`allow_creation`).
     creations: Allowances,
@@ -99,24 +99,47 @@ struct StoreSlots {
 /// as the broker's capacity, so `sb login` waited out its retries, a hash each).
 const TOO_MANY_CONNECTIONS: &str = "too many connections for this user; close one first";
 
+/// The answer to a connection beyond `MAX_SESSIONS_PER_DEVICE` (`RATE_LIMITED`, as above).
+const TOO_MANY_DEVICE_CONNECTIONS: &str = "too many connections for this device; close one first";
+
+/// Places taken by handshakes not attached yet: per user, and per device for those that
+/// prove an enrolled one (a login or registration enrolls a new device).
+#[derive(Default)]
+struct Reserved {
+    by_user: HashMap<UserId, usize>,
+    by_device: HashMap<(UserId, DeviceId), usize>,
+}
+
+impl Reserved {
+    fn give_back(&mut self, user: UserId, device: Option<DeviceId>) {
+        fn less<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
+            if let Some(n) = map.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+        less(&mut self.by_user, user);
+        if let Some(device) = device {
+            less(&mut self.by_device, (user, device));
+        }
+    }
+}
+
 /// A place among a user's sessions, taken during the handshake before `Authed` is sent
 /// (and before a login enrolls anything), so a connection beyond
 /// `MAX_SESSIONS_PER_USER` is refused as a handshake failure, never after it was told
 /// it is authenticated. `attach` turns it into a session; dropped, it is given back.
 pub struct Reservation {
     user: UserId,
-    reserved: Arc<Mutex<HashMap<UserId, usize>>>,
+    device: Option<DeviceId>,
+    reserved: Arc<Mutex<Reserved>>,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = reserved.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                reserved.remove(&self.user);
-            }
-        }
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner()).give_back(self.user, self.device);
     }
 }
 
@@ -288,17 +311,27 @@ impl UserDirectory {
 
     /// Takes a place among `user`'s sessions for a connection in its handshake, or
     /// `RATE_LIMITED` if its sessions and the places already taken reach
-    /// `MAX_SESSIONS_PER_USER`.
-    pub fn reserve(&self, user: UserId) -> Result<Reservation, ErrorBody> {
+    /// `MAX_SESSIONS_PER_USER`, or, for a connection proving the enrolled `device`,
+    /// that device's reach `MAX_SESSIONS_PER_DEVICE` (`None`: a device being enrolled).
+    pub fn reserve(&self, user: UserId, device: Option<DeviceId>) -> Result<Reservation, ErrorBody> {
         let sessions = self.sessions();
         let attached = sessions.get(&user).copied().unwrap_or(0);
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = reserved.get(&user).copied().unwrap_or(0);
+        let taken = reserved.by_user.get(&user).copied().unwrap_or(0);
         if attached + taken >= MAX_SESSIONS_PER_USER {
             return Err(ErrorBody::new(ErrorCode::RATE_LIMITED, TOO_MANY_CONNECTIONS));
         }
-        reserved.insert(user, taken + 1);
-        Ok(Reservation { user, reserved: self.reserved.clone() })
+        if let Some(device) = device {
+            // `Online` changes under the sessions' lock, held here.
+            let attached = self.online.sessions(user).map_or(0, |s| s.iter().filter(|s| s.device == device).count());
+            let taken = reserved.by_device.get(&(user, device)).copied().unwrap_or(0);
+            if attached + taken >= MAX_SESSIONS_PER_DEVICE {
+                return Err(ErrorBody::new(ErrorCode::RATE_LIMITED, TOO_MANY_DEVICE_CONNECTIONS));
+            }
+            *reserved.by_device.entry((user, device)).or_insert(0) += 1;
+        }
+        *reserved.by_user.entry(user).or_insert(0) += 1;
+        Ok(Reservation { user, device, reserved: self.reserved.clone() })
     }
 
     /// Registers a connected session in the place `reserve` took for it.
@@ -593,14 +626,24 @@ mod tests {
     fn a_users_places_are_reserved_before_authed_and_given_back() {
         let users = UserDirectory::new(Arc::default(), 1000, 0, 1000);
         let mut places: Vec<Reservation> = Vec::new();
-        for _ in 0..MAX_SESSIONS_PER_USER {
-            places.push(users.reserve(7).unwrap());
+        // A device proving itself takes at most its own share; a device being enrolled
+        // (`None`) and other devices take the rest of the user's.
+        for _ in 0..MAX_SESSIONS_PER_DEVICE {
+            places.push(users.reserve(7, Some(1)).unwrap());
         }
-        assert_eq!(users.reserve(7).err().unwrap().code, ErrorCode::RATE_LIMITED);
-        assert!(users.reserve(8).is_ok(), "another user has its own places");
-        places.pop();
-        let again = users.reserve(7).unwrap();
+        let refused = users.reserve(7, Some(1)).err().unwrap();
+        assert_eq!((refused.code, refused.message.as_str()), (ErrorCode::RATE_LIMITED, TOO_MANY_DEVICE_CONNECTIONS));
+        for i in MAX_SESSIONS_PER_DEVICE..MAX_SESSIONS_PER_USER {
+            let device = if i % 2 == 0 { None } else { Some(2 + i as u64 / MAX_SESSIONS_PER_DEVICE as u64) };
+            places.push(users.reserve(7, device).unwrap());
+        }
+        let refused = users.reserve(7, Some(99)).err().unwrap();
+        assert_eq!((refused.code, refused.message.as_str()), (ErrorCode::RATE_LIMITED, TOO_MANY_CONNECTIONS));
+        assert!(users.reserve(8, Some(1)).is_ok(), "another user has its own places");
+        places.remove(0);
+        let again = users.reserve(7, Some(1)).unwrap();
         drop((places, again));
-        assert!(users.reserved.lock().unwrap().is_empty());
+        let reserved = users.reserved.lock().unwrap();
+        assert!(reserved.by_user.is_empty() && reserved.by_device.is_empty());
     }
 }

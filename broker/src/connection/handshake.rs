@@ -124,7 +124,7 @@ pub(super) async fn authenticate(
                 }
             })?;
             let user = auth.create_user(&e.user, checked.hash.clone()).await?;
-            let place = shared.users.reserve(user)?;
+            let place = shared.users.reserve(user, None)?;
             let (device, _) = auth.enroll(user, &e.device_name, checked.key, Vec::new(), checked.hash, None).await?;
             (user, device, place, session)
         }
@@ -133,7 +133,7 @@ pub(super) async fn authenticate(
             shared.admission.source_fits(&unauthenticated)?;
             let (user, key, verified) = auth.check_login(&e, &transcript, from).await?;
             let session = shared.admission.promote(unauthenticated)?;
-            let place = shared.users.reserve(user)?;
+            let place = shared.users.reserve(user, None)?;
             // Disabled while the password was checked: no device is enrolled.
             crate::auth::refuse_if_disabled(&shared.store, user)?;
             let in_use = shared.online.sessions(user).map(|s| s.iter().map(|s| s.device).collect()).unwrap_or_default();
@@ -145,7 +145,7 @@ pub(super) async fn authenticate(
         RequestBody::Authenticate { user, device_id, signature } => {
             let user = auth.authenticate(&user, device_id, &signature, &transcript, from)?;
             let session = shared.admission.promote(unauthenticated)?;
-            let place = shared.users.reserve(user)?;
+            let place = shared.users.reserve(user, Some(device_id))?;
             crate::auth::refuse_if_disabled(&shared.store, user)?;
             auth.confirm(user, device_id).await?;
             (user, device_id, place, session)
