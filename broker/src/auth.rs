@@ -490,30 +490,8 @@ impl Auth {
         sign_out_others: Option<crate::user::Closer>,
     ) -> Result<Vec<DeviceId>, ErrorBody> {
         check_password(new)?;
-        // No account has such a password (as in `check_login`): wrong, at once, with no
-        // hash and nothing counted.
-        if check_password(current).is_err() {
-            return Err(wrong_current_password());
-        }
-        let now = crate::now_ms();
-        let keys = [LimitKey::Account(user)];
-        let too_many =
-            |_| fail(ErrorCode::RATE_LIMITED, "too many password changes for this account; try again in a minute");
-        // Counted before any work, and refunded only when no password was checked (no
-        // hashing turn): concurrent requests cannot all pass the check before one is
-        // counted.
-        self.password_changes.check(&keys, now).map_err(too_many)?;
-        self.password_changes.record(&keys, now).map_err(too_many)?;
-        let record = self.store.user(user).map_err(internal)?.ok_or_else(wrong_current_password)?;
-        // No turn (`OVERLOADED`, others' logins filling the queue, or the address's hashes
-        // spent): nothing was tried, so the change is not counted against the owner's
-        // allowance.
-        let addresses = address_keys(from);
-        self.hash_allowed(&addresses, now).inspect_err(|_| self.password_changes.refund(&keys))?;
-        let turn = self.argon.turn(Some(from)).inspect_err(|_| self.password_changes.refund(&keys))?;
-        let slot = self.argon.slot(turn).await?;
-        self.charge_hash(&addresses, crate::now_ms()).inspect_err(|_| self.password_changes.refund(&keys))?;
-        let (current, new, verified) = (current.to_owned(), new.to_owned(), record.password_hash);
+        let (verified, slot) = self.proof_turn(user, from, current).await?;
+        let (current, new) = (current.to_owned(), new.to_owned());
         let phc = verified.clone();
         let hashed = self.argon.run_holding(slot, move |argon| {
             let parsed = PasswordHash::new(&phc).map_err(internal)?;
@@ -556,6 +534,52 @@ impl Auth {
             Ok(revoked)
         })
         .await
+    }
+
+    /// The checks before a signed-in user's password proof (`ChangePassword`'s current
+    /// password, `RevokeOtherDevice`'s), in `change_password`'s order: `password`'s
+    /// length (`AUTH_FAILED`, uncounted), the account's allowance of proofs
+    /// (`PASSWORD_CHANGES_PER_ACCOUNT` a window, right or wrong: `RATE_LIMITED`), `from`'s
+    /// password checks, the password queue; then a turn of the password pool. Returns the
+    /// account's hash to check `password` against and the pool's slot to check it in.
+    async fn proof_turn(&self, user: UserId, from: IpAddr, password: &str) -> Result<(String, Slot), ErrorBody> {
+        // No account has such a password (as in `check_login`): wrong, at once, with no
+        // hash and nothing counted.
+        if check_password(password).is_err() {
+            return Err(wrong_current_password());
+        }
+        let now = crate::now_ms();
+        let keys = [LimitKey::Account(user)];
+        let too_many =
+            |_| fail(ErrorCode::RATE_LIMITED, "too many password proofs for this account; try again in a minute");
+        // Counted before any work, and refunded only when no password was checked (no
+        // hashing turn): concurrent requests cannot all pass the check before one is
+        // counted.
+        self.password_changes.check(&keys, now).map_err(too_many)?;
+        self.password_changes.record(&keys, now).map_err(too_many)?;
+        let record = self.store.user(user).map_err(internal)?.ok_or_else(wrong_current_password)?;
+        // No turn (`OVERLOADED`, others' logins filling the queue, or the address's hashes
+        // spent): nothing was tried, so the proof is not counted against the owner's
+        // allowance.
+        let addresses = address_keys(from);
+        self.hash_allowed(&addresses, now).inspect_err(|_| self.password_changes.refund(&keys))?;
+        let turn = self.argon.turn(Some(from)).inspect_err(|_| self.password_changes.refund(&keys))?;
+        let slot = self.argon.slot(turn).await?;
+        self.charge_hash(&addresses, crate::now_ms()).inspect_err(|_| self.password_changes.refund(&keys))?;
+        Ok((record.password_hash, slot))
+    }
+
+    /// A signed-in user's proof of the account's password (`RevokeOtherDevice`), checked
+    /// and limited as `ChangePassword`'s current password (`proof_turn`): `Ok` if
+    /// `password` is the account's, `AUTH_FAILED` if not.
+    pub(crate) async fn prove_password(&self, user: UserId, from: IpAddr, password: &str) -> Result<(), ErrorBody> {
+        let (phc, slot) = self.proof_turn(user, from, password).await?;
+        let password = password.to_owned();
+        let proved = self.argon.run_holding(slot, move |argon| {
+            let parsed = PasswordHash::new(&phc).map_err(internal)?;
+            Ok::<_, ErrorBody>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
+        });
+        if proved.await?? { Ok(()) } else { Err(wrong_current_password()) }
     }
 
     /// Replaces `user`'s password hash `verified`, made under another argon2 cost than the

@@ -836,9 +836,21 @@ impl Client {
         }
     }
 
-    /// Revokes one of my devices (closing its connections).
+    /// Revokes this device (signing it out; its connections close, this one too, maybe
+    /// before the answer). Another device's id is `FORBIDDEN`: that takes the account's
+    /// password (`revoke_other_device`).
     pub async fn revoke_device(&self, device_id: DeviceId) -> Result<()> {
         match self.request(RequestBody::RevokeDevice { device_id }).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Revokes one of my devices, proving the account's password (`AUTH_FAILED` if wrong,
+    /// counted like `change_password`'s; `NOT_FOUND` if it is no device of mine), closing
+    /// its connections.
+    pub async fn revoke_other_device(&self, device_id: DeviceId, password: &str) -> Result<()> {
+        match self.request(RequestBody::RevokeOtherDevice { device_id, password: password.to_owned() }).await? {
             Reply::Done => Ok(()),
             other => Err(unexpected(other)),
         }

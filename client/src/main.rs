@@ -442,7 +442,9 @@ enum DeviceCommand {
     /// List devices (the default).
     List,
     /// Revoke a device by id (this home's own with --this-device): its connections close
-    /// and it can no longer sign in.
+    /// and it can no longer sign in. Another device takes the account's password
+    /// (SWITCHBOARD_PASSWORD, else asked), so a device alone cannot sign its owner's
+    /// others out.
     Revoke {
         /// The device's id, as `sb devices` lists it (this home's own with --this-device).
         #[arg(required_unless_present = "this_device")]
@@ -1584,7 +1586,13 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
                 if this_device && !current {
                     bail!("--this-device: device {device} is not this one (see `sb devices`)");
                 }
-                match client.revoke_device(device).await {
+                let revoked = if current {
+                    client.revoke_device(device).await
+                } else {
+                    let user = load_state(home)?.identity.map_or_else(|| "this account".to_owned(), |i| i.user);
+                    client.revoke_other_device(device, &password(&user, false)?).await
+                };
+                match revoked {
                     Ok(()) => {}
                     // Our own connection closes with the revocation, maybe before `Done`.
                     Err(e @ ClientError::Closed { .. }) if current => {

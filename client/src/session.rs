@@ -571,6 +571,7 @@ pub fn retry_safe(body: &RequestBody) -> bool {
         | RequestBody::SetTitle { .. }
         | RequestBody::Leave { .. }
         | RequestBody::RevokeDevice { .. }
+        | RequestBody::RevokeOtherDevice { .. }
         // A second change would be checked against the password the first one replaced.
         | RequestBody::ChangePassword { .. }
         // A second begin starts a second upload; a second cancel or delete would answer

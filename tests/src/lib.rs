@@ -555,7 +555,7 @@ pub async fn revoked_while_held(tb: &TestBroker, by: &Client, user: &str, point:
     let asked = tokio::spawn(async move { phone.request(body).await });
     within(STEP_DEADLINE, "the phone's request held", held.reached()).await;
     let slots = tb.shared().users.store_slots(id.user_id);
-    by.revoke_device(id.device_id).await.unwrap();
+    by.revoke_other_device(id.device_id, tb.password).await.unwrap();
     held.release();
     // The revocation closed the phone's connection: its answer never comes.
     assert!(asked.await.unwrap().is_err());

@@ -25,7 +25,7 @@ async fn revoked_device_is_disconnected_and_cannot_return() {
         let devices = laptop.devices().await.unwrap();
         assert_eq!(devices.len(), 2);
         assert!(devices.iter().any(|d| d.device_id == laptop_id.device_id && d.current));
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
         let closed = tokio::time::timeout(Duration::from_secs(10), phone.closed()).await.unwrap();
         assert_eq!(closed.code(), Some(ErrorCode::DEVICE_REVOKED));
         // Its holder is told it was revoked; anyone else naming it learns nothing.
@@ -39,7 +39,42 @@ async fn revoked_device_is_disconnected_and_cannot_return() {
         assert_eq!(laptop.devices().await.unwrap().len(), 1);
         // Another user's device cannot be revoked.
         let (bob, _) = tb.register("bob").await;
-        assert_eq!(bob.revoke_device(laptop_id.device_id).await.unwrap_err().code(), Some(ErrorCode::NOT_FOUND));
+        assert_eq!(
+            bob.revoke_other_device(laptop_id.device_id, tb.password).await.unwrap_err().code(),
+            Some(ErrorCode::NOT_FOUND)
+        );
+    })
+    .await
+}
+
+/// A device key alone revokes no other device: `RevokeDevice` of another is
+/// `FORBIDDEN`, and `RevokeOtherDevice` takes the account's password (a wrong one is
+/// `AUTH_FAILED` and revokes nothing). Before, a stolen phone signed its owner out
+/// everywhere with its key, and revoked each device the owner enrolled to take the
+/// account back before its password change was written (an attacker review). A device
+/// still signs itself out with its key alone.
+#[tokio::test]
+async fn a_device_key_alone_revokes_no_other_device() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (laptop, laptop_id) = tb.register("alice").await;
+        let (thief, thief_id) = tb.login("alice").await;
+        let refused = thief.revoke_device(laptop_id.device_id).await.err().map(|e| e.code());
+        assert_eq!(refused, Some(Some(ErrorCode::FORBIDDEN)));
+        let wrong = thief.revoke_other_device(laptop_id.device_id, "not the password").await.err().map(|e| e.code());
+        assert_eq!(wrong, Some(Some(ErrorCode::AUTH_FAILED)));
+        laptop.ping().await.unwrap();
+        assert_eq!(laptop.devices().await.unwrap().len(), 2, "the thief revoked nothing");
+        // The owner, proving the password, signs the thief's device out.
+        laptop.revoke_other_device(thief_id.device_id, tb.password).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), thief.closed()).await.unwrap();
+        assert_eq!(closed.code(), Some(ErrorCode::DEVICE_REVOKED));
+        // A device signs itself out with its key (its connection may close first).
+        let (phone, phone_id) = tb.login("alice").await;
+        let _ = phone.revoke_device(phone_id.device_id).await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), phone.closed()).await.unwrap();
+        assert_eq!(closed.code(), Some(ErrorCode::DEVICE_REVOKED));
+        assert_eq!(laptop.devices().await.unwrap().len(), 1);
     })
     .await
 }
@@ -58,7 +93,7 @@ async fn a_device_that_stops_reading_its_control_stream_cannot_outlive_a_revocat
         // The answer to the ping meets the stopped stream.
         raw.send.write_all(&request_frame(1, RequestBody::Ping)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
         let send = RequestBody::Send { conv, client_id: [7; 16], text: "after the revocation".into() };
         let _ = raw.send.write_all(&request_frame(2, send)).await;
         assert!(closed_with(&raw.conn).await.is_some(), "the broker closed the connection");
@@ -124,7 +159,7 @@ async fn a_revocation_closes_a_session_draining_to_a_peer_that_does_not_read() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(raw.conn.close_reason().is_none(), "the session is draining");
         let began = std::time::Instant::now();
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
         assert_eq!(closed_with(&raw.conn).await, Some(ErrorCode::DEVICE_REVOKED));
         assert!(began.elapsed() < Duration::from_secs(2), "closed {:?} after the revocation", began.elapsed());
     })
@@ -494,11 +529,14 @@ async fn a_device_reconnecting_after_many_other_handshakes_resumes_its_tls_sessi
 async fn a_revoked_device_is_cut_off_before_the_revocation_is_answered() {
     switchboard_tests::bounded(async {
         let tb = TestBroker::start().await;
-        let (laptop, _) = tb.register("alice").await;
         for round in 0..10 {
-            let (phone, phone_id) = tb.login("alice").await;
+            // An account a round: revoking another device proves the password, five a
+            // minute per account.
+            let name = format!("alice{round}");
+            let (laptop, _) = tb.register(&name).await;
+            let (phone, phone_id) = tb.login(&name).await;
             phone.ping().await.unwrap();
-            laptop.revoke_device(phone_id.device_id).await.unwrap();
+            laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
             let after = phone.ping().await;
             assert!(after.is_err(), "round {round}: the revoked device was still served: {after:?}");
         }
@@ -775,7 +813,10 @@ async fn a_revocation_finding_no_device_still_closes_its_sessions() {
         // And by the device's own user, from another device.
         let (tablet, tablet_id) = tb.login("alice").await;
         shared.store.remove_device(tablet_id.user_id, tablet_id.device_id).unwrap().unwrap().await.unwrap();
-        assert_eq!(laptop.revoke_device(tablet_id.device_id).await.unwrap_err().code(), Some(ErrorCode::NOT_FOUND));
+        assert_eq!(
+            laptop.revoke_other_device(tablet_id.device_id, tb.password).await.unwrap_err().code(),
+            Some(ErrorCode::NOT_FOUND)
+        );
         let closed = tokio::time::timeout(Duration::from_secs(10), tablet.closed()).await;
         assert_eq!(closed.map(|e| e.code()), Ok(Some(ErrorCode::DEVICE_REVOKED)));
     })
@@ -1006,7 +1047,7 @@ async fn revoked_with_a_mark_queued(
     let (id, pong) = switchboard_tests::next_response(&mut phone).await;
     assert!(id == 2 && matches!(pong, Ok(Reply::Pong { .. })), "the ping is answered first: {id} {pong:?}");
     assert_eq!(tb.shared().convs.mailbox_depth(conv), Some(1), "the mark waits in the mailbox");
-    laptop.revoke_device(phone_id.device_id).await.unwrap();
+    laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
     sent.release();
     within(STEP_DEADLINE, "the held send", held).await.unwrap().unwrap();
     assert_eq!(alices().await, before, "the mark landed after its device was revoked");
@@ -1058,7 +1099,7 @@ async fn a_password_change_in_flight_from_a_revoked_device_does_not_land() {
                     execute(&ops, set_disabled(true)).await.unwrap_or_else(|e| panic!("{e}"));
                     execute(&ops, set_disabled(false)).await.unwrap_or_else(|e| panic!("{e}"));
                 } else {
-                    laptop.revoke_device(phone_id.device_id).await.unwrap();
+                    laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
                 }
                 // Still hashing: the change's write comes after the revocation's answer.
                 let in_time = shared.status().password_checks > 0;

@@ -36,6 +36,7 @@ enum Kind {
     History,
     ListDevices,
     RevokeDevice,
+    RevokeOtherDevice,
     MarkDelivered,
     MarkRead,
     Receipts,
@@ -82,6 +83,7 @@ fn kind_of(body: &RequestBody) -> Kind {
         RequestBody::History { .. } => Kind::History,
         RequestBody::ListDevices => Kind::ListDevices,
         RequestBody::RevokeDevice { .. } => Kind::RevokeDevice,
+        RequestBody::RevokeOtherDevice { .. } => Kind::RevokeOtherDevice,
         RequestBody::MarkDelivered { .. } => Kind::MarkDelivered,
         RequestBody::MarkRead { .. } => Kind::MarkRead,
         RequestBody::Receipts { .. } => Kind::Receipts,
@@ -170,7 +172,10 @@ const MATRIX: &[(Kind, Expect, Expect, Expect, Expect)] = &[
     (Kind::Delete,             Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Refused(FORBIDDEN),  Closed(DEVICE_REVOKED)),
     (Kind::History,            Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
     (Kind::ListDevices,        Closed(NOT_AUTHENTICATED), ServedBlind,       ServedBlind,         Closed(DEVICE_REVOKED)),
-    (Kind::RevokeDevice,       Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
+    // Another's device, with the key alone: refused before any lookup.
+    (Kind::RevokeDevice,       Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Hidden(FORBIDDEN),   Closed(DEVICE_REVOKED)),
+    // With the caller's own password: no device of the caller's.
+    (Kind::RevokeOtherDevice,  Closed(NOT_AUTHENTICATED), Hidden(NOT_FOUND), Hidden(NOT_FOUND),   Closed(DEVICE_REVOKED)),
     // Marks are batched over conversations: a stranger's are dropped, not refused.
     (Kind::MarkDelivered,      Closed(NOT_AUTHENTICATED), Served,            Served,              Closed(DEVICE_REVOKED)),
     (Kind::MarkRead,           Closed(NOT_AUTHENTICATED), Hidden(FORBIDDEN), Served,              Closed(DEVICE_REVOKED)),
@@ -335,6 +340,10 @@ fn body(w: &World, kind: Kind, who: Who, target: Target, transcript: &[u8]) -> R
         Kind::RevokeDevice => {
             RequestBody::RevokeDevice { device_id: if real { w.alice_id.device_id } else { MISSING_DEVICE } }
         }
+        Kind::RevokeOtherDevice => RequestBody::RevokeOtherDevice {
+            device_id: if real { w.alice_id.device_id } else { MISSING_DEVICE },
+            password: w.tb.password.into(),
+        },
         Kind::MarkDelivered => RequestBody::MarkDelivered { marks: vec![(conv, w.message)] },
         Kind::MarkRead => RequestBody::MarkRead { conv, seq: w.message },
         Kind::Receipts => RequestBody::Receipts { conv },
@@ -516,7 +525,7 @@ async fn check_column(w: &World, who: Who) {
 
 #[test]
 fn every_request_kind_has_one_row() {
-    const ALL: [Kind; 40] = [
+    const ALL: [Kind; 41] = [
         Kind::Register,
         Kind::Login,
         Kind::Authenticate,
@@ -533,6 +542,7 @@ fn every_request_kind_has_one_row() {
         Kind::History,
         Kind::ListDevices,
         Kind::RevokeDevice,
+        Kind::RevokeOtherDevice,
         Kind::MarkDelivered,
         Kind::MarkRead,
         Kind::Receipts,
@@ -665,7 +675,13 @@ async fn a_revoked_device_is_closed_and_cannot_authenticate_again() {
             let (phone, phone_id) = w.tb.login(name).await;
             let mut events = phone.events().unwrap();
             phone.send(w.group, "from my phone").await.unwrap();
-            within(switchboard_tests::STEP_DEADLINE, "revoke", laptop.revoke_device(phone_id.device_id)).await.unwrap();
+            within(
+                switchboard_tests::STEP_DEADLINE,
+                "revoke",
+                laptop.revoke_other_device(phone_id.device_id, w.tb.password),
+            )
+            .await
+            .unwrap();
             events_end_with(&mut events, &phone, ErrorCode::DEVICE_REVOKED).await;
             // The closed connection serves nothing more.
             let e = phone.ping().await.unwrap_err();

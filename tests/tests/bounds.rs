@@ -1164,7 +1164,7 @@ async fn a_33rd_device_is_forbidden_until_one_is_revoked() {
             .unwrap();
         assert_eq!(e.code(), Some(ErrorCode::FORBIDDEN), "{e}");
         assert_eq!(alice.devices().await.unwrap().len(), MAX_DEVICES_PER_USER);
-        alice.revoke_device(last.unwrap().device_id).await.unwrap();
+        alice.revoke_other_device(last.unwrap().device_id, tb.password).await.unwrap();
         tb.login("alice").await.0.ping().await.unwrap();
     })
     .await

@@ -3426,7 +3426,7 @@ async fn an_upload_opening_queued_before_its_device_was_revoked_takes_nothing_ov
         // The phone's opening waits behind the held chunk; then the phone is revoked.
         let mut queued = Transfer::open(phone.connection(), &TransferOpen::Upload { file, offset: 1000 }).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
         held.release();
         assert!(matches!(live.reply().await, Some(TransferReply::Durable { offset: 1000 })));
         live.chunk(1000, &data[1000..], None).await;
@@ -3510,7 +3510,7 @@ async fn chunk_held_then_cut_off(how: CutOff) {
         assert_eq!(offset_of(status(&again, file).await.unwrap()), 0);
         again
     } else {
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
         laptop
     };
     held.release();
@@ -3556,7 +3556,7 @@ async fn a_revoked_devices_queued_chunks_are_not_written() {
                 }
             })
             .await;
-            laptop.revoke_device(phone_id.device_id).await.unwrap();
+            laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
             let at_revocation = offset_of(status(&laptop, begun.file).await.unwrap());
             tokio::time::sleep(Duration::from_millis(500)).await;
             let later = status(&laptop, begun.file).await.unwrap();

@@ -344,7 +344,7 @@ async fn an_established_sessions_close_reason_is_its_codes_name() {
             other => panic!("{other:?}"),
         };
         let revoked = tb.connector().connect_raw(&phone_id).await.unwrap();
-        laptop.revoke_device(phone_id.device_id).await.unwrap();
+        laptop.revoke_other_device(phone_id.device_id, tb.password).await.unwrap();
         closed_with(&revoked.conn).await;
         assert_eq!(reason(&revoked.conn), (ErrorCode::DEVICE_REVOKED, "DEVICE_REVOKED".into()));
         let (_, alice_id) = tb.login("alice").await;

@@ -255,7 +255,7 @@ async fn a_revoked_device_stops_for_good() {
         drop(phone_client);
         let (session, mut events) = start(&tb, &phone);
         wait_for(&mut events, "connected", |e| matches!(e, SessionEvent::Connected)).await;
-        laptop.revoke_device(phone.device_id).await.unwrap();
+        laptop.revoke_other_device(phone.device_id, tb.password).await.unwrap();
         let mut stopped = None;
         within(STEP_DEADLINE, "the end of the stream", async {
             while let Some(event) = events.next().await {

@@ -409,6 +409,7 @@ fn answer_bound(body: &RequestBody) -> usize {
         | RequestBody::Edit { .. }
         | RequestBody::Delete { .. }
         | RequestBody::RevokeDevice { .. }
+        | RequestBody::RevokeOtherDevice { .. }
         | RequestBody::MarkDelivered { .. }
         | RequestBody::MarkRead { .. }
         | RequestBody::SetPresence { .. }
@@ -583,11 +584,31 @@ impl Session {
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || reply.send(catalog::list_devices(&shared, caller)));
             }
+            // This device only: another takes the password (`RevokeOtherDevice`). Before,
+            // any device revoked any other with its key alone, so a stolen phone signed
+            // its owner out everywhere, and revoked each device the owner enrolled to
+            // take the account back before its `ChangePassword` was written (an attacker
+            // review).
+            RequestBody::RevokeDevice { device_id } if device_id != caller.device => reply.send(Err(ErrorBody::new(
+                ErrorCode::FORBIDDEN,
+                "revoking another device takes the account's password (RevokeOtherDevice)",
+            ))),
             RequestBody::RevokeDevice { device_id } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let by = catalog::Asker::of(caller, &reply);
                     reply.send(catalog::revoke_device(&shared, caller.user, device_id, Some(by)).await)
+                });
+            }
+            RequestBody::RevokeOtherDevice { device_id, password } => {
+                let (shared, from) = (shared.clone(), self.source);
+                tokio::spawn(async move {
+                    let by = catalog::Asker::of(caller, &reply);
+                    let revoked = async {
+                        shared.auth.prove_password(caller.user, from, &password).await?;
+                        catalog::revoke_device(&shared, caller.user, device_id, Some(by)).await
+                    };
+                    reply.send(revoked.await)
                 });
             }
             RequestBody::Block { user, blocked } => {

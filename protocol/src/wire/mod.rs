@@ -172,6 +172,7 @@ mod tests {
         "request_withdraw_file",
         "request_entry_names",
         "response_names",
+        "request_revoke_other_device",
     ];
 
     /// Fixed time used by every fixture: 2023-11-14T22:13:20Z.
@@ -513,6 +514,9 @@ mod tests {
             ),
             "request_set_role" => req(32, RequestBody::SetRole { conv: CONV, user: 3, role: Role::Owner }),
             "request_set_title" => req(40, RequestBody::SetTitle { conv: CONV, title: "ops".into() }),
+            "request_revoke_other_device" => {
+                req(41, RequestBody::RevokeOtherDevice { device_id: 4, password: "correct horse".into() })
+            }
             "event_entry_title_changed" => event(14, Body::TitleChanged { title: "ops".into() }),
             "event_entry_roles_changed" => {
                 event(13, Body::RolesChanged { members: vec![(3, Role::Owner), (2, Role::Admin)] })
@@ -643,6 +647,8 @@ mod tests {
             }),
             Just(RequestBody::ListDevices),
             any::<DeviceId>().prop_map(|device_id| RequestBody::RevokeDevice { device_id }),
+            (any::<DeviceId>(), ".{0,20}")
+                .prop_map(|(device_id, password)| RequestBody::RevokeOtherDevice { device_id, password }),
             (any::<ConvId>(), any::<Seq>()).prop_map(|(conv, seq)| RequestBody::EntryNames { conv, seq }),
         ]
     }

@@ -116,7 +116,9 @@ pub enum RequestBody {
     },
     /// My enrolled devices.
     ListDevices,
-    /// Revoke one of my devices; its live connection is closed.
+    /// Revoke this device (sign it out); its live connections are closed. Another
+    /// device's id is `FORBIDDEN` (since 2026-12-07): revoking another takes the
+    /// account's password, `RevokeOtherDevice`.
     RevokeDevice {
         /// Device to revoke.
         device_id: DeviceId,
@@ -294,6 +296,17 @@ pub enum RequestBody {
         conv: ConvId,
         /// The new title.
         title: String,
+    },
+    /// Revoke one of my devices, proving the account's password (checked and limited
+    /// like `ChangePassword`'s current one: `AUTH_FAILED` if wrong). Replies `Done`; its
+    /// live connections close with `DEVICE_REVOKED`. `RevokeDevice` revokes only the
+    /// device asking: a device key alone (a stolen phone's) does not revoke the owner's
+    /// other devices. Since 2026-12-07.
+    RevokeOtherDevice {
+        /// Device to revoke.
+        device_id: DeviceId,
+        /// The account's password.
+        password: String,
     },
 }
 
