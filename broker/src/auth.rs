@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, VerifyingKey};
 use switchboard_protocol::limits::{MAX_NAME_BYTES, MAX_PASSWORD_BYTES};
 use switchboard_protocol::{DeviceId, Enroll, ErrorBody, ErrorCode, UserId};
 use switchboard_storage::{DeviceRecord, Replace, SignOut, Store, StoreError};
@@ -102,9 +102,9 @@ pub(crate) fn refuse_if_disabled(store: &Store, user: UserId) -> Result<(), Erro
 /// (`Auth::authenticate`), so that the check costs the same either way. Its secret is
 /// no secret (it is here): a signature that verifies against it proves nothing, since
 /// there is no device for it to let in.
-fn decoy_key() -> VerifyingKey {
-    static DECOY: std::sync::OnceLock<VerifyingKey> = std::sync::OnceLock::new();
-    *DECOY.get_or_init(|| ed25519_dalek::SigningKey::from_bytes(&[0x5b; 32]).verifying_key())
+fn decoy_key() -> [u8; 32] {
+    static DECOY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *DECOY.get_or_init(|| ed25519_dalek::SigningKey::from_bytes(&[0x5b; 32]).verifying_key().to_bytes())
 }
 
 /// Whether `hash` was made under `params`' memory, passes and lanes (the broker's
@@ -232,8 +232,10 @@ impl Auth {
         if check_user_name(&req.user).is_err() || check_password(&req.password).is_err() {
             return Err(wrong_password());
         }
-        let user = self.store.user_by_name(&req.user).map_err(internal)?;
+        // The signature first: a login refused for it reads nothing, so its time does
+        // not tell whether the name has an account (a review).
         let key = verify_enrollment(req, transcript)?;
+        let user = self.store.user_by_name(&req.user).map_err(internal)?;
         let mut keys = vec![LimitKey::Name(*blake3::hash(req.user.as_bytes()).as_bytes())];
         keys.extend(addresses.iter().cloned());
         self.passwords.check(&keys, now)?;
@@ -344,12 +346,14 @@ impl Auth {
             },
             Err(_) => None,
         };
-        let key = match &found {
-            Some((_, _, public_key)) => VerifyingKey::from_bytes(public_key).ok(),
-            None => Some(decoy_key()),
-        };
-        let proved = key
-            .is_some_and(|key| Signature::from_slice(signature).is_ok_and(|sig| key.verify(transcript, &sig).is_ok()));
+        // The decoy's bytes are decompressed as an enrolled key's are, each time (a
+        // decoy kept decompressed answered an unknown device a point decompression
+        // sooner: a review), and checked as strictly (`verify_strict`: a weak key, one
+        // enrolled before weak keys were refused, proves nothing).
+        let key = VerifyingKey::from_bytes(found.as_ref().map_or(&decoy_key(), |(_, _, public_key)| public_key)).ok();
+        let proved = key.is_some_and(|key| {
+            Signature::from_slice(signature).is_ok_and(|sig| key.verify_strict(transcript, &sig).is_ok())
+        });
         let verified = found.filter(|_| proved).map(|(user, proof, _)| (user, proof));
         match verified {
             Some((user, Proof::Enrolled)) => {
@@ -710,9 +714,18 @@ fn verify_enrollment(req: &Enroll, transcript: &[u8]) -> Result<[u8; 32], ErrorB
         req.public_key.as_ref().try_into().map_err(|_| fail(ErrorCode::INVALID, "public key must be 32 bytes"))?;
     let verifying =
         VerifyingKey::from_bytes(&key).map_err(|_| fail(ErrorCode::INVALID, "not an Ed25519 public key"))?;
+    // A key of small order (the identity point, say) verifies one signature for every
+    // transcript: enrolled, anyone who learned the device's id could sign in as it
+    // (ed25519-dalek's `verify` does not refuse such keys; `verify_strict` does; an
+    // attacker review).
+    if verifying.is_weak() {
+        return Err(fail(ErrorCode::INVALID, "a weak Ed25519 public key (of small order)"));
+    }
     let sig =
         Signature::from_slice(&req.signature).map_err(|_| fail(ErrorCode::INVALID, "signature must be 64 bytes"))?;
-    verifying.verify(transcript, &sig).map_err(|_| fail(ErrorCode::AUTH_FAILED, "device signature does not verify"))?;
+    verifying
+        .verify_strict(transcript, &sig)
+        .map_err(|_| fail(ErrorCode::AUTH_FAILED, "device signature does not verify"))?;
     Ok(key)
 }
 
@@ -1326,6 +1339,29 @@ mod tests {
             public_key: bytes::Bytes::copy_from_slice(key.verifying_key().as_bytes()),
             signature: bytes::Bytes::copy_from_slice(&key.sign(b"t").to_bytes()),
         }
+    }
+
+    /// An enrollment with a key of small order (here the identity point, with the
+    /// signature that verifies for it over any transcript under a non-strict check) is
+    /// refused: before, it was enrolled, and anyone who learned the device's id signed
+    /// in as it.
+    #[test]
+    fn an_enrollment_with_a_weak_key_is_refused() {
+        use ed25519_dalek::Verifier;
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let mut signature = [0u8; 64];
+        signature[..32].copy_from_slice(&identity);
+        let weak = Enroll {
+            public_key: bytes::Bytes::copy_from_slice(&identity),
+            signature: bytes::Bytes::copy_from_slice(&signature),
+            ..login_request("alice", "correct horse battery")
+        };
+        let key = VerifyingKey::from_bytes(&identity).unwrap();
+        assert!(key.verify(b"any transcript", &Signature::from_bytes(&signature)).is_ok(), "a forgery without the fix");
+        let refused = verify_enrollment(&weak, b"t").unwrap_err();
+        assert_eq!(refused.code, ErrorCode::INVALID, "{refused:?}");
+        assert!(verify_enrollment(&login_request("alice", "correct horse battery"), b"t").is_ok());
     }
 
     fn password_limiter(capacity: usize) -> FailureLimiter {

@@ -391,10 +391,19 @@ pub(crate) async fn settings(
 ) -> Result<Reply, ErrorBody> {
     if let Some(new) = set {
         shared.pauses.pass(crate::pauses::Point::Settings).await;
-        let written =
-            catalog_write(&shared.store, move |s| unless_cut_off(s, user, &asker, |s| s.set_settings(user, &new)))
-                .await?;
-        written.map_err(internal)??.await.map_err(internal)?;
+        // Settings as they stand are answered without a write, and a change spends one of
+        // the user's creations (as a `Block` does): before, each was a write and a commit
+        // on the catalog thread, free, so a few accounts resending their settings kept
+        // the thread that serves logins and revocations busy (an attacker review).
+        if shared.store.settings(user).map_err(internal)? != new {
+            shared.users.allow_creation(user).map_err(|refused| {
+                ErrorBody::new(refused.code, "changing settings too fast; retry in a few seconds")
+            })?;
+            let written =
+                catalog_write(&shared.store, move |s| unless_cut_off(s, user, &asker, |s| s.set_settings(user, &new)))
+                    .await?;
+            written.map_err(internal)??.await.map_err(internal)?;
+        }
     }
     durable_watermark_read(shared, move |shared| shared.store.settings(user)).await.map(Reply::Settings)
 }

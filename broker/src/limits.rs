@@ -183,9 +183,10 @@ pub const MAX_SESSIONS_PER_USER: usize = 2 * MAX_DEVICES_PER_USER;
 /// stolen phone say, could hold all of its account's `MAX_SESSIONS_PER_USER` places with
 /// its key alone, and every other device of the owner, and every login, was refused
 /// until it let go, so the owner could not reach `ChangePassword` to sign it out (an
-/// attacker review). Eight leave room for a device that reconnects a few times before
-/// its old connections time out, and for a few `sb` commands at once beside `sb tail`.
-pub const MAX_SESSIONS_PER_DEVICE: usize = 8;
+/// attacker review). Sixteen, a quarter of the account's, leave room for a device that
+/// reconnects a few times before its old connections time out, and for a script's
+/// `sb` commands run at once from one home (a test runs 16).
+pub const MAX_SESSIONS_PER_DEVICE: usize = 16;
 /// Conversations one user may create in a burst, and the rate the allowance refills at
 /// (per second). Creating one is a catalog write (a sled batch, which holds up every
 /// other store access while it waits for a flush) and adds to the store for good, so a

@@ -489,8 +489,8 @@ fn unexpected(reply: Reply) -> SessionError {
 /// Whether a refusal with `code` of `body` says only that the broker shed it, so that
 /// after a backoff it may succeed unchanged: `OVERLOADED` (nothing was done), or
 /// `RATE_LIMITED` of a request that draws on the user's allowance of member rows (a
-/// read that lists members, a `MarkRead` that raised nothing, or one that decides who
-/// may read a file: `FileInfo`,
+/// read that lists members or conversations, or the user's blocks, a `MarkRead` that
+/// raised nothing, or one that decides who may read a file: `FileInfo`,
 /// `SendFiles`; it refills within a second or two) or of log entries (`History`,
 /// `CatchUp`: it refills 20,000 entries a second), `RATE_LIMITED` of a write that
 /// carries a client id (the user's allowance of writes, `writes_per_sec`: it refills
@@ -512,6 +512,9 @@ fn shed(code: ErrorCode, body: &RequestBody) -> bool {
             | RequestBody::FileInfo { .. }
             | RequestBody::SendFiles { .. }
             | RequestBody::Presence { .. }
+            | RequestBody::ListConversations { .. }
+            | RequestBody::ConversationStates { .. }
+            | RequestBody::BlockedUsers
     );
     code == ErrorCode::OVERLOADED
         || (code == ErrorCode::RATE_LIMITED && (read || keyed_write(body)))

@@ -1068,6 +1068,37 @@ async fn repeated_delivered_marks_not_yet_written_spend_the_allowance() {
     .await
 }
 
+/// The lists of a user's own (`ConversationStates`, `ListConversations`, `BlockedUsers`)
+/// spend its allowance of member rows: before, they were bounded only by the user's
+/// four store slots, and one account pipelining pages of conversation states (about a
+/// dozen store reads an item) kept the blocking pool reading (an attacker review).
+#[tokio::test]
+async fn lists_of_ones_own_spend_the_allowance_of_member_rows() {
+    bounded(async {
+        // A burst of 40 rows; 19 conversations: 76 rows a page of states, so the first
+        // page leaves the allowance 36 rows (1.8 s) in debt.
+        let tb = TestBroker::start_with(|c| c.member_rows_per_sec = 20).await;
+        let (alice, _) = tb.register("alice").await;
+        for i in 0..19 {
+            alice.create_group(&format!("g{i}"), &[]).await.unwrap();
+        }
+        let mut refused = None;
+        for asked in 1..=20 {
+            if let Err(e) = alice.conversation_states().await {
+                refused = Some((asked, e.code()));
+                break;
+            }
+        }
+        let (asked, code) = refused.expect("pages of states were never charged");
+        assert_eq!(code, Some(ErrorCode::RATE_LIMITED));
+        assert_eq!(asked, 2, "refused at page {asked}");
+        // The same allowance: the other lists are refused until it refills.
+        assert_eq!(alice.conversations().await.err().and_then(|e| e.code()), Some(ErrorCode::RATE_LIMITED));
+        assert_eq!(alice.blocked_users().await.err().and_then(|e| e.code()), Some(ErrorCode::RATE_LIMITED));
+    })
+    .await
+}
+
 /// `max_connections_per_address` sessions from one address (here 127.0.0.1), whoever's
 /// accounts they are: one more connection is refused before its handshake (the client
 /// library's `Refused`), and once one ends a new one is served. Before, only

@@ -324,6 +324,35 @@ async fn a_member_added_later_counts_unread_from_the_addition_and_again_after_re
     .await
 }
 
+/// Settings resent as they stand are answered without a write, and changes spend the
+/// user's allowance of creations: before, each was a write and a group commit on the
+/// catalog thread (which serves logins and revocations), free (an attacker review).
+#[tokio::test]
+async fn settings_resent_as_they_stand_write_nothing_and_changes_are_limited() {
+    bounded(async {
+        let tb = TestBroker::start().await;
+        let (bob, _) = tb.register("bob").await;
+        let private = Settings { read_receipts_private: true };
+        bob.settings(Some(private.clone())).await.unwrap();
+        let before = tb.shared().store.commit_stats().commits();
+        for _ in 0..50 {
+            assert_eq!(bob.settings(Some(private.clone())).await.unwrap(), private);
+        }
+        let commits = tb.shared().store.commit_stats().commits() - before;
+        assert!(commits < 5, "{commits} group commits for 50 settings as they stood");
+        // Every one a change: refused once the burst is spent.
+        let mut refused = None;
+        for i in 0..60 {
+            if let Err(e) = bob.settings(Some(Settings { read_receipts_private: i % 2 == 1 })).await {
+                refused = Some(e.code());
+                break;
+            }
+        }
+        assert_eq!(refused, Some(Some(ErrorCode::RATE_LIMITED)));
+    })
+    .await
+}
+
 #[tokio::test]
 async fn private_read_receipts_are_hidden_from_others_and_shown_to_own_devices() {
     bounded(async {

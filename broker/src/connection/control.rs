@@ -286,6 +286,34 @@ fn takes_a_store_slot(body: &RequestBody) -> bool {
     )
 }
 
+/// Member rows a `ConversationStates` item is charged: its summary's reads (record,
+/// membership, last seq, member count, a direct one's peer) and its state's (receipt,
+/// join, four seeks for the unread count), about a dozen, against a member row's one or
+/// two.
+const STATE_ROWS: usize = 4;
+
+/// A list answer (`ListConversations`, `ConversationStates`, `BlockedUsers`) within the
+/// caller's allowance of member rows (`UserDirectory::allow_member_reads`), charged a
+/// row per item listed (`STATE_ROWS` per conversation state). Before, these were bounded
+/// only by the user's store slots: one account pipelining pages kept four of the
+/// blocking pool's threads reading the store (an attacker review).
+async fn charged_list(
+    shared: &Shared,
+    user: UserId,
+    read: impl std::future::Future<Output = Result<Reply, ErrorBody>>,
+) -> Result<Reply, ErrorBody> {
+    shared.users.allow_member_reads(user)?;
+    let answer = read.await?;
+    let rows = match &answer {
+        Reply::Conversations { items, .. } => items.len(),
+        Reply::ConversationStates { items, .. } => STATE_ROWS * items.len(),
+        Reply::BlockedUsers(users) => users.len(),
+        _ => 0,
+    };
+    shared.users.charge_member_reads(user, rows);
+    Ok(answer)
+}
+
 /// Waits for `wait`, taking the connection's other traffic (`other_traffic`) meanwhile;
 /// `Err` when that traffic ends the session.
 async fn beside_other_traffic<F: std::future::Future>(
@@ -578,7 +606,10 @@ impl Session {
             }
             RequestBody::ListConversations { after } => {
                 let shared = shared.clone();
-                tokio::spawn(async move { reply.send(catalog::list_conversations(&shared, caller.user, after).await) });
+                tokio::spawn(async move {
+                    let read = catalog::list_conversations(&shared, caller.user, after);
+                    reply.send(charged_list(&shared, caller.user, read).await);
+                });
             }
             RequestBody::ListDevices => {
                 let shared = shared.clone();
@@ -620,7 +651,14 @@ impl Session {
             }
             RequestBody::BlockedUsers => {
                 let shared = shared.clone();
-                tokio::task::spawn_blocking(move || reply.send(catalog::blocked_users(&shared, caller.user)));
+                tokio::spawn(async move {
+                    let reader = shared.clone();
+                    let read = async move {
+                        let read = tokio::task::spawn_blocking(move || catalog::blocked_users(&reader, caller.user));
+                        read.await.map_err(crate::error::internal)?
+                    };
+                    reply.send(charged_list(&shared, caller.user, read).await);
+                });
             }
             RequestBody::ChangePassword { current, new, sign_out_others } => {
                 let (shared, from) = (shared.clone(), self.source);
@@ -648,9 +686,10 @@ impl Session {
             RequestBody::Receipts { conv } => convs.read(shared, conv, caller, Read::Receipts, reply).await,
             RequestBody::ConversationStates { after } => {
                 let shared = shared.clone();
-                tokio::spawn(
-                    async move { reply.send(catalog::conversation_states(&shared, caller.user, after).await) },
-                );
+                tokio::spawn(async move {
+                    let read = catalog::conversation_states(&shared, caller.user, after);
+                    reply.send(charged_list(&shared, caller.user, read).await);
+                });
             }
             RequestBody::Settings { set } => {
                 let shared = shared.clone();
