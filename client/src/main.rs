@@ -146,6 +146,11 @@ enum Command {
         #[arg(long, default_value_t = 10.0, value_parser = probe_timeout)]
         timeout: f64,
     },
+    /// Save the broker's address and trust given with --server and --ca or --pin (or
+    /// their SWITCHBOARD_ variables) as this home's, for a broker that moved (`register`
+    /// and `login` save them too; other commands use them for one run only); prints the
+    /// saved ones. Connects to nothing: `sb probe` checks them.
+    Server,
     /// Conversations.
     Conv {
         #[command(subcommand)]
@@ -382,7 +387,8 @@ enum FileCommand {
 enum ConvCommand {
     /// Create a conversation: one user and no title makes a direct conversation.
     Create {
-        /// Group title (makes a group even with one other user).
+        /// Group title (makes a group even with one other user); without it, a group of
+        /// two or more others is titled by its members' names.
         #[arg(long)]
         title: Option<String>,
         /// Other members.
@@ -656,6 +662,26 @@ fn error_json(e: &anyhow::Error) -> serde_json::Value {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let home = home_dir()?;
+    if matches!(cli.command, Command::Server) {
+        update_state(&home, |s| {
+            cli.broker.apply(s);
+            Ok(())
+        })?;
+        let saved = load_state(&home)?;
+        let server = saved.server.as_deref().unwrap_or(DEFAULT_SERVER);
+        let trust = match (&saved.ca, &saved.pin) {
+            (Some(ca), _) => format!("the certificate in {}", ca.display()),
+            (None, Some(pin)) => format!("the certificate of sha256 {pin}"),
+            (None, None) => {
+                "the default certificate (./switchboard-data/cert.pem, for a broker on this machine)".into()
+            }
+        };
+        let out = Out { json: cli.json, stderr: false };
+        out.line(json!({"event": "server", "server": server, "ca": saved.ca, "pin": saved.pin}), || {
+            format!("this home connects to {server}, trusting {trust}")
+        });
+        return Ok(());
+    }
     let mut state = load_state(&home)?;
     cli.broker.apply(&mut state);
     fill_defaults(&mut state);
@@ -717,7 +743,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let code = refused.and_then(ClientError::code);
         let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
         let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
-        if code == Some(ErrorCode::DEVICE_REVOKED) {
+        if matches!(refused, Some(ClientError::Connect(_))) {
+            // A broker that moved left this home's saved address behind, with nothing
+            // said about how to change it (a user's trial).
+            result = result.context(format!(
+                "is the broker running at {server}? Give another address with --server (or SWITCHBOARD_SERVER) for one \
+                 run, or save it for this home with `sb --server HOST:PORT server`"
+            ));
+        } else if code == Some(ErrorCode::DEVICE_REVOKED) {
             result = result.context(format!(
                 "this device was removed from {user}'s account at {server} (by `sb devices revoke` from another device, a password change that signed out the other devices, the operator, or, for one that never connected after its login, a newer login at the account's device limit): `sb login {user}` enrolls it again, with the account's password (a new one if it was changed)"
             ));
@@ -1340,10 +1373,32 @@ async fn member_id(client: &Client, conv: ConvId, user: &str) -> anyhow::Result<
     }
 }
 
+/// The title of a group created without one: its members' names, mine first, as many
+/// as fit a label (64 bytes) and then how many more (`alice, bob, carol +2`). Before,
+/// every such group was titled "group", and two of them could not be told apart by
+/// title (a user's trial).
+fn members_title(me: &str, others: &[String]) -> String {
+    const MAX: usize = switchboard_protocol::limits::MAX_NAME_BYTES as usize;
+    let names: Vec<&str> = std::iter::once(me).chain(others.iter().map(String::as_str)).collect();
+    let mut title = names[0].to_owned();
+    for (shown, name) in names.iter().enumerate().skip(1) {
+        // This name, and room to say how many follow it.
+        let after = names.len() - shown - 1;
+        let tail = if after > 0 { format!(" +{after}") } else { String::new() };
+        if title.len() + 2 + name.len() + tail.len() > MAX {
+            // Fits (the previous step left room for it), unless my own name is that long.
+            let more = format!("{title} +{}", names.len() - shown);
+            return if more.len() <= MAX { more } else { format!("{} members", names.len()) };
+        }
+        title = format!("{title}, {name}");
+    }
+    title
+}
+
 /// Runs `command` as `me` (this home's identity) on `client`.
 async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Register { .. } | Command::Login { .. } | Command::Probe { .. } => {
+        Command::Register { .. } | Command::Login { .. } | Command::Probe { .. } | Command::Server => {
             unreachable!("handled before connecting")
         }
         Command::Conv { command } => match command {
@@ -1354,7 +1409,8 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
                 users.retain(|u| seen.insert(u.clone()));
                 let conv = match (title, users.as_slice()) {
                     (None, [peer]) => client.create_direct(peer).await?,
-                    (title, _) => client.create_group(title.as_deref().unwrap_or("group"), &users).await?,
+                    (Some(title), _) => client.create_group(&title, &users).await?,
+                    (None, _) => client.create_group(&members_title(&me.user, &users), &users).await?,
                 };
                 out.conversation(&conv, None);
             }
@@ -1580,11 +1636,17 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
                     bail!("the broker lists no device as this one (see `sb devices`)");
                 };
                 let current = devices.iter().any(|d| d.current && d.device_id == device);
+                // Command lines sb will not run as given: status 2 (a user's trial: 1).
                 if current && !this_device {
-                    bail!("device {device} is this one: revoking it signs this home out; pass --this-device to do it");
+                    return Err(Usage(format!(
+                        "device {device} is this one: revoking it signs this home out; pass --this-device to do it"
+                    ))
+                    .into());
                 }
                 if this_device && !current {
-                    bail!("--this-device: device {device} is not this one (see `sb devices`)");
+                    return Err(
+                        Usage(format!("--this-device: device {device} is not this one (see `sb devices`)")).into()
+                    );
                 }
                 let revoked = if current {
                     client.revoke_device(device).await
@@ -2682,6 +2744,18 @@ fn device_name() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_group_without_a_title_is_titled_by_its_members() {
+        use super::members_title;
+        let names = |n: usize| (0..n).map(|i| format!("member{i:02}")).collect::<Vec<_>>();
+        assert_eq!(members_title("alice", &["bob".into(), "carol".into()]), "alice, bob, carol");
+        let many = members_title("alice", &names(20));
+        assert!(many.len() <= 64 && many.starts_with("alice, member00, ") && many.ends_with(" +15"), "{many}");
+        let long = "x".repeat(64);
+        assert_eq!(members_title(&long, &names(2)), "3 members");
+        assert_eq!(members_title(&"y".repeat(60), &["b".into()]), format!("{}, b", "y".repeat(60)));
+    }
+
     use super::*;
 
     /// The current directory's broker certificate is taken by itself for a broker on

@@ -218,6 +218,42 @@ fn is_terminal_unsafe(c: char) -> bool {
         || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
+/// A home whose broker moved is pointed at it with `sb --server ADDR server` (before,
+/// only every command's own --server reached it, or an edit of the state file), and a
+/// connect that finds no broker says so. A group created without a title is titled by
+/// its members (before: "group", every one of them). Users' trials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_is_pointed_at_a_broker_that_moved() {
+    let (dir, broker, alice, _bob) = alice_and_bob().await;
+    sb(&dir.path().join("carol"), &broker, &["register", "carol"]);
+    let group = sb(&alice, &broker, &["conv", "create", "bob", "carol"]);
+    assert_eq!(group[0]["title"], "alice, bob, carol", "{group:?}");
+    let bare = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sb"))
+            .env("SWITCHBOARD_HOME", &alice)
+            .env_remove("SWITCHBOARD_SERVER")
+            .env_remove("SWITCHBOARD_CA")
+            .env_remove("SWITCHBOARD_PIN")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Moved where nothing answers.
+    let saved = bare(&["--json", "--server", "127.0.0.1:9", "server"]);
+    assert!(saved.status.success(), "{}", String::from_utf8_lossy(&saved.stderr));
+    assert_eq!(json_lines(&saved.stdout)[0]["server"], "127.0.0.1:9");
+    let lost = bare(&["conv", "list"]);
+    let stderr = String::from_utf8_lossy(&lost.stderr);
+    assert_eq!(lost.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is the broker running at 127.0.0.1:9?") && stderr.contains("server`"), "{stderr}");
+    // Back where it is: the saved trust (its CA file) still applies.
+    let addr = broker.local_addr.to_string();
+    assert!(bare(&["--server", &addr, "server"]).status.success());
+    let listed = bare(&["--json", "conv", "list"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert_eq!(json_lines(&listed.stdout).len(), 1);
+}
+
 /// Many `sb` processes sharing one home must not trip over each other's state writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_commands_share_one_home() {
@@ -1465,7 +1501,7 @@ async fn revoking_this_device_takes_a_flag_and_then_says_how_to_come_back() {
     let me = devices.iter().find(|d| d["current"] == true).unwrap()["device_id"].as_u64().unwrap().to_string();
 
     let refused = sb_output(&phone, &broker, &["devices", "revoke", &me]);
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(2), "a command line sb will not run as given");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--this-device"));
     assert_eq!(sb(&laptop, &broker, &["devices"]).len(), 2, "nothing was revoked");
 

@@ -14,7 +14,6 @@
 //! name's shape is given by its number for a write. Owning the group is no
 //! exception: ownership is handed over without consent, and admins rename groups.
 
-use anyhow::bail;
 use switchboard_client::Client;
 use switchboard_protocol::{ConvId, ConversationKind, ConversationSummary};
 
@@ -194,7 +193,9 @@ pub fn pick<'a>(title: &str, convs: &'a [ConversationSummary]) -> anyhow::Result
         .into()),
         several => {
             let which: Vec<String> = several.iter().map(|c| describe(c)).collect();
-            bail!("several conversations go by {title:?}: {}; give its number", which.join("; "))
+            // A conflict (exit status 4; a user's trial: 1).
+            let why = format!("several conversations go by {title:?}: {}; give its number", which.join("; "));
+            Err(crate::Refused(switchboard_protocol::ErrorCode::CONFLICT, why).into())
         }
     }
 }

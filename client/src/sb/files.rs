@@ -118,19 +118,24 @@ pub async fn upload(
         (Some(id), _) => {
             let file = parse_file_id(id)?;
             let info = match uploader.client().await?.file_info(file).await {
-                Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => bail!(
-                    "upload {id} is gone (expired, cancelled, or not yours): {} starts it again",
-                    upload_command(reach, path.as_os_str())
-                ),
+                Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => {
+                    return Err(crate::Refused::not_found(format!(
+                        "upload {id} is gone (expired, cancelled, or not yours): {} starts it again",
+                        upload_command(reach, path.as_os_str())
+                    ))
+                    .into());
+                }
                 info => info?,
             };
+            // Exit status 5, as a file that does not match its hash (a user's trial: 1).
             if info.blake3 != new.blake3 || info.file.size != new.size {
-                bail!(
+                let why = format!(
                     "{} is not the file of upload {id} (its size or BLAKE3 differs): {} uploads it as a new \
                      file, `sb file cancel {id}` frees the old upload",
                     path.display(),
                     upload_command(reach, path.as_os_str())
                 );
+                return Err(crate::Refused(ErrorCode::HASH_MISMATCH, why).into());
             }
             (file, false)
         }
@@ -637,11 +642,14 @@ pub async fn download(
         }
         Err(e) => return Err(e.into()),
     };
+    // `NOT_READY`, as the broker says of a download of it: exit status 6, try again
+    // later (a user's trial: 1, so a script retrying on 6 never retried).
     if let FileState::Uploading { offset: have } = info.state {
-        bail!(
+        let why = format!(
             "{id} is still being uploaded ({have} of {} bytes): nothing downloaded; download it once it is complete",
             info.file.size
         );
+        return Err(crate::Refused(ErrorCode::NOT_READY, why).into());
     }
     // Into a directory: under the file's own name there (as `cp` does), a name its
     // uploader chose: never a hidden one (`.bashrc`), never one with a path in it (a
@@ -1632,10 +1640,12 @@ impl UploadLock {
                 return Ok(UploadLock { path, _file: file });
             }
             let id = load_saved(home, key)?.map_or(String::new(), |s| format!(" (upload {})", s.file));
-            bail!(
+            // A conflict (exit status 4; a user's trial: 1).
+            let why = format!(
                 "{} is being uploaded by another sb in this home{id}; wait for it to finish, or stop it first",
                 local.display()
             );
+            return Err(crate::Refused(ErrorCode::CONFLICT, why).into());
         }
         bail!("could not lock {}: it kept being replaced", path.display())
     }
