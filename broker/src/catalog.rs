@@ -175,6 +175,19 @@ pub(crate) async fn create_conversation(
     asker: Asker,
     new: NewConversation,
 ) -> Result<Reply, ErrorBody> {
+    // A direct conversation that exists is answered from reads on the blocking pool, as
+    // the catalog thread would find it, without a catalog job or a commit: opening one
+    // spends no creation, and each was a free job and commit on the thread that serves
+    // logins and revocations (an attacker review). Anything else (a name nobody has, a
+    // block, no such conversation yet) goes the way of a creation.
+    if let NewConversation::Direct { peer } = &new {
+        let (reader, peer) = (shared.clone(), peer.clone());
+        let found = tokio::task::spawn_blocking(move || existing_direct(&reader, caller.user, &peer));
+        if let Some(conv) = found.await.map_err(internal)?? {
+            let summary = durable_read(&shared, move |shared| summary(shared, caller.user, conv)).await?;
+            return summary.map(Reply::Conversation).ok_or_else(|| internal("conversation vanished"));
+        }
+    }
     shared.users.allow_creation(caller.user)?;
     let writer = shared.clone();
     let written =
@@ -242,6 +255,20 @@ async fn read_then_wait<T: Send + 'static>(
 
 /// Writes a new conversation; returns its id, whether it was created now (not an
 /// existing direct pair), and the durability of the write.
+/// The direct conversation of `me` with the user named `peer`, if both exist, it exists,
+/// and `peer` does not block `me` (else `None`, for the catalog thread to answer as it
+/// does a creation).
+fn existing_direct(shared: &Shared, me: UserId, peer: &str) -> Result<Option<ConvId>, ErrorBody> {
+    if check_user_name(peer).is_err() {
+        return Ok(None);
+    }
+    let Some((peer, _)) = shared.store.user_by_name(peer).map_err(internal)? else { return Ok(None) };
+    if peer == me || shared.store.blocks(peer, me).map_err(internal)? {
+        return Ok(None);
+    }
+    shared.store.direct_conversation(me, peer).map_err(internal)
+}
+
 fn write_conversation(
     shared: &Shared,
     caller: Caller,

@@ -508,6 +508,14 @@ fn main() {
     if let Err(e) = result {
         // Broker messages are untrusted text too.
         eprintln!("error: {}", terminal_safe(&format!("{e:#}")));
+        if let Some(ClientError::Connect(_)) = client_error(&e) {
+            // A broker that moved left this home's saved address behind, with nothing
+            // said about how to change it (a user's trial).
+            eprintln!(
+                "sb: is the broker running there? Give another address with --server (or SWITCHBOARD_SERVER) for one \
+                 run, or save it for this home with `sb --server HOST:PORT server`"
+            );
+        }
         if let Some(ClientError::Untrusted(why)) = client_error(&e) {
             if why.contains("not valid for name") {
                 // The right file, for another name: a new --ca will not help (an operator
@@ -743,14 +751,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let code = refused.and_then(ClientError::code);
         let user = state.identity.as_ref().map_or("NAME", |i| i.user.as_str());
         let server = state.server.as_deref().unwrap_or(DEFAULT_SERVER);
-        if matches!(refused, Some(ClientError::Connect(_))) {
-            // A broker that moved left this home's saved address behind, with nothing
-            // said about how to change it (a user's trial).
-            result = result.context(format!(
-                "is the broker running at {server}? Give another address with --server (or SWITCHBOARD_SERVER) for one \
-                 run, or save it for this home with `sb --server HOST:PORT server`"
-            ));
-        } else if code == Some(ErrorCode::DEVICE_REVOKED) {
+        if code == Some(ErrorCode::DEVICE_REVOKED) {
             result = result.context(format!(
                 "this device was removed from {user}'s account at {server} (by `sb devices revoke` from another device, a password change that signed out the other devices, the operator, or, for one that never connected after its login, a newer login at the account's device limit): `sb login {user}` enrolls it again, with the account's password (a new one if it was changed)"
             ));

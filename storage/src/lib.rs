@@ -636,6 +636,14 @@ impl Store {
 
     // ---- conversations ----
 
+    /// The direct conversation between `a` and `b`, if there is one (either order).
+    pub fn direct_conversation(&self, a: UserId, b: UserId) -> Result<Option<ConvId>> {
+        match self.db.get(Key::direct(a, b))? {
+            Some(raw) => Ok(Some(keys::u64_from(&raw).ok_or_else(|| corrupt(&raw, "direct conv id"))?)),
+            None => Ok(None),
+        }
+    }
+
     /// Creates a conversation with its first entry (seq 1, `Body::Created`). For a direct
     /// conversation between `pair`, returns the existing one instead if there is one
     /// (`false` in the second field).

@@ -742,6 +742,27 @@ async fn unknown_names_spend_the_creation_allowance() {
     assert_eq!(alice.create_direct("mallory").await.unwrap_err().code(), Some(ErrorCode::RATE_LIMITED));
 }
 
+/// Opening a direct conversation that exists is answered from reads, without a job of
+/// the catalog thread or a group commit: before, each was both, and free, so a few
+/// accounts opening one in a loop kept the thread that serves logins and revocations
+/// busy (an attacker review). A block still refuses it.
+#[tokio::test]
+async fn opening_an_existing_direct_conversation_writes_nothing() {
+    let tb = TestBroker::start().await;
+    let (alice, _) = tb.register("alice").await;
+    let (bob, _) = tb.register("bob").await;
+    let conv = alice.create_direct("bob").await.unwrap().id;
+    let before = tb.shared().store.commit_stats().commits();
+    for _ in 0..50 {
+        assert_eq!(alice.create_direct("bob").await.unwrap().id, conv);
+    }
+    let commits = tb.shared().store.commit_stats().commits() - before;
+    assert!(commits < 5, "{commits} group commits for 50 openings");
+    bob.block("alice", true).await.unwrap();
+    let refused = alice.create_direct("bob").await.err().and_then(|e| e.code());
+    assert_eq!(refused, Some(ErrorCode::FORBIDDEN));
+}
+
 /// A creation refused after its names were read spends the creation allowance too: a
 /// group naming a user who blocks the caller is refused `FORBIDDEN` after every name
 /// before it was read on the catalog thread (up to 255), and was refunded, so one
