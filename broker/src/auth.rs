@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::limits::{
     ARGON2_CONCURRENCY, AUTH_FAILURE_KEYS_MAX, AUTH_FAILURE_WINDOW_MS, AUTH_FAILURES_PER_ACCOUNT,
     AUTH_FAILURES_PER_ADDRESS, BAD_SIGNATURES_PER_ADDRESS, LOGINS_PER_ACCOUNT, MAX_DEVICES_PER_USER,
-    MIN_PASSWORD_BYTES, PASSWORD_CHANGES_PER_ACCOUNT, REGISTRATION_BUCKETS_MAX, SOURCES_PER_NETWORK,
+    MIN_PASSWORD_BYTES, PASSWORD_PROOFS_PER_DEVICE, REGISTRATION_BUCKETS_MAX, SOURCES_PER_NETWORK,
 };
 use crate::reply::internal;
 use crate::user::TokenBucket;
@@ -155,9 +155,9 @@ impl Auth {
                 BAD_SIGNATURES_PER_ADDRESS,
             ),
             password_changes: FailureLimiter::new(
-                "password changes",
+                "password proofs",
                 AUTH_FAILURE_KEYS_MAX,
-                PASSWORD_CHANGES_PER_ACCOUNT,
+                PASSWORD_PROOFS_PER_DEVICE,
                 0,
             ),
             hashes: (config.password_checks_per_address > 0).then(|| {
@@ -468,15 +468,17 @@ impl Auth {
 
     /// A signed-in user's own password change (`ChangePassword`). Checked in this order:
     /// the new password's length (`INVALID`, before any work), the current one's
-    /// (`AUTH_FAILED` outside 8 to 256 bytes, uncounted: no account has one), the account's allowance of
-    /// changes (`PASSWORD_CHANGES_PER_ACCOUNT` a window, right or wrong: `RATE_LIMITED`),
+    /// (`AUTH_FAILED` outside 8 to 256 bytes, uncounted: no account has one), the asking
+    /// device's allowance of proofs (`PASSWORD_PROOFS_PER_DEVICE` a window, right or
+    /// wrong: `RATE_LIMITED`),
     /// `from`'s password checks (`Config::password_checks_per_address`: `RATE_LIMITED`),
     /// a full password queue, or `from`'s share of it (the address the session's
     /// handshake came from: `OVERLOADED`); then one turn of the password pool checks
     /// `current` and hashes `new`. A wrong `current` is `AUTH_FAILED`: an unlocked device
     /// in someone else's hands guesses at most that many a window, and a signed-in user
     /// cannot keep the pool that every login waits on busy. The allowance is the
-    /// account's own: a stranger's failed logins never stop the owner's change. The new hash is stored only if the
+    /// device's own: a stranger's failed logins, and another device's wrong guesses,
+    /// never stop the owner's change. The new hash is stored only if the
     /// account's hash is still the one `current` was checked against, in the same
     /// catalog write: of two changes racing from the same password one wins, the other
     /// is `AUTH_FAILED`. `asker`, the device asking, must not have been cut off since it
@@ -494,7 +496,7 @@ impl Auth {
         sign_out_others: Option<crate::user::Closer>,
     ) -> Result<Vec<DeviceId>, ErrorBody> {
         check_password(new)?;
-        let (verified, slot) = self.proof_turn(user, from, current).await?;
+        let (verified, slot) = self.proof_turn(user, asker.device, from, current).await?;
         let (current, new) = (current.to_owned(), new.to_owned());
         let phc = verified.clone();
         let hashed = self.argon.run_holding(slot, move |argon| {
@@ -542,20 +544,29 @@ impl Auth {
 
     /// The checks before a signed-in user's password proof (`ChangePassword`'s current
     /// password, `RevokeOtherDevice`'s), in `change_password`'s order: `password`'s
-    /// length (`AUTH_FAILED`, uncounted), the account's allowance of proofs
-    /// (`PASSWORD_CHANGES_PER_ACCOUNT` a window, right or wrong: `RATE_LIMITED`), `from`'s
+    /// length (`AUTH_FAILED`, uncounted), the asking device's allowance of proofs
+    /// (`PASSWORD_PROOFS_PER_DEVICE` a window, right or wrong: `RATE_LIMITED`), `from`'s
     /// password checks, the password queue; then a turn of the password pool. Returns the
     /// account's hash to check `password` against and the pool's slot to check it in.
-    async fn proof_turn(&self, user: UserId, from: IpAddr, password: &str) -> Result<(String, Slot), ErrorBody> {
+    /// The allowance is the device's, not the account's: a stolen phone's wrong guesses
+    /// spent the account's, and its owner's `ChangePassword` and `RevokeOtherDevice` were
+    /// refused for as long as it went on (a review).
+    async fn proof_turn(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        from: IpAddr,
+        password: &str,
+    ) -> Result<(String, Slot), ErrorBody> {
         // No account has such a password (as in `check_login`): wrong, at once, with no
         // hash and nothing counted.
         if check_password(password).is_err() {
             return Err(wrong_current_password());
         }
         let now = crate::now_ms();
-        let keys = [LimitKey::Account(user)];
+        let keys = [LimitKey::Device(user, device)];
         let too_many =
-            |_| fail(ErrorCode::RATE_LIMITED, "too many password proofs for this account; try again in a minute");
+            |_| fail(ErrorCode::RATE_LIMITED, "too many password proofs from this device; try again in a minute");
         // Counted before any work, and refunded only when no password was checked (no
         // hashing turn): concurrent requests cannot all pass the check before one is
         // counted.
@@ -576,8 +587,14 @@ impl Auth {
     /// A signed-in user's proof of the account's password (`RevokeOtherDevice`), checked
     /// and limited as `ChangePassword`'s current password (`proof_turn`): `Ok` if
     /// `password` is the account's, `AUTH_FAILED` if not.
-    pub(crate) async fn prove_password(&self, user: UserId, from: IpAddr, password: &str) -> Result<(), ErrorBody> {
-        let (phc, slot) = self.proof_turn(user, from, password).await?;
+    pub(crate) async fn prove_password(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        from: IpAddr,
+        password: &str,
+    ) -> Result<(), ErrorBody> {
+        let (phc, slot) = self.proof_turn(user, device, from, password).await?;
         let password = password.to_owned();
         let proved = self.argon.run_holding(slot, move |argon| {
             let parsed = PasswordHash::new(&phc).map_err(internal)?;
@@ -1058,8 +1075,11 @@ impl Argon2Pool {
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum LimitKey {
-    /// An existing account, by id (password changes).
+    /// An existing account, by id (logins with the right password).
     Account(UserId),
+    /// One device of an account (its password proofs: `ChangePassword`,
+    /// `RevokeOtherDevice`), limited as an account is.
+    Device(UserId, DeviceId),
     /// A user name tried at login, by its BLAKE3 hash (32 bytes whatever the name's
     /// length), whether an account has it or not.
     Name([u8; 32]),
@@ -1127,6 +1147,7 @@ impl std::fmt::Display for LimitKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LimitKey::Account(id) => write!(f, "account {id}"),
+            LimitKey::Device(id, device) => write!(f, "device {device} of account {id}"),
             LimitKey::Name(_) => write!(f, "a user name"),
             LimitKey::Address(ip) => write!(f, "address {ip}"),
             LimitKey::Network(ip) => write!(f, "network {ip}/48"),
@@ -1141,7 +1162,7 @@ impl FailureLimiter {
 
     fn max_failures(&self, key: &LimitKey) -> u32 {
         match key {
-            LimitKey::Account(_) | LimitKey::Name(_) => self.per_account,
+            LimitKey::Account(_) | LimitKey::Device(..) | LimitKey::Name(_) => self.per_account,
             LimitKey::Address(_) => self.per_address,
             LimitKey::Network(_) => self.per_address.saturating_mul(SOURCES_PER_NETWORK),
         }

@@ -180,10 +180,15 @@ pub(crate) async fn create_conversation(
     // spends no creation, and each was a free job and commit on the thread that serves
     // logins and revocations (an attacker review). Anything else (a name nobody has, a
     // block, no such conversation yet) goes the way of a creation.
+    // Such reads spend the member rows a list of conversations does (a review: free,
+    // one account's openings in a loop kept its store slots reading).
     if let NewConversation::Direct { peer } = &new {
         let (reader, peer) = (shared.clone(), peer.clone());
+        shared.users.allow_member_reads(caller.user)?;
         let found = tokio::task::spawn_blocking(move || existing_direct(&reader, caller.user, &peer));
-        if let Some(conv) = found.await.map_err(internal)?? {
+        let found = found.await.map_err(internal)??;
+        shared.users.charge_member_reads(caller.user, DIRECT_LOOKUP_ROWS);
+        if let Some(conv) = found {
             let summary = durable_read(&shared, move |shared| summary(shared, caller.user, conv)).await?;
             return summary.map(Reply::Conversation).ok_or_else(|| internal("conversation vanished"));
         }
@@ -253,8 +258,11 @@ async fn read_then_wait<T: Send + 'static>(
     Ok(value)
 }
 
-/// Writes a new conversation; returns its id, whether it was created now (not an
-/// existing direct pair), and the durability of the write.
+/// Member rows an existing direct conversation's lookup and summary are charged (a
+/// name, a block, the pair, then a summary's reads: about as many as a
+/// `ConversationStates` item, `STATE_ROWS` in the session's code).
+const DIRECT_LOOKUP_ROWS: usize = 4;
+
 /// The direct conversation of `me` with the user named `peer`, if both exist, it exists,
 /// and `peer` does not block `me` (else `None`, for the catalog thread to answer as it
 /// does a creation).
@@ -269,6 +277,8 @@ fn existing_direct(shared: &Shared, me: UserId, peer: &str) -> Result<Option<Con
     shared.store.direct_conversation(me, peer).map_err(internal)
 }
 
+/// Writes a new conversation; returns its id, whether it was created now (not an
+/// existing direct pair), and the durability of the write.
 fn write_conversation(
     shared: &Shared,
     caller: Caller,
@@ -422,7 +432,9 @@ pub(crate) async fn settings(
         // the user's creations (as a `Block` does): before, each was a write and a commit
         // on the catalog thread, free, so a few accounts resending their settings kept
         // the thread that serves logins and revocations busy (an attacker review).
-        if shared.store.settings(user).map_err(internal)? != new {
+        let (store, asked) = (shared.store.clone(), new.clone());
+        let unchanged = tokio::task::spawn_blocking(move || store.settings(user).map(|now| now == asked));
+        if !unchanged.await.map_err(internal)?.map_err(internal)? {
             shared.users.allow_creation(user).map_err(|refused| {
                 ErrorBody::new(refused.code, "changing settings too fast; retry in a few seconds")
             })?;

@@ -93,12 +93,14 @@ pub const AUTH_FAILURES_PER_ACCOUNT: u32 = 10;
 /// any number of addresses (the password pool's share per source bounds one address, not
 /// many). Twice the devices an account may have: enrolling all of them in a minute fits.
 pub const LOGINS_PER_ACCOUNT: u32 = 2 * MAX_DEVICES_PER_USER as u32;
-/// `ChangePassword` attempts per account per window, right or wrong: each costs two
-/// password hashes, and a signed-in user must not be able to keep the password pool
-/// busy (every login and registration of the broker waits on it), nor guess the
-/// current password faster than this. Counted apart from failed logins, so a stranger's
-/// bad logins never stop the owner from changing the password.
-pub const PASSWORD_CHANGES_PER_ACCOUNT: u32 = 5;
+/// Password proofs (`ChangePassword`, `RevokeOtherDevice`) per device per window, right
+/// or wrong: each costs a password hash or two, and a signed-in device must not be able
+/// to keep the password pool busy (every login and registration of the broker waits on
+/// it), nor guess the password faster than this. Counted apart from failed logins, so a
+/// stranger's bad logins never stop the owner, and per device (it was per account until
+/// 2026-12-07), so a stolen phone's wrong guesses never stop the owner's other devices
+/// from changing the password or revoking it.
+pub const PASSWORD_PROOFS_PER_DEVICE: u32 = 5;
 /// Failed password attempts per source address per window (any account, named or not).
 pub const AUTH_FAILURES_PER_ADDRESS: u32 = 30;
 /// Default `password_checks_per_address`: passwords a source address may have the broker

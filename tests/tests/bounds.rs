@@ -1135,17 +1135,25 @@ async fn sessions_from_one_address_are_bounded() {
     .await
 }
 
-/// `MAX_SESSIONS_PER_USER` (64) connections of one user at once; the next is closed
-/// with `SESSIONS_PER_USER_REFUSAL` right after authenticating, and once one of the 64
-/// goes, a new one is served.
+/// `MAX_SESSIONS_PER_USER` (64) connections of one user at once (over four devices:
+/// one holds at most `MAX_SESSIONS_PER_DEVICE`, 16); the next is closed with
+/// `SESSIONS_PER_USER_REFUSAL` right after authenticating, and once one of the 64 goes,
+/// a new one is served.
 #[tokio::test]
 async fn connections_per_user_are_capped() {
     bounded(async {
         let tb = TestBroker::start().await;
         let connector = tb.connector();
-        let (first, alice) = tb.register("alice").await;
+        let (first, mut alice) = tb.register("alice").await;
         let mut sessions = vec![first];
         while sessions.len() < MAX_SESSIONS_PER_USER {
+            if sessions.len() % 16 == 0 {
+                let (client, device) = tb.login("alice").await;
+                client.ping().await.unwrap();
+                sessions.push(client);
+                alice = device;
+                continue;
+            }
             let client = within(STEP_DEADLINE, "connect", connector.connect(&alice)).await.unwrap();
             // Answered only once the session is attached.
             client.ping().await.unwrap();

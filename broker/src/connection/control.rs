@@ -636,7 +636,7 @@ impl Session {
                 tokio::spawn(async move {
                     let by = catalog::Asker::of(caller, &reply);
                     let revoked = async {
-                        shared.auth.prove_password(caller.user, from, &password).await?;
+                        shared.auth.prove_password(caller.user, caller.device, from, &password).await?;
                         catalog::revoke_device(&shared, caller.user, device_id, Some(by)).await
                     };
                     reply.send(revoked.await)
