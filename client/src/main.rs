@@ -218,11 +218,12 @@ enum Command {
     /// after a crash or kill -9 the last second's messages are printed again (--json
     /// lines carry conv and seq to tell them apart).
     Tail,
-    /// Mark a conversation read up to a seq.
+    /// Mark a conversation read up to a seq, or without one up to its newest message.
     Read {
         #[arg(value_parser = ConvArg::parse, help = conv::HELP)]
         conv: ConvArg,
-        seq: Seq,
+        /// The last message read (default: the newest; a seq past it is taken as it).
+        seq: Option<Seq>,
     },
     /// Who in a conversation has received and read what: each member's delivered and
     /// read watermarks (a member who keeps reads private shows its read as private).
@@ -1556,16 +1557,21 @@ async fn authed(client: &Client, me: &Identity, home: &Path, out: &Out, command:
             // The write rule: a read mark is a receipt its conversation's members see (it
             // tells them I am here and what I read).
             let conv = conv.resolve_to_write(client).await?;
-            let r = client.mark_read(conv, seq).await?;
-            let read = r.read_up_to.unwrap_or(seq);
+            // No seq: everything so far (the broker takes a mark past the newest message
+            // as the newest; a user's trial had to give a large number to find that).
+            let asked = seq.unwrap_or(Seq::MAX);
+            let r = client.mark_read(conv, asked).await?;
             out.line(
                 // `user_name` as every line about a user (it was missing: a trial).
                 json!({"conv": r.conv, "user": r.user, "user_id": r.user, "user_name": me.user, "delivered_up_to": r.delivered_up_to, "read_up_to": r.read_up_to}),
-                || match read.cmp(&seq) {
+                || match r.read_up_to.or(seq) {
+                    None => format!("conv {} read up to its newest message", r.conv),
                     // A read mark never goes back, nor past the newest message.
-                    std::cmp::Ordering::Greater => format!("conv {} read up to {read} already", r.conv),
-                    std::cmp::Ordering::Less => format!("conv {} read up to {read} (its newest message)", r.conv),
-                    std::cmp::Ordering::Equal => format!("conv {} read up to {read}", r.conv),
+                    Some(read) => match read.cmp(&asked) {
+                        std::cmp::Ordering::Greater => format!("conv {} read up to {read} already", r.conv),
+                        std::cmp::Ordering::Less => format!("conv {} read up to {read} (its newest message)", r.conv),
+                        std::cmp::Ordering::Equal => format!("conv {} read up to {read}", r.conv),
+                    },
                 },
             );
         }

@@ -479,6 +479,10 @@ async fn read_moves_the_unread_count_in_conv_list() {
     assert_eq!(read[0]["user_name"], "bob", "named as every line about a user");
     let list = sb(&bob, &broker, &["conv", "list"]);
     assert_eq!(list[0]["unread"].as_u64(), Some(1), "seq 4 is still unread");
+    // Without a seq: up to the newest message.
+    let read = sb(&bob, &broker, &["read", &conv]);
+    assert_eq!(read[0]["read_up_to"].as_u64(), Some(4));
+    assert_eq!(sb(&bob, &broker, &["conv", "list"])[0]["unread"].as_u64(), Some(0));
     // Alice's own messages are never unread for her.
     assert_eq!(sb(&alice, &broker, &["conv", "list"])[0]["unread"].as_u64(), Some(0));
 }
