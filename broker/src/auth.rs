@@ -500,10 +500,7 @@ impl Auth {
         let (current, new) = (current.to_owned(), new.to_owned());
         let phc = verified.clone();
         let hashed = self.argon.run_holding(slot, move |argon| {
-            let parsed = PasswordHash::new(&phc).map_err(internal)?;
-            if current.len() > MAX_PASSWORD_BYTES as usize
-                || argon.verify_password(current.as_bytes(), &parsed).is_err()
-            {
+            if !password_matches(argon, &phc, &current)? {
                 return Ok(None);
             }
             argon.hash_password(new.as_bytes()).map(|h| Some(h.to_string())).map_err(internal)
@@ -596,10 +593,7 @@ impl Auth {
     ) -> Result<(), ErrorBody> {
         let (phc, slot) = self.proof_turn(user, device, from, password).await?;
         let password = password.to_owned();
-        let proved = self.argon.run_holding(slot, move |argon| {
-            let parsed = PasswordHash::new(&phc).map_err(internal)?;
-            Ok::<_, ErrorBody>(argon.verify_password(password.as_bytes(), &parsed).is_ok())
-        });
+        let proved = self.argon.run_holding(slot, move |argon| password_matches(argon, &phc, &password));
         if proved.await?? { Ok(()) } else { Err(wrong_current_password()) }
     }
 
@@ -721,6 +715,13 @@ impl Auth {
         })
         .await
     }
+}
+
+/// Whether `password` is the one hashed in `phc` (a signed-in user's proof, on the
+/// password pool: `proof_turn`'s slot). Blocking.
+fn password_matches(argon: &argon2::Argon2<'static>, phc: &str, password: &str) -> Result<bool, ErrorBody> {
+    let parsed = PasswordHash::new(phc).map_err(internal)?;
+    Ok(argon.verify_password(password.as_bytes(), &parsed).is_ok())
 }
 
 /// Checks everything about an enrollment request that needs no account: the device

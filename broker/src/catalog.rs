@@ -187,7 +187,7 @@ pub(crate) async fn create_conversation(
         shared.users.allow_member_reads(caller.user)?;
         let found = tokio::task::spawn_blocking(move || existing_direct(&reader, caller.user, &peer));
         let found = found.await.map_err(internal)??;
-        shared.users.charge_member_reads(caller.user, DIRECT_LOOKUP_ROWS);
+        shared.users.charge_member_reads(caller.user, limits::SUMMARY_ROWS);
         if let Some(conv) = found {
             let summary = durable_read(&shared, move |shared| summary(shared, caller.user, conv)).await?;
             return summary.map(Reply::Conversation).ok_or_else(|| internal("conversation vanished"));
@@ -257,11 +257,6 @@ async fn read_then_wait<T: Send + 'static>(
     }
     Ok(value)
 }
-
-/// Member rows an existing direct conversation's lookup and summary are charged (a
-/// name, a block, the pair, then a summary's reads: about as many as a
-/// `ConversationStates` item, `STATE_ROWS` in the session's code).
-const DIRECT_LOOKUP_ROWS: usize = 4;
 
 /// The direct conversation of `me` with the user named `peer`, if both exist, it exists,
 /// and `peer` does not block `me` (else `None`, for the catalog thread to answer as it

@@ -230,6 +230,12 @@ pub const RECEIPT_WRITE_US_PER_BLOCK_UNIT: u64 = 1;
 /// debt for over a second. Entries have an allowance of their own
 /// (`ENTRIES_READ_PER_SEC`).
 pub const MEMBER_ROWS_PER_SEC: u32 = 20_000;
+/// Member rows one conversation's summary and state is charged (`ConversationStates` a
+/// row set each item, and the reads that find an existing direct conversation): its
+/// record, membership, last seq, member count, a direct one's peer, receipt, join and
+/// four seeks for the unread count, about a dozen store reads against a member row's
+/// one or two.
+pub const SUMMARY_ROWS: usize = 4;
 /// Default `entries_read_per_sec`: log entries a user's `History` and `CatchUp` pages
 /// may return a second, after a burst of `ENTRIES_READ_BURST_SECS` seconds' worth
 /// (1,000,000 at the default), so a catch-up after a long time offline still runs at

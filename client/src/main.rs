@@ -2773,9 +2773,10 @@ fn device_name() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_group_without_a_title_is_titled_by_its_members() {
-        use super::members_title;
         let names = |n: usize| (0..n).map(|i| format!("member{i:02}")).collect::<Vec<_>>();
         assert_eq!(members_title("alice", &["bob".into(), "carol".into()]), "alice, bob, carol");
         let many = members_title("alice", &names(20));
@@ -2784,8 +2785,6 @@ mod tests {
         assert_eq!(members_title(&long, &names(2)), "3 members");
         assert_eq!(members_title(&"y".repeat(60), &["b".into()]), format!("{}, b", "y".repeat(60)));
     }
-
-    use super::*;
 
     /// The current directory's broker certificate is taken by itself for a broker on
     /// this machine only (before, for any `--server`).

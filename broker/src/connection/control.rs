@@ -286,15 +286,9 @@ fn takes_a_store_slot(body: &RequestBody) -> bool {
     )
 }
 
-/// Member rows a `ConversationStates` item is charged: its summary's reads (record,
-/// membership, last seq, member count, a direct one's peer) and its state's (receipt,
-/// join, four seeks for the unread count), about a dozen, against a member row's one or
-/// two.
-const STATE_ROWS: usize = 4;
-
 /// A list answer (`ListConversations`, `ConversationStates`, `BlockedUsers`) within the
 /// caller's allowance of member rows (`UserDirectory::allow_member_reads`), charged a
-/// row per item listed (`STATE_ROWS` per conversation state). Before, these were bounded
+/// row per item listed (`limits::SUMMARY_ROWS` per conversation state). Before, these were bounded
 /// only by the user's store slots: one account pipelining pages kept four of the
 /// blocking pool's threads reading the store (an attacker review).
 async fn charged_list(
@@ -306,7 +300,7 @@ async fn charged_list(
     let answer = read.await?;
     let rows = match &answer {
         Reply::Conversations { items, .. } => items.len(),
-        Reply::ConversationStates { items, .. } => STATE_ROWS * items.len(),
+        Reply::ConversationStates { items, .. } => crate::limits::SUMMARY_ROWS * items.len(),
         Reply::BlockedUsers(users) => users.len(),
         _ => 0,
     };
